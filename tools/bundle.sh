@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the self-contained GPU bundle in .bundle/ (git-ignored): worker-side programs linked
+# statically against gRPC, protobuf, abseil, RocksDB, OpenBLAS (Debian's .a archives), the CUDA
+# runtime static; NCCL and cuBLAS come from the GPU machine at run time (TOOLCHAIN.md §3).
+# Any other shared library a binary needs that the GPU machine lacks is copied to .bundle/lib.
+#
+#   bash tools/bundle.sh                       # build .bundle/
+#   # then, with the device tool (carry .bundle):
+#   #   run(command=".bundle/run.sh", carry=[".bundle"])
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Binaries that travel; later parts add their worker-side programs here.
+TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test)
+
+bazel build --config=bundle "${TARGETS[@]}"
+
+rm -rf .bundle
+mkdir -p .bundle/bin .bundle/lib
+for t in "${TARGETS[@]}"; do
+  path="bazel-bin/$(echo "${t#//}" | tr ':' '/')"
+  install -m 0755 "$path" .bundle/bin/
+done
+
+# Shared libraries provided by the GPU machine (glibc, the driver, CUDA libraries, NCCL).
+provided='^(linux-vdso|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|ld-linux|libgcc_s\.so|libstdc\+\+\.so|libcuda\.so|libnccl\.so|libcublas|libcublasLt)'
+for bin in .bundle/bin/*; do
+  ldd "$bin" | awk '/=>/ {print $1, $3}' | while read -r name path; do
+    if ! [[ "$name" =~ $provided ]] && [ -f "$path" ] && [ ! -f ".bundle/lib/$name" ]; then
+      cp -L "$path" ".bundle/lib/$name"
+    fi
+  done
+done
+
+cat > .bundle/run.sh <<'RUN'
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root: probe first, then the GPU tests.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export NCCL_NVLS_ENABLE=0   # never NVLink multicast on shared hosts (device KINDS.md)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+rc=0
+"$here/bin/gpu_probe" || rc=1
+"$here/bin/device_info_gpu_test" || rc=1
+exit $rc
+RUN
+chmod +x .bundle/run.sh
+du -sh .bundle
+echo "bundle: $(ls .bundle/bin | tr '\n' ' ')| extra libs: $(ls .bundle/lib | tr '\n' ' ')"
