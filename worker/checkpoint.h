@@ -1,0 +1,99 @@
+// Checkpoint files: runs/<name>/checkpoints/step-<t>/ (DESIGN.md section 7).
+//
+// Layout: one file per tensor group ("state-<k>.bin": raw little-endian tensor bytes back to
+// back) plus MANIFEST (gyre.v1.CheckpointManifest, binary protobuf) naming every tensor with its
+// dtype, shape, file and byte range, and every file with its size and XXH64.
+//
+// Atomicity: everything is written into "step-<t>.tmp/", each file synced, MANIFEST last, then
+// the directory is renamed to "step-<t>" and the parent directory synced. A reader trusts a
+// checkpoint only when its MANIFEST parses and every file matches its size and checksum, so a
+// crash at any point leaves either the previous checkpoint or the new one, never a torn one.
+// A corrupt newest checkpoint is reported (with the file that failed) and the previous one used.
+//
+// Thread-safety: the functions are thread-safe for different directories; CheckpointWriter
+// runs one write at a time on its own thread.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "base/env.h"
+#include "gyre/v1/checkpoint.pb.h"
+
+namespace gyre {
+
+// One tensor's bytes, owned (a snapshot: training may go on while it is written).
+struct TensorSnapshot {
+  std::string name;
+  gyre::v1::DType dtype = gyre::v1::DTYPE_F32;
+  std::vector<uint64_t> shape;
+  std::string bytes;
+};
+
+struct CheckpointState {
+  uint64_t step = 0;        // parameters after `step` committed steps; data position = step
+  uint64_t generation = 0;
+  gyre::v1::RunConfig config;
+  std::vector<TensorSnapshot> tensors;
+  std::string rng_state;
+};
+
+// "step-00000123" style names sort by step.
+std::string CheckpointDirName(uint64_t step);
+
+// Writes `state` under `checkpoints_dir` atomically (see above) and returns the final directory.
+// `max_file_bytes` splits tensors over several files so no single file grows unbounded.
+absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpoints_dir, const CheckpointState& state,
+                                            uint64_t max_file_bytes = uint64_t{1} << 30);
+
+// Reads and fully verifies one checkpoint directory. DataLoss naming the file on any mismatch.
+absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir);
+
+// The newest checkpoint that verifies, skipping (and reporting through `skipped`) corrupt or
+// torn ones. NotFound when none is valid.
+struct LatestCheckpoint {
+  std::string dir;
+  CheckpointState state;
+  std::vector<std::string> skipped;  // "step-00000009: <why>"
+};
+absl::StatusOr<LatestCheckpoint> LoadLatestCheckpoint(Env* env, const std::string& checkpoints_dir);
+
+// Deletes all but the newest `keep_last` complete checkpoints and any leftover "*.tmp" dirs.
+absl::Status PruneCheckpoints(Env* env, const std::string& checkpoints_dir, uint32_t keep_last);
+
+// Writes checkpoints on a background thread so training continues (issue 5: asynchronous).
+// Submit() returns at once; a second Submit while one is in flight waits for the first
+// (bounded queue of one). `on_done` runs on the writer thread with the final dir or the error.
+class CheckpointWriter {
+ public:
+  using Done = std::function<void(uint64_t step, absl::StatusOr<std::string> dir)>;
+  CheckpointWriter(Env* env, std::string checkpoints_dir, uint32_t keep_last, Done on_done);
+  ~CheckpointWriter();  // finishes the write in flight
+
+  void Submit(CheckpointState state);
+  // Blocks until no write is in flight.
+  void Flush();
+
+ private:
+  void Run();
+  Env* const env_;
+  const std::string dir_;
+  const uint32_t keep_last_;
+  const Done on_done_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<CheckpointState> pending_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace gyre
