@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Binaries that travel; later parts add their worker-side programs here.
-TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test)
+TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_collective_gpu_test)
 
 bazel build --config=bundle "${TARGETS[@]}"
 
@@ -42,6 +42,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 rc=0
 "$here/bin/gpu_probe" || rc=1
 "$here/bin/device_info_gpu_test" || rc=1
+"$here/bin/nccl_collective_gpu_test" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh
