@@ -35,17 +35,22 @@ double RelativeError(const std::vector<double>& a, const std::vector<double>& b)
 }
 
 // Central differences of `loss` w.r.t. every element of `param` (restored afterwards).
-std::vector<double> NumericGradient(std::vector<double>& param,
-                                    const std::function<double()>& loss, double step = 1e-5) {
-  std::vector<double> grad(param.size());
-  for (size_t i = 0; i < param.size(); ++i) {
+std::vector<double> NumericGradient(std::vector<double>& param, const std::function<double()>& loss,
+                                    double step = 1e-4) {
+  // Central differences with one Richardson step: (4·D(h/2) − D(h)) / 3 is accurate to O(h⁴),
+  // so high-curvature cases (exponential forget gates) do not need a tiny, noisy step.
+  auto central = [&](size_t i, double h) {
     const double saved = param[i];
-    param[i] = saved + step;
+    param[i] = saved + h;
     const double up = loss();
-    param[i] = saved - step;
+    param[i] = saved - h;
     const double down = loss();
     param[i] = saved;
-    grad[i] = (up - down) / (2 * step);
+    return (up - down) / (2 * h);
+  };
+  std::vector<double> grad(param.size());
+  for (size_t i = 0; i < param.size(); ++i) {
+    grad[i] = (4 * central(i, step / 2) - central(i, step)) / 3;
   }
   return grad;
 }
