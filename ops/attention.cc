@@ -1,0 +1,308 @@
+#include "ops/attention.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops/parallel.h"
+
+namespace gyre::ops {
+namespace {
+
+struct RopeTable {
+  // cos/sin [positions, D/2] for positions 0..max_pos.
+  std::vector<double> cos, sin;
+  int64_t half = 0;
+};
+
+RopeTable MakeRopeTable(int64_t max_pos, int64_t head_dim, double theta) {
+  RopeTable t;
+  t.half = head_dim / 2;
+  t.cos.resize((max_pos + 1) * t.half);
+  t.sin.resize((max_pos + 1) * t.half);
+  for (int64_t p = 0; p <= max_pos; ++p) {
+    for (int64_t i = 0; i < t.half; ++i) {
+      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+      const double a = static_cast<double>(p) * inv_freq;
+      t.cos[p * t.half + i] = std::cos(a);
+      t.sin[p * t.half + i] = std::sin(a);
+    }
+  }
+  return t;
+}
+
+// y[rows, heads*D] = rotate(x) at positions[row % seq]; inverse rotates by -angle.
+template <typename T>
+void RopeRows(const T* x, T* y, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim,
+              const RopeTable& table, const std::vector<int64_t>& positions, bool inverse) {
+  const int64_t half = head_dim / 2;
+  const double sign = inverse ? -1.0 : 1.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = positions[r % seq];
+    const double* c = &table.cos[p * half];
+    const double* s = &table.sin[p * half];
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* xr = x + (r * heads + h) * head_dim;
+      T* yr = y + (r * heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const double x1 = xr[i], x2 = xr[i + half];
+        yr[i] = static_cast<T>(x1 * c[i] - sign * x2 * s[i]);
+        yr[i + half] = static_cast<T>(x2 * c[i] + sign * x1 * s[i]);
+      }
+      if (head_dim % 2 == 1) yr[head_dim - 1] = xr[head_dim - 1];
+    }
+  }
+}
+
+struct Positions {
+  std::vector<int64_t> neighbour, grouped_q, grouped_k;
+  bool self_extend = false;
+  int64_t window = 0;
+  int64_t max_pos = 0;
+};
+
+Positions MakePositions(int64_t seq, const AttentionOptions& o) {
+  Positions p;
+  p.neighbour.resize(seq);
+  for (int64_t i = 0; i < seq; ++i) p.neighbour[i] = i;
+  p.max_pos = seq > 0 ? seq - 1 : 0;
+  p.self_extend = o.self_extend_group > 0;
+  if (p.self_extend) {
+    const int64_t g = o.self_extend_group, w = o.self_extend_window;
+    p.window = w;
+    p.grouped_q.resize(seq);
+    p.grouped_k.resize(seq);
+    for (int64_t i = 0; i < seq; ++i) {
+      p.grouped_q[i] = i / g + w - w / g;
+      p.grouped_k[i] = i / g;
+      p.max_pos = std::max(p.max_pos, p.grouped_q[i]);
+    }
+  }
+  return p;
+}
+
+template <typename T>
+T Dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Rotated copies of q and k at the neighbour (and, with SelfExtend, the grouped) positions.
+struct Rotated {
+  Tensor qn, kn, qg, kg;
+};
+
+template <typename T>
+Rotated Rotate(const AttentionSaved& s, const AttentionOptions& o, const Positions& pos,
+                  const RopeTable& table) {
+  Rotated r;
+  const int64_t rows = s.batch * s.seq;
+  r.qn = Tensor::EmptyLike(s.q);
+  r.kn = Tensor::EmptyLike(s.k);
+  RopeRows<T>(s.q.data<T>(), r.qn.data<T>(), rows, s.seq, o.heads, o.head_dim, table, pos.neighbour, false);
+  RopeRows<T>(s.k.data<T>(), r.kn.data<T>(), rows, s.seq, o.kv_heads, o.head_dim, table, pos.neighbour, false);
+  if (pos.self_extend) {
+    r.qg = Tensor::EmptyLike(s.q);
+    r.kg = Tensor::EmptyLike(s.k);
+    RopeRows<T>(s.q.data<T>(), r.qg.data<T>(), rows, s.seq, o.heads, o.head_dim, table, pos.grouped_q, false);
+    RopeRows<T>(s.k.data<T>(), r.kg.data<T>(), rows, s.seq, o.kv_heads, o.head_dim, table, pos.grouped_k, false);
+  }
+  return r;
+}
+
+template <typename T>
+void ForwardCpu(AttentionSaved* s, const AttentionOptions& o) {
+  const int64_t B = s->batch, S = s->seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
+  const int64_t group = H / Hk;
+  const Positions pos = MakePositions(S, o);
+  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  Rotated r = Rotate<T>(*s, o, pos, table);
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
+  const T* v = s->v.data<T>();
+  T* out = s->out.data<T>();
+  double* lse = s->lse.data<double>();
+  ParallelFor(B * H, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H, hk = h / group;
+    std::vector<double> p(S);
+    std::vector<double> acc(D);
+    for (int64_t i = 0; i < S; ++i) {
+      const T* qn = r.qn.data<T>() + ((b * S + i) * H + h) * D;
+      const T* qg = pos.self_extend ? r.qg.data<T>() + ((b * S + i) * H + h) * D : nullptr;
+      double m = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j <= i; ++j) {
+        const int64_t koff = ((b * S + j) * Hk + hk) * D;
+        const bool neighbour = !pos.self_extend || i - j < pos.window;
+        const T logit = neighbour ? Dot(qn, r.kn.data<T>() + koff, D)
+                                  : Dot(qg, r.kg.data<T>() + koff, D);
+        p[j] = static_cast<double>(logit * scale);
+        m = std::max(m, p[j]);
+      }
+      double l = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        p[j] = std::exp(p[j] - m);
+        l += p[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t j = 0; j <= i; ++j) {
+        const T* vj = v + ((b * S + j) * Hk + hk) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += p[j] * vj[d];
+      }
+      T* oi = out + ((b * S + i) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] = static_cast<T>(acc[d] / l);
+      lse[(b * H + h) * S + i] = m + std::log(l);
+    }
+  });
+}
+
+template <typename T>
+void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOptions& o, Tensor* dq,
+                 Tensor* dk, Tensor* dv) {
+  const int64_t B = s.batch, S = s.seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
+  const int64_t group = H / Hk;
+  const Positions pos = MakePositions(S, o);
+  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  Rotated r = Rotate<T>(s, o, pos, table);
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
+  // Gradients w.r.t. the rotated q/k (neighbour and grouped), un-rotated at the end.
+  Tensor dqn = Tensor::ZerosLike(s.q), dkn = Tensor::ZerosLike(s.k);
+  Tensor dqg, dkg;
+  if (pos.self_extend) {
+    dqg = Tensor::ZerosLike(s.q);
+    dkg = Tensor::ZerosLike(s.k);
+  }
+  *dv = Tensor::ZerosLike(s.v);
+  const T* v = s.v.data<T>();
+  const T* out = s.out.data<T>();
+  const T* d_out = dout.data<T>();
+  const double* lse = s.lse.data<double>();
+  // One task per (batch, kv head): every gradient row it writes belongs to it alone.
+  ParallelFor(B * Hk, [&](int64_t bk) {
+    const int64_t b = bk / Hk, hk = bk % Hk;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t qoff = ((b * S + i) * H + h) * D;
+        const T* qn = r.qn.data<T>() + qoff;
+        const T* qg = pos.self_extend ? r.qg.data<T>() + qoff : nullptr;
+        const T* doi = d_out + qoff;
+        const double delta = Dot(doi, out + qoff, D);
+        const double lse_i = lse[(b * H + h) * S + i];
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t koff = ((b * S + j) * Hk + hk) * D;
+          const bool neighbour = !pos.self_extend || i - j < pos.window;
+          const T* kj = neighbour ? r.kn.data<T>() + koff : r.kg.data<T>() + koff;
+          const double logit = static_cast<double>(Dot(neighbour ? qn : qg, kj, D) * scale);
+          const double p = std::exp(logit - lse_i);
+          const double dp = Dot(doi, v + koff, D);
+          const T ds = static_cast<T>(p * (dp - delta)) * scale;
+          T* dvj = dv->data<T>() + koff;
+          for (int64_t d = 0; d < D; ++d) dvj[d] += static_cast<T>(p) * doi[d];
+          T* dqi = (neighbour ? dqn : dqg).data<T>() + qoff;
+          T* dkj = (neighbour ? dkn : dkg).data<T>() + koff;
+          const T* qi = neighbour ? qn : qg;
+          for (int64_t d = 0; d < D; ++d) {
+            dqi[d] += ds * kj[d];
+            dkj[d] += ds * qi[d];
+          }
+        }
+      }
+    }
+  });
+  const int64_t rows = B * S;
+  *dq = Tensor::EmptyLike(s.q);
+  *dk = Tensor::EmptyLike(s.k);
+  RopeRows<T>(dqn.data<T>(), dq->data<T>(), rows, S, H, D, table, pos.neighbour, true);
+  RopeRows<T>(dkn.data<T>(), dk->data<T>(), rows, S, Hk, D, table, pos.neighbour, true);
+  if (pos.self_extend) {
+    Tensor tq = Tensor::EmptyLike(s.q), tk = Tensor::EmptyLike(s.k);
+    RopeRows<T>(dqg.data<T>(), tq.data<T>(), rows, S, H, D, table, pos.grouped_q, true);
+    RopeRows<T>(dkg.data<T>(), tk.data<T>(), rows, S, Hk, D, table, pos.grouped_k, true);
+    AddInPlace(dq, tq);
+    AddInPlace(dk, tk);
+  }
+}
+
+void CheckOptions(const AttentionOptions& o) {
+  GYRE_CHECK(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0, "heads %ld kv_heads %ld",
+             (long)o.heads, (long)o.kv_heads);
+  GYRE_CHECK(o.head_dim > 0, "head_dim %ld", (long)o.head_dim);
+  GYRE_CHECK(o.self_extend_group == 0 || o.self_extend_window > 0, "SelfExtend needs a window");
+}
+
+}  // namespace
+
+Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
+                 const std::vector<int64_t>& positions, bool inverse) {
+  CheckCpu(x, "rope");
+  int64_t max_pos = 0;
+  for (int64_t p : positions) max_pos = std::max(max_pos, p);
+  const RopeTable table = MakeRopeTable(max_pos, head_dim, theta);
+  Tensor y = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    RopeRows<T>(x.data<T>(), y.data<T>(), x.rows(), seq, heads, head_dim, table, positions, inverse);
+  });
+  return y;
+}
+
+Tensor CausalAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch,
+                              int64_t seq, const AttentionOptions& options, AttentionSaved* saved) {
+  CheckCpu(q, "causal_attention");
+  CheckOptions(options);
+  GYRE_CHECK(q.numel() == batch * seq * options.heads * options.head_dim, "attention q %s",
+             ShapeString(q.shape()).c_str());
+  GYRE_CHECK(k.numel() == batch * seq * options.kv_heads * options.head_dim &&
+                 v.numel() == k.numel(), "attention k/v %s", ShapeString(k.shape()).c_str());
+  saved->q = q;
+  saved->k = k;
+  saved->v = v;
+  saved->batch = batch;
+  saved->seq = seq;
+  saved->out = Tensor::EmptyLike(q);
+  saved->lse = Tensor::Empty({batch, options.heads, seq}, DType::kF64);
+  DispatchFloat(q.dtype(), [&]<typename T>() { ForwardCpu<T>(saved, options); });
+  return saved->out;
+}
+
+void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
+                             const AttentionOptions& options, Tensor* dq, Tensor* dk, Tensor* dv) {
+  CheckCpu(dout, "causal_attention_backward");
+  GYRE_CHECK(saved.q.defined(), "attention backward without forward");
+  GYRE_CHECK(dout.numel() == saved.out.numel(), "attention dout %s", ShapeString(dout.shape()).c_str());
+  DispatchFloat(dout.dtype(), [&]<typename T>() { BackwardCpu<T>(saved, dout, options, dq, dk, dv); });
+}
+
+SelfAttention::SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options)
+    : options_(options),
+      q_proj_(ctx.Sub("q_proj"), dim, options.heads * options.head_dim, false),
+      k_proj_(ctx.Sub("k_proj"), dim, options.kv_heads * options.head_dim, false),
+      v_proj_(ctx.Sub("v_proj"), dim, options.kv_heads * options.head_dim, false),
+      o_proj_(ctx.Sub("o_proj"), options.heads * options.head_dim, dim, false) {
+  CheckOptions(options_);
+}
+
+Tensor SelfAttention::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  Tensor q = q_proj_.Forward(x), k = k_proj_.Forward(x), v = v_proj_.Forward(x);
+  Tensor a = CausalAttentionForward(q, k, v, batch, seq, options_, &saved_);
+  return o_proj_.Forward(a);
+}
+
+Tensor SelfAttention::Backward(const Tensor& dy) {
+  Tensor da = o_proj_.Backward(dy);
+  Tensor dq, dk, dv;
+  CausalAttentionBackward(saved_, da, options_, &dq, &dk, &dv);
+  saved_ = AttentionSaved();
+  Tensor dx = q_proj_.Backward(dq);
+  AddInPlace(&dx, k_proj_.Backward(dk));
+  AddInPlace(&dx, v_proj_.Backward(dv));
+  return dx;
+}
+
+void SelfAttention::ReleaseActivations() {
+  saved_ = AttentionSaved();
+  q_proj_.ReleaseActivations();
+  k_proj_.ReleaseActivations();
+  v_proj_.ReleaseActivations();
+  o_proj_.ReleaseActivations();
+}
+
+}  // namespace gyre::ops

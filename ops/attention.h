@@ -1,0 +1,69 @@
+// Causal softmax self-attention with rotary position embeddings (RoPE), grouped-query attention
+// (GQA), and the SelfExtend inference mode (MODELS.md section 6).
+//
+// Shapes (row-major, batch B, sequence T, query heads H, key/value heads Hk, head dim D):
+//   q [B, T, H*D], k [B, T, Hk*D], v [B, T, Hk*D] -> out [B, T, H*D]. Query head h reads key/value
+//   head h / (H/Hk).
+// RoPE uses the "rotate half" pairing (feature i with i + D/2, as Llama in HF transformers),
+// angle = position * theta^(-2i/D), applied inside the op so SelfExtend can use other positions.
+// SelfExtend (group G, window W): logit (i, j) uses the normal positions (i, j) when i - j < W and
+// the grouped positions (floor(i/G) + W - floor(W/G), floor(j/G)) otherwise, merged before one
+// softmax. When T <= W every pair is a neighbour pair and the op is exactly plain attention.
+// Saved for backward: q, k, v (un-rotated), out, the row log-sum-exp [B, H, T]; scores are
+// recomputed in backward (flash-attention style), so memory is O(B*H*T), not O(B*H*T^2).
+#pragma once
+
+#include <cstdint>
+
+#include "ops/layers.h"
+
+namespace gyre::ops {
+
+struct AttentionOptions {
+  int64_t heads = 1;
+  int64_t kv_heads = 1;
+  int64_t head_dim = 0;
+  double rope_theta = 10000.0;
+  int64_t self_extend_group = 0;   // G; 0 = off
+  int64_t self_extend_window = 0;  // W
+};
+
+struct AttentionSaved {
+  Tensor q, k, v, out, lse;
+  int64_t batch = 0, seq = 0;
+};
+
+// The device-dispatched core op.
+Tensor CausalAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch,
+                              int64_t seq, const AttentionOptions& options, AttentionSaved* saved);
+// Overwrites *dq, *dk, *dv (allocated here).
+void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
+                             const AttentionOptions& options, Tensor* dq, Tensor* dk, Tensor* dv);
+
+// Applies (or with inverse=true, undoes) RoPE on x [rows = B*T, heads*D] with per-row position
+// positions[row % T] (exposed for tests).
+Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
+                 const std::vector<int64_t>& positions, bool inverse);
+
+// Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
+// Input/output [B, T, d]; Forward needs (B, T) to split rows.
+class SelfAttention {
+ public:
+  SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations();
+  // SelfExtend is an inference knob; training leaves it off.
+  void SetSelfExtend(int64_t group, int64_t window) {
+    options_.self_extend_group = group;
+    options_.self_extend_window = window;
+  }
+  Linear& o_proj() { return o_proj_; }
+
+ private:
+  AttentionOptions options_;
+  Linear q_proj_, k_proj_, v_proj_, o_proj_;
+  AttentionSaved saved_;
+};
+
+}  // namespace gyre::ops

@@ -1,0 +1,42 @@
+// Cross-entropy fused with the LM-head linear, computed in vocabulary chunks so the full
+// [tokens, vocab] logits tensor never exists (peak extra memory: row_block x vocab_chunk).
+//
+//   loss = loss_scale * Σ_{r : target_r >= 0} ( logsumexp_v(h_r · W_v) − h_r · W_{target_r} )
+//
+// Two passes per block of rows: (1) an online (running max / running sum) log-sum-exp over the
+// vocabulary chunks, (2) recompute each chunk's logits, form
+// G = loss_scale * (softmax − onehot) and accumulate dh += G W_c, dW_c += Gᵀ h. The recompute
+// costs one extra [rows x chunk x d] GEMM per chunk; that is the price of not storing logits.
+// loss_scale is 1 / (token count of the global batch) under DESIGN.md §4's scaling contract.
+// Targets < 0 are ignored (no loss, no gradient).
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "ops/tensor.h"
+
+namespace gyre::ops {
+
+struct CrossEntropyOptions {
+  int64_t vocab_chunk = 8192;
+  int64_t row_block = 512;
+};
+
+struct CrossEntropyResult {
+  double loss = 0;          // loss_scale * sum of per-token losses
+  int64_t tokens = 0;       // targets counted
+};
+
+// h [N, d], w [V, d]. *dh (if not null) is overwritten with dloss/dh [N, d]; *dw (if not null)
+// accumulates dloss/dW. With both null only the loss is computed (one pass).
+CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
+                                           std::span<const int32_t> targets, double loss_scale,
+                                           const CrossEntropyOptions& options, Tensor* dh, Tensor* dw);
+
+// Reference: materialises all logits. Same contract. For tests.
+CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
+                                           std::span<const int32_t> targets, double loss_scale,
+                                           Tensor* dh, Tensor* dw);
+
+}  // namespace gyre::ops

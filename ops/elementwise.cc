@@ -1,0 +1,141 @@
+#include "ops/elementwise.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace gyre::ops {
+namespace {
+
+void CheckSame(const Tensor& a, const Tensor& b, const char* op) {
+  CheckCpu(a, op);
+  GYRE_CHECK(a.numel() == b.numel() && a.dtype() == b.dtype(), "%s: %s %s vs %s %s", op,
+             ShapeString(a.shape()).c_str(), DTypeName(a.dtype()), ShapeString(b.shape()).c_str(),
+             DTypeName(b.dtype()));
+}
+
+template <typename T>
+T ActF(Activation act, T x) {
+  switch (act) {
+    case Activation::kSilu: return x / (T(1) + std::exp(-x));
+    case Activation::kGelu: return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    case Activation::kSigmoid: return T(1) / (T(1) + std::exp(-x));
+  }
+  return x;
+}
+
+template <typename T>
+T ActGrad(Activation act, T x) {
+  switch (act) {
+    case Activation::kSilu: {
+      const T s = T(1) / (T(1) + std::exp(-x));
+      return s * (T(1) + x * (T(1) - s));
+    }
+    case Activation::kGelu: {
+      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+      const T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
+      return cdf + x * pdf;
+    }
+    case Activation::kSigmoid: {
+      const T s = T(1) / (T(1) + std::exp(-x));
+      return s * (T(1) - s);
+    }
+  }
+  return T(1);
+}
+
+}  // namespace
+
+Tensor Add(const Tensor& a, const Tensor& b) {
+  Tensor out = a.Clone();
+  AddInPlace(&out, b);
+  return out;
+}
+
+void AddInPlace(Tensor* acc, const Tensor& b) { AxpyInPlace(acc, 1.0, b); }
+
+void AxpyInPlace(Tensor* acc, double alpha, const Tensor& b) {
+  CheckSame(*acc, b, "axpy");
+  DispatchFloat(b.dtype(), [&]<typename T>() {
+    T* y = acc->data<T>();
+    const T* x = b.data<T>();
+    const T al = static_cast<T>(alpha);
+    for (int64_t i = 0; i < b.numel(); ++i) y[i] += al * x[i];
+  });
+}
+
+Tensor Mul(const Tensor& a, const Tensor& b) {
+  CheckSame(a, b, "mul");
+  Tensor out = Tensor::EmptyLike(a);
+  DispatchFloat(a.dtype(), [&]<typename T>() {
+    const T* x = a.data<T>();
+    const T* y = b.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < a.numel(); ++i) o[i] = x[i] * y[i];
+  });
+  return out;
+}
+
+Tensor Scale(const Tensor& a, double s) {
+  CheckCpu(a, "scale");
+  Tensor out = Tensor::EmptyLike(a);
+  DispatchFloat(a.dtype(), [&]<typename T>() {
+    const T* x = a.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < a.numel(); ++i) o[i] = static_cast<T>(s) * x[i];
+  });
+  return out;
+}
+
+Tensor Activate(Activation act, const Tensor& x) {
+  CheckCpu(x, "activate");
+  Tensor out = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* in = x.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < x.numel(); ++i) o[i] = ActF<T>(act, in[i]);
+  });
+  return out;
+}
+
+Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy) {
+  CheckSame(x, dy, "activate_backward");
+  Tensor out = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* in = x.data<T>();
+    const T* g = dy.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < x.numel(); ++i) o[i] = g[i] * ActGrad<T>(act, in[i]);
+  });
+  return out;
+}
+
+double SumSquares(const Tensor& t) {
+  CheckCpu(t, "sum_squares");
+  double s = 0;
+  DispatchFloat(t.dtype(), [&]<typename T>() {
+    const T* p = t.data<T>();
+    for (int64_t i = 0; i < t.numel(); ++i) s += static_cast<double>(p[i]) * p[i];
+  });
+  return s;
+}
+
+double MaxAbsDiff(const Tensor& a, const Tensor& b) {
+  GYRE_CHECK(a.numel() == b.numel(), "numel %ld vs %ld", (long)a.numel(), (long)b.numel());
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(a.At(i) - b.At(i)));
+  return m;
+}
+
+double RelativeError(const Tensor& a, const Tensor& b) {
+  GYRE_CHECK(a.numel() == b.numel(), "numel %ld vs %ld", (long)a.numel(), (long)b.numel());
+  double diff = 0, na = 0, nb = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.At(i), y = b.At(i);
+    diff += (x - y) * (x - y);
+    na += x * x;
+    nb += y * y;
+  }
+  return std::sqrt(diff) / std::max({std::sqrt(na), std::sqrt(nb), 1e-300});
+}
+
+}  // namespace gyre::ops

@@ -1,0 +1,27 @@
+// Stateless elementwise ops on tensors of equal shape and dtype (device-dispatched; CPU today).
+// All return fresh tensors. *Backward functions take the forward input(s) and the output
+// gradient and return the input gradient.
+#pragma once
+
+#include "ops/tensor.h"
+
+namespace gyre::ops {
+
+Tensor Add(const Tensor& a, const Tensor& b);
+void AddInPlace(Tensor* acc, const Tensor& b);            // acc += b
+void AxpyInPlace(Tensor* acc, double alpha, const Tensor& b);  // acc += alpha * b
+Tensor Mul(const Tensor& a, const Tensor& b);
+Tensor Scale(const Tensor& a, double s);
+
+enum class Activation { kSilu, kGelu, kSigmoid };
+Tensor Activate(Activation act, const Tensor& x);
+// dx = dy * act'(x)
+Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy);
+
+// Sum of squares of all elements (accumulated in double).
+double SumSquares(const Tensor& t);
+// Max |a - b| / and relative Frobenius error ||a-b|| / max(||a||, ||b||, tiny).
+double MaxAbsDiff(const Tensor& a, const Tensor& b);
+double RelativeError(const Tensor& a, const Tensor& b);
+
+}  // namespace gyre::ops

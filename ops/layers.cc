@@ -1,0 +1,310 @@
+#include "ops/layers.h"
+
+#include <cmath>
+
+#include "ops/gemm.h"
+#include "ops/parallel.h"
+
+namespace gyre::ops {
+
+// ---------------------------------------------------------------- Embedding
+
+Embedding::Embedding(const BuildContext& ctx, int64_t vocab, int64_t dim)
+    : weight_(ctx.store->Create(ctx.Name("weight"), {vocab, dim}, ParamKind::kEmbedding)) {}
+
+Tensor Embedding::Forward(std::span<const int32_t> ids) {
+  const Tensor& w = weight_->value;
+  CheckCpu(w, "embedding");
+  const int64_t vocab = w.dim(0), dim = w.dim(1);
+  ids_.assign(ids.begin(), ids.end());
+  Tensor y = Tensor::Empty({static_cast<int64_t>(ids.size()), dim}, w.dtype());
+  DispatchFloat(w.dtype(), [&]<typename T>() {
+    const T* table = w.data<T>();
+    T* out = y.data<T>();
+    for (size_t r = 0; r < ids.size(); ++r) {
+      GYRE_CHECK(ids[r] >= 0 && ids[r] < vocab, "token id %d outside vocabulary %ld", ids[r], (long)vocab);
+      std::copy(table + ids[r] * dim, table + (ids[r] + 1) * dim, out + r * dim);
+    }
+  });
+  return y;
+}
+
+void Embedding::Backward(const Tensor& dy) {
+  Tensor& gw = weight_->grad;
+  const int64_t dim = gw.dim(1);
+  GYRE_CHECK(dy.rows() == static_cast<int64_t>(ids_.size()) && dy.cols() == dim, "embedding backward shape");
+  DispatchFloat(gw.dtype(), [&]<typename T>() {
+    T* g = gw.data<T>();
+    const T* d = dy.data<T>();
+    for (size_t r = 0; r < ids_.size(); ++r) {
+      T* row = g + ids_[r] * dim;
+      for (int64_t c = 0; c < dim; ++c) row[c] += d[r * dim + c];
+    }
+  });
+}
+
+// ---------------------------------------------------------------- Linear
+
+Tensor LinearForward(const Tensor& x, const Tensor& w) {
+  CheckCpu(x, "linear");
+  const int64_t in = w.dim(1), out = w.dim(0);
+  GYRE_CHECK(x.cols() == in && x.dtype() == w.dtype(), "linear: x %s vs W %s",
+             ShapeString(x.shape()).c_str(), ShapeString(w.shape()).c_str());
+  Shape shape = x.shape();
+  shape.back() = out;
+  Tensor y = Tensor::Empty(shape, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    Gemm<T>(false, true, x.rows(), out, in, T(1), x.data<T>(), in, w.data<T>(), in, T(0), y.data<T>(), out);
+  });
+  return y;
+}
+
+Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw) {
+  const int64_t in = w.dim(1), out = w.dim(0), rows = x.rows();
+  GYRE_CHECK(dy.rows() == rows && dy.cols() == out, "linear backward: dy %s", ShapeString(dy.shape()).c_str());
+  Tensor dx = Tensor::Empty(x.shape(), x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    if (dw != nullptr) {
+      Gemm<T>(true, false, out, in, rows, T(1), dy.data<T>(), out, x.data<T>(), in, T(1), dw->data<T>(), in);
+    }
+    Gemm<T>(false, false, rows, in, out, T(1), dy.data<T>(), out, w.data<T>(), in, T(0), dx.data<T>(), in);
+  });
+  return dx;
+}
+
+Linear::Linear(const BuildContext& ctx, int64_t in, int64_t out, bool bias)
+    : in_(in), out_(out), weight_(ctx.store->Create(ctx.Name("weight"), {out, in}, ParamKind::kWeight)) {
+  if (bias) bias_ = ctx.store->Create(ctx.Name("bias"), {out}, ParamKind::kBias);
+  // PyTorch's default (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)); blocks
+  // re-initialise per the papers where they differ.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  InitUniform(&weight_->value, -bound, bound, ctx.rng);
+}
+
+Tensor Linear::Forward(const Tensor& x) {
+  x_ = x;
+  Tensor y = LinearForward(x, weight_->value);
+  if (bias_ != nullptr) {
+    DispatchFloat(y.dtype(), [&]<typename T>() {
+      T* p = y.data<T>();
+      const T* b = bias_->value.data<T>();
+      for (int64_t r = 0; r < y.rows(); ++r)
+        for (int64_t c = 0; c < out_; ++c) p[r * out_ + c] += b[c];
+    });
+  }
+  return y;
+}
+
+Tensor Linear::Backward(const Tensor& dy) {
+  GYRE_CHECK(x_.defined(), "Linear::Backward without Forward");
+  if (bias_ != nullptr) {
+    DispatchFloat(dy.dtype(), [&]<typename T>() {
+      const T* d = dy.data<T>();
+      T* gb = bias_->grad.data<T>();
+      for (int64_t r = 0; r < dy.rows(); ++r)
+        for (int64_t c = 0; c < out_; ++c) gb[c] += d[r * out_ + c];
+    });
+  }
+  Tensor dx = LinearBackward(x_, weight_->value, dy, &weight_->grad);
+  x_ = Tensor();
+  return dx;
+}
+
+// ---------------------------------------------------------------- BlockDiagonalLinear
+
+BlockDiagonalLinear::BlockDiagonalLinear(const BuildContext& ctx, int64_t blocks, int64_t block_in,
+                                         int64_t block_out)
+    : blocks_(blocks), block_in_(block_in), block_out_(block_out),
+      weight_(ctx.store->Create(ctx.Name("weight"), {blocks, block_out, block_in}, ParamKind::kWeight)) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(block_in));
+  InitUniform(&weight_->value, -bound, bound, ctx.rng);
+}
+
+Tensor BlockDiagonalLinear::Forward(const Tensor& x) {
+  CheckCpu(x, "block_diagonal_linear");
+  const int64_t in = blocks_ * block_in_, out = blocks_ * block_out_;
+  GYRE_CHECK(x.cols() == in, "block-diagonal linear: x %s, expected %ld features", ShapeString(x.shape()).c_str(), (long)in);
+  x_ = x;
+  Shape shape = x.shape();
+  shape.back() = out;
+  Tensor y = Tensor::Empty(shape, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* w = weight_->value.data<T>();
+    for (int64_t b = 0; b < blocks_; ++b) {
+      Gemm<T>(false, true, x.rows(), block_out_, block_in_, T(1), x.data<T>() + b * block_in_, in,
+              w + b * block_out_ * block_in_, block_in_, T(0), y.data<T>() + b * block_out_, out);
+    }
+  });
+  return y;
+}
+
+Tensor BlockDiagonalLinear::Backward(const Tensor& dy) {
+  GYRE_CHECK(x_.defined(), "BlockDiagonalLinear::Backward without Forward");
+  const int64_t in = blocks_ * block_in_, out = blocks_ * block_out_, rows = x_.rows();
+  Tensor dx = Tensor::Empty(x_.shape(), x_.dtype());
+  DispatchFloat(x_.dtype(), [&]<typename T>() {
+    const T* w = weight_->value.data<T>();
+    T* gw = weight_->grad.data<T>();
+    for (int64_t b = 0; b < blocks_; ++b) {
+      Gemm<T>(true, false, block_out_, block_in_, rows, T(1), dy.data<T>() + b * block_out_, out,
+              x_.data<T>() + b * block_in_, in, T(1), gw + b * block_out_ * block_in_, block_in_);
+      Gemm<T>(false, false, rows, block_in_, block_out_, T(1), dy.data<T>() + b * block_out_, out,
+              w + b * block_out_ * block_in_, block_in_, T(0), dx.data<T>() + b * block_in_, in);
+    }
+  });
+  x_ = Tensor();
+  return dx;
+}
+
+// ---------------------------------------------------------------- Norm
+
+Norm::Norm(const BuildContext& ctx, int64_t dim, NormOptions options) : dim_(dim), opt_(options) {
+  GYRE_CHECK(dim % opt_.groups == 0, "norm dim %ld not divisible into %ld groups", (long)dim, (long)opt_.groups);
+  if (opt_.weight) {
+    weight_ = ctx.store->Create(ctx.Name("weight"), {dim}, ParamKind::kNorm);
+    InitConstant(&weight_->value, opt_.weight_offset != 0.0 ? 0.0 : 1.0);
+  }
+  if (opt_.bias) bias_ = ctx.store->Create(ctx.Name("bias"), {dim}, ParamKind::kBias);
+}
+
+Tensor Norm::Forward(const Tensor& x) {
+  CheckCpu(x, "norm");
+  GYRE_CHECK(x.cols() == dim_, "norm: x %s, dim %ld", ShapeString(x.shape()).c_str(), (long)dim_);
+  const int64_t rows = x.rows(), groups = opt_.groups, gs = dim_ / groups;
+  x_ = x;
+  rstd_ = Tensor::Empty({rows, groups}, DType::kF64);
+  Tensor y = Tensor::EmptyLike(x);
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* in = x.data<T>();
+    T* out = y.data<T>();
+    double* rs = rstd_.data<double>();
+    const T* w = weight_ ? weight_->value.data<T>() : nullptr;
+    const T* b = bias_ ? bias_->value.data<T>() : nullptr;
+    ParallelFor(rows, [&](int64_t r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* xr = in + r * dim_ + g * gs;
+        T* yr = out + r * dim_ + g * gs;
+        double mean = 0;
+        if (layer) {
+          for (int64_t i = 0; i < gs; ++i) mean += xr[i];
+          mean /= gs;
+        }
+        double var = 0;
+        for (int64_t i = 0; i < gs; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= gs;
+        const double rstd = 1.0 / std::sqrt(var + opt_.eps);
+        rs[r * groups + g] = rstd;
+        for (int64_t i = 0; i < gs; ++i) {
+          const int64_t c = g * gs + i;
+          double v = (xr[i] - mean) * rstd;
+          if (w) v *= static_cast<double>(w[c]) + opt_.weight_offset;
+          if (b) v += b[c];
+          yr[i] = static_cast<T>(v);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+Tensor Norm::Backward(const Tensor& dy) {
+  GYRE_CHECK(x_.defined(), "Norm::Backward without Forward");
+  const int64_t rows = x_.rows(), groups = opt_.groups, gs = dim_ / groups;
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  Tensor dx = Tensor::EmptyLike(x_);
+  DispatchFloat(x_.dtype(), [&]<typename T>() {
+    const T* in = x_.data<T>();
+    const T* d = dy.data<T>();
+    T* out = dx.data<T>();
+    const double* rs = rstd_.data<double>();
+    const T* w = weight_ ? weight_->value.data<T>() : nullptr;
+    ParallelFor(rows, [&](int64_t r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* xr = in + r * dim_ + g * gs;
+        const T* dr = d + r * dim_ + g * gs;
+        T* o = out + r * dim_ + g * gs;
+        const double rstd = rs[r * groups + g];
+        double mean = 0;
+        if (layer) {
+          for (int64_t i = 0; i < gs; ++i) mean += xr[i];
+          mean /= gs;
+        }
+        // dxhat = dy * scale; dx = rstd * (dxhat - mean(dxhat) [layer] - xhat * mean(dxhat * xhat))
+        double sum_dxhat = 0, sum_dxhat_xhat = 0;
+        for (int64_t i = 0; i < gs; ++i) {
+          const int64_t c = g * gs + i;
+          const double scale = w ? static_cast<double>(w[c]) + opt_.weight_offset : 1.0;
+          const double dxhat = dr[i] * scale;
+          const double xhat = (xr[i] - mean) * rstd;
+          sum_dxhat += dxhat;
+          sum_dxhat_xhat += dxhat * xhat;
+        }
+        const double m1 = layer ? sum_dxhat / gs : 0.0, m2 = sum_dxhat_xhat / gs;
+        for (int64_t i = 0; i < gs; ++i) {
+          const int64_t c = g * gs + i;
+          const double scale = w ? static_cast<double>(w[c]) + opt_.weight_offset : 1.0;
+          const double xhat = (xr[i] - mean) * rstd;
+          o[i] = static_cast<T>(rstd * (dr[i] * scale - m1 - xhat * m2));
+        }
+      }
+    });
+    if (weight_ != nullptr || bias_ != nullptr) {
+      T* gw = weight_ ? weight_->grad.data<T>() : nullptr;
+      T* gb = bias_ ? bias_->grad.data<T>() : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const T* xr = in + r * dim_ + g * gs;
+          const T* dr = d + r * dim_ + g * gs;
+          double mean = 0;
+          if (layer) {
+            for (int64_t i = 0; i < gs; ++i) mean += xr[i];
+            mean /= gs;
+          }
+          const double rstd = rs[r * groups + g];
+          for (int64_t i = 0; i < gs; ++i) {
+            if (gw) gw[g * gs + i] += static_cast<T>(dr[i] * (xr[i] - mean) * rstd);
+            if (gb) gb[g * gs + i] += dr[i];
+          }
+        }
+      }
+    }
+  });
+  x_ = Tensor();
+  rstd_ = Tensor();
+  return dx;
+}
+
+// ---------------------------------------------------------------- GatedMlp
+
+GatedMlp::GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act)
+    : act_(act),
+      gate_(ctx.Sub("gate_proj"), dim, hidden, false),
+      up_(ctx.Sub("up_proj"), dim, hidden, false),
+      down_(ctx.Sub("down_proj"), hidden, dim, false) {}
+
+Tensor GatedMlp::Forward(const Tensor& x) {
+  g_ = gate_.Forward(x);
+  u_ = up_.Forward(x);
+  a_ = Activate(act_, g_);
+  return down_.Forward(Mul(a_, u_));
+}
+
+Tensor GatedMlp::Backward(const Tensor& dy) {
+  Tensor dh = down_.Backward(dy);
+  Tensor du = Mul(dh, a_);
+  Tensor dg = ActivateBackward(act_, g_, Mul(dh, u_));
+  Tensor dx = gate_.Backward(dg);
+  AddInPlace(&dx, up_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void GatedMlp::ReleaseActivations() {
+  g_ = u_ = a_ = Tensor();
+  gate_.ReleaseActivations();
+  up_.ReleaseActivations();
+  down_.ReleaseActivations();
+}
+
+}  // namespace gyre::ops

@@ -1,0 +1,116 @@
+// Basic layers with explicit forward/backward (module.h states the gradient contract).
+// Activations are [..., features] row-major; layers treat them as [rows, features].
+// Each layer saves what backward needs in Forward and is not reentrant: one forward, then at most
+// one backward, per saved activation set. Not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "ops/elementwise.h"
+#include "ops/module.h"
+
+namespace gyre::ops {
+
+// Token embedding: ids [rows] -> [rows, dim]. Weight [vocab, dim] (ParamKind::kEmbedding).
+class Embedding {
+ public:
+  Embedding(const BuildContext& ctx, int64_t vocab, int64_t dim);
+  Tensor Forward(std::span<const int32_t> ids);
+  // Accumulates into the weight gradient; there is no input gradient.
+  void Backward(const Tensor& dy);
+  void ReleaseActivations() { ids_.clear(); }
+  Parameter* weight() { return weight_; }
+
+ private:
+  Parameter* weight_;
+  std::vector<int32_t> ids_;
+};
+
+// y = x Wᵀ (+ b). W [out, in].
+class Linear {
+ public:
+  Linear(const BuildContext& ctx, int64_t in, int64_t out, bool bias);
+  Tensor Forward(const Tensor& x);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations() { x_ = Tensor(); }
+  Parameter* weight() { return weight_; }
+  Parameter* bias() { return bias_; }
+  int64_t in() const { return in_; }
+  int64_t out() const { return out_; }
+
+ private:
+  int64_t in_, out_;
+  Parameter* weight_;
+  Parameter* bias_ = nullptr;
+  Tensor x_;
+};
+
+// Block-diagonal linear map: `blocks` independent [block_out, block_in] matrices; input feature
+// block b maps to output block b. Weight [blocks, block_out, block_in], no bias (xLSTM q/k/v
+// projections with 4x4 blocks, sLSTM per-head gate input weights).
+class BlockDiagonalLinear {
+ public:
+  BlockDiagonalLinear(const BuildContext& ctx, int64_t blocks, int64_t block_in, int64_t block_out);
+  Tensor Forward(const Tensor& x);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations() { x_ = Tensor(); }
+  Parameter* weight() { return weight_; }
+
+ private:
+  int64_t blocks_, block_in_, block_out_;
+  Parameter* weight_;
+  Tensor x_;
+};
+
+// Functional linear with an external weight (tied heads, tests): y = x Wᵀ; backward returns dx
+// and accumulates dW.
+Tensor LinearForward(const Tensor& x, const Tensor& w);
+Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw);
+
+struct NormOptions {
+  enum Kind { kRms, kLayer } kind = kRms;
+  int64_t groups = 1;          // normalise each of `groups` equal slices of the features
+  double eps = 1e-5;
+  bool bias = false;           // LayerNorm only
+  double weight_offset = 0.0;  // scale = weight + offset (xLSTM stores 1+w with w init 0)
+  bool weight = true;          // false: no learnable scale
+};
+
+// RMSNorm / LayerNorm / GroupNorm (per-head norm) over the last dimension.
+class Norm {
+ public:
+  Norm(const BuildContext& ctx, int64_t dim, NormOptions options);
+  Tensor Forward(const Tensor& x);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations() { x_ = Tensor(); rstd_ = Tensor(); }
+  Parameter* weight() { return weight_; }
+
+ private:
+  int64_t dim_;
+  NormOptions opt_;
+  Parameter* weight_ = nullptr;
+  Parameter* bias_ = nullptr;
+  Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy)
+};
+
+// Gated MLP: y = W_down( act(W_gate x) ⊙ W_up x ), no biases. SwiGLU (act = SiLU; Llama) and the
+// sLSTM block's GeLU-gated FFN (act = GELU).
+class GatedMlp {
+ public:
+  GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act);
+  Tensor Forward(const Tensor& x);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations();
+  Linear& gate() { return gate_; }
+  Linear& up() { return up_; }
+  Linear& down() { return down_; }
+
+ private:
+  Activation act_;
+  Linear gate_, up_, down_;
+  Tensor g_, u_, a_;  // gate pre-activation, up, act(gate)
+};
+
+}  // namespace gyre::ops

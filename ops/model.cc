@@ -1,0 +1,192 @@
+#include "ops/model.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "ops/llama_block.h"
+
+namespace gyre::ops {
+
+LanguageModel::LanguageModel(const ModelSpec& spec, DType dtype, Device device)
+    : spec_(spec), store_(std::make_unique<ParamStore>(dtype, device)) {}
+
+absl::StatusOr<std::unique_ptr<LanguageModel>> LanguageModel::Create(const ModelSpec& spec, DType dtype,
+                                                                     Device device, uint64_t seed) {
+  if (dtype != DType::kF32 && dtype != DType::kF64) {
+    return absl::InvalidArgumentError(absl::StrCat("model dtype ", DTypeName(dtype), " has no CPU kernels"));
+  }
+  if (device == Device::kCuda) return absl::UnimplementedError("CUDA models are not built yet");
+  std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, device));
+  RETURN_IF_ERROR(m->Build(seed));
+  return m;
+}
+
+absl::Status LanguageModel::Build(uint64_t seed) {
+  rng_ = std::make_unique<Rng>(seed);
+  BuildContext root{store_.get(), rng_.get(), ""};
+  const int64_t d = spec_.d_model, V = spec_.vocab_size;
+  embedding_ = std::make_unique<Embedding>(root.Sub("embedding"), V, d);
+  // Embedding init: N(0, 0.02) (mamba_ssm, Transformer++); xLSTM "small" N(0, sqrt(2/(5d))).
+  const double small = std::sqrt(2.0 / (5.0 * d));
+  const double emb_std = spec_.family == Family::kXlstm ? small : 0.02;
+  InitNormal(&embedding_->weight()->value, emb_std, root.rng);
+
+  const int64_t n_layers = spec_.n_layers();
+  const int64_t trunk = spec_.trunk_layers();
+  auto make = [&](BlockType type, const std::string& name, int64_t layer) -> absl::StatusOr<std::unique_ptr<Block>> {
+    ASSIGN_OR_RETURN(std::unique_ptr<Block> b, MakeBlock(type, root.Sub(name), spec_, layer, n_layers));
+    if (spec_.recompute_blocks) b = std::make_unique<RecomputeBlock>(std::move(b));
+    return b;
+  };
+  for (int64_t i = 0; i < trunk; ++i) {
+    ASSIGN_OR_RETURN(auto b, make(spec_.blocks[i], absl::StrCat("blocks.", i), i));
+    trunk_.push_back(std::move(b));
+  }
+  for (int64_t k = 0; k < spec_.mtp_heads; ++k) {
+    // Head 1 is named like the last layer of the ordinary model, so an n = 1 model is exactly the
+    // ordinary one (same names, same initialisation stream).
+    const std::string name = k == 0 ? absl::StrCat("blocks.", trunk) : absl::StrCat("mtp_heads.", k);
+    ASSIGN_OR_RETURN(auto b, make(spec_.blocks.back(), name, n_layers - 1));
+    heads_.push_back(std::move(b));
+  }
+  NormOptions final_norm;
+  if (spec_.family == Family::kXlstm) {
+    final_norm = {NormOptions::kLayer, 1, spec_.norm_eps, false, 1.0, true};  // xLSTM LN: 1 + w
+  } else {
+    final_norm = {NormOptions::kRms, 1, spec_.norm_eps};
+  }
+  final_norm_ = std::make_unique<Norm>(root.Sub("final_norm"), d, final_norm);
+  if (!spec_.tie_embeddings) {
+    head_weight_ = store_->Create("lm_head.weight", {V, d}, ParamKind::kWeight);
+    InitNormal(&head_weight_->value, spec_.family == Family::kXlstm ? small : 0.02, root.rng);
+  }
+  return absl::OkStatus();
+}
+
+const Tensor& LanguageModel::HeadWeight() const {
+  return head_weight_ != nullptr ? head_weight_->value : embedding_->weight()->value;
+}
+
+Tensor& LanguageModel::HeadGrad() { return head_weight_ != nullptr ? head_weight_->grad : embedding_->weight()->grad; }
+
+Tensor LanguageModel::TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq) {
+  GYRE_CHECK(static_cast<int64_t>(tokens.size()) == batch * (seq + 1), "tokens: %zu for batch %ld seq %ld",
+             tokens.size(), (long)batch, (long)seq);
+  std::vector<int32_t> inputs(batch * seq);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < seq; ++t) inputs[b * seq + t] = tokens[b * (seq + 1) + t];
+  Tensor x = embedding_->Forward(inputs).Reshape({batch, seq, spec_.d_model});
+  for (auto& block : trunk_) x = block->Forward(x, batch, seq);
+  return x;
+}
+
+std::vector<int32_t> LanguageModel::HeadTargets(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                                int k) const {
+  std::vector<int32_t> targets(batch * seq, -1);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t + k + 1 <= seq; ++t) targets[b * seq + t] = tokens[b * (seq + 1) + t + k + 1];
+  return targets;
+}
+
+LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                          double loss_scale) {
+  const int n = static_cast<int>(heads_.size());
+  LossResult result;
+  Tensor z = TrunkForward(tokens, batch, seq);
+  Tensor dz = Tensor::ZerosLike(z);
+  for (int k = 0; k < n; ++k) {
+    Tensor h = heads_[k]->Forward(z, batch, seq);
+    Tensor hn = final_norm_->Forward(h);
+    std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
+    Tensor dhn;
+    CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
+                                                    targets, loss_scale / n, ce_options_, &dhn, &HeadGrad());
+    result.head_losses.push_back(ce.loss * n);
+    result.loss += ce.loss;
+    if (k == 0) result.tokens = ce.tokens;
+    Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
+    AddInPlace(&dz, heads_[k]->Backward(dh));
+  }
+  for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
+  embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
+  ReleaseAll();
+  return result;
+}
+
+LossResult LanguageModel::ForwardBackwardAllHeads(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                                  double loss_scale) {
+  const int n = static_cast<int>(heads_.size());
+  LossResult result;
+  Tensor z = TrunkForward(tokens, batch, seq);
+  std::vector<Tensor> h(n), dh(n);
+  for (int k = 0; k < n; ++k) h[k] = heads_[k]->Forward(z, batch, seq);
+  for (int k = 0; k < n; ++k) {
+    Tensor hn = final_norm_->Forward(h[k]);
+    std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
+    Tensor dhn;
+    CrossEntropyResult ce = NaiveLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
+                                                    targets, loss_scale / n, &dhn, &HeadGrad());
+    result.head_losses.push_back(ce.loss * n);
+    result.loss += ce.loss;
+    if (k == 0) result.tokens = ce.tokens;
+    dh[k] = final_norm_->Backward(dhn.Reshape(h[k].shape()));
+  }
+  Tensor dz = Tensor::ZerosLike(z);
+  for (int k = n - 1; k >= 0; --k) AddInPlace(&dz, heads_[k]->Backward(dh[k]));
+  for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
+  embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
+  ReleaseAll();
+  return result;
+}
+
+LossResult LanguageModel::Evaluate(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale) {
+  const int n = static_cast<int>(heads_.size());
+  LossResult result;
+  Tensor z = TrunkForward(tokens, batch, seq);
+  for (int k = 0; k < n; ++k) {
+    Tensor hn = final_norm_->Forward(heads_[k]->Forward(z, batch, seq));
+    std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
+    CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
+                                                    targets, loss_scale, ce_options_, nullptr, nullptr);
+    result.head_losses.push_back(ce.loss);
+    result.loss += ce.loss / n;
+    if (k == 0) result.tokens = ce.tokens;
+  }
+  ReleaseAll();
+  return result;
+}
+
+Tensor LanguageModel::Logits(std::span<const int32_t> inputs, int64_t batch, int64_t seq) {
+  std::vector<int32_t> tokens(batch * (seq + 1), 0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < seq; ++t) tokens[b * (seq + 1) + t] = inputs[b * seq + t];
+  Tensor z = TrunkForward(tokens, batch, seq);
+  Tensor hn = final_norm_->Forward(heads_[0]->Forward(z, batch, seq));
+  Tensor logits = LinearForward(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight());
+  ReleaseAll();
+  return logits;
+}
+
+void LanguageModel::SetSelfExtend(int64_t group, int64_t window) {
+  auto apply = [&](Block* b) {
+    if (auto* r = dynamic_cast<RecomputeBlock*>(b)) b = r->inner();
+    if (auto* l = dynamic_cast<LlamaBlock*>(b)) l->attention().SetSelfExtend(group, window);
+  };
+  for (auto& b : trunk_) apply(b.get());
+  for (auto& b : heads_) apply(b.get());
+}
+
+void LanguageModel::ReleaseAll() {
+  embedding_->ReleaseActivations();
+  for (auto& b : trunk_) b->ReleaseActivations();
+  for (auto& b : heads_) b->ReleaseActivations();
+  final_norm_->ReleaseActivations();
+}
+
+absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec) {
+  ASSIGN_OR_RETURN(auto model, LanguageModel::Create(spec, DType::kF32, Device::kMeta, 0));
+  return model->NumParameters();
+}
+
+}  // namespace gyre::ops

@@ -1,0 +1,92 @@
+// LanguageModel: token embedding -> stack of residual blocks -> final norm -> LM head, built
+// from a ModelSpec (model_config.h), with multi-token prediction (MODELS.md §5).
+//
+// Layout with mtp_heads = n (n = 1: the ordinary model): a shared trunk of n_layers - 1 blocks,
+// then n head blocks (each one block of the last layer's kind); head k (k = 1..n) predicts token
+// t + k from position t through the shared final norm and shared unembedding. The training loss
+// is the mean over heads of  loss_scale * Σ_tokens CE  (loss_scale = 1 / global token count,
+// DESIGN.md §4); head k has no target for the last k - 1 positions of each sequence.
+//
+// ForwardBackward runs the memory-saving order of the MTP paper (Fig. 2): trunk forward once;
+// then per head: head forward, loss (chunked CE, no full logits), head backward to the trunk
+// output, accumulating d(trunk output); then trunk backward once. Only one head's activations
+// live at a time.
+//
+// Thread-safety: none; one step at a time. Parameters live in params() (fp32 masters on CPU).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "ops/block.h"
+#include "ops/cross_entropy.h"
+#include "ops/layers.h"
+#include "ops/model_config.h"
+
+namespace gyre::ops {
+
+struct LossResult {
+  double loss = 0;                   // mean over heads of each head's scaled loss
+  std::vector<double> head_losses;   // per head, scaled by loss_scale
+  int64_t tokens = 0;                // next-token (head 1) targets counted
+};
+
+class LanguageModel {
+ public:
+  // Builds and initialises (seeded) the model. On Device::kMeta only shapes exist (parameter
+  // counting of large presets).
+  static absl::StatusOr<std::unique_ptr<LanguageModel>> Create(const ModelSpec& spec, DType dtype,
+                                                               Device device, uint64_t seed);
+
+  const ModelSpec& spec() const { return spec_; }
+  ParamStore& params() { return *store_; }
+  int64_t NumParameters() const { return store_->NumParameters(); }
+
+  // tokens: [batch, seq + 1] row-major (inputs are columns 0..seq-1, targets 1..seq).
+  // Accumulates parameter gradients (zero them first); memory-saving head order.
+  LossResult ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale);
+  // The same loss and gradients computed in the naive order (all heads forward, then all
+  // backward). For tests of the memory-saving order.
+  LossResult ForwardBackwardAllHeads(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                     double loss_scale);
+  // Loss only (no gradients, activations released).
+  LossResult Evaluate(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale);
+  // Next-token logits [batch*seq, vocab] of head 1 for inputs [batch, seq] (small inputs only:
+  // materialises the logits).
+  Tensor Logits(std::span<const int32_t> inputs, int64_t batch, int64_t seq);
+
+  // SelfExtend for inference on attention blocks (0 = off).
+  void SetSelfExtend(int64_t group, int64_t window);
+  CrossEntropyOptions& cross_entropy_options() { return ce_options_; }
+
+ private:
+  LanguageModel(const ModelSpec& spec, DType dtype, Device device);
+  absl::Status Build(uint64_t seed);
+  Tensor TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq);
+  std::vector<int32_t> HeadTargets(std::span<const int32_t> tokens, int64_t batch, int64_t seq, int k) const;
+  const Tensor& HeadWeight() const;
+  Tensor& HeadGrad();
+  void ReleaseAll();
+
+  ModelSpec spec_;
+  std::unique_ptr<ParamStore> store_;
+  std::unique_ptr<Rng> rng_;
+  std::unique_ptr<Embedding> embedding_;
+  std::vector<std::unique_ptr<Block>> trunk_;
+  std::vector<std::unique_ptr<Block>> heads_;
+  std::unique_ptr<Norm> final_norm_;
+  Parameter* head_weight_ = nullptr;  // untied head; null when tied to the embedding
+  CrossEntropyOptions ce_options_;
+};
+
+// Factory for one block of `type` (layer index `layer` of `n_layers`), defined in blocks.cc.
+absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildContext& ctx,
+                                                 const ModelSpec& spec, int64_t layer, int64_t n_layers);
+
+// Parameter count of a spec, computed by building it on the meta device (no memory).
+absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec);
+
+}  // namespace gyre::ops

@@ -1,0 +1,79 @@
+// Model presets and the resolution of a `gyre.v1.ModelConfig` (preset + explicit overrides) into
+// a fully specified `ModelSpec` that the model builder consumes. Every preset cites the table it
+// comes from (MODELS.md). `ResolveModelConfig` validates and names the offending field
+// ("model.attention.num_heads ...") in its error.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gyre/v1/config.pb.h"
+
+namespace gyre::ops {
+
+enum class BlockType { kMlstm, kSlstm, kMamba2, kAttention };
+const char* BlockTypeName(BlockType type);
+
+enum class Family { kLlama, kXlstm, kMamba2 };
+
+struct ModelSpec {
+  std::string preset;
+  std::string source;  // where the sizes come from
+  Family family = Family::kLlama;
+  int64_t d_model = 0;
+  int64_t vocab_size = 0;           // padded
+  std::vector<BlockType> blocks;    // one per layer (the trunk plus, with MTP, the heads)
+  bool tie_embeddings = false;
+  int64_t mtp_heads = 1;            // 1 = ordinary next-token model
+  bool recompute_blocks = false;
+  double norm_eps = 1e-5;
+
+  // xLSTM v1 blocks (MODELS.md §1.4, §2).
+  int64_t mlstm_heads = 4;
+  int64_t mlstm_inner = 0;          // p = 64 * ceil(proj_factor * d / 64)
+  int64_t conv_kernel = 4;
+  int64_t qkv_block_size = 4;
+  int64_t slstm_heads = 4;
+  int64_t slstm_ffn = 0;            // 64 * ceil(proj_factor_slstm * d / 64)
+  int64_t mlstm_chunk = 64;
+  bool mlstm_sigmoid_forget = true;
+
+  // Mamba-2 (MODELS.md §4.3).
+  int64_t ssm_state = 128;
+  int64_t ssm_conv = 4;
+  int64_t ssm_expand = 2;
+  int64_t ssm_head_dim = 64;
+  int64_t ssm_groups = 1;
+  int64_t ssm_chunk = 256;
+
+  // Attention blocks (Llama / Transformer++; hybrids).
+  int64_t attn_heads = 0;
+  int64_t attn_kv_heads = 0;
+  int64_t attn_head_dim = 0;
+  double rope_theta = 10000.0;
+  int64_t ffn_dim = 0;
+  int64_t self_extend_group = 0;
+  int64_t self_extend_window = 0;
+
+  int64_t n_layers() const { return static_cast<int64_t>(blocks.size()); }
+  // The ordinary model has n_layers blocks. With multi-token prediction the first n_layers - 1
+  // form the shared trunk and each of the mtp_heads heads is one more block of the last layer's
+  // kind (so mtp_heads = 1 is exactly the ordinary model; MODELS.md §5: n - 1 extra layers).
+  int64_t trunk_layers() const { return n_layers() - 1; }
+};
+
+// Names of all built-in presets.
+std::vector<std::string> PresetNames();
+
+// Preset + overrides -> validated spec. Errors name the field path.
+absl::StatusOr<ModelSpec> ResolveModelConfig(const gyre::v1::ModelConfig& config);
+
+// Convenience: ResolveModelConfig of a config holding only `preset`.
+absl::StatusOr<ModelSpec> PresetSpec(const std::string& preset);
+
+// A one-line description ("llama-125m: 12 layers d=768 ...").
+std::string DescribeSpec(const ModelSpec& spec);
+
+}  // namespace gyre::ops

@@ -1,0 +1,285 @@
+// Whole-model tests: gradients of the full loss against float64 finite differences (every
+// parameter tensor, sampled elements), recomputation and MTP orders give the same gradients,
+// MTP with n = 1 is the ordinary next-token loss, parameter counts match the papers, configs are
+// validated with field names.
+#include "ops/model.h"
+
+#include <cmath>
+#include <map>
+
+#include "gtest/gtest.h"
+#include "ops/gradcheck.h"
+
+namespace gyre::ops {
+namespace {
+
+using testing::CheckGradient;
+
+std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
+  return t;
+}
+
+// A very small spec of the given preset family for float64 FD checks.
+ModelSpec SmallSpec(const std::string& preset) {
+  gyre::v1::ModelConfig c;
+  c.set_preset(preset);
+  c.set_d_model(8);
+  c.set_vocab_size(11);
+  c.set_pad_vocab_to(1);
+  if (preset == "llama-tiny") {
+    c.set_n_layers(2);
+    c.mutable_attention()->set_num_heads(4);
+    c.mutable_attention()->set_num_kv_heads(2);
+    c.mutable_attention()->set_head_dim(4);
+    c.mutable_attention()->set_ffn_dim(12);
+  }
+  auto spec = ResolveModelConfig(c);
+  GYRE_CHECK(spec.ok(), "%s", std::string(spec.status().message()).c_str());
+  return *spec;
+}
+
+// Perturbs parameters away from their (often exactly zero or one) initial values so every path
+// carries gradient.
+void Perturb(LanguageModel* m, uint64_t seed, double scale = 0.3) {
+  Rng rng(seed);
+  for (Parameter* p : m->params().All())
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, p->value.At(i) + scale * rng.Normal());
+}
+
+std::map<std::string, Tensor> Grads(LanguageModel* m) {
+  std::map<std::string, Tensor> g;
+  for (Parameter* p : m->params().All()) g[p->name] = p->grad.Clone();
+  return g;
+}
+
+void ExpectModelGradientsMatchFd(const ModelSpec& spec, int64_t batch, int64_t seq, uint64_t seed) {
+  auto model = LanguageModel::Create(spec, DType::kF64, Device::kCpu, seed);
+  ASSERT_TRUE(model.ok()) << model.status();
+  LanguageModel& m = **model;
+  Perturb(&m, seed + 1);
+  m.cross_entropy_options() = {5, 3};  // several vocabulary chunks and row blocks
+  std::vector<int32_t> tokens = RandomTokens(batch * (seq + 1), spec.vocab_size, seed + 2);
+  const double scale = 1.0 / (batch * seq);
+  m.params().ZeroGrad();
+  m.ForwardBackward(tokens, batch, seq, scale);
+  auto loss = [&] { return m.Evaluate(tokens, batch, seq, scale).loss; };
+  for (Parameter* p : m.params().All()) {
+    const Tensor analytic = p->grad.Clone();
+    EXPECT_LT(CheckGradient(loss, &p->value, analytic, 24), 1e-6) << p->name;
+  }
+}
+
+TEST(LlamaModelTest, GradientsMatchFiniteDifferences) {
+  ExpectModelGradientsMatchFd(SmallSpec("llama-tiny"), 2, 5, 10);
+}
+
+TEST(LlamaModelTest, TiedEmbeddingsGradientsMatchFiniteDifferences) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  spec.tie_embeddings = true;
+  ExpectModelGradientsMatchFd(spec, 2, 4, 11);
+}
+
+TEST(LlamaModelTest, MultiTokenHeadsGradientsMatchFiniteDifferences) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  spec.mtp_heads = 3;
+  ExpectModelGradientsMatchFd(spec, 2, 5, 12);
+}
+
+// Runs ForwardBackward (or the naive order) and returns loss + gradients.
+std::pair<LossResult, std::map<std::string, Tensor>> RunStep(const ModelSpec& spec, const std::vector<int32_t>& tokens,
+                                                             int64_t batch, int64_t seq, bool naive_order) {
+  auto model = LanguageModel::Create(spec, DType::kF64, Device::kCpu, 5);
+  GYRE_CHECK(model.ok(), "create");
+  Perturb(model->get(), 6);
+  (*model)->params().ZeroGrad();
+  LossResult r = naive_order ? (*model)->ForwardBackwardAllHeads(tokens, batch, seq, 1.0 / (batch * seq))
+                             : (*model)->ForwardBackward(tokens, batch, seq, 1.0 / (batch * seq));
+  return {r, Grads(model->get())};
+}
+
+void ExpectSameGradients(const std::map<std::string, Tensor>& a, const std::map<std::string, Tensor>& b, double tol) {
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, g] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    EXPECT_LE(RelativeError(g, b.at(name)), tol) << name;
+  }
+}
+
+void ExpectMtpOrdersAgree(ModelSpec spec) {
+  spec.mtp_heads = 3;
+  const int64_t B = 2, T = 6;
+  std::vector<int32_t> tokens = RandomTokens(B * (T + 1), spec.vocab_size, 7);
+  auto [r1, g1] = RunStep(spec, tokens, B, T, false);
+  auto [r2, g2] = RunStep(spec, tokens, B, T, true);
+  EXPECT_NEAR(r1.loss, r2.loss, 1e-12);
+  ASSERT_EQ(r1.head_losses.size(), 3u);
+  for (int k = 0; k < 3; ++k) EXPECT_NEAR(r1.head_losses[k], r2.head_losses[k], 1e-12);
+  // The loss is the mean of the heads' losses, and later heads see fewer targets.
+  EXPECT_NEAR(r1.loss, (r1.head_losses[0] + r1.head_losses[1] + r1.head_losses[2]) / 3, 1e-12);
+  ExpectSameGradients(g1, g2, 1e-12);
+}
+
+TEST(MtpTest, MemorySavingOrderEqualsAllHeadsBackward) { ExpectMtpOrdersAgree(SmallSpec("llama-tiny")); }
+
+// n = 1: the loss equals an independent next-token cross-entropy over the model's logits.
+void ExpectSingleHeadIsNextTokenLoss(const ModelSpec& spec) {
+  ASSERT_EQ(spec.mtp_heads, 1);
+  auto model = LanguageModel::Create(spec, DType::kF64, Device::kCpu, 3);
+  ASSERT_TRUE(model.ok());
+  Perturb(model->get(), 4);
+  const int64_t B = 2, T = 5;
+  std::vector<int32_t> tokens = RandomTokens(B * (T + 1), spec.vocab_size, 8);
+  std::vector<int32_t> inputs;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) inputs.push_back(tokens[b * (T + 1) + t]);
+  Tensor logits = (*model)->Logits(inputs, B, T);
+  double expected = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t row = b * T + t;
+      double mx = -1e300;
+      for (int64_t v = 0; v < spec.vocab_size; ++v) mx = std::max(mx, logits.At(row * spec.vocab_size + v));
+      double z = 0;
+      for (int64_t v = 0; v < spec.vocab_size; ++v) z += std::exp(logits.At(row * spec.vocab_size + v) - mx);
+      expected += mx + std::log(z) - logits.At(row * spec.vocab_size + tokens[b * (T + 1) + t + 1]);
+    }
+  }
+  expected /= B * T;
+  (*model)->params().ZeroGrad();
+  LossResult r = (*model)->ForwardBackward(tokens, B, T, 1.0 / (B * T));
+  EXPECT_NEAR(r.loss, expected, 1e-12);
+  EXPECT_EQ(r.tokens, B * T);
+  EXPECT_NEAR((*model)->Evaluate(tokens, B, T, 1.0 / (B * T)).loss, expected, 1e-12);
+}
+
+TEST(MtpTest, OneHeadIsTheOrdinaryNextTokenLoss) { ExpectSingleHeadIsNextTokenLoss(SmallSpec("llama-tiny")); }
+
+TEST(MtpTest, HeadsAddOneLayerEach) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  auto base = CountParameters(spec);
+  spec.mtp_heads = 4;
+  auto mtp = CountParameters(spec);
+  ASSERT_TRUE(base.ok() && mtp.ok());
+  spec.mtp_heads = 1;
+  spec.blocks.push_back(spec.blocks.back());
+  auto deeper = CountParameters(spec);
+  ASSERT_TRUE(deeper.ok());
+  EXPECT_EQ(*mtp - *base, 3 * (*deeper - *base));
+}
+
+TEST(RecomputeTest, RecomputedBlocksGiveIdenticalGradients) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  std::vector<int32_t> tokens = RandomTokens(2 * 7, spec.vocab_size, 9);
+  auto [r1, g1] = RunStep(spec, tokens, 2, 6, false);
+  spec.recompute_blocks = true;
+  auto [r2, g2] = RunStep(spec, tokens, 2, 6, false);
+  EXPECT_EQ(r1.loss, r2.loss);
+  ExpectSameGradients(g1, g2, 0.0);
+}
+
+TEST(ModelTest, Float32MatchesFloat64) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  std::vector<int32_t> tokens = RandomTokens(2 * 7, spec.vocab_size, 13);
+  auto m64 = LanguageModel::Create(spec, DType::kF64, Device::kCpu, 1);
+  auto m32 = LanguageModel::Create(spec, DType::kF32, Device::kCpu, 1);
+  ASSERT_TRUE(m64.ok() && m32.ok());
+  // Same seed, so the same weights up to rounding.
+  const double l64 = (*m64)->Evaluate(tokens, 2, 6, 1.0 / 12).loss;
+  const double l32 = (*m32)->Evaluate(tokens, 2, 6, 1.0 / 12).loss;
+  EXPECT_NEAR(l32, l64, 1e-5 * l64);
+}
+
+TEST(SelfExtendModelTest, WindowAtLeastLengthLeavesLossUnchanged) {
+  auto spec = PresetSpec("llama-tiny");
+  ASSERT_TRUE(spec.ok());
+  auto model = LanguageModel::Create(*spec, DType::kF64, Device::kCpu, 1);
+  ASSERT_TRUE(model.ok());
+  std::vector<int32_t> tokens = RandomTokens(1 * 33, spec->vocab_size, 2);
+  const double plain = (*model)->Evaluate(tokens, 1, 32, 1.0 / 32).loss;
+  (*model)->SetSelfExtend(4, 32);
+  EXPECT_NEAR((*model)->Evaluate(tokens, 1, 32, 1.0 / 32).loss, plain, 1e-12);
+  (*model)->SetSelfExtend(4, 8);
+  EXPECT_GT(std::fabs((*model)->Evaluate(tokens, 1, 32, 1.0 / 32).loss - plain), 1e-9);
+}
+
+// Parameter counts against MODELS.md §8 (derived formulas that reproduce the papers' tables; the
+// comment gives the published figure in millions).
+TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
+  const std::vector<std::pair<std::string, int64_t>> expected = {
+      {"llama-125m", 162220800},    // xLSTM paper Table 7 Llama: 162.2M
+      {"llama-350m", 406635520},    // 406.6M
+      {"llama-760m", 834086400},    // 834.1M
+      {"llama-1.3b", 1420396544},   // 1420.4M
+  };
+  for (const auto& [preset, count] : expected) {
+    auto spec = PresetSpec(preset);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    auto n = CountParameters(*spec);
+    ASSERT_TRUE(n.ok()) << n.status();
+    EXPECT_EQ(*n, count) << preset;
+  }
+}
+
+TEST(ParameterCountTest, MetaCountEqualsAllocatedCount) {
+  for (const std::string preset : {"llama-tiny"}) {
+    auto spec = PresetSpec(preset);
+    ASSERT_TRUE(spec.ok());
+    auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 0);
+    ASSERT_TRUE(model.ok());
+    int64_t sum = 0;
+    for (Parameter* p : (*model)->params().All()) sum += p->value.numel();
+    EXPECT_EQ(*CountParameters(*spec), sum);
+  }
+}
+
+TEST(ModelConfigTest, RejectsBadFieldsByName) {
+  auto expect_error = [](gyre::v1::ModelConfig c, const std::string& field) {
+    auto s = ResolveModelConfig(c);
+    ASSERT_FALSE(s.ok()) << field;
+    EXPECT_NE(std::string(s.status().message()).find(field), std::string::npos) << s.status();
+  };
+  gyre::v1::ModelConfig c;
+  expect_error(c, "model.preset");
+  c.set_preset("no-such-model");
+  expect_error(c, "model.preset");
+  c.set_preset("llama-tiny");
+  c.mutable_attention()->set_num_kv_heads(3);
+  expect_error(c, "model.attention.num_kv_heads");
+  c.mutable_attention()->set_num_kv_heads(0);
+  c.add_attention_at(99);
+  expect_error(c, "model.attention_at[0]");
+  c.clear_attention_at();
+  c.add_slstm_at(1);
+  expect_error(c, "model.slstm_at");
+  c.clear_slstm_at();
+  c.set_preset("mamba2-tiny");
+  c.mutable_mamba2()->set_head_dim(48);
+  expect_error(c, "model.mamba2.head_dim");
+}
+
+TEST(ModelConfigTest, OverridesAndHybrids) {
+  gyre::v1::ModelConfig c;
+  c.set_preset("mamba2-130m");
+  c.add_attention_at(9);
+  c.add_attention_at(18);
+  c.set_vocab_size(50277);
+  c.set_pad_vocab_to(16);
+  auto s = ResolveModelConfig(c);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->vocab_size, 50288);
+  EXPECT_EQ(s->blocks[9], BlockType::kAttention);
+  EXPECT_EQ(s->blocks[18], BlockType::kAttention);
+  EXPECT_EQ(s->blocks[10], BlockType::kMamba2);
+  EXPECT_TRUE(s->tie_embeddings);
+  auto x = PresetSpec("xlstm-125m");
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(x->blocks[3], BlockType::kSlstm);
+  EXPECT_EQ(x->blocks[20], BlockType::kSlstm);
+  EXPECT_EQ(x->blocks[4], BlockType::kMlstm);
+}
+
+}  // namespace
+}  // namespace gyre::ops

@@ -1,0 +1,79 @@
+// Parameters and the build context shared by every layer.
+//
+// Gradient contract (as in llm.c's layernorm.cuh): a layer's `Backward` ACCUMULATES into its
+// parameters' `grad` tensors (so gradient accumulation over micro-batches and tied weights just
+// work) and RETURNS fresh activation gradients. `ParamStore::ZeroGrad` clears the accumulators.
+// A layer's `Forward` saves what its `Backward` needs; `ReleaseActivations` drops it.
+// Parameters are fp32 on the CPU training path (they are the master weights; the CUDA backend
+// keeps bf16 compute copies next to them) or fp64 in the finite-difference test mode.
+#pragma once
+
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "ops/rng.h"
+#include "ops/tensor.h"
+
+namespace gyre::ops {
+
+// Decides weight decay (AdamW) and initialisation rules by role, not by name.
+enum class ParamKind {
+  kWeight,     // linear / conv / projection matrices: decayed
+  kNorm,       // norm scales
+  kBias,       // additive biases, gate biases
+  kEmbedding,  // token embedding (and the tied head)
+  kNoDecay,    // other parameters the papers exclude (Mamba-2 A_log, D, dt_bias; xLSTM skip)
+};
+
+struct Parameter {
+  std::string name;  // dotted path, e.g. "blocks.3.attn.q_proj.weight"
+  ParamKind kind;
+  Tensor value;
+  Tensor grad;  // same shape; accumulates
+};
+
+// Owns every parameter of a model, in creation order (stable pointers).
+class ParamStore {
+ public:
+  ParamStore(DType dtype, Device device) : dtype_(dtype), device_(device) {}
+  ParamStore(const ParamStore&) = delete;
+  ParamStore& operator=(const ParamStore&) = delete;
+
+  // Creates a zero-initialised parameter (and zero gradient).
+  Parameter* Create(std::string name, Shape shape, ParamKind kind);
+
+  std::vector<Parameter*> All();
+  std::vector<const Parameter*> All() const;
+  Parameter* Find(const std::string& name);
+  int64_t NumParameters() const;
+  void ZeroGrad();
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+
+ private:
+  DType dtype_;
+  Device device_;
+  std::deque<Parameter> params_;
+};
+
+// What a layer constructor needs: where its parameters go, how to name them, the RNG for
+// initialisation (unused on the meta device).
+struct BuildContext {
+  ParamStore* store;
+  Rng* rng;
+  std::string prefix;  // "" or ends without a dot; Name("w") gives "prefix.w"
+
+  std::string Name(const std::string& leaf) const { return prefix.empty() ? leaf : prefix + "." + leaf; }
+  BuildContext Sub(const std::string& child) const { return {store, rng, Name(child)}; }
+  DType dtype() const { return store->dtype(); }
+  Device device() const { return store->device(); }
+  bool materialized() const { return store->device() != Device::kMeta; }
+};
+
+// Initialisers (no-ops on the meta device).
+void InitNormal(Tensor* t, double stddev, Rng* rng);
+void InitUniform(Tensor* t, double lo, double hi, Rng* rng);
+void InitConstant(Tensor* t, double value);
+
+}  // namespace gyre::ops
