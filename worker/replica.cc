@@ -1,0 +1,159 @@
+#include "worker/replica.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "ops/model_config.h"
+
+namespace gyre {
+namespace {
+
+gyre::v1::DType ToProtoDType(ops::DType d) {
+  switch (d) {
+    case ops::DType::kF32: return gyre::v1::DTYPE_F32;
+    case ops::DType::kF64: return gyre::v1::DTYPE_F64;
+    case ops::DType::kBF16: return gyre::v1::DTYPE_BF16;
+    case ops::DType::kI32: return gyre::v1::DTYPE_I32;
+  }
+  return gyre::v1::DTYPE_UNSPECIFIED;
+}
+
+TensorSnapshot SnapshotOf(const std::string& name, const ops::Tensor& t) {
+  TensorSnapshot s;
+  s.name = name;
+  s.dtype = ToProtoDType(t.dtype());
+  for (int64_t d : t.shape()) s.shape.push_back(static_cast<uint64_t>(d));
+  s.bytes.assign(static_cast<const char*>(t.raw()), t.nbytes());
+  return s;
+}
+
+absl::Status CopyInto(const TensorSnapshot& s, ops::Tensor* t) {
+  if (s.bytes.size() != t->nbytes() || s.dtype != ToProtoDType(t->dtype())) {
+    return absl::DataLossError(absl::StrCat("checkpoint tensor ", s.name, " has ", s.bytes.size(),
+                                            " bytes of dtype ", s.dtype, "; the model expects ", t->nbytes(),
+                                            " bytes of dtype ", ToProtoDType(t->dtype())));
+  }
+  std::memcpy(t->raw(), s.bytes.data(), s.bytes.size());
+  return absl::OkStatus();
+}
+
+constexpr char kParamPrefix[] = "param.";
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v1::RunConfig& config) {
+  ASSIGN_OR_RETURN(ops::ModelSpec spec, ops::ResolveModelConfig(config.model()));
+  ASSIGN_OR_RETURN(ops::TrainOptions options, ops::TrainOptionsFromConfig(config.optimizer(), config.schedule()));
+  ASSIGN_OR_RETURN(std::unique_ptr<ops::LanguageModel> model,
+                   ops::LanguageModel::Create(spec, ops::DType::kF32, ops::Device::kCpu, config.seed()));
+  return std::unique_ptr<ModelReplica>(new ModelReplica(std::move(model), options));
+}
+
+ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options)
+    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)) {}
+
+ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                           uint64_t global_tokens) {
+  ReplicaLoss out;
+  if (batch == 0) {
+    model_->params().ZeroGrad();
+    return out;
+  }
+  ops::LossResult r = trainer_->ComputeGradients(tokens, batch, seq, 1.0 / static_cast<double>(global_tokens));
+  out.loss = r.loss;
+  out.tokens = static_cast<double>(r.tokens);
+  return out;
+}
+
+absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* loss, size_t bucket_bytes) {
+  // Buckets in reverse parameter order: the order backward finishes them (DDP's choice), which
+  // is what an overlapping implementation launches first.
+  std::vector<ops::Parameter*> params = model_->params().All();
+  const size_t bucket_floats = std::max<size_t>(bucket_bytes / sizeof(float), 1);
+  size_t i = params.size();
+  while (i > 0) {
+    size_t end = i, floats = 0;
+    while (i > 0 && (floats == 0 || floats + params[i - 1]->grad.numel() <= bucket_floats)) {
+      floats += params[--i]->grad.numel();
+    }
+    bucket_.resize(floats);
+    size_t offset = 0;
+    for (size_t p = i; p < end; ++p) {
+      const ops::Tensor& g = params[p]->grad;
+      std::memcpy(bucket_.data() + offset, g.data<float>(), g.nbytes());
+      offset += g.numel();
+    }
+    RETURN_IF_ERROR(collective->AllReduceSum(bucket_.data(), bucket_.size()));
+    offset = 0;
+    for (size_t p = i; p < end; ++p) {
+      ops::Tensor& g = params[p]->grad;
+      std::memcpy(g.data<float>(), bucket_.data() + offset, g.nbytes());
+      offset += g.numel();
+    }
+  }
+  double totals[2] = {loss->loss, loss->tokens};
+  RETURN_IF_ERROR(collective->AllReduceSum(totals, 2));
+  loss->loss = totals[0];
+  loss->tokens = totals[1];
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) { return trainer_->ApplyUpdate(step); }
+
+void ModelReplica::DropGradients() { model_->params().ZeroGrad(); }
+
+absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
+  for (ops::Parameter* p : model_->params().All()) {
+    RETURN_IF_ERROR(collective->Broadcast(p->value.raw(), p->value.nbytes(), root));
+  }
+  // The optimizer's tensors: m and v share storage with the optimizer, "adam.step" is a copy;
+  // LoadState afterwards installs all of them (including the step count) consistently.
+  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
+  for (ops::NamedTensor& t : state) {
+    RETURN_IF_ERROR(collective->Broadcast(t.tensor.raw(), t.tensor.nbytes(), root));
+  }
+  return trainer_->optimizer().LoadState(state);
+}
+
+std::vector<TensorSnapshot> ModelReplica::Snapshot() const {
+  std::vector<TensorSnapshot> out;
+  for (ops::Parameter* p : model_->params().All()) {
+    out.push_back(SnapshotOf(kParamPrefix + p->name, p->value));
+  }
+  for (const ops::NamedTensor& t : trainer_->optimizer().State()) out.push_back(SnapshotOf(t.name, t.tensor));
+  return out;
+}
+
+absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {
+  std::map<std::string, const TensorSnapshot*> by_name;
+  for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
+  for (ops::Parameter* p : model_->params().All()) {
+    auto it = by_name.find(kParamPrefix + p->name);
+    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks parameter ", p->name));
+    RETURN_IF_ERROR(CopyInto(*it->second, &p->value));
+  }
+  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
+  for (ops::NamedTensor& t : state) {
+    auto it = by_name.find(t.name);
+    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks optimizer tensor ", t.name));
+    RETURN_IF_ERROR(CopyInto(*it->second, &t.tensor));
+  }
+  return trainer_->optimizer().LoadState(state);
+}
+
+uint64_t ModelReplica::ParameterFingerprint() const {
+  XXH64_state_t* state = XXH64_createState();
+  XXH64_reset(state, 0);
+  for (ops::Parameter* p : model_->params().All()) {
+    XXH64_update(state, p->value.raw(), p->value.nbytes());
+  }
+  uint64_t h = XXH64_digest(state);
+  XXH64_freeState(state);
+  return h;
+}
+
+}  // namespace gyre
