@@ -3,7 +3,6 @@
 #include <xxhash.h>
 
 #include <algorithm>
-#include <cstdio>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -40,14 +39,17 @@ std::optional<uint64_t> ParseStepDir(const std::string& name) {
 }  // namespace
 
 std::string CheckpointDirName(uint64_t step) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%s%08llu", kPrefix, static_cast<unsigned long long>(step));
-  return buf;
+  return absl::StrCat(kPrefix, step);
 }
 
 absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpoints_dir, const CheckpointState& state,
                                             uint64_t max_file_bytes) {
-  const std::string final_dir = JoinPath(checkpoints_dir, CheckpointDirName(state.step));
+  return WriteCheckpointTo(env, JoinPath(checkpoints_dir, CheckpointDirName(state.step)), state, max_file_bytes);
+}
+
+absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final_dir, const CheckpointState& state,
+                                              uint64_t max_file_bytes) {
+  const std::string checkpoints_dir = DirName(final_dir);
   const std::string tmp_dir = final_dir + ".tmp";
   RETURN_IF_ERROR(env->CreateDirs(checkpoints_dir));
   RETURN_IF_ERROR(env->RemoveAll(tmp_dir));  // leftover of an earlier crash
@@ -192,10 +194,11 @@ CheckpointWriter::~CheckpointWriter() {
   thread_.join();
 }
 
-void CheckpointWriter::Submit(CheckpointState state) {
+void CheckpointWriter::Submit(CheckpointState state, std::string final_dir) {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !pending_.has_value() && !busy_; });
   pending_ = std::move(state);
+  pending_dir_ = std::move(final_dir);
   cv_.notify_all();
 }
 
@@ -207,15 +210,17 @@ void CheckpointWriter::Flush() {
 void CheckpointWriter::Run() {
   while (true) {
     CheckpointState state;
+    std::string final_dir;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || pending_.has_value(); });
       if (!pending_.has_value()) return;  // stop requested and nothing left
       state = std::move(*pending_);
+      final_dir = pending_dir_.empty() ? JoinPath(dir_, CheckpointDirName(state.step)) : pending_dir_;
       pending_.reset();
       busy_ = true;
     }
-    absl::StatusOr<std::string> dir = WriteCheckpoint(env_, dir_, state);
+    absl::StatusOr<std::string> dir = WriteCheckpointTo(env_, final_dir, state);
     if (dir.ok()) {
       absl::Status pruned = PruneCheckpoints(env_, dir_, keep_last_);
       if (!pruned.ok()) dir = pruned;

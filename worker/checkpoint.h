@@ -46,11 +46,16 @@ struct CheckpointState {
   std::string rng_state;
 };
 
-// "step-00000123" style names sort by step.
+// "step-<t>" (the coordinator names the same directory in a CHECKPOINT lease). Readers order
+// checkpoints by the parsed step, not by name.
 std::string CheckpointDirName(uint64_t step);
 
-// Writes `state` under `checkpoints_dir` atomically (see above) and returns the final directory.
-// `max_file_bytes` splits tensors over several files so no single file grows unbounded.
+// Writes `state` atomically (see above) as the directory `final_dir` (its parent is created if
+// needed) and returns it. `max_file_bytes` splits tensors over several files so no single file
+// grows unbounded.
+absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final_dir, const CheckpointState& state,
+                                              uint64_t max_file_bytes = uint64_t{1} << 30);
+// WriteCheckpointTo(checkpoints_dir/CheckpointDirName(state.step)).
 absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpoints_dir, const CheckpointState& state,
                                             uint64_t max_file_bytes = uint64_t{1} << 30);
 
@@ -78,7 +83,8 @@ class CheckpointWriter {
   CheckpointWriter(Env* env, std::string checkpoints_dir, uint32_t keep_last, Done on_done);
   ~CheckpointWriter();  // finishes the write in flight
 
-  void Submit(CheckpointState state);
+  // Writes to `final_dir` (empty: checkpoints_dir/CheckpointDirName(state.step)).
+  void Submit(CheckpointState state, std::string final_dir = "");
   // Blocks until no write is in flight.
   void Flush();
 
@@ -91,6 +97,7 @@ class CheckpointWriter {
   std::mutex mu_;
   std::condition_variable cv_;
   std::optional<CheckpointState> pending_;
+  std::string pending_dir_;
   bool busy_ = false;
   bool stop_ = false;
   std::thread thread_;

@@ -1,0 +1,63 @@
+// `gyre worker`: one worker actor (DESIGN.md section 2). Usually started by `gyre launch`.
+#include <cstdio>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "base/clock.h"
+#include "base/env.h"
+#include "base/run_dir.h"
+#include "cli/commands.h"
+#include "worker/worker.h"
+
+namespace gyre::cli {
+
+int RunWorker(int argc, char** argv) {
+  CLI::App app{"gyre worker: one training worker; joins the coordinator of a run"};
+  std::string coordinator, run_dir, token_file, device = "cpu", hostname = "127.0.0.1";
+  app.add_option("--coordinator", coordinator, "coordinator host:port (default: <run-dir>/control.addr)");
+  app.add_option("--run-dir", run_dir, "the run directory (token, checkpoints)")->required();
+  app.add_option("--token-file", token_file, "bearer token file (default: <run-dir>/token)");
+  app.add_option("--device", device, "cpu (CUDA workers arrive with the GPU backend)")->capture_default_str();
+  app.add_option("--hostname", hostname, "address peers use to reach this worker")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (device != "cpu") {
+    std::fprintf(stderr, "gyre worker: --device %s: only cpu workers exist in this build\n", device.c_str());
+    return 2;
+  }
+  RunDir dir(run_dir);
+  if (coordinator.empty()) {
+    absl::StatusOr<std::string> addr = Env::Default()->ReadFile(dir.control_address_path());
+    if (!addr.ok()) {
+      std::fprintf(stderr, "gyre worker: %s\n", std::string(addr.status().message()).c_str());
+      return 3;
+    }
+    coordinator = std::string(*addr);
+    while (!coordinator.empty() && (coordinator.back() == '\n' || coordinator.back() == ' ')) coordinator.pop_back();
+  }
+  absl::StatusOr<std::string> token = ReadToken(token_file.empty() ? dir.token_path() : token_file);
+  if (!token.ok()) {
+    std::fprintf(stderr, "gyre worker: %s\n", std::string(token.status().message()).c_str());
+    return 4;
+  }
+  ClusterClientOptions client_options;
+  client_options.address = coordinator;
+  client_options.token = *token;
+  ClusterClient client(client_options, Clock::Real());
+  WorkerOptions options;
+  options.run_dir = run_dir;
+  options.hostname = hostname;
+  options.device = device;
+  Worker worker(&client, Env::Default(), Clock::Real(), options);
+  absl::Status s = worker.Run();
+  if (!s.ok()) {
+    std::fprintf(stderr, "gyre worker: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace gyre::cli

@@ -1,0 +1,113 @@
+// The worker's step loop: DESIGN.md section 4, decision by decision.
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "worker/worker.h"
+
+namespace gyre {
+
+absl::Status Worker::Run() {
+  RETURN_IF_ERROR(RegisterSession());
+  heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  while (true) {
+    if (session_lost_.load()) RETURN_IF_ERROR(RegisterSession());  // coordinator forgot us
+    gyre::v1::AcquireStepRequest request;
+    request.set_session(session_.load());
+    request.set_generation(generation_.load());
+    request.set_step(applied_steps_.load());
+    absl::StatusOr<gyre::v1::StepLease> lease = client_->AcquireStep(request);
+    if (absl::IsNotFound(lease.status())) {
+      session_lost_.store(true);
+      continue;
+    }
+    if (!lease.ok()) return lease.status();
+    switch (lease->decision()) {
+      case gyre::v1::STEP_DECISION_PAUSE:
+      case gyre::v1::STEP_DECISION_STANDBY:
+        clock_->SleepMicros(std::max<int64_t>(lease->retry_after_ms(), 10) * 1000);
+        continue;
+      case gyre::v1::STEP_DECISION_STOP: {
+        if (checkpoints_) checkpoints_->Flush();
+        gyre::v1::LeaveRequest leave;
+        leave.set_session(session_.load());
+        leave.set_reason("stop");
+        client_->Leave(leave).IgnoreError();
+        return absl::OkStatus();
+      }
+      case gyre::v1::STEP_DECISION_RECONFIGURE:
+        RETURN_IF_ERROR(JoinGeneration(*lease));
+        continue;
+      case gyre::v1::STEP_DECISION_CHECKPOINT:
+        StartCheckpoint(*lease);
+        [[fallthrough]];
+      case gyre::v1::STEP_DECISION_RUN:
+        RETURN_IF_ERROR(RunStep(*lease));
+        continue;
+      default:
+        return absl::InternalError(absl::StrCat("unknown lease decision ", lease->decision()));
+    }
+  }
+}
+
+absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
+  if (!collective_) {  // our communicator failed this step: wait for the next generation
+    clock_->SleepMicros(options_.broken_collective_wait_ms * 1000);
+    return absl::OkStatus();
+  }
+  const int64_t t0 = clock_->NowMicros();
+  const uint32_t seq = sampler_->schedule().seq_len();
+  const uint64_t first = lease.samples().rank_begin(), count = lease.samples().rank_end() - first;
+  std::vector<uint32_t> window(seq + 1);
+  std::vector<int32_t> tokens(count * (seq + 1));
+  for (uint64_t i = 0; i < count; ++i) {
+    RETURN_IF_ERROR(sampler_->Read(first + i, window));
+    std::copy(window.begin(), window.end(), tokens.begin() + i * (seq + 1));
+  }
+  const uint64_t global_batch = lease.samples().end() - lease.samples().begin();
+  const uint64_t global_tokens = lease.schedule().global_tokens() ? lease.schedule().global_tokens() : global_batch * seq;
+  const int64_t t1 = clock_->NowMicros();
+  ReplicaLoss loss = replica_->ComputeGradients(tokens, static_cast<int64_t>(count), seq, global_tokens);
+  const int64_t t2 = clock_->NowMicros();
+  if (absl::Status s = replica_->ReduceGradients(collective_.get(), &loss); !s.ok()) {
+    std::fprintf(stderr, "worker: step %llu: %s; waiting for the next generation\n",
+                 (unsigned long long)lease.step(), std::string(s.message()).c_str());
+    collective_->Abort();
+    collective_.reset();
+    replica_->DropGradients();
+    return absl::OkStatus();
+  }
+  const int64_t t3 = clock_->NowMicros();
+
+  gyre::v1::CompleteStepRequest complete;
+  complete.set_session(session_.load());
+  complete.set_generation(generation_.load());
+  complete.set_step(lease.step());
+  gyre::v1::StepMetrics* m = complete.mutable_metrics();
+  m->set_step(lease.step());
+  m->set_loss(loss.loss);
+  m->set_tokens(count * seq);
+  m->set_rank(static_cast<uint32_t>(rank_));
+  m->set_generation(generation_.load());
+  m->set_tokens_per_s(count * seq / std::max((t3 - t0) / 1e6, 1e-9));
+  m->mutable_times()->set_data_wait_ms((t1 - t0) / 1e3);
+  m->mutable_times()->set_forward_ms((t2 - t1) / 1e3);  // forward + backward (one fused call)
+  m->mutable_times()->set_exposed_comm_ms((t3 - t2) / 1e3);
+  ASSIGN_OR_RETURN(gyre::v1::CompleteStepResponse verdict, client_->CompleteStep(complete));
+  if (verdict.verdict() != gyre::v1::COMMIT_VERDICT_COMMIT) {  // ABORT: redo in the next generation
+    replica_->DropGradients();
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(ops::UpdateStats update, replica_->ApplyUpdate(lease.step()));
+  const int64_t t4 = clock_->NowMicros();
+  applied_steps_.store(lease.step() + 1);
+  if (options_.log_steps && rank_ == 0) {
+    const double seconds = (t4 - t0) / 1e6;
+    std::fprintf(stderr,
+                 "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.0f ms, fwd+bwd %.0f ms, "
+                 "comm %.0f ms, commit+opt %.0f ms)\n",
+                 (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
+                 global_batch * seq / seconds, (t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3, (t4 - t3) / 1e3);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace gyre

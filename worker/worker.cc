@@ -1,0 +1,149 @@
+// Worker plumbing: session, heartbeats, data, generations, checkpoints. The step loop itself is
+// in train_loop.cc.
+#include "worker/worker.h"
+
+#include <unistd.h>
+
+#include <random>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace gyre {
+
+Worker::Worker(ClusterClient* client, Env* env, Clock* clock, WorkerOptions options)
+    : client_(client), env_(env), clock_(clock), options_(std::move(options)) {
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  id_.set_host(host);
+  id_.set_device(options_.device);
+  id_.set_pid(static_cast<uint32_t>(::getpid()));
+  std::random_device rd;
+  id_.set_nonce((static_cast<uint64_t>(rd()) << 32) | rd());
+}
+
+Worker::~Worker() {
+  stopping_.store(true);
+  if (heartbeat_.joinable()) heartbeat_.join();
+}
+
+absl::Status Worker::RegisterSession() {
+  gyre::v1::RegisterRequest request;
+  *request.mutable_worker() = id_;
+  request.set_previous_session(session_.load());
+  request.set_last_applied_step(applied_steps_.load());
+  request.set_collective("gloo");
+  request.set_device_count(1);
+  ASSIGN_OR_RETURN(gyre::v1::RegisterResponse response, client_->Register(request));
+  session_.store(response.session());
+  session_lost_.store(false);
+  if (response.heartbeat_interval_ms() > 0) heartbeat_interval_ms_ = response.heartbeat_interval_ms();
+  if (!replica_) {
+    config_ = response.config();
+    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
+    RETURN_IF_ERROR(OpenData(config_));
+  }
+  return absl::OkStatus();
+}
+
+void Worker::HeartbeatLoop() {
+  while (!stopping_.load()) {
+    gyre::v1::HeartbeatRequest request;
+    request.set_session(session_.load());
+    request.set_generation(generation_.load());
+    request.set_step(applied_steps_.load());
+    absl::StatusOr<gyre::v1::HeartbeatResponse> response = client_->Heartbeat(request);
+    if ((response.ok() && !response->known()) || absl::IsNotFound(response.status())) session_lost_.store(true);
+    // Sleep in small slices so shutdown is prompt.
+    for (uint32_t slept = 0; slept < heartbeat_interval_ms_ && !stopping_.load(); slept += 50) {
+      clock_->SleepMicros(50 * 1000);
+    }
+  }
+}
+
+absl::Status Worker::OpenData(const gyre::v1::RunConfig& config) {
+  const gyre::v1::DataConfig& data = config.data();
+  if (data.index_dir().empty()) return absl::InvalidArgumentError("data.index_dir is empty in the run config");
+  ASSIGN_OR_RETURN(index_, data::TokenIndex::Open(data.index_dir(), data::TokenIndex::Mode::kReadOnly));
+  data::SamplerOptions options;
+  options.seq_len = data.seq_len() == 0 ? 2048 : data.seq_len();
+  options.seed = config.seed();
+  if (data.mix_block() != 0) options.mix_block = data.mix_block();
+  for (const gyre::v1::SourceWeight& w : data.weights()) options.weights[w.source()] = w.weight();
+  ASSIGN_OR_RETURN(sampler_, data::Sampler::Open(env_, *index_, options, data::Sampler::OpenOptions()));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<RendezvousStore>> Worker::StoreFor(const gyre::v1::Rendezvous& rendezvous) {
+  // "dir:<path>": a directory every member can reach (one host, or a shared file system).
+  if (absl::StartsWith(rendezvous.store_address(), "dir:")) {
+    return std::unique_ptr<RendezvousStore>(
+        std::make_unique<DirectoryStore>(env_, clock_, rendezvous.store_address().substr(4)));
+  }
+  return absl::UnimplementedError(absl::StrCat("rendezvous store '", rendezvous.store_address(),
+                                               "': this worker supports only dir:<path> stores"));
+}
+
+absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
+  if (collective_) collective_->Abort();
+  collective_.reset();
+  replica_->DropGradients();
+  const gyre::v1::Generation& g = lease.generation();
+  rank_ = -1;
+  for (const gyre::v1::Member& m : g.members()) {
+    if (m.session() == session_.load()) rank_ = static_cast<int>(m.rank());
+  }
+  if (rank_ < 0) return absl::FailedPreconditionError(absl::StrCat("generation ", g.id(), " does not list this worker"));
+  ASSIGN_OR_RETURN(store_, StoreFor(g.rendezvous()));
+  ASSIGN_OR_RETURN(std::unique_ptr<GlooCollective> gloo,
+                   GlooCollective::Connect(store_.get(), g.id(), rank_, g.members_size(), options_.gloo));
+  collective_ = std::move(gloo);
+  generation_.store(g.id());
+
+  // State: from the checkpoint the coordinator names, else from a member that has it, else
+  // (nobody has it and no checkpoint: a fresh run) everyone's identical seeded initialisation.
+  const bool i_need_state = std::find(g.needs_state().begin(), g.needs_state().end(), uint32_t(rank_)) != g.needs_state().end();
+  const bool everyone_needs = g.needs_state_size() == g.members_size();
+  if (!lease.checkpoint_dir().empty() && i_need_state) {
+    ASSIGN_OR_RETURN(CheckpointState state, ReadCheckpoint(env_, JoinPath(options_.run_dir, lease.checkpoint_dir())));
+    RETURN_IF_ERROR(replica_->Restore(state.tensors));
+  } else if (everyone_needs && lease.checkpoint_dir().empty()) {
+    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
+  } else if (g.needs_state_size() > 0) {
+    RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
+  }
+  applied_steps_.store(g.start_step());
+  return absl::OkStatus();
+}
+
+void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
+  // Replicas are identical: rank 0 writes, the others go on.
+  if (rank_ != 0) return;
+  if (!checkpoints_) {
+    const uint32_t keep = config_.checkpoint().keep_last() == 0 ? 3 : config_.checkpoint().keep_last();
+    checkpoints_ = std::make_unique<CheckpointWriter>(
+        env_, JoinPath(options_.run_dir, "checkpoints"), keep, [this](uint64_t step, absl::StatusOr<std::string> dir) {
+          if (!dir.ok()) {
+            std::fprintf(stderr, "worker: checkpoint of step %llu failed: %s\n", (unsigned long long)step,
+                         std::string(dir.status().message()).c_str());
+            return;
+          }
+          gyre::v1::ReportCheckpointRequest report;
+          report.set_session(session_.load());
+          report.set_step(step);
+          std::string relative = dir->substr(options_.run_dir.size() + (options_.run_dir.empty() ? 0 : 1));
+          report.set_path(relative);
+          absl::Status s = client_->ReportCheckpoint(report);
+          if (!s.ok()) std::fprintf(stderr, "worker: ReportCheckpoint: %s\n", std::string(s.message()).c_str());
+        });
+  }
+  CheckpointState state;
+  state.step = lease.step();
+  state.generation = generation_.load();
+  state.config = config_;
+  state.tensors = replica_->Snapshot();  // a copy: training goes on while it is written
+  checkpoints_->Submit(std::move(state), JoinPath(options_.run_dir, lease.checkpoint_dir()));
+}
+
+}  // namespace gyre

@@ -1,0 +1,87 @@
+// The worker actor (DESIGN.md section 4): one process per GPU, or per CPU process without one.
+// It registers with the coordinator, heartbeats, and then follows step leases:
+//
+//   RUN          read its slice of the step's global sample range, forward + backward, SUM
+//                all-reduce of gradients, CompleteStep; apply the optimizer only on COMMIT
+//   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background),
+//                then run the step
+//   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
+//                (broadcast from a member, or the checkpoint the coordinator names)
+//   PAUSE / STANDBY  wait and ask again;  STOP  leave
+//
+// Decisions take effect only at step boundaries. A collective that fails mid-step (a peer died,
+// a timeout) is aborted, the gradients dropped, and the worker keeps asking for the same step
+// until the coordinator moves everyone to the next generation: nothing uncommitted is applied,
+// nothing is applied twice. Not thread-safe (Run owns it; one heartbeat thread inside).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "base/clock.h"
+#include "base/env.h"
+#include "dataloader/sampler.h"
+#include "worker/checkpoint.h"
+#include "worker/cluster_client.h"
+#include "worker/collective.h"
+#include "worker/gloo_collective.h"
+#include "worker/replica.h"
+
+namespace gyre {
+
+struct WorkerOptions {
+  std::string run_dir;             // checkpoints are written under it (paths in leases are relative)
+  std::string hostname = "127.0.0.1";  // address peers use to reach this worker's collectives
+  std::string device = "cpu";
+  GlooOptions gloo;
+  int64_t broken_collective_wait_ms = 200;  // between lease polls after a failed collective
+  bool log_steps = true;           // one line per committed step on stderr
+};
+
+class Worker {
+ public:
+  Worker(ClusterClient* client, Env* env, Clock* clock, WorkerOptions options);
+  ~Worker();
+
+  // Runs until the coordinator says STOP (OK) or something unrecoverable happens.
+  absl::Status Run();
+
+  uint64_t applied_steps() const { return applied_steps_; }
+
+ private:
+  absl::Status RegisterSession();
+  void HeartbeatLoop();
+  absl::Status OpenData(const gyre::v1::RunConfig& config);
+  absl::Status JoinGeneration(const gyre::v1::StepLease& lease);
+  absl::Status RunStep(const gyre::v1::StepLease& lease);
+  void StartCheckpoint(const gyre::v1::StepLease& lease);
+  absl::StatusOr<std::unique_ptr<RendezvousStore>> StoreFor(const gyre::v1::Rendezvous& rendezvous);
+
+  ClusterClient* client_;
+  Env* env_;
+  Clock* clock_;
+  WorkerOptions options_;
+
+  gyre::v1::WorkerId id_;
+  gyre::v1::RunConfig config_;
+  std::atomic<uint64_t> session_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> session_lost_{false};
+  std::atomic<bool> stopping_{false};
+  uint32_t heartbeat_interval_ms_ = 1000;
+  std::thread heartbeat_;
+
+  std::unique_ptr<ModelReplica> replica_;
+  std::unique_ptr<data::TokenIndex> index_;
+  std::unique_ptr<data::Sampler> sampler_;
+  std::unique_ptr<RendezvousStore> store_;
+  std::unique_ptr<Collective> collective_;
+  std::unique_ptr<CheckpointWriter> checkpoints_;
+  int rank_ = -1;
+  std::atomic<uint64_t> applied_steps_{0};
+};
+
+}  // namespace gyre
