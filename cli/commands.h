@@ -10,10 +10,12 @@ namespace gyre::cli {
 
 int RunVersion(int argc, char** argv);
 int RunWorker(int argc, char** argv);
+int RunLaunch(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
+      {"launch", "start a run: coordinator + workers (--local: on this machine)", RunLaunch},
       {"worker", "run one training worker of a run (usually started by `gyre launch`)", RunWorker},
   };
   return kCommands;

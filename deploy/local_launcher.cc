@@ -1,0 +1,179 @@
+#include "deploy/local_launcher.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "base/env.h"
+#include "base/run_dir.h"
+#include "cli/control_client.h"
+
+namespace gyre::deploy {
+namespace {
+
+std::atomic<int> g_signal{0};
+void OnSignal(int sig) { g_signal.store(sig); }
+
+struct Child {
+  pid_t pid = -1;
+  std::string role;  // "coordinator", "worker-3"
+};
+
+// fork + exec `exe args...` with stdout/stderr appended to `log_path`.
+absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log_path) {
+  pid_t pid = ::fork();
+  if (pid < 0) return absl::ResourceExhaustedError(absl::StrCat("fork: ", std::strerror(errno)));
+  if (pid == 0) {
+    int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+    }
+    ::setpgid(0, 0);  // our own group: a Ctrl-C in the terminal reaches only the launcher
+    std::vector<char*> argv;
+    std::string argv0 = "gyre";
+    argv.push_back(argv0.data());
+    std::vector<std::string> copy = args;
+    for (std::string& a : copy) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(exe.c_str(), argv.data());
+    std::fprintf(stderr, "exec %s: %s\n", exe.c_str(), std::strerror(errno));
+    ::_exit(127);
+  }
+  return pid;
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+absl::Status RunLocal(const LaunchOptions& options) {
+  RunDir dir(options.run_dir);
+  Env* env = Env::Default();
+  if (absl::Status s = env->CreateDirs(dir.logs_dir()); !s.ok()) return s;
+  ::signal(SIGINT, OnSignal);
+  ::signal(SIGTERM, OnSignal);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  Child coordinator;
+  std::map<pid_t, Child> workers;
+  int next_worker = 0;
+  int coordinator_restarts = 0;
+  auto start_coordinator = [&]() -> absl::Status {
+    // A stale address would send workers to a dead port; the coordinator writes a fresh one.
+    env->RemoveFile(dir.control_address_path()).IgnoreError();
+    absl::StatusOr<pid_t> pid = Spawn(options.self_exe,
+                                      {"coordinator", "--run-dir", options.run_dir, "--config", options.config_path},
+                                      JoinPath(dir.logs_dir(), "coordinator.log"));
+    if (!pid.ok()) return pid.status();
+    coordinator = {*pid, "coordinator"};
+    return absl::OkStatus();
+  };
+  auto start_worker = [&]() -> absl::Status {
+    const std::string role = absl::StrCat("worker-", next_worker++);
+    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, {"worker", "--run-dir", options.run_dir},
+                                      JoinPath(dir.logs_dir(), role + ".log"));
+    if (!pid.ok()) return pid.status();
+    workers[*pid] = {*pid, role};
+    return absl::OkStatus();
+  };
+
+  if (absl::Status s = start_coordinator(); !s.ok()) return s;
+  // Workers need the coordinator's address and token first.
+  const int64_t wait_until = NowMs() + 60000;
+  while (!env->Exists(dir.control_address_path()) || !env->Exists(dir.token_path())) {
+    int status = 0;
+    if (::waitpid(coordinator.pid, &status, WNOHANG) == coordinator.pid) {
+      return absl::InternalError(absl::StrCat("the coordinator exited during start-up; see ",
+                                              JoinPath(dir.logs_dir(), "coordinator.log")));
+    }
+    if (NowMs() > wait_until) return absl::DeadlineExceededError("the coordinator did not start listening within 60 s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (int i = 0; i < options.workers; ++i) {
+    if (absl::Status s = start_worker(); !s.ok()) return s;
+  }
+  std::fprintf(stderr,
+               "gyre launch: coordinator (pid %d) + %d worker(s) running\n"
+               "  logs:      %s/\n"
+               "  status:    gyrectl --run-dir %s status\n"
+               "  metrics:   gyrectl --run-dir %s metrics\n"
+               "  Ctrl-C stops the run at the next step boundary.\n",
+               coordinator.pid, options.workers, dir.logs_dir().c_str(), options.run_dir.c_str(),
+               options.run_dir.c_str());
+
+  int64_t stop_deadline = 0;
+  bool coordinator_done = false;
+  while (true) {
+    // Reap children.
+    int status = 0;
+    pid_t pid;
+    while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) {
+      if (pid == coordinator.pid) {
+        const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        std::fprintf(stderr, "gyre launch: coordinator exited (%s)\n",
+                     clean ? "run over" : absl::StrCat("status ", status).c_str());
+        if (clean || g_signal.load() != 0 || !options.restart_coordinator || ++coordinator_restarts > 5) {
+          coordinator_done = true;
+        } else {
+          std::fprintf(stderr, "gyre launch: restarting the coordinator from its journal\n");
+          if (absl::Status s = start_coordinator(); !s.ok()) return s;
+        }
+      } else if (auto it = workers.find(pid); it != workers.end()) {
+        std::fprintf(stderr, "gyre launch: %s (pid %d) exited with status %d\n", it->second.role.c_str(), pid,
+                     WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        workers.erase(it);
+      }
+    }
+    if (coordinator_done && workers.empty()) break;
+
+    if (g_signal.load() != 0 && stop_deadline == 0) {
+      std::fprintf(stderr, "gyre launch: stopping (waiting for the step in flight)\n");
+      stop_deadline = NowMs() + options.stop_grace_ms;
+      absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", "");
+      if (target.ok()) cli::ControlClient(*target, 5000).Stop().status().IgnoreError();
+    }
+    if (stop_deadline != 0 && NowMs() > stop_deadline) {
+      std::fprintf(stderr, "gyre launch: grace period over; killing what is left\n");
+      if (!coordinator_done) ::kill(coordinator.pid, SIGKILL);
+      for (auto& [p, c] : workers) ::kill(p, SIGKILL);
+      stop_deadline = NowMs() + 5000;
+    }
+    if (coordinator_done && !workers.empty() && stop_deadline == 0) {
+      // The run is over: workers got STOP; give them the grace period.
+      stop_deadline = NowMs() + options.stop_grace_ms;
+    }
+
+    // Provisioner: match the coordinator's desired worker count.
+    if (!coordinator_done && stop_deadline == 0) {
+      absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", "");
+      if (target.ok()) {
+        absl::StatusOr<gyre::v1::RunStatus> run = cli::ControlClient(*target, 2000).GetStatus();
+        if (run.ok() && run->state() != gyre::v1::RUN_STATE_STOPPING && run->state() != gyre::v1::RUN_STATE_STOPPED &&
+            run->state() != gyre::v1::RUN_STATE_FINISHED) {
+          const int desired = static_cast<int>(run->desired_workers());
+          for (int alive = static_cast<int>(workers.size()); alive < desired; ++alive) {
+            std::fprintf(stderr, "gyre launch: %zu worker(s) alive, %d desired: starting one\n", workers.size(), desired);
+            if (absl::Status s = start_worker(); !s.ok()) return s;
+          }
+        }
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace gyre::deploy
