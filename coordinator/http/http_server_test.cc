@@ -1,0 +1,73 @@
+#include "coordinator/http/http_server.h"
+
+#include <httplib.h>
+
+#include "gtest/gtest.h"
+
+namespace gyre::coordinator {
+namespace {
+
+// A canned source: the HTTP layer is what is under test.
+class CannedSource final : public DashboardSource {
+ public:
+  gyre::v1::RunStatus Status() override {
+    gyre::v1::RunStatus s;
+    s.set_run_name("unit");
+    s.set_state(gyre::v1::RUN_STATE_RUNNING);
+    s.set_committed_steps(5);
+    s.mutable_last_metrics()->set_loss(2.5);
+    s.mutable_last_metrics()->mutable_times()->set_exposed_comm_ms(3);
+    return s;
+  }
+  std::vector<gyre::v1::StepMetrics> MetricsSince(uint64_t since, size_t limit) override {
+    std::vector<gyre::v1::StepMetrics> out;
+    for (uint64_t step = since; step < 5 && out.size() < limit; ++step) {
+      gyre::v1::StepMetrics m;
+      m.set_step(step);
+      m.set_loss(3.0 - 0.1 * step);
+      out.push_back(m);
+    }
+    return out;
+  }
+};
+
+TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
+  CannedSource source;
+  auto server = HttpServer::Start("127.0.0.1:0", &source);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string& addr = (*server)->address();
+  httplib::Client client(addr.substr(0, addr.rfind(':')), std::stoi(addr.substr(addr.rfind(':') + 1)));
+
+  auto page = client.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_NE(page->body.find("<title>Gyre run</title>"), std::string::npos);
+
+  auto status = client.Get("/api/status");
+  ASSERT_TRUE(status);
+  EXPECT_NE(status->body.find("\"run_name\":\"unit\""), std::string::npos) << status->body;
+  EXPECT_NE(status->body.find("\"committed_steps\""), std::string::npos);
+
+  auto metrics = client.Get("/api/metrics?since=3");
+  ASSERT_TRUE(metrics);
+  EXPECT_NE(metrics->body.find("\"step\":\"3\""), std::string::npos) << metrics->body;
+  EXPECT_EQ(metrics->body.find("\"step\":\"2\""), std::string::npos);
+
+  auto bad = client.Get("/api/metrics?since=x");
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->status, 400);
+
+  auto prom = client.Get("/metrics");
+  ASSERT_TRUE(prom);
+  EXPECT_NE(prom->body.find("gyre_committed_steps{run=\"unit\"} 5"), std::string::npos) << prom->body;
+  EXPECT_NE(prom->body.find("gyre_loss{run=\"unit\"} 2.5"), std::string::npos);
+  EXPECT_NE(prom->body.find("phase=\"exposed_comm\"} 3"), std::string::npos);
+}
+
+TEST(HttpServerTest, RejectsBadListenAddress) {
+  CannedSource source;
+  EXPECT_TRUE(absl::IsInvalidArgument(HttpServer::Start("no-port", &source).status()));
+}
+
+}  // namespace
+}  // namespace gyre::coordinator
