@@ -9,10 +9,14 @@
 namespace gyre::cli {
 
 int RunVersion(int argc, char** argv);
+int RunIndex(int argc, char** argv);
+int RunSample(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
+      {"index", "inspect a token index: `gyre index stats --index DIR [--json]`", RunIndex},
+      {"sample", "print the samples each step and rank read (mix and determinism check)", RunSample},
   };
   return kCommands;
 }
