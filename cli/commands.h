@@ -9,10 +9,12 @@
 namespace gyre::cli {
 
 int RunVersion(int argc, char** argv);
+int RunTokenize(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
+      {"tokenize", "print the token ids of each JSON line's text", RunTokenize},
   };
   return kCommands;
 }
