@@ -11,12 +11,20 @@ namespace gyre::cli {
 int RunVersion(int argc, char** argv);
 int RunWorker(int argc, char** argv);
 int RunLaunch(int argc, char** argv);
+int RunTokenize(int argc, char** argv);
+int RunPrepare(int argc, char** argv);
+int RunIndex(int argc, char** argv);
+int RunSample(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
       {"launch", "start a run: coordinator + workers (--local: on this machine)", RunLaunch},
       {"worker", "run one training worker of a run (usually started by `gyre launch`)", RunWorker},
+      {"tokenize", "print the token ids of each JSON line's text", RunTokenize},
+      {"prepare", "jsonl / jsonl.zst corpus -> token shards + RocksDB index", RunPrepare},
+      {"index", "inspect a token index: `gyre index stats --index DIR [--json]`", RunIndex},
+      {"sample", "print the samples each step and rank read (mix and determinism check)", RunSample},
   };
   return kCommands;
 }

@@ -21,6 +21,9 @@ pkgs=(
   # Small libraries we use instead of writing our own.
   nlohmann-json3-dev libsimdjson-dev libcli11-dev libspdlog-dev libfmt-dev
   libcpp-httplib-dev libxxhash-dev libutf8proc-dev libicu-dev
+  # Unicode Character Database (DerivedAge.txt: the tokenizer emulates Hugging Face's Unicode 9
+  # normalizer tables with it).
+  unicode-data
   # Math and collectives.
   libopenblas-dev liblapacke-dev libgloo-dev
   # Sample corpus sources and helpers.
