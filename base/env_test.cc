@@ -122,7 +122,9 @@ TEST(FaultInjectionEnvTest, EveryCrashPointOfAnAtomicWriteLeavesOldOrNew) {
     auto content = env.ReadFile("/d/f");
     ASSERT_TRUE(content.ok()) << "n=" << n;
     EXPECT_TRUE(*content == "old" || *content == "new") << "n=" << n << " got " << *content;
-    if (s.ok()) EXPECT_EQ(*content, "new") << "acknowledged write lost at n=" << n;
+    if (s.ok()) {
+      EXPECT_EQ(*content, "new") << "acknowledged write lost at n=" << n;
+    }
   }
 }
 
