@@ -209,13 +209,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorCore>> CoordinatorCore::Restore(
     if (i + 1 == journal.steps.size()) core->last_metrics_ = step.metrics();
   }
   core->committed_ = journal.steps.size();
+  core->restored_committed_ = core->committed_;
   for (const auto& c : journal.checkpoints) core->checkpoints_[c.step()] = c;
 
   if (!journal.generations.empty()) {
     const auto& last = journal.generations.back();
     core->generation_ = last.generation();
     core->restored_generation_ = core->generation_.id();
-    if (last.reason() == "restore" && core->generation_.start_step() > 0) {
+    if (last.reason() == "restore" && core->generation_.start_step() > 0 &&
+        core->committed_ == core->generation_.start_step()) {
       auto c = core->checkpoints_.find(core->generation_.start_step());
       if (c == core->checkpoints_.end()) {
         return absl::DataLossError(absl::StrFormat(
@@ -519,8 +521,10 @@ void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
     return;
   }
   auto decision = decisions_.find(step);
-  if (decision == decisions_.end() && generation_.id() == restored_generation_) {
-    // Leased by the coordinator before its restart; the lease is a pure function of (G, t).
+  if (decision == decisions_.end() && generation_.id() == restored_generation_ &&
+      step <= restored_committed_ + 1) {
+    // Leased by the coordinator before its restart (it leased at most one step ahead of what it
+    // had committed); the lease is a pure function of (G, t).
     decisions_[step] = MakeRunLease(step, gyre::v1::STEP_DECISION_RUN);
     decision = decisions_.find(step);
   }
@@ -577,6 +581,7 @@ void CoordinatorCore::Commit(Context& ctx) {
   ctx.actions.push_back(JournalWrite{std::move(batch)});
 
   ++committed_;
+  restore_checkpoint_path_.reset();  // every member holds the state now
   if (committed_by_.empty() || std::prev(committed_by_.end())->second != generation_.id()) {
     committed_by_[step] = generation_.id();
   }
@@ -619,7 +624,10 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
                        req.step(), committed_)));
     return;
   }
-  if (checkpoints_.count(req.step()) != 0) {
+  if (checkpoints_.count(req.step()) != 0 ||
+      (!checkpoints_.empty() && req.step() < checkpoints_.rbegin()->first)) {
+    // A retry, or a late report of a checkpoint older than the newest one (keep-last-K may
+    // already have deleted it): nothing to record.
     ctx.Send(e.id, gyre::v1::ReportCheckpointResponse());
     return;
   }
@@ -842,6 +850,15 @@ std::optional<uint64_t> CoordinatorCore::last_leased_step() const {
   return last;
 }
 
+uint64_t CoordinatorCore::commit_horizon() const {
+  uint64_t horizon = committed_;
+  if (auto last = last_leased_step(); last.has_value()) horizon = std::max(horizon, *last + 1);
+  if (generation_.id() == restored_generation_ && generation_.members_size() > 0) {
+    horizon = std::max(horizon, restored_committed_ + 2);
+  }
+  return horizon;
+}
+
 std::optional<uint64_t> CoordinatorCore::GenerationThatCommitted(uint64_t step) const {
   if (step >= committed_) return std::nullopt;
   auto it = committed_by_.upper_bound(step);
@@ -874,24 +891,50 @@ std::vector<uint64_t> CoordinatorCore::TargetMembers() const {
   while (target.size() < desired_workers_ && next < standbys.size()) {
     target.push_back(standbys[next++]->session);
   }
-  // Never form a generation without a state holder while one is waiting: swap it in.
+  // Never form a generation without a state holder while one is alive: a draining or surplus
+  // holder stays (as the state source) until the others hold the state, i.e. one more step.
   const bool any_holder = std::any_of(target.begin(), target.end(),
                                       [&](uint64_t s) { return workers_.at(s).has_state; });
-  if (!any_holder && !target.empty() && next < standbys.size() && standbys[next]->has_state) {
-    target.back() = standbys[next]->session;
+  if (!any_holder) {
+    std::optional<uint64_t> holder;
+    for (const auto& m : generation_.members()) {
+      auto it = workers_.find(m.session());
+      if (it != workers_.end() && it->second.has_state) {
+        holder = m.session();
+        break;
+      }
+    }
+    if (!holder.has_value()) {
+      for (const Worker* w : standbys) {
+        if (w->has_state) {
+          holder = w->session;
+          break;
+        }
+      }
+    }
+    if (holder.has_value()) {
+      if (target.size() < desired_workers_) {
+        target.insert(target.begin(), *holder);
+      } else if (!target.empty()) {
+        target.back() = *holder;
+      }
+    }
   }
   return target;
 }
 
 void CoordinatorCore::Reconcile(Context& ctx) {
   const bool lost = MemberLost();
+  const bool over = stopped_ || finished();
   if (!lost) {
-    if (stopped_ || finished()) return;
+    if (over) return;
     if (StepInFlight()) return;  // decisions take effect at step boundaries
   }
   std::vector<uint64_t> current;
   for (const auto& m : generation_.members()) current.push_back(m.session());
-  const std::vector<uint64_t> target = TargetMembers();
+  // Once the run is over nothing is reformed (members leaving after STOP must not trigger a
+  // restore); the generation is only dissolved so that pending reports are answered.
+  const std::vector<uint64_t> target = over ? std::vector<uint64_t>() : TargetMembers();
   if (!lost && target == current) return;
   if (target.empty()) {
     if (lost && generation_.members_size() > 0) {

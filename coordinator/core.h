@@ -195,6 +195,9 @@ class CoordinatorCore {
   bool finished() const { return committed_ >= max_steps_; }
   // Highest step with a fixed RUN/CHECKPOINT decision in the current generation, if any.
   std::optional<uint64_t> last_leased_step() const;
+  // The committed count this core can reach without granting any new lease (steps already leased,
+  // by it or, for the generation restored from the journal, by its previous incarnation).
+  uint64_t commit_horizon() const;
   gyre::v1::RunStatus Status() const;
   const gyre::v1::RunConfig& config() const { return config_; }
 
@@ -275,6 +278,7 @@ class CoordinatorCore {
   // The generation restored from the journal: its in-flight step may have been leased by the
   // previous coordinator, so a CompleteStep without a recorded lease is accepted there.
   uint64_t restored_generation_ = 0;
+  uint64_t restored_committed_ = 0;  // committed steps at Restore
   // Set while the current generation restores from this checkpoint (nobody held the state).
   std::optional<std::string> restore_checkpoint_path_;
 
