@@ -193,6 +193,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorCore>> CoordinatorCore::Restore(
           "journal generation records not strictly increasing: %d after %d", g.id(), previous_id));
     }
     previous_id = g.id();
+    if (record.reason() == "restore") core->last_restore_generation_ = g.id();
     auto& members = core->generation_members_[g.id()];
     for (const auto& m : g.members()) members.insert(m.session());
   }
@@ -305,7 +306,8 @@ void CoordinatorCore::OnRegister(const RegisterEvent& e, Context& ctx) {
     found->last_seen_micros = ctx.now;
     found->last_seen_unix_ms = UnixMs(ctx.now);
     found->reported_step = req.last_applied_step();
-    if (req.last_applied_step() == committed_ && !IsMember(found->session)) {
+    if (req.last_applied_step() == committed_ && !IsMember(found->session) &&
+        last_restore_generation_ == 0) {
       found->has_state = true;
     }
     response.set_session(found->session);
@@ -324,7 +326,9 @@ void CoordinatorCore::OnRegister(const RegisterEvent& e, Context& ctx) {
   w.last_seen_micros = ctx.now;
   w.last_seen_unix_ms = UnixMs(ctx.now);
   w.reported_step = req.last_applied_step();
-  w.has_state = req.last_applied_step() == committed_;
+  // The claim is trusted only while no restore has rolled the run back: before one, parameters
+  // after t steps are the same whatever generation produced them.
+  w.has_state = req.last_applied_step() == committed_ && last_restore_generation_ == 0;
   w.join_order = next_join_order_++;
   workers_[w.session] = w;
   response.set_session(w.session);
@@ -481,6 +485,11 @@ void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
   it->second.last_seen_unix_ms = UnixMs(ctx.now);
   const uint64_t step = req.step();
   gyre::v1::CompleteStepResponse response;
+  if (step == committed_ && req.generation() >= last_restore_generation_) {
+    // It computed step t, so it holds the parameters after t steps (a member that needed state
+    // received it), whatever the verdict: it can be the next generation's state source.
+    it->second.has_state = true;
+  }
 
   if (step < committed_) {
     // A retry after a lost reply (or a coordinator restart): answer from the ledger.
@@ -872,14 +881,28 @@ bool CoordinatorCore::WasMember(uint64_t generation, uint64_t session) const {
 }
 
 std::vector<uint64_t> CoordinatorCore::TargetMembers() const {
-  std::vector<uint64_t> target;
-  for (const auto& m : generation_.members()) {
-    auto it = workers_.find(m.session());
-    if (it != workers_.end() && !it->second.draining) target.push_back(m.session());
-  }
   std::vector<const Worker*> standbys;
   for (const auto& [session, w] : workers_) {
     if (!w.draining && !IsMember(session)) standbys.push_back(&w);
+  }
+  // A drained member leaves only if the run keeps min_workers without it; otherwise it stays
+  // until a replacement arrives (the provisioner starts one).
+  size_t staying = 0;
+  for (const auto& m : generation_.members()) {
+    auto it = workers_.find(m.session());
+    staying += it != workers_.end() && !it->second.draining;
+  }
+  const size_t available = std::min<size_t>(staying + standbys.size(), desired_workers_);
+  size_t keep_draining = available < min_workers_ ? min_workers_ - available : 0;
+  std::vector<uint64_t> target;
+  for (const auto& m : generation_.members()) {
+    auto it = workers_.find(m.session());
+    if (it == workers_.end()) continue;
+    if (it->second.draining) {
+      if (keep_draining == 0) continue;
+      --keep_draining;
+    }
+    target.push_back(m.session());
   }
   // State holders first (they can hand state over), then in order of arrival.
   std::sort(standbys.begin(), standbys.end(), [](const Worker* a, const Worker* b) {
@@ -1012,6 +1035,7 @@ void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
       committed_by_.erase(committed_by_.lower_bound(restart_step), committed_by_.end());
     }
     for (auto& [session, w] : workers_) w.has_state = false;
+    last_restore_generation_ = g.id();
     record.set_reason("restore");
   }
   generation_ = g;

@@ -279,6 +279,9 @@ class CoordinatorCore {
   // previous coordinator, so a CompleteStep without a recorded lease is accepted there.
   uint64_t restored_generation_ = 0;
   uint64_t restored_committed_ = 0;  // committed steps at Restore
+  // Latest generation that restored from a checkpoint (0: none). State claims from before it
+  // are not trusted: the redone steps need not reproduce the lost ones bit for bit.
+  uint64_t last_restore_generation_ = 0;
   // Set while the current generation restores from this checkpoint (nobody held the state).
   std::optional<std::string> restore_checkpoint_path_;
 

@@ -260,6 +260,7 @@ class Simulation {
   // restart RUN and CHECKPOINT may differ; samples and schedule may not.)
   std::map<std::pair<uint64_t, uint64_t>, std::pair<StepLease, uint64_t>> leases_;
   bool stop_requested_ = false;
+  uint64_t reply_incarnation_ = 0;  // coordinator incarnation that sent the reply being handled
 };
 
 // ------------------------------------------------------------------------------------------
@@ -394,10 +395,11 @@ void Simulation::Execute(std::vector<Action> actions) {
         continue;
       }
       const uint64_t inc = w.incarnation;
-      At(now_ + Delay(), [this, index, inc, r = std::move(*reply)] {
+      At(now_ + Delay(), [this, index, inc, incarnation, r = std::move(*reply)] {
         Worker& target = *workers_[index];
         if (!Current(target, inc)) return;
         ++result_.events;
+        reply_incarnation_ = incarnation;
         OnReply(target, r);
       });
     } else if (auto* timer = std::get_if<coordinator::ArmTimer>(&action)) {
@@ -453,6 +455,12 @@ void Simulation::OnJournalBatch(const coordinator::JournalBatch& batch) {
       }
       ++lineage_;
       ++result_.restores;
+      for (const auto& w : workers_) {
+        if (w->alive && w->applied == ledger_ && ledger_ > g.start_step()) {
+          Log("note: restore while w%d (session %x, phase %d) holds the state of step %d",
+              w->index, w->session, static_cast<int>(w->phase), ledger_);
+        }
+      }
     } else if (g.start_step() != ledger_) {
       Fail(absl::StrFormat("generation %d starts at %d but %d steps are committed", g.id(),
                            g.start_step(), ledger_));
@@ -899,10 +907,10 @@ void Simulation::CheckLease(const Worker& w, const StepLease& lease) {
     return;
   }
   auto [it, inserted] =
-      leases_.try_emplace({g.id(), t}, std::make_pair(lease, coordinator_incarnation_));
+      leases_.try_emplace({g.id(), t}, std::make_pair(lease, reply_incarnation_));
   if (!inserted) {
     const StepLease& first = it->second.first;
-    const bool same_coordinator = it->second.second == coordinator_incarnation_;
+    const bool same_coordinator = it->second.second == reply_incarnation_;
     if ((same_coordinator && first.decision() != lease.decision()) ||
         first.schedule().lr() != lease.schedule().lr() ||
         first.schedule().global_tokens() != lease.schedule().global_tokens() ||
@@ -1034,10 +1042,22 @@ void Simulation::Provision() {
   if (core_ != nullptr && !core_->stopped() && !core_->finished()) {
     gyre::v1::RunStatus status;
     (void)Control(gyre::v1::GetStatusRequest(), &status);
+    gyre::v1::ListWorkersResponse list;
+    if (core_ != nullptr) {
+      for (auto& a : core_->Handle(coordinator::ControlEvent{0, gyre::v1::ListWorkersRequest()},
+                                   now_)) {
+        if (auto* r = std::get_if<coordinator::Reply>(&a)) {
+          if (auto* l = std::get_if<gyre::v1::ListWorkersResponse>(&r->body)) list = *l;
+        }
+      }
+    }
+    uint32_t known = 0;  // not draining
+    for (const auto& info : list.workers()) {
+      known += info.state() != gyre::v1::WORKER_STATE_DRAINING;
+    }
     uint32_t alive = 0;
     for (const auto& w : workers_) alive += w->alive && w->phase != Worker::Phase::kStopped;
     const uint32_t want = std::max(status.desired_workers(), o_.min_workers);
-    const uint32_t known = status.workers_active() + status.workers_standby();
     if ((alive < want || known < want) && alive < kMaxProcesses) Spawn("provisioner");
   }
   After(200 * kMs, [this] { Provision(); });
