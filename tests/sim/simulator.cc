@@ -300,6 +300,9 @@ void Simulation::RestartCoordinator() {
     Fail(absl::StrCat("journal Load: ", contents.status().ToString()));
     return;
   }
+  if (o_.sabotage == SimOptions::Sabotage::kLoseNewestStepOnReload && !contents->steps.empty()) {
+    contents->steps.pop_back();
+  }
   if (!contents->config.has_value()) {
     // Died before the run's config reached the journal: the host starts the run afresh.
     StartCoordinator();
@@ -845,6 +848,10 @@ void Simulation::OnCommitVerdict(Worker& w, const gyre::v1::CompleteStepResponse
   } else {
     ++result_.aborts;
     Log("w%d <- ABORT step %d; redo", w.index, w.lease.step());
+    if (o_.sabotage == SimOptions::Sabotage::kApplyOnAbort) {
+      ApplyCommit(w);
+      if (failed_) return;
+    }
     Acquire(w, w.applied);
   }
 }

@@ -40,6 +40,10 @@ struct SimOptions {
   bool stop_allowed = false;        // the operator may Stop the run
   int64_t fault_phase_micros = 2'000'000;
   int64_t liveness_budget_micros = 60'000'000;
+  // Deliberate bugs, to show that the checker catches them (tests only): a worker that applies
+  // the optimizer on ABORT too, or a journal that loses its newest committed step on reload.
+  enum class Sabotage { kNone, kApplyOnAbort, kLoseNewestStepOnReload };
+  Sabotage sabotage = Sabotage::kNone;
 
   // Everything derived from `seed`.
   static SimOptions FromSeed(uint64_t seed);
