@@ -103,6 +103,7 @@ struct Worker {
   int64_t await_since = 0;
   int64_t last_await_poll = 0;
   uint64_t await_token = 0;  // one polling chain per wait
+  int64_t partitioned_until = 0;
 };
 
 class Simulation {
@@ -401,6 +402,10 @@ void Simulation::Execute(std::vector<Action> actions) {
       At(now_ + Delay(), [this, index, inc, incarnation, r = std::move(*reply)] {
         Worker& target = *workers_[index];
         if (!Current(target, inc)) return;
+        if (now_ < target.partitioned_until) {
+          Log("reply to w%d LOST (partitioned)", index);
+          return;
+        }
         ++result_.events;
         reply_incarnation_ = incarnation;
         OnReply(target, r);
@@ -559,13 +564,21 @@ void Simulation::Send(Worker& w, Event event, bool awaited) {
       if (!Current(target, inc) || target.awaiting != id) return;
       ++target.attempt;
       Log("w%d timeout on request %d; retry %d", index, id, target.attempt);
+      if (target.attempt >= 2 && target.phase == Worker::Phase::kAcquire &&
+          target.session != 0 && rng_.Chance(0.5)) {
+        // The coordinator may have restarted: re-attach to the session (RegisterRequest with
+        // previous_session), then carry on.
+        Log("w%d re-attaches to session %x", index, target.session);
+        Register(target);
+        return;
+      }
       if (auto* r = std::get_if<coordinator::RegisterEvent>(&target.last_request)) {
         r->fresh_session = rng_.Next() | 1;
       }
       Request(target, target.last_request);
     });
   }
-  if (Lost()) {
+  if (Lost() || now_ < w.partitioned_until) {
     Log("w%d -> %s LOST", w.index, Describe(event));
     return;
   }
@@ -652,7 +665,10 @@ void Simulation::OnReply(Worker& w, const coordinator::Reply& reply) {
       Register(w);
     } else if (w.phase == Worker::Phase::kRegister) {
       After(10 * kMs, [this, index = w.index, inc = w.incarnation] {
-        if (Current(*workers_[index], inc)) Register(*workers_[index]);
+        Worker& t = *workers_[index];
+        if (Current(t, inc) && t.awaiting == 0 && t.phase == Worker::Phase::kRegister) {
+          Register(t);
+        }
       });
     } else if (std::holds_alternative<coordinator::LeaveEvent>(w.last_request) ||
                std::holds_alternative<coordinator::ReportCheckpointEvent>(w.last_request)) {
@@ -660,7 +676,10 @@ void Simulation::OnReply(Worker& w, const coordinator::Reply& reply) {
     } else {
       After(20 * kMs, [this, index = w.index, inc = w.incarnation] {
         Worker& t = *workers_[index];
-        if (Current(t, inc)) Acquire(t, t.applied);
+        // Only if nothing else happened meanwhile (a late retry must not abandon a step).
+        if (!Current(t, inc) || t.awaiting != 0) return;
+        if (t.phase == Worker::Phase::kAcquire) Acquire(t, t.applied);
+        if (t.phase == Worker::Phase::kAwaitState) Acquire(t, t.gen.start_step());
       });
     }
     return;
@@ -826,7 +845,7 @@ void Simulation::PollState(Worker& w) {
   if ((w.heartbeat_generation > g.id() || now_ - w.last_await_poll > 500 * kMs) &&
       w.awaiting == 0) {
     w.last_await_poll = now_;
-    Acquire(w, w.applied);
+    Acquire(w, g.start_step());
   }
   After(5 * kMs, [this, index = w.index, inc = w.incarnation, token = w.await_token] {
     Worker& t = *workers_[index];
@@ -954,6 +973,16 @@ void Simulation::ScheduleFaults() {
     if (alive < kMaxProcesses) Spawn("join");
   }, repeat);
   repeat(o_.coordinator_crash_per_s, [this] { CrashCoordinator("random crash"); }, repeat);
+  repeat(o_.partition_per_s, [this] {
+    std::vector<Worker*> alive;
+    for (auto& w : workers_) {
+      if (w->alive) alive.push_back(w.get());
+    }
+    if (alive.empty()) return;
+    Worker& w = *alive[rng_.Below(alive.size())];
+    w.partitioned_until = now_ + rng_.Range(50 * kMs, 800 * kMs);
+    Log("w%d PARTITIONED until %.3f ms", w.index, w.partitioned_until / 1000.0);
+  }, repeat);
   repeat(o_.control_per_s, [this] { OperatorAction(); }, repeat);
 }
 
@@ -1036,6 +1065,7 @@ void Simulation::OperatorAction() {
 void Simulation::Heal() {
   faults_ = false;
   Log("---- liveness phase: faults off ----");
+  for (auto& w : workers_) w->partitioned_until = 0;
   if (core_ == nullptr) RestartCoordinator();
   if (failed_) return;
   if (!core_->stopped()) (void)Control(gyre::v1::ResumeRequest(), nullptr);
@@ -1141,8 +1171,12 @@ void Simulation::FinalChecks() {
       return;
     }
     // Every member of the final generation applied every step.
+    // Every live member of the final generation (by session: a worker declared dead and
+    // re-registered is not one) applied every step.
+    std::set<uint64_t> members;
+    for (const auto& m : core_->generation().members()) members.insert(m.session());
     for (const auto& w : workers_) {
-      if (!w->alive || w->gen.id() != core_->generation().id()) continue;
+      if (!w->alive || members.count(w->session) == 0) continue;
       if (w->applied != o_.max_steps) {
         Fail(absl::StrFormat("w%d of the final generation stopped at %d of %d steps", w->index,
                              w->applied, o_.max_steps));
@@ -1203,6 +1237,7 @@ SimOptions SimOptions::FromSeed(uint64_t seed) {
   o.kill_after_complete = maybe(0.3, 0.005, 0.05);
   o.join_per_s = maybe(0.6, 0.5, 4.0);
   o.coordinator_crash_per_s = maybe(0.4, 0.2, 3.0);
+  o.partition_per_s = maybe(0.3, 0.2, 3.0);
   o.journal_failure = maybe(0.3, 0.002, 0.03);
   o.control_per_s = maybe(0.7, 1.0, 10.0);
   o.stop_allowed = rng.Chance(0.1);
@@ -1215,11 +1250,11 @@ std::string SimOptions::ToString() const {
   return absl::StrFormat(
       "seed=%d workers(initial=%d desired=%d min=%d) max_steps=%d global_batch=%d "
       "checkpoint_every=%d keep_last=%d pipeline=%d loss=%.4f long_delay=%.4f kill/s=%.2f "
-      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f journal_failure=%.4f "
+      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f journal_failure=%.4f "
       "control/s=%.2f stop_allowed=%d fault_phase_ms=%d liveness_budget_ms=%d",
       seed, initial_workers, desired_workers, min_workers, max_steps, global_batch,
       checkpoint_every, keep_last, pipeline, message_loss, long_delay, kill_per_s,
-      kill_after_complete, join_per_s, coordinator_crash_per_s, journal_failure, control_per_s,
+      kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure, control_per_s,
       stop_allowed, fault_phase_micros / 1000, liveness_budget_micros / 1000);
 }
 

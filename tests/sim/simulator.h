@@ -35,6 +35,7 @@ struct SimOptions {
   double kill_after_complete = 0;   // probability a worker dies right after sending CompleteStep
   double join_per_s = 0;            // extra worker processes started per second
   double coordinator_crash_per_s = 0;
+  double partition_per_s = 0;       // a worker cut off from the coordinator for 50-800 ms
   double journal_failure = 0;       // probability per journal write (then the coordinator dies)
   double control_per_s = 0;         // operator commands per second
   bool stop_allowed = false;        // the operator may Stop the run
