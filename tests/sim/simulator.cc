@@ -240,6 +240,7 @@ class Simulation {
   RequestId next_request_ = 0;
   // Where replies go: request id -> worker index (absent: the operator).
   std::map<RequestId, int> routes_;
+  std::map<RequestId, uint64_t> heartbeat_session_;  // heartbeat id -> session it was sent for
 
   std::vector<std::unique_ptr<Worker>> workers_;
   uint64_t next_incarnation_ = 0;
@@ -632,6 +633,7 @@ void Simulation::Heartbeat(Worker& w) {
   e.request.set_session(w.session);
   e.request.set_generation(w.gen.id());
   e.request.set_step(w.applied);
+  heartbeat_session_[next_request_ + 1] = w.session;  // the id Send assigns
   Send(w, e, /*awaited=*/false);
 }
 
@@ -648,7 +650,11 @@ void Simulation::ScheduleHeartbeat(Worker& w) {
 void Simulation::OnReply(Worker& w, const coordinator::Reply& reply) {
   if (auto* hb = std::get_if<gyre::v1::HeartbeatResponse>(&reply.body)) {
     w.heartbeat_generation = std::max(w.heartbeat_generation, hb->current_generation());
-    if (!hb->known() && w.phase != Worker::Phase::kRegister &&
+    auto sent = heartbeat_session_.find(reply.id);
+    const bool about_current_session = sent != heartbeat_session_.end() &&
+                                       sent->second == w.session;
+    if (sent != heartbeat_session_.end()) heartbeat_session_.erase(sent);
+    if (!hb->known() && about_current_session && w.phase != Worker::Phase::kRegister &&
         w.phase != Worker::Phase::kStopped) {
       Log("w%d: session %x unknown (declared dead); re-registering", w.index, w.session);
       Register(w);
