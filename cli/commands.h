@@ -9,10 +9,13 @@
 namespace gyre::cli {
 
 int RunVersion(int argc, char** argv);
+int RunCoordinator(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
+      {"coordinator", "run the coordinator of one run (gRPC control + worker service)",
+       RunCoordinator},
   };
   return kCommands;
 }
