@@ -15,6 +15,7 @@ int RunTokenize(int argc, char** argv);
 int RunPrepare(int argc, char** argv);
 int RunIndex(int argc, char** argv);
 int RunSample(int argc, char** argv);
+int RunCoordinator(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
@@ -25,6 +26,8 @@ inline std::span<const Command> AllCommands() {
       {"prepare", "jsonl / jsonl.zst corpus -> token shards + RocksDB index", RunPrepare},
       {"index", "inspect a token index: `gyre index stats --index DIR [--json]`", RunIndex},
       {"sample", "print the samples each step and rank read (mix and determinism check)", RunSample},
+      {"coordinator", "run the coordinator of one run (gRPC control + worker service)",
+       RunCoordinator},
   };
   return kCommands;
 }

@@ -1,0 +1,78 @@
+// gyre.v1.Cluster: workers' calls, translated one-to-one into core events (services.h).
+#include "absl/strings/str_cat.h"
+#include "coordinator/service_dispatch.h"
+#include "coordinator/services.h"
+
+namespace gyre::coordinator {
+namespace {
+
+absl::Status NeedSession(uint64_t session, const char* message) {
+  if (session != 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(message, ".session is required"));
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* ClusterService::Register(grpc::CallbackServerContext* ctx,
+                                                   const gyre::v1::RegisterRequest* request,
+                                                   gyre::v1::RegisterResponse* response) {
+  absl::Status validation;
+  if (!request->has_worker() || request->worker().host().empty()) {
+    validation = absl::InvalidArgumentError("RegisterRequest.worker.host is required");
+  }
+  RegisterEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::Heartbeat(grpc::CallbackServerContext* ctx,
+                                                    const gyre::v1::HeartbeatRequest* request,
+                                                    gyre::v1::HeartbeatResponse* response) {
+  HeartbeatEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_,
+                            NeedSession(request->session(), "HeartbeatRequest"), event, response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::AcquireStep(grpc::CallbackServerContext* ctx,
+                                                      const gyre::v1::AcquireStepRequest* request,
+                                                      gyre::v1::StepLease* response) {
+  AcquireStepEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_,
+                            NeedSession(request->session(), "AcquireStepRequest"), event,
+                            response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::CompleteStep(
+    grpc::CallbackServerContext* ctx, const gyre::v1::CompleteStepRequest* request,
+    gyre::v1::CompleteStepResponse* response) {
+  CompleteStepEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_,
+                            NeedSession(request->session(), "CompleteStepRequest"), event,
+                            response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::ReportCheckpoint(
+    grpc::CallbackServerContext* ctx, const gyre::v1::ReportCheckpointRequest* request,
+    gyre::v1::ReportCheckpointResponse* response) {
+  absl::Status validation = NeedSession(request->session(), "ReportCheckpointRequest");
+  if (validation.ok() && request->path().empty()) {
+    validation = absl::InvalidArgumentError("ReportCheckpointRequest.path is required");
+  }
+  ReportCheckpointEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx,
+                                                const gyre::v1::LeaveRequest* request,
+                                                gyre::v1::LeaveResponse* response) {
+  LeaveEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "LeaveRequest"),
+                            event, response);
+}
+
+}  // namespace gyre::coordinator

@@ -1,0 +1,376 @@
+#include "coordinator/core.h"
+
+#include <map>
+
+#include "gtest/gtest.h"
+
+namespace gyre::coordinator {
+namespace {
+
+using gyre::v1::StepLease;
+
+class FixedRendezvous : public RendezvousProvider {
+ public:
+  gyre::v1::Rendezvous ForGeneration(uint64_t id) override {
+    gyre::v1::Rendezvous r;
+    r.set_store_prefix("test/gen-" + std::to_string(id));
+    return r;
+  }
+};
+
+gyre::v1::RunConfig TestConfig(uint32_t desired = 2) {
+  gyre::v1::RunConfig c;
+  c.set_name("test");
+  c.mutable_data()->set_global_batch(10);
+  c.mutable_data()->set_seq_len(16);
+  c.mutable_train()->set_max_steps(5);
+  c.mutable_optimizer()->set_lr(1.0f);
+  c.mutable_schedule()->set_warmup_steps(2);
+  c.mutable_cluster()->set_desired_workers(desired);
+  c.mutable_cluster()->set_heartbeat_interval_ms(100);
+  c.mutable_cluster()->set_heartbeat_timeout_ms(1000);
+  c.mutable_checkpoint()->set_keep_last(2);
+  return c;
+}
+
+// Drives a core the way a host does: journal writes applied in order, replies collected by id.
+class Harness {
+ public:
+  explicit Harness(gyre::v1::RunConfig config) {
+    CoreOptions options;
+    options.config = std::move(config);
+    options.rendezvous = &rendezvous_;
+    std::vector<Action> initial;
+    auto core = CoordinatorCore::Create(options, &initial);
+    EXPECT_TRUE(core.ok()) << core.status();
+    core_ = std::move(*core);
+    Apply(initial);
+  }
+
+  void Restart() {
+    CoreOptions options;
+    options.rendezvous = &rendezvous_;
+    std::vector<Action> initial;
+    auto core = CoordinatorCore::Restore(options, journal_, now_, &initial);
+    ASSERT_TRUE(core.ok()) << core.status();
+    core_ = std::move(*core);
+    Apply(initial);
+  }
+
+  void Send(Event e) { Apply(core_->Handle(e, now_)); }
+
+  uint64_t Register(uint64_t session, uint32_t pid, uint64_t applied = 0) {
+    RegisterEvent e;
+    e.id = ++next_id_;
+    e.request.mutable_worker()->set_host("h");
+    e.request.mutable_worker()->set_pid(pid);
+    e.request.set_last_applied_step(applied);
+    e.fresh_session = session;
+    Send(e);
+    return std::get<gyre::v1::RegisterResponse>(replies_.at(e.id).body).session();
+  }
+  StepLease Acquire(uint64_t session, uint64_t generation, uint64_t step) {
+    AcquireStepEvent e;
+    e.id = ++next_id_;
+    e.request.set_session(session);
+    e.request.set_generation(generation);
+    e.request.set_step(step);
+    Send(e);
+    EXPECT_TRUE(replies_.at(e.id).status.ok()) << replies_.at(e.id).status;
+    return std::get<StepLease>(replies_.at(e.id).body);
+  }
+  RequestId Complete(uint64_t session, uint64_t generation, uint64_t step) {
+    CompleteStepEvent e;
+    e.id = ++next_id_;
+    e.request.set_session(session);
+    e.request.set_generation(generation);
+    e.request.set_step(step);
+    e.request.mutable_metrics()->set_loss(0.5);
+    e.request.mutable_metrics()->set_tokens(80);
+    Send(e);
+    return e.id;
+  }
+  absl::Status Control(ControlRequest r) {
+    ControlEvent e;
+    e.id = ++next_id_;
+    e.request = std::move(r);
+    Send(e);
+    return replies_.at(e.id).status;
+  }
+  std::optional<gyre::v1::CommitVerdict> Verdict(RequestId id) {
+    auto it = replies_.find(id);
+    if (it == replies_.end()) return std::nullopt;
+    return std::get<gyre::v1::CompleteStepResponse>(it->second.body).verdict();
+  }
+
+  void Apply(const std::vector<Action>& actions) {
+    for (const auto& a : actions) {
+      if (auto* w = std::get_if<JournalWrite>(&a)) {
+        ApplyBatch(w->batch, &journal_);
+        log_.push_back("journal");
+      } else if (auto* r = std::get_if<Reply>(&a)) {
+        replies_[r->id] = *r;
+        log_.push_back("reply " + std::to_string(r->id));
+      } else if (auto* g = std::get_if<GenerationCreated>(&a)) {
+        generations_.push_back(g->record);
+      } else if (auto* d = std::get_if<DeleteCheckpoint>(&a)) {
+        deleted_.push_back(d->step);
+      }
+    }
+  }
+
+  FixedRendezvous rendezvous_;
+  std::unique_ptr<CoordinatorCore> core_;
+  JournalContents journal_;
+  std::map<RequestId, Reply> replies_;
+  std::vector<std::string> log_;
+  std::vector<gyre::v1::GenerationRecord> generations_;
+  std::vector<uint64_t> deleted_;
+  int64_t now_ = 0;
+  RequestId next_id_ = 0;
+};
+
+TEST(ScheduleTest, WarmupThenCosineToFinalFraction) {
+  gyre::v1::RunConfig c;
+  c.mutable_optimizer()->set_lr(2.0f);
+  c.mutable_schedule()->set_warmup_steps(4);
+  c.mutable_schedule()->set_total_steps(14);
+  c.mutable_schedule()->set_final_lr_fraction(0.25f);
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 0), 0.5);
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 3), 2.0);
+  EXPECT_DOUBLE_EQ(LearningRateAt(c, 4), 2.0);                              // cosine starts at peak
+  EXPECT_NEAR(LearningRateAt(c, 9), 2.0 * (0.25 + 0.75 * 0.5), 1e-12);     // halfway
+  EXPECT_NEAR(LearningRateAt(c, 14), 0.5, 1e-12);
+  EXPECT_NEAR(LearningRateAt(c, 100), 0.5, 1e-12);  // flat after total_steps
+}
+
+TEST(RankSliceTest, ContiguousWithRemaindersOnFirstRanks) {
+  // 10 over 4: 3,3,2,2.
+  EXPECT_EQ(RankSlice(10, 4, 0), (std::pair<uint64_t, uint64_t>{0, 3}));
+  EXPECT_EQ(RankSlice(10, 4, 1), (std::pair<uint64_t, uint64_t>{3, 6}));
+  EXPECT_EQ(RankSlice(10, 4, 2), (std::pair<uint64_t, uint64_t>{6, 8}));
+  EXPECT_EQ(RankSlice(10, 4, 3), (std::pair<uint64_t, uint64_t>{8, 10}));
+  for (uint32_t w = 1; w < 9; ++w) {
+    uint64_t next = 0;
+    for (uint32_t r = 0; r < w; ++r) {
+      auto [b, e] = RankSlice(7, w, r);
+      EXPECT_EQ(b, next);
+      next = e;
+    }
+    EXPECT_EQ(next, 7u);
+  }
+}
+
+TEST(ValidateTest, NamesTheField) {
+  gyre::v1::RunConfig c = TestConfig();
+  c.mutable_data()->set_global_batch(0);
+  EXPECT_NE(ValidateCoordinatorConfig(c).message().find("data.global_batch"), std::string::npos);
+  c = TestConfig();
+  c.mutable_cluster()->set_min_workers(3);
+  EXPECT_NE(ValidateCoordinatorConfig(c).message().find("cluster.min_workers"), std::string::npos);
+}
+
+TEST(CoreTest, SameLeaseForEveryMemberAndCommitAfterJournal) {
+  Harness h(TestConfig());
+  h.Register(11, 1);
+  EXPECT_EQ(h.core_->generation().id(), 1u);  // one worker is a generation already
+  h.Register(22, 2);
+  // The second one joins at the first step boundary (nothing in flight): generation 2.
+  ASSERT_EQ(h.core_->generation().id(), 2u);
+  ASSERT_EQ(h.core_->generation().members_size(), 2);
+  StepLease a = h.Acquire(11, 2, 0);
+  StepLease b = h.Acquire(22, 2, 0);
+  ASSERT_EQ(a.decision(), gyre::v1::STEP_DECISION_RUN);
+  ASSERT_EQ(b.decision(), gyre::v1::STEP_DECISION_RUN);
+  EXPECT_EQ(a.samples().begin(), 0u);
+  EXPECT_EQ(a.samples().end(), 10u);
+  EXPECT_EQ(a.samples().rank_begin(), 0u);
+  EXPECT_EQ(a.samples().rank_end(), 5u);
+  EXPECT_EQ(b.samples().rank_begin(), 5u);
+  EXPECT_EQ(b.samples().rank_end(), 10u);
+  EXPECT_EQ(a.schedule().global_tokens(), 160u);
+  EXPECT_DOUBLE_EQ(a.schedule().lr(), b.schedule().lr());
+
+  RequestId first = h.Complete(11, 2, 0);
+  EXPECT_FALSE(h.Verdict(first).has_value());  // waits for every member
+  const size_t log_before = h.log_.size();
+  RequestId second = h.Complete(22, 2, 0);
+  EXPECT_EQ(h.Verdict(first), gyre::v1::COMMIT_VERDICT_COMMIT);
+  EXPECT_EQ(h.Verdict(second), gyre::v1::COMMIT_VERDICT_COMMIT);
+  ASSERT_GT(h.log_.size(), log_before);
+  EXPECT_EQ(h.log_[log_before], "journal");  // the commit is journaled before any reply
+  ASSERT_EQ(h.journal_.steps.size(), 1u);
+  EXPECT_EQ(h.journal_.steps[0].sample_end(), 10u);
+  EXPECT_DOUBLE_EQ(h.journal_.steps[0].metrics().loss(), 1.0);
+
+  // A retry (lost reply) is answered from the ledger.
+  EXPECT_EQ(h.Verdict(h.Complete(22, 2, 0)), gyre::v1::COMMIT_VERDICT_COMMIT);
+  // A report of the same step from another generation is not.
+  EXPECT_EQ(h.Verdict(h.Complete(22, 1, 0)), gyre::v1::COMMIT_VERDICT_ABORT);
+}
+
+TEST(CoreTest, FailureAbortsAndRedoesStepInNextGeneration) {
+  Harness h(TestConfig());
+  h.Register(11, 1);
+  h.Register(22, 2);
+  const uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  RequestId pending = h.Complete(11, g, 0);
+  // Worker 22 goes silent; 11 heartbeats.
+  h.now_ = 600'000;
+  gyre::v1::HeartbeatRequest hb;
+  hb.set_session(11);
+  h.Send(HeartbeatEvent{++h.next_id_, hb});
+  h.now_ = 1'100'000;
+  h.Send(TickEvent{});
+  EXPECT_EQ(h.Verdict(pending), gyre::v1::COMMIT_VERDICT_ABORT);
+  EXPECT_EQ(h.core_->generation().id(), g + 1);
+  EXPECT_EQ(h.generations_.back().reason(), "failure");
+  EXPECT_EQ(h.core_->committed_steps(), 0u);
+  StepLease r = h.Acquire(11, g, 0);
+  EXPECT_EQ(r.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  StepLease run = h.Acquire(11, g + 1, 0);
+  EXPECT_EQ(run.decision(), gyre::v1::STEP_DECISION_RUN);
+  EXPECT_EQ(run.samples().rank_begin(), 0u);
+  EXPECT_EQ(run.samples().rank_end(), 10u);  // same samples, one rank
+}
+
+TEST(CoreTest, PauseHoldsLeasesAndResumeAfterStopFails) {
+  Harness h(TestConfig(1));
+  h.Register(11, 1);
+  ASSERT_TRUE(h.Control(gyre::v1::PauseRequest()).ok());
+  EXPECT_EQ(h.Acquire(11, 1, 0).decision(), gyre::v1::STEP_DECISION_PAUSE);
+  ASSERT_TRUE(h.Control(gyre::v1::ResumeRequest()).ok());
+  EXPECT_EQ(h.Acquire(11, 1, 0).decision(), gyre::v1::STEP_DECISION_RUN);
+  ASSERT_TRUE(h.Control(gyre::v1::StopRequest()).ok());
+  EXPECT_EQ(h.Control(gyre::v1::ResumeRequest()).code(), absl::StatusCode::kFailedPrecondition);
+  h.Complete(11, 1, 0);  // the leased step still commits
+  EXPECT_EQ(h.Acquire(11, 1, 1).decision(), gyre::v1::STEP_DECISION_STOP);
+}
+
+TEST(CoreTest, ControlErrors) {
+  Harness h(TestConfig());
+  gyre::v1::ScaleRequest zero;
+  EXPECT_EQ(h.Control(zero).code(), absl::StatusCode::kInvalidArgument);
+  gyre::v1::DrainRequest drain;
+  drain.set_session(99);
+  EXPECT_EQ(h.Control(drain).code(), absl::StatusCode::kNotFound);
+  AcquireStepEvent e;
+  e.id = 1000;
+  e.request.set_session(77);
+  h.Send(e);
+  EXPECT_EQ(h.replies_.at(1000).status.code(), absl::StatusCode::kNotFound);
+}
+
+TEST(CoreTest, ScaleDownAtBoundaryMakesStandbyAndNewMemberNeedsState) {
+  Harness h(TestConfig(2));
+  h.Register(11, 1);
+  h.Register(22, 2);
+  uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  gyre::v1::ScaleRequest one;
+  one.set_target(1);
+  ASSERT_TRUE(h.Control(one).ok());
+  EXPECT_EQ(h.core_->generation().id(), g);  // step 0 is in flight: wait for the boundary
+  h.Complete(11, g, 0);
+  h.Complete(22, g, 0);
+  EXPECT_EQ(h.core_->committed_steps(), 1u);
+  ASSERT_EQ(h.core_->generation().id(), g + 1);
+  EXPECT_EQ(h.generations_.back().reason(), "scale");
+  EXPECT_EQ(h.Acquire(22, g, 1).decision(), gyre::v1::STEP_DECISION_STANDBY);
+  // Scale up again: the standby (which missed nothing yet) comes back; then a fresh worker.
+  h.Acquire(11, g + 1, 1);
+  h.Complete(11, g + 1, 1);
+  gyre::v1::ScaleRequest two;
+  two.set_target(2);
+  ASSERT_TRUE(h.Control(two).ok());
+  const auto& gen = h.core_->generation();
+  ASSERT_EQ(gen.members_size(), 2);
+  EXPECT_EQ(gen.start_step(), 2u);
+  EXPECT_EQ(gen.state_source_rank(), 0u);
+  ASSERT_EQ(gen.needs_state_size(), 1);  // 22 lacks step 1
+  EXPECT_EQ(gen.needs_state(0), 1u);
+}
+
+TEST(CoreTest, RestartResumesAndAnswersRetriedCommitFromJournal) {
+  Harness h(TestConfig(2));
+  h.Register(11, 1);
+  h.Register(22, 2);
+  uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  h.Complete(11, g, 0);
+  h.Complete(22, g, 0);
+  h.Acquire(11, g, 1);
+  h.Acquire(22, g, 1);
+  h.Complete(11, g, 1);  // lost with the coordinator
+  h.Restart();
+  EXPECT_EQ(h.core_->committed_steps(), 1u);
+  EXPECT_EQ(h.core_->generation().id(), g);
+  EXPECT_EQ(h.Verdict(h.Complete(22, g, 0)), gyre::v1::COMMIT_VERDICT_COMMIT);
+  RequestId a = h.Complete(11, g, 1);
+  RequestId b = h.Complete(22, g, 1);
+  EXPECT_EQ(h.Verdict(a), gyre::v1::COMMIT_VERDICT_COMMIT);
+  EXPECT_EQ(h.Verdict(b), gyre::v1::COMMIT_VERDICT_COMMIT);
+  EXPECT_EQ(h.core_->committed_steps(), 2u);
+}
+
+TEST(CoreTest, CheckpointDecisionAndKeepLast) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  config.mutable_checkpoint()->set_every_steps(2);
+  Harness h(config);
+  h.Register(11, 1);
+  for (uint64_t t = 0; t < 8; ++t) {
+    StepLease lease = h.Acquire(11, 1, t);
+    const bool due = t > 0 && t % 2 == 0;
+    EXPECT_EQ(lease.decision(), due ? gyre::v1::STEP_DECISION_CHECKPOINT
+                                    : gyre::v1::STEP_DECISION_RUN)
+        << t;
+    if (due) {
+      gyre::v1::ReportCheckpointRequest r;
+      r.set_session(11);
+      r.set_step(t);
+      r.set_path(lease.checkpoint_dir());
+      h.Send(ReportCheckpointEvent{++h.next_id_, r});
+    }
+    h.Complete(11, 1, t);
+  }
+  ASSERT_EQ(h.journal_.checkpoints.size(), 2u);  // keep_last = 2 of steps 2, 4, 6
+  EXPECT_EQ(h.journal_.checkpoints[0].step(), 4u);
+  EXPECT_EQ(h.deleted_, std::vector<uint64_t>{2});
+}
+
+TEST(CoreTest, LosingEveryStateHolderRestoresFromCheckpoint) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  Harness h(config);
+  h.Register(11, 1);
+  for (uint64_t t = 0; t < 3; ++t) {
+    h.Acquire(11, 1, t);
+    h.Complete(11, 1, t);
+  }
+  gyre::v1::ReportCheckpointRequest r;
+  r.set_session(11);
+  r.set_step(2);
+  r.set_path("checkpoints/step-2");
+  h.Send(ReportCheckpointEvent{++h.next_id_, r});
+  h.Register(33, 3);  // a standby without state
+  h.Send(LeaveEvent{++h.next_id_, [] {
+                      gyre::v1::LeaveRequest l;
+                      l.set_session(11);
+                      return l;
+                    }()});
+  EXPECT_EQ(h.generations_.back().reason(), "restore");
+  EXPECT_EQ(h.core_->committed_steps(), 2u);
+  EXPECT_EQ(h.journal_.steps.size(), 2u);
+  StepLease lease = h.Acquire(33, 1, 0);
+  EXPECT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  EXPECT_EQ(lease.step(), 2u);
+  EXPECT_EQ(lease.checkpoint_dir(), "checkpoints/step-2");
+}
+
+}  // namespace
+}  // namespace gyre::coordinator
