@@ -420,7 +420,15 @@ StepLease CoordinatorCore::Lease(uint64_t session, uint64_t generation, uint64_t
     }
   }
   if (step >= max_steps_ || stopped_) {
+    // At the boundary where the run ends, the state is saved once more (unless it already is):
+    // rank 0 writes the checkpoint at checkpoint_dir and reports it before it leaves.
+    lease = StepLease();
     lease.set_decision(gyre::v1::STEP_DECISION_STOP);
+    lease.set_step(step);
+    *lease.mutable_generation() = generation_;
+    if (step == committed_ && step > 0 && checkpoints_.count(step) == 0) {
+      lease.set_checkpoint_dir(CheckpointDir(step));
+    }
     decisions_[step] = lease;
     return lease;
   }
@@ -961,18 +969,9 @@ void CoordinatorCore::Reconcile(Context& ctx) {
   const std::vector<uint64_t> target = over ? std::vector<uint64_t>() : TargetMembers();
   if (!lost && target == current) return;
   if (target.empty()) {
-    if (lost && generation_.members_size() > 0) {
-      // Every member is gone and nobody can replace them: the generation can never commit.
-      generation_.clear_members();
-      decisions_.clear();
-      reports_.clear();
-      for (const auto& p : pending_completes_) {
-        gyre::v1::CompleteStepResponse response;
-        response.set_verdict(gyre::v1::COMMIT_VERDICT_ABORT);
-        ctx.Send(p.id, std::move(response));
-      }
-      pending_completes_.clear();
-    }
+    // Every member is gone and nobody can replace them: the generation can never commit. An
+    // empty generation is journaled so that a restarted coordinator does not bring it back.
+    if (lost && generation_.members_size() > 0) CreateGeneration({}, "failure", ctx);
     return;
   }
   std::string reason;
@@ -1013,7 +1012,10 @@ void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
   JournalBatch batch;
   gyre::v1::GenerationRecord record;
   restore_checkpoint_path_.reset();
-  if (source.has_value()) {
+  if (sessions.empty()) {
+    g.set_start_step(committed_);
+    record.set_reason(reason);
+  } else if (source.has_value()) {
     g.set_start_step(committed_);
     g.set_state_source_rank(*source);
     for (size_t rank = 0; rank < sessions.size(); ++rank) {

@@ -24,6 +24,8 @@
 //     step is answered COMMIT if the reporter's generation committed it, ABORT otherwise.
 //   * Membership changes (join, scale, drain) wait for a step boundary; a lost member creates
 //     G+1 at once and the uncommitted step is redone there on the same samples.
+//   * STOP (max_steps reached or operator Stop) carries checkpoint_dir when the state at that
+//     boundary is not checkpointed yet: rank 0 writes it there, reports it, then leaves.
 //   * Pause, like every decision, takes effect at a step boundary: steps already leased may
 //     still commit, no step is leased while paused.
 //   * If no member holding the state of the last committed step survives, the next generation

@@ -246,7 +246,9 @@ TEST(CoreTest, PauseHoldsLeasesAndResumeAfterStopFails) {
   ASSERT_TRUE(h.Control(gyre::v1::StopRequest()).ok());
   EXPECT_EQ(h.Control(gyre::v1::ResumeRequest()).code(), absl::StatusCode::kFailedPrecondition);
   h.Complete(11, 1, 0);  // the leased step still commits
-  EXPECT_EQ(h.Acquire(11, 1, 1).decision(), gyre::v1::STEP_DECISION_STOP);
+  StepLease stop = h.Acquire(11, 1, 1);
+  EXPECT_EQ(stop.decision(), gyre::v1::STEP_DECISION_STOP);
+  EXPECT_EQ(stop.checkpoint_dir(), "checkpoints/step-1");  // saved before leaving
 }
 
 TEST(CoreTest, ControlErrors) {

@@ -817,6 +817,25 @@ void Simulation::OnLease(Worker& w, const StepLease& lease) {
     case gyre::v1::STEP_DECISION_STOP: {
       Log("w%d stops at applied=%d", w.index, w.applied);
       w.phase = Worker::Phase::kStopped;
+      uint32_t rank = 1;
+      for (const auto& m : w.gen.members()) {
+        if (m.session() == w.session) rank = m.rank();
+      }
+      if (!lease.checkpoint_dir().empty() && rank == 0 && w.gen.id() == lease.generation().id()) {
+        if (w.applied != lease.step()) {
+          Fail(absl::StrFormat("w%d asked to save step %d at STOP with %d steps applied", w.index,
+                               lease.step(), w.applied));
+          return;
+        }
+        // The final checkpoint, written and reported before leaving.
+        disk_checkpoints_[w.applied] = w.hash;
+        coordinator::ReportCheckpointEvent report;
+        report.request.set_session(w.session);
+        report.request.set_step(w.applied);
+        report.request.set_path(lease.checkpoint_dir());
+        report.request.set_manifest_checksum(w.hash);
+        Send(w, report, /*awaited=*/false);
+      }
       coordinator::LeaveEvent e;
       e.request.set_session(w.session);
       e.request.set_reason("stop");
@@ -1123,6 +1142,7 @@ void Simulation::CheckAfterEvent() {
       pause_horizon_.reset();
     } else if (!pause_horizon_.has_value()) {
       pause_horizon_ = core_->commit_horizon();
+      Log("paused: commits may reach %d (leased before the pause)", *pause_horizon_);
     }
   }
   if (pause_horizon_.has_value() && ledger_ > *pause_horizon_) {

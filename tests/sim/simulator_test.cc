@@ -66,7 +66,20 @@ int CaughtOutOf(SimOptions::Sabotage sabotage, int schedules) {
 }
 
 TEST(CoordinatorSimulation, CatchesApplyOnAbort) {
-  EXPECT_GE(CaughtOutOf(SimOptions::Sabotage::kApplyOnAbort, 40), 20);
+  // Every schedule in which an ABORT reaches a worker must fail; the others had no chance.
+  int caught = 0;
+  for (int seed = 1; seed <= 40; ++seed) {
+    SimOptions options = SimOptions::FromSeed(seed);
+    options.sabotage = SimOptions::Sabotage::kApplyOnAbort;
+    options.kill_per_s = std::max(options.kill_per_s, 2.0);
+    const SimResult r = RunSimulation(options, nullptr);
+    if (r.ok) {
+      EXPECT_EQ(r.aborts, 0u) << "seed " << seed << ": a worker applied an aborted step unnoticed";
+    } else {
+      ++caught;
+    }
+  }
+  EXPECT_GE(caught, 5);
 }
 
 TEST(CoordinatorSimulation, CatchesLostCommittedStep) {
