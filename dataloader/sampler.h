@@ -10,6 +10,9 @@
 //      s = the owner of p and r = p - start_s is s's rank inside the block.
 //   2. Per-source counter c = b * n_s + r: the number of samples of s drawn in earlier blocks plus
 //      a bijection of this block's n_s slots onto [b n_s, (b+1) n_s). No replay is needed.
+//      Within one block a source's counters come in permuted order, so a source much smaller
+//      than its n_s (several epochs per block) shows epochs interleaved inside that block; across
+//      blocks the counters are exactly consecutive.
 //   3. Epoch e = c / N_s, sequence j = c % N_s.
 //   4. The window starts at token perm_{s,e}(j) * L of s, where perm_{s,e} is a keyed Feistel
 //      permutation of [0, N_s) seeded by (run seed, XXH64(source name), e). Tokens of a source are
