@@ -23,6 +23,31 @@ SampleRange RankSlice(uint64_t step, uint64_t global_batch, uint32_t world, uint
   return r;
 }
 
+SamplerOptions SamplerOptionsFromConfig(const gyre::v1::RunConfig& config) {
+  SamplerOptions o;
+  o.seed = config.seed();
+  if (config.data().seq_len() > 0) o.seq_len = config.data().seq_len();
+  if (config.data().mix_block() > 0) o.mix_block = config.data().mix_block();
+  for (const auto& w : config.data().weights()) o.weights[w.source()] = w.weight();
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<SourceTokens>> OpenSourceTokens(Env* env, const TokenIndex& index,
+                                                               const std::string& source,
+                                                               bool verify_checksums) {
+  ASSIGN_OR_RETURN(auto meta, index.ReadMeta());
+  if (!meta.has_value()) {
+    return absl::FailedPreconditionError("token index " + index.dir() + " has no meta record");
+  }
+  ASSIGN_OR_RETURN(auto shards, index.ListShards(source));
+  if (shards.empty()) {
+    return absl::NotFoundError(absl::StrCat("token index ", index.dir(), " has no source '",
+                                            source, "'"));
+  }
+  return SourceTokens::Open(env, index.dir(), std::move(shards), meta->tokenizer_fingerprint(),
+                            verify_checksums);
+}
+
 uint64_t HashTokens(std::span<const uint32_t> tokens) {
   return XXH3_64bits(tokens.data(), tokens.size() * sizeof(uint32_t));
 }

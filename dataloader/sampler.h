@@ -43,6 +43,7 @@
 #include "base/env.h"
 #include "dataloader/shard.h"
 #include "dataloader/token_index.h"
+#include "gyre/v1/config.pb.h"
 
 namespace gyre::data {
 
@@ -53,6 +54,10 @@ struct SamplerOptions {
   // Per-source weight overrides (see the header comment). Empty: proportional to tokens.
   std::map<std::string, double> weights;
 };
+
+// The sampler's options from the run config: data.seq_len (default 2048), data.mix_block
+// (default 1024), data.weights, and the run seed.
+SamplerOptions SamplerOptionsFromConfig(const gyre::v1::RunConfig& config);
 
 // What the schedule needs to know about one source.
 struct SourceInfo {
@@ -162,6 +167,12 @@ class Sampler {
   MixSchedule schedule_;
   std::vector<std::unique_ptr<SourceTokens>> tokens_;  // parallel to schedule_.sources()
 };
+
+// The tokens of any one source (validation sources included, e.g. for perplexity), read in
+// order: sequence j of a validation source is the window starting at j * L, no permutation.
+absl::StatusOr<std::unique_ptr<SourceTokens>> OpenSourceTokens(Env* env, const TokenIndex& index,
+                                                               const std::string& source,
+                                                               bool verify_checksums);
 
 // XXH3-64 of the token ids as little-endian uint32 (what `gyre sample` prints).
 uint64_t HashTokens(std::span<const uint32_t> tokens);

@@ -253,6 +253,37 @@ TEST_F(SamplerShardsTest, WindowsAreTheSourceTokensAcrossShardBoundaries) {
   EXPECT_EQ((*sampler)->Read(0, wrong).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(SamplerShardsTest, SourceTokensReadsAnySourceInOrder) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  ASSERT_TRUE(index.ok());
+  auto beta = OpenSourceTokens(Env::Default(), **index, "beta", true);
+  ASSERT_TRUE(beta.ok()) << beta.status();
+  EXPECT_EQ((*beta)->tokens(), 2501u);
+  std::vector<uint32_t> tail(5);
+  ASSERT_TRUE((*beta)->Read(2496, tail).ok());
+  for (uint64_t i = 0; i < 5; ++i) EXPECT_EQ(tail[i], Expected(1, 2496 + i));
+  EXPECT_EQ((*beta)->Read(2497, tail).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(OpenSourceTokens(Env::Default(), **index, "nope", false).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(SamplerOptionsTest, FromConfigAppliesDefaults) {
+  gyre::v1::RunConfig config;
+  config.set_seed(11);
+  SamplerOptions o = SamplerOptionsFromConfig(config);
+  EXPECT_EQ(o.seq_len, 2048u);
+  EXPECT_EQ(o.mix_block, 1024u);
+  EXPECT_EQ(o.seed, 11u);
+  config.mutable_data()->set_seq_len(512);
+  auto* w = config.mutable_data()->add_weights();
+  w->set_source("Github");
+  w->set_weight(0);
+  o = SamplerOptionsFromConfig(config);
+  EXPECT_EQ(o.seq_len, 512u);
+  ASSERT_EQ(o.weights.count("Github"), 1u);
+  EXPECT_EQ(o.weights["Github"], 0.0);
+}
+
 TEST_F(SamplerShardsTest, CorruptShardIsNamed) {
   const std::string victim = dir_ + "/shards/alpha/2.tok";
   {
