@@ -2,6 +2,7 @@
 // source equal what the tokenizer gives for each document (+1 EOS), splits become separate
 // validation sources, a re-run registers nothing twice, and the bad inputs of issue 3 (wrong
 // tokenizer file, other tokenizer than the index's, missing path) fail with clear messages.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -9,6 +10,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "dataloader/tokenizer/test_paths.h"
 #include "dataloader/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
@@ -173,9 +175,13 @@ TEST(PrepareCliTest, CtrlCThenRerunGivesTheSameIndex) {
     return absl::StrCat(Gyre(), " prepare --threads 2 --tokenizer ", gpt2, " --out ", out, " ",
                         root, "/in");
   };
+  const auto start = std::chrono::steady_clock::now();
   ASSERT_EQ(Shell(prepare(root + "/ref")).rc, 0);
-  Result interrupted = Shell(absl::StrCat(prepare(root + "/idx"),
-                                          " & pid=$!; sleep 0.4; kill -INT $pid; wait $pid; echo rc=$?"));
+  // Interrupt at about 60% of an uninterrupted run's time (tokenizer loading included).
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Result interrupted = Shell(absl::StrCat(prepare(root + "/idx"), " & pid=$!; sleep ",
+                                          absl::StrFormat("%.2f", 0.6 * secs),
+                                          "; kill -INT $pid; wait $pid; echo rc=$?"));
   std::printf("interrupted run:\n%s\n", interrupted.out.c_str());
   const bool was_interrupted = interrupted.out.find("rc=130") != std::string::npos;
   if (was_interrupted) {
