@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -265,6 +266,42 @@ TEST_F(SamplerShardsTest, SourceTokensReadsAnySourceInOrder) {
   EXPECT_EQ((*beta)->Read(2497, tail).code(), absl::StatusCode::kOutOfRange);
   EXPECT_EQ(OpenSourceTokens(Env::Default(), **index, "nope", false).status().code(),
             absl::StatusCode::kNotFound);
+}
+
+TEST_F(SamplerShardsTest, MappedShardsStayBoundedAndReadsStayCorrect) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  ASSERT_TRUE(index.ok());
+  auto shards = (*index)->ListShards("alpha");
+  ASSERT_TRUE(shards.ok());
+  auto meta = (*index)->ReadMeta();
+  auto alpha = SourceTokens::Open(Env::Default(), dir_, *shards, (*meta)->tokenizer_fingerprint(),
+                                  true, /*max_open_shards=*/1);
+  ASSERT_TRUE(alpha.ok());
+  EXPECT_EQ((*alpha)->shards(), 3u);
+  // Windows across all three shards, back and forth: at most one stays mapped.
+  std::vector<uint32_t> window(1100);
+  for (uint64_t begin : {0ull, 4900ull, 10ull, 990ull, 3000ull, 0ull}) {
+    ASSERT_TRUE((*alpha)->Read(begin, window).ok());
+    for (uint64_t i = 0; i < window.size(); ++i) ASSERT_EQ(window[i], Expected(0, begin + i));
+    EXPECT_EQ((*alpha)->open_shards(), 1u);
+  }
+}
+
+TEST_F(SamplerShardsTest, ReadRangeIsRowsOfRead) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  SamplerOptions options;
+  options.seq_len = 16;
+  options.mix_block = 8;
+  auto sampler = Sampler::Open(Env::Default(), **index, options, {});
+  ASSERT_TRUE(sampler.ok());
+  const SampleRange range = RankSlice(/*step=*/3, /*global_batch=*/10, /*world=*/3, /*rank=*/1);
+  std::vector<uint32_t> batch(range.count * 17), row(17);
+  ASSERT_TRUE((*sampler)->ReadRange(range, batch).ok());
+  for (uint64_t k = 0; k < range.count; ++k) {
+    ASSERT_TRUE((*sampler)->Read(range.first + k, row).ok());
+    EXPECT_TRUE(std::equal(row.begin(), row.end(), batch.begin() + k * 17));
+  }
+  EXPECT_EQ((*sampler)->ReadRange(range, row).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(SamplerOptionsTest, FromConfigAppliesDefaults) {
