@@ -6,7 +6,7 @@
 //   checkpoints/     step-<t>/ directories
 //   logs/            one log per process
 //   token            control bearer token, mode 0600
-//   control.addr     host:port of the coordinator's gRPC server (written once it listens)
+//   coordinator.addr host:port of the coordinator's gRPC server (written once it listens)
 //   http.addr        host:port of the dashboard / metrics HTTP server
 //   tb/              TensorBoard event files
 #pragma once
@@ -26,7 +26,7 @@ class RunDir {
   std::string checkpoints_dir() const { return root_ + "/checkpoints"; }
   std::string logs_dir() const { return root_ + "/logs"; }
   std::string token_path() const { return root_ + "/token"; }
-  std::string control_address_path() const { return root_ + "/control.addr"; }
+  std::string control_address_path() const { return root_ + "/coordinator.addr"; }
   std::string http_address_path() const { return root_ + "/http.addr"; }
   std::string tensorboard_dir() const { return root_ + "/tb"; }
 

@@ -20,7 +20,7 @@ struct ControlTarget {
   std::string token_path;  // for error messages
 };
 
-// Where to find the coordinator: explicit flags win; otherwise <run_dir>/control.addr and
+// Where to find the coordinator: explicit flags win; otherwise <run_dir>/coordinator.addr and
 // <run_dir>/token. NotFound naming the missing file when the run dir has none.
 absl::StatusOr<ControlTarget> ResolveControlTarget(const std::string& run_dir, const std::string& address_flag,
                                                    const std::string& token_file_flag);

@@ -2,7 +2,7 @@
 //
 //   gyrectl [--run-dir runs/NAME] status|workers|pause|resume|scale N|drain WORKER|checkpoint|stop|metrics
 //
-// The coordinator address and bearer token come from the run directory (control.addr, token)
+// The coordinator address and bearer token come from the run directory (coordinator.addr, token)
 // unless --coordinator / --token-file say otherwise. --json prints the protobuf JSON of the
 // answer. Exit codes: 0 ok, 1 the coordinator refused or failed the request, 2 usage error,
 // 3 cannot reach the coordinator or read the run directory, 4 authentication failed.
@@ -101,8 +101,8 @@ int GyrectlMain(int argc, char** argv) {
   std::string run_dir = "runs/default", address, token_file;
   bool json = false;
   int64_t timeout_ms = 10000;
-  app.add_option("--run-dir", run_dir, "the run directory (holds control.addr and token)")->capture_default_str();
-  app.add_option("--coordinator", address, "host:port of the coordinator (overrides control.addr)");
+  app.add_option("--run-dir", run_dir, "the run directory (holds coordinator.addr and token)")->capture_default_str();
+  app.add_option("--coordinator", address, "host:port of the coordinator (overrides coordinator.addr)");
   app.add_option("--token-file", token_file, "bearer token file (overrides <run-dir>/token)");
   app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
   app.add_flag("--json", json, "print the answer as JSON");

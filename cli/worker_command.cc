@@ -14,7 +14,7 @@ namespace gyre::cli {
 int RunWorker(int argc, char** argv) {
   CLI::App app{"gyre worker: one training worker; joins the coordinator of a run"};
   std::string coordinator, run_dir, token_file, device = "cpu", hostname = "127.0.0.1";
-  app.add_option("--coordinator", coordinator, "coordinator host:port (default: <run-dir>/control.addr)");
+  app.add_option("--coordinator", coordinator, "coordinator host:port (default: <run-dir>/coordinator.addr)");
   app.add_option("--run-dir", run_dir, "the run directory (token, checkpoints)")->required();
   app.add_option("--token-file", token_file, "bearer token file (default: <run-dir>/token)");
   app.add_option("--device", device, "cpu (CUDA workers arrive with the GPU backend)")->capture_default_str();

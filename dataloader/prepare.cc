@@ -252,10 +252,16 @@ std::string SplitOfPath(std::string_view path) {
   }
   if (stem == "val" || stem == "valid" || stem == "validation") return "validation";
   if (stem == "test") return "test";
-  for (const auto& part : p.parent_path()) {
-    const std::string dir = part.string();
-    if (dir == "validation" || dir == "valid" || dir == "val" || dir == "holdout") return "validation";
-    if (dir == "test") return "test";
+  // The closest of the file's folder and its parent that names a split decides (SlimPajama:
+  // validation/chunk1/file); folders higher up (e.g. a user's ~/test/) do not count.
+  fs::path dir = p.parent_path();
+  for (int level = 0; level < 2 && !dir.empty(); ++level, dir = dir.parent_path()) {
+    const std::string name = dir.filename().string();
+    if (name == "train" || name == "training") return "train";
+    if (name == "validation" || name == "valid" || name == "val" || name == "holdout") {
+      return "validation";
+    }
+    if (name == "test") return "test";
   }
   return "train";
 }

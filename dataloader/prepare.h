@@ -12,8 +12,9 @@
 // references (left by a crash) are deleted at start. Appending new files to an existing index
 // works the same way. An index written with another tokenizer (fingerprint) is refused.
 //
-// Splits: a path with a directory named validation/valid/val/holdout or test, or a file named
-// val.* / validation.* / test.* (the Pile), is a validation split; its documents go to the
+// Splits: a file named val.* / validation.* / test.* (the Pile), or one whose folder or parent
+// folder (the closer wins; higher folders never count) is named validation/valid/val/holdout or
+// test (SlimPajama: validation/chunk1/...), is a validation split; its documents go to the
 // separate source "<set>/validation" or "<set>/test" (validation = true), never mixed into
 // training.
 //

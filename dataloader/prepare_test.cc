@@ -98,6 +98,10 @@ TEST(SplitOfPathTest, SlimPajamaAndPileLayouts) {
   EXPECT_EQ(SplitOfPath("/d/pile/val.jsonl.zst"), "validation");
   EXPECT_EQ(SplitOfPath("/d/pile/test.jsonl.zst"), "test");
   EXPECT_EQ(SplitOfPath("/d/pile/testing.jsonl"), "train");
+  // Folders far above the file never decide; the closest split name does.
+  EXPECT_EQ(SplitOfPath("/home/me/test/SlimPajama/train/chunk1/example_train_0.jsonl.zst"), "train");
+  EXPECT_EQ(SplitOfPath("/home/me/test/corpus/a/b.jsonl"), "train");
+  EXPECT_EQ(SplitOfPath("/home/me/test/validation/b.jsonl"), "validation");
 }
 
 TEST_F(PrepareTest, SlimPajamaLayoutSourcesSplitsAndTotals) {

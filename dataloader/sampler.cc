@@ -23,6 +23,31 @@ SampleRange RankSlice(uint64_t step, uint64_t global_batch, uint32_t world, uint
   return r;
 }
 
+SamplerOptions SamplerOptionsFromConfig(const gyre::v1::RunConfig& config) {
+  SamplerOptions o;
+  o.seed = config.seed();
+  if (config.data().seq_len() > 0) o.seq_len = config.data().seq_len();
+  if (config.data().mix_block() > 0) o.mix_block = config.data().mix_block();
+  for (const auto& w : config.data().weights()) o.weights[w.source()] = w.weight();
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<SourceTokens>> OpenSourceTokens(Env* env, const TokenIndex& index,
+                                                               const std::string& source,
+                                                               bool verify_checksums) {
+  ASSIGN_OR_RETURN(auto meta, index.ReadMeta());
+  if (!meta.has_value()) {
+    return absl::FailedPreconditionError("token index " + index.dir() + " has no meta record");
+  }
+  ASSIGN_OR_RETURN(auto shards, index.ListShards(source));
+  if (shards.empty()) {
+    return absl::NotFoundError(absl::StrCat("token index ", index.dir(), " has no source '",
+                                            source, "'"));
+  }
+  return SourceTokens::Open(env, index.dir(), std::move(shards), meta->tokenizer_fingerprint(),
+                            verify_checksums);
+}
+
 uint64_t HashTokens(std::span<const uint32_t> tokens) {
   return XXH3_64bits(tokens.data(), tokens.size() * sizeof(uint32_t));
 }
@@ -176,12 +201,13 @@ SourceTokens::~SourceTokens() = default;
 
 absl::StatusOr<std::unique_ptr<SourceTokens>> SourceTokens::Open(
     Env* env, const std::string& index_dir, std::vector<gyre::v1::ShardRecord> shards,
-    uint64_t tokenizer_fingerprint, bool verify_checksums) {
+    uint64_t tokenizer_fingerprint, bool verify_checksums, size_t max_open_shards) {
   std::unique_ptr<SourceTokens> t(new SourceTokens());
   t->env_ = env;
   t->index_dir_ = index_dir;
   t->fingerprint_ = tokenizer_fingerprint;
   t->verify_ = verify_checksums;
+  t->max_open_ = std::max<size_t>(1, max_open_shards);
   for (const auto& rec : shards) {
     if (rec.first_token() != t->total_) {
       return absl::DataLossError(absl::StrCat("index ", index_dir, ": shard ", rec.path(),
@@ -192,15 +218,19 @@ absl::StatusOr<std::unique_ptr<SourceTokens>> SourceTokens::Open(
     t->total_ += rec.tokens();
   }
   t->records_ = std::move(shards);
-  t->open_ = std::make_unique<std::atomic<const ShardReader*>[]>(t->records_.size());
-  for (size_t i = 0; i < t->records_.size(); ++i) t->open_[i].store(nullptr);
+  absl::MutexLock lock(&t->mu_);
+  t->open_.resize(t->records_.size());
   return t;
 }
 
-absl::StatusOr<const ShardReader*> SourceTokens::Shard(size_t i) const {
-  if (const ShardReader* r = open_[i].load(std::memory_order_acquire)) return r;
-  absl::MutexLock lock(&open_mu_);
-  if (const ShardReader* r = open_[i].load(std::memory_order_acquire)) return r;
+size_t SourceTokens::open_shards() const {
+  absl::MutexLock lock(&mu_);
+  return open_count_;
+}
+
+absl::StatusOr<std::shared_ptr<const ShardReader>> SourceTokens::Shard(size_t i) const {
+  absl::MutexLock lock(&mu_);
+  if (open_[i]) return open_[i];
   const gyre::v1::ShardRecord& rec = records_[i];
   const std::string path = JoinPath(index_dir_, rec.path());
   ShardReader::OpenOptions opts;
@@ -215,10 +245,17 @@ absl::StatusOr<const ShardReader*> SourceTokens::Shard(size_t i) const {
         ", checksum ", absl::Hex(reader->header().payload_checksum), " vs ",
         absl::Hex(rec.payload_checksum()), ")"));
   }
-  const ShardReader* raw = reader.get();
-  owned_.push_back(std::move(reader));
-  open_[i].store(raw, std::memory_order_release);
-  return raw;
+  // Bounded: evict another mapped shard round-robin (readers holding it keep it alive).
+  while (open_count_ >= max_open_) {
+    evict_cursor_ = (evict_cursor_ + 1) % open_.size();
+    if (evict_cursor_ != i && open_[evict_cursor_]) {
+      open_[evict_cursor_].reset();
+      --open_count_;
+    }
+  }
+  open_[i] = std::shared_ptr<const ShardReader>(std::move(reader));
+  ++open_count_;
+  return open_[i];
 }
 
 absl::Status SourceTokens::Read(uint64_t begin, std::span<uint32_t> out) const {
@@ -230,7 +267,7 @@ absl::Status SourceTokens::Read(uint64_t begin, std::span<uint32_t> out) const {
              first_token_.begin() - 1;
   size_t done = 0;
   while (done < out.size()) {
-    ASSIGN_OR_RETURN(const ShardReader* shard, Shard(i));
+    ASSIGN_OR_RETURN(std::shared_ptr<const ShardReader> shard, Shard(i));
     const uint64_t offset = begin + done - first_token_[i];
     const size_t n = std::min<uint64_t>(out.size() - done, shard->tokens() - offset);
     shard->ReadUnchecked(offset, out.data() + done, n);
@@ -259,7 +296,8 @@ absl::StatusOr<std::unique_ptr<Sampler>> Sampler::Open(Env* env, const TokenInde
     ASSIGN_OR_RETURN(auto shards, index.ListShards(src.name));
     ASSIGN_OR_RETURN(auto tokens, SourceTokens::Open(env, index.dir(), std::move(shards),
                                                      meta->tokenizer_fingerprint(),
-                                                     open_options.verify_checksums));
+                                                     open_options.verify_checksums,
+                                                     open_options.max_open_shards_per_source));
     if (tokens->tokens() != src.tokens) {
       return absl::DataLossError(absl::StrCat("index ", index.dir(), ": source '", src.name,
                                               "' records ", src.tokens, " tokens but its shards hold ",
@@ -272,6 +310,23 @@ absl::StatusOr<std::unique_ptr<Sampler>> Sampler::Open(Env* env, const TokenInde
 
 absl::Status Sampler::Read(uint64_t g, std::span<uint32_t> out) const {
   return ReadAt(schedule_.Locate(g), out);
+}
+
+absl::Status Sampler::ReadRange(SampleRange range, std::span<uint32_t> out) const {
+  const size_t row = schedule_.seq_len() + size_t{1};
+  if (out.size() != range.count * row) {
+    return absl::InvalidArgumentError(absl::StrCat("batch buffer holds ", out.size(),
+                                                   " tokens; ", range.count, " samples of ", row,
+                                                   " need ", range.count * row));
+  }
+  for (uint64_t k = 0; k < range.count; ++k) {
+    absl::Status st = Read(range.first + k, out.subspan(k * row, row));
+    if (!st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("global sample ", range.first + k, ": ",
+                                                  st.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Sampler::ReadAt(const SampleAddress& address, std::span<uint32_t> out) const {

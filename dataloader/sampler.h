@@ -10,6 +10,9 @@
 //      s = the owner of p and r = p - start_s is s's rank inside the block.
 //   2. Per-source counter c = b * n_s + r: the number of samples of s drawn in earlier blocks plus
 //      a bijection of this block's n_s slots onto [b n_s, (b+1) n_s). No replay is needed.
+//      Within one block a source's counters come in permuted order, so a source much smaller
+//      than its n_s (several epochs per block) shows epochs interleaved inside that block; across
+//      blocks the counters are exactly consecutive.
 //   3. Epoch e = c / N_s, sequence j = c % N_s.
 //   4. The window starts at token perm_{s,e}(j) * L of s, where perm_{s,e} is a keyed Feistel
 //      permutation of [0, N_s) seeded by (run seed, XXH64(source name), e). Tokens of a source are
@@ -26,7 +29,6 @@
 // (split != "train") are never in the training mix; naming one in the weights is an error.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -40,6 +42,7 @@
 #include "base/env.h"
 #include "dataloader/shard.h"
 #include "dataloader/token_index.h"
+#include "gyre/v1/config.pb.h"
 
 namespace gyre::data {
 
@@ -50,6 +53,10 @@ struct SamplerOptions {
   // Per-source weight overrides (see the header comment). Empty: proportional to tokens.
   std::map<std::string, double> weights;
 };
+
+// The sampler's options from the run config: data.seq_len (default 2048), data.mix_block
+// (default 1024), data.weights, and the run seed.
+SamplerOptions SamplerOptionsFromConfig(const gyre::v1::RunConfig& config);
 
 // What the schedule needs to know about one source.
 struct SourceInfo {
@@ -109,22 +116,30 @@ class MixSchedule {
 
 // The tokens of one source: its shards concatenated in ordinal order. Shards are mapped lazily
 // on first use (their header is checked then: magic, version, size, dtype, tokenizer fingerprint
-// and token count against the index; with verify_checksums also the payload hash).
+// and token count against the index; with verify_checksums also the payload hash), and at most
+// `max_open_shards` stay mapped: the full SlimPajama gives ~400k small shards, far over the
+// kernel's default vm.max_map_count of 65530. An evicted shard is unmapped once no reader holds
+// it and is checked again when mapped again.
 // Thread-safe.
 class SourceTokens {
  public:
+  static constexpr size_t kDefaultMaxOpenShards = 1024;
+
   static absl::StatusOr<std::unique_ptr<SourceTokens>> Open(
       Env* env, const std::string& index_dir, std::vector<gyre::v1::ShardRecord> shards,
-      uint64_t tokenizer_fingerprint, bool verify_checksums);
+      uint64_t tokenizer_fingerprint, bool verify_checksums,
+      size_t max_open_shards = kDefaultMaxOpenShards);
   ~SourceTokens();
 
   uint64_t tokens() const { return total_; }
+  size_t shards() const { return records_.size(); }
   // Copies tokens [begin, begin + out.size()) into `out`.
   absl::Status Read(uint64_t begin, std::span<uint32_t> out) const;
+  size_t open_shards() const;  // currently mapped (for tests)
 
  private:
   SourceTokens() = default;
-  absl::StatusOr<const ShardReader*> Shard(size_t i) const;
+  absl::StatusOr<std::shared_ptr<const ShardReader>> Shard(size_t i) const;
 
   Env* env_ = nullptr;
   std::string index_dir_;
@@ -133,9 +148,11 @@ class SourceTokens {
   uint64_t total_ = 0;
   uint64_t fingerprint_ = 0;
   bool verify_ = false;
-  std::unique_ptr<std::atomic<const ShardReader*>[]> open_;
-  mutable absl::Mutex open_mu_;
-  mutable std::vector<std::unique_ptr<ShardReader>> owned_ ABSL_GUARDED_BY(open_mu_);
+  size_t max_open_ = kDefaultMaxOpenShards;
+  mutable absl::Mutex mu_;
+  mutable std::vector<std::shared_ptr<const ShardReader>> open_ ABSL_GUARDED_BY(mu_);
+  mutable size_t open_count_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable size_t evict_cursor_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // The schedule plus the tokens: "give me the tokens of global sample g". Thread-safe.
@@ -143,6 +160,7 @@ class Sampler {
  public:
   struct OpenOptions {
     bool verify_checksums = false;  // hash every shard's payload when first mapped
+    size_t max_open_shards_per_source = SourceTokens::kDefaultMaxOpenShards;
   };
   static absl::StatusOr<std::unique_ptr<Sampler>> Open(Env* env, const TokenIndex& index,
                                                       const SamplerOptions& options,
@@ -152,6 +170,9 @@ class Sampler {
   SampleAddress Locate(uint64_t g) const { return schedule_.Locate(g); }
   // Writes the L + 1 tokens of sample g into `out` (out.size() must be L + 1).
   absl::Status Read(uint64_t g, std::span<uint32_t> out) const;
+  // Samples first .. first + count - 1, row after row: out.size() must be count * (L + 1).
+  // With RankSlice this is one rank's share of a step.
+  absl::Status ReadRange(SampleRange range, std::span<uint32_t> out) const;
   absl::Status ReadAt(const SampleAddress& address, std::span<uint32_t> out) const;
 
  private:
@@ -159,6 +180,12 @@ class Sampler {
   MixSchedule schedule_;
   std::vector<std::unique_ptr<SourceTokens>> tokens_;  // parallel to schedule_.sources()
 };
+
+// The tokens of any one source (validation sources included, e.g. for perplexity), read in
+// order: sequence j of a validation source is the window starting at j * L, no permutation.
+absl::StatusOr<std::unique_ptr<SourceTokens>> OpenSourceTokens(Env* env, const TokenIndex& index,
+                                                               const std::string& source,
+                                                               bool verify_checksums);
 
 // XXH3-64 of the token ids as little-endian uint32 (what `gyre sample` prints).
 uint64_t HashTokens(std::span<const uint32_t> tokens);

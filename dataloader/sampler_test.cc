@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -251,6 +252,73 @@ TEST_F(SamplerShardsTest, WindowsAreTheSourceTokensAcrossShardBoundaries) {
   EXPECT_GT(crossing, 0) << "no window crossed a shard boundary; the test lost its point";
   std::vector<uint32_t> wrong(64);
   EXPECT_EQ((*sampler)->Read(0, wrong).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(SamplerShardsTest, SourceTokensReadsAnySourceInOrder) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  ASSERT_TRUE(index.ok());
+  auto beta = OpenSourceTokens(Env::Default(), **index, "beta", true);
+  ASSERT_TRUE(beta.ok()) << beta.status();
+  EXPECT_EQ((*beta)->tokens(), 2501u);
+  std::vector<uint32_t> tail(5);
+  ASSERT_TRUE((*beta)->Read(2496, tail).ok());
+  for (uint64_t i = 0; i < 5; ++i) EXPECT_EQ(tail[i], Expected(1, 2496 + i));
+  EXPECT_EQ((*beta)->Read(2497, tail).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(OpenSourceTokens(Env::Default(), **index, "nope", false).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(SamplerShardsTest, MappedShardsStayBoundedAndReadsStayCorrect) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  ASSERT_TRUE(index.ok());
+  auto shards = (*index)->ListShards("alpha");
+  ASSERT_TRUE(shards.ok());
+  auto meta = (*index)->ReadMeta();
+  auto alpha = SourceTokens::Open(Env::Default(), dir_, *shards, (*meta)->tokenizer_fingerprint(),
+                                  true, /*max_open_shards=*/1);
+  ASSERT_TRUE(alpha.ok());
+  EXPECT_EQ((*alpha)->shards(), 3u);
+  // Windows across all three shards, back and forth: at most one stays mapped.
+  std::vector<uint32_t> window(1100);
+  for (uint64_t begin : {0ull, 4900ull, 10ull, 990ull, 3000ull, 0ull}) {
+    ASSERT_TRUE((*alpha)->Read(begin, window).ok());
+    for (uint64_t i = 0; i < window.size(); ++i) ASSERT_EQ(window[i], Expected(0, begin + i));
+    EXPECT_EQ((*alpha)->open_shards(), 1u);
+  }
+}
+
+TEST_F(SamplerShardsTest, ReadRangeIsRowsOfRead) {
+  auto index = TokenIndex::Open(dir_, TokenIndex::Mode::kReadOnly);
+  SamplerOptions options;
+  options.seq_len = 16;
+  options.mix_block = 8;
+  auto sampler = Sampler::Open(Env::Default(), **index, options, {});
+  ASSERT_TRUE(sampler.ok());
+  const SampleRange range = RankSlice(/*step=*/3, /*global_batch=*/10, /*world=*/3, /*rank=*/1);
+  std::vector<uint32_t> batch(range.count * 17), row(17);
+  ASSERT_TRUE((*sampler)->ReadRange(range, batch).ok());
+  for (uint64_t k = 0; k < range.count; ++k) {
+    ASSERT_TRUE((*sampler)->Read(range.first + k, row).ok());
+    EXPECT_TRUE(std::equal(row.begin(), row.end(), batch.begin() + k * 17));
+  }
+  EXPECT_EQ((*sampler)->ReadRange(range, row).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SamplerOptionsTest, FromConfigAppliesDefaults) {
+  gyre::v1::RunConfig config;
+  config.set_seed(11);
+  SamplerOptions o = SamplerOptionsFromConfig(config);
+  EXPECT_EQ(o.seq_len, 2048u);
+  EXPECT_EQ(o.mix_block, 1024u);
+  EXPECT_EQ(o.seed, 11u);
+  config.mutable_data()->set_seq_len(512);
+  auto* w = config.mutable_data()->add_weights();
+  w->set_source("Github");
+  w->set_weight(0);
+  o = SamplerOptionsFromConfig(config);
+  EXPECT_EQ(o.seq_len, 512u);
+  ASSERT_EQ(o.weights.count("Github"), 1u);
+  EXPECT_EQ(o.weights["Github"], 0.0);
 }
 
 TEST_F(SamplerShardsTest, CorruptShardIsNamed) {

@@ -52,6 +52,9 @@ absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::strin
   return pid;
 }
 
+// Gloo rendezvous files of this run's generations (every local worker reaches the directory).
+std::string RendezvousDir(const RunDir& dir) { return JoinPath(dir.root(), "rendezvous"); }
+
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -75,7 +78,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
     // A stale address would send workers to a dead port; the coordinator writes a fresh one.
     env->RemoveFile(dir.control_address_path()).IgnoreError();
     absl::StatusOr<pid_t> pid = Spawn(options.self_exe,
-                                      {"coordinator", "--run-dir", options.run_dir, "--config", options.config_path},
+                                      {"coordinator", "--runs-dir", DirName(options.run_dir), "--config",
+                                       options.config_path, "--gloo-store", "dir:" + RendezvousDir(dir)},
                                       JoinPath(dir.logs_dir(), "coordinator.log"));
     if (!pid.ok()) return pid.status();
     coordinator = {*pid, "coordinator"};
@@ -90,6 +94,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
     return absl::OkStatus();
   };
 
+  // Keys of an earlier launch of this run directory must not meet this one's (no worker is up yet).
+  if (absl::Status s = env->RemoveAll(RendezvousDir(dir)); !s.ok()) return s;
   if (absl::Status s = start_coordinator(); !s.ok()) return s;
   // Workers need the coordinator's address and token first.
   const int64_t wait_until = NowMs() + 60000;
@@ -152,17 +158,21 @@ absl::Status RunLocal(const LaunchOptions& options) {
       stop_deadline = NowMs() + 5000;
     }
     if (coordinator_done && !workers.empty() && stop_deadline == 0) {
-      // The run is over: workers got STOP; give them the grace period.
+      // The coordinator is gone for good: give the workers the grace period.
       stop_deadline = NowMs() + options.stop_grace_ms;
     }
 
-    // Provisioner: match the coordinator's desired worker count.
-    if (!coordinator_done && stop_deadline == 0) {
+    // Provisioner: match the coordinator's desired worker count; end the coordinator once the
+    // run is over and every worker has left.
+    if (!coordinator_done) {
       absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", "");
-      if (target.ok()) {
-        absl::StatusOr<gyre::v1::RunStatus> run = cli::ControlClient(*target, 2000).GetStatus();
-        if (run.ok() && run->state() != gyre::v1::RUN_STATE_STOPPING && run->state() != gyre::v1::RUN_STATE_STOPPED &&
-            run->state() != gyre::v1::RUN_STATE_FINISHED) {
+      absl::StatusOr<gyre::v1::RunStatus> run =
+          target.ok() ? cli::ControlClient(*target, 2000).GetStatus() : absl::StatusOr<gyre::v1::RunStatus>(target.status());
+      if (run.ok()) {
+        const bool over = run->state() == gyre::v1::RUN_STATE_STOPPED || run->state() == gyre::v1::RUN_STATE_FINISHED;
+        if (over && workers.empty()) {
+          ::kill(coordinator.pid, SIGTERM);
+        } else if (!over && run->state() != gyre::v1::RUN_STATE_STOPPING && stop_deadline == 0) {
           const int desired = static_cast<int>(run->desired_workers());
           for (int alive = static_cast<int>(workers.size()); alive < desired; ++alive) {
             std::fprintf(stderr, "gyre launch: %zu worker(s) alive, %d desired: starting one\n", workers.size(), desired);
