@@ -1,0 +1,333 @@
+// mLSTM: the recurrent and chunkwise forwards against a step loop written here from MODELS.md
+// §1.1 (several chunk sizes, lengths not divisible by the chunk, both forget-gate kinds, with and
+// without an initial state), the float path against float64, and the chunkwise backward against
+// float64 central finite differences of the same forward, including extreme gate
+// pre-activations (ĩ, f̃ = ±30).
+#include "kernels/cpu/mlstm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace gyre::cpu {
+namespace {
+
+using Vec = std::vector<double>;
+
+Vec RandomVector(int64_t n, std::mt19937_64& rng, double scale = 1.0) {
+  std::normal_distribution<double> dist(0.0, scale);
+  Vec v(n);
+  for (double& e : v) e = dist(rng);
+  return v;
+}
+
+// Norm-wise relative error ||a − b|| / ||b||.
+double RelativeError(const Vec& a, const Vec& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+Vec NumericGradient(Vec& param, const std::function<double()>& loss,
+                                    double step = 1e-4) {
+  // Central differences with one Richardson step: (4·D(h/2) − D(h)) / 3 is accurate to O(h⁴),
+  // so high-curvature cases (exponential forget gates) do not need a tiny, noisy step.
+  auto central = [&](size_t i, double h) {
+    const double saved = param[i];
+    param[i] = saved + h;
+    const double up = loss();
+    param[i] = saved - h;
+    const double down = loss();
+    param[i] = saved;
+    return (up - down) / (2 * h);
+  };
+  Vec grad(param.size());
+  for (size_t i = 0; i < param.size(); ++i) {
+    grad[i] = (4 * central(i, step / 2) - central(i, step)) / 3;
+  }
+  return grad;
+}
+
+struct Problem {
+  MlstmShape shape;
+  Vec q, k, v, ig, fg;  // [B, S, NH, *]
+  Vec c0, n0, m0;       // initial state (used when has_initial)
+  bool has_initial = false;
+
+  MlstmInputs<double> Inputs() const {
+    return {q.data(), k.data(), v.data(), ig.data(), fg.data()};
+  }
+  MlstmStateRef<const double> Initial() const {
+    if (!has_initial) return {};
+    return {c0.data(), n0.data(), m0.data()};
+  }
+};
+
+Problem MakeProblem(MlstmShape s, bool has_initial, uint64_t seed, bool extreme_gates) {
+  std::mt19937_64 rng(seed);
+  Problem p;
+  p.shape = s;
+  const int64_t tokens = s.batch * s.seq_len * s.num_heads;
+  p.q = RandomVector(tokens * s.dk, rng);
+  p.k = RandomVector(tokens * s.dk, rng);
+  p.v = RandomVector(tokens * s.dv, rng);
+  p.ig = RandomVector(tokens, rng, 2.0);
+  p.fg = RandomVector(tokens, rng, 2.0);
+  for (double& f : p.fg) f += 2.0;  // typical forget bias
+  if (extreme_gates) {
+    // Every third gate saturated at ±30 (mixed with ordinary values, so that each gradient
+    // tensor has a well-defined norm).
+    std::uniform_int_distribution<int> coin(0, 1);
+    for (int64_t i = 0; i < tokens; i += 3) p.ig[i] = coin(rng) ? 30.0 : -30.0;
+    for (int64_t i = 1; i < tokens; i += 3) p.fg[i] = coin(rng) ? 30.0 : -30.0;
+  }
+  const int64_t bh = s.batch * s.num_heads;
+  p.has_initial = has_initial;
+  p.c0 = RandomVector(bh * s.dk * s.dv, rng, 0.5);
+  p.n0 = RandomVector(bh * s.dk, rng, 0.5);
+  p.m0 = RandomVector(bh, rng, 1.0);
+  return p;
+}
+
+// MODELS.md §1.1, literally, one (batch, head) at a time. Returns h; writes the final state.
+Vec NaiveRecurrence(const Problem& p, const MlstmOptions& o, Vec* c_out, Vec* n_out,
+                    Vec* m_out) {
+  const MlstmShape& s = p.shape;
+  const int64_t S = s.seq_len, NH = s.num_heads, DK = s.dk, DV = s.dv;
+  Vec h(s.batch * S * NH * DV);
+  c_out->assign(s.batch * NH * DK * DV, 0);
+  n_out->assign(s.batch * NH * DK, 0);
+  m_out->assign(s.batch * NH, 0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t hd = 0; hd < NH; ++hd) {
+      const int64_t bh = b * NH + hd;
+      Vec C(DK * DV, 0.0), n(DK, 0.0);
+      double m = 0;
+      if (p.has_initial) {
+        std::copy_n(p.c0.begin() + bh * DK * DV, DK * DV, C.begin());
+        std::copy_n(p.n0.begin() + bh * DK, DK, n.begin());
+        m = p.m0[bh];
+      }
+      for (int64_t t = 0; t < S; ++t) {
+        const int64_t tok = (b * S + t) * NH + hd;
+        const double f_raw = p.fg[tok], i_raw = p.ig[tok];
+        const double lf = o.forget_gate == MlstmForgetGate::kSigmoid
+                              ? -std::log1p(std::exp(-f_raw))
+                              : f_raw;
+        const double m_new = std::max(lf + m, i_raw);
+        const double fp = std::exp(lf + m - m_new), ip = std::exp(i_raw - m_new);
+        m = m_new;
+        for (int64_t a = 0; a < DK; ++a) {
+          for (int64_t j = 0; j < DV; ++j) {
+            C[a * DV + j] = fp * C[a * DV + j] + ip * p.k[tok * DK + a] * p.v[tok * DV + j];
+          }
+          n[a] = fp * n[a] + ip * p.k[tok * DK + a];
+        }
+        double den = 0;
+        for (int64_t a = 0; a < DK; ++a) den += n[a] * p.q[tok * DK + a] / std::sqrt(DK);
+        const double denom = std::max(std::abs(den), std::exp(-m)) + o.eps;
+        for (int64_t j = 0; j < DV; ++j) {
+          double num = 0;
+          for (int64_t a = 0; a < DK; ++a) {
+            num += C[a * DV + j] * p.q[tok * DK + a] / std::sqrt(DK);
+          }
+          h[tok * DV + j] = num / denom;
+        }
+      }
+      std::copy(C.begin(), C.end(), c_out->begin() + bh * DK * DV);
+      std::copy(n.begin(), n.end(), n_out->begin() + bh * DK);
+      (*m_out)[bh] = m;
+    }
+  }
+  return h;
+}
+
+struct FwdCase {
+  int64_t seq_len;
+  int64_t chunk_size;
+  bool has_initial;
+  MlstmForgetGate gate;
+};
+
+class MlstmForwardTest : public ::testing::TestWithParam<FwdCase> {};
+
+TEST_P(MlstmForwardTest, ChunkwiseAndRecurrentMatchStepLoop) {
+  const FwdCase tc = GetParam();
+  const MlstmShape s{.batch = 2, .seq_len = tc.seq_len, .num_heads = 2, .dk = 5, .dv = 3};
+  const MlstmOptions o{.chunk_size = tc.chunk_size, .forget_gate = tc.gate};
+  ASSERT_TRUE(mlstm_check(s, o).ok());
+  const Problem p = MakeProblem(s, tc.has_initial, 1234 + tc.seq_len, /*extreme_gates=*/false);
+  Vec c_ref, n_ref, m_ref;
+  const Vec h_ref = NaiveRecurrence(p, o, &c_ref, &n_ref, &m_ref);
+
+  const int64_t bh = s.batch * s.num_heads;
+  Vec h(h_ref.size(), std::nan("")), c(c_ref.size()), n(n_ref.size()), m(m_ref.size());
+  mlstm_recurrent_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), h.data(),
+                                  {c.data(), n.data(), m.data()});
+  EXPECT_LT(RelativeError(h, h_ref), 1e-13);
+  EXPECT_LT(RelativeError(c, c_ref), 1e-13);
+
+  Vec saved(mlstm_chunkwise_saved_size(s, o), std::nan(""));
+  Vec hc(h_ref.size(), std::nan("")), cc(c_ref.size()), nc(n_ref.size()), mc(bh);
+  mlstm_chunkwise_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), hc.data(), saved.data(),
+                                  {cc.data(), nc.data(), mc.data()});
+  EXPECT_LT(RelativeError(hc, h_ref), 1e-12);
+  EXPECT_LT(RelativeError(cc, c_ref), 1e-12);
+  EXPECT_LT(RelativeError(nc, n_ref), 1e-12);
+  EXPECT_LT(RelativeError(mc, m_ref), 1e-12);
+
+  // float: the same computation in single precision against the float64 step loop.
+  auto to_f = [](const Vec& v) { return std::vector<float>(v.begin(), v.end()); };
+  const auto qf = to_f(p.q), kf = to_f(p.k), vf = to_f(p.v), igf = to_f(p.ig),
+             fgf = to_f(p.fg), c0f = to_f(p.c0), n0f = to_f(p.n0), m0f = to_f(p.m0);
+  MlstmStateRef<const float> init_f;
+  if (p.has_initial) init_f = {c0f.data(), n0f.data(), m0f.data()};
+  std::vector<float> savedf(mlstm_chunkwise_saved_size(s, o)), hf(h_ref.size());
+  mlstm_chunkwise_fwd_ref<float>(s, o, {qf.data(), kf.data(), vf.data(), igf.data(), fgf.data()},
+                                 init_f, hf.data(), savedf.data(), {});
+  EXPECT_LT(RelativeError(Vec(hf.begin(), hf.end()), h_ref), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    LengthsAndChunks, MlstmForwardTest,
+    ::testing::Values(FwdCase{1, 4, false, MlstmForgetGate::kSigmoid},
+                      FwdCase{7, 1, false, MlstmForgetGate::kSigmoid},
+                      FwdCase{7, 3, true, MlstmForgetGate::kSigmoid},
+                      FwdCase{16, 4, false, MlstmForgetGate::kSigmoid},
+                      FwdCase{23, 8, true, MlstmForgetGate::kSigmoid},
+                      FwdCase{23, 64, true, MlstmForgetGate::kSigmoid},
+                      FwdCase{37, 16, false, MlstmForgetGate::kSigmoid},
+                      FwdCase{23, 5, true, MlstmForgetGate::kExponential},
+                      FwdCase{12, 4, false, MlstmForgetGate::kExponential}));
+
+struct BwdCase {
+  int64_t seq_len;
+  int64_t chunk_size;
+  bool has_initial;
+  bool with_final_grad;
+  bool extreme_gates;
+  MlstmForgetGate gate;
+};
+
+class MlstmBackwardTest : public ::testing::TestWithParam<BwdCase> {};
+
+TEST_P(MlstmBackwardTest, MatchesFiniteDifferences) {
+  const BwdCase tc = GetParam();
+  const MlstmShape s{.batch = 1, .seq_len = tc.seq_len, .num_heads = 2, .dk = 3, .dv = 2};
+  const MlstmOptions o{.chunk_size = tc.chunk_size, .forget_gate = tc.gate};
+  Problem p = MakeProblem(s, tc.has_initial, 99 + tc.seq_len * 7 + tc.chunk_size,
+                          tc.extreme_gates);
+  const int64_t bh = s.batch * s.num_heads;
+  std::mt19937_64 rng(5);
+  const Vec dh = RandomVector(p.v.size(), rng), dcf = RandomVector(p.c0.size(), rng),
+            dnf = RandomVector(p.n0.size(), rng), dmf = RandomVector(bh, rng);
+  MlstmStateRef<const double> d_final;
+  if (tc.with_final_grad) d_final = {dcf.data(), dnf.data(), dmf.data()};
+
+  // Scalar loss = Σ dh·h (+ <dC_S, C_S> + <dn_S, n_S> + dm_S·m_S).
+  auto loss = [&]() {
+    Vec saved(mlstm_chunkwise_saved_size(s, o)), h(p.v.size()), c(p.c0.size()),
+        n(p.n0.size()), m(bh);
+    mlstm_chunkwise_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), h.data(), saved.data(),
+                                    {c.data(), n.data(), m.data()});
+    double l = 0;
+    for (size_t i = 0; i < h.size(); ++i) l += dh[i] * h[i];
+    if (tc.with_final_grad) {
+      for (size_t i = 0; i < c.size(); ++i) l += dcf[i] * c[i];
+      for (size_t i = 0; i < n.size(); ++i) l += dnf[i] * n[i];
+      for (size_t i = 0; i < m.size(); ++i) l += dmf[i] * m[i];
+    }
+    return l;
+  };
+
+  Vec saved(mlstm_chunkwise_saved_size(s, o)), h(p.v.size());
+  mlstm_chunkwise_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), h.data(), saved.data(), {});
+  const double nan = std::nan("");
+  Vec dq(p.q.size(), nan), dk(p.k.size(), nan), dv(p.v.size(), nan), dig(p.ig.size(), nan),
+      dfg(p.fg.size(), nan), dc0(p.c0.size(), nan), dn0(p.n0.size(), nan), dm0(bh, nan);
+  mlstm_chunkwise_bwd_ref<double>(s, o, p.Inputs(), p.Initial(), h.data(), saved.data(),
+                                  dh.data(), d_final,
+                                  {dq.data(), dk.data(), dv.data(), dig.data(), dfg.data()},
+                                  {dc0.data(), dn0.data(), dm0.data()});
+
+  // Threshold: 1e-6 norm-wise relative (the bar for float64). The Richardson central
+  // differences are accurate to ~1e-10 on these cases (measured while writing the test).
+  constexpr double kTol = 1e-6;
+  EXPECT_LT(RelativeError(dq, NumericGradient(p.q, loss)), kTol);
+  EXPECT_LT(RelativeError(dk, NumericGradient(p.k, loss)), kTol);
+  EXPECT_LT(RelativeError(dv, NumericGradient(p.v, loss)), kTol);
+  EXPECT_LT(RelativeError(dig, NumericGradient(p.ig, loss)), kTol);
+  EXPECT_LT(RelativeError(dfg, NumericGradient(p.fg, loss)), kTol);
+  if (tc.has_initial) {
+    EXPECT_LT(RelativeError(dc0, NumericGradient(p.c0, loss)), kTol);
+    EXPECT_LT(RelativeError(dn0, NumericGradient(p.n0, loss)), kTol);
+    EXPECT_LT(RelativeError(dm0, NumericGradient(p.m0, loss)), kTol);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, MlstmBackwardTest,
+    ::testing::Values(
+        BwdCase{7, 3, false, false, false, MlstmForgetGate::kSigmoid},
+        BwdCase{7, 1, true, true, false, MlstmForgetGate::kSigmoid},
+        BwdCase{8, 8, true, true, false, MlstmForgetGate::kSigmoid},
+        BwdCase{9, 4, true, true, false, MlstmForgetGate::kSigmoid},
+        BwdCase{10, 4, true, true, true, MlstmForgetGate::kSigmoid},
+        BwdCase{10, 3, false, false, true, MlstmForgetGate::kSigmoid},
+        BwdCase{9, 4, true, true, false, MlstmForgetGate::kExponential},
+        BwdCase{10, 3, true, true, true, MlstmForgetGate::kExponential}));
+
+// mlstm.h promises that rows [b0, b1) can be computed by a call on a slice (pointers advanced,
+// saved advanced by b0·saved_size(batch = 1)), bit-identically: what the ops layer uses to spread
+// a layer over threads.
+TEST(MlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
+  const MlstmShape s{.batch = 3, .seq_len = 11, .num_heads = 2, .dk = 4, .dv = 3};
+  const MlstmOptions o{.chunk_size = 4};
+  const Problem p = MakeProblem(s, /*has_initial=*/true, 4, /*extreme_gates=*/false);
+  std::mt19937_64 rng(8);
+  const Vec dh = RandomVector(p.v.size(), rng);
+  const int64_t NH = s.num_heads, S = s.seq_len, dk = s.dk, dv = s.dv;
+  auto run = [&](int64_t b0, int64_t nb, Vec* h, Vec* grads) {
+    MlstmShape sub = s;
+    sub.batch = nb;
+    const int64_t tq = b0 * S * NH * dk, tv = b0 * S * NH * dv, tg = b0 * S * NH;
+    const MlstmInputs<double> in{p.q.data() + tq, p.k.data() + tq, p.v.data() + tv,
+                                 p.ig.data() + tg, p.fg.data() + tg};
+    const MlstmStateRef<const double> init{p.c0.data() + b0 * NH * dk * dv,
+                                           p.n0.data() + b0 * NH * dk, p.m0.data() + b0 * NH};
+    Vec saved(mlstm_chunkwise_saved_size(sub, o));
+    h->assign(nb * S * NH * dv, 0);
+    mlstm_chunkwise_fwd_ref<double>(sub, o, in, init, h->data(), saved.data(), {});
+    Vec dq(nb * S * NH * dk), dkk(dq.size()), dvv(h->size()), dig(nb * S * NH), dfg(dig.size());
+    mlstm_chunkwise_bwd_ref<double>(sub, o, in, init, h->data(), saved.data(), dh.data() + tv,
+                                    {}, {dq.data(), dkk.data(), dvv.data(), dig.data(), dfg.data()},
+                                    {});
+    grads->clear();
+    for (const Vec* g : {&dq, &dkk, &dvv, &dig, &dfg}) grads->insert(grads->end(), g->begin(), g->end());
+  };
+  Vec h_full, g_full, h_sub, g_sub;
+  run(0, 3, &h_full, &g_full);
+  run(1, 2, &h_sub, &g_sub);
+  ASSERT_EQ(h_full.size(), h_sub.size() * 3 / 2);
+  for (size_t i = 0; i < h_sub.size(); ++i) ASSERT_EQ(h_sub[i], h_full[S * NH * dv + i]);
+  // Gradient blocks: the slice's dq (2 rows) equals rows 1..2 of the full dq, etc.
+  const int64_t sizes[] = {S * NH * dk, S * NH * dk, S * NH * dv, S * NH, S * NH};
+  int64_t off_full = 0, off_sub = 0;
+  for (int64_t per_row : sizes) {
+    for (int64_t i = 0; i < 2 * per_row; ++i) {
+      ASSERT_EQ(g_sub[off_sub + i], g_full[off_full + per_row + i]);
+    }
+    off_full += 3 * per_row;
+    off_sub += 2 * per_row;
+  }
+}
+
+}  // namespace
+}  // namespace gyre::cpu

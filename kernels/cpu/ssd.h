@@ -1,0 +1,116 @@
+// Mamba-2 SSD (state-space duality) on the CPU: sequential step recurrence (generation, oracle)
+// and the chunked algorithm (training), forward and backward.
+//
+// Math: /work/shared/MODELS.md §4.1–4.2 ([M2] §6; [ms] `modules/ssd_minimal.py`,
+// `ops/triton/ssd_combined.py`). Per head (x_t ∈ R^P, B_t, C_t ∈ R^N, state H ∈ R^{P×N}):
+//
+//     dt_t = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max)
+//     A    = −exp(A_log)                 one scalar per head ("scalar times identity")
+//     H_t  = exp(dt_t·A)·H_{t−1} + dt_t·x_t B_tᵀ
+//     y_t  = H_t C_t + D·x_t
+//
+// Groups: B and C have G groups; head hd uses group hd / (H/G).
+// Chunked (chunk Q, Acs = within-chunk cumsum of dt·A), per chunk c:
+//   1. y_l  = Σ_{s≤l} (C_l·B_s) e^{Acs_l−Acs_s} dt_s x_s                (intra-chunk, quadratic)
+//   2. S_c  = Σ_s e^{Acs_last−Acs_s} dt_s x_s B_sᵀ                       (chunk state)
+//   3. H_c  = e^{Acs_last} H_{c−1} + S_c                                (state passing)
+//   4. y_l += e^{Acs_l} H_{c−1} C_l;  y_l += D x_l                       (state → output)
+// Every exponent is ≤ 0 (A < 0, dt ≥ 0), so no stabiliser is needed. Q = 1 is exactly the
+// step recurrence.
+//
+// Layouts (row-major, contiguous, token-major):
+//     x, y [B, S, H, P]    dt_raw [B, S, H]    B, C [B, S, G, N]
+//     A_log, dt_bias, D [H]                     state [B, H, P, N]
+//
+// Gradient contract: activation gradients (dx, d dt_raw, dB, dC, d initial state) are
+// OVERWRITTEN; parameter gradients (dA_log, d dt_bias, dD) ACCUMULATE. The clamp passes no
+// gradient where it binds.
+//
+// Threading and batch slicing: pure functions of their arguments; OpenBLAS does the in-chunk
+// products. Batch rows are independent and every array (the opaque `saved` buffer included) is
+// batch-major, so a call on rows [b0, b1) is the call with shape.batch = b1 − b0 and every
+// pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). The parameter gradients
+// accumulate, so concurrent slices need their own dA_log / d dt_bias / dD buffers.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "absl/status/status.h"
+
+namespace gyre::cpu {
+
+struct SsdShape {
+  int64_t batch = 0;       // B
+  int64_t seq_len = 0;     // S (ignored by the step function)
+  int64_t num_heads = 0;   // H
+  int64_t head_dim = 0;    // P
+  int64_t num_groups = 1;  // G (divides H)
+  int64_t state_dim = 0;   // N
+};
+
+struct SsdOptions {
+  int64_t chunk_size = 256;  // Q; any S is allowed (the last chunk may be shorter)
+  // dt_limit of [ms]: dt is clamped to [dt_min, dt_max] after the softplus (default: no clamp).
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+};
+
+template <typename T>
+struct SsdInputs {
+  const T* x = nullptr;        // [B, S, H, P]
+  const T* dt = nullptr;       // [B, S, H]  raw dt (before + dt_bias and softplus)
+  const T* a_log = nullptr;    // [H]        A = −exp(A_log)
+  const T* dt_bias = nullptr;  // [H]
+  const T* b = nullptr;        // [B, S, G, N]
+  const T* c = nullptr;        // [B, S, G, N]
+  const T* d = nullptr;        // [H]  D skip; null = no skip
+};
+
+// dx, ddt, db, dc overwritten; da_log, ddt_bias, dd accumulated (dd ignored when null or when
+// the input D is null).
+template <typename T>
+struct SsdGrads {
+  T* dx = nullptr;
+  T* ddt = nullptr;
+  T* da_log = nullptr;
+  T* ddt_bias = nullptr;
+  T* db = nullptr;
+  T* dc = nullptr;
+  T* dd = nullptr;
+};
+
+absl::Status ssd_check(const SsdShape& shape, const SsdOptions& options);
+
+// One step: x [B, H, P], dt_raw [B, H], B, C [B, G, N] (a_log, dt_bias, d as in SsdInputs);
+// state [B, H, P, N] read and overwritten; y [B, H, P] overwritten.
+template <typename T>
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
+                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
+                      const T* d, T* state, T* y);
+
+// The step recurrence over a whole sequence (the oracle for the chunked form).
+// y overwritten; initial_state may be null (zeros); final_state may be null.
+template <typename T>
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
+                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state);
+
+// Elements of T the chunked forward saves: the NC+1 chunk-boundary states H_c (c = 0..NC,
+// NC = ceil(S/Q)), B·H·(NC+1)·P·N, plus dt after softplus/clamp, B·S·H.
+int64_t ssd_chunked_saved_size(const SsdShape& shape, const SsdOptions& options);
+
+// Chunked forward. y [B, S, H, P] and saved [ssd_chunked_saved_size] overwritten;
+// initial_state [B, H, P, N] may be null (zeros); final_state may be null.
+template <typename T>
+void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                         const T* initial_state, T* y, T* saved, T* final_state);
+
+// Chunked backward (exact gradient of the chunked forward). Needs the forward's inputs,
+// initial_state (as given to the forward) and saved. dy [B, S, H, P]; d_final_state may be
+// null (zero). See SsdGrads for overwrite/accumulate; d_initial_state may be null.
+template <typename T>
+void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                         const T* initial_state, const T* saved, const T* dy,
+                         const T* d_final_state, const SsdGrads<T>& grads, T* d_initial_state);
+
+}  // namespace gyre::cpu
