@@ -1,7 +1,10 @@
 // Tiny models learn real text: byte-level tokens of /usr/share/common-licenses/GPL-3 (35,149
 // bytes, 76 distinct; unigram entropy 3.17 nats). Train on the first 90 %, evaluate on the last
 // 10 %: after a few hundred small steps the held-out loss must fall well below the unigram
-// entropy (a model that ignores context cannot beat it). Numbers are printed for the report.
+// entropy (a model that ignores context cannot beat it). Numbers are printed for the report;
+// measured on the 2-core dev machine (300 steps of 8x64 tokens, lr 3e-3, one thread):
+//   llama-tiny 5.575 -> 2.446, xlstm-tiny 5.801 -> 2.030, mamba2-tiny 5.560 -> 2.023 nats
+// against a unigram entropy of 3.136 nats on the training split.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -95,7 +98,9 @@ TEST_P(LearnTest, HeldOutLossFallsWellBelowUnigramEntropy) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, LearnTest,
-                         ::testing::Values(LearnCase{"llama-tiny", 300, 3e-3, 2.55}),
+                         ::testing::Values(LearnCase{"llama-tiny", 300, 3e-3, 2.55},
+                                           LearnCase{"xlstm-tiny", 300, 3e-3, 2.55},
+                                           LearnCase{"mamba2-tiny", 300, 3e-3, 2.55}),
                          [](const auto& info) {
                            std::string n = info.param.preset;
                            for (char& ch : n) if (ch == '-') ch = '_';
