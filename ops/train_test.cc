@@ -131,6 +131,26 @@ TEST(TrainOptionsTest, DefaultsAndErrors) {
   EXPECT_NE(std::string(bad.status().message()).find("schedule.total_steps"), std::string::npos);
 }
 
+TEST(ModelStateTest, SaveLoadReproducesTheModel) {
+  auto spec = PresetSpec("xlstm-tiny");
+  ASSERT_TRUE(spec.ok());
+  auto a = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 1);
+  auto b = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 2);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<int32_t> tokens(2 * 17);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 5) % 31);
+  const double la = (*a)->Evaluate(tokens, 2, 16, 1.0 / 32).loss;
+  EXPECT_NE(la, (*b)->Evaluate(tokens, 2, 16, 1.0 / 32).loss);
+  std::vector<NamedTensor> state;
+  for (const NamedTensor& nt : (*a)->params().State()) state.push_back({nt.name, nt.tensor.Clone()});
+  ASSERT_TRUE((*b)->params().LoadState(state).ok());
+  EXPECT_EQ(la, (*b)->Evaluate(tokens, 2, 16, 1.0 / 32).loss);
+  state.back().tensor = Tensor::Zeros({3}, DType::kF32);
+  absl::Status s = (*b)->params().LoadState(state);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find(state.back().name), std::string::npos) << s;
+}
+
 TEST(TrainerTest, StepLowersLossOnRepeatedBatch) {
   auto spec = PresetSpec("llama-tiny");
   ASSERT_TRUE(spec.ok());
