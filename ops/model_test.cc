@@ -244,6 +244,18 @@ TEST_P(RecurrentModelTest, RecomputedBlocksGiveIdenticalGradients) {
   ExpectSameGradients(g1, g2, 0.0);
 }
 
+TEST_P(RecurrentModelTest, Float32MatchesFloat64) {
+  auto spec = PresetSpec(GetParam());
+  ASSERT_TRUE(spec.ok());
+  std::vector<int32_t> tokens = RandomTokens(2 * 33, spec->vocab_size, 14);
+  auto m64 = LanguageModel::Create(*spec, DType::kF64, Device::kCpu, 1);
+  auto m32 = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 1);
+  ASSERT_TRUE(m64.ok() && m32.ok());
+  const double l64 = (*m64)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
+  const double l32 = (*m32)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
+  EXPECT_NEAR(l32, l64, 1e-5 * l64);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;
