@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "ops/gradcheck.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 namespace {
@@ -254,6 +255,20 @@ TEST_P(RecurrentModelTest, Float32MatchesFloat64) {
   const double l64 = (*m64)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
   const double l32 = (*m32)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
   EXPECT_NEAR(l32, l64, 1e-5 * l64);
+}
+
+// Batch-sliced threading of the cell kernels (and attention heads) gives the same loss and
+// gradients as one thread, up to the summation order of parameter-gradient slices.
+TEST_P(RecurrentModelTest, TwoThreadsEqualOneThread) {
+  ModelSpec spec = SmallSpec(GetParam());
+  std::vector<int32_t> tokens = RandomTokens(3 * 7, spec.vocab_size, 15);
+  SetNumThreads(1);
+  auto [r1, g1] = RunStep(spec, tokens, 3, 6, false);
+  SetNumThreads(2);
+  auto [r2, g2] = RunStep(spec, tokens, 3, 6, false);
+  SetNumThreads(1);
+  EXPECT_NEAR(r1.loss, r2.loss, 1e-13);
+  ExpectSameGradients(g1, g2, 1e-12);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny"),

@@ -1,11 +1,15 @@
 #include "ops/recurrent_blocks.h"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "kernels/cpu/conv1d.h"
 #include "kernels/cpu/mlstm.h"
 #include "kernels/cpu/slstm.h"
 #include "kernels/cpu/ssd.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 namespace {
@@ -42,6 +46,15 @@ void AccumulateColumnSums(const Tensor& a, const Tensor* b, Tensor* grad) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) g[c] += y ? x[r * cols + c] * y[r * cols + c] : x[r * cols + c];
   });
+}
+
+// Contiguous batch slices, one per pool thread (kernels/cpu: a call on batch rows [b0, b1) is
+// the call with shape.batch = b1 - b0 and every batch-major pointer advanced by b0 rows).
+std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(batch, NumThreads()));
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t i = 0; i < n; ++i) slices.push_back({batch * i / n, batch * (i + 1) / n});
+  return slices;
 }
 
 }  // namespace
@@ -138,8 +151,16 @@ Tensor MlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
                                                           : cpu::MlstmForgetGate::kExponential, 1e-6};
   saved_ = Tensor::Empty({cpu::mlstm_chunkwise_saved_size(shape, options)}, x.dtype());
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    cpu::MlstmInputs<T> in{q_out_.data<T>(), k_out_.data<T>(), v_out_.data<T>(), ig_.data<T>(), fg_.data<T>()};
-    cpu::mlstm_chunkwise_fwd_ref<T>(shape, options, in, {}, h_.data<T>(), saved_.data<T>(), {});
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq, heads_, dk, dk}, options);
+    const int64_t qk_row = seq * p_, g_row = seq * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * qk_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_fwd_ref<T>({b1 - b0, seq, heads_, dk, dk}, options, in, {}, h_.data<T>() + b0 * qk_row,
+                                      saved_.data<T>() + b0 * saved_row, {});
+    });
   });
   Tensor hn = outnorm_.Forward(h_);
   hs_ = Add(hn, ScaleColumns(xc_, skip_->value));
@@ -156,15 +177,23 @@ Tensor MlstmBlock::Backward(const Tensor& dy) {
   AccumulateColumnSums(dhs, &xc_, &skip_->grad);
   Tensor dxc = ScaleColumns(dhs, skip_->value);
   Tensor dh = outnorm_.Backward(dhs);
-  const cpu::MlstmShape shape{batch_, seq_, heads_, dk, dk};
   const cpu::MlstmOptions options{chunk_, sigmoid_forget_ ? cpu::MlstmForgetGate::kSigmoid
                                                           : cpu::MlstmForgetGate::kExponential, 1e-6};
   Tensor dq = Tensor::EmptyLike(q_out_), dk_t = Tensor::EmptyLike(k_out_), dv = Tensor::EmptyLike(v_out_);
   Tensor dig = Tensor::EmptyLike(ig_), dfg = Tensor::EmptyLike(fg_);
   DispatchFloat(dy.dtype(), [&]<typename T>() {
-    cpu::MlstmInputs<T> in{q_out_.data<T>(), k_out_.data<T>(), v_out_.data<T>(), ig_.data<T>(), fg_.data<T>()};
-    cpu::MlstmGrads<T> g{dq.data<T>(), dk_t.data<T>(), dv.data<T>(), dig.data<T>(), dfg.data<T>()};
-    cpu::mlstm_chunkwise_bwd_ref<T>(shape, options, in, {}, h_.data<T>(), saved_.data<T>(), dh.data<T>(), {}, g, {});
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq_, heads_, dk, dk}, options);
+    const int64_t qk_row = seq_ * p_, g_row = seq_ * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * qk_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::MlstmGrads<T> g{dq.data<T>() + b0 * qk_row, dk_t.data<T>() + b0 * qk_row, dv.data<T>() + b0 * qk_row,
+                           dig.data<T>() + b0 * g_row, dfg.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_bwd_ref<T>({b1 - b0, seq_, heads_, dk, dk}, options, in, {}, h_.data<T>() + b0 * qk_row,
+                                      saved_.data<T>() + b0 * saved_row, dh.data<T>() + b0 * qk_row, {}, g, {});
+    });
   });
   Tensor dqkv = igate_.Backward(dig);
   AddInPlace(&dqkv, fgate_.Backward(dfg));
@@ -248,7 +277,13 @@ Tensor SlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < d_; ++c) g[(r * 4 + k) * d_ + c] = src[r * d_ + c] + b[k * d_ + c];
     }
-    cpu::slstm_fwd_ref<T>(shape, g, recurrent_->value.data<T>(), {}, h_.data<T>(), saved_.data<T>(), {});
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::slstm_saved_size({1, seq, heads_, dh});
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::slstm_fwd_ref<T>({b1 - b0, seq, heads_, dh}, g + b0 * seq * 4 * d_, recurrent_->value.data<T>(), {},
+                            h_.data<T>() + b0 * seq * d_, saved_.data<T>() + b0 * saved_row, {});
+    });
   });
   Tensor x1 = Add(x, group_norm_.Forward(h_));
   return Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
@@ -263,8 +298,19 @@ Tensor SlstmBlock::Backward(const Tensor& dy) {
   Tensor dgates[4];
   for (auto& t : dgates) t = Tensor::Empty({batch_, seq_, d_}, dy.dtype());
   DispatchFloat(dy.dtype(), [&]<typename T>() {
-    cpu::slstm_bwd_ref<T>({batch_, seq_, heads_, dh_dim}, recurrent_->value.data<T>(), {}, h_.data<T>(),
-                          saved_.data<T>(), dh.data<T>(), {}, dgx.data<T>(), recurrent_->grad.data<T>(), {});
+    // dR accumulates: one buffer per slice beyond the first, summed afterwards.
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::slstm_saved_size({1, seq_, heads_, dh_dim});
+    std::vector<Tensor> dr(slices.size());
+    for (size_t i = 1; i < slices.size(); ++i) dr[i] = Tensor::ZerosLike(recurrent_->grad);
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      T* dr_out = i == 0 ? recurrent_->grad.data<T>() : dr[i].data<T>();
+      cpu::slstm_bwd_ref<T>({b1 - b0, seq_, heads_, dh_dim}, recurrent_->value.data<T>(), {},
+                            h_.data<T>() + b0 * seq_ * d_, saved_.data<T>() + b0 * saved_row,
+                            dh.data<T>() + b0 * seq_ * d_, {}, dgx.data<T>() + b0 * seq_ * 4 * d_, dr_out, {});
+    });
+    for (size_t i = 1; i < slices.size(); ++i) AddInPlace(&recurrent_->grad, dr[i]);
     const T* g = dgx.data<T>();
     T* gb = bias_->grad.data<T>();
     for (int k = 0; k < 4; ++k) {
@@ -346,9 +392,17 @@ Tensor Mamba2Block::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   options.chunk_size = chunk_;
   saved_ = Tensor::Empty({cpu::ssd_chunked_saved_size(shape, options)}, x.dtype());
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    cpu::SsdInputs<T> in{xs_.data<T>(), dt_.data<T>(), a_log_->value.data<T>(), dt_bias_->value.data<T>(),
-                         b_.data<T>(), c_.data<T>(), d_skip_->value.data<T>()};
-    cpu::ssd_chunked_fwd_ref<T>(shape, options, in, nullptr, y_.data<T>(), saved_.data<T>(), nullptr);
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::ssd_chunked_saved_size({1, seq, heads_, head_dim_, groups_, state_}, options);
+    const int64_t x_row = seq * di_, dt_row = seq * heads_, bc_row = seq * groups_ * state_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::SsdInputs<T> in{xs_.data<T>() + b0 * x_row, dt_.data<T>() + b0 * dt_row, a_log_->value.data<T>(),
+                           dt_bias_->value.data<T>(), b_.data<T>() + b0 * bc_row, c_.data<T>() + b0 * bc_row,
+                           d_skip_->value.data<T>()};
+      cpu::ssd_chunked_fwd_ref<T>({b1 - b0, seq, heads_, head_dim_, groups_, state_}, options, in, nullptr,
+                                  y_.data<T>() + b0 * x_row, saved_.data<T>() + b0 * saved_row, nullptr);
+    });
   });
   sz_ = Activate(Activation::kSilu, z_);
   return Add(x, out_proj_.Forward(gated_norm_.Forward(Mul(y_, sz_))));
@@ -361,15 +415,33 @@ Tensor Mamba2Block::Backward(const Tensor& dy) {
   Tensor dz = ActivateBackward(Activation::kSilu, z_, Mul(dg, y_));
   Tensor dxs = Tensor::EmptyLike(xs_), ddt = Tensor::EmptyLike(dt_), db = Tensor::EmptyLike(b_),
          dc = Tensor::EmptyLike(c_);
-  const cpu::SsdShape shape{batch_, seq_, heads_, head_dim_, groups_, state_};
   cpu::SsdOptions options;
   options.chunk_size = chunk_;
   DispatchFloat(dy.dtype(), [&]<typename T>() {
-    cpu::SsdInputs<T> in{xs_.data<T>(), dt_.data<T>(), a_log_->value.data<T>(), dt_bias_->value.data<T>(),
-                         b_.data<T>(), c_.data<T>(), d_skip_->value.data<T>()};
-    cpu::SsdGrads<T> g{dxs.data<T>(), ddt.data<T>(), a_log_->grad.data<T>(), dt_bias_->grad.data<T>(),
-                       db.data<T>(), dc.data<T>(), d_skip_->grad.data<T>()};
-    cpu::ssd_chunked_bwd_ref<T>(shape, options, in, nullptr, saved_.data<T>(), dyy.data<T>(), nullptr, g, nullptr);
+    // Parameter gradients accumulate: one set of buffers per slice beyond the first.
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::ssd_chunked_saved_size({1, seq_, heads_, head_dim_, groups_, state_}, options);
+    const int64_t x_row = seq_ * di_, dt_row = seq_ * heads_, bc_row = seq_ * groups_ * state_;
+    std::vector<Tensor> extra(3 * slices.size());
+    for (size_t i = 3; i < extra.size(); ++i) extra[i] = Tensor::ZerosLike(a_log_->grad);
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::SsdInputs<T> in{xs_.data<T>() + b0 * x_row, dt_.data<T>() + b0 * dt_row, a_log_->value.data<T>(),
+                           dt_bias_->value.data<T>(), b_.data<T>() + b0 * bc_row, c_.data<T>() + b0 * bc_row,
+                           d_skip_->value.data<T>()};
+      cpu::SsdGrads<T> g{dxs.data<T>() + b0 * x_row, ddt.data<T>() + b0 * dt_row,
+                         i == 0 ? a_log_->grad.data<T>() : extra[3 * i].data<T>(),
+                         i == 0 ? dt_bias_->grad.data<T>() : extra[3 * i + 1].data<T>(),
+                         db.data<T>() + b0 * bc_row, dc.data<T>() + b0 * bc_row,
+                         i == 0 ? d_skip_->grad.data<T>() : extra[3 * i + 2].data<T>()};
+      cpu::ssd_chunked_bwd_ref<T>({b1 - b0, seq_, heads_, head_dim_, groups_, state_}, options, in, nullptr,
+                                  saved_.data<T>() + b0 * saved_row, dyy.data<T>() + b0 * x_row, nullptr, g, nullptr);
+    });
+    for (size_t i = 1; i < slices.size(); ++i) {
+      AddInPlace(&a_log_->grad, extra[3 * i]);
+      AddInPlace(&dt_bias_->grad, extra[3 * i + 1]);
+      AddInPlace(&d_skip_->grad, extra[3 * i + 2]);
+    }
   });
   Tensor dxbc = conv_.Backward(ConcatColumns({dxs, db, dc}));
   Tensor du = in_proj_.Backward(ConcatColumns({dz, dxbc, ddt}));
