@@ -16,14 +16,15 @@ struct RopeTable {
   int64_t half = 0;
 };
 
-RopeTable MakeRopeTable(int64_t max_pos, int64_t head_dim, double theta) {
+// Rotary frequencies over the first `rotary_dim` features of a head (pairs i, i + rotary_dim/2).
+RopeTable MakeRopeTable(int64_t max_pos, int64_t rotary_dim, double theta) {
   RopeTable t;
-  t.half = head_dim / 2;
+  t.half = rotary_dim / 2;
   t.cos.resize((max_pos + 1) * t.half);
   t.sin.resize((max_pos + 1) * t.half);
   for (int64_t p = 0; p <= max_pos; ++p) {
     for (int64_t i = 0; i < t.half; ++i) {
-      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim));
       const double a = static_cast<double>(p) * inv_freq;
       t.cos[p * t.half + i] = std::cos(a);
       t.sin[p * t.half + i] = std::sin(a);
@@ -36,7 +37,7 @@ RopeTable MakeRopeTable(int64_t max_pos, int64_t head_dim, double theta) {
 template <typename T>
 void RopeRows(const T* x, T* y, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim,
               const RopeTable& table, const std::vector<int64_t>& positions, bool inverse) {
-  const int64_t half = head_dim / 2;
+  const int64_t half = table.half;  // features >= 2 * half pass through unrotated
   const double sign = inverse ? -1.0 : 1.0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = positions[r % seq];
@@ -50,7 +51,7 @@ void RopeRows(const T* x, T* y, int64_t rows, int64_t seq, int64_t heads, int64_
         yr[i] = static_cast<T>(x1 * c[i] - sign * x2 * s[i]);
         yr[i + half] = static_cast<T>(x2 * c[i] + sign * x1 * s[i]);
       }
-      if (head_dim % 2 == 1) yr[head_dim - 1] = xr[head_dim - 1];
+      for (int64_t i = 2 * half; i < head_dim; ++i) yr[i] = xr[i];
     }
   }
 }
@@ -139,7 +140,7 @@ void ForwardCpu(AttentionSaved* s, const AttentionOptions& o) {
   const int64_t B = s->batch, S = s->seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
   const int64_t group = H / Hk;
   const Positions pos = MakePositions(S, o);
-  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  const RopeTable table = MakeRopeTable(pos.max_pos, o.rotary_dim > 0 ? o.rotary_dim : D, o.rope_theta);
   Rotated r = Rotate<T>(*s, o, pos, table);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
   const T* v = s->v.data<T>();
@@ -179,7 +180,7 @@ void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOpt
   const int64_t B = s.batch, S = s.seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
   const int64_t group = H / Hk;
   const Positions pos = MakePositions(S, o);
-  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  const RopeTable table = MakeRopeTable(pos.max_pos, o.rotary_dim > 0 ? o.rotary_dim : D, o.rope_theta);
   Rotated r = Rotate<T>(s, o, pos, table);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
   // Gradients w.r.t. the rotated q/k (neighbour and grouped), un-rotated at the end.
@@ -265,17 +266,19 @@ void CheckOptions(const AttentionOptions& o) {
   GYRE_CHECK(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0, "heads %ld kv_heads %ld",
              (long)o.heads, (long)o.kv_heads);
   GYRE_CHECK(o.head_dim > 0, "head_dim %ld", (long)o.head_dim);
+  GYRE_CHECK(o.rotary_dim >= 0 && o.rotary_dim <= o.head_dim && o.rotary_dim % 2 == 0, "rotary_dim %ld of head_dim %ld",
+             (long)o.rotary_dim, (long)o.head_dim);
   GYRE_CHECK(o.self_extend_group == 0 || o.self_extend_window > 0, "SelfExtend needs a window");
 }
 
 }  // namespace
 
 Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
-                 const std::vector<int64_t>& positions, bool inverse) {
+                 const std::vector<int64_t>& positions, bool inverse, int64_t rotary_dim) {
   CheckCpu(x, "rope");
   int64_t max_pos = 0;
   for (int64_t p : positions) max_pos = std::max(max_pos, p);
-  const RopeTable table = MakeRopeTable(max_pos, head_dim, theta);
+  const RopeTable table = MakeRopeTable(max_pos, rotary_dim > 0 ? rotary_dim : head_dim, theta);
   Tensor y = Tensor::EmptyLike(x);
   DispatchFloat(x.dtype(), [&]<typename T>() {
     RopeRows<T>(x.data<T>(), y.data<T>(), x.rows(), seq, heads, head_dim, table, positions, inverse);

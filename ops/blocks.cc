@@ -10,6 +10,7 @@ absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildCont
                                                  int64_t layer, int64_t n_layers) {
   switch (type) {
     case BlockType::kAttention:
+      if (!spec.attn_mlp) return std::unique_ptr<Block>(new AttentionMixerBlock(ctx, spec, n_layers));
       return std::unique_ptr<Block>(new LlamaBlock(ctx, spec, n_layers));
     case BlockType::kMlstm:
       return std::unique_ptr<Block>(new MlstmBlock(ctx, spec, n_layers));

@@ -36,16 +36,16 @@ ModelSpec SmallSpec(const std::string& preset) {
     c.mutable_xlstm()->set_chunk_size(2);  // several chunks, the last one short
     c.mutable_xlstm()->set_slstm_heads(2);
   }
-  if (preset == "mamba2-tiny" || preset == "hybrid-tiny") {
+  if (preset == "mamba2-tiny" || preset == "hybrid-tiny" || preset == "mamba2-attention-tiny") {
     c.set_n_layers(2);
     c.mutable_mamba2()->set_head_dim(4);
     c.mutable_mamba2()->set_d_state(4);
     c.mutable_mamba2()->set_n_groups(2);
     c.mutable_mamba2()->set_chunk_size(2);
     c.mutable_attention()->set_num_heads(2);
-    c.mutable_attention()->set_head_dim(4);
+    c.mutable_attention()->set_head_dim(preset == "mamba2-attention-tiny" ? 8 : 4);
     c.mutable_attention()->set_ffn_dim(12);
-    if (preset == "hybrid-tiny") c.add_attention_at(0);
+    if (preset != "mamba2-tiny") c.add_attention_at(0);
   }
   if (preset == "llama-tiny") {
     c.set_n_layers(2);
@@ -56,6 +56,7 @@ ModelSpec SmallSpec(const std::string& preset) {
   }
   auto spec = ResolveModelConfig(c);
   GYRE_CHECK(spec.ok(), "%s", std::string(spec.status().message()).c_str());
+  if (preset == "mamba2-attention-tiny") spec->attn_rotary_dim = 4;  // partial rotary (no config field)
   return *spec;
 }
 
@@ -271,7 +272,7 @@ TEST_P(RecurrentModelTest, TwoThreadsEqualOneThread) {
   ExpectSameGradients(g1, g2, 1e-12);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny"),
+INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n) if (ch == '-') ch = '_';
@@ -299,6 +300,7 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
       {"mamba2-780m", 780161280},   // 780.2M
       {"mamba2-1.3b", 1343757312},  // 1343.8M
       {"mamba2-2.7b", 2702599680},  // 2702.6M
+      {"mamba2-attention-2.7b", 2697590880},  // MODELS.md §8: 58 SSD + 6 attention layers
   };
   for (const auto& [preset, count] : expected) {
     auto spec = PresetSpec(preset);
@@ -310,7 +312,7 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
 }
 
 TEST(ParameterCountTest, MetaCountEqualsAllocatedCount) {
-  for (const std::string preset : {"llama-tiny", "xlstm-tiny", "mamba2-tiny", "hybrid-tiny"}) {
+  for (const std::string preset : {"llama-tiny", "xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"}) {
     auto spec = PresetSpec(preset);
     ASSERT_TRUE(spec.ok());
     auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 0);
