@@ -18,11 +18,6 @@
 
 namespace gyre::ops {
 
-struct NamedTensor {
-  std::string name;
-  Tensor tensor;
-};
-
 struct AdamWOptions {
   double beta1 = 0.9;
   double beta2 = 0.95;

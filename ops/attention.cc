@@ -4,6 +4,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/gemm.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -15,14 +16,15 @@ struct RopeTable {
   int64_t half = 0;
 };
 
-RopeTable MakeRopeTable(int64_t max_pos, int64_t head_dim, double theta) {
+// Rotary frequencies over the first `rotary_dim` features of a head (pairs i, i + rotary_dim/2).
+RopeTable MakeRopeTable(int64_t max_pos, int64_t rotary_dim, double theta) {
   RopeTable t;
-  t.half = head_dim / 2;
+  t.half = rotary_dim / 2;
   t.cos.resize((max_pos + 1) * t.half);
   t.sin.resize((max_pos + 1) * t.half);
   for (int64_t p = 0; p <= max_pos; ++p) {
     for (int64_t i = 0; i < t.half; ++i) {
-      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim));
       const double a = static_cast<double>(p) * inv_freq;
       t.cos[p * t.half + i] = std::cos(a);
       t.sin[p * t.half + i] = std::sin(a);
@@ -35,7 +37,7 @@ RopeTable MakeRopeTable(int64_t max_pos, int64_t head_dim, double theta) {
 template <typename T>
 void RopeRows(const T* x, T* y, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim,
               const RopeTable& table, const std::vector<int64_t>& positions, bool inverse) {
-  const int64_t half = head_dim / 2;
+  const int64_t half = table.half;  // features >= 2 * half pass through unrotated
   const double sign = inverse ? -1.0 : 1.0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = positions[r % seq];
@@ -49,7 +51,7 @@ void RopeRows(const T* x, T* y, int64_t rows, int64_t seq, int64_t heads, int64_
         yr[i] = static_cast<T>(x1 * c[i] - sign * x2 * s[i]);
         yr[i + half] = static_cast<T>(x2 * c[i] + sign * x1 * s[i]);
       }
-      if (head_dim % 2 == 1) yr[head_dim - 1] = xr[head_dim - 1];
+      for (int64_t i = 2 * half; i < head_dim; ++i) yr[i] = xr[i];
     }
   }
 }
@@ -81,12 +83,6 @@ Positions MakePositions(int64_t seq, const AttentionOptions& o) {
   return p;
 }
 
-template <typename T>
-T Dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // Rotated copies of q and k at the neighbour (and, with SelfExtend, the grouped) positions.
 struct Rotated {
@@ -111,12 +107,40 @@ Rotated Rotate(const AttentionSaved& s, const AttentionOptions& o, const Positio
   return r;
 }
 
+// Query rows are processed in blocks of kRowBlock; a block's logits against the keys it can see
+// ([rows, i1] with i1 = last row + 1) are one GEMM (two with SelfExtend, merged by the rule
+// i - j < W), so memory per task is O(kRowBlock * T) and the products run in BLAS.
+constexpr int64_t kRowBlock = 128;
+
+// Fills s[r, j] (r in [i0, i1), j < i1, row stride ld) with scale * logit(i, j), -inf above the
+// diagonal.
+template <typename T>
+void BlockLogits(const Rotated& r, const Positions& pos, const AttentionOptions& o, int64_t S, int64_t b,
+                 int64_t h, int64_t hk, int64_t i0, int64_t i1, T scale, T* s, T* tmp) {
+  const int64_t H = o.heads, Hk = o.kv_heads, D = o.head_dim;
+  const int64_t rows = i1 - i0, ld = i1;
+  const T* qn = r.qn.data<T>() + ((b * S + i0) * H + h) * D;
+  const T* kn = r.kn.data<T>() + (b * S * Hk + hk) * D;
+  Gemm<T>(false, true, rows, i1, D, scale, qn, H * D, kn, Hk * D, T(0), s, ld);
+  if (pos.self_extend) {
+    const T* qg = r.qg.data<T>() + ((b * S + i0) * H + h) * D;
+    const T* kg = r.kg.data<T>() + (b * S * Hk + hk) * D;
+    Gemm<T>(false, true, rows, i1, D, scale, qg, H * D, kg, Hk * D, T(0), tmp, ld);
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      const int64_t i = i0 + rr;
+      for (int64_t j = 0; j + pos.window <= i; ++j) s[rr * ld + j] = tmp[rr * ld + j];
+    }
+  }
+  for (int64_t rr = 0; rr < rows; ++rr)
+    for (int64_t j = i0 + rr + 1; j < i1; ++j) s[rr * ld + j] = -std::numeric_limits<T>::infinity();
+}
+
 template <typename T>
 void ForwardCpu(AttentionSaved* s, const AttentionOptions& o) {
   const int64_t B = s->batch, S = s->seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
   const int64_t group = H / Hk;
   const Positions pos = MakePositions(S, o);
-  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  const RopeTable table = MakeRopeTable(pos.max_pos, o.rotary_dim > 0 ? o.rotary_dim : D, o.rope_theta);
   Rotated r = Rotate<T>(*s, o, pos, table);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
   const T* v = s->v.data<T>();
@@ -124,44 +148,39 @@ void ForwardCpu(AttentionSaved* s, const AttentionOptions& o) {
   double* lse = s->lse.data<double>();
   ParallelFor(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    std::vector<double> p(S);
-    std::vector<double> acc(D);
-    for (int64_t i = 0; i < S; ++i) {
-      const T* qn = r.qn.data<T>() + ((b * S + i) * H + h) * D;
-      const T* qg = pos.self_extend ? r.qg.data<T>() + ((b * S + i) * H + h) * D : nullptr;
-      double m = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j <= i; ++j) {
-        const int64_t koff = ((b * S + j) * Hk + hk) * D;
-        const bool neighbour = !pos.self_extend || i - j < pos.window;
-        const T logit = neighbour ? Dot(qn, r.kn.data<T>() + koff, D)
-                                  : Dot(qg, r.kg.data<T>() + koff, D);
-        p[j] = static_cast<double>(logit * scale);
-        m = std::max(m, p[j]);
+    std::vector<T> buf(kRowBlock * S), tmp(pos.self_extend ? kRowBlock * S : 0);
+    for (int64_t i0 = 0; i0 < S; i0 += kRowBlock) {
+      const int64_t i1 = std::min(S, i0 + kRowBlock), rows = i1 - i0, ld = i1;
+      BlockLogits<T>(r, pos, o, S, b, h, hk, i0, i1, scale, buf.data(), tmp.data());
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        T* row = buf.data() + rr * ld;
+        const int64_t n = i0 + rr + 1;
+        T m = row[0];
+        for (int64_t j = 1; j < n; ++j) m = std::max(m, row[j]);
+        double l = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          row[j] = std::exp(row[j] - m);
+          l += row[j];
+        }
+        const T inv = static_cast<T>(1.0 / l);
+        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+        for (int64_t j = n; j < ld; ++j) row[j] = T(0);
+        lse[(b * H + h) * S + i0 + rr] = static_cast<double>(m) + std::log(l);
       }
-      double l = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        p[j] = std::exp(p[j] - m);
-        l += p[j];
-      }
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t j = 0; j <= i; ++j) {
-        const T* vj = v + ((b * S + j) * Hk + hk) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += p[j] * vj[d];
-      }
-      T* oi = out + ((b * S + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) oi[d] = static_cast<T>(acc[d] / l);
-      lse[(b * H + h) * S + i] = m + std::log(l);
+      // out rows = P V
+      Gemm<T>(false, false, rows, D, i1, T(1), buf.data(), ld, v + (b * S * Hk + hk) * D, Hk * D, T(0),
+              out + ((b * S + i0) * H + h) * D, H * D);
     }
   });
 }
 
 template <typename T>
-void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOptions& o, Tensor* dq,
-                 Tensor* dk, Tensor* dv) {
+void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOptions& o, Tensor* dq, Tensor* dk,
+                 Tensor* dv) {
   const int64_t B = s.batch, S = s.seq, H = o.heads, Hk = o.kv_heads, D = o.head_dim;
   const int64_t group = H / Hk;
   const Positions pos = MakePositions(S, o);
-  const RopeTable table = MakeRopeTable(pos.max_pos, D, o.rope_theta);
+  const RopeTable table = MakeRopeTable(pos.max_pos, o.rotary_dim > 0 ? o.rotary_dim : D, o.rope_theta);
   Rotated r = Rotate<T>(s, o, pos, table);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
   // Gradients w.r.t. the rotated q/k (neighbour and grouped), un-rotated at the end.
@@ -179,32 +198,53 @@ void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOpt
   // One task per (batch, kv head): every gradient row it writes belongs to it alone.
   ParallelFor(B * Hk, [&](int64_t bk) {
     const int64_t b = bk / Hk, hk = bk % Hk;
+    std::vector<T> p(kRowBlock * S), dp(kRowBlock * S), tmp(pos.self_extend ? kRowBlock * S : 0);
+    const int64_t kv_off = (b * S * Hk + hk) * D;
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int64_t i = 0; i < S; ++i) {
-        const int64_t qoff = ((b * S + i) * H + h) * D;
-        const T* qn = r.qn.data<T>() + qoff;
-        const T* qg = pos.self_extend ? r.qg.data<T>() + qoff : nullptr;
-        const T* doi = d_out + qoff;
-        const double delta = Dot(doi, out + qoff, D);
-        const double lse_i = lse[(b * H + h) * S + i];
-        for (int64_t j = 0; j <= i; ++j) {
-          const int64_t koff = ((b * S + j) * Hk + hk) * D;
-          const bool neighbour = !pos.self_extend || i - j < pos.window;
-          const T* kj = neighbour ? r.kn.data<T>() + koff : r.kg.data<T>() + koff;
-          const double logit = static_cast<double>(Dot(neighbour ? qn : qg, kj, D) * scale);
-          const double p = std::exp(logit - lse_i);
-          const double dp = Dot(doi, v + koff, D);
-          const T ds = static_cast<T>(p * (dp - delta)) * scale;
-          T* dvj = dv->data<T>() + koff;
-          for (int64_t d = 0; d < D; ++d) dvj[d] += static_cast<T>(p) * doi[d];
-          T* dqi = (neighbour ? dqn : dqg).data<T>() + qoff;
-          T* dkj = (neighbour ? dkn : dkg).data<T>() + koff;
-          const T* qi = neighbour ? qn : qg;
-          for (int64_t d = 0; d < D; ++d) {
-            dqi[d] += ds * kj[d];
-            dkj[d] += ds * qi[d];
+      for (int64_t i0 = 0; i0 < S; i0 += kRowBlock) {
+        const int64_t i1 = std::min(S, i0 + kRowBlock), rows = i1 - i0, ld = i1;
+        const int64_t q_off = ((b * S + i0) * H + h) * D;
+        BlockLogits<T>(r, pos, o, S, b, h, hk, i0, i1, scale, p.data(), tmp.data());
+        // dP = dO Vᵀ
+        Gemm<T>(false, true, rows, i1, D, T(1), d_out + q_off, H * D, v + kv_off, Hk * D, T(0), dp.data(), ld);
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          const int64_t i = i0 + rr, n = i + 1;
+          const double l = lse[(b * H + h) * S + i];
+          double delta = 0;
+          const T* doi = d_out + q_off + rr * H * D;
+          const T* oi = out + q_off + rr * H * D;
+          for (int64_t d = 0; d < D; ++d) delta += static_cast<double>(doi[d]) * oi[d];
+          T* prow = p.data() + rr * ld;
+          T* dsrow = dp.data() + rr * ld;
+          for (int64_t j = 0; j < n; ++j) {
+            prow[j] = static_cast<T>(std::exp(static_cast<double>(prow[j]) - l));
+            dsrow[j] = static_cast<T>(prow[j] * (dsrow[j] - delta)) * scale;  // dS, scaled for dq/dk
           }
+          for (int64_t j = n; j < ld; ++j) prow[j] = dsrow[j] = T(0);
         }
+        // dV += Pᵀ dO
+        Gemm<T>(true, false, i1, D, rows, T(1), p.data(), ld, d_out + q_off, H * D, T(1), dv->data<T>() + kv_off, Hk * D);
+        if (pos.self_extend) {
+          // Split dS into neighbour (kept in dp) and grouped (moved to tmp) entries.
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            const int64_t i = i0 + rr;
+            T* dsrow = dp.data() + rr * ld;
+            T* grow = tmp.data() + rr * ld;
+            for (int64_t j = 0; j < ld; ++j) {
+              const bool grouped = j <= i && i - j >= pos.window;
+              grow[j] = grouped ? dsrow[j] : T(0);
+              if (grouped) dsrow[j] = T(0);
+            }
+          }
+          Gemm<T>(false, false, rows, D, i1, T(1), tmp.data(), ld, r.kg.data<T>() + kv_off, Hk * D, T(1),
+                  dqg.data<T>() + q_off, H * D);
+          Gemm<T>(true, false, i1, D, rows, T(1), tmp.data(), ld, r.qg.data<T>() + q_off, H * D, T(1),
+                  dkg.data<T>() + kv_off, Hk * D);
+        }
+        Gemm<T>(false, false, rows, D, i1, T(1), dp.data(), ld, r.kn.data<T>() + kv_off, Hk * D, T(1),
+                dqn.data<T>() + q_off, H * D);
+        Gemm<T>(true, false, i1, D, rows, T(1), dp.data(), ld, r.qn.data<T>() + q_off, H * D, T(1),
+                dkn.data<T>() + kv_off, Hk * D);
       }
     }
   });
@@ -226,17 +266,19 @@ void CheckOptions(const AttentionOptions& o) {
   GYRE_CHECK(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0, "heads %ld kv_heads %ld",
              (long)o.heads, (long)o.kv_heads);
   GYRE_CHECK(o.head_dim > 0, "head_dim %ld", (long)o.head_dim);
+  GYRE_CHECK(o.rotary_dim >= 0 && o.rotary_dim <= o.head_dim && o.rotary_dim % 2 == 0, "rotary_dim %ld of head_dim %ld",
+             (long)o.rotary_dim, (long)o.head_dim);
   GYRE_CHECK(o.self_extend_group == 0 || o.self_extend_window > 0, "SelfExtend needs a window");
 }
 
 }  // namespace
 
 Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
-                 const std::vector<int64_t>& positions, bool inverse) {
+                 const std::vector<int64_t>& positions, bool inverse, int64_t rotary_dim) {
   CheckCpu(x, "rope");
   int64_t max_pos = 0;
   for (int64_t p : positions) max_pos = std::max(max_pos, p);
-  const RopeTable table = MakeRopeTable(max_pos, head_dim, theta);
+  const RopeTable table = MakeRopeTable(max_pos, rotary_dim > 0 ? rotary_dim : head_dim, theta);
   Tensor y = Tensor::EmptyLike(x);
   DispatchFloat(x.dtype(), [&]<typename T>() {
     RopeRows<T>(x.data<T>(), y.data<T>(), x.rows(), seq, heads, head_dim, table, positions, inverse);

@@ -6,6 +6,8 @@
 //   head h / (H/Hk).
 // RoPE uses the "rotate half" pairing (feature i with i + D/2, as Llama in HF transformers),
 // angle = position * theta^(-2i/D), applied inside the op so SelfExtend can use other positions.
+// Partial rotary (rotary_dim R < D, as the Mamba-2 hybrids' attention): features i < R/2 pair
+// with i + R/2 at angle position * theta^(-2i/R); features >= R are not rotated.
 // SelfExtend (group G, window W): logit (i, j) uses the normal positions (i, j) when i - j < W and
 // the grouped positions (floor(i/G) + W - floor(W/G), floor(j/G)) otherwise, merged before one
 // softmax. When T <= W every pair is a neighbour pair and the op is exactly plain attention.
@@ -26,6 +28,7 @@ struct AttentionOptions {
   double rope_theta = 10000.0;
   int64_t self_extend_group = 0;   // G; 0 = off
   int64_t self_extend_window = 0;  // W
+  int64_t rotary_dim = 0;          // rotate the first rotary_dim features of each head; 0 = all
 };
 
 struct AttentionSaved {
@@ -43,7 +46,7 @@ void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
 // Applies (or with inverse=true, undoes) RoPE on x [rows = B*T, heads*D] with per-row position
 // positions[row % T] (exposed for tests).
 Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
-                 const std::vector<int64_t>& positions, bool inverse);
+                 const std::vector<int64_t>& positions, bool inverse, int64_t rotary_dim = 0);
 
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.

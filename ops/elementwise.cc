@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace gyre::ops {
 namespace {
@@ -106,6 +107,44 @@ Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy) {
     T* o = out.data<T>();
     for (int64_t i = 0; i < x.numel(); ++i) o[i] = g[i] * ActGrad<T>(act, in[i]);
   });
+  return out;
+}
+
+Tensor SliceColumns(const Tensor& x, int64_t begin, int64_t end) {
+  CheckCpu(x, "slice_columns");
+  const int64_t rows = x.rows(), cols = x.cols(), w = end - begin;
+  GYRE_CHECK(0 <= begin && begin <= end && end <= cols, "columns [%ld, %ld) of %ld", (long)begin, (long)end, (long)cols);
+  Shape shape = x.shape();
+  shape.back() = w;
+  Tensor out = Tensor::Empty(shape, x.dtype());
+  const size_t es = DTypeSize(x.dtype());
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * w * es, src + (r * cols + begin) * es, w * es);
+  return out;
+}
+
+Tensor ConcatColumns(const std::vector<Tensor>& parts) {
+  GYRE_CHECK(!parts.empty(), "concat of nothing");
+  const int64_t rows = parts[0].rows();
+  int64_t cols = 0;
+  for (const Tensor& p : parts) {
+    CheckCpu(p, "concat_columns");
+    GYRE_CHECK(p.rows() == rows && p.dtype() == parts[0].dtype(), "concat: rows %ld vs %ld", (long)p.rows(), (long)rows);
+    cols += p.cols();
+  }
+  Shape shape = parts[0].shape();
+  shape.back() = cols;
+  Tensor out = Tensor::Empty(shape, parts[0].dtype());
+  const size_t es = DTypeSize(out.dtype());
+  char* dst = static_cast<char*>(out.raw());
+  int64_t off = 0;
+  for (const Tensor& p : parts) {
+    const char* src = static_cast<const char*>(p.raw());
+    const int64_t w = p.cols();
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + (r * cols + off) * es, src + r * w * es, w * es);
+    off += w;
+  }
   return out;
 }
 

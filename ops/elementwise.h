@@ -3,6 +3,8 @@
 // gradient and return the input gradient.
 #pragma once
 
+#include <vector>
+
 #include "ops/tensor.h"
 
 namespace gyre::ops {
@@ -17,6 +19,11 @@ enum class Activation { kSilu, kGelu, kSigmoid };
 Tensor Activate(Activation act, const Tensor& x);
 // dx = dy * act'(x)
 Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy);
+
+// Columns [begin, end) of x viewed as [rows, cols] (a copy, shape [..., end - begin]).
+Tensor SliceColumns(const Tensor& x, int64_t begin, int64_t end);
+// Concatenates along the last dimension (equal rows, equal dtype).
+Tensor ConcatColumns(const std::vector<Tensor>& parts);
 
 // Sum of squares of all elements (accumulated in double).
 double SumSquares(const Tensor& t);

@@ -163,6 +163,22 @@ TEST(RopeTest, InverseUndoesAndPreservesNorm) {
   for (int64_t c = 0; c < 24; ++c) EXPECT_DOUBLE_EQ(y.At(c), x.At(c));
 }
 
+TEST(RopeTest, PartialRotaryLeavesTailFeatures) {
+  Rng rng(17);
+  Tensor x = RandomTensor({3, 2 * 8}, &rng);
+  Tensor y = ApplyRope(x, 3, 2, 8, 10000.0, {5, 6, 7}, false, 4);
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 4; i < 8; ++i) EXPECT_EQ(y.At(r * 16 + h * 8 + i), x.At(r * 16 + h * 8 + i));
+  // The rotated part equals a full RoPE of a 4-dim head.
+  Tensor x4 = Tensor::Empty({3, 4}, DType::kF64);
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t i = 0; i < 4; ++i) x4.Set(r * 4 + i, x.At(r * 16 + i));
+  Tensor y4 = ApplyRope(x4, 3, 1, 4, 10000.0, {5, 6, 7}, false);
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t i = 0; i < 4; ++i) EXPECT_NEAR(y.At(r * 16 + i), y4.At(r * 4 + i), 1e-14);
+}
+
 TEST(RopeTest, DotProductDependsOnlyOnRelativePosition) {
   Rng rng(10);
   Tensor q = RandomTensor({1, 8}, &rng), k = RandomTensor({1, 8}, &rng);
@@ -175,7 +191,7 @@ TEST(RopeTest, DotProductDependsOnlyOnRelativePosition) {
 
 struct AttentionCase {
   const char* name;
-  int64_t heads, kv_heads, head_dim, seq, group, window;
+  int64_t heads, kv_heads, head_dim, seq, group, window, rotary_dim = 0;
 };
 
 class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
@@ -184,7 +200,7 @@ TEST_P(AttentionTest, CoreBackwardMatchesFiniteDifferences) {
   const AttentionCase& c = GetParam();
   Rng rng(11);
   const int64_t B = 2, T = c.seq;
-  AttentionOptions o{c.heads, c.kv_heads, c.head_dim, 10000.0, c.group, c.window};
+  AttentionOptions o{c.heads, c.kv_heads, c.head_dim, 10000.0, c.group, c.window, c.rotary_dim};
   Tensor q = RandomTensor({B, T, c.heads * c.head_dim}, &rng);
   Tensor k = RandomTensor({B, T, c.kv_heads * c.head_dim}, &rng);
   Tensor v = RandomTensor({B, T, c.kv_heads * c.head_dim}, &rng);
@@ -207,7 +223,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                                            AttentionCase{"gqa", 4, 2, 4, 5, 0, 0},
                                            AttentionCase{"mqa", 3, 1, 6, 4, 0, 0},
                                            AttentionCase{"self_extend", 2, 1, 4, 11, 3, 4},
-                                           AttentionCase{"self_extend_window_not_multiple", 2, 2, 4, 9, 2, 3}),
+                                           AttentionCase{"self_extend_window_not_multiple", 2, 2, 4, 9, 2, 3},
+                                           AttentionCase{"partial_rotary", 2, 1, 6, 5, 0, 0, 2},
+                                           AttentionCase{"partial_rotary_self_extend", 2, 2, 6, 9, 2, 3, 4}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 TEST(SelfExtendTest, WindowCoveringSequenceIsPlainAttention) {

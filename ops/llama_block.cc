@@ -2,11 +2,13 @@
 
 #include <cmath>
 
+#include "ops/recurrent_blocks.h"
+
 namespace gyre::ops {
 namespace {
 
 AttentionOptions OptionsFrom(const ModelSpec& s) {
-  return {s.attn_heads, s.attn_kv_heads, s.attn_head_dim, s.rope_theta, 0, 0};
+  return {s.attn_heads, s.attn_kv_heads, s.attn_head_dim, s.rope_theta, 0, 0, s.attn_rotary_dim};
 }
 
 }  // namespace
@@ -42,6 +44,52 @@ void LlamaBlock::ReleaseActivations() {
   attn_.ReleaseActivations();
   mlp_norm_.ReleaseActivations();
   mlp_.ReleaseActivations();
+}
+
+AttentionMixerBlock::AttentionMixerBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers)
+    : options_(OptionsFrom(spec)),
+      q_dim_(spec.attn_heads * spec.attn_head_dim),
+      kv_dim_(spec.attn_kv_heads * spec.attn_head_dim),
+      norm_(ctx.Sub("norm"), spec.d_model, {NormOptions::kRms, 1, spec.norm_eps}),
+      in_proj_(ctx.Sub("in_proj"), spec.d_model, q_dim_ + 2 * kv_dim_, false),
+      out_proj_(ctx.Sub("out_proj"), q_dim_, spec.d_model, false) {
+  if (spec.attn_qkv_conv > 0) {
+    conv_ = std::make_unique<CausalConv1d>(ctx.Sub("conv1d"), q_dim_ + 2 * kv_dim_, spec.attn_qkv_conv, /*silu=*/false);
+  }
+  // mamba_ssm `_init_weights` with rescale_prenorm_residual (n_residuals_per_layer = 1 without
+  // MLP): out_proj kaiming-uniform(a = sqrt 5) / sqrt(n_layer); in_proj PyTorch default.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(q_dim_)) / std::sqrt(static_cast<double>(n_layers));
+  InitUniform(&out_proj_.weight()->value, -bound, bound, ctx.rng);
+}
+
+AttentionMixerBlock::~AttentionMixerBlock() = default;
+
+Tensor AttentionMixerBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  Tensor qkv = in_proj_.Forward(norm_.Forward(x));
+  if (conv_) qkv = conv_->Forward(qkv, batch, seq);
+  Tensor q = SliceColumns(qkv, 0, q_dim_);
+  Tensor k = SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_);
+  Tensor v = SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_);
+  Tensor a = CausalAttentionForward(q, k, v, batch, seq, options_, &saved_);
+  return Add(x, out_proj_.Forward(a));
+}
+
+Tensor AttentionMixerBlock::Backward(const Tensor& dy) {
+  Tensor da = out_proj_.Backward(dy);
+  Tensor dq, dk, dv;
+  CausalAttentionBackward(saved_, da, options_, &dq, &dk, &dv);
+  saved_ = AttentionSaved();
+  Tensor dqkv = ConcatColumns({dq, dk, dv});
+  if (conv_) dqkv = conv_->Backward(dqkv);
+  return Add(dy, norm_.Backward(in_proj_.Backward(dqkv)));
+}
+
+void AttentionMixerBlock::ReleaseActivations() {
+  saved_ = AttentionSaved();
+  norm_.ReleaseActivations();
+  in_proj_.ReleaseActivations();
+  if (conv_) conv_->ReleaseActivations();
+  out_proj_.ReleaseActivations();
 }
 
 }  // namespace gyre::ops

@@ -4,6 +4,8 @@
 // Also the attention layer of hybrids.
 #pragma once
 
+#include <memory>
+
 #include "ops/attention.h"
 #include "ops/block.h"
 #include "ops/layers.h"
@@ -26,6 +28,32 @@ class LlamaBlock : public Block {
   SelfAttention attn_;
   Norm mlp_norm_;
   GatedMlp mlp_;
+};
+
+// Attention-only mixer layer of the Mamba-2-Attention hybrids ([ms] modules/mha.py inside a
+// mamba_ssm Block without MLP): x <- x + out_proj(Attn(conv_k(W_qkv RMSNorm(x)))), the conv a
+// causal depthwise conv over the fused q|k|v (with bias, no activation; skipped when width 0),
+// RoPE on the first rotary_dim features of each head, no biases elsewhere.
+class AttentionMixerBlock : public Block {
+ public:
+  AttentionMixerBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
+  ~AttentionMixerBlock() override;
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
+  Tensor Backward(const Tensor& dy) override;
+  void ReleaseActivations() override;
+  void SetSelfExtend(int64_t group, int64_t window) {
+    options_.self_extend_group = group;
+    options_.self_extend_window = window;
+  }
+
+ private:
+  AttentionOptions options_;
+  int64_t q_dim_, kv_dim_;
+  Norm norm_;
+  Linear in_proj_;
+  std::unique_ptr<class CausalConv1d> conv_;
+  Linear out_proj_;
+  AttentionSaved saved_;
 };
 
 }  // namespace gyre::ops

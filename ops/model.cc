@@ -172,6 +172,7 @@ void LanguageModel::SetSelfExtend(int64_t group, int64_t window) {
   auto apply = [&](Block* b) {
     if (auto* r = dynamic_cast<RecomputeBlock*>(b)) b = r->inner();
     if (auto* l = dynamic_cast<LlamaBlock*>(b)) l->attention().SetSelfExtend(group, window);
+    if (auto* m = dynamic_cast<AttentionMixerBlock*>(b)) m->SetSelfExtend(group, window);
   };
   for (auto& b : trunk_) apply(b.get());
   for (auto& b : heads_) apply(b.get());

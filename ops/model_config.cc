@@ -86,6 +86,28 @@ const std::map<std::string, Preset>& Presets() {
       {"mamba2-780m", {"state-spaces/mamba2-780m config.json", [](ModelSpec* s) { Mamba2(s, 1536, 48, 128, 64, 256, 50288); }}},
       {"mamba2-1.3b", {"state-spaces/mamba2-1.3b config.json", [](ModelSpec* s) { Mamba2(s, 2048, 48, 128, 64, 256, 50288); }}},
       {"mamba2-2.7b", {"state-spaces/mamba2-2.7b config.json", [](ModelSpec* s) { Mamba2(s, 2560, 64, 128, 64, 256, 50288); }}},
+      // Mamba-2 paper §9.2.3 / MODELS.md §4.4: 58 SSD + 6 attention layers at 9, 18, 27, 36, 45,
+      // 56; attention 30 heads x 128, rotary on 64 dims, conv k = 4 on qkv, no MLP, no biases.
+      {"mamba2-attention-2.7b", {"Mamba-2 paper §9.2.3 (Mamba-2-Attention 2.7B) + hub config", [](ModelSpec* s) {
+         Mamba2(s, 2560, 64, 128, 64, 256, 50288);
+         s->attn_heads = 30;
+         s->attn_kv_heads = 30;
+         s->attn_head_dim = 128;
+         s->attn_rotary_dim = 64;
+         s->attn_qkv_conv = 4;
+         s->attn_mlp = false;
+         for (int i : {9, 18, 27, 36, 45, 56}) s->blocks[i] = BlockType::kAttention;
+       }}},
+      {"mamba2-attention-tiny", {"tiny test model (Mamba-2-Attention layout: attention mixer at layer 2)", [](ModelSpec* s) {
+         Mamba2(s, 64, 4, 16, 16, 16, 256);
+         s->attn_heads = 4;
+         s->attn_kv_heads = 4;
+         s->attn_head_dim = 16;
+         s->attn_rotary_dim = 8;
+         s->attn_qkv_conv = 4;
+         s->attn_mlp = false;
+         s->blocks[2] = BlockType::kAttention;
+       }}},
       // Llama (Transformer++) baselines of the xLSTM paper Table 7 (MODELS.md §3: untied,
       // SwiGLU hidden 64*ceil(8d/3/64)).
       {"llama-125m", {"xLSTM paper Table 7 Llama baseline (125M)", [](ModelSpec* s) { Llama(s, 768, 12, 12, 64, 50304); }}},
@@ -272,6 +294,8 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
     if (s.attn_head_dim <= 0 || s.attn_head_dim % 2 != 0)
       return Invalid("attention.head_dim", absl::StrCat(s.attn_head_dim, " must be positive and even (RoPE pairs)"));
     if (s.ffn_dim <= 0) return Invalid("attention.ffn_dim", "must be positive");
+    if (s.attn_rotary_dim < 0 || s.attn_rotary_dim > s.attn_head_dim || s.attn_rotary_dim % 2 != 0)
+      return Invalid("attention.head_dim", absl::StrCat("rotary dim ", s.attn_rotary_dim, " must be even and <= head_dim ", s.attn_head_dim));
     if (s.self_extend_group > 0 && s.self_extend_window <= 0)
       return Invalid("attention.self_extend_window", "must be positive when self_extend_group is set");
   }

@@ -56,6 +56,12 @@ struct ModelSpec {
   int64_t ffn_dim = 0;
   int64_t self_extend_group = 0;
   int64_t self_extend_window = 0;
+  // Mamba-2-Attention hybrids' attention layer (MODELS.md §4.4, [ms] MHA): no MLP, a causal
+  // depthwise conv over the fused qkv, rotary on part of each head. Preset-only for now:
+  // ModelConfig has no fields for these (see the report).
+  bool attn_mlp = true;        // false: attention-only mixer layer
+  int64_t attn_qkv_conv = 0;   // conv width over qkv; 0 = none
+  int64_t attn_rotary_dim = 0; // 0 = the whole head
 
   int64_t n_layers() const { return static_cast<int64_t>(blocks.size()); }
   // The ordinary model has n_layers blocks. With multi-token prediction the first n_layers - 1

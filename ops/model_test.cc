@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "ops/gradcheck.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 namespace {
@@ -29,6 +30,23 @@ ModelSpec SmallSpec(const std::string& preset) {
   c.set_d_model(8);
   c.set_vocab_size(11);
   c.set_pad_vocab_to(1);
+  if (preset == "xlstm-tiny") {
+    c.set_n_layers(2);
+    c.add_slstm_at(1);
+    c.mutable_xlstm()->set_chunk_size(2);  // several chunks, the last one short
+    c.mutable_xlstm()->set_slstm_heads(2);
+  }
+  if (preset == "mamba2-tiny" || preset == "hybrid-tiny" || preset == "mamba2-attention-tiny") {
+    c.set_n_layers(2);
+    c.mutable_mamba2()->set_head_dim(4);
+    c.mutable_mamba2()->set_d_state(4);
+    c.mutable_mamba2()->set_n_groups(2);
+    c.mutable_mamba2()->set_chunk_size(2);
+    c.mutable_attention()->set_num_heads(2);
+    c.mutable_attention()->set_head_dim(preset == "mamba2-attention-tiny" ? 8 : 4);
+    c.mutable_attention()->set_ffn_dim(12);
+    if (preset != "mamba2-tiny") c.add_attention_at(0);
+  }
   if (preset == "llama-tiny") {
     c.set_n_layers(2);
     c.mutable_attention()->set_num_heads(4);
@@ -38,6 +56,7 @@ ModelSpec SmallSpec(const std::string& preset) {
   }
   auto spec = ResolveModelConfig(c);
   GYRE_CHECK(spec.ok(), "%s", std::string(spec.status().message()).c_str());
+  if (preset == "mamba2-attention-tiny") spec->attn_rotary_dim = 4;  // partial rotary (no config field)
   return *spec;
 }
 
@@ -207,12 +226,81 @@ TEST(SelfExtendModelTest, WindowAtLeastLengthLeavesLossUnchanged) {
 
 // Parameter counts against MODELS.md §8 (derived formulas that reproduce the papers' tables; the
 // comment gives the published figure in millions).
+class RecurrentModelTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RecurrentModelTest, GradientsMatchFiniteDifferences) {
+  ExpectModelGradientsMatchFd(SmallSpec(GetParam()), 2, 5, 20);
+}
+
+TEST_P(RecurrentModelTest, MtpMemorySavingOrderEqualsAllHeadsBackward) { ExpectMtpOrdersAgree(SmallSpec(GetParam())); }
+
+TEST_P(RecurrentModelTest, OneHeadIsTheOrdinaryNextTokenLoss) { ExpectSingleHeadIsNextTokenLoss(SmallSpec(GetParam())); }
+
+TEST_P(RecurrentModelTest, RecomputedBlocksGiveIdenticalGradients) {
+  ModelSpec spec = SmallSpec(GetParam());
+  std::vector<int32_t> tokens = RandomTokens(2 * 7, spec.vocab_size, 9);
+  auto [r1, g1] = RunStep(spec, tokens, 2, 6, false);
+  spec.recompute_blocks = true;
+  auto [r2, g2] = RunStep(spec, tokens, 2, 6, false);
+  EXPECT_EQ(r1.loss, r2.loss);
+  ExpectSameGradients(g1, g2, 0.0);
+}
+
+TEST_P(RecurrentModelTest, Float32MatchesFloat64) {
+  auto spec = PresetSpec(GetParam());
+  ASSERT_TRUE(spec.ok());
+  std::vector<int32_t> tokens = RandomTokens(2 * 33, spec->vocab_size, 14);
+  auto m64 = LanguageModel::Create(*spec, DType::kF64, Device::kCpu, 1);
+  auto m32 = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 1);
+  ASSERT_TRUE(m64.ok() && m32.ok());
+  const double l64 = (*m64)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
+  const double l32 = (*m32)->Evaluate(tokens, 2, 32, 1.0 / 64).loss;
+  EXPECT_NEAR(l32, l64, 1e-5 * l64);
+}
+
+// Batch-sliced threading of the cell kernels (and attention heads) gives the same loss and
+// gradients as one thread, up to the summation order of parameter-gradient slices.
+TEST_P(RecurrentModelTest, TwoThreadsEqualOneThread) {
+  ModelSpec spec = SmallSpec(GetParam());
+  std::vector<int32_t> tokens = RandomTokens(3 * 7, spec.vocab_size, 15);
+  SetNumThreads(1);
+  auto [r1, g1] = RunStep(spec, tokens, 3, 6, false);
+  SetNumThreads(2);
+  auto [r2, g2] = RunStep(spec, tokens, 3, 6, false);
+  SetNumThreads(1);
+  EXPECT_NEAR(r1.loss, r2.loss, 1e-13);
+  ExpectSameGradients(g1, g2, 1e-12);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (char& ch : n) if (ch == '-') ch = '_';
+                           return n;
+                         });
+
 TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
   const std::vector<std::pair<std::string, int64_t>> expected = {
       {"llama-125m", 162220800},    // xLSTM paper Table 7 Llama: 162.2M
       {"llama-350m", 406635520},    // 406.6M
       {"llama-760m", 834086400},    // 834.1M
       {"llama-1.3b", 1420396544},   // 1420.4M
+      // xLSTM paper Table 7 ([1:0] / [7:1]); MODELS.md §8 gives the 125M and 1.3B figures exactly.
+      {"xlstm[1:0]-125m", 163806144},  // 163.8M
+      {"xlstm[7:1]-125m", 163690928},  // 163.7M
+      {"xlstm[1:0]-350m", 409290112},  // 409.3M
+      {"xlstm[7:1]-350m", 408436048},  // 408.4M
+      {"xlstm[1:0]-760m", 840427392},  // 840.4M
+      {"xlstm[7:1]-760m", 839736144},  // 839.7M
+      {"xlstm[1:0]-1.3b", 1422559616}, // 1422.6M
+      {"xlstm[7:1]-1.3b", 1420065104}, // 1420.1M
+      // Mamba-2 (MODELS.md §4.3 table, tied embeddings, vocab 50288).
+      {"mamba2-130m", 128989632},   // 129.0M
+      {"mamba2-370m", 368346624},   // 368.3M
+      {"mamba2-780m", 780161280},   // 780.2M
+      {"mamba2-1.3b", 1343757312},  // 1343.8M
+      {"mamba2-2.7b", 2702599680},  // 2702.6M
+      {"mamba2-attention-2.7b", 2697590880},  // MODELS.md §8: 58 SSD + 6 attention layers
   };
   for (const auto& [preset, count] : expected) {
     auto spec = PresetSpec(preset);
@@ -224,7 +312,7 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
 }
 
 TEST(ParameterCountTest, MetaCountEqualsAllocatedCount) {
-  for (const std::string preset : {"llama-tiny"}) {
+  for (const std::string preset : {"llama-tiny", "xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"}) {
     auto spec = PresetSpec(preset);
     ASSERT_TRUE(spec.ok());
     auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 0);

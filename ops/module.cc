@@ -1,5 +1,9 @@
 #include "ops/module.h"
 
+#include <map>
+
+#include "absl/strings/str_cat.h"
+
 namespace gyre::ops {
 
 Parameter* ParamStore::Create(std::string name, Shape shape, ParamKind kind) {
@@ -38,6 +42,34 @@ int64_t ParamStore::NumParameters() const {
 void ParamStore::ZeroGrad() {
   if (device_ == Device::kMeta) return;
   for (Parameter& p : params_) p.grad.SetZero();
+}
+
+std::vector<NamedTensor> ParamStore::State() const {
+  std::vector<NamedTensor> out;
+  for (const Parameter& p : params_) out.push_back({p.name, p.value});
+  return out;
+}
+
+absl::Status ParamStore::LoadState(const std::vector<NamedTensor>& state) {
+  std::map<std::string, const Tensor*> by_name;
+  for (const NamedTensor& nt : state) by_name[nt.name] = &nt.tensor;
+  for (const Parameter& p : params_) {
+    auto it = by_name.find(p.name);
+    if (it == by_name.end()) return absl::NotFoundError(absl::StrCat("model state lacks parameter ", p.name));
+    if (it->second->shape() != p.value.shape()) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter ", p.name, " is ", ShapeString(it->second->shape()),
+                                                     " in the state, ", ShapeString(p.value.shape()), " in the model"));
+    }
+    if (it->second->dtype() != DType::kF32 && it->second->dtype() != DType::kF64) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter ", p.name, " has dtype ", DTypeName(it->second->dtype())));
+    }
+  }
+  for (Parameter& p : params_) {
+    const Tensor& src = *by_name[p.name];
+    if (src.dtype() == p.value.dtype()) p.value.CopyFrom(src);
+    else p.value.CopyFrom(src.To(p.value.dtype()));
+  }
+  return absl::OkStatus();
 }
 
 void InitNormal(Tensor* t, double stddev, Rng* rng) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "ops/rng.h"
 #include "ops/tensor.h"
 
@@ -33,6 +34,12 @@ struct Parameter {
   Tensor grad;  // same shape; accumulates
 };
 
+// A tensor with its checkpoint name (parameter, optimizer moment, ...).
+struct NamedTensor {
+  std::string name;
+  Tensor tensor;
+};
+
 // Owns every parameter of a model, in creation order (stable pointers).
 class ParamStore {
  public:
@@ -48,6 +55,12 @@ class ParamStore {
   Parameter* Find(const std::string& name);
   int64_t NumParameters() const;
   void ZeroGrad();
+  // Checkpoint state: every parameter value under its name (shares storage; copy to keep).
+  std::vector<NamedTensor> State() const;
+  // Copies values from `state` (converting f32 <-> f64 if needed). Every parameter must be
+  // present with its shape; extra entries are ignored. Validates before changing anything;
+  // errors name the parameter.
+  absl::Status LoadState(const std::vector<NamedTensor>& state);
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
 

@@ -79,7 +79,8 @@ absl::Status FromException(const std::exception& e, std::string_view what, uint6
 
 absl::StatusOr<std::unique_ptr<GlooCollective>> GlooCollective::Connect(RendezvousStore* store, uint64_t generation,
                                                                        int rank, int world_size,
-                                                                       const GlooOptions& options) {
+                                                                       const GlooOptions& options,
+                                                                       const std::string& key_prefix) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(absl::StrCat("gloo: rank ", rank, " of world ", world_size));
   }
@@ -88,7 +89,8 @@ absl::StatusOr<std::unique_ptr<GlooCollective>> GlooCollective::Connect(Rendezvo
     auto device = DeviceFor(options.hostname);
     auto context = std::make_shared<gloo::rendezvous::Context>(rank, world_size);
     context->setTimeout(std::chrono::milliseconds(options.connect_timeout_ms));
-    StoreAdapter adapter(store, absl::StrCat("g", generation, "/"), options.connect_timeout_ms);
+    StoreAdapter adapter(store, key_prefix.empty() ? absl::StrCat("g", generation, "/") : key_prefix,
+                         options.connect_timeout_ms);
     context->connectFullMesh(adapter, device);
     context->setTimeout(std::chrono::milliseconds(options.op_timeout_ms));
     return std::unique_ptr<GlooCollective>(new GlooCollective(std::move(context), generation, rank, world_size, options));

@@ -30,10 +30,12 @@ struct GlooOptions {
 class GlooCollective final : public Collective {
  public:
   // Blocks until all `world_size` members joined or the connect timeout passed. `store` must
-  // outlive the call only (it is not kept).
+  // outlive the call only (it is not kept). Keys live under `key_prefix` (the generation's
+  // Rendezvous.store_prefix; empty: "g<generation>/").
   static absl::StatusOr<std::unique_ptr<GlooCollective>> Connect(RendezvousStore* store, uint64_t generation,
                                                                  int rank, int world_size,
-                                                                 const GlooOptions& options);
+                                                                 const GlooOptions& options,
+                                                                 const std::string& key_prefix = "");
   ~GlooCollective() override;
 
   int rank() const override { return rank_; }

@@ -26,6 +26,8 @@ absl::Status Worker::Run() {
         clock_->SleepMicros(std::max<int64_t>(lease->retry_after_ms(), 10) * 1000);
         continue;
       case gyre::v1::STEP_DECISION_STOP: {
+        // The coordinator may ask for a final checkpoint of the last committed state.
+        if (!lease->checkpoint_dir().empty() && collective_) StartCheckpoint(*lease);
         if (checkpoints_) checkpoints_->Flush();
         gyre::v1::LeaveRequest leave;
         leave.set_session(session_.load());

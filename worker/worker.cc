@@ -97,7 +97,8 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   if (rank_ < 0) return absl::FailedPreconditionError(absl::StrCat("generation ", g.id(), " does not list this worker"));
   ASSIGN_OR_RETURN(store_, StoreFor(g.rendezvous()));
   ASSIGN_OR_RETURN(std::unique_ptr<GlooCollective> gloo,
-                   GlooCollective::Connect(store_.get(), g.id(), rank_, g.members_size(), options_.gloo));
+                   GlooCollective::Connect(store_.get(), g.id(), rank_, g.members_size(), options_.gloo,
+                                                           g.rendezvous().store_prefix()));
   collective_ = std::move(gloo);
   generation_.store(g.id());
 

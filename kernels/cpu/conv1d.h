@@ -17,7 +17,9 @@
 // Gradient contract: activation gradients (dx, d initial state) are OVERWRITTEN; parameter
 // gradients (dw, dbias) ACCUMULATE.
 //
-// Threading: pure functions of their arguments.
+// Threading and batch slicing: pure functions of their arguments. A call on batch rows [b0, b1)
+// is the call with shape.batch = b1 − b0 and every batch-major pointer advanced by b0 rows;
+// dw and dbias accumulate, so concurrent slices need their own buffers.
 #pragma once
 
 #include <cstdint>

@@ -74,23 +74,24 @@ T Dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// Offsets (in elements) inside the opaque `saved` buffer.
+// The opaque `saved` buffer: one block per (batch, head) in [B, NH] order, so batch row b's part
+// is contiguous (mlstm.h promises this). Offsets below are inside one block.
 struct SavedLayout {
   int64_t num_chunks = 0;
-  int64_t c = 0, n = 0, m = 0, token_m = 0, token_den = 0, total = 0;
+  int64_t c = 0, n = 0, m = 0, token_m = 0, token_den = 0, per_head = 0, total = 0;
 };
 
 SavedLayout MakeLayout(const MlstmShape& s, const MlstmOptions& o) {
   SavedLayout l;
-  const int64_t bh = s.batch * s.num_heads;
   l.num_chunks = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
   const int64_t nb = l.num_chunks + 1;
-  l.c = 0;
-  l.n = l.c + bh * nb * s.dk * s.dv;
-  l.m = l.n + bh * nb * s.dk;
-  l.token_m = l.m + bh * nb;
-  l.token_den = l.token_m + bh * s.seq_len;
-  l.total = l.token_den + bh * s.seq_len;
+  l.c = 0;                           // [NB, dk, dv]  boundary C_k
+  l.n = l.c + nb * s.dk * s.dv;      // [NB, dk]      boundary n_k
+  l.m = l.n + nb * s.dk;             // [NB]          boundary m_k
+  l.token_m = l.m + nb;              // [S]           m_t
+  l.token_den = l.token_m + s.seq_len;  // [S]        den_t = n_tᵀq̂_t
+  l.per_head = l.token_den + s.seq_len;
+  l.total = s.batch * s.num_heads * l.per_head;
   return l;
 }
 
@@ -189,7 +190,6 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
   const int64_t S = shape.seq_len, NH = shape.num_heads, DK = shape.dk, DV = shape.dv;
   const int64_t L = std::min(options.chunk_size, S);
   const SavedLayout lay = MakeLayout(shape, options);
-  const int64_t NB = lay.num_chunks + 1;
   const int64_t ldqk = NH * DK, ldv = NH * DV;  // token strides of q/k and v/h
   const T scale = T(1) / std::sqrt(T(DK));
   const T eps = T(options.eps);
@@ -198,11 +198,11 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t hd = 0; hd < NH; ++hd) {
       const int64_t bh = b * NH + hd;
-      T* cb = saved + lay.c + bh * NB * DK * DV;
-      T* nb = saved + lay.n + bh * NB * DK;
-      T* mb = saved + lay.m + bh * NB;
-      T* tok_m = saved + lay.token_m + bh * S;
-      T* tok_den = saved + lay.token_den + bh * S;
+      T* cb = saved + bh * lay.per_head + lay.c;
+      T* nb = saved + bh * lay.per_head + lay.n;
+      T* mb = saved + bh * lay.per_head + lay.m;
+      T* tok_m = saved + bh * lay.per_head + lay.token_m;
+      T* tok_den = saved + bh * lay.per_head + lay.token_den;
       if (initial.c != nullptr) {
         std::memcpy(cb, initial.c + bh * DK * DV, sizeof(T) * DK * DV);
         std::memcpy(nb, initial.n + bh * DK, sizeof(T) * DK);
@@ -309,7 +309,6 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
   const int64_t S = shape.seq_len, NH = shape.num_heads, DK = shape.dk, DV = shape.dv;
   const int64_t L = std::min(options.chunk_size, S);
   const SavedLayout lay = MakeLayout(shape, options);
-  const int64_t NB = lay.num_chunks + 1;
   const int64_t ldqk = NH * DK, ldv = NH * DV;
   const T scale = T(1) / std::sqrt(T(DK));
   const T eps = T(options.eps);
@@ -325,11 +324,11 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t hd = 0; hd < NH; ++hd) {
       const int64_t bh = b * NH + hd;
-      const T* cb = saved + lay.c + bh * NB * DK * DV;
-      const T* nb = saved + lay.n + bh * NB * DK;
-      const T* mb = saved + lay.m + bh * NB;
-      const T* tok_m = saved + lay.token_m + bh * S;
-      const T* tok_den = saved + lay.token_den + bh * S;
+      const T* cb = saved + bh * lay.per_head + lay.c;
+      const T* nb = saved + bh * lay.per_head + lay.n;
+      const T* mb = saved + bh * lay.per_head + lay.m;
+      const T* tok_m = saved + bh * lay.per_head + lay.token_m;
+      const T* tok_den = saved + bh * lay.per_head + lay.token_den;
       const int64_t tok0 = b * S * NH + hd;
       const T* qh = in.q + tok0 * DK;
       const T* kh = in.k + tok0 * DK;

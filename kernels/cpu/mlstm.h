@@ -34,8 +34,12 @@
 // Gradient contract (llm.c): activation gradients (dq, dk, dv, dĩ, df̃, d initial state) are
 // OVERWRITTEN; these kernels have no parameters.
 //
-// Threading: every function is a pure function of its arguments (no globals besides OpenBLAS's
-// own thread pool); calls on disjoint outputs may run concurrently.
+// Threading and batch slicing: every function is a pure function of its arguments (no globals
+// besides OpenBLAS's own thread pool); calls on disjoint outputs may run concurrently. Batch rows
+// are independent and every array (the opaque `saved` buffer included) is batch-major, so a
+// call on rows [b0, b1) is the same call with shape.batch = b1 − b0 and every pointer advanced
+// by b0 rows (saved by b0·saved_size(batch = 1)); the results are bit-identical to the rows of a
+// full call. That is how a caller spreads one layer over threads.
 #pragma once
 
 #include <cstdint>

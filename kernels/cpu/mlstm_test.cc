@@ -284,5 +284,50 @@ INSTANTIATE_TEST_SUITE_P(
         BwdCase{9, 4, true, true, false, MlstmForgetGate::kExponential},
         BwdCase{10, 3, true, true, true, MlstmForgetGate::kExponential}));
 
+// mlstm.h promises that rows [b0, b1) can be computed by a call on a slice (pointers advanced,
+// saved advanced by b0·saved_size(batch = 1)), bit-identically: what the ops layer uses to spread
+// a layer over threads.
+TEST(MlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
+  const MlstmShape s{.batch = 3, .seq_len = 11, .num_heads = 2, .dk = 4, .dv = 3};
+  const MlstmOptions o{.chunk_size = 4};
+  const Problem p = MakeProblem(s, /*has_initial=*/true, 4, /*extreme_gates=*/false);
+  std::mt19937_64 rng(8);
+  const Vec dh = RandomVector(p.v.size(), rng);
+  const int64_t NH = s.num_heads, S = s.seq_len, dk = s.dk, dv = s.dv;
+  auto run = [&](int64_t b0, int64_t nb, Vec* h, Vec* grads) {
+    MlstmShape sub = s;
+    sub.batch = nb;
+    const int64_t tq = b0 * S * NH * dk, tv = b0 * S * NH * dv, tg = b0 * S * NH;
+    const MlstmInputs<double> in{p.q.data() + tq, p.k.data() + tq, p.v.data() + tv,
+                                 p.ig.data() + tg, p.fg.data() + tg};
+    const MlstmStateRef<const double> init{p.c0.data() + b0 * NH * dk * dv,
+                                           p.n0.data() + b0 * NH * dk, p.m0.data() + b0 * NH};
+    Vec saved(mlstm_chunkwise_saved_size(sub, o));
+    h->assign(nb * S * NH * dv, 0);
+    mlstm_chunkwise_fwd_ref<double>(sub, o, in, init, h->data(), saved.data(), {});
+    Vec dq(nb * S * NH * dk), dkk(dq.size()), dvv(h->size()), dig(nb * S * NH), dfg(dig.size());
+    mlstm_chunkwise_bwd_ref<double>(sub, o, in, init, h->data(), saved.data(), dh.data() + tv,
+                                    {}, {dq.data(), dkk.data(), dvv.data(), dig.data(), dfg.data()},
+                                    {});
+    grads->clear();
+    for (const Vec* g : {&dq, &dkk, &dvv, &dig, &dfg}) grads->insert(grads->end(), g->begin(), g->end());
+  };
+  Vec h_full, g_full, h_sub, g_sub;
+  run(0, 3, &h_full, &g_full);
+  run(1, 2, &h_sub, &g_sub);
+  ASSERT_EQ(h_full.size(), h_sub.size() * 3 / 2);
+  for (size_t i = 0; i < h_sub.size(); ++i) ASSERT_EQ(h_sub[i], h_full[S * NH * dv + i]);
+  // Gradient blocks: the slice's dq (2 rows) equals rows 1..2 of the full dq, etc.
+  const int64_t sizes[] = {S * NH * dk, S * NH * dk, S * NH * dv, S * NH, S * NH};
+  int64_t off_full = 0, off_sub = 0;
+  for (int64_t per_row : sizes) {
+    for (int64_t i = 0; i < 2 * per_row; ++i) {
+      ASSERT_EQ(g_sub[off_sub + i], g_full[off_full + per_row + i]);
+    }
+    off_full += 3 * per_row;
+    off_sub += 2 * per_row;
+  }
+}
+
 }  // namespace
 }  // namespace gyre::cpu

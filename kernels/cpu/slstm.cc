@@ -82,20 +82,44 @@ void AddRecurrent(const SlstmShape& s, const T* r, const T* h_prev, T* pre, T* s
   }
 }
 
+// The opaque `saved` buffer: one block per batch row (slstm.h promises that batch row b's part is
+// contiguous): pre [S, 4, d] (gate pre-activations incl. the recurrent part), then c, n, m
+// [S, d] each. The loops work on contiguous per-step [B, ·] buffers and copy rows in and out.
 struct SavedLayout {
-  int64_t pre = 0, c = 0, n = 0, m = 0, total = 0;
+  int64_t pre = 0, c = 0, n = 0, m = 0, per_batch = 0, total = 0;
 };
 
-// pre [S, B, 4, d] and c, n, m [S, B, d] (time-major: one step's rows are contiguous).
 SavedLayout MakeLayout(const SlstmShape& s) {
-  const int64_t d = s.num_heads * s.head_dim, bs = s.batch * s.seq_len;
+  const int64_t d = s.num_heads * s.head_dim, S = s.seq_len;
   SavedLayout l;
   l.pre = 0;
-  l.c = bs * 4 * d;
-  l.n = l.c + bs * d;
-  l.m = l.n + bs * d;
-  l.total = l.m + bs * d;
+  l.c = S * 4 * d;
+  l.n = l.c + S * d;
+  l.m = l.n + S * d;
+  l.per_batch = l.m + S * d;
+  l.total = s.batch * l.per_batch;
   return l;
+}
+
+// Copies step t of every batch row between the saved buffer and contiguous [B, width] buffers.
+template <typename T>
+void SaveStep(const SavedLayout& l, int64_t B, int64_t t, int64_t d, const T* pre, const T* c,
+              const T* n, const T* m, T* saved) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* blk = saved + b * l.per_batch;
+    std::memcpy(blk + l.pre + t * 4 * d, pre + b * 4 * d, sizeof(T) * 4 * d);
+    std::memcpy(blk + l.c + t * d, c + b * d, sizeof(T) * d);
+    std::memcpy(blk + l.n + t * d, n + b * d, sizeof(T) * d);
+    std::memcpy(blk + l.m + t * d, m + b * d, sizeof(T) * d);
+  }
+}
+
+template <typename T>
+void LoadRows(const SavedLayout& l, int64_t B, int64_t offset, int64_t width, const T* saved,
+              T* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(out + b * width, saved + b * l.per_batch + offset, sizeof(T) * width);
+  }
 }
 
 }  // namespace
@@ -136,40 +160,41 @@ void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r,
                    SlstmStateRef<const T> initial, T* h, T* saved, SlstmStateRef<T> final_state) {
   const int64_t B = shape.batch, S = shape.seq_len, d = shape.num_heads * shape.head_dim;
   const SavedLayout lay = MakeLayout(shape);
-  const std::vector<T> zeros(B * d, T(0));
-  std::vector<T> h_prev(B * d), scratch(B * 4 * shape.head_dim);
-  const T* c_prev = initial.h != nullptr ? initial.c : zeros.data();
-  const T* n_prev = initial.h != nullptr ? initial.n : zeros.data();
-  const T* m_prev = initial.h != nullptr ? initial.m : zeros.data();
-  std::memcpy(h_prev.data(), initial.h != nullptr ? initial.h : zeros.data(), sizeof(T) * B * d);
+  std::vector<T> h_prev(B * d, T(0)), c_prev(B * d, T(0)), n_prev(B * d, T(0)),
+      m_prev(B * d, T(0));
+  if (initial.h != nullptr) {
+    std::memcpy(h_prev.data(), initial.h, sizeof(T) * B * d);
+    std::memcpy(c_prev.data(), initial.c, sizeof(T) * B * d);
+    std::memcpy(n_prev.data(), initial.n, sizeof(T) * B * d);
+    std::memcpy(m_prev.data(), initial.m, sizeof(T) * B * d);
+  }
+  std::vector<T> pre(B * 4 * d), c_cur(B * d), n_cur(B * d), m_cur(B * d),
+      scratch(B * 4 * shape.head_dim);
   for (int64_t t = 0; t < S; ++t) {
-    T* pre = saved + lay.pre + t * B * 4 * d;
-    T* ct = saved + lay.c + t * B * d;
-    T* nt = saved + lay.n + t * B * d;
-    T* mt = saved + lay.m + t * B * d;
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(pre + b * 4 * d, gx + (b * S + t) * 4 * d, sizeof(T) * 4 * d);
+      std::memcpy(pre.data() + b * 4 * d, gx + (b * S + t) * 4 * d, sizeof(T) * 4 * d);
     }
-    AddRecurrent(shape, r, h_prev.data(), pre, scratch.data());
+    AddRecurrent(shape, r, h_prev.data(), pre.data(), scratch.data());
     for (int64_t b = 0; b < B; ++b) {
-      const T* p = pre + b * 4 * d;
+      const T* p = pre.data() + b * 4 * d;
       T* hb = h + (b * S + t) * d;
       for (int64_t u = 0; u < d; ++u) {
         const int64_t i = b * d + u;
         hb[u] = Pointwise(p[u], p[d + u], p[2 * d + u], p[3 * d + u], c_prev[i], n_prev[i],
-                          m_prev[i], &ct[i], &nt[i], &mt[i]);
+                          m_prev[i], &c_cur[i], &n_cur[i], &m_cur[i]);
         h_prev[i] = hb[u];
       }
     }
-    c_prev = ct;
-    n_prev = nt;
-    m_prev = mt;
+    SaveStep(lay, B, t, d, pre.data(), c_cur.data(), n_cur.data(), m_cur.data(), saved);
+    c_prev.swap(c_cur);
+    n_prev.swap(n_cur);
+    m_prev.swap(m_cur);
   }
   if (final_state.h != nullptr) {
     std::memcpy(final_state.h, h_prev.data(), sizeof(T) * B * d);
-    std::memcpy(final_state.c, c_prev, sizeof(T) * B * d);
-    std::memcpy(final_state.n, n_prev, sizeof(T) * B * d);
-    std::memcpy(final_state.m, m_prev, sizeof(T) * B * d);
+    std::memcpy(final_state.c, c_prev.data(), sizeof(T) * B * d);
+    std::memcpy(final_state.n, n_prev.data(), sizeof(T) * B * d);
+    std::memcpy(final_state.m, m_prev.data(), sizeof(T) * B * d);
   }
 }
 
@@ -190,16 +215,23 @@ void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> i
     std::memcpy(gm.data(), d_final.m, sizeof(T) * B * d);
   }
   std::vector<T> dpre(B * 4 * d), h_prev(B * d), dpre_head(B * 4 * dhd), gh_prev(B * d);
+  std::vector<T> pre_buf(B * 4 * d), c_buf(B * d), n_buf(B * d), cp_buf(B * d), np_buf(B * d),
+      mp_buf(B * d);
   for (int64_t t = S - 1; t >= 0; --t) {
-    const T* pre = saved + lay.pre + t * B * 4 * d;
-    const T* ct = saved + lay.c + t * B * d;
-    const T* nt = saved + lay.n + t * B * d;
-    const T* c_prev = t > 0 ? saved + lay.c + (t - 1) * B * d
-                            : (initial.h != nullptr ? initial.c : zeros.data());
-    const T* n_prev = t > 0 ? saved + lay.n + (t - 1) * B * d
-                            : (initial.h != nullptr ? initial.n : zeros.data());
-    const T* m_prev = t > 0 ? saved + lay.m + (t - 1) * B * d
-                            : (initial.h != nullptr ? initial.m : zeros.data());
+    LoadRows(lay, B, lay.pre + t * 4 * d, 4 * d, saved, pre_buf.data());
+    LoadRows(lay, B, lay.c + t * d, d, saved, c_buf.data());
+    LoadRows(lay, B, lay.n + t * d, d, saved, n_buf.data());
+    if (t > 0) {
+      LoadRows(lay, B, lay.c + (t - 1) * d, d, saved, cp_buf.data());
+      LoadRows(lay, B, lay.n + (t - 1) * d, d, saved, np_buf.data());
+      LoadRows(lay, B, lay.m + (t - 1) * d, d, saved, mp_buf.data());
+    }
+    const T* pre = pre_buf.data();
+    const T* ct = c_buf.data();
+    const T* nt = n_buf.data();
+    const T* c_prev = t > 0 ? cp_buf.data() : (initial.h != nullptr ? initial.c : zeros.data());
+    const T* n_prev = t > 0 ? np_buf.data() : (initial.h != nullptr ? initial.n : zeros.data());
+    const T* m_prev = t > 0 ? mp_buf.data() : (initial.h != nullptr ? initial.m : zeros.data());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t u = 0; u < d; ++u) {
         h_prev[b * d + u] = t > 0 ? h[(b * S + t - 1) * d + u]

@@ -28,7 +28,12 @@
 // is 0, where the two agree). Contract: activation gradients (d gx, d initial state) are
 // OVERWRITTEN, the parameter gradient dR ACCUMULATES.
 //
-// Threading: pure functions of their arguments; OpenBLAS does the per-step products.
+// Threading and batch slicing: pure functions of their arguments; OpenBLAS does the per-step
+// products. Batch rows are independent and every array (the opaque `saved` buffer included) is
+// batch-major, so a call on rows [b0, b1) is the call with shape.batch = b1 − b0 and every
+// pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). dR accumulates, so
+// concurrent slices need their own dR buffers (summed afterwards). Results equal a full call's
+// rows up to rounding (the per-step GEMM has B rows, and its blocking may depend on B).
 #pragma once
 
 #include <cstdint>

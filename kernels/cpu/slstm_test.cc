@@ -262,5 +262,32 @@ INSTANTIATE_TEST_SUITE_P(Cases, SlstmBackwardTest,
                                            BwdCase{{2, 7, 2, 2}, false, true, true},
                                            BwdCase{{2, 5, 1, 4}, true, false, false}));
 
+// slstm.h promises that rows [b0, b1) can be computed by a call on a slice (equal up to rounding).
+TEST(SlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
+  const SlstmShape s{.batch = 3, .seq_len = 6, .num_heads = 2, .head_dim = 3};
+  const Problem p = MakeProblem(s, true, false, 13);
+  const int64_t S = s.seq_len, d = s.num_heads * s.head_dim;
+  std::mt19937_64 rng(2);
+  const Vec dh = RandomVector(s.batch * S * d, rng);
+  auto run = [&](int64_t b0, int64_t nb) {
+    SlstmShape sub = s;
+    sub.batch = nb;
+    const SlstmStateRef<const double> init{p.h0.data() + b0 * d, p.c0.data() + b0 * d,
+                                           p.n0.data() + b0 * d, p.m0.data() + b0 * d};
+    Vec saved(slstm_saved_size(sub)), h(nb * S * d), dgx(nb * S * 4 * d), dr(p.r.size(), 0.0);
+    slstm_fwd_ref<double>(sub, p.gx.data() + b0 * S * 4 * d, p.r.data(), init, h.data(),
+                          saved.data(), {});
+    slstm_bwd_ref<double>(sub, p.r.data(), init, h.data(), saved.data(), dh.data() + b0 * S * d,
+                          {}, dgx.data(), dr.data(), {});
+    return std::vector<Vec>{h, dgx};
+  };
+  const auto full = run(0, 3), sub = run(1, 2);
+  for (size_t k = 0; k < full.size(); ++k) {
+    const size_t per_row = full[k].size() / 3;
+    const Vec rows(full[k].begin() + per_row, full[k].end());
+    EXPECT_LT(RelativeError(sub[k], rows), 1e-14);
+  }
+}
+
 }  // namespace
 }  // namespace gyre::cpu

@@ -68,17 +68,20 @@ T ComputeDt(const SsdOptions& o, T raw, T bias, bool* grad_passes = nullptr) {
   return dt;
 }
 
+// The opaque `saved` buffer: one block per batch row (ssd.h promises that batch row b's part is
+// contiguous). Offsets below are inside one block.
 struct SavedLayout {
   int64_t num_chunks = 0;
-  int64_t states = 0, dt = 0, total = 0;
+  int64_t states = 0, dt = 0, per_batch = 0, total = 0;
 };
 
 SavedLayout MakeLayout(const SsdShape& s, const SsdOptions& o) {
   SavedLayout l;
   l.num_chunks = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
-  l.states = 0;
-  l.dt = s.batch * s.num_heads * (l.num_chunks + 1) * s.head_dim * s.state_dim;
-  l.total = l.dt + s.batch * s.seq_len * s.num_heads;
+  l.states = 0;  // [H, NB, P, N]  boundary states H_c
+  l.dt = s.num_heads * (l.num_chunks + 1) * s.head_dim * s.state_dim;  // [S, H] dt
+  l.per_batch = l.dt + s.seq_len * s.num_heads;
+  l.total = s.batch * l.per_batch;
   return l;
 }
 
@@ -173,7 +176,7 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
   std::vector<T> acs(Q), xbar(Q * P), m(Q * Q), yc(Q * P), z(Q * P);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
     // dt for every head of this batch row (saved; the backward reads it back).
-    T* dts = saved + lay.dt + bb * S * H;
+    T* dts = saved + bb * lay.per_batch + lay.dt;
     for (int64_t t = 0; t < S; ++t) {
       for (int64_t hd = 0; hd < H; ++hd) {
         dts[t * H + hd] = ComputeDt(options, in.dt[(bb * S + t) * H + hd], in.dt_bias[hd]);
@@ -183,7 +186,7 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
       const int64_t grp = hd / heads_per_group;
       const T A = -std::exp(in.a_log[hd]);
       const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      T* hs = saved + lay.states + (bb * H + hd) * NB * P * N;
+      T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
       if (initial_state != nullptr) {
         std::memcpy(hs, initial_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
       } else {
@@ -263,12 +266,12 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
       zc(Q * P), dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
   std::vector<T> dh(P * N), dh_prev(P * N);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
-    const T* dts = saved + lay.dt + bb * S * H;
+    const T* dts = saved + bb * lay.per_batch + lay.dt;
     for (int64_t hd = 0; hd < H; ++hd) {
       const int64_t grp = hd / heads_per_group;
       const T A = -std::exp(in.a_log[hd]);
       const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      const T* hs = saved + lay.states + (bb * H + hd) * NB * P * N;
+      const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
       const T* xh = in.x + bb * S * ldx + hd * P;
       const T* bh = in.b + bb * S * ldbc + grp * N;
       const T* ch = in.c + bb * S * ldbc + grp * N;

@@ -26,7 +26,11 @@
 // OVERWRITTEN; parameter gradients (dA_log, d dt_bias, dD) ACCUMULATE. The clamp passes no
 // gradient where it binds.
 //
-// Threading: pure functions of their arguments; OpenBLAS does the in-chunk products.
+// Threading and batch slicing: pure functions of their arguments; OpenBLAS does the in-chunk
+// products. Batch rows are independent and every array (the opaque `saved` buffer included) is
+// batch-major, so a call on rows [b0, b1) is the call with shape.batch = b1 − b0 and every
+// pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). The parameter gradients
+// accumulate, so concurrent slices need their own dA_log / d dt_bias / dD buffers.
 #pragma once
 
 #include <cstdint>

@@ -248,5 +248,38 @@ INSTANTIATE_TEST_SUITE_P(
                       // dt_limit binding on both sides for part of the tokens.
                       BwdCase{10, 3, 1, true, false, true, false, 0.004, 0.02}));
 
+// ssd.h promises that rows [b0, b1) can be computed by a call on a slice, bit-identically.
+TEST(SsdBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
+  const SsdShape s{.batch = 3, .seq_len = 11, .num_heads = 4, .head_dim = 2, .num_groups = 2,
+                   .state_dim = 3};
+  const SsdOptions o{.chunk_size = 4};
+  const Problem p = MakeProblem(s, true, true, false, 9);
+  std::mt19937_64 rng(4);
+  const Vec dy = RandomVector(p.x.size(), rng);
+  const int64_t S = s.seq_len, H = s.num_heads, P = s.head_dim, GN = s.num_groups * s.state_dim;
+  auto run = [&](int64_t b0, int64_t nb) {
+    SsdShape sub = s;
+    sub.batch = nb;
+    const SsdInputs<double> in{p.x.data() + b0 * S * H * P, p.dt.data() + b0 * S * H,
+                               p.a_log.data(), p.dt_bias.data(), p.b.data() + b0 * S * GN,
+                               p.c.data() + b0 * S * GN, p.d.data()};
+    const double* h0 = p.h0.data() + b0 * H * P * s.state_dim;
+    Vec saved(ssd_chunked_saved_size(sub, o)), y(nb * S * H * P);
+    ssd_chunked_fwd_ref<double>(sub, o, in, h0, y.data(), saved.data(), nullptr);
+    Vec dx(y.size()), ddt(nb * S * H), db(nb * S * GN), dc(db.size()), da(H), dtb(H), dd(H);
+    ssd_chunked_bwd_ref<double>(sub, o, in, h0, saved.data(), dy.data() + b0 * S * H * P, nullptr,
+                                {dx.data(), ddt.data(), da.data(), dtb.data(), db.data(),
+                                 dc.data(), dd.data()},
+                                nullptr);
+    return std::vector<Vec>{y, dx, ddt, db, dc};
+  };
+  const auto full = run(0, 3), sub = run(1, 2);
+  for (size_t k = 0; k < full.size(); ++k) {
+    const size_t per_row = full[k].size() / 3;
+    ASSERT_EQ(sub[k].size(), 2 * per_row);
+    for (size_t i = 0; i < sub[k].size(); ++i) ASSERT_EQ(sub[k][i], full[k][per_row + i]);
+  }
+}
+
 }  // namespace
 }  // namespace gyre::cpu

@@ -1,0 +1,195 @@
+// `gyre train`: one-process training on the CPU with synthetic tokens or a flat uint16 token
+// file (a stand-in until the data sampler lands). Prints loss, gradient norm, learning rate and
+// tokens/s every step. The compute core is ops::Trainer (ops/train_step.h), the same library the
+// distributed worker calls.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ops/blas_env.h"
+#include "ops/parallel.h"
+#include "ops/train_step.h"
+
+namespace gyre::cli {
+namespace {
+
+// Deterministic synthetic text: a random sparse Markov chain (each token has 4 equally likely
+// successors), so a model can learn it down to ln 4 = 1.386 nats. Batch of step t depends only
+// on (seed, t).
+class SyntheticTokens {
+ public:
+  SyntheticTokens(int64_t vocab, uint64_t seed) : vocab_(std::min<int64_t>(vocab, 4096)), seed_(seed) {
+    ops::Rng rng(seed ^ 0x5eed);
+    next_.resize(vocab_ * 4);
+    for (auto& n : next_) n = static_cast<int32_t>(rng.Below(vocab_));
+  }
+  void Fill(uint64_t step, std::vector<int32_t>* out) {
+    ops::Rng rng(seed_ * 1000003 + step);
+    int32_t t = static_cast<int32_t>(rng.Below(vocab_));
+    for (auto& x : *out) {
+      x = t;
+      t = next_[t * 4 + rng.Below(4)];
+    }
+  }
+
+ private:
+  int64_t vocab_;
+  uint64_t seed_;
+  std::vector<int32_t> next_;
+};
+
+// A flat little-endian uint16 token file; random windows of seq+1 tokens per sequence.
+class FileTokens {
+ public:
+  static absl::StatusOr<FileTokens> Open(const std::string& path, int64_t vocab, int64_t seq, uint64_t seed) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) return absl::NotFoundError(absl::StrCat("--tokens ", path, ": cannot open"));
+    const std::streamsize bytes = in.tellg();
+    if (bytes % 2 != 0) return absl::InvalidArgumentError(absl::StrCat(path, ": ", bytes, " bytes is not a whole number of uint16 tokens"));
+    FileTokens f;
+    f.tokens_.resize(bytes / 2);
+    in.seekg(0);
+    if (!in.read(reinterpret_cast<char*>(f.tokens_.data()), bytes)) return absl::DataLossError(absl::StrCat(path, ": short read"));
+    if (static_cast<int64_t>(f.tokens_.size()) < seq + 2)
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", f.tokens_.size(), " tokens, need more than seq_len + 1 = ", seq + 1));
+    for (size_t i = 0; i < f.tokens_.size(); ++i) {
+      if (f.tokens_[i] >= vocab)
+        return absl::InvalidArgumentError(absl::StrCat(path, ": token ", i, " = ", f.tokens_[i], " is outside the model's vocabulary of ", vocab));
+    }
+    f.seq_ = seq;
+    f.seed_ = seed;
+    return f;
+  }
+  void Fill(uint64_t step, int64_t batch, std::vector<int32_t>* out) {
+    ops::Rng rng(seed_ * 1000003 + step);
+    for (int64_t b = 0; b < batch; ++b) {
+      const size_t off = rng.Below(tokens_.size() - seq_ - 1);
+      for (int64_t t = 0; t <= seq_; ++t) (*out)[b * (seq_ + 1) + t] = tokens_[off + t];
+    }
+  }
+  size_t size() const { return tokens_.size(); }
+
+ private:
+  std::vector<uint16_t> tokens_;
+  int64_t seq_ = 0;
+  uint64_t seed_ = 0;
+};
+
+}  // namespace
+
+int RunTrain(int argc, char** argv) {
+  // Re-execute once with a usable OpenBLAS core (ops/blas_env.h); argv here is shifted by the
+  // multi-call front-end, so rebuild the original command line.
+  {
+    std::vector<char*> full;
+    static char kGyre[] = "gyre", kTrain[] = "train";
+    full.push_back(kGyre);
+    full.push_back(kTrain);
+    for (int i = 1; i < argc; ++i) full.push_back(argv[i]);
+    full.push_back(nullptr);
+    ops::ReexecWithBestBlasCore(full.data());
+  }
+  CLI::App app{"Train a model from a preset on this CPU (synthetic tokens or a uint16 token file)", "gyre train"};
+  std::string preset = "llama-tiny", tokens_path;
+  uint64_t steps = 100, seed = 0, warmup = 0;
+  int64_t seq = 128, batch = 8;
+  int threads = 0, mtp_heads = 1;
+  double lr = 3e-3, weight_decay = 0.1, grad_clip = 1.0;
+  bool recompute = false;
+  app.add_option("--preset", preset, "model preset (" + [] {
+    std::string s;
+    for (const auto& n : ops::PresetNames()) s += (s.empty() ? "" : ", ") + n;
+    return s;
+  }() + ")")->capture_default_str();
+  app.add_option("--steps", steps, "optimizer steps")->capture_default_str();
+  app.add_option("--seq-len", seq, "tokens per sequence")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch", batch, "sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_option("--tokens", tokens_path, "flat little-endian uint16 token file (default: synthetic tokens)");
+  app.add_option("--lr", lr, "peak learning rate")->capture_default_str();
+  app.add_option("--warmup", warmup, "linear warm-up steps (cosine to 10% of peak at --steps)")->capture_default_str();
+  app.add_option("--weight-decay", weight_decay, "AdamW decoupled weight decay")->capture_default_str();
+  app.add_option("--grad-clip", grad_clip, "global gradient-norm clip (<= 0: off)")->capture_default_str();
+  app.add_option("--mtp-heads", mtp_heads, "multi-token prediction heads (1 = next token only)")->capture_default_str();
+  app.add_flag("--recompute", recompute, "recompute block activations in backward");
+  app.add_option("--seed", seed, "initialisation and data seed")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  gyre::v1::ModelConfig model_config;
+  model_config.set_preset(preset);
+  model_config.set_mtp_heads(mtp_heads);
+  model_config.set_recompute_blocks(recompute);
+  auto spec = ops::ResolveModelConfig(model_config);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "gyre train: %s\n", std::string(spec.status().message()).c_str());
+    return 2;
+  }
+  gyre::v1::OptimizerConfig opt_config;
+  opt_config.set_lr(lr);
+  opt_config.set_weight_decay(weight_decay);
+  opt_config.set_grad_clip(grad_clip <= 0 ? -1 : grad_clip);
+  gyre::v1::ScheduleConfig schedule;
+  schedule.set_warmup_steps(warmup);
+  schedule.set_total_steps(steps);
+  auto options = ops::TrainOptionsFromConfig(opt_config, schedule);
+  if (!options.ok()) {
+    std::fprintf(stderr, "gyre train: %s\n", std::string(options.status().message()).c_str());
+    return 2;
+  }
+  ops::SetNumThreads(threads);
+  auto model = ops::LanguageModel::Create(*spec, ops::DType::kF32, ops::Device::kCpu, seed);
+  if (!model.ok()) {
+    std::fprintf(stderr, "gyre train: %s\n", std::string(model.status().message()).c_str());
+    return 2;
+  }
+  std::printf("%s\n%lld parameters, %d threads, OpenBLAS core %s, batch %lld x %lld tokens\n",
+              ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(), ops::NumThreads(),
+              ops::BlasCoreName().c_str(), (long long)batch, (long long)seq);
+
+  std::vector<int32_t> tokens(batch * (seq + 1));
+  SyntheticTokens synthetic(spec->vocab_size, seed);
+  std::unique_ptr<FileTokens> file;
+  if (!tokens_path.empty()) {
+    auto f = FileTokens::Open(tokens_path, spec->vocab_size, seq, seed);
+    if (!f.ok()) {
+      std::fprintf(stderr, "gyre train: %s\n", std::string(f.status().message()).c_str());
+      return 2;
+    }
+    file = std::make_unique<FileTokens>(std::move(*f));
+    std::printf("tokens: %s (%zu tokens)\n", tokens_path.c_str(), file->size());
+  } else {
+    std::printf("tokens: synthetic Markov chain (learnable down to ln 4 = 1.386 nats)\n");
+  }
+
+  ops::Trainer trainer(model->get(), *options);
+  const auto start = std::chrono::steady_clock::now();
+  for (uint64_t step = 0; step < steps; ++step) {
+    if (file) file->Fill(step, batch, &tokens);
+    else synthetic.Fill(step, &tokens);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto s = trainer.Step(tokens, batch, seq, step);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!s.ok()) {
+      std::fprintf(stderr, "gyre train: %s\n", std::string(s.status().message()).c_str());
+      return 1;
+    }
+    std::printf("step %5llu  loss %.4f  grad_norm %.3f  lr %.3e  %.0f tokens/s\n", (unsigned long long)step,
+                s->loss.loss, s->update.grad_norm, s->update.lr, batch * seq / dt);
+    std::fflush(stdout);
+  }
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("done: %llu steps in %.1f s, %.0f tokens/s\n", (unsigned long long)steps, total,
+              steps * batch * seq / std::max(total, 1e-9));
+  return 0;
+}
+
+}  // namespace gyre::cli

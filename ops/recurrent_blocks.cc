@@ -1,0 +1,462 @@
+#include "ops/recurrent_blocks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "kernels/cpu/conv1d.h"
+#include "kernels/cpu/mlstm.h"
+#include "kernels/cpu/slstm.h"
+#include "kernels/cpu/ssd.h"
+#include "ops/parallel.h"
+
+namespace gyre::ops {
+namespace {
+
+// xLSTM init helpers ([xl] components/init.py).
+double SmallInitStd(int64_t dim) { return std::sqrt(2.0 / (5.0 * static_cast<double>(dim))); }
+double WangInitStd(int64_t dim, int64_t blocks) {
+  return 2.0 / (static_cast<double>(blocks) * std::sqrt(static_cast<double>(dim)));
+}
+
+NormOptions XlstmLayerNorm(int64_t groups = 1) { return {NormOptions::kLayer, groups, 1e-5, false, 1.0, true}; }
+
+// out[r, c] = a[r, c] * v[c] (+ b[r, c] if b given): per-column scaling.
+Tensor ScaleColumns(const Tensor& a, const Tensor& v) {
+  Tensor out = Tensor::EmptyLike(a);
+  const int64_t rows = a.rows(), cols = a.cols();
+  DispatchFloat(a.dtype(), [&]<typename T>() {
+    const T* x = a.data<T>();
+    const T* s = v.data<T>();
+    T* o = out.data<T>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = x[r * cols + c] * s[c];
+  });
+  return out;
+}
+
+// grad[c] += Σ_r a[r, c] * b[r, c]  (b null: Σ_r a[r, c])
+void AccumulateColumnSums(const Tensor& a, const Tensor* b, Tensor* grad) {
+  const int64_t rows = a.rows(), cols = a.cols();
+  DispatchFloat(a.dtype(), [&]<typename T>() {
+    const T* x = a.data<T>();
+    const T* y = b ? b->data<T>() : nullptr;
+    T* g = grad->data<T>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) g[c] += y ? x[r * cols + c] * y[r * cols + c] : x[r * cols + c];
+  });
+}
+
+// Contiguous batch slices, one per pool thread (kernels/cpu: a call on batch rows [b0, b1) is
+// the call with shape.batch = b1 - b0 and every batch-major pointer advanced by b0 rows).
+std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(batch, NumThreads()));
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t i = 0; i < n; ++i) slices.push_back({batch * i / n, batch * (i + 1) / n});
+  return slices;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- CausalConv1d
+
+CausalConv1d::CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t width, bool silu)
+    : channels_(channels), width_(width), silu_(silu),
+      weight_(ctx.store->Create(ctx.Name("weight"), {channels, width}, ParamKind::kWeight)),
+      bias_(ctx.store->Create(ctx.Name("bias"), {channels}, ParamKind::kBias)) {
+  GYRE_CHECK(cpu::conv1d_check({1, 1, channels, width}).ok(), "conv1d channels %ld width %ld", (long)channels, (long)width);
+  // PyTorch's Conv1d default for a depthwise conv: fan_in = width.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(width));
+  InitUniform(&weight_->value, -bound, bound, ctx.rng);
+  InitUniform(&bias_->value, -bound, bound, ctx.rng);
+}
+
+Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  CheckCpu(x, "conv1d");
+  GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
+  x_ = x;
+  batch_ = batch;
+  seq_ = seq;
+  Tensor y = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    cpu::conv1d_fwd_ref<T>({batch, seq, channels_, width_}, {silu_}, x.data<T>(), weight_->value.data<T>(),
+                           bias_->value.data<T>(), nullptr, y.data<T>(), nullptr);
+  });
+  return y;
+}
+
+Tensor CausalConv1d::Backward(const Tensor& dy) {
+  GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
+  Tensor dx = Tensor::EmptyLike(x_);
+  DispatchFloat(x_.dtype(), [&]<typename T>() {
+    cpu::conv1d_bwd_ref<T>({batch_, seq_, channels_, width_}, {silu_}, x_.data<T>(), weight_->value.data<T>(),
+                           bias_->value.data<T>(), nullptr, dy.data<T>(), nullptr, dx.data<T>(),
+                           weight_->grad.data<T>(), bias_->grad.data<T>(), nullptr);
+  });
+  x_ = Tensor();
+  return dx;
+}
+
+// ---------------------------------------------------------------- MlstmBlock
+
+MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
+    : d_(s.d_model), p_(s.mlstm_inner), heads_(s.mlstm_heads), chunk_(s.mlstm_chunk),
+      sigmoid_forget_(s.mlstm_sigmoid_forget),
+      norm_(ctx.Sub("norm"), s.d_model, XlstmLayerNorm()),
+      up_(ctx.Sub("proj_up"), s.d_model, 2 * s.mlstm_inner, false),
+      conv_(ctx.Sub("conv1d"), s.mlstm_inner, s.conv_kernel, /*silu=*/true),
+      q_(ctx.Sub("q_proj"), s.mlstm_inner / s.qkv_block_size, s.qkv_block_size, s.qkv_block_size),
+      k_(ctx.Sub("k_proj"), s.mlstm_inner / s.qkv_block_size, s.qkv_block_size, s.qkv_block_size),
+      v_(ctx.Sub("v_proj"), s.mlstm_inner / s.qkv_block_size, s.qkv_block_size, s.qkv_block_size),
+      igate_(ctx.Sub("igate"), 3 * s.mlstm_inner, s.mlstm_heads, true),
+      fgate_(ctx.Sub("fgate"), 3 * s.mlstm_inner, s.mlstm_heads, true),
+      outnorm_(ctx.Sub("outnorm"), s.mlstm_inner, XlstmLayerNorm(s.mlstm_heads)),
+      skip_(ctx.store->Create(ctx.Name("learnable_skip"), {s.mlstm_inner}, ParamKind::kNoDecay)),
+      down_(ctx.Sub("proj_down"), s.mlstm_inner, s.d_model, false) {
+  const int64_t dk = p_ / heads_;
+  GYRE_CHECK(cpu::mlstm_check({1, 1, heads_, dk, dk}, {chunk_}).ok(), "mLSTM shape");
+  Rng* rng = ctx.rng;
+  InitNormal(&up_.weight()->value, SmallInitStd(d_), rng);
+  for (BlockDiagonalLinear* l : {&q_, &k_, &v_}) InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
+  InitNormal(&down_.weight()->value, WangInitStd(d_, n_layers), rng);
+  InitConstant(&igate_.weight()->value, 0.0);
+  InitNormal(&igate_.bias()->value, 0.1, rng);
+  InitConstant(&fgate_.weight()->value, 0.0);
+  if (ctx.materialized()) {
+    for (int64_t h = 0; h < heads_; ++h)
+      fgate_.bias()->value.Set(h, heads_ == 1 ? 3.0 : 3.0 + 3.0 * h / (heads_ - 1));  // linspace(3, 6)
+  }
+  InitConstant(&skip_->value, 1.0);
+}
+
+Tensor MlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  batch_ = batch;
+  seq_ = seq;
+  const int64_t dk = p_ / heads_;
+  Tensor u = norm_.Forward(x);
+  Tensor up = up_.Forward(u);
+  Tensor xm = SliceColumns(up, 0, p_);
+  z_ = SliceColumns(up, p_, 2 * p_);
+  xc_ = conv_.Forward(xm, batch, seq);
+  q_out_ = q_.Forward(xc_);
+  k_out_ = k_.Forward(xc_);
+  v_out_ = v_.Forward(xm);
+  Tensor qkv = ConcatColumns({q_out_, k_out_, v_out_});
+  ig_ = igate_.Forward(qkv);
+  fg_ = fgate_.Forward(qkv);
+  h_ = Tensor::EmptyLike(xm);
+  const cpu::MlstmShape shape{batch, seq, heads_, dk, dk};
+  const cpu::MlstmOptions options{chunk_, sigmoid_forget_ ? cpu::MlstmForgetGate::kSigmoid
+                                                          : cpu::MlstmForgetGate::kExponential, 1e-6};
+  saved_ = Tensor::Empty({cpu::mlstm_chunkwise_saved_size(shape, options)}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq, heads_, dk, dk}, options);
+    const int64_t qk_row = seq * p_, g_row = seq * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * qk_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_fwd_ref<T>({b1 - b0, seq, heads_, dk, dk}, options, in, {}, h_.data<T>() + b0 * qk_row,
+                                      saved_.data<T>() + b0 * saved_row, {});
+    });
+  });
+  Tensor hn = outnorm_.Forward(h_);
+  hs_ = Add(hn, ScaleColumns(xc_, skip_->value));
+  sz_ = Activate(Activation::kSilu, z_);
+  return Add(x, down_.Forward(Mul(hs_, sz_)));
+}
+
+Tensor MlstmBlock::Backward(const Tensor& dy) {
+  GYRE_CHECK(h_.defined(), "MlstmBlock::Backward without Forward");
+  const int64_t dk = p_ / heads_;
+  Tensor dhh = down_.Backward(dy);
+  Tensor dhs = Mul(dhh, sz_);
+  Tensor dz = ActivateBackward(Activation::kSilu, z_, Mul(dhh, hs_));
+  AccumulateColumnSums(dhs, &xc_, &skip_->grad);
+  Tensor dxc = ScaleColumns(dhs, skip_->value);
+  Tensor dh = outnorm_.Backward(dhs);
+  const cpu::MlstmOptions options{chunk_, sigmoid_forget_ ? cpu::MlstmForgetGate::kSigmoid
+                                                          : cpu::MlstmForgetGate::kExponential, 1e-6};
+  Tensor dq = Tensor::EmptyLike(q_out_), dk_t = Tensor::EmptyLike(k_out_), dv = Tensor::EmptyLike(v_out_);
+  Tensor dig = Tensor::EmptyLike(ig_), dfg = Tensor::EmptyLike(fg_);
+  DispatchFloat(dy.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq_, heads_, dk, dk}, options);
+    const int64_t qk_row = seq_ * p_, g_row = seq_ * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * qk_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::MlstmGrads<T> g{dq.data<T>() + b0 * qk_row, dk_t.data<T>() + b0 * qk_row, dv.data<T>() + b0 * qk_row,
+                           dig.data<T>() + b0 * g_row, dfg.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_bwd_ref<T>({b1 - b0, seq_, heads_, dk, dk}, options, in, {}, h_.data<T>() + b0 * qk_row,
+                                      saved_.data<T>() + b0 * saved_row, dh.data<T>() + b0 * qk_row, {}, g, {});
+    });
+  });
+  Tensor dqkv = igate_.Backward(dig);
+  AddInPlace(&dqkv, fgate_.Backward(dfg));
+  AddInPlace(&dq, SliceColumns(dqkv, 0, p_));
+  AddInPlace(&dk_t, SliceColumns(dqkv, p_, 2 * p_));
+  AddInPlace(&dv, SliceColumns(dqkv, 2 * p_, 3 * p_));
+  AddInPlace(&dxc, q_.Backward(dq));
+  AddInPlace(&dxc, k_.Backward(dk_t));
+  Tensor dxm = v_.Backward(dv);
+  AddInPlace(&dxm, conv_.Backward(dxc));
+  Tensor du = up_.Backward(ConcatColumns({dxm, dz}));
+  Tensor dx = Add(dy, norm_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void MlstmBlock::ReleaseActivations() {
+  z_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = h_ = saved_ = hs_ = sz_ = Tensor();
+  norm_.ReleaseActivations();
+  up_.ReleaseActivations();
+  conv_.ReleaseActivations();
+  q_.ReleaseActivations();
+  k_.ReleaseActivations();
+  v_.ReleaseActivations();
+  igate_.ReleaseActivations();
+  fgate_.ReleaseActivations();
+  outnorm_.ReleaseActivations();
+  down_.ReleaseActivations();
+}
+
+// ---------------------------------------------------------------- SlstmBlock
+
+SlstmBlock::SlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t layer, int64_t n_layers)
+    : d_(s.d_model), heads_(s.slstm_heads),
+      norm_(ctx.Sub("norm"), s.d_model, XlstmLayerNorm()),
+      conv_(ctx.Sub("conv1d"), s.d_model, s.conv_kernel, /*silu=*/true),
+      wi_(ctx.Sub("igate"), s.slstm_heads, s.d_model / s.slstm_heads, s.d_model / s.slstm_heads),
+      wf_(ctx.Sub("fgate"), s.slstm_heads, s.d_model / s.slstm_heads, s.d_model / s.slstm_heads),
+      wz_(ctx.Sub("zgate"), s.slstm_heads, s.d_model / s.slstm_heads, s.d_model / s.slstm_heads),
+      wo_(ctx.Sub("ogate"), s.slstm_heads, s.d_model / s.slstm_heads, s.d_model / s.slstm_heads),
+      bias_(ctx.store->Create(ctx.Name("cell.bias"), {4, s.d_model}, ParamKind::kBias)),
+      recurrent_(ctx.store->Create(ctx.Name("cell.recurrent_kernel"),
+                                   {s.slstm_heads, 4, s.d_model / s.slstm_heads, s.d_model / s.slstm_heads},
+                                   ParamKind::kNoDecay)),
+      group_norm_(ctx.Sub("group_norm"), s.d_model, XlstmLayerNorm(s.slstm_heads)),
+      ffn_norm_(ctx.Sub("ffn_norm"), s.d_model, XlstmLayerNorm()),
+      ffn_(ctx.Sub("ffn"), s.d_model, s.slstm_ffn, Activation::kGelu) {
+  const int64_t dh = d_ / heads_;
+  GYRE_CHECK(cpu::slstm_check({1, 1, heads_, dh}).ok(), "sLSTM shape");
+  for (BlockDiagonalLinear* l : {&wi_, &wf_, &wz_, &wo_}) InitNormal(&l->weight()->value, SmallInitStd(d_), ctx.rng);
+  InitNormal(&ffn_.gate().weight()->value, SmallInitStd(d_), ctx.rng);
+  InitNormal(&ffn_.up().weight()->value, SmallInitStd(d_), ctx.rng);
+  InitNormal(&ffn_.down().weight()->value, WangInitStd(d_, n_layers), ctx.rng);
+  // Forget-gate bias "powerlaw_blockdependent": b_f[j] = 5 - 12 (j/(dh-1))^(0.3 + 1.3 l/(L-1)).
+  if (ctx.materialized()) {
+    const double exponent = 0.3 + 1.3 * (n_layers > 1 ? static_cast<double>(layer) / (n_layers - 1) : 0.0);
+    for (int64_t c = 0; c < d_; ++c) {
+      const int64_t j = c % dh;
+      const double frac = dh > 1 ? static_cast<double>(j) / (dh - 1) : 0.0;
+      bias_->value.Set(1 * d_ + c, 5.0 - 12.0 * std::pow(frac, exponent));
+    }
+  }
+}
+
+Tensor SlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  batch_ = batch;
+  seq_ = seq;
+  const int64_t dh = d_ / heads_, rows = batch * seq;
+  Tensor u = norm_.Forward(x);
+  Tensor xc = conv_.Forward(u, batch, seq);
+  Tensor gates[4] = {wi_.Forward(xc), wf_.Forward(xc), wz_.Forward(u), wo_.Forward(u)};
+  gx_ = Tensor::Empty({batch, seq, 4, d_}, x.dtype());
+  h_ = Tensor::Empty({batch, seq, d_}, x.dtype());
+  const cpu::SlstmShape shape{batch, seq, heads_, dh};
+  saved_ = Tensor::Empty({cpu::slstm_saved_size(shape)}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    T* g = gx_.data<T>();
+    const T* b = bias_->value.data<T>();
+    for (int k = 0; k < 4; ++k) {
+      const T* src = gates[k].data<T>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < d_; ++c) g[(r * 4 + k) * d_ + c] = src[r * d_ + c] + b[k * d_ + c];
+    }
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::slstm_saved_size({1, seq, heads_, dh});
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::slstm_fwd_ref<T>({b1 - b0, seq, heads_, dh}, g + b0 * seq * 4 * d_, recurrent_->value.data<T>(), {},
+                            h_.data<T>() + b0 * seq * d_, saved_.data<T>() + b0 * saved_row, {});
+    });
+  });
+  Tensor x1 = Add(x, group_norm_.Forward(h_));
+  return Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+}
+
+Tensor SlstmBlock::Backward(const Tensor& dy) {
+  GYRE_CHECK(h_.defined(), "SlstmBlock::Backward without Forward");
+  const int64_t dh_dim = d_ / heads_, rows = batch_ * seq_;
+  Tensor dx1 = Add(dy, ffn_norm_.Backward(ffn_.Backward(dy)));
+  Tensor dh = group_norm_.Backward(dx1);
+  Tensor dgx = Tensor::EmptyLike(gx_);
+  Tensor dgates[4];
+  for (auto& t : dgates) t = Tensor::Empty({batch_, seq_, d_}, dy.dtype());
+  DispatchFloat(dy.dtype(), [&]<typename T>() {
+    // dR accumulates: one buffer per slice beyond the first, summed afterwards.
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::slstm_saved_size({1, seq_, heads_, dh_dim});
+    std::vector<Tensor> dr(slices.size());
+    for (size_t i = 1; i < slices.size(); ++i) dr[i] = Tensor::ZerosLike(recurrent_->grad);
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      T* dr_out = i == 0 ? recurrent_->grad.data<T>() : dr[i].data<T>();
+      cpu::slstm_bwd_ref<T>({b1 - b0, seq_, heads_, dh_dim}, recurrent_->value.data<T>(), {},
+                            h_.data<T>() + b0 * seq_ * d_, saved_.data<T>() + b0 * saved_row,
+                            dh.data<T>() + b0 * seq_ * d_, {}, dgx.data<T>() + b0 * seq_ * 4 * d_, dr_out, {});
+    });
+    for (size_t i = 1; i < slices.size(); ++i) AddInPlace(&recurrent_->grad, dr[i]);
+    const T* g = dgx.data<T>();
+    T* gb = bias_->grad.data<T>();
+    for (int k = 0; k < 4; ++k) {
+      T* dst = dgates[k].data<T>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < d_; ++c) {
+          const T v = g[(r * 4 + k) * d_ + c];
+          dst[r * d_ + c] = v;
+          gb[k * d_ + c] += v;
+        }
+    }
+  });
+  Tensor dxc = wi_.Backward(dgates[0]);
+  AddInPlace(&dxc, wf_.Backward(dgates[1]));
+  Tensor du = wz_.Backward(dgates[2]);
+  AddInPlace(&du, wo_.Backward(dgates[3]));
+  AddInPlace(&du, conv_.Backward(dxc));
+  Tensor dx = Add(dx1, norm_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void SlstmBlock::ReleaseActivations() {
+  gx_ = h_ = saved_ = Tensor();
+  norm_.ReleaseActivations();
+  conv_.ReleaseActivations();
+  for (BlockDiagonalLinear* l : {&wi_, &wf_, &wz_, &wo_}) l->ReleaseActivations();
+  group_norm_.ReleaseActivations();
+  ffn_norm_.ReleaseActivations();
+  ffn_.ReleaseActivations();
+}
+
+// ---------------------------------------------------------------- Mamba2Block
+
+Mamba2Block::Mamba2Block(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
+    : d_(s.d_model), di_(s.ssm_expand * s.d_model), heads_(s.ssm_expand * s.d_model / s.ssm_head_dim),
+      head_dim_(s.ssm_head_dim), groups_(s.ssm_groups), state_(s.ssm_state), chunk_(s.ssm_chunk),
+      norm_(ctx.Sub("norm"), s.d_model, {NormOptions::kRms, 1, 1e-5}),
+      in_proj_(ctx.Sub("in_proj"), s.d_model,
+               2 * s.ssm_expand * s.d_model + 2 * s.ssm_groups * s.ssm_state + s.ssm_expand * s.d_model / s.ssm_head_dim,
+               false),
+      conv_(ctx.Sub("conv1d"), s.ssm_expand * s.d_model + 2 * s.ssm_groups * s.ssm_state, s.ssm_conv, /*silu=*/true),
+      a_log_(ctx.store->Create(ctx.Name("A_log"), {s.ssm_expand * s.d_model / s.ssm_head_dim}, ParamKind::kNoDecay)),
+      dt_bias_(ctx.store->Create(ctx.Name("dt_bias"), {s.ssm_expand * s.d_model / s.ssm_head_dim}, ParamKind::kNoDecay)),
+      d_skip_(ctx.store->Create(ctx.Name("D"), {s.ssm_expand * s.d_model / s.ssm_head_dim}, ParamKind::kNoDecay)),
+      gated_norm_(ctx.Sub("gated_norm"), s.ssm_expand * s.d_model, {NormOptions::kRms, s.ssm_groups, 1e-5}),
+      out_proj_(ctx.Sub("out_proj"), s.ssm_expand * s.d_model, s.d_model, false) {
+  GYRE_CHECK(cpu::ssd_check({1, 1, heads_, head_dim_, groups_, state_}, {chunk_}).ok(), "SSD shape");
+  // [ms] Mamba2.__init__: A ~ U[1, 16]; dt = exp(U[ln 1e-3, ln 0.1]) floored at 1e-4,
+  // dt_bias = inverse softplus(dt); D = 1. out_proj: kaiming-uniform(a = sqrt 5) / sqrt(n_layer).
+  if (ctx.materialized()) {
+    for (int64_t h = 0; h < heads_; ++h) {
+      a_log_->value.Set(h, std::log(ctx.rng->Uniform(1.0, 16.0)));
+      double dt = std::exp(ctx.rng->Uniform(std::log(1e-3), std::log(0.1)));
+      dt = std::max(dt, 1e-4);
+      dt_bias_->value.Set(h, dt + std::log(-std::expm1(-dt)));
+    }
+  }
+  InitConstant(&d_skip_->value, 1.0);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(di_)) / std::sqrt(static_cast<double>(n_layers));
+  InitUniform(&out_proj_.weight()->value, -bound, bound, ctx.rng);
+}
+
+Tensor Mamba2Block::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  batch_ = batch;
+  seq_ = seq;
+  const int64_t gn = groups_ * state_;
+  Tensor u = norm_.Forward(x);
+  Tensor zx = in_proj_.Forward(u);
+  z_ = SliceColumns(zx, 0, di_);
+  Tensor xbc = conv_.Forward(SliceColumns(zx, di_, 2 * di_ + 2 * gn), batch, seq);
+  dt_ = SliceColumns(zx, 2 * di_ + 2 * gn, 2 * di_ + 2 * gn + heads_);
+  xs_ = SliceColumns(xbc, 0, di_);
+  b_ = SliceColumns(xbc, di_, di_ + gn);
+  c_ = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
+  y_ = Tensor::EmptyLike(xs_);
+  const cpu::SsdShape shape{batch, seq, heads_, head_dim_, groups_, state_};
+  cpu::SsdOptions options;
+  options.chunk_size = chunk_;
+  saved_ = Tensor::Empty({cpu::ssd_chunked_saved_size(shape, options)}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::ssd_chunked_saved_size({1, seq, heads_, head_dim_, groups_, state_}, options);
+    const int64_t x_row = seq * di_, dt_row = seq * heads_, bc_row = seq * groups_ * state_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::SsdInputs<T> in{xs_.data<T>() + b0 * x_row, dt_.data<T>() + b0 * dt_row, a_log_->value.data<T>(),
+                           dt_bias_->value.data<T>(), b_.data<T>() + b0 * bc_row, c_.data<T>() + b0 * bc_row,
+                           d_skip_->value.data<T>()};
+      cpu::ssd_chunked_fwd_ref<T>({b1 - b0, seq, heads_, head_dim_, groups_, state_}, options, in, nullptr,
+                                  y_.data<T>() + b0 * x_row, saved_.data<T>() + b0 * saved_row, nullptr);
+    });
+  });
+  sz_ = Activate(Activation::kSilu, z_);
+  return Add(x, out_proj_.Forward(gated_norm_.Forward(Mul(y_, sz_))));
+}
+
+Tensor Mamba2Block::Backward(const Tensor& dy) {
+  GYRE_CHECK(y_.defined(), "Mamba2Block::Backward without Forward");
+  Tensor dg = gated_norm_.Backward(out_proj_.Backward(dy));
+  Tensor dyy = Mul(dg, sz_);
+  Tensor dz = ActivateBackward(Activation::kSilu, z_, Mul(dg, y_));
+  Tensor dxs = Tensor::EmptyLike(xs_), ddt = Tensor::EmptyLike(dt_), db = Tensor::EmptyLike(b_),
+         dc = Tensor::EmptyLike(c_);
+  cpu::SsdOptions options;
+  options.chunk_size = chunk_;
+  DispatchFloat(dy.dtype(), [&]<typename T>() {
+    // Parameter gradients accumulate: one set of buffers per slice beyond the first.
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::ssd_chunked_saved_size({1, seq_, heads_, head_dim_, groups_, state_}, options);
+    const int64_t x_row = seq_ * di_, dt_row = seq_ * heads_, bc_row = seq_ * groups_ * state_;
+    std::vector<Tensor> extra(3 * slices.size());
+    for (size_t i = 3; i < extra.size(); ++i) extra[i] = Tensor::ZerosLike(a_log_->grad);
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::SsdInputs<T> in{xs_.data<T>() + b0 * x_row, dt_.data<T>() + b0 * dt_row, a_log_->value.data<T>(),
+                           dt_bias_->value.data<T>(), b_.data<T>() + b0 * bc_row, c_.data<T>() + b0 * bc_row,
+                           d_skip_->value.data<T>()};
+      cpu::SsdGrads<T> g{dxs.data<T>() + b0 * x_row, ddt.data<T>() + b0 * dt_row,
+                         i == 0 ? a_log_->grad.data<T>() : extra[3 * i].data<T>(),
+                         i == 0 ? dt_bias_->grad.data<T>() : extra[3 * i + 1].data<T>(),
+                         db.data<T>() + b0 * bc_row, dc.data<T>() + b0 * bc_row,
+                         i == 0 ? d_skip_->grad.data<T>() : extra[3 * i + 2].data<T>()};
+      cpu::ssd_chunked_bwd_ref<T>({b1 - b0, seq_, heads_, head_dim_, groups_, state_}, options, in, nullptr,
+                                  saved_.data<T>() + b0 * saved_row, dyy.data<T>() + b0 * x_row, nullptr, g, nullptr);
+    });
+    for (size_t i = 1; i < slices.size(); ++i) {
+      AddInPlace(&a_log_->grad, extra[3 * i]);
+      AddInPlace(&dt_bias_->grad, extra[3 * i + 1]);
+      AddInPlace(&d_skip_->grad, extra[3 * i + 2]);
+    }
+  });
+  Tensor dxbc = conv_.Backward(ConcatColumns({dxs, db, dc}));
+  Tensor du = in_proj_.Backward(ConcatColumns({dz, dxbc, ddt}));
+  Tensor dx = Add(dy, norm_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void Mamba2Block::ReleaseActivations() {
+  z_ = dt_ = xs_ = b_ = c_ = y_ = saved_ = sz_ = Tensor();
+  norm_.ReleaseActivations();
+  in_proj_.ReleaseActivations();
+  conv_.ReleaseActivations();
+  gated_norm_.ReleaseActivations();
+  out_proj_.ReleaseActivations();
+}
+
+}  // namespace gyre::ops

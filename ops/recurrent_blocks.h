@@ -1,0 +1,106 @@
+// The recurrent blocks around the cell kernels of kernels/cpu (mlstm.h, slstm.h, ssd.h,
+// conv1d.h): projections, norms, gates, skips and residuals, with explicit backward.
+//
+// MlstmBlock  — xLSTM v1 mLSTM block, pre-up-projection (MODELS.md §1.4; [xl] mLSTMLayer):
+//   u = LN(x); [x_m | z] = W_up u; x_c = SiLU(conv4(x_m)); q, k = BD(x_c); v = BD(x_m);
+//   ĩ, f̃ = Linear(concat(q, k, v)) (+bias); h̃ = mLSTM(q, k, v, ĩ, f̃) (chunkwise kernel);
+//   h = (GroupNorm(h̃) + s ⊙ x_c) ⊙ SiLU(z); x <- x + W_down h.
+// SlstmBlock  — xLSTM v1 sLSTM block, post-up-projection (MODELS.md §2; [xl] sLSTMLayer + FFN):
+//   u = LN(x); x_c = SiLU(conv4(u)); gates i, f from x_c and z, o from u (block-diagonal per
+//   head) + bias; h = sLSTM(gates, R); x <- x + GroupNorm(h); x <- x + FFN_GeLU(LN(x)).
+// Mamba2Block — Mamba-2 mixer layer (MODELS.md §4.3; [ms] Mamba2 + Block):
+//   u = RMSNorm(x); [z | x | B | C | dt] = in_proj u; [x | B | C] = SiLU(conv4([x | B | C]));
+//   y = SSD(x, dt, A, B, C, D) (chunked kernel); x <- x + out_proj(RMSNorm_G(y ⊙ SiLU(z))).
+// All LayerNorms of the xLSTM blocks store their scale as 1 + w (w init 0), no bias, eps 1e-5.
+#pragma once
+
+#include <cstdint>
+
+#include "ops/block.h"
+#include "ops/layers.h"
+#include "ops/model_config.h"
+
+namespace gyre::ops {
+
+// Causal depthwise conv1d (+ optional fused SiLU) over [B, S, C], weight [C, K], bias [C].
+class CausalConv1d {
+ public:
+  CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t width, bool silu);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor Backward(const Tensor& dy);
+  void ReleaseActivations() { x_ = Tensor(); }
+
+ private:
+  int64_t channels_, width_;
+  bool silu_;
+  Parameter* weight_;
+  Parameter* bias_;
+  Tensor x_;
+  int64_t batch_ = 0, seq_ = 0;
+};
+
+class MlstmBlock : public Block {
+ public:
+  MlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
+  Tensor Backward(const Tensor& dy) override;
+  void ReleaseActivations() override;
+
+ private:
+  int64_t d_, p_, heads_, chunk_;
+  bool sigmoid_forget_;
+  Norm norm_;
+  Linear up_;
+  CausalConv1d conv_;
+  BlockDiagonalLinear q_, k_, v_;
+  Linear igate_, fgate_;
+  Norm outnorm_;
+  Parameter* skip_;
+  Linear down_;
+  int64_t batch_ = 0, seq_ = 0;
+  Tensor z_, xc_, q_out_, k_out_, v_out_, ig_, fg_, h_, saved_, hs_, sz_;
+};
+
+class SlstmBlock : public Block {
+ public:
+  SlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t layer, int64_t n_layers);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
+  Tensor Backward(const Tensor& dy) override;
+  void ReleaseActivations() override;
+
+ private:
+  int64_t d_, heads_;
+  Norm norm_;
+  CausalConv1d conv_;
+  BlockDiagonalLinear wi_, wf_, wz_, wo_;
+  Parameter* bias_;       // [4, d], gate order i, f, z, o
+  Parameter* recurrent_;  // [NH, 4, dh, dh]
+  Norm group_norm_;
+  Norm ffn_norm_;
+  GatedMlp ffn_;
+  int64_t batch_ = 0, seq_ = 0;
+  Tensor gx_, h_, saved_;
+};
+
+class Mamba2Block : public Block {
+ public:
+  Mamba2Block(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
+  Tensor Backward(const Tensor& dy) override;
+  void ReleaseActivations() override;
+
+ private:
+  int64_t d_, di_, heads_, head_dim_, groups_, state_, chunk_;
+  Norm norm_;
+  Linear in_proj_;
+  CausalConv1d conv_;
+  Parameter* a_log_;
+  Parameter* dt_bias_;
+  Parameter* d_skip_;
+  Norm gated_norm_;
+  Linear out_proj_;
+  int64_t batch_ = 0, seq_ = 0;
+  Tensor z_, dt_, xs_, b_, c_, y_, saved_, sz_;
+};
+
+}  // namespace gyre::ops
