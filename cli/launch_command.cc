@@ -15,7 +15,7 @@ int RunLaunch(int argc, char** argv) {
   CLI::App app{"gyre launch: start a run (coordinator + workers)"};
   bool local = false;
   int workers = 1;
-  std::string config_path, preset, index_dir, name = "default", runs_dir = "runs";
+  std::string config_path, preset, index_dir, name, runs_dir = "runs";
   uint64_t steps = 0, seed = 0;
   uint32_t seq_len = 0, batch = 0;
   double lr = 0;
@@ -24,7 +24,7 @@ int RunLaunch(int argc, char** argv) {
   app.add_option("--config", config_path, "run config (protobuf text or .json); flags below override it");
   app.add_option("--preset", preset, "model preset (e.g. xlstm-tiny, llama-125m)");
   app.add_option("--index", index_dir, "token index written by `gyre prepare`");
-  app.add_option("--run", name, "run name: the run directory is <runs-dir>/<run>")->capture_default_str();
+  app.add_option("--run", name, "run name: the run directory is <runs-dir>/<run> (default: the config's name)");
   app.add_option("--runs-dir", runs_dir, "where run directories live")->capture_default_str();
   app.add_option("--steps", steps, "train.max_steps");
   app.add_option("--seq-len", seq_len, "data.seq_len");
@@ -49,7 +49,7 @@ int RunLaunch(int argc, char** argv) {
     }
     config = *loaded;
   }
-  config.set_name(name);
+  if (!name.empty()) config.set_name(name);
   if (!preset.empty()) config.mutable_model()->set_preset(preset);
   if (!index_dir.empty()) config.mutable_data()->set_index_dir(index_dir);
   if (steps) config.mutable_train()->set_max_steps(steps);
@@ -63,7 +63,7 @@ int RunLaunch(int argc, char** argv) {
     std::fprintf(stderr, "gyre launch: invalid config: %s\n", std::string(s.message()).c_str());
     return 2;
   }
-  RunDir dir(JoinPath(runs_dir, name));
+  RunDir dir(JoinPath(runs_dir, config.name()));
   Env* env = Env::Default();
   if (absl::Status s = env->CreateDirs(dir.root()); !s.ok()) {
     std::fprintf(stderr, "gyre launch: %s\n", std::string(s.message()).c_str());

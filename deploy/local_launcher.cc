@@ -26,7 +26,12 @@ void OnSignal(int sig) { g_signal.store(sig); }
 struct Child {
   pid_t pid = -1;
   std::string role;  // "coordinator", "worker-3"
+  int64_t started_ms = 0;
 };
+
+// A worker that dies this soon after starting counts towards a crash loop.
+constexpr int64_t kQuickExitMs = 15000;
+constexpr int kMaxQuickExitsInARow = 6;
 
 // fork + exec `exe args...` with stdout/stderr appended to `log_path`.
 absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log_path) {
@@ -73,6 +78,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
   Child coordinator;
   std::map<pid_t, Child> workers;
   int next_worker = 0;
+  int quick_exits_in_a_row = 0;
+  std::string last_failed_log;
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
     // A stale address would send workers to a dead port; the coordinator writes a fresh one.
@@ -90,7 +97,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
     absl::StatusOr<pid_t> pid = Spawn(options.self_exe, {"worker", "--run-dir", options.run_dir},
                                       JoinPath(dir.logs_dir(), role + ".log"));
     if (!pid.ok()) return pid.status();
-    workers[*pid] = {*pid, role};
+    workers[*pid] = {*pid, role, NowMs()};
     return absl::OkStatus();
   };
 
@@ -121,6 +128,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
                options.run_dir.c_str());
 
   int64_t stop_deadline = 0;
+  bool crash_loop = false;
   bool coordinator_done = false;
   while (true) {
     // Reap children.
@@ -138,13 +146,25 @@ absl::Status RunLocal(const LaunchOptions& options) {
           if (absl::Status s = start_coordinator(); !s.ok()) return s;
         }
       } else if (auto it = workers.find(pid); it != workers.end()) {
-        std::fprintf(stderr, "gyre launch: %s (pid %d) exited with status %d\n", it->second.role.c_str(), pid,
-                     WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        std::fprintf(stderr, "gyre launch: %s (pid %d) exited with status %d\n", it->second.role.c_str(), pid, code);
+        if (code != 0 && NowMs() - it->second.started_ms < kQuickExitMs) {
+          ++quick_exits_in_a_row;
+          last_failed_log = JoinPath(dir.logs_dir(), it->second.role + ".log");
+        } else if (code == 0) {
+          quick_exits_in_a_row = 0;
+        }
         workers.erase(it);
       }
     }
     if (coordinator_done && workers.empty()) break;
 
+    if (quick_exits_in_a_row >= kMaxQuickExitsInARow && stop_deadline == 0) {
+      std::fprintf(stderr, "gyre launch: workers keep failing right after start; giving up (see %s)\n",
+                   last_failed_log.c_str());
+      g_signal.store(SIGTERM);
+      crash_loop = true;
+    }
     if (g_signal.load() != 0 && stop_deadline == 0) {
       std::fprintf(stderr, "gyre launch: stopping (waiting for the step in flight)\n");
       stop_deadline = NowMs() + options.stop_grace_ms;
@@ -183,6 +203,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
   }
+  if (crash_loop) return absl::AbortedError(absl::StrCat("workers failed at start; last log: ", last_failed_log));
   return absl::OkStatus();
 }
 
