@@ -84,7 +84,7 @@ class DeviceArray {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       const uint16_t b = FloatToBf16Bits(f);
       T t;
-      std::memcpy(&t, &b, 2);
+      std::memcpy(static_cast<void*>(&t), &b, 2);
       return t;
     } else {
       return static_cast<T>(f);
@@ -93,7 +93,7 @@ class DeviceArray {
   static float Back(T t) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       uint16_t b;
-      std::memcpy(&b, &t, 2);
+      std::memcpy(&b, static_cast<const void*>(&t), 2);
       return Bf16BitsToFloat(b);
     } else {
       return static_cast<float>(t);
