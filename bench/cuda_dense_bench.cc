@@ -366,6 +366,9 @@ int Main(int argc, char** argv) {
               (unsigned long)st.allocations, (unsigned long)st.cache_hits,
               (unsigned long)st.device_mallocs, st.peak_bytes_in_use / 1e9);
   if (b.csv) std::fclose(b.csv);
+  // Everything allocated from `alloc` goes back before it is destroyed.
+  gemm.reset();
+  b.flush.reset();
   return 0;
 }
 
