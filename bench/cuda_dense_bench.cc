@@ -287,8 +287,15 @@ void RunModel(Bench& b, DeviceAllocator& alloc, GemmContext* gemm, const Model& 
          [&]() { return LinearCrossEntropy(gemm, &alloc, a, b.stream); }, 10);
     a.dh = dh;
     a.dw = dw;
-    Time(b, tag + "linear+CE loss+dh+dW", s, 3 * gemm_flops, 4.0 * (N + V) * d + 8.0 * V * d,
-         [&]() { return LinearCrossEntropy(gemm, &alloc, a, b.stream); }, 10);
+    // Chunk size trades GEMM efficiency (large chunks) against logits traffic staying in L2
+    // (small chunks: 256 x 50304 x 4 B = 51 MB, about the L2 size).
+    for (int64_t chunk : {256, 1024, 4096}) {
+      a.chunk_tokens = chunk;
+      const std::string sc = sh("V=" + std::to_string(V) + " d=" + std::to_string(d) +
+                                " chunk=" + std::to_string(chunk));
+      Time(b, tag + "linear+CE loss+dh+dW", sc, 3 * gemm_flops, 4.0 * (N + V) * d + 8.0 * V * d,
+           [&]() { return LinearCrossEntropy(gemm, &alloc, a, b.stream); }, 10);
+    }
   }
   keep.clear();
   // ---- AdamW over the model's parameters (tensor list as the model has it).

@@ -1,5 +1,8 @@
-// RoPE forward / backward; contract in rope.h. rope_kernel1: one thread per (row, head, pair i),
-// reads both features of the pair before writing either (so in-place is safe).
+// RoPE forward / backward; contract in rope.h.
+//
+// rope_kernel1: one block per token row (the position and the table row are looked up once);
+// the block's threads stride over (head, pair i) with 32-bit index math. Each thread reads both
+// features of its pair before writing either, so in place (y == x) is safe.
 #include "kernels/cuda/rope.h"
 
 #include <cmath>
@@ -12,33 +15,36 @@ namespace gyre::cuda {
 namespace {
 
 __global__ void rope_kernel1(RopeArgs a, const float* cos_t, const float* sin_t,
-                             int64_t max_positions, int64_t head_dim, float sign) {
-  const int64_t half = head_dim / 2;
-  const int64_t pairs = half + (head_dim % 2);  // odd D: one more thread for the passthrough
-  const int64_t total = a.rows * a.heads * pairs;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = t % pairs;
-    const int64_t rh = t / pairs;
-    const int64_t h = rh % a.heads;
-    const int64_t r = rh / a.heads;
-    const int64_t base = r * a.row_stride + h * head_dim;
+                             int64_t max_positions, int head_dim, float sign) {
+  const int64_t r = blockIdx.x;
+  const int half = head_dim / 2;
+  const int pairs = half + (head_dim % 2);  // odd D: one more slot for the passthrough
+  const int work = static_cast<int>(a.heads) * pairs;
+  const int64_t p = a.positions ? a.positions[r % a.seq] : r % a.seq;
+  const bool in_table = p >= 0 && p < max_positions;
+  const float* cos_row = cos_t + (in_table ? p : 0) * half;
+  const float* sin_row = sin_t + (in_table ? p : 0) * half;
+  const __nv_bfloat16* x = a.x + r * a.row_stride;
+  __nv_bfloat16* y = a.y + r * a.row_stride;
+  for (int j = threadIdx.x; j < work; j += blockDim.x) {
+    const int h = j / pairs;
+    const int i = j - h * pairs;
+    const int base = h * head_dim;
     if (i == half) {  // odd D only
-      a.y[base + head_dim - 1] = a.x[base + head_dim - 1];
+      y[base + head_dim - 1] = x[base + head_dim - 1];
       continue;
     }
-    const int64_t p = a.positions ? a.positions[r % a.seq] : r % a.seq;
     float c, s;
-    if (p >= 0 && p < max_positions) {
-      c = cos_t[p * half + i];
-      s = sign * sin_t[p * half + i];
+    if (in_table) {
+      c = cos_row[i];
+      s = sign * sin_row[i];
     } else {
       c = s = __int_as_float(0x7fc00000);  // NaN: position outside the table
     }
-    const float x1 = __bfloat162float(a.x[base + i]);
-    const float x2 = __bfloat162float(a.x[base + i + half]);
-    a.y[base + i] = __float2bfloat16_rn(x1 * c - x2 * s);
-    a.y[base + i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
+    const float x1 = __bfloat162float(x[base + i]);
+    const float x2 = __bfloat162float(x[base + i + half]);
+    y[base + i] = __float2bfloat16_rn(x1 * c - x2 * s);
+    y[base + i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
   }
 }
 
@@ -55,10 +61,11 @@ CudaResult Launch(const RopeTable& table, const RopeArgs& a, float sign, cudaStr
   const int64_t half = head_dim / 2;
   const float* cos_t = table.cos_sin.as<float>();
   const float* sin_t = cos_t + table.max_positions * half;
-  const int64_t total = a.rows * a.heads * (half + head_dim % 2);
-  constexpr int kThreads = 256;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(CeilDiv(total, kThreads), 65535));
-  rope_kernel1<<<grid, kThreads, 0, stream>>>(a, cos_t, sin_t, table.max_positions, head_dim, sign);
+  const int64_t work = a.heads * (half + head_dim % 2);
+  if (a.rows > 0x7fffffff || work > 0x7fffffff) return InvalidArgument("rope: too many rows or heads");
+  const int threads = static_cast<int>(std::min<int64_t>(256, CeilDiv(work, 32) * 32));
+  rope_kernel1<<<static_cast<unsigned>(a.rows), threads, 0, stream>>>(
+      a, cos_t, sin_t, table.max_positions, static_cast<int>(head_dim), sign);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_kernel1");
   return {};
 }
