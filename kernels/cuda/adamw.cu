@@ -70,16 +70,38 @@ adamw_update_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
   const int64_t begin = static_cast<int64_t>(chunk_index[blockIdx.x]) * kChunk;
   const int64_t end = min(t.numel, begin + kChunk);
   const float decay = t.decay ? s.decay_factor : 1.f;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float g = t.grad[i] * scale;
-    const float m = s.beta1 * t.m[i] + s.one_minus_beta1 * g;
-    const float v = s.beta2 * t.v[i] + s.one_minus_beta2 * g * g;
-    t.m[i] = m;
-    t.v[i] = v;
-    float p = t.master[i] * decay;
-    p -= s.lr * (m * s.inv_bc1) / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
-    t.master[i] = p;
-    if (t.compute != nullptr) t.compute[i] = __float2bfloat16_rn(p);
+  // kUnroll elements per thread per iteration, all loads issued before any store: the buffers
+  // could alias as far as the compiler knows, so without this it would serialise each
+  // element's loads behind the previous element's stores (little memory parallelism).
+  constexpr int kUnroll = 4;
+  for (int64_t i0 = begin + threadIdx.x; i0 < end; i0 += static_cast<int64_t>(kThreads) * kUnroll) {
+    float g[kUnroll], m[kUnroll], v[kUnroll], p[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
+      const bool in = i < end;
+      g[k] = in ? t.grad[i] : 0.f;
+      m[k] = in ? t.m[i] : 0.f;
+      v[k] = in ? t.v[i] : 0.f;
+      p[k] = in ? t.master[i] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const float gk = g[k] * scale;
+      m[k] = s.beta1 * m[k] + s.one_minus_beta1 * gk;
+      v[k] = s.beta2 * v[k] + s.one_minus_beta2 * gk * gk;
+      p[k] = p[k] * decay - s.lr * (m[k] * s.inv_bc1) / (sqrtf(v[k]) * s.inv_sqrt_bc2 + s.eps);
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
+      if (i < end) {
+        t.m[i] = m[k];
+        t.v[i] = v[k];
+        t.master[i] = p[k];
+        if (t.compute != nullptr) t.compute[i] = __float2bfloat16_rn(p[k]);
+      }
+    }
   }
 }
 
