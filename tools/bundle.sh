@@ -11,7 +11,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Binaries that travel; later parts add their worker-side programs here.
-TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_collective_gpu_test)
+TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_collective_gpu_test
+  //kernels/cuda:device_allocator_gpu_test //kernels/cuda:gemm_gpu_test
+  //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
+  //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
+  //bench:cuda_dense_bench)
 
 bazel build --config=bundle "${TARGETS[@]}"
 
@@ -43,6 +47,14 @@ rc=0
 "$here/bin/gpu_probe" || rc=1
 "$here/bin/device_info_gpu_test" || rc=1
 "$here/bin/nccl_collective_gpu_test" || rc=1
+"$here/bin/device_allocator_gpu_test" || rc=1
+"$here/bin/gemm_gpu_test" || rc=1
+"$here/bin/norm_gpu_test" || rc=1
+"$here/bin/pointwise_gpu_test" || rc=1
+"$here/bin/cross_entropy_gpu_test" || rc=1
+"$here/bin/adamw_gpu_test" || rc=1
+# Dense kernel timings; full table also in $OUT when the device tool provides it.
+"$here/bin/cuda_dense_bench" ${OUT:+--csv="$OUT/cuda_dense_bench.csv"} || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh

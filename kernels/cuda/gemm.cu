@@ -1,0 +1,222 @@
+// cuBLASLt plans for row-major bf16 GEMMs (see gemm.h for the math, shapes and costs).
+#include "kernels/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace gyre::cuda {
+namespace {
+
+CudaResult CublasError(cublasStatus_t st, const char* what, int line) {
+  if (st == CUBLAS_STATUS_SUCCESS) return {};
+  return {1000 + static_cast<int>(st), std::string(what) + ": " + cublasLtGetStatusString(st) +
+                                           " at gemm.cu:" + std::to_string(line)};
+}
+
+#define CUBLAS_RETURN_IF_ERROR(expr)                                   \
+  do {                                                                 \
+    const cublasStatus_t gyre_cublas_st_ = (expr);                     \
+    if (gyre_cublas_st_ != CUBLAS_STATUS_SUCCESS)                      \
+      return CublasError(gyre_cublas_st_, #expr, __LINE__);            \
+  } while (0)
+
+int64_t Alignment(const void* p) {
+  const uintptr_t v = reinterpret_cast<uintptr_t>(p);
+  int64_t a = 1;
+  while (a < 256 && (v % (2 * a)) == 0) a *= 2;
+  return a;
+}
+
+cudaDataType_t CudaType(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+}  // namespace
+
+struct GemmContext::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo;
+  ~Plan() {
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+  }
+};
+
+CudaResult GemmContext::Create(DeviceAllocator* allocator, std::unique_ptr<GemmContext>* out,
+                               size_t workspace_bytes) {
+  std::unique_ptr<GemmContext> ctx(new GemmContext());
+  cublasLtHandle_t handle = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&handle));
+  ctx->handle_ = handle;
+  CUDA_RETURN_IF_NOT_OK(allocator->Allocate(workspace_bytes, &ctx->workspace_));
+  *out = std::move(ctx);
+  return {};
+}
+
+GemmContext::~GemmContext() {
+  plans_.clear();
+  if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
+}
+
+CudaResult GemmContext::GetPlan(const GemmArgs& g, Plan** plan) {
+  // Column-major view: C_cm [n, m] = op(B)ᵀ-side [n, k] · op(A)ᵀ-side [k, m].
+  const bool bias = g.epilogue != GemmEpilogue::kNone;
+  std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
+                              static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
+                              g.beta != 0.f, Alignment(g.a), Alignment(g.b), Alignment(g.c),
+                              bias ? Alignment(g.bias) : 0};
+  auto it = plans_.find(key);
+  if (it != plans_.end()) {
+    *plan = it->second.get();
+    return {};
+  }
+  auto p = std::make_unique<Plan>();
+  const cudaDataType_t ct = CudaType(g.c_dtype);
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_a_cm = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS "A" = our B
+  const cublasOperation_t op_b_cm = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS "B" = our A
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                        &op_a_cm, sizeof(op_a_cm)));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                        &op_b_cm, sizeof(op_b_cm)));
+  cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+  if (g.epilogue == GemmEpilogue::kBias) epi = CUBLASLT_EPILOGUE_BIAS;
+  if (g.epilogue == GemmEpilogue::kGeluBias) epi = CUBLASLT_EPILOGUE_GELU_BIAS;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
+                                                        &epi, sizeof(epi)));
+  if (bias) {
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ct, sizeof(ct)));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  }
+  // cuBLAS A (= our B): [n, k] after op; stored [n, k] col-major when not transposed.
+  const uint64_t a_rows = g.trans_b ? g.k : g.n, a_cols = g.trans_b ? g.n : g.k;
+  const uint64_t b_rows = g.trans_a ? g.m : g.k, b_cols = g.trans_a ? g.k : g.m;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, a_rows, a_cols, g.ldb));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, b_rows, b_cols, g.lda));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->c, ct, g.n, g.m, g.ldc));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = workspace_.bytes();
+  const uint32_t align_a = static_cast<uint32_t>(Alignment(g.b));
+  const uint32_t align_b = static_cast<uint32_t>(Alignment(g.a));
+  const uint32_t align_c = static_cast<uint32_t>(Alignment(g.c));
+  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                              &align_a, sizeof(align_a));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                              &align_b, sizeof(align_b));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                              &align_c, sizeof(align_c));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                              &align_c, sizeof(align_c));
+  cublasLtMatmulHeuristicResult_t result = {};
+  int returned = 0;
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
+                                        p->b, p->c, p->c, pref, 1, &result, &returned);
+  cublasLtMatmulPreferenceDestroy(pref);
+  CUBLAS_RETURN_IF_ERROR(st);
+  if (returned == 0) {
+    return InvalidArgument("cuBLASLt has no algorithm for m=" + std::to_string(g.m) +
+                           " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k));
+  }
+  p->algo = result.algo;
+  *plan = p.get();
+  plans_.emplace(std::move(key), std::move(p));
+  return {};
+}
+
+CudaResult GemmContext::Gemm(const GemmArgs& g, cudaStream_t stream) {
+  if (g.m <= 0 || g.n <= 0 || g.k <= 0) {
+    return InvalidArgument("gemm: empty shape m=" + std::to_string(g.m) +
+                           " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k));
+  }
+  if (g.lda < (g.trans_a ? g.m : g.k) || g.ldb < (g.trans_b ? g.k : g.n) || g.ldc < g.n) {
+    return InvalidArgument("gemm: leading dimension smaller than the row length");
+  }
+  if (g.epilogue != GemmEpilogue::kNone && g.bias == nullptr) {
+    return InvalidArgument("gemm: bias epilogue without a bias");
+  }
+  Plan* plan = nullptr;
+  CUDA_RETURN_IF_NOT_OK(GetPlan(g, &plan));
+  if (g.epilogue != GemmEpilogue::kNone) {
+    // The pointer is part of the cached descriptor's state; refresh it every call.
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+  }
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), plan->desc,
+                                        &g.alpha, g.b, plan->a, g.a, plan->b, &g.beta, g.c,
+                                        plan->c, g.c, plan->c, &plan->algo, workspace_.get(),
+                                        workspace_.bytes(), stream));
+  return {};
+}
+
+CudaResult LinearForward(GemmContext* ctx, const void* x, const void* w, void* y, DType y_dtype,
+                         int64_t rows, int64_t in, int64_t out, cudaStream_t stream,
+                         GemmEpilogue epilogue, const void* bias) {
+  GemmArgs g;
+  g.trans_a = false;
+  g.trans_b = true;
+  g.m = rows;
+  g.n = out;
+  g.k = in;
+  g.a = x;
+  g.lda = in;
+  g.b = w;
+  g.ldb = in;
+  g.c = y;
+  g.ldc = out;
+  g.c_dtype = y_dtype;
+  g.epilogue = epilogue;
+  g.bias = bias;
+  return ctx->Gemm(g, stream);
+}
+
+CudaResult LinearBackwardInput(GemmContext* ctx, const void* dy, const void* w, void* dx,
+                               DType dx_dtype, int64_t rows, int64_t in, int64_t out,
+                               cudaStream_t stream) {
+  GemmArgs g;
+  g.m = rows;
+  g.n = in;
+  g.k = out;
+  g.a = dy;
+  g.lda = out;
+  g.b = w;
+  g.ldb = in;
+  g.c = dx;
+  g.ldc = in;
+  g.c_dtype = dx_dtype;
+  return ctx->Gemm(g, stream);
+}
+
+CudaResult LinearBackwardWeight(GemmContext* ctx, const void* dy, const void* x, float* dw,
+                                int64_t rows, int64_t in, int64_t out, cudaStream_t stream) {
+  GemmArgs g;
+  g.trans_a = true;  // dYᵀ: dY is [rows, out]
+  g.m = out;
+  g.n = in;
+  g.k = rows;
+  g.a = dy;
+  g.lda = out;
+  g.b = x;
+  g.ldb = in;
+  g.c = dw;
+  g.ldc = in;
+  g.c_dtype = DType::kF32;
+  g.beta = 1.f;
+  return ctx->Gemm(g, stream);
+}
+
+}  // namespace gyre::cuda
