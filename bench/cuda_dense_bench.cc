@@ -250,6 +250,8 @@ void RunModel(Bench& b, DeviceAllocator& alloc, GemmContext* gemm, const Model& 
     int32_t* ids = Alloc<int32_t>(alloc, keep, N);
     CUDA_OK_OR_DIE(FillRandomInt32(ids, N, static_cast<int32_t>(V), 7, b.stream));
     std::vector<int32_t> host_ids(N);
+    // The fill ran on b.stream (non-blocking): wait for it before the default-stream copy.
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(b.stream));
     CUDA_CHECK_OR_DIE(cudaMemcpy(host_ids.data(), ids, sizeof(int32_t) * N, cudaMemcpyDeviceToHost));
     EmbeddingBackwardPlan plan;
     CUDA_OK_OR_DIE(plan.Build(host_ids.data(), N, V, &alloc, b.stream));
