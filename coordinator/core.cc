@@ -598,6 +598,7 @@ void CoordinatorCore::Commit(Context& ctx) {
   batch.steps.push_back(record);
   batch.sync = true;
   ctx.actions.push_back(JournalWrite{std::move(batch)});
+  ctx.actions.push_back(StepCommitted{record});
 
   ++committed_;
   restore_checkpoint_path_.reset();  // every member holds the state now
