@@ -389,9 +389,10 @@ StepLease CoordinatorCore::Lease(uint64_t session, uint64_t generation, uint64_t
     return ask_again(gyre::v1::STEP_DECISION_STANDBY);
   }
   if (generation != generation_.id() || step < generation_.start_step()) {
-    // A member that has not joined the current generation yet (or re-registered and lost track
-    // of it: it is behind the generation's first step and must get the state first). Nothing has committed in this
-    // generation (that needs every member), so it starts at start_step.
+    // A member that has not joined the current generation yet, or one behind its first step
+    // (it re-registered and lost track): it joins, getting the state first if it lacks it.
+    // Nothing has committed in this generation without it, so the generation starts at
+    // start_step.
     lease.set_decision(gyre::v1::STEP_DECISION_RECONFIGURE);
     lease.set_step(generation_.start_step());
     if (restore_checkpoint_path_.has_value()) lease.set_checkpoint_dir(*restore_checkpoint_path_);
@@ -597,6 +598,7 @@ void CoordinatorCore::Commit(Context& ctx) {
   batch.steps.push_back(record);
   batch.sync = true;
   ctx.actions.push_back(JournalWrite{std::move(batch)});
+  ctx.actions.push_back(StepCommitted{record});
 
   ++committed_;
   restore_checkpoint_path_.reset();  // every member holds the state now

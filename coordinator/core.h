@@ -32,6 +32,27 @@
 //     restores from the latest completed checkpoint (GenerationRecord reason "restore"); the
 //     steps after it are erased from the journal and redone on the same samples.
 //
+// The worker side of the protocol, as the core expects it (tests/sim/simulator.cc follows it):
+//   1. Register (worker id, last_applied_step = steps applied to its parameters). Retrying a
+//      lost Register returns the same session; after a coordinator restart a worker may keep
+//      using its session (or Register with previous_session to re-attach).
+//   2. Heartbeat every heartbeat_interval_ms. known=false, or NOT_FOUND from any call: the
+//      session was declared dead; Register again (keeping its parameters).
+//   3. Loop: AcquireStep(G, t = steps applied) and obey:
+//      RUN t: compute the slice [rank_begin, rank_end) with the schedule values, reduce, then
+//        CompleteStep(G, t). COMMIT: apply the optimizer (t+1 steps applied). ABORT: drop the
+//        gradients and AcquireStep(G, t) again (it will say RECONFIGURE). Retry CompleteStep
+//        with the same (G, t) on timeouts; never give up a pending CompleteStep.
+//      CHECKPOINT t: rank 0 saves the state after t steps at checkpoint_dir (asynchronously),
+//        ReportCheckpoint when it is complete; every rank then runs t as for RUN.
+//      PAUSE / STANDBY: ask again after retry_after_ms.
+//      RECONFIGURE: join `generation` (abort the old communicator). If every rank is in
+//        needs_state, load checkpoint_dir (empty: the initial parameters) at step `step`;
+//        else if this rank is in needs_state, receive the state from state_source_rank over the
+//        new communicator; else keep the parameters (they are those of start_step). Then
+//        AcquireStep(new G, start_step).
+//      STOP: if checkpoint_dir is set, rank 0 saves the state there and reports it; then Leave.
+//
 // Thread-safety: none; one thread owns a core.
 #pragma once
 
@@ -133,7 +154,13 @@ struct DeleteCheckpoint {
   std::string path;
 };
 
-using Action = std::variant<Reply, JournalWrite, ArmTimer, GenerationCreated, DeleteCheckpoint>;
+// A step was committed (already journaled by an earlier action): metrics for watchers.
+struct StepCommitted {
+  gyre::v1::CommittedStep record;
+};
+
+using Action = std::variant<Reply, JournalWrite, ArmTimer, GenerationCreated, DeleteCheckpoint,
+                            StepCommitted>;
 
 // Supplies the collective rendezvous of a new generation: the Gloo store prefix, or the NCCL
 // unique id bytes (ncclGetUniqueId run by the host). Must be deterministic in tests.

@@ -79,6 +79,21 @@ gyre::v1::RunStatus CoreLoop::Status() {
   return future.get();
 }
 
+uint64_t CoreLoop::Subscribe(uint64_t since_step, MetricsCallback on_update) {
+  std::lock_guard<std::mutex> lock(watchers_mu_);
+  for (const auto& update : history_) {
+    if (update.metrics().step() >= since_step) on_update(update);
+  }
+  const uint64_t id = ++next_watcher_;
+  watchers_[id] = std::move(on_update);
+  return id;
+}
+
+void CoreLoop::Unsubscribe(uint64_t id) {
+  std::lock_guard<std::mutex> lock(watchers_mu_);
+  watchers_.erase(id);
+}
+
 void CoreLoop::Run() {
   while (true) {
     std::optional<std::pair<Event, Callback>> item;
@@ -168,6 +183,14 @@ bool CoreLoop::Execute(std::vector<Action> actions) {
       if (options_.on_generation) options_.on_generation(created->record);
     } else if (auto* deletion = std::get_if<DeleteCheckpoint>(&action)) {
       if (options_.on_delete_checkpoint) options_.on_delete_checkpoint(*deletion);
+    } else if (auto* committed = std::get_if<StepCommitted>(&action)) {
+      gyre::v1::MetricsUpdate update;
+      *update.mutable_metrics() = committed->record.metrics();
+      if (core_ != nullptr) *update.mutable_status() = core_->Status();
+      std::lock_guard<std::mutex> lock(watchers_mu_);
+      history_.push_back(update);
+      if (history_.size() > kMetricsHistory) history_.pop_front();
+      for (auto& [id, watcher] : watchers_) watcher(update);
     }
   }
   return true;

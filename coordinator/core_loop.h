@@ -61,6 +61,15 @@ class CoreLoop {
   // A snapshot of the run's status, through the loop (blocks until the loop answers).
   gyre::v1::RunStatus Status();
 
+  // Metrics watchers (Control.WatchMetrics). `on_update` runs on the loop thread for every
+  // committed step from `since_step` on: first the ones still in memory (the last
+  // kMetricsHistory), then each new commit. Must not block. Returns an id for Unsubscribe;
+  // after Unsubscribe returns, `on_update` is not running and will not run again.
+  using MetricsCallback = std::function<void(const gyre::v1::MetricsUpdate&)>;
+  uint64_t Subscribe(uint64_t since_step, MetricsCallback on_update);
+  void Unsubscribe(uint64_t id);
+  static constexpr size_t kMetricsHistory = 10000;
+
  private:
   explicit CoreLoop(Options options);
   absl::Status Boot();
@@ -78,6 +87,12 @@ class CoreLoop {
   std::deque<std::pair<Event, Callback>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<int64_t> timer_at_micros_ ABSL_GUARDED_BY(mu_);
+
+  // Watchers: guarded by their own mutex, held while callbacks run (Unsubscribe waits).
+  std::mutex watchers_mu_;
+  std::map<uint64_t, MetricsCallback> watchers_ ABSL_GUARDED_BY(watchers_mu_);
+  std::deque<gyre::v1::MetricsUpdate> history_ ABSL_GUARDED_BY(watchers_mu_);
+  uint64_t next_watcher_ ABSL_GUARDED_BY(watchers_mu_) = 0;
 
   // Loop thread only.
   std::unique_ptr<CoordinatorCore> core_;

@@ -105,6 +105,14 @@ TEST_F(ServerTest, ImpossibleRequestsGetPreciseErrors) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
 }
 
+TEST_F(ServerTest, WatchMetricsNeedsTheToken) {
+  auto ctx = Context("wrong");
+  auto reader = control_->WatchMetrics(ctx.get(), gyre::v1::WatchMetricsRequest());
+  gyre::v1::MetricsUpdate update;
+  EXPECT_FALSE(reader->Read(&update));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
 TEST_F(ServerTest, OneWorkerTrainsToMaxSteps) {
   gyre::v1::RegisterRequest reg;
   reg.mutable_worker()->set_host("localhost");
@@ -148,6 +156,22 @@ TEST_F(ServerTest, OneWorkerTrainsToMaxSteps) {
   auto contents = journal_->Load();
   ASSERT_TRUE(contents.ok());
   EXPECT_EQ(contents->steps.size(), 3u);
+
+  // The metrics of steps 1 and 2, replayed to a watcher that joins late.
+  auto watch = Context();
+  gyre::v1::WatchMetricsRequest since;
+  since.set_since_step(1);
+  auto reader = control_->WatchMetrics(watch.get(), since);
+  gyre::v1::MetricsUpdate update;
+  ASSERT_TRUE(reader->Read(&update));
+  EXPECT_EQ(update.metrics().step(), 1u);
+  ASSERT_TRUE(reader->Read(&update));
+  EXPECT_EQ(update.metrics().step(), 2u);
+  EXPECT_EQ(update.status().committed_steps(), 3u);
+  watch->TryCancel();
+  while (reader->Read(&update)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
 }  // namespace

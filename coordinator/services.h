@@ -3,7 +3,7 @@
 // when the core's reply arrives. No decisions here.
 //
 // cluster_service.cc: gyre.v1.Cluster (workers). control_service.cc: gyre.v1.Control (gyrectl,
-// dashboard). WatchMetrics is not implemented yet (UNIMPLEMENTED).
+// dashboard).
 //
 // Thread-safety: handlers run on gRPC threads; the CoreLoop serialises everything.
 #pragma once
@@ -77,6 +77,10 @@ class ControlService final : public gyre::v1::Control::CallbackService {
   grpc::ServerUnaryReactor* Stop(grpc::CallbackServerContext* ctx,
                                  const gyre::v1::StopRequest* request,
                                  gyre::v1::RunStatus* response) override;
+  // Streams every committed step's aggregated metrics from since_step on (the last
+  // CoreLoop::kMetricsHistory steps are replayed) until the client cancels.
+  grpc::ServerWriteReactor<gyre::v1::MetricsUpdate>* WatchMetrics(
+      grpc::CallbackServerContext* ctx, const gyre::v1::WatchMetricsRequest* request) override;
 
  private:
   CoreLoop* loop_;

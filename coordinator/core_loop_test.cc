@@ -1,0 +1,81 @@
+#include "coordinator/core_loop.h"
+
+#include <future>
+
+#include "gtest/gtest.h"
+
+namespace gyre::coordinator {
+namespace {
+
+// A MemJournal whose writes fail while `fail` is set (the fail-stop path of the loop).
+class FlakyJournal final : public Journal {
+ public:
+  absl::Status Write(const JournalBatch& batch) override {
+    if (fail) return absl::InternalError("injected journal failure");
+    ++writes;
+    return inner_->Write(batch);
+  }
+  absl::StatusOr<JournalContents> Load() override { return inner_->Load(); }
+  std::atomic<bool> fail{false};
+  std::atomic<int> writes{0};
+
+ private:
+  std::unique_ptr<Journal> inner_ = NewMemJournal();
+};
+
+Reply Call(CoreLoop& loop, Event event) {
+  auto promise = std::make_shared<std::promise<Reply>>();
+  auto future = promise->get_future();
+  loop.Post(std::move(event), [promise](const Reply& r) { promise->set_value(r); });
+  return future.get();
+}
+
+TEST(CoreLoopTest, JournalFailureAnswersUnavailableAndReloads) {
+  FlakyJournal journal;
+  GlooRendezvous rendezvous("", "loop-test");
+  CoreLoop::Options options;
+  options.config.set_name("loop-test");
+  options.config.mutable_data()->set_global_batch(4);
+  options.config.mutable_train()->set_max_steps(5);
+  options.journal = &journal;
+  options.rendezvous = &rendezvous;
+  auto loop = CoreLoop::Start(options);
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  EXPECT_EQ(journal.writes.load(), 1);  // config + control
+
+  RegisterEvent reg;
+  reg.request.mutable_worker()->set_host("h");
+  reg.request.mutable_worker()->set_pid(1);
+  const Reply first = Call(**loop, reg);
+  ASSERT_TRUE(first.status.ok());
+  const uint64_t session = std::get<gyre::v1::RegisterResponse>(first.body).session();
+  EXPECT_EQ((*loop)->Status().generation(), 1u);
+
+  AcquireStepEvent acquire;
+  acquire.request.set_session(session);
+  acquire.request.set_generation(1);
+  acquire.request.set_step(0);
+  ASSERT_EQ(std::get<gyre::v1::StepLease>(Call(**loop, acquire).body).decision(),
+            gyre::v1::STEP_DECISION_RUN);
+
+  // The commit's journal write fails: no COMMIT may be answered; the core reloads.
+  journal.fail = true;
+  CompleteStepEvent complete;
+  complete.request.set_session(session);
+  complete.request.set_generation(1);
+  complete.request.set_step(0);
+  EXPECT_EQ(Call(**loop, complete).status.code(), absl::StatusCode::kUnavailable);
+  journal.fail = false;
+  EXPECT_EQ((*loop)->Status().committed_steps(), 0u);
+  // The worker retries; the reloaded core accepts the step leased before the failure.
+  const Reply retried = Call(**loop, complete);
+  ASSERT_TRUE(retried.status.ok()) << retried.status;
+  EXPECT_EQ(std::get<gyre::v1::CompleteStepResponse>(retried.body).verdict(),
+            gyre::v1::COMMIT_VERDICT_COMMIT);
+  EXPECT_EQ((*loop)->Status().committed_steps(), 1u);
+  (*loop)->Stop();
+  EXPECT_EQ(Call(**loop, acquire).status.code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace gyre::coordinator
