@@ -9,6 +9,7 @@
 namespace gyre::cli {
 
 int RunVersion(int argc, char** argv);
+int RunLedger(int argc, char** argv);
 int RunTrain(int argc, char** argv);
 int RunWorker(int argc, char** argv);
 int RunLaunch(int argc, char** argv);
@@ -22,6 +23,7 @@ inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
       {"version", "print the build's version and what it was built with", RunVersion},
       {"train", "train a model preset on this CPU (one process; synthetic or uint16 token file)", RunTrain},
+      {"ledger", "the committed steps of a run, checked for gaps, duplicates and ranges", RunLedger},
       {"launch", "start a run: coordinator + workers (--local: on this machine)", RunLaunch},
       {"worker", "run one training worker of a run (usually started by `gyre launch`)", RunWorker},
       {"tokenize", "print the token ids of each JSON line's text", RunTokenize},

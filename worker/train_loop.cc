@@ -68,6 +68,9 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   const uint64_t global_tokens = lease.schedule().global_tokens() ? lease.schedule().global_tokens() : global_batch * seq;
   const int64_t t1 = clock_->NowMicros();
   ReplicaLoss loss = replica_->ComputeGradients(tokens, static_cast<int64_t>(count), seq, global_tokens);
+  // StepMetrics.loss is this rank's share (the coordinator sums over ranks); `loss` becomes the
+  // global value after the reduction, which is what this worker logs.
+  const double local_loss = loss.loss;
   const int64_t t2 = clock_->NowMicros();
   if (absl::Status s = replica_->ReduceGradients(collective_.get(), &loss); !s.ok()) {
     std::fprintf(stderr, "worker: step %llu: %s; waiting for the next generation\n",
@@ -85,7 +88,7 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   complete.set_step(lease.step());
   gyre::v1::StepMetrics* m = complete.mutable_metrics();
   m->set_step(lease.step());
-  m->set_loss(loss.loss);
+  m->set_loss(local_loss);
   m->set_tokens(count * seq);
   m->set_rank(static_cast<uint32_t>(rank_));
   m->set_generation(generation_.load());
