@@ -42,8 +42,8 @@ namespace {
 using Json = nlohmann::json;
 
 // Fingerprints of the two tokenizers Gyre ships recipes for (see name()).
-constexpr uint64_t kGpt2Fingerprint = 0;
-constexpr uint64_t kGptNeox20bFingerprint = 0;
+constexpr uint64_t kGpt2Fingerprint = 0x4e38c52e4b32b37dULL;
+constexpr uint64_t kGptNeox20bFingerprint = 0x7c18a9843f60760cULL;
 
 // GPT-2's reversible byte -> code point mapping: printable Latin-1 bytes map to themselves, the
 // other 68 bytes to U+0100.. in byte order.
