@@ -183,7 +183,7 @@ struct WordCache {
   std::vector<uint32_t> ids;
 };
 constexpr size_t kMaxCachedWordBytes = 64;
-constexpr size_t kMaxCacheEntries = 1 << 20;
+constexpr size_t kMaxCacheEntries = 1 << 18;  // ~20 MB a thread
 constexpr size_t kMaxThreadCaches = 8;
 
 std::atomic<uint64_t> next_serial{1};
@@ -220,7 +220,14 @@ struct TokenizerSpec {
   bool ignore_merges = false;
   std::vector<std::pair<std::string, uint32_t>> vocab;   // byte-level token -> id
   std::vector<std::pair<std::string, std::string>> merges;  // in rank order
-  std::vector<std::string> merge_where;                     // "file:line" or "merges[i]"
+  // Where merge i came from, for messages: "<merges_file>:<merge_line[i]>" for a merges.txt,
+  // "<source> (model.merges[i])" for a tokenizer.json (merges_file empty).
+  std::string merges_file;
+  std::vector<uint32_t> merge_line;
+  std::string MergeWhere(size_t i) const {
+    return merges_file.empty() ? absl::StrCat(source, " (model.merges[", i, "])")
+                               : absl::StrCat(merges_file, ":", merge_line[i]);
+  }
   std::vector<AddedTokenSpec> added;
 };
 
@@ -295,6 +302,7 @@ absl::StatusOr<std::vector<std::pair<std::string, uint32_t>>> ParseVocab(
 }
 
 absl::Status ParseMergesText(std::string_view text, const std::string& file, TokenizerSpec* spec) {
+  spec->merges_file = file;
   size_t line_no = 0;
   size_t pos = 0;
   while (pos < text.size()) {
@@ -315,7 +323,7 @@ absl::Status ParseMergesText(std::string_view text, const std::string& file, Tok
     }
     spec->merges.emplace_back(std::string(line.substr(0, space)),
                               std::string(line.substr(space + 1)));
-    spec->merge_where.push_back(absl::StrCat(file, ":", line_no));
+    spec->merge_line.push_back(static_cast<uint32_t>(line_no));
   }
   if (spec->merges.empty()) return Invalid(file, "holds no merges");
   return absl::OkStatus();
@@ -389,22 +397,21 @@ absl::StatusOr<TokenizerSpec> SpecFromTokenizerJson(const std::string& path, Env
   spec.merges.reserve(merges_it->size());
   for (size_t i = 0; i < merges_it->size(); ++i) {
     const Json& m = (*merges_it)[i];
-    std::string where = absl::StrCat(path, " (model.merges[", i, "])");
+    auto where = [&] { return absl::StrCat(path, " (model.merges[", i, "])"); };
     if (m.is_string()) {  // "a b"
       const std::string& s = m.get_ref<const std::string&>();
       const size_t space = s.find(' ');
       if (space == std::string::npos || space == 0 || space + 1 == s.size() ||
           s.find(' ', space + 1) != std::string::npos) {
-        return Invalid(where, absl::StrCat("a merge must be two tokens separated by one space, got ",
+        return Invalid(where(), absl::StrCat("a merge must be two tokens separated by one space, got ",
                                            Quote(s)));
       }
       spec.merges.emplace_back(s.substr(0, space), s.substr(space + 1));
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {  // [a, b]
       spec.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
     } else {
-      return Invalid(where, "a merge must be \"a b\" or [\"a\", \"b\"]");
+      return Invalid(where(), "a merge must be \"a b\" or [\"a\", \"b\"]");
     }
-    spec.merge_where.push_back(std::move(where));
   }
 
   // Normalizer: none or NFC (alone or as the only member of a Sequence).
@@ -592,7 +599,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
       const std::string& missing = l == token_id.end()   ? left
                                    : r == token_id.end() ? right
                                                          : left + right;
-      return Invalid(spec.merge_where[rank],
+      return Invalid(spec.MergeWhere(rank),
                      absl::StrCat("merge ", Quote(left + " " + right), " uses token ",
                                   Quote(missing), ", which is not in the vocabulary"));
     }
