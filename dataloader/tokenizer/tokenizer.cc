@@ -177,14 +177,104 @@ class AddedTokenMatcher {
 };
 
 // Per-thread cache of pre-token -> ids, one per live tokenizer (keyed by a serial number that is
-// never reused). Bounded: cleared when it grows past the limits below.
-struct WordCache {
-  absl::flat_hash_map<std::string, uint64_t> index;  // bytes -> (offset << 32) | count
-  std::vector<uint32_t> ids;
-};
+// never reused). An open-addressing table of 64-bit XXH3 hashes with the keys and ids in two
+// arenas: a hit costs one hash, one probe and one short compare. Bounded: cleared when full.
 constexpr size_t kMaxCachedWordBytes = 64;
 constexpr size_t kMaxCacheEntries = 1 << 18;  // ~20 MB a thread
 constexpr size_t kMaxThreadCaches = 8;
+
+// a[0, n) == b[0, n) for short n without a libc call: word loads, overlapping at the end.
+inline bool EqualBytes(const char* a, const char* b, size_t n) {
+  auto load64 = [](const char* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+  };
+  auto load32 = [](const char* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  };
+  if (n >= 8) {
+    for (size_t i = 0; i + 8 < n; i += 8) {
+      if (load64(a + i) != load64(b + i)) return false;
+    }
+    return load64(a + n - 8) == load64(b + n - 8);
+  }
+  if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+  for (size_t i = 0; i < n; ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
+class WordCache {
+ public:
+  WordCache() : slots_(kInitialSlots) {}
+
+  // Appends the cached ids of `word` to *ids and returns true, or returns false.
+  bool Find(std::string_view word, uint64_t hash, std::vector<uint32_t>* ids) const {
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = hash & mask;; i = (i + 1) & mask) {
+      const Slot& slot = slots_[i];
+      if (slot.hash == 0) return false;
+      if (slot.hash == hash && slot.key_len == word.size() &&
+          EqualBytes(keys_.data() + slot.key_off, word.data(), word.size())) {
+        ids->insert(ids->end(), ids_.begin() + slot.id_off,
+                    ids_.begin() + slot.id_off + slot.id_count);
+        return true;
+      }
+    }
+  }
+
+  void Insert(std::string_view word, uint64_t hash, std::span<const uint32_t> word_ids) {
+    if (word.size() > kMaxCachedWordBytes || word_ids.size() > kMaxCachedWordBytes) return;
+    if (used_ + 1 > kMaxCacheEntries) Clear();
+    if (2 * (used_ + 1) > slots_.size()) Grow();
+    const Slot slot{hash, static_cast<uint32_t>(keys_.size()), static_cast<uint16_t>(word.size()),
+                    static_cast<uint16_t>(word_ids.size()), static_cast<uint32_t>(ids_.size())};
+    keys_.append(word.data(), word.size());
+    ids_.insert(ids_.end(), word_ids.begin(), word_ids.end());
+    Place(slot);
+    ++used_;
+  }
+
+  // Never zero (zero marks an empty slot).
+  static uint64_t Hash(std::string_view word) { return XXH3_64bits(word.data(), word.size()) | 1; }
+
+ private:
+  static constexpr size_t kInitialSlots = 1 << 12;
+  struct Slot {
+    uint64_t hash = 0;
+    uint32_t key_off = 0;
+    uint16_t key_len = 0;
+    uint16_t id_count = 0;
+    uint32_t id_off = 0;
+  };
+  void Place(const Slot& slot) {
+    const size_t mask = slots_.size() - 1;
+    size_t i = slot.hash & mask;
+    while (slots_[i].hash != 0) i = (i + 1) & mask;
+    slots_[i] = slot;
+  }
+  void Grow() {
+    std::vector<Slot> old(slots_.size() * 2);
+    old.swap(slots_);
+    for (const Slot& slot : old) {
+      if (slot.hash != 0) Place(slot);
+    }
+  }
+  void Clear() {
+    slots_.assign(kInitialSlots, Slot{});
+    keys_.clear();
+    ids_.clear();
+    used_ = 0;
+  }
+  std::vector<Slot> slots_;
+  std::string keys_;
+  std::vector<uint32_t> ids_;
+  size_t used_ = 0;
+};
 
 std::atomic<uint64_t> next_serial{1};
 
@@ -548,7 +638,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
   for (const auto& [token, id] : spec.vocab) max_id = std::max(max_id, id);
   for (const auto& added : spec.added) max_id = std::max(max_id, added.id);
   if (spec.vocab.empty()) return Invalid(spec.source, "the vocabulary is empty");
-  if (max_id >= (1u << 30)) return Invalid(spec.source, absl::StrCat("token id ", max_id, " is too large"));
+  if (max_id >= (1u << 24)) {  // 16M ids: far beyond any real vocabulary; guards memory
+    return Invalid(spec.source, absl::StrCat("token id ", max_id, " is too large (limit 16777215)"));
+  }
   impl->vocab_size_ = max_id + 1;
   impl->id_bytes_.assign(impl->vocab_size_, "");
   impl->id_valid_.assign(impl->vocab_size_, false);
@@ -718,24 +810,11 @@ void Tokenizer::Impl::EncodeWord(std::string_view word, std::vector<uint32_t>* i
     Bpe(word, ids);
     return;
   }
-  const absl::string_view key(word.data(), word.size());
-  auto it = cache->index.find(key);
-  if (it != cache->index.end()) {
-    const uint32_t offset = static_cast<uint32_t>(it->second >> 32);
-    const uint32_t count = static_cast<uint32_t>(it->second);
-    ids->insert(ids->end(), cache->ids.begin() + offset, cache->ids.begin() + offset + count);
-    return;
-  }
+  const uint64_t hash = WordCache::Hash(word);
+  if (cache->Find(word, hash, ids)) return;
   const size_t before = ids->size();
   Bpe(word, ids);
-  if (cache->index.size() >= kMaxCacheEntries || cache->ids.size() >= (1u << 26)) {
-    cache->index.clear();
-    cache->ids.clear();
-  }
-  const uint64_t offset = cache->ids.size();
-  const uint64_t count = ids->size() - before;
-  cache->ids.insert(cache->ids.end(), ids->begin() + before, ids->end());
-  cache->index.emplace(key, (offset << 32) | count);
+  cache->Insert(word, hash, std::span<const uint32_t>(ids->data() + before, ids->size() - before));
 }
 
 // Hugging Face's merge order: repeatedly the adjacent pair of lowest rank, leftmost on ties.
