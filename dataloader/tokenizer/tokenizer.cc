@@ -42,8 +42,8 @@ namespace {
 using Json = nlohmann::json;
 
 // Fingerprints of the two tokenizers Gyre ships recipes for (see name()).
-constexpr uint64_t kGpt2Fingerprint = 0x4e38c52e4b32b37dULL;
-constexpr uint64_t kGptNeox20bFingerprint = 0x7c18a9843f60760cULL;
+constexpr uint64_t kGpt2Fingerprint = 0x4d6af73997ce154cULL;
+constexpr uint64_t kGptNeox20bFingerprint = 0x7cf3d597c4e8eeccULL;
 
 // GPT-2's reversible byte -> code point mapping: printable Latin-1 bytes map to themselves, the
 // other 68 bytes to U+0100.. in byte order.
@@ -307,7 +307,6 @@ struct TokenizerSpec {
   std::string source;  // the file or folder, for messages
   std::string name;
   bool nfc = false;
-  bool ignore_merges = false;
   std::vector<std::pair<std::string, uint32_t>> vocab;   // byte-level token -> id
   std::vector<std::pair<std::string, std::string>> merges;  // in rank order
   // Where merge i came from, for messages: "<merges_file>:<merge_line[i]>" for a merges.txt,
@@ -350,12 +349,10 @@ class Tokenizer::Impl {
 
   uint64_t serial_ = next_serial.fetch_add(1);
   bool nfc_ = false;
-  bool ignore_merges_ = false;
   std::vector<std::string> id_bytes_;  // id -> bytes ("" and !id_valid_ for unused ids)
   std::vector<bool> id_valid_;
   std::array<uint32_t, 256> byte_id_{};
   absl::flat_hash_map<uint64_t, Merge> merges_;
-  absl::flat_hash_map<std::string, uint32_t> bytes_id_;  // model vocabulary, bytes -> id
   AddedTokenMatcher raw_added_;
   AddedTokenMatcher normalized_added_;
 };
@@ -474,8 +471,8 @@ absl::StatusOr<TokenizerSpec> SpecFromTokenizerJson(const std::string& path, Env
   if (auto it = model.find("byte_fallback"); it != model.end() && it->is_boolean() && it->get<bool>()) {
     return Invalid(path, "model.byte_fallback = true is not supported");
   }
-  if (auto it = model.find("ignore_merges"); it != model.end() && it->is_boolean()) {
-    spec.ignore_merges = it->get<bool>();
+  if (auto it = model.find("ignore_merges"); it != model.end() && it->is_boolean() && it->get<bool>()) {
+    return Invalid(path, "model.ignore_merges = true is not supported (GPT-2-style BPE merges every word)");
   }
   auto vocab_it = model.find("vocab");
   if (vocab_it == model.end()) return Invalid(path, "model has no \"vocab\"");
@@ -632,7 +629,6 @@ void HashBytes(XXH64_state_t* state, std::string_view s) {
 absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(TokenizerSpec spec) {
   auto impl = std::make_unique<Impl>();
   impl->nfc_ = spec.nfc;
-  impl->ignore_merges_ = spec.ignore_merges;
 
   uint32_t max_id = 0;
   for (const auto& [token, id] : spec.vocab) max_id = std::max(max_id, id);
@@ -647,6 +643,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
 
   // Model vocabulary: back to bytes.
   absl::flat_hash_map<std::string, uint32_t> token_id;  // byte-level token -> id (for merges)
+  absl::flat_hash_map<std::string, uint32_t> bytes_id;  // token bytes -> id
   token_id.reserve(spec.vocab.size());
   std::string bytes;
   for (const auto& [token, id] : spec.vocab) {
@@ -660,19 +657,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
     }
     impl->id_valid_[id] = true;
     impl->id_bytes_[id] = bytes;
-    impl->bytes_id_.emplace(bytes, id);
+    bytes_id.emplace(bytes, id);
     token_id.emplace(token, id);
   }
   for (int b = 0; b < 256; ++b) {
-    auto it = impl->bytes_id_.find(std::string(1, static_cast<char>(b)));
+    auto it = bytes_id.find(std::string(1, static_cast<char>(b)));
     // C0, C1 and F5..FF never occur in valid UTF-8 (and input is made valid before encoding);
     // GPT-NeoX-20B has no tokens for them.
     const bool never_in_utf8 = b == 0xC0 || b == 0xC1 || b >= 0xF5;
-    if (it == impl->bytes_id_.end() && never_in_utf8) {
+    if (it == bytes_id.end() && never_in_utf8) {
       impl->byte_id_[b] = 0;
       continue;
     }
-    if (it == impl->bytes_id_.end()) {
+    if (it == bytes_id.end()) {
       return Invalid(spec.source, absl::StrCat("the vocabulary has no token for byte 0x",
                                                absl::Hex(b, absl::kZeroPad2),
                                                ": not a byte-level BPE vocabulary"));
@@ -722,7 +719,6 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
   XXH64_reset(state, 0);
   HashBytes(state, "gyre-byte-level-bpe-v1");
   HashU64(state, spec.nfc);
-  HashU64(state, spec.ignore_merges);
   HashU64(state, impl->vocab_size_);
   for (uint32_t id = 0; id < impl->vocab_size_; ++id) {
     HashU64(state, impl->id_valid_[id]);
@@ -819,13 +815,6 @@ void Tokenizer::Impl::EncodeWord(std::string_view word, std::vector<uint32_t>* i
 
 // Hugging Face's merge order: repeatedly the adjacent pair of lowest rank, leftmost on ties.
 void Tokenizer::Impl::Bpe(std::string_view word, std::vector<uint32_t>* ids) const {
-  if (ignore_merges_) {
-    auto it = bytes_id_.find(absl::string_view(word.data(), word.size()));
-    if (it != bytes_id_.end()) {
-      ids->push_back(it->second);
-      return;
-    }
-  }
   constexpr size_t kShort = 128;
   if (word.size() > kShort) {
     BpeLong(word, ids);
