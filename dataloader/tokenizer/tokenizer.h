@@ -69,6 +69,8 @@ class Tokenizer {
   // A 64-bit hash of everything that determines the ids: vocabulary, merges, added tokens,
   // normalizer. Two tokenizers with equal fingerprints encode every text identically, however
   // they were stored (GPT-2 from tokenizer.json and from vocab.json + merges.txt agree).
+  // Stable across Gyre versions (indexes store it): GPT-2 is 0x4d6af73997ce154c, GPT-NeoX-20B
+  // 0x7cf3d597c4e8eecc. A change to the recipe must change its version tag in tokenizer.cc.
   uint64_t fingerprint() const;
   // A human label: "gpt2" or "gpt-neox-20b" when the fingerprint is one of those, else the name
   // of the file's folder (or of the folder itself).
