@@ -5,6 +5,7 @@
 //
 // JSON strings may hold lone surrogate escapes (SlimPajama has them): each becomes U+FFFD.
 // --pieces prints each token's bytes instead of its id (for eyeballing a split).
+#include <cctype>
 #include <cstdio>
 #include <string>
 #include <string_view>
@@ -47,7 +48,7 @@ std::string ReplaceLoneSurrogates(std::string_view line) {
       continue;
     }
     const unsigned u = Hex4(line, i + 2);
-    if (u >= 0xD800 && u <= 0xDBFF && i + 11 < line.size() + 0 && line[i + 6] == '\\' &&
+    if (u >= 0xD800 && u <= 0xDBFF && i + 12 <= line.size() && line[i + 6] == '\\' &&
         line[i + 7] == 'u' && IsHex4(line, i + 8) && Hex4(line, i + 8) >= 0xDC00 &&
         Hex4(line, i + 8) <= 0xDFFF) {
       out.append(line.substr(i, 12));  // a proper pair

@@ -48,7 +48,9 @@ std::string Nfc(std::string_view s) {
   return out;
 }
 
-std::string HfNfc(std::string_view s) {
+namespace {
+
+std::string HfNfcOfIsland(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   size_t piece_start = 0, i = 0;
@@ -68,6 +70,35 @@ std::string HfNfc(std::string_view s) {
   }
   if (piece_start == 0) return Nfc(s);
   if (piece_start < s.size()) out += Nfc(s.substr(piece_start));
+  return out;
+}
+
+
+}  // namespace
+
+// Only the non-ASCII islands need work: an ASCII character next to another ASCII character
+// neither reorders nor composes with anything (combining class 0, first or second of no
+// canonical composition with an ASCII partner), so the text can be cut there. Each island takes
+// the ASCII character before it along (it may compose with a following mark: "e\u0301").
+std::string HfNfc(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i;
+    while (j < n && static_cast<unsigned char>(s[j]) < 0x80) ++j;
+    if (j == n) {
+      out.append(s.data() + i, n - i);
+      break;
+    }
+    const size_t island = j > i ? j - 1 : j;
+    out.append(s.data() + i, island - i);
+    size_t k = j;
+    while (k < n && static_cast<unsigned char>(s[k]) >= 0x80) ++k;
+    out += HfNfcOfIsland(s.substr(island, k - island));
+    i = k;
+  }
   return out;
 }
 

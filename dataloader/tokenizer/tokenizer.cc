@@ -42,8 +42,8 @@ namespace {
 using Json = nlohmann::json;
 
 // Fingerprints of the two tokenizers Gyre ships recipes for (see name()).
-constexpr uint64_t kGpt2Fingerprint = 0;
-constexpr uint64_t kGptNeox20bFingerprint = 0;
+constexpr uint64_t kGpt2Fingerprint = 0x4d6af73997ce154cULL;
+constexpr uint64_t kGptNeox20bFingerprint = 0x7cf3d597c4e8eeccULL;
 
 // GPT-2's reversible byte -> code point mapping: printable Latin-1 bytes map to themselves, the
 // other 68 bytes to U+0100.. in byte order.
@@ -177,14 +177,104 @@ class AddedTokenMatcher {
 };
 
 // Per-thread cache of pre-token -> ids, one per live tokenizer (keyed by a serial number that is
-// never reused). Bounded: cleared when it grows past the limits below.
-struct WordCache {
-  absl::flat_hash_map<std::string, uint64_t> index;  // bytes -> (offset << 32) | count
-  std::vector<uint32_t> ids;
-};
+// never reused). An open-addressing table of 64-bit XXH3 hashes with the keys and ids in two
+// arenas: a hit costs one hash, one probe and one short compare. Bounded: cleared when full.
 constexpr size_t kMaxCachedWordBytes = 64;
-constexpr size_t kMaxCacheEntries = 1 << 20;
+constexpr size_t kMaxCacheEntries = 1 << 18;  // ~20 MB a thread
 constexpr size_t kMaxThreadCaches = 8;
+
+// a[0, n) == b[0, n) for short n without a libc call: word loads, overlapping at the end.
+inline bool EqualBytes(const char* a, const char* b, size_t n) {
+  auto load64 = [](const char* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+  };
+  auto load32 = [](const char* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  };
+  if (n >= 8) {
+    for (size_t i = 0; i + 8 < n; i += 8) {
+      if (load64(a + i) != load64(b + i)) return false;
+    }
+    return load64(a + n - 8) == load64(b + n - 8);
+  }
+  if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+  for (size_t i = 0; i < n; ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
+class WordCache {
+ public:
+  WordCache() : slots_(kInitialSlots) {}
+
+  // Appends the cached ids of `word` to *ids and returns true, or returns false.
+  bool Find(std::string_view word, uint64_t hash, std::vector<uint32_t>* ids) const {
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = hash & mask;; i = (i + 1) & mask) {
+      const Slot& slot = slots_[i];
+      if (slot.hash == 0) return false;
+      if (slot.hash == hash && slot.key_len == word.size() &&
+          EqualBytes(keys_.data() + slot.key_off, word.data(), word.size())) {
+        ids->insert(ids->end(), ids_.begin() + slot.id_off,
+                    ids_.begin() + slot.id_off + slot.id_count);
+        return true;
+      }
+    }
+  }
+
+  void Insert(std::string_view word, uint64_t hash, std::span<const uint32_t> word_ids) {
+    if (word.size() > kMaxCachedWordBytes || word_ids.size() > kMaxCachedWordBytes) return;
+    if (used_ + 1 > kMaxCacheEntries) Clear();
+    if (2 * (used_ + 1) > slots_.size()) Grow();
+    const Slot slot{hash, static_cast<uint32_t>(keys_.size()), static_cast<uint16_t>(word.size()),
+                    static_cast<uint16_t>(word_ids.size()), static_cast<uint32_t>(ids_.size())};
+    keys_.append(word.data(), word.size());
+    ids_.insert(ids_.end(), word_ids.begin(), word_ids.end());
+    Place(slot);
+    ++used_;
+  }
+
+  // Never zero (zero marks an empty slot).
+  static uint64_t Hash(std::string_view word) { return XXH3_64bits(word.data(), word.size()) | 1; }
+
+ private:
+  static constexpr size_t kInitialSlots = 1 << 12;
+  struct Slot {
+    uint64_t hash = 0;
+    uint32_t key_off = 0;
+    uint16_t key_len = 0;
+    uint16_t id_count = 0;
+    uint32_t id_off = 0;
+  };
+  void Place(const Slot& slot) {
+    const size_t mask = slots_.size() - 1;
+    size_t i = slot.hash & mask;
+    while (slots_[i].hash != 0) i = (i + 1) & mask;
+    slots_[i] = slot;
+  }
+  void Grow() {
+    std::vector<Slot> old(slots_.size() * 2);
+    old.swap(slots_);
+    for (const Slot& slot : old) {
+      if (slot.hash != 0) Place(slot);
+    }
+  }
+  void Clear() {
+    slots_.assign(kInitialSlots, Slot{});
+    keys_.clear();
+    ids_.clear();
+    used_ = 0;
+  }
+  std::vector<Slot> slots_;
+  std::string keys_;
+  std::vector<uint32_t> ids_;
+  size_t used_ = 0;
+};
 
 std::atomic<uint64_t> next_serial{1};
 
@@ -217,10 +307,16 @@ struct TokenizerSpec {
   std::string source;  // the file or folder, for messages
   std::string name;
   bool nfc = false;
-  bool ignore_merges = false;
   std::vector<std::pair<std::string, uint32_t>> vocab;   // byte-level token -> id
   std::vector<std::pair<std::string, std::string>> merges;  // in rank order
-  std::vector<std::string> merge_where;                     // "file:line" or "merges[i]"
+  // Where merge i came from, for messages: "<merges_file>:<merge_line[i]>" for a merges.txt,
+  // "<source> (model.merges[i])" for a tokenizer.json (merges_file empty).
+  std::string merges_file;
+  std::vector<uint32_t> merge_line;
+  std::string MergeWhere(size_t i) const {
+    return merges_file.empty() ? absl::StrCat(source, " (model.merges[", i, "])")
+                               : absl::StrCat(merges_file, ":", merge_line[i]);
+  }
   std::vector<AddedTokenSpec> added;
 };
 
@@ -253,12 +349,10 @@ class Tokenizer::Impl {
 
   uint64_t serial_ = next_serial.fetch_add(1);
   bool nfc_ = false;
-  bool ignore_merges_ = false;
   std::vector<std::string> id_bytes_;  // id -> bytes ("" and !id_valid_ for unused ids)
   std::vector<bool> id_valid_;
   std::array<uint32_t, 256> byte_id_{};
   absl::flat_hash_map<uint64_t, Merge> merges_;
-  absl::flat_hash_map<std::string, uint32_t> bytes_id_;  // model vocabulary, bytes -> id
   AddedTokenMatcher raw_added_;
   AddedTokenMatcher normalized_added_;
 };
@@ -295,6 +389,7 @@ absl::StatusOr<std::vector<std::pair<std::string, uint32_t>>> ParseVocab(
 }
 
 absl::Status ParseMergesText(std::string_view text, const std::string& file, TokenizerSpec* spec) {
+  spec->merges_file = file;
   size_t line_no = 0;
   size_t pos = 0;
   while (pos < text.size()) {
@@ -315,7 +410,7 @@ absl::Status ParseMergesText(std::string_view text, const std::string& file, Tok
     }
     spec->merges.emplace_back(std::string(line.substr(0, space)),
                               std::string(line.substr(space + 1)));
-    spec->merge_where.push_back(absl::StrCat(file, ":", line_no));
+    spec->merge_line.push_back(static_cast<uint32_t>(line_no));
   }
   if (spec->merges.empty()) return Invalid(file, "holds no merges");
   return absl::OkStatus();
@@ -376,8 +471,8 @@ absl::StatusOr<TokenizerSpec> SpecFromTokenizerJson(const std::string& path, Env
   if (auto it = model.find("byte_fallback"); it != model.end() && it->is_boolean() && it->get<bool>()) {
     return Invalid(path, "model.byte_fallback = true is not supported");
   }
-  if (auto it = model.find("ignore_merges"); it != model.end() && it->is_boolean()) {
-    spec.ignore_merges = it->get<bool>();
+  if (auto it = model.find("ignore_merges"); it != model.end() && it->is_boolean() && it->get<bool>()) {
+    return Invalid(path, "model.ignore_merges = true is not supported (GPT-2-style BPE merges every word)");
   }
   auto vocab_it = model.find("vocab");
   if (vocab_it == model.end()) return Invalid(path, "model has no \"vocab\"");
@@ -389,22 +484,21 @@ absl::StatusOr<TokenizerSpec> SpecFromTokenizerJson(const std::string& path, Env
   spec.merges.reserve(merges_it->size());
   for (size_t i = 0; i < merges_it->size(); ++i) {
     const Json& m = (*merges_it)[i];
-    std::string where = absl::StrCat(path, " (model.merges[", i, "])");
+    auto where = [&] { return absl::StrCat(path, " (model.merges[", i, "])"); };
     if (m.is_string()) {  // "a b"
       const std::string& s = m.get_ref<const std::string&>();
       const size_t space = s.find(' ');
       if (space == std::string::npos || space == 0 || space + 1 == s.size() ||
           s.find(' ', space + 1) != std::string::npos) {
-        return Invalid(where, absl::StrCat("a merge must be two tokens separated by one space, got ",
+        return Invalid(where(), absl::StrCat("a merge must be two tokens separated by one space, got ",
                                            Quote(s)));
       }
       spec.merges.emplace_back(s.substr(0, space), s.substr(space + 1));
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {  // [a, b]
       spec.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
     } else {
-      return Invalid(where, "a merge must be \"a b\" or [\"a\", \"b\"]");
+      return Invalid(where(), "a merge must be \"a b\" or [\"a\", \"b\"]");
     }
-    spec.merge_where.push_back(std::move(where));
   }
 
   // Normalizer: none or NFC (alone or as the only member of a Sequence).
@@ -535,19 +629,21 @@ void HashBytes(XXH64_state_t* state, std::string_view s) {
 absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(TokenizerSpec spec) {
   auto impl = std::make_unique<Impl>();
   impl->nfc_ = spec.nfc;
-  impl->ignore_merges_ = spec.ignore_merges;
 
   uint32_t max_id = 0;
   for (const auto& [token, id] : spec.vocab) max_id = std::max(max_id, id);
   for (const auto& added : spec.added) max_id = std::max(max_id, added.id);
   if (spec.vocab.empty()) return Invalid(spec.source, "the vocabulary is empty");
-  if (max_id >= (1u << 30)) return Invalid(spec.source, absl::StrCat("token id ", max_id, " is too large"));
+  if (max_id >= (1u << 24)) {  // 16M ids: far beyond any real vocabulary; guards memory
+    return Invalid(spec.source, absl::StrCat("token id ", max_id, " is too large (limit 16777215)"));
+  }
   impl->vocab_size_ = max_id + 1;
   impl->id_bytes_.assign(impl->vocab_size_, "");
   impl->id_valid_.assign(impl->vocab_size_, false);
 
   // Model vocabulary: back to bytes.
   absl::flat_hash_map<std::string, uint32_t> token_id;  // byte-level token -> id (for merges)
+  absl::flat_hash_map<std::string, uint32_t> bytes_id;  // token bytes -> id
   token_id.reserve(spec.vocab.size());
   std::string bytes;
   for (const auto& [token, id] : spec.vocab) {
@@ -561,19 +657,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
     }
     impl->id_valid_[id] = true;
     impl->id_bytes_[id] = bytes;
-    impl->bytes_id_.emplace(bytes, id);
+    bytes_id.emplace(bytes, id);
     token_id.emplace(token, id);
   }
   for (int b = 0; b < 256; ++b) {
-    auto it = impl->bytes_id_.find(std::string(1, static_cast<char>(b)));
+    auto it = bytes_id.find(std::string(1, static_cast<char>(b)));
     // C0, C1 and F5..FF never occur in valid UTF-8 (and input is made valid before encoding);
     // GPT-NeoX-20B has no tokens for them.
     const bool never_in_utf8 = b == 0xC0 || b == 0xC1 || b >= 0xF5;
-    if (it == impl->bytes_id_.end() && never_in_utf8) {
+    if (it == bytes_id.end() && never_in_utf8) {
       impl->byte_id_[b] = 0;
       continue;
     }
-    if (it == impl->bytes_id_.end()) {
+    if (it == bytes_id.end()) {
       return Invalid(spec.source, absl::StrCat("the vocabulary has no token for byte 0x",
                                                absl::Hex(b, absl::kZeroPad2),
                                                ": not a byte-level BPE vocabulary"));
@@ -592,7 +688,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
       const std::string& missing = l == token_id.end()   ? left
                                    : r == token_id.end() ? right
                                                          : left + right;
-      return Invalid(spec.merge_where[rank],
+      return Invalid(spec.MergeWhere(rank),
                      absl::StrCat("merge ", Quote(left + " " + right), " uses token ",
                                   Quote(missing), ", which is not in the vocabulary"));
     }
@@ -623,7 +719,6 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> Tokenizer::Impl::Build(Tokenize
   XXH64_reset(state, 0);
   HashBytes(state, "gyre-byte-level-bpe-v1");
   HashU64(state, spec.nfc);
-  HashU64(state, spec.ignore_merges);
   HashU64(state, impl->vocab_size_);
   for (uint32_t id = 0; id < impl->vocab_size_; ++id) {
     HashU64(state, impl->id_valid_[id]);
@@ -711,35 +806,15 @@ void Tokenizer::Impl::EncodeWord(std::string_view word, std::vector<uint32_t>* i
     Bpe(word, ids);
     return;
   }
-  const absl::string_view key(word.data(), word.size());
-  auto it = cache->index.find(key);
-  if (it != cache->index.end()) {
-    const uint32_t offset = static_cast<uint32_t>(it->second >> 32);
-    const uint32_t count = static_cast<uint32_t>(it->second);
-    ids->insert(ids->end(), cache->ids.begin() + offset, cache->ids.begin() + offset + count);
-    return;
-  }
+  const uint64_t hash = WordCache::Hash(word);
+  if (cache->Find(word, hash, ids)) return;
   const size_t before = ids->size();
   Bpe(word, ids);
-  if (cache->index.size() >= kMaxCacheEntries || cache->ids.size() >= (1u << 26)) {
-    cache->index.clear();
-    cache->ids.clear();
-  }
-  const uint64_t offset = cache->ids.size();
-  const uint64_t count = ids->size() - before;
-  cache->ids.insert(cache->ids.end(), ids->begin() + before, ids->end());
-  cache->index.emplace(key, (offset << 32) | count);
+  cache->Insert(word, hash, std::span<const uint32_t>(ids->data() + before, ids->size() - before));
 }
 
 // Hugging Face's merge order: repeatedly the adjacent pair of lowest rank, leftmost on ties.
 void Tokenizer::Impl::Bpe(std::string_view word, std::vector<uint32_t>* ids) const {
-  if (ignore_merges_) {
-    auto it = bytes_id_.find(absl::string_view(word.data(), word.size()));
-    if (it != bytes_id_.end()) {
-      ids->push_back(it->second);
-      return;
-    }
-  }
   constexpr size_t kShort = 128;
   if (word.size() > kShort) {
     BpeLong(word, ids);

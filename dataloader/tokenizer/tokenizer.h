@@ -10,12 +10,22 @@
 // (special ones like <|endoftext|> included) are matched as whole strings before anything else,
 // then the GPT-2 pre-tokenization split, byte-to-unicode mapping and BPE merges by rank.
 //
+// Unicode versions, where Hugging Face is not one version:
+//   - its NFC normalizer has Unicode 9.0 tables: code points assigned after 9.0 are, to it,
+//     unassigned (combining class 0, no decomposition). We reproduce that exactly (hf_nfc.h).
+//   - its pre-tokenizer (Oniguruma) classifies letters/numbers/spaces with Unicode 16 tables; we
+//     use utf8proc 2.8, Unicode 15.0. KNOWN GAP: the 5,185 code points new in Unicode 16.0
+//     (Garay, Kirat Rai, Sunuwar, Egyptian hieroglyphs extension A, ...) are "other" to us and
+//     letters or numbers to Hugging Face, so text in those scripts can split differently.
+//     Every code point assigned by 15.0 splits identically (golden_test sweeps planes 0 and 1).
+//
 // Invalid UTF-8 input: each maximal invalid subsequence (Unicode 15 section 3.9, "U+FFFD
 // substitution of maximal subparts", the same rule as Rust's String::from_utf8_lossy) is
 // replaced by U+FFFD before encoding. Valid input is never altered except by the normalizer.
 //
 // Thread-safety: a loaded Tokenizer is immutable; Encode and Decode may be called from any
-// number of threads at once. Each thread keeps its own pre-token cache.
+// number of threads at once. Each thread keeps its own pre-token cache (bounded: up to ~20 MB
+// per thread and tokenizer; cleared when full).
 #pragma once
 
 #include <cstdint>
@@ -59,6 +69,8 @@ class Tokenizer {
   // A 64-bit hash of everything that determines the ids: vocabulary, merges, added tokens,
   // normalizer. Two tokenizers with equal fingerprints encode every text identically, however
   // they were stored (GPT-2 from tokenizer.json and from vocab.json + merges.txt agree).
+  // Stable across Gyre versions (indexes store it): GPT-2 is 0x4d6af73997ce154c, GPT-NeoX-20B
+  // 0x7cf3d597c4e8eecc. A change to the recipe must change its version tag in tokenizer.cc.
   uint64_t fingerprint() const;
   // A human label: "gpt2" or "gpt-neox-20b" when the fingerprint is one of those, else the name
   // of the file's folder (or of the folder itself).
