@@ -82,14 +82,23 @@ absl::Status RunLocal(const LaunchOptions& options) {
   std::string last_failed_log;
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
-    // A stale address would send workers to a dead port; the coordinator writes a fresh one.
-    env->RemoveFile(dir.control_address_path()).IgnoreError();
-    absl::StatusOr<pid_t> pid = Spawn(options.self_exe,
-                                      {"coordinator", "--runs-dir", DirName(options.run_dir), "--config",
-                                       options.config_path, "--gloo-store", "dir:" + RendezvousDir(dir)},
-                                      JoinPath(dir.logs_dir(), "coordinator.log"));
+    std::vector<std::string> args = {"coordinator", "--runs-dir", DirName(options.run_dir), "--config",
+                                     options.config_path, "--gloo-store", "dir:" + RendezvousDir(dir)};
+    // A restarted coordinator listens where the old one did: workers keep retrying that address
+    // (they hold their weights meanwhile) and re-attach to their sessions.
+    if (absl::StatusOr<std::string> old = env->ReadFile(dir.control_address_path()); old.ok()) {
+      std::string address = *old;
+      while (!address.empty() && (address.back() == '\n' || address.back() == ' ')) address.pop_back();
+      if (!address.empty()) {
+        args.push_back("--listen");
+        args.push_back(address);
+      }
+      // Until it listens again, nobody should find the stale address.
+      env->RemoveFile(dir.control_address_path()).IgnoreError();
+    }
+    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), "coordinator.log"));
     if (!pid.ok()) return pid.status();
-    coordinator = {*pid, "coordinator"};
+    coordinator = {*pid, "coordinator", NowMs()};
     return absl::OkStatus();
   };
   auto start_worker = [&]() -> absl::Status {
@@ -101,6 +110,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
     return absl::OkStatus();
   };
 
+  // A fresh launch picks a fresh port (an address file left by an earlier launch is stale).
+  env->RemoveFile(dir.control_address_path()).IgnoreError();
   // Keys of an earlier launch of this run directory must not meet this one's (no worker is up yet).
   if (absl::Status s = env->RemoveAll(RendezvousDir(dir)); !s.ok()) return s;
   if (absl::Status s = start_coordinator(); !s.ok()) return s;

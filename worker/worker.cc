@@ -41,6 +41,10 @@ absl::Status Worker::RegisterSession() {
   if (response.heartbeat_interval_ms() > 0) heartbeat_interval_ms_ = response.heartbeat_interval_ms();
   if (!replica_) {
     config_ = response.config();
+    if (config_.cluster().collective_timeout_ms() > 0) {
+      options_.gloo.op_timeout_ms = config_.cluster().collective_timeout_ms();
+      options_.gloo.connect_timeout_ms = config_.cluster().collective_timeout_ms();
+    }
     ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
     RETURN_IF_ERROR(OpenData(config_));
   }
