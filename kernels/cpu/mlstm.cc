@@ -383,9 +383,14 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
           const T denom = std::max(std::abs(den), floor) + eps;
           const T dh_dot_h = Dot(dht, ht, DV);
           for (int64_t j = 0; j < DV; ++j) dnum[t * DV + j] = dht[j] / denom;
-          const T dd = -dh_dot_h / denom;
-          dden[t] = std::abs(den) >= floor ? (den >= 0 ? dd : -dd) : T(0);
-          dm[t0 + t] = -dh_dot_h * eps / denom;
+          if (options.stop_normaliser_gradient) {
+            dden[t] = 0;
+            dm[t0 + t] = 0;
+          } else {
+            const T dd = -dh_dot_h / denom;
+            dden[t] = std::abs(den) >= floor ? (den >= 0 ? dd : -dd) : T(0);
+            dm[t0 + t] = -dh_dot_h * eps / denom;
+          }
           db[t] = 0;
         }
         T dg = 0;

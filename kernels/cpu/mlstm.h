@@ -31,6 +31,11 @@
 // finite differences of the forward to 1e-6 even at extreme gates (ĩ = 30 gives ε·e^{m} ≈ 1e7).
 // At ties of a max (measure zero) the branch the forward picked gets the gradient.
 //
+// Versus NX-AI/mlstm_kernels: its chunkwise backward drops the gradient through the
+// denominator ("it cancels out in the forward in the groupnorm", `torch/chunkwise/native/bw.py`),
+// so dq, dk, dĩ, df̃ differ from the true gradient while dv agrees — the pattern PERFORMANCE.md
+// records for TFLA. MlstmOptions::stop_normaliser_gradient reproduces that convention.
+//
 // Gradient contract (llm.c): activation gradients (dq, dk, dv, dĩ, df̃, d initial state) are
 // OVERWRITTEN; these kernels have no parameters.
 //
@@ -67,6 +72,13 @@ struct MlstmOptions {
   int64_t chunk_size = 64;
   MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
   double eps = 1e-6;  // ε of the normaliser
+  // Backward only. false (default): the true gradient described at the top of this file.
+  // true: the convention of NX-AI/mlstm_kernels' chunkwise backward (native `bw.py`, TFLA):
+  // the denominator d_t = max(|n_tᵀq̂_t|, e^{−m_t}) + ε is a constant and m gets no gradient, i.e.
+  // only dh_t/d_t flows into the numerator. It equals the true gradient whenever dh_t ⟂ h_t for
+  // every token and head, which a following per-head scale-invariant norm (the block's
+  // GroupNorm, with its ε → 0) makes true; use it to compare with TFLA-style kernels.
+  bool stop_normaliser_gradient = false;
 };
 
 // Pointers to one (C, n, m) state triple for all B×NH heads. A null `c` in an INPUT state means

@@ -284,6 +284,42 @@ INSTANTIATE_TEST_SUITE_P(
         BwdCase{9, 4, true, true, false, MlstmForgetGate::kExponential},
         BwdCase{10, 3, true, true, true, MlstmForgetGate::kExponential}));
 
+// The TFLA convention (stop_normaliser_gradient) equals the exact gradient when every dh_t is
+// orthogonal to h_t (what a following scale-invariant per-head norm produces), and differs
+// otherwise. The exact gradient is the one checked against finite differences above.
+TEST(MlstmNormaliserGradientTest, StopGradientMatchesExactForOrthogonalUpstream) {
+  const MlstmShape s{.batch = 2, .seq_len = 13, .num_heads = 2, .dk = 4, .dv = 3};
+  MlstmOptions exact{.chunk_size = 5};
+  MlstmOptions stop = exact;
+  stop.stop_normaliser_gradient = true;
+  const Problem p = MakeProblem(s, /*has_initial=*/true, 31, /*extreme_gates=*/true);
+  Vec saved(mlstm_chunkwise_saved_size(s, exact)), h(p.v.size());
+  mlstm_chunkwise_fwd_ref<double>(s, exact, p.Inputs(), p.Initial(), h.data(), saved.data(), {});
+  std::mt19937_64 rng(6);
+  Vec dh = RandomVector(h.size(), rng);
+  auto grads = [&](const MlstmOptions& o, const Vec& upstream) {
+    Vec dq(p.q.size()), dk(p.k.size()), dv(p.v.size()), dig(p.ig.size()), dfg(p.fg.size());
+    mlstm_chunkwise_bwd_ref<double>(s, o, p.Inputs(), p.Initial(), h.data(), saved.data(),
+                                    upstream.data(), {},
+                                    {dq.data(), dk.data(), dv.data(), dig.data(), dfg.data()},
+                                    {});
+    return std::vector<Vec>{dq, dk, dv, dig, dfg};
+  };
+  // Not orthogonal: dq (enters the denominator) must differ by more than rounding.
+  EXPECT_GT(RelativeError(grads(stop, dh)[0], grads(exact, dh)[0]), 1e-3);
+  // Project dh_t onto the orthogonal complement of h_t, per token and head.
+  for (size_t i = 0; i < h.size(); i += s.dv) {
+    double dot = 0, nn = 0;
+    for (int64_t j = 0; j < s.dv; ++j) {
+      dot += dh[i + j] * h[i + j];
+      nn += h[i + j] * h[i + j];
+    }
+    for (int64_t j = 0; j < s.dv; ++j) dh[i + j] -= dot / nn * h[i + j];
+  }
+  const auto a = grads(stop, dh), b = grads(exact, dh);
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_LT(RelativeError(a[k], b[k]), 1e-10) << k;
+}
+
 // mlstm.h promises that rows [b0, b1) can be computed by a call on a slice (pointers advanced,
 // saved advanced by b0·saved_size(batch = 1)), bit-identically: what the ops layer uses to spread
 // a layer over threads.
