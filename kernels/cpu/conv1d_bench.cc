@@ -35,8 +35,11 @@ void BM_Conv1d(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(double(s.batch * s.seq_len) * state.iterations(),
                                                   benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_Conv1d)->ArgNames({"S", "bwd"})->Args({256, 0})->Args({256, 1})->Unit(
-    benchmark::kMillisecond);
+BENCHMARK(BM_Conv1d)
+    ->ArgNames({"S", "bwd"})
+    ->Args({256, 0})
+    ->Args({256, 1})
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace gyre::cpu

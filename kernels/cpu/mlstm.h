@@ -151,9 +151,8 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
 // All of `grads` are overwritten; `d_initial` (null c = not wanted) is overwritten.
 template <typename T>
 void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& options,
-                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial,
-                             const T* h, const T* saved, const T* dh,
-                             MlstmStateRef<const T> d_final, const MlstmGrads<T>& grads,
-                             MlstmStateRef<T> d_initial);
+                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial, const T* h,
+                             const T* saved, const T* dh, MlstmStateRef<const T> d_final,
+                             const MlstmGrads<T>& grads, MlstmStateRef<T> d_initial);
 
 }  // namespace gyre::cpu

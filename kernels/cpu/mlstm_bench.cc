@@ -49,10 +49,9 @@ void BM_MlstmChunkwise(benchmark::State& state) {
   mlstm_chunkwise_fwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), {});
   for (auto _ : state) {
     if (backward) {
-      mlstm_chunkwise_bwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), b.dh.data(), {},
-                                     {b.dq.data(), b.dk.data(), b.dv.data(), b.dig.data(),
-                                      b.dfg.data()},
-                                     {});
+      mlstm_chunkwise_bwd_ref<float>(
+          s, o, in, {}, b.h.data(), b.saved.data(), b.dh.data(), {},
+          {b.dq.data(), b.dk.data(), b.dv.data(), b.dig.data(), b.dfg.data()}, {});
     } else {
       mlstm_chunkwise_fwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), {});
     }

@@ -68,8 +68,8 @@ int64_t slstm_saved_size(const SlstmShape& shape);
 // Forward over S steps. h [B, S, d] and saved [slstm_saved_size] overwritten; `initial` may be
 // null (zeros); `final_state` may be null.
 template <typename T>
-void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r,
-                   SlstmStateRef<const T> initial, T* h, T* saved, SlstmStateRef<T> final_state);
+void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmStateRef<const T> initial,
+                   T* h, T* saved, SlstmStateRef<T> final_state);
 
 // One step (generation): gx [B, 4, d]; `state` read and overwritten; h [B, d] overwritten.
 template <typename T>
@@ -81,8 +81,8 @@ void slstm_step_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmS
 // d_gx [B, S, 4, d] overwritten; dr [NH, 4, dh, dh] ACCUMULATED; d_initial (null h = not
 // wanted) overwritten.
 template <typename T>
-void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial,
-                   const T* h, const T* saved, const T* dh, SlstmStateRef<const T> d_final,
-                   T* d_gx, T* dr, SlstmStateRef<T> d_initial);
+void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial, const T* h,
+                   const T* saved, const T* dh, SlstmStateRef<const T> d_final, T* d_gx, T* dr,
+                   SlstmStateRef<T> d_initial);
 
 }  // namespace gyre::cpu

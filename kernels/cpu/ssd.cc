@@ -25,9 +25,8 @@
 namespace gyre::cpu {
 namespace {
 
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -108,9 +107,9 @@ int64_t ssd_chunked_saved_size(const SsdShape& shape, const SsdOptions& options)
 }
 
 template <typename T>
-void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
-                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
-                      const T* d, T* state, T* y) {
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x, const T* dt,
+                      const T* a_log, const T* dt_bias, const T* b, const T* c, const T* d,
+                      T* state, T* y) {
   const int64_t H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups, heads_per_group = H / G;
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
@@ -138,8 +137,8 @@ void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T*
 }
 
 template <typename T>
-void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
-                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state) {
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                           const T* initial_state, T* y, T* final_state) {
   const int64_t S = shape.seq_len, H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups;
   SsdShape one = shape;
@@ -154,8 +153,7 @@ void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
     for (int64_t t = 0; t < S; ++t) {
       const int64_t tok = bb * S + t;
       ssd_step_fwd_ref(one, options, in.x + tok * H * P, in.dt + tok * H, in.a_log, in.dt_bias,
-                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(),
-                       y + tok * H * P);
+                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(), y + tok * H * P);
     }
     if (final_state != nullptr) {
       std::memcpy(final_state + bb * H * P * N, state.data(), sizeof(T) * H * P * N);
@@ -262,8 +260,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
   std::fill(grads.db, grads.db + shape.batch * S * ldbc, T(0));
   std::fill(grads.dc, grads.dc + shape.batch * S * ldbc, T(0));
 
-  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P),
-      zc(Q * P), dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
+  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P), zc(Q * P),
+      dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
   std::vector<T> dh(P * N), dh_prev(P * N);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
     const T* dts = saved + bb * lay.per_batch + lay.dt;
@@ -284,7 +282,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
       } else {
         std::fill(dh.begin(), dh.end(), T(0));
       }
-      T dA = 0, dD = 0;
+      // Scalar accumulators in double: these sums cancel heavily (Acs terms enter with both signs).
+      double dA = 0, dD = 0;
       for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
@@ -309,7 +308,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
 
         // State: H_c = e_last·H_{c−1} + Zᵀ B, Z = diag(w) X̄.
         //   dH_{c−1} = e_last·dH;  dZ = B dHᵀ;  dB += Z dH;  dX̄ += w ⊙ dZ;
-        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH, H_{c−1}>.
+        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH,
+        //   H_{c−1}>.
         for (int64_t i = 0; i < P * N; ++i) dh_prev[i] = e_last * dh[i];
         dacs[len - 1] += e_last * Dot(dh.data(), hprev, P * N);
         for (int64_t t = 0; t < len; ++t) {
@@ -365,7 +365,7 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         Gemm(true, false, P, N, len, T(1), z.data(), P, cc, ldbc, T(1), dh_prev.data(), N);
 
         // Acs = cumsum(a), a_t = dt_t·A, X̄ = dt·x.
-        T rev = 0;
+        double rev = 0;
         for (int64_t t = len - 1; t >= 0; --t) {
           rev += dacs[t];
           const int64_t tok = t0 + t;
@@ -373,8 +373,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           const T* xt = xh + tok * ldx;
           const T* dyt = dyh + tok * ldx;
           T* dxt = dxh + tok * ldx;
-          T ddt = rev * A;
-          dA += rev * dtv;
+          T ddt = T(rev * A);
+          dA += rev * double(dtv);
           for (int64_t p = 0; p < P; ++p) {
             ddt += xt[p] * dxbar[t * P + p];
             dxt[p] = dtv * dxbar[t * P + p] + dskip * dyt[p];
@@ -394,8 +394,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         }
         dh.swap(dh_prev);
       }
-      grads.da_log[hd] += dA * A;  // A = −exp(A_log): dA/dA_log = A
-      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += dD;
+      grads.da_log[hd] += T(dA * double(A));  // A = −exp(A_log): dA/dA_log = A
+      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += T(dD);
       if (d_initial_state != nullptr) {
         std::memcpy(d_initial_state + (bb * H + hd) * P * N, dh.data(), sizeof(T) * P * N);
       }
@@ -403,16 +403,16 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
   }
 }
 
-#define GYRE_SSD_INSTANTIATE(T)                                                                \
-  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,    \
-                                    const T*, const T*, const T*, const T*, const T*, T*, T*); \
-  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&,                   \
-                                         const SsdInputs<T>&, const T*, T*, T*);               \
-  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, T*, T*, T*);             \
-  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, const T*, const T*,      \
-                                       const T*, const SsdGrads<T>&, T*);
+#define GYRE_SSD_INSTANTIATE(T)                                                                    \
+  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,        \
+                                    const T*, const T*, const T*, const T*, const T*, T*, T*);     \
+  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,  \
+                                         const T*, T*, T*);                                        \
+  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, T*, T*, T*);                                      \
+  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, const T*, const T*, const T*, const SsdGrads<T>&, \
+                                       T*);
 GYRE_SSD_INSTANTIATE(float)
 GYRE_SSD_INSTANTIATE(double)
 #undef GYRE_SSD_INSTANTIATE

@@ -85,15 +85,15 @@ absl::Status ssd_check(const SsdShape& shape, const SsdOptions& options);
 // One step: x [B, H, P], dt_raw [B, H], B, C [B, G, N] (a_log, dt_bias, d as in SsdInputs);
 // state [B, H, P, N] read and overwritten; y [B, H, P] overwritten.
 template <typename T>
-void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
-                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
-                      const T* d, T* state, T* y);
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x, const T* dt,
+                      const T* a_log, const T* dt_bias, const T* b, const T* c, const T* d,
+                      T* state, T* y);
 
 // The step recurrence over a whole sequence (the oracle for the chunked form).
 // y overwritten; initial_state may be null (zeros); final_state may be null.
 template <typename T>
-void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
-                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state);
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                           const T* initial_state, T* y, T* final_state);
 
 // Elements of T the chunked forward saves: the NC+1 chunk-boundary states H_c (c = 0..NC,
 // NC = ceil(S/Q)), B·H·(NC+1)·P·N, plus dt after softplus/clamp, B·S·H.

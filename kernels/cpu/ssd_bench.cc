@@ -10,8 +10,12 @@ namespace gyre::cpu {
 namespace {
 
 void BM_SsdChunked(benchmark::State& state) {
-  const SsdShape s{.batch = 8, .seq_len = state.range(0), .num_heads = 8, .head_dim = 64,
-                   .num_groups = 1, .state_dim = 64};
+  const SsdShape s{.batch = 8,
+                   .seq_len = state.range(0),
+                   .num_heads = 8,
+                   .head_dim = 64,
+                   .num_groups = 1,
+                   .state_dim = 64};
   const SsdOptions o{.chunk_size = state.range(1)};
   const bool backward = state.range(2) != 0;
   std::mt19937 rng(1);
@@ -24,17 +28,17 @@ void BM_SsdChunked(benchmark::State& state) {
   const int64_t BS = s.batch * s.seq_len, H = s.num_heads, P = s.head_dim, N = s.state_dim;
   auto x = fill(BS * H * P), dt = fill(BS * H, -3.f), a_log = fill(H, 1.f), dt_bias = fill(H),
        b = fill(BS * N), c = fill(BS * N), d = fill(H), dy = fill(BS * H * P);
-  std::vector<float> y(BS * H * P), saved(ssd_chunked_saved_size(s, o)), dx(y.size()),
-      ddt(BS * H), da(H), ddtb(H), db(BS * N), dc(BS * N), dd(H);
+  std::vector<float> y(BS * H * P), saved(ssd_chunked_saved_size(s, o)), dx(y.size()), ddt(BS * H),
+      da(H), ddtb(H), db(BS * N), dc(BS * N), dd(H);
   const SsdInputs<float> in{x.data(), dt.data(), a_log.data(), dt_bias.data(),
-                            b.data(), c.data(), d.data()};
+                            b.data(), c.data(),  d.data()};
   ssd_chunked_fwd_ref<float>(s, o, in, nullptr, y.data(), saved.data(), nullptr);
   for (auto _ : state) {
     if (backward) {
-      ssd_chunked_bwd_ref<float>(s, o, in, nullptr, saved.data(), dy.data(), nullptr,
-                                 {dx.data(), ddt.data(), da.data(), ddtb.data(), db.data(),
-                                  dc.data(), dd.data()},
-                                 nullptr);
+      ssd_chunked_bwd_ref<float>(
+          s, o, in, nullptr, saved.data(), dy.data(), nullptr,
+          {dx.data(), ddt.data(), da.data(), ddtb.data(), db.data(), dc.data(), dd.data()},
+          nullptr);
     } else {
       ssd_chunked_fwd_ref<float>(s, o, in, nullptr, y.data(), saved.data(), nullptr);
     }
