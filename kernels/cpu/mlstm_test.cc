@@ -278,6 +278,61 @@ INSTANTIATE_TEST_SUITE_P(
                       BwdCase{9, 4, true, true, false, MlstmForgetGate::kExponential},
                       BwdCase{10, 3, true, true, true, MlstmForgetGate::kExponential}));
 
+// Generation: a chunkwise prefill of the first tokens, then the step function for the rest,
+// equals the step loop over the whole sequence.
+TEST(MlstmStepTest, PrefillThenStepMatchesStepLoop) {
+  const MlstmShape s{.batch = 2, .seq_len = 17, .num_heads = 3, .dk = 4, .dv = 5};
+  const MlstmOptions o{.chunk_size = 4};
+  const Problem p = MakeProblem(s, /*has_initial=*/true, 55, /*extreme_gates=*/false);
+  Vec c_ref, n_ref, m_ref;
+  const Vec h_ref = NaiveRecurrence(p, o, &c_ref, &n_ref, &m_ref);
+  const int64_t S = s.seq_len, NH = s.num_heads, dk = s.dk, dv = s.dv, B = s.batch;
+  const int64_t prefill = 10;
+  // Prefill: the first 10 tokens of each row, re-packed as a [B, 10, ...] problem.
+  Problem pre = p;
+  pre.shape.seq_len = prefill;
+  auto take = [&](const Vec& src, int64_t width) {
+    Vec out;
+    for (int64_t b = 0; b < B; ++b) {
+      out.insert(out.end(), src.begin() + b * S * width, src.begin() + (b * S + prefill) * width);
+    }
+    return out;
+  };
+  pre.q = take(p.q, NH * dk);
+  pre.k = take(p.k, NH * dk);
+  pre.v = take(p.v, NH * dv);
+  pre.ig = take(p.ig, NH);
+  pre.fg = take(p.fg, NH);
+  Vec saved(mlstm_chunkwise_saved_size(pre.shape, o)), h_pre(B * prefill * NH * dv);
+  Vec c(c_ref.size()), n(n_ref.size()), m(m_ref.size());
+  mlstm_chunkwise_fwd_ref<double>(pre.shape, o, pre.Inputs(), pre.Initial(), h_pre.data(),
+                                  saved.data(), {c.data(), n.data(), m.data()});
+  Vec h_all(h_ref.size());
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy_n(h_pre.begin() + b * prefill * NH * dv, prefill * NH * dv,
+                h_all.begin() + b * S * NH * dv);
+  }
+  Vec qt(B * NH * dk), kt(qt.size()), vt(B * NH * dv), it(B * NH), ft(B * NH), ht(vt.size());
+  for (int64_t t = prefill; t < S; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t tok = (b * S + t) * NH;
+      std::copy_n(p.q.begin() + tok * dk, NH * dk, qt.begin() + b * NH * dk);
+      std::copy_n(p.k.begin() + tok * dk, NH * dk, kt.begin() + b * NH * dk);
+      std::copy_n(p.v.begin() + tok * dv, NH * dv, vt.begin() + b * NH * dv);
+      std::copy_n(p.ig.begin() + tok, NH, it.begin() + b * NH);
+      std::copy_n(p.fg.begin() + tok, NH, ft.begin() + b * NH);
+    }
+    mlstm_step_fwd_ref<double>(s, o, qt.data(), kt.data(), vt.data(), it.data(), ft.data(),
+                               {c.data(), n.data(), m.data()}, ht.data());
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(ht.begin() + b * NH * dv, NH * dv, h_all.begin() + (b * S + t) * NH * dv);
+    }
+  }
+  EXPECT_LT(RelativeError(h_all, h_ref), 1e-12);
+  EXPECT_LT(RelativeError(c, c_ref), 1e-12);
+  EXPECT_LT(RelativeError(m, m_ref), 1e-12);
+}
+
 // The float path of the backward (what the CPU trainer runs) against the float64 one.
 TEST(MlstmFloatTest, BackwardMatchesFloat64) {
   const MlstmShape s{.batch = 2, .seq_len = 45, .num_heads = 2, .dk = 16, .dv = 8};

@@ -258,6 +258,35 @@ INSTANTIATE_TEST_SUITE_P(Cases, SsdBackwardTest,
                                            BwdCase{10, 3, 1, true, false, true, false, 0.004,
                                                    0.02}));
 
+// Generation: the step function on a [B, ...] batch, token by token, equals the step loop.
+TEST(SsdStepTest, BatchedStepMatchesStepLoop) {
+  const SsdShape s{
+      .batch = 3, .seq_len = 9, .num_heads = 4, .head_dim = 3, .num_groups = 2, .state_dim = 5};
+  const SsdOptions o{};
+  const Problem p = MakeProblem(s, true, true, false, 41);
+  Vec hf_ref;
+  const Vec y_ref = NaiveRecurrence(p, o, &hf_ref);
+  const int64_t B = s.batch, S = s.seq_len, H = s.num_heads, P = s.head_dim,
+                GN = s.num_groups * s.state_dim;
+  Vec state = p.h0, xt(B * H * P), dtt(B * H), bt(B * GN), ct(B * GN), yt(B * H * P),
+      y(y_ref.size());
+  for (int64_t t = 0; t < S; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(p.x.begin() + (b * S + t) * H * P, H * P, xt.begin() + b * H * P);
+      std::copy_n(p.dt.begin() + (b * S + t) * H, H, dtt.begin() + b * H);
+      std::copy_n(p.b.begin() + (b * S + t) * GN, GN, bt.begin() + b * GN);
+      std::copy_n(p.c.begin() + (b * S + t) * GN, GN, ct.begin() + b * GN);
+    }
+    ssd_step_fwd_ref<double>(s, o, xt.data(), dtt.data(), p.a_log.data(), p.dt_bias.data(),
+                             bt.data(), ct.data(), p.d.data(), state.data(), yt.data());
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(yt.begin() + b * H * P, H * P, y.begin() + (b * S + t) * H * P);
+    }
+  }
+  EXPECT_LT(RelativeError(y, y_ref), 1e-13);
+  EXPECT_LT(RelativeError(state, hf_ref), 1e-13);
+}
+
 // The float path of the backward (what the CPU trainer runs) against the float64 one.
 TEST(SsdFloatTest, BackwardMatchesFloat64) {
   const SsdShape s{
