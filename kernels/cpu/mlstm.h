@@ -45,6 +45,11 @@
 // call on rows [b0, b1) is the same call with shape.batch = b1 − b0 and every pointer advanced
 // by b0 rows (saved by b0·saved_size(batch = 1)); the results are bit-identical to the rows of a
 // full call. That is how a caller spreads one layer over threads.
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26).
 #pragma once
 
 #include <cstdint>

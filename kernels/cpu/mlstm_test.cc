@@ -9,6 +9,7 @@
 #include <cmath>
 #include <functional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -446,6 +447,37 @@ TEST(MlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
     }
     off_full += 3 * per_row;
     off_sub += 2 * per_row;
+  }
+}
+
+// The same promise exercised the way a caller uses it: batch rows spread over threads running
+// at the same time (OpenBLAS is entered concurrently), bit-identical to one full call.
+TEST(MlstmBatchSliceTest, ConcurrentSlicesEqualFullCall) {
+  const MlstmShape s{.batch = 4, .seq_len = 70, .num_heads = 2, .dk = 16, .dv = 16};
+  const MlstmOptions o{.chunk_size = 16};
+  const Problem p = MakeProblem(s, /*has_initial=*/false, 5, /*extreme_gates=*/false);
+  const int64_t row_qk = s.seq_len * s.num_heads * s.dk, row_v = s.seq_len * s.num_heads * s.dv,
+                row_g = s.seq_len * s.num_heads;
+  MlstmShape one = s;
+  one.batch = 1;
+  const int64_t saved_row = mlstm_chunkwise_saved_size(one, o);
+  Vec h_full(p.v.size()), saved_full(mlstm_chunkwise_saved_size(s, o));
+  mlstm_chunkwise_fwd_ref<double>(s, o, p.Inputs(), {}, h_full.data(), saved_full.data(), {});
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    Vec h(p.v.size()), saved(saved_full.size());
+    std::vector<std::thread> threads;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      threads.emplace_back([&, b] {
+        const MlstmInputs<double> in{p.q.data() + b * row_qk, p.k.data() + b * row_qk,
+                                     p.v.data() + b * row_v, p.ig.data() + b * row_g,
+                                     p.fg.data() + b * row_g};
+        mlstm_chunkwise_fwd_ref<double>(one, o, in, {}, h.data() + b * row_v,
+                                        saved.data() + b * saved_row, {});
+      });
+    }
+    for (auto& t : threads) t.join();
+    ASSERT_EQ(h, h_full);
+    ASSERT_EQ(saved, saved_full);
   }
 }
 

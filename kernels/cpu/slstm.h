@@ -34,6 +34,11 @@
 // pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). dR accumulates, so
 // concurrent slices need their own dR buffers (summed afterwards). Results equal a full call's
 // rows up to rounding (the per-step GEMM has B rows, and its blocking may depend on B).
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26).
 #pragma once
 
 #include <cstdint>

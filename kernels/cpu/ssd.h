@@ -31,6 +31,11 @@
 // batch-major, so a call on rows [b0, b1) is the call with shape.batch = b1 − b0 and every
 // pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). The parameter gradients
 // accumulate, so concurrent slices need their own dA_log / d dt_bias / dD buffers.
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26).
 #pragma once
 
 #include <cstdint>
