@@ -55,8 +55,9 @@ T Pointwise(T i_raw, T f_raw, T z_raw, T o_raw, T c_prev, T n_prev, T m_prev, T*
   const T lf = LogSigmoid(f_raw) + m_prev;
   bool from_input = false;
   const T m_new = Stabiliser(i_raw, lf, n_prev, &from_input);
-  const T ip = std::min(std::exp(i_raw - m_new), T(1));
-  const T fp = std::min(std::exp(lf - m_new), T(1));
+  // One of the two exponents is exactly 0 (the one m_t was taken from): skip its exp.
+  const T ip = from_input ? T(1) : std::min(std::exp(i_raw - m_new), T(1));
+  const T fp = from_input ? std::min(std::exp(lf - m_new), T(1)) : T(1);
   *c = fp * c_prev + ip * std::tanh(z_raw);
   *n = fp * n_prev + ip;
   *m = m_new;
@@ -246,8 +247,9 @@ void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> i
         const T lf = LogSigmoid(f_raw) + m_prev[i];
         bool from_input = false;
         const T m_new = Stabiliser(i_raw, lf, n_prev[i], &from_input);
-        const T ip = std::min(std::exp(i_raw - m_new), T(1));
-        const T fp = std::min(std::exp(lf - m_new), T(1));
+        // One of the two exponents is exactly 0 (the one m_t was taken from): skip its exp.
+        const T ip = from_input ? T(1) : std::min(std::exp(i_raw - m_new), T(1));
+        const T fp = from_input ? std::min(std::exp(lf - m_new), T(1)) : T(1);
         const T tz = std::tanh(z_raw);
         const T so = Sigmoid(o_raw);
         const T c = ct[i], n = nt[i];
