@@ -138,7 +138,8 @@ void mlstm_recurrent_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
 // ---- Chunkwise-parallel form (training) ------------------------------------------------------
 // Elements of T the forward saves for the backward: the NC+1 chunk-boundary states (C_k, n_k,
 // m_k), k = 0..NC with NC = ceil(S / L), plus per-token m_t and den_t = n_tᵀq̂_t. About
-// B·NH·(NC+1)·dk·dv; choose L accordingly (L = 64 at dk = dv = 384: ~1.5× the size of v).
+// B·NH·(NC+1)·dk·dv, i.e. ~dk/L times the size of v: choose L accordingly (2× at dk = 128,
+// L = 64; 6× at dk = 384, L = 64). The backward must get the same shape and options.
 int64_t mlstm_chunkwise_saved_size(const MlstmShape& shape, const MlstmOptions& options);
 
 // Chunkwise forward (MODELS.md §1.3): inside each chunk a masked (Q̂Kᵀ ⊙ D') quadratic form,
