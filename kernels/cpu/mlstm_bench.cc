@@ -1,6 +1,8 @@
 // mLSTM chunkwise forward / backward on the CPU at the xlstm-small shape (d 256 → p 512, 4 heads
 // of 128, chunk 64). Run: bazel run -c opt //kernels/cpu:mlstm_bench
 // Counters: tokens/s (B·S per iteration). Set OPENBLAS_NUM_THREADS to compare thread counts.
+// Run with OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=SkylakeX on the development machine (see the
+// performance note in the kernel's header); on a loaded machine compare CPU time, not wall time.
 #include <random>
 #include <vector>
 

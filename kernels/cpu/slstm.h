@@ -38,7 +38,10 @@
 // Performance: the products inside these kernels are small (chunk- or head-sized), so run them
 // with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
 // 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
-// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26).
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26). Also: Debian's
+// OpenBLAS 0.3.21 does not recognise this machine's Xeon and falls back to its Prescott (SSE3)
+// kernels; OPENBLAS_CORETYPE=SkylakeX (set before the process starts) made a 64×64×128 sgemm
+// 3.4x and these kernels' forward+backward 1.9x faster here (2026-11-26).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,7 @@
 // sLSTM forward / backward on the CPU at the xlstm-small shape (d 256, 4 heads of 64).
 // Run: bazel run -c opt //kernels/cpu:slstm_bench
+// Run with OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=SkylakeX on the development machine (see the
+// performance note in the kernel's header); on a loaded machine compare CPU time, not wall time.
 #include <random>
 #include <vector>
 

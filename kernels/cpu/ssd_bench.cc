@@ -1,5 +1,7 @@
 // SSD chunked forward / backward on the CPU at the mamba2-small shape (d 256 → di 512: 8 heads
 // of 64, d_state 64, 1 group, chunk 64). Run: bazel run -c opt //kernels/cpu:ssd_bench
+// Run with OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=SkylakeX on the development machine (see the
+// performance note in the kernel's header); on a loaded machine compare CPU time, not wall time.
 #include <random>
 #include <vector>
 
