@@ -27,9 +27,10 @@
 // "no gradient through m", [X eqs 87–105], extended to the normaliser max(|·|, e^{−m}) and the
 // initial/final states) plus (b) the exact correction ∂h_t/∂m_t = −h_t·ε/d_t (d_t = the
 // denominator) routed along the argmax that chose m_t = b_t + max(m_0, max_{s≤t}(ĩ_s − b_s)),
-// b_t = Σ_{r≤t} lf_r. Part (b) is O(ε·e^{m}) relative to (a); it is what makes the result match
-// finite differences of the forward to 1e-6 even at extreme gates (ĩ = 30 gives ε·e^{m} ≈ 1e7).
-// At ties of a max (measure zero) the branch the forward picked gets the gradient.
+// b_t = Σ_{r≤t} lf_r. Part (b) is of relative size ε·e^{m_t} / max(|D̃_t|, 1): small (without it
+// the tests' gradients are off by 1e-6 to 4e-5, measured), but needed to match finite
+// differences of the forward to 1e-6. At ties of a max (measure zero) the branch the forward
+// picked gets the gradient. With ε = 0, (b) vanishes and (a) is exact.
 //
 // Versus NX-AI/mlstm_kernels: its chunkwise backward drops the gradient through the
 // denominator ("it cancels out in the forward in the groupnorm", `torch/chunkwise/native/bw.py`),
@@ -76,7 +77,8 @@ enum class MlstmForgetGate {
 
 struct MlstmOptions {
   // Chunk length L of the chunkwise form; any S is allowed (the last chunk may be shorter).
-  // L = 1 is exactly the step recurrence.
+  // L = 1 is exactly the step recurrence (so its backward is the recurrent backward); L >= S is
+  // the parallel quadratic form of MODELS.md §1.2 (with m_0 taking part in the max).
   int64_t chunk_size = 64;
   MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
   double eps = 1e-6;  // ε of the normaliser
