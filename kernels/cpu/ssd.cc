@@ -190,20 +190,25 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
       }
     }
     for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
       T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
       if (initial_state != nullptr) {
         std::memcpy(hs, initial_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
       } else {
         std::fill(hs, hs + P * N, T(0));
       }
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      T* yh = y + bb * S * ldx + hd * P;
-      for (int64_t k = 0; k < lay.num_chunks; ++k) {
+    }
+    // Chunk-major: every head of a chunk runs before the next chunk, so the chunk's rows of x,
+    // B, C and y stay in cache across heads.
+    for (int64_t k = 0; k < lay.num_chunks; ++k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        T* yh = y + bb * S * ldx + hd * P;
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -246,7 +251,10 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
         for (int64_t i = 0; i < P * N; ++i) hnext[i] = e_last * hprev[i];
         Gemm(true, false, P, N, len, T(1), z.data(), P, bh + t0 * ldbc, ldbc, T(1), hnext, N);
       }
-      if (final_state != nullptr) {
+    }
+    if (final_state != nullptr) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
         std::memcpy(final_state + (bb * H + hd) * P * N, hs + lay.num_chunks * P * N,
                     sizeof(T) * P * N);
       }
@@ -271,29 +279,36 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
 
   std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P), zc(Q * P),
       dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
-  std::vector<T> dh(P * N), dh_prev(P * N);
+  // Per head: the carried dH (one [P, N] block each) and double accumulators for dA and dD
+  // (these sums cancel heavily: Acs terms enter with both signs).
+  std::vector<T> dh_all(H * P * N), dh_prev(P * N);
+  std::vector<double> dA_all(H), dD_all(H);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
     const T* dts = saved + bb * lay.per_batch + lay.dt;
-    for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      const T* dyh = dy + bb * S * ldx + hd * P;
-      T* dxh = grads.dx + bb * S * ldx + hd * P;
-      T* dbh = grads.db + bb * S * ldbc + grp * N;
-      T* dch = grads.dc + bb * S * ldbc + grp * N;
-      if (d_final_state != nullptr) {
-        std::memcpy(dh.data(), d_final_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
-      } else {
-        std::fill(dh.begin(), dh.end(), T(0));
-      }
-      // Scalar accumulators in double: these sums cancel heavily (Acs terms enter with both signs).
-      double dA = 0, dD = 0;
-      for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+    if (d_final_state != nullptr) {
+      std::memcpy(dh_all.data(), d_final_state + bb * H * P * N, sizeof(T) * H * P * N);
+    } else {
+      std::fill(dh_all.begin(), dh_all.end(), T(0));
+    }
+    std::fill(dA_all.begin(), dA_all.end(), 0.0);
+    std::fill(dD_all.begin(), dD_all.end(), 0.0);
+    // Chunk-major, as in the forward.
+    for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        const T* dyh = dy + bb * S * ldx + hd * P;
+        T* dxh = grads.dx + bb * S * ldx + hd * P;
+        T* dbh = grads.db + bb * S * ldbc + grp * N;
+        T* dch = grads.dc + bb * S * ldbc + grp * N;
+        T* dh = dh_all.data() + hd * P * N;
+        double& dA = dA_all[hd];
+        double& dD = dD_all[hd];
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -320,13 +335,13 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH,
         //   H_{c−1}>.
         for (int64_t i = 0; i < P * N; ++i) dh_prev[i] = e_last * dh[i];
-        dacs[len - 1] += e_last * Dot(dh.data(), hprev, P * N);
+        dacs[len - 1] += e_last * Dot(dh, hprev, P * N);
         for (int64_t t = 0; t < len; ++t) {
           const T w = std::exp(last - acs[t]);
           for (int64_t p = 0; p < P; ++p) z[t * P + p] = w * xbar[t * P + p];
         }
-        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh.data(), N, T(0), dzw.data(), P);
-        Gemm(false, false, len, N, P, T(1), z.data(), P, dh.data(), N, T(0), dbl.data(), N);
+        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh, N, T(0), dzw.data(), P);
+        Gemm(false, false, len, N, P, T(1), z.data(), P, dh, N, T(0), dbl.data(), N);
         for (int64_t t = 0; t < len; ++t) {
           const T w = std::exp(last - acs[t]);
           const T dlogw = Dot(z.data() + t * P, dzw.data() + t * P, P);
@@ -401,13 +416,16 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
             dct[n] += dcl[t * N + n];
           }
         }
-        dh.swap(dh_prev);
+        std::memcpy(dh, dh_prev.data(), sizeof(T) * P * N);
       }
-      grads.da_log[hd] += T(dA * double(A));  // A = −exp(A_log): dA/dA_log = A
-      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += T(dD);
-      if (d_initial_state != nullptr) {
-        std::memcpy(d_initial_state + (bb * H + hd) * P * N, dh.data(), sizeof(T) * P * N);
-      }
+    }
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const double A = -std::exp(double(in.a_log[hd]));
+      grads.da_log[hd] += T(dA_all[hd] * A);  // A = −exp(A_log): dA/dA_log = A
+      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += T(dD_all[hd]);
+    }
+    if (d_initial_state != nullptr) {
+      std::memcpy(d_initial_state + bb * H * P * N, dh_all.data(), sizeof(T) * H * P * N);
     }
   }
 }
