@@ -3,14 +3,14 @@
 //
 // Contents
 //   ssd_step_fwd_ref / ssd_recurrent_fwd_ref   the recurrence, one token at a time
-//   ssd_chunked_fwd_ref   per (batch, head), per chunk of length Q (last may be shorter):
+//   ssd_chunked_fwd_ref   per batch row, per chunk of length Q (last may be shorter), per head:
 //       a_t = dt_t·A,  Acs = local cumsum of a,  X̄_s = dt_s x_s
 //       M   = (C Bᵀ) ⊙ Lw,  Lw_ls = e^{Acs_l − Acs_s} (s ≤ l), 0 above the diagonal
 //       y   = M X̄ + diag(e^{Acs}) C H_{c−1}ᵀ + D x                       (steps 1, 4)
 //       H_c = e^{Acs_last} H_{c−1} + (diag(w) X̄)ᵀ B,  w_s = e^{Acs_last − Acs_s}  (steps 2, 3)
 //     Products through cblas ?gemm. Saved: boundary states H_0..H_NC and dt (after softplus).
-//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c; in-chunk gradients are the
-//     transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
+//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c per head; in-chunk gradients
+//     are the transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
 //     ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC are
 //     zeroed once and summed over heads.
 #include "kernels/cpu/ssd.h"
