@@ -202,14 +202,18 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
   const T eps = T(options.eps);
 
   std::vector<T> lf(S), bl(L), mt(L), gw(L), qs(L * DK), ps(L * L), num(L * DV), ke(L * DK);
+  // Without a backward to feed (saved == nullptr: inference prefill), one head's block of
+  // scratch stands in for the saved buffer.
+  std::vector<T> scratch(saved == nullptr ? lay.per_head : 0);
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t hd = 0; hd < NH; ++hd) {
       const int64_t bh = b * NH + hd;
-      T* cb = saved + bh * lay.per_head + lay.c;
-      T* nb = saved + bh * lay.per_head + lay.n;
-      T* mb = saved + bh * lay.per_head + lay.m;
-      T* tok_m = saved + bh * lay.per_head + lay.token_m;
-      T* tok_den = saved + bh * lay.per_head + lay.token_den;
+      T* block = saved != nullptr ? saved + bh * lay.per_head : scratch.data();
+      T* cb = block + lay.c;
+      T* nb = block + lay.n;
+      T* mb = block + lay.m;
+      T* tok_m = block + lay.token_m;
+      T* tok_den = block + lay.token_den;
       if (initial.c != nullptr) {
         std::memcpy(cb, initial.c + bh * DK * DV, sizeof(T) * DK * DV);
         std::memcpy(nb, initial.n + bh * DK, sizeof(T) * DK);

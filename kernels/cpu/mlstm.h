@@ -150,7 +150,9 @@ int64_t mlstm_chunkwise_saved_size(const MlstmShape& shape, const MlstmOptions& 
 // Chunkwise forward (MODELS.md §1.3): inside each chunk a masked (Q̂Kᵀ ⊙ D') quadratic form,
 // between chunks the state recurrence; matrix products through OpenBLAS.
 // h [B, S, NH, dv] overwritten; saved [mlstm_chunkwise_saved_size] overwritten (opaque; pass it
-// to the backward unchanged); `initial` may be null (zeros), `final_state` may be null.
+// to the backward unchanged), or null when no backward follows (inference prefill: then only
+// one head's block of scratch is allocated); `initial` may be null (zeros), `final_state` may be
+// null.
 template <typename T>
 void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& options,
                              const MlstmInputs<T>& in, MlstmStateRef<const T> initial, T* h,

@@ -181,6 +181,14 @@ TEST_P(MlstmForwardTest, ChunkwiseAndRecurrentMatchStepLoop) {
   EXPECT_LT(RelativeError(nc, n_ref), 1e-12);
   EXPECT_LT(RelativeError(mc, m_ref), 1e-12);
 
+  // Inference prefill: no saved buffer, same outputs.
+  Vec hn(h_ref.size(), std::nan("")), cn(c_ref.size()), nn(n_ref.size()), mn(bh);
+  mlstm_chunkwise_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), hn.data(), nullptr,
+                                  {cn.data(), nn.data(), mn.data()});
+  EXPECT_EQ(hn, hc);
+  EXPECT_EQ(cn, cc);
+  EXPECT_EQ(mn, mc);
+
   // float: the same computation in single precision against the float64 step loop.
   auto to_f = [](const Vec& v) { return std::vector<float>(v.begin(), v.end()); };
   const auto qf = to_f(p.q), kf = to_f(p.k), vf = to_f(p.v), igf = to_f(p.ig), fgf = to_f(p.fg),

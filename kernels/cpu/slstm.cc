@@ -184,7 +184,9 @@ void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmStateR
         h_prev[i] = hb[u];
       }
     }
-    SaveStep(lay, B, t, d, pre.data(), c_cur.data(), n_cur.data(), m_cur.data(), saved);
+    if (saved != nullptr) {
+      SaveStep(lay, B, t, d, pre.data(), c_cur.data(), n_cur.data(), m_cur.data(), saved);
+    }
     c_prev.swap(c_cur);
     n_prev.swap(n_cur);
     m_prev.swap(m_cur);

@@ -73,8 +73,8 @@ absl::Status slstm_check(const SlstmShape& shape);
 // and the states c_t, n_t, m_t: B·S·7·d.
 int64_t slstm_saved_size(const SlstmShape& shape);
 
-// Forward over S steps. h [B, S, d] and saved [slstm_saved_size] overwritten; `initial` may be
-// null (zeros); `final_state` may be null.
+// Forward over S steps. h [B, S, d] and saved [slstm_saved_size] overwritten (saved may be null
+// when no backward follows); `initial` may be null (zeros); `final_state` may be null.
 template <typename T>
 void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmStateRef<const T> initial,
                    T* h, T* saved, SlstmStateRef<T> final_state);

@@ -160,6 +160,13 @@ TEST_P(SlstmForwardTest, MatchesManualStepLoop) {
   EXPECT_LT(RelativeError(nf, nf_ref), 1e-13);
   EXPECT_LT(RelativeError(mf, mf_ref), 1e-13);
 
+  // Without a backward to feed: no saved buffer, same outputs.
+  Vec hn(h_ref.size(), std::nan("")), cn(B * d);
+  slstm_fwd_ref<double>(s, p.gx.data(), p.r.data(), p.Initial(), hn.data(), nullptr,
+                        {hf.data(), cn.data(), nf.data(), mf.data()});
+  EXPECT_EQ(hn, h);
+  EXPECT_EQ(cn, cf);
+
   // Step function, S times.
   Vec hs(B * d, 0.0), cs(B * d, 0.0), ns(B * d, 0.0), ms(B * d, 0.0);
   if (p.has_initial) {

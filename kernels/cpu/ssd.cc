@@ -10,9 +10,9 @@
 //       H_c = e^{Acs_last} H_{c−1} + (diag(w) X̄)ᵀ B,  w_s = e^{Acs_last − Acs_s}  (steps 2, 3)
 //     Products through cblas ?gemm. Saved: boundary states H_0..H_NC and dt (after softplus).
 //   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c per head; in-chunk gradients
-//     are the transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
-//     ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC are
-//     zeroed once and summed over heads.
+//     are the transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum,
+//     then ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC
+//     are zeroed once and summed over heads.
 #include "kernels/cpu/ssd.h"
 
 #include <cblas.h>
@@ -181,16 +181,20 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
   const int64_t ldx = H * P, ldbc = G * N;
 
   std::vector<T> acs(Q), xbar(Q * P), m(Q * Q), yc(Q * P), z(Q * P);
+  // Without a backward to feed (saved == nullptr: inference prefill), one batch row's block of
+  // scratch stands in for the saved buffer.
+  std::vector<T> scratch(saved == nullptr ? lay.per_batch : 0);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
+    T* block = saved != nullptr ? saved + bb * lay.per_batch : scratch.data();
     // dt for every head of this batch row (saved; the backward reads it back).
-    T* dts = saved + bb * lay.per_batch + lay.dt;
+    T* dts = block + lay.dt;
     for (int64_t t = 0; t < S; ++t) {
       for (int64_t hd = 0; hd < H; ++hd) {
         dts[t * H + hd] = ComputeDt(options, in.dt[(bb * S + t) * H + hd], in.dt_bias[hd]);
       }
     }
     for (int64_t hd = 0; hd < H; ++hd) {
-      T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+      T* hs = block + lay.states + hd * NB * P * N;
       if (initial_state != nullptr) {
         std::memcpy(hs, initial_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
       } else {
@@ -204,7 +208,7 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
         const int64_t grp = hd / heads_per_group;
         const T A = -std::exp(in.a_log[hd]);
         const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-        T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        T* hs = block + lay.states + hd * NB * P * N;
         const T* xh = in.x + bb * S * ldx + hd * P;
         const T* bh = in.b + bb * S * ldbc + grp * N;
         const T* ch = in.c + bb * S * ldbc + grp * N;
@@ -254,7 +258,7 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
     }
     if (final_state != nullptr) {
       for (int64_t hd = 0; hd < H; ++hd) {
-        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* hs = block + lay.states + hd * NB * P * N;
         std::memcpy(final_state + (bb * H + hd) * P * N, hs + lay.num_chunks * P * N,
                     sizeof(T) * P * N);
       }

@@ -107,8 +107,9 @@ void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, con
 // NC = ceil(S/Q)), B·H·(NC+1)·P·N, plus dt after softplus/clamp, B·S·H.
 int64_t ssd_chunked_saved_size(const SsdShape& shape, const SsdOptions& options);
 
-// Chunked forward. y [B, S, H, P] and saved [ssd_chunked_saved_size] overwritten;
-// initial_state [B, H, P, N] may be null (zeros); final_state may be null.
+// Chunked forward. y [B, S, H, P] and saved [ssd_chunked_saved_size] overwritten (saved may be
+// null when no backward follows: inference prefill); initial_state [B, H, P, N] may be null
+// (zeros); final_state may be null.
 template <typename T>
 void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
                          const T* initial_state, T* y, T* saved, T* final_state);

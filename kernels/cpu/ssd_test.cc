@@ -162,6 +162,12 @@ TEST_P(SsdForwardTest, ChunkedAndRecurrentMatchStepLoop) {
   EXPECT_LT(RelativeError(yc, y_ref), 1e-12);
   EXPECT_LT(RelativeError(hc, hf_ref), 1e-12);
 
+  // Inference prefill: no saved buffer, same outputs.
+  Vec yn(y_ref.size(), std::nan("")), hn(hf_ref.size(), std::nan(""));
+  ssd_chunked_fwd_ref<double>(s, o, p.Inputs(), p.Initial(), yn.data(), nullptr, hn.data());
+  EXPECT_EQ(yn, yc);
+  EXPECT_EQ(hn, hc);
+
   auto to_f = [](const Vec& v) { return std::vector<float>(v.begin(), v.end()); };
   const auto xf = to_f(p.x), dtf = to_f(p.dt), alf = to_f(p.a_log), dbf = to_f(p.dt_bias),
              bf = to_f(p.b), cf = to_f(p.c), df = to_f(p.d), h0f = to_f(p.h0);
