@@ -3,16 +3,16 @@
 //
 // Contents
 //   ssd_step_fwd_ref / ssd_recurrent_fwd_ref   the recurrence, one token at a time
-//   ssd_chunked_fwd_ref   per (batch, head), per chunk of length Q (last may be shorter):
+//   ssd_chunked_fwd_ref   per batch row, per chunk of length Q (last may be shorter), per head:
 //       a_t = dt_t·A,  Acs = local cumsum of a,  X̄_s = dt_s x_s
 //       M   = (C Bᵀ) ⊙ Lw,  Lw_ls = e^{Acs_l − Acs_s} (s ≤ l), 0 above the diagonal
 //       y   = M X̄ + diag(e^{Acs}) C H_{c−1}ᵀ + D x                       (steps 1, 4)
 //       H_c = e^{Acs_last} H_{c−1} + (diag(w) X̄)ᵀ B,  w_s = e^{Acs_last − Acs_s}  (steps 2, 3)
 //     Products through cblas ?gemm. Saved: boundary states H_0..H_NC and dt (after softplus).
-//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c; in-chunk gradients are the
-//     transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
-//     ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC are
-//     zeroed once and summed over heads.
+//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c per head; in-chunk gradients
+//     are the transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum,
+//     then ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC
+//     are zeroed once and summed over heads.
 #include "kernels/cpu/ssd.h"
 
 #include <cblas.h>
@@ -25,9 +25,8 @@
 namespace gyre::cpu {
 namespace {
 
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -50,10 +49,30 @@ T Sigmoid(T x) {
   return e / (T(1) + e);
 }
 
+// Σ a_i b_i with 16 independent partial sums: the compiler vectorises it (a single running sum
+// is a serial dependency chain, and Dot over a whole dk×dv state was the hottest loop).
+// exp for the decay weights that feed the matrix products (every exponent here is <= 0, up to
+// rounding). Below e^-60 (float) / e^-600 (double) the weight is flushed to 0: such a term is
+// < 1e-26 of the largest weight of its row (which is e^0), far below rounding, and letting it
+// through would put denormals into the GEMMs, which are many times slower on x86 (measured: a
+// Mamba-2 head with A = -e^3.5 made the whole SSD forward ~1.8x slower per token).
+template <typename T>
+T DecayExp(T x) {
+  constexpr T kFloor = sizeof(T) == sizeof(float) ? T(-60) : T(-600);
+  return x < kFloor ? T(0) : std::exp(x);
+}
+
 template <typename T>
 T Dot(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
+  }
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
   return s;
 }
 
@@ -108,9 +127,9 @@ int64_t ssd_chunked_saved_size(const SsdShape& shape, const SsdOptions& options)
 }
 
 template <typename T>
-void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
-                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
-                      const T* d, T* state, T* y) {
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x, const T* dt,
+                      const T* a_log, const T* dt_bias, const T* b, const T* c, const T* d,
+                      T* state, T* y) {
   const int64_t H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups, heads_per_group = H / G;
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
@@ -122,7 +141,7 @@ void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T*
       T* st = state + (bb * H + hd) * P * N;
       T* yt = y + (bb * H + hd) * P;
       const T dtv = ComputeDt(options, dt[bb * H + hd], dt_bias[hd]);
-      const T decay = std::exp(-dtv * std::exp(a_log[hd]));
+      const T decay = DecayExp(-dtv * std::exp(a_log[hd]));
       for (int64_t p = 0; p < P; ++p) {
         T* row = st + p * N;
         const T dx = dtv * xt[p];
@@ -138,8 +157,8 @@ void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T*
 }
 
 template <typename T>
-void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
-                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state) {
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                           const T* initial_state, T* y, T* final_state) {
   const int64_t S = shape.seq_len, H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups;
   SsdShape one = shape;
@@ -154,8 +173,7 @@ void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
     for (int64_t t = 0; t < S; ++t) {
       const int64_t tok = bb * S + t;
       ssd_step_fwd_ref(one, options, in.x + tok * H * P, in.dt + tok * H, in.a_log, in.dt_bias,
-                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(),
-                       y + tok * H * P);
+                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(), y + tok * H * P);
     }
     if (final_state != nullptr) {
       std::memcpy(final_state + bb * H * P * N, state.data(), sizeof(T) * H * P * N);
@@ -174,29 +192,38 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
   const int64_t ldx = H * P, ldbc = G * N;
 
   std::vector<T> acs(Q), xbar(Q * P), m(Q * Q), yc(Q * P), z(Q * P);
+  // Without a backward to feed (saved == nullptr: inference prefill), one batch row's block of
+  // scratch stands in for the saved buffer.
+  std::vector<T> scratch(saved == nullptr ? lay.per_batch : 0);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
+    T* block = saved != nullptr ? saved + bb * lay.per_batch : scratch.data();
     // dt for every head of this batch row (saved; the backward reads it back).
-    T* dts = saved + bb * lay.per_batch + lay.dt;
+    T* dts = block + lay.dt;
     for (int64_t t = 0; t < S; ++t) {
       for (int64_t hd = 0; hd < H; ++hd) {
         dts[t * H + hd] = ComputeDt(options, in.dt[(bb * S + t) * H + hd], in.dt_bias[hd]);
       }
     }
     for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+      T* hs = block + lay.states + hd * NB * P * N;
       if (initial_state != nullptr) {
         std::memcpy(hs, initial_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
       } else {
         std::fill(hs, hs + P * N, T(0));
       }
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      T* yh = y + bb * S * ldx + hd * P;
-      for (int64_t k = 0; k < lay.num_chunks; ++k) {
+    }
+    // Chunk-major: every head of a chunk runs before the next chunk, so the chunk's rows of x,
+    // B, C and y stay in cache across heads.
+    for (int64_t k = 0; k < lay.num_chunks; ++k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        T* hs = block + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        T* yh = y + bb * S * ldx + hd * P;
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -214,13 +241,13 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
              m.data(), len);
         for (int64_t l = 0; l < len; ++l) {
           T* row = m.data() + l * len;
-          for (int64_t s = 0; s <= l; ++s) row[s] *= std::exp(acs[l] - acs[s]);
+          for (int64_t s = 0; s <= l; ++s) row[s] *= DecayExp(acs[l] - acs[s]);
           for (int64_t s = l + 1; s < len; ++s) row[s] = 0;
         }
         // y = diag(e^{Acs}) C H_{c−1}ᵀ + M X̄ + D x.
         Gemm(false, true, len, P, N, T(1), ch + t0 * ldbc, ldbc, hprev, N, T(0), yc.data(), P);
         for (int64_t l = 0; l < len; ++l) {
-          const T e = std::exp(acs[l]);
+          const T e = DecayExp(acs[l]);
           for (int64_t p = 0; p < P; ++p) yc[l * P + p] *= e;
         }
         Gemm(false, false, len, P, len, T(1), m.data(), len, xbar.data(), P, T(1), yc.data(), P);
@@ -232,14 +259,17 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
         // H_c = e^{Acs_last} H_{c−1} + (diag(w) X̄)ᵀ B.
         const T last = acs[len - 1];
         for (int64_t t = 0; t < len; ++t) {
-          const T w = std::exp(last - acs[t]);
+          const T w = DecayExp(last - acs[t]);
           for (int64_t p = 0; p < P; ++p) z[t * P + p] = w * xbar[t * P + p];
         }
-        const T e_last = std::exp(last);
+        const T e_last = DecayExp(last);
         for (int64_t i = 0; i < P * N; ++i) hnext[i] = e_last * hprev[i];
         Gemm(true, false, P, N, len, T(1), z.data(), P, bh + t0 * ldbc, ldbc, T(1), hnext, N);
       }
-      if (final_state != nullptr) {
+    }
+    if (final_state != nullptr) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const T* hs = block + lay.states + hd * NB * P * N;
         std::memcpy(final_state + (bb * H + hd) * P * N, hs + lay.num_chunks * P * N,
                     sizeof(T) * P * N);
       }
@@ -262,30 +292,38 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
   std::fill(grads.db, grads.db + shape.batch * S * ldbc, T(0));
   std::fill(grads.dc, grads.dc + shape.batch * S * ldbc, T(0));
 
-  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P),
-      zc(Q * P), dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
-  std::vector<T> dh(P * N), dh_prev(P * N);
+  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P), zc(Q * P),
+      dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
+  // Per head: the carried dH (one [P, N] block each) and double accumulators for dA and dD
+  // (these sums cancel heavily: Acs terms enter with both signs).
+  std::vector<T> dh_all(H * P * N), dh_prev(P * N);
+  std::vector<double> dA_all(H), dD_all(H);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
     const T* dts = saved + bb * lay.per_batch + lay.dt;
-    for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      const T* dyh = dy + bb * S * ldx + hd * P;
-      T* dxh = grads.dx + bb * S * ldx + hd * P;
-      T* dbh = grads.db + bb * S * ldbc + grp * N;
-      T* dch = grads.dc + bb * S * ldbc + grp * N;
-      if (d_final_state != nullptr) {
-        std::memcpy(dh.data(), d_final_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
-      } else {
-        std::fill(dh.begin(), dh.end(), T(0));
-      }
-      T dA = 0, dD = 0;
-      for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+    if (d_final_state != nullptr) {
+      std::memcpy(dh_all.data(), d_final_state + bb * H * P * N, sizeof(T) * H * P * N);
+    } else {
+      std::fill(dh_all.begin(), dh_all.end(), T(0));
+    }
+    std::fill(dA_all.begin(), dA_all.end(), 0.0);
+    std::fill(dD_all.begin(), dD_all.end(), 0.0);
+    // Chunk-major, as in the forward.
+    for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        const T* dyh = dy + bb * S * ldx + hd * P;
+        T* dxh = grads.dx + bb * S * ldx + hd * P;
+        T* dbh = grads.db + bb * S * ldbc + grp * N;
+        T* dch = grads.dc + bb * S * ldbc + grp * N;
+        T* dh = dh_all.data() + hd * P * N;
+        double& dA = dA_all[hd];
+        double& dD = dD_all[hd];
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -302,24 +340,25 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           for (int64_t p = 0; p < P; ++p) xbar[t * P + p] = dtv * xt[p];
         }
         const T last = acs[len - 1];
-        const T e_last = std::exp(last);
+        const T e_last = DecayExp(last);
 
         // D skip.
         for (int64_t l = 0; l < len; ++l) dD += Dot(dyc + l * ldx, xh + (t0 + l) * ldx, P);
 
         // State: H_c = e_last·H_{c−1} + Zᵀ B, Z = diag(w) X̄.
         //   dH_{c−1} = e_last·dH;  dZ = B dHᵀ;  dB += Z dH;  dX̄ += w ⊙ dZ;
-        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH, H_{c−1}>.
+        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH,
+        //   H_{c−1}>.
         for (int64_t i = 0; i < P * N; ++i) dh_prev[i] = e_last * dh[i];
-        dacs[len - 1] += e_last * Dot(dh.data(), hprev, P * N);
+        dacs[len - 1] += e_last * Dot(dh, hprev, P * N);
         for (int64_t t = 0; t < len; ++t) {
-          const T w = std::exp(last - acs[t]);
+          const T w = DecayExp(last - acs[t]);
           for (int64_t p = 0; p < P; ++p) z[t * P + p] = w * xbar[t * P + p];
         }
-        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh.data(), N, T(0), dzw.data(), P);
-        Gemm(false, false, len, N, P, T(1), z.data(), P, dh.data(), N, T(0), dbl.data(), N);
+        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh, N, T(0), dzw.data(), P);
+        Gemm(false, false, len, N, P, T(1), z.data(), P, dh, N, T(0), dbl.data(), N);
         for (int64_t t = 0; t < len; ++t) {
-          const T w = std::exp(last - acs[t]);
+          const T w = DecayExp(last - acs[t]);
           const T dlogw = Dot(z.data() + t * P, dzw.data() + t * P, P);
           dacs[len - 1] += dlogw;
           dacs[t] -= dlogw;
@@ -335,7 +374,7 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           T* dmrow = dm.data() + l * len;
           T row_sum = 0;
           for (int64_t s = 0; s <= l; ++s) {
-            const T w = std::exp(acs[l] - acs[s]);
+            const T w = DecayExp(acs[l] - acs[s]);
             mrow[s] *= w;
             const T dlog = dmrow[s] * mrow[s];
             row_sum += dlog;
@@ -356,7 +395,7 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         //   dC += dZc H_{c−1};  dH_{c−1} += dZcᵀ C;  dAcs_l += e^{Acs_l} dY_l·Zc_l.
         Gemm(false, true, len, P, N, T(1), cc, ldbc, hprev, N, T(0), zc.data(), P);
         for (int64_t l = 0; l < len; ++l) {
-          const T e = std::exp(acs[l]);
+          const T e = DecayExp(acs[l]);
           const T* dyl = dyc + l * ldx;
           dacs[l] += e * Dot(dyl, zc.data() + l * P, P);
           for (int64_t p = 0; p < P; ++p) z[l * P + p] = e * dyl[p];  // reuse z as dZc
@@ -365,7 +404,7 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         Gemm(true, false, P, N, len, T(1), z.data(), P, cc, ldbc, T(1), dh_prev.data(), N);
 
         // Acs = cumsum(a), a_t = dt_t·A, X̄ = dt·x.
-        T rev = 0;
+        double rev = 0;
         for (int64_t t = len - 1; t >= 0; --t) {
           rev += dacs[t];
           const int64_t tok = t0 + t;
@@ -373,8 +412,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           const T* xt = xh + tok * ldx;
           const T* dyt = dyh + tok * ldx;
           T* dxt = dxh + tok * ldx;
-          T ddt = rev * A;
-          dA += rev * dtv;
+          T ddt = T(rev * A);
+          dA += rev * double(dtv);
           for (int64_t p = 0; p < P; ++p) {
             ddt += xt[p] * dxbar[t * P + p];
             dxt[p] = dtv * dxbar[t * P + p] + dskip * dyt[p];
@@ -392,27 +431,30 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
             dct[n] += dcl[t * N + n];
           }
         }
-        dh.swap(dh_prev);
+        std::memcpy(dh, dh_prev.data(), sizeof(T) * P * N);
       }
-      grads.da_log[hd] += dA * A;  // A = −exp(A_log): dA/dA_log = A
-      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += dD;
-      if (d_initial_state != nullptr) {
-        std::memcpy(d_initial_state + (bb * H + hd) * P * N, dh.data(), sizeof(T) * P * N);
-      }
+    }
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const double A = -std::exp(double(in.a_log[hd]));
+      grads.da_log[hd] += T(dA_all[hd] * A);  // A = −exp(A_log): dA/dA_log = A
+      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += T(dD_all[hd]);
+    }
+    if (d_initial_state != nullptr) {
+      std::memcpy(d_initial_state + bb * H * P * N, dh_all.data(), sizeof(T) * H * P * N);
     }
   }
 }
 
-#define GYRE_SSD_INSTANTIATE(T)                                                                \
-  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,    \
-                                    const T*, const T*, const T*, const T*, const T*, T*, T*); \
-  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&,                   \
-                                         const SsdInputs<T>&, const T*, T*, T*);               \
-  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, T*, T*, T*);             \
-  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, const T*, const T*,      \
-                                       const T*, const SsdGrads<T>&, T*);
+#define GYRE_SSD_INSTANTIATE(T)                                                                    \
+  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,        \
+                                    const T*, const T*, const T*, const T*, const T*, T*, T*);     \
+  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,  \
+                                         const T*, T*, T*);                                        \
+  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, T*, T*, T*);                                      \
+  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, const T*, const T*, const T*, const SsdGrads<T>&, \
+                                       T*);
 GYRE_SSD_INSTANTIATE(float)
 GYRE_SSD_INSTANTIATE(double)
 #undef GYRE_SSD_INSTANTIATE
