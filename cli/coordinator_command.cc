@@ -12,6 +12,8 @@
 #include "base/env.h"
 #include "cli/commands.h"
 #include "coordinator/core_loop.h"
+#include "coordinator/http/http_server.h"
+#include "coordinator/http/loop_source.h"
 #include "coordinator/journal.h"
 #include "coordinator/run_token.h"
 #include "coordinator/services.h"
@@ -117,15 +119,24 @@ int RunCoordinator(int argc, char** argv) {
       !s.ok()) {
     return fail(s);
   }
+  // Dashboard, JSON API and Prometheus metrics (read-only; loopback unless configured).
+  coordinator::LoopSource dashboard_source(loop->get());
+  auto http = coordinator::HttpServer::Start(
+      config->control().http_listen().empty() ? "127.0.0.1:0" : config->control().http_listen(), &dashboard_source);
+  if (!http.ok()) return fail(http.status());
+  if (absl::Status s = WriteFileAtomically(env, JoinPath(run_dir, "http.addr"), (*http)->address()); !s.ok()) {
+    return fail(s);
+  }
   const gyre::v1::RunStatus status = (*loop)->Status();
   std::fprintf(stderr,
-               "gyre coordinator: run '%s' at %s (run dir %s), %llu of %llu steps committed\n",
-               config->name().c_str(), address.c_str(), run_dir.c_str(),
+               "gyre coordinator: run '%s' at %s, dashboard http://%s/ (run dir %s), %llu of %llu steps committed\n",
+               config->name().c_str(), address.c_str(), (*http)->address().c_str(), run_dir.c_str(),
                static_cast<unsigned long long>(status.committed_steps()),
                static_cast<unsigned long long>(status.max_steps()));
   int signal = 0;
   sigwait(&stop_signals, &signal);
   std::fprintf(stderr, "gyre coordinator: signal %d, stopping\n", signal);
+  http->reset();
   (*loop)->Stop();
   server->reset();
   return 0;

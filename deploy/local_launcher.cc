@@ -129,13 +129,21 @@ absl::Status RunLocal(const LaunchOptions& options) {
   for (int i = 0; i < options.workers; ++i) {
     if (absl::Status s = start_worker(); !s.ok()) return s;
   }
+  std::string dashboard = "(see " + dir.http_address_path() + ")";
+  for (int i = 0; i < 50 && !env->Exists(dir.http_address_path()); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (absl::StatusOr<std::string> http = env->ReadFile(dir.http_address_path()); http.ok()) {
+    dashboard = "http://" + *http + "/";
+  }
   std::fprintf(stderr,
                "gyre launch: coordinator (pid %d) + %d worker(s) running\n"
+               "  dashboard: %s  (Prometheus: /metrics)\n"
                "  logs:      %s/\n"
                "  status:    gyrectl --run-dir %s status\n"
                "  metrics:   gyrectl --run-dir %s metrics\n"
                "  Ctrl-C stops the run at the next step boundary.\n",
-               coordinator.pid, options.workers, dir.logs_dir().c_str(), options.run_dir.c_str(),
+               coordinator.pid, options.workers, dashboard.c_str(), dir.logs_dir().c_str(), options.run_dir.c_str(),
                options.run_dir.c_str());
 
   int64_t stop_deadline = 0;

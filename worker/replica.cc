@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "ops/grad_clip.h"
 #include "ops/model_config.h"
 
 namespace gyre {
@@ -105,6 +106,8 @@ absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* 
 absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) { return trainer_->ApplyUpdate(step); }
 
 void ModelReplica::DropGradients() { model_->params().ZeroGrad(); }
+
+double ModelReplica::GradNorm() { return ops::GlobalGradNorm(&model_->params()); }
 
 absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
   for (ops::Parameter* p : model_->params().All()) {

@@ -45,6 +45,8 @@ class ModelReplica {
   // Clip + AdamW for step `step` (0-based). DataLoss for a non-finite gradient norm (no update).
   absl::StatusOr<ops::UpdateStats> ApplyUpdate(uint64_t step);
   void DropGradients();
+  // Global L2 norm of the (reduced) gradients, before clipping.
+  double GradNorm();
 
   // Every member calls this with the same root: afterwards all hold root's parameters and
   // optimizer state.

@@ -89,6 +89,7 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   gyre::v1::StepMetrics* m = complete.mutable_metrics();
   m->set_step(lease.step());
   m->set_loss(local_loss);
+  m->set_grad_norm(replica_->GradNorm());
   m->set_tokens(count * seq);
   m->set_rank(static_cast<uint32_t>(rank_));
   m->set_generation(generation_.load());
@@ -96,6 +97,7 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   m->mutable_times()->set_data_wait_ms((t1 - t0) / 1e3);
   m->mutable_times()->set_forward_ms((t2 - t1) / 1e3);  // forward + backward (one fused call)
   m->mutable_times()->set_exposed_comm_ms((t3 - t2) / 1e3);
+  m->mutable_times()->set_total_ms((t3 - t0) / 1e3);
   ASSIGN_OR_RETURN(gyre::v1::CompleteStepResponse verdict, client_->CompleteStep(complete));
   if (verdict.verdict() != gyre::v1::COMMIT_VERDICT_COMMIT) {  // ABORT: redo in the next generation
     replica_->DropGradients();
