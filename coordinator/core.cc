@@ -939,12 +939,15 @@ std::vector<uint64_t> CoordinatorCore::TargetMembers() const {
       }
     }
     if (!holder.has_value()) {
-      for (const Worker* w : standbys) {
-        if (w->has_state) {
-          holder = w->session;
-          break;
+      // Any live holder, a draining one included: losing the state costs a restore.
+      const Worker* best = nullptr;
+      for (const auto& [session, w] : workers_) {
+        if (w.has_state && !IsMember(session) &&
+            (best == nullptr || w.join_order < best->join_order)) {
+          best = &w;
         }
       }
+      if (best != nullptr) holder = best->session;
     }
     if (holder.has_value()) {
       if (target.size() < desired_workers_) {

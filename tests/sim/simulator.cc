@@ -250,6 +250,7 @@ class Simulation {
   std::vector<uint64_t> canonical_;          // hash of the parameters after t steps
   uint64_t ledger_ = 0;                      // committed steps in the journal
   std::vector<uint64_t> committed_by_;       // generation of each committed step
+  std::set<std::pair<uint64_t, uint64_t>> ever_committed_;  // (generation, step), rollbacks too
   uint64_t journal_generation_ = 0;          // latest journaled generation id
   uint32_t journal_world_ = 0;               // its member count
   uint64_t announced_generation_ = 0;        // latest GenerationCreated id
@@ -423,9 +424,12 @@ void Simulation::Execute(std::vector<Action> actions) {
       }
     } else if (auto* created = std::get_if<coordinator::GenerationCreated>(&action)) {
       const auto& g = created->record.generation();
-      Log("GENERATION %d (%s) start=%d members=%d source=%d needs_state=%d",
-          g.id(), created->record.reason(), g.start_step(), g.members_size(),
-          g.state_source_rank(), g.needs_state_size());
+      std::string members;
+      for (const auto& m : g.members()) absl::StrAppend(&members, absl::Hex(m.session()), " ");
+      std::string needs;
+      for (uint32_t r : g.needs_state()) absl::StrAppend(&needs, r, " ");
+      Log("GENERATION %d (%s) start=%d members=[%s] source=%d needs_state=[%s]", g.id(),
+          created->record.reason(), g.start_step(), members, g.state_source_rank(), needs);
       if (g.id() <= announced_generation_) {
         Fail(absl::StrFormat("generation %d announced after %d", g.id(), announced_generation_));
       }
@@ -500,6 +504,7 @@ void Simulation::OnJournalBatch(const coordinator::JournalBatch& batch) {
     if (t >= o_.max_steps) Fail(absl::StrFormat("step %d committed beyond max_steps", t));
     ++ledger_;
     committed_by_.push_back(step.generation());
+    ever_committed_.insert({step.generation(), t});
     ++result_.committed;
     Log("COMMIT step %d in generation %d (world %d)", t, step.generation(), step.world_size());
   }
@@ -909,14 +914,11 @@ void Simulation::ApplyCommit(Worker& w) {
                          w.applied));
     return;
   }
-  if (t >= ledger_) {
-    Fail(absl::StrFormat("w%d applies step %d, which is not committed (ledger %d)", w.index, t,
-                         ledger_));
-    return;
-  }
-  if (committed_by_[t] != w.gen.id()) {
-    Fail(absl::StrFormat("w%d applies step %d of generation %d; the journal committed it in %d",
-                         w.index, t, w.gen.id(), committed_by_[t]));
+  // The COMMIT may have been sent before a restore rolled the ledger back (the worker's state
+  // then belongs to the abandoned history), so check against every commit ever journaled.
+  if (ever_committed_.count({w.gen.id(), t}) == 0) {
+    Fail(absl::StrFormat("w%d applies step %d of generation %d, which that generation never "
+                         "committed (ledger %d)", w.index, t, w.gen.id(), ledger_));
     return;
   }
   w.hash = Mix(w.hash, t, w.lease.samples().begin(), w.lease.samples().end());
@@ -1152,7 +1154,11 @@ void Simulation::CheckAfterEvent() {
   }
   for (auto& w : workers_) {
     if (!w->alive) continue;
-    if (w->lineage < lineage_ && w->applied <= ledger_) w->lineage = lineage_;
+    // A worker from before a restore whose state is no further than the redone ledger counts as
+    // current again (unless a COMMIT of the old history may still reach it).
+    if (w->lineage < lineage_ && w->applied <= ledger_ && w->phase != Worker::Phase::kComplete) {
+      w->lineage = lineage_;
+    }
     if (w->lineage == lineage_ && w->applied > ledger_) {
       Fail(absl::StrFormat("w%d has applied %d steps but only %d are committed", w->index,
                            w->applied, ledger_));
