@@ -548,8 +548,10 @@ void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
     decision = decisions_.find(step);
   }
   if (decision == decisions_.end() || !IsRunLike(decision->second)) {
-    ctx.Fail(e.id, absl::FailedPreconditionError(absl::StrFormat(
-                       "step %d was not leased to run in generation %d", step, generation_.id())));
+    // Computed under a lease this core does not hold (its previous incarnation granted RUN; it
+    // decided STOP or nothing since): the step cannot commit here. Drop it and ask again.
+    response.set_verdict(gyre::v1::COMMIT_VERDICT_ABORT);
+    ctx.Send(e.id, std::move(response));
     return;
   }
   reports_[req.session()] = req.metrics();

@@ -685,6 +685,8 @@ void Simulation::OnReply(Worker& w, const coordinator::Reply& reply) {
                std::holds_alternative<coordinator::ReportCheckpointEvent>(w.last_request)) {
       // Nothing to redo.
     } else {
+      // A refused CompleteStep is final: drop the gradients and ask for a lease again.
+      if (w.phase == Worker::Phase::kComplete) w.phase = Worker::Phase::kAcquire;
       After(20 * kMs, [this, index = w.index, inc = w.incarnation] {
         Worker& t = *workers_[index];
         // Only if nothing else happened meanwhile (a late retry must not abandon a step).
