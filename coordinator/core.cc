@@ -81,7 +81,8 @@ absl::Status ValidateCoordinatorConfig(const gyre::v1::RunConfig& config) {
         "cluster.min_workers (%d) exceeds cluster.desired_workers (%d)", min_workers, desired));
   }
   const uint32_t interval =
-      cluster.heartbeat_interval_ms() ? cluster.heartbeat_interval_ms() : kDefaultHeartbeatIntervalMs;
+      cluster.heartbeat_interval_ms() ? cluster.heartbeat_interval_ms()
+                                      : kDefaultHeartbeatIntervalMs;
   const uint32_t timeout =
       cluster.heartbeat_timeout_ms() ? cluster.heartbeat_timeout_ms() : kDefaultHeartbeatTimeoutMs;
   if (timeout <= interval) {
@@ -96,7 +97,8 @@ double LearningRateAt(const gyre::v1::RunConfig& config, uint64_t step) {
   const double peak = config.optimizer().lr();
   const uint64_t warmup = config.schedule().warmup_steps();
   const uint64_t total =
-      config.schedule().total_steps() ? config.schedule().total_steps() : config.train().max_steps();
+      config.schedule().total_steps() ? config.schedule().total_steps()
+                                      : config.train().max_steps();
   const double final_fraction = config.schedule().final_lr_fraction() > 0
                                     ? config.schedule().final_lr_fraction()
                                     : kDefaultFinalLrFraction;
@@ -558,8 +560,9 @@ void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
   size_t same_session = 0;
   for (const auto& p : pending_completes_) same_session += p.session == req.session();
   if (same_session >= kMaxPendingPerSession) {
-    auto oldest = std::find_if(pending_completes_.begin(), pending_completes_.end(),
-                               [&](const PendingComplete& p) { return p.session == req.session(); });
+    auto oldest =
+        std::find_if(pending_completes_.begin(), pending_completes_.end(),
+                     [&](const PendingComplete& p) { return p.session == req.session(); });
     ctx.Fail(oldest->id, absl::UnavailableError("superseded by a retry"));
     pending_completes_.erase(oldest);
   }

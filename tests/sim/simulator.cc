@@ -1284,11 +1284,13 @@ std::string SimOptions::ToString() const {
   return absl::StrFormat(
       "seed=%d workers(initial=%d desired=%d min=%d) max_steps=%d global_batch=%d "
       "checkpoint_every=%d keep_last=%d pipeline=%d loss=%.4f long_delay=%.4f kill/s=%.2f "
-      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f journal_failure=%.4f "
+      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f "
+      "journal_failure=%.4f "
       "control/s=%.2f stop_allowed=%d fault_phase_ms=%d liveness_budget_ms=%d",
       seed, initial_workers, desired_workers, min_workers, max_steps, global_batch,
       checkpoint_every, keep_last, pipeline, message_loss, long_delay, kill_per_s,
-      kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure, control_per_s,
+      kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure,
+      control_per_s,
       stop_allowed, fault_phase_micros / 1000, liveness_budget_micros / 1000);
 }
 
