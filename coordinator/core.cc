@@ -81,7 +81,8 @@ absl::Status ValidateCoordinatorConfig(const gyre::v1::RunConfig& config) {
         "cluster.min_workers (%d) exceeds cluster.desired_workers (%d)", min_workers, desired));
   }
   const uint32_t interval =
-      cluster.heartbeat_interval_ms() ? cluster.heartbeat_interval_ms() : kDefaultHeartbeatIntervalMs;
+      cluster.heartbeat_interval_ms() ? cluster.heartbeat_interval_ms()
+                                      : kDefaultHeartbeatIntervalMs;
   const uint32_t timeout =
       cluster.heartbeat_timeout_ms() ? cluster.heartbeat_timeout_ms() : kDefaultHeartbeatTimeoutMs;
   if (timeout <= interval) {
@@ -96,7 +97,8 @@ double LearningRateAt(const gyre::v1::RunConfig& config, uint64_t step) {
   const double peak = config.optimizer().lr();
   const uint64_t warmup = config.schedule().warmup_steps();
   const uint64_t total =
-      config.schedule().total_steps() ? config.schedule().total_steps() : config.train().max_steps();
+      config.schedule().total_steps() ? config.schedule().total_steps()
+                                      : config.train().max_steps();
   const double final_fraction = config.schedule().final_lr_fraction() > 0
                                     ? config.schedule().final_lr_fraction()
                                     : kDefaultFinalLrFraction;
@@ -548,16 +550,19 @@ void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
     decision = decisions_.find(step);
   }
   if (decision == decisions_.end() || !IsRunLike(decision->second)) {
-    ctx.Fail(e.id, absl::FailedPreconditionError(absl::StrFormat(
-                       "step %d was not leased to run in generation %d", step, generation_.id())));
+    // Computed under a lease this core does not hold (its previous incarnation granted RUN; it
+    // decided STOP or nothing since): the step cannot commit here. Drop it and ask again.
+    response.set_verdict(gyre::v1::COMMIT_VERDICT_ABORT);
+    ctx.Send(e.id, std::move(response));
     return;
   }
   reports_[req.session()] = req.metrics();
   size_t same_session = 0;
   for (const auto& p : pending_completes_) same_session += p.session == req.session();
   if (same_session >= kMaxPendingPerSession) {
-    auto oldest = std::find_if(pending_completes_.begin(), pending_completes_.end(),
-                               [&](const PendingComplete& p) { return p.session == req.session(); });
+    auto oldest =
+        std::find_if(pending_completes_.begin(), pending_completes_.end(),
+                     [&](const PendingComplete& p) { return p.session == req.session(); });
     ctx.Fail(oldest->id, absl::UnavailableError("superseded by a retry"));
     pending_completes_.erase(oldest);
   }
@@ -939,12 +944,15 @@ std::vector<uint64_t> CoordinatorCore::TargetMembers() const {
       }
     }
     if (!holder.has_value()) {
-      for (const Worker* w : standbys) {
-        if (w->has_state) {
-          holder = w->session;
-          break;
+      // Any live holder, a draining one included: losing the state costs a restore.
+      const Worker* best = nullptr;
+      for (const auto& [session, w] : workers_) {
+        if (w.has_state && !IsMember(session) &&
+            (best == nullptr || w.join_order < best->join_order)) {
+          best = &w;
         }
       }
+      if (best != nullptr) holder = best->session;
     }
     if (holder.has_value()) {
       if (target.size() < desired_workers_) {

@@ -11,7 +11,8 @@ namespace gyre::coordinator {
 CoreLoop::CoreLoop(Options options)
     : options_(std::move(options)),
       clock_(options_.clock != nullptr ? options_.clock : Clock::Real()),
-      session_ids_(std::random_device{}() ^ (static_cast<uint64_t>(std::random_device{}()) << 32)) {}
+      session_ids_(std::random_device{}() ^
+                   (static_cast<uint64_t>(std::random_device{}()) << 32)) {}
 
 absl::StatusOr<std::unique_ptr<CoreLoop>> CoreLoop::Start(Options options) {
   if (options.journal == nullptr || options.rendezvous == nullptr) {

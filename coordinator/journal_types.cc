@@ -8,8 +8,9 @@ void ApplyBatch(const JournalBatch& batch, JournalContents* contents) {
   if (batch.config.has_value()) contents->config = batch.config;
   if (batch.control.has_value()) contents->control = batch.control;
   for (const auto& g : batch.generations) {
-    auto it = std::find_if(contents->generations.begin(), contents->generations.end(),
-                           [&](const auto& r) { return r.generation().id() >= g.generation().id(); });
+    auto it = std::find_if(
+        contents->generations.begin(), contents->generations.end(),
+        [&](const auto& r) { return r.generation().id() >= g.generation().id(); });
     if (it != contents->generations.end() && it->generation().id() == g.generation().id()) {
       *it = g;
     } else {

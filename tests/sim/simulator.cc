@@ -250,6 +250,7 @@ class Simulation {
   std::vector<uint64_t> canonical_;          // hash of the parameters after t steps
   uint64_t ledger_ = 0;                      // committed steps in the journal
   std::vector<uint64_t> committed_by_;       // generation of each committed step
+  std::set<std::pair<uint64_t, uint64_t>> ever_committed_;  // (generation, step), rollbacks too
   uint64_t journal_generation_ = 0;          // latest journaled generation id
   uint32_t journal_world_ = 0;               // its member count
   uint64_t announced_generation_ = 0;        // latest GenerationCreated id
@@ -423,9 +424,12 @@ void Simulation::Execute(std::vector<Action> actions) {
       }
     } else if (auto* created = std::get_if<coordinator::GenerationCreated>(&action)) {
       const auto& g = created->record.generation();
-      Log("GENERATION %d (%s) start=%d members=%d source=%d needs_state=%d",
-          g.id(), created->record.reason(), g.start_step(), g.members_size(),
-          g.state_source_rank(), g.needs_state_size());
+      std::string members;
+      for (const auto& m : g.members()) absl::StrAppend(&members, absl::Hex(m.session()), " ");
+      std::string needs;
+      for (uint32_t r : g.needs_state()) absl::StrAppend(&needs, r, " ");
+      Log("GENERATION %d (%s) start=%d members=[%s] source=%d needs_state=[%s]", g.id(),
+          created->record.reason(), g.start_step(), members, g.state_source_rank(), needs);
       if (g.id() <= announced_generation_) {
         Fail(absl::StrFormat("generation %d announced after %d", g.id(), announced_generation_));
       }
@@ -500,6 +504,7 @@ void Simulation::OnJournalBatch(const coordinator::JournalBatch& batch) {
     if (t >= o_.max_steps) Fail(absl::StrFormat("step %d committed beyond max_steps", t));
     ++ledger_;
     committed_by_.push_back(step.generation());
+    ever_committed_.insert({step.generation(), t});
     ++result_.committed;
     Log("COMMIT step %d in generation %d (world %d)", t, step.generation(), step.world_size());
   }
@@ -680,6 +685,8 @@ void Simulation::OnReply(Worker& w, const coordinator::Reply& reply) {
                std::holds_alternative<coordinator::ReportCheckpointEvent>(w.last_request)) {
       // Nothing to redo.
     } else {
+      // A refused CompleteStep is final: drop the gradients and ask for a lease again.
+      if (w.phase == Worker::Phase::kComplete) w.phase = Worker::Phase::kAcquire;
       After(20 * kMs, [this, index = w.index, inc = w.incarnation] {
         Worker& t = *workers_[index];
         // Only if nothing else happened meanwhile (a late retry must not abandon a step).
@@ -909,14 +916,11 @@ void Simulation::ApplyCommit(Worker& w) {
                          w.applied));
     return;
   }
-  if (t >= ledger_) {
-    Fail(absl::StrFormat("w%d applies step %d, which is not committed (ledger %d)", w.index, t,
-                         ledger_));
-    return;
-  }
-  if (committed_by_[t] != w.gen.id()) {
-    Fail(absl::StrFormat("w%d applies step %d of generation %d; the journal committed it in %d",
-                         w.index, t, w.gen.id(), committed_by_[t]));
+  // The COMMIT may have been sent before a restore rolled the ledger back (the worker's state
+  // then belongs to the abandoned history), so check against every commit ever journaled.
+  if (ever_committed_.count({w.gen.id(), t}) == 0) {
+    Fail(absl::StrFormat("w%d applies step %d of generation %d, which that generation never "
+                         "committed (ledger %d)", w.index, t, w.gen.id(), ledger_));
     return;
   }
   w.hash = Mix(w.hash, t, w.lease.samples().begin(), w.lease.samples().end());
@@ -1152,7 +1156,11 @@ void Simulation::CheckAfterEvent() {
   }
   for (auto& w : workers_) {
     if (!w->alive) continue;
-    if (w->lineage < lineage_ && w->applied <= ledger_) w->lineage = lineage_;
+    // A worker from before a restore whose state is no further than the redone ledger counts as
+    // current again (unless a COMMIT of the old history may still reach it).
+    if (w->lineage < lineage_ && w->applied <= ledger_ && w->phase != Worker::Phase::kComplete) {
+      w->lineage = lineage_;
+    }
     if (w->lineage == lineage_ && w->applied > ledger_) {
       Fail(absl::StrFormat("w%d has applied %d steps but only %d are committed", w->index,
                            w->applied, ledger_));
@@ -1276,11 +1284,13 @@ std::string SimOptions::ToString() const {
   return absl::StrFormat(
       "seed=%d workers(initial=%d desired=%d min=%d) max_steps=%d global_batch=%d "
       "checkpoint_every=%d keep_last=%d pipeline=%d loss=%.4f long_delay=%.4f kill/s=%.2f "
-      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f journal_failure=%.4f "
+      "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f "
+      "journal_failure=%.4f "
       "control/s=%.2f stop_allowed=%d fault_phase_ms=%d liveness_budget_ms=%d",
       seed, initial_workers, desired_workers, min_workers, max_steps, global_batch,
       checkpoint_every, keep_last, pipeline, message_loss, long_delay, kill_per_s,
-      kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure, control_per_s,
+      kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure,
+      control_per_s,
       stop_allowed, fault_phase_micros / 1000, liveness_budget_micros / 1000);
 }
 
