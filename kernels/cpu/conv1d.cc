@@ -68,8 +68,8 @@ absl::Status conv1d_check(const Conv1dShape& shape) {
 }
 
 template <typename T>
-void conv1d_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x,
-                    const T* w, const T* bias, const T* initial_state, T* y, T* final_state) {
+void conv1d_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x, const T* w,
+                    const T* bias, const T* initial_state, T* y, T* final_state) {
   const int64_t C = shape.channels, K = shape.width, S = shape.seq_len;
   const std::vector<T> wt = TransposeWeight(shape, w);
   std::vector<T> ext;
@@ -88,9 +88,9 @@ void conv1d_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, cons
 }
 
 template <typename T>
-void conv1d_bwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x,
-                    const T* w, const T* bias, const T* initial_state, const T* dy,
-                    const T* d_final_state, T* dx, T* dw, T* dbias, T* d_initial_state) {
+void conv1d_bwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x, const T* w,
+                    const T* bias, const T* initial_state, const T* dy, const T* d_final_state,
+                    T* dx, T* dw, T* dbias, T* d_initial_state) {
   const int64_t C = shape.channels, K = shape.width, S = shape.seq_len;
   const std::vector<T> wt = TransposeWeight(shape, w);
   std::vector<T> ext, du(S * C), dext, dwt(K * C, T(0));
@@ -159,13 +159,12 @@ void conv1d_step_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options,
   }
 }
 
-#define GYRE_CONV1D_INSTANTIATE(T)                                                           \
-  template void conv1d_fwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*,        \
-                                  const T*, const T*, const T*, T*, T*);                     \
-  template void conv1d_bwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*,        \
-                                  const T*, const T*, const T*, const T*, const T*, T*, T*,  \
-                                  T*, T*);                                                   \
-  template void conv1d_step_fwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*,   \
+#define GYRE_CONV1D_INSTANTIATE(T)                                                              \
+  template void conv1d_fwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*, const T*, \
+                                  const T*, const T*, T*, T*);                                  \
+  template void conv1d_bwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*, const T*, \
+                                  const T*, const T*, const T*, const T*, T*, T*, T*, T*);      \
+  template void conv1d_step_fwd_ref<T>(const Conv1dShape&, const Conv1dOptions&, const T*,      \
                                        const T*, const T*, T*, T*);
 GYRE_CONV1D_INSTANTIATE(float)
 GYRE_CONV1D_INSTANTIATE(double)

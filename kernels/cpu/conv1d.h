@@ -44,15 +44,15 @@ absl::Status conv1d_check(const Conv1dShape& shape);
 // y [B, S, C] overwritten. bias, initial_state [B, K−1, C] may be null (zero); final_state
 // [B, K−1, C] may be null; it receives the last K−1 inputs (drawing on initial_state if S < K−1).
 template <typename T>
-void conv1d_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x,
-                    const T* w, const T* bias, const T* initial_state, T* y, T* final_state);
+void conv1d_fwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x, const T* w,
+                    const T* bias, const T* initial_state, T* y, T* final_state);
 
 // dy [B, S, C]; d_final_state [B, K−1, C] may be null (zero). dx overwritten; dw [C, K] and
 // dbias [C] accumulated (dbias may be null); d_initial_state may be null (not wanted).
 template <typename T>
-void conv1d_bwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x,
-                    const T* w, const T* bias, const T* initial_state, const T* dy,
-                    const T* d_final_state, T* dx, T* dw, T* dbias, T* d_initial_state);
+void conv1d_bwd_ref(const Conv1dShape& shape, const Conv1dOptions& options, const T* x, const T* w,
+                    const T* bias, const T* initial_state, const T* dy, const T* d_final_state,
+                    T* dx, T* dw, T* dbias, T* d_initial_state);
 
 // One step: x [B, C]; state [B, K−1, C] read and overwritten (shifted by one, x appended);
 // y [B, C] overwritten.

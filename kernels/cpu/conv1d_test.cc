@@ -122,8 +122,7 @@ TEST_P(Conv1dTest, ForwardMatchesNaiveAndStepLoop) {
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < C; ++c) xt[b * C + c] = x[(b * S + t) * C + c];
     }
-    conv1d_step_fwd_ref<double>(s, opt, xt.data(), w.data(), bias.data(), state.data(),
-                                yt.data());
+    conv1d_step_fwd_ref<double>(s, opt, xt.data(), w.data(), bias.data(), state.data(), yt.data());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < C; ++c) y_step[(b * S + t) * C + c] = yt[b * C + c];
     }
@@ -139,8 +138,8 @@ TEST_P(Conv1dTest, BackwardMatchesFiniteDifferences) {
   const Conv1dShape s = tc.shape;
   const int64_t B = s.batch, S = s.seq_len, C = s.channels, K = s.width;
   std::mt19937_64 rng(11);
-  auto x = RandomVector(B * S * C, rng), w = RandomVector(C * K, rng),
-       bias = RandomVector(C, rng), init = RandomVector(B * (K - 1) * C, rng);
+  auto x = RandomVector(B * S * C, rng), w = RandomVector(C * K, rng), bias = RandomVector(C, rng),
+       init = RandomVector(B * (K - 1) * C, rng);
   const auto dy = RandomVector(B * S * C, rng), dfinal = RandomVector(B * (K - 1) * C, rng);
   const Conv1dOptions opt{.silu = tc.silu};
   auto loss = [&]() {
@@ -156,8 +155,8 @@ TEST_P(Conv1dTest, BackwardMatchesFiniteDifferences) {
   // Parameter gradients accumulate: start from a known offset and subtract it.
   std::vector<double> dw(C * K, 1.0), dbias(C, 1.0);
   conv1d_bwd_ref<double>(s, opt, x.data(), w.data(), bias.data(),
-                         tc.with_state ? init.data() : nullptr, dy.data(), dfinal.data(),
-                         dx.data(), dw.data(), dbias.data(), dinit.data());
+                         tc.with_state ? init.data() : nullptr, dy.data(), dfinal.data(), dx.data(),
+                         dw.data(), dbias.data(), dinit.data());
   for (double& e : dw) e -= 1.0;
   for (double& e : dbias) e -= 1.0;
   EXPECT_LT(RelativeError(dx, NumericGradient(x, loss)), 1e-8);

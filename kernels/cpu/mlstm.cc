@@ -31,9 +31,8 @@ namespace gyre::cpu {
 namespace {
 
 // Row-major C[m×n] = alpha·op(A)·op(B) + beta·C.
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -67,10 +66,19 @@ T LogForgetDerivative(MlstmForgetGate gate, T f_raw) {
   return gate == MlstmForgetGate::kSigmoid ? Sigmoid(-f_raw) : T(1);
 }
 
+// Σ a_i b_i with 16 independent partial sums: the compiler vectorises it (a single running sum
+// is a serial dependency chain, and Dot over a whole dk×dv state was the hottest loop).
 template <typename T>
 T Dot(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
+  }
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
   return s;
 }
 
@@ -85,10 +93,10 @@ SavedLayout MakeLayout(const MlstmShape& s, const MlstmOptions& o) {
   SavedLayout l;
   l.num_chunks = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
   const int64_t nb = l.num_chunks + 1;
-  l.c = 0;                           // [NB, dk, dv]  boundary C_k
-  l.n = l.c + nb * s.dk * s.dv;      // [NB, dk]      boundary n_k
-  l.m = l.n + nb * s.dk;             // [NB]          boundary m_k
-  l.token_m = l.m + nb;              // [S]           m_t
+  l.c = 0;                              // [NB, dk, dv]  boundary C_k
+  l.n = l.c + nb * s.dk * s.dv;         // [NB, dk]      boundary n_k
+  l.m = l.n + nb * s.dk;                // [NB]          boundary m_k
+  l.token_m = l.m + nb;                 // [S]           m_t
   l.token_den = l.token_m + s.seq_len;  // [S]        den_t = n_tᵀq̂_t
   l.per_head = l.token_den + s.seq_len;
   l.total = s.batch * s.num_heads * l.per_head;
@@ -125,8 +133,7 @@ void StepHead(int64_t dk, int64_t dv, const MlstmOptions& o, const T* q, const T
 }  // namespace
 
 absl::Status mlstm_check(const MlstmShape& shape, const MlstmOptions& options) {
-  if (shape.batch < 1 || shape.seq_len < 1 || shape.num_heads < 1 || shape.dk < 1 ||
-      shape.dv < 1) {
+  if (shape.batch < 1 || shape.seq_len < 1 || shape.num_heads < 1 || shape.dk < 1 || shape.dv < 1) {
     return absl::InvalidArgumentError("mlstm: batch, seq_len, num_heads, dk, dv must be >= 1");
   }
   if (options.chunk_size < 1) {
@@ -171,8 +178,8 @@ void mlstm_recurrent_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
       }
       for (int64_t t = 0; t < S; ++t) {
         const int64_t tok = (b * S + t) * NH + hd;
-        StepHead(dk, dv, options, in.q + tok * dk, in.k + tok * dk, in.v + tok * dv,
-                 in.igate[tok], in.fgate[tok], c.data(), n.data(), &m, h + tok * dv);
+        StepHead(dk, dv, options, in.q + tok * dk, in.k + tok * dk, in.v + tok * dv, in.igate[tok],
+                 in.fgate[tok], c.data(), n.data(), &m, h + tok * dv);
       }
       if (final_state.c != nullptr) {
         std::memcpy(final_state.c + bh * dk * dv, c.data(), sizeof(T) * dk * dv);
@@ -243,8 +250,8 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
           for (int64_t a = 0; a < DK; ++a) qs[t * DK + a] = qt[a] * scale;
         }
         // P = (Q̂ Kᵀ) ⊙ W, causal.
-        Gemm(false, true, len, len, DK, T(1), qs.data(), DK, kh + t0 * ldqk, ldqk, T(0),
-             ps.data(), len);
+        Gemm(false, true, len, len, DK, T(1), qs.data(), DK, kh + t0 * ldqk, ldqk, T(0), ps.data(),
+             len);
         for (int64_t t = 0; t < len; ++t) {
           T* row = ps.data() + t * len;
           for (int64_t s = 0; s <= t; ++s) {
@@ -257,8 +264,8 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
         for (int64_t t = 0; t < len; ++t) {
           for (int64_t j = 0; j < DV; ++j) num[t * DV + j] *= gw[t];
         }
-        Gemm(false, false, len, DV, len, T(1), ps.data(), len, vh + t0 * ldv, ldv, T(1),
-             num.data(), DV);
+        Gemm(false, false, len, DV, len, T(1), ps.data(), len, vh + t0 * ldv, ldv, T(1), num.data(),
+             DV);
         for (int64_t t = 0; t < len; ++t) {
           T den = gw[t] * Dot(qs.data() + t * DK, nk, DK);
           const T* row = ps.data() + t * len;
@@ -302,10 +309,9 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
 
 template <typename T>
 void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& options,
-                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial,
-                             const T* h, const T* saved, const T* dh,
-                             MlstmStateRef<const T> d_final, const MlstmGrads<T>& grads,
-                             MlstmStateRef<T> d_initial) {
+                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial, const T* h,
+                             const T* saved, const T* dh, MlstmStateRef<const T> d_final,
+                             const MlstmGrads<T>& grads, MlstmStateRef<T> d_initial) {
   const int64_t S = shape.seq_len, NH = shape.num_heads, DK = shape.dk, DV = shape.dv;
   const int64_t L = std::min(options.chunk_size, S);
   const SavedLayout lay = MakeLayout(shape, options);
@@ -383,17 +389,21 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
           const T denom = std::max(std::abs(den), floor) + eps;
           const T dh_dot_h = Dot(dht, ht, DV);
           for (int64_t j = 0; j < DV; ++j) dnum[t * DV + j] = dht[j] / denom;
-          const T dd = -dh_dot_h / denom;
-          dden[t] = std::abs(den) >= floor ? (den >= 0 ? dd : -dd) : T(0);
-          dm[t0 + t] = -dh_dot_h * eps / denom;
+          if (options.stop_normaliser_gradient) {
+            dden[t] = 0;
+            dm[t0 + t] = 0;
+          } else {
+            const T dd = -dh_dot_h / denom;
+            dden[t] = std::abs(den) >= floor ? (den >= 0 ? dd : -dd) : T(0);
+            dm[t0 + t] = -dh_dot_h * eps / denom;
+          }
           db[t] = 0;
         }
         T dg = 0;
 
         // State update C_{k+1} = decay·C_k + Kᵀ diag(E) V (n: V → 1).
         //   U = V dCᵀ + 1 dnᵀ;  dK = diag(E) U;  dV = diag(E) K dC;  da_t = E_t k_t·U_t.
-        Gemm(false, true, len, DK, DV, T(1), vh + t0 * ldv, ldv, dc.data(), DV, T(0), u.data(),
-             DK);
+        Gemm(false, true, len, DK, DV, T(1), vh + t0 * ldv, ldv, dc.data(), DV, T(0), u.data(), DK);
         for (int64_t t = 0; t < len; ++t) {
           T* ut = u.data() + t * DK;
           for (int64_t a = 0; a < DK; ++a) ut[a] += dn[a];
@@ -403,20 +413,19 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
           dg += da;
           db[t] -= da;
         }
-        Gemm(false, false, len, DV, DK, T(1), ke.data(), DK, dc.data(), DV, T(0), dvv.data(),
-             DV);
+        Gemm(false, false, len, DV, DK, T(1), ke.data(), DK, dc.data(), DV, T(0), dvv.data(), DV);
         dg += decay * (Dot(dc.data(), ck, DK * DV) + Dot(dn.data(), nk, DK));
         for (int64_t i = 0; i < DK * DV; ++i) dc_acc[i] = decay * dc[i];
         for (int64_t a = 0; a < DK; ++a) dn_acc[a] = decay * dn[a];
 
         // Intra-chunk: S = Q̂Kᵀ, W, P = S⊙W;  dP = dnum Vᵀ + dden 1ᵀ (causal).
-        Gemm(false, true, len, len, DK, T(1), qs.data(), DK, kh + t0 * ldqk, ldqk, T(0),
-             sc.data(), len);
-        Gemm(false, true, len, len, DV, T(1), dnum.data(), DV, vh + t0 * ldv, ldv, T(0),
-             dp.data(), len);
+        Gemm(false, true, len, len, DK, T(1), qs.data(), DK, kh + t0 * ldqk, ldqk, T(0), sc.data(),
+             len);
+        Gemm(false, true, len, len, DV, T(1), dnum.data(), DV, vh + t0 * ldv, ldv, T(0), dp.data(),
+             len);
         for (int64_t t = 0; t < len; ++t) {
           T* wrow = wm.data() + t * len;
-          T* prow = sc.data() + t * len;  // becomes P
+          T* prow = sc.data() + t * len;   // becomes P
           T* dprow = dp.data() + t * len;  // becomes dS = dP ⊙ W
           T row_sum = 0;
           for (int64_t s = 0; s <= t; ++s) {
@@ -436,12 +445,11 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
           }
         }
         // dV += Pᵀ dnum;  dQ̂ = dS K;  dK += dSᵀ Q̂.
-        Gemm(true, false, len, DV, len, T(1), sc.data(), len, dnum.data(), DV, T(1),
-             dvv.data(), DV);
+        Gemm(true, false, len, DV, len, T(1), sc.data(), len, dnum.data(), DV, T(1), dvv.data(),
+             DV);
         Gemm(false, false, len, DK, len, T(1), dp.data(), len, kh + t0 * ldqk, ldqk, T(0),
              dq.data(), DK);
-        Gemm(true, false, len, DK, len, T(1), dp.data(), len, qs.data(), DK, T(1), dkk.data(),
-             DK);
+        Gemm(true, false, len, DK, len, T(1), dp.data(), len, qs.data(), DK, T(1), dkk.data(), DK);
 
         // Inter-chunk (carried state): num += G_t C_kᵀq̂_t, den += G_t n_k·q̂_t.
         //   Y = dnum C_kᵀ;  dQ̂_t += G_t (Y_t + dden_t n_k);  dlogG_t = q̂_t·(that);
@@ -458,8 +466,8 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
             dn_acc[a] += ut[a] * dden[t];
           }
         }
-        Gemm(true, false, DK, DV, len, T(1), u.data(), DK, dnum.data(), DV, T(1),
-             dc_acc.data(), DV);
+        Gemm(true, false, DK, DV, len, T(1), u.data(), DK, dnum.data(), DV, T(1), dc_acc.data(),
+             DV);
 
         // Write this chunk's dq, dk, dv (each token belongs to exactly one chunk).
         for (int64_t t = 0; t < len; ++t) {
@@ -528,8 +536,7 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
 
       for (int64_t t = 0; t < S; ++t) {
         grads.digate[tok0 + t * NH] = dig[t];
-        grads.dfgate[tok0 + t * NH] = dlf[t] * LogForgetDerivative(options.forget_gate,
-                                                                   fg[t * NH]);
+        grads.dfgate[tok0 + t * NH] = dlf[t] * LogForgetDerivative(options.forget_gate, fg[t * NH]);
       }
       if (d_initial.c != nullptr) {
         std::memcpy(d_initial.c + bh * DK * DV, dc.data(), sizeof(T) * DK * DV);
@@ -540,20 +547,19 @@ void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& option
   }
 }
 
-#define GYRE_MLSTM_INSTANTIATE(T)                                                              \
-  template void mlstm_step_fwd_ref<T>(const MlstmShape&, const MlstmOptions&, const T*,        \
-                                      const T*, const T*, const T*, const T*,                  \
-                                      MlstmStateRef<T>, T*);                                   \
-  template void mlstm_recurrent_fwd_ref<T>(const MlstmShape&, const MlstmOptions&,             \
-                                           const MlstmInputs<T>&, MlstmStateRef<const T>, T*,  \
-                                           MlstmStateRef<T>);                                  \
-  template void mlstm_chunkwise_fwd_ref<T>(const MlstmShape&, const MlstmOptions&,             \
-                                           const MlstmInputs<T>&, MlstmStateRef<const T>, T*,  \
-                                           T*, MlstmStateRef<T>);                              \
-  template void mlstm_chunkwise_bwd_ref<T>(                                                    \
-      const MlstmShape&, const MlstmOptions&, const MlstmInputs<T>&, MlstmStateRef<const T>,   \
-      const T*, const T*, const T*, MlstmStateRef<const T>, const MlstmGrads<T>&,              \
-      MlstmStateRef<T>);
+#define GYRE_MLSTM_INSTANTIATE(T)                                                                 \
+  template void mlstm_step_fwd_ref<T>(const MlstmShape&, const MlstmOptions&, const T*, const T*, \
+                                      const T*, const T*, const T*, MlstmStateRef<T>, T*);        \
+  template void mlstm_recurrent_fwd_ref<T>(const MlstmShape&, const MlstmOptions&,                \
+                                           const MlstmInputs<T>&, MlstmStateRef<const T>, T*,     \
+                                           MlstmStateRef<T>);                                     \
+  template void mlstm_chunkwise_fwd_ref<T>(const MlstmShape&, const MlstmOptions&,                \
+                                           const MlstmInputs<T>&, MlstmStateRef<const T>, T*, T*, \
+                                           MlstmStateRef<T>);                                     \
+  template void mlstm_chunkwise_bwd_ref<T>(const MlstmShape&, const MlstmOptions&,                \
+                                           const MlstmInputs<T>&, MlstmStateRef<const T>,         \
+                                           const T*, const T*, const T*, MlstmStateRef<const T>,  \
+                                           const MlstmGrads<T>&, MlstmStateRef<T>);
 GYRE_MLSTM_INSTANTIATE(float)
 GYRE_MLSTM_INSTANTIATE(double)
 #undef GYRE_MLSTM_INSTANTIATE

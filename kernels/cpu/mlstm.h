@@ -27,9 +27,15 @@
 // "no gradient through m", [X eqs 87–105], extended to the normaliser max(|·|, e^{−m}) and the
 // initial/final states) plus (b) the exact correction ∂h_t/∂m_t = −h_t·ε/d_t (d_t = the
 // denominator) routed along the argmax that chose m_t = b_t + max(m_0, max_{s≤t}(ĩ_s − b_s)),
-// b_t = Σ_{r≤t} lf_r. Part (b) is O(ε·e^{m}) relative to (a); it is what makes the result match
-// finite differences of the forward to 1e-6 even at extreme gates (ĩ = 30 gives ε·e^{m} ≈ 1e7).
-// At ties of a max (measure zero) the branch the forward picked gets the gradient.
+// b_t = Σ_{r≤t} lf_r. Part (b) is of relative size ε·e^{m_t} / max(|D̃_t|, 1): small (without it
+// the tests' gradients are off by 1e-6 to 4e-5, measured), but needed to match finite
+// differences of the forward to 1e-6. At ties of a max (measure zero) the branch the forward
+// picked gets the gradient. With ε = 0, (b) vanishes and (a) is exact.
+//
+// Versus NX-AI/mlstm_kernels: its chunkwise backward drops the gradient through the
+// denominator ("it cancels out in the forward in the groupnorm", `torch/chunkwise/native/bw.py`),
+// so dq, dk, dĩ, df̃ differ from the true gradient while dv agrees — the pattern PERFORMANCE.md
+// records for TFLA. MlstmOptions::stop_normaliser_gradient reproduces that convention.
 //
 // Gradient contract (llm.c): activation gradients (dq, dk, dv, dĩ, df̃, d initial state) are
 // OVERWRITTEN; these kernels have no parameters.
@@ -40,6 +46,14 @@
 // call on rows [b0, b1) is the same call with shape.batch = b1 − b0 and every pointer advanced
 // by b0 rows (saved by b0·saved_size(batch = 1)); the results are bit-identical to the rows of a
 // full call. That is how a caller spreads one layer over threads.
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26). Also: Debian's
+// OpenBLAS 0.3.21 does not recognise this machine's Xeon and falls back to its Prescott (SSE3)
+// kernels; OPENBLAS_CORETYPE=SkylakeX (set before the process starts) made a 64×64×128 sgemm
+// 3.4x and the mLSTM chunkwise forward+backward 1.9x faster here (2026-11-26).
 #pragma once
 
 #include <cstdint>
@@ -63,10 +77,18 @@ enum class MlstmForgetGate {
 
 struct MlstmOptions {
   // Chunk length L of the chunkwise form; any S is allowed (the last chunk may be shorter).
-  // L = 1 is exactly the step recurrence.
+  // L = 1 is exactly the step recurrence (so its backward is the recurrent backward); L >= S is
+  // the parallel quadratic form of MODELS.md §1.2 (with m_0 taking part in the max).
   int64_t chunk_size = 64;
   MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
   double eps = 1e-6;  // ε of the normaliser
+  // Backward only. false (default): the true gradient described at the top of this file.
+  // true: the convention of NX-AI/mlstm_kernels' chunkwise backward (native `bw.py`, TFLA):
+  // the denominator d_t = max(|n_tᵀq̂_t|, e^{−m_t}) + ε is a constant and m gets no gradient, i.e.
+  // only dh_t/d_t flows into the numerator. It equals the true gradient whenever dh_t ⟂ h_t for
+  // every token and head, which a following per-head scale-invariant norm (the block's
+  // GroupNorm, with its ε → 0) makes true; use it to compare with TFLA-style kernels.
+  bool stop_normaliser_gradient = false;
 };
 
 // Pointers to one (C, n, m) state triple for all B×NH heads. A null `c` in an INPUT state means
@@ -121,7 +143,8 @@ void mlstm_recurrent_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
 // ---- Chunkwise-parallel form (training) ------------------------------------------------------
 // Elements of T the forward saves for the backward: the NC+1 chunk-boundary states (C_k, n_k,
 // m_k), k = 0..NC with NC = ceil(S / L), plus per-token m_t and den_t = n_tᵀq̂_t. About
-// B·NH·(NC+1)·dk·dv; choose L accordingly (L = 64 at dk = dv = 384: ~1.5× the size of v).
+// B·NH·(NC+1)·dk·dv, i.e. ~dk/L times the size of v: choose L accordingly (2× at dk = 128,
+// L = 64; 6× at dk = 384, L = 64). The backward must get the same shape and options.
 int64_t mlstm_chunkwise_saved_size(const MlstmShape& shape, const MlstmOptions& options);
 
 // Chunkwise forward (MODELS.md §1.3): inside each chunk a masked (Q̂Kᵀ ⊙ D') quadratic form,
@@ -139,9 +162,8 @@ void mlstm_chunkwise_fwd_ref(const MlstmShape& shape, const MlstmOptions& option
 // All of `grads` are overwritten; `d_initial` (null c = not wanted) is overwritten.
 template <typename T>
 void mlstm_chunkwise_bwd_ref(const MlstmShape& shape, const MlstmOptions& options,
-                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial,
-                             const T* h, const T* saved, const T* dh,
-                             MlstmStateRef<const T> d_final, const MlstmGrads<T>& grads,
-                             MlstmStateRef<T> d_initial);
+                             const MlstmInputs<T>& in, MlstmStateRef<const T> initial, const T* h,
+                             const T* saved, const T* dh, MlstmStateRef<const T> d_final,
+                             const MlstmGrads<T>& grads, MlstmStateRef<T> d_initial);
 
 }  // namespace gyre::cpu

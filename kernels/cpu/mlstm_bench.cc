@@ -1,6 +1,8 @@
 // mLSTM chunkwise forward / backward on the CPU at the xlstm-small shape (d 256 → p 512, 4 heads
 // of 128, chunk 64). Run: bazel run -c opt //kernels/cpu:mlstm_bench
 // Counters: tokens/s (B·S per iteration). Set OPENBLAS_NUM_THREADS to compare thread counts.
+// Run with OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=SkylakeX on the development machine (see the
+// performance note in the kernel's header); on a loaded machine compare CPU time, not wall time.
 #include <random>
 #include <vector>
 
@@ -49,10 +51,9 @@ void BM_MlstmChunkwise(benchmark::State& state) {
   mlstm_chunkwise_fwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), {});
   for (auto _ : state) {
     if (backward) {
-      mlstm_chunkwise_bwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), b.dh.data(), {},
-                                     {b.dq.data(), b.dk.data(), b.dv.data(), b.dig.data(),
-                                      b.dfg.data()},
-                                     {});
+      mlstm_chunkwise_bwd_ref<float>(
+          s, o, in, {}, b.h.data(), b.saved.data(), b.dh.data(), {},
+          {b.dq.data(), b.dk.data(), b.dv.data(), b.dig.data(), b.dfg.data()}, {});
     } else {
       mlstm_chunkwise_fwd_ref<float>(s, o, in, {}, b.h.data(), b.saved.data(), {});
     }

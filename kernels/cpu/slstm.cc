@@ -17,9 +17,8 @@
 namespace gyre::cpu {
 namespace {
 
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -56,8 +55,9 @@ T Pointwise(T i_raw, T f_raw, T z_raw, T o_raw, T c_prev, T n_prev, T m_prev, T*
   const T lf = LogSigmoid(f_raw) + m_prev;
   bool from_input = false;
   const T m_new = Stabiliser(i_raw, lf, n_prev, &from_input);
-  const T ip = std::min(std::exp(i_raw - m_new), T(1));
-  const T fp = std::min(std::exp(lf - m_new), T(1));
+  // One of the two exponents is exactly 0 (the one m_t was taken from): skip its exp.
+  const T ip = from_input ? T(1) : std::min(std::exp(i_raw - m_new), T(1));
+  const T fp = from_input ? std::min(std::exp(lf - m_new), T(1)) : T(1);
   *c = fp * c_prev + ip * std::tanh(z_raw);
   *n = fp * n_prev + ip;
   *m = m_new;
@@ -156,12 +156,11 @@ void slstm_step_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmS
 }
 
 template <typename T>
-void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r,
-                   SlstmStateRef<const T> initial, T* h, T* saved, SlstmStateRef<T> final_state) {
+void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmStateRef<const T> initial,
+                   T* h, T* saved, SlstmStateRef<T> final_state) {
   const int64_t B = shape.batch, S = shape.seq_len, d = shape.num_heads * shape.head_dim;
   const SavedLayout lay = MakeLayout(shape);
-  std::vector<T> h_prev(B * d, T(0)), c_prev(B * d, T(0)), n_prev(B * d, T(0)),
-      m_prev(B * d, T(0));
+  std::vector<T> h_prev(B * d, T(0)), c_prev(B * d, T(0)), n_prev(B * d, T(0)), m_prev(B * d, T(0));
   if (initial.h != nullptr) {
     std::memcpy(h_prev.data(), initial.h, sizeof(T) * B * d);
     std::memcpy(c_prev.data(), initial.c, sizeof(T) * B * d);
@@ -199,9 +198,9 @@ void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r,
 }
 
 template <typename T>
-void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial,
-                   const T* h, const T* saved, const T* dh, SlstmStateRef<const T> d_final,
-                   T* d_gx, T* dr, SlstmStateRef<T> d_initial) {
+void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial, const T* h,
+                   const T* saved, const T* dh, SlstmStateRef<const T> d_final, T* d_gx, T* dr,
+                   SlstmStateRef<T> d_initial) {
   const int64_t B = shape.batch, S = shape.seq_len, NH = shape.num_heads, dhd = shape.head_dim;
   const int64_t d = NH * dhd;
   const SavedLayout lay = MakeLayout(shape);
@@ -248,8 +247,9 @@ void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> i
         const T lf = LogSigmoid(f_raw) + m_prev[i];
         bool from_input = false;
         const T m_new = Stabiliser(i_raw, lf, n_prev[i], &from_input);
-        const T ip = std::min(std::exp(i_raw - m_new), T(1));
-        const T fp = std::min(std::exp(lf - m_new), T(1));
+        // One of the two exponents is exactly 0 (the one m_t was taken from): skip its exp.
+        const T ip = from_input ? T(1) : std::min(std::exp(i_raw - m_new), T(1));
+        const T fp = from_input ? std::min(std::exp(lf - m_new), T(1)) : T(1);
         const T tz = std::tanh(z_raw);
         const T so = Sigmoid(o_raw);
         const T c = ct[i], n = nt[i];
@@ -283,7 +283,8 @@ void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> i
       }
       std::memcpy(d_gx + (b * S + t) * 4 * d, dp, sizeof(T) * 4 * d);
     }
-    // Recurrent part: pre_hd = h_prev_hd R_hdᵀ  ⇒  dh_prev_hd = dpre_hd R_hd, dR_hd += dpre_hdᵀ h_prev_hd.
+    // Recurrent part: pre_hd = h_prev_hd R_hdᵀ  ⇒  dh_prev_hd = dpre_hd R_hd, dR_hd += dpre_hdᵀ
+    // h_prev_hd.
     for (int64_t hd = 0; hd < NH; ++hd) {
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t g = 0; g < 4; ++g) {
@@ -307,13 +308,13 @@ void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> i
   }
 }
 
-#define GYRE_SLSTM_INSTANTIATE(T)                                                              \
+#define GYRE_SLSTM_INSTANTIATE(T)                                                               \
   template void slstm_fwd_ref<T>(const SlstmShape&, const T*, const T*, SlstmStateRef<const T>, \
-                                 T*, T*, SlstmStateRef<T>);                                    \
+                                 T*, T*, SlstmStateRef<T>);                                     \
   template void slstm_step_fwd_ref<T>(const SlstmShape&, const T*, const T*, SlstmStateRef<T>,  \
-                                      T*);                                                     \
+                                      T*);                                                      \
   template void slstm_bwd_ref<T>(const SlstmShape&, const T*, SlstmStateRef<const T>, const T*, \
-                                 const T*, const T*, SlstmStateRef<const T>, T*, T*,           \
+                                 const T*, const T*, SlstmStateRef<const T>, T*, T*,            \
                                  SlstmStateRef<T>);
 GYRE_SLSTM_INSTANTIATE(float)
 GYRE_SLSTM_INSTANTIATE(double)

@@ -34,6 +34,14 @@
 // pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). dR accumulates, so
 // concurrent slices need their own dR buffers (summed afterwards). Results equal a full call's
 // rows up to rounding (the per-step GEMM has B rows, and its blocking may depend on B).
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26). Also: Debian's
+// OpenBLAS 0.3.21 does not recognise this machine's Xeon and falls back to its Prescott (SSE3)
+// kernels; OPENBLAS_CORETYPE=SkylakeX (set before the process starts) made a 64×64×128 sgemm
+// 3.4x and the mLSTM chunkwise forward+backward 1.9x faster here (2026-11-26).
 #pragma once
 
 #include <cstdint>
@@ -68,8 +76,8 @@ int64_t slstm_saved_size(const SlstmShape& shape);
 // Forward over S steps. h [B, S, d] and saved [slstm_saved_size] overwritten; `initial` may be
 // null (zeros); `final_state` may be null.
 template <typename T>
-void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r,
-                   SlstmStateRef<const T> initial, T* h, T* saved, SlstmStateRef<T> final_state);
+void slstm_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmStateRef<const T> initial,
+                   T* h, T* saved, SlstmStateRef<T> final_state);
 
 // One step (generation): gx [B, 4, d]; `state` read and overwritten; h [B, d] overwritten.
 template <typename T>
@@ -81,8 +89,8 @@ void slstm_step_fwd_ref(const SlstmShape& shape, const T* gx, const T* r, SlstmS
 // d_gx [B, S, 4, d] overwritten; dr [NH, 4, dh, dh] ACCUMULATED; d_initial (null h = not
 // wanted) overwritten.
 template <typename T>
-void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial,
-                   const T* h, const T* saved, const T* dh, SlstmStateRef<const T> d_final,
-                   T* d_gx, T* dr, SlstmStateRef<T> d_initial);
+void slstm_bwd_ref(const SlstmShape& shape, const T* r, SlstmStateRef<const T> initial, const T* h,
+                   const T* saved, const T* dh, SlstmStateRef<const T> d_final, T* d_gx, T* dr,
+                   SlstmStateRef<T> d_initial);
 
 }  // namespace gyre::cpu

@@ -52,8 +52,8 @@ Vec NumericGradient(Vec& param, const std::function<double()>& loss, double step
 
 struct Problem {
   SlstmShape shape;
-  Vec gx, r;            // [B, S, 4, d], [NH, 4, dh, dh]
-  Vec h0, c0, n0, m0;   // initial state, each [B, d]
+  Vec gx, r;           // [B, S, 4, d], [NH, 4, dh, dh]
+  Vec h0, c0, n0, m0;  // initial state, each [B, d]
   bool has_initial = false;
 
   SlstmStateRef<const double> Initial() const {
@@ -183,8 +183,8 @@ TEST_P(SlstmForwardTest, MatchesManualStepLoop) {
   EXPECT_LT(RelativeError(cs, cf_ref), 1e-13);
 
   auto to_f = [](const Vec& v) { return std::vector<float>(v.begin(), v.end()); };
-  const auto gxf = to_f(p.gx), rf = to_f(p.r), h0f = to_f(p.h0), c0f = to_f(p.c0),
-             n0f = to_f(p.n0), m0f = to_f(p.m0);
+  const auto gxf = to_f(p.gx), rf = to_f(p.r), h0f = to_f(p.h0), c0f = to_f(p.c0), n0f = to_f(p.n0),
+             m0f = to_f(p.m0);
   SlstmStateRef<const float> init_f;
   if (p.has_initial) init_f = {h0f.data(), c0f.data(), n0f.data(), m0f.data()};
   std::vector<float> hfl(h_ref.size()), savedf(slstm_saved_size(s));
@@ -262,6 +262,29 @@ INSTANTIATE_TEST_SUITE_P(Cases, SlstmBackwardTest,
                                            BwdCase{{2, 7, 2, 2}, false, true, true},
                                            BwdCase{{2, 5, 1, 4}, true, false, false}));
 
+// The float path of the backward (what the CPU trainer runs) against the float64 one.
+TEST(SlstmFloatTest, BackwardMatchesFloat64) {
+  const SlstmShape s{.batch = 2, .seq_len = 20, .num_heads = 2, .head_dim = 8};
+  const Problem p = MakeProblem(s, true, /*extreme=*/true, 23);
+  std::mt19937_64 rng(9);
+  const Vec dh = RandomVector(s.batch * s.seq_len * s.num_heads * s.head_dim, rng);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    auto cast = [](const Vec& v) { return std::vector<T>(v.begin(), v.end()); };
+    const auto gx = cast(p.gx), r = cast(p.r), h0 = cast(p.h0), c0 = cast(p.c0), n0 = cast(p.n0),
+               m0 = cast(p.m0), dhc = cast(dh);
+    const SlstmStateRef<const T> init{h0.data(), c0.data(), n0.data(), m0.data()};
+    std::vector<T> saved(slstm_saved_size(s)), h(dh.size()), dgx(gx.size()), dr(r.size(), T(0));
+    slstm_fwd_ref<T>(s, gx.data(), r.data(), init, h.data(), saved.data(), {});
+    slstm_bwd_ref<T>(s, r.data(), init, h.data(), saved.data(), dhc.data(), {}, dgx.data(),
+                     dr.data(), {});
+    return std::vector<Vec>{Vec(h.begin(), h.end()), Vec(dgx.begin(), dgx.end()),
+                            Vec(dr.begin(), dr.end())};
+  };
+  const auto gf = run(0.0f), gd = run(0.0);
+  for (size_t i = 0; i < gd.size(); ++i) EXPECT_LT(RelativeError(gf[i], gd[i]), 1e-4) << i;
+}
+
 // slstm.h promises that rows [b0, b1) can be computed by a call on a slice (equal up to rounding).
 TEST(SlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
   const SlstmShape s{.batch = 3, .seq_len = 6, .num_heads = 2, .head_dim = 3};
@@ -277,8 +300,8 @@ TEST(SlstmBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
     Vec saved(slstm_saved_size(sub)), h(nb * S * d), dgx(nb * S * 4 * d), dr(p.r.size(), 0.0);
     slstm_fwd_ref<double>(sub, p.gx.data() + b0 * S * 4 * d, p.r.data(), init, h.data(),
                           saved.data(), {});
-    slstm_bwd_ref<double>(sub, p.r.data(), init, h.data(), saved.data(), dh.data() + b0 * S * d,
-                          {}, dgx.data(), dr.data(), {});
+    slstm_bwd_ref<double>(sub, p.r.data(), init, h.data(), saved.data(), dh.data() + b0 * S * d, {},
+                          dgx.data(), dr.data(), {});
     return std::vector<Vec>{h, dgx};
   };
   const auto full = run(0, 3), sub = run(1, 2);

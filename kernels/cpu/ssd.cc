@@ -3,14 +3,14 @@
 //
 // Contents
 //   ssd_step_fwd_ref / ssd_recurrent_fwd_ref   the recurrence, one token at a time
-//   ssd_chunked_fwd_ref   per (batch, head), per chunk of length Q (last may be shorter):
+//   ssd_chunked_fwd_ref   per batch row, per chunk of length Q (last may be shorter), per head:
 //       a_t = dt_t·A,  Acs = local cumsum of a,  X̄_s = dt_s x_s
 //       M   = (C Bᵀ) ⊙ Lw,  Lw_ls = e^{Acs_l − Acs_s} (s ≤ l), 0 above the diagonal
 //       y   = M X̄ + diag(e^{Acs}) C H_{c−1}ᵀ + D x                       (steps 1, 4)
 //       H_c = e^{Acs_last} H_{c−1} + (diag(w) X̄)ᵀ B,  w_s = e^{Acs_last − Acs_s}  (steps 2, 3)
 //     Products through cblas ?gemm. Saved: boundary states H_0..H_NC and dt (after softplus).
-//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c; in-chunk gradients are the
-//     transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
+//   ssd_chunked_bwd_ref   reverse over chunks carrying dH = ∂/∂H_c per head; in-chunk gradients
+//     are the transposes of the products above; ∂/∂Acs is turned into ∂/∂a by a reverse cumsum, then
 //     ∂/∂dt, ∂/∂A (→ A_log), ∂/∂x. B and C are shared by the heads of a group, so dB and dC are
 //     zeroed once and summed over heads.
 #include "kernels/cpu/ssd.h"
@@ -25,9 +25,8 @@
 namespace gyre::cpu {
 namespace {
 
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -50,10 +49,19 @@ T Sigmoid(T x) {
   return e / (T(1) + e);
 }
 
+// Σ a_i b_i with 16 independent partial sums: the compiler vectorises it (a single running sum
+// is a serial dependency chain, and Dot over a whole dk×dv state was the hottest loop).
 template <typename T>
 T Dot(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
+  }
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
   return s;
 }
 
@@ -108,9 +116,9 @@ int64_t ssd_chunked_saved_size(const SsdShape& shape, const SsdOptions& options)
 }
 
 template <typename T>
-void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
-                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
-                      const T* d, T* state, T* y) {
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x, const T* dt,
+                      const T* a_log, const T* dt_bias, const T* b, const T* c, const T* d,
+                      T* state, T* y) {
   const int64_t H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups, heads_per_group = H / G;
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
@@ -138,8 +146,8 @@ void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T*
 }
 
 template <typename T>
-void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
-                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state) {
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                           const T* initial_state, T* y, T* final_state) {
   const int64_t S = shape.seq_len, H = shape.num_heads, P = shape.head_dim, N = shape.state_dim;
   const int64_t G = shape.num_groups;
   SsdShape one = shape;
@@ -154,8 +162,7 @@ void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
     for (int64_t t = 0; t < S; ++t) {
       const int64_t tok = bb * S + t;
       ssd_step_fwd_ref(one, options, in.x + tok * H * P, in.dt + tok * H, in.a_log, in.dt_bias,
-                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(),
-                       y + tok * H * P);
+                       in.b + tok * G * N, in.c + tok * G * N, in.d, state.data(), y + tok * H * P);
     }
     if (final_state != nullptr) {
       std::memcpy(final_state + bb * H * P * N, state.data(), sizeof(T) * H * P * N);
@@ -183,20 +190,25 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
       }
     }
     for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
       T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
       if (initial_state != nullptr) {
         std::memcpy(hs, initial_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
       } else {
         std::fill(hs, hs + P * N, T(0));
       }
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      T* yh = y + bb * S * ldx + hd * P;
-      for (int64_t k = 0; k < lay.num_chunks; ++k) {
+    }
+    // Chunk-major: every head of a chunk runs before the next chunk, so the chunk's rows of x,
+    // B, C and y stay in cache across heads.
+    for (int64_t k = 0; k < lay.num_chunks; ++k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        T* yh = y + bb * S * ldx + hd * P;
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -239,7 +251,10 @@ void ssd_chunked_fwd_ref(const SsdShape& shape, const SsdOptions& options, const
         for (int64_t i = 0; i < P * N; ++i) hnext[i] = e_last * hprev[i];
         Gemm(true, false, P, N, len, T(1), z.data(), P, bh + t0 * ldbc, ldbc, T(1), hnext, N);
       }
-      if (final_state != nullptr) {
+    }
+    if (final_state != nullptr) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
         std::memcpy(final_state + (bb * H + hd) * P * N, hs + lay.num_chunks * P * N,
                     sizeof(T) * P * N);
       }
@@ -262,30 +277,38 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
   std::fill(grads.db, grads.db + shape.batch * S * ldbc, T(0));
   std::fill(grads.dc, grads.dc + shape.batch * S * ldbc, T(0));
 
-  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P),
-      zc(Q * P), dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
-  std::vector<T> dh(P * N), dh_prev(P * N);
+  std::vector<T> acs(Q), dacs(Q), xbar(Q * P), lw(Q * Q), m(Q * Q), dm(Q * Q), z(Q * P), zc(Q * P),
+      dxbar(Q * P), dzw(Q * P), dbl(Q * N), dcl(Q * N);
+  // Per head: the carried dH (one [P, N] block each) and double accumulators for dA and dD
+  // (these sums cancel heavily: Acs terms enter with both signs).
+  std::vector<T> dh_all(H * P * N), dh_prev(P * N);
+  std::vector<double> dA_all(H), dD_all(H);
   for (int64_t bb = 0; bb < shape.batch; ++bb) {
     const T* dts = saved + bb * lay.per_batch + lay.dt;
-    for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t grp = hd / heads_per_group;
-      const T A = -std::exp(in.a_log[hd]);
-      const T dskip = in.d != nullptr ? in.d[hd] : T(0);
-      const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
-      const T* xh = in.x + bb * S * ldx + hd * P;
-      const T* bh = in.b + bb * S * ldbc + grp * N;
-      const T* ch = in.c + bb * S * ldbc + grp * N;
-      const T* dyh = dy + bb * S * ldx + hd * P;
-      T* dxh = grads.dx + bb * S * ldx + hd * P;
-      T* dbh = grads.db + bb * S * ldbc + grp * N;
-      T* dch = grads.dc + bb * S * ldbc + grp * N;
-      if (d_final_state != nullptr) {
-        std::memcpy(dh.data(), d_final_state + (bb * H + hd) * P * N, sizeof(T) * P * N);
-      } else {
-        std::fill(dh.begin(), dh.end(), T(0));
-      }
-      T dA = 0, dD = 0;
-      for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+    if (d_final_state != nullptr) {
+      std::memcpy(dh_all.data(), d_final_state + bb * H * P * N, sizeof(T) * H * P * N);
+    } else {
+      std::fill(dh_all.begin(), dh_all.end(), T(0));
+    }
+    std::fill(dA_all.begin(), dA_all.end(), 0.0);
+    std::fill(dD_all.begin(), dD_all.end(), 0.0);
+    // Chunk-major, as in the forward.
+    for (int64_t k = lay.num_chunks - 1; k >= 0; --k) {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t grp = hd / heads_per_group;
+        const T A = -std::exp(in.a_log[hd]);
+        const T dskip = in.d != nullptr ? in.d[hd] : T(0);
+        const T* hs = saved + bb * lay.per_batch + lay.states + hd * NB * P * N;
+        const T* xh = in.x + bb * S * ldx + hd * P;
+        const T* bh = in.b + bb * S * ldbc + grp * N;
+        const T* ch = in.c + bb * S * ldbc + grp * N;
+        const T* dyh = dy + bb * S * ldx + hd * P;
+        T* dxh = grads.dx + bb * S * ldx + hd * P;
+        T* dbh = grads.db + bb * S * ldbc + grp * N;
+        T* dch = grads.dc + bb * S * ldbc + grp * N;
+        T* dh = dh_all.data() + hd * P * N;
+        double& dA = dA_all[hd];
+        double& dD = dD_all[hd];
         const int64_t t0 = k * options.chunk_size;
         const int64_t len = std::min(options.chunk_size, S - t0);
         const T* hprev = hs + k * P * N;
@@ -309,15 +332,16 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
 
         // State: H_c = e_last·H_{c−1} + Zᵀ B, Z = diag(w) X̄.
         //   dH_{c−1} = e_last·dH;  dZ = B dHᵀ;  dB += Z dH;  dX̄ += w ⊙ dZ;
-        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH, H_{c−1}>.
+        //   dlog w_s = w_s X̄_s·dZ_s  → dAcs_last += , dAcs_s −= ;  dAcs_last += e_last <dH,
+        //   H_{c−1}>.
         for (int64_t i = 0; i < P * N; ++i) dh_prev[i] = e_last * dh[i];
-        dacs[len - 1] += e_last * Dot(dh.data(), hprev, P * N);
+        dacs[len - 1] += e_last * Dot(dh, hprev, P * N);
         for (int64_t t = 0; t < len; ++t) {
           const T w = std::exp(last - acs[t]);
           for (int64_t p = 0; p < P; ++p) z[t * P + p] = w * xbar[t * P + p];
         }
-        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh.data(), N, T(0), dzw.data(), P);
-        Gemm(false, false, len, N, P, T(1), z.data(), P, dh.data(), N, T(0), dbl.data(), N);
+        Gemm(false, true, len, P, N, T(1), bc, ldbc, dh, N, T(0), dzw.data(), P);
+        Gemm(false, false, len, N, P, T(1), z.data(), P, dh, N, T(0), dbl.data(), N);
         for (int64_t t = 0; t < len; ++t) {
           const T w = std::exp(last - acs[t]);
           const T dlogw = Dot(z.data() + t * P, dzw.data() + t * P, P);
@@ -365,7 +389,7 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         Gemm(true, false, P, N, len, T(1), z.data(), P, cc, ldbc, T(1), dh_prev.data(), N);
 
         // Acs = cumsum(a), a_t = dt_t·A, X̄ = dt·x.
-        T rev = 0;
+        double rev = 0;
         for (int64_t t = len - 1; t >= 0; --t) {
           rev += dacs[t];
           const int64_t tok = t0 + t;
@@ -373,8 +397,8 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           const T* xt = xh + tok * ldx;
           const T* dyt = dyh + tok * ldx;
           T* dxt = dxh + tok * ldx;
-          T ddt = rev * A;
-          dA += rev * dtv;
+          T ddt = T(rev * A);
+          dA += rev * double(dtv);
           for (int64_t p = 0; p < P; ++p) {
             ddt += xt[p] * dxbar[t * P + p];
             dxt[p] = dtv * dxbar[t * P + p] + dskip * dyt[p];
@@ -392,27 +416,30 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
             dct[n] += dcl[t * N + n];
           }
         }
-        dh.swap(dh_prev);
+        std::memcpy(dh, dh_prev.data(), sizeof(T) * P * N);
       }
-      grads.da_log[hd] += dA * A;  // A = −exp(A_log): dA/dA_log = A
-      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += dD;
-      if (d_initial_state != nullptr) {
-        std::memcpy(d_initial_state + (bb * H + hd) * P * N, dh.data(), sizeof(T) * P * N);
-      }
+    }
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const double A = -std::exp(double(in.a_log[hd]));
+      grads.da_log[hd] += T(dA_all[hd] * A);  // A = −exp(A_log): dA/dA_log = A
+      if (grads.dd != nullptr && in.d != nullptr) grads.dd[hd] += T(dD_all[hd]);
+    }
+    if (d_initial_state != nullptr) {
+      std::memcpy(d_initial_state + bb * H * P * N, dh_all.data(), sizeof(T) * H * P * N);
     }
   }
 }
 
-#define GYRE_SSD_INSTANTIATE(T)                                                                \
-  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,    \
-                                    const T*, const T*, const T*, const T*, const T*, T*, T*); \
-  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&,                   \
-                                         const SsdInputs<T>&, const T*, T*, T*);               \
-  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, T*, T*, T*);             \
-  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&,                     \
-                                       const SsdInputs<T>&, const T*, const T*, const T*,      \
-                                       const T*, const SsdGrads<T>&, T*);
+#define GYRE_SSD_INSTANTIATE(T)                                                                    \
+  template void ssd_step_fwd_ref<T>(const SsdShape&, const SsdOptions&, const T*, const T*,        \
+                                    const T*, const T*, const T*, const T*, const T*, T*, T*);     \
+  template void ssd_recurrent_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,  \
+                                         const T*, T*, T*);                                        \
+  template void ssd_chunked_fwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, T*, T*, T*);                                      \
+  template void ssd_chunked_bwd_ref<T>(const SsdShape&, const SsdOptions&, const SsdInputs<T>&,    \
+                                       const T*, const T*, const T*, const T*, const SsdGrads<T>&, \
+                                       T*);
 GYRE_SSD_INSTANTIATE(float)
 GYRE_SSD_INSTANTIATE(double)
 #undef GYRE_SSD_INSTANTIATE

@@ -31,6 +31,14 @@
 // batch-major, so a call on rows [b0, b1) is the call with shape.batch = b1 − b0 and every
 // pointer advanced by b0 rows (saved by b0·saved_size(batch = 1)). The parameter gradients
 // accumulate, so concurrent slices need their own dA_log / d dt_bias / dD buffers.
+//
+// Performance: the products inside these kernels are small (chunk- or head-sized), so run them
+// with OpenBLAS single-threaded and spread batch rows over threads instead (see above): on the
+// 2-core development machine under load, OPENBLAS_NUM_THREADS=2 made the mLSTM chunkwise forward
+// and backward 2-4x slower in wall time than 1 thread (mlstm_bench, 2026-11-26). Also: Debian's
+// OpenBLAS 0.3.21 does not recognise this machine's Xeon and falls back to its Prescott (SSE3)
+// kernels; OPENBLAS_CORETYPE=SkylakeX (set before the process starts) made a 64×64×128 sgemm
+// 3.4x and the mLSTM chunkwise forward+backward 1.9x faster here (2026-11-26).
 #pragma once
 
 #include <cstdint>
@@ -85,15 +93,15 @@ absl::Status ssd_check(const SsdShape& shape, const SsdOptions& options);
 // One step: x [B, H, P], dt_raw [B, H], B, C [B, G, N] (a_log, dt_bias, d as in SsdInputs);
 // state [B, H, P, N] read and overwritten; y [B, H, P] overwritten.
 template <typename T>
-void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x,
-                      const T* dt, const T* a_log, const T* dt_bias, const T* b, const T* c,
-                      const T* d, T* state, T* y);
+void ssd_step_fwd_ref(const SsdShape& shape, const SsdOptions& options, const T* x, const T* dt,
+                      const T* a_log, const T* dt_bias, const T* b, const T* c, const T* d,
+                      T* state, T* y);
 
 // The step recurrence over a whole sequence (the oracle for the chunked form).
 // y overwritten; initial_state may be null (zeros); final_state may be null.
 template <typename T>
-void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options,
-                           const SsdInputs<T>& in, const T* initial_state, T* y, T* final_state);
+void ssd_recurrent_fwd_ref(const SsdShape& shape, const SsdOptions& options, const SsdInputs<T>& in,
+                           const T* initial_state, T* y, T* final_state);
 
 // Elements of T the chunked forward saves: the NC+1 chunk-boundary states H_c (c = 0..NC,
 // NC = ceil(S/Q)), B·H·(NC+1)·P·N, plus dt after softplus/clamp, B·S·H.
