@@ -347,4 +347,65 @@ void SelfAttention::ReleaseActivations() {
   o_proj_.ReleaseActivations();
 }
 
+Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& o,
+                             KvCache* cache) {
+  CheckCpu(q, "causal_attention_decode");
+  CheckOptions(o);
+  const int64_t B = q.rows(), H = o.heads, Hk = o.kv_heads, D = o.head_dim, group = H / Hk;
+  GYRE_CHECK(q.cols() == H * D && k.cols() == Hk * D && v.cols() == Hk * D && k.rows() == B && v.rows() == B,
+             "attention decode shapes q %s k %s", ShapeString(q.shape()).c_str(), ShapeString(k.shape()).c_str());
+  const int64_t t = cache->length();
+  const int64_t rd = o.rotary_dim > 0 ? o.rotary_dim : D;
+  const bool se = o.self_extend_group > 0;
+  const int64_t G = o.self_extend_group, W = o.self_extend_window;
+  Tensor qn = ApplyRope(q, 1, H, D, o.rope_theta, {t}, false, rd);
+  Tensor qg;
+  cache->k_neighbour.push_back(ApplyRope(k, 1, Hk, D, o.rope_theta, {t}, false, rd));
+  cache->v.push_back(v);
+  if (se) {
+    qg = ApplyRope(q, 1, H, D, o.rope_theta, {t / G + W - W / G}, false, rd);
+    cache->k_grouped.push_back(ApplyRope(k, 1, Hk, D, o.rope_theta, {t / G}, false, rd));
+  } else {
+    cache->k_grouped.push_back(Tensor());
+  }
+  Tensor out = Tensor::Empty(q.shape(), q.dtype());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  DispatchFloat(q.dtype(), [&]<typename T>() {
+    std::vector<double> p(t + 1);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t hk = h / group;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j <= t; ++j) {
+          const bool neighbour = !se || t - j < W;
+          const Tensor& kj = neighbour ? cache->k_neighbour[j] : cache->k_grouped[j];
+          GYRE_CHECK(kj.defined(), "SelfExtend switched on in the middle of decoding");
+          const T* qr = (neighbour ? qn : qg).data<T>() + (b * H + h) * D;
+          const T* kr = kj.data<T>() + (b * Hk + hk) * D;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(qr[d]) * kr[d];
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        double z = 0;
+        for (int64_t j = 0; j <= t; ++j) z += (p[j] = std::exp(p[j] - mx));
+        T* o_row = out.data<T>() + (b * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          double acc = 0;
+          for (int64_t j = 0; j <= t; ++j) acc += p[j] * cache->v[j].data<T>()[(b * Hk + hk) * D + d];
+          o_row[d] = static_cast<T>(acc / z);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+Tensor SelfAttention::Step(const Tensor& x, KvCache* cache) {
+  Tensor a = CausalAttentionDecode(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), options_, cache);
+  Tensor y = o_proj_.Forward(a);
+  ReleaseActivations();
+  return y;
+}
+
 }  // namespace gyre::ops

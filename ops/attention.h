@@ -48,6 +48,19 @@ void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
 Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
                  const std::vector<int64_t>& positions, bool inverse, int64_t rotary_dim = 0);
 
+// Key/value cache for incremental decoding: per past position, the keys rotated at their
+// neighbour (and SelfExtend grouped) positions and the values, each [B, Hk*D].
+struct KvCache {
+  std::vector<Tensor> k_neighbour, k_grouped, v;
+  int64_t length() const { return static_cast<int64_t>(v.size()); }
+};
+
+// One decoding step: q [B, H*D], k/v [B, Hk*D] of the token at position cache->length();
+// appends it to the cache and returns the attention output [B, H*D] (same rules as the
+// full-sequence op, SelfExtend included).
+Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& options,
+                             KvCache* cache);
+
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.
 class SelfAttention {
@@ -62,6 +75,8 @@ class SelfAttention {
     options_.self_extend_window = window;
   }
   Linear& o_proj() { return o_proj_; }
+  // Inference step: x [B, d] -> [B, d] (before the residual add), advancing `cache`.
+  Tensor Step(const Tensor& x, KvCache* cache);
 
  private:
   AttentionOptions options_;

@@ -12,12 +12,23 @@
 
 namespace gyre::ops {
 
+// Incremental-decoding state of one block for a batch of sequences (recurrent states, conv
+// windows, key/value cache). Owned by the caller; one per block.
+struct BlockState {
+  virtual ~BlockState() = default;
+};
+
 class Block {
  public:
   virtual ~Block() = default;
   virtual Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) = 0;
   virtual Tensor Backward(const Tensor& dy) = 0;
   virtual void ReleaseActivations() = 0;
+  // Inference (no gradients): a fresh (zero) state for `batch` sequences, and one step that maps
+  // the residual stream of the next token x [B, d] to the block's output [B, d], advancing the
+  // state. Stepping through a sequence equals Forward on it (block_step_test).
+  virtual std::unique_ptr<BlockState> NewState(int64_t batch) const = 0;
+  virtual Tensor Step(const Tensor& x, BlockState* state) = 0;
 };
 
 class RecomputeBlock : public Block {
@@ -41,6 +52,8 @@ class RecomputeBlock : public Block {
     x_ = Tensor();
     inner_->ReleaseActivations();
   }
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override { return inner_->NewState(batch); }
+  Tensor Step(const Tensor& x, BlockState* state) override { return inner_->Step(x, state); }
   Block* inner() { return inner_.get(); }
 
  private:

@@ -63,7 +63,10 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
     // Pass 2: recompute logits, G = scale * (softmax - onehot), accumulate dh and dW.
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
       const int64_t cols = std::min(vc, V - v0);
-      Gemm<T>(false, true, rows, cols, d, T(1), hp + r0 * d, d, wp + v0 * d, d, T(0), logits.data(), cols);
+      // With a single vocabulary chunk the buffer still holds pass 1's logits.
+      if (vc < V) {
+        Gemm<T>(false, true, rows, cols, d, T(1), hp + r0 * d, d, wp + v0 * d, d, T(0), logits.data(), cols);
+      }
       ParallelFor(rows, [&](int64_t r) {
         T* l = logits.data() + r * cols;
         const int32_t t = targets[r0 + r];

@@ -6,7 +6,8 @@
 // Two passes per block of rows: (1) an online (running max / running sum) log-sum-exp over the
 // vocabulary chunks, (2) recompute each chunk's logits, form
 // G = loss_scale * (softmax − onehot) and accumulate dh += G W_c, dW_c += Gᵀ h. The recompute
-// costs one extra [rows x chunk x d] GEMM per chunk; that is the price of not storing logits.
+// costs one extra [rows x chunk x d] GEMM per chunk; that is the price of not storing logits
+// (skipped when the whole vocabulary fits one chunk).
 // loss_scale is 1 / (token count of the global batch) under DESIGN.md §4's scaling contract.
 // Targets < 0 are ignored (no loss, no gradient).
 #pragma once

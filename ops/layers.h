@@ -36,6 +36,7 @@ class Linear {
   Tensor Backward(const Tensor& dy);
   void ReleaseActivations() { x_ = Tensor(); }
   Parameter* weight() { return weight_; }
+  const Parameter* weight() const { return weight_; }
   Parameter* bias() { return bias_; }
   int64_t in() const { return in_; }
   int64_t out() const { return out_; }

@@ -92,4 +92,40 @@ void AttentionMixerBlock::ReleaseActivations() {
   out_proj_.ReleaseActivations();
 }
 
+namespace {
+
+struct KvState : BlockState {
+  KvCache cache;
+  Tensor conv;  // [B, K-1, q+2kv] for the mixer's qkv conv
+};
+
+}  // namespace
+
+std::unique_ptr<BlockState> LlamaBlock::NewState(int64_t) const { return std::make_unique<KvState>(); }
+
+Tensor LlamaBlock::Step(const Tensor& x, BlockState* state) {
+  auto* st = static_cast<KvState*>(state);
+  Tensor h = Add(x, attn_.Step(attn_norm_.Forward(x), &st->cache));
+  Tensor y = Add(h, mlp_.Forward(mlp_norm_.Forward(h)));
+  ReleaseActivations();
+  return y;
+}
+
+std::unique_ptr<BlockState> AttentionMixerBlock::NewState(int64_t batch) const {
+  auto st = std::make_unique<KvState>();
+  if (conv_) st->conv = Tensor::Zeros({batch, conv_->width() - 1, conv_->channels()}, out_proj_.weight()->value.dtype());
+  return st;
+}
+
+Tensor AttentionMixerBlock::Step(const Tensor& x, BlockState* state) {
+  auto* st = static_cast<KvState*>(state);
+  Tensor qkv = in_proj_.Forward(norm_.Forward(x));
+  if (conv_) qkv = conv_->Step(qkv, &st->conv);
+  Tensor a = CausalAttentionDecode(SliceColumns(qkv, 0, q_dim_), SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_),
+                                   SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_), options_, &st->cache);
+  Tensor y = Add(x, out_proj_.Forward(a));
+  ReleaseActivations();
+  return y;
+}
+
 }  // namespace gyre::ops

@@ -21,6 +21,8 @@ class LlamaBlock : public Block {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor Step(const Tensor& x, BlockState* state) override;
   SelfAttention& attention() { return attn_; }
 
  private:
@@ -41,6 +43,8 @@ class AttentionMixerBlock : public Block {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor Step(const Tensor& x, BlockState* state) override;
   void SetSelfExtend(int64_t group, int64_t window) {
     options_.self_extend_group = group;
     options_.self_extend_window = window;

@@ -168,6 +168,30 @@ Tensor LanguageModel::Logits(std::span<const int32_t> inputs, int64_t batch, int
   return logits;
 }
 
+std::unique_ptr<LanguageModel::DecodeState> LanguageModel::NewDecodeState(int64_t batch) const {
+  auto st = std::make_unique<DecodeState>();
+  st->batch = batch;
+  for (const auto& b : trunk_) st->trunk.push_back(b->NewState(batch));
+  for (const auto& b : heads_) st->heads.push_back(b->NewState(batch));
+  return st;
+}
+
+std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state) {
+  GYRE_CHECK(static_cast<int64_t>(tokens.size()) == state->batch, "decode: %zu tokens for batch %ld", tokens.size(),
+             (long)state->batch);
+  Tensor z = embedding_->Forward(tokens);
+  embedding_->ReleaseActivations();
+  for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->Step(z, state->trunk[i].get());
+  std::vector<Tensor> logits;
+  for (size_t k = 0; k < heads_.size(); ++k) {
+    Tensor hn = final_norm_->Forward(heads_[k]->Step(z, state->heads[k].get()));
+    final_norm_->ReleaseActivations();
+    logits.push_back(LinearForward(hn, HeadWeight()));
+  }
+  state->position++;
+  return logits;
+}
+
 void LanguageModel::SetSelfExtend(int64_t group, int64_t window) {
   auto apply = [&](Block* b) {
     if (auto* r = dynamic_cast<RecomputeBlock*>(b)) b = r->inner();

@@ -58,6 +58,19 @@ class LanguageModel {
   // materialises the logits).
   Tensor Logits(std::span<const int32_t> inputs, int64_t batch, int64_t seq);
 
+  // Incremental decoding (inference; no gradients). A state holds every block's recurrent state,
+  // conv window or key/value cache for `batch` sequences. DecodeStep feeds one token per
+  // sequence (tokens [batch]) and returns, per MTP head k = 1..n, the logits [batch, vocab] for
+  // the token k positions ahead (head 1 = next token; heads 2..n are the drafts for
+  // self-speculative decoding). Stepping through a sequence reproduces Logits().
+  struct DecodeState {
+    int64_t batch = 0;
+    int64_t position = 0;
+    std::vector<std::unique_ptr<BlockState>> trunk, heads;
+  };
+  std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
+  std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state);
+
   // SelfExtend for inference on attention blocks (0 = off).
   void SetSelfExtend(int64_t group, int64_t window);
   CrossEntropyOptions& cross_entropy_options() { return ce_options_; }

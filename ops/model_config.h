@@ -74,6 +74,13 @@ struct ModelSpec {
 std::vector<std::string> PresetNames();
 
 // Preset + overrides -> validated spec. Errors name the field path.
+// Override rules: non-zero scalar fields replace the preset's; `d_model` also re-derives the
+// widths that follow from it (mLSTM inner 64*ceil(2d/64), sLSTM FFN 64*ceil(1.3d/64), SwiGLU
+// 64*ceil(8d/3/64)); an `n_layers` that differs from the preset's resets the block pattern to
+// the family's base block (give slstm_at / attention_at / blocks to place others); `vocab_size`
+// is padded to `pad_vocab_to` (default 64) while preset vocabularies are used as published
+// (50304 xLSTM/Llama, 50288 Mamba-2). The attention-only mixer, rotary dim and qkv conv of the
+// Mamba-2-Attention presets have no config field yet (preset-only).
 absl::StatusOr<ModelSpec> ResolveModelConfig(const gyre::v1::ModelConfig& config);
 
 // Convenience: ResolveModelConfig of a config holding only `preset`.

@@ -272,6 +272,43 @@ TEST_P(RecurrentModelTest, TwoThreadsEqualOneThread) {
   ExpectSameGradients(g1, g2, 1e-12);
 }
 
+// Incremental decoding (recurrent states, conv windows, KV caches) reproduces the
+// full-sequence logits at every position.
+void ExpectDecodeMatchesFullForward(const ModelSpec& spec, int64_t se_group = 0, int64_t se_window = 0) {
+  auto model = LanguageModel::Create(spec, DType::kF64, Device::kCpu, 21);
+  ASSERT_TRUE(model.ok());
+  Perturb(model->get(), 22);
+  if (se_group > 0) (*model)->SetSelfExtend(se_group, se_window);
+  const int64_t B = 2, T = 9, V = spec.vocab_size;
+  std::vector<int32_t> inputs = RandomTokens(B * T, V, 23);
+  Tensor full = (*model)->Logits(inputs, B, T);  // [B*T, V]
+  auto state = (*model)->NewDecodeState(B);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> step_tokens = {inputs[t], inputs[T + t]};
+    std::vector<Tensor> logits = (*model)->DecodeStep(step_tokens, state.get());
+    ASSERT_EQ(logits.size(), static_cast<size_t>(spec.mtp_heads));
+    for (int64_t b = 0; b < B; ++b) {
+      double diff = 0, norm = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double e = full.At((b * T + t) * V + v), g = logits[0].At(b * V + v);
+        diff += (e - g) * (e - g);
+        norm += e * e;
+      }
+      EXPECT_LT(std::sqrt(diff / norm), 1e-10) << "t=" << t << " b=" << b;
+    }
+  }
+}
+
+TEST_P(RecurrentModelTest, DecodeStepsReproduceFullForward) { ExpectDecodeMatchesFullForward(SmallSpec(GetParam())); }
+
+TEST(DecodeTest, LlamaWithMtpHeadsAndSelfExtend) {
+  ModelSpec spec = SmallSpec("llama-tiny");
+  ExpectDecodeMatchesFullForward(spec);
+  ExpectDecodeMatchesFullForward(spec, 2, 3);  // grouped positions beyond a window of 3
+  spec.mtp_heads = 3;
+  ExpectDecodeMatchesFullForward(spec);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;

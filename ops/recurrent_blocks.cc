@@ -459,4 +459,126 @@ void Mamba2Block::ReleaseActivations() {
   out_proj_.ReleaseActivations();
 }
 
+// ---------------------------------------------------------------- incremental decoding
+
+Tensor CausalConv1d::Step(const Tensor& x, Tensor* state) {
+  CheckCpu(x, "conv1d_step");
+  GYRE_CHECK(x.cols() == channels_ && state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step shapes");
+  Tensor y = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    cpu::conv1d_step_fwd_ref<T>({x.rows(), 1, channels_, width_}, {silu_}, x.data<T>(), weight_->value.data<T>(),
+                                bias_->value.data<T>(), state->data<T>(), y.data<T>());
+  });
+  return y;
+}
+
+namespace {
+
+struct MlstmState : BlockState {
+  Tensor conv, c, n, m;
+};
+struct SlstmState : BlockState {
+  Tensor conv, h, c, n, m;
+};
+struct Mamba2State : BlockState {
+  Tensor conv, ssm;
+};
+
+}  // namespace
+
+std::unique_ptr<BlockState> MlstmBlock::NewState(int64_t batch) const {
+  const DType dt = skip_->value.dtype();
+  const int64_t dk = p_ / heads_;
+  auto st = std::make_unique<MlstmState>();
+  st->conv = Tensor::Zeros({batch, conv_.width() - 1, p_}, dt);
+  st->c = Tensor::Zeros({batch, heads_, dk, dk}, dt);
+  st->n = Tensor::Zeros({batch, heads_, dk}, dt);
+  st->m = Tensor::Zeros({batch, heads_}, dt);
+  return st;
+}
+
+Tensor MlstmBlock::Step(const Tensor& x, BlockState* state) {
+  auto* st = static_cast<MlstmState*>(state);
+  const int64_t B = x.rows(), dk = p_ / heads_;
+  Tensor up = up_.Forward(norm_.Forward(x));
+  Tensor xm = SliceColumns(up, 0, p_), z = SliceColumns(up, p_, 2 * p_);
+  Tensor xc = conv_.Step(xm, &st->conv);
+  Tensor q = q_.Forward(xc), k = k_.Forward(xc), v = v_.Forward(xm);
+  Tensor qkv = ConcatColumns({q, k, v});
+  Tensor ig = igate_.Forward(qkv), fg = fgate_.Forward(qkv);
+  Tensor h = Tensor::EmptyLike(xm);
+  const cpu::MlstmOptions options{chunk_, sigmoid_forget_ ? cpu::MlstmForgetGate::kSigmoid
+                                                          : cpu::MlstmForgetGate::kExponential, 1e-6};
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    cpu::mlstm_step_fwd_ref<T>({B, 1, heads_, dk, dk}, options, q.data<T>(), k.data<T>(), v.data<T>(), ig.data<T>(),
+                               fg.data<T>(), {st->c.data<T>(), st->n.data<T>(), st->m.data<T>()}, h.data<T>());
+  });
+  Tensor hs = Add(outnorm_.Forward(h), ScaleColumns(xc, skip_->value));
+  Tensor y = Add(x, down_.Forward(Mul(hs, Activate(Activation::kSilu, z))));
+  ReleaseActivations();
+  return y;
+}
+
+std::unique_ptr<BlockState> SlstmBlock::NewState(int64_t batch) const {
+  const DType dt = bias_->value.dtype();
+  auto st = std::make_unique<SlstmState>();
+  st->conv = Tensor::Zeros({batch, conv_.width() - 1, d_}, dt);
+  for (Tensor* t : {&st->h, &st->c, &st->n, &st->m}) *t = Tensor::Zeros({batch, d_}, dt);
+  return st;
+}
+
+Tensor SlstmBlock::Step(const Tensor& x, BlockState* state) {
+  auto* st = static_cast<SlstmState*>(state);
+  const int64_t B = x.rows(), dh = d_ / heads_;
+  Tensor u = norm_.Forward(x);
+  Tensor xc = conv_.Step(u, &st->conv);
+  Tensor gates[4] = {wi_.Forward(xc), wf_.Forward(xc), wz_.Forward(u), wo_.Forward(u)};
+  Tensor gx = Tensor::Empty({B, 4, d_}, x.dtype());
+  Tensor h = Tensor::Empty({B, d_}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    T* g = gx.data<T>();
+    const T* b = bias_->value.data<T>();
+    for (int k = 0; k < 4; ++k) {
+      const T* src = gates[k].data<T>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t c = 0; c < d_; ++c) g[(r * 4 + k) * d_ + c] = src[r * d_ + c] + b[k * d_ + c];
+    }
+    cpu::slstm_step_fwd_ref<T>({B, 1, heads_, dh}, g, recurrent_->value.data<T>(),
+                               {st->h.data<T>(), st->c.data<T>(), st->n.data<T>(), st->m.data<T>()}, h.data<T>());
+  });
+  Tensor x1 = Add(x, group_norm_.Forward(h));
+  Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  ReleaseActivations();
+  return y;
+}
+
+std::unique_ptr<BlockState> Mamba2Block::NewState(int64_t batch) const {
+  const DType dt = a_log_->value.dtype();
+  auto st = std::make_unique<Mamba2State>();
+  st->conv = Tensor::Zeros({batch, conv_.width() - 1, conv_.channels()}, dt);
+  st->ssm = Tensor::Zeros({batch, heads_, head_dim_, state_}, dt);
+  return st;
+}
+
+Tensor Mamba2Block::Step(const Tensor& x, BlockState* state) {
+  auto* st = static_cast<Mamba2State*>(state);
+  const int64_t B = x.rows(), gn = groups_ * state_;
+  Tensor zx = in_proj_.Forward(norm_.Forward(x));
+  Tensor z = SliceColumns(zx, 0, di_);
+  Tensor xbc = conv_.Step(SliceColumns(zx, di_, 2 * di_ + 2 * gn), &st->conv);
+  Tensor dt = SliceColumns(zx, 2 * di_ + 2 * gn, 2 * di_ + 2 * gn + heads_);
+  Tensor xs = SliceColumns(xbc, 0, di_), b = SliceColumns(xbc, di_, di_ + gn), c = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
+  Tensor y = Tensor::EmptyLike(xs);
+  cpu::SsdOptions options;
+  options.chunk_size = chunk_;
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    cpu::ssd_step_fwd_ref<T>({B, 1, heads_, head_dim_, groups_, state_}, options, xs.data<T>(), dt.data<T>(),
+                             a_log_->value.data<T>(), dt_bias_->value.data<T>(), b.data<T>(), c.data<T>(),
+                             d_skip_->value.data<T>(), st->ssm.data<T>(), y.data<T>());
+  });
+  Tensor out = Add(x, out_proj_.Forward(gated_norm_.Forward(Mul(y, Activate(Activation::kSilu, z)))));
+  ReleaseActivations();
+  return out;
+}
+
 }  // namespace gyre::ops

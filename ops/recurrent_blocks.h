@@ -29,6 +29,10 @@ class CausalConv1d {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq);
   Tensor Backward(const Tensor& dy);
   void ReleaseActivations() { x_ = Tensor(); }
+  // Inference: x [B, C]; `state` [B, K-1, C] (zeros at the start) is advanced.
+  Tensor Step(const Tensor& x, Tensor* state);
+  int64_t channels() const { return channels_; }
+  int64_t width() const { return width_; }
 
  private:
   int64_t channels_, width_;
@@ -45,6 +49,8 @@ class MlstmBlock : public Block {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor Step(const Tensor& x, BlockState* state) override;
 
  private:
   int64_t d_, p_, heads_, chunk_;
@@ -67,6 +73,8 @@ class SlstmBlock : public Block {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor Step(const Tensor& x, BlockState* state) override;
 
  private:
   int64_t d_, heads_;
@@ -88,6 +96,8 @@ class Mamba2Block : public Block {
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor Step(const Tensor& x, BlockState* state) override;
 
  private:
   int64_t d_, di_, heads_, head_dim_, groups_, state_, chunk_;
