@@ -16,5 +16,18 @@ TEST(GrpcStatusTest, EveryCodeRoundTripsWithItsMessage) {
   EXPECT_EQ(ToGrpcStatus(absl::AbortedError("stale generation")).error_code(), grpc::StatusCode::ABORTED);
 }
 
+TEST(GrpcStatusTest, UnknownGrpcCodesBecomeUnknown) {
+  EXPECT_EQ(FromGrpcStatus(grpc::Status(static_cast<grpc::StatusCode>(99), "x")).code(), absl::StatusCode::kUnknown);
+}
+
+TEST(GrpcStatusTest, BearerToken) {
+  EXPECT_TRUE(CheckBearerToken("abc", "Bearer abc").ok());
+  EXPECT_TRUE(absl::IsUnauthenticated(CheckBearerToken("abc", "")));
+  EXPECT_TRUE(absl::IsUnauthenticated(CheckBearerToken("abc", "Basic abc")));
+  EXPECT_TRUE(absl::IsUnauthenticated(CheckBearerToken("abc", "Bearer abd")));
+  EXPECT_TRUE(absl::IsUnauthenticated(CheckBearerToken("abc", "Bearer ab")));
+  EXPECT_TRUE(absl::IsUnauthenticated(CheckBearerToken("abc", "Bearer abcd")));
+}
+
 }  // namespace
 }  // namespace gyre

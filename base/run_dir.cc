@@ -59,10 +59,4 @@ absl::StatusOr<std::string> CreateOrReadToken(const std::string& path) {
   return token;
 }
 
-bool TokensEqual(const std::string& a, const std::string& b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ (i < b.size() ? b[i] : 0));
-  return diff == 0;
-}
-
 }  // namespace gyre

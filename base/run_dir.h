@@ -42,7 +42,4 @@ absl::StatusOr<std::string> CreateOrReadToken(const std::string& path);
 // leaked token grants full control of the run.
 absl::StatusOr<std::string> ReadToken(const std::string& path);
 
-// Compares without an early exit, so response time does not reveal a matching prefix.
-bool TokensEqual(const std::string& a, const std::string& b);
-
 }  // namespace gyre

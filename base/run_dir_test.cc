@@ -43,12 +43,9 @@ TEST(RunDirTest, WorldReadableOrMissingTokenIsRefused) {
   EXPECT_TRUE(absl::IsNotFound(ReadToken(TempDir() + "/nope").status()));
 }
 
-TEST(RunDirTest, TokensEqual) {
-  EXPECT_TRUE(TokensEqual("abc", "abc"));
-  EXPECT_FALSE(TokensEqual("abc", "abd"));
-  EXPECT_FALSE(TokensEqual("abc", "ab"));
-  EXPECT_FALSE(TokensEqual("", "a"));
+TEST(RunDirTest, Paths) {
   EXPECT_EQ(RunDir("runs/x").token_path(), "runs/x/token");
+  EXPECT_EQ(RunDir("runs/x").control_address_path(), "runs/x/coordinator.addr");
 }
 
 }  // namespace

@@ -10,12 +10,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/env.h"
+#include "base/run_dir.h"
 #include "cli/commands.h"
 #include "coordinator/core_loop.h"
 #include "coordinator/http/http_server.h"
 #include "coordinator/http/loop_source.h"
 #include "coordinator/journal.h"
-#include "coordinator/run_token.h"
 #include "coordinator/services.h"
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/json_util.h"
@@ -76,7 +76,7 @@ int RunCoordinator(int argc, char** argv) {
       !s.ok()) {
     return fail(s);
   }
-  auto token = coordinator::LoadOrCreateRunToken(JoinPath(run_dir, "token"));
+  auto token = CreateOrReadToken(RunDir(run_dir).token_path());
   if (!token.ok()) return fail(token.status());
   auto journal = coordinator::OpenRocksJournal(JoinPath(run_dir, "journal"), {});
   if (!journal.ok()) return fail(journal.status());

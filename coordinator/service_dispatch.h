@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "coordinator/core_loop.h"
-#include "coordinator/grpc_status.h"
+#include "base/grpc_status.h"
 #include "grpcpp/server_context.h"
 
 namespace gyre::coordinator::internal {
