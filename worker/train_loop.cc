@@ -5,9 +5,33 @@
 
 namespace gyre {
 
+namespace {
+
+// Answers that mean "your view of the run is out of date" (a coordinator restart, a generation
+// that moved on, a session declared dead): the worker re-attaches and lets the coordinator
+// decide, keeping its parameters. Anything else is a real error.
+bool NeedsResync(const absl::Status& s) {
+  return absl::IsNotFound(s) || absl::IsFailedPrecondition(s) || absl::IsAborted(s);
+}
+
+constexpr int kMaxResyncsInARow = 50;
+
+}  // namespace
+
 absl::Status Worker::Run() {
   RETURN_IF_ERROR(RegisterSession());
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  int resyncs = 0;
+  auto resync = [&](const absl::Status& why) -> absl::Status {
+    if (++resyncs > kMaxResyncsInARow) return why;
+    std::fprintf(stderr, "worker: %s; re-attaching to the coordinator\n", std::string(why.message()).c_str());
+    if (collective_) collective_->Abort();
+    collective_.reset();
+    replica_->DropGradients();
+    session_lost_.store(true);
+    clock_->SleepMicros(options_.broken_collective_wait_ms * 1000);
+    return absl::OkStatus();
+  };
   while (true) {
     if (session_lost_.load()) RETURN_IF_ERROR(RegisterSession());  // coordinator forgot us
     gyre::v1::AcquireStepRequest request;
@@ -15,8 +39,8 @@ absl::Status Worker::Run() {
     request.set_generation(generation_.load());
     request.set_step(applied_steps_.load());
     absl::StatusOr<gyre::v1::StepLease> lease = client_->AcquireStep(request);
-    if (absl::IsNotFound(lease.status())) {
-      session_lost_.store(true);
+    if (NeedsResync(lease.status())) {
+      RETURN_IF_ERROR(resync(lease.status()));
       continue;
     }
     if (!lease.ok()) return lease.status();
@@ -36,13 +60,24 @@ absl::Status Worker::Run() {
         return absl::OkStatus();
       }
       case gyre::v1::STEP_DECISION_RECONFIGURE:
-        RETURN_IF_ERROR(JoinGeneration(*lease));
+        if (absl::Status s = JoinGeneration(*lease); !s.ok()) {
+          // A member that never showed up (or died) while the communicator formed: the
+          // coordinator will form another generation. Bad checkpoints or configs are fatal.
+          const bool transient = NeedsResync(s) || absl::IsDeadlineExceeded(s) || absl::IsUnavailable(s);
+          if (!transient) return s;
+          RETURN_IF_ERROR(resync(s));
+        }
         continue;
       case gyre::v1::STEP_DECISION_CHECKPOINT:
         StartCheckpoint(*lease);
         [[fallthrough]];
       case gyre::v1::STEP_DECISION_RUN:
-        RETURN_IF_ERROR(RunStep(*lease));
+        if (absl::Status s = RunStep(*lease); !s.ok()) {
+          if (!NeedsResync(s)) return s;
+          RETURN_IF_ERROR(resync(s));
+          continue;
+        }
+        resyncs = 0;
         continue;
       default:
         return absl::InternalError(absl::StrCat("unknown lease decision ", lease->decision()));

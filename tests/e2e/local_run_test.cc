@@ -126,12 +126,16 @@ TEST_F(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLe
     ::_exit(127);
   }
   auto dump_logs = [&] {
-    for (const auto& f : {log, run_dir_ + "/logs/coordinator.log", run_dir_ + "/logs/worker-0.log"}) {
+    std::vector<std::string> files = {log};
+    if (fs::exists(run_dir_ + "/logs")) {
+      for (const auto& e : fs::directory_iterator(run_dir_ + "/logs")) files.push_back(e.path());
+    }
+    for (const auto& f : files) {
       std::ifstream in(f);
       std::stringstream ss;
       ss << in.rdbuf();
       std::string text = ss.str();
-      if (text.size() > 4000) text = text.substr(text.size() - 4000);
+      if (text.size() > 1500) text = text.substr(text.size() - 1500);
       std::fprintf(stderr, "---- %s (tail)\n%s\n", f.c_str(), text.c_str());
     }
   };
@@ -146,12 +150,26 @@ TEST_F(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLe
   std::fprintf(stderr, "killed worker %d at committed step %llu\n", workers.front(), (unsigned long long)before);
   ASSERT_TRUE(WaitFor([&] { return Committed() >= before + 5; }, 180)) << (dump_logs(), "no progress after worker kill");
 
-  // 2. pause: commits stop (a step already leased may still commit), then resume.
+  // 2. pause: commits stop (a step already leased may still commit: wait until the count has
+  // been still for 5 s), then nothing commits for another 5 s; then resume.
   ASSERT_FALSE(Ctl({"pause"}).is_null());
-  std::this_thread::sleep_for(std::chrono::seconds(3));
   uint64_t paused_at = Committed();
-  std::this_thread::sleep_for(std::chrono::seconds(3));
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        uint64_t now = Committed();
+        if (now != paused_at) {
+          paused_at = now;
+          return false;
+        }
+        std::this_thread::sleep_for(std::chrono::seconds(5));
+        return Committed() == paused_at;
+      },
+      120))
+      << "commits did not stop after pause";
+  std::this_thread::sleep_for(std::chrono::seconds(5));
   EXPECT_EQ(Committed(), paused_at) << "a step committed while paused";
+  nlohmann::json paused = Ctl({"status"});
+  EXPECT_EQ(paused.value("state", ""), "RUN_STATE_PAUSED") << paused.dump();
   ASSERT_FALSE(Ctl({"resume"}).is_null());
   ASSERT_TRUE(WaitFor([&] { return Committed() > paused_at; }, 120)) << (dump_logs(), "no progress after resume");
 
