@@ -26,7 +26,9 @@ struct ClusterClientOptions {
   int64_t complete_deadline_ms = 180000;
   int64_t retry_budget_ms = 600000;  // how long to keep retrying an unreachable coordinator
   int64_t backoff_initial_ms = 100;
-  int64_t backoff_max_ms = 5000;
+  // Kept under typical heartbeat timeouts, so a restarted coordinator sees its members return
+  // before it declares them lost.
+  int64_t backoff_max_ms = 1000;
 };
 
 class ClusterClient {
