@@ -7,7 +7,7 @@
 // GEMMs (dh_{t−1} = dG R_hd, dR_hd += dGᵀ h_{t−1}).
 #include "kernels/cpu/slstm.h"
 
-#include <cblas.h>
+#include "kernels/cpu/blas_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -16,18 +16,6 @@
 
 namespace gyre::cpu {
 namespace {
-
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
-          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
-          int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
 
 template <typename T>
 T Sigmoid(T x) {
