@@ -1,5 +1,7 @@
 #include "dataloader/json_line.h"
 
+#include "base/utf8.h"
+
 #include <cstring>
 #include <functional>
 
@@ -12,23 +14,6 @@ using simdjson::ondemand::json_type;
 
 constexpr uint32_t kReplacement = 0xFFFD;
 
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
 
 int HexDigit(char c) {
   if (c >= '0' && c <= '9') return c - '0';
@@ -97,7 +82,7 @@ bool UnescapeJsonString(const char* p, const char* end, std::string* out,
           if (end - p >= 6 && p[0] == '\\' && p[1] == 'u') {
             const int32_t low = Hex4(p + 2, end);
             if (low >= 0xDC00 && low <= 0xDFFF) {
-              AppendUtf8(0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00), out);
+              AppendUtf8(static_cast<char32_t>(0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)), out);
               p += 6;
               break;
             }
@@ -108,7 +93,7 @@ bool UnescapeJsonString(const char* p, const char* end, std::string* out,
           AppendUtf8(kReplacement, out);
           ++*lone_surrogates;
         } else {
-          AppendUtf8(static_cast<uint32_t>(cp), out);
+          AppendUtf8(static_cast<char32_t>(cp), out);
         }
         break;
       }

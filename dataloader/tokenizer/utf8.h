@@ -7,6 +7,8 @@
 #include <string>
 #include <string_view>
 
+#include "base/utf8.h"
+
 namespace gyre::tokenizer_internal {
 
 inline constexpr char32_t kReplacementChar = 0xFFFD;
@@ -22,6 +24,6 @@ size_t FindInvalidUtf8(std::string_view s);
 std::string ReplaceInvalidUtf8(std::string_view s);
 
 // Appends the UTF-8 encoding of `cp` (a scalar value) to `*out`.
-void AppendUtf8(char32_t cp, std::string* out);
+using ::gyre::AppendUtf8;
 
 }  // namespace gyre::tokenizer_internal

@@ -20,6 +20,7 @@
 #include "kernels/cpu/mlstm.h"
 
 #include "kernels/cpu/blas_gemm.h"
+#include "kernels/cpu/cell_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -53,33 +54,6 @@ T LogForgetDerivative(MlstmForgetGate gate, T f_raw) {
   return gate == MlstmForgetGate::kSigmoid ? Sigmoid(-f_raw) : T(1);
 }
 
-// Σ a_i b_i with 16 independent partial sums: the compiler vectorises it (a single running sum
-// is a serial dependency chain, and Dot over a whole dk×dv state was the hottest loop).
-// exp for the decay weights that feed the matrix products (every exponent here is <= 0, up to
-// rounding). Below e^-60 (float) / e^-600 (double) the weight is flushed to 0: such a term is
-// < 1e-26 of the largest weight of its row (which is e^0), far below rounding, and letting it
-// through would put denormals into the GEMMs, which are many times slower on x86 (measured: a
-// Mamba-2 head with strong decay made the SSD forward ~1.8x slower per token; mLSTM gates
-// reach the same range).
-template <typename T>
-T DecayExp(T x) {
-  constexpr T kFloor = sizeof(T) == sizeof(float) ? T(-60) : T(-600);
-  return x < kFloor ? T(0) : std::exp(x);
-}
-
-template <typename T>
-T Dot(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 16;
-  T part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * b[i + j];
-  }
-  T s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < kLanes; ++j) s += part[j];
-  return s;
-}
 
 // The opaque `saved` buffer: one block per (batch, head) in [B, NH] order, so batch row b's part
 // is contiguous (mlstm.h promises this). Offsets below are inside one block.
