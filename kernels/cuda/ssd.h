@@ -1,0 +1,111 @@
+// Mamba-2 SSD (state-space duality), chunked forward and backward on the GPU: the CUDA twin of
+// kernels/cpu/ssd.h (same math, layouts, options and gradient contract; read that header first).
+//
+//     dt_t = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max),  A = −exp(A_log)
+//     H_t  = exp(dt_t·A)·H_{t−1} + dt_t·x_t B_tᵀ,                  y_t = H_t C_t + D·x_t
+//
+// Layouts (row-major, contiguous, token-major), dtypes:
+//     x, y, dx, dy       [B, S, H, P]   bf16
+//     B, C, dB, dC       [B, S, G, N]   bf16   (head h uses group h / (H/G))
+//     dt_raw, d dt_raw   [B, S, H]      fp32
+//     A_log, dt_bias, D  [H]            fp32   (and their gradients, fp32)
+//     states             [B, H, P, N]   fp32   (initial, final, and their gradients)
+//
+// Gradient contract (as the CPU API): dx, d dt_raw, dB, dC and d initial state are OVERWRITTEN;
+// dA_log, d dt_bias and dD ACCUMULATE (deterministically: no float atomics on them).
+//
+// Supported shapes (others return InvalidArgument, never crash): head_dim P and state_dim N
+// multiples of 32 with P <= 128 and N <= 256; chunk_size a multiple of 64 and <= 256; any
+// seq_len >= 1 (the last chunk may be partial); G divides H.
+//
+// The opaque `saved` buffer (ssd_saved_bytes) holds, per batch row (batch-major, so a call on
+// rows [b0, b1) may advance every pointer by b0 rows, `saved` by b0·ssd_saved_bytes(batch=1)):
+// the NC+1 chunk-boundary states fp32 [H, NC+1, P, N], dt after softplus/clamp fp32 [S, H], and
+// the within-chunk cumulative sums of dt·A fp32 [H, NC·Q]. The backward takes its scratch from a
+// DeviceAllocator (cached after the first call; same stream semantics as that allocator).
+//
+// All calls are asynchronous on `stream`; pointers are device pointers. Not thread-safe with
+// respect to the same output buffers; otherwise stateless.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/device_info.h"
+
+namespace gyre::cuda {
+
+// Field-for-field the same as gyre::cpu::SsdShape / SsdOptions (nvcc code keeps off abseil,
+// which the CPU header pulls in).
+struct SsdShape {
+  int64_t batch = 0;       // B
+  int64_t seq_len = 0;     // S
+  int64_t num_heads = 0;   // H
+  int64_t head_dim = 0;    // P
+  int64_t num_groups = 1;  // G (divides H)
+  int64_t state_dim = 0;   // N
+};
+
+struct SsdOptions {
+  int64_t chunk_size = 256;  // Q
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+};
+
+struct SsdForwardArgs {
+  SsdShape shape;
+  SsdOptions options;
+  const __nv_bfloat16* x = nullptr;   // [B, S, H, P]
+  const float* dt = nullptr;          // [B, S, H] raw dt (before + dt_bias and softplus)
+  const float* a_log = nullptr;       // [H]
+  const float* dt_bias = nullptr;     // [H]
+  const __nv_bfloat16* b = nullptr;   // [B, S, G, N]
+  const __nv_bfloat16* c = nullptr;   // [B, S, G, N]
+  const float* d = nullptr;           // [H] D skip; null = none
+  const float* initial_state = nullptr;  // [B, H, P, N] or null (zeros)
+  __nv_bfloat16* y = nullptr;         // [B, S, H, P] overwritten
+  void* saved = nullptr;              // [ssd_saved_bytes] overwritten; required
+  float* final_state = nullptr;       // [B, H, P, N] or null
+};
+
+struct SsdBackwardArgs {
+  SsdShape shape;
+  SsdOptions options;
+  // The forward's inputs (same values) and its saved buffer.
+  const __nv_bfloat16* x = nullptr;
+  const float* dt = nullptr;
+  const float* a_log = nullptr;
+  const float* dt_bias = nullptr;
+  const __nv_bfloat16* b = nullptr;
+  const __nv_bfloat16* c = nullptr;
+  const float* d = nullptr;
+  const void* saved = nullptr;
+  const __nv_bfloat16* dy = nullptr;     // [B, S, H, P]
+  const float* d_final_state = nullptr;  // [B, H, P, N] or null (zero)
+  // Overwritten:
+  __nv_bfloat16* dx = nullptr;           // [B, S, H, P]
+  float* ddt = nullptr;                  // [B, S, H]
+  __nv_bfloat16* db = nullptr;           // [B, S, G, N]
+  __nv_bfloat16* dc = nullptr;           // [B, S, G, N]
+  float* d_initial_state = nullptr;      // [B, H, P, N] or null (not wanted)
+  // Accumulated:
+  float* da_log = nullptr;               // [H]
+  float* ddt_bias = nullptr;             // [H]
+  float* dd = nullptr;                   // [H] or null (ignored when d is null)
+};
+
+// Empty message when the shape and options are supported by these kernels.
+CudaResult SsdCheck(const SsdShape& shape, const SsdOptions& options);
+
+// Bytes of the saved buffer the forward writes and the backward reads.
+int64_t SsdSavedBytes(const SsdShape& shape, const SsdOptions& options);
+
+CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
+CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
+                       cudaStream_t stream);
+
+}  // namespace gyre::cuda
