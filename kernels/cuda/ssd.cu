@@ -1,0 +1,1132 @@
+// Mamba-2 SSD chunked forward and backward on the GPU; the contract is in ssd.h, the math in
+// kernels/cpu/ssd.h and MODELS.md §4.1–4.2.
+//
+// ---------------------------------------------------------------------------------------------
+// The algorithm
+// ---------------------------------------------------------------------------------------------
+// Per batch row b, head h (group g = h / (H/G)), chunk c of Q tokens (the last may be partial;
+// its missing tokens are treated as dt = 0, x = B = C = 0, which changes nothing):
+//
+//   a_t = dt_t·A,  Acs_t = Σ_{t'≤t in chunk} a_t'   (≤ 0, decreasing; every exponent below ≤ 0)
+//   S_c   = Σ_s (e^{Acs_last − Acs_s} dt_s x_s)ᵀ B_s                  [P×N] chunk state
+//   H_c+1 = e^{Acs_last} H_c + S_c                                     state passing (fp32)
+//   y_l   = Σ_{s≤l} (C_l·B_s) e^{Acs_l − Acs_s} dt_s x_s               intra-chunk (quadratic)
+//         + e^{Acs_l} C_l H_cᵀ + D x_l                                 inter-chunk + skip
+//
+// Forward kernels (token tiles of 64 rows; all products on tensor cores through WMMA bf16
+// m16n16k16 with fp32 accumulators, each warp owning 32×32 output tiles):
+//   1. ssd_dt_cumsum       dt = clamp(softplus(raw + bias)) (saved), Acs per chunk (saved).
+//   2. ssd_chunk_state     S_c for every (b, c, h, 64-column slice of N), written straight into
+//                          the saved boundary-state slot c+1.
+//   3. ssd_state_pass      one thread per state element walks the chunks: H_{c+1} = e·H_c + S_c,
+//                          in place; slot 0 = initial state; the last slot is the final state.
+//   4. ssd_chunk_scan_fwd  per (b, c, h, 64-row tile of l): y = e^{Acs} C H_cᵀ (one product,
+//                          rows scaled), then for each s-tile ≤ l-tile: M = C Bᵀ (fp32), masked
+//                          and scaled by e^{Acs_l−Acs_s}·dt_s, rounded to bf16, y += M x_s; + D x.
+//                          C Bᵀ is recomputed per head instead of stored (G = 1 would share it
+//                          across all H heads, but storing it costs Q² fp32 per (b, c) of reads
+//                          per head, and the recompute is only Q²N of the ~Q²(N+P)+2QPN flops).
+//
+// Backward (reverse-mode of exactly the above; bf16 operands, fp32 accumulation):
+//   1. ssd_chunk_state<bwd>  dS_c = Σ_l (e^{Acs_l} dy_l)ᵀ C_l: the part of ∂L/∂H_c that chunk
+//                          c's own outputs produce.
+//   2. ssd_state_pass_bwd  reverse walk: G_NC = d final; the buffer slot c receives G_{c+1}
+//                          (= ∂L/∂(output state of chunk c)); G_c = e^{Acs_last} G_{c+1} + dS_c;
+//                          G_0 = d initial state. Also the partial dot products
+//                          <G_{c+1}, H_c> (the decay's gradient), per 256 elements.
+//   3. ssd_chunk_scan_bwd_dx  per (b, c, h), whole chunk in one block: dX̄_s = e^{Acs_last−Acs_s}
+//                          B_s G_{c+1}ᵀ + Σ_{l≥s} (B_s·C_l) e^{Acs_l−Acs_s} dy_l; dx = dt·dX̄ + D dy;
+//                          every ∂/∂Acs term (intra: dt_s (x_s·dy_l) M_ls, summed into l and
+//                          subtracted from s; state: the decay weights and <G, H_c>; inter:
+//                          e^{Acs_l} dy_l·(C_l H_cᵀ)) summed in shared memory, reverse-cumsummed
+//                          into ∂/∂a, then d dt_raw (through softplus/clamp), and per-block
+//                          partials of ∂A, ∂dt_bias, ∂D in float64.
+//   4. ssd_chunk_scan_bwd_dbc<dC|dB>  per (b, c, g, 64-row tile, head split): the heads of the
+//                          group are looped inside the block, summing dCB = Σ_h dt_s e^{..}
+//                          (dy_l·x_s) in fp32 shared memory, plus the per-head state terms
+//                          e^{Acs_l} dy_l H_c (dC) and e^{Acs_last−Acs_s} dt_s x_s G_{c+1} (dB);
+//                          then dC += dCB B, dB += dCBᵀ C. Head splits write fp32 partials that
+//                          ssd_reduce_bc sums in a fixed order into bf16 dB, dC.
+//   5. ssd_param_reduce    ∂A_log, ∂dt_bias, ∂D: the per-(b, c, h) partials summed per head in a
+//                          fixed order and ACCUMULATED (deterministic; no float atomics on
+//                          parameters). The only atomics are shared-memory adds of ∂Acs terms
+//                          inside one block (order may vary run to run at fp32 rounding level).
+//
+// ---------------------------------------------------------------------------------------------
+// Cost (B8 S2048 H64 P64 N128 G1 Q256: NC = 8 chunks, B·NC·H = 4096 (b, c, h) blocks)
+// ---------------------------------------------------------------------------------------------
+// FLOPs per (b, c, h), causal halves counted as computed (tile pairs on/below the diagonal,
+// (Q/64)(Q/64+1)/2 = 10 of 16 for Q = 256):
+//   forward:  C Bᵀ 2·Q²N·(10/16) 10.5M + M x 2·Q²P·(10/16) 5.2M + C Hᵀ 2QPN 4.2M
+//             + chunk state 2QPN 4.2M                                    = 24.1 MFLOP → 99 GFLOP
+//   backward: dS 4.2M; dx kernel: B Cᵀ 10.5M + x dyᵀ 5.2M + M dy 5.2M + B Gᵀ 4.2M + C Hᵀ 4.2M;
+//             dB/dC kernels: 2 × (x dyᵀ 5.2M + state term 4.2M) + the summed dCB products
+//             (once per group, negligible at G = 1)                   = 52.2 MFLOP → 214 GFLOP
+// Bytes (fewest the contract allows, bf16 = 2): forward reads x, B, C, dt and writes y,
+//   the saved states (B·H·(NC+1)·P·N fp32 = 151 MB here), dt, Acs: ≈ 67+8+8+4 + 67 + 151
+//   ≈ 0.31 GB; backward reads x, B, C, dy, saved (≈ 0.3 GB) and writes dx, dB, dC, ddt
+//   (≈ 0.15 GB) plus the dS/G buffer (134 MB written and read twice).
+// Floors on an H100 (≈ 3.3 TB/s, ≈ 800 dense bf16 TFLOP/s peak, far less through WMMA):
+//   forward ≈ 0.12 ms (flops) / 0.10 ms (bytes); backward ≈ 0.27 / 0.25 ms. This code uses WMMA
+//   from shared memory (not wgmma), so expect a few times the floor; see README.md for measured.
+#include "kernels/cuda/ssd.h"
+
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/vec_util.cuh"
+
+namespace gyre::cuda {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 64;      // token rows per tile
+
+// ------------------------------------------------------------------ shapes and the saved buffer
+
+struct Dims {
+  int B, S, H, P, G, N, Q, NC, hpg;
+  int64_t PN;
+  int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
+  int64_t dt_off, acs_off;
+  float dt_min, dt_max;
+};
+
+Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
+  Dims d;
+  d.B = static_cast<int>(s.batch);
+  d.S = static_cast<int>(s.seq_len);
+  d.H = static_cast<int>(s.num_heads);
+  d.P = static_cast<int>(s.head_dim);
+  d.G = static_cast<int>(s.num_groups);
+  d.N = static_cast<int>(s.state_dim);
+  d.Q = static_cast<int>(o.chunk_size);
+  d.NC = static_cast<int>((s.seq_len + o.chunk_size - 1) / o.chunk_size);
+  d.hpg = d.H / std::max(d.G, 1);
+  d.PN = static_cast<int64_t>(d.P) * d.N;
+  d.dt_off = static_cast<int64_t>(d.H) * (d.NC + 1) * d.PN;
+  d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
+  const int64_t raw = d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q;
+  d.per_batch = (raw + 63) / 64 * 64;
+  d.dt_min = static_cast<float>(o.dt_min);
+  d.dt_max = static_cast<float>(o.dt_max);
+  return d;
+}
+
+__device__ __forceinline__ float* StatePtr(const Dims& d, float* saved, int b, int h, int slot) {
+  return saved + b * d.per_batch + (static_cast<int64_t>(h) * (d.NC + 1) + slot) * d.PN;
+}
+__device__ __forceinline__ const float* StatePtr(const Dims& d, const float* saved, int b, int h,
+                                                 int slot) {
+  return saved + b * d.per_batch + (static_cast<int64_t>(h) * (d.NC + 1) + slot) * d.PN;
+}
+// dt after softplus/clamp, [S, H] per batch row.
+__device__ __forceinline__ const float* DtPtr(const Dims& d, const float* saved, int b) {
+  return saved + b * d.per_batch + d.dt_off;
+}
+// Acs for head h, [NC·Q] per (batch row, head); padded tokens carry the last value.
+__device__ __forceinline__ const float* AcsPtr(const Dims& d, const float* saved, int b, int h) {
+  return saved + b * d.per_batch + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q;
+}
+
+__device__ __forceinline__ float Softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float Sigmoid(float x) {
+  if (x >= 0.f) return 1.f / (1.f + expf(-x));
+  const float e = expf(x);
+  return e / (1.f + e);
+}
+
+// ------------------------------------------------------------------ block-level tensor-core GEMM
+//
+// The block's warps tile an m×n output (m, n multiples of 32) into 32×32 warp tiles, warp w
+// taking tiles w, w + 4, ...; MAXI bounds the tiles per warp (the caller checks m·n/1024 <=
+// 4·MAXI). Operands are bf16 in shared memory: A(i, k) at a[i·lda + k] (a[k·lda + i] when AT),
+// B(k, j) at b[k·ldb + j] (b[j·ldb + k] when BT). lda, ldb multiples of 8.
+
+struct WarpTile {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
+};
+
+template <int MAXI>
+__device__ __forceinline__ void ZeroTiles(WarpTile (&acc)[MAXI]) {
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) wmma::fill_fragment(acc[i].f[r][s], 0.f);
+}
+
+template <bool AT, bool BT, int MAXI>
+__device__ __forceinline__ void MmaTiles(WarpTile (&acc)[MAXI], const bf16* a, int lda,
+                                         const bf16* b, int ldb, int m, int n, int k) {
+  using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
+  using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
+  const int warp = threadIdx.x / 32;
+  const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i) {
+    const int wt = warp + i * kWarps;
+    if (wt < nt) {
+      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+      for (int kk = 0; kk < k; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bf16* pa = AT ? a + kk * lda + (i0 + 16 * r) : a + (i0 + 16 * r) * lda + kk;
+          wmma::load_matrix_sync(fa[r], pa, lda);
+          const bf16* pb = BT ? b + (j0 + 16 * r) * ldb + kk : b + kk * ldb + (j0 + 16 * r);
+          wmma::load_matrix_sync(fb[r], pb, ldb);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int s = 0; s < 2; ++s) wmma::mma_sync(acc[i].f[r][s], fa[r], fb[s], acc[i].f[r][s]);
+      }
+    }
+  }
+}
+
+// Stores the m×n accumulators to c (row-major, ldc a multiple of 4; shared or global memory).
+template <int MAXI>
+__device__ __forceinline__ void StoreTiles(const WarpTile (&acc)[MAXI], float* c, int64_t ldc,
+                                           int m, int n) {
+  const int warp = threadIdx.x / 32;
+  const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i) {
+    const int wt = warp + i * kWarps;
+    if (wt < nt) {
+      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+          wmma::store_matrix_sync(c + (i0 + 16 * r) * ldc + j0 + 16 * s, acc[i].f[r][s],
+                                  static_cast<unsigned>(ldc), wmma::mem_row_major);
+    }
+  }
+}
+
+template <int MAXI>
+__device__ __forceinline__ void LoadTiles(WarpTile (&acc)[MAXI], const float* c, int ldc, int m,
+                                          int n) {
+  const int warp = threadIdx.x / 32;
+  const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i) {
+    const int wt = warp + i * kWarps;
+    if (wt < nt) {
+      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+          wmma::load_matrix_sync(acc[i].f[r][s], c + (i0 + 16 * r) * ldc + j0 + 16 * s, ldc,
+                                 wmma::mem_row_major);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ tile loads (global → shared)
+
+// 64 rows × width bf16 (width % 8 == 0) from src (row stride `stride` elements) into dst (row
+// stride ld). Rows >= valid are zero. With `scale`, row r is multiplied by scale[r] (fp32) and
+// rounded to bf16.
+__device__ __forceinline__ void LoadRows(bf16* dst, int ld, const bf16* src, int64_t stride,
+                                         int valid, int width, const float* scale = nullptr) {
+  const int vpr = width / 8;
+  for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+    const int r = i / vpr, v = (i % vpr) * 8;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (r < valid) {
+      raw = *reinterpret_cast<const uint4*>(src + r * stride + v);
+      if (scale != nullptr) {
+        float f[8];
+        LoadBf16<8>(reinterpret_cast<const bf16*>(&raw), f);
+        const float sc = scale[r];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] *= sc;
+        StoreBf16<8>(reinterpret_cast<bf16*>(&raw), f);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + r * ld + v) = raw;
+  }
+}
+
+// A P×N fp32 state (row stride N) into bf16 shared memory (row stride ld).
+__device__ __forceinline__ void LoadState(bf16* dst, int ld, const float* src, int P, int N) {
+  const int vpr = N / 4;
+  for (int i = threadIdx.x; i < P * vpr; i += kThreads) {
+    const int r = i / vpr, v = (i % vpr) * 4;
+    const float4 f = *reinterpret_cast<const float4*>(src + static_cast<int64_t>(r) * N + v);
+    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + v);
+    out[0] = __floats2bfloat162_rn(f.x, f.y);
+    out[1] = __floats2bfloat162_rn(f.z, f.w);
+  }
+}
+
+// Shared-memory carve-out: 128-byte aligned pieces of one dynamic buffer.
+struct Carve {
+  char* base;
+  size_t off = 0;
+  template <typename T>
+  __device__ __host__ T* take(size_t count) {
+    T* p = reinterpret_cast<T*>(base + off);
+    off += (count * sizeof(T) + 127) / 128 * 128;
+    return p;
+  }
+};
+// The same arithmetic on the host, for launch sizes.
+struct CarveSize {
+  size_t off = 0;
+  template <typename T>
+  void take(size_t count) { off += (count * sizeof(T) + 127) / 128 * 128; }
+};
+
+// ------------------------------------------------------------------ forward kernels
+
+// grid (NC, H, B), block Q threads.
+__global__ void ssd_dt_cumsum(Dims d, const float* dt_raw, const float* a_log,
+                              const float* dt_bias, float* saved) {
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int t = c * d.Q + tid;
+  float dtv = 0.f;
+  if (t < d.S) {
+    const float sp = Softplus(dt_raw[(static_cast<int64_t>(b) * d.S + t) * d.H + h] + dt_bias[h]);
+    dtv = fminf(fmaxf(sp, d.dt_min), d.dt_max);
+    saved[b * d.per_batch + d.dt_off + static_cast<int64_t>(t) * d.H + h] = dtv;
+  }
+  const float A = -expf(a_log[h]);
+  float v = dtv * A;
+  const int lane = tid % 32, warp = tid / 32;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float o = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += o;
+  }
+  __shared__ float warp_sum[32];
+  if (lane == 31) warp_sum[warp] = v;
+  __syncthreads();
+  float prefix = 0.f;
+  for (int w = 0; w < warp; ++w) prefix += warp_sum[w];
+  saved[b * d.per_batch + d.acs_off + (static_cast<int64_t>(h) * d.NC + c) * d.Q + tid] =
+      v + prefix;
+}
+
+// Forward: out = Σ_s (e^{Acs_last − Acs_s} dt_s x_s)ᵀ B_s into the saved state slot c+1.
+// Backward: out = Σ_l (e^{Acs_l} dy_l)ᵀ C_l into dS[b, h, c].
+// grid (NC, H·ceil(N/64), B); dynamic smem: U [64][P+8], V [64][72] bf16, scale [64].
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* u, const bf16* v,
+                                                            float* saved, float* ds_out) {
+  extern __shared__ __align__(128) char smem[];
+  const int ntn = (d.N + 63) / 64;
+  const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
+  const int n0 = (blockIdx.y % ntn) * 64, nw = min(64, d.N - n0);
+  const int g = h / d.hpg;
+  Carve cv{smem};
+  const int ldu = d.P + 8, ldv = 72;
+  bf16* Us = cv.take<bf16>(kTile * ldu);
+  bf16* Vs = cv.take<bf16>(kTile * ldv);
+  float* scale = cv.take<float>(kTile);
+  const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
+  const float* dts = DtPtr(d, saved, b);
+  const float acs_last = acs[d.Q - 1];
+
+  WarpTile acc[2];
+  ZeroTiles(acc);
+  for (int tt = 0; tt < d.Q / kTile; ++tt) {
+    const int t0 = c * d.Q + tt * kTile;
+    const int valid = min(kTile, d.S - t0);
+    if (valid <= 0) break;
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      float s = 0.f;
+      if (r < valid) {
+        const float a = acs[tt * kTile + r];
+        s = kBwd ? expf(a) : expf(acs_last - a) * dts[static_cast<int64_t>(t0 + r) * d.H + h];
+      }
+      scale[r] = s;
+    }
+    __syncthreads();
+    LoadRows(Us, ldu, u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P,
+             static_cast<int64_t>(d.H) * d.P, valid, d.P, scale);
+    LoadRows(Vs, ldv, v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0,
+             static_cast<int64_t>(d.G) * d.N, valid, nw);
+    __syncthreads();
+    MmaTiles<true, false, 2>(acc, Us, ldu, Vs, ldv, d.P, nw, kTile);
+    __syncthreads();
+  }
+  float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
+                    : StatePtr(d, saved, b, h, c + 1);
+  StoreTiles(acc, out + n0, d.N, d.P, nw);
+}
+
+size_t ChunkStateSmem(const Dims& d) {
+  CarveSize cs;
+  cs.take<bf16>(kTile * (d.P + 8));
+  cs.take<bf16>(kTile * 72);
+  cs.take<float>(kTile);
+  return cs.off;
+}
+
+// grid (ceil(PN/256), H, B), block 256: slot 0 = initial; slot c+1 = e^{Acs_last,c} slot c + S_c.
+__global__ void ssd_state_pass(Dims d, const float* initial, float* saved, float* final_state) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (e >= d.PN) return;
+  float* base = StatePtr(d, saved, b, h, 0);
+  const float* acs = AcsPtr(d, saved, b, h);
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  float hv = initial != nullptr ? initial[bh * d.PN + e] : 0.f;
+  base[e] = hv;
+  for (int c = 0; c < d.NC; ++c) {
+    const float decay = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]);
+    float* slot = base + (c + 1) * d.PN + e;
+    hv = decay * hv + *slot;
+    *slot = hv;
+  }
+  if (final_state != nullptr) final_state[bh * d.PN + e] = hv;
+}
+
+struct ScanFwdSmem {
+  bf16 *Cl, *Bs, *Xs, *Hs, *Mb;
+  float *Ms, *Ys, *acs_l, *acs_s, *dt_s;
+};
+
+template <typename Carver>
+void CarveScanFwd(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(kTile * (d.N + 8));  // Cl
+  cv.template take<bf16>(kTile * (d.N + 8));  // Bs
+  cv.template take<bf16>(kTile * (d.P + 8));  // Xs
+  cv.template take<bf16>(d.P * (d.N + 8));    // Hs
+  cv.template take<bf16>(kTile * 72);         // Mb
+  cv.template take<float>(kTile * 68);        // Ms
+  cv.template take<float>(kTile * (d.P + 4)); // Ys
+  cv.template take<float>(kTile * 3);         // acs_l, acs_s, dt_s
+}
+
+// grid (NC·Q/64, H, B): y for one 64-row tile of one chunk and head.
+__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf16* x,
+                                                               const bf16* Bm, const bf16* Cm,
+                                                               const float* Dskip,
+                                                               const float* saved, bf16* y) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile;
+  const int c = blockIdx.x / tiles, lt = blockIdx.x % tiles, h = blockIdx.y, b = blockIdx.z;
+  const int g = h / d.hpg;
+  const int tl0 = c * d.Q + lt * kTile;
+  if (tl0 >= d.S) return;
+  const int lv = min(kTile, d.S - tl0);
+  const int ldn = d.N + 8, ldp = d.P + 8, ldy = d.P + 4;
+  Carve cv{smem};
+  bf16* Cl = cv.take<bf16>(kTile * ldn);
+  bf16* Bs = cv.take<bf16>(kTile * ldn);
+  bf16* Xs = cv.take<bf16>(kTile * ldp);
+  bf16* Hs = cv.take<bf16>(d.P * ldn);
+  bf16* Mb = cv.take<bf16>(kTile * 72);
+  float* Ms = cv.take<float>(kTile * 68);
+  float* Ys = cv.take<float>(kTile * ldy);
+  float* acs_l = cv.take<float>(kTile * 3);
+  float* acs_s = acs_l + kTile;
+  float* dt_s = acs_s + kTile;
+
+  const float* acs = AcsPtr(d, saved, b, h);
+  const float* dts = DtPtr(d, saved, b);
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+
+  LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+  LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
+  if (threadIdx.x < kTile) acs_l[threadIdx.x] = acs[tl0 + threadIdx.x];
+  __syncthreads();
+
+  // Inter-chunk: Ys = e^{Acs_l} (C_l H_cᵀ); becomes the accumulator's starting value.
+  WarpTile acc[2];
+  ZeroTiles(acc);
+  MmaTiles<false, true, 2>(acc, Cl, ldn, Hs, ldn, kTile, d.P, d.N);
+  StoreTiles(acc, Ys, ldy, kTile, d.P);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * d.P; i += kThreads) {
+    const int r = i / d.P, p = i % d.P;
+    Ys[r * ldy + p] *= expf(acs_l[r]);
+  }
+  __syncthreads();
+  LoadTiles(acc, Ys, ldy, kTile, d.P);
+
+  // Intra-chunk: s-tiles 0..lt.
+  for (int st = 0; st <= lt; ++st) {
+    const int ts0 = c * d.Q + st * kTile;
+    const int sv = min(kTile, d.S - ts0);
+    LoadRows(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    LoadRows(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      acs_s[r] = acs[ts0 + r];
+      dt_s[r] = r < sv ? dts[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
+    }
+    __syncthreads();
+    WarpTile sacc[1];
+    ZeroTiles(sacc);
+    MmaTiles<false, true, 1>(sacc, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
+    StoreTiles(sacc, Ms, 68, kTile, kTile);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      const int r = i / kTile, s = i % kTile;
+      float m = 0.f;
+      if (st < lt || s <= r) m = Ms[r * 68 + s] * expf(acs_l[r] - acs_s[s]) * dt_s[s];
+      Mb[r * 72 + s] = __float2bfloat16_rn(m);
+    }
+    __syncthreads();
+    MmaTiles<false, false, 2>(acc, Mb, 72, Xs, ldp, kTile, d.P, kTile);
+    __syncthreads();
+  }
+  StoreTiles(acc, Ys, ldy, kTile, d.P);
+  __syncthreads();
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  const int vpr = d.P / 8;
+  for (int i = threadIdx.x; i < lv * vpr; i += kThreads) {
+    const int r = i / vpr, p = (i % vpr) * 8;
+    const int64_t off = (tl0 + r) * x_stride + p;
+    float xv[8], out[8];
+    LoadBf16<8>(xb + off, xv);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = Ys[r * ldy + p + j] + dsk * xv[j];
+    StoreBf16<8>(y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P + off, out);
+  }
+}
+
+// ------------------------------------------------------------------ backward kernels
+
+// grid (ceil(PN/256), H, B), block 256. dsg [B, H, NC, PN]: in dS_c, out G_{c+1}.
+// ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
+__global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_final,
+                                   float* dsg, float* ddecay, float* d_initial) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const bool valid = e < d.PN;
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  float* buf = dsg + bh * d.NC * d.PN;
+  const float* acs = AcsPtr(d, saved, b, h);
+  float gv = (valid && d_final != nullptr) ? d_final[bh * d.PN + e] : 0.f;
+  __shared__ float warp_part[8];
+  for (int c = d.NC - 1; c >= 0; --c) {
+    float prod = 0.f, t = 0.f;
+    if (valid) {
+      t = buf[c * d.PN + e];
+      buf[c * d.PN + e] = gv;
+      prod = gv * StatePtr(d, saved, b, h, c)[e];
+    }
+    prod = WarpSum(prod);
+    if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = prod;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float s = 0.f;
+      for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += warp_part[w];
+      ddecay[(bh * d.NC + c) * gridDim.x + blockIdx.x] = s;
+    }
+    __syncthreads();
+    gv = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]) * gv + t;
+  }
+  if (valid && d_initial != nullptr) d_initial[bh * d.PN + e] = gv;
+}
+
+template <typename Carver>
+void CarveScanBwdDx(Carver& cv, const Dims& d) {
+  cv.template take<float>(4 * d.Q);             // acs, dts, dacs, ddtx
+  cv.template take<bf16>(d.P * (d.N + 8));      // HD (H_c, then G_{c+1})
+  cv.template take<bf16>(kTile * (d.N + 8));    // Bs
+  cv.template take<bf16>(kTile * (d.P + 8));    // Xs
+  cv.template take<bf16>(kTile * (d.N + 8));    // Cl
+  cv.template take<bf16>(kTile * (d.P + 8));    // dYl
+  cv.template take<float>(kTile * 68);          // Ms
+  cv.template take<float>(kTile * 68);          // Ms2
+  cv.template take<bf16>(kTile * 72);           // Mb
+  cv.template take<float>(kTile * (d.P + 4));   // DX
+  cv.template take<double>(3 * kWarps);         // block reduction
+}
+
+// Sum of a double over the block (fixed order); every thread gets the result.
+__device__ double BlockSumDouble(double v, double* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  double s = 0;
+  for (int w = 0; w < kWarps; ++w) s += scratch[w];
+  return s;
+}
+
+// grid (NC, H, B): one block per (b, c, h), whole chunk. Writes dx, ddt_raw and the partials
+// part[3][B·NC·H] (dA, ddt_bias, dD) as doubles.
+__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
+    Dims d, const bf16* x, const float* dt_raw, const float* a_log, const float* dt_bias,
+    const bf16* Bm, const bf16* Cm, const float* Dskip, const float* saved, const bf16* dy,
+    const float* dsg, const float* ddecay, int ddecay_parts, bf16* dx, float* ddt,
+    double* part) {
+  extern __shared__ __align__(128) char smem[];
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int g = h / d.hpg;
+  const int ldn = d.N + 8, ldp = d.P + 8, ldx = d.P + 4;
+  Carve cv{smem};
+  float* acs = cv.take<float>(4 * d.Q);
+  float* dts = acs + d.Q;
+  float* dacs = dts + d.Q;
+  float* ddtx = dacs + d.Q;
+  bf16* HD = cv.take<bf16>(d.P * ldn);
+  bf16* Bs = cv.take<bf16>(kTile * ldn);
+  bf16* Xs = cv.take<bf16>(kTile * ldp);
+  bf16* Cl = cv.take<bf16>(kTile * ldn);
+  bf16* dYl = cv.take<bf16>(kTile * ldp);
+  float* Ms = cv.take<float>(kTile * 68);
+  float* Ms2 = cv.take<float>(kTile * 68);
+  bf16* Mb = cv.take<bf16>(kTile * 72);
+  float* DX = cv.take<float>(kTile * ldx);
+  double* red = cv.take<double>(3 * kWarps);
+
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
+  const float* dt_g = DtPtr(d, saved, b);
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+    acs[i] = acs_g[i];
+    dts[i] = i < len ? dt_g[static_cast<int64_t>(c0 + i) * d.H + h] : 0.f;
+    dacs[i] = 0.f;
+    ddtx[i] = 0.f;
+  }
+  LoadState(HD, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
+  __syncthreads();
+
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int row = threadIdx.x / 2, half = threadIdx.x % 2, hp = d.P / 2;
+
+  // Phase 1 (inter term of ∂Acs): dacs_l += e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
+  for (int lt = 0; lt < nT; ++lt) {
+    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
+    LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+    LoadRows(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+    __syncthreads();
+    WarpTile a1[2];
+    ZeroTiles(a1);
+    MmaTiles<false, true, 2>(a1, Cl, ldn, HD, ldn, kTile, d.P, d.N);
+    StoreTiles(a1, DX, ldx, kTile, d.P);
+    __syncthreads();
+    float s = 0.f;
+    for (int p = half * hp; p < (half + 1) * hp; ++p)
+      s += DX[row * ldx + p] * __bfloat162float(dYl[row * ldp + p]);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (half == 0 && row < lv) dacs[lt * kTile + row] += expf(acs[lt * kTile + row]) * s;
+    __syncthreads();
+  }
+
+  // The state-passing decay: dacs_last += e^{Acs_last} <G_{c+1}, H_c>.
+  const float e_last = expf(acs[d.Q - 1]);
+  if (threadIdx.x == 0) {
+    const float* pp = ddecay + (bh * d.NC + c) * ddecay_parts;
+    float s = 0.f;
+    for (int i = 0; i < ddecay_parts; ++i) s += pp[i];
+    dacs[d.Q - 1] += e_last * s;
+  }
+  LoadState(HD, ldn, dsg + (bh * d.NC + c) * d.PN, d.P, d.N);  // G_{c+1}
+  __syncthreads();
+
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  double dd_acc = 0.0;
+  for (int st = 0; st < nT; ++st) {
+    const int s0 = st * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
+    LoadRows(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    LoadRows(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
+    __syncthreads();
+    // State term: DX = w_s (B_s Gᵀ); dlogw_s = dt_s w_s x_s·(B_s Gᵀ)_s.
+    WarpTile acc[2];
+    ZeroTiles(acc);
+    MmaTiles<false, true, 2>(acc, Bs, ldn, HD, ldn, kTile, d.P, d.N);
+    StoreTiles(acc, DX, ldx, kTile, d.P);
+    __syncthreads();
+    {
+      const float w = expf(acs[d.Q - 1] - acs[s0 + row]);
+      float dot = 0.f;
+      for (int p = half * hp; p < (half + 1) * hp; ++p) {
+        const float v = DX[row * ldx + p] * w;
+        DX[row * ldx + p] = v;
+        dot += v * __bfloat162float(Xs[row * ldp + p]);
+      }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      if (half == 0 && row < sv) {
+        const float dl = dts[s0 + row] * dot;
+        atomicAdd(&dacs[d.Q - 1], dl);
+        atomicAdd(&dacs[s0 + row], -dl);
+      }
+    }
+    __syncthreads();
+    LoadTiles(acc, DX, ldx, kTile, d.P);
+    for (int lt = st; lt < nT; ++lt) {
+      const int l0 = lt * kTile, tl0 = c0 + l0, lv = min(kTile, d.S - tl0);
+      LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+      LoadRows(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+      __syncthreads();
+      WarpTile t1[1], t2[1];
+      ZeroTiles(t1);
+      ZeroTiles(t2);
+      MmaTiles<false, true, 1>(t1, Bs, ldn, Cl, ldn, kTile, kTile, d.N);   // (s, l) B_s·C_l
+      MmaTiles<false, true, 1>(t2, Xs, ldp, dYl, ldp, kTile, kTile, d.P);  // (s, l) x_s·dy_l
+      StoreTiles(t1, Ms, 68, kTile, kTile);
+      StoreTiles(t2, Ms2, 68, kTile, kTile);
+      __syncthreads();
+      for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+        const int s = i / kTile, l = i % kTile;
+        float mt = 0.f;
+        if (lt > st || l >= s) mt = Ms[s * 68 + l] * expf(acs[l0 + l] - acs[s0 + s]);
+        Mb[s * 72 + l] = __float2bfloat16_rn(mt);
+        Ms2[s * 68 + l] = dts[s0 + s] * Ms2[s * 68 + l] * mt;
+      }
+      __syncthreads();
+      if (threadIdx.x < kTile) {
+        const int s = threadIdx.x;
+        float sum = 0.f;
+        for (int j = 0; j < kTile; ++j) sum += Ms2[s * 68 + (j + s) % kTile];
+        atomicAdd(&dacs[s0 + s], -sum);
+      } else {
+        const int l = threadIdx.x - kTile;
+        float sum = 0.f;
+        for (int i = 0; i < kTile; ++i) sum += Ms2[i * 68 + l];
+        atomicAdd(&dacs[l0 + l], sum);
+      }
+      MmaTiles<false, false, 2>(acc, Mb, 72, dYl, ldp, kTile, d.P, kTile);
+      __syncthreads();
+    }
+    StoreTiles(acc, DX, ldx, kTile, d.P);
+    __syncthreads();
+    // dx = dt dX̄ + D dy; ddtx = x·dX̄; dD += dy·x (two threads per row, P/2 columns each).
+    float dot_x = 0.f, dot_d = 0.f;
+    if (row < sv) {
+      const int64_t off = (ts0 + row) * x_stride;
+      for (int p = half * hp; p < (half + 1) * hp; p += 8) {
+        float dyv[8], out[8];
+        LoadBf16<8>(dyb + off + p, dyv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float xv = __bfloat162float(Xs[row * ldp + p + j]);
+          const float gx = DX[row * ldx + p + j];
+          dot_x += xv * gx;
+          dot_d += xv * dyv[j];
+          out[j] = dts[s0 + row] * gx + dsk * dyv[j];
+        }
+        StoreBf16<8>(dxb + off + p, out);
+      }
+    }
+    dot_x += __shfl_xor_sync(0xffffffffu, dot_x, 1);
+    if (row < sv && half == 0) ddtx[s0 + row] = dot_x;
+    dd_acc += dot_d;
+    __syncthreads();
+  }
+
+  // ∂a_t = Σ_{t' ≥ t} ∂Acs_t' (reverse cumsum; warp 0, lane-contiguous segments).
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, seg = d.Q / 32;
+    float s = 0.f;
+    for (int i = 0; i < seg; ++i) s += dacs[lane * seg + i];
+    float suffix = s;  // inclusive suffix sum over lanes >= lane
+    for (int off = 1; off < 32; off <<= 1) {
+      const float o = __shfl_down_sync(0xffffffffu, suffix, off);
+      if (lane + off < 32) suffix += o;
+    }
+    float run = suffix - s;  // lanes above
+    for (int i = seg - 1; i >= 0; --i) {
+      run += dacs[lane * seg + i];
+      dacs[lane * seg + i] = run;
+    }
+  }
+  __syncthreads();
+  const float A = -expf(a_log[h]);
+  const float bias = dt_bias[h];
+  double da_acc = 0.0, db_acc = 0.0;
+  for (int t = threadIdx.x; t < len; t += kThreads) {
+    const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
+    const float dda = dacs[t];
+    const float total = ddtx[t] + A * dda;
+    const float raw = dt_raw[idx] + bias;
+    const float sp = Softplus(raw);
+    const bool passes = sp >= d.dt_min && sp <= d.dt_max;
+    const float draw = passes ? total * Sigmoid(raw) : 0.f;
+    ddt[idx] = draw;
+    da_acc += static_cast<double>(dda) * dts[t];
+    db_acc += draw;
+  }
+  const double s_a = BlockSumDouble(da_acc, red);
+  const double s_b = BlockSumDouble(db_acc, red + kWarps);
+  const double s_d = BlockSumDouble(dd_acc, red + 2 * kWarps);
+  if (threadIdx.x == 0) {
+    const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
+    const int64_t i = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
+    part[i] = s_a;
+    part[n + i] = s_b;
+    part[2 * n + i] = s_d;
+  }
+}
+
+template <typename Carver>
+void CarveDbc(Carver& cv, const Dims& d) {
+  cv.template take<float>(kTile * (d.Q + 4));  // Sum
+  cv.template take<float>(2 * d.Q);            // acs, dt of the current head
+  // Head phase: Own, OwnS, Oth [64][P+8], St [P][N+8] bf16, Ms [64][68] f32;
+  // final phase: SumB [64][Q+8], Vt [64][N+8] bf16 (aliases the head phase).
+  CarveSize head, fin;
+  head.take<bf16>(kTile * (d.P + 8));
+  head.take<bf16>(kTile * (d.P + 8));
+  head.take<bf16>(kTile * (d.P + 8));
+  head.take<bf16>(d.P * (d.N + 8));
+  head.take<float>(kTile * 68);
+  fin.take<bf16>(kTile * (d.Q + 8));
+  fin.take<bf16>(kTile * (d.N + 8));
+  cv.template take<char>(std::max(head.off, fin.off));
+}
+
+// kDB = false: dC for the 64-row l-tile `blockIdx.x % (Q/64)`; true: dB for that s-tile.
+// grid (NC·Q/64, G·nsplit, B). part [nsplit, B, NC·Q, G, N] fp32.
+template <bool kDB>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dbc(
+    Dims d, int nsplit, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved,
+    const bf16* dy, const float* dsg, float* part) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile;
+  const int c = blockIdx.x / tiles, ot_own = blockIdx.x % tiles;
+  const int g = blockIdx.y / nsplit, sp = blockIdx.y % nsplit, b = blockIdx.z;
+  const int own0 = c * d.Q + ot_own * kTile;
+  if (own0 >= d.S) return;
+  const int ov = min(kTile, d.S - own0);
+  const int nT = (min(d.Q, d.S - c * d.Q) + kTile - 1) / kTile;
+  const int hps = d.hpg / nsplit;
+  const int ldp = d.P + 8, ldn = d.N + 8, lds = d.Q + 4, ldsb = d.Q + 8;
+  Carve cv{smem};
+  float* Sum = cv.take<float>(kTile * lds);
+  float* acs = cv.take<float>(2 * d.Q);
+  float* dts = acs + d.Q;
+  char* region = cv.base + cv.off;
+  Carve hc{region};
+  bf16* Own = hc.take<bf16>(kTile * ldp);
+  bf16* OwnS = hc.take<bf16>(kTile * ldp);
+  bf16* Oth = hc.take<bf16>(kTile * ldp);
+  bf16* St = hc.take<bf16>(d.P * ldn);
+  float* Ms = hc.take<float>(kTile * 68);
+  Carve fc{region};
+  bf16* SumB = fc.take<bf16>(kTile * ldsb);
+  bf16* Vt = fc.take<bf16>(kTile * ldn);
+
+  for (int i = threadIdx.x; i < kTile * lds; i += kThreads) Sum[i] = 0.f;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int lo = kDB ? ot_own : 0, hi = kDB ? nT - 1 : ot_own;  // other tiles
+
+  WarpTile acc[4];
+  ZeroTiles(acc);
+  for (int hh = 0; hh < hps; ++hh) {
+    const int h = g * d.hpg + sp * hps + hh;
+    const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+    __syncthreads();
+    const float* acs_g = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
+    const float* dt_g = DtPtr(d, saved, b);
+    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+      acs[i] = acs_g[i];
+      dts[i] = c * d.Q + i < d.S ? dt_g[static_cast<int64_t>(c * d.Q + i) * d.H + h] : 0.f;
+    }
+    __syncthreads();
+    const bf16* xh = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+    const bf16* dyh = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+    const bf16* own_src = (kDB ? xh : dyh) + own0 * x_stride;
+    const bf16* oth_src = kDB ? dyh : xh;
+    // Own-row scale: dB: e^{Acs_last − Acs_s} dt_s; dC: e^{Acs_l}. Kept in Ms's first row.
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x, i = ot_own * kTile + r;
+      Ms[r] = kDB ? expf(acs[d.Q - 1] - acs[i]) * dts[i] : expf(acs[i]);
+    }
+    __syncthreads();
+    LoadRows(Own, ldp, own_src, x_stride, ov, d.P);
+    LoadRows(OwnS, ldp, own_src, x_stride, ov, d.P, Ms);
+    LoadState(St, ldn,
+              kDB ? dsg + (bh * d.NC + c) * d.PN : StatePtr(d, saved, b, h, c), d.P, d.N);
+    __syncthreads();
+    MmaTiles<false, false, 4>(acc, OwnS, ldp, St, ldn, kTile, d.N, d.P);
+    for (int ot = lo; ot <= hi; ++ot) {
+      const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
+      __syncthreads();
+      LoadRows(Oth, ldp, oth_src + oth0 * x_stride, x_stride, othv, d.P);
+      __syncthreads();
+      WarpTile t1[1];
+      ZeroTiles(t1);
+      MmaTiles<false, true, 1>(t1, Own, ldp, Oth, ldp, kTile, kTile, d.P);
+      StoreTiles(t1, Ms, 68, kTile, kTile);
+      __syncthreads();
+      for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+        const int r = i / kTile, q = i % kTile;
+        const int oi = ot_own * kTile + r, qi = ot * kTile + q;
+        const int l = kDB ? qi : oi, s = kDB ? oi : qi;
+        if (l >= s) Sum[r * lds + ot * kTile + q] += dts[s] * expf(acs[l] - acs[s]) * Ms[r * 68 + q];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * d.Q; i += kThreads) {
+    const int r = i / d.Q, j = i % d.Q;
+    SumB[r * ldsb + j] = __float2bfloat16_rn(Sum[r * lds + j]);
+  }
+  const bf16* vsrc = (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  for (int ot = lo; ot <= hi; ++ot) {
+    const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
+    __syncthreads();
+    LoadRows(Vt, ldn, vsrc + oth0 * bc_stride, bc_stride, othv, d.N);
+    __syncthreads();
+    MmaTiles<false, false, 4>(acc, SumB + ot * kTile, ldsb, Vt, ldn, kTile, d.N, kTile);
+  }
+  const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
+  float* out = part + ((static_cast<int64_t>(sp) * d.B + b) * ncq + own0) * bc_stride + g * d.N;
+  StoreTiles(acc, out, bc_stride, kTile, d.N);
+}
+
+// dB/dC [B, S, G, N] bf16 = Σ_split part (fixed order).
+__global__ void ssd_reduce_bc(Dims d, int nsplit, const float* part, bf16* out) {
+  const int64_t per_b = static_cast<int64_t>(d.S) * d.G * d.N;
+  const int64_t total = d.B * per_b;
+  const int64_t ncq_stride = static_cast<int64_t>(d.NC) * d.Q * d.G * d.N;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / per_b, rem = i % per_b;
+    float s = 0.f;
+    for (int k = 0; k < nsplit; ++k) s += part[(k * d.B + b) * ncq_stride + rem];
+    out[i] = __float2bfloat16_rn(s);
+  }
+}
+
+// grid H, block 256: da_log[h] += A·Σ dA, ddt_bias[h] += Σ, dd[h] += Σ (fixed order).
+__global__ void ssd_param_reduce(Dims d, const double* part, const float* a_log, float* da_log,
+                                 float* ddt_bias, float* dd) {
+  const int h = blockIdx.x;
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
+  double s[3] = {0, 0, 0};
+  for (int i = threadIdx.x; i < d.B * d.NC; i += blockDim.x)
+    for (int k = 0; k < 3; ++k) s[k] += part[k * n + static_cast<int64_t>(i) * d.H + h];
+  __shared__ double red[3][256];
+  for (int k = 0; k < 3; ++k) red[k][threadIdx.x] = s[k];
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (static_cast<int>(threadIdx.x) < w)
+      for (int k = 0; k < 3; ++k) red[k][threadIdx.x] += red[k][threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double A = -exp(static_cast<double>(a_log[h]));
+    da_log[h] += static_cast<float>(red[0][0] * A);
+    ddt_bias[h] += static_cast<float>(red[1][0]);
+    if (dd != nullptr) dd[h] += static_cast<float>(red[2][0]);
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+template <typename Kernel>
+CudaResult SetSmem(Kernel k, size_t bytes) {
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return {};
+}
+
+template <void (*Carver)(CarveSize&, const Dims&)>
+size_t SmemOf(const Dims& d) {
+  CarveSize cs;
+  Carver(cs, d);
+  return cs.off;
+}
+
+CudaResult CheckSmem(const Dims& d) {
+  int dev = 0, max_optin = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const size_t need = std::max({SmemOf<CarveScanFwd<CarveSize>>(d),
+                                SmemOf<CarveScanBwdDx<CarveSize>>(d),
+                                SmemOf<CarveDbc<CarveSize>>(d), ChunkStateSmem(d)});
+  if (need > static_cast<size_t>(max_optin)) {
+    return InvalidArgument("ssd: head_dim " + std::to_string(d.P) + " x state_dim " +
+                           std::to_string(d.N) + " x chunk " + std::to_string(d.Q) + " needs " +
+                           std::to_string(need) + " bytes of shared memory per block; device has " +
+                           std::to_string(max_optin));
+  }
+  return {};
+}
+
+bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
+
+}  // namespace
+
+CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
+  if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
+      s.state_dim < 1) {
+    return InvalidArgument("ssd: batch, seq_len, num_heads, head_dim, num_groups, state_dim must be >= 1");
+  }
+  if (s.num_heads % s.num_groups != 0) return InvalidArgument("ssd: num_groups must divide num_heads");
+  if (s.head_dim % 32 != 0 || s.head_dim > 128) {
+    return InvalidArgument("ssd (cuda): head_dim must be a multiple of 32, at most 128");
+  }
+  if (s.state_dim % 32 != 0 || s.state_dim > 256) {
+    return InvalidArgument("ssd (cuda): state_dim must be a multiple of 32, at most 256");
+  }
+  if (o.chunk_size % 64 != 0 || o.chunk_size < 64 || o.chunk_size > 256) {
+    return InvalidArgument("ssd (cuda): chunk_size must be 64, 128, 192 or 256");
+  }
+  if (!(o.dt_min >= 0) || !(o.dt_max >= o.dt_min)) {
+    return InvalidArgument("ssd: need 0 <= dt_min <= dt_max");
+  }
+  if (s.batch > 65535 || s.num_heads * s.num_groups > 65535 || s.seq_len > (1LL << 30)) {
+    return InvalidArgument("ssd (cuda): batch or heads beyond the launch grid");
+  }
+  return {};
+}
+
+int64_t SsdSavedBytes(const SsdShape& shape, const SsdOptions& options) {
+  const Dims d = MakeDims(shape, options);
+  return static_cast<int64_t>(d.B) * d.per_batch * static_cast<int64_t>(sizeof(float));
+}
+
+CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(SsdCheck(a.shape, a.options));
+  if (!a.x || !a.dt || !a.a_log || !a.dt_bias || !a.b || !a.c || !a.y || !a.saved) {
+    return InvalidArgument("ssd forward: x, dt, a_log, dt_bias, b, c, y and saved are required");
+  }
+  if (!Aligned(a.x) || !Aligned(a.b) || !Aligned(a.c) || !Aligned(a.y) || !Aligned(a.saved) ||
+      !Aligned(a.initial_state) || !Aligned(a.final_state)) {
+    return InvalidArgument("ssd forward: x, b, c, y, saved and states must be 16-byte aligned");
+  }
+  const Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
+  float* saved = static_cast<float*>(a.saved);
+
+  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
+
+  const int ntn = (d.N + 63) / 64;
+  const size_t st_smem = ChunkStateSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<false>, st_smem));
+  ssd_chunk_state<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+      d, a.x, a.b, saved, nullptr);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+
+  ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 256)), d.H, d.B), 256, 0, stream>>>(
+      d, a.initial_state, saved, a.final_state);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+
+  const size_t fwd_smem = SmemOf<CarveScanFwd<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd, fwd_smem));
+  ssd_chunk_scan_fwd<<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, fwd_smem, stream>>>(
+      d, a.x, a.b, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd");
+  return {};
+}
+
+CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(SsdCheck(a.shape, a.options));
+  if (!a.x || !a.dt || !a.a_log || !a.dt_bias || !a.b || !a.c || !a.saved || !a.dy || !a.dx ||
+      !a.ddt || !a.db || !a.dc || !a.da_log || !a.ddt_bias || scratch == nullptr) {
+    return InvalidArgument("ssd backward: a required pointer is null");
+  }
+  if (!Aligned(a.x) || !Aligned(a.b) || !Aligned(a.c) || !Aligned(a.dy) || !Aligned(a.dx) ||
+      !Aligned(a.saved) || !Aligned(a.d_final_state) || !Aligned(a.d_initial_state)) {
+    return InvalidArgument("ssd backward: bf16 tensors, saved and states must be 16-byte aligned");
+  }
+  const Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
+  const float* saved = static_cast<const float*>(a.saved);
+
+  // Head splits for the dB/dC kernels: enough blocks to cover the chip about twice.
+  const int64_t base = static_cast<int64_t>(d.B) * d.NC * (d.Q / kTile) * d.G;
+  int nsplit = 1;
+  for (int k = 1; k <= d.hpg; ++k) {
+    if (d.hpg % k != 0) continue;
+    nsplit = k;
+    if (base * k >= 264 || k >= 8) break;
+  }
+  const unsigned pass_blocks = static_cast<unsigned>(CeilDiv(d.PN, 256));
+  const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
+  const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
+  const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * pass_blocks;
+  const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
+  const int64_t n_bc = static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
+  auto up = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t off_ddecay = up(n_dsg * 4);
+  const int64_t off_part = off_ddecay + up(n_ddecay * 4);
+  const int64_t off_dbp = off_part + up(n_part * 8);
+  const int64_t off_dcp = off_dbp + up(n_bc * 4);
+  const int64_t total = off_dcp + up(n_bc * 4);
+  DeviceBuffer buf;
+  CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
+  char* base_ptr = buf.as<char>();
+  float* dsg = reinterpret_cast<float*>(base_ptr);
+  float* ddecay = reinterpret_cast<float*>(base_ptr + off_ddecay);
+  double* part = reinterpret_cast<double*>(base_ptr + off_part);
+  float* dbp = reinterpret_cast<float*>(base_ptr + off_dbp);
+  float* dcp = reinterpret_cast<float*>(base_ptr + off_dcp);
+
+  const int ntn = (d.N + 63) / 64;
+  const size_t st_smem = ChunkStateSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<true>, st_smem));
+  ssd_chunk_state<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+      d, a.dy, a.c, const_cast<float*>(saved), dsg);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+
+  ssd_state_pass_bwd<<<dim3(pass_blocks, d.H, d.B), 256, 0, stream>>>(
+      d, saved, a.d_final_state, dsg, ddecay, a.d_initial_state);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+
+  const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx, dx_smem));
+  ssd_chunk_scan_bwd_dx<<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
+      d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, dsg, ddecay,
+      static_cast<int>(pass_blocks), a.dx, a.ddt, part);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
+
+  const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
+  const dim3 bc_grid(d.NC * (d.Q / kTile), d.G * nsplit, d.B);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<false>, bc_smem));
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<true>, bc_smem));
+  ssd_chunk_scan_bwd_dbc<false><<<bc_grid, kThreads, bc_smem, stream>>>(
+      d, nsplit, a.x, a.b, a.c, saved, a.dy, dsg, dcp);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dC>");
+  ssd_chunk_scan_bwd_dbc<true><<<bc_grid, kThreads, bc_smem, stream>>>(
+      d, nsplit, a.x, a.b, a.c, saved, a.dy, dsg, dbp);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dB>");
+
+  const int64_t n_bc_out = static_cast<int64_t>(d.B) * d.S * d.G * d.N;
+  const unsigned red_blocks = static_cast<unsigned>(std::min<int64_t>(CeilDiv(n_bc_out, 256), 4096));
+  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, nsplit, dbp, a.db);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dB>");
+  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, nsplit, dcp, a.dc);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dC>");
+
+  ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
+                                            a.d != nullptr ? a.dd : nullptr);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_param_reduce");
+  return {};
+}
+
+}  // namespace gyre::cuda
