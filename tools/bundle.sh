@@ -15,7 +15,8 @@ TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_col
   //kernels/cuda:device_allocator_gpu_test //kernels/cuda:gemm_gpu_test
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
-  //bench:cuda_dense_bench)
+  //bench:cuda_dense_bench
+  //kernels/cuda:ssd_gpu_test //kernels/cuda:conv1d_gpu_test //bench:ssd_bench //bench:conv1d_bench)
 
 bazel build --config=bundle "${TARGETS[@]}"
 
@@ -53,8 +54,13 @@ rc=0
 "$here/bin/pointwise_gpu_test" || rc=1
 "$here/bin/cross_entropy_gpu_test" || rc=1
 "$here/bin/adamw_gpu_test" || rc=1
+"$here/bin/ssd_gpu_test" || rc=1
+"$here/bin/conv1d_gpu_test" || rc=1
 # Dense kernel timings; full table also in $OUT when the device tool provides it.
 "$here/bin/cuda_dense_bench" ${OUT:+--csv="$OUT/cuda_dense_bench.csv"} || rc=1
+# SSD / conv1d timings (anchors: bench/anchor_ssd.py with the copied mamba_ssm Triton files).
+"$here/bin/ssd_bench" || rc=1
+"$here/bin/conv1d_bench" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh

@@ -1,0 +1,188 @@
+// Mamba-2 SSD chunked forward and forward+backward timings (kernels/cuda/ssd.h; issue 8).
+//
+// Shapes (the anchor's, bench/anchor_ssd.py): H64 P64 N128 G1 chunk 256, B8 S2048 and B2 S8192;
+// dt_softplus with dt_bias, D skip, no initial state (as mamba_chunk_scan_combined is called in
+// the anchor). Inputs are dense random data on the device (never zeros). Each line: median of
+// `reps` runs timed with CUDA events, a 256 MiB memset before each run to flush L2 (the anchor's
+// triton.testing.do_bench does the same), warm-up first; the FLOPs the kernels execute (causal
+// tile pairs only) and the fewest bytes the contract allows (each input read once, each output
+// written once, the saved buffer written once by the forward and read once by the backward).
+//
+//   ssd_bench [--reps=N]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/random_fill.h"
+#include "kernels/cuda/ssd.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+struct Timer {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  DeviceBuffer flush;
+  int reps = 30, warmup = 5;
+};
+
+double TimeMs(Timer& t, const std::function<CudaResult()>& op) {
+  for (int i = 0; i < t.warmup; ++i) CUDA_OK_OR_DIE(op());
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  std::vector<float> ms;
+  for (int i = 0; i < t.reps; ++i) {
+    CUDA_CHECK_OR_DIE(cudaMemsetAsync(t.flush.get(), i & 0xff, t.flush.bytes(), nullptr));
+    CUDA_CHECK_OR_DIE(cudaEventRecord(t.start, nullptr));
+    CUDA_OK_OR_DIE(op());
+    CUDA_CHECK_OR_DIE(cudaEventRecord(t.stop, nullptr));
+    CUDA_CHECK_OR_DIE(cudaEventSynchronize(t.stop));
+    float v = 0;
+    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&v, t.start, t.stop));
+    ms.push_back(v);
+  }
+  return Median(ms);
+}
+
+struct Counts {
+  double fwd_flops, bwd_flops, fwd_bytes, bwd_bytes;
+};
+
+// See the cost section at the top of kernels/cuda/ssd.cu.
+Counts Count(const SsdShape& s, const SsdOptions& o) {
+  const double B = s.batch, S = s.seq_len, H = s.num_heads, P = s.head_dim, N = s.state_dim,
+               G = s.num_groups, Q = o.chunk_size;
+  const double NC = std::ceil(S / Q), T = Q / 64, frac = (T * (T + 1) / 2) / (T * T);
+  const double blocks = B * NC * H;
+  const double qqn = 2 * Q * Q * N * frac, qqp = 2 * Q * Q * P * frac, qpn = 2 * Q * P * N;
+  Counts c;
+  c.fwd_flops = blocks * (qqn + qqp + 2 * qpn);
+  c.bwd_flops = blocks * (qpn + qqn + 2 * qqp + 2 * qpn + 2 * (qqp + qpn)) +
+                B * NC * G * 2 * (2 * Q * Q * N * frac);
+  const double act = B * S * H * P * 2, bc = B * S * G * N * 2, dt = B * S * H * 4;
+  const double saved = B * H * (NC + 1) * P * N * 4 + dt + B * H * NC * Q * 4;
+  c.fwd_bytes = act + 2 * bc + dt + act + saved;
+  c.bwd_bytes = act + 2 * bc + dt + saved + act /*dy*/ + act /*dx*/ + 2 * bc /*dB, dC*/ + dt;
+  return c;
+}
+
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq) {
+  SsdShape s{batch, seq, 64, 64, 1, 128};
+  SsdOptions o;
+  o.chunk_size = 256;
+  const int64_t nx = s.batch * s.seq_len * s.num_heads * s.head_dim;
+  const int64_t ndt = s.batch * s.seq_len * s.num_heads;
+  const int64_t nbc = s.batch * s.seq_len * s.num_groups * s.state_dim;
+  DeviceBuffer x, dt, alog, bias, bm, cm, dsk, y, saved, dy, dx, ddt, db, dc, da, ddb, dd;
+  CUDA_OK_OR_DIE(alloc.Allocate(nx * 2, &x));
+  CUDA_OK_OR_DIE(alloc.Allocate(ndt * 4, &dt));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &alog));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &bias));
+  CUDA_OK_OR_DIE(alloc.Allocate(nbc * 2, &bm));
+  CUDA_OK_OR_DIE(alloc.Allocate(nbc * 2, &cm));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &dsk));
+  CUDA_OK_OR_DIE(alloc.Allocate(nx * 2, &y));
+  CUDA_OK_OR_DIE(alloc.Allocate(SsdSavedBytes(s, o), &saved));
+  CUDA_OK_OR_DIE(alloc.Allocate(nx * 2, &dy));
+  CUDA_OK_OR_DIE(alloc.Allocate(nx * 2, &dx));
+  CUDA_OK_OR_DIE(alloc.Allocate(ndt * 4, &ddt));
+  CUDA_OK_OR_DIE(alloc.Allocate(nbc * 2, &db));
+  CUDA_OK_OR_DIE(alloc.Allocate(nbc * 2, &dc));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &da));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &ddb));
+  CUDA_OK_OR_DIE(alloc.Allocate(s.num_heads * 4, &dd));
+  // Mamba-2-like values: dt = softplus(raw + bias) ~ 0.01..0.1, A = −exp(A_log) in ~[−16, −1].
+  CUDA_OK_OR_DIE(FillRandomBf16(x.as<bf16>(), nx, 0.f, 1.f, 1, nullptr));
+  CUDA_OK_OR_DIE(FillRandomF32(dt.as<float>(), ndt, 0.f, 1.f, 2, nullptr));
+  CUDA_OK_OR_DIE(FillRandomF32(alog.as<float>(), s.num_heads, 1.4f, 0.6f, 3, nullptr));
+  CUDA_OK_OR_DIE(FillRandomF32(bias.as<float>(), s.num_heads, -3.f, 0.5f, 4, nullptr));
+  CUDA_OK_OR_DIE(FillRandomBf16(bm.as<bf16>(), nbc, 0.f, 1.f, 5, nullptr));
+  CUDA_OK_OR_DIE(FillRandomBf16(cm.as<bf16>(), nbc, 0.f, 1.f, 6, nullptr));
+  CUDA_OK_OR_DIE(FillRandomF32(dsk.as<float>(), s.num_heads, 1.f, 0.2f, 7, nullptr));
+  CUDA_OK_OR_DIE(FillRandomBf16(dy.as<bf16>(), nx, 0.f, 1.f, 8, nullptr));
+  CUDA_CHECK_OR_DIE(cudaMemset(da.get(), 0, s.num_heads * 4));
+  CUDA_CHECK_OR_DIE(cudaMemset(ddb.get(), 0, s.num_heads * 4));
+  CUDA_CHECK_OR_DIE(cudaMemset(dd.get(), 0, s.num_heads * 4));
+
+  SsdForwardArgs f;
+  f.shape = s;
+  f.options = o;
+  f.x = x.as<bf16>();
+  f.dt = dt.as<float>();
+  f.a_log = alog.as<float>();
+  f.dt_bias = bias.as<float>();
+  f.b = bm.as<bf16>();
+  f.c = cm.as<bf16>();
+  f.d = dsk.as<float>();
+  f.y = y.as<bf16>();
+  f.saved = saved.get();
+  SsdBackwardArgs g;
+  g.shape = s;
+  g.options = o;
+  g.x = f.x;
+  g.dt = f.dt;
+  g.a_log = f.a_log;
+  g.dt_bias = f.dt_bias;
+  g.b = f.b;
+  g.c = f.c;
+  g.d = f.d;
+  g.saved = saved.get();
+  g.dy = dy.as<bf16>();
+  g.dx = dx.as<bf16>();
+  g.ddt = ddt.as<float>();
+  g.db = db.as<bf16>();
+  g.dc = dc.as<bf16>();
+  g.da_log = da.as<float>();
+  g.ddt_bias = ddb.as<float>();
+  g.dd = dd.as<float>();
+
+  const Counts c = Count(s, o);
+  const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
+  const double fb = TimeMs(t, [&] {
+    CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
+    return SsdBackward(g, &alloc, nullptr);
+  });
+  const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) +
+                            " H64 P64 N128 G1 Q256";
+  std::printf("ssd fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+              shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
+              c.fwd_bytes / 1e6, c.fwd_bytes / (fwd * 1e-3) / 1e9);
+  const double fl = c.fwd_flops + c.bwd_flops, by = c.fwd_bytes + c.bwd_bytes;
+  std::printf("ssd fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+              shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
+              by / (fb * 1e-3) / 1e9);
+  std::fflush(stdout);
+}
+
+}  // namespace
+}  // namespace gyre::cuda
+
+int main(int argc, char** argv) {
+  using namespace gyre::cuda;
+  Timer t;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
+  }
+  DeviceAllocator alloc;
+  CUDA_OK_OR_DIE(alloc.Allocate(256ull << 20, &t.flush));
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.start));
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.stop));
+  Run(t, alloc, 8, 2048);
+  Run(t, alloc, 2, 8192);
+  return 0;
+}
