@@ -152,21 +152,27 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq) {
   g.dd = dd.as<float>();
 
   const Counts c = Count(s, o);
-  const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
-  const double fb = TimeMs(t, [&] {
-    CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
-    return SsdBackward(g, &alloc, nullptr);
-  });
   const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) +
                             " H64 P64 N128 G1 Q256";
-  std::printf("ssd fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
-              shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
-              c.fwd_bytes / 1e6, c.fwd_bytes / (fwd * 1e-3) / 1e9);
-  const double fl = c.fwd_flops + c.bwd_flops, by = c.fwd_bytes + c.bwd_bytes;
-  std::printf("ssd fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
-              shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
-              by / (fb * 1e-3) / 1e9);
-  std::fflush(stdout);
+  // The default tensor-core path (mma.sync) first, then the WMMA one for comparison.
+  for (const bool wmma : {false, true}) {
+    SsdUseWmmaForTesting(wmma);
+    const char* path = wmma ? "[wmma]" : "[mma] ";
+    const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
+    const double fb = TimeMs(t, [&] {
+      CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
+      return SsdBackward(g, &alloc, nullptr);
+    });
+    std::printf("ssd%s fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+                path, shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
+                c.fwd_bytes / 1e6, c.fwd_bytes / (fwd * 1e-3) / 1e9);
+    const double fl = c.fwd_flops + c.bwd_flops, by = c.fwd_bytes + c.bwd_bytes;
+    std::printf("ssd%s fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+                path, shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
+                by / (fb * 1e-3) / 1e9);
+    std::fflush(stdout);
+  }
+  SsdUseWmmaForTesting(false);
 }
 
 }  // namespace

@@ -74,6 +74,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -148,131 +149,323 @@ __device__ __forceinline__ float Sigmoid(float x) {
 // ------------------------------------------------------------------ block-level tensor-core GEMM
 //
 // The block's warps tile an m×n output (m, n multiples of 32) into 32×32 warp tiles, warp w
-// taking tiles w, w + 4, ...; MAXI bounds the tiles per warp (the caller checks m·n/1024 <=
+// taking tiles w, w + 4, ...; MAXI bounds the tiles per warp (the callers keep m·n/1024 <=
 // 4·MAXI). Operands are bf16 in shared memory: A(i, k) at a[i·lda + k] (a[k·lda + i] when AT),
-// B(k, j) at b[k·ldb + j] (b[j·ldb + k] when BT). lda, ldb multiples of 8.
+// B(k, j) at b[k·ldb + j] (b[j·ldb + k] when BT). lda, ldb multiples of 8; fp32 accumulators.
+//
+// Two interchangeable implementations of this one interface (kernels are templated on it):
+//   MmaPtx   mma.sync.m16n8k16 (bf16, fp32 accumulate) fed by ldmatrix(.trans) from shared
+//            memory: 8 MMAs per 4 ldmatrix.x4 per k-step of a 32×32 warp tile. The default.
+//   MmaWmma  the nvcuda::wmma API (16×16×16 fragments). nvcc emits generic-address fragment
+//            loads for it here (no ldmatrix), so it is slower; it was the first, device-verified
+//            version and stays selectable (SsdUseWmmaForTesting) for A/B checks.
 
-struct WarpTile {
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
-};
-
-template <int MAXI>
-__device__ __forceinline__ void ZeroTiles(WarpTile (&acc)[MAXI]) {
+struct MmaWmma {
+  struct Tile {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
+  };
+  template <int MAXI>
+  static __device__ __forceinline__ void Zero(Tile (&acc)[MAXI]) {
 #pragma unroll
-  for (int i = 0; i < MAXI; ++i)
+    for (int i = 0; i < MAXI; ++i)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int s = 0; s < 2; ++s) wmma::fill_fragment(acc[i].f[r][s], 0.f);
-}
-
-template <bool AT, bool BT, int MAXI>
-__device__ __forceinline__ void MmaTiles(WarpTile (&acc)[MAXI], const bf16* a, int lda,
-                                         const bf16* b, int ldb, int m, int n, int k) {
-  using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
-  using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
-  const int warp = threadIdx.x / 32;
-  const int tn = n / 32, nt = (m / 32) * tn;
+        for (int s = 0; s < 2; ++s) wmma::fill_fragment(acc[i].f[r][s], 0.f);
+  }
+  template <bool AT, bool BT, int MAXI>
+  static __device__ __forceinline__ void Mma(Tile (&acc)[MAXI], const bf16* a, int lda,
+                                             const bf16* b, int ldb, int m, int n, int k) {
+    using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
+    using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
+    const int warp = threadIdx.x / 32;
+    const int tn = n / 32, nt = (m / 32) * tn;
 #pragma unroll
-  for (int i = 0; i < MAXI; ++i) {
-    const int wt = warp + i * kWarps;
-    if (wt < nt) {
-      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-      for (int kk = 0; kk < k; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb[2];
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+        for (int kk = 0; kk < k; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa[2];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const bf16* pa = AT ? a + kk * lda + (i0 + 16 * r) : a + (i0 + 16 * r) * lda + kk;
-          wmma::load_matrix_sync(fa[r], pa, lda);
-          const bf16* pb = BT ? b + (j0 + 16 * r) * ldb + kk : b + kk * ldb + (j0 + 16 * r);
-          wmma::load_matrix_sync(fb[r], pb, ldb);
+          for (int r = 0; r < 2; ++r) {
+            const bf16* pa = AT ? a + kk * lda + (i0 + 16 * r) : a + (i0 + 16 * r) * lda + kk;
+            wmma::load_matrix_sync(fa[r], pa, lda);
+            const bf16* pb = BT ? b + (j0 + 16 * r) * ldb + kk : b + kk * ldb + (j0 + 16 * r);
+            wmma::load_matrix_sync(fb[r], pb, ldb);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+              wmma::mma_sync(acc[i].f[r][s], fa[r], fb[s], acc[i].f[r][s]);
         }
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int s = 0; s < 2; ++s) wmma::mma_sync(acc[i].f[r][s], fa[r], fb[s], acc[i].f[r][s]);
       }
     }
   }
+  // Stores the m×n accumulators to c (row-major, ldc a multiple of 4; shared or global).
+  template <int MAXI>
+  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
+                                               int m, int n) {
+    const int warp = threadIdx.x / 32;
+    const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            wmma::store_matrix_sync(c + (i0 + 16 * r) * ldc + j0 + 16 * s, acc[i].f[r][s],
+                                    static_cast<unsigned>(ldc), wmma::mem_row_major);
+      }
+    }
+  }
+  template <int MAXI>
+  static __device__ __forceinline__ void Load(Tile (&acc)[MAXI], const float* c, int ldc, int m,
+                                              int n) {
+    const int warp = threadIdx.x / 32;
+    const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            wmma::load_matrix_sync(acc[i].f[r][s], c + (i0 + 16 * r) * ldc + j0 + 16 * s, ldc,
+                                   wmma::mem_row_major);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// Stores the m×n accumulators to c (row-major, ldc a multiple of 4; shared or global memory).
-template <int MAXI>
-__device__ __forceinline__ void StoreTiles(const WarpTile (&acc)[MAXI], float* c, int64_t ldc,
-                                           int m, int n) {
-  const int warp = threadIdx.x / 32;
-  const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-  for (int i = 0; i < MAXI; ++i) {
-    const int wt = warp + i * kWarps;
-    if (wt < nt) {
-      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-          wmma::store_matrix_sync(c + (i0 + 16 * r) * ldc + j0 + 16 * s, acc[i].f[r][s],
-                                  static_cast<unsigned>(ldc), wmma::mem_row_major);
-    }
+template <bool kTrans>
+__device__ __forceinline__ void LdMatrixX4(unsigned (&r)[4], unsigned addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
   }
 }
 
-template <int MAXI>
-__device__ __forceinline__ void LoadTiles(WarpTile (&acc)[MAXI], const float* c, int ldc, int m,
-                                          int n) {
-  const int warp = threadIdx.x / 32;
-  const int tn = n / 32, nt = (m / 32) * tn;
+__device__ __forceinline__ void MmaBf16(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                        unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+struct MmaPtx {
+  // c[mi][ni][e]: the m16n8 accumulator (mi, ni) of the 32×32 warp tile; e = 0, 1 at row
+  // g = lane/4, columns 2t, 2t+1 (t = lane%4); e = 2, 3 at row g + 8.
+  struct Tile {
+    float c[2][4][4];
+  };
+  template <int MAXI>
+  static __device__ __forceinline__ void Zero(Tile (&acc)[MAXI]) {
 #pragma unroll
-  for (int i = 0; i < MAXI; ++i) {
-    const int wt = warp + i * kWarps;
-    if (wt < nt) {
-      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+    for (int i = 0; i < MAXI; ++i)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int s = 0; s < 2; ++s)
-          wmma::load_matrix_sync(acc[i].f[r][s], c + (i0 + 16 * r) * ldc + j0 + 16 * s, ldc,
-                                 wmma::mem_row_major);
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] = 0.f;
+  }
+  template <bool AT, bool BT, int MAXI>
+  static __device__ __forceinline__ void Mma(Tile (&acc)[MAXI], const bf16* a, int lda,
+                                             const bf16* b, int ldb, int m, int n, int k) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int q = lane / 8, r = lane % 8;
+    const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+        // Per-lane ldmatrix row addresses at kk = 0 (see the fragment layouts above).
+        unsigned a_addr[2], b_addr[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ib = i0 + 16 * h, jb = j0 + 16 * h;
+          a_addr[h] = AT ? SmemAddr(a + (r + 8 * (q / 2)) * lda + ib + 8 * (q % 2))
+                         : SmemAddr(a + (ib + r + 8 * (q % 2)) * lda + 8 * (q / 2));
+          b_addr[h] = BT ? SmemAddr(b + (jb + r + 8 * (q / 2)) * ldb + 8 * (q % 2))
+                         : SmemAddr(b + (r + 8 * (q % 2)) * ldb + jb + 8 * (q / 2));
+        }
+        const unsigned a_step = (AT ? 16 * lda : 16) * 2, b_step = (BT ? 16 : 16 * ldb) * 2;
+        for (int kk = 0; kk < k; kk += 16) {
+          unsigned fa[2][4], fb[2][4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            LdMatrixX4<AT>(fa[h], a_addr[h]);
+            LdMatrixX4<!BT>(fb[h], b_addr[h]);
+            a_addr[h] += a_step;
+            b_addr[h] += b_step;
+          }
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+              MmaBf16(acc[i].c[mi][ni], fa[mi], fb[ni / 2][(ni % 2) * 2],
+                      fb[ni / 2][(ni % 2) * 2 + 1]);
+        }
+      }
     }
   }
-}
+  template <int MAXI>
+  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
+                                               int m, int n) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              float* p = c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 + 8 * ni + 2 * t;
+              *reinterpret_cast<float2*>(p) =
+                  make_float2(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1]);
+            }
+      }
+    }
+  }
+  template <int MAXI>
+  static __device__ __forceinline__ void Load(Tile (&acc)[MAXI], const float* c, int ldc, int m,
+                                              int n) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+    for (int i = 0; i < MAXI; ++i) {
+      const int wt = warp + i * kWarps;
+      if (wt < nt) {
+        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const float2 v = *reinterpret_cast<const float2*>(
+                  c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 + 8 * ni + 2 * t);
+              acc[i].c[mi][ni][2 * hf] = v.x;
+              acc[i].c[mi][ni][2 * hf + 1] = v.y;
+            }
+      }
+    }
+  }
+};
 
 // ------------------------------------------------------------------ tile loads (global → shared)
 
 // 64 rows × width bf16 (width % 8 == 0) from src (row stride `stride` elements) into dst (row
 // stride ld). Rows >= valid are zero. With `scale`, row r is multiplied by scale[r] (fp32) and
-// rounded to bf16.
-__device__ __forceinline__ void LoadRows(bf16* dst, int ld, const bf16* src, int64_t stride,
-                                         int valid, int width, const float* scale = nullptr) {
+// rounded to bf16. Each thread issues kLoadBatch 16-byte loads before its first shared store, so
+// that many are in flight (a load-store-load loop would wait a full memory latency per vector:
+// the first version did, and its kernels were latency-bound on exactly that).
+constexpr int kLoadBatch = 8;
+
+__device__ __forceinline__ void LoadRows(bf16* dst, int ld, const bf16* __restrict__ src,
+                                         int64_t stride, int valid, int width,
+                                         const float* scale = nullptr) {
   const int vpr = width / 8;
-  for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
-    const int r = i / vpr, v = (i % vpr) * 8;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    if (r < valid) {
-      raw = *reinterpret_cast<const uint4*>(src + r * stride + v);
-      if (scale != nullptr) {
-        float f[8];
-        LoadBf16<8>(reinterpret_cast<const bf16*>(&raw), f);
-        const float sc = scale[r];
+  const int total = kTile * vpr;
+  for (int base = threadIdx.x; base < total; base += kThreads * kLoadBatch) {
+    uint4 raw[kLoadBatch];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) f[j] *= sc;
-        StoreBf16<8>(reinterpret_cast<bf16*>(&raw), f);
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = base + u * kThreads;
+      raw[u] = make_uint4(0, 0, 0, 0);
+      if (i < total) {
+        const int r = i / vpr, v = (i % vpr) * 8;
+        if (r < valid) raw[u] = __ldg(reinterpret_cast<const uint4*>(src + r * stride + v));
       }
     }
-    *reinterpret_cast<uint4*>(dst + r * ld + v) = raw;
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = base + u * kThreads;
+      if (i < total) {
+        const int r = i / vpr, v = (i % vpr) * 8;
+        if (scale != nullptr && r < valid) {
+          float f[8];
+          LoadBf16<8>(reinterpret_cast<const bf16*>(&raw[u]), f);
+          const float sc = scale[r];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) f[j] *= sc;
+          StoreBf16<8>(reinterpret_cast<bf16*>(&raw[u]), f);
+        }
+        *reinterpret_cast<uint4*>(dst + r * ld + v) = raw[u];
+      }
+    }
   }
 }
 
-// A P×N fp32 state (row stride N) into bf16 shared memory (row stride ld).
-__device__ __forceinline__ void LoadState(bf16* dst, int ld, const float* src, int P, int N) {
+// LoadRows without scaling through the asynchronous copy unit (cp.async, 16 bytes, rows >= valid
+// zero-filled): several tiles' copies can be in flight at once. The caller ends the group with
+// CpAsyncWaitAll() and a __syncthreads() before reading dst.
+__device__ __forceinline__ void LoadRowsAsync(bf16* dst, int ld, const bf16* src, int64_t stride,
+                                              int valid, int width) {
+  const int vpr = width / 8;
+  for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+    const int r = i / vpr, v = (i % vpr) * 8;
+    const bool ok = r < valid;
+    const bf16* g = ok ? src + r * stride + v : src;
+    const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + v));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(g),
+                 "r"(ok ? 16 : 0));
+  }
+}
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// A P×N fp32 state (row stride N) into bf16 shared memory (row stride ld); batched as above.
+__device__ __forceinline__ void LoadState(bf16* dst, int ld, const float* __restrict__ src, int P,
+                                          int N) {
   const int vpr = N / 4;
-  for (int i = threadIdx.x; i < P * vpr; i += kThreads) {
-    const int r = i / vpr, v = (i % vpr) * 4;
-    const float4 f = *reinterpret_cast<const float4*>(src + static_cast<int64_t>(r) * N + v);
-    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + v);
-    out[0] = __floats2bfloat162_rn(f.x, f.y);
-    out[1] = __floats2bfloat162_rn(f.z, f.w);
+  const int total = P * vpr;
+  for (int base = threadIdx.x; base < total; base += kThreads * kLoadBatch) {
+    float4 f[kLoadBatch];
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = base + u * kThreads;
+      if (i < total) {
+        const int r = i / vpr, v = (i % vpr) * 4;
+        f[u] = __ldg(reinterpret_cast<const float4*>(src + static_cast<int64_t>(r) * N + v));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = base + u * kThreads;
+      if (i < total) {
+        const int r = i / vpr, v = (i % vpr) * 4;
+        __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + v);
+        out[0] = __floats2bfloat162_rn(f[u].x, f[u].y);
+        out[1] = __floats2bfloat162_rn(f[u].z, f[u].w);
+      }
+    }
   }
 }
 
@@ -327,7 +520,7 @@ __global__ void ssd_dt_cumsum(Dims d, const float* dt_raw, const float* a_log,
 // Forward: out = Σ_s (e^{Acs_last − Acs_s} dt_s x_s)ᵀ B_s into the saved state slot c+1.
 // Backward: out = Σ_l (e^{Acs_l} dy_l)ᵀ C_l into dS[b, h, c].
 // grid (NC, H·ceil(N/64), B); dynamic smem: U [64][P+8], V [64][72] bf16, scale [64].
-template <bool kBwd>
+template <class MM, bool kBwd>
 __global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* u, const bf16* v,
                                                             float* saved, float* ds_out) {
   extern __shared__ __align__(128) char smem[];
@@ -344,8 +537,8 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* 
   const float* dts = DtPtr(d, saved, b);
   const float acs_last = acs[d.Q - 1];
 
-  WarpTile acc[2];
-  ZeroTiles(acc);
+  typename MM::Tile acc[2];
+  MM::Zero(acc);
   for (int tt = 0; tt < d.Q / kTile; ++tt) {
     const int t0 = c * d.Q + tt * kTile;
     const int valid = min(kTile, d.S - t0);
@@ -360,17 +553,18 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* 
       scale[r] = s;
     }
     __syncthreads();
+    LoadRowsAsync(Vs, ldv, v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0,
+                  static_cast<int64_t>(d.G) * d.N, valid, nw);
     LoadRows(Us, ldu, u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P,
              static_cast<int64_t>(d.H) * d.P, valid, d.P, scale);
-    LoadRows(Vs, ldv, v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0,
-             static_cast<int64_t>(d.G) * d.N, valid, nw);
+    CpAsyncWaitAll();
     __syncthreads();
-    MmaTiles<true, false, 2>(acc, Us, ldu, Vs, ldv, d.P, nw, kTile);
+    MM::template Mma<true, false, 2>(acc, Us, ldu, Vs, ldv, d.P, nw, kTile);
     __syncthreads();
   }
   float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                     : StatePtr(d, saved, b, h, c + 1);
-  StoreTiles(acc, out + n0, d.N, d.P, nw);
+  MM::Store(acc, out + n0, d.N, d.P, nw);
 }
 
 size_t ChunkStateSmem(const Dims& d) {
@@ -381,44 +575,45 @@ size_t ChunkStateSmem(const Dims& d) {
   return cs.off;
 }
 
-// grid (ceil(PN/256), H, B), block 256: slot 0 = initial; slot c+1 = e^{Acs_last,c} slot c + S_c.
+// grid (ceil(PN/1024), H, B), block 256, four consecutive elements (one float4) per thread:
+// slot 0 = initial; slot c+1 = e^{Acs_last,c} slot c + S_c (in place).
 __global__ void ssd_state_pass(Dims d, const float* initial, float* saved, float* final_state) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   if (e >= d.PN) return;
   float* base = StatePtr(d, saved, b, h, 0);
   const float* acs = AcsPtr(d, saved, b, h);
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
-  float hv = initial != nullptr ? initial[bh * d.PN + e] : 0.f;
-  base[e] = hv;
+  float4 hv = initial != nullptr ? *reinterpret_cast<const float4*>(initial + bh * d.PN + e)
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+  *reinterpret_cast<float4*>(base + e) = hv;
   for (int c = 0; c < d.NC; ++c) {
     const float decay = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]);
-    float* slot = base + (c + 1) * d.PN + e;
-    hv = decay * hv + *slot;
+    float4* slot = reinterpret_cast<float4*>(base + (c + 1) * d.PN + e);
+    const float4 sc = *slot;
+    hv = make_float4(decay * hv.x + sc.x, decay * hv.y + sc.y, decay * hv.z + sc.z,
+                     decay * hv.w + sc.w);
     *slot = hv;
   }
-  if (final_state != nullptr) final_state[bh * d.PN + e] = hv;
+  if (final_state != nullptr) *reinterpret_cast<float4*>(final_state + bh * d.PN + e) = hv;
 }
 
-struct ScanFwdSmem {
-  bf16 *Cl, *Bs, *Xs, *Hs, *Mb;
-  float *Ms, *Ys, *acs_l, *acs_s, *dt_s;
-};
-
+// Shared memory of ssd_chunk_scan_fwd. H_c is needed only before the s-loop and B_s only in it,
+// so they share one region; likewise the y staging tile Ys (start and end) and the C Bᵀ tile Ms
+// (inside the loop). At P64 N128 that is ~71 KB: three blocks per SM.
 template <typename Carver>
 void CarveScanFwd(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * (d.N + 8));  // Cl
-  cv.template take<bf16>(kTile * (d.N + 8));  // Bs
-  cv.template take<bf16>(kTile * (d.P + 8));  // Xs
-  cv.template take<bf16>(d.P * (d.N + 8));    // Hs
-  cv.template take<bf16>(kTile * 72);         // Mb
-  cv.template take<float>(kTile * 68);        // Ms
-  cv.template take<float>(kTile * (d.P + 4)); // Ys
-  cv.template take<float>(kTile * 3);         // acs_l, acs_s, dt_s
+  cv.template take<bf16>(kTile * (d.N + 8));                          // Cl
+  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));           // Hs, then Bs
+  cv.template take<bf16>(kTile * (d.P + 8));                          // Xs
+  cv.template take<bf16>(kTile * 72);                                 // Mb
+  cv.template take<float>(std::max(kTile * 68, kTile * (d.P + 4)));   // Ys / Ms
+  cv.template take<float>(kTile * 3);                                 // acs_l, acs_s, dt_s
 }
 
 // grid (NC·Q/64, H, B): y for one 64-row tile of one chunk and head.
-__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf16* x,
+template <class MM>
+__global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const bf16* x,
                                                                const bf16* Bm, const bf16* Cm,
                                                                const float* Dskip,
                                                                const float* saved, bf16* y) {
@@ -432,12 +627,12 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf1
   const int ldn = d.N + 8, ldp = d.P + 8, ldy = d.P + 4;
   Carve cv{smem};
   bf16* Cl = cv.take<bf16>(kTile * ldn);
-  bf16* Bs = cv.take<bf16>(kTile * ldn);
+  bf16* Hs = cv.take<bf16>(max(d.P, kTile) * ldn);
+  bf16* Bs = Hs;  // after the inter-chunk product
   bf16* Xs = cv.take<bf16>(kTile * ldp);
-  bf16* Hs = cv.take<bf16>(d.P * ldn);
   bf16* Mb = cv.take<bf16>(kTile * 72);
-  float* Ms = cv.take<float>(kTile * 68);
-  float* Ys = cv.take<float>(kTile * ldy);
+  float* Ys = cv.take<float>(max(kTile * 68, kTile * ldy));
+  float* Ms = Ys;  // inside the s-loop only
   float* acs_l = cv.take<float>(kTile * 3);
   float* acs_s = acs_l + kTile;
   float* dt_s = acs_s + kTile;
@@ -450,40 +645,43 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf1
   const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
   const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
 
-  LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
   LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
   if (threadIdx.x < kTile) acs_l[threadIdx.x] = acs[tl0 + threadIdx.x];
+  CpAsyncWaitAll();
   __syncthreads();
 
   // Inter-chunk: Ys = e^{Acs_l} (C_l H_cᵀ); becomes the accumulator's starting value.
-  WarpTile acc[2];
-  ZeroTiles(acc);
-  MmaTiles<false, true, 2>(acc, Cl, ldn, Hs, ldn, kTile, d.P, d.N);
-  StoreTiles(acc, Ys, ldy, kTile, d.P);
+  typename MM::Tile acc[2];
+  MM::Zero(acc);
+  MM::template Mma<false, true, 2>(acc, Cl, ldn, Hs, ldn, kTile, d.P, d.N);
+  MM::Store(acc, Ys, ldy, kTile, d.P);
   __syncthreads();
   for (int i = threadIdx.x; i < kTile * d.P; i += kThreads) {
     const int r = i / d.P, p = i % d.P;
     Ys[r * ldy + p] *= expf(acs_l[r]);
   }
   __syncthreads();
-  LoadTiles(acc, Ys, ldy, kTile, d.P);
+  MM::Load(acc, Ys, ldy, kTile, d.P);
+  __syncthreads();  // Ys and Hs are reused as Ms and Bs below
 
   // Intra-chunk: s-tiles 0..lt.
   for (int st = 0; st <= lt; ++st) {
     const int ts0 = c * d.Q + st * kTile;
     const int sv = min(kTile, d.S - ts0);
-    LoadRows(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
-    LoadRows(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
+    LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       acs_s[r] = acs[ts0 + r];
       dt_s[r] = r < sv ? dts[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
     }
+    CpAsyncWaitAll();
     __syncthreads();
-    WarpTile sacc[1];
-    ZeroTiles(sacc);
-    MmaTiles<false, true, 1>(sacc, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
-    StoreTiles(sacc, Ms, 68, kTile, kTile);
+    typename MM::Tile sacc[1];
+    MM::Zero(sacc);
+    MM::template Mma<false, true, 1>(sacc, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
+    MM::Store(sacc, Ms, 68, kTile, kTile);
     __syncthreads();
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int r = i / kTile, s = i % kTile;
@@ -492,10 +690,10 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf1
       Mb[r * 72 + s] = __float2bfloat16_rn(m);
     }
     __syncthreads();
-    MmaTiles<false, false, 2>(acc, Mb, 72, Xs, ldp, kTile, d.P, kTile);
+    MM::template Mma<false, false, 2>(acc, Mb, 72, Xs, ldp, kTile, d.P, kTile);
     __syncthreads();
   }
-  StoreTiles(acc, Ys, ldy, kTile, d.P);
+  MM::Store(acc, Ys, ldy, kTile, d.P);
   __syncthreads();
   const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
   const int vpr = d.P / 8;
@@ -512,24 +710,29 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_fwd(Dims d, const bf1
 
 // ------------------------------------------------------------------ backward kernels
 
-// grid (ceil(PN/256), H, B), block 256. dsg [B, H, NC, PN]: in dS_c, out G_{c+1}.
-// ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
+// grid (ceil(PN/1024), H, B), block 256, one float4 per thread. dsg [B, H, NC, PN]: in dS_c,
+// out G_{c+1}. ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
 __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_final,
                                    float* dsg, float* ddecay, float* d_initial) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool valid = e < d.PN;
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
   float* buf = dsg + bh * d.NC * d.PN;
   const float* acs = AcsPtr(d, saved, b, h);
-  float gv = (valid && d_final != nullptr) ? d_final[bh * d.PN + e] : 0.f;
+  float4 gv = (valid && d_final != nullptr)
+                  ? *reinterpret_cast<const float4*>(d_final + bh * d.PN + e)
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
   __shared__ float warp_part[8];
   for (int c = d.NC - 1; c >= 0; --c) {
-    float prod = 0.f, t = 0.f;
+    float prod = 0.f;
+    float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
     if (valid) {
-      t = buf[c * d.PN + e];
-      buf[c * d.PN + e] = gv;
-      prod = gv * StatePtr(d, saved, b, h, c)[e];
+      float4* slot = reinterpret_cast<float4*>(buf + c * d.PN + e);
+      t = *slot;
+      *slot = gv;
+      const float4 hs = *reinterpret_cast<const float4*>(StatePtr(d, saved, b, h, c) + e);
+      prod = gv.x * hs.x + gv.y * hs.y + gv.z * hs.z + gv.w * hs.w;
     }
     prod = WarpSum(prod);
     if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = prod;
@@ -540,24 +743,28 @@ __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_fi
       ddecay[(bh * d.NC + c) * gridDim.x + blockIdx.x] = s;
     }
     __syncthreads();
-    gv = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]) * gv + t;
+    const float decay = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]);
+    gv = make_float4(decay * gv.x + t.x, decay * gv.y + t.y, decay * gv.z + t.z,
+                     decay * gv.w + t.w);
   }
-  if (valid && d_initial != nullptr) d_initial[bh * d.PN + e] = gv;
+  if (valid && d_initial != nullptr) *reinterpret_cast<float4*>(d_initial + bh * d.PN + e) = gv;
 }
 
+// Shared memory of ssd_chunk_scan_bwd_dx, with regions reused across phases (~97 KB at P64
+// N128 Q256: two blocks per SM):
+//   R1: H_c (phase 1), then B_s (phase 2);  R2: C_l (phase 1 and the pair loop), and G_{c+1}
+//   reloaded at the start of each s-tile (only the state-term product reads it);
+//   MX: the two 64×64 fp32 tiles (B_s·C_l, x_s·dy_l) in the pair loop, DX [64][P+4] around it.
 template <typename Carver>
 void CarveScanBwdDx(Carver& cv, const Dims& d) {
-  cv.template take<float>(4 * d.Q);             // acs, dts, dacs, ddtx
-  cv.template take<bf16>(d.P * (d.N + 8));      // HD (H_c, then G_{c+1})
-  cv.template take<bf16>(kTile * (d.N + 8));    // Bs
-  cv.template take<bf16>(kTile * (d.P + 8));    // Xs
-  cv.template take<bf16>(kTile * (d.N + 8));    // Cl
-  cv.template take<bf16>(kTile * (d.P + 8));    // dYl
-  cv.template take<float>(kTile * 68);          // Ms
-  cv.template take<float>(kTile * 68);          // Ms2
-  cv.template take<bf16>(kTile * 72);           // Mb
-  cv.template take<float>(kTile * (d.P + 4));   // DX
-  cv.template take<double>(3 * kWarps);         // block reduction
+  cv.template take<float>(4 * d.Q);                                  // acs, dts, dacs, ddtx
+  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));          // R1
+  cv.template take<bf16>(kTile * (d.P + 8));                         // Xs
+  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));          // R2
+  cv.template take<bf16>(kTile * (d.P + 8));                         // dYl
+  cv.template take<float>(std::max(2 * kTile * kTile, kTile * (d.P + 4)));  // MX
+  cv.template take<bf16>(kTile * 72);                                // Mb
+  cv.template take<double>(3 * kWarps);                              // block reduction
 }
 
 // Sum of a double over the block (fixed order); every thread gets the result.
@@ -573,7 +780,8 @@ __device__ double BlockSumDouble(double v, double* scratch) {
 
 // grid (NC, H, B): one block per (b, c, h), whole chunk. Writes dx, ddt_raw and the partials
 // part[3][B·NC·H] (dA, ddt_bias, dD) as doubles.
-__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
+template <class MM>
+__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     Dims d, const bf16* x, const float* dt_raw, const float* a_log, const float* dt_bias,
     const bf16* Bm, const bf16* Cm, const float* Dskip, const float* saved, const bf16* dy,
     const float* dsg, const float* ddecay, int ddecay_parts, bf16* dx, float* ddt,
@@ -587,16 +795,21 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
   float* dts = acs + d.Q;
   float* dacs = dts + d.Q;
   float* ddtx = dacs + d.Q;
-  bf16* HD = cv.take<bf16>(d.P * ldn);
-  bf16* Bs = cv.take<bf16>(kTile * ldn);
+  bf16* R1 = cv.take<bf16>(max(d.P, kTile) * ldn);
   bf16* Xs = cv.take<bf16>(kTile * ldp);
-  bf16* Cl = cv.take<bf16>(kTile * ldn);
+  bf16* R2 = cv.take<bf16>(max(d.P, kTile) * ldn);
   bf16* dYl = cv.take<bf16>(kTile * ldp);
-  float* Ms = cv.take<float>(kTile * 68);
-  float* Ms2 = cv.take<float>(kTile * 68);
+  float* MX = cv.take<float>(max(2 * kTile * kTile, kTile * ldx));
   bf16* Mb = cv.take<bf16>(kTile * 72);
-  float* DX = cv.take<float>(kTile * ldx);
   double* red = cv.take<double>(3 * kWarps);
+  bf16* const Hc = R1;  // phase 1
+  bf16* const Bs = R1;  // phase 2
+  bf16* const Cl = R2;
+  bf16* const Gs = R2;  // at the start of each s-tile
+  float* const Ms = MX;
+  float* const Ms2 = MX + kTile * kTile;
+  float* const DX = MX;
+  constexpr int ldm = kTile;  // Ms, Ms2 row stride
 
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
@@ -610,7 +823,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
     dacs[i] = 0.f;
     ddtx[i] = 0.f;
   }
-  LoadState(HD, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
+  LoadState(Hc, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
   __syncthreads();
 
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
@@ -625,13 +838,14 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
   // Phase 1 (inter term of ∂Acs): dacs_l += e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
   for (int lt = 0; lt < nT; ++lt) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-    LoadRows(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+    LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+    LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+    CpAsyncWaitAll();
     __syncthreads();
-    WarpTile a1[2];
-    ZeroTiles(a1);
-    MmaTiles<false, true, 2>(a1, Cl, ldn, HD, ldn, kTile, d.P, d.N);
-    StoreTiles(a1, DX, ldx, kTile, d.P);
+    typename MM::Tile a1[2];
+    MM::Zero(a1);
+    MM::template Mma<false, true, 2>(a1, Cl, ldn, Hc, ldn, kTile, d.P, d.N);
+    MM::Store(a1, DX, ldx, kTile, d.P);
     __syncthreads();
     float s = 0.f;
     for (int p = half * hp; p < (half + 1) * hp; ++p)
@@ -649,21 +863,23 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
     for (int i = 0; i < ddecay_parts; ++i) s += pp[i];
     dacs[d.Q - 1] += e_last * s;
   }
-  LoadState(HD, ldn, dsg + (bh * d.NC + c) * d.PN, d.P, d.N);  // G_{c+1}
   __syncthreads();
+  const float* g_state = dsg + (bh * d.NC + c) * d.PN;  // G_{c+1}
 
   const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
   double dd_acc = 0.0;
   for (int st = 0; st < nT; ++st) {
     const int s0 = st * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
-    LoadRows(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
-    LoadRows(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
+    LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, d.P);
+    LoadState(Gs, ldn, g_state, d.P, d.N);
+    CpAsyncWaitAll();
     __syncthreads();
     // State term: DX = w_s (B_s Gᵀ); dlogw_s = dt_s w_s x_s·(B_s Gᵀ)_s.
-    WarpTile acc[2];
-    ZeroTiles(acc);
-    MmaTiles<false, true, 2>(acc, Bs, ldn, HD, ldn, kTile, d.P, d.N);
-    StoreTiles(acc, DX, ldx, kTile, d.P);
+    typename MM::Tile acc[2];
+    MM::Zero(acc);
+    MM::template Mma<false, true, 2>(acc, Bs, ldn, Gs, ldn, kTile, d.P, d.N);
+    MM::Store(acc, DX, ldx, kTile, d.P);
     __syncthreads();
     {
       const float w = expf(acs[d.Q - 1] - acs[s0 + row]);
@@ -681,43 +897,45 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
       }
     }
     __syncthreads();
-    LoadTiles(acc, DX, ldx, kTile, d.P);
+    MM::Load(acc, DX, ldx, kTile, d.P);
+    __syncthreads();  // DX is reused as Ms/Ms2, Gs as Cl, in the pair loop
     for (int lt = st; lt < nT; ++lt) {
       const int l0 = lt * kTile, tl0 = c0 + l0, lv = min(kTile, d.S - tl0);
-      LoadRows(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-      LoadRows(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+      LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+      LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+      CpAsyncWaitAll();
       __syncthreads();
-      WarpTile t1[1], t2[1];
-      ZeroTiles(t1);
-      ZeroTiles(t2);
-      MmaTiles<false, true, 1>(t1, Bs, ldn, Cl, ldn, kTile, kTile, d.N);   // (s, l) B_s·C_l
-      MmaTiles<false, true, 1>(t2, Xs, ldp, dYl, ldp, kTile, kTile, d.P);  // (s, l) x_s·dy_l
-      StoreTiles(t1, Ms, 68, kTile, kTile);
-      StoreTiles(t2, Ms2, 68, kTile, kTile);
+      typename MM::Tile t1[1], t2[1];
+      MM::Zero(t1);
+      MM::Zero(t2);
+      MM::template Mma<false, true, 1>(t1, Bs, ldn, Cl, ldn, kTile, kTile, d.N);   // (s, l) B_s·C_l
+      MM::template Mma<false, true, 1>(t2, Xs, ldp, dYl, ldp, kTile, kTile, d.P);  // (s, l) x_s·dy_l
+      MM::Store(t1, Ms, ldm, kTile, kTile);
+      MM::Store(t2, Ms2, ldm, kTile, kTile);
       __syncthreads();
       for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
         const int s = i / kTile, l = i % kTile;
         float mt = 0.f;
-        if (lt > st || l >= s) mt = Ms[s * 68 + l] * expf(acs[l0 + l] - acs[s0 + s]);
+        if (lt > st || l >= s) mt = Ms[s * ldm + l] * expf(acs[l0 + l] - acs[s0 + s]);
         Mb[s * 72 + l] = __float2bfloat16_rn(mt);
-        Ms2[s * 68 + l] = dts[s0 + s] * Ms2[s * 68 + l] * mt;
+        Ms2[s * ldm + l] = dts[s0 + s] * Ms2[s * ldm + l] * mt;
       }
       __syncthreads();
       if (threadIdx.x < kTile) {
         const int s = threadIdx.x;
         float sum = 0.f;
-        for (int j = 0; j < kTile; ++j) sum += Ms2[s * 68 + (j + s) % kTile];
+        for (int j = 0; j < kTile; ++j) sum += Ms2[s * ldm + (j + s) % kTile];
         atomicAdd(&dacs[s0 + s], -sum);
       } else {
         const int l = threadIdx.x - kTile;
         float sum = 0.f;
-        for (int i = 0; i < kTile; ++i) sum += Ms2[i * 68 + l];
+        for (int i = 0; i < kTile; ++i) sum += Ms2[i * ldm + l];
         atomicAdd(&dacs[l0 + l], sum);
       }
-      MmaTiles<false, false, 2>(acc, Mb, 72, dYl, ldp, kTile, d.P, kTile);
+      MM::template Mma<false, false, 2>(acc, Mb, 72, dYl, ldp, kTile, d.P, kTile);
       __syncthreads();
     }
-    StoreTiles(acc, DX, ldx, kTile, d.P);
+    MM::Store(acc, DX, ldx, kTile, d.P);
     __syncthreads();
     // dx = dt dX̄ + D dy; ddtx = x·dX̄; dD += dy·x (two threads per row, P/2 columns each).
     float dot_x = 0.f, dot_d = 0.f;
@@ -787,27 +1005,31 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dx(
   }
 }
 
+// Shared memory of ssd_chunk_scan_bwd_dbc (~104 KB at P64 N128 Q256: two blocks per SM):
+//   Sum [64][Q] fp32 (the head-summed dCB rows), Acs/dt [2Q] and the own-row scale [64] of the
+//   current head, the raw own tile Own [64][P+8], and one region U used three ways:
+//   state term: OwnS [64][P+8] + St [P][N+8] bf16;  other-tile loop: Oth [64][P+8] bf16 +
+//   Ms [64][68] fp32;  final products: Tb [64][72] bf16 (one 64-column slice of Sum) + Vt [64][N+8].
 template <typename Carver>
 void CarveDbc(Carver& cv, const Dims& d) {
-  cv.template take<float>(kTile * (d.Q + 4));  // Sum
+  cv.template take<float>(kTile * d.Q);        // Sum
   cv.template take<float>(2 * d.Q);            // acs, dt of the current head
-  // Head phase: Own, OwnS, Oth [64][P+8], St [P][N+8] bf16, Ms [64][68] f32;
-  // final phase: SumB [64][Q+8], Vt [64][N+8] bf16 (aliases the head phase).
-  CarveSize head, fin;
-  head.take<bf16>(kTile * (d.P + 8));
-  head.take<bf16>(kTile * (d.P + 8));
-  head.take<bf16>(kTile * (d.P + 8));
-  head.take<bf16>(d.P * (d.N + 8));
-  head.take<float>(kTile * 68);
-  fin.take<bf16>(kTile * (d.Q + 8));
-  fin.take<bf16>(kTile * (d.N + 8));
-  cv.template take<char>(std::max(head.off, fin.off));
+  cv.template take<float>(kTile);              // own-row scale
+  cv.template take<bf16>(kTile * (d.P + 8));   // Own
+  CarveSize a, o, f;
+  a.take<bf16>(kTile * (d.P + 8));
+  a.take<bf16>(d.P * (d.N + 8));
+  o.take<bf16>(kTile * (d.P + 8));
+  o.take<float>(kTile * 68);
+  f.take<bf16>(kTile * 72);
+  f.take<bf16>(kTile * (d.N + 8));
+  cv.template take<char>(std::max({a.off, o.off, f.off}));
 }
 
 // kDB = false: dC for the 64-row l-tile `blockIdx.x % (Q/64)`; true: dB for that s-tile.
 // grid (NC·Q/64, G·nsplit, B). part [nsplit, B, NC·Q, G, N] fp32.
-template <bool kDB>
-__global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dbc(
+template <class MM, bool kDB>
+__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
     Dims d, int nsplit, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved,
     const bf16* dy, const float* dsg, float* part) {
   extern __shared__ __align__(128) char smem[];
@@ -819,65 +1041,80 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dbc(
   const int ov = min(kTile, d.S - own0);
   const int nT = (min(d.Q, d.S - c * d.Q) + kTile - 1) / kTile;
   const int hps = d.hpg / nsplit;
-  const int ldp = d.P + 8, ldn = d.N + 8, lds = d.Q + 4, ldsb = d.Q + 8;
+  const int ldp = d.P + 8, ldn = d.N + 8, lds = d.Q;
   Carve cv{smem};
   float* Sum = cv.take<float>(kTile * lds);
   float* acs = cv.take<float>(2 * d.Q);
   float* dts = acs + d.Q;
+  float* scale = cv.take<float>(kTile);
+  bf16* Own = cv.take<bf16>(kTile * ldp);
   char* region = cv.base + cv.off;
-  Carve hc{region};
-  bf16* Own = hc.take<bf16>(kTile * ldp);
-  bf16* OwnS = hc.take<bf16>(kTile * ldp);
-  bf16* Oth = hc.take<bf16>(kTile * ldp);
-  bf16* St = hc.take<bf16>(d.P * ldn);
-  float* Ms = hc.take<float>(kTile * 68);
-  Carve fc{region};
-  bf16* SumB = fc.take<bf16>(kTile * ldsb);
-  bf16* Vt = fc.take<bf16>(kTile * ldn);
+  Carve ca{region}, co{region}, cf{region};
+  bf16* OwnS = ca.take<bf16>(kTile * ldp);
+  bf16* St = ca.take<bf16>(d.P * ldn);
+  bf16* Oth = co.take<bf16>(kTile * ldp);
+  float* Ms = co.take<float>(kTile * 68);
+  bf16* Tb = cf.take<bf16>(kTile * 72);
+  bf16* Vt = cf.take<bf16>(kTile * ldn);
 
   for (int i = threadIdx.x; i < kTile * lds; i += kThreads) Sum[i] = 0.f;
   const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const int lo = kDB ? ot_own : 0, hi = kDB ? nT - 1 : ot_own;  // other tiles
 
-  WarpTile acc[4];
-  ZeroTiles(acc);
+  typename MM::Tile acc[4];
+  MM::Zero(acc);
   for (int hh = 0; hh < hps; ++hh) {
     const int h = g * d.hpg + sp * hps + hh;
     const int64_t bh = static_cast<int64_t>(b) * d.H + h;
     __syncthreads();
     const float* acs_g = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
     const float* dt_g = DtPtr(d, saved, b);
-    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
-      acs[i] = acs_g[i];
-      dts[i] = c * d.Q + i < d.S ? dt_g[static_cast<int64_t>(c * d.Q + i) * d.H + h] : 0.f;
-    }
-    __syncthreads();
     const bf16* xh = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
     const bf16* dyh = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
     const bf16* own_src = (kDB ? xh : dyh) + own0 * x_stride;
     const bf16* oth_src = kDB ? dyh : xh;
-    // Own-row scale: dB: e^{Acs_last − Acs_s} dt_s; dC: e^{Acs_l}. Kept in Ms's first row.
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x, i = ot_own * kTile + r;
-      Ms[r] = kDB ? expf(acs[d.Q - 1] - acs[i]) * dts[i] : expf(acs[i]);
+    // One memory round trip for the head's prologue: the raw own tile through cp.async, the
+    // state and Acs/dt through registers, all in flight together.
+    LoadRowsAsync(Own, ldp, own_src, x_stride, ov, d.P);
+    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+      acs[i] = acs_g[i];
+      dts[i] = c * d.Q + i < d.S ? dt_g[static_cast<int64_t>(c * d.Q + i) * d.H + h] : 0.f;
     }
-    __syncthreads();
-    LoadRows(Own, ldp, own_src, x_stride, ov, d.P);
-    LoadRows(OwnS, ldp, own_src, x_stride, ov, d.P, Ms);
     LoadState(St, ldn,
               kDB ? dsg + (bh * d.NC + c) * d.PN : StatePtr(d, saved, b, h, c), d.P, d.N);
+    CpAsyncWaitAll();
     __syncthreads();
-    MmaTiles<false, false, 4>(acc, OwnS, ldp, St, ldn, kTile, d.N, d.P);
+    // Own-row scale: dB: e^{Acs_last − Acs_s} dt_s; dC: e^{Acs_l}.
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x, i = ot_own * kTile + r;
+      scale[r] = kDB ? expf(acs[d.Q - 1] - acs[i]) * dts[i] : expf(acs[i]);
+    }
+    __syncthreads();
+    {
+      const int vpr = d.P / 8;
+      for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+        const int r = i / vpr, v = (i % vpr) * 8;
+        float f[8];
+        LoadBf16<8>(Own + r * ldp + v, f);
+        const float sc = scale[r];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] *= sc;
+        StoreBf16<8>(OwnS + r * ldp + v, f);
+      }
+    }
+    __syncthreads();
+    MM::template Mma<false, false, 4>(acc, OwnS, ldp, St, ldn, kTile, d.N, d.P);
     for (int ot = lo; ot <= hi; ++ot) {
       const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
+      __syncthreads();  // OwnS/St (first pass) or Ms (later passes) are still being read
+      LoadRowsAsync(Oth, ldp, oth_src + oth0 * x_stride, x_stride, othv, d.P);
+      CpAsyncWaitAll();
       __syncthreads();
-      LoadRows(Oth, ldp, oth_src + oth0 * x_stride, x_stride, othv, d.P);
-      __syncthreads();
-      WarpTile t1[1];
-      ZeroTiles(t1);
-      MmaTiles<false, true, 1>(t1, Own, ldp, Oth, ldp, kTile, kTile, d.P);
-      StoreTiles(t1, Ms, 68, kTile, kTile);
+      typename MM::Tile t1[1];
+      MM::Zero(t1);
+      MM::template Mma<false, true, 1>(t1, Own, ldp, Oth, ldp, kTile, kTile, d.P);
+      MM::Store(t1, Ms, 68, kTile, kTile);
       __syncthreads();
       for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
         const int r = i / kTile, q = i % kTile;
@@ -887,22 +1124,22 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_scan_bwd_dbc(
       }
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTile * d.Q; i += kThreads) {
-    const int r = i / d.Q, j = i % d.Q;
-    SumB[r * ldsb + j] = __float2bfloat16_rn(Sum[r * lds + j]);
-  }
   const bf16* vsrc = (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
   for (int ot = lo; ot <= hi; ++ot) {
     const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
     __syncthreads();
-    LoadRows(Vt, ldn, vsrc + oth0 * bc_stride, bc_stride, othv, d.N);
+    LoadRowsAsync(Vt, ldn, vsrc + oth0 * bc_stride, bc_stride, othv, d.N);
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      const int r = i / kTile, j = i % kTile;
+      Tb[r * 72 + j] = __float2bfloat16_rn(Sum[r * lds + ot * kTile + j]);
+    }
+    CpAsyncWaitAll();
     __syncthreads();
-    MmaTiles<false, false, 4>(acc, SumB + ot * kTile, ldsb, Vt, ldn, kTile, d.N, kTile);
+    MM::template Mma<false, false, 4>(acc, Tb, 72, Vt, ldn, kTile, d.N, kTile);
   }
   const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
   float* out = part + ((static_cast<int64_t>(sp) * d.B + b) * ncq + own0) * bc_stride + g * d.N;
-  StoreTiles(acc, out, bc_stride, kTile, d.N);
+  MM::Store(acc, out, bc_stride, kTile, d.N);
 }
 
 // dB/dC [B, S, G, N] bf16 = Σ_split part (fixed order).
@@ -978,7 +1215,79 @@ CudaResult CheckSmem(const Dims& d) {
 
 bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
 
+std::atomic<bool> g_use_wmma{false};
+
+// The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
+template <class MM>
+CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
+                          cudaStream_t stream) {
+  const int ntn = (d.N + 63) / 64;
+  const size_t st_smem = ChunkStateSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
+  ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+      d, a.x, a.b, saved, nullptr);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+
+  ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0, stream>>>(
+      d, a.initial_state, saved, a.final_state);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+
+  const size_t fwd_smem = SmemOf<CarveScanFwd<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd<MM>, fwd_smem));
+  ssd_chunk_scan_fwd<MM><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, fwd_smem, stream>>>(
+      d, a.x, a.b, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd");
+  return {};
+}
+
+struct BwdScratch {
+  float* dsg;
+  float* ddecay;
+  double* part;
+  float* dbp;
+  float* dcp;
+  int nsplit;
+  int pass_blocks;
+};
+
+template <class MM>
+CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
+                           cudaStream_t stream) {
+  const float* saved = static_cast<const float*>(a.saved);
+  const int ntn = (d.N + 63) / 64;
+  const size_t st_smem = ChunkStateSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
+  ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+      d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+
+  ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
+      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+
+  const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
+  ssd_chunk_scan_bwd_dx<MM><<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
+      d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, sc.dsg, sc.ddecay,
+      sc.pass_blocks, a.dx, a.ddt, sc.part);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
+
+  const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
+  const dim3 bc_grid(d.NC * (d.Q / kTile), d.G * sc.nsplit, d.B);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<MM, false>, bc_smem));
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<MM, true>, bc_smem));
+  ssd_chunk_scan_bwd_dbc<MM, false><<<bc_grid, kThreads, bc_smem, stream>>>(
+      d, sc.nsplit, a.x, a.b, a.c, saved, a.dy, sc.dsg, sc.dcp);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dC>");
+  ssd_chunk_scan_bwd_dbc<MM, true><<<bc_grid, kThreads, bc_smem, stream>>>(
+      d, sc.nsplit, a.x, a.b, a.c, saved, a.dy, sc.dsg, sc.dbp);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dB>");
+  return {};
+}
+
 }  // namespace
+
+void SsdUseWmmaForTesting(bool use_wmma) { g_use_wmma.store(use_wmma); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
@@ -1025,23 +1334,8 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
   ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
 
-  const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<false>, st_smem));
-  ssd_chunk_state<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.x, a.b, saved, nullptr);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
-
-  ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 256)), d.H, d.B), 256, 0, stream>>>(
-      d, a.initial_state, saved, a.final_state);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
-
-  const size_t fwd_smem = SmemOf<CarveScanFwd<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd, fwd_smem));
-  ssd_chunk_scan_fwd<<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, fwd_smem, stream>>>(
-      d, a.x, a.b, a.c, a.d, saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd");
-  return {};
+  return g_use_wmma.load() ? ForwardKernels<MmaWmma>(a, d, saved, stream)
+                           : ForwardKernels<MmaPtx>(a, d, saved, stream);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -1066,7 +1360,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
     nsplit = k;
     if (base * k >= 264 || k >= 8) break;
   }
-  const unsigned pass_blocks = static_cast<unsigned>(CeilDiv(d.PN, 256));
+  const unsigned pass_blocks = static_cast<unsigned>(CeilDiv(d.PN, 1024));
   const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
   const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
   const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * pass_blocks;
@@ -1087,34 +1381,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   float* dbp = reinterpret_cast<float*>(base_ptr + off_dbp);
   float* dcp = reinterpret_cast<float*>(base_ptr + off_dcp);
 
-  const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<true>, st_smem));
-  ssd_chunk_state<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.dy, a.c, const_cast<float*>(saved), dsg);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
-
-  ssd_state_pass_bwd<<<dim3(pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, dsg, ddecay, a.d_initial_state);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
-
-  const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx, dx_smem));
-  ssd_chunk_scan_bwd_dx<<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
-      d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, dsg, ddecay,
-      static_cast<int>(pass_blocks), a.dx, a.ddt, part);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
-
-  const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
-  const dim3 bc_grid(d.NC * (d.Q / kTile), d.G * nsplit, d.B);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<false>, bc_smem));
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<true>, bc_smem));
-  ssd_chunk_scan_bwd_dbc<false><<<bc_grid, kThreads, bc_smem, stream>>>(
-      d, nsplit, a.x, a.b, a.c, saved, a.dy, dsg, dcp);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dC>");
-  ssd_chunk_scan_bwd_dbc<true><<<bc_grid, kThreads, bc_smem, stream>>>(
-      d, nsplit, a.x, a.b, a.c, saved, a.dy, dsg, dbp);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dB>");
+  const BwdScratch sc{dsg, ddecay, part, dbp, dcp, nsplit, static_cast<int>(pass_blocks)};
+  CUDA_RETURN_IF_NOT_OK(g_use_wmma.load() ? BackwardKernels<MmaWmma>(a, d, sc, stream)
+                                          : BackwardKernels<MmaPtx>(a, d, sc, stream));
 
   const int64_t n_bc_out = static_cast<int64_t>(d.B) * d.S * d.G * d.N;
   const unsigned red_blocks = static_cast<unsigned>(std::min<int64_t>(CeilDiv(n_bc_out, 256), 4096));

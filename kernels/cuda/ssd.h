@@ -105,6 +105,11 @@ CudaResult SsdCheck(const SsdShape& shape, const SsdOptions& options);
 int64_t SsdSavedBytes(const SsdShape& shape, const SsdOptions& options);
 
 CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
+
+// Selects the tensor-core path of all later calls (process-wide): false (the default) uses
+// mma.sync + ldmatrix, true the nvcuda::wmma version (the first device-verified one, kept for
+// A/B checks in ssd_gpu_test and ssd_bench). Both compute the same function.
+void SsdUseWmmaForTesting(bool use_wmma);
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);
 

@@ -220,10 +220,18 @@ TEST(SsdGpu, MatchesCpuReference) {
   bare.skip = bare.init = bare.dfinal = false;
   bare.dt_max = inf;
   cases.push_back(bare);
-  uint64_t seed = 1234;
+  // Both tensor-core paths (mma.sync + ldmatrix, the default; and WMMA), fresh inputs each.
   int failed = 0;
-  for (const Case& k : cases) failed += RunCase(k, seed++) ? 0 : 1;
-  std::printf("ssd_gpu_test: %zu cases, %d failed\n", cases.size(), failed);
+  for (const bool wmma : {false, true}) {
+    SsdUseWmmaForTesting(wmma);
+    uint64_t seed = wmma ? 5678 : 1234;
+    for (Case k : cases) {
+      k.label = std::string(wmma ? "[wmma] " : "[mma] ") + k.label;
+      failed += RunCase(k, seed++) ? 0 : 1;
+    }
+  }
+  SsdUseWmmaForTesting(false);
+  std::printf("ssd_gpu_test: %zu cases x 2 paths, %d failed\n", cases.size(), failed);
   EXPECT_EQ(failed, 0);
 }
 
