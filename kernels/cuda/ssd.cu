@@ -13,8 +13,9 @@
 //   y_l   = Σ_{s≤l} (C_l·B_s) e^{Acs_l − Acs_s} dt_s x_s               intra-chunk (quadratic)
 //         + e^{Acs_l} C_l H_cᵀ + D x_l                                 inter-chunk + skip
 //
-// Forward kernels (token tiles of 64 rows; all products on tensor cores through WMMA bf16
-// m16n16k16 with fp32 accumulators, each warp owning 32×32 output tiles):
+// Forward kernels (token tiles of 64 rows; all products on tensor cores, bf16 operands from shared
+// memory, fp32 accumulators, each warp owning 32×32 output tiles: mma.sync.m16n8k16 fed by
+// ldmatrix by default, or nvcuda::wmma, see "block-level tensor-core GEMM" below):
 //   1. ssd_dt_cumsum       dt = clamp(softplus(raw + bias)) (saved), Acs per chunk (saved).
 //   2. ssd_chunk_state     S_c for every (b, c, h, 64-column slice of N), written straight into
 //                          the saved boundary-state slot c+1.
@@ -66,9 +67,17 @@
 //   the saved states (B·H·(NC+1)·P·N fp32 = 151 MB here), dt, Acs: ≈ 67+8+8+4 + 67 + 151
 //   ≈ 0.31 GB; backward reads x, B, C, dy, saved (≈ 0.3 GB) and writes dx, dB, dC, ddt
 //   (≈ 0.15 GB) plus the dS/G buffer (134 MB written and read twice).
-// Floors on an H100 (≈ 3.3 TB/s, ≈ 800 dense bf16 TFLOP/s peak, far less through WMMA):
-//   forward ≈ 0.12 ms (flops) / 0.10 ms (bytes); backward ≈ 0.27 / 0.25 ms. This code uses WMMA
-//   from shared memory (not wgmma), so expect a few times the floor; see README.md for measured.
+// Floors (≈ 800 dense bf16 TFLOP/s, 3.3 TB/s H100 / 4.2 TB/s H200): forward ≈ 0.12 ms (flops) /
+//   0.10 ms (bytes); backward ≈ 0.27 / 0.25 ms.
+// Measured (H200, 2026-11-26): forward 1.52 ms, forward+backward 7.68 ms, i.e. 1.7-2.2x slower
+//   than mamba_ssm's Triton kernels timed in the same call. The kernels are latency-bound (one
+//   un-prefetched memory round trip and several barriers per 64-row tile, small MMAs between
+//   them); per-kernel times, the reasoning and the next steps are in ssd_notes.md.
+//
+// Tiles move global → shared either through registers with kLoadBatch 16-byte loads in flight per
+// thread (when they are scaled on the way) or through cp.async (plain copies); shared-memory
+// regions are reused between phases of a kernel (see each Carve* function) so that 2-3 blocks fit
+// per SM.
 #include "kernels/cuda/ssd.h"
 
 #include <mma.h>
