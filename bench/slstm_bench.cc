@@ -1,8 +1,8 @@
 // sLSTM persistent kernels (kernels/cuda/slstm.h) at the xLSTM presets' cell shapes, S 2048:
 //   1.3B  d 2048, 4 heads × 512, B 8   (the anchor's shape in PERFORMANCE.md)
 //   125M  d 768,  4 heads × 192, B 8 and B 16 (PERFORMANCE.md's anchor uses B 16)
-// For each: forward (saving for backward), backward recurrent kernel alone, backward with the dR
-// product, and forward + backward. Median of `reps` runs after warm-ups, CUDA events around the
+// For each, through both kernels (cluster, flags): forward (saving for backward), backward
+// recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps` runs after warm-ups, CUDA events around the
 // op only, dense random inputs (never zeros). Per line: ms, µs per time step, FLOPs of the
 // recurrent products (forward 2·B·4d·dh per step; backward twice that: dG R and dR), the
 // minimal bytes (each input read once, each output written once) and the achieved rates. The
@@ -69,7 +69,7 @@ int Run(int argc, char** argv) {
       {"125M d768 NH4 B8", 8, 2048, 4, 192},
       {"125M d768 NH4 B16", 16, 2048, 4, 192},
   };
-  std::printf("%-20s %-16s %9s %9s %9s %9s %9s\n", "config", "op", "ms", "us/step", "GFLOP",
+  std::printf("%-20s %-20s %9s %9s %9s %9s %9s\n", "config", "op", "ms", "us/step", "GFLOP",
               "TFLOP/s", "GB/s");
   for (const Config& c : configs) {
     const SlstmShape s{c.batch, c.seq_len, c.num_heads, c.head_dim};
@@ -111,27 +111,43 @@ int Run(int argc, char** argv) {
     const double bwd_rec_bytes = tok * d * (28 + 2 + 2 * 4);         // saved, dh, d_gx
     const double dr_bytes = tok * d * (2 * 4 + 2);                    // re-read d_gx, h
     struct Op {
-      const char* name;
+      std::string name;
       std::function<CudaResult()> fn;
       double flop, bytes;
     };
-    const Op ops[] = {
-        {"fwd", [&] { return SlstmForward(fa, &alloc, stream); }, step_flop * S, fwd_bytes},
-        {"bwd (recurrent)", [&] { return SlstmBackward(ba_nodr, gemm.get(), &alloc, stream); },
-         step_flop * S, bwd_rec_bytes},
-        {"bwd (+dR)", [&] { return SlstmBackward(ba, gemm.get(), &alloc, stream); },
-         2 * step_flop * S, bwd_rec_bytes + dr_bytes},
-        {"fwd+bwd",
-         [&] {
-           CUDA_RETURN_IF_NOT_OK(SlstmForward(fa, &alloc, stream));
-           return SlstmBackward(ba, gemm.get(), &alloc, stream);
-         },
-         3 * step_flop * S, fwd_bytes + bwd_rec_bytes + dr_bytes},
-    };
+    std::vector<Op> ops;
+    for (SlstmAlgorithm alg : {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags}) {
+      const std::string tag = alg == SlstmAlgorithm::kCluster ? " [cluster]" : " [flags]";
+      SlstmForwardArgs f = fa;
+      SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
+      f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
+      ops.push_back({"fwd" + tag, [&, f] { return SlstmForward(f, &alloc, stream); },
+                     step_flop * S, fwd_bytes});
+      ops.push_back({"bwd rec" + tag,
+                     [&, bk_nodr] { return SlstmBackward(bk_nodr, gemm.get(), &alloc, stream); },
+                     step_flop * S, bwd_rec_bytes});
+      ops.push_back({"bwd+dR" + tag,
+                     [&, bk] { return SlstmBackward(bk, gemm.get(), &alloc, stream); },
+                     2 * step_flop * S, bwd_rec_bytes + dr_bytes});
+      ops.push_back({"fwd+bwd" + tag,
+                     [&, f, bk] {
+                       CUDA_RETURN_IF_NOT_OK(SlstmForward(f, &alloc, stream));
+                       return SlstmBackward(bk, gemm.get(), &alloc, stream);
+                     },
+                     3 * step_flop * S, fwd_bytes + bwd_rec_bytes + dr_bytes});
+    }
     // The forward fills `saved` and `h` once so the backward-only ops read real values.
     CUDA_OK_OR_DIE(SlstmForward(fa, &alloc, stream));
     for (const Op& op : ops) {
-      for (int i = 0; i < warmup; ++i) CUDA_OK_OR_DIE(op.fn());
+      bool ok = true;
+      for (int i = 0; i < warmup && ok; ++i) {
+        const CudaResult r = op.fn();
+        if (!r.ok()) {
+          std::printf("%-20s %-20s unavailable: %s\n", c.name, op.name.c_str(), r.message.c_str());
+          ok = false;
+        }
+      }
+      if (!ok) continue;
       CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
       std::vector<float> ms;
       for (int i = 0; i < reps; ++i) {
@@ -144,12 +160,12 @@ int Run(int argc, char** argv) {
         ms.push_back(t);
       }
       const double med = Median(ms);
-      std::printf("%-20s %-16s %9.3f %9.2f %9.1f %9.2f %9.1f\n", c.name, op.name, med,
+      std::printf("%-20s %-20s %9.3f %9.2f %9.1f %9.2f %9.1f\n", c.name, op.name.c_str(), med,
                   med * 1e3 / S, op.flop * 1e-9, op.flop / (med * 1e-3) * 1e-12,
                   op.bytes / (med * 1e-3) * 1e-9);
       if (csv) {
-        std::fprintf(csv, "%s,%s,%.4f,%.3f,%.2f,%.3f\n", c.name, op.name, med, med * 1e3 / S,
-                     op.flop * 1e-9, op.bytes * 1e-9);
+        std::fprintf(csv, "%s,%s,%.4f,%.3f,%.2f,%.3f\n", c.name, op.name.c_str(), med,
+                     med * 1e3 / S, op.flop * 1e-9, op.bytes * 1e-9);
       }
     }
   }

@@ -491,6 +491,364 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
   }
 }
 
+// ------------------------------------------------------------------ cluster kernels (sm_90)
+//
+// One thread-block cluster per (head, batch slice of 8 rows): C = dh/U CTAs of U units each
+// (U = 16 for dh <= 256, else 32; C <= 16, a non-portable cluster size above 8). The head's
+// previous h (forward) or dG (backward) lives in every CTA's shared memory (double-buffered by
+// step parity); after its pointwise update each CTA writes its units' slice into all C CTAs'
+// next buffer with 16-byte st.shared::cluster (DSMEM) stores, then one cluster barrier
+// (arrive.release / wait.acquire) ends the step. No global-memory round trip, no flags, and
+// clusters never wait on each other, so no co-residency requirement beyond the cluster itself.
+// One barrier per step is enough: a CTA can only write buffer p again two steps later, after
+// every CTA has passed the barrier that follows its reads of p.
+
+__device__ __forceinline__ unsigned ClusterRank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
+// `rank` of the cluster.
+__device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned rank,
+                                               const void* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dst_local));
+  uint32_t ra;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(ra), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 banks apart
+
+// Forward: 16·U threads (U/2 warps); warp w does m-tile w % (U/4) (16 of the 4U gate rows) over
+// half of K (K-part w / (U/4)), KT K-tiles each.
+template <int U, int KT>
+__global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
+  constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
+  __shared__ __align__(16) __nv_bfloat16 hbuf[2][8][kHbufStride];
+  __shared__ float red[kKs][4 * U][9];
+  __shared__ __align__(16) __nv_bfloat16 hst[8][U];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int C = dh / U;
+  const unsigned rank = ClusterRank();
+  const int hd = blockIdx.x / C;
+  const int u0 = static_cast<int>(rank) * U;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int mt = warp % kMt, kpart = warp / kMt;
+  const int g_tile = (16 * mt) / U, ub = (16 * mt) % U;
+  const int nk = dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * 8;
+  const int nb = min(8, p.batch - b_first);
+
+  uint32_t a[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    const int kt = kpart + kKs * kk;
+    if (kt < nk) {
+      const __nv_bfloat16* r0 = p.r + ((static_cast<int64_t>(hd) * 4 + g_tile) * dh + u0 + ub +
+                                       group) * dh + kt * 16 + quad * 2;
+      const __nv_bfloat16* r8 = r0 + 8 * dh;
+      a[kk][0] = LoadU32(r0);
+      a[kk][1] = LoadU32(r8);
+      a[kk][2] = LoadU32(r0 + 8);
+      a[kk][3] = LoadU32(r8 + 8);
+    } else {
+      a[kk][0] = a[kk][1] = a[kk][2] = a[kk][3] = 0u;
+    }
+  }
+
+  const int bl = threadIdx.x / U, u = threadIdx.x % U;
+  const bool active = threadIdx.x < 8 * U && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  float c = 0.f, n = 0.f, m = 0.f, h_last = 0.f;
+  if (active && p.h0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    c = p.c0[i];
+    n = p.n0[i];
+    m = p.m0[i];
+    h_last = p.h0[i];
+  }
+  float gxv[4] = {0.f, 0.f, 0.f, 0.f};
+  if (active) {
+    const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+  }
+  for (int i = threadIdx.x; i < 8 * U; i += kNth) (&hst[0][0])[i] = __float2bfloat16_rn(0.f);
+  for (int i = threadIdx.x; i < 8 * dh; i += kNth) {
+    const int row = i / dh, k = i % dh;
+    float v = 0.f;
+    if (row < nb && p.h0 != nullptr) v = p.h0[static_cast<int64_t>(b_first + row) * d + hd * dh + k];
+    hbuf[0][row][k] = __float2bfloat16_rn(v);
+  }
+  __syncthreads();
+  ClusterSync();  // every CTA of the cluster is running before any DSMEM store
+
+  for (int t = 0; t < S; ++t) {
+    const int par = t & 1;
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+      const int kt = kpart + kKs * kk;
+      if (kt < nk) {
+        const __nv_bfloat16* hb = &hbuf[par][group][kt * 16 + quad * 2];
+        Mma16816(acc[kk & 1], a[kk], *reinterpret_cast<const uint32_t*>(hb),
+                 *reinterpret_cast<const uint32_t*>(hb + 8));
+      }
+    }
+    const int r0 = 16 * mt + group;
+    red[kpart][r0][quad * 2] = acc[0][0] + acc[1][0];
+    red[kpart][r0][quad * 2 + 1] = acc[0][1] + acc[1][1];
+    red[kpart][r0 + 8][quad * 2] = acc[0][2] + acc[1][2];
+    red[kpart][r0 + 8][quad * 2 + 1] = acc[0][3] + acc[1][3];
+    __syncthreads();
+
+    if (active) {
+      float pre[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) pre[g] = gxv[g] + red[0][g * U + u][bl] + red[1][g * U + u][bl];
+      const float lf = LogSigmoid(pre[1]) + m;
+      const bool from_input = n == 0.f || pre[0] >= lf;
+      const float m_new = from_input ? pre[0] : lf;
+      const float ip = from_input ? 1.f : fminf(expf(pre[0] - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      c = fp * c + ip * tanhf(pre[2]);
+      n = fp * n + ip;
+      m = m_new;
+      h_last = Sigmoid(pre[3]) * c / n;
+      const __nv_bfloat16 hb = __float2bfloat16_rn(h_last);
+      hst[bl][u] = hb;
+      const int64_t row = static_cast<int64_t>(b) * S + t;
+      p.h[row * d + col] = hb;
+      if (p.saved != nullptr) {
+        float* sv = p.saved + row * kSavedRows * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) sv[g * d] = pre[g];
+        sv[4 * d] = c;
+        sv[5 * d] = n;
+        sv[6 * d] = m;
+      }
+      if (t + 1 < S) {
+        const __nv_bfloat16* gp = p.gx + (row + 1) * 4 * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+      }
+    }
+    if (t + 1 < S) {
+      __syncthreads();
+      // U 16-byte chunks (8 rows × U/8) to each of the C CTAs: dh stores, one per thread.
+      for (int i = threadIdx.x; i < C * U; i += kNth) {
+        const int dest = i / U, ch = i % U;
+        const int row = ch / (U / 8), cc = ch % (U / 8);
+        StoreCluster16(&hbuf[par ^ 1][row][u0 + cc * 8], static_cast<unsigned>(dest),
+                       &hst[row][cc * 8]);
+      }
+      ClusterSync();
+    }
+  }
+
+  if (active && p.hT != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.hT[i] = h_last;
+    p.cT[i] = c;
+    p.nT[i] = n;
+    p.mT[i] = m;
+  }
+}
+
+// Backward: 16·U threads; warp w does m-tile w % (U/16) (16 of the U output units) over one
+// eighth of K = 4·dh (K-part w / (U/16)), KT K-tiles each. dG buffers: dynamic shared memory,
+// [2][8][4·dh + 8] bf16.
+template <int U, int KT>
+__global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) {
+  constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 16, kKs = kW / kMt;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ float red[kKs][U][9];
+  __shared__ __align__(16) __nv_bfloat16 gst[8][4][U];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int C = dh / U;
+  const int gs = 4 * dh + 8;  // gbuf row stride (bf16): 2dh + 4 words, rows 4 banks apart
+  __nv_bfloat16* gbuf = reinterpret_cast<__nv_bfloat16*>(dyn_smem);
+  const unsigned rank = ClusterRank();
+  const int hd = blockIdx.x / C;
+  const int u0 = static_cast<int>(rank) * U;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int mt = warp % kMt, kpart = warp / kMt;
+  const int nk = 4 * dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * 8;
+  const int nb = min(8, p.batch - b_first);
+
+  uint32_t a[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    const int kt = kpart + kKs * kk;
+    if (kt < nk) {
+      const int k = kt * 16 + quad * 2;
+      const int g = k / dh, j = k % dh;
+      const __nv_bfloat16* rj =
+          p.r + ((static_cast<int64_t>(hd) * 4 + g) * dh + j) * dh + u0 + 16 * mt + group;
+      a[kk][0] = PackBf16Bits(rj[0], rj[dh]);
+      a[kk][1] = PackBf16Bits(rj[8], rj[dh + 8]);
+      a[kk][2] = PackBf16Bits(rj[8 * dh], rj[9 * dh]);
+      a[kk][3] = PackBf16Bits(rj[8 * dh + 8], rj[9 * dh + 8]);
+    } else {
+      a[kk][0] = a[kk][1] = a[kk][2] = a[kk][3] = 0u;
+    }
+  }
+
+  const int bl = threadIdx.x / U, u = threadIdx.x % U;
+  const bool active = threadIdx.x < 8 * U && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  const int64_t sd = static_cast<int64_t>(kSavedRows) * d;
+  float gc = 0.f, gn = 0.f, gm = 0.f, gh = 0.f;
+  float c_t = 0.f, n_t = 0.f;
+  float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
+  float cp = 0.f, np = 0.f, mp = 0.f;
+  auto load_step = [&](int t) {
+    const int64_t row = static_cast<int64_t>(b) * S + t;
+    const float* sv = p.saved + row * sd + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
+    dh_in = __bfloat162float(p.dh[row * d + col]);
+    if (t > 0) {
+      cp = sv[-sd + 4 * d];
+      np = sv[-sd + 5 * d];
+      mp = sv[-sd + 6 * d];
+    } else if (p.c0 != nullptr) {
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      cp = p.c0[i];
+      np = p.n0[i];
+      mp = p.m0[i];
+    } else {
+      cp = np = mp = 0.f;
+    }
+  };
+  if (active) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    if (p.dhT != nullptr) {
+      gh = p.dhT[i];
+      gc = p.dcT[i];
+      gn = p.dnT[i];
+      gm = p.dmT[i];
+    }
+    const float* sv = p.saved + (static_cast<int64_t>(b) * S + S - 1) * sd + col;
+    c_t = sv[4 * d];
+    n_t = sv[5 * d];
+    load_step(S - 1);
+  }
+  for (int i = threadIdx.x; i < 8 * 4 * U; i += kNth) (&gst[0][0][0])[i] = __float2bfloat16_rn(0.f);
+  __syncthreads();
+  ClusterSync();
+
+  const bool need_dh0 = p.dh0 != nullptr;
+  const int t_end = need_dh0 ? -1 : 0;
+  for (int t = S - 1; t >= t_end; --t) {
+    const int s = S - 1 - t;  // steps done so far
+    if (t < S - 1) {
+      const __nv_bfloat16* gb = gbuf + static_cast<int64_t>(((s - 1) & 1) * 8 + group) * gs;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+        const int kt = kpart + kKs * kk;
+        if (kt < nk) {
+          const __nv_bfloat16* q = gb + kt * 16 + quad * 2;
+          Mma16816(acc[kk & 1], a[kk], *reinterpret_cast<const uint32_t*>(q),
+                   *reinterpret_cast<const uint32_t*>(q + 8));
+        }
+      }
+      const int r0 = 16 * mt + group;
+      red[kpart][r0][quad * 2] = acc[0][0] + acc[1][0];
+      red[kpart][r0][quad * 2 + 1] = acc[0][1] + acc[1][1];
+      red[kpart][r0 + 8][quad * 2] = acc[0][2] + acc[1][2];
+      red[kpart][r0 + 8][quad * 2 + 1] = acc[0][3] + acc[1][3];
+      __syncthreads();
+      if (active) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kKs; ++w) sum += red[w][u][bl];
+        gh = sum;
+      }
+    }
+    if (t < 0) break;
+
+    if (active) {
+      const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
+      const float lf = LogSigmoid(f_raw) + mp;
+      const bool from_input = np == 0.f || i_raw >= lf;
+      const float m_new = from_input ? i_raw : lf;
+      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      const float tz = tanhf(z_raw);
+      const float so = Sigmoid(o_raw);
+      const float g_h = gh + dh_in;
+      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
+      const float g_c = gc + g_h * so / n_t;
+      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
+      const float g_fp = g_c * cp + g_n * np;
+      const float g_ip = g_c * tz + g_n;
+      const float d_z = g_c * ip * (1.f - tz * tz);
+      float d_i = g_ip * ip;
+      float g_lf = g_fp * fp;
+      const float g_m = gm - g_ip * ip - g_fp * fp;
+      if (from_input) {
+        d_i += g_m;
+      } else {
+        g_lf += g_m;
+      }
+      const float d_f = g_lf * Sigmoid(-f_raw);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
+                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        dg[g * d] = dgs[g];
+        gst[bl][g][u] = dgs[g];
+      }
+      gc = g_c * fp;
+      gn = g_n * fp;
+      gm = g_lf;
+      c_t = cp;
+      n_t = np;
+      if (t > 0) load_step(t - 1);
+    }
+    if (t > 0 || need_dh0) {
+      __syncthreads();
+      // 4U chunks (8 rows × 4 gates × U/8) to each of the C CTAs.
+      __nv_bfloat16* dst_base = gbuf + static_cast<int64_t>((s & 1) * 8) * gs;
+      for (int i = threadIdx.x; i < C * 4 * U; i += kNth) {
+        const int dest = i / (4 * U), ch = i % (4 * U);
+        const int row = ch / (U / 2), rem = ch % (U / 2);
+        const int g = rem / (U / 8), cc = rem % (U / 8);
+        StoreCluster16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
+                       static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+      }
+      ClusterSync();
+    }
+  }
+
+  if (active && need_dh0) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.dh0[i] = gh;
+    p.dc0[i] = gc;
+    p.dn0[i] = gn;
+    p.dm0[i] = gm;
+  }
+}
+
 // hprev[b, t] = h[b, t − 1] (t ≥ 1), bf16(h0[b]) or 0 (t = 0): the right operand of dR.
 __global__ void ShiftHKernel(const __nv_bfloat16* h, const float* h0, __nv_bfloat16* hprev,
                              int64_t batch, int64_t seq_len, int64_t d) {
@@ -510,12 +868,13 @@ __global__ void ShiftHKernel(const __nv_bfloat16* h, const float* h0, __nv_bfloa
 
 // ------------------------------------------------------------------ host
 
-int KTilesPerWarp(int k_tiles) {
-  const int need = (k_tiles + kWarps - 1) / kWarps;
+int PowerOfTwoAtLeast(int n) {
   int p2 = 1;
-  while (p2 < need) p2 *= 2;
+  while (p2 < n) p2 *= 2;
   return p2;
 }
+// K-tiles per warp of the flag kernels (8 warps split K), rounded up to a template instance.
+int KTilesPerWarp(int k_tiles) { return PowerOfTwoAtLeast((k_tiles + kWarps - 1) / kWarps); }
 
 // Runs `kernel` over all batch slices of 8·NT rows: as many slices per cooperative launch as can
 // be resident at once (each launch re-zeroes the flags).
@@ -570,6 +929,74 @@ const void* BwdKernelFor(int kb) {
     case 8: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 8>);
     default: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 16>);
   }
+}
+
+// Units per CTA of the cluster kernels (clusters of head_dim/units <= 16 CTAs), 0: unsupported.
+int ClusterUnits(int64_t head_dim) {
+  if (head_dim <= 256) return 16;
+  if (head_dim % 32 == 0 && head_dim / 32 <= 16) return 32;
+  return 0;
+}
+
+const void* FwdClusterKernelFor(int units, int64_t head_dim) {
+  if (units == 32) return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<32, 16>);
+  // K = dh in dh/16 tiles, split over 2 K-parts.
+  switch (PowerOfTwoAtLeast(static_cast<int>((head_dim / 16 + 1) / 2))) {
+    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 1>);
+    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 2>);
+    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 4>);
+    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 8>);
+  }
+}
+const void* BwdClusterKernelFor(int units, int64_t head_dim) {
+  if (units == 32) return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<32, 16>);
+  // K = 4·dh in dh/4 tiles, split over 8 K-parts.
+  switch (PowerOfTwoAtLeast(static_cast<int>((head_dim / 4 + 7) / 8))) {
+    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 1>);
+    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 2>);
+    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 4>);
+    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 8>);
+  }
+}
+
+// One launch: grid (NH·C, ⌈B/8⌉), clusters of C = head_dim/units CTAs. *launched = false (and
+// nothing enqueued) when the device cannot place such a cluster.
+template <typename Params>
+CudaResult LaunchCluster(const void* kernel, Params params, int units, size_t dyn_smem,
+                         const SlstmShape& s, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const unsigned clusters_per_head = static_cast<unsigned>(s.head_dim / units);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(s.num_heads) * clusters_per_head,
+                     static_cast<unsigned>((s.batch + 7) / 8));
+  cfg.blockDim = dim3(units * 16);
+  cfg.dynamicSmemBytes = dyn_smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = clusters_per_head;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (dyn_smem > 0) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(dyn_smem)));
+  }
+  int max_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess ||
+      max_clusters < 1) {
+    (void)cudaGetLastError();  // clear a sticky-free query error; the caller falls back
+    return {};
+  }
+  params.batch0 = 0;
+  void* kargs[] = {&params};
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelExC(&cfg, kernel, kargs));
+  CUDA_RETURN_IF_LAUNCH_ERROR("slstm cluster kernel");
+  *launched = true;
+  return {};
 }
 
 }  // namespace
@@ -628,6 +1055,19 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
   p.cT = args.final_state.c;
   p.nT = args.final_state.n;
   p.mT = args.final_state.m;
+  if (args.algorithm != SlstmAlgorithm::kFlags) {
+    const int units = ClusterUnits(s.head_dim);
+    if (units != 0) {
+      bool launched = false;
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim), p, units, 0, s,
+                                          stream, &launched));
+      if (launched) return {};
+    }
+    if (args.algorithm == SlstmAlgorithm::kCluster) {
+      return InvalidArgument("SlstmForward: the cluster kernel does not support head_dim " +
+                             std::to_string(s.head_dim) + " on this device");
+    }
+  }
   const int nt = s.batch <= 8 ? 1 : 2;
   const int kf = KTilesPerWarp(static_cast<int>(s.head_dim / 16));
   const void* kernel = nt == 1 ? FwdKernelFor<1>(kf) : FwdKernelFor<2>(kf);
@@ -680,10 +1120,25 @@ CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
   p.dc0 = args.d_initial.c;
   p.dn0 = args.d_initial.n;
   p.dm0 = args.d_initial.m;
-  const int nt = s.batch <= 8 ? 1 : 2;
-  const int kb = KTilesPerWarp(static_cast<int>(4 * s.head_dim / 16));
-  const void* kernel = nt == 1 ? BwdKernelFor<1>(kb) : BwdKernelFor<2>(kb);
-  CUDA_RETURN_IF_NOT_OK(LaunchSlices(kernel, p, nt, s, allocator, stream, "SlstmBackward"));
+  bool launched = false;
+  if (args.algorithm != SlstmAlgorithm::kFlags) {
+    const int units = ClusterUnits(s.head_dim);
+    if (units != 0) {
+      const size_t smem = sizeof(__nv_bfloat16) * 2 * 8 * (4 * s.head_dim + 8);
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim), p, units, smem,
+                                          s, stream, &launched));
+    }
+    if (!launched && args.algorithm == SlstmAlgorithm::kCluster) {
+      return InvalidArgument("SlstmBackward: the cluster kernel does not support head_dim " +
+                             std::to_string(s.head_dim) + " on this device");
+    }
+  }
+  if (!launched) {
+    const int nt = s.batch <= 8 ? 1 : 2;
+    const int kb = KTilesPerWarp(static_cast<int>(4 * s.head_dim / 16));
+    const void* kernel = nt == 1 ? BwdKernelFor<1>(kb) : BwdKernelFor<2>(kb);
+    CUDA_RETURN_IF_NOT_OK(LaunchSlices(kernel, p, nt, s, allocator, stream, "SlstmBackward"));
+  }
   if (args.dr == nullptr) return {};
 
   // dR[hd][g] (dh × dh) += dG_gᵀ (dh × B·S) · hprev (B·S × dh) for each head and gate.

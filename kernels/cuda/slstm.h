@@ -23,9 +23,10 @@
 // d_initial are OVERWRITTEN, dR ACCUMULATES.
 //
 // Supported shapes (SlstmCheck): head_dim a multiple of 16 and at most 512 (Gyre's presets: 192,
-// 256, 384, 512), any batch and length >= 1. The kernels need all CTAs of one launch resident at
-// once (cooperative launch, NH·head_dim/16 CTAs per batch slice of up to 16 rows); larger batches
-// run as several launches in sequence.
+// 256, 384, 512), any batch and length >= 1. The cluster kernel needs head_dim <= 256 or a
+// multiple of 32 (clusters of head_dim/16 or head_dim/32 <= 16 CTAs); the flag kernel needs all
+// its CTAs resident at once (cooperative launch, NH·head_dim/16 CTAs per batch slice of up to 16
+// rows; larger batches run as several launches in sequence).
 //
 // Streams and scratch: everything is enqueued on `stream`; scratch (step flags, the shifted h for
 // dR) comes from `allocator` and is returned before the call returns (stream-ordered reuse, see
@@ -64,6 +65,14 @@ struct SlstmConstState {
   const float* m = nullptr;
 };
 
+// Which persistent kernel runs the recurrence (slstm.cu explains both). kAuto: kCluster when the
+// shape and the device allow it, else kFlags. Results agree to rounding; both are tested.
+enum class SlstmAlgorithm {
+  kAuto,
+  kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM
+  kFlags,    // cooperative grid, per-head release/acquire flags; h / dG exchanged through L2
+};
+
 // Ok, or InvalidArgument naming the unsupported field.
 CudaResult SlstmCheck(const SlstmShape& shape);
 
@@ -79,6 +88,7 @@ struct SlstmForwardArgs {
   __nv_bfloat16* h = nullptr;         // [B, S, d] overwritten
   void* saved = nullptr;              // SlstmSavedBytes; null when no backward follows
   SlstmState final_state;             // null h: not wanted
+  SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
 };
 
 struct SlstmBackwardArgs {
@@ -92,6 +102,7 @@ struct SlstmBackwardArgs {
   __nv_bfloat16* d_gx = nullptr;      // [B, S, 4, d] overwritten
   float* dr = nullptr;                // [NH, 4, dh, dh] accumulated; null: not wanted
   SlstmState d_initial;               // null h: not wanted
+  SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
 };
 
 CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator,
