@@ -8,7 +8,7 @@
 // minimal bytes (each input read once, each output written once) and the achieved rates. The
 // sequential recurrence is latency-bound: µs per step is the number that matters.
 //
-//   slstm_bench [--reps=N] [--csv=path]
+//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags]   (default: both)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -45,7 +45,10 @@ struct Config {
 int Run(int argc, char** argv) {
   int reps = 20, warmup = 3;
   FILE* csv = nullptr;
+  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
   for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--alg=flags") == 0) algorithms = {SlstmAlgorithm::kFlags};
+    if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--csv=", 6) == 0) csv = std::fopen(argv[i] + 6, "w");
   }
@@ -116,13 +119,17 @@ int Run(int argc, char** argv) {
       double flop, bytes;
     };
     std::vector<Op> ops;
-    for (SlstmAlgorithm alg : {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags}) {
+    for (SlstmAlgorithm alg : algorithms) {
       const std::string tag = alg == SlstmAlgorithm::kCluster ? " [cluster]" : " [flags]";
       SlstmForwardArgs f = fa;
       SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
       f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
       ops.push_back({"fwd" + tag, [&, f] { return SlstmForward(f, &alloc, stream); },
                      step_flop * S, fwd_bytes});
+      SlstmForwardArgs f_nosave = f;
+      f_nosave.saved = nullptr;
+      ops.push_back({"fwd nosave" + tag, [&, f_nosave] { return SlstmForward(f_nosave, &alloc, stream); },
+                     step_flop * S, tok * d * (2 * 4 + 2)});
       ops.push_back({"bwd rec" + tag,
                      [&, bk_nodr] { return SlstmBackward(bk_nodr, gemm.get(), &alloc, stream); },
                      step_flop * S, bwd_rec_bytes});

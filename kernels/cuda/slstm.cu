@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
 // ------------------------------------------------------------------ cluster kernels (sm_90)
 //
 // One thread-block cluster per (head, batch slice of 8 rows): C = dh/U CTAs of U units each
-// (U = 16 for dh <= 256, else 32; C <= 16, a non-portable cluster size above 8). The head's
+// (U = 32 where dh is a multiple of 32, else 16; C <= 16, a non-portable size above 8). The head's
 // previous h (forward) or dG (backward) lives in every CTA's shared memory (double-buffered by
 // step parity); after its pointwise update each CTA writes its units' slice into all C CTAs'
 // next buffer with 16-byte st.shared::cluster (DSMEM) stores, then one cluster barrier
@@ -931,32 +931,44 @@ const void* BwdKernelFor(int kb) {
   }
 }
 
-// Units per CTA of the cluster kernels (clusters of head_dim/units <= 16 CTAs), 0: unsupported.
+// Units per CTA of the cluster kernels, 0: unsupported. 32 where head_dim allows (fewer, larger
+// CTAs per cluster: 125M's dh 192 gives clusters of 6, which several fit per GPC; 1.3B's 512
+// gives 16, the largest a Hopper cluster can be), else 16.
 int ClusterUnits(int64_t head_dim) {
-  if (head_dim <= 256) return 16;
   if (head_dim % 32 == 0 && head_dim / 32 <= 16) return 32;
+  if (head_dim / 16 <= 16) return 16;
   return 0;
 }
 
-const void* FwdClusterKernelFor(int units, int64_t head_dim) {
-  if (units == 32) return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<32, 16>);
-  // K = dh in dh/16 tiles, split over 2 K-parts.
-  switch (PowerOfTwoAtLeast(static_cast<int>((head_dim / 16 + 1) / 2))) {
-    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 1>);
-    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 2>);
-    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 4>);
-    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<16, 8>);
+// Forward: K = dh in dh/16 tiles over 2 K-parts; backward: K = 4·dh in dh/4 tiles over 8 K-parts;
+// both need ⌈dh/32⌉ K-tiles per warp, rounded up to a template instance.
+template <int U>
+const void* FwdClusterKernelForUnits(int kt) {
+  switch (kt) {
+    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1>);
+    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2>);
+    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4>);
+    case 8: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8>);
+    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16>);
   }
 }
-const void* BwdClusterKernelFor(int units, int64_t head_dim) {
-  if (units == 32) return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<32, 16>);
-  // K = 4·dh in dh/4 tiles, split over 8 K-parts.
-  switch (PowerOfTwoAtLeast(static_cast<int>((head_dim / 4 + 7) / 8))) {
-    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 1>);
-    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 2>);
-    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 4>);
-    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<16, 8>);
+template <int U>
+const void* BwdClusterKernelForUnits(int kt) {
+  switch (kt) {
+    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1>);
+    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2>);
+    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4>);
+    case 8: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8>);
+    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16>);
   }
+}
+const void* FwdClusterKernelFor(int units, int64_t head_dim) {
+  const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
+  return units == 32 ? FwdClusterKernelForUnits<32>(kt) : FwdClusterKernelForUnits<16>(kt);
+}
+const void* BwdClusterKernelFor(int units, int64_t head_dim) {
+  const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
+  return units == 32 ? BwdClusterKernelForUnits<32>(kt) : BwdClusterKernelForUnits<16>(kt);
 }
 
 // One launch: grid (NH·C, ⌈B/8⌉), clusters of C = head_dim/units CTAs. *launched = false (and
