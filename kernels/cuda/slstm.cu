@@ -4,34 +4,45 @@
 // Why persistent: the recurrence is sequential (h_{t−1} feeds R), and per step the work is
 // small (1.3B layout, B 8: 8 × 2048 rows × 512 = 67 MFLOP over 4 heads). The official xlstm
 // kernel launches a GEMM and a pointwise kernel per step and pays launch + sync for each
-// (35 µs per step fwd+bwd on an H200). Here one launch covers all S steps:
+// (21.6 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S steps.
+// Two kernels, both tested; SlstmAlgorithm::kAuto picks the cluster one where it can run:
 //
-//   * Work split: head hd's 4·dh gate rows are cut into blocks of 16 units (all four gates of
-//     those units); one CTA per (head, unit block, batch slice of up to 16 rows). So a CTA owns
-//     its units' pointwise state (c, n, m in registers, one thread per (row, unit)) and the
-//     matching 64 rows of R (forward) or 64 columns of R's 4dh × dh transpose (backward).
-//   * R stays on chip: each CTA loads its slice of R once into registers as mma.sync A
-//     fragments (8 warps split K; 64 registers a thread for dh 512). 1.3B: 128 CTAs × 64 KB =
-//     the whole 8 MB of R spread over 128 SMs' register files.
-//   * Per step a CTA reads the head's previous h (forward) or dG = d_gx of the later step
-//     (backward) from L2 as mma B fragments (ld.global.cg; the output arrays themselves are the
-//     exchange buffers), runs the bf16 m16n8k16 MMAs with fp32 accumulation, reduces the 8 warps'
-//     K-partials through shared memory, applies the fused pointwise update, writes its units,
-//     and publishes "step done" by a release flag. Before the next step it waits until all
-//     dh/16 CTAs of ITS head have published (heads never wait on each other): one warp polls
-//     the head's flags with ld.acquire.gpu. All CTAs are co-resident (cooperative launch), so
-//     the spin-waits cannot deadlock.
-//   * The backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
-//     not accumulated in the time loop: dR = Σ_{b,t} dG_tᵀ h_{t−1} is one big product over all
-//     B·S rows afterwards (cuBLASLt, 137 GFLOP at 1.3B: ~0.2 ms), off the sequential path.
+// Cluster kernels (default; details above SlstmFwdClusterKernel):
+//   * One thread-block cluster per (head, 8 batch rows): C = dh/U CTAs of U = 32 units (16 where
+//     dh is not a multiple of 32); 1.3B: clusters of 16, 125M: clusters of 6. A CTA owns its
+//     units' four gate rows of R (forward) or their 4dh × U slice of Rᵀ (backward) as mma.sync A
+//     fragments in registers for all S steps (64 registers a thread at dh 512: the 8 MB of the
+//     1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m) in
+//     registers, one thread per (row, unit).
+//   * Per step: bf16 m16n8k16 MMAs read h_{t−1} (forward) or dG_{t+1} (backward) from the CTA's
+//     own shared memory, the warps' K-partials are summed through shared memory, the fused
+//     pointwise update runs, and the CTA's slice of h_t / dG_t goes to all C CTAs' next buffer
+//     with 16-byte DSMEM stores; one cluster barrier ends the step. Heads never wait on each
+//     other; clusters need no co-residency beyond themselves.
+// Flag kernels (fallback for head_dim the clusters cannot split, and a cross-check):
+//   * One CTA per (head, 16 units, up to 16 batch rows), all co-resident (cooperative launch);
+//     h_{t−1} / dG_{t+1} are read from the output arrays in L2 (ld.global.cg), and each CTA
+//     publishes its step with a release flag that the head's other CTAs poll (ld.acquire.gpu).
+// Both: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
+// not accumulated in the time loop: dR = Σ_{b,t} dG_tᵀ h_{t−1} is one cuBLASLt product per
+// (head, gate) over all B·S rows afterwards (137 GFLOP at 1.3B, measured 0.4 ms incl. the shifted
+// copy of h), off the sequential path.
 //
-// Latency floor per step (what bounds S-step time; the FLOPs do not): one L2 round trip to
-// publish (fence + flag store), one to observe the flag (poll), one to fetch h_{t−1} / dG
-// (~0.6-1 µs each on H100 at ~1.7 GHz is the rough class for an L2 round trip under this
-// traffic, ≥ 0.3 µs unloaded), plus the MMA chain (forward 4 dependent MMAs, backward 16 split
-// over 2 accumulators: ~0.1-0.3 µs), one shared-memory reduction and the pointwise math
-// (~0.1 µs). So ~1-2 µs per step each way, against 12.7 µs (fwd) and 35 µs (fwd+bwd) for the
-// anchor. Measured: see bench/RESULTS.md (sLSTM heading) — the numbers there are the claim.
+// Latency floor per step (the FLOPs do not bound S-step time: 67 MFLOP a step is 0.1 µs of the
+// chip's tensor cores). Per step a CTA must: read h_{t−1} (~30 cycles from shared memory), run a
+// chain of dependent MMAs (forward 8 deep at dh 512, ~0.15 µs), reduce K-partials (one barrier,
+// ~0.05 µs), run the pointwise math (a dependent chain of exp/log1p/tanh/division, ~0.2 µs), and
+// hand h_t to the other CTAs (one DSMEM store + one cluster barrier, a few hundred ns). That is
+// ~0.5-0.8 µs a step each way. Measured on an H200 (bench/RESULTS.md, sLSTM heading): forward
+// 3.0 µs/step (1.3B) and 2.7 (125M), backward 5.4 and 3.0; the flag kernels 4.4 / 7.2 at 1.3B.
+// The forward at 125M (clusters of 6, 6 K-tiles a warp) is only 10% faster than at 1.3B
+// (clusters of 16, 16 K-tiles), so ~2.5 µs a step is fixed cost, not MMA work. Most likely
+// cause, not yet measured: barrier.cluster.arrive.release must also make the step's global
+// stores (h, saved) visible before the arrive completes, and every CTA waits on the slowest.
+// Next step: signal the DSMEM stores through mbarriers (st.async ... mbarrier::complete_tx, one
+// mbarrier per buffer, parity waits; double buffering stays safe because a CTA can only write a
+// buffer again after receiving h of a step that its reader computed after reading it) instead
+// of a cluster barrier, so global stores leave the critical path.
 //
 // Saved for backward (fp32, batch-major): per (b, t) the 4 pre-activations and c_t, n_t, m_t
 // (28·d bytes per token: 0.94 GB at B 8, S 2048, d 2048).
