@@ -8,7 +8,8 @@
 // minimal bytes (each input read once, each output written once) and the achieved rates. The
 // sequential recurrence is latency-bound: µs per step is the number that matters.
 //
-//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags]   (default: both)
+//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|all]
+// (default: cluster and flags; async is the unverified SlstmAlgorithm::kClusterAsync)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -49,6 +50,10 @@ int Run(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--alg=flags") == 0) algorithms = {SlstmAlgorithm::kFlags};
     if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
+    if (std::strcmp(argv[i], "--alg=async") == 0) algorithms = {SlstmAlgorithm::kClusterAsync};
+    if (std::strcmp(argv[i], "--alg=all") == 0) {
+      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags, SlstmAlgorithm::kClusterAsync};
+    }
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--csv=", 6) == 0) csv = std::fopen(argv[i] + 6, "w");
   }
@@ -120,7 +125,9 @@ int Run(int argc, char** argv) {
     };
     std::vector<Op> ops;
     for (SlstmAlgorithm alg : algorithms) {
-      const std::string tag = alg == SlstmAlgorithm::kCluster ? " [cluster]" : " [flags]";
+      const std::string tag = alg == SlstmAlgorithm::kCluster        ? " [cluster]"
+                              : alg == SlstmAlgorithm::kClusterAsync ? " [async]"
+                                                                     : " [flags]";
       SlstmForwardArgs f = fa;
       SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
       f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;

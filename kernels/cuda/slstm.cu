@@ -39,10 +39,12 @@
 // (clusters of 16, 16 K-tiles), so ~2.5 µs a step is fixed cost, not MMA work. Most likely
 // cause, not yet measured: barrier.cluster.arrive.release must also make the step's global
 // stores (h, saved) visible before the arrive completes, and every CTA waits on the slowest.
-// Next step: signal the DSMEM stores through mbarriers (st.async ... mbarrier::complete_tx, one
-// mbarrier per buffer, parity waits; double buffering stays safe because a CTA can only write a
-// buffer again after receiving h of a step that its reader computed after reading it) instead
-// of a cluster barrier, so global stores leave the critical path.
+// A release fence waits for ALL of the thread's outstanding memory operations, so the prefetch
+// of the next step's gx / saved values (HBM loads, ~1 µs) may also be exposed there. Next step,
+// written but NOT yet run on a GPU: SlstmAlgorithm::kClusterAsync signals the DSMEM stores
+// through mbarriers (st.async ... mbarrier::complete_tx, one mbarrier per buffer, parity waits;
+// see the comment above MbarInit) instead of a cluster barrier, so no fence sits in the step
+// loop. Evaluate with `slstm_gpu_test --experimental` and `slstm_bench --alg=all`.
 //
 // Saved for backward (fp32, batch-major): per (b, t) the 4 pre-activations and c_t, n_t, m_t
 // (28·d bytes per token: 0.94 GB at B 8, S 2048, d 2048).
@@ -537,14 +539,65 @@ __device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned r
                : "memory");
 }
 
+// Transaction barriers for the kAsync variant (SlstmAlgorithm::kClusterAsync, EXPERIMENTAL: not
+// yet run on a GPU). Instead of one cluster barrier per step, every 16-byte DSMEM store is an
+// st.async that counts its bytes onto an mbarrier in the receiving CTA (one per buffer); the
+// receiver waits on the buffer's mbarrier phase (parity) and re-arms it (arrive.expect_tx with
+// the bytes the next use will bring) for the step after next. No release fence, so the step's
+// global loads and stores stay off the critical path. Ordering arguments: (1) bytes for phase
+// k+1 of a buffer's mbarrier come from steps that need this CTA's output of the step that
+// waited on phase k, so phases never overlap (a complete_tx may precede the re-arm: tx-count may
+// go negative within a phase); (2) a buffer is overwritten only by a CTA that has received this
+// CTA's output computed after it read that buffer (WAR, as with the cluster barrier).
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void MbarInitFence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarArm(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "SLSTM_WAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra SLSTM_WAIT;\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
+// `rank`, counted onto that CTA's mbarrier at the offset of `bar_local`.
+__device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
+                                             unsigned rank, const void* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  uint32_t ra, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(SmemAddr(dst_local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(SmemAddr(bar_local)), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+      : "memory");
+}
+
 constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 banks apart
 
 // Forward: 16·U threads (U/2 warps); warp w does m-tile w % (U/4) (16 of the 4U gate rows) over
 // half of K (K-part w / (U/4)), KT K-tiles each.
-template <int U, int KT>
+template <int U, int KT, bool kAsync>
 __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
   __shared__ __align__(16) __nv_bfloat16 hbuf[2][8][kHbufStride];
+  __shared__ __align__(8) uint64_t mbar[2];  // kAsync: mbar[q] counts the bytes of hbuf[q]
   __shared__ float red[kKs][4 * U][9];
   __shared__ __align__(16) __nv_bfloat16 hst[8][U];
 
@@ -603,11 +656,23 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     if (row < nb && p.h0 != nullptr) v = p.h0[static_cast<int64_t>(b_first + row) * d + hd * dh + k];
     hbuf[0][row][k] = __float2bfloat16_rn(v);
   }
+  const unsigned step_bytes = 16u * static_cast<unsigned>(dh);  // 8 rows × dh bf16
+  if (kAsync && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);  // h_0, read at t = 1
+    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);  // h_1, read at t = 2
+  }
   __syncthreads();
-  ClusterSync();  // every CTA of the cluster is running before any DSMEM store
+  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM store
 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
+    if (kAsync && t > 0) {
+      MbarWait(&mbar[par], static_cast<unsigned>((t - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && t + 2 <= S - 1) MbarArm(&mbar[par], step_bytes);
+    }
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int kk = 0; kk < KT; ++kk) {
@@ -662,12 +727,18 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
       for (int i = threadIdx.x; i < C * U; i += kNth) {
         const int dest = i / U, ch = i % U;
         const int row = ch / (U / 8), cc = ch % (U / 8);
-        StoreCluster16(&hbuf[par ^ 1][row][u0 + cc * 8], static_cast<unsigned>(dest),
-                       &hst[row][cc * 8]);
+        if constexpr (kAsync) {
+          StoreAsync16(&hbuf[par ^ 1][row][u0 + cc * 8], &mbar[par ^ 1],
+                       static_cast<unsigned>(dest), &hst[row][cc * 8]);
+        } else {
+          StoreCluster16(&hbuf[par ^ 1][row][u0 + cc * 8], static_cast<unsigned>(dest),
+                         &hst[row][cc * 8]);
+        }
       }
-      ClusterSync();
+      if constexpr (!kAsync) ClusterSync();
     }
   }
+  if constexpr (kAsync) ClusterSync();  // no CTA leaves while stores to it may be in flight
 
   if (active && p.hT != nullptr) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
@@ -681,10 +752,11 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
 // Backward: 16·U threads; warp w does m-tile w % (U/16) (16 of the U output units) over one
 // eighth of K = 4·dh (K-part w / (U/16)), KT K-tiles each. dG buffers: dynamic shared memory,
 // [2][8][4·dh + 8] bf16.
-template <int U, int KT>
+template <int U, int KT, bool kAsync>
 __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 16, kKs = kW / kMt;
   extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ __align__(8) uint64_t mbar[2];  // kAsync: mbar[q] counts the bytes of dG buffer q
   __shared__ float red[kKs][U][9];
   __shared__ __align__(16) __nv_bfloat16 gst[8][4][U];
 
@@ -762,13 +834,26 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
     load_step(S - 1);
   }
   for (int i = threadIdx.x; i < 8 * 4 * U; i += kNth) (&gst[0][0][0])[i] = __float2bfloat16_rn(0.f);
+  const bool need_dh0 = p.dh0 != nullptr;
+  const int t_end = need_dh0 ? -1 : 0;
+  const int s_last = S - 1 - t_end;                               // last loop iteration
+  const unsigned step_bytes = 64u * static_cast<unsigned>(dh);  // 8 rows × 4·dh bf16
+  if (kAsync && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);  // dG of iteration 0, read at iteration 1
+    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
+  }
   __syncthreads();
   ClusterSync();
 
-  const bool need_dh0 = p.dh0 != nullptr;
-  const int t_end = need_dh0 ? -1 : 0;
   for (int t = S - 1; t >= t_end; --t) {
     const int s = S - 1 - t;  // steps done so far
+    if (kAsync && s > 0) {
+      MbarWait(&mbar[(s - 1) & 1], static_cast<unsigned>((s - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && s + 2 <= s_last) MbarArm(&mbar[(s - 1) & 1], step_bytes);
+    }
     if (t < S - 1) {
       const __nv_bfloat16* gb = gbuf + static_cast<int64_t>(((s - 1) & 1) * 8 + group) * gs;
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -844,12 +929,18 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
         const int dest = i / (4 * U), ch = i % (4 * U);
         const int row = ch / (U / 2), rem = ch % (U / 2);
         const int g = rem / (U / 8), cc = rem % (U / 8);
-        StoreCluster16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
-                       static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+        if constexpr (kAsync) {
+          StoreAsync16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
+                       &mbar[s & 1], static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+        } else {
+          StoreCluster16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
+                         static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+        }
       }
-      ClusterSync();
+      if constexpr (!kAsync) ClusterSync();
     }
   }
+  if constexpr (kAsync) ClusterSync();
 
   if (active && need_dh0) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
@@ -953,33 +1044,43 @@ int ClusterUnits(int64_t head_dim) {
 
 // Forward: K = dh in dh/16 tiles over 2 K-parts; backward: K = 4·dh in dh/4 tiles over 8 K-parts;
 // both need ⌈dh/32⌉ K-tiles per warp, rounded up to a template instance.
-template <int U>
+template <int U, bool A>
 const void* FwdClusterKernelForUnits(int kt) {
   switch (kt) {
-    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1>);
-    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2>);
-    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4>);
-    case 8: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8>);
-    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16>);
+    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A>);
+    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A>);
+    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A>);
+    case 8: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A>);
+    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A>);
   }
 }
-template <int U>
+template <int U, bool A>
 const void* BwdClusterKernelForUnits(int kt) {
   switch (kt) {
-    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1>);
-    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2>);
-    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4>);
-    case 8: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8>);
-    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16>);
+    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1, A>);
+    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2, A>);
+    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4, A>);
+    case 8: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8, A>);
+    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
   }
 }
-const void* FwdClusterKernelFor(int units, int64_t head_dim) {
+const void* FwdClusterKernelFor(int units, int64_t head_dim, bool async) {
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
-  return units == 32 ? FwdClusterKernelForUnits<32>(kt) : FwdClusterKernelForUnits<16>(kt);
+  if (async) {
+    return units == 32 ? FwdClusterKernelForUnits<32, true>(kt)
+                       : FwdClusterKernelForUnits<16, true>(kt);
+  }
+  return units == 32 ? FwdClusterKernelForUnits<32, false>(kt)
+                     : FwdClusterKernelForUnits<16, false>(kt);
 }
-const void* BwdClusterKernelFor(int units, int64_t head_dim) {
+const void* BwdClusterKernelFor(int units, int64_t head_dim, bool async) {
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
-  return units == 32 ? BwdClusterKernelForUnits<32>(kt) : BwdClusterKernelForUnits<16>(kt);
+  if (async) {
+    return units == 32 ? BwdClusterKernelForUnits<32, true>(kt)
+                       : BwdClusterKernelForUnits<16, true>(kt);
+  }
+  return units == 32 ? BwdClusterKernelForUnits<32, false>(kt)
+                     : BwdClusterKernelForUnits<16, false>(kt);
 }
 
 // One launch: grid (NH·C, ⌈B/8⌉), clusters of C = head_dim/units CTAs. *launched = false (and
@@ -1082,11 +1183,12 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
       bool launched = false;
-      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim), p, units, 0, s,
-                                          stream, &launched));
+      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim, async), p, units,
+                                          0, s, stream, &launched));
       if (launched) return {};
     }
-    if (args.algorithm == SlstmAlgorithm::kCluster) {
+    if (args.algorithm != SlstmAlgorithm::kAuto) {
       return InvalidArgument("SlstmForward: the cluster kernel does not support head_dim " +
                              std::to_string(s.head_dim) + " on this device");
     }
@@ -1148,10 +1250,11 @@ CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
       const size_t smem = sizeof(__nv_bfloat16) * 2 * 8 * (4 * s.head_dim + 8);
-      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim), p, units, smem,
-                                          s, stream, &launched));
+      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim, async), p, units,
+                                          smem, s, stream, &launched));
     }
-    if (!launched && args.algorithm == SlstmAlgorithm::kCluster) {
+    if (!launched && args.algorithm != SlstmAlgorithm::kAuto) {
       return InvalidArgument("SlstmBackward: the cluster kernel does not support head_dim " +
                              std::to_string(s.head_dim) + " on this device");
     }

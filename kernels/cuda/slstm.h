@@ -71,6 +71,9 @@ enum class SlstmAlgorithm {
   kAuto,
   kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM
   kFlags,    // cooperative grid, per-head release/acquire flags; h / dG exchanged through L2
+  // EXPERIMENTAL, not yet run on a GPU (kAuto never picks it): kCluster with mbarrier-counted
+  // st.async DSMEM stores instead of a cluster barrier per step.
+  kClusterAsync,
 };
 
 // Ok, or InvalidArgument naming the unsupported field.
