@@ -2,11 +2,12 @@
 //   1.3B  d 2048, 4 heads × 512, B 8   (the anchor's shape in PERFORMANCE.md)
 //   125M  d 768,  4 heads × 192, B 8 and B 16 (PERFORMANCE.md's anchor uses B 16)
 // For each, through both kernels (cluster, flags): forward (saving for backward), backward
-// recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps` runs after warm-ups, CUDA events around the
-// op only, dense random inputs (never zeros). Per line: ms, µs per time step, FLOPs of the
-// recurrent products (forward 2·B·4d·dh per step; backward twice that: dG R and dR), the
-// minimal bytes (each input read once, each output written once) and the achieved rates. The
-// sequential recurrence is latency-bound: µs per step is the number that matters.
+// recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps`
+// runs after warm-ups, CUDA events around the op only, dense random inputs (never zeros). Per line:
+// ms, µs per time step, FLOPs of the recurrent products (forward 2·B·4d·dh per step; backward twice
+// that: dG R and dR), the minimal bytes (each input read once, each output written once) and the
+// achieved rates. The sequential recurrence is latency-bound: µs per step is the number that
+// matters.
 //
 //   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|all]
 // (default: cluster and flags; async is the unverified SlstmAlgorithm::kClusterAsync)
@@ -52,7 +53,8 @@ int Run(int argc, char** argv) {
     if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
     if (std::strcmp(argv[i], "--alg=async") == 0) algorithms = {SlstmAlgorithm::kClusterAsync};
     if (std::strcmp(argv[i], "--alg=all") == 0) {
-      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags, SlstmAlgorithm::kClusterAsync};
+      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags,
+                    SlstmAlgorithm::kClusterAsync};
     }
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--csv=", 6) == 0) csv = std::fopen(argv[i] + 6, "w");
@@ -115,9 +117,9 @@ int Run(int argc, char** argv) {
 
     const double step_flop = 2.0 * B * 4 * d * c.head_dim;
     const double tok = static_cast<double>(B * S);
-    const double fwd_bytes = tok * d * (2 * 4 + 2 + 28);             // gx, h, saved
-    const double bwd_rec_bytes = tok * d * (28 + 2 + 2 * 4);         // saved, dh, d_gx
-    const double dr_bytes = tok * d * (2 * 4 + 2);                    // re-read d_gx, h
+    const double fwd_bytes = tok * d * (2 * 4 + 2 + 28);      // gx, h, saved
+    const double bwd_rec_bytes = tok * d * (28 + 2 + 2 * 4);  // saved, dh, d_gx
+    const double dr_bytes = tok * d * (2 * 4 + 2);            // re-read d_gx, h
     struct Op {
       std::string name;
       std::function<CudaResult()> fn;
@@ -131,11 +133,12 @@ int Run(int argc, char** argv) {
       SlstmForwardArgs f = fa;
       SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
       f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
-      ops.push_back({"fwd" + tag, [&, f] { return SlstmForward(f, &alloc, stream); },
-                     step_flop * S, fwd_bytes});
+      ops.push_back({"fwd" + tag, [&, f] { return SlstmForward(f, &alloc, stream); }, step_flop * S,
+                     fwd_bytes});
       SlstmForwardArgs f_nosave = f;
       f_nosave.saved = nullptr;
-      ops.push_back({"fwd nosave" + tag, [&, f_nosave] { return SlstmForward(f_nosave, &alloc, stream); },
+      ops.push_back({"fwd nosave" + tag,
+                     [&, f_nosave] { return SlstmForward(f_nosave, &alloc, stream); },
                      step_flop * S, tok * d * (2 * 4 + 2)});
       ops.push_back({"bwd rec" + tag,
                      [&, bk_nodr] { return SlstmBackward(bk_nodr, gemm.get(), &alloc, stream); },

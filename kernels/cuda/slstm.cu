@@ -60,8 +60,8 @@
 namespace gyre::cuda {
 namespace {
 
-constexpr int kUnits = 16;     // units per CTA (one MMA m-tile per gate)
-constexpr int kWarps = 8;      // warps per CTA, splitting K
+constexpr int kUnits = 16;  // units per CTA (one MMA m-tile per gate)
+constexpr int kWarps = 8;   // warps per CTA, splitting K
 constexpr int kThreads = kWarps * 32;
 constexpr int kRedStride = 20;  // padded row of the K-partial buffer (bank-conflict free stores)
 constexpr int kSavedRows = 7;   // i, f, z, o pre-activations, c, n, m
@@ -74,9 +74,9 @@ struct FwdParams {
   const __nv_bfloat16* r;
   const float *h0, *c0, *n0, *m0;  // null h0: zeros
   __nv_bfloat16* h;
-  float* saved;                    // may be null
-  float *hT, *cT, *nT, *mT;        // null hT: not wanted
-  unsigned* flags;                 // [gridDim.y][NH][32]
+  float* saved;              // may be null
+  float *hT, *cT, *nT, *mT;  // null hT: not wanted
+  unsigned* flags;           // [gridDim.y][NH][32]
 };
 
 struct BwdParams {
@@ -253,13 +253,15 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmFwdKernel(FwdParams p) {
 #pragma unroll
     for (int g = 0; g < 4; ++g)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) acc[g][nt][0] = acc[g][nt][1] = acc[g][nt][2] = acc[g][nt][3] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+        acc[g][nt][0] = acc[g][nt][1] = acc[g][nt][2] = acc[g][nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KF; ++kk)
 #pragma unroll
       for (int g = 0; g < 4; ++g)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) Mma16816(acc[g][nt], a[g][kk], bf[kk][nt][0], bf[kk][nt][1]);
+        for (int nt = 0; nt < NT; ++nt)
+          Mma16816(acc[g][nt], a[g][kk], bf[kk][nt][0], bf[kk][nt][1]);
     // K-partials: red[warp][g][batch][unit].
 #pragma unroll
     for (int g = 0; g < 4; ++g)
@@ -368,7 +370,8 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
   float c_t = 0.f, n_t = 0.f;  // c_t, n_t of the step being processed
   float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
   float cp = 0.f, np = 0.f, mp = 0.f;  // c, n, m at t − 1 (or the initial state)
-  auto load_step = [&](int t) {  // the values step t needs beyond c_t, n_t
+  // The values step t needs beyond c_t, n_t.
+  auto load_step = [&](int t) {
     const int64_t row = static_cast<int64_t>(b) * S + t;
     const float* sv = p.saved + row * sd + col;
 #pragma unroll
@@ -429,11 +432,13 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
 #pragma unroll
       for (int e = 0; e < 2; ++e)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) acc[e][nt][0] = acc[e][nt][1] = acc[e][nt][2] = acc[e][nt][3] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+          acc[e][nt][0] = acc[e][nt][1] = acc[e][nt][2] = acc[e][nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) Mma16816(acc[kk & 1][nt], a[kk], bf[kk][nt][0], bf[kk][nt][1]);
+        for (int nt = 0; nt < NT; ++nt)
+          Mma16816(acc[kk & 1][nt], a[kk], bf[kk][nt][0], bf[kk][nt][1]);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int bc = nt * 8 + quad * 2;
@@ -478,8 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
         g_lf += g_m;
       }
       const float d_f = g_lf * Sigmoid(-f_raw);
-      __nv_bfloat16* dg =
-          p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
+      __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
       dg[0] = __float2bfloat16_rn(d_i);
       dg[d] = __float2bfloat16_rn(d_f);
       dg[2 * d] = __float2bfloat16_rn(d_z);
@@ -524,7 +528,8 @@ __device__ __forceinline__ unsigned ClusterRank() {
 __device__ __forceinline__ void ClusterSync() {
   asm volatile(
       "barrier.cluster.arrive.release.aligned;\n"
-      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
 }
 // 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
 // `rank` of the cluster.
@@ -534,8 +539,8 @@ __device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned r
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dst_local));
   uint32_t ra;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
-  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(ra), "r"(v.x),
-               "r"(v.y), "r"(v.z), "r"(v.w)
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(ra), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
                : "memory");
 }
 
@@ -581,10 +586,15 @@ __device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64
                                              unsigned rank, const void* src) {
   const uint4 v = *reinterpret_cast<const uint4*>(src);
   uint32_t ra, rb;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(SmemAddr(dst_local)), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(SmemAddr(bar_local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(ra)
+               : "r"(SmemAddr(dst_local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(rb)
+               : "r"(SmemAddr(bar_local)), "r"(rank));
   asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(ra),
       "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
       : "memory");
 }
@@ -619,8 +629,9 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   for (int kk = 0; kk < KT; ++kk) {
     const int kt = kpart + kKs * kk;
     if (kt < nk) {
-      const __nv_bfloat16* r0 = p.r + ((static_cast<int64_t>(hd) * 4 + g_tile) * dh + u0 + ub +
-                                       group) * dh + kt * 16 + quad * 2;
+      const __nv_bfloat16* r0 =
+          p.r + ((static_cast<int64_t>(hd) * 4 + g_tile) * dh + u0 + ub + group) * dh + kt * 16 +
+          quad * 2;
       const __nv_bfloat16* r8 = r0 + 8 * dh;
       a[kk][0] = LoadU32(r0);
       a[kk][1] = LoadU32(r8);
@@ -653,7 +664,8 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   for (int i = threadIdx.x; i < 8 * dh; i += kNth) {
     const int row = i / dh, k = i % dh;
     float v = 0.f;
-    if (row < nb && p.h0 != nullptr) v = p.h0[static_cast<int64_t>(b_first + row) * d + hd * dh + k];
+    if (row < nb && p.h0 != nullptr)
+      v = p.h0[static_cast<int64_t>(b_first + row) * d + hd * dh + k];
     hbuf[0][row][k] = __float2bfloat16_rn(v);
   }
   const unsigned step_bytes = 16u * static_cast<unsigned>(dh);  // 8 rows × dh bf16
@@ -665,7 +677,8 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);  // h_1, read at t = 2
   }
   __syncthreads();
-  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM store
+  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM
+                  // store
 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
@@ -836,7 +849,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   for (int i = threadIdx.x; i < 8 * 4 * U; i += kNth) (&gst[0][0][0])[i] = __float2bfloat16_rn(0.f);
   const bool need_dh0 = p.dh0 != nullptr;
   const int t_end = need_dh0 ? -1 : 0;
-  const int s_last = S - 1 - t_end;                               // last loop iteration
+  const int s_last = S - 1 - t_end;                             // last loop iteration
   const unsigned step_bytes = 64u * static_cast<unsigned>(dh);  // 8 rows × 4·dh bf16
   if (kAsync && threadIdx.x == 0) {
     MbarInit(&mbar[0], 1);
@@ -993,8 +1006,8 @@ CudaResult LaunchSlices(const void* kernel, Params params, int nt, const SlstmSh
   const int64_t resident = static_cast<int64_t>(sms) * per_sm;
   if (ctas_per_slice > resident) {
     return InvalidArgument(std::string(name) + ": " + std::to_string(ctas_per_slice) +
-                           " CTAs (num_heads·head_dim/16) exceed the " +
-                           std::to_string(resident) + " that can be resident at once");
+                           " CTAs (num_heads·head_dim/16) exceed the " + std::to_string(resident) +
+                           " that can be resident at once");
   }
   const int64_t slices_per_launch = std::min<int64_t>(slices, resident / ctas_per_slice);
   const size_t flag_bytes = sizeof(unsigned) * slices_per_launch * shape.num_heads * 32;
@@ -1006,9 +1019,9 @@ CudaResult LaunchSlices(const void* kernel, Params params, int nt, const SlstmSh
     params.batch0 = static_cast<int>(s0 * slice);
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flags.get(), 0, flag_bytes, stream));
     void* kargs[] = {&params};
-    CUDA_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(
-        kernel, dim3(ctas_per_slice, static_cast<unsigned>(count)), dim3(kThreads), kargs, 0,
-        stream));
+    CUDA_RETURN_IF_ERROR(
+        cudaLaunchCooperativeKernel(kernel, dim3(ctas_per_slice, static_cast<unsigned>(count)),
+                                    dim3(kThreads), kargs, 0, stream));
     CUDA_RETURN_IF_LAUNCH_ERROR("slstm persistent kernel");
   }
   return {};
@@ -1017,19 +1030,26 @@ CudaResult LaunchSlices(const void* kernel, Params params, int nt, const SlstmSh
 template <int NT>
 const void* FwdKernelFor(int kf) {
   switch (kf) {
-    case 1: return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 1>);
-    case 2: return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 2>);
-    default: return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 4>);
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 1>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 2>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 4>);
   }
 }
 template <int NT>
 const void* BwdKernelFor(int kb) {
   switch (kb) {
     case 1:
-    case 2: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 2>);
-    case 4: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 4>);
-    case 8: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 8>);
-    default: return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 16>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 2>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 4>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 8>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 16>);
   }
 }
 
@@ -1047,21 +1067,31 @@ int ClusterUnits(int64_t head_dim) {
 template <int U, bool A>
 const void* FwdClusterKernelForUnits(int kt) {
   switch (kt) {
-    case 1: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A>);
-    case 2: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A>);
-    case 4: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A>);
-    case 8: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A>);
-    default: return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A>);
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A>);
   }
 }
 template <int U, bool A>
 const void* BwdClusterKernelForUnits(int kt) {
   switch (kt) {
-    case 1: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1, A>);
-    case 2: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2, A>);
-    case 4: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4, A>);
-    case 8: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8, A>);
-    default: return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1, A>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2, A>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4, A>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8, A>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
   }
 }
 const void* FwdClusterKernelFor(int units, int64_t head_dim, bool async) {
@@ -1134,8 +1164,8 @@ CudaResult SlstmCheck(const SlstmShape& s) {
                            " unsupported (needs a multiple of 16, at most 512)");
   }
   const int64_t d = s.num_heads * s.head_dim;
-  if (s.batch * s.seq_len * kSavedRows * d >= (int64_t{1} << 40) ||
-      s.batch > (int64_t{1} << 30) || s.seq_len > (int64_t{1} << 30) || d > (int64_t{1} << 20)) {
+  if (s.batch * s.seq_len * kSavedRows * d >= (int64_t{1} << 40) || s.batch > (int64_t{1} << 30) ||
+      s.seq_len > (int64_t{1} << 30) || d > (int64_t{1} << 20)) {
     return InvalidArgument("slstm: shape too large");
   }
   return {};
@@ -1157,9 +1187,9 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
       (args.initial.c == nullptr || args.initial.n == nullptr || args.initial.m == nullptr)) {
     return InvalidArgument("SlstmForward: initial state needs h, c, n and m together");
   }
-  if (args.final_state.h != nullptr && (args.final_state.c == nullptr ||
-                                        args.final_state.n == nullptr ||
-                                        args.final_state.m == nullptr)) {
+  if (args.final_state.h != nullptr &&
+      (args.final_state.c == nullptr || args.final_state.n == nullptr ||
+       args.final_state.m == nullptr)) {
     return InvalidArgument("SlstmForward: final state needs h, c, n and m together");
   }
   FwdParams p{};
@@ -1219,8 +1249,7 @@ CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
     return InvalidArgument("SlstmBackward: d_final needs h, c, n and m together");
   }
   if (args.d_initial.h != nullptr &&
-      (args.d_initial.c == nullptr || args.d_initial.n == nullptr ||
-       args.d_initial.m == nullptr)) {
+      (args.d_initial.c == nullptr || args.d_initial.n == nullptr || args.d_initial.m == nullptr)) {
     return InvalidArgument("SlstmBackward: d_initial needs h, c, n and m together");
   }
   BwdParams p{};

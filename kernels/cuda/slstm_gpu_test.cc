@@ -12,7 +12,6 @@
 // recurrence runs its products on bf16 h_{t−1} / dG, so every output carries bf16 rounding.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-
 #include <unistd.h>
 
 #include <cmath>
@@ -101,8 +100,7 @@ void RunCase(Harness& H, const Case& c, SlstmAlgorithm algorithm, uint64_t seed)
   if (c.initial) init_ref = {h0_d.data(), c0_d.data(), n0_d.data(), m0_d.data()};
   std::vector<double> h_ref(B * S * d), saved_ref(cpu::slstm_saved_size(cs));
   std::vector<double> hT_ref(B * d), cT_ref(B * d), nT_ref(B * d), mT_ref(B * d);
-  cpu::slstm_fwd_ref<double>(cs, gx_d.data(), r_d.data(), init_ref, h_ref.data(),
-                             saved_ref.data(),
+  cpu::slstm_fwd_ref<double>(cs, gx_d.data(), r_d.data(), init_ref, h_ref.data(), saved_ref.data(),
                              {hT_ref.data(), cT_ref.data(), nT_ref.data(), mT_ref.data()});
   // The gradient w.r.t. the final state as any later computation produces it: (c, n, m) and
   // (c·e^−δ, n·e^−δ, m + δ) are the same state (the stabiliser only picks the representation), so
@@ -117,8 +115,8 @@ void RunCase(Harness& H, const Case& c, SlstmAlgorithm algorithm, uint64_t seed)
   if (c.d_final) dfin_ref = {dhT_d.data(), dcT_d.data(), dnT_d.data(), dmT_d.data()};
   std::vector<double> dgx_ref(B * S * 4 * d), dr_ref = ToDouble(dr_start);
   std::vector<double> dh0_ref(B * d), dc0_ref(B * d), dn0_ref(B * d), dm0_ref(B * d);
-  cpu::slstm_bwd_ref<double>(cs, r_d.data(), init_ref, h_ref.data(), saved_ref.data(),
-                             dh_d.data(), dfin_ref, dgx_ref.data(), dr_ref.data(),
+  cpu::slstm_bwd_ref<double>(cs, r_d.data(), init_ref, h_ref.data(), saved_ref.data(), dh_d.data(),
+                             dfin_ref, dgx_ref.data(), dr_ref.data(),
                              {dh0_ref.data(), dc0_ref.data(), dn0_ref.data(), dm0_ref.data()});
 
   // Device.
@@ -166,17 +164,16 @@ void RunCase(Harness& H, const Case& c, SlstmAlgorithm algorithm, uint64_t seed)
   ba.dr = dr_dev.get();
   if (c.initial) ba.d_initial = {dh0_dev.get(), dc0_dev.get(), dn0_dev.get(), dm0_dev.get()};
   ba.algorithm = algorithm;
-  const std::string n =
-      c.name + (algorithm == SlstmAlgorithm::kCluster        ? " [cluster] "
-                : algorithm == SlstmAlgorithm::kClusterAsync ? " [cluster-async] "
-                                                             : " [flags] ");
+  const std::string n = c.name + (algorithm == SlstmAlgorithm::kCluster        ? " [cluster] "
+                                  : algorithm == SlstmAlgorithm::kClusterAsync ? " [cluster-async] "
+                                                                               : " [flags] ");
 
   std::vector<float> h_first, dgx_first;
   const int runs = c.repeat ? 2 : 1;
   for (int run = 0; run < runs; ++run) {
     for (auto* a : {&h_dev, &dgx_dev}) a->Poison();
-    for (auto* a : {&hT_dev, &cT_dev, &nT_dev, &mT_dev, &dh0_dev, &dc0_dev, &dn0_dev, &dm0_dev,
-                    &saved_dev}) {
+    for (auto* a :
+         {&hT_dev, &cT_dev, &nT_dev, &mT_dev, &dh0_dev, &dc0_dev, &dn0_dev, &dm0_dev, &saved_dev}) {
       a->Poison();
     }
     dr_dev.Upload(dr_start);
@@ -250,9 +247,10 @@ int main(int argc, char** argv) {
 
   // Unsupported shapes are refused with a message, not run.
   {
-    const bool refused =
-        !gyre::cuda::SlstmCheck({2, 3, 2, 24}).ok() && !gyre::cuda::SlstmCheck({2, 3, 1, 1024}).ok() &&
-        !gyre::cuda::SlstmCheck({0, 3, 2, 32}).ok() && gyre::cuda::SlstmCheck({2, 3, 2, 32}).ok();
+    const bool refused = !gyre::cuda::SlstmCheck({2, 3, 2, 24}).ok() &&
+                         !gyre::cuda::SlstmCheck({2, 3, 1, 1024}).ok() &&
+                         !gyre::cuda::SlstmCheck({0, 3, 2, 32}).ok() &&
+                         gyre::cuda::SlstmCheck({2, 3, 2, 32}).ok();
     H.Check("SlstmCheck refuses bad shapes", "dh 24 / 1024, B 0", refused ? 0.0 : 1.0, 0.0);
   }
 
