@@ -1,0 +1,196 @@
+// sLSTM persistent kernels (kernels/cuda/slstm.h) at the xLSTM presets' cell shapes, S 2048:
+//   1.3B  d 2048, 4 heads × 512, B 8   (the anchor's shape in PERFORMANCE.md)
+//   125M  d 768,  4 heads × 192, B 8 and B 16 (PERFORMANCE.md's anchor uses B 16)
+// For each, through both kernels (cluster, flags): forward (saving for backward), backward
+// recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps`
+// runs after warm-ups, CUDA events around the op only, dense random inputs (never zeros). Per line:
+// ms, µs per time step, FLOPs of the recurrent products (forward 2·B·4d·dh per step; backward twice
+// that: dG R and dR), the minimal bytes (each input read once, each output written once) and the
+// achieved rates. The sequential recurrence is latency-bound: µs per step is the number that
+// matters.
+//
+//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|all]
+// (default: cluster and flags; async is the unverified SlstmAlgorithm::kClusterAsync)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/random_fill.h"
+#include "kernels/cuda/slstm.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+struct Config {
+  const char* name;
+  int64_t batch, seq_len, num_heads, head_dim;
+};
+
+int Run(int argc, char** argv) {
+  int reps = 20, warmup = 3;
+  FILE* csv = nullptr;
+  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--alg=flags") == 0) algorithms = {SlstmAlgorithm::kFlags};
+    if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
+    if (std::strcmp(argv[i], "--alg=async") == 0) algorithms = {SlstmAlgorithm::kClusterAsync};
+    if (std::strcmp(argv[i], "--alg=all") == 0) {
+      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags,
+                    SlstmAlgorithm::kClusterAsync};
+    }
+    if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
+    if (std::strncmp(argv[i], "--csv=", 6) == 0) csv = std::fopen(argv[i] + 6, "w");
+  }
+  cudaDeviceProp prop;
+  CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+  std::printf("slstm_bench on %s (%d SMs), reps %d (median), warm-up %d\n", prop.name,
+              prop.multiProcessorCount, reps, warmup);
+  if (csv) std::fprintf(csv, "config,op,ms,us_per_step,gflop,gbytes\n");
+
+  DeviceAllocator alloc;
+  std::unique_ptr<GemmContext> gemm;
+  CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
+  cudaStream_t stream;
+  CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  cudaEvent_t start, stop;
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&start));
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&stop));
+
+  const Config configs[] = {
+      {"1.3B d2048 NH4 B8", 8, 2048, 4, 512},
+      {"125M d768 NH4 B8", 8, 2048, 4, 192},
+      {"125M d768 NH4 B16", 16, 2048, 4, 192},
+  };
+  std::printf("%-20s %-20s %9s %9s %9s %9s %9s\n", "config", "op", "ms", "us/step", "GFLOP",
+              "TFLOP/s", "GB/s");
+  for (const Config& c : configs) {
+    const SlstmShape s{c.batch, c.seq_len, c.num_heads, c.head_dim};
+    const int64_t B = c.batch, S = c.seq_len, d = c.num_heads * c.head_dim;
+    DeviceBuffer gx, r, h, dh, dgx, dr, saved;
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * B * S * 4 * d, &gx));
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * 4 * d * c.head_dim, &r));
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * B * S * d, &h));
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * B * S * d, &dh));
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * B * S * 4 * d, &dgx));
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(float) * 4 * d * c.head_dim, &dr));
+    CUDA_OK_OR_DIE(alloc.Allocate(SlstmSavedBytes(s), &saved));
+    CUDA_OK_OR_DIE(FillRandomBf16(gx.as<bf16>(), B * S * 4 * d, 0.f, 1.f, 1, stream));
+    CUDA_OK_OR_DIE(FillRandomBf16(r.as<bf16>(), 4 * d * c.head_dim, 0.f,
+                                  1.f / std::sqrt(float(c.head_dim)), 2, stream));
+    CUDA_OK_OR_DIE(FillRandomBf16(dh.as<bf16>(), B * S * d, 0.f, 1.f, 3, stream));
+    CUDA_OK_OR_DIE(FillRandomF32(dr.as<float>(), 4 * d * c.head_dim, 0.f, 1.f, 4, stream));
+
+    SlstmForwardArgs fa;
+    fa.shape = s;
+    fa.gx = gx.as<bf16>();
+    fa.r = r.as<bf16>();
+    fa.h = h.as<bf16>();
+    fa.saved = saved.get();
+    SlstmBackwardArgs ba;
+    ba.shape = s;
+    ba.r = fa.r;
+    ba.h = fa.h;
+    ba.saved = saved.get();
+    ba.dh = dh.as<bf16>();
+    ba.d_gx = dgx.as<bf16>();
+    ba.dr = dr.as<float>();
+    SlstmBackwardArgs ba_nodr = ba;
+    ba_nodr.dr = nullptr;
+
+    const double step_flop = 2.0 * B * 4 * d * c.head_dim;
+    const double tok = static_cast<double>(B * S);
+    const double fwd_bytes = tok * d * (2 * 4 + 2 + 28);      // gx, h, saved
+    const double bwd_rec_bytes = tok * d * (28 + 2 + 2 * 4);  // saved, dh, d_gx
+    const double dr_bytes = tok * d * (2 * 4 + 2);            // re-read d_gx, h
+    struct Op {
+      std::string name;
+      std::function<CudaResult()> fn;
+      double flop, bytes;
+    };
+    std::vector<Op> ops;
+    for (SlstmAlgorithm alg : algorithms) {
+      const std::string tag = alg == SlstmAlgorithm::kCluster        ? " [cluster]"
+                              : alg == SlstmAlgorithm::kClusterAsync ? " [async]"
+                                                                     : " [flags]";
+      SlstmForwardArgs f = fa;
+      SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
+      f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
+      ops.push_back({"fwd" + tag, [&, f] { return SlstmForward(f, &alloc, stream); }, step_flop * S,
+                     fwd_bytes});
+      SlstmForwardArgs f_nosave = f;
+      f_nosave.saved = nullptr;
+      ops.push_back({"fwd nosave" + tag,
+                     [&, f_nosave] { return SlstmForward(f_nosave, &alloc, stream); },
+                     step_flop * S, tok * d * (2 * 4 + 2)});
+      ops.push_back({"bwd rec" + tag,
+                     [&, bk_nodr] { return SlstmBackward(bk_nodr, gemm.get(), &alloc, stream); },
+                     step_flop * S, bwd_rec_bytes});
+      ops.push_back({"bwd+dR" + tag,
+                     [&, bk] { return SlstmBackward(bk, gemm.get(), &alloc, stream); },
+                     2 * step_flop * S, bwd_rec_bytes + dr_bytes});
+      ops.push_back({"fwd+bwd" + tag,
+                     [&, f, bk] {
+                       CUDA_RETURN_IF_NOT_OK(SlstmForward(f, &alloc, stream));
+                       return SlstmBackward(bk, gemm.get(), &alloc, stream);
+                     },
+                     3 * step_flop * S, fwd_bytes + bwd_rec_bytes + dr_bytes});
+    }
+    // The forward fills `saved` and `h` once so the backward-only ops read real values.
+    CUDA_OK_OR_DIE(SlstmForward(fa, &alloc, stream));
+    for (const Op& op : ops) {
+      bool ok = true;
+      for (int i = 0; i < warmup && ok; ++i) {
+        const CudaResult r = op.fn();
+        if (!r.ok()) {
+          std::printf("%-20s %-20s unavailable: %s\n", c.name, op.name.c_str(), r.message.c_str());
+          ok = false;
+        }
+      }
+      if (!ok) continue;
+      CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+      std::vector<float> ms;
+      for (int i = 0; i < reps; ++i) {
+        CUDA_CHECK_OR_DIE(cudaEventRecord(start, stream));
+        CUDA_OK_OR_DIE(op.fn());
+        CUDA_CHECK_OR_DIE(cudaEventRecord(stop, stream));
+        CUDA_CHECK_OR_DIE(cudaEventSynchronize(stop));
+        float t = 0;
+        CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&t, start, stop));
+        ms.push_back(t);
+      }
+      const double med = Median(ms);
+      std::printf("%-20s %-20s %9.3f %9.2f %9.1f %9.2f %9.1f\n", c.name, op.name.c_str(), med,
+                  med * 1e3 / S, op.flop * 1e-9, op.flop / (med * 1e-3) * 1e-12,
+                  op.bytes / (med * 1e-3) * 1e-9);
+      if (csv) {
+        std::fprintf(csv, "%s,%s,%.4f,%.3f,%.2f,%.3f\n", c.name, op.name.c_str(), med,
+                     med * 1e3 / S, op.flop * 1e-9, op.bytes * 1e-9);
+      }
+    }
+  }
+  if (csv) std::fclose(csv);
+  return 0;
+}
+
+}  // namespace
+}  // namespace gyre::cuda
+
+int main(int argc, char** argv) { return gyre::cuda::Run(argc, argv); }

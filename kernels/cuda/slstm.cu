@@ -1,0 +1,1329 @@
+// sLSTM forward and backward through time as persistent kernels; contract in slstm.h, math in
+// kernels/cpu/slstm.h (this file mirrors that reference line by line in the pointwise parts).
+//
+// Why persistent: the recurrence is sequential (h_{t−1} feeds R), and per step the work is
+// small (1.3B layout, B 8: 8 × 2048 rows × 512 = 67 MFLOP over 4 heads). The official xlstm
+// kernel launches a GEMM and a pointwise kernel per step and pays launch + sync for each
+// (21.6 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S steps.
+// Two kernels, both tested; SlstmAlgorithm::kAuto picks the cluster one where it can run:
+//
+// Cluster kernels (default; details above SlstmFwdClusterKernel):
+//   * One thread-block cluster per (head, 8 batch rows): C = dh/U CTAs of U = 32 units (16 where
+//     dh is not a multiple of 32); 1.3B: clusters of 16, 125M: clusters of 6. A CTA owns its
+//     units' four gate rows of R (forward) or their 4dh × U slice of Rᵀ (backward) as mma.sync A
+//     fragments in registers for all S steps (64 registers a thread at dh 512: the 8 MB of the
+//     1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m) in
+//     registers, one thread per (row, unit).
+//   * Per step: bf16 m16n8k16 MMAs read h_{t−1} (forward) or dG_{t+1} (backward) from the CTA's
+//     own shared memory, the warps' K-partials are summed through shared memory, the fused
+//     pointwise update runs, and the CTA's slice of h_t / dG_t goes to all C CTAs' next buffer
+//     with 16-byte DSMEM stores; one cluster barrier ends the step. Heads never wait on each
+//     other; clusters need no co-residency beyond themselves.
+// Flag kernels (fallback for head_dim the clusters cannot split, and a cross-check):
+//   * One CTA per (head, 16 units, up to 16 batch rows), all co-resident (cooperative launch);
+//     h_{t−1} / dG_{t+1} are read from the output arrays in L2 (ld.global.cg), and each CTA
+//     publishes its step with a release flag that the head's other CTAs poll (ld.acquire.gpu).
+// Both: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
+// not accumulated in the time loop: dR = Σ_{b,t} dG_tᵀ h_{t−1} is one cuBLASLt product per
+// (head, gate) over all B·S rows afterwards (137 GFLOP at 1.3B, measured 0.4 ms incl. the shifted
+// copy of h), off the sequential path.
+//
+// Latency floor per step (the FLOPs do not bound S-step time: 67 MFLOP a step is 0.1 µs of the
+// chip's tensor cores). Per step a CTA must: read h_{t−1} (~30 cycles from shared memory), run a
+// chain of dependent MMAs (forward 8 deep at dh 512, ~0.15 µs), reduce K-partials (one barrier,
+// ~0.05 µs), run the pointwise math (a dependent chain of exp/log1p/tanh/division, ~0.2 µs), and
+// hand h_t to the other CTAs (one DSMEM store + one cluster barrier, a few hundred ns). That is
+// ~0.5-0.8 µs a step each way. Measured on an H200 (bench/RESULTS.md, sLSTM heading): forward
+// 3.0 µs/step (1.3B) and 2.7 (125M), backward 5.4 and 3.0; the flag kernels 4.4 / 7.2 at 1.3B.
+// The forward at 125M (clusters of 6, 6 K-tiles a warp) is only 10% faster than at 1.3B
+// (clusters of 16, 16 K-tiles), so ~2.5 µs a step is fixed cost, not MMA work. Most likely
+// cause, not yet measured: barrier.cluster.arrive.release must also make the step's global
+// stores (h, saved) visible before the arrive completes, and every CTA waits on the slowest.
+// A release fence waits for ALL of the thread's outstanding memory operations, so the prefetch
+// of the next step's gx / saved values (HBM loads, ~1 µs) may also be exposed there. Next step,
+// written but NOT yet run on a GPU: SlstmAlgorithm::kClusterAsync signals the DSMEM stores
+// through mbarriers (st.async ... mbarrier::complete_tx, one mbarrier per buffer, parity waits;
+// see the comment above MbarInit) instead of a cluster barrier, so no fence sits in the step
+// loop. Evaluate with `slstm_gpu_test --experimental` and `slstm_bench --alg=all`.
+//
+// Saved for backward (fp32, batch-major): per (b, t) the 4 pre-activations and c_t, n_t, m_t
+// (28·d bytes per token: 0.94 GB at B 8, S 2048, d 2048).
+#include "kernels/cuda/slstm.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace gyre::cuda {
+namespace {
+
+constexpr int kUnits = 16;  // units per CTA (one MMA m-tile per gate)
+constexpr int kWarps = 8;   // warps per CTA, splitting K
+constexpr int kThreads = kWarps * 32;
+constexpr int kRedStride = 20;  // padded row of the K-partial buffer (bank-conflict free stores)
+constexpr int kSavedRows = 7;   // i, f, z, o pre-activations, c, n, m
+constexpr int kMaxHeadDim = 512;
+
+struct FwdParams {
+  int batch, seq_len, num_heads, head_dim;
+  int batch0;  // first batch row of this launch
+  const __nv_bfloat16* gx;
+  const __nv_bfloat16* r;
+  const float *h0, *c0, *n0, *m0;  // null h0: zeros
+  __nv_bfloat16* h;
+  float* saved;              // may be null
+  float *hT, *cT, *nT, *mT;  // null hT: not wanted
+  unsigned* flags;           // [gridDim.y][NH][32]
+};
+
+struct BwdParams {
+  int batch, seq_len, num_heads, head_dim;
+  int batch0;
+  const __nv_bfloat16* r;
+  const float *c0, *n0, *m0;  // the initial state (h0 not needed here); null c0: zeros
+  const float* saved;
+  const __nv_bfloat16* dh;
+  const float *dhT, *dcT, *dnT, *dmT;  // null dhT: zero
+  __nv_bfloat16* d_gx;
+  float *dh0, *dc0, *dn0, *dm0;  // null dh0: not wanted
+  unsigned* flags;
+};
+
+// ------------------------------------------------------------------ device helpers
+
+__device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t LoadCgU32(const __nv_bfloat16* p) {
+  return __ldcg(reinterpret_cast<const unsigned int*>(p));
+}
+__device__ __forceinline__ uint32_t LoadU32(const __nv_bfloat16* p) {
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t PackBf16Bits(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+
+__device__ __forceinline__ unsigned LoadAcquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void StoreRelease(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// Waits until every one of the `count` CTAs of this head has published a step >= target.
+// Called by all threads; warp 0 polls, the rest wait at the barrier.
+__device__ __forceinline__ void WaitHead(const unsigned* head_flags, int count, unsigned target) {
+  if (threadIdx.x < 32) {
+    if (static_cast<int>(threadIdx.x) < count) {
+      while (LoadAcquire(head_flags + threadIdx.x) < target) {
+      }
+    }
+    __threadfence();
+    __syncwarp();
+  }
+  __syncthreads();
+}
+
+// Publishes this CTA's step after all its threads' global stores (the pattern of a grid barrier:
+// block barrier, then one thread's fence and release store).
+__device__ __forceinline__ void Publish(unsigned* my_flag, unsigned value) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    StoreRelease(my_flag, value);
+  }
+}
+
+__device__ __forceinline__ float Sigmoid(float x) {
+  if (x >= 0.f) return 1.f / (1.f + expf(-x));
+  const float e = expf(x);
+  return e / (1.f + e);
+}
+__device__ __forceinline__ float LogSigmoid(float x) {
+  return x < 0.f ? x - log1pf(expf(x)) : -log1pf(expf(-x));
+}
+
+// ------------------------------------------------------------------ forward
+
+// NT: MMA n-tiles of 8 batch rows (batch slice 8·NT); KF: K-tiles (of 16) per warp.
+template <int NT, int KF>
+__global__ void __launch_bounds__(kThreads, 1) SlstmFwdKernel(FwdParams p) {
+  constexpr int kSlice = 8 * NT;
+  __shared__ float red[kWarps][4][kSlice][kRedStride];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int blocks_per_head = dh / kUnits;
+  const int hd = blockIdx.x / blocks_per_head;
+  const int u0 = (blockIdx.x % blocks_per_head) * kUnits;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int nk = dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * kSlice;
+  const int nb = min(kSlice, p.batch - b_first);
+  unsigned* head_flags = p.flags + (blockIdx.y * p.num_heads + hd) * 32;
+
+  // R rows of this CTA as A fragments: a[g][kk] covers rows u0..u0+15 of gate g, K-tile
+  // kt = warp + 8·kk.
+  uint32_t a[4][KF][4];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+#pragma unroll
+    for (int kk = 0; kk < KF; ++kk) {
+      const int kt = warp + kWarps * kk;
+      if (kt < nk) {
+        const __nv_bfloat16* rg = p.r + (static_cast<int64_t>(hd) * 4 + g) * dh * dh;
+        const int col = kt * 16 + quad * 2;
+        const __nv_bfloat16* r0 = rg + static_cast<int64_t>(u0 + group) * dh + col;
+        const __nv_bfloat16* r8 = r0 + 8 * dh;
+        a[g][kk][0] = LoadU32(r0);
+        a[g][kk][1] = LoadU32(r8);
+        a[g][kk][2] = LoadU32(r0 + 8);
+        a[g][kk][3] = LoadU32(r8 + 8);
+      } else {
+        a[g][kk][0] = a[g][kk][1] = a[g][kk][2] = a[g][kk][3] = 0u;
+      }
+    }
+  }
+
+  // Pointwise thread: batch row bl of the slice, unit u of the block.
+  const int bl = threadIdx.x / kUnits, u = threadIdx.x % kUnits;
+  const bool active = threadIdx.x < kSlice * kUnits && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  float c = 0.f, n = 0.f, m = 0.f, h_last = 0.f;
+  if (active && p.h0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    c = p.c0[i];
+    n = p.n0[i];
+    m = p.m0[i];
+    h_last = p.h0[i];
+  }
+  float gxv[4] = {0.f, 0.f, 0.f, 0.f};
+  if (active) {
+    const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+  }
+
+  for (int t = 0; t < S; ++t) {
+    if (t > 0) WaitHead(head_flags, blocks_per_head, static_cast<unsigned>(t));
+
+    // B fragments: h_{t−1} of this head (bf16; at t = 0 the fp32 initial state, rounded).
+    uint32_t bf[KF][NT][2];
+#pragma unroll
+    for (int kk = 0; kk < KF; ++kk) {
+      const int kt = warp + kWarps * kk;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int nrow = nt * 8 + group;
+        bf[kk][nt][0] = bf[kk][nt][1] = 0u;
+        if (kt < nk && nrow < nb) {
+          const int k = hd * dh + kt * 16 + quad * 2;
+          const int64_t brow = b_first + nrow;
+          if (t > 0) {
+            const __nv_bfloat16* hp = p.h + (brow * S + (t - 1)) * d + k;
+            bf[kk][nt][0] = LoadCgU32(hp);
+            bf[kk][nt][1] = LoadCgU32(hp + 8);
+          } else if (p.h0 != nullptr) {
+            const float* hp = p.h0 + brow * d + k;
+            bf[kk][nt][0] = PackBf16(hp[0], hp[1]);
+            bf[kk][nt][1] = PackBf16(hp[8], hp[9]);
+          }
+        }
+      }
+    }
+    float acc[4][NT][4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        acc[g][nt][0] = acc[g][nt][1] = acc[g][nt][2] = acc[g][nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KF; ++kk)
+#pragma unroll
+      for (int g = 0; g < 4; ++g)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          Mma16816(acc[g][nt], a[g][kk], bf[kk][nt][0], bf[kk][nt][1]);
+    // K-partials: red[warp][g][batch][unit].
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int bc = nt * 8 + quad * 2;
+        red[warp][g][bc][group] = acc[g][nt][0];
+        red[warp][g][bc + 1][group] = acc[g][nt][1];
+        red[warp][g][bc][group + 8] = acc[g][nt][2];
+        red[warp][g][bc + 1][group + 8] = acc[g][nt][3];
+      }
+    __syncthreads();
+
+    if (active) {
+      float pre[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        float s = gxv[g];
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[w][g][bl][u];
+        pre[g] = s;
+      }
+      // Pointwise (kernels/cpu/slstm.cc Pointwise).
+      const float lf = LogSigmoid(pre[1]) + m;
+      const bool from_input = n == 0.f || pre[0] >= lf;
+      const float m_new = from_input ? pre[0] : lf;
+      const float ip = from_input ? 1.f : fminf(expf(pre[0] - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      c = fp * c + ip * tanhf(pre[2]);
+      n = fp * n + ip;
+      m = m_new;
+      h_last = Sigmoid(pre[3]) * c / n;
+      const int64_t row = static_cast<int64_t>(b) * S + t;
+      p.h[row * d + col] = __float2bfloat16_rn(h_last);
+      if (p.saved != nullptr) {
+        float* sv = p.saved + row * kSavedRows * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) sv[g * d] = pre[g];
+        sv[4 * d] = c;
+        sv[5 * d] = n;
+        sv[6 * d] = m;
+      }
+      if (t + 1 < S) {  // prefetch the next step's input pre-activations
+        const __nv_bfloat16* gp = p.gx + (row + 1) * 4 * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+      }
+    }
+    Publish(head_flags + blockIdx.x % blocks_per_head, static_cast<unsigned>(t + 1));
+  }
+
+  if (active && p.hT != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.hT[i] = h_last;
+    p.cT[i] = c;
+    p.nT[i] = n;
+    p.mT[i] = m;
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+// KB: K-tiles (of 16 over the 4·dh gate rows) per warp.
+template <int NT, int KB>
+__global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
+  constexpr int kSlice = 8 * NT;
+  __shared__ float red[kWarps][kSlice][kRedStride];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int blocks_per_head = dh / kUnits;
+  const int hd = blockIdx.x / blocks_per_head;
+  const int u0 = (blockIdx.x % blocks_per_head) * kUnits;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int nk = 4 * dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * kSlice;
+  const int nb = min(kSlice, p.batch - b_first);
+  unsigned* head_flags = p.flags + (blockIdx.y * p.num_heads + hd) * 32;
+
+  // A[m = unit l][k = (g, j)] = R[hd][g][j][u0 + l]: 16 columns of R's 4dh × dh block.
+  uint32_t a[KB][4];
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+    const int kt = warp + kWarps * kk;
+    if (kt < nk) {
+      const int k = kt * 16 + quad * 2;  // a K-tile never straddles two gates (dh % 16 == 0)
+      const int g = k / dh, j = k % dh;
+      const __nv_bfloat16* rj =
+          p.r + ((static_cast<int64_t>(hd) * 4 + g) * dh + j) * dh + u0 + group;
+      a[kk][0] = PackBf16Bits(rj[0], rj[dh]);
+      a[kk][1] = PackBf16Bits(rj[8], rj[dh + 8]);
+      a[kk][2] = PackBf16Bits(rj[8 * dh], rj[9 * dh]);
+      a[kk][3] = PackBf16Bits(rj[8 * dh + 8], rj[9 * dh + 8]);
+    } else {
+      a[kk][0] = a[kk][1] = a[kk][2] = a[kk][3] = 0u;
+    }
+  }
+
+  const int bl = threadIdx.x / kUnits, u = threadIdx.x % kUnits;
+  const bool active = threadIdx.x < kSlice * kUnits && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  const int64_t sd = static_cast<int64_t>(kSavedRows) * d;
+  // Carried gradients w.r.t. the state after step t, and the step's saved values.
+  float gc = 0.f, gn = 0.f, gm = 0.f, gh = 0.f;
+  float c_t = 0.f, n_t = 0.f;  // c_t, n_t of the step being processed
+  float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
+  float cp = 0.f, np = 0.f, mp = 0.f;  // c, n, m at t − 1 (or the initial state)
+  // The values step t needs beyond c_t, n_t.
+  auto load_step = [&](int t) {
+    const int64_t row = static_cast<int64_t>(b) * S + t;
+    const float* sv = p.saved + row * sd + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
+    dh_in = __bfloat162float(p.dh[row * d + col]);
+    if (t > 0) {
+      cp = sv[-sd + 4 * d];
+      np = sv[-sd + 5 * d];
+      mp = sv[-sd + 6 * d];
+    } else if (p.c0 != nullptr) {
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      cp = p.c0[i];
+      np = p.n0[i];
+      mp = p.m0[i];
+    } else {
+      cp = np = mp = 0.f;
+    }
+  };
+  if (active) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    if (p.dhT != nullptr) {
+      gh = p.dhT[i];
+      gc = p.dcT[i];
+      gn = p.dnT[i];
+      gm = p.dmT[i];
+    }
+    const float* sv = p.saved + (static_cast<int64_t>(b) * S + S - 1) * sd + col;
+    c_t = sv[4 * d];
+    n_t = sv[5 * d];
+    load_step(S - 1);
+  }
+  const int t_end = p.dh0 != nullptr ? -1 : 0;
+
+  for (int t = S - 1; t >= t_end; --t) {
+    if (t < S - 1) {
+      // gh = Σ_k dG_{t+1}[k] R[k][unit]: wait for the head's dG_{t+1}.
+      WaitHead(head_flags, blocks_per_head, static_cast<unsigned>(S - 1 - t));
+      uint32_t bf[KB][NT][2];
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int kt = warp + kWarps * kk;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int nrow = nt * 8 + group;
+          bf[kk][nt][0] = bf[kk][nt][1] = 0u;
+          if (kt < nk && nrow < nb) {
+            const int k = kt * 16 + quad * 2;
+            const int g = k / dh, j = k % dh;
+            const __nv_bfloat16* gp =
+                p.d_gx + ((static_cast<int64_t>(b_first + nrow) * S + t + 1) * 4 + g) * d +
+                hd * dh + j;
+            bf[kk][nt][0] = LoadCgU32(gp);
+            bf[kk][nt][1] = LoadCgU32(gp + 8);
+          }
+        }
+      }
+      float acc[2][NT][4];  // two chains (even / odd K-tiles) to halve the MMA dependency chain
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          acc[e][nt][0] = acc[e][nt][1] = acc[e][nt][2] = acc[e][nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          Mma16816(acc[kk & 1][nt], a[kk], bf[kk][nt][0], bf[kk][nt][1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int bc = nt * 8 + quad * 2;
+        red[warp][bc][group] = acc[0][nt][0] + acc[1][nt][0];
+        red[warp][bc + 1][group] = acc[0][nt][1] + acc[1][nt][1];
+        red[warp][bc][group + 8] = acc[0][nt][2] + acc[1][nt][2];
+        red[warp][bc + 1][group + 8] = acc[0][nt][3] + acc[1][nt][3];
+      }
+      __syncthreads();
+      if (active) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[w][bl][u];
+        gh = s;
+      }
+    }
+    if (t < 0) break;
+
+    if (active) {
+      // kernels/cpu/slstm.cc slstm_bwd_ref, one unit.
+      const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
+      const float lf = LogSigmoid(f_raw) + mp;
+      const bool from_input = np == 0.f || i_raw >= lf;
+      const float m_new = from_input ? i_raw : lf;
+      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      const float tz = tanhf(z_raw);
+      const float so = Sigmoid(o_raw);
+      const float g_h = gh + dh_in;
+      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
+      const float g_c = gc + g_h * so / n_t;
+      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
+      const float g_fp = g_c * cp + g_n * np;
+      const float g_ip = g_c * tz + g_n;
+      const float d_z = g_c * ip * (1.f - tz * tz);
+      float d_i = g_ip * ip;
+      float g_lf = g_fp * fp;
+      const float g_m = gm - g_ip * ip - g_fp * fp;
+      if (from_input) {
+        d_i += g_m;
+      } else {
+        g_lf += g_m;
+      }
+      const float d_f = g_lf * Sigmoid(-f_raw);
+      __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
+      dg[0] = __float2bfloat16_rn(d_i);
+      dg[d] = __float2bfloat16_rn(d_f);
+      dg[2 * d] = __float2bfloat16_rn(d_z);
+      dg[3 * d] = __float2bfloat16_rn(d_o);
+      gc = g_c * fp;
+      gn = g_n * fp;
+      gm = g_lf;
+      // Step t − 1: its c, n are this step's previous state; prefetch the rest.
+      c_t = cp;
+      n_t = np;
+      if (t > 0) load_step(t - 1);
+    }
+    Publish(head_flags + blockIdx.x % blocks_per_head, static_cast<unsigned>(S - t));
+  }
+
+  if (active && p.dh0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.dh0[i] = gh;
+    p.dc0[i] = gc;
+    p.dn0[i] = gn;
+    p.dm0[i] = gm;
+  }
+}
+
+// ------------------------------------------------------------------ cluster kernels (sm_90)
+//
+// One thread-block cluster per (head, batch slice of 8 rows): C = dh/U CTAs of U units each
+// (U = 32 where dh is a multiple of 32, else 16; C <= 16, a non-portable size above 8). The head's
+// previous h (forward) or dG (backward) lives in every CTA's shared memory (double-buffered by
+// step parity); after its pointwise update each CTA writes its units' slice into all C CTAs'
+// next buffer with 16-byte st.shared::cluster (DSMEM) stores, then one cluster barrier
+// (arrive.release / wait.acquire) ends the step. No global-memory round trip, no flags, and
+// clusters never wait on each other, so no co-residency requirement beyond the cluster itself.
+// One barrier per step is enough: a CTA can only write buffer p again two steps later, after
+// every CTA has passed the barrier that follows its reads of p.
+
+__device__ __forceinline__ unsigned ClusterRank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+}
+// 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
+// `rank` of the cluster.
+__device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned rank,
+                                               const void* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dst_local));
+  uint32_t ra;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(ra), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Transaction barriers for the kAsync variant (SlstmAlgorithm::kClusterAsync, EXPERIMENTAL: not
+// yet run on a GPU). Instead of one cluster barrier per step, every 16-byte DSMEM store is an
+// st.async that counts its bytes onto an mbarrier in the receiving CTA (one per buffer); the
+// receiver waits on the buffer's mbarrier phase (parity) and re-arms it (arrive.expect_tx with
+// the bytes the next use will bring) for the step after next. No release fence, so the step's
+// global loads and stores stay off the critical path. Ordering arguments: (1) bytes for phase
+// k+1 of a buffer's mbarrier come from steps that need this CTA's output of the step that
+// waited on phase k, so phases never overlap (a complete_tx may precede the re-arm: tx-count may
+// go negative within a phase); (2) a buffer is overwritten only by a CTA that has received this
+// CTA's output computed after it read that buffer (WAR, as with the cluster barrier).
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void MbarInitFence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarArm(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "SLSTM_WAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra SLSTM_WAIT;\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
+// `rank`, counted onto that CTA's mbarrier at the offset of `bar_local`.
+__device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
+                                             unsigned rank, const void* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  uint32_t ra, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(ra)
+               : "r"(SmemAddr(dst_local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(rb)
+               : "r"(SmemAddr(bar_local)), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(ra),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+      : "memory");
+}
+
+constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 banks apart
+
+// Forward: 16·U threads (U/2 warps); warp w does m-tile w % (U/4) (16 of the 4U gate rows) over
+// half of K (K-part w / (U/4)), KT K-tiles each.
+template <int U, int KT, bool kAsync>
+__global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
+  constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
+  __shared__ __align__(16) __nv_bfloat16 hbuf[2][8][kHbufStride];
+  __shared__ __align__(8) uint64_t mbar[2];  // kAsync: mbar[q] counts the bytes of hbuf[q]
+  __shared__ float red[kKs][4 * U][9];
+  __shared__ __align__(16) __nv_bfloat16 hst[8][U];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int C = dh / U;
+  const unsigned rank = ClusterRank();
+  const int hd = blockIdx.x / C;
+  const int u0 = static_cast<int>(rank) * U;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int mt = warp % kMt, kpart = warp / kMt;
+  const int g_tile = (16 * mt) / U, ub = (16 * mt) % U;
+  const int nk = dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * 8;
+  const int nb = min(8, p.batch - b_first);
+
+  uint32_t a[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    const int kt = kpart + kKs * kk;
+    if (kt < nk) {
+      const __nv_bfloat16* r0 =
+          p.r + ((static_cast<int64_t>(hd) * 4 + g_tile) * dh + u0 + ub + group) * dh + kt * 16 +
+          quad * 2;
+      const __nv_bfloat16* r8 = r0 + 8 * dh;
+      a[kk][0] = LoadU32(r0);
+      a[kk][1] = LoadU32(r8);
+      a[kk][2] = LoadU32(r0 + 8);
+      a[kk][3] = LoadU32(r8 + 8);
+    } else {
+      a[kk][0] = a[kk][1] = a[kk][2] = a[kk][3] = 0u;
+    }
+  }
+
+  const int bl = threadIdx.x / U, u = threadIdx.x % U;
+  const bool active = threadIdx.x < 8 * U && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  float c = 0.f, n = 0.f, m = 0.f, h_last = 0.f;
+  if (active && p.h0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    c = p.c0[i];
+    n = p.n0[i];
+    m = p.m0[i];
+    h_last = p.h0[i];
+  }
+  float gxv[4] = {0.f, 0.f, 0.f, 0.f};
+  if (active) {
+    const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+  }
+  for (int i = threadIdx.x; i < 8 * U; i += kNth) (&hst[0][0])[i] = __float2bfloat16_rn(0.f);
+  for (int i = threadIdx.x; i < 8 * dh; i += kNth) {
+    const int row = i / dh, k = i % dh;
+    float v = 0.f;
+    if (row < nb && p.h0 != nullptr)
+      v = p.h0[static_cast<int64_t>(b_first + row) * d + hd * dh + k];
+    hbuf[0][row][k] = __float2bfloat16_rn(v);
+  }
+  const unsigned step_bytes = 16u * static_cast<unsigned>(dh);  // 8 rows × dh bf16
+  if (kAsync && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);  // h_0, read at t = 1
+    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);  // h_1, read at t = 2
+  }
+  __syncthreads();
+  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM
+                  // store
+
+  for (int t = 0; t < S; ++t) {
+    const int par = t & 1;
+    if (kAsync && t > 0) {
+      MbarWait(&mbar[par], static_cast<unsigned>((t - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && t + 2 <= S - 1) MbarArm(&mbar[par], step_bytes);
+    }
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+      const int kt = kpart + kKs * kk;
+      if (kt < nk) {
+        const __nv_bfloat16* hb = &hbuf[par][group][kt * 16 + quad * 2];
+        Mma16816(acc[kk & 1], a[kk], *reinterpret_cast<const uint32_t*>(hb),
+                 *reinterpret_cast<const uint32_t*>(hb + 8));
+      }
+    }
+    const int r0 = 16 * mt + group;
+    red[kpart][r0][quad * 2] = acc[0][0] + acc[1][0];
+    red[kpart][r0][quad * 2 + 1] = acc[0][1] + acc[1][1];
+    red[kpart][r0 + 8][quad * 2] = acc[0][2] + acc[1][2];
+    red[kpart][r0 + 8][quad * 2 + 1] = acc[0][3] + acc[1][3];
+    __syncthreads();
+
+    if (active) {
+      float pre[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) pre[g] = gxv[g] + red[0][g * U + u][bl] + red[1][g * U + u][bl];
+      const float lf = LogSigmoid(pre[1]) + m;
+      const bool from_input = n == 0.f || pre[0] >= lf;
+      const float m_new = from_input ? pre[0] : lf;
+      const float ip = from_input ? 1.f : fminf(expf(pre[0] - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      c = fp * c + ip * tanhf(pre[2]);
+      n = fp * n + ip;
+      m = m_new;
+      h_last = Sigmoid(pre[3]) * c / n;
+      const __nv_bfloat16 hb = __float2bfloat16_rn(h_last);
+      hst[bl][u] = hb;
+      const int64_t row = static_cast<int64_t>(b) * S + t;
+      p.h[row * d + col] = hb;
+      if (p.saved != nullptr) {
+        float* sv = p.saved + row * kSavedRows * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) sv[g * d] = pre[g];
+        sv[4 * d] = c;
+        sv[5 * d] = n;
+        sv[6 * d] = m;
+      }
+      if (t + 1 < S) {
+        const __nv_bfloat16* gp = p.gx + (row + 1) * 4 * d + col;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+      }
+    }
+    if (t + 1 < S) {
+      __syncthreads();
+      // U 16-byte chunks (8 rows × U/8) to each of the C CTAs: dh stores, one per thread.
+      for (int i = threadIdx.x; i < C * U; i += kNth) {
+        const int dest = i / U, ch = i % U;
+        const int row = ch / (U / 8), cc = ch % (U / 8);
+        if constexpr (kAsync) {
+          StoreAsync16(&hbuf[par ^ 1][row][u0 + cc * 8], &mbar[par ^ 1],
+                       static_cast<unsigned>(dest), &hst[row][cc * 8]);
+        } else {
+          StoreCluster16(&hbuf[par ^ 1][row][u0 + cc * 8], static_cast<unsigned>(dest),
+                         &hst[row][cc * 8]);
+        }
+      }
+      if constexpr (!kAsync) ClusterSync();
+    }
+  }
+  if constexpr (kAsync) ClusterSync();  // no CTA leaves while stores to it may be in flight
+
+  if (active && p.hT != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.hT[i] = h_last;
+    p.cT[i] = c;
+    p.nT[i] = n;
+    p.mT[i] = m;
+  }
+}
+
+// Backward: 16·U threads; warp w does m-tile w % (U/16) (16 of the U output units) over one
+// eighth of K = 4·dh (K-part w / (U/16)), KT K-tiles each. dG buffers: dynamic shared memory,
+// [2][8][4·dh + 8] bf16.
+template <int U, int KT, bool kAsync>
+__global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) {
+  constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 16, kKs = kW / kMt;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ __align__(8) uint64_t mbar[2];  // kAsync: mbar[q] counts the bytes of dG buffer q
+  __shared__ float red[kKs][U][9];
+  __shared__ __align__(16) __nv_bfloat16 gst[8][4][U];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int C = dh / U;
+  const int gs = 4 * dh + 8;  // gbuf row stride (bf16): 2dh + 4 words, rows 4 banks apart
+  __nv_bfloat16* gbuf = reinterpret_cast<__nv_bfloat16*>(dyn_smem);
+  const unsigned rank = ClusterRank();
+  const int hd = blockIdx.x / C;
+  const int u0 = static_cast<int>(rank) * U;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int mt = warp % kMt, kpart = warp / kMt;
+  const int nk = 4 * dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * 8;
+  const int nb = min(8, p.batch - b_first);
+
+  uint32_t a[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    const int kt = kpart + kKs * kk;
+    if (kt < nk) {
+      const int k = kt * 16 + quad * 2;
+      const int g = k / dh, j = k % dh;
+      const __nv_bfloat16* rj =
+          p.r + ((static_cast<int64_t>(hd) * 4 + g) * dh + j) * dh + u0 + 16 * mt + group;
+      a[kk][0] = PackBf16Bits(rj[0], rj[dh]);
+      a[kk][1] = PackBf16Bits(rj[8], rj[dh + 8]);
+      a[kk][2] = PackBf16Bits(rj[8 * dh], rj[9 * dh]);
+      a[kk][3] = PackBf16Bits(rj[8 * dh + 8], rj[9 * dh + 8]);
+    } else {
+      a[kk][0] = a[kk][1] = a[kk][2] = a[kk][3] = 0u;
+    }
+  }
+
+  const int bl = threadIdx.x / U, u = threadIdx.x % U;
+  const bool active = threadIdx.x < 8 * U && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  const int64_t sd = static_cast<int64_t>(kSavedRows) * d;
+  float gc = 0.f, gn = 0.f, gm = 0.f, gh = 0.f;
+  float c_t = 0.f, n_t = 0.f;
+  float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
+  float cp = 0.f, np = 0.f, mp = 0.f;
+  auto load_step = [&](int t) {
+    const int64_t row = static_cast<int64_t>(b) * S + t;
+    const float* sv = p.saved + row * sd + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
+    dh_in = __bfloat162float(p.dh[row * d + col]);
+    if (t > 0) {
+      cp = sv[-sd + 4 * d];
+      np = sv[-sd + 5 * d];
+      mp = sv[-sd + 6 * d];
+    } else if (p.c0 != nullptr) {
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      cp = p.c0[i];
+      np = p.n0[i];
+      mp = p.m0[i];
+    } else {
+      cp = np = mp = 0.f;
+    }
+  };
+  if (active) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    if (p.dhT != nullptr) {
+      gh = p.dhT[i];
+      gc = p.dcT[i];
+      gn = p.dnT[i];
+      gm = p.dmT[i];
+    }
+    const float* sv = p.saved + (static_cast<int64_t>(b) * S + S - 1) * sd + col;
+    c_t = sv[4 * d];
+    n_t = sv[5 * d];
+    load_step(S - 1);
+  }
+  for (int i = threadIdx.x; i < 8 * 4 * U; i += kNth) (&gst[0][0][0])[i] = __float2bfloat16_rn(0.f);
+  const bool need_dh0 = p.dh0 != nullptr;
+  const int t_end = need_dh0 ? -1 : 0;
+  const int s_last = S - 1 - t_end;                             // last loop iteration
+  const unsigned step_bytes = 64u * static_cast<unsigned>(dh);  // 8 rows × 4·dh bf16
+  if (kAsync && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);  // dG of iteration 0, read at iteration 1
+    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
+  }
+  __syncthreads();
+  ClusterSync();
+
+  for (int t = S - 1; t >= t_end; --t) {
+    const int s = S - 1 - t;  // steps done so far
+    if (kAsync && s > 0) {
+      MbarWait(&mbar[(s - 1) & 1], static_cast<unsigned>((s - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && s + 2 <= s_last) MbarArm(&mbar[(s - 1) & 1], step_bytes);
+    }
+    if (t < S - 1) {
+      const __nv_bfloat16* gb = gbuf + static_cast<int64_t>(((s - 1) & 1) * 8 + group) * gs;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+        const int kt = kpart + kKs * kk;
+        if (kt < nk) {
+          const __nv_bfloat16* q = gb + kt * 16 + quad * 2;
+          Mma16816(acc[kk & 1], a[kk], *reinterpret_cast<const uint32_t*>(q),
+                   *reinterpret_cast<const uint32_t*>(q + 8));
+        }
+      }
+      const int r0 = 16 * mt + group;
+      red[kpart][r0][quad * 2] = acc[0][0] + acc[1][0];
+      red[kpart][r0][quad * 2 + 1] = acc[0][1] + acc[1][1];
+      red[kpart][r0 + 8][quad * 2] = acc[0][2] + acc[1][2];
+      red[kpart][r0 + 8][quad * 2 + 1] = acc[0][3] + acc[1][3];
+      __syncthreads();
+      if (active) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kKs; ++w) sum += red[w][u][bl];
+        gh = sum;
+      }
+    }
+    if (t < 0) break;
+
+    if (active) {
+      const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
+      const float lf = LogSigmoid(f_raw) + mp;
+      const bool from_input = np == 0.f || i_raw >= lf;
+      const float m_new = from_input ? i_raw : lf;
+      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      const float tz = tanhf(z_raw);
+      const float so = Sigmoid(o_raw);
+      const float g_h = gh + dh_in;
+      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
+      const float g_c = gc + g_h * so / n_t;
+      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
+      const float g_fp = g_c * cp + g_n * np;
+      const float g_ip = g_c * tz + g_n;
+      const float d_z = g_c * ip * (1.f - tz * tz);
+      float d_i = g_ip * ip;
+      float g_lf = g_fp * fp;
+      const float g_m = gm - g_ip * ip - g_fp * fp;
+      if (from_input) {
+        d_i += g_m;
+      } else {
+        g_lf += g_m;
+      }
+      const float d_f = g_lf * Sigmoid(-f_raw);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
+                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        dg[g * d] = dgs[g];
+        gst[bl][g][u] = dgs[g];
+      }
+      gc = g_c * fp;
+      gn = g_n * fp;
+      gm = g_lf;
+      c_t = cp;
+      n_t = np;
+      if (t > 0) load_step(t - 1);
+    }
+    if (t > 0 || need_dh0) {
+      __syncthreads();
+      // 4U chunks (8 rows × 4 gates × U/8) to each of the C CTAs.
+      __nv_bfloat16* dst_base = gbuf + static_cast<int64_t>((s & 1) * 8) * gs;
+      for (int i = threadIdx.x; i < C * 4 * U; i += kNth) {
+        const int dest = i / (4 * U), ch = i % (4 * U);
+        const int row = ch / (U / 2), rem = ch % (U / 2);
+        const int g = rem / (U / 8), cc = rem % (U / 8);
+        if constexpr (kAsync) {
+          StoreAsync16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
+                       &mbar[s & 1], static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+        } else {
+          StoreCluster16(dst_base + static_cast<int64_t>(row) * gs + g * dh + u0 + cc * 8,
+                         static_cast<unsigned>(dest), &gst[row][g][cc * 8]);
+        }
+      }
+      if constexpr (!kAsync) ClusterSync();
+    }
+  }
+  if constexpr (kAsync) ClusterSync();
+
+  if (active && need_dh0) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.dh0[i] = gh;
+    p.dc0[i] = gc;
+    p.dn0[i] = gn;
+    p.dm0[i] = gm;
+  }
+}
+
+// hprev[b, t] = h[b, t − 1] (t ≥ 1), bf16(h0[b]) or 0 (t = 0): the right operand of dR.
+__global__ void ShiftHKernel(const __nv_bfloat16* h, const float* h0, __nv_bfloat16* hprev,
+                             int64_t batch, int64_t seq_len, int64_t d) {
+  const int64_t total = batch * seq_len * d;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t col = i % d, row = i / d, t = row % seq_len, b = row / seq_len;
+    __nv_bfloat16 v;
+    if (t > 0) {
+      v = h[i - d];
+    } else {
+      v = __float2bfloat16_rn(h0 != nullptr ? h0[b * d + col] : 0.f);
+    }
+    hprev[i] = v;
+  }
+}
+
+// ------------------------------------------------------------------ host
+
+int PowerOfTwoAtLeast(int n) {
+  int p2 = 1;
+  while (p2 < n) p2 *= 2;
+  return p2;
+}
+// K-tiles per warp of the flag kernels (8 warps split K), rounded up to a template instance.
+int KTilesPerWarp(int k_tiles) { return PowerOfTwoAtLeast((k_tiles + kWarps - 1) / kWarps); }
+
+// Runs `kernel` over all batch slices of 8·NT rows: as many slices per cooperative launch as can
+// be resident at once (each launch re-zeroes the flags).
+template <typename Params>
+CudaResult LaunchSlices(const void* kernel, Params params, int nt, const SlstmShape& shape,
+                        DeviceAllocator* allocator, cudaStream_t stream, const char* name) {
+  const int slice = 8 * nt;
+  const int64_t slices = (shape.batch + slice - 1) / slice;
+  const int ctas_per_slice = static_cast<int>(shape.num_heads * shape.head_dim / kUnits);
+  int device = 0, sms = 0, per_sm = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
+  if (ctas_per_slice > resident) {
+    return InvalidArgument(std::string(name) + ": " + std::to_string(ctas_per_slice) +
+                           " CTAs (num_heads·head_dim/16) exceed the " + std::to_string(resident) +
+                           " that can be resident at once");
+  }
+  const int64_t slices_per_launch = std::min<int64_t>(slices, resident / ctas_per_slice);
+  const size_t flag_bytes = sizeof(unsigned) * slices_per_launch * shape.num_heads * 32;
+  DeviceBuffer flags;
+  CUDA_RETURN_IF_NOT_OK(allocator->Allocate(flag_bytes, &flags));
+  params.flags = flags.as<unsigned>();
+  for (int64_t s0 = 0; s0 < slices; s0 += slices_per_launch) {
+    const int64_t count = std::min(slices_per_launch, slices - s0);
+    params.batch0 = static_cast<int>(s0 * slice);
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flags.get(), 0, flag_bytes, stream));
+    void* kargs[] = {&params};
+    CUDA_RETURN_IF_ERROR(
+        cudaLaunchCooperativeKernel(kernel, dim3(ctas_per_slice, static_cast<unsigned>(count)),
+                                    dim3(kThreads), kargs, 0, stream));
+    CUDA_RETURN_IF_LAUNCH_ERROR("slstm persistent kernel");
+  }
+  return {};
+}
+
+template <int NT>
+const void* FwdKernelFor(int kf) {
+  switch (kf) {
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 1>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 2>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmFwdKernel<NT, 4>);
+  }
+}
+template <int NT>
+const void* BwdKernelFor(int kb) {
+  switch (kb) {
+    case 1:
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 2>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 4>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 8>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmBwdKernel<NT, 16>);
+  }
+}
+
+// Units per CTA of the cluster kernels, 0: unsupported. 32 where head_dim allows (fewer, larger
+// CTAs per cluster: 125M's dh 192 gives clusters of 6, which several fit per GPC; 1.3B's 512
+// gives 16, the largest a Hopper cluster can be), else 16.
+int ClusterUnits(int64_t head_dim) {
+  if (head_dim % 32 == 0 && head_dim / 32 <= 16) return 32;
+  if (head_dim / 16 <= 16) return 16;
+  return 0;
+}
+
+// Forward: K = dh in dh/16 tiles over 2 K-parts; backward: K = 4·dh in dh/4 tiles over 8 K-parts;
+// both need ⌈dh/32⌉ K-tiles per warp, rounded up to a template instance.
+template <int U, bool A>
+const void* FwdClusterKernelForUnits(int kt) {
+  switch (kt) {
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A>);
+  }
+}
+template <int U, bool A>
+const void* BwdClusterKernelForUnits(int kt) {
+  switch (kt) {
+    case 1:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 1, A>);
+    case 2:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 2, A>);
+    case 4:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 4, A>);
+    case 8:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 8, A>);
+    default:
+      return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
+  }
+}
+const void* FwdClusterKernelFor(int units, int64_t head_dim, bool async) {
+  const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
+  if (async) {
+    return units == 32 ? FwdClusterKernelForUnits<32, true>(kt)
+                       : FwdClusterKernelForUnits<16, true>(kt);
+  }
+  return units == 32 ? FwdClusterKernelForUnits<32, false>(kt)
+                     : FwdClusterKernelForUnits<16, false>(kt);
+}
+const void* BwdClusterKernelFor(int units, int64_t head_dim, bool async) {
+  const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
+  if (async) {
+    return units == 32 ? BwdClusterKernelForUnits<32, true>(kt)
+                       : BwdClusterKernelForUnits<16, true>(kt);
+  }
+  return units == 32 ? BwdClusterKernelForUnits<32, false>(kt)
+                     : BwdClusterKernelForUnits<16, false>(kt);
+}
+
+// One launch: grid (NH·C, ⌈B/8⌉), clusters of C = head_dim/units CTAs. *launched = false (and
+// nothing enqueued) when the device cannot place such a cluster.
+template <typename Params>
+CudaResult LaunchCluster(const void* kernel, Params params, int units, size_t dyn_smem,
+                         const SlstmShape& s, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const unsigned clusters_per_head = static_cast<unsigned>(s.head_dim / units);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(s.num_heads) * clusters_per_head,
+                     static_cast<unsigned>((s.batch + 7) / 8));
+  cfg.blockDim = dim3(units * 16);
+  cfg.dynamicSmemBytes = dyn_smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = clusters_per_head;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (dyn_smem > 0) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(dyn_smem)));
+  }
+  int max_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess ||
+      max_clusters < 1) {
+    (void)cudaGetLastError();  // clear a sticky-free query error; the caller falls back
+    return {};
+  }
+  params.batch0 = 0;
+  void* kargs[] = {&params};
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelExC(&cfg, kernel, kargs));
+  CUDA_RETURN_IF_LAUNCH_ERROR("slstm cluster kernel");
+  *launched = true;
+  return {};
+}
+
+}  // namespace
+
+CudaResult SlstmCheck(const SlstmShape& s) {
+  if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1) {
+    return InvalidArgument("slstm: batch, seq_len, num_heads and head_dim must all be >= 1");
+  }
+  if (s.head_dim % kUnits != 0 || s.head_dim > kMaxHeadDim) {
+    return InvalidArgument("slstm: head_dim " + std::to_string(s.head_dim) +
+                           " unsupported (needs a multiple of 16, at most 512)");
+  }
+  const int64_t d = s.num_heads * s.head_dim;
+  if (s.batch * s.seq_len * kSavedRows * d >= (int64_t{1} << 40) || s.batch > (int64_t{1} << 30) ||
+      s.seq_len > (int64_t{1} << 30) || d > (int64_t{1} << 20)) {
+    return InvalidArgument("slstm: shape too large");
+  }
+  return {};
+}
+
+int64_t SlstmSavedBytes(const SlstmShape& s) {
+  return s.batch * s.seq_len * kSavedRows * s.num_heads * s.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
+CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator,
+                        cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(SlstmCheck(args.shape));
+  const SlstmShape& s = args.shape;
+  if (args.gx == nullptr || args.r == nullptr || args.h == nullptr) {
+    return InvalidArgument("SlstmForward: gx, r and h are required");
+  }
+  if (args.initial.h != nullptr &&
+      (args.initial.c == nullptr || args.initial.n == nullptr || args.initial.m == nullptr)) {
+    return InvalidArgument("SlstmForward: initial state needs h, c, n and m together");
+  }
+  if (args.final_state.h != nullptr &&
+      (args.final_state.c == nullptr || args.final_state.n == nullptr ||
+       args.final_state.m == nullptr)) {
+    return InvalidArgument("SlstmForward: final state needs h, c, n and m together");
+  }
+  FwdParams p{};
+  p.batch = static_cast<int>(s.batch);
+  p.seq_len = static_cast<int>(s.seq_len);
+  p.num_heads = static_cast<int>(s.num_heads);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.gx = args.gx;
+  p.r = args.r;
+  p.h0 = args.initial.h;
+  p.c0 = args.initial.c;
+  p.n0 = args.initial.n;
+  p.m0 = args.initial.m;
+  p.h = args.h;
+  p.saved = static_cast<float*>(args.saved);
+  p.hT = args.final_state.h;
+  p.cT = args.final_state.c;
+  p.nT = args.final_state.n;
+  p.mT = args.final_state.m;
+  if (args.algorithm != SlstmAlgorithm::kFlags) {
+    const int units = ClusterUnits(s.head_dim);
+    if (units != 0) {
+      bool launched = false;
+      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim, async), p, units,
+                                          0, s, stream, &launched));
+      if (launched) return {};
+    }
+    if (args.algorithm != SlstmAlgorithm::kAuto) {
+      return InvalidArgument("SlstmForward: the cluster kernel does not support head_dim " +
+                             std::to_string(s.head_dim) + " on this device");
+    }
+  }
+  const int nt = s.batch <= 8 ? 1 : 2;
+  const int kf = KTilesPerWarp(static_cast<int>(s.head_dim / 16));
+  const void* kernel = nt == 1 ? FwdKernelFor<1>(kf) : FwdKernelFor<2>(kf);
+  return LaunchSlices(kernel, p, nt, s, allocator, stream, "SlstmForward");
+}
+
+CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
+                         DeviceAllocator* allocator, cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(SlstmCheck(args.shape));
+  const SlstmShape& s = args.shape;
+  if (args.r == nullptr || args.h == nullptr || args.saved == nullptr || args.dh == nullptr ||
+      args.d_gx == nullptr) {
+    return InvalidArgument("SlstmBackward: r, h, saved, dh and d_gx are required");
+  }
+  if (args.dr != nullptr && gemm == nullptr) {
+    return InvalidArgument("SlstmBackward: dr needs a GemmContext");
+  }
+  if (args.initial.h != nullptr &&
+      (args.initial.c == nullptr || args.initial.n == nullptr || args.initial.m == nullptr)) {
+    return InvalidArgument("SlstmBackward: initial state needs h, c, n and m together");
+  }
+  if (args.d_final.h != nullptr &&
+      (args.d_final.c == nullptr || args.d_final.n == nullptr || args.d_final.m == nullptr)) {
+    return InvalidArgument("SlstmBackward: d_final needs h, c, n and m together");
+  }
+  if (args.d_initial.h != nullptr &&
+      (args.d_initial.c == nullptr || args.d_initial.n == nullptr || args.d_initial.m == nullptr)) {
+    return InvalidArgument("SlstmBackward: d_initial needs h, c, n and m together");
+  }
+  BwdParams p{};
+  p.batch = static_cast<int>(s.batch);
+  p.seq_len = static_cast<int>(s.seq_len);
+  p.num_heads = static_cast<int>(s.num_heads);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.r = args.r;
+  if (args.initial.h != nullptr) {
+    p.c0 = args.initial.c;
+    p.n0 = args.initial.n;
+    p.m0 = args.initial.m;
+  }
+  p.saved = static_cast<const float*>(args.saved);
+  p.dh = args.dh;
+  p.dhT = args.d_final.h;
+  p.dcT = args.d_final.c;
+  p.dnT = args.d_final.n;
+  p.dmT = args.d_final.m;
+  p.d_gx = args.d_gx;
+  p.dh0 = args.d_initial.h;
+  p.dc0 = args.d_initial.c;
+  p.dn0 = args.d_initial.n;
+  p.dm0 = args.d_initial.m;
+  bool launched = false;
+  if (args.algorithm != SlstmAlgorithm::kFlags) {
+    const int units = ClusterUnits(s.head_dim);
+    if (units != 0) {
+      const size_t smem = sizeof(__nv_bfloat16) * 2 * 8 * (4 * s.head_dim + 8);
+      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim, async), p, units,
+                                          smem, s, stream, &launched));
+    }
+    if (!launched && args.algorithm != SlstmAlgorithm::kAuto) {
+      return InvalidArgument("SlstmBackward: the cluster kernel does not support head_dim " +
+                             std::to_string(s.head_dim) + " on this device");
+    }
+  }
+  if (!launched) {
+    const int nt = s.batch <= 8 ? 1 : 2;
+    const int kb = KTilesPerWarp(static_cast<int>(4 * s.head_dim / 16));
+    const void* kernel = nt == 1 ? BwdKernelFor<1>(kb) : BwdKernelFor<2>(kb);
+    CUDA_RETURN_IF_NOT_OK(LaunchSlices(kernel, p, nt, s, allocator, stream, "SlstmBackward"));
+  }
+  if (args.dr == nullptr) return {};
+
+  // dR[hd][g] (dh × dh) += dG_gᵀ (dh × B·S) · hprev (B·S × dh) for each head and gate.
+  const int64_t d = s.num_heads * s.head_dim, rows = s.batch * s.seq_len;
+  DeviceBuffer hprev;
+  CUDA_RETURN_IF_NOT_OK(allocator->Allocate(sizeof(__nv_bfloat16) * rows * d, &hprev));
+  const int64_t total = rows * d;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 4096));
+  ShiftHKernel<<<blocks, 256, 0, stream>>>(args.h, args.initial.h, hprev.as<__nv_bfloat16>(),
+                                           s.batch, s.seq_len, d);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ShiftHKernel");
+  for (int64_t hd = 0; hd < s.num_heads; ++hd) {
+    for (int64_t g = 0; g < 4; ++g) {
+      GemmArgs ga;
+      ga.trans_a = true;
+      ga.m = s.head_dim;
+      ga.n = s.head_dim;
+      ga.k = rows;
+      ga.a = args.d_gx + g * d + hd * s.head_dim;
+      ga.lda = 4 * d;
+      ga.b = hprev.as<__nv_bfloat16>() + hd * s.head_dim;
+      ga.ldb = d;
+      ga.c = args.dr + (hd * 4 + g) * s.head_dim * s.head_dim;
+      ga.ldc = s.head_dim;
+      ga.c_dtype = DType::kF32;
+      ga.beta = 1.f;
+      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(ga, stream));
+    }
+  }
+  return {};
+}
+
+}  // namespace gyre::cuda
