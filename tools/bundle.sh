@@ -15,7 +15,8 @@ TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_col
   //kernels/cuda:device_allocator_gpu_test //kernels/cuda:gemm_gpu_test
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
-  //bench:cuda_dense_bench)
+  //kernels/cuda:attention_gpu_test
+  //bench:cuda_dense_bench //bench:attention_bench)
 
 bazel build --config=bundle "${TARGETS[@]}"
 
@@ -53,8 +54,10 @@ rc=0
 "$here/bin/pointwise_gpu_test" || rc=1
 "$here/bin/cross_entropy_gpu_test" || rc=1
 "$here/bin/adamw_gpu_test" || rc=1
+"$here/bin/attention_gpu_test" || rc=1
 # Dense kernel timings; full table also in $OUT when the device tool provides it.
 "$here/bin/cuda_dense_bench" ${OUT:+--csv="$OUT/cuda_dense_bench.csv"} || rc=1
+"$here/bin/attention_bench" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh
