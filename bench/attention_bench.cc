@@ -8,7 +8,7 @@
 // call). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
 // once, each output written once.
 //
-//   attention_bench [--reps=N]
+//   attention_bench [--reps=N] [--shapes=K]   (K: only the first K shapes, e.g. for ncu)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -133,9 +133,10 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps) 
 }
 
 int Main(int argc, char** argv) {
-  int reps = 30;
+  int reps = 30, shapes = 3;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
+    if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
   }
   cudaDeviceProp prop{};
   CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
@@ -143,9 +144,8 @@ int Main(int argc, char** argv) {
   DeviceAllocator alloc;
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
-  for (const Shape& s : {Shape{8, 2048, 16, 128}, Shape{2, 8192, 16, 128}, Shape{8, 2048, 12, 64}}) {
-    Run(alloc, stream, s, reps);
-  }
+  const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
+  for (int i = 0; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

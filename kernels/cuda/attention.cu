@@ -2,28 +2,35 @@
 // attention.h. This file is the FlashAttention-2 algorithm on mma.sync tensor cores.
 //
 // ---------------------------------------------------------------------------------------------
-// Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 256 threads (8 warps).
-//   One block owns 128 query rows of one (batch, head); warp w owns rows 16w..16w+15 of them.
-//   The Q tile (and, for SelfExtend, the Q_grouped tile) is copied to shared memory once; then
-//   the block walks key tiles of 64 rows from key 0 up to the diagonal (tiles entirely above the
-//   diagonal are skipped: causal tile skipping halves the work). Per key tile:
-//     S = Q Kᵀ          16 x 64 per warp, mma.sync m16n8k16 bf16 -> fp32, A and B via ldmatrix
-//     online softmax   row max m, row sum l in fp32 (two rows per thread, quad shuffles);
+// Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 128 threads (4 warps),
+//   two blocks per SM. One block owns 128 query rows of one (batch, head); warp w owns rows
+//   32w..32w+31 as two m16 tiles, so every K / V fragment read from shared memory feeds two MMAs
+//   (with one m-tile per warp the kernel is bound by shared-memory bandwidth, not by the tensor
+//   cores: a B fragment is 256 bytes per 2048 MACs). The Q tile (and, for SelfExtend, the
+//   Q_grouped tile) is copied to shared memory once; then the block walks key tiles of 64 rows
+//   (32 with SelfExtend) from key 0 up to the diagonal — tiles entirely above the diagonal are
+//   never visited (causal tile skipping halves the work), and inside the diagonal tiles a warp
+//   whose 32 rows all precede the tile skips it. Per key tile:
+//     S = Q Kᵀ          32 x 64 per warp, mma.sync m16n8k16 bf16 -> fp32, A and B via ldmatrix
+//     online softmax   row max m, row sum l in fp32 (four rows per thread, quad shuffles);
 //                      P = exp2(S·scale·log2e − m·scale·log2e), O and l rescaled by exp2(Δm)
-//     O += P V         P converted in registers from the S accumulator layout to the A operand
+//     O += P V         P packed in registers from the S accumulator layout to the A operand
 //                      layout (no shared-memory round trip), V through ldmatrix.trans
-//   K and V tiles are double-buffered with cp.async (the copy of tile n+1 runs under the math of
-//   tile n; rows past T are zero-filled by the copy so padding never holds NaN). Only tiles that
-//   cross the diagonal or the end of the sequence evaluate the mask.
-//   The output is normalised by 1/l, staged through the warp's own Q rows in shared memory and
-//   written with 16-byte stores; lse = (m·scale + ln l) per row.
+//   Pipeline (FA2's): one buffer each for K and V; the copy of V(n) runs under S = Q K(n)ᵀ and
+//   the copy of K(n+1) under O += P V(n) (cp.async, two barriers per tile); rows past T are
+//   zero-filled by the copy so padding never holds NaN. Only tiles that cross a warp's diagonal
+//   or the end of the sequence evaluate the mask. The output is normalised by 1/l, staged
+//   through the warp's own Q rows in shared memory and written with 16-byte stores;
+//   lse = m·scale + ln l per row.
 //
-// SelfExtend (kSelfExtend): the tile also loads K_grouped (and Q_grouped once). For a tile with
-//   rows [m0, m0+128) and keys [n0, n0+64) the pair distances i − j lie in
-//   [m0 − n0 − 63, m0 − n0 + 127]: if all valid pairs are < W only S = Q Kᵀ is computed (and only
-//   K is copied), if all are >= W only S = Q_g K_gᵀ (only K_g copied), and only the few tiles on
-//   the band i − j ≈ W compute both products and select per element. The selected logits feed one
-//   online softmax, so SelfExtend costs ≈ plain attention plus 2·64·128/(T) of mixed tiles.
+// SelfExtend (kSelfExtend): key tiles also bring K_grouped (and the block Q_grouped once). For
+//   rows [r0, r1] and keys [n0, n0 + N) the distances of valid pairs lie in [r0 − n0 − N + 1,
+//   r1 − n0]: the block copies K only if some pair is a neighbour (< W) and K_g only if some is
+//   grouped (>= W); each warp decides the same for its own 32 rows, so a warp computes only
+//   S = Q Kᵀ or only S = Q_g K_gᵀ except on the band i − j ≈ W, where it computes both (the
+//   grouped one 16 x 16 at a time) and selects per element. The selected logits feed the one
+//   online softmax. Extra work ≈ (band tiles)/(all tiles) ≈ 48·H·T·D MACs for a warp-band of
+//   ~1.5 tiles; extra bytes: Q_g and the K_g tiles (2·B·T·(H + Hk)·D).
 //
 // Backward: FA2 with recomputation, three launches.
 //   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
@@ -32,10 +39,13 @@
 //                           registers (fp32) over every query head of the GQA group and every
 //                           64-row query tile at or below the diagonal (Q, dO double-buffered with
 //                           cp.async). Per query tile:
-//                             S = Q Kᵀ, dP = dO Vᵀ (64 x 128, warps 4 x 2 over rows x keys)
+//                             S = Q Kᵀ, dP = dO Vᵀ (64 x 128, warps 2 x 4 over rows x keys)
 //                             P = exp2(S·scale·log2e − lse·log2e), dS = P ∘ (dP − D)   -> smem bf16
 //                             dV += Pᵀ dO, dK += dSᵀ Q (128 x D, warps 4 x 2, A via ldmatrix.trans)
-//                             dQ_acc += dS K (64 x D) with fp32 vector atomics (red.global.v2)
+//                             dQ_acc += dS K (64 x D, warps 2 x 4) with fp32 vector atomics
+//                           Each warp owns 32 x 32 of S (two m-tiles: every fragment read from
+//                           shared memory feeds two MMAs); warp blocks above the diagonal skip
+//                           their MMAs, and dQ's k loop stops at the warp's last row.
 //                           dK·scale and dV are written once, bf16, no atomics: each kv head's
 //                           gradient sums its query heads inside one block, so GQA needs no scratch.
 //   attn_bwd_dq_kernel      dq = bf16(scale · dQ_acc) into the (possibly strided) dq rows.
@@ -50,9 +60,11 @@
 // ~800 TFLOP/s of dense bf16 mma: 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
-// elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width.
+// elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
+// seq · stride < 2^31 (32-bit in-sequence offsets keep registers free).
 #include "kernels/cuda/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -111,43 +123,58 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 }
 
 // Copies rows [row0, row0 + kRows) of a [T, stride] bf16 matrix (D columns from `base`) into a
-// shared tile with kLd-element rows; rows >= T are zero-filled.
-template <int kRows, int kD, int kLd>
-__device__ __forceinline__ void LoadTile(bf16* smem, const bf16* base, int64_t stride, int row0,
+// shared tile with kLd-element rows; rows >= T are zero-filled. kNThreads threads cooperate;
+// thread tid always copies 16-byte column chunk tid % (D/8), rows tid / (D/8) + i·(threads/(D/8)).
+// Offsets are 32-bit (the host checks seq · stride < 2^31) to keep registers free.
+template <int kRows, int kD, int kLd, int kNThreads>
+__device__ __forceinline__ void LoadTile(bf16* smem, const bf16* base, int stride, int row0,
                                          int seq, int tid) {
   constexpr int kChunksPerRow = kD / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile chunks must divide among the threads");
-  const uint32_t s = SmemAddr(smem);
+  constexpr int kRowsPerPass = kNThreads / kChunksPerRow;
+  static_assert(kNThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
+                "tile chunks must divide among the threads");
+  const int r0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+  const uint32_t s = SmemAddr(smem) + (r0 * kLd + col) * 2;
+  const bf16* src = base + col;
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int c = tid + i * kThreads;
-    const int r = c / kChunksPerRow, k = c % kChunksPerRow;
-    const int t = row0 + r;
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int t = row0 + r0 + i * kRowsPerPass;
     const bool valid = t < seq;
-    const bf16* src = base + static_cast<int64_t>(valid ? t : 0) * stride + k * 8;
-    CpAsync16(s + (r * kLd + k * 8) * 2, src, valid);
+    CpAsync16(s + i * kRowsPerPass * kLd * 2, src + (valid ? t * stride : 0), valid);
   }
 }
 
-// acc[16 x 8·kNT] += A[16 rows of a_lane's tile, kK] · B[8·kNT rows of b, kK]ᵀ, both row-major
-// in shared memory (element strides lda, ldb). a_addr / b_addr are this lane's ldmatrix
-// addresses at k = 0 (see LaneA / LaneBn).
-template <int kNT, int kK>
-__device__ __forceinline__ void WarpGemmNT(float (&acc)[kNT][4], uint32_t a_addr, uint32_t b_addr,
-                                           int ldb) {
+// acc[16·kMT x 8·kNT] += A[16·kMT rows, kK] · B[8·kNT rows, kK]ᵀ, both row-major in shared
+// memory (element strides lda, ldb). a_addr / b_addr are this lane's ldmatrix addresses at k = 0
+// of the first m-tile / n-tile pair (see LaneA / LaneBn). Each B fragment feeds kMT MMAs, each A
+// fragment kNT: more m-tiles per warp means fewer shared-memory bytes per MMA.
+template <int kMT, int kNT, int kK>
+__device__ __forceinline__ void WarpGemmNT(float (&acc)[kMT][kNT][4], uint32_t a_addr, int lda,
+                                           uint32_t b_addr, int ldb) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[4];
-    Ldsm4(a, a_addr + kk * 32);
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) Ldsm4(a[mt], a_addr + (mt * 16 * lda + kk * 16) * 2);
 #pragma unroll
     for (int np = 0; np < kNT / 2; ++np) {
       uint32_t b[4];
       Ldsm4(b, b_addr + (np * 16 * ldb + kk * 16) * 2);
-      Mma(acc[2 * np], a, b[0], b[1]);
-      Mma(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        Mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+        Mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
     }
   }
+}
+
+template <int kMT, int kNT>
+__device__ __forceinline__ void Zero(float (&acc)[kMT][kNT][4]) {
+#pragma unroll
+  for (int m = 0; m < kMT; ++m)
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 }
 
 // ldmatrix lane addresses (byte offsets from a tile base, element stride ld):
@@ -172,38 +199,45 @@ struct FwdParams {
   const bf16 *q, *k, *v, *qg, *kg;
   bf16* out;
   float* lse;
-  int64_t q_stride, kv_stride;
+  int q_stride, kv_stride;  // elements; seq · stride < 2^31 (host-checked)
   int seq, heads, group;  // group = heads / kv_heads
   float scale_log2;       // softmax_scale · log2(e)
   float scale;
   int se_window;
 };
 
-constexpr int kFwdM = 128, kFwdN = 64;
+// 128 query rows per block, 4 warps of 32 rows (two m16 tiles each), 64-key tiles (32 with
+// SelfExtend, whose Q_g and K_g tiles must also fit twice per SM); two blocks per SM (registers:
+// ≤ 255 per thread at 128 threads x 2 blocks; shared memory ≤ 113 KB per block).
+constexpr int kFwdM = 128, kFwdWarps = 4, kFwdThreads = kFwdWarps * 32;
+template <bool kSE>
+constexpr int FwdTileN() {
+  return kSE ? 32 : 64;
+}
 
 template <int kD, bool kSE>
 constexpr int FwdSmemBytes() {
   constexpr int ld = kD + 8;
-  return (kSE ? 2 : 1) * kFwdM * ld * 2 + 2 * (kSE ? 3 : 2) * kFwdN * ld * 2;
+  return ((kSE ? 2 : 1) * kFwdM + (kSE ? 3 : 2) * FwdTileN<kSE>()) * ld * 2;
 }
 
 template <int kD, bool kSE>
-__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParams p) {
   constexpr int kLd = kD + 8;
-  constexpr int kNT = kFwdN / 8;  // S n-tiles per warp
-  constexpr int kDT = kD / 8;     // O n-tiles per warp
+  constexpr int kFwdN = FwdTileN<kSE>();
+  static_assert(FwdSmemBytes<kD, kSE>() <= 113 * 1024, "two blocks per SM");
+  constexpr int kNT = kFwdN / 8;  // S n-tiles per m-tile
+  constexpr int kDT = kD / 8;     // O n-tiles per m-tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sQg = sQ + kFwdM * kLd;  // SelfExtend only
-  bf16* sKV = sQ + (kSE ? 2 : 1) * kFwdM * kLd;
-  constexpr int kStage = (kSE ? 3 : 2) * kFwdN * kLd;  // K, V[, Kg] per stage
-  auto sK = [&](int st) { return sKV + st * kStage; };
-  auto sV = [&](int st) { return sKV + st * kStage + kFwdN * kLd; };
-  auto sKg = [&](int st) { return sKV + st * kStage + 2 * kFwdN * kLd; };
+  bf16* sK = sQ + kFwdM * kLd;
+  bf16* sV = sK + kFwdN * kLd;
+  bf16* sQg = sV + kFwdN * kLd;   // SelfExtend only
+  bf16* sKg = sQg + kFwdM * kLd;  // SelfExtend only
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (diagonal-heavy) blocks first
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (most key tiles) blocks first
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / p.group;
   const int seq = p.seq;
@@ -218,162 +252,207 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const FwdParams p
   const int last_row = min(m0 + kFwdM, seq) - 1;
   const int n_tiles = last_row / kFwdN + 1;
   const int W = p.se_window;
-  // Which products a key tile at n0 needs (valid pairs have 0 <= i - j <= last_row - n0).
-  auto needs_near = [&](int n0) { return !kSE || (m0 - (n0 + kFwdN - 1)) < W; };
-  auto needs_far = [&](int n0) { return kSE && (last_row - n0) >= W; };
-  auto load_kv = [&](int n0, int st) {
-    if (needs_near(n0)) LoadTile<kFwdN, kD, kLd>(sK(st), k, p.kv_stride, n0, seq, tid);
+  // Which products a key tile at n0 needs for rows [r_first, r_last] (valid pairs have
+  // r_first - n0 - 63 <= i - j <= r_last - n0).
+  auto needs_near = [&](int r_first, int n0) { return !kSE || (r_first - (n0 + kFwdN - 1)) < W; };
+  auto needs_far = [&](int r_last, int n0) { return kSE && (r_last - n0) >= W; };
+  auto load_k = [&](int n0) {
+    if (needs_near(m0, n0)) LoadTile<kFwdN, kD, kLd, kFwdThreads>(sK, k, p.kv_stride, n0, seq, tid);
     if constexpr (kSE) {
-      if (needs_far(n0)) LoadTile<kFwdN, kD, kLd>(sKg(st), kg, p.kv_stride, n0, seq, tid);
+      if (needs_far(last_row, n0)) {
+        LoadTile<kFwdN, kD, kLd, kFwdThreads>(sKg, kg, p.kv_stride, n0, seq, tid);
+      }
     }
-    LoadTile<kFwdN, kD, kLd>(sV(st), v, p.kv_stride, n0, seq, tid);
   };
 
-  LoadTile<kFwdM, kD, kLd>(sQ, q, p.q_stride, m0, seq, tid);
+  LoadTile<kFwdM, kD, kLd, kFwdThreads>(sQ, q, p.q_stride, m0, seq, tid);
   if constexpr (kSE) {
-    if (last_row >= W) LoadTile<kFwdM, kD, kLd>(sQg, qg, p.q_stride, m0, seq, tid);
+    if (last_row >= W) LoadTile<kFwdM, kD, kLd, kFwdThreads>(sQg, qg, p.q_stride, m0, seq, tid);
   }
-  load_kv(0, 0);
+  load_k(0);
   CpAsyncCommit();
 
-  float o[kDT][4];
+  float o[2][kDT][4];
+  Zero(o);
+  float row_max[2][2], row_sum[2][2];
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int r_lo = m0 + warp * 16 + g;  // this thread's two rows: r_lo, r_lo + 8
+  for (int mt = 0; mt < 2; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  const int w_first = m0 + warp * 32;                   // this warp's rows: w_first .. +31
+  const int w_last = min(w_first + 31, last_row);       // < w_first when the warp has none
+  const int r_lo = w_first + g;                         // thread rows: r_lo + 16·mt + 8·half
 
-  const uint32_t a_off = warp * 16 * kLd * 2 + LaneA(lane, kLd);
+  const uint32_t a_off = warp * 32 * kLd * 2 + LaneA(lane, kLd);
   const uint32_t bn_off = LaneBn(lane, kLd);
-  const uint32_t bt_off = LaneBt(lane, kLd);
+  const uint32_t v_addr = SmemAddr(sV) + LaneBt(lane, kLd);
 
   for (int nt = 0; nt < n_tiles; ++nt) {
-    const int st = nt & 1;
     const int n0 = nt * kFwdN;
     CpAsyncWaitAll();
-    __syncthreads();
-    if (nt + 1 < n_tiles) {
-      load_kv(n0 + kFwdN, st ^ 1);
-      CpAsyncCommit();
-    }
+    __syncthreads();  // K(nt) landed; every warp is done with V(nt - 1)
+    LoadTile<kFwdN, kD, kLd, kFwdThreads>(sV, v, p.kv_stride, n0, seq, tid);
+    CpAsyncCommit();
 
-    float s[kNT][4];
+    // Warps whose rows all lie above this tile's first key skip it (causal, per warp).
+    const bool active = n0 <= w_last;
+    float s[2][kNT][4];
+    Zero(s);
+    if (active) {
+      const bool near = needs_near(w_first, n0);
+      const bool far = needs_far(w_last, n0);
+      if (near) WarpGemmNT<2, kNT, kD>(s, SmemAddr(sQ) + a_off, kLd, SmemAddr(sK) + bn_off, kLd);
+      if constexpr (kSE) {
+        if (far && !near) {
+          WarpGemmNT<2, kNT, kD>(s, SmemAddr(sQg) + a_off, kLd, SmemAddr(sKg) + bn_off, kLd);
+        } else if (far) {
+          // Mixed (the band i - j ≈ W): grouped logits one m-tile and 16 keys at a time (few
+          // registers), replacing the neighbour logits where i - j >= W.
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    const bool near = needs_near(n0);
-    const bool far = needs_far(n0);
-    if (near) WarpGemmNT<kNT, kD>(s, SmemAddr(sQ) + a_off, SmemAddr(sK(st)) + bn_off, kLd);
-    if constexpr (kSE) {
-      if (far) {
-        if (!near) {
-          WarpGemmNT<kNT, kD>(s, SmemAddr(sQg) + a_off, SmemAddr(sKg(st)) + bn_off, kLd);
-        } else {
-          float sg[kNT][4];
+          for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-          for (int i = 0; i < kNT; ++i) sg[i][0] = sg[i][1] = sg[i][2] = sg[i][3] = 0.f;
-          WarpGemmNT<kNT, kD>(sg, SmemAddr(sQg) + a_off, SmemAddr(sKg(st)) + bn_off, kLd);
+            for (int np = 0; np < kNT / 2; ++np) {
+              float sg[1][2][4];
+              Zero(sg);
+              WarpGemmNT<1, 2, kD>(sg, SmemAddr(sQg) + a_off + mt * 16 * kLd * 2, kLd,
+                                   SmemAddr(sKg) + bn_off + np * 16 * kLd * 2, kLd);
 #pragma unroll
-          for (int i = 0; i < kNT; ++i) {
+              for (int j = 0; j < 2; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  const int row = r_lo + mt * 16 + (e / 2) * 8;
+                  const int col = n0 + (2 * np + j) * 8 + tq * 2 + (e % 2);
+                  if (row - col >= W) s[mt][2 * np + j][e] = sg[0][j][e];
+                }
+              }
+            }
+          }
+        }
+      }
+
+      // Mask pairs above the diagonal and keys past the end (only tiles that have any).
+      if (n0 + kFwdN - 1 > w_first || n0 + kFwdN > seq) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int i = 0; i < kNT; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int row = r_lo + (e / 2) * 8;
+              const int row = r_lo + mt * 16 + (e / 2) * 8;
               const int col = n0 + i * 8 + tq * 2 + (e % 2);
-              if (row - col >= W) s[i][e] = sg[i][e];
+              if (col > row || col >= seq) s[mt][i][e] = -INFINITY;
             }
+      }
+
+      // Online softmax; key 0 is valid for every row, so after tile 0 every max is finite.
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          float mx = row_max[mt][hr];
+#pragma unroll
+          for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[mt][i][2 * hr], s[mt][i][2 * hr + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float corr = exp2f((row_max[mt][hr] - mx) * p.scale_log2);  // 0 on tile 0
+          row_max[mt][hr] = mx;
+          const float msc = mx * p.scale_log2;
+          float sum = 0.f;
+#pragma unroll
+          for (int i = 0; i < kNT; ++i) {
+            s[mt][i][2 * hr] = exp2f(fmaf(s[mt][i][2 * hr], p.scale_log2, -msc));
+            s[mt][i][2 * hr + 1] = exp2f(fmaf(s[mt][i][2 * hr + 1], p.scale_log2, -msc));
+            sum += s[mt][i][2 * hr] + s[mt][i][2 * hr + 1];
+          }
+          row_sum[mt][hr] = row_sum[mt][hr] * corr + sum;
+#pragma unroll
+          for (int i = 0; i < kDT; ++i) {
+            o[mt][i][2 * hr] *= corr;
+            o[mt][i][2 * hr + 1] *= corr;
           }
         }
       }
     }
 
-    // Mask pairs above the diagonal and keys past the end (only tiles that have any).
-    if (n0 + kFwdN - 1 > m0 || n0 + kFwdN > seq) {
+    // P to bf16 A fragments now (two n-tiles = one 16-wide k step), so the fp32 logits die
+    // before the P·V loop.
+    uint32_t pa[2][kFwdN / 16][4];
 #pragma unroll
-      for (int i = 0; i < kNT; ++i) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = r_lo + (e / 2) * 8;
-          const int col = n0 + i * 8 + tq * 2 + (e % 2);
-          if (col > row || col >= seq) s[i][e] = -INFINITY;
+      for (int kk = 0; kk < kFwdN / 16; ++kk) {
+        pa[mt][kk][0] = PackBf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = PackBf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = PackBf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = PackBf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+    }
+
+    CpAsyncWaitAll();
+    __syncthreads();  // V(nt) landed; every warp is done with K(nt)
+    if (nt + 1 < n_tiles) {
+      load_k(n0 + kFwdN);
+      CpAsyncCommit();
+    }
+
+    // O += P V; each V fragment feeds both m-tiles.
+    if (active) {
+#pragma unroll
+      for (int kk = 0; kk < kFwdN / 16; ++kk) {
+#pragma unroll
+        for (int dp = 0; dp < kD / 16; ++dp) {
+          uint32_t bv[4];
+          Ldsm4T(bv, v_addr + (kk * 16 * kLd + dp * 16) * 2);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Mma(o[mt][2 * dp], pa[mt][kk], bv[0], bv[1]);
+            Mma(o[mt][2 * dp + 1], pa[mt][kk], bv[2], bv[3]);
+          }
         }
-      }
-    }
-
-    // Online softmax; key 0 is valid for every row, so after the first tile max is finite.
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * hr], s[i][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float corr = exp2f((row_max[hr] - mx) * p.scale_log2);  // exp2(-inf) = 0 on tile 0
-      row_max[hr] = mx;
-      const float msc = mx * p.scale_log2;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        s[i][2 * hr] = exp2f(fmaf(s[i][2 * hr], p.scale_log2, -msc));
-        s[i][2 * hr + 1] = exp2f(fmaf(s[i][2 * hr + 1], p.scale_log2, -msc));
-        sum += s[i][2 * hr] + s[i][2 * hr + 1];
-      }
-      row_sum[hr] = row_sum[hr] * corr + sum;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        o[i][2 * hr] *= corr;
-        o[i][2 * hr + 1] *= corr;
-      }
-    }
-
-    // O += P V: P from the S accumulators (two n-tiles = one 16-wide k step).
-    const uint32_t v_base = SmemAddr(sV(st)) + bt_off;
-#pragma unroll
-    for (int kk = 0; kk < kFwdN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = PackBf16(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = PackBf16(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
-        uint32_t bv[4];
-        Ldsm4T(bv, v_base + (kk * 16 * kLd + dp * 16) * 2);
-        Mma(o[2 * dp], a, bv[0], bv[1]);
-        Mma(o[2 * dp + 1], a, bv[2], bv[3]);
       }
     }
   }
 
   // Finish the row sums across the quad, normalise, write lse and O.
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float sum = row_sum[hr];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = 1.f / sum;
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      o[i][2 * hr] *= inv;
-      o[i][2 * hr + 1] *= inv;
-    }
-    const int row = r_lo + hr * 8;
-    if (p.lse != nullptr && tq == 0 && row < seq) {
-      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
-          row_max[hr] * p.scale + logf(sum);
+    for (int hr = 0; hr < 2; ++hr) {
+      float sum = row_sum[mt][hr];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = 1.f / sum;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        o[mt][i][2 * hr] *= inv;
+        o[mt][i][2 * hr + 1] *= inv;
+      }
+      const int row = r_lo + mt * 16 + hr * 8;
+      if (p.lse != nullptr && tq == 0 && row < seq) {
+        p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
+            row_max[mt][hr] * p.scale + logf(sum);
+      }
     }
   }
   // Stage through this warp's own Q rows (only this warp ever read them), then 16-byte stores.
-  bf16* stage = sQ + warp * 16 * kLd;
+  bf16* stage = sQ + warp * 32 * kLd;
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) {
-    *reinterpret_cast<uint32_t*>(stage + g * kLd + i * 8 + tq * 2) = PackBf16(o[i][0], o[i][1]);
-    *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLd + i * 8 + tq * 2) =
-        PackBf16(o[i][2], o[i][3]);
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      *reinterpret_cast<uint32_t*>(stage + (mt * 16 + g) * kLd + i * 8 + tq * 2) =
+          PackBf16(o[mt][i][0], o[mt][i][1]);
+      *reinterpret_cast<uint32_t*>(stage + (mt * 16 + g + 8) * kLd + i * 8 + tq * 2) =
+          PackBf16(o[mt][i][2], o[mt][i][3]);
+    }
   }
   __syncwarp();
   constexpr int kChunksPerRow = kD / 8;
 #pragma unroll
-  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
+  for (int c = lane; c < 32 * kChunksPerRow; c += 32) {
     const int r = c / kChunksPerRow, ck = c % kChunksPerRow;
-    const int row = m0 + warp * 16 + r;
+    const int row = w_first + r;
     if (row < seq) {
       bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + ck * 8;
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(stage + r * kLd + ck * 8);
@@ -388,7 +467,7 @@ struct BwdParams {
   const float *lse, *dvec;
   float* dq_acc;  // [B·T, H, D] fp32
   bf16 *dk, *dv;
-  int64_t q_stride, kv_stride;
+  int q_stride, kv_stride;  // elements; seq · stride < 2^31 (host-checked)
   int seq, heads, group;
   float scale_log2, scale;
 };
@@ -457,8 +536,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_a
 template <int kD>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p) {
   constexpr int kLd = kD + 8, kLdp = kBwdN + 8;
-  constexpr int kSNT = kBwdN / 2 / 8;  // S / dP n-tiles per warp (64 keys)
-  constexpr int kGNT = kD / 2 / 8;     // dK / dV / dQ n-tiles per warp (D/2 features)
+  constexpr int kGNT = kD / 2 / 8;  // dK / dV n-tiles per warp (D/2 features)
+  constexpr int kQNT = kD / 4 / 8;  // dQ n-tiles per warp (D/4 features)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);
   bf16* sV = sK + kBwdN * kLd;
@@ -469,7 +548,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int wm = warp % 4, wn = warp / 4;
+  // S, dP and dQ: warps 2 (rows, 32 each) x 4 (keys / features); dK, dV: 4 (keys) x 2 (features).
+  const int sm = warp % 2, sn = warp / 2;
+  const int gm = warp % 4, gn = warp / 4;
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int seq = p.seq;
   const int n0 = n_block * kBwdN;
@@ -480,41 +561,40 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
   const int m_tiles = (seq + kBwdM - 1) / kBwdM;
   const int per_head = m_tiles - m_first;
   const int total = p.group * per_head;
-  const int64_t do_stride = static_cast<int64_t>(p.heads) * kD;
+  const int do_stride = p.heads * kD;
 
   auto load_q_do = [&](int it) {
     const int h = hk * p.group + it / per_head;
     const int m0 = (m_first + it % per_head) * kBwdM;
     const int buf = it & 1;
-    LoadTile<kBwdM, kD, kLd>(sQbuf + buf * kBwdM * kLd, p.q + row_base * p.q_stride + h * kD,
-                             p.q_stride, m0, seq, tid);
-    LoadTile<kBwdM, kD, kLd>(sdObuf + buf * kBwdM * kLd, p.dout + row_base * do_stride + h * kD,
-                             do_stride, m0, seq, tid);
+    LoadTile<kBwdM, kD, kLd, kThreads>(sQbuf + buf * kBwdM * kLd,
+                                       p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
+                                       tid);
+    LoadTile<kBwdM, kD, kLd, kThreads>(sdObuf + buf * kBwdM * kLd,
+                                       p.dout + row_base * do_stride + h * kD, do_stride, m0, seq,
+                                       tid);
   };
 
-  LoadTile<kBwdN, kD, kLd>(sK, k, p.kv_stride, n0, seq, tid);
-  LoadTile<kBwdN, kD, kLd>(sV, v, p.kv_stride, n0, seq, tid);
+  LoadTile<kBwdN, kD, kLd, kThreads>(sK, k, p.kv_stride, n0, seq, tid);
+  LoadTile<kBwdN, kD, kLd, kThreads>(sV, v, p.kv_stride, n0, seq, tid);
   load_q_do(0);
   CpAsyncCommit();
 
   float dk[2][kGNT][4], dv[2][kGNT][4];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int i = 0; i < kGNT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[a][i][e] = dv[a][i][e] = 0.f;
+  Zero(dk);
+  Zero(dv);
 
   const uint32_t sK_a = SmemAddr(sK), sV_a = SmemAddr(sV), sP_a = SmemAddr(sP),
                  sdS_a = SmemAddr(sdS);
-  // S / dP: rows 16·wm, keys 64·wn.
-  const uint32_t s_a_off = wm * 16 * kLd * 2 + LaneA(lane, kLd);
-  const uint32_t s_b_off = wn * 64 * kLd * 2 + LaneBn(lane, kLd);
-  // dV / dK: keys 32·wm (two m-tiles), features (D/2)·wn; A = Pᵀ / dSᵀ, B = dO / Q (trans).
-  const uint32_t g_at_off = (wm * 32 + 0) * 2 + LaneAt(lane, kLdp);
-  const uint32_t g_bt_off = (wn * (kD / 2)) * 2 + LaneBt(lane, kLd);
-  // dQ: rows 16·wm, features (D/2)·wn; A = dS, B = K (trans).
-  const uint32_t q_a_off = wm * 16 * kLdp * 2 + LaneA(lane, kLdp);
+  // S / dP: rows 32·sm (two m-tiles), keys 32·sn (four n-tiles).
+  const uint32_t s_a_off = sm * 32 * kLd * 2 + LaneA(lane, kLd);
+  const uint32_t s_b_off = sn * 32 * kLd * 2 + LaneBn(lane, kLd);
+  // dV / dK: keys 32·gm (two m-tiles), features (D/2)·gn; A = Pᵀ / dSᵀ, B = dO / Q (trans).
+  const uint32_t g_at_off = gm * 32 * 2 + LaneAt(lane, kLdp);
+  const uint32_t g_bt_off = gn * (kD / 2) * 2 + LaneBt(lane, kLd);
+  // dQ: rows 32·sm, features (D/4)·sn; A = dS, B = K (trans).
+  const uint32_t q_a_off = sm * 32 * kLdp * 2 + LaneA(lane, kLdp);
+  const uint32_t q_bt_off = sn * (kD / 4) * 2 + LaneBt(lane, kLd);
 
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
@@ -529,113 +609,140 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
     const uint32_t sQ_a = SmemAddr(sQbuf + buf * kBwdM * kLd);
     const uint32_t sdO_a = SmemAddr(sdObuf + buf * kBwdM * kLd);
 
-    float s[kSNT][4], dp[kSNT][4];
-#pragma unroll
-    for (int i = 0; i < kSNT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    WarpGemmNT<kSNT, kD>(s, sQ_a + s_a_off, sK_a + s_b_off, kLd);
-    WarpGemmNT<kSNT, kD>(dp, sdO_a + s_a_off, sV_a + s_b_off, kLd);
-
-    const int r_lo = m0 + wm * 16 + g;
+    // This warp's S block: rows [m0 + 32·sm, +32), keys [n0 + 32·sn, +32). Entirely above the
+    // diagonal (or past the end): P = dS = 0 without any MMA.
+    const int w_row0 = m0 + sm * 32, w_key0 = n0 + sn * 32;
+    const bool s_active = w_key0 <= min(w_row0 + 31, seq - 1);
+    float s[2][4][4], dp[2][4][4];
+    Zero(s);
+    Zero(dp);
+    if (s_active) {
+      WarpGemmNT<2, 4, kD>(s, sQ_a + s_a_off, kLd, sK_a + s_b_off, kLd);
+      WarpGemmNT<2, 4, kD>(dp, sdO_a + s_a_off, kLd, sV_a + s_b_off, kLd);
+    }
     const float* lse_h = p.lse + (static_cast<int64_t>(b) * p.heads + h) * seq;
     const float* dvec_h = p.dvec + (static_cast<int64_t>(b) * p.heads + h) * seq;
-    float lse2[2], dd[2];
+    const bool masked = (w_key0 + 31 > w_row0) || (w_row0 + 32 > seq);
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = r_lo + hr * 8;
-      lse2[hr] = row < seq ? lse_h[row] * kLog2e : 0.f;
-      dd[hr] = row < seq ? dvec_h[row] : 0.f;
-    }
-    const bool masked = (n0 + kBwdN - 1 > m0) || (m0 + kBwdM > seq);
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int i = 0; i < kSNT; ++i) {
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = w_row0 + mt * 16 + hr * 8 + g;
+        const float lse2 = row < seq ? lse_h[row] * kLog2e : 0.f;
+        const float dd = row < seq ? dvec_h[row] : 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hr = e / 2;
-        float pr = exp2f(fmaf(s[i][e], p.scale_log2, -lse2[hr]));
-        if (masked) {
-          const int row = r_lo + hr * 8;
-          const int col = n0 + wn * 64 + i * 8 + tq * 2 + (e % 2);
-          if (col > row || row >= seq) pr = 0.f;
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int e = hr * 2 + e2;
+            float pr = s_active ? exp2f(fmaf(s[mt][i][e], p.scale_log2, -lse2)) : 0.f;
+            if (masked) {
+              const int col = w_key0 + i * 8 + tq * 2 + e2;
+              if (col > row || row >= seq) pr = 0.f;
+            }
+            s[mt][i][e] = pr;
+            dp[mt][i][e] = pr * (dp[mt][i][e] - dd);
+          }
         }
-        s[i][e] = pr;
-        dp[i][e] = pr * (dp[i][e] - dd[hr]);
       }
-      const int col = wn * 64 + i * 8 + tq * 2;
-      const int row = wm * 16 + g;
-      *reinterpret_cast<uint32_t*>(sP + row * kLdp + col) = PackBf16(s[i][0], s[i][1]);
-      *reinterpret_cast<uint32_t*>(sP + (row + 8) * kLdp + col) = PackBf16(s[i][2], s[i][3]);
-      *reinterpret_cast<uint32_t*>(sdS + row * kLdp + col) = PackBf16(dp[i][0], dp[i][1]);
-      *reinterpret_cast<uint32_t*>(sdS + (row + 8) * kLdp + col) = PackBf16(dp[i][2], dp[i][3]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int col = sn * 32 + i * 8 + tq * 2;
+        const int row = sm * 32 + mt * 16 + g;
+        *reinterpret_cast<uint32_t*>(sP + row * kLdp + col) = PackBf16(s[mt][i][0], s[mt][i][1]);
+        *reinterpret_cast<uint32_t*>(sP + (row + 8) * kLdp + col) =
+            PackBf16(s[mt][i][2], s[mt][i][3]);
+        *reinterpret_cast<uint32_t*>(sdS + row * kLdp + col) = PackBf16(dp[mt][i][0], dp[mt][i][1]);
+        *reinterpret_cast<uint32_t*>(sdS + (row + 8) * kLdp + col) =
+            PackBf16(dp[mt][i][2], dp[mt][i][3]);
+      }
     }
     __syncthreads();
 
-    // dV += Pᵀ dO and dK += dSᵀ Q over the 64 query rows (k dimension).
+    // dV += Pᵀ dO and dK += dSᵀ Q over the 64 query rows (k dimension); a warp whose 32 keys
+    // all lie past the tile's last row has nothing to add.
+    if (n0 + gm * 32 <= min(m0 + kBwdM - 1, seq - 1)) {
 #pragma unroll
-    for (int kq = 0; kq < kBwdM / 16; ++kq) {
-      uint32_t ap[2][4], as[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const uint32_t off = g_at_off + (kq * 16 * kLdp + mt * 16) * 2;
-        Ldsm4T(ap[mt], sP_a + off);
-        Ldsm4T(as[mt], sdS_a + off);
-      }
-#pragma unroll
-      for (int np = 0; np < kGNT / 2; ++np) {
-        const uint32_t off = g_bt_off + (kq * 16 * kLd + np * 16) * 2;
-        uint32_t bo[4], bq[4];
-        Ldsm4T(bo, sdO_a + off);
-        Ldsm4T(bq, sQ_a + off);
+      for (int kq = 0; kq < kBwdM / 16; ++kq) {
+        uint32_t ap[2][4], as[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          Mma(dv[mt][2 * np], ap[mt], bo[0], bo[1]);
-          Mma(dv[mt][2 * np + 1], ap[mt], bo[2], bo[3]);
-          Mma(dk[mt][2 * np], as[mt], bq[0], bq[1]);
-          Mma(dk[mt][2 * np + 1], as[mt], bq[2], bq[3]);
+          const uint32_t off = g_at_off + (kq * 16 * kLdp + mt * 16) * 2;
+          Ldsm4T(ap[mt], sP_a + off);
+          Ldsm4T(as[mt], sdS_a + off);
+        }
+#pragma unroll
+        for (int np = 0; np < kGNT / 2; ++np) {
+          const uint32_t off = g_bt_off + (kq * 16 * kLd + np * 16) * 2;
+          uint32_t bo[4], bq[4];
+          Ldsm4T(bo, sdO_a + off);
+          Ldsm4T(bq, sQ_a + off);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Mma(dv[mt][2 * np], ap[mt], bo[0], bo[1]);
+            Mma(dv[mt][2 * np + 1], ap[mt], bo[2], bo[3]);
+            Mma(dk[mt][2 * np], as[mt], bq[0], bq[1]);
+            Mma(dk[mt][2 * np + 1], as[mt], bq[2], bq[3]);
+          }
         }
       }
     }
 
-    // dQ_acc += dS K (rows 16·wm, features (D/2)·wn), fp32 vector atomics.
-    float dqp[kGNT][4];
+    // dQ_acc += dS K (rows 32·sm, features (D/4)·sn), fp32 vector atomics; keys past the
+    // warp's last row have dS = 0, so the k loop stops there.
+    const int w_row_last = min(w_row0 + 31, seq - 1);
+    if (w_row_last >= n0) {
+      float dqp[2][kQNT][4];
+      Zero(dqp);
+      const int k_steps = min(kBwdN / 16, (w_row_last - n0) / 16 + 1);
 #pragma unroll
-    for (int i = 0; i < kGNT; ++i) dqp[i][0] = dqp[i][1] = dqp[i][2] = dqp[i][3] = 0.f;
+      for (int kk = 0; kk < kBwdN / 16; ++kk) {
+        if (kk < k_steps) {
+          uint32_t a[2][4];
 #pragma unroll
-    for (int kk = 0; kk < kBwdN / 16; ++kk) {
-      uint32_t a[4];
-      Ldsm4(a, sdS_a + q_a_off + kk * 32);
+          for (int mt = 0; mt < 2; ++mt) {
+            Ldsm4(a[mt], sdS_a + q_a_off + (mt * 16 * kLdp + kk * 16) * 2);
+          }
 #pragma unroll
-      for (int np = 0; np < kGNT / 2; ++np) {
-        uint32_t bk[4];
-        Ldsm4T(bk, sK_a + g_bt_off + (kk * 16 * kLd + np * 16) * 2);
-        Mma(dqp[2 * np], a, bk[0], bk[1]);
-        Mma(dqp[2 * np + 1], a, bk[2], bk[3]);
+          for (int np = 0; np < kQNT / 2; ++np) {
+            uint32_t bk[4];
+            Ldsm4T(bk, sK_a + q_bt_off + (kk * 16 * kLd + np * 16) * 2);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              Mma(dqp[mt][2 * np], a[mt], bk[0], bk[1]);
+              Mma(dqp[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+            }
+          }
+        }
       }
-    }
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = r_lo + hr * 8;
-      if (row < seq) {
-        float* dst = p.dq_acc + ((row_base + row) * p.heads + h) * kD + wn * (kD / 2) + tq * 2;
+      for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int i = 0; i < kGNT; ++i) {
-          atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
-                    make_float2(dqp[i][2 * hr], dqp[i][2 * hr + 1]));
+        for (int hr = 0; hr < 2; ++hr) {
+          const int row = w_row0 + mt * 16 + hr * 8 + g;
+          if (row < seq) {
+            float* dst =
+                p.dq_acc + ((row_base + row) * p.heads + h) * kD + sn * (kD / 4) + tq * 2;
+#pragma unroll
+            for (int i = 0; i < kQNT; ++i) {
+              atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
+                        make_float2(dqp[mt][i][2 * hr], dqp[mt][i][2 * hr + 1]));
+            }
+          }
         }
       }
     }
   }
 
-  // Write dK·scale and dV (keys 32·wm + 16·mt + g (+8), features (D/2)·wn + 8i + 2tq).
+  // Write dK·scale and dV (keys 32·gm + 16·mt + g (+8), features (D/2)·gn + 8i + 2tq).
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int key = n0 + wm * 32 + mt * 16 + g + hr * 8;
+      const int key = n0 + gm * 32 + mt * 16 + g + hr * 8;
       if (key >= seq) continue;
-      bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + wn * (kD / 2) + tq * 2;
-      bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + wn * (kD / 2) + tq * 2;
+      bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
+      bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
 #pragma unroll
       for (int i = 0; i < kGNT; ++i) {
         *reinterpret_cast<uint32_t*>(dkr + i * 8) =
@@ -676,6 +783,9 @@ CudaResult ValidateShape(const AttentionShape& s, int64_t* q_stride, int64_t* kv
   if (*q_stride % 8 != 0 || *kv_stride % 8 != 0) {
     return InvalidArgument("attention: row strides must be multiples of 8 elements (16 bytes)");
   }
+  if (s.seq * std::max(*q_stride, *kv_stride) >= (int64_t{1} << 31)) {
+    return InvalidArgument("attention: seq · row stride must be < 2^31 elements");
+  }
   return {};
 }
 
@@ -691,7 +801,7 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   constexpr int smem = FwdSmemBytes<kD, kSE>();
   CUDA_RETURN_IF_NOT_OK(SetSmem(attn_fwd_kernel<kD, kSE>, smem));
   const dim3 grid((p.seq + kFwdM - 1) / kFwdM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_kernel<kD, kSE><<<grid, kThreads, smem, stream>>>(p);
+  attn_fwd_kernel<kD, kSE><<<grid, kFwdThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_kernel");
   return {};
 }
@@ -749,8 +859,8 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
   p.kg = args.k_grouped;
   p.out = args.out;
   p.lse = args.lse;
-  p.q_stride = q_stride;
-  p.kv_stride = kv_stride;
+  p.q_stride = static_cast<int>(q_stride);
+  p.kv_stride = static_cast<int>(kv_stride);
   p.seq = static_cast<int>(s.seq);
   p.heads = static_cast<int>(s.heads);
   p.group = static_cast<int>(s.heads / s.kv_heads);
@@ -799,8 +909,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.dq_acc = dq_acc.as<float>();
   p.dk = args.dk;
   p.dv = args.dv;
-  p.q_stride = q_stride;
-  p.kv_stride = kv_stride;
+  p.q_stride = static_cast<int>(q_stride);
+  p.kv_stride = static_cast<int>(kv_stride);
   p.seq = static_cast<int>(s.seq);
   p.heads = static_cast<int>(s.heads);
   p.group = static_cast<int>(s.heads / s.kv_heads);

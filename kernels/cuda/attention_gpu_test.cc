@@ -287,8 +287,22 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
     gk = g_k->Download();
     gv = g_v->Download();
   }
-  ok &= Report("attention bwd dq", shape, RelError(gq, ref.dq), kTolGrad);
-  ok &= Report("attention bwd dk", shape, RelError(gk, ref.dk), kTolGrad);
+  // At T = 1 dq and dk are exactly zero (P = 1, dS = dP − D = 0); the kernel's D comes from
+  // the bf16 output, so it returns rounding-sized values: measure those against |dv| instead.
+  auto grad_error = [&](const std::vector<float>& got, const std::vector<double>& want) {
+    double norm = 0;
+    for (double x : want) norm += x * x;
+    if (norm > 1e-24) return RelError(got, want);
+    double dv_norm = 0, diff = 0;
+    for (double x : ref.dv) dv_norm += x * x;
+    for (float x : got) {
+      if (!std::isfinite(x)) return std::nan("");
+      diff += static_cast<double>(x) * x;
+    }
+    return std::sqrt(diff) / std::sqrt(dv_norm);
+  };
+  ok &= Report("attention bwd dq", shape, grad_error(gq, ref.dq), kTolGrad);
+  ok &= Report("attention bwd dk", shape, grad_error(gk, ref.dk), kTolGrad);
   ok &= Report("attention bwd dv", shape, RelError(gv, ref.dv), kTolGrad);
   return ok;
 }
