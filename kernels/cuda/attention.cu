@@ -67,6 +67,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -89,6 +90,12 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+// 4-byte async copy (row statistics); valid == false writes zero.
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool valid) {
+  const int src_size = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -206,34 +213,24 @@ struct FwdParams {
   int se_window;
 };
 
-// 128 query rows per block, 4 warps of 32 rows (two m16 tiles each), 64-key tiles (32 with
-// SelfExtend, whose Q_g and K_g tiles must also fit twice per SM); two blocks per SM (registers:
-// ≤ 255 per thread at 128 threads x 2 blocks; shared memory ≤ 113 KB per block).
-constexpr int kFwdM = 128, kFwdWarps = 4, kFwdThreads = kFwdWarps * 32;
-template <bool kSE>
-constexpr int FwdTileN() {
-  return kSE ? 32 : 64;
-}
+// 128 query rows per block, 4 warps of 32 rows (two m16 tiles each), 64-key tiles; two blocks
+// per SM (registers: ≤ 255 per thread at 128 threads x 2 blocks; 52 / 35 KB shared memory).
+constexpr int kFwdM = 128, kFwdN = 64, kFwdWarps = 4, kFwdThreads = kFwdWarps * 32;
 
-template <int kD, bool kSE>
+template <int kD>
 constexpr int FwdSmemBytes() {
-  constexpr int ld = kD + 8;
-  return ((kSE ? 2 : 1) * kFwdM + (kSE ? 3 : 2) * FwdTileN<kSE>()) * ld * 2;
+  return (kFwdM + 2 * kFwdN) * (kD + 8) * 2;
 }
 
 template <int kD, bool kSE>
 __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParams p) {
   constexpr int kLd = kD + 8;
-  constexpr int kFwdN = FwdTileN<kSE>();
-  static_assert(FwdSmemBytes<kD, kSE>() <= 113 * 1024, "two blocks per SM");
   constexpr int kNT = kFwdN / 8;  // S n-tiles per m-tile
   constexpr int kDT = kD / 8;     // O n-tiles per m-tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sK = sQ + kFwdM * kLd;
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // Q, then (SelfExtend far pass) Q_grouped
+  bf16* sK = sQ + kFwdM * kLd;                   // K, or K_grouped in the far pass
   bf16* sV = sK + kFwdN * kLd;
-  bf16* sQg = sV + kFwdN * kLd;   // SelfExtend only
-  bf16* sKg = sQg + kFwdM * kLd;  // SelfExtend only
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -246,29 +243,32 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
   const bf16* q = p.q + row_base * p.q_stride + h * kD;
   const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
   const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-  const bf16* qg = kSE ? p.qg + row_base * p.q_stride + h * kD : nullptr;
-  const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : nullptr;
 
   const int last_row = min(m0 + kFwdM, seq) - 1;
   const int n_tiles = last_row / kFwdN + 1;
   const int W = p.se_window;
-  // Which products a key tile at n0 needs for rows [r_first, r_last] (valid pairs have
-  // r_first - n0 - 63 <= i - j <= r_last - n0).
-  auto needs_near = [&](int r_first, int n0) { return !kSE || (r_first - (n0 + kFwdN - 1)) < W; };
-  auto needs_far = [&](int r_last, int n0) { return kSE && (r_last - n0) >= W; };
-  auto load_k = [&](int n0) {
-    if (needs_near(m0, n0)) LoadTile<kFwdN, kD, kLd, kFwdThreads>(sK, k, p.kv_stride, n0, seq, tid);
-    if constexpr (kSE) {
-      if (needs_far(last_row, n0)) {
-        LoadTile<kFwdN, kD, kLd, kFwdThreads>(sKg, kg, p.kv_stride, n0, seq, tid);
-      }
+  // Virtual tiles: the near pass over key tiles [near_first, n_tiles) with Q and K, then (only
+  // SelfExtend) the far pass over [0, n_far) with Q_g and K_g. A tile has neighbour pairs iff
+  // m0 − (n0 + 63) < W and grouped pairs iff last_row − n0 >= W.
+  int near_first = 0, n_far = 0;
+  if constexpr (kSE) {
+    const int x = m0 - (kFwdN - 1) - W;  // near tiles: n0 > x
+    near_first = x < 0 ? 0 : x / kFwdN + 1;
+    n_far = last_row >= W ? (last_row - W) / kFwdN + 1 : 0;
+  }
+  const int n_near = n_tiles - near_first;
+  const int total = n_near + n_far;
+  auto load_k = [&](int vt) {
+    if (!kSE || vt < n_near) {
+      LoadTile<kFwdN, kD, kLd, kFwdThreads>(sK, k, p.kv_stride, (near_first + vt) * kFwdN, seq,
+                                            tid);
+    } else {
+      const bf16* kg = p.kg + row_base * p.kv_stride + hk * kD;
+      LoadTile<kFwdN, kD, kLd, kFwdThreads>(sK, kg, p.kv_stride, (vt - n_near) * kFwdN, seq, tid);
     }
   };
 
   LoadTile<kFwdM, kD, kLd, kFwdThreads>(sQ, q, p.q_stride, m0, seq, tid);
-  if constexpr (kSE) {
-    if (last_row >= W) LoadTile<kFwdM, kD, kLd, kFwdThreads>(sQg, qg, p.q_stride, m0, seq, tid);
-  }
   load_k(0);
   CpAsyncCommit();
 
@@ -280,72 +280,56 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
-  const int w_first = m0 + warp * 32;                   // this warp's rows: w_first .. +31
-  const int w_last = min(w_first + 31, last_row);       // < w_first when the warp has none
-  const int r_lo = w_first + g;                         // thread rows: r_lo + 16·mt + 8·half
+  const int w_first = m0 + warp * 32;              // this warp's rows: w_first .. +31
+  const int w_last = min(w_first + 31, last_row);  // < w_first when the warp has none
+  const int r_lo = w_first + g;                    // thread rows: r_lo + 16·mt + 8·half
 
-  const uint32_t a_off = warp * 32 * kLd * 2 + LaneA(lane, kLd);
-  const uint32_t bn_off = LaneBn(lane, kLd);
+  const uint32_t a_addr = SmemAddr(sQ) + warp * 32 * kLd * 2 + LaneA(lane, kLd);
+  const uint32_t b_addr = SmemAddr(sK) + LaneBn(lane, kLd);
   const uint32_t v_addr = SmemAddr(sV) + LaneBt(lane, kLd);
 
-  for (int nt = 0; nt < n_tiles; ++nt) {
-    const int n0 = nt * kFwdN;
+  for (int vt = 0; vt < total; ++vt) {
+    const bool far = kSE && vt >= n_near;
+    const int n0 = (far ? vt - n_near : near_first + vt) * kFwdN;
     CpAsyncWaitAll();
-    __syncthreads();  // K(nt) landed; every warp is done with V(nt - 1)
+    __syncthreads();  // K(vt) (and Q / Q_g) landed; every warp is done with V(vt − 1)
     LoadTile<kFwdN, kD, kLd, kFwdThreads>(sV, v, p.kv_stride, n0, seq, tid);
     CpAsyncCommit();
 
-    // Warps whose rows all lie above this tile's first key skip it (causal, per warp).
-    const bool active = n0 <= w_last;
+    // A warp skips the tile when none of its pairs is valid in this pass (causal; SelfExtend:
+    // no neighbour pair in the near pass, no grouped pair in the far pass).
+    const bool active = far ? (w_last - n0 >= W)
+                            : (n0 <= w_last && (!kSE || w_first - (n0 + kFwdN - 1) < W));
     float s[2][kNT][4];
     Zero(s);
     if (active) {
-      const bool near = needs_near(w_first, n0);
-      const bool far = needs_far(w_last, n0);
-      if (near) WarpGemmNT<2, kNT, kD>(s, SmemAddr(sQ) + a_off, kLd, SmemAddr(sK) + bn_off, kLd);
-      if constexpr (kSE) {
-        if (far && !near) {
-          WarpGemmNT<2, kNT, kD>(s, SmemAddr(sQg) + a_off, kLd, SmemAddr(sKg) + bn_off, kLd);
-        } else if (far) {
-          // Mixed (the band i - j ≈ W): grouped logits one m-tile and 16 keys at a time (few
-          // registers), replacing the neighbour logits where i - j >= W.
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-            for (int np = 0; np < kNT / 2; ++np) {
-              float sg[1][2][4];
-              Zero(sg);
-              WarpGemmNT<1, 2, kD>(sg, SmemAddr(sQg) + a_off + mt * 16 * kLd * 2, kLd,
-                                   SmemAddr(sKg) + bn_off + np * 16 * kLd * 2, kLd);
-#pragma unroll
-              for (int j = 0; j < 2; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                  const int row = r_lo + mt * 16 + (e / 2) * 8;
-                  const int col = n0 + (2 * np + j) * 8 + tq * 2 + (e % 2);
-                  if (row - col >= W) s[mt][2 * np + j][e] = sg[0][j][e];
-                }
-              }
-            }
-          }
-        }
-      }
-
-      // Mask pairs above the diagonal and keys past the end (only tiles that have any).
-      if (n0 + kFwdN - 1 > w_first || n0 + kFwdN > seq) {
+      WarpGemmNT<2, kNT, kD>(s, a_addr, kLd, b_addr, kLd);
+      // Valid: near pass j <= i, j < T (SelfExtend: and i − j < W); far pass i − j >= W.
+      const bool need_mask =
+          far ? (w_first - (n0 + kFwdN - 1) < W || n0 + kFwdN > seq)
+              : (n0 + kFwdN - 1 > w_first || n0 + kFwdN > seq || (kSE && w_last - n0 >= W));
+      if (need_mask) {
+        // Per row, the valid keys are one interval [lo, hi]; compared in tile coordinates.
+        const int c0 = n0 + tq * 2;
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int i = 0; i < kNT; ++i)
+          for (int hr = 0; hr < 2; ++hr) {
+            const int row = r_lo + mt * 16 + hr * 8;
+            const int hi = min(far ? row - W : row, seq - 1) - c0;
+            const int lo = (far || !kSE) ? -c0 : row - W + 1 - c0;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = r_lo + mt * 16 + (e / 2) * 8;
-              const int col = n0 + i * 8 + tq * 2 + (e % 2);
-              if (col > row || col >= seq) s[mt][i][e] = -INFINITY;
-            }
+            for (int i = 0; i < kNT; ++i)
+#pragma unroll
+              for (int e2 = 0; e2 < 2; ++e2) {
+                const int col = i * 8 + e2;
+                if (col < lo || col > hi) s[mt][i][hr * 2 + e2] = -INFINITY;
+              }
+          }
       }
 
-      // Online softmax; key 0 is valid for every row, so after tile 0 every max is finite.
+      // Online softmax. A row may have no valid key yet (SelfExtend's near pass starts past
+      // key 0): its max stays −inf, and the guard keeps exp2 arguments finite (p = 0, corr = 0).
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -355,9 +339,9 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
           for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[mt][i][2 * hr], s[mt][i][2 * hr + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float corr = exp2f((row_max[mt][hr] - mx) * p.scale_log2);  // 0 on tile 0
+          const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+          const float corr = exp2f(row_max[mt][hr] * p.scale_log2 - msc);  // 0 while max = −inf
           row_max[mt][hr] = mx;
-          const float msc = mx * p.scale_log2;
           float sum = 0.f;
 #pragma unroll
           for (int i = 0; i < kNT; ++i) {
@@ -390,9 +374,13 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
     }
 
     CpAsyncWaitAll();
-    __syncthreads();  // V(nt) landed; every warp is done with K(nt)
-    if (nt + 1 < n_tiles) {
-      load_k(n0 + kFwdN);
+    __syncthreads();  // V(vt) landed; every warp is done with Q and K(vt)
+    if (vt + 1 < total) {
+      if (kSE && vt + 1 == n_near) {  // switch to the far pass: Q_g replaces Q
+        const bf16* qg = p.qg + row_base * p.q_stride + h * kD;
+        LoadTile<kFwdM, kD, kLd, kFwdThreads>(sQ, qg, p.q_stride, m0, seq, tid);
+      }
+      load_k(vt + 1);
       CpAsyncCommit();
     }
 
@@ -477,7 +465,7 @@ constexpr int kBwdM = 64, kBwdN = 128;
 template <int kD>
 constexpr int BwdSmemBytes() {
   constexpr int ld = kD + 8, ldp = kBwdN + 8;
-  return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
+  return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2 + 2 * 2 * kBwdM * 4;
 }
 
 // D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator.
@@ -545,6 +533,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
   bf16* sdObuf = sQbuf + 2 * kBwdM * kLd;  // [2][kBwdM][kLd]
   bf16* sP = sdObuf + 2 * kBwdM * kLd;     // [kBwdM][kLdp]
   bf16* sdS = sP + kBwdM * kLdp;
+  float* sStat = reinterpret_cast<float*>(sdS + kBwdM * kLdp);  // [2][lse·log2e row | D row][64]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -573,6 +562,14 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
     LoadTile<kBwdM, kD, kLd, kThreads>(sdObuf + buf * kBwdM * kLd,
                                        p.dout + row_base * do_stride + h * kD, do_stride, m0, seq,
                                        tid);
+    // lse and D of the tile's rows ride along (threads 0..127), so no global load waits after
+    // the GEMMs.
+    if (tid < 2 * kBwdM) {
+      const int r = tid % kBwdM, row = m0 + r;
+      const float* src = (tid < kBwdM ? p.lse : p.dvec) + (static_cast<int64_t>(b) * p.heads + h) * seq;
+      CpAsync4(SmemAddr(sStat + (buf * 2 + tid / kBwdM) * kBwdM + r), src + (row < seq ? row : 0),
+               row < seq);
+    }
   };
 
   LoadTile<kBwdN, kD, kLd, kThreads>(sK, k, p.kv_stride, n0, seq, tid);
@@ -620,16 +617,16 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
       WarpGemmNT<2, 4, kD>(s, sQ_a + s_a_off, kLd, sK_a + s_b_off, kLd);
       WarpGemmNT<2, 4, kD>(dp, sdO_a + s_a_off, kLd, sV_a + s_b_off, kLd);
     }
-    const float* lse_h = p.lse + (static_cast<int64_t>(b) * p.heads + h) * seq;
-    const float* dvec_h = p.dvec + (static_cast<int64_t>(b) * p.heads + h) * seq;
+    const float* lse_s = sStat + buf * 2 * kBwdM;
+    const float* dvec_s = lse_s + kBwdM;
     const bool masked = (w_key0 + 31 > w_row0) || (w_row0 + 32 > seq);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int row = w_row0 + mt * 16 + hr * 8 + g;
-        const float lse2 = row < seq ? lse_h[row] * kLog2e : 0.f;
-        const float dd = row < seq ? dvec_h[row] : 0.f;
+        const float lse2 = lse_s[row - m0] * kLog2e;  // zero-filled past the end
+        const float dd = dvec_s[row - m0];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -688,30 +685,27 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
       }
     }
 
-    // dQ_acc += dS K (rows 32·sm, features (D/4)·sn), fp32 vector atomics; keys past the
-    // warp's last row have dS = 0, so the k loop stops there.
+    // dQ_acc += dS K (rows 32·sm, features (D/4)·sn), fp32 vector atomics (a warp whose rows
+    // all precede the key block has dS = 0 and skips).
     const int w_row_last = min(w_row0 + 31, seq - 1);
     if (w_row_last >= n0) {
       float dqp[2][kQNT][4];
       Zero(dqp);
-      const int k_steps = min(kBwdN / 16, (w_row_last - n0) / 16 + 1);
 #pragma unroll
       for (int kk = 0; kk < kBwdN / 16; ++kk) {
-        if (kk < k_steps) {
-          uint32_t a[2][4];
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          Ldsm4(a[mt], sdS_a + q_a_off + (mt * 16 * kLdp + kk * 16) * 2);
+        }
+#pragma unroll
+        for (int np = 0; np < kQNT / 2; ++np) {
+          uint32_t bk[4];
+          Ldsm4T(bk, sK_a + q_bt_off + (kk * 16 * kLd + np * 16) * 2);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            Ldsm4(a[mt], sdS_a + q_a_off + (mt * 16 * kLdp + kk * 16) * 2);
-          }
-#pragma unroll
-          for (int np = 0; np < kQNT / 2; ++np) {
-            uint32_t bk[4];
-            Ldsm4T(bk, sK_a + q_bt_off + (kk * 16 * kLd + np * 16) * 2);
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              Mma(dqp[mt][2 * np], a[mt], bk[0], bk[1]);
-              Mma(dqp[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-            }
+            Mma(dqp[mt][2 * np], a[mt], bk[0], bk[1]);
+            Mma(dqp[mt][2 * np + 1], a[mt], bk[2], bk[3]);
           }
         }
       }
@@ -743,6 +737,201 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p
       if (key >= seq) continue;
       bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
       bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
+#pragma unroll
+      for (int i = 0; i < kGNT; ++i) {
+        *reinterpret_cast<uint32_t*>(dkr + i * 8) =
+            PackBf16(dk[mt][i][2 * hr] * p.scale, dk[mt][i][2 * hr + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dvr + i * 8) =
+            PackBf16(dv[mt][i][2 * hr], dv[mt][i][2 * hr + 1]);
+      }
+    }
+  }
+}
+
+// The first backward layout (kept for comparison, see attn_bwd_kernel): S / dP warps 4 x 2
+// (16 rows x 64 keys), dQ warps 4 x 2 (16 rows x D/2), no above-diagonal skips.
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel_v1(const BwdParams p) {
+  constexpr int kLd = kD + 8, kLdp = kBwdN + 8;
+  constexpr int kSNT = kBwdN / 2 / 8;  // S / dP n-tiles per warp (64 keys)
+  constexpr int kGNT = kD / 2 / 8;     // dK / dV / dQ n-tiles per warp (D/2 features)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+  bf16* sV = sK + kBwdN * kLd;
+  bf16* sQbuf = sV + kBwdN * kLd;          // [2][kBwdM][kLd]
+  bf16* sdObuf = sQbuf + 2 * kBwdM * kLd;  // [2][kBwdM][kLd]
+  bf16* sP = sdObuf + 2 * kBwdM * kLd;     // [kBwdM][kLdp]
+  bf16* sdS = sP + kBwdM * kLdp;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int wm = warp % 4, wn = warp / 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq = p.seq;
+  const int n0 = n_block * kBwdN;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
+  const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
+  const int m_first = n0 / kBwdM;
+  const int m_tiles = (seq + kBwdM - 1) / kBwdM;
+  const int per_head = m_tiles - m_first;
+  const int total = p.group * per_head;
+  const int do_stride = p.heads * kD;
+
+  auto load_q_do = [&](int it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBwdM;
+    const int buf = it & 1;
+    LoadTile<kBwdM, kD, kLd, kThreads>(sQbuf + buf * kBwdM * kLd, p.q + row_base * p.q_stride + h * kD,
+                             p.q_stride, m0, seq, tid);
+    LoadTile<kBwdM, kD, kLd, kThreads>(sdObuf + buf * kBwdM * kLd, p.dout + row_base * do_stride + h * kD,
+                             do_stride, m0, seq, tid);
+  };
+
+  LoadTile<kBwdN, kD, kLd, kThreads>(sK, k, p.kv_stride, n0, seq, tid);
+  LoadTile<kBwdN, kD, kLd, kThreads>(sV, v, p.kv_stride, n0, seq, tid);
+  load_q_do(0);
+  CpAsyncCommit();
+
+  float dk[2][kGNT][4], dv[2][kGNT][4];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int i = 0; i < kGNT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[a][i][e] = dv[a][i][e] = 0.f;
+
+  const uint32_t sK_a = SmemAddr(sK), sV_a = SmemAddr(sV), sP_a = SmemAddr(sP),
+                 sdS_a = SmemAddr(sdS);
+  // S / dP: rows 16·wm, keys 64·wn.
+  const uint32_t s_a_off = wm * 16 * kLd * 2 + LaneA(lane, kLd);
+  const uint32_t s_b_off = wn * 64 * kLd * 2 + LaneBn(lane, kLd);
+  // dV / dK: keys 32·wm (two m-tiles), features (D/2)·wn; A = Pᵀ / dSᵀ, B = dO / Q (trans).
+  const uint32_t g_at_off = (wm * 32 + 0) * 2 + LaneAt(lane, kLdp);
+  const uint32_t g_bt_off = (wn * (kD / 2)) * 2 + LaneBt(lane, kLd);
+  // dQ: rows 16·wm, features (D/2)·wn; A = dS, B = K (trans).
+  const uint32_t q_a_off = wm * 16 * kLdp * 2 + LaneA(lane, kLdp);
+
+  for (int it = 0; it < total; ++it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBwdM;
+    const int buf = it & 1;
+    CpAsyncWaitAll();
+    __syncthreads();
+    if (it + 1 < total) {
+      load_q_do(it + 1);
+      CpAsyncCommit();
+    }
+    const uint32_t sQ_a = SmemAddr(sQbuf + buf * kBwdM * kLd);
+    const uint32_t sdO_a = SmemAddr(sdObuf + buf * kBwdM * kLd);
+
+    float s2[1][kSNT][4], dp2[1][kSNT][4];
+    Zero(s2);
+    Zero(dp2);
+    WarpGemmNT<1, kSNT, kD>(s2, sQ_a + s_a_off, kLd, sK_a + s_b_off, kLd);
+    WarpGemmNT<1, kSNT, kD>(dp2, sdO_a + s_a_off, kLd, sV_a + s_b_off, kLd);
+    float (&s)[kSNT][4] = s2[0];
+    float (&dp)[kSNT][4] = dp2[0];
+
+    const int r_lo = m0 + wm * 16 + g;
+    const float* lse_h = p.lse + (static_cast<int64_t>(b) * p.heads + h) * seq;
+    const float* dvec_h = p.dvec + (static_cast<int64_t>(b) * p.heads + h) * seq;
+    float lse2[2], dd[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = r_lo + hr * 8;
+      lse2[hr] = row < seq ? lse_h[row] * kLog2e : 0.f;
+      dd[hr] = row < seq ? dvec_h[row] : 0.f;
+    }
+    const bool masked = (n0 + kBwdN - 1 > m0) || (m0 + kBwdM > seq);
+#pragma unroll
+    for (int i = 0; i < kSNT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e / 2;
+        float pr = exp2f(fmaf(s[i][e], p.scale_log2, -lse2[hr]));
+        if (masked) {
+          const int row = r_lo + hr * 8;
+          const int col = n0 + wn * 64 + i * 8 + tq * 2 + (e % 2);
+          if (col > row || row >= seq) pr = 0.f;
+        }
+        s[i][e] = pr;
+        dp[i][e] = pr * (dp[i][e] - dd[hr]);
+      }
+      const int col = wn * 64 + i * 8 + tq * 2;
+      const int row = wm * 16 + g;
+      *reinterpret_cast<uint32_t*>(sP + row * kLdp + col) = PackBf16(s[i][0], s[i][1]);
+      *reinterpret_cast<uint32_t*>(sP + (row + 8) * kLdp + col) = PackBf16(s[i][2], s[i][3]);
+      *reinterpret_cast<uint32_t*>(sdS + row * kLdp + col) = PackBf16(dp[i][0], dp[i][1]);
+      *reinterpret_cast<uint32_t*>(sdS + (row + 8) * kLdp + col) = PackBf16(dp[i][2], dp[i][3]);
+    }
+    __syncthreads();
+
+    // dV += Pᵀ dO and dK += dSᵀ Q over the 64 query rows (k dimension).
+#pragma unroll
+    for (int kq = 0; kq < kBwdM / 16; ++kq) {
+      uint32_t ap[2][4], as[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const uint32_t off = g_at_off + (kq * 16 * kLdp + mt * 16) * 2;
+        Ldsm4T(ap[mt], sP_a + off);
+        Ldsm4T(as[mt], sdS_a + off);
+      }
+#pragma unroll
+      for (int np = 0; np < kGNT / 2; ++np) {
+        const uint32_t off = g_bt_off + (kq * 16 * kLd + np * 16) * 2;
+        uint32_t bo[4], bq[4];
+        Ldsm4T(bo, sdO_a + off);
+        Ldsm4T(bq, sQ_a + off);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          Mma(dv[mt][2 * np], ap[mt], bo[0], bo[1]);
+          Mma(dv[mt][2 * np + 1], ap[mt], bo[2], bo[3]);
+          Mma(dk[mt][2 * np], as[mt], bq[0], bq[1]);
+          Mma(dk[mt][2 * np + 1], as[mt], bq[2], bq[3]);
+        }
+      }
+    }
+
+    // dQ_acc += dS K (rows 16·wm, features (D/2)·wn), fp32 vector atomics.
+    float dqp[kGNT][4];
+#pragma unroll
+    for (int i = 0; i < kGNT; ++i) dqp[i][0] = dqp[i][1] = dqp[i][2] = dqp[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBwdN / 16; ++kk) {
+      uint32_t a[4];
+      Ldsm4(a, sdS_a + q_a_off + kk * 32);
+#pragma unroll
+      for (int np = 0; np < kGNT / 2; ++np) {
+        uint32_t bk[4];
+        Ldsm4T(bk, sK_a + g_bt_off + (kk * 16 * kLd + np * 16) * 2);
+        Mma(dqp[2 * np], a, bk[0], bk[1]);
+        Mma(dqp[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = r_lo + hr * 8;
+      if (row < seq) {
+        float* dst = p.dq_acc + ((row_base + row) * p.heads + h) * kD + wn * (kD / 2) + tq * 2;
+#pragma unroll
+        for (int i = 0; i < kGNT; ++i) {
+          atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
+                    make_float2(dqp[i][2 * hr], dqp[i][2 * hr + 1]));
+        }
+      }
+    }
+  }
+
+  // Write dK·scale and dV (keys 32·wm + 16·mt + g (+8), features (D/2)·wn + 8i + 2tq).
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int key = n0 + wm * 32 + mt * 16 + g + hr * 8;
+      if (key >= seq) continue;
+      bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + wn * (kD / 2) + tq * 2;
+      bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + wn * (kD / 2) + tq * 2;
 #pragma unroll
       for (int i = 0; i < kGNT; ++i) {
         *reinterpret_cast<uint32_t*>(dkr + i * 8) =
@@ -798,12 +987,22 @@ CudaResult SetSmem(Kernel kernel, int bytes) {
 
 template <int kD, bool kSE>
 CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int smem = FwdSmemBytes<kD, kSE>();
+  constexpr int smem = FwdSmemBytes<kD>();
   CUDA_RETURN_IF_NOT_OK(SetSmem(attn_fwd_kernel<kD, kSE>, smem));
   const dim3 grid((p.seq + kFwdM - 1) / kFwdM, p.heads, static_cast<unsigned>(batch));
   attn_fwd_kernel<kD, kSE><<<grid, kFwdThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_kernel");
   return {};
+}
+
+// Which backward kernel runs: 0 = attn_bwd_kernel (default), 1 = attn_bwd_kernel_v1. The
+// environment variable GYRE_ATTN_BWD_VARIANT overrides it (benchmarks and tests compare both).
+int BackwardVariant() {
+  static const int variant = [] {
+    const char* env = std::getenv("GYRE_ATTN_BWD_VARIANT");
+    return env != nullptr && std::atoi(env) == 1 ? 1 : 0;
+  }();
+  return variant;
 }
 
 template <int kD>
@@ -817,11 +1016,17 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                                                     p.dq_acc, rows_heads, p.seq, p.heads);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   constexpr int smem = BwdSmemBytes<kD>();
-  CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
   const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  if (BackwardVariant() == 1) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel_v1<kD>, smem));
+    attn_bwd_kernel_v1<kD><<<grid, kThreads, smem, stream>>>(p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel_v1");
+  } else {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
+    attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  }
   const int64_t chunks = rows_heads * (kD / 8);
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);

@@ -3,8 +3,10 @@
 // Shapes cover head_dim 64 and 128, GQA (H 8 / Hk 2), MHA, sequence lengths 1, 17, 100, 257,
 // 300, 1000 (none a multiple of the 128/64 tiles), batch 2, and strided views of one fused qkv
 // buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32) and (8, 64)
-// against a float64 SelfExtend reference; SelfExtend with T <= W and SelfExtend with grouped
-// inputs equal to the plain ones must both reproduce plain attention.
+// against a float64 SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
+// exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
+// The backward runs whichever kernel GYRE_ATTN_BWD_VARIANT selects (0 default, 1 the first
+// layout); the GPU script runs this binary once per variant.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
@@ -367,8 +369,10 @@ bool RunSelfExtend(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& 
   ok &= Report("selfextend fwd out", shape, RelError(d_out.Download(), ref.out), kTolOut);
   ok &= Report("selfextend fwd lse", shape, RelError(d_lse.Download(), ref.lse), kTolLse);
 
-  // Identity 1: grouped inputs equal to the plain ones -> the SelfExtend kernel (mixed tiles,
-  // selection) must give the plain kernel's output (same products, same order: bitwise).
+  // Identity 1: grouped inputs equal to the plain ones -> the SelfExtend kernel (near and far
+  // passes, window masks) must give the plain kernel's output. Not bitwise: the two passes
+  // partition each row's keys differently, so P is rounded to bf16 against other running maxima
+  // (~1e-3); a wrong window or pass boundary would be O(1).
   fa.q_grouped = x.dev_q;
   fa.k_grouped = x.dev_k;
   d_out.Poison();
@@ -377,7 +381,7 @@ bool RunSelfExtend(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& 
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
   const std::vector<float> plain = d_plain.Download();
   const std::vector<double> plain64(plain.begin(), plain.end());
-  ok &= Report("selfextend(qg=q,kg=k) == plain", shape, RelError(d_out.Download(), plain64), 1e-6);
+  ok &= Report("selfextend(qg=q,kg=k) == plain", shape, RelError(d_out.Download(), plain64), 5e-3);
 
   // Identity 2: T <= W -> exactly plain attention (grouped inputs are never read).
   fa.q_grouped = qg;
