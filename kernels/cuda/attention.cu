@@ -6,9 +6,8 @@
 //   two blocks per SM. One block owns 128 query rows of one (batch, head); warp w owns rows
 //   32w..32w+31 as two m16 tiles, so every K / V fragment read from shared memory feeds two MMAs
 //   (with one m-tile per warp the kernel is bound by shared-memory bandwidth, not by the tensor
-//   cores: a B fragment is 256 bytes per 2048 MACs). The Q tile (and, for SelfExtend, the
-//   Q_grouped tile) is copied to shared memory once; then the block walks key tiles of 64 rows
-//   (32 with SelfExtend) from key 0 up to the diagonal — tiles entirely above the diagonal are
+//   cores: a B fragment is 256 bytes per 2048 MACs). The Q tile is copied to shared memory once;
+//   then the block walks key tiles of 64 rows from key 0 up to the diagonal — tiles entirely above the
 //   never visited (causal tile skipping halves the work), and inside the diagonal tiles a warp
 //   whose 32 rows all precede the tile skips it. Per key tile:
 //     S = Q Kᵀ          32 x 64 per warp, mma.sync m16n8k16 bf16 -> fp32, A and B via ldmatrix
@@ -23,14 +22,20 @@
 //   through the warp's own Q rows in shared memory and written with 16-byte stores;
 //   lse = m·scale + ln l per row.
 //
-// SelfExtend (kSelfExtend): key tiles also bring K_grouped (and the block Q_grouped once). For
-//   rows [r0, r1] and keys [n0, n0 + N) the distances of valid pairs lie in [r0 − n0 − N + 1,
-//   r1 − n0]: the block copies K only if some pair is a neighbour (< W) and K_g only if some is
-//   grouped (>= W); each warp decides the same for its own 32 rows, so a warp computes only
-//   S = Q Kᵀ or only S = Q_g K_gᵀ except on the band i − j ≈ W, where it computes both (the
-//   grouped one 16 x 16 at a time) and selects per element. The selected logits feed the one
-//   online softmax. Extra work ≈ (band tiles)/(all tiles) ≈ 48·H·T·D MACs for a warp-band of
-//   ~1.5 tiles; extra bytes: Q_g and the K_g tiles (2·B·T·(H + Hk)·D).
+// SelfExtend (kSelfExtend): two passes over key tiles in the same kernel, the same shared
+//   memory (one Q, one K, one V buffer) and the same registers as plain attention, feeding ONE
+//   online softmax (any partition of a row's keys gives the same softmax):
+//     near pass  tiles [near_first, diagonal] with Q and K, valid pairs 0 <= i − j < W;
+//     far pass   tiles [0, n_far) with Q_g and K_g (Q_g replaces Q in shared memory between the
+//                passes, copied under the last near tile's P·V), valid pairs i − j >= W.
+//   A tile holds neighbour pairs iff m0 − (n0 + 63) < W and grouped pairs iff last_row − n0 >= W;
+//   only the ~2 tiles per block on the band i − j ≈ W are visited twice, and each warp skips a
+//   pass's tile in which its own 32 rows have no valid pair. A row's first visited tile may hold
+//   none of its keys (the near pass starts past key 0), so the softmax guards max = −inf.
+//   Extra bytes: Q_g once per block and K_g tiles instead of K tiles on the far side.
+//   Measured (H200, bench/RESULTS.md) this is 1.47-1.55x the plain forward, far more than the
+//   ~6-10% of extra tiles; the cause is not yet found (the SelfExtend instance spills 84 bytes
+//   at D 128 but not at D 64, where the ratio is worst).
 //
 // Backward: FA2 with recomputation, three launches.
 //   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
@@ -39,13 +44,11 @@
 //                           registers (fp32) over every query head of the GQA group and every
 //                           64-row query tile at or below the diagonal (Q, dO double-buffered with
 //                           cp.async). Per query tile:
-//                             S = Q Kᵀ, dP = dO Vᵀ (64 x 128, warps 2 x 4 over rows x keys)
+//                             S = Q Kᵀ, dP = dO Vᵀ (64 x 128, warps 4 x 2 over rows x keys)
 //                             P = exp2(S·scale·log2e − lse·log2e), dS = P ∘ (dP − D)   -> smem bf16
-//                             dV += Pᵀ dO, dK += dSᵀ Q (128 x D, warps 4 x 2, A via ldmatrix.trans)
-//                             dQ_acc += dS K (64 x D, warps 2 x 4) with fp32 vector atomics
-//                           Each warp owns 32 x 32 of S (two m-tiles: every fragment read from
-//                           shared memory feeds two MMAs); warp blocks above the diagonal skip
-//                           their MMAs, and dQ's k loop stops at the warp's last row.
+//                             dV += Pᵀ dO, dK += dSᵀ Q (128 x D, warps 4 x 2, A via ldmatrix.trans;
+//                             each warp owns 32 keys = two m-tiles, so fragments feed two MMAs)
+//                             dQ_acc += dS K (64 x D, warps 4 x 2) with fp32 vector atomics
 //                           dK·scale and dV are written once, bf16, no atomics: each kv head's
 //                           gradient sums its query heads inside one block, so GQA needs no scratch.
 //   attn_bwd_dq_kernel      dq = bf16(scale · dQ_acc) into the (possibly strided) dq rows.
@@ -57,7 +60,9 @@
 // L2 (HBM once: 2·B·T·(H + 2Hk)·D) and writes O (2·B·T·H·D) and lse; backward reads Q, dO
 // once per key block (L2) and K, V, O, dO, lse, D once, writes dQ (fp32 atomics: 4 B/elem per key
 // tile, L2-resident), dK, dV. B8 T2048 H16 D128: forward 137 GFLOP, backward 344 GFLOP; at
-// ~800 TFLOP/s of dense bf16 mma: 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB).
+// ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
+// 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: 0.51 ms forward
+// (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
@@ -67,7 +72,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -90,12 +94,6 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_size));
-}
-// 4-byte async copy (row statistics); valid == false writes zero.
-__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool valid) {
-  const int src_size = valid ? 4 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -465,7 +463,7 @@ constexpr int kBwdM = 64, kBwdN = 128;
 template <int kD>
 constexpr int BwdSmemBytes() {
   constexpr int ld = kD + 8, ldp = kBwdN + 8;
-  return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2 + 2 * 2 * kBwdM * 4;
+  return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
 // D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator.
@@ -521,237 +519,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_a
   *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + ck * 8) = packed;
 }
 
+// S / dP: warps 4 (16 rows) x 2 (64 keys); dV / dK: 4 (32 keys) x 2 (D/2 features); dQ: 4 (16
+// rows) x 2 (D/2 features). (A 2 x 4 layout with 32 x 32 S blocks per warp and above-diagonal
+// skips measured 11-22% slower on an H200 — see bench/RESULTS.md — and was dropped.)
 template <int kD>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const BwdParams p) {
-  constexpr int kLd = kD + 8, kLdp = kBwdN + 8;
-  constexpr int kGNT = kD / 2 / 8;  // dK / dV n-tiles per warp (D/2 features)
-  constexpr int kQNT = kD / 4 / 8;  // dQ n-tiles per warp (D/4 features)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sV = sK + kBwdN * kLd;
-  bf16* sQbuf = sV + kBwdN * kLd;          // [2][kBwdM][kLd]
-  bf16* sdObuf = sQbuf + 2 * kBwdM * kLd;  // [2][kBwdM][kLd]
-  bf16* sP = sdObuf + 2 * kBwdM * kLd;     // [kBwdM][kLdp]
-  bf16* sdS = sP + kBwdM * kLdp;
-  float* sStat = reinterpret_cast<float*>(sdS + kBwdM * kLdp);  // [2][lse·log2e row | D row][64]
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, tq = lane % 4;
-  // S, dP and dQ: warps 2 (rows, 32 each) x 4 (keys / features); dK, dV: 4 (keys) x 2 (features).
-  const int sm = warp % 2, sn = warp / 2;
-  const int gm = warp % 4, gn = warp / 4;
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int seq = p.seq;
-  const int n0 = n_block * kBwdN;
-  const int64_t row_base = static_cast<int64_t>(b) * seq;
-  const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
-  const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-  const int m_first = n0 / kBwdM;
-  const int m_tiles = (seq + kBwdM - 1) / kBwdM;
-  const int per_head = m_tiles - m_first;
-  const int total = p.group * per_head;
-  const int do_stride = p.heads * kD;
-
-  auto load_q_do = [&](int it) {
-    const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBwdM;
-    const int buf = it & 1;
-    LoadTile<kBwdM, kD, kLd, kThreads>(sQbuf + buf * kBwdM * kLd,
-                                       p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
-                                       tid);
-    LoadTile<kBwdM, kD, kLd, kThreads>(sdObuf + buf * kBwdM * kLd,
-                                       p.dout + row_base * do_stride + h * kD, do_stride, m0, seq,
-                                       tid);
-    // lse and D of the tile's rows ride along (threads 0..127), so no global load waits after
-    // the GEMMs.
-    if (tid < 2 * kBwdM) {
-      const int r = tid % kBwdM, row = m0 + r;
-      const float* src = (tid < kBwdM ? p.lse : p.dvec) + (static_cast<int64_t>(b) * p.heads + h) * seq;
-      CpAsync4(SmemAddr(sStat + (buf * 2 + tid / kBwdM) * kBwdM + r), src + (row < seq ? row : 0),
-               row < seq);
-    }
-  };
-
-  LoadTile<kBwdN, kD, kLd, kThreads>(sK, k, p.kv_stride, n0, seq, tid);
-  LoadTile<kBwdN, kD, kLd, kThreads>(sV, v, p.kv_stride, n0, seq, tid);
-  load_q_do(0);
-  CpAsyncCommit();
-
-  float dk[2][kGNT][4], dv[2][kGNT][4];
-  Zero(dk);
-  Zero(dv);
-
-  const uint32_t sK_a = SmemAddr(sK), sV_a = SmemAddr(sV), sP_a = SmemAddr(sP),
-                 sdS_a = SmemAddr(sdS);
-  // S / dP: rows 32·sm (two m-tiles), keys 32·sn (four n-tiles).
-  const uint32_t s_a_off = sm * 32 * kLd * 2 + LaneA(lane, kLd);
-  const uint32_t s_b_off = sn * 32 * kLd * 2 + LaneBn(lane, kLd);
-  // dV / dK: keys 32·gm (two m-tiles), features (D/2)·gn; A = Pᵀ / dSᵀ, B = dO / Q (trans).
-  const uint32_t g_at_off = gm * 32 * 2 + LaneAt(lane, kLdp);
-  const uint32_t g_bt_off = gn * (kD / 2) * 2 + LaneBt(lane, kLd);
-  // dQ: rows 32·sm, features (D/4)·sn; A = dS, B = K (trans).
-  const uint32_t q_a_off = sm * 32 * kLdp * 2 + LaneA(lane, kLdp);
-  const uint32_t q_bt_off = sn * (kD / 4) * 2 + LaneBt(lane, kLd);
-
-  for (int it = 0; it < total; ++it) {
-    const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBwdM;
-    const int buf = it & 1;
-    CpAsyncWaitAll();
-    __syncthreads();
-    if (it + 1 < total) {
-      load_q_do(it + 1);
-      CpAsyncCommit();
-    }
-    const uint32_t sQ_a = SmemAddr(sQbuf + buf * kBwdM * kLd);
-    const uint32_t sdO_a = SmemAddr(sdObuf + buf * kBwdM * kLd);
-
-    // This warp's S block: rows [m0 + 32·sm, +32), keys [n0 + 32·sn, +32). Entirely above the
-    // diagonal (or past the end): P = dS = 0 without any MMA.
-    const int w_row0 = m0 + sm * 32, w_key0 = n0 + sn * 32;
-    const bool s_active = w_key0 <= min(w_row0 + 31, seq - 1);
-    float s[2][4][4], dp[2][4][4];
-    Zero(s);
-    Zero(dp);
-    if (s_active) {
-      WarpGemmNT<2, 4, kD>(s, sQ_a + s_a_off, kLd, sK_a + s_b_off, kLd);
-      WarpGemmNT<2, 4, kD>(dp, sdO_a + s_a_off, kLd, sV_a + s_b_off, kLd);
-    }
-    const float* lse_s = sStat + buf * 2 * kBwdM;
-    const float* dvec_s = lse_s + kBwdM;
-    const bool masked = (w_key0 + 31 > w_row0) || (w_row0 + 32 > seq);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int row = w_row0 + mt * 16 + hr * 8 + g;
-        const float lse2 = lse_s[row - m0] * kLog2e;  // zero-filled past the end
-        const float dd = dvec_s[row - m0];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            const int e = hr * 2 + e2;
-            float pr = s_active ? exp2f(fmaf(s[mt][i][e], p.scale_log2, -lse2)) : 0.f;
-            if (masked) {
-              const int col = w_key0 + i * 8 + tq * 2 + e2;
-              if (col > row || row >= seq) pr = 0.f;
-            }
-            s[mt][i][e] = pr;
-            dp[mt][i][e] = pr * (dp[mt][i][e] - dd);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int col = sn * 32 + i * 8 + tq * 2;
-        const int row = sm * 32 + mt * 16 + g;
-        *reinterpret_cast<uint32_t*>(sP + row * kLdp + col) = PackBf16(s[mt][i][0], s[mt][i][1]);
-        *reinterpret_cast<uint32_t*>(sP + (row + 8) * kLdp + col) =
-            PackBf16(s[mt][i][2], s[mt][i][3]);
-        *reinterpret_cast<uint32_t*>(sdS + row * kLdp + col) = PackBf16(dp[mt][i][0], dp[mt][i][1]);
-        *reinterpret_cast<uint32_t*>(sdS + (row + 8) * kLdp + col) =
-            PackBf16(dp[mt][i][2], dp[mt][i][3]);
-      }
-    }
-    __syncthreads();
-
-    // dV += Pᵀ dO and dK += dSᵀ Q over the 64 query rows (k dimension); a warp whose 32 keys
-    // all lie past the tile's last row has nothing to add.
-    if (n0 + gm * 32 <= min(m0 + kBwdM - 1, seq - 1)) {
-#pragma unroll
-      for (int kq = 0; kq < kBwdM / 16; ++kq) {
-        uint32_t ap[2][4], as[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const uint32_t off = g_at_off + (kq * 16 * kLdp + mt * 16) * 2;
-          Ldsm4T(ap[mt], sP_a + off);
-          Ldsm4T(as[mt], sdS_a + off);
-        }
-#pragma unroll
-        for (int np = 0; np < kGNT / 2; ++np) {
-          const uint32_t off = g_bt_off + (kq * 16 * kLd + np * 16) * 2;
-          uint32_t bo[4], bq[4];
-          Ldsm4T(bo, sdO_a + off);
-          Ldsm4T(bq, sQ_a + off);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            Mma(dv[mt][2 * np], ap[mt], bo[0], bo[1]);
-            Mma(dv[mt][2 * np + 1], ap[mt], bo[2], bo[3]);
-            Mma(dk[mt][2 * np], as[mt], bq[0], bq[1]);
-            Mma(dk[mt][2 * np + 1], as[mt], bq[2], bq[3]);
-          }
-        }
-      }
-    }
-
-    // dQ_acc += dS K (rows 32·sm, features (D/4)·sn), fp32 vector atomics (a warp whose rows
-    // all precede the key block has dS = 0 and skips).
-    const int w_row_last = min(w_row0 + 31, seq - 1);
-    if (w_row_last >= n0) {
-      float dqp[2][kQNT][4];
-      Zero(dqp);
-#pragma unroll
-      for (int kk = 0; kk < kBwdN / 16; ++kk) {
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          Ldsm4(a[mt], sdS_a + q_a_off + (mt * 16 * kLdp + kk * 16) * 2);
-        }
-#pragma unroll
-        for (int np = 0; np < kQNT / 2; ++np) {
-          uint32_t bk[4];
-          Ldsm4T(bk, sK_a + q_bt_off + (kk * 16 * kLd + np * 16) * 2);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            Mma(dqp[mt][2 * np], a[mt], bk[0], bk[1]);
-            Mma(dqp[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-          }
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int row = w_row0 + mt * 16 + hr * 8 + g;
-          if (row < seq) {
-            float* dst =
-                p.dq_acc + ((row_base + row) * p.heads + h) * kD + sn * (kD / 4) + tq * 2;
-#pragma unroll
-            for (int i = 0; i < kQNT; ++i) {
-              atomicAdd(reinterpret_cast<float2*>(dst + i * 8),
-                        make_float2(dqp[mt][i][2 * hr], dqp[mt][i][2 * hr + 1]));
-            }
-          }
-        }
-      }
-    }
-  }
-
-  // Write dK·scale and dV (keys 32·gm + 16·mt + g (+8), features (D/2)·gn + 8i + 2tq).
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int key = n0 + gm * 32 + mt * 16 + g + hr * 8;
-      if (key >= seq) continue;
-      bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
-      bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + gn * (kD / 2) + tq * 2;
-#pragma unroll
-      for (int i = 0; i < kGNT; ++i) {
-        *reinterpret_cast<uint32_t*>(dkr + i * 8) =
-            PackBf16(dk[mt][i][2 * hr] * p.scale, dk[mt][i][2 * hr + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvr + i * 8) =
-            PackBf16(dv[mt][i][2 * hr], dv[mt][i][2 * hr + 1]);
-      }
-    }
-  }
-}
-
-// The first backward layout (kept for comparison, see attn_bwd_kernel): S / dP warps 4 x 2
-// (16 rows x 64 keys), dQ warps 4 x 2 (16 rows x D/2), no above-diagonal skips.
-template <int kD>
-__global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel_v1(const BwdParams p) {
   constexpr int kLd = kD + 8, kLdp = kBwdN + 8;
   constexpr int kSNT = kBwdN / 2 / 8;  // S / dP n-tiles per warp (64 keys)
   constexpr int kGNT = kD / 2 / 8;     // dK / dV / dQ n-tiles per warp (D/2 features)
@@ -995,16 +767,6 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-// Which backward kernel runs: 0 = attn_bwd_kernel (default), 1 = attn_bwd_kernel_v1. The
-// environment variable GYRE_ATTN_BWD_VARIANT overrides it (benchmarks and tests compare both).
-int BackwardVariant() {
-  static const int variant = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD_VARIANT");
-    return env != nullptr && std::atoi(env) == 1 ? 1 : 0;
-  }();
-  return variant;
-}
-
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, cudaStream_t stream) {
@@ -1018,15 +780,9 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
   constexpr int smem = BwdSmemBytes<kD>();
   const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  if (BackwardVariant() == 1) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel_v1<kD>, smem));
-    attn_bwd_kernel_v1<kD><<<grid, kThreads, smem, stream>>>(p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel_v1");
-  } else {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
-    attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
-  }
+  CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
+  attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
   const int64_t chunks = rows_heads * (kD / 8);
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);

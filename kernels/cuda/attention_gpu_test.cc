@@ -5,8 +5,6 @@
 // buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32) and (8, 64)
 // against a float64 SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
-// The backward runs whichever kernel GYRE_ATTN_BWD_VARIANT selects (0 default, 1 the first
-// layout); the GPU script runs this binary once per variant.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
