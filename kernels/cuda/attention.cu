@@ -212,7 +212,8 @@ struct FwdParams {
 };
 
 // 128 query rows per block, 4 warps of 32 rows (two m16 tiles each), 64-key tiles; two blocks
-// per SM (registers: ≤ 255 per thread at 128 threads x 2 blocks; 52 / 35 KB shared memory).
+// per SM (registers: ≤ 255 per thread at 128 threads x 2 blocks; 68 / 37 KB shared memory at
+// D 128 / 64).
 constexpr int kFwdM = 128, kFwdN = 64, kFwdWarps = 4, kFwdThreads = kFwdWarps * 32;
 
 template <int kD>

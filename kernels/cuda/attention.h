@@ -24,8 +24,10 @@
 // D128: 137 GFLOP forward, 344 GFLOP backward — compute-bound (≈ 0.17 ms / 0.43 ms at
 // ~800 TFLOP/s) against ≈ 0.13 GB of traffic (0.04 ms at 3.3 TB/s).
 //
-// Thread-safety: stateless; the backward takes scratch (fp32 dq accumulators, D rows) from
-// `alloc`, which is single-threaded.
+// Thread-safety: stateless; the backward takes scratch (fp32 dq accumulators [B·T, H, D], D rows
+// [B, H, T]) from `alloc` and returns it to the cache before returning (stream-ordered reuse, see
+// device_allocator.h; under CUDA-graph capture the scratch would have to outlive the graph).
+// Determinism: forward, dk and dv are bitwise reproducible; dq sums key blocks with fp32 atomics.
 //
 // CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
 // adding fields with defaults.
