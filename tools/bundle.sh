@@ -16,7 +16,8 @@ TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_col
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
   //bench:cuda_dense_bench //bench:slstm_bench
-  //kernels/cuda:conv1d_gpu_test //bench:ssd_bench //bench:conv1d_bench)
+  //kernels/cuda:conv1d_gpu_test //bench:ssd_bench //bench:conv1d_bench
+  //kernels/cuda:attention_gpu_test //bench:attention_bench)
 # (ssd_gpu_test and slstm_gpu_test link OpenBLAS statically, ~30 MB each: carried on their own,
 # see kernels/cuda/README.md.)
 
@@ -64,6 +65,8 @@ rc=0
 "$here/bin/conv1d_bench" || rc=1
 # sLSTM persistent kernels (its GPU test links OpenBLAS, 30 MB: carried separately, README).
 "$here/bin/slstm_bench" ${OUT:+--csv="$OUT/slstm_bench.csv"} || rc=1
+"$here/bin/attention_gpu_test" || rc=1
+"$here/bin/attention_bench" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh

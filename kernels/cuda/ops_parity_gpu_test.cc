@@ -7,6 +7,9 @@
 //   ops::Embedding                    <-> EmbeddingForward / EmbeddingBackward
 //   ops::FusedLmHeadCrossEntropy      <-> LinearCrossEntropy
 //   ops::ClipGradNorm + ops::AdamW    <-> FusedAdamW
+//   ops::CausalAttentionForward/Backward (RoPE inside; GQA; SelfExtend)
+//                                     <-> RopeForward + AttentionForward / AttentionBackward
+//                                         + RopeBackward
 #include <cmath>
 #include <string>
 #include <vector>
@@ -14,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/activations.h"
 #include "kernels/cuda/adamw.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/cross_entropy.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/gpu_test_util.h"
@@ -312,6 +316,133 @@ TEST(OpsParityGpuTest, ClipAndAdamW) {
     const std::string shape = "step=" + std::to_string(step) + " norm=" + std::to_string(norm);
     EXPECT_TRUE(Report("ops::ClipGradNorm norm", shape, std::fabs(st.grad_norm - norm) / norm, testing::kTolF32));
     EXPECT_TRUE(Report("ops::AdamW weights", shape, RelError(got, ref), testing::kTolF32));
+  }
+}
+
+// The ops/ op takes un-rotated q, k and applies RoPE itself (SelfExtend: at the grouped
+// positions too); the GPU path is RopeForward (device positions) + AttentionForward, and for
+// the gradients AttentionBackward + RopeBackward (dq, dk w.r.t. the un-rotated inputs).
+TEST(OpsParityGpuTest, CausalAttention) {
+  std::mt19937_64 rng(27);
+  struct Case {
+    int64_t batch, seq, heads, kv_heads, dim, group, window;
+  };
+  for (const Case& c : {Case{2, 150, 4, 2, 64, 0, 0}, Case{1, 133, 4, 4, 128, 0, 0},
+                        Case{2, 150, 4, 2, 64, 4, 32}, Case{1, 200, 2, 1, 128, 8, 64}}) {
+    DeviceAllocator alloc;
+    const int64_t rows = c.batch * c.seq, H = c.heads, Hk = c.kv_heads, D = c.dim;
+    const std::string shape = "B" + std::to_string(c.batch) + " T" + std::to_string(c.seq) + " H" +
+                              std::to_string(H) + "/" + std::to_string(Hk) + " D" +
+                              std::to_string(D) +
+                              (c.group ? " SE" + std::to_string(c.group) + "," +
+                                             std::to_string(c.window)
+                                       : "");
+    const auto q = RandomBf16Values(rng, rows * H * D);
+    const auto k = RandomBf16Values(rng, rows * Hk * D);
+    const auto v = RandomBf16Values(rng, rows * Hk * D);
+    const auto dout = RandomBf16Values(rng, rows * H * D);
+    ops::AttentionOptions opt;
+    opt.heads = H;
+    opt.kv_heads = Hk;
+    opt.head_dim = D;
+    opt.rope_theta = 10000.0;
+    opt.self_extend_group = c.group;
+    opt.self_extend_window = c.window;
+    ops::AttentionSaved saved;
+    const ops::Tensor out_ref = ops::CausalAttentionForward(
+        F64({rows, H * D}, q), F64({rows, Hk * D}, k), F64({rows, Hk * D}, v), c.batch, c.seq, opt,
+        &saved);
+
+    RopeTable table;
+    ASSERT_TRUE(BuildRopeTable(c.seq + c.window + 1, D, 10000.0, &alloc, &table).ok());
+    DeviceArray<bf16> d_q(&alloc, q.size()), d_k(&alloc, k.size()), d_v(&alloc, v.size());
+    DeviceArray<bf16> d_qr(&alloc, q.size()), d_kr(&alloc, k.size()), d_out(&alloc, q.size());
+    DeviceArray<bf16> d_qg(&alloc, q.size()), d_kg(&alloc, k.size());
+    DeviceArray<float> d_lse(&alloc, c.batch * H * c.seq);
+    d_q.Upload(q);
+    d_k.Upload(k);
+    d_v.Upload(v);
+    d_out.Poison();
+    auto rope = [&](const bf16* x, bf16* y, int64_t heads, const int32_t* positions) {
+      RopeArgs a;
+      a.x = x;
+      a.y = y;
+      a.rows = rows;
+      a.seq = c.seq;
+      a.heads = heads;
+      a.row_stride = heads * D;
+      a.positions = positions;
+      return RopeForward(table, a, nullptr);
+    };
+    ASSERT_TRUE(rope(d_q.get(), d_qr.get(), H, nullptr).ok());
+    ASSERT_TRUE(rope(d_k.get(), d_kr.get(), Hk, nullptr).ok());
+    AttentionForwardArgs fa;
+    fa.shape = {c.batch, c.seq, H, Hk, D};
+    fa.q = d_qr.get();
+    fa.k = d_kr.get();
+    fa.v = d_v.get();
+    fa.out = d_out.get();
+    fa.lse = d_lse.get();
+    DeviceArray<int32_t> pos_q(&alloc, c.seq), pos_k(&alloc, c.seq);
+    if (c.group > 0) {
+      std::vector<float> pq(c.seq), pk(c.seq);
+      for (int64_t t = 0; t < c.seq; ++t) {
+        pq[t] = static_cast<float>(t / c.group + c.window - c.window / c.group);
+        pk[t] = static_cast<float>(t / c.group);
+      }
+      pos_q.Upload(pq);
+      pos_k.Upload(pk);
+      ASSERT_TRUE(rope(d_q.get(), d_qg.get(), H, pos_q.get()).ok());
+      ASSERT_TRUE(rope(d_k.get(), d_kg.get(), Hk, pos_k.get()).ok());
+      fa.self_extend_group = c.group;
+      fa.self_extend_window = c.window;
+      fa.q_grouped = d_qg.get();
+      fa.k_grouped = d_kg.get();
+    }
+    ASSERT_TRUE(AttentionForward(fa, nullptr).ok());
+    EXPECT_TRUE(Report("ops::CausalAttentionForward", shape, RelError(d_out.Download(), Vec(out_ref)),
+                       testing::kTolBf16));
+    if (c.group > 0) continue;  // SelfExtend is inference-only: no GPU backward
+
+    ops::Tensor dq_ref, dk_ref, dv_ref;
+    ops::CausalAttentionBackward(saved, F64({rows, H * D}, dout), opt, &dq_ref, &dk_ref, &dv_ref);
+    DeviceArray<bf16> d_dout(&alloc, q.size()), d_dqr(&alloc, q.size()), d_dkr(&alloc, k.size());
+    DeviceArray<bf16> d_dq(&alloc, q.size()), d_dk(&alloc, k.size()), d_dv(&alloc, v.size());
+    d_dout.Upload(dout);
+    d_dq.Poison();
+    d_dk.Poison();
+    d_dv.Poison();
+    AttentionBackwardArgs ba;
+    ba.shape = fa.shape;
+    ba.q = fa.q;
+    ba.k = fa.k;
+    ba.v = fa.v;
+    ba.out = d_out.get();
+    ba.dout = d_dout.get();
+    ba.lse = d_lse.get();
+    ba.dq = d_dqr.get();
+    ba.dk = d_dkr.get();
+    ba.dv = d_dv.get();
+    ASSERT_TRUE(AttentionBackward(&alloc, ba, nullptr).ok());
+    RopeArgs rb;
+    rb.rows = rows;
+    rb.seq = c.seq;
+    rb.x = d_dqr.get();
+    rb.y = d_dq.get();
+    rb.heads = H;
+    rb.row_stride = H * D;
+    ASSERT_TRUE(RopeBackward(table, rb, nullptr).ok());
+    rb.x = d_dkr.get();
+    rb.y = d_dk.get();
+    rb.heads = Hk;
+    rb.row_stride = Hk * D;
+    ASSERT_TRUE(RopeBackward(table, rb, nullptr).ok());
+    EXPECT_TRUE(Report("ops::CausalAttentionBackward dq", shape,
+                       RelError(d_dq.Download(), Vec(dq_ref)), testing::kTolBf16));
+    EXPECT_TRUE(Report("ops::CausalAttentionBackward dk", shape,
+                       RelError(d_dk.Download(), Vec(dk_ref)), testing::kTolBf16));
+    EXPECT_TRUE(Report("ops::CausalAttentionBackward dv", shape,
+                       RelError(d_dv.Download(), Vec(dv_ref)), testing::kTolBf16));
   }
 }
 

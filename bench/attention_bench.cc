@@ -1,0 +1,156 @@
+// Causal attention benchmark (kernels/cuda/attention; issue 7 item 3).
+//
+// Shapes (bf16, packed q/k/v, H = Hk): B8 S2048 H16 D128, B2 S8192 H16 D128 (the issue's
+// anchors), B8 S2048 H12 D64 (llama-125m's heads). Per shape: forward, backward, forward +
+// backward, and the SelfExtend forward (G 8, W 1024; random grouped q/k) next to the plain one.
+// Median of `reps` CUDA-event timings after warm-up, dense random inputs (never zeros), no L2
+// flush (the same as bench/torch_anchor_attention.py, the torch SDPA anchor run in the same
+// call). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
+// once, each output written once.
+//
+//   attention_bench [--reps=N] [--shapes=K]   (K: only the first K shapes, e.g. for ncu)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/random_fill.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+double TimeMs(cudaStream_t stream, int reps, const std::function<CudaResult()>& op) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&start));
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) CUDA_OK_OR_DIE(op());
+  CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CUDA_CHECK_OR_DIE(cudaEventRecord(start, stream));
+    CUDA_OK_OR_DIE(op());
+    CUDA_CHECK_OR_DIE(cudaEventRecord(stop, stream));
+    CUDA_CHECK_OR_DIE(cudaEventSynchronize(stop));
+    float t = 0;
+    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  CUDA_CHECK_OR_DIE(cudaGetLastError());
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(start));
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(stop));
+  return Median(ms);
+}
+
+struct Shape {
+  int64_t batch, seq, heads, dim;
+};
+
+void Print(const char* what, const Shape& s, double ms, double flops, double bytes) {
+  std::printf("ours %-16s B%-2lld S%-5lld H%-3lld D%-4lld %9.4f ms %7.1f TFLOP/s %7.0f GB/s\n",
+              what, static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+              static_cast<long long>(s.heads), static_cast<long long>(s.dim), ms,
+              flops / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9);
+  std::fflush(stdout);
+}
+
+void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps) {
+  const int64_t n = s.batch * s.seq * s.heads * s.dim;
+  std::vector<DeviceBuffer> keep;
+  uint64_t seed = 1;
+  auto rb = [&](int64_t count) {
+    keep.emplace_back();
+    CUDA_OK_OR_DIE(alloc.Allocate(count * sizeof(bf16), &keep.back()));
+    CUDA_OK_OR_DIE(FillRandomBf16(keep.back().as<bf16>(), count, 0.f, 1.f, seed++, stream));
+    return keep.back().as<bf16>();
+  };
+  bf16 *q = rb(n), *k = rb(n), *v = rb(n), *qg = rb(n), *kg = rb(n), *out = rb(n), *dout = rb(n);
+  bf16 *dq = rb(n), *dk = rb(n), *dv = rb(n);
+  DeviceBuffer lse_buf;
+  CUDA_OK_OR_DIE(alloc.Allocate(s.batch * s.heads * s.seq * sizeof(float), &lse_buf));
+  float* lse = lse_buf.as<float>();
+
+  AttentionForwardArgs fa;
+  fa.shape = {s.batch, s.seq, s.heads, s.heads, s.dim};
+  fa.q = q;
+  fa.k = k;
+  fa.v = v;
+  fa.out = out;
+  fa.lse = lse;
+  AttentionBackwardArgs ba;
+  ba.shape = fa.shape;
+  ba.q = q;
+  ba.k = k;
+  ba.v = v;
+  ba.out = out;
+  ba.dout = dout;
+  ba.lse = lse;
+  ba.dq = dq;
+  ba.dk = dk;
+  ba.dv = dv;
+  AttentionForwardArgs se = fa;
+  se.self_extend_group = 8;
+  se.self_extend_window = 1024;
+  se.q_grouped = qg;
+  se.k_grouped = kg;
+
+  const double pairs = static_cast<double>(s.seq) * s.seq / 2;
+  const double fwd_flops = 4.0 * s.batch * s.heads * pairs * s.dim;
+  const double bwd_flops = 2.5 * fwd_flops;
+  const double fwd_bytes = 4.0 * n * 2 + s.batch * s.heads * s.seq * 4.0;
+  const double bwd_bytes = (5.0 * n + 3.0 * n) * 2 + s.batch * s.heads * s.seq * 4.0;
+
+  CUDA_OK_OR_DIE(AttentionForward(fa, stream));  // lse for the backward timings
+  const double fwd = TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); });
+  Print("fwd", s, fwd, fwd_flops, fwd_bytes);
+  const double bwd = TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba, stream); });
+  Print("bwd", s, bwd, bwd_flops, bwd_bytes);
+  const double both = TimeMs(stream, reps, [&]() -> CudaResult {
+    CUDA_RETURN_IF_NOT_OK(AttentionForward(fa, stream));
+    return AttentionBackward(&alloc, ba, stream);
+  });
+  Print("fwd+bwd", s, both, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes);
+  const double sef = TimeMs(stream, reps, [&] { return AttentionForward(se, stream); });
+  Print("selfextend fwd", s, sef, fwd_flops, fwd_bytes + 2.0 * n * 2);
+  std::printf("ours selfextend/plain fwd B%lld S%lld D%lld: %.3f\n",
+              static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+              static_cast<long long>(s.dim), sef / fwd);
+}
+
+int Main(int argc, char** argv) {
+  int reps = 30, shapes = 3;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
+    if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
+  }
+  cudaDeviceProp prop{};
+  CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  DeviceAllocator alloc;
+  cudaStream_t stream;
+  CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
+  for (int i = 0; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps);
+  CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
+  return 0;
+}
+
+}  // namespace
+}  // namespace gyre::cuda
+
+int main(int argc, char** argv) { return gyre::cuda::Main(argc, argv); }
