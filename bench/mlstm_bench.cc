@@ -63,6 +63,61 @@ double TimeMs(const std::function<void()>& op, int reps, cudaStream_t stream) {
   return Median(ms);
 }
 
+// Per-kernel breakdown through MlstmSetLaunchHook: an event after every launch.
+struct HookEvents {
+  std::vector<cudaEvent_t> pool;
+  std::vector<std::pair<const char*, cudaEvent_t>> seen;
+};
+HookEvents* g_events = nullptr;
+void RecordLaunch(const char* name, cudaStream_t stream) {
+  HookEvents& h = *g_events;
+  if (h.seen.size() == h.pool.size()) {
+    cudaEvent_t e;
+    CUDA_CHECK_OR_DIE(cudaEventCreate(&e));
+    h.pool.push_back(e);
+  }
+  cudaEvent_t e = h.pool[h.seen.size()];
+  CUDA_CHECK_OR_DIE(cudaEventRecord(e, stream));
+  h.seen.push_back({name, e});
+}
+
+void Breakdown(const std::function<void()>& op, int reps, cudaStream_t stream) {
+  HookEvents h;
+  g_events = &h;
+  MlstmSetLaunchHook(&RecordLaunch);
+  cudaEvent_t start;
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&start));
+  std::vector<std::string> names;
+  std::vector<std::vector<float>> times;
+  for (int r = 0; r < reps + 3; ++r) {
+    h.seen.clear();
+    CUDA_CHECK_OR_DIE(cudaEventRecord(start, stream));
+    op();
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+    if (r < 3) continue;  // warm-up
+    cudaEvent_t prev = start;
+    for (size_t i = 0; i < h.seen.size(); ++i) {
+      float t = 0;
+      CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&t, prev, h.seen[i].second));
+      prev = h.seen[i].second;
+      if (names.size() <= i) {
+        names.push_back(h.seen[i].first);
+        times.emplace_back();
+      }
+      times[i].push_back(t);
+    }
+  }
+  MlstmSetLaunchHook(nullptr);
+  g_events = nullptr;
+  std::printf("  per kernel (median ms):");
+  for (size_t i = 0; i < names.size(); ++i) {
+    std::printf(" %s %.3f", names[i].c_str() + 6, Median(times[i]));  // drop "mlstm_"
+  }
+  std::printf("\n");
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(start));
+  for (cudaEvent_t e : h.pool) CUDA_CHECK_OR_DIE(cudaEventDestroy(e));
+}
+
 struct Problem {
   const char* name;
   MlstmShape shape;
@@ -141,7 +196,10 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
   std::printf("  ours fwd+bwd      %8.3f ms  (true gradient)\n", fb_ms);
   std::printf("  ours fwd+bwd      %8.3f ms  (stop_normaliser_gradient, TFLA's convention)\n",
               fb_tfla_ms);
-  std::printf("RESULT %s fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name, fwd_ms, fb_ms,
+  opt.stop_normaliser_gradient = false;
+  Breakdown([&] { fwd(); bwd(); }, reps, stream);
+  std::printf("RESULT %s L%lld fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name,
+              static_cast<long long>(pr.chunk), fwd_ms, fb_ms,
               fb_tfla_ms);
   std::fflush(stdout);
 }
@@ -261,6 +319,9 @@ int main(int argc, char** argv) {
   const gyre::cuda::Problem problems[] = {
       {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 128},
       {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 128},
+      // Same problems with chunk 64 (same function; half the intra-chunk work, twice the states).
+      {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 64},
+      {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 64},
   };
   for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));

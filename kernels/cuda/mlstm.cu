@@ -74,6 +74,8 @@ struct SavedLayout {
   size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf
   size_t m_tok = 0;    // f32  [BH][S]
   size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
+  size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
+  size_t decay = 0;    // f32  [BH][NC] e^{g + m_k − m_{k+1}}
   size_t total = 0;
 };
 
@@ -96,6 +98,10 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   off = AlignUp(off + bh * s.seq_len * 4);
   l.den_tok = off;
   off = AlignUp(off + bh * s.seq_len * 4);
+  l.e_tok = off;
+  off = AlignUp(off + bh * s.seq_len * 4);
+  l.decay = off;
+  off = AlignUp(off + bh * l.nc * 4);
   l.total = off;
   return l;
 }
@@ -107,6 +113,8 @@ struct ScratchLayout {
   size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k
   size_t dn = 0;      // f32  [BH][NC][dk]
   size_t inv_d = 0;   // f32  [BH][S]
+  size_t coef = 0;    // f32  [BH][S]  scale·G_t/denom_t (dC recurrence weight of dh_t)
+  size_t ddc = 0;     // f32  [BH][S]  scale·G_t·dden_t  (dn recurrence weight of q_t)
   size_t dden = 0;    // f32  [BH][S]
   size_t dm = 0;      // f32  [BH][S]
   size_t qdq = 0;     // f32  [BH][S][dk/DKT]  partial q·dq
@@ -129,6 +137,10 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   l.dn = off;
   off = AlignUp(off + bh * nc * s.dk * 4);
   l.inv_d = off;
+  off = AlignUp(off + bh * S * 4);
+  l.coef = off;
+  off = AlignUp(off + bh * S * 4);
+  l.ddc = off;
   off = AlignUp(off + bh * S * 4);
   l.dden = off;
   off = AlignUp(off + bh * S * 4);
@@ -169,6 +181,8 @@ struct FwdPtrs {
   float* b_tok;
   float* m_tok;
   float* den_tok;
+  float* e_tok;
+  float* decay;
   float *c_out, *n_out, *m_out;  // final state (c_out null = not wanted)
 };
 
@@ -183,13 +197,15 @@ struct BwdPtrs {
   const float* b_tok;
   const float* m_tok;
   const float* den_tok;
+  const float* e_tok;
+  const float* decay;
   const float *dc_fin, *dn_fin, *dm_fin;  // d_final (dc_fin null = zero)
   bf16 *dq, *dk, *dv;
   float *dig, *dfg;
   float *dc0, *dn0, *dm0;  // d_initial (dc0 null = not wanted)
   bf16* dc;                // scratch dC_{k+1}
   float* dn;
-  float *inv_d, *dden, *dm, *qdq, *kdk;
+  float *inv_d, *coef, *ddc, *dden, *dm, *qdq, *kdk;
   int* arg;
   double *ps, *seg;
   int n_dk_slabs;
@@ -353,8 +369,19 @@ __global__ void __launch_bounds__(32) mlstm_gates_fwd(Dims d, FwdPtrs p) {
     }
     const float g = __shfl_sync(0xffffffffu, incl, 31);
     const float r = __shfl_sync(0xffffffffu, inclm, 31);
-    m_prev = g + fmaxf(m_prev, r);
-    if (lane == 0) mk[k + 1] = m_prev;
+    const float m_next = g + fmaxf(m_prev, r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = lane * per + i;
+      if (i < per && j < len) {
+        p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + j] = __expf(g - bl[i] + igl[i] - m_next);
+      }
+    }
+    if (lane == 0) {
+      mk[k + 1] = m_next;
+      p.decay[static_cast<int64_t>(bh) * d.NC + k] = __expf(g + m_prev - m_next);
+    }
+    m_prev = m_next;
   }
   if (lane == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_prev;
 }
@@ -402,7 +429,7 @@ struct StateSmem {
   static constexpr int kStride = 64 + kPad;
   static constexpr int kTile = L * kStride;             // elements of one [L][64] tile
   static constexpr size_t kBytes = 2 * 2 * kTile * 2    // 2 stages × (A, B) tiles, bf16
-                                   + 2 * L * 4;         // per-token coefficients
+                                   + (2 * L + 128) * 4;  // per-token coefficients, n partials
 };
 
 // One block per (64-column dv tile, 64-row dk tile, head); 4 warps, warp w owns dk rows 16w..
@@ -413,6 +440,7 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][72]
   bf16* vs = ks + 2 * SM::kTile;                 // [2][L][72]
   float* es = reinterpret_cast<float*>(vs + 2 * SM::kTile);  // [L]
+  float* npart = es + 2 * L;                                 // [128]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -420,9 +448,6 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* kbase = p.k + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
-  const float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
-  const float* btok = p.b_tok + static_cast<int64_t>(bh) * d.S;
-
   float acc[8][4];
   if (p.c0 != nullptr) {
     LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
@@ -447,23 +472,16 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
     bf16* cdst = p.sc + ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
     StoreAccBf16(cdst, d.DV, acc, lane);
     if (n_block && tid < 64) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
+    // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
     if (k + 1 < d.NC) {
       prefetch(k + 1, stage ^ 1);
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();
     }
-    const float m_k = mk[k], m_next = mk[k + 1];
-    const float g = btok[t0 + len - 1];
-    const float decay = __expf(g + m_k - m_next);
-    if (tid < L) {
-      float e = 0.f;
-      if (tid < len) {
-        const int64_t tok = (static_cast<int64_t>(b) * d.S + t0 + tid) * d.NH + hd;
-        e = __expf(g - btok[t0 + tid] + p.ig[tok] - m_next);
-      }
-      es[tid] = e;
-    }
+    if (tid < L) es[tid] = e_reg;
     __syncthreads();
     bf16* vst = vs + stage * SM::kTile;
     const bf16* kst = ks + stage * SM::kTile;
@@ -473,12 +491,15 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
       const float2 f = __bfloat1622float2(*pv);
       *pv = __floats2bfloat162_rn(f.x * es[t], f.y * es[t]);
     }
-    if (n_block && tid < 64) {
+    if (n_block) {  // n_{k+1} = decay·n_k + Σ_t E_t k_t: 2 threads per column, halves of the chunk
+      const int col = tid & 63, half = tid >> 6;
       float s = 0.f;
-      for (int t = 0; t < L; ++t) s += es[t] * __bfloat162float(kst[t * SM::kStride + tid]);
-      nval = decay * nval + s;
+      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
+        s += es[t] * __bfloat162float(kst[t * SM::kStride + col]);
+      npart[tid] = s;
     }
     __syncthreads();
+    if (n_block && tid < 64) nval = decay * nval + npart[tid] + npart[tid + 64];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       acc[i][0] *= decay;
@@ -516,16 +537,15 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
 
 // ---------------------------------------------------------------- 3. fwd_out
 
+// Two stages of (Q, K, C_k) dk-tiles (the next one loads while this one multiplies), one V slab.
 template <int L, int DVT>
 struct OutSmem {
   static constexpr int kS64 = 64 + kPad;
   static constexpr int kSV = DVT + kPad;
-  static constexpr int kQ = 0;                       // [L][72]
-  static constexpr int kK = kQ + L * kS64;           // [L][72]
-  static constexpr int kC = kK + L * kS64;           // [64][DVT+8]
-  static constexpr int kV = kC + 64 * kSV;           // [L][DVT+8]
-  static constexpr int kEnd = kV + L * kSV;          // bf16 elements
-  static constexpr size_t kBytes = kEnd * 2 + (4 * L + 64) * 4;
+  static constexpr int kStage = 2 * L * kS64 + 64 * kSV;  // Q, K [L][72]; C [64][DVT+8]
+  static constexpr int kV = 2 * kStage;                   // [L][DVT+8]
+  static constexpr int kEnd = kV + L * kSV;               // bf16 elements
+  static size_t Bytes(int dk) { return kEnd * 2 + (3 * L + dk) * 4; }
 };
 
 template <int L, int DVT>
@@ -533,11 +553,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = OutSmem<L, DVT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
-  bf16 *qs = sm + SM::kQ, *ks = sm + SM::kK, *cs = sm + SM::kC, *vs = sm + SM::kV;
+  bf16* vs = sm + SM::kV;
   float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
   float* igs = bs + L;
   float* ms = igs + L;
-  float* nks = ms + L;  // [64]
+  float* nks = ms + L;  // [DK] n_k
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
@@ -552,8 +572,17 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
 
+  auto load_stage = [&](int dt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, qbase + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, kbase + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<64, DVT>(st + 2 * L * SM::kS64, SM::kSV, cbase + static_cast<int64_t>(dt) * 64 * d.DV,
+                      d.DV, 64, tid, kThreads);
+    CpAsyncCommit();
+  };
   LoadTile<L, DVT>(vs, SM::kSV, vbase, ldv, len, tid, kThreads);
   CpAsyncCommit();
+  load_stage(0, 0);
   if (tid < L) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
     const bool ok = tid < len;
@@ -561,6 +590,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     ms[tid] = ok ? p.m_tok[o] : 0.f;
     igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
   }
+  for (int i = tid; i < d.DK; i += kThreads) nks[i] = nbase[i];
 
   float sacc[kNt][4], hacc[kHt][4];
 #pragma unroll
@@ -568,15 +598,18 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
 #pragma unroll
   for (int i = 0; i < kHt; ++i) hacc[i][0] = hacc[i][1] = hacc[i][2] = hacc[i][3] = 0.f;
   float qn = 0.f;  // partial q·n_k of row (16w + lane%16), half lane/16
-  for (int dt = 0; dt < d.DK / 64; ++dt) {
-    LoadTile<L, 64>(qs, SM::kS64, qbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTile<L, 64>(ks, SM::kS64, kbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTile<64, DVT>(cs, SM::kSV, cbase + static_cast<int64_t>(dt) * 64 * d.DV, d.DV, 64, tid,
-                      kThreads);
-    CpAsyncCommit();
-    for (int i = tid; i < 64; i += kThreads) nks[i] = nbase[dt * 64 + i];
-    CpAsyncWait<0>();
+  const int ndt = d.DK / 64;
+  for (int dt = 0; dt < ndt; ++dt) {
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const bf16* qs = sm + (dt & 1) * SM::kStage;
+    const bf16* ks = qs + L * SM::kS64;
+    const bf16* cs = qs + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -603,7 +636,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       const bf16* qr = qs + r * SM::kS64 + half * 32;
       float s = 0.f;
 #pragma unroll 8
-      for (int i = 0; i < 32; ++i) s += __bfloat162float(qr[i]) * nks[half * 32 + i];
+      for (int i = 0; i < 32; ++i) s += __bfloat162float(qr[i]) * nks[dt * 64 + half * 32 + i];
       qn += s;
     }
     __syncthreads();
@@ -643,8 +676,6 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     hacc[i][2] *= d.scale * G1;
     hacc[i][3] *= d.scale * G1;
   }
-  CpAsyncWait<0>();
-  __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < L / 16; ++kk) {
     if (kk <= w) {
@@ -713,15 +744,19 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
     const float m = p.m_tok[o], den = p.den_tok[o];
     const float floor_v = __expf(-m);
     const float inv = 1.f / (fmaxf(fabsf(den), floor_v) + d.eps);
-    p.inv_d[o] = inv;
-    if (d.stop_grad) {
-      p.dden[o] = 0.f;
-      p.dm[o] = 0.f;
-    } else {
+    const int k = t / d.L;
+    const float G = d.scale * __expf(p.b_tok[o] + p.smk[(static_cast<int64_t>(b) * d.NH + hd) * (d.NC + 1) + k] - m);
+    float dden = 0.f, dm = 0.f;
+    if (!d.stop_grad) {
       const float dd = -dot * inv;
-      p.dden[o] = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
-      p.dm[o] = -dot * d.eps * inv;
+      dden = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
+      dm = -dot * d.eps * inv;
     }
+    p.inv_d[o] = inv;
+    p.dden[o] = dden;
+    p.dm[o] = dm;
+    p.coef[o] = G * inv;
+    p.ddc[o] = G * dden;
   }
 }
 
@@ -735,6 +770,7 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
   bf16* hs = qs + 2 * SM::kTile;                 // [2][L][72]  dh (dv cols j0..)
   float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTile);  // [L] G·scale/denom
   float* ddc = coef + L;                                        // [L] G·scale·dden
+  float* npart = ddc + L;                                       // [128]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -742,7 +778,6 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
-  const float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
   const int64_t so = static_cast<int64_t>(bh) * d.S;
 
   float acc[8][4];
@@ -770,23 +805,16 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
     bf16* dst = p.dc + ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
     StoreAccBf16(dst, d.DV, acc, lane);
     if (n_block && tid < 64) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
+    const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
     if (k > 0) {
       prefetch(k - 1, stage ^ 1);
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();
     }
-    const float m_k = mk[k], m_next = mk[k + 1];
-    const float gl = p.b_tok[so + t0 + len - 1];
-    const float decay = __expf(gl + m_k - m_next);
     if (tid < L) {
-      float cf = 0.f, dd = 0.f;
-      if (tid < len) {
-        const int64_t o = so + t0 + tid;
-        const float G = __expf(p.b_tok[o] + m_k - p.m_tok[o]) * d.scale;
-        cf = G * p.inv_d[o];
-        dd = G * p.dden[o];
-      }
       coef[tid] = cf;
       ddc[tid] = dd;
     }
@@ -799,12 +827,15 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
       const float2 f = __bfloat1622float2(*ph);
       *ph = __floats2bfloat162_rn(f.x * coef[t], f.y * coef[t]);
     }
-    if (n_block && tid < 64) {
+    if (n_block) {
+      const int col = tid & 63, half = tid >> 6;
       float s = 0.f;
-      for (int t = 0; t < L; ++t) s += ddc[t] * __bfloat162float(qst[t * SM::kStride + tid]);
-      dnv = decay * dnv + s;
+      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
+        s += ddc[t] * __bfloat162float(qst[t * SM::kStride + col]);
+      npart[tid] = s;
     }
     __syncthreads();
+    if (n_block && tid < 64) dnv = decay * dnv + npart[tid] + npart[tid + 64];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       acc[i][0] *= decay;
@@ -835,14 +866,13 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 6. bwd_dv
 
+// Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
 template <int L, int DVT>
 struct DvSmem {
   static constexpr int kS64 = 64 + kPad;
   static constexpr int kSV = DVT + kPad;
-  static constexpr int kK = 0;                 // [L][72]
-  static constexpr int kQ = kK + L * kS64;     // [L][72]
-  static constexpr int kC = kQ + L * kS64;     // [64][DVT+8] dC_{k+1} rows a
-  static constexpr int kH = kC + 64 * kSV;     // [L][DVT+8] dh
+  static constexpr int kStage = 2 * L * kS64 + 64 * kSV;  // K, Q [L][72]; dC [64][DVT+8]
+  static constexpr int kH = 2 * kStage;                   // [L][DVT+8] dh
   static constexpr int kEnd = kH + L * kSV;
   static constexpr size_t kBytes = kEnd * 2 + 4 * L * 4;
 };
@@ -852,7 +882,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = DvSmem<L, DVT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
-  bf16 *ks = sm + SM::kK, *qs = sm + SM::kQ, *cs = sm + SM::kC, *hs = sm + SM::kH;
+  bf16* hs = sm + SM::kH;
   float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
   float* igs = bs + L;
   float* ms = igs + L;
@@ -868,8 +898,18 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV + j0;
   const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
 
+  auto load_stage = [&](int dt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, p.k + tok0 * d.DK + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.q + tok0 * d.DK + dt * 64, ldqk, len, tid,
+                    kThreads);
+    LoadTile<64, DVT>(st + 2 * L * SM::kS64, SM::kSV, dcbase + static_cast<int64_t>(dt) * 64 * d.DV,
+                      d.DV, 64, tid, kThreads);
+    CpAsyncCommit();
+  };
   LoadTile<L, DVT>(hs, SM::kSV, p.dh + tok0 * d.DV + j0, ldv, len, tid, kThreads);
   CpAsyncCommit();
+  load_stage(0, 0);
   if (tid < L) {
     const bool ok = tid < len;
     bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
@@ -882,14 +922,18 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   for (int i = 0; i < kNt; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < kHt; ++i) vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.f;
-  for (int dt = 0; dt < d.DK / 64; ++dt) {
-    LoadTile<L, 64>(ks, SM::kS64, p.k + tok0 * d.DK + dt * 64, ldqk, len, tid, kThreads);
-    LoadTile<L, 64>(qs, SM::kS64, p.q + tok0 * d.DK + dt * 64, ldqk, len, tid, kThreads);
-    LoadTile<64, DVT>(cs, SM::kSV, dcbase + static_cast<int64_t>(dt) * 64 * d.DV, d.DV, 64, tid,
-                      kThreads);
-    CpAsyncCommit();
-    CpAsyncWait<0>();
+  const int ndt = d.DK / 64;
+  for (int dt = 0; dt < ndt; ++dt) {
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const bf16* ks = sm + (dt & 1) * SM::kStage;
+    const bf16* qs = ks + L * SM::kS64;
+    const bf16* cs = ks + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -940,8 +984,6 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
     vacc[i][2] *= E1;
     vacc[i][3] *= E1;
   }
-  CpAsyncWait<0>();
-  __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < L / 16; ++kk) {
     if (kk >= w) {
@@ -972,16 +1014,15 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 7. bwd_dqk
 
+// Two stages of 64-wide dv tiles: phase 1 (dh, v, C_k rows of the slab), phase 3 (v, dC_{k+1});
+// the q, k slabs and dS' stay for the whole block.
 template <int L, int DKT>
 struct DqkSmem {
   static constexpr int kS64 = 64 + kPad;
   static constexpr int kSK = DKT + kPad;
   static constexpr int kSL = L + kPad;
-  static constexpr int kH = 0;                // [L][72]   dh cols of a 64-wide dv tile
-  static constexpr int kV = kH + L * kS64;    // [L][72]   v
-  static constexpr int kC = kV + L * kS64;    // [DKT][72] C_k rows a, 64 dv cols
-  static constexpr int kDC = kC + DKT * kS64; // [DKT][72] dC_{k+1}
-  static constexpr int kQ = kDC + DKT * kS64; // [L][DKT+8]
+  static constexpr int kStage = 2 * L * kS64 + DKT * kS64;  // dh [L][72], v [L][72], C [DKT][72]
+  static constexpr int kQ = 2 * kStage;       // [L][DKT+8]
   static constexpr int kK = kQ + L * kSK;     // [L][DKT+8]
   static constexpr int kDS = kK + L * kSK;    // [L][L+8]  dS·scale (rows t)
   static constexpr int kEnd = kDS + L * kSL;
@@ -993,7 +1034,6 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = DqkSmem<L, DKT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
-  bf16 *hs = sm + SM::kH, *vs = sm + SM::kV, *cs = sm + SM::kC, *dcs = sm + SM::kDC;
   bf16 *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
   float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
   float* igs = bs + L;
@@ -1037,13 +1077,35 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   for (int i = 0; i < kNt; ++i) pacc[i][0] = pacc[i][1] = pacc[i][2] = pacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < kQt; ++i) qacc[i][0] = qacc[i][1] = qacc[i][2] = qacc[i][3] = 0.f;
-  for (int jt = 0; jt < d.DV / 64; ++jt) {
-    LoadTile<L, 64>(hs, SM::kS64, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTile<L, 64>(vs, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTile<DKT, 64>(cs, SM::kS64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+  // Stage layout: [0, L) rows dh (phase 1 only), [L, 2L) rows v, then DKT rows of C_k / dC_{k+1}.
+  auto load_p1 = [&](int jt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+                    kThreads);
+    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
     CpAsyncCommit();
-    CpAsyncWait<0>();
+  };
+  auto load_p3 = [&](int jt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+                    kThreads);
+    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
+    CpAsyncCommit();
+  };
+  const int njt = d.DV / 64;
+  load_p1(0, 0);
+  for (int jt = 0; jt < njt; ++jt) {
+    if (jt + 1 < njt) {
+      load_p1(jt + 1, (jt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const bf16* hs = sm + (jt & 1) * SM::kStage;
+    const bf16* vs = hs + L * SM::kS64;
+    const bf16* cs = hs + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -1067,6 +1129,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     }
     __syncthreads();
   }
+  load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs (phase 1 ended with a barrier)
   // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t), to shared memory; dQ.
   const int r0 = 16 * w + g, r1 = r0 + 8;
   const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
@@ -1105,8 +1168,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       qacc[nt][3] = G1 * (iv1 * qacc[nt][3] + dd1 * nks[col + 1]);
     }
   }
-  CpAsyncWait<0>();
-  __syncthreads();  // q, k tiles landed; dS' complete
+  // q, k landed before phase 1's last barrier; dS' is read only after phase 3's barriers.
 #pragma unroll
   for (int kk = 0; kk < L / 16; ++kk) {
     if (kk <= w) {
@@ -1152,13 +1214,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   float kacc[kQt][4];
 #pragma unroll
   for (int i = 0; i < kQt; ++i) kacc[i][0] = kacc[i][1] = kacc[i][2] = kacc[i][3] = 0.f;
-  for (int jt = 0; jt < d.DV / 64; ++jt) {
-    __syncthreads();  // previous users of vs / dcs are done
-    LoadTile<L, 64>(vs, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTile<DKT, 64>(dcs, SM::kS64, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
-    CpAsyncCommit();
-    CpAsyncWait<0>();
+  for (int jt = 0; jt < njt; ++jt) {
+    if (jt + 1 < njt) {
+      load_p3(jt + 1, (jt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const bf16* vs = sm + (jt & 1) * SM::kStage + L * SM::kS64;
+    const bf16* dcs = sm + (jt & 1) * SM::kStage + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -1171,6 +1236,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
       }
     }
+    __syncthreads();
   }
   {
     const float gl = bs[len - 1];
@@ -1420,6 +1486,11 @@ __global__ void __launch_bounds__(512) mlstm_step(Dims d, const bf16* q, const b
 
 // ---------------------------------------------------------------- host helpers
 
+MlstmLaunchHook g_launch_hook = nullptr;
+void Hook(const char* name, cudaStream_t stream) {
+  if (g_launch_hook != nullptr) g_launch_hook(name, stream);
+}
+
 Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   Dims d;
   d.B = static_cast<int>(s.batch);
@@ -1448,18 +1519,21 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
   mlstm_gates_fwd<<<bh, 32, 0, stream>>>(d, p);
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
+    Hook("mlstm_gates_fwd", stream);
   {
     const size_t smem = StateSmem<L>::kBytes;
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L>, smem));
     mlstm_state_fwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+    Hook("mlstm_state_fwd", stream);
   }
   auto out = [&](auto dvt_tag) -> CudaResult {
     constexpr int DVT = decltype(dvt_tag)::value;
-    const size_t smem = OutSmem<L, DVT>::kBytes;
+    const size_t smem = OutSmem<L, DVT>::Bytes(d.DK);
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out<L, DVT>, smem));
     mlstm_fwd_out<L, DVT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+    Hook("mlstm_fwd_out", stream);
     return {};
   };
   if (DvSlab(d.DV) == 128) return out(std::integral_constant<int, 128>{});
@@ -1472,11 +1546,13 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
+    Hook("mlstm_bwd_prep", stream);
   {
     const size_t smem = StateSmem<L>::kBytes;
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L>, smem));
     mlstm_state_bwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+    Hook("mlstm_state_bwd", stream);
   }
   auto dv = [&](auto tag) -> CudaResult {
     constexpr int DVT = decltype(tag)::value;
@@ -1484,6 +1560,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv<L, DVT>, smem));
     mlstm_bwd_dv<L, DVT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
+    Hook("mlstm_bwd_dv", stream);
     return {};
   };
   if (DvSlab(d.DV) == 128) {
@@ -1497,6 +1574,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT>, smem));
     mlstm_bwd_dqk<L, DKT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+    Hook("mlstm_bwd_dqk", stream);
     return {};
   };
   if (DkSlab(d.DK) == 128) {
@@ -1506,12 +1584,15 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   }
   mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_bwd");
+    Hook("mlstm_gates_bwd", stream);
   return {};
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
+
+void MlstmSetLaunchHook(MlstmLaunchHook hook) { g_launch_hook = hook; }
 
 CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.dk < 1 || s.dv < 1) {
@@ -1574,6 +1655,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
   p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
   p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<float*>(base + l.decay);
   p.c_out = final_state.c;
   p.n_out = final_state.n;
   p.m_out = final_state.m;
@@ -1627,6 +1710,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.b_tok = reinterpret_cast<const float*>(base + l.b_tok);
   p.m_tok = reinterpret_cast<const float*>(base + l.m_tok);
   p.den_tok = reinterpret_cast<const float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<const float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<const float*>(base + l.decay);
   p.dc_fin = d_final.c;
   p.dn_fin = d_final.n;
   p.dm_fin = d_final.m;
@@ -1641,6 +1726,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.dc = reinterpret_cast<bf16*>(sb + sl.dc);
   p.dn = reinterpret_cast<float*>(sb + sl.dn);
   p.inv_d = reinterpret_cast<float*>(sb + sl.inv_d);
+  p.coef = reinterpret_cast<float*>(sb + sl.coef);
+  p.ddc = reinterpret_cast<float*>(sb + sl.ddc);
   p.dden = reinterpret_cast<float*>(sb + sl.dden);
   p.dm = reinterpret_cast<float*>(sb + sl.dm);
   p.qdq = reinterpret_cast<float*>(sb + sl.qdq);
@@ -1679,6 +1766,7 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
   mlstm_step<<<static_cast<unsigned>(shape.batch * shape.num_heads), 512, smem, stream>>>(
       d, q, k, v, igate, fgate, state.c, state.n, state.m, h);
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_step");
+    Hook("mlstm_step", stream);
   return {};
 }
 

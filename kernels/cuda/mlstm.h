@@ -121,4 +121,10 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
                             const __nv_bfloat16* v, const float* igate, const float* fgate,
                             MlstmDeviceState<float> state, __nv_bfloat16* h, cudaStream_t stream);
 
+// Benchmarks only: when set, called on the host right after every kernel these functions
+// launch, with the kernel's name and the stream (e.g. to record a cudaEvent per kernel). Null by
+// default (no cost). Not thread-safe: set it before any other thread launches mLSTM work.
+using MlstmLaunchHook = void (*)(const char* kernel_name, cudaStream_t stream);
+void MlstmSetLaunchHook(MlstmLaunchHook hook);
+
 }  // namespace gyre::cuda

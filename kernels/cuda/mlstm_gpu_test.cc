@@ -10,6 +10,7 @@
 // boundary states C_k, dC_k are bf16 operands of the tensor-core products), measured below.
 #include "kernels/cuda/mlstm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -61,6 +62,29 @@ std::vector<float> UniformFloats(std::mt19937_64& rng, size_t n, float lo, float
   std::vector<float> v(n);
   for (float& x : v) x = dist(rng);
   return v;
+}
+
+// Report(), and on failure the 4 elements with the largest |out − ref| (to tell a few
+// ill-conditioned tokens from a broken kernel).
+bool Check(const std::string& name, const std::string& shape, const std::vector<float>& out,
+           const std::vector<double>& ref, double tol) {
+  const bool ok = Report(name, shape, RelError(out, ref), tol);
+  if (!ok) {
+    std::vector<size_t> idx(ref.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+    const size_t n = std::min<size_t>(4, idx.size());
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](size_t a, size_t b) {
+      return std::abs(out[a] - ref[a]) > std::abs(out[b] - ref[b]);
+    });
+    double norm = 0;
+    for (double r : ref) norm += r * r;
+    std::printf("    worst: ");
+    for (size_t i = 0; i < n; ++i) {
+      std::printf("[%zu] %.6g vs %.6g  ", idx[i], out[idx[i]], ref[idx[i]]);
+    }
+    std::printf("(||ref|| %.4g)\n", std::sqrt(norm));
+  }
+  return ok;
 }
 
 bool RunCase(const Case& c, std::mt19937_64& rng) {
@@ -142,9 +166,9 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
   const std::string shp = ShapeName(c), nm = CaseName(c);
   bool ok = true;
-  ok &= Report("mlstm fwd h " + nm, shp, RelError(gh.Download(), href), kTolFwd);
-  ok &= Report("mlstm fwd C_S " + nm, shp, RelError(gcf.Download(), cf_ref), kTolFwd);
-  ok &= Report("mlstm fwd n_S " + nm, shp, RelError(gnf.Download(), nf_ref), kTolFwd);
+  ok &= Check("mlstm fwd h " + nm, shp, gh.Download(), href, kTolFwd);
+  ok &= Check("mlstm fwd C_S " + nm, shp, gcf.Download(), cf_ref, kTolFwd);
+  ok &= Check("mlstm fwd n_S " + nm, shp, gnf.Download(), nf_ref, kTolFwd);
   ok &= Report("mlstm fwd m_S " + nm, shp, RelError(gmf.Download(), mf_ref), 1e-5);
 
   for (const bool stop : {false, true}) {
@@ -168,14 +192,32 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
         {gdc0.get(), gdn0.get(), gdm0.get()}, scratch_buf.get(), nullptr));
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     const std::string g = std::string(stop ? "bwd[tfla] " : "bwd[true] ") + nm;
-    ok &= Report("mlstm " + g + " dq", shp, RelError(gdq.Download(), dq), kTolGrad);
-    ok &= Report("mlstm " + g + " dk", shp, RelError(gdk.Download(), dk), kTolGrad);
-    ok &= Report("mlstm " + g + " dv", shp, RelError(gdv.Download(), dv), kTolGrad);
-    ok &= Report("mlstm " + g + " digate", shp, RelError(gdig.Download(), dig), kTolGrad);
-    ok &= Report("mlstm " + g + " dfgate", shp, RelError(gdfg.Download(), dfg), kTolGrad);
-    ok &= Report("mlstm " + g + " dC0", shp, RelError(gdc0.Download(), dc0), kTolGrad);
-    ok &= Report("mlstm " + g + " dn0", shp, RelError(gdn0.Download(), dn0), kTolGrad);
-    ok &= Report("mlstm " + g + " dm0", shp, RelError(gdm0.Download(), dm0), kTolGrad);
+    ok &= Check("mlstm " + g + " dq", shp, gdq.Download(), dq, kTolGrad);
+    ok &= Check("mlstm " + g + " dk", shp, gdk.Download(), dk, kTolGrad);
+    ok &= Check("mlstm " + g + " dv", shp, gdv.Download(), dv, kTolGrad);
+    ok &= Check("mlstm " + g + " digate", shp, gdig.Download(), dig, kTolGrad);
+    const auto gdfg_host = gdfg.Download();
+    if (!Check("mlstm " + g + " dfgate", shp, gdfg_host, dfg, kTolGrad)) {
+      ok = false;
+      // Which tokens: their stabiliser m_t, n_tᵀq̂_t and the floor e^{-m_t} (CPU saved buffer).
+      const int64_t per_head = saved.size() / BH, NB = (c.S + c.L - 1) / c.L + 1;
+      const int64_t tok_m = NB * c.DK * c.DV + NB * c.DK + NB, tok_den = tok_m + c.S;
+      std::vector<int64_t> idx(T);
+      for (int64_t i = 0; i < T; ++i) idx[i] = i;
+      std::partial_sort(idx.begin(), idx.begin() + 4, idx.end(), [&](int64_t a, int64_t b) {
+        return std::abs(gdfg_host[a] - dfg[a]) > std::abs(gdfg_host[b] - dfg[b]);
+      });
+      for (int i = 0; i < 4; ++i) {
+        const int64_t tok = idx[i], hd = tok % c.NH, t = (tok / c.NH) % c.S, b = tok / (c.NH * c.S);
+        const double* blk = saved.data() + (b * c.NH + hd) * per_head;
+        std::printf("    token t=%lld head=%lld: df gpu %.6g ref %.6g  m_t %.4g den_t %.4g e^-m %.4g\n",
+                    (long long)t, (long long)hd, gdfg_host[tok], dfg[tok], blk[tok_m + t],
+                    blk[tok_den + t], std::exp(-blk[tok_m + t]));
+      }
+    }
+    ok &= Check("mlstm " + g + " dC0", shp, gdc0.Download(), dc0, kTolGrad);
+    ok &= Check("mlstm " + g + " dn0", shp, gdn0.Download(), dn0, kTolGrad);
+    ok &= Check("mlstm " + g + " dm0", shp, gdm0.Download(), dm0, kTolGrad);
   }
   return ok;
 }
