@@ -15,7 +15,7 @@ TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_col
   //kernels/cuda:device_allocator_gpu_test //kernels/cuda:gemm_gpu_test
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
-  //bench:cuda_dense_bench)
+  //bench:cuda_dense_bench //bench:mlstm_bench)
 
 bazel build --config=bundle "${TARGETS[@]}"
 
@@ -55,6 +55,9 @@ rc=0
 "$here/bin/adamw_gpu_test" || rc=1
 # Dense kernel timings; full table also in $OUT when the device tool provides it.
 "$here/bin/cuda_dense_bench" ${OUT:+--csv="$OUT/cuda_dense_bench.csv"} || rc=1
+# mLSTM chunkwise timings (its test, mlstm_gpu_test, links OpenBLAS: carried alone, see
+# kernels/cuda/README.md; its TFLA anchor is bench/anchor_mlstm.py).
+"$here/bin/mlstm_bench" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh

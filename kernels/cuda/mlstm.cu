@@ -7,7 +7,8 @@
 //
 // Forward, per head, chunks of L tokens:
 //   1. gates_fwd       one warp per head: chunk-local cumsum b_t, m_t, the boundary m_k (a scalar
-//                      recurrence over chunks; warp scans inside a chunk).
+//                      recurrence over chunks; warp scans inside a chunk), and the state-update
+//                      weights E_t and decay_k, so the state kernel only loads them.
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
 //                      one block per (head, 64×64 tile of C); the tile lives in fp32 registers for
 //                      the whole sequence (no rounding of the carried state), each chunk adds one
@@ -20,7 +21,8 @@
 //
 // Backward (m frozen = "part (a)", then the exact m correction = "part (b)"):
 //   4. bwd_prep        per token: 1/denom, dden = ±(−dh·h/denom) where |den| won the max (0 with
-//                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise).
+//                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
+//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
 //   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
 //                      dden), fp32 tile in registers; stores every dC_{k+1} as bf16, dn_{k+1} fp32.
 //   6. bwd_dv          per (head, chunk, DVT slab): dV = Pᵀ diag(1/denom) dH + diag(E) K dC_{k+1}.
@@ -36,14 +38,24 @@
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
-//   forward MACs per head-chunk: state L·dk·dv (16.8M) + fwd_out (dv/DVT)·L²dk/2.. (we compute the
-//   causal half: ~4·2.1M) + L²dv/2 (4.2M) + L·dk·dv (16.8M) ≈ 46M → 47 GFLOP total;
-//   backward ≈ state L·dk·dv + dv kernel (L²dk/2 + L²dv/2 + L·dk·dv) + dqk kernel per DKT slab
-//   (L²dv/2 + 2·L²·DKT/2 + 2·L·dv·DKT) ≈ 90M → 92 GFLOP.
-//   Bytes: q, k 67 MB, v, h, dh 67 MB each; saved bf16 states (NC+1)·dk·dv·2 per head = 143 MB
-//   written by the forward and read twice by the backward; dC scratch 134 MB written + read twice.
-//   Forward ≈ 0.45 GB, backward ≈ 1.2 GB → at ~3 TB/s 0.15 ms + 0.4 ms; tensor-core time at a
-//   realistic ~400 TFLOP/s for mma.sync: 0.12 ms + 0.23 ms. Floor fwd+bwd ≈ 0.5 ms.
+//   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
+//   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
+//   backward ≈ state L·dk·dv + bwd_dv (Sᵀ half per slab 4 × 2.1M, PᵀdH 4.2M, K dC 16.8M) +
+//   bwd_dqk over both DKT slabs (dP halves 2 × 4.2M, dQ/dK intra 4 × 1M, dH C_kᵀ 16.8M, V dCᵀ
+//   16.8M) ≈ 92M → 94 GFLOP. The bench counts the useful work (Q̂Kᵀ once): 41 + 84 GFLOP.
+//   Bytes: q, k 34 MB each, v, h, dh 67 MB each; the bf16 boundary states (NC+1)·dk·dv·2 per
+//   head = 143 MB written by the forward and read by the backward; the dC scratch (134 MB) is
+//   written once and read twice. Forward ≈ 0.34 GB, backward ≈ 1.0 GB → ~0.08 ms + ~0.24 ms at
+//   ~4.2 TB/s (H200); tensor time at ~700 TFLOP/s: ~0.06 ms + ~0.12 ms. Floor fwd+bwd ≈ 0.35 ms.
+//   Measured (H200, 2026-11-26): fwd 0.64 ms, fwd+bwd 1.59 ms; per kernel (ms): gates_fwd 0.03,
+//   state_fwd 0.25, fwd_out 0.35, bwd_prep 0.05, state_bwd 0.24, bwd_dv 0.28, bwd_dqk 0.36,
+//   gates_bwd 0.04. The gap is latency: one block per SM (register-heavy 256-thread blocks) and
+//   the sequential chunk walks of the two state kernels (see README "Known gaps").
+//
+// Precision: the state recurrences keep C, n in fp32 registers for the whole sequence; only the
+// stored copies C_k (and dC_k) are bf16, because they feed bf16 products. At ill-conditioned
+// tokens (tiny |n_tᵀq̂_t|) the TRUE gradient has 1/den² terms that amplify that rounding; the
+// TFLA-convention gradient does not (README, Known gaps).
 #include "kernels/cuda/mlstm.h"
 
 #include <cuda_bf16.h>
