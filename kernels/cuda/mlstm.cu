@@ -1620,8 +1620,8 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   }
   if (!(o.eps >= 0)) return InvalidArgument("mlstm: eps must be >= 0");
   if (s.batch * s.seq_len * s.num_heads > (int64_t{1} << 31) / 8 ||
-      s.batch * s.num_heads > 65535) {
-    return InvalidArgument("mlstm (cuda): too many tokens or heads for one call");
+      s.batch * s.num_heads > 65535 || (s.seq_len + o.chunk_size - 1) / o.chunk_size > 65535) {
+    return InvalidArgument("mlstm (cuda): too many tokens, heads or chunks for one call");
   }
   return {};
 }
