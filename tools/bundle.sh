@@ -17,8 +17,9 @@ TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_col
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
   //bench:cuda_dense_bench //bench:slstm_bench
   //kernels/cuda:conv1d_gpu_test //bench:ssd_bench //bench:conv1d_bench
-  //kernels/cuda:attention_gpu_test //bench:attention_bench)
-# (ssd_gpu_test and slstm_gpu_test link OpenBLAS statically, ~30 MB each: carried on their own,
+  //kernels/cuda:attention_gpu_test //bench:attention_bench
+  //bench:mlstm_bench)
+# (ssd_gpu_test, slstm_gpu_test and mlstm_gpu_test link OpenBLAS statically, ~30 MB each: carried on their own,
 # see kernels/cuda/README.md.)
 
 bazel build --config=bundle "${TARGETS[@]}"
@@ -67,6 +68,9 @@ rc=0
 "$here/bin/slstm_bench" ${OUT:+--csv="$OUT/slstm_bench.csv"} || rc=1
 "$here/bin/attention_gpu_test" || rc=1
 "$here/bin/attention_bench" || rc=1
+# mLSTM chunkwise timings (its test, mlstm_gpu_test, links OpenBLAS: carried alone, see
+# kernels/cuda/README.md; its TFLA anchor is bench/anchor_mlstm.py).
+"$here/bin/mlstm_bench" || rc=1
 exit $rc
 RUN
 chmod +x .bundle/run.sh

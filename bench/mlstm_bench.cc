@@ -1,0 +1,329 @@
+// mLSTM chunkwise forward and forward+backward on the GPU (kernels/cuda/mlstm.h), at the shapes
+// of bench/anchor_mlstm.py (NX-AI/mlstm_kernels TFLA `chunkwise--triton_xl_chunk`, run in the same
+// device call):
+//   xlstm-1.3b-like: B8 S2048 NH4 dk256 dv512 chunk 128 (16,384 tokens)
+//   xLSTM-7B heads:  B1 S8192 NH8 dk256 dv512 chunk 128 (8,192 tokens, MODELS.md §1.5 layout;
+//                    the same number of head-tokens as the first shape)
+// Inputs: q, k, v, dh bf16 N(0, 1); ĩ N(0, 1), f̃ N(3, 1) fp32 (TFLA's benchmark draws randn for
+// all; a positive forget bias is the realistic regime and does not change the work). Each line:
+// median of `reps` CUDA-event timings after warm-up, FLOPs (the causal half of the intra-chunk
+// products counted), minimal bytes (inputs read once, outputs written once, saved states written
+// and read once), TFLOP/s and GB/s.
+//
+// --compare_dir=DIR: reads the small-shape inputs and TFLA outputs/gradients written there by
+// anchor_mlstm.py (raw little-endian float32, TFLA layout [B, NH, S, D]), runs ours with both
+// gradient conventions and prints the relative differences (which convention TFLA computes).
+//
+//   mlstm_bench [--reps=N] [--compare_dir=DIR]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/mlstm.h"
+#include "kernels/cuda/random_fill.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+double TimeMs(const std::function<void()>& op, int reps, cudaStream_t stream) {
+  cudaEvent_t a, b;
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&a));
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&b));
+  for (int i = 0; i < 5; ++i) op();
+  CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CUDA_CHECK_OR_DIE(cudaEventRecord(a, stream));
+    op();
+    CUDA_CHECK_OR_DIE(cudaEventRecord(b, stream));
+    CUDA_CHECK_OR_DIE(cudaEventSynchronize(b));
+    float t = 0;
+    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(a));
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(b));
+  return Median(ms);
+}
+
+// Per-kernel breakdown through MlstmSetLaunchHook: an event after every launch.
+struct HookEvents {
+  std::vector<cudaEvent_t> pool;
+  std::vector<std::pair<const char*, cudaEvent_t>> seen;
+};
+HookEvents* g_events = nullptr;
+void RecordLaunch(const char* name, cudaStream_t stream) {
+  HookEvents& h = *g_events;
+  if (h.seen.size() == h.pool.size()) {
+    cudaEvent_t e;
+    CUDA_CHECK_OR_DIE(cudaEventCreate(&e));
+    h.pool.push_back(e);
+  }
+  cudaEvent_t e = h.pool[h.seen.size()];
+  CUDA_CHECK_OR_DIE(cudaEventRecord(e, stream));
+  h.seen.push_back({name, e});
+}
+
+void Breakdown(const std::function<void()>& op, int reps, cudaStream_t stream) {
+  HookEvents h;
+  g_events = &h;
+  MlstmSetLaunchHook(&RecordLaunch);
+  cudaEvent_t start;
+  CUDA_CHECK_OR_DIE(cudaEventCreate(&start));
+  std::vector<std::string> names;
+  std::vector<std::vector<float>> times;
+  for (int r = 0; r < reps + 3; ++r) {
+    h.seen.clear();
+    CUDA_CHECK_OR_DIE(cudaEventRecord(start, stream));
+    op();
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+    if (r < 3) continue;  // warm-up
+    cudaEvent_t prev = start;
+    for (size_t i = 0; i < h.seen.size(); ++i) {
+      float t = 0;
+      CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&t, prev, h.seen[i].second));
+      prev = h.seen[i].second;
+      if (names.size() <= i) {
+        names.push_back(h.seen[i].first);
+        times.emplace_back();
+      }
+      times[i].push_back(t);
+    }
+  }
+  MlstmSetLaunchHook(nullptr);
+  g_events = nullptr;
+  std::printf("  per kernel (median ms):");
+  for (size_t i = 0; i < names.size(); ++i) {
+    std::printf(" %s %.3f", names[i].c_str() + 6, Median(times[i]));  // drop "mlstm_"
+  }
+  std::printf("\n");
+  CUDA_CHECK_OR_DIE(cudaEventDestroy(start));
+  for (cudaEvent_t e : h.pool) CUDA_CHECK_OR_DIE(cudaEventDestroy(e));
+}
+
+struct Problem {
+  const char* name;
+  MlstmShape shape;
+  int64_t chunk;
+};
+
+void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
+  DeviceAllocator alloc;
+  const MlstmShape& s = pr.shape;
+  MlstmOptions opt;
+  opt.chunk_size = pr.chunk;
+  const int64_t T = s.batch * s.seq_len * s.num_heads;
+  DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &k));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dv * 2, &v));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dv * 2, &h));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dv * 2, &dh));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &dq));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &dk));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * s.dv * 2, &dv));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * 4, &ig));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * 4, &fg));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * 4, &dig));
+  CUDA_OK_OR_DIE(alloc.Allocate(T * 4, &dfg));
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(s, opt), &saved));
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(s, opt), &scratch));
+  CUDA_OK_OR_DIE(FillRandomBf16(q.as<bf16>(), T * s.dk, 0.f, 1.f, 1, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(k.as<bf16>(), T * s.dk, 0.f, 1.f, 2, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(v.as<bf16>(), T * s.dv, 0.f, 1.f, 3, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(dh.as<bf16>(), T * s.dv, 0.f, 1.f, 4, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(ig.as<float>(), T, 0.f, 1.f, 5, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(fg.as<float>(), T, 3.f, 1.f, 6, stream));
+  MlstmDeviceInputs in{q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), ig.as<float>(), fg.as<float>()};
+  auto fwd = [&] {
+    CUDA_OK_OR_DIE(MlstmChunkwiseForward(s, opt, in, {}, h.as<bf16>(), saved.get(), {}, stream));
+  };
+  auto bwd = [&] {
+    CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+        s, opt, in, {}, h.as<bf16>(), saved.get(), dh.as<bf16>(), {},
+        {dq.as<bf16>(), dk.as<bf16>(), dv.as<bf16>(), dig.as<float>(), dfg.as<float>()}, {},
+        scratch.get(), stream));
+  };
+  const double fwd_ms = TimeMs(fwd, reps, stream);
+  const double fb_ms = TimeMs([&] { fwd(); bwd(); }, reps, stream);
+  const double bwd_ms = TimeMs(bwd, reps, stream);
+  opt.stop_normaliser_gradient = true;
+  const double fb_tfla_ms = TimeMs([&] { fwd(); bwd(); }, reps, stream);
+
+  // FLOPs (2 per MAC), per head-chunk of length L (causal half of L×L products):
+  const double L = pr.chunk, DK = s.dk, DV = s.dv;
+  const double heads_chunks = double(s.batch * s.num_heads) * std::ceil(double(s.seq_len) / L);
+  const double fwd_mac = L * DK * DV            // state recurrence
+                         + L * L / 2 * DK         // Q Kᵀ (causal half; ours recomputes per DVT slab)
+                         + L * L / 2 * DV         // P V
+                         + L * DK * DV;           // Q̂ C_k
+  const double bwd_mac = L * DK * DV              // dC recurrence
+                         + 2 * L * L / 2 * DK     // Sᵀ (dv kernel), dQ intra, dK intra -> ~3 halves
+                         + L * L / 2 * DK
+                         + 2 * L * L / 2 * DV     // Pᵀ dH, dH Vᵀ
+                         + 3 * L * DK * DV;       // K dC, dH C_kᵀ, V dCᵀ
+  const double fwd_flop = 2 * fwd_mac * heads_chunks, bwd_flop = 2 * bwd_mac * heads_chunks;
+  const double nc1 = std::ceil(double(s.seq_len) / L) + 1;
+  const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * 2;  // bf16 C_k
+  const double qkv = double(T) * (2 * DK + DV) * 2, hbytes = double(T) * DV * 2;
+  const double fwd_bytes = qkv + hbytes + states;
+  const double bwd_bytes = qkv + 2 * hbytes /*h, dh*/ + qkv /*dq dk dv*/ + 2 * states /*C, dC*/;
+  std::printf("%-16s B%lld S%lld NH%lld dk%lld dv%lld L%lld\n", pr.name,
+              static_cast<long long>(s.batch), static_cast<long long>(s.seq_len),
+              static_cast<long long>(s.num_heads), static_cast<long long>(s.dk),
+              static_cast<long long>(s.dv), static_cast<long long>(pr.chunk));
+  std::printf("  ours fwd          %8.3f ms  %6.1f TFLOP/s  %6.0f GB/s (min bytes)\n", fwd_ms,
+              fwd_flop / fwd_ms / 1e9, fwd_bytes / fwd_ms / 1e6);
+  std::printf("  ours bwd          %8.3f ms  %6.1f TFLOP/s  %6.0f GB/s\n", bwd_ms,
+              bwd_flop / bwd_ms / 1e9, bwd_bytes / bwd_ms / 1e6);
+  std::printf("  ours fwd+bwd      %8.3f ms  (true gradient)\n", fb_ms);
+  std::printf("  ours fwd+bwd      %8.3f ms  (stop_normaliser_gradient, TFLA's convention)\n",
+              fb_tfla_ms);
+  opt.stop_normaliser_gradient = false;
+  Breakdown([&] { fwd(); bwd(); }, reps, stream);
+  std::printf("RESULT %s L%lld fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name,
+              static_cast<long long>(pr.chunk), fwd_ms, fb_ms,
+              fb_tfla_ms);
+  std::fflush(stdout);
+}
+
+// ---- comparison with TFLA's outputs (files from anchor_mlstm.py) ----
+
+std::vector<float> ReadF32(const std::string& path, size_t n) {
+  std::vector<float> v(n);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr || std::fread(v.data(), 4, n, f) != n) {
+    std::fprintf(stderr, "cannot read %zu floats from %s\n", n, path.c_str());
+    std::exit(1);
+  }
+  std::fclose(f);
+  return v;
+}
+
+// [B, NH, S, D] -> [B, S, NH, D] and back.
+std::vector<float> ToTokenMajor(const std::vector<float>& x, int64_t B, int64_t NH, int64_t S,
+                                int64_t D) {
+  std::vector<float> y(x.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t t = 0; t < S; ++t)
+        for (int64_t d = 0; d < D; ++d)
+          y[((b * S + t) * NH + h) * D + d] = x[((b * NH + h) * S + t) * D + d];
+  return y;
+}
+
+double Rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+template <typename T>
+void Upload(DeviceBuffer& buf, const std::vector<float>& x) {
+  std::vector<T> tmp(x.size());
+  for (size_t i = 0; i < x.size(); ++i) tmp[i] = static_cast<T>(x[i]);
+  CUDA_CHECK_OR_DIE(cudaMemcpy(buf.get(), tmp.data(), tmp.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+template <typename T>
+std::vector<float> Download(const DeviceBuffer& buf, size_t n) {
+  std::vector<T> tmp(n);
+  CUDA_CHECK_OR_DIE(cudaMemcpy(tmp.data(), buf.get(), n * sizeof(T), cudaMemcpyDeviceToHost));
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(tmp[i]);
+  return out;
+}
+
+void CompareWithTfla(const std::string& dir) {
+  std::vector<float> dims = ReadF32(dir + "/dims.f32", 5);
+  const int64_t B = dims[0], NH = dims[1], S = dims[2], DK = dims[3], DV = dims[4];
+  const int64_t T = B * NH * S;
+  auto rd = [&](const char* name, int64_t D) {
+    return ToTokenMajor(ReadF32(dir + "/" + name + ".f32", T * D), B, NH, S, D);
+  };
+  const auto q = rd("q", DK), k = rd("k", DK), v = rd("v", DV), ig = rd("i", 1), fg = rd("f", 1),
+             dh = rd("dh", DV), th = rd("h", DV), tdq = rd("dq", DK), tdk = rd("dk", DK),
+             tdv = rd("dv", DV), tdi = rd("di", 1), tdf = rd("df", 1);
+  DeviceAllocator alloc;
+  MlstmShape s{B, S, NH, DK, DV};
+  MlstmOptions opt;
+  opt.chunk_size = 64;
+  DeviceBuffer gq, gk, gv, gh, gdh, gdq, gdk, gdv, gig, gfg, gdi, gdf, saved, scratch;
+  for (auto* b : {&gq, &gk, &gdq, &gdk}) CUDA_OK_OR_DIE(alloc.Allocate(T * DK * 2, b));
+  for (auto* b : {&gv, &gh, &gdh, &gdv}) CUDA_OK_OR_DIE(alloc.Allocate(T * DV * 2, b));
+  for (auto* b : {&gig, &gfg, &gdi, &gdf}) CUDA_OK_OR_DIE(alloc.Allocate(T * 4, b));
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(s, opt), &saved));
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(s, opt), &scratch));
+  Upload<bf16>(gq, q);
+  Upload<bf16>(gk, k);
+  Upload<bf16>(gv, v);
+  Upload<bf16>(gdh, dh);
+  Upload<float>(gig, ig);
+  Upload<float>(gfg, fg);
+  MlstmDeviceInputs in{gq.as<bf16>(), gk.as<bf16>(), gv.as<bf16>(), gig.as<float>(),
+                       gfg.as<float>()};
+  CUDA_OK_OR_DIE(MlstmChunkwiseForward(s, opt, in, {}, gh.as<bf16>(), saved.get(), {}, nullptr));
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  std::printf("compare with TFLA (B%lld NH%lld S%lld dk%lld dv%lld): h rel diff %.3e\n",
+              (long long)B, (long long)NH, (long long)S, (long long)DK, (long long)DV,
+              Rel(Download<bf16>(gh, T * DV), th));
+  for (const bool stop : {false, true}) {
+    opt.stop_normaliser_gradient = stop;
+    CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+        s, opt, in, {}, gh.as<bf16>(), saved.get(), gdh.as<bf16>(), {},
+        {gdq.as<bf16>(), gdk.as<bf16>(), gdv.as<bf16>(), gdi.as<float>(), gdf.as<float>()}, {},
+        scratch.get(), nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    std::printf("  ours[%s] vs TFLA: dq %.3e  dk %.3e  dv %.3e  di %.3e  df %.3e\n",
+                stop ? "stop_normaliser_gradient" : "true gradient          ",
+                Rel(Download<bf16>(gdq, T * DK), tdq), Rel(Download<bf16>(gdk, T * DK), tdk),
+                Rel(Download<bf16>(gdv, T * DV), tdv), Rel(Download<float>(gdi, T), tdi),
+                Rel(Download<float>(gdf, T), tdf));
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace
+}  // namespace gyre::cuda
+
+int main(int argc, char** argv) {
+  int reps = 30;
+  std::string compare_dir;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--reps=", 0) == 0) reps = std::max(1, std::atoi(a.c_str() + 7));
+    if (a.rfind("--compare_dir=", 0) == 0) compare_dir = a.substr(14);
+  }
+  if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
+  cudaStream_t stream;
+  CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  const gyre::cuda::Problem problems[] = {
+      {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 128},
+      {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 128},
+      // Same problems with chunk 64 (same function; half the intra-chunk work, twice the states).
+      {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 64},
+      {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 64},
+  };
+  for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
+  CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
+  return 0;
+}

@@ -1,0 +1,1785 @@
+// mLSTM chunkwise forward/backward and step on the GPU; the contract is in mlstm.h, the math in
+// kernels/cpu/mlstm.h (letters below are that file's: b_t local log-forget cumsum inside a chunk,
+// g = b_last, m_t token stabiliser, m_k chunk-boundary stabiliser, G_t = e^{b_t + m_k − m_t},
+// E_t = e^{g − b_t + ĩ_t − m_{k+1}}, W_ts = e^{b_t − b_s + ĩ_s − m_t}, decay = e^{g + m_k − m_{k+1}}).
+//
+// Algorithm (two-level, after TFLA [Beck et al. 2025, "Tiled Flash Linear Attention"]; our code):
+//
+// Forward, per head, chunks of L tokens:
+//   1. gates_fwd       one warp per head: chunk-local cumsum b_t, m_t, the boundary m_k (a scalar
+//                      recurrence over chunks; warp scans inside a chunk), and the state-update
+//                      weights E_t and decay_k, so the state kernel only loads them.
+//   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
+//                      one block per (head, 64×64 tile of C); the tile lives in fp32 registers for
+//                      the whole sequence (no rounding of the carried state), each chunk adds one
+//                      (64 × L) · (L × 64) product; writes every C_k as bf16 (they only feed bf16
+//                      products) and n_k in fp32.
+//   3. fwd_out         one block per (head, chunk, DVT-column slab of h): S = Q̂Kᵀ (causal warps
+//                      only), P = S ⊙ W, den = P·1 + G q̂·n_k, h = (P V + G Q̂ C_k) / (max(|den|,
+//                      e^{−m}) + ε). Each warp owns 16 query rows; P goes from the accumulator
+//                      registers straight into the A operand of P·V (no shared-memory round trip).
+//
+// Backward (m frozen = "part (a)", then the exact m correction = "part (b)"):
+//   4. bwd_prep        per token: 1/denom, dden = ±(−dh·h/denom) where |den| won the max (0 with
+//                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
+//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
+//   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
+//                      dden), fp32 tile in registers; stores every dC_{k+1} as bf16, dn_{k+1} fp32.
+//   6. bwd_dv          per (head, chunk, DVT slab): dV = Pᵀ diag(1/denom) dH + diag(E) K dC_{k+1}.
+//   7. bwd_dqk         per (head, chunk, DKT slab): dP = dH Vᵀ, dS = W ⊙ (dP/denom + dden) (to
+//                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
+//                      1/sqrt(dk)), dK = dSᵀ Q̂ + diag(E)(V dC_{k+1}ᵀ + dn_{k+1}); also the row dots
+//                      q·dq and k·dk.
+//   8. gates_bwd       one block per head: with m frozen, dĩ_t = k_t·dk_t and
+//                      dlf_r = F + Σ_{t≥r} (q_t·dq_t − k_t·dk_t), F = <dC_S, C_S> + <dn_S, n_S>
+//                      (the usual gated-linear-attention identity: e^{B_t} rides on q_t, e^{ĩ_s−B_s}
+//                      on k_s); then part (b): the prefix argmax of ĩ_s − B_s (block scans over the
+//                      sequence) routes each dm_t to the ĩ/B that set m_t; segment sums by prefix
+//                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
+//
+// Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
+//   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
+//   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
+//   backward ≈ state L·dk·dv + bwd_dv (Sᵀ half per slab 4 × 2.1M, PᵀdH 4.2M, K dC 16.8M) +
+//   bwd_dqk over both DKT slabs (dP halves 2 × 4.2M, dQ/dK intra 4 × 1M, dH C_kᵀ 16.8M, V dCᵀ
+//   16.8M) ≈ 92M → 94 GFLOP. The bench counts the useful work (Q̂Kᵀ once): 41 + 84 GFLOP.
+//   Bytes: q, k 34 MB each, v, h, dh 67 MB each; the bf16 boundary states (NC+1)·dk·dv·2 per
+//   head = 143 MB written by the forward and read by the backward; the dC scratch (134 MB) is
+//   written once and read twice. Forward ≈ 0.34 GB, backward ≈ 1.0 GB → ~0.08 ms + ~0.24 ms at
+//   ~4.2 TB/s (H200); tensor time at ~700 TFLOP/s: ~0.06 ms + ~0.12 ms. Floor fwd+bwd ≈ 0.35 ms.
+//   Measured (H200, 2026-11-26): fwd 0.64 ms, fwd+bwd 1.59 ms; per kernel (ms): gates_fwd 0.03,
+//   state_fwd 0.25, fwd_out 0.35, bwd_prep 0.05, state_bwd 0.24, bwd_dv 0.28, bwd_dqk 0.36,
+//   gates_bwd 0.04. The gap is latency: one block per SM (register-heavy 256-thread blocks) and
+//   the sequential chunk walks of the two state kernels (see README "Known gaps").
+//
+// Precision: the state recurrences keep C, n in fp32 registers for the whole sequence; only the
+// stored copies C_k (and dC_k) are bf16, because they feed bf16 products. At ill-conditioned
+// tokens (tiny |n_tᵀq̂_t|) the TRUE gradient has 1/den² terms that amplify that rounding; the
+// TFLA-convention gradient does not (README, Known gaps).
+#include "kernels/cuda/mlstm.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kPad = 8;  // bf16 elements of padding per shared-memory row: conflict-free ldmatrix
+
+// ---------------------------------------------------------------- layouts of saved / scratch
+
+size_t AlignUp(size_t x) { return (x + 255) / 256 * 256; }
+
+struct SavedLayout {
+  int64_t nc = 0;
+  size_t c = 0;        // bf16 [BH][NC+1][dk][dv]  boundary C_k
+  size_t c_last = 0;   // f32  [BH][dk][dv]        C_S in fp32 (for <dC_S, C_S>)
+  size_t n = 0;        // f32  [BH][NC+1][dk]
+  size_t mk = 0;       // f32  [BH][NC+1]
+  size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf
+  size_t m_tok = 0;    // f32  [BH][S]
+  size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
+  size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
+  size_t decay = 0;    // f32  [BH][NC] e^{g + m_k − m_{k+1}}
+  size_t total = 0;
+};
+
+SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
+  SavedLayout l;
+  const size_t bh = s.batch * s.num_heads;
+  l.nc = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
+  size_t off = 0;
+  l.c = off;
+  off = AlignUp(off + bh * (l.nc + 1) * s.dk * s.dv * 2);
+  l.c_last = off;
+  off = AlignUp(off + bh * s.dk * s.dv * 4);
+  l.n = off;
+  off = AlignUp(off + bh * (l.nc + 1) * s.dk * 4);
+  l.mk = off;
+  off = AlignUp(off + bh * (l.nc + 1) * 4);
+  l.b_tok = off;
+  off = AlignUp(off + bh * s.seq_len * 4);
+  l.m_tok = off;
+  off = AlignUp(off + bh * s.seq_len * 4);
+  l.den_tok = off;
+  off = AlignUp(off + bh * s.seq_len * 4);
+  l.e_tok = off;
+  off = AlignUp(off + bh * s.seq_len * 4);
+  l.decay = off;
+  off = AlignUp(off + bh * l.nc * 4);
+  l.total = off;
+  return l;
+}
+
+int DkSlab(int64_t dk) { return dk % 128 == 0 ? 128 : 64; }
+int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
+
+struct ScratchLayout {
+  size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k
+  size_t dn = 0;      // f32  [BH][NC][dk]
+  size_t inv_d = 0;   // f32  [BH][S]
+  size_t coef = 0;    // f32  [BH][S]  scale·G_t/denom_t (dC recurrence weight of dh_t)
+  size_t ddc = 0;     // f32  [BH][S]  scale·G_t·dden_t  (dn recurrence weight of q_t)
+  size_t dden = 0;    // f32  [BH][S]
+  size_t dm = 0;      // f32  [BH][S]
+  size_t qdq = 0;     // f32  [BH][S][dk/DKT]  partial q·dq
+  size_t kdk = 0;     // f32  [BH][S][dk/DKT]  partial k·dk
+  size_t arg = 0;     // i32  [BH][S]
+  size_t ps = 0;      // f64  [BH][S]
+  size_t seg = 0;     // f64  [BH][S]
+  size_t total = 0;
+};
+
+ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
+  ScratchLayout l;
+  const size_t bh = s.batch * s.num_heads;
+  const size_t nc = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
+  const size_t S = s.seq_len;
+  const size_t nt = s.dk / DkSlab(s.dk);
+  size_t off = 0;
+  l.dc = off;
+  off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
+  l.dn = off;
+  off = AlignUp(off + bh * nc * s.dk * 4);
+  l.inv_d = off;
+  off = AlignUp(off + bh * S * 4);
+  l.coef = off;
+  off = AlignUp(off + bh * S * 4);
+  l.ddc = off;
+  off = AlignUp(off + bh * S * 4);
+  l.dden = off;
+  off = AlignUp(off + bh * S * 4);
+  l.dm = off;
+  off = AlignUp(off + bh * S * 4);
+  l.qdq = off;
+  off = AlignUp(off + bh * S * nt * 4);
+  l.kdk = off;
+  off = AlignUp(off + bh * S * nt * 4);
+  l.arg = off;
+  off = AlignUp(off + bh * S * 4);
+  l.ps = off;
+  off = AlignUp(off + bh * S * 8);
+  l.seg = off;
+  off = AlignUp(off + bh * S * 8);
+  l.total = off;
+  return l;
+}
+
+// ---------------------------------------------------------------- kernel parameters
+
+struct Dims {
+  int B, S, NH, DK, DV, L, NC;
+  float scale, eps;
+  bool sigmoid;
+  bool stop_grad;
+};
+
+struct FwdPtrs {
+  const bf16 *q, *k, *v;
+  const float *ig, *fg;
+  const float *c0, *n0, *m0;  // initial (c0 null = zeros)
+  bf16* h;
+  bf16* sc;         // saved C_k bf16
+  float* sc_last;   // saved C_S fp32
+  float* sn;        // saved n_k
+  float* smk;       // saved m_k
+  float* b_tok;
+  float* m_tok;
+  float* den_tok;
+  float* e_tok;
+  float* decay;
+  float *c_out, *n_out, *m_out;  // final state (c_out null = not wanted)
+};
+
+struct BwdPtrs {
+  const bf16 *q, *k, *v, *h, *dh;
+  const float *ig, *fg;
+  const float *c0, *n0, *m0;
+  const bf16* sc;
+  const float* sc_last;
+  const float* sn;
+  const float* smk;
+  const float* b_tok;
+  const float* m_tok;
+  const float* den_tok;
+  const float* e_tok;
+  const float* decay;
+  const float *dc_fin, *dn_fin, *dm_fin;  // d_final (dc_fin null = zero)
+  bf16 *dq, *dk, *dv;
+  float *dig, *dfg;
+  float *dc0, *dn0, *dm0;  // d_initial (dc0 null = not wanted)
+  bf16* dc;                // scratch dC_{k+1}
+  float* dn;
+  float *inv_d, *coef, *ddc, *dden, *dm, *qdq, *kdk;
+  int* arg;
+  double *ps, *seg;
+  int n_dk_slabs;
+};
+
+// ---------------------------------------------------------------- device helpers
+
+__device__ __forceinline__ float LogForget(bool sigmoid, float f) {
+  if (!sigmoid) return f;
+  return f < 0.f ? f - log1pf(__expf(f)) : -log1pf(__expf(-f));
+}
+__device__ __forceinline__ float LogForgetDerivative(bool sigmoid, float f) {
+  if (!sigmoid) return 1.f;
+  // σ(−f)
+  if (f >= 0.f) {
+    const float e = __expf(-f);
+    return e / (1.f + e);
+  }
+  return 1.f / (1.f + __expf(f));
+}
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void Ldsm4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+__device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// A fragment (16×16) of a row-major [m][k] shared tile at (m0, k0).
+__device__ __forceinline__ void LoadA(uint32_t (&a)[4], const bf16* s, int stride, int m0, int k0,
+                                      int lane) {
+  Ldsm4(a, s + (m0 + (lane & 15)) * stride + k0 + 8 * (lane >> 4));
+}
+// A fragment where the tile is stored transposed, [k][m].
+__device__ __forceinline__ void LoadAT(uint32_t (&a)[4], const bf16* s, int stride, int m0, int k0,
+                                       int lane) {
+  const int j = lane >> 3;
+  Ldsm4T(a, s + (k0 + (lane & 7) + 8 * (j >> 1)) * stride + m0 + 8 * (j & 1));
+}
+// B fragments of two n-tiles (16 n × 16 k) from a tile stored [n][k]: b[0], b[1] for n0..n0+7,
+// b[2], b[3] for n0+8..n0+15.
+__device__ __forceinline__ void LoadBNK(uint32_t (&b)[4], const bf16* s, int stride, int n0, int k0,
+                                        int lane) {
+  const int j = lane >> 3;
+  Ldsm4(b, s + (n0 + (lane & 7) + 8 * (j >> 1)) * stride + k0 + 8 * (j & 1));
+}
+// Same from a tile stored [k][n].
+__device__ __forceinline__ void LoadBKN(uint32_t (&b)[4], const bf16* s, int stride, int n0, int k0,
+                                        int lane) {
+  const int j = lane >> 3;
+  Ldsm4T(b, s + (k0 + (lane & 7) + 8 * (j & 1)) * stride + n0 + 8 * (j >> 1));
+}
+
+// ROWS × COLS bf16 tile from global (row stride gstride elements) into shared (row stride
+// sstride); rows >= valid_rows are zero-filled.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void LoadTile(bf16* s, int sstride, const bf16* g, int64_t gstride,
+                                         int valid_rows, int tid, int nthreads) {
+  constexpr int kChunksPerRow = COLS / 8;
+  for (int i = tid; i < ROWS * kChunksPerRow; i += nthreads) {
+    const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
+    const bool ok = r < valid_rows;
+    CpAsync16(s + r * sstride + c, ok ? g + r * gstride + c : g, ok);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T WarpSumT(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---------------------------------------------------------------- 1. gates_fwd
+
+__global__ void __launch_bounds__(32) mlstm_gates_fwd(Dims d, FwdPtrs p) {
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH, lane = threadIdx.x;
+  const int per = (d.L + 31) / 32;  // tokens per lane (<= 4)
+  float m_prev = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+  float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+  if (lane == 0) mk[0] = m_prev;
+  for (int k = 0; k < d.NC; ++k) {
+    const int t0 = k * d.L, len = min(d.L, d.S - t0);
+    float lfl[4], igl[4];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = lane * per + i;
+      lfl[i] = 0.f;
+      igl[i] = -INFINITY;
+      if (i < per && j < len) {
+        const int64_t tok = (static_cast<int64_t>(b) * d.S + t0 + j) * d.NH + hd;
+        sum += LogForget(d.sigmoid, p.fg[tok]);
+        lfl[i] = sum;
+        igl[i] = p.ig[tok];
+      }
+    }
+    float incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    const float excl = incl - sum;
+    float run = -INFINITY, bl[4], rl[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      bl[i] = excl + lfl[i];
+      run = fmaxf(run, igl[i] - bl[i]);
+      rl[i] = run;
+    }
+    float inclm = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, inclm, o);
+      if (lane >= o) inclm = fmaxf(inclm, y);
+    }
+    float exclm = __shfl_up_sync(0xffffffffu, inclm, 1);
+    if (lane == 0) exclm = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = lane * per + i;
+      if (i < per && j < len) {
+        const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + j;
+        p.b_tok[o] = bl[i];
+        p.m_tok[o] = bl[i] + fmaxf(m_prev, fmaxf(exclm, rl[i]));
+      }
+    }
+    const float g = __shfl_sync(0xffffffffu, incl, 31);
+    const float r = __shfl_sync(0xffffffffu, inclm, 31);
+    const float m_next = g + fmaxf(m_prev, r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = lane * per + i;
+      if (i < per && j < len) {
+        p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + j] = __expf(g - bl[i] + igl[i] - m_next);
+      }
+    }
+    if (lane == 0) {
+      mk[k + 1] = m_next;
+      p.decay[static_cast<int64_t>(bh) * d.NC + k] = __expf(g + m_prev - m_next);
+    }
+    m_prev = m_next;
+  }
+  if (lane == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_prev;
+}
+
+// ---------------------------------------------------------------- 2. state_fwd
+
+// Stores a warp's 16×64 fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
+__device__ __forceinline__ void StoreAccBf16(bf16* dst, int64_t ld, const float (&acc)[8][4],
+                                             int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    *reinterpret_cast<uint32_t*>(dst + g * ld + col) = PackBf16(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<uint32_t*>(dst + (g + 8) * ld + col) = PackBf16(acc[nt][2], acc[nt][3]);
+  }
+}
+__device__ __forceinline__ void StoreAccF32(float* dst, int64_t ld, const float (&acc)[8][4],
+                                            int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    *reinterpret_cast<float2*>(dst + g * ld + col) = make_float2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<float2*>(dst + (g + 8) * ld + col) = make_float2(acc[nt][2], acc[nt][3]);
+  }
+}
+__device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (&acc)[8][4],
+                                           int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    const float2 x = *reinterpret_cast<const float2*>(src + g * ld + col);
+    const float2 y = *reinterpret_cast<const float2*>(src + (g + 8) * ld + col);
+    acc[nt][0] = x.x;
+    acc[nt][1] = x.y;
+    acc[nt][2] = y.x;
+    acc[nt][3] = y.y;
+  }
+}
+
+template <int L>
+struct StateSmem {
+  static constexpr int kStride = 64 + kPad;
+  static constexpr int kTile = L * kStride;             // elements of one [L][64] tile
+  static constexpr size_t kBytes = 2 * 2 * kTile * 2    // 2 stages × (A, B) tiles, bf16
+                                   + (2 * L + 128) * 4;  // per-token coefficients, n partials
+};
+
+// One block per (64-column dv tile, 64-row dk tile, head); 4 warps, warp w owns dk rows 16w..
+template <int L>
+__global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = StateSmem<L>;
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][72]
+  bf16* vs = ks + 2 * SM::kTile;                 // [2][L][72]
+  float* es = reinterpret_cast<float*>(vs + 2 * SM::kTile);  // [L]
+  float* npart = es + 2 * L;                                 // [128]
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const bool n_block = blockIdx.x == 0;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const bf16* kbase = p.k + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
+  const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
+  float acc[8][4];
+  if (p.c0 != nullptr) {
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
+               lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float nval = 0.f;
+  if (n_block && tid < 64 && p.c0 != nullptr) nval = p.n0[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+
+  auto prefetch = [&](int k, int stage) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    LoadTile<L, 64>(ks + stage * SM::kTile, SM::kStride, kbase + t0 * ldqk, ldqk, len, tid, 128);
+    LoadTile<L, 64>(vs + stage * SM::kTile, SM::kStride, vbase + t0 * ldv, ldv, len, tid, 128);
+    CpAsyncCommit();
+  };
+  prefetch(0, 0);
+  for (int k = 0; k < d.NC; ++k) {
+    const int stage = k & 1;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    bf16* cdst = p.sc + ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
+    StoreAccBf16(cdst, d.DV, acc, lane);
+    if (n_block && tid < 64) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
+    // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
+    if (k + 1 < d.NC) {
+      prefetch(k + 1, stage ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    if (tid < L) es[tid] = e_reg;
+    __syncthreads();
+    bf16* vst = vs + stage * SM::kTile;
+    const bf16* kst = ks + stage * SM::kTile;
+    for (int i = tid; i < L * 32; i += 128) {  // pairs of columns
+      const int t = i / 32, c2 = (i % 32) * 2;
+      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(vst + t * SM::kStride + c2);
+      const float2 f = __bfloat1622float2(*pv);
+      *pv = __floats2bfloat162_rn(f.x * es[t], f.y * es[t]);
+    }
+    if (n_block) {  // n_{k+1} = decay·n_k + Σ_t E_t k_t: 2 threads per column, halves of the chunk
+      const int col = tid & 63, half = tid >> 6;
+      float s = 0.f;
+      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
+        s += es[t] * __bfloat162float(kst[t * SM::kStride + col]);
+      npart[tid] = s;
+    }
+    __syncthreads();
+    if (n_block && tid < 64) nval = decay * nval + npart[tid] + npart[tid + 64];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadAT(a, kst, SM::kStride, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, vst, SM::kStride, 16 * np, 16 * kk, lane);
+        Mma(acc[2 * np], a, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  StoreAccBf16(p.sc + (last * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
+              lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
+                lane);
+  }
+  if (n_block && tid < 64) {
+    p.sn[last * d.DK + a0 + tid] = nval;
+    if (p.c_out != nullptr) p.n_out[static_cast<int64_t>(bh) * d.DK + a0 + tid] = nval;
+  }
+}
+
+// ---------------------------------------------------------------- 3. fwd_out
+
+// Two stages of (Q, K, C_k) dk-tiles (the next one loads while this one multiplies), one V slab.
+template <int L, int DVT>
+struct OutSmem {
+  static constexpr int kS64 = 64 + kPad;
+  static constexpr int kSV = DVT + kPad;
+  static constexpr int kStage = 2 * L * kS64 + 64 * kSV;  // Q, K [L][72]; C [64][DVT+8]
+  static constexpr int kV = 2 * kStage;                   // [L][DVT+8]
+  static constexpr int kEnd = kV + L * kSV;               // bf16 elements
+  static size_t Bytes(int dk) { return kEnd * 2 + (3 * L + dk) * 4; }
+};
+
+template <int L, int DVT>
+__global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = OutSmem<L, DVT>;
+  bf16* sm = reinterpret_cast<bf16*>(smem_raw);
+  bf16* vs = sm + SM::kV;
+  float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* nks = ms + L;  // [DK] n_k
+  constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;  // token (b, t0, hd)
+  const bf16* qbase = p.q + tok0 * d.DK;
+  const bf16* kbase = p.k + tok0 * d.DK;
+  const bf16* vbase = p.v + tok0 * d.DV + j0;
+  const bf16* cbase = p.sc + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+
+  auto load_stage = [&](int dt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, qbase + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, kbase + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<64, DVT>(st + 2 * L * SM::kS64, SM::kSV, cbase + static_cast<int64_t>(dt) * 64 * d.DV,
+                      d.DV, 64, tid, kThreads);
+    CpAsyncCommit();
+  };
+  LoadTile<L, DVT>(vs, SM::kSV, vbase, ldv, len, tid, kThreads);
+  CpAsyncCommit();
+  load_stage(0, 0);
+  if (tid < L) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[o] : 0.f;
+    ms[tid] = ok ? p.m_tok[o] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+  }
+  for (int i = tid; i < d.DK; i += kThreads) nks[i] = nbase[i];
+
+  float sacc[kNt][4], hacc[kHt][4];
+#pragma unroll
+  for (int i = 0; i < kNt; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kHt; ++i) hacc[i][0] = hacc[i][1] = hacc[i][2] = hacc[i][3] = 0.f;
+  float qn = 0.f;  // partial q·n_k of row (16w + lane%16), half lane/16
+  const int ndt = d.DK / 64;
+  for (int dt = 0; dt < ndt; ++dt) {
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* qs = sm + (dt & 1) * SM::kStage;
+    const bf16* ks = qs + L * SM::kS64;
+    const bf16* cs = qs + 2 * L * SM::kS64;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      LoadA(a, qs, SM::kS64, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < L / 16; ++np) {
+        if (np <= w) {
+          uint32_t bb[4];
+          LoadBNK(bb, ks, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(sacc[2 * np], a, bb[0], bb[1]);
+          Mma(sacc[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(hacc[2 * np], a, bb[0], bb[1]);
+        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    {
+      const int r = 16 * w + (lane & 15), half = lane >> 4;
+      const bf16* qr = qs + r * SM::kS64 + half * 32;
+      float s = 0.f;
+#pragma unroll 8
+      for (int i = 0; i < 32; ++i) s += __bfloat162float(qr[i]) * nks[dt * 64 + half * 32 + i];
+      qn += s;
+    }
+    __syncthreads();
+  }
+  qn += __shfl_xor_sync(0xffffffffu, qn, 16);
+  const float qn0 = __shfl_sync(0xffffffffu, qn, g), qn1 = __shfl_sync(0xffffffffu, qn, g + 8);
+
+  // Gating: P = S·scale ⊙ W (causal), row sums.
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) {
+    if (nt / 2 <= w) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = nt * 8 + 2 * c + (e & 1);
+        const int r = e < 2 ? r0 : r1;
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        float pv = 0.f;
+        if (s <= r && r < len) pv = sacc[nt][e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+        sacc[nt][e] = pv;
+        if (e < 2) rs0 += pv; else rs1 += pv;
+      }
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < kHt; ++i) {
+    hacc[i][0] *= d.scale * G0;
+    hacc[i][1] *= d.scale * G0;
+    hacc[i][2] *= d.scale * G1;
+    hacc[i][3] *= d.scale * G1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    if (kk <= w) {
+      uint32_t a[4];
+      a[0] = PackBf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      a[1] = PackBf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      a[2] = PackBf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      a[3] = PackBf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, vs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(hacc[2 * np], a, bb[0], bb[1]);
+        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+  bf16* hbase = p.h + tok0 * d.DV + j0;
+#pragma unroll
+  for (int nt = 0; nt < kHt; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (r0 < len)
+      *reinterpret_cast<uint32_t*>(hbase + r0 * ldv + col) =
+          PackBf16(hacc[nt][0] * inv0, hacc[nt][1] * inv0);
+    if (r1 < len)
+      *reinterpret_cast<uint32_t*>(hbase + r1 * ldv + col) =
+          PackBf16(hacc[nt][2] * inv1, hacc[nt][3] * inv1);
+  }
+  if (blockIdx.x == 0 && c == 0) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+    if (r0 < len) p.den_tok[o + r0] = den0;
+    if (r1 < len) p.den_tok[o + r1] = den1;
+  }
+}
+
+// ---------------------------------------------------------------- 4. bwd_prep
+
+__global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
+  const int64_t tok = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (tok >= static_cast<int64_t>(d.B) * d.S * d.NH) return;
+  const int hd = tok % d.NH;
+  const int64_t bt = tok / d.NH;
+  const int t = bt % d.S, b = bt / d.S;
+  const int64_t o = (static_cast<int64_t>(b) * d.NH + hd) * d.S + t;
+  float dot = 0.f;
+  if (!d.stop_grad) {
+    const bf16* hh = p.h + tok * d.DV;
+    const bf16* dd = p.dh + tok * d.DV;
+    for (int j = lane * 8; j < d.DV; j += 256) {
+      const uint4 x = *reinterpret_cast<const uint4*>(hh + j);
+      const uint4 y = *reinterpret_cast<const uint4*>(dd + j);
+      const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&x);
+      const __nv_bfloat162* yh = reinterpret_cast<const __nv_bfloat162*>(&y);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(xh[i]), bb = __bfloat1622float2(yh[i]);
+        dot += a.x * bb.x + a.y * bb.y;
+      }
+    }
+    dot = WarpSumT(dot);
+  }
+  if (lane == 0) {
+    const float m = p.m_tok[o], den = p.den_tok[o];
+    const float floor_v = __expf(-m);
+    const float inv = 1.f / (fmaxf(fabsf(den), floor_v) + d.eps);
+    const int k = t / d.L;
+    const float G = d.scale * __expf(p.b_tok[o] + p.smk[(static_cast<int64_t>(b) * d.NH + hd) * (d.NC + 1) + k] - m);
+    float dden = 0.f, dm = 0.f;
+    if (!d.stop_grad) {
+      const float dd = -dot * inv;
+      dden = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
+      dm = -dot * d.eps * inv;
+    }
+    p.inv_d[o] = inv;
+    p.dden[o] = dden;
+    p.dm[o] = dm;
+    p.coef[o] = G * inv;
+    p.ddc[o] = G * dden;
+  }
+}
+
+// ---------------------------------------------------------------- 5. state_bwd
+
+template <int L>
+__global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = StateSmem<L>;
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [2][L][72]  q (dk cols a0..)
+  bf16* hs = qs + 2 * SM::kTile;                 // [2][L][72]  dh (dv cols j0..)
+  float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTile);  // [L] G·scale/denom
+  float* ddc = coef + L;                                        // [L] G·scale·dden
+  float* npart = ddc + L;                                       // [128]
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const bool n_block = blockIdx.x == 0;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
+  const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+
+  float acc[8][4];
+  if (p.dc_fin != nullptr) {
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
+               lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float dnv = 0.f;
+  if (n_block && tid < 64 && p.dc_fin != nullptr)
+    dnv = p.dn_fin[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+
+  auto prefetch = [&](int k, int stage) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    LoadTile<L, 64>(qs + stage * SM::kTile, SM::kStride, qbase + t0 * ldqk, ldqk, len, tid, 128);
+    LoadTile<L, 64>(hs + stage * SM::kTile, SM::kStride, hbase + t0 * ldv, ldv, len, tid, 128);
+    CpAsyncCommit();
+  };
+  prefetch(d.NC - 1, (d.NC - 1) & 1);
+  for (int k = d.NC - 1; k >= 0; --k) {
+    const int stage = k & 1;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    bf16* dst = p.dc + ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
+    StoreAccBf16(dst, d.DV, acc, lane);
+    if (n_block && tid < 64) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
+    const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
+    if (k > 0) {
+      prefetch(k - 1, stage ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    if (tid < L) {
+      coef[tid] = cf;
+      ddc[tid] = dd;
+    }
+    __syncthreads();
+    bf16* hst = hs + stage * SM::kTile;
+    const bf16* qst = qs + stage * SM::kTile;
+    for (int i = tid; i < L * 32; i += 128) {
+      const int t = i / 32, c2 = (i % 32) * 2;
+      __nv_bfloat162* ph = reinterpret_cast<__nv_bfloat162*>(hst + t * SM::kStride + c2);
+      const float2 f = __bfloat1622float2(*ph);
+      *ph = __floats2bfloat162_rn(f.x * coef[t], f.y * coef[t]);
+    }
+    if (n_block) {
+      const int col = tid & 63, half = tid >> 6;
+      float s = 0.f;
+      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
+        s += ddc[t] * __bfloat162float(qst[t * SM::kStride + col]);
+      npart[tid] = s;
+    }
+    __syncthreads();
+    if (n_block && tid < 64) dnv = decay * dnv + npart[tid] + npart[tid + 64];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadAT(a, qst, SM::kStride, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, hst, SM::kStride, 16 * np, 16 * kk, lane);
+        Mma(acc[2 * np], a, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
+                lane);
+    if (n_block && tid < 64) p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + tid] = dnv;
+  }
+}
+
+// ---------------------------------------------------------------- 6. bwd_dv
+
+// Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
+template <int L, int DVT>
+struct DvSmem {
+  static constexpr int kS64 = 64 + kPad;
+  static constexpr int kSV = DVT + kPad;
+  static constexpr int kStage = 2 * L * kS64 + 64 * kSV;  // K, Q [L][72]; dC [64][DVT+8]
+  static constexpr int kH = 2 * kStage;                   // [L][DVT+8] dh
+  static constexpr int kEnd = kH + L * kSV;
+  static constexpr size_t kBytes = kEnd * 2 + 4 * L * 4;
+};
+
+template <int L, int DVT>
+__global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = DvSmem<L, DVT>;
+  bf16* sm = reinterpret_cast<bf16*>(smem_raw);
+  bf16* hs = sm + SM::kH;
+  float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* ivs = ms + L;
+  constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV + j0;
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+
+  auto load_stage = [&](int dt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, p.k + tok0 * d.DK + dt * 64, ldqk, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.q + tok0 * d.DK + dt * 64, ldqk, len, tid,
+                    kThreads);
+    LoadTile<64, DVT>(st + 2 * L * SM::kS64, SM::kSV, dcbase + static_cast<int64_t>(dt) * 64 * d.DV,
+                      d.DV, 64, tid, kThreads);
+    CpAsyncCommit();
+  };
+  LoadTile<L, DVT>(hs, SM::kSV, p.dh + tok0 * d.DV + j0, ldv, len, tid, kThreads);
+  CpAsyncCommit();
+  load_stage(0, 0);
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+  }
+  float sacc[kNt][4], vacc[kHt][4];
+#pragma unroll
+  for (int i = 0; i < kNt; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kHt; ++i) vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.f;
+  const int ndt = d.DK / 64;
+  for (int dt = 0; dt < ndt; ++dt) {
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* ks = sm + (dt & 1) * SM::kStage;
+    const bf16* qs = ks + L * SM::kS64;
+    const bf16* cs = ks + 2 * L * SM::kS64;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      LoadA(a, ks, SM::kS64, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < L / 16; ++np) {
+        if (np >= w) {
+          uint32_t bb[4];
+          LoadBNK(bb, qs, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(sacc[2 * np], a, bb[0], bb[1]);
+          Mma(sacc[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(vacc[2 * np], a, bb[0], bb[1]);
+        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t  (s = row of this warp, t = column), causal t >= s.
+  const int s0 = 16 * w + g, s1 = s0 + 8;
+  const float gl = bs[len - 1];
+  const float E0 = s0 < len ? __expf(gl - bs[s0] + igs[s0] - m_next) : 0.f;
+  const float E1 = s1 < len ? __expf(gl - bs[s1] + igs[s1] - m_next) : 0.f;
+  const float x0 = igs[s0] - bs[s0], x1 = igs[s1] - bs[s1];
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) {
+    if (nt / 2 >= w) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = nt * 8 + 2 * c + (e & 1);
+        const int s = e < 2 ? s0 : s1;
+        const float xs = e < 2 ? x0 : x1;
+        float pv = 0.f;
+        if (s <= t && t < len) pv = sacc[nt][e] * d.scale * ivs[t] * __expf(bs[t] + xs - ms[t]);
+        sacc[nt][e] = pv;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kHt; ++i) {
+    vacc[i][0] *= E0;
+    vacc[i][1] *= E0;
+    vacc[i][2] *= E1;
+    vacc[i][3] *= E1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    if (kk >= w) {
+      uint32_t a[4];
+      a[0] = PackBf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      a[1] = PackBf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      a[2] = PackBf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      a[3] = PackBf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, hs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(vacc[2 * np], a, bb[0], bb[1]);
+        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+  bf16* dvbase = p.dv + tok0 * d.DV + j0;
+#pragma unroll
+  for (int nt = 0; nt < kHt; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (s0 < len)
+      *reinterpret_cast<uint32_t*>(dvbase + s0 * ldv + col) = PackBf16(vacc[nt][0], vacc[nt][1]);
+    if (s1 < len)
+      *reinterpret_cast<uint32_t*>(dvbase + s1 * ldv + col) = PackBf16(vacc[nt][2], vacc[nt][3]);
+  }
+}
+
+// ---------------------------------------------------------------- 7. bwd_dqk
+
+// Two stages of 64-wide dv tiles: phase 1 (dh, v, C_k rows of the slab), phase 3 (v, dC_{k+1});
+// the q, k slabs and dS' stay for the whole block.
+template <int L, int DKT>
+struct DqkSmem {
+  static constexpr int kS64 = 64 + kPad;
+  static constexpr int kSK = DKT + kPad;
+  static constexpr int kSL = L + kPad;
+  static constexpr int kStage = 2 * L * kS64 + DKT * kS64;  // dh [L][72], v [L][72], C [DKT][72]
+  static constexpr int kQ = 2 * kStage;       // [L][DKT+8]
+  static constexpr int kK = kQ + L * kSK;     // [L][DKT+8]
+  static constexpr int kDS = kK + L * kSK;    // [L][L+8]  dS·scale (rows t)
+  static constexpr int kEnd = kDS + L * kSL;
+  static constexpr size_t kBytes = kEnd * 2 + (5 * L + 2 * DKT) * 4;
+};
+
+template <int L, int DKT>
+__global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = DqkSmem<L, DKT>;
+  bf16* sm = reinterpret_cast<bf16*>(smem_raw);
+  bf16 *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
+  float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* ivs = ms + L;
+  float* dds = ivs + L;
+  float* nks = dds + L;    // [DKT] n_k
+  float* dnks = nks + DKT; // [DKT] dn_{k+1}
+  constexpr int kThreads = 2 * L, kNt = L / 8, kQt = DKT / 8;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+  const bf16* cbase = p.sc + ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
+  const bf16* dcbase = p.dc + ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+
+  LoadTile<L, DKT>(qs, SM::kSK, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+  LoadTile<L, DKT>(ks, SM::kSK, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+  CpAsyncCommit();
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+    dds[tid] = ok ? p.dden[so + tid] : 0.f;
+  }
+  for (int i = tid; i < DKT; i += kThreads) {
+    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
+    dnks[i] = p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + i];
+  }
+
+  // Phase 1: dP = dH Vᵀ (causal warps) and Y = dH C_kᵀ, contracting over dv in 64-wide tiles.
+  float pacc[kNt][4], qacc[kQt][4];
+#pragma unroll
+  for (int i = 0; i < kNt; ++i) pacc[i][0] = pacc[i][1] = pacc[i][2] = pacc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kQt; ++i) qacc[i][0] = qacc[i][1] = qacc[i][2] = qacc[i][3] = 0.f;
+  // Stage layout: [0, L) rows dh (phase 1 only), [L, 2L) rows v, then DKT rows of C_k / dC_{k+1}.
+  auto load_p1 = [&](int jt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st, SM::kS64, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+                    kThreads);
+    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+    CpAsyncCommit();
+  };
+  auto load_p3 = [&](int jt, int stage) {
+    bf16* st = sm + stage * SM::kStage;
+    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+                    kThreads);
+    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
+    CpAsyncCommit();
+  };
+  const int njt = d.DV / 64;
+  load_p1(0, 0);
+  for (int jt = 0; jt < njt; ++jt) {
+    if (jt + 1 < njt) {
+      load_p1(jt + 1, (jt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* hs = sm + (jt & 1) * SM::kStage;
+    const bf16* vs = hs + L * SM::kS64;
+    const bf16* cs = hs + 2 * L * SM::kS64;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      LoadA(a, hs, SM::kS64, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < L / 16; ++np) {
+        if (np <= w) {
+          uint32_t bb[4];
+          LoadBNK(bb, vs, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(pacc[2 * np], a, bb[0], bb[1]);
+          Mma(pacc[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < DKT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
+        Mma(qacc[2 * np], a, bb[0], bb[1]);
+        Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs (phase 1 ended with a barrier)
+  // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t), to shared memory; dQ.
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) {
+    if (nt / 2 <= w) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = nt * 8 + 2 * c + (e & 1);
+        const int r = e < 2 ? r0 : r1;
+        float v = 0.f;
+        if (s <= r && r < len) {
+          const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+          const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+          v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[nt][e] * iv + dd);
+        }
+        pacc[nt][e] = v;
+      }
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + r0 * SM::kSL + col) = PackBf16(pacc[nt][0], pacc[nt][1]);
+    *reinterpret_cast<uint32_t*>(dss + r1 * SM::kSL + col) = PackBf16(pacc[nt][2], pacc[nt][3]);
+  }
+  {
+    const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+#pragma unroll
+    for (int nt = 0; nt < kQt; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      qacc[nt][0] = G0 * (iv0 * qacc[nt][0] + dd0 * nks[col]);
+      qacc[nt][1] = G0 * (iv0 * qacc[nt][1] + dd0 * nks[col + 1]);
+      qacc[nt][2] = G1 * (iv1 * qacc[nt][2] + dd1 * nks[col]);
+      qacc[nt][3] = G1 * (iv1 * qacc[nt][3] + dd1 * nks[col + 1]);
+    }
+  }
+  // q, k landed before phase 1's last barrier; dS' is read only after phase 3's barriers.
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    if (kk <= w) {
+      uint32_t a[4];
+      a[0] = PackBf16(pacc[2 * kk][0], pacc[2 * kk][1]);
+      a[1] = PackBf16(pacc[2 * kk][2], pacc[2 * kk][3]);
+      a[2] = PackBf16(pacc[2 * kk + 1][0], pacc[2 * kk + 1][1]);
+      a[3] = PackBf16(pacc[2 * kk + 1][2], pacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < DKT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, ks, SM::kSK, 16 * np, 16 * kk, lane);
+        Mma(qacc[2 * np], a, bb[0], bb[1]);
+        Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+  {
+    bf16* dqbase = p.dq + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kQt; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + r0 * SM::kSK + col));
+      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + r1 * SM::kSK + col));
+      dot0 += q0.x * qacc[nt][0] + q0.y * qacc[nt][1];
+      dot1 += q1.x * qacc[nt][2] + q1.y * qacc[nt][3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[nt][0], qacc[nt][1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[nt][2], qacc[nt][3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+  // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warp).
+  float kacc[kQt][4];
+#pragma unroll
+  for (int i = 0; i < kQt; ++i) kacc[i][0] = kacc[i][1] = kacc[i][2] = kacc[i][3] = 0.f;
+  for (int jt = 0; jt < njt; ++jt) {
+    if (jt + 1 < njt) {
+      load_p3(jt + 1, (jt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* vs = sm + (jt & 1) * SM::kStage + L * SM::kS64;
+    const bf16* dcs = sm + (jt & 1) * SM::kStage + 2 * L * SM::kS64;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      LoadA(a, vs, SM::kS64, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < DKT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
+        Mma(kacc[2 * np], a, bb[0], bb[1]);
+        Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  {
+    const float gl = bs[len - 1];
+    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kQt; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      kacc[nt][0] = E0 * (kacc[nt][0] + dnks[col]);
+      kacc[nt][1] = E0 * (kacc[nt][1] + dnks[col + 1]);
+      kacc[nt][2] = E1 * (kacc[nt][2] + dnks[col]);
+      kacc[nt][3] = E1 * (kacc[nt][3] + dnks[col + 1]);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    if (kk >= w) {
+      uint32_t a[4];
+      LoadAT(a, dss, SM::kSL, 16 * w, 16 * kk, lane);
+#pragma unroll
+      for (int np = 0; np < DKT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, qs, SM::kSK, 16 * np, 16 * kk, lane);
+        Mma(kacc[2 * np], a, bb[0], bb[1]);
+        Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+  {
+    bf16* dkbase = p.dk + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kQt; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + r0 * SM::kSK + col));
+      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + r1 * SM::kSK + col));
+      dot0 += k0.x * kacc[nt][0] + k0.y * kacc[nt][1];
+      dot1 += k1.x * kacc[nt][2] + k1.y * kacc[nt][3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[nt][0], kacc[nt][1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[nt][2], kacc[nt][3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 8. gates_bwd
+
+constexpr int kGateThreads = 256;
+
+struct ArgMax {
+  double v;
+  int i;
+};
+__device__ __forceinline__ double ShflUp(double x, int o) {
+  return __shfl_up_sync(0xffffffffu, x, o);
+}
+__device__ __forceinline__ ArgMax ShflUp(ArgMax x, int o) {
+  return {__shfl_up_sync(0xffffffffu, x.v, o), __shfl_up_sync(0xffffffffu, x.i, o)};
+}
+
+// Inclusive block scan (256 threads) with an associative op; `carry` is combined in front and
+// updated to the block total. T must be trivially copyable.
+template <typename T, typename Op>
+__device__ T BlockInclusiveScan(T x, Op op, T& carry, T* warp_tot) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    T y;
+    y = ShflUp(x, o);
+    if (lane >= o) x = op(y, x);
+  }
+  if (lane == 31) warp_tot[w] = x;
+  __syncthreads();
+  T pre = carry;
+  for (int i = 0; i < w; ++i) pre = op(pre, warp_tot[i]);
+  x = op(pre, x);
+  T total = carry;
+  for (int i = 0; i < kGateThreads / 32; ++i) total = op(total, warp_tot[i]);
+  __syncthreads();
+  carry = total;
+  return x;
+}
+
+__global__ void __launch_bounds__(kGateThreads) mlstm_gates_bwd(Dims d, BwdPtrs p) {
+  __shared__ double wd[kGateThreads / 32];
+  __shared__ ArgMax wa[kGateThreads / 32];
+  __shared__ double red[kGateThreads / 32];
+  __shared__ double dm0_tail;
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH, tid = threadIdx.x;
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+  auto tok_of = [&](int t) { return (static_cast<int64_t>(b) * d.S + t) * d.NH + hd; };
+  auto block_sum = [&](double v) {
+    v = WarpSumT(v);
+    if ((tid & 31) == 0) red[tid >> 5] = v;
+    __syncthreads();
+    double s = 0;
+    for (int i = 0; i < kGateThreads / 32; ++i) s += red[i];
+    __syncthreads();
+    return s;
+  };
+  // F = <dC_S, C_S> + <dn_S, n_S>; init = <dC_0, C_0> + <dn_0, n_0>.
+  double F = 0, init_dot = 0;
+  const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
+  if (p.dc_fin != nullptr) {
+    double s = 0;
+    const float* x = p.dc_fin + bh * cd;
+    const float* y = p.sc_last + bh * cd;
+    for (int64_t i = tid; i < cd; i += kGateThreads) s += double(x[i]) * y[i];
+    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
+    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
+    for (int i = tid; i < d.DK; i += kGateThreads) s += double(xn[i]) * yn[i];
+    F = block_sum(s);
+  }
+  if (p.dc0 != nullptr && p.c0 != nullptr) {
+    double s = 0;
+    const float* x = p.dc0 + bh * cd;
+    const float* y = p.c0 + bh * cd;
+    for (int64_t i = tid; i < cd; i += kGateThreads) s += double(x[i]) * y[i];
+    for (int i = tid; i < d.DK; i += kGateThreads)
+      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
+    init_dot = block_sum(s);
+  }
+  const double m0 = p.c0 != nullptr ? double(p.m0[bh]) : 0.0;
+  const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
+  if (tid == 0) dm0_tail = 0;
+
+  // Pass 1: B_t, prefix argmax of ĩ_t − B_t (ties keep the earlier), prefix sums of dm.
+  double carry_b = 0, carry_ps = 0;
+  ArgMax carry_a{m0, -1};
+  auto add = [](double x, double y) { return x + y; };
+  auto amax = [](ArgMax x, ArgMax y) { return y.v > x.v ? y : x; };
+  for (int base = 0; base < d.S; base += kGateThreads) {
+    const int t = base + tid;
+    const bool ok = t < d.S;
+    const double lf = ok ? double(LogForget(d.sigmoid, p.fg[tok_of(t)])) : 0.0;
+    const double B = BlockInclusiveScan(lf, add, carry_b, wd);
+    ArgMax cand{ok ? double(p.ig[tok_of(t)]) - B : -INFINITY, ok ? t : -1};
+    if (!ok) cand.v = -INFINITY;
+    const ArgMax best = BlockInclusiveScan(cand, amax, carry_a, wa);
+    double dmv = ok ? double(p.dm[so + t]) : 0.0;
+    if (t == d.S - 1) dmv += dm_last_extra;
+    const double ps = BlockInclusiveScan(dmv, add, carry_ps, wd);
+    if (ok) {
+      p.arg[so + t] = best.i;
+      p.ps[so + t] = ps;
+      p.seg[so + t] = 0;
+    }
+  }
+  __syncthreads();
+  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t).
+  for (int t = tid; t < d.S; t += kGateThreads) {
+    const int a = p.arg[so + t];
+    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
+    if (end) {
+      if (a >= 0) {
+        p.seg[so + a] = p.ps[so + t] - (a > 0 ? p.ps[so + a - 1] : 0.0);
+      } else {
+        dm0_tail = p.ps[so + t];
+      }
+    }
+  }
+  __syncthreads();
+  // Pass 3 (reverse): dlf_r = F + Σ_{t>=r} (q·dq − k·dk + dm_t − seg_t); dĩ = k·dk + seg.
+  double carry_r = F;
+  const int ns = p.n_dk_slabs;
+  for (int top = d.S - 1; top >= 0; top -= kGateThreads) {
+    const int t = top - tid;
+    const bool ok = t >= 0;
+    double x = 0, kdk = 0, seg = 0;
+    if (ok) {
+      double qdq = 0;
+      for (int i = 0; i < ns; ++i) {
+        qdq += p.qdq[(so + t) * ns + i];
+        kdk += p.kdk[(so + t) * ns + i];
+      }
+      seg = p.seg[so + t];
+      double dmv = p.dm[so + t];
+      if (t == d.S - 1) dmv += dm_last_extra;
+      x = qdq - kdk + dmv - seg;
+    }
+    const double dlf = BlockInclusiveScan(x, add, carry_r, wd);
+    if (ok) {
+      const int64_t tok = tok_of(t);
+      p.dig[tok] = float(kdk + seg);
+      p.dfg[tok] = float(dlf * LogForgetDerivative(d.sigmoid, p.fg[tok]));
+    }
+  }
+  if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
+}
+
+// ---------------------------------------------------------------- step
+
+__global__ void __launch_bounds__(512) mlstm_step(Dims d, const bf16* q, const bf16* k,
+                                                  const bf16* v, const float* ig, const float* fg,
+                                                  float* cst, float* nst, float* mst, bf16* h) {
+  extern __shared__ float sh[];
+  float* qs = sh;            // [DK] q̂
+  float* kn = qs + d.DK;     // [DK] i'·k
+  float* red = kn + d.DK;    // [16]
+  const int bh = blockIdx.x, tid = threadIdx.x;
+  const float lf = LogForget(d.sigmoid, fg[bh]);
+  const float m_old = mst[bh];
+  const float m_new = fmaxf(lf + m_old, ig[bh]);
+  const float fp = __expf(lf + m_old - m_new), ip = __expf(ig[bh] - m_new);
+  float den_part = 0.f;
+  for (int a = tid; a < d.DK; a += blockDim.x) {
+    const float qa = __bfloat162float(q[static_cast<int64_t>(bh) * d.DK + a]) * d.scale;
+    const float ka = ip * __bfloat162float(k[static_cast<int64_t>(bh) * d.DK + a]);
+    qs[a] = qa;
+    kn[a] = ka;
+    const float nn = fp * nst[static_cast<int64_t>(bh) * d.DK + a] + ka;
+    den_part += qa * nn;
+  }
+  den_part = WarpSumT(den_part);
+  if ((tid & 31) == 0) red[tid >> 5] = den_part;
+  __syncthreads();
+  float den = 0.f;
+  for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) den += red[i];
+  const float inv = 1.f / (fmaxf(fabsf(den), __expf(-m_new)) + d.eps);
+  float* cb = cst + static_cast<int64_t>(bh) * d.DK * d.DV;
+  for (int j = tid; j < d.DV; j += blockDim.x) {
+    const float vj = __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]);
+    float acc = 0.f;
+    for (int a = 0; a < d.DK; ++a) {
+      const float cn = fp * cb[static_cast<int64_t>(a) * d.DV + j] + kn[a] * vj;
+      cb[static_cast<int64_t>(a) * d.DV + j] = cn;
+      acc += qs[a] * cn;
+    }
+    h[static_cast<int64_t>(bh) * d.DV + j] = __float2bfloat16_rn(acc * inv);
+  }
+  __syncthreads();  // every thread read the old n above before it is overwritten
+  for (int a = tid; a < d.DK; a += blockDim.x) {
+    float* na = nst + static_cast<int64_t>(bh) * d.DK + a;
+    *na = fp * *na + kn[a];
+  }
+  if (tid == 0) mst[bh] = m_new;
+}
+
+// ---------------------------------------------------------------- host helpers
+
+MlstmLaunchHook g_launch_hook = nullptr;
+void Hook(const char* name, cudaStream_t stream) {
+  if (g_launch_hook != nullptr) g_launch_hook(name, stream);
+}
+
+Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
+  Dims d;
+  d.B = static_cast<int>(s.batch);
+  d.S = static_cast<int>(s.seq_len);
+  d.NH = static_cast<int>(s.num_heads);
+  d.DK = static_cast<int>(s.dk);
+  d.DV = static_cast<int>(s.dv);
+  d.L = static_cast<int>(o.chunk_size);
+  d.NC = static_cast<int>((s.seq_len + o.chunk_size - 1) / o.chunk_size);
+  d.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.dk)));
+  d.eps = static_cast<float>(o.eps);
+  d.sigmoid = o.forget_gate == MlstmForgetGate::kSigmoid;
+  d.stop_grad = o.stop_normaliser_gradient;
+  return d;
+}
+
+template <typename Kernel>
+CudaResult SetSmem(Kernel kernel, size_t bytes) {
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  return {};
+}
+
+template <int L>
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
+  const int bh = d.B * d.NH;
+  mlstm_gates_fwd<<<bh, 32, 0, stream>>>(d, p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
+    Hook("mlstm_gates_fwd", stream);
+  {
+    const size_t smem = StateSmem<L>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L>, smem));
+    mlstm_state_fwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+    Hook("mlstm_state_fwd", stream);
+  }
+  auto out = [&](auto dvt_tag) -> CudaResult {
+    constexpr int DVT = decltype(dvt_tag)::value;
+    const size_t smem = OutSmem<L, DVT>::Bytes(d.DK);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out<L, DVT>, smem));
+    mlstm_fwd_out<L, DVT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+    Hook("mlstm_fwd_out", stream);
+    return {};
+  };
+  if (DvSlab(d.DV) == 128) return out(std::integral_constant<int, 128>{});
+  return out(std::integral_constant<int, 64>{});
+}
+
+template <int L>
+CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) {
+  const int bh = d.B * d.NH;
+  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
+  mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
+    Hook("mlstm_bwd_prep", stream);
+  {
+    const size_t smem = StateSmem<L>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L>, smem));
+    mlstm_state_bwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+    Hook("mlstm_state_bwd", stream);
+  }
+  auto dv = [&](auto tag) -> CudaResult {
+    constexpr int DVT = decltype(tag)::value;
+    const size_t smem = DvSmem<L, DVT>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv<L, DVT>, smem));
+    mlstm_bwd_dv<L, DVT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
+    Hook("mlstm_bwd_dv", stream);
+    return {};
+  };
+  if (DvSlab(d.DV) == 128) {
+    CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
+  } else {
+    CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
+  }
+  auto dqk = [&](auto tag) -> CudaResult {
+    constexpr int DKT = decltype(tag)::value;
+    const size_t smem = DqkSmem<L, DKT>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT>, smem));
+    mlstm_bwd_dqk<L, DKT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+    Hook("mlstm_bwd_dqk", stream);
+    return {};
+  };
+  if (DkSlab(d.DK) == 128) {
+    CUDA_RETURN_IF_NOT_OK(dqk(std::integral_constant<int, 128>{}));
+  } else {
+    CUDA_RETURN_IF_NOT_OK(dqk(std::integral_constant<int, 64>{}));
+  }
+  mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_bwd");
+    Hook("mlstm_gates_bwd", stream);
+  return {};
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+void MlstmSetLaunchHook(MlstmLaunchHook hook) { g_launch_hook = hook; }
+
+CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
+  if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.dk < 1 || s.dv < 1) {
+    return InvalidArgument("mlstm: batch, seq_len, num_heads, dk, dv must be >= 1");
+  }
+  if (o.chunk_size != 16 && o.chunk_size != 32 && o.chunk_size != 64 && o.chunk_size != 128) {
+    return InvalidArgument("mlstm (cuda): chunk_size must be 16, 32, 64 or 128, got " +
+                           std::to_string(o.chunk_size));
+  }
+  if (s.dk % 64 != 0 || s.dv % 64 != 0) {
+    return InvalidArgument("mlstm (cuda): dk and dv must be multiples of 64, got dk=" +
+                           std::to_string(s.dk) + " dv=" + std::to_string(s.dv));
+  }
+  if (!(o.eps >= 0)) return InvalidArgument("mlstm: eps must be >= 0");
+  if (s.batch * s.seq_len * s.num_heads > (int64_t{1} << 31) / 8 ||
+      s.batch * s.num_heads > 65535 || (s.seq_len + o.chunk_size - 1) / o.chunk_size > 65535) {
+    return InvalidArgument("mlstm (cuda): too many tokens, heads or chunks for one call");
+  }
+  return {};
+}
+
+size_t MlstmChunkwiseSavedBytes(const MlstmShape& shape, const MlstmOptions& options) {
+  return MakeSaved(shape, options).total;
+}
+
+size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOptions& options) {
+  return MakeScratch(shape, options).total;
+}
+
+CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& options,
+                                 const MlstmDeviceInputs& in,
+                                 MlstmDeviceState<const float> initial, __nv_bfloat16* h,
+                                 void* saved, MlstmDeviceState<float> final_state,
+                                 cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(MlstmCheck(shape, options));
+  if (in.q == nullptr || in.k == nullptr || in.v == nullptr || in.igate == nullptr ||
+      in.fgate == nullptr || h == nullptr || saved == nullptr) {
+    return InvalidArgument("mlstm forward: q, k, v, igate, fgate, h and saved are required");
+  }
+  if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
+    return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
+  }
+  const Dims d = MakeDims(shape, options);
+  const SavedLayout l = MakeSaved(shape, options);
+  char* base = static_cast<char*>(saved);
+  FwdPtrs p{};
+  p.q = in.q;
+  p.k = in.k;
+  p.v = in.v;
+  p.ig = in.igate;
+  p.fg = in.fgate;
+  p.c0 = initial.c;
+  p.n0 = initial.n;
+  p.m0 = initial.m;
+  p.h = h;
+  p.sc = reinterpret_cast<bf16*>(base + l.c);
+  p.sc_last = reinterpret_cast<float*>(base + l.c_last);
+  p.sn = reinterpret_cast<float*>(base + l.n);
+  p.smk = reinterpret_cast<float*>(base + l.mk);
+  p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
+  p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
+  p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<float*>(base + l.decay);
+  p.c_out = final_state.c;
+  p.n_out = final_state.n;
+  p.m_out = final_state.m;
+  switch (d.L) {
+    case 16: return LaunchForward<16>(d, p, stream);
+    case 32: return LaunchForward<32>(d, p, stream);
+    case 64: return LaunchForward<64>(d, p, stream);
+    default: return LaunchForward<128>(d, p, stream);
+  }
+}
+
+CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& options,
+                                  const MlstmDeviceInputs& in,
+                                  MlstmDeviceState<const float> initial, const __nv_bfloat16* h,
+                                  const void* saved, const __nv_bfloat16* dh,
+                                  MlstmDeviceState<const float> d_final,
+                                  const MlstmDeviceGrads& grads,
+                                  MlstmDeviceState<float> d_initial, void* scratch,
+                                  cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(MlstmCheck(shape, options));
+  if (in.q == nullptr || in.k == nullptr || in.v == nullptr || in.igate == nullptr ||
+      in.fgate == nullptr || h == nullptr || saved == nullptr || dh == nullptr ||
+      scratch == nullptr || grads.dq == nullptr || grads.dk == nullptr || grads.dv == nullptr ||
+      grads.digate == nullptr || grads.dfgate == nullptr) {
+    return InvalidArgument("mlstm backward: inputs, h, saved, dh, scratch and all grads are required");
+  }
+  if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h) ||
+      !Aligned16(dh) || !Aligned16(grads.dq) || !Aligned16(grads.dk) || !Aligned16(grads.dv)) {
+    return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
+  }
+  const Dims d = MakeDims(shape, options);
+  const SavedLayout l = MakeSaved(shape, options);
+  const ScratchLayout sl = MakeScratch(shape, options);
+  const char* base = static_cast<const char*>(saved);
+  char* sb = static_cast<char*>(scratch);
+  BwdPtrs p{};
+  p.q = in.q;
+  p.k = in.k;
+  p.v = in.v;
+  p.h = h;
+  p.dh = dh;
+  p.ig = in.igate;
+  p.fg = in.fgate;
+  p.c0 = initial.c;
+  p.n0 = initial.n;
+  p.m0 = initial.m;
+  p.sc = reinterpret_cast<const bf16*>(base + l.c);
+  p.sc_last = reinterpret_cast<const float*>(base + l.c_last);
+  p.sn = reinterpret_cast<const float*>(base + l.n);
+  p.smk = reinterpret_cast<const float*>(base + l.mk);
+  p.b_tok = reinterpret_cast<const float*>(base + l.b_tok);
+  p.m_tok = reinterpret_cast<const float*>(base + l.m_tok);
+  p.den_tok = reinterpret_cast<const float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<const float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<const float*>(base + l.decay);
+  p.dc_fin = d_final.c;
+  p.dn_fin = d_final.n;
+  p.dm_fin = d_final.m;
+  p.dq = grads.dq;
+  p.dk = grads.dk;
+  p.dv = grads.dv;
+  p.dig = grads.digate;
+  p.dfg = grads.dfgate;
+  p.dc0 = d_initial.c;
+  p.dn0 = d_initial.n;
+  p.dm0 = d_initial.m;
+  p.dc = reinterpret_cast<bf16*>(sb + sl.dc);
+  p.dn = reinterpret_cast<float*>(sb + sl.dn);
+  p.inv_d = reinterpret_cast<float*>(sb + sl.inv_d);
+  p.coef = reinterpret_cast<float*>(sb + sl.coef);
+  p.ddc = reinterpret_cast<float*>(sb + sl.ddc);
+  p.dden = reinterpret_cast<float*>(sb + sl.dden);
+  p.dm = reinterpret_cast<float*>(sb + sl.dm);
+  p.qdq = reinterpret_cast<float*>(sb + sl.qdq);
+  p.kdk = reinterpret_cast<float*>(sb + sl.kdk);
+  p.arg = reinterpret_cast<int*>(sb + sl.arg);
+  p.ps = reinterpret_cast<double*>(sb + sl.ps);
+  p.seg = reinterpret_cast<double*>(sb + sl.seg);
+  p.n_dk_slabs = static_cast<int>(shape.dk / DkSlab(shape.dk));
+  switch (d.L) {
+    case 16: return LaunchBackward<16>(d, p, stream);
+    case 32: return LaunchBackward<32>(d, p, stream);
+    case 64: return LaunchBackward<64>(d, p, stream);
+    default: return LaunchBackward<128>(d, p, stream);
+  }
+}
+
+CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options,
+                            const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const float* igate, const float* fgate,
+                            MlstmDeviceState<float> state, __nv_bfloat16* h,
+                            cudaStream_t stream) {
+  if (shape.batch < 1 || shape.num_heads < 1 || shape.dk < 1 || shape.dv < 1) {
+    return InvalidArgument("mlstm step: batch, num_heads, dk, dv must be >= 1");
+  }
+  if (q == nullptr || k == nullptr || v == nullptr || igate == nullptr || fgate == nullptr ||
+      state.c == nullptr || state.n == nullptr || state.m == nullptr || h == nullptr) {
+    return InvalidArgument("mlstm step: every pointer (state included) is required");
+  }
+  MlstmShape s1 = shape;
+  s1.seq_len = 1;
+  MlstmOptions o1 = options;
+  o1.chunk_size = 16;
+  const Dims d = MakeDims(s1, o1);
+  const size_t smem = (2 * shape.dk + 16) * sizeof(float);
+  if (smem > 48 * 1024) return InvalidArgument("mlstm step: dk too large");
+  mlstm_step<<<static_cast<unsigned>(shape.batch * shape.num_heads), 512, smem, stream>>>(
+      d, q, k, v, igate, fgate, state.c, state.n, state.m, h);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_step");
+    Hook("mlstm_step", stream);
+  return {};
+}
+
+}  // namespace gyre::cuda

@@ -1,0 +1,132 @@
+// mLSTM cell on the GPU: chunkwise-parallel forward and backward (training / prefill) and the
+// single-step recurrence (generation). Same math, layouts, gradient conventions and state
+// semantics as the CPU reference kernels/cpu/mlstm.h (read that header for the formulas); this
+// file only says what differs: dtypes, supported sizes, buffers and streams.
+//
+// Dtypes. q, k, v, h and their gradients (dq, dk, dv, dh): bf16. Gate pre-activations ĩ, f̃ and
+// their gradients: fp32 (they are NH numbers per token; fp32 keeps the exponentials exact-ish
+// and costs nothing). States C, n, m (initial, final, their gradients): fp32. Inside: bf16
+// tensor-core products (mma.sync m16n8k16) with fp32 accumulation; the chunk-boundary states
+// saved for the backward are stored as bf16 (they only ever feed bf16 products), the carried
+// recurrence stays fp32 in registers.
+//
+// Layouts (token-major, as on the CPU): q, k [B, S, NH, dk]; v, h [B, S, NH, dv];
+// ĩ, f̃ [B, S, NH]; state C [B, NH, dk, dv], n [B, NH, dk], m [B, NH].
+//
+// Supported sizes (MlstmCheck says why not): chunk_size ∈ {16, 32, 64, 128}; dk and dv
+// multiples of 64; any S >= 1 (the last chunk may be shorter); pointers of q, k, v, h, dh, dq,
+// dk, dv 16-byte aligned. The CPU allows any chunk size; these four cover every configuration
+// in MODELS.md (TFLA uses 64 or 128).
+//
+// Gradient convention: MlstmOptions::stop_normaliser_gradient as on the CPU. false (default):
+// the true gradient of this forward (part (a) with m frozen + the exact m correction);
+// true: the convention of NX-AI/mlstm_kernels (TFLA), denominators held constant.
+//
+// Buffers. `saved` (MlstmChunkwiseSavedBytes) is written by the forward and read by the
+// backward; it is also the forward's workspace, so it is required even without a backward.
+// `scratch` (MlstmChunkwiseBackwardScratchBytes) is the backward's workspace. Both come from the
+// caller (e.g. a DeviceAllocator block), so nothing is allocated inside a training step.
+// Alignment: 256 bytes (cudaMalloc / DeviceAllocator blocks are).
+//
+// Gradient contract (llm.c, as on the CPU): dq, dk, dv, dĩ, df̃ and d_initial are OVERWRITTEN.
+// Every function enqueues on `stream` and returns without synchronising; a CudaResult error
+// means a bad argument or a launch failure. Thread-safety: pure functions of their arguments;
+// calls on disjoint buffers may run concurrently on different streams.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/device_info.h"
+
+namespace gyre::cuda {
+
+struct MlstmShape {
+  int64_t batch = 0;      // B
+  int64_t seq_len = 0;    // S (ignored by the step)
+  int64_t num_heads = 0;  // NH
+  int64_t dk = 0;         // head dimension of q and k
+  int64_t dv = 0;         // head dimension of v and h
+};
+
+enum class MlstmForgetGate {
+  kSigmoid,      // lf = logσ(f̃) (default; xLSTM and TFLA)
+  kExponential,  // lf = f̃
+};
+
+struct MlstmOptions {
+  int64_t chunk_size = 64;  // 16, 32, 64 or 128
+  MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
+  double eps = 1e-6;
+  bool stop_normaliser_gradient = false;  // backward only; see the top of this file
+};
+
+// Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
+// state means zeros; in an output state, "not wanted".
+template <typename Elem>
+struct MlstmDeviceState {
+  Elem* c = nullptr;  // [B, NH, dk, dv]
+  Elem* n = nullptr;  // [B, NH, dk]
+  Elem* m = nullptr;  // [B, NH]
+};
+
+struct MlstmDeviceInputs {
+  const __nv_bfloat16* q = nullptr;  // [B, S, NH, dk] unscaled (the kernel applies 1/sqrt(dk))
+  const __nv_bfloat16* k = nullptr;  // [B, S, NH, dk]
+  const __nv_bfloat16* v = nullptr;  // [B, S, NH, dv]
+  const float* igate = nullptr;      // [B, S, NH]
+  const float* fgate = nullptr;      // [B, S, NH]
+};
+
+struct MlstmDeviceGrads {
+  __nv_bfloat16* dq = nullptr;
+  __nv_bfloat16* dk = nullptr;
+  __nv_bfloat16* dv = nullptr;
+  float* digate = nullptr;
+  float* dfgate = nullptr;
+};
+
+// Ok when the shape and options are supported by these kernels (see the top of this file).
+CudaResult MlstmCheck(const MlstmShape& shape, const MlstmOptions& options);
+
+size_t MlstmChunkwiseSavedBytes(const MlstmShape& shape, const MlstmOptions& options);
+size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOptions& options);
+
+// h [B, S, NH, dv] overwritten; saved overwritten; final_state (null c = not wanted) overwritten.
+CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& options,
+                                 const MlstmDeviceInputs& in,
+                                 MlstmDeviceState<const float> initial, __nv_bfloat16* h,
+                                 void* saved, MlstmDeviceState<float> final_state,
+                                 cudaStream_t stream);
+
+// Needs the forward's inputs, `initial`, h and saved unchanged. dh [B, S, NH, dv]; d_final
+// (null c = zero) is the gradient w.r.t. the forward's final state.
+CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& options,
+                                  const MlstmDeviceInputs& in,
+                                  MlstmDeviceState<const float> initial, const __nv_bfloat16* h,
+                                  const void* saved, const __nv_bfloat16* dh,
+                                  MlstmDeviceState<const float> d_final,
+                                  const MlstmDeviceGrads& grads,
+                                  MlstmDeviceState<float> d_initial, void* scratch,
+                                  cudaStream_t stream);
+
+// One time step for all B×NH heads (generation). q, k [B, NH, dk]; v [B, NH, dv]; ĩ, f̃ [B, NH]
+// fp32; `state` (required, fp32) read and overwritten with (C_t, n_t, m_t); h [B, NH, dv]
+// overwritten. Only dk, dv, batch, num_heads of `shape` are used (any sizes; one block per
+// head walks the whole dk×dv state, so a single step is latency- not bandwidth-bound when
+// B·NH is small).
+CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options,
+                            const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const float* igate, const float* fgate,
+                            MlstmDeviceState<float> state, __nv_bfloat16* h, cudaStream_t stream);
+
+// Benchmarks only: when set, called on the host right after every kernel these functions
+// launch, with the kernel's name and the stream (e.g. to record a cudaEvent per kernel). Null by
+// default (no cost). Not thread-safe: set it before any other thread launches mLSTM work.
+using MlstmLaunchHook = void (*)(const char* kernel_name, cudaStream_t stream);
+void MlstmSetLaunchHook(MlstmLaunchHook hook);
+
+}  // namespace gyre::cuda

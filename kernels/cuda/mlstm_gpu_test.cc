@@ -1,0 +1,301 @@
+// Needs a GPU: the mLSTM chunkwise forward (h, final state) and backward (dq, dk, dv, dĩ, df̃,
+// d initial state) and the step kernel against the CPU reference kernels/cpu/mlstm.h in float64
+// on the same bf16 (q, k, v, dh) / fp32 (gates, states) inputs. Both gradient conventions, odd
+// lengths (S = 1, 37, 300 with chunks 16/32/64/128), dk != dv, initial and final states, the
+// exponential forget gate, and extreme gate pre-activations (uniform in ±30). Outputs are
+// NaN-poisoned before each run.
+//
+// Tolerances (METHOD.md bands): forward outputs 1e-2 (bf16 operands and bf16 output rounding);
+// gradients 2e-2: they pass through two more bf16 roundings of intermediates (P / dS and the
+// boundary states C_k, dC_k are bf16 operands of the tensor-core products), measured below.
+#include "kernels/cuda/mlstm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/mlstm.h"
+#include "kernels/cuda/gpu_test_util.h"
+
+namespace gyre::cuda {
+namespace {
+
+using testing::DeviceArray;
+using testing::RandomBf16Values;
+using testing::RandomFloats;
+using testing::RelError;
+using testing::Report;
+using bf16 = __nv_bfloat16;
+
+constexpr double kTolFwd = 1e-2;
+constexpr double kTolGrad = 2e-2;
+
+enum class Gates { kNormal, kExtreme };
+
+struct Case {
+  int64_t B, S, NH, DK, DV, L;
+  bool initial, d_final;
+  Gates gates = Gates::kNormal;
+  MlstmForgetGate forget = MlstmForgetGate::kSigmoid;
+};
+
+std::string ShapeName(const Case& c) {
+  return "B" + std::to_string(c.B) + " S" + std::to_string(c.S) + " NH" + std::to_string(c.NH) +
+         " dk" + std::to_string(c.DK) + " dv" + std::to_string(c.DV) + " L" +
+         std::to_string(c.L);
+}
+std::string CaseName(const Case& c) {
+  std::string s = c.forget == MlstmForgetGate::kSigmoid ? "sig" : "exp";
+  if (c.gates == Gates::kExtreme) s += " gates±30";
+  if (c.initial) s += " +init";
+  if (c.d_final) s += " +dfinal";
+  return s;
+}
+
+std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+std::vector<float> UniformFloats(std::mt19937_64& rng, size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Report(), and on failure the 4 elements with the largest |out − ref| (to tell a few
+// ill-conditioned tokens from a broken kernel).
+bool Check(const std::string& name, const std::string& shape, const std::vector<float>& out,
+           const std::vector<double>& ref, double tol) {
+  const bool ok = Report(name, shape, RelError(out, ref), tol);
+  if (!ok) {
+    std::vector<size_t> idx(ref.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+    const size_t n = std::min<size_t>(4, idx.size());
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](size_t a, size_t b) {
+      return std::abs(out[a] - ref[a]) > std::abs(out[b] - ref[b]);
+    });
+    double norm = 0;
+    for (double r : ref) norm += r * r;
+    std::printf("    worst: ");
+    for (size_t i = 0; i < n; ++i) {
+      std::printf("[%zu] %.6g vs %.6g  ", idx[i], out[idx[i]], ref[idx[i]]);
+    }
+    std::printf("(||ref|| %.4g)\n", std::sqrt(norm));
+  }
+  return ok;
+}
+
+bool RunCase(const Case& c, std::mt19937_64& rng) {
+  DeviceAllocator alloc;
+  const int64_t T = c.B * c.S * c.NH, BH = c.B * c.NH;
+  const auto q = RandomBf16Values(rng, T * c.DK);
+  const auto k = RandomBf16Values(rng, T * c.DK);
+  const auto v = RandomBf16Values(rng, T * c.DV);
+  std::vector<float> ig, fg;
+  if (c.gates == Gates::kExtreme) {
+    ig = UniformFloats(rng, T, -30.f, 30.f);
+    fg = UniformFloats(rng, T, -30.f, 30.f);
+  } else {
+    ig = RandomFloats(rng, T, 1.f, 0.f);
+    fg = c.forget == MlstmForgetGate::kSigmoid ? RandomFloats(rng, T, 1.f, 2.f)
+                                               : RandomFloats(rng, T, 0.1f, -0.1f);
+  }
+  const auto c0 = RandomFloats(rng, BH * c.DK * c.DV, 0.5f);
+  const auto n0 = RandomFloats(rng, BH * c.DK, 0.5f);
+  const auto m0 = RandomFloats(rng, BH, 1.f);
+  const auto dh = RandomBf16Values(rng, T * c.DV);
+  const auto dcf = RandomFloats(rng, BH * c.DK * c.DV, 0.1f);
+  const auto dnf = RandomFloats(rng, BH * c.DK, 0.1f);
+  const auto dmf = RandomFloats(rng, BH, 0.1f);
+
+  // CPU float64 reference.
+  cpu::MlstmShape cs{c.B, c.S, c.NH, c.DK, c.DV};
+  cpu::MlstmOptions co;
+  co.chunk_size = c.L;
+  co.forget_gate = c.forget == MlstmForgetGate::kSigmoid ? cpu::MlstmForgetGate::kSigmoid
+                                                          : cpu::MlstmForgetGate::kExponential;
+  const auto qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v), igd = ToDouble(ig),
+             fgd = ToDouble(fg), c0d = ToDouble(c0), n0d = ToDouble(n0), m0d = ToDouble(m0),
+             dhd = ToDouble(dh), dcfd = ToDouble(dcf), dnfd = ToDouble(dnf), dmfd = ToDouble(dmf);
+  cpu::MlstmInputs<double> cin{qd.data(), kd.data(), vd.data(), igd.data(), fgd.data()};
+  cpu::MlstmStateRef<const double> cinit;
+  if (c.initial) cinit = {c0d.data(), n0d.data(), m0d.data()};
+  std::vector<double> href(T * c.DV), saved(cpu::mlstm_chunkwise_saved_size(cs, co));
+  std::vector<double> cf_ref(BH * c.DK * c.DV), nf_ref(BH * c.DK), mf_ref(BH);
+  cpu::mlstm_chunkwise_fwd_ref<double>(cs, co, cin, cinit, href.data(), saved.data(),
+                                       {cf_ref.data(), nf_ref.data(), mf_ref.data()});
+
+  // GPU forward.
+  DeviceArray<bf16> gq(&alloc, q.size()), gk(&alloc, k.size()), gv(&alloc, v.size()),
+      gh(&alloc, T * c.DV), gdh(&alloc, dh.size()), gdq(&alloc, q.size()), gdk(&alloc, k.size()),
+      gdv(&alloc, v.size());
+  DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, c0.size()), gn0(&alloc, n0.size()),
+      gm0(&alloc, BH), gcf(&alloc, c0.size()), gnf(&alloc, n0.size()), gmf(&alloc, BH),
+      gdcf(&alloc, c0.size()), gdnf(&alloc, n0.size()), gdmf(&alloc, BH), gdig(&alloc, T),
+      gdfg(&alloc, T), gdc0(&alloc, c0.size()), gdn0(&alloc, n0.size()), gdm0(&alloc, BH);
+  gq.Upload(q);
+  gk.Upload(k);
+  gv.Upload(v);
+  gig.Upload(ig);
+  gfg.Upload(fg);
+  gc0.Upload(c0);
+  gn0.Upload(n0);
+  gm0.Upload(m0);
+  gdh.Upload(dh);
+  gdcf.Upload(dcf);
+  gdnf.Upload(dnf);
+  gdmf.Upload(dmf);
+  MlstmShape shape{c.B, c.S, c.NH, c.DK, c.DV};
+  MlstmOptions opt;
+  opt.chunk_size = c.L;
+  opt.forget_gate = c.forget;
+  DeviceBuffer saved_buf, scratch_buf;
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
+  CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
+  MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+  MlstmDeviceState<const float> init;
+  if (c.initial) init = {gc0.get(), gn0.get(), gm0.get()};
+  gh.Poison();
+  gcf.Poison();
+  gnf.Poison();
+  gmf.Poison();
+  CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved_buf.get(),
+                                       {gcf.get(), gnf.get(), gmf.get()}, nullptr));
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  const std::string shp = ShapeName(c), nm = CaseName(c);
+  bool ok = true;
+  ok &= Check("mlstm fwd h " + nm, shp, gh.Download(), href, kTolFwd);
+  ok &= Check("mlstm fwd C_S " + nm, shp, gcf.Download(), cf_ref, kTolFwd);
+  ok &= Check("mlstm fwd n_S " + nm, shp, gnf.Download(), nf_ref, kTolFwd);
+  ok &= Report("mlstm fwd m_S " + nm, shp, RelError(gmf.Download(), mf_ref), 1e-5);
+
+  for (const bool stop : {false, true}) {
+    co.stop_normaliser_gradient = stop;
+    opt.stop_normaliser_gradient = stop;
+    cpu::MlstmStateRef<const double> dfin;
+    if (c.d_final) dfin = {dcfd.data(), dnfd.data(), dmfd.data()};
+    std::vector<double> dq(T * c.DK), dk(T * c.DK), dv(T * c.DV), dig(T), dfg(T),
+        dc0(BH * c.DK * c.DV), dn0(BH * c.DK), dm0(BH);
+    cpu::mlstm_chunkwise_bwd_ref<double>(
+        cs, co, cin, cinit, href.data(), saved.data(), dhd.data(), dfin,
+        {dq.data(), dk.data(), dv.data(), dig.data(), dfg.data()},
+        {dc0.data(), dn0.data(), dm0.data()});
+    for (auto* a : {&gdq, &gdk, &gdv}) a->Poison();
+    for (auto* a : {&gdig, &gdfg, &gdc0, &gdn0, &gdm0}) a->Poison();
+    MlstmDeviceState<const float> gdfin;
+    if (c.d_final) gdfin = {gdcf.get(), gdnf.get(), gdmf.get()};
+    CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+        shape, opt, in, init, gh.get(), saved_buf.get(), gdh.get(), gdfin,
+        {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()},
+        {gdc0.get(), gdn0.get(), gdm0.get()}, scratch_buf.get(), nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    const std::string g = std::string(stop ? "bwd[tfla] " : "bwd[true] ") + nm;
+    ok &= Check("mlstm " + g + " dq", shp, gdq.Download(), dq, kTolGrad);
+    ok &= Check("mlstm " + g + " dk", shp, gdk.Download(), dk, kTolGrad);
+    ok &= Check("mlstm " + g + " dv", shp, gdv.Download(), dv, kTolGrad);
+    ok &= Check("mlstm " + g + " digate", shp, gdig.Download(), dig, kTolGrad);
+    const auto gdfg_host = gdfg.Download();
+    if (!Check("mlstm " + g + " dfgate", shp, gdfg_host, dfg, kTolGrad)) {
+      ok = false;
+      // Which tokens: their stabiliser m_t, n_tᵀq̂_t and the floor e^{-m_t} (CPU saved buffer).
+      const int64_t per_head = saved.size() / BH, NB = (c.S + c.L - 1) / c.L + 1;
+      const int64_t tok_m = NB * c.DK * c.DV + NB * c.DK + NB, tok_den = tok_m + c.S;
+      std::vector<int64_t> idx(T);
+      for (int64_t i = 0; i < T; ++i) idx[i] = i;
+      std::partial_sort(idx.begin(), idx.begin() + 4, idx.end(), [&](int64_t a, int64_t b) {
+        return std::abs(gdfg_host[a] - dfg[a]) > std::abs(gdfg_host[b] - dfg[b]);
+      });
+      for (int i = 0; i < 4; ++i) {
+        const int64_t tok = idx[i], hd = tok % c.NH, t = (tok / c.NH) % c.S, b = tok / (c.NH * c.S);
+        const double* blk = saved.data() + (b * c.NH + hd) * per_head;
+        std::printf("    token t=%lld head=%lld: df gpu %.6g ref %.6g  m_t %.4g den_t %.4g e^-m %.4g\n",
+                    (long long)t, (long long)hd, gdfg_host[tok], dfg[tok], blk[tok_m + t],
+                    blk[tok_den + t], std::exp(-blk[tok_m + t]));
+      }
+    }
+    ok &= Check("mlstm " + g + " dC0", shp, gdc0.Download(), dc0, kTolGrad);
+    ok &= Check("mlstm " + g + " dn0", shp, gdn0.Download(), dn0, kTolGrad);
+    ok &= Check("mlstm " + g + " dm0", shp, gdm0.Download(), dm0, kTolGrad);
+  }
+  return ok;
+}
+
+TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
+  std::mt19937_64 rng(20261126);
+  const Case cases[] = {
+      {1, 1, 2, 64, 128, 16, false, false},
+      {2, 37, 2, 64, 128, 16, true, true},
+      {1, 37, 3, 64, 192, 128, false, true},
+      {1, 300, 2, 128, 64, 64, true, true},
+      {1, 300, 2, 64, 128, 32, false, false},
+      {1, 300, 1, 256, 512, 128, true, true},
+      {1, 300, 2, 64, 128, 64, true, true, Gates::kExtreme},
+      {1, 300, 2, 64, 128, 128, false, false, Gates::kExtreme},
+      {1, 300, 2, 64, 128, 64, true, true, Gates::kNormal, MlstmForgetGate::kExponential},
+  };
+  int failed = 0;
+  for (const Case& c : cases) failed += RunCase(c, rng) ? 0 : 1;
+  std::printf("mlstm chunkwise: %d of %zu cases failed\n", failed, sizeof(cases) / sizeof(cases[0]));
+  EXPECT_EQ(failed, 0);
+}
+
+TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
+  std::mt19937_64 rng(7);
+  DeviceAllocator alloc;
+  const int64_t B = 2, NH = 3, DK = 64, DV = 136;
+  const int64_t BH = B * NH;
+  MlstmShape shape{B, 1, NH, DK, DV};
+  MlstmOptions opt;
+  cpu::MlstmShape cs{B, 1, NH, DK, DV};
+  cpu::MlstmOptions co;
+  auto cst = ToDouble(RandomFloats(rng, BH * DK * DV, 0.5f));
+  auto nst = ToDouble(RandomFloats(rng, BH * DK, 0.5f));
+  auto mst = ToDouble(RandomFloats(rng, BH, 1.f));
+  DeviceArray<float> gc(&alloc, cst.size()), gn(&alloc, nst.size()), gm(&alloc, BH),
+      gig(&alloc, BH), gfg(&alloc, BH);
+  gc.Upload({cst.begin(), cst.end()});
+  gn.Upload({nst.begin(), nst.end()});
+  gm.Upload({mst.begin(), mst.end()});
+  DeviceArray<bf16> gq(&alloc, BH * DK), gk(&alloc, BH * DK), gv(&alloc, BH * DV),
+      gh(&alloc, BH * DV);
+  bool ok = true;
+  for (int step = 0; step < 3; ++step) {
+    const auto q = RandomBf16Values(rng, BH * DK), k = RandomBf16Values(rng, BH * DK),
+               v = RandomBf16Values(rng, BH * DV);
+    const auto ig = RandomFloats(rng, BH, 2.f), fg = RandomFloats(rng, BH, 1.f, 2.f);
+    gq.Upload(q);
+    gk.Upload(k);
+    gv.Upload(v);
+    gig.Upload(ig);
+    gfg.Upload(fg);
+    gh.Poison();
+    CUDA_OK_OR_DIE(MlstmStepForward(shape, opt, gq.get(), gk.get(), gv.get(), gig.get(),
+                                    gfg.get(), {gc.get(), gn.get(), gm.get()}, gh.get(), nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    const auto qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v), igd = ToDouble(ig),
+               fgd = ToDouble(fg);
+    std::vector<double> h(BH * DV);
+    cpu::mlstm_step_fwd_ref<double>(cs, co, qd.data(), kd.data(), vd.data(), igd.data(),
+                                    fgd.data(), {cst.data(), nst.data(), mst.data()}, h.data());
+    const std::string shp = "B2 NH3 dk64 dv136 step " + std::to_string(step);
+    ok &= Report("mlstm step h", shp, RelError(gh.Download(), h), kTolFwd);
+    ok &= Report("mlstm step C", shp, RelError(gc.Download(), cst), testing::kTolF32Accum);
+    ok &= Report("mlstm step n", shp, RelError(gn.Download(), nst), testing::kTolF32Accum);
+    ok &= Report("mlstm step m", shp, RelError(gm.Download(), mst), testing::kTolF32);
+  }
+  EXPECT_TRUE(ok);
+}
+
+TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
+  MlstmOptions o;
+  o.chunk_size = 48;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 64, 64}, o).ok());
+  o.chunk_size = 64;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 96, 64}, o).ok());
+  EXPECT_TRUE(MlstmCheck({1, 8, 1, 64, 128}, o).ok());
+}
+
+}  // namespace
+}  // namespace gyre::cuda
