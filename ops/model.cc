@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "ops/cuda_backend.h"
 #include "ops/llama_block.h"
 
 namespace gyre::ops {
@@ -16,7 +17,35 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LanguageModel::Create(const Model
   if (dtype != DType::kF32 && dtype != DType::kF64) {
     return absl::InvalidArgumentError(absl::StrCat("model dtype ", DTypeName(dtype), " has no CPU kernels"));
   }
-  if (device == Device::kCuda) return absl::UnimplementedError("CUDA models are not built yet");
+  if (device == Device::kCuda) {
+    // Mixed precision: fp32 masters and gradients, bf16 compute copies and activations.
+    if (dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("CUDA models keep f32 master weights; dtype ", DTypeName(dtype)));
+    }
+    if (CudaBackendOrNull() == nullptr) {
+      return absl::FailedPreconditionError("this binary was built without CUDA (build with --config=cuda)");
+    }
+    for (BlockType b : spec.blocks) {
+      if (b != BlockType::kAttention) {
+        return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", BlockTypeName(b), " blocks"));
+      }
+    }
+    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) {
+      return absl::UnimplementedError("no CUDA kernel yet for the Mamba-2 hybrids' attention mixer block");
+    }
+    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) {
+      return absl::UnimplementedError("no CUDA kernel yet for partial rotary attention");
+    }
+    if (spec.family == Family::kXlstm) {
+      return absl::UnimplementedError("no CUDA kernel yet for the xLSTM final LayerNorm (1 + w)");
+    }
+    // Initialise on the host (the same weights as a CPU model of the same seed), then move into
+    // flat device buffers.
+    std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, Device::kCpu));
+    RETURN_IF_ERROR(m->Build(seed));
+    m->store_->MoveToDevice(Device::kCuda);
+    return m;
+  }
   std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, device));
   RETURN_IF_ERROR(m->Build(seed));
   return m;
@@ -65,7 +94,8 @@ absl::Status LanguageModel::Build(uint64_t seed) {
 }
 
 const Tensor& LanguageModel::HeadWeight() const {
-  return head_weight_ != nullptr ? head_weight_->value : embedding_->weight()->value;
+  const Parameter* p = head_weight_ != nullptr ? head_weight_ : embedding_->weight();
+  return p->value.device() == Device::kCuda ? p->compute : p->value;
 }
 
 Tensor& LanguageModel::HeadGrad() { return head_weight_ != nullptr ? head_weight_->grad : embedding_->weight()->grad; }
