@@ -1,0 +1,92 @@
+// Causal softmax attention (FlashAttention-2 class), forward and backward, bf16 in/out, fp32
+// softmax statistics, with GQA, row-strided views (fused qkv) and SelfExtend fused into the
+// forward. The kernel algorithm (tiling, pipelines, tile skipping) is described in attention.cu.
+//
+//   S_ij   = scale · q_i · k_j                    (j <= i; j > i masked)
+//   P_ij   = exp(S_ij − lse_i),  lse_i = log Σ_{j<=i} exp(S_ij)   (natural log, fp32)
+//   out_i  = Σ_j P_ij v_j
+// Backward (recomputes P from q, k, lse; nothing of size T² is ever stored):
+//   D_i    = Σ_d dout_id · out_id
+//   dP_ij  = dout_i · v_j,   dS_ij = P_ij (dP_ij − D_i)
+//   dq_i   = scale · Σ_j dS_ij k_j,  dk_j = scale · Σ_i dS_ij q_i,  dv_j = Σ_i P_ij dout_i
+// GQA: query head h reads kv head h / (H / Hk); dk, dv of a kv head sum over its H/Hk query heads.
+// SelfExtend (group G, window W; inference, forward only): S_ij uses q·k when i − j < W and
+// q_grouped·k_grouped when i − j >= W (grouped inputs are the caller's RoPE at grouped positions,
+// see ops/attention.h); one softmax over both kinds. With T <= W it is exactly plain attention.
+//
+// Shapes: q [B, T, H, D] rows of stride q_row_stride, k/v [B, T, Hk, D] rows of stride
+// kv_row_stride (0 = packed), out [B, T, H, D] packed, lse [B, H, T] fp32. D ∈ {64, 128}.
+// Saved for backward by the caller: q, k, v, out, lse (O(B·H·T)). Outputs overwrite.
+//
+// Floors (causal, half of the T² pairs): forward 4·B·H·T²·D/2 FLOP (two GEMMs of 2·T²·D/2),
+// backward 2.5x that (five GEMMs, one of them the recomputed S). Bytes: forward reads q, k, v
+// and writes out once (≈ 2·B·T·(2H + 2Hk)·D bytes + lse), backward ≈ 2.5x; at B8 T2048 H16
+// D128: 137 GFLOP forward, 344 GFLOP backward — compute-bound (≈ 0.17 ms / 0.43 ms at
+// ~800 TFLOP/s) against ≈ 0.13 GB of traffic (0.04 ms at 3.3 TB/s).
+//
+// Thread-safety: stateless; the backward takes scratch (fp32 dq accumulators, D rows) from
+// `alloc`, which is single-threaded.
+//
+// CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
+// adding fields with defaults.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/device_info.h"
+
+namespace gyre::cuda {
+
+struct AttentionShape {
+  int64_t batch = 0, seq = 0;
+  int64_t heads = 0, kv_heads = 0;  // GQA: query head h reads kv head h / (heads / kv_heads)
+  int64_t head_dim = 0;             // 64 or 128 (others: kInvalidArgument)
+};
+
+// Causal softmax attention, bf16 in/out, fp32 softmax statistics. Inputs already rotated (RoPE
+// is applied by kernels/cuda/rope before this op). Row r = b*seq + t of q holds `heads` heads of
+// head_dim features starting at q + r * q_row_stride (0 = packed heads*head_dim); same for k/v
+// with kv_row_stride (0 = packed kv_heads*head_dim), so q/k/v may be views of one fused qkv buffer.
+struct AttentionForwardArgs {
+  AttentionShape shape;
+  float softmax_scale = 0.f;  // 0 = 1/sqrt(head_dim)
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  int64_t q_row_stride = 0, kv_row_stride = 0;
+  // SelfExtend (inference; ops/attention.h and MODELS.md section 6). When self_extend_group > 0:
+  // logit (i, j) with i - j < window uses q·k (normal positions); with i - j >= window it uses
+  // q_grouped·k_grouped (q rotated at floor(i/G) + W - floor(W/G), k at floor(j/G)); both kinds
+  // merged in ONE softmax, in the same kernel. Same layout/strides as q and k.
+  int64_t self_extend_group = 0, self_extend_window = 0;
+  const __nv_bfloat16* q_grouped = nullptr;
+  const __nv_bfloat16* k_grouped = nullptr;
+  __nv_bfloat16* out = nullptr;  // [B, T, heads, head_dim] packed, overwritten
+  float* lse = nullptr;          // [B, heads, T] natural-log log-sum-exp of scaled logits; may be null
+};
+CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t stream);
+
+// Backward of the plain (non-SelfExtend) forward; recomputes scores from q, k, v, lse.
+struct AttentionBackwardArgs {
+  AttentionShape shape;
+  float softmax_scale = 0.f;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  int64_t q_row_stride = 0, kv_row_stride = 0;  // also the strides of dq / dk, dv
+  const __nv_bfloat16* out = nullptr;   // packed
+  const __nv_bfloat16* dout = nullptr;  // packed
+  const float* lse = nullptr;
+  __nv_bfloat16* dq = nullptr;  // overwritten (same layout as q)
+  __nv_bfloat16* dk = nullptr;  // overwritten (same layout as k)
+  __nv_bfloat16* dv = nullptr;  // overwritten (same layout as v)
+};
+// Scratch (e.g. fp32 dq accumulators, row dot(dout, out)) comes from `alloc`.
+CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs& args,
+                             cudaStream_t stream);
+
+}  // namespace gyre::cuda

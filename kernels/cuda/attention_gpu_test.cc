@@ -1,0 +1,423 @@
+// Needs a GPU: causal attention forward (out, lse) and backward (dq, dk, dv) against a float64
+// reference written as plain loops here, on random bf16 inputs with NaN-poisoned outputs.
+// Shapes cover head_dim 64 and 128, GQA (H 8 / Hk 2), MHA, sequence lengths 1, 17, 100, 257,
+// 300, 1000 (none a multiple of the 128/64 tiles), batch 2, and strided views of one fused qkv
+// buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32) and (8, 64)
+// against a float64 SelfExtend reference; SelfExtend with T <= W and SelfExtend with grouped
+// inputs equal to the plain ones must both reproduce plain attention.
+#include "kernels/cuda/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda/gpu_test_util.h"
+
+namespace gyre::cuda {
+namespace {
+
+using testing::DeviceArray;
+using testing::RandomBf16Values;
+using testing::RelError;
+using testing::Report;
+using bf16 = __nv_bfloat16;
+
+// Row-major rows of heads: element (row, head, d) at base[row * stride + head * D + d].
+struct View {
+  const float* base = nullptr;
+  int64_t stride = 0;
+  const float* at(int64_t row, int64_t head, int64_t dim) const {
+    return base + row * stride + head * dim;
+  }
+};
+
+struct Problem {
+  int64_t batch, seq, heads, kv_heads, dim;
+  bool fused;                  // q/k/v (and dq/dk/dv) are views of one padded qkv buffer
+  int64_t group = 0, window = 0;  // SelfExtend
+};
+
+std::string ShapeName(const Problem& p) {
+  std::string s = "B" + std::to_string(p.batch) + " T" + std::to_string(p.seq) + " H" +
+                  std::to_string(p.heads) + "/" + std::to_string(p.kv_heads) + " D" +
+                  std::to_string(p.dim);
+  if (p.fused) s += " fused";
+  if (p.group > 0) s += " SE" + std::to_string(p.group) + "," + std::to_string(p.window);
+  return s;
+}
+
+// Runs fn(index) for index in [0, n) on up to hardware_concurrency threads.
+void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) {
+  const int64_t workers =
+      std::max<int64_t>(1, std::min<int64_t>(n, std::thread::hardware_concurrency()));
+  std::vector<std::thread> threads;
+  for (int64_t w = 0; w < workers; ++w) {
+    threads.emplace_back([&, w] {
+      for (int64_t i = w; i < n; i += workers) fn(i);
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+// Float64 reference. out [B, T, H, D] packed, lse [B, H, T]; with dout given also dq [B,T,H,D],
+// dk, dv [B, T, Hk, D] packed. SelfExtend (window > 0 or group > 0): pairs with i - j >= window
+// use qg·kg.
+struct Reference {
+  std::vector<double> out, lse, dq, dk, dv;
+};
+
+Reference ComputeReference(const Problem& p, View q, View k, View v, View qg, View kg,
+                           const std::vector<float>* dout) {
+  const int64_t B = p.batch, T = p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
+  const int64_t group = H / Hk;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const bool se = p.group > 0;
+  Reference r;
+  r.out.assign(B * T * H * D, 0.0);
+  r.lse.assign(B * H * T, 0.0);
+  if (dout != nullptr) {
+    r.dq.assign(B * T * H * D, 0.0);
+    r.dk.assign(B * T * Hk * D, 0.0);
+    r.dv.assign(B * T * Hk * D, 0.0);
+  }
+  // One task per (batch, kv head): dk/dv of that kv head are written by this task only.
+  ParallelFor(B * Hk, [&](int64_t task) {
+    const int64_t b = task / Hk, hk = task % Hk;
+    std::vector<double> s(T), pr(T);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t ri = b * T + i;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t rj = b * T + j;
+          const bool far = se && (i - j) >= p.window;
+          const float* a = far ? qg.at(ri, h, D) : q.at(ri, h, D);
+          const float* c = far ? kg.at(rj, hk, D) : k.at(rj, hk, D);
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(a[d]) * c[d];
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j <= i; ++j) sum += std::exp(s[j] - mx);
+        const double lse = mx + std::log(sum);
+        r.lse[(b * H + h) * T + i] = lse;
+        double* o = &r.out[(ri * H + h) * D];
+        for (int64_t j = 0; j <= i; ++j) {
+          pr[j] = std::exp(s[j] - lse);
+          const float* vj = v.at(b * T + j, hk, D);
+          for (int64_t d = 0; d < D; ++d) o[d] += pr[j] * vj[d];
+        }
+        if (dout == nullptr) continue;
+        const float* go = &(*dout)[(ri * H + h) * D];
+        // dP_ij = dO_i · v_j; D_i = Σ_j P_ij dP_ij; dS = P (dP − D).
+        double dsum = 0;
+        std::vector<double>& dp = s;  // reuse
+        for (int64_t j = 0; j <= i; ++j) {
+          const float* vj = v.at(b * T + j, hk, D);
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(go[d]) * vj[d];
+          dp[j] = dot;
+          dsum += pr[j] * dot;
+        }
+        double* gq = &r.dq[(ri * H + h) * D];
+        const float* qi = q.at(ri, h, D);
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t rj = b * T + j;
+          const double ds = pr[j] * (dp[j] - dsum) * scale;
+          const float* kj = k.at(rj, hk, D);
+          double* gk = &r.dk[(rj * Hk + hk) * D];
+          double* gv = &r.dv[(rj * Hk + hk) * D];
+          for (int64_t d = 0; d < D; ++d) {
+            gq[d] += ds * kj[d];
+            gk[d] += ds * qi[d];
+            gv[d] += pr[j] * go[d];
+          }
+        }
+      }
+    }
+  });
+  return r;
+}
+
+// Device copies of q, k, v (and qg, kg) either packed or as views of one fused buffer.
+struct DeviceQkv {
+  int64_t q_stride = 0, kv_stride = 0;  // 0 = packed (as passed to the API)
+  std::vector<float> host;              // fused: whole buffer; else unused
+  std::vector<float> hq, hk, hv;        // packed host copies
+  View q, k, v;
+  std::unique_ptr<DeviceArray<bf16>> fused, dq, dk, dv;
+  const bf16 *dev_q = nullptr, *dev_k = nullptr, *dev_v = nullptr;
+};
+
+void MakeQkv(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p, DeviceQkv* x) {
+  const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
+  if (p.fused) {
+    const int64_t stride = (H + 2 * Hk) * D + 8;  // 8 padding columns, never touched
+    x->q_stride = x->kv_stride = stride;
+    x->host = RandomBf16Values(rng, rows * stride);
+    x->q = {x->host.data(), stride};
+    x->k = {x->host.data() + H * D, stride};
+    x->v = {x->host.data() + (H + Hk) * D, stride};
+    x->fused = std::make_unique<DeviceArray<bf16>>(alloc, x->host.size());
+    x->fused->Upload(x->host);
+    x->dev_q = x->fused->get();
+    x->dev_k = x->fused->get() + H * D;
+    x->dev_v = x->fused->get() + (H + Hk) * D;
+  } else {
+    x->hq = RandomBf16Values(rng, rows * H * D);
+    x->hk = RandomBf16Values(rng, rows * Hk * D);
+    x->hv = RandomBf16Values(rng, rows * Hk * D);
+    x->q = {x->hq.data(), H * D};
+    x->k = {x->hk.data(), Hk * D};
+    x->v = {x->hv.data(), Hk * D};
+    x->dq = std::make_unique<DeviceArray<bf16>>(alloc, x->hq.size());
+    x->dk = std::make_unique<DeviceArray<bf16>>(alloc, x->hk.size());
+    x->dv = std::make_unique<DeviceArray<bf16>>(alloc, x->hv.size());
+    x->dq->Upload(x->hq);
+    x->dk->Upload(x->hk);
+    x->dv->Upload(x->hv);
+    x->dev_q = x->dq->get();
+    x->dev_k = x->dk->get();
+    x->dev_v = x->dv->get();
+  }
+}
+
+// Gathers (row, head, d) of a strided host buffer into a packed vector.
+std::vector<float> Pack(const std::vector<float>& buf, int64_t offset, int64_t stride, int64_t rows,
+                        int64_t width) {
+  std::vector<float> out(rows * width);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; ++c) out[r * width + c] = buf[offset + r * stride + c];
+  return out;
+}
+
+constexpr double kTolOut = 1e-2;   // bf16 output (one rounding ~2e-3) + bf16 P in P·V
+constexpr double kTolGrad = 1e-2;  // bf16 P and dS in the gradient GEMMs, bf16 outputs
+constexpr double kTolLse = 1e-4;   // fp32 statistics
+
+bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
+  const std::string shape = ShapeName(p);
+  const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
+  DeviceQkv x;
+  MakeQkv(alloc, rng, p, &x);
+  const auto dout = RandomBf16Values(rng, rows * H * D);
+  DeviceArray<bf16> d_out(alloc, rows * H * D), d_dout(alloc, rows * H * D);
+  DeviceArray<float> d_lse(alloc, p.batch * H * p.seq);
+  d_dout.Upload(dout);
+  d_out.Poison();
+  d_lse.Poison();
+
+  AttentionForwardArgs fa;
+  fa.shape = {p.batch, p.seq, H, Hk, D};
+  fa.q = x.dev_q;
+  fa.k = x.dev_k;
+  fa.v = x.dev_v;
+  fa.q_row_stride = x.q_stride;
+  fa.kv_row_stride = x.kv_stride;
+  fa.out = d_out.get();
+  fa.lse = d_lse.get();
+  const CudaResult fr = AttentionForward(fa, nullptr);
+  if (!fr.ok()) {
+    std::printf("[FAIL] attention fwd %s: %s\n", shape.c_str(), fr.message.c_str());
+    return false;
+  }
+  // Gradients: into a second fused buffer (poisoned, padding must survive) or packed arrays.
+  std::unique_ptr<DeviceArray<bf16>> g_fused, g_q, g_k, g_v;
+  bf16 *dq, *dk, *dv;
+  if (p.fused) {
+    g_fused = std::make_unique<DeviceArray<bf16>>(alloc, x.host.size());
+    g_fused->Poison();
+    dq = g_fused->get();
+    dk = g_fused->get() + H * D;
+    dv = g_fused->get() + (H + Hk) * D;
+  } else {
+    g_q = std::make_unique<DeviceArray<bf16>>(alloc, rows * H * D);
+    g_k = std::make_unique<DeviceArray<bf16>>(alloc, rows * Hk * D);
+    g_v = std::make_unique<DeviceArray<bf16>>(alloc, rows * Hk * D);
+    g_q->Poison();
+    g_k->Poison();
+    g_v->Poison();
+    dq = g_q->get();
+    dk = g_k->get();
+    dv = g_v->get();
+  }
+  AttentionBackwardArgs ba;
+  ba.shape = fa.shape;
+  ba.q = fa.q;
+  ba.k = fa.k;
+  ba.v = fa.v;
+  ba.q_row_stride = x.q_stride;
+  ba.kv_row_stride = x.kv_stride;
+  ba.out = d_out.get();
+  ba.dout = d_dout.get();
+  ba.lse = d_lse.get();
+  ba.dq = dq;
+  ba.dk = dk;
+  ba.dv = dv;
+  const CudaResult br = AttentionBackward(alloc, ba, nullptr);
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  if (!br.ok()) {
+    std::printf("[FAIL] attention bwd %s: %s\n", shape.c_str(), br.message.c_str());
+    return false;
+  }
+
+  const Reference ref = ComputeReference(p, x.q, x.k, x.v, {}, {}, &dout);
+  bool ok = true;
+  ok &= Report("attention fwd out", shape, RelError(d_out.Download(), ref.out), kTolOut);
+  ok &= Report("attention fwd lse", shape, RelError(d_lse.Download(), ref.lse), kTolLse);
+  std::vector<float> gq, gk, gv;
+  if (p.fused) {
+    const std::vector<float> all = g_fused->Download();
+    const int64_t stride = x.q_stride;
+    gq = Pack(all, 0, stride, rows, H * D);
+    gk = Pack(all, H * D, stride, rows, Hk * D);
+    gv = Pack(all, (H + Hk) * D, stride, rows, Hk * D);
+    int64_t touched = 0;  // padding columns must still hold the poison
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = (H + 2 * Hk) * D; c < stride; ++c) touched += !std::isnan(all[r * stride + c]);
+    ok &= Report("attention bwd padding untouched", shape, static_cast<double>(touched), 0.0);
+  } else {
+    gq = g_q->Download();
+    gk = g_k->Download();
+    gv = g_v->Download();
+  }
+  ok &= Report("attention bwd dq", shape, RelError(gq, ref.dq), kTolGrad);
+  ok &= Report("attention bwd dk", shape, RelError(gk, ref.dk), kTolGrad);
+  ok &= Report("attention bwd dv", shape, RelError(gv, ref.dv), kTolGrad);
+  return ok;
+}
+
+// SelfExtend forward against the float64 SelfExtend reference, and two identities with plain.
+bool RunSelfExtend(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
+  const std::string shape = ShapeName(p);
+  const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
+  DeviceQkv x;
+  MakeQkv(alloc, rng, p, &x);
+  const auto hqg = RandomBf16Values(rng, rows * H * D);
+  const auto hkg = RandomBf16Values(rng, rows * Hk * D);
+  DeviceArray<bf16> d_qg(alloc, hqg.size()), d_kg(alloc, hkg.size());
+  d_qg.Upload(hqg);
+  d_kg.Upload(hkg);
+  DeviceArray<bf16> d_out(alloc, rows * H * D), d_plain(alloc, rows * H * D);
+  DeviceArray<float> d_lse(alloc, p.batch * H * p.seq);
+
+  AttentionForwardArgs fa;
+  fa.shape = {p.batch, p.seq, H, Hk, D};
+  fa.q = x.dev_q;
+  fa.k = x.dev_k;
+  fa.v = x.dev_v;
+  fa.q_row_stride = x.q_stride;
+  fa.kv_row_stride = x.kv_stride;
+  // Plain output first (the identities below compare against it).
+  d_plain.Poison();
+  fa.out = d_plain.get();
+  CUDA_OK_OR_DIE(AttentionForward(fa, nullptr));
+
+  // Grouped inputs are packed ([rows, H·D] / [rows, Hk·D]); the API wants q's strides, so for
+  // fused problems they are laid out at the fused strides too.
+  std::unique_ptr<DeviceArray<bf16>> f_qg, f_kg;
+  const bf16 *qg = d_qg.get(), *kg = d_kg.get();
+  if (p.fused) {
+    std::vector<float> bq(x.host.size(), 0.f), bk(x.host.size(), 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < H * D; ++c) bq[r * x.q_stride + c] = hqg[r * H * D + c];
+      for (int64_t c = 0; c < Hk * D; ++c) bk[r * x.kv_stride + H * D + c] = hkg[r * Hk * D + c];
+    }
+    f_qg = std::make_unique<DeviceArray<bf16>>(alloc, bq.size());
+    f_kg = std::make_unique<DeviceArray<bf16>>(alloc, bk.size());
+    f_qg->Upload(bq);
+    f_kg->Upload(bk);
+    qg = f_qg->get();
+    kg = f_kg->get() + H * D;
+  }
+  fa.self_extend_group = p.group;
+  fa.self_extend_window = p.window;
+  fa.q_grouped = qg;
+  fa.k_grouped = kg;
+  d_out.Poison();
+  d_lse.Poison();
+  fa.out = d_out.get();
+  fa.lse = d_lse.get();
+  CUDA_OK_OR_DIE(AttentionForward(fa, nullptr));
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+
+  const View vqg{hqg.data(), H * D}, vkg{hkg.data(), Hk * D};
+  const Reference ref = ComputeReference(p, x.q, x.k, x.v, vqg, vkg, nullptr);
+  bool ok = true;
+  ok &= Report("selfextend fwd out", shape, RelError(d_out.Download(), ref.out), kTolOut);
+  ok &= Report("selfextend fwd lse", shape, RelError(d_lse.Download(), ref.lse), kTolLse);
+
+  // Identity 1: grouped inputs equal to the plain ones -> the SelfExtend kernel (mixed tiles,
+  // selection) must give the plain kernel's output (same products, same order: bitwise).
+  fa.q_grouped = x.dev_q;
+  fa.k_grouped = x.dev_k;
+  d_out.Poison();
+  fa.lse = nullptr;
+  CUDA_OK_OR_DIE(AttentionForward(fa, nullptr));
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  const std::vector<float> plain = d_plain.Download();
+  const std::vector<double> plain64(plain.begin(), plain.end());
+  ok &= Report("selfextend(qg=q,kg=k) == plain", shape, RelError(d_out.Download(), plain64), 1e-6);
+
+  // Identity 2: T <= W -> exactly plain attention (grouped inputs are never read).
+  fa.q_grouped = qg;
+  fa.k_grouped = kg;
+  fa.self_extend_window = p.seq;
+  d_out.Poison();
+  CUDA_OK_OR_DIE(AttentionForward(fa, nullptr));
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+  ok &= Report("selfextend(T<=W) == plain", shape, RelError(d_out.Download(), plain64), 1e-6);
+  return ok;
+}
+
+TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
+  std::mt19937_64 rng(7);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{2, 1, 8, 2, 128, false}, Problem{2, 17, 8, 2, 64, false},
+                           Problem{2, 100, 8, 8, 128, false}, Problem{2, 257, 8, 2, 128, true},
+                           Problem{2, 257, 4, 4, 64, true}, Problem{2, 1000, 8, 2, 64, false},
+                           Problem{1, 1000, 8, 2, 128, true}, Problem{2, 300, 4, 1, 128, false}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
+  }
+  for (const Problem& p : {Problem{2, 300, 8, 2, 128, false, 4, 32},
+                           Problem{2, 300, 8, 2, 64, false, 8, 64},
+                           Problem{2, 300, 8, 2, 128, true, 8, 64},
+                           Problem{1, 1000, 4, 2, 64, false, 8, 200}}) {
+    ++checks;
+    if (!RunSelfExtend(&alloc, rng, p)) ++failures;
+  }
+  std::printf("attention_gpu_test: %d of %d problems passed\n", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
+TEST(AttentionGpuTest, RejectsBadArguments) {
+  DeviceAllocator alloc;
+  DeviceArray<bf16> buf(&alloc, 4096);
+  AttentionForwardArgs fa;
+  fa.shape = {1, 4, 2, 2, 96};
+  fa.q = fa.k = fa.v = buf.get();
+  fa.out = buf.get();
+  EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // head_dim 96
+  fa.shape = {1, 4, 3, 2, 64};
+  EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // heads not a multiple of kv_heads
+  fa.shape = {1, 4, 2, 2, 64};
+  fa.q_row_stride = 100;
+  EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // stride < packed width
+  fa.q_row_stride = 132;
+  EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // stride not a multiple of 8
+  fa.q_row_stride = 0;
+  fa.self_extend_group = 4;
+  fa.self_extend_window = 2;
+  EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // SelfExtend without grouped inputs
+}
+
+}  // namespace
+}  // namespace gyre::cuda
