@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/cuda/adamw.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/activations.h"
 #include "kernels/cuda/cross_entropy.h"
 #include "kernels/cuda/cuda_check.h"
@@ -274,14 +275,60 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(inverse ? kc::RopeBackward(table, a, stream_) : kc::RopeForward(table, a, stream_));
   }
 
+  // kernels/cuda/attention (FA2-class) for head_dim 64 / 128; the plain warp-per-row kernel of
+  // ops/cuda_ops.h otherwise, or everywhere with GYRE_CUDA_ATTENTION=plain (a cross-check).
+  bool UseFlash(const CudaAttention& a) const {
+    return !plain_attention_ && (a.head_dim == 64 || a.head_dim == 128);
+  }
+
+  static kc::AttentionShape Shape(const CudaAttention& a) {
+    kc::AttentionShape s;
+    s.batch = a.batch;
+    s.seq = a.seq;
+    s.heads = a.heads;
+    s.kv_heads = a.kv_heads;
+    s.head_dim = a.head_dim;
+    return s;
+  }
+
   void AttentionForward(const CudaAttention& a) override {
     Init();
-    OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
+    if (!UseFlash(a)) {
+      OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
+      return;
+    }
+    kc::AttentionForwardArgs f;
+    f.shape = Shape(a);
+    f.q = static_cast<const bf16*>(a.q);
+    f.k = static_cast<const bf16*>(a.k);
+    f.v = static_cast<const bf16*>(a.v);
+    f.q_row_stride = a.q_row_stride;
+    f.kv_row_stride = a.kv_row_stride;
+    f.out = static_cast<bf16*>(a.out);
+    f.lse = a.lse;
+    OK_OR_DIE(kc::AttentionForward(f, stream_));
   }
 
   void AttentionBackward(const CudaAttention& a) override {
     Init();
-    OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
+    if (!UseFlash(a)) {
+      OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
+      return;
+    }
+    kc::AttentionBackwardArgs b;
+    b.shape = Shape(a);
+    b.q = static_cast<const bf16*>(a.q);
+    b.k = static_cast<const bf16*>(a.k);
+    b.v = static_cast<const bf16*>(a.v);
+    b.q_row_stride = a.q_row_stride;
+    b.kv_row_stride = a.kv_row_stride;
+    b.out = static_cast<const bf16*>(a.out);
+    b.dout = static_cast<const bf16*>(a.dout);
+    b.lse = a.lse;
+    b.dq = static_cast<bf16*>(a.dq);
+    b.dk = static_cast<bf16*>(a.dk);
+    b.dv = static_cast<bf16*>(a.dv);
+    OK_OR_DIE(kc::AttentionBackward(alloc_, b, stream_));
   }
 
   double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
@@ -363,6 +410,8 @@ class Backend final : public CudaBackend {
 
   void Init() {
     std::call_once(once_, [this] {
+      const char* attn = std::getenv("GYRE_CUDA_ATTENTION");
+      plain_attention_ = attn != nullptr && std::string(attn) == "plain";
       CUDA_OR_DIE(cudaSetDevice(0));
       CUDA_OR_DIE(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
       alloc_ = new kc::DeviceAllocator();  // leaked: blocks may be freed during static destruction
@@ -373,6 +422,7 @@ class Backend final : public CudaBackend {
   }
 
   std::once_flag once_;
+  bool plain_attention_ = false;
   cudaStream_t stream_ = nullptr;
   kc::DeviceAllocator* alloc_ = nullptr;
   std::unique_ptr<kc::GemmContext> gemm_;
