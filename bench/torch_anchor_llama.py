@@ -97,7 +97,7 @@ class Llama(nn.Module):
         for b in self.blocks:
             x = b(x, cos, sin)
         logits = self.lm_head(self.final_norm(x))
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def bench(name, batch, seq, warmup, steps, peak):
@@ -125,7 +125,7 @@ def bench(name, batch, seq, warmup, steps, peak):
         ids = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        loss = step(ids[:, :-1], ids[:, 1:])
+        loss = step(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
         b.record()
         torch.cuda.synchronize()
         losses.append(loss.item())
