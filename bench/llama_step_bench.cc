@@ -33,6 +33,52 @@ struct Result {
   double loss_first = 0, loss_last = 0;
 };
 
+// Attention fwd / fwd+bwd alone at the model's shape (the same backend call the layer makes;
+// fused q|k|v rows), host-timed around a synchronised loop: its share of the step.
+void TimeAttention(const ModelSpec& spec, int64_t batch, int64_t seq) {
+  const int64_t H = spec.attn_heads, Hk = spec.attn_kv_heads, D = spec.attn_head_dim, rows = batch * seq;
+  const int64_t width = (H + 2 * Hk) * D;
+  Tensor host = Tensor::Empty({rows, width}, DType::kF32, Device::kCpu);
+  uint64_t x = 88172645463325252ull;
+  float* p = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    p[i] = static_cast<float>((x >> 11) * 0x1.0p-53 * 2.0 - 1.0);
+  }
+  Tensor qkv = host.ToDevice(Device::kCuda).To(DType::kBF16);
+  Tensor out = Tensor::Empty({rows, H * D}, DType::kBF16, Device::kCuda);
+  Tensor lse = Tensor::Empty({batch, H, seq}, DType::kF32, Device::kCuda);
+  Tensor dout = qkv.Slice(0, {rows, H * D}).Clone();
+  Tensor dqkv = Tensor::Empty({rows, width}, DType::kBF16, Device::kCuda);
+  const char* b = static_cast<const char*>(qkv.raw());
+  char* db = static_cast<char*>(dqkv.raw());
+  CudaAttention a;
+  a.batch = batch; a.seq = seq; a.heads = H; a.kv_heads = Hk; a.head_dim = D;
+  a.q = b; a.k = b + H * D * 2; a.v = b + (H + Hk) * D * 2;
+  a.q_row_stride = a.kv_row_stride = width;
+  a.out = out.raw(); a.lse = lse.data<float>(); a.dout = dout.raw();
+  a.dq = db; a.dk = db + H * D * 2; a.dv = db + (H + Hk) * D * 2;
+  auto time = [&](bool backward) {
+    std::vector<double> ts;
+    for (int r = 0; r < 23; ++r) {
+      Cuda().Synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      Cuda().AttentionForward(a);
+      if (backward) Cuda().AttentionBackward(a);
+      Cuda().Synchronize();
+      if (r >= 3) ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2];
+  };
+  const double f = time(false), fb = time(true);
+  const double flop = 4.0 * batch * H * seq * seq * D / 2;  // causal fwd; bwd 2.5x
+  std::printf("  attention B%lld T%lld %lld heads x %lld: fwd %.3f ms (%.0f TFLOP/s), fwd+bwd %.3f ms (%.0f TFLOP/s); "
+              "x %lld layers = %.1f ms per step\n",
+              (long long)batch, (long long)seq, (long long)H, (long long)D, f * 1e3, flop / f / 1e12, fb * 1e3,
+              3.5 * flop / fb / 1e12, (long long)spec.n_layers(), fb * spec.n_layers() * 1e3);
+}
+
 int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
   int64_t n = 0;
   for (const Parameter* p : m.params().All()) {
@@ -99,6 +145,8 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
               times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, out->loss_first,
               out->loss_last, out->init_s);
   std::fflush(stdout);
+  model->reset();
+  TimeAttention(*spec, batch, seq);
   return 0;
 }
 

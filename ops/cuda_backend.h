@@ -91,9 +91,10 @@ class CudaBackend {
   virtual std::string DeviceDescription() = 0;
 
   // Pointwise (device arrays of n elements): dtype conversion (f32 <-> bf16), y += alpha x
-  // (fp32 math), y *= s, Σ x² (double).
+  // (fp32 math), out = a + b, y *= s, Σ x² (double).
   virtual void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) = 0;
   virtual void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) = 0;
+  virtual void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) = 0;
   virtual void Scale(void* y, DType dtype, double s, int64_t n) = 0;
   virtual double SumSquares(const void* x, DType dtype, int64_t n) = 0;
 

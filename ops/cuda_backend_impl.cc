@@ -130,6 +130,11 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::Axpy(y, x, BF16(dtype), static_cast<float>(alpha), n, stream_));
   }
 
+  void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) override {
+    Init();
+    OK_OR_DIE(cuda_ops::Add(out, a, b, BF16(dtype), n, stream_));
+  }
+
   void Scale(void* y, DType dtype, double s, int64_t n) override {
     Init();
     OK_OR_DIE(cuda_ops::Scale(y, BF16(dtype), static_cast<float>(s), n, stream_));

@@ -20,6 +20,8 @@ using gyre::cuda::CudaResult;
 CudaResult Convert(const void* src, void* dst, int64_t n, int kind, cudaStream_t stream);
 // y += alpha x (f32 or bf16 arrays; fp32 math).
 CudaResult Axpy(void* y, const void* x, bool bf16, float alpha, int64_t n, cudaStream_t stream);
+// out = a + b (f32 or bf16; fp32 math).
+CudaResult Add(void* out, const void* a, const void* b, bool bf16, int64_t n, cudaStream_t stream);
 CudaResult Scale(void* y, bool bf16, float s, int64_t n, cudaStream_t stream);
 // Per-block partial sums of x² into partials [blocks] (double); returns the block count used.
 CudaResult SumSquaresPartials(const void* x, bool bf16, int64_t n, double* partials, int max_blocks, int* blocks,

@@ -49,6 +49,14 @@ T ActGrad(Activation act, T x) {
 }  // namespace
 
 Tensor Add(const Tensor& a, const Tensor& b) {
+  if (IsCuda(a)) {
+    GYRE_CHECK(IsCuda(b) && a.numel() == b.numel() && a.dtype() == b.dtype(), "add: %s %s vs %s %s",
+               ShapeString(a.shape()).c_str(), DTypeName(a.dtype()), ShapeString(b.shape()).c_str(),
+               DTypeName(b.dtype()));
+    Tensor out = Tensor::EmptyLike(a);
+    if (a.numel() > 0) Cuda().Add(out.raw(), a.raw(), b.raw(), a.dtype(), a.numel());
+    return out;
+  }
   Tensor out = a.Clone();
   AddInPlace(&out, b);
   return out;

@@ -381,6 +381,47 @@ Tensor Norm::Backward(const Tensor& dy) {
   return dx;
 }
 
+Tensor Norm::ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum) {
+  if (!IsCuda(x) || opt_.groups != 1 || opt_.weight_offset != 0.0) {
+    *sum = Add(x, residual);
+    return Forward(*sum);
+  }
+  CheckCudaBf16(x, "norm x");
+  CheckCudaBf16(residual, "norm residual");
+  GYRE_CHECK(x.cols() == dim_ && residual.numel() == x.numel(), "norm: x %s, residual %s, dim %ld",
+             ShapeString(x.shape()).c_str(), ShapeString(residual.shape()).c_str(), (long)dim_);
+  const int64_t rows = x.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  *sum = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+  x_ = *sum;
+  rstd_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+  if (layer) mean_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+  Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+  if (rows > 0) {
+    Cuda().NormForward(layer, rows, dim_, opt_.eps, x.raw(), residual.raw(), sum->raw(),
+                       weight_ ? weight_->compute.raw() : nullptr, bias_ ? bias_->compute.raw() : nullptr, y.raw(),
+                       layer ? mean_.data<float>() : nullptr, rstd_.data<float>());
+  }
+  return y;
+}
+
+Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
+  if (!IsCuda(dy)) return Add(Backward(dy), dresidual);
+  GYRE_CHECK(x_.defined(), "Norm::BackwardAdd without Forward");
+  CheckCudaBf16(dy, "norm dy");
+  CheckCudaBf16(dresidual, "norm dresidual");
+  const int64_t rows = x_.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+  if (rows > 0) {
+    Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
+                        layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), dresidual.raw(), dx.raw(),
+                        weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
+  }
+  x_ = rstd_ = mean_ = Tensor();
+  return dx;
+}
+
 // ---------------------------------------------------------------- GatedMlp
 
 GatedMlp::GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act)

@@ -85,6 +85,10 @@ class Norm {
   Norm(const BuildContext& ctx, int64_t dim, NormOptions options);
   Tensor Forward(const Tensor& x);
   Tensor Backward(const Tensor& dy);
+  // Residual variants (one fused kernel on CUDA): *sum = x + residual, returns Norm(*sum); and
+  // Backward(dy) + dresidual (the gradient arriving along the residual stream).
+  Tensor ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum);
+  Tensor BackwardAdd(const Tensor& dy, const Tensor& dresidual);
   void ReleaseActivations() { x_ = Tensor(); rstd_ = Tensor(); mean_ = Tensor(); }
   Parameter* weight() { return weight_; }
 

@@ -124,7 +124,7 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
   const int n = static_cast<int>(heads_.size());
   LossResult result;
   Tensor z = TrunkForward(tokens, batch, seq);
-  Tensor dz = Tensor::ZerosLike(z);
+  Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
   for (int k = 0; k < n; ++k) {
     Tensor h = heads_[k]->Forward(z, batch, seq);
     Tensor hn = final_norm_->Forward(h);
@@ -136,7 +136,8 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     result.loss += ce.loss;
     if (k == 0) result.tokens = ce.tokens;
     Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
-    AddInPlace(&dz, heads_[k]->Backward(dh));
+    if (k == 0) dz = heads_[k]->Backward(dh);
+    else AddInPlace(&dz, heads_[k]->Backward(dh));
   }
   for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
   embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
