@@ -1,8 +1,11 @@
 #include "ops/module.h"
 
+#include <algorithm>
 #include <map>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 
@@ -149,9 +152,30 @@ void InitNormal(Tensor* t, double stddev, Rng* rng) {
     t->CopyFrom(host);
     return;
   }
-  if (t->dtype() == DType::kF32) {
-    float* p = t->data<float>();
-    for (int64_t i = 0; i < t->numel(); ++i) p[i] = static_cast<float>(stddev * rng->Normal());
+  if (t->dtype() == DType::kF32 || t->dtype() == DType::kF64) {
+    // The same draws as the serial loop, in parallel: a cheap serial pass records the generator
+    // state at each chunk start (SkipNormal), then chunks run the Box-Muller transforms.
+    const int64_t n = t->numel();
+    constexpr int64_t kChunk = int64_t{1} << 16;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<Rng> starts;
+    starts.reserve(chunks);
+    for (int64_t c = 0; c < chunks; ++c) {
+      starts.push_back(*rng);
+      const int64_t m = std::min(kChunk, n - c * kChunk);
+      for (int64_t i = 0; i < m; ++i) rng->SkipNormal();
+    }
+    const bool f32 = t->dtype() == DType::kF32;
+    void* base = t->raw();
+    ParallelFor(chunks, [&](int64_t c) {
+      Rng r = starts[c];
+      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const double v = stddev * r.Normal();
+        if (f32) static_cast<float*>(base)[i] = static_cast<float>(v);
+        else static_cast<double*>(base)[i] = v;
+      }
+    });
     return;
   }
   for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, stddev * rng->Normal());
