@@ -20,6 +20,7 @@
 
 #include "CLI/CLI.hpp"
 #include "ops/cuda_backend.h"
+#include "ops/parallel.h"
 #include "ops/train_step.h"
 
 namespace {
@@ -174,6 +175,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--batches needs one value per preset\n");
     return 2;
   }
+  SetNumThreads(0);  // host-side initialisation draws in parallel (ops/module.cc InitNormal)
   std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {

@@ -96,7 +96,7 @@ int RunTrain(int argc, char** argv) {
     full.push_back(nullptr);
     ops::ReexecWithBestBlasCore(full.data());
   }
-  CLI::App app{"Train a model from a preset on this CPU (synthetic tokens or a uint16 token file)", "gyre train"};
+  CLI::App app{"Train a model from a preset on this CPU or one GPU (synthetic tokens or a uint16 token file)", "gyre train"};
   std::string preset = "llama-tiny", tokens_path, device = "cpu";
   uint64_t steps = 100, seed = 0, warmup = 0;
   int64_t seq = 128, batch = 8;
