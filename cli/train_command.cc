@@ -1,7 +1,8 @@
-// `gyre train`: one-process training on the CPU with synthetic tokens or a flat uint16 token
-// file (a stand-in until the data sampler lands). Prints loss, gradient norm, learning rate and
-// tokens/s every step. The compute core is ops::Trainer (ops/train_step.h), the same library the
-// distributed worker calls.
+// `gyre train`: one-process training on the CPU (or one GPU with --device cuda, in a binary
+// built with --config=cuda) with synthetic tokens or a flat uint16 token file (a stand-in until
+// the data sampler lands). Prints loss, gradient norm, learning rate and tokens/s every step.
+// The compute core is ops::Trainer (ops/train_step.h), the same library the distributed worker
+// calls; on CUDA it runs the mixed-precision path (fp32 masters, bf16 compute).
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "ops/blas_env.h"
+#include "ops/cuda_backend.h"
 #include "ops/parallel.h"
 #include "ops/train_step.h"
 
@@ -94,8 +96,8 @@ int RunTrain(int argc, char** argv) {
     full.push_back(nullptr);
     ops::ReexecWithBestBlasCore(full.data());
   }
-  CLI::App app{"Train a model from a preset on this CPU (synthetic tokens or a uint16 token file)", "gyre train"};
-  std::string preset = "llama-tiny", tokens_path;
+  CLI::App app{"Train a model from a preset on this CPU or one GPU (synthetic tokens or a uint16 token file)", "gyre train"};
+  std::string preset = "llama-tiny", tokens_path, device = "cpu";
   uint64_t steps = 100, seed = 0, warmup = 0;
   int64_t seq = 128, batch = 8;
   int threads = 0, mtp_heads = 1;
@@ -118,6 +120,9 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--mtp-heads", mtp_heads, "multi-token prediction heads (1 = next token only)")->capture_default_str();
   app.add_flag("--recompute", recompute, "recompute block activations in backward");
   app.add_option("--seed", seed, "initialisation and data seed")->capture_default_str();
+  app.add_option("--device", device, "cpu or cuda (Llama presets; needs a --config=cuda build)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -146,14 +151,21 @@ int RunTrain(int argc, char** argv) {
     return 2;
   }
   ops::SetNumThreads(threads);
-  auto model = ops::LanguageModel::Create(*spec, ops::DType::kF32, ops::Device::kCpu, seed);
+  const bool cuda = device == "cuda";
+  auto model = ops::LanguageModel::Create(*spec, ops::DType::kF32, cuda ? ops::Device::kCuda : ops::Device::kCpu, seed);
   if (!model.ok()) {
     std::fprintf(stderr, "gyre train: %s\n", std::string(model.status().message()).c_str());
     return 2;
   }
-  std::printf("%s\n%lld parameters, %d threads, OpenBLAS core %s, batch %lld x %lld tokens\n",
-              ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(), ops::NumThreads(),
-              ops::BlasCoreName().c_str(), (long long)batch, (long long)seq);
+  if (cuda) {
+    std::printf("%s\n%lld parameters, device %s (fp32 masters, bf16 compute), batch %lld x %lld tokens\n",
+                ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(),
+                ops::Cuda().DeviceDescription().c_str(), (long long)batch, (long long)seq);
+  } else {
+    std::printf("%s\n%lld parameters, %d threads, OpenBLAS core %s, batch %lld x %lld tokens\n",
+                ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(), ops::NumThreads(),
+                ops::BlasCoreName().c_str(), (long long)batch, (long long)seq);
+  }
 
   std::vector<int32_t> tokens(batch * (seq + 1));
   SyntheticTokens synthetic(spec->vocab_size, seed);

@@ -6,6 +6,8 @@
 // applies to ParamKind::kWeight only unless `decay_all` (then to every parameter).
 // Moments are kept in the parameters' dtype (fp32 on the CPU path, fp64 in tests); on the CPU
 // path the parameters themselves are the fp32 master weights.
+// CUDA parameters: fp32 moments on the device and the multi-tensor kernel (kernels/cuda/adamw.h),
+// which also clips to the global norm and rewrites the bf16 compute copies: use ClipAndStep.
 // Not thread-safe.
 #pragma once
 
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "ops/cuda_backend.h"
 #include "ops/module.h"
 
 namespace gyre::ops {
@@ -31,6 +34,10 @@ class AdamW {
   AdamW(ParamStore* params, AdamWOptions options);
   // One update with learning rate `lr` from the current gradients.
   void Step(double lr);
+  // CUDA: clip to `max_norm` (<= 0: off) and update in one fused pass; returns ||g|| before
+  // clipping. A non-finite norm skips the update (and the step count).
+  double ClipAndStep(double lr, double max_norm);
+  bool on_cuda() const { return cuda_ != nullptr; }
   int64_t steps_taken() const { return t_; }
   const AdamWOptions& options() const { return options_; }
   bool Decays(const Parameter& p) const { return options_.decay_all || p.kind == ParamKind::kWeight; }
@@ -47,6 +54,7 @@ class AdamW {
   std::vector<Parameter*> list_;
   std::vector<Tensor> m_, v_;
   int64_t t_ = 0;
+  std::unique_ptr<CudaAdamW> cuda_;
 };
 
 }  // namespace gyre::ops

@@ -4,6 +4,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/cuda_backend.h"
 #include "ops/gemm.h"
 #include "ops/parallel.h"
 
@@ -315,6 +316,7 @@ void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
 
 SelfAttention::SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options)
     : options_(options),
+      store_(ctx.store),
       q_proj_(ctx.Sub("q_proj"), dim, options.heads * options.head_dim, false),
       k_proj_(ctx.Sub("k_proj"), dim, options.kv_heads * options.head_dim, false),
       v_proj_(ctx.Sub("v_proj"), dim, options.kv_heads * options.head_dim, false),
@@ -322,13 +324,86 @@ SelfAttention::SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOpti
   CheckOptions(options_);
 }
 
+Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const AttentionOptions& o = options_;
+  GYRE_CHECK(o.self_extend_group == 0, "no CUDA kernel yet for SelfExtend attention");
+  GYRE_CHECK(o.rotary_dim == 0 || o.rotary_dim == o.head_dim, "no CUDA kernel yet for partial rotary");
+  const int64_t rows = x.rows(), qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, width = qd + 2 * kvd;
+  GYRE_CHECK(rows == batch * seq, "attention: %ld rows for batch %ld x seq %ld", (long)rows, (long)batch, (long)seq);
+  Tensor w, gw;
+  saved_ = AttentionSaved();
+  saved_.batch = batch;
+  saved_.seq = seq;
+  if (store_->AdjacentSpan({q_proj_.weight(), k_proj_.weight(), v_proj_.weight()}, &w, &gw)) {
+    saved_.x = x;
+    saved_.qkv = LinearForward(x, w).Reshape({rows, width});
+  } else {
+    saved_.qkv = ConcatColumns({q_proj_.Forward(x).Reshape({rows, qd}), k_proj_.Forward(x).Reshape({rows, kvd}),
+                                v_proj_.Forward(x).Reshape({rows, kvd})});
+  }
+  Tensor& qkv = saved_.qkv;
+  char* base = static_cast<char*>(qkv.raw());
+  CudaBackend& cuda = Cuda();
+  cuda.Rope(false, base, rows, seq, o.heads, o.head_dim, width, o.rope_theta);
+  cuda.Rope(false, base + qd * 2, rows, seq, o.kv_heads, o.head_dim, width, o.rope_theta);
+  saved_.out = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  saved_.lse = Tensor::Empty({batch, o.heads, seq}, DType::kF32, Device::kCuda);
+  CudaAttention a;
+  a.batch = batch; a.seq = seq; a.heads = o.heads; a.kv_heads = o.kv_heads; a.head_dim = o.head_dim;
+  a.q = base; a.k = base + qd * 2; a.v = base + (qd + kvd) * 2;
+  a.q_row_stride = width; a.kv_row_stride = width;
+  a.out = saved_.out.raw();
+  a.lse = saved_.lse.data<float>();
+  cuda.AttentionForward(a);
+  Shape shape = x.shape();
+  shape.back() = qd;
+  return o_proj_.Forward(saved_.out.Reshape(shape));
+}
+
+Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
+  const AttentionOptions& o = options_;
+  Tensor da = o_proj_.Backward(dy);
+  const int64_t rows = saved_.qkv.rows(), qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
+  const int64_t width = qd + 2 * kvd;
+  Tensor dqkv = Tensor::Empty({rows, width}, DType::kBF16, Device::kCuda);
+  const char* base = static_cast<const char*>(saved_.qkv.raw());
+  char* dbase = static_cast<char*>(dqkv.raw());
+  CudaAttention a;
+  a.batch = saved_.batch; a.seq = saved_.seq; a.heads = o.heads; a.kv_heads = o.kv_heads; a.head_dim = o.head_dim;
+  a.q = base; a.k = base + qd * 2; a.v = base + (qd + kvd) * 2;
+  a.q_row_stride = width; a.kv_row_stride = width;
+  a.out = saved_.out.raw();
+  a.lse = saved_.lse.data<float>();
+  a.dout = da.raw();
+  a.dq = dbase; a.dk = dbase + qd * 2; a.dv = dbase + (qd + kvd) * 2;
+  CudaBackend& cuda = Cuda();
+  cuda.AttentionBackward(a);
+  cuda.Rope(true, dbase, rows, saved_.seq, o.heads, o.head_dim, width, o.rope_theta);
+  cuda.Rope(true, dbase + qd * 2, rows, saved_.seq, o.kv_heads, o.head_dim, width, o.rope_theta);
+  Tensor dx;
+  if (saved_.x.defined()) {
+    Tensor w, gw;
+    GYRE_CHECK(store_->AdjacentSpan({q_proj_.weight(), k_proj_.weight(), v_proj_.weight()}, &w, &gw),
+               "q/k/v no longer adjacent");
+    dx = LinearBackward(saved_.x, w, dqkv, &gw);
+  } else {
+    dx = q_proj_.Backward(SliceColumns(dqkv, 0, qd));
+    AddInPlace(&dx, k_proj_.Backward(SliceColumns(dqkv, qd, qd + kvd)));
+    AddInPlace(&dx, v_proj_.Backward(SliceColumns(dqkv, qd + kvd, width)));
+  }
+  saved_ = AttentionSaved();
+  return dx.Reshape(dy.shape());
+}
+
 Tensor SelfAttention::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   Tensor q = q_proj_.Forward(x), k = k_proj_.Forward(x), v = v_proj_.Forward(x);
   Tensor a = CausalAttentionForward(q, k, v, batch, seq, options_, &saved_);
   return o_proj_.Forward(a);
 }
 
 Tensor SelfAttention::Backward(const Tensor& dy) {
+  if (IsCuda(dy)) return BackwardCuda(dy);
   Tensor da = o_proj_.Backward(dy);
   Tensor dq, dk, dv;
   CausalAttentionBackward(saved_, da, options_, &dq, &dk, &dv);

@@ -34,6 +34,9 @@ struct AttentionOptions {
 struct AttentionSaved {
   Tensor q, k, v, out, lse;
   int64_t batch = 0, seq = 0;
+  // CUDA: the rotated q|k|v rows [B*T, (H + 2 Hk) D] (bf16) and, with fused projections, the
+  // layer input; lse is f32 there.
+  Tensor qkv, x;
 };
 
 // The device-dispatched core op.
@@ -63,6 +66,10 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
 
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.
+// CUDA (bf16): q/k/v land in one [B*T, (H + 2 Hk) D] buffer (one GEMM when the three weights lie
+// back to back in the store's flat buffers), RoPE rotates q and k in place there, and the causal
+// attention kernel reads them through row strides; backward mirrors it (dq|dk|dv in one buffer,
+// inverse RoPE in place, one dX and one dW GEMM). Whole-head rotary, no SelfExtend on CUDA.
 class SelfAttention {
  public:
   SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options);
@@ -79,7 +86,11 @@ class SelfAttention {
   Tensor Step(const Tensor& x, KvCache* cache);
 
  private:
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor BackwardCuda(const Tensor& dy);
+
   AttentionOptions options_;
+  const ParamStore* store_;
   Linear q_proj_, k_proj_, v_proj_, o_proj_;
   AttentionSaved saved_;
 };

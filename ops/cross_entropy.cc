@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/cuda_backend.h"
 #include "ops/gemm.h"
 #include "ops/parallel.h"
 
@@ -12,8 +13,8 @@ namespace gyre::ops {
 namespace {
 
 void CheckArgs(const Tensor& h, const Tensor& w, std::span<const int32_t> targets) {
-  CheckCpu(h, "lm_head_cross_entropy");
-  GYRE_CHECK(w.rank() == 2 && h.cols() == w.dim(1) && h.dtype() == w.dtype(),
+  if (!IsCuda(h)) CheckCpu(h, "lm_head_cross_entropy");
+  GYRE_CHECK(w.rank() == 2 && h.cols() == w.dim(1) && h.dtype() == w.dtype() && h.device() == w.device(),
              "cross entropy: h %s, W %s", ShapeString(h.shape()).c_str(), ShapeString(w.shape()).c_str());
   GYRE_CHECK(static_cast<int64_t>(targets.size()) == h.rows(), "cross entropy: %zu targets for %ld rows",
              targets.size(), (long)h.rows());
@@ -132,6 +133,19 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            const CrossEntropyOptions& options, Tensor* dh, Tensor* dw) {
   CheckArgs(h, w, targets);
   GYRE_CHECK(options.vocab_chunk > 0 && options.row_block > 0, "cross entropy chunk sizes");
+  if (IsCuda(h)) {
+    // bf16 h and W (the head's compute copy), fp32 dW; the kernel bounds its logits buffer itself.
+    GYRE_CHECK(h.dtype() == DType::kBF16, "CUDA cross entropy needs bf16 h and W");
+    CrossEntropyResult result;
+    for (int32_t t : targets) result.tokens += t >= 0 ? 1 : 0;
+    if (dh != nullptr) *dh = Tensor::Empty(h.shape(), DType::kBF16, Device::kCuda);
+    if (dw != nullptr) GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "CUDA cross entropy dW must be f32");
+    if (h.rows() == 0) return result;
+    result.loss = Cuda().LinearCrossEntropy(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0), targets.data(), loss_scale,
+                                            dh != nullptr ? dh->raw() : nullptr,
+                                            dw != nullptr ? dw->data<float>() : nullptr);
+    return result;
+  }
   return DispatchFloat(h.dtype(), [&]<typename T>() {
     return FusedCpu<T>(h, w, targets, loss_scale, options, dh, dw);
   });
@@ -141,6 +155,7 @@ CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
                                            Tensor* dh, Tensor* dw) {
   CheckArgs(h, w, targets);
+  CheckCpu(h, "naive_lm_head_cross_entropy");
   return DispatchFloat(h.dtype(), [&]<typename T>() { return NaiveCpu<T>(h, w, targets, loss_scale, dh, dw); });
 }
 

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "ops/cuda_backend.h"
+
 namespace gyre::ops {
 namespace {
 
@@ -47,6 +49,14 @@ T ActGrad(Activation act, T x) {
 }  // namespace
 
 Tensor Add(const Tensor& a, const Tensor& b) {
+  if (IsCuda(a)) {
+    GYRE_CHECK(IsCuda(b) && a.numel() == b.numel() && a.dtype() == b.dtype(), "add: %s %s vs %s %s",
+               ShapeString(a.shape()).c_str(), DTypeName(a.dtype()), ShapeString(b.shape()).c_str(),
+               DTypeName(b.dtype()));
+    Tensor out = Tensor::EmptyLike(a);
+    if (a.numel() > 0) Cuda().Add(out.raw(), a.raw(), b.raw(), a.dtype(), a.numel());
+    return out;
+  }
   Tensor out = a.Clone();
   AddInPlace(&out, b);
   return out;
@@ -55,6 +65,13 @@ Tensor Add(const Tensor& a, const Tensor& b) {
 void AddInPlace(Tensor* acc, const Tensor& b) { AxpyInPlace(acc, 1.0, b); }
 
 void AxpyInPlace(Tensor* acc, double alpha, const Tensor& b) {
+  if (IsCuda(*acc)) {
+    GYRE_CHECK(IsCuda(b) && acc->numel() == b.numel() && acc->dtype() == b.dtype(), "axpy: %s %s vs %s %s",
+               ShapeString(acc->shape()).c_str(), DTypeName(acc->dtype()), ShapeString(b.shape()).c_str(),
+               DTypeName(b.dtype()));
+    if (b.numel() > 0) Cuda().Axpy(acc->raw(), b.raw(), b.dtype(), alpha, b.numel());
+    return;
+  }
   CheckSame(*acc, b, "axpy");
   DispatchFloat(b.dtype(), [&]<typename T>() {
     T* y = acc->data<T>();
@@ -111,13 +128,18 @@ Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy) {
 }
 
 Tensor SliceColumns(const Tensor& x, int64_t begin, int64_t end) {
-  CheckCpu(x, "slice_columns");
   const int64_t rows = x.rows(), cols = x.cols(), w = end - begin;
   GYRE_CHECK(0 <= begin && begin <= end && end <= cols, "columns [%ld, %ld) of %ld", (long)begin, (long)end, (long)cols);
   Shape shape = x.shape();
   shape.back() = w;
-  Tensor out = Tensor::Empty(shape, x.dtype());
+  Tensor out = Tensor::Empty(shape, x.dtype(), x.device());
   const size_t es = DTypeSize(x.dtype());
+  if (IsCuda(x)) {
+    if (rows > 0 && w > 0)
+      Cuda().Copy2D(out.raw(), w * es, static_cast<const char*>(x.raw()) + begin * es, cols * es, w * es, rows);
+    return out;
+  }
+  CheckCpu(x, "slice_columns");
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * w * es, src + (r * cols + begin) * es, w * es);
@@ -129,19 +151,25 @@ Tensor ConcatColumns(const std::vector<Tensor>& parts) {
   const int64_t rows = parts[0].rows();
   int64_t cols = 0;
   for (const Tensor& p : parts) {
-    CheckCpu(p, "concat_columns");
+    if (!IsCuda(parts[0])) CheckCpu(p, "concat_columns");
+    GYRE_CHECK(p.device() == parts[0].device(), "concat across devices");
     GYRE_CHECK(p.rows() == rows && p.dtype() == parts[0].dtype(), "concat: rows %ld vs %ld", (long)p.rows(), (long)rows);
     cols += p.cols();
   }
   Shape shape = parts[0].shape();
   shape.back() = cols;
-  Tensor out = Tensor::Empty(shape, parts[0].dtype());
+  Tensor out = Tensor::Empty(shape, parts[0].dtype(), parts[0].device());
   const size_t es = DTypeSize(out.dtype());
   char* dst = static_cast<char*>(out.raw());
   int64_t off = 0;
   for (const Tensor& p : parts) {
     const char* src = static_cast<const char*>(p.raw());
     const int64_t w = p.cols();
+    if (IsCuda(p)) {
+      if (rows > 0 && w > 0) Cuda().Copy2D(dst + off * es, cols * es, src, w * es, w * es, rows);
+      off += w;
+      continue;
+    }
     for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + (r * cols + off) * es, src + r * w * es, w * es);
     off += w;
   }
@@ -149,6 +177,7 @@ Tensor ConcatColumns(const std::vector<Tensor>& parts) {
 }
 
 double SumSquares(const Tensor& t) {
+  if (IsCuda(t)) return t.numel() == 0 ? 0.0 : Cuda().SumSquares(t.raw(), t.dtype(), t.numel());
   CheckCpu(t, "sum_squares");
   double s = 0;
   DispatchFloat(t.dtype(), [&]<typename T>() {
@@ -159,6 +188,8 @@ double SumSquares(const Tensor& t) {
 }
 
 double MaxAbsDiff(const Tensor& a, const Tensor& b) {
+  if (IsCuda(a)) return MaxAbsDiff(a.ToDevice(Device::kCpu), b);
+  if (IsCuda(b)) return MaxAbsDiff(a, b.ToDevice(Device::kCpu));
   GYRE_CHECK(a.numel() == b.numel(), "numel %ld vs %ld", (long)a.numel(), (long)b.numel());
   double m = 0;
   for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(a.At(i) - b.At(i)));
@@ -166,6 +197,8 @@ double MaxAbsDiff(const Tensor& a, const Tensor& b) {
 }
 
 double RelativeError(const Tensor& a, const Tensor& b) {
+  if (IsCuda(a)) return RelativeError(a.ToDevice(Device::kCpu), b);
+  if (IsCuda(b)) return RelativeError(a, b.ToDevice(Device::kCpu));
   GYRE_CHECK(a.numel() == b.numel(), "numel %ld vs %ld", (long)a.numel(), (long)b.numel());
   double diff = 0, na = 0, nb = 0;
   for (int64_t i = 0; i < a.numel(); ++i) {

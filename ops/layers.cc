@@ -2,10 +2,31 @@
 
 #include <cmath>
 
+#include "ops/cuda_backend.h"
 #include "ops/gemm.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
+namespace {
+
+void CheckCudaBf16(const Tensor& t, const char* what) {
+  GYRE_CHECK(IsCuda(t) && t.dtype() == DType::kBF16, "%s must be a CUDA bf16 tensor (is %s %s)", what,
+             DeviceName(t.device()), DTypeName(t.dtype()));
+}
+
+int CudaAct(Activation act) {
+  GYRE_CHECK(act == Activation::kSilu || act == Activation::kGelu, "no CUDA gated kernel for this activation");
+  return act == Activation::kSilu ? 0 : 1;
+}
+
+const void* At(const Tensor& t, int64_t elements) {
+  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+void* MutAt(const Tensor& t, int64_t elements) {
+  return static_cast<char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------- Embedding
 
@@ -14,9 +35,15 @@ Embedding::Embedding(const BuildContext& ctx, int64_t vocab, int64_t dim)
 
 Tensor Embedding::Forward(std::span<const int32_t> ids) {
   const Tensor& w = weight_->value;
-  CheckCpu(w, "embedding");
   const int64_t vocab = w.dim(0), dim = w.dim(1);
   ids_.assign(ids.begin(), ids.end());
+  if (IsCuda(w)) {
+    for (int32_t id : ids) GYRE_CHECK(id >= 0 && id < vocab, "token id %d outside vocabulary %ld", id, (long)vocab);
+    Tensor y = Tensor::Empty({static_cast<int64_t>(ids.size()), dim}, DType::kBF16, Device::kCuda);
+    if (!ids.empty()) Cuda().EmbeddingForward(ids.data(), ids.size(), weight_->compute.raw(), vocab, dim, y.raw());
+    return y;
+  }
+  CheckCpu(w, "embedding");
   Tensor y = Tensor::Empty({static_cast<int64_t>(ids.size()), dim}, w.dtype());
   DispatchFloat(w.dtype(), [&]<typename T>() {
     const T* table = w.data<T>();
@@ -33,6 +60,12 @@ void Embedding::Backward(const Tensor& dy) {
   Tensor& gw = weight_->grad;
   const int64_t dim = gw.dim(1);
   GYRE_CHECK(dy.rows() == static_cast<int64_t>(ids_.size()) && dy.cols() == dim, "embedding backward shape");
+  if (IsCuda(gw)) {
+    CheckCudaBf16(dy, "embedding dy");
+    if (!ids_.empty())
+      Cuda().EmbeddingBackward(ids_.data(), ids_.size(), dy.raw(), gw.data<float>(), gw.dim(0), dim);
+    return;
+  }
   DispatchFloat(gw.dtype(), [&]<typename T>() {
     T* g = gw.data<T>();
     const T* d = dy.data<T>();
@@ -46,8 +79,25 @@ void Embedding::Backward(const Tensor& dy) {
 // ---------------------------------------------------------------- Linear
 
 Tensor LinearForward(const Tensor& x, const Tensor& w) {
-  CheckCpu(x, "linear");
   const int64_t in = w.dim(1), out = w.dim(0);
+  if (IsCuda(x)) {
+    CheckCudaBf16(x, "linear x");
+    CheckCudaBf16(w, "linear W (the compute copy)");
+    GYRE_CHECK(x.cols() == in, "linear: x %s vs W %s", ShapeString(x.shape()).c_str(), ShapeString(w.shape()).c_str());
+    Shape shape = x.shape();
+    shape.back() = out;
+    Tensor y = Tensor::Empty(shape, DType::kBF16, Device::kCuda);
+    if (x.rows() == 0) return y;
+    CudaGemm g;
+    g.trans_b = true;
+    g.m = x.rows(); g.n = out; g.k = in;
+    g.a = x.raw(); g.lda = in;
+    g.b = w.raw(); g.ldb = in;
+    g.c = y.raw(); g.ldc = out;
+    Cuda().Gemm(g);
+    return y;
+  }
+  CheckCpu(x, "linear");
   GYRE_CHECK(x.cols() == in && x.dtype() == w.dtype(), "linear: x %s vs W %s",
              ShapeString(x.shape()).c_str(), ShapeString(w.shape()).c_str());
   Shape shape = x.shape();
@@ -62,6 +112,29 @@ Tensor LinearForward(const Tensor& x, const Tensor& w) {
 Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw) {
   const int64_t in = w.dim(1), out = w.dim(0), rows = x.rows();
   GYRE_CHECK(dy.rows() == rows && dy.cols() == out, "linear backward: dy %s", ShapeString(dy.shape()).c_str());
+  if (IsCuda(x)) {
+    CheckCudaBf16(dy, "linear dy");
+    CheckCudaBf16(w, "linear W");
+    Tensor dx = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+    if (rows == 0) return dx;
+    if (dw != nullptr) {
+      GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "linear dW must be CUDA f32");
+      CudaGemm g;  // dW [out, in] += dYᵀ X
+      g.trans_a = true;
+      g.m = out; g.n = in; g.k = rows;
+      g.a = dy.raw(); g.lda = out;
+      g.b = x.raw(); g.ldb = in;
+      g.c = dw->raw(); g.ldc = in; g.c_f32 = true; g.beta = 1.f;
+      Cuda().Gemm(g);
+    }
+    CudaGemm g;  // dX [rows, in] = dY W
+    g.m = rows; g.n = in; g.k = out;
+    g.a = dy.raw(); g.lda = out;
+    g.b = w.raw(); g.ldb = in;
+    g.c = dx.raw(); g.ldc = in;
+    Cuda().Gemm(g);
+    return dx;
+  }
   Tensor dx = Tensor::Empty(x.shape(), x.dtype());
   DispatchFloat(x.dtype(), [&]<typename T>() {
     if (dw != nullptr) {
@@ -83,6 +156,10 @@ Linear::Linear(const BuildContext& ctx, int64_t in, int64_t out, bool bias)
 
 Tensor Linear::Forward(const Tensor& x) {
   x_ = x;
+  if (IsCuda(x)) {
+    GYRE_CHECK(bias_ == nullptr, "no CUDA kernel yet for a Linear with bias (%s)", weight_->name.c_str());
+    return LinearForward(x, weight_->compute);
+  }
   Tensor y = LinearForward(x, weight_->value);
   if (bias_ != nullptr) {
     DispatchFloat(y.dtype(), [&]<typename T>() {
@@ -97,6 +174,11 @@ Tensor Linear::Forward(const Tensor& x) {
 
 Tensor Linear::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "Linear::Backward without Forward");
+  if (IsCuda(x_)) {
+    Tensor dx = LinearBackward(x_, weight_->compute, dy, &weight_->grad);
+    x_ = Tensor();
+    return dx;
+  }
   if (bias_ != nullptr) {
     DispatchFloat(dy.dtype(), [&]<typename T>() {
       const T* d = dy.data<T>();
@@ -168,10 +250,23 @@ Norm::Norm(const BuildContext& ctx, int64_t dim, NormOptions options) : dim_(dim
 }
 
 Tensor Norm::Forward(const Tensor& x) {
-  CheckCpu(x, "norm");
   GYRE_CHECK(x.cols() == dim_, "norm: x %s, dim %ld", ShapeString(x.shape()).c_str(), (long)dim_);
   const int64_t rows = x.rows(), groups = opt_.groups, gs = dim_ / groups;
   x_ = x;
+  if (IsCuda(x)) {
+    CheckCudaBf16(x, "norm x");
+    GYRE_CHECK(groups == 1 && opt_.weight_offset == 0.0, "no CUDA kernel yet for grouped or 1+w norms");
+    const bool layer = opt_.kind == NormOptions::kLayer;
+    rstd_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+    if (layer) mean_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+    Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+    if (rows > 0) {
+      Cuda().NormForward(layer, rows, dim_, opt_.eps, x.raw(), nullptr, nullptr,
+                         weight_ ? weight_->compute.raw() : nullptr, bias_ ? bias_->compute.raw() : nullptr, y.raw(),
+                         layer ? mean_.data<float>() : nullptr, rstd_.data<float>());
+    }
+    return y;
+  }
   rstd_ = Tensor::Empty({rows, groups}, DType::kF64);
   Tensor y = Tensor::EmptyLike(x);
   const bool layer = opt_.kind == NormOptions::kLayer;
@@ -212,6 +307,17 @@ Tensor Norm::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "Norm::Backward without Forward");
   const int64_t rows = x_.rows(), groups = opt_.groups, gs = dim_ / groups;
   const bool layer = opt_.kind == NormOptions::kLayer;
+  if (IsCuda(x_)) {
+    CheckCudaBf16(dy, "norm dy");
+    Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+    if (rows > 0) {
+      Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
+                          layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), nullptr, dx.raw(),
+                          weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
+    }
+    x_ = rstd_ = mean_ = Tensor();
+    return dx;
+  }
   Tensor dx = Tensor::EmptyLike(x_);
   DispatchFloat(x_.dtype(), [&]<typename T>() {
     const T* in = x_.data<T>();
@@ -275,15 +381,76 @@ Tensor Norm::Backward(const Tensor& dy) {
   return dx;
 }
 
+Tensor Norm::ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum) {
+  if (!IsCuda(x) || opt_.groups != 1 || opt_.weight_offset != 0.0) {
+    *sum = Add(x, residual);
+    return Forward(*sum);
+  }
+  CheckCudaBf16(x, "norm x");
+  CheckCudaBf16(residual, "norm residual");
+  GYRE_CHECK(x.cols() == dim_ && residual.numel() == x.numel(), "norm: x %s, residual %s, dim %ld",
+             ShapeString(x.shape()).c_str(), ShapeString(residual.shape()).c_str(), (long)dim_);
+  const int64_t rows = x.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  *sum = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+  x_ = *sum;
+  rstd_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+  if (layer) mean_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
+  Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+  if (rows > 0) {
+    Cuda().NormForward(layer, rows, dim_, opt_.eps, x.raw(), residual.raw(), sum->raw(),
+                       weight_ ? weight_->compute.raw() : nullptr, bias_ ? bias_->compute.raw() : nullptr, y.raw(),
+                       layer ? mean_.data<float>() : nullptr, rstd_.data<float>());
+  }
+  return y;
+}
+
+Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
+  if (!IsCuda(dy)) return Add(Backward(dy), dresidual);
+  GYRE_CHECK(x_.defined(), "Norm::BackwardAdd without Forward");
+  CheckCudaBf16(dy, "norm dy");
+  CheckCudaBf16(dresidual, "norm dresidual");
+  const int64_t rows = x_.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+  if (rows > 0) {
+    Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
+                        layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), dresidual.raw(), dx.raw(),
+                        weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
+  }
+  x_ = rstd_ = mean_ = Tensor();
+  return dx;
+}
+
 // ---------------------------------------------------------------- GatedMlp
 
 GatedMlp::GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act)
     : act_(act),
+      store_(ctx.store),
       gate_(ctx.Sub("gate_proj"), dim, hidden, false),
       up_(ctx.Sub("up_proj"), dim, hidden, false),
       down_(ctx.Sub("down_proj"), hidden, dim, false) {}
 
 Tensor GatedMlp::Forward(const Tensor& x) {
+  if (IsCuda(x)) {
+    const int64_t rows = x.rows(), hidden = gate_.out();
+    Shape hshape = x.shape();
+    hshape.back() = hidden;
+    Tensor h = Tensor::Empty(hshape, DType::kBF16, Device::kCuda);
+    Tensor w, gw;
+    if (store_->AdjacentSpan({gate_.weight(), up_.weight()}, &w, &gw)) {
+      // gate and up are one [2 hidden, dim] matrix: one GEMM into [rows, 2 hidden].
+      x_ = x;
+      g_ = LinearForward(x, w);
+      u_ = Tensor();
+      if (rows > 0) Cuda().GatedForward(CudaAct(act_), rows, hidden, g_.raw(), At(g_, hidden), 2 * hidden, h.raw(), hidden);
+    } else {
+      g_ = gate_.Forward(x);
+      u_ = up_.Forward(x);
+      if (rows > 0) Cuda().GatedForward(CudaAct(act_), rows, hidden, g_.raw(), u_.raw(), hidden, h.raw(), hidden);
+    }
+    return down_.Forward(h);
+  }
   g_ = gate_.Forward(x);
   u_ = up_.Forward(x);
   a_ = Activate(act_, g_);
@@ -291,6 +458,30 @@ Tensor GatedMlp::Forward(const Tensor& x) {
 }
 
 Tensor GatedMlp::Backward(const Tensor& dy) {
+  if (IsCuda(dy)) {
+    Tensor dh = down_.Backward(dy);
+    const int64_t rows = dh.rows(), hidden = gate_.out();
+    Tensor dx;
+    if (x_.defined()) {
+      Tensor w, gw;
+      GYRE_CHECK(store_->AdjacentSpan({gate_.weight(), up_.weight()}, &w, &gw), "gate/up no longer adjacent");
+      Tensor dgu = Tensor::Empty(g_.shape(), DType::kBF16, Device::kCuda);
+      if (rows > 0)
+        Cuda().GatedBackward(CudaAct(act_), rows, hidden, g_.raw(), At(g_, hidden), 2 * hidden, dh.raw(), hidden,
+                             dgu.raw(), MutAt(dgu, hidden));
+      dx = LinearBackward(x_, w, dgu, &gw);
+    } else {
+      Tensor dg = Tensor::Empty(g_.shape(), DType::kBF16, Device::kCuda);
+      Tensor du = Tensor::Empty(u_.shape(), DType::kBF16, Device::kCuda);
+      if (rows > 0)
+        Cuda().GatedBackward(CudaAct(act_), rows, hidden, g_.raw(), u_.raw(), hidden, dh.raw(), hidden, dg.raw(),
+                             du.raw());
+      dx = gate_.Backward(dg);
+      AddInPlace(&dx, up_.Backward(du));
+    }
+    ReleaseActivations();
+    return dx;
+  }
   Tensor dh = down_.Backward(dy);
   Tensor du = Mul(dh, a_);
   Tensor dg = ActivateBackward(act_, g_, Mul(dh, u_));
@@ -301,7 +492,7 @@ Tensor GatedMlp::Backward(const Tensor& dy) {
 }
 
 void GatedMlp::ReleaseActivations() {
-  g_ = u_ = a_ = Tensor();
+  g_ = u_ = a_ = x_ = Tensor();
   gate_.ReleaseActivations();
   up_.ReleaseActivations();
   down_.ReleaseActivations();

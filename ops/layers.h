@@ -85,7 +85,11 @@ class Norm {
   Norm(const BuildContext& ctx, int64_t dim, NormOptions options);
   Tensor Forward(const Tensor& x);
   Tensor Backward(const Tensor& dy);
-  void ReleaseActivations() { x_ = Tensor(); rstd_ = Tensor(); }
+  // Residual variants (one fused kernel on CUDA): *sum = x + residual, returns Norm(*sum); and
+  // Backward(dy) + dresidual (the gradient arriving along the residual stream).
+  Tensor ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum);
+  Tensor BackwardAdd(const Tensor& dy, const Tensor& dresidual);
+  void ReleaseActivations() { x_ = Tensor(); rstd_ = Tensor(); mean_ = Tensor(); }
   Parameter* weight() { return weight_; }
 
  private:
@@ -93,11 +97,13 @@ class Norm {
   NormOptions opt_;
   Parameter* weight_ = nullptr;
   Parameter* bias_ = nullptr;
-  Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy)
+  Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy; CUDA: f32 [rows])
+  Tensor mean_;      // CUDA LayerNorm: f32 [rows]
 };
 
 // Gated MLP: y = W_down( act(W_gate x) ⊙ W_up x ), no biases. SwiGLU (act = SiLU; Llama) and the
-// sLSTM block's GeLU-gated FFN (act = GELU).
+// sLSTM block's GeLU-gated FFN (act = GELU). On CUDA, when the gate and up weights lie back to
+// back in the store's flat buffers, they are one [2 hidden, dim] GEMM (and one dX / dW GEMM).
 class GatedMlp {
  public:
   GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act);
@@ -110,8 +116,10 @@ class GatedMlp {
 
  private:
   Activation act_;
+  const ParamStore* store_;
   Linear gate_, up_, down_;
-  Tensor g_, u_, a_;  // gate pre-activation, up, act(gate)
+  Tensor g_, u_, a_;  // gate pre-activation, up, act(gate); CUDA fused: g_ = [gate | up]
+  Tensor x_;          // CUDA fused path: the input
 };
 
 }  // namespace gyre::ops

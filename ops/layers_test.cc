@@ -41,6 +41,24 @@ void Randomize(ParamStore* store, Rng* rng, double scale = 0.5) {
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, scale * rng->Normal());
 }
 
+// InitNormal draws chunks in parallel from recorded generator states: bit for bit the serial
+// stream (so a seed gives the same weights as before, and the same after the call).
+TEST(InitTest, ParallelNormalEqualsTheSerialStream) {
+  for (DType dtype : {DType::kF32, DType::kF64}) {
+    for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{(1 << 16) * 3 + 17}}) {
+      Rng a(42), b(42);
+      Tensor t = Tensor::Empty({n}, dtype);
+      InitNormal(&t, 0.02, &a);
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = 0.02 * b.Normal();
+        const double want = dtype == DType::kF32 ? static_cast<double>(static_cast<float>(v)) : v;
+        ASSERT_EQ(t.At(i), want) << "element " << i << " of " << n;
+      }
+      EXPECT_EQ(a.Next(), b.Next()) << "generator state after " << n << " draws";
+    }
+  }
+}
+
 TEST(LinearTest, BackwardMatchesFiniteDifferences) {
   Rng rng(1);
   ParamStore store(DType::kF64, Device::kCpu);

@@ -30,11 +30,22 @@ LlamaBlock::LlamaBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n
 }
 
 Tensor LlamaBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  if (IsCuda(x)) {
+    // h = x + attn(...) is written by the MLP norm's fused residual kernel.
+    Tensor h;
+    Tensor y = mlp_norm_.ForwardAdd(attn_.Forward(attn_norm_.Forward(x), batch, seq), x, &h);
+    return Add(h, mlp_.Forward(y));
+  }
   Tensor h = Add(x, attn_.Forward(attn_norm_.Forward(x), batch, seq));
   return Add(h, mlp_.Forward(mlp_norm_.Forward(h)));
 }
 
 Tensor LlamaBlock::Backward(const Tensor& dy) {
+  if (IsCuda(dy)) {
+    // The residual gradients are added inside the norms' backward kernels.
+    Tensor dh = mlp_norm_.BackwardAdd(mlp_.Backward(dy), dy);
+    return attn_norm_.BackwardAdd(attn_.Backward(dh), dh);
+  }
   Tensor dh = Add(dy, mlp_norm_.Backward(mlp_.Backward(dy)));
   return Add(dh, attn_norm_.Backward(attn_.Backward(dh)));
 }

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "ops/cuda_backend.h"
 #include "ops/llama_block.h"
 
 namespace gyre::ops {
@@ -16,7 +17,35 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LanguageModel::Create(const Model
   if (dtype != DType::kF32 && dtype != DType::kF64) {
     return absl::InvalidArgumentError(absl::StrCat("model dtype ", DTypeName(dtype), " has no CPU kernels"));
   }
-  if (device == Device::kCuda) return absl::UnimplementedError("CUDA models are not built yet");
+  if (device == Device::kCuda) {
+    // Mixed precision: fp32 masters and gradients, bf16 compute copies and activations.
+    if (dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("CUDA models keep f32 master weights; dtype ", DTypeName(dtype)));
+    }
+    if (CudaBackendOrNull() == nullptr) {
+      return absl::FailedPreconditionError("this binary was built without CUDA (build with --config=cuda)");
+    }
+    for (BlockType b : spec.blocks) {
+      if (b != BlockType::kAttention) {
+        return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", BlockTypeName(b), " blocks"));
+      }
+    }
+    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) {
+      return absl::UnimplementedError("no CUDA kernel yet for the Mamba-2 hybrids' attention mixer block");
+    }
+    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) {
+      return absl::UnimplementedError("no CUDA kernel yet for partial rotary attention");
+    }
+    if (spec.family == Family::kXlstm) {
+      return absl::UnimplementedError("no CUDA kernel yet for the xLSTM final LayerNorm (1 + w)");
+    }
+    // Initialise on the host (the same weights as a CPU model of the same seed), then move into
+    // flat device buffers.
+    std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, Device::kCpu));
+    RETURN_IF_ERROR(m->Build(seed));
+    m->store_->MoveToDevice(Device::kCuda);
+    return m;
+  }
   std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, device));
   RETURN_IF_ERROR(m->Build(seed));
   return m;
@@ -65,7 +94,8 @@ absl::Status LanguageModel::Build(uint64_t seed) {
 }
 
 const Tensor& LanguageModel::HeadWeight() const {
-  return head_weight_ != nullptr ? head_weight_->value : embedding_->weight()->value;
+  const Parameter* p = head_weight_ != nullptr ? head_weight_ : embedding_->weight();
+  return p->value.device() == Device::kCuda ? p->compute : p->value;
 }
 
 Tensor& LanguageModel::HeadGrad() { return head_weight_ != nullptr ? head_weight_->grad : embedding_->weight()->grad; }
@@ -94,7 +124,7 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
   const int n = static_cast<int>(heads_.size());
   LossResult result;
   Tensor z = TrunkForward(tokens, batch, seq);
-  Tensor dz = Tensor::ZerosLike(z);
+  Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
   for (int k = 0; k < n; ++k) {
     Tensor h = heads_[k]->Forward(z, batch, seq);
     Tensor hn = final_norm_->Forward(h);
@@ -106,7 +136,8 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     result.loss += ce.loss;
     if (k == 0) result.tokens = ce.tokens;
     Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
-    AddInPlace(&dz, heads_[k]->Backward(dh));
+    if (k == 0) dz = heads_[k]->Backward(dh);
+    else AddInPlace(&dz, heads_[k]->Backward(dh));
   }
   for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
   embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));

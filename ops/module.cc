@@ -1,8 +1,11 @@
 #include "ops/module.h"
 
+#include <algorithm>
 #include <map>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 
@@ -13,6 +16,8 @@ Parameter* ParamStore::Create(std::string name, Shape shape, ParamKind kind) {
   p.kind = kind;
   p.value = Tensor::Zeros(shape, dtype_, device_);
   p.grad = Tensor::Zeros(shape, dtype_, device_);
+  if (device_ == Device::kCuda) p.compute = Tensor::Zeros(shape, DType::kBF16, device_);
+  GYRE_CHECK(flat_offset_.empty(), "parameter %s created after MoveToDevice", p.name.c_str());
   return &p;
 }
 
@@ -41,7 +46,71 @@ int64_t ParamStore::NumParameters() const {
 
 void ParamStore::ZeroGrad() {
   if (device_ == Device::kMeta) return;
+  if (flat_grad_.defined()) {
+    flat_grad_.SetZero();
+    return;
+  }
   for (Parameter& p : params_) p.grad.SetZero();
+}
+
+void ParamStore::MoveToDevice(Device device) {
+  GYRE_CHECK(device == Device::kCuda, "MoveToDevice(%s)", DeviceName(device));
+  GYRE_CHECK(device_ == Device::kCpu && dtype_ == DType::kF32, "MoveToDevice from %s %s", DeviceName(device_),
+             DTypeName(dtype_));
+  int64_t total = 0;
+  for (const Parameter& p : params_) {
+    flat_offset_.push_back(total);
+    total += (p.value.numel() + 7) / 8 * 8;
+  }
+  Tensor host = Tensor::Zeros({total}, DType::kF32, Device::kCpu);
+  size_t i = 0;
+  for (const Parameter& p : params_) host.Slice(flat_offset_[i++], {p.value.numel()}).CopyFrom(p.value);
+  flat_value_ = host.ToDevice(device);
+  flat_grad_ = Tensor::Zeros({total}, DType::kF32, device);
+  flat_compute_ = Tensor::Empty({total}, DType::kBF16, device);
+  i = 0;
+  for (Parameter& p : params_) {
+    const int64_t off = flat_offset_[i++];
+    p.value = flat_value_.Slice(off, p.value.shape());
+    p.grad = flat_grad_.Slice(off, p.value.shape());
+    p.compute = flat_compute_.Slice(off, p.value.shape());
+  }
+  device_ = device;
+  SyncCompute();
+}
+
+void ParamStore::SyncCompute() {
+  if (device_ != Device::kCuda) return;
+  if (flat_value_.defined()) {
+    flat_compute_.CopyFrom(flat_value_.To(DType::kBF16));
+    return;
+  }
+  for (Parameter& p : params_) p.compute.CopyFrom(p.value.To(DType::kBF16));
+}
+
+bool ParamStore::AdjacentSpan(const std::vector<const Parameter*>& params, Tensor* compute, Tensor* grad) const {
+  if (flat_offset_.empty() || params.empty()) return false;
+  auto index_of = [&](const Parameter* p) -> int64_t {
+    int64_t i = 0;
+    for (const Parameter& q : params_) {
+      if (&q == p) return i;
+      ++i;
+    }
+    return -1;
+  };
+  const int64_t cols = params[0]->value.cols();
+  int64_t first = index_of(params[0]);
+  if (first < 0) return false;
+  int64_t next = flat_offset_[first], rows = 0;
+  for (const Parameter* p : params) {
+    const int64_t i = index_of(p);
+    if (i < 0 || flat_offset_[i] != next || p->value.cols() != cols || p->value.rank() != 2) return false;
+    next += p->value.numel();
+    rows += p->value.rows();
+  }
+  *compute = flat_compute_.Slice(flat_offset_[first], {rows, cols});
+  *grad = flat_grad_.Slice(flat_offset_[first], {rows, cols});
+  return true;
 }
 
 std::vector<NamedTensor> ParamStore::State() const {
@@ -67,18 +136,59 @@ absl::Status ParamStore::LoadState(const std::vector<NamedTensor>& state) {
   for (Parameter& p : params_) {
     const Tensor& src = *by_name[p.name];
     if (src.dtype() == p.value.dtype()) p.value.CopyFrom(src);
-    else p.value.CopyFrom(src.To(p.value.dtype()));
+    else if (src.device() == Device::kCpu) p.value.CopyFrom(src.To(p.value.dtype()));
+    else p.value.CopyFrom(src.ToDevice(Device::kCpu).To(p.value.dtype()));
   }
+  SyncCompute();
   return absl::OkStatus();
 }
 
+// Initialisers draw on the host (the same stream on every device) and copy.
 void InitNormal(Tensor* t, double stddev, Rng* rng) {
   if (t->device() == Device::kMeta) return;
+  if (t->device() == Device::kCuda) {
+    Tensor host = Tensor::Empty(t->shape(), t->dtype(), Device::kCpu);
+    InitNormal(&host, stddev, rng);
+    t->CopyFrom(host);
+    return;
+  }
+  if (t->dtype() == DType::kF32 || t->dtype() == DType::kF64) {
+    // The same draws as the serial loop, in parallel: a cheap serial pass records the generator
+    // state at each chunk start (SkipNormal), then chunks run the Box-Muller transforms.
+    const int64_t n = t->numel();
+    constexpr int64_t kChunk = int64_t{1} << 16;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<Rng> starts;
+    starts.reserve(chunks);
+    for (int64_t c = 0; c < chunks; ++c) {
+      starts.push_back(*rng);
+      const int64_t m = std::min(kChunk, n - c * kChunk);
+      for (int64_t i = 0; i < m; ++i) rng->SkipNormal();
+    }
+    const bool f32 = t->dtype() == DType::kF32;
+    void* base = t->raw();
+    ParallelFor(chunks, [&](int64_t c) {
+      Rng r = starts[c];
+      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const double v = stddev * r.Normal();
+        if (f32) static_cast<float*>(base)[i] = static_cast<float>(v);
+        else static_cast<double*>(base)[i] = v;
+      }
+    });
+    return;
+  }
   for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, stddev * rng->Normal());
 }
 
 void InitUniform(Tensor* t, double lo, double hi, Rng* rng) {
   if (t->device() == Device::kMeta) return;
+  if (t->device() == Device::kCuda) {
+    Tensor host = Tensor::Empty(t->shape(), t->dtype(), Device::kCpu);
+    InitUniform(&host, lo, hi, rng);
+    t->CopyFrom(host);
+    return;
+  }
   for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, rng->Uniform(lo, hi));
 }
 

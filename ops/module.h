@@ -4,8 +4,17 @@
 // parameters' `grad` tensors (so gradient accumulation over micro-batches and tied weights just
 // work) and RETURNS fresh activation gradients. `ParamStore::ZeroGrad` clears the accumulators.
 // A layer's `Forward` saves what its `Backward` needs; `ReleaseActivations` drops it.
-// Parameters are fp32 on the CPU training path (they are the master weights; the CUDA backend
-// keeps bf16 compute copies next to them) or fp64 in the finite-difference test mode.
+// Parameters are fp32 on the CPU training path (they are the master weights) or fp64 in the
+// finite-difference test mode. On CUDA (mixed precision, kernels/cuda/README.md) `value` and
+// `grad` are fp32 on the device and `compute` is the bf16 copy the kernels read; the AdamW kernel
+// rewrites it after each update (ParamStore::SyncCompute after any other change of `value`).
+//
+// Flat CUDA storage: a store moved to the device with MoveToDevice keeps every value, every
+// gradient and every compute copy in three flat buffers, in creation order (each parameter
+// padded to a multiple of 8 elements), and the Parameter tensors are views into them. So the
+// gradients of a model are one contiguous fp32 buffer (FlatGrad: one bucketed all-reduce, one
+// memset for ZeroGrad), and parameters created one after another (q/k/v, gate/up) form one
+// matrix the layers use for fused GEMMs (AdjacentSpan).
 #pragma once
 
 #include <deque>
@@ -31,7 +40,8 @@ struct Parameter {
   std::string name;  // dotted path, e.g. "blocks.3.attn.q_proj.weight"
   ParamKind kind;
   Tensor value;
-  Tensor grad;  // same shape; accumulates
+  Tensor grad;     // same shape; accumulates
+  Tensor compute;  // CUDA only: bf16 copy of value used by the kernels; undefined on the CPU
 };
 
 // A tensor with its checkpoint name (parameter, optimizer moment, ...).
@@ -64,10 +74,24 @@ class ParamStore {
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
 
+  // Moves every parameter (values, zeroed gradients, fresh bf16 compute copies) from the CPU to
+  // `device` (kCuda) into the flat buffers described above. The store must be on the CPU in
+  // dtype f32. Parameter pointers stay valid.
+  void MoveToDevice(Device device);
+  // Rewrites every compute copy from its value (CUDA; no-op elsewhere).
+  void SyncCompute();
+  // The flat gradient buffer [total] (padding included), or undefined if the store is not flat.
+  const Tensor& FlatGrad() const { return flat_grad_; }
+  // When `params` lie back to back in the flat buffers (same trailing dim), views of their
+  // stacked compute copies and gradients as [Σ rows, cols]; false otherwise.
+  bool AdjacentSpan(const std::vector<const Parameter*>& params, Tensor* compute, Tensor* grad) const;
+
  private:
   DType dtype_;
   Device device_;
   std::deque<Parameter> params_;
+  Tensor flat_value_, flat_grad_, flat_compute_;
+  std::vector<int64_t> flat_offset_;  // per parameter, in elements
 };
 
 // What a layer constructor needs: where its parameters go, how to name them, the RNG for

@@ -5,11 +5,14 @@
 // views on the same storage. There are no strided views: every tensor is contiguous, so kernels
 // get raw pointers plus sizes.
 //
-// Devices: kCpu (the reference and CPU-training backend), kCuda (reserved: ops dispatch on the
-// device and the CUDA kernels of later issues slot in there), kMeta (shape only, no storage; used
-// to count parameters of large presets without allocating them).
-// DTypes: kF32 (training), kF64 (finite-difference tests), kBF16 (placeholder for the CUDA path;
-// no CPU op accepts it yet), kI32 (token ids).
+// Devices: kCpu (the reference and CPU-training backend), kCuda (storage from the CUDA backend's
+// caching allocator, ops/cuda_backend.h; only in binaries linked with //ops:cuda_backend), kMeta
+// (shape only, no storage; used to count parameters of large presets without allocating them).
+// DTypes: kF32 (training; fp32 masters and gradients on CUDA), kF64 (finite-difference tests),
+// kBF16 (CUDA activations and compute weights; on the CPU only storage, At/Set and To), kI32
+// (token ids).
+// CUDA tensors: CopyFrom/ToDevice move data between devices; At/Set/Fill work through host
+// copies (slow; tests and initialisation only).
 //
 // Thread-safety: a Tensor is a value; concurrent reads are fine, concurrent writes to the same
 // storage are the caller's business.
@@ -96,8 +99,14 @@ class Tensor {
   // Element i as double (tests, debugging; slow).
   double At(int64_t i) const;
   void Set(int64_t i, double value);
-  // Converts to another floating dtype (f32 <-> f64).
+  // Converts to another floating dtype (f32 <-> f64 on the CPU; f32 <-> bf16 anywhere; other
+  // pairs through the host).
   Tensor To(DType dtype) const;
+  // A copy on `device` (same dtype and shape).
+  Tensor ToDevice(Device device) const;
+  // A view of NumElements(shape) elements starting at element `offset` of this tensor's storage
+  // (bounds-checked against this tensor).
+  Tensor Slice(int64_t offset, Shape shape) const;
 
  private:
   bool defined_ = false;
@@ -108,6 +117,12 @@ class Tensor {
   std::shared_ptr<void> storage_;
   size_t offset_bytes_ = 0;
 };
+
+inline bool IsCuda(const Tensor& t) { return t.device() == Device::kCuda; }
+
+// bf16 <-> float on the host (round to nearest even; NaN stays NaN).
+float Bf16ToFloat(uint16_t bits);
+uint16_t FloatToBf16(float value);
 
 // Calls `fn.template operator()<T>()` with T = float or double according to `dtype`.
 // Usage: DispatchFloat(x.dtype(), [&]<typename T>() { Kernel<T>(x.data<T>(), ...); });
@@ -124,9 +139,9 @@ decltype(auto) DispatchFloat(DType dtype, Fn&& fn) {
   return fn.template operator()<float>();  // unreachable
 }
 
-// Device dispatch point: every op calls this first. Today only kCpu has kernels; the CUDA
-// backend adds its branch in each op's dispatch (ops/*.cc) without touching model code.
+// Device dispatch point: every op calls this first (after its CUDA branch, where it has one).
 inline void CheckCpu(const Tensor& t, const char* op) {
+  GYRE_CHECK(t.device() != Device::kCuda, "op %s has no CUDA kernel yet", op);
   GYRE_CHECK(t.device() == Device::kCpu, "op %s has no %s kernel yet", op, DeviceName(t.device()));
 }
 

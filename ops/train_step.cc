@@ -42,6 +42,15 @@ LossResult Trainer::ComputeGradients(std::span<const int32_t> tokens, int64_t ba
 
 absl::StatusOr<UpdateStats> Trainer::ApplyUpdate(uint64_t step) {
   UpdateStats u;
+  if (adamw_.on_cuda()) {
+    // One fused pass on the device: global norm, clip, AdamW, bf16 compute copies.
+    u.lr = options_.schedule.At(step);
+    u.grad_norm = adamw_.ClipAndStep(u.lr, options_.grad_clip);
+    if (!std::isfinite(u.grad_norm)) {
+      return absl::DataLossError(absl::StrCat("step ", step, ": gradient norm is ", u.grad_norm, "; update skipped"));
+    }
+    return u;
+  }
   u.grad_norm = ClipGradNorm(&model_->params(), options_.grad_clip);
   if (!std::isfinite(u.grad_norm)) {
     return absl::DataLossError(absl::StrCat("step ", step, ": gradient norm is ", u.grad_norm, "; update skipped"));

@@ -6,34 +6,44 @@
 #
 #   bash tools/bundle.sh                       # build .bundle/
 #   # then, with the device tool (carry .bundle):
-#   #   run(command=".bundle/run.sh", carry=[".bundle"])
+#   #   run(command="bash .bundle/run.sh [tests|bench|all]", carry=[".bundle"])
+#
+# Public anchors (mamba_ssm Triton SSD, mlstm_kernels TFLA, the xlstm sLSTM CUDA kernel) are never
+# committed: fetch them into an ignored folder and run bench/anchor_*.py beside the benches in the
+# same device call (kernels/cuda/README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Binaries that travel; later parts add their worker-side programs here.
-TARGETS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_collective_gpu_test
+# GPU tests: each checks its kernels against a float64 reference and exits non-zero on failure.
+TESTS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_collective_gpu_test
   //kernels/cuda:device_allocator_gpu_test //kernels/cuda:gemm_gpu_test
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
-  //bench:cuda_dense_bench //bench:slstm_bench
-  //kernels/cuda:conv1d_gpu_test //bench:ssd_bench //bench:conv1d_bench
-  //kernels/cuda:attention_gpu_test //bench:attention_bench
-  //bench:mlstm_bench)
-# (ssd_gpu_test, slstm_gpu_test and mlstm_gpu_test link OpenBLAS statically, ~30 MB each: carried on their own,
-# see kernels/cuda/README.md.)
+  //kernels/cuda:conv1d_gpu_test //kernels/cuda:attention_gpu_test)
+# Tests that link OpenBLAS statically for the CPU float64 references (~30 MB each): they travel
+# xz-compressed (~3 MB) so the bundle stays under the 64 MiB carry limit.
+XZ_TESTS=(//kernels/cuda:ops_parity_gpu_test //kernels/cuda:ssd_gpu_test
+  //kernels/cuda:slstm_gpu_test //kernels/cuda:mlstm_gpu_test //ops:llama_gpu_test)
+# Benchmarks (timings; anchors run beside them from bench/*anchor*.py).
+BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //bench:conv1d_bench
+  //bench:slstm_bench //bench:mlstm_bench)
+XZ_BENCHES=(//bench:llama_step_bench)
 
-bazel build --config=bundle "${TARGETS[@]}"
+bazel build --config=bundle "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}"
 
 rm -rf .bundle
 mkdir -p .bundle/bin .bundle/lib
-for t in "${TARGETS[@]}"; do
-  path="bazel-bin/$(echo "${t#//}" | tr ':' '/')"
-  install -m 0755 "$path" .bundle/bin/
+bin_path() { echo "bazel-bin/$(echo "${1#//}" | tr ':' '/')"; }
+for t in "${TESTS[@]}" "${BENCHES[@]}"; do install -m 0755 "$(bin_path "$t")" .bundle/bin/; done
+for t in "${XZ_TESTS[@]}" "${XZ_BENCHES[@]}"; do
+  path="$(bin_path "$t")"
+  xz -T2 -6 -c "$path" > ".bundle/bin/$(basename "$path").xz"
 done
 
 # Shared libraries provided by the GPU machine (glibc, the driver, CUDA libraries, NCCL).
 provided='^(linux-vdso|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|ld-linux|libgcc_s\.so|libstdc\+\+\.so|libcuda\.so|libnccl\.so|libcublas|libcublasLt)'
 for bin in .bundle/bin/*; do
+  [[ "$bin" == *.xz ]] && continue
   ldd "$bin" | awk '/=>/ {print $1, $3}' | while read -r name path; do
     if ! [[ "$name" =~ $provided ]] && [ -f "$path" ] && [ ! -f ".bundle/lib/$name" ]; then
       cp -L "$path" ".bundle/lib/$name"
@@ -41,37 +51,36 @@ for bin in .bundle/bin/*; do
   done
 done
 
-cat > .bundle/run.sh <<'RUN'
+names() { for t in "$@"; do basename "$(bin_path "$t")"; done | tr '\n' ' '; }
+cat > .bundle/run.sh <<RUN
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repository root: probe first, then the GPU tests.
+# Runs on the GPU machine from the repository root: probe and GPU tests, then the benchmarks.
+#   bash .bundle/run.sh [tests|bench|all]     (default all; logs also under \$OUT when set)
 set -uo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+here="\$(cd "\$(dirname "\${BASH_SOURCE[0]}")" && pwd)"
+what="\${1:-all}"
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on shared hosts (device KINDS.md)
+[ -n "\${OUT:-}" ] && exec > >(tee "\$OUT/bundle_run.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-rc=0
-"$here/bin/gpu_probe" || rc=1
-"$here/bin/device_info_gpu_test" || rc=1
-"$here/bin/nccl_collective_gpu_test" || rc=1
-"$here/bin/device_allocator_gpu_test" || rc=1
-"$here/bin/gemm_gpu_test" || rc=1
-"$here/bin/norm_gpu_test" || rc=1
-"$here/bin/pointwise_gpu_test" || rc=1
-"$here/bin/cross_entropy_gpu_test" || rc=1
-"$here/bin/adamw_gpu_test" || rc=1
-"$here/bin/conv1d_gpu_test" || rc=1
-# Dense kernel timings; full table also in $OUT when the device tool provides it.
-"$here/bin/cuda_dense_bench" ${OUT:+--csv="$OUT/cuda_dense_bench.csv"} || rc=1
-# SSD / conv1d timings (anchors: bench/anchor_ssd.py with the copied mamba_ssm Triton files).
-"$here/bin/ssd_bench" || rc=1
-"$here/bin/conv1d_bench" || rc=1
-# sLSTM persistent kernels (its GPU test links OpenBLAS, 30 MB: carried separately, README).
-"$here/bin/slstm_bench" ${OUT:+--csv="$OUT/slstm_bench.csv"} || rc=1
-"$here/bin/attention_gpu_test" || rc=1
-"$here/bin/attention_bench" || rc=1
-# mLSTM chunkwise timings (its test, mlstm_gpu_test, links OpenBLAS: carried alone, see
-# kernels/cuda/README.md; its TFLA anchor is bench/anchor_mlstm.py).
-"$here/bin/mlstm_bench" || rc=1
-exit $rc
+python3 - "\$here/bin" <<'PY'
+import glob, lzma, os, sys
+for f in glob.glob(os.path.join(sys.argv[1], "*.xz")):
+    with lzma.open(f) as src, open(f[:-3], "wb") as dst:
+        dst.write(src.read())
+    os.chmod(f[:-3], 0o755)
+PY
+rc=0; failed=""
+run() { echo "=== \$*"; "\$here/bin/\$@" || { rc=1; failed="\$failed \$1"; }; }
+if [ "\$what" != bench ]; then
+  for t in $(names "${TESTS[@]}" "${XZ_TESTS[@]}"); do run "\$t"; done
+fi
+if [ "\$what" != tests ]; then
+  for b in $(names "${BENCHES[@]}" "${XZ_BENCHES[@]}"); do
+    run "\$b"
+  done
+fi
+echo "bundle run: \${failed:-no failures}"
+exit \$rc
 RUN
 chmod +x .bundle/run.sh
 du -sh .bundle

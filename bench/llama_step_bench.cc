@@ -1,0 +1,192 @@
+// One-GPU Llama training step through ops/ on CUDA (the same Trainer `gyre train --device cuda`
+// and the worker run): forward + backward + global-norm clip + AdamW, random tokens, context
+// 2048. Prints tokens/s and MFU for each preset.
+//
+// FLOPs per step (stated, as PERFORMANCE.md asks):
+//   dense   6 · N · tokens            N = parameters of the blocks + final norm (no embedding,
+//                                     no LM head): "without head"; N + V·d: "with head"
+//   attn    6 · L · d_attn · T · tokens   (12·L·d·T per token for QKᵀ and PV forward + backward,
+//                                          halved for the causal mask; d_attn = heads · head_dim)
+//   MFU = FLOPs / step time / peak, peak = 989 TFLOP/s (H100/H200 SXM dense bf16, the figure
+//   PERFORMANCE.md's anchors use).
+// Timing: host wall clock per step (each step ends with two device-to-host reads: the loss and
+// the gradient norm, so the stream is drained); warm-up steps first; median of the rest.
+// No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "ops/cuda_backend.h"
+#include "ops/parallel.h"
+#include "ops/train_step.h"
+
+namespace {
+
+using namespace gyre::ops;
+
+struct Result {
+  std::string preset;
+  int64_t batch = 0, seq = 0;
+  double median_s = 0, tokens_per_s = 0, mfu = 0, mfu_head = 0, init_s = 0;
+  double loss_first = 0, loss_last = 0;
+};
+
+// Attention fwd / fwd+bwd alone at the model's shape (the same backend call the layer makes;
+// fused q|k|v rows), host-timed around a synchronised loop: its share of the step.
+void TimeAttention(const ModelSpec& spec, int64_t batch, int64_t seq) {
+  const int64_t H = spec.attn_heads, Hk = spec.attn_kv_heads, D = spec.attn_head_dim, rows = batch * seq;
+  const int64_t width = (H + 2 * Hk) * D;
+  Tensor host = Tensor::Empty({rows, width}, DType::kF32, Device::kCpu);
+  uint64_t x = 88172645463325252ull;
+  float* p = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    p[i] = static_cast<float>((x >> 11) * 0x1.0p-53 * 2.0 - 1.0);
+  }
+  Tensor qkv = host.ToDevice(Device::kCuda).To(DType::kBF16);
+  Tensor out = Tensor::Empty({rows, H * D}, DType::kBF16, Device::kCuda);
+  Tensor lse = Tensor::Empty({batch, H, seq}, DType::kF32, Device::kCuda);
+  Tensor dout = qkv.Slice(0, {rows, H * D}).Clone();
+  Tensor dqkv = Tensor::Empty({rows, width}, DType::kBF16, Device::kCuda);
+  const char* b = static_cast<const char*>(qkv.raw());
+  char* db = static_cast<char*>(dqkv.raw());
+  CudaAttention a;
+  a.batch = batch; a.seq = seq; a.heads = H; a.kv_heads = Hk; a.head_dim = D;
+  a.q = b; a.k = b + H * D * 2; a.v = b + (H + Hk) * D * 2;
+  a.q_row_stride = a.kv_row_stride = width;
+  a.out = out.raw(); a.lse = lse.data<float>(); a.dout = dout.raw();
+  a.dq = db; a.dk = db + H * D * 2; a.dv = db + (H + Hk) * D * 2;
+  auto time = [&](bool backward) {
+    std::vector<double> ts;
+    for (int r = 0; r < 23; ++r) {
+      Cuda().Synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      Cuda().AttentionForward(a);
+      if (backward) Cuda().AttentionBackward(a);
+      Cuda().Synchronize();
+      if (r >= 3) ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2];
+  };
+  const double f = time(false), fb = time(true);
+  const double flop = 4.0 * batch * H * seq * seq * D / 2;  // causal fwd; bwd 2.5x
+  std::printf("  attention B%lld T%lld %lld heads x %lld: fwd %.3f ms (%.0f TFLOP/s), fwd+bwd %.3f ms (%.0f TFLOP/s); "
+              "x %lld layers = %.1f ms per step\n",
+              (long long)batch, (long long)seq, (long long)H, (long long)D, f * 1e3, flop / f / 1e12, fb * 1e3,
+              3.5 * flop / fb / 1e12, (long long)spec.n_layers(), fb * spec.n_layers() * 1e3);
+}
+
+int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
+  int64_t n = 0;
+  for (const Parameter* p : m.params().All()) {
+    if (p->name == "embedding.weight" || p->name == "lm_head.weight") continue;
+    n += p->value.numel();
+  }
+  return n;
+}
+
+int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, double peak_tflops,
+        Result* out) {
+  auto spec = PresetSpec(preset);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
+    return 1;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCuda, 1);
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+    return 1;
+  }
+  Cuda().Synchronize();
+  out->init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  TrainOptions opt;
+  opt.schedule.peak_lr = 3e-4;
+  opt.schedule.warmup_steps = 0;
+  opt.grad_clip = 1.0;
+  Trainer trainer(model->get(), opt);
+  Rng rng(2);
+  std::vector<int32_t> tokens(batch * (seq + 1));
+  std::vector<double> times;
+  for (int s = 0; s < warmup + steps; ++s) {
+    for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
+    const auto a = std::chrono::steady_clock::now();
+    auto st = trainer.Step(tokens, batch, seq, s);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+    if (!st.ok()) {
+      std::fprintf(stderr, "step %d: %s\n", s, std::string(st.status().message()).c_str());
+      return 1;
+    }
+    if (s == 0) out->loss_first = st->loss.loss;
+    out->loss_last = st->loss.loss;
+    if (s >= warmup) times.push_back(dt);
+  }
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2];
+  const double tokens_step = static_cast<double>(batch * seq);
+  const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
+  const double head = static_cast<double>(spec->vocab_size * spec->d_model);
+  const double attn = 6.0 * spec->n_layers() * spec->attn_heads * spec->attn_head_dim * seq * tokens_step;
+  const double flops = 6.0 * n_dense * tokens_step + attn;
+  const double flops_head = flops + 6.0 * head * tokens_step;
+  out->preset = preset;
+  out->batch = batch;
+  out->seq = seq;
+  out->median_s = med;
+  out->tokens_per_s = tokens_step / med;
+  out->mfu = flops / med / (peak_tflops * 1e12);
+  out->mfu_head = flops_head / med / (peak_tflops * 1e12);
+  std::printf("%s batch %lld x %lld: N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, max %.2f, %d steps), "
+              "%.0f tokens/s, MFU %.1f%% (%.1f%% with LM head), loss %.3f -> %.3f, init %.1f s\n",
+              preset.c_str(), (long long)batch, (long long)seq, n_dense / 1e6, med * 1e3, times.front() * 1e3,
+              times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, out->loss_first,
+              out->loss_last, out->init_s);
+  std::fflush(stdout);
+  model->reset();
+  TimeAttention(*spec, batch, seq);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Llama training step on one GPU (ops/ CUDA backend)"};
+  std::vector<std::string> presets = {"llama-125m", "llama-1.3b"};
+  std::vector<int64_t> batches = {16, 8};
+  int64_t seq = 2048;
+  int warmup = 3, steps = 10;
+  double peak = 989.0;
+  app.add_option("--presets", presets, "presets")->capture_default_str();
+  app.add_option("--batches", batches, "batch per preset")->capture_default_str();
+  app.add_option("--seq", seq, "context")->capture_default_str();
+  app.add_option("--warmup", warmup, "warm-up steps")->capture_default_str();
+  app.add_option("--steps", steps, "timed steps")->capture_default_str();
+  app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (CudaBackendOrNull() == nullptr) {
+    std::fprintf(stderr, "built without CUDA\n");
+    return 1;
+  }
+  if (batches.size() != presets.size()) {
+    std::fprintf(stderr, "--batches needs one value per preset\n");
+    return 2;
+  }
+  SetNumThreads(0);  // host-side initialisation draws in parallel (ops/module.cc InitNormal)
+  std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
+  std::vector<Result> results;
+  for (size_t i = 0; i < presets.size(); ++i) {
+    Result r;
+    if (Run(presets[i], batches[i], seq, warmup, steps, peak, &r) != 0) return 1;
+    results.push_back(r);
+  }
+  std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (no head) | MFU (with head) |\n|---|---|---|---|---|---|\n");
+  for (const Result& r : results) {
+    std::printf("| %s | %lld x %lld | %.1f | %.0f | %.1f%% | %.1f%% |\n", r.preset.c_str(), (long long)r.batch,
+                (long long)r.seq, r.median_s * 1e3, r.tokens_per_s, 100 * r.mfu, 100 * r.mfu_head);
+  }
+  return 0;
+}

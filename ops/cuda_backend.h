@@ -1,0 +1,147 @@
+// The seam between ops/ and the CUDA kernels (kernels/cuda): an interface that the CPU-only
+// library declares and that `//ops:cuda_backend` (built only with --config=cuda) implements and
+// registers at static-initialisation time. Binaries that want CUDA link that library through
+// `select` on //third_party/cuda:enabled; every other binary builds and behaves exactly as
+// before, and a CUDA tensor there fails with "this binary was built without CUDA".
+//
+// The implementation holds one process-wide CUDA context: device 0, one stream (all work is
+// ordered on it), the caching DeviceAllocator (no cudaMalloc in a warm step loop) and the
+// cuBLASLt GemmContext. The methods are pointer-level (bf16 = 2-byte storage, fp32 statistics
+// and gradients); ops/*.cc allocate outputs as Tensors and call them from their CUDA branches.
+// Failures of CUDA calls abort with the CUDA message (ops' layer API has no Status; an
+// out-of-memory in a step is not recoverable there).
+//
+// Thread-safety: one thread drives the backend (the training loop), like the CPU layers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace gyre::ops {
+
+enum class Device : uint8_t;
+enum class DType : uint8_t;
+
+// Row-major C [m, n] = alpha op(A) op(B) + beta C; A, B bf16; C bf16 or fp32.
+struct CudaGemm {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  bool c_f32 = false;
+  float alpha = 1.f, beta = 0.f;
+};
+
+// Causal attention on rotated bf16 q/k/v views (row strides in elements); GQA by head index.
+struct CudaAttention {
+  int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_row_stride = 0, kv_row_stride = 0;
+  void* out = nullptr;         // packed [B*T, heads*head_dim]
+  float* lse = nullptr;        // [B, heads, T]
+  // Backward only.
+  const void* dout = nullptr;  // packed
+  void* dq = nullptr;          // same layout as q
+  void* dk = nullptr;          // same layout as k
+  void* dv = nullptr;          // same layout as v
+};
+
+struct CudaAdamWTensor {
+  float* master = nullptr;
+  const float* grad = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  void* compute = nullptr;  // bf16 copy written each step, or null
+  int64_t numel = 0;
+  bool decay = true;
+};
+
+// Multi-tensor AdamW with on-device global-norm clipping (kernels/cuda/adamw.h).
+class CudaAdamW {
+ public:
+  virtual ~CudaAdamW() = default;
+  // One step; returns ||g|| before clipping (reads it back: one stream synchronisation). A
+  // non-finite norm means the device skipped the update; the step count is then not advanced.
+  virtual double Step(double lr, double max_grad_norm) = 0;
+  virtual int64_t steps_taken() const = 0;
+};
+
+class CudaBackend {
+ public:
+  virtual ~CudaBackend() = default;
+
+  // Memory. Copies between host and device synchronise the stream; device-to-device copies and
+  // memsets are ordered on it.
+  virtual std::shared_ptr<void> Allocate(size_t bytes) = 0;
+  virtual void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) = 0;
+  // Device-to-device strided copy of `height` rows of `width` bytes.
+  virtual void Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                      size_t height) = 0;
+  virtual void Memset0(void* dst, size_t bytes) = 0;
+  virtual void Synchronize() = 0;
+  virtual std::string DeviceDescription() = 0;
+
+  // Pointwise (device arrays of n elements): dtype conversion (f32 <-> bf16), y += alpha x
+  // (fp32 math), out = a + b, y *= s, Σ x² (double).
+  virtual void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) = 0;
+  virtual void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) = 0;
+  virtual void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) = 0;
+  virtual void Scale(void* y, DType dtype, double s, int64_t n) = 0;
+  virtual double SumSquares(const void* x, DType dtype, int64_t n) = 0;
+
+  virtual void Gemm(const CudaGemm& g) = 0;
+
+  // Embedding: host ids (the data loader has them); bf16 table, fp32 dweight (accumulates).
+  virtual void EmbeddingForward(const int32_t* host_ids, int64_t rows, const void* table, int64_t vocab,
+                                int64_t dim, void* out) = 0;
+  virtual void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight,
+                                 int64_t vocab, int64_t dim) = 0;
+
+  // RMSNorm / LayerNorm over the last dim (kernels/cuda/norm.h), optional residual add.
+  virtual void NormForward(bool layer, int64_t rows, int64_t dim, double eps, const void* x, const void* residual,
+                           void* residual_out, const void* weight, const void* bias, void* y, float* mean,
+                           float* rstd) = 0;
+  virtual void NormBackward(bool layer, int64_t rows, int64_t dim, const void* dy, const void* s,
+                            const void* weight, const float* mean, const float* rstd, const void* dresidual,
+                            void* dx, float* dweight, float* dbias) = 0;
+
+  // Gated activation h = act(g) ⊙ u over 2-D views with row strides (act: 0 SiLU, 1 GeLU).
+  virtual void GatedForward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,
+                            void* h, int64_t ld_out) = 0;
+  virtual void GatedBackward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,
+                             const void* dh, int64_t ld_out, void* dg, void* du) = 0;
+
+  // RoPE (rotate half, whole head) in place on `heads` heads of rows with `row_stride`; position
+  // r % seq. inverse = backward.
+  virtual void Rope(bool inverse, void* x, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim,
+                    int64_t row_stride, double theta) = 0;
+
+  virtual void AttentionForward(const CudaAttention& a) = 0;
+  virtual void AttentionBackward(const CudaAttention& a) = 0;
+
+  // Fused LM head + cross-entropy (kernels/cuda/cross_entropy.h): returns loss_scale · Σ loss;
+  // dh (bf16, overwritten) and dw (fp32, accumulated) may be null.
+  virtual double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
+                                    const int32_t* host_targets, double loss_scale, void* dh, float* dw) = 0;
+
+  virtual std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1,
+                                              double beta2, double eps, double weight_decay) = 0;
+};
+
+// The registered backend, or null in a binary built without //ops:cuda_backend.
+CudaBackend* CudaBackendOrNull();
+// The registered backend; aborts with a clear message when there is none.
+CudaBackend& Cuda();
+// Called once by the CUDA backend library's static initialiser.
+void RegisterCudaBackend(CudaBackend* backend);
+
+}  // namespace gyre::ops

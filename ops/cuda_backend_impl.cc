@@ -1,0 +1,444 @@
+// The CUDA backend of ops/ (ops/cuda_backend.h): one process-wide context (device 0, one
+// non-blocking stream, the caching DeviceAllocator, the cuBLASLt GemmContext, RoPE tables),
+// created on first use and never destroyed (blocks may be released during static destruction).
+// Registered by a static initialiser; the library is alwayslink so a dependency is enough.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "kernels/cuda/adamw.h"
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/activations.h"
+#include "kernels/cuda/cross_entropy.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/embedding.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/norm.h"
+#include "kernels/cuda/rope.h"
+#include "ops/cuda_backend.h"
+#include "ops/cuda_ops.h"
+#include "ops/tensor.h"
+
+namespace gyre::ops {
+namespace {
+
+using bf16 = __nv_bfloat16;
+namespace kc = ::gyre::cuda;
+
+void Die(const kc::CudaResult& r, const char* what) {
+  if (r.ok()) return;
+  std::fprintf(stderr, "CUDA backend: %s failed: %s\n", what, r.message.c_str());
+  std::abort();
+}
+
+#define OK_OR_DIE(expr) Die((expr), #expr)
+#define CUDA_OR_DIE(expr) Die(kc::CudaError((expr), #expr, __FILE__, __LINE__), #expr)
+
+class Adam final : public CudaAdamW {
+ public:
+  Adam(kc::DeviceAllocator* alloc, cudaStream_t stream) : alloc_(alloc), stream_(stream) {}
+  void Init(const std::vector<CudaAdamWTensor>& tensors, const kc::AdamWHyper& hyper) {
+    std::vector<kc::AdamWTensor> ts;
+    for (const CudaAdamWTensor& t : tensors) {
+      kc::AdamWTensor k;
+      k.master = t.master;
+      k.grad = t.grad;
+      k.m = t.m;
+      k.v = t.v;
+      k.compute = static_cast<bf16*>(t.compute);
+      k.numel = t.numel;
+      k.decay = t.decay;
+      ts.push_back(k);
+    }
+    OK_OR_DIE(adam_.Init(ts, hyper, alloc_, stream_));
+  }
+  double Step(double lr, double max_grad_norm) override {
+    OK_OR_DIE(adam_.Step(lr, max_grad_norm, stream_));
+    kc::AdamWStepState st;
+    CUDA_OR_DIE(cudaMemcpyAsync(&st, adam_.device_state(), sizeof(st), cudaMemcpyDeviceToHost, stream_));
+    CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+    if (st.skipped) adam_.UndoStep();
+    return st.grad_norm;
+  }
+  int64_t steps_taken() const override { return adam_.steps_taken(); }
+
+ private:
+  kc::DeviceAllocator* alloc_;
+  cudaStream_t stream_;
+  kc::FusedAdamW adam_;
+};
+
+class Backend final : public CudaBackend {
+ public:
+  std::shared_ptr<void> Allocate(size_t bytes) override {
+    Init();
+    auto holder = std::make_shared<kc::DeviceBuffer>();
+    OK_OR_DIE(alloc_->Allocate(bytes == 0 ? 1 : bytes, holder.get()));
+    void* p = holder->get();
+    return std::shared_ptr<void>(holder, p);
+  }
+
+  void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) override {
+    Init();
+    CUDA_OR_DIE(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+    if (dst_device != Device::kCuda || src_device != Device::kCuda) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+  }
+
+  void Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height) override {
+    Init();
+    CUDA_OR_DIE(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  void Memset0(void* dst, size_t bytes) override {
+    Init();
+    CUDA_OR_DIE(cudaMemsetAsync(dst, 0, bytes, stream_));
+  }
+
+  void Synchronize() override {
+    Init();
+    CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+  }
+
+  std::string DeviceDescription() override {
+    Init();
+    cudaDeviceProp prop;
+    CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+    return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
+           std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
+  }
+
+  void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) override {
+    Init();
+    int kind = -1;
+    if (src_dtype == DType::kF32 && dst_dtype == DType::kBF16) kind = 0;
+    if (src_dtype == DType::kBF16 && dst_dtype == DType::kF32) kind = 1;
+    GYRE_CHECK(kind >= 0, "CUDA conversion %s -> %s", DTypeName(src_dtype), DTypeName(dst_dtype));
+    OK_OR_DIE(cuda_ops::Convert(src, dst, n, kind, stream_));
+  }
+
+  void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) override {
+    Init();
+    OK_OR_DIE(cuda_ops::Axpy(y, x, BF16(dtype), static_cast<float>(alpha), n, stream_));
+  }
+
+  void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) override {
+    Init();
+    OK_OR_DIE(cuda_ops::Add(out, a, b, BF16(dtype), n, stream_));
+  }
+
+  void Scale(void* y, DType dtype, double s, int64_t n) override {
+    Init();
+    OK_OR_DIE(cuda_ops::Scale(y, BF16(dtype), static_cast<float>(s), n, stream_));
+  }
+
+  double SumSquares(const void* x, DType dtype, int64_t n) override {
+    Init();
+    constexpr int kMax = 4096;
+    kc::DeviceBuffer partials;
+    OK_OR_DIE(alloc_->Allocate(kMax * sizeof(double), &partials));
+    int blocks = 0;
+    OK_OR_DIE(cuda_ops::SumSquaresPartials(x, BF16(dtype), n, partials.as<double>(), kMax, &blocks, stream_));
+    std::vector<double> host(blocks);
+    CUDA_OR_DIE(cudaMemcpyAsync(host.data(), partials.get(), blocks * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+    double s = 0;
+    for (double v : host) s += v;
+    return s;
+  }
+
+  void Gemm(const CudaGemm& g) override {
+    Init();
+    kc::GemmArgs a;
+    a.trans_a = g.trans_a;
+    a.trans_b = g.trans_b;
+    a.m = g.m;
+    a.n = g.n;
+    a.k = g.k;
+    a.a = g.a;
+    a.lda = g.lda;
+    a.b = g.b;
+    a.ldb = g.ldb;
+    a.c = g.c;
+    a.ldc = g.ldc;
+    a.c_dtype = g.c_f32 ? kc::DType::kF32 : kc::DType::kBf16;
+    a.alpha = g.alpha;
+    a.beta = g.beta;
+    OK_OR_DIE(gemm_->Gemm(a, stream_));
+  }
+
+  void EmbeddingForward(const int32_t* host_ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
+                        void* out) override {
+    Init();
+    kc::DeviceBuffer ids;
+    OK_OR_DIE(alloc_->Allocate(rows * sizeof(int32_t), &ids));
+    CUDA_OR_DIE(cudaMemcpyAsync(ids.get(), host_ids, rows * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    OK_OR_DIE(kc::EmbeddingForward(ids.as<int32_t>(), static_cast<const bf16*>(table), static_cast<bf16*>(out), rows,
+                                   vocab, dim, nullptr, stream_));
+    // A pageable host->device copy has left the host buffer by the time it returns; `ids` goes
+    // back to the cache and the stream orders its reuse after the kernel.
+  }
+
+  void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight, int64_t vocab,
+                         int64_t dim) override {
+    Init();
+    OK_OR_DIE(embedding_plan_.Build(host_ids, rows, vocab, alloc_, stream_));
+    OK_OR_DIE(kc::EmbeddingBackward(embedding_plan_, static_cast<const bf16*>(dy), dweight, dim, stream_));
+  }
+
+  void NormForward(bool layer, int64_t rows, int64_t dim, double eps, const void* x, const void* residual,
+                   void* residual_out, const void* weight, const void* bias, void* y, float* mean,
+                   float* rstd) override {
+    Init();
+    kc::NormForwardArgs a;
+    a.kind = layer ? kc::NormKind::kLayer : kc::NormKind::kRms;
+    a.rows = rows;
+    a.dim = dim;
+    a.eps = static_cast<float>(eps);
+    a.x = static_cast<const bf16*>(x);
+    a.residual = static_cast<const bf16*>(residual);
+    a.residual_out = static_cast<bf16*>(residual_out);
+    a.weight = static_cast<const bf16*>(weight);
+    a.bias = static_cast<const bf16*>(bias);
+    a.y = static_cast<bf16*>(y);
+    a.mean = mean;
+    a.rstd = rstd;
+    OK_OR_DIE(kc::NormForward(a, stream_));
+  }
+
+  void NormBackward(bool layer, int64_t rows, int64_t dim, const void* dy, const void* s, const void* weight,
+                    const float* mean, const float* rstd, const void* dresidual, void* dx, float* dweight,
+                    float* dbias) override {
+    Init();
+    kc::NormBackwardArgs a;
+    a.kind = layer ? kc::NormKind::kLayer : kc::NormKind::kRms;
+    a.rows = rows;
+    a.dim = dim;
+    a.dy = static_cast<const bf16*>(dy);
+    a.s = static_cast<const bf16*>(s);
+    a.weight = static_cast<const bf16*>(weight);
+    a.mean = mean;
+    a.rstd = rstd;
+    a.dresidual = static_cast<const bf16*>(dresidual);
+    a.dx = static_cast<bf16*>(dx);
+    a.dweight = dweight;
+    a.dbias = dbias;
+    OK_OR_DIE(kc::NormBackward(a, alloc_, stream_));
+  }
+
+  void GatedForward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in, void* h,
+                    int64_t ld_out) override {
+    Init();
+    kc::GatedArgs a;
+    a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
+    a.rows = rows;
+    a.cols = cols;
+    a.g = static_cast<const bf16*>(g);
+    a.u = static_cast<const bf16*>(u);
+    a.ld_in = ld_in;
+    a.h = static_cast<bf16*>(h);
+    a.ld_out = ld_out;
+    OK_OR_DIE(kc::GatedForward(a, stream_));
+  }
+
+  void GatedBackward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,
+                     const void* dh, int64_t ld_out, void* dg, void* du) override {
+    Init();
+    kc::GatedArgs a;
+    a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
+    a.rows = rows;
+    a.cols = cols;
+    a.g = static_cast<const bf16*>(g);
+    a.u = static_cast<const bf16*>(u);
+    a.ld_in = ld_in;
+    a.dh = static_cast<const bf16*>(dh);
+    a.dg = static_cast<bf16*>(dg);
+    a.du = static_cast<bf16*>(du);
+    a.ld_out = ld_out;
+    OK_OR_DIE(kc::GatedBackward(a, stream_));
+  }
+
+  void Rope(bool inverse, void* x, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim, int64_t row_stride,
+            double theta) override {
+    Init();
+    const kc::RopeTable& table = RopeTableFor(seq, head_dim, theta);
+    kc::RopeArgs a;
+    a.x = static_cast<const bf16*>(x);
+    a.y = static_cast<bf16*>(x);
+    a.rows = rows;
+    a.seq = seq;
+    a.heads = heads;
+    a.row_stride = row_stride;
+    OK_OR_DIE(inverse ? kc::RopeBackward(table, a, stream_) : kc::RopeForward(table, a, stream_));
+  }
+
+  // kernels/cuda/attention (FA2-class) for head_dim 64 / 128; the plain warp-per-row kernel of
+  // ops/cuda_ops.h otherwise, or everywhere with GYRE_CUDA_ATTENTION=plain (a cross-check).
+  bool UseFlash(const CudaAttention& a) const {
+    return !plain_attention_ && (a.head_dim == 64 || a.head_dim == 128);
+  }
+
+  static kc::AttentionShape Shape(const CudaAttention& a) {
+    kc::AttentionShape s;
+    s.batch = a.batch;
+    s.seq = a.seq;
+    s.heads = a.heads;
+    s.kv_heads = a.kv_heads;
+    s.head_dim = a.head_dim;
+    return s;
+  }
+
+  void AttentionForward(const CudaAttention& a) override {
+    Init();
+    if (!UseFlash(a)) {
+      OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
+      return;
+    }
+    kc::AttentionForwardArgs f;
+    f.shape = Shape(a);
+    f.q = static_cast<const bf16*>(a.q);
+    f.k = static_cast<const bf16*>(a.k);
+    f.v = static_cast<const bf16*>(a.v);
+    f.q_row_stride = a.q_row_stride;
+    f.kv_row_stride = a.kv_row_stride;
+    f.out = static_cast<bf16*>(a.out);
+    f.lse = a.lse;
+    OK_OR_DIE(kc::AttentionForward(f, stream_));
+  }
+
+  void AttentionBackward(const CudaAttention& a) override {
+    Init();
+    if (!UseFlash(a)) {
+      OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
+      return;
+    }
+    kc::AttentionBackwardArgs b;
+    b.shape = Shape(a);
+    b.q = static_cast<const bf16*>(a.q);
+    b.k = static_cast<const bf16*>(a.k);
+    b.v = static_cast<const bf16*>(a.v);
+    b.q_row_stride = a.q_row_stride;
+    b.kv_row_stride = a.kv_row_stride;
+    b.out = static_cast<const bf16*>(a.out);
+    b.dout = static_cast<const bf16*>(a.dout);
+    b.lse = a.lse;
+    b.dq = static_cast<bf16*>(a.dq);
+    b.dk = static_cast<bf16*>(a.dk);
+    b.dv = static_cast<bf16*>(a.dv);
+    OK_OR_DIE(kc::AttentionBackward(alloc_, b, stream_));
+  }
+
+  double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
+                            const int32_t* host_targets, double loss_scale, void* dh, float* dw) override {
+    Init();
+    kc::DeviceBuffer targets, token_loss, loss_sum;
+    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(int32_t), &targets));
+    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(float), &token_loss));
+    OK_OR_DIE(alloc_->Allocate(sizeof(double), &loss_sum));
+    CUDA_OR_DIE(cudaMemcpyAsync(targets.get(), host_targets, tokens * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    kc::LinearCrossEntropyArgs a;
+    a.tokens = tokens;
+    a.dim = dim;
+    a.vocab = vocab;
+    a.h = static_cast<const bf16*>(h);
+    a.w = static_cast<const bf16*>(w);
+    a.targets = targets.as<int32_t>();
+    a.loss_scale = static_cast<float>(loss_scale);
+    a.token_loss = token_loss.as<float>();
+    a.loss_sum = loss_sum.as<double>();
+    a.dh = static_cast<bf16*>(dh);
+    a.dw = dw;
+    a.chunk_tokens = 4096;
+    OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
+    double loss = 0;
+    CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+    return loss;
+  }
+
+  std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1, double beta2,
+                                      double eps, double weight_decay) override {
+    Init();
+    auto adam = std::make_unique<Adam>(alloc_, stream_);
+    kc::AdamWHyper hyper;
+    hyper.beta1 = beta1;
+    hyper.beta2 = beta2;
+    hyper.eps = eps;
+    hyper.weight_decay = weight_decay;
+    adam->Init(tensors, hyper);
+    return adam;
+  }
+
+ private:
+  static bool BF16(DType dtype) {
+    GYRE_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "CUDA pointwise op on %s", DTypeName(dtype));
+    return dtype == DType::kBF16;
+  }
+
+  static cuda_ops::PlainAttentionArgs Plain(const CudaAttention& a) {
+    cuda_ops::PlainAttentionArgs p;
+    p.batch = a.batch;
+    p.seq = a.seq;
+    p.heads = a.heads;
+    p.kv_heads = a.kv_heads;
+    p.head_dim = a.head_dim;
+    p.q = a.q;
+    p.k = a.k;
+    p.v = a.v;
+    p.q_row_stride = a.q_row_stride;
+    p.kv_row_stride = a.kv_row_stride;
+    p.out = a.out;
+    p.lse = a.lse;
+    p.dout = a.dout;
+    p.dq = a.dq;
+    p.dk = a.dk;
+    p.dv = a.dv;
+    return p;
+  }
+
+  const kc::RopeTable& RopeTableFor(int64_t seq, int64_t head_dim, double theta) {
+    auto& slot = rope_tables_[{head_dim, theta}];
+    if (slot == nullptr || slot->max_positions < seq) {
+      slot = std::make_unique<kc::RopeTable>();
+      OK_OR_DIE(kc::BuildRopeTable(std::max<int64_t>(seq, 2048), head_dim, theta, alloc_, slot.get()));
+    }
+    return *slot;
+  }
+
+  void Init() {
+    std::call_once(once_, [this] {
+      const char* attn = std::getenv("GYRE_CUDA_ATTENTION");
+      plain_attention_ = attn != nullptr && std::string(attn) == "plain";
+      CUDA_OR_DIE(cudaSetDevice(0));
+      CUDA_OR_DIE(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      alloc_ = new kc::DeviceAllocator();  // leaked: blocks may be freed during static destruction
+      std::unique_ptr<kc::GemmContext> gemm;
+      OK_OR_DIE(kc::GemmContext::Create(alloc_, &gemm));
+      gemm_ = std::move(gemm);
+    });
+  }
+
+  std::once_flag once_;
+  bool plain_attention_ = false;
+  cudaStream_t stream_ = nullptr;
+  kc::DeviceAllocator* alloc_ = nullptr;
+  std::unique_ptr<kc::GemmContext> gemm_;
+  kc::EmbeddingBackwardPlan embedding_plan_;
+  std::map<std::pair<int64_t, double>, std::unique_ptr<kc::RopeTable>> rope_tables_;
+};
+
+struct Registrar {
+  Registrar() { RegisterCudaBackend(new Backend()); }  // leaked, see the file comment
+};
+Registrar registrar;
+
+}  // namespace
+}  // namespace gyre::ops
