@@ -20,22 +20,22 @@ TESTS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_colle
   //kernels/cuda:norm_gpu_test //kernels/cuda:pointwise_gpu_test
   //kernels/cuda:cross_entropy_gpu_test //kernels/cuda:adamw_gpu_test
   //kernels/cuda:conv1d_gpu_test //kernels/cuda:attention_gpu_test)
-# Tests that link OpenBLAS statically for the CPU float64 references (~30 MB each): they travel
-# xz-compressed (~3 MB) so the bundle stays under the 64 MiB carry limit.
+# Tests that link OpenBLAS statically for the CPU float64 references (~30 MB each).
 XZ_TESTS=(//kernels/cuda:ops_parity_gpu_test //kernels/cuda:ssd_gpu_test
   //kernels/cuda:slstm_gpu_test //kernels/cuda:mlstm_gpu_test //ops:llama_gpu_test)
 # Benchmarks (timings; anchors run beside them from bench/*anchor*.py).
 BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //bench:conv1d_bench
   //bench:slstm_bench //bench:mlstm_bench)
 XZ_BENCHES=(//bench:llama_step_bench)
+# Every binary travels xz-compressed (statically linked, 2-30 MB each; 3-10x smaller) so the
+# bundle stays under the device tool's 64 MiB carry limit; run.sh unpacks them with python3's lzma.
 
 bazel build --config=bundle "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}"
 
 rm -rf .bundle
 mkdir -p .bundle/bin .bundle/lib
 bin_path() { echo "bazel-bin/$(echo "${1#//}" | tr ':' '/')"; }
-for t in "${TESTS[@]}" "${BENCHES[@]}"; do install -m 0755 "$(bin_path "$t")" .bundle/bin/; done
-for t in "${XZ_TESTS[@]}" "${XZ_BENCHES[@]}"; do
+for t in "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}"; do
   path="$(bin_path "$t")"
   xz -T2 -6 -c "$path" > ".bundle/bin/$(basename "$path").xz"
 done
@@ -43,8 +43,9 @@ done
 # Shared libraries provided by the GPU machine (glibc, the driver, CUDA libraries, NCCL).
 provided='^(linux-vdso|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|ld-linux|libgcc_s\.so|libstdc\+\+\.so|libcuda\.so|libnccl\.so|libcublas|libcublasLt)'
 for bin in .bundle/bin/*; do
-  [[ "$bin" == *.xz ]] && continue
-  ldd "$bin" | awk '/=>/ {print $1, $3}' | while read -r name path; do
+  [[ "$bin" == *.xz ]] || continue
+  xz -dc "$bin" > /tmp/gyre_bundle_ldd && chmod +x /tmp/gyre_bundle_ldd
+  ldd /tmp/gyre_bundle_ldd | awk '/=>/ {print $1, $3}' | while read -r name path; do
     if ! [[ "$name" =~ $provided ]] && [ -f "$path" ] && [ ! -f ".bundle/lib/$name" ]; then
       cp -L "$path" ".bundle/lib/$name"
     fi
