@@ -71,10 +71,34 @@ enum class SlstmAlgorithm {
   kAuto,
   kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM
   kFlags,    // cooperative grid, per-head release/acquire flags; h / dG exchanged through L2
-  // EXPERIMENTAL, not yet run on a GPU (kAuto never picks it): kCluster with mbarrier-counted
-  // st.async DSMEM stores instead of a cluster barrier per step.
+  // EXPERIMENTAL (kAuto never picks them; slstm_gpu_test --experimental checks them):
+  // kCluster with mbarrier-counted st.async DSMEM stores instead of a cluster barrier per step.
   kClusterAsync,
+  // kClusterAsync plus latency cuts: inputs loaded two steps ahead, shorter MMA chains, faster
+  // pointwise math; the backward exchanges fp32 partial products (half the DSMEM bytes, one
+  // __syncthreads a step). slstm.cu, SlstmBwdPartialKernel.
+  kClusterAsyncFast,
 };
+
+// Tuning aid (kClusterAsyncFast kernels only; ignored otherwise): with `debug_trace` set to
+// SlstmTraceLongs(shape) zeroed int64s, thread 0 of each CTA of the first cluster (head 0, batch
+// rows 0-7) records clock64() at kSlstmTracePoints points of each of its first kSlstmTraceSteps
+// steps: trace[(cta · kSlstmTraceSteps + step) · kSlstmTracePoints + point]. Points, forward:
+// step start, data received (mbarrier passed), products reduced (after the first barrier),
+// pointwise done (before the DSMEM stores); backward: step start, dG·R partials received and
+// summed, pointwise done (after the barrier), partial products sent.
+constexpr int kSlstmTraceSteps = 256;
+constexpr int kSlstmTracePoints = 4;
+int64_t SlstmTraceLongs(const SlstmShape& shape);
+
+// Tuning aid: the cluster kernels' per-step DSMEM exchange alone (no products, no pointwise).
+// `clusters` clusters of `cluster_size` CTAs (512 threads each) run `steps` steps; per step every
+// CTA sends `bytes_per_dest` bytes (a multiple of 16, 16-byte stores) to each CTA of its cluster
+// and waits for what it receives: `barrier` true as kCluster (DSMEM stores + a cluster barrier),
+// false as kClusterAsync (st.async counted on an mbarrier). Synchronises `stream`; *ms is the
+// kernel's time (CUDA events). E.g. the 1.3B forward sends 512 bytes a destination, clusters of 16.
+CudaResult SlstmExchangeProbe(int cluster_size, int clusters, int bytes_per_dest, int steps,
+                              bool barrier, cudaStream_t stream, float* ms);
 
 // Ok, or InvalidArgument naming the unsupported field.
 CudaResult SlstmCheck(const SlstmShape& shape);
@@ -92,6 +116,7 @@ struct SlstmForwardArgs {
   void* saved = nullptr;              // SlstmSavedBytes; null when no backward follows
   SlstmState final_state;             // null h: not wanted
   SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
+  long long* debug_trace = nullptr;  // tuning aid, see kSlstmTraceSteps; normally null
 };
 
 struct SlstmBackwardArgs {
@@ -106,6 +131,7 @@ struct SlstmBackwardArgs {
   float* dr = nullptr;                // [NH, 4, dh, dh] accumulated; null: not wanted
   SlstmState d_initial;               // null h: not wanted
   SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
+  long long* debug_trace = nullptr;  // tuning aid, see kSlstmTraceSteps; normally null
 };
 
 CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator,
