@@ -1,7 +1,7 @@
 // sLSTM persistent kernels (kernels/cuda/slstm.h) at the xLSTM presets' cell shapes, S 2048:
 //   1.3B  d 2048, 4 heads × 512, B 8   (the anchor's shape in PERFORMANCE.md)
 //   125M  d 768,  4 heads × 192, B 8 and B 16 (PERFORMANCE.md's anchor uses B 16)
-// For each, through both kernels (cluster, flags): forward (saving for backward), backward
+// For each, through each selected algorithm: forward (saving for backward), backward
 // recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps`
 // runs after warm-ups, CUDA events around the op only, dense random inputs (never zeros). Per line:
 // ms, µs per time step, FLOPs of the recurrent products (forward 2·B·4d·dh per step; backward twice
@@ -9,12 +9,14 @@
 // achieved rates. The sequential recurrence is latency-bound: µs per step is the number that
 // matters.
 //
-// --trace (with the fast algorithm): also runs the kClusterAsyncFast kernels once with
-// SlstmForwardArgs::debug_trace and prints where a step's cycles go (slstm.h, kSlstmTraceSteps).
+// Also the DSMEM exchange alone (SlstmExchangeProbe). --trace: also runs the kClusterAsyncFast
+// kernels once with SlstmForwardArgs::debug_trace and prints where a step's cycles go (slstm.h,
+// kSlstmTraceSteps).
 //
-//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|fast|all] [--trace]
-// (default: cluster and flags; async / fast are the experimental SlstmAlgorithm::kClusterAsync /
-// kClusterAsyncFast)
+//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|fast|next|all] [--trace]
+// (default: fast, cluster and flags; fast = SlstmAlgorithm::kClusterAsyncFast, what kAuto runs;
+// async = kClusterAsync; next = the experimental kClusterAsyncFastNext). --trace traces the fast
+// kernels, and the next ones too when they are selected.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -52,15 +54,19 @@ int Run(int argc, char** argv) {
   int reps = 20, warmup = 3;
   bool trace = false;
   FILE* csv = nullptr;
-  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
+  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kClusterAsyncFast,
+                                            SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--alg=flags") == 0) algorithms = {SlstmAlgorithm::kFlags};
     if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
     if (std::strcmp(argv[i], "--alg=async") == 0) algorithms = {SlstmAlgorithm::kClusterAsync};
     if (std::strcmp(argv[i], "--alg=fast") == 0) algorithms = {SlstmAlgorithm::kClusterAsyncFast};
+    if (std::strcmp(argv[i], "--alg=next") == 0) {
+      algorithms = {SlstmAlgorithm::kClusterAsyncFastNext};
+    }
     if (std::strcmp(argv[i], "--alg=all") == 0) {
       algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags, SlstmAlgorithm::kClusterAsync,
-                    SlstmAlgorithm::kClusterAsyncFast};
+                    SlstmAlgorithm::kClusterAsyncFast, SlstmAlgorithm::kClusterAsyncFastNext};
     }
     if (std::strcmp(argv[i], "--trace") == 0) trace = true;
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
@@ -159,7 +165,8 @@ int Run(int argc, char** argv) {
       const std::string tag = alg == SlstmAlgorithm::kCluster            ? " [cluster]"
                               : alg == SlstmAlgorithm::kClusterAsync     ? " [async]"
                               : alg == SlstmAlgorithm::kClusterAsyncFast ? " [fast]"
-                                                                         : " [flags]";
+                              : alg == SlstmAlgorithm::kClusterAsyncFastNext ? " [next]"
+                                                                             : " [flags]";
       SlstmForwardArgs f = fa;
       SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
       f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
@@ -221,17 +228,25 @@ int Run(int argc, char** argv) {
       const int64_t n = SlstmTraceLongs(s);
       DeviceBuffer tb;
       CUDA_OK_OR_DIE(alloc.Allocate(sizeof(long long) * n, &tb));
-      for (int dir = 0; dir < 2; ++dir) {
+      std::vector<SlstmAlgorithm> traced = {SlstmAlgorithm::kClusterAsyncFast};
+      if (std::find(algorithms.begin(), algorithms.end(), SlstmAlgorithm::kClusterAsyncFastNext) !=
+          algorithms.end()) {
+        traced.push_back(SlstmAlgorithm::kClusterAsyncFastNext);
+      }
+      for (int job = 0; job < 2 * static_cast<int>(traced.size()); ++job) {
+        const int dir = job % 2;
+        const SlstmAlgorithm alg = traced[job / 2];
+        const char* tag = alg == SlstmAlgorithm::kClusterAsyncFast ? "[fast]" : "[next]";
         CUDA_CHECK_OR_DIE(cudaMemsetAsync(tb.get(), 0, sizeof(long long) * n, stream));
         CudaResult r;
         if (dir == 0) {
           SlstmForwardArgs f = fa;
-          f.algorithm = SlstmAlgorithm::kClusterAsyncFast;
+          f.algorithm = alg;
           f.debug_trace = tb.as<long long>();
           r = SlstmForward(f, &alloc, stream);
         } else {
           SlstmBackwardArgs bk = ba_nodr;
-          bk.algorithm = SlstmAlgorithm::kClusterAsyncFast;
+          bk.algorithm = alg;
           bk.debug_trace = tb.as<long long>();
           r = SlstmBackward(bk, gemm.get(), &alloc, stream);
         }
@@ -267,8 +282,8 @@ int Run(int argc, char** argv) {
         static const char* kNames[2][4] = {
             {"wait h", "MMA+reduce", "pointwise", "DSMEM stores"},
             {"wait+sum partials", "pointwise+barrier", "MMA+send", "loop"}};
-        std::printf("trace %s %s (%d CTAs, clock %d kHz), cycles/step mean (max CTA):", c.name,
-                    dir == 0 ? "fwd [fast]" : "bwd rec [fast]", ctas, khz);
+        std::printf("trace %s %s %s (%d CTAs, clock %d kHz), cycles/step mean (max CTA):",
+                    c.name, dir == 0 ? "fwd" : "bwd rec", tag, ctas, khz);
         double total = 0;
         for (int ph = 0; ph < 4; ++ph) {
           std::printf("  %s %.0f (%.0f)", kNames[dir][ph], sum[ph] / ctas, worst[ph]);

@@ -4,47 +4,46 @@
 // Why persistent: the recurrence is sequential (h_{t−1} feeds R), and per step the work is
 // small (1.3B layout, B 8: 8 × 2048 rows × 512 = 67 MFLOP over 4 heads). The official xlstm
 // kernel launches a GEMM and a pointwise kernel per step and pays launch + sync for each
-// (21.6 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S steps.
-// Two kernels, both tested; SlstmAlgorithm::kAuto picks the cluster one where it can run:
+// (21.6-24 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S
+// steps. Three cluster flavours and one flag kernel, all tested; SlstmAlgorithm::kAuto runs
+// kClusterAsyncFast where a cluster kernel can run, else the flag kernel:
 //
-// Cluster kernels (default; details above SlstmFwdClusterKernel):
+// Cluster kernels (details above SlstmFwdClusterKernel):
 //   * One thread-block cluster per (head, 8 batch rows): C = dh/U CTAs of U = 32 units (16 where
 //     dh is not a multiple of 32); 1.3B: clusters of 16, 125M: clusters of 6. A CTA owns its
-//     units' four gate rows of R (forward) or their 4dh × U slice of Rᵀ (backward) as mma.sync A
-//     fragments in registers for all S steps (64 registers a thread at dh 512: the 8 MB of the
-//     1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m) in
-//     registers, one thread per (row, unit).
-//   * Per step: bf16 m16n8k16 MMAs read h_{t−1} (forward) or dG_{t+1} (backward) from the CTA's
-//     own shared memory, the warps' K-partials are summed through shared memory, the fused
-//     pointwise update runs, and the CTA's slice of h_t / dG_t goes to all C CTAs' next buffer
-//     with 16-byte DSMEM stores; one cluster barrier ends the step. Heads never wait on each
-//     other; clusters need no co-residency beyond themselves.
+//     units' four gate rows of R (forward) or a 4dh × U / 4U × dh slice of Rᵀ (backward) as
+//     mma.sync A fragments in registers for all S steps (64 registers a thread at dh 512: the
+//     8 MB of the 1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m)
+//     in registers, one thread per (row, unit).
+//   * Forward step: bf16 m16n8k16 MMAs read h_{t−1} from the CTA's own shared memory, the warps'
+//     K-partials are summed through shared memory, the fused pointwise update runs, and the CTA's
+//     slice of h_t goes to all C CTAs' next buffer with 16-byte DSMEM stores.
+//   * kCluster ends each step with one cluster barrier; kClusterAsync instead counts the stores'
+//     bytes on an mbarrier in the receiver (st.async ... complete_tx) and waits on its phase.
+//   * kClusterAsyncFast (kAuto): kClusterAsync's exchange; the forward loads gx two steps ahead,
+//     runs four MMA accumulator chains and the Fast* pointwise math; the backward is
+//     SlstmBwdPartialKernel: each CTA multiplies its own units' dG_t by its 4U × dh slice of R and
+//     sends fp32 partial dh_{t−1} stripes to their owners, which sum C of them (half the DSMEM
+//     bytes of exchanging dG, no K-partial reduction, one __syncthreads a step).
+//   Heads never wait on each other; clusters need no co-residency beyond themselves.
 // Flag kernels (fallback for head_dim the clusters cannot split, and a cross-check):
 //   * One CTA per (head, 16 units, up to 16 batch rows), all co-resident (cooperative launch);
 //     h_{t−1} / dG_{t+1} are read from the output arrays in L2 (ld.global.cg), and each CTA
 //     publishes its step with a release flag that the head's other CTAs poll (ld.acquire.gpu).
-// Both: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
+// All: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
 // not accumulated in the time loop: dR = Σ_{b,t} dG_tᵀ h_{t−1} is one cuBLASLt product per
 // (head, gate) over all B·S rows afterwards (137 GFLOP at 1.3B, measured 0.4 ms incl. the shifted
 // copy of h), off the sequential path.
 //
-// Latency floor per step (the FLOPs do not bound S-step time: 67 MFLOP a step is 0.1 µs of the
-// chip's tensor cores). Per step a CTA must: read h_{t−1} (~30 cycles from shared memory), run a
-// chain of dependent MMAs (forward 8 deep at dh 512, ~0.15 µs), reduce K-partials (one barrier,
-// ~0.05 µs), run the pointwise math (a dependent chain of exp/log1p/tanh/division, ~0.2 µs), and
-// hand h_t to the other CTAs (one DSMEM store + one cluster barrier, a few hundred ns). That is
-// ~0.5-0.8 µs a step each way. Measured on an H200 (bench/RESULTS.md, sLSTM heading): forward
-// 3.0 µs/step (1.3B) and 2.7 (125M), backward 5.4 and 3.0; the flag kernels 4.4 / 7.2 at 1.3B.
-// The forward at 125M (clusters of 6, 6 K-tiles a warp) is only 10% faster than at 1.3B
-// (clusters of 16, 16 K-tiles), so ~2.5 µs a step is fixed cost, not MMA work. Most likely
-// cause, not yet measured: barrier.cluster.arrive.release must also make the step's global
-// stores (h, saved) visible before the arrive completes, and every CTA waits on the slowest.
-// A release fence waits for ALL of the thread's outstanding memory operations, so the prefetch
-// of the next step's gx / saved values (HBM loads, ~1 µs) may also be exposed there. Next step,
-// written but NOT yet run on a GPU: SlstmAlgorithm::kClusterAsync signals the DSMEM stores
-// through mbarriers (st.async ... mbarrier::complete_tx, one mbarrier per buffer, parity waits;
-// see the comment above MbarInit) instead of a cluster barrier, so no fence sits in the step
-// loop. Evaluate with `slstm_gpu_test --experimental` and `slstm_bench --alg=all`.
+// Where a step's time goes (H200, 2026-11-26; bench/RESULTS.md and slstm_notes.md): 1.3B
+// kCluster 3.0 µs/step forward, 5.4 backward; kClusterAsync 2.7 / 4.0; kClusterAsyncFast 2.6 /
+// 2.9. The DSMEM exchange alone (SlstmExchangeProbe, clusters of 16) costs 0.56 µs a step with
+// st.async + mbarrier at the forward's 512 B a destination (0.86 with the cluster barrier), 0.80
+// at the partial backward's 1 KB, 1.42 at kCluster's backward 2 KB. The phase trace of the fast
+// kernels (SlstmForwardArgs::debug_trace) puts ~0.9 µs (forward) and ~1.3 µs (backward) of
+// each step in the pointwise phase, whose math is ~0.1 µs: most likely the next step's HBM
+// prefetch is consumed (bf16 → fp32 conversion, register moves) right after it is issued, so
+// each step waits one HBM latency. slstm_notes.md has the next steps.
 //
 // Saved for backward (fp32, batch-major): per (b, t) the 4 pre-activations and c_t, n_t, m_t
 // (28·d bytes per token: 0.94 GB at B 8, S 2048, d 2048).
@@ -110,6 +109,13 @@ __device__ __forceinline__ uint32_t LoadCgU32(const __nv_bfloat16* p) {
 }
 __device__ __forceinline__ uint32_t LoadU32(const __nv_bfloat16* p) {
   return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+// A bf16 as raw bits (converted only where used: Bf16BitsToFloat).
+__device__ __forceinline__ unsigned short LoadBits16(const __nv_bfloat16* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
+}
+__device__ __forceinline__ float Bf16BitsToFloat(unsigned short bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
 }
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -565,16 +571,25 @@ __device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned r
                : "memory");
 }
 
-// Transaction barriers for the kAsync variant (SlstmAlgorithm::kClusterAsync, EXPERIMENTAL: not
-// yet run on a GPU). Instead of one cluster barrier per step, every 16-byte DSMEM store is an
-// st.async that counts its bytes onto an mbarrier in the receiving CTA (one per buffer); the
-// receiver waits on the buffer's mbarrier phase (parity) and re-arms it (arrive.expect_tx with
-// the bytes the next use will bring) for the step after next. No release fence, so the step's
-// global loads and stores stay off the critical path. Ordering arguments: (1) bytes for phase
-// k+1 of a buffer's mbarrier come from steps that need this CTA's output of the step that
-// waited on phase k, so phases never overlap (a complete_tx may precede the re-arm: tx-count may
-// go negative within a phase); (2) a buffer is overwritten only by a CTA that has received this
-// CTA's output computed after it read that buffer (WAR, as with the cluster barrier).
+// Transaction barriers for kClusterAsync / kClusterAsyncFast (and SlstmExchangeProbe). Instead
+// of one cluster barrier per step, every 16-byte DSMEM store is an st.async that counts its bytes
+// onto an mbarrier in the receiving CTA (one per receive buffer, buffers alternating by step
+// parity); the receiver waits on that mbarrier's phase (parity (use − 1)/2 mod 2 for its use-th
+// wait) and thread 0 re-arms it (arrive.expect_tx with the bytes its next use brings, the arrival
+// count being 1). No release fence, so the step's global loads and stores stay off the critical
+// path. Ordering (reviewed 2026-11-26, device-tested the same day):
+//   (1) Phase k+1 of buffer q's mbarrier is fed by the senders' step s+2 (k fed by step s). Each
+//       sender needs this CTA's output of step s+1, which this CTA sends only after a
+//       __syncthreads that follows thread 0's re-arm (made right after its wait on phase k), so
+//       the re-arm precedes every complete_tx of phase k+1, and phase k+1 cannot complete before
+//       all of this CTA's threads have left their wait on phase k (no parity aliasing).
+//   (2) WAR: buffer q is overwritten at step s+2 only by a CTA that has received this CTA's step
+//       s+1 output, computed (data-dependently, after a __syncthreads) from this CTA's reads of q
+//       at step s+1; so nothing a slow CTA still reads is overwritten. Local staging buffers
+//       (hst, gst, gloc) are reused only across a __syncthreads of this CTA.
+//   (3) Visibility: the received bytes are visible to every thread that observes the phase
+//       completion (try_wait.parity.acquire.cluster); every reader waits itself.
+//   (4) A final cluster barrier keeps every CTA resident until no store to it can be in flight.
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -637,7 +652,11 @@ constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 ba
 // half of K (K-part w / (U/4)), KT K-tiles each.
 // kFast (only with kAsync): the next step's gx two steps ahead (so the HBM load never stalls
 // the pointwise chain), four MMA accumulator chains instead of two, and the Fast* pointwise math.
-template <int U, int KT, bool kAsync, bool kFast>
+// kLate (only with kFast; SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): the prefetched
+// gx stays raw bf16 bits until the step that uses it, so no instruction touches a load's result
+// in the step that issued it (kFast converts right after issuing: likely one exposed HBM latency
+// a step, see the header comment).
+template <int U, int KT, bool kAsync, bool kFast, bool kLate>
 __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
   __shared__ __align__(16) __nv_bfloat16 hbuf[2][8][kHbufStride];
@@ -692,13 +711,23 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   }
   float gxv[4] = {0.f, 0.f, 0.f, 0.f};
   float gxn[4] = {0.f, 0.f, 0.f, 0.f};  // kFast: step t + 1's, while step t runs
+  unsigned short gxv_bits[4] = {0, 0, 0, 0}, gxn_bits[4] = {0, 0, 0, 0};  // kLate: raw bf16
   if (active) {
     const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
+    if constexpr (kLate) {
 #pragma unroll
-    for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
-    if (kFast && S > 1) {
+      for (int g = 0; g < 4; ++g) gxv_bits[g] = LoadBits16(gp + g * d);
+      if (S > 1) {
 #pragma unroll
-      for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[4 * d + g * d]);
+        for (int g = 0; g < 4; ++g) gxn_bits[g] = LoadBits16(gp + 4 * d + g * d);
+      }
+    } else {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+      if (kFast && S > 1) {
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[4 * d + g * d]);
+      }
     }
   }
   for (int i = threadIdx.x; i < 8 * U; i += kNth) (&hst[0][0])[i] = __float2bfloat16_rn(0.f);
@@ -760,7 +789,10 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     if (active) {
       float pre[4];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) pre[g] = gxv[g] + red[0][g * U + u][bl] + red[1][g * U + u][bl];
+      for (int g = 0; g < 4; ++g) {
+        const float gx_g = kLate ? Bf16BitsToFloat(gxv_bits[g]) : gxv[g];
+        pre[g] = gx_g + red[0][g * U + u][bl] + red[1][g * U + u][bl];
+      }
       if constexpr (kFast) {
         const float lf = FastLogSigmoid(pre[1]) + m;
         const bool from_input = n == 0.f || pre[0] >= lf;
@@ -794,7 +826,15 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
         sv[5 * d] = n;
         sv[6 * d] = m;
       }
-      if constexpr (kFast) {
+      if constexpr (kLate) {
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxv_bits[g] = gxn_bits[g];
+        if (t + 2 < S) {
+          const __nv_bfloat16* gp = p.gx + (row + 2) * 4 * d + col;
+#pragma unroll
+          for (int g = 0; g < 4; ++g) gxn_bits[g] = LoadBits16(gp + g * d);
+        }
+      } else if constexpr (kFast) {
 #pragma unroll
         for (int g = 0; g < 4; ++g) gxv[g] = gxn[g];
         if (t + 2 < S) {
@@ -1052,7 +1092,10 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
 // local K-tiles (K = (gate, local unit)). Pointwise thread: unit tid / 8, batch row tid % 8 (so a
 // warp's reads of the receive buffer are 32 consecutive floats). Receive buffer (dynamic shared
 // memory): recv[2][C][U][8] fp32, double-buffered by iteration parity like the dG buffers.
-template <int U, int MTW>
+// kLate (SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): the step inputs are loaded
+// unconditionally (the source pointer is selected, a flag marks a zero initial state) and dh
+// stays raw bf16 bits, so nothing touches a load's result in the step that issued it.
+template <int U, int MTW, bool kLate>
 __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kKl = U / 4, kGs = 4 * U + 8;
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -1108,6 +1151,8 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
   // nxt step t − 1's, so the HBM latency never sits on the per-step chain.
   struct StepIn {
     float pre[4], dh_in, cp, np, mp;
+    unsigned short dh_bits;  // kLate
+    bool zero_prev;          // kLate: cp, np, mp are 0 (t = 0 without an initial state)
   };
   StepIn cur{}, nxt{};
   auto load_step = [&](int t, StepIn& in) {
@@ -1115,6 +1160,19 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
     const float* sv = p.saved + row * sd + col;
 #pragma unroll
     for (int g = 0; g < 4; ++g) in.pre[g] = sv[g * d];
+    if constexpr (kLate) {
+      in.dh_bits = LoadBits16(p.dh + row * d + col);
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      const bool from_saved = t > 0, from_init = t == 0 && p.c0 != nullptr;
+      const float* pc = from_saved ? sv - sd + 4 * d : from_init ? p.c0 + i : sv;
+      const float* pn = from_saved ? sv - sd + 5 * d : from_init ? p.n0 + i : sv;
+      const float* pm = from_saved ? sv - sd + 6 * d : from_init ? p.m0 + i : sv;
+      in.cp = *pc;
+      in.np = *pn;
+      in.mp = *pm;
+      in.zero_prev = !from_saved && !from_init;
+      return;
+    }
     in.dh_in = __bfloat162float(p.dh[row * d + col]);
     if (t > 0) {
       in.cp = sv[-sd + 4 * d];
@@ -1180,7 +1238,10 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
     const int par = s & 1;
     if (active) {
       const float i_raw = cur.pre[0], f_raw = cur.pre[1], z_raw = cur.pre[2], o_raw = cur.pre[3];
-      const float cp = cur.cp, np = cur.np, mp = cur.mp;
+      const bool zero_prev = kLate && cur.zero_prev;
+      const float cp = zero_prev ? 0.f : cur.cp, np = zero_prev ? 0.f : cur.np,
+                  mp = zero_prev ? 0.f : cur.mp;
+      const float dh_in = kLate ? Bf16BitsToFloat(cur.dh_bits) : cur.dh_in;
       const float lf = FastLogSigmoid(f_raw) + mp;
       const bool from_input = np == 0.f || i_raw >= lf;
       const float m_new = from_input ? i_raw : lf;
@@ -1188,7 +1249,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
       const float fp = from_input ? fminf(__expf(lf - m_new), 1.f) : 1.f;
       const float tz = tanhf(z_raw);  // precise: d_z uses 1 − tz², which cancels near |tz| = 1
       const float so = FastSigmoid(o_raw);
-      const float g_h = gh + cur.dh_in;
+      const float g_h = gh + dh_in;
       const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
       const float g_c = gc + g_h * so / n_t;
       const float g_n = gn - g_h * so * c_t / (n_t * n_t);
@@ -1435,19 +1496,19 @@ int ClusterUnits(int64_t head_dim) {
 
 // Forward: K = dh in dh/16 tiles over 2 K-parts; backward: K = 4·dh in dh/4 tiles over 8 K-parts;
 // both need ⌈dh/32⌉ K-tiles per warp, rounded up to a template instance.
-template <int U, bool A, bool F>
+template <int U, bool A, bool F, bool L>
 const void* FwdClusterKernelForUnits(int kt) {
   switch (kt) {
     case 1:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A, F>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A, F, L>);
     case 2:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A, F>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A, F, L>);
     case 4:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A, F>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A, F, L>);
     case 8:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A, F>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A, F, L>);
     default:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A, F>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A, F, L>);
   }
 }
 template <int U, bool A>
@@ -1465,35 +1526,41 @@ const void* BwdClusterKernelForUnits(int kt) {
       return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
   }
 }
-// The cluster kernels' three flavours (SlstmAlgorithm): kCluster, kClusterAsync,
-// kClusterAsyncFast.
-enum class ClusterMode { kBarrier, kAsync, kAsyncFast };
+// The cluster kernels' flavours (SlstmAlgorithm): kCluster, kClusterAsync, kClusterAsyncFast,
+// kClusterAsyncFastNext.
+enum class ClusterMode { kBarrier, kAsync, kAsyncFast, kAsyncFastLate };
 
 const void* FwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
   switch (mode) {
+    case ClusterMode::kAsyncFastLate:
+      return units == 32 ? FwdClusterKernelForUnits<32, true, true, true>(kt)
+                         : FwdClusterKernelForUnits<16, true, true, true>(kt);
     case ClusterMode::kAsyncFast:
-      return units == 32 ? FwdClusterKernelForUnits<32, true, true>(kt)
-                         : FwdClusterKernelForUnits<16, true, true>(kt);
+      return units == 32 ? FwdClusterKernelForUnits<32, true, true, false>(kt)
+                         : FwdClusterKernelForUnits<16, true, true, false>(kt);
     case ClusterMode::kAsync:
-      return units == 32 ? FwdClusterKernelForUnits<32, true, false>(kt)
-                         : FwdClusterKernelForUnits<16, true, false>(kt);
+      return units == 32 ? FwdClusterKernelForUnits<32, true, false, false>(kt)
+                         : FwdClusterKernelForUnits<16, true, false, false>(kt);
     default:
-      return units == 32 ? FwdClusterKernelForUnits<32, false, false>(kt)
-                         : FwdClusterKernelForUnits<16, false, false>(kt);
+      return units == 32 ? FwdClusterKernelForUnits<32, false, false, false>(kt)
+                         : FwdClusterKernelForUnits<16, false, false, false>(kt);
   }
 }
 // kAsyncFast runs SlstmBwdPartialKernel: m-tiles per warp ⌈(head_dim/16) / (units/2)⌉ <= 2.
-const void* BwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
-  if (mode == ClusterMode::kAsyncFast) {
-    const bool two = head_dim / 16 > units / 2;
-    if (units == 32) {
-      return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 2>)
-                 : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 1>);
-    }
-    return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 2>)
-               : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 1>);
+template <bool L>
+const void* BwdPartialKernelFor(int units, int64_t head_dim) {
+  const bool two = head_dim / 16 > units / 2;
+  if (units == 32) {
+    return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 2, L>)
+               : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 1, L>);
   }
+  return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 2, L>)
+             : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 1, L>);
+}
+const void* BwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
+  if (mode == ClusterMode::kAsyncFast) return BwdPartialKernelFor<false>(units, head_dim);
+  if (mode == ClusterMode::kAsyncFastLate) return BwdPartialKernelFor<true>(units, head_dim);
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
   if (mode == ClusterMode::kAsync) {
     return units == 32 ? BwdClusterKernelForUnits<32, true>(kt)
@@ -1504,17 +1571,23 @@ const void* BwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
 }
 // Shared memory beyond the static part: the dG buffers, or the partial-sum receive buffers.
 size_t BwdClusterDynSmem(int64_t head_dim, ClusterMode mode) {
-  if (mode == ClusterMode::kAsyncFast) return sizeof(float) * 2 * 8 * head_dim;
+  if (mode == ClusterMode::kAsyncFast || mode == ClusterMode::kAsyncFastLate) {
+    return sizeof(float) * 2 * 8 * head_dim;
+  }
   return sizeof(__nv_bfloat16) * 2 * 8 * (4 * head_dim + 8);
 }
+// kAuto: kClusterAsyncFast, the fastest of the three on every bench shape in the device call of
+// 2026-11-26 (bench/RESULTS.md), where all of them passed slstm_gpu_test.
 ClusterMode ModeOf(SlstmAlgorithm algorithm) {
   switch (algorithm) {
+    case SlstmAlgorithm::kCluster:
+      return ClusterMode::kBarrier;
     case SlstmAlgorithm::kClusterAsync:
       return ClusterMode::kAsync;
-    case SlstmAlgorithm::kClusterAsyncFast:
-      return ClusterMode::kAsyncFast;
+    case SlstmAlgorithm::kClusterAsyncFastNext:
+      return ClusterMode::kAsyncFastLate;
     default:
-      return ClusterMode::kBarrier;
+      return ClusterMode::kAsyncFast;
   }
 }
 
