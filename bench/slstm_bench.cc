@@ -103,9 +103,10 @@ int Run(int argc, char** argv) {
         std::printf("exchange probe cluster %d, %d B: failed\n", cluster, bytes);
         continue;
       }
-      std::printf("exchange probe: 4 clusters of %2d, %4d B a destination (%5d B in per CTA): "
-                  "barrier %.3f us/step, async %.3f us/step\n",
-                  cluster, bytes, cluster * bytes, ms_barrier * 1e3 / 2048, ms_async * 1e3 / 2048);
+      std::printf(
+          "exchange probe: 4 clusters of %2d, %4d B a destination (%5d B in per CTA): "
+          "barrier %.3f us/step, async %.3f us/step\n",
+          cluster, bytes, cluster * bytes, ms_barrier * 1e3 / 2048, ms_async * 1e3 / 2048);
     }
   }
 
@@ -162,9 +163,9 @@ int Run(int argc, char** argv) {
     };
     std::vector<Op> ops;
     for (SlstmAlgorithm alg : algorithms) {
-      const std::string tag = alg == SlstmAlgorithm::kCluster            ? " [cluster]"
-                              : alg == SlstmAlgorithm::kClusterAsync     ? " [async]"
-                              : alg == SlstmAlgorithm::kClusterAsyncFast ? " [fast]"
+      const std::string tag = alg == SlstmAlgorithm::kCluster                ? " [cluster]"
+                              : alg == SlstmAlgorithm::kClusterAsync         ? " [async]"
+                              : alg == SlstmAlgorithm::kClusterAsyncFast     ? " [fast]"
                               : alg == SlstmAlgorithm::kClusterAsyncFastNext ? " [next]"
                                                                              : " [flags]";
       SlstmForwardArgs f = fa;
@@ -282,8 +283,8 @@ int Run(int argc, char** argv) {
         static const char* kNames[2][4] = {
             {"wait h", "MMA+reduce", "pointwise", "DSMEM stores"},
             {"wait+sum partials", "pointwise+barrier", "MMA+send", "loop"}};
-        std::printf("trace %s %s %s (%d CTAs, clock %d kHz), cycles/step mean (max CTA):",
-                    c.name, dir == 0 ? "fwd" : "bwd rec", tag, ctas, khz);
+        std::printf("trace %s %s %s (%d CTAs, clock %d kHz), cycles/step mean (max CTA):", c.name,
+                    dir == 0 ? "fwd" : "bwd rec", tag, ctas, khz);
         double total = 0;
         for (int ph = 0; ph < 4; ++ph) {
           std::printf("  %s %.0f (%.0f)", kNames[dir][ph], sum[ph] / ctas, worst[ph]);

@@ -1312,19 +1312,18 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
         const int mt = warp + kW * i;
         float v[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = kChains == 2 ? acc[i][0][j] + acc[i][kChains - 1][j]
-                                                        : acc[i][0][j];
+        for (int j = 0; j < 4; ++j)
+          v[j] = kChains == 2 ? acc[i][0][j] + acc[i][kChains - 1][j] : acc[i][0][j];
         const float x = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[2], 1);
         const float y = __shfl_xor_sync(0xffffffffu, odd ? v[1] : v[3], 1);
         if (mt < n_mt) {
           const int l = 16 * mt + group + (odd ? 8 : 0);  // head unit
           const int row0 = odd ? 2 * quad - 2 : 2 * quad;
           const unsigned dest = static_cast<unsigned>(l / U);
-          const uint4 chunk =
-              odd ? make_uint4(__float_as_uint(x), __float_as_uint(y), __float_as_uint(v[2]),
-                               __float_as_uint(v[3]))
-                  : make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(x),
-                               __float_as_uint(y));
+          const uint4 chunk = odd ? make_uint4(__float_as_uint(x), __float_as_uint(y),
+                                               __float_as_uint(v[2]), __float_as_uint(v[3]))
+                                  : make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]),
+                                               __float_as_uint(x), __float_as_uint(y));
           float* dst = recv + ((static_cast<int64_t>(par) * C + rank) * U + l % U) * 8 + row0;
           StoreAsync16(dst, &mbar[par], dest, chunk);
         }
@@ -1736,9 +1735,9 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
       bool launched = false;
-      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim,
-                                                              ModeOf(args.algorithm)),
-                                          p, units, 0, s, stream, &launched));
+      CUDA_RETURN_IF_NOT_OK(
+          LaunchCluster(FwdClusterKernelFor(units, s.head_dim, ModeOf(args.algorithm)), p, units, 0,
+                        s, stream, &launched));
       if (launched) return {};
     }
     if (args.algorithm != SlstmAlgorithm::kAuto) {

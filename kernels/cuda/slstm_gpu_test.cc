@@ -165,12 +165,11 @@ void RunCase(Harness& H, const Case& c, SlstmAlgorithm algorithm, uint64_t seed)
   if (c.initial) ba.d_initial = {dh0_dev.get(), dc0_dev.get(), dn0_dev.get(), dm0_dev.get()};
   ba.algorithm = algorithm;
   const std::string n =
-      c.name + (algorithm == SlstmAlgorithm::kCluster            ? " [cluster] "
-                : algorithm == SlstmAlgorithm::kClusterAsync     ? " [cluster-async] "
-                : algorithm == SlstmAlgorithm::kClusterAsyncFast ? " [cluster-async-fast] "
-                : algorithm == SlstmAlgorithm::kClusterAsyncFastNext
-                    ? " [cluster-async-fast-next] "
-                    : " [flags] ");
+      c.name + (algorithm == SlstmAlgorithm::kCluster                ? " [cluster] "
+                : algorithm == SlstmAlgorithm::kClusterAsync         ? " [cluster-async] "
+                : algorithm == SlstmAlgorithm::kClusterAsyncFast     ? " [cluster-async-fast] "
+                : algorithm == SlstmAlgorithm::kClusterAsyncFastNext ? " [cluster-async-fast-next] "
+                                                                     : " [flags] ");
 
   std::vector<float> h_first, dgx_first;
   const int runs = c.repeat ? 2 : 1;
