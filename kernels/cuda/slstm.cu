@@ -652,10 +652,13 @@ constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 ba
 // half of K (K-part w / (U/4)), KT K-tiles each.
 // kFast (only with kAsync): the next step's gx two steps ahead (so the HBM load never stalls
 // the pointwise chain), four MMA accumulator chains instead of two, and the Fast* pointwise math.
-// kLate (only with kFast; SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): the prefetched
-// gx stays raw bf16 bits until the step that uses it, so no instruction touches a load's result
-// in the step that issued it (kFast converts right after issuing: likely one exposed HBM latency
-// a step, see the header comment).
+// kLate (only with kFast; SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): step t + 1's gx
+// is loaded at the top of step t (before the wait) as raw bf16 bits by every thread (inactive
+// ones from a valid clamped row), unconditionally, and converted only in step t + 1's pointwise:
+// no instruction reads a load's result within ~a step of issuing it (kFast converts right after
+// issuing: one exposed HBM latency a step, see the header comment). Unconditional, so the load
+// writes the loop-carried registers directly (a conditional one compiles to a load plus a move
+// at the merge, and that move would wait for the load).
 template <int U, int KT, bool kAsync, bool kFast, bool kLate>
 __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
@@ -711,23 +714,20 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   }
   float gxv[4] = {0.f, 0.f, 0.f, 0.f};
   float gxn[4] = {0.f, 0.f, 0.f, 0.f};  // kFast: step t + 1's, while step t runs
-  unsigned short gxv_bits[4] = {0, 0, 0, 0}, gxn_bits[4] = {0, 0, 0, 0};  // kLate: raw bf16
-  if (active) {
+  // kLate: the next step's gx as raw bf16 bits; every thread loads (rows clamped to the batch).
+  unsigned short gx_next[4] = {0, 0, 0, 0};
+  const __nv_bfloat16* const gx_base =
+      p.gx + static_cast<int64_t>(min(b, p.batch - 1)) * S * 4 * d + col;
+  if constexpr (kLate) {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) gx_next[g] = LoadBits16(gx_base + g * d);
+  } else if (active) {
     const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
-    if constexpr (kLate) {
 #pragma unroll
-      for (int g = 0; g < 4; ++g) gxv_bits[g] = LoadBits16(gp + g * d);
-      if (S > 1) {
+    for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+    if (kFast && S > 1) {
 #pragma unroll
-        for (int g = 0; g < 4; ++g) gxn_bits[g] = LoadBits16(gp + 4 * d + g * d);
-      }
-    } else {
-#pragma unroll
-      for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
-      if (kFast && S > 1) {
-#pragma unroll
-        for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[4 * d + g * d]);
-      }
+      for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[4 * d + g * d]);
     }
   }
   for (int i = threadIdx.x; i < 8 * U; i += kNth) (&hst[0][0])[i] = __float2bfloat16_rn(0.f);
@@ -753,6 +753,14 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
     if constexpr (kFast) TracePoint(trace, t, 0);
+    unsigned short gx_cur[4];  // kLate: this step's gx (loaded at the top of the previous step)
+    if constexpr (kLate) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gx_cur[g] = gx_next[g];
+      const __nv_bfloat16* gp = gx_base + static_cast<int64_t>(min(t + 1, S - 1)) * 4 * d;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gx_next[g] = LoadBits16(gp + g * d);
+    }
     if (kAsync && t > 0) {
       MbarWait(&mbar[par], static_cast<unsigned>((t - 1) >> 1) & 1u);
       if (threadIdx.x == 0 && t + 2 <= S - 1) MbarArm(&mbar[par], step_bytes);
@@ -790,7 +798,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
       float pre[4];
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
-        const float gx_g = kLate ? Bf16BitsToFloat(gxv_bits[g]) : gxv[g];
+        const float gx_g = kLate ? Bf16BitsToFloat(gx_cur[g]) : gxv[g];
         pre[g] = gx_g + red[0][g * U + u][bl] + red[1][g * U + u][bl];
       }
       if constexpr (kFast) {
@@ -827,13 +835,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
         sv[6 * d] = m;
       }
       if constexpr (kLate) {
-#pragma unroll
-        for (int g = 0; g < 4; ++g) gxv_bits[g] = gxn_bits[g];
-        if (t + 2 < S) {
-          const __nv_bfloat16* gp = p.gx + (row + 2) * 4 * d + col;
-#pragma unroll
-          for (int g = 0; g < 4; ++g) gxn_bits[g] = LoadBits16(gp + g * d);
-        }
+        // loaded at the top of the step
       } else if constexpr (kFast) {
 #pragma unroll
         for (int g = 0; g < 4; ++g) gxv[g] = gxn[g];

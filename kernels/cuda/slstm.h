@@ -83,7 +83,7 @@ enum class SlstmAlgorithm {
   // EXPERIMENTAL, written after the last device call and NOT yet run on a GPU (kAuto never
   // picks it; slstm_gpu_test --experimental and slstm_bench --alg=all include it):
   // kClusterAsyncFast with the prefetched step inputs left untouched (raw bf16 bits,
-  // unconditional loads) until the step that uses them.
+  // unconditional loads straight into the loop-carried registers) until the step that uses them.
   kClusterAsyncFastNext,
 };
 
