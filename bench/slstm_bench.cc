@@ -1,7 +1,7 @@
 // sLSTM persistent kernels (kernels/cuda/slstm.h) at the xLSTM presets' cell shapes, S 2048:
 //   1.3B  d 2048, 4 heads × 512, B 8   (the anchor's shape in PERFORMANCE.md)
 //   125M  d 768,  4 heads × 192, B 8 and B 16 (PERFORMANCE.md's anchor uses B 16)
-// For each, through both kernels (cluster, flags): forward (saving for backward), backward
+// For each, through each selected algorithm: forward (saving for backward), backward
 // recurrent kernel alone, backward with the dR product, and forward + backward. Median of `reps`
 // runs after warm-ups, CUDA events around the op only, dense random inputs (never zeros). Per line:
 // ms, µs per time step, FLOPs of the recurrent products (forward 2·B·4d·dh per step; backward twice
@@ -9,8 +9,14 @@
 // achieved rates. The sequential recurrence is latency-bound: µs per step is the number that
 // matters.
 //
-//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|all]
-// (default: cluster and flags; async is the unverified SlstmAlgorithm::kClusterAsync)
+// Also the DSMEM exchange alone (SlstmExchangeProbe). --trace: also runs the kClusterAsyncFast
+// kernels once with SlstmForwardArgs::debug_trace and prints where a step's cycles go (slstm.h,
+// kSlstmTraceSteps).
+//
+//   slstm_bench [--reps=N] [--csv=path] [--alg=cluster|flags|async|fast|next|all] [--trace]
+// (default: fast, cluster and flags; fast = SlstmAlgorithm::kClusterAsyncFast, what kAuto runs;
+// async = kClusterAsync; next = the experimental kClusterAsyncFastNext). --trace traces the fast
+// kernels, and the next ones too when they are selected.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -46,16 +52,23 @@ struct Config {
 
 int Run(int argc, char** argv) {
   int reps = 20, warmup = 3;
+  bool trace = false;
   FILE* csv = nullptr;
-  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
+  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kClusterAsyncFast,
+                                            SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--alg=flags") == 0) algorithms = {SlstmAlgorithm::kFlags};
     if (std::strcmp(argv[i], "--alg=cluster") == 0) algorithms = {SlstmAlgorithm::kCluster};
     if (std::strcmp(argv[i], "--alg=async") == 0) algorithms = {SlstmAlgorithm::kClusterAsync};
-    if (std::strcmp(argv[i], "--alg=all") == 0) {
-      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags,
-                    SlstmAlgorithm::kClusterAsync};
+    if (std::strcmp(argv[i], "--alg=fast") == 0) algorithms = {SlstmAlgorithm::kClusterAsyncFast};
+    if (std::strcmp(argv[i], "--alg=next") == 0) {
+      algorithms = {SlstmAlgorithm::kClusterAsyncFastNext};
     }
+    if (std::strcmp(argv[i], "--alg=all") == 0) {
+      algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags, SlstmAlgorithm::kClusterAsync,
+                    SlstmAlgorithm::kClusterAsyncFast, SlstmAlgorithm::kClusterAsyncFastNext};
+    }
+    if (std::strcmp(argv[i], "--trace") == 0) trace = true;
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--csv=", 6) == 0) csv = std::fopen(argv[i] + 6, "w");
   }
@@ -73,6 +86,29 @@ int Run(int argc, char** argv) {
   cudaEvent_t start, stop;
   CUDA_CHECK_OR_DIE(cudaEventCreate(&start));
   CUDA_CHECK_OR_DIE(cudaEventCreate(&stop));
+
+  // The DSMEM exchange alone (SlstmExchangeProbe), at the kernels' per-destination sizes:
+  // 512 B = the forward's h slice (8 rows × 32 units bf16), 1 KB = kClusterAsyncFast's backward
+  // partials (32 units × 8 rows fp32), 2 KB = kCluster's backward dG slice (8 × 4 × 32 bf16);
+  // 16 B = one chunk (latency).
+  for (const int cluster : {16, 6}) {
+    for (const int bytes : {16, 512, 1024, 2048}) {
+      float ms_barrier = 0, ms_async = 0;
+      bool ok = true;
+      for (int rep = 0; rep < 2 && ok; ++rep) {  // the first is a warm-up
+        ok = SlstmExchangeProbe(cluster, 4, bytes, 2048, true, stream, &ms_barrier).ok() &&
+             SlstmExchangeProbe(cluster, 4, bytes, 2048, false, stream, &ms_async).ok();
+      }
+      if (!ok) {
+        std::printf("exchange probe cluster %d, %d B: failed\n", cluster, bytes);
+        continue;
+      }
+      std::printf(
+          "exchange probe: 4 clusters of %2d, %4d B a destination (%5d B in per CTA): "
+          "barrier %.3f us/step, async %.3f us/step\n",
+          cluster, bytes, cluster * bytes, ms_barrier * 1e3 / 2048, ms_async * 1e3 / 2048);
+    }
+  }
 
   const Config configs[] = {
       {"1.3B d2048 NH4 B8", 8, 2048, 4, 512},
@@ -127,9 +163,11 @@ int Run(int argc, char** argv) {
     };
     std::vector<Op> ops;
     for (SlstmAlgorithm alg : algorithms) {
-      const std::string tag = alg == SlstmAlgorithm::kCluster        ? " [cluster]"
-                              : alg == SlstmAlgorithm::kClusterAsync ? " [async]"
-                                                                     : " [flags]";
+      const std::string tag = alg == SlstmAlgorithm::kCluster                ? " [cluster]"
+                              : alg == SlstmAlgorithm::kClusterAsync         ? " [async]"
+                              : alg == SlstmAlgorithm::kClusterAsyncFast     ? " [fast]"
+                              : alg == SlstmAlgorithm::kClusterAsyncFastNext ? " [next]"
+                                                                             : " [flags]";
       SlstmForwardArgs f = fa;
       SlstmBackwardArgs bk = ba, bk_nodr = ba_nodr;
       f.algorithm = bk.algorithm = bk_nodr.algorithm = alg;
@@ -183,6 +221,78 @@ int Run(int argc, char** argv) {
       if (csv) {
         std::fprintf(csv, "%s,%s,%.4f,%.3f,%.2f,%.3f\n", c.name, op.name.c_str(), med,
                      med * 1e3 / S, op.flop * 1e-9, op.bytes * 1e-9);
+      }
+    }
+    if (trace) {
+      int khz = 0;
+      (void)cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0);
+      const int64_t n = SlstmTraceLongs(s);
+      DeviceBuffer tb;
+      CUDA_OK_OR_DIE(alloc.Allocate(sizeof(long long) * n, &tb));
+      std::vector<SlstmAlgorithm> traced = {SlstmAlgorithm::kClusterAsyncFast};
+      if (std::find(algorithms.begin(), algorithms.end(), SlstmAlgorithm::kClusterAsyncFastNext) !=
+          algorithms.end()) {
+        traced.push_back(SlstmAlgorithm::kClusterAsyncFastNext);
+      }
+      for (int job = 0; job < 2 * static_cast<int>(traced.size()); ++job) {
+        const int dir = job % 2;
+        const SlstmAlgorithm alg = traced[job / 2];
+        const char* tag = alg == SlstmAlgorithm::kClusterAsyncFast ? "[fast]" : "[next]";
+        CUDA_CHECK_OR_DIE(cudaMemsetAsync(tb.get(), 0, sizeof(long long) * n, stream));
+        CudaResult r;
+        if (dir == 0) {
+          SlstmForwardArgs f = fa;
+          f.algorithm = alg;
+          f.debug_trace = tb.as<long long>();
+          r = SlstmForward(f, &alloc, stream);
+        } else {
+          SlstmBackwardArgs bk = ba_nodr;
+          bk.algorithm = alg;
+          bk.debug_trace = tb.as<long long>();
+          r = SlstmBackward(bk, gemm.get(), &alloc, stream);
+        }
+        if (!r.ok()) {
+          std::printf("trace: %s\n", r.message.c_str());
+          continue;
+        }
+        std::vector<long long> host(n);
+        CUDA_CHECK_OR_DIE(cudaMemcpyAsync(host.data(), tb.get(), sizeof(long long) * n,
+                                          cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+        // Per CTA: mean cycles of each phase over steps 16..254 (phase 3 ends at the next start).
+        const int first = 16, last = std::min<int>(kSlstmTraceSteps - 1, S - 2);
+        double sum[4] = {0, 0, 0, 0}, worst[4] = {0, 0, 0, 0};
+        int ctas = 0;
+        for (int cta = 0; cta < 16; ++cta) {
+          const long long* t0 = host.data() + int64_t{cta} * kSlstmTraceSteps * kSlstmTracePoints;
+          if (t0[first * kSlstmTracePoints] == 0) continue;  // no such CTA
+          ++ctas;
+          for (int ph = 0; ph < 4; ++ph) {
+            double acc = 0;
+            for (int st = first; st < last; ++st) {
+              const long long* q = t0 + st * kSlstmTracePoints;
+              const long long end = ph < 3 ? q[ph + 1] : q[kSlstmTracePoints];
+              acc += static_cast<double>(end - q[ph]);
+            }
+            const double mean = acc / (last - first);
+            sum[ph] += mean;
+            worst[ph] = std::max(worst[ph], mean);
+          }
+        }
+        if (ctas == 0) continue;
+        static const char* kNames[2][4] = {
+            {"wait h", "MMA+reduce", "pointwise", "DSMEM stores"},
+            {"wait+sum partials", "pointwise+barrier", "MMA+send", "loop"}};
+        std::printf("trace %s %s %s (%d CTAs, clock %d kHz), cycles/step mean (max CTA):", c.name,
+                    dir == 0 ? "fwd" : "bwd rec", tag, ctas, khz);
+        double total = 0;
+        for (int ph = 0; ph < 4; ++ph) {
+          std::printf("  %s %.0f (%.0f)", kNames[dir][ph], sum[ph] / ctas, worst[ph]);
+          total += sum[ph] / ctas;
+        }
+        std::printf("  = %.0f cycles", total);
+        if (khz > 0) std::printf(" = %.2f us", total / khz * 1e3);
+        std::printf("\n");
       }
     }
   }

@@ -4,47 +4,46 @@
 // Why persistent: the recurrence is sequential (h_{t−1} feeds R), and per step the work is
 // small (1.3B layout, B 8: 8 × 2048 rows × 512 = 67 MFLOP over 4 heads). The official xlstm
 // kernel launches a GEMM and a pointwise kernel per step and pays launch + sync for each
-// (21.6 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S steps.
-// Two kernels, both tested; SlstmAlgorithm::kAuto picks the cluster one where it can run:
+// (21.6-24 µs per step fwd+bwd on an H200, measured beside ours). Here one launch covers all S
+// steps. Three cluster flavours and one flag kernel, all tested; SlstmAlgorithm::kAuto runs
+// kClusterAsyncFast where a cluster kernel can run, else the flag kernel:
 //
-// Cluster kernels (default; details above SlstmFwdClusterKernel):
+// Cluster kernels (details above SlstmFwdClusterKernel):
 //   * One thread-block cluster per (head, 8 batch rows): C = dh/U CTAs of U = 32 units (16 where
 //     dh is not a multiple of 32); 1.3B: clusters of 16, 125M: clusters of 6. A CTA owns its
-//     units' four gate rows of R (forward) or their 4dh × U slice of Rᵀ (backward) as mma.sync A
-//     fragments in registers for all S steps (64 registers a thread at dh 512: the 8 MB of the
-//     1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m) in
-//     registers, one thread per (row, unit).
-//   * Per step: bf16 m16n8k16 MMAs read h_{t−1} (forward) or dG_{t+1} (backward) from the CTA's
-//     own shared memory, the warps' K-partials are summed through shared memory, the fused
-//     pointwise update runs, and the CTA's slice of h_t / dG_t goes to all C CTAs' next buffer
-//     with 16-byte DSMEM stores; one cluster barrier ends the step. Heads never wait on each
-//     other; clusters need no co-residency beyond themselves.
+//     units' four gate rows of R (forward) or a 4dh × U / 4U × dh slice of Rᵀ (backward) as
+//     mma.sync A fragments in registers for all S steps (64 registers a thread at dh 512: the
+//     8 MB of the 1.3B layout's R live in 64 SMs' register files), and its units' state (c, n, m)
+//     in registers, one thread per (row, unit).
+//   * Forward step: bf16 m16n8k16 MMAs read h_{t−1} from the CTA's own shared memory, the warps'
+//     K-partials are summed through shared memory, the fused pointwise update runs, and the CTA's
+//     slice of h_t goes to all C CTAs' next buffer with 16-byte DSMEM stores.
+//   * kCluster ends each step with one cluster barrier; kClusterAsync instead counts the stores'
+//     bytes on an mbarrier in the receiver (st.async ... complete_tx) and waits on its phase.
+//   * kClusterAsyncFast (kAuto): kClusterAsync's exchange; the forward loads gx two steps ahead,
+//     runs four MMA accumulator chains and the Fast* pointwise math; the backward is
+//     SlstmBwdPartialKernel: each CTA multiplies its own units' dG_t by its 4U × dh slice of R and
+//     sends fp32 partial dh_{t−1} stripes to their owners, which sum C of them (half the DSMEM
+//     bytes of exchanging dG, no K-partial reduction, one __syncthreads a step).
+//   Heads never wait on each other; clusters need no co-residency beyond themselves.
 // Flag kernels (fallback for head_dim the clusters cannot split, and a cross-check):
 //   * One CTA per (head, 16 units, up to 16 batch rows), all co-resident (cooperative launch);
 //     h_{t−1} / dG_{t+1} are read from the output arrays in L2 (ld.global.cg), and each CTA
 //     publishes its step with a release flag that the head's other CTAs poll (ld.acquire.gpu).
-// Both: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
+// All: the backward writes dG_t (= d gx_t, exactly) and forms dh_{t−1} = dG_t R from it; dR is
 // not accumulated in the time loop: dR = Σ_{b,t} dG_tᵀ h_{t−1} is one cuBLASLt product per
 // (head, gate) over all B·S rows afterwards (137 GFLOP at 1.3B, measured 0.4 ms incl. the shifted
 // copy of h), off the sequential path.
 //
-// Latency floor per step (the FLOPs do not bound S-step time: 67 MFLOP a step is 0.1 µs of the
-// chip's tensor cores). Per step a CTA must: read h_{t−1} (~30 cycles from shared memory), run a
-// chain of dependent MMAs (forward 8 deep at dh 512, ~0.15 µs), reduce K-partials (one barrier,
-// ~0.05 µs), run the pointwise math (a dependent chain of exp/log1p/tanh/division, ~0.2 µs), and
-// hand h_t to the other CTAs (one DSMEM store + one cluster barrier, a few hundred ns). That is
-// ~0.5-0.8 µs a step each way. Measured on an H200 (bench/RESULTS.md, sLSTM heading): forward
-// 3.0 µs/step (1.3B) and 2.7 (125M), backward 5.4 and 3.0; the flag kernels 4.4 / 7.2 at 1.3B.
-// The forward at 125M (clusters of 6, 6 K-tiles a warp) is only 10% faster than at 1.3B
-// (clusters of 16, 16 K-tiles), so ~2.5 µs a step is fixed cost, not MMA work. Most likely
-// cause, not yet measured: barrier.cluster.arrive.release must also make the step's global
-// stores (h, saved) visible before the arrive completes, and every CTA waits on the slowest.
-// A release fence waits for ALL of the thread's outstanding memory operations, so the prefetch
-// of the next step's gx / saved values (HBM loads, ~1 µs) may also be exposed there. Next step,
-// written but NOT yet run on a GPU: SlstmAlgorithm::kClusterAsync signals the DSMEM stores
-// through mbarriers (st.async ... mbarrier::complete_tx, one mbarrier per buffer, parity waits;
-// see the comment above MbarInit) instead of a cluster barrier, so no fence sits in the step
-// loop. Evaluate with `slstm_gpu_test --experimental` and `slstm_bench --alg=all`.
+// Where a step's time goes (H200, 2026-11-26; bench/RESULTS.md and slstm_notes.md): 1.3B
+// kCluster 3.0 µs/step forward, 5.4 backward; kClusterAsync 2.7 / 4.0; kClusterAsyncFast 2.6 /
+// 2.9. The DSMEM exchange alone (SlstmExchangeProbe, clusters of 16) costs 0.56 µs a step with
+// st.async + mbarrier at the forward's 512 B a destination (0.86 with the cluster barrier), 0.80
+// at the partial backward's 1 KB, 1.42 at kCluster's backward 2 KB. The phase trace of the fast
+// kernels (SlstmForwardArgs::debug_trace) puts ~0.9 µs (forward) and ~1.3 µs (backward) of
+// each step in the pointwise phase, whose math is ~0.1 µs: most likely the next step's HBM
+// prefetch is consumed (bf16 → fp32 conversion, register moves) right after it is issued, so
+// each step waits one HBM latency. slstm_notes.md has the next steps.
 //
 // Saved for backward (fp32, batch-major): per (b, t) the 4 pre-activations and c_t, n_t, m_t
 // (28·d bytes per token: 0.94 GB at B 8, S 2048, d 2048).
@@ -77,6 +76,7 @@ struct FwdParams {
   float* saved;              // may be null
   float *hT, *cT, *nT, *mT;  // null hT: not wanted
   unsigned* flags;           // [gridDim.y][NH][32]
+  long long* trace;          // SlstmForwardArgs::debug_trace
 };
 
 struct BwdParams {
@@ -90,6 +90,7 @@ struct BwdParams {
   __nv_bfloat16* d_gx;
   float *dh0, *dc0, *dn0, *dm0;  // null dh0: not wanted
   unsigned* flags;
+  long long* trace;  // SlstmBackwardArgs::debug_trace
 };
 
 // ------------------------------------------------------------------ device helpers
@@ -108,6 +109,13 @@ __device__ __forceinline__ uint32_t LoadCgU32(const __nv_bfloat16* p) {
 }
 __device__ __forceinline__ uint32_t LoadU32(const __nv_bfloat16* p) {
   return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+// A bf16 as raw bits (converted only where used: Bf16BitsToFloat).
+__device__ __forceinline__ unsigned short LoadBits16(const __nv_bfloat16* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
+}
+__device__ __forceinline__ float Bf16BitsToFloat(unsigned short bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
 }
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -158,6 +166,25 @@ __device__ __forceinline__ float Sigmoid(float x) {
 }
 __device__ __forceinline__ float LogSigmoid(float x) {
   return x < 0.f ? x - log1pf(expf(x)) : -log1pf(expf(-x));
+}
+
+// Shorter-latency versions for the kClusterAsyncFast kernels (the pointwise chain is on the
+// per-step critical path): ex2.approx-based exp (2 ulp), lg2.approx-based log of 1 + e (absolute
+// error ~1e-7; only |LogSigmoid| >= ~1e-7 matters next to m), and divisions whose denominators
+// are bounded (1 + e in [1, 2]; n >= min(n0, 1) > 0). Errors stay far below the bf16 rounding of h
+// and d_gx.
+__device__ __forceinline__ float FastSigmoid(float x) {
+  if (x >= 0.f) return __fdividef(1.f, 1.f + __expf(-x));
+  const float e = __expf(x);
+  return __fdividef(e, 1.f + e);
+}
+__device__ __forceinline__ float FastLogSigmoid(float x) {
+  return x < 0.f ? x - __logf(1.f + __expf(x)) : -__logf(1.f + __expf(-x));
+}
+__device__ __forceinline__ float FastTanh(float x) {  // tanh.approx: max relative error 2^-11
+  float y;
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ------------------------------------------------------------------ forward
@@ -544,16 +571,25 @@ __device__ __forceinline__ void StoreCluster16(const void* dst_local, unsigned r
                : "memory");
 }
 
-// Transaction barriers for the kAsync variant (SlstmAlgorithm::kClusterAsync, EXPERIMENTAL: not
-// yet run on a GPU). Instead of one cluster barrier per step, every 16-byte DSMEM store is an
-// st.async that counts its bytes onto an mbarrier in the receiving CTA (one per buffer); the
-// receiver waits on the buffer's mbarrier phase (parity) and re-arms it (arrive.expect_tx with
-// the bytes the next use will bring) for the step after next. No release fence, so the step's
-// global loads and stores stay off the critical path. Ordering arguments: (1) bytes for phase
-// k+1 of a buffer's mbarrier come from steps that need this CTA's output of the step that
-// waited on phase k, so phases never overlap (a complete_tx may precede the re-arm: tx-count may
-// go negative within a phase); (2) a buffer is overwritten only by a CTA that has received this
-// CTA's output computed after it read that buffer (WAR, as with the cluster barrier).
+// Transaction barriers for kClusterAsync / kClusterAsyncFast (and SlstmExchangeProbe). Instead
+// of one cluster barrier per step, every 16-byte DSMEM store is an st.async that counts its bytes
+// onto an mbarrier in the receiving CTA (one per receive buffer, buffers alternating by step
+// parity); the receiver waits on that mbarrier's phase (parity (use − 1)/2 mod 2 for its use-th
+// wait) and thread 0 re-arms it (arrive.expect_tx with the bytes its next use brings, the arrival
+// count being 1). No release fence, so the step's global loads and stores stay off the critical
+// path. Ordering (reviewed 2026-11-26, device-tested the same day):
+//   (1) Phase k+1 of buffer q's mbarrier is fed by the senders' step s+2 (k fed by step s). Each
+//       sender needs this CTA's output of step s+1, which this CTA sends only after a
+//       __syncthreads that follows thread 0's re-arm (made right after its wait on phase k), so
+//       the re-arm precedes every complete_tx of phase k+1, and phase k+1 cannot complete before
+//       all of this CTA's threads have left their wait on phase k (no parity aliasing).
+//   (2) WAR: buffer q is overwritten at step s+2 only by a CTA that has received this CTA's step
+//       s+1 output, computed (data-dependently, after a __syncthreads) from this CTA's reads of q
+//       at step s+1; so nothing a slow CTA still reads is overwritten. Local staging buffers
+//       (hst, gst, gloc) are reused only across a __syncthreads of this CTA.
+//   (3) Visibility: the received bytes are visible to every thread that observes the phase
+//       completion (try_wait.parity.acquire.cluster); every reader waits itself.
+//   (4) A final cluster barrier keeps every CTA resident until no store to it can be in flight.
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -580,11 +616,10 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
-// 16 bytes from local shared memory `src` to the same-offset address of `dst_local` in CTA
-// `rank`, counted onto that CTA's mbarrier at the offset of `bar_local`.
+// 16 bytes (`v`) to the same-offset address of `dst_local` in CTA `rank`, counted onto that
+// CTA's mbarrier at the offset of `bar_local`.
 __device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
-                                             unsigned rank, const void* src) {
-  const uint4 v = *reinterpret_cast<const uint4*>(src);
+                                             unsigned rank, uint4 v) {
   uint32_t ra, rb;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
                : "=r"(ra)
@@ -598,12 +633,33 @@ __device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64
       "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
       : "memory");
 }
+// As above, the 16 bytes read from local shared memory `src`.
+__device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
+                                             unsigned rank, const void* src) {
+  StoreAsync16(dst_local, bar_local, rank, *reinterpret_cast<const uint4*>(src));
+}
+
+// Thread 0 of the first cluster's CTAs records clock64() (slstm.h, kSlstmTraceSteps).
+__device__ __forceinline__ void TracePoint(long long* trace, int step, int point) {
+  if (trace != nullptr && step < kSlstmTraceSteps) {
+    trace[(ClusterRank() * kSlstmTraceSteps + step) * kSlstmTracePoints + point] = clock64();
+  }
+}
 
 constexpr int kHbufStride = kMaxHeadDim + 8;  // bf16; 260 words: rows land 4 banks apart
 
 // Forward: 16·U threads (U/2 warps); warp w does m-tile w % (U/4) (16 of the 4U gate rows) over
 // half of K (K-part w / (U/4)), KT K-tiles each.
-template <int U, int KT, bool kAsync>
+// kFast (only with kAsync): the next step's gx two steps ahead (so the HBM load never stalls
+// the pointwise chain), four MMA accumulator chains instead of two, and the Fast* pointwise math.
+// kLate (only with kFast; SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): step t + 1's gx
+// is loaded at the top of step t (before the wait) as raw bf16 bits by every thread (inactive
+// ones from a valid clamped row), unconditionally, and converted only in step t + 1's pointwise:
+// no instruction reads a load's result within ~a step of issuing it (kFast converts right after
+// issuing: one exposed HBM latency a step, see the header comment). Unconditional, so the load
+// writes the loop-carried registers directly (a conditional one compiles to a load plus a move
+// at the merge, and that move would wait for the load).
+template <int U, int KT, bool kAsync, bool kFast, bool kLate>
 __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) {
   constexpr int kW = U / 2, kNth = kW * 32, kMt = U / 4, kKs = 2;
   __shared__ __align__(16) __nv_bfloat16 hbuf[2][8][kHbufStride];
@@ -623,6 +679,8 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
   const int nk = dh / 16;
   const int b_first = p.batch0 + blockIdx.y * 8;
   const int nb = min(8, p.batch - b_first);
+  long long* const trace =
+      kFast && blockIdx.x < C && blockIdx.y == 0 && threadIdx.x == 0 ? p.trace : nullptr;
 
   uint32_t a[KT][4];
 #pragma unroll
@@ -655,10 +713,22 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     h_last = p.h0[i];
   }
   float gxv[4] = {0.f, 0.f, 0.f, 0.f};
-  if (active) {
+  float gxn[4] = {0.f, 0.f, 0.f, 0.f};  // kFast: step t + 1's, while step t runs
+  // kLate: the next step's gx as raw bf16 bits; every thread loads (rows clamped to the batch).
+  unsigned short gx_next[4] = {0, 0, 0, 0};
+  const __nv_bfloat16* const gx_base =
+      p.gx + static_cast<int64_t>(min(b, p.batch - 1)) * S * 4 * d + col;
+  if constexpr (kLate) {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) gx_next[g] = LoadBits16(gx_base + g * d);
+  } else if (active) {
     const __nv_bfloat16* gp = p.gx + static_cast<int64_t>(b) * S * 4 * d + col;
 #pragma unroll
     for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
+    if (kFast && S > 1) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[4 * d + g * d]);
+    }
   }
   for (int i = threadIdx.x; i < 8 * U; i += kNth) (&hst[0][0])[i] = __float2bfloat16_rn(0.f);
   for (int i = threadIdx.x; i < 8 * dh; i += kNth) {
@@ -682,18 +752,38 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
+    if constexpr (kFast) TracePoint(trace, t, 0);
+    unsigned short gx_cur[4];  // kLate: this step's gx (loaded at the top of the previous step)
+    if constexpr (kLate) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gx_cur[g] = gx_next[g];
+      const __nv_bfloat16* gp = gx_base + static_cast<int64_t>(min(t + 1, S - 1)) * 4 * d;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) gx_next[g] = LoadBits16(gp + g * d);
+    }
     if (kAsync && t > 0) {
       MbarWait(&mbar[par], static_cast<unsigned>((t - 1) >> 1) & 1u);
       if (threadIdx.x == 0 && t + 2 <= S - 1) MbarArm(&mbar[par], step_bytes);
     }
-    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if constexpr (kFast) TracePoint(trace, t, 1);
+    constexpr int kChains = kFast ? 4 : 2;  // independent accumulators: shorter MMA chains
+    float acc[kChains][4];
+#pragma unroll
+    for (int e = 0; e < kChains; ++e) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KT; ++kk) {
       const int kt = kpart + kKs * kk;
       if (kt < nk) {
         const __nv_bfloat16* hb = &hbuf[par][group][kt * 16 + quad * 2];
-        Mma16816(acc[kk & 1], a[kk], *reinterpret_cast<const uint32_t*>(hb),
+        Mma16816(acc[kk % kChains], a[kk], *reinterpret_cast<const uint32_t*>(hb),
                  *reinterpret_cast<const uint32_t*>(hb + 8));
+      }
+    }
+    if constexpr (kFast) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[0][j] += acc[2][j];
+        acc[1][j] += acc[3][j];
       }
     }
     const int r0 = 16 * mt + group;
@@ -702,20 +792,36 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     red[kpart][r0 + 8][quad * 2] = acc[0][2] + acc[1][2];
     red[kpart][r0 + 8][quad * 2 + 1] = acc[0][3] + acc[1][3];
     __syncthreads();
+    if constexpr (kFast) TracePoint(trace, t, 2);
 
     if (active) {
       float pre[4];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) pre[g] = gxv[g] + red[0][g * U + u][bl] + red[1][g * U + u][bl];
-      const float lf = LogSigmoid(pre[1]) + m;
-      const bool from_input = n == 0.f || pre[0] >= lf;
-      const float m_new = from_input ? pre[0] : lf;
-      const float ip = from_input ? 1.f : fminf(expf(pre[0] - m_new), 1.f);
-      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
-      c = fp * c + ip * tanhf(pre[2]);
-      n = fp * n + ip;
-      m = m_new;
-      h_last = Sigmoid(pre[3]) * c / n;
+      for (int g = 0; g < 4; ++g) {
+        const float gx_g = kLate ? Bf16BitsToFloat(gx_cur[g]) : gxv[g];
+        pre[g] = gx_g + red[0][g * U + u][bl] + red[1][g * U + u][bl];
+      }
+      if constexpr (kFast) {
+        const float lf = FastLogSigmoid(pre[1]) + m;
+        const bool from_input = n == 0.f || pre[0] >= lf;
+        const float m_new = from_input ? pre[0] : lf;
+        const float ip = from_input ? 1.f : fminf(__expf(pre[0] - m_new), 1.f);
+        const float fp = from_input ? fminf(__expf(lf - m_new), 1.f) : 1.f;
+        c = fp * c + ip * FastTanh(pre[2]);
+        n = fp * n + ip;
+        m = m_new;
+        h_last = __fdividef(FastSigmoid(pre[3]) * c, n);
+      } else {
+        const float lf = LogSigmoid(pre[1]) + m;
+        const bool from_input = n == 0.f || pre[0] >= lf;
+        const float m_new = from_input ? pre[0] : lf;
+        const float ip = from_input ? 1.f : fminf(expf(pre[0] - m_new), 1.f);
+        const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+        c = fp * c + ip * tanhf(pre[2]);
+        n = fp * n + ip;
+        m = m_new;
+        h_last = Sigmoid(pre[3]) * c / n;
+      }
       const __nv_bfloat16 hb = __float2bfloat16_rn(h_last);
       hst[bl][u] = hb;
       const int64_t row = static_cast<int64_t>(b) * S + t;
@@ -728,7 +834,17 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
         sv[5 * d] = n;
         sv[6 * d] = m;
       }
-      if (t + 1 < S) {
+      if constexpr (kLate) {
+        // loaded at the top of the step
+      } else if constexpr (kFast) {
+#pragma unroll
+        for (int g = 0; g < 4; ++g) gxv[g] = gxn[g];
+        if (t + 2 < S) {
+          const __nv_bfloat16* gp = p.gx + (row + 2) * 4 * d + col;
+#pragma unroll
+          for (int g = 0; g < 4; ++g) gxn[g] = __bfloat162float(gp[g * d]);
+        }
+      } else if (t + 1 < S) {
         const __nv_bfloat16* gp = p.gx + (row + 1) * 4 * d + col;
 #pragma unroll
         for (int g = 0; g < 4; ++g) gxv[g] = __bfloat162float(gp[g * d]);
@@ -736,6 +852,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     }
     if (t + 1 < S) {
       __syncthreads();
+      if constexpr (kFast) TracePoint(trace, t, 3);
       // U 16-byte chunks (8 rows × U/8) to each of the C CTAs: dh stores, one per thread.
       for (int i = threadIdx.x; i < C * U; i += kNth) {
         const int dest = i / U, ch = i % U;
@@ -964,6 +1081,322 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   }
 }
 
+// Backward, kClusterAsyncFast: the transposed split. Each CTA multiplies only ITS units' dG_t
+// (4U values a row, already in its own shared memory) by its 4U × dh slice of R, giving a partial
+// dh_{t−1} for all dh units of the head in fp32, and sends each owner CTA its U-unit stripe of that
+// partial (st.async, counted on the owner's mbarrier). The owner sums the C partials. Against
+// SlstmBwdClusterKernel: half the DSMEM bytes per step (fp32 C·U·8 = 32·dh bytes received, vs
+// bf16 4·dh·8 = 64·dh), no K-partial reduction inside the CTA (each warp's m-tiles span the
+// whole local K), and one __syncthreads per step instead of two. The partials stay fp32 (no
+// extra rounding beyond the bf16 dG operand, as before); the sum order is fixed (deterministic).
+//
+// 16·U threads; warp w does m-tiles w + W·i (i < MTW) of the dh/16 output m-tiles over all U/4
+// local K-tiles (K = (gate, local unit)). Pointwise thread: unit tid / 8, batch row tid % 8 (so a
+// warp's reads of the receive buffer are 32 consecutive floats). Receive buffer (dynamic shared
+// memory): recv[2][C][U][8] fp32, double-buffered by iteration parity like the dG buffers.
+// kLate (SlstmAlgorithm::kClusterAsyncFastNext, EXPERIMENTAL): the step inputs are loaded
+// unconditionally (the source pointer is selected, a flag marks a zero initial state) and dh
+// stays raw bf16 bits, so nothing touches a load's result in the step that issued it.
+template <int U, int MTW, bool kLate>
+__global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) {
+  constexpr int kW = U / 2, kNth = kW * 32, kKl = U / 4, kGs = 4 * U + 8;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ __align__(8) uint64_t mbar[2];  // mbar[q] counts the bytes of recv[q]
+  // This CTA's dG_t (bf16, the MMA's B operand), double-buffered: a warp still multiplying
+  // step t's may lag behind another thread's pointwise update of step t − 1 (see below).
+  __shared__ __align__(16) __nv_bfloat16 gloc[2][8][kGs];
+
+  const int dh = p.head_dim, d = p.num_heads * dh, S = p.seq_len;
+  const int C = dh / U;
+  float* recv = reinterpret_cast<float*>(dyn_smem);  // [2][C][U][8]
+  const unsigned rank = ClusterRank();
+  const int hd = blockIdx.x / C;
+  const int u0 = static_cast<int>(rank) * U;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  const int n_mt = dh / 16;
+  const int b_first = p.batch0 + blockIdx.y * 8;
+  const int nb = min(8, p.batch - b_first);
+  long long* const trace =
+      blockIdx.x < C && blockIdx.y == 0 && threadIdx.x == 0 ? p.trace : nullptr;
+
+  // a[i][kt]: A[m = unit l][k = (g, j)] = R[hd][g][u0 + j][l], l in m-tile warp + kW·i.
+  uint32_t a[MTW][kKl][4];
+#pragma unroll
+  for (int i = 0; i < MTW; ++i) {
+    const int mt = warp + kW * i;
+#pragma unroll
+    for (int kt = 0; kt < kKl; ++kt) {
+      if (mt < n_mt) {
+        const int k = kt * 16 + quad * 2;  // a K-tile never straddles two gates (U % 16 == 0)
+        const int g = k / U, j = k % U;
+        const __nv_bfloat16* rj =
+            p.r + ((static_cast<int64_t>(hd) * 4 + g) * dh + u0 + j) * dh + 16 * mt + group;
+        a[i][kt][0] = PackBf16Bits(rj[0], rj[dh]);
+        a[i][kt][1] = PackBf16Bits(rj[8], rj[dh + 8]);
+        a[i][kt][2] = PackBf16Bits(rj[8 * dh], rj[9 * dh]);
+        a[i][kt][3] = PackBf16Bits(rj[8 * dh + 8], rj[9 * dh + 8]);
+      } else {
+        a[i][kt][0] = a[i][kt][1] = a[i][kt][2] = a[i][kt][3] = 0u;
+      }
+    }
+  }
+
+  const int u = threadIdx.x / 8, bl = threadIdx.x % 8;
+  const bool active = threadIdx.x < 8 * U && bl < nb;
+  const int b = b_first + bl;
+  const int col = hd * dh + u0 + u;
+  const int64_t sd = static_cast<int64_t>(kSavedRows) * d;
+  float gc = 0.f, gn = 0.f, gm = 0.f, gh = 0.f;
+  float c_t = 0.f, n_t = 0.f;
+  // Step inputs (pre-activations, dh, previous c, n, m), loaded two steps ahead: cur is step t's,
+  // nxt step t − 1's, so the HBM latency never sits on the per-step chain.
+  struct StepIn {
+    float pre[4], dh_in, cp, np, mp;
+    unsigned short dh_bits;  // kLate
+    bool zero_prev;          // kLate: cp, np, mp are 0 (t = 0 without an initial state)
+  };
+  StepIn cur{}, nxt{};
+  auto load_step = [&](int t, StepIn& in) {
+    const int64_t row = static_cast<int64_t>(b) * S + t;
+    const float* sv = p.saved + row * sd + col;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.pre[g] = sv[g * d];
+    if constexpr (kLate) {
+      in.dh_bits = LoadBits16(p.dh + row * d + col);
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      const bool from_saved = t > 0, from_init = t == 0 && p.c0 != nullptr;
+      const float* pc = from_saved ? sv - sd + 4 * d : from_init ? p.c0 + i : sv;
+      const float* pn = from_saved ? sv - sd + 5 * d : from_init ? p.n0 + i : sv;
+      const float* pm = from_saved ? sv - sd + 6 * d : from_init ? p.m0 + i : sv;
+      in.cp = *pc;
+      in.np = *pn;
+      in.mp = *pm;
+      in.zero_prev = !from_saved && !from_init;
+      return;
+    }
+    in.dh_in = __bfloat162float(p.dh[row * d + col]);
+    if (t > 0) {
+      in.cp = sv[-sd + 4 * d];
+      in.np = sv[-sd + 5 * d];
+      in.mp = sv[-sd + 6 * d];
+    } else if (p.c0 != nullptr) {
+      const int64_t i = static_cast<int64_t>(b) * d + col;
+      in.cp = p.c0[i];
+      in.np = p.n0[i];
+      in.mp = p.m0[i];
+    } else {
+      in.cp = in.np = in.mp = 0.f;
+    }
+  };
+  if (active) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    if (p.dhT != nullptr) {
+      gh = p.dhT[i];
+      gc = p.dcT[i];
+      gn = p.dnT[i];
+      gm = p.dmT[i];
+    }
+    const float* sv = p.saved + (static_cast<int64_t>(b) * S + S - 1) * sd + col;
+    c_t = sv[4 * d];
+    n_t = sv[5 * d];
+    load_step(S - 1, cur);
+    if (S > 1) load_step(S - 2, nxt);
+  }
+  for (int i = threadIdx.x; i < 2 * 8 * kGs; i += kNth) {
+    (&gloc[0][0][0])[i] = __float2bfloat16_rn(0.f);
+  }
+  const bool need_dh0 = p.dh0 != nullptr;
+  const int t_end = need_dh0 ? -1 : 0;
+  const int s_last = S - 1 - t_end;
+  const unsigned step_bytes = 32u * static_cast<unsigned>(dh);  // C senders × U units × 8 rows fp32
+  if (threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);
+    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
+  }
+  __syncthreads();
+  ClusterSync();
+
+  for (int t = S - 1; t >= t_end; --t) {
+    const int s = S - 1 - t;
+    TracePoint(trace, s, 0);
+    if (s > 0) {
+      const int q = (s - 1) & 1;
+      MbarWait(&mbar[q], static_cast<unsigned>((s - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && s + 2 <= s_last) MbarArm(&mbar[q], step_bytes);
+      if (active) {
+        const float* rp = recv + (static_cast<int64_t>(q) * C * U + u) * 8 + bl;
+        float sum = 0.f;
+        for (int src = 0; src < C; ++src) sum += rp[src * U * 8];
+        gh = sum;
+      }
+    }
+    TracePoint(trace, s, 1);
+    if (t < 0) break;
+
+    const int par = s & 1;
+    if (active) {
+      const float i_raw = cur.pre[0], f_raw = cur.pre[1], z_raw = cur.pre[2], o_raw = cur.pre[3];
+      const bool zero_prev = kLate && cur.zero_prev;
+      const float cp = zero_prev ? 0.f : cur.cp, np = zero_prev ? 0.f : cur.np,
+                  mp = zero_prev ? 0.f : cur.mp;
+      const float dh_in = kLate ? Bf16BitsToFloat(cur.dh_bits) : cur.dh_in;
+      const float lf = FastLogSigmoid(f_raw) + mp;
+      const bool from_input = np == 0.f || i_raw >= lf;
+      const float m_new = from_input ? i_raw : lf;
+      const float ip = from_input ? 1.f : fminf(__expf(i_raw - m_new), 1.f);
+      const float fp = from_input ? fminf(__expf(lf - m_new), 1.f) : 1.f;
+      const float tz = tanhf(z_raw);  // precise: d_z uses 1 − tz², which cancels near |tz| = 1
+      const float so = FastSigmoid(o_raw);
+      const float g_h = gh + dh_in;
+      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
+      const float g_c = gc + g_h * so / n_t;
+      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
+      const float g_fp = g_c * cp + g_n * np;
+      const float g_ip = g_c * tz + g_n;
+      const float d_z = g_c * ip * (1.f - tz * tz);
+      float d_i = g_ip * ip;
+      float g_lf = g_fp * fp;
+      const float g_m = gm - g_ip * ip - g_fp * fp;
+      if (from_input) {
+        d_i += g_m;
+      } else {
+        g_lf += g_m;
+      }
+      const float d_f = g_lf * FastSigmoid(-f_raw);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
+                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        dg[g * d] = dgs[g];
+        gloc[par][bl][g * U + u] = dgs[g];
+      }
+      gc = g_c * fp;
+      gn = g_n * fp;
+      gm = g_lf;
+      c_t = cp;
+      n_t = np;
+      cur = nxt;
+      if (t > 1) load_step(t - 2, nxt);
+    }
+    if (t > 0 || need_dh0) {
+      // gloc[par] complete. WAR on gloc: its next writer is the pointwise update two steps on,
+      // which is past this barrier of the step in between, so every warp's reads here are done.
+      __syncthreads();
+      TracePoint(trace, s, 2);
+      const __nv_bfloat16* gb = &gloc[par][group][quad * 2];
+      // Two independent accumulator chains a warp (two m-tiles, or even / odd K-tiles of one);
+      // the step's MMAs are tensor-pipe bound at this depth, and more chains cost registers.
+      constexpr int kChains = MTW == 1 ? 2 : 1;
+      float acc[MTW][kChains][4];
+#pragma unroll
+      for (int i = 0; i < MTW; ++i)
+#pragma unroll
+        for (int e = 0; e < kChains; ++e) {
+          acc[i][e][0] = acc[i][e][1] = acc[i][e][2] = acc[i][e][3] = 0.f;
+        }
+#pragma unroll
+      for (int kt = 0; kt < kKl; ++kt) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(gb + kt * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(gb + kt * 16 + 8);
+#pragma unroll
+        for (int i = 0; i < MTW; ++i) Mma16816(acc[i][kt % kChains], a[i][kt], b0, b1);
+      }
+      // Accumulator (unit group / group + 8, rows 2·quad, 2·quad + 1) → one 16-byte chunk a lane
+      // (4 consecutive rows of one unit) after one exchange with the neighbour lane (quad ^ 1).
+      const bool odd = quad & 1;
+#pragma unroll
+      for (int i = 0; i < MTW; ++i) {
+        const int mt = warp + kW * i;
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          v[j] = kChains == 2 ? acc[i][0][j] + acc[i][kChains - 1][j] : acc[i][0][j];
+        const float x = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[2], 1);
+        const float y = __shfl_xor_sync(0xffffffffu, odd ? v[1] : v[3], 1);
+        if (mt < n_mt) {
+          const int l = 16 * mt + group + (odd ? 8 : 0);  // head unit
+          const int row0 = odd ? 2 * quad - 2 : 2 * quad;
+          const unsigned dest = static_cast<unsigned>(l / U);
+          const uint4 chunk = odd ? make_uint4(__float_as_uint(x), __float_as_uint(y),
+                                               __float_as_uint(v[2]), __float_as_uint(v[3]))
+                                  : make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]),
+                                               __float_as_uint(x), __float_as_uint(y));
+          float* dst = recv + ((static_cast<int64_t>(par) * C + rank) * U + l % U) * 8 + row0;
+          StoreAsync16(dst, &mbar[par], dest, chunk);
+        }
+      }
+      TracePoint(trace, s, 3);
+    }
+  }
+  ClusterSync();  // no CTA leaves while stores to it may be in flight
+
+  if (active && need_dh0) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    p.dh0[i] = gh;
+    p.dc0[i] = gc;
+    p.dn0[i] = gn;
+    p.dm0[i] = gm;
+  }
+}
+
+// SlstmExchangeProbe: the cluster kernels' per-step DSMEM exchange with no compute around it.
+// Per step every CTA sends `bytes_per_dest` (a multiple of 16) to each CTA of its cluster, into
+// a buffer double-buffered by step parity, then waits for its own (kBarrier: st.shared::cluster +
+// one cluster barrier, as kCluster; else st.async counted on an mbarrier, as kClusterAsync).
+template <bool kBarrier>
+__global__ void __launch_bounds__(512, 1) SlstmExchangeProbeKernel(int steps, int bytes_per_dest) {
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ __align__(8) uint64_t mbar[2];
+  unsigned cluster_size;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(cluster_size));
+  const unsigned rank = ClusterRank();
+  const int chunks_per_dest = bytes_per_dest / 16;
+  const unsigned step_bytes = cluster_size * static_cast<unsigned>(bytes_per_dest);
+  const int S = steps;
+  if (!kBarrier && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);
+    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);
+  }
+  __syncthreads();
+  ClusterSync();
+  uint4 v = make_uint4(threadIdx.x, rank, 0u, 0u);
+  for (int t = 0; t < S; ++t) {
+    const int par = t & 1;
+    if (!kBarrier && t > 0) {
+      MbarWait(&mbar[par], static_cast<unsigned>((t - 1) >> 1) & 1u);
+      if (threadIdx.x == 0 && t + 2 <= S - 1) MbarArm(&mbar[par], step_bytes);
+      // Depend on the received data, as the real kernels do.
+      v.z += reinterpret_cast<const uint32_t*>(dyn_smem)[par * (step_bytes / 4) + threadIdx.x % 4];
+    }
+    if (t + 1 < S) {
+      unsigned char* next = dyn_smem + static_cast<size_t>(par ^ 1) * step_bytes;
+      for (int i = threadIdx.x; i < static_cast<int>(cluster_size) * chunks_per_dest; i += 512) {
+        const unsigned dest = static_cast<unsigned>(i / chunks_per_dest);
+        void* dst = next + rank * bytes_per_dest + (i % chunks_per_dest) * 16;
+        if constexpr (kBarrier) {
+          StoreCluster16(dst, dest, &v);
+        } else {
+          StoreAsync16(dst, &mbar[par ^ 1], dest, v);
+        }
+      }
+      if constexpr (kBarrier) {
+        ClusterSync();
+        v.z += reinterpret_cast<const uint32_t*>(next)[threadIdx.x % 4];
+      }
+    }
+  }
+  ClusterSync();
+  if (v.z == 0xffffffffu) reinterpret_cast<uint32_t*>(dyn_smem)[0] = v.w;  // keep v live
+}
+
 // hprev[b, t] = h[b, t − 1] (t ≥ 1), bf16(h0[b]) or 0 (t = 0): the right operand of dR.
 __global__ void ShiftHKernel(const __nv_bfloat16* h, const float* h0, __nv_bfloat16* hprev,
                              int64_t batch, int64_t seq_len, int64_t d) {
@@ -1064,19 +1497,19 @@ int ClusterUnits(int64_t head_dim) {
 
 // Forward: K = dh in dh/16 tiles over 2 K-parts; backward: K = 4·dh in dh/4 tiles over 8 K-parts;
 // both need ⌈dh/32⌉ K-tiles per warp, rounded up to a template instance.
-template <int U, bool A>
+template <int U, bool A, bool F, bool L>
 const void* FwdClusterKernelForUnits(int kt) {
   switch (kt) {
     case 1:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 1, A, F, L>);
     case 2:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 2, A, F, L>);
     case 4:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 4, A, F, L>);
     case 8:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 8, A, F, L>);
     default:
-      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A>);
+      return reinterpret_cast<const void*>(&SlstmFwdClusterKernel<U, 16, A, F, L>);
   }
 }
 template <int U, bool A>
@@ -1094,23 +1527,69 @@ const void* BwdClusterKernelForUnits(int kt) {
       return reinterpret_cast<const void*>(&SlstmBwdClusterKernel<U, 16, A>);
   }
 }
-const void* FwdClusterKernelFor(int units, int64_t head_dim, bool async) {
+// The cluster kernels' flavours (SlstmAlgorithm): kCluster, kClusterAsync, kClusterAsyncFast,
+// kClusterAsyncFastNext.
+enum class ClusterMode { kBarrier, kAsync, kAsyncFast, kAsyncFastLate };
+
+const void* FwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
-  if (async) {
-    return units == 32 ? FwdClusterKernelForUnits<32, true>(kt)
-                       : FwdClusterKernelForUnits<16, true>(kt);
+  switch (mode) {
+    case ClusterMode::kAsyncFastLate:
+      return units == 32 ? FwdClusterKernelForUnits<32, true, true, true>(kt)
+                         : FwdClusterKernelForUnits<16, true, true, true>(kt);
+    case ClusterMode::kAsyncFast:
+      return units == 32 ? FwdClusterKernelForUnits<32, true, true, false>(kt)
+                         : FwdClusterKernelForUnits<16, true, true, false>(kt);
+    case ClusterMode::kAsync:
+      return units == 32 ? FwdClusterKernelForUnits<32, true, false, false>(kt)
+                         : FwdClusterKernelForUnits<16, true, false, false>(kt);
+    default:
+      return units == 32 ? FwdClusterKernelForUnits<32, false, false, false>(kt)
+                         : FwdClusterKernelForUnits<16, false, false, false>(kt);
   }
-  return units == 32 ? FwdClusterKernelForUnits<32, false>(kt)
-                     : FwdClusterKernelForUnits<16, false>(kt);
 }
-const void* BwdClusterKernelFor(int units, int64_t head_dim, bool async) {
+// kAsyncFast runs SlstmBwdPartialKernel: m-tiles per warp ⌈(head_dim/16) / (units/2)⌉ <= 2.
+template <bool L>
+const void* BwdPartialKernelFor(int units, int64_t head_dim) {
+  const bool two = head_dim / 16 > units / 2;
+  if (units == 32) {
+    return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 2, L>)
+               : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<32, 1, L>);
+  }
+  return two ? reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 2, L>)
+             : reinterpret_cast<const void*>(&SlstmBwdPartialKernel<16, 1, L>);
+}
+const void* BwdClusterKernelFor(int units, int64_t head_dim, ClusterMode mode) {
+  if (mode == ClusterMode::kAsyncFast) return BwdPartialKernelFor<false>(units, head_dim);
+  if (mode == ClusterMode::kAsyncFastLate) return BwdPartialKernelFor<true>(units, head_dim);
   const int kt = PowerOfTwoAtLeast(static_cast<int>((head_dim + 31) / 32));
-  if (async) {
+  if (mode == ClusterMode::kAsync) {
     return units == 32 ? BwdClusterKernelForUnits<32, true>(kt)
                        : BwdClusterKernelForUnits<16, true>(kt);
   }
   return units == 32 ? BwdClusterKernelForUnits<32, false>(kt)
                      : BwdClusterKernelForUnits<16, false>(kt);
+}
+// Shared memory beyond the static part: the dG buffers, or the partial-sum receive buffers.
+size_t BwdClusterDynSmem(int64_t head_dim, ClusterMode mode) {
+  if (mode == ClusterMode::kAsyncFast || mode == ClusterMode::kAsyncFastLate) {
+    return sizeof(float) * 2 * 8 * head_dim;
+  }
+  return sizeof(__nv_bfloat16) * 2 * 8 * (4 * head_dim + 8);
+}
+// kAuto: kClusterAsyncFast, the fastest of the three on every bench shape in the device call of
+// 2026-11-26 (bench/RESULTS.md), where all of them passed slstm_gpu_test.
+ClusterMode ModeOf(SlstmAlgorithm algorithm) {
+  switch (algorithm) {
+    case SlstmAlgorithm::kCluster:
+      return ClusterMode::kBarrier;
+    case SlstmAlgorithm::kClusterAsync:
+      return ClusterMode::kAsync;
+    case SlstmAlgorithm::kClusterAsyncFastNext:
+      return ClusterMode::kAsyncFastLate;
+    default:
+      return ClusterMode::kAsyncFast;
+  }
 }
 
 // One launch: grid (NH·C, ⌈B/8⌉), clusters of C = head_dim/units CTAs. *launched = false (and
@@ -1171,9 +1650,53 @@ CudaResult SlstmCheck(const SlstmShape& s) {
   return {};
 }
 
+int64_t SlstmTraceLongs(const SlstmShape&) {
+  return int64_t{16} * kSlstmTraceSteps * kSlstmTracePoints;  // clusters have <= 16 CTAs
+}
+
 int64_t SlstmSavedBytes(const SlstmShape& s) {
   return s.batch * s.seq_len * kSavedRows * s.num_heads * s.head_dim *
          static_cast<int64_t>(sizeof(float));
+}
+
+CudaResult SlstmExchangeProbe(int cluster_size, int clusters, int bytes_per_dest, int steps,
+                              bool barrier, cudaStream_t stream, float* ms) {
+  if (cluster_size < 1 || cluster_size > 16 || clusters < 1 || bytes_per_dest < 16 ||
+      bytes_per_dest % 16 != 0 || steps < 1 || bytes_per_dest * cluster_size > 32768) {
+    return InvalidArgument("SlstmExchangeProbe: unsupported arguments");
+  }
+  const void* kernel = barrier ? reinterpret_cast<const void*>(&SlstmExchangeProbeKernel<true>)
+                               : reinterpret_cast<const void*>(&SlstmExchangeProbeKernel<false>);
+  const size_t smem = 2 * static_cast<size_t>(bytes_per_dest) * cluster_size;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(cluster_size * clusters));
+  cfg.blockDim = dim3(512);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster_size);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaEvent_t start, stop;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+  void* kargs[] = {&steps, &bytes_per_dest};
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelExC(&cfg, kernel, kargs));
+  CUDA_RETURN_IF_LAUNCH_ERROR("SlstmExchangeProbeKernel");
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
+  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+  CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(ms, start, stop));
+  CUDA_RETURN_IF_ERROR(cudaEventDestroy(start));
+  CUDA_RETURN_IF_ERROR(cudaEventDestroy(stop));
+  return {};
 }
 
 CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator,
@@ -1209,13 +1732,14 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
   p.cT = args.final_state.c;
   p.nT = args.final_state.n;
   p.mT = args.final_state.m;
+  p.trace = args.debug_trace;
   if (args.algorithm != SlstmAlgorithm::kFlags) {
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
       bool launched = false;
-      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
-      CUDA_RETURN_IF_NOT_OK(LaunchCluster(FwdClusterKernelFor(units, s.head_dim, async), p, units,
-                                          0, s, stream, &launched));
+      CUDA_RETURN_IF_NOT_OK(
+          LaunchCluster(FwdClusterKernelFor(units, s.head_dim, ModeOf(args.algorithm)), p, units, 0,
+                        s, stream, &launched));
       if (launched) return {};
     }
     if (args.algorithm != SlstmAlgorithm::kAuto) {
@@ -1274,14 +1798,15 @@ CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
   p.dc0 = args.d_initial.c;
   p.dn0 = args.d_initial.n;
   p.dm0 = args.d_initial.m;
+  p.trace = args.debug_trace;
   bool launched = false;
   if (args.algorithm != SlstmAlgorithm::kFlags) {
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
-      const size_t smem = sizeof(__nv_bfloat16) * 2 * 8 * (4 * s.head_dim + 8);
-      const bool async = args.algorithm == SlstmAlgorithm::kClusterAsync;
-      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim, async), p, units,
-                                          smem, s, stream, &launched));
+      const ClusterMode mode = ModeOf(args.algorithm);
+      CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim, mode), p, units,
+                                          BwdClusterDynSmem(s.head_dim, mode), s, stream,
+                                          &launched));
     }
     if (!launched && args.algorithm != SlstmAlgorithm::kAuto) {
       return InvalidArgument("SlstmBackward: the cluster kernel does not support head_dim " +

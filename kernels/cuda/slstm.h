@@ -65,16 +65,47 @@ struct SlstmConstState {
   const float* m = nullptr;
 };
 
-// Which persistent kernel runs the recurrence (slstm.cu explains both). kAuto: kCluster when the
-// shape and the device allow it, else kFlags. Results agree to rounding; both are tested.
+// Which persistent kernel runs the recurrence (slstm.cu explains them). kAuto: kClusterAsyncFast
+// when the shape and the device allow a cluster kernel, else kFlags. Results agree to rounding; all
+// but kClusterAsyncFastNext are device-tested (slstm_gpu_test; kClusterAsync and
+// kClusterAsyncFastNext with --experimental).
 enum class SlstmAlgorithm {
   kAuto,
-  kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM
+  kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM,
+             // one cluster barrier per step
   kFlags,    // cooperative grid, per-head release/acquire flags; h / dG exchanged through L2
-  // EXPERIMENTAL, not yet run on a GPU (kAuto never picks it): kCluster with mbarrier-counted
-  // st.async DSMEM stores instead of a cluster barrier per step.
+  // kCluster with mbarrier-counted st.async DSMEM stores instead of a cluster barrier per step.
   kClusterAsync,
+  // kClusterAsync plus latency cuts: inputs loaded two steps ahead, shorter MMA chains, faster
+  // pointwise math; the backward exchanges fp32 partial products (half the DSMEM bytes, one
+  // __syncthreads a step; slstm.cu, SlstmBwdPartialKernel). What kAuto runs.
+  kClusterAsyncFast,
+  // EXPERIMENTAL, written after the last device call and NOT yet run on a GPU (kAuto never
+  // picks it; slstm_gpu_test --experimental and slstm_bench --alg=all include it):
+  // kClusterAsyncFast with the prefetched step inputs left untouched (raw bf16 bits,
+  // unconditional loads straight into the loop-carried registers) until the step that uses them.
+  kClusterAsyncFastNext,
 };
+
+// Tuning aid (kClusterAsyncFast / kClusterAsyncFastNext kernels only; ignored otherwise): with
+// `debug_trace` set to SlstmTraceLongs(shape) zeroed int64s, thread 0 of each CTA of the first
+// cluster (head 0, batch rows 0-7) records clock64() at kSlstmTracePoints points of each of its
+// first kSlstmTraceSteps steps: trace[(cta · kSlstmTraceSteps + step) · kSlstmTracePoints +
+// point]. Points, forward: step start, data received (mbarrier passed), products reduced (after
+// the first barrier), pointwise done (before the DSMEM stores); backward: step start, dG·R
+// partials received and summed, pointwise done (after the barrier), partial products sent.
+constexpr int kSlstmTraceSteps = 256;
+constexpr int kSlstmTracePoints = 4;
+int64_t SlstmTraceLongs(const SlstmShape& shape);
+
+// Tuning aid: the cluster kernels' per-step DSMEM exchange alone (no products, no pointwise).
+// `clusters` clusters of `cluster_size` CTAs (512 threads each) run `steps` steps; per step every
+// CTA sends `bytes_per_dest` bytes (a multiple of 16, 16-byte stores) to each CTA of its cluster
+// and waits for what it receives: `barrier` true as kCluster (DSMEM stores + a cluster barrier),
+// false as kClusterAsync (st.async counted on an mbarrier). Synchronises `stream`; *ms is the
+// kernel's time (CUDA events). E.g. the 1.3B forward sends 512 bytes a destination, clusters of 16.
+CudaResult SlstmExchangeProbe(int cluster_size, int clusters, int bytes_per_dest, int steps,
+                              bool barrier, cudaStream_t stream, float* ms);
 
 // Ok, or InvalidArgument naming the unsupported field.
 CudaResult SlstmCheck(const SlstmShape& shape);
@@ -92,6 +123,7 @@ struct SlstmForwardArgs {
   void* saved = nullptr;              // SlstmSavedBytes; null when no backward follows
   SlstmState final_state;             // null h: not wanted
   SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
+  long long* debug_trace = nullptr;  // tuning aid, see kSlstmTraceSteps; normally null
 };
 
 struct SlstmBackwardArgs {
@@ -106,6 +138,7 @@ struct SlstmBackwardArgs {
   float* dr = nullptr;                // [NH, 4, dh, dh] accumulated; null: not wanted
   SlstmState d_initial;               // null h: not wanted
   SlstmAlgorithm algorithm = SlstmAlgorithm::kAuto;
+  long long* debug_trace = nullptr;  // tuning aid, see kSlstmTraceSteps; normally null
 };
 
 CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator,

@@ -5,8 +5,8 @@
 // pre-activations (ĩ, f̃ = ±30), partial and multiple batch slices, the 125M (d 768, NH 4) and
 // 1.3B (d 2048, NH 4) layouts at short S. Outputs are NaN-poisoned before each run; a repeated
 // run must give the same bits (a moving result is a race). Prints [PASS|FAIL] lines and a
-// summary; exits non-zero on any failure. Every case runs through both kernels (cluster, flags);
-// `--experimental` adds the unverified kClusterAsync variant.
+// summary; exits non-zero on any failure. Every case runs through kClusterAsyncFast (what kAuto
+// runs), kCluster and kFlags; `--experimental` adds kClusterAsync and kClusterAsyncFastNext.
 //
 // Tolerance: 1e-2 relative (METHOD.md, bf16 operands): h and d_gx are bf16 outputs, and the
 // recurrence runs its products on bf16 h_{t−1} / dG, so every output carries bf16 rounding.
@@ -164,9 +164,12 @@ void RunCase(Harness& H, const Case& c, SlstmAlgorithm algorithm, uint64_t seed)
   ba.dr = dr_dev.get();
   if (c.initial) ba.d_initial = {dh0_dev.get(), dc0_dev.get(), dn0_dev.get(), dm0_dev.get()};
   ba.algorithm = algorithm;
-  const std::string n = c.name + (algorithm == SlstmAlgorithm::kCluster        ? " [cluster] "
-                                  : algorithm == SlstmAlgorithm::kClusterAsync ? " [cluster-async] "
-                                                                               : " [flags] ");
+  const std::string n =
+      c.name + (algorithm == SlstmAlgorithm::kCluster                ? " [cluster] "
+                : algorithm == SlstmAlgorithm::kClusterAsync         ? " [cluster-async] "
+                : algorithm == SlstmAlgorithm::kClusterAsyncFast     ? " [cluster-async-fast] "
+                : algorithm == SlstmAlgorithm::kClusterAsyncFastNext ? " [cluster-async-fast-next] "
+                                                                     : " [flags] ");
 
   std::vector<float> h_first, dgx_first;
   const int runs = c.repeat ? 2 : 1;
@@ -235,11 +238,13 @@ int main(int argc, char** argv) {
   using gyre::cuda::SlstmAlgorithm;
   std::signal(SIGALRM, Watchdog);
   alarm(600);
-  // --experimental also runs SlstmAlgorithm::kClusterAsync (not yet verified on a GPU).
-  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
+  // --experimental also runs SlstmAlgorithm::kClusterAsync and kClusterAsyncFastNext.
+  std::vector<SlstmAlgorithm> algorithms = {SlstmAlgorithm::kClusterAsyncFast,
+                                            SlstmAlgorithm::kCluster, SlstmAlgorithm::kFlags};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--experimental") == 0) {
       algorithms.push_back(SlstmAlgorithm::kClusterAsync);
+      algorithms.push_back(SlstmAlgorithm::kClusterAsyncFastNext);
     }
   }
   gyre::cuda::Harness H;
