@@ -1579,16 +1579,20 @@ size_t BwdClusterDynSmem(int64_t head_dim, ClusterMode mode) {
 }
 // kAuto: kClusterAsyncFast, the fastest of the three on every bench shape in the device call of
 // 2026-11-26 (bench/RESULTS.md), where all of them passed slstm_gpu_test.
-ClusterMode ModeOf(SlstmAlgorithm algorithm) {
+// kAuto picks kAsyncFastLate (fastest in the 2026-11-26 H200 call, 756/756 checks). A "cluster" of
+// one CTA (head_dim == units) uses the barrier kernel: st.async into a one-CTA cluster is what
+// compute-sanitizer flagged ("Cluster needs to have at least 2 blocks") in that call.
+ClusterMode ModeOf(SlstmAlgorithm algorithm, int64_t ctas_per_cluster) {
+  if (ctas_per_cluster < 2) return ClusterMode::kBarrier;
   switch (algorithm) {
     case SlstmAlgorithm::kCluster:
       return ClusterMode::kBarrier;
     case SlstmAlgorithm::kClusterAsync:
       return ClusterMode::kAsync;
-    case SlstmAlgorithm::kClusterAsyncFastNext:
-      return ClusterMode::kAsyncFastLate;
-    default:
+    case SlstmAlgorithm::kClusterAsyncFast:
       return ClusterMode::kAsyncFast;
+    default:  // kAuto, kClusterAsyncFastNext
+      return ClusterMode::kAsyncFastLate;
   }
 }
 
@@ -1738,7 +1742,7 @@ CudaResult SlstmForward(const SlstmForwardArgs& args, DeviceAllocator* allocator
     if (units != 0) {
       bool launched = false;
       CUDA_RETURN_IF_NOT_OK(
-          LaunchCluster(FwdClusterKernelFor(units, s.head_dim, ModeOf(args.algorithm)), p, units, 0,
+          LaunchCluster(FwdClusterKernelFor(units, s.head_dim, ModeOf(args.algorithm, s.head_dim / units)), p, units, 0,
                         s, stream, &launched));
       if (launched) return {};
     }
@@ -1803,7 +1807,7 @@ CudaResult SlstmBackward(const SlstmBackwardArgs& args, GemmContext* gemm,
   if (args.algorithm != SlstmAlgorithm::kFlags) {
     const int units = ClusterUnits(s.head_dim);
     if (units != 0) {
-      const ClusterMode mode = ModeOf(args.algorithm);
+      const ClusterMode mode = ModeOf(args.algorithm, s.head_dim / units);
       CUDA_RETURN_IF_NOT_OK(LaunchCluster(BwdClusterKernelFor(units, s.head_dim, mode), p, units,
                                           BwdClusterDynSmem(s.head_dim, mode), s, stream,
                                           &launched));

@@ -65,10 +65,10 @@ struct SlstmConstState {
   const float* m = nullptr;
 };
 
-// Which persistent kernel runs the recurrence (slstm.cu explains them). kAuto: kClusterAsyncFast
-// when the shape and the device allow a cluster kernel, else kFlags. Results agree to rounding; all
-// but kClusterAsyncFastNext are device-tested (slstm_gpu_test; kClusterAsync and
-// kClusterAsyncFastNext with --experimental).
+// Which persistent kernel runs the recurrence (slstm.cu explains them). kAuto:
+// kClusterAsyncFastNext when the shape and the device allow a cluster kernel of >= 2 CTAs, the
+// barrier cluster kernel for one-CTA clusters, else kFlags. Results agree to rounding; all are
+// device-tested (slstm_gpu_test --experimental: 756 checks on an H200, 2026-11-26).
 enum class SlstmAlgorithm {
   kAuto,
   kCluster,  // one thread-block cluster per (head, 8 batch rows); h / dG exchanged through DSMEM,
@@ -78,10 +78,9 @@ enum class SlstmAlgorithm {
   kClusterAsync,
   // kClusterAsync plus latency cuts: inputs loaded two steps ahead, shorter MMA chains, faster
   // pointwise math; the backward exchanges fp32 partial products (half the DSMEM bytes, one
-  // __syncthreads a step; slstm.cu, SlstmBwdPartialKernel). What kAuto runs.
+  // __syncthreads a step; slstm.cu, SlstmBwdPartialKernel).
   kClusterAsyncFast,
-  // EXPERIMENTAL, written after the last device call and NOT yet run on a GPU (kAuto never
-  // picks it; slstm_gpu_test --experimental and slstm_bench --alg=all include it):
+  // What kAuto runs (9.43 ms fwd+bwd at 1.3B B8 S2048 on an H200, 6.4x the xlstm kernel):
   // kClusterAsyncFast with the prefetched step inputs left untouched (raw bf16 bits,
   // unconditional loads straight into the loop-carried registers) until the step that uses them.
   kClusterAsyncFastNext,
