@@ -54,7 +54,7 @@ int RunLedger(int argc, char** argv) {
     }
     if (!problem.empty()) ++problems;
     if (json) {
-      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.6f%s}\n",
+      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.17g%s}\n",
                   (unsigned long long)step.step(), (unsigned long long)step.generation(), step.world_size(),
                   (unsigned long long)step.sample_begin(), (unsigned long long)step.sample_end(), step.metrics().loss(),
                   problem.empty() ? "" : (",\"problem\":\"" + problem + "\"").c_str());

@@ -167,7 +167,10 @@ absl::Status RunLocal(const LaunchOptions& options) {
       } else if (auto it = workers.find(pid); it != workers.end()) {
         const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         std::fprintf(stderr, "gyre launch: %s (pid %d) exited with status %d\n", it->second.role.c_str(), pid, code);
-        if (code != 0 && NowMs() - it->second.started_ms < kQuickExitMs) {
+        // A worker killed from outside (kill -9, the OOM killer, Ctrl-C) did not fail at start-up.
+        const bool killed = WIFSIGNALED(status) && (WTERMSIG(status) == SIGKILL || WTERMSIG(status) == SIGTERM ||
+                                                    WTERMSIG(status) == SIGINT);
+        if (code != 0 && !killed && NowMs() - it->second.started_ms < kQuickExitMs) {
           ++quick_exits_in_a_row;
           last_failed_log = JoinPath(dir.logs_dir(), it->second.role + ".log");
         } else if (code == 0) {
