@@ -66,6 +66,14 @@ int RunLedger(int argc, char** argv) {
     }
     expected = step.step() + 1;
   }
+  // Checkpoints the journal holds, with those a restore found corrupt or torn (kept, never used).
+  for (it->Seek("checkpoint/"); !json && it->Valid() && it->key().starts_with("checkpoint/"); it->Next()) {
+    gyre::v1::CheckpointRecord record;
+    if (!record.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) continue;
+    if (quiet && record.invalid_reason().empty()) continue;
+    std::printf("checkpoint %6llu  %s%s%s\n", (unsigned long long)record.step(), record.path().c_str(),
+                record.invalid_reason().empty() ? "" : "  BAD: ", record.invalid_reason().c_str());
+  }
   if (!json) {
     std::printf("ledger: %llu committed steps, global batch %llu, %llu problem(s)\n", (unsigned long long)expected,
                 (unsigned long long)global_batch, (unsigned long long)problems);

@@ -66,6 +66,18 @@ grpc::ServerUnaryReactor* ClusterService::ReportCheckpoint(
   return internal::Dispatch(ctx, loop_, token_, validation, event, response);
 }
 
+grpc::ServerUnaryReactor* ClusterService::ReportBadCheckpoint(
+    grpc::CallbackServerContext* ctx, const gyre::v1::ReportBadCheckpointRequest* request,
+    gyre::v1::ReportBadCheckpointResponse* response) {
+  absl::Status validation = NeedSession(request->session(), "ReportBadCheckpointRequest");
+  if (validation.ok() && request->path().empty()) {
+    validation = absl::InvalidArgumentError("ReportBadCheckpointRequest.path is required");
+  }
+  ReportBadCheckpointEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+}
+
 grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx,
                                                 const gyre::v1::LeaveRequest* request,
                                                 gyre::v1::LeaveResponse* response) {

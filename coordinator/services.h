@@ -39,6 +39,9 @@ class ClusterService final : public gyre::v1::Cluster::CallbackService {
   grpc::ServerUnaryReactor* ReportCheckpoint(grpc::CallbackServerContext* ctx,
                                              const gyre::v1::ReportCheckpointRequest* request,
                                              gyre::v1::ReportCheckpointResponse* response) override;
+  grpc::ServerUnaryReactor* ReportBadCheckpoint(
+      grpc::CallbackServerContext* ctx, const gyre::v1::ReportBadCheckpointRequest* request,
+      gyre::v1::ReportBadCheckpointResponse* response) override;
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
                                   const gyre::v1::LeaveRequest* request,
                                   gyre::v1::LeaveResponse* response) override;

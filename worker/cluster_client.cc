@@ -73,6 +73,14 @@ absl::Status ClusterClient::ReportCheckpoint(const gyre::v1::ReportCheckpointReq
       .status();
 }
 
+absl::Status ClusterClient::ReportBadCheckpoint(const gyre::v1::ReportBadCheckpointRequest& request) {
+  return WithRetry<gyre::v1::ReportBadCheckpointResponse>("ReportBadCheckpoint", options_.call_deadline_ms,
+                                                          [&](auto* ctx, auto* resp) {
+                                                            return stub_->ReportBadCheckpoint(ctx, request, resp);
+                                                          })
+      .status();
+}
+
 absl::Status ClusterClient::Leave(const gyre::v1::LeaveRequest& request) {
   return WithRetry<gyre::v1::LeaveResponse>("Leave", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
     return stub_->Leave(ctx, request, resp);

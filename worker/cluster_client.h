@@ -40,6 +40,7 @@ class ClusterClient {
   absl::StatusOr<gyre::v1::StepLease> AcquireStep(const gyre::v1::AcquireStepRequest& request);
   absl::StatusOr<gyre::v1::CompleteStepResponse> CompleteStep(const gyre::v1::CompleteStepRequest& request);
   absl::Status ReportCheckpoint(const gyre::v1::ReportCheckpointRequest& request);
+  absl::Status ReportBadCheckpoint(const gyre::v1::ReportBadCheckpointRequest& request);
   absl::Status Leave(const gyre::v1::LeaveRequest& request);
 
  private:

@@ -58,6 +58,9 @@ class Worker {
   absl::Status JoinGeneration(const gyre::v1::StepLease& lease);
   absl::Status RunStep(const gyre::v1::StepLease& lease);
   void StartCheckpoint(const gyre::v1::StepLease& lease);
+  // Loads the checkpoint a restoring RECONFIGURE names; on a verification failure reports it
+  // (ReportBadCheckpoint) and returns Aborted, so the worker asks the coordinator again.
+  absl::Status RestoreCheckpoint(const gyre::v1::StepLease& lease);
   absl::StatusOr<std::unique_ptr<RendezvousStore>> StoreFor(const gyre::v1::Rendezvous& rendezvous);
 
   ClusterClient* client_;

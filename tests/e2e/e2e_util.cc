@@ -201,3 +201,31 @@ int LocalRun::CountInCoordinatorLog(const std::string& needle) const {
 }
 
 }  // namespace gyre::e2e
+
+namespace gyre::e2e {
+
+std::vector<std::string> LocalRun::CoordinatorLogLines(const std::vector<std::string>& needles) const {
+  std::ifstream in(run_dir_ + "/logs/coordinator.log");
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) {
+    bool all = true;
+    for (const std::string& n : needles) all = all && line.find(n) != std::string::npos;
+    if (all) lines.push_back(line);
+  }
+  return lines;
+}
+
+std::string LocalRun::WorkerLogs() const {
+  std::string all;
+  if (!fs::exists(run_dir_ + "/logs")) return all;
+  for (const auto& e : fs::directory_iterator(run_dir_ + "/logs")) {
+    if (e.path().filename().string().rfind("worker-", 0) != 0) continue;
+    std::ifstream in(e.path());
+    std::stringstream ss;
+    ss << in.rdbuf();
+    all += ss.str();
+  }
+  return all;
+}
+
+}  // namespace gyre::e2e

@@ -77,6 +77,10 @@ class LocalRun {
   void DumpLogs(size_t tail_bytes = 2500) const;
   // Counts lines of the coordinator log containing `needle`.
   int CountInCoordinatorLog(const std::string& needle) const;
+  // The coordinator log's lines containing every one of `needles`.
+  std::vector<std::string> CoordinatorLogLines(const std::vector<std::string>& needles) const;
+  // The contents of every worker log, concatenated.
+  std::string WorkerLogs() const;
 
  private:
   std::string root_, name_, run_dir_, config_path_, launch_log_;

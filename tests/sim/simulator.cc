@@ -353,6 +353,9 @@ std::string Describe(const Event& event) {
                                  e.request.step());
         } else if constexpr (std::is_same_v<T, coordinator::LeaveEvent>) {
           return absl::StrFormat("Leave(s=%x)", e.request.session());
+        } else if constexpr (std::is_same_v<T, coordinator::ReportBadCheckpointEvent>) {
+          return absl::StrFormat("ReportBadCheckpoint(s=%x t=%d)", e.request.session(),
+                                 e.request.step());
         } else if constexpr (std::is_same_v<T, coordinator::TickEvent>) {
           return "Tick";
         } else {
