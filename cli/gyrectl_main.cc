@@ -1,6 +1,6 @@
 // gyrectl: steer a running Gyre run (DESIGN.md section 5).
 //
-//   gyrectl [--run-dir runs/NAME] status|workers|pause|resume|scale N|drain WORKER|checkpoint|stop|metrics
+//   gyrectl [--run-dir runs/NAME] [--tls-ca FILE] status|workers|pause|resume|scale N|drain WORKER|checkpoint|stop|metrics
 //
 // The coordinator address and bearer token come from the run directory (coordinator.addr, token)
 // unless --coordinator / --token-file say otherwise. --json prints the protobuf JSON of the
@@ -104,6 +104,8 @@ int GyrectlMain(int argc, char** argv) {
   app.add_option("--run-dir", run_dir, "the run directory (holds coordinator.addr and token)")->capture_default_str();
   app.add_option("--coordinator", address, "host:port of the coordinator (overrides coordinator.addr)");
   app.add_option("--token-file", token_file, "bearer token file (overrides <run-dir>/token)");
+  std::string tls_ca;
+  app.add_option("--tls-ca", tls_ca, "PEM CA file to trust over TLS (default: <run-dir>/tls-ca.pem if present)");
   app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
   app.add_flag("--json", json, "print the answer as JSON");
 
@@ -130,7 +132,7 @@ int GyrectlMain(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
 
-  absl::StatusOr<ControlTarget> target = ResolveControlTarget(run_dir, address, token_file);
+  absl::StatusOr<ControlTarget> target = ResolveControlTarget(run_dir, address, token_file, tls_ca);
   if (!target.ok()) return Fail(target.status());
   ControlClient client(*target, timeout_ms);
 

@@ -31,6 +31,9 @@ int RunLaunch(int argc, char** argv) {
   app.add_option("--batch", batch, "data.global_batch (sequences per step, all workers together)");
   app.add_option("--lr", lr, "optimizer.lr (peak)");
   app.add_option("--seed", seed, "run seed");
+  std::string tls_cert, tls_key;
+  app.add_option("--tls-cert", tls_cert, "PEM certificate: the coordinator serves TLS (control.tls_cert)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert (control.tls_key)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -57,6 +60,8 @@ int RunLaunch(int argc, char** argv) {
   if (batch) config.mutable_data()->set_global_batch(batch);
   if (lr > 0) config.mutable_optimizer()->set_lr(lr);
   if (seed) config.set_seed(seed);
+  if (!tls_cert.empty()) config.mutable_control()->set_tls_cert(tls_cert);
+  if (!tls_key.empty()) config.mutable_control()->set_tls_key(tls_key);
   config.mutable_cluster()->set_desired_workers(workers);
   ApplyDefaults(&config);
   if (absl::Status s = ValidateRunConfig(config); !s.ok()) {

@@ -94,6 +94,10 @@ struct ServerOptions {
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
   std::string token;                   // the run's bearer token; required
   bool authenticate_workers = true;    // Cluster calls carry the token too
+  // TLS (both set): PEM certificate chain and private key; plaintext connections are refused.
+  // Empty: plaintext (loopback / trusted networks). The bearer token is required either way.
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
 };
 
 // The coordinator's gRPC server: both services plus server reflection (grpcurl).

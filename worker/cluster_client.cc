@@ -13,8 +13,13 @@ ClusterClient::ClusterClient(ClusterClientOptions options, Clock* clock) : optio
   // Reconnect quickly after a coordinator restart instead of gRPC's default (up to 120 s).
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, static_cast<int>(options_.backoff_max_ms));
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, static_cast<int>(options_.backoff_initial_ms));
-  stub_ = gyre::v1::Cluster::NewStub(
-      grpc::CreateCustomChannel(options_.address, grpc::InsecureChannelCredentials(), args));
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options_.tls_ca_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options_.tls_ca_pem;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  stub_ = gyre::v1::Cluster::NewStub(grpc::CreateCustomChannel(options_.address, credentials, args));
 }
 
 template <typename Response, typename Call>

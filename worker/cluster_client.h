@@ -20,6 +20,7 @@ namespace gyre {
 struct ClusterClientOptions {
   std::string address;               // coordinator host:port
   std::string token;                 // run bearer token
+  std::string tls_ca_pem;            // non-empty: TLS trusting these CA certificates
   int64_t call_deadline_ms = 10000;  // Register, Heartbeat, AcquireStep, ReportCheckpoint, Leave
   // CompleteStep waits on the server until every member reported (or the generation changed):
   // allow a collective timeout plus a heartbeat timeout.
