@@ -63,6 +63,12 @@ void PrintStatus(const gyre::v1::RunStatus& s) {
     std::printf("last step    %llu: loss %.4f, grad norm %.3f, lr %.3g\n", (unsigned long long)m.step(), m.loss(),
                 m.grad_norm(), m.lr());
   }
+  if (s.has_last_metrics() && s.last_metrics().has_times()) {
+    // Slowest rank per phase (the coordinator's aggregate); optimizer: the previous step's.
+    const auto& t = s.last_metrics().times();
+    std::printf("step time    %.1f ms: data %.1f, forward %.1f, backward %.1f, exposed comm %.1f, optimizer %.1f\n",
+                t.total_ms(), t.data_wait_ms(), t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
+  }
   if (s.tokens_per_s() > 0) std::printf("throughput   %.0f tokens/s\n", s.tokens_per_s());
   if (!s.last_checkpoint().empty()) {
     std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
@@ -178,8 +184,10 @@ int GyrectlMain(int argc, char** argv) {
         std::printf("%s\n", Json(u).c_str());
       } else {
         const auto& m = u.metrics();
-        std::printf("step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  tok/s %.0f\n", (unsigned long long)m.step(), m.loss(),
-                    m.grad_norm(), m.lr(), m.tokens_per_s());
+        const auto& t = m.times();
+        std::printf("step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  tok/s %.0f  ms: data %.1f fwd %.1f bwd %.1f comm %.1f opt %.1f\n",
+                    (unsigned long long)m.step(), m.loss(), m.grad_norm(), m.lr(), m.tokens_per_s(), t.data_wait_ms(),
+                    t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
       }
       std::fflush(stdout);
       return true;

@@ -21,6 +21,11 @@ int RunWorker(int argc, char** argv) {
   app.add_option("--tls-ca", tls_ca, "PEM CA file to trust: TLS to the coordinator (default: <run-dir>/tls-ca.pem if present)");
   app.add_option("--device", device, "cpu (CUDA workers arrive with the GPU backend)")->capture_default_str();
   app.add_option("--hostname", hostname, "address peers use to reach this worker")->capture_default_str();
+  bool overlap = true;
+  double bucket_mb = 25;
+  app.add_option("--grad-bucket-mb", bucket_mb, "gradient all-reduce bucket cap in MiB")->capture_default_str();
+  app.add_flag("--overlap-grad-reduce,!--no-overlap-grad-reduce", overlap,
+               "all-reduce gradient buckets during backward (default) or all after it");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -61,6 +66,12 @@ int RunWorker(int argc, char** argv) {
   options.run_dir = run_dir;
   options.hostname = hostname;
   options.device = device;
+  options.overlap_grad_reduce = overlap;
+  if (!(bucket_mb > 0)) {
+    std::fprintf(stderr, "gyre worker: --grad-bucket-mb must be > 0\n");
+    return 2;
+  }
+  options.grad_bucket_bytes = static_cast<size_t>(bucket_mb * (1 << 20));
   Worker worker(&client, Env::Default(), Clock::Real(), options);
   absl::Status s = worker.Run();
   if (!s.ok()) {

@@ -103,8 +103,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
   };
   auto start_worker = [&]() -> absl::Status {
     const std::string role = absl::StrCat("worker-", next_worker++);
-    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, {"worker", "--run-dir", options.run_dir},
-                                      JoinPath(dir.logs_dir(), role + ".log"));
+    std::vector<std::string> args = {"worker", "--run-dir", options.run_dir};
+    args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
+    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), role + ".log"));
     if (!pid.ok()) return pid.status();
     workers[*pid] = {*pid, role, NowMs()};
     return absl::OkStatus();

@@ -39,6 +39,9 @@ struct WorkerOptions {
   GlooOptions gloo;
   int64_t broken_collective_wait_ms = 200;  // between lease polls after a failed collective
   bool log_steps = true;           // one line per committed step on stderr
+  // All-reduce gradient buckets during backward (false: all of them after backward).
+  bool overlap_grad_reduce = true;
+  size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
 };
 
 class Worker {
@@ -85,6 +88,8 @@ class Worker {
   std::unique_ptr<CheckpointWriter> checkpoints_;
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
+  // Step-time bookkeeping of the training loop (its thread only).
+  double last_optimizer_ms_ = 0;
 };
 
 }  // namespace gyre
