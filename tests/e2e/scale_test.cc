@@ -26,6 +26,16 @@ TEST(ScaleTest, TwoToThreeToOneLiveWithAnExactLedger) {
                "collective_timeout_ms: 15000 }\n");
   ASSERT_TRUE(run.Launch(2));
   ASSERT_TRUE(WaitFor([&] { return run.Committed() >= 3; }, 180)) << (run.DumpLogs(), "no progress");
+  // The step-time breakdown reaches gyrectl: every phase reported separately.
+  {
+    nlohmann::json times = run.Status()["last_metrics"]["times"];
+    for (const char* phase : {"forward_ms", "backward_ms", "exposed_comm_ms", "optimizer_ms", "total_ms"}) {
+      EXPECT_GT(times.value(phase, 0.0), 0.0) << phase << " in " << times.dump();
+    }
+    CommandResult text = RunCommand({Bin("gyrectl"), "--run-dir", run.run_dir(), "status"});
+    EXPECT_NE(text.out.find("step time"), std::string::npos) << text.out;
+    EXPECT_NE(text.out.find("exposed comm"), std::string::npos) << text.out;
+  }
 
   auto workers_are = [&](int active, int standby) {
     nlohmann::json s = run.Status();
