@@ -44,12 +44,15 @@ absl::StatusOr<gyre::v1::RunConfig> ReadRunConfig(const std::string& path) {
 
 int RunCoordinator(int argc, char** argv) {
   CLI::App app("run the coordinator of one run", argv[0]);
-  std::string config_path, runs_dir = "runs", listen, gloo_store;
+  std::string config_path, runs_dir = "runs", listen, gloo_store = "coordinator";
   bool open_workers = false;
   app.add_option("--config", config_path, "RunConfig file (text proto or JSON)")->required();
   app.add_option("--runs-dir", runs_dir, "parent of the run directory (default: runs)");
   app.add_option("--listen", listen, "gRPC host:port (overrides control.listen)");
-  app.add_option("--gloo-store", gloo_store, "host:port of the Gloo store for CPU generations");
+  app.add_option("--gloo-store", gloo_store,
+                 "Gloo rendezvous store of CPU generations: \"coordinator\" (this coordinator's key-value "
+                 "store; multi-host, no shared file system) or dir:<path> (a directory every worker reaches)")
+      ->capture_default_str();
   std::string tls_cert, tls_key, tls_ca;
   app.add_option("--tls-cert", tls_cert, "PEM certificate chain: serve TLS (overrides control.tls_cert)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert (overrides control.tls_key)");

@@ -87,4 +87,30 @@ grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx
                             event, response);
 }
 
+grpc::ServerUnaryReactor* ClusterService::StoreSet(grpc::CallbackServerContext* ctx,
+                                                   const gyre::v1::StoreSetRequest* request,
+                                                   gyre::v1::StoreSetResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status s = token_.empty() ? absl::OkStatus() : CheckBearerToken(token_, internal::Authorization(*ctx));
+  if (s.ok()) s = kv_.Set(request->key(), request->value());
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ClusterService::StoreGet(grpc::CallbackServerContext* ctx,
+                                                   const gyre::v1::StoreGetRequest* request,
+                                                   gyre::v1::StoreGetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status s = token_.empty() ? absl::OkStatus() : CheckBearerToken(token_, internal::Authorization(*ctx));
+  if (s.ok() && request->key().empty()) s = absl::InvalidArgumentError("StoreGetRequest.key is required");
+  if (s.ok()) {
+    if (std::optional<std::string> value = kv_.Get(request->key())) {
+      response->set_found(true);
+      response->set_value(*value);
+    }
+  }
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
 }  // namespace gyre::coordinator

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/core_loop.h"
+#include "coordinator/kv_store.h"
 #include "gyre/v1/cluster.grpc.pb.h"
 #include "gyre/v1/control.grpc.pb.h"
 #include "grpcpp/server.h"
@@ -45,10 +46,18 @@ class ClusterService final : public gyre::v1::Cluster::CallbackService {
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
                                   const gyre::v1::LeaveRequest* request,
                                   gyre::v1::LeaveResponse* response) override;
+  // The rendezvous store: answered here, not by the core (it decides nothing).
+  grpc::ServerUnaryReactor* StoreSet(grpc::CallbackServerContext* ctx,
+                                     const gyre::v1::StoreSetRequest* request,
+                                     gyre::v1::StoreSetResponse* response) override;
+  grpc::ServerUnaryReactor* StoreGet(grpc::CallbackServerContext* ctx,
+                                     const gyre::v1::StoreGetRequest* request,
+                                     gyre::v1::StoreGetResponse* response) override;
 
  private:
   CoreLoop* loop_;
   std::string token_;
+  RendezvousKv kv_;
 };
 
 class ControlService final : public gyre::v1::Control::CallbackService {

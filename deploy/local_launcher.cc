@@ -57,9 +57,6 @@ absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::strin
   return pid;
 }
 
-// Gloo rendezvous files of this run's generations (every local worker reaches the directory).
-std::string RendezvousDir(const RunDir& dir) { return JoinPath(dir.root(), "rendezvous"); }
-
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -82,8 +79,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
   std::string last_failed_log;
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
+    // Gloo rendezvous through the coordinator's own key-value store (the default).
     std::vector<std::string> args = {"coordinator", "--runs-dir", DirName(options.run_dir), "--config",
-                                     options.config_path, "--gloo-store", "dir:" + RendezvousDir(dir)};
+                                     options.config_path};
     // A restarted coordinator listens where the old one did: workers keep retrying that address
     // (they hold their weights meanwhile) and re-attach to their sessions.
     if (absl::StatusOr<std::string> old = env->ReadFile(dir.control_address_path()); old.ok()) {
@@ -113,8 +111,6 @@ absl::Status RunLocal(const LaunchOptions& options) {
 
   // A fresh launch picks a fresh port (an address file left by an earlier launch is stale).
   env->RemoveFile(dir.control_address_path()).IgnoreError();
-  // Keys of an earlier launch of this run directory must not meet this one's (no worker is up yet).
-  if (absl::Status s = env->RemoveAll(RendezvousDir(dir)); !s.ok()) return s;
   if (absl::Status s = start_coordinator(); !s.ok()) return s;
   // Workers need the coordinator's address and token first.
   const int64_t wait_until = NowMs() + 60000;

@@ -92,4 +92,16 @@ absl::Status ClusterClient::Leave(const gyre::v1::LeaveRequest& request) {
   }).status();
 }
 
+absl::Status ClusterClient::StoreSet(const gyre::v1::StoreSetRequest& request) {
+  return WithRetry<gyre::v1::StoreSetResponse>("StoreSet", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
+    return stub_->StoreSet(ctx, request, resp);
+  }).status();
+}
+
+absl::StatusOr<gyre::v1::StoreGetResponse> ClusterClient::StoreGet(const gyre::v1::StoreGetRequest& request) {
+  return WithRetry<gyre::v1::StoreGetResponse>("StoreGet", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
+    return stub_->StoreGet(ctx, request, resp);
+  });
+}
+
 }  // namespace gyre

@@ -43,6 +43,8 @@ class ClusterClient {
   absl::Status ReportCheckpoint(const gyre::v1::ReportCheckpointRequest& request);
   absl::Status ReportBadCheckpoint(const gyre::v1::ReportBadCheckpointRequest& request);
   absl::Status Leave(const gyre::v1::LeaveRequest& request);
+  absl::Status StoreSet(const gyre::v1::StoreSetRequest& request);
+  absl::StatusOr<gyre::v1::StoreGetResponse> StoreGet(const gyre::v1::StoreGetRequest& request);
 
  private:
   template <typename Response, typename Call>

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "worker/coordinator_store.h"
 
 namespace gyre {
 
@@ -85,8 +86,12 @@ absl::StatusOr<std::unique_ptr<RendezvousStore>> Worker::StoreFor(const gyre::v1
     return std::unique_ptr<RendezvousStore>(
         std::make_unique<DirectoryStore>(env_, clock_, rendezvous.store_address().substr(4)));
   }
+  // "coordinator": the coordinator's own key-value store (multi-host, no shared file system).
+  if (rendezvous.store_address() == CoordinatorStore::kAddress) {
+    return std::unique_ptr<RendezvousStore>(std::make_unique<CoordinatorStore>(client_, clock_, session_.load()));
+  }
   return absl::UnimplementedError(absl::StrCat("rendezvous store '", rendezvous.store_address(),
-                                               "': this worker supports only dir:<path> stores"));
+                                               "': this worker supports \"coordinator\" and dir:<path> stores"));
 }
 
 absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
