@@ -664,6 +664,7 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
   record.set_path(req.path());
   record.set_manifest_checksum(req.manifest_checksum());
   record.set_completed_unix_ms(UnixMs(ctx.now));
+  record.set_recorded_generation(generation_.id());
   checkpoints_[req.step()] = record;
   JournalBatch batch;
   batch.checkpoints.push_back(record);
@@ -693,8 +694,11 @@ void CoordinatorCore::OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, C
   it->second.last_seen_micros = ctx.now;
   it->second.last_seen_unix_ms = UnixMs(ctx.now);
   auto bad = checkpoints_.find(req.step());
-  if (bad == checkpoints_.end() || bad->second.path() != req.path()) {
-    // Already marked (every member that read it reports it), or not one this core restores from.
+  if (bad == checkpoints_.end() || bad->second.path() != req.path() ||
+      req.generation() <= bad->second.recorded_generation()) {
+    // Already marked (every member that read it reports it), not one this core restores from, or
+    // a late report about an earlier write of this step (a restore generation that named the
+    // current files is newer than their record).
     ctx.Send(e.id, gyre::v1::ReportBadCheckpointResponse());
     return;
   }
@@ -713,7 +717,9 @@ void CoordinatorCore::OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, C
     for (const auto& m : generation_.members()) {
       if (workers_.count(m.session()) != 0) members.push_back(m.session());
     }
-    CreateGeneration(members, members.empty() ? "failure" : "restore", ctx, std::move(batch));
+    // Reason "restore" once more unless a member already holds the state (it restored before
+    // the others found the files bad): then the others get it from that member.
+    CreateGeneration(members, members.empty() ? "failure" : "bad-checkpoint", ctx, std::move(batch));
   } else {
     ctx.actions.push_back(JournalWrite{std::move(batch)});
   }

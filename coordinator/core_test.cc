@@ -461,3 +461,38 @@ TEST(CoreTest, BadCheckpointFallsBackToThePreviousOneThenToStepZero) {
 
 }  // namespace
 }  // namespace gyre::coordinator
+
+namespace gyre::coordinator {
+namespace {
+
+// A late bad-checkpoint report about an earlier write of the same step (from a generation not
+// newer than the checkpoint's record) must not condemn the files written since.
+TEST(CoreTest, StaleBadCheckpointReportIsIgnored) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  Harness h(config);
+  h.Register(11, 1);
+  for (uint64_t t = 0; t < 3; ++t) {
+    h.Acquire(11, 1, t);
+    h.Complete(11, 1, t);
+  }
+  gyre::v1::ReportCheckpointRequest r;
+  r.set_session(11);
+  r.set_step(2);
+  r.set_path("checkpoints/step-2");
+  h.Send(ReportCheckpointEvent{++h.next_id_, r});
+  ASSERT_EQ(h.journal_.checkpoints.size(), 1u);
+  EXPECT_EQ(h.journal_.checkpoints[0].recorded_generation(), 1u);
+  gyre::v1::ReportBadCheckpointRequest bad;
+  bad.set_session(11);
+  bad.set_generation(1);  // not newer than the record
+  bad.set_step(2);
+  bad.set_path("checkpoints/step-2");
+  h.Send(ReportBadCheckpointEvent{++h.next_id_, bad});
+  EXPECT_EQ(h.journal_.checkpoints[0].invalid_reason(), "");
+  EXPECT_EQ(h.core_->Status().last_checkpoint_step(), 2u);
+  EXPECT_EQ(h.core_->generation().id(), 1u);
+}
+
+}  // namespace
+}  // namespace gyre::coordinator

@@ -61,6 +61,9 @@ absl::Status Worker::Run() {
       }
       case gyre::v1::STEP_DECISION_RECONFIGURE:
         if (absl::Status s = JoinGeneration(*lease); !s.ok()) {
+          // Not a member of any generation until the coordinator says again (asking with the
+          // failed one could be answered RUN on state this worker never received).
+          generation_.store(0);
           // A member that never showed up (or died) while the communicator formed: the
           // coordinator will form another generation. Bad checkpoints or configs are fatal.
           const bool transient = NeedsResync(s) || absl::IsDeadlineExceeded(s) || absl::IsUnavailable(s);
