@@ -1,12 +1,15 @@
 // The worker actor (DESIGN.md section 4): one process per GPU, or per CPU process without one.
 // It registers with the coordinator, heartbeats, and then follows step leases:
 //
-//   RUN          read its slice of the step's global sample range, forward + backward, SUM
-//                all-reduce of gradients, CompleteStep; apply the optimizer only on COMMIT
+//   RUN          read its slice of the step's global sample range, forward + backward with the
+//                SUM all-reduce of gradient buckets overlapped (GradientReducer), CompleteStep
+//                with the step-time breakdown; apply the optimizer only on COMMIT
 //   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background),
 //                then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
-//                (broadcast from a member, or the checkpoint the coordinator names)
+//                (broadcast from a member, or the checkpoint the coordinator names; one that
+//                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
 //
 // Decisions take effect only at step boundaries. A collective that fails mid-step (a peer died,
