@@ -8,6 +8,8 @@
 //   token            control bearer token, mode 0600
 //   coordinator.addr host:port of the coordinator's gRPC server (written once it listens)
 //   http.addr        host:port of the dashboard / metrics HTTP server
+//   tls-ca.pem       when the coordinator serves TLS: the CA certificate(s) its clients trust
+//                    (workers, gyrectl and the launcher use TLS exactly when this file exists)
 //   tb/              TensorBoard event files
 #pragma once
 
@@ -28,6 +30,7 @@ class RunDir {
   std::string token_path() const { return root_ + "/token"; }
   std::string control_address_path() const { return root_ + "/coordinator.addr"; }
   std::string http_address_path() const { return root_ + "/http.addr"; }
+  std::string tls_ca_path() const { return root_ + "/tls-ca.pem"; }
   std::string tensorboard_dir() const { return root_ + "/tb"; }
 
  private:

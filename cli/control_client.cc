@@ -14,7 +14,7 @@
 namespace gyre::cli {
 
 absl::StatusOr<ControlTarget> ResolveControlTarget(const std::string& run_dir, const std::string& address_flag,
-                                                   const std::string& token_file_flag) {
+                                                   const std::string& token_file_flag, const std::string& tls_ca_flag) {
   RunDir dir(run_dir);
   ControlTarget target;
   target.address = address_flag;
@@ -34,12 +34,28 @@ absl::StatusOr<ControlTarget> ResolveControlTarget(const std::string& run_dir, c
   absl::StatusOr<std::string> token = ReadToken(target.token_path);
   if (!token.ok()) return token.status();
   target.token = *token;
+  const std::string ca_path = tls_ca_flag.empty() ? dir.tls_ca_path() : tls_ca_flag;
+  std::ifstream ca(ca_path, std::ios::binary);
+  if (ca) {
+    std::stringstream pem;
+    pem << ca.rdbuf();
+    target.tls_ca_pem = pem.str();
+    if (target.tls_ca_pem.empty()) return absl::DataLossError(absl::StrCat("TLS CA file ", ca_path, " is empty"));
+  } else if (!tls_ca_flag.empty()) {
+    return absl::NotFoundError(absl::StrCat("TLS CA file ", tls_ca_flag, " cannot be read"));
+  }
   return target;
 }
 
 ControlClient::ControlClient(ControlTarget target, int64_t deadline_ms)
     : target_(std::move(target)), deadline_ms_(deadline_ms) {
-  stub_ = gyre::v1::Control::NewStub(grpc::CreateChannel(target_.address, grpc::InsecureChannelCredentials()));
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!target_.tls_ca_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = target_.tls_ca_pem;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  stub_ = gyre::v1::Control::NewStub(grpc::CreateChannel(target_.address, credentials));
 }
 
 void ControlClient::Prepare(grpc::ClientContext* ctx, bool with_deadline) const {

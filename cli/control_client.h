@@ -18,12 +18,15 @@ struct ControlTarget {
   std::string address;     // host:port
   std::string token;
   std::string token_path;  // for error messages
+  std::string tls_ca_pem;  // non-empty: TLS, trusting these CA certificates; empty: plaintext
 };
 
 // Where to find the coordinator: explicit flags win; otherwise <run_dir>/coordinator.addr and
-// <run_dir>/token. NotFound naming the missing file when the run dir has none.
+// <run_dir>/token. NotFound naming the missing file when the run dir has none. TLS: the CA file
+// of `tls_ca_flag`, else <run_dir>/tls-ca.pem when the coordinator published one, else plaintext.
 absl::StatusOr<ControlTarget> ResolveControlTarget(const std::string& run_dir, const std::string& address_flag,
-                                                   const std::string& token_file_flag);
+                                                   const std::string& token_file_flag,
+                                                   const std::string& tls_ca_flag = "");
 
 class ControlClient {
  public:

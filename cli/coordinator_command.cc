@@ -44,12 +44,21 @@ absl::StatusOr<gyre::v1::RunConfig> ReadRunConfig(const std::string& path) {
 
 int RunCoordinator(int argc, char** argv) {
   CLI::App app("run the coordinator of one run", argv[0]);
-  std::string config_path, runs_dir = "runs", listen, gloo_store;
+  std::string config_path, runs_dir = "runs", listen, gloo_store = "coordinator";
   bool open_workers = false;
   app.add_option("--config", config_path, "RunConfig file (text proto or JSON)")->required();
   app.add_option("--runs-dir", runs_dir, "parent of the run directory (default: runs)");
   app.add_option("--listen", listen, "gRPC host:port (overrides control.listen)");
-  app.add_option("--gloo-store", gloo_store, "host:port of the Gloo store for CPU generations");
+  app.add_option("--gloo-store", gloo_store,
+                 "Gloo rendezvous store of CPU generations: \"coordinator\" (this coordinator's key-value "
+                 "store; multi-host, no shared file system) or dir:<path> (a directory every worker reaches)")
+      ->capture_default_str();
+  std::string tls_cert, tls_key, tls_ca;
+  app.add_option("--tls-cert", tls_cert, "PEM certificate chain: serve TLS (overrides control.tls_cert)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert (overrides control.tls_key)");
+  app.add_option("--tls-ca", tls_ca,
+                 "PEM CA certificate(s) clients should trust, published as <run-dir>/tls-ca.pem "
+                 "(default: the certificate itself, right for a self-signed one)");
   app.add_flag("--open-workers", open_workers,
                "do not require the bearer token on worker (Cluster) calls");
   try {
@@ -64,6 +73,11 @@ int RunCoordinator(int argc, char** argv) {
   auto config = ReadRunConfig(config_path);
   if (!config.ok()) return fail(config.status());
   if (!listen.empty()) config->mutable_control()->set_listen(listen);
+  if (!tls_cert.empty()) config->mutable_control()->set_tls_cert(tls_cert);
+  if (!tls_key.empty()) config->mutable_control()->set_tls_key(tls_key);
+  if (config->control().tls_cert().empty() != config->control().tls_key().empty()) {
+    return fail(absl::InvalidArgumentError("control.tls_cert and control.tls_key: TLS needs both (or neither)"));
+  }
   if (config->name().empty()) return fail(absl::InvalidArgumentError("name: the run needs a name"));
   if (absl::Status s = coordinator::ValidateCoordinatorConfig(*config); !s.ok()) return fail(s);
 
@@ -111,6 +125,22 @@ int RunCoordinator(int argc, char** argv) {
       config->control().listen().empty() ? "127.0.0.1:0" : config->control().listen();
   server_options.token = *token;
   server_options.authenticate_workers = !open_workers;
+  // TLS: the clients of this run (workers, gyrectl, the launcher) find the CA to trust in the run
+  // directory; its absence means plaintext. Written before coordinator.addr, which clients wait for.
+  RunDir run(run_dir);
+  if (!config->control().tls_cert().empty()) {
+    auto cert = env->ReadFile(config->control().tls_cert());
+    if (!cert.ok()) return fail(cert.status());
+    auto key = env->ReadFile(config->control().tls_key());
+    if (!key.ok()) return fail(key.status());
+    auto ca = tls_ca.empty() ? cert : env->ReadFile(tls_ca);
+    if (!ca.ok()) return fail(ca.status());
+    server_options.tls_cert_pem = *cert;
+    server_options.tls_key_pem = *key;
+    if (absl::Status s = WriteFileAtomically(env, run.tls_ca_path(), *ca); !s.ok()) return fail(s);
+  } else if (env->Exists(run.tls_ca_path())) {
+    if (absl::Status s = env->RemoveFile(run.tls_ca_path()); !s.ok()) return fail(s);
+  }
   auto server = coordinator::CoordinatorServer::Start(loop->get(), server_options);
   if (!server.ok()) return fail(server.status());
   const std::string host = server_options.listen.substr(0, server_options.listen.rfind(':'));

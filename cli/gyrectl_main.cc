@@ -1,6 +1,6 @@
 // gyrectl: steer a running Gyre run (DESIGN.md section 5).
 //
-//   gyrectl [--run-dir runs/NAME] status|workers|pause|resume|scale N|drain WORKER|checkpoint|stop|metrics
+//   gyrectl [--run-dir runs/NAME] [--tls-ca FILE] status|workers|pause|resume|scale N|drain WORKER|checkpoint|stop|metrics
 //
 // The coordinator address and bearer token come from the run directory (coordinator.addr, token)
 // unless --coordinator / --token-file say otherwise. --json prints the protobuf JSON of the
@@ -63,6 +63,12 @@ void PrintStatus(const gyre::v1::RunStatus& s) {
     std::printf("last step    %llu: loss %.4f, grad norm %.3f, lr %.3g\n", (unsigned long long)m.step(), m.loss(),
                 m.grad_norm(), m.lr());
   }
+  if (s.has_last_metrics() && s.last_metrics().has_times()) {
+    // Slowest rank per phase (the coordinator's aggregate); optimizer: the previous step's.
+    const auto& t = s.last_metrics().times();
+    std::printf("step time    %.1f ms: data %.1f, forward %.1f, backward %.1f, exposed comm %.1f, optimizer %.1f\n",
+                t.total_ms(), t.data_wait_ms(), t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
+  }
   if (s.tokens_per_s() > 0) std::printf("throughput   %.0f tokens/s\n", s.tokens_per_s());
   if (!s.last_checkpoint().empty()) {
     std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
@@ -104,6 +110,8 @@ int GyrectlMain(int argc, char** argv) {
   app.add_option("--run-dir", run_dir, "the run directory (holds coordinator.addr and token)")->capture_default_str();
   app.add_option("--coordinator", address, "host:port of the coordinator (overrides coordinator.addr)");
   app.add_option("--token-file", token_file, "bearer token file (overrides <run-dir>/token)");
+  std::string tls_ca;
+  app.add_option("--tls-ca", tls_ca, "PEM CA file to trust over TLS (default: <run-dir>/tls-ca.pem if present)");
   app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
   app.add_flag("--json", json, "print the answer as JSON");
 
@@ -130,7 +138,7 @@ int GyrectlMain(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
 
-  absl::StatusOr<ControlTarget> target = ResolveControlTarget(run_dir, address, token_file);
+  absl::StatusOr<ControlTarget> target = ResolveControlTarget(run_dir, address, token_file, tls_ca);
   if (!target.ok()) return Fail(target.status());
   ControlClient client(*target, timeout_ms);
 
@@ -176,8 +184,10 @@ int GyrectlMain(int argc, char** argv) {
         std::printf("%s\n", Json(u).c_str());
       } else {
         const auto& m = u.metrics();
-        std::printf("step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  tok/s %.0f\n", (unsigned long long)m.step(), m.loss(),
-                    m.grad_norm(), m.lr(), m.tokens_per_s());
+        const auto& t = m.times();
+        std::printf("step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  tok/s %.0f  ms: data %.1f fwd %.1f bwd %.1f comm %.1f opt %.1f\n",
+                    (unsigned long long)m.step(), m.loss(), m.grad_norm(), m.lr(), m.tokens_per_s(), t.data_wait_ms(),
+                    t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
       }
       std::fflush(stdout);
       return true;

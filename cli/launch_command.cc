@@ -1,6 +1,7 @@
 // `gyre launch --local`: coordinator + N workers on this machine (deploy/local_launcher.h).
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 #include "base/env.h"
@@ -31,6 +32,11 @@ int RunLaunch(int argc, char** argv) {
   app.add_option("--batch", batch, "data.global_batch (sequences per step, all workers together)");
   app.add_option("--lr", lr, "optimizer.lr (peak)");
   app.add_option("--seed", seed, "run seed");
+  std::vector<std::string> worker_args;
+  app.add_option("--worker-arg", worker_args, "an extra argument for every `gyre worker` (repeatable)");
+  std::string tls_cert, tls_key;
+  app.add_option("--tls-cert", tls_cert, "PEM certificate: the coordinator serves TLS (control.tls_cert)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert (control.tls_key)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -57,6 +63,8 @@ int RunLaunch(int argc, char** argv) {
   if (batch) config.mutable_data()->set_global_batch(batch);
   if (lr > 0) config.mutable_optimizer()->set_lr(lr);
   if (seed) config.set_seed(seed);
+  if (!tls_cert.empty()) config.mutable_control()->set_tls_cert(tls_cert);
+  if (!tls_key.empty()) config.mutable_control()->set_tls_key(tls_key);
   config.mutable_cluster()->set_desired_workers(workers);
   ApplyDefaults(&config);
   if (absl::Status s = ValidateRunConfig(config); !s.ok()) {
@@ -77,6 +85,7 @@ int RunLaunch(int argc, char** argv) {
   options.run_dir = dir.root();
   options.config_path = dir.config_path();
   options.workers = workers;
+  options.worker_args = worker_args;
   absl::Status s = deploy::RunLocal(options);
   if (!s.ok()) {
     std::fprintf(stderr, "gyre launch: %s\n", std::string(s.message()).c_str());

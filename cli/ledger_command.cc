@@ -54,7 +54,7 @@ int RunLedger(int argc, char** argv) {
     }
     if (!problem.empty()) ++problems;
     if (json) {
-      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.6f%s}\n",
+      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.17g%s}\n",
                   (unsigned long long)step.step(), (unsigned long long)step.generation(), step.world_size(),
                   (unsigned long long)step.sample_begin(), (unsigned long long)step.sample_end(), step.metrics().loss(),
                   problem.empty() ? "" : (",\"problem\":\"" + problem + "\"").c_str());
@@ -65,6 +65,14 @@ int RunLedger(int argc, char** argv) {
                   problem.empty() ? "" : "  <-- ", problem.c_str());
     }
     expected = step.step() + 1;
+  }
+  // Checkpoints the journal holds, with those a restore found corrupt or torn (kept, never used).
+  for (it->Seek("checkpoint/"); !json && it->Valid() && it->key().starts_with("checkpoint/"); it->Next()) {
+    gyre::v1::CheckpointRecord record;
+    if (!record.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) continue;
+    if (quiet && record.invalid_reason().empty()) continue;
+    std::printf("checkpoint %6llu  %s%s%s\n", (unsigned long long)record.step(), record.path().c_str(),
+                record.invalid_reason().empty() ? "" : "  BAD: ", record.invalid_reason().c_str());
   }
   if (!json) {
     std::printf("ledger: %llu committed steps, global batch %llu, %llu problem(s)\n", (unsigned long long)expected,

@@ -17,8 +17,15 @@ int RunWorker(int argc, char** argv) {
   app.add_option("--coordinator", coordinator, "coordinator host:port (default: <run-dir>/coordinator.addr)");
   app.add_option("--run-dir", run_dir, "the run directory (token, checkpoints)")->required();
   app.add_option("--token-file", token_file, "bearer token file (default: <run-dir>/token)");
+  std::string tls_ca;
+  app.add_option("--tls-ca", tls_ca, "PEM CA file to trust: TLS to the coordinator (default: <run-dir>/tls-ca.pem if present)");
   app.add_option("--device", device, "cpu (CUDA workers arrive with the GPU backend)")->capture_default_str();
   app.add_option("--hostname", hostname, "address peers use to reach this worker")->capture_default_str();
+  bool overlap = true;
+  double bucket_mb = 25;
+  app.add_option("--grad-bucket-mb", bucket_mb, "gradient all-reduce bucket cap in MiB")->capture_default_str();
+  app.add_flag("--overlap-grad-reduce,!--no-overlap-grad-reduce", overlap,
+               "all-reduce gradient buckets during backward (default) or all after it");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -46,11 +53,25 @@ int RunWorker(int argc, char** argv) {
   ClusterClientOptions client_options;
   client_options.address = coordinator;
   client_options.token = *token;
+  if (!tls_ca.empty() || Env::Default()->Exists(dir.tls_ca_path())) {
+    absl::StatusOr<std::string> pem = Env::Default()->ReadFile(tls_ca.empty() ? dir.tls_ca_path() : tls_ca);
+    if (!pem.ok()) {
+      std::fprintf(stderr, "gyre worker: TLS CA: %s\n", std::string(pem.status().message()).c_str());
+      return 4;
+    }
+    client_options.tls_ca_pem = *pem;
+  }
   ClusterClient client(client_options, Clock::Real());
   WorkerOptions options;
   options.run_dir = run_dir;
   options.hostname = hostname;
   options.device = device;
+  options.overlap_grad_reduce = overlap;
+  if (!(bucket_mb > 0)) {
+    std::fprintf(stderr, "gyre worker: --grad-bucket-mb must be > 0\n");
+    return 2;
+  }
+  options.grad_bucket_bytes = static_cast<size_t>(bucket_mb * (1 << 20));
   Worker worker(&client, Env::Default(), Clock::Real(), options);
   absl::Status s = worker.Run();
   if (!s.ok()) {

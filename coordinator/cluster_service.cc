@@ -66,6 +66,18 @@ grpc::ServerUnaryReactor* ClusterService::ReportCheckpoint(
   return internal::Dispatch(ctx, loop_, token_, validation, event, response);
 }
 
+grpc::ServerUnaryReactor* ClusterService::ReportBadCheckpoint(
+    grpc::CallbackServerContext* ctx, const gyre::v1::ReportBadCheckpointRequest* request,
+    gyre::v1::ReportBadCheckpointResponse* response) {
+  absl::Status validation = NeedSession(request->session(), "ReportBadCheckpointRequest");
+  if (validation.ok() && request->path().empty()) {
+    validation = absl::InvalidArgumentError("ReportBadCheckpointRequest.path is required");
+  }
+  ReportBadCheckpointEvent event;
+  event.request = *request;
+  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+}
+
 grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx,
                                                 const gyre::v1::LeaveRequest* request,
                                                 gyre::v1::LeaveResponse* response) {
@@ -73,6 +85,32 @@ grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx
   event.request = *request;
   return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "LeaveRequest"),
                             event, response);
+}
+
+grpc::ServerUnaryReactor* ClusterService::StoreSet(grpc::CallbackServerContext* ctx,
+                                                   const gyre::v1::StoreSetRequest* request,
+                                                   gyre::v1::StoreSetResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status s = token_.empty() ? absl::OkStatus() : CheckBearerToken(token_, internal::Authorization(*ctx));
+  if (s.ok()) s = kv_.Set(request->key(), request->value());
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ClusterService::StoreGet(grpc::CallbackServerContext* ctx,
+                                                   const gyre::v1::StoreGetRequest* request,
+                                                   gyre::v1::StoreGetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status s = token_.empty() ? absl::OkStatus() : CheckBearerToken(token_, internal::Authorization(*ctx));
+  if (s.ok() && request->key().empty()) s = absl::InvalidArgumentError("StoreGetRequest.key is required");
+  if (s.ok()) {
+    if (std::optional<std::string> value = kv_.Get(request->key())) {
+      response->set_found(true);
+      response->set_value(*value);
+    }
+  }
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
 }
 
 }  // namespace gyre::coordinator

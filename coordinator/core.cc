@@ -213,7 +213,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorCore>> CoordinatorCore::Restore(
   }
   core->committed_ = journal.steps.size();
   core->restored_committed_ = core->committed_;
-  for (const auto& c : journal.checkpoints) core->checkpoints_[c.step()] = c;
+  for (const auto& c : journal.checkpoints) {
+    if (c.invalid_reason().empty()) core->checkpoints_[c.step()] = c;
+  }
 
   if (!journal.generations.empty()) {
     const auto& last = journal.generations.back();
@@ -272,6 +274,7 @@ std::vector<Action> CoordinatorCore::Handle(const Event& event, int64_t now_micr
         if constexpr (std::is_same_v<T, LeaveEvent>) OnLeave(e, ctx);
         if constexpr (std::is_same_v<T, TickEvent>) OnTick(ctx);
         if constexpr (std::is_same_v<T, ControlEvent>) OnControl(e, ctx);
+        if constexpr (std::is_same_v<T, ReportBadCheckpointEvent>) OnReportBadCheckpoint(e, ctx);
       },
       event);
   ArmNextTimer(ctx);
@@ -661,6 +664,7 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
   record.set_path(req.path());
   record.set_manifest_checksum(req.manifest_checksum());
   record.set_completed_unix_ms(UnixMs(ctx.now));
+  record.set_recorded_generation(generation_.id());
   checkpoints_[req.step()] = record;
   JournalBatch batch;
   batch.checkpoints.push_back(record);
@@ -677,6 +681,49 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
   ctx.actions.push_back(JournalWrite{std::move(batch)});
   for (auto& d : deletions) ctx.actions.push_back(std::move(d));
   ctx.Send(e.id, gyre::v1::ReportCheckpointResponse());
+}
+
+void CoordinatorCore::OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, Context& ctx) {
+  const auto& req = e.request;
+  auto it = workers_.find(req.session());
+  if (it == workers_.end()) {
+    ctx.Fail(e.id, absl::NotFoundError(
+                       absl::StrFormat("unknown session %016x; register again", req.session())));
+    return;
+  }
+  it->second.last_seen_micros = ctx.now;
+  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  auto bad = checkpoints_.find(req.step());
+  if (bad == checkpoints_.end() || bad->second.path() != req.path() ||
+      req.generation() <= bad->second.recorded_generation()) {
+    // Already marked (every member that read it reports it), not one this core restores from, or
+    // a late report about an earlier write of this step (a restore generation that named the
+    // current files is newer than their record).
+    ctx.Send(e.id, gyre::v1::ReportBadCheckpointResponse());
+    return;
+  }
+  // The files are what failed, not the reporter: mark the record whichever generation asked.
+  gyre::v1::CheckpointRecord record = bad->second;
+  record.set_invalid_reason(req.error().empty() ? "failed verification" : req.error());
+  checkpoints_.erase(bad);
+  JournalBatch batch;
+  batch.checkpoints.push_back(record);
+  batch.sync = true;
+  if (restore_checkpoint_path_.has_value() && *restore_checkpoint_path_ == req.path()) {
+    // The current generation restores from it: the next one restores from the previous valid
+    // checkpoint (or step 0), in the same journal batch so a restart never finds a generation
+    // that restores from a checkpoint marked bad.
+    std::vector<uint64_t> members;
+    for (const auto& m : generation_.members()) {
+      if (workers_.count(m.session()) != 0) members.push_back(m.session());
+    }
+    // Reason "restore" once more unless a member already holds the state (it restored before
+    // the others found the files bad): then the others get it from that member.
+    CreateGeneration(members, members.empty() ? "failure" : "bad-checkpoint", ctx, std::move(batch));
+  } else {
+    ctx.actions.push_back(JournalWrite{std::move(batch)});
+  }
+  ctx.Send(e.id, gyre::v1::ReportBadCheckpointResponse());
 }
 
 void CoordinatorCore::OnLeave(const LeaveEvent& e, Context& ctx) {
@@ -1002,7 +1049,8 @@ void CoordinatorCore::Reconcile(Context& ctx) {
 }
 
 void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
-                                       const std::string& reason, Context& ctx) {
+                                       const std::string& reason, Context& ctx,
+                                       JournalBatch batch) {
   gyre::v1::Generation g;
   g.set_id(generation_.id() + 1);
   for (size_t rank = 0; rank < sessions.size(); ++rank) {
@@ -1019,7 +1067,6 @@ void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
       break;
     }
   }
-  JournalBatch batch;
   gyre::v1::GenerationRecord record;
   restore_checkpoint_path_.reset();
   if (sessions.empty()) {

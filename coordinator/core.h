@@ -52,6 +52,10 @@
 //        new communicator; else keep the parameters (they are those of start_step). Then
 //        AcquireStep(new G, start_step).
 //      STOP: if checkpoint_dir is set, rank 0 saves the state there and reports it; then Leave.
+//   4. A checkpoint named for a restore that fails verification: ReportBadCheckpoint, then
+//      AcquireStep again. The core marks it bad in the journal (CheckpointRecord.invalid_reason,
+//      never used again) and, if the current generation restores from it, forms the next
+//      generation from the previous valid checkpoint (or from step 0 when none is left).
 //
 // Thread-safety: none; one thread owns a core.
 #pragma once
@@ -102,6 +106,10 @@ struct ReportCheckpointEvent {
   RequestId id = 0;
   gyre::v1::ReportCheckpointRequest request;
 };
+struct ReportBadCheckpointEvent {
+  RequestId id = 0;
+  gyre::v1::ReportBadCheckpointRequest request;
+};
 struct LeaveEvent {
   RequestId id = 0;
   gyre::v1::LeaveRequest request;
@@ -119,7 +127,8 @@ struct ControlEvent {
 };
 
 using Event = std::variant<RegisterEvent, HeartbeatEvent, AcquireStepEvent, CompleteStepEvent,
-                           ReportCheckpointEvent, LeaveEvent, TickEvent, ControlEvent>;
+                           ReportCheckpointEvent, LeaveEvent, TickEvent, ControlEvent,
+                           ReportBadCheckpointEvent>;
 
 // ---- Actions ----
 
@@ -127,7 +136,7 @@ using ReplyBody =
     std::variant<std::monostate, gyre::v1::RegisterResponse, gyre::v1::HeartbeatResponse,
                  gyre::v1::StepLease, gyre::v1::CompleteStepResponse,
                  gyre::v1::ReportCheckpointResponse, gyre::v1::LeaveResponse, gyre::v1::RunStatus,
-                 gyre::v1::ListWorkersResponse>;
+                 gyre::v1::ListWorkersResponse, gyre::v1::ReportBadCheckpointResponse>;
 
 // The answer to request `id`. When `status` is not OK, `body` is monostate. Status codes follow
 // STYLE.md section 5: NOT_FOUND unknown session/worker, INVALID_ARGUMENT impossible request,
@@ -257,6 +266,7 @@ class CoordinatorCore {
   void OnAcquireStep(const AcquireStepEvent& e, Context& ctx);
   void OnCompleteStep(const CompleteStepEvent& e, Context& ctx);
   void OnReportCheckpoint(const ReportCheckpointEvent& e, Context& ctx);
+  void OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, Context& ctx);
   void OnLeave(const LeaveEvent& e, Context& ctx);
   void OnTick(Context& ctx);
   void OnControl(const ControlEvent& e, Context& ctx);
@@ -271,8 +281,9 @@ class CoordinatorCore {
   // boundary for joins, scale and drain).
   void Reconcile(Context& ctx);
   std::vector<uint64_t> TargetMembers() const;
+  // `batch` may carry records that must land atomically with the generation's.
   void CreateGeneration(const std::vector<uint64_t>& sessions, const std::string& reason,
-                        Context& ctx);
+                        Context& ctx, JournalBatch batch = JournalBatch());
   void AbortPendingCompletes(Context& ctx);
   void JournalControl(Context& ctx);
   bool IsMember(uint64_t session) const;

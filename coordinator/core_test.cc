@@ -376,3 +376,123 @@ TEST(CoreTest, LosingEveryStateHolderRestoresFromCheckpoint) {
 
 }  // namespace
 }  // namespace gyre::coordinator
+
+namespace gyre::coordinator {
+namespace {
+
+// A restore names the newest checkpoint; the worker finds it corrupt and reports it: the core
+// marks it bad in the journal and moves to the previous one, then (that one torn too) to step 0.
+// A restarted core never offers a checkpoint marked bad.
+TEST(CoreTest, BadCheckpointFallsBackToThePreviousOneThenToStepZero) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  config.mutable_checkpoint()->set_keep_last(3);
+  Harness h(config);
+  h.Register(11, 1);
+  for (uint64_t t = 0; t < 5; ++t) {
+    h.Acquire(11, 1, t);
+    if (t == 2 || t == 4) {
+      gyre::v1::ReportCheckpointRequest r;
+      r.set_session(11);
+      r.set_step(t);
+      r.set_path("checkpoints/step-" + std::to_string(t));
+      h.Send(ReportCheckpointEvent{++h.next_id_, r});
+    }
+    h.Complete(11, 1, t);
+  }
+  h.Register(33, 3);  // no state
+  h.Send(LeaveEvent{++h.next_id_, [] {
+                      gyre::v1::LeaveRequest l;
+                      l.set_session(11);
+                      return l;
+                    }()});
+  uint64_t g = h.core_->generation().id();
+  StepLease lease = h.Acquire(33, 0, 0);
+  ASSERT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  EXPECT_EQ(lease.checkpoint_dir(), "checkpoints/step-4");
+  EXPECT_EQ(h.core_->committed_steps(), 4u);
+
+  auto report_bad = [&](uint64_t generation, uint64_t step, const std::string& error) {
+    gyre::v1::ReportBadCheckpointRequest r;
+    r.set_session(33);
+    r.set_generation(generation);
+    r.set_step(step);
+    r.set_path("checkpoints/step-" + std::to_string(step));
+    r.set_error(error);
+    ReportBadCheckpointEvent e{++h.next_id_, r};
+    h.Send(e);
+    EXPECT_TRUE(h.replies_.at(e.id).status.ok());
+  };
+  report_bad(g, 4, "checkpoint file step-4/state-0.bin fails its checksum");
+  EXPECT_EQ(h.generations_.back().reason(), "restore");
+  EXPECT_EQ(h.core_->generation().id(), g + 1);
+  EXPECT_EQ(h.core_->committed_steps(), 2u);  // steps 2, 3 erased: they are redone
+  EXPECT_EQ(h.journal_.steps.size(), 2u);
+  ASSERT_EQ(h.journal_.checkpoints.size(), 2u);
+  EXPECT_EQ(h.journal_.checkpoints[1].step(), 4u);
+  EXPECT_EQ(h.journal_.checkpoints[1].invalid_reason(), "checkpoint file step-4/state-0.bin fails its checksum");
+  lease = h.Acquire(33, g, 4);
+  ASSERT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  EXPECT_EQ(lease.step(), 2u);
+  EXPECT_EQ(lease.checkpoint_dir(), "checkpoints/step-2");
+
+  // A second report of the same checkpoint (another member) changes nothing.
+  report_bad(g, 4, "again");
+  EXPECT_EQ(h.core_->generation().id(), g + 1);
+
+  // A coordinator restart keeps the mark.
+  h.Restart();
+  EXPECT_EQ(h.core_->Status().last_checkpoint_step(), 2u);
+  lease = h.Acquire(33, g, 4);
+  EXPECT_EQ(lease.checkpoint_dir(), "checkpoints/step-2");
+
+  report_bad(g + 1, 2, "checkpoint file step-2/state-0.bin: not found");
+  EXPECT_EQ(h.core_->generation().id(), g + 2);
+  EXPECT_EQ(h.core_->committed_steps(), 0u);
+  lease = h.Acquire(33, g + 1, 2);
+  ASSERT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  EXPECT_EQ(lease.step(), 0u);
+  EXPECT_EQ(lease.checkpoint_dir(), "");
+  EXPECT_EQ(h.core_->Status().last_checkpoint(), "");  // no valid checkpoint is left
+  // Redoing step 0 from the initial state works, and a checkpoint at step 2 is written again.
+  lease = h.Acquire(33, g + 2, 0);
+  EXPECT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RUN);
+}
+
+}  // namespace
+}  // namespace gyre::coordinator
+
+namespace gyre::coordinator {
+namespace {
+
+// A late bad-checkpoint report about an earlier write of the same step (from a generation not
+// newer than the checkpoint's record) must not condemn the files written since.
+TEST(CoreTest, StaleBadCheckpointReportIsIgnored) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  Harness h(config);
+  h.Register(11, 1);
+  for (uint64_t t = 0; t < 3; ++t) {
+    h.Acquire(11, 1, t);
+    h.Complete(11, 1, t);
+  }
+  gyre::v1::ReportCheckpointRequest r;
+  r.set_session(11);
+  r.set_step(2);
+  r.set_path("checkpoints/step-2");
+  h.Send(ReportCheckpointEvent{++h.next_id_, r});
+  ASSERT_EQ(h.journal_.checkpoints.size(), 1u);
+  EXPECT_EQ(h.journal_.checkpoints[0].recorded_generation(), 1u);
+  gyre::v1::ReportBadCheckpointRequest bad;
+  bad.set_session(11);
+  bad.set_generation(1);  // not newer than the record
+  bad.set_step(2);
+  bad.set_path("checkpoints/step-2");
+  h.Send(ReportBadCheckpointEvent{++h.next_id_, bad});
+  EXPECT_EQ(h.journal_.checkpoints[0].invalid_reason(), "");
+  EXPECT_EQ(h.core_->Status().last_checkpoint_step(), 2u);
+  EXPECT_EQ(h.core_->generation().id(), 1u);
+}
+
+}  // namespace
+}  // namespace gyre::coordinator

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/core_loop.h"
+#include "coordinator/kv_store.h"
 #include "gyre/v1/cluster.grpc.pb.h"
 #include "gyre/v1/control.grpc.pb.h"
 #include "grpcpp/server.h"
@@ -39,13 +40,24 @@ class ClusterService final : public gyre::v1::Cluster::CallbackService {
   grpc::ServerUnaryReactor* ReportCheckpoint(grpc::CallbackServerContext* ctx,
                                              const gyre::v1::ReportCheckpointRequest* request,
                                              gyre::v1::ReportCheckpointResponse* response) override;
+  grpc::ServerUnaryReactor* ReportBadCheckpoint(
+      grpc::CallbackServerContext* ctx, const gyre::v1::ReportBadCheckpointRequest* request,
+      gyre::v1::ReportBadCheckpointResponse* response) override;
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
                                   const gyre::v1::LeaveRequest* request,
                                   gyre::v1::LeaveResponse* response) override;
+  // The rendezvous store: answered here, not by the core (it decides nothing).
+  grpc::ServerUnaryReactor* StoreSet(grpc::CallbackServerContext* ctx,
+                                     const gyre::v1::StoreSetRequest* request,
+                                     gyre::v1::StoreSetResponse* response) override;
+  grpc::ServerUnaryReactor* StoreGet(grpc::CallbackServerContext* ctx,
+                                     const gyre::v1::StoreGetRequest* request,
+                                     gyre::v1::StoreGetResponse* response) override;
 
  private:
   CoreLoop* loop_;
   std::string token_;
+  RendezvousKv kv_;
 };
 
 class ControlService final : public gyre::v1::Control::CallbackService {
@@ -91,6 +103,10 @@ struct ServerOptions {
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
   std::string token;                   // the run's bearer token; required
   bool authenticate_workers = true;    // Cluster calls carry the token too
+  // TLS (both set): PEM certificate chain and private key; plaintext connections are refused.
+  // Empty: plaintext (loopback / trusted networks). The bearer token is required either way.
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
 };
 
 // The coordinator's gRPC server: both services plus server reflection (grpcurl).

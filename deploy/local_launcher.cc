@@ -57,9 +57,6 @@ absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::strin
   return pid;
 }
 
-// Gloo rendezvous files of this run's generations (every local worker reaches the directory).
-std::string RendezvousDir(const RunDir& dir) { return JoinPath(dir.root(), "rendezvous"); }
-
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -82,8 +79,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
   std::string last_failed_log;
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
+    // Gloo rendezvous through the coordinator's own key-value store (the default).
     std::vector<std::string> args = {"coordinator", "--runs-dir", DirName(options.run_dir), "--config",
-                                     options.config_path, "--gloo-store", "dir:" + RendezvousDir(dir)};
+                                     options.config_path};
     // A restarted coordinator listens where the old one did: workers keep retrying that address
     // (they hold their weights meanwhile) and re-attach to their sessions.
     if (absl::StatusOr<std::string> old = env->ReadFile(dir.control_address_path()); old.ok()) {
@@ -103,8 +101,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
   };
   auto start_worker = [&]() -> absl::Status {
     const std::string role = absl::StrCat("worker-", next_worker++);
-    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, {"worker", "--run-dir", options.run_dir},
-                                      JoinPath(dir.logs_dir(), role + ".log"));
+    std::vector<std::string> args = {"worker", "--run-dir", options.run_dir};
+    args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
+    absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), role + ".log"));
     if (!pid.ok()) return pid.status();
     workers[*pid] = {*pid, role, NowMs()};
     return absl::OkStatus();
@@ -112,8 +111,6 @@ absl::Status RunLocal(const LaunchOptions& options) {
 
   // A fresh launch picks a fresh port (an address file left by an earlier launch is stale).
   env->RemoveFile(dir.control_address_path()).IgnoreError();
-  // Keys of an earlier launch of this run directory must not meet this one's (no worker is up yet).
-  if (absl::Status s = env->RemoveAll(RendezvousDir(dir)); !s.ok()) return s;
   if (absl::Status s = start_coordinator(); !s.ok()) return s;
   // Workers need the coordinator's address and token first.
   const int64_t wait_until = NowMs() + 60000;
@@ -167,7 +164,10 @@ absl::Status RunLocal(const LaunchOptions& options) {
       } else if (auto it = workers.find(pid); it != workers.end()) {
         const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         std::fprintf(stderr, "gyre launch: %s (pid %d) exited with status %d\n", it->second.role.c_str(), pid, code);
-        if (code != 0 && NowMs() - it->second.started_ms < kQuickExitMs) {
+        // A worker killed from outside (kill -9, the OOM killer, Ctrl-C) did not fail at start-up.
+        const bool killed = WIFSIGNALED(status) && (WTERMSIG(status) == SIGKILL || WTERMSIG(status) == SIGTERM ||
+                                                    WTERMSIG(status) == SIGINT);
+        if (code != 0 && !killed && NowMs() - it->second.started_ms < kQuickExitMs) {
           ++quick_exits_in_a_row;
           last_failed_log = JoinPath(dir.logs_dir(), it->second.role + ".log");
         } else if (code == 0) {

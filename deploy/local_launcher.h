@@ -19,6 +19,7 @@ struct LaunchOptions {
   std::string run_dir;       // runs/<name>
   std::string config_path;   // resolved config written by the caller
   int workers = 1;
+  std::vector<std::string> worker_args;  // appended to every `gyre worker` command line
   std::string self_exe = "/proc/self/exe";
   int64_t poll_ms = 500;
   int64_t stop_grace_ms = 60000;

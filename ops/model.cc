@@ -122,6 +122,7 @@ std::vector<int32_t> LanguageModel::HeadTargets(std::span<const int32_t> tokens,
 LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                           double loss_scale) {
   const int n = static_cast<int>(heads_.size());
+  auto ready = [&](const std::string& group) { if (grad_ready_hook) grad_ready_hook(group); };
   LossResult result;
   Tensor z = TrunkForward(tokens, batch, seq);
   Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
@@ -130,6 +131,7 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     Tensor hn = final_norm_->Forward(h);
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     Tensor dhn;
+    if (k == 0) ready("");
     CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
                                                     targets, loss_scale / n, ce_options_, &dhn, &HeadGrad());
     result.head_losses.push_back(ce.loss * n);
@@ -138,9 +140,16 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
     if (k == 0) dz = heads_[k]->Backward(dh);
     else AddInPlace(&dz, heads_[k]->Backward(dh));
+    ready(k == 0 ? absl::StrCat("blocks.", trunk_.size()) : absl::StrCat("mtp_heads.", k));
   }
-  for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
+  ready("final_norm");
+  if (head_weight_ != nullptr) ready("lm_head");
+  for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) {
+    dz = trunk_[i]->Backward(dz);
+    ready(absl::StrCat("blocks.", i));
+  }
   embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
+  ready("embedding");
   ReleaseAll();
   return result;
 }

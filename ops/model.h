@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -74,6 +75,11 @@ class LanguageModel {
   // SelfExtend for inference on attention blocks (0 = off).
   void SetSelfExtend(int64_t group, int64_t window);
   CrossEntropyOptions& cross_entropy_options() { return ce_options_; }
+  // Called by ForwardBackward (data-parallel overlap, step-time breakdown): with "" when backward
+  // begins (before the fused LM-head loss), then with a parameter-name prefix whenever that group's
+  // gradients are final: each head block, "final_norm" and "lm_head" after the heads, each trunk
+  // block "blocks.<i>" in reverse order, "embedding" last.
+  std::function<void(const std::string& group)> grad_ready_hook;
 
  private:
   LanguageModel(const ModelSpec& spec, DType dtype, Device device);

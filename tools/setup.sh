@@ -28,6 +28,8 @@ pkgs=(
   libopenblas-dev liblapacke-dev libgloo-dev
   # Sample corpus sources and helpers.
   python3 xz-utils gzip ca-certificates
+  # TLS test certificates (tests/e2e/tls_test makes a self-signed one at test time).
+  openssl
 )
 # Node.js + npm: some machines carry their own (nodesource) build, which conflicts with
 # Debian's npm package; take Debian's only when no npm is on PATH.

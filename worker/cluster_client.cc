@@ -13,8 +13,13 @@ ClusterClient::ClusterClient(ClusterClientOptions options, Clock* clock) : optio
   // Reconnect quickly after a coordinator restart instead of gRPC's default (up to 120 s).
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, static_cast<int>(options_.backoff_max_ms));
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, static_cast<int>(options_.backoff_initial_ms));
-  stub_ = gyre::v1::Cluster::NewStub(
-      grpc::CreateCustomChannel(options_.address, grpc::InsecureChannelCredentials(), args));
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options_.tls_ca_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options_.tls_ca_pem;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  stub_ = gyre::v1::Cluster::NewStub(grpc::CreateCustomChannel(options_.address, credentials, args));
 }
 
 template <typename Response, typename Call>
@@ -73,10 +78,30 @@ absl::Status ClusterClient::ReportCheckpoint(const gyre::v1::ReportCheckpointReq
       .status();
 }
 
+absl::Status ClusterClient::ReportBadCheckpoint(const gyre::v1::ReportBadCheckpointRequest& request) {
+  return WithRetry<gyre::v1::ReportBadCheckpointResponse>("ReportBadCheckpoint", options_.call_deadline_ms,
+                                                          [&](auto* ctx, auto* resp) {
+                                                            return stub_->ReportBadCheckpoint(ctx, request, resp);
+                                                          })
+      .status();
+}
+
 absl::Status ClusterClient::Leave(const gyre::v1::LeaveRequest& request) {
   return WithRetry<gyre::v1::LeaveResponse>("Leave", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
     return stub_->Leave(ctx, request, resp);
   }).status();
+}
+
+absl::Status ClusterClient::StoreSet(const gyre::v1::StoreSetRequest& request) {
+  return WithRetry<gyre::v1::StoreSetResponse>("StoreSet", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
+    return stub_->StoreSet(ctx, request, resp);
+  }).status();
+}
+
+absl::StatusOr<gyre::v1::StoreGetResponse> ClusterClient::StoreGet(const gyre::v1::StoreGetRequest& request) {
+  return WithRetry<gyre::v1::StoreGetResponse>("StoreGet", options_.call_deadline_ms, [&](auto* ctx, auto* resp) {
+    return stub_->StoreGet(ctx, request, resp);
+  });
 }
 
 }  // namespace gyre

@@ -20,6 +20,7 @@ namespace gyre {
 struct ClusterClientOptions {
   std::string address;               // coordinator host:port
   std::string token;                 // run bearer token
+  std::string tls_ca_pem;            // non-empty: TLS trusting these CA certificates
   int64_t call_deadline_ms = 10000;  // Register, Heartbeat, AcquireStep, ReportCheckpoint, Leave
   // CompleteStep waits on the server until every member reported (or the generation changed):
   // allow a collective timeout plus a heartbeat timeout.
@@ -40,7 +41,10 @@ class ClusterClient {
   absl::StatusOr<gyre::v1::StepLease> AcquireStep(const gyre::v1::AcquireStepRequest& request);
   absl::StatusOr<gyre::v1::CompleteStepResponse> CompleteStep(const gyre::v1::CompleteStepRequest& request);
   absl::Status ReportCheckpoint(const gyre::v1::ReportCheckpointRequest& request);
+  absl::Status ReportBadCheckpoint(const gyre::v1::ReportBadCheckpointRequest& request);
   absl::Status Leave(const gyre::v1::LeaveRequest& request);
+  absl::Status StoreSet(const gyre::v1::StoreSetRequest& request);
+  absl::StatusOr<gyre::v1::StoreGetResponse> StoreGet(const gyre::v1::StoreGetRequest& request);
 
  private:
   template <typename Response, typename Call>

@@ -55,46 +55,57 @@ absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v
 }
 
 ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options)
-    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)) {}
+    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)) {
+  model_->grad_ready_hook = [this](const std::string& group) { OnGradReady(group); };
+}
+
+void ModelReplica::OnGradReady(const std::string& group) {
+  if (group.empty()) {
+    backward_start_micros_ = clock_->NowMicros();
+    return;
+  }
+  if (reducer_ && reducer_->active()) reducer_->GroupReady(group);
+}
+
+GradientReducer* ModelReplica::ReducerFor(size_t bucket_bytes) {
+  if (!reducer_ || reducer_bucket_bytes_ != bucket_bytes) {
+    reducer_ = std::make_unique<GradientReducer>(model_->params().All(), bucket_bytes);
+    reducer_bucket_bytes_ = bucket_bytes;
+  }
+  return reducer_.get();
+}
+
+void ModelReplica::BeginOverlappedReduce(Collective* collective, size_t bucket_bytes) {
+  ReducerFor(bucket_bytes)->Begin(collective);
+}
 
 ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                            uint64_t global_tokens) {
   ReplicaLoss out;
+  pass_times_ = PassTimes();
   if (batch == 0) {
     model_->params().ZeroGrad();
     return out;
   }
+  const int64_t start = clock_->NowMicros();
+  backward_start_micros_ = 0;
   ops::LossResult r = trainer_->ComputeGradients(tokens, batch, seq, 1.0 / static_cast<double>(global_tokens));
+  const int64_t end = clock_->NowMicros();
+  const int64_t split = backward_start_micros_ != 0 ? backward_start_micros_ : end;
+  pass_times_.forward_ms = (split - start) / 1e3;
+  pass_times_.backward_ms = (end - split) / 1e3;
   out.loss = r.loss;
   out.tokens = static_cast<double>(r.tokens);
   return out;
 }
 
 absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* loss, size_t bucket_bytes) {
-  // Buckets in reverse parameter order: the order backward finishes them (DDP's choice), which
-  // is what an overlapping implementation launches first.
-  std::vector<ops::Parameter*> params = model_->params().All();
-  const size_t bucket_floats = std::max<size_t>(bucket_bytes / sizeof(float), 1);
-  size_t i = params.size();
-  while (i > 0) {
-    size_t end = i, floats = 0;
-    while (i > 0 && (floats == 0 || floats + params[i - 1]->grad.numel() <= bucket_floats)) {
-      floats += params[--i]->grad.numel();
-    }
-    bucket_.resize(floats);
-    size_t offset = 0;
-    for (size_t p = i; p < end; ++p) {
-      const ops::Tensor& g = params[p]->grad;
-      std::memcpy(bucket_.data() + offset, g.data<float>(), g.nbytes());
-      offset += g.numel();
-    }
-    RETURN_IF_ERROR(collective->AllReduceSum(bucket_.data(), bucket_.size()));
-    offset = 0;
-    for (size_t p = i; p < end; ++p) {
-      ops::Tensor& g = params[p]->grad;
-      std::memcpy(g.data<float>(), bucket_.data() + offset, g.nbytes());
-      offset += g.numel();
-    }
+  // Buckets in reverse parameter order: the order backward finishes them (DDP's choice).
+  GradientReducer* reducer = ReducerFor(bucket_bytes);
+  if (reducer->active()) {
+    RETURN_IF_ERROR(reducer->Finish());
+  } else {
+    RETURN_IF_ERROR(reducer->Reduce(collective));
   }
   double totals[2] = {loss->loss, loss->tokens};
   RETURN_IF_ERROR(collective->AllReduceSum(totals, 2));

@@ -22,7 +22,9 @@
 #include "ops/model.h"
 #include "ops/train_step.h"
 #include "worker/checkpoint.h"
+#include "base/clock.h"
 #include "worker/collective.h"
+#include "worker/grad_reducer.h"
 
 namespace gyre {
 
@@ -40,8 +42,24 @@ class ModelReplica {
   // takes part in the reduction with zero gradients).
   ReplicaLoss ComputeGradients(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                uint64_t global_tokens);
-  // All-reduces gradients and `loss` (in place). Buckets of at most `bucket_bytes`.
-  absl::Status ReduceGradients(Collective* collective, ReplicaLoss* loss, size_t bucket_bytes = size_t{25} << 20);
+  // All-reduces gradients and `loss` (in place), in buckets of at most `bucket_bytes`. After
+  // BeginOverlappedReduce the gradient buckets already went out during backward: this waits for
+  // them (the exposed part of the communication) and reduces the loss.
+  absl::Status ReduceGradients(Collective* collective, ReplicaLoss* loss, size_t bucket_bytes = kBucketBytes);
+  // Arms the overlap for the next ComputeGradients: each gradient bucket (reverse parameter order)
+  // is all-reduced on `collective` by a communication thread as soon as backward finalized it.
+  // The next ReduceGradients must follow (with the same collective).
+  void BeginOverlappedReduce(Collective* collective, size_t bucket_bytes = kBucketBytes);
+  static constexpr size_t kBucketBytes = size_t{25} << 20;
+
+  // Wall time of the last ComputeGradients: forward = embedding, blocks and final norm up to the
+  // loss; backward = the fused LM-head loss and gradient (its logits are computed in the same
+  // pass) and back-propagation. With MTP heads, later heads' forwards count as backward.
+  struct PassTimes {
+    double forward_ms = 0;
+    double backward_ms = 0;
+  };
+  const PassTimes& last_pass_times() const { return pass_times_; }
   // Clip + AdamW for step `step` (0-based). DataLoss for a non-finite gradient norm (no update).
   absl::StatusOr<ops::UpdateStats> ApplyUpdate(uint64_t step);
   void DropGradients();
@@ -65,9 +83,16 @@ class ModelReplica {
   ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options);
   std::vector<ops::Tensor*> StateTensors();
 
+  GradientReducer* ReducerFor(size_t bucket_bytes);
+  void OnGradReady(const std::string& group);
+
   std::unique_ptr<ops::LanguageModel> model_;
   std::unique_ptr<ops::Trainer> trainer_;
-  std::vector<float> bucket_;
+  std::unique_ptr<GradientReducer> reducer_;
+  size_t reducer_bucket_bytes_ = 0;
+  Clock* clock_ = Clock::Real();
+  int64_t backward_start_micros_ = 0;
+  PassTimes pass_times_;
 };
 
 }  // namespace gyre

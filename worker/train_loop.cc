@@ -61,6 +61,9 @@ absl::Status Worker::Run() {
       }
       case gyre::v1::STEP_DECISION_RECONFIGURE:
         if (absl::Status s = JoinGeneration(*lease); !s.ok()) {
+          // Not a member of any generation until the coordinator says again (asking with the
+          // failed one could be answered RUN on state this worker never received).
+          generation_.store(0);
           // A member that never showed up (or died) while the communicator formed: the
           // coordinator will form another generation. Bad checkpoints or configs are fatal.
           const bool transient = NeedsResync(s) || absl::IsDeadlineExceeded(s) || absl::IsUnavailable(s);
@@ -102,12 +105,15 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   const uint64_t global_batch = lease.samples().end() - lease.samples().begin();
   const uint64_t global_tokens = lease.schedule().global_tokens() ? lease.schedule().global_tokens() : global_batch * seq;
   const int64_t t1 = clock_->NowMicros();
+  // Gradient buckets go out on the collective while backward still runs (ReduceGradients then
+  // waits only for what backward did not hide).
+  if (options_.overlap_grad_reduce) replica_->BeginOverlappedReduce(collective_.get(), options_.grad_bucket_bytes);
   ReplicaLoss loss = replica_->ComputeGradients(tokens, static_cast<int64_t>(count), seq, global_tokens);
   // StepMetrics.loss is this rank's share (the coordinator sums over ranks); `loss` becomes the
   // global value after the reduction, which is what this worker logs.
   const double local_loss = loss.loss;
   const int64_t t2 = clock_->NowMicros();
-  if (absl::Status s = replica_->ReduceGradients(collective_.get(), &loss); !s.ok()) {
+  if (absl::Status s = replica_->ReduceGradients(collective_.get(), &loss, options_.grad_bucket_bytes); !s.ok()) {
     std::fprintf(stderr, "worker: step %llu: %s; waiting for the next generation\n",
                  (unsigned long long)lease.step(), std::string(s.message()).c_str());
     collective_->Abort();
@@ -128,26 +134,39 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   m->set_tokens(count * seq);
   m->set_rank(static_cast<uint32_t>(rank_));
   m->set_generation(generation_.load());
-  m->set_tokens_per_s(count * seq / std::max((t3 - t0) / 1e6, 1e-9));
-  m->mutable_times()->set_data_wait_ms((t1 - t0) / 1e3);
-  m->mutable_times()->set_forward_ms((t2 - t1) / 1e3);  // forward + backward (one fused call)
-  m->mutable_times()->set_exposed_comm_ms((t3 - t2) / 1e3);
-  m->mutable_times()->set_total_ms((t3 - t0) / 1e3);
+  // The step-time breakdown (issue 5): data wait, forward, backward, exposed communication (the
+  // wait for the gradient all-reduce after backward), optimizer. The optimizer runs only after
+  // COMMIT, i.e. after these metrics are sent: optimizer_ms is that of the previous step this
+  // worker applied (AdamW's cost does not change from step to step). total_ms is their sum: the
+  // step's time on this worker without the commit round trip.
+  const ModelReplica::PassTimes& pass = replica_->last_pass_times();
+  const double total_ms = (t3 - t0) / 1e3 + last_optimizer_ms_;
+  gyre::v1::StepTimes* times = m->mutable_times();
+  times->set_data_wait_ms((t1 - t0) / 1e3);
+  times->set_forward_ms(pass.forward_ms);
+  times->set_backward_ms(pass.backward_ms);
+  times->set_exposed_comm_ms((t3 - t2) / 1e3);
+  times->set_optimizer_ms(last_optimizer_ms_);
+  times->set_total_ms(total_ms);
+  m->set_tokens_per_s(count * seq / std::max(total_ms / 1e3, 1e-9));
   ASSIGN_OR_RETURN(gyre::v1::CompleteStepResponse verdict, client_->CompleteStep(complete));
   if (verdict.verdict() != gyre::v1::COMMIT_VERDICT_COMMIT) {  // ABORT: redo in the next generation
     replica_->DropGradients();
     return absl::OkStatus();
   }
-  ASSIGN_OR_RETURN(ops::UpdateStats update, replica_->ApplyUpdate(lease.step()));
   const int64_t t4 = clock_->NowMicros();
+  ASSIGN_OR_RETURN(ops::UpdateStats update, replica_->ApplyUpdate(lease.step()));
+  const int64_t t5 = clock_->NowMicros();
+  last_optimizer_ms_ = (t5 - t4) / 1e3;
   applied_steps_.store(lease.step() + 1);
   if (options_.log_steps && rank_ == 0) {
-    const double seconds = (t4 - t0) / 1e6;
+    const double seconds = (t5 - t0) / 1e6;
     std::fprintf(stderr,
-                 "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.0f ms, fwd+bwd %.0f ms, "
-                 "comm %.0f ms, commit+opt %.0f ms)\n",
+                 "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.1f ms, fwd %.1f ms, "
+                 "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)\n",
                  (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
-                 global_batch * seq / seconds, (t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3, (t4 - t3) / 1e3);
+                 global_batch * seq / seconds, (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms, (t3 - t2) / 1e3,
+                 (t4 - t3) / 1e3, (t5 - t4) / 1e3);
   }
   return absl::OkStatus();
 }

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "worker/coordinator_store.h"
 
 namespace gyre {
 
@@ -85,8 +86,12 @@ absl::StatusOr<std::unique_ptr<RendezvousStore>> Worker::StoreFor(const gyre::v1
     return std::unique_ptr<RendezvousStore>(
         std::make_unique<DirectoryStore>(env_, clock_, rendezvous.store_address().substr(4)));
   }
+  // "coordinator": the coordinator's own key-value store (multi-host, no shared file system).
+  if (rendezvous.store_address() == CoordinatorStore::kAddress) {
+    return std::unique_ptr<RendezvousStore>(std::make_unique<CoordinatorStore>(client_, clock_, session_.load()));
+  }
   return absl::UnimplementedError(absl::StrCat("rendezvous store '", rendezvous.store_address(),
-                                               "': this worker supports only dir:<path> stores"));
+                                               "': this worker supports \"coordinator\" and dir:<path> stores"));
 }
 
 absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
@@ -111,8 +116,7 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   const bool i_need_state = std::find(g.needs_state().begin(), g.needs_state().end(), uint32_t(rank_)) != g.needs_state().end();
   const bool everyone_needs = g.needs_state_size() == g.members_size();
   if (!lease.checkpoint_dir().empty() && i_need_state) {
-    ASSIGN_OR_RETURN(CheckpointState state, ReadCheckpoint(env_, JoinPath(options_.run_dir, lease.checkpoint_dir())));
-    RETURN_IF_ERROR(replica_->Restore(state.tensors));
+    RETURN_IF_ERROR(RestoreCheckpoint(lease));
   } else if (everyone_needs && lease.checkpoint_dir().empty()) {
     ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
   } else if (g.needs_state_size() > 0) {
@@ -120,6 +124,30 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   }
   applied_steps_.store(g.start_step());
   return absl::OkStatus();
+}
+
+absl::Status Worker::RestoreCheckpoint(const gyre::v1::StepLease& lease) {
+  const std::string dir = JoinPath(options_.run_dir, lease.checkpoint_dir());
+  absl::StatusOr<CheckpointState> state = ReadCheckpoint(env_, dir);
+  absl::Status restored = state.ok() ? replica_->Restore(state->tensors) : state.status();
+  if (restored.ok() && state->step != lease.step()) {
+    restored = absl::DataLossError(absl::StrCat("checkpoint ", dir, " holds step ", state->step, ", the lease restores step ",
+                                                lease.step()));
+  }
+  if (restored.ok()) return absl::OkStatus();
+  // Corrupt or torn (a file missing, a checksum that fails, a manifest that does not parse): tell
+  // the coordinator, which marks it bad and names the previous one; then ask again.
+  std::fprintf(stderr, "worker: cannot restore %s: %s; reporting it to the coordinator\n", dir.c_str(),
+               std::string(restored.message()).c_str());
+  gyre::v1::ReportBadCheckpointRequest report;
+  report.set_session(session_.load());
+  report.set_generation(lease.generation().id());
+  report.set_step(lease.step());
+  report.set_path(lease.checkpoint_dir());
+  report.set_error(std::string(restored.message()));
+  RETURN_IF_ERROR(client_->ReportBadCheckpoint(report));
+  return absl::AbortedError(absl::StrCat("checkpoint ", lease.checkpoint_dir(), " failed verification (reported): ",
+                                         restored.message()));
 }
 
 void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {

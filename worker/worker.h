@@ -1,12 +1,15 @@
 // The worker actor (DESIGN.md section 4): one process per GPU, or per CPU process without one.
 // It registers with the coordinator, heartbeats, and then follows step leases:
 //
-//   RUN          read its slice of the step's global sample range, forward + backward, SUM
-//                all-reduce of gradients, CompleteStep; apply the optimizer only on COMMIT
+//   RUN          read its slice of the step's global sample range, forward + backward with the
+//                SUM all-reduce of gradient buckets overlapped (GradientReducer), CompleteStep
+//                with the step-time breakdown; apply the optimizer only on COMMIT
 //   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background),
 //                then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
-//                (broadcast from a member, or the checkpoint the coordinator names)
+//                (broadcast from a member, or the checkpoint the coordinator names; one that
+//                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
 //
 // Decisions take effect only at step boundaries. A collective that fails mid-step (a peer died,
@@ -39,6 +42,9 @@ struct WorkerOptions {
   GlooOptions gloo;
   int64_t broken_collective_wait_ms = 200;  // between lease polls after a failed collective
   bool log_steps = true;           // one line per committed step on stderr
+  // All-reduce gradient buckets during backward (false: all of them after backward).
+  bool overlap_grad_reduce = true;
+  size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
 };
 
 class Worker {
@@ -58,6 +64,9 @@ class Worker {
   absl::Status JoinGeneration(const gyre::v1::StepLease& lease);
   absl::Status RunStep(const gyre::v1::StepLease& lease);
   void StartCheckpoint(const gyre::v1::StepLease& lease);
+  // Loads the checkpoint a restoring RECONFIGURE names; on a verification failure reports it
+  // (ReportBadCheckpoint) and returns Aborted, so the worker asks the coordinator again.
+  absl::Status RestoreCheckpoint(const gyre::v1::StepLease& lease);
   absl::StatusOr<std::unique_ptr<RendezvousStore>> StoreFor(const gyre::v1::Rendezvous& rendezvous);
 
   ClusterClient* client_;
@@ -82,6 +91,8 @@ class Worker {
   std::unique_ptr<CheckpointWriter> checkpoints_;
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
+  // Step-time bookkeeping of the training loop (its thread only).
+  double last_optimizer_ms_ = 0;
 };
 
 }  // namespace gyre

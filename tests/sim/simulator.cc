@@ -256,6 +256,7 @@ class Simulation {
   uint64_t announced_generation_ = 0;        // latest GenerationCreated id
   std::map<uint64_t, uint64_t> journal_checkpoints_;  // step -> (unused)
   std::map<uint64_t, uint64_t> disk_checkpoints_;     // step -> state hash ("checkpoints/")
+  std::set<uint64_t> corrupted_;                      // steps whose checkpoint a restore found corrupt
   uint64_t lineage_ = 0;
   std::optional<uint64_t> pause_horizon_;    // while paused, the ledger may not pass this
   // The fixed RUN/CHECKPOINT decision of (generation, step), as first seen by any member.
@@ -353,6 +354,9 @@ std::string Describe(const Event& event) {
                                  e.request.step());
         } else if constexpr (std::is_same_v<T, coordinator::LeaveEvent>) {
           return absl::StrFormat("Leave(s=%x)", e.request.session());
+        } else if constexpr (std::is_same_v<T, coordinator::ReportBadCheckpointEvent>) {
+          return absl::StrFormat("ReportBadCheckpoint(s=%x t=%d)", e.request.session(),
+                                 e.request.step());
         } else if constexpr (std::is_same_v<T, coordinator::TickEvent>) {
           return "Tick";
         } else {
@@ -448,6 +452,17 @@ void Simulation::Execute(std::vector<Action> actions) {
 void Simulation::OnJournalBatch(const coordinator::JournalBatch& batch) {
   const uint64_t b = o_.global_batch;
   bool restore = false;
+  // Checkpoints marked bad: only ones a restore really found corrupt; gone before the batch's
+  // restore generation picks the previous one.
+  for (const auto& c : batch.checkpoints) {
+    if (c.invalid_reason().empty()) continue;
+    if (corrupted_.count(c.step()) == 0) {
+      Fail(absl::StrFormat("checkpoint of step %d marked bad, but no restore found it corrupt", c.step()));
+    }
+    journal_checkpoints_.erase(c.step());
+    ++result_.bad_checkpoints;
+    Log("checkpoint step %d marked bad in the journal", c.step());
+  }
   for (const auto& record : batch.generations) {
     const auto& g = record.generation();
     if (g.id() <= journal_generation_) {
@@ -509,6 +524,7 @@ void Simulation::OnJournalBatch(const coordinator::JournalBatch& batch) {
     Log("COMMIT step %d in generation %d (world %d)", t, step.generation(), step.world_size());
   }
   for (const auto& c : batch.checkpoints) {
+    if (!c.invalid_reason().empty()) continue;
     auto disk = disk_checkpoints_.find(c.step());
     if (disk == disk_checkpoints_.end() || disk->second != canonical_[c.step()]) {
       Fail(absl::StrFormat("checkpoint of step %d journaled but not complete on disk", c.step()));
@@ -738,6 +754,7 @@ void Simulation::OnLease(Worker& w, const StepLease& lease) {
             Worker& t = *workers_[index];
             if (!Current(t, inc)) return;
             disk_checkpoints_[step] = hash;
+            corrupted_.erase(step);
             coordinator::ReportCheckpointEvent e;
             e.request.set_session(t.session);
             e.request.set_step(step);
@@ -790,6 +807,33 @@ void Simulation::OnLease(Worker& w, const StepLease& lease) {
           w.applied = 0;
           w.hash = canonical_[0];
         } else {
+          if (corrupted_.count(lease.step()) == 0 && disk_checkpoints_.count(lease.step()) != 0 &&
+              faults_ && rng_.Chance(o_.corrupt_checkpoint)) {
+            Log("checkpoint step %d is corrupt on disk", lease.step());
+            corrupted_.insert(lease.step());
+            disk_checkpoints_.erase(lease.step());
+          }
+          if (corrupted_.count(lease.step()) != 0) {
+            // Verification fails: report it, then ask again (a lost report means the same lease
+            // and another report).
+            Log("w%d: checkpoint step %d fails verification; reporting it", w.index, lease.step());
+            coordinator::ReportBadCheckpointEvent e;
+            e.request.set_session(w.session);
+            e.request.set_generation(g.id());
+            e.request.set_step(lease.step());
+            e.request.set_path(lease.checkpoint_dir());
+            e.request.set_error("checksum mismatch (simulated)");
+            Send(w, e, /*awaited=*/false);
+            // Not in any generation now (as the real worker): ask with generation 0 and the
+            // steps really applied, so the answer is a RECONFIGURE, never a RUN on stale state.
+            w.gen = gyre::v1::Generation();
+            w.phase = Worker::Phase::kAcquire;
+            After(20 * kMs, [this, index = w.index, inc = w.incarnation] {
+              Worker& t = *workers_[index];
+              if (Current(t, inc) && t.awaiting == 0 && t.phase == Worker::Phase::kAcquire) Acquire(t, t.applied);
+            });
+            return;
+          }
           auto disk = disk_checkpoints_.find(lease.step());
           if (disk == disk_checkpoints_.end()) {
             Fail(absl::StrFormat("restore from checkpoint of step %d, which is not on disk",
@@ -836,6 +880,7 @@ void Simulation::OnLease(Worker& w, const StepLease& lease) {
         }
         // The final checkpoint, written and reported before leaving.
         disk_checkpoints_[w.applied] = w.hash;
+        corrupted_.erase(w.applied);
         coordinator::ReportCheckpointEvent report;
         report.request.set_session(w.session);
         report.request.set_step(w.applied);
@@ -1277,6 +1322,7 @@ SimOptions SimOptions::FromSeed(uint64_t seed) {
   o.stop_allowed = rng.Chance(0.1);
   o.fault_phase_micros = rng.Range(300, 2500) * kMs;
   o.liveness_budget_micros = 60'000 * kMs;
+  o.corrupt_checkpoint = maybe(0.4, 0.1, 0.7);  // drawn last: earlier options keep their seeds
   return o;
 }
 
@@ -1285,12 +1331,12 @@ std::string SimOptions::ToString() const {
       "seed=%d workers(initial=%d desired=%d min=%d) max_steps=%d global_batch=%d "
       "checkpoint_every=%d keep_last=%d pipeline=%d loss=%.4f long_delay=%.4f kill/s=%.2f "
       "kill_after_complete=%.3f join/s=%.2f coordinator_crash/s=%.2f partition/s=%.2f "
-      "journal_failure=%.4f "
+      "journal_failure=%.4f corrupt_checkpoint=%.2f "
       "control/s=%.2f stop_allowed=%d fault_phase_ms=%d liveness_budget_ms=%d",
       seed, initial_workers, desired_workers, min_workers, max_steps, global_batch,
       checkpoint_every, keep_last, pipeline, message_loss, long_delay, kill_per_s,
       kill_after_complete, join_per_s, coordinator_crash_per_s, partition_per_s, journal_failure,
-      control_per_s,
+      corrupt_checkpoint, control_per_s,
       stop_allowed, fault_phase_micros / 1000, liveness_budget_micros / 1000);
 }
 

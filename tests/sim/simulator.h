@@ -38,6 +38,9 @@ struct SimOptions {
   double partition_per_s = 0;       // a worker cut off from the coordinator for 50-800 ms
   double journal_failure = 0;       // probability per journal write (then the coordinator dies)
   double control_per_s = 0;         // operator commands per second
+  // Probability that a restore finds the checkpoint it was named corrupt (it then reports it;
+  // the core must mark it bad and never name it again).
+  double corrupt_checkpoint = 0;
   bool stop_allowed = false;        // the operator may Stop the run
   int64_t fault_phase_micros = 2'000'000;
   int64_t liveness_budget_micros = 60'000'000;
@@ -58,6 +61,7 @@ struct SimResult {
   uint64_t committed = 0;
   uint64_t generations = 0;
   uint64_t restores = 0;  // generations that fell back to a checkpoint
+  uint64_t bad_checkpoints = 0;  // checkpoints a restore found corrupt and the core marked bad
   uint64_t coordinator_restarts = 0;
   uint64_t kills = 0;
   uint64_t aborts = 0;

@@ -13,7 +13,7 @@ constexpr uint64_t kFirstSeed = 1;
 constexpr uint64_t kSchedules = 2000;
 
 TEST(CoordinatorSimulation, FixedSeedsKeepEveryInvariant) {
-  uint64_t commits = 0, kills = 0, restarts = 0, restores = 0, aborts = 0, stopped = 0;
+  uint64_t commits = 0, kills = 0, restarts = 0, restores = 0, aborts = 0, stopped = 0, bad = 0;
   for (uint64_t seed = kFirstSeed; seed < kFirstSeed + kSchedules; ++seed) {
     const SimOptions options = SimOptions::FromSeed(seed);
     const SimResult r = RunSimulation(options, nullptr);
@@ -25,6 +25,7 @@ TEST(CoordinatorSimulation, FixedSeedsKeepEveryInvariant) {
     kills += r.kills;
     restarts += r.coordinator_restarts;
     restores += r.restores;
+    bad += r.bad_checkpoints;
     aborts += r.aborts;
     stopped += r.stopped;
   }
@@ -33,11 +34,13 @@ TEST(CoordinatorSimulation, FixedSeedsKeepEveryInvariant) {
   EXPECT_GT(restarts, kSchedules / 4);
   EXPECT_GT(aborts, kSchedules / 4);
   EXPECT_GT(restores, 10u);
+  EXPECT_GT(bad, 5u);
   EXPECT_GT(stopped, 10u);
   EXPECT_GT(commits, kSchedules * 10);
   std::cout << kSchedules << " schedules: " << commits << " commits, " << kills << " kills, "
             << restarts << " coordinator restarts, " << aborts << " aborts, " << restores
-            << " checkpoint restores, " << stopped << " stopped by the operator\n";
+            << " checkpoint restores (" << bad << " checkpoints found corrupt), " << stopped
+            << " stopped by the operator\n";
 }
 
 TEST(CoordinatorSimulation, SameSeedSameRun) {
