@@ -1404,16 +1404,13 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   }
 
   // Intra-chunk: s-tiles 0..lt, tile st+1 loading while st is multiplied.
+  // One barrier per tile: it publishes tile st (its cp.async group waited for just before) and
+  // retires every read of buffer buf^1 (tile st−1, or H_c), which then receives tile st+1.
   for (int st = 0; st <= lt; ++st) {
     const int buf = st & 1;
-    __syncthreads();  // buffer buf^1 (tile st−1, or H_c) is no longer read
-    if (st < lt) {
-      issue(st + 1, buf ^ 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    CpAsyncWait<0>();
     __syncthreads();
+    if (st < lt) issue(st + 1, buf ^ 1);
     const bf16* Bs = buf ? Hs : B0;
     const bf16* Xs = X0 + buf * kTile * ldp;
     const float* as = acs_s + buf * kTile;
@@ -1589,16 +1586,13 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   // Pair loop over l-tiles st..nT−1 (buffer 0 holds the own tile already).
   float rsum0 = 0.f, rsum1 = 0.f;
+  // One barrier per tile (as in ssd_chunk_scan_fwd_reg): publishes tile lt, retires buffer buf^1
+  // (tile lt−1, or H_c / G), which then receives tile lt+1.
   for (int lt = st; lt < nT; ++lt) {
     const int buf = (lt - st) & 1;
-    __syncthreads();  // buffer buf^1 (tile lt−1, or H_c / G) is no longer read
-    if (lt + 1 < nT) {
-      issue(lt + 1, buf ^ 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    CpAsyncWait<0>();
     __syncthreads();
+    if (lt + 1 < nT) issue(lt + 1, buf ^ 1);
     const bf16* Cl = buf ? Cl1 : Cl0;
     const bf16* dYl = buf ? dY1 : dY0;
     const int l0 = lt * kTile;
@@ -1771,12 +1765,14 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s double buffers, and the head's Acs_l, Acs_s,
-// dt_s per buffer (~37 KB at P64).
+// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kStages heads, and each head's Acs_l,
+// Acs_s, dt_s (~57 KB at P64).
+constexpr int kStages = 3;  // cp.async pipeline depth of the head loops (dcb, dbc)
+
 template <typename Carver>
 void CarveDcbReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(4 * kTile * (d.P + 8));  // dY[2], X[2]
-  cv.template take<float>(6 * kTile);             // al[2], as[2], ds[2]
+  cv.template take<bf16>(2 * kStages * kTile * (d.P + 8));  // dY[kStages], X[kStages]
+  cv.template take<float>(3 * kStages * kTile);             // al, as, ds per stage
 }
 
 // grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile): the head-summed
@@ -1804,11 +1800,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
   const int ldp = d.P + 8;
   Carve cv{smem};
-  bf16* Y0 = cv.take<bf16>(4 * kTile * ldp);
-  bf16* X0 = Y0 + 2 * kTile * ldp;
-  float* al = cv.take<float>(6 * kTile);
-  float* as = al + 2 * kTile;
-  float* ds = as + 2 * kTile;
+  bf16* Y0 = cv.take<bf16>(2 * kStages * kTile * ldp);
+  bf16* X0 = Y0 + kStages * kTile * ldp;
+  float* al = cv.take<float>(3 * kStages * kTile);
+  float* as = al + kStages * kTile;
+  float* ds = as + kStages * kTile;
   const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
@@ -1835,17 +1831,26 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
 
   float acc[8][4];
   ZeroAcc(acc);
-  issue(0, 0);
-  for (int hh = 0; hh < d.hpg; ++hh) {
-    const int buf = hh & 1;
-    __syncthreads();  // buffer buf^1 (head hh−1) is no longer read
-    if (hh + 1 < d.hpg) {
-      issue(hh + 1, buf ^ 1);
-      CpAsyncWait<1>();
+  // kStages-deep pipeline, one barrier per head: groups are committed even when empty so that
+  // wait_group<kStages−2> always means "head hh has landed"; the barrier then also retires the
+  // buffer of head hh−1, which receives head hh+kStages−1.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < d.hpg) {
+      issue(i, i);
     } else {
-      CpAsyncWait<0>();
+      CpAsyncCommit();
     }
+  }
+  for (int hh = 0; hh < d.hpg; ++hh) {
+    const int buf = hh % kStages;
+    CpAsyncWait<kStages - 2>();
     __syncthreads();
+    if (hh + kStages - 1 < d.hpg) {
+      issue(hh + kStages - 1, (hh + kStages - 1) % kStages);
+    } else {
+      CpAsyncCommit();
+    }
     float s2[8][4];
     ZeroAcc(s2);
     WarpMmaSS<8, true>(s2, Y0 + buf * kTile * ldp + warp * 16 * ldp, ldp, X0 + buf * kTile * ldp,
@@ -1875,15 +1880,16 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
     }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): per buffer the own rows of dy/x of one head
-// [64][P+8], that head's state slice [P][72], the other tile's C_l/B_s slice [64][72], and the
-// head's Acs, dt of the own rows and Acs_last.
+// Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
+// rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the other tile's C_l/B_s slice
+// [64][72] in the same place; each head's Acs and dt of the own rows, and Acs_last.
+int DbcStageElems(const Dims& d) {
+  return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
+}
 template <typename Carver>
 void CarveDbcReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(2 * kTile * (d.P + 8));  // A[2]
-  cv.template take<bf16>(2 * d.P * 72);           // St[2]
-  cv.template take<bf16>(2 * kTile * 72);         // V[2]
-  cv.template take<float>(4 * kTile + 8);         // acs[2], dt[2], acs_last[2]
+  cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
+  cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
 }
 
 // A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
@@ -1938,12 +1944,14 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   const int o0 = ot * kTile, ov = min(kTile, len - o0);
   const int ldp = d.P + 8, ldv = 72;
   Carve cv{smem};
-  bf16* A0 = cv.take<bf16>(2 * kTile * ldp);
-  bf16* S0 = cv.take<bf16>(2 * d.P * ldv);
-  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
-  float* acsb = cv.take<float>(4 * kTile + 8);
-  float* dtb = acsb + 2 * kTile;
-  float* alast = dtb + 2 * kTile;
+  const int stage_elems = max(kTile * ldp + d.P * ldv, kTile * ldv);
+  bf16* stages = cv.take<bf16>(kStages * stage_elems);
+  float* acsb = cv.take<float>(2 * kStages * kTile + 8);
+  float* dtb = acsb + kStages * kTile;
+  float* alast = dtb + kStages * kTile;
+  // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
+  auto A_of = [&](int buf) { return stages + buf * stage_elems; };
+  auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
   const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const float* dt_g = DtPtr(d, saved, b);
@@ -1957,16 +1965,16 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     if (step < n1) {
       const int o = kDB ? ot + step : step;
       const int t0 = c0 + o * kTile, valid = min(kTile, d.S - t0);
-      LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
+      LoadRowsAsync(A_of(buf), ldv,
                     (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S + t0) * bc_stride +
                         g * d.N + n0,
                     bc_stride, valid, 64);
     } else {
       const int h = g * d.hpg + (step - n1);
-      LoadRowsAsync(A0 + buf * kTile * ldp, ldp,
+      LoadRowsAsync(A_of(buf), ldp,
                     (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
                     x_stride, ov, d.P);
-      CpRows(S0 + buf * d.P * ldv, ldv,
+      CpRows(S_of(buf), ldv,
              st_bf + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN + n0, d.N, d.P, d.P,
              64);
       if (threadIdx.x < kTile) {
@@ -1986,17 +1994,24 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   const float* dcb_bc = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
   float acc[8][4];
   ZeroAcc(acc);
-  issue(0, 0);
-  for (int step = 0; step < nsteps; ++step) {
-    const int buf = step & 1;
-    __syncthreads();  // buffer buf^1 (step − 1) is no longer read
-    if (step + 1 < nsteps) {
-      issue(step + 1, buf ^ 1);
-      CpAsyncWait<1>();
+  // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nsteps) {
+      issue(i, i);
     } else {
-      CpAsyncWait<0>();
+      CpAsyncCommit();
     }
+  }
+  for (int step = 0; step < nsteps; ++step) {
+    const int buf = step % kStages;
+    CpAsyncWait<kStages - 2>();
     __syncthreads();
+    if (step + kStages - 1 < nsteps) {
+      issue(step + kStages - 1, (step + kStages - 1) % kStages);
+    } else {
+      CpAsyncCommit();
+    }
     if (step < n1) {
       // A fragments of the dCB tile straight from global memory (fp32 → bf16):
       // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s].
@@ -2019,7 +2034,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
           }
           fa[ks][i] = PackBf16(v0, v1);
         }
-      WarpMmaRS<8, 4, false>(acc, fa, V0 + buf * kTile * ldv, ldv);
+      WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
       const float* ab = acsb + buf * kTile;
       float sc0, sc1;
@@ -2031,8 +2046,8 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
         sc0 = expf(ab[r0]);
         sc1 = expf(ab[r0 + 8]);
       }
-      WarpMmaSSRowScaled<8>(acc, A0 + buf * kTile * ldp + warp * 16 * ldp, ldp, sc0, sc1,
-                            S0 + buf * d.P * ldv, ldv, d.P);
+      WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                            d.P);
     }
   }
   bf16* out = kDB ? db : dc;
@@ -2047,6 +2062,96 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
             __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
   }
+}
+
+
+// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][72]
+// (double-buffered), the scaled U tile [64][P+8], the row scales of the whole chunk [Q].
+template <typename Carver>
+void CarveChunkStatePipe(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(3 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * 72);
+  cv.template take<float>(d.Q);
+}
+
+// ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
+// one is scaled and multiplied, and the row scales of the whole chunk computed once up front
+// (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
+// Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const bf16* u,
+                                                                 const bf16* v, float* saved,
+                                                                 float* ds_out) {
+  extern __shared__ __align__(128) char smem[];
+  const int ntn = (d.N + 63) / 64;
+  const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
+  const int n0 = (blockIdx.y % ntn) * 64, nw = min(64, d.N - n0);
+  const int g = h / d.hpg;
+  const int ldu = d.P + 8, ldv = 72;
+  Carve cv{smem};
+  bf16* Raw = cv.take<bf16>(3 * kTile * ldu);  // raw[0], raw[1], scaled
+  bf16* Us = Raw + 2 * kTile * ldu;
+  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
+  float* scale = cv.take<float>(d.Q);
+  const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
+  const float* dts = DtPtr(d, saved, b);
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  const int64_t u_stride = static_cast<int64_t>(d.H) * d.P;
+  const int64_t v_stride = static_cast<int64_t>(d.G) * d.N;
+
+  auto issue = [&](int tt, int buf) {
+    const int t0 = c0 + tt * kTile, valid = min(kTile, d.S - t0);
+    LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
+                  v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0, v_stride,
+                  valid, nw);
+    LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
+                  u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P, u_stride, valid,
+                  d.P);
+    CpAsyncCommit();
+  };
+  issue(0, 0);
+  {
+    const float acs_last = acs[d.Q - 1];
+    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+      float s = 0.f;
+      if (i < len) {
+        const float a = acs[i];
+        s = kBwd ? expf(a) : expf(acs_last - a) * dts[static_cast<int64_t>(c0 + i) * d.H + h];
+      }
+      scale[i] = s;
+    }
+  }
+  typename MmaPtx::Tile acc[2];
+  MmaPtx::Zero(acc);
+  const int vpr = d.P / 8;
+  for (int tt = 0; tt < nT; ++tt) {
+    const int buf = tt & 1;
+    __syncthreads();  // Us and buffer buf^1 (tile tt−1) are no longer read
+    if (tt + 1 < nT) {
+      issue(tt + 1, buf ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* raw = Raw + buf * kTile * ldu;
+    for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+      const int r = i / vpr, cidx = (i % vpr) * 8;
+      float f[8];
+      LoadBf16<8>(raw + r * ldu + cidx, f);
+      const float sc = scale[tt * kTile + r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] *= sc;
+      StoreBf16<8>(Us + r * ldu + cidx, f);
+    }
+    __syncthreads();
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+  }
+  float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
+                    : StatePtr(d, saved, b, h, c + 1);
+  MmaPtx::Store(acc, out + n0, d.N, d.P, nw);
 }
 
 // ------------------------------------------------------------------ host side
@@ -2101,7 +2206,7 @@ std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
 struct RegPlan {
-  bool fwd = false, dx = false, dbc = false;
+  bool fwd = false, dx = false, dbc = false, state = false;
 };
 
 RegPlan PlanReg(const Dims& d) {
@@ -2111,6 +2216,7 @@ RegPlan PlanReg(const Dims& d) {
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
+  p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
   p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
           SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
   return p;
@@ -2133,11 +2239,19 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                           cudaStream_t stream) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
-  ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.x, a.b, saved, nullptr);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+  if (plan.state) {
+    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
+        d, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
+  } else {
+    const size_t st_smem = ChunkStateSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
+    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+        d, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+  }
 
   ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0, stream>>>(
       d, a.initial_state, saved, a.final_state);
@@ -2194,11 +2308,19 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
-  ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+  if (plan.state) {
+    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
+        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
+  } else {
+    const size_t st_smem = ChunkStateSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
+    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+  }
 
   ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
       d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.h_bf, sc.g_bf);

@@ -235,6 +235,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 fwd] ", false, kSsdRegScanFwd},
                         {"[v3 dx] ", false, kSsdRegDx},
                         {"[v3 dbc] ", false, kSsdRegDbc},
+                        {"[v3 state] ", false, kSsdRegState},
                         {"[v3 all] ", false, kSsdRegAll}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
