@@ -177,11 +177,13 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
       return SsdBackward(g, &alloc, nullptr);
     });
-    std::printf("ssd%-12s fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+    std::printf("ssd%-12s fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB "
+                "%7.1f GB/s\n",
                 p.name, shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
                 c.fwd_bytes / 1e6, c.fwd_bytes / (fwd * 1e-3) / 1e9);
     const double fl = c.fwd_flops + c.bwd_flops, by = c.fwd_bytes + c.bwd_bytes;
-    std::printf("ssd%-12s fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
+    std::printf("ssd%-12s fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB "
+                "%7.1f GB/s\n",
                 p.name, shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
                 by / (fb * 1e-3) / 1e9);
     std::fflush(stdout);

@@ -69,10 +69,21 @@
 //   (≈ 0.15 GB) plus the dS/G buffer (134 MB written and read twice).
 // Floors (≈ 800 dense bf16 TFLOP/s, 3.3 TB/s H100 / 4.2 TB/s H200): forward ≈ 0.12 ms (flops) /
 //   0.10 ms (bytes); backward ≈ 0.27 / 0.25 ms.
-// Measured (H200, 2026-11-26): forward 1.52 ms, forward+backward 7.68 ms, i.e. 1.7-2.2x slower
-//   than mamba_ssm's Triton kernels timed in the same call. The kernels are latency-bound (one
-//   un-prefetched memory round trip and several barriers per 64-row tile, small MMAs between
-//   them); per-kernel times, the reasoning and the next steps are in ssd_notes.md.
+// Measured (H200, 2026-11-26): v2 forward 1.52 ms, forward+backward 7.68 ms (1.7-2.2x slower
+//   than mamba_ssm's Triton kernels timed in the same call; latency-bound: one un-prefetched
+//   memory round trip and several barriers per 64-row tile, small MMAs between them). v3 (the
+//   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
+//   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
+//   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
+//
+// Kernel versions: the v2 kernels described above (mma.sync or WMMA, block-level GEMMs through
+// shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
+// path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
+// ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
+// 64-row s-tile; ∂Acs partials summed in a fixed order), ssd_bwd_dcb_reg (the head-summed dCB
+// once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
+// ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
+// splits or fp32 partials).
 //
 // Tiles move global → shared either through registers with kLoadBatch 16-byte loads in flight per
 // thread (when they are scaled on the way) or through cp.async (plain copies); shared-memory
@@ -1230,7 +1241,8 @@ __device__ __forceinline__ void CpRows(bf16* dst, int ld, const bf16* src, int64
     const int r = i / vpr, v = (i % vpr) * 8;
     const bool ok = r < valid;
     const bf16* g = ok ? src + r * stride + v : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst + r * ld + v)),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     SmemAddr(dst + r * ld + v)),
                  "l"(g), "r"(ok ? 16 : 0));
   }
 }
@@ -1671,7 +1683,9 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
   }
   const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
-  if (threadIdx.x == 0) dd_part[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st] = s_d;
+  if (threadIdx.x == 0) {
+    dd_part[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st] = s_d;
+  }
 
   float* out = dacs_part + ((bh * d.NC + c) * tiles + st) * d.Q;
   for (int i = threadIdx.x; i < d.Q; i += kThreads) {
@@ -2028,7 +2042,8 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
             v0 = dcb_bc[static_cast<int64_t>(k) * d.Q + row];
             v1 = dcb_bc[static_cast<int64_t>(k + 1) * d.Q + row];
           } else {
-            const float2 v = *reinterpret_cast<const float2*>(dcb_bc + static_cast<int64_t>(row) * d.Q + k);
+            const float2 v = *reinterpret_cast<const float2*>(
+                dcb_bc + static_cast<int64_t>(row) * d.Q + k);
             v0 = v.x;
             v1 = v.y;
           }
@@ -2158,8 +2173,8 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const b
 
 template <typename Kernel>
 CudaResult SetSmem(Kernel k, size_t bytes) {
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
   return {};
 }
 
@@ -2200,8 +2215,10 @@ CudaResult CheckSmem(const Dims& d) {
 bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
 
 std::atomic<bool> g_use_wmma{false};
-// The v3 kernels selected by default (kSsdReg* bits); see SsdSetRegisterPathForTesting.
-constexpr int kDefaultRegMask = 0;
+// The v3 kernels selected by default (kSsdReg* bits); see SsdSetRegisterPathForTesting. All of
+// them: device call 2026-11-26 (H200): every variant passed ssd_gpu_test (12 cases, all outputs
+// and gradients vs float64) and racecheck, and all-v3 was the fastest (fwd+bwd 3.31 ms vs 7.75).
+constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.

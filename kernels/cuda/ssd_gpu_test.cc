@@ -1,8 +1,10 @@
-// Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h) against the CPU
-// float64 reference (kernels/cpu/ssd.h) on the same bf16-representable random inputs: y, the
-// final state, and every gradient (dx, d dt_raw, dB, dC, d initial state, and the accumulated
-// dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 200, 300), chunk 64/128/256, H 4..8,
-// G 1 and 2 (and 3 heads per group), dt clamps that bind, very large and very small dt·A.
+// Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h), every kernel
+// variant (v2 mma.sync / WMMA, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
+// i), against the CPU float64 reference (kernels/cpu/ssd.h) on the same bf16-representable
+// random inputs: y, the final state, and every gradient (dx, d dt_raw, dB, dC, d initial state,
+// and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
+// 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
+// bind, very large and very small dt·A.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
