@@ -8,7 +8,8 @@
 // tile pairs only) and the fewest bytes the contract allows (each input read once, each output
 // written once, the saved buffer written once by the forward and read once by the backward).
 //
-//   ssd_bench [--reps=N]
+//   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
+// MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -81,7 +82,7 @@ Counts Count(const SsdShape& s, const SsdOptions& o) {
   return c;
 }
 
-void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq) {
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask) {
   SsdShape s{batch, seq, 64, 64, 1, 128};
   SsdOptions o;
   o.chunk_size = 256;
@@ -154,25 +155,40 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq) {
   const Counts c = Count(s, o);
   const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) +
                             " H64 P64 N128 G1 Q256";
-  // The default tensor-core path (mma.sync) first, then the WMMA one for comparison.
-  for (const bool wmma : {false, true}) {
-    SsdUseWmmaForTesting(wmma);
-    const char* path = wmma ? "[wmma]" : "[mma] ";
+  // Every kernel variant, each timed alone (so that a slower v3 kernel still leaves the best
+  // combination measured): v2 mma.sync, then each v3 kernel on its own, then all v3 kernels.
+  struct Path {
+    const char* name;
+    int mask;
+  };
+  const Path paths[] = {{"[v2 mma] ", 0},
+                        {"[v3 fwd] ", kSsdRegScanFwd},
+                        {"[v3 dx]  ", kSsdRegDx},
+                        {"[v3 dbc] ", kSsdRegDbc},
+                        {"[v3 state]", kSsdRegState},
+                        {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
+                        {"[v3 all] ", kSsdRegAll}};
+  const int saved_mask = SsdRegisterPath();
+  for (const Path& p : paths) {
+    if (only_mask >= 0 && p.mask != only_mask) continue;
+    SsdSetRegisterPathForTesting(p.mask);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
       return SsdBackward(g, &alloc, nullptr);
     });
-    std::printf("ssd%s fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
-                path, shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
+    std::printf("ssd%-12s fwd      %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB "
+                "%7.1f GB/s\n",
+                p.name, shape.c_str(), fwd, c.fwd_flops / 1e9, c.fwd_flops / (fwd * 1e-3) / 1e12,
                 c.fwd_bytes / 1e6, c.fwd_bytes / (fwd * 1e-3) / 1e9);
     const double fl = c.fwd_flops + c.bwd_flops, by = c.fwd_bytes + c.bwd_bytes;
-    std::printf("ssd%s fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB %7.1f GB/s\n",
-                path, shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
+    std::printf("ssd%-12s fwd+bwd  %-28s %8.3f ms  %7.1f GFLOP %7.1f TFLOP/s  %7.1f MB "
+                "%7.1f GB/s\n",
+                p.name, shape.c_str(), fb, fl / 1e9, fl / (fb * 1e-3) / 1e12, by / 1e6,
                 by / (fb * 1e-3) / 1e9);
     std::fflush(stdout);
   }
-  SsdUseWmmaForTesting(false);
+  SsdSetRegisterPathForTesting(saved_mask);
 }
 
 }  // namespace
@@ -181,14 +197,19 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq) {
 int main(int argc, char** argv) {
   using namespace gyre::cuda;
   Timer t;
+  int only_mask = -1, shapes = 2;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
+    if (std::strncmp(argv[i], "--warmup=", 9) == 0) t.warmup = std::max(0, std::atoi(argv[i] + 9));
+    if (std::strncmp(argv[i], "--only=", 7) == 0) only_mask = std::atoi(argv[i] + 7);
+    if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
   }
+  std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   CUDA_OK_OR_DIE(alloc.Allocate(256ull << 20, &t.flush));
   CUDA_CHECK_OR_DIE(cudaEventCreate(&t.start));
   CUDA_CHECK_OR_DIE(cudaEventCreate(&t.stop));
-  Run(t, alloc, 8, 2048);
-  Run(t, alloc, 2, 8192);
+  Run(t, alloc, 8, 2048, only_mask);
+  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask);
   return 0;
 }

@@ -69,10 +69,21 @@
 //   (≈ 0.15 GB) plus the dS/G buffer (134 MB written and read twice).
 // Floors (≈ 800 dense bf16 TFLOP/s, 3.3 TB/s H100 / 4.2 TB/s H200): forward ≈ 0.12 ms (flops) /
 //   0.10 ms (bytes); backward ≈ 0.27 / 0.25 ms.
-// Measured (H200, 2026-11-26): forward 1.52 ms, forward+backward 7.68 ms, i.e. 1.7-2.2x slower
-//   than mamba_ssm's Triton kernels timed in the same call. The kernels are latency-bound (one
-//   un-prefetched memory round trip and several barriers per 64-row tile, small MMAs between
-//   them); per-kernel times, the reasoning and the next steps are in ssd_notes.md.
+// Measured (H200, 2026-11-26): v2 forward 1.52 ms, forward+backward 7.68 ms (1.7-2.2x slower
+//   than mamba_ssm's Triton kernels timed in the same call; latency-bound: one un-prefetched
+//   memory round trip and several barriers per 64-row tile, small MMAs between them). v3 (the
+//   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
+//   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
+//   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
+//
+// Kernel versions: the v2 kernels described above (mma.sync or WMMA, block-level GEMMs through
+// shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
+// path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
+// ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
+// 64-row s-tile; ∂Acs partials summed in a fixed order), ssd_bwd_dcb_reg (the head-summed dCB
+// once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
+// ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
+// splits or fp32 partials).
 //
 // Tiles move global → shared either through registers with kLoadBatch 16-byte loads in flight per
 // thread (when they are scaled on the way) or through cp.async (plain copies); shared-memory
@@ -721,8 +732,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
 
 // grid (ceil(PN/1024), H, B), block 256, one float4 per thread. dsg [B, H, NC, PN]: in dS_c,
 // out G_{c+1}. ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
+// h_bf, g_bf (both or neither; [B, H, NC, P, N] bf16): copies of H_c and G_{c+1} for the v3
+// kernels.
 __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_final,
-                                   float* dsg, float* ddecay, float* d_initial) {
+                                   float* dsg, float* ddecay, float* d_initial, bf16* h_bf,
+                                   bf16* g_bf) {
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool valid = e < d.PN;
@@ -742,6 +756,15 @@ __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_fi
       *slot = gv;
       const float4 hs = *reinterpret_cast<const float4*>(StatePtr(d, saved, b, h, c) + e);
       prod = gv.x * hs.x + gv.y * hs.y + gv.z * hs.z + gv.w * hs.w;
+      if (h_bf != nullptr) {
+        const int64_t o = (bh * d.NC + c) * d.PN + e;
+        __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(h_bf + o);
+        __nv_bfloat162* gp = reinterpret_cast<__nv_bfloat162*>(g_bf + o);
+        hp[0] = __floats2bfloat162_rn(hs.x, hs.y);
+        hp[1] = __floats2bfloat162_rn(hs.z, hs.w);
+        gp[0] = __floats2bfloat162_rn(gv.x, gv.y);
+        gp[1] = __floats2bfloat162_rn(gv.z, gv.w);
+      }
     }
     prod = WarpSum(prod);
     if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = prod;
@@ -1189,12 +1212,969 @@ __global__ void ssd_param_reduce(Dims d, const double* part, const float* a_log,
   }
 }
 
+// ------------------------------------------------------------------ register-resident path (v3)
+//
+// FlashAttention-2 style: each warp owns 16 rows of a 64-row tile and keeps its products in
+// mma.sync accumulators through the element-wise steps (decay, causal mask, dt scale, rounding
+// to bf16). The m16n8 accumulators of two adjacent n8 tiles are exactly the A fragment of one
+// k16 step, so a masked product feeds the next product with no shared-memory round trip and no
+// barrier. Operand tiles are double-buffered in shared memory through cp.async: tile i+1 is in
+// flight while tile i is multiplied. The backward reads bf16 copies of H_c and G_{c+1} that
+// ssd_state_pass_bwd writes on this path (plain cp.async tiles, no per-block fp32 conversion).
+// Each v3 kernel is selected separately (SsdSetRegisterPathForTesting) so that the v2 kernels
+// stay available for A/B checks; shapes whose v3 tiles do not fit shared memory use v2.
+//
+// Fragment coordinates (lane = 4·gq + tq): accumulator element e of n8 tile j sits at row
+// gq + 8·(e / 2) of the warp's 16 rows, column 8·j + 2·tq + (e % 2).
+
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// `rows` rows × width bf16 (width % 8 == 0) through cp.async; rows >= valid zero-filled.
+__device__ __forceinline__ void CpRows(bf16* dst, int ld, const bf16* src, int64_t stride,
+                                       int rows, int valid, int width) {
+  const int vpr = width / 8;
+  for (int i = threadIdx.x; i < rows * vpr; i += kThreads) {
+    const int r = i / vpr, v = (i % vpr) * 8;
+    const bool ok = r < valid;
+    const bf16* g = ok ? src + r * stride + v : src;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     SmemAddr(dst + r * ld + v)),
+                 "l"(g), "r"(ok ? 16 : 0));
+  }
+}
+
+// One fp32 through cp.async (4 bytes; zero-filled when !ok, src then only has to be valid).
+__device__ __forceinline__ void CpAsync4(float* dst, const float* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(ok ? 4 : 0));
+}
+
+__device__ __forceinline__ unsigned PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+template <int NT>
+__device__ __forceinline__ void ZeroAcc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
+
+// acc[NT][4] (the warp's 16 rows × 8·NT columns) += A · B over K (a multiple of 16).
+// A: the warp's 16 rows at a (row-major, lda). B(k, n) = b[n·ldb + k] when BT, else b[k·ldb + n].
+template <int NT, bool BT>
+__device__ __forceinline__ void WarpMmaSS(float (&acc)[NT][4], const bf16* a, int lda,
+                                          const bf16* b, int ldb, int K) {
+  static_assert(NT % 2 == 0, "n8 tiles come in pairs (one ldmatrix.x4)");
+  const int lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+  const unsigned a0 = SmemAddr(a + (r + 8 * (q % 2)) * lda + 8 * (q / 2));
+  const unsigned b0 = BT ? SmemAddr(b + (r + 8 * (q / 2)) * ldb + 8 * (q % 2))
+                         : SmemAddr(b + (r + 8 * (q % 2)) * ldb + 8 * (q / 2));
+  for (int kk = 0; kk < K; kk += 16) {
+    unsigned fa[4];
+    LdMatrixX4<false>(fa, a0 + kk * 2);
+#pragma unroll
+    for (int h = 0; h < NT / 2; ++h) {
+      unsigned fb[4];
+      const unsigned off = BT ? (16 * h * ldb + kk) * 2 : (kk * ldb + 16 * h) * 2;
+      LdMatrixX4<!BT>(fb, b0 + off);
+      MmaBf16(acc[2 * h], fa, fb[0], fb[1]);
+      MmaBf16(acc[2 * h + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+// The same with A from registers: fa[KS][4], K = 16·KS.
+template <int NT, int KS, bool BT>
+__device__ __forceinline__ void WarpMmaRS(float (&acc)[NT][4], const unsigned (&fa)[KS][4],
+                                          const bf16* b, int ldb) {
+  const int lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+  const unsigned b0 = BT ? SmemAddr(b + (r + 8 * (q / 2)) * ldb + 8 * (q % 2))
+                         : SmemAddr(b + (r + 8 * (q % 2)) * ldb + 8 * (q / 2));
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int kk = 16 * ks;
+#pragma unroll
+    for (int h = 0; h < NT / 2; ++h) {
+      unsigned fb[4];
+      const unsigned off = BT ? (16 * h * ldb + kk) * 2 : (kk * ldb + 16 * h) * 2;
+      LdMatrixX4<!BT>(fb, b0 + off);
+      MmaBf16(acc[2 * h], fa[ks], fb[0], fb[1]);
+      MmaBf16(acc[2 * h + 1], fa[ks], fb[2], fb[3]);
+    }
+  }
+}
+
+// Accumulators (16 × 8·NS, fp32) → bf16 A fragments of NS/2 k16 steps.
+template <int NS>
+__device__ __forceinline__ void AccToA(const float (&s)[NS][4], unsigned (&fa)[NS / 2][4]) {
+#pragma unroll
+  for (int k = 0; k < NS / 2; ++k) {
+    fa[k][0] = PackBf16(s[2 * k][0], s[2 * k][1]);
+    fa[k][1] = PackBf16(s[2 * k][2], s[2 * k][3]);
+    fa[k][2] = PackBf16(s[2 * k + 1][0], s[2 * k + 1][1]);
+    fa[k][3] = PackBf16(s[2 * k + 1][2], s[2 * k + 1][3]);
+  }
+}
+
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+__device__ __forceinline__ float2 Bf2(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
+// Shared memory of ssd_chunk_scan_fwd_reg: C_l, B_s double buffer (the second buffer first
+// holds H_c in bf16: it is read only before the s-loop starts), x_s double buffer, and the
+// per-token Acs / dt of the two s buffers. ~72 KB at P64 N128: three blocks per SM.
+template <typename Carver>
+void CarveScanFwdReg(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(kTile * (d.N + 8));                 // Cl
+  cv.template take<bf16>(kTile * (d.N + 8));                 // Bs buffer 0
+  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));  // Hs, then Bs buffer 1
+  cv.template take<bf16>(2 * kTile * (d.P + 8));             // Xs buffers
+  cv.template take<float>(4 * kTile);                        // acs_s[2], dt_s[2]
+}
+
+// grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
+// ssd_chunk_scan_fwd, which documents it).
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
+    const float* saved, bf16* y) {
+  extern __shared__ __align__(128) char smem[];
+  constexpr int NP = kP / 8;
+  const int tiles = d.Q / kTile;
+  const int c = blockIdx.x / tiles, lt = blockIdx.x % tiles, h = blockIdx.y, b = blockIdx.z;
+  const int g = h / d.hpg;
+  const int tl0 = c * d.Q + lt * kTile;
+  if (tl0 >= d.S) return;
+  const int lv = min(kTile, d.S - tl0);
+  const int ldn = d.N + 8, ldp = kP + 8;
+  Carve cv{smem};
+  bf16* Cl = cv.take<bf16>(kTile * ldn);
+  bf16* B0 = cv.take<bf16>(kTile * ldn);
+  bf16* Hs = cv.take<bf16>(max(kP, kTile) * ldn);
+  bf16* X0 = cv.take<bf16>(2 * kTile * ldp);
+  float* acs_s = cv.take<float>(4 * kTile);
+  float* dt_s = acs_s + 2 * kTile;
+
+  const float* acs = AcsPtr(d, saved, b, h);
+  const float* dts = DtPtr(d, saved, b);
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
+
+  // Tile st of B and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
+  auto issue = [&](int st, int buf) {
+    const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
+    LoadRowsAsync(buf ? Hs : B0, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    LoadRowsAsync(X0 + buf * kTile * ldp, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      CpAsync4(acs_s + buf * kTile + r, acs + ts0 + r, true);
+      CpAsync4(dt_s + buf * kTile + r, dts + static_cast<int64_t>(ts0 + min(r, sv - 1)) * d.H + h,
+               r < sv);
+    }
+    CpAsyncCommit();
+  };
+
+  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+  issue(0, 0);
+  LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), kP, d.N);
+  const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Inter-chunk: y = e^{Acs_l} (C_l H_cᵀ).
+  float acc[NP][4];
+  ZeroAcc(acc);
+  const bf16* Cw = Cl + warp * 16 * ldn;
+  WarpMmaSS<NP, true>(acc, Cw, ldn, Hs, ldn, d.N);
+  {
+    const float e0 = expf(al0), e1 = expf(al1);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      acc[j][0] *= e0;
+      acc[j][1] *= e0;
+      acc[j][2] *= e1;
+      acc[j][3] *= e1;
+    }
+  }
+
+  // Intra-chunk: s-tiles 0..lt, tile st+1 loading while st is multiplied.
+  // One barrier per tile: it publishes tile st (its cp.async group waited for just before) and
+  // retires every read of buffer buf^1 (tile st−1, or H_c), which then receives tile st+1.
+  for (int st = 0; st <= lt; ++st) {
+    const int buf = st & 1;
+    CpAsyncWait<0>();
+    __syncthreads();
+    if (st < lt) issue(st + 1, buf ^ 1);
+    const bf16* Bs = buf ? Hs : B0;
+    const bf16* Xs = X0 + buf * kTile * ldp;
+    const float* as = acs_s + buf * kTile;
+    const float* ds = dt_s + buf * kTile;
+    float s[8][4];
+    ZeroAcc(s);
+    WarpMmaSS<8, true>(s, Cw, ldn, Bs, ldn, d.N);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+        const float al = e < 2 ? al0 : al1;
+        const float v = s[j][e] * ds[col] * expf(fminf(al - as[col], 0.f));
+        s[j][e] = (st < lt || col <= row) ? v : 0.f;
+      }
+    unsigned fa[4][4];
+    AccToA(s, fa);
+    WarpMmaRS<NP, 4, false>(acc, fa, Xs, ldp);
+  }
+
+  // y = acc + D x (rows < lv), straight from the accumulators.
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  bf16* yb = y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int row = r0 + 8 * e2;
+    if (row < lv) {
+      const int64_t off = (tl0 + row) * x_stride;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int p = 8 * j + 2 * tq;
+        const float2 xv = Bf2(xb + off + p);
+        *reinterpret_cast<__nv_bfloat162*>(yb + off + p) = __floats2bfloat162_rn(
+            acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
+      }
+    }
+  }
+}
+
+// Shared memory of ssd_chunk_scan_bwd_dx_reg (~94 KB at P64 N128: two blocks per SM): the own
+// s-tile B_s, x_s; l-tile buffer 0 (C_l, dy_l; first the own tile); region R with H_c and
+// G_{c+1} (bf16, read only before the pair loop), then l-tile buffer 1; Acs of the chunk, dt of
+// the own rows, per-warp column sums of ∂Acs, the own rows' ∂Acs terms and state-term dl.
+template <typename Carver>
+void CarveDxReg(Carver& cv, const Dims& d) {
+  const int ldn = d.N + 8, ldp = d.P + 8;
+  cv.template take<bf16>(kTile * ldn);                                       // Bs
+  cv.template take<bf16>(kTile * ldp);                                       // Xs
+  cv.template take<bf16>(kTile * ldn + kTile * ldp);                         // Cl0, dY0
+  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * ldn + kTile * ldp));  // R
+  cv.template take<float>(d.Q);                                              // acs
+  cv.template take<float>(kTile);                                            // dt (own rows)
+  cv.template take<float>(kWarps * d.Q);                                     // dcol
+  cv.template take<float>(2 * kTile);                                        // own, dl
+  cv.template take<double>(kWarps);                                          // dD partial
+}
+
+// grid (NC·Q/64, H, B): dx for one 64-row s-tile of one (b, c, h) (same math as
+// ssd_chunk_scan_bwd_dx). The ∂Acs terms this block produces for every token of the chunk go to
+// dacs_part[b, h, c, s-tile, Q] (plain stores; summed in a fixed order by ssd_bwd_dacs_finish),
+// x·dX̄ of the own rows to ddtx[b, h, NC·Q], Σ dy·x of the own rows to dd_part[b, c, h, s-tile].
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
+    const float* saved, const bf16* dy, const bf16* h_bf, const bf16* g_bf, bf16* dx,
+    float* dacs_part, float* ddtx, double* dd_part) {
+  extern __shared__ __align__(128) char smem[];
+  constexpr int NP = kP / 8;
+  const int tiles = d.Q / kTile;
+  const int c = blockIdx.x / tiles, st = blockIdx.x % tiles, h = blockIdx.y, b = blockIdx.z;
+  const int g = h / d.hpg;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  if (st >= nT) return;
+  const int s0 = st * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  const int ldn = d.N + 8, ldp = kP + 8;
+  Carve cv{smem};
+  bf16* Bs = cv.take<bf16>(kTile * ldn);
+  bf16* Xs = cv.take<bf16>(kTile * ldp);
+  bf16* Cl0 = cv.take<bf16>(kTile * ldn + kTile * ldp);
+  bf16* dY0 = Cl0 + kTile * ldn;
+  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * ldn + kTile * ldp));
+  bf16* Hs = R;
+  bf16* Gs = R + kP * ldn;
+  bf16* Cl1 = R;
+  bf16* dY1 = R + kTile * ldn;
+  float* acs = cv.take<float>(d.Q);
+  float* dts = cv.take<float>(kTile);
+  float* dcol = cv.take<float>(kWarps * d.Q);
+  float* own = cv.take<float>(2 * kTile);
+  float* dlrow = own + kTile;
+  double* red = cv.take<double>(kWarps);
+
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  const int r0 = warp * 16 + gq;  // own-tile rows r0, r0 + 8
+
+  LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+  LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
+  LoadRowsAsync(Cl0, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+  LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
+  CpRows(Hs, ldn, h_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
+  CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
+  CpAsyncCommit();
+  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
+  const float* dt_g = DtPtr(d, saved, b);
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) acs[i] = acs_g[i];
+  for (int i = threadIdx.x; i < kWarps * d.Q; i += kThreads) dcol[i] = 0.f;
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  const float acs_last = acs[d.Q - 1];
+  const float as0 = acs[s0 + r0], as1 = acs[s0 + r0 + 8];
+  const float dt0 = dts[r0], dt1 = dts[r0 + 8];
+
+  // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s.
+  float acc[NP][4];
+  ZeroAcc(acc);
+  WarpMmaSS<NP, true>(acc, Bs + warp * 16 * ldn, ldn, Gs, ldn, d.N);
+  float dl0 = 0.f, dl1 = 0.f;
+  {
+    const float w0 = expf(acs_last - as0), w1 = expf(acs_last - as1);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int p = 8 * j + 2 * tq;
+      acc[j][0] *= w0;
+      acc[j][1] *= w0;
+      acc[j][2] *= w1;
+      acc[j][3] *= w1;
+      const float2 x0 = Bf2(Xs + r0 * ldp + p), x1 = Bf2(Xs + (r0 + 8) * ldp + p);
+      dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
+      dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
+    }
+    dl0 = QuadSum(dl0) * dt0;
+    dl1 = QuadSum(dl1) * dt1;
+  }
+  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
+  float inter0 = 0.f, inter1 = 0.f;
+  {
+    float t[NP][4];
+    ZeroAcc(t);
+    WarpMmaSS<NP, true>(t, Cl0 + warp * 16 * ldn, ldn, Hs, ldn, d.N);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int p = 8 * j + 2 * tq;
+      const float2 y0 = Bf2(dY0 + r0 * ldp + p), y1 = Bf2(dY0 + (r0 + 8) * ldp + p);
+      inter0 += t[j][0] * y0.x + t[j][1] * y0.y;
+      inter1 += t[j][2] * y1.x + t[j][3] * y1.y;
+    }
+    inter0 = QuadSum(inter0) * expf(as0);
+    inter1 = QuadSum(inter1) * expf(as1);
+  }
+
+  auto issue = [&](int lt, int buf) {
+    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
+    LoadRowsAsync(buf ? Cl1 : Cl0, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * x_stride, x_stride, lv, kP);
+    CpAsyncCommit();
+  };
+
+  // Pair loop over l-tiles st..nT−1 (buffer 0 holds the own tile already).
+  float rsum0 = 0.f, rsum1 = 0.f;
+  // One barrier per tile (as in ssd_chunk_scan_fwd_reg): publishes tile lt, retires buffer buf^1
+  // (tile lt−1, or H_c / G), which then receives tile lt+1.
+  for (int lt = st; lt < nT; ++lt) {
+    const int buf = (lt - st) & 1;
+    CpAsyncWait<0>();
+    __syncthreads();
+    if (lt + 1 < nT) issue(lt + 1, buf ^ 1);
+    const bf16* Cl = buf ? Cl1 : Cl0;
+    const bf16* dYl = buf ? dY1 : dY0;
+    const int l0 = lt * kTile;
+    float s1[8][4], s2[8][4];
+    ZeroAcc(s1);
+    ZeroAcc(s2);
+    WarpMmaSS<8, true>(s1, Bs + warp * 16 * ldn, ldn, Cl, ldn, d.N);   // B_s·C_l
+    WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
+    float csum[8][2];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      csum[j][0] = 0.f;
+      csum[j][1] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int l = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+        const float as = e < 2 ? as0 : as1;
+        float mt = 0.f;
+        if (lt > st || l >= row) mt = s1[j][e] * expf(fminf(acs[l0 + l] - as, 0.f));
+        s1[j][e] = mt;
+        const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
+        if (e < 2) {
+          rsum0 += m2;
+        } else {
+          rsum1 += m2;
+        }
+        csum[j][e & 1] += m2;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        float v = csum[j][e1];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (gq == 0) dcol[warp * d.Q + l0 + 8 * j + 2 * tq + e1] = v;
+      }
+    unsigned fa[4][4];
+    AccToA(s1, fa);
+    WarpMmaRS<NP, 4, false>(acc, fa, dYl, ldp);
+  }
+  rsum0 = QuadSum(rsum0);
+  rsum1 = QuadSum(rsum1);
+  if (tq == 0) {
+    own[r0] = inter0 - rsum0 - dl0;
+    own[r0 + 8] = inter1 - rsum1 - dl1;
+    dlrow[r0] = dl0;
+    dlrow[r0 + 8] = dl1;
+  }
+
+  // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  float dot_d = 0.f;
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int row = r0 + 8 * e2;
+    const float dtr = e2 ? dt1 : dt0;
+    float dot_x = 0.f;
+    if (row < sv) {
+      const int64_t off = (ts0 + row) * x_stride;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int p = 8 * j + 2 * tq;
+        const float2 xv = Bf2(Xs + row * ldp + p);
+        const float2 dyv = Bf2(dyb + off + p);
+        const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
+        dot_x += xv.x * g0 + xv.y * g1;
+        dot_d += xv.x * dyv.x + xv.y * dyv.y;
+        *reinterpret_cast<__nv_bfloat162*>(dxb + off + p) =
+            __floats2bfloat162_rn(dtr * g0 + dsk * dyv.x, dtr * g1 + dsk * dyv.y);
+      }
+    }
+    dot_x = QuadSum(dot_x);
+    if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
+  }
+  const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
+  if (threadIdx.x == 0) {
+    dd_part[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st] = s_d;
+  }
+
+  float* out = dacs_part + ((bh * d.NC + c) * tiles + st) * d.Q;
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+    float v = 0.f;
+    if (i >= s0) {
+      for (int w = 0; w < kWarps; ++w) v += dcol[w * d.Q + i];
+    }
+    if (i >= s0 && i < s0 + kTile) v += own[i - s0];
+    if (i == d.Q - 1) {
+      float s = 0.f;
+      for (int r = 0; r < kTile; ++r) s += dlrow[r];
+      v += s;
+    }
+    out[i] = v;
+  }
+}
+
+// grid (NC, H, B), block kThreads: sums the s-tile partials of ∂Acs (fixed order), adds the
+// state-passing decay term, reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h)
+// partials of ∂A, ∂dt_bias, ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
+__global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
+    Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
+    const float* dacs_part, const float* ddtx, const double* dd_part, const float* ddecay,
+    int ddecay_parts, float* ddt, double* part) {
+  __shared__ float dacs[256];
+  __shared__ double red[3 * kWarps];
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tiles = d.Q / kTile;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
+  const float* pp = dacs_part + (bh * d.NC + c) * tiles * d.Q;
+  for (int t = threadIdx.x; t < d.Q; t += kThreads) {
+    float v = 0.f;
+    for (int s = 0; s < nT; ++s) v += pp[s * d.Q + t];
+    dacs[t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float* q = ddecay + (bh * d.NC + c) * ddecay_parts;
+    float s = 0.f;
+    for (int i = 0; i < ddecay_parts; ++i) s += q[i];
+    dacs[d.Q - 1] += expf(acs_g[d.Q - 1]) * s;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, seg = d.Q / 32;
+    float s = 0.f;
+    for (int i = 0; i < seg; ++i) s += dacs[lane * seg + i];
+    float suffix = s;
+    for (int off = 1; off < 32; off <<= 1) {
+      const float o = __shfl_down_sync(0xffffffffu, suffix, off);
+      if (lane + off < 32) suffix += o;
+    }
+    float run = suffix - s;
+    for (int i = seg - 1; i >= 0; --i) {
+      run += dacs[lane * seg + i];
+      dacs[lane * seg + i] = run;
+    }
+  }
+  __syncthreads();
+  const float A = -expf(a_log[h]);
+  const float bias = dt_bias[h];
+  const float* dts = DtPtr(d, saved, b);
+  const float* dx_dot = ddtx + bh * d.NC * d.Q + c0;
+  double da_acc = 0.0, db_acc = 0.0;
+  for (int t = threadIdx.x; t < len; t += kThreads) {
+    const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
+    const float dda = dacs[t];
+    const float total = dx_dot[t] + A * dda;
+    const float raw = dt_raw[idx] + bias;
+    const float sp = Softplus(raw);
+    const bool passes = sp >= d.dt_min && sp <= d.dt_max;
+    const float draw = passes ? total * Sigmoid(raw) : 0.f;
+    ddt[idx] = draw;
+    da_acc += static_cast<double>(dda) * dts[static_cast<int64_t>(c0 + t) * d.H + h];
+    db_acc += draw;
+  }
+  const double s_a = BlockSumDouble(da_acc, red);
+  const double s_b = BlockSumDouble(db_acc, red + kWarps);
+  if (threadIdx.x == 0) {
+    const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
+    const int64_t i = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
+    double s_d = 0.0;
+    for (int s = 0; s < nT; ++s) s_d += dd_part[i * tiles + s];
+    part[i] = s_a;
+    part[n + i] = s_b;
+    part[2 * n + i] = s_d;
+  }
+}
+
+// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kStages heads, and each head's Acs_l,
+// Acs_s, dt_s (~57 KB at P64).
+constexpr int kStages = 3;  // cp.async pipeline depth of the head loops (dcb, dbc)
+
+template <typename Carver>
+void CarveDcbReg(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(2 * kStages * kTile * (d.P + 8));  // dY[kStages], X[kStages]
+  cv.template take<float>(3 * kStages * kTile);             // al, as, ds per stage
+}
+
+// grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile): the head-summed
+// dCB[l, s] = Σ_h dt_s e^{Acs_l − Acs_s} (dy_l·x_s) (l ≥ s) of one 64×64 tile, computed ONCE for
+// dB and dC (v2 computed it in both kernels), heads double-buffered through cp.async, the sum in
+// registers. Written fp32 to dcb [B, NC, G, Q, Q] (tiles above the diagonal are not written and
+// never read).
+__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf16* x,
+                                                               const bf16* dy, const float* saved,
+                                                               float* dcb) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pi = blockIdx.x % pairs, lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  const int st = pi;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  if (lt >= nT) return;
+  const int l0 = lt * kTile, s0 = st * kTile;
+  const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
+  const int ldp = d.P + 8;
+  Carve cv{smem};
+  bf16* Y0 = cv.take<bf16>(2 * kStages * kTile * ldp);
+  bf16* X0 = Y0 + kStages * kTile * ldp;
+  float* al = cv.take<float>(3 * kStages * kTile);
+  float* as = al + kStages * kTile;
+  float* ds = as + kStages * kTile;
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const float* dt_g = DtPtr(d, saved, b);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  const int r0 = warp * 16 + gq;
+
+  auto issue = [&](int hh, int buf) {
+    const int h = g * d.hpg + hh;
+    LoadRowsAsync(Y0 + buf * kTile * ldp, ldp,
+                  dy + ((static_cast<int64_t>(b) * d.S + c0 + l0) * d.H + h) * d.P, x_stride, lv,
+                  d.P);
+    LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
+                  x + ((static_cast<int64_t>(b) * d.S + c0 + s0) * d.H + h) * d.P, x_stride, sv,
+                  d.P);
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      const float* acs_h = AcsPtr(d, saved, b, h) + c0;
+      CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
+      CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
+      CpAsync4(ds + buf * kTile + r,
+               dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
+    }
+    CpAsyncCommit();
+  };
+
+  float acc[8][4];
+  ZeroAcc(acc);
+  // kStages-deep pipeline, one barrier per head: groups are committed even when empty so that
+  // wait_group<kStages−2> always means "head hh has landed"; the barrier then also retires the
+  // buffer of head hh−1, which receives head hh+kStages−1.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < d.hpg) {
+      issue(i, i);
+    } else {
+      CpAsyncCommit();
+    }
+  }
+  for (int hh = 0; hh < d.hpg; ++hh) {
+    const int buf = hh % kStages;
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (hh + kStages - 1 < d.hpg) {
+      issue(hh + kStages - 1, (hh + kStages - 1) % kStages);
+    } else {
+      CpAsyncCommit();
+    }
+    float s2[8][4];
+    ZeroAcc(s2);
+    WarpMmaSS<8, true>(s2, Y0 + buf * kTile * ldp + warp * 16 * ldp, ldp, X0 + buf * kTile * ldp,
+                       ldp, d.P);
+    const float* alb = al + buf * kTile;
+    const float* asb = as + buf * kTile;
+    const float* dsb = ds + buf * kTile;
+    const float al0 = alb[r0], al1 = alb[r0 + 8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+        const float a = e < 2 ? al0 : al1;
+        if (lt > st || col <= row)
+          acc[j][e] += s2[j][e] * dsb[col] * expf(fminf(a - asb[col], 0.f));
+      }
+  }
+  float* out = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int row = r0 + 8 * e2, col = 8 * j + 2 * tq;
+      *reinterpret_cast<float2*>(out + static_cast<int64_t>(l0 + row) * d.Q + s0 + col) =
+          make_float2(acc[j][2 * e2], acc[j][2 * e2 + 1]);
+    }
+}
+
+// Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
+// rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the other tile's C_l/B_s slice
+// [64][72] in the same place; each head's Acs and dt of the own rows, and Acs_last.
+int DbcStageElems(const Dims& d) {
+  return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
+}
+template <typename Carver>
+void CarveDbcReg(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
+  cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
+}
+
+// A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
+// rows of A scaled by sc0 (rows gq) and sc1 (rows gq + 8) after the bf16 load, rounded to bf16
+// again (the v2 kernels scaled in fp32 and rounded once: the same values).
+template <int NT>
+__device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf16* a, int lda,
+                                                   float sc0, float sc1, const bf16* b, int ldb,
+                                                   int K) {
+  const int lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+  const unsigned a0 = SmemAddr(a + (r + 8 * (q % 2)) * lda + 8 * (q / 2));
+  const unsigned b0 = SmemAddr(b + (r + 8 * (q % 2)) * ldb + 8 * (q / 2));
+  for (int kk = 0; kk < K; kk += 16) {
+    unsigned fa[4];
+    LdMatrixX4<false>(fa, a0 + kk * 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float sc = (i & 1) ? sc1 : sc0;
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fa[i]));
+      fa[i] = PackBf16(f.x * sc, f.y * sc);
+    }
+#pragma unroll
+    for (int h = 0; h < NT / 2; ++h) {
+      unsigned fb[4];
+      LdMatrixX4<true>(fb, b0 + (kk * ldb + 16 * h) * 2);
+      MmaBf16(acc[2 * h], fa, fb[0], fb[1]);
+      MmaBf16(acc[2 * h + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+// grid (NC·Q/64, 2·G·N/64, B) (N % 64 == 0): one 64-row own tile × 64 columns of dC (first
+// G·N/64 y-blocks; own = l) or dB (the rest; own = s), in one pass and bf16 directly (no head
+// splits, no fp32 partials):
+//   dC_l = Σ_{s-tiles ≤ own} dCB[l, s] B_s + Σ_h e^{Acs_l} dy_l H_c       (state term over (h, p))
+//   dB_s = Σ_{l-tiles ≥ own} dCB[l, s]ᵀ C_l + Σ_h e^{Acs_last − Acs_s} dt_s x_s G_{c+1}
+// Steps (other tiles, then heads) are double-buffered through cp.async. st_h / st_g: bf16 copies
+// of H_c and G_{c+1}, [B, H, NC, P, N].
+__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
+    const bf16* st_h, const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile, nsl = d.N / 64;
+  const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
+  const bool kDB = static_cast<int>(blockIdx.y) >= d.G * nsl;
+  const int yy = kDB ? blockIdx.y - d.G * nsl : blockIdx.y;
+  const int g = yy / nsl, n0 = (yy % nsl) * 64;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  if (ot >= nT) return;
+  const int o0 = ot * kTile, ov = min(kTile, len - o0);
+  const int ldp = d.P + 8, ldv = 72;
+  Carve cv{smem};
+  const int stage_elems = max(kTile * ldp + d.P * ldv, kTile * ldv);
+  bf16* stages = cv.take<bf16>(kStages * stage_elems);
+  float* acsb = cv.take<float>(2 * kStages * kTile + 8);
+  float* dtb = acsb + kStages * kTile;
+  float* alast = dtb + kStages * kTile;
+  // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
+  auto A_of = [&](int buf) { return stages + buf * stage_elems; };
+  auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
+  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const float* dt_g = DtPtr(d, saved, b);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  const int r0 = warp * 16 + gq;
+  const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
+  const int nsteps = n1 + d.hpg;
+  const bf16* st_bf = kDB ? st_g : st_h;
+
+  auto issue = [&](int step, int buf) {
+    if (step < n1) {
+      const int o = kDB ? ot + step : step;
+      const int t0 = c0 + o * kTile, valid = min(kTile, d.S - t0);
+      LoadRowsAsync(A_of(buf), ldv,
+                    (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S + t0) * bc_stride +
+                        g * d.N + n0,
+                    bc_stride, valid, 64);
+    } else {
+      const int h = g * d.hpg + (step - n1);
+      LoadRowsAsync(A_of(buf), ldp,
+                    (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
+                    x_stride, ov, d.P);
+      CpRows(S_of(buf), ldv,
+             st_bf + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN + n0, d.N, d.P, d.P,
+             64);
+      if (threadIdx.x < kTile) {
+        const int r = threadIdx.x;
+        const float* acs_h = AcsPtr(d, saved, b, h) + c0;
+        CpAsync4(acsb + buf * kTile + r, acs_h + o0 + r, true);
+        if (kDB) {
+          CpAsync4(dtb + buf * kTile + r,
+                   dt_g + static_cast<int64_t>(c0 + o0 + min(r, ov - 1)) * d.H + h, r < ov);
+          if (r == 0) CpAsync4(alast + buf, acs_h + d.Q - 1, true);
+        }
+      }
+    }
+    CpAsyncCommit();
+  };
+
+  const float* dcb_bc = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  float acc[8][4];
+  ZeroAcc(acc);
+  // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nsteps) {
+      issue(i, i);
+    } else {
+      CpAsyncCommit();
+    }
+  }
+  for (int step = 0; step < nsteps; ++step) {
+    const int buf = step % kStages;
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (step + kStages - 1 < nsteps) {
+      issue(step + kStages - 1, (step + kStages - 1) % kStages);
+    } else {
+      CpAsyncCommit();
+    }
+    if (step < n1) {
+      // A fragments of the dCB tile straight from global memory (fp32 → bf16):
+      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s].
+      const int o = kDB ? ot + step : step;
+      unsigned fa[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = o0 + r0 + 8 * (i & 1);            // own index in the chunk
+          const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
+          float v0, v1;
+          if (kDB) {
+            v0 = dcb_bc[static_cast<int64_t>(k) * d.Q + row];
+            v1 = dcb_bc[static_cast<int64_t>(k + 1) * d.Q + row];
+          } else {
+            const float2 v = *reinterpret_cast<const float2*>(
+                dcb_bc + static_cast<int64_t>(row) * d.Q + k);
+            v0 = v.x;
+            v1 = v.y;
+          }
+          fa[ks][i] = PackBf16(v0, v1);
+        }
+      WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
+    } else {
+      const float* ab = acsb + buf * kTile;
+      float sc0, sc1;
+      if (kDB) {
+        const float last = alast[buf];
+        sc0 = expf(last - ab[r0]) * dtb[buf * kTile + r0];
+        sc1 = expf(last - ab[r0 + 8]) * dtb[buf * kTile + r0 + 8];
+      } else {
+        sc0 = expf(ab[r0]);
+        sc1 = expf(ab[r0 + 8]);
+      }
+      WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                            d.P);
+    }
+  }
+  bf16* out = kDB ? db : dc;
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int row = r0 + 8 * e2;
+    if (row < ov) {
+      bf16* orow = out + (static_cast<int64_t>(b) * d.S + c0 + o0 + row) * bc_stride + g * d.N + n0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * j + 2 * tq) =
+            __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
+    }
+  }
+}
+
+
+// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][72]
+// (double-buffered), the scaled U tile [64][P+8], the row scales of the whole chunk [Q].
+template <typename Carver>
+void CarveChunkStatePipe(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(3 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * 72);
+  cv.template take<float>(d.Q);
+}
+
+// ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
+// one is scaled and multiplied, and the row scales of the whole chunk computed once up front
+// (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
+// Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const bf16* u,
+                                                                 const bf16* v, float* saved,
+                                                                 float* ds_out) {
+  extern __shared__ __align__(128) char smem[];
+  const int ntn = (d.N + 63) / 64;
+  const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
+  const int n0 = (blockIdx.y % ntn) * 64, nw = min(64, d.N - n0);
+  const int g = h / d.hpg;
+  const int ldu = d.P + 8, ldv = 72;
+  Carve cv{smem};
+  bf16* Raw = cv.take<bf16>(3 * kTile * ldu);  // raw[0], raw[1], scaled
+  bf16* Us = Raw + 2 * kTile * ldu;
+  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
+  float* scale = cv.take<float>(d.Q);
+  const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
+  const float* dts = DtPtr(d, saved, b);
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  const int64_t u_stride = static_cast<int64_t>(d.H) * d.P;
+  const int64_t v_stride = static_cast<int64_t>(d.G) * d.N;
+
+  auto issue = [&](int tt, int buf) {
+    const int t0 = c0 + tt * kTile, valid = min(kTile, d.S - t0);
+    LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
+                  v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0, v_stride,
+                  valid, nw);
+    LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
+                  u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P, u_stride, valid,
+                  d.P);
+    CpAsyncCommit();
+  };
+  issue(0, 0);
+  {
+    const float acs_last = acs[d.Q - 1];
+    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+      float s = 0.f;
+      if (i < len) {
+        const float a = acs[i];
+        s = kBwd ? expf(a) : expf(acs_last - a) * dts[static_cast<int64_t>(c0 + i) * d.H + h];
+      }
+      scale[i] = s;
+    }
+  }
+  typename MmaPtx::Tile acc[2];
+  MmaPtx::Zero(acc);
+  const int vpr = d.P / 8;
+  for (int tt = 0; tt < nT; ++tt) {
+    const int buf = tt & 1;
+    __syncthreads();  // Us and buffer buf^1 (tile tt−1) are no longer read
+    if (tt + 1 < nT) {
+      issue(tt + 1, buf ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const bf16* raw = Raw + buf * kTile * ldu;
+    for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+      const int r = i / vpr, cidx = (i % vpr) * 8;
+      float f[8];
+      LoadBf16<8>(raw + r * ldu + cidx, f);
+      const float sc = scale[tt * kTile + r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] *= sc;
+      StoreBf16<8>(Us + r * ldu + cidx, f);
+    }
+    __syncthreads();
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+  }
+  float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
+                    : StatePtr(d, saved, b, h, c + 1);
+  MmaPtx::Store(acc, out + n0, d.N, d.P, nw);
+}
+
 // ------------------------------------------------------------------ host side
 
 template <typename Kernel>
 CudaResult SetSmem(Kernel k, size_t bytes) {
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
   return {};
 }
 
@@ -1203,6 +2183,16 @@ size_t SmemOf(const Dims& d) {
   CarveSize cs;
   Carver(cs, d);
   return cs.off;
+}
+
+int MaxSmemOptin() {
+  int dev = 0, max_optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+          cudaSuccess) {
+    return 0;
+  }
+  return max_optin;
 }
 
 CudaResult CheckSmem(const Dims& d) {
@@ -1225,22 +2215,73 @@ CudaResult CheckSmem(const Dims& d) {
 bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
 
 std::atomic<bool> g_use_wmma{false};
+// The v3 kernels selected by default (kSsdReg* bits); see SsdSetRegisterPathForTesting. All of
+// them: device call 2026-11-26 (H200): every variant passed ssd_gpu_test (12 cases, all outputs
+// and gradients vs float64) and racecheck, and all-v3 was the fastest (fwd+bwd 3.31 ms vs 7.75).
+constexpr int kDefaultRegMask = kSsdRegAll;
+std::atomic<int> g_reg_mask{kDefaultRegMask};
+
+// Which v3 kernels this call uses: the selected ones whose tiles fit the device.
+struct RegPlan {
+  bool fwd = false, dx = false, dbc = false, state = false;
+};
+
+RegPlan PlanReg(const Dims& d) {
+  RegPlan p;
+  const int mask = g_use_wmma.load() ? 0 : g_reg_mask.load();
+  if (mask == 0) return p;
+  const size_t optin = static_cast<size_t>(MaxSmemOptin());
+  p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
+  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
+  p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
+  p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
+          SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
+  return p;
+}
+
+template <int kP>
+CudaResult LaunchScanFwdReg(const SsdForwardArgs& a, const Dims& d, const float* saved,
+                            cudaStream_t stream) {
+  const size_t smem = SmemOf<CarveScanFwdReg<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_reg<kP>, smem));
+  ssd_chunk_scan_fwd_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem, stream>>>(
+      d, a.x, a.b, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_reg");
+  return {};
+}
 
 // The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
 template <class MM>
 CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                           cudaStream_t stream) {
+  const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
-  ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.x, a.b, saved, nullptr);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+  if (plan.state) {
+    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
+        d, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
+  } else {
+    const size_t st_smem = ChunkStateSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
+    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+        d, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
+  }
 
   ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0, stream>>>(
       d, a.initial_state, saved, a.final_state);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
 
+  if (plan.fwd) {
+    switch (d.P) {
+      case 32: return LaunchScanFwdReg<32>(a, d, saved, stream);
+      case 64: return LaunchScanFwdReg<64>(a, d, saved, stream);
+      case 96: return LaunchScanFwdReg<96>(a, d, saved, stream);
+      default: return LaunchScanFwdReg<128>(a, d, saved, stream);
+    }
+  }
   const size_t fwd_smem = SmemOf<CarveScanFwd<CarveSize>>(d);
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd<MM>, fwd_smem));
   ssd_chunk_scan_fwd<MM><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, fwd_smem, stream>>>(
@@ -1257,30 +2298,86 @@ struct BwdScratch {
   float* dcp;
   int nsplit;
   int pass_blocks;
+  // v3 only (null otherwise):
+  bf16* h_bf;         // [B, H, NC, P, N] H_c
+  bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
+  float* dacs_part;   // [B, H, NC, Q/64, Q]
+  float* ddtx;        // [B, H, NC·Q]
+  double* dd_part;    // [B, NC, H, Q/64]
+  float* dcb;         // [B, NC, G, Q, Q]
 };
 
+template <int kP>
+CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
+                       cudaStream_t stream) {
+  const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
+  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                  stream>>>(d, a.x, a.b, a.c, a.d,
+                                            static_cast<const float*>(a.saved), a.dy, sc.h_bf,
+                                            sc.g_bf, a.dx, sc.dacs_part, sc.ddtx, sc.dd_part);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
+  return {};
+}
+
 template <class MM>
-CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
-                           cudaStream_t stream) {
+CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
+                           const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  const size_t st_smem = ChunkStateSmem(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
-  ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
-      d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+  if (plan.state) {
+    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
+        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
+  } else {
+    const size_t st_smem = ChunkStateSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
+    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
+  }
 
   ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state);
+      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.h_bf, sc.g_bf);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
 
-  const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
-  ssd_chunk_scan_bwd_dx<MM><<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
-      d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, sc.dsg, sc.ddecay,
-      sc.pass_blocks, a.dx, a.ddt, sc.part);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
+  if (plan.dx) {
+    switch (d.P) {
+      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
+      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, sc, stream)); break;
+      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
+      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
+    }
+    ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+        d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_part, sc.ddtx, sc.dd_part, sc.ddecay,
+        sc.pass_blocks, a.ddt, sc.part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
+  } else {
+    const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
+    ssd_chunk_scan_bwd_dx<MM><<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
+        d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, sc.dsg, sc.ddecay,
+        sc.pass_blocks, a.dx, a.ddt, sc.part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
+  }
 
+  if (plan.dbc) {
+    const int tiles = d.Q / kTile;
+    const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
+    ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, dcb_smem,
+                      stream>>>(d, a.x, a.dy, saved, sc.dcb);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
+    const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
+    ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.h_bf, sc.g_bf, sc.dcb, a.db,
+                                a.dc);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    return {};
+  }
   const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
   const dim3 bc_grid(d.NC * (d.Q / kTile), d.G * sc.nsplit, d.B);
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dbc<MM, false>, bc_smem));
@@ -1291,11 +2388,20 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const BwdScr
   ssd_chunk_scan_bwd_dbc<MM, true><<<bc_grid, kThreads, bc_smem, stream>>>(
       d, sc.nsplit, a.x, a.b, a.c, saved, a.dy, sc.dsg, sc.dbp);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dbc<dB>");
+
+  const int64_t n_bc_out = static_cast<int64_t>(d.B) * d.S * d.G * d.N;
+  const unsigned red_blocks = static_cast<unsigned>(std::min<int64_t>(CeilDiv(n_bc_out, 256), 4096));
+  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, sc.nsplit, sc.dbp, a.db);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dB>");
+  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, sc.nsplit, sc.dcp, a.dc);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dC>");
   return {};
 }
 
 }  // namespace
 
+void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
+int SsdRegisterPath() { return g_reg_mask.load(); }
 void SsdUseWmmaForTesting(bool use_wmma) { g_use_wmma.store(use_wmma); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -1359,9 +2465,8 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   }
   const Dims d = MakeDims(a.shape, a.options);
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
-  const float* saved = static_cast<const float*>(a.saved);
 
-  // Head splits for the dB/dC kernels: enough blocks to cover the chip about twice.
+  // Head splits for the v2 dB/dC kernels: enough blocks to cover the chip about twice.
   const int64_t base = static_cast<int64_t>(d.B) * d.NC * (d.Q / kTile) * d.G;
   int nsplit = 1;
   for (int k = 1; k <= d.hpg; ++k) {
@@ -1369,37 +2474,57 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
     nsplit = k;
     if (base * k >= 264 || k >= 8) break;
   }
+  const RegPlan plan = PlanReg(d);
   const unsigned pass_blocks = static_cast<unsigned>(CeilDiv(d.PN, 1024));
   const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
+  const int tiles = d.Q / kTile;
   const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
   const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * pass_blocks;
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
-  const int64_t n_bc = static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
+  const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
+  const bool need_bf = plan.dx || plan.dbc;
+  const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 each
+  const int64_t n_dacs = plan.dx ? static_cast<int64_t>(d.B) * d.H * d.NC * tiles * d.Q : 0;
+  const int64_t n_ddtx = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
+  const int64_t n_ddp = plan.dx ? static_cast<int64_t>(d.B) * d.NC * d.H * tiles : 0;  // doubles
+  const int64_t n_dcb = plan.dbc ? static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q : 0;
   auto up = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t off_ddecay = up(n_dsg * 4);
   const int64_t off_part = off_ddecay + up(n_ddecay * 4);
   const int64_t off_dbp = off_part + up(n_part * 8);
   const int64_t off_dcp = off_dbp + up(n_bc * 4);
-  const int64_t total = off_dcp + up(n_bc * 4);
+  const int64_t off_hbf = off_dcp + up(n_bc * 4);
+  const int64_t off_gbf = off_hbf + up(n_stbf * 2);
+  const int64_t off_dacs = off_gbf + up(n_stbf * 2);
+  const int64_t off_ddtx = off_dacs + up(n_dacs * 4);
+  const int64_t off_ddp = off_ddtx + up(n_ddtx * 4);
+  const int64_t off_dcb = off_ddp + up(n_ddp * 8);
+  const int64_t total = off_dcb + up(n_dcb * 4);
   DeviceBuffer buf;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
   char* base_ptr = buf.as<char>();
-  float* dsg = reinterpret_cast<float*>(base_ptr);
-  float* ddecay = reinterpret_cast<float*>(base_ptr + off_ddecay);
-  double* part = reinterpret_cast<double*>(base_ptr + off_part);
-  float* dbp = reinterpret_cast<float*>(base_ptr + off_dbp);
-  float* dcp = reinterpret_cast<float*>(base_ptr + off_dcp);
+  BwdScratch sc{};
+  sc.dsg = reinterpret_cast<float*>(base_ptr);
+  sc.ddecay = reinterpret_cast<float*>(base_ptr + off_ddecay);
+  sc.part = reinterpret_cast<double*>(base_ptr + off_part);
+  sc.dbp = reinterpret_cast<float*>(base_ptr + off_dbp);
+  sc.dcp = reinterpret_cast<float*>(base_ptr + off_dcp);
+  sc.nsplit = nsplit;
+  sc.pass_blocks = static_cast<int>(pass_blocks);
+  if (need_bf) {
+    sc.h_bf = reinterpret_cast<bf16*>(base_ptr + off_hbf);
+    sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
+  }
+  if (plan.dx) {
+    sc.dacs_part = reinterpret_cast<float*>(base_ptr + off_dacs);
+    sc.ddtx = reinterpret_cast<float*>(base_ptr + off_ddtx);
+    sc.dd_part = reinterpret_cast<double*>(base_ptr + off_ddp);
+  }
+  if (plan.dbc) sc.dcb = reinterpret_cast<float*>(base_ptr + off_dcb);
+  double* part = sc.part;
 
-  const BwdScratch sc{dsg, ddecay, part, dbp, dcp, nsplit, static_cast<int>(pass_blocks)};
-  CUDA_RETURN_IF_NOT_OK(g_use_wmma.load() ? BackwardKernels<MmaWmma>(a, d, sc, stream)
-                                          : BackwardKernels<MmaPtx>(a, d, sc, stream));
-
-  const int64_t n_bc_out = static_cast<int64_t>(d.B) * d.S * d.G * d.N;
-  const unsigned red_blocks = static_cast<unsigned>(std::min<int64_t>(CeilDiv(n_bc_out, 256), 4096));
-  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, nsplit, dbp, a.db);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dB>");
-  ssd_reduce_bc<<<red_blocks, 256, 0, stream>>>(d, nsplit, dcp, a.dc);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_reduce_bc<dC>");
+  CUDA_RETURN_IF_NOT_OK(g_use_wmma.load() ? BackwardKernels<MmaWmma>(a, d, plan, sc, stream)
+                                          : BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
 
   ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
                                             a.d != nullptr ? a.dd : nullptr);

@@ -106,10 +106,27 @@ int64_t SsdSavedBytes(const SsdShape& shape, const SsdOptions& options);
 
 CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 
-// Selects the tensor-core path of all later calls (process-wide): false (the default) uses
-// mma.sync + ldmatrix, true the nvcuda::wmma version (the first device-verified one, kept for
-// A/B checks in ssd_gpu_test and ssd_bench). Both compute the same function.
+// Selects the tensor-core path of the v2 kernels for all later calls (process-wide): false (the
+// default) uses mma.sync + ldmatrix, true the nvcuda::wmma version (the first device-verified
+// one, kept for A/B checks in ssd_gpu_test) and then every kernel is a v2 one (the v3 selection
+// below is ignored). All paths compute the same function.
 void SsdUseWmmaForTesting(bool use_wmma);
+
+// Selects, per kernel, the register-resident v3 kernels (FlashAttention-2 style: products kept
+// in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
+// v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
+// backward dx/ddt kernel, kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
+// kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Ignored while the
+// WMMA path is selected; shapes whose v3 tiles do not fit shared memory (or, for kSsdRegDbc, N
+// not a multiple of 64) use v2. SsdRegisterPath() is the current mask; the default is
+// kSsdRegAll (device-verified and fastest on 2026-11-26; ssd_notes.md).
+inline constexpr int kSsdRegScanFwd = 1;
+inline constexpr int kSsdRegDx = 2;
+inline constexpr int kSsdRegDbc = 4;
+inline constexpr int kSsdRegState = 8;  // chunk-state kernels (forward and backward), pipelined
+inline constexpr int kSsdRegAll = 15;
+void SsdSetRegisterPathForTesting(int mask);
+int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);
 

@@ -1,12 +1,15 @@
-// Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h) against the CPU
-// float64 reference (kernels/cpu/ssd.h) on the same bf16-representable random inputs: y, the
-// final state, and every gradient (dx, d dt_raw, dB, dC, d initial state, and the accumulated
-// dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 200, 300), chunk 64/128/256, H 4..8,
-// G 1 and 2 (and 3 heads per group), dt clamps that bind, very large and very small dt·A.
+// Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h), every kernel
+// variant (v2 mma.sync / WMMA, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
+// i), against the CPU float64 reference (kernels/cpu/ssd.h) on the same bf16-representable
+// random inputs: y, the final state, and every gradient (dx, d dt_raw, dB, dC, d initial state,
+// and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
+// 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
+// bind, very large and very small dt·A.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -220,18 +223,47 @@ TEST(SsdGpu, MatchesCpuReference) {
   bare.skip = bare.init = bare.dfinal = false;
   bare.dt_max = inf;
   cases.push_back(bare);
-  // Both tensor-core paths (mma.sync + ldmatrix, the default; and WMMA), fresh inputs each.
+  cases.push_back({"S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128});  // partial 2nd tile of a chunk
+  cases.push_back({"P96 S130", 1, 130, 4, 96, 1, 64, 128});
+  // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix; and WMMA), each v3 kernel
+  // alone, all v3 kernels.
+  struct Path {
+    const char* name;
+    bool wmma;
+    int mask;
+  };
+  const Path paths[] = {{"[mma] ", false, 0},
+                        {"[wmma] ", true, 0},
+                        {"[v3 fwd] ", false, kSsdRegScanFwd},
+                        {"[v3 dx] ", false, kSsdRegDx},
+                        {"[v3 dbc] ", false, kSsdRegDbc},
+                        {"[v3 state] ", false, kSsdRegState},
+                        {"[v3 all] ", false, kSsdRegAll}};
+  const int default_mask = SsdRegisterPath();
   int failed = 0;
-  for (const bool wmma : {false, true}) {
-    SsdUseWmmaForTesting(wmma);
-    uint64_t seed = wmma ? 5678 : 1234;
+  uint64_t seed = 1234;
+  // SSD_TEST_PATH=i runs only paths[i] (the device script runs each path in its own process,
+  // so that a faulting kernel cannot hide the results of the others).
+  const char* only = std::getenv("SSD_TEST_PATH");
+  int index = -1;
+  for (const Path& p : paths) {
+    ++index;
+    if (only != nullptr && std::atoi(only) != index) continue;
+    SsdUseWmmaForTesting(p.wmma);
+    SsdSetRegisterPathForTesting(p.mask);
+    int path_failed = 0;
     for (Case k : cases) {
-      k.label = std::string(wmma ? "[wmma] " : "[mma] ") + k.label;
-      failed += RunCase(k, seed++) ? 0 : 1;
+      k.label = std::string(p.name) + k.label;
+      path_failed += RunCase(k, seed++) ? 0 : 1;
     }
+    std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
+                cases.size());
+    failed += path_failed;
   }
   SsdUseWmmaForTesting(false);
-  std::printf("ssd_gpu_test: %zu cases x 2 paths, %d failed\n", cases.size(), failed);
+  SsdSetRegisterPathForTesting(default_mask);
+  std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
+              sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
 }
 
