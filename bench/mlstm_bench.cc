@@ -331,8 +331,6 @@ int main(int argc, char** argv) {
   using gyre::cuda::MlstmGateSchedule;
   using gyre::cuda::MlstmStatePrecision;
   const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0};
-  const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto,
-                                   MlstmGateSchedule::kChunkParallel, 64};
   const gyre::cuda::Variant v2_t128{"v2-tile128", MlstmStatePrecision::kAuto,
                                     MlstmGateSchedule::kChunkParallel, 128};
   const gyre::cuda::Variant v2_bf16{"v2-bf16", MlstmStatePrecision::kBf16,
@@ -342,11 +340,8 @@ int main(int argc, char** argv) {
   const gyre::cuda::Problem problems[] = {
       {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
       {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
-      {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},
-      {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
       {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},
-      // Chunk 64 (same function; half the intra-chunk work, twice the states).
-      {"xlstm-1.3b-like", s13, 64, v2},       {"xlstm-7b-heads", s7, 64, v2},
+      {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
   };
   for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));

@@ -82,7 +82,7 @@ bool UseSplit(const MlstmOptions& o) {
   switch (o.state_precision) {
     case MlstmStatePrecision::kSplitBf16: return true;
     case MlstmStatePrecision::kBf16: return false;
-    default: return !o.stop_normaliser_gradient;
+    default: return true;  // kAuto: both conventions (see mlstm.h)
   }
 }
 
@@ -559,6 +559,41 @@ __device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (
   }
 }
 
+// Coalesced store of a warp's 16×(8·NT) accumulator tile as bf16 (and its lo parts when glo is
+// not null): the fragments go to shared staging rows first (hi_s, lo_s: 16 rows of stride
+// 8·NT + kPad, owned by this warp), then every lane writes whole 16-byte pieces of rows. The
+// direct fragment stores (StoreAccSplit) write 4 bytes per lane, 8 rows per instruction; at the
+// state kernels' one tile per chunk that cost ~0.1 ms per plane at the bench shapes (H200).
+template <int NT>
+__device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld,
+                                               const float (&acc)[NT][4], bf16* hi_s, bf16* lo_s,
+                                               int lane) {
+  constexpr int kCols = NT * 8, kS = kCols + kPad, kPieces = kCols / 8;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    uint32_t hi, lo;
+    SplitPack(acc[nt][0], acc[nt][1], hi, lo);
+    *reinterpret_cast<uint32_t*>(hi_s + g * kS + col) = hi;
+    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + g * kS + col) = lo;
+    SplitPack(acc[nt][2], acc[nt][3], hi, lo);
+    *reinterpret_cast<uint32_t*>(hi_s + (g + 8) * kS + col) = hi;
+    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + (g + 8) * kS + col) = lo;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int row = i / kPieces, c8 = (i % kPieces) * 8;
+    *reinterpret_cast<uint4*>(gdst + row * ld + c8) =
+        *reinterpret_cast<const uint4*>(hi_s + row * kS + c8);
+    if (glo != nullptr) {
+      *reinterpret_cast<uint4*>(glo + row * ld + c8) =
+          *reinterpret_cast<const uint4*>(lo_s + row * kS + c8);
+    }
+  }
+}
+
 // A block of the state recurrences owns a TM (dk rows) × TN (dv columns) tile of C for one
 // head: TM/16 warps, warp w owns rows 16w..16w+15, 2·TM threads. 64×64 (the first version) or
 // 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
@@ -570,6 +605,9 @@ struct StateSmem {
   static constexpr int kSB = TN + kPad;  // V / dh tile [L][TN+8]
   static constexpr int kTileA = L * kSA;
   static constexpr int kTileB = L * kSB;
+  // C_k / dC_k are staged (StoreAccStaged) in the idle stage's A (hi) and B (lo) tiles: TM rows
+  // of stride TN + kPad must fit in each.
+  static constexpr bool kStaged = TM == TN && L >= TM;
   static constexpr size_t kBytes = 2 * (kTileA + kTileB) * 2    // 2 stages, bf16
                                    + (2 * L + 2 * TM) * 4;      // per-token coefficients, n partials
 };
@@ -612,19 +650,34 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     const int stage = k & 1;
     const int t0 = k * L, len = min(L, d.S - t0);
     const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
+    if constexpr (SM::kStaged) {
+      // The other stage's K / V tiles are free (last read before the previous step's final
+      // barrier; refilled only after this step's first barrier): stage C_k there.
+      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
+                     ks + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
+                     vs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else {
+      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
+    }
     if (n_block && tid < TM) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
     // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
-    if (k + 1 < d.NC) {
-      prefetch(k + 1, stage ^ 1);
-      CpAsyncWait<1>();
-    } else {
+    if constexpr (SM::kStaged) {
       CpAsyncWait<0>();
+      if (tid < L) es[tid] = e_reg;
+      __syncthreads();  // tile k visible; every warp's staging reads done
+      if (k + 1 < d.NC) prefetch(k + 1, stage ^ 1);
+    } else {
+      if (k + 1 < d.NC) {
+        prefetch(k + 1, stage ^ 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      if (tid < L) es[tid] = e_reg;
+      __syncthreads();
     }
-    if (tid < L) es[tid] = e_reg;
-    __syncthreads();
     bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
     for (int i = tid; i < L * (TN / 2); i += kThreads) {  // pairs of columns
@@ -975,22 +1028,38 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     const int stage = k & 1;
     const int t0 = k * L, len = min(L, d.S - t0);
     const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
+    if constexpr (SM::kStaged) {  // as in state_fwd: the other stage's tiles are idle here
+      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
+                     qs + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
+                     hs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else {
+      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
+    }
     if (n_block && tid < TM) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
     const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
-    if (k > 0) {
-      prefetch(k - 1, stage ^ 1);
-      CpAsyncWait<1>();
-    } else {
+    if constexpr (SM::kStaged) {
       CpAsyncWait<0>();
+      if (tid < L) {
+        coef[tid] = cf;
+        ddc[tid] = dd;
+      }
+      __syncthreads();  // tile k visible; every warp's staging reads done
+      if (k > 0) prefetch(k - 1, stage ^ 1);
+    } else {
+      if (k > 0) {
+        prefetch(k - 1, stage ^ 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      if (tid < L) {
+        coef[tid] = cf;
+        ddc[tid] = dd;
+      }
+      __syncthreads();
     }
-    if (tid < L) {
-      coef[tid] = cf;
-      ddc[tid] = dd;
-    }
-    __syncthreads();
     bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
     for (int i = tid; i < L * (TN / 2); i += kThreads) {
@@ -1729,24 +1798,39 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
   for (int base = 0; base < d.S; base += kTile) {
     const int t0 = base + tid * kGateItems, t1 = min(t0 + kGateItems, d.S);
     double bloc = 0, sdm = 0;
-    ArgMax loc{-INFINITY, -1};  // in chunk-local terms (shift-invariant)
-    for (int t = t0; t < t1; ++t) {
-      bloc += double(LogForget(d.sigmoid, p.fg[tok_of(t)]));
-      loc = amax(loc, ArgMax{double(p.ig[tok_of(t)]) - bloc, t});
-      sdm += dm_of(t);
+    ArgMax loc{-INFINITY, -1};  // in thread-local terms (argmax is shift-invariant)
+    float lfv[kGateItems], igv[kGateItems];
+    double dmv[kGateItems];
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {  // fixed trip count: all loads in flight at once
+      const int t = t0 + j;
+      const bool ok = t < t1;
+      lfv[j] = ok ? LogForget(d.sigmoid, p.fg[tok_of(t)]) : 0.f;
+      igv[j] = ok ? p.ig[tok_of(t)] : -INFINITY;
+      dmv[j] = ok ? dm_of(t) : 0.0;
+    }
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      bloc += double(lfv[j]);
+      if (t0 + j < t1) loc = amax(loc, ArgMax{double(igv[j]) - bloc, t0 + j});
+      sdm += dmv[j];
     }
     const double bpre = BlockExclusiveScan(bloc, add, 0.0, carry_b, sd);
     loc.v -= bpre;
     ArgMax run = BlockExclusiveScan(loc, amax, ArgMax{-INFINITY, -1}, carry_a, sa);
     double ps = BlockExclusiveScan(sdm, add, 0.0, carry_ps, sd);
     double B = bpre;
-    for (int t = t0; t < t1; ++t) {
-      B += double(LogForget(d.sigmoid, p.fg[tok_of(t)]));
-      run = amax(run, ArgMax{double(p.ig[tok_of(t)]) - B, t});
-      ps += dm_of(t);
-      p.arg[so + t] = run.i;
-      p.ps[so + t] = ps;
-      p.seg[so + t] = 0;
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 + j;
+      if (t < t1) {
+        B += double(lfv[j]);
+        run = amax(run, ArgMax{double(igv[j]) - B, t});
+        ps += dmv[j];
+        p.arg[so + t] = run.i;
+        p.ps[so + t] = ps;
+        p.seg[so + t] = 0;
+      }
     }
   }
   __syncthreads();
@@ -1776,16 +1860,26 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
     return qdq - kdk + dm_of(t) - p.seg[so + t];
   };
   for (int top = d.S - 1; top >= 0; top -= kTile) {
-    const int t0 = top - tid * kGateItems, t1 = max(t0 - kGateItems, -1);  // t0 down to t1+1
-    double sx = 0, unused;
-    for (int t = t0; t > t1; --t) sx += x_of(t, unused);
+    const int t0 = top - tid * kGateItems;  // this thread: t0, t0 − 1, ..., t0 − 7 (>= 0)
+    double xv[kGateItems], kdkv[kGateItems], sx = 0;
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 - j;
+      xv[j] = 0;
+      kdkv[j] = 0;
+      if (t >= 0) xv[j] = x_of(t, kdkv[j]);
+      sx += xv[j];
+    }
     double dlf = BlockExclusiveScan(sx, add, 0.0, carry_r, sd);
-    for (int t = t0; t > t1; --t) {
-      double kdk;
-      dlf += x_of(t, kdk);
-      const int64_t tok = tok_of(t);
-      p.dig[tok] = float(kdk + p.seg[so + t]);
-      p.dfg[tok] = float(dlf * LogForgetDerivative(d.sigmoid, p.fg[tok]));
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 - j;
+      if (t >= 0) {
+        dlf += xv[j];
+        const int64_t tok = tok_of(t);
+        p.dig[tok] = float(kdkv[j] + p.seg[so + t]);
+        p.dfg[tok] = float(dlf * LogForgetDerivative(d.sigmoid, p.fg[tok]));
+      }
     }
   }
   if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
@@ -1861,9 +1955,7 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.stop_grad = o.stop_normaliser_gradient;
   d.split = UseSplit(o);
   d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
-  d.state_tile = o.state_tile != 0 ? static_cast<int>(o.state_tile)
-                 : (s.dk % 128 == 0 && s.dv % 128 == 0) ? 128
-                                                        : 64;
+  d.state_tile = o.state_tile != 0 ? static_cast<int>(o.state_tile) : 64;
   return d;
 }
 
