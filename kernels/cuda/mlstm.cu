@@ -567,7 +567,7 @@ __device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (
 template <int NT>
 __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld,
                                                const float (&acc)[NT][4], bf16* hi_s, bf16* lo_s,
-                                               int lane) {
+                                               int lane, int valid_rows = 16) {
   constexpr int kCols = NT * 8, kS = kCols + kPad, kPieces = kCols / 8;
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
@@ -585,6 +585,7 @@ __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld
 #pragma unroll
   for (int i = lane; i < 16 * kPieces; i += 32) {
     const int row = i / kPieces, c8 = (i % kPieces) * 8;
+    if (row >= valid_rows) continue;
     *reinterpret_cast<uint4*>(gdst + row * ld + c8) =
         *reinterpret_cast<const uint4*>(hi_s + row * kS + c8);
     if (glo != nullptr) {
@@ -743,6 +744,7 @@ struct OutSmem {
   static constexpr int kV = 2 * kStage;                   // [L][DVT+8]
   static constexpr int kEnd = kV + L * kSV;               // bf16 elements
   static size_t Bytes(int dk) { return kEnd * 2 + (3 * L + dk) * 4; }
+  static_assert(L * kSV <= kStage, "h lo staging rows must fit in stage 0");
 };
 
 template <int L, int DVT, bool SPLIT>
@@ -907,23 +909,20 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   }
   const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
   const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-  bf16* hbase = p.h + tok0 * d.DV + j0;
-  bf16* hlobase = SPLIT ? p.h_lo + tok0 * d.DV + j0 : nullptr;
 #pragma unroll
   for (int nt = 0; nt < kHt; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    uint32_t hi, lo;
-    if (r0 < len) {
-      SplitPack(hacc[nt][0] * inv0, hacc[nt][1] * inv0, hi, lo);
-      *reinterpret_cast<uint32_t*>(hbase + r0 * ldv + col) = hi;
-      if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hlobase + r0 * ldv + col) = lo;
-    }
-    if (r1 < len) {
-      SplitPack(hacc[nt][2] * inv1, hacc[nt][3] * inv1, hi, lo);
-      *reinterpret_cast<uint32_t*>(hbase + r1 * ldv + col) = hi;
-      if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hlobase + r1 * ldv + col) = lo;
-    }
+    hacc[nt][0] *= inv0;
+    hacc[nt][1] *= inv0;
+    hacc[nt][2] *= inv1;
+    hacc[nt][3] *= inv1;
   }
+  // h (and its lo part) leave through shared memory in 16-byte pieces: after this barrier no warp
+  // reads the V slab or the stage buffers (no copies in flight), so warp w stages its 16 rows
+  // in the V slab's rows 16w.. (hi) and stage 0's (lo; stage 0 holds >= L rows of DVT + 8).
+  __syncthreads();
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, hacc, vs + 16 * w * SM::kSV, sm + 16 * w * SM::kSV, lane, len - 16 * w);
   if (blockIdx.x == 0 && c == 0) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
     if (r0 < len) p.den_tok[o + r0] = den0;
@@ -1242,15 +1241,12 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
       }
     }
   }
-  bf16* dvbase = p.dv + tok0 * d.DV + j0;
-#pragma unroll
-  for (int nt = 0; nt < kHt; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    if (s0 < len)
-      *reinterpret_cast<uint32_t*>(dvbase + s0 * ldv + col) = PackBf16(vacc[nt][0], vacc[nt][1]);
-    if (s1 < len)
-      *reinterpret_cast<uint32_t*>(dvbase + s1 * ldv + col) = PackBf16(vacc[nt][2], vacc[nt][3]);
-  }
+  // dv leaves through shared memory in 16-byte pieces (warp w stages its rows in the dh slab's
+  // rows 16w.., free after this barrier).
+  __syncthreads();
+  StoreAccStaged(p.dv + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 static_cast<bf16*>(nullptr), ldv, vacc, hs + 16 * w * SM::kSV,
+                 static_cast<bf16*>(nullptr), lane, len - 16 * w);
 }
 
 // ---------------------------------------------------------------- 7. bwd_dqk
