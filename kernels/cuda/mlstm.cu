@@ -6,14 +6,18 @@
 // Algorithm (two-level, after TFLA [Beck et al. 2025, "Tiled Flash Linear Attention"]; our code):
 //
 // Forward, per head, chunks of L tokens:
-//   1. gates_fwd       one warp per head: chunk-local cumsum b_t, m_t, the boundary m_k (a scalar
-//                      recurrence over chunks; warp scans inside a chunk), and the state-update
-//                      weights E_t and decay_k, so the state kernel only loads them.
+//   1. gates_fwd       one block per head, one warp per chunk (groups of 32 chunks): chunk-local
+//                      cumsum b_t and the prefix max of ĩ − b (warp scans), then the boundary m_k
+//                      (the max-plus recurrence m_{k+1} = g_k + max(m_k, r_k) over the group's
+//                      chunk totals, one thread), then m_t and the state-update weights E_t and
+//                      decay_k, so the state kernel only loads them. (kSequential: one warp walks
+//                      all chunks, the first version.)
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
-//                      one block per (head, 64×64 tile of C); the tile lives in fp32 registers for
-//                      the whole sequence (no rounding of the carried state), each chunk adds one
-//                      (64 × L) · (L × 64) product; writes every C_k as bf16 (they only feed bf16
-//                      products) and n_k in fp32.
+//                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
+//                      fp32 registers for the whole sequence (no rounding of the carried state),
+//                      each chunk adds one (TM × L) · (L × TN) product; writes every C_k as bf16
+//                      hi + lo (split precision) or bf16, staged through the idle stage buffers
+//                      for 16-byte stores, and n_k in fp32.
 //   3. fwd_out         one block per (head, chunk, DVT-column slab of h): S = Q̂Kᵀ (causal warps
 //                      only), P = S ⊙ W, den = P·1 + G q̂·n_k, h = (P V + G Q̂ C_k) / (max(|den|,
 //                      e^{−m}) + ε). Each warp owns 16 query rows; P goes from the accumulator
@@ -30,7 +34,10 @@
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
 //                      1/sqrt(dk)), dK = dSᵀ Q̂ + diag(E)(V dC_{k+1}ᵀ + dn_{k+1}); also the row dots
 //                      q·dq and k·dk.
-//   8. gates_bwd       one block per head: with m frozen, dĩ_t = k_t·dk_t and
+//   8. gates_bwd       one block per head (1024 threads, 8 consecutive tokens each: a thread-local
+//                      sweep, one block scan of the thread aggregates, a second sweep; the first
+//                      version: 256 threads, one block scan per 256 tokens): with m frozen,
+//                      dĩ_t = k_t·dk_t and
 //                      dlf_r = F + Σ_{t≥r} (q_t·dq_t − k_t·dk_t), F = <dC_S, C_S> + <dn_S, n_S>
 //                      (the usual gated-linear-attention identity: e^{B_t} rides on q_t, e^{ĩ_s−B_s}
 //                      on k_s); then part (b): the prefix argmax of ĩ_s − B_s (block scans over the
@@ -47,15 +54,19 @@
 //   head = 143 MB written by the forward and read by the backward; the dC scratch (134 MB) is
 //   written once and read twice. Forward ≈ 0.34 GB, backward ≈ 1.0 GB → ~0.08 ms + ~0.24 ms at
 //   ~4.2 TB/s (H200); tensor time at ~700 TFLOP/s: ~0.06 ms + ~0.12 ms. Floor fwd+bwd ≈ 0.35 ms.
-//   Measured (H200, 2026-11-26): fwd 0.64 ms, fwd+bwd 1.59 ms; per kernel (ms): gates_fwd 0.03,
-//   state_fwd 0.25, fwd_out 0.35, bwd_prep 0.05, state_bwd 0.24, bwd_dv 0.28, bwd_dqk 0.36,
-//   gates_bwd 0.04. The gap is latency: one block per SM (register-heavy 256-thread blocks) and
-//   the sequential chunk walks of the two state kernels (see README "Known gaps").
+//   Split precision adds the lo halves: +21M MACs in fwd_out (Q̂ C_lo, P_lo V), +34M in bwd_dqk
+//   (dH C_loᵀ, V dC_loᵀ), and C_lo, dC_lo, h_lo written and read (≈ +0.5 GB fwd+bwd).
+//   Measured (H200, 2026-11-26, bench/RESULTS.md): fwd 0.65 ms, fwd+bwd 1.70 ms (true gradient,
+//   split precision, 128×128 state tiles); bf16 states 0.59 / 1.53 ms (64×64 tiles). The first
+//   version (bf16, sequential gate scans, fragment stores): 0.66 / 1.64 ms.
 //
-// Precision: the state recurrences keep C, n in fp32 registers for the whole sequence; only the
-// stored copies C_k (and dC_k) are bf16, because they feed bf16 products. At ill-conditioned
-// tokens (tiny |n_tᵀq̂_t|) the TRUE gradient has 1/den² terms that amplify that rounding; the
-// TFLA-convention gradient does not (README, Known gaps).
+// Precision (MlstmStatePrecision): the state recurrences keep C, n in fp32 registers for the
+// whole sequence; the stored copies C_k, dC_k, the P operand of P·V and h (for the backward's
+// dh·h) are bf16 hi + lo pairs by default. Why: the true gradient w.r.t. q_t, k_s is
+// Σ_s w_ts k_s dh_t·(v_s − h_t)/den_t, a difference that nearly cancels at ill-conditioned
+// tokens (one s dominates, h_t ≈ v_s), and df̃ = F + Σ_{t≥r} (q·dq − k·dk) cancels over long
+// suffixes in both conventions; bf16 states / h moved those gradients by up to 4e-2 (CPU float64
+// experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
 #include "kernels/cuda/mlstm.h"
 
 #include <cuda_bf16.h>
@@ -1951,7 +1962,14 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.stop_grad = o.stop_normaliser_gradient;
   d.split = UseSplit(o);
   d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
-  d.state_tile = o.state_tile != 0 ? static_cast<int>(o.state_tile) : 64;
+  // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
+  // H200 (bench/RESULTS.md) they win with >= 256 blocks (1.3b shape: state kernels 0.22 + 0.20
+  // vs 0.25 + 0.24 ms) and lose with 64 (7B heads: 0.39 + 0.39 vs 0.30 + 0.28 ms). Threshold:
+  // about one block per SM.
+  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
+  d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
+                 : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
+                                                                          : 64;
   return d;
 }
 

@@ -7,9 +7,8 @@
 // their gradients: fp32 (they are NH numbers per token; fp32 keeps the exponentials exact-ish
 // and costs nothing). States C, n, m (initial, final, their gradients): fp32. Inside: bf16
 // tensor-core products (mma.sync m16n8k16) with fp32 accumulation; the chunk-boundary states
-// saved for the backward are stored as bf16 hi + lo pairs (true gradient, the default) or as
-// bf16 (stop_normaliser_gradient; see MlstmStatePrecision), the carried recurrence stays fp32
-// in registers.
+// saved for the backward are stored as bf16 hi + lo pairs by default (or as bf16; see
+// MlstmStatePrecision), the carried recurrence stays fp32 in registers.
 //
 // Layouts (token-major, as on the CPU): q, k [B, S, NH, dk]; v, h [B, S, NH, dv];
 // ĩ, f̃ [B, S, NH]; state C [B, NH, dk, dv], n [B, NH, dk], m [B, NH].
@@ -89,8 +88,8 @@ struct MlstmOptions {
   MlstmStatePrecision state_precision = MlstmStatePrecision::kAuto;
   MlstmGateSchedule gate_schedule = MlstmGateSchedule::kChunkParallel;
   // Rows × columns of C that one block of the two state recurrences owns: 64 (64×64), 128
-  // (128×128, needs dk and dv multiples of 128; measured slower on an H200: 4x fewer blocks)
-  // or 0 = auto (64).
+  // (128×128, needs dk and dv multiples of 128) or 0 = auto: 128 where allowed and
+  // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).
   int64_t state_tile = 0;
 };
 

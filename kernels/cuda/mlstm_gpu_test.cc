@@ -267,7 +267,29 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       }
       gok &= Check("mlstm " + g + " dC0", shp, gdc0.Download(), r.dc0, kTolGrad);
       gok &= Check("mlstm " + g + " dn0", shp, gdn0.Download(), r.dn0, kTolGrad);
-      gok &= Check("mlstm " + g + " dm0", shp, gdm0.Download(), r.dm0, kTolGrad);
+      {
+        // dm0 = <dC0, C0> + <dn0, n0> + (the dm of tokens still stabilised by m0): one scalar
+        // per head that can be a tiny difference of large terms (case S 8200: 0.149 out of
+        // terms summing to 203 in magnitude), so its error is measured against the magnitude
+        // of those terms, the usual bound for an inner product of inputs with relative error
+        // (dC0 itself is checked above against the same band).
+        const auto got = gdm0.Download();
+        double worst = 0;
+        for (int64_t h = 0; h < BH; ++h) {
+          double scale = std::abs(r.dm0[h]);
+          if (c.initial) {
+            for (int64_t i = 0; i < c.DK * c.DV; ++i)
+              scale += std::abs(r.dc0[h * c.DK * c.DV + i] * double(c0[h * c.DK * c.DV + i]));
+            for (int64_t i = 0; i < c.DK; ++i)
+              scale += std::abs(r.dn0[h * c.DK + i] * double(n0[h * c.DK + i]));
+          }
+          const double err = std::isfinite(got[h])
+                                 ? std::abs(got[h] - r.dm0[h]) / std::max(scale, 1e-300)
+                                 : std::nan("");
+          worst = std::isnan(err) || std::isnan(worst) ? std::nan("") : std::max(worst, err);
+        }
+        gok &= Report("mlstm " + g + " dm0 (err / sum of |terms|)", shp, worst, kTolGrad);
+      }
       if (info_only) {
         std::printf("[INFO] %s %s: the first version's gradients (not counted): %s\n", g.c_str(),
                     shp.c_str(), gok ? "all within the band" : "OUTSIDE the band");
