@@ -118,8 +118,9 @@ void Breakdown(const std::function<void()>& op, int reps, cudaStream_t stream) {
   for (cudaEvent_t e : h.pool) CUDA_CHECK_OR_DIE(cudaEventDestroy(e));
 }
 
-// A kernel path (MlstmOptions knobs): "v2" = the defaults; "v1" = the first version (bf16
-// states, sequential gate scans, 64×64 state tiles); others isolate one knob.
+// A kernel path (MlstmOptions knobs): "v2" = the defaults (split precision, chunk-parallel gate
+// scans, automatic state tile); "v1" = the first version's knobs (bf16 states, sequential gate
+// scans, 64×64 state tiles; with this version's store paths); the others fix one knob.
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
@@ -194,7 +195,8 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
                          + 3 * L * DK * DV;       // K dC, dH C_kᵀ, V dCᵀ
   const double fwd_flop = 2 * fwd_mac * heads_chunks, bwd_flop = 2 * bwd_mac * heads_chunks;
   const double nc1 = std::ceil(double(s.seq_len) / L) + 1;
-  const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * 2;  // bf16 C_k
+  const double state_bytes = opt.state_precision == MlstmStatePrecision::kBf16 ? 2 : 4;  // hi (+lo)
+  const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * state_bytes;  // C_k
   const double qkv = double(T) * (2 * DK + DV) * 2, hbytes = double(T) * DV * 2;
   const double fwd_bytes = qkv + hbytes + states;
   const double bwd_bytes = qkv + 2 * hbytes /*h, dh*/ + qkv /*dq dk dv*/ + 2 * states /*C, dC*/;
@@ -333,14 +335,17 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0};
   const gyre::cuda::Variant v2_t128{"v2-tile128", MlstmStatePrecision::kAuto,
                                     MlstmGateSchedule::kChunkParallel, 128};
-  const gyre::cuda::Variant v2_bf16{"v2-bf16", MlstmStatePrecision::kBf16,
-                                    MlstmGateSchedule::kChunkParallel, 0};
+  const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto,
+                                   MlstmGateSchedule::kChunkParallel, 64};
+  const gyre::cuda::Variant v2_bf16{"v2-bf16-tile64", MlstmStatePrecision::kBf16,
+                                    MlstmGateSchedule::kChunkParallel, 64};
   const gyre::cuda::Variant v1{"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64};
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512};
   const gyre::cuda::Problem problems[] = {
       {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
       {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
       {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},
+      {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},
       {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
   };
   for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
