@@ -118,10 +118,21 @@ void Breakdown(const std::function<void()>& op, int reps, cudaStream_t stream) {
   for (cudaEvent_t e : h.pool) CUDA_CHECK_OR_DIE(cudaEventDestroy(e));
 }
 
+// A kernel path (MlstmOptions knobs): "v2" = the defaults (split precision, chunk-parallel gate
+// scans, automatic state tile); "v1" = the first version's knobs (bf16 states, sequential gate
+// scans, 64×64 state tiles; with this version's store paths); the others fix one knob.
+struct Variant {
+  const char* name;
+  MlstmStatePrecision precision;
+  MlstmGateSchedule gates;
+  int64_t state_tile;
+};
+
 struct Problem {
   const char* name;
   MlstmShape shape;
   int64_t chunk;
+  Variant variant;
 };
 
 void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
@@ -129,6 +140,9 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
   const MlstmShape& s = pr.shape;
   MlstmOptions opt;
   opt.chunk_size = pr.chunk;
+  opt.state_precision = pr.variant.precision;
+  opt.gate_schedule = pr.variant.gates;
+  opt.state_tile = pr.variant.state_tile;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -181,11 +195,12 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
                          + 3 * L * DK * DV;       // K dC, dH C_kᵀ, V dCᵀ
   const double fwd_flop = 2 * fwd_mac * heads_chunks, bwd_flop = 2 * bwd_mac * heads_chunks;
   const double nc1 = std::ceil(double(s.seq_len) / L) + 1;
-  const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * 2;  // bf16 C_k
+  const double state_bytes = opt.state_precision == MlstmStatePrecision::kBf16 ? 2 : 4;  // hi (+lo)
+  const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * state_bytes;  // C_k
   const double qkv = double(T) * (2 * DK + DV) * 2, hbytes = double(T) * DV * 2;
   const double fwd_bytes = qkv + hbytes + states;
   const double bwd_bytes = qkv + 2 * hbytes /*h, dh*/ + qkv /*dq dk dv*/ + 2 * states /*C, dC*/;
-  std::printf("%-16s B%lld S%lld NH%lld dk%lld dv%lld L%lld\n", pr.name,
+  std::printf("%-16s [%s] B%lld S%lld NH%lld dk%lld dv%lld L%lld\n", pr.name, pr.variant.name,
               static_cast<long long>(s.batch), static_cast<long long>(s.seq_len),
               static_cast<long long>(s.num_heads), static_cast<long long>(s.dk),
               static_cast<long long>(s.dv), static_cast<long long>(pr.chunk));
@@ -198,9 +213,8 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
               fb_tfla_ms);
   opt.stop_normaliser_gradient = false;
   Breakdown([&] { fwd(); bwd(); }, reps, stream);
-  std::printf("RESULT %s L%lld fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name,
-              static_cast<long long>(pr.chunk), fwd_ms, fb_ms,
-              fb_tfla_ms);
+  std::printf("RESULT %s L%lld %s fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name,
+              static_cast<long long>(pr.chunk), pr.variant.name, fwd_ms, fb_ms, fb_tfla_ms);
   std::fflush(stdout);
 }
 
@@ -316,12 +330,23 @@ int main(int argc, char** argv) {
   if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  using gyre::cuda::MlstmGateSchedule;
+  using gyre::cuda::MlstmStatePrecision;
+  const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0};
+  const gyre::cuda::Variant v2_t128{"v2-tile128", MlstmStatePrecision::kAuto,
+                                    MlstmGateSchedule::kChunkParallel, 128};
+  const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto,
+                                   MlstmGateSchedule::kChunkParallel, 64};
+  const gyre::cuda::Variant v2_bf16{"v2-bf16-tile64", MlstmStatePrecision::kBf16,
+                                    MlstmGateSchedule::kChunkParallel, 64};
+  const gyre::cuda::Variant v1{"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64};
+  const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512};
   const gyre::cuda::Problem problems[] = {
-      {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 128},
-      {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 128},
-      // Same problems with chunk 64 (same function; half the intra-chunk work, twice the states).
-      {"xlstm-1.3b-like", {8, 2048, 4, 256, 512}, 64},
-      {"xlstm-7b-heads", {1, 8192, 8, 256, 512}, 64},
+      {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
+      {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
+      {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},
+      {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},
+      {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
   };
   for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));

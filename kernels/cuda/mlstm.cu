@@ -6,14 +6,18 @@
 // Algorithm (two-level, after TFLA [Beck et al. 2025, "Tiled Flash Linear Attention"]; our code):
 //
 // Forward, per head, chunks of L tokens:
-//   1. gates_fwd       one warp per head: chunk-local cumsum b_t, m_t, the boundary m_k (a scalar
-//                      recurrence over chunks; warp scans inside a chunk), and the state-update
-//                      weights E_t and decay_k, so the state kernel only loads them.
+//   1. gates_fwd       one block per head, one warp per chunk (groups of 32 chunks): chunk-local
+//                      cumsum b_t and the prefix max of ĩ − b (warp scans), then the boundary m_k
+//                      (the max-plus recurrence m_{k+1} = g_k + max(m_k, r_k) over the group's
+//                      chunk totals, one thread), then m_t and the state-update weights E_t and
+//                      decay_k, so the state kernel only loads them. (kSequential: one warp walks
+//                      all chunks, the first version.)
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
-//                      one block per (head, 64×64 tile of C); the tile lives in fp32 registers for
-//                      the whole sequence (no rounding of the carried state), each chunk adds one
-//                      (64 × L) · (L × 64) product; writes every C_k as bf16 (they only feed bf16
-//                      products) and n_k in fp32.
+//                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
+//                      fp32 registers for the whole sequence (no rounding of the carried state),
+//                      each chunk adds one (TM × L) · (L × TN) product; writes every C_k as bf16
+//                      hi + lo (split precision) or bf16, staged through the idle stage buffers
+//                      for 16-byte stores, and n_k in fp32.
 //   3. fwd_out         one block per (head, chunk, DVT-column slab of h): S = Q̂Kᵀ (causal warps
 //                      only), P = S ⊙ W, den = P·1 + G q̂·n_k, h = (P V + G Q̂ C_k) / (max(|den|,
 //                      e^{−m}) + ε). Each warp owns 16 query rows; P goes from the accumulator
@@ -30,7 +34,10 @@
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
 //                      1/sqrt(dk)), dK = dSᵀ Q̂ + diag(E)(V dC_{k+1}ᵀ + dn_{k+1}); also the row dots
 //                      q·dq and k·dk.
-//   8. gates_bwd       one block per head: with m frozen, dĩ_t = k_t·dk_t and
+//   8. gates_bwd       one block per head (1024 threads, 8 consecutive tokens each: a thread-local
+//                      sweep, one block scan of the thread aggregates, a second sweep; the first
+//                      version: 256 threads, one block scan per 256 tokens): with m frozen,
+//                      dĩ_t = k_t·dk_t and
 //                      dlf_r = F + Σ_{t≥r} (q_t·dq_t − k_t·dk_t), F = <dC_S, C_S> + <dn_S, n_S>
 //                      (the usual gated-linear-attention identity: e^{B_t} rides on q_t, e^{ĩ_s−B_s}
 //                      on k_s); then part (b): the prefix argmax of ĩ_s − B_s (block scans over the
@@ -47,15 +54,19 @@
 //   head = 143 MB written by the forward and read by the backward; the dC scratch (134 MB) is
 //   written once and read twice. Forward ≈ 0.34 GB, backward ≈ 1.0 GB → ~0.08 ms + ~0.24 ms at
 //   ~4.2 TB/s (H200); tensor time at ~700 TFLOP/s: ~0.06 ms + ~0.12 ms. Floor fwd+bwd ≈ 0.35 ms.
-//   Measured (H200, 2026-11-26): fwd 0.64 ms, fwd+bwd 1.59 ms; per kernel (ms): gates_fwd 0.03,
-//   state_fwd 0.25, fwd_out 0.35, bwd_prep 0.05, state_bwd 0.24, bwd_dv 0.28, bwd_dqk 0.36,
-//   gates_bwd 0.04. The gap is latency: one block per SM (register-heavy 256-thread blocks) and
-//   the sequential chunk walks of the two state kernels (see README "Known gaps").
+//   Split precision adds the lo halves: +21M MACs in fwd_out (Q̂ C_lo, P_lo V), +34M in bwd_dqk
+//   (dH C_loᵀ, V dC_loᵀ), and C_lo, dC_lo, h_lo written and read (≈ +0.5 GB fwd+bwd).
+//   Measured (H200, 2026-11-26, bench/RESULTS.md): fwd 0.65 ms, fwd+bwd 1.70 ms (true gradient,
+//   split precision, 128×128 state tiles); bf16 states 0.59 / 1.53 ms (64×64 tiles). The first
+//   version (bf16, sequential gate scans, fragment stores): 0.66 / 1.64 ms.
 //
-// Precision: the state recurrences keep C, n in fp32 registers for the whole sequence; only the
-// stored copies C_k (and dC_k) are bf16, because they feed bf16 products. At ill-conditioned
-// tokens (tiny |n_tᵀq̂_t|) the TRUE gradient has 1/den² terms that amplify that rounding; the
-// TFLA-convention gradient does not (README, Known gaps).
+// Precision (MlstmStatePrecision): the state recurrences keep C, n in fp32 registers for the
+// whole sequence; the stored copies C_k, dC_k, the P operand of P·V and h (for the backward's
+// dh·h) are bf16 hi + lo pairs by default. Why: the true gradient w.r.t. q_t, k_s is
+// Σ_s w_ts k_s dh_t·(v_s − h_t)/den_t, a difference that nearly cancels at ill-conditioned
+// tokens (one s dominates, h_t ≈ v_s), and df̃ = F + Σ_{t≥r} (q·dq − k·dk) cancels over long
+// suffixes in both conventions; bf16 states / h moved those gradients by up to 4e-2 (CPU float64
+// experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
 #include "kernels/cuda/mlstm.h"
 
 #include <cuda_bf16.h>
@@ -63,6 +74,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -77,9 +89,19 @@ constexpr int kPad = 8;  // bf16 elements of padding per shared-memory row: conf
 
 size_t AlignUp(size_t x) { return (x + 255) / 256 * 256; }
 
+bool UseSplit(const MlstmOptions& o) {
+  switch (o.state_precision) {
+    case MlstmStatePrecision::kSplitBf16: return true;
+    case MlstmStatePrecision::kBf16: return false;
+    default: return true;  // kAuto: both conventions (see mlstm.h)
+  }
+}
+
 struct SavedLayout {
   int64_t nc = 0;
-  size_t c = 0;        // bf16 [BH][NC+1][dk][dv]  boundary C_k
+  size_t c = 0;        // bf16 [BH][NC+1][dk][dv]  boundary C_k (hi part when split)
+  size_t c_lo = 0;     // bf16 [BH][NC+1][dk][dv]  C_k − hi (split only)
+  size_t h_lo = 0;     // bf16 [B][S][NH][dv]      h_fp32 − h (split only)
   size_t c_last = 0;   // f32  [BH][dk][dv]        C_S in fp32 (for <dC_S, C_S>)
   size_t n = 0;        // f32  [BH][NC+1][dk]
   size_t mk = 0;       // f32  [BH][NC+1]
@@ -114,6 +136,12 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   off = AlignUp(off + bh * s.seq_len * 4);
   l.decay = off;
   off = AlignUp(off + bh * l.nc * 4);
+  // The split-precision parts come last, so every other offset is the same for both precisions.
+  const bool split = UseSplit(o);
+  l.c_lo = off;
+  if (split) off = AlignUp(off + bh * (l.nc + 1) * s.dk * s.dv * 2);
+  l.h_lo = off;
+  if (split) off = AlignUp(off + bh * s.seq_len * s.dv * 2);
   l.total = off;
   return l;
 }
@@ -122,7 +150,8 @@ int DkSlab(int64_t dk) { return dk % 128 == 0 ? 128 : 64; }
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
 
 struct ScratchLayout {
-  size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k
+  size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k (hi part when split)
+  size_t dc_lo = 0;   // bf16 [BH][NC][dk][dv]  dC_{k+1} − hi (split only)
   size_t dn = 0;      // f32  [BH][NC][dk]
   size_t inv_d = 0;   // f32  [BH][S]
   size_t coef = 0;    // f32  [BH][S]  scale·G_t/denom_t (dC recurrence weight of dh_t)
@@ -146,6 +175,8 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   size_t off = 0;
   l.dc = off;
   off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
+  l.dc_lo = off;
+  if (UseSplit(o)) off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
   l.dn = off;
   off = AlignUp(off + bh * nc * s.dk * 4);
   l.inv_d = off;
@@ -179,6 +210,9 @@ struct Dims {
   float scale, eps;
   bool sigmoid;
   bool stop_grad;
+  bool split;      // hi + lo pairs (MlstmStatePrecision)
+  bool par_gates;  // MlstmGateSchedule::kChunkParallel
+  int state_tile;  // 64 or 128 (resolved MlstmOptions::state_tile)
 };
 
 struct FwdPtrs {
@@ -186,7 +220,9 @@ struct FwdPtrs {
   const float *ig, *fg;
   const float *c0, *n0, *m0;  // initial (c0 null = zeros)
   bf16* h;
-  bf16* sc;         // saved C_k bf16
+  bf16* sc;         // saved C_k bf16 (hi)
+  bf16* sc_lo;      // saved C_k lo (split only)
+  bf16* h_lo;       // h_fp32 − h (split only)
   float* sc_last;   // saved C_S fp32
   float* sn;        // saved n_k
   float* smk;       // saved m_k
@@ -203,6 +239,8 @@ struct BwdPtrs {
   const float *ig, *fg;
   const float *c0, *n0, *m0;
   const bf16* sc;
+  const bf16* sc_lo;
+  const bf16* h_lo;
   const float* sc_last;
   const float* sn;
   const float* smk;
@@ -216,6 +254,7 @@ struct BwdPtrs {
   float *dig, *dfg;
   float *dc0, *dn0, *dm0;  // d_initial (dc0 null = not wanted)
   bf16* dc;                // scratch dC_{k+1}
+  bf16* dc_lo;             // its lo part (split only)
   float* dn;
   float *inv_d, *coef, *ddc, *dden, *dm, *qdq, *kdk;
   int* arg;
@@ -326,106 +365,201 @@ __device__ __forceinline__ T WarpSumT(T v) {
 
 // ---------------------------------------------------------------- 1. gates_fwd
 
+// One chunk's gate quantities, computed by one warp (lane j owns tokens j·per .. j·per+per−1):
+// chunk-local cumsum b_t, the local prefix max of ĩ_s − b_s, and the totals g = b_last,
+// r = max_s (ĩ_s − b_s). Independent of m_k, so every chunk can do this at once.
+struct ChunkGateLocal {
+  float bl[4], rl[4], igl[4];
+  float exclm;  // max of ĩ_s − b_s over the tokens of lower lanes
+  float g, r;   // chunk totals (every lane)
+  int t0, len, per;
+};
+
+__device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtrs& p, int b, int hd,
+                                                     int k, int lane) {
+  ChunkGateLocal c;
+  c.per = (d.L + 31) / 32;  // tokens per lane (<= 4)
+  c.t0 = k * d.L;
+  c.len = min(d.L, d.S - c.t0);
+  float lfl[4];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = lane * c.per + i;
+    lfl[i] = 0.f;
+    c.igl[i] = -INFINITY;
+    if (i < c.per && j < c.len) {
+      const int64_t tok = (static_cast<int64_t>(b) * d.S + c.t0 + j) * d.NH + hd;
+      sum += LogForget(d.sigmoid, p.fg[tok]);
+      lfl[i] = sum;
+      c.igl[i] = p.ig[tok];
+    }
+  }
+  float incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  const float excl = incl - sum;
+  float run = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    c.bl[i] = excl + lfl[i];
+    run = fmaxf(run, c.igl[i] - c.bl[i]);
+    c.rl[i] = run;
+  }
+  float inclm = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, inclm, o);
+    if (lane >= o) inclm = fmaxf(inclm, y);
+  }
+  c.exclm = __shfl_up_sync(0xffffffffu, inclm, 1);
+  if (lane == 0) c.exclm = -INFINITY;
+  c.g = __shfl_sync(0xffffffffu, incl, 31);
+  c.r = __shfl_sync(0xffffffffu, inclm, 31);
+  return c;
+}
+
+// Writes b_t, m_t, E_t of one chunk once its boundary stabilisers m_k, m_{k+1} are known.
+__device__ __forceinline__ void ChunkGatesWrite(const Dims& d, const FwdPtrs& p, int bh,
+                                                const ChunkGateLocal& c, float m_prev,
+                                                float m_next, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = lane * c.per + i;
+    if (i < c.per && j < c.len) {
+      const int64_t o = static_cast<int64_t>(bh) * d.S + c.t0 + j;
+      p.b_tok[o] = c.bl[i];
+      p.m_tok[o] = c.bl[i] + fmaxf(m_prev, fmaxf(c.exclm, c.rl[i]));
+      p.e_tok[o] = __expf(c.g - c.bl[i] + c.igl[i] - m_next);
+    }
+  }
+}
+
+// kSequential: one warp per head walks the chunks.
 __global__ void __launch_bounds__(32) mlstm_gates_fwd(Dims d, FwdPtrs p) {
   const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH, lane = threadIdx.x;
-  const int per = (d.L + 31) / 32;  // tokens per lane (<= 4)
   float m_prev = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
   float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
   if (lane == 0) mk[0] = m_prev;
   for (int k = 0; k < d.NC; ++k) {
-    const int t0 = k * d.L, len = min(d.L, d.S - t0);
-    float lfl[4], igl[4];
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = lane * per + i;
-      lfl[i] = 0.f;
-      igl[i] = -INFINITY;
-      if (i < per && j < len) {
-        const int64_t tok = (static_cast<int64_t>(b) * d.S + t0 + j) * d.NH + hd;
-        sum += LogForget(d.sigmoid, p.fg[tok]);
-        lfl[i] = sum;
-        igl[i] = p.ig[tok];
-      }
-    }
-    float incl = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    const float excl = incl - sum;
-    float run = -INFINITY, bl[4], rl[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      bl[i] = excl + lfl[i];
-      run = fmaxf(run, igl[i] - bl[i]);
-      rl[i] = run;
-    }
-    float inclm = run;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float y = __shfl_up_sync(0xffffffffu, inclm, o);
-      if (lane >= o) inclm = fmaxf(inclm, y);
-    }
-    float exclm = __shfl_up_sync(0xffffffffu, inclm, 1);
-    if (lane == 0) exclm = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = lane * per + i;
-      if (i < per && j < len) {
-        const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + j;
-        p.b_tok[o] = bl[i];
-        p.m_tok[o] = bl[i] + fmaxf(m_prev, fmaxf(exclm, rl[i]));
-      }
-    }
-    const float g = __shfl_sync(0xffffffffu, incl, 31);
-    const float r = __shfl_sync(0xffffffffu, inclm, 31);
-    const float m_next = g + fmaxf(m_prev, r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = lane * per + i;
-      if (i < per && j < len) {
-        p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + j] = __expf(g - bl[i] + igl[i] - m_next);
-      }
-    }
+    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k, lane);
+    const float m_next = c.g + fmaxf(m_prev, c.r);
+    ChunkGatesWrite(d, p, bh, c, m_prev, m_next, lane);
     if (lane == 0) {
       mk[k + 1] = m_next;
-      p.decay[static_cast<int64_t>(bh) * d.NC + k] = __expf(g + m_prev - m_next);
+      p.decay[static_cast<int64_t>(bh) * d.NC + k] = __expf(c.g + m_prev - m_next);
     }
     m_prev = m_next;
   }
   if (lane == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_prev;
 }
 
+// kChunkParallel: one block per head, one warp per chunk (groups of up to 32 chunks). Each warp
+// computes its chunk's local quantities; then the max-plus recurrence m_{k+1} = g_k +
+// max(m_k, r_k) runs over the group's (g, r) pairs (32 scalar steps, one thread); then each warp
+// writes its tokens with its m_k, m_{k+1}.
+constexpr int kGateFwdWarps = 32;
+__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par(Dims d, FwdPtrs p) {
+  __shared__ float gs[kGateFwdWarps], rs[kGateFwdWarps], mprev[kGateFwdWarps + 1];
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+  float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+  if (threadIdx.x == 0) mk[0] = m_carry;
+  for (int kg = 0; kg < d.NC; kg += nw) {
+    const int k = kg + w;
+    const bool active = k < d.NC;  // warp-uniform
+    ChunkGateLocal c;
+    if (active) {
+      c = ChunkGates(d, p, b, hd, k, lane);
+      if (lane == 0) {
+        gs[w] = c.g;
+        rs[w] = c.r;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float m = m_carry;
+      const int n = min(nw, d.NC - kg);
+      for (int i = 0; i < n; ++i) {
+        mprev[i] = m;
+        const float mn = gs[i] + fmaxf(m, rs[i]);
+        mk[kg + i + 1] = mn;
+        p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
+        m = mn;
+      }
+      mprev[n] = m;
+    }
+    __syncthreads();
+    if (active) ChunkGatesWrite(d, p, bh, c, mprev[w], mprev[w + 1], lane);
+    m_carry = mprev[min(nw, d.NC - kg)];
+    __syncthreads();  // mprev / gs / rs are rewritten by the next group
+  }
+  if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
+}
+
 // ---------------------------------------------------------------- 2. state_fwd
 
-// Stores a warp's 16×64 fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
-__device__ __forceinline__ void StoreAccBf16(bf16* dst, int64_t ld, const float (&acc)[8][4],
+// Stores a warp's 16×(8·NT) fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
+template <int NT>
+__device__ __forceinline__ void StoreAccBf16(bf16* dst, int64_t ld, const float (&acc)[NT][4],
                                              int lane) {
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     const int col = nt * 8 + 2 * c;
     *reinterpret_cast<uint32_t*>(dst + g * ld + col) = PackBf16(acc[nt][0], acc[nt][1]);
     *reinterpret_cast<uint32_t*>(dst + (g + 8) * ld + col) = PackBf16(acc[nt][2], acc[nt][3]);
   }
 }
-__device__ __forceinline__ void StoreAccF32(float* dst, int64_t ld, const float (&acc)[8][4],
+// hi = bf16(x), lo = bf16(x − hi): hi + lo carries ~16 mantissa bits (relative error ≤ 2^-17).
+__device__ __forceinline__ void SplitPack(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = PackBf16(x - hf.x, y - hf.y);
+}
+// StoreAccBf16 into dst, and when lo_dst is not null the lo parts into lo_dst (same layout).
+template <int NT>
+__device__ __forceinline__ void StoreAccSplit(bf16* dst, bf16* lo_dst, int64_t ld,
+                                              const float (&acc)[NT][4], int lane) {
+  if (lo_dst == nullptr) {
+    StoreAccBf16(dst, ld, acc, lane);
+    return;
+  }
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    uint32_t hi, lo;
+    SplitPack(acc[nt][0], acc[nt][1], hi, lo);
+    *reinterpret_cast<uint32_t*>(dst + g * ld + col) = hi;
+    *reinterpret_cast<uint32_t*>(lo_dst + g * ld + col) = lo;
+    SplitPack(acc[nt][2], acc[nt][3], hi, lo);
+    *reinterpret_cast<uint32_t*>(dst + (g + 8) * ld + col) = hi;
+    *reinterpret_cast<uint32_t*>(lo_dst + (g + 8) * ld + col) = lo;
+  }
+}
+template <int NT>
+__device__ __forceinline__ void StoreAccF32(float* dst, int64_t ld, const float (&acc)[NT][4],
                                             int lane) {
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     const int col = nt * 8 + 2 * c;
     *reinterpret_cast<float2*>(dst + g * ld + col) = make_float2(acc[nt][0], acc[nt][1]);
     *reinterpret_cast<float2*>(dst + (g + 8) * ld + col) = make_float2(acc[nt][2], acc[nt][3]);
   }
 }
-__device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (&acc)[8][4],
+template <int NT>
+__device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (&acc)[NT][4],
                                            int lane) {
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     const int col = nt * 8 + 2 * c;
     const float2 x = *reinterpret_cast<const float2*>(src + g * ld + col);
     const float2 y = *reinterpret_cast<const float2*>(src + (g + 8) * ld + col);
@@ -436,84 +570,145 @@ __device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (
   }
 }
 
-template <int L>
+// Coalesced store of a warp's 16×(8·NT) accumulator tile as bf16 (and its lo parts when glo is
+// not null): the fragments go to shared staging rows first (hi_s, lo_s: 16 rows of stride
+// 8·NT + kPad, owned by this warp), then every lane writes whole 16-byte pieces of rows. The
+// direct fragment stores (StoreAccSplit) write 4 bytes per lane, 8 rows per instruction; at the
+// state kernels' one tile per chunk that cost ~0.1 ms per plane at the bench shapes (H200).
+template <int NT>
+__device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld,
+                                               const float (&acc)[NT][4], bf16* hi_s, bf16* lo_s,
+                                               int lane, int valid_rows = 16) {
+  constexpr int kCols = NT * 8, kS = kCols + kPad, kPieces = kCols / 8;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    uint32_t hi, lo;
+    SplitPack(acc[nt][0], acc[nt][1], hi, lo);
+    *reinterpret_cast<uint32_t*>(hi_s + g * kS + col) = hi;
+    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + g * kS + col) = lo;
+    SplitPack(acc[nt][2], acc[nt][3], hi, lo);
+    *reinterpret_cast<uint32_t*>(hi_s + (g + 8) * kS + col) = hi;
+    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + (g + 8) * kS + col) = lo;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int row = i / kPieces, c8 = (i % kPieces) * 8;
+    if (row >= valid_rows) continue;
+    *reinterpret_cast<uint4*>(gdst + row * ld + c8) =
+        *reinterpret_cast<const uint4*>(hi_s + row * kS + c8);
+    if (glo != nullptr) {
+      *reinterpret_cast<uint4*>(glo + row * ld + c8) =
+          *reinterpret_cast<const uint4*>(lo_s + row * kS + c8);
+    }
+  }
+}
+
+// A block of the state recurrences owns a TM (dk rows) × TN (dv columns) tile of C for one
+// head: TM/16 warps, warp w owns rows 16w..16w+15, 2·TM threads. 64×64 (the first version) or
+// 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
+// recurrences are bound by re-reading them once per tile) at the price of 4x fewer blocks.
+template <int L, int TM, int TN>
 struct StateSmem {
-  static constexpr int kStride = 64 + kPad;
-  static constexpr int kTile = L * kStride;             // elements of one [L][64] tile
-  static constexpr size_t kBytes = 2 * 2 * kTile * 2    // 2 stages × (A, B) tiles, bf16
-                                   + (2 * L + 128) * 4;  // per-token coefficients, n partials
+  static constexpr int kThreads = 2 * TM;
+  static constexpr int kSA = TM + kPad;  // K / q tile [L][TM+8]
+  static constexpr int kSB = TN + kPad;  // V / dh tile [L][TN+8]
+  static constexpr int kTileA = L * kSA;
+  static constexpr int kTileB = L * kSB;
+  // C_k / dC_k are staged (StoreAccStaged) in the idle stage's A (hi) and B (lo) tiles: TM rows
+  // of stride TN + kPad must fit in each.
+  static constexpr bool kStaged = TM == TN && L >= TM;
+  static constexpr size_t kBytes = 2 * (kTileA + kTileB) * 2    // 2 stages, bf16
+                                   + (2 * L + 2 * TM) * 4;      // per-token coefficients, n partials
 };
 
-// One block per (64-column dv tile, 64-row dk tile, head); 4 warps, warp w owns dk rows 16w..
-template <int L>
-__global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
+template <int L, int TM, int TN>
+__global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using SM = StateSmem<L>;
-  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][72]
-  bf16* vs = ks + 2 * SM::kTile;                 // [2][L][72]
-  float* es = reinterpret_cast<float*>(vs + 2 * SM::kTile);  // [L]
-  float* npart = es + 2 * L;                                 // [128]
+  using SM = StateSmem<L, TM, TN>;
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]
+  bf16* vs = ks + 2 * SM::kTileA;                // [2][L][TN+8]
+  float* es = reinterpret_cast<float*>(vs + 2 * SM::kTileB);  // [L]
+  float* npart = es + 2 * L;                                  // [2·TM]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-  const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
+  const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const bool n_block = blockIdx.x == 0;
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* kbase = p.k + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
-  float acc[8][4];
+  float acc[kNT][4];
   if (p.c0 != nullptr) {
     LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
                lane);
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
   float nval = 0.f;
-  if (n_block && tid < 64 && p.c0 != nullptr) nval = p.n0[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+  if (n_block && tid < TM && p.c0 != nullptr) nval = p.n0[static_cast<int64_t>(bh) * d.DK + a0 + tid];
 
   auto prefetch = [&](int k, int stage) {
     const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, 64>(ks + stage * SM::kTile, SM::kStride, kbase + t0 * ldqk, ldqk, len, tid, 128);
-    LoadTile<L, 64>(vs + stage * SM::kTile, SM::kStride, vbase + t0 * ldv, ldv, len, tid, 128);
+    LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
+    LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
     CpAsyncCommit();
   };
   prefetch(0, 0);
   for (int k = 0; k < d.NC; ++k) {
     const int stage = k & 1;
     const int t0 = k * L, len = min(L, d.S - t0);
-    bf16* cdst = p.sc + ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    StoreAccBf16(cdst, d.DV, acc, lane);
-    if (n_block && tid < 64) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
+    const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
+    if constexpr (SM::kStaged) {
+      // The other stage's K / V tiles are free (last read before the previous step's final
+      // barrier; refilled only after this step's first barrier): stage C_k there.
+      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
+                     ks + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
+                     vs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else {
+      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
+    }
+    if (n_block && tid < TM) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
     // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
-    if (k + 1 < d.NC) {
-      prefetch(k + 1, stage ^ 1);
-      CpAsyncWait<1>();
-    } else {
+    if constexpr (SM::kStaged) {
       CpAsyncWait<0>();
+      if (tid < L) es[tid] = e_reg;
+      __syncthreads();  // tile k visible; every warp's staging reads done
+      if (k + 1 < d.NC) prefetch(k + 1, stage ^ 1);
+    } else {
+      if (k + 1 < d.NC) {
+        prefetch(k + 1, stage ^ 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      if (tid < L) es[tid] = e_reg;
+      __syncthreads();
     }
-    if (tid < L) es[tid] = e_reg;
-    __syncthreads();
-    bf16* vst = vs + stage * SM::kTile;
-    const bf16* kst = ks + stage * SM::kTile;
-    for (int i = tid; i < L * 32; i += 128) {  // pairs of columns
-      const int t = i / 32, c2 = (i % 32) * 2;
-      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(vst + t * SM::kStride + c2);
+    bf16* vst = vs + stage * SM::kTileB;
+    const bf16* kst = ks + stage * SM::kTileA;
+    for (int i = tid; i < L * (TN / 2); i += kThreads) {  // pairs of columns
+      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
+      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(vst + t * SM::kSB + c2);
       const float2 f = __bfloat1622float2(*pv);
       *pv = __floats2bfloat162_rn(f.x * es[t], f.y * es[t]);
     }
     if (n_block) {  // n_{k+1} = decay·n_k + Σ_t E_t k_t: 2 threads per column, halves of the chunk
-      const int col = tid & 63, half = tid >> 6;
+      const int col = tid % TM, half = tid / TM;
       float s = 0.f;
       for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += es[t] * __bfloat162float(kst[t * SM::kStride + col]);
+        s += es[t] * __bfloat162float(kst[t * SM::kSA + col]);
       npart[tid] = s;
     }
     __syncthreads();
-    if (n_block && tid < 64) nval = decay * nval + npart[tid] + npart[tid + 64];
+    if (n_block && tid < TM) nval = decay * nval + npart[tid] + npart[tid + TM];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
       acc[i][1] *= decay;
       acc[i][2] *= decay;
@@ -522,11 +717,11 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
       uint32_t a[4];
-      LoadAT(a, kst, SM::kStride, 16 * w, 16 * kk, lane);
+      LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
-        LoadBKN(bb, vst, SM::kStride, 16 * np, 16 * kk, lane);
+        LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
         Mma(acc[2 * np], a, bb[0], bb[1]);
         Mma(acc[2 * np + 1], a, bb[2], bb[3]);
       }
@@ -534,14 +729,15 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
     __syncthreads();
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  StoreAccBf16(p.sc + (last * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc, lane);
+  const int64_t clast = (last * d.DK + a0 + 16 * w) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
   StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
               lane);
   if (p.c_out != nullptr) {
     StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
                 lane);
   }
-  if (n_block && tid < 64) {
+  if (n_block && tid < TM) {
     p.sn[last * d.DK + a0 + tid] = nval;
     if (p.c_out != nullptr) p.n_out[static_cast<int64_t>(bh) * d.DK + a0 + tid] = nval;
   }
@@ -549,21 +745,23 @@ __global__ void __launch_bounds__(128) mlstm_state_fwd(Dims d, FwdPtrs p) {
 
 // ---------------------------------------------------------------- 3. fwd_out
 
-// Two stages of (Q, K, C_k) dk-tiles (the next one loads while this one multiplies), one V slab.
-template <int L, int DVT>
+// Two stages of (Q, K, C_k [, C_k lo]) dk-tiles (the next one loads while this one
+// multiplies), one V slab.
+template <int L, int DVT, bool SPLIT>
 struct OutSmem {
   static constexpr int kS64 = 64 + kPad;
   static constexpr int kSV = DVT + kPad;
-  static constexpr int kStage = 2 * L * kS64 + 64 * kSV;  // Q, K [L][72]; C [64][DVT+8]
+  static constexpr int kStage = 2 * L * kS64 + (SPLIT ? 2 : 1) * 64 * kSV;  // Q, K [L][72]; C
   static constexpr int kV = 2 * kStage;                   // [L][DVT+8]
   static constexpr int kEnd = kV + L * kSV;               // bf16 elements
   static size_t Bytes(int dk) { return kEnd * 2 + (3 * L + dk) * 4; }
+  static_assert(L * kSV <= kStage, "h lo staging rows must fit in stage 0");
 };
 
-template <int L, int DVT>
+template <int L, int DVT, bool SPLIT>
 __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using SM = OutSmem<L, DVT>;
+  using SM = OutSmem<L, DVT, SPLIT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
   bf16* vs = sm + SM::kV;
   float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
@@ -580,7 +778,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   const bf16* qbase = p.q + tok0 * d.DK;
   const bf16* kbase = p.k + tok0 * d.DK;
   const bf16* vbase = p.v + tok0 * d.DV + j0;
-  const bf16* cbase = p.sc + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
+  const int64_t coff = (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
+  const bf16* cbase = p.sc + coff;
+  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
   const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
 
@@ -590,6 +790,10 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, kbase + dt * 64, ldqk, len, tid, kThreads);
     LoadTile<64, DVT>(st + 2 * L * SM::kS64, SM::kSV, cbase + static_cast<int64_t>(dt) * 64 * d.DV,
                       d.DV, 64, tid, kThreads);
+    if constexpr (SPLIT) {
+      LoadTile<64, DVT>(st + 2 * L * SM::kS64 + 64 * SM::kSV, SM::kSV,
+                        clobase + static_cast<int64_t>(dt) * 64 * d.DV, d.DV, 64, tid, kThreads);
+    }
     CpAsyncCommit();
   };
   LoadTile<L, DVT>(vs, SM::kSV, vbase, ldv, len, tid, kThreads);
@@ -641,6 +845,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
         LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
         Mma(hacc[2 * np], a, bb[0], bb[1]);
         Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
+        if constexpr (SPLIT) {
+          LoadBKN(bb, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
+          Mma(hacc[2 * np], a, bb[0], bb[1]);
+          Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
+        }
       }
     }
     {
@@ -691,33 +900,40 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
 #pragma unroll
   for (int kk = 0; kk < L / 16; ++kk) {
     if (kk <= w) {
-      uint32_t a[4];
-      a[0] = PackBf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-      a[1] = PackBf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-      a[2] = PackBf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      a[3] = PackBf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+      uint32_t a[4], alo[4];
+      SplitPack(sacc[2 * kk][0], sacc[2 * kk][1], a[0], alo[0]);
+      SplitPack(sacc[2 * kk][2], sacc[2 * kk][3], a[1], alo[1]);
+      SplitPack(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a[2], alo[2]);
+      SplitPack(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a[3], alo[3]);
 #pragma unroll
       for (int np = 0; np < DVT / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, vs, SM::kSV, 16 * np, 16 * kk, lane);
         Mma(hacc[2 * np], a, bb[0], bb[1]);
         Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
+        if constexpr (SPLIT) {
+          Mma(hacc[2 * np], alo, bb[0], bb[1]);
+          Mma(hacc[2 * np + 1], alo, bb[2], bb[3]);
+        }
       }
     }
   }
   const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
   const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-  bf16* hbase = p.h + tok0 * d.DV + j0;
 #pragma unroll
   for (int nt = 0; nt < kHt; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    if (r0 < len)
-      *reinterpret_cast<uint32_t*>(hbase + r0 * ldv + col) =
-          PackBf16(hacc[nt][0] * inv0, hacc[nt][1] * inv0);
-    if (r1 < len)
-      *reinterpret_cast<uint32_t*>(hbase + r1 * ldv + col) =
-          PackBf16(hacc[nt][2] * inv1, hacc[nt][3] * inv1);
+    hacc[nt][0] *= inv0;
+    hacc[nt][1] *= inv0;
+    hacc[nt][2] *= inv1;
+    hacc[nt][3] *= inv1;
   }
+  // h (and its lo part) leave through shared memory in 16-byte pieces: after this barrier no warp
+  // reads the V slab or the stage buffers (no copies in flight), so warp w stages its 16 rows
+  // in the V slab's rows 16w.. (hi) and stage 0's (lo; stage 0 holds >= L rows of DVT + 8).
+  __syncthreads();
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, hacc, vs + 16 * w * SM::kSV, sm + 16 * w * SM::kSV, lane, len - 16 * w);
   if (blockIdx.x == 0 && c == 0) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
     if (r0 < len) p.den_tok[o + r0] = den0;
@@ -737,17 +953,23 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
   const int64_t o = (static_cast<int64_t>(b) * d.NH + hd) * d.S + t;
   float dot = 0.f;
   if (!d.stop_grad) {
+    // With split precision h_fp32 = h + h_lo: dh·h cancels against dh·v_s in the true
+    // gradient, so h's bf16 rounding must not enter here.
     const bf16* hh = p.h + tok * d.DV;
+    const bf16* hl = d.split ? p.h_lo + tok * d.DV : nullptr;
     const bf16* dd = p.dh + tok * d.DV;
     for (int j = lane * 8; j < d.DV; j += 256) {
       const uint4 x = *reinterpret_cast<const uint4*>(hh + j);
       const uint4 y = *reinterpret_cast<const uint4*>(dd + j);
+      const uint4 z = hl != nullptr ? *reinterpret_cast<const uint4*>(hl + j) : make_uint4(0, 0, 0, 0);
       const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&x);
       const __nv_bfloat162* yh = reinterpret_cast<const __nv_bfloat162*>(&y);
+      const __nv_bfloat162* zh = reinterpret_cast<const __nv_bfloat162*>(&z);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float2 a = __bfloat1622float2(xh[i]), bb = __bfloat1622float2(yh[i]);
-        dot += a.x * bb.x + a.y * bb.y;
+        const float2 lo = __bfloat1622float2(zh[i]);
+        dot += (a.x + lo.x) * bb.x + (a.y + lo.y) * bb.y;
       }
     }
     dot = WarpSumT(dot);
@@ -774,17 +996,18 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 5. state_bwd
 
-template <int L>
-__global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
+template <int L, int TM, int TN>
+__global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using SM = StateSmem<L>;
-  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [2][L][72]  q (dk cols a0..)
-  bf16* hs = qs + 2 * SM::kTile;                 // [2][L][72]  dh (dv cols j0..)
-  float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTile);  // [L] G·scale/denom
-  float* ddc = coef + L;                                        // [L] G·scale·dden
-  float* npart = ddc + L;                                       // [128]
+  using SM = StateSmem<L, TM, TN>;
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]  q (dk cols a0..)
+  bf16* hs = qs + 2 * SM::kTileA;                // [2][L][TN+8]  dh (dv cols j0..)
+  float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTileB);  // [L] G·scale/denom
+  float* ddc = coef + L;                                         // [L] G·scale·dden
+  float* npart = ddc + L;                                        // [2·TM]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-  const int j0 = blockIdx.x * 64, a0 = blockIdx.y * 64, bh = blockIdx.z;
+  const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const bool n_block = blockIdx.x == 0;
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
@@ -792,64 +1015,80 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int64_t so = static_cast<int64_t>(bh) * d.S;
 
-  float acc[8][4];
+  float acc[kNT][4];
   if (p.dc_fin != nullptr) {
     LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
                lane);
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
   float dnv = 0.f;
-  if (n_block && tid < 64 && p.dc_fin != nullptr)
+  if (n_block && tid < TM && p.dc_fin != nullptr)
     dnv = p.dn_fin[static_cast<int64_t>(bh) * d.DK + a0 + tid];
 
   auto prefetch = [&](int k, int stage) {
     const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, 64>(qs + stage * SM::kTile, SM::kStride, qbase + t0 * ldqk, ldqk, len, tid, 128);
-    LoadTile<L, 64>(hs + stage * SM::kTile, SM::kStride, hbase + t0 * ldv, ldv, len, tid, 128);
+    LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
+    LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
     CpAsyncCommit();
   };
   prefetch(d.NC - 1, (d.NC - 1) & 1);
   for (int k = d.NC - 1; k >= 0; --k) {
     const int stage = k & 1;
     const int t0 = k * L, len = min(L, d.S - t0);
-    bf16* dst = p.dc + ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    StoreAccBf16(dst, d.DV, acc, lane);
-    if (n_block && tid < 64) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
+    const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
+    if constexpr (SM::kStaged) {  // as in state_fwd: the other stage's tiles are idle here
+      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
+                     qs + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
+                     hs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else {
+      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
+    }
+    if (n_block && tid < TM) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
     const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
-    if (k > 0) {
-      prefetch(k - 1, stage ^ 1);
-      CpAsyncWait<1>();
-    } else {
+    if constexpr (SM::kStaged) {
       CpAsyncWait<0>();
+      if (tid < L) {
+        coef[tid] = cf;
+        ddc[tid] = dd;
+      }
+      __syncthreads();  // tile k visible; every warp's staging reads done
+      if (k > 0) prefetch(k - 1, stage ^ 1);
+    } else {
+      if (k > 0) {
+        prefetch(k - 1, stage ^ 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      if (tid < L) {
+        coef[tid] = cf;
+        ddc[tid] = dd;
+      }
+      __syncthreads();
     }
-    if (tid < L) {
-      coef[tid] = cf;
-      ddc[tid] = dd;
-    }
-    __syncthreads();
-    bf16* hst = hs + stage * SM::kTile;
-    const bf16* qst = qs + stage * SM::kTile;
-    for (int i = tid; i < L * 32; i += 128) {
-      const int t = i / 32, c2 = (i % 32) * 2;
-      __nv_bfloat162* ph = reinterpret_cast<__nv_bfloat162*>(hst + t * SM::kStride + c2);
+    bf16* hst = hs + stage * SM::kTileB;
+    const bf16* qst = qs + stage * SM::kTileA;
+    for (int i = tid; i < L * (TN / 2); i += kThreads) {
+      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
+      __nv_bfloat162* ph = reinterpret_cast<__nv_bfloat162*>(hst + t * SM::kSB + c2);
       const float2 f = __bfloat1622float2(*ph);
       *ph = __floats2bfloat162_rn(f.x * coef[t], f.y * coef[t]);
     }
     if (n_block) {
-      const int col = tid & 63, half = tid >> 6;
+      const int col = tid % TM, half = tid / TM;
       float s = 0.f;
       for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += ddc[t] * __bfloat162float(qst[t * SM::kStride + col]);
+        s += ddc[t] * __bfloat162float(qst[t * SM::kSA + col]);
       npart[tid] = s;
     }
     __syncthreads();
-    if (n_block && tid < 64) dnv = decay * dnv + npart[tid] + npart[tid + 64];
+    if (n_block && tid < TM) dnv = decay * dnv + npart[tid] + npart[tid + TM];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
       acc[i][1] *= decay;
       acc[i][2] *= decay;
@@ -858,11 +1097,11 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
       uint32_t a[4];
-      LoadAT(a, qst, SM::kStride, 16 * w, 16 * kk, lane);
+      LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
-        LoadBKN(bb, hst, SM::kStride, 16 * np, 16 * kk, lane);
+        LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
         Mma(acc[2 * np], a, bb[0], bb[1]);
         Mma(acc[2 * np + 1], a, bb[2], bb[3]);
       }
@@ -872,7 +1111,7 @@ __global__ void __launch_bounds__(128) mlstm_state_bwd(Dims d, BwdPtrs p) {
   if (p.dc0 != nullptr) {
     StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
                 lane);
-    if (n_block && tid < 64) p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + tid] = dnv;
+    if (n_block && tid < TM) p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + tid] = dnv;
   }
 }
 
@@ -1013,38 +1252,40 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
       }
     }
   }
-  bf16* dvbase = p.dv + tok0 * d.DV + j0;
-#pragma unroll
-  for (int nt = 0; nt < kHt; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    if (s0 < len)
-      *reinterpret_cast<uint32_t*>(dvbase + s0 * ldv + col) = PackBf16(vacc[nt][0], vacc[nt][1]);
-    if (s1 < len)
-      *reinterpret_cast<uint32_t*>(dvbase + s1 * ldv + col) = PackBf16(vacc[nt][2], vacc[nt][3]);
-  }
+  // dv leaves through shared memory in 16-byte pieces (warp w stages its rows in the dh slab's
+  // rows 16w.., free after this barrier).
+  __syncthreads();
+  StoreAccStaged(p.dv + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 static_cast<bf16*>(nullptr), ldv, vacc, hs + 16 * w * SM::kSV,
+                 static_cast<bf16*>(nullptr), lane, len - 16 * w);
 }
 
 // ---------------------------------------------------------------- 7. bwd_dqk
 
 // Two stages of 64-wide dv tiles: phase 1 (dh, v, C_k rows of the slab), phase 3 (v, dC_{k+1});
-// the q, k slabs and dS' stay for the whole block.
-template <int L, int DKT>
+// the q, k slabs and dS' stay for the whole block. Split precision: phase 1's C_k lo tiles live
+// in the dS' region (written only after phase 1), phase 3's dC lo tiles in the stage's dh slot.
+template <int L, int DKT, bool SPLIT>
 struct DqkSmem {
   static constexpr int kS64 = 64 + kPad;
   static constexpr int kSK = DKT + kPad;
   static constexpr int kSL = L + kPad;
-  static constexpr int kStage = 2 * L * kS64 + DKT * kS64;  // dh [L][72], v [L][72], C [DKT][72]
+  static constexpr int kSlotA = SPLIT && DKT > L ? DKT : L;  // rows: dh (phase 1), dC lo (phase 3)
+  static constexpr int kOffV = kSlotA * kS64;
+  static constexpr int kOffC = kOffV + L * kS64;
+  static constexpr int kStage = kOffC + DKT * kS64;  // dh|dC lo, v [L][72], C|dC [DKT][72]
   static constexpr int kQ = 2 * kStage;       // [L][DKT+8]
   static constexpr int kK = kQ + L * kSK;     // [L][DKT+8]
-  static constexpr int kDS = kK + L * kSK;    // [L][L+8]  dS·scale (rows t)
-  static constexpr int kEnd = kDS + L * kSL;
+  static constexpr int kDS = kK + L * kSK;    // [L][L+8]  dS·scale (rows t); phase 1: C lo tiles
+  static constexpr int kDSRegion = SPLIT && 2 * DKT * kS64 > L * kSL ? 2 * DKT * kS64 : L * kSL;
+  static constexpr int kEnd = kDS + kDSRegion;
   static constexpr size_t kBytes = kEnd * 2 + (5 * L + 2 * DKT) * 4;
 };
 
-template <int L, int DKT>
+template <int L, int DKT, bool SPLIT>
 __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using SM = DqkSmem<L, DKT>;
+  using SM = DqkSmem<L, DKT, SPLIT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
   bf16 *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
   float* bs = reinterpret_cast<float*>(sm + SM::kEnd);
@@ -1062,8 +1303,12 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
   const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const bf16* cbase = p.sc + ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
-  const bf16* dcbase = p.dc + ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
+  const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
+  const int64_t dcoff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
+  const bf16* cbase = p.sc + coff;
+  const bf16* dcbase = p.dc + dcoff;
+  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
+  const bf16* dclobase = SPLIT ? p.dc_lo + dcoff : nullptr;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
   const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
 
@@ -1089,20 +1334,28 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   for (int i = 0; i < kNt; ++i) pacc[i][0] = pacc[i][1] = pacc[i][2] = pacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < kQt; ++i) qacc[i][0] = qacc[i][1] = qacc[i][2] = qacc[i][3] = 0.f;
-  // Stage layout: [0, L) rows dh (phase 1 only), [L, 2L) rows v, then DKT rows of C_k / dC_{k+1}.
+  // Stage layout: slot A (dh in phase 1, dC lo in phase 3), L rows v, then DKT rows of C_k /
+  // dC_{k+1}.
   auto load_p1 = [&](int jt, int stage) {
     bf16* st = sm + stage * SM::kStage;
     LoadTile<L, 64>(st, SM::kS64, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+    LoadTile<L, 64>(st + SM::kOffV, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
                     kThreads);
-    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+    LoadTile<DKT, 64>(st + SM::kOffC, SM::kS64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+    if constexpr (SPLIT) {
+      LoadTile<DKT, 64>(dss + stage * DKT * SM::kS64, SM::kS64, clobase + jt * 64, d.DV, DKT, tid,
+                        kThreads);
+    }
     CpAsyncCommit();
   };
   auto load_p3 = [&](int jt, int stage) {
     bf16* st = sm + stage * SM::kStage;
-    LoadTile<L, 64>(st + L * SM::kS64, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
+    LoadTile<L, 64>(st + SM::kOffV, SM::kS64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid,
                     kThreads);
-    LoadTile<DKT, 64>(st + 2 * L * SM::kS64, SM::kS64, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
+    LoadTile<DKT, 64>(st + SM::kOffC, SM::kS64, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
+    if constexpr (SPLIT) {
+      LoadTile<DKT, 64>(st, SM::kS64, dclobase + jt * 64, d.DV, DKT, tid, kThreads);
+    }
     CpAsyncCommit();
   };
   const int njt = d.DV / 64;
@@ -1116,8 +1369,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     }
     __syncthreads();
     const bf16* hs = sm + (jt & 1) * SM::kStage;
-    const bf16* vs = hs + L * SM::kS64;
-    const bf16* cs = hs + 2 * L * SM::kS64;
+    const bf16* vs = hs + SM::kOffV;
+    const bf16* cs = hs + SM::kOffC;
+    const bf16* clos = dss + (jt & 1) * DKT * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -1137,6 +1391,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(qacc[2 * np], a, bb[0], bb[1]);
         Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
+        if constexpr (SPLIT) {
+          LoadBNK(bb, clos, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(qacc[2 * np], a, bb[0], bb[1]);
+          Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -1234,8 +1493,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       CpAsyncWait<0>();
     }
     __syncthreads();
-    const bf16* vs = sm + (jt & 1) * SM::kStage + L * SM::kS64;
-    const bf16* dcs = sm + (jt & 1) * SM::kStage + 2 * L * SM::kS64;
+    const bf16* vs = sm + (jt & 1) * SM::kStage + SM::kOffV;
+    const bf16* dcs = sm + (jt & 1) * SM::kStage + SM::kOffC;
+    const bf16* dclos = sm + (jt & 1) * SM::kStage;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -1246,6 +1506,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(kacc[2 * np], a, bb[0], bb[1]);
         Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
+        if constexpr (SPLIT) {
+          LoadBNK(bb, dclos, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(kacc[2 * np], a, bb[0], bb[1]);
+          Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -1448,6 +1713,185 @@ __global__ void __launch_bounds__(kGateThreads) mlstm_gates_bwd(Dims d, BwdPtrs 
   if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
 }
 
+// kChunkParallel: the same three passes as mlstm_gates_bwd, but 1024 threads per head and
+// kGateItems consecutive tokens per thread: each pass does a thread-local sweep for the
+// thread's aggregate, one block scan of the aggregates, and a second sweep that applies the
+// prefix (one block scan per 8192 tokens instead of three per 256).
+constexpr int kGateParThreads = 1024;
+constexpr int kGateItems = 8;
+
+// Exclusive block scan (kGateParThreads threads, op(earlier, later)): returns carry ⊕ the
+// aggregates of lower threads and advances carry by the block total. smem: 32 entries.
+template <typename T, typename Op>
+__device__ T BlockExclusiveScan(T x, Op op, T identity, T& carry, T* smem) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  T incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = ShflUp(incl, o);
+    if (lane >= o) incl = op(y, incl);
+  }
+  T excl = ShflUp(incl, 1);
+  if (lane == 0) excl = identity;
+  if (lane == 31) smem[w] = incl;
+  __syncthreads();
+  if (w == 0) {
+    T t = smem[lane];  // kGateParThreads / 32 == 32 warps
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const T y = ShflUp(t, o);
+      if (lane >= o) t = op(y, t);
+    }
+    smem[lane] = t;
+  }
+  __syncthreads();
+  const T warp_pre = w > 0 ? smem[w - 1] : identity;
+  const T result = op(carry, op(warp_pre, excl));
+  const T total = smem[31];
+  __syncthreads();  // smem is reused by the next scan
+  carry = op(carry, total);
+  return result;
+}
+
+__global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, BwdPtrs p) {
+  static_assert(kGateParThreads == 1024, "BlockExclusiveScan assumes 32 warps");
+  __shared__ double sd[32];
+  __shared__ ArgMax sa[32];
+  __shared__ double dm0_tail;
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH, tid = threadIdx.x;
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+  auto tok_of = [&](int t) { return (static_cast<int64_t>(b) * d.S + t) * d.NH + hd; };
+  auto add = [](double x, double y) { return x + y; };
+  auto amax = [](ArgMax x, ArgMax y) { return y.v > x.v ? y : x; };
+  auto block_sum = [&](double v) {
+    double carry = 0;
+    BlockExclusiveScan(v, add, 0.0, carry, sd);
+    return carry;
+  };
+  double F = 0, init_dot = 0;
+  const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
+  if (p.dc_fin != nullptr) {
+    double s = 0;
+    const float* x = p.dc_fin + bh * cd;
+    const float* y = p.sc_last + bh * cd;
+    for (int64_t i = tid; i < cd; i += kGateParThreads) s += double(x[i]) * y[i];
+    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
+    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
+    for (int i = tid; i < d.DK; i += kGateParThreads) s += double(xn[i]) * yn[i];
+    F = block_sum(s);
+  }
+  if (p.dc0 != nullptr && p.c0 != nullptr) {
+    double s = 0;
+    const float* x = p.dc0 + bh * cd;
+    const float* y = p.c0 + bh * cd;
+    for (int64_t i = tid; i < cd; i += kGateParThreads) s += double(x[i]) * y[i];
+    for (int i = tid; i < d.DK; i += kGateParThreads)
+      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
+    init_dot = block_sum(s);
+  }
+  const double m0 = p.c0 != nullptr ? double(p.m0[bh]) : 0.0;
+  const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
+  if (tid == 0) dm0_tail = 0;
+  auto dm_of = [&](int t) {
+    double v = double(p.dm[so + t]);
+    if (t == d.S - 1) v += dm_last_extra;
+    return v;
+  };
+  constexpr int kTile = kGateParThreads * kGateItems;
+
+  // Pass 1: B_t, prefix argmax of ĩ_t − B_t (ties keep the earlier), prefix sums of dm.
+  double carry_b = 0, carry_ps = 0;
+  ArgMax carry_a{m0, -1};
+  for (int base = 0; base < d.S; base += kTile) {
+    const int t0 = base + tid * kGateItems, t1 = min(t0 + kGateItems, d.S);
+    double bloc = 0, sdm = 0;
+    ArgMax loc{-INFINITY, -1};  // in thread-local terms (argmax is shift-invariant)
+    float lfv[kGateItems], igv[kGateItems];
+    double dmv[kGateItems];
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {  // fixed trip count: all loads in flight at once
+      const int t = t0 + j;
+      const bool ok = t < t1;
+      lfv[j] = ok ? LogForget(d.sigmoid, p.fg[tok_of(t)]) : 0.f;
+      igv[j] = ok ? p.ig[tok_of(t)] : -INFINITY;
+      dmv[j] = ok ? dm_of(t) : 0.0;
+    }
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      bloc += double(lfv[j]);
+      if (t0 + j < t1) loc = amax(loc, ArgMax{double(igv[j]) - bloc, t0 + j});
+      sdm += dmv[j];
+    }
+    const double bpre = BlockExclusiveScan(bloc, add, 0.0, carry_b, sd);
+    loc.v -= bpre;
+    ArgMax run = BlockExclusiveScan(loc, amax, ArgMax{-INFINITY, -1}, carry_a, sa);
+    double ps = BlockExclusiveScan(sdm, add, 0.0, carry_ps, sd);
+    double B = bpre;
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 + j;
+      if (t < t1) {
+        B += double(lfv[j]);
+        run = amax(run, ArgMax{double(igv[j]) - B, t});
+        ps += dmv[j];
+        p.arg[so + t] = run.i;
+        p.ps[so + t] = ps;
+        p.seg[so + t] = 0;
+      }
+    }
+  }
+  __syncthreads();
+  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t).
+  for (int t = tid; t < d.S; t += kGateParThreads) {
+    const int a = p.arg[so + t];
+    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
+    if (end) {
+      if (a >= 0) {
+        p.seg[so + a] = p.ps[so + t] - (a > 0 ? p.ps[so + a - 1] : 0.0);
+      } else {
+        dm0_tail = p.ps[so + t];
+      }
+    }
+  }
+  __syncthreads();
+  // Pass 3 (reverse): dlf_r = F + Σ_{t>=r} (q·dq − k·dk + dm_t − seg_t); dĩ = k·dk + seg.
+  double carry_r = F;
+  const int ns = p.n_dk_slabs;
+  auto x_of = [&](int t, double& kdk_out) {
+    double qdq = 0, kdk = 0;
+    for (int i = 0; i < ns; ++i) {
+      qdq += p.qdq[(so + t) * ns + i];
+      kdk += p.kdk[(so + t) * ns + i];
+    }
+    kdk_out = kdk;
+    return qdq - kdk + dm_of(t) - p.seg[so + t];
+  };
+  for (int top = d.S - 1; top >= 0; top -= kTile) {
+    const int t0 = top - tid * kGateItems;  // this thread: t0, t0 − 1, ..., t0 − 7 (>= 0)
+    double xv[kGateItems], kdkv[kGateItems], sx = 0;
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 - j;
+      xv[j] = 0;
+      kdkv[j] = 0;
+      if (t >= 0) xv[j] = x_of(t, kdkv[j]);
+      sx += xv[j];
+    }
+    double dlf = BlockExclusiveScan(sx, add, 0.0, carry_r, sd);
+#pragma unroll
+    for (int j = 0; j < kGateItems; ++j) {
+      const int t = t0 - j;
+      if (t >= 0) {
+        dlf += xv[j];
+        const int64_t tok = tok_of(t);
+        p.dig[tok] = float(kdkv[j] + p.seg[so + t]);
+        p.dfg[tok] = float(dlf * LogForgetDerivative(d.sigmoid, p.fg[tok]));
+      }
+    }
+  }
+  if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
+}
+
 // ---------------------------------------------------------------- step
 
 __global__ void __launch_bounds__(512) mlstm_step(Dims d, const bf16* q, const bf16* k,
@@ -1516,6 +1960,16 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.eps = static_cast<float>(o.eps);
   d.sigmoid = o.forget_gate == MlstmForgetGate::kSigmoid;
   d.stop_grad = o.stop_normaliser_gradient;
+  d.split = UseSplit(o);
+  d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
+  // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
+  // H200 (bench/RESULTS.md) they win with >= 256 blocks (1.3b shape: state kernels 0.22 + 0.20
+  // vs 0.25 + 0.24 ms) and lose with 64 (7B heads: 0.39 + 0.39 vs 0.30 + 0.28 ms). Threshold:
+  // about one block per SM.
+  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
+  d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
+                 : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
+                                                                          : 64;
   return d;
 }
 
@@ -1529,27 +1983,45 @@ CudaResult SetSmem(Kernel kernel, size_t bytes) {
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
-  mlstm_gates_fwd<<<bh, 32, 0, stream>>>(d, p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
-    Hook("mlstm_gates_fwd", stream);
-  {
-    const size_t smem = StateSmem<L>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L>, smem));
-    mlstm_state_fwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
-    Hook("mlstm_state_fwd", stream);
+  if (d.par_gates) {
+    const int warps = std::min(d.NC, kGateFwdWarps);
+    mlstm_gates_fwd_par<<<bh, 32 * warps, 0, stream>>>(d, p);
+  } else {
+    mlstm_gates_fwd<<<bh, 32, 0, stream>>>(d, p);
   }
-  auto out = [&](auto dvt_tag) -> CudaResult {
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
+  Hook("mlstm_gates_fwd", stream);
+  {
+    auto state = [&](auto tile_tag) -> CudaResult {
+      constexpr int kT = decltype(tile_tag)::value;
+      const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT>, smem));
+      mlstm_state_fwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+      Hook("mlstm_state_fwd", stream);
+      return {};
+    };
+    CUDA_RETURN_IF_NOT_OK(d.state_tile == 128 ? state(std::integral_constant<int, 128>{})
+                                              : state(std::integral_constant<int, 64>{}));
+  }
+  auto out = [&](auto dvt_tag, auto split_tag) -> CudaResult {
     constexpr int DVT = decltype(dvt_tag)::value;
-    const size_t smem = OutSmem<L, DVT>::Bytes(d.DK);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out<L, DVT>, smem));
-    mlstm_fwd_out<L, DVT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = OutSmem<L, DVT, SPLIT>::Bytes(d.DK);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out<L, DVT, SPLIT>, smem));
+    mlstm_fwd_out<L, DVT, SPLIT><<<dim3(d.DV / DVT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
     Hook("mlstm_fwd_out", stream);
     return {};
   };
-  if (DvSlab(d.DV) == 128) return out(std::integral_constant<int, 128>{});
-  return out(std::integral_constant<int, 64>{});
+  using T = std::true_type;
+  using F = std::false_type;
+  if (DvSlab(d.DV) == 128) {
+    return d.split ? out(std::integral_constant<int, 128>{}, T{})
+                   : out(std::integral_constant<int, 128>{}, F{});
+  }
+  return d.split ? out(std::integral_constant<int, 64>{}, T{})
+                 : out(std::integral_constant<int, 64>{}, F{});
 }
 
 template <int L>
@@ -1560,11 +2032,17 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
     Hook("mlstm_bwd_prep", stream);
   {
-    const size_t smem = StateSmem<L>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L>, smem));
-    mlstm_state_bwd<L><<<dim3(d.DV / 64, d.DK / 64, bh), 128, smem, stream>>>(d, p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
-    Hook("mlstm_state_bwd", stream);
+    auto state = [&](auto tile_tag) -> CudaResult {
+      constexpr int kT = decltype(tile_tag)::value;
+      const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT>, smem));
+      mlstm_state_bwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+      Hook("mlstm_state_bwd", stream);
+      return {};
+    };
+    CUDA_RETURN_IF_NOT_OK(d.state_tile == 128 ? state(std::integral_constant<int, 128>{})
+                                              : state(std::integral_constant<int, 64>{}));
   }
   auto dv = [&](auto tag) -> CudaResult {
     constexpr int DVT = decltype(tag)::value;
@@ -1580,23 +2058,32 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   } else {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
   }
-  auto dqk = [&](auto tag) -> CudaResult {
+  auto dqk = [&](auto tag, auto split_tag) -> CudaResult {
     constexpr int DKT = decltype(tag)::value;
-    const size_t smem = DqkSmem<L, DKT>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT>, smem));
-    mlstm_bwd_dqk<L, DKT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = DqkSmem<L, DKT, SPLIT>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT, SPLIT>, smem));
+    mlstm_bwd_dqk<L, DKT, SPLIT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
     Hook("mlstm_bwd_dqk", stream);
     return {};
   };
+  using T = std::true_type;
+  using F = std::false_type;
   if (DkSlab(d.DK) == 128) {
-    CUDA_RETURN_IF_NOT_OK(dqk(std::integral_constant<int, 128>{}));
+    CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 128>{}, T{})
+                                  : dqk(std::integral_constant<int, 128>{}, F{}));
   } else {
-    CUDA_RETURN_IF_NOT_OK(dqk(std::integral_constant<int, 64>{}));
+    CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 64>{}, T{})
+                                  : dqk(std::integral_constant<int, 64>{}, F{}));
   }
-  mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
+  if (d.par_gates) {
+    mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
+  } else {
+    mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_bwd");
-    Hook("mlstm_gates_bwd", stream);
+  Hook("mlstm_gates_bwd", stream);
   return {};
 }
 
@@ -1619,6 +2106,13 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
                            std::to_string(s.dk) + " dv=" + std::to_string(s.dv));
   }
   if (!(o.eps >= 0)) return InvalidArgument("mlstm: eps must be >= 0");
+  if (o.state_tile != 0 && o.state_tile != 64 && o.state_tile != 128) {
+    return InvalidArgument("mlstm (cuda): state_tile must be 0 (auto), 64 or 128, got " +
+                           std::to_string(o.state_tile));
+  }
+  if (o.state_tile == 128 && (s.dk % 128 != 0 || s.dv % 128 != 0)) {
+    return InvalidArgument("mlstm (cuda): state_tile 128 needs dk and dv multiples of 128");
+  }
   if (s.batch * s.seq_len * s.num_heads > (int64_t{1} << 31) / 8 ||
       s.batch * s.num_heads > 65535 || (s.seq_len + o.chunk_size - 1) / o.chunk_size > 65535) {
     return InvalidArgument("mlstm (cuda): too many tokens, heads or chunks for one call");
@@ -1661,6 +2155,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.m0 = initial.m;
   p.h = h;
   p.sc = reinterpret_cast<bf16*>(base + l.c);
+  p.sc_lo = reinterpret_cast<bf16*>(base + l.c_lo);
+  p.h_lo = reinterpret_cast<bf16*>(base + l.h_lo);
   p.sc_last = reinterpret_cast<float*>(base + l.c_last);
   p.sn = reinterpret_cast<float*>(base + l.n);
   p.smk = reinterpret_cast<float*>(base + l.mk);
@@ -1716,6 +2212,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.n0 = initial.n;
   p.m0 = initial.m;
   p.sc = reinterpret_cast<const bf16*>(base + l.c);
+  p.sc_lo = reinterpret_cast<const bf16*>(base + l.c_lo);
+  p.h_lo = reinterpret_cast<const bf16*>(base + l.h_lo);
   p.sc_last = reinterpret_cast<const float*>(base + l.c_last);
   p.sn = reinterpret_cast<const float*>(base + l.n);
   p.smk = reinterpret_cast<const float*>(base + l.mk);
@@ -1736,6 +2234,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.dn0 = d_initial.n;
   p.dm0 = d_initial.m;
   p.dc = reinterpret_cast<bf16*>(sb + sl.dc);
+  p.dc_lo = reinterpret_cast<bf16*>(sb + sl.dc_lo);
   p.dn = reinterpret_cast<float*>(sb + sl.dn);
   p.inv_d = reinterpret_cast<float*>(sb + sl.inv_d);
   p.coef = reinterpret_cast<float*>(sb + sl.coef);

@@ -7,8 +7,8 @@
 // their gradients: fp32 (they are NH numbers per token; fp32 keeps the exponentials exact-ish
 // and costs nothing). States C, n, m (initial, final, their gradients): fp32. Inside: bf16
 // tensor-core products (mma.sync m16n8k16) with fp32 accumulation; the chunk-boundary states
-// saved for the backward are stored as bf16 (they only ever feed bf16 products), the carried
-// recurrence stays fp32 in registers.
+// saved for the backward are stored as bf16 hi + lo pairs by default (or as bf16; see
+// MlstmStatePrecision), the carried recurrence stays fp32 in registers.
 //
 // Layouts (token-major, as on the CPU): q, k [B, S, NH, dk]; v, h [B, S, NH, dv];
 // ĩ, f̃ [B, S, NH]; state C [B, NH, dk, dv], n [B, NH, dk], m [B, NH].
@@ -57,11 +57,40 @@ enum class MlstmForgetGate {
   kExponential,  // lf = f̃
 };
 
+// How the intermediates that the TRUE gradient cancels against each other are kept. The true
+// gradient of h_t = num_t / den_t w.r.t. q_t and k_s is Σ_s w_ts k_s dh_t·(v_s − h_t) / den_t: at
+// ill-conditioned tokens (one s dominates, h_t ≈ v_s) the two halves cancel, so h_t, C_k (the
+// numerator's state) and dC_k must be far more exact than bf16 for the difference to survive.
+enum class MlstmStatePrecision {
+  kAuto,       // kSplitBf16 (both conventions: with stop_normaliser_gradient df̃ = F + Σ (q·dq −
+               // k·dk) suffix sums cancel too; kBf16 measured 1.3e-1 / 2.0e-2 there on the
+               // extreme-gate / S 8200 test cases, kSplitBf16 1.7e-2 / 1.2e-2)
+  kSplitBf16,  // C_k, dC_k, P (in P·V) and h kept as bf16 hi + lo pairs (≈ 16 mantissa bits);
+               // every product with them is done twice (hi, lo); the forward saves h's lo part
+  kBf16,       // single bf16 (the first version; faster, true gradient loses accuracy)
+};
+
+// Which algorithm computes the gate prefix scans (results agree to fp32 rounding).
+enum class MlstmGateSchedule {
+  kChunkParallel,  // default: one block per head, one warp per chunk / many tokens per thread
+  kSequential,     // the first version: one warp (forward) / one 256-thread block (backward)
+                   // walks the sequence (slow when B·NH is small)
+};
+
+// The forward and the backward of one step must get the same options: what the forward saves
+// depends on chunk_size and the effective state precision (kAuto resolves it from
+// stop_normaliser_gradient).
 struct MlstmOptions {
   int64_t chunk_size = 64;  // 16, 32, 64 or 128
   MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
   double eps = 1e-6;
-  bool stop_normaliser_gradient = false;  // backward only; see the top of this file
+  bool stop_normaliser_gradient = false;  // see the top of this file
+  MlstmStatePrecision state_precision = MlstmStatePrecision::kAuto;
+  MlstmGateSchedule gate_schedule = MlstmGateSchedule::kChunkParallel;
+  // Rows × columns of C that one block of the two state recurrences owns: 64 (64×64), 128
+  // (128×128, needs dk and dv multiples of 128) or 0 = auto: 128 where allowed and
+  // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).
+  int64_t state_tile = 0;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
