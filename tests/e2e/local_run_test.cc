@@ -182,6 +182,16 @@ TEST_F(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLe
       },
       180))
       << (dump_logs(), "never reached 3 active workers");
+  // ... and steps commit at world size 3 before the next fault (on a loaded machine the first
+  // 3-worker generation can still be forming when `workers_active` first reads 3).
+  const uint64_t scaled_at = Committed();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        nlohmann::json s = Ctl({"status"});
+        return s.is_object() && s.value("workers_active", 0) == 3 && Committed() >= scaled_at + 2;
+      },
+      180))
+      << (dump_logs(), "no progress at 3 workers");
 
   // 4. kill -9 the coordinator: the launcher restarts it from its journal; workers keep their weights.
   std::vector<pid_t> coordinators = Pids("coordinator");
@@ -205,7 +215,7 @@ TEST_F(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLe
   Result ledger = RunCommand({Bin("gyre"), "ledger", "--run-dir", run_dir_});
   EXPECT_EQ(ledger.code, 0) << ledger.out;
   EXPECT_NE(ledger.out.find("ledger: 70 committed steps, global batch 6, 0 problem(s)"), std::string::npos) << ledger.out;
-  EXPECT_NE(ledger.out.find("world  3"), std::string::npos) << "no step ran at world size 3";
+  EXPECT_NE(ledger.out.find("world  3"), std::string::npos) << (dump_logs(), "no step ran at world size 3");
   // Loss fell: mean of the last 10 committed losses below the first 10.
   std::istringstream lines(ledger.out);
   std::vector<double> losses;
