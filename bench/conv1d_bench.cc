@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "kernels/cuda/conv1d.h"
+#include "bench/gpu_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/random_fill.h"
@@ -29,34 +30,6 @@ namespace gyre::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-double Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
-struct Timer {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  DeviceBuffer flush;
-  int reps = 30, warmup = 5;
-};
-
-double TimeMs(Timer& t, const std::function<CudaResult()>& op) {
-  for (int i = 0; i < t.warmup; ++i) CUDA_OK_OR_DIE(op());
-  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-  std::vector<float> ms;
-  for (int i = 0; i < t.reps; ++i) {
-    CUDA_CHECK_OR_DIE(cudaMemsetAsync(t.flush.get(), i & 0xff, t.flush.bytes(), nullptr));
-    CUDA_CHECK_OR_DIE(cudaEventRecord(t.start, nullptr));
-    CUDA_OK_OR_DIE(op());
-    CUDA_CHECK_OR_DIE(cudaEventRecord(t.stop, nullptr));
-    CUDA_CHECK_OR_DIE(cudaEventSynchronize(t.stop));
-    float v = 0;
-    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&v, t.start, t.stop));
-    ms.push_back(v);
-  }
-  return Median(ms);
-}
 
 void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t channels) {
   Conv1dShape s{batch, seq, channels, 4};
@@ -118,9 +91,7 @@ int main(int argc, char** argv) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
   }
   DeviceAllocator alloc;
-  CUDA_OK_OR_DIE(alloc.Allocate(256ull << 20, &t.flush));
-  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.start));
-  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.stop));
+  t.Init(&alloc);
   Run(t, alloc, 8, 2048, 4352);
   Run(t, alloc, 2, 8192, 4352);
   return 0;

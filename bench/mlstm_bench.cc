@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/mlstm.h"
@@ -36,11 +37,6 @@ namespace gyre::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-double Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
 
 double TimeMs(const std::function<void()>& op, int reps, cudaStream_t stream) {
   cudaEvent_t a, b;

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_timing.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/random_fill.h"
@@ -31,34 +32,6 @@ namespace gyre::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-double Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
-struct Timer {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  DeviceBuffer flush;
-  int reps = 30, warmup = 5;
-};
-
-double TimeMs(Timer& t, const std::function<CudaResult()>& op) {
-  for (int i = 0; i < t.warmup; ++i) CUDA_OK_OR_DIE(op());
-  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-  std::vector<float> ms;
-  for (int i = 0; i < t.reps; ++i) {
-    CUDA_CHECK_OR_DIE(cudaMemsetAsync(t.flush.get(), i & 0xff, t.flush.bytes(), nullptr));
-    CUDA_CHECK_OR_DIE(cudaEventRecord(t.start, nullptr));
-    CUDA_OK_OR_DIE(op());
-    CUDA_CHECK_OR_DIE(cudaEventRecord(t.stop, nullptr));
-    CUDA_CHECK_OR_DIE(cudaEventSynchronize(t.stop));
-    float v = 0;
-    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&v, t.start, t.stop));
-    ms.push_back(v);
-  }
-  return Median(ms);
-}
 
 struct Counts {
   double fwd_flops, bwd_flops, fwd_bytes, bwd_bytes;
@@ -206,9 +179,7 @@ int main(int argc, char** argv) {
   }
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
-  CUDA_OK_OR_DIE(alloc.Allocate(256ull << 20, &t.flush));
-  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.start));
-  CUDA_CHECK_OR_DIE(cudaEventCreate(&t.stop));
+  t.Init(&alloc);
   Run(t, alloc, 8, 2048, only_mask);
   if (shapes > 1) Run(t, alloc, 2, 8192, only_mask);
   return 0;
