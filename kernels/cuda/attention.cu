@@ -72,8 +72,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
+#include "kernels/cuda/attention_wgmma.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace gyre::cuda {
@@ -287,8 +291,10 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
   const uint32_t b_addr = SmemAddr(sK) + LaneBn(lane, kLd);
   const uint32_t v_addr = SmemAddr(sV) + LaneBt(lane, kLd);
 
-  for (int vt = 0; vt < total; ++vt) {
-    const bool far = kSE && vt >= n_near;
+  // One key tile; `far_pass` (std::true_type / std::false_type) makes the pass a compile-time
+  // constant, so each pass's loop carries only its own mask and skip logic.
+  auto tile_step = [&](auto far_pass, int vt) {
+    constexpr bool far = decltype(far_pass)::value;
     const int n0 = (far ? vt - n_near : near_first + vt) * kFwdN;
     CpAsyncWaitAll();
     __syncthreads();  // K(vt) (and Q / Q_g) landed; every warp is done with V(vt − 1)
@@ -399,6 +405,12 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
         }
       }
     }
+  };
+  if constexpr (kSE) {
+    for (int vt = 0; vt < n_near; ++vt) tile_step(std::false_type{}, vt);
+    for (int vt = n_near; vt < total; ++vt) tile_step(std::true_type{}, vt);
+  } else {
+    for (int vt = 0; vt < total; ++vt) tile_step(std::false_type{}, vt);
   }
 
   // Finish the row sums across the quad, normalise, write lse and O.
@@ -791,6 +803,28 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
   return {};
 }
 
+// Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
+// above. Defaults per kind (plain / SelfExtend) are the faster path that passed
+// attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
+// ("wgmma" or "mma") override them, read once per process, for tests and benchmarks.
+enum class FwdPath { kMma, kWgmma };
+constexpr FwdPath kDefaultPlainPath = FwdPath::kMma;
+constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kMma;
+
+FwdPath PathFromEnv(const char* name, FwdPath fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return fallback;
+  if (std::strcmp(value, "wgmma") == 0) return FwdPath::kWgmma;
+  if (std::strcmp(value, "mma") == 0) return FwdPath::kMma;
+  return fallback;
+}
+
+FwdPath ForwardPath(bool self_extend) {
+  static const FwdPath plain = PathFromEnv("GYRE_ATTN_FWD", kDefaultPlainPath);
+  static const FwdPath se = PathFromEnv("GYRE_ATTN_SE_FWD", kDefaultSelfExtendPath);
+  return self_extend ? se : plain;
+}
+
 }  // namespace
 
 CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t stream) {
@@ -832,6 +866,25 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
   // With T <= W every pair is a neighbour pair: the plain kernel computes exactly that.
   const bool use_se = se && args.self_extend_window < s.seq;
   p.se_window = static_cast<int>(use_se ? args.self_extend_window : 0);
+  if (ForwardPath(use_se) == FwdPath::kWgmma) {
+    WgmmaFwdParams w{};
+    w.q = p.q;
+    w.k = p.k;
+    w.v = p.v;
+    w.qg = p.qg;
+    w.kg = p.kg;
+    w.out = p.out;
+    w.lse = p.lse;
+    w.q_stride = p.q_stride;
+    w.kv_stride = p.kv_stride;
+    w.seq = p.seq;
+    w.heads = p.heads;
+    w.group = p.group;
+    w.scale = p.scale;
+    w.scale_log2 = p.scale_log2;
+    w.se_window = p.se_window;
+    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
+  }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)
                   : LaunchForward<64, false>(p, s.batch, stream);

@@ -1,0 +1,29 @@
+// Internal to kernels/cuda/attention: the Hopper (wgmma) forward kernel that AttentionForward
+// (attention.h) selects on sm_90 devices. Callers use attention.h, not this header.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/device_info.h"
+
+namespace gyre::cuda {
+
+// Validated by AttentionForward (attention.cu): D ∈ {64, 128}, 16-byte-aligned pointers, strides
+// multiples of 8 elements, seq · stride < 2^31. se_window is used only with self_extend.
+struct WgmmaFwdParams {
+  const __nv_bfloat16 *q, *k, *v, *qg, *kg;
+  __nv_bfloat16* out;
+  float* lse;  // may be null
+  int q_stride, kv_stride;
+  int seq, heads, group;
+  float scale, scale_log2;
+  int se_window;
+};
+
+CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
+                                       bool self_extend, cudaStream_t stream);
+
+}  // namespace gyre::cuda
