@@ -806,8 +806,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
 // above. Defaults per kind (plain / SelfExtend) are the faster path that passed
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
-// ("wgmma" or "mma") override them, read once per process, for tests and benchmarks.
-enum class FwdPath { kMma, kWgmma };
+// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them, read once per process, for tests and benchmarks.
+enum class FwdPath { kMma, kWgmma, kWgmmaWs };
 constexpr FwdPath kDefaultPlainPath = FwdPath::kMma;
 constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kMma;
 
@@ -816,6 +816,7 @@ FwdPath PathFromEnv(const char* name, FwdPath fallback) {
   if (value == nullptr) return fallback;
   if (std::strcmp(value, "wgmma") == 0) return FwdPath::kWgmma;
   if (std::strcmp(value, "mma") == 0) return FwdPath::kMma;
+  if (std::strcmp(value, "ws") == 0) return FwdPath::kWgmmaWs;
   return fallback;
 }
 
@@ -866,7 +867,8 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
   // With T <= W every pair is a neighbour pair: the plain kernel computes exactly that.
   const bool use_se = se && args.self_extend_window < s.seq;
   p.se_window = static_cast<int>(use_se ? args.self_extend_window : 0);
-  if (ForwardPath(use_se) == FwdPath::kWgmma) {
+  const FwdPath path = ForwardPath(use_se);
+  if (path != FwdPath::kMma) {
     WgmmaFwdParams w{};
     w.q = p.q;
     w.k = p.k;
@@ -883,7 +885,8 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     w.se_window = p.se_window;
-    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
+    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se,
+                                       path == FwdPath::kWgmmaWs, stream);
   }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)

@@ -366,10 +366,388 @@ CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   return {};
 }
 
+
+// ------------------------------------------------------------------------------------------
+// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
+// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
+// consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
+// (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
+// so no block-wide barrier sits in the main loop. Per consumer iteration j:
+//   [turn] issue S(j) = Q K(j)ᵀ and O += P(j−1) V(j−1) back to back, hand the turn over
+//   wait S(j); mask; row max, exp, row sum  (overlaps P(j−1)V(j−1) and the other warpgroup's
+//                                           GEMMs on the tensor cores)
+//   wait P(j−1)V(j−1); rescale O; pack P(j)
+// The turn is a pair of named barriers that makes the two warpgroups issue their GEMMs
+// alternately (pingpong): one's softmax runs under the other's GEMMs.
+// Producer order per tile j: V(j) (after P(j−2)V(j−2) released its stage), then K(j + 1)
+// (after S(j−1) released its stage); K tiles are fenced and announced one tile ahead.
+
+// The producer warpgroup's copy (128 threads): a thread's chunks all share one column and one
+// row residue mod 8, so source and destination advance by constants; a rolled loop keeps the
+// producer inside its small register budget.
+template <int kRows, int kD>
+__device__ __forceinline__ void ProducerLoad(uint32_t smem, const bf16* base, int stride,
+                                             int row0, int seq, int tid) {
+  constexpr int kChunksPerRow = kD / 8, kRowStep = 128 / kChunksPerRow;
+  const int r = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+  uint32_t dst = smem + SwizzledOffset<kRows>(r, col);
+  int t = row0 + r;
+  const bf16* src = base + col;
+#pragma unroll 2
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const bool valid = t < seq;
+    CpAsync16(dst, src + (valid ? t * stride : 0), valid);
+    dst += kRowStep * 128;
+    t += kRowStep;
+  }
+}
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+__device__ __forceinline__ void CpAsyncWait1() {
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaWait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
+__device__ __forceinline__ void NamedBarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+constexpr int kWsThreads = 384;
+
+template <int kD, bool kSE>
+constexpr int WsFwdSmemBytes() {
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024 + 128;  // + align + barriers
+}
+
+template <int kD, bool kSE>
+__global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaFwdParams p) {
+  constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
+  constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
+  constexpr int kDT = kD / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sQ = base;
+  const uint32_t sQg = base + kQBytes;
+  const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
+  const uint32_t bars = sKV + 4 * kKVBytes;  // 9 mbarriers, 8 bytes each
+  auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
+  auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
+  auto k_full = [&](int s) { return bars + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 16 + 8 * s; };
+  auto v_full = [&](int s) { return bars + 32 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
+  const uint32_t q_full = bars + 64;
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  if (tid == 0) {
+    for (int s = 0; s < 2; ++s) {
+      MbarInit(k_full(s), 128);
+      MbarInit(v_full(s), 128);
+      MbarInit(k_empty(s), 256);
+      MbarInit(v_empty(s), 256);
+    }
+    MbarInit(q_full, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / p.group;
+  const int seq = p.seq;
+  const int m0 = m_block * kWgM;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int last_row = min(m0 + kWgM, seq) - 1;
+  const int n_tiles = last_row / kWgN + 1;
+  const int W = p.se_window;
+  int near_first = 0, n_far = 0;
+  if constexpr (kSE) {
+    near_first = max(0, m0 - W + 1) / kWgN;
+    n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
+  }
+  const int n_near = n_tiles - near_first;
+  const int total = n_near + n_far;
+  auto tile_n0 = [&](int vt) {
+    return ((kSE && vt >= n_near) ? vt - n_near : near_first + vt) * kWgN;
+  };
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
+    const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : k;
+    const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
+    auto load_k = [&](int vt) {
+      const int s = vt & 1;
+      MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
+      const bf16* src = (kSE && vt >= n_near) ? kg : k;
+      ProducerLoad<kWgN, kD>(sK(s), src, p.kv_stride, tile_n0(vt), seq, wtid);
+      CpAsyncCommit();
+    };
+    ProducerLoad<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
+                                  wtid);
+    if constexpr (kSE) {
+      ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0,
+                                    seq, wtid);
+    }
+    CpAsyncCommit();
+    load_k(0);
+    CpAsyncWait1();  // Q landed
+    FenceProxyAsync();
+    MbarArrive(q_full);
+    for (int vt = 0; vt < total; ++vt) {
+      const int s = vt & 1;
+      MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
+      ProducerLoad<kWgN, kD>(sV(s), v, p.kv_stride, tile_n0(vt), seq, wtid);
+      CpAsyncCommit();
+      CpAsyncWait1();  // everything but V(vt): K(vt) and V(vt − 1)
+      FenceProxyAsync();
+      if (vt > 0) MbarArrive(v_full(s ^ 1));
+      MbarArrive(k_full(s));
+      if (vt + 1 < total) load_k(vt + 1);
+    }
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    MbarArrive(v_full((total - 1) & 1));
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumer warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cwg = wg - 1;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int w_first = m0 + 64 * cwg;
+  const int w_last = min(w_first + 63, last_row);
+  const int r_lo = w_first + 16 * warp_in_wg + g;
+  // Turn barriers: ids 1 + c (256 threads: consumer c syncs, the other arrives).
+  const int my_turn = 1 + cwg, other_turn = 2 - cwg;
+  if (cwg == 1) NamedBarArrive(1, 256);  // consumer 0 takes the first turn
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float s[64];
+  uint32_t pa[kWgN / 16][4];
+
+  auto issue_s = [&](int vt) {
+    const bool far = kSE && vt >= n_near;
+    const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
+    const uint32_t kb = sK(vt & 1);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(kb + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
+    }
+    WgmmaCommit();
+  };
+  auto issue_pv = [&](int vt) {
+    const uint32_t vb = sV(vt & 1);
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      const uint64_t dv = SmemDesc(vb + kk * 16 * 128, kKBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(o, pa[kk], dv);
+      } else {
+        WgmmaRS64(o, pa[kk], dv);
+      }
+    }
+    WgmmaCommit();
+  };
+  // Mask, row max, exponentials and row sums of S(vt); returns the O correction per row half.
+  auto softmax = [&](int vt, float (&corr)[2]) {
+    const bool far = kSE && vt >= n_near;
+    const int n0 = tile_n0(vt);
+    const bool need_mask =
+        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
+            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+    if (need_mask) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = r_lo + 8 * hr;
+        const int hi = min(far ? row - W : row, seq - 1) - n0;
+        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
+#pragma unroll
+        for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * c + 2 * tq + e;
+            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
+          }
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = row_max[hr];
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      corr[hr] = exp2f(row_max[hr] * p.scale_log2 - msc);
+      row_max[hr] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[4 * c + 2 * hr + e];
+          x = exp2f(fmaf(x, p.scale_log2, -msc));
+          sum += x;
+        }
+      row_sum[hr] = row_sum[hr] * corr[hr] + sum;
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+
+  MbarWait(q_full, 0);
+  // Tile 0: S only.
+  MbarWait(k_full(0), 0);
+  NamedBarSync(my_turn, 256);
+  WgmmaFence();
+  issue_s(0);
+  if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
+  WgmmaWait0();
+  FenceRegs(s);
+  MbarArrive(k_empty(0));
+  {
+    float corr[2];
+    softmax(0, corr);
+  }
+  pack_p();
+
+  for (int vt = 1; vt < total; ++vt) {
+    MbarWait(k_full(vt & 1), (vt >> 1) & 1);
+    MbarWait(v_full((vt - 1) & 1), ((vt - 1) >> 1) & 1);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_s(vt);
+    issue_pv(vt - 1);
+    if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
+    FenceRegs(s);
+    MbarArrive(k_empty(vt & 1));
+    float corr[2];
+    softmax(vt, corr);
+    WgmmaWait0();
+    FenceRegs(o);
+    FenceRegs(pa);
+    MbarArrive(v_empty((vt - 1) & 1));
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      o[4 * c] *= corr[0];
+      o[4 * c + 1] *= corr[0];
+      o[4 * c + 2] *= corr[1];
+      o[4 * c + 3] *= corr[1];
+    }
+    pack_p();
+  }
+  MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
+  WgmmaFence();
+  issue_pv(total - 1);
+  WgmmaWait0();
+  FenceRegs(o);
+  FenceRegs(pa);
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float sum = row_sum[hr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = 1.f / sum;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      o[4 * c + 2 * hr] *= inv;
+      o[4 * c + 2 * hr + 1] *= inv;
+    }
+    const int row = r_lo + 8 * hr;
+    if (p.lse != nullptr && tq == 0 && row < seq) {
+      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
+          row_max[hr] * p.scale + logf(sum);
+    }
+  }
+  // Stage O through this warpgroup's own Q rows (no wgmma reads them any more), then 16-byte
+  // stores. Barrier ids 3 + c, 128 threads.
+  NamedBarSync(3 + cwg, 128);
+#pragma unroll
+  for (int c = 0; c < kDT; ++c)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * hr;
+      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
+          PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
+    }
+  NamedBarSync(3 + cwg, 128);
+  constexpr int kChunks = 64 * kD / 8;
+#pragma unroll
+  for (int i = 0; i < kChunks / 128; ++i) {
+    const int c = wtid + i * 128;
+    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+    const int row = w_first + r;
+    if (row < seq) {
+      bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
+      *reinterpret_cast<uint4*>(dst) =
+          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * cwg + r, col));
+    }
+  }
+}
+
+template <int kD, bool kSE>
+CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+  constexpr int smem = WsFwdSmemBytes<kD, kSE>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
+  return {};
+}
+
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, cudaStream_t stream) {
+                                       bool self_extend, bool warp_specialised,
+                                       cudaStream_t stream) {
+  if (warp_specialised) {
+    if (head_dim == 64) {
+      return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                         : LaunchWs<64, false>(p, batch, stream);
+    }
+    return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                       : LaunchWs<128, false>(p, batch, stream);
+  }
   if (head_dim == 64) {
     return self_extend ? Launch<64, true>(p, batch, stream) : Launch<64, false>(p, batch, stream);
   }

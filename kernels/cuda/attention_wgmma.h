@@ -23,7 +23,10 @@ struct WgmmaFwdParams {
   int se_window;
 };
 
+// warp_specialised: the FlashAttention-3-style kernel (producer warpgroup, mbarriers, two
+// consumer warpgroups in pingpong); otherwise the two-warpgroup kernel with block barriers.
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, cudaStream_t stream);
+                                       bool self_extend, bool warp_specialised,
+                                       cudaStream_t stream);
 
 }  // namespace gyre::cuda
