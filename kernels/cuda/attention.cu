@@ -780,6 +780,22 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
+// Backward main kernel: "wgmma" (attention_wgmma.cu) or "mma" (attn_bwd_kernel above); the
+// default is the faster one that passed attention_gpu_test on the device; GYRE_ATTN_BWD
+// overrides it (read once per process).
+constexpr bool kDefaultBackwardWgmma = false;
+
+bool BackwardUsesWgmma() {
+  static const bool wgmma = [] {
+    const char* value = std::getenv("GYRE_ATTN_BWD");
+    if (value == nullptr) return kDefaultBackwardWgmma;
+    if (std::strcmp(value, "wgmma") == 0) return true;
+    if (std::strcmp(value, "mma") == 0) return false;
+    return kDefaultBackwardWgmma;
+  }();
+  return wgmma;
+}
+
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, cudaStream_t stream) {
@@ -790,12 +806,33 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                              kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
                                                     p.dq_acc, rows_heads, p.seq, p.heads);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
-  constexpr int smem = BwdSmemBytes<kD>();
-  const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
-                  static_cast<unsigned>(batch));
-  CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
-  attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  if (BackwardUsesWgmma()) {
+    WgmmaBwdParams w{};
+    w.q = p.q;
+    w.k = p.k;
+    w.v = p.v;
+    w.dout = p.dout;
+    w.lse = p.lse;
+    w.dvec = p.dvec;
+    w.dq_acc = p.dq_acc;
+    w.dk = p.dk;
+    w.dv = p.dv;
+    w.q_stride = p.q_stride;
+    w.kv_stride = p.kv_stride;
+    w.seq = p.seq;
+    w.heads = p.heads;
+    w.group = p.group;
+    w.scale = p.scale;
+    w.scale_log2 = p.scale_log2;
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+  } else {
+    constexpr int smem = BwdSmemBytes<kD>();
+    const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
+                    static_cast<unsigned>(batch));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
+    attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  }
   const int64_t chunks = rows_heads * (kD / 8);
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
@@ -808,8 +845,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
 // ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them, read once per process, for tests and benchmarks.
 enum class FwdPath { kMma, kWgmma, kWgmmaWs };
-constexpr FwdPath kDefaultPlainPath = FwdPath::kMma;
-constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kMma;
+constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmma;
+constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmma;
 
 FwdPath PathFromEnv(const char* name, FwdPath fallback) {
   const char* value = std::getenv(name);

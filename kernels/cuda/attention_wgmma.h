@@ -29,4 +29,19 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
                                        bool self_extend, bool warp_specialised,
                                        cudaStream_t stream);
 
+// Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
+// kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
+struct WgmmaBwdParams {
+  const __nv_bfloat16 *q, *k, *v, *dout;
+  const float *lse, *dvec;
+  float* dq_acc;  // [B·T, H, D] fp32, zeroed by the caller
+  __nv_bfloat16 *dk, *dv;
+  int q_stride, kv_stride;
+  int seq, heads, group;
+  float scale, scale_log2;
+};
+
+CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
+                                            int64_t kv_heads, int head_dim, cudaStream_t stream);
+
 }  // namespace gyre::cuda
