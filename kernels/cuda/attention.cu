@@ -780,20 +780,22 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-// Backward main kernel: "wgmma" (attention_wgmma.cu) or "mma" (attn_bwd_kernel above); the
-// default is the faster one that passed attention_gpu_test on the device; GYRE_ATTN_BWD
-// overrides it (read once per process).
-constexpr bool kDefaultBackwardWgmma = false;
+// Backward main kernel: "wgmma" / "wgmma4" (attention_wgmma.cu; 8- / 16-byte dQ atomics) or
+// "mma" (attn_bwd_kernel above). Defaults per head dim are the fastest that passed
+// attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once
+// per process).
+enum class BwdPath { kMma, kWgmma, kWgmma4 };
+constexpr BwdPath kDefaultBackward128 = BwdPath::kWgmma;
+constexpr BwdPath kDefaultBackward64 = BwdPath::kMma;
 
-bool BackwardUsesWgmma() {
-  static const bool wgmma = [] {
-    const char* value = std::getenv("GYRE_ATTN_BWD");
-    if (value == nullptr) return kDefaultBackwardWgmma;
-    if (std::strcmp(value, "wgmma") == 0) return true;
-    if (std::strcmp(value, "mma") == 0) return false;
-    return kDefaultBackwardWgmma;
-  }();
-  return wgmma;
+BwdPath BackwardPath(int head_dim) {
+  static const char* const env = std::getenv("GYRE_ATTN_BWD");
+  if (env != nullptr) {
+    if (std::strcmp(env, "mma") == 0) return BwdPath::kMma;
+    if (std::strcmp(env, "wgmma") == 0) return BwdPath::kWgmma;
+    if (std::strcmp(env, "wgmma4") == 0) return BwdPath::kWgmma4;
+  }
+  return head_dim == 128 ? kDefaultBackward128 : kDefaultBackward64;
 }
 
 template <int kD>
@@ -806,7 +808,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                              kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
                                                     p.dq_acc, rows_heads, p.seq, p.heads);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
-  if (BackwardUsesWgmma()) {
+  const BwdPath path = BackwardPath(kD);
+  if (path != BwdPath::kMma) {
     WgmmaBwdParams w{};
     w.q = p.q;
     w.k = p.k;
@@ -824,7 +827,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD,
+                                                           path == BwdPath::kWgmma4, stream));
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -845,8 +849,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
 // ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them, read once per process, for tests and benchmarks.
 enum class FwdPath { kMma, kWgmma, kWgmmaWs };
-constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmma;
-constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmma;
+constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmmaWs;
+constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmmaWs;
 
 FwdPath PathFromEnv(const char* name, FwdPath fallback) {
   const char* value = std::getenv(name);

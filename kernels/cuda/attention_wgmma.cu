@@ -764,7 +764,9 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //   dSᵀ -> shared memory (bf16), block barrier, then
 //   dQ += dS K                      D 128: warpgroup w takes dQ columns 64w..64w+63 over all
 //                                   128 keys; D 64: keys 64w.. (partial sums); A = dS M-major
-//                                   from smem, B = K N-major; fp32 vector atomics into dQ_acc.
+//                                   from smem, B = K N-major; fp32 vector atomics into dQ_acc
+//                                   (8-byte, or with kVec4Atomics 16-byte: lane pairs swap
+//                                   halves to form them).
 // The prep (D_i, zeroing dQ_acc) and dQ conversion kernels are attention.cu's.
 
 template <int kD>
@@ -773,7 +775,7 @@ constexpr int BwdWgmmaSmemBytes() {
   return 2 * 128 * kD * 2 + 4 * 64 * kD * 2 + 128 * 64 * 2 + 4 * 64 * 4 + 1024;
 }
 
-template <int kD>
+template <int kD, bool kVec4Atomics>
 __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdParams p) {
   constexpr int kBN = 128, kBM = 64;
   constexpr int kKVBytes = kBN * kD * 2, kQBytes = kBM * kD * 2;
@@ -943,16 +945,36 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
     WgmmaCommit();
     WgmmaWait0();
     FenceRegs(dq);
-    const int col0 = kD == 128 ? 64 * wg : 0;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int q = m0 + 16 * warp_in_wg + g + 8 * hr;
-      if (q < seq) {
-        float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * tq;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
-                    make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
+    if constexpr (kVec4Atomics) {
+      // Lanes tq and tq ^ 1 swap halves so that each holds four consecutive columns of one row:
+      // even tq row g, columns 8c + 2tq .. +3; odd tq row g + 8, columns 8c + 2(tq − 1) .. +3;
+      // one 16-byte vector atomic per chunk instead of two 8-byte ones.
+      const int col0 = kD == 128 ? 64 * wg : 0;
+      const bool odd = (tq & 1) != 0;
+      const int q = m0 + 16 * warp_in_wg + g + (odd ? 8 : 0);
+      float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * (tq & ~1);
+  #pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float send0 = odd ? dq[4 * c] : dq[4 * c + 2];
+        const float send1 = odd ? dq[4 * c + 1] : dq[4 * c + 3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+        const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        const float4 val = odd ? make_float4(got0, got1, dq[4 * c + 2], dq[4 * c + 3])
+                               : make_float4(dq[4 * c], dq[4 * c + 1], got0, got1);
+        if (q < seq) atomicAdd(reinterpret_cast<float4*>(dst + 8 * c), val);
+      }
+    } else {
+      const int col0 = kD == 128 ? 64 * wg : 0;
+  #pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int q = m0 + 16 * warp_in_wg + g + 8 * hr;
+        if (q < seq) {
+          float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * tq;
+  #pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
+                      make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
+          }
         }
       }
     }
@@ -974,15 +996,15 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
   }
 }
 
-template <int kD>
+template <int kD, bool kVec4>
 CudaResult LaunchBwd(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                      cudaStream_t stream) {
   constexpr int smem = BwdWgmmaSmemBytes<kD>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma_kernel<kD>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma_kernel<kD, kVec4>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_wgmma_kernel<kD><<<grid, 256, smem, stream>>>(p);
+  attn_bwd_wgmma_kernel<kD, kVec4><<<grid, 256, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma_kernel");
   return {};
 }
@@ -1007,10 +1029,14 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim,
+                                            int64_t kv_heads, int head_dim, bool vec4_atomics,
                                             cudaStream_t stream) {
-  return head_dim == 64 ? LaunchBwd<64>(p, batch, kv_heads, stream)
-                        : LaunchBwd<128>(p, batch, kv_heads, stream);
+  if (vec4_atomics) {
+    return head_dim == 64 ? LaunchBwd<64, true>(p, batch, kv_heads, stream)
+                          : LaunchBwd<128, true>(p, batch, kv_heads, stream);
+  }
+  return head_dim == 64 ? LaunchBwd<64, false>(p, batch, kv_heads, stream)
+                        : LaunchBwd<128, false>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda

@@ -41,7 +41,9 @@ struct WgmmaBwdParams {
   float scale, scale_log2;
 };
 
+// vec4_atomics: dQ_acc updated with 16-byte instead of 8-byte vector atomics.
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim, cudaStream_t stream);
+                                            int64_t kv_heads, int head_dim, bool vec4_atomics,
+                                            cudaStream_t stream);
 
 }  // namespace gyre::cuda
