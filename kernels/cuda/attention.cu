@@ -75,7 +75,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "kernels/cuda/attention_wgmma.h"
 #include "kernels/cuda/cuda_check.h"
@@ -291,10 +290,8 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
   const uint32_t b_addr = SmemAddr(sK) + LaneBn(lane, kLd);
   const uint32_t v_addr = SmemAddr(sV) + LaneBt(lane, kLd);
 
-  // One key tile; `far_pass` (std::true_type / std::false_type) makes the pass a compile-time
-  // constant, so each pass's loop carries only its own mask and skip logic.
-  auto tile_step = [&](auto far_pass, int vt) {
-    constexpr bool far = decltype(far_pass)::value;
+  for (int vt = 0; vt < total; ++vt) {
+    const bool far = kSE && vt >= n_near;
     const int n0 = (far ? vt - n_near : near_first + vt) * kFwdN;
     CpAsyncWaitAll();
     __syncthreads();  // K(vt) (and Q / Q_g) landed; every warp is done with V(vt − 1)
@@ -405,12 +402,6 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attn_fwd_kernel(const FwdParam
         }
       }
     }
-  };
-  if constexpr (kSE) {
-    for (int vt = 0; vt < n_near; ++vt) tile_step(std::false_type{}, vt);
-    for (int vt = n_near; vt < total; ++vt) tile_step(std::true_type{}, vt);
-  } else {
-    for (int vt = 0; vt < total; ++vt) tile_step(std::false_type{}, vt);
   }
 
   // Finish the row sums across the quad, normalise, write lse and O.
@@ -780,11 +771,11 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-// Backward main kernel: "wgmma" / "wgmma4" (attention_wgmma.cu; 8- / 16-byte dQ atomics) or
-// "mma" (attn_bwd_kernel above). Defaults per head dim are the fastest that passed
-// attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once
-// per process).
-enum class BwdPath { kMma, kWgmma, kWgmma4 };
+// Backward main kernel: "wgmma" / "wgmma4" / "wgmma1" (attention_wgmma.cu: two warpgroups with
+// 8- / 16-byte dQ atomics, or one warpgroup per 64-key block) or "mma" (attn_bwd_kernel above).
+// Defaults per head dim are the fastest that passed attention_gpu_test on the device
+// (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once per process).
+enum class BwdPath { kMma, kWgmma, kWgmma4, kWgmma1 };
 constexpr BwdPath kDefaultBackward128 = BwdPath::kWgmma;
 constexpr BwdPath kDefaultBackward64 = BwdPath::kMma;
 
@@ -794,6 +785,7 @@ BwdPath BackwardPath(int head_dim) {
     if (std::strcmp(env, "mma") == 0) return BwdPath::kMma;
     if (std::strcmp(env, "wgmma") == 0) return BwdPath::kWgmma;
     if (std::strcmp(env, "wgmma4") == 0) return BwdPath::kWgmma4;
+    if (std::strcmp(env, "wgmma1") == 0) return BwdPath::kWgmma1;
   }
   return head_dim == 128 ? kDefaultBackward128 : kDefaultBackward64;
 }
@@ -827,8 +819,10 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD,
-                                                           path == BwdPath::kWgmma4, stream));
+    const WgmmaBwdVariant variant = path == BwdPath::kWgmma4   ? WgmmaBwdVariant::kTwoWarpgroupsVec4
+                                    : path == BwdPath::kWgmma1 ? WgmmaBwdVariant::kOneWarpgroup
+                                                               : WgmmaBwdVariant::kTwoWarpgroups;
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, variant, stream));
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -847,7 +841,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
 // above. Defaults per kind (plain / SelfExtend) are the faster path that passed
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
-// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them, read once per process, for tests and benchmarks.
+// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them,
+// read once per process, for tests and benchmarks.
 enum class FwdPath { kMma, kWgmma, kWgmmaWs };
 constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmmaWs;
 constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmmaWs;

@@ -84,6 +84,14 @@ __device__ __forceinline__ uint64_t SmemDesc(uint32_t addr, uint32_t lbo, uint32
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
 }
 
+// 2^x with denormal results flushed to zero (ex2.approx.ftz: one MUFU op, no denormal fix-up;
+// probabilities below 2^-126 become 0). Exp2(−inf) = 0.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -136,6 +144,18 @@ __device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint6
       : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
 }
 
+
+// d[0..64) (+)= A·B, m64n128k16, A and B from shared memory with transpose flags (see
+// WgmmaSS64).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void WgmmaSS128T(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                           int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+}
 
 // d[0..64) += A·B, m64n128k16, A (bf16 pairs) in registers, B N-major in shared memory.
 __device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4],
@@ -281,7 +301,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(const Wgm
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float corr = exp2f(row_max[hr] * p.scale_log2 - msc);
+      const float corr = Exp2(row_max[hr] * p.scale_log2 - msc);
       row_max[hr] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -289,7 +309,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(const Wgm
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[4 * c + 2 * hr + e];
-          x = exp2f(fmaf(x, p.scale_log2, -msc));
+          x = Exp2(fmaf(x, p.scale_log2, -msc));
           sum += x;
         }
       row_sum[hr] = row_sum[hr] * corr + sum;
@@ -520,14 +540,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
       MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
       const bf16* src = (kSE && vt >= n_near) ? kg : k;
       ProducerLoad<kWgN, kD>(sK(s), src, p.kv_stride, tile_n0(vt), seq, wtid);
+      if (kSE && vt == n_near) {  // Q_g travels with the first far tile (same commit group)
+        ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
+                               wtid);
+      }
       CpAsyncCommit();
     };
     ProducerLoad<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
                                   wtid);
-    if constexpr (kSE) {
-      ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0,
-                                    seq, wtid);
-    }
     CpAsyncCommit();
     load_k(0);
     CpAsyncWait1();  // Q landed
@@ -623,7 +643,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      corr[hr] = exp2f(row_max[hr] * p.scale_log2 - msc);
+      corr[hr] = Exp2(row_max[hr] * p.scale_log2 - msc);
       row_max[hr] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -631,7 +651,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[4 * c + 2 * hr + e];
-          x = exp2f(fmaf(x, p.scale_log2, -msc));
+          x = Exp2(fmaf(x, p.scale_log2, -msc));
           sum += x;
         }
       row_sum[hr] = row_sum[hr] * corr[hr] + sum;
@@ -875,7 +895,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int i = 4 * c + 2 * hr + e;
-          float pr = exp2f(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
+          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
           if (need_mask) {
             const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
             if (q < key || q >= seq || key >= seq) pr = 0.f;
@@ -1009,6 +1029,220 @@ CudaResult LaunchBwd(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   return {};
 }
 
+
+// Backward variant with one warpgroup per block (attn_bwd_wgmma1_kernel<D>): 64 keys per block,
+// 128 threads, two blocks per SM, so one block's GEMMs run under the other's elementwise work
+// and atomics (no barrier couples them). Per query tile as in attn_bwd_wgmma_kernel, except
+// dQ = dS K over the block's own 64 keys (N = D), issued after the dV / dK GEMMs retired (their
+// A registers free again). Costs against the two-warpgroup kernel: Q, dO and dQ traffic per
+// key are doubled (twice the key blocks).
+template <int kD>
+constexpr int Bwd1SmemBytes() {
+  return 2 * 64 * kD * 2 + 4 * 64 * kD * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+}
+
+template <int kD>
+__global__ void __launch_bounds__(128, 2) attn_bwd_wgmma1_kernel(const WgmmaBwdParams p) {
+  constexpr int kBN = 64, kBM = 64;
+  constexpr int kTileBytes = 64 * kD * 2;
+  constexpr int kBlock = 64 * 128;  // bytes per 64-column block of a 64-row tile
+  constexpr int kDT = kD / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base, sV = base + kTileBytes;
+  const uint32_t sQ0 = base + 2 * kTileBytes;
+  const uint32_t sdO0 = sQ0 + 2 * kTileBytes;
+  const uint32_t sdS = sdO0 + 2 * kTileBytes;  // [64 keys][64 queries]
+  const uint32_t sStats = sdS + kBN * kBM * 2;
+  const float* stats_ptr = reinterpret_cast<const float*>(base_ptr + (sStats - base));
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq = p.seq;
+  const int n0 = n_block * kBN;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int m_first = n0 / kBM;
+  const int m_tiles = (seq + kBM - 1) / kBM;
+  const int per_head = m_tiles - m_first;
+  const int total = p.group * per_head;
+  const int do_stride = p.heads * kD;
+
+  auto load_tile = [&](int it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    ProducerLoad<kBM, kD>(sQ0 + buf * kTileBytes, p.q + row_base * p.q_stride + h * kD,
+                          p.q_stride, m0, seq, tid);
+    ProducerLoad<kBM, kD>(sdO0 + buf * kTileBytes, p.dout + row_base * do_stride + h * kD,
+                          do_stride, m0, seq, tid);
+    const int which = tid / 64, r = tid % 64;
+    const bool valid = m0 + r < seq;
+    const float* src = (which == 0 ? p.lse : p.dvec) +
+                       (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                     sStats + (buf * 128 + tid) * 4),
+                 "l"(src), "r"(valid ? 4 : 0));
+  };
+
+  ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  load_tile(0);
+  CpAsyncCommit();
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+  const int key_lo = n0 + 16 * warp + g;
+
+  for (int it = 0; it < total; ++it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    __syncthreads();
+    if (it + 1 < total) {
+      load_tile(it + 1);
+      CpAsyncCommit();
+    }
+    const uint32_t sQ = sQ0 + buf * kTileBytes, sdO = sdO0 + buf * kTileBytes;
+
+    float st[32], dpt[32];
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(st, SmemDesc(sK + off, 16, 1024), SmemDesc(sQ + off, 16, 1024), kk > 0);
+      WgmmaSS64<0, 0>(dpt, SmemDesc(sV + off, 16, 1024), SmemDesc(sdO + off, 16, 1024), kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(st);
+    FenceRegs(dpt);
+
+    const float* lse_s = stats_ptr + buf * 128;
+    const float* d_s = lse_s + 64;
+    const bool need_mask = (m0 < n0 + 63) || (m0 + kBM > seq) || (n0 + kBN > seq);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
+      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
+          if (need_mask) {
+            const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
+            if (q < key || q >= seq || key >= seq) pr = 0.f;
+          }
+          st[i] = pr;
+          dpt[i] = pr * (dpt[i] - (e ? d2.y : d2.x));
+        }
+    }
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      pa[kk][0] = PackBf16(st[8 * kk + 0], st[8 * kk + 1]);
+      pa[kk][1] = PackBf16(st[8 * kk + 2], st[8 * kk + 3]);
+      pa[kk][2] = PackBf16(st[8 * kk + 4], st[8 * kk + 5]);
+      pa[kk][3] = PackBf16(st[8 * kk + 6], st[8 * kk + 7]);
+      da[kk][0] = PackBf16(dpt[8 * kk + 0], dpt[8 * kk + 1]);
+      da[kk][1] = PackBf16(dpt[8 * kk + 2], dpt[8 * kk + 3]);
+      da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
+      da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+    }
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kBlock, 1024);
+      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(dv, pa[kk], bo);
+        WgmmaRS128(dk, da[kk], bq);
+      } else {
+        WgmmaRS64(dv, pa[kk], bo);
+        WgmmaRS64(dk, da[kk], bq);
+      }
+    }
+    WgmmaCommit();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = 16 * warp + g + 8 * (j % 2);
+        const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
+        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
+            da[kk][j];
+      }
+    FenceProxyAsync();
+    __syncthreads();  // dSᵀ complete
+    WgmmaWait0();
+    FenceRegs(pa);
+    FenceRegs(da);
+    FenceRegs(dv);
+    FenceRegs(dk);
+
+    float dq[kD / 2];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint64_t a = SmemDesc(sdS + kk * 16 * 128, 64 * 128, 1024);
+      const uint64_t bk = SmemDesc(sK + kk * 16 * 128, kBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaSS128T<1, 1>(dq, a, bk, kk > 0);
+      } else {
+        WgmmaSS64<1, 1>(dq, a, bk, kk > 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(dq);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int q = m0 + 16 * warp + g + 8 * hr;
+      if (q < seq) {
+        float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + 2 * tq;
+#pragma unroll
+        for (int c = 0; c < kDT; ++c) {
+          atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
+                    make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int key = key_lo + 8 * hr;
+    if (key >= seq) continue;
+    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
+          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
+    }
+  }
+}
+
+template <int kD>
+CudaResult LaunchBwd1(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                      cudaStream_t stream) {
+  constexpr int smem = Bwd1SmemBytes<kD>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma1_kernel<kD>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + 63) / 64, static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(batch));
+  attn_bwd_wgmma1_kernel<kD><<<grid, 128, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma1_kernel");
+  return {};
+}
+
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
@@ -1029,11 +1263,17 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim, bool vec4_atomics,
-                                            cudaStream_t stream) {
-  if (vec4_atomics) {
-    return head_dim == 64 ? LaunchBwd<64, true>(p, batch, kv_heads, stream)
-                          : LaunchBwd<128, true>(p, batch, kv_heads, stream);
+                                            int64_t kv_heads, int head_dim,
+                                            WgmmaBwdVariant variant, cudaStream_t stream) {
+  switch (variant) {
+    case WgmmaBwdVariant::kOneWarpgroup:
+      return head_dim == 64 ? LaunchBwd1<64>(p, batch, kv_heads, stream)
+                            : LaunchBwd1<128>(p, batch, kv_heads, stream);
+    case WgmmaBwdVariant::kTwoWarpgroupsVec4:
+      return head_dim == 64 ? LaunchBwd<64, true>(p, batch, kv_heads, stream)
+                            : LaunchBwd<128, true>(p, batch, kv_heads, stream);
+    case WgmmaBwdVariant::kTwoWarpgroups:
+      break;
   }
   return head_dim == 64 ? LaunchBwd<64, false>(p, batch, kv_heads, stream)
                         : LaunchBwd<128, false>(p, batch, kv_heads, stream);

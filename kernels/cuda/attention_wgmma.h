@@ -41,9 +41,13 @@ struct WgmmaBwdParams {
   float scale, scale_log2;
 };
 
-// vec4_atomics: dQ_acc updated with 16-byte instead of 8-byte vector atomics.
+// kTwoWarpgroups: attn_bwd_wgmma_kernel (128 keys per block, 8-byte dQ atomics);
+// kTwoWarpgroupsVec4: the same with 16-byte dQ atomics; kOneWarpgroup: attn_bwd_wgmma1_kernel
+// (64 keys per block, two blocks per SM).
+enum class WgmmaBwdVariant { kTwoWarpgroups, kTwoWarpgroupsVec4, kOneWarpgroup };
+
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim, bool vec4_atomics,
-                                            cudaStream_t stream);
+                                            int64_t kv_heads, int head_dim,
+                                            WgmmaBwdVariant variant, cudaStream_t stream);
 
 }  // namespace gyre::cuda
