@@ -1,5 +1,15 @@
 // Causal attention forward (with fused SelfExtend) and backward; the API and math are in
-// attention.h. This file is the FlashAttention-2 algorithm on mma.sync tensor cores.
+// attention.h. This file is the FlashAttention-2 algorithm on mma.sync tensor cores, the host
+// entry points, and the choice of kernel; the Hopper (wgmma) kernels are in attention_wgmma.cu.
+//
+// Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
+// call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
+//   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
+//   backward main kernel, D 128     "wgmma" attention_wgmma.cu, two warpgroups, 8-byte dQ atomics
+//   backward main kernel, D 64      "wgmma4" the same with 16-byte dQ atomics
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1,
+// mma} select another path (tests and benchmarks run every one). The mma.sync kernels below stay
+// as the reference implementation and the fallback.
 //
 // ---------------------------------------------------------------------------------------------
 // Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 128 threads (4 warps),
@@ -34,8 +44,10 @@
 //   none of its keys (the near pass starts past key 0), so the softmax guards max = −inf.
 //   Extra bytes: Q_g once per block and K_g tiles instead of K tiles on the far side.
 //   Measured (H200, bench/RESULTS.md) this is 1.47-1.55x the plain forward, far more than the
-//   ~6-10% of extra tiles; the cause is not yet found (the SelfExtend instance spills 84 bytes
-//   at D 128 but not at D 64, where the ratio is worst).
+//   ~6-10% of extra tiles; the cause is not found (the SelfExtend instance spills 84 bytes at
+//   D 128 but not at D 64, where the ratio is worst; making the pass a compile-time constant per
+//   loop did not move it, call 1 of attn2). The wgmma kernels run the same two-pass scheme at
+//   1.01-1.08x their plain forward, so the default no longer uses this one.
 //
 // Backward: FA2 with recomputation, three launches.
 //   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
@@ -61,8 +73,9 @@
 // once per key block (L2) and K, V, O, dO, lse, D once, writes dQ (fp32 atomics: 4 B/elem per key
 // tile, L2-resident), dK, dV. B8 T2048 H16 D128: forward 137 GFLOP, backward 344 GFLOP; at
 // ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
-// 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: 0.51 ms forward
-// (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s).
+// 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: these mma.sync
+// kernels 0.51 ms forward (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s);
+// the wgmma defaults 0.33 ms (419 TFLOP/s) and 1.29 ms (266 TFLOP/s).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
@@ -777,7 +790,7 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
 // (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once per process).
 enum class BwdPath { kMma, kWgmma, kWgmma4, kWgmma1 };
 constexpr BwdPath kDefaultBackward128 = BwdPath::kWgmma;
-constexpr BwdPath kDefaultBackward64 = BwdPath::kMma;
+constexpr BwdPath kDefaultBackward64 = BwdPath::kWgmma4;
 
 BwdPath BackwardPath(int head_dim) {
   static const char* const env = std::getenv("GYRE_ATTN_BWD");

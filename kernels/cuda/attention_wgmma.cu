@@ -1,5 +1,11 @@
-// Causal attention forward on Hopper tensor cores (wgmma), with SelfExtend; selected by
-// attention.cu (AttentionForward) for sm_90 devices. API and math: attention.h.
+// Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
+// kernel-choice table there). API and math: attention.h. Three forward / backward kernels:
+//   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
+//   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
+//   attn_bwd_wgmma_kernel   backward main kernel, two warpgroups (the default; above it), and
+//   attn_bwd_wgmma1_kernel  its one-warpgroup-per-block variant (slower on H200, kept selectable)
+// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2): forward 419-503 TFLOP/s (SDPA cuDNN
+// 481-594), backward 266-324 TFLOP/s at D 128 (cuDNN ≈ 400-500).
 //
 // attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
 //   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
@@ -14,13 +20,12 @@
 //   c ^ (r % 8) (block bases 1024-byte aligned). Loads are cp.async (16 bytes per thread, rows
 //   past T zero-filled) into two K/V stages: the copy of tile n+1 runs under tile n's GEMMs;
 //   each thread fences the async proxy after its copies land, then the block barrier.
-//   The two warpgroups run independently between barriers, so one's softmax overlaps the
-//   other's GEMMs on the tensor cores.
-// SelfExtend (kSE): Q and Q_g both stay in shared memory; virtual tiles = near tiles (Q, K;
-//   valid 0 <= i − j < W) then far tiles (Q_g, K_g; valid i − j >= W), one online softmax. Only
-//   the band tiles that hold both kinds of pairs are visited twice; per tile the pass changes
-//   only scalars (descriptor base, key source, mask bounds), never the register arrays.
-// Also here: the backward main kernel on wgmma (attn_bwd_wgmma_kernel, described above it).
+// SelfExtend (kSE, all forward kernels): Q and Q_g both stay in shared memory; virtual tiles =
+//   near tiles (Q, K; valid 0 <= i − j < W) then far tiles (Q_g, K_g; valid i − j >= W), one
+//   online softmax. Only the band tiles that hold both kinds of pairs are visited twice (about
+//   one per 128-row block: 6% of the tiles at T 2048, W 1024; 3% at T 8192); per tile the pass
+//   changes only scalars (descriptor base, key source, mask bounds), never the register arrays.
+// Exponentials use ex2.approx.ftz (probabilities below 2^-126 flush to 0).
 // Not here: head dims other than 64 / 128 (attention.cu rejects them).
 #include "kernels/cuda/attention_wgmma.h"
 
