@@ -1,5 +1,5 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
-// kernel-choice table there). API and math: attention.h. Three forward / backward kernels:
+// kernel-choice table there). API and math: attention.h. Four kernels:
 //   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
 //   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
 //   attn_bwd_wgmma_kernel   backward main kernel, two warpgroups (the default; above it), and
