@@ -5,7 +5,7 @@
 //   attn_bwd_wgmma_kernel   backward main kernel, two warpgroups (the default; above it), and
 //   attn_bwd_wgmma1_kernel  its one-warpgroup-per-block variant (slower on H200, kept selectable)
 // Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2): forward 419-503 TFLOP/s (SDPA cuDNN
-// 481-594), backward 266-324 TFLOP/s at D 128 (cuDNN ≈ 400-500).
+// 481-594), backward 266-324 TFLOP/s at D 128 (cuDNN ≈ 380-480).
 //
 // attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
 //   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
