@@ -419,8 +419,10 @@ CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
 //   wait P(j−1)V(j−1); rescale O; pack P(j)
 // The turn is a pair of named barriers that makes the two warpgroups issue their GEMMs
 // alternately (pingpong): one's softmax runs under the other's GEMMs.
-// Producer order per tile j: V(j) (after P(j−2)V(j−2) released its stage), then K(j + 1)
-// (after S(j−1) released its stage); K tiles are fenced and announced one tile ahead.
+// Producer order per tile j: issue V(j) (once P(j−2)V(j−2) released its stage); wait until
+// K(j) and V(j−1) landed, fence, announce both; issue K(j + 1) (once S(j−1) released its
+// stage). So each copy has about one consumer iteration to land. SelfExtend's Q_g travels in
+// the commit group of the first far K tile, so only far tiles wait for it.
 
 // The producer warpgroup's copy (128 threads): a thread's chunks all share one column and one
 // row residue mod 8, so source and destination advance by constants; a rolled loop keeps the
