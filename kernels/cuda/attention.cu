@@ -1,5 +1,15 @@
 // Causal attention forward (with fused SelfExtend) and backward; the API and math are in
-// attention.h. This file is the FlashAttention-2 algorithm on mma.sync tensor cores.
+// attention.h. This file is the FlashAttention-2 algorithm on mma.sync tensor cores, the host
+// entry points, and the choice of kernel; the Hopper (wgmma) kernels are in attention_wgmma.cu.
+//
+// Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
+// call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
+//   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
+//   backward main kernel, D 128     "wgmma" attention_wgmma.cu, two warpgroups, 8-byte dQ atomics
+//   backward main kernel, D 64      "wgmma4" the same with 16-byte dQ atomics
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1,
+// mma} select another path (tests and benchmarks run every one). The mma.sync kernels below stay
+// as the reference implementation and the fallback.
 //
 // ---------------------------------------------------------------------------------------------
 // Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 128 threads (4 warps),
@@ -34,8 +44,10 @@
 //   none of its keys (the near pass starts past key 0), so the softmax guards max = −inf.
 //   Extra bytes: Q_g once per block and K_g tiles instead of K tiles on the far side.
 //   Measured (H200, bench/RESULTS.md) this is 1.47-1.55x the plain forward, far more than the
-//   ~6-10% of extra tiles; the cause is not yet found (the SelfExtend instance spills 84 bytes
-//   at D 128 but not at D 64, where the ratio is worst).
+//   ~6-10% of extra tiles; the cause is not found (the SelfExtend instance spills 84 bytes at
+//   D 128 but not at D 64, where the ratio is worst; making the pass a compile-time constant per
+//   loop did not move it, call 1 of attn2). The wgmma kernels run the same two-pass scheme at
+//   1.01-1.08x their plain forward, so the default no longer uses this one.
 //
 // Backward: FA2 with recomputation, three launches.
 //   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
@@ -61,8 +73,9 @@
 // once per key block (L2) and K, V, O, dO, lse, D once, writes dQ (fp32 atomics: 4 B/elem per key
 // tile, L2-resident), dK, dV. B8 T2048 H16 D128: forward 137 GFLOP, backward 344 GFLOP; at
 // ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
-// 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: 0.51 ms forward
-// (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s).
+// 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: these mma.sync
+// kernels 0.51 ms forward (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s);
+// the wgmma defaults 0.33 ms (419 TFLOP/s) and 1.29 ms (266 TFLOP/s).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
@@ -72,8 +85,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
+#include "kernels/cuda/attention_wgmma.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace gyre::cuda {
@@ -768,6 +784,25 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
+// Backward main kernel: "wgmma" / "wgmma4" / "wgmma1" (attention_wgmma.cu: two warpgroups with
+// 8- / 16-byte dQ atomics, or one warpgroup per 64-key block) or "mma" (attn_bwd_kernel above).
+// Defaults per head dim are the fastest that passed attention_gpu_test on the device
+// (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once per process).
+enum class BwdPath { kMma, kWgmma, kWgmma4, kWgmma1 };
+constexpr BwdPath kDefaultBackward128 = BwdPath::kWgmma;
+constexpr BwdPath kDefaultBackward64 = BwdPath::kWgmma4;
+
+BwdPath BackwardPath(int head_dim) {
+  static const char* const env = std::getenv("GYRE_ATTN_BWD");
+  if (env != nullptr) {
+    if (std::strcmp(env, "mma") == 0) return BwdPath::kMma;
+    if (std::strcmp(env, "wgmma") == 0) return BwdPath::kWgmma;
+    if (std::strcmp(env, "wgmma4") == 0) return BwdPath::kWgmma4;
+    if (std::strcmp(env, "wgmma1") == 0) return BwdPath::kWgmma1;
+  }
+  return head_dim == 128 ? kDefaultBackward128 : kDefaultBackward64;
+}
+
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, cudaStream_t stream) {
@@ -778,17 +813,66 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                              kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
                                                     p.dq_acc, rows_heads, p.seq, p.heads);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
-  constexpr int smem = BwdSmemBytes<kD>();
-  const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
-                  static_cast<unsigned>(batch));
-  CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
-  attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  const BwdPath path = BackwardPath(kD);
+  if (path != BwdPath::kMma) {
+    WgmmaBwdParams w{};
+    w.q = p.q;
+    w.k = p.k;
+    w.v = p.v;
+    w.dout = p.dout;
+    w.lse = p.lse;
+    w.dvec = p.dvec;
+    w.dq_acc = p.dq_acc;
+    w.dk = p.dk;
+    w.dv = p.dv;
+    w.q_stride = p.q_stride;
+    w.kv_stride = p.kv_stride;
+    w.seq = p.seq;
+    w.heads = p.heads;
+    w.group = p.group;
+    w.scale = p.scale;
+    w.scale_log2 = p.scale_log2;
+    const WgmmaBwdVariant variant = path == BwdPath::kWgmma4   ? WgmmaBwdVariant::kTwoWarpgroupsVec4
+                                    : path == BwdPath::kWgmma1 ? WgmmaBwdVariant::kOneWarpgroup
+                                                               : WgmmaBwdVariant::kTwoWarpgroups;
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, variant, stream));
+  } else {
+    constexpr int smem = BwdSmemBytes<kD>();
+    const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
+                    static_cast<unsigned>(batch));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
+    attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+  }
   const int64_t chunks = rows_heads * (kD / 8);
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
   return {};
+}
+
+// Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
+// above. Defaults per kind (plain / SelfExtend) are the faster path that passed
+// attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
+// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them,
+// read once per process, for tests and benchmarks.
+enum class FwdPath { kMma, kWgmma, kWgmmaWs };
+constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmmaWs;
+constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmmaWs;
+
+FwdPath PathFromEnv(const char* name, FwdPath fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return fallback;
+  if (std::strcmp(value, "wgmma") == 0) return FwdPath::kWgmma;
+  if (std::strcmp(value, "mma") == 0) return FwdPath::kMma;
+  if (std::strcmp(value, "ws") == 0) return FwdPath::kWgmmaWs;
+  return fallback;
+}
+
+FwdPath ForwardPath(bool self_extend) {
+  static const FwdPath plain = PathFromEnv("GYRE_ATTN_FWD", kDefaultPlainPath);
+  static const FwdPath se = PathFromEnv("GYRE_ATTN_SE_FWD", kDefaultSelfExtendPath);
+  return self_extend ? se : plain;
 }
 
 }  // namespace
@@ -832,6 +916,27 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
   // With T <= W every pair is a neighbour pair: the plain kernel computes exactly that.
   const bool use_se = se && args.self_extend_window < s.seq;
   p.se_window = static_cast<int>(use_se ? args.self_extend_window : 0);
+  const FwdPath path = ForwardPath(use_se);
+  if (path != FwdPath::kMma) {
+    WgmmaFwdParams w{};
+    w.q = p.q;
+    w.k = p.k;
+    w.v = p.v;
+    w.qg = p.qg;
+    w.kg = p.kg;
+    w.out = p.out;
+    w.lse = p.lse;
+    w.q_stride = p.q_stride;
+    w.kv_stride = p.kv_stride;
+    w.seq = p.seq;
+    w.heads = p.heads;
+    w.group = p.group;
+    w.scale = p.scale;
+    w.scale_log2 = p.scale_log2;
+    w.se_window = p.se_window;
+    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se,
+                                       path == FwdPath::kWgmmaWs, stream);
+  }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)
                   : LaunchForward<64, false>(p, s.batch, stream);

@@ -1,6 +1,7 @@
-// Causal softmax attention (FlashAttention-2 class), forward and backward, bf16 in/out, fp32
+// Causal softmax attention (FlashAttention-2/3 class), forward and backward, bf16 in/out, fp32
 // softmax statistics, with GQA, row-strided views (fused qkv) and SelfExtend fused into the
-// forward. The kernel algorithm (tiling, pipelines, tile skipping) is described in attention.cu.
+// forward. The kernels (Hopper wgmma by default, mma.sync as the fallback; tiling, pipelines,
+// tile skipping, the choice between them) are described in attention.cu and attention_wgmma.cu.
 //
 //   S_ij   = scale · q_i · k_j                    (j <= i; j > i masked)
 //   P_ij   = exp(S_ij − lse_i),  lse_i = log Σ_{j<=i} exp(S_ij)   (natural log, fp32)

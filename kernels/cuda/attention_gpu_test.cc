@@ -5,6 +5,8 @@
 // buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32) and (8, 64)
 // against a float64 SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
+// The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
+// {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1, mma} to check the other paths.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>

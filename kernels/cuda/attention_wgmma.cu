@@ -1,0 +1,1289 @@
+// Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
+// kernel-choice table there). API and math: attention.h. Four kernels:
+//   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
+//   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
+//   attn_bwd_wgmma_kernel   backward main kernel, two warpgroups (the default; above it), and
+//   attn_bwd_wgmma1_kernel  its one-warpgroup-per-block variant (slower on H200, kept selectable)
+// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2): forward 419-503 TFLOP/s (SDPA cuDNN
+// 481-594), backward 266-324 TFLOP/s at D 128 (cuDNN ≈ 380-480).
+//
+// attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
+//   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
+//   64w..64w+63. Key tiles are 128 keys. Per key tile, each warpgroup:
+//     S = Q Kᵀ        wgmma m64n128k16 x D/16, Q and K both from shared memory (descriptors)
+//     online softmax  fp32 in registers (the wgmma accumulator layout is mma.sync's m16n8 layout
+//                     per warp: two rows per thread, quad shuffles)
+//     O += P V        wgmma m64nDk16 x 8 with P in registers (the S accumulators packed to bf16:
+//                     no shared-memory round trip) and V from shared memory, N-major (trans-b)
+//   Shared memory uses the 128-byte swizzle wgmma reads natively: a tile of R rows x D columns
+//   is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at chunk
+//   c ^ (r % 8) (block bases 1024-byte aligned). Loads are cp.async (16 bytes per thread, rows
+//   past T zero-filled) into two K/V stages: the copy of tile n+1 runs under tile n's GEMMs;
+//   each thread fences the async proxy after its copies land, then the block barrier.
+// SelfExtend (kSE, all forward kernels): Q and Q_g both stay in shared memory; virtual tiles =
+//   near tiles (Q, K; valid 0 <= i − j < W) then far tiles (Q_g, K_g; valid i − j >= W), one
+//   online softmax. Only the band tiles that hold both kinds of pairs are visited twice (about
+//   one per 128-row block: 6% of the tiles at T 2048, W 1024; 3% at T 8192); per tile the pass
+//   changes only scalars (descriptor base, key source, mask bounds), never the register arrays.
+// Exponentials use ex2.approx.ftz (probabilities below 2^-126 flush to 0).
+// Not here: head dims other than 64 / 128 (attention.cu rejects them).
+#include "kernels/cuda/attention_wgmma.h"
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kWgM = 128, kWgN = 128, kWgThreads = 256;
+constexpr float kLog2eF = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
+// async-proxy reads (wgmma operands) once a barrier follows.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaWait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void FenceRegs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void FenceRegs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+// offsets (16-byte units, 14 bits each), layout type 1 (SW128) in bits 62-63.
+__device__ __forceinline__ uint64_t SmemDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
+}
+
+// 2^x with denormal results flushed to zero (ex2.approx.ftz: one MUFU op, no denormal fix-up;
+// probabilities below 2^-126 become 0). Exp2(−inf) = 0.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Byte offset of element (r, c) in a swizzled [kRows x kD] tile (see the file comment).
+template <int kRows>
+__device__ __forceinline__ uint32_t SwizzledOffset(int r, int c) {
+  return (c / 64) * (kRows * 128) + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
+}
+
+// Copies rows [row0, row0 + kRows) of a [T, stride] bf16 matrix into a swizzled tile; rows >= T
+// are zero-filled. All kWgThreads threads take part.
+template <int kRows, int kD>
+__device__ __forceinline__ void LoadSwizzled(uint32_t smem, const bf16* base, int stride,
+                                             int row0, int seq, int tid) {
+  constexpr int kChunks = kRows * kD / 8;
+  static_assert(kChunks % kWgThreads == 0, "chunks must divide among the threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / kWgThreads; ++i) {
+    const int c = tid + i * kWgThreads;
+    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+    const int t = row0 + r;
+    const bool valid = t < seq;
+    CpAsync16(smem + SwizzledOffset<kRows>(r, col), base + (valid ? t * stride + col : 0),
+              valid);
+  }
+}
+
+// Generated wrappers (one asm statement per wgmma shape; operands listed explicitly).
+// d[0..64) (+)= A·B, m64n128k16, A and B K-major in shared memory (descriptors).
+__device__ __forceinline__ void WgmmaSS128(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                          int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d[0..32) (+)= A·B, m64n64k16, A and B from shared memory; kTransA / kTransB select M-major
+// A / N-major B (otherwise K-major).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+}
+
+
+// d[0..64) (+)= A·B, m64n128k16, A and B from shared memory with transpose flags (see
+// WgmmaSS64).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void WgmmaSS128T(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                           int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+}
+
+// d[0..64) += A·B, m64n128k16, A (bf16 pairs) in registers, B N-major in shared memory.
+__device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4],
+                                          uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
+}
+
+// d[0..32) += A·B, m64n64k16, A (bf16 pairs) in registers, B N-major in shared memory.
+__device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4],
+                                          uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
+}
+
+
+template <int kD, bool kSE>
+constexpr int WgmmaFwdSmemBytes() {
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024;  // + alignment slack
+}
+
+template <int kD, bool kSE>
+__global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(const WgmmaFwdParams p) {
+  constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
+  constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;  // bytes per 64-column block
+  constexpr int kDT = kD / 8;                                 // O n8 chunks per thread row
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sQ = base;
+  const uint32_t sQg = base + kQBytes;  // SelfExtend only
+  const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
+  auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
+  auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest blocks first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / p.group;
+  const int seq = p.seq;
+  const int m0 = m_block * kWgM;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
+  const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
+
+  const int last_row = min(m0 + kWgM, seq) - 1;
+  const int n_tiles = last_row / kWgN + 1;
+  const int W = p.se_window;
+  // Virtual tiles: near tiles [near_first, n_tiles) (keys with some i − j < W), then far tiles
+  // [0, n_far) (keys with some i − j >= W). Plain attention: near tiles only, from 0.
+  int near_first = 0, n_far = 0;
+  if constexpr (kSE) {
+    near_first = max(0, m0 - W + 1) / kWgN;
+    n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
+  }
+  const int n_near = n_tiles - near_first;
+  const int total = n_near + n_far;
+
+  auto load_kv = [&](int vt, int stage) {
+    const bool far = kSE && vt >= n_near;
+    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
+    const bf16* ksrc = far ? p.kg + row_base * p.kv_stride + hk * kD : k;
+    LoadSwizzled<kWgN, kD>(sK(stage), ksrc, p.kv_stride, n0, seq, tid);
+    LoadSwizzled<kWgN, kD>(sV(stage), v, p.kv_stride, n0, seq, tid);
+  };
+  LoadSwizzled<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
+  if constexpr (kSE) {
+    LoadSwizzled<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
+  }
+  load_kv(0, 0);
+  CpAsyncCommit();
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int w_first = m0 + 64 * wg;                // this warpgroup's rows: w_first .. +63
+  const int w_last = min(w_first + 63, last_row);  // < w_first when it has none
+  const int r_lo = w_first + 16 * warp_in_wg + g;  // thread rows r_lo, r_lo + 8
+
+  for (int vt = 0; vt < total; ++vt) {
+    const int stage = vt & 1;
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    __syncthreads();  // tile vt landed; both warpgroups are done with tile vt − 1's stage
+    if (vt + 1 < total) {
+      load_kv(vt + 1, stage ^ 1);
+      CpAsyncCommit();
+    }
+    const bool far = kSE && vt >= n_near;
+    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
+    // Warpgroup-uniform: skip a tile in which none of this warpgroup's pairs is valid.
+    const bool active = far ? (w_last - n0 >= W)
+                            : (n0 <= w_last && (!kSE || n0 + kWgN - 1 > w_first - W));
+    if (!active) continue;
+
+    float s[64];
+    const uint32_t q_rows = (far ? sQg : sQ) + wg * 64 * 128;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(sK(stage) + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(s);
+
+    const bool need_mask =
+        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
+            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+    if (need_mask) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = r_lo + 8 * hr;
+        const int hi = min(far ? row - W : row, seq - 1) - n0;
+        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
+#pragma unroll
+        for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * c + 2 * tq + e;
+            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
+          }
+      }
+    }
+
+    // Online softmax; a row with no valid key yet keeps max = −inf (guarded: p = 0, corr = 0).
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = row_max[hr];
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      const float corr = Exp2(row_max[hr] * p.scale_log2 - msc);
+      row_max[hr] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[4 * c + 2 * hr + e];
+          x = Exp2(fmaf(x, p.scale_log2, -msc));
+          sum += x;
+        }
+      row_sum[hr] = row_sum[hr] * corr + sum;
+#pragma unroll
+      for (int c = 0; c < kDT; ++c) {
+        o[4 * c + 2 * hr] *= corr;
+        o[4 * c + 2 * hr + 1] *= corr;
+      }
+    }
+
+    // P as bf16 A fragments: k step kk covers keys 16kk..16kk+15 = n8 chunks 2kk, 2kk+1.
+    uint32_t pa[kWgN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      // V tile [keys][D] is N-major for B: 64-column blocks kKBlock apart (LBO), 8-key groups
+      // 1024 bytes apart (SBO); k step kk starts 16 keys = 2048 bytes further.
+      const uint64_t dv = SmemDesc(sV(stage) + kk * 16 * 128, kKBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(o, pa[kk], dv);
+      } else {
+        WgmmaRS64(o, pa[kk], dv);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(o);
+    FenceRegs(pa);
+  }
+
+  // Normalise, write lse, stage O through this warpgroup's own Q rows (swizzled), 16-byte stores.
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float sum = row_sum[hr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = 1.f / sum;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      o[4 * c + 2 * hr] *= inv;
+      o[4 * c + 2 * hr + 1] *= inv;
+    }
+    const int row = r_lo + 8 * hr;
+    if (p.lse != nullptr && tq == 0 && row < seq) {
+      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
+          row_max[hr] * p.scale + logf(sum);
+    }
+  }
+  // Every warp of this warpgroup is past its last wgmma before its Q rows are overwritten.
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+#pragma unroll
+  for (int c = 0; c < kDT; ++c)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = 64 * wg + 16 * warp_in_wg + g + 8 * hr;
+      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
+          PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
+    }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+  constexpr int kChunks = 64 * kD / 8;
+#pragma unroll
+  for (int i = 0; i < kChunks / 128; ++i) {
+    const int c = wtid + i * 128;
+    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+    const int row = w_first + r;
+    if (row < seq) {
+      bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
+      *reinterpret_cast<uint4*>(dst) =
+          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * wg + r, col));
+    }
+  }
+}
+
+template <int kD, bool kSE>
+CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+  constexpr int smem = WgmmaFwdSmemBytes<kD, kSE>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_wgmma_kernel<kD, kSE>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
+  attn_fwd_wgmma_kernel<kD, kSE><<<grid, kWgThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_wgmma_kernel");
+  return {};
+}
+
+
+// ------------------------------------------------------------------------------------------
+// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
+// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
+// consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
+// (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
+// so no block-wide barrier sits in the main loop. Per consumer iteration j:
+//   [turn] issue S(j) = Q K(j)ᵀ and O += P(j−1) V(j−1) back to back, hand the turn over
+//   wait S(j); mask; row max, exp, row sum  (overlaps P(j−1)V(j−1) and the other warpgroup's
+//                                           GEMMs on the tensor cores)
+//   wait P(j−1)V(j−1); rescale O; pack P(j)
+// The turn is a pair of named barriers that makes the two warpgroups issue their GEMMs
+// alternately (pingpong): one's softmax runs under the other's GEMMs.
+// Producer order per tile j: issue V(j) (once P(j−2)V(j−2) released its stage); wait until
+// K(j) and V(j−1) landed, fence, announce both; issue K(j + 1) (once S(j−1) released its
+// stage). So each copy has about one consumer iteration to land. SelfExtend's Q_g travels in
+// the commit group of the first far K tile, so only far tiles wait for it.
+
+// The producer warpgroup's copy (128 threads): a thread's chunks all share one column and one
+// row residue mod 8, so source and destination advance by constants; a rolled loop keeps the
+// producer inside its small register budget.
+template <int kRows, int kD>
+__device__ __forceinline__ void ProducerLoad(uint32_t smem, const bf16* base, int stride,
+                                             int row0, int seq, int tid) {
+  constexpr int kChunksPerRow = kD / 8, kRowStep = 128 / kChunksPerRow;
+  const int r = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+  uint32_t dst = smem + SwizzledOffset<kRows>(r, col);
+  int t = row0 + r;
+  const bf16* src = base + col;
+#pragma unroll 2
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const bool valid = t < seq;
+    CpAsync16(dst, src + (valid ? t * stride : 0), valid);
+    dst += kRowStep * 128;
+    t += kRowStep;
+  }
+}
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+__device__ __forceinline__ void CpAsyncWait1() {
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaWait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
+__device__ __forceinline__ void NamedBarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+constexpr int kWsThreads = 384;
+
+template <int kD, bool kSE>
+constexpr int WsFwdSmemBytes() {
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024 + 128;  // + align + barriers
+}
+
+template <int kD, bool kSE>
+__global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaFwdParams p) {
+  constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
+  constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
+  constexpr int kDT = kD / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sQ = base;
+  const uint32_t sQg = base + kQBytes;
+  const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
+  const uint32_t bars = sKV + 4 * kKVBytes;  // 9 mbarriers, 8 bytes each
+  auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
+  auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
+  auto k_full = [&](int s) { return bars + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 16 + 8 * s; };
+  auto v_full = [&](int s) { return bars + 32 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
+  const uint32_t q_full = bars + 64;
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  if (tid == 0) {
+    for (int s = 0; s < 2; ++s) {
+      MbarInit(k_full(s), 128);
+      MbarInit(v_full(s), 128);
+      MbarInit(k_empty(s), 256);
+      MbarInit(v_empty(s), 256);
+    }
+    MbarInit(q_full, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / p.group;
+  const int seq = p.seq;
+  const int m0 = m_block * kWgM;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int last_row = min(m0 + kWgM, seq) - 1;
+  const int n_tiles = last_row / kWgN + 1;
+  const int W = p.se_window;
+  int near_first = 0, n_far = 0;
+  if constexpr (kSE) {
+    near_first = max(0, m0 - W + 1) / kWgN;
+    n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
+  }
+  const int n_near = n_tiles - near_first;
+  const int total = n_near + n_far;
+  auto tile_n0 = [&](int vt) {
+    return ((kSE && vt >= n_near) ? vt - n_near : near_first + vt) * kWgN;
+  };
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
+    const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : k;
+    const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
+    auto load_k = [&](int vt) {
+      const int s = vt & 1;
+      MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
+      const bf16* src = (kSE && vt >= n_near) ? kg : k;
+      ProducerLoad<kWgN, kD>(sK(s), src, p.kv_stride, tile_n0(vt), seq, wtid);
+      if (kSE && vt == n_near) {  // Q_g travels with the first far tile (same commit group)
+        ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
+                               wtid);
+      }
+      CpAsyncCommit();
+    };
+    ProducerLoad<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
+                                  wtid);
+    CpAsyncCommit();
+    load_k(0);
+    CpAsyncWait1();  // Q landed
+    FenceProxyAsync();
+    MbarArrive(q_full);
+    for (int vt = 0; vt < total; ++vt) {
+      const int s = vt & 1;
+      MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
+      ProducerLoad<kWgN, kD>(sV(s), v, p.kv_stride, tile_n0(vt), seq, wtid);
+      CpAsyncCommit();
+      CpAsyncWait1();  // everything but V(vt): K(vt) and V(vt − 1)
+      FenceProxyAsync();
+      if (vt > 0) MbarArrive(v_full(s ^ 1));
+      MbarArrive(k_full(s));
+      if (vt + 1 < total) load_k(vt + 1);
+    }
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    MbarArrive(v_full((total - 1) & 1));
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumer warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cwg = wg - 1;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int w_first = m0 + 64 * cwg;
+  const int w_last = min(w_first + 63, last_row);
+  const int r_lo = w_first + 16 * warp_in_wg + g;
+  // Turn barriers: ids 1 + c (256 threads: consumer c syncs, the other arrives).
+  const int my_turn = 1 + cwg, other_turn = 2 - cwg;
+  if (cwg == 1) NamedBarArrive(1, 256);  // consumer 0 takes the first turn
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float s[64];
+  uint32_t pa[kWgN / 16][4];
+
+  auto issue_s = [&](int vt) {
+    const bool far = kSE && vt >= n_near;
+    const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
+    const uint32_t kb = sK(vt & 1);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(kb + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
+    }
+    WgmmaCommit();
+  };
+  auto issue_pv = [&](int vt) {
+    const uint32_t vb = sV(vt & 1);
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      const uint64_t dv = SmemDesc(vb + kk * 16 * 128, kKBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(o, pa[kk], dv);
+      } else {
+        WgmmaRS64(o, pa[kk], dv);
+      }
+    }
+    WgmmaCommit();
+  };
+  // Mask, row max, exponentials and row sums of S(vt); returns the O correction per row half.
+  auto softmax = [&](int vt, float (&corr)[2]) {
+    const bool far = kSE && vt >= n_near;
+    const int n0 = tile_n0(vt);
+    const bool need_mask =
+        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
+            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+    if (need_mask) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = r_lo + 8 * hr;
+        const int hi = min(far ? row - W : row, seq - 1) - n0;
+        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
+#pragma unroll
+        for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * c + 2 * tq + e;
+            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
+          }
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = row_max[hr];
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      corr[hr] = Exp2(row_max[hr] * p.scale_log2 - msc);
+      row_max[hr] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[4 * c + 2 * hr + e];
+          x = Exp2(fmaf(x, p.scale_log2, -msc));
+          sum += x;
+        }
+      row_sum[hr] = row_sum[hr] * corr[hr] + sum;
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kWgN / 16; ++kk) {
+      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+
+  MbarWait(q_full, 0);
+  // Tile 0: S only.
+  MbarWait(k_full(0), 0);
+  NamedBarSync(my_turn, 256);
+  WgmmaFence();
+  issue_s(0);
+  if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
+  WgmmaWait0();
+  FenceRegs(s);
+  MbarArrive(k_empty(0));
+  {
+    float corr[2];
+    softmax(0, corr);
+  }
+  pack_p();
+
+  for (int vt = 1; vt < total; ++vt) {
+    MbarWait(k_full(vt & 1), (vt >> 1) & 1);
+    MbarWait(v_full((vt - 1) & 1), ((vt - 1) >> 1) & 1);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_s(vt);
+    issue_pv(vt - 1);
+    if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
+    FenceRegs(s);
+    MbarArrive(k_empty(vt & 1));
+    float corr[2];
+    softmax(vt, corr);
+    WgmmaWait0();
+    FenceRegs(o);
+    FenceRegs(pa);
+    MbarArrive(v_empty((vt - 1) & 1));
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      o[4 * c] *= corr[0];
+      o[4 * c + 1] *= corr[0];
+      o[4 * c + 2] *= corr[1];
+      o[4 * c + 3] *= corr[1];
+    }
+    pack_p();
+  }
+  MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
+  WgmmaFence();
+  issue_pv(total - 1);
+  WgmmaWait0();
+  FenceRegs(o);
+  FenceRegs(pa);
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float sum = row_sum[hr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = 1.f / sum;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      o[4 * c + 2 * hr] *= inv;
+      o[4 * c + 2 * hr + 1] *= inv;
+    }
+    const int row = r_lo + 8 * hr;
+    if (p.lse != nullptr && tq == 0 && row < seq) {
+      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
+          row_max[hr] * p.scale + logf(sum);
+    }
+  }
+  // Stage O through this warpgroup's own Q rows (no wgmma reads them any more), then 16-byte
+  // stores. Barrier ids 3 + c, 128 threads.
+  NamedBarSync(3 + cwg, 128);
+#pragma unroll
+  for (int c = 0; c < kDT; ++c)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * hr;
+      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
+          PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
+    }
+  NamedBarSync(3 + cwg, 128);
+  constexpr int kChunks = 64 * kD / 8;
+#pragma unroll
+  for (int i = 0; i < kChunks / 128; ++i) {
+    const int c = wtid + i * 128;
+    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+    const int row = w_first + r;
+    if (row < seq) {
+      bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
+      *reinterpret_cast<uint4*>(dst) =
+          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * cwg + r, col));
+    }
+  }
+}
+
+template <int kD, bool kSE>
+CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+  constexpr int smem = WsFwdSmemBytes<kD, kSE>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
+  return {};
+}
+
+
+// ------------------------------------------------------------------------------------------
+// Backward main kernel on wgmma, attn_bwd_wgmma_kernel<D>: grid (ceil(T/128), Hk, B), 256
+// threads = two warpgroups, one block per SM. A block owns 128 keys of one kv head; warpgroup
+// w owns keys 64w..64w+63 and accumulates their dK, dV (fp32, registers) over every query head
+// of the GQA group and every 64-row query tile at or below the diagonal. K, V stay in shared
+// memory; Q, dO, lse, D_i are double-buffered (cp.async under the previous tile's GEMMs). Per
+// query tile, each warpgroup (all GEMMs wgmma, swizzled operands as in the forward):
+//   Sᵀ = K_w Qᵀ, dPᵀ = V_w dOᵀ      m64n64k16 x D/16 each, both operands K-major in smem
+//   Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)     (registers)
+//   dV_w += Pᵀ dO, dK_w += dSᵀ Q   m64nDk16 x 4, A = Pᵀ / dSᵀ from registers, B N-major smem
+//   dSᵀ -> shared memory (bf16), block barrier, then
+//   dQ += dS K                      D 128: warpgroup w takes dQ columns 64w..64w+63 over all
+//                                   128 keys; D 64: keys 64w.. (partial sums); A = dS M-major
+//                                   from smem, B = K N-major; fp32 vector atomics into dQ_acc
+//                                   (8-byte, or with kVec4Atomics 16-byte: lane pairs swap
+//                                   halves to form them).
+// The prep (D_i, zeroing dQ_acc) and dQ conversion kernels are attention.cu's.
+
+template <int kD>
+constexpr int BwdWgmmaSmemBytes() {
+  // K, V (128 keys), Q and dO x 2 buffers (64 rows), dSᵀ (128 x 64), lse and D x 2 buffers.
+  return 2 * 128 * kD * 2 + 4 * 64 * kD * 2 + 128 * 64 * 2 + 4 * 64 * 4 + 1024;
+}
+
+template <int kD, bool kVec4Atomics>
+__global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdParams p) {
+  constexpr int kBN = 128, kBM = 64;
+  constexpr int kKVBytes = kBN * kD * 2, kQBytes = kBM * kD * 2;
+  constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
+  constexpr int kDT = kD / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base, sV = base + kKVBytes;
+  const uint32_t sQ0 = base + 2 * kKVBytes;          // [2] Q buffers
+  const uint32_t sdO0 = sQ0 + 2 * kQBytes;           // [2] dO buffers
+  const uint32_t sdS = sdO0 + 2 * kQBytes;           // [128 keys][64 queries], swizzled
+  const uint32_t sStats = sdS + kBN * kBM * 2;       // [2] x (lse[64], D[64]) fp32
+  const float* stats_ptr = reinterpret_cast<const float*>(base_ptr + (sStats - base));
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq = p.seq;
+  const int n0 = n_block * kBN;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int m_first = n0 / kBM;
+  const int m_tiles = (seq + kBM - 1) / kBM;
+  const int per_head = m_tiles - m_first;
+  const int total = p.group * per_head;
+  const int do_stride = p.heads * kD;
+
+  auto load_tile = [&](int it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    LoadSwizzled<kBM, kD>(sQ0 + buf * kQBytes, p.q + row_base * p.q_stride + h * kD, p.q_stride,
+                          m0, seq, tid);
+    LoadSwizzled<kBM, kD>(sdO0 + buf * kQBytes, p.dout + row_base * do_stride + h * kD,
+                          do_stride, m0, seq, tid);
+    if (tid < 128) {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
+      const int which = tid / 64, r = tid % 64;
+      const bool valid = m0 + r < seq;
+      const float* src = (which == 0 ? p.lse : p.dvec) +
+                         (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                       sStats + (buf * 128 + tid) * 4),
+                   "l"(src), "r"(valid ? 4 : 0));
+    }
+  };
+
+  LoadSwizzled<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  LoadSwizzled<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  load_tile(0);
+  CpAsyncCommit();
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+  const int kw0 = n0 + 64 * wg;                   // this warpgroup's first key
+  const int key_lo = kw0 + 16 * warp_in_wg + g;   // thread keys key_lo, key_lo + 8
+
+  for (int it = 0; it < total; ++it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    __syncthreads();  // tile `it` landed; every warp is done with tile it − 1 (sdS, buffers)
+    if (it + 1 < total) {
+      load_tile(it + 1);
+      CpAsyncCommit();
+    }
+    const uint32_t sQ = sQ0 + buf * kQBytes, sdO = sdO0 + buf * kQBytes;
+
+    float st[32], dpt[32];
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(st, SmemDesc(sK + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
+      WgmmaSS64<0, 0>(dpt, SmemDesc(sV + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
+                      kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(st);
+    FenceRegs(dpt);
+
+    // Pᵀ, dSᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
+    const float* lse_s = stats_ptr + buf * 128;
+    const float* d_s = lse_s + 64;
+    const bool need_mask = (m0 < kw0 + 63) || (m0 + kBM > seq) || (kw0 + 64 > seq);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
+      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
+          if (need_mask) {
+            const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
+            if (q < key || q >= seq || key >= seq) pr = 0.f;
+          }
+          st[i] = pr;
+          dpt[i] = pr * (dpt[i] - (e ? d2.y : d2.x));
+        }
+    }
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      pa[kk][0] = PackBf16(st[8 * kk + 0], st[8 * kk + 1]);
+      pa[kk][1] = PackBf16(st[8 * kk + 2], st[8 * kk + 3]);
+      pa[kk][2] = PackBf16(st[8 * kk + 4], st[8 * kk + 5]);
+      pa[kk][3] = PackBf16(st[8 * kk + 6], st[8 * kk + 7]);
+      da[kk][0] = PackBf16(dpt[8 * kk + 0], dpt[8 * kk + 1]);
+      da[kk][1] = PackBf16(dpt[8 * kk + 2], dpt[8 * kk + 3]);
+      da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
+      da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+    }
+    // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major).
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kQBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(dv, pa[kk], bo);
+        WgmmaRS128(dk, da[kk], bq);
+      } else {
+        WgmmaRS64(dv, pa[kk], bo);
+        WgmmaRS64(dk, da[kk], bq);
+      }
+    }
+    WgmmaCommit();
+    // dSᵀ to shared memory (rows = keys 64w + 16·warp + g (+8), columns = queries).
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = 64 * wg + 16 * warp_in_wg + g + 8 * (j % 2);
+        const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
+        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
+            da[kk][j];
+      }
+    FenceProxyAsync();
+    __syncthreads();  // both halves of dSᵀ written
+    // dV / dK GEMMs done before dQ's accumulators go live: Pᵀ, dSᵀ registers are free again.
+    WgmmaWait0();
+    FenceRegs(pa);
+    FenceRegs(da);
+    FenceRegs(dv);
+    FenceRegs(dk);
+
+    // dQ (64 queries x 64 columns per warpgroup) = dS K; A = dS (M-major: dSᵀ rows are keys),
+    // B = K rows (N-major).
+    float dq[32];
+    constexpr int kQSteps = kD == 128 ? kBN / 16 : 64 / 16;
+    const int key0 = kD == 128 ? 0 : 64 * wg;        // first key row of this warpgroup's sum
+    const uint32_t kcol = kD == 128 ? wg * kKBlock : 0;  // K column block (dQ columns)
+#pragma unroll
+    for (int kk = 0; kk < kQSteps; ++kk) {
+      const uint32_t row_off = (key0 + 16 * kk) * 128;
+      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                      SmemDesc(sK + kcol + row_off, kKBlock, 1024), kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(dq);
+    if constexpr (kVec4Atomics) {
+      // Lanes tq and tq ^ 1 swap halves so that each holds four consecutive columns of one row:
+      // even tq row g, columns 8c + 2tq .. +3; odd tq row g + 8, columns 8c + 2(tq − 1) .. +3;
+      // one 16-byte vector atomic per chunk instead of two 8-byte ones.
+      const int col0 = kD == 128 ? 64 * wg : 0;
+      const bool odd = (tq & 1) != 0;
+      const int q = m0 + 16 * warp_in_wg + g + (odd ? 8 : 0);
+      float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * (tq & ~1);
+  #pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float send0 = odd ? dq[4 * c] : dq[4 * c + 2];
+        const float send1 = odd ? dq[4 * c + 1] : dq[4 * c + 3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+        const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        const float4 val = odd ? make_float4(got0, got1, dq[4 * c + 2], dq[4 * c + 3])
+                               : make_float4(dq[4 * c], dq[4 * c + 1], got0, got1);
+        if (q < seq) atomicAdd(reinterpret_cast<float4*>(dst + 8 * c), val);
+      }
+    } else {
+      const int col0 = kD == 128 ? 64 * wg : 0;
+  #pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int q = m0 + 16 * warp_in_wg + g + 8 * hr;
+        if (q < seq) {
+          float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * tq;
+  #pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
+                      make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
+          }
+        }
+      }
+    }
+  }
+
+  // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int key = key_lo + 8 * hr;
+    if (key >= seq) continue;
+    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
+          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
+    }
+  }
+}
+
+template <int kD, bool kVec4>
+CudaResult LaunchBwd(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                     cudaStream_t stream) {
+  constexpr int smem = BwdWgmmaSmemBytes<kD>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma_kernel<kD, kVec4>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(batch));
+  attn_bwd_wgmma_kernel<kD, kVec4><<<grid, 256, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma_kernel");
+  return {};
+}
+
+
+// Backward variant with one warpgroup per block (attn_bwd_wgmma1_kernel<D>): 64 keys per block,
+// 128 threads, two blocks per SM, so one block's GEMMs run under the other's elementwise work
+// and atomics (no barrier couples them). Per query tile as in attn_bwd_wgmma_kernel, except
+// dQ = dS K over the block's own 64 keys (N = D), issued after the dV / dK GEMMs retired (their
+// A registers free again). Costs against the two-warpgroup kernel: Q, dO and dQ traffic per
+// key are doubled (twice the key blocks).
+template <int kD>
+constexpr int Bwd1SmemBytes() {
+  return 2 * 64 * kD * 2 + 4 * 64 * kD * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+}
+
+template <int kD>
+__global__ void __launch_bounds__(128, 2) attn_bwd_wgmma1_kernel(const WgmmaBwdParams p) {
+  constexpr int kBN = 64, kBM = 64;
+  constexpr int kTileBytes = 64 * kD * 2;
+  constexpr int kBlock = 64 * 128;  // bytes per 64-column block of a 64-row tile
+  constexpr int kDT = kD / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base, sV = base + kTileBytes;
+  const uint32_t sQ0 = base + 2 * kTileBytes;
+  const uint32_t sdO0 = sQ0 + 2 * kTileBytes;
+  const uint32_t sdS = sdO0 + 2 * kTileBytes;  // [64 keys][64 queries]
+  const uint32_t sStats = sdS + kBN * kBM * 2;
+  const float* stats_ptr = reinterpret_cast<const float*>(base_ptr + (sStats - base));
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq = p.seq;
+  const int n0 = n_block * kBN;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int m_first = n0 / kBM;
+  const int m_tiles = (seq + kBM - 1) / kBM;
+  const int per_head = m_tiles - m_first;
+  const int total = p.group * per_head;
+  const int do_stride = p.heads * kD;
+
+  auto load_tile = [&](int it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    ProducerLoad<kBM, kD>(sQ0 + buf * kTileBytes, p.q + row_base * p.q_stride + h * kD,
+                          p.q_stride, m0, seq, tid);
+    ProducerLoad<kBM, kD>(sdO0 + buf * kTileBytes, p.dout + row_base * do_stride + h * kD,
+                          do_stride, m0, seq, tid);
+    const int which = tid / 64, r = tid % 64;
+    const bool valid = m0 + r < seq;
+    const float* src = (which == 0 ? p.lse : p.dvec) +
+                       (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                     sStats + (buf * 128 + tid) * 4),
+                 "l"(src), "r"(valid ? 4 : 0));
+  };
+
+  ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
+  load_tile(0);
+  CpAsyncCommit();
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+  const int key_lo = n0 + 16 * warp + g;
+
+  for (int it = 0; it < total; ++it) {
+    const int h = hk * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBM;
+    const int buf = it & 1;
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    __syncthreads();
+    if (it + 1 < total) {
+      load_tile(it + 1);
+      CpAsyncCommit();
+    }
+    const uint32_t sQ = sQ0 + buf * kTileBytes, sdO = sdO0 + buf * kTileBytes;
+
+    float st[32], dpt[32];
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(st, SmemDesc(sK + off, 16, 1024), SmemDesc(sQ + off, 16, 1024), kk > 0);
+      WgmmaSS64<0, 0>(dpt, SmemDesc(sV + off, 16, 1024), SmemDesc(sdO + off, 16, 1024), kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(st);
+    FenceRegs(dpt);
+
+    const float* lse_s = stats_ptr + buf * 128;
+    const float* d_s = lse_s + 64;
+    const bool need_mask = (m0 < n0 + 63) || (m0 + kBM > seq) || (n0 + kBN > seq);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
+      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
+          if (need_mask) {
+            const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
+            if (q < key || q >= seq || key >= seq) pr = 0.f;
+          }
+          st[i] = pr;
+          dpt[i] = pr * (dpt[i] - (e ? d2.y : d2.x));
+        }
+    }
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      pa[kk][0] = PackBf16(st[8 * kk + 0], st[8 * kk + 1]);
+      pa[kk][1] = PackBf16(st[8 * kk + 2], st[8 * kk + 3]);
+      pa[kk][2] = PackBf16(st[8 * kk + 4], st[8 * kk + 5]);
+      pa[kk][3] = PackBf16(st[8 * kk + 6], st[8 * kk + 7]);
+      da[kk][0] = PackBf16(dpt[8 * kk + 0], dpt[8 * kk + 1]);
+      da[kk][1] = PackBf16(dpt[8 * kk + 2], dpt[8 * kk + 3]);
+      da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
+      da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+    }
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kBlock, 1024);
+      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(dv, pa[kk], bo);
+        WgmmaRS128(dk, da[kk], bq);
+      } else {
+        WgmmaRS64(dv, pa[kk], bo);
+        WgmmaRS64(dk, da[kk], bq);
+      }
+    }
+    WgmmaCommit();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = 16 * warp + g + 8 * (j % 2);
+        const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
+        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
+            da[kk][j];
+      }
+    FenceProxyAsync();
+    __syncthreads();  // dSᵀ complete
+    WgmmaWait0();
+    FenceRegs(pa);
+    FenceRegs(da);
+    FenceRegs(dv);
+    FenceRegs(dk);
+
+    float dq[kD / 2];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint64_t a = SmemDesc(sdS + kk * 16 * 128, 64 * 128, 1024);
+      const uint64_t bk = SmemDesc(sK + kk * 16 * 128, kBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaSS128T<1, 1>(dq, a, bk, kk > 0);
+      } else {
+        WgmmaSS64<1, 1>(dq, a, bk, kk > 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(dq);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int q = m0 + 16 * warp + g + 8 * hr;
+      if (q < seq) {
+        float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + 2 * tq;
+#pragma unroll
+        for (int c = 0; c < kDT; ++c) {
+          atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
+                    make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int key = key_lo + 8 * hr;
+    if (key >= seq) continue;
+    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
+          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
+    }
+  }
+}
+
+template <int kD>
+CudaResult LaunchBwd1(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                      cudaStream_t stream) {
+  constexpr int smem = Bwd1SmemBytes<kD>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma1_kernel<kD>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + 63) / 64, static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(batch));
+  attn_bwd_wgmma1_kernel<kD><<<grid, 128, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma1_kernel");
+  return {};
+}
+
+}  // namespace
+
+CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
+                                       bool self_extend, bool warp_specialised,
+                                       cudaStream_t stream) {
+  if (warp_specialised) {
+    if (head_dim == 64) {
+      return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                         : LaunchWs<64, false>(p, batch, stream);
+    }
+    return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                       : LaunchWs<128, false>(p, batch, stream);
+  }
+  if (head_dim == 64) {
+    return self_extend ? Launch<64, true>(p, batch, stream) : Launch<64, false>(p, batch, stream);
+  }
+  return self_extend ? Launch<128, true>(p, batch, stream) : Launch<128, false>(p, batch, stream);
+}
+
+CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
+                                            int64_t kv_heads, int head_dim,
+                                            WgmmaBwdVariant variant, cudaStream_t stream) {
+  switch (variant) {
+    case WgmmaBwdVariant::kOneWarpgroup:
+      return head_dim == 64 ? LaunchBwd1<64>(p, batch, kv_heads, stream)
+                            : LaunchBwd1<128>(p, batch, kv_heads, stream);
+    case WgmmaBwdVariant::kTwoWarpgroupsVec4:
+      return head_dim == 64 ? LaunchBwd<64, true>(p, batch, kv_heads, stream)
+                            : LaunchBwd<128, true>(p, batch, kv_heads, stream);
+    case WgmmaBwdVariant::kTwoWarpgroups:
+      break;
+  }
+  return head_dim == 64 ? LaunchBwd<64, false>(p, batch, kv_heads, stream)
+                        : LaunchBwd<128, false>(p, batch, kv_heads, stream);
+}
+
+}  // namespace gyre::cuda
