@@ -27,6 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "ops/cuda_backend.h"
 #include "ops/parallel.h"
+#include "ops/recurrent_blocks.h"
 #include "ops/train_step.h"
 
 namespace {
@@ -70,7 +71,7 @@ int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
 }
 
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
-        double peak_tflops, Result* out) {
+        int profile_steps, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -105,6 +106,30 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
     if (s == 0) out->loss_first = st->loss.loss;
     out->loss_last = st->loss.loss;
     if (s >= warmup) times.push_back(dt);
+  }
+  // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
+  // are not part of the median above).
+  if (profile_steps > 0) {
+    SetRecurrentProfiling(true);
+    double total = 0;
+    for (int s = 0; s < profile_steps; ++s) {
+      for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
+      const auto a = std::chrono::steady_clock::now();
+      auto st = trainer.Step(tokens, batch, seq, warmup + steps + s);
+      total += std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+      if (!st.ok()) return 1;
+    }
+    SetRecurrentProfiling(false);
+    auto phases = TakeRecurrentProfile();
+    std::sort(phases.begin(), phases.end(), [](const auto& x, const auto& y) { return x.second > y.second; });
+    double in_blocks = 0;
+    for (const auto& [name, sec] : phases) in_blocks += sec;
+    std::printf("  profile (%d synchronised steps, %.1f ms/step; recurrent-block phases %.1f ms, rest of the step "
+                "(embedding, attention blocks, final norm, LM head + CE, clip + AdamW) %.1f ms):\n",
+                profile_steps, 1e3 * total / profile_steps, 1e3 * in_blocks / profile_steps,
+                1e3 * (total - in_blocks) / profile_steps);
+    for (const auto& [name, sec] : phases)
+      std::printf("    %-32s %8.2f ms/step  %5.1f%%\n", name.c_str(), 1e3 * sec / profile_steps, 100 * sec / total);
   }
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
@@ -143,7 +168,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {16, 16, 16, 8, 8};
   std::vector<int> recompute = {0, 0, 0, 0, 0};
   int64_t seq = 2048;
-  int warmup = 3, steps = 10;
+  int warmup = 3, steps = 10, profile_steps = 0;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -151,6 +176,8 @@ int main(int argc, char** argv) {
   app.add_option("--seq", seq, "context")->capture_default_str();
   app.add_option("--warmup", warmup, "warm-up steps")->capture_default_str();
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
+  app.add_option("--profile_steps", profile_steps, "extra synchronised steps for a per-phase breakdown")
+      ->capture_default_str();
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
@@ -169,7 +196,7 @@ int main(int argc, char** argv) {
     Result r;
     // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
     // the others.
-    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, peak, &r) != 0) {
+    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, peak, &r) != 0) {
       rc = 1;
       continue;
     }

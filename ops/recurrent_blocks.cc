@@ -1,6 +1,8 @@
 #include "ops/recurrent_blocks.h"
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -107,6 +109,42 @@ Tensor CudaBytes(size_t bytes) {
 }
 
 Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
+
+// ---------------------------------------------------------------- phase profiling (benchmarks)
+
+struct Profile {
+  bool on = false;
+  std::map<std::string, double> seconds;
+  std::chrono::steady_clock::time_point last;
+};
+Profile& Prof() {
+  static Profile* p = new Profile();
+  return *p;
+}
+void ProfileStart() {
+  if (!Prof().on) return;
+  Cuda().Synchronize();
+  Prof().last = std::chrono::steady_clock::now();
+}
+void ProfileMark(const char* name) {
+  if (!Prof().on) return;
+  Cuda().Synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  Prof().seconds[name] += std::chrono::duration<double>(now - Prof().last).count();
+  Prof().last = now;
+}
+
+}  // namespace
+
+void SetRecurrentProfiling(bool on) { Prof().on = on; }
+
+std::vector<std::pair<std::string, double>> TakeRecurrentProfile() {
+  std::vector<std::pair<std::string, double>> out(Prof().seconds.begin(), Prof().seconds.end());
+  Prof().seconds.clear();
+  return out;
+}
+
+namespace {
 
 }  // namespace
 
@@ -670,10 +708,14 @@ Tensor Mamba2Block::Step(const Tensor& x, BlockState* state) {
 
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, p = p_, dk = p_ / heads_;
+  ProfileStart();
   u_ = norm_.Forward(x);
+  ProfileMark("mlstm.fwd.norm");
   xm_ = LinearRowsForward(u_, up_, 0, p);
   z_ = LinearRowsForward(u_, up_, p, p);
+  ProfileMark("mlstm.fwd.up_proj");
   xc_ = conv_.Forward(xm_, batch, seq);
+  ProfileMark("mlstm.fwd.conv");
   q_out_ = CudaEmpty({rows, p});
   k_out_ = CudaEmpty({rows, p});
   v_out_ = CudaEmpty({rows, p});
@@ -687,6 +729,7 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
     a.y = dst->raw(); a.ldy = p;
     Cuda().BlockDiag(false, a);
   }
+  ProfileMark("mlstm.fwd.qkv_blockdiag");
   ig_ = CudaEmpty({rows, heads_}, DType::kF32);
   fg_ = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmGateArgs g;
@@ -699,6 +742,7 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   g.ig = ig_.data<float>();
   g.fg = fg_.data<float>();
   Cuda().MlstmGates(false, g);
+  ProfileMark("mlstm.fwd.gates");
   MlstmCellArgs c;
   c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
   c.sigmoid_forget = sigmoid_forget_;
@@ -708,6 +752,7 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
   Cuda().Mlstm(false, c);
+  ProfileMark("mlstm.fwd.cell");
   // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z), one kernel.
   Tensor out = CudaEmpty({rows, p});
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);
@@ -727,12 +772,19 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   n.mean = mean_.data<float>();
   n.rstd = rstd_.data<float>();
   Cuda().GroupNorm(false, n);
-  return Add(x, down_.Forward(out).Reshape(x.shape()));
+  ProfileMark("mlstm.fwd.outnorm_skip_gate");
+  Tensor down = down_.Forward(out);
+  ProfileMark("mlstm.fwd.down_proj");
+  Tensor y = Add(x, down.Reshape(x.shape()));
+  ProfileMark("mlstm.fwd.residual");
+  return y;
 }
 
 Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, p = p_, dk = p_ / heads_;
+  ProfileStart();
   Tensor dout = down_.Backward(dy.Reshape({rows, d_}));
+  ProfileMark("mlstm.bwd.down_proj");
   Tensor dh = CudaEmpty({rows, p}), dz = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
   GroupNormArgs n;
   n.mode = NormMode::kMlstmOutput;
@@ -752,6 +804,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   n.dweight = outnorm_.weight()->grad.data<float>();
   n.dskip = skip_->grad.data<float>();
   Cuda().GroupNorm(true, n);
+  ProfileMark("mlstm.bwd.outnorm_skip_gate");
   Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;
@@ -764,6 +817,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dq = dq.raw(); c.dk_out = dkk.raw(); c.dv_out = dv.raw();
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
+  ProfileMark("mlstm.bwd.cell");
   MlstmGateArgs g;
   g.rows = rows; g.inner = p; g.heads = heads_;
   g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
@@ -776,6 +830,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g.dbi = igate_.bias()->grad.data<float>();
   g.dbf = fgate_.bias()->grad.data<float>();
   Cuda().MlstmGates(true, g);
+  ProfileMark("mlstm.bwd.gates");
   const int64_t bs = q_.weight()->value.dim(1);
   Tensor dxm = CudaEmpty({rows, p});
   for (auto [src, layer, d, dst, acc] : {std::tuple{&xc_, &q_, &dq, &dxc, true}, std::tuple{&xc_, &k_, &dkk, &dxc, true},
@@ -791,19 +846,26 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dw = layer->weight()->grad.data<float>();
     Cuda().BlockDiag(true, a);
   }
+  ProfileMark("mlstm.bwd.qkv_blockdiag");
   AddInPlace(&dxm, conv_.Backward(dxc));
+  ProfileMark("mlstm.bwd.conv");
   Tensor du;
   LinearRowsBackward(u_, up_, 0, dxm, &du, false);
   LinearRowsBackward(u_, up_, p, dz, &du, true);
+  ProfileMark("mlstm.bwd.up_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
+  ProfileMark("mlstm.bwd.norm_residual");
   ReleaseActivations();
   return dx;
 }
 
 Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, d = d_, dh = d_ / heads_;
+  ProfileStart();
   u_ = norm_.Forward(x).Reshape({rows, d});
+  ProfileMark("slstm.fwd.norm");
   xc_ = conv_.Forward(u_, batch, seq);
+  ProfileMark("slstm.fwd.conv");
   // The four gate projections, per (gate, head), straight into the cell's [B, S, 4, d] layout.
   gx_ = CudaEmpty({rows, 4 * d});
   BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
@@ -815,6 +877,7 @@ Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
     }
   }
   Cuda().AddColumnBias(gx_.raw(), rows, 4 * d, 4 * d, bias_->value.data<float>());
+  ProfileMark("slstm.fwd.gate_proj");
   SlstmCellArgs c;
   c.batch = batch; c.seq = seq; c.heads = heads_; c.head_dim = dh;
   saved_ = CudaBytes(Cuda().SlstmSavedBytes(c));
@@ -824,14 +887,21 @@ Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   c.h = h_.raw();
   c.saved = saved_.raw();
   Cuda().Slstm(false, c);
+  ProfileMark("slstm.fwd.cell");
   Tensor x1 = Add(x, group_norm_.Forward(h_));
-  return Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  ProfileMark("slstm.fwd.groupnorm_residual");
+  Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  ProfileMark("slstm.fwd.ffn");
+  return y;
 }
 
 Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, d = d_, dh = d_ / heads_;
+  ProfileStart();
   Tensor dx1 = Add(dy, ffn_norm_.Backward(ffn_.Backward(dy)));
+  ProfileMark("slstm.bwd.ffn");
   Tensor dhh = group_norm_.Backward(dx1);
+  ProfileMark("slstm.bwd.groupnorm");
   Tensor dgx = CudaEmpty({rows, 4 * d});
   SlstmCellArgs c;
   c.batch = batch_; c.seq = seq_; c.heads = heads_; c.head_dim = dh;
@@ -842,6 +912,7 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dgx = dgx.raw();
   c.dr = recurrent_->grad.data<float>();
   Cuda().Slstm(true, c);
+  ProfileMark("slstm.bwd.cell");
   Cuda().ColumnSum(dgx.raw(), rows, 4 * d, 4 * d, bias_->grad.data<float>());
   Tensor dxc = CudaEmpty({rows, d}), du = CudaEmpty({rows, d});
   BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
@@ -857,22 +928,30 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
          MutBytePtr(w[k]->weight()->grad, h * dh * dh), dh, true, 1.f);
     }
   }
+  ProfileMark("slstm.bwd.gate_proj");
   AddInPlace(&du, conv_.Backward(dxc));
+  ProfileMark("slstm.bwd.conv");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dx1);
+  ProfileMark("slstm.bwd.norm_residual");
   ReleaseActivations();
   return dx;
 }
 
 Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, gn = groups_ * state_, cx = di_ + 2 * gn;
+  ProfileStart();
   u_ = norm_.Forward(x).Reshape({rows, d_});
+  ProfileMark("mamba2.fwd.norm");
   z_ = LinearRowsForward(u_, in_proj_, 0, di_);
   Tensor xbc_in = LinearRowsForward(u_, in_proj_, di_, cx);
   dt_ = LinearRowsForward(u_, in_proj_, di_ + cx, heads_, /*f32=*/true);
+  ProfileMark("mamba2.fwd.in_proj");
   Tensor xbc = conv_.Forward(xbc_in, batch, seq);
+  ProfileMark("mamba2.fwd.conv");
   xs_ = SliceColumns(xbc, 0, di_);
   b_ = SliceColumns(xbc, di_, di_ + gn);
   c_ = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
+  ProfileMark("mamba2.fwd.slices");
   SsdCellArgs a;
   a.batch = batch; a.seq = seq; a.heads = heads_; a.head_dim = head_dim_; a.groups = groups_; a.state = state_;
   a.chunk = chunk_;
@@ -883,6 +962,7 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   a.b = b_.raw(); a.c = c_.raw(); a.d = d_skip_->value.data<float>();
   a.y = y_.raw(); a.saved = saved_.raw();
   Cuda().Ssd(false, a);
+  ProfileMark("mamba2.fwd.ssd");
   // RMSNorm_G(y ⊙ SiLU(z)), one kernel.
   Tensor gnorm = CudaEmpty({rows, di_});
   rstd_ = CudaEmpty({rows * groups_}, DType::kF32);
@@ -897,12 +977,19 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   n.y = gnorm.raw();
   n.rstd = rstd_.data<float>();
   Cuda().GroupNorm(false, n);
-  return Add(x, out_proj_.Forward(gnorm).Reshape(x.shape()));
+  ProfileMark("mamba2.fwd.gated_norm");
+  Tensor out = out_proj_.Forward(gnorm);
+  ProfileMark("mamba2.fwd.out_proj");
+  Tensor y = Add(x, out.Reshape(x.shape()));
+  ProfileMark("mamba2.fwd.residual");
+  return y;
 }
 
 Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, gn = groups_ * state_, cx = di_ + 2 * gn;
+  ProfileStart();
   Tensor dg = out_proj_.Backward(dy.Reshape({rows, d_}));
+  ProfileMark("mamba2.bwd.out_proj");
   Tensor dyy = CudaEmpty({rows, di_}), dz = CudaEmpty({rows, di_});
   GroupNormArgs n;
   n.mode = NormMode::kGatedInput;
@@ -917,6 +1004,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.dx = dyy.raw(); n.dz = dz.raw();
   n.dweight = gated_norm_.weight()->grad.data<float>();
   Cuda().GroupNorm(true, n);
+  ProfileMark("mamba2.bwd.gated_norm");
   Tensor dxs = CudaEmpty({rows, di_}), db = CudaEmpty({rows, gn}), dc = CudaEmpty({rows, gn});
   Tensor ddt = CudaEmpty({rows, heads_}, DType::kF32);
   SsdCellArgs a;
@@ -930,12 +1018,18 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   a.dx = dxs.raw(); a.ddt = ddt.data<float>(); a.db = db.raw(); a.dc = dc.raw();
   a.da_log = a_log_->grad.data<float>(); a.ddt_bias = dt_bias_->grad.data<float>(); a.dd = d_skip_->grad.data<float>();
   Cuda().Ssd(true, a);
-  Tensor dxbc = conv_.Backward(ConcatColumns({dxs, db, dc}));
+  ProfileMark("mamba2.bwd.ssd");
+  Tensor dxbc_out = ConcatColumns({dxs, db, dc});
+  ProfileMark("mamba2.bwd.concat");
+  Tensor dxbc = conv_.Backward(dxbc_out);
+  ProfileMark("mamba2.bwd.conv");
   Tensor du;
   LinearRowsBackward(u_, in_proj_, 0, dz, &du, false);
   LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true);
   LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true);
+  ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
+  ProfileMark("mamba2.bwd.norm_residual");
   ReleaseActivations();
   return dx;
 }

@@ -23,6 +23,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "ops/block.h"
 #include "ops/layers.h"
@@ -50,6 +53,12 @@ class CausalConv1d {
   Tensor x_;
   int64_t batch_ = 0, seq_ = 0;
 };
+
+// Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after
+// every phase and add its host time to a named bucket ("mamba2.fwd.ssd", ...). Off by default
+// (no cost). TakeRecurrentProfile returns the buckets (seconds) and clears them. Not thread-safe.
+void SetRecurrentProfiling(bool on);
+std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 
 class MlstmBlock : public Block {
  public:
