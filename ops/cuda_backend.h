@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "ops/cuda_recurrent.h"
+
 namespace gyre::ops {
 
 enum class Device : uint8_t;
@@ -73,6 +75,8 @@ class CudaAdamW {
   // non-finite norm means the device skipped the update; the step count is then not advanced.
   virtual double Step(double lr, double max_grad_norm) = 0;
   virtual int64_t steps_taken() const = 0;
+  // Restores the count of applied updates (AdamW::LoadState).
+  virtual void set_steps_taken(int64_t t) = 0;
 };
 
 class CudaBackend {
@@ -132,6 +136,21 @@ class CudaBackend {
   // dh (bf16, overwritten) and dw (fp32, accumulated) may be null.
   virtual double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                                     const int32_t* host_targets, double loss_scale, void* dh, float* dw) = 0;
+
+  // Recurrent blocks (ops/cuda_recurrent.h): glue kernels of ops/recurrent_cuda.h and the cells
+  // of kernels/cuda. `backward` selects the backward pass of the same arguments.
+  virtual void GroupNorm(bool backward, const GroupNormArgs& a) = 0;
+  virtual void BlockDiag(bool backward, const BlockDiagArgs& a) = 0;
+  virtual void MlstmGates(bool backward, const MlstmGateArgs& a) = 0;
+  virtual void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) = 0;
+  virtual void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) = 0;
+  virtual void Conv1d(bool backward, const Conv1dArgs& a) = 0;
+  virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
+  virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
+  virtual size_t SlstmSavedBytes(const SlstmCellArgs& a) = 0;
+  virtual void Slstm(bool backward, const SlstmCellArgs& a) = 0;
+  virtual size_t SsdSavedBytes(const SsdCellArgs& a) = 0;
+  virtual void Ssd(bool backward, const SsdCellArgs& a) = 0;
 
   virtual std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1,
                                               double beta2, double eps, double weight_decay) = 0;

@@ -15,6 +15,10 @@
 #include <vector>
 
 #include "kernels/cuda/adamw.h"
+#include "kernels/cuda/conv1d.h"
+#include "kernels/cuda/mlstm.h"
+#include "kernels/cuda/slstm.h"
+#include "kernels/cuda/ssd.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/activations.h"
 #include "kernels/cuda/cross_entropy.h"
@@ -26,6 +30,7 @@
 #include "kernels/cuda/rope.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_ops.h"
+#include "ops/recurrent_cuda.h"
 #include "ops/tensor.h"
 
 namespace gyre::ops {
@@ -70,6 +75,7 @@ class Adam final : public CudaAdamW {
     return st.grad_norm;
   }
   int64_t steps_taken() const override { return adam_.steps_taken(); }
+  void set_steps_taken(int64_t t) override { adam_.set_steps_taken(t); }
 
  private:
   kc::DeviceAllocator* alloc_;
@@ -362,6 +368,208 @@ class Backend final : public CudaBackend {
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
     CUDA_OR_DIE(cudaStreamSynchronize(stream_));
     return loss;
+  }
+
+  void GroupNorm(bool backward, const GroupNormArgs& a) override {
+    Init();
+    OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, stream_) : cuda_ops::GroupNormForward(a, stream_));
+  }
+
+  void BlockDiag(bool backward, const BlockDiagArgs& a) override {
+    Init();
+    OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, stream_) : cuda_ops::BlockDiagForward(a, stream_));
+  }
+
+  void MlstmGates(bool backward, const MlstmGateArgs& a) override {
+    Init();
+    OK_OR_DIE(backward ? cuda_ops::MlstmGatesBackward(a, stream_) : cuda_ops::MlstmGatesForward(a, stream_));
+  }
+
+  void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) override {
+    Init();
+    OK_OR_DIE(cuda_ops::AddColumnBias(y, rows, cols, ld, bias, stream_));
+  }
+
+  void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) override {
+    Init();
+    OK_OR_DIE(cuda_ops::ColumnSum(x, rows, cols, ld, out, stream_));
+  }
+
+  void Conv1d(bool backward, const Conv1dArgs& a) override {
+    Init();
+    kc::Conv1dShape shape;
+    shape.batch = a.batch;
+    shape.seq_len = a.seq;
+    shape.channels = a.channels;
+    shape.width = a.width;
+    kc::Conv1dOptions options;
+    options.silu = a.silu;
+    if (!backward) {
+      kc::Conv1dForwardArgs f;
+      f.shape = shape;
+      f.options = options;
+      f.x = static_cast<const bf16*>(a.x);
+      f.w = a.w;
+      f.bias = a.bias;
+      f.y = static_cast<bf16*>(a.y);
+      OK_OR_DIE(kc::Conv1dForward(f, stream_));
+      return;
+    }
+    kc::Conv1dBackwardArgs b;
+    b.shape = shape;
+    b.options = options;
+    b.x = static_cast<const bf16*>(a.x);
+    b.w = a.w;
+    b.bias = a.bias;
+    b.dy = static_cast<const bf16*>(a.dy);
+    b.dx = static_cast<bf16*>(a.dx);
+    b.dw = a.dw;
+    b.dbias = a.dbias;
+    OK_OR_DIE(kc::Conv1dBackward(b, alloc_, stream_));
+  }
+
+  static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
+    shape->batch = a.batch;
+    shape->seq_len = a.seq;
+    shape->num_heads = a.heads;
+    shape->dk = a.dk;
+    shape->dv = a.dv;
+    options->chunk_size = a.chunk;
+    options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
+    options->eps = a.eps;
+  }
+
+  size_t MlstmSavedBytes(const MlstmCellArgs& a) override {
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    OK_OR_DIE(kc::MlstmCheck(shape, options));
+    return kc::MlstmChunkwiseSavedBytes(shape, options);
+  }
+
+  void Mlstm(bool backward, const MlstmCellArgs& a) override {
+    Init();
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    kc::MlstmDeviceInputs in;
+    in.q = static_cast<const bf16*>(a.q);
+    in.k = static_cast<const bf16*>(a.k);
+    in.v = static_cast<const bf16*>(a.v);
+    in.igate = a.ig;
+    in.fgate = a.fg;
+    if (!backward) {
+      OK_OR_DIE(kc::MlstmChunkwiseForward(shape, options, in, {}, static_cast<bf16*>(a.h), a.saved, {}, stream_));
+      return;
+    }
+    kc::DeviceBuffer scratch;
+    OK_OR_DIE(alloc_->Allocate(std::max<size_t>(1, kc::MlstmChunkwiseBackwardScratchBytes(shape, options)), &scratch));
+    kc::MlstmDeviceGrads g;
+    g.dq = static_cast<bf16*>(a.dq);
+    g.dk = static_cast<bf16*>(a.dk_out);
+    g.dv = static_cast<bf16*>(a.dv_out);
+    g.digate = a.dig;
+    g.dfgate = a.dfg;
+    OK_OR_DIE(kc::MlstmChunkwiseBackward(shape, options, in, {}, static_cast<const bf16*>(a.h), a.saved,
+                                         static_cast<const bf16*>(a.dh), {}, g, {}, scratch.get(), stream_));
+  }
+
+  static kc::SlstmShape SlstmShapeOf(const SlstmCellArgs& a) {
+    kc::SlstmShape shape;
+    shape.batch = a.batch;
+    shape.seq_len = a.seq;
+    shape.num_heads = a.heads;
+    shape.head_dim = a.head_dim;
+    return shape;
+  }
+
+  size_t SlstmSavedBytes(const SlstmCellArgs& a) override {
+    OK_OR_DIE(kc::SlstmCheck(SlstmShapeOf(a)));
+    return static_cast<size_t>(kc::SlstmSavedBytes(SlstmShapeOf(a)));
+  }
+
+  void Slstm(bool backward, const SlstmCellArgs& a) override {
+    Init();
+    if (!backward) {
+      kc::SlstmForwardArgs f;
+      f.shape = SlstmShapeOf(a);
+      f.gx = static_cast<const bf16*>(a.gx);
+      f.r = static_cast<const bf16*>(a.r);
+      f.h = static_cast<bf16*>(a.h);
+      f.saved = a.saved;
+      OK_OR_DIE(kc::SlstmForward(f, alloc_, stream_));
+      return;
+    }
+    kc::SlstmBackwardArgs b;
+    b.shape = SlstmShapeOf(a);
+    b.r = static_cast<const bf16*>(a.r);
+    b.h = static_cast<const bf16*>(a.h);
+    b.saved = a.saved;
+    b.dh = static_cast<const bf16*>(a.dh);
+    b.d_gx = static_cast<bf16*>(a.dgx);
+    b.dr = a.dr;
+    OK_OR_DIE(kc::SlstmBackward(b, gemm_.get(), alloc_, stream_));
+  }
+
+  static void SsdShapeOf(const SsdCellArgs& a, kc::SsdShape* shape, kc::SsdOptions* options) {
+    shape->batch = a.batch;
+    shape->seq_len = a.seq;
+    shape->num_heads = a.heads;
+    shape->head_dim = a.head_dim;
+    shape->num_groups = a.groups;
+    shape->state_dim = a.state;
+    options->chunk_size = a.chunk;
+  }
+
+  size_t SsdSavedBytes(const SsdCellArgs& a) override {
+    kc::SsdShape shape;
+    kc::SsdOptions options;
+    SsdShapeOf(a, &shape, &options);
+    OK_OR_DIE(kc::SsdCheck(shape, options));
+    return static_cast<size_t>(kc::SsdSavedBytes(shape, options));
+  }
+
+  void Ssd(bool backward, const SsdCellArgs& a) override {
+    Init();
+    kc::SsdShape shape;
+    kc::SsdOptions options;
+    SsdShapeOf(a, &shape, &options);
+    if (!backward) {
+      kc::SsdForwardArgs f;
+      f.shape = shape;
+      f.options = options;
+      f.x = static_cast<const bf16*>(a.x);
+      f.dt = a.dt;
+      f.a_log = a.a_log;
+      f.dt_bias = a.dt_bias;
+      f.b = static_cast<const bf16*>(a.b);
+      f.c = static_cast<const bf16*>(a.c);
+      f.d = a.d;
+      f.y = static_cast<bf16*>(a.y);
+      f.saved = a.saved;
+      OK_OR_DIE(kc::SsdForward(f, stream_));
+      return;
+    }
+    kc::SsdBackwardArgs b;
+    b.shape = shape;
+    b.options = options;
+    b.x = static_cast<const bf16*>(a.x);
+    b.dt = a.dt;
+    b.a_log = a.a_log;
+    b.dt_bias = a.dt_bias;
+    b.b = static_cast<const bf16*>(a.b);
+    b.c = static_cast<const bf16*>(a.c);
+    b.d = a.d;
+    b.saved = a.saved;
+    b.dy = static_cast<const bf16*>(a.dy);
+    b.dx = static_cast<bf16*>(a.dx);
+    b.ddt = a.ddt;
+    b.db = static_cast<bf16*>(a.db);
+    b.dc = static_cast<bf16*>(a.dc);
+    b.da_log = a.da_log;
+    b.ddt_bias = a.ddt_bias;
+    b.dd = a.dd;
+    OK_OR_DIE(kc::SsdBackward(b, alloc_, stream_));
   }
 
   std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1, double beta2,

@@ -255,8 +255,8 @@ Tensor Norm::Forward(const Tensor& x) {
   x_ = x;
   if (IsCuda(x)) {
     CheckCudaBf16(x, "norm x");
-    GYRE_CHECK(groups == 1 && opt_.weight_offset == 0.0, "no CUDA kernel yet for grouped or 1+w norms");
     const bool layer = opt_.kind == NormOptions::kLayer;
+    if (groups != 1 || opt_.weight_offset != 0.0) return ForwardGroupedCuda(x);
     rstd_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
     if (layer) mean_ = Tensor::Empty({rows}, DType::kF32, Device::kCuda);
     Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
@@ -309,6 +309,7 @@ Tensor Norm::Backward(const Tensor& dy) {
   const bool layer = opt_.kind == NormOptions::kLayer;
   if (IsCuda(x_)) {
     CheckCudaBf16(dy, "norm dy");
+    if (groups != 1 || opt_.weight_offset != 0.0) return BackwardGroupedCuda(dy);
     Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
     if (rows > 0) {
       Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
@@ -406,7 +407,7 @@ Tensor Norm::ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum) {
 }
 
 Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
-  if (!IsCuda(dy)) return Add(Backward(dy), dresidual);
+  if (!IsCuda(dy) || opt_.groups != 1 || opt_.weight_offset != 0.0) return Add(Backward(dy), dresidual);
   GYRE_CHECK(x_.defined(), "Norm::BackwardAdd without Forward");
   CheckCudaBf16(dy, "norm dy");
   CheckCudaBf16(dresidual, "norm dresidual");
@@ -418,6 +419,54 @@ Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
                         layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), dresidual.raw(), dx.raw(),
                         weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
   }
+  x_ = rstd_ = mean_ = Tensor();
+  return dx;
+}
+
+// Grouped and 1+w norms on CUDA (ops/recurrent_cuda.h): fp32 statistics [rows, groups], the
+// scale read from the fp32 master weight.
+Tensor Norm::ForwardGroupedCuda(const Tensor& x) {
+  GYRE_CHECK(bias_ == nullptr, "no CUDA kernel yet for a grouped or 1+w norm with bias");
+  const int64_t rows = x.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  rstd_ = Tensor::Empty({rows * opt_.groups}, DType::kF32, Device::kCuda);
+  if (layer) mean_ = Tensor::Empty({rows * opt_.groups}, DType::kF32, Device::kCuda);
+  Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
+  GroupNormArgs a;
+  a.layer = layer;
+  a.rows = rows;
+  a.dim = dim_;
+  a.groups = opt_.groups;
+  a.eps = static_cast<float>(opt_.eps);
+  a.weight_offset = static_cast<float>(opt_.weight_offset);
+  a.x = x.raw();
+  a.weight = weight_ ? weight_->value.data<float>() : nullptr;
+  a.y = y.raw();
+  a.mean = layer ? mean_.data<float>() : nullptr;
+  a.rstd = rstd_.data<float>();
+  if (rows > 0) Cuda().GroupNorm(false, a);
+  return y;
+}
+
+Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
+  const int64_t rows = x_.rows();
+  const bool layer = opt_.kind == NormOptions::kLayer;
+  Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+  GroupNormArgs a;
+  a.layer = layer;
+  a.rows = rows;
+  a.dim = dim_;
+  a.groups = opt_.groups;
+  a.eps = static_cast<float>(opt_.eps);
+  a.weight_offset = static_cast<float>(opt_.weight_offset);
+  a.x = x_.raw();
+  a.weight = weight_ ? weight_->value.data<float>() : nullptr;
+  a.mean = layer ? mean_.data<float>() : nullptr;
+  a.rstd = rstd_.data<float>();
+  a.dy = dy.raw();
+  a.dx = dx.raw();
+  a.dweight = weight_ ? weight_->grad.data<float>() : nullptr;
+  if (rows > 0) Cuda().GroupNorm(true, a);
   x_ = rstd_ = mean_ = Tensor();
   return dx;
 }

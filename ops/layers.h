@@ -97,7 +97,9 @@ class Norm {
   NormOptions opt_;
   Parameter* weight_ = nullptr;
   Parameter* bias_ = nullptr;
-  Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy; CUDA: f32 [rows])
+  Tensor ForwardGroupedCuda(const Tensor& x);
+  Tensor BackwardGroupedCuda(const Tensor& dy);
+  Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy; CUDA: f32 [rows · groups])
   Tensor mean_;      // CUDA LayerNorm: f32 [rows]
 };
 

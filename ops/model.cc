@@ -8,6 +8,53 @@
 #include "ops/llama_block.h"
 
 namespace gyre::ops {
+namespace {
+
+// What the CUDA kernels support (kernels/cuda/{mlstm,slstm,ssd,conv1d}.h, ops/recurrent_cuda.h),
+// checked before anything is allocated so a bad configuration fails with the field's name.
+absl::Status CheckCudaSupport(const ModelSpec& spec) {
+  bool attention = false, mlstm = false, slstm = false, mamba = false;
+  for (BlockType b : spec.blocks) {
+    attention |= b == BlockType::kAttention;
+    mlstm |= b == BlockType::kMlstm;
+    slstm |= b == BlockType::kSlstm;
+    mamba |= b == BlockType::kMamba2;
+  }
+  auto unsupported = [](const std::string& what) {
+    return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", what));
+  };
+  if (attention) {
+    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) return unsupported("the Mamba-2 hybrids' attention mixer block");
+    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) return unsupported("partial rotary attention");
+  }
+  if ((mlstm || slstm) && (spec.conv_kernel < 1 || spec.conv_kernel > 4))
+    return unsupported(absl::StrCat("conv_kernel ", spec.conv_kernel, " (CUDA conv1d: 1..4)"));
+  if (mlstm) {
+    const int64_t dk = spec.mlstm_inner / spec.mlstm_heads;
+    if (dk % 64 != 0) return unsupported(absl::StrCat("mLSTM head dim ", dk, " (CUDA: a multiple of 64)"));
+    if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128)
+      return unsupported(absl::StrCat("mLSTM chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64 or 128)"));
+    if (spec.mlstm_heads > 4) return unsupported(absl::StrCat("mLSTM with ", spec.mlstm_heads, " heads (CUDA: <= 4)"));
+    if (spec.qkv_block_size > 8 || spec.mlstm_inner % spec.qkv_block_size != 0)
+      return unsupported(absl::StrCat("mLSTM qkv_block_size ", spec.qkv_block_size, " (CUDA: <= 8)"));
+  }
+  if (slstm) {
+    const int64_t dh = spec.d_model / spec.slstm_heads;
+    if (dh % 16 != 0 || dh > 512) return unsupported(absl::StrCat("sLSTM head dim ", dh, " (CUDA: multiple of 16, <= 512)"));
+  }
+  if (mamba) {
+    if (spec.ssm_head_dim % 32 != 0 || spec.ssm_head_dim > 128)
+      return unsupported(absl::StrCat("SSD head dim ", spec.ssm_head_dim, " (CUDA: multiple of 32, <= 128)"));
+    if (spec.ssm_state % 32 != 0 || spec.ssm_state > 256)
+      return unsupported(absl::StrCat("SSD state ", spec.ssm_state, " (CUDA: multiple of 32, <= 256)"));
+    if (spec.ssm_chunk % 64 != 0 || spec.ssm_chunk > 256)
+      return unsupported(absl::StrCat("SSD chunk ", spec.ssm_chunk, " (CUDA: multiple of 64, <= 256)"));
+    if (spec.ssm_conv < 1 || spec.ssm_conv > 4) return unsupported(absl::StrCat("ssm_conv ", spec.ssm_conv, " (CUDA: 1..4)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 LanguageModel::LanguageModel(const ModelSpec& spec, DType dtype, Device device)
     : spec_(spec), store_(std::make_unique<ParamStore>(dtype, device)) {}
@@ -25,20 +72,7 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LanguageModel::Create(const Model
     if (CudaBackendOrNull() == nullptr) {
       return absl::FailedPreconditionError("this binary was built without CUDA (build with --config=cuda)");
     }
-    for (BlockType b : spec.blocks) {
-      if (b != BlockType::kAttention) {
-        return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", BlockTypeName(b), " blocks"));
-      }
-    }
-    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) {
-      return absl::UnimplementedError("no CUDA kernel yet for the Mamba-2 hybrids' attention mixer block");
-    }
-    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) {
-      return absl::UnimplementedError("no CUDA kernel yet for partial rotary attention");
-    }
-    if (spec.family == Family::kXlstm) {
-      return absl::UnimplementedError("no CUDA kernel yet for the xLSTM final LayerNorm (1 + w)");
-    }
+    RETURN_IF_ERROR(CheckCudaSupport(spec));
     // Initialise on the host (the same weights as a CPU model of the same seed), then move into
     // flat device buffers.
     std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, Device::kCpu));

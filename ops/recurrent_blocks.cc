@@ -1,7 +1,10 @@
 #include "ops/recurrent_blocks.h"
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -9,6 +12,7 @@
 #include "kernels/cpu/mlstm.h"
 #include "kernels/cpu/slstm.h"
 #include "kernels/cpu/ssd.h"
+#include "ops/cuda_backend.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -57,6 +61,91 @@ std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
   return slices;
 }
 
+// ---------------------------------------------------------------- CUDA helpers
+
+const void* BytePtr(const Tensor& t, int64_t elements) {
+  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+void* MutBytePtr(const Tensor& t, int64_t elements) {
+  return static_cast<char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+
+// Row-major C [m, n] (ldc) = op(A) op(B) (+ beta C) on the backend's cuBLASLt; A, B bf16.
+void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
+        void* c, int64_t ldc, bool c_f32, float beta) {
+  if (m == 0 || n == 0) return;
+  CudaGemm g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m; g.n = n; g.k = k;
+  g.a = a; g.lda = lda;
+  g.b = b; g.ldb = ldb;
+  g.c = c; g.ldc = ldc;
+  g.c_f32 = c_f32;
+  g.beta = beta;
+  Cuda().Gemm(g);
+}
+
+// y [rows, n] = x [rows, in] · W[r0 : r0 + n, :]ᵀ for the Linear's weight W [out, in] (bf16
+// compute copy); f32 output when asked.
+Tensor LinearRowsForward(const Tensor& x, Linear& l, int64_t r0, int64_t n, bool f32 = false) {
+  const int64_t rows = x.rows(), in = l.in();
+  Tensor y = Tensor::Empty({rows, n}, f32 ? DType::kF32 : DType::kBF16, Device::kCuda);
+  Mm(false, true, rows, n, in, x.raw(), in, BytePtr(l.weight()->compute, r0 * in), in, y.raw(), n, f32, 0.f);
+  return y;
+}
+
+// dx [rows, in] (+)= dy [rows, n] · W[r0 : r0 + n, :];  dW[r0 : r0 + n, :] += dyᵀ x.
+void LinearRowsBackward(const Tensor& x, Linear& l, int64_t r0, const Tensor& dy, Tensor* dx, bool accumulate) {
+  const int64_t rows = x.rows(), in = l.in(), n = dy.cols();
+  if (!dx->defined()) *dx = Tensor::Empty({rows, in}, DType::kBF16, Device::kCuda);
+  Mm(false, false, rows, in, n, dy.raw(), n, BytePtr(l.weight()->compute, r0 * in), in, dx->raw(), in, false,
+     accumulate ? 1.f : 0.f);
+  Mm(true, false, n, in, rows, dy.raw(), n, x.raw(), in, MutBytePtr(l.weight()->grad, r0 * in), in, true, 1.f);
+}
+
+Tensor CudaBytes(size_t bytes) {
+  return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
+}
+
+Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
+
+// ---------------------------------------------------------------- phase profiling (benchmarks)
+
+struct Profile {
+  bool on = false;
+  std::map<std::string, double> seconds;
+  std::chrono::steady_clock::time_point last;
+};
+Profile& Prof() {
+  static Profile* p = new Profile();
+  return *p;
+}
+void ProfileStart() {
+  if (!Prof().on) return;
+  Cuda().Synchronize();
+  Prof().last = std::chrono::steady_clock::now();
+}
+void ProfileMark(const char* name) {
+  if (!Prof().on) return;
+  Cuda().Synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  Prof().seconds[name] += std::chrono::duration<double>(now - Prof().last).count();
+  Prof().last = now;
+}
+
+}  // namespace
+
+void SetRecurrentProfiling(bool on) { Prof().on = on; }
+
+std::vector<std::pair<std::string, double>> TakeRecurrentProfile() {
+  std::vector<std::pair<std::string, double>> out(Prof().seconds.begin(), Prof().seconds.end());
+  Prof().seconds.clear();
+  return out;
+}
+
+namespace {
+
 }  // namespace
 
 // ---------------------------------------------------------------- CausalConv1d
@@ -73,11 +162,23 @@ CausalConv1d::CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t wi
 }
 
 Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
-  CheckCpu(x, "conv1d");
   GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
   x_ = x;
   batch_ = batch;
   seq_ = seq;
+  if (IsCuda(x)) {
+    GYRE_CHECK(x.dtype() == DType::kBF16, "conv1d: CUDA x must be bf16");
+    Tensor y = Tensor::EmptyLike(x);
+    Conv1dArgs a;
+    a.batch = batch; a.seq = seq; a.channels = channels_; a.width = width_; a.silu = silu_;
+    a.x = x.raw();
+    a.w = weight_->value.data<float>();
+    a.bias = bias_->value.data<float>();
+    a.y = y.raw();
+    if (y.numel() > 0) Cuda().Conv1d(false, a);
+    return y;
+  }
+  CheckCpu(x, "conv1d");
   Tensor y = Tensor::EmptyLike(x);
   DispatchFloat(x.dtype(), [&]<typename T>() {
     cpu::conv1d_fwd_ref<T>({batch, seq, channels_, width_}, {silu_}, x.data<T>(), weight_->value.data<T>(),
@@ -89,6 +190,21 @@ Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 Tensor CausalConv1d::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
   Tensor dx = Tensor::EmptyLike(x_);
+  if (IsCuda(x_)) {
+    GYRE_CHECK(IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
+    Conv1dArgs a;
+    a.batch = batch_; a.seq = seq_; a.channels = channels_; a.width = width_; a.silu = silu_;
+    a.x = x_.raw();
+    a.w = weight_->value.data<float>();
+    a.bias = bias_->value.data<float>();
+    a.dy = dy.raw();
+    a.dx = dx.raw();
+    a.dw = weight_->grad.data<float>();
+    a.dbias = bias_->grad.data<float>();
+    if (dx.numel() > 0) Cuda().Conv1d(true, a);
+    x_ = Tensor();
+    return dx;
+  }
   DispatchFloat(x_.dtype(), [&]<typename T>() {
     cpu::conv1d_bwd_ref<T>({batch_, seq_, channels_, width_}, {silu_}, x_.data<T>(), weight_->value.data<T>(),
                            bias_->value.data<T>(), nullptr, dy.data<T>(), nullptr, dx.data<T>(),
@@ -133,6 +249,7 @@ MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_la
 Tensor MlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   const int64_t dk = p_ / heads_;
   Tensor u = norm_.Forward(x);
   Tensor up = up_.Forward(u);
@@ -170,6 +287,7 @@ Tensor MlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor MlstmBlock::Backward(const Tensor& dy) {
   GYRE_CHECK(h_.defined(), "MlstmBlock::Backward without Forward");
+  if (IsCuda(dy)) return BackwardCuda(dy);
   const int64_t dk = p_ / heads_;
   Tensor dhh = down_.Backward(dy);
   Tensor dhs = Mul(dhh, sz_);
@@ -212,6 +330,7 @@ Tensor MlstmBlock::Backward(const Tensor& dy) {
 
 void MlstmBlock::ReleaseActivations() {
   z_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = h_ = saved_ = hs_ = sz_ = Tensor();
+  u_ = xm_ = mean_ = rstd_ = Tensor();
   norm_.ReleaseActivations();
   up_.ReleaseActivations();
   conv_.ReleaseActivations();
@@ -261,6 +380,7 @@ SlstmBlock::SlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t laye
 Tensor SlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   const int64_t dh = d_ / heads_, rows = batch * seq;
   Tensor u = norm_.Forward(x);
   Tensor xc = conv_.Forward(u, batch, seq);
@@ -291,6 +411,7 @@ Tensor SlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor SlstmBlock::Backward(const Tensor& dy) {
   GYRE_CHECK(h_.defined(), "SlstmBlock::Backward without Forward");
+  if (IsCuda(dy)) return BackwardCuda(dy);
   const int64_t dh_dim = d_ / heads_, rows = batch_ * seq_;
   Tensor dx1 = Add(dy, ffn_norm_.Backward(ffn_.Backward(dy)));
   Tensor dh = group_norm_.Backward(dx1);
@@ -334,7 +455,7 @@ Tensor SlstmBlock::Backward(const Tensor& dy) {
 }
 
 void SlstmBlock::ReleaseActivations() {
-  gx_ = h_ = saved_ = Tensor();
+  gx_ = h_ = saved_ = u_ = xc_ = Tensor();
   norm_.ReleaseActivations();
   conv_.ReleaseActivations();
   for (BlockDiagonalLinear* l : {&wi_, &wf_, &wz_, &wo_}) l->ReleaseActivations();
@@ -377,6 +498,7 @@ Mamba2Block::Mamba2Block(const BuildContext& ctx, const ModelSpec& s, int64_t n_
 Tensor Mamba2Block::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   const int64_t gn = groups_ * state_;
   Tensor u = norm_.Forward(x);
   Tensor zx = in_proj_.Forward(u);
@@ -410,6 +532,7 @@ Tensor Mamba2Block::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor Mamba2Block::Backward(const Tensor& dy) {
   GYRE_CHECK(y_.defined(), "Mamba2Block::Backward without Forward");
+  if (IsCuda(dy)) return BackwardCuda(dy);
   Tensor dg = gated_norm_.Backward(out_proj_.Backward(dy));
   Tensor dyy = Mul(dg, sz_);
   Tensor dz = ActivateBackward(Activation::kSilu, z_, Mul(dg, y_));
@@ -451,7 +574,7 @@ Tensor Mamba2Block::Backward(const Tensor& dy) {
 }
 
 void Mamba2Block::ReleaseActivations() {
-  z_ = dt_ = xs_ = b_ = c_ = y_ = saved_ = sz_ = Tensor();
+  z_ = dt_ = xs_ = b_ = c_ = y_ = saved_ = sz_ = u_ = rstd_ = Tensor();
   norm_.ReleaseActivations();
   in_proj_.ReleaseActivations();
   conv_.ReleaseActivations();
@@ -579,6 +702,336 @@ Tensor Mamba2Block::Step(const Tensor& x, BlockState* state) {
   Tensor out = Add(x, out_proj_.Forward(gated_norm_.Forward(Mul(y, Activate(Activation::kSilu, z)))));
   ReleaseActivations();
   return out;
+}
+
+// ---------------------------------------------------------------- CUDA paths
+
+Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const int64_t rows = batch * seq, p = p_, dk = p_ / heads_;
+  ProfileStart();
+  u_ = norm_.Forward(x);
+  ProfileMark("mlstm.fwd.norm");
+  xm_ = LinearRowsForward(u_, up_, 0, p);
+  z_ = LinearRowsForward(u_, up_, p, p);
+  ProfileMark("mlstm.fwd.up_proj");
+  xc_ = conv_.Forward(xm_, batch, seq);
+  ProfileMark("mlstm.fwd.conv");
+  q_out_ = CudaEmpty({rows, p});
+  k_out_ = CudaEmpty({rows, p});
+  v_out_ = CudaEmpty({rows, p});
+  const int64_t bs = q_.weight()->value.dim(1);
+  for (auto [src, layer, dst] : {std::tuple{&xc_, &q_, &q_out_}, std::tuple{&xc_, &k_, &k_out_},
+                                 std::tuple{&xm_, &v_, &v_out_}}) {
+    BlockDiagArgs a;
+    a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
+    a.x = src->raw(); a.ldx = p;
+    a.w = layer->weight()->value.data<float>();
+    a.y = dst->raw(); a.ldy = p;
+    Cuda().BlockDiag(false, a);
+  }
+  ProfileMark("mlstm.fwd.qkv_blockdiag");
+  ig_ = CudaEmpty({rows, heads_}, DType::kF32);
+  fg_ = CudaEmpty({rows, heads_}, DType::kF32);
+  MlstmGateArgs g;
+  g.rows = rows; g.inner = p; g.heads = heads_;
+  g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
+  g.wi = igate_.weight()->value.data<float>();
+  g.wf = fgate_.weight()->value.data<float>();
+  g.bi = igate_.bias()->value.data<float>();
+  g.bf = fgate_.bias()->value.data<float>();
+  g.ig = ig_.data<float>();
+  g.fg = fg_.data<float>();
+  Cuda().MlstmGates(false, g);
+  ProfileMark("mlstm.fwd.gates");
+  MlstmCellArgs c;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
+  c.sigmoid_forget = sigmoid_forget_;
+  saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
+  h_ = CudaEmpty({rows, p});
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  Cuda().Mlstm(false, c);
+  ProfileMark("mlstm.fwd.cell");
+  // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z), one kernel.
+  Tensor out = CudaEmpty({rows, p});
+  mean_ = CudaEmpty({rows * heads_}, DType::kF32);
+  rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
+  GroupNormArgs n;
+  n.mode = NormMode::kMlstmOutput;
+  n.layer = true;
+  n.rows = rows; n.dim = p; n.groups = heads_;
+  n.eps = 1e-5f;
+  n.weight_offset = 1.f;
+  n.x = h_.raw();
+  n.weight = outnorm_.weight()->value.data<float>();
+  n.z = z_.raw(); n.ldz = p;
+  n.skip = skip_->value.data<float>();
+  n.xc = xc_.raw();
+  n.y = out.raw();
+  n.mean = mean_.data<float>();
+  n.rstd = rstd_.data<float>();
+  Cuda().GroupNorm(false, n);
+  ProfileMark("mlstm.fwd.outnorm_skip_gate");
+  Tensor down = down_.Forward(out);
+  ProfileMark("mlstm.fwd.down_proj");
+  Tensor y = Add(x, down.Reshape(x.shape()));
+  ProfileMark("mlstm.fwd.residual");
+  return y;
+}
+
+Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
+  const int64_t rows = batch_ * seq_, p = p_, dk = p_ / heads_;
+  ProfileStart();
+  Tensor dout = down_.Backward(dy.Reshape({rows, d_}));
+  ProfileMark("mlstm.bwd.down_proj");
+  Tensor dh = CudaEmpty({rows, p}), dz = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
+  GroupNormArgs n;
+  n.mode = NormMode::kMlstmOutput;
+  n.layer = true;
+  n.rows = rows; n.dim = p; n.groups = heads_;
+  n.eps = 1e-5f;
+  n.weight_offset = 1.f;
+  n.x = h_.raw();
+  n.weight = outnorm_.weight()->value.data<float>();
+  n.z = z_.raw(); n.ldz = p;
+  n.skip = skip_->value.data<float>();
+  n.xc = xc_.raw();
+  n.mean = mean_.data<float>();
+  n.rstd = rstd_.data<float>();
+  n.dy = dout.raw();
+  n.dx = dh.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
+  n.dweight = outnorm_.weight()->grad.data<float>();
+  n.dskip = skip_->grad.data<float>();
+  Cuda().GroupNorm(true, n);
+  ProfileMark("mlstm.bwd.outnorm_skip_gate");
+  Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
+  Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
+  MlstmCellArgs c;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
+  c.sigmoid_forget = sigmoid_forget_;
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  c.dh = dh.raw();
+  c.dq = dq.raw(); c.dk_out = dkk.raw(); c.dv_out = dv.raw();
+  c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
+  Cuda().Mlstm(true, c);
+  ProfileMark("mlstm.bwd.cell");
+  MlstmGateArgs g;
+  g.rows = rows; g.inner = p; g.heads = heads_;
+  g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
+  g.wi = igate_.weight()->value.data<float>();
+  g.wf = fgate_.weight()->value.data<float>();
+  g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
+  g.dq = dq.raw(); g.dk = dkk.raw(); g.dv = dv.raw();
+  g.dwi = igate_.weight()->grad.data<float>();
+  g.dwf = fgate_.weight()->grad.data<float>();
+  g.dbi = igate_.bias()->grad.data<float>();
+  g.dbf = fgate_.bias()->grad.data<float>();
+  Cuda().MlstmGates(true, g);
+  ProfileMark("mlstm.bwd.gates");
+  const int64_t bs = q_.weight()->value.dim(1);
+  Tensor dxm = CudaEmpty({rows, p});
+  for (auto [src, layer, d, dst, acc] : {std::tuple{&xc_, &q_, &dq, &dxc, true}, std::tuple{&xc_, &k_, &dkk, &dxc, true},
+                                         std::tuple{&xm_, &v_, &dv, &dxm, false}}) {
+    BlockDiagArgs a;
+    a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
+    a.x = src->raw(); a.ldx = p;
+    a.w = layer->weight()->value.data<float>();
+    a.ldy = p;
+    a.dy = d->raw();
+    a.dx = dst->raw();
+    a.accumulate_dx = acc;
+    a.dw = layer->weight()->grad.data<float>();
+    Cuda().BlockDiag(true, a);
+  }
+  ProfileMark("mlstm.bwd.qkv_blockdiag");
+  AddInPlace(&dxm, conv_.Backward(dxc));
+  ProfileMark("mlstm.bwd.conv");
+  Tensor du;
+  LinearRowsBackward(u_, up_, 0, dxm, &du, false);
+  LinearRowsBackward(u_, up_, p, dz, &du, true);
+  ProfileMark("mlstm.bwd.up_proj");
+  Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
+  ProfileMark("mlstm.bwd.norm_residual");
+  ReleaseActivations();
+  return dx;
+}
+
+Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const int64_t rows = batch * seq, d = d_, dh = d_ / heads_;
+  ProfileStart();
+  u_ = norm_.Forward(x).Reshape({rows, d});
+  ProfileMark("slstm.fwd.norm");
+  xc_ = conv_.Forward(u_, batch, seq);
+  ProfileMark("slstm.fwd.conv");
+  // The four gate projections, per (gate, head), straight into the cell's [B, S, 4, d] layout.
+  gx_ = CudaEmpty({rows, 4 * d});
+  BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
+  for (int k = 0; k < 4; ++k) {
+    const Tensor& src = k < 2 ? xc_ : u_;
+    for (int64_t h = 0; h < heads_; ++h) {
+      Mm(false, true, rows, dh, dh, BytePtr(src, h * dh), d, BytePtr(w[k]->weight()->compute, h * dh * dh), dh,
+         MutBytePtr(gx_, k * d + h * dh), 4 * d, false, 0.f);
+    }
+  }
+  Cuda().AddColumnBias(gx_.raw(), rows, 4 * d, 4 * d, bias_->value.data<float>());
+  ProfileMark("slstm.fwd.gate_proj");
+  SlstmCellArgs c;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.head_dim = dh;
+  saved_ = CudaBytes(Cuda().SlstmSavedBytes(c));
+  h_ = CudaEmpty({batch, seq, d});
+  c.gx = gx_.raw();
+  c.r = recurrent_->compute.raw();
+  c.h = h_.raw();
+  c.saved = saved_.raw();
+  Cuda().Slstm(false, c);
+  ProfileMark("slstm.fwd.cell");
+  Tensor x1 = Add(x, group_norm_.Forward(h_));
+  ProfileMark("slstm.fwd.groupnorm_residual");
+  Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  ProfileMark("slstm.fwd.ffn");
+  return y;
+}
+
+Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
+  const int64_t rows = batch_ * seq_, d = d_, dh = d_ / heads_;
+  ProfileStart();
+  Tensor dx1 = Add(dy, ffn_norm_.Backward(ffn_.Backward(dy)));
+  ProfileMark("slstm.bwd.ffn");
+  Tensor dhh = group_norm_.Backward(dx1);
+  ProfileMark("slstm.bwd.groupnorm");
+  Tensor dgx = CudaEmpty({rows, 4 * d});
+  SlstmCellArgs c;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.head_dim = dh;
+  c.r = recurrent_->compute.raw();
+  c.h = h_.raw();
+  c.saved = saved_.raw();
+  c.dh = dhh.raw();
+  c.dgx = dgx.raw();
+  c.dr = recurrent_->grad.data<float>();
+  Cuda().Slstm(true, c);
+  ProfileMark("slstm.bwd.cell");
+  Cuda().ColumnSum(dgx.raw(), rows, 4 * d, 4 * d, bias_->grad.data<float>());
+  Tensor dxc = CudaEmpty({rows, d}), du = CudaEmpty({rows, d});
+  BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
+  for (int k = 0; k < 4; ++k) {
+    const Tensor& src = k < 2 ? xc_ : u_;
+    Tensor& dst = k < 2 ? dxc : du;
+    const float beta = (k == 0 || k == 2) ? 0.f : 1.f;
+    for (int64_t h = 0; h < heads_; ++h) {
+      const void* dg = BytePtr(dgx, k * d + h * dh);
+      Mm(false, false, rows, dh, dh, dg, 4 * d, BytePtr(w[k]->weight()->compute, h * dh * dh), dh,
+         MutBytePtr(dst, h * dh), d, false, beta);
+      Mm(true, false, dh, dh, rows, dg, 4 * d, BytePtr(src, h * dh), d,
+         MutBytePtr(w[k]->weight()->grad, h * dh * dh), dh, true, 1.f);
+    }
+  }
+  ProfileMark("slstm.bwd.gate_proj");
+  AddInPlace(&du, conv_.Backward(dxc));
+  ProfileMark("slstm.bwd.conv");
+  Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dx1);
+  ProfileMark("slstm.bwd.norm_residual");
+  ReleaseActivations();
+  return dx;
+}
+
+Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const int64_t rows = batch * seq, gn = groups_ * state_, cx = di_ + 2 * gn;
+  ProfileStart();
+  u_ = norm_.Forward(x).Reshape({rows, d_});
+  ProfileMark("mamba2.fwd.norm");
+  z_ = LinearRowsForward(u_, in_proj_, 0, di_);
+  Tensor xbc_in = LinearRowsForward(u_, in_proj_, di_, cx);
+  dt_ = LinearRowsForward(u_, in_proj_, di_ + cx, heads_, /*f32=*/true);
+  ProfileMark("mamba2.fwd.in_proj");
+  Tensor xbc = conv_.Forward(xbc_in, batch, seq);
+  ProfileMark("mamba2.fwd.conv");
+  xs_ = SliceColumns(xbc, 0, di_);
+  b_ = SliceColumns(xbc, di_, di_ + gn);
+  c_ = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
+  ProfileMark("mamba2.fwd.slices");
+  SsdCellArgs a;
+  a.batch = batch; a.seq = seq; a.heads = heads_; a.head_dim = head_dim_; a.groups = groups_; a.state = state_;
+  a.chunk = chunk_;
+  saved_ = CudaBytes(Cuda().SsdSavedBytes(a));
+  y_ = CudaEmpty({rows, di_});
+  a.x = xs_.raw(); a.dt = dt_.data<float>();
+  a.a_log = a_log_->value.data<float>(); a.dt_bias = dt_bias_->value.data<float>();
+  a.b = b_.raw(); a.c = c_.raw(); a.d = d_skip_->value.data<float>();
+  a.y = y_.raw(); a.saved = saved_.raw();
+  Cuda().Ssd(false, a);
+  ProfileMark("mamba2.fwd.ssd");
+  // RMSNorm_G(y ⊙ SiLU(z)), one kernel.
+  Tensor gnorm = CudaEmpty({rows, di_});
+  rstd_ = CudaEmpty({rows * groups_}, DType::kF32);
+  GroupNormArgs n;
+  n.mode = NormMode::kGatedInput;
+  n.layer = false;
+  n.rows = rows; n.dim = di_; n.groups = groups_;
+  n.eps = 1e-5f;
+  n.x = y_.raw();
+  n.weight = gated_norm_.weight()->value.data<float>();
+  n.z = z_.raw(); n.ldz = di_;
+  n.y = gnorm.raw();
+  n.rstd = rstd_.data<float>();
+  Cuda().GroupNorm(false, n);
+  ProfileMark("mamba2.fwd.gated_norm");
+  Tensor out = out_proj_.Forward(gnorm);
+  ProfileMark("mamba2.fwd.out_proj");
+  Tensor y = Add(x, out.Reshape(x.shape()));
+  ProfileMark("mamba2.fwd.residual");
+  return y;
+}
+
+Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
+  const int64_t rows = batch_ * seq_, gn = groups_ * state_, cx = di_ + 2 * gn;
+  ProfileStart();
+  Tensor dg = out_proj_.Backward(dy.Reshape({rows, d_}));
+  ProfileMark("mamba2.bwd.out_proj");
+  Tensor dyy = CudaEmpty({rows, di_}), dz = CudaEmpty({rows, di_});
+  GroupNormArgs n;
+  n.mode = NormMode::kGatedInput;
+  n.layer = false;
+  n.rows = rows; n.dim = di_; n.groups = groups_;
+  n.eps = 1e-5f;
+  n.x = y_.raw();
+  n.weight = gated_norm_.weight()->value.data<float>();
+  n.z = z_.raw(); n.ldz = di_;
+  n.rstd = rstd_.data<float>();
+  n.dy = dg.raw();
+  n.dx = dyy.raw(); n.dz = dz.raw();
+  n.dweight = gated_norm_.weight()->grad.data<float>();
+  Cuda().GroupNorm(true, n);
+  ProfileMark("mamba2.bwd.gated_norm");
+  Tensor dxs = CudaEmpty({rows, di_}), db = CudaEmpty({rows, gn}), dc = CudaEmpty({rows, gn});
+  Tensor ddt = CudaEmpty({rows, heads_}, DType::kF32);
+  SsdCellArgs a;
+  a.batch = batch_; a.seq = seq_; a.heads = heads_; a.head_dim = head_dim_; a.groups = groups_; a.state = state_;
+  a.chunk = chunk_;
+  a.x = xs_.raw(); a.dt = dt_.data<float>();
+  a.a_log = a_log_->value.data<float>(); a.dt_bias = dt_bias_->value.data<float>();
+  a.b = b_.raw(); a.c = c_.raw(); a.d = d_skip_->value.data<float>();
+  a.saved = saved_.raw();
+  a.dy = dyy.raw();
+  a.dx = dxs.raw(); a.ddt = ddt.data<float>(); a.db = db.raw(); a.dc = dc.raw();
+  a.da_log = a_log_->grad.data<float>(); a.ddt_bias = dt_bias_->grad.data<float>(); a.dd = d_skip_->grad.data<float>();
+  Cuda().Ssd(true, a);
+  ProfileMark("mamba2.bwd.ssd");
+  Tensor dxbc_out = ConcatColumns({dxs, db, dc});
+  ProfileMark("mamba2.bwd.concat");
+  Tensor dxbc = conv_.Backward(dxbc_out);
+  ProfileMark("mamba2.bwd.conv");
+  Tensor du;
+  LinearRowsBackward(u_, in_proj_, 0, dz, &du, false);
+  LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true);
+  LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true);
+  ProfileMark("mamba2.bwd.in_proj");
+  Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
+  ProfileMark("mamba2.bwd.norm_residual");
+  ReleaseActivations();
+  return dx;
 }
 
 }  // namespace gyre::ops

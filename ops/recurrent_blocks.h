@@ -12,9 +12,20 @@
 //   u = RMSNorm(x); [z | x | B | C | dt] = in_proj u; [x | B | C] = SiLU(conv4([x | B | C]));
 //   y = SSD(x, dt, A, B, C, D) (chunked kernel); x <- x + out_proj(RMSNorm_G(y ⊙ SiLU(z))).
 // All LayerNorms of the xLSTM blocks store their scale as 1 + w (w init 0), no bias, eps 1e-5.
+//
+// CUDA (bf16 activations, fp32 gates / dt / states / gradients): the cells of kernels/cuda, the
+// projections through cuBLASLt on weight row blocks (no activation slicing: [x_m | z] and
+// [z | xBC | dt] are separate GEMMs into separate tensors; dt in fp32), the sLSTM gate GEMMs per
+// (gate, head) written straight into the cell's interleaved [B, S, 4, d] layout, and fused glue
+// (ops/recurrent_cuda.h): mLSTM 4x4 block-diagonal q/k/v, mLSTM gate projections without the
+// concat, the mLSTM output path (GroupNorm + skip + SiLU(z) gate in one kernel), the Mamba-2
+// gated RMSNorm (y ⊙ SiLU(z) inside the norm).
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "ops/block.h"
 #include "ops/layers.h"
@@ -43,6 +54,12 @@ class CausalConv1d {
   int64_t batch_ = 0, seq_ = 0;
 };
 
+// Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after
+// every phase and add its host time to a named bucket ("mamba2.fwd.ssd", ...). Off by default
+// (no cost). TakeRecurrentProfile returns the buckets (seconds) and clears them. Not thread-safe.
+void SetRecurrentProfiling(bool on);
+std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
+
 class MlstmBlock : public Block {
  public:
   MlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
@@ -65,6 +82,10 @@ class MlstmBlock : public Block {
   Linear down_;
   int64_t batch_ = 0, seq_ = 0;
   Tensor z_, xc_, q_out_, k_out_, v_out_, ig_, fg_, h_, saved_, hs_, sz_;
+  // CUDA path (recurrent_blocks.cc): u = LN(x), xm, out-norm statistics.
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor BackwardCuda(const Tensor& dy);
+  Tensor u_, xm_, mean_, rstd_;
 };
 
 class SlstmBlock : public Block {
@@ -88,6 +109,9 @@ class SlstmBlock : public Block {
   GatedMlp ffn_;
   int64_t batch_ = 0, seq_ = 0;
   Tensor gx_, h_, saved_;
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor BackwardCuda(const Tensor& dy);
+  Tensor u_, xc_;
 };
 
 class Mamba2Block : public Block {
@@ -111,6 +135,9 @@ class Mamba2Block : public Block {
   Linear out_proj_;
   int64_t batch_ = 0, seq_ = 0;
   Tensor z_, dt_, xs_, b_, c_, y_, saved_, sz_;
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor BackwardCuda(const Tensor& dy);
+  Tensor u_, rstd_;
 };
 
 }  // namespace gyre::ops

@@ -22,11 +22,12 @@ TESTS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_colle
   //kernels/cuda:conv1d_gpu_test //kernels/cuda:attention_gpu_test)
 # Tests that link OpenBLAS statically for the CPU float64 references (~30 MB each).
 XZ_TESTS=(//kernels/cuda:ops_parity_gpu_test //kernels/cuda:ssd_gpu_test
-  //kernels/cuda:slstm_gpu_test //kernels/cuda:mlstm_gpu_test //ops:llama_gpu_test)
+  //kernels/cuda:slstm_gpu_test //kernels/cuda:mlstm_gpu_test //ops:llama_gpu_test
+  //ops:recurrent_gpu_test)
 # Benchmarks (timings; anchors run beside them from bench/*anchor*.py).
 BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //bench:conv1d_bench
   //bench:slstm_bench //bench:mlstm_bench)
-XZ_BENCHES=(//bench:llama_step_bench)
+XZ_BENCHES=(//bench:llama_step_bench //bench:recurrent_step_bench)
 # Every binary travels xz-compressed (statically linked, 2-30 MB each; 3-10x smaller) so the
 # bundle stays under the device tool's 64 MiB carry limit; run.sh unpacks them with python3's lzma.
 

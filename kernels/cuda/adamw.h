@@ -68,6 +68,9 @@ class FusedAdamW {
   // One step at learning rate lr; max_grad_norm <= 0 disables clipping. Increments t.
   CudaResult Step(double lr, double max_grad_norm, cudaStream_t stream);
   void UndoStep() { --t_; }
+  // Restores the count of applied updates (bias correction of the next Step uses t + 1), e.g.
+  // after loading a checkpoint's optimizer state. Must be >= 0.
+  void set_steps_taken(int64_t t) { t_ = t < 0 ? 0 : t; }
   int64_t steps_taken() const { return t_; }
   // Valid on the device after Step's work has run (copy it after a stream sync or event).
   const AdamWStepState* device_state() const { return state_.as<AdamWStepState>(); }

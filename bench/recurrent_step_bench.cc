@@ -1,0 +1,212 @@
+// One-GPU training step of the recurrent models (xLSTM, Mamba-2, hybrids) through ops/ on CUDA:
+// the same Trainer `gyre train --device cuda` and the worker run (forward + backward + global-norm
+// clip + AdamW), random tokens, context 2048. Prints tokens/s and MFU per preset.
+//
+// FLOPs per step (stated, as PERFORMANCE.md asks):
+//   dense   6 · N · tokens     N = parameters of the blocks + final norm (no embedding, no LM
+//                              head): every weight (projections, block-diagonal q/k/v and gate
+//                              weights, conv taps, the sLSTM recurrent matrix R) is used once
+//                              per token, so 6N counts the sLSTM recurrence too.
+//   cells (the matmul work of the recurrences, as the attention term of a Transformer), per
+//   token and layer, forward; training = 3x forward:
+//     mLSTM chunkwise (chunk L, heads NH, dk = dv): NH · (L(dk + dv) + 4 dk dv)
+//                     causal intra-chunk QKᵀ and SV (L/2 keys on average) + q·C and the
+//                     state update kᵀv
+//     SSD (chunk Q, heads H, P, N):                 H · (Q(N + P) + 4 N P)   (same structure)
+//     attention (hybrid layers):                    2 · heads · head_dim · T (causal QKᵀ + PV)
+//   MFU = (dense + cells) / step time / peak, peak = 989 TFLOP/s (H100/H200 SXM dense bf16, the
+//   figure PERFORMANCE.md's anchors use); "with head" adds 6 · V · d · tokens.
+// Timing: host wall clock per step (each step ends with device-to-host reads of the loss and the
+// gradient norm, so the stream is drained); warm-up steps first; median of the rest.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "ops/cuda_backend.h"
+#include "ops/parallel.h"
+#include "ops/recurrent_blocks.h"
+#include "ops/train_step.h"
+
+namespace {
+
+using namespace gyre::ops;
+
+struct Result {
+  std::string preset;
+  int64_t batch = 0, seq = 0;
+  bool recompute = false;
+  double median_s = 0, tokens_per_s = 0, mfu = 0, mfu_head = 0, init_s = 0, cell_share = 0;
+  double loss_first = 0, loss_last = 0;
+};
+
+// Training FLOPs per token of the recurrent cells and attention (the header's formula).
+double CellFlopsPerToken(const ModelSpec& s, int64_t seq) {
+  double fwd = 0;
+  for (BlockType b : s.blocks) {
+    if (b == BlockType::kMlstm) {
+      const double dk = static_cast<double>(s.mlstm_inner / s.mlstm_heads), L = static_cast<double>(s.mlstm_chunk);
+      fwd += s.mlstm_heads * (L * (dk + dk) + 4 * dk * dk);
+    } else if (b == BlockType::kMamba2) {
+      const double H = static_cast<double>(s.ssm_expand * s.d_model / s.ssm_head_dim);
+      const double P = static_cast<double>(s.ssm_head_dim), N = static_cast<double>(s.ssm_state);
+      const double Q = static_cast<double>(s.ssm_chunk);
+      fwd += H * (Q * (N + P) + 4 * N * P);
+    } else if (b == BlockType::kAttention) {
+      fwd += 2.0 * s.attn_heads * s.attn_head_dim * static_cast<double>(seq);
+    }
+  }
+  return 3.0 * fwd;
+}
+
+int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
+  int64_t n = 0;
+  for (const Parameter* p : m.params().All()) {
+    if (p->name == "embedding.weight" || p->name == "lm_head.weight") continue;
+    n += p->value.numel();
+  }
+  return n;
+}
+
+int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
+        int profile_steps, double peak_tflops, Result* out) {
+  auto spec = PresetSpec(preset);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
+    return 1;
+  }
+  spec->recompute_blocks = recompute;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCuda, 1);
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+    return 1;
+  }
+  Cuda().Synchronize();
+  out->init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  TrainOptions opt;
+  opt.schedule.peak_lr = 3e-4;
+  opt.schedule.warmup_steps = 0;
+  opt.grad_clip = 1.0;
+  Trainer trainer(model->get(), opt);
+  Rng rng(2);
+  std::vector<int32_t> tokens(batch * (seq + 1));
+  std::vector<double> times;
+  for (int s = 0; s < warmup + steps; ++s) {
+    for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
+    const auto a = std::chrono::steady_clock::now();
+    auto st = trainer.Step(tokens, batch, seq, s);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+    if (!st.ok()) {
+      std::fprintf(stderr, "step %d: %s\n", s, std::string(st.status().message()).c_str());
+      return 1;
+    }
+    if (s == 0) out->loss_first = st->loss.loss;
+    out->loss_last = st->loss.loss;
+    if (s >= warmup) times.push_back(dt);
+  }
+  // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
+  // are not part of the median above).
+  if (profile_steps > 0) {
+    SetRecurrentProfiling(true);
+    double total = 0;
+    for (int s = 0; s < profile_steps; ++s) {
+      for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
+      const auto a = std::chrono::steady_clock::now();
+      auto st = trainer.Step(tokens, batch, seq, warmup + steps + s);
+      total += std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+      if (!st.ok()) return 1;
+    }
+    SetRecurrentProfiling(false);
+    auto phases = TakeRecurrentProfile();
+    std::sort(phases.begin(), phases.end(), [](const auto& x, const auto& y) { return x.second > y.second; });
+    double in_blocks = 0;
+    for (const auto& [name, sec] : phases) in_blocks += sec;
+    std::printf("  profile (%d synchronised steps, %.1f ms/step; recurrent-block phases %.1f ms, rest of the step "
+                "(embedding, attention blocks, final norm, LM head + CE, clip + AdamW) %.1f ms):\n",
+                profile_steps, 1e3 * total / profile_steps, 1e3 * in_blocks / profile_steps,
+                1e3 * (total - in_blocks) / profile_steps);
+    for (const auto& [name, sec] : phases)
+      std::printf("    %-32s %8.2f ms/step  %5.1f%%\n", name.c_str(), 1e3 * sec / profile_steps, 100 * sec / total);
+  }
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2];
+  const double tokens_step = static_cast<double>(batch * seq);
+  const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
+  const double head = static_cast<double>(spec->vocab_size * spec->d_model);
+  const double cell = CellFlopsPerToken(*spec, seq) * tokens_step;
+  const double flops = 6.0 * n_dense * tokens_step + cell;
+  const double flops_head = flops + 6.0 * head * tokens_step;
+  out->cell_share = cell / flops;
+  out->preset = preset;
+  out->batch = batch;
+  out->seq = seq;
+  out->median_s = med;
+  out->tokens_per_s = tokens_step / med;
+  out->mfu = flops / med / (peak_tflops * 1e12);
+  out->mfu_head = flops_head / med / (peak_tflops * 1e12);
+  out->recompute = recompute;
+  std::printf("%s batch %lld x %lld%s: N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, max %.2f, %d steps), "
+              "%.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), loss %.3f -> %.3f, "
+              "init %.1f s\n",
+              preset.c_str(), (long long)batch, (long long)seq, recompute ? " (recompute)" : "", n_dense / 1e6,
+              med * 1e3, times.front() * 1e3, times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu,
+              100 * out->mfu_head, 100 * out->cell_share, out->loss_first, out->loss_last, out->init_s);
+  std::fflush(stdout);
+  model->reset();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Recurrent-model training step on one GPU (ops/ CUDA backend)"};
+  std::vector<std::string> presets = {"xlstm[1:0]-125m", "xlstm[7:1]-125m", "mamba2-130m", "xlstm[7:1]-1.3b",
+                                      "mamba2-1.3b"};
+  std::vector<int64_t> batches = {16, 16, 16, 8, 8};
+  std::vector<int> recompute = {0, 0, 0, 0, 0};
+  int64_t seq = 2048;
+  int warmup = 3, steps = 10, profile_steps = 0;
+  double peak = 989.0;
+  app.add_option("--presets", presets, "presets")->capture_default_str();
+  app.add_option("--batches", batches, "batch per preset")->capture_default_str();
+  app.add_option("--recompute", recompute, "1: recompute block activations in backward, per preset")->capture_default_str();
+  app.add_option("--seq", seq, "context")->capture_default_str();
+  app.add_option("--warmup", warmup, "warm-up steps")->capture_default_str();
+  app.add_option("--steps", steps, "timed steps")->capture_default_str();
+  app.add_option("--profile_steps", profile_steps, "extra synchronised steps for a per-phase breakdown")
+      ->capture_default_str();
+  app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (CudaBackendOrNull() == nullptr) {
+    std::fprintf(stderr, "built without CUDA\n");
+    return 1;
+  }
+  if (batches.size() != presets.size() || recompute.size() != presets.size()) {
+    std::fprintf(stderr, "--batches and --recompute need one value per preset\n");
+    return 2;
+  }
+  SetNumThreads(0);  // host-side initialisation draws in parallel (ops/module.cc InitNormal)
+  std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
+  std::vector<Result> results;
+  int rc = 0;
+  for (size_t i = 0; i < presets.size(); ++i) {
+    Result r;
+    // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
+    // the others.
+    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, peak, &r) != 0) {
+      rc = 1;
+      continue;
+    }
+    results.push_back(r);
+  }
+  std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (6N + cells) | MFU with head |\n|---|---|---|---|---|---|\n");
+  for (const Result& r : results) {
+    std::printf("| %s%s | %lld x %lld | %.1f | %.0f | %.1f%% | %.1f%% |\n", r.preset.c_str(),
+                r.recompute ? " (recompute)" : "", (long long)r.batch, (long long)r.seq, r.median_s * 1e3,
+                r.tokens_per_s, 100 * r.mfu, 100 * r.mfu_head);
+  }
+  return rc;
+}

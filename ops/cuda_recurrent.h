@@ -1,0 +1,157 @@
+// Argument structs of the recurrent blocks' CUDA work (plain C++: shared by ops/cuda_backend.h,
+// which every build compiles, and the nvcc-compiled kernels of ops/recurrent_cuda.h). Pointers
+// are device pointers; bf16 arrays are 2-byte storage. Semantics: ops/recurrent_cuda.h (glue)
+// and kernels/cuda/{conv1d,mlstm,slstm,ssd}.h (cells).
+#pragma once
+
+#include <cstdint>
+
+namespace gyre::ops {
+
+// Group-wise RMS/Layer norm over [rows, dim] in `groups` equal slices, scale (w + offset):
+//   kPlain        y = N(x)
+//   kGatedInput   a = x ⊙ SiLU(z);  y = N(a)                      (Mamba-2 gated RMSNorm)
+//   kMlstmOutput  hs = N(x) + skip ⊙ xc;  y = hs ⊙ SiLU(z)         (mLSTM block output)
+// Backward: dx (overwritten), dz (overwritten; modes 1, 2), dxc (overwritten; mode 2),
+// dweight / dskip (fp32, accumulated).
+enum class NormMode { kPlain = 0, kGatedInput = 1, kMlstmOutput = 2 };
+
+struct GroupNormArgs {
+  NormMode mode = NormMode::kPlain;
+  bool layer = false;  // LayerNorm (mean removed) vs RMSNorm
+  int64_t rows = 0, dim = 0, groups = 1;
+  float eps = 1e-5f;
+  float weight_offset = 0.f;
+  const void* x = nullptr;        // [rows, dim]
+  const float* weight = nullptr;  // [dim] or null (scale 1 + offset... i.e. no learnable scale: 1)
+  const void* z = nullptr;        // [rows, ldz] (modes 1, 2)
+  int64_t ldz = 0;
+  const float* skip = nullptr;    // [dim] (mode 2)
+  const void* xc = nullptr;       // [rows, dim] (mode 2)
+  void* y = nullptr;              // [rows, dim]
+  float* mean = nullptr;          // [rows, groups] (LayerNorm)
+  float* rstd = nullptr;          // [rows, groups]
+  // Backward.
+  const void* dy = nullptr;
+  void* dx = nullptr;
+  void* dz = nullptr;    // [rows, dim] packed
+  void* dxc = nullptr;   // [rows, dim]
+  float* dweight = nullptr;
+  float* dskip = nullptr;
+};
+
+// Block-diagonal map with small square-ish blocks (block_in, block_out <= 8):
+//   y[r, b·bo + o] = Σ_i x[r, b·bi + i] · w[b, o, i]
+// Backward: dx (= or += when accumulate) and dw (+=).
+struct BlockDiagArgs {
+  int64_t rows = 0, blocks = 0, block_in = 0, block_out = 0;
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const float* w = nullptr;  // [blocks, block_out, block_in]
+  void* y = nullptr;
+  int64_t ldy = 0;
+  const void* dy = nullptr;  // ld = ldy
+  void* dx = nullptr;        // ld = ldx
+  bool accumulate_dx = false;
+  float* dw = nullptr;
+};
+
+// mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 4):
+//   ig[r, g] = bi[g] + Σ_j qkv[r, j] wi[g, j],  fg likewise;  q, k, v [rows, p] bf16.
+// Backward: dq, dk, dv += (dig wi + dfg wf) slices (in place, bf16); dwi, dwf, dbi, dbf +=.
+struct MlstmGateArgs {
+  int64_t rows = 0, inner = 0, heads = 0;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* wi = nullptr;  // [heads, 3 inner]
+  const float* wf = nullptr;
+  const float* bi = nullptr;  // [heads]
+  const float* bf = nullptr;
+  float* ig = nullptr;        // [rows, heads]
+  float* fg = nullptr;
+  // Backward.
+  const float* dig = nullptr;
+  const float* dfg = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dwi = nullptr;
+  float* dwf = nullptr;
+  float* dbi = nullptr;
+  float* dbf = nullptr;
+};
+
+// Causal depthwise conv1d (+ SiLU), kernels/cuda/conv1d.h: x, y, dy, dx [B, S, C] bf16; w [C, K],
+// bias [C] fp32 masters; dw, dbias fp32 accumulated.
+struct Conv1dArgs {
+  int64_t batch = 0, seq = 0, channels = 0, width = 4;
+  bool silu = false;
+  const void* x = nullptr;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  void* y = nullptr;
+  const void* dy = nullptr;
+  void* dx = nullptr;
+  float* dw = nullptr;
+  float* dbias = nullptr;
+};
+
+// mLSTM chunkwise cell, kernels/cuda/mlstm.h: q, k [B, S, NH, dk], v, h [B, S, NH, dv] bf16;
+// gates [B, S, NH] fp32; saved: SavedBytes.
+struct MlstmCellArgs {
+  int64_t batch = 0, seq = 0, heads = 0, dk = 0, dv = 0, chunk = 64;
+  bool sigmoid_forget = true;
+  double eps = 1e-6;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* ig = nullptr;
+  const float* fg = nullptr;
+  void* h = nullptr;
+  void* saved = nullptr;
+  const void* dh = nullptr;
+  void* dq = nullptr;
+  void* dk_out = nullptr;
+  void* dv_out = nullptr;
+  float* dig = nullptr;
+  float* dfg = nullptr;
+};
+
+// sLSTM cell, kernels/cuda/slstm.h: gx, dgx [B, S, 4, d] bf16; r [NH, 4, dh, dh] bf16 (compute
+// copy); h, dh [B, S, d] bf16; dr fp32 accumulated.
+struct SlstmCellArgs {
+  int64_t batch = 0, seq = 0, heads = 0, head_dim = 0;
+  const void* gx = nullptr;
+  const void* r = nullptr;
+  void* h = nullptr;
+  void* saved = nullptr;
+  const void* dh = nullptr;
+  void* dgx = nullptr;
+  float* dr = nullptr;
+};
+
+// Mamba-2 SSD, kernels/cuda/ssd.h: x, y [B, S, H, P] bf16; dt [B, S, H] fp32 raw; B, C
+// [B, S, G, N] bf16; A_log, dt_bias, D [H] fp32 masters (their gradients accumulate).
+struct SsdCellArgs {
+  int64_t batch = 0, seq = 0, heads = 0, head_dim = 0, groups = 1, state = 0, chunk = 256;
+  const void* x = nullptr;
+  const float* dt = nullptr;
+  const float* a_log = nullptr;
+  const float* dt_bias = nullptr;
+  const void* b = nullptr;
+  const void* c = nullptr;
+  const float* d = nullptr;
+  void* y = nullptr;
+  void* saved = nullptr;
+  const void* dy = nullptr;
+  void* dx = nullptr;
+  float* ddt = nullptr;
+  void* db = nullptr;
+  void* dc = nullptr;
+  float* da_log = nullptr;
+  float* ddt_bias = nullptr;
+  float* dd = nullptr;
+};
+
+}  // namespace gyre::ops

@@ -1,0 +1,41 @@
+// Glue kernels around the recurrent cells on CUDA (nvcc-compiled, plain C++ API, used by the
+// ops/ backend): group-wise norms with the xLSTM 1+w scale and the two fused output paths, the
+// small block-diagonal projections of the mLSTM block, the mLSTM gate projections (fp32 gates),
+// column bias adds and column sums.
+//
+// Dtypes: activations bf16 [rows, cols] row-major (with a row stride where named `ld*`);
+// weights are read from the fp32 master copies (small tensors; no rounding on the path the CPU
+// reference takes in float64); every parameter gradient is fp32 and ACCUMULATES (atomicAdd of
+// per-block partial sums: the summation order varies between runs at fp32 rounding level).
+// Norm statistics fp32 [rows, groups]. Everything is enqueued on `stream`; nothing synchronises.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/device_info.h"
+#include "ops/cuda_recurrent.h"
+
+namespace gyre::ops::cuda_ops {
+
+using gyre::cuda::CudaResult;
+
+using ::gyre::ops::BlockDiagArgs;
+using ::gyre::ops::GroupNormArgs;
+using ::gyre::ops::MlstmGateArgs;
+using ::gyre::ops::NormMode;
+
+CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
+CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream);
+CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream);
+CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream);
+CudaResult MlstmGatesForward(const MlstmGateArgs& a, cudaStream_t stream);
+CudaResult MlstmGatesBackward(const MlstmGateArgs& a, cudaStream_t stream);
+
+// y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
+CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
+// out[c] += Σ_r x[r, c] (bf16 x with row stride ld; fp32 out).
+CudaResult ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out, cudaStream_t stream);
+
+}  // namespace gyre::ops::cuda_ops
