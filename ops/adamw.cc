@@ -112,16 +112,12 @@ absl::Status AdamW::LoadState(const std::vector<NamedTensor>& state) {
   if (step == by_name.end() || step->second->numel() != 1) return absl::NotFoundError("optimizer state lacks adam.step");
   const double t = step->second->At(0);
   if (!(t >= 0) || t != std::floor(t)) return absl::InvalidArgumentError(absl::StrCat("adam.step = ", t));
-  if (cuda_ != nullptr && static_cast<int64_t>(t) != cuda_->steps_taken()) {
-    // kernels/cuda FusedAdamW keeps its own step count (bias correction) with no setter yet.
-    return absl::UnimplementedError(absl::StrCat("restoring AdamW at step ", t, " on CUDA needs a step setter in "
-                                                 "kernels/cuda/adamw.h (FusedAdamW)"));
-  }
   for (size_t i = 0; i < list_.size(); ++i) {
     m_[i].CopyFrom(*ms[i]);
     v_[i].CopyFrom(*vs[i]);
   }
   t_ = static_cast<int64_t>(t);
+  if (cuda_ != nullptr) cuda_->SetStepsTaken(t_);  // FusedAdamW keeps its own count
   return absl::OkStatus();
 }
 

@@ -73,6 +73,8 @@ class CudaAdamW {
   // non-finite norm means the device skipped the update; the step count is then not advanced.
   virtual double Step(double lr, double max_grad_norm) = 0;
   virtual int64_t steps_taken() const = 0;
+  // Installs a restored step count (bias correction of the next step uses t + 1).
+  virtual void SetStepsTaken(int64_t t) = 0;
 };
 
 class CudaBackend {
@@ -89,6 +91,9 @@ class CudaBackend {
   virtual void Memset0(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;
   virtual std::string DeviceDescription() = 0;
+  // The cudaStream_t every op is ordered on (as void*): the distributed worker records CUDA
+  // events on it (gradient buckets ready, step timing) for its communication stream to wait on.
+  virtual void* ComputeStream() = 0;
 
   // Pointwise (device arrays of n elements): dtype conversion (f32 <-> bf16), y += alpha x
   // (fp32 math), out = a + b, y *= s, Σ x² (double).

@@ -70,6 +70,7 @@ class Adam final : public CudaAdamW {
     return st.grad_norm;
   }
   int64_t steps_taken() const override { return adam_.steps_taken(); }
+  void SetStepsTaken(int64_t t) override { adam_.SetStepsTaken(t); }
 
  private:
   kc::DeviceAllocator* alloc_;
@@ -114,6 +115,11 @@ class Backend final : public CudaBackend {
     CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
     return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
            std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
+  }
+
+  void* ComputeStream() override {
+    Init();
+    return stream_;
   }
 
   void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) override {

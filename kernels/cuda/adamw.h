@@ -68,6 +68,7 @@ class FusedAdamW {
   // One step at learning rate lr; max_grad_norm <= 0 disables clipping. Increments t.
   CudaResult Step(double lr, double max_grad_norm, cudaStream_t stream);
   void UndoStep() { --t_; }
+  void SetStepsTaken(int64_t t) { t_ = t; }  // a restored optimizer state's step count
   int64_t steps_taken() const { return t_; }
   // Valid on the device after Step's work has run (copy it after a stream sync or event).
   const AdamWStepState* device_state() const { return state_.as<AdamWStepState>(); }
