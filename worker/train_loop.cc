@@ -164,10 +164,10 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
     const double seconds = (t5 - t0) / 1e6;
     std::fprintf(stderr,
                  "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.1f ms, fwd %.1f ms, "
-                 "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)\n",
+                 "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)  at %.3f s\n",
                  (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
                  global_batch * seq / seconds, (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms, exposed_comm_ms,
-                 (t4 - t3) / 1e3, (t5 - t4) / 1e3);
+                 (t4 - t3) / 1e3, (t5 - t4) / 1e3, t5 / 1e6);
   }
   return absl::OkStatus();
 }
