@@ -21,6 +21,7 @@ constexpr int kMaxResyncsInARow = 50;
 absl::Status Worker::Run() {
   RETURN_IF_ERROR(RegisterSession());
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  RETURN_IF_ERROR(EnsureReplica());
   int resyncs = 0;
   auto resync = [&](const absl::Status& why) -> absl::Status {
     if (++resyncs > kMaxResyncsInARow) return why;

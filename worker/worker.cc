@@ -41,17 +41,24 @@ absl::Status Worker::RegisterSession() {
   session_.store(response.session());
   session_lost_.store(false);
   if (response.heartbeat_interval_ms() > 0) heartbeat_interval_ms_ = response.heartbeat_interval_ms();
-  if (!replica_) {
+  if (!replica_ && !config_received_) {
+    config_received_ = true;
     config_ = response.config();
     if (config_.cluster().collective_timeout_ms() > 0) {
       options_.gloo.op_timeout_ms = config_.cluster().collective_timeout_ms();
       options_.gloo.connect_timeout_ms = config_.cluster().collective_timeout_ms();
       options_.nccl_timeout_ms = config_.cluster().collective_timeout_ms();
     }
-    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
-    RETURN_IF_ERROR(OpenData(config_));
   }
   return absl::OkStatus();
+}
+
+absl::Status Worker::EnsureReplica() {
+  // Built after the heartbeat thread started: a large model (or a CUDA context) can take longer
+  // to set up than the coordinator's heartbeat timeout, and a silent worker is declared dead.
+  if (replica_) return absl::OkStatus();
+  ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
+  return OpenData(config_);
 }
 
 void Worker::HeartbeatLoop() {

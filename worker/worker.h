@@ -63,6 +63,7 @@ class Worker {
 
  private:
   absl::Status RegisterSession();
+  absl::Status EnsureReplica();
   void HeartbeatLoop();
   absl::Status OpenData(const gyre::v1::RunConfig& config);
   absl::Status JoinGeneration(const gyre::v1::StepLease& lease);
@@ -85,6 +86,7 @@ class Worker {
 
   gyre::v1::WorkerId id_;
   gyre::v1::RunConfig config_;
+  bool config_received_ = false;
   std::atomic<uint64_t> session_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> session_lost_{false};
