@@ -9,6 +9,7 @@
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
 //                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                and the NCCL unique id (rank 0 publishes it; GPU workers, worker/gpu_runtime.h)
 //                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
 //
