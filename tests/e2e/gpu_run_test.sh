@@ -110,7 +110,7 @@ if [ "$kw" = 2 ]; then
   check "kill: the survivor went on at world 1" "grep -q 'world  1' $runs/$name.ledger"
   check "kill: the restarted worker rejoined (world 2 at the end)" "[ \"\$(grep '^step' $runs/$name.ledger | tail -n 1 | awk '{print \$6}')\" = 2 ]"
 else
-  check "kill: the restarted worker restored the latest checkpoint" "grep -q '(restore)' $runs/$name/logs/coordinator.log"
+  check "kill: the restarted worker restored a checkpoint (a restore generation from a step > 0)" "awk '/\\(restore\\)/ {s=\$NF} END {exit !(s > 0)}' $runs/$name/logs/coordinator.log"
 fi
 first_failure=$(awk '/\(failure\)/ {print $NF; exit}' "$runs/$name/logs/coordinator.log")
 check "kill: no failure generation before the kill (heartbeats during replica set-up; first at step ${first_failure:-none})" "[ -z '$first_failure' ] || [ '$first_failure' -ge $KILL_AT ]"
