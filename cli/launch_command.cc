@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "worker/gpu_runtime.h"
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/commands.h"
@@ -32,6 +33,10 @@ int RunLaunch(int argc, char** argv) {
   app.add_option("--batch", batch, "data.global_batch (sequences per step, all workers together)");
   app.add_option("--lr", lr, "optimizer.lr (peak)");
   app.add_option("--seed", seed, "run seed");
+  std::string device = "auto";
+  app.add_option("--device", device,
+                 "workers' device: auto (one GPU worker per visible GPU in a CUDA build, else CPU), cuda, cpu")
+      ->capture_default_str();
   std::vector<std::string> worker_args;
   app.add_option("--worker-arg", worker_args, "an extra argument for every `gyre worker` (repeatable)");
   std::string tls_cert, tls_key;
@@ -86,6 +91,23 @@ int RunLaunch(int argc, char** argv) {
   options.config_path = dir.config_path();
   options.workers = workers;
   options.worker_args = worker_args;
+  if (device != "cpu") {
+    GpuRuntime* gpu = GpuRuntimeOrNull();
+    const int gpus = gpu != nullptr ? gpu->DeviceCount() : 0;
+    if (device == "cuda" && gpus == 0) {
+      std::fprintf(stderr, "gyre launch: --device cuda: %s\n",
+                   gpu == nullptr ? "this binary was built without CUDA" : "no GPU is visible");
+      return 2;
+    }
+    if (device != "cuda" && device != "auto") {
+      std::fprintf(stderr, "gyre launch: --device %s: expected auto, cuda or cpu\n", device.c_str());
+      return 2;
+    }
+    options.gpus = gpus;
+    if (gpus > 0) {
+      std::fprintf(stderr, "gyre launch: %d GPU(s) visible: GPU workers (NCCL), one GPU each\n", gpus);
+    }
+  }
   absl::Status s = deploy::RunLocal(options);
   if (!s.ok()) {
     std::fprintf(stderr, "gyre launch: %s\n", std::string(s.message()).c_str());

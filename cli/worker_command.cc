@@ -7,19 +7,24 @@
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/commands.h"
+#include "worker/gpu_runtime.h"
+#include "worker/worker_device.h"
 #include "worker/worker.h"
 
 namespace gyre::cli {
 
 int RunWorker(int argc, char** argv) {
   CLI::App app{"gyre worker: one training worker; joins the coordinator of a run"};
-  std::string coordinator, run_dir, token_file, device = "cpu", hostname = "127.0.0.1";
+  std::string coordinator, run_dir, token_file, device = "auto", hostname = "127.0.0.1";
   app.add_option("--coordinator", coordinator, "coordinator host:port (default: <run-dir>/coordinator.addr)");
   app.add_option("--run-dir", run_dir, "the run directory (token, checkpoints)")->required();
   app.add_option("--token-file", token_file, "bearer token file (default: <run-dir>/token)");
   std::string tls_ca;
   app.add_option("--tls-ca", tls_ca, "PEM CA file to trust: TLS to the coordinator (default: <run-dir>/tls-ca.pem if present)");
-  app.add_option("--device", device, "cpu (CUDA workers arrive with the GPU backend)")->capture_default_str();
+  app.add_option("--device", device,
+                 "cpu (Gloo), cuda or cuda:<index> (one GPU, NCCL; the index is among the visible GPUs), "
+                 "auto: cuda when a GPU is visible to a CUDA build, else cpu")
+      ->capture_default_str();
   app.add_option("--hostname", hostname, "address peers use to reach this worker")->capture_default_str();
   bool overlap = true;
   double bucket_mb = 25;
@@ -31,10 +36,12 @@ int RunWorker(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
-  if (device != "cpu") {
-    std::fprintf(stderr, "gyre worker: --device %s: only cpu workers exist in this build\n", device.c_str());
+  absl::StatusOr<std::string> resolved = ResolveWorkerDevice(device, GpuRuntimeOrNull());
+  if (!resolved.ok()) {
+    std::fprintf(stderr, "gyre worker: %s\n", std::string(resolved.status().message()).c_str());
     return 2;
   }
+  device = *resolved;
   RunDir dir(run_dir);
   if (coordinator.empty()) {
     absl::StatusOr<std::string> addr = Env::Default()->ReadFile(dir.control_address_path());

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -27,6 +28,7 @@ struct Child {
   pid_t pid = -1;
   std::string role;  // "coordinator", "worker-3"
   int64_t started_ms = 0;
+  int slot = -1;     // GPU slot of a GPU worker
 };
 
 // A worker that dies this soon after starting counts towards a crash loop.
@@ -102,10 +104,23 @@ absl::Status RunLocal(const LaunchOptions& options) {
   auto start_worker = [&]() -> absl::Status {
     const std::string role = absl::StrCat("worker-", next_worker++);
     std::vector<std::string> args = {"worker", "--run-dir", options.run_dir};
+    int slot = -1;
+    if (options.gpus > 0) {
+      std::vector<int> holders(options.gpus, 0);
+      for (const auto& [p, c] : workers) {
+        if (c.slot >= 0) ++holders[c.slot];
+      }
+      slot = static_cast<int>(std::min_element(holders.begin(), holders.end()) - holders.begin());
+      args.push_back("--device");
+      args.push_back(absl::StrCat("cuda:", slot));
+    } else {
+      args.push_back("--device");
+      args.push_back("cpu");
+    }
     args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
     absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), role + ".log"));
     if (!pid.ok()) return pid.status();
-    workers[*pid] = {*pid, role, NowMs()};
+    workers[*pid] = {*pid, role, NowMs(), slot};
     return absl::OkStatus();
   };
 

@@ -93,6 +93,9 @@ class CudaBackend {
   virtual void Memset0(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;
   virtual std::string DeviceDescription() = 0;
+  // The cudaStream_t every op is ordered on (as void*): the distributed worker records CUDA
+  // events on it (gradient buckets ready, step timing) for its communication stream to wait on.
+  virtual void* ComputeStream() = 0;
 
   // Pointwise (device arrays of n elements): dtype conversion (f32 <-> bf16), y += alpha x
   // (fp32 math), out = a + b, y *= s, Σ x² (double).

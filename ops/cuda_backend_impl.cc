@@ -122,6 +122,11 @@ class Backend final : public CudaBackend {
            std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
   }
 
+  void* ComputeStream() override {
+    Init();
+    return stream_;
+  }
+
   void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) override {
     Init();
     int kind = -1;

@@ -28,15 +28,18 @@ XZ_TESTS=(//kernels/cuda:ops_parity_gpu_test //kernels/cuda:ssd_gpu_test
 BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //bench:conv1d_bench
   //bench:slstm_bench //bench:mlstm_bench)
 XZ_BENCHES=(//bench:llama_step_bench //bench:recurrent_step_bench)
+# Programs (not run by run.sh's test/bench loops): the multi-call `gyre` binary (OpenBLAS-linked)
+# for GPU-worker runs: tests/e2e/gpu_run_test.sh .bundle/bin/gyre <index dir> <out dir>.
+PROGRAMS=(//cli:gyre)
 # Every binary travels xz-compressed (statically linked, 2-30 MB each; 3-10x smaller) so the
 # bundle stays under the device tool's 64 MiB carry limit; run.sh unpacks them with python3's lzma.
 
-bazel build --config=bundle "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}"
+bazel build --config=bundle "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}" "${PROGRAMS[@]}"
 
 rm -rf .bundle
 mkdir -p .bundle/bin .bundle/lib
 bin_path() { echo "bazel-bin/$(echo "${1#//}" | tr ':' '/')"; }
-for t in "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}"; do
+for t in "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}" "${PROGRAMS[@]}"; do
   path="$(bin_path "$t")"
   xz -T2 -6 -c "$path" > ".bundle/bin/$(basename "$path").xz"
 done
@@ -62,6 +65,7 @@ set -uo pipefail
 here="\$(cd "\$(dirname "\${BASH_SOURCE[0]}")" && pwd)"
 what="\${1:-all}"
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on shared hosts (device KINDS.md)
+export LD_LIBRARY_PATH="\$here/lib:\${LD_LIBRARY_PATH:-}"  # libraries the GPU machine lacks (gyre: gloo, ssl, ...)
 [ -n "\${OUT:-}" ] && exec > >(tee "\$OUT/bundle_run.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 - "\$here/bin" <<'PY'

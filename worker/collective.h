@@ -20,6 +20,8 @@ class Collective {
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
   virtual uint64_t generation() const = 0;
+  // True when the buffers passed in must be device (CUDA) memory (NCCL); false: host memory.
+  virtual bool device_buffers() const { return false; }
 
   // In place: data[i] = sum over ranks of data[i]. On error (a peer died, timeout, abort) the
   // contents of `data` are undefined and this communicator is unusable: return Aborted or

@@ -47,6 +47,7 @@ class NcclCollective final : public Collective {
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
   uint64_t generation() const override { return generation_; }
+  bool device_buffers() const override { return true; }
   // Device pointers. Blocking (launch + wait).
   absl::Status AllReduceSum(float* data, size_t count) override;
   absl::Status AllReduceSum(double* data, size_t count) override;

@@ -2,11 +2,14 @@
 
 #include <xxhash.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "ops/cuda_backend.h"
+#include "ops/elementwise.h"
 #include "ops/grad_clip.h"
 #include "ops/model_config.h"
 
@@ -23,7 +26,9 @@ gyre::v1::DType ToProtoDType(ops::DType d) {
   return gyre::v1::DTYPE_UNSPECIFIED;
 }
 
-TensorSnapshot SnapshotOf(const std::string& name, const ops::Tensor& t) {
+TensorSnapshot SnapshotOf(const std::string& name, const ops::Tensor& device_tensor) {
+  // Checkpoints copy device state to the host first.
+  const ops::Tensor t = device_tensor.device() == ops::Device::kCpu ? device_tensor : device_tensor.ToDevice(ops::Device::kCpu);
   TensorSnapshot s;
   s.name = name;
   s.dtype = ToProtoDType(t.dtype());
@@ -38,7 +43,13 @@ absl::Status CopyInto(const TensorSnapshot& s, ops::Tensor* t) {
                                             " bytes of dtype ", s.dtype, "; the model expects ", t->nbytes(),
                                             " bytes of dtype ", ToProtoDType(t->dtype())));
   }
-  std::memcpy(t->raw(), s.bytes.data(), s.bytes.size());
+  if (t->device() == ops::Device::kCpu) {
+    std::memcpy(t->raw(), s.bytes.data(), s.bytes.size());
+  } else {
+    ops::Tensor host = ops::Tensor::Empty(t->shape(), t->dtype(), ops::Device::kCpu);
+    std::memcpy(host.raw(), s.bytes.data(), s.bytes.size());
+    t->CopyFrom(host);
+  }
   return absl::OkStatus();
 }
 
@@ -46,24 +57,49 @@ constexpr char kParamPrefix[] = "param.";
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v1::RunConfig& config) {
+absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v1::RunConfig& config,
+                                                                   ops::Device device) {
+  if (device != ops::Device::kCpu && device != ops::Device::kCuda) {
+    return absl::InvalidArgumentError("a replica runs on the CPU or on CUDA");
+  }
+  if (device == ops::Device::kCuda && GpuRuntimeOrNull() == nullptr) {
+    return absl::FailedPreconditionError("CUDA replica: this binary was built without the GPU runtime "
+                                         "(build with --config=cuda)");
+  }
   ASSIGN_OR_RETURN(ops::ModelSpec spec, ops::ResolveModelConfig(config.model()));
   ASSIGN_OR_RETURN(ops::TrainOptions options, ops::TrainOptionsFromConfig(config.optimizer(), config.schedule()));
   ASSIGN_OR_RETURN(std::unique_ptr<ops::LanguageModel> model,
-                   ops::LanguageModel::Create(spec, ops::DType::kF32, ops::Device::kCpu, config.seed()));
-  return std::unique_ptr<ModelReplica>(new ModelReplica(std::move(model), options));
+                   ops::LanguageModel::Create(spec, ops::DType::kF32, device, config.seed()));
+  auto replica = std::unique_ptr<ModelReplica>(new ModelReplica(std::move(model), options, device));
+  if (device == ops::Device::kCuda && replica->SyncFor(kBucketBytes) == nullptr) return replica->grad_sync_status_;
+  return replica;
 }
 
-ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options)
-    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)) {
+ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device)
+    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)), device_(device) {
   model_->grad_ready_hook = [this](const std::string& group) { OnGradReady(group); };
+}
+
+DeviceGradSync* ModelReplica::SyncFor(size_t bucket_bytes) {
+  if (!grad_sync_ || grad_sync_bucket_bytes_ != bucket_bytes) {
+    grad_sync_.reset();
+    absl::StatusOr<std::unique_ptr<DeviceGradSync>> sync =
+        GpuRuntimeOrNull()->NewGradSync(&model_->params(), bucket_bytes);
+    grad_sync_status_ = sync.status();
+    if (!sync.ok()) return nullptr;
+    grad_sync_ = std::move(*sync);
+    grad_sync_bucket_bytes_ = bucket_bytes;
+  }
+  return grad_sync_.get();
 }
 
 void ModelReplica::OnGradReady(const std::string& group) {
   if (group.empty()) {
     backward_start_micros_ = clock_->NowMicros();
+    if (grad_sync_) grad_sync_->BackwardStart();
     return;
   }
+  if (grad_sync_) grad_sync_->GroupReady(group);
   if (reducer_ && reducer_->active()) reducer_->GroupReady(group);
 }
 
@@ -76,6 +112,10 @@ GradientReducer* ModelReplica::ReducerFor(size_t bucket_bytes) {
 }
 
 void ModelReplica::BeginOverlappedReduce(Collective* collective, size_t bucket_bytes) {
+  if (on_cuda()) {
+    if (DeviceGradSync* sync = SyncFor(bucket_bytes)) sync->Begin(collective);
+    return;
+  }
   ReducerFor(bucket_bytes)->Begin(collective);
 }
 
@@ -83,6 +123,7 @@ ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int6
                                            uint64_t global_tokens) {
   ReplicaLoss out;
   pass_times_ = PassTimes();
+  if (grad_sync_) grad_sync_->StepStart();
   if (batch == 0) {
     model_->params().ZeroGrad();
     return out;
@@ -101,14 +142,28 @@ ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int6
 
 absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* loss, size_t bucket_bytes) {
   // Buckets in reverse parameter order: the order backward finishes them (DDP's choice).
-  GradientReducer* reducer = ReducerFor(bucket_bytes);
-  if (reducer->active()) {
-    RETURN_IF_ERROR(reducer->Finish());
+  if (on_cuda()) {
+    if (!collective->device_buffers()) {
+      return absl::InvalidArgumentError("a CUDA replica needs a collective over device memory (NCCL)");
+    }
+    DeviceGradSync* sync = grad_sync_ ? grad_sync_.get() : SyncFor(bucket_bytes);
+    if (sync == nullptr) return grad_sync_status_;
+    RETURN_IF_ERROR(sync->Finish(collective));
+    const DeviceStepTimes t = sync->LastTimes();
+    pass_times_.forward_ms = t.forward_ms;
+    pass_times_.backward_ms = t.backward_ms;
+    pass_times_.exposed_comm_ms = t.exposed_comm_ms;
+    pass_times_.comm_ms = t.comm_ms;
   } else {
-    RETURN_IF_ERROR(reducer->Reduce(collective));
+    GradientReducer* reducer = ReducerFor(bucket_bytes);
+    if (reducer->active()) {
+      RETURN_IF_ERROR(reducer->Finish());
+    } else {
+      RETURN_IF_ERROR(reducer->Reduce(collective));
+    }
   }
   double totals[2] = {loss->loss, loss->tokens};
-  RETURN_IF_ERROR(collective->AllReduceSum(totals, 2));
+  RETURN_IF_ERROR(AllReduceHost(collective, totals, 2));
   loss->loss = totals[0];
   loss->tokens = totals[1];
   return absl::OkStatus();
@@ -118,19 +173,43 @@ absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) { retu
 
 void ModelReplica::DropGradients() { model_->params().ZeroGrad(); }
 
-double ModelReplica::GradNorm() { return ops::GlobalGradNorm(&model_->params()); }
+double ModelReplica::GradNorm() {
+  // CUDA: one pass over the flat gradient buffer (its padding is zero).
+  if (on_cuda()) return std::sqrt(ops::SumSquares(model_->params().FlatGrad()));
+  return ops::GlobalGradNorm(&model_->params());
+}
+
+absl::Status ModelReplica::AllReduceHost(Collective* collective, double* data, size_t count) {
+  if (!collective->device_buffers()) return collective->AllReduceSum(data, count);
+  ops::Tensor host = ops::Tensor::Empty({static_cast<int64_t>(count)}, ops::DType::kF64, ops::Device::kCpu);
+  std::memcpy(host.raw(), data, count * sizeof(double));
+  ops::Tensor device = host.ToDevice(ops::Device::kCuda);  // synchronises the compute stream
+  RETURN_IF_ERROR(collective->AllReduceSum(device.data<double>(), count));
+  host.CopyFrom(device);
+  std::memcpy(data, host.raw(), count * sizeof(double));
+  return absl::OkStatus();
+}
+
+absl::Status ModelReplica::BroadcastTensor(Collective* collective, ops::Tensor* t, int root) {
+  const bool staged = collective->device_buffers() != (t->device() == ops::Device::kCuda);
+  if (!staged) return collective->Broadcast(t->raw(), t->nbytes(), root);
+  ops::Tensor other = t->ToDevice(collective->device_buffers() ? ops::Device::kCuda : ops::Device::kCpu);
+  RETURN_IF_ERROR(collective->Broadcast(other.raw(), other.nbytes(), root));
+  t->CopyFrom(other);
+  return absl::OkStatus();
+}
 
 absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
-  for (ops::Parameter* p : model_->params().All()) {
-    RETURN_IF_ERROR(collective->Broadcast(p->value.raw(), p->value.nbytes(), root));
-  }
+  // The root's last update must have landed before NCCL (another stream) reads its buffers.
+  if (on_cuda()) ops::Cuda().Synchronize();
+  for (ops::Parameter* p : model_->params().All()) RETURN_IF_ERROR(BroadcastTensor(collective, &p->value, root));
   // The optimizer's tensors: m and v share storage with the optimizer, "adam.step" is a copy;
   // LoadState afterwards installs all of them (including the step count) consistently.
   std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
-  for (ops::NamedTensor& t : state) {
-    RETURN_IF_ERROR(collective->Broadcast(t.tensor.raw(), t.tensor.nbytes(), root));
-  }
-  return trainer_->optimizer().LoadState(state);
+  for (ops::NamedTensor& t : state) RETURN_IF_ERROR(BroadcastTensor(collective, &t.tensor, root));
+  RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
+  model_->params().SyncCompute();  // the bf16 copies the kernels read (no-op on the CPU)
+  return absl::OkStatus();
 }
 
 std::vector<TensorSnapshot> ModelReplica::Snapshot() const {
@@ -156,14 +235,21 @@ absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {
     if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks optimizer tensor ", t.name));
     RETURN_IF_ERROR(CopyInto(*it->second, &t.tensor));
   }
-  return trainer_->optimizer().LoadState(state);
+  RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
+  model_->params().SyncCompute();
+  return absl::OkStatus();
 }
 
 uint64_t ModelReplica::ParameterFingerprint() const {
   XXH64_state_t* state = XXH64_createState();
   XXH64_reset(state, 0);
   for (ops::Parameter* p : model_->params().All()) {
-    XXH64_update(state, p->value.raw(), p->value.nbytes());
+    if (p->value.device() == ops::Device::kCpu) {
+      XXH64_update(state, p->value.raw(), p->value.nbytes());
+    } else {
+      const ops::Tensor host = p->value.ToDevice(ops::Device::kCpu);
+      XXH64_update(state, host.raw(), host.nbytes());
+    }
   }
   uint64_t h = XXH64_digest(state);
   XXH64_freeState(state);

@@ -24,6 +24,7 @@
 #include "worker/checkpoint.h"
 #include "base/clock.h"
 #include "worker/collective.h"
+#include "worker/gpu_runtime.h"
 #include "worker/grad_reducer.h"
 
 namespace gyre {
@@ -35,8 +36,13 @@ struct ReplicaLoss {
 
 class ModelReplica {
  public:
-  // Builds the model of `config.model` (fp32, CPU), seeded by `config.seed`, and its trainer.
-  static absl::StatusOr<std::unique_ptr<ModelReplica>> Create(const gyre::v1::RunConfig& config);
+  // Builds the model of `config.model` (fp32 masters), seeded by `config.seed`, and its trainer,
+  // on `device`: kCpu (Gloo workers) or kCuda (NCCL workers; needs a binary with the GPU runtime,
+  // worker/gpu_runtime.h). On CUDA every Collective buffer is device memory: gradients are
+  // reduced as byte ranges of the flat gradient buffer on the collective's stream, the loss and
+  // the optimizer's step count are staged through device memory.
+  static absl::StatusOr<std::unique_ptr<ModelReplica>> Create(const gyre::v1::RunConfig& config,
+                                                              ops::Device device = ops::Device::kCpu);
 
   // tokens: [batch, seq + 1] row-major (batch may be 0: a rank with no samples this step still
   // takes part in the reduction with zero gradients).
@@ -55,9 +61,15 @@ class ModelReplica {
   // Wall time of the last ComputeGradients: forward = embedding, blocks and final norm up to the
   // loss; backward = the fused LM-head loss and gradient (its logits are computed in the same
   // pass) and back-propagation. With MTP heads, later heads' forwards count as backward.
+  // On CUDA the times come from CUDA events on the compute and communication streams (the host
+  // only enqueues kernels) and are valid after ReduceGradients; exposed_comm_ms / comm_ms are
+  // then the device's view (backward end -> last bucket reduced; first bucket -> last), and -1 on
+  // the CPU (the caller measures the wait itself).
   struct PassTimes {
     double forward_ms = 0;
     double backward_ms = 0;
+    double exposed_comm_ms = -1;
+    double comm_ms = -1;
   };
   const PassTimes& last_pass_times() const { return pass_times_; }
   // Clip + AdamW for step `step` (0-based). DataLoss for a non-finite gradient norm (no update).
@@ -77,18 +89,31 @@ class ModelReplica {
   uint64_t ParameterFingerprint() const;
   int64_t NumParameters() const { return model_->NumParameters(); }
   const ops::ModelSpec& spec() const { return model_->spec(); }
+  ops::Device device() const { return device_; }
   double LrAt(uint64_t step) const { return trainer_->options().schedule.At(step); }
 
  private:
-  ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options);
+  ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device);
   std::vector<ops::Tensor*> StateTensors();
+  bool on_cuda() const { return device_ == ops::Device::kCuda; }
+  // The GPU gradient sync for `bucket_bytes` (rebuilt when the cap changes); null + status_ set
+  // on failure.
+  DeviceGradSync* SyncFor(size_t bucket_bytes);
+  // SUM all-reduce of host doubles / a host tensor's bytes over `collective`, staged through
+  // device memory when the collective needs it.
+  absl::Status AllReduceHost(Collective* collective, double* data, size_t count);
+  absl::Status BroadcastTensor(Collective* collective, ops::Tensor* t, int root);
 
   GradientReducer* ReducerFor(size_t bucket_bytes);
   void OnGradReady(const std::string& group);
 
   std::unique_ptr<ops::LanguageModel> model_;
   std::unique_ptr<ops::Trainer> trainer_;
+  ops::Device device_;
   std::unique_ptr<GradientReducer> reducer_;
+  std::unique_ptr<DeviceGradSync> grad_sync_;
+  size_t grad_sync_bucket_bytes_ = 0;
+  absl::Status grad_sync_status_;
   size_t reducer_bucket_bytes_ = 0;
   Clock* clock_ = Clock::Real();
   int64_t backward_start_micros_ = 0;

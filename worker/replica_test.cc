@@ -40,6 +40,17 @@ class SingleRank final : public Collective {
   void Abort() override {}
 };
 
+// A CUDA replica needs the GPU runtime (registered only by a --config=cuda build): a CPU build
+// refuses it with a message that says how to get one, instead of failing later in a kernel.
+TEST(ReplicaTest, CudaReplicaNeedsTheGpuRuntime) {
+  if (GpuRuntimeOrNull() != nullptr) GTEST_SKIP() << "CUDA build";
+  auto replica = ModelReplica::Create(TinyConfig(), ops::Device::kCuda);
+  ASSERT_FALSE(replica.ok());
+  EXPECT_EQ(replica.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(replica.status().message().find("--config=cuda"), absl::string_view::npos) << replica.status();
+  EXPECT_FALSE(ModelReplica::Create(TinyConfig(), ops::Device::kMeta).ok());
+}
+
 TEST(ReplicaTest, TwoRanksMatchOneRankOnTheWholeBatch) {
   constexpr int64_t kBatch = 5, kSeq = 16;  // odd batch: ranks get 3 and 2 samples
   auto reference = ModelReplica::Create(TinyConfig());

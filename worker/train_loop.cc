@@ -21,12 +21,12 @@ constexpr int kMaxResyncsInARow = 50;
 absl::Status Worker::Run() {
   RETURN_IF_ERROR(RegisterSession());
   heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+  RETURN_IF_ERROR(EnsureReplica());
   int resyncs = 0;
   auto resync = [&](const absl::Status& why) -> absl::Status {
     if (++resyncs > kMaxResyncsInARow) return why;
     std::fprintf(stderr, "worker: %s; re-attaching to the coordinator\n", std::string(why.message()).c_str());
-    if (collective_) collective_->Abort();
-    collective_.reset();
+    DropCollective();
     replica_->DropGradients();
     session_lost_.store(true);
     clock_->SleepMicros(options_.broken_collective_wait_ms * 1000);
@@ -116,8 +116,7 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   if (absl::Status s = replica_->ReduceGradients(collective_.get(), &loss, options_.grad_bucket_bytes); !s.ok()) {
     std::fprintf(stderr, "worker: step %llu: %s; waiting for the next generation\n",
                  (unsigned long long)lease.step(), std::string(s.message()).c_str());
-    collective_->Abort();
-    collective_.reset();
+    DropCollective();
     replica_->DropGradients();
     return absl::OkStatus();
   }
@@ -140,12 +139,15 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   // worker applied (AdamW's cost does not change from step to step). total_ms is their sum: the
   // step's time on this worker without the commit round trip.
   const ModelReplica::PassTimes& pass = replica_->last_pass_times();
+  // CUDA: the host ran ahead of the device, so the wait after ComputeGradients also covers the
+  // rest of backward; the replica measured the exposed part with CUDA events instead.
+  const double exposed_comm_ms = pass.exposed_comm_ms >= 0 ? pass.exposed_comm_ms : (t3 - t2) / 1e3;
   const double total_ms = (t3 - t0) / 1e3 + last_optimizer_ms_;
   gyre::v1::StepTimes* times = m->mutable_times();
   times->set_data_wait_ms((t1 - t0) / 1e3);
   times->set_forward_ms(pass.forward_ms);
   times->set_backward_ms(pass.backward_ms);
-  times->set_exposed_comm_ms((t3 - t2) / 1e3);
+  times->set_exposed_comm_ms(exposed_comm_ms);
   times->set_optimizer_ms(last_optimizer_ms_);
   times->set_total_ms(total_ms);
   m->set_tokens_per_s(count * seq / std::max(total_ms / 1e3, 1e-9));
@@ -163,10 +165,10 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
     const double seconds = (t5 - t0) / 1e6;
     std::fprintf(stderr,
                  "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.1f ms, fwd %.1f ms, "
-                 "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)\n",
+                 "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)  at %.3f s\n",
                  (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
-                 global_batch * seq / seconds, (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms, (t3 - t2) / 1e3,
-                 (t4 - t3) / 1e3, (t5 - t4) / 1e3);
+                 global_batch * seq / seconds, (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms, exposed_comm_ms,
+                 (t4 - t3) / 1e3, (t5 - t4) / 1e3, t5 / 1e6);
   }
   return absl::OkStatus();
 }

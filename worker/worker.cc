@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "worker/coordinator_store.h"
+#include "worker/gpu_runtime.h"
 
 namespace gyre {
 
@@ -34,22 +35,30 @@ absl::Status Worker::RegisterSession() {
   *request.mutable_worker() = id_;
   request.set_previous_session(session_.load());
   request.set_last_applied_step(applied_steps_.load());
-  request.set_collective("gloo");
+  request.set_collective(on_cuda() ? "nccl" : "gloo");
   request.set_device_count(1);
   ASSIGN_OR_RETURN(gyre::v1::RegisterResponse response, client_->Register(request));
   session_.store(response.session());
   session_lost_.store(false);
   if (response.heartbeat_interval_ms() > 0) heartbeat_interval_ms_ = response.heartbeat_interval_ms();
-  if (!replica_) {
+  if (!replica_ && !config_received_) {
+    config_received_ = true;
     config_ = response.config();
     if (config_.cluster().collective_timeout_ms() > 0) {
       options_.gloo.op_timeout_ms = config_.cluster().collective_timeout_ms();
       options_.gloo.connect_timeout_ms = config_.cluster().collective_timeout_ms();
+      options_.nccl_timeout_ms = config_.cluster().collective_timeout_ms();
     }
-    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
-    RETURN_IF_ERROR(OpenData(config_));
   }
   return absl::OkStatus();
+}
+
+absl::Status Worker::EnsureReplica() {
+  // Built after the heartbeat thread started: a large model (or a CUDA context) can take longer
+  // to set up than the coordinator's heartbeat timeout, and a silent worker is declared dead.
+  if (replica_) return absl::OkStatus();
+  ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
+  return OpenData(config_);
 }
 
 void Worker::HeartbeatLoop() {
@@ -60,6 +69,13 @@ void Worker::HeartbeatLoop() {
     request.set_step(applied_steps_.load());
     absl::StatusOr<gyre::v1::HeartbeatResponse> response = client_->Heartbeat(request);
     if ((response.ok() && !response->known()) || absl::IsNotFound(response.status())) session_lost_.store(true);
+    // NCCL cannot see a peer that died on this node (ELASTIC.md section 5): a wait on it would
+    // last until its deadline. When the coordinator already moved to a newer generation, this
+    // communicator is stale: abort it so the training thread fails over now.
+    if (response.ok() && on_cuda()) {
+      std::lock_guard<std::mutex> lock(collective_mu_);
+      if (collective_ && response->current_generation() > collective_->generation()) collective_->Abort();
+    }
     // Sleep in small slices so shutdown is prompt.
     for (uint32_t slept = 0; slept < heartbeat_interval_ms_ && !stopping_.load(); slept += 50) {
       clock_->SleepMicros(50 * 1000);
@@ -94,9 +110,19 @@ absl::StatusOr<std::unique_ptr<RendezvousStore>> Worker::StoreFor(const gyre::v1
                                                "': this worker supports \"coordinator\" and dir:<path> stores"));
 }
 
-absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
+void Worker::DropCollective() {
+  std::lock_guard<std::mutex> lock(collective_mu_);
   if (collective_) collective_->Abort();
   collective_.reset();
+}
+
+void Worker::InstallCollective(std::unique_ptr<Collective> collective) {
+  std::lock_guard<std::mutex> lock(collective_mu_);
+  collective_ = std::move(collective);
+}
+
+absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
+  DropCollective();
   replica_->DropGradients();
   const gyre::v1::Generation& g = lease.generation();
   rank_ = -1;
@@ -105,10 +131,20 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   }
   if (rank_ < 0) return absl::FailedPreconditionError(absl::StrCat("generation ", g.id(), " does not list this worker"));
   ASSIGN_OR_RETURN(store_, StoreFor(g.rendezvous()));
-  ASSIGN_OR_RETURN(std::unique_ptr<GlooCollective> gloo,
-                   GlooCollective::Connect(store_.get(), g.id(), rank_, g.members_size(), options_.gloo,
-                                                           g.rendezvous().store_prefix()));
-  collective_ = std::move(gloo);
+  if (on_cuda()) {
+    // NCCL: rank 0 publishes a fresh unique id under the generation's prefix (gpu_runtime.h).
+    GpuRuntime* gpu = GpuRuntimeOrNull();
+    if (gpu == nullptr) return absl::FailedPreconditionError("cuda worker in a binary without the GPU runtime");
+    ASSIGN_OR_RETURN(std::unique_ptr<Collective> nccl,
+                     gpu->Connect(store_.get(), absl::StrCat(g.rendezvous().store_prefix(), "/nccl-id"), g.id(), rank_,
+                                  g.members_size(), options_.nccl_timeout_ms));
+    InstallCollective(std::move(nccl));
+  } else {
+    ASSIGN_OR_RETURN(std::unique_ptr<GlooCollective> gloo,
+                     GlooCollective::Connect(store_.get(), g.id(), rank_, g.members_size(), options_.gloo,
+                                             g.rendezvous().store_prefix()));
+    InstallCollective(std::move(gloo));
+  }
   generation_.store(g.id());
 
   // State: from the checkpoint the coordinator names, else from a member that has it, else
@@ -118,7 +154,7 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   if (!lease.checkpoint_dir().empty() && i_need_state) {
     RETURN_IF_ERROR(RestoreCheckpoint(lease));
   } else if (everyone_needs && lease.checkpoint_dir().empty()) {
-    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_));
+    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
   } else if (g.needs_state_size() > 0) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
   }

@@ -9,6 +9,7 @@
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
 //                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                and the NCCL unique id (rank 0 publishes it; GPU workers, worker/gpu_runtime.h)
 //                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
 //
@@ -20,6 +21,7 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -38,7 +40,10 @@ namespace gyre {
 struct WorkerOptions {
   std::string run_dir;             // checkpoints are written under it (paths in leases are relative)
   std::string hostname = "127.0.0.1";  // address peers use to reach this worker's collectives
+  // "cpu": Gloo over TCP; "cuda": the model on this process's CUDA device 0 (the launcher gives
+  // each worker one GPU through CUDA_VISIBLE_DEVICES) and NCCL through the GPU runtime.
   std::string device = "cpu";
+  int64_t nccl_timeout_ms = 60000;  // NCCL init and each wait (config cluster.collective_timeout_ms)
   GlooOptions gloo;
   int64_t broken_collective_wait_ms = 200;  // between lease polls after a failed collective
   bool log_steps = true;           // one line per committed step on stderr
@@ -59,6 +64,7 @@ class Worker {
 
  private:
   absl::Status RegisterSession();
+  absl::Status EnsureReplica();
   void HeartbeatLoop();
   absl::Status OpenData(const gyre::v1::RunConfig& config);
   absl::Status JoinGeneration(const gyre::v1::StepLease& lease);
@@ -68,6 +74,11 @@ class Worker {
   // (ReportBadCheckpoint) and returns Aborted, so the worker asks the coordinator again.
   absl::Status RestoreCheckpoint(const gyre::v1::StepLease& lease);
   absl::StatusOr<std::unique_ptr<RendezvousStore>> StoreFor(const gyre::v1::Rendezvous& rendezvous);
+  bool on_cuda() const { return options_.device == "cuda"; }
+  // The training thread replaces the communicator only through these (the heartbeat thread
+  // aborts a stale NCCL communicator under the same lock, see HeartbeatLoop).
+  void DropCollective();
+  void InstallCollective(std::unique_ptr<Collective> collective);
 
   ClusterClient* client_;
   Env* env_;
@@ -76,6 +87,7 @@ class Worker {
 
   gyre::v1::WorkerId id_;
   gyre::v1::RunConfig config_;
+  bool config_received_ = false;
   std::atomic<uint64_t> session_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> session_lost_{false};
@@ -87,7 +99,8 @@ class Worker {
   std::unique_ptr<data::TokenIndex> index_;
   std::unique_ptr<data::Sampler> sampler_;
   std::unique_ptr<RendezvousStore> store_;
-  std::unique_ptr<Collective> collective_;
+  std::mutex collective_mu_;
+  std::unique_ptr<Collective> collective_;  // written by the training thread under collective_mu_
   std::unique_ptr<CheckpointWriter> checkpoints_;
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
