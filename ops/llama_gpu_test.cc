@@ -21,6 +21,7 @@
 #include "gtest/gtest.h"
 #include "ops/attention.h"
 #include "ops/cuda_backend.h"
+#include "ops/gpu_check.h"
 #include "ops/elementwise.h"
 #include "ops/layers.h"
 #include "ops/model.h"
@@ -28,27 +29,6 @@
 
 namespace gyre::ops {
 namespace {
-
-bool Check(const std::string& name, const Tensor& got, const Tensor& want, double tol) {
-  const Tensor g = got.ToDevice(Device::kCpu).To(DType::kF64);
-  const Tensor w = want.ToDevice(Device::kCpu).To(DType::kF64);
-  bool finite = true;
-  for (int64_t i = 0; i < g.numel(); ++i) finite = finite && std::isfinite(g.At(i));
-  const double err = finite ? RelativeError(g, w) : INFINITY;
-  const bool ok = err <= tol;
-  std::printf("[%s] %s %s rel_err %.3e tol %.0e\n", ok ? "PASS" : "FAIL", name.c_str(),
-              ShapeString(got.shape()).c_str(), err, tol);
-  return ok;
-}
-
-// Random bf16-representable values (the same numbers feed both backends).
-Tensor RandomBf16Host(Shape shape, double scale, Rng* rng) {
-  Tensor t = Tensor::Empty(std::move(shape), DType::kF64, Device::kCpu);
-  for (int64_t i = 0; i < t.numel(); ++i) t.Set(i, Bf16ToFloat(FloatToBf16(static_cast<float>(scale * rng->Normal()))));
-  return t;
-}
-
-Tensor ToCudaBf16(const Tensor& host_f64) { return host_f64.To(DType::kF32).ToDevice(Device::kCuda).To(DType::kBF16); }
 
 // A layer built twice: on a CUDA store (flat buffers) and on a float64 CPU store holding the
 // CUDA store's bf16 compute weights exactly.

@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "ops/adamw.h"
 #include "ops/cuda_backend.h"
+#include "ops/gpu_check.h"
 #include "ops/elementwise.h"
 #include "ops/model.h"
 #include "ops/recurrent_blocks.h"
@@ -32,26 +33,6 @@
 
 namespace gyre::ops {
 namespace {
-
-bool Check(const std::string& name, const Tensor& got, const Tensor& want, double tol) {
-  const Tensor g = got.ToDevice(Device::kCpu).To(DType::kF64);
-  const Tensor w = want.ToDevice(Device::kCpu).To(DType::kF64);
-  bool finite = true;
-  for (int64_t i = 0; i < g.numel(); ++i) finite = finite && std::isfinite(g.At(i));
-  const double err = finite ? RelativeError(g, w) : INFINITY;
-  const bool ok = err <= tol;
-  std::printf("[%s] %s %s rel_err %.3e tol %.0e\n", ok ? "PASS" : "FAIL", name.c_str(),
-              ShapeString(got.shape()).c_str(), err, tol);
-  return ok;
-}
-
-Tensor RandomBf16Host(Shape shape, double scale, Rng* rng) {
-  Tensor t = Tensor::Empty(std::move(shape), DType::kF64, Device::kCpu);
-  for (int64_t i = 0; i < t.numel(); ++i) t.Set(i, Bf16ToFloat(FloatToBf16(static_cast<float>(scale * rng->Normal()))));
-  return t;
-}
-
-Tensor ToCudaBf16(const Tensor& host_f64) { return host_f64.To(DType::kF32).ToDevice(Device::kCuda).To(DType::kBF16); }
 
 // value := bf16(value) on a CUDA store, so masters and compute copies hold the same numbers.
 void RoundMastersToBf16(ParamStore& store) {
