@@ -735,6 +735,7 @@ void CoordinatorCore::OnLeave(const LeaveEvent& e, Context& ctx) {
 void CoordinatorCore::OnTick(Context& ctx) {
   for (auto it = workers_.begin(); it != workers_.end();) {
     if (it->second.last_seen_micros + heartbeat_timeout_micros_ <= ctx.now) {
+      if (IsMember(it->first)) member_timed_out_ = true;
       it = workers_.erase(it);
     } else {
       ++it;
@@ -1027,8 +1028,15 @@ void CoordinatorCore::Reconcile(Context& ctx) {
   if (!lost && target == current) return;
   if (target.empty()) {
     // Every member is gone and nobody can replace them: the generation can never commit. An
-    // empty generation is journaled so that a restarted coordinator does not bring it back.
-    if (lost && generation_.members_size() > 0) CreateGeneration({}, "failure", ctx);
+    // empty generation is journaled so that a restarted coordinator does not bring it back
+    // (its members would get a heartbeat timeout to show up again) and pending reports are
+    // answered. That is also how a run that is over ends: its members leave after STOP, and
+    // the first Leave dissolves the generation. That is a clean end, reason "stop", not a
+    // failure; only a member that vanished (heartbeat timeout) without leaving makes it one,
+    // even after the run is over (e.g. rank 0 died writing the final checkpoint).
+    if (lost && generation_.members_size() > 0) {
+      CreateGeneration({}, over && !member_timed_out_ ? "stop" : "failure", ctx);
+    }
     return;
   }
   std::string reason;
@@ -1103,6 +1111,7 @@ void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
   decisions_.clear();
   reports_.clear();
   scale_changed_ = false;
+  member_timed_out_ = false;
   *record.mutable_generation() = g;
   record.set_created_unix_ms(UnixMs(ctx.now));
   batch.generations.push_back(record);

@@ -25,7 +25,9 @@
 //   * Membership changes (join, scale, drain) wait for a step boundary; a lost member creates
 //     G+1 at once and the uncommitted step is redone there on the same samples.
 //   * STOP (max_steps reached or operator Stop) carries checkpoint_dir when the state at that
-//     boundary is not checkpointed yet: rank 0 writes it there, reports it, then leaves.
+//     boundary is not checkpointed yet: rank 0 writes it there, reports it, then leaves. The
+//     first member to Leave dissolves the generation into an empty one, reason "stop" (reason
+//     "failure" if a member timed out instead of leaving).
 //   * Pause, like every decision, takes effect at a step boundary: steps already leased may
 //     still commit, no step is leased while paused.
 //   * If no member holding the state of the last committed step survives, the next generation
@@ -337,6 +339,9 @@ class CoordinatorCore {
   uint32_t desired_workers_;
   bool checkpoint_requested_ = false;
   bool scale_changed_ = false;  // the next generation's reason is "scale"
+  // A member of the current generation was declared dead by heartbeat timeout (not a Leave):
+  // dissolving a finished or stopped run's generation is then a "failure", not a "stop".
+  bool member_timed_out_ = false;
   std::map<uint64_t, gyre::v1::CheckpointRecord> checkpoints_;
   gyre::v1::StepMetrics last_metrics_;
 };

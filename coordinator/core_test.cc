@@ -251,6 +251,79 @@ TEST(CoreTest, PauseHoldsLeasesAndResumeAfterStopFails) {
   EXPECT_EQ(stop.checkpoint_dir(), "checkpoints/step-1");  // saved before leaving
 }
 
+// Members leaving a stopped run dissolve its generation: a clean end, journaled as "stop".
+TEST(CoreTest, MembersLeavingAfterStopEndTheRunAsStopNotFailure) {
+  Harness h(TestConfig(2));
+  h.Register(11, 1);
+  h.Register(22, 2);
+  const uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  h.Complete(11, g, 0);
+  h.Complete(22, g, 0);
+  ASSERT_TRUE(h.Control(gyre::v1::StopRequest()).ok());
+  ASSERT_EQ(h.Acquire(11, g, 1).decision(), gyre::v1::STEP_DECISION_STOP);
+  ASSERT_EQ(h.Acquire(22, g, 1).decision(), gyre::v1::STEP_DECISION_STOP);
+  const size_t generations_before = h.generations_.size();
+  for (uint64_t session : {22, 11}) {
+    gyre::v1::LeaveRequest leave;
+    leave.set_session(session);
+    leave.set_reason("stop");
+    h.Send(LeaveEvent{++h.next_id_, leave});
+  }
+  // One empty generation (so a restarted coordinator does not wait for the members), not two.
+  ASSERT_EQ(h.generations_.size(), generations_before + 1);
+  EXPECT_EQ(h.generations_.back().reason(), "stop");
+  EXPECT_EQ(h.generations_.back().generation().members_size(), 0);
+  ASSERT_FALSE(h.journal_.generations.empty());
+  EXPECT_EQ(h.journal_.generations.back().reason(), "stop");
+  for (const auto& record : h.generations_) EXPECT_NE(record.reason(), "failure");
+  EXPECT_EQ(h.core_->Status().state(), gyre::v1::RUN_STATE_STOPPED);
+  h.Restart();
+  EXPECT_EQ(h.core_->Status().state(), gyre::v1::RUN_STATE_STOPPED);
+}
+
+TEST(CoreTest, LeavingAfterMaxStepsIsStopButTimingOutIsFailure) {
+  for (const bool leave : {true, false}) {
+    SCOPED_TRACE(leave ? "leave" : "time out");
+    Harness h(TestConfig(1));  // max_steps 5
+    h.Register(11, 1);
+    const uint64_t g = h.core_->generation().id();
+    for (uint64_t step = 0; step < 5; ++step) {
+      ASSERT_EQ(h.Acquire(11, g, step).decision(), gyre::v1::STEP_DECISION_RUN);
+      h.Complete(11, g, step);
+    }
+    ASSERT_TRUE(h.core_->finished());
+    ASSERT_EQ(h.Acquire(11, g, 5).decision(), gyre::v1::STEP_DECISION_STOP);
+    if (leave) {
+      gyre::v1::LeaveRequest request;
+      request.set_session(11);
+      h.Send(LeaveEvent{++h.next_id_, request});
+    } else {
+      // Died (e.g. while writing the final checkpoint) without leaving: a real failure.
+      h.now_ = 2'000'000;
+      h.Send(TickEvent{});
+    }
+    ASSERT_EQ(h.core_->generation().id(), g + 1);
+    EXPECT_EQ(h.generations_.back().generation().members_size(), 0);
+    EXPECT_EQ(h.generations_.back().reason(), leave ? "stop" : "failure");
+  }
+}
+
+// A member that leaves a run that is not over is still lost: "failure".
+TEST(CoreTest, LeavingARunningGenerationIsAFailure) {
+  Harness h(TestConfig(2));
+  h.Register(11, 1);
+  h.Register(22, 2);
+  const uint64_t g = h.core_->generation().id();
+  gyre::v1::LeaveRequest leave;
+  leave.set_session(22);
+  h.Send(LeaveEvent{++h.next_id_, leave});
+  ASSERT_EQ(h.core_->generation().id(), g + 1);
+  EXPECT_EQ(h.generations_.back().reason(), "failure");
+  EXPECT_EQ(h.generations_.back().generation().members_size(), 1);
+}
+
 TEST(CoreTest, ControlErrors) {
   Harness h(TestConfig());
   gyre::v1::ScaleRequest zero;

@@ -11,12 +11,14 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/control_client.h"
+#include "deploy/gpu_slots.h"
 
 namespace gyre::deploy {
 namespace {
@@ -106,11 +108,17 @@ absl::Status RunLocal(const LaunchOptions& options) {
     std::vector<std::string> args = {"worker", "--run-dir", options.run_dir};
     int slot = -1;
     if (options.gpus > 0) {
-      std::vector<int> holders(options.gpus, 0);
+      std::vector<int> held;
       for (const auto& [p, c] : workers) {
-        if (c.slot >= 0) ++holders[c.slot];
+        if (c.slot >= 0) held.push_back(c.slot);
       }
-      slot = static_cast<int>(std::min_element(holders.begin(), holders.end()) - holders.begin());
+      std::optional<int> free = FreeGpuSlot(options.gpus, held);
+      if (!free.has_value()) {
+        // Callers cap GPU workers at the GPU count (WorkersToRun), so this does not happen.
+        return absl::InternalError(absl::StrCat("every one of the ", options.gpus,
+                                                " GPU(s) has a worker; not starting a second one on a GPU"));
+      }
+      slot = *free;
       args.push_back("--device");
       args.push_back(absl::StrCat("cuda:", slot));
     } else {
@@ -138,7 +146,18 @@ absl::Status RunLocal(const LaunchOptions& options) {
     if (NowMs() > wait_until) return absl::DeadlineExceededError("the coordinator did not start listening within 60 s");
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  for (int i = 0; i < options.workers; ++i) {
+  // One GPU worker per GPU at most (NCCL refuses two ranks on one device): announced once per
+  // desired count that does not fit.
+  int announced_cap_for = -1;
+  auto workers_to_run = [&](int desired) {
+    if (std::string notice = GpuCapNotice(desired, options.gpus); !notice.empty() && desired != announced_cap_for) {
+      std::fprintf(stderr, "gyre launch: %s\n", notice.c_str());
+      announced_cap_for = desired;
+    }
+    return WorkersToRun(desired, options.gpus);
+  };
+  const int initial_workers = workers_to_run(options.workers);
+  for (int i = 0; i < initial_workers; ++i) {
     if (absl::Status s = start_worker(); !s.ok()) return s;
   }
   std::string dashboard = "(see " + dir.http_address_path() + ")";
@@ -155,7 +174,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
                "  status:    gyrectl --run-dir %s status\n"
                "  metrics:   gyrectl --run-dir %s metrics\n"
                "  Ctrl-C stops the run at the next step boundary.\n",
-               coordinator.pid, options.workers, dashboard.c_str(), dir.logs_dir().c_str(), options.run_dir.c_str(),
+               coordinator.pid, initial_workers, dashboard.c_str(), dir.logs_dir().c_str(), options.run_dir.c_str(),
                options.run_dir.c_str());
 
   int64_t stop_deadline = 0;
@@ -228,7 +247,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
           ::kill(coordinator.pid, SIGTERM);
         } else if (!over && run->state() != gyre::v1::RUN_STATE_STOPPING && stop_deadline == 0) {
           const int desired = static_cast<int>(run->desired_workers());
-          for (int alive = static_cast<int>(workers.size()); alive < desired; ++alive) {
+          const int to_run = workers_to_run(desired);
+          for (int alive = static_cast<int>(workers.size()); alive < to_run; ++alive) {
             std::fprintf(stderr, "gyre launch: %zu worker(s) alive, %d desired: starting one\n", workers.size(), desired);
             if (absl::Status s = start_worker(); !s.ok()) return s;
           }

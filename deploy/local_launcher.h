@@ -20,10 +20,12 @@ struct LaunchOptions {
   std::string config_path;   // resolved config written by the caller
   int workers = 1;
   std::vector<std::string> worker_args;  // appended to every `gyre worker` command line
-  // > 0: GPU workers, one GPU each. Every worker holds a slot 0..gpus-1 (`--device cuda:<slot>`);
-  // a replacement takes the lowest slot no live worker holds (so a killed worker's successor
-  // gets its GPU). Workers beyond `gpus` share slots round-robin (they wait as standbys unless
-  // the run is scaled to them). 0: CPU workers (`--device cpu`).
+  // > 0: GPU workers, one GPU each. Every worker holds its own slot 0..gpus-1
+  // (`--device cuda:<slot>`); a replacement takes the lowest slot no live worker holds (so a
+  // killed worker's successor gets its GPU). Never two workers on one GPU (NCCL refuses two ranks
+  // on one device, and CPU workers cannot join an NCCL run): when more workers are desired (at
+  // launch or by `gyrectl scale`) only `gpus` run, with a notice (gpu_slots.h). 0: CPU workers
+  // (`--device cpu`).
   int gpus = 0;
   std::string self_exe = "/proc/self/exe";
   int64_t poll_ms = 500;

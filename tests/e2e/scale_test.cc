@@ -54,15 +54,17 @@ TEST(ScaleTest, TwoToThreeToOneLiveWithAnExactLedger) {
   // The standbys are still alive (processes) while the run goes on.
   EXPECT_EQ(run.Pids("worker").size(), 3u);
 
-  // (Counted before the stop: members leaving a stopped run dissolve the generation as "failure".)
-  const int failures = run.CountInCoordinatorLog("(failure)");
-  const int restores = run.CountInCoordinatorLog("(restore)");
-  const int scales = run.CountInCoordinatorLog("(scale)");
   ASSERT_FALSE(run.Ctl({"stop"}).is_null());
   int code = -1;
   const bool clean = run.WaitForExit(180, &code);
   if (!clean) run.DumpLogs();
   ASSERT_TRUE(clean) << "launcher exit code " << code;
+  // Counted after the stop: members leaving a stopped run dissolve the generation as "stop",
+  // never as "failure".
+  const int failures = run.CountInCoordinatorLog("(failure)");
+  const int restores = run.CountInCoordinatorLog("(restore)");
+  const int scales = run.CountInCoordinatorLog("(scale)");
+  const int stops = run.CountInCoordinatorLog("(stop)");
 
   Ledger ledger = run.ReadLedger();
   std::fprintf(stderr, "%s", ledger.summary.c_str());
@@ -81,6 +83,7 @@ TEST(ScaleTest, TwoToThreeToOneLiveWithAnExactLedger) {
   EXPECT_EQ(failures, 0) << (run.DumpLogs(), "a scale change looked like a failure");
   EXPECT_EQ(restores, 0);
   EXPECT_GE(scales, 2);
+  EXPECT_EQ(stops, 1) << "the clean end is one empty \"stop\" generation";
 }
 
 }  // namespace

@@ -434,6 +434,13 @@ void Simulation::Execute(std::vector<Action> actions) {
       for (uint32_t r : g.needs_state()) absl::StrAppend(&needs, r, " ");
       Log("GENERATION %d (%s) start=%d members=[%s] source=%d needs_state=[%s]", g.id(),
           created->record.reason(), g.start_step(), members, g.state_source_rank(), needs);
+      // "stop" only dissolves a run that is over (its members leaving after STOP); it never
+      // names a generation that would go on training.
+      if (created->record.reason() == "stop" &&
+          (g.members_size() != 0 || !(core_->stopped() || core_->finished()))) {
+        Fail(absl::StrFormat("generation %d (stop) with %d members while the run is not over",
+                             g.id(), g.members_size()));
+      }
       if (g.id() <= announced_generation_) {
         Fail(absl::StrFormat("generation %d announced after %d", g.id(), announced_generation_));
       }

@@ -1,0 +1,24 @@
+#include "deploy/gpu_slots.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_format.h"
+
+namespace gyre::deploy {
+
+int WorkersToRun(int desired, int gpus) { return gpus > 0 ? std::min(desired, gpus) : desired; }
+
+std::optional<int> FreeGpuSlot(int gpus, const std::vector<int>& held) {
+  for (int slot = 0; slot < gpus; ++slot) {
+    if (std::find(held.begin(), held.end(), slot) == held.end()) return slot;
+  }
+  return std::nullopt;
+}
+
+std::string GpuCapNotice(int desired, int gpus) {
+  if (gpus <= 0 || desired <= gpus) return "";
+  return absl::StrFormat("%d workers desired, %d GPUs: running %d; the rest would share a GPU", desired,
+                         gpus, gpus);
+}
+
+}  // namespace gyre::deploy
