@@ -9,6 +9,7 @@
 #include "base/run_dir.h"
 #include "cli/commands.h"
 #include "cli/run_config.h"
+#include "deploy/gpu_slots.h"
 #include "deploy/local_launcher.h"
 
 namespace gyre::cli {
@@ -104,6 +105,10 @@ int RunLaunch(int argc, char** argv) {
       return 2;
     }
     options.gpus = gpus;
+    if (absl::Status s = deploy::CheckGpuCapacity(static_cast<int>(config.cluster().min_workers()), gpus); !s.ok()) {
+      std::fprintf(stderr, "gyre launch: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
     if (gpus > 0) {
       std::fprintf(stderr, "gyre launch: %d GPU(s) visible: GPU workers (NCCL), one GPU each\n", gpus);
     }

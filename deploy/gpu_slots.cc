@@ -21,4 +21,12 @@ std::string GpuCapNotice(int desired, int gpus) {
                          gpus, gpus);
 }
 
+absl::Status CheckGpuCapacity(int min_workers, int gpus) {
+  if (gpus <= 0 || min_workers <= gpus) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "cluster.min_workers is %d but only %d GPU(s) are visible and GPU workers take one GPU each: "
+      "the run could never take a step (lower cluster.min_workers or use --device cpu)",
+      min_workers, gpus));
+}
+
 }  // namespace gyre::deploy

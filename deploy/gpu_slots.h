@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace gyre::deploy {
 
 // How many worker processes to keep alive for `desired` workers: all of them for CPU workers
@@ -23,5 +25,10 @@ std::optional<int> FreeGpuSlot(int gpus, const std::vector<int>& held);
 // The notice printed (once per desired count) when more workers are desired than GPUs exist;
 // empty when the desired count fits.
 std::string GpuCapNotice(int desired, int gpus);
+
+// A GPU run whose `cluster.min_workers` exceeds the GPU count could never take a step (the
+// launcher runs at most one worker per GPU), so it is refused before anything starts, naming
+// the field. OK for CPU runs (gpus == 0).
+absl::Status CheckGpuCapacity(int min_workers, int gpus);
 
 }  // namespace gyre::deploy

@@ -1,12 +1,21 @@
 #include "deploy/gpu_slots.h"
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 
 namespace gyre::deploy {
 namespace {
+
+TEST(GpuSlotsTest, MinWorkersAboveGpuCountIsRefused) {
+  EXPECT_TRUE(CheckGpuCapacity(2, 2).ok());
+  EXPECT_TRUE(CheckGpuCapacity(8, 0).ok());  // CPU workers
+  absl::Status s = CheckGpuCapacity(3, 2);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(s.message()).find("cluster.min_workers is 3"), std::string::npos) << s;
+}
 
 TEST(GpuSlotsTest, OneWorkerPerGpuAtMost) {
   EXPECT_EQ(WorkersToRun(3, 2), 2);
