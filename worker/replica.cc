@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -70,13 +71,18 @@ absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v
   ASSIGN_OR_RETURN(ops::TrainOptions options, ops::TrainOptionsFromConfig(config.optimizer(), config.schedule()));
   ASSIGN_OR_RETURN(std::unique_ptr<ops::LanguageModel> model,
                    ops::LanguageModel::Create(spec, ops::DType::kF32, device, config.seed()));
-  auto replica = std::unique_ptr<ModelReplica>(new ModelReplica(std::move(model), options, device));
+  auto replica = std::unique_ptr<ModelReplica>(
+      new ModelReplica(std::move(model), options, device, static_cast<int64_t>(config.train().micro_batch())));
   if (device == ops::Device::kCuda && replica->SyncFor(kBucketBytes) == nullptr) return replica->grad_sync_status_;
   return replica;
 }
 
-ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device)
-    : model_(std::move(model)), trainer_(std::make_unique<ops::Trainer>(model_.get(), options)), device_(device) {
+ModelReplica::ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device,
+                           int64_t micro_batch)
+    : model_(std::move(model)),
+      trainer_(std::make_unique<ops::Trainer>(model_.get(), options)),
+      device_(device),
+      micro_batch_(micro_batch) {
   model_->grad_ready_hook = [this](const std::string& group) { OnGradReady(group); };
 }
 
@@ -96,9 +102,11 @@ DeviceGradSync* ModelReplica::SyncFor(size_t bucket_bytes) {
 void ModelReplica::OnGradReady(const std::string& group) {
   if (group.empty()) {
     backward_start_micros_ = clock_->NowMicros();
-    if (grad_sync_) grad_sync_->BackwardStart();
+    if (grad_sync_ && in_last_micro_batch_) grad_sync_->BackwardStart();
     return;
   }
+  // Earlier micro-batches leave partial sums: nothing may be reduced before the last one.
+  if (!in_last_micro_batch_) return;
   if (grad_sync_) grad_sync_->GroupReady(group);
   if (reducer_ && reducer_->active()) reducer_->GroupReady(group);
 }
@@ -128,15 +136,27 @@ ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int6
     model_->params().ZeroGrad();
     return out;
   }
-  const int64_t start = clock_->NowMicros();
-  backward_start_micros_ = 0;
-  ops::LossResult r = trainer_->ComputeGradients(tokens, batch, seq, 1.0 / static_cast<double>(global_tokens));
-  const int64_t end = clock_->NowMicros();
-  const int64_t split = backward_start_micros_ != 0 ? backward_start_micros_ : end;
-  pass_times_.forward_ms = (split - start) / 1e3;
-  pass_times_.backward_ms = (end - split) / 1e3;
-  out.loss = r.loss;
-  out.tokens = static_cast<double>(r.tokens);
+  // Every micro-batch is scaled by the global token count, so accumulating the passes' gradients
+  // gives the step's gradient. Host times: each pass's forward/backward split is summed (the
+  // hook's "" call marks it; on CUDA the device events of the last pass replace them later).
+  const int64_t rows = micro_batch_ > 0 ? std::min(micro_batch_, batch) : batch;
+  model_->params().ZeroGrad();
+  for (int64_t r0 = 0; r0 < batch; r0 += rows) {
+    const int64_t n = std::min(rows, batch - r0);
+    in_last_micro_batch_ = r0 + n == batch;
+    const int64_t start = clock_->NowMicros();
+    backward_start_micros_ = 0;
+    ops::LossResult r = model_->ForwardBackward(tokens.subspan(static_cast<size_t>(r0 * (seq + 1)),
+                                                               static_cast<size_t>(n * (seq + 1))),
+                                                n, seq, 1.0 / static_cast<double>(global_tokens));
+    const int64_t end = clock_->NowMicros();
+    const int64_t split = backward_start_micros_ != 0 ? backward_start_micros_ : end;
+    pass_times_.forward_ms += (split - start) / 1e3;
+    pass_times_.backward_ms += (end - split) / 1e3;
+    out.loss += r.loss;
+    out.tokens += static_cast<double>(r.tokens);
+  }
+  in_last_micro_batch_ = true;
   return out;
 }
 

@@ -45,7 +45,10 @@ class ModelReplica {
                                                               ops::Device device = ops::Device::kCpu);
 
   // tokens: [batch, seq + 1] row-major (batch may be 0: a rank with no samples this step still
-  // takes part in the reduction with zero gradients).
+  // takes part in the reduction with zero gradients). With `train.micro_batch` = m > 0 the rows
+  // run m at a time (gradient accumulation: activations of one micro-batch live at a time); the
+  // sums are the same as one pass over all rows up to fp32 summation order. The overlapped
+  // reduction starts only in the last micro-batch's backward (earlier gradients are partial).
   ReplicaLoss ComputeGradients(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                uint64_t global_tokens);
   // All-reduces gradients and `loss` (in place), in buckets of at most `bucket_bytes`. After
@@ -64,7 +67,8 @@ class ModelReplica {
   // On CUDA the times come from CUDA events on the compute and communication streams (the host
   // only enqueues kernels) and are valid after ReduceGradients; exposed_comm_ms / comm_ms are
   // then the device's view (backward end -> last bucket reduced; first bucket -> last), and -1 on
-  // the CPU (the caller measures the wait itself).
+  // the CPU (the caller measures the wait itself). With micro-batches the host times sum the
+  // passes; the CUDA events count earlier micro-batches as forward (one event pair per step).
   struct PassTimes {
     double forward_ms = 0;
     double backward_ms = 0;
@@ -93,7 +97,8 @@ class ModelReplica {
   double LrAt(uint64_t step) const { return trainer_->options().schedule.At(step); }
 
  private:
-  ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device);
+  ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device,
+               int64_t micro_batch);
   std::vector<ops::Tensor*> StateTensors();
   bool on_cuda() const { return device_ == ops::Device::kCuda; }
   // The GPU gradient sync for `bucket_bytes` (rebuilt when the cap changes); null + status_ set
@@ -117,6 +122,8 @@ class ModelReplica {
   size_t reducer_bucket_bytes_ = 0;
   Clock* clock_ = Clock::Real();
   int64_t backward_start_micros_ = 0;
+  int64_t micro_batch_ = 0;         // rows per forward/backward; 0 = all
+  bool in_last_micro_batch_ = true;  // gradient-ready events pass to the reducers only then
   PassTimes pass_times_;
 };
 
