@@ -70,6 +70,12 @@ void PrintStatus(const gyre::v1::RunStatus& s) {
                 t.total_ms(), t.data_wait_ms(), t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
   }
   if (s.tokens_per_s() > 0) std::printf("throughput   %.0f tokens/s\n", s.tokens_per_s());
+  if (s.has_last_metrics() && s.last_metrics().model_flops_per_s() > 0) {
+    const auto& m = s.last_metrics();
+    std::printf("model FLOPs  %.1f TFLOP/s", m.model_flops_per_s() / 1e12);
+    if (m.peak_flops_per_s() > 0) std::printf(" (MFU %.1f%%)", 100 * m.model_flops_per_s() / m.peak_flops_per_s());
+    std::printf("\n");
+  }
   if (!s.last_checkpoint().empty()) {
     std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
   }

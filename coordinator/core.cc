@@ -593,6 +593,8 @@ void CoordinatorCore::Commit(Context& ctx) {
     agg->set_grad_norm(std::max(agg->grad_norm(), m.grad_norm()));
     agg->set_tokens(agg->tokens() + m.tokens());
     agg->set_tokens_per_s(agg->tokens_per_s() + m.tokens_per_s());
+    agg->set_model_flops_per_s(agg->model_flops_per_s() + m.model_flops_per_s());
+    agg->set_peak_flops_per_s(agg->peak_flops_per_s() + m.peak_flops_per_s());
     auto* t = agg->mutable_times();
     t->set_data_wait_ms(std::max(t->data_wait_ms(), m.times().data_wait_ms()));
     t->set_forward_ms(std::max(t->forward_ms(), m.times().forward_ms()));

@@ -64,6 +64,8 @@ class GpuRuntime {
   virtual absl::StatusOr<std::unique_ptr<Collective>> Connect(RendezvousStore* store, const std::string& key,
                                                               uint64_t generation, int rank, int world_size,
                                                               int64_t timeout_ms) = 0;
+  // Peak dense bf16 FLOP/s of the current device (worker/gpu_peak.h); 0 when unknown.
+  virtual double PeakFlops() = 0;
   // The gradient sync of a CUDA model's flat parameter store.
   virtual absl::StatusOr<std::unique_ptr<DeviceGradSync>> NewGradSync(ops::ParamStore* params,
                                                                      size_t bucket_bytes) = 0;

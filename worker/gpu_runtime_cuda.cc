@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "ops/cuda_backend.h"
 #include "worker/bucket_plan.h"
+#include "worker/gpu_peak.h"
 #include "worker/gpu_runtime.h"
 #include "worker/grad_reducer.h"
 #include "worker/nccl_collective.h"
@@ -133,6 +134,16 @@ class CudaGpuRuntime final : public GpuRuntime {
       return 0;
     }
     return n;
+  }
+
+  double PeakFlops() override {
+    int device = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return PeakDenseBf16Flops(prop.name);
   }
 
   absl::StatusOr<std::unique_ptr<Collective>> Connect(RendezvousStore* store, const std::string& key,

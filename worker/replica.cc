@@ -73,6 +73,7 @@ absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v
                    ops::LanguageModel::Create(spec, ops::DType::kF32, device, config.seed()));
   auto replica = std::unique_ptr<ModelReplica>(
       new ModelReplica(std::move(model), options, device, static_cast<int64_t>(config.train().micro_batch())));
+  ASSIGN_OR_RETURN(replica->flops_, ops::CountTrainingFlops(spec, std::max<int64_t>(1, config.data().seq_len())));
   if (device == ops::Device::kCuda && replica->SyncFor(kBucketBytes) == nullptr) return replica->grad_sync_status_;
   return replica;
 }

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "gyre/v1/config.pb.h"
+#include "ops/flops.h"
 #include "ops/model.h"
 #include "ops/train_step.h"
 #include "worker/checkpoint.h"
@@ -95,6 +96,8 @@ class ModelReplica {
   const ops::ModelSpec& spec() const { return model_->spec(); }
   ops::Device device() const { return device_; }
   double LrAt(uint64_t step) const { return trainer_->options().schedule.At(step); }
+  // Training FLOPs per token at the run's context (ops/flops.h), for the MFU of the step metrics.
+  const ops::TrainingFlops& training_flops() const { return flops_; }
 
  private:
   ModelReplica(std::unique_ptr<ops::LanguageModel> model, ops::TrainOptions options, ops::Device device,
@@ -125,6 +128,7 @@ class ModelReplica {
   int64_t micro_batch_ = 0;         // rows per forward/backward; 0 = all
   bool in_last_micro_batch_ = true;  // gradient-ready events pass to the reducers only then
   PassTimes pass_times_;
+  ops::TrainingFlops flops_;
 };
 
 }  // namespace gyre

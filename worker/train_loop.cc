@@ -1,5 +1,6 @@
 // The worker's step loop: DESIGN.md section 4, decision by decision.
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "base/status_macros.h"
 #include "worker/worker.h"
 
@@ -151,6 +152,10 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   times->set_optimizer_ms(last_optimizer_ms_);
   times->set_total_ms(total_ms);
   m->set_tokens_per_s(count * seq / std::max(total_ms / 1e3, 1e-9));
+  m->set_model_flops_per_s(replica_->training_flops().total() * count * seq / std::max(total_ms / 1e3, 1e-9));
+  if (replica_->device() == ops::Device::kCuda && GpuRuntimeOrNull() != nullptr) {
+    m->set_peak_flops_per_s(GpuRuntimeOrNull()->PeakFlops());
+  }
   ASSIGN_OR_RETURN(gyre::v1::CompleteStepResponse verdict, client_->CompleteStep(complete));
   if (verdict.verdict() != gyre::v1::COMMIT_VERDICT_COMMIT) {  // ABORT: redo in the next generation
     replica_->DropGradients();
@@ -163,12 +168,18 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   applied_steps_.store(lease.step() + 1);
   if (options_.log_steps && rank_ == 0) {
     const double seconds = (t5 - t0) / 1e6;
+    // MFU of this rank over its whole step (commit round trip and optimizer included).
+    std::string mfu;
+    if (m->peak_flops_per_s() > 0) {
+      mfu = absl::StrFormat("  mfu %.1f%%", 100 * replica_->training_flops().total() * count * seq / seconds /
+                                                m->peak_flops_per_s());
+    }
     std::fprintf(stderr,
-                 "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s  (data %.1f ms, fwd %.1f ms, "
+                 "step %6llu  loss %.4f  grad_norm %.3f  lr %.3g  world %d  %.0f tok/s%s  (data %.1f ms, fwd %.1f ms, "
                  "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)  at %.3f s\n",
                  (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
-                 global_batch * seq / seconds, (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms, exposed_comm_ms,
-                 (t4 - t3) / 1e3, (t5 - t4) / 1e3, t5 / 1e6);
+                 global_batch * seq / seconds, mfu.c_str(), (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms,
+                 exposed_comm_ms, (t4 - t3) / 1e3, (t5 - t4) / 1e3, t5 / 1e6);
   }
   return absl::OkStatus();
 }

@@ -9,6 +9,7 @@ class FakeGpus final : public GpuRuntime {
  public:
   explicit FakeGpus(int n) : n_(n) {}
   int DeviceCount() override { return n_; }
+  double PeakFlops() override { return 0; }
   absl::StatusOr<std::unique_ptr<Collective>> Connect(RendezvousStore*, const std::string&, uint64_t, int, int,
                                                       int64_t) override {
     return absl::UnimplementedError("test");

@@ -40,6 +40,13 @@ std::string PrometheusText(const gyre::v1::RunStatus& s) {
     Gauge(&out, "gyre_loss", "Training loss of the last committed step.", m.loss(), run);
     Gauge(&out, "gyre_grad_norm", "Global gradient norm of the last committed step.", m.grad_norm(), run);
     Gauge(&out, "gyre_learning_rate", "Learning rate of the last committed step.", m.lr(), run);
+    Gauge(&out, "gyre_model_flops_per_second",
+          "Training FLOP/s of the last committed step over all workers (6N + sequence mixing + LM head).",
+          m.model_flops_per_s(), run);
+    if (m.peak_flops_per_s() > 0) {
+      Gauge(&out, "gyre_mfu", "Model FLOPs utilisation of the last step (model FLOP/s over the devices' peak).",
+            m.model_flops_per_s() / m.peak_flops_per_s(), run);
+    }
     const auto& t = m.times();
     absl::StrAppend(&out, "# HELP gyre_step_phase_ms Time of each step phase, last step.\n# TYPE gyre_step_phase_ms gauge\n");
     for (auto [phase, ms] : {std::pair<const char*, double>{"data_wait", t.data_wait_ms()},

@@ -17,6 +17,8 @@ class CannedSource final : public DashboardSource {
     s.set_committed_steps(5);
     s.mutable_last_metrics()->set_loss(2.5);
     s.mutable_last_metrics()->mutable_times()->set_exposed_comm_ms(3);
+    s.mutable_last_metrics()->set_model_flops_per_s(400e12);
+    s.mutable_last_metrics()->set_peak_flops_per_s(1000e12);
     return s;
   }
   std::vector<gyre::v1::StepMetrics> MetricsSince(uint64_t since, size_t limit) override {
@@ -62,6 +64,8 @@ TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
   EXPECT_NE(prom->body.find("gyre_committed_steps{run=\"unit\"} 5"), std::string::npos) << prom->body;
   EXPECT_NE(prom->body.find("gyre_loss{run=\"unit\"} 2.5"), std::string::npos);
   EXPECT_NE(prom->body.find("phase=\"exposed_comm\"} 3"), std::string::npos);
+  EXPECT_NE(prom->body.find("gyre_mfu{run=\"unit\"} 0.4"), std::string::npos) << prom->body;
+  EXPECT_NE(prom->body.find("gyre_model_flops_per_second{run=\"unit\"} 4e+14"), std::string::npos) << prom->body;
 }
 
 TEST(HttpServerTest, RejectsBadListenAddress) {
