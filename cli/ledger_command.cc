@@ -54,9 +54,16 @@ int RunLedger(int argc, char** argv) {
     }
     if (!problem.empty()) ++problems;
     if (json) {
-      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.17g%s}\n",
+      // Commit time and the ranks' aggregate metrics (sums; the slowest rank's phase times) let
+      // scripts compute throughput, MFU and what an event cost without the worker logs.
+      const gyre::v1::StepMetrics& m = step.metrics();
+      std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.17g,"
+                  "\"committed_unix_ms\":%lld,\"tokens\":%llu,\"model_flops_per_s\":%.6g,\"peak_flops_per_s\":%.6g,"
+                  "\"total_ms\":%.3f,\"exposed_comm_ms\":%.3f%s}\n",
                   (unsigned long long)step.step(), (unsigned long long)step.generation(), step.world_size(),
-                  (unsigned long long)step.sample_begin(), (unsigned long long)step.sample_end(), step.metrics().loss(),
+                  (unsigned long long)step.sample_begin(), (unsigned long long)step.sample_end(), m.loss(),
+                  (long long)step.committed_unix_ms(), (unsigned long long)m.tokens(), m.model_flops_per_s(),
+                  m.peak_flops_per_s(), m.times().total_ms(), m.times().exposed_comm_ms(),
                   problem.empty() ? "" : (",\"problem\":\"" + problem + "\"").c_str());
     } else if (!quiet || !problem.empty()) {
       std::printf("step %6llu  generation %4llu  world %2u  samples [%llu, %llu)  loss %.4f%s%s\n",

@@ -169,6 +169,8 @@ Ledger LocalRun::ReadLedger() const {
       s.sample_end = j["samples"][1].get<uint64_t>();
     }
     s.loss = j.value("loss", 0.0);
+    s.committed_unix_ms = j.value("committed_unix_ms", int64_t{0});
+    s.model_flops_per_s = j.value("model_flops_per_s", 0.0);
     s.problem = j.value("problem", "");
     ledger.steps.push_back(s);
   }

@@ -42,6 +42,8 @@ struct LedgerStep {
   uint32_t world = 0;
   uint64_t sample_begin = 0, sample_end = 0;
   double loss = 0;
+  int64_t committed_unix_ms = 0;
+  double model_flops_per_s = 0;  // summed over ranks (ops/flops.h)
   std::string problem;
 };
 struct Ledger {
