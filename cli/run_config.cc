@@ -57,6 +57,9 @@ void ApplyDefaults(gyre::v1::RunConfig* c) {
   if (c->cluster().collective_timeout_ms() == 0) c->mutable_cluster()->set_collective_timeout_ms(60000);
   if (c->checkpoint().keep_last() == 0) c->mutable_checkpoint()->set_keep_last(3);
   if (c->schedule().final_lr_fraction() == 0) c->mutable_schedule()->set_final_lr_fraction(0.1f);
+  if (c->train().eval_samples_per_source() == 0) c->mutable_train()->set_eval_samples_per_source(8);
+  if (c->train().saturation_delta() == 0) c->mutable_train()->set_saturation_delta(0.02);
+  if (c->train().saturation_patience() == 0) c->mutable_train()->set_saturation_patience(3);
 }
 
 absl::Status ValidateRunConfig(const gyre::v1::RunConfig& c) {
@@ -70,6 +73,7 @@ absl::Status ValidateRunConfig(const gyre::v1::RunConfig& c) {
   if (c.data().index_dir().empty()) return absl::InvalidArgumentError("data.index_dir: required (an index written by `gyre prepare`)");
   if (c.data().global_batch() == 0) return absl::InvalidArgumentError("data.global_batch: must be >= 1");
   if (c.train().max_steps() == 0) return absl::InvalidArgumentError("train.max_steps: must be >= 1");
+  if (c.train().saturation_delta() < 0) return absl::InvalidArgumentError("train.saturation_delta: must be >= 0");
   if (c.cluster().min_workers() > c.cluster().desired_workers()) {
     return absl::InvalidArgumentError("cluster.min_workers: must not exceed cluster.desired_workers");
   }

@@ -595,6 +595,7 @@ void CoordinatorCore::Commit(Context& ctx) {
     agg->set_tokens_per_s(agg->tokens_per_s() + m.tokens_per_s());
     agg->set_model_flops_per_s(agg->model_flops_per_s() + m.model_flops_per_s());
     agg->set_peak_flops_per_s(agg->peak_flops_per_s() + m.peak_flops_per_s());
+    if (m.has_eval()) *agg->mutable_eval() = m.eval();
     auto* t = agg->mutable_times();
     t->set_data_wait_ms(std::max(t->data_wait_ms(), m.times().data_wait_ms()));
     t->set_forward_ms(std::max(t->forward_ms(), m.times().forward_ms()));
@@ -604,6 +605,7 @@ void CoordinatorCore::Commit(Context& ctx) {
     t->set_total_ms(std::max(t->total_ms(), m.times().total_ms()));
   }
   last_metrics_ = *agg;
+  if (agg->has_eval()) RecordEval(agg->eval());
   JournalBatch batch;
   batch.steps.push_back(record);
   batch.sync = true;
@@ -683,6 +685,19 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
   ctx.actions.push_back(JournalWrite{std::move(batch)});
   for (auto& d : deletions) ctx.actions.push_back(std::move(d));
   ctx.Send(e.id, gyre::v1::ReportCheckpointResponse());
+}
+
+void CoordinatorCore::RecordEval(const gyre::v1::EvalResult& eval) {
+  last_eval_ = eval;
+  for (const gyre::v1::SourceLoss& s : eval.sources()) {
+    Saturation& sat = saturation_[s.source()];
+    sat.last = s.loss();
+    if (sat.min_step < 0 || s.loss() < sat.min) {
+      sat.min = s.loss();
+      sat.min_step = static_cast<int64_t>(eval.step());
+    }
+    sat.above = s.loss() > sat.min + config_.train().saturation_delta() ? sat.above + 1 : 0;
+  }
 }
 
 void CoordinatorCore::OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, Context& ctx) {
@@ -888,6 +903,16 @@ gyre::v1::RunStatus CoordinatorCore::Status() const {
   *status.mutable_last_metrics() = last_metrics_;
   status.set_tokens_per_s(last_metrics_.tokens_per_s());
   status.set_started_unix_ms(started_unix_ms_);
+  if (last_eval_.has_value()) *status.mutable_last_eval() = *last_eval_;
+  const uint32_t patience = std::max<uint32_t>(1, config_.train().saturation_patience());
+  for (const auto& [source, s] : saturation_) {
+    if (s.above >= patience) {
+      status.add_alarms(absl::StrFormat(
+          "saturation: %s held-out loss %.4f has stayed more than %.3g above its minimum %.4f (step %d) for %d "
+          "evaluations",
+          source, s.last, config_.train().saturation_delta(), s.min, s.min_step, s.above));
+    }
+  }
   return status;
 }
 

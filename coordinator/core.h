@@ -269,6 +269,9 @@ class CoordinatorCore {
   void OnCompleteStep(const CompleteStepEvent& e, Context& ctx);
   void OnReportCheckpoint(const ReportCheckpointEvent& e, Context& ctx);
   void OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, Context& ctx);
+  // A committed step carried an in-run evaluation: keep it for status and update the saturation
+  // watch of each source.
+  void RecordEval(const gyre::v1::EvalResult& eval);
   void OnLeave(const LeaveEvent& e, Context& ctx);
   void OnTick(Context& ctx);
   void OnControl(const ControlEvent& e, Context& ctx);
@@ -344,6 +347,15 @@ class CoordinatorCore {
   bool member_timed_out_ = false;
   std::map<uint64_t, gyre::v1::CheckpointRecord> checkpoints_;
   gyre::v1::StepMetrics last_metrics_;
+  // In-run evaluation (not journaled here: the committed steps carry it). The saturation watch
+  // starts over after a coordinator restart.
+  std::optional<gyre::v1::EvalResult> last_eval_;
+  struct Saturation {
+    double min = 0, last = 0;
+    int64_t min_step = -1;
+    uint32_t above = 0;  // consecutive evaluations above min + saturation_delta
+  };
+  std::map<std::string, Saturation> saturation_;
 };
 
 }  // namespace gyre::coordinator

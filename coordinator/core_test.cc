@@ -209,6 +209,49 @@ TEST(CoreTest, SameLeaseForEveryMemberAndCommitAfterJournal) {
   EXPECT_EQ(h.Verdict(h.Complete(22, 1, 0)), gyre::v1::COMMIT_VERDICT_ABORT);
 }
 
+// In-run evaluation rides on a step's metrics: journaled with the step, shown in status, and a
+// source whose held-out loss stays above its minimum by more than saturation_delta for
+// saturation_patience evaluations raises the saturation alarm (and a new minimum clears it).
+TEST(CoreTest, EvalIsJournaledAndSaturationRaisesAnAlarm) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(6);
+  config.mutable_train()->set_saturation_delta(0.02);
+  config.mutable_train()->set_saturation_patience(3);
+  Harness h(config);
+  h.Register(11, 1);
+  const double losses[] = {3.0, 2.9, 2.95, 2.95, 2.95, 2.5};
+  bool alarm_before_last = false;
+  for (uint64_t step = 0; step < 6; ++step) {
+    h.Acquire(11, 1, step);
+    CompleteStepEvent e;
+    e.id = ++h.next_id_;
+    e.request.set_session(11);
+    e.request.set_generation(1);
+    e.request.set_step(step);
+    e.request.mutable_metrics()->set_tokens(160);
+    gyre::v1::EvalResult* eval = e.request.mutable_metrics()->mutable_eval();
+    eval->set_step(step);
+    gyre::v1::SourceLoss* source = eval->add_sources();
+    source->set_source("wiki-val");
+    source->set_loss(losses[step]);
+    h.Send(e);
+    ASSERT_EQ(h.Verdict(e.id), gyre::v1::COMMIT_VERDICT_COMMIT);
+    ASSERT_TRUE(h.Control(gyre::v1::GetStatusRequest()).ok());
+    const auto& status = std::get<gyre::v1::RunStatus>(h.replies_.at(h.next_id_).body);
+    EXPECT_EQ(status.last_eval().step(), step);
+    // Above the minimum 2.9 (+0.02) at steps 2, 3, 4: the alarm from the third one on.
+    EXPECT_EQ(status.alarms_size(), step == 4 ? 1 : 0) << "step " << step;
+    if (step == 4 && status.alarms_size() == 1) {
+      alarm_before_last = true;
+      EXPECT_NE(status.alarms(0).find("wiki-val"), std::string::npos) << status.alarms(0);
+      EXPECT_NE(status.alarms(0).find("2.9000 (step 1)"), std::string::npos) << status.alarms(0);
+    }
+  }
+  EXPECT_TRUE(alarm_before_last);
+  ASSERT_EQ(h.journal_.steps.size(), 6u);
+  EXPECT_DOUBLE_EQ(h.journal_.steps[3].metrics().eval().sources(0).loss(), 2.95);
+}
+
 TEST(CoreTest, FailureAbortsAndRedoesStepInNextGeneration) {
   Harness h(TestConfig());
   h.Register(11, 1);
