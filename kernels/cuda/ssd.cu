@@ -118,7 +118,7 @@ struct Dims {
   int B, S, H, P, G, N, Q, NC, hpg;
   int64_t PN;
   int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
-  int64_t dt_off, acs_off;
+  int64_t dt_off, acs_off, cb_off;
   float dt_min, dt_max;
 };
 
@@ -136,7 +136,9 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.PN = static_cast<int64_t>(d.P) * d.N;
   d.dt_off = static_cast<int64_t>(d.H) * (d.NC + 1) * d.PN;
   d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
-  const int64_t raw = d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q;
+  // C Bᵀ per (group, chunk) as bf16 [G, NC·Q, Q] (two per float), 256-byte aligned.
+  d.cb_off = (d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q + 63) / 64 * 64;
+  const int64_t raw = d.cb_off + static_cast<int64_t>(d.G) * d.NC * d.Q * d.Q / 2;
   d.per_batch = (raw + 63) / 64 * 64;
   d.dt_min = static_cast<float>(o.dt_min);
   d.dt_max = static_cast<float>(o.dt_max);
@@ -157,6 +159,18 @@ __device__ __forceinline__ const float* DtPtr(const Dims& d, const float* saved,
 // Acs for head h, [NC·Q] per (batch row, head); padded tokens carry the last value.
 __device__ __forceinline__ const float* AcsPtr(const Dims& d, const float* saved, int b, int h) {
   return saved + b * d.per_batch + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q;
+}
+
+// C Bᵀ of group g, [NC·Q, Q] bf16 per (batch row, group): row c·Q + l, column s holds
+// C_l·B_s of chunk c (written for tile pairs s-tile <= l-tile by ssd_bmm_cb; zero where a token
+// is past the sequence end).
+__device__ __forceinline__ bf16* CbPtr(const Dims& d, float* saved, int b, int g) {
+  return reinterpret_cast<bf16*>(saved + b * d.per_batch + d.cb_off) +
+         static_cast<int64_t>(g) * d.NC * d.Q * d.Q;
+}
+__device__ __forceinline__ const bf16* CbPtr(const Dims& d, const float* saved, int b, int g) {
+  return reinterpret_cast<const bf16*>(saved + b * d.per_batch + d.cb_off) +
+         static_cast<int64_t>(g) * d.NC * d.Q * d.Q;
 }
 
 __device__ __forceinline__ float Softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
@@ -1333,16 +1347,94 @@ __device__ __forceinline__ float2 Bf2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
-// Shared memory of ssd_chunk_scan_fwd_reg: C_l, B_s double buffer (the second buffer first
-// holds H_c in bf16: it is read only before the s-loop starts), x_s double buffer, and the
-// per-token Acs / dt of the two s buffers. ~72 KB at P64 N128: three blocks per SM.
+// bf16 A fragments of NS/2 k16 steps → fp32 accumulator layout (16 × 8·NS): AccToA inverted.
+template <int NS>
+__device__ __forceinline__ void AToAcc(const unsigned (&fa)[NS / 2][4], float (&s)[NS][4]) {
+#pragma unroll
+  for (int k = 0; k < NS / 2; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fa[k][q]));
+      s[2 * k + q / 2][2 * (q % 2)] = v.x;
+      s[2 * k + q / 2][2 * (q % 2) + 1] = v.y;
+    }
+}
+
+constexpr int kLdCb = kTile + 8;  // shared-memory row stride of a 64×64 bf16 C Bᵀ tile
+
+// The warp's 16 rows of a 64×64 bf16 tile at t (row stride kLdCb) as A fragments (K = 64):
+// rows warp·16.. of t itself, or (kTrans) of its transpose (row i of the result = column i of t).
+template <bool kTrans>
+__device__ __forceinline__ void LoadTileA(unsigned (&fa)[4][4], const bf16* t) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, q = lane / 8, r = lane % 8;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // Matrix q of the x4 is A fragment register q: rows +8·(q%2), k +8·(q/2).
+    const bf16* p = kTrans ? t + (16 * k + 8 * (q / 2) + r) * kLdCb + warp * 16 + 8 * (q % 2)
+                           : t + (warp * 16 + 8 * (q % 2) + r) * kLdCb + 16 * k + 8 * (q / 2);
+    LdMatrixX4<kTrans>(fa[k], SmemAddr(p));
+  }
+}
+
+// grid (NC·T(T+1)/2, G, B) with T = Q/64 tiles per chunk: one 64×64 tile (l-tile lt, s-tile
+// st <= lt) of C Bᵀ per block, K = N, fp32 accumulate, rounded to bf16 into the saved buffer
+// (CbPtr). Computed once per (b, c, g) and read by every head of the group in the forward scan
+// and the backward dx kernel (mamba_ssm's _bmm_chunk_fwd; at G = 1 it was recomputed 64 times).
+template <typename Carver>
+void CarveBmmCb(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(2 * kTile * (d.N + 8));
+}
+
+__global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, const bf16* Cm,
+                                                       float* saved) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pr = blockIdx.x % pairs, lt = 0;
+  while (pr > lt) {
+    pr -= lt + 1;
+    ++lt;
+  }
+  const int st = pr;
+  const int tl0 = c * d.Q + lt * kTile, ts0 = c * d.Q + st * kTile;
+  if (tl0 >= d.S) return;
+  const int ldn = d.N + 8;
+  bf16* Cl = reinterpret_cast<bf16*>(smem);
+  bf16* Bs = Cl + kTile * ldn;
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, min(kTile, d.S - tl0), d.N);
+  LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, min(kTile, d.S - ts0), d.N);
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  float acc[8][4];
+  ZeroAcc(acc);
+  WarpMmaSS<8, true>(acc, Cl + warp * 16 * ldn, ldn, Bs, ldn, d.N);
+  bf16* out = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0 + warp * 16 + gq) * d.Q +
+              st * kTile;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * e2 * d.Q + 8 * j + 2 * tq) =
+          __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
+    }
+}
+
+// Shared memory of ssd_chunk_scan_fwd_reg: C_l (for the inter-chunk product only), the C Bᵀ
+// tile double buffer (the second buffer's region first holds H_c in bf16: it is read only
+// before the s-loop starts), x_s double buffer, and the per-token Acs / dt of the two s buffers.
+// ~62 KB at P64 N128: three blocks per SM.
 template <typename Carver>
 void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * (d.N + 8));                 // Cl
-  cv.template take<bf16>(kTile * (d.N + 8));                 // Bs buffer 0
-  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));  // Hs, then Bs buffer 1
-  cv.template take<bf16>(2 * kTile * (d.P + 8));             // Xs buffers
-  cv.template take<float>(4 * kTile);                        // acs_s[2], dt_s[2]
+  cv.template take<bf16>(kTile * (d.N + 8));                                  // Cl
+  cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
+  cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
+  cv.template take<bf16>(2 * kTile * (d.P + 8));                              // Xs buffers
+  cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
 }
 
 // grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
@@ -1362,8 +1454,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int ldn = d.N + 8, ldp = kP + 8;
   Carve cv{smem};
   bf16* Cl = cv.take<bf16>(kTile * ldn);
-  bf16* B0 = cv.take<bf16>(kTile * ldn);
-  bf16* Hs = cv.take<bf16>(max(kP, kTile) * ldn);
+  bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
+  bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
   bf16* X0 = cv.take<bf16>(2 * kTile * ldp);
   float* acs_s = cv.take<float>(4 * kTile);
   float* dt_s = acs_s + 2 * kTile;
@@ -1373,15 +1465,16 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
+  const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
   const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
 
-  // Tile st of B and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
+  // Tile st of C Bᵀ and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
   auto issue = [&](int st, int buf) {
     const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
-    LoadRowsAsync(buf ? Hs : B0, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
@@ -1423,13 +1516,16 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
     CpAsyncWait<0>();
     __syncthreads();
     if (st < lt) issue(st + 1, buf ^ 1);
-    const bf16* Bs = buf ? Hs : B0;
+    const bf16* CBt = buf ? Hs : CB0;
     const bf16* Xs = X0 + buf * kTile * ldp;
     const float* as = acs_s + buf * kTile;
     const float* ds = dt_s + buf * kTile;
     float s[8][4];
-    ZeroAcc(s);
-    WarpMmaSS<8, true>(s, Cw, ldn, Bs, ldn, d.N);
+    {
+      unsigned cbf[4][4];
+      LoadTileA<false>(cbf, CBt);
+      AToAcc<8>(cbf, s);
+    }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -1463,17 +1559,19 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   }
 }
 
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~94 KB at P64 N128: two blocks per SM): the own
-// s-tile B_s, x_s; l-tile buffer 0 (C_l, dy_l; first the own tile); region R with H_c and
-// G_{c+1} (bf16, read only before the pair loop), then l-tile buffer 1; Acs of the chunk, dt of
-// the own rows, per-warp column sums of ∂Acs, the own rows' ∂Acs terms and state-term dl.
+// Shared memory of ssd_chunk_scan_bwd_dx_reg (~102 KB at P64 N128: two blocks per SM): the own
+// s-tile B_s, x_s, C of the own tile (inter term); l-tile buffer 0 (C Bᵀ tile, dy_l; first the
+// own tile); region R with H_c and G_{c+1} (bf16, read only before the pair loop), then l-tile
+// buffer 1; Acs of the chunk, dt of the own rows, per-warp column sums of ∂Acs, the own rows'
+// ∂Acs terms and state-term dl.
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int ldn = d.N + 8, ldp = d.P + 8;
   cv.template take<bf16>(kTile * ldn);                                       // Bs
   cv.template take<bf16>(kTile * ldp);                                       // Xs
-  cv.template take<bf16>(kTile * ldn + kTile * ldp);                         // Cl0, dY0
-  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * ldn + kTile * ldp));  // R
+  cv.template take<bf16>(kTile * ldn);                                       // Co
+  cv.template take<bf16>(kTile * kLdCb + kTile * ldp);                       // CB0, dY0
+  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * kLdCb + kTile * ldp));  // R
   cv.template take<float>(d.Q);                                              // acs
   cv.template take<float>(kTile);                                            // dt (own rows)
   cv.template take<float>(kWarps * d.Q);                                     // dcol
@@ -1505,13 +1603,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   Carve cv{smem};
   bf16* Bs = cv.take<bf16>(kTile * ldn);
   bf16* Xs = cv.take<bf16>(kTile * ldp);
-  bf16* Cl0 = cv.take<bf16>(kTile * ldn + kTile * ldp);
-  bf16* dY0 = Cl0 + kTile * ldn;
-  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * ldn + kTile * ldp));
+  bf16* Co = cv.take<bf16>(kTile * ldn);
+  bf16* CB0 = cv.take<bf16>(kTile * kLdCb + kTile * ldp);
+  bf16* dY0 = CB0 + kTile * kLdCb;
+  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * kLdCb + kTile * ldp));
   bf16* Hs = R;
   bf16* Gs = R + kP * ldn;
-  bf16* Cl1 = R;
-  bf16* dY1 = R + kTile * ldn;
+  bf16* CB1 = R;
+  bf16* dY1 = R + kTile * kLdCb;
   float* acs = cv.take<float>(d.Q);
   float* dts = cv.take<float>(kTile);
   float* dcol = cv.take<float>(kWarps * d.Q);
@@ -1531,7 +1630,10 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
   LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
-  LoadRowsAsync(Cl0, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+  // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
+  const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
+  LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+  CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
   LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
   CpRows(Hs, ldn, h_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
@@ -1577,7 +1679,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   {
     float t[NP][4];
     ZeroAcc(t);
-    WarpMmaSS<NP, true>(t, Cl0 + warp * 16 * ldn, ldn, Hs, ldn, d.N);
+    WarpMmaSS<NP, true>(t, Co + warp * 16 * ldn, ldn, Hs, ldn, d.N);
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
       const int p = 8 * j + 2 * tq;
@@ -1591,7 +1693,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   auto issue = [&](int lt, int buf) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    LoadRowsAsync(buf ? Cl1 : Cl0, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+    CpRows(buf ? CB1 : CB0, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile,
+           kTile, kTile);
     LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * x_stride, x_stride, lv, kP);
     CpAsyncCommit();
   };
@@ -1605,13 +1708,16 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     CpAsyncWait<0>();
     __syncthreads();
     if (lt + 1 < nT) issue(lt + 1, buf ^ 1);
-    const bf16* Cl = buf ? Cl1 : Cl0;
+    const bf16* CBt = buf ? CB1 : CB0;
     const bf16* dYl = buf ? dY1 : dY0;
     const int l0 = lt * kTile;
     float s1[8][4], s2[8][4];
-    ZeroAcc(s1);
+    {
+      unsigned cbf[4][4];
+      LoadTileA<true>(cbf, CBt);  // B_s·C_l = (C Bᵀ)ᵀ
+      AToAcc<8>(cbf, s1);
+    }
     ZeroAcc(s2);
-    WarpMmaSS<8, true>(s1, Bs + warp * 16 * ldn, ldn, Cl, ldn, d.N);   // B_s·C_l
     WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
     float csum[8][2];
 #pragma unroll
@@ -2448,6 +2554,16 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
 
   ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
+  // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
+  // backward dx kernels read it; the backward may run a different kernel selection).
+  {
+    const int tiles = d.Q / kTile;
+    const size_t smem = SmemOf<CarveBmmCb<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bmm_cb, smem));
+    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem, stream>>>(
+        d, a.b, a.c, saved);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
+  }
 
   return g_use_wmma.load() ? ForwardKernels<MmaWmma>(a, d, saved, stream)
                            : ForwardKernels<MmaPtx>(a, d, saved, stream);
