@@ -15,7 +15,7 @@
 //
 // Forward kernels (token tiles of 64 rows; all products on tensor cores, bf16 operands from shared
 // memory, fp32 accumulators, each warp owning 32×32 output tiles: mma.sync.m16n8k16 fed by
-// ldmatrix by default, or nvcuda::wmma, see "block-level tensor-core GEMM" below):
+// ldmatrix, see "block-level tensor-core GEMM" below):
 //   1. ssd_dt_cumsum       dt = clamp(softplus(raw + bias)) (saved), Acs per chunk (saved).
 //   2. ssd_chunk_state     S_c for every (b, c, h, 64-column slice of N), written straight into
 //                          the saved boundary-state slot c+1.
@@ -76,7 +76,7 @@
 //   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
-// Kernel versions: the v2 kernels described above (mma.sync or WMMA, block-level GEMMs through
+// Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
 // ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
@@ -91,8 +91,6 @@
 // per SM.
 #include "kernels/cuda/ssd.h"
 
-#include <mma.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -105,7 +103,6 @@
 namespace gyre::cuda {
 namespace {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 128;  // 4 warps per block
@@ -118,7 +115,7 @@ struct Dims {
   int B, S, H, P, G, N, Q, NC, hpg;
   int64_t PN;
   int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
-  int64_t dt_off, acs_off, cb_off;
+  int64_t dt_off, acs_off, cb_off, hbf_off;
   float dt_min, dt_max;
 };
 
@@ -138,7 +135,10 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
   // C Bᵀ per (group, chunk) as bf16 [G, NC·Q, Q] (two per float), 256-byte aligned.
   d.cb_off = (d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q + 63) / 64 * 64;
-  const int64_t raw = d.cb_off + static_cast<int64_t>(d.G) * d.NC * d.Q * d.Q / 2;
+  // H_c (c < NC) in bf16 [H, NC, P, N] (written by ssd_state_pass; the operand copy that the v3
+  // forward scan, backward dx and dB/dC kernels load with cp.async).
+  d.hbf_off = (d.cb_off + static_cast<int64_t>(d.G) * d.NC * d.Q * d.Q / 2 + 63) / 64 * 64;
+  const int64_t raw = d.hbf_off + static_cast<int64_t>(d.H) * d.NC * d.PN / 2;
   d.per_batch = (raw + 63) / 64 * 64;
   d.dt_min = static_cast<float>(o.dt_min);
   d.dt_max = static_cast<float>(o.dt_max);
@@ -173,6 +173,17 @@ __device__ __forceinline__ const bf16* CbPtr(const Dims& d, const float* saved, 
          static_cast<int64_t>(g) * d.NC * d.Q * d.Q;
 }
 
+// bf16 H_c of head h, chunk c ([P, N]).
+__device__ __forceinline__ bf16* HbfPtr(const Dims& d, float* saved, int b, int h, int c) {
+  return reinterpret_cast<bf16*>(saved + b * d.per_batch + d.hbf_off) +
+         (static_cast<int64_t>(h) * d.NC + c) * d.PN;
+}
+__device__ __forceinline__ const bf16* HbfPtr(const Dims& d, const float* saved, int b, int h,
+                                              int c) {
+  return reinterpret_cast<const bf16*>(saved + b * d.per_batch + d.hbf_off) +
+         (static_cast<int64_t>(h) * d.NC + c) * d.PN;
+}
+
 __device__ __forceinline__ float Softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float Sigmoid(float x) {
   if (x >= 0.f) return 1.f / (1.f + expf(-x));
@@ -187,97 +198,10 @@ __device__ __forceinline__ float Sigmoid(float x) {
 // 4·MAXI). Operands are bf16 in shared memory: A(i, k) at a[i·lda + k] (a[k·lda + i] when AT),
 // B(k, j) at b[k·ldb + j] (b[j·ldb + k] when BT). lda, ldb multiples of 8; fp32 accumulators.
 //
-// Two interchangeable implementations of this one interface (kernels are templated on it):
-//   MmaPtx   mma.sync.m16n8k16 (bf16, fp32 accumulate) fed by ldmatrix(.trans) from shared
-//            memory: 8 MMAs per 4 ldmatrix.x4 per k-step of a 32×32 warp tile. The default.
-//   MmaWmma  the nvcuda::wmma API (16×16×16 fragments). nvcc emits generic-address fragment
-//            loads for it here (no ldmatrix), so it is slower; it was the first, device-verified
-//            version and stays selectable (SsdUseWmmaForTesting) for A/B checks.
-
-struct MmaWmma {
-  struct Tile {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
-  };
-  template <int MAXI>
-  static __device__ __forceinline__ void Zero(Tile (&acc)[MAXI]) {
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int s = 0; s < 2; ++s) wmma::fill_fragment(acc[i].f[r][s], 0.f);
-  }
-  template <bool AT, bool BT, int MAXI>
-  static __device__ __forceinline__ void Mma(Tile (&acc)[MAXI], const bf16* a, int lda,
-                                             const bf16* b, int ldb, int m, int n, int k) {
-    using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
-    using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-        for (int kk = 0; kk < k; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bf16* pa = AT ? a + kk * lda + (i0 + 16 * r) : a + (i0 + 16 * r) * lda + kk;
-            wmma::load_matrix_sync(fa[r], pa, lda);
-            const bf16* pb = BT ? b + (j0 + 16 * r) * ldb + kk : b + kk * ldb + (j0 + 16 * r);
-            wmma::load_matrix_sync(fb[r], pb, ldb);
-          }
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int s = 0; s < 2; ++s)
-              wmma::mma_sync(acc[i].f[r][s], fa[r], fb[s], acc[i].f[r][s]);
-        }
-      }
-    }
-  }
-  // Stores the m×n accumulators to c (row-major, ldc a multiple of 4; shared or global).
-  template <int MAXI>
-  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
-                                               int m, int n) {
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            wmma::store_matrix_sync(c + (i0 + 16 * r) * ldc + j0 + 16 * s, acc[i].f[r][s],
-                                    static_cast<unsigned>(ldc), wmma::mem_row_major);
-      }
-    }
-  }
-  template <int MAXI>
-  static __device__ __forceinline__ void Load(Tile (&acc)[MAXI], const float* c, int ldc, int m,
-                                              int n) {
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            wmma::load_matrix_sync(acc[i].f[r][s], c + (i0 + 16 * r) * ldc + j0 + 16 * s, ldc,
-                                   wmma::mem_row_major);
-      }
-    }
-  }
-};
+// MmaPtx: mma.sync.m16n8k16 (bf16, fp32 accumulate) fed by ldmatrix(.trans) from shared memory,
+// 8 MMAs per 4 ldmatrix.x4 per k-step of a 32×32 warp tile (the v2 kernels are templated on it;
+// an nvcuda::wmma twin, slower because nvcc emitted generic-address fragment loads for it, was
+// removed in session 3 after v3 had replaced it everywhere it was fastest).
 
 __device__ __forceinline__ unsigned SmemAddr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -622,6 +546,9 @@ __global__ void ssd_state_pass(Dims d, const float* initial, float* saved, float
                                  : make_float4(0.f, 0.f, 0.f, 0.f);
   *reinterpret_cast<float4*>(base + e) = hv;
   for (int c = 0; c < d.NC; ++c) {
+    __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(HbfPtr(d, saved, b, h, c) + e);
+    hp[0] = __floats2bfloat162_rn(hv.x, hv.y);
+    hp[1] = __floats2bfloat162_rn(hv.z, hv.w);
     const float decay = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]);
     float4* slot = reinterpret_cast<float4*>(base + (c + 1) * d.PN + e);
     const float4 sc = *slot;
@@ -746,11 +673,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
 
 // grid (ceil(PN/1024), H, B), block 256, one float4 per thread. dsg [B, H, NC, PN]: in dS_c,
 // out G_{c+1}. ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
-// h_bf, g_bf (both or neither; [B, H, NC, P, N] bf16): copies of H_c and G_{c+1} for the v3
-// kernels.
+// g_bf (or null; [B, H, NC, P, N] bf16): a copy of G_{c+1} for the v3 kernels (their bf16 H_c
+// is in the saved buffer, HbfPtr).
 __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_final,
-                                   float* dsg, float* ddecay, float* d_initial, bf16* h_bf,
-                                   bf16* g_bf) {
+                                   float* dsg, float* ddecay, float* d_initial, bf16* g_bf) {
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool valid = e < d.PN;
@@ -770,12 +696,9 @@ __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_fi
       *slot = gv;
       const float4 hs = *reinterpret_cast<const float4*>(StatePtr(d, saved, b, h, c) + e);
       prod = gv.x * hs.x + gv.y * hs.y + gv.z * hs.z + gv.w * hs.w;
-      if (h_bf != nullptr) {
+      if (g_bf != nullptr) {
         const int64_t o = (bh * d.NC + c) * d.PN + e;
-        __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(h_bf + o);
         __nv_bfloat162* gp = reinterpret_cast<__nv_bfloat162*>(g_bf + o);
-        hp[0] = __floats2bfloat162_rn(hs.x, hs.y);
-        hp[1] = __floats2bfloat162_rn(hs.z, hs.w);
         gp[0] = __floats2bfloat162_rn(gv.x, gv.y);
         gp[1] = __floats2bfloat162_rn(gv.z, gv.w);
       }
@@ -1487,7 +1410,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
 
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
   issue(0, 0);
-  LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), kP, d.N);
+  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);  // joins tile 0's group
+  CpAsyncCommit();
   const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
   CpAsyncWait<0>();
   __syncthreads();
@@ -1586,7 +1510,7 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 template <int kP>
 __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* h_bf, const bf16* g_bf, bf16* dx,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx,
     float* dacs_part, float* ddtx, double* dd_part) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1635,7 +1559,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
   CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
   LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
-  CpRows(Hs, ldn, h_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
+  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
@@ -2050,7 +1974,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // of H_c and G_{c+1}, [B, H, NC, P, N].
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_h, const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
+    const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -2079,7 +2003,6 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
-  const bf16* st_bf = kDB ? st_g : st_h;
 
   auto issue = [&](int step, int buf) {
     if (step < n1) {
@@ -2095,8 +2018,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
                     (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
                     x_stride, ov, d.P);
       CpRows(S_of(buf), ldv,
-             st_bf + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN + n0, d.N, d.P, d.P,
-             64);
+             (kDB ? st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
+                  : HbfPtr(d, saved, b, h, c)) +
+                 n0,
+             d.N, d.P, d.P, 64);
       if (threadIdx.x < kTile) {
         const int r = threadIdx.x;
         const float* acs_h = AcsPtr(d, saved, b, h) + c0;
@@ -2320,7 +2245,6 @@ CudaResult CheckSmem(const Dims& d) {
 
 bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
 
-std::atomic<bool> g_use_wmma{false};
 // The v3 kernels selected by default (kSsdReg* bits); see SsdSetRegisterPathForTesting. All of
 // them: device call 2026-11-26 (H200): every variant passed ssd_gpu_test (12 cases, all outputs
 // and gradients vs float64) and racecheck, and all-v3 was the fastest (fwd+bwd 3.31 ms vs 7.75).
@@ -2334,7 +2258,7 @@ struct RegPlan {
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
-  const int mask = g_use_wmma.load() ? 0 : g_reg_mask.load();
+  const int mask = g_reg_mask.load();
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
@@ -2405,7 +2329,6 @@ struct BwdScratch {
   int nsplit;
   int pass_blocks;
   // v3 only (null otherwise):
-  bf16* h_bf;         // [B, H, NC, P, N] H_c
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_part;   // [B, H, NC, Q/64, Q]
   float* ddtx;        // [B, H, NC·Q]
@@ -2420,7 +2343,7 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
   ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                   stream>>>(d, a.x, a.b, a.c, a.d,
-                                            static_cast<const float*>(a.saved), a.dy, sc.h_bf,
+                                            static_cast<const float*>(a.saved), a.dy,
                                             sc.g_bf, a.dx, sc.dacs_part, sc.ddtx, sc.dd_part);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
   return {};
@@ -2446,7 +2369,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.h_bf, sc.g_bf);
+      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
 
   if (plan.dx) {
@@ -2479,7 +2402,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.h_bf, sc.g_bf, sc.dcb, a.db,
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb, a.db,
                                 a.dc);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     return {};
@@ -2508,7 +2431,6 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
-void SsdUseWmmaForTesting(bool use_wmma) { g_use_wmma.store(use_wmma); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
@@ -2565,8 +2487,7 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
   }
 
-  return g_use_wmma.load() ? ForwardKernels<MmaWmma>(a, d, saved, stream)
-                           : ForwardKernels<MmaPtx>(a, d, saved, stream);
+  return ForwardKernels<MmaPtx>(a, d, saved, stream);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -2599,7 +2520,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
   const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
   const bool need_bf = plan.dx || plan.dbc;
-  const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 each
+  const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 G_{c+1}
   const int64_t n_dacs = plan.dx ? static_cast<int64_t>(d.B) * d.H * d.NC * tiles * d.Q : 0;
   const int64_t n_ddtx = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_ddp = plan.dx ? static_cast<int64_t>(d.B) * d.NC * d.H * tiles : 0;  // doubles
@@ -2609,8 +2530,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t off_part = off_ddecay + up(n_ddecay * 4);
   const int64_t off_dbp = off_part + up(n_part * 8);
   const int64_t off_dcp = off_dbp + up(n_bc * 4);
-  const int64_t off_hbf = off_dcp + up(n_bc * 4);
-  const int64_t off_gbf = off_hbf + up(n_stbf * 2);
+  const int64_t off_gbf = off_dcp + up(n_bc * 4);
   const int64_t off_dacs = off_gbf + up(n_stbf * 2);
   const int64_t off_ddtx = off_dacs + up(n_dacs * 4);
   const int64_t off_ddp = off_ddtx + up(n_ddtx * 4);
@@ -2628,7 +2548,6 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   sc.nsplit = nsplit;
   sc.pass_blocks = static_cast<int>(pass_blocks);
   if (need_bf) {
-    sc.h_bf = reinterpret_cast<bf16*>(base_ptr + off_hbf);
     sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
   }
   if (plan.dx) {
@@ -2639,8 +2558,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dbc) sc.dcb = reinterpret_cast<float*>(base_ptr + off_dcb);
   double* part = sc.part;
 
-  CUDA_RETURN_IF_NOT_OK(g_use_wmma.load() ? BackwardKernels<MmaWmma>(a, d, plan, sc, stream)
-                                          : BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
+  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
 
   ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
                                             a.d != nullptr ? a.dd : nullptr);

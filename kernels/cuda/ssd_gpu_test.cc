@@ -1,5 +1,5 @@
 // Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h), every kernel
-// variant (v2 mma.sync / WMMA, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
+// variant (v2 mma.sync, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
 // i), against the CPU float64 reference (kernels/cpu/ssd.h) on the same bf16-representable
 // random inputs: y, the final state, and every gradient (dx, d dt_raw, dB, dC, d initial state,
 // and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
@@ -225,20 +225,18 @@ TEST(SsdGpu, MatchesCpuReference) {
   cases.push_back(bare);
   cases.push_back({"S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128});  // partial 2nd tile of a chunk
   cases.push_back({"P96 S130", 1, 130, 4, 96, 1, 64, 128});
-  // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix; and WMMA), each v3 kernel
+  // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix), each v3 kernel
   // alone, all v3 kernels.
   struct Path {
     const char* name;
-    bool wmma;
     int mask;
   };
-  const Path paths[] = {{"[mma] ", false, 0},
-                        {"[wmma] ", true, 0},
-                        {"[v3 fwd] ", false, kSsdRegScanFwd},
-                        {"[v3 dx] ", false, kSsdRegDx},
-                        {"[v3 dbc] ", false, kSsdRegDbc},
-                        {"[v3 state] ", false, kSsdRegState},
-                        {"[v3 all] ", false, kSsdRegAll}};
+  const Path paths[] = {{"[mma] ", 0},
+                        {"[v3 fwd] ", kSsdRegScanFwd},
+                        {"[v3 dx] ", kSsdRegDx},
+                        {"[v3 dbc] ", kSsdRegDbc},
+                        {"[v3 state] ", kSsdRegState},
+                        {"[v3 all] ", kSsdRegAll}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   uint64_t seed = 1234;
@@ -249,7 +247,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   for (const Path& p : paths) {
     ++index;
     if (only != nullptr && std::atoi(only) != index) continue;
-    SsdUseWmmaForTesting(p.wmma);
     SsdSetRegisterPathForTesting(p.mask);
     int path_failed = 0;
     for (Case k : cases) {
@@ -260,7 +257,6 @@ TEST(SsdGpu, MatchesCpuReference) {
                 cases.size());
     failed += path_failed;
   }
-  SsdUseWmmaForTesting(false);
   SsdSetRegisterPathForTesting(default_mask);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
