@@ -253,19 +253,32 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
   }
 }
 
-// One thread per (channel, j ≤ K): Σ over rows in order, accumulated into dw / dbias.
-__global__ void conv1d_param_reduce(ConvDims d, int rows, const float* part, float* dw,
-                                    float* dbias) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// Block of 256 threads = 8 warps over 32 consecutive (channel, j ≤ K) entries: warp w sums rows
+// w, w + 8, ... (coalesced 128-byte rows, 8 warps' loads in flight), then lane sums of the 8
+// warps in a fixed order are accumulated into dw / dbias (deterministic). (One thread per entry
+// walking all B·runs rows serially left the backward at 0.84 TB/s.)
+constexpr int kReduceWarps = 8;
+__global__ void __launch_bounds__(32 * kReduceWarps) conv1d_param_reduce(
+    ConvDims d, int rows, const float* __restrict__ part, float* dw, float* dbias) {
+  __shared__ double sums[kReduceWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
-  if (i >= n) return;
-  const int ch = static_cast<int>(i / (d.K + 1)), j = static_cast<int>(i % (d.K + 1));
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 32 + lane;
   double s = 0.0;
-  for (int r = 0; r < rows; ++r) s += part[static_cast<int64_t>(r) * n + i];
+  if (i < n) {
+#pragma unroll 4
+    for (int r = warp; r < rows; r += kReduceWarps) s += part[static_cast<int64_t>(r) * n + i];
+  }
+  sums[warp][lane] = s;
+  __syncthreads();
+  if (warp != 0 || i >= n) return;
+  double total = 0.0;
+  for (int w = 0; w < kReduceWarps; ++w) total += sums[w][lane];
+  const int ch = static_cast<int>(i / (d.K + 1)), j = static_cast<int>(i % (d.K + 1));
   if (j < d.K) {
-    dw[static_cast<int64_t>(ch) * d.K + j] += static_cast<float>(s);
+    dw[static_cast<int64_t>(ch) * d.K + j] += static_cast<float>(total);
   } else if (dbias != nullptr) {
-    dbias[ch] += static_cast<float>(s);
+    dbias[ch] += static_cast<float>(total);
   }
 }
 
@@ -364,7 +377,7 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
-  conv1d_param_reduce<<<static_cast<unsigned>(CeilDiv(n, 256)), 256, 0, stream>>>(
+  conv1d_param_reduce<<<static_cast<unsigned>(CeilDiv(n, 32)), 32 * kReduceWarps, 0, stream>>>(
       d, d.B * runs, pp, a.dw, a.dbias);
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_param_reduce");
   return {};

@@ -1413,6 +1413,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);  // joins tile 0's group
   CpAsyncCommit();
   const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
+  const float aref = acs[tl0];
+  const float rf0 = __expf(al0 - aref), rf1 = __expf(al1 - aref);
   CpAsyncWait<0>();
   __syncthreads();
 
@@ -1450,15 +1452,29 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
       LoadTileA<false>(cbf, CBt);
       AToAcc<8>(cbf, s);
     }
+    if (st < lt) {
+      // Off-diagonal tile (every s before tl0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_tl0} ·
+      // e^{Acs_tl0 − Acs_s}, both <= 1; the row factors are per block (rf0, rf1).
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float al = e < 2 ? al0 : al1;
-        const float v = s[j][e] * ds[col] * expf(fminf(al - as[col], 0.f));
-        s[j][e] = (st < lt || col <= row) ? v : 0.f;
-      }
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int col = 8 * j + 2 * tq + c2;
+          const float cf = ds[col] * __expf(aref - as[col]);
+          s[j][c2] *= cf * rf0;
+          s[j][2 + c2] *= cf * rf1;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+          const float al = e < 2 ? al0 : al1;
+          const float v = s[j][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
+          s[j][e] = col <= row ? v : 0.f;
+        }
+    }
     unsigned fa[4][4];
     AccToA(s, fa);
     WarpMmaRS<NP, 4, false>(acc, fa, Xs, ldp);
@@ -1499,6 +1515,7 @@ void CarveDxReg(Carver& cv, const Dims& d) {
   cv.template take<float>(d.Q);                                              // acs
   cv.template take<float>(kTile);                                            // dt (own rows)
   cv.template take<float>(kWarps * d.Q);                                     // dcol
+  cv.template take<float>(d.Q);                                              // erel
   cv.template take<float>(2 * kTile);                                        // own, dl
   cv.template take<double>(kWarps);                                          // dD partial
 }
@@ -1538,6 +1555,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   float* acs = cv.take<float>(d.Q);
   float* dts = cv.take<float>(kTile);
   float* dcol = cv.take<float>(kWarps * d.Q);
+  float* erel = cv.take<float>(d.Q);
   float* own = cv.take<float>(2 * kTile);
   float* dlrow = own + kTile;
   double* red = cv.take<double>(kWarps);
@@ -1564,7 +1582,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   CpAsyncCommit();
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dt_g = DtPtr(d, saved, b);
-  for (int i = threadIdx.x; i < d.Q; i += kThreads) acs[i] = acs_g[i];
+  // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
+  // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
+  // tile pair into a column and a row factor, so those tiles need no exponential per element.
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+    const float a = acs_g[i];
+    acs[i] = a;
+    erel[i] = __expf(a - acs_g[i & ~(kTile - 1)]);
+  }
   for (int i = threadIdx.x; i < kWarps * d.Q; i += kThreads) dcol[i] = 0.f;
   if (threadIdx.x < kTile) {
     const int r = threadIdx.x;
@@ -1644,25 +1669,46 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     ZeroAcc(s2);
     WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
     float csum[8][2];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      csum[j][0] = 0.f;
-      csum[j][1] = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int l = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float as = e < 2 ? as0 : as1;
-        float mt = 0.f;
-        if (lt > st || l >= row) mt = s1[j][e] * expf(fminf(acs[l0 + l] - as, 0.f));
-        s1[j][e] = mt;
-        const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
-        if (e < 2) {
-          rsum0 += m2;
-        } else {
-          rsum1 += m2;
-        }
-        csum[j][e & 1] += m2;
+    // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
+    auto scale = [&](auto diag_c) {
+      constexpr bool kDiag = decltype(diag_c)::value;
+      float f0 = 0.f, f1 = 0.f;
+      if constexpr (!kDiag) {
+        f0 = __expf(acs[l0] - as0);
+        f1 = __expf(acs[l0] - as1);
       }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        csum[j][0] = 0.f;
+        csum[j][1] = 0.f;
+        const int lb = 8 * j + 2 * tq;
+        float2 er = make_float2(0.f, 0.f);
+        if constexpr (!kDiag) er = *reinterpret_cast<const float2*>(erel + l0 + lb);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int l = lb + (e & 1), row = r0 + 8 * (e >> 1);
+          float mt;
+          if constexpr (kDiag) {
+            const float as = e < 2 ? as0 : as1;
+            mt = l >= row ? s1[j][e] * __expf(fminf(acs[l0 + l] - as, 0.f)) : 0.f;
+          } else {
+            mt = s1[j][e] * (e & 1 ? er.y : er.x) * (e < 2 ? f0 : f1);
+          }
+          s1[j][e] = mt;
+          const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
+          if (e < 2) {
+            rsum0 += m2;
+          } else {
+            rsum1 += m2;
+          }
+          csum[j][e & 1] += m2;
+        }
+      }
+    };
+    if (lt == st) {
+      scale(std::true_type{});
+    } else {
+      scale(std::false_type{});
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -1903,15 +1949,30 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
     const float* asb = as + buf * kTile;
     const float* dsb = ds + buf * kTile;
     const float al0 = alb[r0], al1 = alb[r0 + 8];
+    if (lt > st) {
+      // Off-diagonal pair (every s before l0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} ·
+      // e^{Acs_l0 − Acs_s}, both <= 1: 2 row + 16 column exponentials per thread, not 32.
+      const float ref = alb[0];
+      const float rf0 = __expf(al0 - ref), rf1 = __expf(al1 - ref);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float a = e < 2 ? al0 : al1;
-        if (lt > st || col <= row)
-          acc[j][e] += s2[j][e] * dsb[col] * expf(fminf(a - asb[col], 0.f));
-      }
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int col = 8 * j + 2 * tq + c2;
+          const float cf = dsb[col] * __expf(ref - asb[col]);
+          acc[j][c2] += s2[j][c2] * cf * rf0;
+          acc[j][2 + c2] += s2[j][2 + c2] * cf * rf1;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+          const float a = e < 2 ? al0 : al1;
+          if (col <= row) acc[j][e] += s2[j][e] * dsb[col] * __expf(fminf(a - asb[col], 0.f));
+        }
+    }
   }
   float* out = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
 #pragma unroll
