@@ -74,6 +74,8 @@
 //   memory round trip and several barriers per 64-row tile, small MMAs between them). v3 (the
 //   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
 //   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
+//   Session 3 (C Bᵀ once per group, bf16 H_c in `saved`, factored decays): forward 0.75 ms,
+//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call).
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
@@ -84,6 +86,13 @@
 // once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
 // ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
 // splits or fp32 partials).
+// Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
+// `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
+// G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
+// cp.async operand). In off-diagonal tile pairs the v3 kernels split the decay
+// e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s} (l0 the l-tile's first row; both
+// factors <= 1, so nothing overflows) into row and column factors: bwd dx needs no exponential
+// per element there, the forward scan and dCB half as many.
 //
 // Tiles move global → shared either through registers with kLoadBatch 16-byte loads in flight per
 // thread (when they are scaled on the way) or through cp.async (plain copies); shared-memory
