@@ -4,7 +4,7 @@
 // random inputs: y, the final state, and every gradient (dx, d dt_raw, dB, dC, d initial state,
 // and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
 // 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
-// bind, very large and very small dt·A.
+// bind, very large (one and four 64-row tiles per chunk) and very small dt·A.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
@@ -215,6 +215,12 @@ TEST(SsdGpu, MatchesCpuReference) {
   big_dt.dt_mean = 3.0f;
   big_dt.a_log_hi = 3.4f;  // |A| up to 30, dt ~ 3: e^{dt·A} underflows to 0
   cases.push_back(big_dt);
+  // The same decays over 4 tiles per chunk: the off-diagonal tile pairs take the factored path
+  // (e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}), whose factors underflow here.
+  Case big_dt_q256{"large dt*A Q256", 1, 300, 4, 64, 1, 64, 256};
+  big_dt_q256.dt_mean = 3.0f;
+  big_dt_q256.a_log_hi = 3.4f;
+  cases.push_back(big_dt_q256);
   Case small_dt{"tiny dt", 2, 137, 4, 64, 2, 64, 64};
   small_dt.dt_mean = -8.0f;  // dt ~ 3e-4: almost no decay, long memory
   small_dt.a_log_hi = 0.5f;
