@@ -15,7 +15,7 @@
 //
 // Forward kernels (token tiles of 64 rows; all products on tensor cores, bf16 operands from shared
 // memory, fp32 accumulators, each warp owning 32×32 output tiles: mma.sync.m16n8k16 fed by
-// ldmatrix by default, or nvcuda::wmma, see "block-level tensor-core GEMM" below):
+// ldmatrix, see "block-level tensor-core GEMM" below):
 //   1. ssd_dt_cumsum       dt = clamp(softplus(raw + bias)) (saved), Acs per chunk (saved).
 //   2. ssd_chunk_state     S_c for every (b, c, h, 64-column slice of N), written straight into
 //                          the saved boundary-state slot c+1.
@@ -74,9 +74,11 @@
 //   memory round trip and several barriers per 64-row tile, small MMAs between them). v3 (the
 //   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
 //   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
+//   Session 3 (C Bᵀ once per group, bf16 H_c in `saved`, factored decays): forward 0.75 ms,
+//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call).
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
-// Kernel versions: the v2 kernels described above (mma.sync or WMMA, block-level GEMMs through
+// Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
 // ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
@@ -84,14 +86,19 @@
 // once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
 // ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
 // splits or fp32 partials).
+// Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
+// `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
+// G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
+// cp.async operand). In off-diagonal tile pairs the v3 kernels split the decay
+// e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s} (l0 the l-tile's first row; both
+// factors <= 1, so nothing overflows) into row and column factors: bwd dx needs no exponential
+// per element there, the forward scan and dCB half as many.
 //
 // Tiles move global → shared either through registers with kLoadBatch 16-byte loads in flight per
 // thread (when they are scaled on the way) or through cp.async (plain copies); shared-memory
 // regions are reused between phases of a kernel (see each Carve* function) so that 2-3 blocks fit
 // per SM.
 #include "kernels/cuda/ssd.h"
-
-#include <mma.h>
 
 #include <algorithm>
 #include <atomic>
@@ -105,7 +112,6 @@
 namespace gyre::cuda {
 namespace {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 128;  // 4 warps per block
@@ -118,7 +124,7 @@ struct Dims {
   int B, S, H, P, G, N, Q, NC, hpg;
   int64_t PN;
   int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
-  int64_t dt_off, acs_off;
+  int64_t dt_off, acs_off, cb_off, hbf_off;
   float dt_min, dt_max;
 };
 
@@ -136,7 +142,12 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.PN = static_cast<int64_t>(d.P) * d.N;
   d.dt_off = static_cast<int64_t>(d.H) * (d.NC + 1) * d.PN;
   d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
-  const int64_t raw = d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q;
+  // C Bᵀ per (group, chunk) as bf16 [G, NC·Q, Q] (two per float), 256-byte aligned.
+  d.cb_off = (d.acs_off + static_cast<int64_t>(d.H) * d.NC * d.Q + 63) / 64 * 64;
+  // H_c (c < NC) in bf16 [H, NC, P, N] (written by ssd_state_pass; the operand copy that the v3
+  // forward scan, backward dx and dB/dC kernels load with cp.async).
+  d.hbf_off = (d.cb_off + static_cast<int64_t>(d.G) * d.NC * d.Q * d.Q / 2 + 63) / 64 * 64;
+  const int64_t raw = d.hbf_off + static_cast<int64_t>(d.H) * d.NC * d.PN / 2;
   d.per_batch = (raw + 63) / 64 * 64;
   d.dt_min = static_cast<float>(o.dt_min);
   d.dt_max = static_cast<float>(o.dt_max);
@@ -159,6 +170,29 @@ __device__ __forceinline__ const float* AcsPtr(const Dims& d, const float* saved
   return saved + b * d.per_batch + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q;
 }
 
+// C Bᵀ of group g, [NC·Q, Q] bf16 per (batch row, group): row c·Q + l, column s holds
+// C_l·B_s of chunk c (written for tile pairs s-tile <= l-tile by ssd_bmm_cb; zero where a token
+// is past the sequence end).
+__device__ __forceinline__ bf16* CbPtr(const Dims& d, float* saved, int b, int g) {
+  return reinterpret_cast<bf16*>(saved + b * d.per_batch + d.cb_off) +
+         static_cast<int64_t>(g) * d.NC * d.Q * d.Q;
+}
+__device__ __forceinline__ const bf16* CbPtr(const Dims& d, const float* saved, int b, int g) {
+  return reinterpret_cast<const bf16*>(saved + b * d.per_batch + d.cb_off) +
+         static_cast<int64_t>(g) * d.NC * d.Q * d.Q;
+}
+
+// bf16 H_c of head h, chunk c ([P, N]).
+__device__ __forceinline__ bf16* HbfPtr(const Dims& d, float* saved, int b, int h, int c) {
+  return reinterpret_cast<bf16*>(saved + b * d.per_batch + d.hbf_off) +
+         (static_cast<int64_t>(h) * d.NC + c) * d.PN;
+}
+__device__ __forceinline__ const bf16* HbfPtr(const Dims& d, const float* saved, int b, int h,
+                                              int c) {
+  return reinterpret_cast<const bf16*>(saved + b * d.per_batch + d.hbf_off) +
+         (static_cast<int64_t>(h) * d.NC + c) * d.PN;
+}
+
 __device__ __forceinline__ float Softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float Sigmoid(float x) {
   if (x >= 0.f) return 1.f / (1.f + expf(-x));
@@ -173,97 +207,10 @@ __device__ __forceinline__ float Sigmoid(float x) {
 // 4·MAXI). Operands are bf16 in shared memory: A(i, k) at a[i·lda + k] (a[k·lda + i] when AT),
 // B(k, j) at b[k·ldb + j] (b[j·ldb + k] when BT). lda, ldb multiples of 8; fp32 accumulators.
 //
-// Two interchangeable implementations of this one interface (kernels are templated on it):
-//   MmaPtx   mma.sync.m16n8k16 (bf16, fp32 accumulate) fed by ldmatrix(.trans) from shared
-//            memory: 8 MMAs per 4 ldmatrix.x4 per k-step of a 32×32 warp tile. The default.
-//   MmaWmma  the nvcuda::wmma API (16×16×16 fragments). nvcc emits generic-address fragment
-//            loads for it here (no ldmatrix), so it is slower; it was the first, device-verified
-//            version and stays selectable (SsdUseWmmaForTesting) for A/B checks.
-
-struct MmaWmma {
-  struct Tile {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
-  };
-  template <int MAXI>
-  static __device__ __forceinline__ void Zero(Tile (&acc)[MAXI]) {
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int s = 0; s < 2; ++s) wmma::fill_fragment(acc[i].f[r][s], 0.f);
-  }
-  template <bool AT, bool BT, int MAXI>
-  static __device__ __forceinline__ void Mma(Tile (&acc)[MAXI], const bf16* a, int lda,
-                                             const bf16* b, int ldb, int m, int n, int k) {
-    using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
-    using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-        for (int kk = 0; kk < k; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bf16* pa = AT ? a + kk * lda + (i0 + 16 * r) : a + (i0 + 16 * r) * lda + kk;
-            wmma::load_matrix_sync(fa[r], pa, lda);
-            const bf16* pb = BT ? b + (j0 + 16 * r) * ldb + kk : b + kk * ldb + (j0 + 16 * r);
-            wmma::load_matrix_sync(fb[r], pb, ldb);
-          }
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int s = 0; s < 2; ++s)
-              wmma::mma_sync(acc[i].f[r][s], fa[r], fb[s], acc[i].f[r][s]);
-        }
-      }
-    }
-  }
-  // Stores the m×n accumulators to c (row-major, ldc a multiple of 4; shared or global).
-  template <int MAXI>
-  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
-                                               int m, int n) {
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            wmma::store_matrix_sync(c + (i0 + 16 * r) * ldc + j0 + 16 * s, acc[i].f[r][s],
-                                    static_cast<unsigned>(ldc), wmma::mem_row_major);
-      }
-    }
-  }
-  template <int MAXI>
-  static __device__ __forceinline__ void Load(Tile (&acc)[MAXI], const float* c, int ldc, int m,
-                                              int n) {
-    const int warp = threadIdx.x / 32;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int s = 0; s < 2; ++s)
-            wmma::load_matrix_sync(acc[i].f[r][s], c + (i0 + 16 * r) * ldc + j0 + 16 * s, ldc,
-                                   wmma::mem_row_major);
-      }
-    }
-  }
-};
+// MmaPtx: mma.sync.m16n8k16 (bf16, fp32 accumulate) fed by ldmatrix(.trans) from shared memory,
+// 8 MMAs per 4 ldmatrix.x4 per k-step of a 32×32 warp tile (the v2 kernels are templated on it;
+// an nvcuda::wmma twin, slower because nvcc emitted generic-address fragment loads for it, was
+// removed in session 3 after v3 had replaced it everywhere it was fastest).
 
 __device__ __forceinline__ unsigned SmemAddr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -608,6 +555,9 @@ __global__ void ssd_state_pass(Dims d, const float* initial, float* saved, float
                                  : make_float4(0.f, 0.f, 0.f, 0.f);
   *reinterpret_cast<float4*>(base + e) = hv;
   for (int c = 0; c < d.NC; ++c) {
+    __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(HbfPtr(d, saved, b, h, c) + e);
+    hp[0] = __floats2bfloat162_rn(hv.x, hv.y);
+    hp[1] = __floats2bfloat162_rn(hv.z, hv.w);
     const float decay = expf(acs[static_cast<int64_t>(c) * d.Q + d.Q - 1]);
     float4* slot = reinterpret_cast<float4*>(base + (c + 1) * d.PN + e);
     const float4 sc = *slot;
@@ -732,11 +682,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
 
 // grid (ceil(PN/1024), H, B), block 256, one float4 per thread. dsg [B, H, NC, PN]: in dS_c,
 // out G_{c+1}. ddecay [B, H, NC, gridDim.x]: Σ over this block's elements of G_{c+1}·H_c.
-// h_bf, g_bf (both or neither; [B, H, NC, P, N] bf16): copies of H_c and G_{c+1} for the v3
-// kernels.
+// g_bf (or null; [B, H, NC, P, N] bf16): a copy of G_{c+1} for the v3 kernels (their bf16 H_c
+// is in the saved buffer, HbfPtr).
 __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_final,
-                                   float* dsg, float* ddecay, float* d_initial, bf16* h_bf,
-                                   bf16* g_bf) {
+                                   float* dsg, float* ddecay, float* d_initial, bf16* g_bf) {
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool valid = e < d.PN;
@@ -756,12 +705,9 @@ __global__ void ssd_state_pass_bwd(Dims d, const float* saved, const float* d_fi
       *slot = gv;
       const float4 hs = *reinterpret_cast<const float4*>(StatePtr(d, saved, b, h, c) + e);
       prod = gv.x * hs.x + gv.y * hs.y + gv.z * hs.z + gv.w * hs.w;
-      if (h_bf != nullptr) {
+      if (g_bf != nullptr) {
         const int64_t o = (bh * d.NC + c) * d.PN + e;
-        __nv_bfloat162* hp = reinterpret_cast<__nv_bfloat162*>(h_bf + o);
         __nv_bfloat162* gp = reinterpret_cast<__nv_bfloat162*>(g_bf + o);
-        hp[0] = __floats2bfloat162_rn(hs.x, hs.y);
-        hp[1] = __floats2bfloat162_rn(hs.z, hs.w);
         gp[0] = __floats2bfloat162_rn(gv.x, gv.y);
         gp[1] = __floats2bfloat162_rn(gv.z, gv.w);
       }
@@ -1333,16 +1279,94 @@ __device__ __forceinline__ float2 Bf2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
-// Shared memory of ssd_chunk_scan_fwd_reg: C_l, B_s double buffer (the second buffer first
-// holds H_c in bf16: it is read only before the s-loop starts), x_s double buffer, and the
-// per-token Acs / dt of the two s buffers. ~72 KB at P64 N128: three blocks per SM.
+// bf16 A fragments of NS/2 k16 steps → fp32 accumulator layout (16 × 8·NS): AccToA inverted.
+template <int NS>
+__device__ __forceinline__ void AToAcc(const unsigned (&fa)[NS / 2][4], float (&s)[NS][4]) {
+#pragma unroll
+  for (int k = 0; k < NS / 2; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fa[k][q]));
+      s[2 * k + q / 2][2 * (q % 2)] = v.x;
+      s[2 * k + q / 2][2 * (q % 2) + 1] = v.y;
+    }
+}
+
+constexpr int kLdCb = kTile + 8;  // shared-memory row stride of a 64×64 bf16 C Bᵀ tile
+
+// The warp's 16 rows of a 64×64 bf16 tile at t (row stride kLdCb) as A fragments (K = 64):
+// rows warp·16.. of t itself, or (kTrans) of its transpose (row i of the result = column i of t).
+template <bool kTrans>
+__device__ __forceinline__ void LoadTileA(unsigned (&fa)[4][4], const bf16* t) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, q = lane / 8, r = lane % 8;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // Matrix q of the x4 is A fragment register q: rows +8·(q%2), k +8·(q/2).
+    const bf16* p = kTrans ? t + (16 * k + 8 * (q / 2) + r) * kLdCb + warp * 16 + 8 * (q % 2)
+                           : t + (warp * 16 + 8 * (q % 2) + r) * kLdCb + 16 * k + 8 * (q / 2);
+    LdMatrixX4<kTrans>(fa[k], SmemAddr(p));
+  }
+}
+
+// grid (NC·T(T+1)/2, G, B) with T = Q/64 tiles per chunk: one 64×64 tile (l-tile lt, s-tile
+// st <= lt) of C Bᵀ per block, K = N, fp32 accumulate, rounded to bf16 into the saved buffer
+// (CbPtr). Computed once per (b, c, g) and read by every head of the group in the forward scan
+// and the backward dx kernel (mamba_ssm's _bmm_chunk_fwd; at G = 1 it was recomputed 64 times).
+template <typename Carver>
+void CarveBmmCb(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(2 * kTile * (d.N + 8));
+}
+
+__global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, const bf16* Cm,
+                                                       float* saved) {
+  extern __shared__ __align__(128) char smem[];
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pr = blockIdx.x % pairs, lt = 0;
+  while (pr > lt) {
+    pr -= lt + 1;
+    ++lt;
+  }
+  const int st = pr;
+  const int tl0 = c * d.Q + lt * kTile, ts0 = c * d.Q + st * kTile;
+  if (tl0 >= d.S) return;
+  const int ldn = d.N + 8;
+  bf16* Cl = reinterpret_cast<bf16*>(smem);
+  bf16* Bs = Cl + kTile * ldn;
+  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, min(kTile, d.S - tl0), d.N);
+  LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, min(kTile, d.S - ts0), d.N);
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+  float acc[8][4];
+  ZeroAcc(acc);
+  WarpMmaSS<8, true>(acc, Cl + warp * 16 * ldn, ldn, Bs, ldn, d.N);
+  bf16* out = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0 + warp * 16 + gq) * d.Q +
+              st * kTile;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * e2 * d.Q + 8 * j + 2 * tq) =
+          __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
+    }
+}
+
+// Shared memory of ssd_chunk_scan_fwd_reg: C_l (for the inter-chunk product only), the C Bᵀ
+// tile double buffer (the second buffer's region first holds H_c in bf16: it is read only
+// before the s-loop starts), x_s double buffer, and the per-token Acs / dt of the two s buffers.
+// ~62 KB at P64 N128: three blocks per SM.
 template <typename Carver>
 void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * (d.N + 8));                 // Cl
-  cv.template take<bf16>(kTile * (d.N + 8));                 // Bs buffer 0
-  cv.template take<bf16>(std::max(d.P, kTile) * (d.N + 8));  // Hs, then Bs buffer 1
-  cv.template take<bf16>(2 * kTile * (d.P + 8));             // Xs buffers
-  cv.template take<float>(4 * kTile);                        // acs_s[2], dt_s[2]
+  cv.template take<bf16>(kTile * (d.N + 8));                                  // Cl
+  cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
+  cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
+  cv.template take<bf16>(2 * kTile * (d.P + 8));                              // Xs buffers
+  cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
 }
 
 // grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
@@ -1362,8 +1386,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int ldn = d.N + 8, ldp = kP + 8;
   Carve cv{smem};
   bf16* Cl = cv.take<bf16>(kTile * ldn);
-  bf16* B0 = cv.take<bf16>(kTile * ldn);
-  bf16* Hs = cv.take<bf16>(max(kP, kTile) * ldn);
+  bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
+  bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
   bf16* X0 = cv.take<bf16>(2 * kTile * ldp);
   float* acs_s = cv.take<float>(4 * kTile);
   float* dt_s = acs_s + 2 * kTile;
@@ -1373,15 +1397,16 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
+  const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
   const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
 
-  // Tile st of B and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
+  // Tile st of C Bᵀ and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
   auto issue = [&](int st, int buf) {
     const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
-    LoadRowsAsync(buf ? Hs : B0, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
+    CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
@@ -1394,8 +1419,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
 
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
   issue(0, 0);
-  LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), kP, d.N);
+  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);  // joins tile 0's group
+  CpAsyncCommit();
   const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
+  const float aref = acs[tl0];
+  const float rf0 = __expf(al0 - aref), rf1 = __expf(al1 - aref);
   CpAsyncWait<0>();
   __syncthreads();
 
@@ -1423,22 +1451,39 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
     CpAsyncWait<0>();
     __syncthreads();
     if (st < lt) issue(st + 1, buf ^ 1);
-    const bf16* Bs = buf ? Hs : B0;
+    const bf16* CBt = buf ? Hs : CB0;
     const bf16* Xs = X0 + buf * kTile * ldp;
     const float* as = acs_s + buf * kTile;
     const float* ds = dt_s + buf * kTile;
     float s[8][4];
-    ZeroAcc(s);
-    WarpMmaSS<8, true>(s, Cw, ldn, Bs, ldn, d.N);
+    {
+      unsigned cbf[4][4];
+      LoadTileA<false>(cbf, CBt);
+      AToAcc<8>(cbf, s);
+    }
+    if (st < lt) {
+      // Off-diagonal tile (every s before tl0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_tl0} ·
+      // e^{Acs_tl0 − Acs_s}, both <= 1; the row factors are per block (rf0, rf1).
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float al = e < 2 ? al0 : al1;
-        const float v = s[j][e] * ds[col] * expf(fminf(al - as[col], 0.f));
-        s[j][e] = (st < lt || col <= row) ? v : 0.f;
-      }
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int col = 8 * j + 2 * tq + c2;
+          const float cf = ds[col] * __expf(aref - as[col]);
+          s[j][c2] *= cf * rf0;
+          s[j][2 + c2] *= cf * rf1;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+          const float al = e < 2 ? al0 : al1;
+          const float v = s[j][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
+          s[j][e] = col <= row ? v : 0.f;
+        }
+    }
     unsigned fa[4][4];
     AccToA(s, fa);
     WarpMmaRS<NP, 4, false>(acc, fa, Xs, ldp);
@@ -1463,20 +1508,23 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   }
 }
 
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~94 KB at P64 N128: two blocks per SM): the own
-// s-tile B_s, x_s; l-tile buffer 0 (C_l, dy_l; first the own tile); region R with H_c and
-// G_{c+1} (bf16, read only before the pair loop), then l-tile buffer 1; Acs of the chunk, dt of
-// the own rows, per-warp column sums of ∂Acs, the own rows' ∂Acs terms and state-term dl.
+// Shared memory of ssd_chunk_scan_bwd_dx_reg (~102 KB at P64 N128: two blocks per SM): the own
+// s-tile B_s, x_s, C of the own tile (inter term); l-tile buffer 0 (C Bᵀ tile, dy_l; first the
+// own tile); region R with H_c and G_{c+1} (bf16, read only before the pair loop), then l-tile
+// buffer 1; Acs of the chunk, dt of the own rows, per-warp column sums of ∂Acs, the own rows'
+// ∂Acs terms and state-term dl.
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int ldn = d.N + 8, ldp = d.P + 8;
   cv.template take<bf16>(kTile * ldn);                                       // Bs
   cv.template take<bf16>(kTile * ldp);                                       // Xs
-  cv.template take<bf16>(kTile * ldn + kTile * ldp);                         // Cl0, dY0
-  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * ldn + kTile * ldp));  // R
+  cv.template take<bf16>(kTile * ldn);                                       // Co
+  cv.template take<bf16>(kTile * kLdCb + kTile * ldp);                       // CB0, dY0
+  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * kLdCb + kTile * ldp));  // R
   cv.template take<float>(d.Q);                                              // acs
   cv.template take<float>(kTile);                                            // dt (own rows)
   cv.template take<float>(kWarps * d.Q);                                     // dcol
+  cv.template take<float>(d.Q);                                              // erel
   cv.template take<float>(2 * kTile);                                        // own, dl
   cv.template take<double>(kWarps);                                          // dD partial
 }
@@ -1488,7 +1536,7 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 template <int kP>
 __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* h_bf, const bf16* g_bf, bf16* dx,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx,
     float* dacs_part, float* ddtx, double* dd_part) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1505,16 +1553,18 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   Carve cv{smem};
   bf16* Bs = cv.take<bf16>(kTile * ldn);
   bf16* Xs = cv.take<bf16>(kTile * ldp);
-  bf16* Cl0 = cv.take<bf16>(kTile * ldn + kTile * ldp);
-  bf16* dY0 = Cl0 + kTile * ldn;
-  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * ldn + kTile * ldp));
+  bf16* Co = cv.take<bf16>(kTile * ldn);
+  bf16* CB0 = cv.take<bf16>(kTile * kLdCb + kTile * ldp);
+  bf16* dY0 = CB0 + kTile * kLdCb;
+  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * kLdCb + kTile * ldp));
   bf16* Hs = R;
   bf16* Gs = R + kP * ldn;
-  bf16* Cl1 = R;
-  bf16* dY1 = R + kTile * ldn;
+  bf16* CB1 = R;
+  bf16* dY1 = R + kTile * kLdCb;
   float* acs = cv.take<float>(d.Q);
   float* dts = cv.take<float>(kTile);
   float* dcol = cv.take<float>(kWarps * d.Q);
+  float* erel = cv.take<float>(d.Q);
   float* own = cv.take<float>(2 * kTile);
   float* dlrow = own + kTile;
   double* red = cv.take<double>(kWarps);
@@ -1531,14 +1581,24 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
   LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
-  LoadRowsAsync(Cl0, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+  // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
+  const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
+  LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+  CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
   LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
-  CpRows(Hs, ldn, h_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
+  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dt_g = DtPtr(d, saved, b);
-  for (int i = threadIdx.x; i < d.Q; i += kThreads) acs[i] = acs_g[i];
+  // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
+  // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
+  // tile pair into a column and a row factor, so those tiles need no exponential per element.
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+    const float a = acs_g[i];
+    acs[i] = a;
+    erel[i] = __expf(a - acs_g[i & ~(kTile - 1)]);
+  }
   for (int i = threadIdx.x; i < kWarps * d.Q; i += kThreads) dcol[i] = 0.f;
   if (threadIdx.x < kTile) {
     const int r = threadIdx.x;
@@ -1577,7 +1637,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   {
     float t[NP][4];
     ZeroAcc(t);
-    WarpMmaSS<NP, true>(t, Cl0 + warp * 16 * ldn, ldn, Hs, ldn, d.N);
+    WarpMmaSS<NP, true>(t, Co + warp * 16 * ldn, ldn, Hs, ldn, d.N);
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
       const int p = 8 * j + 2 * tq;
@@ -1591,7 +1651,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   auto issue = [&](int lt, int buf) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    LoadRowsAsync(buf ? Cl1 : Cl0, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
+    CpRows(buf ? CB1 : CB0, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile,
+           kTile, kTile);
     LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * x_stride, x_stride, lv, kP);
     CpAsyncCommit();
   };
@@ -1605,34 +1666,58 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     CpAsyncWait<0>();
     __syncthreads();
     if (lt + 1 < nT) issue(lt + 1, buf ^ 1);
-    const bf16* Cl = buf ? Cl1 : Cl0;
+    const bf16* CBt = buf ? CB1 : CB0;
     const bf16* dYl = buf ? dY1 : dY0;
     const int l0 = lt * kTile;
     float s1[8][4], s2[8][4];
-    ZeroAcc(s1);
+    {
+      unsigned cbf[4][4];
+      LoadTileA<true>(cbf, CBt);  // B_s·C_l = (C Bᵀ)ᵀ
+      AToAcc<8>(cbf, s1);
+    }
     ZeroAcc(s2);
-    WarpMmaSS<8, true>(s1, Bs + warp * 16 * ldn, ldn, Cl, ldn, d.N);   // B_s·C_l
     WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
     float csum[8][2];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      csum[j][0] = 0.f;
-      csum[j][1] = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int l = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float as = e < 2 ? as0 : as1;
-        float mt = 0.f;
-        if (lt > st || l >= row) mt = s1[j][e] * expf(fminf(acs[l0 + l] - as, 0.f));
-        s1[j][e] = mt;
-        const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
-        if (e < 2) {
-          rsum0 += m2;
-        } else {
-          rsum1 += m2;
-        }
-        csum[j][e & 1] += m2;
+    // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
+    auto scale = [&](auto diag_c) {
+      constexpr bool kDiag = decltype(diag_c)::value;
+      float f0 = 0.f, f1 = 0.f;
+      if constexpr (!kDiag) {
+        f0 = __expf(acs[l0] - as0);
+        f1 = __expf(acs[l0] - as1);
       }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        csum[j][0] = 0.f;
+        csum[j][1] = 0.f;
+        const int lb = 8 * j + 2 * tq;
+        float2 er = make_float2(0.f, 0.f);
+        if constexpr (!kDiag) er = *reinterpret_cast<const float2*>(erel + l0 + lb);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int l = lb + (e & 1), row = r0 + 8 * (e >> 1);
+          float mt;
+          if constexpr (kDiag) {
+            const float as = e < 2 ? as0 : as1;
+            mt = l >= row ? s1[j][e] * __expf(fminf(acs[l0 + l] - as, 0.f)) : 0.f;
+          } else {
+            mt = s1[j][e] * (e & 1 ? er.y : er.x) * (e < 2 ? f0 : f1);
+          }
+          s1[j][e] = mt;
+          const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
+          if (e < 2) {
+            rsum0 += m2;
+          } else {
+            rsum1 += m2;
+          }
+          csum[j][e & 1] += m2;
+        }
+      }
+    };
+    if (lt == st) {
+      scale(std::true_type{});
+    } else {
+      scale(std::false_type{});
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -1873,15 +1958,30 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
     const float* asb = as + buf * kTile;
     const float* dsb = ds + buf * kTile;
     const float al0 = alb[r0], al1 = alb[r0 + 8];
+    if (lt > st) {
+      // Off-diagonal pair (every s before l0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} ·
+      // e^{Acs_l0 − Acs_s}, both <= 1: 2 row + 16 column exponentials per thread, not 32.
+      const float ref = alb[0];
+      const float rf0 = __expf(al0 - ref), rf1 = __expf(al1 - ref);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-        const float a = e < 2 ? al0 : al1;
-        if (lt > st || col <= row)
-          acc[j][e] += s2[j][e] * dsb[col] * expf(fminf(a - asb[col], 0.f));
-      }
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int col = 8 * j + 2 * tq + c2;
+          const float cf = dsb[col] * __expf(ref - asb[col]);
+          acc[j][c2] += s2[j][c2] * cf * rf0;
+          acc[j][2 + c2] += s2[j][2 + c2] * cf * rf1;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+          const float a = e < 2 ? al0 : al1;
+          if (col <= row) acc[j][e] += s2[j][e] * dsb[col] * __expf(fminf(a - asb[col], 0.f));
+        }
+    }
   }
   float* out = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
 #pragma unroll
@@ -1944,7 +2044,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // of H_c and G_{c+1}, [B, H, NC, P, N].
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_h, const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
+    const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -1973,7 +2073,6 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
-  const bf16* st_bf = kDB ? st_g : st_h;
 
   auto issue = [&](int step, int buf) {
     if (step < n1) {
@@ -1989,8 +2088,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
                     (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
                     x_stride, ov, d.P);
       CpRows(S_of(buf), ldv,
-             st_bf + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN + n0, d.N, d.P, d.P,
-             64);
+             (kDB ? st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
+                  : HbfPtr(d, saved, b, h, c)) +
+                 n0,
+             d.N, d.P, d.P, 64);
       if (threadIdx.x < kTile) {
         const int r = threadIdx.x;
         const float* acs_h = AcsPtr(d, saved, b, h) + c0;
@@ -2214,7 +2315,6 @@ CudaResult CheckSmem(const Dims& d) {
 
 bool Aligned(const void* p) { return p == nullptr || Aligned16(p); }
 
-std::atomic<bool> g_use_wmma{false};
 // The v3 kernels selected by default (kSsdReg* bits); see SsdSetRegisterPathForTesting. All of
 // them: device call 2026-11-26 (H200): every variant passed ssd_gpu_test (12 cases, all outputs
 // and gradients vs float64) and racecheck, and all-v3 was the fastest (fwd+bwd 3.31 ms vs 7.75).
@@ -2228,7 +2328,7 @@ struct RegPlan {
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
-  const int mask = g_use_wmma.load() ? 0 : g_reg_mask.load();
+  const int mask = g_reg_mask.load();
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
@@ -2299,7 +2399,6 @@ struct BwdScratch {
   int nsplit;
   int pass_blocks;
   // v3 only (null otherwise):
-  bf16* h_bf;         // [B, H, NC, P, N] H_c
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_part;   // [B, H, NC, Q/64, Q]
   float* ddtx;        // [B, H, NC·Q]
@@ -2314,7 +2413,7 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
   ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                   stream>>>(d, a.x, a.b, a.c, a.d,
-                                            static_cast<const float*>(a.saved), a.dy, sc.h_bf,
+                                            static_cast<const float*>(a.saved), a.dy,
                                             sc.g_bf, a.dx, sc.dacs_part, sc.ddtx, sc.dd_part);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
   return {};
@@ -2340,7 +2439,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.h_bf, sc.g_bf);
+      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
 
   if (plan.dx) {
@@ -2373,7 +2472,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.h_bf, sc.g_bf, sc.dcb, a.db,
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb, a.db,
                                 a.dc);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     return {};
@@ -2402,7 +2501,6 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
-void SsdUseWmmaForTesting(bool use_wmma) { g_use_wmma.store(use_wmma); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
@@ -2448,9 +2546,18 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
 
   ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
+  // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
+  // backward dx kernels read it; the backward may run a different kernel selection).
+  {
+    const int tiles = d.Q / kTile;
+    const size_t smem = SmemOf<CarveBmmCb<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bmm_cb, smem));
+    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem, stream>>>(
+        d, a.b, a.c, saved);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
+  }
 
-  return g_use_wmma.load() ? ForwardKernels<MmaWmma>(a, d, saved, stream)
-                           : ForwardKernels<MmaPtx>(a, d, saved, stream);
+  return ForwardKernels<MmaPtx>(a, d, saved, stream);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -2483,7 +2590,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
   const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
   const bool need_bf = plan.dx || plan.dbc;
-  const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 each
+  const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 G_{c+1}
   const int64_t n_dacs = plan.dx ? static_cast<int64_t>(d.B) * d.H * d.NC * tiles * d.Q : 0;
   const int64_t n_ddtx = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_ddp = plan.dx ? static_cast<int64_t>(d.B) * d.NC * d.H * tiles : 0;  // doubles
@@ -2493,8 +2600,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t off_part = off_ddecay + up(n_ddecay * 4);
   const int64_t off_dbp = off_part + up(n_part * 8);
   const int64_t off_dcp = off_dbp + up(n_bc * 4);
-  const int64_t off_hbf = off_dcp + up(n_bc * 4);
-  const int64_t off_gbf = off_hbf + up(n_stbf * 2);
+  const int64_t off_gbf = off_dcp + up(n_bc * 4);
   const int64_t off_dacs = off_gbf + up(n_stbf * 2);
   const int64_t off_ddtx = off_dacs + up(n_dacs * 4);
   const int64_t off_ddp = off_ddtx + up(n_ddtx * 4);
@@ -2512,7 +2618,6 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   sc.nsplit = nsplit;
   sc.pass_blocks = static_cast<int>(pass_blocks);
   if (need_bf) {
-    sc.h_bf = reinterpret_cast<bf16*>(base_ptr + off_hbf);
     sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
   }
   if (plan.dx) {
@@ -2523,8 +2628,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dbc) sc.dcb = reinterpret_cast<float*>(base_ptr + off_dcb);
   double* part = sc.part;
 
-  CUDA_RETURN_IF_NOT_OK(g_use_wmma.load() ? BackwardKernels<MmaWmma>(a, d, plan, sc, stream)
-                                          : BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
+  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
 
   ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
                                             a.d != nullptr ? a.dd : nullptr);

@@ -20,8 +20,9 @@
 //
 // The opaque `saved` buffer (ssd_saved_bytes) holds, per batch row (batch-major, so a call on
 // rows [b0, b1) may advance every pointer by b0 rows, `saved` by b0·ssd_saved_bytes(batch=1)):
-// the NC+1 chunk-boundary states fp32 [H, NC+1, P, N], dt after softplus/clamp fp32 [S, H], and
-// the within-chunk cumulative sums of dt·A fp32 [H, NC·Q]. The backward takes its scratch from a
+// the NC+1 chunk-boundary states fp32 [H, NC+1, P, N], dt after softplus/clamp fp32 [S, H],
+// the within-chunk cumulative sums of dt·A fp32 [H, NC·Q], C Bᵀ per (group, chunk) bf16
+// [G, NC·Q, Q], and the states H_c (c < NC) again in bf16 [H, NC, P, N] (tensor-core operands). The backward takes its scratch from a
 // DeviceAllocator (cached after the first call; same stream semantics as that allocator).
 //
 // All calls are asynchronous on `stream`; pointers are device pointers. Not thread-safe with
@@ -106,19 +107,14 @@ int64_t SsdSavedBytes(const SsdShape& shape, const SsdOptions& options);
 
 CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 
-// Selects the tensor-core path of the v2 kernels for all later calls (process-wide): false (the
-// default) uses mma.sync + ldmatrix, true the nvcuda::wmma version (the first device-verified
-// one, kept for A/B checks in ssd_gpu_test) and then every kernel is a v2 one (the v3 selection
-// below is ignored). All paths compute the same function.
-void SsdUseWmmaForTesting(bool use_wmma);
-
 // Selects, per kernel, the register-resident v3 kernels (FlashAttention-2 style: products kept
 // in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
 // v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
 // backward dx/ddt kernel, kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
-// kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Ignored while the
-// WMMA path is selected; shapes whose v3 tiles do not fit shared memory (or, for kSsdRegDbc, N
-// not a multiple of 64) use v2. SsdRegisterPath() is the current mask; the default is
+// kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes whose v3
+// tiles do not fit shared memory (or, for kSsdRegDbc, N not a multiple of 64) use v2 (which is
+// why v2 stays: it is the fallback, and the test runs it). All selections compute the same
+// function. SsdRegisterPath() is the current mask; the default is
 // kSsdRegAll (device-verified and fastest on 2026-11-26; ssd_notes.md).
 inline constexpr int kSsdRegScanFwd = 1;
 inline constexpr int kSsdRegDx = 2;

@@ -1,10 +1,10 @@
 // Needs a GPU: the CUDA SSD chunked forward and backward (kernels/cuda/ssd.h), every kernel
-// variant (v2 mma.sync / WMMA, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
+// variant (v2 mma.sync, each v3 kernel alone, all v3; SSD_TEST_PATH=i runs only variant
 // i), against the CPU float64 reference (kernels/cpu/ssd.h) on the same bf16-representable
 // random inputs: y, the final state, and every gradient (dx, d dt_raw, dB, dC, d initial state,
 // and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
 // 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
-// bind, very large and very small dt·A.
+// bind, very large (one and four 64-row tiles per chunk) and very small dt·A.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
@@ -215,6 +215,12 @@ TEST(SsdGpu, MatchesCpuReference) {
   big_dt.dt_mean = 3.0f;
   big_dt.a_log_hi = 3.4f;  // |A| up to 30, dt ~ 3: e^{dt·A} underflows to 0
   cases.push_back(big_dt);
+  // The same decays over 4 tiles per chunk: the off-diagonal tile pairs take the factored path
+  // (e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}), whose factors underflow here.
+  Case big_dt_q256{"large dt*A Q256", 1, 300, 4, 64, 1, 64, 256};
+  big_dt_q256.dt_mean = 3.0f;
+  big_dt_q256.a_log_hi = 3.4f;
+  cases.push_back(big_dt_q256);
   Case small_dt{"tiny dt", 2, 137, 4, 64, 2, 64, 64};
   small_dt.dt_mean = -8.0f;  // dt ~ 3e-4: almost no decay, long memory
   small_dt.a_log_hi = 0.5f;
@@ -225,20 +231,18 @@ TEST(SsdGpu, MatchesCpuReference) {
   cases.push_back(bare);
   cases.push_back({"S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128});  // partial 2nd tile of a chunk
   cases.push_back({"P96 S130", 1, 130, 4, 96, 1, 64, 128});
-  // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix; and WMMA), each v3 kernel
+  // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix), each v3 kernel
   // alone, all v3 kernels.
   struct Path {
     const char* name;
-    bool wmma;
     int mask;
   };
-  const Path paths[] = {{"[mma] ", false, 0},
-                        {"[wmma] ", true, 0},
-                        {"[v3 fwd] ", false, kSsdRegScanFwd},
-                        {"[v3 dx] ", false, kSsdRegDx},
-                        {"[v3 dbc] ", false, kSsdRegDbc},
-                        {"[v3 state] ", false, kSsdRegState},
-                        {"[v3 all] ", false, kSsdRegAll}};
+  const Path paths[] = {{"[mma] ", 0},
+                        {"[v3 fwd] ", kSsdRegScanFwd},
+                        {"[v3 dx] ", kSsdRegDx},
+                        {"[v3 dbc] ", kSsdRegDbc},
+                        {"[v3 state] ", kSsdRegState},
+                        {"[v3 all] ", kSsdRegAll}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   uint64_t seed = 1234;
@@ -249,7 +253,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   for (const Path& p : paths) {
     ++index;
     if (only != nullptr && std::atoi(only) != index) continue;
-    SsdUseWmmaForTesting(p.wmma);
     SsdSetRegisterPathForTesting(p.mask);
     int path_failed = 0;
     for (Case k : cases) {
@@ -260,7 +263,6 @@ TEST(SsdGpu, MatchesCpuReference) {
                 cases.size());
     failed += path_failed;
   }
-  SsdUseWmmaForTesting(false);
   SsdSetRegisterPathForTesting(default_mask);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
