@@ -69,6 +69,7 @@
 // experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
 #include "kernels/cuda/mlstm.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -610,29 +611,85 @@ __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld
 // head: TM/16 warps, warp w owns rows 16w..16w+15, 2·TM threads. 64×64 (the first version) or
 // 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
 // recurrences are bound by re-reading them once per tile) at the price of 4x fewer blocks.
+// Three stages of (K, V) / (Q, dH) tiles: chunk k multiplies while k+1 and k+2 are in flight
+// (one chunk step is short, ~2-4 µs, against a loaded HBM latency of ~1-2 µs). 64×64 at L 128:
+// 109 KB, two blocks per SM, so the 256 blocks of the 7B-heads shape are all resident.
 template <int L, int TM, int TN>
 struct StateSmem {
+  static constexpr int kStages = 3;
   static constexpr int kThreads = 2 * TM;
   static constexpr int kSA = TM + kPad;  // K / q tile [L][TM+8]
   static constexpr int kSB = TN + kPad;  // V / dh tile [L][TN+8]
   static constexpr int kTileA = L * kSA;
   static constexpr int kTileB = L * kSB;
-  // C_k / dC_k are staged (StoreAccStaged) in the idle stage's A (hi) and B (lo) tiles: TM rows
-  // of stride TN + kPad must fit in each.
+  // C_k / dC_k are staged (StoreAccStaged) in the stage about to be refilled, A (hi) and B (lo)
+  // tiles: TM rows of stride TN + kPad must fit in each.
   static constexpr bool kStaged = TM == TN && L >= TM;
-  static constexpr size_t kBytes = 2 * (kTileA + kTileB) * 2    // 2 stages, bf16
-                                   + (2 * L + 2 * TM) * 4;      // per-token coefficients, n partials
+  static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
+                                   + 2 * L * 4;                     // per-token coefficients
 };
+
+// bf16x2 (x = lower k) times (s.x, s.y), rounded back to bf16x2.
+__device__ __forceinline__ uint32_t ScaleBf16x2(uint32_t x, float2 s) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+  return PackBf16(f.x * s.x, f.y * s.y);
+}
+// An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k]: lane
+// holds k = 2c, 2c+1 in a[0], a[1] and 2c+8, 2c+9 in a[2], a[3] (c = lane % 4). This puts the
+// per-token weights of the state updates (E_t, G_t/den_t, ...) on the small A operand in
+// registers, instead of a pass over the V / dH tile in shared memory (+ one barrier) per chunk.
+__device__ __forceinline__ void ScaleAK(uint32_t (&out)[4], const uint32_t (&a)[4], const float* w,
+                                        int k0, int lane) {
+  const int c = 2 * (lane & 3);
+  const float2 lo = *reinterpret_cast<const float2*>(w + k0 + c);
+  const float2 hi = *reinterpret_cast<const float2*>(w + k0 + c + 8);
+  out[0] = ScaleBf16x2(a[0], lo);
+  out[1] = ScaleBf16x2(a[1], lo);
+  out[2] = ScaleBf16x2(a[2], hi);
+  out[3] = ScaleBf16x2(a[3], hi);
+}
+// ScaleAK as hi + lo bf16 pairs (hi + lo carries ~16 mantissa bits of the fp32 product): the
+// normaliser sums n, dn get the precision they had when the products were formed in fp32
+// (dden changes sign from token to token, so dn = Σ_t ddc_t q_t can cancel).
+__device__ __forceinline__ void ScaleAKSplit(uint32_t (&hi)[4], uint32_t (&lo)[4],
+                                             const uint32_t (&a)[4], const float* w, int k0,
+                                             int lane) {
+  const int c = 2 * (lane & 3);
+  const float2 wl = *reinterpret_cast<const float2*>(w + k0 + c);
+  const float2 wh = *reinterpret_cast<const float2*>(w + k0 + c + 8);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 s = i < 2 ? wl : wh;
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[i]));
+    SplitPack(f.x * s.x, f.y * s.y, hi[i], lo[i]);
+  }
+}
+// B operand of all ones (bf16 1.0 = 0x3F80): an MMA with it sums the A fragment's rows, which is
+// how the state kernels get n = Σ_t w_t k_t (and dn) from the already scaled A fragments.
+constexpr uint32_t kOnesBf16x2 = 0x3F803F80u;
+
+// The normaliser rows of a warp's 16 rows live in an MMA accumulator (all columns equal):
+// row g in nacc[0] (= nacc[1]), row g + 8 in nacc[2] (= nacc[3]); lanes with lane % 4 == 0 write.
+__device__ __forceinline__ void LoadNAcc(float (&nacc)[4], const float* src, int lane) {
+  const int g = lane >> 2;
+  nacc[0] = nacc[1] = src[g];
+  nacc[2] = nacc[3] = src[g + 8];
+}
+__device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], int lane) {
+  if ((lane & 3) != 0) return;
+  const int g = lane >> 2;
+  dst[g] = nacc[0];
+  dst[g + 8] = nacc[2];
+}
 
 template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
-  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]
-  bf16* vs = ks + 2 * SM::kTileA;                // [2][L][TN+8]
-  float* es = reinterpret_cast<float*>(vs + 2 * SM::kTileB);  // [L]
-  float* npart = es + 2 * L;                                  // [2·TM]
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]
+  bf16* vs = ks + kSt * SM::kTileA;              // [3][L][TN+8]
+  float* es = reinterpret_cast<float*>(vs + kSt * SM::kTileB);  // [L]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -640,73 +697,55 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* kbase = p.k + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
+  const int row0 = a0 + 16 * w;  // this warp's first row of C / n
   float acc[kNT][4];
   if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-               lane);
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   } else {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
-  float nval = 0.f;
-  if (n_block && tid < TM && p.c0 != nullptr) nval = p.n0[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
-  auto prefetch = [&](int k, int stage) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
-    LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+  auto prefetch = [&](int k, int stage) {  // always commits a group (empty past the end)
+    if (k < d.NC) {
+      const int t0 = k * L, len = min(L, d.S - t0);
+      LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
+      LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+    }
     CpAsyncCommit();
   };
   prefetch(0, 0);
+  prefetch(1, 1);
   for (int k = 0; k < d.NC; ++k) {
-    const int stage = k & 1;
+    const int stage = k % kSt, refill = (k + 2) % kSt;
     const int t0 = k * L, len = min(L, d.S - t0);
-    const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    if constexpr (SM::kStaged) {
-      // The other stage's K / V tiles are free (last read before the previous step's final
-      // barrier; refilled only after this step's first barrier): stage C_k there.
-      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
-                     ks + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
-                     vs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
-    } else {
-      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
-    }
-    if (n_block && tid < TM) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
+    const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0) * d.DV + j0;
     // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
     if constexpr (SM::kStaged) {
-      CpAsyncWait<0>();
-      if (tid < L) es[tid] = e_reg;
-      __syncthreads();  // tile k visible; every warp's staging reads done
-      if (k + 1 < d.NC) prefetch(k + 1, stage ^ 1);
+      // The refill stage is idle here (last read in step k−1, before its final barrier; refilled
+      // only after this step's first barrier): stage C_k there.
+      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
+                     ks + refill * SM::kTileA + 16 * w * SM::kSB,
+                     vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else {
-      if (k + 1 < d.NC) {
-        prefetch(k + 1, stage ^ 1);
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      if (tid < L) es[tid] = e_reg;
-      __syncthreads();
+      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
     }
-    bf16* vst = vs + stage * SM::kTileB;
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+    if constexpr (SM::kStaged) {
+      CpAsyncWait<1>();  // groups 0..k+1 committed: chunk k has landed
+    } else {
+      prefetch(k + 2, refill);
+      CpAsyncWait<2>();
+    }
+    if (tid < L) es[tid] = e_reg;
+    __syncthreads();  // tile k and es visible; every warp's staging reads done
+    if constexpr (SM::kStaged) prefetch(k + 2, refill);
+    const bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
-    for (int i = tid; i < L * (TN / 2); i += kThreads) {  // pairs of columns
-      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
-      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(vst + t * SM::kSB + c2);
-      const float2 f = __bfloat1622float2(*pv);
-      *pv = __floats2bfloat162_rn(f.x * es[t], f.y * es[t]);
-    }
-    if (n_block) {  // n_{k+1} = decay·n_k + Σ_t E_t k_t: 2 threads per column, halves of the chunk
-      const int col = tid % TM, half = tid / TM;
-      float s = 0.f;
-      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += es[t] * __bfloat162float(kst[t * SM::kSA + col]);
-      npart[tid] = s;
-    }
-    __syncthreads();
-    if (n_block && tid < TM) nval = decay * nval + npart[tid] + npart[tid + TM];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -715,31 +754,40 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       acc[i][3] *= decay;
     }
 #pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
+#pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], ae[4];
       LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+      if (n_block) {
+        uint32_t elo[4];
+        ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
+        Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
+      } else {
+        ScaleAK(ae, a, es, 16 * kk, lane);
+      }
 #pragma unroll
       for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], a, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+        Mma(acc[2 * np], ae, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], ae, bb[2], bb[3]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + a0 + 16 * w) * d.DV + j0;
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
   StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-              lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-                lane);
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   }
-  if (n_block && tid < TM) {
-    p.sn[last * d.DK + a0 + tid] = nval;
-    if (p.c_out != nullptr) p.n_out[static_cast<int64_t>(bh) * d.DK + a0 + tid] = nval;
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
   }
 }
 
@@ -1000,12 +1048,11 @@ template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
-  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]  q (dk cols a0..)
-  bf16* hs = qs + 2 * SM::kTileA;                // [2][L][TN+8]  dh (dv cols j0..)
-  float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTileB);  // [L] G·scale/denom
-  float* ddc = coef + L;                                         // [L] G·scale·dden
-  float* npart = ddc + L;                                        // [2·TM]
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]  q (dk cols a0..)
+  bf16* hs = qs + kSt * SM::kTileA;              // [3][L][TN+8]  dh (dv cols j0..)
+  float* coef = reinterpret_cast<float*>(hs + kSt * SM::kTileB);  // [L] G·scale/denom
+  float* ddc = coef + L;                                           // [L] G·scale·dden
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -1014,79 +1061,60 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int64_t so = static_cast<int64_t>(bh) * d.S;
+  const int row0 = a0 + 16 * w;
 
   float acc[kNT][4];
   if (p.dc_fin != nullptr) {
-    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-               lane);
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   } else {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
-  float dnv = 0.f;
-  if (n_block && tid < TM && p.dc_fin != nullptr)
-    dnv = p.dn_fin[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
-  auto prefetch = [&](int k, int stage) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
-    LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+  // Step s handles chunk k = NC−1−s in stage s % 3.
+  auto prefetch = [&](int s, int stage) {  // always commits a group (empty past the start)
+    const int k = d.NC - 1 - s;
+    if (k >= 0) {
+      const int t0 = k * L, len = min(L, d.S - t0);
+      LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
+      LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+    }
     CpAsyncCommit();
   };
-  prefetch(d.NC - 1, (d.NC - 1) & 1);
-  for (int k = d.NC - 1; k >= 0; --k) {
-    const int stage = k & 1;
+  prefetch(0, 0);
+  prefetch(1, 1);
+  for (int s = 0; s < d.NC; ++s) {
+    const int k = d.NC - 1 - s, stage = s % kSt, refill = (s + 2) % kSt;
     const int t0 = k * L, len = min(L, d.S - t0);
-    const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    if constexpr (SM::kStaged) {  // as in state_fwd: the other stage's tiles are idle here
-      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
-                     qs + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
-                     hs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
-    } else {
-      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
-    }
-    if (n_block && tid < TM) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
+    const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0) * d.DV + j0;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
     const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
-    if constexpr (SM::kStaged) {
-      CpAsyncWait<0>();
-      if (tid < L) {
-        coef[tid] = cf;
-        ddc[tid] = dd;
-      }
-      __syncthreads();  // tile k visible; every warp's staging reads done
-      if (k > 0) prefetch(k - 1, stage ^ 1);
+    if constexpr (SM::kStaged) {  // as in state_fwd: the refill stage is idle here
+      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
+                     qs + refill * SM::kTileA + 16 * w * SM::kSB,
+                     hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else {
-      if (k > 0) {
-        prefetch(k - 1, stage ^ 1);
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      if (tid < L) {
-        coef[tid] = cf;
-        ddc[tid] = dd;
-      }
-      __syncthreads();
+      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
     }
-    bf16* hst = hs + stage * SM::kTileB;
+    if (n_block) StoreNAcc(p.dn + (static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0, dnacc, lane);
+    if constexpr (SM::kStaged) {
+      CpAsyncWait<1>();
+    } else {
+      prefetch(s + 2, refill);
+      CpAsyncWait<2>();
+    }
+    if (tid < L) {
+      coef[tid] = cf;
+      ddc[tid] = dd;
+    }
+    __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
+    if constexpr (SM::kStaged) prefetch(s + 2, refill);
+    const bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
-    for (int i = tid; i < L * (TN / 2); i += kThreads) {
-      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
-      __nv_bfloat162* ph = reinterpret_cast<__nv_bfloat162*>(hst + t * SM::kSB + c2);
-      const float2 f = __bfloat1622float2(*ph);
-      *ph = __floats2bfloat162_rn(f.x * coef[t], f.y * coef[t]);
-    }
-    if (n_block) {
-      const int col = tid % TM, half = tid / TM;
-      float s = 0.f;
-      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += ddc[t] * __bfloat162float(qst[t * SM::kSA + col]);
-      npart[tid] = s;
-    }
-    __syncthreads();
-    if (n_block && tid < TM) dnv = decay * dnv + npart[tid] + npart[tid + TM];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -1095,23 +1123,32 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       acc[i][3] *= decay;
     }
 #pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
+#pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], ac[4];
       LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAK(ac, a, coef, 16 * kk, lane);
+      if (n_block) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
 #pragma unroll
       for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], a, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+        Mma(acc[2 * np], ac, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], ac, bb[2], bb[3]);
       }
     }
     __syncthreads();
   }
   if (p.dc0 != nullptr) {
-    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-                lane);
-    if (n_block && tid < TM) p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + tid] = dnv;
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+    if (n_block) StoreNAcc(p.dn0 + static_cast<int64_t>(bh) * d.DK + row0, dnacc, lane);
   }
 }
 
@@ -1894,50 +1931,78 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
 
 // ---------------------------------------------------------------- step
 
-__global__ void __launch_bounds__(512) mlstm_step(Dims d, const bf16* q, const bf16* k,
-                                                  const bf16* v, const float* ig, const float* fg,
-                                                  float* cst, float* nst, float* mst, bf16* h) {
+// One generation step. A head's dk×dv fp32 state is 512 KB at the 7B layout and the step is a
+// pure stream over it (read C, write C, h = q̂ᵀC/den), so the work is spread over a CLUSTER of
+// CTAs per head: CTA r of the cluster owns dk rows [r·rows, (r+1)·rows) and every dv column,
+// updates them in place and leaves its partial q̂ᵀC row sums in shared memory; after a cluster
+// barrier CTA r sums the cluster's partials for its share of the columns through distributed
+// shared memory and writes h. Every CTA computes den over all dk (dk loads, cheap), so only
+// h needs the exchange. Old n and m are read by all CTAs before the barrier and written after it.
+constexpr int kStepThreads = 256;
+
+__global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, const bf16* q,
+                                                           const bf16* k, const bf16* v,
+                                                           const float* ig, const float* fg,
+                                                           float* cst, float* nst, float* mst,
+                                                           bf16* h) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float sh[];
-  float* qs = sh;            // [DK] q̂
-  float* kn = qs + d.DK;     // [DK] i'·k
-  float* red = kn + d.DK;    // [16]
-  const int bh = blockIdx.x, tid = threadIdx.x;
+  float* hpart = sh;         // [DV] Σ over this CTA's rows of q̂_a C_new[a][j]
+  float* qs = hpart + d.DV;  // [rows] q̂ of the slice
+  float* kn = qs + rows;     // [rows] i'·k of the slice
+  float* red = kn + rows;    // [kStepThreads / 32]
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.x / csize, tid = threadIdx.x;
+  const int a_begin = rank * rows, a_end = min(d.DK, a_begin + rows);
   const float lf = LogForget(d.sigmoid, fg[bh]);
   const float m_old = mst[bh];
   const float m_new = fmaxf(lf + m_old, ig[bh]);
   const float fp = __expf(lf + m_old - m_new), ip = __expf(ig[bh] - m_new);
   float den_part = 0.f;
-  for (int a = tid; a < d.DK; a += blockDim.x) {
+  for (int a = tid; a < d.DK; a += kStepThreads) {
     const float qa = __bfloat162float(q[static_cast<int64_t>(bh) * d.DK + a]) * d.scale;
     const float ka = ip * __bfloat162float(k[static_cast<int64_t>(bh) * d.DK + a]);
-    qs[a] = qa;
-    kn[a] = ka;
-    const float nn = fp * nst[static_cast<int64_t>(bh) * d.DK + a] + ka;
-    den_part += qa * nn;
+    if (a >= a_begin && a < a_end) {
+      qs[a - a_begin] = qa;
+      kn[a - a_begin] = ka;
+    }
+    den_part += qa * (fp * nst[static_cast<int64_t>(bh) * d.DK + a] + ka);
   }
   den_part = WarpSumT(den_part);
   if ((tid & 31) == 0) red[tid >> 5] = den_part;
   __syncthreads();
   float den = 0.f;
-  for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) den += red[i];
+  for (int i = 0; i < kStepThreads / 32; ++i) den += red[i];
   const float inv = 1.f / (fmaxf(fabsf(den), __expf(-m_new)) + d.eps);
   float* cb = cst + static_cast<int64_t>(bh) * d.DK * d.DV;
-  for (int j = tid; j < d.DV; j += blockDim.x) {
+  const int my_rows = max(0, a_end - a_begin);
+  for (int j = tid; j < d.DV; j += kStepThreads) {
     const float vj = __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]);
     float acc = 0.f;
-    for (int a = 0; a < d.DK; ++a) {
-      const float cn = fp * cb[static_cast<int64_t>(a) * d.DV + j] + kn[a] * vj;
-      cb[static_cast<int64_t>(a) * d.DV + j] = cn;
-      acc += qs[a] * cn;
+#pragma unroll 8
+    for (int r = 0; r < my_rows; ++r) {
+      float* c = cb + static_cast<int64_t>(a_begin + r) * d.DV + j;
+      const float cn = fp * *c + kn[r] * vj;
+      *c = cn;
+      acc += qs[r] * cn;
     }
-    h[static_cast<int64_t>(bh) * d.DV + j] = __float2bfloat16_rn(acc * inv);
+    hpart[j] = acc;
   }
-  __syncthreads();  // every thread read the old n above before it is overwritten
-  for (int a = tid; a < d.DK; a += blockDim.x) {
-    float* na = nst + static_cast<int64_t>(bh) * d.DK + a;
-    *na = fp * *na + kn[a];
+  cluster.sync();  // partials visible cluster-wide; every CTA has read the old n and m
+  const int cols = (d.DV + csize - 1) / csize;
+  for (int j = rank * cols + tid; j < min(d.DV, (rank + 1) * cols); j += kStepThreads) {
+    float sum = 0.f;
+    for (int r = 0; r < csize; ++r) sum += cluster.map_shared_rank(hpart, r)[j];
+    h[static_cast<int64_t>(bh) * d.DV + j] = __float2bfloat16_rn(sum * inv);
   }
-  if (tid == 0) mst[bh] = m_new;
+  for (int r = tid; r < my_rows; r += kStepThreads) {
+    float* na = nst + static_cast<int64_t>(bh) * d.DK + a_begin + r;
+    *na = fp * *na + kn[r];
+  }
+  if (rank == 0 && tid == 0) mst[bh] = m_new;
+  cluster.sync();  // no CTA leaves while another still reads its partials
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -2272,10 +2337,50 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
   MlstmOptions o1 = options;
   o1.chunk_size = 16;
   const Dims d = MakeDims(s1, o1);
-  const size_t smem = (2 * shape.dk + 16) * sizeof(float);
-  if (smem > 48 * 1024) return InvalidArgument("mlstm step: dk too large");
-  mlstm_step<<<static_cast<unsigned>(shape.batch * shape.num_heads), 512, smem, stream>>>(
-      d, q, k, v, igate, fgate, state.c, state.n, state.m, h);
+  // Cluster size: 16 CTAs per head (non-portable, H100 / H200) while that still leaves SMs
+  // idle (B·NH·16 <= #SMs: the 7B layout at B1 streams its 4 MB of state from 128 SMs), else 8;
+  // 8 again where the device cannot place 16 (cudaOccupancyMaxActiveClusters).
+  int device = 0, sms = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t bh = shape.batch * shape.num_heads;
+  int csize = bh * 16 <= sms ? 16 : 8;
+  csize = static_cast<int>(std::min<int64_t>(csize, shape.dk));
+  auto smem_of = [&](int cs) {
+    const int64_t rows = (shape.dk + cs - 1) / cs;
+    return static_cast<size_t>((shape.dv + 2 * rows + kStepThreads / 32) * sizeof(float));
+  };
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(kStepThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  auto configure = [&](int cs) {
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    cfg.gridDim = dim3(static_cast<unsigned>(bh * cs));
+    cfg.dynamicSmemBytes = smem_of(cs);
+  };
+  if (smem_of(1) > 200 * 1024) return InvalidArgument("mlstm step: dv too large");
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_of(1))));
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  configure(csize);
+  int max_clusters = 0;
+  if (csize > 8 && (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_step, &cfg) != cudaSuccess ||
+                    max_clusters < 1)) {
+    (void)cudaGetLastError();  // clear the query's error; 8 is portable
+    csize = static_cast<int>(std::min<int64_t>(8, shape.dk));
+    configure(csize);
+  }
+  const int rows = static_cast<int>((shape.dk + csize - 1) / csize);
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_step, d, rows, q, k, v, igate, fgate,
+                                          state.c, state.n, state.m, h));
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_step");
     Hook("mlstm_step", stream);
   return {};
