@@ -629,28 +629,18 @@ struct StateSmem {
                                    + 2 * L * 4;                     // per-token coefficients
 };
 
-// bf16x2 (x = lower k) times (s.x, s.y), rounded back to bf16x2.
-__device__ __forceinline__ uint32_t ScaleBf16x2(uint32_t x, float2 s) {
-  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
-  return PackBf16(f.x * s.x, f.y * s.y);
-}
-// An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k]: lane
-// holds k = 2c, 2c+1 in a[0], a[1] and 2c+8, 2c+9 in a[2], a[3] (c = lane % 4). This puts the
-// per-token weights of the state updates (E_t, G_t/den_t, ...) on the small A operand in
-// registers, instead of a pass over the V / dH tile in shared memory (+ one barrier) per chunk.
-__device__ __forceinline__ void ScaleAK(uint32_t (&out)[4], const uint32_t (&a)[4], const float* w,
-                                        int k0, int lane) {
-  const int c = 2 * (lane & 3);
-  const float2 lo = *reinterpret_cast<const float2*>(w + k0 + c);
-  const float2 hi = *reinterpret_cast<const float2*>(w + k0 + c + 8);
-  out[0] = ScaleBf16x2(a[0], lo);
-  out[1] = ScaleBf16x2(a[1], lo);
-  out[2] = ScaleBf16x2(a[2], hi);
-  out[3] = ScaleBf16x2(a[3], hi);
-}
-// ScaleAK as hi + lo bf16 pairs (hi + lo carries ~16 mantissa bits of the fp32 product): the
-// normaliser sums n, dn get the precision they had when the products were formed in fp32
-// (dden changes sign from token to token, so dn = Σ_t ddc_t q_t can cancel).
+// An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k], as
+// bf16 hi + lo pairs (hi + lo carries ~16 mantissa bits of the fp32 product). The lane holds
+// k = 2c, 2c+1 in a[0], a[1] and 2c+8, 2c+9 in a[2], a[3] (c = lane % 4). This puts the per-token
+// weights of the state updates (E_t, G_t/den_t, ...) on the small A operand in registers,
+// instead of a pass over the V / dH tile in shared memory (+ one barrier) per chunk.
+// Why hi + lo and not one bf16: rounding E_t k_t perturbs k inside C but not in the backward's
+// k·dk, and df̃ = F + Σ_{t≥r}(q·dq − k·dk) cancels over long suffixes: with hi only, the TFLA-
+// convention df̃ of the gates ±30 / S 8200 test cases went from 1.7e-2 / 1.2e-2 (V·E rounded,
+// the previous kernels) to 2.0e-2 / 2.8e-2 (H100, 2026-11-26). With hi + lo (one more MMA per
+// product) the weighted operand is exact to ~2^-17 and V / dH are not rounded at all. The
+// normaliser sums n, dn use the same pairs (dden changes sign from token to token, so
+// dn = Σ_t ddc_t q_t can cancel).
 __device__ __forceinline__ void ScaleAKSplit(uint32_t (&hi)[4], uint32_t (&lo)[4],
                                              const uint32_t (&a)[4], const float* w, int k0,
                                              int lane) {
@@ -758,15 +748,12 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ae[4];
+      uint32_t a[4], ae[4], elo[4];
       LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
       if (n_block) {
-        uint32_t elo[4];
-        ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
         Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
         Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
-      } else {
-        ScaleAK(ae, a, es, 16 * kk, lane);
       }
 #pragma unroll
       for (int np = 0; np < TN / 16; ++np) {
@@ -774,6 +761,10 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
         LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
         Mma(acc[2 * np], ae, bb[0], bb[1]);
         Mma(acc[2 * np + 1], ae, bb[2], bb[3]);
+        if (d.split) {  // the lo half of E_t k_t: the products are exact to ~2^-17
+          Mma(acc[2 * np], elo, bb[0], bb[1]);
+          Mma(acc[2 * np + 1], elo, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
@@ -1127,9 +1118,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ac[4];
+      uint32_t a[4], ac[4], aclo[4];
       LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
-      ScaleAK(ac, a, coef, 16 * kk, lane);
+      ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
       if (n_block) {
         uint32_t ad[4], adlo[4];
         ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
@@ -1142,6 +1133,10 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
         LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
         Mma(acc[2 * np], ac, bb[0], bb[1]);
         Mma(acc[2 * np + 1], ac, bb[2], bb[3]);
+        if (d.split) {
+          Mma(acc[2 * np], aclo, bb[0], bb[1]);
+          Mma(acc[2 * np + 1], aclo, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -1878,15 +1873,33 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
     }
   }
   __syncthreads();
-  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t).
-  for (int t = tid; t < d.S; t += kGateParThreads) {
-    const int a = p.arg[so + t];
-    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
-    if (end) {
-      if (a >= 0) {
-        p.seg[so + a] = p.ps[so + t] - (a > 0 ? p.ps[so + a - 1] : 0.0);
+  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t). The
+  // kGateItems tokens of a thread (strided by the block) load together: two dependent rounds of
+  // loads per 8192 tokens instead of two per 1024.
+  for (int base = 0; base < d.S; base += kTile) {
+    int av[kGateItems];
+    bool endv[kGateItems];
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      const int t = base + u * kGateParThreads + tid;
+      av[u] = t < d.S ? p.arg[so + t] : 0;
+      const int next = t < d.S - 1 ? p.arg[so + t + 1] : 0;
+      endv[u] = t < d.S && (t == d.S - 1 || next != av[u]);
+    }
+    double pt[kGateItems], pa[kGateItems];
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      const int t = base + u * kGateParThreads + tid;
+      pt[u] = endv[u] ? p.ps[so + t] : 0.0;
+      pa[u] = endv[u] && av[u] > 0 ? p.ps[so + av[u] - 1] : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      if (!endv[u]) continue;
+      if (av[u] >= 0) {
+        p.seg[so + av[u]] = pt[u] - pa[u];
       } else {
-        dm0_tail = p.ps[so + t];
+        dm0_tail = pt[u];
       }
     }
   }
@@ -1978,17 +1991,47 @@ __global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, con
   const float inv = 1.f / (fmaxf(fabsf(den), __expf(-m_new)) + d.eps);
   float* cb = cst + static_cast<int64_t>(bh) * d.DK * d.DV;
   const int my_rows = max(0, a_end - a_begin);
-  for (int j = tid; j < d.DV; j += kStepThreads) {
-    const float vj = __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]);
-    float acc = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < my_rows; ++r) {
-      float* c = cb + static_cast<int64_t>(a_begin + r) * d.DV + j;
-      const float cn = fp * *c + kn[r] * vj;
-      *c = cn;
-      acc += qs[r] * cn;
+  // Each thread owns kStepCols columns (j, j + 256, ...) and walks its rows in batches of
+  // kStepRows: all loads of a batch are issued before any store (a load after a store to C could
+  // alias it, so the compiler would otherwise wait one memory latency per row).
+  constexpr int kStepCols = 2, kStepRows = 16;
+  for (int jb = 0; jb < d.DV; jb += kStepCols * kStepThreads) {
+    float vj[kStepCols], acc[kStepCols];
+#pragma unroll
+    for (int u = 0; u < kStepCols; ++u) {
+      const int j = jb + u * kStepThreads + tid;
+      vj[u] = j < d.DV ? __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]) : 0.f;
+      acc[u] = 0.f;
     }
-    hpart[j] = acc;
+    for (int r0 = 0; r0 < my_rows; r0 += kStepRows) {
+      float cv[kStepCols][kStepRows];
+#pragma unroll
+      for (int u = 0; u < kStepCols; ++u) {
+        const int j = jb + u * kStepThreads + tid;
+#pragma unroll
+        for (int i = 0; i < kStepRows; ++i) {
+          const bool ok = j < d.DV && r0 + i < my_rows;
+          cv[u][i] = ok ? cb[static_cast<int64_t>(a_begin + r0 + i) * d.DV + j] : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStepCols; ++u) {
+        const int j = jb + u * kStepThreads + tid;
+#pragma unroll
+        for (int i = 0; i < kStepRows; ++i) {
+          if (j < d.DV && r0 + i < my_rows) {
+            const float cn = fp * cv[u][i] + kn[r0 + i] * vj[u];
+            cb[static_cast<int64_t>(a_begin + r0 + i) * d.DV + j] = cn;
+            acc[u] += qs[r0 + i] * cn;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStepCols; ++u) {
+      const int j = jb + u * kStepThreads + tid;
+      if (j < d.DV) hpart[j] = acc[u];
+    }
   }
   cluster.sync();  // partials visible cluster-wide; every CTA has read the old n and m
   const int cols = (d.DV + csize - 1) / csize;
