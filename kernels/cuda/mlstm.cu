@@ -15,9 +15,12 @@
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
 //                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
 //                      fp32 registers for the whole sequence (no rounding of the carried state),
-//                      each chunk adds one (TM × L) · (L × TN) product; writes every C_k as bf16
-//                      hi + lo (split precision) or bf16, staged through the idle stage buffers
-//                      for 16-byte stores, and n_k in fp32.
+//                      each chunk adds one (TM × L) · (L × TN) product with E_t applied to the
+//                      Kᵀ fragments in registers as bf16 hi + lo (two MMAs, exact weights; no
+//                      shared-memory pass); three K/V stages (two chunks in flight); n_{k+1} by
+//                      the same fragments times a ones operand; writes every C_k as bf16
+//                      hi + lo (split precision) or bf16, staged through the stage about to be
+//                      refilled for 16-byte stores, and n_k in fp32.
 //   3. fwd_out         one block per (head, chunk, DVT-column slab of h): S = Q̂Kᵀ (causal warps
 //                      only), P = S ⊙ W, den = P·1 + G q̂·n_k, h = (P V + G Q̂ C_k) / (max(|den|,
 //                      e^{−m}) + ε). Each warp owns 16 query rows; P goes from the accumulator
@@ -28,7 +31,9 @@
 //                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
 //                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
 //   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
-//                      dden), fp32 tile in registers; stores every dC_{k+1} as bf16, dn_{k+1} fp32.
+//                      dden), fp32 tile in registers, organised as state_fwd (weights on the Q̂ᵀ
+//                      fragments as hi + lo, three stages); stores every dC_{k+1} as bf16
+//                      (hi + lo), dn_{k+1} fp32.
 //   6. bwd_dv          per (head, chunk, DVT slab): dV = Pᵀ diag(1/denom) dH + diag(E) K dC_{k+1}.
 //   7. bwd_dqk         per (head, chunk, DKT slab): dP = dH Vᵀ, dS = W ⊙ (dP/denom + dden) (to
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
@@ -2071,9 +2076,9 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.split = UseSplit(o);
   d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
   // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
-  // H200 (bench/RESULTS.md) they win with >= 256 blocks (1.3b shape: state kernels 0.22 + 0.20
-  // vs 0.25 + 0.24 ms) and lose with 64 (7B heads: 0.39 + 0.39 vs 0.30 + 0.28 ms). Threshold:
-  // about one block per SM.
+  // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
+  // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
+  // 0.21 + 0.26 ms). Threshold: about one block per SM.
   const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
   d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
                  : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
