@@ -617,9 +617,9 @@ __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld
 // 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
 // recurrences are bound by re-reading them once per tile) at the price of 4x fewer blocks.
 // Three stages of (K, V) / (Q, dH) tiles: chunk k multiplies while k+1 and k+2 are in flight
-// (a chunk step is only ~3.3 µs at the 7B-heads shape, so one chunk of prefetch distance left
-// the loads exposed; together with the register weights below this took the 7B state kernels
-// from 0.30 + 0.28 to 0.21 + 0.26 ms on an H200, bench/RESULTS.md). 64×64 at L 128: 109 KB,
+// (a chunk step is only ~3.3 µs at the 7B-heads shape). Together with the register weights
+// below this took the 7B state kernels from 0.30 + 0.28 to 0.21 + 0.26 ms on an H200
+// (bench/RESULTS.md); the two changes were not measured separately. 64×64 at L 128: 109 KB,
 // two blocks per SM, so the 256 blocks of the 7B-heads shape are all resident.
 template <int L, int TM, int TN>
 struct StateSmem {
