@@ -14,6 +14,9 @@
 // anchor_mlstm.py (raw little-endian float32, TFLA layout [B, NH, S, D]), runs ours with both
 // gradient conventions and prints the relative differences (which convention TFLA computes).
 //
+// Then the generation step (MlstmStepForward) at B1 / B8 of the 7B heads: µs per step and the
+// bandwidth of its state stream (RunStep).
+//
 //   mlstm_bench [--reps=N] [--compare_dir=DIR]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -214,6 +217,53 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
   std::fflush(stdout);
 }
 
+// ---- generation step (MlstmStepForward) ----
+
+// µs per step: `single` = one launch between two events (what a latency-bound decode loop pays
+// per layer, launch included), `loop` = 200 back-to-back steps / 200. Bytes: the fp32 state C
+// read and written (n, q, k, v, h are < 1% of it): the memory floor is bytes / peak bandwidth.
+void RunStep(const char* name, const MlstmShape& s, int reps, cudaStream_t stream) {
+  DeviceAllocator alloc;
+  const int64_t bh = s.batch * s.num_heads;
+  DeviceBuffer q, k, v, h, ig, fg, c, n, m;
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dk * 2, &q));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dk * 2, &k));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dv * 2, &v));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dv * 2, &h));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * 4, &ig));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * 4, &fg));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dk * s.dv * 4, &c));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * s.dk * 4, &n));
+  CUDA_OK_OR_DIE(alloc.Allocate(bh * 4, &m));
+  CUDA_OK_OR_DIE(FillRandomBf16(q.as<bf16>(), bh * s.dk, 0.f, 1.f, 11, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(k.as<bf16>(), bh * s.dk, 0.f, 1.f, 12, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(v.as<bf16>(), bh * s.dv, 0.f, 1.f, 13, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(ig.as<float>(), bh, 0.f, 1.f, 14, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(fg.as<float>(), bh, 3.f, 1.f, 15, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(c.as<float>(), bh * s.dk * s.dv, 0.f, 0.5f, 16, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(n.as<float>(), bh * s.dk, 0.f, 0.5f, 17, stream));
+  CUDA_OK_OR_DIE(FillRandomF32(m.as<float>(), bh, 0.f, 1.f, 18, stream));
+  MlstmOptions opt;
+  auto step = [&] {
+    CUDA_OK_OR_DIE(MlstmStepForward(s, opt, q.as<bf16>(), k.as<bf16>(), v.as<bf16>(),
+                                    ig.as<float>(), fg.as<float>(),
+                                    {c.as<float>(), n.as<float>(), m.as<float>()}, h.as<bf16>(),
+                                    stream));
+  };
+  const double single_us = 1e3 * TimeMs(step, std::max(reps, 50), stream);
+  constexpr int kLoop = 200;
+  const double loop_us = 1e3 * TimeMs([&] { for (int i = 0; i < kLoop; ++i) step(); }, reps, stream) / kLoop;
+  const double bytes = double(bh) * s.dk * s.dv * 4 * 2;
+  std::printf("step %-14s B%lld NH%lld dk%lld dv%lld: single %7.2f us, loop %7.2f us/step, "
+              "%6.0f GB/s (C read + write %.2f MB)\n",
+              name, static_cast<long long>(s.batch), static_cast<long long>(s.num_heads),
+              static_cast<long long>(s.dk), static_cast<long long>(s.dv), single_us, loop_us,
+              bytes / loop_us / 1e3, bytes / 1e6);
+  std::printf("RESULT step %s B%lld single_us=%.3f loop_us=%.3f bytes=%.0f\n", name,
+              static_cast<long long>(s.batch), single_us, loop_us, bytes);
+  std::fflush(stdout);
+}
+
 // ---- comparison with TFLA's outputs (files from anchor_mlstm.py) ----
 
 std::vector<float> ReadF32(const std::string& path, size_t n) {
@@ -344,6 +394,9 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},
       {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
   };
+  gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
+  gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);
+  gyre::cuda::RunStep("xlstm-1.3b-like", {8, 1, 4, 256, 512}, reps, stream);
   for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;

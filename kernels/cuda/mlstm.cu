@@ -15,9 +15,12 @@
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
 //                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
 //                      fp32 registers for the whole sequence (no rounding of the carried state),
-//                      each chunk adds one (TM × L) · (L × TN) product; writes every C_k as bf16
-//                      hi + lo (split precision) or bf16, staged through the idle stage buffers
-//                      for 16-byte stores, and n_k in fp32.
+//                      each chunk adds one (TM × L) · (L × TN) product with E_t applied to the
+//                      Kᵀ fragments in registers as bf16 hi + lo (two MMAs, exact weights; no
+//                      shared-memory pass); three K/V stages (two chunks in flight); n_{k+1} by
+//                      the same fragments times a ones operand; writes every C_k as bf16
+//                      hi + lo (split precision) or bf16, staged through the stage about to be
+//                      refilled for 16-byte stores, and n_k in fp32.
 //   3. fwd_out         one block per (head, chunk, DVT-column slab of h): S = Q̂Kᵀ (causal warps
 //                      only), P = S ⊙ W, den = P·1 + G q̂·n_k, h = (P V + G Q̂ C_k) / (max(|den|,
 //                      e^{−m}) + ε). Each warp owns 16 query rows; P goes from the accumulator
@@ -28,7 +31,9 @@
 //                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
 //                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
 //   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
-//                      dden), fp32 tile in registers; stores every dC_{k+1} as bf16, dn_{k+1} fp32.
+//                      dden), fp32 tile in registers, organised as state_fwd (weights on the Q̂ᵀ
+//                      fragments as hi + lo, three stages); stores every dC_{k+1} as bf16
+//                      (hi + lo), dn_{k+1} fp32.
 //   6. bwd_dv          per (head, chunk, DVT slab): dV = Pᵀ diag(1/denom) dH + diag(E) K dC_{k+1}.
 //   7. bwd_dqk         per (head, chunk, DKT slab): dP = dH Vᵀ, dS = W ⊙ (dP/denom + dden) (to
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
@@ -69,6 +74,7 @@
 // experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
 #include "kernels/cuda/mlstm.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -610,29 +616,77 @@ __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld
 // head: TM/16 warps, warp w owns rows 16w..16w+15, 2·TM threads. 64×64 (the first version) or
 // 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
 // recurrences are bound by re-reading them once per tile) at the price of 4x fewer blocks.
+// Three stages of (K, V) / (Q, dH) tiles: chunk k multiplies while k+1 and k+2 are in flight
+// (a chunk step is only ~3.3 µs at the 7B-heads shape). Together with the register weights
+// below this took the 7B state kernels from 0.30 + 0.28 to 0.21 + 0.26 ms on an H200
+// (bench/RESULTS.md); the two changes were not measured separately. 64×64 at L 128: 109 KB,
+// two blocks per SM, so the 256 blocks of the 7B-heads shape are all resident.
 template <int L, int TM, int TN>
 struct StateSmem {
+  static constexpr int kStages = 3;
   static constexpr int kThreads = 2 * TM;
   static constexpr int kSA = TM + kPad;  // K / q tile [L][TM+8]
   static constexpr int kSB = TN + kPad;  // V / dh tile [L][TN+8]
   static constexpr int kTileA = L * kSA;
   static constexpr int kTileB = L * kSB;
-  // C_k / dC_k are staged (StoreAccStaged) in the idle stage's A (hi) and B (lo) tiles: TM rows
-  // of stride TN + kPad must fit in each.
+  // C_k / dC_k are staged (StoreAccStaged) in the stage about to be refilled, A (hi) and B (lo)
+  // tiles: TM rows of stride TN + kPad must fit in each.
   static constexpr bool kStaged = TM == TN && L >= TM;
-  static constexpr size_t kBytes = 2 * (kTileA + kTileB) * 2    // 2 stages, bf16
-                                   + (2 * L + 2 * TM) * 4;      // per-token coefficients, n partials
+  static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
+                                   + 2 * L * 4;                     // per-token coefficients
 };
+
+// An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k], as
+// bf16 hi + lo pairs (hi + lo carries ~16 mantissa bits of the fp32 product). The lane holds
+// k = 2c, 2c+1 in a[0], a[1] and 2c+8, 2c+9 in a[2], a[3] (c = lane % 4). This puts the per-token
+// weights of the state updates (E_t, G_t/den_t, ...) on the small A operand in registers,
+// instead of a pass over the V / dH tile in shared memory (+ one barrier) per chunk.
+// Why hi + lo and not one bf16: rounding E_t k_t perturbs k inside C but not in the backward's
+// k·dk, and df̃ = F + Σ_{t≥r}(q·dq − k·dk) cancels over long suffixes: with hi only, the TFLA-
+// convention df̃ of the gates ±30 / S 8200 test cases went from 1.7e-2 / 1.2e-2 (V·E rounded,
+// the previous kernels) to 2.0e-2 / 2.8e-2 (H100, 2026-11-26). With hi + lo (one more MMA per
+// product) the weighted operand is exact to ~2^-17 and V / dH are not rounded at all. The
+// normaliser sums n, dn use the same pairs (dden changes sign from token to token, so
+// dn = Σ_t ddc_t q_t can cancel).
+__device__ __forceinline__ void ScaleAKSplit(uint32_t (&hi)[4], uint32_t (&lo)[4],
+                                             const uint32_t (&a)[4], const float* w, int k0,
+                                             int lane) {
+  const int c = 2 * (lane & 3);
+  const float2 wl = *reinterpret_cast<const float2*>(w + k0 + c);
+  const float2 wh = *reinterpret_cast<const float2*>(w + k0 + c + 8);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 s = i < 2 ? wl : wh;
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[i]));
+    SplitPack(f.x * s.x, f.y * s.y, hi[i], lo[i]);
+  }
+}
+// B operand of all ones (bf16 1.0 = 0x3F80): an MMA with it sums the A fragment's rows, which is
+// how the state kernels get n = Σ_t w_t k_t (and dn) from the already scaled A fragments.
+constexpr uint32_t kOnesBf16x2 = 0x3F803F80u;
+
+// The normaliser rows of a warp's 16 rows live in an MMA accumulator (all columns equal):
+// row g in nacc[0] (= nacc[1]), row g + 8 in nacc[2] (= nacc[3]); lanes with lane % 4 == 0 write.
+__device__ __forceinline__ void LoadNAcc(float (&nacc)[4], const float* src, int lane) {
+  const int g = lane >> 2;
+  nacc[0] = nacc[1] = src[g];
+  nacc[2] = nacc[3] = src[g + 8];
+}
+__device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], int lane) {
+  if ((lane & 3) != 0) return;
+  const int g = lane >> 2;
+  dst[g] = nacc[0];
+  dst[g + 8] = nacc[2];
+}
 
 template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
-  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]
-  bf16* vs = ks + 2 * SM::kTileA;                // [2][L][TN+8]
-  float* es = reinterpret_cast<float*>(vs + 2 * SM::kTileB);  // [L]
-  float* npart = es + 2 * L;                                  // [2·TM]
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]
+  bf16* vs = ks + kSt * SM::kTileA;              // [3][L][TN+8]
+  float* es = reinterpret_cast<float*>(vs + kSt * SM::kTileB);  // [L]
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -640,73 +694,55 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* kbase = p.k + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
+  const int row0 = a0 + 16 * w;  // this warp's first row of C / n
   float acc[kNT][4];
   if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-               lane);
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   } else {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
-  float nval = 0.f;
-  if (n_block && tid < TM && p.c0 != nullptr) nval = p.n0[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
-  auto prefetch = [&](int k, int stage) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
-    LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+  auto prefetch = [&](int k, int stage) {  // always commits a group (empty past the end)
+    if (k < d.NC) {
+      const int t0 = k * L, len = min(L, d.S - t0);
+      LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
+      LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+    }
     CpAsyncCommit();
   };
   prefetch(0, 0);
+  prefetch(1, 1);
   for (int k = 0; k < d.NC; ++k) {
-    const int stage = k & 1;
+    const int stage = k % kSt, refill = (k + 2) % kSt;
     const int t0 = k * L, len = min(L, d.S - t0);
-    const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    if constexpr (SM::kStaged) {
-      // The other stage's K / V tiles are free (last read before the previous step's final
-      // barrier; refilled only after this step's first barrier): stage C_k there.
-      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
-                     ks + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
-                     vs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
-    } else {
-      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
-    }
-    if (n_block && tid < TM) p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + tid] = nval;
+    const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0) * d.DV + j0;
     // Coefficients precomputed by gates_fwd; loads issued before the tile wait.
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float e_reg = tid < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + tid] : 0.f;
     if constexpr (SM::kStaged) {
-      CpAsyncWait<0>();
-      if (tid < L) es[tid] = e_reg;
-      __syncthreads();  // tile k visible; every warp's staging reads done
-      if (k + 1 < d.NC) prefetch(k + 1, stage ^ 1);
+      // The refill stage is idle here (last read in step k−1, before its final barrier; refilled
+      // only after this step's first barrier): stage C_k there.
+      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
+                     ks + refill * SM::kTileA + 16 * w * SM::kSB,
+                     vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else {
-      if (k + 1 < d.NC) {
-        prefetch(k + 1, stage ^ 1);
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      if (tid < L) es[tid] = e_reg;
-      __syncthreads();
+      StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
     }
-    bf16* vst = vs + stage * SM::kTileB;
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+    if constexpr (SM::kStaged) {
+      CpAsyncWait<1>();  // groups 0..k+1 committed: chunk k has landed
+    } else {
+      prefetch(k + 2, refill);
+      CpAsyncWait<2>();
+    }
+    if (tid < L) es[tid] = e_reg;
+    __syncthreads();  // tile k and es visible; every warp's staging reads done
+    if constexpr (SM::kStaged) prefetch(k + 2, refill);
+    const bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
-    for (int i = tid; i < L * (TN / 2); i += kThreads) {  // pairs of columns
-      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
-      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(vst + t * SM::kSB + c2);
-      const float2 f = __bfloat1622float2(*pv);
-      *pv = __floats2bfloat162_rn(f.x * es[t], f.y * es[t]);
-    }
-    if (n_block) {  // n_{k+1} = decay·n_k + Σ_t E_t k_t: 2 threads per column, halves of the chunk
-      const int col = tid % TM, half = tid / TM;
-      float s = 0.f;
-      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += es[t] * __bfloat162float(kst[t * SM::kSA + col]);
-      npart[tid] = s;
-    }
-    __syncthreads();
-    if (n_block && tid < TM) nval = decay * nval + npart[tid] + npart[tid + TM];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -715,31 +751,41 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       acc[i][3] *= decay;
     }
 #pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
+#pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], ae[4], elo[4];
       LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
+      if (n_block) {
+        Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
+      }
 #pragma unroll
       for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], a, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+        Mma(acc[2 * np], ae, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], ae, bb[2], bb[3]);
+        if (d.split) {  // the lo half of E_t k_t: the products are exact to ~2^-17
+          Mma(acc[2 * np], elo, bb[0], bb[1]);
+          Mma(acc[2 * np + 1], elo, bb[2], bb[3]);
+        }
       }
     }
-    __syncthreads();
+    __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + a0 + 16 * w) * d.DV + j0;
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
   StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-              lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-                lane);
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   }
-  if (n_block && tid < TM) {
-    p.sn[last * d.DK + a0 + tid] = nval;
-    if (p.c_out != nullptr) p.n_out[static_cast<int64_t>(bh) * d.DK + a0 + tid] = nval;
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
   }
 }
 
@@ -1000,12 +1046,11 @@ template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  constexpr int kNT = TN / 8, kThreads = SM::kThreads;
-  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [2][L][TM+8]  q (dk cols a0..)
-  bf16* hs = qs + 2 * SM::kTileA;                // [2][L][TN+8]  dh (dv cols j0..)
-  float* coef = reinterpret_cast<float*>(hs + 2 * SM::kTileB);  // [L] G·scale/denom
-  float* ddc = coef + L;                                         // [L] G·scale·dden
-  float* npart = ddc + L;                                        // [2·TM]
+  constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]  q (dk cols a0..)
+  bf16* hs = qs + kSt * SM::kTileA;              // [3][L][TN+8]  dh (dv cols j0..)
+  float* coef = reinterpret_cast<float*>(hs + kSt * SM::kTileB);  // [L] G·scale/denom
+  float* ddc = coef + L;                                           // [L] G·scale·dden
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -1014,79 +1059,60 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int64_t so = static_cast<int64_t>(bh) * d.S;
+  const int row0 = a0 + 16 * w;
 
   float acc[kNT][4];
   if (p.dc_fin != nullptr) {
-    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-               lane);
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   } else {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
-  float dnv = 0.f;
-  if (n_block && tid < TM && p.dc_fin != nullptr)
-    dnv = p.dn_fin[static_cast<int64_t>(bh) * d.DK + a0 + tid];
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
-  auto prefetch = [&](int k, int stage) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
-    LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+  // Step s handles chunk k = NC−1−s in stage s % 3.
+  auto prefetch = [&](int s, int stage) {  // always commits a group (empty past the start)
+    const int k = d.NC - 1 - s;
+    if (k >= 0) {
+      const int t0 = k * L, len = min(L, d.S - t0);
+      LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
+      LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+    }
     CpAsyncCommit();
   };
-  prefetch(d.NC - 1, (d.NC - 1) & 1);
-  for (int k = d.NC - 1; k >= 0; --k) {
-    const int stage = k & 1;
+  prefetch(0, 0);
+  prefetch(1, 1);
+  for (int s = 0; s < d.NC; ++s) {
+    const int k = d.NC - 1 - s, stage = s % kSt, refill = (s + 2) % kSt;
     const int t0 = k * L, len = min(L, d.S - t0);
-    const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + 16 * w) * d.DV + j0;
-    if constexpr (SM::kStaged) {  // as in state_fwd: the other stage's tiles are idle here
-      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
-                     qs + (stage ^ 1) * SM::kTileA + 16 * w * SM::kSB,
-                     hs + (stage ^ 1) * SM::kTileB + 16 * w * SM::kSB, lane);
-    } else {
-      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
-    }
-    if (n_block && tid < TM) p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + tid] = dnv;
+    const int64_t doff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0) * d.DV + j0;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
     const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
-    if constexpr (SM::kStaged) {
-      CpAsyncWait<0>();
-      if (tid < L) {
-        coef[tid] = cf;
-        ddc[tid] = dd;
-      }
-      __syncthreads();  // tile k visible; every warp's staging reads done
-      if (k > 0) prefetch(k - 1, stage ^ 1);
+    if constexpr (SM::kStaged) {  // as in state_fwd: the refill stage is idle here
+      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
+                     qs + refill * SM::kTileA + 16 * w * SM::kSB,
+                     hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else {
-      if (k > 0) {
-        prefetch(k - 1, stage ^ 1);
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      if (tid < L) {
-        coef[tid] = cf;
-        ddc[tid] = dd;
-      }
-      __syncthreads();
+      StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
     }
-    bf16* hst = hs + stage * SM::kTileB;
+    if (n_block) StoreNAcc(p.dn + (static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0, dnacc, lane);
+    if constexpr (SM::kStaged) {
+      CpAsyncWait<1>();
+    } else {
+      prefetch(s + 2, refill);
+      CpAsyncWait<2>();
+    }
+    if (tid < L) {
+      coef[tid] = cf;
+      ddc[tid] = dd;
+    }
+    __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
+    if constexpr (SM::kStaged) prefetch(s + 2, refill);
+    const bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
-    for (int i = tid; i < L * (TN / 2); i += kThreads) {
-      const int t = i / (TN / 2), c2 = (i % (TN / 2)) * 2;
-      __nv_bfloat162* ph = reinterpret_cast<__nv_bfloat162*>(hst + t * SM::kSB + c2);
-      const float2 f = __bfloat1622float2(*ph);
-      *ph = __floats2bfloat162_rn(f.x * coef[t], f.y * coef[t]);
-    }
-    if (n_block) {
-      const int col = tid % TM, half = tid / TM;
-      float s = 0.f;
-      for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
-        s += ddc[t] * __bfloat162float(qst[t * SM::kSA + col]);
-      npart[tid] = s;
-    }
-    __syncthreads();
-    if (n_block && tid < TM) dnv = decay * dnv + npart[tid] + npart[tid + TM];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -1095,23 +1121,36 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       acc[i][3] *= decay;
     }
 #pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
+#pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], ac[4], aclo[4];
       LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
+      if (n_block) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
 #pragma unroll
       for (int np = 0; np < TN / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], a, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+        Mma(acc[2 * np], ac, bb[0], bb[1]);
+        Mma(acc[2 * np + 1], ac, bb[2], bb[3]);
+        if (d.split) {
+          Mma(acc[2 * np], aclo, bb[0], bb[1]);
+          Mma(acc[2 * np + 1], aclo, bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
   }
   if (p.dc0 != nullptr) {
-    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + a0 + 16 * w) * d.DV + j0, d.DV, acc,
-                lane);
-    if (n_block && tid < TM) p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + tid] = dnv;
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+    if (n_block) StoreNAcc(p.dn0 + static_cast<int64_t>(bh) * d.DK + row0, dnacc, lane);
   }
 }
 
@@ -1841,15 +1880,33 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
     }
   }
   __syncthreads();
-  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t).
-  for (int t = tid; t < d.S; t += kGateParThreads) {
-    const int a = p.arg[so + t];
-    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
-    if (end) {
-      if (a >= 0) {
-        p.seg[so + a] = p.ps[so + t] - (a > 0 ? p.ps[so + a - 1] : 0.0);
+  // Pass 2: segment sums: seg[a] = Σ_{t: arg_t = a} dm_t (arg is non-decreasing in t). The
+  // kGateItems tokens of a thread (strided by the block) load together: two dependent rounds of
+  // loads per 8192 tokens instead of two per 1024.
+  for (int base = 0; base < d.S; base += kTile) {
+    int av[kGateItems];
+    bool endv[kGateItems];
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      const int t = base + u * kGateParThreads + tid;
+      av[u] = t < d.S ? p.arg[so + t] : 0;
+      const int next = t < d.S - 1 ? p.arg[so + t + 1] : 0;
+      endv[u] = t < d.S && (t == d.S - 1 || next != av[u]);
+    }
+    double pt[kGateItems], pa[kGateItems];
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      const int t = base + u * kGateParThreads + tid;
+      pt[u] = endv[u] ? p.ps[so + t] : 0.0;
+      pa[u] = endv[u] && av[u] > 0 ? p.ps[so + av[u] - 1] : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < kGateItems; ++u) {
+      if (!endv[u]) continue;
+      if (av[u] >= 0) {
+        p.seg[so + av[u]] = pt[u] - pa[u];
       } else {
-        dm0_tail = p.ps[so + t];
+        dm0_tail = pt[u];
       }
     }
   }
@@ -1894,50 +1951,108 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
 
 // ---------------------------------------------------------------- step
 
-__global__ void __launch_bounds__(512) mlstm_step(Dims d, const bf16* q, const bf16* k,
-                                                  const bf16* v, const float* ig, const float* fg,
-                                                  float* cst, float* nst, float* mst, bf16* h) {
+// One generation step. A head's dk×dv fp32 state is 512 KB at the 7B layout and the step is a
+// pure stream over it (read C, write C, h = q̂ᵀC/den), so the work is spread over a CLUSTER of
+// CTAs per head: CTA r of the cluster owns dk rows [r·rows, (r+1)·rows) and every dv column,
+// updates them in place and leaves its partial q̂ᵀC row sums in shared memory; after a cluster
+// barrier CTA r sums the cluster's partials for its share of the columns through distributed
+// shared memory and writes h. Every CTA computes den over all dk (dk loads, cheap), so only
+// h needs the exchange. Old n and m are read by all CTAs before the barrier and written after it.
+constexpr int kStepThreads = 256;
+
+__global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, const bf16* q,
+                                                           const bf16* k, const bf16* v,
+                                                           const float* ig, const float* fg,
+                                                           float* cst, float* nst, float* mst,
+                                                           bf16* h) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float sh[];
-  float* qs = sh;            // [DK] q̂
-  float* kn = qs + d.DK;     // [DK] i'·k
-  float* red = kn + d.DK;    // [16]
-  const int bh = blockIdx.x, tid = threadIdx.x;
+  float* hpart = sh;         // [DV] Σ over this CTA's rows of q̂_a C_new[a][j]
+  float* qs = hpart + d.DV;  // [rows] q̂ of the slice
+  float* kn = qs + rows;     // [rows] i'·k of the slice
+  float* red = kn + rows;    // [kStepThreads / 32]
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.x / csize, tid = threadIdx.x;
+  const int a_begin = rank * rows, a_end = min(d.DK, a_begin + rows);
   const float lf = LogForget(d.sigmoid, fg[bh]);
   const float m_old = mst[bh];
   const float m_new = fmaxf(lf + m_old, ig[bh]);
   const float fp = __expf(lf + m_old - m_new), ip = __expf(ig[bh] - m_new);
   float den_part = 0.f;
-  for (int a = tid; a < d.DK; a += blockDim.x) {
+  for (int a = tid; a < d.DK; a += kStepThreads) {
     const float qa = __bfloat162float(q[static_cast<int64_t>(bh) * d.DK + a]) * d.scale;
     const float ka = ip * __bfloat162float(k[static_cast<int64_t>(bh) * d.DK + a]);
-    qs[a] = qa;
-    kn[a] = ka;
-    const float nn = fp * nst[static_cast<int64_t>(bh) * d.DK + a] + ka;
-    den_part += qa * nn;
+    if (a >= a_begin && a < a_end) {
+      qs[a - a_begin] = qa;
+      kn[a - a_begin] = ka;
+    }
+    den_part += qa * (fp * nst[static_cast<int64_t>(bh) * d.DK + a] + ka);
   }
   den_part = WarpSumT(den_part);
   if ((tid & 31) == 0) red[tid >> 5] = den_part;
   __syncthreads();
   float den = 0.f;
-  for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) den += red[i];
+  for (int i = 0; i < kStepThreads / 32; ++i) den += red[i];
   const float inv = 1.f / (fmaxf(fabsf(den), __expf(-m_new)) + d.eps);
   float* cb = cst + static_cast<int64_t>(bh) * d.DK * d.DV;
-  for (int j = tid; j < d.DV; j += blockDim.x) {
-    const float vj = __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]);
-    float acc = 0.f;
-    for (int a = 0; a < d.DK; ++a) {
-      const float cn = fp * cb[static_cast<int64_t>(a) * d.DV + j] + kn[a] * vj;
-      cb[static_cast<int64_t>(a) * d.DV + j] = cn;
-      acc += qs[a] * cn;
+  const int my_rows = max(0, a_end - a_begin);
+  // Each thread owns kStepCols columns (j, j + 256, ...) and walks its rows in batches of
+  // kStepRows: all loads of a batch are issued before any store (a load after a store to C could
+  // alias it, so the compiler would otherwise wait one memory latency per row).
+  constexpr int kStepCols = 2, kStepRows = 16;
+  for (int jb = 0; jb < d.DV; jb += kStepCols * kStepThreads) {
+    float vj[kStepCols], acc[kStepCols];
+#pragma unroll
+    for (int u = 0; u < kStepCols; ++u) {
+      const int j = jb + u * kStepThreads + tid;
+      vj[u] = j < d.DV ? __bfloat162float(v[static_cast<int64_t>(bh) * d.DV + j]) : 0.f;
+      acc[u] = 0.f;
     }
-    h[static_cast<int64_t>(bh) * d.DV + j] = __float2bfloat16_rn(acc * inv);
+    for (int r0 = 0; r0 < my_rows; r0 += kStepRows) {
+      float cv[kStepCols][kStepRows];
+#pragma unroll
+      for (int u = 0; u < kStepCols; ++u) {
+        const int j = jb + u * kStepThreads + tid;
+#pragma unroll
+        for (int i = 0; i < kStepRows; ++i) {
+          const bool ok = j < d.DV && r0 + i < my_rows;
+          cv[u][i] = ok ? cb[static_cast<int64_t>(a_begin + r0 + i) * d.DV + j] : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStepCols; ++u) {
+        const int j = jb + u * kStepThreads + tid;
+#pragma unroll
+        for (int i = 0; i < kStepRows; ++i) {
+          if (j < d.DV && r0 + i < my_rows) {
+            const float cn = fp * cv[u][i] + kn[r0 + i] * vj[u];
+            cb[static_cast<int64_t>(a_begin + r0 + i) * d.DV + j] = cn;
+            acc[u] += qs[r0 + i] * cn;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStepCols; ++u) {
+      const int j = jb + u * kStepThreads + tid;
+      if (j < d.DV) hpart[j] = acc[u];
+    }
   }
-  __syncthreads();  // every thread read the old n above before it is overwritten
-  for (int a = tid; a < d.DK; a += blockDim.x) {
-    float* na = nst + static_cast<int64_t>(bh) * d.DK + a;
-    *na = fp * *na + kn[a];
+  cluster.sync();  // partials visible cluster-wide; every CTA has read the old n and m
+  const int cols = (d.DV + csize - 1) / csize;
+  for (int j = rank * cols + tid; j < min(d.DV, (rank + 1) * cols); j += kStepThreads) {
+    float sum = 0.f;
+    for (int r = 0; r < csize; ++r) sum += cluster.map_shared_rank(hpart, r)[j];
+    h[static_cast<int64_t>(bh) * d.DV + j] = __float2bfloat16_rn(sum * inv);
   }
-  if (tid == 0) mst[bh] = m_new;
+  for (int r = tid; r < my_rows; r += kStepThreads) {
+    float* na = nst + static_cast<int64_t>(bh) * d.DK + a_begin + r;
+    *na = fp * *na + kn[r];
+  }
+  if (rank == 0 && tid == 0) mst[bh] = m_new;
+  cluster.sync();  // no CTA leaves while another still reads its partials
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -1963,9 +2078,9 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.split = UseSplit(o);
   d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
   // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
-  // H200 (bench/RESULTS.md) they win with >= 256 blocks (1.3b shape: state kernels 0.22 + 0.20
-  // vs 0.25 + 0.24 ms) and lose with 64 (7B heads: 0.39 + 0.39 vs 0.30 + 0.28 ms). Threshold:
-  // about one block per SM.
+  // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
+  // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
+  // 0.21 + 0.26 ms). Threshold: about one block per SM.
   const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
   d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
                  : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
@@ -2272,10 +2387,50 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
   MlstmOptions o1 = options;
   o1.chunk_size = 16;
   const Dims d = MakeDims(s1, o1);
-  const size_t smem = (2 * shape.dk + 16) * sizeof(float);
-  if (smem > 48 * 1024) return InvalidArgument("mlstm step: dk too large");
-  mlstm_step<<<static_cast<unsigned>(shape.batch * shape.num_heads), 512, smem, stream>>>(
-      d, q, k, v, igate, fgate, state.c, state.n, state.m, h);
+  // Cluster size: 16 CTAs per head (non-portable, H100 / H200) while that still leaves SMs
+  // idle (B·NH·16 <= #SMs: the 7B layout at B1 streams its 4 MB of state from 128 SMs), else 8;
+  // 8 again where the device cannot place 16 (cudaOccupancyMaxActiveClusters).
+  int device = 0, sms = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t bh = shape.batch * shape.num_heads;
+  int csize = bh * 16 <= sms ? 16 : 8;
+  csize = static_cast<int>(std::min<int64_t>(csize, shape.dk));
+  auto smem_of = [&](int cs) {
+    const int64_t rows = (shape.dk + cs - 1) / cs;
+    return static_cast<size_t>((shape.dv + 2 * rows + kStepThreads / 32) * sizeof(float));
+  };
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(kStepThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  auto configure = [&](int cs) {
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    cfg.gridDim = dim3(static_cast<unsigned>(bh * cs));
+    cfg.dynamicSmemBytes = smem_of(cs);
+  };
+  if (smem_of(1) > 200 * 1024) return InvalidArgument("mlstm step: dv too large");
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_of(1))));
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  configure(csize);
+  int max_clusters = 0;
+  if (csize > 8 && (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_step, &cfg) != cudaSuccess ||
+                    max_clusters < 1)) {
+    (void)cudaGetLastError();  // clear the query's error; 8 is portable
+    csize = static_cast<int>(std::min<int64_t>(8, shape.dk));
+    configure(csize);
+  }
+  const int rows = static_cast<int>((shape.dk + csize - 1) / csize);
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_step, d, rows, q, k, v, igate, fgate,
+                                          state.c, state.n, state.m, h));
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_step");
     Hook("mlstm_step", stream);
   return {};

@@ -144,9 +144,9 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
 
 // One time step for all B×NH heads (generation). q, k [B, NH, dk]; v [B, NH, dv]; ĩ, f̃ [B, NH]
 // fp32; `state` (required, fp32) read and overwritten with (C_t, n_t, m_t); h [B, NH, dv]
-// overwritten. Only dk, dv, batch, num_heads of `shape` are used (any sizes; one block per
-// head walks the whole dk×dv state, so a single step is latency- not bandwidth-bound when
-// B·NH is small).
+// overwritten. Only dk, dv, batch, num_heads of `shape` are used (any sizes). A cluster of 16
+// CTAs per head (8 once B·NH·16 exceeds the SM count) splits the dk rows of the state; h's
+// dk-sum is reduced through distributed shared memory (sm_90). Bandwidth: bench/RESULTS.md.
 CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options,
                             const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* igate, const float* fgate,

@@ -353,49 +353,61 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
   EXPECT_EQ(failed, 0);
 }
 
+// The step kernel splits each head's dk rows over a cluster of 16 CTAs (B·NH·16 <= #SMs) or 8:
+// the shapes cover both sizes, row slices of 4 / 16 / 32 rows, and dk 40 (16 CTAs of 3 rows: the
+// last ones own no rows), with random non-zero states carried over 3 steps.
 TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
   std::mt19937_64 rng(7);
   DeviceAllocator alloc;
-  const int64_t B = 2, NH = 3, DK = 64, DV = 136;
-  const int64_t BH = B * NH;
-  MlstmShape shape{B, 1, NH, DK, DV};
-  MlstmOptions opt;
-  cpu::MlstmShape cs{B, 1, NH, DK, DV};
-  cpu::MlstmOptions co;
-  auto cst = ToDouble(RandomFloats(rng, BH * DK * DV, 0.5f));
-  auto nst = ToDouble(RandomFloats(rng, BH * DK, 0.5f));
-  auto mst = ToDouble(RandomFloats(rng, BH, 1.f));
-  DeviceArray<float> gc(&alloc, cst.size()), gn(&alloc, nst.size()), gm(&alloc, BH),
-      gig(&alloc, BH), gfg(&alloc, BH);
-  gc.Upload({cst.begin(), cst.end()});
-  gn.Upload({nst.begin(), nst.end()});
-  gm.Upload({mst.begin(), mst.end()});
-  DeviceArray<bf16> gq(&alloc, BH * DK), gk(&alloc, BH * DK), gv(&alloc, BH * DV),
-      gh(&alloc, BH * DV);
+  struct StepShape {
+    int64_t B, NH, DK, DV;
+  };
+  const StepShape shapes[] = {{2, 3, 64, 136}, {1, 2, 40, 72}, {1, 8, 256, 512}, {8, 8, 256, 512}};
   bool ok = true;
-  for (int step = 0; step < 3; ++step) {
-    const auto q = RandomBf16Values(rng, BH * DK), k = RandomBf16Values(rng, BH * DK),
-               v = RandomBf16Values(rng, BH * DV);
-    const auto ig = RandomFloats(rng, BH, 2.f), fg = RandomFloats(rng, BH, 1.f, 2.f);
-    gq.Upload(q);
-    gk.Upload(k);
-    gv.Upload(v);
-    gig.Upload(ig);
-    gfg.Upload(fg);
-    gh.Poison();
-    CUDA_OK_OR_DIE(MlstmStepForward(shape, opt, gq.get(), gk.get(), gv.get(), gig.get(),
-                                    gfg.get(), {gc.get(), gn.get(), gm.get()}, gh.get(), nullptr));
-    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-    const auto qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v), igd = ToDouble(ig),
-               fgd = ToDouble(fg);
-    std::vector<double> h(BH * DV);
-    cpu::mlstm_step_fwd_ref<double>(cs, co, qd.data(), kd.data(), vd.data(), igd.data(),
-                                    fgd.data(), {cst.data(), nst.data(), mst.data()}, h.data());
-    const std::string shp = "B2 NH3 dk64 dv136 step " + std::to_string(step);
-    ok &= Report("mlstm step h", shp, RelError(gh.Download(), h), kTolFwd);
-    ok &= Report("mlstm step C", shp, RelError(gc.Download(), cst), testing::kTolF32Accum);
-    ok &= Report("mlstm step n", shp, RelError(gn.Download(), nst), testing::kTolF32Accum);
-    ok &= Report("mlstm step m", shp, RelError(gm.Download(), mst), testing::kTolF32);
+  for (const StepShape& ss : shapes) {
+    const int64_t B = ss.B, NH = ss.NH, DK = ss.DK, DV = ss.DV;
+    const int64_t BH = B * NH;
+    MlstmShape shape{B, 1, NH, DK, DV};
+    MlstmOptions opt;
+    cpu::MlstmShape cs{B, 1, NH, DK, DV};
+    cpu::MlstmOptions co;
+    auto cst = ToDouble(RandomFloats(rng, BH * DK * DV, 0.5f));
+    auto nst = ToDouble(RandomFloats(rng, BH * DK, 0.5f));
+    auto mst = ToDouble(RandomFloats(rng, BH, 1.f));
+    DeviceArray<float> gc(&alloc, cst.size()), gn(&alloc, nst.size()), gm(&alloc, BH),
+        gig(&alloc, BH), gfg(&alloc, BH);
+    gc.Upload({cst.begin(), cst.end()});
+    gn.Upload({nst.begin(), nst.end()});
+    gm.Upload({mst.begin(), mst.end()});
+    DeviceArray<bf16> gq(&alloc, BH * DK), gk(&alloc, BH * DK), gv(&alloc, BH * DV),
+        gh(&alloc, BH * DV);
+    for (int step = 0; step < 3; ++step) {
+      const auto q = RandomBf16Values(rng, BH * DK), k = RandomBf16Values(rng, BH * DK),
+                 v = RandomBf16Values(rng, BH * DV);
+      const auto ig = RandomFloats(rng, BH, 2.f), fg = RandomFloats(rng, BH, 1.f, 2.f);
+      gq.Upload(q);
+      gk.Upload(k);
+      gv.Upload(v);
+      gig.Upload(ig);
+      gfg.Upload(fg);
+      gh.Poison();
+      CUDA_OK_OR_DIE(MlstmStepForward(shape, opt, gq.get(), gk.get(), gv.get(), gig.get(),
+                                      gfg.get(), {gc.get(), gn.get(), gm.get()}, gh.get(),
+                                      nullptr));
+      CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+      const auto qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v), igd = ToDouble(ig),
+                 fgd = ToDouble(fg);
+      std::vector<double> h(BH * DV);
+      cpu::mlstm_step_fwd_ref<double>(cs, co, qd.data(), kd.data(), vd.data(), igd.data(),
+                                      fgd.data(), {cst.data(), nst.data(), mst.data()}, h.data());
+      const std::string shp = "B" + std::to_string(B) + " NH" + std::to_string(NH) + " dk" +
+                              std::to_string(DK) + " dv" + std::to_string(DV) + " step " +
+                              std::to_string(step);
+      ok &= Report("mlstm step h", shp, RelError(gh.Download(), h), kTolFwd);
+      ok &= Report("mlstm step C", shp, RelError(gc.Download(), cst), testing::kTolF32Accum);
+      ok &= Report("mlstm step n", shp, RelError(gn.Download(), nst), testing::kTolF32Accum);
+      ok &= Report("mlstm step m", shp, RelError(gm.Download(), mst), testing::kTolF32);
+    }
   }
   EXPECT_TRUE(ok);
 }
