@@ -6,6 +6,7 @@
 // unless --coordinator / --token-file say otherwise. --json prints the protobuf JSON of the
 // answer. Exit codes: 0 ok, 1 the coordinator refused or failed the request, 2 usage error,
 // 3 cannot reach the coordinator or read the run directory, 4 authentication failed.
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -76,6 +77,20 @@ void PrintStatus(const gyre::v1::RunStatus& s) {
     if (m.peak_flops_per_s() > 0) std::printf(" (MFU %.1f%%)", 100 * m.model_flops_per_s() / m.peak_flops_per_s());
     std::printf("\n");
   }
+  if (s.has_last_eval()) {
+    const auto& e = s.last_eval();
+    std::printf("eval         after step %llu: held-out loss %.4f over %llu tokens\n", (unsigned long long)e.step(),
+                e.loss(), (unsigned long long)e.tokens());
+    for (const auto& src : e.sources()) {
+      std::printf("               %-24s %.4f (ppl %.2f, %llu tokens)\n", src.source().c_str(), src.loss(),
+                  std::exp(src.loss()), (unsigned long long)src.tokens());
+    }
+    if (e.has_head()) {
+      std::printf("LM head      d %u: effective rank %.1f, stable rank %.2f, W-error(%u) %.4f\n", e.head().dim(),
+                  e.head().effective_rank(), e.head().stable_rank(), e.head().w_error_rank(), e.head().w_error());
+    }
+  }
+  for (const auto& alarm : s.alarms()) std::printf("ALARM        %s\n", alarm.c_str());
   if (!s.last_checkpoint().empty()) {
     std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
   }

@@ -35,6 +35,23 @@ std::string PrometheusText(const gyre::v1::RunStatus& s) {
   Gauge(&out, "gyre_workers_desired", "Desired worker count (Scale).", s.desired_workers(), run);
   Gauge(&out, "gyre_tokens_per_second", "Training throughput over recent steps.", s.tokens_per_s(), run);
   Gauge(&out, "gyre_run_state", "RunState enum value (2 running, 3 paused, 7 finished).", s.state(), run);
+  if (s.has_last_eval()) {
+    const auto& e = s.last_eval();
+    absl::StrAppend(&out, "# HELP gyre_validation_loss Held-out loss (nats/token) per source, newest in-run evaluation.\n"
+                          "# TYPE gyre_validation_loss gauge\n");
+    for (const auto& src : e.sources()) {
+      absl::StrAppend(&out, "gyre_validation_loss{run=\"", s.run_name(), "\",source=\"", src.source(), "\"} ",
+                      src.loss(), "\n");
+    }
+    if (e.has_head()) {
+      Gauge(&out, "gyre_head_effective_rank", "LM head effective rank exp(-sum p ln p), newest evaluation.",
+            e.head().effective_rank(), run);
+      Gauge(&out, "gyre_head_stable_rank", "LM head stable rank sum(s^2)/s_1^2, newest evaluation.",
+            e.head().stable_rank(), run);
+    }
+  }
+  Gauge(&out, "gyre_saturation_alarms", "Sources whose held-out loss stays above its minimum (saturation).",
+        s.alarms_size(), run);
   if (s.has_last_metrics()) {
     const auto& m = s.last_metrics();
     Gauge(&out, "gyre_loss", "Training loss of the last committed step.", m.loss(), run);

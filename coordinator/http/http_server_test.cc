@@ -19,6 +19,10 @@ class CannedSource final : public DashboardSource {
     s.mutable_last_metrics()->mutable_times()->set_exposed_comm_ms(3);
     s.mutable_last_metrics()->set_model_flops_per_s(400e12);
     s.mutable_last_metrics()->set_peak_flops_per_s(1000e12);
+    gyre::v1::SourceLoss* src = s.mutable_last_eval()->add_sources();
+    src->set_source("pile-val");
+    src->set_loss(3.25);
+    s.add_alarms("saturation: pile-val");
     return s;
   }
   std::vector<gyre::v1::StepMetrics> MetricsSince(uint64_t since, size_t limit) override {
@@ -65,6 +69,8 @@ TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
   EXPECT_NE(prom->body.find("gyre_loss{run=\"unit\"} 2.5"), std::string::npos);
   EXPECT_NE(prom->body.find("phase=\"exposed_comm\"} 3"), std::string::npos);
   EXPECT_NE(prom->body.find("gyre_mfu{run=\"unit\"} 0.4"), std::string::npos) << prom->body;
+  EXPECT_NE(prom->body.find("gyre_validation_loss{run=\"unit\",source=\"pile-val\"} 3.25"), std::string::npos);
+  EXPECT_NE(prom->body.find("gyre_saturation_alarms{run=\"unit\"} 1"), std::string::npos);
   EXPECT_NE(prom->body.find("gyre_model_flops_per_second{run=\"unit\"} 4e+14"), std::string::npos) << prom->body;
 }
 
