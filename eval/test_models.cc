@@ -4,7 +4,7 @@
 
 namespace gyre::eval::testing {
 
-ops::ModelSpec TinySpec(const std::string& family, int64_t mtp_heads, int64_t vocab) {
+gyre::v1::ModelConfig TinyModelConfig(const std::string& family, int64_t mtp_heads, int64_t vocab) {
   gyre::v1::ModelConfig c;
   c.set_d_model(16);
   c.set_vocab_size(vocab);
@@ -33,7 +33,11 @@ ops::ModelSpec TinySpec(const std::string& family, int64_t mtp_heads, int64_t vo
     c.mutable_attention()->set_ffn_dim(32);
     if (family == "hybrid") c.add_attention_at(0);
   }
-  auto spec = ops::ResolveModelConfig(c);
+  return c;
+}
+
+ops::ModelSpec TinySpec(const std::string& family, int64_t mtp_heads, int64_t vocab) {
+  auto spec = ops::ResolveModelConfig(TinyModelConfig(family, mtp_heads, vocab));
   GYRE_CHECK(spec.ok(), "%s", std::string(spec.status().message()).c_str());
   return *spec;
 }
