@@ -4,6 +4,7 @@
 //   passkey     passkey retrieval accuracy per prompt length and depth (--self_extend G,W)
 //   generate    prompt -> text: greedy / sampled, or MTP self-speculative (--speculative)
 //   spectrum    LM-head singular values, effective / stable rank, W-error(r), anisotropy
+// and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama only).
 // Everything runs on the CPU (fp32). Errors name the file, flag or config field at fault.
 #include <cstdio>
 #include <string>
@@ -20,6 +21,7 @@
 #include "dataloader/token_index.h"
 #include "dataloader/tokenizer/tokenizer.h"
 #include "eval/checkpoint_model.h"
+#include "eval/export.h"
 #include "eval/generate.h"
 #include "eval/passkey.h"
 #include "eval/perplexity.h"
@@ -357,6 +359,42 @@ int RunEval(int argc, char** argv) {
     absl::StrAppend(&text, "anisotropy: skipped (no index)\n");
   }
   Print(json, out, text);
+  return 0;
+}
+
+}  // namespace gyre::cli
+
+namespace gyre::cli {
+
+// `gyre export --run_dir runs/<name> [--step N] [--config PATH] --out DIR`: the checkpoint as
+// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM (eval/export.h;
+// Llama models only).
+int RunExport(int argc, char** argv) {
+  CLI::App app("export a run's checkpoint as safetensors + config.json (transformers LlamaForCausalLM)", argv[0]);
+  std::string run_dir, config_path, out_dir;
+  int64_t step = -1;
+  app.add_option("--run_dir", run_dir, "run directory runs/<name>")->required();
+  app.add_option("--step", step, "checkpoint step (default: the newest valid one)");
+  app.add_option("--config", config_path, "resolved run config (default: <run_dir>/config.json)");
+  app.add_option("--out", out_dir, "output directory")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  absl::StatusOr<eval::LoadedModel> run =
+      eval::LoadModelFromRun(Env::Default(), {.run_dir = run_dir, .step = step, .config_path = config_path});
+  if (!run.ok()) return Fail("(export)", run.status());
+  const int64_t positions = run->config.data().seq_len() > 0 ? run->config.data().seq_len() : 2048;
+  auto result = eval::ExportHfLlama(Env::Default(), run->model.get(), positions, out_dir);
+  if (!result.ok()) return Fail("(export)", result.status());
+  std::printf("exported step %lu (%s): %ld tensors -> %s, %s\n", static_cast<unsigned long>(run->step),
+              run->checkpoint_dir.c_str(), static_cast<long>(result->tensors), result->safetensors_path.c_str(),
+              result->config_path.c_str());
+  if (!result->dropped.empty()) {
+    std::printf("left out %zu parameters of MTP heads 2..%ld (no place in LlamaForCausalLM)\n", result->dropped.size(),
+                static_cast<long>(run->spec.mtp_heads));
+  }
   return 0;
 }
 

@@ -98,6 +98,12 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
   ASSERT_EQ(plain["cells"].size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_EQ(plain["cells"][i]["answers"], extended["cells"][i]["answers"]);
 
+  // Export: safetensors + config.json of the next-token model (the MTP head 2 is left out).
+  CommandResult exported = RunCommand({Bin("gyre"), "export", "--run_dir", run.run_dir(), "--out", root + "/hf"});
+  EXPECT_EQ(exported.code, 0);
+  EXPECT_NE(exported.out.find("exported step 8"), std::string::npos) << exported.out;
+  EXPECT_NE(exported.out.find("left out"), std::string::npos) << exported.out;
+
   // Bad input: missing run, missing step, bad flag value, prompt longer than data.seq_len.
   int rc = 0;
   EvalJson(root + "/no-such-run", {"spectrum"}, &rc);
