@@ -31,8 +31,9 @@
 namespace gyre::cli {
 namespace {
 
-int Fail(const std::string& mode, const absl::Status& status) {
-  std::fprintf(stderr, "gyre eval %s: %s\n", mode.c_str(), std::string(status.message()).c_str());
+// `what`: "eval <mode>" or "export".
+int Fail(const std::string& what, const absl::Status& status) {
+  std::fprintf(stderr, "gyre %s: %s\n", what.c_str(), std::string(status.message()).c_str());
   return 1;
 }
 
@@ -178,7 +179,7 @@ int RunEval(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  const std::string mode = app.get_subcommands().front()->get_name();
+  const std::string mode = "eval " + app.get_subcommands().front()->get_name();
   absl::StatusOr<eval::LoadedModel> run =
       eval::LoadModelFromRun(Env::Default(), {.run_dir = run_dir, .step = step, .config_path = config_path});
   if (!run.ok()) return Fail(mode, run.status());
@@ -197,7 +198,7 @@ int RunEval(int argc, char** argv) {
   }
   nlohmann::json out = RunInfo(*run);
 
-  if (mode == "perplexity") {
+  if (mode == "eval perplexity") {
     auto index = OpenIndex(index_dir, *run);
     if (!index.ok()) return Fail(mode, index.status());
     eval::PerplexityOptions options{.seq_len = seq_len > 0 ? seq_len : run->config.data().seq_len(),
@@ -208,7 +209,7 @@ int RunEval(int argc, char** argv) {
     std::string text = absl::StrCat("step ", run->step, " (", run->checkpoint_dir, "), L = ", report->seq_len, ", seed ", seed, "\n");
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& s : report->sources) {
-      rows.push_back({{"source", s.name}, {"split", s.split}, {"windows", s.windows.size()},
+      rows.push_back({{"source", s.name}, {"split", s.split}, {"windows", s.windows.size()}, {"window_ids", s.windows},
                       {"windows_available", s.windows_available}, {"tokens", s.tokens}, {"loss", s.loss},
                       {"perplexity", s.perplexity}});
       absl::StrAppend(&text, absl::StrFormat("%-32s %-10s windows %4zu/%-8lu loss %.4f  ppl %.3f\n", s.name, s.split,
@@ -224,7 +225,7 @@ int RunEval(int argc, char** argv) {
     return 0;
   }
 
-  if (mode == "passkey") {
+  if (mode == "eval passkey") {
     auto tokenizer = LoadTokenizer(tokenizer_path, *run);
     if (!tokenizer.ok()) return Fail(mode, tokenizer.status());
     eval::PasskeyOptions options;
@@ -255,7 +256,7 @@ int RunEval(int argc, char** argv) {
     return 0;
   }
 
-  if (mode == "generate") {
+  if (mode == "eval generate") {
     std::vector<int32_t> prompt;
     std::unique_ptr<Tokenizer> tokenizer;
     if (!prompt_ids_flag.empty()) {
@@ -384,10 +385,10 @@ int RunExport(int argc, char** argv) {
   }
   absl::StatusOr<eval::LoadedModel> run =
       eval::LoadModelFromRun(Env::Default(), {.run_dir = run_dir, .step = step, .config_path = config_path});
-  if (!run.ok()) return Fail("(export)", run.status());
+  if (!run.ok()) return Fail("export", run.status());
   const int64_t positions = run->config.data().seq_len() > 0 ? run->config.data().seq_len() : 2048;
   auto result = eval::ExportHfLlama(Env::Default(), run->model.get(), positions, out_dir);
-  if (!result.ok()) return Fail("(export)", result.status());
+  if (!result.ok()) return Fail("export", result.status());
   std::printf("exported step %lu (%s): %ld tensors -> %s, %s\n", static_cast<unsigned long>(run->step),
               run->checkpoint_dir.c_str(), static_cast<long>(result->tensors), result->safetensors_path.c_str(),
               result->config_path.c_str());

@@ -48,7 +48,7 @@ struct GenerateResult {
   std::vector<int32_t> tokens;    // the new tokens only
   int64_t forwards = 0;           // model rounds after the prompt: greedy one per token; speculative one per round
   int64_t decode_steps = 0;       // DecodeStep calls after the prompt
-  int64_t drafted = 0;            // speculative: drafts offered for verification
+  int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
   double seconds = 0;             // wall time of the generation loop (prompt prefill excluded)
   double prefill_seconds = 0;

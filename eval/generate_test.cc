@@ -62,6 +62,9 @@ TEST_P(SpeculativeTest, EqualsGreedyTokenForToken) {
     ASSERT_TRUE(spec.ok()) << spec.status();
     EXPECT_EQ(spec->tokens, greedy->tokens) << family << " heads " << heads << " k " << k;
     EXPECT_EQ(spec->forwards + spec->accepted, static_cast<int64_t>(spec->tokens.size()));
+    EXPECT_GT(spec->drafted, spec->accepted) << "the rejection path was not exercised";
+    std::printf("random %s mtp=%d k=%ld: drafted %ld accepted %ld\n", family.c_str(), heads, static_cast<long>(k),
+                static_cast<long>(spec->drafted), static_cast<long>(spec->accepted));
   }
 }
 
