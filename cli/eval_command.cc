@@ -21,6 +21,7 @@
 #include "dataloader/token_index.h"
 #include "dataloader/tokenizer/tokenizer.h"
 #include "eval/checkpoint_model.h"
+#include "worker/checkpoint.h"
 #include "eval/export.h"
 #include "eval/generate.h"
 #include "eval/passkey.h"
@@ -173,6 +174,8 @@ int RunEval(int argc, char** argv) {
   spectrum->add_option("--anisotropy_seq", aniso_seq, "tokens per window");
   spectrum->add_option("--sources", sources_flag, "sources for the anisotropy batch (default: validation/test)");
   spectrum->add_option("--seed", seed, "picks the windows");
+  bool all_checkpoints = false;
+  spectrum->add_flag("--all_checkpoints", all_checkpoints, "every checkpoint of the run in step order (spectrum over training)");
 
   try {
     app.parse(argc, argv);
@@ -322,43 +325,79 @@ int RunEval(int argc, char** argv) {
   ops::Parameter* head = model->params().Find("lm_head.weight");
   if (head == nullptr) head = model->params().Find("embedding.weight");  // tied head
   if (head == nullptr) return Fail(mode, absl::InternalError("model has neither lm_head.weight nor embedding.weight"));
-  auto spec = eval::ComputeHeadSpectrum(head->value, *ranks);
-  if (!spec.ok()) return Fail(mode, spec.status());
-  const auto& s = spec->singular_values;
-  nlohmann::json ratio = nlohmann::json::array();
-  for (double x : s) ratio.push_back(s[0] > 0 ? x / s[0] : 0.0);
-  out["head"] = head->name;
-  out["vocab"] = spec->vocab;
-  out["d_model"] = spec->dim;
-  out["singular_values"] = s;
-  out["sigma_ratio"] = ratio;
-  out["effective_rank"] = spec->effective_rank;
-  out["stable_rank"] = spec->stable_rank;
-  nlohmann::json werr = nlohmann::json::object();
-  for (const auto& [r, e] : spec->w_error) werr[std::to_string(r)] = e;
-  out["w_error"] = werr;
-  std::string text = absl::StrFormat("%s %ldx%ld: sigma_1 %.4g, sigma_d/sigma_1 %.4g, effective rank %.2f, stable rank %.3f\n",
-                                     head->name, static_cast<long>(spec->vocab), static_cast<long>(spec->dim), s.front(),
-                                     s.front() > 0 ? s.back() / s.front() : 0.0, spec->effective_rank, spec->stable_rank);
-  for (const auto& [r, e] : spec->w_error) absl::StrAppend(&text, absl::StrFormat("W-error(%ld) = %.4f\n", static_cast<long>(r), e));
+  // The anisotropy batch: fixed held-out windows, the same for every checkpoint.
+  std::vector<int32_t> aniso_tokens;
   const std::string index_path = !index_dir.empty() ? index_dir : run->config.data().index_dir();
   if (aniso_batch > 0 && !index_path.empty()) {
     auto index = data::TokenIndex::Open(index_path, data::TokenIndex::Mode::kReadOnly);
     if (!index.ok()) return Fail(mode, index.status());
     auto tokens = HeldOutBatch(**index, source_names, aniso_batch, aniso_seq, seed, run->spec.vocab_size);
     if (!tokens.ok()) return Fail(mode, tokens.status());
-    const int64_t rows = static_cast<int64_t>(tokens->size()) / aniso_seq;
-    ops::Tensor logits = model->Logits(*tokens, rows, aniso_seq);
-    auto hidden = eval::RecoverHiddenStates(logits, head->value);
-    if (!hidden.ok()) return Fail(mode, hidden.status());
-    auto aniso = eval::Anisotropy(*hidden, rows, aniso_seq, run->spec.d_model);
-    if (!aniso.ok()) return Fail(mode, aniso.status());
-    out["anisotropy"] = {{"value", *aniso}, {"windows", rows}, {"seq", aniso_seq}};
-    absl::StrAppend(&text, absl::StrFormat("anisotropy %.4f (%ld held-out windows of %ld tokens)\n", *aniso,
-                                           static_cast<long>(rows), static_cast<long>(aniso_seq)));
-  } else {
-    absl::StrAppend(&text, "anisotropy: skipped (no index)\n");
+    aniso_tokens = std::move(*tokens);
   }
+  // One checkpoint's numbers (the parameters currently in `model`).
+  auto measure = [&](nlohmann::json* row, std::string* text) -> absl::Status {
+    auto spec = eval::ComputeHeadSpectrum(head->value, *ranks);
+    if (!spec.ok()) return spec.status();
+    const auto& s = spec->singular_values;
+    nlohmann::json ratio = nlohmann::json::array();
+    for (double x : s) ratio.push_back(s[0] > 0 ? x / s[0] : 0.0);
+    (*row)["head"] = head->name;
+    (*row)["vocab"] = spec->vocab;
+    (*row)["d_model"] = spec->dim;
+    (*row)["singular_values"] = s;
+    (*row)["sigma_ratio"] = ratio;
+    (*row)["effective_rank"] = spec->effective_rank;
+    (*row)["stable_rank"] = spec->stable_rank;
+    nlohmann::json werr = nlohmann::json::object();
+    for (const auto& [r, e] : spec->w_error) werr[std::to_string(r)] = e;
+    (*row)["w_error"] = werr;
+    absl::StrAppend(text, absl::StrFormat("%s %ldx%ld: sigma_1 %.4g, sigma_d/sigma_1 %.4g, effective rank %.2f, stable rank %.3f",
+                                          head->name, static_cast<long>(spec->vocab), static_cast<long>(spec->dim), s.front(),
+                                          s.front() > 0 ? s.back() / s.front() : 0.0, spec->effective_rank, spec->stable_rank));
+    for (const auto& [r, e] : spec->w_error) absl::StrAppend(text, absl::StrFormat(", W-error(%ld) %.4f", static_cast<long>(r), e));
+    if (!aniso_tokens.empty()) {
+      const int64_t rows = static_cast<int64_t>(aniso_tokens.size()) / aniso_seq;
+      ops::Tensor logits = model->Logits(aniso_tokens, rows, aniso_seq);
+      auto hidden = eval::RecoverHiddenStates(logits, head->value);
+      if (!hidden.ok()) return hidden.status();
+      auto aniso = eval::Anisotropy(*hidden, rows, aniso_seq, run->spec.d_model);
+      if (!aniso.ok()) return aniso.status();
+      (*row)["anisotropy"] = {{"value", *aniso}, {"windows", rows}, {"seq", aniso_seq}};
+      absl::StrAppend(text, absl::StrFormat(", anisotropy %.4f (%ld held-out windows of %ld tokens)", *aniso,
+                                            static_cast<long>(rows), static_cast<long>(aniso_seq)));
+    } else {
+      absl::StrAppend(text, ", anisotropy skipped (no index)");
+    }
+    absl::StrAppend(text, "\n");
+    return absl::OkStatus();
+  };
+  std::string text;
+  if (!all_checkpoints) {
+    if (absl::Status st = measure(&out, &text); !st.ok()) return Fail(mode, st);
+    Print(json, out, text);
+    return 0;
+  }
+  // --all_checkpoints: every checkpoint of the run in step order (the spectrum over training).
+  auto steps = eval::ListCheckpointSteps(Env::Default(), run_dir);
+  if (!steps.ok()) return Fail(mode, steps.status());
+  nlohmann::json rows = nlohmann::json::array();
+  for (uint64_t t : *steps) {
+    const std::string dir = run_dir + "/checkpoints/" + CheckpointDirName(t);
+    auto state = ReadCheckpoint(Env::Default(), dir);
+    if (!state.ok()) {
+      std::fprintf(stderr, "gyre %s: skipped %s: %s\n", mode.c_str(), dir.c_str(), std::string(state.status().message()).c_str());
+      continue;
+    }
+    if (absl::Status st = eval::LoadParameters(state->tensors, dir, model); !st.ok()) return Fail(mode, st);
+    nlohmann::json row = {{"step", t}, {"checkpoint", dir}};
+    absl::StrAppend(&text, "step ", t, ": ");
+    if (absl::Status st = measure(&row, &text); !st.ok()) return Fail(mode, st);
+    rows.push_back(std::move(row));
+  }
+  out.erase("checkpoint");
+  out.erase("step");
+  out["checkpoints"] = rows;
   Print(json, out, text);
   return 0;
 }

@@ -1,8 +1,11 @@
 #include "eval/checkpoint_model.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
@@ -40,6 +43,19 @@ absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const st
     std::memcpy(p->value.raw(), s.bytes.data(), s.bytes.size());
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint64_t>> ListCheckpointSteps(Env* env, const std::string& run_dir) {
+  const std::string dir = run_dir + "/checkpoints";
+  absl::StatusOr<std::vector<std::string>> names = env->ListDir(dir);
+  if (!names.ok()) return absl::Status(names.status().code(), absl::StrCat("checkpoints of ", run_dir, ": ", names.status().message()));
+  std::vector<uint64_t> steps;
+  for (const std::string& name : *names) {
+    uint64_t step;
+    if (absl::StartsWith(name, "step-") && absl::SimpleAtoi(name.substr(5), &step)) steps.push_back(step);
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
 }
 
 absl::StatusOr<LoadedModel> LoadModelFromRun(Env* env, const LoadOptions& options) {

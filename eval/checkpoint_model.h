@@ -40,6 +40,10 @@ struct LoadedModel {
 
 absl::StatusOr<LoadedModel> LoadModelFromRun(Env* env, const LoadOptions& options);
 
+// Steps of the checkpoint directories "step-<t>" under <run_dir>/checkpoints, ascending (complete
+// ones by name; ".tmp" leftovers are not listed; contents are verified only when read).
+absl::StatusOr<std::vector<uint64_t>> ListCheckpointSteps(Env* env, const std::string& run_dir);
+
 // Copies the checkpoint's "param.<name>" tensors into `model` (names, dtypes and shapes checked;
 // errors name the tensor and `where`).
 absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const std::string& where,

@@ -81,6 +81,15 @@ TEST_F(RunDirTest, LoadsTheNewestOrANamedStep) {
   EXPECT_EQ(LogitsDistance(four->model.get(), ModelOfStep(4).get()), 0.0);
 }
 
+TEST_F(RunDirTest, ListsCheckpointStepsInOrder) {
+  WriteStep(12);
+  std::filesystem::create_directories(run_ + "/checkpoints/step-00000099.tmp");  // a torn write
+  absl::StatusOr<std::vector<uint64_t>> steps = ListCheckpointSteps(Env::Default(), run_);
+  ASSERT_TRUE(steps.ok()) << steps.status();
+  EXPECT_EQ(*steps, (std::vector<uint64_t>{4, 8, 12}));
+  EXPECT_FALSE(ListCheckpointSteps(Env::Default(), run_ + "/missing").ok());
+}
+
 TEST_F(RunDirTest, CorruptNewestFallsBackAndIsReported) {
   // Flip a byte of the newest checkpoint's first tensor file.
   std::string victim;

@@ -88,6 +88,17 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
                "anisotropy %.4f\n", loss8, double(ppl4["overall"]["loss"]), double(spec["tokens_per_forward"]),
                double(sp["effective_rank"]), static_cast<long>(d), aniso);
 
+  // The spectrum over training: checkpoints 4 and 8 in order, the last one equal to the above.
+  nlohmann::json over = EvalJson(run.run_dir(), {"spectrum", "--all_checkpoints", "--sources", "golden",
+                                                 "--anisotropy_batch", "2", "--anisotropy_seq", "32", "--ranks", "1,16,64"});
+  ASSERT_TRUE(over.is_object()) << "gyre eval spectrum --all_checkpoints failed";
+  ASSERT_EQ(over["checkpoints"].size(), 2u);
+  EXPECT_EQ(over["checkpoints"][0]["step"], 4);
+  EXPECT_EQ(over["checkpoints"][1]["step"], 8);
+  EXPECT_EQ(over["checkpoints"][1]["singular_values"], sp["singular_values"]);
+  EXPECT_EQ(over["checkpoints"][1]["anisotropy"]["value"], sp["anisotropy"]["value"]);
+  EXPECT_NE(over["checkpoints"][0]["singular_values"], sp["singular_values"]);
+
   // Passkey: mechanics only (a tiny model will not retrieve); SelfExtend with W >= length is plain.
   const std::vector<std::string> pk = {"passkey", "--lengths", "96", "--depths", "0,1", "--trials", "1"};
   nlohmann::json plain = EvalJson(run.run_dir(), pk);
