@@ -252,6 +252,23 @@ int RunEval(int argc, char** argv) {
                                              static_cast<long>(c.correct), static_cast<long>(c.trials)));
     }
     absl::StrAppend(&text, absl::StrFormat("accuracy %ld/%ld\n", static_cast<long>(report->correct), static_cast<long>(report->trials)));
+    // The longest prompt the model should handle: the training length L, or with SelfExtend
+    // (G, W) the paper's (L - W) * G + W (MODELS.md §6, eq. 4).
+    const int64_t trained = run->config.data().seq_len() > 0 ? run->config.data().seq_len() : 2048;
+    int64_t supported = trained;
+    if (!self_extend_flag.empty()) {
+      const std::vector<int64_t> gw = *ParseInts("--self_extend", self_extend_flag);
+      supported = gw[1] < trained ? (trained - gw[1]) * gw[0] + gw[1] : trained;
+    }
+    for (int64_t length : options.lengths) {
+      if (length > supported) {
+        std::fprintf(stderr, "gyre %s: note: length %ld exceeds the supported %ld (trained on %ld tokens%s)\n", mode.c_str(),
+                     static_cast<long>(length), static_cast<long>(supported), static_cast<long>(trained),
+                     self_extend_flag.empty() ? "; try --self_extend G,W" : "");
+      }
+    }
+    out["trained_length"] = trained;
+    out["supported_length"] = supported;
     out["self_extend"] = self_extend_flag;
     out["cells"] = cells;
     out["accuracy"] = report->trials > 0 ? double(report->correct) / report->trials : 0.0;

@@ -108,6 +108,12 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
   ASSERT_TRUE(plain.is_object() && extended.is_object()) << "gyre eval passkey failed";
   ASSERT_EQ(plain["cells"].size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_EQ(plain["cells"][i]["answers"], extended["cells"][i]["answers"]);
+  EXPECT_EQ(plain["supported_length"], 32);                  // data.seq_len
+  EXPECT_EQ(extended["supported_length"], 32);               // W = 128 >= L: no extension
+  pk_se.back() = "4,8";
+  nlohmann::json grouped = EvalJson(run.run_dir(), pk_se);
+  ASSERT_TRUE(grouped.is_object());
+  EXPECT_EQ(grouped["supported_length"], (32 - 8) * 4 + 8);  // (L - W) G + W
 
   // Export: safetensors + config.json of the next-token model (the MTP head 2 is left out).
   CommandResult exported = RunCommand({Bin("gyre"), "export", "--run_dir", run.run_dir(), "--out", root + "/hf"});
