@@ -6,6 +6,7 @@
 //   spectrum    LM-head singular values, effective / stable rank, W-error(r), anisotropy
 // and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama only).
 // Everything runs on the CPU (fp32). Errors name the file, flag or config field at fault.
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -380,9 +381,21 @@ int RunEval(int argc, char** argv) {
       if (!hidden.ok()) return hidden.status();
       auto aniso = eval::Anisotropy(*hidden, rows, aniso_seq, run->spec.d_model);
       if (!aniso.ok()) return aniso.status();
-      (*row)["anisotropy"] = {{"value", *aniso}, {"windows", rows}, {"seq", aniso_seq}};
-      absl::StrAppend(text, absl::StrFormat(", anisotropy %.4f (%ld held-out windows of %ld tokens)", *aniso,
+      (*row)["anisotropy"] = {{"value", *aniso}, {"of", "head input (after the final norm)"}, {"windows", rows}, {"seq", aniso_seq}};
+      absl::StrAppend(text, absl::StrFormat(", anisotropy %.4f (head input; %ld held-out windows of %ld tokens)", *aniso,
                                             static_cast<long>(rows), static_cast<long>(aniso_seq)));
+      // With a final RMSNorm (Llama, Mamba-2) the last block's residual stream is recoverable up to
+      // a per-token factor; the xLSTM LayerNorm removes each token's mean, so it is not.
+      const ops::Parameter* norm = model->params().Find("final_norm.weight");
+      if (run->spec.family != ops::Family::kXlstm && norm != nullptr && model->params().Find("final_norm.bias") == nullptr) {
+        auto residual = eval::UndoRmsNormScale(*hidden, norm->value);
+        if (residual.ok()) {
+          auto r = eval::Anisotropy(*residual, rows, aniso_seq, run->spec.d_model);
+          if (!r.ok()) return r.status();
+          (*row)["anisotropy_residual"] = *r;
+          absl::StrAppend(text, absl::StrFormat(", residual stream %.4f", *r));
+        }
+      }
     } else {
       absl::StrAppend(text, ", anisotropy skipped (no index)");
     }

@@ -138,6 +138,26 @@ absl::StatusOr<std::vector<double>> RecoverHiddenStates(const ops::Tensor& logit
   return h;
 }
 
+absl::StatusOr<std::vector<double>> UndoRmsNormScale(std::span<const double> hidden, const ops::Tensor& weight) {
+  const int64_t d = weight.numel();
+  if (d == 0 || hidden.size() % d != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("norm weight of ", d, " values does not divide ", hidden.size(), " hidden values"));
+  }
+  double largest = 0;
+  for (int64_t j = 0; j < d; ++j) largest = std::max(largest, std::abs(weight.At(j)));
+  std::vector<double> inv(d);
+  for (int64_t j = 0; j < d; ++j) {
+    const double w = weight.At(j);
+    if (!(std::abs(w) > 1e-6 * largest)) {
+      return absl::FailedPreconditionError(absl::StrCat("final norm weight ", j, " is ", w, ": that feature of the residual stream is not recoverable"));
+    }
+    inv[j] = 1 / w;
+  }
+  std::vector<double> out(hidden.begin(), hidden.end());
+  for (size_t i = 0; i < out.size(); ++i) out[i] *= inv[i % d];
+  return out;
+}
+
 absl::StatusOr<double> Anisotropy(std::span<const double> hidden, int64_t batch, int64_t seq, int64_t dim) {
   if (batch <= 0 || seq < 2 || dim <= 0) {
     return absl::InvalidArgumentError("anisotropy needs at least one sequence of two or more tokens");

@@ -53,6 +53,11 @@ std::vector<double> GramMatrix(const ops::Tensor& w);
 // Gram matrix). FailedPrecondition when WᵀW is singular to working precision (rank-deficient head).
 absl::StatusOr<std::vector<double>> RecoverHiddenStates(const ops::Tensor& logits, const ops::Tensor& w);
 
+// Undoes the elementwise scale of a final RMSNorm (y = x / rms(x) * w) on rows of `hidden`
+// [N, d]: returns y / w, which is x / rms(x), i.e. the pre-norm residual stream up to a positive
+// per-row factor -- enough for cosines. FailedPrecondition when some |w_j| is ~0 (x_j is lost).
+absl::StatusOr<std::vector<double>> UndoRmsNormScale(std::span<const double> hidden, const ops::Tensor& weight);
+
 // Mean cosine similarity over pairs of distinct positions i < j within each sequence; `hidden`
 // is [batch * seq, d] row-major (float64). Zero vectors are refused (cosine undefined).
 absl::StatusOr<double> Anisotropy(std::span<const double> hidden, int64_t batch, int64_t seq, int64_t dim);

@@ -175,6 +175,27 @@ TEST(RecoverHiddenStatesTest, InvertsTheHead) {
   for (int64_t i = 0; i < n * d; ++i) EXPECT_NEAR((*got)[i], h[i], 1e-9) << i;
 }
 
+TEST(UndoRmsNormScaleTest, RecoversTheResidualDirection) {
+  std::mt19937_64 rng(2);
+  std::normal_distribution<double> normal;
+  const int64_t n = 5, d = 4;
+  ops::Tensor w = ops::Tensor::Empty({d}, ops::DType::kF32);
+  for (int64_t j = 0; j < d; ++j) w.Set(j, 0.5 + j);  // uneven scales change cosines
+  std::vector<double> x(n * d), y(n * d);
+  for (double& v : x) v = normal(rng) + 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double ms = 0;
+    for (int64_t j = 0; j < d; ++j) ms += x[i * d + j] * x[i * d + j];
+    for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] / std::sqrt(ms / d + 1e-5) * w.At(j);
+  }
+  absl::StatusOr<std::vector<double>> back = UndoRmsNormScale(y, w);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_NEAR(*Anisotropy(*back, 1, n, d), *Anisotropy(x, 1, n, d), 1e-12);
+  EXPECT_GT(std::abs(*Anisotropy(y, 1, n, d) - *Anisotropy(x, 1, n, d)), 1e-3);  // the scale matters
+  w.Set(2, 0.0);
+  EXPECT_FALSE(UndoRmsNormScale(y, w).ok());
+}
+
 TEST(RecoverHiddenStatesTest, RefusesARankDeficientHead) {
   ops::Tensor w = WithSpectrum(12, 4, {3, 2, 1, 0}, 1);
   ops::Tensor z = ops::Tensor::Zeros({2, 12}, ops::DType::kF64);

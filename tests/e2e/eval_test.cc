@@ -83,6 +83,8 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
   EXPECT_NEAR(double(sp["w_error"][std::to_string(d)]), 0.0, 1e-6);
   const double aniso = sp["anisotropy"]["value"];
   EXPECT_TRUE(aniso >= -1 && aniso <= 1) << aniso;
+  const double residual = sp["anisotropy_residual"];  // llama: final RMSNorm, recoverable
+  EXPECT_TRUE(residual >= -1 && residual <= 1) << residual;
 
   std::fprintf(stderr, "step 8 loss %.4f (step 4: %.4f); speculative %.2f tokens/forward; effective rank %.2f of %ld, "
                "anisotropy %.4f\n", loss8, double(ppl4["overall"]["loss"]), double(spec["tokens_per_forward"]),
