@@ -18,6 +18,8 @@ int RunPrepare(int argc, char** argv);
 int RunIndex(int argc, char** argv);
 int RunSample(int argc, char** argv);
 int RunCoordinator(int argc, char** argv);
+int RunEval(int argc, char** argv);
+int RunExport(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
@@ -32,6 +34,8 @@ inline std::span<const Command> AllCommands() {
       {"sample", "print the samples each step and rank read (mix and determinism check)", RunSample},
       {"coordinator", "run the coordinator of one run (gRPC control + worker service)",
        RunCoordinator},
+      {"eval", "evaluate a run's checkpoint: perplexity, passkey, generate, spectrum", RunEval},
+      {"export", "a run's checkpoint -> safetensors + config.json for transformers (Llama)", RunExport},
   };
   return kCommands;
 }

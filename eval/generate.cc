@@ -1,0 +1,171 @@
+#include "eval/generate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "base/clock.h"
+
+namespace gyre::eval {
+namespace {
+
+// Row 0 of a [1, V] logits tensor as floats.
+std::vector<float> Row(const ops::Tensor& logits) {
+  std::vector<float> out(static_cast<size_t>(logits.cols()));
+  if (logits.dtype() == ops::DType::kF32) {
+    const float* p = logits.data<float>();
+    std::copy(p, p + out.size(), out.begin());
+  } else {
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(logits.At(static_cast<int64_t>(i)));
+  }
+  return out;
+}
+
+absl::Status CheckPrompt(const ops::LanguageModel& model, std::span<const int32_t> prompt,
+                         const GenerateOptions& options) {
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty (generation needs at least one token)");
+  const int64_t vocab = model.spec().vocab_size;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", i, " is id ", prompt[i], ", outside the model's vocabulary [0, ", vocab, ")"));
+    }
+  }
+  if (options.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
+  if (options.max_context > 0 && static_cast<int64_t>(prompt.size()) + options.max_new_tokens > options.max_context) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", prompt.size(), " tokens + ", options.max_new_tokens,
+                                                   " new tokens exceeds the allowed context of ", options.max_context,
+                                                   " tokens"));
+  }
+  const SamplingOptions& s = options.sampling;
+  if (s.temperature < 0 || !std::isfinite(s.temperature)) return absl::InvalidArgumentError("temperature must be >= 0");
+  if (s.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0");
+  if (!(s.top_p > 0 && s.top_p <= 1)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  return absl::OkStatus();
+}
+
+// Feeds the prompt; returns the logits of every head after its last token.
+std::vector<ops::Tensor> Prefill(ops::LanguageModel* model, std::span<const int32_t> prompt,
+                                 ops::LanguageModel::DecodeState* state) {
+  std::vector<ops::Tensor> out;
+  for (int32_t t : prompt) out = model->DecodeStep(std::span<const int32_t>(&t, 1), state);
+  return out;
+}
+
+double Seconds(int64_t begin_us) { return (Clock::Real()->NowMicros() - begin_us) * 1e-6; }
+
+}  // namespace
+
+int32_t Argmax(std::span<const float> logits) {
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+int32_t SampleToken(std::span<const float> logits, const SamplingOptions& options, double u) {
+  if (options.temperature <= 0) return Argmax(logits);
+  const size_t v = logits.size();
+  std::vector<int32_t> order(v);
+  std::iota(order.begin(), order.end(), 0);
+  // Most likely first (stable: lower id first on ties).
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t keep = v;
+  if (options.top_k > 0) keep = std::min<size_t>(keep, static_cast<size_t>(options.top_k));
+  const double top = logits[order[0]] / options.temperature;
+  std::vector<double> p(keep);
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += p[i] = std::exp(logits[order[i]] / options.temperature - top);
+  if (options.top_p < 1) {
+    double mass = 0;
+    size_t i = 0;
+    for (; i < keep; ++i) {
+      mass += p[i] / total;
+      if (mass >= options.top_p) break;
+    }
+    keep = std::min(keep, i + 1);
+    total = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  }
+  double target = u * total;
+  for (size_t i = 0; i < keep; ++i) {
+    target -= p[i];
+    if (target < 0) return order[i];
+  }
+  return order[keep - 1];
+}
+
+absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<const int32_t> prompt,
+                                        const GenerateOptions& options) {
+  if (absl::Status s = CheckPrompt(*model, prompt, options); !s.ok()) return s;
+  GenerateResult result;
+  std::mt19937_64 rng(options.sampling.seed);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  auto state = model->NewDecodeState(1);
+  const int64_t prefill_begin = Clock::Real()->NowMicros();
+  std::vector<ops::Tensor> logits = Prefill(model, prompt, state.get());
+  result.prefill_seconds = Seconds(prefill_begin);
+  const int64_t begin = Clock::Real()->NowMicros();
+  while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens) {
+    const int32_t next = SampleToken(Row(logits[0]), options.sampling, uniform(rng));
+    result.tokens.push_back(next);
+    ++result.forwards;
+    if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
+    logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get());
+    ++result.decode_steps;
+  }
+  result.seconds = Seconds(begin);
+  return result;
+}
+
+absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, std::span<const int32_t> prompt,
+                                                   const GenerateOptions& options) {
+  if (absl::Status s = CheckPrompt(*model, prompt, options); !s.ok()) return s;
+  const int64_t heads = model->spec().mtp_heads;
+  const int64_t k = options.draft_heads > 0 ? options.draft_heads : heads;
+  if (heads < 2) {
+    return absl::FailedPreconditionError(absl::StrCat("speculative decoding needs MTP heads (model.mtp_heads >= 2); this model has ",
+                                                      heads));
+  }
+  if (k < 2 || k > heads) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_heads ", k, " must be in [2, mtp_heads = ", heads, "]"));
+  }
+  if (options.sampling.temperature > 0) {
+    return absl::InvalidArgumentError("speculative decoding is greedy: temperature must be 0");
+  }
+  GenerateResult result;
+  auto state = model->NewDecodeState(1);
+  const int64_t prefill_begin = Clock::Real()->NowMicros();
+  std::vector<ops::Tensor> logits = Prefill(model, prompt, state.get());
+  result.prefill_seconds = Seconds(prefill_begin);
+  const int64_t begin = Clock::Real()->NowMicros();
+  const auto done = [&] {
+    return static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens ||
+           (!result.tokens.empty() && result.tokens.back() == options.stop_token);
+  };
+  while (!done()) {
+    // From the last fed position: the kept token (head 1) and the drafts (heads 2..k).
+    int32_t kept = Argmax(Row(logits[0]));
+    std::vector<int32_t> drafts;
+    for (int64_t h = 1; h < k; ++h) drafts.push_back(Argmax(Row(logits[h])));
+    ++result.forwards;
+    result.tokens.push_back(kept);
+    if (done()) break;
+    // Verification: feed the kept token, then each draft while it matches head 1's argmax.
+    int32_t fed = kept;
+    size_t i = 0;
+    for (;;) {
+      logits = model->DecodeStep(std::span<const int32_t>(&fed, 1), state.get());
+      ++result.decode_steps;
+      if (i == drafts.size()) break;
+      ++result.drafted;
+      if (drafts[i] != Argmax(Row(logits[0]))) break;  // rejected: never fed, nothing to roll back
+      ++result.accepted;
+      fed = drafts[i++];
+      result.tokens.push_back(fed);
+      if (done()) break;
+    }
+  }
+  result.seconds = Seconds(begin);
+  return result;
+}
+
+}  // namespace gyre::eval

@@ -1,0 +1,186 @@
+#include "eval/generate.h"
+
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+#include "eval/test_models.h"
+#include "gtest/gtest.h"
+#include "ops/rng.h"
+#include "ops/train_step.h"
+
+namespace gyre::eval {
+namespace {
+
+using testing::TinySpec;
+
+std::unique_ptr<ops::LanguageModel> MakeModel(const ops::ModelSpec& spec, uint64_t seed) {
+  auto model = ops::LanguageModel::Create(spec, ops::DType::kF32, ops::Device::kCpu, seed);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return std::move(*model);
+}
+
+// Perturbs the (often zero-initialised) output projections so that random models have varied,
+// position-dependent predictions rather than near-constant ones.
+void Perturb(ops::LanguageModel* m, uint64_t seed, double scale) {
+  ops::Rng rng(seed);
+  for (ops::Parameter* p : m->params().All())
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, p->value.At(i) + scale * rng.Normal());
+}
+
+// Trains the model briefly on a periodic token stream (period 7), so every MTP head learns the
+// continuation and the drafts agree with the next-token head.
+void TrainOnCycle(ops::LanguageModel* model, int steps) {
+  ops::TrainOptions options;
+  options.adamw.weight_decay = 0;
+  options.schedule.peak_lr = 1e-2;
+  ops::Trainer trainer(model, options);
+  const int64_t batch = 4, seq = 16;
+  std::vector<int32_t> tokens(batch * (seq + 1));
+  for (int step = 0; step < steps; ++step) {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t <= seq; ++t) tokens[b * (seq + 1) + t] = static_cast<int32_t>(3 + (b + step + t) % 7);
+    auto stats = trainer.Step(tokens, batch, seq, step);
+    ASSERT_TRUE(stats.ok()) << stats.status();
+  }
+}
+
+class SpeculativeTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(SpeculativeTest, EqualsGreedyTokenForToken) {
+  const auto& [family, heads] = GetParam();
+  auto model = MakeModel(TinySpec(family, heads), 17);
+  Perturb(model.get(), 5, 0.2);
+  const std::vector<int32_t> prompt = {1, 5, 9, 2, 7};
+  GenerateOptions options;
+  options.max_new_tokens = 24;
+  absl::StatusOr<GenerateResult> greedy = Generate(model.get(), prompt, options);
+  ASSERT_TRUE(greedy.ok()) << greedy.status();
+  for (int64_t k = 2; k <= heads; ++k) {
+    options.draft_heads = k;
+    absl::StatusOr<GenerateResult> spec = GenerateSpeculative(model.get(), prompt, options);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->tokens, greedy->tokens) << family << " heads " << heads << " k " << k;
+    EXPECT_EQ(spec->forwards + spec->accepted, static_cast<int64_t>(spec->tokens.size()));
+    EXPECT_GT(spec->drafted, spec->accepted) << "the rejection path was not exercised";
+    std::printf("random %s mtp=%d k=%ld: drafted %ld accepted %ld\n", family.c_str(), heads, static_cast<long>(k),
+                static_cast<long>(spec->drafted), static_cast<long>(spec->accepted));
+  }
+}
+
+TEST_P(SpeculativeTest, TrainedHeadsAreAcceptedAndOutputStillEqualsGreedy) {
+  const auto& [family, heads] = GetParam();
+  auto model = MakeModel(TinySpec(family, heads), 3);
+  TrainOnCycle(model.get(), 60);
+  const std::vector<int32_t> prompt = {3, 4, 5, 6, 7, 8, 9, 3, 4};
+  GenerateOptions options;
+  options.max_new_tokens = 21;
+  absl::StatusOr<GenerateResult> greedy = Generate(model.get(), prompt, options);
+  ASSERT_TRUE(greedy.ok()) << greedy.status();
+  // The trained model continues the cycle (the heads agree only if it learned it).
+  int in_cycle = 0;
+  for (size_t i = 0; i < greedy->tokens.size(); ++i) in_cycle += greedy->tokens[i] == static_cast<int32_t>(3 + (i + 9) % 7);
+  EXPECT_GE(in_cycle, 18) << family;
+  absl::StatusOr<GenerateResult> spec = GenerateSpeculative(model.get(), prompt, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->tokens, greedy->tokens) << family << " heads " << heads;
+  EXPECT_GT(spec->accepted, 0) << family;
+  std::printf("%s mtp=%d: %zu tokens, %ld rounds, %.2f tokens/forward, acceptance %.2f\n", family.c_str(), heads,
+              spec->tokens.size(), static_cast<long>(spec->forwards), spec->tokens_per_forward(), spec->acceptance());
+  EXPECT_GT(spec->tokens_per_forward(), 1.0) << family;
+  EXPECT_LE(spec->tokens_per_forward(), static_cast<double>(heads));
+  EXPECT_EQ(greedy->forwards, 21);
+  EXPECT_LT(spec->forwards, greedy->forwards);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, SpeculativeTest,
+                         ::testing::Values(std::make_tuple("llama", 2), std::make_tuple("llama", 4),
+                                           std::make_tuple("xlstm", 3), std::make_tuple("mamba2", 2),
+                                           std::make_tuple("mamba2", 4), std::make_tuple("hybrid", 3)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_mtp" + std::to_string(std::get<1>(info.param));
+                         });
+
+TEST(GenerateTest, GreedyEqualsArgmaxOfTheFullForward) {
+  auto model = MakeModel(TinySpec("hybrid", 1), 9);
+  Perturb(model.get(), 2, 0.2);
+  std::vector<int32_t> seq = {2, 4, 6, 8};
+  GenerateOptions options;
+  options.max_new_tokens = 6;
+  absl::StatusOr<GenerateResult> out = Generate(model.get(), seq, options);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int32_t t : out->tokens) {
+    ops::Tensor logits = model->Logits(seq, 1, static_cast<int64_t>(seq.size()));
+    const int64_t v = logits.cols();
+    std::vector<float> last(v);
+    for (int64_t i = 0; i < v; ++i) last[i] = static_cast<float>(logits.At((logits.rows() - 1) * v + i));
+    EXPECT_EQ(t, Argmax(last));
+    seq.push_back(t);
+  }
+}
+
+TEST(GenerateTest, SamplingIsSeededAndTopKOneIsGreedy) {
+  auto model = MakeModel(TinySpec("llama", 1), 4);
+  Perturb(model.get(), 8, 0.3);
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  GenerateOptions options;
+  options.max_new_tokens = 12;
+  auto greedy = Generate(model.get(), prompt, options);
+  options.sampling = {.temperature = 1.5, .top_k = 0, .top_p = 1.0, .seed = 42};
+  auto a = Generate(model.get(), prompt, options);
+  auto b = Generate(model.get(), prompt, options);
+  options.sampling.seed = 43;
+  auto c = Generate(model.get(), prompt, options);
+  options.sampling.top_k = 1;
+  auto k1 = Generate(model.get(), prompt, options);
+  ASSERT_TRUE(greedy.ok() && a.ok() && b.ok() && c.ok() && k1.ok());
+  EXPECT_EQ(a->tokens, b->tokens);
+  EXPECT_NE(a->tokens, c->tokens);  // 12 draws at temperature 1.5 over 23 ids
+  EXPECT_EQ(k1->tokens, greedy->tokens);
+}
+
+TEST(SampleTokenTest, TopKAndTopPCutTheTail) {
+  // Probabilities at temperature 1: logits log(0.5), log(0.3), log(0.15), log(0.05).
+  const std::vector<float> logits = {std::log(0.3f), std::log(0.05f), std::log(0.5f), std::log(0.15f)};
+  SamplingOptions s{.temperature = 1.0};
+  // Sorted: id 2 (0.5), 0 (0.3), 3 (0.15), 1 (0.05).
+  EXPECT_EQ(SampleToken(logits, s, 0.49), 2);
+  EXPECT_EQ(SampleToken(logits, s, 0.51), 0);
+  EXPECT_EQ(SampleToken(logits, s, 0.81), 3);
+  EXPECT_EQ(SampleToken(logits, s, 0.99), 1);
+  s.top_k = 2;  // {2, 0} renormalised: 0.625 / 0.375
+  EXPECT_EQ(SampleToken(logits, s, 0.6), 2);
+  EXPECT_EQ(SampleToken(logits, s, 0.99), 0);
+  s.top_k = 0;
+  s.top_p = 0.8;  // smallest set with mass >= 0.8: {2, 0}
+  EXPECT_EQ(SampleToken(logits, s, 0.99), 0);
+  s.top_p = 0.81;  // {2, 0, 3}: 0.15 / 0.95 of the mass is id 3
+  EXPECT_EQ(SampleToken(logits, s, 0.99), 3);
+  std::map<int32_t, int> counts;
+  s = {.temperature = 1.0};
+  for (int i = 0; i < 1000; ++i) counts[SampleToken(logits, s, (i + 0.5) / 1000)]++;
+  EXPECT_EQ(counts[2], 500);
+  EXPECT_EQ(counts[0], 300);
+  EXPECT_EQ(counts[3], 150);
+  EXPECT_EQ(counts[1], 50);
+}
+
+TEST(GenerateTest, BadInputGetsClearErrors) {
+  auto model = MakeModel(TinySpec("llama", 1), 1);
+  GenerateOptions options;
+  options.max_new_tokens = 4;
+  options.max_context = 6;
+  auto too_long = Generate(model.get(), std::vector<int32_t>{1, 2, 3}, options);
+  ASSERT_FALSE(too_long.ok());
+  EXPECT_NE(too_long.status().message().find("exceeds the allowed context of 6"), std::string::npos) << too_long.status();
+  auto bad_id = Generate(model.get(), std::vector<int32_t>{1, 99}, options);
+  ASSERT_FALSE(bad_id.ok());
+  EXPECT_NE(bad_id.status().message().find("prompt token 1 is id 99"), std::string::npos) << bad_id.status();
+  EXPECT_FALSE(Generate(model.get(), std::vector<int32_t>{}, options).ok());
+  auto no_heads = GenerateSpeculative(model.get(), std::vector<int32_t>{1}, options);
+  ASSERT_FALSE(no_heads.ok());
+  EXPECT_NE(no_heads.status().message().find("mtp_heads"), std::string::npos) << no_heads.status();
+}
+
+}  // namespace
+}  // namespace gyre::eval
