@@ -8,6 +8,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
 #include "base/run_dir.h"
 #include "cli/commands.h"
 #include "gyre/v1/journal.pb.h"
@@ -59,11 +60,14 @@ int RunLedger(int argc, char** argv) {
       const gyre::v1::StepMetrics& m = step.metrics();
       std::printf("{\"step\":%llu,\"generation\":%llu,\"world\":%u,\"samples\":[%llu,%llu],\"loss\":%.17g,"
                   "\"committed_unix_ms\":%lld,\"tokens\":%llu,\"model_flops_per_s\":%.6g,\"peak_flops_per_s\":%.6g,"
-                  "\"total_ms\":%.3f,\"exposed_comm_ms\":%.3f%s}\n",
+                  "\"total_ms\":%.3f,\"exposed_comm_ms\":%.3f%s%s}\n",
                   (unsigned long long)step.step(), (unsigned long long)step.generation(), step.world_size(),
                   (unsigned long long)step.sample_begin(), (unsigned long long)step.sample_end(), m.loss(),
                   (long long)step.committed_unix_ms(), (unsigned long long)m.tokens(), m.model_flops_per_s(),
                   m.peak_flops_per_s(), m.times().total_ms(), m.times().exposed_comm_ms(),
+                  m.has_eval() ? absl::StrFormat(",\"eval_loss\":%.17g,\"head_effective_rank\":%.6g", m.eval().loss(),
+                                                 m.eval().head().effective_rank()).c_str()
+                               : "",
                   problem.empty() ? "" : (",\"problem\":\"" + problem + "\"").c_str());
     } else if (!quiet || !problem.empty()) {
       std::printf("step %6llu  generation %4llu  world %2u  samples [%llu, %llu)  loss %.4f%s%s\n",

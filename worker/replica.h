@@ -94,6 +94,8 @@ class ModelReplica {
   uint64_t ParameterFingerprint() const;
   int64_t NumParameters() const { return model_->NumParameters(); }
   const ops::ModelSpec& spec() const { return model_->spec(); }
+  // For forward-only work between steps (in-run evaluation); no gradients are touched.
+  ops::LanguageModel* model() { return model_.get(); }
   ops::Device device() const { return device_; }
   double LrAt(uint64_t step) const { return trainer_->options().schedule.At(step); }
   // Training FLOPs per token at the run's context (ops/flops.h), for the MFU of the step metrics.

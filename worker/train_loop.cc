@@ -2,6 +2,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/status_macros.h"
+#include "worker/in_run_eval.h"
 #include "worker/worker.h"
 
 namespace gyre {
@@ -94,6 +95,25 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
     clock_->SleepMicros(options_.broken_collective_wait_ms * 1000);
     return absl::OkStatus();
   }
+  // In-run evaluation of the parameters after lease.step() steps, before this step runs (its time
+  // is reported apart: StepTimes.eval_ms). Only rank 0; the others wait in the step's collective.
+  const bool eval_due = rank_ == 0 && !eval_disabled_ && EvalDueBefore(config_.train(), lease.step());
+  if (eval_due && (!eval_.has_value() || eval_->step() != lease.step())) {
+    const int64_t e0 = clock_->NowMicros();
+    absl::StatusOr<gyre::v1::EvalResult> result =
+        RunInRunEval(env_, *index_, replica_->model(), config_, lease.step());
+    eval_ms_ = (clock_->NowMicros() - e0) / 1e3;
+    if (result.ok()) {
+      eval_ = std::move(*result);
+      std::fprintf(stderr, "eval   %6llu  held-out loss %.4f over %llu tokens, LM head effective rank %.1f  (%.0f ms)\n",
+                   (unsigned long long)lease.step(), eval_->loss(), (unsigned long long)eval_->tokens(),
+                   eval_->head().effective_rank(), eval_ms_);
+    } else {
+      eval_disabled_ = true;
+      eval_.reset();
+      std::fprintf(stderr, "worker: in-run evaluation off for this run: %s\n", std::string(result.status().message()).c_str());
+    }
+  }
   const int64_t t0 = clock_->NowMicros();
   const uint32_t seq = sampler_->schedule().seq_len();
   const uint64_t first = lease.samples().rank_begin(), count = lease.samples().rank_end() - first;
@@ -134,6 +154,10 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
   m->set_tokens(count * seq);
   m->set_rank(static_cast<uint32_t>(rank_));
   m->set_generation(generation_.load());
+  if (eval_due && eval_.has_value() && eval_->step() == lease.step()) {
+    *m->mutable_eval() = *eval_;
+    m->mutable_times()->set_eval_ms(eval_ms_);
+  }
   // The step-time breakdown (issue 5): data wait, forward, backward, exposed communication (the
   // wait for the gradient all-reduce after backward), optimizer. The optimizer runs only after
   // COMMIT, i.e. after these metrics are sent: optimizer_ms is that of the previous step this

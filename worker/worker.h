@@ -22,6 +22,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -106,6 +107,11 @@ class Worker {
   std::atomic<uint64_t> applied_steps_{0};
   // Step-time bookkeeping of the training loop (its thread only).
   double last_optimizer_ms_ = 0;
+  // In-run evaluation (worker/in_run_eval.h), rank 0: the result for step eval_.step() is reused
+  // when that step is redone in another generation (same parameters); off after a failure.
+  std::optional<gyre::v1::EvalResult> eval_;
+  double eval_ms_ = 0;
+  bool eval_disabled_ = false;
 };
 
 }  // namespace gyre

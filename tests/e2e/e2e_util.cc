@@ -171,6 +171,7 @@ Ledger LocalRun::ReadLedger() const {
     s.loss = j.value("loss", 0.0);
     s.committed_unix_ms = j.value("committed_unix_ms", int64_t{0});
     s.model_flops_per_s = j.value("model_flops_per_s", 0.0);
+    s.eval_loss = j.value("eval_loss", -1.0);
     s.problem = j.value("problem", "");
     ledger.steps.push_back(s);
   }

@@ -44,6 +44,7 @@ struct LedgerStep {
   double loss = 0;
   int64_t committed_unix_ms = 0;
   double model_flops_per_s = 0;  // summed over ranks (ops/flops.h)
+  double eval_loss = -1;         // in-run held-out loss evaluated before this step; -1: none
   std::string problem;
 };
 struct Ledger {

@@ -5,6 +5,7 @@
 // covers the prompt == plain attention). Bad input must exit non-zero.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 
 #include "dataloader/tokenizer/test_paths.h"
 #include "gtest/gtest.h"
@@ -12,6 +13,8 @@
 
 namespace gyre::e2e {
 namespace {
+
+namespace fs = std::filesystem;
 
 nlohmann::json EvalJson(const std::string& run_dir, const std::vector<std::string>& mode_args, int* code = nullptr) {
   std::vector<std::string> args = {Bin("gyre"), "eval", "--run_dir", run_dir, "--json"};
@@ -27,13 +30,21 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
   const std::string index = root + "/index";
   ASSERT_TRUE(PrepareGoldenIndex(index));
   const std::string gpt2 = tokenizer_testing::Gpt2Dir();
+  // A validation source for the in-run evaluation (the split comes from the "val" file name).
+  fs::create_directories(root + "/val");
+  fs::copy_file(tokenizer_testing::Runfile("tools/golden/corpus.jsonl.zst"), root + "/val/val.jsonl.zst",
+                fs::copy_options::overwrite_existing);
+  ASSERT_EQ(RunCommand({Bin("gyre"), "prepare", "--tokenizer", gpt2, "--out", index, "--source", "golden",
+                        "--threads", "2", root + "/val/val.jsonl.zst"})
+                .code,
+            0);
   LocalRun run(root, "evalrun",
                "seed: 5\n"
                "model { preset: \"llama-tiny\" vocab_size: 50257 mtp_heads: 2 }\n"
                "data { index_dir: \"@INDEX@\" seq_len: 32 global_batch: 4 tokenizer: \"" + gpt2 + "\" }\n"
                "optimizer { lr: 0.003 }\n"
                "schedule { warmup_steps: 2 total_steps: 8 }\n"
-               "train { max_steps: 8 }\n"
+               "train { max_steps: 8 eval_every_steps: 4 eval_samples_per_source: 2 }\n"
                "checkpoint { every_steps: 4 keep_last: 3 }\n"
                "cluster { desired_workers: 1 heartbeat_interval_ms: 200 heartbeat_timeout_ms: 5000 }\n");
   ASSERT_TRUE(run.Launch(1));
@@ -42,7 +53,18 @@ TEST(EvalTest, EveryModeOnATrainedRun) {
   if (!finished) run.DumpLogs();
   ASSERT_TRUE(finished) << "launcher exit code " << code;
 
-  // Perplexity (the golden index has one training source; naming it is allowed and reported).
+  // In-run evaluation (train.eval_every_steps 4): before step 4 only, journaled with that step.
+  Ledger ledger = run.ReadLedger();
+  ASSERT_EQ(ledger.steps.size(), 8u) << ledger.summary;
+  for (const LedgerStep& s : ledger.steps) {
+    if (s.step == 4) {
+      EXPECT_TRUE(std::isfinite(s.eval_loss) && s.eval_loss > 0 && s.eval_loss < 12) << s.eval_loss;
+    } else {
+      EXPECT_EQ(s.eval_loss, -1) << "step " << s.step;
+    }
+  }
+
+  // Perplexity (naming the training source is allowed and reported).
   nlohmann::json ppl = EvalJson(run.run_dir(), {"perplexity", "--sources", "golden", "--samples", "4"});
   ASSERT_TRUE(ppl.is_object()) << "gyre eval perplexity failed";
   EXPECT_EQ(ppl["step"], 8);
