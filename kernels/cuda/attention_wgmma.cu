@@ -1250,6 +1250,340 @@ CudaResult LaunchBwd1(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   return {};
 }
 
+// ------------------------------------------------------------------------------------------
+// Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D, kKeySplit>, grid
+// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
+// block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
+// warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
+// query head of the GQA group and every 64-row query tile at or below the diagonal.
+//   Producer (32 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
+//     128B-swizzled tiles) and lse, D_i (fp32 rows) into a kBwdStages-deep ring; each stage is
+//     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
+//     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
+//   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
+//   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
+//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
+//     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
+//     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
+//     dSᵀ -> shared memory (bf16, two buffers), then dQ:
+//       column split (D 128): the two consumer warpgroups meet on one named barrier (both
+//         halves of dSᵀ written); warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
+//         keys (m64n64, 32 accumulators);
+//       key split (kKeySplit, D 64 only): warpgroup c computes its partial dQ = dS_c K_c over its
+//         own 64 keys (m64nD); the two warpgroups never wait for each other.
+//     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> one bulk reduction
+//       (cp.reduce.async.bulk .add.f32, issued by one thread) into dq_acc. dq_acc is blocked
+//       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
+//       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
+//       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
+// The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
+
+constexpr int kBwdStages = 2;
+
+__device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+      "r"(ssrc), "r"(bytes)
+      : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWaitRead0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWait0() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+template <int kD, bool kKeySplit>
+struct BwdWsLayout {
+  static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
+  static constexpr int kDSBytes = 128 * 64 * 2;
+  static constexpr int kDqN = kKeySplit ? kD : kD / 2;  // dQ columns per consumer warpgroup
+  static constexpr int kDqBytes = 64 * kDqN * 4;
+  static constexpr int kK = 0, kV = kKVBytes, kQ = 2 * kKVBytes;
+  static constexpr int kDO = kQ + kBwdStages * kQBytes;
+  static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
+  static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
+  static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
+  static constexpr int kBars = kStats + kBwdStages * 512;     // full[stages], empty[stages]
+  static constexpr int kBytes = kBars + 16 * kBwdStages + 1024;  // + alignment slack
+};
+
+template <int kD, bool kKeySplit>
+__global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
+  using L = BwdWsLayout<kD, kKeySplit>;
+  // Key split at D 128 would hold 64 more dQ accumulators per thread: the wgmmas serialise.
+  static_assert(!kKeySplit || kD == 64, "key split is for D 64");
+  constexpr int kBN = 128, kBM = 64;
+  constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
+  constexpr int kDT = kD / 8;
+  constexpr int kDqN = L::kDqN;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base + L::kK, sV = base + L::kV;
+  auto full_bar = [&](int s) { return base + L::kBars + 8 * s; };
+  auto empty_bar = [&](int s) { return base + L::kBars + 8 * (kBwdStages + s); };
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  if (tid == 0) {
+    for (int s = 0; s < kBwdStages; ++s) {
+      MbarInit(full_bar(s), 128);
+      MbarInit(empty_bar(s), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq = p.seq;
+  const int n0 = n_block * kBN;
+  const int64_t row_base = static_cast<int64_t>(b) * seq;
+  const int m_first = n0 / kBM;
+  const int m_tiles = (seq + kBM - 1) / kBM;
+  const int per_head = m_tiles - m_first;
+  const int total = p.group * per_head;
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
+    const int do_stride = p.heads * kD;
+    ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    for (int it = 0; it < total; ++it) {
+      const int s = it % kBwdStages;
+      MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
+      const int h = hk * p.group + it / per_head;
+      const int m0 = (m_first + it % per_head) * kBM;
+      ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
+                            p.q_stride, m0, seq, wtid);
+      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
+                            do_stride, m0, seq, wtid);
+      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
+        const int which = wtid / 64, r = wtid % 64;
+        const bool valid = m0 + r < seq;
+        const float* src = (which == 0 ? p.lse : p.dvec) +
+                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                         base + L::kStats + s * 512 + wtid * 4),
+                     "l"(src), "r"(valid ? 4 : 0));
+      }
+      CpAsyncCommit();
+      CpAsyncWaitAll();
+      FenceProxyAsync();
+      MbarArrive(full_bar(s));
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumer warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int cwg = wg - 1;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int kw0 = n0 + 64 * cwg;                  // this warpgroup's first key
+  const int key_lo = kw0 + 16 * warp_in_wg + g;   // thread keys key_lo, key_lo + 8
+  const uint32_t sDQ = base + L::kDQ + cwg * L::kDqBytes;
+  unsigned char* dq_stage = base_ptr + L::kDQ + cwg * L::kDqBytes;
+  const int m_tiles_all = m_tiles;
+  const bool reducer = wtid == 0;
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  for (int it = 0; it < total; ++it) {
+    const int h = hk * p.group + it / per_head;
+    const int m_tile = m_first + it % per_head;
+    const int m0 = m_tile * kBM;
+    const int s = it % kBwdStages;
+    const uint32_t sQ = base + L::kQ + s * L::kQBytes, sdO = base + L::kDO + s * L::kQBytes;
+    const uint32_t sdS = base + L::kDS + (it & 1) * L::kDSBytes;
+    const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
+    const float* d_s = lse_s + 64;
+    MbarWait(full_bar(s), (it / kBwdStages) & 1);
+    // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
+    // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
+    uint32_t kb = sK, vb = sV;
+    asm volatile("" : "+r"(kb), "+r"(vb));
+
+    float st[32], dpt[32];
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(st, SmemDesc(kb + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
+    }
+    WgmmaCommit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(dpt, SmemDesc(vb + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
+                      kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait1();  // Sᵀ done; dPᵀ may still run
+    FenceRegs(st);
+
+    // Pᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
+    const bool need_mask = (m0 < kw0 + 63) || (m0 + kBM > seq) || (kw0 + 64 > seq);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
+          if (need_mask) {
+            const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
+            if (q < key || q >= seq || key >= seq) pr = 0.f;
+          }
+          st[i] = pr;
+        }
+    }
+    WgmmaWait0();  // dPᵀ done
+    FenceRegs(dpt);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          dpt[i] = st[i] * (dpt[i] - (e ? d2.y : d2.x));
+        }
+    }
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      pa[kk][0] = PackBf16(st[8 * kk + 0], st[8 * kk + 1]);
+      pa[kk][1] = PackBf16(st[8 * kk + 2], st[8 * kk + 3]);
+      pa[kk][2] = PackBf16(st[8 * kk + 4], st[8 * kk + 5]);
+      pa[kk][3] = PackBf16(st[8 * kk + 6], st[8 * kk + 7]);
+      da[kk][0] = PackBf16(dpt[8 * kk + 0], dpt[8 * kk + 1]);
+      da[kk][1] = PackBf16(dpt[8 * kk + 2], dpt[8 * kk + 3]);
+      da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
+      da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+    }
+    // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major); they run under the
+    // dSᵀ stores and the barrier below.
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kQBlock, 1024);
+      if constexpr (kD == 128) {
+        WgmmaRS128(dv, pa[kk], bo);
+        WgmmaRS128(dk, da[kk], bq);
+      } else {
+        WgmmaRS64(dv, pa[kk], bo);
+        WgmmaRS64(dk, da[kk], bq);
+      }
+    }
+    WgmmaCommit();
+    // dSᵀ to shared memory (rows = keys 64c + 16·warp + g (+8), columns = queries).
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * (j % 2);
+        const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
+        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
+            da[kk][j];
+      }
+    FenceProxyAsync();
+    if constexpr (kKeySplit) {
+      NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
+    } else {
+      NamedBarSync(1, 256);  // both halves of dSᵀ written
+    }
+
+    // dQ = dS K; A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
+    float dq[kDqN / 2];
+    WgmmaFence();
+    if constexpr (kKeySplit) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
+        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                        SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t row_off = 16 * kk * 128;
+        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                        SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait0();
+    FenceRegs(dq);
+    FenceRegs(pa);
+    FenceRegs(da);
+    FenceRegs(dv);
+    FenceRegs(dk);
+    MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+
+    // dQ -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> bulk reduction into dq_acc.
+    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
+    NamedBarSync(3 + cwg, 128);
+#pragma unroll
+    for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = 16 * warp_in_wg + g + 8 * hr;
+        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
+            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+      }
+    FenceProxyAsync();
+    NamedBarSync(3 + cwg, 128);
+    if (reducer) {
+      constexpr int kParts = kD / kDqN;
+      const int part = kKeySplit ? 0 : cwg;
+      float* dst = p.dq_acc +
+                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                    part) * (64 * kDqN);
+      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
+    }
+  }
+  if (reducer) BulkWait0();
+
+  // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int key = key_lo + 8 * hr;
+    if (key >= seq) continue;
+    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+#pragma unroll
+    for (int c = 0; c < kDT; ++c) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
+          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
+    }
+  }
+}
+
+template <int kD, bool kKeySplit>
+CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                       cudaStream_t stream) {
+  constexpr int smem = BwdWsLayout<kD, kKeySplit>::kBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kKeySplit>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(batch));
+  attn_bwd_ws_kernel<kD, kKeySplit><<<grid, kWsThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
+  return {};
+}
+
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
@@ -1273,6 +1607,9 @@ CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t bat
                                             int64_t kv_heads, int head_dim,
                                             WgmmaBwdVariant variant, cudaStream_t stream) {
   switch (variant) {
+    case WgmmaBwdVariant::kWarpSpecialised:
+      return head_dim == 64 ? LaunchBwdWs<64, true>(p, batch, kv_heads, stream)
+                            : LaunchBwdWs<128, false>(p, batch, kv_heads, stream);
     case WgmmaBwdVariant::kOneWarpgroup:
       return head_dim == 64 ? LaunchBwd1<64>(p, batch, kv_heads, stream)
                             : LaunchBwd1<128>(p, batch, kv_heads, stream);
