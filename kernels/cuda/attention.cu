@@ -5,11 +5,12 @@
 // Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
 // call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
 //   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
-//   backward main kernel, D 128     "wgmma" attention_wgmma.cu, two warpgroups, 8-byte dQ atomics
-//   backward main kernel, D 64      "wgmma4" the same with 16-byte dQ atomics
-// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1,
-// mma} select another path (tests and benchmarks run every one). The mma.sync kernels below stay
-// as the reference implementation and the fallback.
+//   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
+//                                           producer warpgroup, mbarrier ring, dQ through shared
+//                                           memory and bulk reductions (blocked dq_acc layout)
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, wgmma, wgmma4,
+// wgmma1, mma} select another path (tests and benchmarks run every one). The mma.sync kernels
+// below stay as the reference implementation and the fallback.
 //
 // ---------------------------------------------------------------------------------------------
 // Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 128 threads (4 warps),

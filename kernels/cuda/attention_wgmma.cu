@@ -1256,7 +1256,7 @@ CudaResult LaunchBwd1(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 // block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
-//   Producer (32 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
+//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
 //     128B-swizzled tiles) and lse, D_i (fp32 rows) into a kBwdStages-deep ring; each stage is
 //     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
 //     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
@@ -1347,7 +1347,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
+    // The block starts with 168 registers per thread (65536 / 384, rounded down to 8): the
+    // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
+    // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     const int do_stride = p.heads * kD;
     ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
     ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
