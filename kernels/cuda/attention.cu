@@ -5,11 +5,12 @@
 // Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
 // call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
 //   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
-//   backward main kernel, D 128     "wgmma" attention_wgmma.cu, two warpgroups, 8-byte dQ atomics
-//   backward main kernel, D 64      "wgmma4" the same with 16-byte dQ atomics
-// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1,
-// mma} select another path (tests and benchmarks run every one). The mma.sync kernels below stay
-// as the reference implementation and the fallback.
+//   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
+//                                           producer warpgroup, mbarrier ring, dQ through shared
+//                                           memory and bulk reductions (blocked dq_acc layout)
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
+// another path (tests and benchmarks run every one). The mma.sync kernels below stay as the
+// reference implementation and the fallback.
 //
 // ---------------------------------------------------------------------------------------------
 // Forward: attn_fwd_kernel<D, kSelfExtend>, grid (ceil(T/128), H, B), 128 threads (4 warps),
@@ -483,12 +484,15 @@ constexpr int BwdSmemBytes() {
   return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
-// D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator.
+// D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator:
+// [B·T, H, D] when dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex;
+// each lane's 2 or 4 columns stay contiguous there, and the padded rows past T are never zeroed
+// because nothing reads them).
 template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
                                                                   int64_t rows_heads, int seq,
-                                                                  int heads) {
+                                                                  int heads, int dq_block_cols) {
   const int64_t rh = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (rh >= rows_heads) return;
@@ -504,15 +508,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  float* z = dq_acc + rh * kD + lane * kPer;
+  const int64_t row = rh / heads;  // b·T + t
+  const int h = static_cast<int>(rh % heads);
+  const int64_t b = row / seq, t = row % seq;
+  float* z = dq_acc + (dq_block_cols == 0
+                           ? rh * kD + lane * kPer
+                           : BwdWsDqAccIndex(b, h, t, lane * kPer, heads, (seq + 63) / 64, kD,
+                                             dq_block_cols));
 #pragma unroll
   for (int i = 0; i < kPer; ++i) z[i] = 0.f;
-  if (lane == 0) {
-    const int64_t row = rh / heads;  // b·T + t
-    const int h = static_cast<int>(rh % heads);
-    const int64_t b = row / seq, t = row % seq;
-    dvec[(b * heads + h) * seq + t] = acc;
-  }
+  if (lane == 0) dvec[(b * heads + h) * seq + t] = acc;
 }
 
 template <int kD>
@@ -534,6 +539,32 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_a
   packed.z = PackBf16(x1.x * scale, x1.y * scale);
   packed.w = PackBf16(x1.z * scale, x1.w * scale);
   *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + ck * 8) = packed;
+}
+
+// The same conversion from the warp-specialised backward's blocked dq_acc (BwdWsDqAccIndex,
+// attention_wgmma.h): chunks of 8 columns stay contiguous there (the swizzle moves whole chunks).
+template <int kD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_blocked_kernel(
+    const float* dq_acc, bf16* dq, int64_t q_stride, int heads, int seq, int block_cols,
+    int64_t chunks, float scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= chunks) return;
+  constexpr int kChunksPerRowHead = kD / 8;
+  const int64_t rh = c / kChunksPerRowHead;
+  const int d0 = static_cast<int>(c % kChunksPerRowHead) * 8;
+  const int64_t row = rh / heads;
+  const int h = static_cast<int>(rh % heads);
+  const int64_t b = row / seq, t = row % seq;
+  const int64_t m_tiles = (seq + 63) / 64;
+  const float4* src = reinterpret_cast<const float4*>(
+      dq_acc + BwdWsDqAccIndex(b, h, t, d0, heads, m_tiles, kD, block_cols));
+  const float4 x0 = src[0], x1 = src[1];
+  uint4 packed;
+  packed.x = PackBf16(x0.x * scale, x0.y * scale);
+  packed.y = PackBf16(x0.z * scale, x0.w * scale);
+  packed.z = PackBf16(x1.x * scale, x1.y * scale);
+  packed.w = PackBf16(x1.z * scale, x1.w * scale);
+  *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + d0) = packed;
 }
 
 // S / dP: warps 4 (16 rows) x 2 (64 keys); dV / dK: 4 (32 keys) x 2 (D/2 features); dQ: 4 (16
@@ -784,23 +815,28 @@ CudaResult LaunchForward(const FwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-// Backward main kernel: "wgmma" / "wgmma4" / "wgmma1" (attention_wgmma.cu: two warpgroups with
-// 8- / 16-byte dQ atomics, or one warpgroup per 64-key block) or "mma" (attn_bwd_kernel above).
-// Defaults per head dim are the fastest that passed attention_gpu_test on the device
-// (bench/RESULTS.md); GYRE_ATTN_BWD overrides them (read once per process).
-enum class BwdPath { kMma, kWgmma, kWgmma4, kWgmma1 };
-constexpr BwdPath kDefaultBackward128 = BwdPath::kWgmma;
-constexpr BwdPath kDefaultBackward64 = BwdPath::kWgmma4;
+// Backward main kernel: "ws" (attention_wgmma.cu, FA3 structure; the default, measured faster
+// than the earlier two-warpgroup wgmma kernels at every bench shape, which were removed:
+// bench/RESULTS.md, session 3 attn3) or "mma" (attn_bwd_kernel above; the reference and
+// fallback). GYRE_ATTN_BWD overrides the default (read once per process).
+enum class BwdPath { kMma, kWs };
+constexpr BwdPath kDefaultBackward = BwdPath::kWs;
+bool IsWsPath(BwdPath path) { return path == BwdPath::kWs; }
 
-BwdPath BackwardPath(int head_dim) {
+BwdPath BackwardPath() {
   static const char* const env = std::getenv("GYRE_ATTN_BWD");
   if (env != nullptr) {
     if (std::strcmp(env, "mma") == 0) return BwdPath::kMma;
-    if (std::strcmp(env, "wgmma") == 0) return BwdPath::kWgmma;
-    if (std::strcmp(env, "wgmma4") == 0) return BwdPath::kWgmma4;
-    if (std::strcmp(env, "wgmma1") == 0) return BwdPath::kWgmma1;
+    if (std::strcmp(env, "ws") == 0) return BwdPath::kWs;
   }
-  return head_dim == 128 ? kDefaultBackward128 : kDefaultBackward64;
+  return kDefaultBackward;
+}
+
+// Bytes of the fp32 dQ accumulator: [B·T, H, D], or for the warp-specialised kernel the blocked
+// layout with T padded to a multiple of 64.
+size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim) {
+  const int64_t rows = IsWsPath(path) ? (seq + 63) / 64 * 64 : seq;
+  return static_cast<size_t>(batch * rows * heads * head_dim) * sizeof(float);
 }
 
 template <int kD>
@@ -808,13 +844,15 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                           int64_t kv_heads, bf16* dq, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const int warps_per_block = kThreads / 32;
+  const BwdPath path = BackwardPath();
+  const bool blocked = IsWsPath(path);
   attn_bwd_prep_kernel<kD><<<static_cast<unsigned>((rows_heads + warps_per_block - 1) /
                                                    warps_per_block),
                              kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
-                                                    p.dq_acc, rows_heads, p.seq, p.heads);
+                                                    p.dq_acc, rows_heads, p.seq, p.heads,
+                                                    blocked ? BwdWsDqBlockCols(kD) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
-  const BwdPath path = BackwardPath(kD);
-  if (path != BwdPath::kMma) {
+  if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
     w.q = p.q;
     w.k = p.k;
@@ -832,10 +870,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
-    const WgmmaBwdVariant variant = path == BwdPath::kWgmma4   ? WgmmaBwdVariant::kTwoWarpgroupsVec4
-                                    : path == BwdPath::kWgmma1 ? WgmmaBwdVariant::kOneWarpgroup
-                                                               : WgmmaBwdVariant::kTwoWarpgroups;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, variant, stream));
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -845,6 +880,14 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
   }
   const int64_t chunks = rows_heads * (kD / 8);
+  if (blocked) {
+    attn_bwd_dq_blocked_kernel<kD>
+        <<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            p.dq_acc, dq, p.q_stride, p.heads, p.seq,
+            BwdWsDqBlockCols(kD), chunks, p.scale);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_blocked_kernel");
+    return {};
+  }
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
@@ -964,7 +1007,9 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
   DeviceBuffer dq_acc, dvec;
-  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * s.head_dim * sizeof(float), &dq_acc));
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
+      BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
+      &dq_acc));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
   BwdParams p{};
   p.q = args.q;

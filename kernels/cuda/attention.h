@@ -28,7 +28,8 @@
 // Thread-safety: stateless; the backward takes scratch (fp32 dq accumulators [B·T, H, D], D rows
 // [B, H, T]) from `alloc` and returns it to the cache before returning (stream-ordered reuse, see
 // device_allocator.h; under CUDA-graph capture the scratch would have to outlive the graph).
-// Determinism: forward, dk and dv are bitwise reproducible; dq sums key blocks with fp32 atomics.
+// Determinism: forward, dk and dv are bitwise reproducible; dq sums key blocks with fp32 atomics
+// (bulk shared-to-global reductions on Hopper), so its low bits vary between runs.
 //
 // CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
 // adding fields with defaults.

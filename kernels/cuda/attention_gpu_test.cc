@@ -6,7 +6,7 @@
 // against a float64 SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {wgmma, wgmma4, wgmma1, mma} to check the other paths.
+// {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>

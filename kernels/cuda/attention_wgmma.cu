@@ -1,11 +1,11 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
-// kernel-choice table there). API and math: attention.h. Four kernels:
+// kernel-choice table there). API and math: attention.h. Three kernels:
 //   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
 //   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
-//   attn_bwd_wgmma_kernel   backward main kernel, two warpgroups (the default; above it), and
-//   attn_bwd_wgmma1_kernel  its one-warpgroup-per-block variant (slower on H200, kept selectable)
-// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2): forward 419-503 TFLOP/s (SDPA cuDNN
-// 481-594), backward 266-324 TFLOP/s at D 128 (cuDNN ≈ 380-480).
+//   attn_bwd_ws_kernel      backward main kernel, FlashAttention-3 structure (described above it)
+// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3): forward 419-503
+// TFLOP/s (SDPA cuDNN 478-594); backward main kernel ≈ 388 TFLOP/s at B8 S2048 D128 (ncu
+// duration), whole backward incl. prep and dQ conversion 337 / 412 TFLOP/s at S2048 / S8192.
 //
 // attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
 //   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
@@ -149,18 +149,6 @@ __device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint6
       : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
 }
 
-
-// d[0..64) (+)= A·B, m64n128k16, A and B from shared memory with transpose flags (see
-// WgmmaSS64).
-template <int kTransA, int kTransB>
-__device__ __forceinline__ void WgmmaSS128T(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                           int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
-}
 
 // d[0..64) += A·B, m64n128k16, A (bf16 pairs) in registers, B N-major in shared memory.
 __device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4],
@@ -779,48 +767,93 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 
 
 // ------------------------------------------------------------------------------------------
-// Backward main kernel on wgmma, attn_bwd_wgmma_kernel<D>: grid (ceil(T/128), Hk, B), 256
-// threads = two warpgroups, one block per SM. A block owns 128 keys of one kv head; warpgroup
-// w owns keys 64w..64w+63 and accumulates their dK, dV (fp32, registers) over every query head
-// of the GQA group and every 64-row query tile at or below the diagonal. K, V stay in shared
-// memory; Q, dO, lse, D_i are double-buffered (cp.async under the previous tile's GEMMs). Per
-// query tile, each warpgroup (all GEMMs wgmma, swizzled operands as in the forward):
-//   Sᵀ = K_w Qᵀ, dPᵀ = V_w dOᵀ      m64n64k16 x D/16 each, both operands K-major in smem
-//   Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)     (registers)
-//   dV_w += Pᵀ dO, dK_w += dSᵀ Q   m64nDk16 x 4, A = Pᵀ / dSᵀ from registers, B N-major smem
-//   dSᵀ -> shared memory (bf16), block barrier, then
-//   dQ += dS K                      D 128: warpgroup w takes dQ columns 64w..64w+63 over all
-//                                   128 keys; D 64: keys 64w.. (partial sums); A = dS M-major
-//                                   from smem, B = K N-major; fp32 vector atomics into dQ_acc
-//                                   (8-byte, or with kVec4Atomics 16-byte: lane pairs swap
-//                                   halves to form them).
-// The prep (D_i, zeroing dQ_acc) and dQ conversion kernels are attention.cu's.
+// Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
+// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
+// block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
+// warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
+// query head of the GQA group and every 64-row query tile at or below the diagonal.
+//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
+//     128B-swizzled tiles) and lse, D_i (fp32 rows) into a kBwdStages-deep ring; each stage is
+//     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
+//     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
+//   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
+//   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
+//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
+//     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
+//     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
+//     dSᵀ -> shared memory (bf16, two buffers), then dQ:
+//       column split (D 128): the two consumer warpgroups meet on one named barrier (both
+//         halves of dSᵀ written); warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
+//         keys (m64n64, 32 accumulators);
+//       key split (D 64): warpgroup c computes its partial dQ = dS_c K_c over its
+//         own 64 keys (m64nD); the two warpgroups never wait for each other.
+//     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> one bulk reduction
+//       (cp.reduce.async.bulk .add.f32, issued by one thread) into dq_acc. dq_acc is blocked
+//       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
+//       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
+//       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
+// The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
 
-template <int kD>
-constexpr int BwdWgmmaSmemBytes() {
-  // K, V (128 keys), Q and dO x 2 buffers (64 rows), dSᵀ (128 x 64), lse and D x 2 buffers.
-  return 2 * 128 * kD * 2 + 4 * 64 * kD * 2 + 128 * 64 * 2 + 4 * 64 * 4 + 1024;
+constexpr int kBwdStages = 2;
+
+__device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+      "r"(ssrc), "r"(bytes)
+      : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWaitRead0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWait0() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <int kD, bool kVec4Atomics>
-__global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdParams p) {
+template <int kD>
+struct BwdWsLayout {
+  static constexpr bool kKeySplit = kD == 64;
+  static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
+  static constexpr int kDSBytes = 128 * 64 * 2;
+  static constexpr int kDqN = kKeySplit ? kD : kD / 2;  // dQ columns per consumer warpgroup
+  static constexpr int kDqBytes = 64 * kDqN * 4;
+  static constexpr int kK = 0, kV = kKVBytes, kQ = 2 * kKVBytes;
+  static constexpr int kDO = kQ + kBwdStages * kQBytes;
+  static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
+  static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
+  static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
+  static constexpr int kBars = kStats + kBwdStages * 512;     // full[stages], empty[stages]
+  static constexpr int kBytes = kBars + 16 * kBwdStages + 1024;  // + alignment slack
+};
+
+template <int kD>
+__global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
+  using L = BwdWsLayout<kD>;
+  // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
+  // the wgmmas serialise for lack of registers).
+  constexpr bool kKeySplit = L::kKeySplit;
   constexpr int kBN = 128, kBM = 64;
-  constexpr int kKVBytes = kBN * kD * 2, kQBytes = kBM * kD * 2;
   constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
   constexpr int kDT = kD / 8;
+  constexpr int kDqN = L::kDqN;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = SmemAddr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t sK = base, sV = base + kKVBytes;
-  const uint32_t sQ0 = base + 2 * kKVBytes;          // [2] Q buffers
-  const uint32_t sdO0 = sQ0 + 2 * kQBytes;           // [2] dO buffers
-  const uint32_t sdS = sdO0 + 2 * kQBytes;           // [128 keys][64 queries], swizzled
-  const uint32_t sStats = sdS + kBN * kBM * 2;       // [2] x (lse[64], D[64]) fp32
-  const float* stats_ptr = reinterpret_cast<const float*>(base_ptr + (sStats - base));
+  const uint32_t sK = base + L::kK, sV = base + L::kV;
+  auto full_bar = [&](int s) { return base + L::kBars + 8 * s; };
+  auto empty_bar = [&](int s) { return base + L::kBars + 8 * (kBwdStages + s); };
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  if (tid == 0) {
+    for (int s = 0; s < kBwdStages; ++s) {
+      MbarInit(full_bar(s), 128);
+      MbarInit(empty_bar(s), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int seq = p.seq;
   const int n0 = n_block * kBN;
@@ -829,74 +862,97 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
   const int m_tiles = (seq + kBM - 1) / kBM;
   const int per_head = m_tiles - m_first;
   const int total = p.group * per_head;
-  const int do_stride = p.heads * kD;
 
-  auto load_tile = [&](int it) {
-    const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBM;
-    const int buf = it & 1;
-    LoadSwizzled<kBM, kD>(sQ0 + buf * kQBytes, p.q + row_base * p.q_stride + h * kD, p.q_stride,
-                          m0, seq, tid);
-    LoadSwizzled<kBM, kD>(sdO0 + buf * kQBytes, p.dout + row_base * do_stride + h * kD,
-                          do_stride, m0, seq, tid);
-    if (tid < 128) {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
-      const int which = tid / 64, r = tid % 64;
-      const bool valid = m0 + r < seq;
-      const float* src = (which == 0 ? p.lse : p.dvec) +
-                         (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                       sStats + (buf * 128 + tid) * 4),
-                   "l"(src), "r"(valid ? 4 : 0));
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer warpgroup
+    // The block starts with 168 registers per thread (65536 / 384, rounded down to 8): the
+    // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
+    // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    const int do_stride = p.heads * kD;
+    ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    for (int it = 0; it < total; ++it) {
+      const int s = it % kBwdStages;
+      MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
+      const int h = hk * p.group + it / per_head;
+      const int m0 = (m_first + it % per_head) * kBM;
+      ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
+                            p.q_stride, m0, seq, wtid);
+      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
+                            do_stride, m0, seq, wtid);
+      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
+        const int which = wtid / 64, r = wtid % 64;
+        const bool valid = m0 + r < seq;
+        const float* src = (which == 0 ? p.lse : p.dvec) +
+                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                         base + L::kStats + s * 512 + wtid * 4),
+                     "l"(src), "r"(valid ? 4 : 0));
+      }
+      CpAsyncCommit();
+      CpAsyncWaitAll();
+      FenceProxyAsync();
+      MbarArrive(full_bar(s));
     }
-  };
+    return;
+  }
 
-  LoadSwizzled<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
-  LoadSwizzled<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
-  load_tile(0);
-  CpAsyncCommit();
+  // ------------------------------------------------------------------ consumer warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int cwg = wg - 1;
+  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int kw0 = n0 + 64 * cwg;                  // this warpgroup's first key
+  const int key_lo = kw0 + 16 * warp_in_wg + g;   // thread keys key_lo, key_lo + 8
+  const uint32_t sDQ = base + L::kDQ + cwg * L::kDqBytes;
+  unsigned char* dq_stage = base_ptr + L::kDQ + cwg * L::kDqBytes;
+  const int m_tiles_all = m_tiles;
+  const bool reducer = wtid == 0;
 
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-  const int kw0 = n0 + 64 * wg;                   // this warpgroup's first key
-  const int key_lo = kw0 + 16 * warp_in_wg + g;   // thread keys key_lo, key_lo + 8
 
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBM;
-    const int buf = it & 1;
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();  // tile `it` landed; every warp is done with tile it − 1 (sdS, buffers)
-    if (it + 1 < total) {
-      load_tile(it + 1);
-      CpAsyncCommit();
-    }
-    const uint32_t sQ = sQ0 + buf * kQBytes, sdO = sdO0 + buf * kQBytes;
+    const int m_tile = m_first + it % per_head;
+    const int m0 = m_tile * kBM;
+    const int s = it % kBwdStages;
+    const uint32_t sQ = base + L::kQ + s * L::kQBytes, sdO = base + L::kDO + s * L::kQBytes;
+    const uint32_t sdS = base + L::kDS + (it & 1) * L::kDSBytes;
+    const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
+    const float* d_s = lse_s + 64;
+    MbarWait(full_bar(s), (it / kBwdStages) & 1);
+    // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
+    // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
+    uint32_t kb = sK, vb = sV;
+    asm volatile("" : "+r"(kb), "+r"(vb));
 
     float st[32], dpt[32];
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kKBlock + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
       const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(st, SmemDesc(sK + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
-      WgmmaSS64<0, 0>(dpt, SmemDesc(sV + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
+      WgmmaSS64<0, 0>(st, SmemDesc(kb + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
+    }
+    WgmmaCommit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(dpt, SmemDesc(vb + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
                       kk > 0);
     }
     WgmmaCommit();
-    WgmmaWait0();
+    WgmmaWait1();  // Sᵀ done; dPᵀ may still run
     FenceRegs(st);
-    FenceRegs(dpt);
 
-    // Pᵀ, dSᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
-    const float* lse_s = stats_ptr + buf * 128;
-    const float* d_s = lse_s + 64;
+    // Pᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
     const bool need_mask = (m0 < kw0 + 63) || (m0 + kBM > seq) || (kw0 + 64 > seq);
 #pragma unroll
     for (int c = 0; c < kBM / 8; ++c) {
       const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
-      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
@@ -908,7 +964,19 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
             if (q < key || q >= seq || key >= seq) pr = 0.f;
           }
           st[i] = pr;
-          dpt[i] = pr * (dpt[i] - (e ? d2.y : d2.x));
+        }
+    }
+    WgmmaWait0();  // dPᵀ done
+    FenceRegs(dpt);
+#pragma unroll
+    for (int c = 0; c < kBM / 8; ++c) {
+      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 4 * c + 2 * hr + e;
+          dpt[i] = st[i] * (dpt[i] - (e ? d2.y : d2.x));
         }
     }
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
@@ -923,7 +991,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
       da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
       da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
     }
-    // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major).
+    // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major); they run under the
+    // dSᵀ stores and the barrier below.
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
@@ -938,74 +1007,74 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
       }
     }
     WgmmaCommit();
-    // dSᵀ to shared memory (rows = keys 64w + 16·warp + g (+8), columns = queries).
+    // dSᵀ to shared memory (rows = keys 64c + 16·warp + g (+8), columns = queries).
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int r = 64 * wg + 16 * warp_in_wg + g + 8 * (j % 2);
+        const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * (j % 2);
         const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
         *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
             da[kk][j];
       }
     FenceProxyAsync();
-    __syncthreads();  // both halves of dSᵀ written
-    // dV / dK GEMMs done before dQ's accumulators go live: Pᵀ, dSᵀ registers are free again.
-    WgmmaWait0();
-    FenceRegs(pa);
-    FenceRegs(da);
-    FenceRegs(dv);
-    FenceRegs(dk);
+    if constexpr (kKeySplit) {
+      NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
+    } else {
+      NamedBarSync(1, 256);  // both halves of dSᵀ written
+    }
 
-    // dQ (64 queries x 64 columns per warpgroup) = dS K; A = dS (M-major: dSᵀ rows are keys),
-    // B = K rows (N-major).
-    float dq[32];
-    constexpr int kQSteps = kD == 128 ? kBN / 16 : 64 / 16;
-    const int key0 = kD == 128 ? 0 : 64 * wg;        // first key row of this warpgroup's sum
-    const uint32_t kcol = kD == 128 ? wg * kKBlock : 0;  // K column block (dQ columns)
+    // dQ = dS K; A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
+    float dq[kDqN / 2];
+    WgmmaFence();
+    if constexpr (kKeySplit) {
 #pragma unroll
-    for (int kk = 0; kk < kQSteps; ++kk) {
-      const uint32_t row_off = (key0 + 16 * kk) * 128;
-      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                      SmemDesc(sK + kcol + row_off, kKBlock, 1024), kk > 0);
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
+        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                        SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t row_off = 16 * kk * 128;
+        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                        SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      }
     }
     WgmmaCommit();
     WgmmaWait0();
     FenceRegs(dq);
-    if constexpr (kVec4Atomics) {
-      // Lanes tq and tq ^ 1 swap halves so that each holds four consecutive columns of one row:
-      // even tq row g, columns 8c + 2tq .. +3; odd tq row g + 8, columns 8c + 2(tq − 1) .. +3;
-      // one 16-byte vector atomic per chunk instead of two 8-byte ones.
-      const int col0 = kD == 128 ? 64 * wg : 0;
-      const bool odd = (tq & 1) != 0;
-      const int q = m0 + 16 * warp_in_wg + g + (odd ? 8 : 0);
-      float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * (tq & ~1);
-  #pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const float send0 = odd ? dq[4 * c] : dq[4 * c + 2];
-        const float send1 = odd ? dq[4 * c + 1] : dq[4 * c + 3];
-        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
-        const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-        const float4 val = odd ? make_float4(got0, got1, dq[4 * c + 2], dq[4 * c + 3])
-                               : make_float4(dq[4 * c], dq[4 * c + 1], got0, got1);
-        if (q < seq) atomicAdd(reinterpret_cast<float4*>(dst + 8 * c), val);
-      }
-    } else {
-      const int col0 = kD == 128 ? 64 * wg : 0;
-  #pragma unroll
+    FenceRegs(pa);
+    FenceRegs(da);
+    FenceRegs(dv);
+    FenceRegs(dk);
+    MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+
+    // dQ -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> bulk reduction into dq_acc.
+    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
+    NamedBarSync(3 + cwg, 128);
+#pragma unroll
+    for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int q = m0 + 16 * warp_in_wg + g + 8 * hr;
-        if (q < seq) {
-          float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + col0 + 2 * tq;
-  #pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
-                      make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
-          }
-        }
+        const int r = 16 * warp_in_wg + g + 8 * hr;
+        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
+            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
       }
+    FenceProxyAsync();
+    NamedBarSync(3 + cwg, 128);
+    if (reducer) {
+      constexpr int kParts = kD / kDqN;
+      const int part = kKeySplit ? 0 : cwg;
+      float* dst = p.dq_acc +
+                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                    part) * (64 * kDqN);
+      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
     }
   }
+  if (reducer) BulkWait0();
 
   // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
@@ -1023,230 +1092,16 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_kernel(const WgmmaBwdPa
   }
 }
 
-template <int kD, bool kVec4>
-CudaResult LaunchBwd(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                     cudaStream_t stream) {
-  constexpr int smem = BwdWgmmaSmemBytes<kD>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma_kernel<kD, kVec4>,
+template <int kD>
+CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                       cudaStream_t stream) {
+  constexpr int smem = BwdWsLayout<kD>::kBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_wgmma_kernel<kD, kVec4><<<grid, 256, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma_kernel");
-  return {};
-}
-
-
-// Backward variant with one warpgroup per block (attn_bwd_wgmma1_kernel<D>): 64 keys per block,
-// 128 threads, two blocks per SM, so one block's GEMMs run under the other's elementwise work
-// and atomics (no barrier couples them). Per query tile as in attn_bwd_wgmma_kernel, except
-// dQ = dS K over the block's own 64 keys (N = D), issued after the dV / dK GEMMs retired (their
-// A registers free again). Costs against the two-warpgroup kernel: Q, dO and dQ traffic per
-// key are doubled (twice the key blocks).
-template <int kD>
-constexpr int Bwd1SmemBytes() {
-  return 2 * 64 * kD * 2 + 4 * 64 * kD * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
-}
-
-template <int kD>
-__global__ void __launch_bounds__(128, 2) attn_bwd_wgmma1_kernel(const WgmmaBwdParams p) {
-  constexpr int kBN = 64, kBM = 64;
-  constexpr int kTileBytes = 64 * kD * 2;
-  constexpr int kBlock = 64 * 128;  // bytes per 64-column block of a 64-row tile
-  constexpr int kDT = kD / 8;
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = SmemAddr(smem_raw);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t sK = base, sV = base + kTileBytes;
-  const uint32_t sQ0 = base + 2 * kTileBytes;
-  const uint32_t sdO0 = sQ0 + 2 * kTileBytes;
-  const uint32_t sdS = sdO0 + 2 * kTileBytes;  // [64 keys][64 queries]
-  const uint32_t sStats = sdS + kBN * kBM * 2;
-  const float* stats_ptr = reinterpret_cast<const float*>(base_ptr + (sStats - base));
-
-  const int tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int seq = p.seq;
-  const int n0 = n_block * kBN;
-  const int64_t row_base = static_cast<int64_t>(b) * seq;
-  const int m_first = n0 / kBM;
-  const int m_tiles = (seq + kBM - 1) / kBM;
-  const int per_head = m_tiles - m_first;
-  const int total = p.group * per_head;
-  const int do_stride = p.heads * kD;
-
-  auto load_tile = [&](int it) {
-    const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBM;
-    const int buf = it & 1;
-    ProducerLoad<kBM, kD>(sQ0 + buf * kTileBytes, p.q + row_base * p.q_stride + h * kD,
-                          p.q_stride, m0, seq, tid);
-    ProducerLoad<kBM, kD>(sdO0 + buf * kTileBytes, p.dout + row_base * do_stride + h * kD,
-                          do_stride, m0, seq, tid);
-    const int which = tid / 64, r = tid % 64;
-    const bool valid = m0 + r < seq;
-    const float* src = (which == 0 ? p.lse : p.dvec) +
-                       (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                     sStats + (buf * 128 + tid) * 4),
-                 "l"(src), "r"(valid ? 4 : 0));
-  };
-
-  ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
-  ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, tid);
-  load_tile(0);
-  CpAsyncCommit();
-
-  float dk[kD / 2], dv[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-  const int key_lo = n0 + 16 * warp + g;
-
-  for (int it = 0; it < total; ++it) {
-    const int h = hk * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBM;
-    const int buf = it & 1;
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();
-    if (it + 1 < total) {
-      load_tile(it + 1);
-      CpAsyncCommit();
-    }
-    const uint32_t sQ = sQ0 + buf * kTileBytes, sdO = sdO0 + buf * kTileBytes;
-
-    float st[32], dpt[32];
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t off = (kk / 4) * kBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(st, SmemDesc(sK + off, 16, 1024), SmemDesc(sQ + off, 16, 1024), kk > 0);
-      WgmmaSS64<0, 0>(dpt, SmemDesc(sV + off, 16, 1024), SmemDesc(sdO + off, 16, 1024), kk > 0);
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(st);
-    FenceRegs(dpt);
-
-    const float* lse_s = stats_ptr + buf * 128;
-    const float* d_s = lse_s + 64;
-    const bool need_mask = (m0 < n0 + 63) || (m0 + kBM > seq) || (n0 + kBN > seq);
-#pragma unroll
-    for (int c = 0; c < kBM / 8; ++c) {
-      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * tq);
-      const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * tq);
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int i = 4 * c + 2 * hr + e;
-          float pr = Exp2(fmaf(st[i], p.scale_log2, -(e ? l2.y : l2.x) * kLog2eF));
-          if (need_mask) {
-            const int q = m0 + 8 * c + 2 * tq + e, key = key_lo + 8 * hr;
-            if (q < key || q >= seq || key >= seq) pr = 0.f;
-          }
-          st[i] = pr;
-          dpt[i] = pr * (dpt[i] - (e ? d2.y : d2.x));
-        }
-    }
-    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      pa[kk][0] = PackBf16(st[8 * kk + 0], st[8 * kk + 1]);
-      pa[kk][1] = PackBf16(st[8 * kk + 2], st[8 * kk + 3]);
-      pa[kk][2] = PackBf16(st[8 * kk + 4], st[8 * kk + 5]);
-      pa[kk][3] = PackBf16(st[8 * kk + 6], st[8 * kk + 7]);
-      da[kk][0] = PackBf16(dpt[8 * kk + 0], dpt[8 * kk + 1]);
-      da[kk][1] = PackBf16(dpt[8 * kk + 2], dpt[8 * kk + 3]);
-      da[kk][2] = PackBf16(dpt[8 * kk + 4], dpt[8 * kk + 5]);
-      da[kk][3] = PackBf16(dpt[8 * kk + 6], dpt[8 * kk + 7]);
-    }
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kBlock, 1024);
-      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kBlock, 1024);
-      if constexpr (kD == 128) {
-        WgmmaRS128(dv, pa[kk], bo);
-        WgmmaRS128(dk, da[kk], bq);
-      } else {
-        WgmmaRS64(dv, pa[kk], bo);
-        WgmmaRS64(dk, da[kk], bq);
-      }
-    }
-    WgmmaCommit();
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = 16 * warp + g + 8 * (j % 2);
-        const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
-        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
-            da[kk][j];
-      }
-    FenceProxyAsync();
-    __syncthreads();  // dSᵀ complete
-    WgmmaWait0();
-    FenceRegs(pa);
-    FenceRegs(da);
-    FenceRegs(dv);
-    FenceRegs(dk);
-
-    float dq[kD / 2];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint64_t a = SmemDesc(sdS + kk * 16 * 128, 64 * 128, 1024);
-      const uint64_t bk = SmemDesc(sK + kk * 16 * 128, kBlock, 1024);
-      if constexpr (kD == 128) {
-        WgmmaSS128T<1, 1>(dq, a, bk, kk > 0);
-      } else {
-        WgmmaSS64<1, 1>(dq, a, bk, kk > 0);
-      }
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(dq);
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int q = m0 + 16 * warp + g + 8 * hr;
-      if (q < seq) {
-        float* dst = p.dq_acc + ((row_base + q) * p.heads + h) * kD + 2 * tq;
-#pragma unroll
-        for (int c = 0; c < kDT; ++c) {
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * c),
-                    make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]));
-        }
-      }
-    }
-  }
-
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int key = key_lo + 8 * hr;
-    if (key >= seq) continue;
-    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-#pragma unroll
-    for (int c = 0; c < kDT; ++c) {
-      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
-          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
-    }
-  }
-}
-
-template <int kD>
-CudaResult LaunchBwd1(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                      cudaStream_t stream) {
-  constexpr int smem = Bwd1SmemBytes<kD>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_wgmma1_kernel<kD>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + 63) / 64, static_cast<unsigned>(kv_heads),
-                  static_cast<unsigned>(batch));
-  attn_bwd_wgmma1_kernel<kD><<<grid, 128, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_wgmma1_kernel");
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
 
@@ -1270,20 +1125,9 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim,
-                                            WgmmaBwdVariant variant, cudaStream_t stream) {
-  switch (variant) {
-    case WgmmaBwdVariant::kOneWarpgroup:
-      return head_dim == 64 ? LaunchBwd1<64>(p, batch, kv_heads, stream)
-                            : LaunchBwd1<128>(p, batch, kv_heads, stream);
-    case WgmmaBwdVariant::kTwoWarpgroupsVec4:
-      return head_dim == 64 ? LaunchBwd<64, true>(p, batch, kv_heads, stream)
-                            : LaunchBwd<128, true>(p, batch, kv_heads, stream);
-    case WgmmaBwdVariant::kTwoWarpgroups:
-      break;
-  }
-  return head_dim == 64 ? LaunchBwd<64, false>(p, batch, kv_heads, stream)
-                        : LaunchBwd<128, false>(p, batch, kv_heads, stream);
+                                            int64_t kv_heads, int head_dim, cudaStream_t stream) {
+  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
+                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda

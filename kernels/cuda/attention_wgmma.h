@@ -34,20 +34,31 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 struct WgmmaBwdParams {
   const __nv_bfloat16 *q, *k, *v, *dout;
   const float *lse, *dvec;
-  float* dq_acc;  // [B·T, H, D] fp32, zeroed by the caller
+  float* dq_acc;  // blocked (BwdWsDqAccIndex), fp32, zeroed by the caller
   __nv_bfloat16 *dk, *dv;
   int q_stride, kv_stride;
   int seq, heads, group;
   float scale, scale_log2;
 };
 
-// kTwoWarpgroups: attn_bwd_wgmma_kernel (128 keys per block, 8-byte dQ atomics);
-// kTwoWarpgroupsVec4: the same with 16-byte dQ atomics; kOneWarpgroup: attn_bwd_wgmma1_kernel
-// (64 keys per block, two blocks per SM).
-enum class WgmmaBwdVariant { kTwoWarpgroups, kTwoWarpgroupsVec4, kOneWarpgroup };
+// Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
+inline int BwdWsDqBlockCols(int head_dim) { return head_dim == 64 ? head_dim : head_dim / 2; }
+// Element index of (b, h, t, d) in that layout: [B, H, ceil(T/64), D/W, 64, W], with column c of
+// row r stored at c ^ 8·(r % 4).
+__host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t t, int d,
+                                                   int64_t heads, int64_t m_tiles, int head_dim,
+                                                   int block_cols) {
+  const int parts = head_dim / block_cols;
+  const int64_t r = t % 64;
+  return ((((b * heads + h) * m_tiles + t / 64) * parts + d / block_cols) * 64 + r) *
+             block_cols +
+         ((d % block_cols) ^ static_cast<int>(8 * (r % 4)));
+}
 
+// attn_bwd_ws_kernel (producer warpgroup, mbarrier ring; dQ columns split between the consumer
+// warpgroups at D 128, keys split at D 64). dq_acc must be in the blocked layout above, zeroed
+// (rows past T may hold anything: they are added to, never read).
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim,
-                                            WgmmaBwdVariant variant, cudaStream_t stream);
+                                            int64_t kv_heads, int head_dim, cudaStream_t stream);
 
 }  // namespace gyre::cuda
