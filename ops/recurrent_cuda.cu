@@ -568,11 +568,13 @@ __global__ void __launch_bounds__(256) mlstm_gates_fwd_vec(MlstmGateArgs a) {
   }
 }
 
-// Gates backward over blocks of 32 chunks (256 columns) x kGateBwdRows rows, (32, 8) threads:
+// Gates backward over blocks of 32 chunks (256 columns) x kGateBwdRows rows, (32, 8) threads,
+// one of the two products per launch:
 //   kDx: dq/dk/dv[r, j] += Σ_t dgate[r, t] w[t, j]   (weights of the thread's chunk in registers)
 //   kDw: dw[t, j] += Σ_r dgate[r, t] qkv[r, j]; the bias sums ride on block column 0, lane 0.
 template <int kG, bool kDx, bool kDw>
 __global__ void __launch_bounds__(256) mlstm_gates_bwd_vec(MlstmGateArgs a) {
+  static_assert(kDx != kDw, "one product per launch (fewer registers, more rows in flight)");
   __shared__ float red[8][256 + 8];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int G = static_cast<int>(2 * a.heads);
@@ -603,30 +605,42 @@ __global__ void __launch_bounds__(256) mlstm_gates_bwd_vec(MlstmGateArgs a) {
   }
   const int64_t r0 = blockIdx.y * (int64_t)kGateBwdRows, r1 = min(r0 + kGateBwdRows, a.rows);
   if (live) {
-    for (int64_t r = r0 + ty; r < r1; r += 8) {
-      float dg[kG];
+    // Two rows per iteration, both loads issued before either update (more bytes in flight).
+    for (int64_t r = r0 + ty; r < r1; r += 16) {
+      const bool two = r + 8 < r1;
+      float dg[2][kG], v[2][8];
 #pragma unroll
-      for (int t = 0; t < kG; ++t)
-        dg[t] = t < G ? (t < a.heads ? a.dig[r * a.heads + t] : a.dfg[r * a.heads + t - a.heads]) : 0.f;
-      if (kDx) {
-        float o[8];
-        Load8(dst, r * p + jj, o);
+      for (int u = 0; u < 2; ++u) {
+        const int64_t ru = r + 8 * u;
+        if (u == 0 || two) {
 #pragma unroll
-        for (int t = 0; t < kG; ++t)
+          for (int t = 0; t < kG; ++t)
+            dg[u][t] = t < G ? (t < a.heads ? a.dig[ru * a.heads + t] : a.dfg[ru * a.heads + t - a.heads]) : 0.f;
+          Load8(kDx ? static_cast<const void*>(dst) : src, ru * p + jj, v[u]);
+        } else {
 #pragma unroll
-          for (int c = 0; c < 8; ++c) o[c] += dg[t] * w[t][c];
-        Store8(dst, r * p + jj, o);
+          for (int t = 0; t < kG; ++t) dg[u][t] = 0.f;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) v[u][c] = 0.f;
+        }
       }
-      if (kDw) {
-        float x[8];
-        Load8(src, r * p + jj, x);
 #pragma unroll
-        for (int t = 0; t < kG; ++t)
+      for (int u = 0; u < 2; ++u) {
+        if (kDx) {
 #pragma unroll
-          for (int c = 0; c < 8; ++c) acc[t][c] += dg[t] * x[c];
-        if (bias_lane) {
+          for (int t = 0; t < kG; ++t)
 #pragma unroll
-          for (int t = 0; t < kG; ++t) bacc[t] += dg[t];
+            for (int c = 0; c < 8; ++c) v[u][c] += dg[u][t] * w[t][c];
+          if (u == 0 || two) Store8(dst, (r + 8 * u) * p + jj, v[u]);
+        } else {
+#pragma unroll
+          for (int t = 0; t < kG; ++t)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) acc[t][c] += dg[u][t] * v[u][c];
+          if (bias_lane) {
+#pragma unroll
+            for (int t = 0; t < kG; ++t) bacc[t] += dg[u][t];
+          }
         }
       }
     }
@@ -1003,7 +1017,8 @@ CudaResult MlstmGatesBackward(const MlstmGateArgs& a, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((3 * a.inner / 8 + 31) / 32),
                     static_cast<unsigned>((a.rows + kGateBwdRows - 1) / kGateBwdRows));
     if (a.heads <= 4) {
-      mlstm_gates_bwd_vec<8, true, true><<<grid, dim3(32, 8), 0, stream>>>(a);
+      mlstm_gates_bwd_vec<8, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
+      mlstm_gates_bwd_vec<8, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
     } else {
       mlstm_gates_bwd_vec<16, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
       mlstm_gates_bwd_vec<16, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
