@@ -43,6 +43,8 @@ struct GroupNormArgs {
 // Block-diagonal map with small square-ish blocks (block_in, block_out <= 8):
 //   y[r, b·bo + o] = Σ_i x[r, b·bi + i] · w[b, o, i]
 // Backward: dx (= or += when accumulate) and dw (+=).
+// Optional second map over the SAME input in the same pass (the mLSTM's q and k): w2 -> y2
+// forward; backward dx also gets dy2·w2 and dw2 += dy2ᵀx (y2 / dy2 share ldy).
 struct BlockDiagArgs {
   int64_t rows = 0, blocks = 0, block_in = 0, block_out = 0;
   const void* x = nullptr;
@@ -54,9 +56,13 @@ struct BlockDiagArgs {
   void* dx = nullptr;        // ld = ldx
   bool accumulate_dx = false;
   float* dw = nullptr;
+  const float* w2 = nullptr;
+  void* y2 = nullptr;
+  const void* dy2 = nullptr;
+  float* dw2 = nullptr;
 };
 
-// mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 4):
+// mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 8):
 //   ig[r, g] = bi[g] + Σ_j qkv[r, j] wi[g, j],  fg likewise;  q, k, v [rows, p] bf16.
 // Backward: dq, dk, dv += (dig wi + dfg wf) slices (in place, bf16); dwi, dwf, dbi, dbf +=.
 struct MlstmGateArgs {

@@ -34,7 +34,7 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
     if (dk % 64 != 0) return unsupported(absl::StrCat("mLSTM head dim ", dk, " (CUDA: a multiple of 64)"));
     if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128)
       return unsupported(absl::StrCat("mLSTM chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64 or 128)"));
-    if (spec.mlstm_heads > 4) return unsupported(absl::StrCat("mLSTM with ", spec.mlstm_heads, " heads (CUDA: <= 4)"));
+    if (spec.mlstm_heads > 8) return unsupported(absl::StrCat("mLSTM with ", spec.mlstm_heads, " heads (CUDA: <= 8)"));
     if (spec.qkv_block_size > 8 || spec.mlstm_inner % spec.qkv_block_size != 0)
       return unsupported(absl::StrCat("mLSTM qkv_block_size ", spec.qkv_block_size, " (CUDA: <= 8)"));
   }

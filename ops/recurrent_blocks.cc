@@ -720,13 +720,18 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   k_out_ = CudaEmpty({rows, p});
   v_out_ = CudaEmpty({rows, p});
   const int64_t bs = q_.weight()->value.dim(1);
-  for (auto [src, layer, dst] : {std::tuple{&xc_, &q_, &q_out_}, std::tuple{&xc_, &k_, &k_out_},
-                                 std::tuple{&xm_, &v_, &v_out_}}) {
+  // q and k in one pass over x_c (the kernel's second map), then v from x_m.
+  for (auto [src, layer, dst, layer2, dst2] : {std::tuple{&xc_, &q_, &q_out_, &k_, &k_out_},
+                                               std::tuple{&xm_, &v_, &v_out_, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr}}) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
     a.x = src->raw(); a.ldx = p;
     a.w = layer->weight()->value.data<float>();
     a.y = dst->raw(); a.ldy = p;
+    if (layer2 != nullptr) {
+      a.w2 = layer2->weight()->value.data<float>();
+      a.y2 = dst2->raw();
+    }
     Cuda().BlockDiag(false, a);
   }
   ProfileMark("mlstm.fwd.qkv_blockdiag");
@@ -833,8 +838,10 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   ProfileMark("mlstm.bwd.gates");
   const int64_t bs = q_.weight()->value.dim(1);
   Tensor dxm = CudaEmpty({rows, p});
-  for (auto [src, layer, d, dst, acc] : {std::tuple{&xc_, &q_, &dq, &dxc, true}, std::tuple{&xc_, &k_, &dkk, &dxc, true},
-                                         std::tuple{&xm_, &v_, &dv, &dxm, false}}) {
+  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk); dx_m = dv·Wv.
+  for (auto [src, layer, d, layer2, d2, dst, acc] :
+       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true},
+        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false}}) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
     a.x = src->raw(); a.ldx = p;
@@ -844,6 +851,11 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dx = dst->raw();
     a.accumulate_dx = acc;
     a.dw = layer->weight()->grad.data<float>();
+    if (layer2 != nullptr) {
+      a.w2 = layer2->weight()->value.data<float>();
+      a.dy2 = d2->raw();
+      a.dw2 = layer2->weight()->grad.data<float>();
+    }
     Cuda().BlockDiag(true, a);
   }
   ProfileMark("mlstm.bwd.qkv_blockdiag");

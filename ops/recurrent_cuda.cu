@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -15,7 +16,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 constexpr int kRowsPerBlock = 256;
-constexpr int kMaxGates = 8;  // 2 x heads of the mLSTM gates
+constexpr int kMaxGates = 16;  // 2 x heads of the mLSTM gates (heads <= 8)
 constexpr int kGateRows = 8;  // rows per warp in the gate projection
 
 __device__ inline float F(const void* p, int64_t i) { return __bfloat162float(static_cast<const bf16*>(p)[i]); }
@@ -30,6 +31,49 @@ __device__ inline float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// 8 (4) consecutive bf16 <-> fp32 through one 16-byte (8-byte) access; the callers check alignment.
+__device__ inline void Load8(const void* p, int64_t i, float* v) {
+  const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(p) + i);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+__device__ inline void Store8(void* p, int64_t i, const float* v) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+  *reinterpret_cast<uint4*>(static_cast<bf16*>(p) + i) = u;
+}
+__device__ inline void Load4(const void* p, int64_t i, float* v) {
+  const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const bf16*>(p) + i);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+__device__ inline void Store4(void* p, int64_t i, const float* v) {
+  uint2 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+  *reinterpret_cast<uint2*>(static_cast<bf16*>(p) + i) = u;
+}
+// 8 consecutive fp32 (32-byte aligned by the callers' checks) through the read-only path.
+__device__ inline void LoadF8(const float* p, float* v) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+bool Aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int Blocks(int64_t n, int threads) {
   return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535 * 8));
@@ -366,6 +410,487 @@ dim3 ColumnGrid(int64_t cols, int64_t rows) {
   return dim3(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
 }
 
+
+// ---------------------------------------------------------------- vectorised fast paths
+// Taken when the shapes and pointers allow 16-byte (norms, gates) or 8-byte (4x4 block-diagonal)
+// accesses; the scalar kernels above remain the path for every other shape.
+
+constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
+constexpr int kGateBwdRows = 1024;   // rows per block of the gate backward (8 lanes)
+
+// 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
+// rows r0 + ty, r0 + ty + 8, ... (a warp reads 32 neighbouring blocks of one row: 256 bytes).
+template <bool kTwo>
+__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a) {
+  const int64_t b = blockIdx.x * 32 + threadIdx.x;
+  if (b >= a.blocks) return;
+  float w[16], w2[16];
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    LoadF8(a.w + b * 16 + k, w + k);
+    if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
+  }
+  const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+  for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
+    float x[4], y[4];
+    Load4(a.x, r * a.ldx + b * 4, x);
+#pragma unroll
+    for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
+    Store4(a.y, r * a.ldy + b * 4, y);
+    if (kTwo) {
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        y[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
+      Store4(a.y2, r * a.ldy + b * 4, y);
+    }
+  }
+}
+
+// dx = dy·w (+ dy2·w2) (+ dx), and dw (dw2) += per-block partial sums: a shared-memory sum
+// over the 8 row lanes, then one atomicAdd per weight and block.
+template <bool kTwo>
+__global__ void __launch_bounds__(256) block_diag4_bwd(BlockDiagArgs a) {
+  __shared__ float red[8][32 * 16 + 8];
+  const int64_t b = blockIdx.x * 32 + threadIdx.x;
+  const bool live = b < a.blocks;
+  float w[16], w2[16], acc[16], acc2[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) acc[k] = acc2[k] = 0.f;
+  if (live) {
+#pragma unroll
+    for (int k = 0; k < 16; k += 8) {
+      LoadF8(a.w + b * 16 + k, w + k);
+      if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
+    }
+    const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
+      float x[4], d[4], dx[4];
+      Load4(a.x, r * a.ldx + b * 4, x);
+      Load4(a.dy, r * a.ldy + b * 4, d);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dx[i] = d[0] * w[i] + d[1] * w[4 + i] + d[2] * w[8 + i] + d[3] * w[12 + i];
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[o * 4 + i] += d[o] * x[i];
+      if (kTwo) {
+        Load4(a.dy2, r * a.ldy + b * 4, d);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dx[i] += d[0] * w2[i] + d[1] * w2[4 + i] + d[2] * w2[8 + i] + d[3] * w2[12 + i];
+#pragma unroll
+        for (int o = 0; o < 4; ++o)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc2[o * 4 + i] += d[o] * x[i];
+      }
+      if (a.accumulate_dx) {
+        float old[4];
+        Load4(a.dx, r * a.ldx + b * 4, old);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dx[i] += old[i];
+      }
+      Store4(a.dx, r * a.ldx + b * 4, dx);
+    }
+  }
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+#pragma unroll
+  for (int round = 0; round < (kTwo ? 2 : 1); ++round) {
+    float* dw = round == 0 ? a.dw : a.dw2;
+    if (dw == nullptr) continue;  // uniform over the block
+#pragma unroll
+    for (int k = 0; k < 16; ++k) red[threadIdx.y][threadIdx.x * 16 + k] = round == 0 ? acc[k] : acc2[k];
+    __syncthreads();
+    for (int v = tid; v < 32 * 16; v += 256) {
+      const int64_t bb = blockIdx.x * 32 + v / 16;
+      if (bb < a.blocks) {
+        float t = 0.f;
+#pragma unroll
+        for (int y = 0; y < 8; ++y) t += red[y][v];
+        atomicAdd(dw + bb * 16 + v % 16, t);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Gates forward: one warp per kR rows; lane owns 8-column chunks lane, lane + 32, ... of
+// concat(q, k, v) (p % 8 == 0, so a chunk never straddles two of them).
+template <int kG, int kR>
+__global__ void __launch_bounds__(256) mlstm_gates_fwd_vec(MlstmGateArgs a) {
+  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t r0 = warp * kR;
+  if (r0 >= a.rows) return;
+  const int G = static_cast<int>(2 * a.heads);
+  const int64_t p = a.inner, width = 3 * p, chunks = width / 8;
+  float acc[kR][kG];
+#pragma unroll
+  for (int rr = 0; rr < kR; ++rr)
+#pragma unroll
+    for (int t = 0; t < kG; ++t) acc[rr][t] = 0.f;
+  for (int64_t ch = lane; ch < chunks; ch += 32) {
+    const int64_t j = ch * 8;
+    const int which = static_cast<int>(j / p);
+    const void* src = which == 0 ? a.q : (which == 1 ? a.k : a.v);
+    const int64_t jj = j - which * p;
+    float x[kR][8];
+#pragma unroll
+    for (int rr = 0; rr < kR; ++rr) {
+      if (r0 + rr < a.rows) {
+        Load8(src, (r0 + rr) * p + jj, x[rr]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) x[rr][c] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kG; ++t) {
+      if (t < G) {
+        float w[8];
+        LoadF8((t < a.heads ? a.wi + t * width : a.wf + (t - a.heads) * width) + j, w);
+#pragma unroll
+        for (int rr = 0; rr < kR; ++rr)
+#pragma unroll
+          for (int c = 0; c < 8; ++c) acc[rr][t] += x[rr][c] * w[c];
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < kR; ++rr) {
+#pragma unroll
+    for (int t = 0; t < kG; ++t) {
+      if (t >= G) break;
+      const float s = WarpSum(acc[rr][t]);
+      if (lane == 0 && r0 + rr < a.rows) {
+        if (t < a.heads) a.ig[(r0 + rr) * a.heads + t] = s + a.bi[t];
+        else a.fg[(r0 + rr) * a.heads + t - a.heads] = s + a.bf[t - a.heads];
+      }
+    }
+  }
+}
+
+// Gates backward over blocks of 32 chunks (256 columns) x kGateBwdRows rows, (32, 8) threads,
+// one of the two products per launch:
+//   kDx: dq/dk/dv[r, j] += Σ_t dgate[r, t] w[t, j]   (weights of the thread's chunk in registers)
+//   kDw: dw[t, j] += Σ_r dgate[r, t] qkv[r, j]; the bias sums ride on block column 0, lane 0.
+template <int kG, bool kDx, bool kDw>
+__global__ void __launch_bounds__(256) mlstm_gates_bwd_vec(MlstmGateArgs a) {
+  static_assert(kDx != kDw, "one product per launch (fewer registers, more rows in flight)");
+  __shared__ float red[8][256 + 8];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int G = static_cast<int>(2 * a.heads);
+  const int64_t p = a.inner, width = 3 * p, chunks = width / 8, ch = blockIdx.x * 32 + tx;
+  const bool live = ch < chunks;
+  const bool bias_lane = kDw && blockIdx.x == 0 && tx == 0;
+  const int64_t j = ch * 8;
+  const int which = live ? static_cast<int>(j / p) : 0;
+  const int64_t jj = j - which * p;
+  const void* src = which == 0 ? a.q : (which == 1 ? a.k : a.v);
+  void* dst = which == 0 ? a.dq : (which == 1 ? a.dk : a.dv);
+  float w[kDx ? kG : 1][8], acc[kDw ? kG : 1][8], bacc[kG];
+#pragma unroll
+  for (int t = 0; t < kG; ++t) {
+    bacc[t] = 0.f;
+    if (kDw) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[t][c] = 0.f;
+    }
+    if (kDx) {
+      if (live && t < G) {
+        LoadF8((t < a.heads ? a.wi + t * width : a.wf + (t - a.heads) * width) + j, w[t]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) w[t][c] = 0.f;
+      }
+    }
+  }
+  const int64_t r0 = blockIdx.y * (int64_t)kGateBwdRows, r1 = min(r0 + kGateBwdRows, a.rows);
+  if (live) {
+    // Two rows per iteration, both loads issued before either update (more bytes in flight).
+    for (int64_t r = r0 + ty; r < r1; r += 16) {
+      const bool two = r + 8 < r1;
+      float dg[2][kG], v[2][8];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t ru = r + 8 * u;
+        if (u == 0 || two) {
+#pragma unroll
+          for (int t = 0; t < kG; ++t)
+            dg[u][t] = t < G ? (t < a.heads ? a.dig[ru * a.heads + t] : a.dfg[ru * a.heads + t - a.heads]) : 0.f;
+          Load8(kDx ? static_cast<const void*>(dst) : src, ru * p + jj, v[u]);
+        } else {
+#pragma unroll
+          for (int t = 0; t < kG; ++t) dg[u][t] = 0.f;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) v[u][c] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (kDx) {
+#pragma unroll
+          for (int t = 0; t < kG; ++t)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) v[u][c] += dg[u][t] * w[t][c];
+          if (u == 0 || two) Store8(dst, (r + 8 * u) * p + jj, v[u]);
+        } else {
+#pragma unroll
+          for (int t = 0; t < kG; ++t)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) acc[t][c] += dg[u][t] * v[u][c];
+          if (bias_lane) {
+#pragma unroll
+            for (int t = 0; t < kG; ++t) bacc[t] += dg[u][t];
+          }
+        }
+      }
+    }
+  }
+  if constexpr (!kDw) {
+    return;
+  } else {
+#pragma unroll
+  for (int t = 0; t < kG; ++t) {
+    if (t >= G) break;  // uniform over the block
+#pragma unroll
+    for (int c = 0; c < 8; ++c) red[ty][tx * 8 + c] = acc[t][c];
+    __syncthreads();
+    const int64_t col = blockIdx.x * 256 + tid;
+    if (col < width) {
+      float s = 0.f;
+#pragma unroll
+      for (int y = 0; y < 8; ++y) s += red[y][tid];
+      atomicAdd((t < a.heads ? a.dwi + t * width : a.dwf + (t - a.heads) * width) + col, s);
+    }
+    __syncthreads();
+  }
+  if (blockIdx.x == 0) {
+    if (tx == 0) {
+#pragma unroll
+      for (int t = 0; t < kG; ++t) red[ty][t] = bacc[t];
+    }
+    __syncthreads();
+    if (tid < G) {
+      float s = 0.f;
+#pragma unroll
+      for (int y = 0; y < 8; ++y) s += red[y][tid];
+      atomicAdd(tid < a.heads ? a.dbi + tid : a.dbf + tid - a.heads, s);
+    }
+  }
+  }
+}
+
+// Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
+// above with 16-byte loads; passes re-read the (L1-resident) row.
+template <int kMode>
+__device__ inline void NormIn8(const GroupNormArgs& a, int64_t r, int64_t c, float* v) {
+  Load8(a.x, r * a.dim + c, v);
+  if (kMode == 1) {
+    float z[8];
+    Load8(a.z, r * a.ldz + c, z);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
+  }
+}
+__device__ inline void Scale8(const GroupNormArgs& a, int64_t c, float* s) {
+  if (a.weight) {
+    LoadF8(a.weight + c, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s[k] += a.weight_offset;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s[k] = 1.f;
+  }
+}
+
+template <int kMode>
+__global__ void group_norm_fwd_vec(GroupNormArgs a) {
+  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= a.rows * a.groups) return;
+  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+  float v[8];
+  float s = 0.f;
+  if (a.layer) {
+    for (int64_t i = lane * 8; i < gs; i += 256) {
+      NormIn8<kMode>(a, r, c0 + i, v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s += v[k];
+    }
+    s = WarpSum(s) / gs;
+  }
+  const float mean = s;
+  float q = 0.f;
+  for (int64_t i = lane * 8; i < gs; i += 256) {
+    NormIn8<kMode>(a, r, c0 + i, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) q += (v[k] - mean) * (v[k] - mean);
+  }
+  const float rstd = rsqrtf(WarpSum(q) / gs + a.eps);
+  if (lane == 0) {
+    if (a.mean) a.mean[warp] = mean;
+    a.rstd[warp] = rstd;
+  }
+  for (int64_t i = lane * 8; i < gs; i += 256) {
+    const int64_t c = c0 + i;
+    float sc[8], n[8];
+    NormIn8<kMode>(a, r, c, v);
+    Scale8(a, c, sc);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) n[k] = (v[k] - mean) * rstd * sc[k];
+    if (kMode == 2) {
+      float sk[8], xc[8], z[8];
+      LoadF8(a.skip + c, sk);
+      Load8(a.xc, r * a.dim + c, xc);
+      Load8(a.z, r * a.ldz + c, z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
+    }
+    Store8(a.y, r * a.dim + c, n);
+  }
+}
+
+template <int kMode>
+__global__ void group_norm_bwd_vec(GroupNormArgs a) {
+  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= a.rows * a.groups) return;
+  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+  const float mean = a.layer ? a.mean[warp] : 0.f, rstd = a.rstd[warp];
+  float s1 = 0.f, s2 = 0.f;
+  float v[8], sc[8], dy[8], z[8];
+  for (int64_t i = lane * 8; i < gs; i += 256) {
+    const int64_t c = c0 + i;
+    NormIn8<kMode>(a, r, c, v);
+    Scale8(a, c, sc);
+    Load8(a.dy, r * a.dim + c, dy);
+    if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
+    float dz[8], dxc[8], sk[8], xc[8];
+    if (kMode == 2) {
+      LoadF8(a.skip + c, sk);
+      Load8(a.xc, r * a.dim + c, xc);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float xhat = (v[k] - mean) * rstd;
+      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+      const float dxhat = gout * sc[k];
+      s1 += dxhat;
+      s2 += dxhat * xhat;
+      if (kMode == 2) {
+        const float hs = xhat * sc[k] + sk[k] * xc[k];
+        dz[k] = dy[k] * hs * DSilu(z[k]);
+        dxc[k] = gout * sk[k];
+      }
+    }
+    if (kMode == 2) {
+      Store8(a.dz, r * a.dim + c, dz);
+      Store8(a.dxc, r * a.dim + c, dxc);
+    }
+  }
+  s1 = WarpSum(s1) / gs;
+  s2 = WarpSum(s2) / gs;
+  const float m1 = a.layer ? s1 : 0.f;
+  for (int64_t i = lane * 8; i < gs; i += 256) {
+    const int64_t c = c0 + i;
+    float xv[8], dx[8], dz[8];
+    Load8(a.x, r * a.dim + c, xv);
+    Scale8(a, c, sc);
+    Load8(a.dy, r * a.dim + c, dy);
+    if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
+      const float xhat = (in - mean) * rstd;
+      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+      const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
+      if (kMode == 1) {
+        dx[k] = dxa * Silu(z[k]);
+        dz[k] = dxa * xv[k] * DSilu(z[k]);
+      } else {
+        dx[k] = dxa;
+      }
+    }
+    Store8(a.dx, r * a.dim + c, dx);
+    if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+  }
+}
+
+// dweight / dskip column sums, (32, 8) threads: tx owns 8 columns, ty a row lane.
+template <int kMode>
+__global__ void __launch_bounds__(256) group_norm_param_grads_vec(GroupNormArgs a) {
+  __shared__ float red[2][8][256 + 8];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t c = (blockIdx.x * 32 + tx) * 8;
+  const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock, r1 = min(r0 + kRowsPerBlock, a.rows);
+  float accw[8], accs[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) accw[k] = accs[k] = 0.f;
+  if (c < a.dim) {
+    const int64_t gs = a.dim / a.groups, g = c / gs;
+    for (int64_t r = r0 + ty; r < r1; r += 8) {
+      const int64_t st = r * a.groups + g;
+      const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+      float v[8], dy[8], z[8], xc[8];
+      NormIn8<kMode>(a, r, c, v);
+      Load8(a.dy, r * a.dim + c, dy);
+      if (kMode == 2) {
+        Load8(a.z, r * a.ldz + c, z);
+        Load8(a.xc, r * a.dim + c, xc);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+        accw[k] += gout * (v[k] - mean) * rstd;
+        if (kMode == 2) accs[k] += gout * xc[k];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    red[0][ty][tx * 8 + k] = accw[k];
+    red[1][ty][tx * 8 + k] = accs[k];
+  }
+  __syncthreads();
+  const int64_t col = blockIdx.x * 256 + tid;
+  if (col < a.dim) {
+    float tw = 0.f, ts = 0.f;
+#pragma unroll
+    for (int y = 0; y < 8; ++y) {
+      tw += red[0][y][tid];
+      ts += red[1][y][tid];
+    }
+    if (a.dweight) atomicAdd(a.dweight + col, tw);
+    if (kMode == 2 && a.dskip) atomicAdd(a.dskip + col, ts);
+  }
+}
+
+bool NormVectorizable(const GroupNormArgs& a, bool backward) {
+  const int64_t gs = a.dim / a.groups;
+  bool ok = gs % 8 == 0 && Aligned(a.x, 16) && (a.weight == nullptr || Aligned(a.weight, 32));
+  if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
+  if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
+  if (!backward) return ok && Aligned(a.y, 16);
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16);
+  if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
+  if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
+  return ok;
+}
+
+bool BlockDiagVectorizable(const BlockDiagArgs& a, bool backward) {
+  const bool two = a.w2 != nullptr;
+  bool ok = a.block_in == 4 && a.block_out == 4 && a.ldx % 4 == 0 && a.ldy % 4 == 0 && Aligned(a.x, 8) &&
+            Aligned(a.w, 32) && (!two || Aligned(a.w2, 32));
+  if (!backward) return ok && Aligned(a.y, 8) && (!two || Aligned(a.y2, 8));
+  return ok && Aligned(a.dy, 8) && Aligned(a.dx, 8) && (!two || Aligned(a.dy2, 8));
+}
+
+bool GatesVectorizable(const MlstmGateArgs& a, bool backward) {
+  bool ok = a.inner % 8 == 0 && Aligned(a.q, 16) && Aligned(a.k, 16) && Aligned(a.v, 16) && Aligned(a.wi, 32) &&
+            Aligned(a.wf, 32);
+  if (backward) ok = ok && Aligned(a.dq, 16) && Aligned(a.dk, 16) && Aligned(a.dv, 16);
+  return ok;
+}
+
 }  // namespace
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
@@ -374,32 +899,52 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return {};
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
+  const bool vec = NormVectorizable(a, false);
   switch (a.mode) {
-    case NormMode::kPlain: group_norm_fwd<0><<<blocks, 256, 0, stream>>>(a); break;
-    case NormMode::kGatedInput: group_norm_fwd<1><<<blocks, 256, 0, stream>>>(a); break;
-    case NormMode::kMlstmOutput: group_norm_fwd<2><<<blocks, 256, 0, stream>>>(a); break;
+    case NormMode::kPlain:
+      if (vec) group_norm_fwd_vec<0><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_fwd<0><<<blocks, 256, 0, stream>>>(a);
+      break;
+    case NormMode::kGatedInput:
+      if (vec) group_norm_fwd_vec<1><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_fwd<1><<<blocks, 256, 0, stream>>>(a);
+      break;
+    case NormMode::kMlstmOutput:
+      if (vec) group_norm_fwd_vec<2><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_fwd<2><<<blocks, 256, 0, stream>>>(a);
+      break;
   }
   return Launched("group_norm_fwd");
 }
 
 CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
+  if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
+    return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.rows == 0) return {};
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const dim3 grid = ColumnGrid(a.dim, a.rows), block(32, 8);
+  const dim3 grid_vec(static_cast<unsigned>((a.dim + 255) / 256), grid.y);
   const bool params = a.dweight != nullptr || a.dskip != nullptr;
+  const bool vec = NormVectorizable(a, true);
   switch (a.mode) {
     case NormMode::kPlain:
-      group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
+      if (vec) group_norm_bwd_vec<0><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
+      if (params && vec) group_norm_param_grads_vec<0><<<grid_vec, block, 0, stream>>>(a);
+      else if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kGatedInput:
-      group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
+      if (vec) group_norm_bwd_vec<1><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
+      if (params && vec) group_norm_param_grads_vec<1><<<grid_vec, block, 0, stream>>>(a);
+      else if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kMlstmOutput:
-      group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
+      if (vec) group_norm_bwd_vec<2><<<blocks, 256, 0, stream>>>(a);
+      else group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
+      if (params && vec) group_norm_param_grads_vec<2><<<grid_vec, block, 0, stream>>>(a);
+      else if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
       break;
   }
   return Launched("group_norm_bwd");
@@ -407,30 +952,79 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
 
 CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
   if (a.rows == 0) return {};
+  if (BlockDiagVectorizable(a, false)) {
+    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdRows - 1) / kBdRows));
+    if (a.w2) block_diag4_fwd<true><<<grid, dim3(32, 8), 0, stream>>>(a);
+    else block_diag4_fwd<false><<<grid, dim3(32, 8), 0, stream>>>(a);
+    return Launched("block_diag4_fwd");
+  }
   block_diag_fwd<<<Blocks(a.rows * a.blocks * a.block_out, 256), 256, 0, stream>>>(a);
+  if (a.w2) {
+    BlockDiagArgs b = a;
+    b.w = a.w2;
+    b.y = a.y2;
+    block_diag_fwd<<<Blocks(a.rows * a.blocks * a.block_out, 256), 256, 0, stream>>>(b);
+  }
   return Launched("block_diag_fwd");
 }
 
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
   if (a.rows == 0) return {};
+  if (BlockDiagVectorizable(a, true)) {
+    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdRows - 1) / kBdRows));
+    if (a.w2) block_diag4_bwd<true><<<grid, dim3(32, 8), 0, stream>>>(a);
+    else block_diag4_bwd<false><<<grid, dim3(32, 8), 0, stream>>>(a);
+    return Launched("block_diag4_bwd");
+  }
   block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(a);
   if (a.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(a);
+  if (a.w2) {
+    BlockDiagArgs b = a;
+    b.w = a.w2;
+    b.dy = a.dy2;
+    b.dw = a.dw2;
+    b.accumulate_dx = true;
+    block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(b);
+    if (b.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(b);
+  }
   return Launched("block_diag_bwd");
 }
 
 CudaResult MlstmGatesForward(const MlstmGateArgs& a, cudaStream_t stream) {
-  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..4");
+  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..8");
   if (a.rows == 0) return {};
+  if (GatesVectorizable(a, false)) {
+    const int rows_per_warp = a.heads <= 4 ? 8 : 4;
+    const int64_t warps = (a.rows + rows_per_warp - 1) / rows_per_warp;
+    const int blocks = static_cast<int>((warps * 32 + 255) / 256);
+    if (a.heads <= 4) mlstm_gates_fwd_vec<8, 8><<<blocks, 256, 0, stream>>>(a);
+    else mlstm_gates_fwd_vec<16, 4><<<blocks, 256, 0, stream>>>(a);
+    return Launched("mlstm_gates_fwd_vec");
+  }
   const int64_t warps = (a.rows + kGateRows - 1) / kGateRows;
   mlstm_gates_fwd<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, stream>>>(a);
   return Launched("mlstm_gates_fwd");
 }
 
 CudaResult MlstmGatesBackward(const MlstmGateArgs& a, cudaStream_t stream) {
-  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..4");
+  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..8");
   if (a.rows == 0) return {};
+  if (GatesVectorizable(a, true)) {
+    const dim3 grid(static_cast<unsigned>((3 * a.inner / 8 + 31) / 32),
+                    static_cast<unsigned>((a.rows + kGateBwdRows - 1) / kGateBwdRows));
+    if (a.heads <= 4) {
+      mlstm_gates_bwd_vec<8, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
+      mlstm_gates_bwd_vec<8, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
+    } else {
+      mlstm_gates_bwd_vec<16, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
+      mlstm_gates_bwd_vec<16, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
+    }
+    return Launched("mlstm_gates_bwd_vec");
+  }
   mlstm_gates_bwd_dx<<<Blocks(a.rows * 3 * a.inner, 256), 256, 0, stream>>>(a);
   mlstm_gates_bwd_dw<<<ColumnGrid(3 * a.inner, a.rows), dim3(32, 8), 0, stream>>>(a);
   mlstm_gates_bwd_db<<<static_cast<int>(2 * a.heads), 256, 0, stream>>>(a);

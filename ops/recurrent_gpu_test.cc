@@ -7,7 +7,9 @@
 // or the bf16 copy (GEMMs, the sLSTM recurrent matrix); the only differences left are bf16
 // rounding of activations and fp32 accumulation. Bands: METHOD.md's bf16 ones, widened where
 // the path crosses several bf16 roundings (gate gradients pass through dq/dk/dv and exp gates).
-//   blocks:  MlstmBlock (T 100 over chunk 32: a partial chunk), SlstmBlock, Mamba2Block
+//   kernels: the glue kernels (block-diagonal with its fused second map, mLSTM gates with 3 and 8
+//            heads, the three group-norm modes) on their vectorised and scalar paths vs float64;
+//   blocks:  MlstmBlock (T 100 over chunk 32: a partial chunk; also 8 heads), SlstmBlock, Mamba2Block
 //            (T 100 over chunk 64) — output, input gradient and every parameter gradient;
 //   models:  xLSTM [mLSTM, sLSTM, mLSTM], Mamba-2 x 3, hybrid (Mamba-2 + Llama attention block)
 //            — loss and every parameter gradient;
@@ -138,6 +140,244 @@ TEST_F(RecurrentGpuTest, SlstmBlock) {
 TEST_F(RecurrentGpuTest, Mamba2Block) {
   const ModelSpec s = SmallMamba2();
   CheckBlock("mamba2", s, [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2, 100);
+}
+
+// ---------------------------------------------------------------- glue kernels, one by one
+// Each glue kernel of ops/recurrent_cuda.cu on random bf16-representable inputs against a float64
+// loop, outputs NaN-poisoned first, accumulated gradients starting from random values; shapes
+// that take the vectorised paths and shapes that take the scalar ones (odd rows, widths not a
+// multiple of 8, 3x3 blocks, row strides), 3 and 8 mLSTM heads.
+
+Tensor DevF32(const Tensor& host) { return host.To(DType::kF32).ToDevice(Device::kCuda); }
+Tensor Poison(Shape s) { return Tensor::Full(std::move(s), DType::kBF16, NAN, Device::kCuda); }
+double Sig(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+double SiluD(double z) { return z * Sig(z); }
+double DSiluD(double z) { return Sig(z) * (1.0 + z * (1.0 - Sig(z))); }
+
+void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool two) {
+  Rng rng(31);
+  const int64_t cols = blocks * bs;
+  const std::string name = "blockdiag rows " + std::to_string(rows) + " bs " + std::to_string(bs) + " ld " +
+                           std::to_string(ld) + (two ? " +second map" : "");
+  const Tensor x = RandomBf16Host({rows, ld}, 1.0, &rng), w = RandomBf16Host({blocks, bs, bs}, 0.5, &rng),
+               w2 = RandomBf16Host({blocks, bs, bs}, 0.5, &rng), dy = RandomBf16Host({rows, ld}, 1.0, &rng),
+               dy2 = RandomBf16Host({rows, ld}, 1.0, &rng), dx0 = RandomBf16Host({rows, ld}, 1.0, &rng),
+               dw0 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng), dw20 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng);
+  Tensor y_ref = Tensor::Zeros({rows, cols}, DType::kF64), y2_ref = Tensor::Zeros({rows, cols}, DType::kF64);
+  Tensor dx_ref = Tensor::Zeros({rows, cols}, DType::kF64), dw_ref = dw0.To(DType::kF64), dw2_ref = dw20.To(DType::kF64);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t o = 0; o < bs; ++o)
+        for (int64_t i = 0; i < bs; ++i) {
+          const int64_t wi = (b * bs + o) * bs + i, xi = r * ld + b * bs + i, yi = r * ld + b * bs + o;
+          y_ref.Set(r * cols + b * bs + o, y_ref.At(r * cols + b * bs + o) + x.At(xi) * w.At(wi));
+          y2_ref.Set(r * cols + b * bs + o, y2_ref.At(r * cols + b * bs + o) + x.At(xi) * w2.At(wi));
+          double g = dy.At(yi) * w.At(wi);
+          if (two) g += dy2.At(yi) * w2.At(wi);
+          dx_ref.Set(r * cols + b * bs + i, dx_ref.At(r * cols + b * bs + i) + g);
+          dw_ref.Set(wi, dw_ref.At(wi) + dy.At(yi) * x.At(xi));
+          dw2_ref.Set(wi, dw2_ref.At(wi) + dy2.At(yi) * x.At(xi));
+        }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dx_ref.Set(r * cols + c, dx_ref.At(r * cols + c) + dx0.At(r * ld + c));
+  const Tensor xd = ToCudaBf16(x), wd = DevF32(w), w2d = DevF32(w2), dyd = ToCudaBf16(dy), dy2d = ToCudaBf16(dy2);
+  Tensor y = Poison({rows, ld}), y2 = Poison({rows, ld}), dx = ToCudaBf16(dx0), dw = DevF32(dw0), dw2 = DevF32(dw20);
+  BlockDiagArgs a;
+  a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
+  a.x = xd.raw(); a.ldx = ld; a.w = wd.data<float>(); a.y = y.raw(); a.ldy = ld;
+  if (two) { a.w2 = w2d.data<float>(); a.y2 = y2.raw(); }
+  Cuda().BlockDiag(false, a);
+  a.dy = dyd.raw(); a.dx = dx.raw(); a.accumulate_dx = true; a.dw = dw.data<float>();
+  if (two) { a.dy2 = dy2d.raw(); a.dw2 = dw2.data<float>(); }
+  Cuda().BlockDiag(true, a);
+  auto cols_of = [&](const Tensor& t) {  // the first `cols` columns of a [rows, ld] device tensor
+    const Tensor h = t.ToDevice(Device::kCpu).To(DType::kF64);
+    Tensor o = Tensor::Empty({rows, cols}, DType::kF64);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) o.Set(r * cols + c, h.At(r * ld + c));
+    return o;
+  };
+  EXPECT_TRUE(Check(name + " y", cols_of(y), y_ref, 1e-2));
+  if (two) { EXPECT_TRUE(Check(name + " y2", cols_of(y2), y2_ref, 1e-2)); }
+  EXPECT_TRUE(Check(name + " dx", cols_of(dx), dx_ref, 1e-2));
+  EXPECT_TRUE(Check(name + " dw", dw, dw_ref, 1e-4));
+  if (two) { EXPECT_TRUE(Check(name + " dw2", dw2, dw2_ref, 1e-4)); }
+}
+
+TEST_F(RecurrentGpuTest, BlockDiagKernels) {
+  CheckBlockDiag(37, 70, 4, 280, true);   // 4x4 vectorised, 3 column blocks of threads (70 > 64)
+  CheckBlockDiag(37, 6, 4, 28, false);    // row stride wider than the map
+  CheckBlockDiag(300, 5, 3, 15, true);    // 3x3: the scalar kernels, both maps
+}
+
+void CheckGates(int64_t rows, int64_t p, int64_t heads) {
+  Rng rng(41);
+  const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
+                           std::to_string(heads);
+  const int64_t width = 3 * p;
+  const Tensor q = RandomBf16Host({rows, p}, 1.0, &rng), k = RandomBf16Host({rows, p}, 1.0, &rng),
+               v = RandomBf16Host({rows, p}, 1.0, &rng), wi = RandomBf16Host({heads, width}, 0.2, &rng),
+               wf = RandomBf16Host({heads, width}, 0.2, &rng), bi = RandomBf16Host({heads}, 1.0, &rng),
+               bf = RandomBf16Host({heads}, 1.0, &rng), dig = RandomBf16Host({rows, heads}, 1.0, &rng),
+               dfg = RandomBf16Host({rows, heads}, 1.0, &rng);
+  const Tensor dq0 = RandomBf16Host({rows, p}, 1.0, &rng), dk0 = RandomBf16Host({rows, p}, 1.0, &rng),
+               dv0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
+               dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
+               dbf0 = RandomBf16Host({heads}, 1.0, &rng);
+  const Tensor* src[3] = {&q, &k, &v};
+  Tensor ig_ref = Tensor::Zeros({rows, heads}, DType::kF64), fg_ref = Tensor::Zeros({rows, heads}, DType::kF64);
+  Tensor dref[3] = {dq0.To(DType::kF64), dk0.To(DType::kF64), dv0.To(DType::kF64)};
+  Tensor dwi_ref = dwi0.To(DType::kF64), dwf_ref = dwf0.To(DType::kF64), dbi_ref = dbi0.To(DType::kF64),
+         dbf_ref = dbf0.To(DType::kF64);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      double si = bi.At(h), sf = bf.At(h);
+      for (int64_t j = 0; j < width; ++j) {
+        const double x = src[j / p]->At(r * p + j % p);
+        si += x * wi.At(h * width + j);
+        sf += x * wf.At(h * width + j);
+        Tensor& d = dref[j / p];
+        d.Set(r * p + j % p, d.At(r * p + j % p) + dig.At(r * heads + h) * wi.At(h * width + j) +
+                                 dfg.At(r * heads + h) * wf.At(h * width + j));
+        dwi_ref.Set(h * width + j, dwi_ref.At(h * width + j) + dig.At(r * heads + h) * x);
+        dwf_ref.Set(h * width + j, dwf_ref.At(h * width + j) + dfg.At(r * heads + h) * x);
+      }
+      ig_ref.Set(r * heads + h, si);
+      fg_ref.Set(r * heads + h, sf);
+      dbi_ref.Set(h, dbi_ref.At(h) + dig.At(r * heads + h));
+      dbf_ref.Set(h, dbf_ref.At(h) + dfg.At(r * heads + h));
+    }
+  const Tensor qd = ToCudaBf16(q), kd = ToCudaBf16(k), vd = ToCudaBf16(v), wid = DevF32(wi), wfd = DevF32(wf),
+               bid = DevF32(bi), bfd = DevF32(bf), digd = DevF32(dig), dfgd = DevF32(dfg);
+  Tensor ig = Tensor::Full({rows, heads}, DType::kF32, NAN, Device::kCuda), fg = ig.Clone();
+  Tensor dq = ToCudaBf16(dq0), dk = ToCudaBf16(dk0), dv = ToCudaBf16(dv0), dwi = DevF32(dwi0), dwf = DevF32(dwf0),
+         dbi = DevF32(dbi0), dbf = DevF32(dbf0);
+  MlstmGateArgs g;
+  g.rows = rows; g.inner = p; g.heads = heads;
+  g.q = qd.raw(); g.k = kd.raw(); g.v = vd.raw();
+  g.wi = wid.data<float>(); g.wf = wfd.data<float>(); g.bi = bid.data<float>(); g.bf = bfd.data<float>();
+  g.ig = ig.data<float>(); g.fg = fg.data<float>();
+  Cuda().MlstmGates(false, g);
+  g.dig = digd.data<float>(); g.dfg = dfgd.data<float>();
+  g.dq = dq.raw(); g.dk = dk.raw(); g.dv = dv.raw();
+  g.dwi = dwi.data<float>(); g.dwf = dwf.data<float>(); g.dbi = dbi.data<float>(); g.dbf = dbf.data<float>();
+  Cuda().MlstmGates(true, g);
+  EXPECT_TRUE(Check(name + " ig", ig, ig_ref, 1e-5));
+  EXPECT_TRUE(Check(name + " fg", fg, fg_ref, 1e-5));
+  EXPECT_TRUE(Check(name + " dq", dq, dref[0], 1e-2));
+  EXPECT_TRUE(Check(name + " dk", dk, dref[1], 1e-2));
+  EXPECT_TRUE(Check(name + " dv", dv, dref[2], 1e-2));
+  EXPECT_TRUE(Check(name + " dwi", dwi, dwi_ref, 1e-5));
+  EXPECT_TRUE(Check(name + " dwf", dwf, dwf_ref, 1e-5));
+  EXPECT_TRUE(Check(name + " dbi", dbi, dbi_ref, 1e-5));
+  EXPECT_TRUE(Check(name + " dbf", dbf, dbf_ref, 1e-5));
+}
+
+TEST_F(RecurrentGpuTest, MlstmGateKernels) {
+  CheckGates(1500, 96, 3);  // vectorised, 8-gate kernels; rows over two backward row blocks, odd tail
+  CheckGates(37, 128, 8);   // vectorised, 16-gate kernels (the 7B layout's 8 heads)
+  CheckGates(37, 12, 3);    // p % 8 != 0: the scalar kernels
+  CheckGates(21, 12, 8);
+}
+
+void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz) {
+  Rng rng(51);
+  const int64_t dim = groups * gs;
+  const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
+                           " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
+                           std::to_string(gs);
+  const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
+               xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
+               skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
+               dw0 = RandomBf16Host({dim}, 1.0, &rng), ds0 = RandomBf16Host({dim}, 1.0, &rng);
+  const double off = 1.0, eps = 1e-5;
+  const int m = static_cast<int>(mode);
+  Tensor y_ref = Tensor::Zeros({rows, dim}, DType::kF64), dx_ref = y_ref.Clone(), dz_ref = y_ref.Clone(),
+         dxc_ref = y_ref.Clone(), dw_ref = dw0.To(DType::kF64), ds_ref = ds0.To(DType::kF64);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      std::vector<double> in(gs), xhat(gs), gout(gs);
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < gs; ++i) {
+        const int64_t c = g * gs + i;
+        in[i] = x.At(r * dim + c) * (m == 1 ? SiluD(z.At(r * ldz + c)) : 1.0);
+        mean += in[i] / gs;
+      }
+      if (!layer) mean = 0;
+      for (int64_t i = 0; i < gs; ++i) var += (in[i] - mean) * (in[i] - mean) / gs;
+      const double rstd = 1.0 / std::sqrt(var + eps);
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < gs; ++i) {
+        const int64_t c = g * gs + i, e = r * dim + c;
+        const double sc = w.At(c) + off, zc = z.At(r * ldz + c);
+        xhat[i] = (in[i] - mean) * rstd;
+        double n = xhat[i] * sc;
+        gout[i] = dy.At(e) * (m == 2 ? SiluD(zc) : 1.0);
+        if (m == 2) {
+          const double hs = n + skip.At(c) * xc.At(e);
+          n = hs * SiluD(zc);
+          dz_ref.Set(e, dy.At(e) * hs * DSiluD(zc));
+          dxc_ref.Set(e, gout[i] * skip.At(c));
+          ds_ref.Set(c, ds_ref.At(c) + gout[i] * xc.At(e));
+        }
+        y_ref.Set(e, n);
+        dw_ref.Set(c, dw_ref.At(c) + gout[i] * xhat[i]);
+        s1 += gout[i] * sc / gs;
+        s2 += gout[i] * sc * xhat[i] / gs;
+      }
+      for (int64_t i = 0; i < gs; ++i) {
+        const int64_t c = g * gs + i, e = r * dim + c;
+        const double zc = z.At(r * ldz + c);
+        const double dxa = rstd * (gout[i] * (w.At(c) + off) - (layer ? s1 : 0.0) - xhat[i] * s2);
+        if (m == 1) {
+          dx_ref.Set(e, dxa * SiluD(zc));
+          dz_ref.Set(e, dxa * x.At(e) * DSiluD(zc));
+        } else {
+          dx_ref.Set(e, dxa);
+        }
+      }
+    }
+  const Tensor xd = ToCudaBf16(x), zd = ToCudaBf16(z), xcd = ToCudaBf16(xc), wd = DevF32(w), sd = DevF32(skip),
+               dyd = ToCudaBf16(dy);
+  Tensor y = Poison({rows, dim}), dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
+  Tensor mean = Tensor::Full({rows * groups}, DType::kF32, NAN, Device::kCuda), rstd = mean.Clone();
+  Tensor dw = DevF32(dw0), ds = DevF32(ds0);
+  GroupNormArgs n;
+  n.mode = mode; n.layer = layer; n.rows = rows; n.dim = dim; n.groups = groups; n.eps = static_cast<float>(eps);
+  n.weight_offset = static_cast<float>(off);
+  n.x = xd.raw(); n.weight = wd.data<float>();
+  if (m != 0) { n.z = zd.raw(); n.ldz = ldz; }
+  if (m == 2) { n.skip = sd.data<float>(); n.xc = xcd.raw(); }
+  n.y = y.raw(); n.mean = layer ? mean.data<float>() : nullptr; n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  n.dy = dyd.raw(); n.dx = dx.raw(); n.dweight = dw.data<float>();
+  if (m != 0) n.dz = dz.raw();
+  if (m == 2) { n.dxc = dxc.raw(); n.dskip = ds.data<float>(); }
+  Cuda().GroupNorm(true, n);
+  EXPECT_TRUE(Check(name + " y", y, y_ref, 1e-2));
+  EXPECT_TRUE(Check(name + " dx", dx, dx_ref, 2e-2));
+  if (m != 0) { EXPECT_TRUE(Check(name + " dz", dz, dz_ref, 2e-2)); }
+  if (m == 2) { EXPECT_TRUE(Check(name + " dxc", dxc, dxc_ref, 1e-2)); }
+  EXPECT_TRUE(Check(name + " dweight", dw, dw_ref, 1e-4));
+  if (m == 2) { EXPECT_TRUE(Check(name + " dskip", ds, ds_ref, 1e-4)); }
+}
+
+TEST_F(RecurrentGpuTest, GroupNormKernels) {
+  // Vectorised (group size % 8 == 0; z with a wider row stride as in Mamba-2's in_proj output).
+  CheckNorm(NormMode::kGatedInput, false, 300, 1, 264, 280);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 4, 48, 192);
+  CheckNorm(NormMode::kPlain, true, 37, 2, 16, 32);
+  // Scalar (group size 12).
+  CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 12, 36);
+}
+
+// The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
+TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
+  ModelSpec s = SmallXlstm();
+  s.mlstm_heads = 8;
+  s.mlstm_inner = 512;  // 8 heads x 64
+  CheckBlock("mlstm 8 heads", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 70);
 }
 
 std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
