@@ -23,10 +23,13 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
   auto unsupported = [](const std::string& what) {
     return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", what));
   };
-  if (attention) {
-    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) return unsupported("the Mamba-2 hybrids' attention mixer block");
-    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) return unsupported("partial rotary attention");
-  }
+  // Attention: Llama blocks and the hybrids' mixer (partial rotary through ops/cuda_infer.h, the
+  // qkv conv through the CUDA conv1d); the plain fallback kernel covers head dims other than
+  // 64 / 128 (SelfExtend needs 64 or 128 and says so when it is switched on).
+  if (attention && spec.attn_qkv_conv > 4)
+    return unsupported(absl::StrCat("attention qkv conv width ", spec.attn_qkv_conv, " (CUDA conv1d: 1..4)"));
+  if (attention && spec.attn_head_dim > 256)
+    return unsupported(absl::StrCat("attention head dim ", spec.attn_head_dim, " (CUDA: <= 256)"));
   if ((mlstm || slstm) && (spec.conv_kernel < 1 || spec.conv_kernel > 4))
     return unsupported(absl::StrCat("conv_kernel ", spec.conv_kernel, " (CUDA conv1d: 1..4)"));
   if (mlstm) {
@@ -250,7 +253,26 @@ std::unique_ptr<LanguageModel::DecodeState> LanguageModel::NewDecodeState(int64_
   return st;
 }
 
+absl::Status LanguageModel::DecodeSupported() const {
+  if (store_->device() != Device::kCuda) return absl::OkStatus();
+  for (BlockType b : spec_.blocks) {
+    // The recurrent blocks' Step (ops/recurrent_blocks.cc) and the mixer's qkv conv step still
+    // run only the CPU reference kernels.
+    if (b != BlockType::kAttention) {
+      return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for incremental decoding of ",
+                                                   BlockTypeName(b), " blocks (decode this model on the CPU)"));
+    }
+  }
+  if (!spec_.attn_mlp && spec_.attn_qkv_conv > 0)
+    return absl::UnimplementedError("no CUDA kernel yet for incremental decoding of the attention mixer's qkv conv");
+  return absl::OkStatus();
+}
+
 std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state) {
+  if (store_->device() == Device::kCuda) {
+    const absl::Status supported = DecodeSupported();
+    GYRE_CHECK(supported.ok(), "%s", supported.ToString().c_str());
+  }
   GYRE_CHECK(static_cast<int64_t>(tokens.size()) == state->batch, "decode: %zu tokens for batch %ld", tokens.size(),
              (long)state->batch);
   Tensor z = embedding_->Forward(tokens);

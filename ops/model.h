@@ -70,6 +70,9 @@ class LanguageModel {
     std::vector<std::unique_ptr<BlockState>> trunk, heads;
   };
   std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
+  // Whether DecodeStep runs on this model's device (CUDA: attention blocks only so far;
+  // Unimplemented names the block kind that has no CUDA step). DecodeStep aborts otherwise.
+  absl::Status DecodeSupported() const;
   std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state);
 
   // SelfExtend for inference on attention blocks (0 = off).
