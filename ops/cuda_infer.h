@@ -42,6 +42,51 @@ struct CudaAttentionDecodeArgs {
   void* out = nullptr;  // [B, H*D] bf16, overwritten
 };
 
+// One-token recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward):
+// bf16 activations, fp32 states and parameters (masters), as the training kernels.
+struct CudaConv1dStepArgs {
+  int64_t batch = 0, channels = 0, width = 4;
+  bool silu = false;
+  const void* x = nullptr;  // [B, ldx] bf16
+  int64_t ldx = 0;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  float* state = nullptr;   // [B, K-1, C]
+  void* y = nullptr;        // [B, C] bf16
+};
+struct CudaSsdStepArgs {
+  int64_t batch = 0, heads = 0, head_dim = 0, groups = 1, state_dim = 0;
+  const void* x = nullptr;  // bf16 views of the conv output (row stride ld_xbc)
+  const void* b = nullptr;
+  const void* c = nullptr;
+  int64_t ld_xbc = 0;
+  const float* dt = nullptr;
+  const float* a_log = nullptr;
+  const float* dt_bias = nullptr;
+  const float* d = nullptr;
+  float* state = nullptr;
+  void* y = nullptr;
+};
+struct CudaSlstmStepArgs {
+  int64_t batch = 0, heads = 0, head_dim = 0;
+  const void* gx = nullptr;  // [B, 4, d] bf16 (bias included)
+  const void* r = nullptr;   // [NH, 4, dh, dh] bf16
+  float *h = nullptr, *c = nullptr, *n = nullptr, *m = nullptr;
+  void* h_out = nullptr;
+};
+struct CudaMlstmStepArgs {
+  int64_t batch = 0, heads = 0, dk = 0, dv = 0;
+  bool sigmoid_forget = true;
+  double eps = 1e-6;
+  const void* q = nullptr;  // [B, NH, dk] bf16
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* ig = nullptr;  // [B, NH]
+  const float* fg = nullptr;
+  float *c = nullptr, *n = nullptr, *m = nullptr;
+  void* h = nullptr;  // [B, NH, dv] bf16
+};
+
 class CudaInference {
  public:
   virtual ~CudaInference() = default;
@@ -51,6 +96,10 @@ class CudaInference {
   virtual void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped,
                                           int64_t group, int64_t window) = 0;
   virtual void AttentionDecode(const CudaAttentionDecodeArgs& a) = 0;
+  virtual void Conv1dStep(const CudaConv1dStepArgs& a) = 0;
+  virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
+  virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;
+  virtual void MlstmStep(const CudaMlstmStepArgs& a) = 0;
 };
 
 // The registered implementation, or null in a binary built without CUDA.

@@ -3,6 +3,8 @@
 #include <cstdlib>
 
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/mlstm.h"
+#include "kernels/cuda/ssm_step.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/cuda_infer_kernels.h"
@@ -55,6 +57,43 @@ class CudaInferenceImpl final : public CudaInference {
     d.q = a.q; d.q_grouped = a.q_grouped; d.k = a.k; d.k_grouped = a.k_grouped; d.v = a.v;
     d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
     OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
+  }
+
+  void Conv1dStep(const CudaConv1dStepArgs& a) override {
+    kc::Conv1dStepArgs k;
+    k.batch = a.batch; k.channels = a.channels; k.width = a.width; k.silu = a.silu;
+    k.x = static_cast<const bf16*>(a.x); k.ldx = a.ldx; k.w = a.w; k.bias = a.bias; k.state = a.state;
+    k.y = static_cast<bf16*>(a.y);
+    OkOrDie(kc::Conv1dStep(k, Stream()), "conv1d step");
+  }
+
+  void SsdStep(const CudaSsdStepArgs& a) override {
+    kc::SsdStepArgs k;
+    k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim; k.groups = a.groups; k.state_dim = a.state_dim;
+    k.x = static_cast<const bf16*>(a.x); k.b = static_cast<const bf16*>(a.b); k.c = static_cast<const bf16*>(a.c);
+    k.ld_xbc = a.ld_xbc; k.dt = a.dt; k.a_log = a.a_log; k.dt_bias = a.dt_bias; k.d = a.d; k.state = a.state;
+    k.y = static_cast<bf16*>(a.y);
+    OkOrDie(kc::SsdStep(k, Stream()), "ssd step");
+  }
+
+  void SlstmStep(const CudaSlstmStepArgs& a) override {
+    kc::SlstmStepArgs k;
+    k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim;
+    k.gx = static_cast<const bf16*>(a.gx); k.r = static_cast<const bf16*>(a.r);
+    k.h = a.h; k.c = a.c; k.n = a.n; k.m = a.m; k.h_out = static_cast<bf16*>(a.h_out);
+    OkOrDie(kc::SlstmStep(k, Stream()), "slstm step");
+  }
+
+  void MlstmStep(const CudaMlstmStepArgs& a) override {
+    kc::MlstmShape shape;
+    shape.batch = a.batch; shape.seq_len = 1; shape.num_heads = a.heads; shape.dk = a.dk; shape.dv = a.dv;
+    kc::MlstmOptions options;
+    options.forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
+    options.eps = a.eps;
+    kc::MlstmDeviceState<float> state{a.c, a.n, a.m};
+    OkOrDie(kc::MlstmStepForward(shape, options, static_cast<const bf16*>(a.q), static_cast<const bf16*>(a.k),
+                                 static_cast<const bf16*>(a.v), a.ig, a.fg, state, static_cast<bf16*>(a.h), Stream()),
+            "mlstm step");
   }
 
  private:

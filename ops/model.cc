@@ -253,26 +253,7 @@ std::unique_ptr<LanguageModel::DecodeState> LanguageModel::NewDecodeState(int64_
   return st;
 }
 
-absl::Status LanguageModel::DecodeSupported() const {
-  if (store_->device() != Device::kCuda) return absl::OkStatus();
-  for (BlockType b : spec_.blocks) {
-    // The recurrent blocks' Step (ops/recurrent_blocks.cc) and the mixer's qkv conv step still
-    // run only the CPU reference kernels.
-    if (b != BlockType::kAttention) {
-      return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for incremental decoding of ",
-                                                   BlockTypeName(b), " blocks (decode this model on the CPU)"));
-    }
-  }
-  if (!spec_.attn_mlp && spec_.attn_qkv_conv > 0)
-    return absl::UnimplementedError("no CUDA kernel yet for incremental decoding of the attention mixer's qkv conv");
-  return absl::OkStatus();
-}
-
 std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state) {
-  if (store_->device() == Device::kCuda) {
-    const absl::Status supported = DecodeSupported();
-    GYRE_CHECK(supported.ok(), "%s", supported.ToString().c_str());
-  }
   GYRE_CHECK(static_cast<int64_t>(tokens.size()) == state->batch, "decode: %zu tokens for batch %ld", tokens.size(),
              (long)state->batch);
   Tensor z = embedding_->Forward(tokens);

@@ -63,16 +63,14 @@ class LanguageModel {
   // conv window or key/value cache for `batch` sequences. DecodeStep feeds one token per
   // sequence (tokens [batch]) and returns, per MTP head k = 1..n, the logits [batch, vocab] for
   // the token k positions ahead (head 1 = next token; heads 2..n are the drafts for
-  // self-speculative decoding). Stepping through a sequence reproduces Logits().
+  // self-speculative decoding). Stepping through a sequence reproduces Logits(). On CUDA the
+  // states live on the device (KV caches: ops/attention.h; recurrent: recurrent_step_cuda.cc).
   struct DecodeState {
     int64_t batch = 0;
     int64_t position = 0;
     std::vector<std::unique_ptr<BlockState>> trunk, heads;
   };
   std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
-  // Whether DecodeStep runs on this model's device (CUDA: attention blocks only so far;
-  // Unimplemented names the block kind that has no CUDA step). DecodeStep aborts otherwise.
-  absl::Status DecodeSupported() const;
   std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state);
 
   // SelfExtend for inference on attention blocks (0 = off).
