@@ -142,7 +142,19 @@ struct Pair {
   std::unique_ptr<LanguageModel> gpu, cpu;
 };
 
-Pair MakePair(const ModelSpec& spec, uint64_t seed) {
+// Multiplies the q and k projections by `factor` (sharper attention, so positions matter).
+void SharpenAttention(ParamStore& gpu, double factor) {
+  for (Parameter* p : gpu.All()) {
+    if (p->name.find("q_proj") == std::string::npos && p->name.find("k_proj") == std::string::npos) continue;
+    Tensor host = p->value.ToDevice(Device::kCpu);
+    for (int64_t i = 0; i < host.numel(); ++i) host.Set(i, factor * host.At(i));
+    p->value.CopyFrom(host);
+  }
+  gpu.SyncCompute();
+  RoundMastersToBf16(gpu);
+}
+
+Pair MakePair(const ModelSpec& spec, uint64_t seed, double sharpen = 1.0) {
   Pair p;
   auto gpu = LanguageModel::Create(spec, DType::kF32, Device::kCuda, seed);
   EXPECT_TRUE(gpu.ok()) << gpu.status();
@@ -152,6 +164,7 @@ Pair MakePair(const ModelSpec& spec, uint64_t seed) {
   p.gpu = std::move(*gpu);
   p.cpu = std::move(*cpu);
   Randomise(p.gpu->params(), seed + 100);
+  if (sharpen != 1.0) SharpenAttention(p.gpu->params(), sharpen);
   EXPECT_TRUE(p.cpu->params().LoadState(AsF64State(p.gpu->params())).ok());
   return p;
 }
@@ -176,7 +189,7 @@ TEST_F(DecodeGpuTest, MixerHybridLossAndEveryGradient) {
 
 TEST_F(DecodeGpuTest, SelfExtendLogitsOnALongPrompt) {
   const ModelSpec spec = SmallLlama();
-  Pair m = MakePair(spec, 4);
+  Pair m = MakePair(spec, 4, /*sharpen=*/8.0);
   ASSERT_TRUE(m.gpu && m.cpu);
   const int64_t B = 2, T = 300;
   const auto inputs = RandomTokens(B * T, spec.vocab_size, 6);
@@ -186,10 +199,14 @@ TEST_F(DecodeGpuTest, SelfExtendLogitsOnALongPrompt) {
   const Tensor se_cpu = m.cpu->Logits(inputs, B, T);
   const Tensor se_gpu = m.gpu->Logits(inputs, B, T);
   EXPECT_TRUE(Check("selfextend logits G4 W32 T300", se_gpu, se_cpu, 3e-2));
-  // The check can fail: SelfExtend changes the logits by far more than the band.
-  const double change = RelativeError(plain_cpu, se_cpu);
-  std::printf("SelfExtend vs plain logits (CPU) rel diff %.3e\n", change);
-  EXPECT_GT(change, 0.1);
+  // The check can fail: the GPU's SelfExtend logits must lie closer to the CPU's SelfExtend
+  // logits than to the CPU's plain ones (a GPU that ignored SelfExtend would not). On an H200
+  // (2026-11-26): SelfExtend moves the CPU logits by 1.14e-2, the GPU error is 4.64e-3.
+  const Tensor g = se_gpu.ToDevice(Device::kCpu).To(DType::kF64);
+  const double to_se = RelativeError(g, se_cpu), to_plain = RelativeError(g, plain_cpu);
+  std::printf("SelfExtend vs plain logits (CPU) rel diff %.3e; GPU SelfExtend logits: to CPU SelfExtend %.3e, "
+              "to CPU plain %.3e\n", RelativeError(plain_cpu, se_cpu), to_se, to_plain);
+  EXPECT_LT(to_se, to_plain);
 }
 
 // 32 decode steps on both devices; every head's logits compared at every step.
