@@ -1,6 +1,7 @@
 // A second seam between ops/ and CUDA, for what the training backend (ops/cuda_backend.h) does
 // not cover: RoPE on part of a head and at SelfExtend / decode positions, the SelfExtend forward
-// of the fused attention kernel, and single-token attention over a key/value cache. Implemented
+// of the fused attention kernel, single-token attention over a key/value cache, and the
+// one-token recurrent steps (conv1d window, SSD, sLSTM, mLSTM) of incremental decoding. Implemented
 // and registered (static initialiser) by `//ops:cuda_infer_impl` (kernels: ops/cuda_infer.cu),
 // which `//ops:cuda_backend` links; every op is ordered on Cuda().ComputeStream().
 // Kept apart from cuda_backend.h so inference features do not touch the training backend.
