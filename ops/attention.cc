@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/gemm.h"
 #include "ops/parallel.h"
 
@@ -263,6 +264,159 @@ void BackwardCpu(const AttentionSaved& s, const Tensor& dout, const AttentionOpt
   }
 }
 
+// ---------------------------------------------------------------- CUDA core op
+
+const void* ByteAt(const Tensor& t, int64_t elements) {
+  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+void* MutByteAt(const Tensor& t, int64_t elements) {
+  return static_cast<char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+
+// Rotates `heads` heads starting at element `col` of each row of x [rows, row_stride] (bf16, in
+// place) at positions offset + r % seq, grouped (p / group + shift) when group > 0.
+void RopeCuda(const Tensor& x, int64_t col, int64_t rows, int64_t seq, int64_t heads, int64_t row_stride,
+              const AttentionOptions& o, int64_t offset, int64_t group, int64_t shift, bool inverse) {
+  CudaRopeArgs r;
+  r.x = MutByteAt(x, col);
+  r.rows = rows; r.seq = seq; r.heads = heads; r.head_dim = o.head_dim;
+  r.rotary_dim = o.rotary_dim > 0 ? o.rotary_dim : o.head_dim;
+  r.row_stride = row_stride; r.offset = offset; r.group = group; r.shift = shift;
+  r.theta = o.rope_theta; r.inverse = inverse;
+  if (rows > 0) CudaInfer().Rope(r);
+}
+
+int64_t GroupedQueryShift(const AttentionOptions& o) {
+  return o.self_extend_window - o.self_extend_window / o.self_extend_group;
+}
+
+CudaAttention CudaArgs(const AttentionSaved& s, const AttentionOptions& o, const Tensor& qkv) {
+  const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, width = qd + 2 * kvd;
+  CudaAttention a;
+  a.batch = s.batch; a.seq = s.seq; a.heads = o.heads; a.kv_heads = o.kv_heads; a.head_dim = o.head_dim;
+  a.q = qkv.raw(); a.k = ByteAt(qkv, qd); a.v = ByteAt(qkv, qd + kvd);
+  a.q_row_stride = width; a.kv_row_stride = width;
+  a.out = s.out.raw();
+  a.lse = static_cast<float*>(s.lse.raw());
+  return a;
+}
+
+Tensor ForwardCudaCore(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
+                       const AttentionOptions& o, AttentionSaved* saved) {
+  const int64_t rows = batch * seq, qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, width = qd + 2 * kvd;
+  for (const Tensor* t : {&q, &k, &v})
+    GYRE_CHECK(IsCuda(*t) && t->dtype() == DType::kBF16, "causal_attention: CUDA q/k/v must be bf16");
+  *saved = AttentionSaved();
+  saved->batch = batch;
+  saved->seq = seq;
+  saved->qkv = ConcatColumns({q.Reshape({rows, qd}), k.Reshape({rows, kvd}), v.Reshape({rows, kvd})});
+  Tensor grouped;
+  const bool se = o.self_extend_group > 0;
+  if (se) {
+    GYRE_CHECK(o.head_dim == 64 || o.head_dim == 128,
+               "no CUDA kernel yet for SelfExtend attention with head_dim %ld (fused kernel: 64 or 128)",
+               (long)o.head_dim);
+    grouped = saved->qkv.Clone();
+    RopeCuda(grouped, 0, rows, seq, o.heads, width, o, 0, o.self_extend_group, GroupedQueryShift(o), false);
+    RopeCuda(grouped, qd, rows, seq, o.kv_heads, width, o, 0, o.self_extend_group, 0, false);
+  }
+  RopeCuda(saved->qkv, 0, rows, seq, o.heads, width, o, 0, 0, 0, false);
+  RopeCuda(saved->qkv, qd, rows, seq, o.kv_heads, width, o, 0, 0, 0, false);
+  saved->out = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  saved->lse = Tensor::Empty({batch, o.heads, seq}, DType::kF32, Device::kCuda);
+  if (rows > 0) {
+    const CudaAttention a = CudaArgs(*saved, o, saved->qkv);
+    if (se) {
+      CudaInfer().AttentionForwardSelfExtend(a, grouped.raw(), ByteAt(grouped, qd), o.self_extend_group,
+                                             o.self_extend_window);
+    } else {
+      Cuda().AttentionForward(a);
+    }
+  }
+  return saved->out.Reshape(q.shape());
+}
+
+void BackwardCudaCore(const AttentionSaved& s, const Tensor& dout, const AttentionOptions& o, Tensor* dq, Tensor* dk,
+                      Tensor* dv) {
+  GYRE_CHECK(o.self_extend_group == 0, "SelfExtend is an inference mode: no CUDA backward for it");
+  GYRE_CHECK(s.qkv.defined(), "attention backward without forward");
+  GYRE_CHECK(IsCuda(dout) && dout.dtype() == DType::kBF16 && dout.numel() == s.out.numel(),
+             "attention: CUDA dout must be bf16 like out");
+  const int64_t rows = s.batch * s.seq, qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
+  const int64_t width = qd + 2 * kvd;
+  Tensor dqkv = Tensor::Empty({rows, width}, DType::kBF16, Device::kCuda);
+  if (rows > 0) {
+    CudaAttention a = CudaArgs(s, o, s.qkv);
+    a.dout = dout.raw();
+    a.dq = dqkv.raw(); a.dk = MutByteAt(dqkv, qd); a.dv = MutByteAt(dqkv, qd + kvd);
+    Cuda().AttentionBackward(a);
+  }
+  RopeCuda(dqkv, 0, rows, s.seq, o.heads, width, o, 0, 0, 0, true);
+  RopeCuda(dqkv, qd, rows, s.seq, o.kv_heads, width, o, 0, 0, 0, true);
+  *dq = SliceColumns(dqkv, 0, qd);
+  *dk = SliceColumns(dqkv, qd, qd + kvd);
+  *dv = SliceColumns(dqkv, qd + kvd, width);
+}
+
+// Appends `src` [B, cols] as row `t` of buf [B, capacity, cols].
+void AppendRow(const Tensor& buf, int64_t t, const Tensor& src) {
+  const int64_t B = buf.dim(0), cap = buf.dim(1), cols = buf.dim(2);
+  Cuda().Copy2D(MutByteAt(buf, t * cols), cap * cols * 2, src.raw(), cols * 2, cols * 2, B);
+}
+
+// Grows buf [B, cap, cols] to capacity `cap_new`, keeping its first `t` rows.
+Tensor Grow(const Tensor& buf, int64_t B, int64_t cols, int64_t t, int64_t cap_new) {
+  Tensor grown = Tensor::Empty({B, cap_new, cols}, DType::kBF16, Device::kCuda);
+  if (buf.defined() && t > 0) {
+    const int64_t cap = buf.dim(1);
+    Cuda().Copy2D(grown.raw(), cap_new * cols * 2, buf.raw(), cap * cols * 2, t * cols * 2, B);
+  }
+  return grown;
+}
+
+Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& o, KvCache* cache) {
+  const int64_t B = q.rows(), H = o.heads, Hk = o.kv_heads, D = o.head_dim, qd = H * D, kvd = Hk * D;
+  for (const Tensor* x : {&q, &k, &v})
+    GYRE_CHECK(IsCuda(*x) && x->dtype() == DType::kBF16, "attention decode: CUDA q/k/v must be bf16");
+  GYRE_CHECK(q.cols() == qd && k.cols() == kvd && v.cols() == kvd && k.rows() == B && v.rows() == B,
+             "attention decode shapes q %s k %s", ShapeString(q.shape()).c_str(), ShapeString(k.shape()).c_str());
+  GYRE_CHECK(cache->v.empty(), "attention decode: a CPU cache fed CUDA tensors");
+  const bool se = o.self_extend_group > 0;
+  const int64_t t = cache->cuda_length;
+  GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == B, "attention decode: batch changed from %ld to %ld",
+             (long)cache->cuda_k.dim(0), (long)B);
+  GYRE_CHECK(t == 0 || se == cache->cuda_k_grouped.defined(), "SelfExtend switched in the middle of decoding");
+  if (!cache->cuda_k.defined() || t == cache->cuda_k.dim(1)) {
+    const int64_t cap = std::max<int64_t>(64, 2 * t);
+    cache->cuda_k = Grow(cache->cuda_k, B, kvd, t, cap);
+    cache->cuda_v = Grow(cache->cuda_v, B, kvd, t, cap);
+    if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, B, kvd, t, cap);
+  }
+  const int64_t cap = cache->cuda_k.dim(1);
+  AppendRow(cache->cuda_k, t, k);
+  RopeCuda(cache->cuda_k, t * kvd, B, 1, Hk, cap * kvd, o, t, 0, 0, false);
+  AppendRow(cache->cuda_v, t, v);
+  Tensor qn = q.Clone(), qg;
+  RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false);
+  if (se) {
+    AppendRow(cache->cuda_k_grouped, t, k);
+    RopeCuda(cache->cuda_k_grouped, t * kvd, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false);
+    qg = q.Clone();
+    RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false);
+  }
+  cache->cuda_length = t + 1;
+  Tensor out = Tensor::Empty({B, qd}, DType::kBF16, Device::kCuda);
+  CudaAttentionDecodeArgs a;
+  a.batch = B; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = t + 1;
+  a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
+  a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
+  a.cache_batch_stride = cap * kvd;
+  a.window = se ? o.self_extend_window : 0;
+  a.out = out.raw();
+  CudaInfer().AttentionDecode(a);
+  return out;
+}
+
 void CheckOptions(const AttentionOptions& o) {
   GYRE_CHECK(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0, "heads %ld kv_heads %ld",
              (long)o.heads, (long)o.kv_heads);
@@ -289,8 +443,14 @@ Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, 
 
 Tensor CausalAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch,
                               int64_t seq, const AttentionOptions& options, AttentionSaved* saved) {
-  CheckCpu(q, "causal_attention");
   CheckOptions(options);
+  if (IsCuda(q)) {
+    GYRE_CHECK(q.numel() == batch * seq * options.heads * options.head_dim &&
+                   k.numel() == batch * seq * options.kv_heads * options.head_dim && v.numel() == k.numel(),
+               "attention q %s k %s", ShapeString(q.shape()).c_str(), ShapeString(k.shape()).c_str());
+    return ForwardCudaCore(q, k, v, batch, seq, options, saved);
+  }
+  CheckCpu(q, "causal_attention");
   GYRE_CHECK(q.numel() == batch * seq * options.heads * options.head_dim, "attention q %s",
              ShapeString(q.shape()).c_str());
   GYRE_CHECK(k.numel() == batch * seq * options.kv_heads * options.head_dim &&
@@ -308,6 +468,7 @@ Tensor CausalAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v,
 
 void CausalAttentionBackward(const AttentionSaved& saved, const Tensor& dout,
                              const AttentionOptions& options, Tensor* dq, Tensor* dk, Tensor* dv) {
+  if (IsCuda(dout)) return BackwardCudaCore(saved, dout, options, dq, dk, dv);
   CheckCpu(dout, "causal_attention_backward");
   GYRE_CHECK(saved.q.defined(), "attention backward without forward");
   GYRE_CHECK(dout.numel() == saved.out.numel(), "attention dout %s", ShapeString(dout.shape()).c_str());
@@ -326,8 +487,6 @@ SelfAttention::SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOpti
 
 Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const AttentionOptions& o = options_;
-  GYRE_CHECK(o.self_extend_group == 0, "no CUDA kernel yet for SelfExtend attention");
-  GYRE_CHECK(o.rotary_dim == 0 || o.rotary_dim == o.head_dim, "no CUDA kernel yet for partial rotary");
   const int64_t rows = x.rows(), qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, width = qd + 2 * kvd;
   GYRE_CHECK(rows == batch * seq, "attention: %ld rows for batch %ld x seq %ld", (long)rows, (long)batch, (long)seq);
   Tensor w, gw;
@@ -396,14 +555,18 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
 }
 
 Tensor SelfAttention::Forward(const Tensor& x, int64_t batch, int64_t seq) {
-  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
+  // Whole-head rotary without SelfExtend: the fused-projection path; otherwise (either device)
+  // the separate projections around the device-dispatched core op.
+  fused_cuda_ = IsCuda(x) && options_.self_extend_group == 0 &&
+                (options_.rotary_dim == 0 || options_.rotary_dim == options_.head_dim);
+  if (fused_cuda_) return ForwardCuda(x, batch, seq);
   Tensor q = q_proj_.Forward(x), k = k_proj_.Forward(x), v = v_proj_.Forward(x);
   Tensor a = CausalAttentionForward(q, k, v, batch, seq, options_, &saved_);
   return o_proj_.Forward(a);
 }
 
 Tensor SelfAttention::Backward(const Tensor& dy) {
-  if (IsCuda(dy)) return BackwardCuda(dy);
+  if (fused_cuda_) return BackwardCuda(dy);
   Tensor da = o_proj_.Backward(dy);
   Tensor dq, dk, dv;
   CausalAttentionBackward(saved_, da, options_, &dq, &dk, &dv);
@@ -424,8 +587,9 @@ void SelfAttention::ReleaseActivations() {
 
 Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& o,
                              KvCache* cache) {
-  CheckCpu(q, "causal_attention_decode");
   CheckOptions(o);
+  if (IsCuda(q)) return DecodeCuda(q, k, v, o, cache);
+  CheckCpu(q, "causal_attention_decode");
   const int64_t B = q.rows(), H = o.heads, Hk = o.kv_heads, D = o.head_dim, group = H / Hk;
   GYRE_CHECK(q.cols() == H * D && k.cols() == Hk * D && v.cols() == Hk * D && k.rows() == B && v.rows() == B,
              "attention decode shapes q %s k %s", ShapeString(q.shape()).c_str(), ShapeString(k.shape()).c_str());

@@ -39,7 +39,10 @@ struct AttentionSaved {
   Tensor qkv, x;
 };
 
-// The device-dispatched core op.
+// The device-dispatched core op. CUDA (bf16 q/k/v): q|k|v are packed into one rotated buffer
+// (partial rotary and SelfExtend positions through ops/cuda_infer.h), the fused kernel runs on
+// it (SelfExtend in the same kernel, forward only: backward with SelfExtend is refused, as
+// SelfExtend is an inference mode); dq/dk/dv come back as [B*T, features].
 Tensor CausalAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch,
                               int64_t seq, const AttentionOptions& options, AttentionSaved* saved);
 // Overwrites *dq, *dk, *dv (allocated here).
@@ -53,9 +56,13 @@ Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, 
 
 // Key/value cache for incremental decoding: per past position, the keys rotated at their
 // neighbour (and SelfExtend grouped) positions and the values, each [B, Hk*D].
+// CUDA: instead three bf16 buffers [B, capacity, Hk*D] (capacity doubles when full, so appending
+// is amortised O(1) and the decode kernel reads one strided array), `cuda_length` rows filled.
 struct KvCache {
   std::vector<Tensor> k_neighbour, k_grouped, v;
-  int64_t length() const { return static_cast<int64_t>(v.size()); }
+  Tensor cuda_k, cuda_k_grouped, cuda_v;
+  int64_t cuda_length = 0;
+  int64_t length() const { return cuda_k.defined() ? cuda_length : static_cast<int64_t>(v.size()); }
 };
 
 // One decoding step: q [B, H*D], k/v [B, Hk*D] of the token at position cache->length();
@@ -69,7 +76,8 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
 // CUDA (bf16): q/k/v land in one [B*T, (H + 2 Hk) D] buffer (one GEMM when the three weights lie
 // back to back in the store's flat buffers), RoPE rotates q and k in place there, and the causal
 // attention kernel reads them through row strides; backward mirrors it (dq|dk|dv in one buffer,
-// inverse RoPE in place, one dX and one dW GEMM). Whole-head rotary, no SelfExtend on CUDA.
+// inverse RoPE in place, one dX and one dW GEMM). With partial rotary or SelfExtend on CUDA the
+// layer runs the separate projections around the device-dispatched core op instead.
 class SelfAttention {
  public:
   SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options);
@@ -93,6 +101,7 @@ class SelfAttention {
   const ParamStore* store_;
   Linear q_proj_, k_proj_, v_proj_, o_proj_;
   AttentionSaved saved_;
+  bool fused_cuda_ = false;  // the last Forward took ForwardCuda
 };
 
 }  // namespace gyre::ops

@@ -157,8 +157,10 @@ Linear::Linear(const BuildContext& ctx, int64_t in, int64_t out, bool bias)
 Tensor Linear::Forward(const Tensor& x) {
   x_ = x;
   if (IsCuda(x)) {
-    GYRE_CHECK(bias_ == nullptr, "no CUDA kernel yet for a Linear with bias (%s)", weight_->name.c_str());
-    return LinearForward(x, weight_->compute);
+    Tensor y = LinearForward(x, weight_->compute);
+    // The fp32 master bias added in the bf16 output's rounding (ops/recurrent_cuda.h).
+    if (bias_ != nullptr && y.rows() > 0) Cuda().AddColumnBias(y.raw(), y.rows(), out_, out_, bias_->value.data<float>());
+    return y;
   }
   Tensor y = LinearForward(x, weight_->value);
   if (bias_ != nullptr) {
@@ -175,6 +177,10 @@ Tensor Linear::Forward(const Tensor& x) {
 Tensor Linear::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "Linear::Backward without Forward");
   if (IsCuda(x_)) {
+    if (bias_ != nullptr && dy.rows() > 0) {
+      CheckCudaBf16(dy, "linear dy");
+      Cuda().ColumnSum(dy.raw(), dy.rows(), out_, out_, bias_->grad.data<float>());
+    }
     Tensor dx = LinearBackward(x_, weight_->compute, dy, &weight_->grad);
     x_ = Tensor();
     return dx;
@@ -425,8 +431,8 @@ Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
 
 // Grouped and 1+w norms on CUDA (ops/recurrent_cuda.h): fp32 statistics [rows, groups], the
 // scale read from the fp32 master weight.
+// A bias is one more pass: y += b (fp32 master) after the kernel, db += Σ_rows dy before.
 Tensor Norm::ForwardGroupedCuda(const Tensor& x) {
-  GYRE_CHECK(bias_ == nullptr, "no CUDA kernel yet for a grouped or 1+w norm with bias");
   const int64_t rows = x.rows();
   const bool layer = opt_.kind == NormOptions::kLayer;
   rstd_ = Tensor::Empty({rows * opt_.groups}, DType::kF32, Device::kCuda);
@@ -445,6 +451,7 @@ Tensor Norm::ForwardGroupedCuda(const Tensor& x) {
   a.mean = layer ? mean_.data<float>() : nullptr;
   a.rstd = rstd_.data<float>();
   if (rows > 0) Cuda().GroupNorm(false, a);
+  if (bias_ != nullptr && rows > 0) Cuda().AddColumnBias(y.raw(), rows, dim_, dim_, bias_->value.data<float>());
   return y;
 }
 
@@ -467,6 +474,7 @@ Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
   a.dx = dx.raw();
   a.dweight = weight_ ? weight_->grad.data<float>() : nullptr;
   if (rows > 0) Cuda().GroupNorm(true, a);
+  if (bias_ != nullptr && rows > 0) Cuda().ColumnSum(dy.raw(), rows, dim_, dim_, bias_->grad.data<float>());
   x_ = rstd_ = mean_ = Tensor();
   return dx;
 }

@@ -23,10 +23,13 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
   auto unsupported = [](const std::string& what) {
     return absl::UnimplementedError(absl::StrCat("no CUDA kernel yet for ", what));
   };
-  if (attention) {
-    if (!spec.attn_mlp || spec.attn_qkv_conv > 0) return unsupported("the Mamba-2 hybrids' attention mixer block");
-    if (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim) return unsupported("partial rotary attention");
-  }
+  // Attention: Llama blocks and the hybrids' mixer (partial rotary through ops/cuda_infer.h, the
+  // qkv conv through the CUDA conv1d); the plain fallback kernel covers head dims other than
+  // 64 / 128 (SelfExtend needs 64 or 128 and says so when it is switched on).
+  if (attention && spec.attn_qkv_conv > 4)
+    return unsupported(absl::StrCat("attention qkv conv width ", spec.attn_qkv_conv, " (CUDA conv1d: 1..4)"));
+  if (attention && spec.attn_head_dim > 256)
+    return unsupported(absl::StrCat("attention head dim ", spec.attn_head_dim, " (CUDA: <= 256)"));
   if ((mlstm || slstm) && (spec.conv_kernel < 1 || spec.conv_kernel > 4))
     return unsupported(absl::StrCat("conv_kernel ", spec.conv_kernel, " (CUDA conv1d: 1..4)"));
   if (mlstm) {

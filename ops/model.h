@@ -63,7 +63,8 @@ class LanguageModel {
   // conv window or key/value cache for `batch` sequences. DecodeStep feeds one token per
   // sequence (tokens [batch]) and returns, per MTP head k = 1..n, the logits [batch, vocab] for
   // the token k positions ahead (head 1 = next token; heads 2..n are the drafts for
-  // self-speculative decoding). Stepping through a sequence reproduces Logits().
+  // self-speculative decoding). Stepping through a sequence reproduces Logits(). On CUDA the
+  // states live on the device (KV caches: ops/attention.h; recurrent: recurrent_step_cuda.cc).
   struct DecodeState {
     int64_t batch = 0;
     int64_t position = 0;

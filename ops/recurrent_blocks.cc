@@ -585,6 +585,7 @@ void Mamba2Block::ReleaseActivations() {
 // ---------------------------------------------------------------- incremental decoding
 
 Tensor CausalConv1d::Step(const Tensor& x, Tensor* state) {
+  if (IsCuda(x)) return StepCuda(x, state);
   CheckCpu(x, "conv1d_step");
   GYRE_CHECK(x.cols() == channels_ && state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step shapes");
   Tensor y = Tensor::EmptyLike(x);
@@ -622,6 +623,7 @@ std::unique_ptr<BlockState> MlstmBlock::NewState(int64_t batch) const {
 
 Tensor MlstmBlock::Step(const Tensor& x, BlockState* state) {
   auto* st = static_cast<MlstmState*>(state);
+  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->c, &st->n, &st->m);
   const int64_t B = x.rows(), dk = p_ / heads_;
   Tensor up = up_.Forward(norm_.Forward(x));
   Tensor xm = SliceColumns(up, 0, p_), z = SliceColumns(up, p_, 2 * p_);
@@ -652,6 +654,7 @@ std::unique_ptr<BlockState> SlstmBlock::NewState(int64_t batch) const {
 
 Tensor SlstmBlock::Step(const Tensor& x, BlockState* state) {
   auto* st = static_cast<SlstmState*>(state);
+  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->h, &st->c, &st->n, &st->m);
   const int64_t B = x.rows(), dh = d_ / heads_;
   Tensor u = norm_.Forward(x);
   Tensor xc = conv_.Step(u, &st->conv);
@@ -685,6 +688,7 @@ std::unique_ptr<BlockState> Mamba2Block::NewState(int64_t batch) const {
 
 Tensor Mamba2Block::Step(const Tensor& x, BlockState* state) {
   auto* st = static_cast<Mamba2State*>(state);
+  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->ssm);
   const int64_t B = x.rows(), gn = groups_ * state_;
   Tensor zx = in_proj_.Forward(norm_.Forward(x));
   Tensor z = SliceColumns(zx, 0, di_);

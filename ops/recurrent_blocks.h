@@ -52,6 +52,7 @@ class CausalConv1d {
   Parameter* bias_;
   Tensor x_;
   int64_t batch_ = 0, seq_ = 0;
+  Tensor StepCuda(const Tensor& x, Tensor* state);  // ops/recurrent_step_cuda.cc
 };
 
 // Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after
@@ -86,6 +87,9 @@ class MlstmBlock : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, xm_, mean_, rstd_;
+  // CUDA decoding (ops/recurrent_step_cuda.cc); the CPU-made state tensors move to the device
+  // on the first step.
+  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* c, Tensor* n, Tensor* m);
 };
 
 class SlstmBlock : public Block {
@@ -112,6 +116,7 @@ class SlstmBlock : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, xc_;
+  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* h, Tensor* c, Tensor* n, Tensor* m);
 };
 
 class Mamba2Block : public Block {
@@ -138,6 +143,7 @@ class Mamba2Block : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, rstd_;
+  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* ssm);
 };
 
 }  // namespace gyre::ops

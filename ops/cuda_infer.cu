@@ -1,0 +1,129 @@
+// Kernels of ops/cuda_infer_kernels.h (the header states the math, bytes and limits).
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/cuda/cuda_check.h"
+#include "ops/cuda_infer_kernels.h"
+
+namespace gyre::ops::cuda_infer {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using gyre::cuda::InvalidArgument;
+
+__global__ void rope_partial_kernel(RopePartialArgs a) {
+  const int64_t half = a.rotary_dim / 2;
+  const int64_t total = a.rows * a.heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t h = (idx / half) % a.heads;
+    const int64_t r = idx / (half * a.heads);
+    int64_t p = a.offset + r % a.seq;
+    if (a.group > 0) p = p / a.group + a.shift;
+    const double inv_freq = pow(a.theta, -2.0 * static_cast<double>(i) / static_cast<double>(a.rotary_dim));
+    double s, c;
+    sincos(static_cast<double>(p) * inv_freq, &s, &c);
+    if (a.inverse) s = -s;
+    bf16* base = static_cast<bf16*>(a.x) + r * a.row_stride + h * a.head_dim;
+    const double x1 = __bfloat162float(base[i]), x2 = __bfloat162float(base[i + half]);
+    base[i] = __float2bfloat16(static_cast<float>(x1 * c - x2 * s));
+    base[i + half] = __float2bfloat16(static_cast<float>(x2 * c + x1 * s));
+  }
+}
+
+constexpr int kDecodeThreads = 128;
+
+__device__ float BlockReduce(float v, bool is_max, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, w) : v + w;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < kDecodeThreads / 32; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+  return r;
+}
+
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(DecodeArgs a) {
+  extern __shared__ float scores[];
+  __shared__ float scratch[kDecodeThreads / 32];
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t hk = h / (a.heads / a.kv_heads);
+  const int64_t D = a.head_dim, T = a.length, kvd = a.kv_heads * D;
+  const float scale = rsqrtf(static_cast<float>(D));
+  const bf16* qn = static_cast<const bf16*>(a.q) + (b * a.heads + h) * D;
+  const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (b * a.heads + h) * D : nullptr;
+  const bf16* kn = static_cast<const bf16*>(a.k) + b * a.cache_batch_stride + hk * D;
+  const bf16* kg = a.k_grouped ? static_cast<const bf16*>(a.k_grouped) + b * a.cache_batch_stride + hk * D : nullptr;
+  const bf16* v = static_cast<const bf16*>(a.v) + b * a.cache_batch_stride + hk * D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Scores: one warp per key, lanes over the head dim.
+  for (int64_t j = warp; j < T; j += kDecodeThreads / 32) {
+    const bool grouped = a.window > 0 && T - 1 - j >= a.window;
+    const bf16* qr = grouped ? qg : qn;
+    const bf16* kr = (grouped ? kg : kn) + j * kvd;
+    float dot = 0.f;
+    for (int64_t d = lane; d < D; d += 32) dot += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (lane == 0) scores[j] = dot * scale;
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < T; j += kDecodeThreads) mx = fmaxf(mx, scores[j]);
+  mx = BlockReduce(mx, true, scratch);
+  float sum = 0.f;
+  for (int64_t j = threadIdx.x; j < T; j += kDecodeThreads) {
+    const float p = __expf(scores[j] - mx);
+    scores[j] = p;
+    sum += p;
+  }
+  sum = BlockReduce(sum, false, scratch);
+  __syncthreads();
+  const float inv = 1.f / sum;
+  bf16* out = static_cast<bf16*>(a.out) + (b * a.heads + h) * D;
+  for (int64_t d = threadIdx.x; d < D; d += kDecodeThreads) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < T; ++j) acc += scores[j] * __bfloat162float(v[j * kvd + d]);
+    out[d] = __float2bfloat16(acc * inv);
+  }
+}
+
+}  // namespace
+
+CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
+  if (a.x == nullptr || a.rows < 0 || a.seq <= 0 || a.heads <= 0 || a.rotary_dim < 2 || a.rotary_dim % 2 != 0 ||
+      a.rotary_dim > a.head_dim || a.row_stride < a.heads * a.head_dim || a.theta <= 0) {
+    return InvalidArgument("rope_partial: bad arguments");
+  }
+  const int64_t total = a.rows * a.heads * (a.rotary_dim / 2);
+  if (total == 0) return {};
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
+  rope_partial_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rope_partial_kernel");
+  return {};
+}
+
+CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
+  if (a.batch <= 0 || a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0 || a.head_dim <= 0 ||
+      a.length <= 0 || !a.q || !a.k || !a.v || !a.out || (a.window > 0 && (!a.q_grouped || !a.k_grouped))) {
+    return InvalidArgument("attention_decode: bad arguments");
+  }
+  const size_t smem = static_cast<size_t>(a.length) * sizeof(float);
+  constexpr size_t kMaxSmem = 200 * 1024;
+  if (smem > kMaxSmem) return InvalidArgument("attention_decode: more than 51200 cached keys");
+  if (smem > 48 * 1024) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kMaxSmem)));
+  }
+  attention_decode_kernel<<<static_cast<unsigned>(a.batch * a.heads), kDecodeThreads, smem, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attention_decode_kernel");
+  return {};
+}
+
+}  // namespace gyre::ops::cuda_infer

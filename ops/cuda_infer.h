@@ -1,0 +1,112 @@
+// A second seam between ops/ and CUDA, for what the training backend (ops/cuda_backend.h) does
+// not cover: RoPE on part of a head and at SelfExtend / decode positions, the SelfExtend forward
+// of the fused attention kernel, single-token attention over a key/value cache, and the
+// one-token recurrent steps (conv1d window, SSD, sLSTM, mLSTM) of incremental decoding. Implemented
+// and registered (static initialiser) by `//ops:cuda_infer_impl` (kernels: ops/cuda_infer.cu),
+// which `//ops:cuda_backend` links; every op is ordered on Cuda().ComputeStream().
+// Kept apart from cuda_backend.h so inference features do not touch the training backend.
+//
+// Thread-safety: the one thread that drives the CUDA backend.
+#pragma once
+
+#include <cstdint>
+
+#include "ops/cuda_backend.h"
+
+namespace gyre::ops {
+
+// Rotary embedding in place on bf16 rows (rotate-half pairing inside the first rotary_dim
+// features of each head, as ops/attention.h). Row r holds `heads` heads of head_dim features at
+// x + r * row_stride; its position is p = offset + r % seq, then with group > 0
+// p = p / group + shift (SelfExtend grouped positions). Angles in float64.
+struct CudaRopeArgs {
+  void* x = nullptr;
+  int64_t rows = 0, seq = 1, heads = 0, head_dim = 0, rotary_dim = 0, row_stride = 0;
+  int64_t offset = 0, group = 0, shift = 0;
+  double theta = 10000.0;
+  bool inverse = false;
+};
+
+// One query token per sequence against a cache of `length` keys (the last one is the query's
+// own). q, q_grouped: [B, H*D] rotated at the neighbour / grouped position; caches
+// [B, capacity, Hk*D] with `cache_batch_stride` elements between sequences. SelfExtend
+// (window > 0): key j uses k_grouped with q_grouped when length - 1 - j >= window.
+struct CudaAttentionDecodeArgs {
+  int64_t batch = 0, heads = 0, kv_heads = 0, head_dim = 0, length = 0;
+  const void* q = nullptr;
+  const void* q_grouped = nullptr;
+  const void* k = nullptr;
+  const void* k_grouped = nullptr;
+  const void* v = nullptr;
+  int64_t cache_batch_stride = 0;
+  int64_t window = 0;
+  void* out = nullptr;  // [B, H*D] bf16, overwritten
+};
+
+// One-token recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward):
+// bf16 activations, fp32 states and parameters (masters), as the training kernels.
+struct CudaConv1dStepArgs {
+  int64_t batch = 0, channels = 0, width = 4;
+  bool silu = false;
+  const void* x = nullptr;  // [B, ldx] bf16
+  int64_t ldx = 0;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  float* state = nullptr;   // [B, K-1, C]
+  void* y = nullptr;        // [B, C] bf16
+};
+struct CudaSsdStepArgs {
+  int64_t batch = 0, heads = 0, head_dim = 0, groups = 1, state_dim = 0;
+  const void* x = nullptr;  // bf16 views of the conv output (row stride ld_xbc)
+  const void* b = nullptr;
+  const void* c = nullptr;
+  int64_t ld_xbc = 0;
+  const float* dt = nullptr;
+  const float* a_log = nullptr;
+  const float* dt_bias = nullptr;
+  const float* d = nullptr;
+  float* state = nullptr;
+  void* y = nullptr;
+};
+struct CudaSlstmStepArgs {
+  int64_t batch = 0, heads = 0, head_dim = 0;
+  const void* gx = nullptr;  // [B, 4, d] bf16 (bias included)
+  const void* r = nullptr;   // [NH, 4, dh, dh] bf16
+  float *h = nullptr, *c = nullptr, *n = nullptr, *m = nullptr;
+  void* h_out = nullptr;
+};
+struct CudaMlstmStepArgs {
+  int64_t batch = 0, heads = 0, dk = 0, dv = 0;
+  bool sigmoid_forget = true;
+  double eps = 1e-6;
+  const void* q = nullptr;  // [B, NH, dk] bf16
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* ig = nullptr;  // [B, NH]
+  const float* fg = nullptr;
+  float *c = nullptr, *n = nullptr, *m = nullptr;
+  void* h = nullptr;  // [B, NH, dv] bf16
+};
+
+class CudaInference {
+ public:
+  virtual ~CudaInference() = default;
+  virtual void Rope(const CudaRopeArgs& a) = 0;
+  // The fused attention forward (kernels/cuda/attention.h) with SelfExtend: q_grouped/k_grouped
+  // have the layout and strides of a.q / a.k. head_dim 64 or 128.
+  virtual void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped,
+                                          int64_t group, int64_t window) = 0;
+  virtual void AttentionDecode(const CudaAttentionDecodeArgs& a) = 0;
+  virtual void Conv1dStep(const CudaConv1dStepArgs& a) = 0;
+  virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
+  virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;
+  virtual void MlstmStep(const CudaMlstmStepArgs& a) = 0;
+};
+
+// The registered implementation, or null in a binary built without CUDA.
+CudaInference* CudaInferenceOrNull();
+// Aborts with a clear message when there is none.
+CudaInference& CudaInfer();
+void RegisterCudaInference(CudaInference* impl);
+
+}  // namespace gyre::ops

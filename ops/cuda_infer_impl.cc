@@ -1,0 +1,110 @@
+// Implements and registers ops/cuda_infer.h on the CUDA backend's stream.
+#include <cstdio>
+#include <cstdlib>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/mlstm.h"
+#include "kernels/cuda/ssm_step.h"
+#include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
+#include "ops/cuda_infer_kernels.h"
+
+namespace gyre::ops {
+namespace {
+
+namespace kc = gyre::cuda;
+using bf16 = __nv_bfloat16;
+
+void OkOrDie(const kc::CudaResult& r, const char* what) {
+  if (r.ok()) return;
+  std::fprintf(stderr, "CUDA inference op %s failed: %s\n", what, r.message.c_str());
+  std::abort();
+}
+
+class CudaInferenceImpl final : public CudaInference {
+ public:
+  void Rope(const CudaRopeArgs& a) override {
+    cuda_infer::RopePartialArgs r;
+    r.x = a.x; r.rows = a.rows; r.seq = a.seq; r.heads = a.heads; r.head_dim = a.head_dim;
+    r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
+    r.row_stride = a.row_stride; r.offset = a.offset; r.group = a.group; r.shift = a.shift;
+    r.theta = a.theta; r.inverse = a.inverse;
+    OkOrDie(cuda_infer::RopePartial(r, Stream()), "rope");
+  }
+
+  void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped, int64_t group,
+                                  int64_t window) override {
+    kc::AttentionForwardArgs f;
+    f.shape.batch = a.batch; f.shape.seq = a.seq; f.shape.heads = a.heads; f.shape.kv_heads = a.kv_heads;
+    f.shape.head_dim = a.head_dim;
+    f.q = static_cast<const bf16*>(a.q);
+    f.k = static_cast<const bf16*>(a.k);
+    f.v = static_cast<const bf16*>(a.v);
+    f.q_row_stride = a.q_row_stride;
+    f.kv_row_stride = a.kv_row_stride;
+    f.self_extend_group = group;
+    f.self_extend_window = window;
+    f.q_grouped = static_cast<const bf16*>(q_grouped);
+    f.k_grouped = static_cast<const bf16*>(k_grouped);
+    f.out = static_cast<bf16*>(a.out);
+    f.lse = a.lse;
+    OkOrDie(kc::AttentionForward(f, Stream()), "self-extend attention forward");
+  }
+
+  void AttentionDecode(const CudaAttentionDecodeArgs& a) override {
+    cuda_infer::DecodeArgs d;
+    d.batch = a.batch; d.heads = a.heads; d.kv_heads = a.kv_heads; d.head_dim = a.head_dim; d.length = a.length;
+    d.q = a.q; d.q_grouped = a.q_grouped; d.k = a.k; d.k_grouped = a.k_grouped; d.v = a.v;
+    d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
+    OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
+  }
+
+  void Conv1dStep(const CudaConv1dStepArgs& a) override {
+    kc::Conv1dStepArgs k;
+    k.batch = a.batch; k.channels = a.channels; k.width = a.width; k.silu = a.silu;
+    k.x = static_cast<const bf16*>(a.x); k.ldx = a.ldx; k.w = a.w; k.bias = a.bias; k.state = a.state;
+    k.y = static_cast<bf16*>(a.y);
+    OkOrDie(kc::Conv1dStep(k, Stream()), "conv1d step");
+  }
+
+  void SsdStep(const CudaSsdStepArgs& a) override {
+    kc::SsdStepArgs k;
+    k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim; k.groups = a.groups; k.state_dim = a.state_dim;
+    k.x = static_cast<const bf16*>(a.x); k.b = static_cast<const bf16*>(a.b); k.c = static_cast<const bf16*>(a.c);
+    k.ld_xbc = a.ld_xbc; k.dt = a.dt; k.a_log = a.a_log; k.dt_bias = a.dt_bias; k.d = a.d; k.state = a.state;
+    k.y = static_cast<bf16*>(a.y);
+    OkOrDie(kc::SsdStep(k, Stream()), "ssd step");
+  }
+
+  void SlstmStep(const CudaSlstmStepArgs& a) override {
+    kc::SlstmStepArgs k;
+    k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim;
+    k.gx = static_cast<const bf16*>(a.gx); k.r = static_cast<const bf16*>(a.r);
+    k.h = a.h; k.c = a.c; k.n = a.n; k.m = a.m; k.h_out = static_cast<bf16*>(a.h_out);
+    OkOrDie(kc::SlstmStep(k, Stream()), "slstm step");
+  }
+
+  void MlstmStep(const CudaMlstmStepArgs& a) override {
+    kc::MlstmShape shape;
+    shape.batch = a.batch; shape.seq_len = 1; shape.num_heads = a.heads; shape.dk = a.dk; shape.dv = a.dv;
+    kc::MlstmOptions options;
+    options.forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
+    options.eps = a.eps;
+    kc::MlstmDeviceState<float> state{a.c, a.n, a.m};
+    OkOrDie(kc::MlstmStepForward(shape, options, static_cast<const bf16*>(a.q), static_cast<const bf16*>(a.k),
+                                 static_cast<const bf16*>(a.v), a.ig, a.fg, state, static_cast<bf16*>(a.h), Stream()),
+            "mlstm step");
+  }
+
+ private:
+  static cudaStream_t Stream() { return static_cast<cudaStream_t>(Cuda().ComputeStream()); }
+};
+
+const bool registered = [] {
+  static CudaInferenceImpl impl;
+  RegisterCudaInference(&impl);
+  return true;
+}();
+
+}  // namespace
+}  // namespace gyre::ops

@@ -1,0 +1,187 @@
+// CUDA incremental decoding of the recurrent blocks (Block::Step on CUDA tensors): the same
+// layers as each block's ForwardCuda (ops/recurrent_blocks.cc) at one token, with the cell's
+// one-step kernel (ops/cuda_infer.h: conv1d window, SSD state, sLSTM, mLSTM) in place of the
+// sequence kernel. States stay fp32 on the device; the CPU-made zero states of NewState are
+// moved there on the first step (fp32, exact). Stepping equals the full forward up to bf16
+// rounding (decode_gpu_test checks both against the CPU in float64).
+#include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
+#include "ops/recurrent_blocks.h"
+
+namespace gyre::ops {
+namespace {
+
+void OnDevice(Tensor* t) {
+  if (!IsCuda(*t)) *t = t->To(DType::kF32).ToDevice(Device::kCuda);
+}
+
+const void* Bytes(const Tensor& t, int64_t elements) {
+  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
+}
+
+// y [rows, n] = x [rows, k] · W[r0 : r0 + n, :]ᵀ (W the bf16 compute copy [*, k]); y bf16 or f32.
+Tensor RowsGemm(const Tensor& x, const Parameter& w, int64_t r0, int64_t n, bool f32) {
+  const int64_t rows = x.rows(), k = x.cols();
+  Tensor y = Tensor::Empty({rows, n}, f32 ? DType::kF32 : DType::kBF16, Device::kCuda);
+  CudaGemm g;
+  g.trans_b = true;
+  g.m = rows; g.n = n; g.k = k;
+  g.a = x.raw(); g.lda = k;
+  g.b = Bytes(w.compute, r0 * k); g.ldb = k;
+  g.c = y.raw(); g.ldc = n; g.c_f32 = f32;
+  Cuda().Gemm(g);
+  return y;
+}
+
+}  // namespace
+
+Tensor CausalConv1d::StepCuda(const Tensor& x, Tensor* state) {
+  GYRE_CHECK(x.dtype() == DType::kBF16 && x.cols() == channels_, "conv1d step: CUDA x %s", ShapeString(x.shape()).c_str());
+  OnDevice(state);
+  GYRE_CHECK(state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step: state %s",
+             ShapeString(state->shape()).c_str());
+  Tensor y = Tensor::Empty({x.rows(), channels_}, DType::kBF16, Device::kCuda);
+  CudaConv1dStepArgs a;
+  a.batch = x.rows(); a.channels = channels_; a.width = width_; a.silu = silu_;
+  a.x = x.raw(); a.ldx = channels_;
+  a.w = weight_->value.data<float>();
+  a.bias = bias_->value.data<float>();
+  a.state = state->data<float>();
+  a.y = y.raw();
+  if (a.batch > 0) CudaInfer().Conv1dStep(a);
+  return y;
+}
+
+Tensor Mamba2Block::StepCuda(const Tensor& x, Tensor* conv, Tensor* ssm) {
+  const int64_t B = x.rows(), gn = groups_ * state_, cx = di_ + 2 * gn;
+  OnDevice(ssm);
+  Tensor u = norm_.Forward(x);
+  Tensor z = RowsGemm(u, *in_proj_.weight(), 0, di_, false);
+  Tensor xbc_in = RowsGemm(u, *in_proj_.weight(), di_, cx, false);
+  Tensor dt = RowsGemm(u, *in_proj_.weight(), di_ + cx, heads_, /*f32=*/true);
+  Tensor xbc = conv_.Step(xbc_in, conv);
+  Tensor y = Tensor::Empty({B, di_}, DType::kBF16, Device::kCuda);
+  CudaSsdStepArgs s;
+  s.batch = B; s.heads = heads_; s.head_dim = head_dim_; s.groups = groups_; s.state_dim = state_;
+  s.x = xbc.raw(); s.b = Bytes(xbc, di_); s.c = Bytes(xbc, di_ + gn); s.ld_xbc = cx;
+  s.dt = dt.data<float>();
+  s.a_log = a_log_->value.data<float>(); s.dt_bias = dt_bias_->value.data<float>(); s.d = d_skip_->value.data<float>();
+  s.state = ssm->data<float>();
+  s.y = y.raw();
+  CudaInfer().SsdStep(s);
+  // RMSNorm_G(y ⊙ SiLU(z)), as ForwardCuda.
+  Tensor gnorm = Tensor::Empty({B, di_}, DType::kBF16, Device::kCuda);
+  Tensor rstd = Tensor::Empty({B * groups_}, DType::kF32, Device::kCuda);
+  GroupNormArgs n;
+  n.mode = NormMode::kGatedInput;
+  n.rows = B; n.dim = di_; n.groups = groups_;
+  n.eps = 1e-5f;
+  n.x = y.raw();
+  n.weight = gated_norm_.weight()->value.data<float>();
+  n.z = z.raw(); n.ldz = di_;
+  n.y = gnorm.raw();
+  n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  Tensor out = Add(x, out_proj_.Forward(gnorm).Reshape(x.shape()));
+  ReleaseActivations();
+  return out;
+}
+
+Tensor MlstmBlock::StepCuda(const Tensor& x, Tensor* conv, Tensor* c, Tensor* n, Tensor* m) {
+  const int64_t B = x.rows(), p = p_, dk = p_ / heads_;
+  for (Tensor* t : {c, n, m}) OnDevice(t);
+  Tensor u = norm_.Forward(x);
+  Tensor xm = RowsGemm(u, *up_.weight(), 0, p, false);
+  Tensor z = RowsGemm(u, *up_.weight(), p, p, false);
+  Tensor xc = conv_.Step(xm, conv);
+  Tensor q = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
+  Tensor k = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
+  Tensor v = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
+  const int64_t bs = q_.weight()->value.dim(1);
+  for (auto [src, layer, dst] : {std::tuple{&xc, &q_, &q}, std::tuple{&xc, &k_, &k}, std::tuple{&xm, &v_, &v}}) {
+    BlockDiagArgs a;
+    a.rows = B; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
+    a.x = src->raw(); a.ldx = p;
+    a.w = layer->weight()->value.data<float>();
+    a.y = dst->raw(); a.ldy = p;
+    Cuda().BlockDiag(false, a);
+  }
+  Tensor ig = Tensor::Empty({B, heads_}, DType::kF32, Device::kCuda);
+  Tensor fg = Tensor::Empty({B, heads_}, DType::kF32, Device::kCuda);
+  MlstmGateArgs g;
+  g.rows = B; g.inner = p; g.heads = heads_;
+  g.q = q.raw(); g.k = k.raw(); g.v = v.raw();
+  g.wi = igate_.weight()->value.data<float>();
+  g.wf = fgate_.weight()->value.data<float>();
+  g.bi = igate_.bias()->value.data<float>();
+  g.bf = fgate_.bias()->value.data<float>();
+  g.ig = ig.data<float>();
+  g.fg = fg.data<float>();
+  Cuda().MlstmGates(false, g);
+  Tensor h = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
+  CudaMlstmStepArgs s;
+  s.batch = B; s.heads = heads_; s.dk = dk; s.dv = dk; s.sigmoid_forget = sigmoid_forget_;
+  s.q = q.raw(); s.k = k.raw(); s.v = v.raw();
+  s.ig = ig.data<float>(); s.fg = fg.data<float>();
+  s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
+  s.h = h.raw();
+  CudaInfer().MlstmStep(s);
+  // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z), as ForwardCuda.
+  Tensor out = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
+  Tensor mean = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
+  Tensor rstd = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
+  GroupNormArgs nn;
+  nn.mode = NormMode::kMlstmOutput;
+  nn.layer = true;
+  nn.rows = B; nn.dim = p; nn.groups = heads_;
+  nn.eps = 1e-5f;
+  nn.weight_offset = 1.f;
+  nn.x = h.raw();
+  nn.weight = outnorm_.weight()->value.data<float>();
+  nn.z = z.raw(); nn.ldz = p;
+  nn.skip = skip_->value.data<float>();
+  nn.xc = xc.raw();
+  nn.y = out.raw();
+  nn.mean = mean.data<float>();
+  nn.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, nn);
+  Tensor y = Add(x, down_.Forward(out).Reshape(x.shape()));
+  ReleaseActivations();
+  return y;
+}
+
+Tensor SlstmBlock::StepCuda(const Tensor& x, Tensor* conv, Tensor* h, Tensor* c, Tensor* n, Tensor* m) {
+  const int64_t B = x.rows(), d = d_, dh = d_ / heads_;
+  for (Tensor* t : {h, c, n, m}) OnDevice(t);
+  Tensor u = norm_.Forward(x);
+  Tensor xc = conv_.Step(u, conv);
+  // The four gate projections per (gate, head) into [B, 4, d], as ForwardCuda.
+  Tensor gx = Tensor::Empty({B, 4 * d}, DType::kBF16, Device::kCuda);
+  BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
+  for (int k = 0; k < 4; ++k) {
+    const Tensor& src = k < 2 ? xc : u;
+    for (int64_t hd = 0; hd < heads_; ++hd) {
+      CudaGemm g;
+      g.trans_b = true;
+      g.m = B; g.n = dh; g.k = dh;
+      g.a = Bytes(src, hd * dh); g.lda = d;
+      g.b = Bytes(w[k]->weight()->compute, hd * dh * dh); g.ldb = dh;
+      g.c = const_cast<void*>(Bytes(gx, k * d + hd * dh)); g.ldc = 4 * d;
+      Cuda().Gemm(g);
+    }
+  }
+  Cuda().AddColumnBias(gx.raw(), B, 4 * d, 4 * d, bias_->value.data<float>());
+  Tensor hb = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
+  CudaSlstmStepArgs s;
+  s.batch = B; s.heads = heads_; s.head_dim = dh;
+  s.gx = gx.raw(); s.r = recurrent_->compute.raw();
+  s.h = h->data<float>(); s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
+  s.h_out = hb.raw();
+  CudaInfer().SlstmStep(s);
+  Tensor x1 = Add(x, group_norm_.Forward(hb).Reshape(x.shape()));
+  Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  ReleaseActivations();
+  return y;
+}
+
+}  // namespace gyre::ops
