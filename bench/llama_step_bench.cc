@@ -13,7 +13,8 @@
 // the gradient norm, so the stream is drained); warm-up steps first; median of the rest
 // (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
 // (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
-// --ce_chunks sweeps the LM-head chunk (GYRE_CE_CHUNK_TOKENS).
+// --variants NAME=VALUE ... times a few steps under each environment setting (e.g.
+// GYRE_CE_CHUNK_TOKENS=8192, GYRE_ADAMW_KERNEL=1) next to the default.
 // No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host.
 #include <algorithm>
 #include <cstdlib>
@@ -124,7 +125,7 @@ int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
 }
 
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
-        const std::vector<int64_t>& ce_chunks, double peak_tflops, Result* out) {
+        const std::vector<std::string>& variants, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -161,17 +162,30 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
     next_step += profile_steps;
     PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
   }
-  // LM-head chunk sweep: a few more steps per chunk size (GYRE_CE_CHUNK_TOKENS, read per step).
-  for (int64_t chunk : ce_chunks) {
-    setenv("GYRE_CE_CHUNK_TOKENS", std::to_string(chunk).c_str(), 1);
-    gyre::bench::StepTimes sweep;
-    if (!gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 7, &sweep)) return 1;
-    next_step += 7;
-    std::vector<double> t(sweep.seconds.begin() + 2, sweep.seconds.end());
-    std::printf("  LM-head chunk %lld tokens: step median %.2f ms (5 steps)\n", (long long)chunk,
-                1e3 * gyre::bench::MedianOf(t));
+  // A/B variants: a few more steps with one environment setting each (read per step by the
+  // backend: GYRE_CE_CHUNK_TOKENS, GYRE_ADAMW_KERNEL, ...), then back to the default; the default
+  // is timed again right after so the comparison is between neighbouring steps.
+  for (const std::string& v : variants) {
+    const size_t eq = v.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "--variants wants NAME=VALUE, got %s\n", v.c_str());
+      return 1;
+    }
+    const std::string name = v.substr(0, eq);
+    double med_variant = 0, med_default = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      if (pass == 0) setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
+      gyre::bench::StepTimes sweep;
+      const bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 7, &sweep);
+      unsetenv(name.c_str());
+      if (!ok) return 1;
+      next_step += 7;
+      (pass == 0 ? med_variant : med_default) =
+          gyre::bench::MedianOf(std::vector<double>(sweep.seconds.begin() + 2, sweep.seconds.end()));
+    }
+    std::printf("  variant %s: step median %.2f ms vs default %.2f ms right after (5 steps each)\n", v.c_str(),
+                1e3 * med_variant, 1e3 * med_default);
   }
-  unsetenv("GYRE_CE_CHUNK_TOKENS");
   const double tokens_step = static_cast<double>(batch * seq);
   const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
   const double head = static_cast<double>(spec->vocab_size * spec->d_model);
@@ -204,7 +218,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {16, 8};
   int64_t seq = 2048;
   int warmup = 3, steps = 10, profile_steps = 0;
-  std::vector<int64_t> ce_chunks;
+  std::vector<std::string> variants;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -213,7 +227,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--profile_steps", profile_steps, "extra steps with a per-op GPU-time breakdown")
       ->capture_default_str();
-  app.add_option("--ce_chunks", ce_chunks, "LM-head chunk sizes (tokens) to time after the main run");
+  app.add_option("--variants", variants, "NAME=VALUE environment settings to time after the main run (A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
@@ -229,7 +243,7 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, ce_chunks, peak, &r) != 0) return 1;
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, variants, peak, &r) != 0) return 1;
     results.push_back(r);
   }
   std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (no head) | MFU (with head) |\n|---|---|---|---|---|---|\n");
