@@ -10,15 +10,23 @@
 //   MFU = FLOPs / step time / peak, peak = 989 TFLOP/s (H100/H200 SXM dense bf16, the figure
 //   PERFORMANCE.md's anchors use).
 // Timing: host wall clock per step (each step ends with two device-to-host reads: the loss and
-// the gradient norm, so the stream is drained); warm-up steps first; median of the rest.
-// No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host.
+// the gradient norm, so the stream is drained); warm-up steps first; median of the rest
+// (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
+// (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
+// --variants NAME=VALUE ... times a few steps under each environment setting (e.g.
+// GYRE_CE_CHUNK_TOKENS=8192, GYRE_ADAMW_KERNEL=1) next to the default.
+// No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host,
+// and the profile shows the device idle only 0.5 ms (125m) / 1.0 ms (1.3b) per step on an H200
+// (bench/RESULTS.md, session 3): a graph could save at most that.
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/step_timing.h"
 #include "ops/cuda_backend.h"
 #include "ops/parallel.h"
 #include "ops/train_step.h"
@@ -80,6 +88,35 @@ void TimeAttention(const ModelSpec& spec, int64_t batch, int64_t seq) {
               3.5 * flop / fb / 1e12, (long long)spec.n_layers(), fb * spec.n_layers() * 1e3);
 }
 
+// Per-op GPU time of `steps` profiled steps (CUDA events around every backend op; the steps are
+// otherwise the same as the timed ones). Busy = Σ op times; idle = wall − busy (the device waiting
+// for the host: launches, host-side bookkeeping, the two read-backs).
+void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double>& wall, double median_s) {
+  const double n = static_cast<double>(wall.size());
+  double wall_sum = 0, busy = 0, gemm = 0, gemm_flops = 0;
+  for (double w : wall) wall_sum += w;
+  for (const auto& o : ops) {
+    busy += o.seconds;
+    if (o.flops > 0) {
+      gemm += o.seconds;
+      gemm_flops += o.flops;
+    }
+  }
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+  std::printf("  per-op profile (%d steps; wall %.2f ms/step vs untimed median %.2f; device busy %.2f ms/step, "
+              "idle %.2f ms/step; GEMMs %.2f ms/step at %.0f TFLOP/s):\n",
+              static_cast<int>(n), 1e3 * wall_sum / n, 1e3 * median_s, 1e3 * busy / n, 1e3 * (wall_sum - busy) / n,
+              1e3 * gemm / n, gemm > 0 ? gemm_flops / gemm / 1e12 : 0.0);
+  std::printf("  | op | calls/step | ms/step | %% of busy | TFLOP/s |\n  |---|---|---|---|---|\n");
+  for (const auto& o : ops) {
+    char tf[32] = "";
+    if (o.flops > 0) std::snprintf(tf, sizeof(tf), "%.0f", o.flops / o.seconds / 1e12);
+    std::printf("  | %s | %.0f | %.3f | %.1f%% | %s |\n", o.label.c_str(), o.calls / n, 1e3 * o.seconds / n,
+                100 * o.seconds / busy, tf);
+  }
+  std::fflush(stdout);
+}
+
 int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
   int64_t n = 0;
   for (const Parameter* p : m.params().All()) {
@@ -89,8 +126,8 @@ int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
   return n;
 }
 
-int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, double peak_tflops,
-        Result* out) {
+int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
+        const std::vector<std::string>& variants, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -110,23 +147,47 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
   opt.grad_clip = 1.0;
   Trainer trainer(model->get(), opt);
   Rng rng(2);
-  std::vector<int32_t> tokens(batch * (seq + 1));
-  std::vector<double> times;
-  for (int s = 0; s < warmup + steps; ++s) {
-    for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
-    const auto a = std::chrono::steady_clock::now();
-    auto st = trainer.Step(tokens, batch, seq, s);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
-    if (!st.ok()) {
-      std::fprintf(stderr, "step %d: %s\n", s, std::string(st.status().message()).c_str());
+  gyre::bench::StepTimes run;
+  if (!gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, 0, warmup + steps, &run)) return 1;
+  out->loss_first = run.loss_first;
+  out->loss_last = run.loss_last;
+  std::vector<double> times(run.seconds.begin() + warmup, run.seconds.end());
+  std::sort(times.begin(), times.end());
+  const double med = gyre::bench::MedianOf(times);
+  int next_step = warmup + steps;
+  if (profile_steps > 0) {
+    Cuda().SetOpProfiling(true);
+    gyre::bench::StepTimes prof;
+    const bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, profile_steps, &prof);
+    Cuda().SetOpProfiling(false);
+    if (!ok) return 1;
+    next_step += profile_steps;
+    PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
+  }
+  // A/B variants: a few more steps with one environment setting each (read per step by the
+  // backend: GYRE_CE_CHUNK_TOKENS, GYRE_ADAMW_KERNEL, ...), then back to the default; the default
+  // is timed again right after so the comparison is between neighbouring steps.
+  for (const std::string& v : variants) {
+    const size_t eq = v.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "--variants wants NAME=VALUE, got %s\n", v.c_str());
       return 1;
     }
-    if (s == 0) out->loss_first = st->loss.loss;
-    out->loss_last = st->loss.loss;
-    if (s >= warmup) times.push_back(dt);
+    const std::string name = v.substr(0, eq);
+    double med_variant = 0, med_default = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      if (pass == 0) setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
+      gyre::bench::StepTimes sweep;
+      const bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 7, &sweep);
+      unsetenv(name.c_str());
+      if (!ok) return 1;
+      next_step += 7;
+      (pass == 0 ? med_variant : med_default) =
+          gyre::bench::MedianOf(std::vector<double>(sweep.seconds.begin() + 2, sweep.seconds.end()));
+    }
+    std::printf("  variant %s: step median %.2f ms vs default %.2f ms right after (5 steps each)\n", v.c_str(),
+                1e3 * med_variant, 1e3 * med_default);
   }
-  std::sort(times.begin(), times.end());
-  const double med = times[times.size() / 2];
   const double tokens_step = static_cast<double>(batch * seq);
   const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
   const double head = static_cast<double>(spec->vocab_size * spec->d_model);
@@ -158,13 +219,17 @@ int main(int argc, char** argv) {
   std::vector<std::string> presets = {"llama-125m", "llama-1.3b"};
   std::vector<int64_t> batches = {16, 8};
   int64_t seq = 2048;
-  int warmup = 3, steps = 10;
+  int warmup = 3, steps = 10, profile_steps = 0;
+  std::vector<std::string> variants;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
   app.add_option("--seq", seq, "context")->capture_default_str();
   app.add_option("--warmup", warmup, "warm-up steps")->capture_default_str();
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
+  app.add_option("--profile_steps", profile_steps, "extra steps with a per-op GPU-time breakdown")
+      ->capture_default_str();
+  app.add_option("--variants", variants, "NAME=VALUE environment settings to time after the main run (A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
@@ -180,7 +245,7 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, peak, &r) != 0) return 1;
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, variants, peak, &r) != 0) return 1;
     results.push_back(r);
   }
   std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (no head) | MFU (with head) |\n|---|---|---|---|---|---|\n");

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/step_timing.h"
 #include "ops/cuda_backend.h"
 #include "ops/parallel.h"
 #include "ops/recurrent_blocks.h"
@@ -92,21 +93,12 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   opt.grad_clip = 1.0;
   Trainer trainer(model->get(), opt);
   Rng rng(2);
+  gyre::bench::StepTimes run;
+  if (!gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, 0, warmup + steps, &run)) return 1;
+  out->loss_first = run.loss_first;
+  out->loss_last = run.loss_last;
+  std::vector<double> times(run.seconds.begin() + warmup, run.seconds.end());
   std::vector<int32_t> tokens(batch * (seq + 1));
-  std::vector<double> times;
-  for (int s = 0; s < warmup + steps; ++s) {
-    for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
-    const auto a = std::chrono::steady_clock::now();
-    auto st = trainer.Step(tokens, batch, seq, s);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
-    if (!st.ok()) {
-      std::fprintf(stderr, "step %d: %s\n", s, std::string(st.status().message()).c_str());
-      return 1;
-    }
-    if (s == 0) out->loss_first = st->loss.loss;
-    out->loss_last = st->loss.loss;
-    if (s >= warmup) times.push_back(dt);
-  }
   // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
   // are not part of the median above).
   if (profile_steps > 0) {

@@ -157,6 +157,20 @@ class CudaBackend {
 
   virtual std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1,
                                               double beta2, double eps, double weight_decay) = 0;
+
+  // Per-op GPU time, for benchmarks. While on, every op above (and CudaAdamW::Step) is bracketed
+  // by two CUDA events on the compute stream; GEMMs are labelled by shape and carry their FLOPs.
+  // Nothing synchronises until TakeOpProfile, which waits for the stream and returns the sums
+  // since the last take (busy time: gaps between ops, where the device waits for the host, are
+  // in no label), then clears them. Off by default (no events, no cost).
+  struct OpTime {
+    std::string label;
+    double seconds = 0;
+    double flops = 0;  // GEMMs only
+    int64_t calls = 0;
+  };
+  virtual void SetOpProfiling(bool on) = 0;
+  virtual std::vector<OpTime> TakeOpProfile() = 0;
 };
 
 // The registered backend, or null in a binary built without //ops:cuda_backend.

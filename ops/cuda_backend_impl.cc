@@ -48,9 +48,87 @@ void Die(const kc::CudaResult& r, const char* what) {
 #define OK_OR_DIE(expr) Die((expr), #expr)
 #define CUDA_OR_DIE(expr) Die(kc::CudaError((expr), #expr, __FILE__, __LINE__), #expr)
 
+// Per-op GPU time (CudaBackend::SetOpProfiling): event pairs on the stream, reused across
+// takes; labels interned in first-seen order.
+class OpProfiler {
+ public:
+  bool on() const { return on_; }
+  void set_on(bool on) { on_ = on; }
+  void set_stream(cudaStream_t s) { stream_ = s; }
+
+  // RAII bracket; free when profiling is off.
+  class Scope {
+   public:
+    Scope(OpProfiler* p, const char* label, double flops = 0) : p_(p) {
+      if (p_->on_) index_ = p_->Begin(label, flops);
+    }
+    Scope(OpProfiler* p, const std::string& label, double flops) : p_(p) {
+      if (p_->on_) index_ = p_->Begin(label, flops);
+    }
+    ~Scope() {
+      if (index_ >= 0) p_->End(index_);
+    }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    OpProfiler* p_;
+    int index_ = -1;
+  };
+
+  std::vector<CudaBackend::OpTime> Take() {
+    std::vector<CudaBackend::OpTime> out(labels_.size());
+    if (next_ > 0) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+    for (const auto& [label, i] : labels_) out[i].label = label;
+    for (int i = 0; i < next_; ++i) {
+      float ms = 0;
+      CUDA_OR_DIE(cudaEventElapsedTime(&ms, events_[i].first, events_[i].second));
+      CudaBackend::OpTime& t = out[records_[i].label];
+      t.seconds += 1e-3 * ms;
+      t.flops += records_[i].flops;
+      t.calls += 1;
+    }
+    next_ = 0;
+    labels_.clear();
+    std::vector<CudaBackend::OpTime> used;
+    for (auto& t : out) {
+      if (t.calls > 0) used.push_back(std::move(t));
+    }
+    return used;
+  }
+
+ private:
+  struct Record {
+    int label = 0;
+    double flops = 0;
+  };
+
+  int Begin(const std::string& label, double flops) {
+    if (next_ == static_cast<int>(events_.size())) {
+      std::pair<cudaEvent_t, cudaEvent_t> e;
+      CUDA_OR_DIE(cudaEventCreate(&e.first));
+      CUDA_OR_DIE(cudaEventCreate(&e.second));
+      events_.push_back(e);
+      records_.emplace_back();
+    }
+    auto it = labels_.emplace(label, static_cast<int>(labels_.size())).first;
+    records_[next_] = {it->second, flops};
+    CUDA_OR_DIE(cudaEventRecord(events_[next_].first, stream_));
+    return next_++;
+  }
+  void End(int i) { CUDA_OR_DIE(cudaEventRecord(events_[i].second, stream_)); }
+
+  bool on_ = false;
+  cudaStream_t stream_ = nullptr;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;  // never destroyed (process-wide backend)
+  std::vector<Record> records_;
+  std::map<std::string, int> labels_;
+  int next_ = 0;
+};
+
 class Adam final : public CudaAdamW {
  public:
-  Adam(kc::DeviceAllocator* alloc, cudaStream_t stream) : alloc_(alloc), stream_(stream) {}
+  Adam(kc::DeviceAllocator* alloc, cudaStream_t stream, OpProfiler* prof) : alloc_(alloc), stream_(stream), prof_(prof) {}
   void Init(const std::vector<CudaAdamWTensor>& tensors, const kc::AdamWHyper& hyper) {
     std::vector<kc::AdamWTensor> ts;
     for (const CudaAdamWTensor& t : tensors) {
@@ -67,6 +145,7 @@ class Adam final : public CudaAdamW {
     OK_OR_DIE(adam_.Init(ts, hyper, alloc_, stream_));
   }
   double Step(double lr, double max_grad_norm) override {
+    OpProfiler::Scope scope(prof_, "adamw+clip (norm, clip, step, bf16 copy, read-back)");
     OK_OR_DIE(adam_.Step(lr, max_grad_norm, stream_));
     kc::AdamWStepState st;
     CUDA_OR_DIE(cudaMemcpyAsync(&st, adam_.device_state(), sizeof(st), cudaMemcpyDeviceToHost, stream_));
@@ -80,6 +159,7 @@ class Adam final : public CudaAdamW {
  private:
   kc::DeviceAllocator* alloc_;
   cudaStream_t stream_;
+  OpProfiler* prof_;
   kc::FusedAdamW adam_;
 };
 
@@ -95,17 +175,22 @@ class Backend final : public CudaBackend {
 
   void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) override {
     Init();
+    OpProfiler::Scope scope(&prof_, dst_device == Device::kCuda && src_device == Device::kCuda ? "CopyBytes d2d"
+                                    : dst_device == Device::kCuda                               ? "CopyBytes h2d"
+                                                                                                : "CopyBytes d2h");
     CUDA_OR_DIE(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
     if (dst_device != Device::kCuda || src_device != Device::kCuda) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
   }
 
   void Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Copy2D");
     CUDA_OR_DIE(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDeviceToDevice, stream_));
   }
 
   void Memset0(void* dst, size_t bytes) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Memset0");
     CUDA_OR_DIE(cudaMemsetAsync(dst, 0, bytes, stream_));
   }
 
@@ -129,6 +214,7 @@ class Backend final : public CudaBackend {
 
   void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Convert");
     int kind = -1;
     if (src_dtype == DType::kF32 && dst_dtype == DType::kBF16) kind = 0;
     if (src_dtype == DType::kBF16 && dst_dtype == DType::kF32) kind = 1;
@@ -138,21 +224,25 @@ class Backend final : public CudaBackend {
 
   void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Axpy");
     OK_OR_DIE(cuda_ops::Axpy(y, x, BF16(dtype), static_cast<float>(alpha), n, stream_));
   }
 
   void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Add");
     OK_OR_DIE(cuda_ops::Add(out, a, b, BF16(dtype), n, stream_));
   }
 
   void Scale(void* y, DType dtype, double s, int64_t n) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "Scale");
     OK_OR_DIE(cuda_ops::Scale(y, BF16(dtype), static_cast<float>(s), n, stream_));
   }
 
   double SumSquares(const void* x, DType dtype, int64_t n) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "SumSquares");
     constexpr int kMax = 4096;
     kc::DeviceBuffer partials;
     OK_OR_DIE(alloc_->Allocate(kMax * sizeof(double), &partials));
@@ -168,6 +258,7 @@ class Backend final : public CudaBackend {
 
   void Gemm(const CudaGemm& g) override {
     Init();
+    OpProfiler::Scope scope(&prof_, prof_.on() ? GemmLabel(g) : std::string(), 2.0 * g.m * g.n * g.k);
     kc::GemmArgs a;
     a.trans_a = g.trans_a;
     a.trans_b = g.trans_b;
@@ -189,6 +280,7 @@ class Backend final : public CudaBackend {
   void EmbeddingForward(const int32_t* host_ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
                         void* out) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "EmbeddingForward");
     kc::DeviceBuffer ids;
     OK_OR_DIE(alloc_->Allocate(rows * sizeof(int32_t), &ids));
     CUDA_OR_DIE(cudaMemcpyAsync(ids.get(), host_ids, rows * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
@@ -201,6 +293,7 @@ class Backend final : public CudaBackend {
   void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight, int64_t vocab,
                          int64_t dim) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "EmbeddingBackward");
     OK_OR_DIE(embedding_plan_.Build(host_ids, rows, vocab, alloc_, stream_));
     OK_OR_DIE(kc::EmbeddingBackward(embedding_plan_, static_cast<const bf16*>(dy), dweight, dim, stream_));
   }
@@ -209,6 +302,7 @@ class Backend final : public CudaBackend {
                    void* residual_out, const void* weight, const void* bias, void* y, float* mean,
                    float* rstd) override {
     Init();
+    OpProfiler::Scope scope(&prof_, residual != nullptr ? "NormForward (+residual)" : "NormForward");
     kc::NormForwardArgs a;
     a.kind = layer ? kc::NormKind::kLayer : kc::NormKind::kRms;
     a.rows = rows;
@@ -229,6 +323,7 @@ class Backend final : public CudaBackend {
                     const float* mean, const float* rstd, const void* dresidual, void* dx, float* dweight,
                     float* dbias) override {
     Init();
+    OpProfiler::Scope scope(&prof_, dresidual != nullptr ? "NormBackward (+residual grad)" : "NormBackward");
     kc::NormBackwardArgs a;
     a.kind = layer ? kc::NormKind::kLayer : kc::NormKind::kRms;
     a.rows = rows;
@@ -248,6 +343,7 @@ class Backend final : public CudaBackend {
   void GatedForward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in, void* h,
                     int64_t ld_out) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "GatedForward");
     kc::GatedArgs a;
     a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
     a.rows = rows;
@@ -263,6 +359,7 @@ class Backend final : public CudaBackend {
   void GatedBackward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,
                      const void* dh, int64_t ld_out, void* dg, void* du) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "GatedBackward");
     kc::GatedArgs a;
     a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
     a.rows = rows;
@@ -280,6 +377,7 @@ class Backend final : public CudaBackend {
   void Rope(bool inverse, void* x, int64_t rows, int64_t seq, int64_t heads, int64_t head_dim, int64_t row_stride,
             double theta) override {
     Init();
+    OpProfiler::Scope scope(&prof_, inverse ? "Rope backward" : "Rope forward");
     const kc::RopeTable& table = RopeTableFor(seq, head_dim, theta);
     kc::RopeArgs a;
     a.x = static_cast<const bf16*>(x);
@@ -309,6 +407,7 @@ class Backend final : public CudaBackend {
 
   void AttentionForward(const CudaAttention& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "AttentionForward");
     if (!UseFlash(a)) {
       OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
       return;
@@ -327,6 +426,7 @@ class Backend final : public CudaBackend {
 
   void AttentionBackward(const CudaAttention& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "AttentionBackward");
     if (!UseFlash(a)) {
       OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
       return;
@@ -350,6 +450,7 @@ class Backend final : public CudaBackend {
   double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                             const int32_t* host_targets, double loss_scale, void* dh, float* dw) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "LinearCrossEntropy");
     kc::DeviceBuffer targets, token_loss, loss_sum;
     OK_OR_DIE(alloc_->Allocate(tokens * sizeof(int32_t), &targets));
     OK_OR_DIE(alloc_->Allocate(tokens * sizeof(float), &token_loss));
@@ -367,7 +468,13 @@ class Backend final : public CudaBackend {
     a.loss_sum = loss_sum.as<double>();
     a.dh = static_cast<bf16*>(dh);
     a.dw = dw;
-    a.chunk_tokens = 4096;
+    // Token rows per chunk: the logits buffer is chunk x vocab fp32 (8192 x 50304: 1.65 GB).
+    // 8192 over 4096: -2.9 ms of 78.6 at llama-125m (B16), -0.9 at 1.3b (B8), H200, session 3;
+    // GYRE_CE_CHUNK_TOKENS overrides it (benchmarks sweep it; read per call, once a step).
+    a.chunk_tokens = 8192;
+    if (const char* c = std::getenv("GYRE_CE_CHUNK_TOKENS"); c != nullptr && std::atoll(c) > 0) {
+      a.chunk_tokens = std::atoll(c);
+    }
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -377,31 +484,37 @@ class Backend final : public CudaBackend {
 
   void GroupNorm(bool backward, const GroupNormArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "GroupNorm backward" : "GroupNorm forward");
     OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, stream_) : cuda_ops::GroupNormForward(a, stream_));
   }
 
   void BlockDiag(bool backward, const BlockDiagArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "BlockDiag backward" : "BlockDiag forward");
     OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, stream_) : cuda_ops::BlockDiagForward(a, stream_));
   }
 
   void MlstmGates(bool backward, const MlstmGateArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "MlstmGates backward" : "MlstmGates forward");
     OK_OR_DIE(backward ? cuda_ops::MlstmGatesBackward(a, stream_) : cuda_ops::MlstmGatesForward(a, stream_));
   }
 
   void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "AddColumnBias");
     OK_OR_DIE(cuda_ops::AddColumnBias(y, rows, cols, ld, bias, stream_));
   }
 
   void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) override {
     Init();
+    OpProfiler::Scope scope(&prof_, "ColumnSum");
     OK_OR_DIE(cuda_ops::ColumnSum(x, rows, cols, ld, out, stream_));
   }
 
   void Conv1d(bool backward, const Conv1dArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "Conv1d backward" : "Conv1d forward");
     kc::Conv1dShape shape;
     shape.batch = a.batch;
     shape.seq_len = a.seq;
@@ -454,6 +567,7 @@ class Backend final : public CudaBackend {
 
   void Mlstm(bool backward, const MlstmCellArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "Mlstm backward" : "Mlstm forward");
     kc::MlstmShape shape;
     kc::MlstmOptions options;
     MlstmShapeOf(a, &shape, &options);
@@ -495,6 +609,7 @@ class Backend final : public CudaBackend {
 
   void Slstm(bool backward, const SlstmCellArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "Slstm backward" : "Slstm forward");
     if (!backward) {
       kc::SlstmForwardArgs f;
       f.shape = SlstmShapeOf(a);
@@ -536,6 +651,7 @@ class Backend final : public CudaBackend {
 
   void Ssd(bool backward, const SsdCellArgs& a) override {
     Init();
+    OpProfiler::Scope scope(&prof_, backward ? "Ssd backward" : "Ssd forward");
     kc::SsdShape shape;
     kc::SsdOptions options;
     SsdShapeOf(a, &shape, &options);
@@ -580,7 +696,7 @@ class Backend final : public CudaBackend {
   std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1, double beta2,
                                       double eps, double weight_decay) override {
     Init();
-    auto adam = std::make_unique<Adam>(alloc_, stream_);
+    auto adam = std::make_unique<Adam>(alloc_, stream_, &prof_);
     kc::AdamWHyper hyper;
     hyper.beta1 = beta1;
     hyper.beta2 = beta2;
@@ -590,7 +706,26 @@ class Backend final : public CudaBackend {
     return adam;
   }
 
+  void SetOpProfiling(bool on) override {
+    Init();
+    prof_.set_on(on);
+  }
+
+  std::vector<OpTime> TakeOpProfile() override {
+    Init();
+    return prof_.Take();
+  }
+
  private:
+  // "gemm M x N x K NT -> f32 (+=)": the row-major shape, transposes, output type, accumulation.
+  static std::string GemmLabel(const CudaGemm& g) {
+    char buf[128];
+    std::snprintf(buf, sizeof(buf), "gemm %lld x %lld x %lld %c%c -> %s%s", static_cast<long long>(g.m),
+                  static_cast<long long>(g.n), static_cast<long long>(g.k), g.trans_a ? 'T' : 'N',
+                  g.trans_b ? 'T' : 'N', g.c_f32 ? "f32" : "bf16", g.beta != 0.f ? " (+=)" : "");
+    return buf;
+  }
+
   static bool BF16(DType dtype) {
     GYRE_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "CUDA pointwise op on %s", DTypeName(dtype));
     return dtype == DType::kBF16;
@@ -632,6 +767,7 @@ class Backend final : public CudaBackend {
       plain_attention_ = attn != nullptr && std::string(attn) == "plain";
       CUDA_OR_DIE(cudaSetDevice(0));
       CUDA_OR_DIE(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      prof_.set_stream(stream_);
       alloc_ = new kc::DeviceAllocator();  // leaked: blocks may be freed during static destruction
       std::unique_ptr<kc::GemmContext> gemm;
       OK_OR_DIE(kc::GemmContext::Create(alloc_, &gemm));
@@ -640,6 +776,7 @@ class Backend final : public CudaBackend {
   }
 
   std::once_flag once_;
+  OpProfiler prof_;
   bool plain_attention_ = false;
   cudaStream_t stream_ = nullptr;
   kc::DeviceAllocator* alloc_ = nullptr;

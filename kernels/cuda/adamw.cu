@@ -2,6 +2,8 @@
 #include "kernels/cuda/adamw.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -28,6 +30,7 @@ __device__ double BlockSumDouble(double v, double* shared /* [kThreads / 32] */)
   return total;  // valid in thread 0
 }
 
+// Version 1 (GYRE_ADAMW_KERNEL=1): scalar loads.
 __global__ void __launch_bounds__(kThreads)
 adamw_norm_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
                    const int32_t* chunk_index, double* partials) {
@@ -36,6 +39,41 @@ adamw_norm_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
   const int64_t end = min(t.numel, begin + kChunk);
   float acc = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float g = t.grad[i];
+    acc += g * g;
+  }
+  __shared__ double shared[kThreads / 32];
+  const double total = BlockSumDouble(static_cast<double>(acc), shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+// Σ g² per chunk. Version 2 (default): float4 loads, four in flight per thread, when the tensor's
+// gradient is 16-byte aligned (chunk starts are multiples of kChunk, so every chunk then is);
+// version 1's scalar loop otherwise and for the last < 4 elements.
+__global__ void __launch_bounds__(kThreads)
+adamw_norm_kernel2(const AdamWTensor* tensors, const int32_t* chunk_tensor,
+                   const int32_t* chunk_index, double* partials) {
+  const AdamWTensor t = tensors[chunk_tensor[blockIdx.x]];
+  const int64_t begin = static_cast<int64_t>(chunk_index[blockIdx.x]) * kChunk;
+  const int64_t end = min(t.numel, begin + kChunk);
+  float acc = 0.f;
+  int64_t scalar_from = begin;
+  if ((reinterpret_cast<uintptr_t>(t.grad) & 15u) == 0) {
+    const int64_t end4 = begin + ((end - begin) & ~int64_t{3});
+    constexpr int kUnroll = 4;
+    for (int64_t i0 = begin + 4 * threadIdx.x; i0 < end4; i0 += int64_t{4} * kThreads * kUnroll) {
+      float4 g[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t i = i0 + int64_t{4} * kThreads * k;
+        g[k] = i < end4 ? *reinterpret_cast<const float4*>(t.grad + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) acc += g[k].x * g[k].x + g[k].y * g[k].y + g[k].z * g[k].z + g[k].w * g[k].w;
+    }
+    scalar_from = end4;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
     const float g = t.grad[i];
     acc += g * g;
   }
@@ -61,6 +99,98 @@ __global__ void adamw_clip_kernel1(const double* partials, int64_t chunks, float
   }
 }
 
+__device__ __forceinline__ void AdamWElement(const UpdateScalars& s, float decay, float scale, float g, float& m,
+                                             float& v, float& p) {
+  const float gk = g * scale;
+  m = s.beta1 * m + s.one_minus_beta1 * gk;
+  v = s.beta2 * v + s.one_minus_beta2 * gk * gk;
+  p = p * decay - s.lr * (m * s.inv_bc1) / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
+}
+
+// The update. Version 2 (default): when grad, m, v and master are 16-byte aligned and the bf16
+// copy 8-byte aligned, each thread moves float4s (two groups in flight: 8 loads of 16 bytes
+// before any store) and writes the bf16 copy as 8 bytes; the same arithmetic as version 1
+// (AdamWElement), so results are bitwise the same. Version 1's scalar loop (four elements in
+// flight) otherwise and for the chunk's last < 4 elements.
+__global__ void __launch_bounds__(kThreads)
+adamw_update_kernel2(const AdamWTensor* tensors, const int32_t* chunk_tensor,
+                     const int32_t* chunk_index, const AdamWStepState* state, UpdateScalars s) {
+  if (state->skipped) return;
+  const float scale = state->clip_scale;
+  const AdamWTensor t = tensors[chunk_tensor[blockIdx.x]];
+  const int64_t begin = static_cast<int64_t>(chunk_index[blockIdx.x]) * kChunk;
+  const int64_t end = min(t.numel, begin + kChunk);
+  const float decay = t.decay ? s.decay_factor : 1.f;
+  const uintptr_t a16 = reinterpret_cast<uintptr_t>(t.grad) | reinterpret_cast<uintptr_t>(t.m) |
+                        reinterpret_cast<uintptr_t>(t.v) | reinterpret_cast<uintptr_t>(t.master);
+  const bool vec = (a16 & 15u) == 0 && (reinterpret_cast<uintptr_t>(t.compute) & 7u) == 0;
+  int64_t scalar_from = begin;
+  if (vec) {
+    const int64_t end4 = begin + ((end - begin) & ~int64_t{3});
+    constexpr int kUnroll = 2;
+    for (int64_t i0 = begin + 4 * threadIdx.x; i0 < end4; i0 += int64_t{4} * kThreads * kUnroll) {
+      float4 g[kUnroll], m[kUnroll], v[kUnroll], p[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t i = i0 + int64_t{4} * kThreads * k;
+        if (i < end4) {
+          g[k] = *reinterpret_cast<const float4*>(t.grad + i);
+          m[k] = *reinterpret_cast<const float4*>(t.m + i);
+          v[k] = *reinterpret_cast<const float4*>(t.v + i);
+          p[k] = *reinterpret_cast<const float4*>(t.master + i);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t i = i0 + int64_t{4} * kThreads * k;
+        if (i >= end4) continue;
+        AdamWElement(s, decay, scale, g[k].x, m[k].x, v[k].x, p[k].x);
+        AdamWElement(s, decay, scale, g[k].y, m[k].y, v[k].y, p[k].y);
+        AdamWElement(s, decay, scale, g[k].z, m[k].z, v[k].z, p[k].z);
+        AdamWElement(s, decay, scale, g[k].w, m[k].w, v[k].w, p[k].w);
+        *reinterpret_cast<float4*>(t.m + i) = m[k];
+        *reinterpret_cast<float4*>(t.v + i) = v[k];
+        *reinterpret_cast<float4*>(t.master + i) = p[k];
+        if (t.compute != nullptr) {
+          __nv_bfloat162 lo = __floats2bfloat162_rn(p[k].x, p[k].y);
+          __nv_bfloat162 hi = __floats2bfloat162_rn(p[k].z, p[k].w);
+          uint2 raw;
+          raw.x = *reinterpret_cast<uint32_t*>(&lo);
+          raw.y = *reinterpret_cast<uint32_t*>(&hi);
+          *reinterpret_cast<uint2*>(t.compute + i) = raw;
+        }
+      }
+    }
+    scalar_from = end4;
+  }
+  constexpr int kUnroll = 4;
+  for (int64_t i0 = scalar_from + threadIdx.x; i0 < end; i0 += static_cast<int64_t>(kThreads) * kUnroll) {
+    float g[kUnroll], m[kUnroll], v[kUnroll], p[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
+      const bool in = i < end;
+      g[k] = in ? t.grad[i] : 0.f;
+      m[k] = in ? t.m[i] : 0.f;
+      v[k] = in ? t.v[i] : 0.f;
+      p[k] = in ? t.master[i] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) AdamWElement(s, decay, scale, g[k], m[k], v[k], p[k]);
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
+      if (i < end) {
+        t.m[i] = m[k];
+        t.v[i] = v[k];
+        t.master[i] = p[k];
+        if (t.compute != nullptr) t.compute[i] = __float2bfloat16_rn(p[k]);
+      }
+    }
+  }
+}
+
+// Version 1 (GYRE_ADAMW_KERNEL=1): scalar loads, four elements in flight per thread.
 __global__ void __launch_bounds__(kThreads)
 adamw_update_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
                      const int32_t* chunk_index, const AdamWStepState* state, UpdateScalars s) {
@@ -155,9 +285,17 @@ CudaResult FusedAdamW::Step(double lr, double max_grad_norm, cudaStream_t stream
   const int32_t* chunk_tensor = chunk_of_.as<int32_t>();
   const int32_t* chunk_index = chunk_tensor + chunks_;
   AdamWStepState* state = state_.as<AdamWStepState>();
-  adamw_norm_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-      tensors, chunk_tensor, chunk_index, partials_.as<double>());
-  CUDA_RETURN_IF_LAUNCH_ERROR("adamw_norm_kernel1");
+  // GYRE_ADAMW_KERNEL=1 selects version 1 (read per step: benchmarks compare both in one run).
+  const char* version = std::getenv("GYRE_ADAMW_KERNEL");
+  const bool v1 = version != nullptr && std::string(version) == "1";
+  if (v1) {
+    adamw_norm_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+        tensors, chunk_tensor, chunk_index, partials_.as<double>());
+  } else {
+    adamw_norm_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+        tensors, chunk_tensor, chunk_index, partials_.as<double>());
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("adamw_norm_kernel");
   adamw_clip_kernel1<<<1, kThreads, 0, stream>>>(partials_.as<double>(), chunks_,
                                                  static_cast<float>(max_grad_norm), state);
   CUDA_RETURN_IF_LAUNCH_ERROR("adamw_clip_kernel1");
@@ -172,9 +310,14 @@ CudaResult FusedAdamW::Step(double lr, double max_grad_norm, cudaStream_t stream
   s.decay_factor = static_cast<float>(1.0 - lr * hyper_.weight_decay);
   s.inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(hyper_.beta1, t)));
   s.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(hyper_.beta2, t)));
-  adamw_update_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-      tensors, chunk_tensor, chunk_index, state, s);
-  CUDA_RETURN_IF_LAUNCH_ERROR("adamw_update_kernel1");
+  if (v1) {
+    adamw_update_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+        tensors, chunk_tensor, chunk_index, state, s);
+  } else {
+    adamw_update_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+        tensors, chunk_tensor, chunk_index, state, s);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("adamw_update_kernel");
   return {};
 }
 

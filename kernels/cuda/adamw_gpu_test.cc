@@ -4,6 +4,7 @@
 #include "kernels/cuda/adamw.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -28,9 +29,28 @@ struct Param {
   std::vector<double> rw, rm, rv;  // float64 reference state
 };
 
+// Prepends `off` zeros (the misaligned variant stores each tensor `off` elements into its buffer).
+template <typename T>
+std::vector<T> Shifted(const std::vector<T>& v, int off) {
+  std::vector<T> out(off, T{});
+  out.insert(out.end(), v.begin(), v.end());
+  return out;
+}
+template <typename T>
+std::vector<T> Unshifted(std::vector<T> v, int off) {
+  v.erase(v.begin(), v.begin() + off);
+  return v;
+}
+
 TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
   const std::vector<int64_t> sizes = {1, 7, 65536, 65537, 1000003, 50257 * 77, 4099};
+  // off 0: every buffer 16-byte aligned (the float4 path, scalar tails for odd sizes); off 1:
+  // every tensor one element into its buffer (4- and 2-byte aligned: the scalar path).
+  // version: "" (default, kernels 2) or "1" (GYRE_ADAMW_KERNEL=1, the scalar kernels 1).
+  for (const char* version : {"", "1"})
+  for (int off : {0, 1})
   for (double max_norm : {0.5, 1e9, 0.0}) {  // clipping active, inactive, off
+    if (*version) setenv("GYRE_ADAMW_KERNEL", version, 1); else unsetenv("GYRE_ADAMW_KERNEL");
     std::mt19937_64 rng(13);
     DeviceAllocator alloc;
     std::vector<Param> params(sizes.size());
@@ -39,23 +59,24 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
       Param& p = params[i];
       p.n = sizes[i];
       p.decay = i % 3 != 1;
-      p.w = std::make_unique<DeviceArray<float>>(&alloc, p.n);
-      p.g = std::make_unique<DeviceArray<float>>(&alloc, p.n);
-      p.m = std::make_unique<DeviceArray<float>>(&alloc, p.n);
-      p.v = std::make_unique<DeviceArray<float>>(&alloc, p.n);
-      p.c = std::make_unique<DeviceArray<bf16>>(&alloc, p.n);
+      p.w = std::make_unique<DeviceArray<float>>(&alloc, p.n + off);
+      p.g = std::make_unique<DeviceArray<float>>(&alloc, p.n + off);
+      p.m = std::make_unique<DeviceArray<float>>(&alloc, p.n + off);
+      p.v = std::make_unique<DeviceArray<float>>(&alloc, p.n + off);
+      p.c = std::make_unique<DeviceArray<bf16>>(&alloc, p.n + off);
       const auto w0 = RandomFloats(rng, p.n, 0.5f);
       auto m0 = RandomFloats(rng, p.n, 1e-3f);
       auto v0 = RandomFloats(rng, p.n, 1e-4f);
       for (float& x : v0) x = x * x;  // v >= 0
-      p.w->Upload(w0);
-      p.m->Upload(m0);
-      p.v->Upload(v0);
+      p.w->Upload(Shifted(w0, off));
+      p.m->Upload(Shifted(m0, off));
+      p.v->Upload(Shifted(v0, off));
       p.c->Poison();
       p.rw.assign(w0.begin(), w0.end());
       p.rm.assign(m0.begin(), m0.end());
       p.rv.assign(v0.begin(), v0.end());
-      tensors.push_back({p.w->get(), p.g->get(), p.m->get(), p.v->get(), p.c->get(), p.n, p.decay});
+      tensors.push_back({p.w->get() + off, p.g->get() + off, p.m->get() + off, p.v->get() + off, p.c->get() + off,
+                         p.n, p.decay});
     }
     AdamWHyper hyper;
     hyper.weight_decay = 0.1;
@@ -69,7 +90,7 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
       std::vector<std::vector<float>> grads;
       for (Param& p : params) {
         grads.push_back(RandomFloats(rng, p.n, 1e-3f));
-        p.g->Upload(grads.back());
+        p.g->Upload(Shifted(grads.back(), off));
         for (float x : grads.back()) sumsq += double(x) * x;
       }
       r = opt.Step(lr, max_norm, nullptr);
@@ -78,7 +99,8 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
       ASSERT_EQ(cudaMemcpy(&st, opt.device_state(), sizeof(st), cudaMemcpyDeviceToHost), cudaSuccess);
       const double norm = std::sqrt(sumsq);
       const double scale = (max_norm > 0 && norm > max_norm) ? max_norm / norm : 1.0;
-      const std::string shape = "max_norm=" + std::to_string(max_norm) + " step=" + std::to_string(step);
+      const std::string shape = "max_norm=" + std::to_string(max_norm) + " step=" + std::to_string(step) +
+                                " offset=" + std::to_string(off) + (*version ? " v1" : " v2");
       EXPECT_TRUE(Report("adamw grad norm", shape, std::fabs(st.grad_norm - norm) / norm, testing::kTolF32));
       EXPECT_TRUE(Report("adamw clip scale", shape, std::fabs(st.clip_scale - scale) / scale, testing::kTolF32));
       EXPECT_EQ(st.skipped, 0);
@@ -96,8 +118,9 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
           w -= lr * (p.rm[j] / bc1) / (std::sqrt(p.rv[j] / bc2) + hyper.eps);
           p.rw[j] = w;
         }
-        const auto gw = p.w->Download(), gm = p.m->Download(), gv = p.v->Download();
-        const auto gc = p.c->Download();
+        const auto gw = Unshifted(p.w->Download(), off), gm = Unshifted(p.m->Download(), off),
+                   gv = Unshifted(p.v->Download(), off);
+        const auto gc = Unshifted(p.c->Download(), off);
         for (int64_t j = 0; j < p.n; ++j) {
           ASSERT_EQ(gc[j], RoundBf16(gw[j])) << "bf16 copy != rounded master, tensor " << i << " elem " << j;
         }
@@ -123,6 +146,7 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
     EXPECT_EQ(alloc.stats().device_mallocs, mallocs_before) << "Step allocated device memory";
     EXPECT_EQ(opt.steps_taken(), 3);
   }
+  unsetenv("GYRE_ADAMW_KERNEL");
 }
 
 TEST(AdamWGpuTest, NonFiniteGradientSkipsTheUpdate) {

@@ -16,6 +16,10 @@
 // Plans (descriptors + the heuristic's algorithm) are cached per shape, transposes, dtypes,
 // epilogue, beta != 0 and operand alignment; the first call of a shape runs the heuristic, later
 // calls only launch. The 32 MiB workspace comes from the DeviceAllocator once, at Create.
+// Autotuning (GYRE_GEMM_AUTOTUNE=1, read per call; a separate plan set): the first call of a
+// shape asks the heuristic for up to 8 algorithms, times each (1 + 5 launches into a scratch C,
+// so accumulating outputs are untouched; one stream synchronisation) and keeps the fastest if it
+// beats the heuristic's first choice by >= 3%.
 //
 // FLOPs 2·m·n·k per product; bytes 2(mk + kn) + |C|·mn (+|C|·mn read when accumulating).
 // H100 SXM dense bf16 ~ 790-990 TFLOP/s: 16K tokens x 2048 x 5504 (1.3B MLP) = 0.37 TFLOP per
@@ -79,9 +83,10 @@ class GemmContext {
  private:
   struct Plan;
   GemmContext() = default;
-  CudaResult GetPlan(const GemmArgs& args, Plan** plan);
+  CudaResult GetPlan(const GemmArgs& args, cudaStream_t stream, Plan** plan);
 
   void* handle_ = nullptr;  // cublasLtHandle_t
+  DeviceAllocator* allocator_ = nullptr;  // scratch for autotuning
   DeviceBuffer workspace_;
   std::map<std::vector<int64_t>, std::unique_ptr<Plan>> plans_;
 };

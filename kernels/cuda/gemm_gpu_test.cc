@@ -3,6 +3,7 @@
 #include "kernels/cuda/gemm.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -33,6 +34,8 @@ double GeluTanh(double x) {
 class GemmGpuTest : public ::testing::Test {
  protected:
   void SetUp() override { CUDA_OK_OR_DIE(GemmContext::Create(&alloc_, &ctx_)); }
+  void RunForward();
+  void RunBackward();
   DeviceAllocator alloc_;
   std::unique_ptr<GemmContext> ctx_;
   std::mt19937_64 rng_{1234};
@@ -40,7 +43,7 @@ class GemmGpuTest : public ::testing::Test {
 
 const Shape kShapes[] = {{257, 384, 200}, {1000, 769, 513}, {33, 2048, 1031}, {2049, 256, 768}};
 
-TEST_F(GemmGpuTest, ForwardMatchesFloat64) {
+void GemmGpuTest::RunForward() {
   for (const Shape& s : kShapes) {
     const auto x = RandomBf16Values(rng_, s.rows * s.in);
     const auto w = RandomBf16Values(rng_, s.out * s.in, 0.05f);
@@ -105,7 +108,7 @@ TEST_F(GemmGpuTest, ForwardMatchesFloat64) {
   std::printf("[INFO] cached plans: %zu\n", ctx_->cached_plans());
 }
 
-TEST_F(GemmGpuTest, BackwardInputAndWeightMatchFloat64) {
+void GemmGpuTest::RunBackward() {
   for (const Shape& s : kShapes) {
     const auto x = RandomBf16Values(rng_, s.rows * s.in);
     const auto w = RandomBf16Values(rng_, s.out * s.in, 0.05f);
@@ -163,6 +166,20 @@ TEST_F(GemmGpuTest, BackwardInputAndWeightMatchFloat64) {
     EXPECT_TRUE(Report("gemm bwd dW+=dYt X f32 (increment)", ShapeName(s),
                        RelError(got_inc, ref_inc), testing::kTolF32Accum));
   }
+}
+
+TEST_F(GemmGpuTest, ForwardMatchesFloat64) { RunForward(); }
+
+TEST_F(GemmGpuTest, BackwardInputAndWeightMatchFloat64) { RunBackward(); }
+
+// GYRE_GEMM_AUTOTUNE=1: plans pick the fastest of up to 8 heuristic candidates (timed into a
+// scratch C); results must match float64 the same way, and accumulating products (dW += ...)
+// must not see the timing launches.
+TEST_F(GemmGpuTest, AutotunedPlansMatchFloat64) {
+  setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
+  RunForward();
+  RunBackward();
+  unsetenv("GYRE_GEMM_AUTOTUNE");
 }
 
 TEST_F(GemmGpuTest, RejectsBadArguments) {

@@ -1,0 +1,52 @@
+// Host-timed training steps, shared by the one-GPU step benchmarks (llama_step_bench,
+// recurrent_step_bench). Each Trainer::Step ends with two device-to-host reads (the loss and the
+// gradient norm), so the stream is drained and the host wall clock is the step time.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "ops/rng.h"
+#include "ops/train_step.h"
+
+namespace gyre::bench {
+
+struct StepTimes {
+  std::vector<double> seconds;  // one per step, in order
+  double loss_first = 0, loss_last = 0;
+};
+
+// Runs `count` steps numbered first_step.. on fresh uniform random tokens in [0, vocab) drawn from
+// `rng` (batch rows of seq + 1 ids), timing each. Returns false after printing the error of a
+// failed step.
+inline bool TimeSteps(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_t batch, int64_t seq,
+                      int first_step, int count, StepTimes* out) {
+  std::vector<int32_t> tokens(batch * (seq + 1));
+  for (int s = first_step; s < first_step + count; ++s) {
+    for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(vocab));
+    const auto a = std::chrono::steady_clock::now();
+    auto st = trainer.Step(tokens, batch, seq, s);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+    if (!st.ok()) {
+      std::fprintf(stderr, "step %d: %s\n", s, std::string(st.status().message()).c_str());
+      return false;
+    }
+    if (out->seconds.empty()) out->loss_first = st->loss.loss;
+    out->loss_last = st->loss.loss;
+    out->seconds.push_back(dt);
+  }
+  return true;
+}
+
+// Median (upper middle for an even count, as the benches always reported).
+inline double MedianOf(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace gyre::bench
