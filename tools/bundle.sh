@@ -34,6 +34,15 @@ PROGRAMS=(//cli:gyre //cli:gyrectl)
 # Every binary travels xz-compressed (statically linked, 2-30 MB each; 3-10x smaller) so the
 # bundle stays under the device tool's 64 MiB carry limit; run.sh unpacks them with python3's lzma.
 
+# `bash tools/bundle.sh NAME...` keeps only the named binaries (e.g. llama_gpu_test gyre): the
+# whole set no longer fits the device tool's 64 MiB carry limit.
+if [ $# -gt 0 ]; then
+  keep() { local out=() t; for t in "$@"; do [[ " ${WANT[*]} " == *" ${t##*:} "* ]] && out+=("$t"); done; echo "${out[@]}"; }
+  WANT=("$@")
+  read -r -a TESTS <<< "$(keep "${TESTS[@]}")"; read -r -a XZ_TESTS <<< "$(keep "${XZ_TESTS[@]}")"
+  read -r -a BENCHES <<< "$(keep "${BENCHES[@]}")"; read -r -a XZ_BENCHES <<< "$(keep "${XZ_BENCHES[@]}")"
+  read -r -a PROGRAMS <<< "$(keep "${PROGRAMS[@]}")"
+fi
 bazel build --config=bundle "${TESTS[@]}" "${XZ_TESTS[@]}" "${BENCHES[@]}" "${XZ_BENCHES[@]}" "${PROGRAMS[@]}"
 
 rm -rf .bundle
@@ -90,4 +99,7 @@ exit \$rc
 RUN
 chmod +x .bundle/run.sh
 du -sh .bundle
+if [ "$(du -sm .bundle | cut -f1)" -gt 62 ]; then
+  echo "WARNING: .bundle is over the device tool's 64 MiB carry limit: name the binaries to keep" >&2
+fi
 echo "bundle: $(ls .bundle/bin | tr '\n' ' ')| extra libs: $(ls .bundle/lib | tr '\n' ' ')"
