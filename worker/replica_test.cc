@@ -3,9 +3,11 @@
 // to each other, hand their state to a joiner, and round-trip through a checkpoint.
 #include "worker/replica.h"
 
+#include <functional>
 #include <random>
 #include <thread>
 
+#include "base/status_macros.h"
 #include "gtest/gtest.h"
 #include "worker/gloo_collective.h"
 
@@ -40,6 +42,49 @@ class SingleRank final : public Collective {
   void Abort() override {}
 };
 
+// Runs `body(rank, replica, collective)` on two threads, each with its own replica of `config`
+// and one Gloo communicator between them; the first error of either rank fails the test. Returns
+// the two replicas for the caller's comparisons (empty when a rank could not start).
+std::vector<std::unique_ptr<ModelReplica>> RunTwoRanks(
+    const gyre::v1::RunConfig& config, const std::function<absl::Status(int, ModelReplica*, Collective*)>& body) {
+  InProcessStore store;
+  std::vector<std::unique_ptr<ModelReplica>> replicas(2);
+  std::vector<absl::Status> status(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      auto replica = ModelReplica::Create(config);
+      if (!replica.ok()) {
+        status[r] = replica.status();
+        return;
+      }
+      replicas[r] = std::move(*replica);
+      auto c = GlooCollective::Connect(&store, 1, r, 2, GlooOptions());
+      status[r] = c.ok() ? body(r, replicas[r].get(), c->get()) : c.status();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r];
+    if (!status[r].ok()) return {};
+  }
+  return replicas;
+}
+
+// Largest |difference| between the parameters of two replicas' snapshots.
+double MaxParamDiff(const ModelReplica& a, const ModelReplica& b) {
+  std::vector<TensorSnapshot> x = a.Snapshot(), y = b.Snapshot();
+  EXPECT_EQ(x.size(), y.size());
+  double max_diff = 0;
+  for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
+    if (x[i].name.rfind("param.", 0) != 0) continue;
+    const float* u = reinterpret_cast<const float*>(x[i].bytes.data());
+    const float* v = reinterpret_cast<const float*>(y[i].bytes.data());
+    for (size_t j = 0; j < x[i].bytes.size() / 4; ++j) max_diff = std::max(max_diff, double(std::abs(u[j] - v[j])));
+  }
+  return max_diff;
+}
+
 // A CUDA replica needs the GPU runtime (registered only by a --config=cuda build): a CPU build
 // refuses it with a message that says how to get one, instead of failing later in a kernel.
 TEST(ReplicaTest, CudaReplicaNeedsTheGpuRuntime) {
@@ -64,48 +109,21 @@ TEST(ReplicaTest, TwoRanksMatchOneRankOnTheWholeBatch) {
   ASSERT_TRUE((*reference)->ReduceGradients(&single, &ref_loss).ok());
   ASSERT_TRUE((*reference)->ApplyUpdate(0).ok());
 
-  InProcessStore store;
-  std::vector<std::unique_ptr<ModelReplica>> replicas(2);
   std::vector<ReplicaLoss> losses(2);
-  std::vector<absl::Status> status(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      auto replica = ModelReplica::Create(TinyConfig());
-      if (!replica.ok()) {
-        status[r] = replica.status();
-        return;
-      }
-      replicas[r] = std::move(*replica);
-      auto c = GlooCollective::Connect(&store, 1, r, 2, GlooOptions());
-      if (!c.ok()) {
-        status[r] = c.status();
-        return;
-      }
-      const int64_t first = r == 0 ? 0 : 3, count = r == 0 ? 3 : 2;
-      std::span<const int32_t> mine(tokens.data() + first * (kSeq + 1), count * (kSeq + 1));
-      losses[r] = replicas[r]->ComputeGradients(mine, count, kSeq, global_tokens);
-      status[r] = replicas[r]->ReduceGradients(c->get(), &losses[r], /*bucket_bytes=*/4096);
-      if (status[r].ok()) status[r] = replicas[r]->ApplyUpdate(0).status();
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < 2; ++r) ASSERT_TRUE(status[r].ok()) << r << ": " << status[r];
+  auto replicas = RunTwoRanks(TinyConfig(), [&](int r, ModelReplica* replica, Collective* c) {
+    const int64_t first = r == 0 ? 0 : 3, count = r == 0 ? 3 : 2;
+    std::span<const int32_t> mine(tokens.data() + first * (kSeq + 1), count * (kSeq + 1));
+    losses[r] = replica->ComputeGradients(mine, count, kSeq, global_tokens);
+    RETURN_IF_ERROR(replica->ReduceGradients(c, &losses[r], /*bucket_bytes=*/4096));
+    return replica->ApplyUpdate(0).status();
+  });
+  ASSERT_EQ(replicas.size(), 2u);
   EXPECT_NEAR(losses[0].loss, ref_loss.loss, 1e-5 * std::abs(ref_loss.loss));
   EXPECT_EQ(losses[0].tokens, ref_loss.tokens);
   EXPECT_EQ(losses[0].loss, losses[1].loss);
   EXPECT_EQ(replicas[0]->ParameterFingerprint(), replicas[1]->ParameterFingerprint());
   // Against the single replica: equal up to float summation order.
-  std::vector<TensorSnapshot> a = replicas[0]->Snapshot(), b = (*reference)->Snapshot();
-  ASSERT_EQ(a.size(), b.size());
-  double max_diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].name.rfind("param.", 0) != 0) continue;
-    const float* x = reinterpret_cast<const float*>(a[i].bytes.data());
-    const float* y = reinterpret_cast<const float*>(b[i].bytes.data());
-    for (size_t j = 0; j < a[i].bytes.size() / 4; ++j) max_diff = std::max(max_diff, double(std::abs(x[j] - y[j])));
-  }
-  EXPECT_LT(max_diff, 1e-5);
+  EXPECT_LT(MaxParamDiff(*replicas[0], **reference), 1e-5);
 }
 
 TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
@@ -171,41 +189,22 @@ TEST(ReplicaTest, OverlappedReduceIsBitIdenticalToReduceAfterBackward) {
   std::vector<uint64_t> fingerprints[2];
   std::vector<double> reduced_loss[2];
   for (int overlap = 0; overlap < 2; ++overlap) {
-    InProcessStore store;
-    std::vector<std::unique_ptr<ModelReplica>> replicas(2);
-    std::vector<absl::Status> status(2);
-    std::vector<std::thread> threads;
-    for (int r = 0; r < 2; ++r) {
-      threads.emplace_back([&, r] {
-        auto replica = ModelReplica::Create(TinyConfig(5));
-        if (!replica.ok()) {
-          status[r] = replica.status();
-          return;
-        }
-        replicas[r] = std::move(*replica);
-        auto c = GlooCollective::Connect(&store, 1, r, 2, GlooOptions());
-        if (!c.ok()) {
-          status[r] = c.status();
-          return;
-        }
-        const int vocab = static_cast<int>(replicas[r]->spec().vocab_size);
-        for (uint64_t step = 0; step < 2 && status[r].ok(); ++step) {
-          std::vector<int32_t> tokens = RandomTokens(4, kSeq, vocab, 40 + 10 * step + r);
-          if (overlap) replicas[r]->BeginOverlappedReduce(c->get(), kBucketBytes);
-          ReplicaLoss loss = replicas[r]->ComputeGradients(tokens, 4, kSeq, 8 * kSeq);
-          EXPECT_GT(replicas[r]->last_pass_times().forward_ms, 0);
-          EXPECT_GT(replicas[r]->last_pass_times().backward_ms, 0);
-          status[r] = replicas[r]->ReduceGradients(c->get(), &loss, kBucketBytes);
-          if (status[r].ok()) status[r] = replicas[r]->ApplyUpdate(step).status();
-          if (r == 0) reduced_loss[overlap].push_back(loss.loss);
-        }
-      });
-    }
-    for (auto& t : threads) t.join();
-    for (int r = 0; r < 2; ++r) {
-      ASSERT_TRUE(status[r].ok()) << r << ": " << status[r];
-      fingerprints[overlap].push_back(replicas[r]->ParameterFingerprint());
-    }
+    auto replicas = RunTwoRanks(TinyConfig(5), [&](int r, ModelReplica* replica, Collective* c) -> absl::Status {
+      const int vocab = static_cast<int>(replica->spec().vocab_size);
+      for (uint64_t step = 0; step < 2; ++step) {
+        std::vector<int32_t> tokens = RandomTokens(4, kSeq, vocab, 40 + 10 * step + r);
+        if (overlap) replica->BeginOverlappedReduce(c, kBucketBytes);
+        ReplicaLoss loss = replica->ComputeGradients(tokens, 4, kSeq, 8 * kSeq);
+        EXPECT_GT(replica->last_pass_times().forward_ms, 0);
+        EXPECT_GT(replica->last_pass_times().backward_ms, 0);
+        RETURN_IF_ERROR(replica->ReduceGradients(c, &loss, kBucketBytes));
+        RETURN_IF_ERROR(replica->ApplyUpdate(step).status());
+        if (r == 0) reduced_loss[overlap].push_back(loss.loss);
+      }
+      return absl::OkStatus();
+    });
+    ASSERT_EQ(replicas.size(), 2u);
+    for (int r = 0; r < 2; ++r) fingerprints[overlap].push_back(replicas[r]->ParameterFingerprint());
     EXPECT_EQ(fingerprints[overlap][0], fingerprints[overlap][1]);
   }
   EXPECT_EQ(fingerprints[0], fingerprints[1]);
@@ -231,53 +230,23 @@ TEST(ReplicaTest, MicroBatchesWithOverlapMatchOnePassOverTheWholeBatch) {
 
   gyre::v1::RunConfig config = TinyConfig(7);
   config.mutable_train()->set_micro_batch(2);
-  InProcessStore store;
-  std::vector<std::unique_ptr<ModelReplica>> replicas(2);
   std::vector<ReplicaLoss> losses(2);
-  std::vector<absl::Status> status(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      auto replica = ModelReplica::Create(config);
-      if (!replica.ok()) {
-        status[r] = replica.status();
-        return;
-      }
-      replicas[r] = std::move(*replica);
-      auto c = GlooCollective::Connect(&store, 1, r, 2, GlooOptions());
-      if (!c.ok()) {
-        status[r] = c.status();
-        return;
-      }
-      std::span<const int32_t> mine(tokens.data() + r * kRowsPerRank * (kSeq + 1), kRowsPerRank * (kSeq + 1));
-      replicas[r]->BeginOverlappedReduce(c->get(), kBucketBytes);
-      losses[r] = replicas[r]->ComputeGradients(mine, kRowsPerRank, kSeq, global_tokens);
-      status[r] = replicas[r]->ReduceGradients(c->get(), &losses[r], kBucketBytes);
-      if (status[r].ok()) status[r] = replicas[r]->ApplyUpdate(0).status();
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < 2; ++r) ASSERT_TRUE(status[r].ok()) << r << ": " << status[r];
+  auto replicas = RunTwoRanks(config, [&](int r, ModelReplica* replica, Collective* c) {
+    std::span<const int32_t> mine(tokens.data() + r * kRowsPerRank * (kSeq + 1), kRowsPerRank * (kSeq + 1));
+    replica->BeginOverlappedReduce(c, kBucketBytes);
+    losses[r] = replica->ComputeGradients(mine, kRowsPerRank, kSeq, global_tokens);
+    RETURN_IF_ERROR(replica->ReduceGradients(c, &losses[r], kBucketBytes));
+    return replica->ApplyUpdate(0).status();
+  });
+  ASSERT_EQ(replicas.size(), 2u);
   EXPECT_NEAR(losses[0].loss, ref_loss.loss, 1e-5 * std::abs(ref_loss.loss));
   EXPECT_EQ(losses[0].tokens, ref_loss.tokens);
   EXPECT_EQ(replicas[0]->ParameterFingerprint(), replicas[1]->ParameterFingerprint());
   EXPECT_GT(replicas[0]->last_pass_times().backward_ms, 0);
-  std::vector<TensorSnapshot> a = replicas[0]->Snapshot(), b = (*reference)->Snapshot();
-  ASSERT_EQ(a.size(), b.size());
-  double max_diff = 0, max_step = 0;
-  std::vector<TensorSnapshot> initial = ModelReplica::Create(TinyConfig(7)).value()->Snapshot();
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].name.rfind("param.", 0) != 0) continue;
-    const float* x = reinterpret_cast<const float*>(a[i].bytes.data());
-    const float* y = reinterpret_cast<const float*>(b[i].bytes.data());
-    const float* x0 = reinterpret_cast<const float*>(initial[i].bytes.data());
-    for (size_t j = 0; j < a[i].bytes.size() / 4; ++j) {
-      max_diff = std::max(max_diff, double(std::abs(x[j] - y[j])));
-      max_step = std::max(max_step, double(std::abs(y[j] - x0[j])));
-    }
-  }
-  EXPECT_GT(max_step, 1e-3);  // the update moved the weights: the comparison below means something
-  EXPECT_LT(max_diff, 1e-5);
+  auto initial = ModelReplica::Create(TinyConfig(7));
+  ASSERT_TRUE(initial.ok());
+  EXPECT_GT(MaxParamDiff(**initial, **reference), 1e-3);  // the update moved the weights
+  EXPECT_LT(MaxParamDiff(*replicas[0], **reference), 1e-5);
 }
 
 }  // namespace
