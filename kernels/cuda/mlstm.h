@@ -70,6 +70,23 @@ enum class MlstmStatePrecision {
   kBf16,       // single bf16 (the first version; faster, true gradient loses accuracy)
 };
 
+// How the two state recurrences apply their per-token weights (E_t to k_t in the forward,
+// G_t·scale/den_t to q_t in the backward) on the bf16 MMA operand, when the states are split
+// (MlstmStatePrecision kSplitBf16 / kAuto); with kBf16 states the weights are always hi only.
+// hi + lo costs one more MMA per product (measured on an H200 at the 7B-heads shape: state_bwd
+// 0.26 ms with hi + lo; bench/RESULTS.md has the per-mode numbers).
+// Why it matters: with stop_normaliser_gradient, df̃ = F + Σ_{t≥r}(q·dq − k·dk) cancels over
+// long suffixes, and rounding the weighted operand breaks that identity (hi only in both kernels:
+// TFLA-convention df̃ 2.0e-2 / 2.8e-2 on the gates ±30 / S 8200 test cases, band 2e-2; hi + lo:
+// 1.6e-3). Every true-gradient check stayed in its band with hi only in both kernels
+// (2026-11-26, helper mlstm3's call 1), so kAuto drops the backward's lo half there.
+enum class MlstmStateWeights {
+  kAuto,           // stop_normaliser_gradient: kSplitBf16; true gradient: kSplitForward
+  kSplitBf16,      // hi + lo in both kernels
+  kSplitForward,   // hi + lo in the forward, hi only in the backward
+  kBf16,           // hi only in both
+};
+
 // Which algorithm computes the gate prefix scans (results agree to fp32 rounding).
 enum class MlstmGateSchedule {
   kChunkParallel,  // default: one block per head, one warp per chunk / many tokens per thread
@@ -87,6 +104,7 @@ struct MlstmOptions {
   bool stop_normaliser_gradient = false;  // see the top of this file
   MlstmStatePrecision state_precision = MlstmStatePrecision::kAuto;
   MlstmGateSchedule gate_schedule = MlstmGateSchedule::kChunkParallel;
+  MlstmStateWeights state_weights = MlstmStateWeights::kAuto;
   // Rows × columns of C that one block of the two state recurrences owns: 64 (64×64), 128
   // (128×128, needs dk and dv multiples of 128) or 0 = auto: 128 where allowed and
   // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).
