@@ -387,11 +387,7 @@ int main(int argc, char** argv) {
                                    MlstmGateSchedule::kChunkParallel, 64};
   const gyre::cuda::Variant v2_bf16{"v2-bf16-tile64", MlstmStatePrecision::kBf16,
                                     MlstmGateSchedule::kChunkParallel, 64};
-  // state_weights: the previous default (hi + lo in both state kernels, both conventions) and
-  // hi + lo in the forward only (both conventions).
-  const gyre::cuda::Variant v2_wsplit{"v2-weights-split", MlstmStatePrecision::kAuto,
-                                      MlstmGateSchedule::kChunkParallel, 0,
-                                      gyre::cuda::MlstmStateWeights::kSplitBf16};
+  // state_weights: hi + lo in the forward only (the default keeps it in both state kernels).
   const gyre::cuda::Variant v2_wfwd{"v2-weights-split-fwd", MlstmStatePrecision::kAuto,
                                     MlstmGateSchedule::kChunkParallel, 0,
                                     gyre::cuda::MlstmStateWeights::kSplitForward};
@@ -399,7 +395,6 @@ int main(int argc, char** argv) {
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512};
   const gyre::cuda::Problem problems[] = {
       {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
-      {"xlstm-1.3b-like", s13, 128, v2_wsplit}, {"xlstm-7b-heads", s7, 128, v2_wsplit},
       {"xlstm-1.3b-like", s13, 128, v2_wfwd}, {"xlstm-7b-heads", s7, 128, v2_wfwd},
       {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
       {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},

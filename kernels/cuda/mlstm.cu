@@ -1917,7 +1917,8 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
   // Every load of a thread's kGateItems tokens is issued before the first use (slab-outer loop,
   // dĩ and f̃'s derivative ready before the scan): one round of dependent loads per slab instead
   // of one per (token, slab) and two more per token after the scan (the stores to dĩ / df̃ kept
-  // the compiler from hoisting those loads). Same arithmetic, same order as before.
+  // the compiler from hoisting those loads). Same arithmetic, same order as before. Measured on
+  // an H100 (7B heads, 8 blocks of S 8192): 0.075 vs 0.079 ms; 1.3b shape unchanged (0.032).
   double carry_r = F;
   const int ns = p.n_dk_slabs;
   for (int top = d.S - 1; top >= 0; top -= kTile) {
@@ -2094,10 +2095,10 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.sigmoid = o.forget_gate == MlstmForgetGate::kSigmoid;
   d.stop_grad = o.stop_normaliser_gradient;
   d.split = UseSplit(o);
-  // MlstmStateWeights (mlstm.h says why kAuto drops the backward's lo half in the true gradient).
-  const MlstmStateWeights wt = o.state_weights != MlstmStateWeights::kAuto ? o.state_weights
-                               : o.stop_normaliser_gradient ? MlstmStateWeights::kSplitBf16
-                                                            : MlstmStateWeights::kSplitForward;
+  // MlstmStateWeights (mlstm.h says why kAuto keeps hi + lo in both state kernels).
+  const MlstmStateWeights wt = o.state_weights != MlstmStateWeights::kAuto
+                                   ? o.state_weights
+                                   : MlstmStateWeights::kSplitBf16;
   d.fwd_wlo = d.split && wt != MlstmStateWeights::kBf16;
   d.bwd_wlo = d.split && wt == MlstmStateWeights::kSplitBf16;
   d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;

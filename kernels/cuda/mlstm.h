@@ -73,18 +73,18 @@ enum class MlstmStatePrecision {
 // How the two state recurrences apply their per-token weights (E_t to k_t in the forward,
 // G_t·scale/den_t to q_t in the backward) on the bf16 MMA operand, when the states are split
 // (MlstmStatePrecision kSplitBf16 / kAuto); with kBf16 states the weights are always hi only.
-// hi + lo costs one more MMA per product (measured on an H200 at the 7B-heads shape: state_bwd
-// 0.26 ms with hi + lo; bench/RESULTS.md has the per-mode numbers).
-// Why it matters: with stop_normaliser_gradient, df̃ = F + Σ_{t≥r}(q·dq − k·dk) cancels over
-// long suffixes, and rounding the weighted operand breaks that identity (hi only in both kernels:
-// TFLA-convention df̃ 2.0e-2 / 2.8e-2 on the gates ±30 / S 8200 test cases, band 2e-2; hi + lo:
-// 1.6e-3). Every true-gradient check stayed in its band with hi only in both kernels
-// (2026-11-26, helper mlstm3's call 1), so kAuto drops the backward's lo half there.
+// hi only saves one MMA per product but breaks cancellations that df̃ relies on: df̃ = F +
+// Σ_{t≥r}(q·dq − k·dk) sums over long suffixes. Measured (H100, 2026-11-26, bench/RESULTS.md
+// helper mlstm4): hi only in the backward (kSplitForward) takes the S 8200 case's TRUE-gradient
+// df̃ from 2.0e-3 to 1.99e-2 (band 2e-2: in, but at the edge) and the TFLA-convention df̃ out of
+// its band (2.0e-2 gates ±30, 2.9e-2 S 8200); hi only in both (kBf16) failed the same two
+// TFLA-convention checks (helper mlstm3). The gain of kSplitForward at the 7B-heads shape was
+// 0.009 ms of 1.86 (state_bwd 0.257 vs 0.266 ms), so the default keeps hi + lo everywhere.
 enum class MlstmStateWeights {
-  kAuto,           // stop_normaliser_gradient: kSplitBf16; true gradient: kSplitForward
+  kAuto,           // = kSplitBf16
   kSplitBf16,      // hi + lo in both kernels
-  kSplitForward,   // hi + lo in the forward, hi only in the backward
-  kBf16,           // hi only in both
+  kSplitForward,   // hi + lo in the forward, hi only in the backward (benchmarks / experiments)
+  kBf16,           // hi only in both (benchmarks / experiments)
 };
 
 // Which algorithm computes the gate prefix scans (results agree to fp32 rounding).
