@@ -125,6 +125,7 @@ struct Variant {
   MlstmStatePrecision precision;
   MlstmGateSchedule gates;
   int64_t state_tile;
+  MlstmStateWeights weights = MlstmStateWeights::kAuto;
 };
 
 struct Problem {
@@ -142,6 +143,7 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
   opt.state_precision = pr.variant.precision;
   opt.gate_schedule = pr.variant.gates;
   opt.state_tile = pr.variant.state_tile;
+  opt.state_weights = pr.variant.weights;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -385,10 +387,15 @@ int main(int argc, char** argv) {
                                    MlstmGateSchedule::kChunkParallel, 64};
   const gyre::cuda::Variant v2_bf16{"v2-bf16-tile64", MlstmStatePrecision::kBf16,
                                     MlstmGateSchedule::kChunkParallel, 64};
+  // state_weights: hi + lo in the forward only (the default keeps it in both state kernels).
+  const gyre::cuda::Variant v2_wfwd{"v2-weights-split-fwd", MlstmStatePrecision::kAuto,
+                                    MlstmGateSchedule::kChunkParallel, 0,
+                                    gyre::cuda::MlstmStateWeights::kSplitForward};
   const gyre::cuda::Variant v1{"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64};
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512};
   const gyre::cuda::Problem problems[] = {
       {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
+      {"xlstm-1.3b-like", s13, 128, v2_wfwd}, {"xlstm-7b-heads", s7, 128, v2_wfwd},
       {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
       {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},
       {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},

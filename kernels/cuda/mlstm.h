@@ -70,6 +70,23 @@ enum class MlstmStatePrecision {
   kBf16,       // single bf16 (the first version; faster, true gradient loses accuracy)
 };
 
+// How the two state recurrences apply their per-token weights (E_t to k_t in the forward,
+// G_t·scale/den_t to q_t in the backward) on the bf16 MMA operand, when the states are split
+// (MlstmStatePrecision kSplitBf16 / kAuto); with kBf16 states the weights are always hi only.
+// hi only saves one MMA per product but breaks cancellations that df̃ relies on: df̃ = F +
+// Σ_{t≥r}(q·dq − k·dk) sums over long suffixes. Measured (H100, 2026-11-26, bench/RESULTS.md
+// helper mlstm4): hi only in the backward (kSplitForward) takes the S 8200 case's TRUE-gradient
+// df̃ from 2.0e-3 to 1.99e-2 (band 2e-2: in, but at the edge) and the TFLA-convention df̃ out of
+// its band (2.0e-2 gates ±30, 2.9e-2 S 8200); hi only in both (kBf16) failed the same two
+// TFLA-convention checks (helper mlstm3). The gain of kSplitForward at the 7B-heads shape was
+// 0.009 ms of 1.86 (state_bwd 0.257 vs 0.266 ms), so the default keeps hi + lo everywhere.
+enum class MlstmStateWeights {
+  kAuto,           // = kSplitBf16
+  kSplitBf16,      // hi + lo in both kernels
+  kSplitForward,   // hi + lo in the forward, hi only in the backward (benchmarks / experiments)
+  kBf16,           // hi only in both (benchmarks / experiments)
+};
+
 // Which algorithm computes the gate prefix scans (results agree to fp32 rounding).
 enum class MlstmGateSchedule {
   kChunkParallel,  // default: one block per head, one warp per chunk / many tokens per thread
@@ -87,6 +104,7 @@ struct MlstmOptions {
   bool stop_normaliser_gradient = false;  // see the top of this file
   MlstmStatePrecision state_precision = MlstmStatePrecision::kAuto;
   MlstmGateSchedule gate_schedule = MlstmGateSchedule::kChunkParallel;
+  MlstmStateWeights state_weights = MlstmStateWeights::kAuto;
   // Rows × columns of C that one block of the two state recurrences owns: 64 (64×64), 128
   // (128×128, needs dk and dv multiples of 128) or 0 = auto: 128 where allowed and
   // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).

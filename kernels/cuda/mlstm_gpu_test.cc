@@ -109,6 +109,17 @@ constexpr Variant kVariants[] = {
     {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64},
 };
 
+// MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
+// of every variant (e.g. to check a non-default mode on the device without a rebuild).
+MlstmStateWeights TestStateWeights() {
+  const char* e = std::getenv("MLSTM_TEST_WEIGHTS");
+  const std::string w = e == nullptr ? "" : e;
+  if (w == "split") return MlstmStateWeights::kSplitBf16;
+  if (w == "split_fwd") return MlstmStateWeights::kSplitForward;
+  if (w == "bf16") return MlstmStateWeights::kBf16;
+  return MlstmStateWeights::kAuto;
+}
+
 struct Reference {
   std::vector<double> dq, dk, dv, dig, dfg, dc0, dn0, dm0;
 };
@@ -210,6 +221,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_precision = var.precision;
       opt.gate_schedule = var.gates;
       opt.state_tile = var.state_tile;
+      opt.state_weights = TestStateWeights();
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
