@@ -53,6 +53,19 @@
 //                          parameters). The only atomics are shared-memory adds of ∂Acs terms
 //                          inside one block (order may vary run to run at fp32 rounding level).
 //
+// ∂A in the difference form. A·∂A = Σ_t ∂Acs_t·Acs_t, and almost every ∂Acs term comes in a
+// pair (+v at token l, −v at token s < l: the intra-chunk terms dt_s (x_s·dy_l) M_ls and the
+// state terms dt_s w_s x_s·dX̄_s), whose true contribution is v·(Acs_l − Acs_s). Forming ∂A from
+// the reverse cumsum of the fp32 ∂Acs (Σ_t dt_t Σ_{t'≥t} ∂Acs_t', as the CPU reference does in
+// float64) weights each term's fp32 rounding residue by |Acs_t| (up to |A|·Σ dt, thousands at
+// dt ~ 3, |A| ~ 30) instead of by the pair's Acs difference: with fast decays the true ∂A is
+// a sum of near-neighbour terms and the residues dominated it (1.5e-2 relative error on one
+// ssd_gpu_test input; a CPU emulation of that fp32 order gives 1.7e-2 on the same input).
+// So the kernels add each term with its own weight as it is formed — v·(Acs_l − Acs_s) for a
+// pair, v·Acs_l for the inter and decay terms — in double across terms (fp32 within a
+// thread's share of one tile pair), and ∂A = that sum / A. ∂dt still uses the reverse cumsum
+// (its terms are not weighted by Acs, so it has no such amplification).
+//
 // ---------------------------------------------------------------------------------------------
 // Cost (B8 S2048 H64 P64 N128 G1 Q256: NC = 8 chunks, B·NC·H = 4096 (b, c, h) blocks)
 // ---------------------------------------------------------------------------------------------
@@ -812,6 +825,9 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
   bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
   const int row = threadIdx.x / 2, half = threadIdx.x % 2, hp = d.P / 2;
+  // A·∂A = Σ_t ∂Acs_t·Acs_t, summed in the difference form (see "∂A in the difference form" at the top): every
+  // term is added here with its Acs weight (a pair term with Acs_l − Acs_s), in double.
+  double da_loc = 0.0;
 
   // Phase 1 (inter term of ∂Acs): dacs_l += e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
   for (int lt = 0; lt < nT; ++lt) {
@@ -829,7 +845,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     for (int p = half * hp; p < (half + 1) * hp; ++p)
       s += DX[row * ldx + p] * __bfloat162float(dYl[row * ldp + p]);
     s += __shfl_xor_sync(0xffffffffu, s, 1);
-    if (half == 0 && row < lv) dacs[lt * kTile + row] += expf(acs[lt * kTile + row]) * s;
+    if (half == 0 && row < lv) {
+      const float a = acs[lt * kTile + row], v = expf(a) * s;
+      dacs[lt * kTile + row] += v;
+      da_loc += static_cast<double>(v) * a;
+    }
     __syncthreads();
   }
 
@@ -840,6 +860,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     float s = 0.f;
     for (int i = 0; i < ddecay_parts; ++i) s += pp[i];
     dacs[d.Q - 1] += e_last * s;
+    da_loc += static_cast<double>(e_last * s) * acs[d.Q - 1];
   }
   __syncthreads();
   const float* g_state = dsg + (bh * d.NC + c) * d.PN;  // G_{c+1}
@@ -872,6 +893,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
         const float dl = dts[s0 + row] * dot;
         atomicAdd(&dacs[d.Q - 1], dl);
         atomicAdd(&dacs[s0 + row], -dl);
+        da_loc += static_cast<double>(dl) * (acs[d.Q - 1] - acs[s0 + row]);
       }
     }
     __syncthreads();
@@ -896,7 +918,9 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
         float mt = 0.f;
         if (lt > st || l >= s) mt = Ms[s * ldm + l] * expf(acs[l0 + l] - acs[s0 + s]);
         Mb[s * 72 + l] = __float2bfloat16_rn(mt);
-        Ms2[s * ldm + l] = dts[s0 + s] * Ms2[s * ldm + l] * mt;
+        const float m2 = dts[s0 + s] * Ms2[s * ldm + l] * mt;
+        Ms2[s * ldm + l] = m2;
+        if (mt != 0.f) da_loc += static_cast<double>(m2) * (acs[l0 + l] - acs[s0 + s]);
       }
       __syncthreads();
       if (threadIdx.x < kTile) {
@@ -958,7 +982,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   __syncthreads();
   const float A = -expf(a_log[h]);
   const float bias = dt_bias[h];
-  double da_acc = 0.0, db_acc = 0.0;
+  double db_acc = 0.0;
   for (int t = threadIdx.x; t < len; t += kThreads) {
     const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
     const float dda = dacs[t];
@@ -968,10 +992,9 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     const bool passes = sp >= d.dt_min && sp <= d.dt_max;
     const float draw = passes ? total * Sigmoid(raw) : 0.f;
     ddt[idx] = draw;
-    da_acc += static_cast<double>(dda) * dts[t];
     db_acc += draw;
   }
-  const double s_a = BlockSumDouble(da_acc, red);
+  const double s_a = BlockSumDouble(da_loc, red) / static_cast<double>(A);
   const double s_b = BlockSumDouble(db_acc, red + kWarps);
   const double s_d = BlockSumDouble(dd_acc, red + 2 * kWarps);
   if (threadIdx.x == 0) {
@@ -1659,6 +1682,15 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
 
   // Pair loop over l-tiles st..nT−1 (buffer 0 holds the own tile already).
   float rsum0 = 0.f, rsum1 = 0.f;
+  // A·∂A in the difference form (see the top of the file): the state terms (dl at last, −dl at s) and
+  // the inter terms of the own rows here (each quad's four lanes hold the same row sums, so
+  // lane tq == 0 adds them), the pair terms m2·(Acs_l − Acs_s) per tile below.
+  double da_loc = 0.0;
+  if (tq == 0) {
+    da_loc += static_cast<double>(dl0) * (acs_last - as0) + static_cast<double>(dl1) * (acs_last - as1);
+    if (r0 < sv) da_loc += static_cast<double>(inter0) * as0;
+    if (r0 + 8 < sv) da_loc += static_cast<double>(inter1) * as1;
+  }
   // One barrier per tile (as in ssd_chunk_scan_fwd_reg): publishes tile lt, retires buffer buf^1
   // (tile lt−1, or H_c / G), which then receives tile lt+1.
   for (int lt = st; lt < nT; ++lt) {
@@ -1678,6 +1710,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     ZeroAcc(s2);
     WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
     float csum[8][2];
+    float dpair = 0.f;  // this tile pair's Σ m2·(Acs_l − Acs_s)
     // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
     auto scale = [&](auto diag_c) {
       constexpr bool kDiag = decltype(diag_c)::value;
@@ -1693,6 +1726,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
         const int lb = 8 * j + 2 * tq;
         float2 er = make_float2(0.f, 0.f);
         if constexpr (!kDiag) er = *reinterpret_cast<const float2*>(erel + l0 + lb);
+        const float2 al = *reinterpret_cast<const float2*>(acs + l0 + lb);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int l = lb + (e & 1), row = r0 + 8 * (e >> 1);
@@ -1705,6 +1739,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
           }
           s1[j][e] = mt;
           const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
+          dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
           if (e < 2) {
             rsum0 += m2;
           } else {
@@ -1719,6 +1754,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     } else {
       scale(std::false_type{});
     }
+    da_loc += dpair;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -1768,8 +1804,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
   }
   const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
+  const double s_a = BlockSumDouble(da_loc, red);
   if (threadIdx.x == 0) {
-    dd_part[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st] = s_d;
+    const int64_t i = ((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st;
+    dd_part[i] = s_d;
+    dd_part[static_cast<int64_t>(d.B) * d.NC * d.H * tiles + i] = s_a;  // A·∂A partial
   }
 
   float* out = dacs_part + ((bh * d.NC + c) * tiles + st) * d.Q;
@@ -1797,6 +1836,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     int ddecay_parts, float* ddt, double* part) {
   __shared__ float dacs[256];
   __shared__ double red[3 * kWarps];
+  __shared__ float dacs_decay;  // e^{Acs_last} <G_{c+1}, H_c> (thread 0 writes, thread 0 reads)
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tiles = d.Q / kTile;
   const int c0 = c * d.Q;
@@ -1816,6 +1856,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     float s = 0.f;
     for (int i = 0; i < ddecay_parts; ++i) s += q[i];
     dacs[d.Q - 1] += expf(acs_g[d.Q - 1]) * s;
+    dacs_decay = expf(acs_g[d.Q - 1]) * s;
   }
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -1836,9 +1877,8 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   __syncthreads();
   const float A = -expf(a_log[h]);
   const float bias = dt_bias[h];
-  const float* dts = DtPtr(d, saved, b);
   const float* dx_dot = ddtx + bh * d.NC * d.Q + c0;
-  double da_acc = 0.0, db_acc = 0.0;
+  double db_acc = 0.0;
   for (int t = threadIdx.x; t < len; t += kThreads) {
     const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
     const float dda = dacs[t];
@@ -1848,16 +1888,19 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     const bool passes = sp >= d.dt_min && sp <= d.dt_max;
     const float draw = passes ? total * Sigmoid(raw) : 0.f;
     ddt[idx] = draw;
-    da_acc += static_cast<double>(dda) * dts[static_cast<int64_t>(c0 + t) * d.H + h];
     db_acc += draw;
   }
-  const double s_a = BlockSumDouble(da_acc, red);
   const double s_b = BlockSumDouble(db_acc, red + kWarps);
   if (threadIdx.x == 0) {
     const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
     const int64_t i = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
-    double s_d = 0.0;
+    double s_d = 0.0, s_a = 0.0;
     for (int s = 0; s < nT; ++s) s_d += dd_part[i * tiles + s];
+    // A·∂A in the difference form: the s-tile partials plus the state-passing decay term
+    // (weight Acs_last), divided by A (ssd_param_reduce multiplies by A again for ∂A_log).
+    for (int s = 0; s < nT; ++s) s_a += dd_part[n * tiles + i * tiles + s];
+    s_a += static_cast<double>(dacs_decay) * acs_g[d.Q - 1];
+    s_a /= static_cast<double>(A);
     part[i] = s_a;
     part[n + i] = s_b;
     part[2 * n + i] = s_d;
@@ -2402,7 +2445,7 @@ struct BwdScratch {
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_part;   // [B, H, NC, Q/64, Q]
   float* ddtx;        // [B, H, NC·Q]
-  double* dd_part;    // [B, NC, H, Q/64]
+  double* dd_part;    // [2][B, NC, H, Q/64]: Σ dy·x, then A·∂A (difference form)
   float* dcb;         // [B, NC, G, Q, Q]
 };
 
@@ -2593,7 +2636,8 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 G_{c+1}
   const int64_t n_dacs = plan.dx ? static_cast<int64_t>(d.B) * d.H * d.NC * tiles * d.Q : 0;
   const int64_t n_ddtx = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
-  const int64_t n_ddp = plan.dx ? static_cast<int64_t>(d.B) * d.NC * d.H * tiles : 0;  // doubles
+  // doubles: Σ dy·x, then A·∂A (difference form), per [B, NC, H, Q/64]
+  const int64_t n_ddp = plan.dx ? 2LL * d.B * d.NC * d.H * tiles : 0;
   const int64_t n_dcb = plan.dbc ? static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q : 0;
   auto up = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t off_ddecay = up(n_dsg * 4);
