@@ -28,6 +28,7 @@
 #include "CLI/CLI.hpp"
 #include "bench/step_timing.h"
 #include "ops/cuda_backend.h"
+#include "ops/flops.h"
 #include "ops/parallel.h"
 #include "ops/train_step.h"
 
@@ -117,15 +118,6 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
   std::fflush(stdout);
 }
 
-int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
-  int64_t n = 0;
-  for (const Parameter* p : m.params().All()) {
-    if (p->name == "embedding.weight" || p->name == "lm_head.weight") continue;
-    n += p->value.numel();
-  }
-  return n;
-}
-
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
         const std::vector<std::string>& variants, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
@@ -189,11 +181,15 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
                 1e3 * med_variant, 1e3 * med_default);
   }
   const double tokens_step = static_cast<double>(batch * seq);
-  const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
-  const double head = static_cast<double>(spec->vocab_size * spec->d_model);
-  const double attn = 6.0 * spec->n_layers() * spec->attn_heads * spec->attn_head_dim * seq * tokens_step;
-  const double flops = 6.0 * n_dense * tokens_step + attn;
-  const double flops_head = flops + 6.0 * head * tokens_step;
+  // 6N + attention (+ head): ops/flops.h, the formula the workers' MFU uses too.
+  const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
+  if (!per_token.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(per_token.status().message()).c_str());
+    return 1;
+  }
+  const double n_dense = per_token->dense / 6.0;
+  const double flops = per_token->without_head() * tokens_step;
+  const double flops_head = per_token->total() * tokens_step;
   out->preset = preset;
   out->batch = batch;
   out->seq = seq;

@@ -2,7 +2,7 @@
 // the same Trainer `gyre train --device cuda` and the worker run (forward + backward + global-norm
 // clip + AdamW), random tokens, context 2048. Prints tokens/s and MFU per preset.
 //
-// FLOPs per step (stated, as PERFORMANCE.md asks):
+// FLOPs per step (stated, as PERFORMANCE.md asks; computed by ops/flops.h):
 //   dense   6 · N · tokens     N = parameters of the blocks + final norm (no embedding, no LM
 //                              head): every weight (projections, block-diagonal q/k/v and gate
 //                              weights, conv taps, the sLSTM recurrent matrix R) is used once
@@ -27,6 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "bench/step_timing.h"
 #include "ops/cuda_backend.h"
+#include "ops/flops.h"
 #include "ops/parallel.h"
 #include "ops/recurrent_blocks.h"
 #include "ops/train_step.h"
@@ -43,33 +44,6 @@ struct Result {
   double loss_first = 0, loss_last = 0;
 };
 
-// Training FLOPs per token of the recurrent cells and attention (the header's formula).
-double CellFlopsPerToken(const ModelSpec& s, int64_t seq) {
-  double fwd = 0;
-  for (BlockType b : s.blocks) {
-    if (b == BlockType::kMlstm) {
-      const double dk = static_cast<double>(s.mlstm_inner / s.mlstm_heads), L = static_cast<double>(s.mlstm_chunk);
-      fwd += s.mlstm_heads * (L * (dk + dk) + 4 * dk * dk);
-    } else if (b == BlockType::kMamba2) {
-      const double H = static_cast<double>(s.ssm_expand * s.d_model / s.ssm_head_dim);
-      const double P = static_cast<double>(s.ssm_head_dim), N = static_cast<double>(s.ssm_state);
-      const double Q = static_cast<double>(s.ssm_chunk);
-      fwd += H * (Q * (N + P) + 4 * N * P);
-    } else if (b == BlockType::kAttention) {
-      fwd += 2.0 * s.attn_heads * s.attn_head_dim * static_cast<double>(seq);
-    }
-  }
-  return 3.0 * fwd;
-}
-
-int64_t CountWithoutEmbeddingAndHead(LanguageModel& m) {
-  int64_t n = 0;
-  for (const Parameter* p : m.params().All()) {
-    if (p->name == "embedding.weight" || p->name == "lm_head.weight") continue;
-    n += p->value.numel();
-  }
-  return n;
-}
 
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, double peak_tflops, Result* out) {
@@ -126,12 +100,16 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
   const double tokens_step = static_cast<double>(batch * seq);
-  const double n_dense = static_cast<double>(CountWithoutEmbeddingAndHead(**model));
-  const double head = static_cast<double>(spec->vocab_size * spec->d_model);
-  const double cell = CellFlopsPerToken(*spec, seq) * tokens_step;
-  const double flops = 6.0 * n_dense * tokens_step + cell;
-  const double flops_head = flops + 6.0 * head * tokens_step;
-  out->cell_share = cell / flops;
+  // The header's formula is ops/flops.h's (shared with the workers' MFU).
+  const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
+  if (!per_token.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(per_token.status().message()).c_str());
+    return 1;
+  }
+  const double n_dense = per_token->dense / 6.0;
+  const double flops = per_token->without_head() * tokens_step;
+  const double flops_head = per_token->total() * tokens_step;
+  out->cell_share = per_token->mixer / per_token->without_head();
   out->preset = preset;
   out->batch = batch;
   out->seq = seq;

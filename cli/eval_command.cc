@@ -340,9 +340,7 @@ int RunEval(int argc, char** argv) {
   auto ranks = ParseInts("--ranks", ranks_flag);
   if (!ranks.ok()) return Fail(mode, ranks.status());
   for (int64_t& r : *ranks) r = std::min(r, run->spec.d_model);
-  ops::Parameter* head = model->params().Find("lm_head.weight");
-  if (head == nullptr) head = model->params().Find("embedding.weight");  // tied head
-  if (head == nullptr) return Fail(mode, absl::InternalError("model has neither lm_head.weight nor embedding.weight"));
+  const ops::Parameter* head = &model->HeadParameter();  // the embedding when tied
   // The anisotropy batch: fixed held-out windows, the same for every checkpoint.
   std::vector<int32_t> aniso_tokens;
   const std::string index_path = !index_dir.empty() ? index_dir : run->config.data().index_dir();

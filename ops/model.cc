@@ -130,9 +130,13 @@ absl::Status LanguageModel::Build(uint64_t seed) {
   return absl::OkStatus();
 }
 
+const Parameter& LanguageModel::HeadParameter() const {
+  return head_weight_ != nullptr ? *head_weight_ : *embedding_->weight();
+}
+
 const Tensor& LanguageModel::HeadWeight() const {
-  const Parameter* p = head_weight_ != nullptr ? head_weight_ : embedding_->weight();
-  return p->value.device() == Device::kCuda ? p->compute : p->value;
+  const Parameter& p = HeadParameter();
+  return p.value.device() == Device::kCuda ? p.compute : p.value;
 }
 
 Tensor& LanguageModel::HeadGrad() { return head_weight_ != nullptr ? head_weight_->grad : embedding_->weight()->grad; }

@@ -73,6 +73,9 @@ class LanguageModel {
   std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
   std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state);
 
+  // The LM head's parameter [V, d] (fp32 master): lm_head.weight, or the embedding when tied.
+  const Parameter& HeadParameter() const;
+
   // SelfExtend for inference on attention blocks (0 = off).
   void SetSelfExtend(int64_t group, int64_t window);
   CrossEntropyOptions& cross_entropy_options() { return ce_options_; }

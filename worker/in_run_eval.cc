@@ -14,15 +14,6 @@ namespace {
 constexpr int64_t kWErrorRank = 64;
 constexpr int kRelativeSingularValues = 8;
 
-const ops::Parameter* HeadParameter(ops::LanguageModel* model) {
-  const ops::Parameter* embedding = nullptr;
-  for (const ops::Parameter* p : model->params().All()) {
-    if (p->name == "lm_head.weight") return p;
-    if (p->name == "embedding.weight") embedding = p;
-  }
-  return embedding;  // tied head
-}
-
 }  // namespace
 
 bool EvalDueBefore(const gyre::v1::TrainConfig& train, uint64_t step) {
@@ -61,9 +52,8 @@ absl::StatusOr<gyre::v1::EvalResult> RunInRunEval(Env* env, const data::TokenInd
     out->set_tokens(static_cast<uint64_t>(s.tokens));
   }
 
-  const ops::Parameter* head = HeadParameter(model);
-  if (head == nullptr) return absl::InternalError("in-run eval: the model has no head or embedding weight");
-  const ops::Tensor w = head->value.device() == ops::Device::kCpu ? head->value : head->value.ToDevice(ops::Device::kCpu);
+  const ops::Tensor& head = model->HeadParameter().value;
+  const ops::Tensor w = head.device() == ops::Device::kCpu ? head : head.ToDevice(ops::Device::kCpu);
   const int64_t rank = std::min<int64_t>(kWErrorRank, w.shape().back());
   const int64_t ranks[] = {rank};
   absl::StatusOr<eval::HeadSpectrum> spectrum = eval::ComputeHeadSpectrum(w, ranks);
