@@ -31,8 +31,8 @@
 namespace gyre {
 
 struct DeviceStepTimes {
-  double forward_ms = 0;       // compute stream: step start -> backward start
-  double backward_ms = 0;      // compute stream: backward start -> backward end
+  double forward_ms = 0;       // compute stream, summed over the step's passes: pass start -> its backward start
+  double backward_ms = 0;      // compute stream, summed over the passes: backward start -> next pass / backward end
   double exposed_comm_ms = 0;  // backward end -> last bucket reduced (0 if hidden)
   double comm_ms = 0;          // first bucket launched -> last bucket reduced (busy span)
 };
@@ -41,9 +41,9 @@ class DeviceGradSync {
  public:
   virtual ~DeviceGradSync() = default;
   virtual size_t num_buckets() const = 0;
-  // Around the model's passes (training thread): StepStart before forward, BackwardStart at the
-  // hook's "" call.
-  virtual void StepStart() = 0;
+  // Around the model's passes (training thread): PassStart before each micro-batch's forward
+  // (the first one starts the step), BackwardStart at that pass's hook "" call.
+  virtual void PassStart(bool first_pass) = 0;
   virtual void BackwardStart() = 0;
   // Overlapped: Begin before backward, GroupReady from the hook, Finish after backward. Without
   // Begin, Finish all-reduces every bucket after backward. Finish returns the first error (the

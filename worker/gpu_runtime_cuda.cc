@@ -38,22 +38,37 @@ class NcclGradSync final : public DeviceGradSync {
       : plan_(std::move(plan)), flat_grad_(flat_grad), compute_(compute) {
     ready_.resize(plan_.buckets().size());
     for (cudaEvent_t& e : ready_) cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
-    for (cudaEvent_t* e : {&start_, &backward_start_, &backward_end_, &comm_start_, &comm_end_}) cudaEventCreate(e);
+    for (cudaEvent_t* e : {&backward_end_, &comm_start_, &comm_end_}) cudaEventCreate(e);
   }
   ~NcclGradSync() override {
     for (cudaEvent_t e : ready_) cudaEventDestroy(e);
-    for (cudaEvent_t e : {start_, backward_start_, backward_end_, comm_start_, comm_end_}) cudaEventDestroy(e);
+    for (PassEvents& p : passes_) {
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.backward_start);
+    }
+    for (cudaEvent_t e : {backward_end_, comm_start_, comm_end_}) cudaEventDestroy(e);
   }
 
   size_t num_buckets() const override { return plan_.buckets().size(); }
 
-  void StepStart() override {
-    cudaEventRecord(start_, compute_);
-    backward_started_ = false;
+  // One pair of events per micro-batch pass, created on first use and reused by later steps.
+  void PassStart(bool first_pass) override {
+    if (first_pass) num_passes_ = 0;
+    if (num_passes_ == passes_.size()) {
+      PassEvents p;
+      cudaEventCreate(&p.start);
+      cudaEventCreate(&p.backward_start);
+      passes_.push_back(p);
+    }
+    PassEvents& p = passes_[num_passes_++];
+    p.backward_started = false;
+    cudaEventRecord(p.start, compute_);
   }
   void BackwardStart() override {
-    cudaEventRecord(backward_start_, compute_);
-    backward_started_ = true;
+    if (num_passes_ == 0) return;
+    PassEvents& p = passes_[num_passes_ - 1];
+    cudaEventRecord(p.backward_start, compute_);
+    p.backward_started = true;
   }
 
   void Begin(Collective* collective) override {
@@ -86,11 +101,17 @@ class NcclGradSync final : public DeviceGradSync {
     if (absl::Status s = nccl_->Wait(); !s.ok()) return s;
     cudaEventSynchronize(backward_end_);
     times_ = DeviceStepTimes();
-    if (backward_started_) {
-      times_.forward_ms = ElapsedMs(start_, backward_start_);
-      times_.backward_ms = ElapsedMs(backward_start_, backward_end_);
-    } else {
-      times_.forward_ms = ElapsedMs(start_, backward_end_);
+    // A pass ends where the next one starts (the last one at backward_end_); a pass whose hook
+    // never fired counts as forward only.
+    for (size_t i = 0; i < num_passes_; ++i) {
+      const PassEvents& p = passes_[i];
+      cudaEvent_t end = i + 1 < num_passes_ ? passes_[i + 1].start : backward_end_;
+      if (p.backward_started) {
+        times_.forward_ms += ElapsedMs(p.start, p.backward_start);
+        times_.backward_ms += ElapsedMs(p.backward_start, end);
+      } else {
+        times_.forward_ms += ElapsedMs(p.start, end);
+      }
     }
     times_.exposed_comm_ms = std::max(0.f, ElapsedMs(backward_end_, comm_end_));
     times_.comm_ms = launched_any_ ? std::max(0.f, ElapsedMs(comm_start_, comm_end_)) : 0;
@@ -117,11 +138,16 @@ class NcclGradSync final : public DeviceGradSync {
   float* flat_grad_;
   cudaStream_t compute_;
   std::vector<cudaEvent_t> ready_;
-  cudaEvent_t start_ = nullptr, backward_start_ = nullptr, backward_end_ = nullptr, comm_start_ = nullptr,
-              comm_end_ = nullptr;
+  struct PassEvents {
+    cudaEvent_t start = nullptr, backward_start = nullptr;
+    bool backward_started = false;
+  };
+  std::vector<PassEvents> passes_;
+  size_t num_passes_ = 0;
+  cudaEvent_t backward_end_ = nullptr, comm_start_ = nullptr, comm_end_ = nullptr;
   NcclCollective* nccl_ = nullptr;
   absl::Status status_;
-  bool active_ = false, launched_any_ = false, backward_started_ = false;
+  bool active_ = false, launched_any_ = false;
   DeviceStepTimes times_;
 };
 

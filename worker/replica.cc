@@ -103,7 +103,7 @@ DeviceGradSync* ModelReplica::SyncFor(size_t bucket_bytes) {
 void ModelReplica::OnGradReady(const std::string& group) {
   if (group.empty()) {
     backward_start_micros_ = clock_->NowMicros();
-    if (grad_sync_ && in_last_micro_batch_) grad_sync_->BackwardStart();
+    if (grad_sync_) grad_sync_->BackwardStart();
     return;
   }
   // Earlier micro-batches leave partial sums: nothing may be reduced before the last one.
@@ -132,19 +132,20 @@ ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int6
                                            uint64_t global_tokens) {
   ReplicaLoss out;
   pass_times_ = PassTimes();
-  if (grad_sync_) grad_sync_->StepStart();
   if (batch == 0) {
+    if (grad_sync_) grad_sync_->PassStart(/*first_pass=*/true);
     model_->params().ZeroGrad();
     return out;
   }
   // Every micro-batch is scaled by the global token count, so accumulating the passes' gradients
   // gives the step's gradient. Host times: each pass's forward/backward split is summed (the
-  // hook's "" call marks it; on CUDA the device events of the last pass replace them later).
+  // hook's "" call marks it; on CUDA the device events of every pass replace them later).
   const int64_t rows = micro_batch_ > 0 ? std::min(micro_batch_, batch) : batch;
   model_->params().ZeroGrad();
   for (int64_t r0 = 0; r0 < batch; r0 += rows) {
     const int64_t n = std::min(rows, batch - r0);
     in_last_micro_batch_ = r0 + n == batch;
+    if (grad_sync_) grad_sync_->PassStart(/*first_pass=*/r0 == 0);
     const int64_t start = clock_->NowMicros();
     backward_start_micros_ = 0;
     ops::LossResult r = model_->ForwardBackward(tokens.subspan(static_cast<size_t>(r0 * (seq + 1)),

@@ -69,7 +69,7 @@ class ModelReplica {
   // only enqueues kernels) and are valid after ReduceGradients; exposed_comm_ms / comm_ms are
   // then the device's view (backward end -> last bucket reduced; first bucket -> last), and -1 on
   // the CPU (the caller measures the wait itself). With micro-batches the host times sum the
-  // passes; the CUDA events count earlier micro-batches as forward (one event pair per step).
+  // passes, and so do the CUDA events (one event pair per pass).
   struct PassTimes {
     double forward_ms = 0;
     double backward_ms = 0;
