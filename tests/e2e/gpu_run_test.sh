@@ -9,6 +9,9 @@
 #   2w-weak  2 workers, global batch 2B     same per-worker batch (weak scaling)
 #   2w-strong 2 workers, global batch B     global batch constant (what the issue asks)
 #   (1 GPU: only 1w, and the kill phase runs 1 worker: it restores from the latest checkpoint)
+#   eval   1 worker, micro-batches of B/4 (gradient accumulation) and the in-run evaluation every
+#          10 steps (rank 0 scores the index's "validation" sources and the LM-head spectrum):
+#          eval loss journaled at steps 10, 20; the step breakdown counts every pass's backward.
 #   kill   2 workers; kill -9 of the worker on GPU 1 at step >= KILL_AT: the survivor aborts its
 #          collective and moves to a failure generation (at world 1, or at world 2 when the
 #          launcher's replacement registered before that generation formed: seen on 2xH100),
@@ -85,6 +88,33 @@ one, weak, strong = (float(x) for x in sys.argv[1:])
 print(f"data-parallel efficiency: weak (per-worker batch constant) {weak / (2 * one):.3f}, "
       f"strong (global batch constant) {strong / (2 * one):.3f}; speed-up weak {weak / one:.2f}x, strong {strong / one:.2f}x")
 PY
+
+# In-run evaluation and gradient accumulation on a GPU worker.
+name=eval
+sed 's/^train {.*/train { max_steps: 200 eval_every_steps: 10 eval_samples_per_source: 4 micro_batch: '$((B / 4))' }/' "$config" > "$runs/eval.textproto"
+config_saved="$config"; config="$runs/eval.textproto"
+launch "$name" 1 "$B" "$SEQ" "$STEPS"; rc=$?
+config="$config_saved"
+"$gyre" ledger --run-dir "$runs/$name" --json > "$runs/$name.ledger.json" 2>&1
+python3 - "$runs/$name.ledger.json" "$STEPS" <<'PY' | tee -a "$summary"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+ev = {r["step"]: r for r in rows if "eval_loss" in r}
+print("eval: steps", len(rows), "evaluated at", sorted(ev),
+      " ".join(f"step {s}: eval loss {r['eval_loss']:.3f} head eff. rank {r['head_effective_rank']:.1f}" for s, r in sorted(ev.items())))
+ok = len(rows) == int(sys.argv[2]) and sorted(ev) == [s for s in (10, 20) if s < int(sys.argv[2])] and \
+     all(0 < r["eval_loss"] < 12 and r["head_effective_rank"] > 1 for r in ev.values())
+print("EVAL_OK" if ok else "EVAL_BAD")
+PY
+check "eval: in-run evaluation journaled at steps 10 and 20 on a GPU worker (launch rc $rc)" "grep -q EVAL_OK $summary"
+cat "$runs/$name"/logs/worker-*.log | python3 -c '
+import re, statistics, sys
+r = [tuple(map(float, m.groups())) for m in (re.search(r"fwd ([0-9.]+) ms, bwd ([0-9.]+) ms", l) for l in sys.stdin) if m]
+f, b = statistics.median(x[0] for x in r[5:]), statistics.median(x[1] for x in r[5:])
+print(f"eval: {len(r)} step lines, 4 micro-batches per step: median fwd {f:.1f} ms, bwd {b:.1f} ms")
+print("SPLIT_OK" if b > f else "SPLIT_BAD")' | tee -a "$summary"
+check "eval: with micro-batches the device breakdown puts backward above forward" "grep -q SPLIT_OK $summary"
+{ cat "$runs/$name.launch.log"; cat "$runs/$name.ledger.json"; for f in "$runs/$name"/logs/*.log; do echo "--- $f"; tail -n 40 "$f"; done; } > "$out/eval.log"
 
 # Kill -9 of the worker on the last GPU mid-run (2 GPUs: a survivor goes on; 1 GPU: nobody
 # survives, the restarted worker restores the latest checkpoint from its host copy).
