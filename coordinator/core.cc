@@ -357,14 +357,8 @@ void CoordinatorCore::OnHeartbeat(const HeartbeatEvent& e, Context& ctx) {
 }
 
 void CoordinatorCore::OnAcquireStep(const AcquireStepEvent& e, Context& ctx) {
-  auto it = workers_.find(e.request.session());
-  if (it == workers_.end()) {
-    ctx.Fail(e.id, absl::NotFoundError(absl::StrFormat(
-                       "unknown session %016x; register again", e.request.session())));
-    return;
-  }
-  it->second.last_seen_micros = ctx.now;
-  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  Worker* worker = SeenWorker(e.request.session(), e.id, ctx);
+  if (worker == nullptr) return;
   absl::Status error;
   StepLease lease = Lease(e.request.session(), e.request.generation(), e.request.step(), &error);
   if (!error.ok()) {
@@ -490,20 +484,14 @@ void CoordinatorCore::FillRankSlice(uint64_t session, StepLease* lease) const {
 
 void CoordinatorCore::OnCompleteStep(const CompleteStepEvent& e, Context& ctx) {
   const auto& req = e.request;
-  auto it = workers_.find(req.session());
-  if (it == workers_.end()) {
-    ctx.Fail(e.id, absl::NotFoundError(
-                       absl::StrFormat("unknown session %016x; register again", req.session())));
-    return;
-  }
-  it->second.last_seen_micros = ctx.now;
-  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  Worker* worker = SeenWorker(req.session(), e.id, ctx);
+  if (worker == nullptr) return;
   const uint64_t step = req.step();
   gyre::v1::CompleteStepResponse response;
   if (step == committed_ && req.generation() >= last_restore_generation_) {
     // It computed step t, so it holds the parameters after t steps (a member that needed state
     // received it), whatever the verdict: it can be the next generation's state source.
-    it->second.has_state = true;
+    worker->has_state = true;
   }
 
   if (step < committed_) {
@@ -638,14 +626,8 @@ void CoordinatorCore::Commit(Context& ctx) {
 
 void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context& ctx) {
   const auto& req = e.request;
-  auto it = workers_.find(req.session());
-  if (it == workers_.end()) {
-    ctx.Fail(e.id, absl::NotFoundError(
-                       absl::StrFormat("unknown session %016x; register again", req.session())));
-    return;
-  }
-  it->second.last_seen_micros = ctx.now;
-  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  Worker* worker = SeenWorker(req.session(), e.id, ctx);
+  if (worker == nullptr) return;
   if (req.path().empty()) {
     ctx.Fail(e.id, absl::InvalidArgumentError("ReportCheckpointRequest.path is empty"));
     return;
@@ -702,14 +684,8 @@ void CoordinatorCore::RecordEval(const gyre::v1::EvalResult& eval) {
 
 void CoordinatorCore::OnReportBadCheckpoint(const ReportBadCheckpointEvent& e, Context& ctx) {
   const auto& req = e.request;
-  auto it = workers_.find(req.session());
-  if (it == workers_.end()) {
-    ctx.Fail(e.id, absl::NotFoundError(
-                       absl::StrFormat("unknown session %016x; register again", req.session())));
-    return;
-  }
-  it->second.last_seen_micros = ctx.now;
-  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  Worker* worker = SeenWorker(req.session(), e.id, ctx);
+  if (worker == nullptr) return;
   auto bad = checkpoints_.find(req.step());
   if (bad == checkpoints_.end() || bad->second.path() != req.path() ||
       req.generation() <= bad->second.recorded_generation()) {
@@ -1156,6 +1132,17 @@ void CoordinatorCore::CreateGeneration(const std::vector<uint64_t>& sessions,
 
 int64_t CoordinatorCore::UnixMs(int64_t micros) const {
   return anchor_unix_ms_ + (micros - anchor_micros_) / 1000;
+}
+
+CoordinatorCore::Worker* CoordinatorCore::SeenWorker(uint64_t session, RequestId id, Context& ctx) {
+  auto it = workers_.find(session);
+  if (it == workers_.end()) {
+    ctx.Fail(id, absl::NotFoundError(absl::StrFormat("unknown session %016x; register again", session)));
+    return nullptr;
+  }
+  it->second.last_seen_micros = ctx.now;
+  it->second.last_seen_unix_ms = UnixMs(ctx.now);
+  return &it->second;
 }
 
 void CoordinatorCore::ArmNextTimer(Context& ctx) const {

@@ -299,6 +299,9 @@ class CoordinatorCore {
   bool WasMember(uint64_t generation, uint64_t session) const;
   int64_t UnixMs(int64_t micros) const;
   void ArmNextTimer(Context& ctx) const;
+  // The live worker of `session`, marked seen now; nullptr (request `id` answered NotFound:
+  // the worker must register again) when the session is unknown.
+  Worker* SeenWorker(uint64_t session, RequestId id, Context& ctx);
 
   gyre::v1::RunConfig config_;
   RendezvousProvider* rendezvous_;
