@@ -31,6 +31,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -819,14 +821,17 @@ struct BwdWsLayout {
   static constexpr int kDqBytes = 64 * kDqN * 4;
   static constexpr int kK = 0, kV = kKVBytes, kQ = 2 * kKVBytes;
   static constexpr int kDO = kQ + kBwdStages * kQBytes;
-  static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
+  static constexpr int kO = kDO + kBwdStages * kQBytes;       // [stages] O rows (for D_i)
+  static constexpr int kDS = kO + kBwdStages * kQBytes;       // [2] dSᵀ buffers
   static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
-  static constexpr int kBars = kStats + kBwdStages * 512;     // full[stages], empty[stages]
-  static constexpr int kBytes = kBars + 16 * kBwdStages + 1024;  // + alignment slack
+  // full[stages], empty[stages], ds_full[2], ds_empty[2]
+  static constexpr int kBars = kStats + kBwdStages * 512;
+  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + alignment slack
+  static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
-template <int kD>
+template <int kD, bool kDelayDq>
 __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
   using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
@@ -843,12 +848,18 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   const uint32_t sK = base + L::kK, sV = base + L::kV;
   auto full_bar = [&](int s) { return base + L::kBars + 8 * s; };
   auto empty_bar = [&](int s) { return base + L::kBars + 8 * (kBwdStages + s); };
+  auto ds_full = [&](int b) { return base + L::kBars + 8 * (2 * kBwdStages + b); };
+  auto ds_empty = [&](int b) { return base + L::kBars + 8 * (2 * kBwdStages + 2 + b); };
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {
     for (int s = 0; s < kBwdStages; ++s) {
       MbarInit(full_bar(s), 128);
       MbarInit(empty_bar(s), 256);
+    }
+    for (int i = 0; i < 2; ++i) {
+      MbarInit(ds_full(i), 256);
+      MbarInit(ds_empty(i), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -879,19 +890,40 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       const int m0 = (m_first + it % per_head) * kBM;
       ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
                             p.q_stride, m0, seq, wtid);
-      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
-                            do_stride, m0, seq, wtid);
-      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
-        const int which = wtid / 64, r = wtid % 64;
-        const bool valid = m0 + r < seq;
-        const float* src = (which == 0 ? p.lse : p.dvec) +
-                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+      const uint32_t sdO = base + L::kDO + s * L::kQBytes, sO = base + L::kO + s * L::kQBytes;
+      ProducerLoad<kBM, kD>(sdO, p.dout + row_base * do_stride + h * kD, do_stride, m0, seq, wtid);
+      ProducerLoad<kBM, kD>(sO, p.out + row_base * do_stride + h * kD, do_stride, m0, seq, wtid);
+      if (wtid < 64) {  // lse of the tile's rows, 4 bytes each
+        const bool valid = m0 + wtid < seq;
+        const float* src =
+            p.lse + (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + wtid : 0);
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
                          base + L::kStats + s * 512 + wtid * 4),
                      "l"(src), "r"(valid ? 4 : 0));
       }
       CpAsyncCommit();
       CpAsyncWaitAll();
+      NamedBarSync(5, 128);  // every producer thread's rows landed
+      if (wtid < 64) {
+        // D_i = Σ_d dO·O of row wtid (rows past T were zero-filled: D = 0). One row per thread:
+        // in each 8-thread phase the rows differ in r % 8, so the swizzled 16-byte chunks fall
+        // in distinct banks.
+        float acc = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < kD / 8; ++c) {
+          const uint32_t off = SwizzledOffset<kBM>(wtid, 8 * c);
+          const uint4 x = *reinterpret_cast<const uint4*>(base_ptr + (sdO - base) + off);
+          const uint4 y = *reinterpret_cast<const uint4*>(base_ptr + (sO - base) + off);
+          const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xs[j]));
+            const float2 yf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ys[j]));
+            acc = fmaf(xf.x, yf.x, fmaf(xf.y, yf.y, acc));
+          }
+        }
+        *reinterpret_cast<float*>(base_ptr + L::kStats + s * 512 + 256 + wtid * 4) = acc;
+      }
       FenceProxyAsync();
       MbarArrive(full_bar(s));
     }
@@ -913,6 +945,43 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
 
+  // Column split (D 128): dQ[:, 64c..64c+63] = dS K over all 128 keys of dSᵀ buffer `buf`;
+  // A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
+  auto issue_dq_cols = [&](float (&dq)[kDqN / 2], uint32_t kb, int buf) {
+    const uint32_t sdS = base + L::kDS + buf * L::kDSBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t row_off = 16 * kk * 128;
+      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                      SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+    }
+  };
+  // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
+  // dq_acc's block of query tile m_tile of head h.
+  auto reduce_dq = [&](const float (&dq)[kDqN / 2], int h, int m_tile) {
+    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
+    NamedBarSync(3 + cwg, 128);
+#pragma unroll
+    for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = 16 * warp_in_wg + g + 8 * hr;
+        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
+            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+      }
+    FenceProxyAsync();
+    NamedBarSync(3 + cwg, 128);
+    if (reducer) {
+      constexpr int kParts = kD / kDqN;
+      const int part = kKeySplit ? 0 : cwg;
+      float* dst = p.dq_acc +
+                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                    part) * (64 * kDqN);
+      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
+    }
+  };
+
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
     const int m_tile = m_first + it % per_head;
@@ -921,7 +990,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     const uint32_t sQ = base + L::kQ + s * L::kQBytes, sdO = base + L::kDO + s * L::kQBytes;
     const uint32_t sdS = base + L::kDS + (it & 1) * L::kDSBytes;
     const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
-    const float* d_s = lse_s + 64;
+    const float* d_s = lse_s + 64;  // written by the producer (D_i)
     MbarWait(full_bar(s), (it / kBwdStages) & 1);
     // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
     // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
@@ -1007,6 +1076,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       }
     }
     WgmmaCommit();
+    // Column split: both warpgroups read dSᵀ(it − 2) (same buffer) in their dQ GEMMs.
+    if constexpr (!kKeySplit) {
+      if (it >= 2) MbarWait(ds_empty(it & 1), ((it >> 1) + 1) & 1);
+    }
     // dSᵀ to shared memory (rows = keys 64c + 16·warp + g (+8), columns = queries).
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk)
@@ -1020,59 +1093,68 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     FenceProxyAsync();
     if constexpr (kKeySplit) {
       NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
-    } else {
-      NamedBarSync(1, 256);  // both halves of dSᵀ written
-    }
-
-    // dQ = dS K; A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
-    float dq[kDqN / 2];
-    WgmmaFence();
-    if constexpr (kKeySplit) {
+      // dQ (partial over this warpgroup's keys) = dS_c K_c; A = dS (M-major: dSᵀ rows are
+      // keys), B = K rows (N-major).
+      float dq[kDqN / 2];
+      WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
         WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
                         SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
       }
+      WgmmaCommit();
+      WgmmaWait0();
+      FenceRegs(dq);
+      FenceRegs(pa);
+      FenceRegs(da);
+      FenceRegs(dv);
+      FenceRegs(dk);
+      MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+      reduce_dq(dq, h, m_tile);
     } else {
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        const uint32_t row_off = 16 * kk * 128;
-        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                        SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      MbarArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
+      if (kDelayDq && it == 0) {
+        WgmmaWait0();
+        FenceRegs(pa);
+        FenceRegs(da);
+        FenceRegs(dv);
+        FenceRegs(dk);
+        MbarArrive(empty_bar(s));
+      } else {
+        // dQ of the previous tile: its dSᵀ halves were both written an iteration ago unless
+        // the other warpgroup lags by that much, so the two warpgroups drift freely (one's
+        // exponentials under the other's GEMMs) instead of meeting once per tile.
+        const int pit = kDelayDq ? it - 1 : it;
+        MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+        float dq[kDqN / 2];
+        WgmmaFence();
+        issue_dq_cols(dq, kb, pit & 1);
+        WgmmaCommit();
+        WgmmaWait0();
+        FenceRegs(dq);
+        FenceRegs(pa);
+        FenceRegs(da);
+        FenceRegs(dv);
+        FenceRegs(dk);
+        MbarArrive(empty_bar(s));      // Q, dO, lse, D of this stage are no longer read
+        MbarArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
+        reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
       }
     }
+  }
+  if constexpr (!kKeySplit && kDelayDq) {
+    const int pit = total - 1;
+    uint32_t kb = sK;
+    asm volatile("" : "+r"(kb));
+    MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+    float dq[kDqN / 2];
+    WgmmaFence();
+    issue_dq_cols(dq, kb, pit & 1);
     WgmmaCommit();
     WgmmaWait0();
     FenceRegs(dq);
-    FenceRegs(pa);
-    FenceRegs(da);
-    FenceRegs(dv);
-    FenceRegs(dk);
-    MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
-
-    // dQ -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> bulk reduction into dq_acc.
-    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
-    NamedBarSync(3 + cwg, 128);
-#pragma unroll
-    for (int c = 0; c < kDqN / 8; ++c)
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = 16 * warp_in_wg + g + 8 * hr;
-        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
-        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
-            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
-      }
-    FenceProxyAsync();
-    NamedBarSync(3 + cwg, 128);
-    if (reducer) {
-      constexpr int kParts = kD / kDqN;
-      const int part = kKeySplit ? 0 : cwg;
-      float* dst = p.dq_acc +
-                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
-                    part) * (64 * kDqN);
-      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
-    }
+    reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
   if (reducer) BulkWait0();
 
@@ -1092,15 +1174,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
 }
 
-template <int kD>
+template <int kD, bool kDelayDq>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kDelayDq>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
+  attn_bwd_ws_kernel<kD, kDelayDq><<<grid, kWsThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
@@ -1126,8 +1208,15 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
-                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
+  // GYRE_ATTN_BWD_DQ=sync: D 128 computes dQ of tile it in iteration it (both warpgroups meet
+  // on every tile); default: one tile later (A/B switch while it is being measured).
+  static const bool sync_dq = [] {
+    const char* env = std::getenv("GYRE_ATTN_BWD_DQ");
+    return env != nullptr && std::strcmp(env, "sync") == 0;
+  }();
+  if (head_dim == 64) return LaunchBwdWs<64, false>(p, batch, kv_heads, stream);
+  return sync_dq ? LaunchBwdWs<128, false>(p, batch, kv_heads, stream)
+                 : LaunchBwdWs<128, true>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda
