@@ -484,35 +484,46 @@ constexpr int BwdSmemBytes() {
   return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
-// D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator
-// [B·T, H, D] (the mma.sync backward's; the ws kernel computes D_i itself).
+// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator: [B·T, H, D] when
+// dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex; chunks of 8 columns
+// stay contiguous there, and the padded rows past T are never zeroed because nothing reads
+// them). One thread per 8-column chunk (16-byte loads, two 16-byte zero stores), D/8 threads
+// per row-head reduce with shuffles.
 template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
                                                                   int64_t rows_heads, int seq,
-                                                                  int heads) {
-  const int64_t rh = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (rh >= rows_heads) return;
-  constexpr int kPer = kD / 32;  // 2 or 4 elements per lane
-  const bf16* o = out + rh * kD + lane * kPer;
-  const bf16* d = dout + rh * kD + lane * kPer;
+                                                                  int heads, int dq_block_cols) {
+  constexpr int kChunks = kD / 8;  // threads per row-head (8 or 16; a warp holds 2 or 4)
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t rh = c / kChunks;
+  const int d0 = static_cast<int>(c % kChunks) * 8;
+  const bool valid = rh < rows_heads;  // whole row-heads per warp: no partial shuffle groups
   float acc = 0.f;
+  if (valid) {
+    const uint4 o = *reinterpret_cast<const uint4*>(out + rh * kD + d0);
+    const uint4 d = *reinterpret_cast<const uint4*>(dout + rh * kD + d0);
+    const uint32_t os[4] = {o.x, o.y, o.z, o.w}, ds[4] = {d.x, d.y, d.z, d.w};
 #pragma unroll
-  for (int i = 0; i < kPer; i += 2) {
-    const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + i));
-    const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d + i));
-    acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
+    for (int i = 0; i < 4; ++i) {
+      const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&os[i]));
+      const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ds[i]));
+      acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
+    }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  for (int off = kChunks / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (!valid) return;
   const int64_t row = rh / heads;  // b·T + t
   const int h = static_cast<int>(rh % heads);
   const int64_t b = row / seq, t = row % seq;
-  float* z = dq_acc + rh * kD + lane * kPer;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) z[i] = 0.f;
-  if (lane == 0) dvec[(b * heads + h) * seq + t] = acc;
+  float4* z = reinterpret_cast<float4*>(
+      dq_acc + (dq_block_cols == 0 ? rh * kD + d0
+                                   : BwdWsDqAccIndex(b, h, t, d0, heads, (seq + 63) / 64, kD,
+                                                     dq_block_cols)));
+  z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+  z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (d0 == 0) dvec[(b * heads + h) * seq + t] = acc;
 }
 
 template <int kD>
@@ -836,29 +847,24 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, size_t dq_acc_bytes, bf16* dq, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
-  const int warps_per_block = kThreads / 32;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
-  if (blocked) {
-    // The ws kernel computes D_i itself; only the accumulator needs zeroing.
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.dq_acc, 0, dq_acc_bytes, stream));
-  } else {
-    attn_bwd_prep_kernel<kD><<<static_cast<unsigned>((rows_heads + warps_per_block - 1) /
-                                                     warps_per_block),
-                               kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
-                                                      p.dq_acc, rows_heads, p.seq, p.heads);
-    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
-  }
+  const int64_t prep_threads = rows_heads * (kD / 8);
+  attn_bwd_prep_kernel<kD>
+      <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
+          blocked ? BwdWsDqBlockCols(kD) : 0);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
     w.q = p.q;
     w.k = p.k;
     w.v = p.v;
-    w.out = a.out;
     w.dout = p.dout;
     w.lse = p.lse;
+    w.dvec = p.dvec;
     w.dq_acc = p.dq_acc;
     w.dk = p.dk;
     w.dv = p.dv;
@@ -1005,20 +1011,18 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
     if (!Aligned16(ptr)) return InvalidArgument("AttentionBackward: tensors must be 16-byte aligned");
   }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
-  const BwdPath path = BackwardPath();
-  const size_t dq_acc_bytes = BwdDqAccBytes(path, s.batch, s.seq, s.heads, s.head_dim);
   DeviceBuffer dq_acc, dvec;
-  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(dq_acc_bytes, &dq_acc));
-  if (!IsWsPath(path)) {  // D_i rows for the mma.sync kernel (the ws kernel computes its own)
-    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
-  }
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
+      BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
+      &dq_acc));
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
   BwdParams p{};
   p.q = args.q;
   p.k = args.k;
   p.v = args.v;
   p.dout = args.dout;
   p.lse = args.lse;
-  p.dvec = IsWsPath(path) ? nullptr : dvec.as<float>();
+  p.dvec = dvec.as<float>();
   p.dq_acc = dq_acc.as<float>();
   p.dk = args.dk;
   p.dv = args.dv;
@@ -1032,10 +1036,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.scale_log2 = p.scale * kLog2e;
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
-  if (s.head_dim == 64) {
-    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, dq_acc_bytes, args.dq, stream);
-  }
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, dq_acc_bytes, args.dq, stream);
+  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, stream);
 }
 
 }  // namespace gyre::cuda

@@ -796,7 +796,6 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
 // The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
 
-constexpr int kBwdStages = 2;
 
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
   asm volatile(
@@ -812,7 +811,7 @@ __device__ __forceinline__ void BulkWait0() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <int kD>
+template <int kD, int kBwdStages>
 struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
@@ -821,8 +820,7 @@ struct BwdWsLayout {
   static constexpr int kDqBytes = 64 * kDqN * 4;
   static constexpr int kK = 0, kV = kKVBytes, kQ = 2 * kKVBytes;
   static constexpr int kDO = kQ + kBwdStages * kQBytes;
-  static constexpr int kO = kDO + kBwdStages * kQBytes;       // [stages] O rows (for D_i)
-  static constexpr int kDS = kO + kBwdStages * kQBytes;       // [2] dSᵀ buffers
+  static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
   static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
   // full[stages], empty[stages], ds_full[2], ds_empty[2]
@@ -831,9 +829,9 @@ struct BwdWsLayout {
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
-template <int kD, bool kDelayDq>
+template <int kD, bool kDelayDq, int kBwdStages>
 __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
-  using L = BwdWsLayout<kD>;
+  using L = BwdWsLayout<kD, kBwdStages>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
@@ -890,40 +888,19 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       const int m0 = (m_first + it % per_head) * kBM;
       ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
                             p.q_stride, m0, seq, wtid);
-      const uint32_t sdO = base + L::kDO + s * L::kQBytes, sO = base + L::kO + s * L::kQBytes;
-      ProducerLoad<kBM, kD>(sdO, p.dout + row_base * do_stride + h * kD, do_stride, m0, seq, wtid);
-      ProducerLoad<kBM, kD>(sO, p.out + row_base * do_stride + h * kD, do_stride, m0, seq, wtid);
-      if (wtid < 64) {  // lse of the tile's rows, 4 bytes each
-        const bool valid = m0 + wtid < seq;
-        const float* src =
-            p.lse + (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + wtid : 0);
+      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
+                            do_stride, m0, seq, wtid);
+      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
+        const int which = wtid / 64, r = wtid % 64;
+        const bool valid = m0 + r < seq;
+        const float* src = (which == 0 ? p.lse : p.dvec) +
+                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
                          base + L::kStats + s * 512 + wtid * 4),
                      "l"(src), "r"(valid ? 4 : 0));
       }
       CpAsyncCommit();
       CpAsyncWaitAll();
-      NamedBarSync(5, 128);  // every producer thread's rows landed
-      if (wtid < 64) {
-        // D_i = Σ_d dO·O of row wtid (rows past T were zero-filled: D = 0). One row per thread:
-        // in each 8-thread phase the rows differ in r % 8, so the swizzled 16-byte chunks fall
-        // in distinct banks.
-        float acc = 0.f;
-#pragma unroll 2
-        for (int c = 0; c < kD / 8; ++c) {
-          const uint32_t off = SwizzledOffset<kBM>(wtid, 8 * c);
-          const uint4 x = *reinterpret_cast<const uint4*>(base_ptr + (sdO - base) + off);
-          const uint4 y = *reinterpret_cast<const uint4*>(base_ptr + (sO - base) + off);
-          const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xs[j]));
-            const float2 yf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ys[j]));
-            acc = fmaf(xf.x, yf.x, fmaf(xf.y, yf.y, acc));
-          }
-        }
-        *reinterpret_cast<float*>(base_ptr + L::kStats + s * 512 + 256 + wtid * 4) = acc;
-      }
       FenceProxyAsync();
       MbarArrive(full_bar(s));
     }
@@ -990,7 +967,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     const uint32_t sQ = base + L::kQ + s * L::kQBytes, sdO = base + L::kDO + s * L::kQBytes;
     const uint32_t sdS = base + L::kDS + (it & 1) * L::kDSBytes;
     const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
-    const float* d_s = lse_s + 64;  // written by the producer (D_i)
+    const float* d_s = lse_s + 64;
     MbarWait(full_bar(s), (it / kBwdStages) & 1);
     // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
     // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
@@ -1131,13 +1108,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
         WgmmaFence();
         issue_dq_cols(dq, kb, pit & 1);
         WgmmaCommit();
-        WgmmaWait0();
-        FenceRegs(dq);
+        WgmmaWait1();  // dV, dK GEMMs (committed before dQ's) done
         FenceRegs(pa);
         FenceRegs(da);
         FenceRegs(dv);
         FenceRegs(dk);
-        MbarArrive(empty_bar(s));      // Q, dO, lse, D of this stage are no longer read
+        MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+        WgmmaWait0();
+        FenceRegs(dq);
         MbarArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
         reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
       }
@@ -1174,15 +1152,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
 }
 
-template <int kD, bool kDelayDq>
+template <int kD, bool kDelayDq, int kStages>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
-  constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kDelayDq>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int smem = BwdWsLayout<kD, kStages>::kBytes;
+  auto* kernel = attn_bwd_ws_kernel<kD, kDelayDq, kStages>;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_ws_kernel<kD, kDelayDq><<<grid, kWsThreads, smem, stream>>>(p);
+  kernel<<<grid, kWsThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
@@ -1208,15 +1187,27 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  // GYRE_ATTN_BWD_DQ=sync: D 128 computes dQ of tile it in iteration it (both warpgroups meet
-  // on every tile); default: one tile later (A/B switch while it is being measured).
+  // A/B switches while they are measured: GYRE_ATTN_BWD_DQ=sync (D 128: dQ of tile it in
+  // iteration it, both warpgroups meet on every tile; default one tile later) and
+  // GYRE_ATTN_BWD_STAGES=2 (Q / dO ring depth; default 3).
   static const bool sync_dq = [] {
     const char* env = std::getenv("GYRE_ATTN_BWD_DQ");
     return env != nullptr && std::strcmp(env, "sync") == 0;
   }();
-  if (head_dim == 64) return LaunchBwdWs<64, false>(p, batch, kv_heads, stream);
-  return sync_dq ? LaunchBwdWs<128, false>(p, batch, kv_heads, stream)
-                 : LaunchBwdWs<128, true>(p, batch, kv_heads, stream);
+  static const bool two_stages = [] {
+    const char* env = std::getenv("GYRE_ATTN_BWD_STAGES");
+    return env != nullptr && std::strcmp(env, "2") == 0;
+  }();
+  if (head_dim == 64) {
+    return two_stages ? LaunchBwdWs<64, false, 2>(p, batch, kv_heads, stream)
+                      : LaunchBwdWs<64, false, 3>(p, batch, kv_heads, stream);
+  }
+  if (two_stages) {
+    return sync_dq ? LaunchBwdWs<128, false, 2>(p, batch, kv_heads, stream)
+                   : LaunchBwdWs<128, true, 2>(p, batch, kv_heads, stream);
+  }
+  return sync_dq ? LaunchBwdWs<128, false, 3>(p, batch, kv_heads, stream)
+                 : LaunchBwdWs<128, true, 3>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda

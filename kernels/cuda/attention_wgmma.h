@@ -29,11 +29,11 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
                                        bool self_extend, bool warp_specialised,
                                        cudaStream_t stream);
 
-// Backward main kernel (dK, dV, dQ accumulation; D_i = rowsum(dout ∘ out) computed inside) on
-// wgmma; the caller zeroes dq_acc before and runs attention.cu's dq conversion after.
+// Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
+// kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
 struct WgmmaBwdParams {
-  const __nv_bfloat16 *q, *k, *v, *out, *dout;  // out, dout packed [B, T, H, D]
-  const float* lse;
+  const __nv_bfloat16 *q, *k, *v, *dout;
+  const float *lse, *dvec;
   float* dq_acc;  // blocked (BwdWsDqAccIndex), fp32, zeroed by the caller
   __nv_bfloat16 *dk, *dv;
   int q_stride, kv_stride;
