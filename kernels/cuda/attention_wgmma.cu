@@ -3,9 +3,10 @@
 //   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
 //   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
 //   attn_bwd_ws_kernel      backward main kernel, FlashAttention-3 structure (described above it)
-// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3): forward 419-503
-// TFLOP/s (SDPA cuDNN 478-594); backward main kernel ≈ 388 TFLOP/s at B8 S2048 D128 (ncu
-// duration), whole backward incl. prep and dQ conversion 337 / 412 TFLOP/s at S2048 / S8192.
+// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3 / session 4 attn4):
+// forward 415-516 TFLOP/s (SDPA cuDNN 476-596); backward main kernel ≈ 400 TFLOP/s at B8 S2048
+// D128 (ncu duration), whole backward incl. prep and dQ conversion 351 / 436 TFLOP/s at S2048
+// / S8192.
 //
 // attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
 //   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
@@ -102,6 +103,24 @@ __device__ __forceinline__ float Exp2(float x) {
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Block coordinates in longest-first order over the whole grid (grid (classes, Y, Z), class 0
+// the longest blocks): the hardware dispatches blocks in linear order, so the length class is
+// made the slowest-varying index. With the class as blockIdx.x (fastest) the long blocks of the
+// last heads started in the last wave and the kernel ended on them with most SMs idle.
+// head_major = 1 keeps that old order (GYRE_ATTN_ORDER=head, A/B while measured).
+struct BlockCoord {
+  int cls, y, z;
+};
+__device__ __forceinline__ BlockCoord LongestFirstBlock(int head_major) {
+  if (head_major) return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                          static_cast<int>(blockIdx.z)};
+  const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int per_class = gridDim.y * gridDim.z;
+  const int rest = linear % per_class;
+  return {linear / per_class, rest % static_cast<int>(gridDim.y),
+          rest / static_cast<int>(gridDim.y)};
 }
 
 // Byte offset of element (r, c) in a swizzled [kRows x kD] tile (see the file comment).
@@ -398,8 +417,9 @@ CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
 
 
 // ------------------------------------------------------------------------------------------
-// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
-// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
+// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: grid
+// (ceil(T/128), H, B) dispatched longest-first (the last query block of every head first, see
+// LongestFirstBlock), 384 threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
 // consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
 // (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
 // so no block-wide barrier sits in the main loop. Per consumer iteration j:
@@ -506,8 +526,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   }
   __syncthreads();
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const BlockCoord blk = LongestFirstBlock(p.head_major);
+  const int m_block = gridDim.x - 1 - blk.cls;  // class 0 = the last (longest) query block
+  const int h = blk.y, b = blk.z;
   const int hk = h / p.group;
   const int seq = p.seq;
   const int m0 = m_block * kWgM;
@@ -770,12 +791,14 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 
 // ------------------------------------------------------------------------------------------
 // Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
-// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
+// (ceil(T/128), Hk, B) dispatched longest-first (key block 0 of every head first, see
+// LongestFirstBlock), 384 threads = a producer warpgroup and two consumer warpgroups, one
 // block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
-//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
-//     128B-swizzled tiles) and lse, D_i (fp32 rows) into a kBwdStages-deep ring; each stage is
+//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile
+//     Q, dO (cp.async into 128B-swizzled tiles) and lse, D_i (fp32 rows) into a 3-deep ring
+//     (kBwdStages; 2 stages measured 1-4% slower); each stage is
 //     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
 //     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
@@ -784,9 +807,14 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
 //     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
 //     dSᵀ -> shared memory (bf16, two buffers), then dQ:
-//       column split (D 128): the two consumer warpgroups meet on one named barrier (both
-//         halves of dSᵀ written); warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
-//         keys (m64n64, 32 accumulators);
+//       column split (D 128): warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
+//         keys (m64n64, 32 accumulators), which needs both warpgroups' halves of dSᵀ. It does
+//         so one tile late: in iteration it, after its own dSᵀ(it) is stored, it waits on the
+//         `ds_full` mbarrier of dSᵀ(it − 1) (written an iteration ago unless the other
+//         warpgroup lags by that much) and releases that buffer on `ds_empty`. The two
+//         warpgroups thus drift freely (one's exponentials under the other's GEMMs) instead
+//         of meeting on a named barrier once per tile: 8% faster at B8 S2048 D128 than the same
+//         kernel with dQ(it) in iteration it (RESULTS.md, attn4);
 //       key split (D 64): warpgroup c computes its partial dQ = dS_c K_c over its
 //         own 64 keys (m64nD); the two warpgroups never wait for each other.
 //     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> one bulk reduction
@@ -811,7 +839,9 @@ __device__ __forceinline__ void BulkWait0() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-template <int kD, int kBwdStages>
+constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
+
+template <int kD>
 struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
@@ -829,9 +859,9 @@ struct BwdWsLayout {
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
-template <int kD, bool kDelayDq, int kBwdStages>
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
-  using L = BwdWsLayout<kD, kBwdStages>;
+  using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
@@ -863,7 +893,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
   __syncthreads();
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const BlockCoord blk = LongestFirstBlock(p.head_major);  // class 0 = key block 0 (longest)
+  const int n_block = blk.cls, hk = blk.y, b = blk.z;
   const int seq = p.seq;
   const int n0 = n_block * kBN;
   const int64_t row_base = static_cast<int64_t>(b) * seq;
@@ -1091,7 +1122,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       reduce_dq(dq, h, m_tile);
     } else {
       MbarArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
-      if (kDelayDq && it == 0) {
+      if (it == 0) {
         WgmmaWait0();
         FenceRegs(pa);
         FenceRegs(da);
@@ -1102,7 +1133,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
         // dQ of the previous tile: its dSᵀ halves were both written an iteration ago unless
         // the other warpgroup lags by that much, so the two warpgroups drift freely (one's
         // exponentials under the other's GEMMs) instead of meeting once per tile.
-        const int pit = kDelayDq ? it - 1 : it;
+        const int pit = it - 1;
         MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
         float dq[kDqN / 2];
         WgmmaFence();
@@ -1121,7 +1152,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       }
     }
   }
-  if constexpr (!kKeySplit && kDelayDq) {
+  if constexpr (!kKeySplit) {
     const int pit = total - 1;
     uint32_t kb = sK;
     asm volatile("" : "+r"(kb));
@@ -1152,25 +1183,34 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
 }
 
-template <int kD, bool kDelayDq, int kStages>
+template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
-  constexpr int smem = BwdWsLayout<kD, kStages>::kBytes;
-  auto* kernel = attn_bwd_ws_kernel<kD, kDelayDq, kStages>;
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int smem = BwdWsLayout<kD>::kBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  kernel<<<grid, kWsThreads, smem, stream>>>(p);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
 
+int HeadMajorOrder() {
+  static const int head_major = [] {
+    const char* env = std::getenv("GYRE_ATTN_ORDER");
+    return env != nullptr && std::strcmp(env, "head") == 0 ? 1 : 0;
+  }();
+  return head_major;
+}
+
 }  // namespace
 
-CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, bool warp_specialised,
+CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& params, int64_t batch,
+                                       int head_dim, bool self_extend, bool warp_specialised,
                                        cudaStream_t stream) {
+  WgmmaFwdParams p = params;
+  p.head_major = HeadMajorOrder();
   if (warp_specialised) {
     if (head_dim == 64) {
       return self_extend ? LaunchWs<64, true>(p, batch, stream)
@@ -1185,29 +1225,12 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
   return self_extend ? Launch<128, true>(p, batch, stream) : Launch<128, false>(p, batch, stream);
 }
 
-CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
+CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& params, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  // A/B switches while they are measured: GYRE_ATTN_BWD_DQ=sync (D 128: dQ of tile it in
-  // iteration it, both warpgroups meet on every tile; default one tile later) and
-  // GYRE_ATTN_BWD_STAGES=2 (Q / dO ring depth; default 3).
-  static const bool sync_dq = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD_DQ");
-    return env != nullptr && std::strcmp(env, "sync") == 0;
-  }();
-  static const bool two_stages = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD_STAGES");
-    return env != nullptr && std::strcmp(env, "2") == 0;
-  }();
-  if (head_dim == 64) {
-    return two_stages ? LaunchBwdWs<64, false, 2>(p, batch, kv_heads, stream)
-                      : LaunchBwdWs<64, false, 3>(p, batch, kv_heads, stream);
-  }
-  if (two_stages) {
-    return sync_dq ? LaunchBwdWs<128, false, 2>(p, batch, kv_heads, stream)
-                   : LaunchBwdWs<128, true, 2>(p, batch, kv_heads, stream);
-  }
-  return sync_dq ? LaunchBwdWs<128, false, 3>(p, batch, kv_heads, stream)
-                 : LaunchBwdWs<128, true, 3>(p, batch, kv_heads, stream);
+  WgmmaBwdParams p = params;
+  p.head_major = HeadMajorOrder();
+  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
+                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda
