@@ -492,7 +492,6 @@ constexpr int BwdSmemBytes() {
 template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
-                                                                  int* dq_done,
                                                                   int64_t rows_heads, int seq,
                                                                   int heads, int dq_block_cols) {
   constexpr int kChunks = kD / 8;  // threads per row-head (8 or 16; a warp holds 2 or 4)
@@ -525,12 +524,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out
   z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
   z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (d0 == 0) dvec[(b * heads + h) * seq + t] = acc;
-  if (dq_done != nullptr && d0 == 0 && t % 64 == 0) {  // the fused conversion's block counters
-    const int parts = kD / dq_block_cols;
-    for (int part = 0; part < parts; ++part) {
-      dq_done[((b * heads + h) * ((seq + 63) / 64) + t / 64) * parts + part] = 0;
-    }
-  }
 }
 
 template <int kD>
@@ -852,28 +845,17 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
   return static_cast<size_t>(batch * rows * heads * head_dim) * sizeof(float);
 }
 
-// The ws backward converts dQ inside its main kernel (the warpgroup that completes a dq_acc
-// block converts it) unless GYRE_ATTN_BWD_DQCONV=kernel (the separate conversion kernel; A/B
-// while measured).
-bool FusedDqConversion() {
-  static const bool fused = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD_DQCONV");
-    return !(env != nullptr && std::strcmp(env, "kernel") == 0);
-  }();
-  return fused;
-}
-
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, int* dq_done, bf16* dq, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
   const int64_t prep_threads = rows_heads * (kD / 8);
   attn_bwd_prep_kernel<kD>
       <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, dq_done, rows_heads, p.seq,
-          p.heads, blocked ? BwdWsDqBlockCols(kD) : 0);
+          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
+          blocked ? BwdWsDqBlockCols(kD) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
@@ -884,9 +866,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.lse = p.lse;
     w.dvec = p.dvec;
     w.dq_acc = p.dq_acc;
-    w.fuse_dq = dq_done != nullptr ? 1 : 0;
-    w.dq_done = dq_done;
-    w.dq = dq;
     w.dk = p.dk;
     w.dv = p.dv;
     w.q_stride = p.q_stride;
@@ -897,7 +876,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
-    if (dq_done != nullptr) return {};  // dq written by the main kernel
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -1038,14 +1016,6 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
       &dq_acc));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
-  const bool fuse_dq = IsWsPath(BackwardPath()) && FusedDqConversion();
-  DeviceBuffer dq_done;
-  if (fuse_dq) {
-    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
-        BwdWsDqBlocks(s.batch, s.heads, s.seq, static_cast<int>(s.head_dim)) * sizeof(int),
-        &dq_done));
-  }
-  int* const dq_done_ptr = fuse_dq ? dq_done.as<int>() : nullptr;
   BwdParams p{};
   p.q = args.q;
   p.k = args.k;
@@ -1066,10 +1036,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.scale_log2 = p.scale * kLog2e;
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
-  if (s.head_dim == 64) {
-    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, dq_done_ptr, args.dq, stream);
-  }
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, dq_done_ptr, args.dq, stream);
+  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, stream);
 }
 
 }  // namespace gyre::cuda

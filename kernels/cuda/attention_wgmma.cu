@@ -855,12 +855,11 @@ struct BwdWsLayout {
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
   // full[stages], empty[stages], ds_full[2], ds_empty[2]
   static constexpr int kBars = kStats + kBwdStages * 512;
-  static constexpr int kFlags = kBars + 8 * (2 * kBwdStages + 4);  // [2] ints (fused dQ)
-  static constexpr int kBytes = kFlags + 16 + 1024;                 // + alignment slack
+  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + alignment slack
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
-template <int kD, bool kFuseDq>
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
   using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
@@ -967,59 +966,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   };
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
   // dq_acc's block of query tile m_tile of head h.
-  // Fused dQ conversion (kFuseDq): dq_done counts the reductions into each dq_acc block;
-  // the warpgroup whose reduction completes a block converts it (dq = bf16(scale·acc)). A
-  // reduction is counted one tile after its issue (the reducer thread waits for its completion
-  // then, instead of only for its read of the staging tile), so nobody waits on L2 writes.
-  constexpr int kParts = kD / kDqN;
-  volatile int* conv_flag = reinterpret_cast<volatile int*>(base_ptr + L::kFlags) + cwg;
-  int pending = -1;  // reducer thread: dq_acc block of the reduction not yet counted
-  auto count_pending = [&]() {  // reducer thread only; returns the block to convert or −1
-    if (pending < 0) return -1;
-    BulkWait0();  // the reduction's writes are complete
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
-    __threadfence();
-    const int mt = (pending / kParts) % m_tiles_all;
-    const int expected = (kKeySplit ? 2 : 1) * (mt / 2 + 1);  // key blocks 0..mt/2 add to it
-    const int done = atomicAdd(p.dq_done + pending, 1) + 1;
-    __threadfence();  // acquire side: the other contributors' writes before the block is read
-    const int blk = done == expected ? pending : -1;
-    pending = -1;
-    return blk;
-  };
-  auto convert_block = [&](int blk) {  // all 128 threads of the warpgroup
-    __threadfence();
-    const int part = blk % kParts, mt = (blk / kParts) % m_tiles_all;
-    const int hh = (blk / kParts / m_tiles_all) % p.heads;
-    const float* src = p.dq_acc + static_cast<int64_t>(blk) * (64 * kDqN);
-#pragma unroll
-    for (int i = 0; i < 64 * kDqN / 8 / 128; ++i) {
-      const int q = wtid + 128 * i;
-      const int r = q / (kDqN / 8), c8 = (q % (kDqN / 8)) * 8;
-      const int t = mt * 64 + r;
-      if (t >= seq) continue;
-      const float4* x = reinterpret_cast<const float4*>(src + r * kDqN + (c8 ^ (8 * (r & 3))));
-      const float4 x0 = __ldcg(x), x1 = __ldcg(x + 1);
-      uint4 packed;
-      packed.x = PackBf16(x0.x * p.scale, x0.y * p.scale);
-      packed.y = PackBf16(x0.z * p.scale, x0.w * p.scale);
-      packed.z = PackBf16(x1.x * p.scale, x1.y * p.scale);
-      packed.w = PackBf16(x1.z * p.scale, x1.w * p.scale);
-      *reinterpret_cast<uint4*>(p.dq + (row_base + t) * p.q_stride + hh * kD + part * kDqN +
-                                c8) = packed;
-    }
-  };
   auto reduce_dq = [&](const float (&dq)[kDqN / 2], int h, int m_tile) {
-    if constexpr (kFuseDq) {
-      if (reducer) *conv_flag = count_pending();
-    } else if (reducer) {
-      BulkWaitRead0();  // the previous tile's reduction has read the staging tile
-    }
+    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
     NamedBarSync(3 + cwg, 128);
-    if constexpr (kFuseDq) {
-      const int blk = *conv_flag;
-      if (blk >= 0) convert_block(blk);
-    }
 #pragma unroll
     for (int c = 0; c < kDqN / 8; ++c)
 #pragma unroll
@@ -1032,10 +981,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     FenceProxyAsync();
     NamedBarSync(3 + cwg, 128);
     if (reducer) {
+      constexpr int kParts = kD / kDqN;
       const int part = kKeySplit ? 0 : cwg;
-      const int blk = ((b * p.heads + h) * m_tiles_all + m_tile) * kParts + part;
-      BulkReduceAddF32(p.dq_acc + static_cast<int64_t>(blk) * (64 * kDqN), sDQ, L::kDqBytes);
-      if constexpr (kFuseDq) pending = blk;
+      float* dst = p.dq_acc +
+                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                    part) * (64 * kDqN);
+      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
     }
   };
 
@@ -1214,14 +1165,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     FenceRegs(dq);
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if constexpr (kFuseDq) {
-    if (reducer) *conv_flag = count_pending();
-    NamedBarSync(3 + cwg, 128);
-    const int blk = *conv_flag;
-    if (blk >= 0) convert_block(blk);
-  } else if (reducer) {
-    BulkWait0();
-  }
+  if (reducer) BulkWait0();
 
   // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
@@ -1239,15 +1183,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
 }
 
-template <int kD, bool kFuseDq>
+template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kFuseDq>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_ws_kernel<kD, kFuseDq><<<grid, kWsThreads, smem, stream>>>(p);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
@@ -1285,12 +1229,8 @@ CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& params, int64_
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
   WgmmaBwdParams p = params;
   p.head_major = HeadMajorOrder();
-  if (p.fuse_dq) {
-    return head_dim == 64 ? LaunchBwdWs<64, true>(p, batch, kv_heads, stream)
-                          : LaunchBwdWs<128, true>(p, batch, kv_heads, stream);
-  }
-  return head_dim == 64 ? LaunchBwdWs<64, false>(p, batch, kv_heads, stream)
-                        : LaunchBwdWs<128, false>(p, batch, kv_heads, stream);
+  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
+                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda

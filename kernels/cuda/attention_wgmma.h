@@ -36,11 +36,6 @@ struct WgmmaBwdParams {
   const __nv_bfloat16 *q, *k, *v, *dout;
   const float *lse, *dvec;
   float* dq_acc;  // blocked (BwdWsDqAccIndex), fp32, zeroed by the caller
-  // fuse_dq = 1: the kernel also writes dq (bf16, scale·acc, rows of stride q_stride); dq_done
-  // holds one zeroed int per dq_acc block ([B, H, ceil(T/64), D/W], BwdWsDqBlocks).
-  int fuse_dq;
-  int* dq_done;
-  __nv_bfloat16* dq;
   __nv_bfloat16 *dk, *dv;
   int q_stride, kv_stride;
   int seq, heads, group;
@@ -50,10 +45,6 @@ struct WgmmaBwdParams {
 
 // Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
 inline int BwdWsDqBlockCols(int head_dim) { return head_dim == 64 ? head_dim : head_dim / 2; }
-// Blocks of 64 rows x W columns in that layout (one dq_done counter each).
-inline int64_t BwdWsDqBlocks(int64_t batch, int64_t heads, int64_t seq, int head_dim) {
-  return batch * heads * ((seq + 63) / 64) * (head_dim / BwdWsDqBlockCols(head_dim));
-}
 // Element index of (b, h, t, d) in that layout: [B, H, ceil(T/64), D/W, 64, W], with column c of
 // row r stored at c ^ 8·(r % 4).
 __host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t t, int d,
