@@ -32,8 +32,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -103,24 +101,6 @@ __device__ __forceinline__ float Exp2(float x) {
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Block coordinates in longest-first order over the whole grid (grid (classes, Y, Z), class 0
-// the longest blocks): the hardware dispatches blocks in linear order, so the length class is
-// made the slowest-varying index. With the class as blockIdx.x (fastest) the long blocks of the
-// last heads started in the last wave and the kernel ended on them with most SMs idle.
-// head_major = 1 keeps that old order (GYRE_ATTN_ORDER=head, A/B while measured).
-struct BlockCoord {
-  int cls, y, z;
-};
-__device__ __forceinline__ BlockCoord LongestFirstBlock(int head_major) {
-  if (head_major) return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
-                          static_cast<int>(blockIdx.z)};
-  const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const int per_class = gridDim.y * gridDim.z;
-  const int rest = linear % per_class;
-  return {linear / per_class, rest % static_cast<int>(gridDim.y),
-          rest / static_cast<int>(gridDim.y)};
 }
 
 // Byte offset of element (r, c) in a swizzled [kRows x kD] tile (see the file comment).
@@ -417,9 +397,8 @@ CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
 
 
 // ------------------------------------------------------------------------------------------
-// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: grid
-// (ceil(T/128), H, B) dispatched longest-first (the last query block of every head first, see
-// LongestFirstBlock), 384 threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
+// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
+// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
 // consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
 // (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
 // so no block-wide barrier sits in the main loop. Per consumer iteration j:
@@ -526,9 +505,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   }
   __syncthreads();
 
-  const BlockCoord blk = LongestFirstBlock(p.head_major);
-  const int m_block = gridDim.x - 1 - blk.cls;  // class 0 = the last (longest) query block
-  const int h = blk.y, b = blk.z;
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / p.group;
   const int seq = p.seq;
   const int m0 = m_block * kWgM;
@@ -791,8 +769,7 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 
 // ------------------------------------------------------------------------------------------
 // Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
-// (ceil(T/128), Hk, B) dispatched longest-first (key block 0 of every head first, see
-// LongestFirstBlock), 384 threads = a producer warpgroup and two consumer warpgroups, one
+// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
 // block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
@@ -893,8 +870,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
   __syncthreads();
 
-  const BlockCoord blk = LongestFirstBlock(p.head_major);  // class 0 = key block 0 (longest)
-  const int n_block = blk.cls, hk = blk.y, b = blk.z;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int seq = p.seq;
   const int n0 = n_block * kBN;
   const int64_t row_base = static_cast<int64_t>(b) * seq;
@@ -1196,21 +1172,11 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   return {};
 }
 
-int HeadMajorOrder() {
-  static const int head_major = [] {
-    const char* env = std::getenv("GYRE_ATTN_ORDER");
-    return env != nullptr && std::strcmp(env, "head") == 0 ? 1 : 0;
-  }();
-  return head_major;
-}
-
 }  // namespace
 
-CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& params, int64_t batch,
-                                       int head_dim, bool self_extend, bool warp_specialised,
+CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
+                                       bool self_extend, bool warp_specialised,
                                        cudaStream_t stream) {
-  WgmmaFwdParams p = params;
-  p.head_major = HeadMajorOrder();
   if (warp_specialised) {
     if (head_dim == 64) {
       return self_extend ? LaunchWs<64, true>(p, batch, stream)
@@ -1225,10 +1191,8 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& params, int64_t bat
   return self_extend ? Launch<128, true>(p, batch, stream) : Launch<128, false>(p, batch, stream);
 }
 
-CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& params, int64_t batch,
+CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  WgmmaBwdParams p = params;
-  p.head_major = HeadMajorOrder();
   return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
                         : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }

@@ -21,7 +21,6 @@ struct WgmmaFwdParams {
   int seq, heads, group;
   float scale, scale_log2;
   int se_window;
-  int head_major;  // set by the launcher (block order, attention_wgmma.cu LongestFirstBlock)
 };
 
 // warp_specialised: the FlashAttention-3-style kernel (producer warpgroup, mbarriers, two
@@ -40,7 +39,6 @@ struct WgmmaBwdParams {
   int q_stride, kv_stride;
   int seq, heads, group;
   float scale, scale_log2;
-  int head_major;  // set by the launcher (block order, attention_wgmma.cu LongestFirstBlock)
 };
 
 // Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
