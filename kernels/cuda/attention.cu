@@ -3,7 +3,7 @@
 // entry points, and the choice of kernel; the Hopper (wgmma) kernels are in attention_wgmma.cu.
 //
 // Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
-// call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
+// call as the benchmark; bench/RESULTS.md, attn2 / attn3 / attn4 sections):
 //   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
 //   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
 //                                           producer warpgroup, mbarrier ring, dQ through shared
@@ -76,7 +76,7 @@
 // ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
 // 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: these mma.sync
 // kernels 0.51 ms forward (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s);
-// the wgmma defaults 0.33 ms (419 TFLOP/s) and 1.29 ms (266 TFLOP/s).
+// the wgmma defaults 0.33 ms (419 TFLOP/s) and 0.98 ms (351 TFLOP/s, session 4).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
