@@ -3,7 +3,7 @@
 // entry points, and the choice of kernel; the Hopper (wgmma) kernels are in attention_wgmma.cu.
 //
 // Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
-// call as the benchmark; bench/RESULTS.md, 2026-11-26 attn2 section):
+// call as the benchmark; bench/RESULTS.md, attn2 / attn3 / attn4 sections):
 //   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
 //   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
 //                                           producer warpgroup, mbarrier ring, dQ through shared
@@ -76,7 +76,7 @@
 // ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
 // 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: these mma.sync
 // kernels 0.51 ms forward (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s);
-// the wgmma defaults 0.33 ms (419 TFLOP/s) and 1.29 ms (266 TFLOP/s).
+// the wgmma defaults 0.33 ms (419 TFLOP/s) and 0.98 ms (351 TFLOP/s, session 4).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
@@ -484,40 +484,46 @@ constexpr int BwdSmemBytes() {
   return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
-// D_i = Σ dO·O per (row, head), one warp each; also zeroes that row-head of the dQ accumulator:
-// [B·T, H, D] when dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex;
-// each lane's 2 or 4 columns stay contiguous there, and the padded rows past T are never zeroed
-// because nothing reads them).
+// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator: [B·T, H, D] when
+// dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex; chunks of 8 columns
+// stay contiguous there, and the padded rows past T are never zeroed because nothing reads
+// them). One thread per 8-column chunk (16-byte loads, two 16-byte zero stores), D/8 threads
+// per row-head reduce with shuffles.
 template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
                                                                   int64_t rows_heads, int seq,
                                                                   int heads, int dq_block_cols) {
-  const int64_t rh = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (rh >= rows_heads) return;
-  constexpr int kPer = kD / 32;  // 2 or 4 elements per lane
-  const bf16* o = out + rh * kD + lane * kPer;
-  const bf16* d = dout + rh * kD + lane * kPer;
+  constexpr int kChunks = kD / 8;  // threads per row-head (8 or 16; a warp holds 2 or 4)
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t rh = c / kChunks;
+  const int d0 = static_cast<int>(c % kChunks) * 8;
+  const bool valid = rh < rows_heads;  // whole row-heads per warp: no partial shuffle groups
   float acc = 0.f;
+  if (valid) {
+    const uint4 o = *reinterpret_cast<const uint4*>(out + rh * kD + d0);
+    const uint4 d = *reinterpret_cast<const uint4*>(dout + rh * kD + d0);
+    const uint32_t os[4] = {o.x, o.y, o.z, o.w}, ds[4] = {d.x, d.y, d.z, d.w};
 #pragma unroll
-  for (int i = 0; i < kPer; i += 2) {
-    const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + i));
-    const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d + i));
-    acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
+    for (int i = 0; i < 4; ++i) {
+      const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&os[i]));
+      const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ds[i]));
+      acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
+    }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  for (int off = kChunks / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (!valid) return;
   const int64_t row = rh / heads;  // b·T + t
   const int h = static_cast<int>(rh % heads);
   const int64_t b = row / seq, t = row % seq;
-  float* z = dq_acc + (dq_block_cols == 0
-                           ? rh * kD + lane * kPer
-                           : BwdWsDqAccIndex(b, h, t, lane * kPer, heads, (seq + 63) / 64, kD,
-                                             dq_block_cols));
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) z[i] = 0.f;
-  if (lane == 0) dvec[(b * heads + h) * seq + t] = acc;
+  float4* z = reinterpret_cast<float4*>(
+      dq_acc + (dq_block_cols == 0 ? rh * kD + d0
+                                   : BwdWsDqAccIndex(b, h, t, d0, heads, (seq + 63) / 64, kD,
+                                                     dq_block_cols)));
+  z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+  z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (d0 == 0) dvec[(b * heads + h) * seq + t] = acc;
 }
 
 template <int kD>
@@ -843,14 +849,13 @@ template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
-  const int warps_per_block = kThreads / 32;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
-  attn_bwd_prep_kernel<kD><<<static_cast<unsigned>((rows_heads + warps_per_block - 1) /
-                                                   warps_per_block),
-                             kThreads, 0, stream>>>(a.out, a.dout, const_cast<float*>(p.dvec),
-                                                    p.dq_acc, rows_heads, p.seq, p.heads,
-                                                    blocked ? BwdWsDqBlockCols(kD) : 0);
+  const int64_t prep_threads = rows_heads * (kD / 8);
+  attn_bwd_prep_kernel<kD>
+      <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
+          blocked ? BwdWsDqBlockCols(kD) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};

@@ -3,9 +3,10 @@
 //   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
 //   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
 //   attn_bwd_ws_kernel      backward main kernel, FlashAttention-3 structure (described above it)
-// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3): forward 419-503
-// TFLOP/s (SDPA cuDNN 478-594); backward main kernel ≈ 388 TFLOP/s at B8 S2048 D128 (ncu
-// duration), whole backward incl. prep and dQ conversion 337 / 412 TFLOP/s at S2048 / S8192.
+// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3 / session 4 attn4):
+// forward 415-516 TFLOP/s (SDPA cuDNN 476-596); backward main kernel ≈ 400 TFLOP/s at B8 S2048
+// D128 (ncu duration), whole backward incl. prep and dQ conversion 351 / 436 TFLOP/s at S2048
+// / S8192.
 //
 // attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
 //   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
@@ -772,8 +773,9 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 // block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
-//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile Q, dO (cp.async into
-//     128B-swizzled tiles) and lse, D_i (fp32 rows) into a kBwdStages-deep ring; each stage is
+//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile
+//     Q, dO (cp.async into 128B-swizzled tiles) and lse, D_i (fp32 rows) into a 3-deep ring
+//     (kBwdStages; 2 stages measured 1-4% slower); each stage is
 //     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
 //     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
@@ -782,9 +784,14 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
 //     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
 //     dSᵀ -> shared memory (bf16, two buffers), then dQ:
-//       column split (D 128): the two consumer warpgroups meet on one named barrier (both
-//         halves of dSᵀ written); warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
-//         keys (m64n64, 32 accumulators);
+//       column split (D 128): warpgroup c computes dQ[:, 64c..64c+63] = dS K over all 128
+//         keys (m64n64, 32 accumulators), which needs both warpgroups' halves of dSᵀ. It does
+//         so one tile late: in iteration it, after its own dSᵀ(it) is stored, it waits on the
+//         `ds_full` mbarrier of dSᵀ(it − 1) (written an iteration ago unless the other
+//         warpgroup lags by that much) and releases that buffer on `ds_empty`. The two
+//         warpgroups thus drift freely (one's exponentials under the other's GEMMs) instead
+//         of meeting on a named barrier once per tile: 8% faster at B8 S2048 D128 than the same
+//         kernel with dQ(it) in iteration it (RESULTS.md, attn4);
 //       key split (D 64): warpgroup c computes its partial dQ = dS_c K_c over its
 //         own 64 keys (m64nD); the two warpgroups never wait for each other.
 //     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> one bulk reduction
@@ -794,7 +801,6 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
 // The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
 
-constexpr int kBwdStages = 2;
 
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
   asm volatile(
@@ -810,6 +816,8 @@ __device__ __forceinline__ void BulkWait0() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
+
 template <int kD>
 struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
@@ -822,8 +830,10 @@ struct BwdWsLayout {
   static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
   static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
-  static constexpr int kBars = kStats + kBwdStages * 512;     // full[stages], empty[stages]
-  static constexpr int kBytes = kBars + 16 * kBwdStages + 1024;  // + alignment slack
+  // full[stages], empty[stages], ds_full[2], ds_empty[2]
+  static constexpr int kBars = kStats + kBwdStages * 512;
+  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + alignment slack
+  static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
 template <int kD>
@@ -843,12 +853,18 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   const uint32_t sK = base + L::kK, sV = base + L::kV;
   auto full_bar = [&](int s) { return base + L::kBars + 8 * s; };
   auto empty_bar = [&](int s) { return base + L::kBars + 8 * (kBwdStages + s); };
+  auto ds_full = [&](int b) { return base + L::kBars + 8 * (2 * kBwdStages + b); };
+  auto ds_empty = [&](int b) { return base + L::kBars + 8 * (2 * kBwdStages + 2 + b); };
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {
     for (int s = 0; s < kBwdStages; ++s) {
       MbarInit(full_bar(s), 128);
       MbarInit(empty_bar(s), 256);
+    }
+    for (int i = 0; i < 2; ++i) {
+      MbarInit(ds_full(i), 256);
+      MbarInit(ds_empty(i), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -912,6 +928,43 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  // Column split (D 128): dQ[:, 64c..64c+63] = dS K over all 128 keys of dSᵀ buffer `buf`;
+  // A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
+  auto issue_dq_cols = [&](float (&dq)[kDqN / 2], uint32_t kb, int buf) {
+    const uint32_t sdS = base + L::kDS + buf * L::kDSBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t row_off = 16 * kk * 128;
+      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                      SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+    }
+  };
+  // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
+  // dq_acc's block of query tile m_tile of head h.
+  auto reduce_dq = [&](const float (&dq)[kDqN / 2], int h, int m_tile) {
+    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
+    NamedBarSync(3 + cwg, 128);
+#pragma unroll
+    for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = 16 * warp_in_wg + g + 8 * hr;
+        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
+            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+      }
+    FenceProxyAsync();
+    NamedBarSync(3 + cwg, 128);
+    if (reducer) {
+      constexpr int kParts = kD / kDqN;
+      const int part = kKeySplit ? 0 : cwg;
+      float* dst = p.dq_acc +
+                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                    part) * (64 * kDqN);
+      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
+    }
+  };
 
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
@@ -1007,6 +1060,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
       }
     }
     WgmmaCommit();
+    // Column split: both warpgroups read dSᵀ(it − 2) (same buffer) in their dQ GEMMs.
+    if constexpr (!kKeySplit) {
+      if (it >= 2) MbarWait(ds_empty(it & 1), ((it >> 1) + 1) & 1);
+    }
     // dSᵀ to shared memory (rows = keys 64c + 16·warp + g (+8), columns = queries).
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk)
@@ -1020,59 +1077,69 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     FenceProxyAsync();
     if constexpr (kKeySplit) {
       NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
-    } else {
-      NamedBarSync(1, 256);  // both halves of dSᵀ written
-    }
-
-    // dQ = dS K; A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
-    float dq[kDqN / 2];
-    WgmmaFence();
-    if constexpr (kKeySplit) {
+      // dQ (partial over this warpgroup's keys) = dS_c K_c; A = dS (M-major: dSᵀ rows are
+      // keys), B = K rows (N-major).
+      float dq[kDqN / 2];
+      WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
         WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
                         SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
       }
+      WgmmaCommit();
+      WgmmaWait0();
+      FenceRegs(dq);
+      FenceRegs(pa);
+      FenceRegs(da);
+      FenceRegs(dv);
+      FenceRegs(dk);
+      MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+      reduce_dq(dq, h, m_tile);
     } else {
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        const uint32_t row_off = 16 * kk * 128;
-        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                        SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      MbarArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
+      if (it == 0) {
+        WgmmaWait0();
+        FenceRegs(pa);
+        FenceRegs(da);
+        FenceRegs(dv);
+        FenceRegs(dk);
+        MbarArrive(empty_bar(s));
+      } else {
+        // dQ of the previous tile: its dSᵀ halves were both written an iteration ago unless
+        // the other warpgroup lags by that much, so the two warpgroups drift freely (one's
+        // exponentials under the other's GEMMs) instead of meeting once per tile.
+        const int pit = it - 1;
+        MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+        float dq[kDqN / 2];
+        WgmmaFence();
+        issue_dq_cols(dq, kb, pit & 1);
+        WgmmaCommit();
+        WgmmaWait1();  // dV, dK GEMMs (committed before dQ's) done
+        FenceRegs(pa);
+        FenceRegs(da);
+        FenceRegs(dv);
+        FenceRegs(dk);
+        MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+        WgmmaWait0();
+        FenceRegs(dq);
+        MbarArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
+        reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
       }
     }
+  }
+  if constexpr (!kKeySplit) {
+    const int pit = total - 1;
+    uint32_t kb = sK;
+    asm volatile("" : "+r"(kb));
+    MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+    float dq[kDqN / 2];
+    WgmmaFence();
+    issue_dq_cols(dq, kb, pit & 1);
     WgmmaCommit();
     WgmmaWait0();
     FenceRegs(dq);
-    FenceRegs(pa);
-    FenceRegs(da);
-    FenceRegs(dv);
-    FenceRegs(dk);
-    MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
-
-    // dQ -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> bulk reduction into dq_acc.
-    if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
-    NamedBarSync(3 + cwg, 128);
-#pragma unroll
-    for (int c = 0; c < kDqN / 8; ++c)
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = 16 * warp_in_wg + g + 8 * hr;
-        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
-        *reinterpret_cast<float2*>(dq_stage + (r * kDqN + col) * 4) =
-            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
-      }
-    FenceProxyAsync();
-    NamedBarSync(3 + cwg, 128);
-    if (reducer) {
-      constexpr int kParts = kD / kDqN;
-      const int part = kKeySplit ? 0 : cwg;
-      float* dst = p.dq_acc +
-                   (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
-                    part) * (64 * kDqN);
-      BulkReduceAddF32(dst, sDQ, L::kDqBytes);
-    }
+    reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
   if (reducer) BulkWait0();
 
