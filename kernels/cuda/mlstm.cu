@@ -152,8 +152,11 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   return l;
 }
 
-int DkSlab(int64_t dk) { return dk % 128 == 0 ? 128 : 64; }
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
+// Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
+// auto rule is next to the shared-memory layouts below).
+int OutSlab(const MlstmShape& s, const MlstmOptions& o);
+int DqkSlab(const MlstmShape& s, const MlstmOptions& o);
 
 struct ScratchLayout {
   size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k (hi part when split)
@@ -177,7 +180,7 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   const size_t bh = s.batch * s.num_heads;
   const size_t nc = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
   const size_t S = s.seq_len;
-  const size_t nt = s.dk / DkSlab(s.dk);
+  const size_t nt = s.dk / DqkSlab(s, o);
   size_t off = 0;
   l.dc = off;
   off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
@@ -219,8 +222,11 @@ struct Dims {
   bool split;      // hi + lo pairs (MlstmStatePrecision)
   bool fwd_wlo;    // state_fwd: E_t k_t as hi + lo (MlstmStateWeights)
   bool bwd_wlo;    // state_bwd: coef_t q̂_t as hi + lo (MlstmStateWeights)
-  bool par_gates;  // MlstmGateSchedule::kChunkParallel
+  bool par_gates;  // MlstmGateSchedule other than kSequential
+  int gate_cluster;  // > 1: gates_bwd on clusters of this many CTAs per head (kCluster)
   int state_tile;  // 64 or 128 (resolved MlstmOptions::state_tile)
+  int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
+  int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
 };
 
 struct FwdPtrs {
@@ -1968,6 +1974,259 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
   if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
 }
 
+// kCluster: the three passes of mlstm_gates_bwd_par with each head's sequence split over a
+// cluster of CL CTAs (CTA r owns tokens [r·per, (r+1)·per), per = ⌈S/CL⌉). Every scan becomes
+// "CTA aggregate -> exchange through distributed shared memory -> local scan from the carry of
+// the lower (pass 1) or higher (pass 3) ranks"; a CTA sweeps its range twice per scan pass (the
+// aggregate, then the scan), reading the inputs twice (they are a few KB per CTA). The segment
+// sums of pass 2 read ps / arg across CTA boundaries, so passes are separated by cluster
+// barriers (release / acquire at cluster scope: the global writes of pass 1 and 2 are visible to
+// the other CTAs after them). Why: with one block per head the 7B layout (8 heads of S 8192)
+// used 8 SMs for 0.075 ms (H100, helper mlstm4); latency-bound, so more SMs per head.
+constexpr int kGateClThreads = 256;
+constexpr int kGateClItems = 2;
+constexpr int kGateClWarps = kGateClThreads / 32;
+constexpr int kGateClMax = 16;
+
+// Exclusive scan over the kGateClThreads threads (op(earlier, later), identity on the left),
+// carry in front; carry advances by the block total. smem: kGateClWarps entries.
+template <typename T, typename Op>
+__device__ T BlockExclusiveScanCl(T x, Op op, T identity, T& carry, T* smem) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  T incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = ShflUp(incl, o);
+    if (lane >= o) incl = op(y, incl);
+  }
+  T excl = ShflUp(incl, 1);
+  if (lane == 0) excl = identity;
+  if (lane == 31) smem[w] = incl;
+  __syncthreads();
+  T warp_pre = identity, total = identity;
+#pragma unroll
+  for (int i = 0; i < kGateClWarps; ++i) {
+    if (i < w) warp_pre = op(warp_pre, smem[i]);
+    total = op(total, smem[i]);
+  }
+  __syncthreads();  // smem is reused by the next scan
+  const T result = op(carry, op(warp_pre, excl));
+  carry = op(carry, total);
+  return result;
+}
+
+// What a CTA publishes to the others of its cluster.
+struct GateClusterShare {
+  double f_part, init_part;  // its share of <dC_S, C_S> + <dn_S, n_S> and <dC_0, C_0> + ...
+  double sum_lf;             // Σ lf over its tokens
+  ArgMax best;               // argmax of ĩ_t − (B_t − B at its first token) over its tokens
+  double sum_dm;             // Σ dm over its tokens (without the last token's extra)
+  double sum_x;              // pass 3: Σ x_t over its tokens
+  double dm0_tail;           // rank 0's copy is the one used
+};
+
+__global__ void __launch_bounds__(kGateClThreads) mlstm_gates_bwd_cluster(Dims d, BwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ double sd[kGateClWarps];
+  __shared__ ArgMax sa[kGateClWarps];
+  __shared__ GateClusterShare share;
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH, tid = threadIdx.x;
+  const int per = (d.S + CL - 1) / CL;
+  const int r0 = min(d.S, rank * per), r1 = min(d.S, r0 + per);
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+  auto tok_of = [&](int t) { return (static_cast<int64_t>(b) * d.S + t) * d.NH + hd; };
+  auto add = [](double x, double y) { return x + y; };
+  auto amax = [](ArgMax x, ArgMax y) { return y.v > x.v ? y : x; };
+  constexpr ArgMax kNone{-INFINITY, -1};
+  auto block_sum = [&](double v) {
+    double carry = 0;
+    BlockExclusiveScanCl(v, add, 0.0, carry, sd);
+    return carry;
+  };
+  constexpr int kTile = kGateClThreads * kGateClItems;
+
+  // Pass 0: this CTA's shares of F and of the initial-state dot.
+  const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
+  const int64_t stride = static_cast<int64_t>(CL) * kGateClThreads;
+  const int64_t first = static_cast<int64_t>(rank) * kGateClThreads + tid;
+  double f_part = 0, init_part = 0;
+  if (p.dc_fin != nullptr) {
+    double s = 0;
+    const float* x = p.dc_fin + bh * cd;
+    const float* y = p.sc_last + bh * cd;
+    for (int64_t i = first; i < cd; i += stride) s += double(x[i]) * y[i];
+    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
+    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
+    for (int64_t i = first; i < d.DK; i += stride) s += double(xn[i]) * yn[i];
+    f_part = block_sum(s);
+  }
+  if (p.dc0 != nullptr && p.c0 != nullptr) {
+    double s = 0;
+    const float* x = p.dc0 + bh * cd;
+    const float* y = p.c0 + bh * cd;
+    for (int64_t i = first; i < cd; i += stride) s += double(x[i]) * y[i];
+    for (int64_t i = first; i < d.DK; i += stride)
+      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
+    init_part = block_sum(s);
+  }
+
+  // Pass 1 over this CTA's tokens, from the given carries: B_t, the prefix argmax of ĩ_t − B_t,
+  // prefix sums of dm (with `extra` on token S−1). write = false: only the carries advance.
+  auto pass1 = [&](bool write, double& carry_b, ArgMax& carry_a, double& carry_ps, double extra) {
+    for (int base = r0; base < r1; base += kTile) {
+      const int t0 = base + tid * kGateClItems, t1 = min(t0 + kGateClItems, r1);
+      double bloc = 0, sdm = 0;
+      ArgMax loc = kNone;  // in thread-local terms (argmax is shift-invariant)
+      float lfv[kGateClItems], igv[kGateClItems];
+      double dmv[kGateClItems];
+#pragma unroll
+      for (int j = 0; j < kGateClItems; ++j) {
+        const int t = t0 + j;
+        const bool ok = t < t1;
+        lfv[j] = ok ? LogForget(d.sigmoid, p.fg[tok_of(t)]) : 0.f;
+        igv[j] = ok ? p.ig[tok_of(t)] : -INFINITY;
+        dmv[j] = ok ? double(p.dm[so + t]) + (t == d.S - 1 ? extra : 0.0) : 0.0;
+      }
+#pragma unroll
+      for (int j = 0; j < kGateClItems; ++j) {
+        bloc += double(lfv[j]);
+        if (t0 + j < t1) loc = amax(loc, ArgMax{double(igv[j]) - bloc, t0 + j});
+        sdm += dmv[j];
+      }
+      // carry_b before this tile: the argmax values of this tile are relative to it.
+      const double b_before = carry_b;
+      const double bpre = BlockExclusiveScanCl(bloc, add, 0.0, carry_b, sd);
+      loc.v -= bpre;
+      ArgMax run = BlockExclusiveScanCl(loc, amax, kNone, carry_a, sa);
+      double ps = BlockExclusiveScanCl(sdm, add, 0.0, carry_ps, sd);
+      if (write) {
+        double B = bpre;  // = carry_b(before) + the lower threads' sums
+#pragma unroll
+        for (int j = 0; j < kGateClItems; ++j) {
+          const int t = t0 + j;
+          if (t < t1) {
+            B += double(lfv[j]);
+            run = amax(run, ArgMax{double(igv[j]) - B, t});
+            ps += dmv[j];
+            p.arg[so + t] = run.i;
+            p.ps[so + t] = ps;
+            p.seg[so + t] = 0;
+          }
+        }
+      }
+      (void)b_before;
+    }
+  };
+  // The argmax candidates of a tile are ĩ_t − B_t with B_t from carry_b: pass1 with carry_b
+  // starting at 0 gives this CTA's best in terms of its local B; the caller shifts it.
+  double loc_b = 0, loc_ps = 0;
+  ArgMax loc_a = kNone;
+  pass1(false, loc_b, loc_a, loc_ps, 0.0);
+  if (tid == 0) {
+    share.f_part = f_part;
+    share.init_part = init_part;
+    share.sum_lf = loc_b;
+    share.best = loc_a;
+    share.sum_dm = loc_ps;
+    share.dm0_tail = 0;
+  }
+  cluster.sync();
+  double F = 0, init_dot = 0, carry_b = 0, carry_ps = 0;
+  ArgMax carry_a{p.c0 != nullptr ? double(p.m0[bh]) : 0.0, -1};
+  for (int j = 0; j < CL; ++j) {
+    const GateClusterShare* o = cluster.map_shared_rank(&share, j);
+    F += o->f_part;
+    init_dot += o->init_part;
+    if (j < rank) {
+      const ArgMax cand{o->best.v - carry_b, o->best.i};  // local B -> global B
+      carry_a = amax(carry_a, cand);
+      carry_b += o->sum_lf;
+      carry_ps += o->sum_dm;
+    }
+  }
+  const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
+  pass1(true, carry_b, carry_a, carry_ps, dm_last_extra);
+  cluster.sync();  // arg, ps, seg of every CTA written; every read of `share` above done
+
+  // Pass 2: segment sums seg[a] = Σ_{t: arg_t = a} dm_t over segment ends t in this CTA.
+  for (int t = r0 + tid; t < r1; t += kGateClThreads) {
+    const int a = p.arg[so + t];
+    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
+    if (end) {
+      const double pt = p.ps[so + t];
+      if (a >= 0) {
+        p.seg[so + a] = pt - (a > 0 ? p.ps[so + a - 1] : 0.0);
+      } else {
+        cluster.map_shared_rank(&share, 0)->dm0_tail = pt;  // one segment has a = −1
+      }
+    }
+  }
+  cluster.sync();
+
+  // Pass 3 (reverse): dlf_r = F + Σ_{t>=r} (q·dq − k·dk + dm_t − seg_t); dĩ = k·dk + seg.
+  const int ns = p.n_dk_slabs;
+  auto x_of = [&](int t, double& kdk) {
+    double qdq = 0;
+    kdk = 0;
+    for (int i = 0; i < ns; ++i) {
+      qdq += p.qdq[(so + t) * ns + i];
+      kdk += p.kdk[(so + t) * ns + i];
+    }
+    double dmv = p.dm[so + t];
+    if (t == d.S - 1) dmv += dm_last_extra;
+    return qdq - kdk + dmv - p.seg[so + t];
+  };
+  {
+    double sx = 0;
+    for (int t = r0 + tid; t < r1; t += kGateClThreads) {
+      double kdk;
+      sx += x_of(t, kdk);
+    }
+    sx = block_sum(sx);
+    if (tid == 0) share.sum_x = sx;
+  }
+  cluster.sync();
+  double carry_r = F;
+  for (int j = CL - 1; j > rank; --j) carry_r += cluster.map_shared_rank(&share, j)->sum_x;
+  const double dm0_tail = rank == 0 ? share.dm0_tail : 0.0;
+  cluster.sync();  // no CTA leaves (or reuses `share`) while another reads it
+  for (int top = r1 - 1; top >= r0; top -= kTile) {
+    const int t0 = top - tid * kGateClItems;  // this thread: t0, t0 − 1, ... (>= r0)
+    double xv[kGateClItems];
+    float digv[kGateClItems], dlfdv[kGateClItems];
+    double sx = 0;
+#pragma unroll
+    for (int j = 0; j < kGateClItems; ++j) {
+      const int t = t0 - j;
+      xv[j] = 0;
+      digv[j] = 0.f;
+      dlfdv[j] = 0.f;
+      if (t >= r0) {
+        double kdk;
+        xv[j] = x_of(t, kdk);
+        digv[j] = float(kdk + p.seg[so + t]);
+        dlfdv[j] = LogForgetDerivative(d.sigmoid, p.fg[tok_of(t)]);
+      }
+      sx += xv[j];
+    }
+    double dlf = BlockExclusiveScanCl(sx, add, 0.0, carry_r, sd);
+#pragma unroll
+    for (int j = 0; j < kGateClItems; ++j) {
+      const int t = t0 - j;
+      if (t >= r0) {
+        dlf += xv[j];
+        const int64_t tok = tok_of(t);
+        p.dig[tok] = digv[j];
+        p.dfg[tok] = float(dlf * dlfdv[j]);
+      }
+    }
+  }
+  if (rank == 0 && p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
+}
+
 // ---------------------------------------------------------------- step
 
 // One generation step. A head's dk×dv fp32 state is 512 KB at the 7B layout and the step is a
@@ -2074,6 +2333,88 @@ __global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, con
   cluster.sync();  // no CTA leaves while another still reads its partials
 }
 
+// ---------------------------------------------------------------- slab choice (host)
+
+// fwd_out and bwd_dqk hold one chunk's q/k tiles plus a slab of C_k (hi + lo when split) in
+// shared memory; a wider slab recomputes the chunk's Q̂Kᵀ / dH Vᵀ fewer times but can halve the
+// blocks per SM. At L 128 both slabs give one 256-thread block per SM, so 128 wins; at L 64 with
+// split states the 128 slab needs 126 KB (fwd_out) / 166 KB (bwd_dqk), one 128-thread block per
+// SM (4 warps), while the 64 slab fits two (83 / 94 KB). That was the model path's slowdown
+// (xLSTM presets run chunk 64; bench/RESULTS.md helper mlstm5). Auto: the slab that keeps the
+// most warps per SM, the wider one on a tie.
+constexpr size_t kSmemPerSm = 228 * 1024;  // sm_90; 1 KB of it reserved per block
+int WarpsPerSm(size_t smem_bytes, int threads) {
+  const int by_smem = static_cast<int>(kSmemPerSm / (smem_bytes + 1024));
+  const int by_threads = 2048 / threads;
+  return std::min(by_smem, by_threads) * threads / 32;
+}
+template <int L>
+size_t OutBytes(int slab, bool split, int dk) {
+  if (slab == 128) return split ? OutSmem<L, 128, true>::Bytes(dk) : OutSmem<L, 128, false>::Bytes(dk);
+  return split ? OutSmem<L, 64, true>::Bytes(dk) : OutSmem<L, 64, false>::Bytes(dk);
+}
+template <int L>
+size_t DqkBytes(int slab, bool split) {
+  if (slab == 128) return split ? DqkSmem<L, 128, true>::kBytes : DqkSmem<L, 128, false>::kBytes;
+  return split ? DqkSmem<L, 64, true>::kBytes : DqkSmem<L, 64, false>::kBytes;
+}
+size_t OutBytesL(int L, int slab, bool split, int dk) {
+  switch (L) {
+    case 16: return OutBytes<16>(slab, split, dk);
+    case 32: return OutBytes<32>(slab, split, dk);
+    case 64: return OutBytes<64>(slab, split, dk);
+    default: return OutBytes<128>(slab, split, dk);
+  }
+}
+size_t DqkBytesL(int L, int slab, bool split) {
+  switch (L) {
+    case 16: return DqkBytes<16>(slab, split);
+    case 32: return DqkBytes<32>(slab, split);
+    case 64: return DqkBytes<64>(slab, split);
+    default: return DqkBytes<128>(slab, split);
+  }
+}
+int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
+  if (s.dv % 128 != 0) return 64;
+  if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
+  const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
+  const bool split = UseSplit(o);
+  const int dk = static_cast<int>(s.dk);
+  return WarpsPerSm(OutBytesL(L, 128, split, dk), threads) >=
+                 WarpsPerSm(OutBytesL(L, 64, split, dk), threads)
+             ? 128
+             : 64;
+}
+int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
+  if (s.dk % 128 != 0) return 64;
+  if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
+  const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
+  const bool split = UseSplit(o);
+  return WarpsPerSm(DqkBytesL(L, 128, split), threads) >= WarpsPerSm(DqkBytesL(L, 64, split), threads)
+             ? 128
+             : 64;
+}
+
+// Cluster size of gates_bwd (MlstmGateSchedule): the largest power of two <= 16 that keeps
+// B·NH·CL within two CTAs per SM; 0 (one block per head) for kChunkParallel / kSequential and,
+// under kAuto, when B·NH > #SMs / 2 (then the heads alone fill the GPU).
+int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
+  if (o.gate_schedule != MlstmGateSchedule::kAuto && o.gate_schedule != MlstmGateSchedule::kCluster) {
+    return 0;
+  }
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    sms = 132;
+  }
+  const int64_t bh = s.batch * s.num_heads;
+  if (o.gate_schedule == MlstmGateSchedule::kAuto && 2 * bh > sms) return 0;
+  int cl = kGateClMax;
+  while (cl > 2 && bh * cl > 2 * sms) cl /= 2;
+  return cl;
+}
+
 // ---------------------------------------------------------------- host helpers
 
 MlstmLaunchHook g_launch_hook = nullptr;
@@ -2101,7 +2442,8 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
                                    : MlstmStateWeights::kSplitBf16;
   d.fwd_wlo = d.split && wt != MlstmStateWeights::kBf16;
   d.bwd_wlo = d.split && wt == MlstmStateWeights::kSplitBf16;
-  d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
+  d.par_gates = o.gate_schedule != MlstmGateSchedule::kSequential;
+  d.gate_cluster = 0;  // set by the backward (GateCluster)
   // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
   // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
   // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
@@ -2110,6 +2452,8 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
                  : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
                                                                           : 64;
+  d.out_slab = OutSlab(s, o);
+  d.dqk_slab = DqkSlab(s, o);
   return d;
 }
 
@@ -2156,7 +2500,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (DvSlab(d.DV) == 128) {
+  if (d.out_slab == 128) {
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
@@ -2210,14 +2554,38 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (DkSlab(d.DK) == 128) {
+  if (d.dqk_slab == 128) {
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 128>{}, T{})
                                   : dqk(std::integral_constant<int, 128>{}, F{}));
   } else {
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 64>{}, T{})
                                   : dqk(std::integral_constant<int, 64>{}, F{}));
   }
-  if (d.par_gates) {
+  if (d.gate_cluster > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(kGateClThreads);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (d.gate_cluster > 8) {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(mlstm_gates_bwd_cluster,
+                                                cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      int max_clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_gates_bwd_cluster, &cfg) != cudaSuccess ||
+          max_clusters < 1) {
+        (void)cudaGetLastError();  // 8 is portable
+        attr[0].val.clusterDim.x = 8;
+        cfg.gridDim.x = 8;
+      }
+    }
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
+  } else if (d.par_gates) {
     mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
   } else {
     mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
@@ -2249,6 +2617,10 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   if (o.state_tile != 0 && o.state_tile != 64 && o.state_tile != 128) {
     return InvalidArgument("mlstm (cuda): state_tile must be 0 (auto), 64 or 128, got " +
                            std::to_string(o.state_tile));
+  }
+  if (o.io_slab != 0 && o.io_slab != 64 && o.io_slab != 128) {
+    return InvalidArgument("mlstm (cuda): io_slab must be 0 (auto), 64 or 128, got " +
+                           std::to_string(o.io_slab));
   }
   if (o.state_tile == 128 && (s.dk % 128 != 0 || s.dv % 128 != 0)) {
     return InvalidArgument("mlstm (cuda): state_tile 128 needs dk and dv multiples of 128");
@@ -2335,7 +2707,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
       !Aligned16(dh) || !Aligned16(grads.dq) || !Aligned16(grads.dk) || !Aligned16(grads.dv)) {
     return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
   }
-  const Dims d = MakeDims(shape, options);
+  Dims d = MakeDims(shape, options);
+  d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
   const ScratchLayout sl = MakeScratch(shape, options);
   const char* base = static_cast<const char*>(saved);
@@ -2386,7 +2759,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.arg = reinterpret_cast<int*>(sb + sl.arg);
   p.ps = reinterpret_cast<double*>(sb + sl.ps);
   p.seg = reinterpret_cast<double*>(sb + sl.seg);
-  p.n_dk_slabs = static_cast<int>(shape.dk / DkSlab(shape.dk));
+  p.n_dk_slabs = static_cast<int>(shape.dk / d.dqk_slab);
   switch (d.L) {
     case 16: return LaunchBackward<16>(d, p, stream);
     case 32: return LaunchBackward<32>(d, p, stream);
