@@ -11,7 +11,8 @@
 //                      (the max-plus recurrence m_{k+1} = g_k + max(m_k, r_k) over the group's
 //                      chunk totals, one thread), then m_t and the state-update weights E_t and
 //                      decay_k, so the state kernel only loads them. (kSequential: one warp walks
-//                      all chunks, the first version.)
+//                      all chunks, the first version. With few heads (B·NH <= #SMs / 2) a head's
+//                      chunks are split over a cluster of CTAs: mlstm_gates_fwd_cluster.)
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
 //                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
 //                      fp32 registers for the whole sequence (no rounding of the carried state),
@@ -39,7 +40,8 @@
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
 //                      1/sqrt(dk)), dK = dSᵀ Q̂ + diag(E)(V dC_{k+1}ᵀ + dn_{k+1}); also the row dots
 //                      q·dq and k·dk.
-//   8. gates_bwd       one block per head (1024 threads, 8 consecutive tokens each: a thread-local
+//   8. gates_bwd       (few heads: a cluster of CTAs per head, mlstm_gates_bwd_cluster; else)
+//                      one block per head (1024 threads, 8 consecutive tokens each: a thread-local
 //                      sweep, one block scan of the thread aggregates, a second sweep; the first
 //                      version: 256 threads, one block scan per 256 tokens): with m frozen,
 //                      dĩ_t = k_t·dk_t and
@@ -223,7 +225,7 @@ struct Dims {
   bool fwd_wlo;    // state_fwd: E_t k_t as hi + lo (MlstmStateWeights)
   bool bwd_wlo;    // state_bwd: coef_t q̂_t as hi + lo (MlstmStateWeights)
   bool par_gates;  // MlstmGateSchedule other than kSequential
-  int gate_cluster;  // > 1: gates_bwd on clusters of this many CTAs per head (kCluster)
+  int gate_cluster;  // > 1: gates_fwd / gates_bwd on clusters of this many CTAs per head
   int state_tile;  // 64 or 128 (resolved MlstmOptions::state_tile)
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
@@ -515,6 +517,63 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par(Dims d
   if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
 }
 
+// kCluster (and kAuto with few heads): gates_fwd over a cluster of CL CTAs per head, CTA r owning
+// chunks [r·per, (r+1)·per). Sweep 1: its warps compute those chunks' totals (g, r) into its
+// shared copy of the per-chunk arrays; after a cluster barrier every CTA copies the lower ranks'
+// totals (distributed shared memory, all threads at once) and thread 0 runs the max-plus
+// recurrence from chunk 0 (the same float operations in the same order as mlstm_gates_fwd_par,
+// so m_k are bit-identical); sweep 2 recomputes its chunks (a few KB of loads) and writes b_t,
+// m_t, E_t as the par kernel does. The 7B layout (8 heads) ran on 8 SMs for 0.028 ms (H200).
+constexpr int kGateFwdClWarps = 8;
+constexpr int kGateFwdClMaxChunks = 1024;  // NC above this: the par kernel
+
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(Dims d, FwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
+  __shared__ float mprev[kGateFwdClMaxChunks + 1];
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int per = (d.NC + CL - 1) / CL;
+  const int k0 = min(d.NC, rank * per), k1 = min(d.NC, k0 + per), n = k1 - k0;
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    if (lane == 0) {
+      gall[k0 + i] = c.g;
+      rall[k0 + i] = c.r;
+    }
+  }
+  cluster.sync();
+  for (int k = threadIdx.x; k < k0; k += blockDim.x) {  // the lower ranks' totals
+    const int owner = k / per;
+    gall[k] = *cluster.map_shared_rank(&gall[k], owner);
+    rall[k] = *cluster.map_shared_rank(&rall[k], owner);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+    float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+    if (rank == 0) mk[0] = m;
+    for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
+    for (int i = 0; i < n; ++i) {
+      mprev[i] = m;
+      const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
+      mk[k0 + i + 1] = mn;
+      p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
+      m = mn;
+    }
+    mprev[n] = m;
+    if (n > 0 && k1 == d.NC && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m;
+  }
+  cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
+  }
+}
+
 // ---------------------------------------------------------------- 2. state_fwd
 
 // Stores a warp's 16×(8·NT) fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
@@ -584,6 +643,37 @@ __device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (
   }
 }
 
+// StoreAccStaged through one 16-row buffer of the warp: hi first, then (glo not null) lo.
+template <int NT>
+__device__ __forceinline__ void StoreAccStagedTwoRounds(bf16* gdst, bf16* glo, int64_t ld,
+                                                        const float (&acc)[NT][4], bf16* buf,
+                                                        int lane) {
+  constexpr int kCols = NT * 8, kS = kCols + kPad, kPieces = kCols / 8;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int round = 0; round < 2; ++round) {
+    bf16* dst = round == 0 ? gdst : glo;
+    if (dst == nullptr) break;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      uint32_t hi, lo;
+      SplitPack(acc[nt][0], acc[nt][1], hi, lo);
+      *reinterpret_cast<uint32_t*>(buf + g * kS + col) = round == 0 ? hi : lo;
+      SplitPack(acc[nt][2], acc[nt][3], hi, lo);
+      *reinterpret_cast<uint32_t*>(buf + (g + 8) * kS + col) = round == 0 ? hi : lo;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * kPieces; i += 32) {
+      const int row = i / kPieces, c8 = (i % kPieces) * 8;
+      *reinterpret_cast<uint4*>(dst + row * ld + c8) =
+          *reinterpret_cast<const uint4*>(buf + row * kS + c8);
+    }
+    __syncwarp();
+  }
+}
+
 // Coalesced store of a warp's 16×(8·NT) accumulator tile as bf16 (and its lo parts when glo is
 // not null): the fragments go to shared staging rows first (hi_s, lo_s: 16 rows of stride
 // 8·NT + kPad, owned by this warp), then every lane writes whole 16-byte pieces of rows. The
@@ -640,6 +730,12 @@ struct StateSmem {
   // C_k / dC_k are staged (StoreAccStaged) in the stage about to be refilled, A (hi) and B (lo)
   // tiles: TM rows of stride TN + kPad must fit in each.
   static constexpr bool kStaged = TM == TN && L >= TM;
+  // L < TM (e.g. 128×128 tiles at chunk 64): the refill stage's A and B tiles together hold 2L
+  // rows; warp w stages its 16 rows in row 16w of A (16w < L) or of B, hi first, then lo. The
+  // unstaged fragment stores made both state kernels 3.5x slower at chunk 64 (xlstm-125m cell:
+  // 1.70 vs 0.47 ms at chunk 128, H200; bench/RESULTS.md helper mlstm5).
+  static constexpr bool kStaged2 = TM == TN && !kStaged && 2 * L >= TM;
+  static constexpr bool kStagedAny = kStaged || kStaged2;
   static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
                                    + 2 * L * 4;                     // per-token coefficients
 };
@@ -736,11 +832,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
                      ks + refill * SM::kTileA + 16 * w * SM::kSB,
                      vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else if constexpr (SM::kStaged2) {
+      bf16* buf = 16 * w < L ? ks + refill * SM::kTileA + 16 * w * SM::kSB
+                             : vs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
+      StoreAccStagedTwoRounds(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, buf, lane);
     } else {
       StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
     }
     if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
-    if constexpr (SM::kStaged) {
+    if constexpr (SM::kStagedAny) {
       CpAsyncWait<1>();  // groups 0..k+1 committed: chunk k has landed
     } else {
       prefetch(k + 2, refill);
@@ -748,7 +848,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     }
     if (tid < L) es[tid] = e_reg;
     __syncthreads();  // tile k and es visible; every warp's staging reads done
-    if constexpr (SM::kStaged) prefetch(k + 2, refill);
+    if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
 #pragma unroll
@@ -1103,11 +1203,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
                      qs + refill * SM::kTileA + 16 * w * SM::kSB,
                      hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else if constexpr (SM::kStaged2) {
+      bf16* buf = 16 * w < L ? qs + refill * SM::kTileA + 16 * w * SM::kSB
+                             : hs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
+      StoreAccStagedTwoRounds(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, buf, lane);
     } else {
       StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
     }
     if (n_block) StoreNAcc(p.dn + (static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0, dnacc, lane);
-    if constexpr (SM::kStaged) {
+    if constexpr (SM::kStagedAny) {
       CpAsyncWait<1>();
     } else {
       prefetch(s + 2, refill);
@@ -1118,7 +1222,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       ddc[tid] = dd;
     }
     __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
-    if constexpr (SM::kStaged) prefetch(s + 2, refill);
+    if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
 #pragma unroll
@@ -2340,8 +2444,12 @@ __global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, con
 // blocks per SM. At L 128 both slabs give one 256-thread block per SM, so 128 wins; at L 64 with
 // split states the 128 slab needs 126 KB (fwd_out) / 166 KB (bwd_dqk), one 128-thread block per
 // SM (4 warps), while the 64 slab fits two (83 / 94 KB). That was the model path's slowdown
-// (xLSTM presets run chunk 64; bench/RESULTS.md helper mlstm5). Auto: the slab that keeps the
-// most warps per SM, the wider one on a tie.
+// Auto: 128 unless it leaves fewer than 8 warps per SM and 64 keeps more. Measured (H200,
+// bench/RESULTS.md helper mlstm5): at L 64 with split states the 64 slab is 1-5% faster
+// (xlstm-125m cell: fwd_out 1.030 vs 1.041 ms, bwd_dqk 1.281 vs 1.345); at L 128 the 64 slab
+// loses even with twice the warps (bf16 states, 7B heads: fwd_out 0.60 vs 0.43-0.56 ms) or the
+// same (split, 125m cell: 1.31 vs 0.83 ms). (The xLSTM presets run chunk 64; the model path's
+// cell was slow at chunk 64 for another reason: the state kernels' stores, see StateSmem.)
 constexpr size_t kSmemPerSm = 228 * 1024;  // sm_90; 1 KB of it reserved per block
 int WarpsPerSm(size_t smem_bytes, int threads) {
   const int by_smem = static_cast<int>(kSmemPerSm / (smem_bytes + 1024));
@@ -2380,22 +2488,19 @@ int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
   const int dk = static_cast<int>(s.dk);
-  return WarpsPerSm(OutBytesL(L, 128, split, dk), threads) >=
-                 WarpsPerSm(OutBytesL(L, 64, split, dk), threads)
-             ? 128
-             : 64;
+  const int w128 = WarpsPerSm(OutBytesL(L, 128, split, dk), threads);
+  return w128 >= 8 || w128 >= WarpsPerSm(OutBytesL(L, 64, split, dk), threads) ? 128 : 64;
 }
 int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
   if (s.dk % 128 != 0) return 64;
   if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
-  return WarpsPerSm(DqkBytesL(L, 128, split), threads) >= WarpsPerSm(DqkBytesL(L, 64, split), threads)
-             ? 128
-             : 64;
+  const int w128 = WarpsPerSm(DqkBytesL(L, 128, split), threads);
+  return w128 >= 8 || w128 >= WarpsPerSm(DqkBytesL(L, 64, split), threads) ? 128 : 64;
 }
 
-// Cluster size of gates_bwd (MlstmGateSchedule): the largest power of two <= 16 that keeps
+// Cluster size of gates_fwd / gates_bwd (MlstmGateSchedule): the largest power of two <= 16 that keeps
 // B·NH·CL within two CTAs per SM; 0 (one block per head) for kChunkParallel / kSequential and,
 // under kAuto, when B·NH > #SMs / 2 (then the heads alone fill the GPU).
 int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
@@ -2443,7 +2548,7 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.fwd_wlo = d.split && wt != MlstmStateWeights::kBf16;
   d.bwd_wlo = d.split && wt == MlstmStateWeights::kSplitBf16;
   d.par_gates = o.gate_schedule != MlstmGateSchedule::kSequential;
-  d.gate_cluster = 0;  // set by the backward (GateCluster)
+  d.gate_cluster = 0;  // set by the chunkwise launchers (GateCluster)
   // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
   // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
   // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
@@ -2464,10 +2569,39 @@ CudaResult SetSmem(Kernel kernel, size_t bytes) {
   return {};
 }
 
+// Clusters of more than 8 CTAs are non-portable: allowed explicitly, and 8 where the device
+// cannot place one (cudaOccupancyMaxActiveClusters).
+template <typename Kernel>
+CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribute* attr) {
+  if (attr[0].val.clusterDim.x <= 8) return {};
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  int max_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, cfg) != cudaSuccess || max_clusters < 1) {
+    (void)cudaGetLastError();  // 8 is portable
+    attr[0].val.clusterDim.x = 8;
+    cfg->gridDim.x = 8;
+  }
+  return {};
+}
+
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
-  if (d.par_gates) {
+  if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(32 * kGateFwdClWarps);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster, d, p));
+  } else if (d.par_gates) {
     const int warps = std::min(d.NC, kGateFwdWarps);
     mlstm_gates_fwd_par<<<bh, 32 * warps, 0, stream>>>(d, p);
   } else {
@@ -2573,17 +2707,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     cfg.stream = stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (d.gate_cluster > 8) {
-      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(mlstm_gates_bwd_cluster,
-                                                cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      int max_clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_gates_bwd_cluster, &cfg) != cudaSuccess ||
-          max_clusters < 1) {
-        (void)cudaGetLastError();  // 8 is portable
-        attr[0].val.clusterDim.x = 8;
-        cfg.gridDim.x = 8;
-      }
-    }
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_bwd_cluster, &cfg, attr));
     CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
   } else if (d.par_gates) {
     mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
@@ -2653,7 +2777,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
-  const Dims d = MakeDims(shape, options);
+  Dims d = MakeDims(shape, options);
+  d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
   char* base = static_cast<char*>(saved);
   FwdPtrs p{};

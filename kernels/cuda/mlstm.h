@@ -91,9 +91,9 @@ enum class MlstmStateWeights {
 enum class MlstmGateSchedule {
   kAuto,           // default: kCluster while B·NH <= #SMs / 2, else kChunkParallel
   kChunkParallel,  // one block per head, one warp per chunk / many tokens per thread
-  kCluster,        // forward as kChunkParallel; backward: each head's sequence split over a
-                   // cluster of 2-16 CTAs (per-CTA aggregates exchanged through distributed
-                   // shared memory), so few heads still fill the GPU (7B layout: 8 heads)
+  kCluster,        // each head's chunks (forward) / tokens (backward) split over a cluster of
+                   // 2-16 CTAs, per-CTA aggregates exchanged through distributed shared memory,
+                   // so few heads still fill the GPU (7B layout: 8 heads; bench/RESULTS.md)
   kSequential,     // the first version: one warp (forward) / one 256-thread block (backward)
                    // walks the sequence (slow when B·NH is small)
 };
@@ -114,9 +114,9 @@ struct MlstmOptions {
   // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).
   int64_t state_tile = 0;
   // Columns per block of the chunk-output kernels: h columns of fwd_out and dq/dk columns of
-  // bwd_dqk: 64, 128 (needs dv resp. dk multiples of 128; otherwise 64 is used) or 0 = auto: the
-  // slab that keeps more warps resident per SM, 128 on a tie (at chunk 64 with split states the
-  // 128 slab halves the resident warps; measured in bench/RESULTS.md, helper mlstm5).
+  // bwd_dqk: 64, 128 (needs dv resp. dk multiples of 128; otherwise 64 is used) or 0 = auto: 128
+  // unless it leaves fewer than 8 warps resident per SM (chunk 64 with split states: 4) and 64
+  // keeps more (measured in bench/RESULTS.md, helper mlstm5).
   int64_t io_slab = 0;
 };
 
