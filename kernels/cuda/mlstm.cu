@@ -159,11 +159,20 @@ int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
 // auto rule is next to the shared-memory layouts below).
 int OutSlab(const MlstmShape& s, const MlstmOptions& o);
 int DqkSlab(const MlstmShape& s, const MlstmOptions& o);
+// Resolved MlstmOptions::state_tile. Auto: 128×128 tiles read K and V half as often but make 4x
+// fewer blocks; measured on an H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256
+// blocks (1.3b shape: state kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads:
+// 0.35 + 0.40 vs 0.21 + 0.26 ms). Threshold: about one block per SM.
+int StateTile(const MlstmShape& s, const MlstmOptions& o) {
+  if (o.state_tile != 0) return static_cast<int>(o.state_tile);
+  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
+  return s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128 : 64;
+}
 
 struct ScratchLayout {
   size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k (hi part when split)
   size_t dc_lo = 0;   // bf16 [BH][NC][dk][dv]  dC_{k+1} − hi (split only)
-  size_t dn = 0;      // f32  [BH][NC][dk]
+  size_t dn = 0;      // f32  [BH][NC+1][dv/state_tile][dk]  partial dn_{k+1} (slot NC: dn_0)
   size_t inv_d = 0;   // f32  [BH][S]
   size_t coef = 0;    // f32  [BH][S]  scale·G_t/denom_t (dC recurrence weight of dh_t)
   size_t ddc = 0;     // f32  [BH][S]  scale·G_t·dden_t  (dn recurrence weight of q_t)
@@ -188,8 +197,8 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
   l.dc_lo = off;
   if (UseSplit(o)) off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
-  l.dn = off;
-  off = AlignUp(off + bh * nc * s.dk * 4);
+  l.dn = off;  // partial dn per state_bwd column block, slot NC = dn_0 (see mlstm_state_bwd)
+  off = AlignUp(off + bh * (nc + 1) * (s.dv / StateTile(s, o)) * s.dk * 4);
   l.inv_d = off;
   off = AlignUp(off + bh * S * 4);
   l.coef = off;
@@ -227,6 +236,7 @@ struct Dims {
   bool par_gates;  // MlstmGateSchedule other than kSequential
   int gate_cluster;  // > 1: gates_fwd / gates_bwd on clusters of this many CTAs per head
   int state_tile;  // 64 or 128 (resolved MlstmOptions::state_tile)
+  int dn_parts;    // DV / state_tile: state_bwd column blocks, each summing part of dn
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
 };
@@ -1162,12 +1172,20 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
-  const bool n_block = blockIdx.x == 0;
+  // dn = Σ_t ddc_t q̂_t is linear in the tokens: column block x sums the 16-token steps kk with
+  // kk % parts == x (its partial dn_{k+1} to scratch slot k, dn_0 to slot NC; bwd_dqk adds the
+  // parts). Before, the first column block did all of it (two more split A operands and MMAs
+  // per step) and, with every block in one wave (7B heads: 256 blocks), set the kernel's time:
+  // 0.268 vs 0.214 ms for state_fwd (H100, bench/RESULTS.md helper mlstm5).
+  const int part = blockIdx.x, parts = gridDim.x;
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int64_t so = static_cast<int64_t>(bh) * d.S;
   const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int slot) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
+  };
 
   float acc[kNT][4];
   if (p.dc_fin != nullptr) {
@@ -1177,7 +1195,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
   float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (n_block && p.dc_fin != nullptr)
+  if (part == 0 && p.dc_fin != nullptr)
     LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
   // Step s handles chunk k = NC−1−s in stage s % 3.
@@ -1210,7 +1228,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     } else {
       StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
     }
-    if (n_block) StoreNAcc(p.dn + (static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0, dnacc, lane);
+    StoreNAcc(dn_slot(k), dnacc, lane);
     if constexpr (SM::kStagedAny) {
       CpAsyncWait<1>();
     } else {
@@ -1240,7 +1258,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       uint32_t a[4], ac[4], aclo[4];
       LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
-      if (n_block) {
+      if (kk % parts == part) {
         uint32_t ad[4], adlo[4];
         ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
         Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
@@ -1260,9 +1278,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     }
     __syncthreads();
   }
+  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
   if (p.dc0 != nullptr) {
     StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-    if (n_block) StoreNAcc(p.dn0 + static_cast<int64_t>(bh) * d.DK + row0, dnacc, lane);
   }
 }
 
@@ -1476,7 +1494,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   }
   for (int i = tid; i < DKT; i += kThreads) {
     nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
-    dnks[i] = p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + i];
+    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
+    float dn = 0.f;
+    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
+    dnks[i] = dn;
+    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
+      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
+      float s0 = 0.f;
+      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
+      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
+    }
   }
 
   // Phase 1: dP = dH Vᵀ (causal warps) and Y = dH C_kᵀ, contracting over dv in 64-wide tiles.
@@ -2549,14 +2576,8 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.bwd_wlo = d.split && wt == MlstmStateWeights::kSplitBf16;
   d.par_gates = o.gate_schedule != MlstmGateSchedule::kSequential;
   d.gate_cluster = 0;  // set by the chunkwise launchers (GateCluster)
-  // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
-  // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
-  // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
-  // 0.21 + 0.26 ms). Threshold: about one block per SM.
-  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
-  d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
-                 : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
-                                                                          : 64;
+  d.state_tile = StateTile(s, o);
+  d.dn_parts = static_cast<int>(s.dv / d.state_tile);
   d.out_slab = OutSlab(s, o);
   d.dqk_slab = DqkSlab(s, o);
   return d;
