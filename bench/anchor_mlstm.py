@@ -8,7 +8,8 @@ kernels (PERFORMANCE.md), so the anchor runs with LLVM optimisations off and its
 lower bound on its speed.
 
 Shapes (same as mlstm_bench): xlstm-1.3b-like B8 S2048 NH4 dk256 dv512 chunk 128, and the
-xLSTM-7B head layout B1 S8192 NH8 dk256 dv512 chunk 128. q, k, v, dh bf16 N(0, 1); ĩ N(0, 1),
+xLSTM-7B head layout B1 S8192 NH8 dk256 dv512 chunk 128; the xlstm-125m cell B16 S2048 NH4 dk384
+dv384 at chunk 64 and 128. q, k, v, dh bf16 N(0, 1); ĩ N(0, 1),
 f̃ N(3, 1) fp32; eps 1e-6. Times: triton.testing.do_bench medians (CUDA events, warm-up).
 
 --dump DIR: also runs a small shape (B1 NH2 S512 dk128 dv128) once and writes inputs, h and
@@ -78,15 +79,25 @@ def dump(kernel, out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", default="")
+    ap.add_argument("--shapes", default="1.3b,7b,125m-64,125m-128",
+                    help="comma-separated subset of 1.3b, 7b, 125m-64, 125m-128")
     args = ap.parse_args()
+    wanted = set(args.shapes.split(","))
     print("torch", torch.__version__, "triton", triton.__version__,
           "DISABLE_LLVM_OPT", os.environ.get("DISABLE_LLVM_OPT"), torch.cuda.get_device_name(),
           flush=True)
     kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
     if args.dump:
         dump(kernel, args.dump)
-    bench(kernel, "xlstm-1.3b-like", 8, 2048, 4, 256, 512, 128)
-    bench(kernel, "xlstm-7b-heads", 1, 8192, 8, 256, 512, 128)
+    if "1.3b" in wanted:
+        bench(kernel, "xlstm-1.3b-like", 8, 2048, 4, 256, 512, 128)
+    if "7b" in wanted:
+        bench(kernel, "xlstm-7b-heads", 1, 8192, 8, 256, 512, 128)
+    # The xlstm-125m cell (4 heads of 384 at B16 S2048), at the presets' chunk 64 and at 128.
+    if "125m-64" in wanted:
+        bench(kernel, "xlstm-125m-cell", 16, 2048, 4, 384, 384, 64)
+    if "125m-128" in wanted:
+        bench(kernel, "xlstm-125m-cell", 16, 2048, 4, 384, 384, 128)
     return 0
 
 

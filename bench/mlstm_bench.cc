@@ -4,6 +4,7 @@
 //   xlstm-1.3b-like: B8 S2048 NH4 dk256 dv512 chunk 128 (16,384 tokens)
 //   xLSTM-7B heads:  B1 S8192 NH8 dk256 dv512 chunk 128 (8,192 tokens, MODELS.md §1.5 layout;
 //                    the same number of head-tokens as the first shape)
+//   xlstm-125m cell: B16 S2048 NH4 dk384 dv384, chunk 64 (the ops/ presets' default) and 128
 // Inputs: q, k, v, dh bf16 N(0, 1); ĩ N(0, 1), f̃ N(3, 1) fp32 (TFLA's benchmark draws randn for
 // all; a positive forget bias is the realistic regime and does not change the work). Each line:
 // median of `reps` CUDA-event timings after warm-up, FLOPs (the causal half of the intra-chunk
@@ -126,6 +127,7 @@ struct Variant {
   MlstmGateSchedule gates;
   int64_t state_tile;
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
+  int64_t io_slab = 0;
 };
 
 struct Problem {
@@ -144,6 +146,7 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
   opt.gate_schedule = pr.variant.gates;
   opt.state_tile = pr.variant.state_tile;
   opt.state_weights = pr.variant.weights;
+  opt.io_slab = pr.variant.io_slab;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -380,26 +383,27 @@ int main(int argc, char** argv) {
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   using gyre::cuda::MlstmGateSchedule;
   using gyre::cuda::MlstmStatePrecision;
-  const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0};
-  const gyre::cuda::Variant v2_t128{"v2-tile128", MlstmStatePrecision::kAuto,
-                                    MlstmGateSchedule::kChunkParallel, 128};
-  const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto,
-                                   MlstmGateSchedule::kChunkParallel, 64};
-  const gyre::cuda::Variant v2_bf16{"v2-bf16-tile64", MlstmStatePrecision::kBf16,
-                                    MlstmGateSchedule::kChunkParallel, 64};
-  // state_weights: hi + lo in the forward only (the default keeps it in both state kernels).
-  const gyre::cuda::Variant v2_wfwd{"v2-weights-split-fwd", MlstmStatePrecision::kAuto,
-                                    MlstmGateSchedule::kChunkParallel, 0,
-                                    gyre::cuda::MlstmStateWeights::kSplitForward};
-  const gyre::cuda::Variant v1{"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64};
-  const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512};
+  using gyre::cuda::MlstmStateWeights;
+  const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0};
+  // The previous session's defaults: one block per head in gates_bwd.
+  const gyre::cuda::Variant v2_gpar{"v2-gates-par", MlstmStatePrecision::kAuto,
+                                    MlstmGateSchedule::kChunkParallel, 0};
+  // io slab forced (auto picks by resident warps; 128 at chunk 64 was the previous behaviour).
+  const gyre::cuda::Variant v2_io128{"v2-io128", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
+                                     0, MlstmStateWeights::kAuto, 128};
+  const gyre::cuda::Variant v2_io64{"v2-io64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
+                                    0, MlstmStateWeights::kAuto, 64};
+  const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 64};
+  // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
+  // model path's shape: ops/ runs the presets' chunk 64).
+  const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
+      s125{16, 2048, 4, 384, 384};
   const gyre::cuda::Problem problems[] = {
-      {"xlstm-1.3b-like", s13, 128, v2},      {"xlstm-7b-heads", s7, 128, v2},
-      {"xlstm-1.3b-like", s13, 128, v2_wfwd}, {"xlstm-7b-heads", s7, 128, v2_wfwd},
-      {"xlstm-1.3b-like", s13, 128, v1},      {"xlstm-7b-heads", s7, 128, v1},
-      {"xlstm-1.3b-like", s13, 128, v2_bf16}, {"xlstm-7b-heads", s7, 128, v2_bf16},
-      {"xlstm-1.3b-like", s13, 128, v2_t64},  {"xlstm-7b-heads", s7, 128, v2_t64},
-      {"xlstm-1.3b-like", s13, 128, v2_t128}, {"xlstm-7b-heads", s7, 128, v2_t128},
+      {"xlstm-1.3b-like", s13, 128, v2},       {"xlstm-7b-heads", s7, 128, v2},
+      {"xlstm-1.3b-like", s13, 128, v2_gpar},  {"xlstm-7b-heads", s7, 128, v2_gpar},
+      {"xlstm-125m-cell", s125, 64, v2},       {"xlstm-125m-cell", s125, 64, v2_io128},
+      {"xlstm-125m-cell", s125, 128, v2},      {"xlstm-125m-cell", s125, 128, v2_io64},
+      {"xlstm-125m-cell", s125, 64, v2_t64},   {"xlstm-1.3b-like", s13, 64, v2},
   };
   gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
   gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);

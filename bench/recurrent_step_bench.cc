@@ -45,14 +45,36 @@ struct Result {
 };
 
 
+// Per-op GPU time of the --op_profile_steps steps (CudaBackend::SetOpProfiling: CUDA events
+// around every backend op, no synchronisation inside the step). Busy = Σ op times; idle = wall −
+// busy (the device waiting for the host).
+void PrintOpProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double>& wall) {
+  const double n = static_cast<double>(wall.size());
+  double wall_sum = 0, busy = 0;
+  for (double w : wall) wall_sum += w;
+  for (const auto& o : ops) busy += o.seconds;
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+  std::printf("  per-op profile (%d steps; wall %.2f ms/step; device busy %.2f ms/step, idle %.2f ms/step):\n",
+              static_cast<int>(n), 1e3 * wall_sum / n, 1e3 * busy / n, 1e3 * (wall_sum - busy) / n);
+  std::printf("  | op | calls/step | ms/step | %% of busy | TFLOP/s |\n  |---|---|---|---|---|\n");
+  for (const auto& o : ops) {
+    char tf[32] = "";
+    if (o.flops > 0) std::snprintf(tf, sizeof(tf), "%.0f", o.flops / o.seconds / 1e12);
+    std::printf("  | %s | %.0f | %.3f | %.1f%% | %s |\n", o.label.c_str(), o.calls / n, 1e3 * o.seconds / n,
+                100 * o.seconds / busy, tf);
+  }
+  std::fflush(stdout);
+}
+
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
-        int profile_steps, double peak_tflops, Result* out) {
+        int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
     return 1;
   }
   spec->recompute_blocks = recompute;
+  if (mlstm_chunk > 0) spec->mlstm_chunk = mlstm_chunk;
   const auto t0 = std::chrono::steady_clock::now();
   auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCuda, 1);
   if (!model.ok()) {
@@ -73,6 +95,16 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   out->loss_last = run.loss_last;
   std::vector<double> times(run.seconds.begin() + warmup, run.seconds.end());
   std::vector<int32_t> tokens(batch * (seq + 1));
+  int next_step = warmup + steps;
+  if (op_profile_steps > 0) {
+    Cuda().SetOpProfiling(true);
+    gyre::bench::StepTimes prof;
+    const bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, op_profile_steps, &prof);
+    Cuda().SetOpProfiling(false);
+    if (!ok) return 1;
+    next_step += op_profile_steps;
+    PrintOpProfile(Cuda().TakeOpProfile(), prof.seconds);
+  }
   // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
   // are not part of the median above).
   if (profile_steps > 0) {
@@ -81,7 +113,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
     for (int s = 0; s < profile_steps; ++s) {
       for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(spec->vocab_size));
       const auto a = std::chrono::steady_clock::now();
-      auto st = trainer.Step(tokens, batch, seq, warmup + steps + s);
+      auto st = trainer.Step(tokens, batch, seq, next_step + s);
       total += std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
       if (!st.ok()) return 1;
     }
@@ -110,7 +142,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   const double flops = per_token->without_head() * tokens_step;
   const double flops_head = per_token->total() * tokens_step;
   out->cell_share = per_token->mixer / per_token->without_head();
-  out->preset = preset;
+  out->preset = mlstm_chunk > 0 ? preset + " (mLSTM chunk " + std::to_string(mlstm_chunk) + ")" : preset;
   out->batch = batch;
   out->seq = seq;
   out->median_s = med;
@@ -121,7 +153,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   std::printf("%s batch %lld x %lld%s: N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, max %.2f, %d steps), "
               "%.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), loss %.3f -> %.3f, "
               "init %.1f s\n",
-              preset.c_str(), (long long)batch, (long long)seq, recompute ? " (recompute)" : "", n_dense / 1e6,
+              out->preset.c_str(), (long long)batch, (long long)seq, recompute ? " (recompute)" : "", n_dense / 1e6,
               med * 1e3, times.front() * 1e3, times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu,
               100 * out->mfu_head, 100 * out->cell_share, out->loss_first, out->loss_last, out->init_s);
   std::fflush(stdout);
@@ -138,7 +170,8 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {16, 16, 16, 8, 8};
   std::vector<int> recompute = {0, 0, 0, 0, 0};
   int64_t seq = 2048;
-  int warmup = 3, steps = 10, profile_steps = 0;
+  int warmup = 3, steps = 10, profile_steps = 0, op_profile_steps = 0;
+  int64_t mlstm_chunk = 0;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -148,6 +181,10 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--profile_steps", profile_steps, "extra synchronised steps for a per-phase breakdown")
       ->capture_default_str();
+  app.add_option("--op_profile_steps", op_profile_steps,
+                 "extra steps with a per-op GPU-time breakdown (CUDA events, no synchronisation)")
+      ->capture_default_str();
+  app.add_option("--mlstm_chunk", mlstm_chunk, "override the presets' mLSTM chunk (0: keep)")->capture_default_str();
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
@@ -166,7 +203,8 @@ int main(int argc, char** argv) {
     Result r;
     // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
     // the others.
-    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, peak, &r) != 0) {
+    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps, mlstm_chunk,
+            peak, &r) != 0) {
       rc = 1;
       continue;
     }

@@ -11,7 +11,8 @@
 //                      (the max-plus recurrence m_{k+1} = g_k + max(m_k, r_k) over the group's
 //                      chunk totals, one thread), then m_t and the state-update weights E_t and
 //                      decay_k, so the state kernel only loads them. (kSequential: one warp walks
-//                      all chunks, the first version.)
+//                      all chunks, the first version. With few heads (B·NH <= #SMs / 2) a head's
+//                      chunks are split over a cluster of CTAs: mlstm_gates_fwd_cluster.)
 //   2. state_fwd       the inter-chunk recurrence C_{k+1} = decay·C_k + Kᵀ diag(E) V on tensor cores:
 //                      one block per (head, TM×TN tile of C, 64×64 or 128×128); the tile lives in
 //                      fp32 registers for the whole sequence (no rounding of the carried state),
@@ -39,7 +40,8 @@
 //                      shared memory as bf16), dQ = dS K + diag(G)(dH C_kᵀ/denom + dden n_k) (times
 //                      1/sqrt(dk)), dK = dSᵀ Q̂ + diag(E)(V dC_{k+1}ᵀ + dn_{k+1}); also the row dots
 //                      q·dq and k·dk.
-//   8. gates_bwd       one block per head (1024 threads, 8 consecutive tokens each: a thread-local
+//   8. gates_bwd       (few heads: a cluster of CTAs per head, mlstm_gates_bwd_cluster; else)
+//                      one block per head (1024 threads, 8 consecutive tokens each: a thread-local
 //                      sweep, one block scan of the thread aggregates, a second sweep; the first
 //                      version: 256 threads, one block scan per 256 tokens): with m frozen,
 //                      dĩ_t = k_t·dk_t and
@@ -152,13 +154,25 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   return l;
 }
 
-int DkSlab(int64_t dk) { return dk % 128 == 0 ? 128 : 64; }
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
+// Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
+// auto rule is next to the shared-memory layouts below).
+int OutSlab(const MlstmShape& s, const MlstmOptions& o);
+int DqkSlab(const MlstmShape& s, const MlstmOptions& o);
+// Resolved MlstmOptions::state_tile. Auto: 128×128 tiles read K and V half as often but make 4x
+// fewer blocks; measured on an H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256
+// blocks (1.3b shape: state kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads:
+// 0.35 + 0.40 vs 0.21 + 0.26 ms). Threshold: about one block per SM.
+int StateTile(const MlstmShape& s, const MlstmOptions& o) {
+  if (o.state_tile != 0) return static_cast<int>(o.state_tile);
+  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
+  return s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128 : 64;
+}
 
 struct ScratchLayout {
   size_t dc = 0;      // bf16 [BH][NC][dk][dv]  dC_{k+1} for chunk k (hi part when split)
   size_t dc_lo = 0;   // bf16 [BH][NC][dk][dv]  dC_{k+1} − hi (split only)
-  size_t dn = 0;      // f32  [BH][NC][dk]
+  size_t dn = 0;      // f32  [BH][NC+1][dv/state_tile][dk]  partial dn_{k+1} (slot NC: dn_0)
   size_t inv_d = 0;   // f32  [BH][S]
   size_t coef = 0;    // f32  [BH][S]  scale·G_t/denom_t (dC recurrence weight of dh_t)
   size_t ddc = 0;     // f32  [BH][S]  scale·G_t·dden_t  (dn recurrence weight of q_t)
@@ -177,14 +191,14 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   const size_t bh = s.batch * s.num_heads;
   const size_t nc = (s.seq_len + o.chunk_size - 1) / o.chunk_size;
   const size_t S = s.seq_len;
-  const size_t nt = s.dk / DkSlab(s.dk);
+  const size_t nt = s.dk / DqkSlab(s, o);
   size_t off = 0;
   l.dc = off;
   off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
   l.dc_lo = off;
   if (UseSplit(o)) off = AlignUp(off + bh * nc * s.dk * s.dv * 2);
-  l.dn = off;
-  off = AlignUp(off + bh * nc * s.dk * 4);
+  l.dn = off;  // partial dn per state_bwd column block, slot NC = dn_0 (see mlstm_state_bwd)
+  off = AlignUp(off + bh * (nc + 1) * (s.dv / StateTile(s, o)) * s.dk * 4);
   l.inv_d = off;
   off = AlignUp(off + bh * S * 4);
   l.coef = off;
@@ -219,8 +233,12 @@ struct Dims {
   bool split;      // hi + lo pairs (MlstmStatePrecision)
   bool fwd_wlo;    // state_fwd: E_t k_t as hi + lo (MlstmStateWeights)
   bool bwd_wlo;    // state_bwd: coef_t q̂_t as hi + lo (MlstmStateWeights)
-  bool par_gates;  // MlstmGateSchedule::kChunkParallel
+  bool par_gates;  // MlstmGateSchedule other than kSequential
+  int gate_cluster;  // > 1: gates_fwd / gates_bwd on clusters of this many CTAs per head
   int state_tile;  // 64 or 128 (resolved MlstmOptions::state_tile)
+  int dn_parts;    // DV / state_tile: state_bwd column blocks, each summing part of dn
+  int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
+  int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
 };
 
 struct FwdPtrs {
@@ -509,6 +527,63 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par(Dims d
   if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
 }
 
+// kCluster (and kAuto with few heads): gates_fwd over a cluster of CL CTAs per head, CTA r owning
+// chunks [r·per, (r+1)·per). Sweep 1: its warps compute those chunks' totals (g, r) into its
+// shared copy of the per-chunk arrays; after a cluster barrier every CTA copies the lower ranks'
+// totals (distributed shared memory, all threads at once) and thread 0 runs the max-plus
+// recurrence from chunk 0 (the same float operations in the same order as mlstm_gates_fwd_par,
+// so m_k are bit-identical); sweep 2 recomputes its chunks (a few KB of loads) and writes b_t,
+// m_t, E_t as the par kernel does. The 7B layout (8 heads) ran on 8 SMs for 0.028 ms (H200).
+constexpr int kGateFwdClWarps = 8;
+constexpr int kGateFwdClMaxChunks = 1024;  // NC above this: the par kernel
+
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(Dims d, FwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
+  __shared__ float mprev[kGateFwdClMaxChunks + 1];
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int per = (d.NC + CL - 1) / CL;
+  const int k0 = min(d.NC, rank * per), k1 = min(d.NC, k0 + per), n = k1 - k0;
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    if (lane == 0) {
+      gall[k0 + i] = c.g;
+      rall[k0 + i] = c.r;
+    }
+  }
+  cluster.sync();
+  for (int k = threadIdx.x; k < k0; k += blockDim.x) {  // the lower ranks' totals
+    const int owner = k / per;
+    gall[k] = *cluster.map_shared_rank(&gall[k], owner);
+    rall[k] = *cluster.map_shared_rank(&rall[k], owner);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+    float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+    if (rank == 0) mk[0] = m;
+    for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
+    for (int i = 0; i < n; ++i) {
+      mprev[i] = m;
+      const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
+      mk[k0 + i + 1] = mn;
+      p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
+      m = mn;
+    }
+    mprev[n] = m;
+    if (n > 0 && k1 == d.NC && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m;
+  }
+  cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
+  }
+}
+
 // ---------------------------------------------------------------- 2. state_fwd
 
 // Stores a warp's 16×(8·NT) fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
@@ -578,6 +653,37 @@ __device__ __forceinline__ void LoadAccF32(const float* src, int64_t ld, float (
   }
 }
 
+// StoreAccStaged through one 16-row buffer of the warp: hi first, then (glo not null) lo.
+template <int NT>
+__device__ __forceinline__ void StoreAccStagedTwoRounds(bf16* gdst, bf16* glo, int64_t ld,
+                                                        const float (&acc)[NT][4], bf16* buf,
+                                                        int lane) {
+  constexpr int kCols = NT * 8, kS = kCols + kPad, kPieces = kCols / 8;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int round = 0; round < 2; ++round) {
+    bf16* dst = round == 0 ? gdst : glo;
+    if (dst == nullptr) break;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      uint32_t hi, lo;
+      SplitPack(acc[nt][0], acc[nt][1], hi, lo);
+      *reinterpret_cast<uint32_t*>(buf + g * kS + col) = round == 0 ? hi : lo;
+      SplitPack(acc[nt][2], acc[nt][3], hi, lo);
+      *reinterpret_cast<uint32_t*>(buf + (g + 8) * kS + col) = round == 0 ? hi : lo;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * kPieces; i += 32) {
+      const int row = i / kPieces, c8 = (i % kPieces) * 8;
+      *reinterpret_cast<uint4*>(dst + row * ld + c8) =
+          *reinterpret_cast<const uint4*>(buf + row * kS + c8);
+    }
+    __syncwarp();
+  }
+}
+
 // Coalesced store of a warp's 16×(8·NT) accumulator tile as bf16 (and its lo parts when glo is
 // not null): the fragments go to shared staging rows first (hi_s, lo_s: 16 rows of stride
 // 8·NT + kPad, owned by this warp), then every lane writes whole 16-byte pieces of rows. The
@@ -634,6 +740,12 @@ struct StateSmem {
   // C_k / dC_k are staged (StoreAccStaged) in the stage about to be refilled, A (hi) and B (lo)
   // tiles: TM rows of stride TN + kPad must fit in each.
   static constexpr bool kStaged = TM == TN && L >= TM;
+  // L < TM (e.g. 128×128 tiles at chunk 64): the refill stage's A and B tiles together hold 2L
+  // rows; warp w stages its 16 rows in row 16w of A (16w < L) or of B, hi first, then lo. The
+  // unstaged fragment stores made both state kernels 3.5x slower at chunk 64 (xlstm-125m cell:
+  // 1.70 vs 0.47 ms at chunk 128, H200; bench/RESULTS.md helper mlstm5).
+  static constexpr bool kStaged2 = TM == TN && !kStaged && 2 * L >= TM;
+  static constexpr bool kStagedAny = kStaged || kStaged2;
   static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
                                    + 2 * L * 4;                     // per-token coefficients
 };
@@ -730,11 +842,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
                      ks + refill * SM::kTileA + 16 * w * SM::kSB,
                      vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else if constexpr (SM::kStaged2) {
+      bf16* buf = 16 * w < L ? ks + refill * SM::kTileA + 16 * w * SM::kSB
+                             : vs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
+      StoreAccStagedTwoRounds(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, buf, lane);
     } else {
       StoreAccSplit(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc, lane);
     }
     if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
-    if constexpr (SM::kStaged) {
+    if constexpr (SM::kStagedAny) {
       CpAsyncWait<1>();  // groups 0..k+1 committed: chunk k has landed
     } else {
       prefetch(k + 2, refill);
@@ -742,7 +858,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     }
     if (tid < L) es[tid] = e_reg;
     __syncthreads();  // tile k and es visible; every warp's staging reads done
-    if constexpr (SM::kStaged) prefetch(k + 2, refill);
+    if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
 #pragma unroll
@@ -1056,12 +1172,20 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int j0 = blockIdx.x * TN, a0 = blockIdx.y * TM, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
-  const bool n_block = blockIdx.x == 0;
+  // dn = Σ_t ddc_t q̂_t is linear in the tokens: column block x sums the 16-token steps kk with
+  // kk % parts == x (its partial dn_{k+1} to scratch slot k, dn_0 to slot NC; bwd_dqk adds the
+  // parts). Before, the first column block did all of it (two more split A operands and MMAs
+  // per step) and, with every block in one wave (7B heads: 256 blocks), set the kernel's time:
+  // 0.268 vs 0.214 ms for state_fwd (H100, bench/RESULTS.md helper mlstm5).
+  const int part = blockIdx.x, parts = gridDim.x;
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
   const bf16* qbase = p.q + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DK + a0;
   const bf16* hbase = p.dh + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int64_t so = static_cast<int64_t>(bh) * d.S;
   const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int slot) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
+  };
 
   float acc[kNT][4];
   if (p.dc_fin != nullptr) {
@@ -1071,7 +1195,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   }
   float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (n_block && p.dc_fin != nullptr)
+  if (part == 0 && p.dc_fin != nullptr)
     LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
   // Step s handles chunk k = NC−1−s in stage s % 3.
@@ -1097,11 +1221,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
                      qs + refill * SM::kTileA + 16 * w * SM::kSB,
                      hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+    } else if constexpr (SM::kStaged2) {
+      bf16* buf = 16 * w < L ? qs + refill * SM::kTileA + 16 * w * SM::kSB
+                             : hs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
+      StoreAccStagedTwoRounds(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, buf, lane);
     } else {
       StoreAccSplit(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc, lane);
     }
-    if (n_block) StoreNAcc(p.dn + (static_cast<int64_t>(bh) * d.NC + k) * d.DK + row0, dnacc, lane);
-    if constexpr (SM::kStaged) {
+    StoreNAcc(dn_slot(k), dnacc, lane);
+    if constexpr (SM::kStagedAny) {
       CpAsyncWait<1>();
     } else {
       prefetch(s + 2, refill);
@@ -1112,7 +1240,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       ddc[tid] = dd;
     }
     __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
-    if constexpr (SM::kStaged) prefetch(s + 2, refill);
+    if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
 #pragma unroll
@@ -1130,7 +1258,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       uint32_t a[4], ac[4], aclo[4];
       LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
-      if (n_block) {
+      if (kk % parts == part) {
         uint32_t ad[4], adlo[4];
         ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
         Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
@@ -1150,9 +1278,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     }
     __syncthreads();
   }
+  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
   if (p.dc0 != nullptr) {
     StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-    if (n_block) StoreNAcc(p.dn0 + static_cast<int64_t>(bh) * d.DK + row0, dnacc, lane);
   }
 }
 
@@ -1366,7 +1494,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   }
   for (int i = tid; i < DKT; i += kThreads) {
     nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
-    dnks[i] = p.dn[(static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0 + i];
+    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
+    float dn = 0.f;
+    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
+    dnks[i] = dn;
+    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
+      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
+      float s0 = 0.f;
+      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
+      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
+    }
   }
 
   // Phase 1: dP = dH Vᵀ (causal warps) and Y = dH C_kᵀ, contracting over dv in 64-wide tiles.
@@ -1968,6 +2105,259 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
   if (p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
 }
 
+// kCluster: the three passes of mlstm_gates_bwd_par with each head's sequence split over a
+// cluster of CL CTAs (CTA r owns tokens [r·per, (r+1)·per), per = ⌈S/CL⌉). Every scan becomes
+// "CTA aggregate -> exchange through distributed shared memory -> local scan from the carry of
+// the lower (pass 1) or higher (pass 3) ranks"; a CTA sweeps its range twice per scan pass (the
+// aggregate, then the scan), reading the inputs twice (they are a few KB per CTA). The segment
+// sums of pass 2 read ps / arg across CTA boundaries, so passes are separated by cluster
+// barriers (release / acquire at cluster scope: the global writes of pass 1 and 2 are visible to
+// the other CTAs after them). Why: with one block per head the 7B layout (8 heads of S 8192)
+// used 8 SMs for 0.075 ms (H100, helper mlstm4); latency-bound, so more SMs per head.
+constexpr int kGateClThreads = 256;
+constexpr int kGateClItems = 2;
+constexpr int kGateClWarps = kGateClThreads / 32;
+constexpr int kGateClMax = 16;
+
+// Exclusive scan over the kGateClThreads threads (op(earlier, later), identity on the left),
+// carry in front; carry advances by the block total. smem: kGateClWarps entries.
+template <typename T, typename Op>
+__device__ T BlockExclusiveScanCl(T x, Op op, T identity, T& carry, T* smem) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  T incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = ShflUp(incl, o);
+    if (lane >= o) incl = op(y, incl);
+  }
+  T excl = ShflUp(incl, 1);
+  if (lane == 0) excl = identity;
+  if (lane == 31) smem[w] = incl;
+  __syncthreads();
+  T warp_pre = identity, total = identity;
+#pragma unroll
+  for (int i = 0; i < kGateClWarps; ++i) {
+    if (i < w) warp_pre = op(warp_pre, smem[i]);
+    total = op(total, smem[i]);
+  }
+  __syncthreads();  // smem is reused by the next scan
+  const T result = op(carry, op(warp_pre, excl));
+  carry = op(carry, total);
+  return result;
+}
+
+// What a CTA publishes to the others of its cluster.
+struct GateClusterShare {
+  double f_part, init_part;  // its share of <dC_S, C_S> + <dn_S, n_S> and <dC_0, C_0> + ...
+  double sum_lf;             // Σ lf over its tokens
+  ArgMax best;               // argmax of ĩ_t − (B_t − B at its first token) over its tokens
+  double sum_dm;             // Σ dm over its tokens (without the last token's extra)
+  double sum_x;              // pass 3: Σ x_t over its tokens
+  double dm0_tail;           // rank 0's copy is the one used
+};
+
+__global__ void __launch_bounds__(kGateClThreads) mlstm_gates_bwd_cluster(Dims d, BwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ double sd[kGateClWarps];
+  __shared__ ArgMax sa[kGateClWarps];
+  __shared__ GateClusterShare share;
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH, tid = threadIdx.x;
+  const int per = (d.S + CL - 1) / CL;
+  const int r0 = min(d.S, rank * per), r1 = min(d.S, r0 + per);
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+  auto tok_of = [&](int t) { return (static_cast<int64_t>(b) * d.S + t) * d.NH + hd; };
+  auto add = [](double x, double y) { return x + y; };
+  auto amax = [](ArgMax x, ArgMax y) { return y.v > x.v ? y : x; };
+  constexpr ArgMax kNone{-INFINITY, -1};
+  auto block_sum = [&](double v) {
+    double carry = 0;
+    BlockExclusiveScanCl(v, add, 0.0, carry, sd);
+    return carry;
+  };
+  constexpr int kTile = kGateClThreads * kGateClItems;
+
+  // Pass 0: this CTA's shares of F and of the initial-state dot.
+  const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
+  const int64_t stride = static_cast<int64_t>(CL) * kGateClThreads;
+  const int64_t first = static_cast<int64_t>(rank) * kGateClThreads + tid;
+  double f_part = 0, init_part = 0;
+  if (p.dc_fin != nullptr) {
+    double s = 0;
+    const float* x = p.dc_fin + bh * cd;
+    const float* y = p.sc_last + bh * cd;
+    for (int64_t i = first; i < cd; i += stride) s += double(x[i]) * y[i];
+    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
+    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
+    for (int64_t i = first; i < d.DK; i += stride) s += double(xn[i]) * yn[i];
+    f_part = block_sum(s);
+  }
+  if (p.dc0 != nullptr && p.c0 != nullptr) {
+    double s = 0;
+    const float* x = p.dc0 + bh * cd;
+    const float* y = p.c0 + bh * cd;
+    for (int64_t i = first; i < cd; i += stride) s += double(x[i]) * y[i];
+    for (int64_t i = first; i < d.DK; i += stride)
+      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
+    init_part = block_sum(s);
+  }
+
+  // Pass 1 over this CTA's tokens, from the given carries: B_t, the prefix argmax of ĩ_t − B_t,
+  // prefix sums of dm (with `extra` on token S−1). write = false: only the carries advance.
+  auto pass1 = [&](bool write, double& carry_b, ArgMax& carry_a, double& carry_ps, double extra) {
+    for (int base = r0; base < r1; base += kTile) {
+      const int t0 = base + tid * kGateClItems, t1 = min(t0 + kGateClItems, r1);
+      double bloc = 0, sdm = 0;
+      ArgMax loc = kNone;  // in thread-local terms (argmax is shift-invariant)
+      float lfv[kGateClItems], igv[kGateClItems];
+      double dmv[kGateClItems];
+#pragma unroll
+      for (int j = 0; j < kGateClItems; ++j) {
+        const int t = t0 + j;
+        const bool ok = t < t1;
+        lfv[j] = ok ? LogForget(d.sigmoid, p.fg[tok_of(t)]) : 0.f;
+        igv[j] = ok ? p.ig[tok_of(t)] : -INFINITY;
+        dmv[j] = ok ? double(p.dm[so + t]) + (t == d.S - 1 ? extra : 0.0) : 0.0;
+      }
+#pragma unroll
+      for (int j = 0; j < kGateClItems; ++j) {
+        bloc += double(lfv[j]);
+        if (t0 + j < t1) loc = amax(loc, ArgMax{double(igv[j]) - bloc, t0 + j});
+        sdm += dmv[j];
+      }
+      // carry_b before this tile: the argmax values of this tile are relative to it.
+      const double b_before = carry_b;
+      const double bpre = BlockExclusiveScanCl(bloc, add, 0.0, carry_b, sd);
+      loc.v -= bpre;
+      ArgMax run = BlockExclusiveScanCl(loc, amax, kNone, carry_a, sa);
+      double ps = BlockExclusiveScanCl(sdm, add, 0.0, carry_ps, sd);
+      if (write) {
+        double B = bpre;  // = carry_b(before) + the lower threads' sums
+#pragma unroll
+        for (int j = 0; j < kGateClItems; ++j) {
+          const int t = t0 + j;
+          if (t < t1) {
+            B += double(lfv[j]);
+            run = amax(run, ArgMax{double(igv[j]) - B, t});
+            ps += dmv[j];
+            p.arg[so + t] = run.i;
+            p.ps[so + t] = ps;
+            p.seg[so + t] = 0;
+          }
+        }
+      }
+      (void)b_before;
+    }
+  };
+  // The argmax candidates of a tile are ĩ_t − B_t with B_t from carry_b: pass1 with carry_b
+  // starting at 0 gives this CTA's best in terms of its local B; the caller shifts it.
+  double loc_b = 0, loc_ps = 0;
+  ArgMax loc_a = kNone;
+  pass1(false, loc_b, loc_a, loc_ps, 0.0);
+  if (tid == 0) {
+    share.f_part = f_part;
+    share.init_part = init_part;
+    share.sum_lf = loc_b;
+    share.best = loc_a;
+    share.sum_dm = loc_ps;
+    share.dm0_tail = 0;
+  }
+  cluster.sync();
+  double F = 0, init_dot = 0, carry_b = 0, carry_ps = 0;
+  ArgMax carry_a{p.c0 != nullptr ? double(p.m0[bh]) : 0.0, -1};
+  for (int j = 0; j < CL; ++j) {
+    const GateClusterShare* o = cluster.map_shared_rank(&share, j);
+    F += o->f_part;
+    init_dot += o->init_part;
+    if (j < rank) {
+      const ArgMax cand{o->best.v - carry_b, o->best.i};  // local B -> global B
+      carry_a = amax(carry_a, cand);
+      carry_b += o->sum_lf;
+      carry_ps += o->sum_dm;
+    }
+  }
+  const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
+  pass1(true, carry_b, carry_a, carry_ps, dm_last_extra);
+  cluster.sync();  // arg, ps, seg of every CTA written; every read of `share` above done
+
+  // Pass 2: segment sums seg[a] = Σ_{t: arg_t = a} dm_t over segment ends t in this CTA.
+  for (int t = r0 + tid; t < r1; t += kGateClThreads) {
+    const int a = p.arg[so + t];
+    const bool end = t == d.S - 1 || p.arg[so + t + 1] != a;
+    if (end) {
+      const double pt = p.ps[so + t];
+      if (a >= 0) {
+        p.seg[so + a] = pt - (a > 0 ? p.ps[so + a - 1] : 0.0);
+      } else {
+        cluster.map_shared_rank(&share, 0)->dm0_tail = pt;  // one segment has a = −1
+      }
+    }
+  }
+  cluster.sync();
+
+  // Pass 3 (reverse): dlf_r = F + Σ_{t>=r} (q·dq − k·dk + dm_t − seg_t); dĩ = k·dk + seg.
+  const int ns = p.n_dk_slabs;
+  auto x_of = [&](int t, double& kdk) {
+    double qdq = 0;
+    kdk = 0;
+    for (int i = 0; i < ns; ++i) {
+      qdq += p.qdq[(so + t) * ns + i];
+      kdk += p.kdk[(so + t) * ns + i];
+    }
+    double dmv = p.dm[so + t];
+    if (t == d.S - 1) dmv += dm_last_extra;
+    return qdq - kdk + dmv - p.seg[so + t];
+  };
+  {
+    double sx = 0;
+    for (int t = r0 + tid; t < r1; t += kGateClThreads) {
+      double kdk;
+      sx += x_of(t, kdk);
+    }
+    sx = block_sum(sx);
+    if (tid == 0) share.sum_x = sx;
+  }
+  cluster.sync();
+  double carry_r = F;
+  for (int j = CL - 1; j > rank; --j) carry_r += cluster.map_shared_rank(&share, j)->sum_x;
+  const double dm0_tail = rank == 0 ? share.dm0_tail : 0.0;
+  cluster.sync();  // no CTA leaves (or reuses `share`) while another reads it
+  for (int top = r1 - 1; top >= r0; top -= kTile) {
+    const int t0 = top - tid * kGateClItems;  // this thread: t0, t0 − 1, ... (>= r0)
+    double xv[kGateClItems];
+    float digv[kGateClItems], dlfdv[kGateClItems];
+    double sx = 0;
+#pragma unroll
+    for (int j = 0; j < kGateClItems; ++j) {
+      const int t = t0 - j;
+      xv[j] = 0;
+      digv[j] = 0.f;
+      dlfdv[j] = 0.f;
+      if (t >= r0) {
+        double kdk;
+        xv[j] = x_of(t, kdk);
+        digv[j] = float(kdk + p.seg[so + t]);
+        dlfdv[j] = LogForgetDerivative(d.sigmoid, p.fg[tok_of(t)]);
+      }
+      sx += xv[j];
+    }
+    double dlf = BlockExclusiveScanCl(sx, add, 0.0, carry_r, sd);
+#pragma unroll
+    for (int j = 0; j < kGateClItems; ++j) {
+      const int t = t0 - j;
+      if (t >= r0) {
+        dlf += xv[j];
+        const int64_t tok = tok_of(t);
+        p.dig[tok] = digv[j];
+        p.dfg[tok] = float(dlf * dlfdv[j]);
+      }
+    }
+  }
+  if (rank == 0 && p.dc0 != nullptr && tid == 0) p.dm0[bh] = float(init_dot + dm0_tail);
+}
+
 // ---------------------------------------------------------------- step
 
 // One generation step. A head's dk×dv fp32 state is 512 KB at the 7B layout and the step is a
@@ -2074,6 +2464,89 @@ __global__ void __launch_bounds__(kStepThreads) mlstm_step(Dims d, int rows, con
   cluster.sync();  // no CTA leaves while another still reads its partials
 }
 
+// ---------------------------------------------------------------- slab choice (host)
+
+// fwd_out and bwd_dqk hold one chunk's q/k tiles plus a slab of C_k (hi + lo when split) in
+// shared memory; a wider slab recomputes the chunk's Q̂Kᵀ / dH Vᵀ fewer times but can halve the
+// blocks per SM. At L 128 both slabs give one 256-thread block per SM, so 128 wins; at L 64 with
+// split states the 128 slab needs 126 KB (fwd_out) / 166 KB (bwd_dqk), one 128-thread block per
+// SM (4 warps), while the 64 slab fits two (83 / 94 KB). That was the model path's slowdown
+// Auto: 128 unless it leaves fewer than 8 warps per SM and 64 keeps more. Measured (H200,
+// bench/RESULTS.md helper mlstm5): at L 64 with split states the 64 slab is 1-5% faster
+// (xlstm-125m cell: fwd_out 1.030 vs 1.041 ms, bwd_dqk 1.281 vs 1.345); at L 128 the 64 slab
+// loses even with twice the warps (bf16 states, 7B heads: fwd_out 0.60 vs 0.43-0.56 ms) or the
+// same (split, 125m cell: 1.31 vs 0.83 ms). (The xLSTM presets run chunk 64; the model path's
+// cell was slow at chunk 64 for another reason: the state kernels' stores, see StateSmem.)
+constexpr size_t kSmemPerSm = 228 * 1024;  // sm_90; 1 KB of it reserved per block
+int WarpsPerSm(size_t smem_bytes, int threads) {
+  const int by_smem = static_cast<int>(kSmemPerSm / (smem_bytes + 1024));
+  const int by_threads = 2048 / threads;
+  return std::min(by_smem, by_threads) * threads / 32;
+}
+template <int L>
+size_t OutBytes(int slab, bool split, int dk) {
+  if (slab == 128) return split ? OutSmem<L, 128, true>::Bytes(dk) : OutSmem<L, 128, false>::Bytes(dk);
+  return split ? OutSmem<L, 64, true>::Bytes(dk) : OutSmem<L, 64, false>::Bytes(dk);
+}
+template <int L>
+size_t DqkBytes(int slab, bool split) {
+  if (slab == 128) return split ? DqkSmem<L, 128, true>::kBytes : DqkSmem<L, 128, false>::kBytes;
+  return split ? DqkSmem<L, 64, true>::kBytes : DqkSmem<L, 64, false>::kBytes;
+}
+size_t OutBytesL(int L, int slab, bool split, int dk) {
+  switch (L) {
+    case 16: return OutBytes<16>(slab, split, dk);
+    case 32: return OutBytes<32>(slab, split, dk);
+    case 64: return OutBytes<64>(slab, split, dk);
+    default: return OutBytes<128>(slab, split, dk);
+  }
+}
+size_t DqkBytesL(int L, int slab, bool split) {
+  switch (L) {
+    case 16: return DqkBytes<16>(slab, split);
+    case 32: return DqkBytes<32>(slab, split);
+    case 64: return DqkBytes<64>(slab, split);
+    default: return DqkBytes<128>(slab, split);
+  }
+}
+int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
+  if (s.dv % 128 != 0) return 64;
+  if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
+  const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
+  const bool split = UseSplit(o);
+  const int dk = static_cast<int>(s.dk);
+  const int w128 = WarpsPerSm(OutBytesL(L, 128, split, dk), threads);
+  return w128 >= 8 || w128 >= WarpsPerSm(OutBytesL(L, 64, split, dk), threads) ? 128 : 64;
+}
+int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
+  if (s.dk % 128 != 0) return 64;
+  if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
+  const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
+  const bool split = UseSplit(o);
+  const int w128 = WarpsPerSm(DqkBytesL(L, 128, split), threads);
+  return w128 >= 8 || w128 >= WarpsPerSm(DqkBytesL(L, 64, split), threads) ? 128 : 64;
+}
+
+// Cluster size of gates_fwd / gates_bwd (MlstmGateSchedule): the largest power of two <= 16 that keeps
+// B·NH·CL within two CTAs per SM; 0 (one block per head) for kChunkParallel / kSequential and,
+// under kAuto, when B·NH > #SMs / 2 (then the heads alone fill the GPU).
+int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
+  if (o.gate_schedule != MlstmGateSchedule::kAuto && o.gate_schedule != MlstmGateSchedule::kCluster) {
+    return 0;
+  }
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    sms = 132;
+  }
+  const int64_t bh = s.batch * s.num_heads;
+  if (o.gate_schedule == MlstmGateSchedule::kAuto && 2 * bh > sms) return 0;
+  int cl = kGateClMax;
+  while (cl > 2 && bh * cl > 2 * sms) cl /= 2;
+  return cl;
+}
+
 // ---------------------------------------------------------------- host helpers
 
 MlstmLaunchHook g_launch_hook = nullptr;
@@ -2101,15 +2574,12 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
                                    : MlstmStateWeights::kSplitBf16;
   d.fwd_wlo = d.split && wt != MlstmStateWeights::kBf16;
   d.bwd_wlo = d.split && wt == MlstmStateWeights::kSplitBf16;
-  d.par_gates = o.gate_schedule == MlstmGateSchedule::kChunkParallel;
-  // Auto: 128×128 tiles read K and V half as often but make 4x fewer blocks; measured on an
-  // H200 (bench/RESULTS.md, three-stage kernels) they win with >= 256 blocks (1.3b shape: state
-  // kernels 0.20 + 0.20 vs 0.22 + 0.23 ms) and lose with 64 (7B heads: 0.35 + 0.40 vs
-  // 0.21 + 0.26 ms). Threshold: about one block per SM.
-  const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
-  d.state_tile = o.state_tile != 0                                       ? static_cast<int>(o.state_tile)
-                 : s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128
-                                                                          : 64;
+  d.par_gates = o.gate_schedule != MlstmGateSchedule::kSequential;
+  d.gate_cluster = 0;  // set by the chunkwise launchers (GateCluster)
+  d.state_tile = StateTile(s, o);
+  d.dn_parts = static_cast<int>(s.dv / d.state_tile);
+  d.out_slab = OutSlab(s, o);
+  d.dqk_slab = DqkSlab(s, o);
   return d;
 }
 
@@ -2120,10 +2590,39 @@ CudaResult SetSmem(Kernel kernel, size_t bytes) {
   return {};
 }
 
+// Clusters of more than 8 CTAs are non-portable: allowed explicitly, and 8 where the device
+// cannot place one (cudaOccupancyMaxActiveClusters).
+template <typename Kernel>
+CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribute* attr) {
+  if (attr[0].val.clusterDim.x <= 8) return {};
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  int max_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, cfg) != cudaSuccess || max_clusters < 1) {
+    (void)cudaGetLastError();  // 8 is portable
+    attr[0].val.clusterDim.x = 8;
+    cfg->gridDim.x = 8;
+  }
+  return {};
+}
+
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
-  if (d.par_gates) {
+  if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(32 * kGateFwdClWarps);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster, d, p));
+  } else if (d.par_gates) {
     const int warps = std::min(d.NC, kGateFwdWarps);
     mlstm_gates_fwd_par<<<bh, 32 * warps, 0, stream>>>(d, p);
   } else {
@@ -2156,7 +2655,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (DvSlab(d.DV) == 128) {
+  if (d.out_slab == 128) {
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
@@ -2210,14 +2709,28 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (DkSlab(d.DK) == 128) {
+  if (d.dqk_slab == 128) {
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 128>{}, T{})
                                   : dqk(std::integral_constant<int, 128>{}, F{}));
   } else {
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 64>{}, T{})
                                   : dqk(std::integral_constant<int, 64>{}, F{}));
   }
-  if (d.par_gates) {
+  if (d.gate_cluster > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(kGateClThreads);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_bwd_cluster, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
+  } else if (d.par_gates) {
     mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
   } else {
     mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
@@ -2250,6 +2763,10 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
     return InvalidArgument("mlstm (cuda): state_tile must be 0 (auto), 64 or 128, got " +
                            std::to_string(o.state_tile));
   }
+  if (o.io_slab != 0 && o.io_slab != 64 && o.io_slab != 128) {
+    return InvalidArgument("mlstm (cuda): io_slab must be 0 (auto), 64 or 128, got " +
+                           std::to_string(o.io_slab));
+  }
   if (o.state_tile == 128 && (s.dk % 128 != 0 || s.dv % 128 != 0)) {
     return InvalidArgument("mlstm (cuda): state_tile 128 needs dk and dv multiples of 128");
   }
@@ -2281,7 +2798,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
-  const Dims d = MakeDims(shape, options);
+  Dims d = MakeDims(shape, options);
+  d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
   char* base = static_cast<char*>(saved);
   FwdPtrs p{};
@@ -2335,7 +2853,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
       !Aligned16(dh) || !Aligned16(grads.dq) || !Aligned16(grads.dk) || !Aligned16(grads.dv)) {
     return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
   }
-  const Dims d = MakeDims(shape, options);
+  Dims d = MakeDims(shape, options);
+  d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
   const ScratchLayout sl = MakeScratch(shape, options);
   const char* base = static_cast<const char*>(saved);
@@ -2386,7 +2905,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.arg = reinterpret_cast<int*>(sb + sl.arg);
   p.ps = reinterpret_cast<double*>(sb + sl.ps);
   p.seg = reinterpret_cast<double*>(sb + sl.seg);
-  p.n_dk_slabs = static_cast<int>(shape.dk / DkSlab(shape.dk));
+  p.n_dk_slabs = static_cast<int>(shape.dk / d.dqk_slab);
   switch (d.L) {
     case 16: return LaunchBackward<16>(d, p, stream);
     case 32: return LaunchBackward<32>(d, p, stream);

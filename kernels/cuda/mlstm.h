@@ -89,7 +89,11 @@ enum class MlstmStateWeights {
 
 // Which algorithm computes the gate prefix scans (results agree to fp32 rounding).
 enum class MlstmGateSchedule {
-  kChunkParallel,  // default: one block per head, one warp per chunk / many tokens per thread
+  kAuto,           // default: kCluster while B·NH <= #SMs / 2, else kChunkParallel
+  kChunkParallel,  // one block per head, one warp per chunk / many tokens per thread
+  kCluster,        // each head's chunks (forward) / tokens (backward) split over a cluster of
+                   // 2-16 CTAs, per-CTA aggregates exchanged through distributed shared memory,
+                   // so few heads still fill the GPU (7B layout: 8 heads; bench/RESULTS.md)
   kSequential,     // the first version: one warp (forward) / one 256-thread block (backward)
                    // walks the sequence (slow when B·NH is small)
 };
@@ -103,12 +107,17 @@ struct MlstmOptions {
   double eps = 1e-6;
   bool stop_normaliser_gradient = false;  // see the top of this file
   MlstmStatePrecision state_precision = MlstmStatePrecision::kAuto;
-  MlstmGateSchedule gate_schedule = MlstmGateSchedule::kChunkParallel;
+  MlstmGateSchedule gate_schedule = MlstmGateSchedule::kAuto;
   MlstmStateWeights state_weights = MlstmStateWeights::kAuto;
   // Rows × columns of C that one block of the two state recurrences owns: 64 (64×64), 128
   // (128×128, needs dk and dv multiples of 128) or 0 = auto: 128 where allowed and
   // B·NH·(dk/128)·(dv/128) >= 128 blocks, else 64 (measured on an H200: bench/RESULTS.md).
   int64_t state_tile = 0;
+  // Columns per block of the chunk-output kernels: h columns of fwd_out and dq/dk columns of
+  // bwd_dqk: 64, 128 (needs dv resp. dk multiples of 128; otherwise 64 is used) or 0 = auto: 128
+  // unless it leaves fewer than 8 warps resident per SM (chunk 64 with split states: 4) and 64
+  // keeps more (measured in bench/RESULTS.md, helper mlstm5).
+  int64_t io_slab = 0;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -6,7 +6,7 @@
 // NaN-poisoned before each run.
 //
 // Every case runs three kernel paths (kVariants below): the default, forced split precision with
-// 64×64 state tiles, and the first version.
+// 128×128 state tiles (one-block-per-head gate scans, 64-column io slabs), and the first version.
 //
 // Tolerances (METHOD.md bands): forward outputs 1e-2 (bf16 operands and bf16 output rounding);
 // gradients 2e-2: they pass through more bf16 roundings of intermediates (dS, and P, C_k, dC_k,
@@ -97,16 +97,19 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // dh·(v_s − h); df̃ in both conventions at extreme gates and at S 8200: the suffix sums
 // Σ (q·dq − k·dk) cancel), so its gradient checks are printed and summarised as [INFO], not
 // counted. Its forward checks count.
+// "v2" runs the automatic choices (gate scans on clusters for these few heads, io slab by
+// occupancy); "v2-t128" the one-block-per-head gate scans and 64-column io slabs.
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
   MlstmGateSchedule gates;
   int64_t state_tile;
+  int64_t io_slab;
 };
 constexpr Variant kVariants[] = {
-    {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0},
-    {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128},
-    {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64},
+    {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
+    {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
+    {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64, 0},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -221,6 +224,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_precision = var.precision;
       opt.gate_schedule = var.gates;
       opt.state_tile = var.state_tile;
+      opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
@@ -335,6 +339,10 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // Two more draws of the extreme case that the first version failed.
       {1, 300, 2, 64, 128, 128, false, false, Gates::kExtreme},
       {1, 300, 2, 64, 128, 128, true, true, Gates::kExtreme},
+      // The xlstm-125m head (dk = dv = 384) at the presets' chunk 64 (io slab auto -> 64), and
+      // more heads than kAuto sends to clustered gate scans (B·NH 72 > #SMs / 2).
+      {2, 200, 2, 384, 384, 64, false, true},
+      {36, 40, 2, 64, 64, 16, true, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
