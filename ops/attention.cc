@@ -640,6 +640,39 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
   return out;
 }
 
+Tensor CausalAttentionDecodeChunk(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk,
+                                  const AttentionOptions& o, KvCache* cache) {
+  if (chunk == 1) return CausalAttentionDecode(q, k, v, o, cache);
+  GYRE_CHECK(chunk > 0 && q.rows() % chunk == 0, "attention decode chunk %ld of %ld rows", (long)chunk, (long)q.rows());
+  const int64_t B = q.rows() / chunk;
+  Tensor out = Tensor::EmptyLike(q);
+  for (int64_t j = 0; j < chunk; ++j) {
+    const int64_t r0 = j * B, r1 = (j + 1) * B;
+    out.Rows(r0, r1).CopyFrom(CausalAttentionDecode(q.Rows(r0, r1), k.Rows(r0, r1), v.Rows(r0, r1), o, cache));
+  }
+  return out;
+}
+
+void TruncateKvCache(KvCache* cache, int64_t length) {
+  GYRE_CHECK(length >= 0 && length <= cache->length(), "truncate a KV cache of %ld to %ld", (long)cache->length(),
+             (long)length);
+  if (cache->cuda_k.defined()) {
+    cache->cuda_length = length;  // rows past it are overwritten by the next appends
+    return;
+  }
+  cache->k_neighbour.resize(length);
+  cache->k_grouped.resize(length);
+  cache->v.resize(length);
+}
+
+Tensor SelfAttention::StepChunk(const Tensor& x, int64_t chunk, KvCache* cache) {
+  Tensor a = CausalAttentionDecodeChunk(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), chunk, options_,
+                                        cache);
+  Tensor y = o_proj_.Forward(a);
+  ReleaseActivations();
+  return y;
+}
+
 Tensor SelfAttention::Step(const Tensor& x, KvCache* cache) {
   Tensor a = CausalAttentionDecode(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), options_, cache);
   Tensor y = o_proj_.Forward(a);

@@ -252,25 +252,67 @@ Tensor LanguageModel::Logits(std::span<const int32_t> inputs, int64_t batch, int
 std::unique_ptr<LanguageModel::DecodeState> LanguageModel::NewDecodeState(int64_t batch) const {
   auto st = std::make_unique<DecodeState>();
   st->batch = batch;
+  st->live_heads = static_cast<int64_t>(heads_.size());
   for (const auto& b : trunk_) st->trunk.push_back(b->NewState(batch));
   for (const auto& b : heads_) st->heads.push_back(b->NewState(batch));
   return st;
 }
 
-std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state) {
-  GYRE_CHECK(static_cast<int64_t>(tokens.size()) == state->batch, "decode: %zu tokens for batch %ld", tokens.size(),
-             (long)state->batch);
+std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state, int64_t heads) {
+  DecodeOptions options;
+  options.heads = heads;
+  return DecodeChunk(tokens, 1, state, options);
+}
+
+std::vector<Tensor> LanguageModel::DecodeChunk(std::span<const int32_t> tokens, int64_t chunk, DecodeState* state,
+                                               const DecodeOptions& options) {
+  const int64_t B = state->batch, rows = chunk * B;
+  GYRE_CHECK(chunk >= 1 && static_cast<int64_t>(tokens.size()) == rows, "decode: %zu tokens for chunk %ld x batch %ld",
+             tokens.size(), (long)chunk, (long)B);
+  const int64_t n = options.heads > 0 ? options.heads : static_cast<int64_t>(heads_.size());
+  GYRE_CHECK(n <= state->live_heads, "decode: head %ld was skipped earlier on this state (live heads %ld)", (long)n,
+             (long)state->live_heads);
+  state->live_heads = n;
   Tensor z = embedding_->Forward(tokens);
   embedding_->ReleaseActivations();
-  for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->Step(z, state->trunk[i].get());
-  std::vector<Tensor> logits;
-  for (size_t k = 0; k < heads_.size(); ++k) {
-    Tensor hn = final_norm_->Forward(heads_[k]->Step(z, state->heads[k].get()));
+  for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->StepChunk(z, chunk, state->trunk[i].get(), options.rewindable);
+  // Every head's normed output in one [n * out_rows, d] matrix, so the LM head weight is read once.
+  const int64_t out_rows = options.last_position_only ? B : rows;
+  std::vector<Tensor> hn(n);
+  for (int64_t k = 0; k < n; ++k) {
+    Tensor h = heads_[k]->StepChunk(z, chunk, state->heads[k].get(), options.rewindable);
+    if (options.last_position_only && chunk > 1) h = h.Rows(rows - B, rows).Clone();
+    hn[k] = final_norm_->Forward(h);
     final_norm_->ReleaseActivations();
-    logits.push_back(LinearForward(hn, HeadWeight()));
   }
-  state->position++;
-  return logits;
+  Tensor all;
+  if (n == 1) {
+    all = hn[0];
+  } else {
+    all = Tensor::Empty({n * out_rows, spec_.d_model}, hn[0].dtype(), hn[0].device());
+    for (int64_t k = 0; k < n; ++k) all.Rows(k * out_rows, (k + 1) * out_rows).CopyFrom(hn[k]);
+  }
+  Tensor logits = LinearForward(all.Reshape({n * out_rows, spec_.d_model}), HeadWeight());
+  std::vector<Tensor> out;
+  for (int64_t k = 0; k < n; ++k) out.push_back(logits.Rows(k * out_rows, (k + 1) * out_rows));
+  state->position += chunk;
+  state->rewind_chunk = options.rewindable ? chunk : 0;
+  return out;
+}
+
+absl::Status LanguageModel::Rewind(DecodeState* state, int64_t keep) {
+  if (state->rewind_chunk == 0) {
+    return absl::FailedPreconditionError("rewind: the last DecodeChunk was not rewindable (or was rewound already)");
+  }
+  if (keep < 1 || keep > state->rewind_chunk) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rewind: keep ", keep, " outside [1, ", state->rewind_chunk, "] of the last chunk"));
+  }
+  for (size_t i = 0; i < trunk_.size(); ++i) trunk_[i]->Rewind(state->trunk[i].get(), keep);
+  for (int64_t k = 0; k < state->live_heads; ++k) heads_[k]->Rewind(state->heads[k].get(), keep);
+  state->position -= state->rewind_chunk - keep;
+  state->rewind_chunk = 0;
+  return absl::OkStatus();
 }
 
 void LanguageModel::SetSelfExtend(int64_t group, int64_t window) {
