@@ -147,12 +147,14 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     return static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens ||
            (!result.tokens.empty() && result.tokens.back() == options.stop_token);
   };
-  // logits[h] row `row`: heads 1..k after the last accepted position.
+  // Head 1's logits row and heads 2..k's logits after the last accepted position.
+  ops::Tensor next = logits[0];
   int64_t row = 0;
+  std::vector<ops::Tensor> drafts(logits.begin() + 1, logits.end());
   while (!done()) {
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
-    std::vector<int32_t> chunk = {Argmax(Row(logits[0], row))};
-    for (int64_t h = 1; h < k; ++h) chunk.push_back(Argmax(Row(logits[h], row)));
+    std::vector<int32_t> chunk = {Argmax(Row(next, row))};
+    for (const ops::Tensor& d : drafts) chunk.push_back(Argmax(Row(d)));
     ++result.forwards;
     result.tokens.push_back(chunk[0]);
     if (done()) break;
@@ -164,19 +166,23 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     ops::LanguageModel::DecodeOptions decode;
     decode.heads = k;
     decode.rewindable = true;
-    logits = model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode);
+    decode.defer_draft_logits = true;
+    next = model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode)[0];
     ++result.decode_steps;
     int64_t accepted = 0;
     while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
-      if (chunk[accepted + 1] != Argmax(Row(logits[0], accepted))) break;
+      if (chunk[accepted + 1] != Argmax(Row(next, accepted))) break;
       ++accepted;
       result.tokens.push_back(chunk[accepted]);
     }
     result.accepted += accepted;
     result.proposed += static_cast<int64_t>(chunk.size()) - 1;
-    // Undo the rejected suffix: the state holds kept + accepted drafts.
+    if (done()) break;
+    // Undo the rejected suffix (the state then holds kept + accepted drafts); the drafts for the
+    // next round come from that position only.
     if (absl::Status s = model->Rewind(state.get(), accepted + 1); !s.ok()) return s;
+    drafts = model->DraftLogits(*state, accepted);
     row = accepted;
   }
   result.seconds = Seconds(begin);

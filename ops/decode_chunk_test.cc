@@ -4,7 +4,8 @@
 //  - after a rewindable chunk, Rewind(keep) leaves a state that continues exactly like a fresh
 //    state fed only the kept prefix (all heads' logits over the following tokens, both fed
 //    again as a chunk and as single steps), for every keep in 1..chunk;
-//  - last_position_only returns the last position's rows; misuse of Rewind is an error.
+//  - last_position_only returns the last position's rows, DraftLogits the deferred heads' rows;
+//    misuse of Rewind is an error.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -198,6 +199,18 @@ TEST(DecodeChunkApiTest, LastPositionOnlyAndHeadSubset) {
     EXPECT_LT(RelDiff(full[k], (T - 1) * B, tail[k], 0, B), 1e-12);
   }
   EXPECT_EQ(b->live_heads, 2);
+  // Deferred draft logits: head 1 for every position, heads 2..3 at one chosen position.
+  auto c = model->NewDecodeState(B);
+  LanguageModel::DecodeOptions defer;
+  defer.defer_draft_logits = true;
+  std::vector<Tensor> head1 = model->DecodeChunk(Column(seqs, B, T, 0, T), T, c.get(), defer);
+  ASSERT_EQ(head1.size(), 1u);
+  EXPECT_LT(RelDiff(full[0], 0, head1[0], 0, T * B), 1e-12);
+  for (int64_t pos : {0, 2, 4}) {
+    std::vector<Tensor> drafts = model->DraftLogits(*c, pos);
+    ASSERT_EQ(drafts.size(), 2u);
+    for (int k = 0; k < 2; ++k) EXPECT_LT(RelDiff(full[k + 1], pos * B, drafts[k], 0, B), 1e-12) << pos;
+  }
 }
 
 TEST(DecodeChunkApiTest, RewindMisuseIsAnError) {

@@ -285,18 +285,40 @@ std::vector<Tensor> LanguageModel::DecodeChunk(std::span<const int32_t> tokens, 
     hn[k] = final_norm_->Forward(h);
     final_norm_->ReleaseActivations();
   }
+  state->draft_hidden.clear();
+  int64_t with_logits = n;
+  if (options.defer_draft_logits) {
+    state->draft_hidden.assign(hn.begin() + 1, hn.end());
+    with_logits = 1;
+  }
   Tensor all;
-  if (n == 1) {
+  if (with_logits == 1) {
     all = hn[0];
   } else {
-    all = Tensor::Empty({n * out_rows, spec_.d_model}, hn[0].dtype(), hn[0].device());
-    for (int64_t k = 0; k < n; ++k) all.Rows(k * out_rows, (k + 1) * out_rows).CopyFrom(hn[k]);
+    all = Tensor::Empty({with_logits * out_rows, spec_.d_model}, hn[0].dtype(), hn[0].device());
+    for (int64_t k = 0; k < with_logits; ++k) all.Rows(k * out_rows, (k + 1) * out_rows).CopyFrom(hn[k]);
   }
-  Tensor logits = LinearForward(all.Reshape({n * out_rows, spec_.d_model}), HeadWeight());
+  Tensor logits = LinearForward(all.Reshape({with_logits * out_rows, spec_.d_model}), HeadWeight());
   std::vector<Tensor> out;
-  for (int64_t k = 0; k < n; ++k) out.push_back(logits.Rows(k * out_rows, (k + 1) * out_rows));
+  for (int64_t k = 0; k < with_logits; ++k) out.push_back(logits.Rows(k * out_rows, (k + 1) * out_rows));
   state->position += chunk;
   state->rewind_chunk = options.rewindable ? chunk : 0;
+  return out;
+}
+
+std::vector<Tensor> LanguageModel::DraftLogits(const DecodeState& state, int64_t position) {
+  const int64_t B = state.batch, n = static_cast<int64_t>(state.draft_hidden.size());
+  GYRE_CHECK(n > 0, "DraftLogits without a DecodeChunk with defer_draft_logits and >= 2 heads");
+  const int64_t rows = state.draft_hidden[0].rows();
+  GYRE_CHECK(position >= 0 && (position + 1) * B <= rows, "DraftLogits position %ld of %ld rows", (long)position,
+             (long)rows);
+  const Tensor& h0 = state.draft_hidden[0];
+  Tensor all = Tensor::Empty({n * B, spec_.d_model}, h0.dtype(), h0.device());
+  for (int64_t k = 0; k < n; ++k)
+    all.Rows(k * B, (k + 1) * B).CopyFrom(state.draft_hidden[k].Rows(position * B, (position + 1) * B));
+  Tensor logits = LinearForward(all, HeadWeight());
+  std::vector<Tensor> out;
+  for (int64_t k = 0; k < n; ++k) out.push_back(logits.Rows(k * B, (k + 1) * B));
   return out;
 }
 

@@ -70,6 +70,7 @@ class LanguageModel {
     int64_t position = 0;     // tokens fed per sequence
     int64_t live_heads = 0;   // heads 1..live_heads have states that followed every token
     int64_t rewind_chunk = 0; // length of the last rewindable chunk (0: nothing to rewind)
+    std::vector<Tensor> draft_hidden;  // defer_draft_logits: heads 2..n's normed outputs [rows, d]
     std::vector<std::unique_ptr<BlockState>> trunk, heads;
   };
   struct DecodeOptions {
@@ -77,6 +78,8 @@ class LanguageModel {
                                       // fall behind and cannot be asked for again on this state.
     bool rewindable = false;          // keep per-position states so Rewind can undo a suffix
     bool last_position_only = false;  // logits of the chunk's last position only ([batch, vocab])
+    bool defer_draft_logits = false;  // return head 1's logits only; DraftLogits gives heads 2..n
+                                      // at the one position that is needed (saves LM-head rows)
   };
   std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
   std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state, int64_t heads = 0);
@@ -93,6 +96,9 @@ class LanguageModel {
   // recurrent states and conv windows restored from the copies made after position keep - 1).
   // InvalidArgument when keep is out of range; FailedPrecondition without such a chunk.
   absl::Status Rewind(DecodeState* state, int64_t keep);
+  // After a DecodeChunk with defer_draft_logits: heads 2..n's logits [batch, vocab] at chunk
+  // position `position` (one LM-head GEMM over (n - 1) * batch rows).
+  std::vector<Tensor> DraftLogits(const DecodeState& state, int64_t position);
 
   // The LM head's parameter [V, d] (fp32 master): lm_head.weight, or the embedding when tied.
   const Parameter& HeadParameter() const;
