@@ -30,7 +30,7 @@ int Main(int argc, char** argv) {
   CLI::App app{"greedy vs MTP self-speculative decoding tokens/s on a briefly trained model"};
   std::string tokens_path, preset = "llama-tiny", device = "cpu";
   int64_t mtp_heads = 4, train_steps = 300, batch = 8, seq = 128, prompts = 4, prompt_len = 32, new_tokens = 64;
-  int64_t repeats = 3, d_model = 0, n_layers = 0, threads = 0;
+  int64_t repeats = 3, d_model = 0, n_layers = 0, threads = 0, top_vocab = 0;
   double lr = 3e-3;
   app.add_option("--tokens", tokens_path, "flat little-endian uint16 token file")->required();
   app.add_option("--preset", preset, "model preset");
@@ -45,25 +45,44 @@ int Main(int argc, char** argv) {
   app.add_option("--prompt_len", prompt_len, "tokens per prompt");
   app.add_option("--new_tokens", new_tokens, "tokens generated per prompt");
   app.add_option("--repeats", repeats, "timed repeats per prompt and mode (median)");
+  app.add_option("--top_vocab", top_vocab,
+                 "0: the file's ids as they are (model vocab 50304); N: the N-1 most frequent training ids "
+                 "keep their rank, every other id becomes N-1 (a small LM head for CPU runs)");
   app.add_option("--threads", threads, "CPU threads (0: all)");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
 
   std::ifstream in(tokens_path, std::ios::binary);
-  std::vector<uint16_t> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (raw.empty()) {
     std::fprintf(stderr, "%s: cannot read\n", tokens_path.c_str());
     return 2;
   }
   std::vector<int32_t> data(raw.size() / 2);
-  for (size_t i = 0; i < data.size(); ++i) data[i] = raw[2 * i] | (raw[2 * i + 1] << 8);
+  for (size_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<uint8_t>(raw[2 * i]) | (static_cast<uint8_t>(raw[2 * i + 1]) << 8);
   const size_t split = data.size() * 9 / 10;
+  if (top_vocab > 1) {
+    std::vector<int64_t> count(65536, 0);
+    for (size_t i = 0; i < split; ++i) ++count[data[i]];
+    std::vector<int32_t> order(65536);
+    for (int32_t i = 0; i < 65536; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+    std::vector<int32_t> rank(65536, static_cast<int32_t>(top_vocab - 1));
+    for (int64_t r = 0; r + 1 < top_vocab; ++r) rank[order[r]] = static_cast<int32_t>(r);
+    int64_t other = 0;
+    for (int32_t& t : data) other += (t = rank[t]) == top_vocab - 1;
+    std::printf("vocabulary: %ld most frequent ids + one for the rest (%.1f %% of tokens)\n", (long)top_vocab - 1,
+                100.0 * other / data.size());
+  }
 
   gyre::v1::ModelConfig config;
   config.set_preset(preset);
   config.set_mtp_heads(mtp_heads);
   if (d_model > 0) config.set_d_model(d_model);
   if (n_layers > 0) config.set_n_layers(n_layers);
+  config.set_vocab_size(top_vocab > 1 ? top_vocab : 50277);  // GPT-NeoX-20B's 50277 ids, padded to 50304
+  config.set_pad_vocab_to(top_vocab > 1 ? 1 : 64);
   auto spec = ops::ResolveModelConfig(config);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", spec.status().ToString().c_str());
