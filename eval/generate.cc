@@ -111,7 +111,9 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
   result.prefill_seconds = Seconds(prefill_begin);
   const int64_t begin = Clock::Real()->NowMicros();
   while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens) {
-    const int32_t next = SampleToken(Row(logits[0]), options.sampling, uniform(rng));
+    // Greedy: the argmax on the logits' device (CUDA: only the id comes back).
+    const int32_t next = options.sampling.temperature > 0 ? SampleToken(Row(logits[0]), options.sampling, uniform(rng))
+                                                          : ops::ArgmaxRows(logits[0])[0];
     result.tokens.push_back(next);
     ++result.forwards;
     if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
@@ -147,14 +149,15 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     return static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens ||
            (!result.tokens.empty() && result.tokens.back() == options.stop_token);
   };
-  // Head 1's logits row and heads 2..k's logits after the last accepted position.
-  ops::Tensor next = logits[0];
+  // Head 1's argmax at every position of the last chunk (row `row` is the last accepted one) and
+  // heads 2..k's logits there.
+  std::vector<int32_t> head1 = ops::ArgmaxRows(logits[0]);
   int64_t row = 0;
   std::vector<ops::Tensor> drafts(logits.begin() + 1, logits.end());
   while (!done()) {
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
-    std::vector<int32_t> chunk = {Argmax(Row(next, row))};
-    for (const ops::Tensor& d : drafts) chunk.push_back(Argmax(Row(d)));
+    std::vector<int32_t> chunk = {head1[row]};
+    for (const ops::Tensor& d : drafts) chunk.push_back(ops::ArgmaxRows(d)[0]);
     ++result.forwards;
     result.tokens.push_back(chunk[0]);
     if (done()) break;
@@ -167,12 +170,12 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     decode.heads = k;
     decode.rewindable = true;
     decode.defer_draft_logits = true;
-    next = model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode)[0];
+    head1 = ops::ArgmaxRows(model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode)[0]);
     ++result.decode_steps;
     int64_t accepted = 0;
     while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
-      if (chunk[accepted + 1] != Argmax(Row(next, accepted))) break;
+      if (chunk[accepted + 1] != head1[accepted]) break;
       ++accepted;
       result.tokens.push_back(chunk[accepted]);
     }

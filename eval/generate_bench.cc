@@ -12,11 +12,13 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "eval/generate.h"
+#include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
 #include "ops/model.h"
 #include "ops/parallel.h"
@@ -101,7 +103,9 @@ int Main(int argc, char** argv) {
     return 2;
   }
   std::printf("%s, %ld parameters, mtp_heads %ld, device %s\n", preset.c_str(), (long)(*model)->NumParameters(),
-              (long)mtp_heads, cuda ? ops::Cuda().DeviceDescription().c_str() : "cpu");
+              (long)mtp_heads,
+              cuda ? ops::Cuda().DeviceDescription().c_str()
+                   : ("cpu, " + std::to_string(ops::NumThreads()) + " threads, OpenBLAS " + ops::BlasCoreName()).c_str());
 
   // Training: random windows of the first 90 %.
   gyre::v1::OptimizerConfig opt;
@@ -134,6 +138,52 @@ int Main(int argc, char** argv) {
   }
   std::printf("trained %ld steps in %.1f s\n", (long)train_steps,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_train).count());
+
+  // Cost of one speculative round (DecodeChunk of k = mtp_heads tokens, rewindable, deferred
+  // draft logits, Rewind to all k, DraftLogits) against one greedy DecodeStep (head 1 only), at
+  // positions 32.. of a fresh state: k * step / round is the speed-up full acceptance would give.
+  {
+    const int64_t k = mtp_heads, reps = 16;
+    auto median_ms = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    auto sync = [&] { if (cuda) ops::Cuda().Synchronize(); };
+    auto now = [] { return std::chrono::steady_clock::now(); };
+    const std::vector<int32_t> warm(data.begin() + split, data.begin() + split + 32);
+    ops::LanguageModel::DecodeOptions warm_options;
+    auto gs = (*model)->NewDecodeState(1);
+    warm_options.heads = 1;
+    (*model)->DecodeChunk(warm, 32, gs.get(), warm_options);
+    std::vector<double> step_ms, round_ms;
+    for (int64_t r = 0; r < reps + 2; ++r) {
+      const int32_t tok = data[split + 32 + r];
+      sync();
+      const auto t0 = now();
+      (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+      sync();
+      if (r >= 2) step_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+    }
+    auto ss = (*model)->NewDecodeState(1);
+    warm_options.heads = 0;
+    (*model)->DecodeChunk(warm, 32, ss.get(), warm_options);
+    ops::LanguageModel::DecodeOptions round;
+    round.rewindable = true;
+    round.defer_draft_logits = true;
+    for (int64_t r = 0; r < reps + 2; ++r) {
+      const std::vector<int32_t> chunk(data.begin() + split + 32 + r * k, data.begin() + split + 32 + (r + 1) * k);
+      sync();
+      const auto t0 = now();
+      (*model)->DecodeChunk(chunk, k, ss.get(), round);
+      if (!(*model)->Rewind(ss.get(), k).ok()) return 1;
+      (*model)->DraftLogits(*ss, k - 1);
+      sync();
+      if (r >= 2) round_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+    }
+    const double step = median_ms(step_ms), rnd = median_ms(round_ms);
+    std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
+                "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
+  }
 
   // Decoding on held-out prompts.
   GenerateOptions gen;
@@ -190,4 +240,7 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace gyre::eval
 
-int main(int argc, char** argv) { return gyre::eval::Main(argc, argv); }
+int main(int argc, char** argv) {
+  gyre::ops::ReexecWithBestBlasCore(argv);  // OpenBLAS's AVX2/AVX-512 kernels (ops/blas_env.h)
+  return gyre::eval::Main(argc, argv);
+}

@@ -1,10 +1,12 @@
 #include "ops/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/llama_block.h"
 
 namespace gyre::ops {
@@ -352,6 +354,26 @@ void LanguageModel::ReleaseAll() {
   for (auto& b : trunk_) b->ReleaseActivations();
   for (auto& b : heads_) b->ReleaseActivations();
   final_norm_->ReleaseActivations();
+}
+
+std::vector<int32_t> ArgmaxRows(const Tensor& logits) {
+  const int64_t rows = logits.rows(), cols = logits.cols();
+  std::vector<int32_t> out(static_cast<size_t>(rows));
+  if (IsCuda(logits)) {
+    GYRE_CHECK(logits.dtype() == DType::kBF16, "ArgmaxRows: CUDA logits must be bf16");
+    Tensor ids = Tensor::Empty({rows}, DType::kI32, Device::kCuda);
+    CudaInfer().ArgmaxRows(logits.raw(), rows, cols, cols, ids.data<int32_t>());
+    Tensor host = ids.ToDevice(Device::kCpu);
+    std::copy(host.data<int32_t>(), host.data<int32_t>() + rows, out.begin());
+    return out;
+  }
+  DispatchFloat(logits.dtype(), [&]<typename T>() {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = logits.data<T>() + r * cols;
+      out[r] = static_cast<int32_t>(std::max_element(p, p + cols) - p);
+    }
+  });
+  return out;
 }
 
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec) {

@@ -136,6 +136,10 @@ class LanguageModel {
 absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildContext& ctx,
                                                  const ModelSpec& spec, int64_t layer, int64_t n_layers);
 
+// Per-row argmax of logits [rows, V] (the lowest index on ties) on any device: CUDA logits are
+// reduced on the device and only the ids are copied back (greedy / speculative decoding).
+std::vector<int32_t> ArgmaxRows(const Tensor& logits);
+
 // Parameter count of a spec, computed by building it on the meta device (no memory).
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec);
 
