@@ -603,7 +603,12 @@ Tensor CausalConv1d::StepChunk(const Tensor& x, int64_t chunk, Tensor* state, St
   const int64_t B = x.rows() / chunk;
   Tensor y = Tensor::Empty({x.rows(), channels_}, IsCuda(x) ? DType::kBF16 : x.dtype(), x.device());
   for (int64_t j = 0; j < chunk; ++j) {
-    y.Rows(j * B, (j + 1) * B).CopyFrom(Step(x.Rows(j * B, (j + 1) * B), state));
+    if (IsCuda(x)) {
+      Tensor rows = y.Rows(j * B, (j + 1) * B);
+      StepCuda(x.Rows(j * B, (j + 1) * B), state, &rows);  // straight into the output rows
+    } else {
+      y.Rows(j * B, (j + 1) * B).CopyFrom(Step(x.Rows(j * B, (j + 1) * B), state));
+    }
     if (history != nullptr && j + 1 < chunk) history->Record({state});
   }
   return y;

@@ -55,7 +55,8 @@ class CausalConv1d {
   Parameter* bias_;
   Tensor x_;
   int64_t batch_ = 0, seq_ = 0;
-  Tensor StepCuda(const Tensor& x, Tensor* state);  // ops/recurrent_step_cuda.cc
+  // ops/recurrent_step_cuda.cc; writes into *y (rows of a chunk's output) when given.
+  Tensor StepCuda(const Tensor& x, Tensor* state, Tensor* y = nullptr);
 };
 
 // Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after

@@ -35,12 +35,12 @@ Tensor RowsGemm(const Tensor& x, const Parameter& w, int64_t r0, int64_t n, bool
 
 }  // namespace
 
-Tensor CausalConv1d::StepCuda(const Tensor& x, Tensor* state) {
+Tensor CausalConv1d::StepCuda(const Tensor& x, Tensor* state, Tensor* y_out) {
   GYRE_CHECK(x.dtype() == DType::kBF16 && x.cols() == channels_, "conv1d step: CUDA x %s", ShapeString(x.shape()).c_str());
   OnDevice(state);
   GYRE_CHECK(state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step: state %s",
              ShapeString(state->shape()).c_str());
-  Tensor y = Tensor::Empty({x.rows(), channels_}, DType::kBF16, Device::kCuda);
+  Tensor y = y_out != nullptr ? *y_out : Tensor::Empty({x.rows(), channels_}, DType::kBF16, Device::kCuda);
   CudaConv1dStepArgs a;
   a.batch = x.rows(); a.channels = channels_; a.width = width_; a.silu = silu_;
   a.x = x.raw(); a.ldx = channels_;
