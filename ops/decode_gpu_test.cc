@@ -299,11 +299,16 @@ std::vector<int32_t> Columns(const std::vector<int32_t>& seqs, int64_t B, int64_
 // logits at every position against the CPU's float64 DecodeStep; then Rewind on the device:
 // prefix of 5, a rewindable chunk of 4, Rewind(keep) for keep 1..4, 3 more steps, against a fresh
 // CPU run over prefix + kept + the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
-void CheckDecodeChunk(const std::string& name, ModelSpec spec) {
+void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, int64_t se_group = 0,
+                      int64_t se_window = 0) {
   spec.mtp_heads = 3;
   Pair m = MakePair(spec, 8);
   ASSERT_TRUE(m.gpu && m.cpu);
-  const int64_t B = 2, T = 24, H = 3, V = spec.vocab_size;
+  if (se_group > 0) {
+    m.gpu->SetSelfExtend(se_group, se_window);
+    m.cpu->SetSelfExtend(se_group, se_window);
+  }
+  const int64_t T = 24, H = 3, V = spec.vocab_size;
   const auto seqs = RandomTokens(B * T, V, 19);
   std::vector<std::vector<Tensor>> ref;
   auto sc = m.cpu->NewDecodeState(B);
@@ -323,8 +328,8 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec) {
     t += chunk;
   }
   const bool chunks_ok = std::isfinite(worst) && worst <= 3e-2;
-  std::printf("[%s] %s DecodeChunk 24 tokens B2 3 heads chunks 1,4,3,4,2,4,4,2: worst rel_err vs CPU f64 steps %.3e "
-              "tol 3e-2\n", chunks_ok ? "PASS" : "FAIL", name.c_str(), worst);
+  std::printf("[%s] %s DecodeChunk 24 tokens B%ld 3 heads chunks 1,4,3,4,2,4,4,2: worst rel_err vs CPU f64 steps %.3e "
+              "tol 3e-2\n", chunks_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst);
   EXPECT_TRUE(chunks_ok);
   const int64_t prefix = 5, chunk = 4, after = 3;
   const auto cont = RandomTokens(B * after, V, 20);
@@ -347,12 +352,22 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec) {
     }
   }
   const bool rewind_ok = std::isfinite(worst_rewind) && worst_rewind <= 3e-2;
-  std::printf("[%s] %s Rewind(keep 1..4) of a 4-token chunk then 3 steps: worst rel_err vs fresh CPU f64 run %.3e "
-              "tol 3e-2\n", rewind_ok ? "PASS" : "FAIL", name.c_str(), worst_rewind);
+  std::printf("[%s] %s B%ld Rewind(keep 1..4) of a 4-token chunk then 3 steps: worst rel_err vs fresh CPU f64 run "
+              "%.3e tol 3e-2\n", rewind_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst_rewind);
   EXPECT_TRUE(rewind_ok);
 }
 
 TEST_F(DecodeGpuTest, LlamaDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("llama", SmallLlama()); }
+// Batch 1 takes the one-launch chunk attention (ops/attention.cc DecodeChunkCuda).
+TEST_F(DecodeGpuTest, LlamaBatch1ChunkAttentionMatchesTheCpu) { CheckDecodeChunk("llama", SmallLlama(), 1); }
+TEST_F(DecodeGpuTest, PartialRotarySelfExtendBatch1ChunkAttentionMatchesTheCpu) {
+  ModelSpec s = SmallLlama();
+  s.attn_rotary_dim = 32;
+  CheckDecodeChunk("llama partial-rotary SelfExtend G4 W8", s, 1, 4, 8);
+}
+TEST_F(DecodeGpuTest, MixerHybridBatch1ChunkAttentionMatchesTheCpu) {
+  CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid(), 1);
+}
 TEST_F(DecodeGpuTest, XlstmDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("xlstm mLSTM+sLSTM", SmallXlstm()); }
 TEST_F(DecodeGpuTest, Mamba2DecodeChunkAndRewindMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
