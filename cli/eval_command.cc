@@ -313,7 +313,11 @@ int RunEval(int argc, char** argv) {
     out["tokens_per_forward"] = result->tokens_per_forward();
     out["tokens_per_second"] = result->tokens_per_second();
     out["prefill_seconds"] = result->prefill_seconds;
-    if (speculative) out["acceptance"] = result->acceptance();
+    if (speculative) {
+      out["acceptance"] = result->acceptance();  // accepted / checked (a round stops at its first rejection)
+      out["drafts_proposed"] = result->proposed;
+      out["acceptance_of_proposed"] = result->acceptance_of_proposed();
+    }
     std::string text = absl::StrCat(decoded.empty() ? "" : decoded + "\n", "tokens ", result->tokens.size(),
                                     absl::StrFormat(", %.2f tokens/forward, %.1f tokens/s", result->tokens_per_forward(),
                                                     result->tokens_per_second()));
@@ -326,6 +330,8 @@ int RunEval(int argc, char** argv) {
       const bool same = greedy->tokens == result->tokens;
       out["equals_greedy"] = same;
       out["greedy_tokens_per_second"] = greedy->tokens_per_second();
+      if (result->seconds > 0 && greedy->seconds > 0)
+        out["speedup"] = greedy->seconds / result->seconds * result->tokens.size() / std::max<size_t>(1, greedy->tokens.size());
       absl::StrAppend(&text, "speculative == greedy: ", same ? "yes" : "NO", absl::StrFormat(" (greedy %.1f tokens/s)\n", greedy->tokens_per_second()));
       if (!same) {
         Print(json, out, text);

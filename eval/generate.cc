@@ -11,16 +11,13 @@
 namespace gyre::eval {
 namespace {
 
-// Row 0 of a [1, V] logits tensor as floats.
-std::vector<float> Row(const ops::Tensor& logits) {
-  std::vector<float> out(static_cast<size_t>(logits.cols()));
-  if (logits.dtype() == ops::DType::kF32) {
-    const float* p = logits.data<float>();
-    std::copy(p, p + out.size(), out.begin());
-  } else {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(logits.At(static_cast<int64_t>(i)));
-  }
-  return out;
+// Row `row` of a [rows, V] logits tensor as floats (CUDA logits are copied to the host).
+std::vector<float> Row(const ops::Tensor& logits, int64_t row = 0) {
+  ops::Tensor r = logits.Rows(row, row + 1);
+  if (r.device() != ops::Device::kCpu) r = r.ToDevice(ops::Device::kCpu);
+  if (r.dtype() != ops::DType::kF32) r = r.To(ops::DType::kF32);
+  const float* p = r.data<float>();
+  return std::vector<float>(p, p + r.cols());
 }
 
 absl::Status CheckPrompt(const ops::LanguageModel& model, std::span<const int32_t> prompt,
@@ -46,11 +43,19 @@ absl::Status CheckPrompt(const ops::LanguageModel& model, std::span<const int32_
   return absl::OkStatus();
 }
 
-// Feeds the prompt; returns the logits of every head after its last token.
-std::vector<ops::Tensor> Prefill(ops::LanguageModel* model, std::span<const int32_t> prompt,
+// Feeds the prompt in chunks (one GEMM per weight per chunk); returns the logits of heads
+// 1..heads after its last token.
+std::vector<ops::Tensor> Prefill(ops::LanguageModel* model, std::span<const int32_t> prompt, int64_t heads,
                                  ops::LanguageModel::DecodeState* state) {
+  constexpr int64_t kPrefillChunk = 256;  // bounds the activations of one chunk
+  ops::LanguageModel::DecodeOptions options;
+  options.heads = heads;
+  options.last_position_only = true;
   std::vector<ops::Tensor> out;
-  for (int32_t t : prompt) out = model->DecodeStep(std::span<const int32_t>(&t, 1), state);
+  for (size_t begin = 0; begin < prompt.size(); begin += kPrefillChunk) {
+    const size_t n = std::min<size_t>(kPrefillChunk, prompt.size() - begin);
+    out = model->DecodeChunk(prompt.subspan(begin, n), static_cast<int64_t>(n), state, options);
+  }
   return out;
 }
 
@@ -99,17 +104,20 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
   GenerateResult result;
   std::mt19937_64 rng(options.sampling.seed);
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  // Only head 1 is run: the ordinary model's cost (the MTP heads' blocks and logits are skipped).
   auto state = model->NewDecodeState(1);
   const int64_t prefill_begin = Clock::Real()->NowMicros();
-  std::vector<ops::Tensor> logits = Prefill(model, prompt, state.get());
+  std::vector<ops::Tensor> logits = Prefill(model, prompt, 1, state.get());
   result.prefill_seconds = Seconds(prefill_begin);
   const int64_t begin = Clock::Real()->NowMicros();
   while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens) {
-    const int32_t next = SampleToken(Row(logits[0]), options.sampling, uniform(rng));
+    // Greedy: the argmax on the logits' device (CUDA: only the id comes back).
+    const int32_t next = options.sampling.temperature > 0 ? SampleToken(Row(logits[0]), options.sampling, uniform(rng))
+                                                          : ops::ArgmaxRows(logits[0])[0];
     result.tokens.push_back(next);
     ++result.forwards;
     if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
-    logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get());
+    logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get(), 1);
     ++result.decode_steps;
   }
   result.seconds = Seconds(begin);
@@ -134,35 +142,51 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   GenerateResult result;
   auto state = model->NewDecodeState(1);
   const int64_t prefill_begin = Clock::Real()->NowMicros();
-  std::vector<ops::Tensor> logits = Prefill(model, prompt, state.get());
+  std::vector<ops::Tensor> logits = Prefill(model, prompt, k, state.get());
   result.prefill_seconds = Seconds(prefill_begin);
   const int64_t begin = Clock::Real()->NowMicros();
   const auto done = [&] {
     return static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens ||
            (!result.tokens.empty() && result.tokens.back() == options.stop_token);
   };
+  // Head 1's argmax at every position of the last chunk (row `row` is the last accepted one) and
+  // heads 2..k's logits there.
+  std::vector<int32_t> head1 = ops::ArgmaxRows(logits[0]);
+  int64_t row = 0;
+  std::vector<ops::Tensor> drafts(logits.begin() + 1, logits.end());
   while (!done()) {
-    // From the last fed position: the kept token (head 1) and the drafts (heads 2..k).
-    int32_t kept = Argmax(Row(logits[0]));
-    std::vector<int32_t> drafts;
-    for (int64_t h = 1; h < k; ++h) drafts.push_back(Argmax(Row(logits[h])));
+    // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
+    std::vector<int32_t> chunk = {head1[row]};
+    for (const ops::Tensor& d : drafts) chunk.push_back(ops::ArgmaxRows(d)[0]);
     ++result.forwards;
-    result.tokens.push_back(kept);
+    result.tokens.push_back(chunk[0]);
     if (done()) break;
-    // Verification: feed the kept token, then each draft while it matches head 1's argmax.
-    int32_t fed = kept;
-    size_t i = 0;
-    for (;;) {
-      logits = model->DecodeStep(std::span<const int32_t>(&fed, 1), state.get());
-      ++result.decode_steps;
-      if (i == drafts.size()) break;
+    // Drafts past max_new_tokens would be thrown away: do not feed them.
+    const int64_t room = options.max_new_tokens - static_cast<int64_t>(result.tokens.size());
+    chunk.resize(static_cast<size_t>(std::min<int64_t>(k, room + 1)));
+    // Verification: one forward over [kept, drafts...]; draft i is accepted while it equals
+    // head 1's argmax at the position before it.
+    ops::LanguageModel::DecodeOptions decode;
+    decode.heads = k;
+    decode.rewindable = true;
+    decode.defer_draft_logits = true;
+    head1 = ops::ArgmaxRows(model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode)[0]);
+    ++result.decode_steps;
+    int64_t accepted = 0;
+    while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
-      if (drafts[i] != Argmax(Row(logits[0]))) break;  // rejected: never fed, nothing to roll back
-      ++result.accepted;
-      fed = drafts[i++];
-      result.tokens.push_back(fed);
-      if (done()) break;
+      if (chunk[accepted + 1] != head1[accepted]) break;
+      ++accepted;
+      result.tokens.push_back(chunk[accepted]);
     }
+    result.accepted += accepted;
+    result.proposed += static_cast<int64_t>(chunk.size()) - 1;
+    if (done()) break;
+    // Undo the rejected suffix (the state then holds kept + accepted drafts); the drafts for the
+    // next round come from that position only.
+    if (absl::Status s = model->Rewind(state.get(), accepted + 1); !s.ok()) return s;
+    drafts = model->DraftLogits(*state, accepted);
+    row = accepted;
   }
   result.seconds = Seconds(begin);
   return result;

@@ -1,21 +1,20 @@
 // Text generation with incremental decoding (LanguageModel::DecodeStep), greedy or sampled, and
 // MTP self-speculative decoding (MODELS.md §5).
 //
-// Self-speculative decoding, as implemented here. After a position t has been fed, head 1 gives
-// the next token (always kept) and heads 2..k give drafts for t+2..t+k. A verification round
-// feeds the kept token and then the drafts one at a time; a draft is fed only if it equals head
-// 1's argmax after the previous fed token, and the round stops at the first one that does not
-// (head 1's own prediction there is kept, so a round yields accepted drafts + 1 tokens). Output
-// equals greedy decoding token for token by construction of the acceptance rule.
-//
-// Rollback of recurrent state: none is needed because a rejected draft is never fed (the check
-// happens before the draft enters the state); no snapshot/restore and no re-feeding. The price:
-// LanguageModel::DecodeStep takes one token per sequence, so a round costs (accepted + 1)
-// DecodeStep calls, the same number of model steps as greedy; `tokens_per_forward` is the number
-// of tokens a round yields, i.e. what one chunked forward over [kept token, drafts] would yield,
-// and the wall-clock speed-up needs a multi-token decode step in ops/ (not there yet). In a
-// chunked implementation rejected drafts would enter the state and recurrent blocks would need
-// their state rolled back (BlockState has no copy today).
+// Self-speculative decoding, as implemented here (MODELS.md §5, "greedy blockwise parallel
+// decoding"). After the last accepted position, head 1 gives the next token (always kept) and
+// heads 2..k the drafts for the k - 1 tokens after it. One round = one
+// LanguageModel::DecodeChunk over [kept, draft_2, ..., draft_k] (rewindable): draft i is
+// accepted while it equals head 1's argmax at the position before it; then
+// LanguageModel::Rewind keeps kept + accepted positions (KV caches truncate, recurrent states
+// take the copies made after that position), and that position's logits give the next round's
+// kept token and drafts. A round yields accepted + 1 tokens for one model forward over k
+// tokens; output equals greedy decoding token for token by construction of the acceptance rule.
+// Wall-clock gain: a chunk of k tokens reads every weight once (one GEMM instead of k GEMVs),
+// so the speed-up approaches tokens_per_forward when decoding is weight-bandwidth (CPU) or
+// launch (GPU, batch 1) bound, minus the chunk's extra per-position work (cells, attention,
+// state copies for the rewind, the LM head over k * heads rows).
+// Greedy `Generate` runs head 1 only (the ordinary model's cost) and is the baseline.
 //
 // Thread-safety: none (drives one model).
 #pragma once
@@ -47,14 +46,17 @@ struct GenerateOptions {
 struct GenerateResult {
   std::vector<int32_t> tokens;    // the new tokens only
   int64_t forwards = 0;           // model rounds after the prompt: greedy one per token; speculative one per round
-  int64_t decode_steps = 0;       // DecodeStep calls after the prompt
+  int64_t decode_steps = 0;       // DecodeStep / DecodeChunk calls after the prompt
   int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
+  int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
   double seconds = 0;             // wall time of the generation loop (prompt prefill excluded)
   double prefill_seconds = 0;
   double tokens_per_forward() const { return forwards > 0 ? double(tokens.size()) / forwards : 0; }
   double tokens_per_second() const { return seconds > 0 ? double(tokens.size()) / seconds : 0; }
   double acceptance() const { return drafted > 0 ? double(accepted) / drafted : 0; }
+  // Accepted over all drafts fed (the paper's "2.5 of 3 suggestions" measure).
+  double acceptance_of_proposed() const { return proposed > 0 ? double(accepted) / proposed : 0; }
 };
 
 // The argmax of a logits row (lowest index on ties).

@@ -101,6 +101,24 @@ INSTANTIATE_TEST_SUITE_P(Families, SpeculativeTest,
                            return std::get<0>(info.param) + "_mtp" + std::to_string(std::get<1>(info.param));
                          });
 
+TEST(SpeculativeStopTest, StopTokenInsideAnAcceptedRunEndsLikeGreedy) {
+  auto model = MakeModel(TinySpec("mamba2", 4), 3);
+  TrainOnCycle(model.get(), 60);
+  const std::vector<int32_t> prompt = {3, 4, 5, 6, 7, 8, 9, 3, 4};
+  GenerateOptions options;
+  options.max_new_tokens = 30;
+  for (int32_t stop : {5, 8}) {  // tokens the cycle reaches mid-round
+    options.stop_token = stop;
+    absl::StatusOr<GenerateResult> greedy = Generate(model.get(), prompt, options);
+    absl::StatusOr<GenerateResult> spec = GenerateSpeculative(model.get(), prompt, options);
+    ASSERT_TRUE(greedy.ok() && spec.ok());
+    EXPECT_EQ(spec->tokens, greedy->tokens) << "stop " << stop;
+    ASSERT_FALSE(spec->tokens.empty());
+    EXPECT_EQ(spec->tokens.back(), stop);
+    EXPECT_LE(spec->decode_steps, spec->forwards);  // one DecodeChunk per round at most
+  }
+}
+
 TEST(GenerateTest, GreedyEqualsArgmaxOfTheFullForward) {
   auto model = MakeModel(TinySpec("hybrid", 1), 9);
   Perturb(model.get(), 2, 0.2);

@@ -374,6 +374,54 @@ Tensor Grow(const Tensor& buf, int64_t B, int64_t cols, int64_t t, int64_t cap_n
   return grown;
 }
 
+// A chunk of `chunk` tokens of one sequence (B = 1, rows = positions): the keys/values appended
+// with one copy each, one RoPE launch for the new keys and one for the queries, one decode launch
+// with `chunk` queries (causal inside the chunk). Same numbers as `chunk` DecodeCuda calls.
+Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk, const AttentionOptions& o,
+                       KvCache* cache) {
+  const int64_t H = o.heads, Hk = o.kv_heads, D = o.head_dim, qd = H * D, kvd = Hk * D;
+  for (const Tensor* x : {&q, &k, &v})
+    GYRE_CHECK(IsCuda(*x) && x->dtype() == DType::kBF16, "attention decode: CUDA q/k/v must be bf16");
+  GYRE_CHECK(q.rows() == chunk && q.cols() == qd && k.cols() == kvd && v.cols() == kvd && k.rows() == chunk &&
+                 v.rows() == chunk, "attention decode chunk shapes q %s k %s", ShapeString(q.shape()).c_str(),
+             ShapeString(k.shape()).c_str());
+  GYRE_CHECK(cache->v.empty(), "attention decode: a CPU cache fed CUDA tensors");
+  const bool se = o.self_extend_group > 0;
+  const int64_t t = cache->cuda_length;
+  GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == 1, "attention decode: batch changed from %ld to 1",
+             (long)cache->cuda_k.dim(0));
+  GYRE_CHECK(t == 0 || se == cache->cuda_k_grouped.defined(), "SelfExtend switched in the middle of decoding");
+  if (!cache->cuda_k.defined() || t + chunk > cache->cuda_k.dim(1)) {
+    const int64_t cap = std::max<int64_t>(64, 2 * (t + chunk));
+    cache->cuda_k = Grow(cache->cuda_k, 1, kvd, t, cap);
+    cache->cuda_v = Grow(cache->cuda_v, 1, kvd, t, cap);
+    if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, 1, kvd, t, cap);
+  }
+  const int64_t cap = cache->cuda_k.dim(1);
+  Cuda().CopyBytes(MutByteAt(cache->cuda_k, t * kvd), Device::kCuda, k.raw(), Device::kCuda, chunk * kvd * 2);
+  RopeCuda(cache->cuda_k, t * kvd, chunk, chunk, Hk, kvd, o, t, 0, 0, false);
+  Cuda().CopyBytes(MutByteAt(cache->cuda_v, t * kvd), Device::kCuda, v.raw(), Device::kCuda, chunk * kvd * 2);
+  Tensor qn = q.Clone(), qg;
+  RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false);
+  if (se) {
+    Cuda().CopyBytes(MutByteAt(cache->cuda_k_grouped, t * kvd), Device::kCuda, k.raw(), Device::kCuda, chunk * kvd * 2);
+    RopeCuda(cache->cuda_k_grouped, t * kvd, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false);
+    qg = q.Clone();
+    RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false);
+  }
+  cache->cuda_length = t + chunk;
+  Tensor out = Tensor::Empty({chunk, qd}, DType::kBF16, Device::kCuda);
+  CudaAttentionDecodeArgs a;
+  a.batch = 1; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = t + chunk; a.queries = chunk;
+  a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
+  a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
+  a.cache_batch_stride = cap * kvd;
+  a.window = se ? o.self_extend_window : 0;
+  a.out = out.raw();
+  CudaInfer().AttentionDecode(a);
+  return out;
+}
+
 Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& o, KvCache* cache) {
   const int64_t B = q.rows(), H = o.heads, Hk = o.kv_heads, D = o.head_dim, qd = H * D, kvd = Hk * D;
   for (const Tensor* x : {&q, &k, &v})
@@ -431,12 +479,28 @@ void CheckOptions(const AttentionOptions& o) {
 Tensor ApplyRope(const Tensor& x, int64_t seq, int64_t heads, int64_t head_dim, double theta,
                  const std::vector<int64_t>& positions, bool inverse, int64_t rotary_dim) {
   CheckCpu(x, "rope");
-  int64_t max_pos = 0;
-  for (int64_t p : positions) max_pos = std::max(max_pos, p);
-  const RopeTable table = MakeRopeTable(max_pos, rotary_dim > 0 ? rotary_dim : head_dim, theta);
+  // A table row per entry of `positions` only (a decode step at position t asks for {t}: building
+  // rows 0..t would cost O(t) sin/cos per call, quadratic over a generation).
+  const int64_t rd = rotary_dim > 0 ? rotary_dim : head_dim;
+  RopeTable table;
+  table.half = rd / 2;
+  table.cos.resize(positions.size() * table.half);
+  table.sin.resize(positions.size() * table.half);
+  std::vector<double> inv_freq(table.half);
+  for (int64_t i = 0; i < table.half; ++i)
+    inv_freq[i] = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rd));
+  std::vector<int64_t> rows(positions.size());
+  for (size_t j = 0; j < positions.size(); ++j) {
+    rows[j] = static_cast<int64_t>(j);
+    for (int64_t i = 0; i < table.half; ++i) {
+      const double a = static_cast<double>(positions[j]) * inv_freq[i];
+      table.cos[j * table.half + i] = std::cos(a);
+      table.sin[j * table.half + i] = std::sin(a);
+    }
+  }
   Tensor y = Tensor::EmptyLike(x);
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    RopeRows<T>(x.data<T>(), y.data<T>(), x.rows(), seq, heads, head_dim, table, positions, inverse);
+    RopeRows<T>(x.data<T>(), y.data<T>(), x.rows(), seq, heads, head_dim, table, rows, inverse);
   });
   return y;
 }
@@ -638,6 +702,43 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
     }
   });
   return out;
+}
+
+Tensor CausalAttentionDecodeChunk(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk,
+                                  const AttentionOptions& o, KvCache* cache) {
+  if (chunk == 1) return CausalAttentionDecode(q, k, v, o, cache);
+  GYRE_CHECK(chunk > 0 && q.rows() % chunk == 0, "attention decode chunk %ld of %ld rows", (long)chunk, (long)q.rows());
+  const int64_t B = q.rows() / chunk;
+  if (IsCuda(q) && B == 1) {
+    CheckOptions(o);
+    return DecodeChunkCuda(q, k, v, chunk, o, cache);
+  }
+  Tensor out = Tensor::EmptyLike(q);
+  for (int64_t j = 0; j < chunk; ++j) {
+    const int64_t r0 = j * B, r1 = (j + 1) * B;
+    out.Rows(r0, r1).CopyFrom(CausalAttentionDecode(q.Rows(r0, r1), k.Rows(r0, r1), v.Rows(r0, r1), o, cache));
+  }
+  return out;
+}
+
+void TruncateKvCache(KvCache* cache, int64_t length) {
+  GYRE_CHECK(length >= 0 && length <= cache->length(), "truncate a KV cache of %ld to %ld", (long)cache->length(),
+             (long)length);
+  if (cache->cuda_k.defined()) {
+    cache->cuda_length = length;  // rows past it are overwritten by the next appends
+    return;
+  }
+  cache->k_neighbour.resize(length);
+  cache->k_grouped.resize(length);
+  cache->v.resize(length);
+}
+
+Tensor SelfAttention::StepChunk(const Tensor& x, int64_t chunk, KvCache* cache) {
+  Tensor a = CausalAttentionDecodeChunk(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), chunk, options_,
+                                        cache);
+  Tensor y = o_proj_.Forward(a);
+  ReleaseActivations();
+  return y;
 }
 
 Tensor SelfAttention::Step(const Tensor& x, KvCache* cache) {

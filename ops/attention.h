@@ -70,6 +70,12 @@ struct KvCache {
 // full-sequence op, SelfExtend included).
 Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& options,
                              KvCache* cache);
+// The same over `chunk` positions, q/k/v [chunk * B, features] position-major: appends `chunk`
+// keys/values, position j attending to the cache up to itself.
+Tensor CausalAttentionDecodeChunk(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk,
+                                  const AttentionOptions& options, KvCache* cache);
+// Drops the cache's positions from `length` on (rewinding rejected speculative tokens).
+void TruncateKvCache(KvCache* cache, int64_t length);
 
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.
@@ -92,6 +98,10 @@ class SelfAttention {
   Linear& o_proj() { return o_proj_; }
   // Inference step: x [B, d] -> [B, d] (before the residual add), advancing `cache`.
   Tensor Step(const Tensor& x, KvCache* cache);
+  // `chunk` tokens per sequence, x [chunk * B, d] position-major (Block::StepChunk): the q/k/v/o
+  // projections over all rows at once, then CausalAttentionDecode position by position (each
+  // position appends its key/value and attends to the cache so far: causal inside the chunk).
+  Tensor StepChunk(const Tensor& x, int64_t chunk, KvCache* cache);
 
  private:
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);

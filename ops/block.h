@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <vector>
 
 #include "ops/tensor.h"
 
@@ -16,6 +18,33 @@ namespace gyre::ops {
 // windows, key/value cache). Owned by the caller; one per block.
 struct BlockState {
   virtual ~BlockState() = default;
+};
+
+// Copies of some state tensors after each position of a chunk but its last (Block::StepChunk
+// with `rewindable`), so Block::Rewind can restore the state after position keep - 1 by swapping
+// tensor handles (no recomputation). Works on CPU and CUDA tensors (Clone is a device copy,
+// ordered on the compute stream).
+class StateHistory {
+ public:
+  void Clear() { after_.clear(); }
+  int64_t size() const { return static_cast<int64_t>(after_.size()); }
+  void Record(std::initializer_list<const Tensor*> state) {
+    after_.emplace_back();
+    for (const Tensor* t : state) after_.back().push_back(t->Clone());
+  }
+  // keep in [1, size() + 1]; keep == size() + 1 is the live state (nothing to do).
+  void Restore(int64_t keep, std::initializer_list<Tensor*> state) {
+    GYRE_CHECK(keep >= 1 && keep <= size() + 1, "rewind to %ld of a %ld-position history", (long)keep,
+               (long)size() + 1);
+    if (keep <= size()) {
+      size_t i = 0;
+      for (Tensor* t : state) *t = after_[keep - 1][i++];
+    }
+    Clear();
+  }
+
+ private:
+  std::vector<std::vector<Tensor>> after_;
 };
 
 class Block {
@@ -28,7 +57,18 @@ class Block {
   // the residual stream of the next token x [B, d] to the block's output [B, d], advancing the
   // state. Stepping through a sequence equals Forward on it (block_step_test).
   virtual std::unique_ptr<BlockState> NewState(int64_t batch) const = 0;
-  virtual Tensor Step(const Tensor& x, BlockState* state) = 0;
+  Tensor Step(const Tensor& x, BlockState* state) { return StepChunk(x, 1, state, false); }
+  // `chunk` tokens per sequence at once: x [chunk * B, d] position-major (row j * B + b is
+  // sequence b at chunk position j) -> [chunk * B, d], advancing the state by `chunk` positions;
+  // equals `chunk` Step calls. Row-wise layers (norms, projections, MLPs, LM head) run once over
+  // all rows (one GEMM per weight); the cells (mLSTM, sLSTM, SSD, conv window, attention over the
+  // KV cache) run position by position inside. With `rewindable`, the per-position recurrent
+  // states are kept until the next StepChunk so that Rewind can undo a suffix of this chunk.
+  virtual Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) = 0;
+  // After a rewindable StepChunk of `chunk` positions: keep only the first `keep` (1..chunk), as if
+  // only those had been fed (KV caches truncate; recurrent states and conv windows take the
+  // copies made after position keep - 1). Exact: the state equals a fresh run over the kept prefix.
+  virtual void Rewind(BlockState* state, int64_t keep) = 0;
 };
 
 class RecomputeBlock : public Block {
@@ -53,7 +93,10 @@ class RecomputeBlock : public Block {
     inner_->ReleaseActivations();
   }
   std::unique_ptr<BlockState> NewState(int64_t batch) const override { return inner_->NewState(batch); }
-  Tensor Step(const Tensor& x, BlockState* state) override { return inner_->Step(x, state); }
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override {
+    return inner_->StepChunk(x, chunk, state, rewindable);
+  }
+  void Rewind(BlockState* state, int64_t keep) override { inner_->Rewind(state, keep); }
   Block* inner() { return inner_.get(); }
 
  private:

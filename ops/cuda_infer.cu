@@ -52,12 +52,14 @@ __device__ float BlockReduce(float v, bool is_max, float* scratch) {
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(DecodeArgs a) {
   extern __shared__ float scores[];
   __shared__ float scratch[kDecodeThreads / 32];
-  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  // Query row qi = j * batch + b (chunk position j of sequence b) sees keys 0 .. length - queries + j.
+  const int64_t qi = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t b = qi % a.batch, j_query = qi / a.batch;
   const int64_t hk = h / (a.heads / a.kv_heads);
-  const int64_t D = a.head_dim, T = a.length, kvd = a.kv_heads * D;
+  const int64_t D = a.head_dim, T = a.length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
   const float scale = rsqrtf(static_cast<float>(D));
-  const bf16* qn = static_cast<const bf16*>(a.q) + (b * a.heads + h) * D;
-  const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (b * a.heads + h) * D : nullptr;
+  const bf16* qn = static_cast<const bf16*>(a.q) + (qi * a.heads + h) * D;
+  const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (qi * a.heads + h) * D : nullptr;
   const bf16* kn = static_cast<const bf16*>(a.k) + b * a.cache_batch_stride + hk * D;
   const bf16* kg = a.k_grouped ? static_cast<const bf16*>(a.k_grouped) + b * a.cache_batch_stride + hk * D : nullptr;
   const bf16* v = static_cast<const bf16*>(a.v) + b * a.cache_batch_stride + hk * D;
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   sum = BlockReduce(sum, false, scratch);
   __syncthreads();
   const float inv = 1.f / sum;
-  bf16* out = static_cast<bf16*>(a.out) + (b * a.heads + h) * D;
+  bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
   for (int64_t d = threadIdx.x; d < D; d += kDecodeThreads) {
     float acc = 0.f;
     for (int64_t j = 0; j < T; ++j) acc += scores[j] * __bfloat162float(v[j * kvd + d]);
@@ -93,7 +95,51 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   }
 }
 
+// One block per row: each thread scans a strided slice, then a shared-memory tree keeps the
+// larger value (the lower index on ties), as the host's std::max_element.
+constexpr int kArgmaxThreads = 256;
+__global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const bf16* x, int64_t cols, int64_t ld,
+                                                                     int32_t* out) {
+  __shared__ float best_v[kArgmaxThreads];
+  __shared__ int64_t best_i[kArgmaxThreads];
+  const bf16* row = x + blockIdx.x * ld;
+  float bv = -INFINITY;
+  int64_t bi = cols;
+  for (int64_t c = threadIdx.x; c < cols; c += kArgmaxThreads) {
+    const float v = __bfloat162float(row[c]);
+    if (v > bv || (bi == cols && !(v < bv))) {  // first finite-or-not candidate, then strictly larger
+      bv = v;
+      bi = c;
+    }
+  }
+  best_v[threadIdx.x] = bv;
+  best_i[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = kArgmaxThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = best_v[threadIdx.x + s];
+      const int64_t oi = best_i[threadIdx.x + s];
+      if (oi < cols && (best_i[threadIdx.x] == cols || ov > best_v[threadIdx.x] ||
+                        (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x]))) {
+        best_v[threadIdx.x] = ov;
+        best_i[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int32_t>(best_i[0]);
+}
+
 }  // namespace
+
+CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream) {
+  if (x == nullptr || out == nullptr || rows < 0 || cols <= 0 || ld < cols) return InvalidArgument("argmax_rows: bad arguments");
+  if (rows == 0) return {};
+  argmax_rows_kernel<<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(static_cast<const bf16*>(x), cols, ld,
+                                                                                out);
+  CUDA_RETURN_IF_LAUNCH_ERROR("argmax_rows_kernel");
+  return {};
+}
 
 CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
   if (a.x == nullptr || a.rows < 0 || a.seq <= 0 || a.heads <= 0 || a.rotary_dim < 2 || a.rotary_dim % 2 != 0 ||
@@ -111,7 +157,8 @@ CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
 
 CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.batch <= 0 || a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0 || a.head_dim <= 0 ||
-      a.length <= 0 || !a.q || !a.k || !a.v || !a.out || (a.window > 0 && (!a.q_grouped || !a.k_grouped))) {
+      a.length <= 0 || a.queries <= 0 || a.queries > a.length || !a.q || !a.k || !a.v || !a.out ||
+      (a.window > 0 && (!a.q_grouped || !a.k_grouped))) {
     return InvalidArgument("attention_decode: bad arguments");
   }
   const size_t smem = static_cast<size_t>(a.length) * sizeof(float);
@@ -121,7 +168,7 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(kMaxSmem)));
   }
-  attention_decode_kernel<<<static_cast<unsigned>(a.batch * a.heads), kDecodeThreads, smem, stream>>>(a);
+  attention_decode_kernel<<<static_cast<unsigned>(a.batch * a.queries * a.heads), kDecodeThreads, smem, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("attention_decode_kernel");
   return {};
 }

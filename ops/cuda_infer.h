@@ -33,6 +33,9 @@ struct CudaRopeArgs {
 // (window > 0): key j uses k_grouped with q_grouped when length - 1 - j >= window.
 struct CudaAttentionDecodeArgs {
   int64_t batch = 0, heads = 0, kv_heads = 0, head_dim = 0, length = 0;
+  // Queries per sequence (a DecodeChunk): q/out rows j * batch + b; query j attends to keys
+  // 0 .. length - queries + j (causal inside the chunk, `length` counts the whole chunk).
+  int64_t queries = 1;
   const void* q = nullptr;
   const void* q_grouped = nullptr;
   const void* k = nullptr;
@@ -101,6 +104,9 @@ class CudaInference {
   virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
   virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;
   virtual void MlstmStep(const CudaMlstmStepArgs& a) = 0;
+  // out[r] (device int32) = argmax of bf16 row r of x [rows, ld] over its first `cols` (lowest
+  // index on ties).
+  virtual void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) = 0;
 };
 
 // The registered implementation, or null in a binary built without CUDA.

@@ -54,9 +54,14 @@ class CudaInferenceImpl final : public CudaInference {
   void AttentionDecode(const CudaAttentionDecodeArgs& a) override {
     cuda_infer::DecodeArgs d;
     d.batch = a.batch; d.heads = a.heads; d.kv_heads = a.kv_heads; d.head_dim = a.head_dim; d.length = a.length;
+    d.queries = a.queries;
     d.q = a.q; d.q_grouped = a.q_grouped; d.k = a.k; d.k_grouped = a.k_grouped; d.v = a.v;
     d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
     OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
+  }
+
+  void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {
+    OkOrDie(cuda_infer::ArgmaxRows(x, rows, cols, ld, out, Stream()), "argmax rows");
   }
 
   void Conv1dStep(const CudaConv1dStepArgs& a) override {

@@ -10,11 +10,15 @@
 //             whole-head, partial rotary and SelfExtend variants), xLSTM (mLSTM + sLSTM steps),
 //             Mamba-2 (conv window + SSD state) and the mixer hybrid — every step's logits of
 //             every head vs the CPU decode, and the GPU decode vs the GPU full forward.
+//   chunk:    DecodeChunk (multi-token step) in mixed chunk lengths vs the CPU's float64 steps, and
+//             Rewind of a chunk's suffix vs a fresh CPU run over the kept prefix, for Llama,
+//             xLSTM, Mamba-2 and the mixer hybrid.
 // Bands: METHOD.md's bf16 ones (activations rounded to bf16 at every layer boundary; fp32
 // accumulation): 1e-2 for a layer output, 3e-2 for logits after several layers, 5e-2 for
 // gradients (as recurrent_gpu_test).
 // DecodeThroughput (only with GYRE_DECODE_BENCH=1): decode tokens/s of llama-125m at batch 1
-// and 8 (random weights; 16 warm-up steps, median step time of 64).
+// and 8 (random weights; 16 warm-up steps, median step time of 64); ChunkVersusStepCost: one
+// speculative round's DecodeChunk + Rewind + DraftLogits against one greedy step.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -280,6 +284,145 @@ TEST_F(DecodeGpuTest, Mamba2DecodeStepsMatchTheCpu) {
 }
 
 TEST_F(DecodeGpuTest, MixerHybridDecodeStepsMatchTheCpu) { CheckDecode("mamba2+mixer", SmallMixerHybrid(), 0, 0); }
+
+// ---------------------------------------------------------------- multi-token decode (DecodeChunk)
+
+// Position-major tokens [n, B] of positions t0..t0+n-1 from per-sequence streams [B, T].
+std::vector<int32_t> Columns(const std::vector<int32_t>& seqs, int64_t B, int64_t T, int64_t t0, int64_t n) {
+  std::vector<int32_t> out;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < B; ++b) out.push_back(seqs[b * T + t0 + j]);
+  return out;
+}
+
+// 24 tokens (batch 2, 3 heads) fed to the GPU in chunks {1, 4, 3, 4, 2, 4, 4, 2}, every head's
+// logits at every position against the CPU's float64 DecodeStep; then Rewind on the device:
+// prefix of 5, a rewindable chunk of 4, Rewind(keep) for keep 1..4, 3 more steps, against a fresh
+// CPU run over prefix + kept + the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
+void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, int64_t se_group = 0,
+                      int64_t se_window = 0) {
+  spec.mtp_heads = 3;
+  Pair m = MakePair(spec, 8);
+  ASSERT_TRUE(m.gpu && m.cpu);
+  if (se_group > 0) {
+    m.gpu->SetSelfExtend(se_group, se_window);
+    m.cpu->SetSelfExtend(se_group, se_window);
+  }
+  const int64_t T = 24, H = 3, V = spec.vocab_size;
+  const auto seqs = RandomTokens(B * T, V, 19);
+  std::vector<std::vector<Tensor>> ref;
+  auto sc = m.cpu->NewDecodeState(B);
+  for (int64_t t = 0; t < T; ++t) ref.push_back(m.cpu->DecodeStep(Columns(seqs, B, T, t, 1), sc.get()));
+  auto sg = m.gpu->NewDecodeState(B);
+  double worst = 0;
+  int64_t t = 0, i = 0;
+  for (int64_t chunk : {1, 4, 3, 4, 2, 4, 4, 2}) {
+    LanguageModel::DecodeOptions o;
+    o.rewindable = (i++ % 2) == 1;
+    const std::vector<Tensor> lg = m.gpu->DecodeChunk(Columns(seqs, B, T, t, chunk), chunk, sg.get(), o);
+    ASSERT_EQ(static_cast<int64_t>(lg.size()), H);
+    for (int64_t k = 0; k < H; ++k) {
+      const Tensor g = lg[k].ToDevice(Device::kCpu).To(DType::kF64);
+      for (int64_t j = 0; j < chunk; ++j) worst = std::max(worst, RelativeError(g.Rows(j * B, (j + 1) * B), ref[t + j][k]));
+    }
+    t += chunk;
+  }
+  const bool chunks_ok = std::isfinite(worst) && worst <= 3e-2;
+  std::printf("[%s] %s DecodeChunk 24 tokens B%ld 3 heads chunks 1,4,3,4,2,4,4,2: worst rel_err vs CPU f64 steps %.3e "
+              "tol 3e-2\n", chunks_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst);
+  EXPECT_TRUE(chunks_ok);
+  const int64_t prefix = 5, chunk = 4, after = 3;
+  const auto cont = RandomTokens(B * after, V, 20);
+  double worst_rewind = 0;
+  for (int64_t keep = 1; keep <= chunk; ++keep) {
+    auto rc = m.cpu->NewDecodeState(B);
+    for (int64_t u = 0; u < prefix + keep; ++u) m.cpu->DecodeStep(Columns(seqs, B, T, u, 1), rc.get());
+    auto rg = m.gpu->NewDecodeState(B);
+    m.gpu->DecodeChunk(Columns(seqs, B, T, 0, prefix), prefix, rg.get(), {});
+    LanguageModel::DecodeOptions o;
+    o.rewindable = true;
+    m.gpu->DecodeChunk(Columns(seqs, B, T, prefix, chunk), chunk, rg.get(), o);
+    ASSERT_TRUE(m.gpu->Rewind(rg.get(), keep).ok());
+    for (int64_t j = 0; j < after; ++j) {
+      const std::vector<int32_t> tok = Columns(cont, B, after, j, 1);
+      const std::vector<Tensor> lc = m.cpu->DecodeStep(tok, rc.get());
+      const std::vector<Tensor> lg = m.gpu->DecodeStep(tok, rg.get());
+      for (int64_t k = 0; k < H; ++k)
+        worst_rewind = std::max(worst_rewind, RelativeError(lg[k].ToDevice(Device::kCpu).To(DType::kF64), lc[k]));
+    }
+  }
+  const bool rewind_ok = std::isfinite(worst_rewind) && worst_rewind <= 3e-2;
+  std::printf("[%s] %s B%ld Rewind(keep 1..4) of a 4-token chunk then 3 steps: worst rel_err vs fresh CPU f64 run "
+              "%.3e tol 3e-2\n", rewind_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst_rewind);
+  EXPECT_TRUE(rewind_ok);
+}
+
+TEST_F(DecodeGpuTest, LlamaDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("llama", SmallLlama()); }
+// Batch 1 takes the one-launch chunk attention (ops/attention.cc DecodeChunkCuda).
+TEST_F(DecodeGpuTest, LlamaBatch1ChunkAttentionMatchesTheCpu) { CheckDecodeChunk("llama", SmallLlama(), 1); }
+TEST_F(DecodeGpuTest, PartialRotarySelfExtendBatch1ChunkAttentionMatchesTheCpu) {
+  ModelSpec s = SmallLlama();
+  s.attn_rotary_dim = 32;
+  CheckDecodeChunk("llama partial-rotary SelfExtend G4 W8", s, 1, 4, 8);
+}
+TEST_F(DecodeGpuTest, MixerHybridBatch1ChunkAttentionMatchesTheCpu) {
+  CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid(), 1);
+}
+TEST_F(DecodeGpuTest, XlstmDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("xlstm mLSTM+sLSTM", SmallXlstm()); }
+TEST_F(DecodeGpuTest, Mamba2DecodeChunkAndRewindMatchTheCpu) {
+  ModelSpec s = SmallMixerHybrid();
+  s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
+  CheckDecodeChunk("mamba2", s);
+}
+TEST_F(DecodeGpuTest, MixerHybridDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid()); }
+
+// Cost of one DecodeChunk of k tokens against one DecodeStep (batch 1, random weights, 4 MTP
+// heads; the speculative round's real call: heads 1..4, rewindable, deferred draft logits, then
+// Rewind(1) and DraftLogits), median of 64 after 16 warm-up: the speed-up ceiling
+// k * step / chunk that full acceptance would give (only with GYRE_DECODE_BENCH=1).
+TEST_F(DecodeGpuTest, ChunkVersusStepCost) {
+  const char* on = std::getenv("GYRE_DECODE_BENCH");
+  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set GYRE_DECODE_BENCH=1";
+  for (const char* preset : {"llama-125m", "mamba2-130m", "xlstm[1:0]-125m"}) {
+    ModelSpec spec = *PresetSpec(preset);
+    spec.mtp_heads = 4;
+    auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 1);
+    if (!m.ok()) {
+      std::printf("chunk bench %s: %s\n", preset, m.status().ToString().c_str());
+      continue;
+    }
+    auto time_ms = [&](auto&& fn) {
+      std::vector<double> ms;
+      for (int i = 0; i < 16 + 64; ++i) {
+        Cuda().Synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        fn();
+        Cuda().Synchronize();
+        if (i >= 16) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(ms.begin(), ms.end());
+      return ms[ms.size() / 2];
+    };
+    auto greedy_state = (*m)->NewDecodeState(1);
+    const std::vector<int32_t> one = {1};
+    const double step = time_ms([&] { (*m)->DecodeStep(one, greedy_state.get(), 1); });
+    for (int64_t k : {2, 4}) {
+      auto st = (*m)->NewDecodeState(1);
+      std::vector<int32_t> tok(k, 1);
+      LanguageModel::DecodeOptions o;
+      o.heads = k;
+      o.rewindable = true;
+      o.defer_draft_logits = true;
+      const double chunk = time_ms([&] {
+        (*m)->DecodeChunk(tok, k, st.get(), o);
+        GYRE_CHECK((*m)->Rewind(st.get(), k).ok(), "rewind");
+        (*m)->DraftLogits(*st, k - 1);
+      });
+      std::printf("chunk bench %s B1: greedy step (head 1) %.3f ms; speculative round k=%ld (chunk + rewind + draft "
+                  "logits) %.3f ms; full-acceptance ceiling x%.2f\n", preset, step, (long)k, chunk, k * step / chunk);
+    }
+  }
+}
 
 // ---------------------------------------------------------------- throughput
 

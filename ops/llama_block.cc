@@ -108,19 +108,33 @@ namespace {
 struct KvState : BlockState {
   KvCache cache;
   Tensor conv;  // [B, K-1, q+2kv] for the mixer's qkv conv
+  int64_t length_before_chunk = -1;  // cache length before the last rewindable chunk
+  StateHistory conv_history;
 };
+
+void RewindKv(KvState* st, int64_t keep) {
+  GYRE_CHECK(st->length_before_chunk >= 0 && keep >= 1 &&
+                 st->length_before_chunk + keep <= st->cache.length(),
+             "rewind to %ld without a rewindable chunk", (long)keep);
+  TruncateKvCache(&st->cache, st->length_before_chunk + keep);
+  if (st->conv.defined()) st->conv_history.Restore(keep, {&st->conv});
+  st->length_before_chunk = -1;
+}
 
 }  // namespace
 
 std::unique_ptr<BlockState> LlamaBlock::NewState(int64_t) const { return std::make_unique<KvState>(); }
 
-Tensor LlamaBlock::Step(const Tensor& x, BlockState* state) {
+Tensor LlamaBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
   auto* st = static_cast<KvState*>(state);
-  Tensor h = Add(x, attn_.Step(attn_norm_.Forward(x), &st->cache));
+  st->length_before_chunk = rewindable ? st->cache.length() : -1;
+  Tensor h = Add(x, attn_.StepChunk(attn_norm_.Forward(x), chunk, &st->cache).Reshape(x.shape()));
   Tensor y = Add(h, mlp_.Forward(mlp_norm_.Forward(h)));
   ReleaseActivations();
   return y;
 }
+
+void LlamaBlock::Rewind(BlockState* state, int64_t keep) { RewindKv(static_cast<KvState*>(state), keep); }
 
 std::unique_ptr<BlockState> AttentionMixerBlock::NewState(int64_t batch) const {
   auto st = std::make_unique<KvState>();
@@ -128,15 +142,20 @@ std::unique_ptr<BlockState> AttentionMixerBlock::NewState(int64_t batch) const {
   return st;
 }
 
-Tensor AttentionMixerBlock::Step(const Tensor& x, BlockState* state) {
+Tensor AttentionMixerBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
   auto* st = static_cast<KvState*>(state);
+  st->length_before_chunk = rewindable ? st->cache.length() : -1;
+  st->conv_history.Clear();
   Tensor qkv = in_proj_.Forward(norm_.Forward(x));
-  if (conv_) qkv = conv_->Step(qkv, &st->conv);
-  Tensor a = CausalAttentionDecode(SliceColumns(qkv, 0, q_dim_), SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_),
-                                   SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_), options_, &st->cache);
-  Tensor y = Add(x, out_proj_.Forward(a));
+  if (conv_) qkv = conv_->StepChunk(qkv, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
+  Tensor a = CausalAttentionDecodeChunk(SliceColumns(qkv, 0, q_dim_), SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_),
+                                        SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_), chunk, options_,
+                                        &st->cache);
+  Tensor y = Add(x, out_proj_.Forward(a).Reshape(x.shape()));
   ReleaseActivations();
   return y;
 }
+
+void AttentionMixerBlock::Rewind(BlockState* state, int64_t keep) { RewindKv(static_cast<KvState*>(state), keep); }
 
 }  // namespace gyre::ops

@@ -22,7 +22,8 @@ class LlamaBlock : public Block {
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
-  Tensor Step(const Tensor& x, BlockState* state) override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
   SelfAttention& attention() { return attn_; }
 
  private:
@@ -44,7 +45,8 @@ class AttentionMixerBlock : public Block {
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
-  Tensor Step(const Tensor& x, BlockState* state) override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
   void SetSelfExtend(int64_t group, int64_t window) {
     options_.self_extend_group = group;
     options_.self_extend_window = window;

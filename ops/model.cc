@@ -1,10 +1,12 @@
 #include "ops/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/llama_block.h"
 
 namespace gyre::ops {
@@ -252,25 +254,89 @@ Tensor LanguageModel::Logits(std::span<const int32_t> inputs, int64_t batch, int
 std::unique_ptr<LanguageModel::DecodeState> LanguageModel::NewDecodeState(int64_t batch) const {
   auto st = std::make_unique<DecodeState>();
   st->batch = batch;
+  st->live_heads = static_cast<int64_t>(heads_.size());
   for (const auto& b : trunk_) st->trunk.push_back(b->NewState(batch));
   for (const auto& b : heads_) st->heads.push_back(b->NewState(batch));
   return st;
 }
 
-std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state) {
-  GYRE_CHECK(static_cast<int64_t>(tokens.size()) == state->batch, "decode: %zu tokens for batch %ld", tokens.size(),
-             (long)state->batch);
+std::vector<Tensor> LanguageModel::DecodeStep(std::span<const int32_t> tokens, DecodeState* state, int64_t heads) {
+  DecodeOptions options;
+  options.heads = heads;
+  return DecodeChunk(tokens, 1, state, options);
+}
+
+std::vector<Tensor> LanguageModel::DecodeChunk(std::span<const int32_t> tokens, int64_t chunk, DecodeState* state,
+                                               const DecodeOptions& options) {
+  const int64_t B = state->batch, rows = chunk * B;
+  GYRE_CHECK(chunk >= 1 && static_cast<int64_t>(tokens.size()) == rows, "decode: %zu tokens for chunk %ld x batch %ld",
+             tokens.size(), (long)chunk, (long)B);
+  const int64_t n = options.heads > 0 ? options.heads : static_cast<int64_t>(heads_.size());
+  GYRE_CHECK(n <= state->live_heads, "decode: head %ld was skipped earlier on this state (live heads %ld)", (long)n,
+             (long)state->live_heads);
+  state->live_heads = n;
   Tensor z = embedding_->Forward(tokens);
   embedding_->ReleaseActivations();
-  for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->Step(z, state->trunk[i].get());
-  std::vector<Tensor> logits;
-  for (size_t k = 0; k < heads_.size(); ++k) {
-    Tensor hn = final_norm_->Forward(heads_[k]->Step(z, state->heads[k].get()));
+  for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->StepChunk(z, chunk, state->trunk[i].get(), options.rewindable);
+  // Every head's normed output in one [n * out_rows, d] matrix, so the LM head weight is read once.
+  const int64_t out_rows = options.last_position_only ? B : rows;
+  std::vector<Tensor> hn(n);
+  for (int64_t k = 0; k < n; ++k) {
+    Tensor h = heads_[k]->StepChunk(z, chunk, state->heads[k].get(), options.rewindable);
+    if (options.last_position_only && chunk > 1) h = h.Rows(rows - B, rows).Clone();
+    hn[k] = final_norm_->Forward(h);
     final_norm_->ReleaseActivations();
-    logits.push_back(LinearForward(hn, HeadWeight()));
   }
-  state->position++;
-  return logits;
+  state->draft_hidden.clear();
+  int64_t with_logits = n;
+  if (options.defer_draft_logits) {
+    state->draft_hidden.assign(hn.begin() + 1, hn.end());
+    with_logits = 1;
+  }
+  Tensor all;
+  if (with_logits == 1) {
+    all = hn[0];
+  } else {
+    all = Tensor::Empty({with_logits * out_rows, spec_.d_model}, hn[0].dtype(), hn[0].device());
+    for (int64_t k = 0; k < with_logits; ++k) all.Rows(k * out_rows, (k + 1) * out_rows).CopyFrom(hn[k]);
+  }
+  Tensor logits = LinearForward(all.Reshape({with_logits * out_rows, spec_.d_model}), HeadWeight());
+  std::vector<Tensor> out;
+  for (int64_t k = 0; k < with_logits; ++k) out.push_back(logits.Rows(k * out_rows, (k + 1) * out_rows));
+  state->position += chunk;
+  state->rewind_chunk = options.rewindable ? chunk : 0;
+  return out;
+}
+
+std::vector<Tensor> LanguageModel::DraftLogits(const DecodeState& state, int64_t position) {
+  const int64_t B = state.batch, n = static_cast<int64_t>(state.draft_hidden.size());
+  GYRE_CHECK(n > 0, "DraftLogits without a DecodeChunk with defer_draft_logits and >= 2 heads");
+  const int64_t rows = state.draft_hidden[0].rows();
+  GYRE_CHECK(position >= 0 && (position + 1) * B <= rows, "DraftLogits position %ld of %ld rows", (long)position,
+             (long)rows);
+  const Tensor& h0 = state.draft_hidden[0];
+  Tensor all = Tensor::Empty({n * B, spec_.d_model}, h0.dtype(), h0.device());
+  for (int64_t k = 0; k < n; ++k)
+    all.Rows(k * B, (k + 1) * B).CopyFrom(state.draft_hidden[k].Rows(position * B, (position + 1) * B));
+  Tensor logits = LinearForward(all, HeadWeight());
+  std::vector<Tensor> out;
+  for (int64_t k = 0; k < n; ++k) out.push_back(logits.Rows(k * B, (k + 1) * B));
+  return out;
+}
+
+absl::Status LanguageModel::Rewind(DecodeState* state, int64_t keep) {
+  if (state->rewind_chunk == 0) {
+    return absl::FailedPreconditionError("rewind: the last DecodeChunk was not rewindable (or was rewound already)");
+  }
+  if (keep < 1 || keep > state->rewind_chunk) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rewind: keep ", keep, " outside [1, ", state->rewind_chunk, "] of the last chunk"));
+  }
+  for (size_t i = 0; i < trunk_.size(); ++i) trunk_[i]->Rewind(state->trunk[i].get(), keep);
+  for (int64_t k = 0; k < state->live_heads; ++k) heads_[k]->Rewind(state->heads[k].get(), keep);
+  state->position -= state->rewind_chunk - keep;
+  state->rewind_chunk = 0;
+  return absl::OkStatus();
 }
 
 void LanguageModel::SetSelfExtend(int64_t group, int64_t window) {
@@ -288,6 +354,26 @@ void LanguageModel::ReleaseAll() {
   for (auto& b : trunk_) b->ReleaseActivations();
   for (auto& b : heads_) b->ReleaseActivations();
   final_norm_->ReleaseActivations();
+}
+
+std::vector<int32_t> ArgmaxRows(const Tensor& logits) {
+  const int64_t rows = logits.rows(), cols = logits.cols();
+  std::vector<int32_t> out(static_cast<size_t>(rows));
+  if (IsCuda(logits)) {
+    GYRE_CHECK(logits.dtype() == DType::kBF16, "ArgmaxRows: CUDA logits must be bf16");
+    Tensor ids = Tensor::Empty({rows}, DType::kI32, Device::kCuda);
+    CudaInfer().ArgmaxRows(logits.raw(), rows, cols, cols, ids.data<int32_t>());
+    Tensor host = ids.ToDevice(Device::kCpu);
+    std::copy(host.data<int32_t>(), host.data<int32_t>() + rows, out.begin());
+    return out;
+  }
+  DispatchFloat(logits.dtype(), [&]<typename T>() {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = logits.data<T>() + r * cols;
+      out[r] = static_cast<int32_t>(std::max_element(p, p + cols) - p);
+    }
+  });
+  return out;
 }
 
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec) {

@@ -67,11 +67,38 @@ class LanguageModel {
   // states live on the device (KV caches: ops/attention.h; recurrent: recurrent_step_cuda.cc).
   struct DecodeState {
     int64_t batch = 0;
-    int64_t position = 0;
+    int64_t position = 0;     // tokens fed per sequence
+    int64_t live_heads = 0;   // heads 1..live_heads have states that followed every token
+    int64_t rewind_chunk = 0; // length of the last rewindable chunk (0: nothing to rewind)
+    std::vector<Tensor> draft_hidden;  // defer_draft_logits: heads 2..n's normed outputs [rows, d]
     std::vector<std::unique_ptr<BlockState>> trunk, heads;
   };
+  struct DecodeOptions {
+    int64_t heads = 0;                // run and return heads 1..heads only (0: all). Heads past it
+                                      // fall behind and cannot be asked for again on this state.
+    bool rewindable = false;          // keep per-position states so Rewind can undo a suffix
+    bool last_position_only = false;  // logits of the chunk's last position only ([batch, vocab])
+    bool defer_draft_logits = false;  // return head 1's logits only; DraftLogits gives heads 2..n
+                                      // at the one position that is needed (saves LM-head rows)
+  };
   std::unique_ptr<DecodeState> NewDecodeState(int64_t batch) const;
-  std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state);
+  std::vector<Tensor> DecodeStep(std::span<const int32_t> tokens, DecodeState* state, int64_t heads = 0);
+  // Multi-token decoding step: `chunk` tokens per sequence, position-major (tokens[j * batch + b]
+  // is sequence b's token at chunk position j). Returns per head k the logits
+  // [chunk * batch, vocab], same row order (or [batch, vocab] with last_position_only). Equals
+  // `chunk` DecodeStep calls (same numbers up to summation order) but runs every weight once
+  // over all chunk * batch rows (one GEMM instead of `chunk` GEMVs; the LM head once for all
+  // heads); the cells and attention run position by position inside each block.
+  std::vector<Tensor> DecodeChunk(std::span<const int32_t> tokens, int64_t chunk, DecodeState* state,
+                                  const DecodeOptions& options);
+  // After a DecodeChunk with rewindable = true: keep only its first `keep` positions (1..chunk)
+  // in every sequence, exactly as if only those tokens had been fed (KV caches truncated,
+  // recurrent states and conv windows restored from the copies made after position keep - 1).
+  // InvalidArgument when keep is out of range; FailedPrecondition without such a chunk.
+  absl::Status Rewind(DecodeState* state, int64_t keep);
+  // After a DecodeChunk with defer_draft_logits: heads 2..n's logits [batch, vocab] at chunk
+  // position `position` (one LM-head GEMM over (n - 1) * batch rows).
+  std::vector<Tensor> DraftLogits(const DecodeState& state, int64_t position);
 
   // The LM head's parameter [V, d] (fp32 master): lm_head.weight, or the embedding when tied.
   const Parameter& HeadParameter() const;
@@ -108,6 +135,10 @@ class LanguageModel {
 // Factory for one block of `type` (layer index `layer` of `n_layers`), defined in blocks.cc.
 absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildContext& ctx,
                                                  const ModelSpec& spec, int64_t layer, int64_t n_layers);
+
+// Per-row argmax of logits [rows, V] (the lowest index on ties) on any device: CUDA logits are
+// reduced on the device and only the ids are copied back (greedy / speculative decoding).
+std::vector<int32_t> ArgmaxRows(const Tensor& logits);
 
 // Parameter count of a spec, computed by building it on the meta device (no memory).
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec);

@@ -596,17 +596,29 @@ Tensor CausalConv1d::Step(const Tensor& x, Tensor* state) {
   return y;
 }
 
+Tensor CausalConv1d::StepChunk(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history) {
+  if (history != nullptr) history->Clear();
+  if (chunk == 1) return Step(x, state);
+  GYRE_CHECK(chunk > 0 && x.rows() % chunk == 0, "conv1d chunk %ld of %ld rows", (long)chunk, (long)x.rows());
+  const int64_t B = x.rows() / chunk;
+  Tensor y = Tensor::Empty({x.rows(), channels_}, IsCuda(x) ? DType::kBF16 : x.dtype(), x.device());
+  for (int64_t j = 0; j < chunk; ++j) {
+    if (IsCuda(x)) {
+      Tensor rows = y.Rows(j * B, (j + 1) * B);
+      StepCuda(x.Rows(j * B, (j + 1) * B), state, &rows);  // straight into the output rows
+    } else {
+      y.Rows(j * B, (j + 1) * B).CopyFrom(Step(x.Rows(j * B, (j + 1) * B), state));
+    }
+    if (history != nullptr && j + 1 < chunk) history->Record({state});
+  }
+  return y;
+}
+
 namespace {
 
-struct MlstmState : BlockState {
-  Tensor conv, c, n, m;
-};
-struct SlstmState : BlockState {
-  Tensor conv, h, c, n, m;
-};
-struct Mamba2State : BlockState {
-  Tensor conv, ssm;
-};
+cpu::MlstmOptions MlstmStepOptions(int64_t chunk, bool sigmoid_forget) {
+  return {chunk, sigmoid_forget ? cpu::MlstmForgetGate::kSigmoid : cpu::MlstmForgetGate::kExponential, 1e-6};
+}
 
 }  // namespace
 
@@ -621,27 +633,38 @@ std::unique_ptr<BlockState> MlstmBlock::NewState(int64_t batch) const {
   return st;
 }
 
-Tensor MlstmBlock::Step(const Tensor& x, BlockState* state) {
+Tensor MlstmBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
   auto* st = static_cast<MlstmState*>(state);
-  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->c, &st->n, &st->m);
-  const int64_t B = x.rows(), dk = p_ / heads_;
+  st->cell_history.Clear();
+  if (IsCuda(x)) return StepCuda(x, chunk, st, rewindable);
+  const int64_t B = x.rows() / chunk, dk = p_ / heads_;
   Tensor up = up_.Forward(norm_.Forward(x));
   Tensor xm = SliceColumns(up, 0, p_), z = SliceColumns(up, p_, 2 * p_);
-  Tensor xc = conv_.Step(xm, &st->conv);
+  Tensor xc = conv_.StepChunk(xm, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   Tensor q = q_.Forward(xc), k = k_.Forward(xc), v = v_.Forward(xm);
   Tensor qkv = ConcatColumns({q, k, v});
   Tensor ig = igate_.Forward(qkv), fg = fgate_.Forward(qkv);
   Tensor h = Tensor::EmptyLike(xm);
-  const cpu::MlstmOptions options{chunk_, sigmoid_forget_ ? cpu::MlstmForgetGate::kSigmoid
-                                                          : cpu::MlstmForgetGate::kExponential, 1e-6};
+  const cpu::MlstmOptions options = MlstmStepOptions(chunk_, sigmoid_forget_);
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    cpu::mlstm_step_fwd_ref<T>({B, 1, heads_, dk, dk}, options, q.data<T>(), k.data<T>(), v.data<T>(), ig.data<T>(),
-                               fg.data<T>(), {st->c.data<T>(), st->n.data<T>(), st->m.data<T>()}, h.data<T>());
+    for (int64_t j = 0; j < chunk; ++j) {
+      const int64_t r = j * B * p_, g = j * B * heads_;
+      cpu::mlstm_step_fwd_ref<T>({B, 1, heads_, dk, dk}, options, q.data<T>() + r, k.data<T>() + r, v.data<T>() + r,
+                                 ig.data<T>() + g, fg.data<T>() + g, {st->c.data<T>(), st->n.data<T>(), st->m.data<T>()},
+                                 h.data<T>() + r);
+      if (rewindable && j + 1 < chunk) st->cell_history.Record({&st->c, &st->n, &st->m});
+    }
   });
   Tensor hs = Add(outnorm_.Forward(h), ScaleColumns(xc, skip_->value));
   Tensor y = Add(x, down_.Forward(Mul(hs, Activate(Activation::kSilu, z))));
   ReleaseActivations();
   return y;
+}
+
+void MlstmBlock::Rewind(BlockState* state, int64_t keep) {
+  auto* st = static_cast<MlstmState*>(state);
+  st->conv_history.Restore(keep, {&st->conv});
+  st->cell_history.Restore(keep, {&st->c, &st->n, &st->m});
 }
 
 std::unique_ptr<BlockState> SlstmBlock::NewState(int64_t batch) const {
@@ -652,30 +675,41 @@ std::unique_ptr<BlockState> SlstmBlock::NewState(int64_t batch) const {
   return st;
 }
 
-Tensor SlstmBlock::Step(const Tensor& x, BlockState* state) {
+Tensor SlstmBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
   auto* st = static_cast<SlstmState*>(state);
-  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->h, &st->c, &st->n, &st->m);
-  const int64_t B = x.rows(), dh = d_ / heads_;
+  st->cell_history.Clear();
+  if (IsCuda(x)) return StepCuda(x, chunk, st, rewindable);
+  const int64_t rows = x.rows(), B = rows / chunk, dh = d_ / heads_;
   Tensor u = norm_.Forward(x);
-  Tensor xc = conv_.Step(u, &st->conv);
+  Tensor xc = conv_.StepChunk(u, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   Tensor gates[4] = {wi_.Forward(xc), wf_.Forward(xc), wz_.Forward(u), wo_.Forward(u)};
-  Tensor gx = Tensor::Empty({B, 4, d_}, x.dtype());
-  Tensor h = Tensor::Empty({B, d_}, x.dtype());
+  Tensor gx = Tensor::Empty({rows, 4, d_}, x.dtype());
+  Tensor h = Tensor::Empty({rows, d_}, x.dtype());
   DispatchFloat(x.dtype(), [&]<typename T>() {
     T* g = gx.data<T>();
     const T* b = bias_->value.data<T>();
     for (int k = 0; k < 4; ++k) {
       const T* src = gates[k].data<T>();
-      for (int64_t r = 0; r < B; ++r)
+      for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < d_; ++c) g[(r * 4 + k) * d_ + c] = src[r * d_ + c] + b[k * d_ + c];
     }
-    cpu::slstm_step_fwd_ref<T>({B, 1, heads_, dh}, g, recurrent_->value.data<T>(),
-                               {st->h.data<T>(), st->c.data<T>(), st->n.data<T>(), st->m.data<T>()}, h.data<T>());
+    for (int64_t j = 0; j < chunk; ++j) {
+      cpu::slstm_step_fwd_ref<T>({B, 1, heads_, dh}, g + j * B * 4 * d_, recurrent_->value.data<T>(),
+                                 {st->h.data<T>(), st->c.data<T>(), st->n.data<T>(), st->m.data<T>()},
+                                 h.data<T>() + j * B * d_);
+      if (rewindable && j + 1 < chunk) st->cell_history.Record({&st->h, &st->c, &st->n, &st->m});
+    }
   });
   Tensor x1 = Add(x, group_norm_.Forward(h));
   Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
   ReleaseActivations();
   return y;
+}
+
+void SlstmBlock::Rewind(BlockState* state, int64_t keep) {
+  auto* st = static_cast<SlstmState*>(state);
+  st->conv_history.Restore(keep, {&st->conv});
+  st->cell_history.Restore(keep, {&st->h, &st->c, &st->n, &st->m});
 }
 
 std::unique_ptr<BlockState> Mamba2Block::NewState(int64_t batch) const {
@@ -686,26 +720,38 @@ std::unique_ptr<BlockState> Mamba2Block::NewState(int64_t batch) const {
   return st;
 }
 
-Tensor Mamba2Block::Step(const Tensor& x, BlockState* state) {
+Tensor Mamba2Block::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
   auto* st = static_cast<Mamba2State*>(state);
-  if (IsCuda(x)) return StepCuda(x, &st->conv, &st->ssm);
-  const int64_t B = x.rows(), gn = groups_ * state_;
+  st->cell_history.Clear();
+  if (IsCuda(x)) return StepCuda(x, chunk, st, rewindable);
+  const int64_t B = x.rows() / chunk, gn = groups_ * state_;
   Tensor zx = in_proj_.Forward(norm_.Forward(x));
   Tensor z = SliceColumns(zx, 0, di_);
-  Tensor xbc = conv_.Step(SliceColumns(zx, di_, 2 * di_ + 2 * gn), &st->conv);
+  Tensor xbc = conv_.StepChunk(SliceColumns(zx, di_, 2 * di_ + 2 * gn), chunk, &st->conv,
+                               rewindable ? &st->conv_history : nullptr);
   Tensor dt = SliceColumns(zx, 2 * di_ + 2 * gn, 2 * di_ + 2 * gn + heads_);
   Tensor xs = SliceColumns(xbc, 0, di_), b = SliceColumns(xbc, di_, di_ + gn), c = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
   Tensor y = Tensor::EmptyLike(xs);
   cpu::SsdOptions options;
   options.chunk_size = chunk_;
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    cpu::ssd_step_fwd_ref<T>({B, 1, heads_, head_dim_, groups_, state_}, options, xs.data<T>(), dt.data<T>(),
-                             a_log_->value.data<T>(), dt_bias_->value.data<T>(), b.data<T>(), c.data<T>(),
-                             d_skip_->value.data<T>(), st->ssm.data<T>(), y.data<T>());
+    for (int64_t j = 0; j < chunk; ++j) {
+      cpu::ssd_step_fwd_ref<T>({B, 1, heads_, head_dim_, groups_, state_}, options, xs.data<T>() + j * B * di_,
+                               dt.data<T>() + j * B * heads_, a_log_->value.data<T>(), dt_bias_->value.data<T>(),
+                               b.data<T>() + j * B * gn, c.data<T>() + j * B * gn, d_skip_->value.data<T>(),
+                               st->ssm.data<T>(), y.data<T>() + j * B * di_);
+      if (rewindable && j + 1 < chunk) st->cell_history.Record({&st->ssm});
+    }
   });
   Tensor out = Add(x, out_proj_.Forward(gated_norm_.Forward(Mul(y, Activate(Activation::kSilu, z)))));
   ReleaseActivations();
   return out;
+}
+
+void Mamba2Block::Rewind(BlockState* state, int64_t keep) {
+  auto* st = static_cast<Mamba2State*>(state);
+  st->conv_history.Restore(keep, {&st->conv});
+  st->cell_history.Restore(keep, {&st->ssm});
 }
 
 // ---------------------------------------------------------------- CUDA paths

@@ -42,6 +42,9 @@ class CausalConv1d {
   void ReleaseActivations() { x_ = Tensor(); }
   // Inference: x [B, C]; `state` [B, K-1, C] (zeros at the start) is advanced.
   Tensor Step(const Tensor& x, Tensor* state);
+  // `chunk` positions, x [chunk * B, C] position-major; with a history, the window after every
+  // position but the last is recorded (Block::StepChunk).
+  Tensor StepChunk(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
   int64_t channels() const { return channels_; }
   int64_t width() const { return width_; }
 
@@ -52,7 +55,8 @@ class CausalConv1d {
   Parameter* bias_;
   Tensor x_;
   int64_t batch_ = 0, seq_ = 0;
-  Tensor StepCuda(const Tensor& x, Tensor* state);  // ops/recurrent_step_cuda.cc
+  // ops/recurrent_step_cuda.cc; writes into *y (rows of a chunk's output) when given.
+  Tensor StepCuda(const Tensor& x, Tensor* state, Tensor* y = nullptr);
 };
 
 // Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after
@@ -61,6 +65,21 @@ class CausalConv1d {
 void SetRecurrentProfiling(bool on);
 std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 
+// Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
+// advanced in place; the histories hold the per-position copies of a rewindable chunk.
+struct MlstmState : BlockState {
+  Tensor conv, c, n, m;
+  StateHistory conv_history, cell_history;
+};
+struct SlstmState : BlockState {
+  Tensor conv, h, c, n, m;
+  StateHistory conv_history, cell_history;
+};
+struct Mamba2State : BlockState {
+  Tensor conv, ssm;
+  StateHistory conv_history, cell_history;
+};
+
 class MlstmBlock : public Block {
  public:
   MlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
@@ -68,7 +87,8 @@ class MlstmBlock : public Block {
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
-  Tensor Step(const Tensor& x, BlockState* state) override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
 
  private:
   int64_t d_, p_, heads_, chunk_;
@@ -89,7 +109,7 @@ class MlstmBlock : public Block {
   Tensor u_, xm_, mean_, rstd_;
   // CUDA decoding (ops/recurrent_step_cuda.cc); the CPU-made state tensors move to the device
   // on the first step.
-  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* c, Tensor* n, Tensor* m);
+  Tensor StepCuda(const Tensor& x, int64_t chunk, struct MlstmState* st, bool rewindable);
 };
 
 class SlstmBlock : public Block {
@@ -99,7 +119,8 @@ class SlstmBlock : public Block {
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
-  Tensor Step(const Tensor& x, BlockState* state) override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
 
  private:
   int64_t d_, heads_;
@@ -116,7 +137,7 @@ class SlstmBlock : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, xc_;
-  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* h, Tensor* c, Tensor* n, Tensor* m);
+  Tensor StepCuda(const Tensor& x, int64_t chunk, struct SlstmState* st, bool rewindable);
 };
 
 class Mamba2Block : public Block {
@@ -126,7 +147,8 @@ class Mamba2Block : public Block {
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
-  Tensor Step(const Tensor& x, BlockState* state) override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
 
  private:
   int64_t d_, di_, heads_, head_dim_, groups_, state_, chunk_;
@@ -143,7 +165,7 @@ class Mamba2Block : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, rstd_;
-  Tensor StepCuda(const Tensor& x, Tensor* conv, Tensor* ssm);
+  Tensor StepCuda(const Tensor& x, int64_t chunk, struct Mamba2State* st, bool rewindable);
 };
 
 }  // namespace gyre::ops

@@ -1,0 +1,246 @@
+// Greedy vs MTP self-speculative decoding, wall clock, on a model trained here for a few hundred
+// steps (random weights would accept almost no drafts). Trains `--preset` with `--mtp_heads` on
+// a flat uint16 token file (the first 90 %), then decodes `--prompts` prompts of
+// `--prompt_len` tokens taken from the last 10 % (held out): greedy (head 1 only, the ordinary
+// model's cost) and speculative (one DecodeChunk of k tokens per round + Rewind), checks that
+// the outputs are equal, and prints tokens/s of both, the speed-up, tokens per forward and the
+// acceptance rate. Every prompt is decoded `--repeats` times per mode; the median time counts.
+//
+//   generate_bench --tokens data/english_neox.u16 --preset llama-tiny --mtp_heads 4 \
+//       --train_steps 300 --device cpu
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "eval/generate.h"
+#include "ops/blas_env.h"
+#include "ops/cuda_backend.h"
+#include "ops/model.h"
+#include "ops/parallel.h"
+#include "ops/rng.h"
+#include "ops/train_step.h"
+
+namespace gyre::eval {
+namespace {
+
+int Main(int argc, char** argv) {
+  CLI::App app{"greedy vs MTP self-speculative decoding tokens/s on a briefly trained model"};
+  std::string tokens_path, preset = "llama-tiny", device = "cpu";
+  int64_t mtp_heads = 4, train_steps = 300, batch = 8, seq = 128, prompts = 4, prompt_len = 32, new_tokens = 64;
+  int64_t repeats = 3, d_model = 0, n_layers = 0, threads = 0, top_vocab = 0;
+  double lr = 3e-3;
+  app.add_option("--tokens", tokens_path, "flat little-endian uint16 token file")->required();
+  app.add_option("--preset", preset, "model preset");
+  app.add_option("--d_model", d_model, "override d_model (0: preset)");
+  app.add_option("--n_layers", n_layers, "override n_layers (0: preset)");
+  app.add_option("--mtp_heads", mtp_heads, "MTP heads (>= 2)");
+  app.add_option("--train_steps", train_steps, "training steps before decoding");
+  app.add_option("--batch", batch, "training batch");
+  app.add_option("--seq", seq, "training sequence length");
+  app.add_option("--lr", lr, "peak learning rate");
+  app.add_option("--prompts", prompts, "held-out prompts");
+  app.add_option("--prompt_len", prompt_len, "tokens per prompt");
+  app.add_option("--new_tokens", new_tokens, "tokens generated per prompt");
+  app.add_option("--repeats", repeats, "timed repeats per prompt and mode (median)");
+  app.add_option("--top_vocab", top_vocab,
+                 "0: the file's ids as they are (model vocab 50304); N: the N-1 most frequent training ids "
+                 "keep their rank, every other id becomes N-1 (a small LM head for CPU runs)");
+  app.add_option("--threads", threads, "CPU threads (0: all)");
+  app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  CLI11_PARSE(app, argc, argv);
+
+  std::ifstream in(tokens_path, std::ios::binary);
+  const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (raw.empty()) {
+    std::fprintf(stderr, "%s: cannot read\n", tokens_path.c_str());
+    return 2;
+  }
+  std::vector<int32_t> data(raw.size() / 2);
+  for (size_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<uint8_t>(raw[2 * i]) | (static_cast<uint8_t>(raw[2 * i + 1]) << 8);
+  const size_t split = data.size() * 9 / 10;
+  if (top_vocab > 1) {
+    std::vector<int64_t> count(65536, 0);
+    for (size_t i = 0; i < split; ++i) ++count[data[i]];
+    std::vector<int32_t> order(65536);
+    for (int32_t i = 0; i < 65536; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+    std::vector<int32_t> rank(65536, static_cast<int32_t>(top_vocab - 1));
+    for (int64_t r = 0; r + 1 < top_vocab; ++r) rank[order[r]] = static_cast<int32_t>(r);
+    int64_t other = 0;
+    for (int32_t& t : data) other += (t = rank[t]) == top_vocab - 1;
+    std::printf("vocabulary: %ld most frequent ids + one for the rest (%.1f %% of tokens)\n", (long)top_vocab - 1,
+                100.0 * other / data.size());
+  }
+
+  gyre::v1::ModelConfig config;
+  config.set_preset(preset);
+  config.set_mtp_heads(mtp_heads);
+  if (d_model > 0) config.set_d_model(d_model);
+  if (n_layers > 0) config.set_n_layers(n_layers);
+  config.set_vocab_size(top_vocab > 1 ? top_vocab : 50277);  // GPT-NeoX-20B's 50277 ids, padded to 50304
+  config.set_pad_vocab_to(top_vocab > 1 ? 1 : 64);
+  auto spec = ops::ResolveModelConfig(config);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "%s\n", spec.status().ToString().c_str());
+    return 2;
+  }
+  for (int32_t t : data)
+    if (t >= spec->vocab_size) {
+      std::fprintf(stderr, "token %d outside the vocabulary %ld\n", t, (long)spec->vocab_size);
+      return 2;
+    }
+  ops::SetNumThreads(static_cast<int>(threads));
+  const bool cuda = device == "cuda";
+  auto model = ops::LanguageModel::Create(*spec, ops::DType::kF32, cuda ? ops::Device::kCuda : ops::Device::kCpu, 1);
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
+    return 2;
+  }
+  std::printf("%s, %ld parameters, mtp_heads %ld, device %s\n", preset.c_str(), (long)(*model)->NumParameters(),
+              (long)mtp_heads,
+              cuda ? ops::Cuda().DeviceDescription().c_str()
+                   : ("cpu, " + std::to_string(ops::NumThreads()) + " threads, OpenBLAS " + ops::BlasCoreName()).c_str());
+
+  // Training: random windows of the first 90 %.
+  gyre::v1::OptimizerConfig opt;
+  opt.set_lr(lr);
+  gyre::v1::ScheduleConfig schedule;
+  schedule.set_warmup_steps(std::min<int64_t>(50, train_steps / 5));
+  schedule.set_total_steps(std::max<int64_t>(train_steps, 1));
+  auto options = ops::TrainOptionsFromConfig(opt, schedule);
+  if (!options.ok()) return 2;
+  ops::Trainer trainer(model->get(), *options);
+  ops::Rng rng(7);
+  std::vector<int32_t> window(batch * (seq + 1));
+  const auto t_train = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < train_steps; ++step) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const size_t off = rng.Below(split - seq - 1);
+      std::copy(data.begin() + off, data.begin() + off + seq + 1, window.begin() + b * (seq + 1));
+    }
+    auto s = trainer.Step(window, batch, seq, step);
+    if (!s.ok()) {
+      std::fprintf(stderr, "step %ld: %s\n", (long)step, s.status().ToString().c_str());
+      return 1;
+    }
+    if (step % 50 == 0 || step + 1 == train_steps) {
+      std::printf("step %4ld loss %.3f heads", (long)step, s->loss.loss);
+      for (double h : s->loss.head_losses) std::printf(" %.3f", h);
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  }
+  std::printf("trained %ld steps in %.1f s\n", (long)train_steps,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_train).count());
+
+  // Cost of one speculative round (DecodeChunk of k = mtp_heads tokens, rewindable, deferred
+  // draft logits, Rewind to all k, DraftLogits) against one greedy DecodeStep (head 1 only), at
+  // positions 32.. of a fresh state: k * step / round is the speed-up full acceptance would give.
+  {
+    const int64_t k = mtp_heads, reps = 16;
+    auto median_ms = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    auto sync = [&] { if (cuda) ops::Cuda().Synchronize(); };
+    auto now = [] { return std::chrono::steady_clock::now(); };
+    const std::vector<int32_t> warm(data.begin() + split, data.begin() + split + 32);
+    ops::LanguageModel::DecodeOptions warm_options;
+    auto gs = (*model)->NewDecodeState(1);
+    warm_options.heads = 1;
+    (*model)->DecodeChunk(warm, 32, gs.get(), warm_options);
+    std::vector<double> step_ms, round_ms;
+    for (int64_t r = 0; r < reps + 2; ++r) {
+      const int32_t tok = data[split + 32 + r];
+      sync();
+      const auto t0 = now();
+      (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+      sync();
+      if (r >= 2) step_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+    }
+    auto ss = (*model)->NewDecodeState(1);
+    warm_options.heads = 0;
+    (*model)->DecodeChunk(warm, 32, ss.get(), warm_options);
+    ops::LanguageModel::DecodeOptions round;
+    round.rewindable = true;
+    round.defer_draft_logits = true;
+    for (int64_t r = 0; r < reps + 2; ++r) {
+      const std::vector<int32_t> chunk(data.begin() + split + 32 + r * k, data.begin() + split + 32 + (r + 1) * k);
+      sync();
+      const auto t0 = now();
+      (*model)->DecodeChunk(chunk, k, ss.get(), round);
+      if (!(*model)->Rewind(ss.get(), k).ok()) return 1;
+      (*model)->DraftLogits(*ss, k - 1);
+      sync();
+      if (r >= 2) round_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+    }
+    const double step = median_ms(step_ms), rnd = median_ms(round_ms);
+    std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
+                "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
+  }
+
+  // Decoding on held-out prompts.
+  GenerateOptions gen;
+  gen.max_new_tokens = new_tokens;
+  double greedy_s = 0, spec_s = 0;
+  int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
+  bool all_equal = true;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  for (int64_t p = 0; p < prompts; ++p) {
+    const size_t off = split + static_cast<size_t>(p) * (data.size() - split - prompt_len) / std::max<int64_t>(prompts, 1);
+    std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
+    std::vector<double> tg, ts;
+    GenerateResult g, s;
+    for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
+      auto gr = Generate(model->get(), prompt, gen);
+      auto sr = GenerateSpeculative(model->get(), prompt, gen);
+      if (!gr.ok() || !sr.ok()) {
+        std::fprintf(stderr, "%s %s\n", gr.status().ToString().c_str(), sr.status().ToString().c_str());
+        return 1;
+      }
+      if (r > 0) {
+        tg.push_back(gr->seconds);
+        ts.push_back(sr->seconds);
+      }
+      g = *gr;
+      s = *sr;
+    }
+    const bool equal = g.tokens == s.tokens;
+    all_equal &= equal;
+    const double mg = median(tg), ms = median(ts);
+    std::printf("prompt %ld: greedy %.1f tok/s, speculative %.1f tok/s (x%.2f), %.2f tokens/forward, accepted %ld of "
+                "%ld checked / %ld proposed, equal %s\n",
+                (long)p, g.tokens.size() / mg, s.tokens.size() / ms, mg / ms, s.tokens_per_forward(), (long)s.accepted,
+                (long)s.drafted, (long)s.proposed, equal ? "yes" : "NO");
+    greedy_s += mg;
+    spec_s += ms;
+    tokens += static_cast<int64_t>(s.tokens.size());
+    forwards += s.forwards;
+    accepted += s.accepted;
+    drafted += s.drafted;
+    proposed += s.proposed;
+  }
+  std::printf("SUMMARY %s mtp%ld %s: greedy %.1f tok/s, speculative %.1f tok/s, speed-up x%.2f, %.2f tokens/forward, "
+              "acceptance %.2f of checked, %.2f of proposed, outputs equal: %s\n",
+              preset.c_str(), (long)mtp_heads, device.c_str(), tokens / greedy_s, tokens / spec_s, greedy_s / spec_s,
+              double(tokens) / forwards, drafted ? double(accepted) / drafted : 0.0,
+              proposed ? double(accepted) / proposed : 0.0, all_equal ? "yes" : "NO");
+  return all_equal ? 0 : 3;
+}
+
+}  // namespace
+}  // namespace gyre::eval
+
+int main(int argc, char** argv) {
+  gyre::ops::ReexecWithBestBlasCore(argv);  // OpenBLAS's AVX2/AVX-512 kernels (ops/blas_env.h)
+  return gyre::eval::Main(argc, argv);
+}
