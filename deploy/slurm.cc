@@ -166,18 +166,29 @@ PROVISIONER=$!
 while kill -0 "$PROVISIONER" 2>/dev/null && kill -0 "$WORKERS" 2>/dev/null && kill -0 "$COORDINATOR_LOOP" 2>/dev/null; do
   sleep 1
 done
+kill -0 "$WORKERS" 2>/dev/null || log "the worker tasks have ended"
+kill -0 "$COORDINATOR_LOOP" 2>/dev/null || log "the coordinator is gone"
 # Workers leave as the run ends, a moment before the provisioner sees it over.
 for i in $(seq 1 30); do kill -0 "$PROVISIONER" 2>/dev/null || break; sleep 1; done
 kill "$PROVISIONER" 2>/dev/null
 wait "$PROVISIONER"
 PROVISION_CODE=$?
+log "the provisioner exited with status $PROVISION_CODE (0: the run is over)"
 
 # The run is over (or cannot go on): stop the coordinator, give the worker tasks a grace period.
 touch "$STATE/run-over"
 if [ -s "$STATE/coordinator.pid" ]; then kill -TERM "$(cat "$STATE/coordinator.pid")" 2>/dev/null; fi
 wait "$COORDINATOR_LOOP"
-for i in $(seq 1 60); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
-kill "$WORKERS" 2>/dev/null
+log "the coordinator has stopped"
+# A worker with nothing left to do leaves by itself; one still waiting for a coordinator that is
+# gone gets SIGTERM through srun (its supervisor passes it on), then SIGKILL.
+for i in $(seq 1 10); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
+if kill -0 "$WORKERS" 2>/dev/null; then
+  log "worker tasks still running 10 s after the coordinator stopped; sending them SIGTERM"
+  kill -TERM "$WORKERS" 2>/dev/null
+  for i in $(seq 1 30); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
+  kill -KILL "$WORKERS" 2>/dev/null
+fi
 wait "$WORKERS" 2>/dev/null
 if [ "$PROVISION_CODE" -eq 0 ]; then log "the run is over"; exit 0; fi
 log "the run did not finish (provisioner status $PROVISION_CODE); logs in $LOGS/"
