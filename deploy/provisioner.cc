@@ -27,6 +27,7 @@ bool RunIsOver(const gyre::v1::RunStatus& status) {
 absl::Status RunK8sProvisioner(const K8sProvisionerOptions& options, const StatusSource& status, CommandRunner* runner,
                                Clock* clock, const StopRequested& stop) {
   int64_t applied = -1;  // replicas last set successfully; -1: none yet
+  int64_t over_since_us = -1;  // when the run was first seen over
   std::string last_error;
   auto scale = [&](int64_t replicas) -> bool {
     std::vector<std::string> argv = {options.kubectl};
@@ -54,7 +55,10 @@ absl::Status RunK8sProvisioner(const K8sProvisionerOptions& options, const Statu
     } else {
       last_error.clear();
       if (RunIsOver(*run)) {
-        if (applied == 0 || scale(0)) {
+        if (over_since_us < 0) over_since_us = clock->NowMicros();
+        const bool workers_left = run->workers_active() + run->workers_standby() == 0;
+        const bool grace_over = clock->NowMicros() - over_since_us >= options.leave_grace_ms * 1000;
+        if ((workers_left || grace_over) && (applied == 0 || scale(0))) {
           std::fprintf(stderr, "gyre provision: the run is over\n");
           return absl::OkStatus();
         }

@@ -32,12 +32,16 @@ struct K8sProvisionerOptions {
   std::string kubectl = "kubectl";
   int64_t poll_ms = 2000;
   int64_t command_timeout_ms = 60000;
+  // After the run is over, workers may still be leaving (rank 0 writes the final checkpoint and
+  // reports it): the StatefulSet goes to 0 once no worker is active or standby, or after this.
+  int64_t leave_grace_ms = 120000;
 };
 
 // `kubectl [-n NS] scale statefulset NAME --replicas=N` whenever desired_workers differs from what
 // was last applied (the first status applies it once). A failed kubectl is reported and retried
-// at the next poll; an unreachable coordinator (restarting) is waited for. When the run is over it
-// scales the StatefulSet to 0 and returns OK.
+// at the next poll; an unreachable coordinator (restarting) is waited for. When the run is over
+// and its workers have left (or leave_grace_ms passed) it scales the StatefulSet to 0 and
+// returns OK.
 absl::Status RunK8sProvisioner(const K8sProvisionerOptions& options, const StatusSource& status, CommandRunner* runner,
                                Clock* clock, const StopRequested& stop);
 

@@ -93,6 +93,35 @@ TEST(K8sProvisionerTest, ScalesOnEveryChangeOnceRetriesFailuresAndEndsAtZero) {
   EXPECT_GE(clock.NowMicros(), 9 * options.poll_ms * 1000);  // it slept between polls
 }
 
+TEST(K8sProvisionerTest, WaitsForWorkersToLeaveBeforeScalingToZeroButNotForever) {
+  gyre::v1::RunStatus leaving = Status(gyre::v1::RUN_STATE_FINISHED, 2);
+  leaving.set_workers_active(1);  // rank 0 still writing the final checkpoint
+  gyre::v1::RunStatus left = Status(gyre::v1::RUN_STATE_FINISHED, 2);
+  K8sProvisionerOptions options;
+  options.statefulset = "w";
+  {
+    Script script;
+    script.answers = {Status(gyre::v1::RUN_STATE_RUNNING, 2), leaving, leaving, leaving, left};
+    RecordingRunner runner;
+    ManualClock clock;
+    EXPECT_TRUE(RunK8sProvisioner(options, script.Source(), &runner, &clock, [] { return false; }).ok());
+    ASSERT_EQ(runner.calls.size(), 2u);
+    EXPECT_EQ(runner.calls[1].back(), "--replicas=0");
+    EXPECT_EQ(script.polls, 5);  // not before the worker left
+  }
+  {
+    Script script;
+    script.answers = {Status(gyre::v1::RUN_STATE_RUNNING, 2), leaving};  // it never leaves
+    RecordingRunner runner;
+    ManualClock clock;
+    EXPECT_TRUE(RunK8sProvisioner(options, script.Source(), &runner, &clock, [] { return false; }).ok());
+    ASSERT_EQ(runner.calls.size(), 2u);
+    EXPECT_EQ(runner.calls[1].back(), "--replicas=0");
+    EXPECT_GE(clock.NowMicros(), options.leave_grace_ms * 1000);
+    EXPECT_LE(clock.NowMicros(), (options.leave_grace_ms + 2 * options.poll_ms) * 1000);
+  }
+}
+
 TEST(K8sProvisionerTest, StopsOnRequest) {
   Script script;
   script.answers = {Status(gyre::v1::RUN_STATE_RUNNING, 2)};

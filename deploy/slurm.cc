@@ -174,17 +174,20 @@ kill "$PROVISIONER" 2>/dev/null
 wait "$PROVISIONER"
 PROVISION_CODE=$?
 log "the provisioner exited with status $PROVISION_CODE (0: the run is over)"
+# The run is over, but rank 0 may still be writing the final checkpoint, which it reports to the
+# coordinator: the coordinator stays up until the worker tasks have left (at most 120 s).
+if [ "$PROVISION_CODE" -eq 0 ]; then
+  for i in $(seq 1 120); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
+fi
 
-# The run is over (or cannot go on): stop the coordinator, give the worker tasks a grace period.
+# Stop the coordinator; worker tasks still there get SIGTERM through srun (their supervisors pass
+# it on), then SIGKILL.
 touch "$STATE/run-over"
 if [ -s "$STATE/coordinator.pid" ]; then kill -TERM "$(cat "$STATE/coordinator.pid")" 2>/dev/null; fi
 wait "$COORDINATOR_LOOP"
 log "the coordinator has stopped"
-# A worker with nothing left to do leaves by itself; one still waiting for a coordinator that is
-# gone gets SIGTERM through srun (its supervisor passes it on), then SIGKILL.
-for i in $(seq 1 10); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
 if kill -0 "$WORKERS" 2>/dev/null; then
-  log "worker tasks still running 10 s after the coordinator stopped; sending them SIGTERM"
+  log "worker tasks still running; sending them SIGTERM"
   kill -TERM "$WORKERS" 2>/dev/null
   for i in $(seq 1 30); do kill -0 "$WORKERS" 2>/dev/null || break; sleep 1; done
   kill -KILL "$WORKERS" 2>/dev/null
