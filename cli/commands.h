@@ -20,6 +20,7 @@ int RunSample(int argc, char** argv);
 int RunCoordinator(int argc, char** argv);
 int RunEval(int argc, char** argv);
 int RunExport(int argc, char** argv);
+int RunProvision(int argc, char** argv);
 
 inline std::span<const Command> AllCommands() {
   static const Command kCommands[] = {
@@ -27,6 +28,7 @@ inline std::span<const Command> AllCommands() {
       {"train", "train a model preset on this CPU (one process; synthetic or uint16 token file)", RunTrain},
       {"ledger", "the committed steps of a run, checked for gaps, duplicates and ranges", RunLedger},
       {"launch", "start a run: coordinator + workers (--local: on this machine)", RunLaunch},
+      {"provision", "keep a cluster's workers at the desired count (Slurm, Kubernetes, one supervised worker)", RunProvision},
       {"worker", "run one training worker of a run (usually started by `gyre launch`)", RunWorker},
       {"tokenize", "print the token ids of each JSON line's text", RunTokenize},
       {"prepare", "jsonl / jsonl.zst corpus -> token shards + RocksDB index", RunPrepare},

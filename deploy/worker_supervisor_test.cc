@@ -1,0 +1,110 @@
+// SuperviseWorker with stand-in worker programs (small shell scripts given as the "gyre" binary:
+// they see `worker <args>` as their arguments and count their starts in a file).
+#include "deploy/worker_supervisor.h"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "gtest/gtest.h"
+
+namespace gyre::deploy {
+namespace {
+
+std::string Tmp() { return std::getenv("TEST_TMPDIR"); }
+
+// Writes an executable script whose body runs after `n` = how many times it has started (1, 2, ...).
+std::string Script(const std::string& name, const std::string& body) {
+  const std::string path = Tmp() + "/" + name;
+  const std::string count = path + ".starts";
+  std::remove(count.c_str());
+  std::ofstream(path) << "#!/bin/sh\n"
+                      << "echo \"$*\" >>'" << count << "'\n"
+                      << "n=$(wc -l <'" << count << "')\n"
+                      << body << "\n";
+  ::chmod(path.c_str(), 0755);
+  return path;
+}
+
+std::vector<std::string> Starts(const std::string& script) {
+  std::ifstream in(script + ".starts");
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
+
+gyre::v1::RunStatus State(gyre::v1::RunState s) {
+  gyre::v1::RunStatus status;
+  status.set_state(s);
+  return status;
+}
+
+SuperviseOptions Options(const std::string& exe) {
+  SuperviseOptions o;
+  o.self_exe = exe;
+  o.worker_args = {"--run-dir", "/r", "--device", "cpu"};
+  o.restart_delay_ms = 10;
+  return o;
+}
+
+TEST(SuperviseWorkerTest, RestartsAKilledWorkerWithTheSameArguments) {
+  const std::string exe = Script("killed", "if [ \"$n\" -lt 3 ]; then kill -9 $$; fi; exit 0");
+  int polls = 0;
+  absl::Status s = SuperviseWorker(Options(exe), [&]() -> absl::StatusOr<gyre::v1::RunStatus> {
+    ++polls;
+    return State(gyre::v1::RUN_STATE_RUNNING);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  const std::vector<std::string> starts = Starts(exe);
+  ASSERT_EQ(starts.size(), 3u);  // killed twice, then finished
+  for (const std::string& args : starts) EXPECT_EQ(args, "worker --run-dir /r --device cpu");
+  EXPECT_EQ(polls, 2);  // asked "is the run over?" after each kill only
+}
+
+TEST(SuperviseWorkerTest, DoesNotRestartWhenTheRunIsOver) {
+  const std::string exe = Script("over", "exit 1");
+  absl::Status s = SuperviseWorker(Options(exe), []() -> absl::StatusOr<gyre::v1::RunStatus> {
+    return State(gyre::v1::RUN_STATE_FINISHED);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(Starts(exe).size(), 1u);
+}
+
+TEST(SuperviseWorkerTest, AnUnreachableCoordinatorIsNotTheEndOfTheRun) {
+  const std::string exe = Script("unreachable", "if [ \"$n\" -lt 2 ]; then kill -9 $$; fi; exit 0");
+  absl::Status s = SuperviseWorker(Options(exe), []() -> absl::StatusOr<gyre::v1::RunStatus> {
+    return absl::UnavailableError("connection refused");
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(Starts(exe).size(), 2u);
+}
+
+TEST(SuperviseWorkerTest, GivesUpOnACrashLoop) {
+  const std::string exe = Script("crashing", "exit 3");
+  SuperviseOptions options = Options(exe);
+  options.max_quick_exits_in_a_row = 4;
+  absl::Status s = SuperviseWorker(options, []() -> absl::StatusOr<gyre::v1::RunStatus> {
+    return State(gyre::v1::RUN_STATE_RUNNING);
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_NE(s.message().find("4 times in a row"), absl::string_view::npos) << s;
+  EXPECT_EQ(Starts(exe).size(), 4u);
+}
+
+TEST(SuperviseWorkerTest, SlowFailuresAreRestartedWithoutLimit) {
+  // Failures after quick_exit_ms are not a crash loop (a worker that trained a while, then died).
+  const std::string exe = Script("slow", "if [ \"$n\" -lt 6 ]; then sleep 0.2; exit 3; fi; exit 0");
+  SuperviseOptions options = Options(exe);
+  options.max_quick_exits_in_a_row = 2;
+  options.quick_exit_ms = 100;
+  absl::Status s = SuperviseWorker(options, []() -> absl::StatusOr<gyre::v1::RunStatus> {
+    return State(gyre::v1::RUN_STATE_RUNNING);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(Starts(exe).size(), 6u);
+}
+
+}  // namespace
+}  // namespace gyre::deploy
