@@ -11,6 +11,9 @@
 //   tls-ca.pem       when the coordinator serves TLS: the CA certificate(s) its clients trust
 //                    (workers, gyrectl and the launcher use TLS exactly when this file exists)
 //   tb/              TensorBoard event files
+//   slurm/           `gyre launch --slurm`: run.sbatch, worker-task.sh, launch.json,
+//                    coordinator.endpoint, workers-<k>.sbatch (provisioner), job-<id>.out
+//   k8s/             `gyre launch --k8s`: manifests.json (a v1 List)
 #pragma once
 
 #include <string>

@@ -27,7 +27,7 @@ inline std::span<const Command> AllCommands() {
       {"version", "print the build's version and what it was built with", RunVersion},
       {"train", "train a model preset on this CPU (one process; synthetic or uint16 token file)", RunTrain},
       {"ledger", "the committed steps of a run, checked for gaps, duplicates and ranges", RunLedger},
-      {"launch", "start a run: coordinator + workers (--local: on this machine)", RunLaunch},
+      {"launch", "start a run: coordinator + workers (--local on this machine, --slurm, --k8s)", RunLaunch},
       {"provision", "keep a cluster's workers at the desired count (Slurm, Kubernetes, one supervised worker)", RunProvision},
       {"worker", "run one training worker of a run (usually started by `gyre launch`)", RunWorker},
       {"tokenize", "print the token ids of each JSON line's text", RunTokenize},
