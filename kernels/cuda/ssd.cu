@@ -136,6 +136,9 @@ constexpr int kTile = 64;      // token rows per tile
 struct Dims {
   int B, S, H, P, G, N, Q, NC, hpg;
   int64_t PN;
+  // Token-row strides (elements) of x / dx (ldx, >= H·P) and of B, C / dB, dC (ldbc, >= G·N);
+  // y and dy are always dense (H·P). See ssd.h (x_row_stride, bc_row_stride).
+  int64_t ldx, ldbc, ldy;
   int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
   int64_t dt_off, acs_off, cb_off, hbf_off;
   float dt_min, dt_max;
@@ -153,6 +156,9 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.NC = static_cast<int>((s.seq_len + o.chunk_size - 1) / o.chunk_size);
   d.hpg = d.H / std::max(d.G, 1);
   d.PN = static_cast<int64_t>(d.P) * d.N;
+  d.ldx = static_cast<int64_t>(d.H) * d.P;
+  d.ldbc = static_cast<int64_t>(d.G) * d.N;
+  d.ldy = d.ldx;
   d.dt_off = static_cast<int64_t>(d.H) * (d.NC + 1) * d.PN;
   d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
   // C Bᵀ per (group, chunk) as bf16 [G, NC·Q, Q] (two per float), 256-byte aligned.
@@ -165,6 +171,17 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.dt_min = static_cast<float>(o.dt_min);
   d.dt_max = static_cast<float>(o.dt_max);
   return d;
+}
+
+// Element offsets of token t of batch row b: x / dx (XRow), y / dy (YRow), B, C / dB, dC (BcRow).
+__device__ __forceinline__ int64_t XRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldx;
+}
+__device__ __forceinline__ int64_t YRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldy;
+}
+__device__ __forceinline__ int64_t BcRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldbc;
 }
 
 __device__ __forceinline__ float* StatePtr(const Dims& d, float* saved, int b, int h, int slot) {
@@ -533,10 +550,12 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* 
       scale[r] = s;
     }
     __syncthreads();
-    LoadRowsAsync(Vs, ldv, v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0,
-                  static_cast<int64_t>(d.G) * d.N, valid, nw);
-    LoadRows(Us, ldu, u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P,
-             static_cast<int64_t>(d.H) * d.P, valid, d.P, scale);
+    // u is x (forward, row stride ldx) or dy (backward, dense); v is B or C (ldbc).
+    const int64_t u_ld = kBwd ? d.ldy : d.ldx;
+    LoadRowsAsync(Vs, ldv, v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc,
+                  valid, nw);
+    LoadRows(Us, ldu, u + (static_cast<int64_t>(b) * d.S + t0) * u_ld + static_cast<int64_t>(h) * d.P,
+             u_ld, valid, d.P, scale);
     CpAsyncWaitAll();
     __syncthreads();
     MM::template Mma<true, false, 2>(acc, Us, ldu, Vs, ldv, d.P, nw, kTile);
@@ -622,11 +641,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
 
   const float* acs = AcsPtr(d, saved, b, h);
   const float* dts = DtPtr(d, saved, b);
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
 
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
   LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
@@ -682,12 +701,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
   const int vpr = d.P / 8;
   for (int i = threadIdx.x; i < lv * vpr; i += kThreads) {
     const int r = i / vpr, p = (i % vpr) * 8;
-    const int64_t off = (tl0 + r) * x_stride + p;
     float xv[8], out[8];
-    LoadBf16<8>(xb + off, xv);
+    LoadBf16<8>(xb + (tl0 + r) * x_stride + p, xv);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = Ys[r * ldy + p + j] + dsk * xv[j];
-    StoreBf16<8>(y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P + off, out);
+    StoreBf16<8>(y + YRow(d, b, tl0 + r) + static_cast<int64_t>(h) * d.P + p, out);
   }
 }
 
@@ -817,13 +835,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   LoadState(Hc, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
   __syncthreads();
 
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;   // x, dx
+  const int64_t y_stride = d.ldy;   // dy
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  bf16* dxb = dx + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int row = threadIdx.x / 2, half = threadIdx.x % 2, hp = d.P / 2;
   // A·∂A = Σ_t ∂Acs_t·Acs_t, summed in the difference form (see "∂A in the difference form" at the top): every
   // term is added here with its Acs weight (a pair term with Acs_l − Acs_s), in double.
@@ -833,7 +852,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   for (int lt = 0; lt < nT; ++lt) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
     LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-    LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+    LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
     CpAsyncWaitAll();
     __syncthreads();
     typename MM::Tile a1[2];
@@ -902,7 +921,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     for (int lt = st; lt < nT; ++lt) {
       const int l0 = lt * kTile, tl0 = c0 + l0, lv = min(kTile, d.S - tl0);
       LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-      LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+      LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
       typename MM::Tile t1[1], t2[1];
@@ -942,10 +961,10 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     // dx = dt dX̄ + D dy; ddtx = x·dX̄; dD += dy·x (two threads per row, P/2 columns each).
     float dot_x = 0.f, dot_d = 0.f;
     if (row < sv) {
-      const int64_t off = (ts0 + row) * x_stride;
+      const int64_t off = (ts0 + row) * x_stride, yoff = (ts0 + row) * y_stride;
       for (int p = half * hp; p < (half + 1) * hp; p += 8) {
         float dyv[8], out[8];
-        LoadBf16<8>(dyb + off + p, dyv);
+        LoadBf16<8>(dyb + yoff + p, dyv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float xv = __bfloat162float(Xs[row * ldp + p + j]);
@@ -1059,7 +1078,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
   bf16* Vt = cf.take<bf16>(kTile * ldn);
 
   for (int i = threadIdx.x; i < kTile * lds; i += kThreads) Sum[i] = 0.f;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  // Own rows are x (dB) or dy (dC), the other rows the other one; part is dense [.., G, N].
+  const int64_t own_ld = kDB ? d.ldx : d.ldy, oth_ld = kDB ? d.ldy : d.ldx;
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const int lo = kDB ? ot_own : 0, hi = kDB ? nT - 1 : ot_own;  // other tiles
 
@@ -1071,13 +1091,13 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
     __syncthreads();
     const float* acs_g = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
     const float* dt_g = DtPtr(d, saved, b);
-    const bf16* xh = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-    const bf16* dyh = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-    const bf16* own_src = (kDB ? xh : dyh) + own0 * x_stride;
+    const bf16* xh = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+    const bf16* dyh = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+    const bf16* own_src = (kDB ? xh : dyh) + own0 * own_ld;
     const bf16* oth_src = kDB ? dyh : xh;
     // One memory round trip for the head's prologue: the raw own tile through cp.async, the
     // state and Acs/dt through registers, all in flight together.
-    LoadRowsAsync(Own, ldp, own_src, x_stride, ov, d.P);
+    LoadRowsAsync(Own, ldp, own_src, own_ld, ov, d.P);
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
       acs[i] = acs_g[i];
       dts[i] = c * d.Q + i < d.S ? dt_g[static_cast<int64_t>(c * d.Q + i) * d.H + h] : 0.f;
@@ -1109,7 +1129,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
     for (int ot = lo; ot <= hi; ++ot) {
       const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
       __syncthreads();  // OwnS/St (first pass) or Ms (later passes) are still being read
-      LoadRowsAsync(Oth, ldp, oth_src + oth0 * x_stride, x_stride, othv, d.P);
+      LoadRowsAsync(Oth, ldp, oth_src + oth0 * oth_ld, oth_ld, othv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
       typename MM::Tile t1[1];
@@ -1125,11 +1145,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
       }
     }
   }
-  const bf16* vsrc = (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* vsrc = (kDB ? Cm : Bm) + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   for (int ot = lo; ot <= hi; ++ot) {
     const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
     __syncthreads();
-    LoadRowsAsync(Vt, ldn, vsrc + oth0 * bc_stride, bc_stride, othv, d.N);
+    LoadRowsAsync(Vt, ldn, vsrc + oth0 * d.ldbc, d.ldbc, othv, d.N);
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int r = i / kTile, j = i % kTile;
       Tb[r * 72 + j] = __float2bfloat16_rn(Sum[r * lds + ot * kTile + j]);
@@ -1143,9 +1163,10 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
   MM::Store(acc, out, bc_stride, kTile, d.N);
 }
 
-// dB/dC [B, S, G, N] bf16 = Σ_split part (fixed order).
+// dB/dC [B, S, G, N] bf16 (row stride ldbc) = Σ_split part (fixed order).
 __global__ void ssd_reduce_bc(Dims d, int nsplit, const float* part, bf16* out) {
-  const int64_t per_b = static_cast<int64_t>(d.S) * d.G * d.N;
+  const int64_t gn = static_cast<int64_t>(d.G) * d.N;
+  const int64_t per_b = static_cast<int64_t>(d.S) * gn;
   const int64_t total = d.B * per_b;
   const int64_t ncq_stride = static_cast<int64_t>(d.NC) * d.Q * d.G * d.N;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -1153,7 +1174,7 @@ __global__ void ssd_reduce_bc(Dims d, int nsplit, const float* part, bf16* out) 
     const int64_t b = i / per_b, rem = i % per_b;
     float s = 0.f;
     for (int k = 0; k < nsplit; ++k) s += part[(k * d.B + b) * ncq_stride + rem];
-    out[i] = __float2bfloat16_rn(s);
+    out[BcRow(d, static_cast<int>(b), rem / gn) + rem % gn] = __float2bfloat16_rn(s);
   }
 }
 
@@ -1356,9 +1377,9 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
   const int ldn = d.N + 8;
   bf16* Cl = reinterpret_cast<bf16*>(smem);
   bf16* Bs = Cl + kTile * ldn;
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const int64_t bc_stride = d.ldbc;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, min(kTile, d.S - tl0), d.N);
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, min(kTile, d.S - ts0), d.N);
   CpAsyncCommit();
@@ -1417,12 +1438,12 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
 
   const float* acs = AcsPtr(d, saved, b, h);
   const float* dts = DtPtr(d, saved, b);
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
   const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
 
@@ -1514,17 +1535,17 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
 
   // y = acc + D x (rows < lv), straight from the accumulators.
   const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  bf16* yb = y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  bf16* yb = y + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
     const int row = r0 + 8 * e2;
     if (row < lv) {
-      const int64_t off = (tl0 + row) * x_stride;
+      const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
         const float2 xv = Bf2(xb + off + p);
-        *reinterpret_cast<__nv_bfloat162*>(yb + off + p) = __floats2bfloat162_rn(
+        *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
             acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
       }
     }
@@ -1592,13 +1613,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   float* dlrow = own + kTile;
   double* red = cv.take<double>(kWarps);
 
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;  // x, dx
+  const int64_t y_stride = d.ldy;  // dy
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  bf16* dxb = dx + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // own-tile rows r0, r0 + 8
 
@@ -1608,7 +1630,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
   CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
-  LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
+  LoadRowsAsync(dY0, ldp, dyb + ts0 * y_stride, y_stride, sv, kP);
   CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
@@ -1676,7 +1698,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
     CpRows(buf ? CB1 : CB0, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile,
            kTile, kTile);
-    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * x_stride, x_stride, lv, kP);
+    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
     CpAsyncCommit();
   };
 
@@ -1787,12 +1809,12 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     const float dtr = e2 ? dt1 : dt0;
     float dot_x = 0.f;
     if (row < sv) {
-      const int64_t off = (ts0 + row) * x_stride;
+      const int64_t off = (ts0 + row) * x_stride, yoff = (ts0 + row) * y_stride;
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
         const float2 xv = Bf2(Xs + row * ldp + p);
-        const float2 dyv = Bf2(dyb + off + p);
+        const float2 dyv = Bf2(dyb + yoff + p);
         const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
         dot_x += xv.x * g0 + xv.y * g1;
         dot_d += xv.x * dyv.x + xv.y * dyv.y;
@@ -1947,7 +1969,6 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   float* al = cv.take<float>(3 * kStages * kTile);
   float* as = al + kStages * kTile;
   float* ds = as + kStages * kTile;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -1955,11 +1976,9 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   auto issue = [&](int hh, int buf) {
     const int h = g * d.hpg + hh;
     LoadRowsAsync(Y0 + buf * kTile * ldp, ldp,
-                  dy + ((static_cast<int64_t>(b) * d.S + c0 + l0) * d.H + h) * d.P, x_stride, lv,
-                  d.P);
+                  dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv, d.P);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
-                  x + ((static_cast<int64_t>(b) * d.S + c0 + s0) * d.H + h) * d.P, x_stride, sv,
-                  d.P);
+                  x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P, d.ldx, sv, d.P);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       const float* acs_h = AcsPtr(d, saved, b, h) + c0;
@@ -2109,8 +2128,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
   auto A_of = [&](int buf) { return stages + buf * stage_elems; };
   auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t bc_stride = d.ldbc;  // B, C in; dB, dC out
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -2122,14 +2140,14 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
       const int o = kDB ? ot + step : step;
       const int t0 = c0 + o * kTile, valid = min(kTile, d.S - t0);
       LoadRowsAsync(A_of(buf), ldv,
-                    (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S + t0) * bc_stride +
-                        g * d.N + n0,
+                    (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
     } else {
       const int h = g * d.hpg + (step - n1);
       LoadRowsAsync(A_of(buf), ldp,
-                    (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
-                    x_stride, ov, d.P);
+                    (kDB ? x + XRow(d, b, c0 + o0) : dy + YRow(d, b, c0 + o0)) +
+                        static_cast<int64_t>(h) * d.P,
+                    kDB ? d.ldx : d.ldy, ov, d.P);
       CpRows(S_of(buf), ldv,
              (kDB ? st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                   : HbfPtr(d, saved, b, h, c)) +
@@ -2214,7 +2232,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   for (int e2 = 0; e2 < 2; ++e2) {
     const int row = r0 + 8 * e2;
     if (row < ov) {
-      bf16* orow = out + (static_cast<int64_t>(b) * d.S + c0 + o0 + row) * bc_stride + g * d.N + n0;
+      bf16* orow = out + BcRow(d, b, c0 + o0 + row) + static_cast<int64_t>(g) * d.N + n0;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         *reinterpret_cast<__nv_bfloat162*>(orow + 8 * j + 2 * tq) =
@@ -2257,17 +2275,17 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const b
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
-  const int64_t u_stride = static_cast<int64_t>(d.H) * d.P;
-  const int64_t v_stride = static_cast<int64_t>(d.G) * d.N;
+  // u is x (forward, row stride ldx) or dy (backward, dense); v is B or C (ldbc).
+  const int64_t u_stride = kBwd ? d.ldy : d.ldx;
+  const int64_t v_stride = d.ldbc;
 
   auto issue = [&](int tt, int buf) {
     const int t0 = c0 + tt * kTile, valid = min(kTile, d.S - t0);
     LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
-                  v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0, v_stride,
-                  valid, nw);
+                  v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, v_stride, valid, nw);
     LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P, u_stride, valid,
-                  d.P);
+                  u + (static_cast<int64_t>(b) * d.S + t0) * u_stride + static_cast<int64_t>(h) * d.P,
+                  u_stride, valid, d.P);
     CpAsyncCommit();
   };
   issue(0, 0);
@@ -2540,6 +2558,21 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   return {};
 }
 
+// Row strides of x / dx and B, C / dB, dC (0 = dense). Each row must start 16-byte aligned
+// (cp.async tiles), so a stride is a multiple of 8 elements.
+CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d) {
+  const int64_t hp = static_cast<int64_t>(d->H) * d->P, gn = static_cast<int64_t>(d->G) * d->N;
+  if (x_row_stride != 0 && (x_row_stride < hp || x_row_stride % 8 != 0)) {
+    return InvalidArgument("ssd: x_row_stride must be 0 or a multiple of 8 that is >= H·P");
+  }
+  if (bc_row_stride != 0 && (bc_row_stride < gn || bc_row_stride % 8 != 0)) {
+    return InvalidArgument("ssd: bc_row_stride must be 0 or a multiple of 8 that is >= G·N");
+  }
+  d->ldx = x_row_stride != 0 ? x_row_stride : hp;
+  d->ldbc = bc_row_stride != 0 ? bc_row_stride : gn;
+  return {};
+}
+
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
@@ -2583,7 +2616,8 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
       !Aligned(a.initial_state) || !Aligned(a.final_state)) {
     return InvalidArgument("ssd forward: x, b, c, y, saved and states must be 16-byte aligned");
   }
-  const Dims d = MakeDims(a.shape, a.options);
+  Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
   float* saved = static_cast<float*>(a.saved);
 
@@ -2613,7 +2647,11 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
       !Aligned(a.saved) || !Aligned(a.d_final_state) || !Aligned(a.d_initial_state)) {
     return InvalidArgument("ssd backward: bf16 tensors, saved and states must be 16-byte aligned");
   }
-  const Dims d = MakeDims(a.shape, a.options);
+  if (!Aligned(a.db) || !Aligned(a.dc)) {
+    return InvalidArgument("ssd backward: db and dc must be 16-byte aligned");
+  }
+  Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
 
   // Head splits for the v2 dB/dC kernels: enough blocks to cover the chip about twice.

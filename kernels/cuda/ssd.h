@@ -71,6 +71,11 @@ struct SsdForwardArgs {
   __nv_bfloat16* y = nullptr;         // [B, S, H, P] overwritten
   void* saved = nullptr;              // [ssd_saved_bytes] overwritten; required
   float* final_state = nullptr;       // [B, H, P, N] or null
+  // Token-row strides in elements (0 = dense: H·P for x, G·N for B and C). Lets x, B and C be
+  // column slices of one wider row (Mamba-2's conv output [B·S, H·P + 2·G·N]) without copies.
+  // Non-zero strides must be multiples of 8 and at least the dense width; y stays dense.
+  int64_t x_row_stride = 0;
+  int64_t bc_row_stride = 0;
 };
 
 struct SsdBackwardArgs {
@@ -97,6 +102,11 @@ struct SsdBackwardArgs {
   float* da_log = nullptr;               // [H]
   float* ddt_bias = nullptr;             // [H]
   float* dd = nullptr;                   // [H] or null (ignored when d is null)
+  // As SsdForwardArgs: x_row_stride applies to x and dx, bc_row_stride to B, C, dB and dC (so
+  // the gradients land in the column slices of one wider row, as the forward's inputs did).
+  // dy stays dense. Elements between the slices are not written.
+  int64_t x_row_stride = 0;
+  int64_t bc_row_stride = 0;
 };
 
 // Empty message when the shape and options are supported by these kernels.
