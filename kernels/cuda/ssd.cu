@@ -2242,12 +2242,23 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
 }
 
 
-// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][72]
+// Columns of N per ssd_chunk_state_pipe block: 128 where the P×128 fp32 accumulator still fits
+// two 32×32 warp tiles per warp (P <= 64) and N allows, else 64. With 64 (sessions 2-3) every
+// (b, c, h) ran two blocks that each loaded and scaled the same x (or dy) tiles; 128 does that
+// once and gives each block twice the MMAs per barrier. g_state_slice_override (testing) forces 64.
+std::atomic<int> g_state_slice_override{0};
+int StateSlice(const Dims& d) {
+  const int forced = g_state_slice_override.load();
+  if (forced == 64) return 64;
+  return d.P <= 64 && d.N % 128 == 0 ? 128 : 64;
+}
+
+// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][slice+8]
 // (double-buffered), the scaled U tile [64][P+8], the row scales of the whole chunk [Q].
 template <typename Carver>
 void CarveChunkStatePipe(Carver& cv, const Dims& d) {
   cv.template take<bf16>(3 * kTile * (d.P + 8));
-  cv.template take<bf16>(2 * kTile * 72);
+  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
 
@@ -2256,15 +2267,15 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
 template <bool kBwd>
-__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const bf16* u,
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
                                                                  float* ds_out) {
   extern __shared__ __align__(128) char smem[];
-  const int ntn = (d.N + 63) / 64;
+  const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
-  const int n0 = (blockIdx.y % ntn) * 64, nw = min(64, d.N - n0);
+  const int n0 = (blockIdx.y % ntn) * slice, nw = min(slice, d.N - n0);
   const int g = h / d.hpg;
-  const int ldu = d.P + 8, ldv = 72;
+  const int ldu = d.P + 8, ldv = slice + 8;
   Carve cv{smem};
   bf16* Raw = cv.take<bf16>(3 * kTile * ldu);  // raw[0], raw[1], scaled
   bf16* Us = Raw + 2 * kTile * ldu;
@@ -2419,9 +2430,10 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const int ntn = (d.N + 63) / 64;
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
-    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
-        d, a.x, a.b, saved, nullptr);
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2487,9 +2499,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const int ntn = (d.N + 63) / 64;
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
-    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
-        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
+                                                  sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2576,6 +2590,7 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
+void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {

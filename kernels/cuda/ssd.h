@@ -132,6 +132,10 @@ inline constexpr int kSsdRegDbc = 4;
 inline constexpr int kSsdRegState = 8;  // chunk-state kernels (forward and backward), pipelined
 inline constexpr int kSsdRegAll = 15;
 void SsdSetRegisterPathForTesting(int mask);
+// The pipelined chunk-state kernels compute 128 columns of N per block where P <= 64 and
+// N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
+// the test's coverage of both). Process-wide; 0 restores the default.
+void SsdSetStateSliceForTesting(int columns);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -305,13 +305,15 @@ TEST(SsdGpu, MatchesCpuReference) {
   struct Path {
     const char* name;
     int mask;
+    int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
                         {"[v3 dx] ", kSsdRegDx},
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
-                        {"[v3 all] ", kSsdRegAll}};
+                        {"[v3 all] ", kSsdRegAll},
+                        {"[v3 all, state slice 64] ", kSsdRegAll, 64}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -325,6 +327,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     ++index;
     if (only != nullptr && std::atoi(only) != index) continue;
     SsdSetRegisterPathForTesting(p.mask);
+    SsdSetStateSliceForTesting(p.state_slice);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -335,6 +338,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     failed += path_failed;
   }
   SsdSetRegisterPathForTesting(default_mask);
+  SsdSetStateSliceForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
