@@ -1734,13 +1734,21 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     float csum[8][2];
     float dpair = 0.f;  // this tile pair's Σ m2·(Acs_l − Acs_s)
     // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
+    // Off the diagonal, Σ m2·(Acs_l − Acs_s) is formed as Σ_l (Acs_l − ref)·colsum_l −
+    // Σ_s (Acs_s − ref)·rowsum_s with ref = Acs_l0 (this thread's partial sums of this tile
+    // pair): Acs decreases, so for s < l0 <= l both weights are at most the pair's own
+    // |Acs_l − Acs_s| (no amplification of fp32 residues, see "∂A in the difference form"), and
+    // it costs 2 FMAs per column pair instead of 2 instructions per element. The diagonal tile
+    // keeps the per-element form (there |Acs_s − ref| can exceed |Acs_l − Acs_s| by far).
     auto scale = [&](auto diag_c) {
       constexpr bool kDiag = decltype(diag_c)::value;
+      const float ref = acs[l0];
       float f0 = 0.f, f1 = 0.f;
       if constexpr (!kDiag) {
-        f0 = __expf(acs[l0] - as0);
-        f1 = __expf(acs[l0] - as1);
+        f0 = __expf(ref - as0);
+        f1 = __expf(ref - as1);
       }
+      float rt0 = 0.f, rt1 = 0.f;  // this tile pair's row partials
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         csum[j][0] = 0.f;
@@ -1761,15 +1769,22 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
           }
           s1[j][e] = mt;
           const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
-          dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
+          if constexpr (kDiag) dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
           if (e < 2) {
-            rsum0 += m2;
+            rt0 += m2;
           } else {
-            rsum1 += m2;
+            rt1 += m2;
           }
           csum[j][e & 1] += m2;
         }
+        if constexpr (!kDiag) {
+          dpair = fmaf(al.x - ref, csum[j][0], dpair);
+          dpair = fmaf(al.y - ref, csum[j][1], dpair);
+        }
       }
+      if constexpr (!kDiag) dpair -= (as0 - ref) * rt0 + (as1 - ref) * rt1;
+      rsum0 += rt0;
+      rsum1 += rt1;
     };
     if (lt == st) {
       scale(std::true_type{});
@@ -1777,16 +1792,28 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
       scale(std::false_type{});
     }
     da_loc += dpair;
+    // Column sums over the warp's 16 rows (the 8 lanes of equal tq), as a transpose-reduce:
+    // at each of the three levels a lane sends the half of its values that its partner keeps
+    // (8 + 4 + 2 shuffles instead of 16 × 3), ending with the sums of columns 8·gq + 2·tq + {0, 1}.
+    {
+      float w8[8];
+      const bool b2 = (gq & 4) != 0, b1 = (gq & 2) != 0, b0 = (gq & 1) != 0;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e1 = 0; e1 < 2; ++e1) {
-        float v = csum[j][e1];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (gq == 0) dcol[warp * d.Q + l0 + 8 * j + 2 * tq + e1] = v;
+      for (int i = 0; i < 8; ++i) {  // value k = 2j + e1; keep k in [8·b2, 8·b2 + 8)
+        const float lo = csum[i / 2][i % 2], hi = csum[4 + i / 2][i % 2];
+        w8[i] = (b2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, b2 ? lo : hi, 16);
       }
+      float w4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w4[i] = (b1 ? w8[i + 4] : w8[i]) + __shfl_xor_sync(0xffffffffu, b1 ? w8[i] : w8[i + 4], 8);
+      float w2[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        w2[i] = (b0 ? w4[i + 2] : w4[i]) + __shfl_xor_sync(0xffffffffu, b0 ? w4[i] : w4[i + 2], 4);
+      *reinterpret_cast<float2*>(dcol + warp * d.Q + l0 + 8 * gq + 2 * tq) =
+          make_float2(w2[0], w2[1]);
+    }
     unsigned fa[4][4];
     AccToA(s1, fa);
     WarpMmaRS<NP, 4, false>(acc, fa, dYl, ldp);
