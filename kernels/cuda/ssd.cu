@@ -1406,17 +1406,21 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
 // ~62 KB at P64 N128: three blocks per SM.
 template <typename Carver>
 void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * (d.N + 8));                                  // Cl
   cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
   cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
-  cv.template take<bf16>(2 * kTile * (d.P + 8));                              // Xs buffers
+  cv.template take<bf16>(kTile * (d.P + 8));                                  // X buffer 0
+  cv.template take<bf16>(std::max(kTile * (d.P + 8), kTile * (d.N + 8)));     // Cl, X buffer 1
   cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
 }
 
 // grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
 // ssd_chunk_scan_fwd, which documents it).
+// C_l is read only by the inter-chunk product, before the first barrier of the s-loop, which
+// also retires H_c; both regions then take tile 1 (C Bᵀ into Hs, x into Cl's place). That keeps
+// the shared memory at 53 KB for P64 N128 (63.5 KB with a separate Cl), so with at most 128
+// registers (P <= 64) four blocks fit per SM instead of three.
 template <int kP>
-__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
     const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
@@ -1429,10 +1433,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int lv = min(kTile, d.S - tl0);
   const int ldn = d.N + 8, ldp = kP + 8;
   Carve cv{smem};
-  bf16* Cl = cv.take<bf16>(kTile * ldn);
   bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
   bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
-  bf16* X0 = cv.take<bf16>(2 * kTile * ldp);
+  bf16* X0 = cv.take<bf16>(kTile * ldp);
+  bf16* X1 = cv.take<bf16>(max(kTile * ldp, kTile * ldn));
+  bf16* Cl = X1;  // until the s-loop's first barrier
   float* acs_s = cv.take<float>(4 * kTile);
   float* dt_s = acs_s + 2 * kTile;
 
@@ -1451,7 +1456,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   auto issue = [&](int st, int buf) {
     const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
     CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(X0 + buf * kTile * ldp, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
+    LoadRowsAsync(buf ? X1 : X0, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       CpAsync4(acs_s + buf * kTile + r, acs + ts0 + r, true);
@@ -1496,7 +1501,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
     __syncthreads();
     if (st < lt) issue(st + 1, buf ^ 1);
     const bf16* CBt = buf ? Hs : CB0;
-    const bf16* Xs = X0 + buf * kTile * ldp;
+    const bf16* Xs = buf ? X1 : X0;
     const float* as = acs_s + buf * kTile;
     const float* ds = dt_s + buf * kTile;
     float s[8][4];
@@ -2280,11 +2285,12 @@ int StateSlice(const Dims& d) {
   return d.P <= 64 && d.N % 128 == 0 ? 128 : 64;
 }
 
-// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][slice+8]
-// (double-buffered), the scaled U tile [64][P+8], the row scales of the whole chunk [Q].
+// Shared memory of ssd_chunk_state_pipe: U tiles [2][64][P+8] (scaled in place) and V tiles
+// [2][64][slice+8] (double-buffered), the row scales of the whole chunk [Q]: 54 KB at P64 with
+// 128-column slices, so four blocks fit per SM (a separate scaled U tile made it 63.5 KB, three).
 template <typename Carver>
 void CarveChunkStatePipe(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(3 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * (d.P + 8));
   cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
@@ -2304,8 +2310,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   const int g = h / d.hpg;
   const int ldu = d.P + 8, ldv = slice + 8;
   Carve cv{smem};
-  bf16* Raw = cv.take<bf16>(3 * kTile * ldu);  // raw[0], raw[1], scaled
-  bf16* Us = Raw + 2 * kTile * ldu;
+  bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
@@ -2343,7 +2348,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   const int vpr = d.P / 8;
   for (int tt = 0; tt < nT; ++tt) {
     const int buf = tt & 1;
-    __syncthreads();  // Us and buffer buf^1 (tile tt−1) are no longer read
+    __syncthreads();  // buffer buf^1 (tile tt−1, scaled) is no longer read
     if (tt + 1 < nT) {
       issue(tt + 1, buf ^ 1);
       CpAsyncWait<1>();
@@ -2351,11 +2356,11 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
       CpAsyncWait<0>();
     }
     __syncthreads();
-    const bf16* raw = Raw + buf * kTile * ldu;
+    bf16* Us = Raw + buf * kTile * ldu;  // scaled in place: each thread rewrites its own vectors
     for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
       const int r = i / vpr, cidx = (i % vpr) * 8;
       float f[8];
-      LoadBf16<8>(raw + r * ldu + cidx, f);
+      LoadBf16<8>(Us + r * ldu + cidx, f);
       const float sc = scale[tt * kTile + r];
 #pragma unroll
       for (int j = 0; j < 8; ++j) f[j] *= sc;
