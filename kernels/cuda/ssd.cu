@@ -1961,14 +1961,16 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kStages heads, and each head's Acs_l,
-// Acs_s, dt_s (~57 KB at P64).
-constexpr int kStages = 3;  // cp.async pipeline depth of the head loops (dcb, dbc)
+constexpr int kStages = 3;  // cp.async pipeline depth of the head loop of dbc
+// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, and each head's Acs_l,
+// Acs_s, dt_s: two stages (38 KB at P64) and at most 128 registers (126, no spills), so that four
+// blocks fit per SM (session 3: three stages, 57.6 KB, 150 registers, three blocks).
+constexpr int kDcbStages = 2;
 
 template <typename Carver>
 void CarveDcbReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(2 * kStages * kTile * (d.P + 8));  // dY[kStages], X[kStages]
-  cv.template take<float>(3 * kStages * kTile);             // al, as, ds per stage
+  cv.template take<bf16>(2 * kDcbStages * kTile * (d.P + 8));  // dY[kDcbStages], X[kDcbStages]
+  cv.template take<float>(3 * kDcbStages * kTile);             // al, as, ds per stage
 }
 
 // grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile): the head-summed
@@ -1976,7 +1978,7 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
 // dB and dC (v2 computed it in both kernels), heads double-buffered through cp.async, the sum in
 // registers. Written fp32 to dcb [B, NC, G, Q, Q] (tiles above the diagonal are not written and
 // never read).
-__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf16* x,
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
                                                                const bf16* dy, const float* saved,
                                                                float* dcb) {
   extern __shared__ __align__(128) char smem[];
@@ -1996,11 +1998,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
   const int ldp = d.P + 8;
   Carve cv{smem};
-  bf16* Y0 = cv.take<bf16>(2 * kStages * kTile * ldp);
-  bf16* X0 = Y0 + kStages * kTile * ldp;
-  float* al = cv.take<float>(3 * kStages * kTile);
-  float* as = al + kStages * kTile;
-  float* ds = as + kStages * kTile;
+  bf16* Y0 = cv.take<bf16>(2 * kDcbStages * kTile * ldp);
+  bf16* X0 = Y0 + kDcbStages * kTile * ldp;
+  float* al = cv.take<float>(3 * kDcbStages * kTile);
+  float* as = al + kDcbStages * kTile;
+  float* ds = as + kDcbStages * kTile;
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -2024,11 +2026,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
 
   float acc[8][4];
   ZeroAcc(acc);
-  // kStages-deep pipeline, one barrier per head: groups are committed even when empty so that
-  // wait_group<kStages−2> always means "head hh has landed"; the barrier then also retires the
-  // buffer of head hh−1, which receives head hh+kStages−1.
+  // kDcbStages-deep pipeline, one barrier per head: groups are committed even when empty so that
+  // wait_group<kDcbStages−2> always means "head hh has landed"; the barrier then also retires the
+  // buffer of head hh−1, which receives head hh+kDcbStages−1.
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
+  for (int i = 0; i < kDcbStages - 1; ++i) {
     if (i < d.hpg) {
       issue(i, i);
     } else {
@@ -2036,11 +2038,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
     }
   }
   for (int hh = 0; hh < d.hpg; ++hh) {
-    const int buf = hh % kStages;
-    CpAsyncWait<kStages - 2>();
+    const int buf = hh % kDcbStages;
+    CpAsyncWait<kDcbStages - 2>();
     __syncthreads();
-    if (hh + kStages - 1 < d.hpg) {
-      issue(hh + kStages - 1, (hh + kStages - 1) % kStages);
+    if (hh + kDcbStages - 1 < d.hpg) {
+      issue(hh + kDcbStages - 1, (hh + kDcbStages - 1) % kDcbStages);
     } else {
       CpAsyncCommit();
     }
