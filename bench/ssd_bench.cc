@@ -10,6 +10,8 @@
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
 // MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
+// MASK 15 runs "[v3 all s64]" (chunk-state blocks 64 columns of N wide, as before session 4)
+// and then the default "[v3 all]", so that one call times both.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -88,7 +88,11 @@
 //   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
 //   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
 //   Session 3 (C Bᵀ once per group, bf16 H_c in `saved`, factored decays): forward 0.75 ms,
-//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call).
+//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call). Session 4
+//   (chunk states 128 columns wide, 4 blocks/SM for chunk states, forward scan and dCB, cheaper
+//   ∂Acs reductions in bwd dx): forward 0.72-0.74 ms, forward+backward 2.74 ms (H200 and H100;
+//   0.68-0.71x the anchor in calls where it ran 3.8-4.1 ms). As staged here the kernels must
+//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through

@@ -4,7 +4,8 @@
 //     dt_t = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max),  A = −exp(A_log)
 //     H_t  = exp(dt_t·A)·H_{t−1} + dt_t·x_t B_tᵀ,                  y_t = H_t C_t + D·x_t
 //
-// Layouts (row-major, contiguous, token-major), dtypes:
+// Layouts (row-major, token-major; dense unless x_row_stride / bc_row_stride below say
+// otherwise for x, dx and B, C, dB, dC), dtypes:
 //     x, y, dx, dy       [B, S, H, P]   bf16
 //     B, C, dB, dC       [B, S, G, N]   bf16   (head h uses group h / (H/G))
 //     dt_raw, d dt_raw   [B, S, H]      fp32
