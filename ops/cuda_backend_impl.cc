@@ -668,6 +668,8 @@ class Backend final : public CudaBackend {
       f.d = a.d;
       f.y = static_cast<bf16*>(a.y);
       f.saved = a.saved;
+      f.x_row_stride = a.x_row_stride;
+      f.bc_row_stride = a.bc_row_stride;
       OK_OR_DIE(kc::SsdForward(f, stream_));
       return;
     }
@@ -690,6 +692,8 @@ class Backend final : public CudaBackend {
     b.da_log = a.da_log;
     b.ddt_bias = a.ddt_bias;
     b.dd = a.dd;
+    b.x_row_stride = a.x_row_stride;
+    b.bc_row_stride = a.bc_row_stride;
     OK_OR_DIE(kc::SsdBackward(b, alloc_, stream_));
   }
 

@@ -158,6 +158,9 @@ struct SsdCellArgs {
   float* da_log = nullptr;
   float* ddt_bias = nullptr;
   float* dd = nullptr;
+  // Token-row strides in elements of x / dx and of B, C / dB, dC (0 = dense), as ssd.h: lets
+  // the block pass column slices of the conv output without copies.
+  int64_t x_row_stride = 0, bc_row_stride = 0;
 };
 
 }  // namespace gyre::ops

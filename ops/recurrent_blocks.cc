@@ -1008,12 +1008,11 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor xbc_in = LinearRowsForward(u_, in_proj_, di_, cx);
   dt_ = LinearRowsForward(u_, in_proj_, di_ + cx, heads_, /*f32=*/true);
   ProfileMark("mamba2.fwd.in_proj");
-  Tensor xbc = conv_.Forward(xbc_in, batch, seq);
+  // On this path xs_ holds the whole conv output [rows, di + 2·G·N] = x | B | C (b_, c_ stay
+  // undefined): the SSD reads the three column slices in place through its row strides, and
+  // the backward writes dx | dB | dC the same way, so there are no slice / concat copies.
+  xs_ = conv_.Forward(xbc_in, batch, seq);
   ProfileMark("mamba2.fwd.conv");
-  xs_ = SliceColumns(xbc, 0, di_);
-  b_ = SliceColumns(xbc, di_, di_ + gn);
-  c_ = SliceColumns(xbc, di_ + gn, di_ + 2 * gn);
-  ProfileMark("mamba2.fwd.slices");
   SsdCellArgs a;
   a.batch = batch; a.seq = seq; a.heads = heads_; a.head_dim = head_dim_; a.groups = groups_; a.state = state_;
   a.chunk = chunk_;
@@ -1021,7 +1020,8 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   y_ = CudaEmpty({rows, di_});
   a.x = xs_.raw(); a.dt = dt_.data<float>();
   a.a_log = a_log_->value.data<float>(); a.dt_bias = dt_bias_->value.data<float>();
-  a.b = b_.raw(); a.c = c_.raw(); a.d = d_skip_->value.data<float>();
+  a.b = BytePtr(xs_, di_); a.c = BytePtr(xs_, di_ + gn); a.d = d_skip_->value.data<float>();
+  a.x_row_stride = a.bc_row_stride = cx;
   a.y = y_.raw(); a.saved = saved_.raw();
   Cuda().Ssd(false, a);
   ProfileMark("mamba2.fwd.ssd");
@@ -1067,22 +1067,23 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.dweight = gated_norm_.weight()->grad.data<float>();
   Cuda().GroupNorm(true, n);
   ProfileMark("mamba2.bwd.gated_norm");
-  Tensor dxs = CudaEmpty({rows, di_}), db = CudaEmpty({rows, gn}), dc = CudaEmpty({rows, gn});
+  // dx | dB | dC straight into the conv output's gradient (row stride cx; see ForwardCuda).
+  Tensor dxbc_out = CudaEmpty({rows, cx});
   Tensor ddt = CudaEmpty({rows, heads_}, DType::kF32);
   SsdCellArgs a;
   a.batch = batch_; a.seq = seq_; a.heads = heads_; a.head_dim = head_dim_; a.groups = groups_; a.state = state_;
   a.chunk = chunk_;
   a.x = xs_.raw(); a.dt = dt_.data<float>();
   a.a_log = a_log_->value.data<float>(); a.dt_bias = dt_bias_->value.data<float>();
-  a.b = b_.raw(); a.c = c_.raw(); a.d = d_skip_->value.data<float>();
+  a.b = BytePtr(xs_, di_); a.c = BytePtr(xs_, di_ + gn); a.d = d_skip_->value.data<float>();
+  a.x_row_stride = a.bc_row_stride = cx;
   a.saved = saved_.raw();
   a.dy = dyy.raw();
-  a.dx = dxs.raw(); a.ddt = ddt.data<float>(); a.db = db.raw(); a.dc = dc.raw();
+  a.dx = dxbc_out.raw(); a.ddt = ddt.data<float>();
+  a.db = MutBytePtr(dxbc_out, di_); a.dc = MutBytePtr(dxbc_out, di_ + gn);
   a.da_log = a_log_->grad.data<float>(); a.ddt_bias = dt_bias_->grad.data<float>(); a.dd = d_skip_->grad.data<float>();
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
-  Tensor dxbc_out = ConcatColumns({dxs, db, dc});
-  ProfileMark("mamba2.bwd.concat");
   Tensor dxbc = conv_.Backward(dxbc_out);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;

@@ -11,7 +11,8 @@
 // channel counts / unaligned pointers), channels across the warp (coalesced 8-byte accesses of
 // bf16 rows, channels last), sliding a K-wide register window along the run (token loop
 // unrolled 4x so that several rows' loads are in flight), so each input is read once per run
-// plus K−1 halo values. (V = 1 with no unrolling ran the backward at 0.84 TB/s on an H200.) The backward recomputes u over the run plus a K−1
+// plus K−1 halo values. (V = 1 with no unrolling ran the backward at 0.84 TB/s on an H200; V = 4 with
+// conditional loads at 0.35 TB/s, see conv1d_bwd.) The backward recomputes u over the run plus a K−1
 // halo, writes dX, and per-run partial sums of ∂w, ∂bias to scratch; conv1d_param_reduce adds
 // them in a fixed order into dw, dbias (deterministic).
 //
@@ -150,9 +151,32 @@ __global__ void conv1d_final_state(ConvDims d, const bf16* x, const bf16* init, 
   }
 }
 
+// X_e as XExt, but the load itself is unconditional: the address is always a valid row (x row
+// clamped into [0, S), or the init row when e names one) and out-of-range values are zeroed after
+// the load, so that the unrolled token loop of conv1d_bwd can issue several rows' loads before
+// using any (with XExt's branches each token waited a full memory latency: 0.35 TB/s).
+template <int K, int V>
+__device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __restrict__ x,
+                                            const bf16* __restrict__ init, int b, int ch, int e,
+                                            float (&out)[V]) {
+  const int row = min(max(e - (K - 1), 0), d.S - 1);
+  const bf16* p = x + (static_cast<int64_t>(b) * d.S + row) * d.C + ch;
+  bool valid = e >= K - 1 && e < d.S + K - 1;
+  if (K > 1 && init != nullptr && e >= 0 && e < K - 1) {
+    p = init + (static_cast<int64_t>(b) * (K - 1) + max(e, 0)) * d.C + ch;
+    valid = true;
+  }
+  LoadV<V>(p, out);
+#pragma unroll
+  for (int v = 0; v < V; ++v) out[v] = valid ? out[v] : 0.f;
+}
+
 // grid (ceil(C/(128·V)), ceil((S+K−1)/64), B): outputs ∂X_e for e in [e0, e0+64) ∩ [0, S+K−1),
 // V adjacent channels per thread (as conv1d_fwd).
 // part [B·runs, C, K+1]: this run's Σ du X_{t+j} (j < K) and Σ du over t in [e0, e1) ∩ [0, S).
+// Structure: the K−1 halo tokens before e0 (du only) are a fully unrolled prologue; the main
+// loop over t in [e0, e1) has only unconditional loads (clamped rows, zeroed after the load) and
+// plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
 template <int K, int V>
 __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
@@ -171,6 +195,23 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     for (int j = 0; j < K; ++j) wk[j][v] = w[static_cast<int64_t>(ch + v) * K + j];
     b0[v] = bias != nullptr ? bias[ch + v] : 0.f;
   }
+  const bf16* dyb = dy + static_cast<int64_t>(b) * d.S * d.C + ch;
+  // du_t for one token t (zero outside [0, S)), from the window win[j] = X_{t+j}.
+  auto du_of = [&](int t, const float (&win)[K][V], float (&g)[V]) {
+    LoadV<V>(dyb + static_cast<int64_t>(min(max(t, 0), d.S - 1)) * d.C, g);
+    const bool valid = t >= 0 && t < d.S;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (silu) {
+        float u = b0[v];
+#pragma unroll
+        for (int j = 0; j < K; ++j) u += wk[j][v] * win[j][v];
+        const float sg = SigmoidF(u);
+        g[v] *= sg * (1.f + u * (1.f - sg));
+      }
+      g[v] = valid ? g[v] : 0.f;
+    }
+  };
   float win[K][V];  // win[j] = X_{t+j}
   float du[K][V];   // du[j] = du_{t−(K−1)+j}, du[K−1] = du_t
 #pragma unroll
@@ -179,16 +220,11 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     for (int v = 0; v < V; ++v) du[j][v] = 0.f;
   const int tstart = e0 - (K - 1);
 #pragma unroll
-  for (int j = 0; j < K - 1; ++j) XExt<V>(d, x, init, b, ch, tstart + j, win[j + 1]);
-  float dw_acc[K][V], db_acc[V];
+  for (int j = 0; j < K - 1; ++j) XExtClamped<K, V>(d, x, init, b, ch, tstart + j, win[j + 1]);
+  // Prologue: t in [e0 − (K−1), e0): du only (these ∂X outputs belong to the previous run).
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    db_acc[v] = 0.f;
-#pragma unroll
-    for (int j = 0; j < K; ++j) dw_acc[j][v] = 0.f;
-  }
-#pragma unroll 4
-  for (int t = tstart; t < e1; ++t) {
+  for (int i = 0; i < K - 1; ++i) {
+    const int t = tstart + i;
 #pragma unroll
     for (int j = 0; j < K - 1; ++j)
 #pragma unroll
@@ -196,41 +232,48 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
         win[j][v] = win[j + 1][v];
         du[j][v] = du[j + 1][v];
       }
-    XExt<V>(d, x, init, b, ch, t + K - 1, win[K - 1]);
-    float g[V];
-    if (t >= 0 && t < d.S) {
-      LoadV<V>(dy + (static_cast<int64_t>(b) * d.S + t) * d.C + ch, g);
+    XExtClamped<K, V>(d, x, init, b, ch, t + K - 1, win[K - 1]);
+    du_of(t, win, du[K - 1]);
+  }
+  float dw_acc[K][V], db_acc[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    db_acc[v] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) dw_acc[j][v] = 0.f;
+  }
+  // One output token; kEdge: the run touches the state rows (e < K−1) or the final-state
+  // gradient (e >= S). Interior runs (all but the first and last per row) take the branch-free
+  // instantiation, so nothing in the unrolled body stops the loads from being issued early.
+  auto step = [&](int t, auto edge) {
+    constexpr bool kEdge = decltype(edge)::value;
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j)
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        if (silu) {
-          float u = b0[v];
-#pragma unroll
-          for (int j = 0; j < K; ++j) u += wk[j][v] * win[j][v];
-          const float sg = SigmoidF(u);
-          g[v] *= sg * (1.f + u * (1.f - sg));
-        }
-        if (t >= e0) {
-#pragma unroll
-          for (int j = 0; j < K; ++j) dw_acc[j][v] += g[v] * win[j][v];
-          db_acc[v] += g[v];
-        }
+        win[j][v] = win[j + 1][v];
+        du[j][v] = du[j + 1][v];
       }
-    } else {
+    XExtClamped<K, V>(d, x, init, b, ch, t + K - 1, win[K - 1]);
+    float g[V];
+    du_of(t, win, g);
 #pragma unroll
-      for (int v = 0; v < V; ++v) g[v] = 0.f;
+    for (int v = 0; v < V; ++v) {
+#pragma unroll
+      for (int j = 0; j < K; ++j) dw_acc[j][v] += g[v] * win[j][v];
+      db_acc[v] += g[v];
+      du[K - 1][v] = g[v];
     }
-#pragma unroll
-    for (int v = 0; v < V; ++v) du[K - 1][v] = g[v];
     // ∂X_e for e = t: Σ_j w_j du_{t−j} = Σ_j w_j du[K−1−j].
     const int e = t;
-    if (e >= e0) {
-      float o[V];
+    float o[V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        o[v] = 0.f;
+    for (int v = 0; v < V; ++v) {
+      o[v] = 0.f;
 #pragma unroll
-        for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
-      }
+      for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
+    }
+    if constexpr (kEdge) {
       if (e >= d.S && d_final != nullptr) {
         float f[V];
         LoadV<V>(d_final + (static_cast<int64_t>(b) * (K - 1) + (e - d.S)) * d.C + ch, f);
@@ -239,10 +282,64 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
       }
       if (e < K - 1) {
         if (d_init != nullptr) StoreV<V>(d_init + (static_cast<int64_t>(b) * (K - 1) + e) * d.C + ch, o);
-      } else {
-        StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * d.C + ch, o);
+        return;
       }
     }
+    StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * d.C + ch, o);
+  };
+  if (e0 >= K - 1 && e1 <= d.S) {
+    // Interior run: X_{t+K−1} is x row t and every dy row is valid. kBatch tokens' x and dy rows
+    // are loaded into registers before any of them is used or any dx row stored, written out
+    // explicitly: through the lambda above (captured pointers lose __restrict__) the compiler
+    // kept each token's loads behind the previous token's store (1.2 TB/s, ncu 2026-11-26).
+    constexpr int kBatch = 4;
+    const bf16* __restrict__ xrow = x + (static_cast<int64_t>(b) * d.S) * d.C + ch;
+    bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * d.C + ch;  // row t − (K−1)
+    int t = e0;
+    for (; t + kBatch <= e1; t += kBatch) {
+      float xn[kBatch][V], gy[kBatch][V];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        LoadV<V>(xrow + static_cast<int64_t>(t + i) * d.C, xn[i]);
+        LoadV<V>(dyb + static_cast<int64_t>(t + i) * d.C, gy[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+#pragma unroll
+        for (int j = 0; j < K - 1; ++j)
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            win[j][v] = win[j + 1][v];
+            du[j][v] = du[j + 1][v];
+          }
+#pragma unroll
+        for (int v = 0; v < V; ++v) win[K - 1][v] = xn[i][v];
+        float o[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          float g = gy[i][v];
+          if (silu) {
+            float u = b0[v];
+#pragma unroll
+            for (int j = 0; j < K; ++j) u += wk[j][v] * win[j][v];
+            const float sg = SigmoidF(u);
+            g *= sg * (1.f + u * (1.f - sg));
+          }
+#pragma unroll
+          for (int j = 0; j < K; ++j) dw_acc[j][v] += g * win[j][v];
+          db_acc[v] += g;
+          du[K - 1][v] = g;
+          o[v] = 0.f;
+#pragma unroll
+          for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
+        }
+        StoreV<V>(dxrow + static_cast<int64_t>(t + i - (K - 1)) * d.C, o);
+      }
+    }
+    for (; t < e1; ++t) step(t, std::false_type{});
+  } else {
+#pragma unroll 2
+    for (int t = e0; t < e1; ++t) step(t, std::true_type{});
   }
 #pragma unroll
   for (int v = 0; v < V; ++v) {

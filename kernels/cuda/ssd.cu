@@ -88,7 +88,11 @@
 //   default; "register-resident path" below): forward 1.05 ms, forward+backward 3.31 ms, i.e.
 //   0.75-0.87x the anchor's fwd+bwd in the same call (its forward, 0.57 ms, is still faster).
 //   Session 3 (C Bᵀ once per group, bf16 H_c in `saved`, factored decays): forward 0.75 ms,
-//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call).
+//   forward+backward 2.81 ms (H200; 0.61-0.65x the anchor's fwd+bwd in that call). Session 4
+//   (chunk states 128 columns wide, 4 blocks/SM for chunk states, forward scan and dCB, cheaper
+//   ∂Acs reductions in bwd dx): forward 0.72-0.74 ms, forward+backward 2.74 ms (H200 and H100;
+//   0.68-0.71x the anchor in calls where it ran 3.8-4.1 ms). As staged here the kernels must
+//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
@@ -136,6 +140,9 @@ constexpr int kTile = 64;      // token rows per tile
 struct Dims {
   int B, S, H, P, G, N, Q, NC, hpg;
   int64_t PN;
+  // Token-row strides (elements) of x / dx (ldx, >= H·P) and of B, C / dB, dC (ldbc, >= G·N);
+  // y and dy are always dense (H·P). See ssd.h (x_row_stride, bc_row_stride).
+  int64_t ldx, ldbc, ldy;
   int64_t per_batch;  // floats per batch row in `saved` (padded to 64)
   int64_t dt_off, acs_off, cb_off, hbf_off;
   float dt_min, dt_max;
@@ -153,6 +160,9 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.NC = static_cast<int>((s.seq_len + o.chunk_size - 1) / o.chunk_size);
   d.hpg = d.H / std::max(d.G, 1);
   d.PN = static_cast<int64_t>(d.P) * d.N;
+  d.ldx = static_cast<int64_t>(d.H) * d.P;
+  d.ldbc = static_cast<int64_t>(d.G) * d.N;
+  d.ldy = d.ldx;
   d.dt_off = static_cast<int64_t>(d.H) * (d.NC + 1) * d.PN;
   d.acs_off = d.dt_off + static_cast<int64_t>(d.S) * d.H;
   // C Bᵀ per (group, chunk) as bf16 [G, NC·Q, Q] (two per float), 256-byte aligned.
@@ -165,6 +175,17 @@ Dims MakeDims(const SsdShape& s, const SsdOptions& o) {
   d.dt_min = static_cast<float>(o.dt_min);
   d.dt_max = static_cast<float>(o.dt_max);
   return d;
+}
+
+// Element offsets of token t of batch row b: x / dx (XRow), y / dy (YRow), B, C / dB, dC (BcRow).
+__device__ __forceinline__ int64_t XRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldx;
+}
+__device__ __forceinline__ int64_t YRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldy;
+}
+__device__ __forceinline__ int64_t BcRow(const Dims& d, int b, int64_t t) {
+  return (static_cast<int64_t>(b) * d.S + t) * d.ldbc;
 }
 
 __device__ __forceinline__ float* StatePtr(const Dims& d, float* saved, int b, int h, int slot) {
@@ -533,10 +554,12 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state(Dims d, const bf16* 
       scale[r] = s;
     }
     __syncthreads();
-    LoadRowsAsync(Vs, ldv, v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0,
-                  static_cast<int64_t>(d.G) * d.N, valid, nw);
-    LoadRows(Us, ldu, u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P,
-             static_cast<int64_t>(d.H) * d.P, valid, d.P, scale);
+    // u is x (forward, row stride ldx) or dy (backward, dense); v is B or C (ldbc).
+    const int64_t u_ld = kBwd ? d.ldy : d.ldx;
+    LoadRowsAsync(Vs, ldv, v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc,
+                  valid, nw);
+    LoadRows(Us, ldu, u + (static_cast<int64_t>(b) * d.S + t0) * u_ld + static_cast<int64_t>(h) * d.P,
+             u_ld, valid, d.P, scale);
     CpAsyncWaitAll();
     __syncthreads();
     MM::template Mma<true, false, 2>(acc, Us, ldu, Vs, ldv, d.P, nw, kTile);
@@ -622,11 +645,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
 
   const float* acs = AcsPtr(d, saved, b, h);
   const float* dts = DtPtr(d, saved, b);
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
 
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
   LoadState(Hs, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
@@ -682,12 +705,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
   const int vpr = d.P / 8;
   for (int i = threadIdx.x; i < lv * vpr; i += kThreads) {
     const int r = i / vpr, p = (i % vpr) * 8;
-    const int64_t off = (tl0 + r) * x_stride + p;
     float xv[8], out[8];
-    LoadBf16<8>(xb + off, xv);
+    LoadBf16<8>(xb + (tl0 + r) * x_stride + p, xv);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = Ys[r * ldy + p + j] + dsk * xv[j];
-    StoreBf16<8>(y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P + off, out);
+    StoreBf16<8>(y + YRow(d, b, tl0 + r) + static_cast<int64_t>(h) * d.P + p, out);
   }
 }
 
@@ -817,13 +839,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   LoadState(Hc, ldn, StatePtr(d, saved, b, h, c), d.P, d.N);
   __syncthreads();
 
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;   // x, dx
+  const int64_t y_stride = d.ldy;   // dy
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  bf16* dxb = dx + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int row = threadIdx.x / 2, half = threadIdx.x % 2, hp = d.P / 2;
   // A·∂A = Σ_t ∂Acs_t·Acs_t, summed in the difference form (see "∂A in the difference form" at the top): every
   // term is added here with its Acs weight (a pair term with Acs_l − Acs_s), in double.
@@ -833,7 +856,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
   for (int lt = 0; lt < nT; ++lt) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
     LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-    LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+    LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
     CpAsyncWaitAll();
     __syncthreads();
     typename MM::Tile a1[2];
@@ -902,7 +925,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     for (int lt = st; lt < nT; ++lt) {
       const int l0 = lt * kTile, tl0 = c0 + l0, lv = min(kTile, d.S - tl0);
       LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-      LoadRowsAsync(dYl, ldp, dyb + tl0 * x_stride, x_stride, lv, d.P);
+      LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
       typename MM::Tile t1[1], t2[1];
@@ -942,10 +965,10 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     // dx = dt dX̄ + D dy; ddtx = x·dX̄; dD += dy·x (two threads per row, P/2 columns each).
     float dot_x = 0.f, dot_d = 0.f;
     if (row < sv) {
-      const int64_t off = (ts0 + row) * x_stride;
+      const int64_t off = (ts0 + row) * x_stride, yoff = (ts0 + row) * y_stride;
       for (int p = half * hp; p < (half + 1) * hp; p += 8) {
         float dyv[8], out[8];
-        LoadBf16<8>(dyb + off + p, dyv);
+        LoadBf16<8>(dyb + yoff + p, dyv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float xv = __bfloat162float(Xs[row * ldp + p + j]);
@@ -1059,7 +1082,8 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
   bf16* Vt = cf.take<bf16>(kTile * ldn);
 
   for (int i = threadIdx.x; i < kTile * lds; i += kThreads) Sum[i] = 0.f;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  // Own rows are x (dB) or dy (dC), the other rows the other one; part is dense [.., G, N].
+  const int64_t own_ld = kDB ? d.ldx : d.ldy, oth_ld = kDB ? d.ldy : d.ldx;
   const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
   const int lo = kDB ? ot_own : 0, hi = kDB ? nT - 1 : ot_own;  // other tiles
 
@@ -1071,13 +1095,13 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
     __syncthreads();
     const float* acs_g = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
     const float* dt_g = DtPtr(d, saved, b);
-    const bf16* xh = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-    const bf16* dyh = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-    const bf16* own_src = (kDB ? xh : dyh) + own0 * x_stride;
+    const bf16* xh = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+    const bf16* dyh = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+    const bf16* own_src = (kDB ? xh : dyh) + own0 * own_ld;
     const bf16* oth_src = kDB ? dyh : xh;
     // One memory round trip for the head's prologue: the raw own tile through cp.async, the
     // state and Acs/dt through registers, all in flight together.
-    LoadRowsAsync(Own, ldp, own_src, x_stride, ov, d.P);
+    LoadRowsAsync(Own, ldp, own_src, own_ld, ov, d.P);
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
       acs[i] = acs_g[i];
       dts[i] = c * d.Q + i < d.S ? dt_g[static_cast<int64_t>(c * d.Q + i) * d.H + h] : 0.f;
@@ -1109,7 +1133,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
     for (int ot = lo; ot <= hi; ++ot) {
       const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
       __syncthreads();  // OwnS/St (first pass) or Ms (later passes) are still being read
-      LoadRowsAsync(Oth, ldp, oth_src + oth0 * x_stride, x_stride, othv, d.P);
+      LoadRowsAsync(Oth, ldp, oth_src + oth0 * oth_ld, oth_ld, othv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
       typename MM::Tile t1[1];
@@ -1125,11 +1149,11 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
       }
     }
   }
-  const bf16* vsrc = (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const bf16* vsrc = (kDB ? Cm : Bm) + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   for (int ot = lo; ot <= hi; ++ot) {
     const int oth0 = c * d.Q + ot * kTile, othv = min(kTile, d.S - oth0);
     __syncthreads();
-    LoadRowsAsync(Vt, ldn, vsrc + oth0 * bc_stride, bc_stride, othv, d.N);
+    LoadRowsAsync(Vt, ldn, vsrc + oth0 * d.ldbc, d.ldbc, othv, d.N);
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int r = i / kTile, j = i % kTile;
       Tb[r * 72 + j] = __float2bfloat16_rn(Sum[r * lds + ot * kTile + j]);
@@ -1143,9 +1167,10 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
   MM::Store(acc, out, bc_stride, kTile, d.N);
 }
 
-// dB/dC [B, S, G, N] bf16 = Σ_split part (fixed order).
+// dB/dC [B, S, G, N] bf16 (row stride ldbc) = Σ_split part (fixed order).
 __global__ void ssd_reduce_bc(Dims d, int nsplit, const float* part, bf16* out) {
-  const int64_t per_b = static_cast<int64_t>(d.S) * d.G * d.N;
+  const int64_t gn = static_cast<int64_t>(d.G) * d.N;
+  const int64_t per_b = static_cast<int64_t>(d.S) * gn;
   const int64_t total = d.B * per_b;
   const int64_t ncq_stride = static_cast<int64_t>(d.NC) * d.Q * d.G * d.N;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -1153,7 +1178,7 @@ __global__ void ssd_reduce_bc(Dims d, int nsplit, const float* part, bf16* out) 
     const int64_t b = i / per_b, rem = i % per_b;
     float s = 0.f;
     for (int k = 0; k < nsplit; ++k) s += part[(k * d.B + b) * ncq_stride + rem];
-    out[i] = __float2bfloat16_rn(s);
+    out[BcRow(d, static_cast<int>(b), rem / gn) + rem % gn] = __float2bfloat16_rn(s);
   }
 }
 
@@ -1356,9 +1381,9 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
   const int ldn = d.N + 8;
   bf16* Cl = reinterpret_cast<bf16*>(smem);
   bf16* Bs = Cl + kTile * ldn;
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const int64_t bc_stride = d.ldbc;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, min(kTile, d.S - tl0), d.N);
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, min(kTile, d.S - ts0), d.N);
   CpAsyncCommit();
@@ -1385,17 +1410,21 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
 // ~62 KB at P64 N128: three blocks per SM.
 template <typename Carver>
 void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * (d.N + 8));                                  // Cl
   cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
   cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
-  cv.template take<bf16>(2 * kTile * (d.P + 8));                              // Xs buffers
+  cv.template take<bf16>(kTile * (d.P + 8));                                  // X buffer 0
+  cv.template take<bf16>(std::max(kTile * (d.P + 8), kTile * (d.N + 8)));     // Cl, X buffer 1
   cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
 }
 
 // grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
 // ssd_chunk_scan_fwd, which documents it).
+// C_l is read only by the inter-chunk product, before the first barrier of the s-loop, which
+// also retires H_c; both regions then take tile 1 (C Bᵀ into Hs, x into Cl's place). That keeps
+// the shared memory at 53 KB for P64 N128 (63.5 KB with a separate Cl), so with at most 128
+// registers (P <= 64) four blocks fit per SM instead of three.
 template <int kP>
-__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
     const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
@@ -1408,21 +1437,22 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   const int lv = min(kTile, d.S - tl0);
   const int ldn = d.N + 8, ldp = kP + 8;
   Carve cv{smem};
-  bf16* Cl = cv.take<bf16>(kTile * ldn);
   bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
   bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
-  bf16* X0 = cv.take<bf16>(2 * kTile * ldp);
+  bf16* X0 = cv.take<bf16>(kTile * ldp);
+  bf16* X1 = cv.take<bf16>(max(kTile * ldp, kTile * ldn));
+  bf16* Cl = X1;  // until the s-loop's first barrier
   float* acs_s = cv.take<float>(4 * kTile);
   float* dt_s = acs_s + 2 * kTile;
 
   const float* acs = AcsPtr(d, saved, b, h);
   const float* dts = DtPtr(d, saved, b);
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
   const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
 
@@ -1430,7 +1460,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
   auto issue = [&](int st, int buf) {
     const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
     CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(X0 + buf * kTile * ldp, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
+    LoadRowsAsync(buf ? X1 : X0, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       CpAsync4(acs_s + buf * kTile + r, acs + ts0 + r, true);
@@ -1475,7 +1505,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
     __syncthreads();
     if (st < lt) issue(st + 1, buf ^ 1);
     const bf16* CBt = buf ? Hs : CB0;
-    const bf16* Xs = X0 + buf * kTile * ldp;
+    const bf16* Xs = buf ? X1 : X0;
     const float* as = acs_s + buf * kTile;
     const float* ds = dt_s + buf * kTile;
     float s[8][4];
@@ -1514,17 +1544,17 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_fwd_reg(
 
   // y = acc + D x (rows < lv), straight from the accumulators.
   const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  bf16* yb = y + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  bf16* yb = y + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
     const int row = r0 + 8 * e2;
     if (row < lv) {
-      const int64_t off = (tl0 + row) * x_stride;
+      const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
         const float2 xv = Bf2(xb + off + p);
-        *reinterpret_cast<__nv_bfloat162*>(yb + off + p) = __floats2bfloat162_rn(
+        *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
             acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
       }
     }
@@ -1592,13 +1622,14 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   float* dlrow = own + kTile;
   double* red = cv.take<double>(kWarps);
 
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const bf16* Cb = Cm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* Bb = Bm + (static_cast<int64_t>(b) * d.S * d.G + g) * d.N;
-  const bf16* xb = x + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  const bf16* dyb = dy + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
-  bf16* dxb = dx + (static_cast<int64_t>(b) * d.S * d.H + h) * d.P;
+  const int64_t bc_stride = d.ldbc;
+  const int64_t x_stride = d.ldx;  // x, dx
+  const int64_t y_stride = d.ldy;  // dy
+  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+  bf16* dxb = dx + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;  // own-tile rows r0, r0 + 8
 
@@ -1608,7 +1639,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
   CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
-  LoadRowsAsync(dY0, ldp, dyb + ts0 * x_stride, x_stride, sv, kP);
+  LoadRowsAsync(dY0, ldp, dyb + ts0 * y_stride, y_stride, sv, kP);
   CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
@@ -1676,7 +1707,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
     CpRows(buf ? CB1 : CB0, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile,
            kTile, kTile);
-    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * x_stride, x_stride, lv, kP);
+    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
     CpAsyncCommit();
   };
 
@@ -1712,13 +1743,21 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     float csum[8][2];
     float dpair = 0.f;  // this tile pair's Σ m2·(Acs_l − Acs_s)
     // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
+    // Off the diagonal, Σ m2·(Acs_l − Acs_s) is formed as Σ_l (Acs_l − ref)·colsum_l −
+    // Σ_s (Acs_s − ref)·rowsum_s with ref = Acs_l0 (this thread's partial sums of this tile
+    // pair): Acs decreases, so for s < l0 <= l both weights are at most the pair's own
+    // |Acs_l − Acs_s| (no amplification of fp32 residues, see "∂A in the difference form"), and
+    // it costs 2 FMAs per column pair instead of 2 instructions per element. The diagonal tile
+    // keeps the per-element form (there |Acs_s − ref| can exceed |Acs_l − Acs_s| by far).
     auto scale = [&](auto diag_c) {
       constexpr bool kDiag = decltype(diag_c)::value;
+      const float ref = acs[l0];
       float f0 = 0.f, f1 = 0.f;
       if constexpr (!kDiag) {
-        f0 = __expf(acs[l0] - as0);
-        f1 = __expf(acs[l0] - as1);
+        f0 = __expf(ref - as0);
+        f1 = __expf(ref - as1);
       }
+      float rt0 = 0.f, rt1 = 0.f;  // this tile pair's row partials
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         csum[j][0] = 0.f;
@@ -1739,15 +1778,22 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
           }
           s1[j][e] = mt;
           const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
-          dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
+          if constexpr (kDiag) dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
           if (e < 2) {
-            rsum0 += m2;
+            rt0 += m2;
           } else {
-            rsum1 += m2;
+            rt1 += m2;
           }
           csum[j][e & 1] += m2;
         }
+        if constexpr (!kDiag) {
+          dpair = fmaf(al.x - ref, csum[j][0], dpair);
+          dpair = fmaf(al.y - ref, csum[j][1], dpair);
+        }
       }
+      if constexpr (!kDiag) dpair -= (as0 - ref) * rt0 + (as1 - ref) * rt1;
+      rsum0 += rt0;
+      rsum1 += rt1;
     };
     if (lt == st) {
       scale(std::true_type{});
@@ -1755,16 +1801,28 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
       scale(std::false_type{});
     }
     da_loc += dpair;
+    // Column sums over the warp's 16 rows (the 8 lanes of equal tq), as a transpose-reduce:
+    // at each of the three levels a lane sends the half of its values that its partner keeps
+    // (8 + 4 + 2 shuffles instead of 16 × 3), ending with the sums of columns 8·gq + 2·tq + {0, 1}.
+    {
+      float w8[8];
+      const bool b2 = (gq & 4) != 0, b1 = (gq & 2) != 0, b0 = (gq & 1) != 0;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e1 = 0; e1 < 2; ++e1) {
-        float v = csum[j][e1];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (gq == 0) dcol[warp * d.Q + l0 + 8 * j + 2 * tq + e1] = v;
+      for (int i = 0; i < 8; ++i) {  // value k = 2j + e1; keep k in [8·b2, 8·b2 + 8)
+        const float lo = csum[i / 2][i % 2], hi = csum[4 + i / 2][i % 2];
+        w8[i] = (b2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, b2 ? lo : hi, 16);
       }
+      float w4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w4[i] = (b1 ? w8[i + 4] : w8[i]) + __shfl_xor_sync(0xffffffffu, b1 ? w8[i] : w8[i + 4], 8);
+      float w2[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        w2[i] = (b0 ? w4[i + 2] : w4[i]) + __shfl_xor_sync(0xffffffffu, b0 ? w4[i] : w4[i + 2], 4);
+      *reinterpret_cast<float2*>(dcol + warp * d.Q + l0 + 8 * gq + 2 * tq) =
+          make_float2(w2[0], w2[1]);
+    }
     unsigned fa[4][4];
     AccToA(s1, fa);
     WarpMmaRS<NP, 4, false>(acc, fa, dYl, ldp);
@@ -1787,12 +1845,12 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     const float dtr = e2 ? dt1 : dt0;
     float dot_x = 0.f;
     if (row < sv) {
-      const int64_t off = (ts0 + row) * x_stride;
+      const int64_t off = (ts0 + row) * x_stride, yoff = (ts0 + row) * y_stride;
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
         const float2 xv = Bf2(Xs + row * ldp + p);
-        const float2 dyv = Bf2(dyb + off + p);
+        const float2 dyv = Bf2(dyb + yoff + p);
         const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
         dot_x += xv.x * g0 + xv.y * g1;
         dot_d += xv.x * dyv.x + xv.y * dyv.y;
@@ -1907,14 +1965,16 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kStages heads, and each head's Acs_l,
-// Acs_s, dt_s (~57 KB at P64).
-constexpr int kStages = 3;  // cp.async pipeline depth of the head loops (dcb, dbc)
+constexpr int kStages = 3;  // cp.async pipeline depth of the head loop of dbc
+// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, and each head's Acs_l,
+// Acs_s, dt_s: two stages (38 KB at P64) and at most 128 registers (126, no spills), so that four
+// blocks fit per SM (session 3: three stages, 57.6 KB, 150 registers, three blocks).
+constexpr int kDcbStages = 2;
 
 template <typename Carver>
 void CarveDcbReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(2 * kStages * kTile * (d.P + 8));  // dY[kStages], X[kStages]
-  cv.template take<float>(3 * kStages * kTile);             // al, as, ds per stage
+  cv.template take<bf16>(2 * kDcbStages * kTile * (d.P + 8));  // dY[kDcbStages], X[kDcbStages]
+  cv.template take<float>(3 * kDcbStages * kTile);             // al, as, ds per stage
 }
 
 // grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile): the head-summed
@@ -1922,7 +1982,7 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
 // dB and dC (v2 computed it in both kernels), heads double-buffered through cp.async, the sum in
 // registers. Written fp32 to dcb [B, NC, G, Q, Q] (tiles above the diagonal are not written and
 // never read).
-__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf16* x,
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
                                                                const bf16* dy, const float* saved,
                                                                float* dcb) {
   extern __shared__ __align__(128) char smem[];
@@ -1942,12 +2002,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
   const int ldp = d.P + 8;
   Carve cv{smem};
-  bf16* Y0 = cv.take<bf16>(2 * kStages * kTile * ldp);
-  bf16* X0 = Y0 + kStages * kTile * ldp;
-  float* al = cv.take<float>(3 * kStages * kTile);
-  float* as = al + kStages * kTile;
-  float* ds = as + kStages * kTile;
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
+  bf16* Y0 = cv.take<bf16>(2 * kDcbStages * kTile * ldp);
+  bf16* X0 = Y0 + kDcbStages * kTile * ldp;
+  float* al = cv.take<float>(3 * kDcbStages * kTile);
+  float* as = al + kDcbStages * kTile;
+  float* ds = as + kDcbStages * kTile;
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -1955,11 +2014,9 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
   auto issue = [&](int hh, int buf) {
     const int h = g * d.hpg + hh;
     LoadRowsAsync(Y0 + buf * kTile * ldp, ldp,
-                  dy + ((static_cast<int64_t>(b) * d.S + c0 + l0) * d.H + h) * d.P, x_stride, lv,
-                  d.P);
+                  dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv, d.P);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
-                  x + ((static_cast<int64_t>(b) * d.S + c0 + s0) * d.H + h) * d.P, x_stride, sv,
-                  d.P);
+                  x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P, d.ldx, sv, d.P);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       const float* acs_h = AcsPtr(d, saved, b, h) + c0;
@@ -1973,11 +2030,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
 
   float acc[8][4];
   ZeroAcc(acc);
-  // kStages-deep pipeline, one barrier per head: groups are committed even when empty so that
-  // wait_group<kStages−2> always means "head hh has landed"; the barrier then also retires the
-  // buffer of head hh−1, which receives head hh+kStages−1.
+  // kDcbStages-deep pipeline, one barrier per head: groups are committed even when empty so that
+  // wait_group<kDcbStages−2> always means "head hh has landed"; the barrier then also retires the
+  // buffer of head hh−1, which receives head hh+kDcbStages−1.
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
+  for (int i = 0; i < kDcbStages - 1; ++i) {
     if (i < d.hpg) {
       issue(i, i);
     } else {
@@ -1985,11 +2042,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dcb_reg(Dims d, const bf1
     }
   }
   for (int hh = 0; hh < d.hpg; ++hh) {
-    const int buf = hh % kStages;
-    CpAsyncWait<kStages - 2>();
+    const int buf = hh % kDcbStages;
+    CpAsyncWait<kDcbStages - 2>();
     __syncthreads();
-    if (hh + kStages - 1 < d.hpg) {
-      issue(hh + kStages - 1, (hh + kStages - 1) % kStages);
+    if (hh + kDcbStages - 1 < d.hpg) {
+      issue(hh + kDcbStages - 1, (hh + kDcbStages - 1) % kDcbStages);
     } else {
       CpAsyncCommit();
     }
@@ -2109,8 +2166,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
   auto A_of = [&](int buf) { return stages + buf * stage_elems; };
   auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
-  const int64_t x_stride = static_cast<int64_t>(d.H) * d.P;
-  const int64_t bc_stride = static_cast<int64_t>(d.G) * d.N;
+  const int64_t bc_stride = d.ldbc;  // B, C in; dB, dC out
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -2122,14 +2178,14 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
       const int o = kDB ? ot + step : step;
       const int t0 = c0 + o * kTile, valid = min(kTile, d.S - t0);
       LoadRowsAsync(A_of(buf), ldv,
-                    (kDB ? Cm : Bm) + (static_cast<int64_t>(b) * d.S + t0) * bc_stride +
-                        g * d.N + n0,
+                    (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
     } else {
       const int h = g * d.hpg + (step - n1);
       LoadRowsAsync(A_of(buf), ldp,
-                    (kDB ? x : dy) + ((static_cast<int64_t>(b) * d.S + c0 + o0) * d.H + h) * d.P,
-                    x_stride, ov, d.P);
+                    (kDB ? x + XRow(d, b, c0 + o0) : dy + YRow(d, b, c0 + o0)) +
+                        static_cast<int64_t>(h) * d.P,
+                    kDB ? d.ldx : d.ldy, ov, d.P);
       CpRows(S_of(buf), ldv,
              (kDB ? st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                   : HbfPtr(d, saved, b, h, c)) +
@@ -2214,7 +2270,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   for (int e2 = 0; e2 < 2; ++e2) {
     const int row = r0 + 8 * e2;
     if (row < ov) {
-      bf16* orow = out + (static_cast<int64_t>(b) * d.S + c0 + o0 + row) * bc_stride + g * d.N + n0;
+      bf16* orow = out + BcRow(d, b, c0 + o0 + row) + static_cast<int64_t>(g) * d.N + n0;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         *reinterpret_cast<__nv_bfloat162*>(orow + 8 * j + 2 * tq) =
@@ -2224,12 +2280,24 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
 }
 
 
-// Shared memory of ssd_chunk_state_pipe: raw U tiles [2][64][P+8] and V tiles [2][64][72]
-// (double-buffered), the scaled U tile [64][P+8], the row scales of the whole chunk [Q].
+// Columns of N per ssd_chunk_state_pipe block: 128 where the P×128 fp32 accumulator still fits
+// two 32×32 warp tiles per warp (P <= 64) and N allows, else 64. With 64 (sessions 2-3) every
+// (b, c, h) ran two blocks that each loaded and scaled the same x (or dy) tiles; 128 does that
+// once and gives each block twice the MMAs per barrier. g_state_slice_override (testing) forces 64.
+std::atomic<int> g_state_slice_override{0};
+int StateSlice(const Dims& d) {
+  const int forced = g_state_slice_override.load();
+  if (forced == 64) return 64;
+  return d.P <= 64 && d.N % 128 == 0 ? 128 : 64;
+}
+
+// Shared memory of ssd_chunk_state_pipe: U tiles [2][64][P+8] (scaled in place) and V tiles
+// [2][64][slice+8] (double-buffered), the row scales of the whole chunk [Q]: 54 KB at P64 with
+// 128-column slices, so four blocks fit per SM (a separate scaled U tile made it 63.5 KB, three).
 template <typename Carver>
 void CarveChunkStatePipe(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(3 * kTile * (d.P + 8));
-  cv.template take<bf16>(2 * kTile * 72);
+  cv.template take<bf16>(2 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
 
@@ -2238,18 +2306,17 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
 template <bool kBwd>
-__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const bf16* u,
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
                                                                  float* ds_out) {
   extern __shared__ __align__(128) char smem[];
-  const int ntn = (d.N + 63) / 64;
+  const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
-  const int n0 = (blockIdx.y % ntn) * 64, nw = min(64, d.N - n0);
+  const int n0 = (blockIdx.y % ntn) * slice, nw = min(slice, d.N - n0);
   const int g = h / d.hpg;
-  const int ldu = d.P + 8, ldv = 72;
+  const int ldu = d.P + 8, ldv = slice + 8;
   Carve cv{smem};
-  bf16* Raw = cv.take<bf16>(3 * kTile * ldu);  // raw[0], raw[1], scaled
-  bf16* Us = Raw + 2 * kTile * ldu;
+  bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
@@ -2257,17 +2324,17 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const b
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
-  const int64_t u_stride = static_cast<int64_t>(d.H) * d.P;
-  const int64_t v_stride = static_cast<int64_t>(d.G) * d.N;
+  // u is x (forward, row stride ldx) or dy (backward, dense); v is B or C (ldbc).
+  const int64_t u_stride = kBwd ? d.ldy : d.ldx;
+  const int64_t v_stride = d.ldbc;
 
   auto issue = [&](int tt, int buf) {
     const int t0 = c0 + tt * kTile, valid = min(kTile, d.S - t0);
     LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
-                  v + ((static_cast<int64_t>(b) * d.S + t0) * d.G + g) * d.N + n0, v_stride,
-                  valid, nw);
+                  v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, v_stride, valid, nw);
     LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + ((static_cast<int64_t>(b) * d.S + t0) * d.H + h) * d.P, u_stride, valid,
-                  d.P);
+                  u + (static_cast<int64_t>(b) * d.S + t0) * u_stride + static_cast<int64_t>(h) * d.P,
+                  u_stride, valid, d.P);
     CpAsyncCommit();
   };
   issue(0, 0);
@@ -2287,7 +2354,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const b
   const int vpr = d.P / 8;
   for (int tt = 0; tt < nT; ++tt) {
     const int buf = tt & 1;
-    __syncthreads();  // Us and buffer buf^1 (tile tt−1) are no longer read
+    __syncthreads();  // buffer buf^1 (tile tt−1, scaled) is no longer read
     if (tt + 1 < nT) {
       issue(tt + 1, buf ^ 1);
       CpAsyncWait<1>();
@@ -2295,11 +2362,11 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, const b
       CpAsyncWait<0>();
     }
     __syncthreads();
-    const bf16* raw = Raw + buf * kTile * ldu;
+    bf16* Us = Raw + buf * kTile * ldu;  // scaled in place: each thread rewrites its own vectors
     for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
       const int r = i / vpr, cidx = (i % vpr) * 8;
       float f[8];
-      LoadBf16<8>(raw + r * ldu + cidx, f);
+      LoadBf16<8>(Us + r * ldu + cidx, f);
       const float sc = scale[tt * kTile + r];
 #pragma unroll
       for (int j = 0; j < 8; ++j) f[j] *= sc;
@@ -2401,9 +2468,10 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const int ntn = (d.N + 63) / 64;
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
-    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
-        d, a.x, a.b, saved, nullptr);
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2469,9 +2537,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const int ntn = (d.N + 63) / 64;
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
+    const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
-    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, smem, stream>>>(
-        d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
+                                                  sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2540,9 +2610,25 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   return {};
 }
 
+// Row strides of x / dx and B, C / dB, dC (0 = dense). Each row must start 16-byte aligned
+// (cp.async tiles), so a stride is a multiple of 8 elements.
+CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d) {
+  const int64_t hp = static_cast<int64_t>(d->H) * d->P, gn = static_cast<int64_t>(d->G) * d->N;
+  if (x_row_stride != 0 && (x_row_stride < hp || x_row_stride % 8 != 0)) {
+    return InvalidArgument("ssd: x_row_stride must be 0 or a multiple of 8 that is >= H·P");
+  }
+  if (bc_row_stride != 0 && (bc_row_stride < gn || bc_row_stride % 8 != 0)) {
+    return InvalidArgument("ssd: bc_row_stride must be 0 or a multiple of 8 that is >= G·N");
+  }
+  d->ldx = x_row_stride != 0 ? x_row_stride : hp;
+  d->ldbc = bc_row_stride != 0 ? bc_row_stride : gn;
+  return {};
+}
+
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
+void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2583,7 +2669,8 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
       !Aligned(a.initial_state) || !Aligned(a.final_state)) {
     return InvalidArgument("ssd forward: x, b, c, y, saved and states must be 16-byte aligned");
   }
-  const Dims d = MakeDims(a.shape, a.options);
+  Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
   float* saved = static_cast<float*>(a.saved);
 
@@ -2613,7 +2700,11 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
       !Aligned(a.saved) || !Aligned(a.d_final_state) || !Aligned(a.d_initial_state)) {
     return InvalidArgument("ssd backward: bf16 tensors, saved and states must be 16-byte aligned");
   }
-  const Dims d = MakeDims(a.shape, a.options);
+  if (!Aligned(a.db) || !Aligned(a.dc)) {
+    return InvalidArgument("ssd backward: db and dc must be 16-byte aligned");
+  }
+  Dims d = MakeDims(a.shape, a.options);
+  CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
 
   // Head splits for the v2 dB/dC kernels: enough blocks to cover the chip about twice.

@@ -4,7 +4,8 @@
 //     dt_t = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max),  A = −exp(A_log)
 //     H_t  = exp(dt_t·A)·H_{t−1} + dt_t·x_t B_tᵀ,                  y_t = H_t C_t + D·x_t
 //
-// Layouts (row-major, contiguous, token-major), dtypes:
+// Layouts (row-major, token-major; dense unless x_row_stride / bc_row_stride below say
+// otherwise for x, dx and B, C, dB, dC), dtypes:
 //     x, y, dx, dy       [B, S, H, P]   bf16
 //     B, C, dB, dC       [B, S, G, N]   bf16   (head h uses group h / (H/G))
 //     dt_raw, d dt_raw   [B, S, H]      fp32
@@ -71,6 +72,11 @@ struct SsdForwardArgs {
   __nv_bfloat16* y = nullptr;         // [B, S, H, P] overwritten
   void* saved = nullptr;              // [ssd_saved_bytes] overwritten; required
   float* final_state = nullptr;       // [B, H, P, N] or null
+  // Token-row strides in elements (0 = dense: H·P for x, G·N for B and C). Lets x, B and C be
+  // column slices of one wider row (Mamba-2's conv output [B·S, H·P + 2·G·N]) without copies.
+  // Non-zero strides must be multiples of 8 and at least the dense width; y stays dense.
+  int64_t x_row_stride = 0;
+  int64_t bc_row_stride = 0;
 };
 
 struct SsdBackwardArgs {
@@ -97,6 +103,11 @@ struct SsdBackwardArgs {
   float* da_log = nullptr;               // [H]
   float* ddt_bias = nullptr;             // [H]
   float* dd = nullptr;                   // [H] or null (ignored when d is null)
+  // As SsdForwardArgs: x_row_stride applies to x and dx, bc_row_stride to B, C, dB and dC (so
+  // the gradients land in the column slices of one wider row, as the forward's inputs did).
+  // dy stays dense. Elements between the slices are not written.
+  int64_t x_row_stride = 0;
+  int64_t bc_row_stride = 0;
 };
 
 // Empty message when the shape and options are supported by these kernels.
@@ -122,6 +133,10 @@ inline constexpr int kSsdRegDbc = 4;
 inline constexpr int kSsdRegState = 8;  // chunk-state kernels (forward and backward), pipelined
 inline constexpr int kSsdRegAll = 15;
 void SsdSetRegisterPathForTesting(int mask);
+// The pipelined chunk-state kernels compute 128 columns of N per block where P <= 64 and
+// N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
+// the test's coverage of both). Process-wide; 0 restores the default.
+void SsdSetStateSliceForTesting(int columns);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

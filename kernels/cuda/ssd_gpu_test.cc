@@ -5,6 +5,7 @@
 // and the accumulated dA_log, d dt_bias, dD increments). Odd lengths (S = 1, 37, 130, 200, 300,
 // 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
 // bind, very large (one and four 64-row tiles per chunk) and very small dt·A.
+// Row strides (x, B, C / dx, dB, dC as column slices of one wider row) on two cases.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
@@ -34,7 +35,25 @@ struct Case {
   float dt_mean = -1.0f;   // mean of dt_raw (softplus(-1) ≈ 0.31)
   float a_log_hi = 2.0f;   // A_log ~ U[0, a_log_hi]: A in [−e^{hi}, −1]
   bool skip = true, init = true, dfinal = true;
+  // x, B, C as column slices of one [B·S, W] buffer (Mamba-2's conv output: x | B | C | pad,
+  // W = H·P + 2·G·N + 8) via x_row_stride / bc_row_stride; dx, dB, dC written into the same
+  // slices of another such buffer, whose other columns must stay untouched.
+  bool strided = false;
 };
+
+// Column slice [col, col + width) of a [rows, ld] row-major matrix ↔ a dense [rows, width] one.
+std::vector<float> TakeColumns(const std::vector<float>& m, int64_t rows, int64_t ld, int64_t col,
+                               int64_t width) {
+  std::vector<float> out(rows * width);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) out[r * width + j] = m[r * ld + col + j];
+  return out;
+}
+void PutColumns(const std::vector<float>& dense, int64_t rows, int64_t ld, int64_t col,
+                int64_t width, std::vector<float>* m) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) (*m)[r * ld + col + j] = dense[r * width + j];
+}
 
 std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
@@ -103,6 +122,20 @@ bool RunCase(const Case& k, uint64_t seed) {
   d_x.Upload(x);
   d_b.Upload(bm);
   d_c.Upload(cm);
+  // Strided layout: one input and one gradient buffer [B·S, W]; the pad columns of the input
+  // hold a finite value, those of the gradient buffer a sentinel that must survive.
+  const int64_t rows = k.B * k.S, hp = k.H * k.P, gn = k.G * k.N, wide = hp + 2 * gn + 8;
+  constexpr float kSentinel = 4096.0f;
+  DeviceArray<bf16> d_xbc(&alloc, k.strided ? rows * wide : 1),
+      d_dxbc(&alloc, k.strided ? rows * wide : 1);
+  if (k.strided) {
+    std::vector<float> host(rows * wide, 3.0f);
+    PutColumns(x, rows, wide, 0, hp, &host);
+    PutColumns(bm, rows, wide, hp, gn, &host);
+    PutColumns(cm, rows, wide, hp + gn, gn, &host);
+    d_xbc.Upload(host);
+    d_dxbc.Upload(std::vector<float>(rows * wide, kSentinel));
+  }
   d_dy.Upload(dy);
   d_dt.Upload(dt);
   d_alog.Upload(a_log);
@@ -131,6 +164,12 @@ bool RunCase(const Case& k, uint64_t seed) {
   f.dt_bias = d_bias.get();
   f.b = d_b.get();
   f.c = d_c.get();
+  if (k.strided) {
+    f.x = d_xbc.get();
+    f.b = d_xbc.get() + hp;
+    f.c = d_xbc.get() + hp + gn;
+    f.x_row_stride = f.bc_row_stride = wide;
+  }
   f.d = k.skip ? d_d.get() : nullptr;
   f.initial_state = k.init ? d_init.get() : nullptr;
   f.y = d_y.get();
@@ -161,6 +200,12 @@ bool RunCase(const Case& k, uint64_t seed) {
   g.da_log = d_da.get();
   g.ddt_bias = d_ddb.get();
   g.dd = d_dd.get();
+  if (k.strided) {
+    g.dx = d_dxbc.get();
+    g.db = d_dxbc.get() + hp;
+    g.dc = d_dxbc.get() + hp + gn;
+    g.x_row_stride = g.bc_row_stride = wide;
+  }
   r = SsdBackward(g, &alloc, nullptr);
   EXPECT_TRUE(r.ok()) << r.message;
   if (!r.ok()) return false;
@@ -185,10 +230,22 @@ bool RunCase(const Case& k, uint64_t seed) {
   };
   check("fwd y", d_y.Download(), y_ref);
   check("fwd final_state", d_fin.Download(), fin_ref);
-  check("bwd dx", d_dx.Download(), dx_ref);
+  if (k.strided) {
+    const auto all = d_dxbc.Download();
+    check("bwd dx", TakeColumns(all, rows, wide, 0, hp), dx_ref);
+    check("bwd dB", TakeColumns(all, rows, wide, hp, gn), db_ref);
+    check("bwd dC", TakeColumns(all, rows, wide, hp + gn, gn), dc_ref);
+    int64_t touched = 0;
+    for (int64_t r2 = 0; r2 < rows; ++r2)
+      for (int64_t j = hp + 2 * gn; j < wide; ++j) touched += all[r2 * wide + j] != kSentinel;
+    ok &= Report("ssd " + k.label + " pad columns untouched", shape,
+                 static_cast<double>(touched), 0.0);
+  } else {
+    check("bwd dx", d_dx.Download(), dx_ref);
+    check("bwd dB", d_db.Download(), db_ref);
+    check("bwd dC", d_dc.Download(), dc_ref);
+  }
   check("bwd ddt", d_ddt.Download(), ddt_ref);
-  check("bwd dB", d_db.Download(), db_ref);
-  check("bwd dC", d_dc.Download(), dc_ref);
   check("bwd d_initial", d_dinit.Download(), dinit_ref);
   check("bwd dA_log (accum)", Increment(d_da.Download(), da0), da_ref);
   check("bwd ddt_bias (accum)", Increment(d_ddb.Download(), ddb0), ddb_ref);
@@ -235,18 +292,28 @@ TEST(SsdGpu, MatchesCpuReference) {
   cases.push_back(bare);
   cases.push_back({"S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128});  // partial 2nd tile of a chunk
   cases.push_back({"P96 S130", 1, 130, 4, 96, 1, 64, 128});
+  // Row strides (x, B, C and their gradients as slices of one wider row, as Mamba-2's block
+  // passes them): a bench-like shape and one with partial tiles, G = 2.
+  Case strided_big{"strided bench-like", 2, 300, 8, 64, 1, 128, 256};
+  strided_big.strided = true;
+  cases.push_back(strided_big);
+  Case strided_g2{"strided S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128};
+  strided_g2.strided = true;
+  cases.push_back(strided_g2);
   // Every kernel variant, fresh inputs each: v2 (mma.sync + ldmatrix), each v3 kernel
   // alone, all v3 kernels.
   struct Path {
     const char* name;
     int mask;
+    int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
                         {"[v3 dx] ", kSsdRegDx},
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
-                        {"[v3 all] ", kSsdRegAll}};
+                        {"[v3 all] ", kSsdRegAll},
+                        {"[v3 all, state slice 64] ", kSsdRegAll, 64}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -260,6 +327,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     ++index;
     if (only != nullptr && std::atoi(only) != index) continue;
     SsdSetRegisterPathForTesting(p.mask);
+    SsdSetStateSliceForTesting(p.state_slice);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -270,6 +338,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     failed += path_failed;
   }
   SsdSetRegisterPathForTesting(default_mask);
+  SsdSetStateSliceForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
@@ -283,6 +352,34 @@ TEST(SsdGpu, RejectsUnsupportedShapes) {
   EXPECT_FALSE(SsdCheck({1, 10, 4, 64, 1, 64}, o).ok());   // chunk not a multiple of 64
   o.chunk_size = 64;
   EXPECT_TRUE(SsdCheck({1, 10, 4, 64, 1, 64}, o).ok());
+}
+
+TEST(SsdGpu, RejectsBadRowStrides) {
+  DeviceAllocator alloc;
+  SsdShape s{1, 64, 2, 32, 1, 32};
+  SsdOptions o;
+  o.chunk_size = 64;
+  DeviceArray<bf16> x(&alloc, 64 * 256), y(&alloc, 64 * 64);
+  DeviceArray<float> dt(&alloc, 128), h(&alloc, 2);
+  DeviceArray<uint8_t> saved(&alloc, SsdSavedBytes(s, o));
+  SsdForwardArgs f;
+  f.shape = s;
+  f.options = o;
+  f.x = f.b = f.c = x.get();
+  f.dt = dt.get();
+  f.a_log = f.dt_bias = h.get();
+  f.y = y.get();
+  f.saved = saved.get();
+  f.x_row_stride = 32;  // < H·P = 64
+  EXPECT_FALSE(SsdForward(f, nullptr).ok());
+  f.x_row_stride = 68;  // not a multiple of 8
+  EXPECT_FALSE(SsdForward(f, nullptr).ok());
+  f.x_row_stride = 0;
+  f.bc_row_stride = 16;  // < G·N = 32
+  EXPECT_FALSE(SsdForward(f, nullptr).ok());
+  f.bc_row_stride = 128;
+  EXPECT_TRUE(SsdForward(f, nullptr).ok());
+  CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
 }
 
 }  // namespace
