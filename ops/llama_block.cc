@@ -31,10 +31,11 @@ LlamaBlock::LlamaBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n
 
 Tensor LlamaBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   if (IsCuda(x)) {
-    // h = x + attn(...) is written by the MLP norm's fused residual kernel.
+    // h = x + attn(...) is written by the MLP norm's fused residual kernel; h + mlp(...) by the
+    // down projection's GEMM (beta = 1 on h).
     Tensor h;
     Tensor y = mlp_norm_.ForwardAdd(attn_.Forward(attn_norm_.Forward(x), batch, seq), x, &h);
-    return Add(h, mlp_.Forward(y));
+    return mlp_.ForwardAdd(y, h);
   }
   Tensor h = Add(x, attn_.Forward(attn_norm_.Forward(x), batch, seq));
   return Add(h, mlp_.Forward(mlp_norm_.Forward(h)));

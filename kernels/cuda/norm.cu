@@ -8,9 +8,21 @@
 //   norm_bwd_dx_kernel1   one warp per row: Σg and Σg·xhat, then ds.
 //   norm_bwd_dw_kernel1   column partial sums of dy·xhat and dy over a chunk of rows; block
 //                         (32, 8) covers 64 columns, each thread 2 adjacent columns.
-//   norm_bwd_dw_reduce    sums the [chunks, d] partials in chunk order and accumulates.
+//   rms_bwd_fused_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): a block
+//                         of 4 warps owns 64 consecutive rows, a warp one row at a time; each
+//                         lane loads its row slice of dy, s and dresidual once (16-byte loads,
+//                         all issued before the first use), reduces Σ g·xhat with shuffles,
+//                         writes dx, and keeps the column sums of dy·xhat for its columns in
+//                         registers across the block's rows. The 4 warps' sums meet in shared
+//                         memory and one [chunks, d] partial row per block goes out; the reduce
+//                         kernel sums those in chunk order. 8 bytes per element (dy, s,
+//                         dresidual read once, dx written) instead of the 12 of the three-kernel
+//                         path, whose dw kernel re-read dy and s with 2-byte accesses.
+//   norm_bwd_dw_reduce2   fixed-order column sums of the partials: 32 columns x 8 chunk lanes
+//                         per block, then the 8 lanes in order through shared memory.
 #include "kernels/cuda/norm.h"
 
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -20,6 +32,16 @@ namespace gyre::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+
+__device__ __forceinline__ void UnpackBf16x8(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
 
 template <int V>
 __global__ void norm_fwd_kernel1(NormForwardArgs a) {
@@ -200,17 +222,130 @@ __global__ void norm_bwd_dw_kernel1(NormBackwardArgs a, int64_t rows_per_chunk,
   }
 }
 
-__global__ void norm_bwd_dw_reduce(const float* partial_w, const float* partial_b, int64_t chunks,
-                                   int64_t d, float* dweight, float* dbias) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  float tw = 0.f, tb = 0.f;
-  for (int64_t k = 0; k < chunks; ++k) {
-    tw += partial_w[k * d + c];
-    tb += partial_b[k * d + c];
+constexpr int kFusedRowsPerBlock = 64;
+
+template <int NV>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w) {
+  extern __shared__ float sums[];  // [kWarpsPerBlock][d]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t d = a.dim;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * kFusedRowsPerBlock;
+  const int64_t r_end = min(a.rows, r_begin + kFusedRowsPerBlock);
+  const float inv_d = 1.f / static_cast<float>(d);
+  float acc[NV][8];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[k][i] = 0.f;
   }
-  if (dweight) dweight[c] += tw;
-  if (dbias) dbias[c] += tb;
+  for (int64_t row = r_begin + warp; row < r_end; row += kWarpsPerBlock) {
+    const float rstd = a.rstd[row];
+    const __nv_bfloat16* dy = a.dy + row * d;
+    const __nv_bfloat16* s = a.s + row * d;
+    const __nv_bfloat16* dres = a.dresidual ? a.dresidual + row * d : nullptr;
+    uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
+        s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
+        if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
+      }
+    }
+    float sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        if (a.weight) {
+          LoadBf16<8>(a.weight + c, w);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = 1.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
+      }
+    }
+    const float m2 = WarpSum(sum_gx) * inv_d;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8], r[8], out[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        if (a.weight) {
+          LoadBf16<8>(a.weight + c, w);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = 1.f;
+        }
+        if (dres) {
+          UnpackBf16x8(r_raw[k], r);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) r[i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float xhat = v[i] * rstd;
+          out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
+          acc[k][i] += g[i] * xhat;
+        }
+        StoreBf16<8>(a.dx + row * d + c, out);
+      }
+    }
+  }
+  if (!partial_w) return;  // no weight: dx only (uniform across the block, no barrier skipped)
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t c = (lane + 32 * k) * 8;
+    if (c < d) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sums[warp * d + c + i] = acc[k][i];
+    }
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) t += sums[w * d + c];
+    partial_w[static_cast<int64_t>(blockIdx.x) * d + c] = t;
+  }
+}
+
+// out[c] += Σ_k partial[k, c] in a fixed order (lane ty takes k ≡ ty mod 8, then lanes 0..7).
+__global__ void norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks,
+                                    int64_t d, float* dweight, float* dbias) {
+  __shared__ float sw[8][33];
+  __shared__ float sb[8][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float tw = 0.f, tb = 0.f;
+  if (c < d) {
+    for (int64_t k = threadIdx.y; k < chunks; k += 8) {
+      if (dweight) tw += partial_w[k * d + c];
+      if (dbias) tb += partial_b[k * d + c];
+    }
+  }
+  sw[threadIdx.y][threadIdx.x] = tw;
+  sb[threadIdx.y][threadIdx.x] = tb;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < d) {
+    float w = 0.f, b = 0.f;
+#pragma unroll
+    for (int y = 0; y < 8; ++y) {
+      w += sw[y][threadIdx.x];
+      b += sb[y][threadIdx.x];
+    }
+    if (dweight) dweight[c] += w;
+    if (dbias) dbias[c] += b;
+  }
 }
 
 bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
@@ -219,6 +354,46 @@ bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
     if (p != nullptr && !Aligned16(p)) return false;
   }
   return true;
+}
+
+template <int NV>
+CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
+                                  cudaStream_t stream) {
+  const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
+  rms_bwd_fused_kernel<NV><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
+      a, partial_w);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
+  return {};
+}
+
+CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  // Blocks are a function of rows only: the summation order (hence the bits) is the same on
+  // every device.
+  const int64_t blocks = CeilDiv(a.rows, kFusedRowsPerBlock);
+  if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
+  DeviceBuffer partial;
+  float* partial_w = nullptr;
+  if (a.dweight) {
+    CUDA_RETURN_IF_NOT_OK(scratch->Allocate(sizeof(float) * blocks * a.dim, &partial));
+    partial_w = partial.as<float>();
+  }
+  // Vectors of 8 per lane: NV = ceil(d / 256).
+  CudaResult r;
+  switch (CeilDiv(a.dim, 256)) {
+    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, stream); break;
+    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, stream); break;
+    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, stream); break;
+    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, stream); break;
+    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, stream); break;
+    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, stream); break;
+    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, stream); break;
+    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, stream); break;
+  }
+  if (!r.ok() || !a.dweight) return r;
+  norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, 8), 0, stream>>>(
+      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr);
+  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
+  return {};
 }
 
 }  // namespace
@@ -250,6 +425,14 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
   if (a.rows == 0) return {};
+  static const bool fused_off = [] {
+    const char* v = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs)
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (!fused_off && a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
+      Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
+    return RmsBackwardFused(a, scratch, stream);
+  }
   const dim3 grid(static_cast<unsigned>(CeilDiv(a.rows, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
   if (Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
@@ -271,9 +454,9 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   norm_bwd_dw_kernel1<<<grid_dw, dim3(32, kDwRowsLanes), 0, stream>>>(a, rows_per_chunk, partial_w,
                                                                      partial_b);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_kernel1");
-  norm_bwd_dw_reduce<<<static_cast<unsigned>(CeilDiv(a.dim, 256)), 256, 0, stream>>>(
+  norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, 8), 0, stream>>>(
       partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias);
-  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce");
+  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   // `partial` returns to the cache here; the stream-ordered reuse rule (device_allocator.h)
   // makes that safe for later work on the same stream.
   return {};
