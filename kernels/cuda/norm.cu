@@ -425,10 +425,8 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
   if (a.rows == 0) return {};
-  static const bool fused_off = [] {
-    const char* v = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs)
-    return v != nullptr && std::string(v) == "1";
-  }();
+  const char* fused_off_env = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs; read per call)
+  const bool fused_off = fused_off_env != nullptr && std::string(fused_off_env) == "1";
   if (!fused_off && a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
       Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
     return RmsBackwardFused(a, scratch, stream);
