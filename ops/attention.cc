@@ -567,8 +567,8 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor& qkv = saved_.qkv;
   char* base = static_cast<char*>(qkv.raw());
   CudaBackend& cuda = Cuda();
-  cuda.Rope(false, base, rows, seq, o.heads, o.head_dim, width, o.rope_theta);
-  cuda.Rope(false, base + qd * 2, rows, seq, o.kv_heads, o.head_dim, width, o.rope_theta);
+  // q and k are adjacent in each qkv row (columns [0, qd + kvd)): one launch rotates both.
+  cuda.Rope(false, base, rows, seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
   saved_.out = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
   saved_.lse = Tensor::Empty({batch, o.heads, seq}, DType::kF32, Device::kCuda);
   CudaAttention a;
@@ -601,8 +601,7 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
   a.dq = dbase; a.dk = dbase + qd * 2; a.dv = dbase + (qd + kvd) * 2;
   CudaBackend& cuda = Cuda();
   cuda.AttentionBackward(a);
-  cuda.Rope(true, dbase, rows, saved_.seq, o.heads, o.head_dim, width, o.rope_theta);
-  cuda.Rope(true, dbase + qd * 2, rows, saved_.seq, o.kv_heads, o.head_dim, width, o.rope_theta);
+  cuda.Rope(true, dbase, rows, saved_.seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
   Tensor dx;
   if (saved_.x.defined()) {
     Tensor w, gw;

@@ -39,6 +39,7 @@ struct CudaGemm {
   int64_t ldc = 0;
   bool c_f32 = false;
   float alpha = 1.f, beta = 0.f;
+  const void* c_in = nullptr;  // beta's operand when not C itself (same dtype/ldc): C = AB + beta·c_in
 };
 
 // Causal attention on rotated bf16 q/k/v views (row strides in elements); GQA by head index.

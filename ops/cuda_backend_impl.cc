@@ -274,6 +274,7 @@ class Backend final : public CudaBackend {
     a.c_dtype = g.c_f32 ? kc::DType::kF32 : kc::DType::kBf16;
     a.alpha = g.alpha;
     a.beta = g.beta;
+    a.c_in = g.c_in;
     OK_OR_DIE(gemm_->Gemm(a, stream_));
   }
 

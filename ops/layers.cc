@@ -78,6 +78,28 @@ void Embedding::Backward(const Tensor& dy) {
 
 // ---------------------------------------------------------------- Linear
 
+Tensor LinearForwardAdd(const Tensor& x, const Tensor& w, const Tensor& residual) {
+  const int64_t in = w.dim(1), out = w.dim(0);
+  if (!IsCuda(x)) return Add(residual, LinearForward(x, w));
+  CheckCudaBf16(x, "linear x");
+  CheckCudaBf16(w, "linear W (the compute copy)");
+  CheckCudaBf16(residual, "linear residual");
+  GYRE_CHECK(x.cols() == in && residual.rows() == x.rows() && residual.cols() == out,
+             "linear+residual: x %s W %s residual %s", ShapeString(x.shape()).c_str(),
+             ShapeString(w.shape()).c_str(), ShapeString(residual.shape()).c_str());
+  Tensor y = Tensor::Empty(residual.shape(), DType::kBF16, Device::kCuda);
+  if (x.rows() == 0) return y;
+  CudaGemm g;  // Y = X Wᵀ + residual: the add rides in the GEMM's store (beta = 1, C = residual)
+  g.trans_b = true;
+  g.m = x.rows(); g.n = out; g.k = in;
+  g.a = x.raw(); g.lda = in;
+  g.b = w.raw(); g.ldb = in;
+  g.c = y.raw(); g.ldc = out;
+  g.beta = 1.f; g.c_in = residual.raw();
+  Cuda().Gemm(g);
+  return y;
+}
+
 Tensor LinearForward(const Tensor& x, const Tensor& w) {
   const int64_t in = w.dim(1), out = w.dim(0);
   if (IsCuda(x)) {
@@ -172,6 +194,12 @@ Tensor Linear::Forward(const Tensor& x) {
     });
   }
   return y;
+}
+
+Tensor Linear::ForwardAdd(const Tensor& x, const Tensor& residual) {
+  if (!IsCuda(x) || bias_ != nullptr) return Add(residual, Forward(x));
+  x_ = x;
+  return LinearForwardAdd(x, weight_->compute, residual);
 }
 
 Tensor Linear::Backward(const Tensor& dy) {
@@ -488,7 +516,11 @@ GatedMlp::GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activat
       up_(ctx.Sub("up_proj"), dim, hidden, false),
       down_(ctx.Sub("down_proj"), hidden, dim, false) {}
 
-Tensor GatedMlp::Forward(const Tensor& x) {
+Tensor GatedMlp::Forward(const Tensor& x) { return ForwardImpl(x, nullptr); }
+
+Tensor GatedMlp::ForwardAdd(const Tensor& x, const Tensor& residual) { return ForwardImpl(x, &residual); }
+
+Tensor GatedMlp::ForwardImpl(const Tensor& x, const Tensor* residual) {
   if (IsCuda(x)) {
     const int64_t rows = x.rows(), hidden = gate_.out();
     Shape hshape = x.shape();
@@ -506,12 +538,13 @@ Tensor GatedMlp::Forward(const Tensor& x) {
       u_ = up_.Forward(x);
       if (rows > 0) Cuda().GatedForward(CudaAct(act_), rows, hidden, g_.raw(), u_.raw(), hidden, h.raw(), hidden);
     }
-    return down_.Forward(h);
+    return residual ? down_.ForwardAdd(h, *residual) : down_.Forward(h);
   }
   g_ = gate_.Forward(x);
   u_ = up_.Forward(x);
   a_ = Activate(act_, g_);
-  return down_.Forward(Mul(a_, u_));
+  Tensor y = down_.Forward(Mul(a_, u_));
+  return residual ? Add(*residual, y) : y;
 }
 
 Tensor GatedMlp::Backward(const Tensor& dy) {

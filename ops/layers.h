@@ -33,6 +33,8 @@ class Linear {
  public:
   Linear(const BuildContext& ctx, int64_t in, int64_t out, bool bias);
   Tensor Forward(const Tensor& x);
+  // residual + Forward(x); on CUDA (no bias) the add is fused into the GEMM's store.
+  Tensor ForwardAdd(const Tensor& x, const Tensor& residual);
   Tensor Backward(const Tensor& dy);
   void ReleaseActivations() { x_ = Tensor(); }
   Parameter* weight() { return weight_; }
@@ -68,6 +70,9 @@ class BlockDiagonalLinear {
 // Functional linear with an external weight (tied heads, tests): y = x Wᵀ; backward returns dx
 // and accumulates dW.
 Tensor LinearForward(const Tensor& x, const Tensor& w);
+// residual + x Wᵀ (residual [rows, out]); on CUDA one GEMM with the add in its store (rounded
+// once to bf16), elsewhere Add(residual, LinearForward(x, w)).
+Tensor LinearForwardAdd(const Tensor& x, const Tensor& w, const Tensor& residual);
 Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw);
 
 struct NormOptions {
@@ -110,6 +115,8 @@ class GatedMlp {
  public:
   GatedMlp(const BuildContext& ctx, int64_t dim, int64_t hidden, Activation act);
   Tensor Forward(const Tensor& x);
+  // residual + Forward(x) (the block's residual stream); on CUDA fused into the down GEMM.
+  Tensor ForwardAdd(const Tensor& x, const Tensor& residual);
   Tensor Backward(const Tensor& dy);
   void ReleaseActivations();
   Linear& gate() { return gate_; }
@@ -117,6 +124,7 @@ class GatedMlp {
   Linear& down() { return down_; }
 
  private:
+  Tensor ForwardImpl(const Tensor& x, const Tensor* residual);
   Activation act_;
   const ParamStore* store_;
   Linear gate_, up_, down_;

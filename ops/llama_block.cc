@@ -1,6 +1,7 @@
 #include "ops/llama_block.h"
 
 #include <cmath>
+#include <cstdlib>
 
 #include "ops/recurrent_blocks.h"
 
@@ -31,10 +32,13 @@ LlamaBlock::LlamaBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n
 
 Tensor LlamaBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   if (IsCuda(x)) {
-    // h = x + attn(...) is written by the MLP norm's fused residual kernel.
+    // h = x + attn(...) is written by the MLP norm's fused residual kernel; h + mlp(...) by the
+    // down projection's GEMM (beta = 1 on h).
     Tensor h;
     Tensor y = mlp_norm_.ForwardAdd(attn_.Forward(attn_norm_.Forward(x), batch, seq), x, &h);
-    return Add(h, mlp_.Forward(y));
+    // GYRE_GEMM_RESIDUAL=0: the separate Add (A/B runs; read per call).
+    if (const char* e = std::getenv("GYRE_GEMM_RESIDUAL"); e != nullptr && e[0] == '0') return Add(h, mlp_.Forward(y));
+    return mlp_.ForwardAdd(y, h);
   }
   Tensor h = Add(x, attn_.Forward(attn_norm_.Forward(x), batch, seq));
   return Add(h, mlp_.Forward(mlp_norm_.Forward(h)));

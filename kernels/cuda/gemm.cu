@@ -32,6 +32,12 @@ int64_t Alignment(const void* p) {
   return a;
 }
 
+// Alignment both C pointers share (the output and, when given, the separate beta input).
+int64_t CAlignment(const GemmArgs& g) {
+  const int64_t a = Alignment(g.c);
+  return g.c_in != nullptr ? std::min(a, Alignment(g.c_in)) : a;
+}
+
 cudaDataType_t CudaType(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 }  // namespace
@@ -72,7 +78,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
-                              g.beta != 0.f, Alignment(g.a), Alignment(g.b), Alignment(g.c),
+                              g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
                               bias ? Alignment(g.bias) : 0, autotune};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
@@ -111,7 +117,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const uint64_t ws = workspace_.bytes();
   const uint32_t align_a = static_cast<uint32_t>(Alignment(g.b));
   const uint32_t align_b = static_cast<uint32_t>(Alignment(g.a));
-  const uint32_t align_c = static_cast<uint32_t>(Alignment(g.c));
+  const uint32_t align_c = static_cast<uint32_t>(CAlignment(g));
   cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   if (st == CUBLAS_STATUS_SUCCESS)
@@ -162,7 +168,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
       for (int rep = 0; rep < 1 + kTimedReps && ok; ++rep) {
         if (rep == 1) ok = cudaEventRecord(start, stream) == cudaSuccess;
         ok = ok && cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &g.alpha, g.b, p->a, g.a,
-                                  p->b, &g.beta, scratch.get(), p->c, scratch.get(), p->c, &results[i].algo,
+                                  p->b, &g.beta, g.c_in ? g.c_in : scratch.get(), p->c, scratch.get(), p->c, &results[i].algo,
                                   workspace_.get(), workspace_.bytes(), stream) == CUBLAS_STATUS_SUCCESS;
       }
       float ms = 0;
@@ -202,15 +208,16 @@ CudaResult GemmContext::Gemm(const GemmArgs& g, cudaStream_t stream) {
         plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
   }
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), plan->desc,
-                                        &g.alpha, g.b, plan->a, g.a, plan->b, &g.beta, g.c,
-                                        plan->c, g.c, plan->c, &plan->algo, workspace_.get(),
+                                        &g.alpha, g.b, plan->a, g.a, plan->b, &g.beta,
+                                        g.c_in != nullptr ? g.c_in : g.c, plan->c, g.c, plan->c,
+                                        &plan->algo, workspace_.get(),
                                         workspace_.bytes(), stream));
   return {};
 }
 
 CudaResult LinearForward(GemmContext* ctx, const void* x, const void* w, void* y, DType y_dtype,
                          int64_t rows, int64_t in, int64_t out, cudaStream_t stream,
-                         GemmEpilogue epilogue, const void* bias) {
+                         GemmEpilogue epilogue, const void* bias, const void* residual) {
   GemmArgs g;
   g.trans_a = false;
   g.trans_b = true;
@@ -226,6 +233,10 @@ CudaResult LinearForward(GemmContext* ctx, const void* x, const void* w, void* y
   g.c_dtype = y_dtype;
   g.epilogue = epilogue;
   g.bias = bias;
+  if (residual != nullptr) {
+    g.c_in = residual;
+    g.beta = 1.f;
+  }
   return ctx->Gemm(g, stream);
 }
 

@@ -65,6 +65,10 @@ struct GemmArgs {
   float beta = 0.f;
   GemmEpilogue epilogue = GemmEpilogue::kNone;
   const void* bias = nullptr;  // [n], c_dtype
+  // Optional separate input for the beta term: C [m, n] = alpha · op(A) op(B) + beta · c_in
+  // (c_in has C's dtype and ldc; it may equal c). Fuses a residual add into the product's
+  // store: out = x Wᵀ + residual without a separate pass, the residual left intact.
+  const void* c_in = nullptr;
 };
 
 class GemmContext {
@@ -93,9 +97,11 @@ class GemmContext {
 
 // The three products of a Linear layer (W [out, in] bf16).
 // Y = X Wᵀ (+ bias, GeLU per epilogue); y_dtype bf16 or fp32; overwrites Y.
+// With `residual` (same dtype and shape as Y): Y = X Wᵀ + residual, rounded once.
 CudaResult LinearForward(GemmContext* ctx, const void* x, const void* w, void* y, DType y_dtype,
                          int64_t rows, int64_t in, int64_t out, cudaStream_t stream,
-                         GemmEpilogue epilogue = GemmEpilogue::kNone, const void* bias = nullptr);
+                         GemmEpilogue epilogue = GemmEpilogue::kNone, const void* bias = nullptr,
+                         const void* residual = nullptr);
 // dX = dY W (bf16 or fp32 dX, overwritten).
 CudaResult LinearBackwardInput(GemmContext* ctx, const void* dy, const void* w, void* dx,
                                DType dx_dtype, int64_t rows, int64_t in, int64_t out,

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -103,6 +104,34 @@ void GemmGpuTest::RunForward() {
         EXPECT_TRUE(Report(std::string("gemm fwd Y=XWt") + epi_name + (bf16 ? " bf16" : " f32"),
                            ShapeName(s), err, bf16 ? testing::kTolBf16 : testing::kTolF32Accum));
       }
+      // Fused residual: Y = X Wᵀ + R through the separate beta input; R must stay intact.
+      const bool bf16 = yt == DType::kBf16;
+      auto res = RandomFloats(rng_, s.rows * s.out, 2.f);
+      if (bf16) {
+        for (float& v : res) v = testing::RoundBf16(v);
+      }
+      DeviceArray<__nv_bfloat16> dres16(&alloc_, res.size());
+      DeviceArray<float> dres32(&alloc_, res.size());
+      dres16.Upload(res);
+      dres32.Upload(res);
+      dy16.Poison();
+      dy32.Poison();
+      void* y = bf16 ? static_cast<void*>(dy16.get()) : static_cast<void*>(dy32.get());
+      const void* rp = bf16 ? static_cast<const void*>(dres16.get()) : static_cast<const void*>(dres32.get());
+      for (int rep = 0; rep < 2; ++rep) {
+        CudaResult r = LinearForward(ctx_.get(), dx.get(), dw.get(), y, yt, s.rows, s.in, s.out, nullptr,
+                                     GemmEpilogue::kNone, nullptr, rp);
+        ASSERT_TRUE(r.ok()) << r.message;
+      }
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<double> ref(base);
+      for (size_t i = 0; i < ref.size(); ++i) ref[i] += res[i];
+      EXPECT_TRUE(Report(std::string("gemm fwd Y=XWt+R") + (bf16 ? " bf16" : " f32"), ShapeName(s),
+                         RelError(bf16 ? dy16.Download() : dy32.Download(), ref),
+                         bf16 ? testing::kTolBf16 : testing::kTolF32Accum));
+      const auto res_after = bf16 ? dres16.Download() : dres32.Download();
+      EXPECT_EQ(0, std::memcmp(res_after.data(), res.data(), res.size() * sizeof(float)))
+          << "the residual input was modified";
     }
   }
   std::printf("[INFO] cached plans: %zu\n", ctx_->cached_plans());

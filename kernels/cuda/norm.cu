@@ -5,12 +5,27 @@
 //                         stored) and Σs (Layer) or Σs²; LayerNorm re-reads s for Σ(s - mean)²
 //                         (two-pass variance, no cancellation); the last pass writes y. Re-reads
 //                         of a row (d·2 bytes, 1.5-4 KB) hit L1.
+//   rms_fwd_kernel2       RMSNorm forward, d % 8 == 0, d <= 2048, aligned: one warp per row,
+//                         the row's x (and residual) loaded once into registers (all 16-byte
+//                         loads in flight together), s kept packed for the y pass.
 //   norm_bwd_dx_kernel1   one warp per row: Σg and Σg·xhat, then ds.
 //   norm_bwd_dw_kernel1   column partial sums of dy·xhat and dy over a chunk of rows; block
 //                         (32, 8) covers 64 columns, each thread 2 adjacent columns.
-//   norm_bwd_dw_reduce    sums the [chunks, d] partials in chunk order and accumulates.
+//   rms_bwd_fused_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): a block
+//                         of 4 warps owns 64 consecutive rows, a warp one row at a time; each
+//                         lane loads its row slice of dy, s and dresidual once (16-byte loads,
+//                         all issued before the first use), reduces Σ g·xhat with shuffles,
+//                         writes dx, and adds dy·xhat into its warp's column sums in shared
+//                         memory across the block's rows. The 4 warps' sums meet in shared
+//                         memory and one [chunks, d] partial row per block goes out; the reduce
+//                         kernel sums those in chunk order. 8 bytes per element (dy, s,
+//                         dresidual read once, dx written) instead of the 12 of the three-kernel
+//                         path, whose dw kernel re-read dy and s with 2-byte accesses.
+//   norm_bwd_dw_reduce2   fixed-order column sums of the partials: 32 columns x 32 chunk lanes
+//                         per block, then the 32 lanes in order through shared memory.
 #include "kernels/cuda/norm.h"
 
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -20,6 +35,16 @@ namespace gyre::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+
+__device__ __forceinline__ void UnpackBf16x8(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
 
 template <int V>
 __global__ void norm_fwd_kernel1(NormForwardArgs a) {
@@ -200,17 +225,208 @@ __global__ void norm_bwd_dw_kernel1(NormBackwardArgs a, int64_t rows_per_chunk,
   }
 }
 
-__global__ void norm_bwd_dw_reduce(const float* partial_w, const float* partial_b, int64_t chunks,
-                                   int64_t d, float* dweight, float* dbias) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  float tw = 0.f, tb = 0.f;
-  for (int64_t k = 0; k < chunks; ++k) {
-    tw += partial_w[k * d + c];
-    tb += partial_b[k * d + c];
+// RMSNorm forward with the row in registers (d % 8 == 0, d <= 2048, aligned): one warp per row,
+// every 16-byte load of x (and residual) issued before the first use, s kept packed in
+// registers for the y pass (the three-pass kernel re-read it from L1/L2 and issued one 16-byte
+// load per lane per loop trip).
+template <int NV>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwardArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= a.rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t d = a.dim;
+  const __nv_bfloat16* x = a.x + row * d;
+  const __nv_bfloat16* res = a.residual ? a.residual + row * d : nullptr;
+  uint4 s_raw[NV], r_raw[NV];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t c = (lane + 32 * k) * 8;
+    if (c < d) {
+      s_raw[k] = *reinterpret_cast<const uint4*>(x + c);
+      if (res) r_raw[k] = *reinterpret_cast<const uint4*>(res + c);
+    }
   }
-  if (dweight) dweight[c] += tw;
-  if (dbias) dbias[c] += tb;
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t c = (lane + 32 * k) * 8;
+    if (c < d) {
+      float v[8];
+      UnpackBf16x8(s_raw[k], v);
+      if (res) {
+        float r[8];
+        UnpackBf16x8(r_raw[k], r);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = RoundToBf16(v[i] + r[i]);
+        // v is bf16-representable: the packed copy kept for the y pass and the stored s are exact.
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&s_raw[k]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        *reinterpret_cast<uint4*>(a.residual_out + row * d + c) = s_raw[k];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc += v[i] * v[i];
+    }
+  }
+  const float rstd = rsqrtf(WarpSum(acc) / static_cast<float>(d) + a.eps);
+  if (lane == 0) a.rstd[row] = rstd;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t c = (lane + 32 * k) * 8;
+    if (c < d) {
+      float v[8], w[8];
+      UnpackBf16x8(s_raw[k], v);
+      if (a.weight) {
+        LoadBf16<8>(a.weight + c, w);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) w[i] = 1.f;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] * rstd * w[i];
+      StoreBf16<8>(a.y + row * d + c, v);
+    }
+  }
+}
+
+constexpr int kFusedRowsPerBlock = 64;
+
+// Column sums of dy·xhat live in shared memory, one [d] row per warp (each lane owns its own
+// columns: no races, no barriers until the block's final sum); registers then hold only the
+// row's packed inputs (~120 instead of ~220), so 4 blocks fit per SM instead of 2.
+template <int NV>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
+    rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w) {
+  extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
+  float* sums = reinterpret_cast<float*>(sums4);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t d = a.dim;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * kFusedRowsPerBlock;
+  const int64_t r_end = min(a.rows, r_begin + kFusedRowsPerBlock);
+  const float inv_d = 1.f / static_cast<float>(d);
+  float* my_sums = sums + warp * d;
+  if (partial_w) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        reinterpret_cast<float4*>(my_sums + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        reinterpret_cast<float4*>(my_sums + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  }
+  for (int64_t row = r_begin + warp; row < r_end; row += kWarpsPerBlock) {
+    const float rstd = a.rstd[row];
+    const __nv_bfloat16* dy = a.dy + row * d;
+    const __nv_bfloat16* s = a.s + row * d;
+    const __nv_bfloat16* dres = a.dresidual ? a.dresidual + row * d : nullptr;
+    uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
+        s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
+        if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
+      }
+    }
+    float sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        if (a.weight) {
+          LoadBf16<8>(a.weight + c, w);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = 1.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
+      }
+    }
+    const float m2 = WarpSum(sum_gx) * inv_d;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8], r[8], out[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        if (a.weight) {
+          LoadBf16<8>(a.weight + c, w);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = 1.f;
+        }
+        if (dres) {
+          UnpackBf16x8(r_raw[k], r);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) r[i] = 0.f;
+        }
+        float gx[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float xhat = v[i] * rstd;
+          out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
+          gx[i] = g[i] * xhat;
+        }
+        StoreBf16<8>(a.dx + row * d + c, out);
+        if (partial_w) {
+          float4* acc = reinterpret_cast<float4*>(my_sums + c);
+          float4 lo = acc[0], hi = acc[1];
+          lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
+          hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
+          acc[0] = lo;
+          acc[1] = hi;
+        }
+      }
+    }
+  }
+  if (!partial_w) return;  // no weight gradient (uniform across the block: no barrier skipped)
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) t += sums[w * d + c];
+    partial_w[static_cast<int64_t>(blockIdx.x) * d + c] = t;
+  }
+}
+
+// out[c] += Σ_k partial[k, c] in a fixed order (lane ty takes k ≡ ty mod kReduceLanes, then
+// lanes 0.. in order): 32 columns x 32 chunk lanes per block, so a thread sums chunks / 32.
+constexpr int kReduceLanes = 32;
+
+__global__ void __launch_bounds__(32 * kReduceLanes)
+    norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
+                        float* dweight, float* dbias) {
+  __shared__ float sw[kReduceLanes][33];
+  __shared__ float sb[kReduceLanes][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float tw = 0.f, tb = 0.f;
+  if (c < d) {
+    for (int64_t k = threadIdx.y; k < chunks; k += kReduceLanes) {
+      if (dweight) tw += partial_w[k * d + c];
+      if (dbias) tb += partial_b[k * d + c];
+    }
+  }
+  sw[threadIdx.y][threadIdx.x] = tw;
+  sb[threadIdx.y][threadIdx.x] = tb;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < d) {
+    float w = 0.f, b = 0.f;
+#pragma unroll
+    for (int y = 0; y < kReduceLanes; ++y) {
+      w += sw[y][threadIdx.x];
+      b += sb[y][threadIdx.x];
+    }
+    if (dweight) dweight[c] += w;
+    if (dbias) dbias[c] += b;
+  }
 }
 
 bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
@@ -219,6 +435,46 @@ bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
     if (p != nullptr && !Aligned16(p)) return false;
   }
   return true;
+}
+
+template <int NV>
+CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
+                                  cudaStream_t stream) {
+  const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
+  rms_bwd_fused_kernel<NV><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
+      a, partial_w);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
+  return {};
+}
+
+CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  // Blocks are a function of rows only: the summation order (hence the bits) is the same on
+  // every device.
+  const int64_t blocks = CeilDiv(a.rows, kFusedRowsPerBlock);
+  if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
+  DeviceBuffer partial;
+  float* partial_w = nullptr;
+  if (a.dweight) {
+    CUDA_RETURN_IF_NOT_OK(scratch->Allocate(sizeof(float) * blocks * a.dim, &partial));
+    partial_w = partial.as<float>();
+  }
+  // Vectors of 8 per lane: NV = ceil(d / 256).
+  CudaResult r;
+  switch (CeilDiv(a.dim, 256)) {
+    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, stream); break;
+    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, stream); break;
+    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, stream); break;
+    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, stream); break;
+    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, stream); break;
+    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, stream); break;
+    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, stream); break;
+    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, stream); break;
+  }
+  if (!r.ok() || !a.dweight) return r;
+  norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
+      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr);
+  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
+  return {};
 }
 
 }  // namespace
@@ -235,7 +491,24 @@ CudaResult NormForward(const NormForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return {};
   const dim3 grid(static_cast<unsigned>(CeilDiv(a.rows, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
-  if (Vectorizable(a.dim, {a.x, a.residual, a.residual_out, a.weight, a.bias, a.y})) {
+  const char* fwd_env = std::getenv("GYRE_NORM_FWD_KERNEL");  // "1": the three-pass kernel (A/B; read per call)
+  const bool vectorizable = Vectorizable(a.dim, {a.x, a.residual, a.residual_out, a.weight, a.bias, a.y});
+  if (vectorizable && a.kind == NormKind::kRms && a.dim <= 2048 &&
+      !(fwd_env != nullptr && std::string(fwd_env) == "1")) {
+    switch (CeilDiv(a.dim, 256)) {
+      case 1: rms_fwd_kernel2<1><<<grid, block, 0, stream>>>(a); break;
+      case 2: rms_fwd_kernel2<2><<<grid, block, 0, stream>>>(a); break;
+      case 3: rms_fwd_kernel2<3><<<grid, block, 0, stream>>>(a); break;
+      case 4: rms_fwd_kernel2<4><<<grid, block, 0, stream>>>(a); break;
+      case 5: rms_fwd_kernel2<5><<<grid, block, 0, stream>>>(a); break;
+      case 6: rms_fwd_kernel2<6><<<grid, block, 0, stream>>>(a); break;
+      case 7: rms_fwd_kernel2<7><<<grid, block, 0, stream>>>(a); break;
+      default: rms_fwd_kernel2<8><<<grid, block, 0, stream>>>(a); break;
+    }
+    CUDA_RETURN_IF_LAUNCH_ERROR("rms_fwd_kernel2");
+    return {};
+  }
+  if (vectorizable) {
     norm_fwd_kernel1<8><<<grid, block, 0, stream>>>(a);
   } else {
     norm_fwd_kernel1<1><<<grid, block, 0, stream>>>(a);
@@ -250,6 +523,12 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
   if (a.rows == 0) return {};
+  const char* fused_off_env = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs; read per call)
+  const bool fused_off = fused_off_env != nullptr && std::string(fused_off_env) == "1";
+  if (!fused_off && a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
+      Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
+    return RmsBackwardFused(a, scratch, stream);
+  }
   const dim3 grid(static_cast<unsigned>(CeilDiv(a.rows, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
   if (Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
@@ -271,9 +550,9 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   norm_bwd_dw_kernel1<<<grid_dw, dim3(32, kDwRowsLanes), 0, stream>>>(a, rows_per_chunk, partial_w,
                                                                      partial_b);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_kernel1");
-  norm_bwd_dw_reduce<<<static_cast<unsigned>(CeilDiv(a.dim, 256)), 256, 0, stream>>>(
+  norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
       partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias);
-  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce");
+  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   // `partial` returns to the cache here; the stream-ordered reuse rule (device_allocator.h)
   // makes that safe for later work on the same stream.
   return {};

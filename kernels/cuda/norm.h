@@ -21,9 +21,12 @@
 // allocator, and a third sums them in a fixed order into dw/db. Same inputs, same bits.
 //
 // Cost (bf16 = 2 bytes): forward reads x (+ residual), writes y (+ residual_out): 4-8 bytes per
-// element; backward reads dy, s (+ dresidual), writes dx, then re-reads dy, s for dw: 10-12
-// bytes per element. At 16K tokens x d 2048 (33.5M elements) forward with residual moves
-// 268 MB: ~0.08 ms at ~3.3 TB/s; backward ~400 MB: ~0.12 ms.
+// element. Backward, RMSNorm with d % 8 == 0, d <= 2048 and 16-byte-aligned rows (the Llama
+// shapes): one pass, reads dy, s (+ dresidual), writes dx: 6-8 bytes per element; otherwise
+// (LayerNorm, other shapes) the dw kernel re-reads dy and s: 10-12 bytes. At 16K tokens x
+// d 2048 (33.5M elements) forward with residual and the one-pass backward each move 268 MB:
+// ~0.07 ms at ~4 TB/s (H200), ~0.09 ms at ~3 TB/s (H100); measured on an H100 0.093 ms forward,
+// 0.119 ms backward (bench/RESULTS.md, "helper llamafuse").
 #pragma once
 
 #include <cuda_bf16.h>

@@ -177,7 +177,11 @@ void RunCase(const Case& c, std::mt19937_64& rng) {
 TEST(NormGpuTest, MatchesFloat64AcrossShapesAndOptions) {
   std::mt19937_64 rng(99);
   const std::vector<std::pair<int64_t, int64_t>> shapes = {
-      {1, 768}, {37, 771}, {1000, 2048}, {333, 5}, {2049, 768}, {17, 4100}};
+      {1, 768}, {37, 771}, {1000, 2048}, {333, 5}, {2049, 768}, {17, 4100},
+      // RMSNorm's one-pass backward (d % 8 == 0, d <= 2048): a partial last vector per lane
+      // (1032 = 4 x 256 + 8), the largest d, one vector per row (d = 8), rows not a multiple
+      // of the 64-row block; d = 2056 takes the three-kernel path.
+      {70, 1032}, {5, 2040}, {129, 8}, {65, 2056}};
   for (auto [rows, dim] : shapes) {
     for (NormKind kind : {NormKind::kRms, NormKind::kLayer}) {
       for (bool residual : {false, true}) {

@@ -205,7 +205,12 @@ TEST(RopeGpuTest, ForwardBackwardMatchFloat64) {
   std::mt19937_64 rng(9);
   struct C { int64_t batch, seq, heads, head_dim, extra_stride; bool positions, in_place; };
   for (const C& c : {C{3, 257, 5, 64, 0, false, false}, C{2, 100, 4, 128, 3 * 4 * 128, true, false},
-                     C{1, 33, 3, 65, 7, false, true}, C{4, 2048, 2, 128, 0, false, false}}) {
+                     C{1, 33, 3, 65, 7, false, true}, C{4, 2048, 2, 128, 0, false, false},
+                     // Vector path: D = 80 (5 vectors per half), strided, positions, in place;
+                     // D = 16 (one vector); then a row stride that is not a multiple of 8 (the
+                     // scalar fallback for a vectorisable D).
+                     C{3, 129, 7, 80, 8, true, true}, C{2, 31, 5, 16, 0, false, false},
+                     C{2, 50, 3, 64, 3, false, false}}) {
     DeviceAllocator alloc;
     const double theta = 10000.0;
     const int64_t rows = c.batch * c.seq, width = c.heads * c.head_dim;
