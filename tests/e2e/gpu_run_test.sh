@@ -141,7 +141,12 @@ if [ "$kw" = 2 ]; then
   check "kill: the survivor moved to a failure generation and went on (world 1, or world 2 with the replacement)" "grep -q '(failure)' $runs/$name/logs/coordinator.log && grep -q 'nccl: aborted' $runs/$name/logs/worker-0.log"
   check "kill: the restarted worker rejoined (world 2 at the end)" "[ \"\$(grep '^step' $runs/$name.ledger | tail -n 1 | awk '{print \$6}')\" = 2 ]"
 else
-  check "kill: the restarted worker restored a checkpoint (a restore generation from a step > 0)" "awk '/\\(restore\\)/ {s=\$NF} END {exit !(s > 0)}' $runs/$name/logs/coordinator.log"
+  # The restore starts from the newest checkpoint committed before the kill (rank 0 writes them
+  # asynchronously: one still being written does not count), from step 0 only if none was.
+  last_ckpt=$(awk -v k="${killed##* }" '/checkpoint of step [0-9]+ committed/ {if ($5 + 0 <= k + 0) s = $5} END {print s + 0}' "$runs/$name"/logs/worker-0.log)
+  restored_from=$(awk '/\(restore\)/ {s=$NF} END {print s + 0}' "$runs/$name/logs/coordinator.log")
+  say "kill: newest checkpoint committed before the kill: step $last_ckpt; restore generation from step $restored_from"
+  check "kill: the restarted worker restored the newest committed checkpoint" "[ '$restored_from' = '$last_ckpt' ] && grep -q '(restore)' $runs/$name/logs/coordinator.log"
 fi
 first_failure=$(awk '/\(failure\)/ {print $NF; exit}' "$runs/$name/logs/coordinator.log")
 check "kill: no failure generation before the kill (heartbeats during replica set-up; first at step ${first_failure:-none})" "[ -z '$first_failure' ] || [ '$first_failure' -ge $KILL_AT ]"
