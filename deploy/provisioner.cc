@@ -1,6 +1,7 @@
 #include "deploy/provisioner.h"
 
 #include <cstdio>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "base/env.h"
@@ -16,6 +17,20 @@ void SleepUnlessStopped(Clock* clock, int64_t ms, const StopRequested& stop) {
 std::string Trimmed(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
   return s;
+}
+
+// One poll of the coordinator. While it is unreachable (starting or restarting: the workers stay
+// as they are) the reason is logged once per change, not every poll.
+std::optional<gyre::v1::RunStatus> PollRunStatus(const StatusSource& status, std::string* last_error) {
+  absl::StatusOr<gyre::v1::RunStatus> run = status();
+  if (run.ok()) {
+    last_error->clear();
+    return *std::move(run);
+  }
+  const std::string why(run.status().message());
+  if (why != *last_error) std::fprintf(stderr, "gyre provision: coordinator not reachable (%s); waiting\n", why.c_str());
+  *last_error = why;
+  return std::nullopt;
 }
 
 }  // namespace
@@ -46,14 +61,7 @@ absl::Status RunK8sProvisioner(const K8sProvisionerOptions& options, const Statu
     return false;
   };
   while (!stop()) {
-    absl::StatusOr<gyre::v1::RunStatus> run = status();
-    if (!run.ok()) {
-      // The coordinator is starting or restarting: keep the workers as they are.
-      const std::string why(run.status().message());
-      if (why != last_error) std::fprintf(stderr, "gyre provision: coordinator not reachable (%s); waiting\n", why.c_str());
-      last_error = why;
-    } else {
-      last_error.clear();
+    if (std::optional<gyre::v1::RunStatus> run = PollRunStatus(status, &last_error)) {
       if (RunIsOver(*run)) {
         if (over_since_us < 0) over_since_us = clock->NowMicros();
         const bool workers_left = run->workers_active() + run->workers_standby() == 0;
@@ -98,13 +106,7 @@ absl::Status RunSlurmProvisioner(const SlurmProvisionerOptions& options, const S
   std::string last_error;
   while (!stop()) {
     int64_t wait_ms = options.poll_ms;
-    absl::StatusOr<gyre::v1::RunStatus> run = status();
-    if (!run.ok()) {
-      const std::string why(run.status().message());
-      if (why != last_error) std::fprintf(stderr, "gyre provision: coordinator not reachable (%s); waiting\n", why.c_str());
-      last_error = why;
-    } else {
-      last_error.clear();
+    if (std::optional<gyre::v1::RunStatus> run = PollRunStatus(status, &last_error)) {
       if (RunIsOver(*run)) {
         std::fprintf(stderr, "gyre provision: the run is over\n");
         return absl::OkStatus();
