@@ -14,6 +14,13 @@
 
 namespace gyre::e2e {
 
+std::string ReadFileOrEmpty(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 namespace fs = std::filesystem;
 using SteadyClock = std::chrono::steady_clock;
 
@@ -187,10 +194,7 @@ void LocalRun::DumpLogs(size_t tail_bytes) const {
     for (const auto& e : fs::directory_iterator(run_dir_ + "/logs")) files.push_back(e.path());
   }
   for (const auto& f : files) {
-    std::ifstream in(f);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    std::string text = ss.str();
+    std::string text = ReadFileOrEmpty(f);
     if (text.size() > tail_bytes) text = text.substr(text.size() - tail_bytes);
     std::fprintf(stderr, "---- %s (tail)\n%s\n", f.c_str(), text.c_str());
   }
@@ -223,10 +227,7 @@ std::string LocalRun::WorkerLogs() const {
   if (!fs::exists(run_dir_ + "/logs")) return all;
   for (const auto& e : fs::directory_iterator(run_dir_ + "/logs")) {
     if (e.path().filename().string().rfind("worker-", 0) != 0) continue;
-    std::ifstream in(e.path());
-    std::stringstream ss;
-    ss << in.rdbuf();
-    all += ss.str();
+    all += ReadFileOrEmpty(e.path());
   }
   return all;
 }

@@ -22,6 +22,8 @@ namespace gyre::e2e {
 std::string Bin(const std::string& name);
 // The test's private temporary directory.
 std::string TestTmp();
+// The whole file as text; empty when it does not exist (logs a process may not have written).
+std::string ReadFileOrEmpty(const std::string& path);
 
 struct CommandResult {
   int code = -1;

@@ -24,16 +24,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 std::vector<std::string> Lines(const std::string& path) {
   std::vector<std::string> out;
-  std::istringstream in(ReadAll(path));
+  std::istringstream in(ReadFileOrEmpty(path));
   for (std::string line; std::getline(in, line);) out.push_back(line);
   return out;
 }
@@ -97,8 +90,8 @@ TEST(K8sProvisionTest, GyrectlScaleBecomesKubectlScaleOfTheWorkerStatefulSet) {
   ASSERT_EQ(emitted.code, 0) << emitted.out;
   const std::string manifests_path = run.run_dir() + "/k8s/manifests.json";
   EXPECT_NE(emitted.out.find("kubectl apply -f " + manifests_path), std::string::npos) << emitted.out;
-  nlohmann::json manifests = nlohmann::json::parse(ReadAll(manifests_path), nullptr, false);
-  ASSERT_TRUE(manifests.is_object()) << ReadAll(manifests_path);
+  nlohmann::json manifests = nlohmann::json::parse(ReadFileOrEmpty(manifests_path), nullptr, false);
+  ASSERT_TRUE(manifests.is_object()) << ReadFileOrEmpty(manifests_path);
   std::vector<std::string> sidecar;
   std::string pod_config;
   for (const auto& item : manifests["items"]) {
@@ -122,8 +115,8 @@ TEST(K8sProvisionTest, GyrectlScaleBecomesKubectlScaleOfTheWorkerStatefulSet) {
                        root + "/runs", "--listen", "127.0.0.1:0"},
                       root + "/coordinator.log");
   ASSERT_TRUE(WaitFor([&] { return fs::exists(run.run_dir() + "/coordinator.addr") || coordinator.Wait(0) >= 0; }, 60));
-  ASSERT_TRUE(fs::exists(run.run_dir() + "/coordinator.addr")) << ReadAll(root + "/coordinator.log");
-  std::string address = ReadAll(run.run_dir() + "/coordinator.addr");
+  ASSERT_TRUE(fs::exists(run.run_dir() + "/coordinator.addr")) << ReadFileOrEmpty(root + "/coordinator.log");
+  std::string address = ReadFileOrEmpty(run.run_dir() + "/coordinator.addr");
   address = address.substr(0, address.find('\n'));
 
   // The sidecar's command, mapped from the pod to this machine.
@@ -136,8 +129,8 @@ TEST(K8sProvisionTest, GyrectlScaleBecomesKubectlScaleOfTheWorkerStatefulSet) {
   Process provisioner(sidecar, root + "/provision.log");
   auto dump = [&] {
     std::fprintf(stderr, "---- kubectl.log\n%s---- provision.log\n%s---- coordinator.log\n%s\n",
-                 ReadAll(kubectl_log).c_str(), ReadAll(root + "/provision.log").c_str(),
-                 ReadAll(root + "/coordinator.log").c_str());
+                 ReadFileOrEmpty(kubectl_log).c_str(), ReadFileOrEmpty(root + "/provision.log").c_str(),
+                 ReadFileOrEmpty(root + "/coordinator.log").c_str());
     return "";
   };
   auto scaled_to = [&](int n) {
@@ -156,7 +149,7 @@ TEST(K8sProvisionTest, GyrectlScaleBecomesKubectlScaleOfTheWorkerStatefulSet) {
   std::ofstream(kubectl_log + ".fail-once") << "";
   ASSERT_FALSE(run.Ctl({"scale", "1"}).is_null()) << dump();
   ASSERT_TRUE(WaitFor([&] { return scaled_to(1) == 1; }, 30)) << dump();
-  EXPECT_EQ(ReadAll(kubectl_log).find("FAILED --namespace ml scale statefulset gyre-k8s-worker --replicas=1") !=
+  EXPECT_EQ(ReadFileOrEmpty(kubectl_log).find("FAILED --namespace ml scale statefulset gyre-k8s-worker --replicas=1") !=
                 std::string::npos,
             true)
       << dump();

@@ -28,13 +28,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // The fake node's name: this machine's host name when it resolves to an address this process
 // can bind (so workers really dial a node name, not 127.0.0.1), else "localhost".
 std::string FakeNodeName() {
@@ -52,7 +45,7 @@ std::string FakeNodeName() {
 }
 
 std::string Cmdline(pid_t pid) {
-  std::string c = ReadAll("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string c = ReadFileOrEmpty("/proc/" + std::to_string(pid) + "/cmdline");
   for (char& ch : c) {
     if (ch == '\0') ch = ' ';
   }
@@ -75,7 +68,7 @@ class FakeSlurm {
     for (const auto& e : fs::directory_iterator(dir_)) {
       const std::string name = e.path().filename();
       if (name.rfind("job-", 0) == 0 && name.size() > 4 && name.substr(name.size() - 4) == ".pid") {
-        const pid_t pid = std::atoi(ReadAll(e.path()).c_str());
+        const pid_t pid = std::atoi(ReadFileOrEmpty(e.path()).c_str());
         if (pid > 0) ::kill(-pid, SIGKILL);
       }
     }
@@ -85,9 +78,9 @@ class FakeSlurm {
   int JobExit(const std::string& id) const {
     const std::string path = dir_ + "/job-" + id + ".exit";
     if (!fs::exists(path)) return -1;
-    return std::atoi(ReadAll(path).c_str());
+    return std::atoi(ReadFileOrEmpty(path).c_str());
   }
-  std::string SbatchLog() const { return ReadAll(dir_ + "/sbatch.log"); }
+  std::string SbatchLog() const { return ReadFileOrEmpty(dir_ + "/sbatch.log"); }
 
  private:
   std::string dir_, node_;
@@ -105,7 +98,7 @@ std::string JobId(const std::string& launch_out) {
 void DumpSlurm(const LocalRun& run, const std::string& job) {
   run.DumpLogs(2000);
   for (const std::string& f : {run.run_dir() + "/slurm/job-" + job + ".out", run.run_dir() + "/logs/provision.log"}) {
-    std::fprintf(stderr, "---- %s\n%s\n", f.c_str(), ReadAll(f).c_str());
+    std::fprintf(stderr, "---- %s\n%s\n", f.c_str(), ReadFileOrEmpty(f).c_str());
   }
 }
 
@@ -148,7 +141,7 @@ TEST(SlurmRunTest, RunsToTheEndAndASupervisorRestartsAKilledWorker) {
   std::vector<pid_t> workers = run.Pids("worker");
   ASSERT_EQ(workers.size(), 2u) << dump();
   // Workers dial the first node by name at the coordinator's port and are reached at their node's name.
-  const std::string endpoint = ReadAll(run.run_dir() + "/slurm/coordinator.endpoint");
+  const std::string endpoint = ReadFileOrEmpty(run.run_dir() + "/slurm/coordinator.endpoint");
   EXPECT_EQ(endpoint.rfind(slurm.node() + ":", 0), 0u) << endpoint;
   const std::string cmdline = Cmdline(workers.front());
   EXPECT_NE(cmdline.find("--coordinator " + endpoint.substr(0, endpoint.find('\n')) + " "), std::string::npos)
@@ -169,14 +162,14 @@ TEST(SlurmRunTest, RunsToTheEndAndASupervisorRestartsAKilledWorker) {
   // The run ends by itself; so does the job (exit 0), the coordinator with it.
   ASSERT_TRUE(WaitFor([&] { return slurm.JobExit(job) >= 0; }, 150)) << dump() << "the job did not end";
   EXPECT_EQ(slurm.JobExit(job), 0) << dump();
-  const std::string job_out = ReadAll(run.run_dir() + "/slurm/job-" + job + ".out");
+  const std::string job_out = ReadFileOrEmpty(run.run_dir() + "/slurm/job-" + job + ".out");
   std::fprintf(stderr, "---- job %s output\n%s", job.c_str(), job_out.c_str());
   if (job_out.find("still running") != std::string::npos) run.DumpLogs(3000);  // who outlived the run, and why
   EXPECT_TRUE(run.Pids("coordinator").empty()) << "the coordinator outlived the job";
   EXPECT_TRUE(run.Pids("worker").empty()) << "a worker outlived the job";
   std::string supervisors;
   for (const auto& e : fs::directory_iterator(run.run_dir() + "/logs")) {
-    if (e.path().filename().string().rfind("worker-" + job + "-", 0) == 0) supervisors += ReadAll(e.path());
+    if (e.path().filename().string().rfind("worker-" + job + "-", 0) == 0) supervisors += ReadFileOrEmpty(e.path());
   }
   EXPECT_NE(supervisors.find("exited with status 137"), std::string::npos) << supervisors;
   EXPECT_NE(supervisors.find("restarting the worker"), std::string::npos) << supervisors;
@@ -222,7 +215,7 @@ TEST(SlurmRunTest, ScalingBeyondTheAllocationSubmitsAWorkerJob) {
   const std::string workers_job = run.run_dir() + "/slurm/workers-1.sbatch";
   ASSERT_TRUE(WaitFor([&] { return slurm.SbatchLog().find(workers_job) != std::string::npos; }, 30))
       << dump() << slurm.SbatchLog();
-  EXPECT_NE(ReadAll(workers_job).find("#SBATCH --ntasks=1\n"), std::string::npos);
+  EXPECT_NE(ReadFileOrEmpty(workers_job).find("#SBATCH --ntasks=1\n"), std::string::npos);
   auto two_active = [&] { return run.Status().value("workers_active", 0) == 2; };
   ASSERT_TRUE(WaitFor(two_active, 120)) << dump() << "the extra job's worker never joined";
   const uint64_t at = run.Committed();
