@@ -53,17 +53,9 @@ void PrintOpProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<doub
   double wall_sum = 0, busy = 0;
   for (double w : wall) wall_sum += w;
   for (const auto& o : ops) busy += o.seconds;
-  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
   std::printf("  per-op profile (%d steps; wall %.2f ms/step; device busy %.2f ms/step, idle %.2f ms/step):\n",
               static_cast<int>(n), 1e3 * wall_sum / n, 1e3 * busy / n, 1e3 * (wall_sum - busy) / n);
-  std::printf("  | op | calls/step | ms/step | %% of busy | TFLOP/s |\n  |---|---|---|---|---|\n");
-  for (const auto& o : ops) {
-    char tf[32] = "";
-    if (o.flops > 0) std::snprintf(tf, sizeof(tf), "%.0f", o.flops / o.seconds / 1e12);
-    std::printf("  | %s | %.0f | %.3f | %.1f%% | %s |\n", o.label.c_str(), o.calls / n, 1e3 * o.seconds / n,
-                100 * o.seconds / busy, tf);
-  }
-  std::fflush(stdout);
+  gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,

@@ -49,4 +49,19 @@ inline double MedianOf(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The per-op table of a --profile run: `ops` (CudaBackend::OpTime: label, calls, seconds, flops)
+// summed over `steps` steps, sorted by time here; `busy` is their total seconds.
+template <typename OpTime>
+void PrintOpTable(std::vector<OpTime> ops, double steps, double busy) {
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+  std::printf("  | op | calls/step | ms/step | %% of busy | TFLOP/s |\n  |---|---|---|---|---|\n");
+  for (const auto& o : ops) {
+    char tf[32] = "";
+    if (o.flops > 0) std::snprintf(tf, sizeof(tf), "%.0f", o.flops / o.seconds / 1e12);
+    std::printf("  | %s | %.0f | %.3f | %.1f%% | %s |\n", o.label.c_str(), o.calls / steps, 1e3 * o.seconds / steps,
+                100 * o.seconds / busy, tf);
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace gyre::bench
