@@ -17,13 +17,6 @@
 namespace gyre::ops {
 namespace {
 
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
-  return t;
-}
-
 // Small specs of every family with 3 MTP heads; xLSTM with an sLSTM block, hybrids with the
 // attention mixer (qkv conv, partial rotary) and with Llama blocks.
 ModelSpec SmallSpec(const std::string& preset) {

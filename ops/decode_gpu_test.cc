@@ -37,22 +37,6 @@
 namespace gyre::ops {
 namespace {
 
-void RoundMastersToBf16(ParamStore& store) {
-  for (Parameter* p : store.All()) p->value.CopyFrom(p->compute.To(DType::kF32));
-}
-
-std::vector<NamedTensor> AsF64State(const ParamStore& gpu) {
-  std::vector<NamedTensor> state;
-  for (const Parameter* p : gpu.All()) state.push_back({p->name, p->value.ToDevice(Device::kCpu).To(DType::kF64)});
-  return state;
-}
-
-bool CheckGrads(const ParamStore& gpu, ParamStore& cpu, const std::string& prefix, double tol) {
-  bool ok = true;
-  for (const Parameter* g : gpu.All()) ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
-  return ok;
-}
-
 // Random non-trivial values for every parameter (biases and norm scales start constant).
 void Randomise(ParamStore& gpu, uint64_t seed) {
   Rng rng(seed);
@@ -62,13 +46,6 @@ void Randomise(ParamStore& gpu, uint64_t seed) {
   }
   gpu.SyncCompute();
   RoundMastersToBf16(gpu);
-}
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
-  return t;
 }
 
 class DecodeGpuTest : public ::testing::Test {

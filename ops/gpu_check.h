@@ -1,4 +1,4 @@
-// Helpers shared by the ops/ GPU tests (llama_gpu_test, recurrent_gpu_test): compare a CUDA
+// Helpers shared by the ops/ GPU tests (llama_gpu_test, recurrent_gpu_test, decode_gpu_test): compare a CUDA
 // result with a float64 CPU reference and print one `[PASS|FAIL] name shape rel_err tol` line
 // (the format of kernels/cuda/gpu_test_util.h), and make bf16-representable random inputs so the
 // same numbers feed both backends.
@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "ops/elementwise.h"
+#include "ops/module.h"
 #include "ops/rng.h"
 #include "ops/tensor.h"
 
@@ -36,6 +38,25 @@ inline Tensor RandomBf16Host(Shape shape, double scale, Rng* rng) {
 
 inline Tensor ToCudaBf16(const Tensor& host_f64) {
   return host_f64.To(DType::kF32).ToDevice(Device::kCuda).To(DType::kBF16);
+}
+
+// value := bf16(value) on a CUDA store, so masters and compute copies hold the same numbers.
+inline void RoundMastersToBf16(ParamStore& store) {
+  for (Parameter* p : store.All()) p->value.CopyFrom(p->compute.To(DType::kF32));
+}
+
+// The masters of a GPU store as float64 CPU tensors (to load into the CPU reference).
+inline std::vector<NamedTensor> AsF64State(const ParamStore& gpu) {
+  std::vector<NamedTensor> state;
+  for (const Parameter* p : gpu.All()) state.push_back({p->name, p->value.ToDevice(Device::kCpu).To(DType::kF64)});
+  return state;
+}
+
+// Every gradient of the GPU store against the CPU store's parameter of the same name.
+inline bool CheckGrads(const ParamStore& gpu, ParamStore& cpu, const std::string& prefix, double tol) {
+  bool ok = true;
+  for (const Parameter* g : gpu.All()) ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
+  return ok;
 }
 
 }  // namespace gyre::ops

@@ -53,12 +53,6 @@ Pair<Layer> MakePair(const std::function<std::unique_ptr<Layer>(const BuildConte
   return p;
 }
 
-bool CheckGrads(const ParamStore& gpu, ParamStore& cpu, const std::string& prefix, double tol) {
-  bool ok = true;
-  for (const Parameter* g : gpu.All()) ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
-  return ok;
-}
-
 class LlamaGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -128,13 +122,6 @@ ModelSpec SmallLlama() {
   s.vocab_size = 50277;
   s.tie_embeddings = false;
   return s;
-}
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
-  return t;
 }
 
 TEST_F(LlamaGpuTest, ModelLossAndEveryGradientMatchFloat64) {

@@ -10,18 +10,12 @@
 #include "gtest/gtest.h"
 #include "ops/gradcheck.h"
 #include "ops/parallel.h"
+#include "ops/rng.h"
 
 namespace gyre::ops {
 namespace {
 
 using testing::CheckGradient;
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
-  return t;
-}
 
 // A very small spec of the given preset family for float64 FD checks.
 ModelSpec SmallSpec(const std::string& preset) {

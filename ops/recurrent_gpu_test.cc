@@ -36,23 +36,6 @@
 namespace gyre::ops {
 namespace {
 
-// value := bf16(value) on a CUDA store, so masters and compute copies hold the same numbers.
-void RoundMastersToBf16(ParamStore& store) {
-  for (Parameter* p : store.All()) p->value.CopyFrom(p->compute.To(DType::kF32));
-}
-
-std::vector<NamedTensor> AsF64State(const ParamStore& gpu) {
-  std::vector<NamedTensor> state;
-  for (const Parameter* p : gpu.All()) state.push_back({p->name, p->value.ToDevice(Device::kCpu).To(DType::kF64)});
-  return state;
-}
-
-bool CheckGrads(const ParamStore& gpu, ParamStore& cpu, const std::string& prefix, double tol) {
-  bool ok = true;
-  for (const Parameter* g : gpu.All()) ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
-  return ok;
-}
-
 class RecurrentGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -378,13 +361,6 @@ TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   s.mlstm_heads = 8;
   s.mlstm_inner = 512;  // 8 heads x 64
   CheckBlock("mlstm 8 heads", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 70);
-}
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
-  return t;
 }
 
 void CheckModel(const ModelSpec& spec) {
