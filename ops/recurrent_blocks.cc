@@ -756,6 +756,27 @@ void Mamba2Block::Rewind(BlockState* state, int64_t keep) {
 
 // ---------------------------------------------------------------- CUDA paths
 
+Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
+                                  Tensor& rstd) {
+  Tensor out = CudaEmpty({rows, p_});
+  GroupNormArgs n;
+  n.mode = NormMode::kMlstmOutput;
+  n.layer = true;
+  n.rows = rows; n.dim = p_; n.groups = heads_;
+  n.eps = 1e-5f;
+  n.weight_offset = 1.f;
+  n.x = h.raw();
+  n.weight = outnorm_.weight()->value.data<float>();
+  n.z = z.raw(); n.ldz = p_;
+  n.skip = skip_->value.data<float>();
+  n.xc = xc.raw();
+  n.y = out.raw();
+  n.mean = mean.data<float>();
+  n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  return out;
+}
+
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, p = p_, dk = p_ / heads_;
   ProfileStart();
@@ -808,25 +829,9 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   c.h = h_.raw(); c.saved = saved_.raw();
   Cuda().Mlstm(false, c);
   ProfileMark("mlstm.fwd.cell");
-  // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z), one kernel.
-  Tensor out = CudaEmpty({rows, p});
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);
   rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
-  GroupNormArgs n;
-  n.mode = NormMode::kMlstmOutput;
-  n.layer = true;
-  n.rows = rows; n.dim = p; n.groups = heads_;
-  n.eps = 1e-5f;
-  n.weight_offset = 1.f;
-  n.x = h_.raw();
-  n.weight = outnorm_.weight()->value.data<float>();
-  n.z = z_.raw(); n.ldz = p;
-  n.skip = skip_->value.data<float>();
-  n.xc = xc_.raw();
-  n.y = out.raw();
-  n.mean = mean_.data<float>();
-  n.rstd = rstd_.data<float>();
-  Cuda().GroupNorm(false, n);
+  Tensor out = OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
   ProfileMark("mlstm.fwd.outnorm_skip_gate");
   Tensor down = down_.Forward(out);
   ProfileMark("mlstm.fwd.down_proj");

@@ -110,6 +110,10 @@ class MlstmBlock : public Block {
   // CUDA decoding (ops/recurrent_step_cuda.cc); the CPU-made state tensors move to the device
   // on the first step.
   Tensor StepCuda(const Tensor& x, int64_t chunk, struct MlstmState* st, bool rewindable);
+  // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z) for `rows` rows in one kernel (training and
+  // decoding); writes the per-(row, head) statistics into mean / rstd (fp32, rows x heads).
+  Tensor OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
+                        Tensor& rstd);
 };
 
 class SlstmBlock : public Block {

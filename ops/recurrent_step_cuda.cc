@@ -137,25 +137,9 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
     CudaInfer().MlstmStep(s);
     if (rewindable && j + 1 < chunk) st->cell_history.Record({c, n, m});
   }
-  // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z), as ForwardCuda.
-  Tensor out = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
   Tensor mean = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
   Tensor rstd = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
-  GroupNormArgs nn;
-  nn.mode = NormMode::kMlstmOutput;
-  nn.layer = true;
-  nn.rows = B; nn.dim = p; nn.groups = heads_;
-  nn.eps = 1e-5f;
-  nn.weight_offset = 1.f;
-  nn.x = h.raw();
-  nn.weight = outnorm_.weight()->value.data<float>();
-  nn.z = z.raw(); nn.ldz = p;
-  nn.skip = skip_->value.data<float>();
-  nn.xc = xc.raw();
-  nn.y = out.raw();
-  nn.mean = mean.data<float>();
-  nn.rstd = rstd.data<float>();
-  Cuda().GroupNorm(false, nn);
+  Tensor out = OutputNormCuda(h, z, xc, B, mean, rstd);
   Tensor y = Add(x, down_.Forward(out).Reshape(x.shape()));
   ReleaseActivations();
   return y;
