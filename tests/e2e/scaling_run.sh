@@ -14,7 +14,9 @@
 #   EVENTS  1 (default): at the largest size (>= 3 workers) a fresh run of STEPS steps gets
 #           `gyrectl scale N-2` at step 40, `gyrectl scale N` once 20 steps ran at N-2 workers,
 #           and a kill -9 of the worker on the last GPU once 20 steps ran at N again.
+#   EVENT_STEPS  steps of that events run (default STEPS; needs >= ~110 for the three events)
 #   STEP_TIMEOUT  seconds allowed per run (default 900)
+#   NCCL_ANCHOR  1 (default): measure the PyTorch all-reduce anchor at the end (0: skip it)
 #   GYRECTL  the gyrectl binary (default: beside <gyre binary>)
 #   DEVICE=cpu  dry run of the mechanics on CPU workers (CPU_WORKERS of them, default 4)
 # Output: $out/summary.txt (PASS/FAIL lines and the tables), $out/<run>.log per run,
@@ -35,7 +37,7 @@ gyrectl="${GYRECTL:-$(dirname "$gyre")/gyrectl}"  # the control CLI (a separate 
 presets=("$@"); [ ${#presets[@]} -eq 0 ] && presets=("xlstm[7:1]-1.3b" "mamba2-1.3b")
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STEPS="${STEPS:-200}"; SEQ="${SEQ:-2048}"; ROWS="${ROWS:-8}"; MICRO="${MICRO:-$ROWS}"
-EVENTS="${EVENTS:-1}"; STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
+EVENTS="${EVENTS:-1}"; EVENT_STEPS="${EVENT_STEPS:-$STEPS}"; STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 export NCCL_NVLS_ENABLE=0
 mkdir -p "$out"
 runs="$(mktemp -d)/runs"; mkdir -p "$runs"
@@ -119,7 +121,7 @@ done
 # Elasticity at the largest size: scale down by 2, back up, kill one worker.
 N=$(echo $SIZES | awk '{print $NF}')
 if [ "$EVENTS" = 1 ] && [ "$N" -ge 3 ]; then
-  preset="${presets[0]}"; name="events-w$N"
+  preset="${presets[0]}"; name="events-w$N"; STEPS="$EVENT_STEPS"
   say ""
   say "### events: $preset, $N workers, $STEPS steps"
   launch "$name" "$preset" "$N" & launcher=$!
@@ -171,7 +173,7 @@ PY
 fi
 
 # The anchor: NCCL all-reduce bus bandwidth through PyTorch on the same GPUs.
-if [ "$device" = cuda ] && [ "$ngpu" -ge 2 ] && python3 -c 'import torch' 2>/dev/null; then
+if [ "${NCCL_ANCHOR:-1}" = 1 ] && [ "$device" = cuda ] && [ "$ngpu" -ge 2 ] && python3 -c 'import torch' 2>/dev/null; then
   say ""
   say "### NCCL all-reduce through PyTorch (torchrun, $ngpu GPUs)"
   torchrun --standalone --nproc_per_node="$ngpu" "$here/../../bench/nccl_allreduce_anchor.py" 2>"$out/nccl_anchor.err" | tee -a "$summary"
