@@ -18,6 +18,7 @@
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/control_client.h"
+#include "deploy/crash_loop.h"
 #include "deploy/gpu_slots.h"
 
 namespace gyre::deploy {
@@ -31,11 +32,8 @@ struct Child {
   std::string role;  // "coordinator", "worker-3"
   int64_t started_ms = 0;
   int slot = -1;     // GPU slot of a GPU worker
+  int64_t committed_at_start = -1;  // the run's committed steps when it started (-1: unknown)
 };
-
-// A worker that dies this soon after starting counts towards a crash loop.
-constexpr int64_t kQuickExitMs = 15000;
-constexpr int kMaxQuickExitsInARow = 6;
 
 // fork + exec `exe args...` with stdout/stderr appended to `log_path`.
 absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log_path) {
@@ -79,7 +77,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
   Child coordinator;
   std::map<pid_t, Child> workers;
   int next_worker = 0;
-  int quick_exits_in_a_row = 0;
+  CrashLoop crash_loop_rule{CrashLoop::Options{}};
+  bool give_up = false;
+  int64_t committed_steps = -1;  // from the last status poll; -1 until the coordinator answers
   std::string last_failed_log;
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
@@ -128,7 +128,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
     args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
     absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), role + ".log"));
     if (!pid.ok()) return pid.status();
-    workers[*pid] = {*pid, role, NowMs(), slot};
+    workers[*pid] = {*pid, role, NowMs(), slot, committed_steps};
     return absl::OkStatus();
   };
 
@@ -156,6 +156,13 @@ absl::Status RunLocal(const LaunchOptions& options) {
     }
     return WorkersToRun(desired, options.gpus);
   };
+  // The run's progress when the first workers start (a restarted run resumes from its journal):
+  // the crash-loop rule compares it with the progress when a worker fails.
+  if (absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", ""); target.ok()) {
+    if (absl::StatusOr<gyre::v1::RunStatus> run = cli::ControlClient(*target, 5000).GetStatus(); run.ok()) {
+      committed_steps = static_cast<int64_t>(run->committed_steps());
+    }
+  }
   const int initial_workers = workers_to_run(options.workers);
   for (int i = 0; i < initial_workers; ++i) {
     if (absl::Status s = start_worker(); !s.ok()) return s;
@@ -201,20 +208,22 @@ absl::Status RunLocal(const LaunchOptions& options) {
         // A worker killed from outside (kill -9, the OOM killer, Ctrl-C) did not fail at start-up.
         const bool killed = WIFSIGNALED(status) && (WTERMSIG(status) == SIGKILL || WTERMSIG(status) == SIGTERM ||
                                                     WTERMSIG(status) == SIGINT);
-        if (code != 0 && !killed && NowMs() - it->second.started_ms < kQuickExitMs) {
-          ++quick_exits_in_a_row;
+        if (code != 0 && !killed) {
+          if (crash_loop_rule.Failed({it->second.started_ms, it->second.committed_at_start}, NowMs(), committed_steps)) {
+            give_up = true;
+          }
           last_failed_log = JoinPath(dir.logs_dir(), it->second.role + ".log");
         } else if (code == 0) {
-          quick_exits_in_a_row = 0;
+          crash_loop_rule.Reset();
         }
         workers.erase(it);
       }
     }
     if (coordinator_done && workers.empty()) break;
 
-    if (quick_exits_in_a_row >= kMaxQuickExitsInARow && stop_deadline == 0) {
-      std::fprintf(stderr, "gyre launch: workers keep failing right after start; giving up (see %s)\n",
-                   last_failed_log.c_str());
+    if (give_up && stop_deadline == 0) {
+      std::fprintf(stderr, "gyre launch: workers keep failing (%d in a row; the last %s); giving up (see %s)\n",
+                   crash_loop_rule.failures_in_a_row(), crash_loop_rule.last_reason().c_str(), last_failed_log.c_str());
       g_signal.store(SIGTERM);
       crash_loop = true;
     }
@@ -242,6 +251,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
       absl::StatusOr<gyre::v1::RunStatus> run =
           target.ok() ? cli::ControlClient(*target, 2000).GetStatus() : absl::StatusOr<gyre::v1::RunStatus>(target.status());
       if (run.ok()) {
+        committed_steps = static_cast<int64_t>(run->committed_steps());
         const bool over = run->state() == gyre::v1::RUN_STATE_STOPPED || run->state() == gyre::v1::RUN_STATE_FINISHED;
         if (over && workers.empty()) {
           ::kill(coordinator.pid, SIGTERM);
@@ -257,7 +267,10 @@ absl::Status RunLocal(const LaunchOptions& options) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
   }
-  if (crash_loop) return absl::AbortedError(absl::StrCat("workers failed at start; last log: ", last_failed_log));
+  if (crash_loop) {
+    return absl::AbortedError(absl::StrCat("workers kept failing (the last ", crash_loop_rule.last_reason(),
+                                           "); last log: ", last_failed_log));
+  }
   return absl::OkStatus();
 }
 

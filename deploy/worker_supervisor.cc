@@ -11,6 +11,7 @@
 #include <cstring>
 #include <thread>
 
+#include "deploy/crash_loop.h"
 #include "absl/strings/str_cat.h"
 
 namespace gyre::deploy {
@@ -47,8 +48,13 @@ absl::StatusOr<pid_t> SpawnWorker(const SuperviseOptions& options) {
 absl::Status SuperviseWorker(const SuperviseOptions& options, const StatusSource& status) {
   ::signal(SIGTERM, OnStopSignal);
   ::signal(SIGINT, OnStopSignal);
-  int quick_exits_in_a_row = 0;
+  CrashLoop crash_loop({options.quick_exit_ms, options.max_quick_exits_in_a_row});
+  auto committed_steps = [&status]() -> int64_t {
+    absl::StatusOr<gyre::v1::RunStatus> run = status();
+    return run.ok() ? static_cast<int64_t>(run->committed_steps()) : -1;
+  };
   for (int restarts = 0;; ++restarts) {
+    const int64_t committed_at_start = committed_steps();
     absl::StatusOr<pid_t> pid = SpawnWorker(options);
     if (!pid.ok()) return pid.status();
     const int64_t started = NowMs();
@@ -81,14 +87,11 @@ absl::Status SuperviseWorker(const SuperviseOptions& options, const StatusSource
     const bool killed = WIFSIGNALED(wait_status) &&
                         (WTERMSIG(wait_status) == SIGKILL || WTERMSIG(wait_status) == SIGTERM ||
                          WTERMSIG(wait_status) == SIGINT);
-    if (!killed && NowMs() - started < options.quick_exit_ms) {
-      if (++quick_exits_in_a_row >= options.max_quick_exits_in_a_row) {
-        return absl::AbortedError(absl::StrCat("the worker failed ", quick_exits_in_a_row,
-                                               " times in a row right after starting (last status ", code,
-                                               "); giving up"));
-      }
-    } else {
-      quick_exits_in_a_row = 0;
+    if (!killed && crash_loop.Failed({started, committed_at_start}, NowMs(),
+                                     run.ok() ? static_cast<int64_t>(run->committed_steps()) : -1)) {
+      return absl::AbortedError(absl::StrCat("the worker failed ", crash_loop.failures_in_a_row(),
+                                             " times in a row (the last ", crash_loop.last_reason(),
+                                             ", status ", code, "); giving up"));
     }
     std::fprintf(stderr, "gyre provision: restarting the worker in %lld ms\n",
                  static_cast<long long>(options.restart_delay_ms));

@@ -60,7 +60,7 @@ TEST(SuperviseWorkerTest, RestartsAKilledWorkerWithTheSameArguments) {
   const std::vector<std::string> starts = Starts(exe);
   ASSERT_EQ(starts.size(), 3u);  // killed twice, then finished
   for (const std::string& args : starts) EXPECT_EQ(args, "worker --run-dir /r --device cpu");
-  EXPECT_EQ(polls, 2);  // asked "is the run over?" after each kill only
+  EXPECT_EQ(polls, 5);  // the run's progress at each start, "is the run over?" after each kill
 }
 
 TEST(SuperviseWorkerTest, DoesNotRestartWhenTheRunIsOver) {
@@ -93,17 +93,38 @@ TEST(SuperviseWorkerTest, GivesUpOnACrashLoop) {
   EXPECT_EQ(Starts(exe).size(), 4u);
 }
 
-TEST(SuperviseWorkerTest, SlowFailuresAreRestartedWithoutLimit) {
-  // Failures after quick_exit_ms are not a crash loop (a worker that trained a while, then died).
+TEST(SuperviseWorkerTest, SlowFailuresAfterProgressAreRestartedWithoutLimit) {
+  // Failures after quick_exit_ms while the run committed steps are not a crash loop (a worker
+  // that trained a while, then died).
   const std::string exe = Script("slow", "if [ \"$n\" -lt 6 ]; then sleep 0.2; exit 3; fi; exit 0");
   SuperviseOptions options = Options(exe);
   options.max_quick_exits_in_a_row = 2;
   options.quick_exit_ms = 100;
-  absl::Status s = SuperviseWorker(options, []() -> absl::StatusOr<gyre::v1::RunStatus> {
-    return State(gyre::v1::RUN_STATE_RUNNING);
+  int64_t committed = 0;
+  absl::Status s = SuperviseWorker(options, [&]() -> absl::StatusOr<gyre::v1::RunStatus> {
+    gyre::v1::RunStatus status = State(gyre::v1::RUN_STATE_RUNNING);
+    status.set_committed_steps(committed += 5);
+    return status;
   });
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_EQ(Starts(exe).size(), 6u);
+}
+
+TEST(SuperviseWorkerTest, GivesUpOnSlowFailuresWithoutProgress) {
+  // A worker whose start-up outlasts quick_exit_ms and that then fails before any step (out of
+  // device memory at step 0): the run never moves, so the restarts must end.
+  const std::string exe = Script("stuck", "sleep 0.2; exit 3");
+  SuperviseOptions options = Options(exe);
+  options.max_quick_exits_in_a_row = 3;
+  options.quick_exit_ms = 100;
+  absl::Status s = SuperviseWorker(options, []() -> absl::StatusOr<gyre::v1::RunStatus> {
+    gyre::v1::RunStatus status = State(gyre::v1::RUN_STATE_RUNNING);
+    status.set_committed_steps(17);
+    return status;
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_NE(s.message().find("no step committed"), absl::string_view::npos) << s;
+  EXPECT_EQ(Starts(exe).size(), 3u);
 }
 
 }  // namespace

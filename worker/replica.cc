@@ -191,7 +191,12 @@ absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* 
   return absl::OkStatus();
 }
 
-absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) { return trainer_->ApplyUpdate(step); }
+absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) {
+  // A rejected update (non-finite norm) changes nothing; a failed one may have changed some tensors.
+  absl::StatusOr<ops::UpdateStats> stats = trainer_->ApplyUpdate(step);
+  if (!absl::IsDataLoss(stats.status())) at_initial_state_ = false;
+  return stats;
+}
 
 void ModelReplica::DropGradients() { model_->params().ZeroGrad(); }
 
@@ -222,6 +227,7 @@ absl::Status ModelReplica::BroadcastTensor(Collective* collective, ops::Tensor* 
 }
 
 absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
+  at_initial_state_ = false;
   // The root's last update must have landed before NCCL (another stream) reads its buffers.
   if (on_cuda()) ops::Cuda().Synchronize();
   for (ops::Parameter* p : model_->params().All()) RETURN_IF_ERROR(BroadcastTensor(collective, &p->value, root));
@@ -244,6 +250,7 @@ std::vector<TensorSnapshot> ModelReplica::Snapshot() const {
 }
 
 absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {
+  at_initial_state_ = false;
   std::map<std::string, const TensorSnapshot*> by_name;
   for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
   for (ops::Parameter* p : model_->params().All()) {

@@ -89,6 +89,10 @@ class ModelReplica {
 
   std::vector<TensorSnapshot> Snapshot() const;
   absl::Status Restore(const std::vector<TensorSnapshot>& tensors);
+  // True while the parameters and optimizer state are still the seeded initialisation this
+  // replica was built with (no update applied, nothing restored or received): a fresh run's
+  // generation can keep it instead of building another (worker.cc).
+  bool at_initial_state() const { return at_initial_state_; }
 
   // XXH64 over all parameter bytes: equal replicas have equal fingerprints.
   uint64_t ParameterFingerprint() const;
@@ -128,6 +132,7 @@ class ModelReplica {
   Clock* clock_ = Clock::Real();
   int64_t backward_start_micros_ = 0;
   int64_t micro_batch_ = 0;         // rows per forward/backward; 0 = all
+  bool at_initial_state_ = true;
   bool in_last_micro_batch_ = true;  // gradient-ready events pass to the reducers only then
   PassTimes pass_times_;
   ops::TrainingFlops flops_;

@@ -154,7 +154,13 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   if (!lease.checkpoint_dir().empty() && i_need_state) {
     RETURN_IF_ERROR(RestoreCheckpoint(lease));
   } else if (everyone_needs && lease.checkpoint_dir().empty()) {
-    ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
+    // A fresh run. A replica that is still its seeded initialisation is already that state;
+    // rebuilding it would cost the initialisation again (about a minute at 1.3B) and, with the old
+    // one alive meanwhile, twice the model's memory (two 1.3B replicas do not fit an 80 GB GPU).
+    if (!replica_->at_initial_state()) {
+      replica_.reset();
+      ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
+    }
   } else if (g.needs_state_size() > 0) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
   }
