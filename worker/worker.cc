@@ -57,7 +57,11 @@ absl::Status Worker::EnsureReplica() {
   // Built after the heartbeat thread started: a large model (or a CUDA context) can take longer
   // to set up than the coordinator's heartbeat timeout, and a silent worker is declared dead.
   if (replica_) return absl::OkStatus();
+  const int64_t start = clock_->NowMicros();
   ASSIGN_OR_RETURN(replica_, ModelReplica::Create(config_, on_cuda() ? ops::Device::kCuda : ops::Device::kCpu));
+  // Start-up phases are logged with their cost: at 1.3B they take most of a short run's first minute.
+  std::fprintf(stderr, "worker: replica built in %.1f s (%lld parameters, %s)\n", (clock_->NowMicros() - start) / 1e6,
+               static_cast<long long>(replica_->NumParameters()), on_cuda() ? "cuda" : "cpu");
   return OpenData(config_);
 }
 
@@ -131,6 +135,7 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   }
   if (rank_ < 0) return absl::FailedPreconditionError(absl::StrCat("generation ", g.id(), " does not list this worker"));
   ASSIGN_OR_RETURN(store_, StoreFor(g.rendezvous()));
+  const int64_t join_start = clock_->NowMicros();
   if (on_cuda()) {
     // NCCL: rank 0 publishes a fresh unique id under the generation's prefix (gpu_runtime.h).
     GpuRuntime* gpu = GpuRuntimeOrNull();
@@ -146,6 +151,7 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
     InstallCollective(std::move(gloo));
   }
   generation_.store(g.id());
+  const int64_t connected = clock_->NowMicros();
 
   // State: from the checkpoint the coordinator names, else from a member that has it, else
   // (nobody has it and no checkpoint: a fresh run) everyone's identical seeded initialisation.
@@ -165,6 +171,9 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
   }
   applied_steps_.store(g.start_step());
+  std::fprintf(stderr, "worker: generation %llu: rank %d of %d, communicator in %.1f s, state in %.1f s\n",
+               static_cast<unsigned long long>(g.id()), rank_, g.members_size(), (connected - join_start) / 1e6,
+               (clock_->NowMicros() - connected) / 1e6);
   return absl::OkStatus();
 }
 
