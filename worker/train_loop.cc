@@ -203,7 +203,7 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
                  "bwd %.1f ms, comm %.1f ms exposed, commit %.1f ms, opt %.1f ms)  at %.3f s\n",
                  (unsigned long long)lease.step(), loss.loss, update.grad_norm, update.lr, collective_->world_size(),
                  global_batch * seq / seconds, mfu.c_str(), (t1 - t0) / 1e3, pass.forward_ms, pass.backward_ms,
-                 exposed_comm_ms, (t4 - t3) / 1e3, (t5 - t4) / 1e3, t5 / 1e6);
+                 exposed_comm_ms, (t4 - t3) / 1e3, (t5 - t4) / 1e3, (t5 - started_micros_) / 1e6);
   }
   return absl::OkStatus();
 }

@@ -15,7 +15,7 @@
 namespace gyre {
 
 Worker::Worker(ClusterClient* client, Env* env, Clock* clock, WorkerOptions options)
-    : client_(client), env_(env), clock_(clock), options_(std::move(options)) {
+    : client_(client), env_(env), clock_(clock), started_micros_(clock->NowMicros()), options_(std::move(options)) {
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   id_.set_host(host);

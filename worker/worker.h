@@ -84,6 +84,7 @@ class Worker {
   ClusterClient* client_;
   Env* env_;
   Clock* clock_;
+  int64_t started_micros_ = 0;  // when this worker was constructed (the step log's "at" is relative to it)
   WorkerOptions options_;
 
   gyre::v1::WorkerId id_;
