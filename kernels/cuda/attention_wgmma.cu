@@ -30,8 +30,14 @@
 // Not here: head dims other than 64 / 128 (attention.cu rejects them).
 #include "kernels/cuda/attention_wgmma.h"
 
+#include <cuda.h>          // CUtensorMap (the encoder comes through cudaGetDriverEntryPoint)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -464,6 +470,37 @@ __device__ __forceinline__ void NamedBarArrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// One TMA tile load (4-d map: columns, heads, rows, batch) into shared memory; completes `bar`'s
+// transaction bytes. `map` is the address of a __grid_constant__ kernel parameter.
+__device__ __forceinline__ void TmaLoad4d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                          int col, int head, int row, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(head), "r"(row), "r"(batch)
+      : "memory");
+}
+
+// Block order of the causal kernels: longest blocks first inside groups of `head_group`
+// (batch, head) pairs, groups one after another. Head-major order (head_group 1) leaves the
+// last head's long blocks for the end of the grid (tail); one grid-wide longest-first order
+// spreads every wave over all heads, so K / V no longer stay in L2 (RESULTS.md attn4: 1.3x
+// slower forward at S2048). Groups sized to L2 keep the reuse and cut the tail.
+// Returns the length rank (0 = longest) and the (batch, head) index of linear block `linear`.
+__device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_head, int pairs,
+                                                  int head_group, int& rank, int& pair) {
+  const int per_group = head_group * blocks_per_head;
+  const int group = linear / per_group;
+  const int r = linear - group * per_group;
+  const int n = min(head_group, pairs - group * head_group);
+  rank = r / n;
+  pair = group * head_group + (r - rank * n);
+}
+
 constexpr int kWsThreads = 384;
 
 template <int kD, bool kSE>
@@ -471,8 +508,16 @@ constexpr int WsFwdSmemBytes() {
   return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024 + 128;  // + align + barriers
 }
 
-template <int kD, bool kSE>
-__global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaFwdParams p) {
+// Tensor maps of the forward's TMA loads: dims (D, heads, T, B), box (64 columns, 1 head, 128
+// rows, 1), 128-byte swizzle (= the wgmma tile layout above); rows past T read as zeros.
+struct FwdTmaMaps {
+  CUtensorMap q, k, v, qg, kg;
+};
+
+template <int kD, bool kSE, bool kTma>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
+                       const int head_group) {
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -493,20 +538,24 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   const uint32_t q_full = bars + 64;
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  constexpr uint32_t kFullCount = kTma ? 1 : 128;  // TMA: one arrive.expect_tx per fill
   if (tid == 0) {
     for (int s = 0; s < 2; ++s) {
-      MbarInit(k_full(s), 128);
-      MbarInit(v_full(s), 128);
+      MbarInit(k_full(s), kFullCount);
+      MbarInit(v_full(s), kFullCount);
       MbarInit(k_empty(s), 256);
       MbarInit(v_empty(s), 256);
     }
-    MbarInit(q_full, 128);
+    MbarInit(q_full, kFullCount);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  int rank, pair;
+  GroupedBlockOrder(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gridDim.x,
+                    gridDim.y * gridDim.z, head_group, rank, pair);
+  const int m_block = gridDim.x - 1 - rank;
+  const int h = pair % p.heads, b = pair / p.heads;
   const int hk = h / p.group;
   const int seq = p.seq;
   const int m0 = m_block * kWgM;
@@ -528,6 +577,38 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if constexpr (kTma) {
+      // One thread issues every copy: K(vt + 1) (its stage freed by S(vt − 1)) ahead of V(vt)
+      // (freed by P(vt − 2)V(vt − 2)), the order in which the consumers release them; Q_g
+      // rides on the first far K tile's barrier.
+      if (wtid != 0) return;
+      auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
+#pragma unroll
+        for (int cb = 0; cb < kD / 64; ++cb) {
+          TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
+        }
+      };
+      auto load_k = [&](int vt) {
+        const int s = vt & 1;
+        MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
+        const bool far = kSE && vt >= n_near;
+        const bool with_qg = kSE && vt == n_near;
+        MbarArriveExpectTx(k_full(s), kKVBytes + (with_qg ? kQBytes : 0));
+        tile(sK(s), far ? &maps.kg : &maps.k, k_full(s), hk, tile_n0(vt));
+        if (with_qg) tile(sQg, &maps.qg, k_full(s), h, m0);
+      };
+      MbarArriveExpectTx(q_full, kQBytes);
+      tile(sQ, &maps.q, q_full, h, m0);
+      load_k(0);
+      for (int vt = 0; vt < total; ++vt) {
+        if (vt + 1 < total) load_k(vt + 1);
+        const int s = vt & 1;
+        MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
+        MbarArriveExpectTx(v_full(s), kKVBytes);
+        tile(sV(s), &maps.v, v_full(s), hk, tile_n0(vt));
+      }
+      return;
+    }
     const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
     const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : k;
     const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
@@ -755,15 +836,94 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   }
 }
 
-template <int kD, bool kSE>
-CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+// (batch, head) pairs per group of GroupedBlockOrder: as many as keep `bytes_per_pair` (what
+// the blocks of one pair read repeatedly: K and V in the forward) within kOrderL2Budget, so a
+// group's blocks share them in L2 while the group runs longest first. A/B switch for the
+// device call: GYRE_ATTN_HEAD_GROUP=<n> (1 = the old head-major order).
+constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
+int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
+  static const int forced = [] {
+    const char* e = std::getenv("GYRE_ATTN_HEAD_GROUP");
+    return e != nullptr ? std::atoi(e) : 0;
+  }();
+  int64_t n = forced > 0 ? forced : kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
+  n = std::min<int64_t>(std::max<int64_t>(n, 1), pairs);
+  return static_cast<int>(n);
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Map of a [B, T, heads, D] bf16 view with `row_stride` elements per (b, t) row: box of 64
+// columns x `box_rows` rows of one head, 128-byte swizzle, zeros past T.
+CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int heads, int seq,
+                         int64_t batch, int row_stride, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return {1, "cuTensorMapEncodeTiled: not found in the driver"};
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2 * seq};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base),
+                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return {static_cast<int>(r), "cuTensorMapEncodeTiled failed (error " + std::to_string(r) + ")"};
+  }
+  return {};
+}
+
+template <int kD, bool kSE, bool kTma>
+CudaResult LaunchWsImpl(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = WsFwdSmemBytes<kD, kSE>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE, kTma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  FwdTmaMaps maps{};
+  if constexpr (kTma) {
+    const int kv_heads = p.heads / p.group;
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+    if constexpr (kSE) {
+      CUDA_RETURN_IF_NOT_OK(
+          EncodeRowsMap(&maps.qg, p.qg, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+      CUDA_RETURN_IF_NOT_OK(
+          EncodeRowsMap(&maps.kg, p.kg, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+    }
+  }
+  const int64_t pairs = batch * p.heads;
+  const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p);
+  attn_fwd_ws_kernel<kD, kSE, kTma><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
+}
+
+// A/B switch for the device call: GYRE_ATTN_FWD_LOAD=cpasync keeps the cp.async producer.
+template <int kD, bool kSE>
+CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+  static const bool cp_async = [] {
+    const char* e = std::getenv("GYRE_ATTN_FWD_LOAD");
+    return e != nullptr && std::string(e) == "cpasync";
+  }();
+  return cp_async ? LaunchWsImpl<kD, kSE, false>(p, batch, stream)
+                  : LaunchWsImpl<kD, kSE, true>(p, batch, stream);
 }
 
 
@@ -837,7 +997,8 @@ struct BwdWsLayout {
 };
 
 template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_bwd_ws_kernel(const WgmmaBwdParams p, const int head_group) {
   using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
@@ -870,7 +1031,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
   __syncthreads();
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  int n_block, pair;  // key block 0 has the most query tiles: rank 0 = n_block 0
+  GroupedBlockOrder(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gridDim.x,
+                    gridDim.y * gridDim.z, head_group, n_block, pair);
+  const int hk = pair % gridDim.y, b = pair / gridDim.y;
   const int seq = p.seq;
   const int n0 = n_block * kBN;
   const int64_t row_base = static_cast<int64_t>(b) * seq;
@@ -1167,7 +1331,10 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
+  // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
+  const int head_group =
+      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
