@@ -503,9 +503,13 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
 
 constexpr int kWsThreads = 384;
 
-template <int kD, bool kSE>
+// kSE of attn_fwd_ws_kernel: 0 plain; 1 SelfExtend in two passes (band tiles visited twice);
+// 2 SelfExtend in one pass (band tiles: both score GEMMs, one softmax and one P·V; K_g of the
+// band tile in its own buffer).
+template <int kD, int kSE>
 constexpr int WsFwdSmemBytes() {
-  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024 + 128;  // + align + barriers
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE == 2 ? 5 : 4) * kWgN * kD * 2 + 1024 +
+         128;  // + align + barriers
 }
 
 // Tensor maps of the forward's TMA loads: dims (D, heads, T, B), box (64 columns, 1 head, 128
@@ -514,7 +518,7 @@ struct FwdTmaMaps {
   CUtensorMap q, k, v, qg, kg;
 };
 
-template <int kD, bool kSE, bool kTma>
+template <int kD, int kSE, bool kTma>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
                        const int head_group) {
@@ -527,8 +531,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sQ = base;
   const uint32_t sQg = base + kQBytes;
+  constexpr bool kMerged = kSE == 2;
+  static_assert(!kMerged || kTma, "one-pass SelfExtend has only the TMA producer");
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  const uint32_t bars = sKV + 4 * kKVBytes;  // 9 mbarriers, 8 bytes each
+  const uint32_t sKgBand = sKV + 4 * kKVBytes;  // kMerged only
+  const uint32_t bars = sKV + (kMerged ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
   auto k_full = [&](int s) { return bars + 8 * s; };
@@ -563,16 +570,25 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int last_row = min(m0 + kWgM, seq) - 1;
   const int n_tiles = last_row / kWgN + 1;
   const int W = p.se_window;
+  // SelfExtend: tiles [0, near_first) hold only grouped pairs (i − j >= W for every row),
+  // tiles [n_far, n_tiles) only neighbour pairs, tiles in between (the band) both.
+  //   two-pass: virtual tiles = near tiles [near_first, n_tiles), then far tiles [0, n_far);
+  //   one-pass: virtual tile = tile, in key order; band tiles compute both score GEMMs.
   int near_first = 0, n_far = 0;
   if constexpr (kSE) {
     near_first = max(0, m0 - W + 1) / kWgN;
     n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
   }
-  const int n_near = n_tiles - near_first;
-  const int total = n_near + n_far;
+  const int n_near = kMerged ? n_tiles : n_tiles - near_first;
+  const int total = kMerged ? n_tiles : n_near + n_far;
   auto tile_n0 = [&](int vt) {
+    if constexpr (kMerged) return vt * kWgN;
     return ((kSE && vt >= n_near) ? vt - n_near : near_first + vt) * kWgN;
   };
+  auto is_far_only = [&](int vt) {  // key source K_g, query source Q_g
+    return kMerged ? vt < near_first : (kSE && vt >= n_near);
+  };
+  auto is_band = [&](int vt) { return kMerged && vt >= near_first && vt < n_far; };
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
@@ -591,14 +607,22 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       auto load_k = [&](int vt) {
         const int s = vt & 1;
         MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
-        const bool far = kSE && vt >= n_near;
-        const bool with_qg = kSE && vt == n_near;
-        MbarArriveExpectTx(k_full(s), kKVBytes + (with_qg ? kQBytes : 0));
+        const bool far = is_far_only(vt), band = is_band(vt);
+        const bool with_qg = kSE == 1 && vt == n_near;
+        if (band && vt > 0 && is_band(vt - 1)) {  // K_g band buffer: S_g(vt − 1) done
+          MbarWait(k_empty(s ^ 1), ((vt - 1) >> 1) & 1);
+        }
+        MbarArriveExpectTx(k_full(s),
+                           kKVBytes + (with_qg ? kQBytes : 0) + (band ? kKVBytes : 0));
         tile(sK(s), far ? &maps.kg : &maps.k, k_full(s), hk, tile_n0(vt));
         if (with_qg) tile(sQg, &maps.qg, k_full(s), h, m0);
+        if (band) tile(sKgBand, &maps.kg, k_full(s), hk, tile_n0(vt));
       };
-      MbarArriveExpectTx(q_full, kQBytes);
+      // One-pass SelfExtend: Q_g with Q whenever the block has grouped pairs.
+      const bool qg_with_q = kMerged && n_far > 0;
+      MbarArriveExpectTx(q_full, kQBytes * (qg_with_q ? 2 : 1));
       tile(sQ, &maps.q, q_full, h, m0);
+      if (qg_with_q) tile(sQg, &maps.qg, q_full, h, m0);
       load_k(0);
       for (int vt = 0; vt < total; ++vt) {
         if (vt + 1 < total) load_k(vt + 1);
@@ -666,7 +690,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   uint32_t pa[kWgN / 16][4];
 
   auto issue_s = [&](int vt) {
-    const bool far = kSE && vt >= n_near;
+    const bool far = is_far_only(vt);
     const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
     const uint32_t kb = sK(vt & 1);
 #pragma unroll
@@ -690,19 +714,52 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     WgmmaCommit();
   };
+  // One-pass SelfExtend, band tile: the grouped scores S_g = Q_g K_gᵀ of the tile.
+  auto issue_s_band = [&](float (&sg)[64]) {
+    const uint32_t q_rows = sQg + cwg * 64 * 128;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(sKgBand + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(sg, da, db, kk > 0 ? 1 : 0);
+    }
+    WgmmaCommit();
+  };
+  // Band tile: S_g where i − j >= W, −inf past the diagonal and past T (s keeps the rest).
+  auto band_merge = [&](int vt, const float (&sg)[64]) {
+    const int n0 = tile_n0(vt);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = r_lo + 8 * hr;
+      const int hi = min(row, seq - 1) - n0, far_hi = row - W - n0;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * c + 2 * tq + e;
+          float& x = s[4 * c + 2 * hr + e];
+          x = col > hi ? -INFINITY : (col <= far_hi ? sg[4 * c + 2 * hr + e] : x);
+        }
+    }
+  };
   // Mask, row max, exponentials and row sums of S(vt); returns the O correction per row half.
   auto softmax = [&](int vt, float (&corr)[2]) {
-    const bool far = kSE && vt >= n_near;
+    const bool far = is_far_only(vt);
     const int n0 = tile_n0(vt);
-    const bool need_mask =
-        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
-            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+    bool need_mask;
+    if constexpr (kMerged) {  // far-only tiles never need a mask, band tiles are merged
+      need_mask = !far && !is_band(vt) && (n0 + kWgN - 1 > w_first || n0 + kWgN > seq);
+    } else {
+      need_mask =
+          far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
+              : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+    }
     if (need_mask) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int row = r_lo + 8 * hr;
         const int hi = min(far ? row - W : row, seq - 1) - n0;
-        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
+        const int lo = (kSE == 1 && !far) ? row - W + 1 - n0 : 0;
 #pragma unroll
         for (int c = 0; c < kWgN / 8; ++c)
 #pragma unroll
@@ -753,6 +810,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
   WgmmaWait0();
   FenceRegs(s);
+  if (kMerged && is_band(0)) {
+    float sg[64];
+    WgmmaFence();
+    issue_s_band(sg);
+    WgmmaWait0();
+    FenceRegs(sg);
+    band_merge(0, sg);
+  }
   MbarArrive(k_empty(0));
   {
     float corr[2];
@@ -768,15 +833,33 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     issue_s(vt);
     issue_pv(vt - 1);
     if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
-    WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
-    FenceRegs(s);
-    MbarArrive(k_empty(vt & 1));
     float corr[2];
-    softmax(vt, corr);
-    WgmmaWait0();
-    FenceRegs(o);
-    FenceRegs(pa);
-    MbarArrive(v_empty((vt - 1) & 1));
+    if (kMerged && is_band(vt)) {
+      // Band tile (one per block when W % 128 == 0): P(vt − 1)V(vt − 1) first, so P's
+      // registers are free for S_g (o, s, S_g live; not o, s, P, S_g).
+      WgmmaWait0();
+      FenceRegs(s);
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((vt - 1) & 1));
+      float sg[64];
+      WgmmaFence();
+      issue_s_band(sg);
+      WgmmaWait0();
+      FenceRegs(sg);
+      MbarArrive(k_empty(vt & 1));
+      band_merge(vt, sg);
+      softmax(vt, corr);
+    } else {
+      WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
+      FenceRegs(s);
+      MbarArrive(k_empty(vt & 1));
+      softmax(vt, corr);
+      WgmmaWait0();
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((vt - 1) & 1));
+    }
 #pragma unroll
     for (int c = 0; c < kDT; ++c) {
       o[4 * c] *= corr[0];
@@ -889,7 +972,7 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
-template <int kD, bool kSE, bool kTma>
+template <int kD, int kSE, bool kTma>
 CudaResult LaunchWsImpl(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = WsFwdSmemBytes<kD, kSE>();
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE, kTma>,
@@ -915,15 +998,26 @@ CudaResult LaunchWsImpl(const WgmmaFwdParams& p, int64_t batch, cudaStream_t str
   return {};
 }
 
-// A/B switch for the device call: GYRE_ATTN_FWD_LOAD=cpasync keeps the cp.async producer.
+// A/B switches for the device call: GYRE_ATTN_FWD_LOAD=cpasync keeps the cp.async producer
+// (and the two-pass SelfExtend); GYRE_ATTN_SE_BAND=twopass the two-pass SelfExtend with TMA.
 template <int kD, bool kSE>
 CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   static const bool cp_async = [] {
     const char* e = std::getenv("GYRE_ATTN_FWD_LOAD");
     return e != nullptr && std::string(e) == "cpasync";
   }();
-  return cp_async ? LaunchWsImpl<kD, kSE, false>(p, batch, stream)
-                  : LaunchWsImpl<kD, kSE, true>(p, batch, stream);
+  static const bool two_pass = [] {
+    const char* e = std::getenv("GYRE_ATTN_SE_BAND");
+    return e != nullptr && std::string(e) == "twopass";
+  }();
+  if constexpr (!kSE) {
+    return cp_async ? LaunchWsImpl<kD, 0, false>(p, batch, stream)
+                    : LaunchWsImpl<kD, 0, true>(p, batch, stream);
+  } else {
+    if (cp_async) return LaunchWsImpl<kD, 1, false>(p, batch, stream);
+    return two_pass ? LaunchWsImpl<kD, 1, true>(p, batch, stream)
+                    : LaunchWsImpl<kD, 2, true>(p, batch, stream);
+  }
 }
 
 
