@@ -8,7 +8,7 @@
 //   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
 //                                           producer warpgroup, mbarrier ring, dQ through shared
 //                                           memory and bulk reductions (blocked dq_acc layout)
-// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
 // another path (tests and benchmarks run every one). The mma.sync kernels below stay as the
 // reference implementation and the fallback.
 //
@@ -902,16 +902,16 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
 // above. Defaults per kind (plain / SelfExtend) are the faster path that passed
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
-// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them,
-// read once per process, for tests and benchmarks.
-enum class FwdPath { kMma, kWgmma, kWgmmaWs };
+// ("ws": warp-specialised wgmma, "mma": mma.sync) override them, read once per process, for
+// tests and benchmarks. (The two-warpgroup wgmma forward with block barriers, 1.25x slower than
+// "ws", was removed in session 5.)
+enum class FwdPath { kMma, kWgmmaWs };
 constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmmaWs;
 constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmmaWs;
 
 FwdPath PathFromEnv(const char* name, FwdPath fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr) return fallback;
-  if (std::strcmp(value, "wgmma") == 0) return FwdPath::kWgmma;
   if (std::strcmp(value, "mma") == 0) return FwdPath::kMma;
   if (std::strcmp(value, "ws") == 0) return FwdPath::kWgmmaWs;
   return fallback;
@@ -982,8 +982,7 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     w.se_window = p.se_window;
-    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se,
-                                       path == FwdPath::kWgmmaWs, stream);
+    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
   }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)

@@ -7,7 +7,7 @@
 // SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
+// {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>

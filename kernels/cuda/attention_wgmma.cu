@@ -46,7 +46,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kWgM = 128, kWgN = 128, kWgThreads = 256;
+constexpr int kWgM = 128, kWgN = 128;
 constexpr float kLog2eF = 1.4426950408889634f;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -115,24 +115,6 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int r, int c) {
   return (c / 64) * (kRows * 128) + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
 }
 
-// Copies rows [row0, row0 + kRows) of a [T, stride] bf16 matrix into a swizzled tile; rows >= T
-// are zero-filled. All kWgThreads threads take part.
-template <int kRows, int kD>
-__device__ __forceinline__ void LoadSwizzled(uint32_t smem, const bf16* base, int stride,
-                                             int row0, int seq, int tid) {
-  constexpr int kChunks = kRows * kD / 8;
-  static_assert(kChunks % kWgThreads == 0, "chunks must divide among the threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / kWgThreads; ++i) {
-    const int c = tid + i * kWgThreads;
-    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-    const int t = row0 + r;
-    const bool valid = t < seq;
-    CpAsync16(smem + SwizzledOffset<kRows>(r, col), base + (valid ? t * stride + col : 0),
-              valid);
-  }
-}
-
 // Generated wrappers (one asm statement per wgmma shape; operands listed explicitly).
 // d[0..64) (+)= A·B, m64n128k16, A and B K-major in shared memory (descriptors).
 __device__ __forceinline__ void WgmmaSS128(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
@@ -178,228 +160,6 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
 }
 
 
-template <int kD, bool kSE>
-constexpr int WgmmaFwdSmemBytes() {
-  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024;  // + alignment slack
-}
-
-template <int kD, bool kSE>
-__global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(const WgmmaFwdParams p) {
-  constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
-  constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;  // bytes per 64-column block
-  constexpr int kDT = kD / 8;                                 // O n8 chunks per thread row
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = SmemAddr(smem_raw);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t sQ = base;
-  const uint32_t sQg = base + kQBytes;  // SelfExtend only
-  const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
-  auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
-
-  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest blocks first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / p.group;
-  const int seq = p.seq;
-  const int m0 = m_block * kWgM;
-  const int64_t row_base = static_cast<int64_t>(b) * seq;
-  const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
-  const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-
-  const int last_row = min(m0 + kWgM, seq) - 1;
-  const int n_tiles = last_row / kWgN + 1;
-  const int W = p.se_window;
-  // Virtual tiles: near tiles [near_first, n_tiles) (keys with some i − j < W), then far tiles
-  // [0, n_far) (keys with some i − j >= W). Plain attention: near tiles only, from 0.
-  int near_first = 0, n_far = 0;
-  if constexpr (kSE) {
-    near_first = max(0, m0 - W + 1) / kWgN;
-    n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
-  }
-  const int n_near = n_tiles - near_first;
-  const int total = n_near + n_far;
-
-  auto load_kv = [&](int vt, int stage) {
-    const bool far = kSE && vt >= n_near;
-    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
-    const bf16* ksrc = far ? p.kg + row_base * p.kv_stride + hk * kD : k;
-    LoadSwizzled<kWgN, kD>(sK(stage), ksrc, p.kv_stride, n0, seq, tid);
-    LoadSwizzled<kWgN, kD>(sV(stage), v, p.kv_stride, n0, seq, tid);
-  };
-  LoadSwizzled<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
-  if constexpr (kSE) {
-    LoadSwizzled<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
-  }
-  load_kv(0, 0);
-  CpAsyncCommit();
-
-  float o[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int w_first = m0 + 64 * wg;                // this warpgroup's rows: w_first .. +63
-  const int w_last = min(w_first + 63, last_row);  // < w_first when it has none
-  const int r_lo = w_first + 16 * warp_in_wg + g;  // thread rows r_lo, r_lo + 8
-
-  for (int vt = 0; vt < total; ++vt) {
-    const int stage = vt & 1;
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();  // tile vt landed; both warpgroups are done with tile vt − 1's stage
-    if (vt + 1 < total) {
-      load_kv(vt + 1, stage ^ 1);
-      CpAsyncCommit();
-    }
-    const bool far = kSE && vt >= n_near;
-    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
-    // Warpgroup-uniform: skip a tile in which none of this warpgroup's pairs is valid.
-    const bool active = far ? (w_last - n0 >= W)
-                            : (n0 <= w_last && (!kSE || n0 + kWgN - 1 > w_first - W));
-    if (!active) continue;
-
-    float s[64];
-    const uint32_t q_rows = (far ? sQg : sQ) + wg * 64 * 128;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(sK(stage) + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(s);
-
-    const bool need_mask =
-        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
-            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
-    if (need_mask) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int row = r_lo + 8 * hr;
-        const int hi = min(far ? row - W : row, seq - 1) - n0;
-        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
-#pragma unroll
-        for (int c = 0; c < kWgN / 8; ++c)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * c + 2 * tq + e;
-            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
-          }
-      }
-    }
-
-    // Online softmax; a row with no valid key yet keeps max = −inf (guarded: p = 0, corr = 0).
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int c = 0; c < kWgN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float corr = Exp2(row_max[hr] * p.scale_log2 - msc);
-      row_max[hr] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < kWgN / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[4 * c + 2 * hr + e];
-          x = Exp2(fmaf(x, p.scale_log2, -msc));
-          sum += x;
-        }
-      row_sum[hr] = row_sum[hr] * corr + sum;
-#pragma unroll
-      for (int c = 0; c < kDT; ++c) {
-        o[4 * c + 2 * hr] *= corr;
-        o[4 * c + 2 * hr + 1] *= corr;
-      }
-    }
-
-    // P as bf16 A fragments: k step kk covers keys 16kk..16kk+15 = n8 chunks 2kk, 2kk+1.
-    uint32_t pa[kWgN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kWgN / 16; ++kk) {
-      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kWgN / 16; ++kk) {
-      // V tile [keys][D] is N-major for B: 64-column blocks kKBlock apart (LBO), 8-key groups
-      // 1024 bytes apart (SBO); k step kk starts 16 keys = 2048 bytes further.
-      const uint64_t dv = SmemDesc(sV(stage) + kk * 16 * 128, kKBlock, 1024);
-      if constexpr (kD == 128) {
-        WgmmaRS128(o, pa[kk], dv);
-      } else {
-        WgmmaRS64(o, pa[kk], dv);
-      }
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(o);
-    FenceRegs(pa);
-  }
-
-  // Normalise, write lse, stage O through this warpgroup's own Q rows (swizzled), 16-byte stores.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float sum = row_sum[hr];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = 1.f / sum;
-#pragma unroll
-    for (int c = 0; c < kDT; ++c) {
-      o[4 * c + 2 * hr] *= inv;
-      o[4 * c + 2 * hr + 1] *= inv;
-    }
-    const int row = r_lo + 8 * hr;
-    if (p.lse != nullptr && tq == 0 && row < seq) {
-      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
-          row_max[hr] * p.scale + logf(sum);
-    }
-  }
-  // Every warp of this warpgroup is past its last wgmma before its Q rows are overwritten.
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-#pragma unroll
-  for (int c = 0; c < kDT; ++c)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = 64 * wg + 16 * warp_in_wg + g + 8 * hr;
-      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
-          PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
-    }
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-  constexpr int kChunks = 64 * kD / 8;
-#pragma unroll
-  for (int i = 0; i < kChunks / 128; ++i) {
-    const int c = wtid + i * 128;
-    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-    const int row = w_first + r;
-    if (row < seq) {
-      bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
-      *reinterpret_cast<uint4*>(dst) =
-          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * wg + r, col));
-    }
-  }
-}
-
-template <int kD, bool kSE>
-CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int smem = WgmmaFwdSmemBytes<kD, kSE>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_wgmma_kernel<kD, kSE>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_wgmma_kernel<kD, kSE><<<grid, kWgThreads, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_wgmma_kernel");
-  return {};
-}
 
 
 // ------------------------------------------------------------------------------------------
@@ -1436,20 +1196,13 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, bool warp_specialised,
-                                       cudaStream_t stream) {
-  if (warp_specialised) {
-    if (head_dim == 64) {
-      return self_extend ? LaunchWs<64, true>(p, batch, stream)
-                         : LaunchWs<64, false>(p, batch, stream);
-    }
-    return self_extend ? LaunchWs<128, true>(p, batch, stream)
-                       : LaunchWs<128, false>(p, batch, stream);
-  }
+                                       bool self_extend, cudaStream_t stream) {
   if (head_dim == 64) {
-    return self_extend ? Launch<64, true>(p, batch, stream) : Launch<64, false>(p, batch, stream);
+    return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                       : LaunchWs<64, false>(p, batch, stream);
   }
-  return self_extend ? Launch<128, true>(p, batch, stream) : Launch<128, false>(p, batch, stream);
+  return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                     : LaunchWs<128, false>(p, batch, stream);
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
