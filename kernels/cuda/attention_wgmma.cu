@@ -217,9 +217,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
         : "memory");
   } while (done == 0);
 }
-__device__ __forceinline__ void CpAsyncWait1() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
 __device__ __forceinline__ void WgmmaWait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 }
@@ -263,13 +260,10 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
 
 constexpr int kWsThreads = 384;
 
-// kSE of attn_fwd_ws_kernel: 0 plain; 1 SelfExtend in two passes (band tiles visited twice);
-// 2 SelfExtend in one pass (band tiles: both score GEMMs, one softmax and one P·V; K_g of the
-// band tile in its own buffer).
-template <int kD, int kSE>
+// Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
+template <int kD, bool kSE>
 constexpr int WsFwdSmemBytes() {
-  return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE == 2 ? 5 : 4) * kWgN * kD * 2 + 1024 +
-         128;  // + align + barriers
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE ? 5 : 4) * kWgN * kD * 2 + 1024 + 128;
 }
 
 // Tensor maps of the forward's TMA loads: dims (D, heads, T, B), box (64 columns, 1 head, 128
@@ -278,7 +272,7 @@ struct FwdTmaMaps {
   CUtensorMap q, k, v, qg, kg;
 };
 
-template <int kD, int kSE, bool kTma>
+template <int kD, bool kSE>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
                        const int head_group) {
@@ -291,11 +285,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sQ = base;
   const uint32_t sQg = base + kQBytes;
-  constexpr bool kMerged = kSE == 2;
-  static_assert(!kMerged || kTma, "one-pass SelfExtend has only the TMA producer");
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  const uint32_t sKgBand = sKV + 4 * kKVBytes;  // kMerged only
-  const uint32_t bars = sKV + (kMerged ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
+  const uint32_t sKgBand = sKV + 4 * kKVBytes;               // SelfExtend only
+  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
   auto k_full = [&](int s) { return bars + 8 * s; };
@@ -305,15 +297,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const uint32_t q_full = bars + 64;
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-  constexpr uint32_t kFullCount = kTma ? 1 : 128;  // TMA: one arrive.expect_tx per fill
-  if (tid == 0) {
+  if (tid == 0) {  // full: one arrive.expect_tx per fill; empty: both consumer warpgroups
     for (int s = 0; s < 2; ++s) {
-      MbarInit(k_full(s), kFullCount);
-      MbarInit(v_full(s), kFullCount);
+      MbarInit(k_full(s), 1);
+      MbarInit(v_full(s), 1);
       MbarInit(k_empty(s), 256);
       MbarInit(v_empty(s), 256);
     }
-    MbarInit(q_full, kFullCount);
+    MbarInit(q_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -330,104 +321,53 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int last_row = min(m0 + kWgM, seq) - 1;
   const int n_tiles = last_row / kWgN + 1;
   const int W = p.se_window;
-  // SelfExtend: tiles [0, near_first) hold only grouped pairs (i − j >= W for every row),
-  // tiles [n_far, n_tiles) only neighbour pairs, tiles in between (the band) both.
-  //   two-pass: virtual tiles = near tiles [near_first, n_tiles), then far tiles [0, n_far);
-  //   one-pass: virtual tile = tile, in key order; band tiles compute both score GEMMs.
+  // SelfExtend: tiles [0, near_first) hold only grouped pairs (i − j >= W for every row of the
+  // block), tiles [n_far, n_tiles) only neighbour pairs, the band tiles in between both.
   int near_first = 0, n_far = 0;
   if constexpr (kSE) {
     near_first = max(0, m0 - W + 1) / kWgN;
     n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
   }
-  const int n_near = kMerged ? n_tiles : n_tiles - near_first;
-  const int total = kMerged ? n_tiles : n_near + n_far;
-  auto tile_n0 = [&](int vt) {
-    if constexpr (kMerged) return vt * kWgN;
-    return ((kSE && vt >= n_near) ? vt - n_near : near_first + vt) * kWgN;
-  };
-  auto is_far_only = [&](int vt) {  // key source K_g, query source Q_g
-    return kMerged ? vt < near_first : (kSE && vt >= n_near);
-  };
-  auto is_band = [&](int vt) { return kMerged && vt >= near_first && vt < n_far; };
+  const int total = n_tiles;
+  auto is_far_only = [&](int t) { return kSE && t < near_first; };  // Q_g, K_g
+  auto is_band = [&](int t) { return kSE && t >= near_first && t < n_far; };
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
+    // One thread issues every copy (TMA): K(t + 1) (its stage freed by S(t − 1)) ahead of V(t)
+    // (freed by P(t − 2)V(t − 2)), the order in which the consumers release them. SelfExtend:
+    // Q_g rides with Q, a band tile's K_g (own buffer) with its K.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if constexpr (kTma) {
-      // One thread issues every copy: K(vt + 1) (its stage freed by S(vt − 1)) ahead of V(vt)
-      // (freed by P(vt − 2)V(vt − 2)), the order in which the consumers release them; Q_g
-      // rides on the first far K tile's barrier.
-      if (wtid != 0) return;
-      auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
+    if (wtid != 0) return;
+    auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
 #pragma unroll
-        for (int cb = 0; cb < kD / 64; ++cb) {
-          TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
-        }
-      };
-      auto load_k = [&](int vt) {
-        const int s = vt & 1;
-        MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
-        const bool far = is_far_only(vt), band = is_band(vt);
-        const bool with_qg = kSE == 1 && vt == n_near;
-        if (band && vt > 0 && is_band(vt - 1)) {  // K_g band buffer: S_g(vt − 1) done
-          MbarWait(k_empty(s ^ 1), ((vt - 1) >> 1) & 1);
-        }
-        MbarArriveExpectTx(k_full(s),
-                           kKVBytes + (with_qg ? kQBytes : 0) + (band ? kKVBytes : 0));
-        tile(sK(s), far ? &maps.kg : &maps.k, k_full(s), hk, tile_n0(vt));
-        if (with_qg) tile(sQg, &maps.qg, k_full(s), h, m0);
-        if (band) tile(sKgBand, &maps.kg, k_full(s), hk, tile_n0(vt));
-      };
-      // One-pass SelfExtend: Q_g with Q whenever the block has grouped pairs.
-      const bool qg_with_q = kMerged && n_far > 0;
-      MbarArriveExpectTx(q_full, kQBytes * (qg_with_q ? 2 : 1));
-      tile(sQ, &maps.q, q_full, h, m0);
-      if (qg_with_q) tile(sQg, &maps.qg, q_full, h, m0);
-      load_k(0);
-      for (int vt = 0; vt < total; ++vt) {
-        if (vt + 1 < total) load_k(vt + 1);
-        const int s = vt & 1;
-        MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
-        MbarArriveExpectTx(v_full(s), kKVBytes);
-        tile(sV(s), &maps.v, v_full(s), hk, tile_n0(vt));
+      for (int cb = 0; cb < kD / 64; ++cb) {
+        TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
       }
-      return;
-    }
-    const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
-    const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : k;
-    const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-    auto load_k = [&](int vt) {
-      const int s = vt & 1;
-      MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
-      const bf16* src = (kSE && vt >= n_near) ? kg : k;
-      ProducerLoad<kWgN, kD>(sK(s), src, p.kv_stride, tile_n0(vt), seq, wtid);
-      if (kSE && vt == n_near) {  // Q_g travels with the first far tile (same commit group)
-        ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
-                               wtid);
-      }
-      CpAsyncCommit();
     };
-    ProducerLoad<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
-                                  wtid);
-    CpAsyncCommit();
+    auto load_k = [&](int t) {
+      const int s = t & 1;
+      MbarWait(k_empty(s), ((t >> 1) & 1) ^ 1);
+      const bool band = is_band(t);
+      if (band && t > 0 && is_band(t - 1)) {  // the K_g band buffer: S_g(t − 1) done
+        MbarWait(k_empty(s ^ 1), ((t - 1) >> 1) & 1);
+      }
+      MbarArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
+      tile(sK(s), is_far_only(t) ? &maps.kg : &maps.k, k_full(s), hk, t * kWgN);
+      if (band) tile(sKgBand, &maps.kg, k_full(s), hk, t * kWgN);
+    };
+    const bool with_qg = kSE && n_far > 0;
+    MbarArriveExpectTx(q_full, kQBytes * (with_qg ? 2 : 1));
+    tile(sQ, &maps.q, q_full, h, m0);
+    if (with_qg) tile(sQg, &maps.qg, q_full, h, m0);
     load_k(0);
-    CpAsyncWait1();  // Q landed
-    FenceProxyAsync();
-    MbarArrive(q_full);
-    for (int vt = 0; vt < total; ++vt) {
-      const int s = vt & 1;
-      MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
-      ProducerLoad<kWgN, kD>(sV(s), v, p.kv_stride, tile_n0(vt), seq, wtid);
-      CpAsyncCommit();
-      CpAsyncWait1();  // everything but V(vt): K(vt) and V(vt − 1)
-      FenceProxyAsync();
-      if (vt > 0) MbarArrive(v_full(s ^ 1));
-      MbarArrive(k_full(s));
-      if (vt + 1 < total) load_k(vt + 1);
+    for (int t = 0; t < total; ++t) {
+      if (t + 1 < total) load_k(t + 1);
+      const int s = t & 1;
+      MbarWait(v_empty(s), ((t >> 1) & 1) ^ 1);
+      MbarArriveExpectTx(v_full(s), kKVBytes);
+      tile(sV(s), &maps.v, v_full(s), hk, t * kWgN);
     }
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    MbarArrive(v_full((total - 1) & 1));
     return;
   }
 
@@ -486,8 +426,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaCommit();
   };
   // Band tile: S_g where i − j >= W, −inf past the diagonal and past T (s keeps the rest).
-  auto band_merge = [&](int vt, const float (&sg)[64]) {
-    const int n0 = tile_n0(vt);
+  auto band_merge = [&](int t, const float (&sg)[64]) {
+    const int n0 = t * kWgN;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = r_lo + 8 * hr;
@@ -502,30 +442,22 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         }
     }
   };
-  // Mask, row max, exponentials and row sums of S(vt); returns the O correction per row half.
-  auto softmax = [&](int vt, float (&corr)[2]) {
-    const bool far = is_far_only(vt);
-    const int n0 = tile_n0(vt);
-    bool need_mask;
-    if constexpr (kMerged) {  // far-only tiles never need a mask, band tiles are merged
-      need_mask = !far && !is_band(vt) && (n0 + kWgN - 1 > w_first || n0 + kWgN > seq);
-    } else {
-      need_mask =
-          far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
-              : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
-    }
+  // Mask, row max, exponentials and row sums of S(t); returns the O correction per row half.
+  // Only tiles crossing this warpgroup's diagonal or the end of the sequence are masked here
+  // (far-only tiles never need it; band tiles were masked by band_merge).
+  auto softmax = [&](int t, float (&corr)[2]) {
+    const int n0 = t * kWgN;
+    const bool need_mask = !is_far_only(t) && !is_band(t) &&
+                           (n0 + kWgN - 1 > w_first || n0 + kWgN > seq);
     if (need_mask) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int row = r_lo + 8 * hr;
-        const int hi = min(far ? row - W : row, seq - 1) - n0;
-        const int lo = (kSE == 1 && !far) ? row - W + 1 - n0 : 0;
+        const int hi = min(r_lo + 8 * hr, seq - 1) - n0;
 #pragma unroll
         for (int c = 0; c < kWgN / 8; ++c)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = 8 * c + 2 * tq + e;
-            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
+            if (8 * c + 2 * tq + e > hi) s[4 * c + 2 * hr + e] = -INFINITY;
           }
       }
     }
@@ -570,7 +502,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
   WgmmaWait0();
   FenceRegs(s);
-  if (kMerged && is_band(0)) {
+  if (is_band(0)) {
     float sg[64];
     WgmmaFence();
     issue_s_band(sg);
@@ -594,7 +526,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     issue_pv(vt - 1);
     if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
     float corr[2];
-    if (kMerged && is_band(vt)) {
+    if (is_band(vt)) {
       // Band tile (one per block when W % 128 == 0): P(vt − 1)V(vt − 1) first, so P's
       // registers are free for S_g (o, s, S_g live; not o, s, P, S_g).
       WgmmaWait0();
@@ -732,54 +664,29 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
-template <int kD, int kSE, bool kTma>
-CudaResult LaunchWsImpl(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+template <int kD, bool kSE>
+CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = WsFwdSmemBytes<kD, kSE>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE, kTma>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
-  if constexpr (kTma) {
-    const int kv_heads = p.heads / p.group;
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
-    if constexpr (kSE) {
-      CUDA_RETURN_IF_NOT_OK(
-          EncodeRowsMap(&maps.qg, p.qg, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
-      CUDA_RETURN_IF_NOT_OK(
-          EncodeRowsMap(&maps.kg, p.kg, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
-    }
+  const int kv_heads = p.heads / p.group;
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+  if constexpr (kSE) {
+    CUDA_RETURN_IF_NOT_OK(
+        EncodeRowsMap(&maps.qg, p.qg, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+    CUDA_RETURN_IF_NOT_OK(
+        EncodeRowsMap(&maps.kg, p.kg, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
   }
   const int64_t pairs = batch * p.heads;
   const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE, kTma><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
-
-// A/B switches for the device call: GYRE_ATTN_FWD_LOAD=cpasync keeps the cp.async producer
-// (and the two-pass SelfExtend); GYRE_ATTN_SE_BAND=twopass the two-pass SelfExtend with TMA.
-template <int kD, bool kSE>
-CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
-  static const bool cp_async = [] {
-    const char* e = std::getenv("GYRE_ATTN_FWD_LOAD");
-    return e != nullptr && std::string(e) == "cpasync";
-  }();
-  static const bool two_pass = [] {
-    const char* e = std::getenv("GYRE_ATTN_SE_BAND");
-    return e != nullptr && std::string(e) == "twopass";
-  }();
-  if constexpr (!kSE) {
-    return cp_async ? LaunchWsImpl<kD, 0, false>(p, batch, stream)
-                    : LaunchWsImpl<kD, 0, true>(p, batch, stream);
-  } else {
-    if (cp_async) return LaunchWsImpl<kD, 1, false>(p, batch, stream);
-    return two_pass ? LaunchWsImpl<kD, 1, true>(p, batch, stream)
-                    : LaunchWsImpl<kD, 2, true>(p, batch, stream);
-  }
-}
-
 
 // ------------------------------------------------------------------------------------------
 // Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
