@@ -681,7 +681,8 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
         EncodeRowsMap(&maps.kg, p.kg, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
   }
   const int64_t pairs = batch * p.heads;
-  const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
+  // A pair's blocks re-read K and V (SelfExtend: and K_g).
+  const int head_group = HeadGroup(int64_t{kSE ? 3 : 2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
   attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
@@ -757,9 +758,25 @@ struct BwdWsLayout {
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
-template <int kD>
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Arrives on `bar` once this thread's earlier cp.async copies have landed (the arrival counts
+// against the barrier's initial count: .noinc).
+__device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Tensor maps of the backward's TMA loads (EncodeRowsMap): K, V boxes of 128 rows, Q, dO of 64.
+struct BwdTmaMaps {
+  CUtensorMap q, dout, k, v;
+};
+
+template <int kD, bool kTma>
 __global__ void __launch_bounds__(kWsThreads, 1)
-    attn_bwd_ws_kernel(const WgmmaBwdParams p, const int head_group) {
+    attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
+                       const int head_group) {
   using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
@@ -810,6 +827,42 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
     // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if constexpr (kTma) {
+      // Thread 0 issues the tiles (TMA; K and V with stage 0 of the first tile) and registers
+      // their bytes on the stage's `full` barrier; every thread copies one lse / D value with
+      // cp.async and arrives when it landed, without waiting (128 arrivals + the bytes).
+      auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0,
+                      int rows) {
+#pragma unroll
+        for (int cb = 0; cb < kD / 64; ++cb) {
+          TmaLoad4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
+        }
+      };
+      for (int it = 0; it < total; ++it) {
+        const int s = it % kBwdStages;
+        MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
+        const int h = hk * p.group + it / per_head;
+        const int m0 = (m_first + it % per_head) * kBM;
+        if (wtid == 0) {
+          MbarExpectTx(full_bar(s), 2 * L::kQBytes + (it == 0 ? 2 * L::kKVBytes : 0));
+          if (it == 0) {
+            tile(sK, &maps.k, full_bar(s), hk, n0, kBN);
+            tile(sV, &maps.v, full_bar(s), hk, n0, kBN);
+          }
+          tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
+          tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
+        }
+        const int which = wtid / 64, r = wtid % 64;
+        const bool valid = m0 + r < seq;
+        const float* src = (which == 0 ? p.lse : p.dvec) +
+                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                         base + L::kStats + s * 512 + wtid * 4),
+                     "l"(src), "r"(valid ? 4 : 0));
+        CpAsyncMbarArrive(full_bar(s));
+      }
+      return;
+    }
     const int do_stride = p.heads * kD;
     ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
     ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
@@ -1084,20 +1137,42 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-template <int kD>
-CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                       cudaStream_t stream) {
+template <int kD, bool kTma>
+CudaResult LaunchBwdWsImpl(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                           cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kTma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  BwdTmaMaps maps{};
+  if constexpr (kTma) {
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
+    CUDA_RETURN_IF_NOT_OK(
+        EncodeRowsMap(&maps.dout, p.dout, kD, p.heads, p.seq, batch, p.heads * kD, 64));
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, static_cast<int>(kv_heads), p.seq,
+                                        batch, p.kv_stride, 128));
+    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, static_cast<int>(kv_heads), p.seq,
+                                        batch, p.kv_stride, 128));
+  }
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, head_group);
+  attn_bwd_ws_kernel<kD, kTma><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
+}
+
+// A/B switch for the device call: GYRE_ATTN_BWD_LOAD=cpasync keeps the cp.async producer.
+template <int kD>
+CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                       cudaStream_t stream) {
+  static const bool cp_async = [] {
+    const char* e = std::getenv("GYRE_ATTN_BWD_LOAD");
+    return e != nullptr && std::string(e) == "cpasync";
+  }();
+  return cp_async ? LaunchBwdWsImpl<kD, false>(p, batch, kv_heads, stream)
+                  : LaunchBwdWsImpl<kD, true>(p, batch, kv_heads, stream);
 }
 
 }  // namespace
