@@ -1,31 +1,20 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
-// kernel-choice table there). API and math: attention.h. Three kernels:
-//   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
-//   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
-//   attn_bwd_ws_kernel      backward main kernel, FlashAttention-3 structure (described above it)
-// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3 / session 4 attn4):
-// forward 415-516 TFLOP/s (SDPA cuDNN 476-596); backward main kernel ≈ 400 TFLOP/s at B8 S2048
-// D128 (ncu duration), whole backward incl. prep and dQ conversion 351 / 436 TFLOP/s at S2048
-// / S8192.
+// kernel-choice table there). API and math: attention.h. Two kernels, both FlashAttention-3
+// structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
+//   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
+//   attn_bwd_ws_kernel      backward main kernel (described above it)
+// Measured on an H100 (bench/RESULTS.md, session 5 attn5): forward 490-630 TFLOP/s at D 128
+// (SDPA cuDNN 470-600); whole backward incl. prep and dQ conversion 360 / 460 TFLOP/s at B8
+// S2048 / B2 S8192 D128.
 //
-// attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
-//   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
-//   64w..64w+63. Key tiles are 128 keys. Per key tile, each warpgroup:
-//     S = Q Kᵀ        wgmma m64n128k16 x D/16, Q and K both from shared memory (descriptors)
-//     online softmax  fp32 in registers (the wgmma accumulator layout is mma.sync's m16n8 layout
-//                     per warp: two rows per thread, quad shuffles)
-//     O += P V        wgmma m64nDk16 x 8 with P in registers (the S accumulators packed to bf16:
-//                     no shared-memory round trip) and V from shared memory, N-major (trans-b)
-//   Shared memory uses the 128-byte swizzle wgmma reads natively: a tile of R rows x D columns
-//   is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at chunk
-//   c ^ (r % 8) (block bases 1024-byte aligned). Loads are cp.async (16 bytes per thread, rows
-//   past T zero-filled) into two K/V stages: the copy of tile n+1 runs under tile n's GEMMs;
-//   each thread fences the async proxy after its copies land, then the block barrier.
-// SelfExtend (kSE, all forward kernels): Q and Q_g both stay in shared memory; virtual tiles =
-//   near tiles (Q, K; valid 0 <= i − j < W) then far tiles (Q_g, K_g; valid i − j >= W), one
-//   online softmax. Only the band tiles that hold both kinds of pairs are visited twice (about
-//   one per 128-row block: 6% of the tiles at T 2048, W 1024; 3% at T 8192); per tile the pass
-//   changes only scalars (descriptor base, key source, mask bounds), never the register arrays.
+// Shared memory uses the 128-byte swizzle that both wgmma and TMA use natively: a tile of R rows
+// x D columns is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at
+// chunk c ^ (r % 8) (block bases 1024-byte aligned). TMA fills one column block per copy (box of
+// 64 columns x R rows of one head; rows past T read as zeros, per batch: the maps are 4-d over
+// columns, heads, rows, batch, so fused-qkv row strides need no copy).
+// Block order (both kernels, GroupedBlockOrder): longest blocks first inside groups of (batch,
+// head) pairs sized to L2, so the causal triangle's long blocks do not form the grid's tail
+// while one head's K / V (Q / dO) stay shared in L2.
 // Exponentials use ex2.approx.ftz (probabilities below 2^-126 flush to 0).
 // Not here: head dims other than 64 / 128 (attention.cu rejects them).
 #include "kernels/cuda/attention_wgmma.h"
@@ -52,17 +41,8 @@ constexpr float kLog2eF = 1.4426950408889634f;
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_size));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void CpAsyncWaitAll() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
-// async-proxy reads (wgmma operands) once a barrier follows.
+// Orders this thread's generic-proxy shared-memory writes (st.shared) before later async-proxy
+// reads (wgmma operands, bulk copies) once a barrier follows.
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -163,41 +143,31 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
 
 
 // ------------------------------------------------------------------------------------------
-// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
-// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
-// consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
-// (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
-// so no block-wide barrier sits in the main loop. Per consumer iteration j:
+// Forward, attn_fwd_ws_kernel<D, kSE>: grid (ceil(T/128), H, B) in GroupedBlockOrder, 384
+// threads = a producer warpgroup (one thread issues TMA copies; 40 registers after setmaxnreg)
+// and two consumer warpgroups (64 query rows each of the block's 128, 232 registers). Key
+// tiles are 128 keys; K and V have two stages each. Loads and compute meet on mbarriers (full:
+// the copy's bytes landed, counted by TMA; empty: both consumers are done with a stage), so no
+// block-wide barrier sits in the main loop. Per consumer iteration j:
 //   [turn] issue S(j) = Q K(j)ᵀ and O += P(j−1) V(j−1) back to back, hand the turn over
 //   wait S(j); mask; row max, exp, row sum  (overlaps P(j−1)V(j−1) and the other warpgroup's
 //                                           GEMMs on the tensor cores)
 //   wait P(j−1)V(j−1); rescale O; pack P(j)
+//   S = Q Kᵀ: wgmma m64n128k16 x D/16, both operands in shared memory; O += P V: m64nDk16 x 8
+//   with P in registers (the S accumulators packed to bf16) and V N-major in shared memory.
 // The turn is a pair of named barriers that makes the two warpgroups issue their GEMMs
-// alternately (pingpong): one's softmax runs under the other's GEMMs.
-// Producer order per tile j: issue V(j) (once P(j−2)V(j−2) released its stage); wait until
-// K(j) and V(j−1) landed, fence, announce both; issue K(j + 1) (once S(j−1) released its
-// stage). So each copy has about one consumer iteration to land. SelfExtend's Q_g travels in
-// the commit group of the first far K tile, so only far tiles wait for it.
-
-// The producer warpgroup's copy (128 threads): a thread's chunks all share one column and one
-// row residue mod 8, so source and destination advance by constants; a rolled loop keeps the
-// producer inside its small register budget.
-template <int kRows, int kD>
-__device__ __forceinline__ void ProducerLoad(uint32_t smem, const bf16* base, int stride,
-                                             int row0, int seq, int tid) {
-  constexpr int kChunksPerRow = kD / 8, kRowStep = 128 / kChunksPerRow;
-  const int r = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
-  uint32_t dst = smem + SwizzledOffset<kRows>(r, col);
-  int t = row0 + r;
-  const bf16* src = base + col;
-#pragma unroll 2
-  for (int i = 0; i < kRows / kRowStep; ++i) {
-    const bool valid = t < seq;
-    CpAsync16(dst, src + (valid ? t * stride : 0), valid);
-    dst += kRowStep * 128;
-    t += kRowStep;
-  }
-}
+// alternately (pingpong): one's softmax runs under the other's GEMMs. The output is staged
+// through the block's Q tile and written with 16-byte stores; lse = m·scale + ln l.
+// TMA instead of a cp.async producer warpgroup (128 threads, 16-byte copies, a blocking wait
+// per stage): 0.28 vs 0.32 ms at B8 S2048 D128, 0.88 vs 1.10 at B2 S8192 (H100, attn5).
+// SelfExtend (kSE): per key tile, one position rule wherever it can be: tiles wholly beyond the
+//   window (i − j >= W for every row of the block) run the plain step with Q_g and K_g and no
+//   mask; tiles wholly inside it the plain step with Q and K (causal mask on the diagonal);
+//   only the band tiles that hold both kinds of pairs (one per block when W % 128 == 0) compute
+//   both S = Q Kᵀ and S_g = Q_g K_gᵀ, keep S_g where i − j >= W (band_merge) and go on with ONE
+//   softmax and ONE P·V. The band's S_g is issued after P(j−1)V(j−1) retired, so P's registers
+//   hold it (o, s, S_g live: issuing it with S spills 212 bytes at D 128). Q_g arrives with Q;
+//   the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
 
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -612,18 +582,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 }
 
 // (batch, head) pairs per group of GroupedBlockOrder: as many as keep `bytes_per_pair` (what
-// the blocks of one pair read repeatedly: K and V in the forward) within kOrderL2Budget, so a
-// group's blocks share them in L2 while the group runs longest first. A/B switch for the
-// device call: GYRE_ATTN_HEAD_GROUP=<n> (1 = the old head-major order).
+// the blocks of one pair read repeatedly: K and V in the forward) within kOrderL2Budget (a third
+// of the H100's 50 MB L2), so a group's blocks share them in L2 while the group runs longest
+// first. Measured against head-major order (H100, RESULTS.md attn5): forward 4-6%, backward
+// 3-5% faster; 32 heads per group at B2 S8192 (4 MB each) was 10% slower than 4 (L2 misses).
 constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
 int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
-  static const int forced = [] {
-    const char* e = std::getenv("GYRE_ATTN_HEAD_GROUP");
-    return e != nullptr ? std::atoi(e) : 0;
-  }();
-  int64_t n = forced > 0 ? forced : kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
-  n = std::min<int64_t>(std::max<int64_t>(n, 1), pairs);
-  return static_cast<int>(n);
+  const int64_t n = kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 1), pairs));
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
@@ -691,15 +657,17 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 
 // ------------------------------------------------------------------------------------------
 // Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
-// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
-// block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
+// (ceil(T/128), Hk, B) in GroupedBlockOrder, 384 threads = a producer warpgroup and two
+// consumer warpgroups, one block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
 //   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile
-//     Q, dO (cp.async into 128B-swizzled tiles) and lse, D_i (fp32 rows) into a 3-deep ring
-//     (kBwdStages; 2 stages measured 1-4% slower); each stage is
-//     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
-//     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
+//     Q, dO (TMA, issued by one thread) and lse, D_i (fp32 rows, one 4-byte cp.async per
+//     thread) into a 3-deep ring (kBwdStages; 2 stages measured 1-4% slower); a stage's `full`
+//     mbarrier completes when the TMA bytes and the 128 cp.async arrivals (.noinc, no wait)
+//     are in; it is reused after both consumer warpgroups arrived on its `empty` mbarrier. No
+//     block-wide barrier. (TMA vs the earlier cp.async producer with a wait per stage: 0.95 vs
+//     0.99 ms at B8 S2048 D128, 3.00 vs 3.16 at B2 S8192, equal at D 64; H100, attn5.)
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
 //   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
 //     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
@@ -773,7 +741,7 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int kD, bool kTma>
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                        const int head_group) {
@@ -827,67 +795,38 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
     // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    if constexpr (kTma) {
-      // Thread 0 issues the tiles (TMA; K and V with stage 0 of the first tile) and registers
-      // their bytes on the stage's `full` barrier; every thread copies one lse / D value with
-      // cp.async and arrives when it landed, without waiting (128 arrivals + the bytes).
-      auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0,
-                      int rows) {
+    // Thread 0 issues the tiles (TMA; K and V with stage 0 of the first tile) and registers
+    // their bytes on the stage's `full` barrier; every thread copies one lse / D value with
+    // cp.async and arrives when it landed, without waiting (128 arrivals + the bytes).
+    auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0,
+                    int rows) {
 #pragma unroll
-        for (int cb = 0; cb < kD / 64; ++cb) {
-          TmaLoad4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
-        }
-      };
-      for (int it = 0; it < total; ++it) {
-        const int s = it % kBwdStages;
-        MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
-        const int h = hk * p.group + it / per_head;
-        const int m0 = (m_first + it % per_head) * kBM;
-        if (wtid == 0) {
-          MbarExpectTx(full_bar(s), 2 * L::kQBytes + (it == 0 ? 2 * L::kKVBytes : 0));
-          if (it == 0) {
-            tile(sK, &maps.k, full_bar(s), hk, n0, kBN);
-            tile(sV, &maps.v, full_bar(s), hk, n0, kBN);
-          }
-          tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
-          tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
-        }
-        const int which = wtid / 64, r = wtid % 64;
-        const bool valid = m0 + r < seq;
-        const float* src = (which == 0 ? p.lse : p.dvec) +
-                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + wtid * 4),
-                     "l"(src), "r"(valid ? 4 : 0));
-        CpAsyncMbarArrive(full_bar(s));
+      for (int cb = 0; cb < kD / 64; ++cb) {
+        TmaLoad4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
       }
-      return;
-    }
-    const int do_stride = p.heads * kD;
-    ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
-    ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    };
     for (int it = 0; it < total; ++it) {
       const int s = it % kBwdStages;
       MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
       const int h = hk * p.group + it / per_head;
       const int m0 = (m_first + it % per_head) * kBM;
-      ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
-                            p.q_stride, m0, seq, wtid);
-      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
-                            do_stride, m0, seq, wtid);
-      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
-        const int which = wtid / 64, r = wtid % 64;
-        const bool valid = m0 + r < seq;
-        const float* src = (which == 0 ? p.lse : p.dvec) +
-                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + wtid * 4),
-                     "l"(src), "r"(valid ? 4 : 0));
+      if (wtid == 0) {
+        MbarExpectTx(full_bar(s), 2 * L::kQBytes + (it == 0 ? 2 * L::kKVBytes : 0));
+        if (it == 0) {
+          tile(sK, &maps.k, full_bar(s), hk, n0, kBN);
+          tile(sV, &maps.v, full_bar(s), hk, n0, kBN);
+        }
+        tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
+        tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
       }
-      CpAsyncCommit();
-      CpAsyncWaitAll();
-      FenceProxyAsync();
-      MbarArrive(full_bar(s));
+      const int which = wtid / 64, r = wtid % 64;
+      const bool valid = m0 + r < seq;
+      const float* src = (which == 0 ? p.lse : p.dvec) +
+                         (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                       base + L::kStats + s * 512 + wtid * 4),
+                   "l"(src), "r"(valid ? 4 : 0));
+      CpAsyncMbarArrive(full_bar(s));
     }
     return;
   }
@@ -1137,42 +1076,28 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-template <int kD, bool kTma>
-CudaResult LaunchBwdWsImpl(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                           cudaStream_t stream) {
+template <int kD>
+CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
+                       cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kTma>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   BwdTmaMaps maps{};
-  if constexpr (kTma) {
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
-    CUDA_RETURN_IF_NOT_OK(
-        EncodeRowsMap(&maps.dout, p.dout, kD, p.heads, p.seq, batch, p.heads * kD, 64));
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, static_cast<int>(kv_heads), p.seq,
-                                        batch, p.kv_stride, 128));
-    CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, static_cast<int>(kv_heads), p.seq,
-                                        batch, p.kv_stride, 128));
-  }
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
+  CUDA_RETURN_IF_NOT_OK(
+      EncodeRowsMap(&maps.dout, p.dout, kD, p.heads, p.seq, batch, p.heads * kD, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, static_cast<int>(kv_heads), p.seq,
+                                      batch, p.kv_stride, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, static_cast<int>(kv_heads), p.seq,
+                                      batch, p.kv_stride, 128));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
-  attn_bwd_ws_kernel<kD, kTma><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
-}
-
-// A/B switch for the device call: GYRE_ATTN_BWD_LOAD=cpasync keeps the cp.async producer.
-template <int kD>
-CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                       cudaStream_t stream) {
-  static const bool cp_async = [] {
-    const char* e = std::getenv("GYRE_ATTN_BWD_LOAD");
-    return e != nullptr && std::string(e) == "cpasync";
-  }();
-  return cp_async ? LaunchBwdWsImpl<kD, false>(p, batch, kv_heads, stream)
-                  : LaunchBwdWsImpl<kD, true>(p, batch, kv_heads, stream);
 }
 
 }  // namespace
