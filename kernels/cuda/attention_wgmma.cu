@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const uint32_t sQ = base;
   const uint32_t sQg = base + kQBytes;
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  const uint32_t sKgBand = sKV + 4 * kKVBytes;               // SelfExtend only
+  const uint32_t sKgBand = sKV + 4 * kKVBytes;           // SelfExtend only
   const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
