@@ -9,7 +9,7 @@
 // once, each output written once.
 //
 //   attention_bench [--reps=N] [--shapes=K]   (K: only the first K shapes, e.g. for ncu)
-// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and
+// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others (kernels/cuda/attention.cu, kernel choice).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -3,12 +3,14 @@
 // entry points, and the choice of kernel; the Hopper (wgmma) kernels are in attention_wgmma.cu.
 //
 // Kernel choice (defaults = the fastest path that passed attention_gpu_test on the device, same
-// call as the benchmark; bench/RESULTS.md, attn2 / attn3 / attn4 sections):
-//   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure)
+// call as the benchmark; bench/RESULTS.md, attn2 .. attn5 sections):
+//   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
+//                                           TMA producer, pingpong consumers; SelfExtend in one
+//                                           pass (both score GEMMs only on band tiles)
 //   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
-//                                           producer warpgroup, mbarrier ring, dQ through shared
+//                                           TMA producer, mbarrier ring, dQ through shared
 //                                           memory and bulk reductions (blocked dq_acc layout)
-// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
+// GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
 // another path (tests and benchmarks run every one). The mma.sync kernels below stay as the
 // reference implementation and the fallback.
 //
@@ -47,8 +49,8 @@
 //   Measured (H200, bench/RESULTS.md) this is 1.47-1.55x the plain forward, far more than the
 //   ~6-10% of extra tiles; the cause is not found (the SelfExtend instance spills 84 bytes at
 //   D 128 but not at D 64, where the ratio is worst; making the pass a compile-time constant per
-//   loop did not move it, call 1 of attn2). The wgmma kernels run the same two-pass scheme at
-//   1.01-1.08x their plain forward, so the default no longer uses this one.
+//   loop did not move it, call 1 of attn2). The wgmma forward visits each key tile once instead
+//   (attention_wgmma.cu), so the default no longer uses this one.
 //
 // Backward: FA2 with recomputation, three launches.
 //   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
@@ -76,7 +78,7 @@
 // ~800 TFLOP/s of dense bf16 (cuBLASLt on this card; mma.sync reaches ~2/3 of wgmma's rate):
 // 0.17 ms + 0.43 ms — compute-bound (bytes ≈ 0.13 GB). Measured on an H200: these mma.sync
 // kernels 0.51 ms forward (271 TFLOP/s, = torch SDPA flash), 1.66 ms backward (207 TFLOP/s);
-// the wgmma defaults 0.33 ms (419 TFLOP/s) and 0.98 ms (351 TFLOP/s, session 4).
+// the wgmma defaults on an H100 0.28 ms (490 TFLOP/s) and 0.95 ms (360 TFLOP/s, session 5).
 //
 // Requirements checked on the host: D ∈ {64, 128}, H % Hk == 0, row strides multiples of 8
 // elements and 16-byte-aligned pointers (cp.async / vector stores), strides >= the packed width,
@@ -902,16 +904,16 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
 // Forward kernel choice: the Hopper wgmma kernel (attention_wgmma.cu) or the mma.sync kernel
 // above. Defaults per kind (plain / SelfExtend) are the faster path that passed
 // attention_gpu_test on the device (bench/RESULTS.md); GYRE_ATTN_FWD and GYRE_ATTN_SE_FWD
-// ("ws": warp-specialised wgmma, "wgmma": two-warpgroup wgmma, "mma": mma.sync) override them,
-// read once per process, for tests and benchmarks.
-enum class FwdPath { kMma, kWgmma, kWgmmaWs };
+// ("ws": warp-specialised wgmma, "mma": mma.sync) override them, read once per process, for
+// tests and benchmarks. (The two-warpgroup wgmma forward with block barriers, 1.25x slower than
+// "ws", was removed in session 5.)
+enum class FwdPath { kMma, kWgmmaWs };
 constexpr FwdPath kDefaultPlainPath = FwdPath::kWgmmaWs;
 constexpr FwdPath kDefaultSelfExtendPath = FwdPath::kWgmmaWs;
 
 FwdPath PathFromEnv(const char* name, FwdPath fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr) return fallback;
-  if (std::strcmp(value, "wgmma") == 0) return FwdPath::kWgmma;
   if (std::strcmp(value, "mma") == 0) return FwdPath::kMma;
   if (std::strcmp(value, "ws") == 0) return FwdPath::kWgmmaWs;
   return fallback;
@@ -982,8 +984,7 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     w.se_window = p.se_window;
-    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se,
-                                       path == FwdPath::kWgmmaWs, stream);
+    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
   }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)

@@ -2,11 +2,12 @@
 // reference written as plain loops here, on random bf16 inputs with NaN-poisoned outputs.
 // Shapes cover head_dim 64 and 128, GQA (H 8 / Hk 2), MHA, sequence lengths 1, 17, 100, 257,
 // 300, 1000 (none a multiple of the 128/64 tiles), batch 2, and strided views of one fused qkv
-// buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32) and (8, 64)
-// against a float64 SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
+// buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32), (8, 64),
+// (8, 200) and (4, 256) (a window of whole 128-key tiles, as in the benchmark) against a float64
+// SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, wgmma, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
+// {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
@@ -408,7 +409,8 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
   for (const Problem& p : {Problem{2, 300, 8, 2, 128, false, 4, 32},
                            Problem{2, 300, 8, 2, 64, false, 8, 64},
                            Problem{2, 300, 8, 2, 128, true, 8, 64},
-                           Problem{1, 1000, 4, 2, 64, false, 8, 200}}) {
+                           Problem{1, 1000, 4, 2, 64, false, 8, 200},
+                           Problem{2, 700, 4, 2, 128, true, 4, 256}}) {
     ++checks;
     if (!RunSelfExtend(&alloc, rng, p)) ++failures;
   }

@@ -1,37 +1,32 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
-// kernel-choice table there). API and math: attention.h. Three kernels:
-//   attn_fwd_ws_kernel      forward, FlashAttention-3 structure (the default; described above it)
-//   attn_fwd_wgmma_kernel   forward, two warpgroups and block barriers (described here)
-//   attn_bwd_ws_kernel      backward main kernel, FlashAttention-3 structure (described above it)
-// Measured on H200 (bench/RESULTS.md, 2026-11-26 attn2 / session 3 attn3 / session 4 attn4):
-// forward 415-516 TFLOP/s (SDPA cuDNN 476-596); backward main kernel ≈ 400 TFLOP/s at B8 S2048
-// D128 (ncu duration), whole backward incl. prep and dQ conversion 351 / 436 TFLOP/s at S2048
-// / S8192.
+// kernel-choice table there). API and math: attention.h. Two kernels, both FlashAttention-3
+// structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
+//   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
+//   attn_bwd_ws_kernel      backward main kernel (described above it)
+// Measured on an H100 (bench/RESULTS.md, session 5 attn5): forward 490-630 TFLOP/s at D 128
+// (SDPA cuDNN 470-600); whole backward incl. prep and dQ conversion 360 / 460 TFLOP/s at B8
+// S2048 / B2 S8192 D128.
 //
-// attn_fwd_wgmma_kernel<D, kSE>: grid (ceil(T/128), H, B), 256 threads = two warpgroups, one
-//   block per SM. A block owns 128 query rows of one (batch, head); warpgroup w owns rows
-//   64w..64w+63. Key tiles are 128 keys. Per key tile, each warpgroup:
-//     S = Q Kᵀ        wgmma m64n128k16 x D/16, Q and K both from shared memory (descriptors)
-//     online softmax  fp32 in registers (the wgmma accumulator layout is mma.sync's m16n8 layout
-//                     per warp: two rows per thread, quad shuffles)
-//     O += P V        wgmma m64nDk16 x 8 with P in registers (the S accumulators packed to bf16:
-//                     no shared-memory round trip) and V from shared memory, N-major (trans-b)
-//   Shared memory uses the 128-byte swizzle wgmma reads natively: a tile of R rows x D columns
-//   is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at chunk
-//   c ^ (r % 8) (block bases 1024-byte aligned). Loads are cp.async (16 bytes per thread, rows
-//   past T zero-filled) into two K/V stages: the copy of tile n+1 runs under tile n's GEMMs;
-//   each thread fences the async proxy after its copies land, then the block barrier.
-// SelfExtend (kSE, all forward kernels): Q and Q_g both stay in shared memory; virtual tiles =
-//   near tiles (Q, K; valid 0 <= i − j < W) then far tiles (Q_g, K_g; valid i − j >= W), one
-//   online softmax. Only the band tiles that hold both kinds of pairs are visited twice (about
-//   one per 128-row block: 6% of the tiles at T 2048, W 1024; 3% at T 8192); per tile the pass
-//   changes only scalars (descriptor base, key source, mask bounds), never the register arrays.
+// Shared memory uses the 128-byte swizzle that both wgmma and TMA use natively: a tile of R rows
+// x D columns is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at
+// chunk c ^ (r % 8) (block bases 1024-byte aligned). TMA fills one column block per copy (box of
+// 64 columns x R rows of one head; rows past T read as zeros, per batch: the maps are 4-d over
+// columns, heads, rows, batch, so fused-qkv row strides need no copy).
+// Block order (both kernels, GroupedBlockOrder): longest blocks first inside groups of (batch,
+// head) pairs sized to L2, so the causal triangle's long blocks do not form the grid's tail
+// while one head's K / V (Q / dO) stay shared in L2.
 // Exponentials use ex2.approx.ftz (probabilities below 2^-126 flush to 0).
 // Not here: head dims other than 64 / 128 (attention.cu rejects them).
 #include "kernels/cuda/attention_wgmma.h"
 
+#include <cuda.h>          // CUtensorMap (the encoder comes through cudaGetDriverEntryPoint)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -40,23 +35,14 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kWgM = 128, kWgN = 128, kWgThreads = 256;
+constexpr int kWgM = 128, kWgN = 128;
 constexpr float kLog2eF = 1.4426950408889634f;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_size));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void CpAsyncWaitAll() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
-// async-proxy reads (wgmma operands) once a barrier follows.
+// Orders this thread's generic-proxy shared-memory writes (st.shared) before later async-proxy
+// reads (wgmma operands, bulk copies) once a barrier follows.
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -109,24 +95,6 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int r, int c) {
   return (c / 64) * (kRows * 128) + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
 }
 
-// Copies rows [row0, row0 + kRows) of a [T, stride] bf16 matrix into a swizzled tile; rows >= T
-// are zero-filled. All kWgThreads threads take part.
-template <int kRows, int kD>
-__device__ __forceinline__ void LoadSwizzled(uint32_t smem, const bf16* base, int stride,
-                                             int row0, int seq, int tid) {
-  constexpr int kChunks = kRows * kD / 8;
-  static_assert(kChunks % kWgThreads == 0, "chunks must divide among the threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / kWgThreads; ++i) {
-    const int c = tid + i * kWgThreads;
-    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-    const int t = row0 + r;
-    const bool valid = t < seq;
-    CpAsync16(smem + SwizzledOffset<kRows>(r, col), base + (valid ? t * stride + col : 0),
-              valid);
-  }
-}
-
 // Generated wrappers (one asm statement per wgmma shape; operands listed explicitly).
 // d[0..64) (+)= A·B, m64n128k16, A and B K-major in shared memory (descriptors).
 __device__ __forceinline__ void WgmmaSS128(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
@@ -172,266 +140,34 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
 }
 
 
-template <int kD, bool kSE>
-constexpr int WgmmaFwdSmemBytes() {
-  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024;  // + alignment slack
-}
-
-template <int kD, bool kSE>
-__global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(const WgmmaFwdParams p) {
-  constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
-  constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;  // bytes per 64-column block
-  constexpr int kDT = kD / 8;                                 // O n8 chunks per thread row
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = SmemAddr(smem_raw);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t sQ = base;
-  const uint32_t sQg = base + kQBytes;  // SelfExtend only
-  const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
-  auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
-
-  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-  const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest blocks first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / p.group;
-  const int seq = p.seq;
-  const int m0 = m_block * kWgM;
-  const int64_t row_base = static_cast<int64_t>(b) * seq;
-  const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
-  const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-
-  const int last_row = min(m0 + kWgM, seq) - 1;
-  const int n_tiles = last_row / kWgN + 1;
-  const int W = p.se_window;
-  // Virtual tiles: near tiles [near_first, n_tiles) (keys with some i − j < W), then far tiles
-  // [0, n_far) (keys with some i − j >= W). Plain attention: near tiles only, from 0.
-  int near_first = 0, n_far = 0;
-  if constexpr (kSE) {
-    near_first = max(0, m0 - W + 1) / kWgN;
-    n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
-  }
-  const int n_near = n_tiles - near_first;
-  const int total = n_near + n_far;
-
-  auto load_kv = [&](int vt, int stage) {
-    const bool far = kSE && vt >= n_near;
-    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
-    const bf16* ksrc = far ? p.kg + row_base * p.kv_stride + hk * kD : k;
-    LoadSwizzled<kWgN, kD>(sK(stage), ksrc, p.kv_stride, n0, seq, tid);
-    LoadSwizzled<kWgN, kD>(sV(stage), v, p.kv_stride, n0, seq, tid);
-  };
-  LoadSwizzled<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
-  if constexpr (kSE) {
-    LoadSwizzled<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq, tid);
-  }
-  load_kv(0, 0);
-  CpAsyncCommit();
-
-  float o[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int w_first = m0 + 64 * wg;                // this warpgroup's rows: w_first .. +63
-  const int w_last = min(w_first + 63, last_row);  // < w_first when it has none
-  const int r_lo = w_first + 16 * warp_in_wg + g;  // thread rows r_lo, r_lo + 8
-
-  for (int vt = 0; vt < total; ++vt) {
-    const int stage = vt & 1;
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();  // tile vt landed; both warpgroups are done with tile vt − 1's stage
-    if (vt + 1 < total) {
-      load_kv(vt + 1, stage ^ 1);
-      CpAsyncCommit();
-    }
-    const bool far = kSE && vt >= n_near;
-    const int n0 = (far ? vt - n_near : near_first + vt) * kWgN;
-    // Warpgroup-uniform: skip a tile in which none of this warpgroup's pairs is valid.
-    const bool active = far ? (w_last - n0 >= W)
-                            : (n0 <= w_last && (!kSE || n0 + kWgN - 1 > w_first - W));
-    if (!active) continue;
-
-    float s[64];
-    const uint32_t q_rows = (far ? sQg : sQ) + wg * 64 * 128;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(sK(stage) + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(s);
-
-    const bool need_mask =
-        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
-            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
-    if (need_mask) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int row = r_lo + 8 * hr;
-        const int hi = min(far ? row - W : row, seq - 1) - n0;
-        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
-#pragma unroll
-        for (int c = 0; c < kWgN / 8; ++c)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * c + 2 * tq + e;
-            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
-          }
-      }
-    }
-
-    // Online softmax; a row with no valid key yet keeps max = −inf (guarded: p = 0, corr = 0).
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int c = 0; c < kWgN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float corr = Exp2(row_max[hr] * p.scale_log2 - msc);
-      row_max[hr] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < kWgN / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[4 * c + 2 * hr + e];
-          x = Exp2(fmaf(x, p.scale_log2, -msc));
-          sum += x;
-        }
-      row_sum[hr] = row_sum[hr] * corr + sum;
-#pragma unroll
-      for (int c = 0; c < kDT; ++c) {
-        o[4 * c + 2 * hr] *= corr;
-        o[4 * c + 2 * hr + 1] *= corr;
-      }
-    }
-
-    // P as bf16 A fragments: k step kk covers keys 16kk..16kk+15 = n8 chunks 2kk, 2kk+1.
-    uint32_t pa[kWgN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kWgN / 16; ++kk) {
-      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kWgN / 16; ++kk) {
-      // V tile [keys][D] is N-major for B: 64-column blocks kKBlock apart (LBO), 8-key groups
-      // 1024 bytes apart (SBO); k step kk starts 16 keys = 2048 bytes further.
-      const uint64_t dv = SmemDesc(sV(stage) + kk * 16 * 128, kKBlock, 1024);
-      if constexpr (kD == 128) {
-        WgmmaRS128(o, pa[kk], dv);
-      } else {
-        WgmmaRS64(o, pa[kk], dv);
-      }
-    }
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(o);
-    FenceRegs(pa);
-  }
-
-  // Normalise, write lse, stage O through this warpgroup's own Q rows (swizzled), 16-byte stores.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float sum = row_sum[hr];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = 1.f / sum;
-#pragma unroll
-    for (int c = 0; c < kDT; ++c) {
-      o[4 * c + 2 * hr] *= inv;
-      o[4 * c + 2 * hr + 1] *= inv;
-    }
-    const int row = r_lo + 8 * hr;
-    if (p.lse != nullptr && tq == 0 && row < seq) {
-      p.lse[(static_cast<int64_t>(b) * p.heads + h) * seq + row] =
-          row_max[hr] * p.scale + logf(sum);
-    }
-  }
-  // Every warp of this warpgroup is past its last wgmma before its Q rows are overwritten.
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-#pragma unroll
-  for (int c = 0; c < kDT; ++c)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = 64 * wg + 16 * warp_in_wg + g + 8 * hr;
-      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
-          PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
-    }
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-  constexpr int kChunks = 64 * kD / 8;
-#pragma unroll
-  for (int i = 0; i < kChunks / 128; ++i) {
-    const int c = wtid + i * 128;
-    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-    const int row = w_first + r;
-    if (row < seq) {
-      bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
-      *reinterpret_cast<uint4*>(dst) =
-          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * wg + r, col));
-    }
-  }
-}
-
-template <int kD, bool kSE>
-CudaResult Launch(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int smem = WgmmaFwdSmemBytes<kD, kSE>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_wgmma_kernel<kD, kSE>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_wgmma_kernel<kD, kSE><<<grid, kWgThreads, smem, stream>>>(p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_wgmma_kernel");
-  return {};
-}
 
 
 // ------------------------------------------------------------------------------------------
-// Warp-specialised variant (FlashAttention-3 structure), attn_fwd_ws_kernel<D, kSE>: 384
-// threads = a producer warpgroup (cp.async loads, 40 registers after setmaxnreg) and two
-// consumer warpgroups (64 query rows each, 232 registers). Loads and compute meet on mbarriers
-// (full: data landed and fenced for the async proxy; empty: consumers are done with a stage),
-// so no block-wide barrier sits in the main loop. Per consumer iteration j:
+// Forward, attn_fwd_ws_kernel<D, kSE>: grid (ceil(T/128), H, B) in GroupedBlockOrder, 384
+// threads = a producer warpgroup (one thread issues TMA copies; 40 registers after setmaxnreg)
+// and two consumer warpgroups (64 query rows each of the block's 128, 232 registers). Key
+// tiles are 128 keys; K and V have two stages each. Loads and compute meet on mbarriers (full:
+// the copy's bytes landed, counted by TMA; empty: both consumers are done with a stage), so no
+// block-wide barrier sits in the main loop. Per consumer iteration j:
 //   [turn] issue S(j) = Q K(j)ᵀ and O += P(j−1) V(j−1) back to back, hand the turn over
 //   wait S(j); mask; row max, exp, row sum  (overlaps P(j−1)V(j−1) and the other warpgroup's
 //                                           GEMMs on the tensor cores)
 //   wait P(j−1)V(j−1); rescale O; pack P(j)
+//   S = Q Kᵀ: wgmma m64n128k16 x D/16, both operands in shared memory; O += P V: m64nDk16 x 8
+//   with P in registers (the S accumulators packed to bf16) and V N-major in shared memory.
 // The turn is a pair of named barriers that makes the two warpgroups issue their GEMMs
-// alternately (pingpong): one's softmax runs under the other's GEMMs.
-// Producer order per tile j: issue V(j) (once P(j−2)V(j−2) released its stage); wait until
-// K(j) and V(j−1) landed, fence, announce both; issue K(j + 1) (once S(j−1) released its
-// stage). So each copy has about one consumer iteration to land. SelfExtend's Q_g travels in
-// the commit group of the first far K tile, so only far tiles wait for it.
-
-// The producer warpgroup's copy (128 threads): a thread's chunks all share one column and one
-// row residue mod 8, so source and destination advance by constants; a rolled loop keeps the
-// producer inside its small register budget.
-template <int kRows, int kD>
-__device__ __forceinline__ void ProducerLoad(uint32_t smem, const bf16* base, int stride,
-                                             int row0, int seq, int tid) {
-  constexpr int kChunksPerRow = kD / 8, kRowStep = 128 / kChunksPerRow;
-  const int r = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
-  uint32_t dst = smem + SwizzledOffset<kRows>(r, col);
-  int t = row0 + r;
-  const bf16* src = base + col;
-#pragma unroll 2
-  for (int i = 0; i < kRows / kRowStep; ++i) {
-    const bool valid = t < seq;
-    CpAsync16(dst, src + (valid ? t * stride : 0), valid);
-    dst += kRowStep * 128;
-    t += kRowStep;
-  }
-}
+// alternately (pingpong): one's softmax runs under the other's GEMMs. The output is staged
+// through the block's Q tile and written with 16-byte stores; lse = m·scale + ln l.
+// TMA instead of a cp.async producer warpgroup (128 threads, 16-byte copies, a blocking wait
+// per stage): 0.28 vs 0.32 ms at B8 S2048 D128, 0.88 vs 1.10 at B2 S8192 (H100, attn5).
+// SelfExtend (kSE): per key tile, one position rule wherever it can be: tiles wholly beyond the
+//   window (i − j >= W for every row of the block) run the plain step with Q_g and K_g and no
+//   mask; tiles wholly inside it the plain step with Q and K (causal mask on the diagonal);
+//   only the band tiles that hold both kinds of pairs (one per block when W % 128 == 0) compute
+//   both S = Q Kᵀ and S_g = Q_g K_gᵀ, keep S_g where i − j >= W (band_merge) and go on with ONE
+//   softmax and ONE P·V. The band's S_g is issued after P(j−1)V(j−1) retired, so P's registers
+//   hold it (o, s, S_g live: issuing it with S spills 212 bytes at D 128). Q_g arrives with Q;
+//   the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
 
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -451,9 +187,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
         : "memory");
   } while (done == 0);
 }
-__device__ __forceinline__ void CpAsyncWait1() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
 __device__ __forceinline__ void WgmmaWait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 }
@@ -464,15 +197,55 @@ __device__ __forceinline__ void NamedBarArrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-constexpr int kWsThreads = 384;
-
-template <int kD, bool kSE>
-constexpr int WsFwdSmemBytes() {
-  return (kSE ? 2 : 1) * kWgM * kD * 2 + 4 * kWgN * kD * 2 + 1024 + 128;  // + align + barriers
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// One TMA tile load (4-d map: columns, heads, rows, batch) into shared memory; completes `bar`'s
+// transaction bytes. `map` is the address of a __grid_constant__ kernel parameter.
+__device__ __forceinline__ void TmaLoad4d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                          int col, int head, int row, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(head), "r"(row), "r"(batch)
+      : "memory");
 }
 
+// Block order of the causal kernels: longest blocks first inside groups of `head_group`
+// (batch, head) pairs, groups one after another. Head-major order (head_group 1) leaves the
+// last head's long blocks for the end of the grid (tail); one grid-wide longest-first order
+// spreads every wave over all heads, so K / V no longer stay in L2 (RESULTS.md attn4: 1.3x
+// slower forward at S2048). Groups sized to L2 keep the reuse and cut the tail.
+// Returns the length rank (0 = longest) and the (batch, head) index of linear block `linear`.
+__device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_head, int pairs,
+                                                  int head_group, int& rank, int& pair) {
+  const int per_group = head_group * blocks_per_head;
+  const int group = linear / per_group;
+  const int r = linear - group * per_group;
+  const int n = min(head_group, pairs - group * head_group);
+  rank = r / n;
+  pair = group * head_group + (r - rank * n);
+}
+
+constexpr int kWsThreads = 384;
+
+// Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
 template <int kD, bool kSE>
-__global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaFwdParams p) {
+constexpr int WsFwdSmemBytes() {
+  return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE ? 5 : 4) * kWgN * kD * 2 + 1024 + 128;
+}
+
+// Tensor maps of the forward's TMA loads: dims (D, heads, T, B), box (64 columns, 1 head, 128
+// rows, 1), 128-byte swizzle (= the wgmma tile layout above); rows past T read as zeros.
+struct FwdTmaMaps {
+  CUtensorMap q, k, v, qg, kg;
+};
+
+template <int kD, bool kSE>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
+                       const int head_group) {
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -483,7 +256,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   const uint32_t sQ = base;
   const uint32_t sQg = base + kQBytes;
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
-  const uint32_t bars = sKV + 4 * kKVBytes;  // 9 mbarriers, 8 bytes each
+  const uint32_t sKgBand = sKV + 4 * kKVBytes;           // SelfExtend only
+  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
   auto k_full = [&](int s) { return bars + 8 * s; };
@@ -493,20 +267,23 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   const uint32_t q_full = bars + 64;
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-  if (tid == 0) {
+  if (tid == 0) {  // full: one arrive.expect_tx per fill; empty: both consumer warpgroups
     for (int s = 0; s < 2; ++s) {
-      MbarInit(k_full(s), 128);
-      MbarInit(v_full(s), 128);
+      MbarInit(k_full(s), 1);
+      MbarInit(v_full(s), 1);
       MbarInit(k_empty(s), 256);
       MbarInit(v_empty(s), 256);
     }
-    MbarInit(q_full, 128);
+    MbarInit(q_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  int rank, pair;
+  GroupedBlockOrder(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gridDim.x,
+                    gridDim.y * gridDim.z, head_group, rank, pair);
+  const int m_block = gridDim.x - 1 - rank;
+  const int h = pair % p.heads, b = pair / p.heads;
   const int hk = h / p.group;
   const int seq = p.seq;
   const int m0 = m_block * kWgM;
@@ -514,55 +291,53 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   const int last_row = min(m0 + kWgM, seq) - 1;
   const int n_tiles = last_row / kWgN + 1;
   const int W = p.se_window;
+  // SelfExtend: tiles [0, near_first) hold only grouped pairs (i − j >= W for every row of the
+  // block), tiles [n_far, n_tiles) only neighbour pairs, the band tiles in between both.
   int near_first = 0, n_far = 0;
   if constexpr (kSE) {
     near_first = max(0, m0 - W + 1) / kWgN;
     n_far = last_row >= W ? (last_row - W) / kWgN + 1 : 0;
   }
-  const int n_near = n_tiles - near_first;
-  const int total = n_near + n_far;
-  auto tile_n0 = [&](int vt) {
-    return ((kSE && vt >= n_near) ? vt - n_near : near_first + vt) * kWgN;
-  };
+  const int total = n_tiles;
+  auto is_far_only = [&](int t) { return kSE && t < near_first; };  // Q_g, K_g
+  auto is_band = [&](int t) { return kSE && t >= near_first && t < n_far; };
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
+    // One thread issues every copy (TMA): K(t + 1) (its stage freed by S(t − 1)) ahead of V(t)
+    // (freed by P(t − 2)V(t − 2)), the order in which the consumers release them. SelfExtend:
+    // Q_g rides with Q, a band tile's K_g (own buffer) with its K.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const bf16* k = p.k + row_base * p.kv_stride + hk * kD;
-    const bf16* kg = kSE ? p.kg + row_base * p.kv_stride + hk * kD : k;
-    const bf16* v = p.v + row_base * p.kv_stride + hk * kD;
-    auto load_k = [&](int vt) {
-      const int s = vt & 1;
-      MbarWait(k_empty(s), ((vt >> 1) & 1) ^ 1);
-      const bf16* src = (kSE && vt >= n_near) ? kg : k;
-      ProducerLoad<kWgN, kD>(sK(s), src, p.kv_stride, tile_n0(vt), seq, wtid);
-      if (kSE && vt == n_near) {  // Q_g travels with the first far tile (same commit group)
-        ProducerLoad<kWgM, kD>(sQg, p.qg + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
-                               wtid);
+    if (wtid != 0) return;
+    auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
+#pragma unroll
+      for (int cb = 0; cb < kD / 64; ++cb) {
+        TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
       }
-      CpAsyncCommit();
     };
-    ProducerLoad<kWgM, kD>(sQ, p.q + row_base * p.q_stride + h * kD, p.q_stride, m0, seq,
-                                  wtid);
-    CpAsyncCommit();
+    auto load_k = [&](int t) {
+      const int s = t & 1;
+      MbarWait(k_empty(s), ((t >> 1) & 1) ^ 1);
+      const bool band = is_band(t);
+      if (band && t > 0 && is_band(t - 1)) {  // the K_g band buffer: S_g(t − 1) done
+        MbarWait(k_empty(s ^ 1), ((t - 1) >> 1) & 1);
+      }
+      MbarArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
+      tile(sK(s), is_far_only(t) ? &maps.kg : &maps.k, k_full(s), hk, t * kWgN);
+      if (band) tile(sKgBand, &maps.kg, k_full(s), hk, t * kWgN);
+    };
+    const bool with_qg = kSE && n_far > 0;
+    MbarArriveExpectTx(q_full, kQBytes * (with_qg ? 2 : 1));
+    tile(sQ, &maps.q, q_full, h, m0);
+    if (with_qg) tile(sQg, &maps.qg, q_full, h, m0);
     load_k(0);
-    CpAsyncWait1();  // Q landed
-    FenceProxyAsync();
-    MbarArrive(q_full);
-    for (int vt = 0; vt < total; ++vt) {
-      const int s = vt & 1;
-      MbarWait(v_empty(s), ((vt >> 1) & 1) ^ 1);
-      ProducerLoad<kWgN, kD>(sV(s), v, p.kv_stride, tile_n0(vt), seq, wtid);
-      CpAsyncCommit();
-      CpAsyncWait1();  // everything but V(vt): K(vt) and V(vt − 1)
-      FenceProxyAsync();
-      if (vt > 0) MbarArrive(v_full(s ^ 1));
-      MbarArrive(k_full(s));
-      if (vt + 1 < total) load_k(vt + 1);
+    for (int t = 0; t < total; ++t) {
+      if (t + 1 < total) load_k(t + 1);
+      const int s = t & 1;
+      MbarWait(v_empty(s), ((t >> 1) & 1) ^ 1);
+      MbarArriveExpectTx(v_full(s), kKVBytes);
+      tile(sV(s), &maps.v, v_full(s), hk, t * kWgN);
     }
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    MbarArrive(v_full((total - 1) & 1));
     return;
   }
 
@@ -585,7 +360,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   uint32_t pa[kWgN / 16][4];
 
   auto issue_s = [&](int vt) {
-    const bool far = kSE && vt >= n_near;
+    const bool far = is_far_only(vt);
     const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
     const uint32_t kb = sK(vt & 1);
 #pragma unroll
@@ -609,25 +384,50 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
     }
     WgmmaCommit();
   };
-  // Mask, row max, exponentials and row sums of S(vt); returns the O correction per row half.
-  auto softmax = [&](int vt, float (&corr)[2]) {
-    const bool far = kSE && vt >= n_near;
-    const int n0 = tile_n0(vt);
-    const bool need_mask =
-        far ? (w_first - (n0 + kWgN - 1) < W || n0 + kWgN > seq)
-            : (n0 + kWgN - 1 > w_first || n0 + kWgN > seq || (kSE && w_last - n0 >= W));
+  // One-pass SelfExtend, band tile: the grouped scores S_g = Q_g K_gᵀ of the tile.
+  auto issue_s_band = [&](float (&sg)[64]) {
+    const uint32_t q_rows = sQg + cwg * 64 * 128;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(sKgBand + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(sg, da, db, kk > 0 ? 1 : 0);
+    }
+    WgmmaCommit();
+  };
+  // Band tile: S_g where i − j >= W, −inf past the diagonal and past T (s keeps the rest).
+  auto band_merge = [&](int t, const float (&sg)[64]) {
+    const int n0 = t * kWgN;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = r_lo + 8 * hr;
+      const int hi = min(row, seq - 1) - n0, far_hi = row - W - n0;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * c + 2 * tq + e;
+          float& x = s[4 * c + 2 * hr + e];
+          x = col > hi ? -INFINITY : (col <= far_hi ? sg[4 * c + 2 * hr + e] : x);
+        }
+    }
+  };
+  // Mask, row max, exponentials and row sums of S(t); returns the O correction per row half.
+  // Only tiles crossing this warpgroup's diagonal or the end of the sequence are masked here
+  // (far-only tiles never need it; band tiles were masked by band_merge).
+  auto softmax = [&](int t, float (&corr)[2]) {
+    const int n0 = t * kWgN;
+    const bool need_mask = !is_far_only(t) && !is_band(t) &&
+                           (n0 + kWgN - 1 > w_first || n0 + kWgN > seq);
     if (need_mask) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int row = r_lo + 8 * hr;
-        const int hi = min(far ? row - W : row, seq - 1) - n0;
-        const int lo = (kSE && !far) ? row - W + 1 - n0 : 0;
+        const int hi = min(r_lo + 8 * hr, seq - 1) - n0;
 #pragma unroll
         for (int c = 0; c < kWgN / 8; ++c)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = 8 * c + 2 * tq + e;
-            if (col < lo || col > hi) s[4 * c + 2 * hr + e] = -INFINITY;
+            if (8 * c + 2 * tq + e > hi) s[4 * c + 2 * hr + e] = -INFINITY;
           }
       }
     }
@@ -672,6 +472,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
   WgmmaWait0();
   FenceRegs(s);
+  if (is_band(0)) {
+    float sg[64];
+    WgmmaFence();
+    issue_s_band(sg);
+    WgmmaWait0();
+    FenceRegs(sg);
+    band_merge(0, sg);
+  }
   MbarArrive(k_empty(0));
   {
     float corr[2];
@@ -687,15 +495,33 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
     issue_s(vt);
     issue_pv(vt - 1);
     if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
-    WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
-    FenceRegs(s);
-    MbarArrive(k_empty(vt & 1));
     float corr[2];
-    softmax(vt, corr);
-    WgmmaWait0();
-    FenceRegs(o);
-    FenceRegs(pa);
-    MbarArrive(v_empty((vt - 1) & 1));
+    if (is_band(vt)) {
+      // Band tile (one per block when W % 128 == 0): P(vt − 1)V(vt − 1) first, so P's
+      // registers are free for S_g (o, s, S_g live; not o, s, P, S_g).
+      WgmmaWait0();
+      FenceRegs(s);
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((vt - 1) & 1));
+      float sg[64];
+      WgmmaFence();
+      issue_s_band(sg);
+      WgmmaWait0();
+      FenceRegs(sg);
+      MbarArrive(k_empty(vt & 1));
+      band_merge(vt, sg);
+      softmax(vt, corr);
+    } else {
+      WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
+      FenceRegs(s);
+      MbarArrive(k_empty(vt & 1));
+      softmax(vt, corr);
+      WgmmaWait0();
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((vt - 1) & 1));
+    }
 #pragma unroll
     for (int c = 0; c < kDT; ++c) {
       o[4 * c] *= corr[0];
@@ -755,29 +581,93 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_ws_kernel(const WgmmaF
   }
 }
 
+// (batch, head) pairs per group of GroupedBlockOrder: as many as keep `bytes_per_pair` (what
+// the blocks of one pair read repeatedly: K and V in the forward) within kOrderL2Budget (a third
+// of the H100's 50 MB L2), so a group's blocks share them in L2 while the group runs longest
+// first. Measured against head-major order (H100, RESULTS.md attn5): forward 4-6%, backward
+// 3-5% faster; 32 heads per group at B2 S8192 (4 MB each) was 10% slower than 4 (L2 misses).
+constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
+int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
+  const int64_t n = kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 1), pairs));
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Map of a [B, T, heads, D] bf16 view with `row_stride` elements per (b, t) row: box of 64
+// columns x `box_rows` rows of one head, 128-byte swizzle, zeros past T.
+CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int heads, int seq,
+                         int64_t batch, int row_stride, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return {1, "cuTensorMapEncodeTiled: not found in the driver"};
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2 * seq};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base),
+                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return {static_cast<int>(r), "cuTensorMapEncodeTiled failed (error " + std::to_string(r) + ")"};
+  }
+  return {};
+}
+
 template <int kD, bool kSE>
 CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = WsFwdSmemBytes<kD, kSE>();
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  FwdTmaMaps maps{};
+  const int kv_heads = p.heads / p.group;
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+  if constexpr (kSE) {
+    CUDA_RETURN_IF_NOT_OK(
+        EncodeRowsMap(&maps.qg, p.qg, kD, p.heads, p.seq, batch, p.q_stride, kWgM));
+    CUDA_RETURN_IF_NOT_OK(
+        EncodeRowsMap(&maps.kg, p.kg, kD, kv_heads, p.seq, batch, p.kv_stride, kWgN));
+  }
+  const int64_t pairs = batch * p.heads;
+  // A pair's blocks re-read K and V (SelfExtend: and K_g).
+  const int head_group = HeadGroup(int64_t{kSE ? 3 : 2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p);
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
 
-
 // ------------------------------------------------------------------------------------------
 // Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
-// (ceil(T/128), Hk, B), 384 threads = a producer warpgroup and two consumer warpgroups, one
-// block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
+// (ceil(T/128), Hk, B) in GroupedBlockOrder, 384 threads = a producer warpgroup and two
+// consumer warpgroups, one block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
 //   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile
-//     Q, dO (cp.async into 128B-swizzled tiles) and lse, D_i (fp32 rows) into a 3-deep ring
-//     (kBwdStages; 2 stages measured 1-4% slower); each stage is
-//     announced on a `full` mbarrier once landed and fenced for the async proxy, and reused
-//     after both consumer warpgroups arrived on its `empty` mbarrier. No block-wide barrier.
+//     Q, dO (TMA, issued by one thread) and lse, D_i (fp32 rows, one 4-byte cp.async per
+//     thread) into a 3-deep ring (kBwdStages; 2 stages measured 1-4% slower); a stage's `full`
+//     mbarrier completes when the TMA bytes and the 128 cp.async arrivals (.noinc, no wait)
+//     are in; it is reused after both consumer warpgroups arrived on its `empty` mbarrier. No
+//     block-wide barrier. (TMA vs the earlier cp.async producer with a wait per stage: 0.95 vs
+//     0.99 ms at B8 S2048 D128, 3.00 vs 3.16 at B2 S8192, equal at D 64; H100, attn5.)
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
 //   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
 //     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
@@ -836,8 +726,25 @@ struct BwdWsLayout {
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Arrives on `bar` once this thread's earlier cp.async copies have landed (the arrival counts
+// against the barrier's initial count: .noinc).
+__device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Tensor maps of the backward's TMA loads (EncodeRowsMap): K, V boxes of 128 rows, Q, dO of 64.
+struct BwdTmaMaps {
+  CUtensorMap q, dout, k, v;
+};
+
 template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaBwdParams p) {
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
+                       const int head_group) {
   using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
@@ -870,7 +777,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
   }
   __syncthreads();
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  int n_block, pair;  // key block 0 has the most query tiles: rank 0 = n_block 0
+  GroupedBlockOrder(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gridDim.x,
+                    gridDim.y * gridDim.z, head_group, n_block, pair);
+  const int hk = pair % gridDim.y, b = pair / gridDim.y;
   const int seq = p.seq;
   const int n0 = n_block * kBN;
   const int64_t row_base = static_cast<int64_t>(b) * seq;
@@ -885,31 +795,38 @@ __global__ void __launch_bounds__(kWsThreads, 1) attn_bwd_ws_kernel(const WgmmaB
     // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
     // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    const int do_stride = p.heads * kD;
-    ProducerLoad<kBN, kD>(sK, p.k + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
-    ProducerLoad<kBN, kD>(sV, p.v + row_base * p.kv_stride + hk * kD, p.kv_stride, n0, seq, wtid);
+    // Thread 0 issues the tiles (TMA; K and V with stage 0 of the first tile) and registers
+    // their bytes on the stage's `full` barrier; every thread copies one lse / D value with
+    // cp.async and arrives when it landed, without waiting (128 arrivals + the bytes).
+    auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0,
+                    int rows) {
+#pragma unroll
+      for (int cb = 0; cb < kD / 64; ++cb) {
+        TmaLoad4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
+      }
+    };
     for (int it = 0; it < total; ++it) {
       const int s = it % kBwdStages;
       MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
       const int h = hk * p.group + it / per_head;
       const int m0 = (m_first + it % per_head) * kBM;
-      ProducerLoad<kBM, kD>(base + L::kQ + s * L::kQBytes, p.q + row_base * p.q_stride + h * kD,
-                            p.q_stride, m0, seq, wtid);
-      ProducerLoad<kBM, kD>(base + L::kDO + s * L::kQBytes, p.dout + row_base * do_stride + h * kD,
-                            do_stride, m0, seq, wtid);
-      {  // lse (threads 0..63) and D (64..127) of the tile's rows, 4 bytes each
-        const int which = wtid / 64, r = wtid % 64;
-        const bool valid = m0 + r < seq;
-        const float* src = (which == 0 ? p.lse : p.dvec) +
-                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + wtid * 4),
-                     "l"(src), "r"(valid ? 4 : 0));
+      if (wtid == 0) {
+        MbarExpectTx(full_bar(s), 2 * L::kQBytes + (it == 0 ? 2 * L::kKVBytes : 0));
+        if (it == 0) {
+          tile(sK, &maps.k, full_bar(s), hk, n0, kBN);
+          tile(sV, &maps.v, full_bar(s), hk, n0, kBN);
+        }
+        tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
+        tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
       }
-      CpAsyncCommit();
-      CpAsyncWaitAll();
-      FenceProxyAsync();
-      MbarArrive(full_bar(s));
+      const int which = wtid / 64, r = wtid % 64;
+      const bool valid = m0 + r < seq;
+      const float* src = (which == 0 ? p.lse : p.dvec) +
+                         (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                       base + L::kStats + s * 512 + wtid * 4),
+                   "l"(src), "r"(valid ? 4 : 0));
+      CpAsyncMbarArrive(full_bar(s));
     }
     return;
   }
@@ -1165,9 +1082,20 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   constexpr int smem = BwdWsLayout<kD>::kBytes;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  BwdTmaMaps maps{};
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
+  CUDA_RETURN_IF_NOT_OK(
+      EncodeRowsMap(&maps.dout, p.dout, kD, p.heads, p.seq, batch, p.heads * kD, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.k, p.k, kD, static_cast<int>(kv_heads), p.seq,
+                                      batch, p.kv_stride, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.v, p.v, kD, static_cast<int>(kv_heads), p.seq,
+                                      batch, p.kv_stride, 128));
   const dim3 grid((p.seq + 127) / 128, static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(batch));
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p);
+  // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
+  const int head_group =
+      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
@@ -1175,20 +1103,13 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, bool warp_specialised,
-                                       cudaStream_t stream) {
-  if (warp_specialised) {
-    if (head_dim == 64) {
-      return self_extend ? LaunchWs<64, true>(p, batch, stream)
-                         : LaunchWs<64, false>(p, batch, stream);
-    }
-    return self_extend ? LaunchWs<128, true>(p, batch, stream)
-                       : LaunchWs<128, false>(p, batch, stream);
-  }
+                                       bool self_extend, cudaStream_t stream) {
   if (head_dim == 64) {
-    return self_extend ? Launch<64, true>(p, batch, stream) : Launch<64, false>(p, batch, stream);
+    return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                       : LaunchWs<64, false>(p, batch, stream);
   }
-  return self_extend ? Launch<128, true>(p, batch, stream) : Launch<128, false>(p, batch, stream);
+  return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                     : LaunchWs<128, false>(p, batch, stream);
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,

@@ -23,11 +23,10 @@ struct WgmmaFwdParams {
   int se_window;
 };
 
-// warp_specialised: the FlashAttention-3-style kernel (producer warpgroup, mbarriers, two
-// consumer warpgroups in pingpong); otherwise the two-warpgroup kernel with block barriers.
+// attn_fwd_ws_kernel: the FlashAttention-3-style kernel (TMA producer, mbarriers, two consumer
+// warpgroups in pingpong).
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
-                                       bool self_extend, bool warp_specialised,
-                                       cudaStream_t stream);
+                                       bool self_extend, cudaStream_t stream);
 
 // Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
 // kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
