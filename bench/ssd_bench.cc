@@ -10,8 +10,7 @@
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
 // MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
-// MASK 15 runs "[v3 all dcb1]" (ssd_bwd_dcb_reg without its head split, as before session 5)
-// and then the default "[v3 all]", so that one call times both.
+// MASK 15 runs the default "[v3 all]".
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -135,7 +134,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   struct Path {
     const char* name;
     int mask;
-    int dcb_split = 0;  // 1: ssd_bwd_dcb_reg unsplit (as before session 5)
+    int split_max = 4;
+    bool inter_in_state = true;
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -143,13 +143,15 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state]", kSsdRegState},
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
-                        {"[v3 all dcb1]", kSsdRegAll, 1},
+                        {"[v3 all dcb2]", kSsdRegAll, 2},
+                        {"[v3 all idx]", kSsdRegAll, 4, false},
                         {"[v3 all] ", kSsdRegAll}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     SsdSetRegisterPathForTesting(p.mask);
-    SsdSetDcbSplitForTesting(p.dcb_split);
+    SsdSetDcbSplitMaxForTesting(p.split_max);
+    SsdSetInterInStateForTesting(p.inter_in_state);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -167,7 +169,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     std::fflush(stdout);
   }
   SsdSetRegisterPathForTesting(saved_mask);
-  SsdSetDcbSplitForTesting(0);
 }
 
 }  // namespace

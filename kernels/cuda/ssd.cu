@@ -1565,11 +1565,14 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
 // regions, each first holding the operands of one prologue product — RA: B_s and G_{c+1} (state
 // term), RB: C of the own tile and H_c (inter term), bf16 — and then one l-tile buffer of the
 // pair loop (C Bᵀ tile, dy_l); Acs of the chunk, its tile-relative decays, dt of the own rows.
-template <typename Carver>
+// kInter = false (the inter term comes from ssd_chunk_state_pipe<bwd, inter>): RB is only an
+// l-tile buffer (~56 KB at P64 N128: four blocks per SM by shared memory).
+template <typename Carver, bool kInter>
 void CarveDxReg(Carver& cv, const Dims& d) {
-  const int region = std::max((kTile + d.P) * (d.N + 8), kTile * kLdCb + kTile * (d.P + 8));
-  cv.template take<bf16>(region);     // RA
-  cv.template take<bf16>(region);     // RB
+  const int buf = kTile * kLdCb + kTile * (d.P + 8);
+  const int region = std::max((kTile + d.P) * (d.N + 8), buf);
+  cv.template take<bf16>(region);                  // RA
+  cv.template take<bf16>(kInter ? region : buf);   // RB
   cv.template take<float>(2 * d.Q);   // acs, erel
   cv.template take<float>(kTile);     // dt (own rows)
   cv.template take<double>(kWarps);   // block reduction
@@ -1585,8 +1588,8 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // (x_s·dy_l)·M come from ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway.
 // Phases: RA and RB are loaded at once; state product (RA); RA then receives l-tile st while
 // the inter product reads RB; the pair loop alternates RA, RB with one barrier per tile.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
+template <int kP, bool kInter>
+__global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_dx_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
@@ -1602,10 +1605,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
   const int s0 = st * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
   const int ldn = d.N + 8, ldp = kP + 8;
-  const int region = max((kTile + kP) * ldn, kTile * kLdCb + kTile * ldp);
+  const int tbuf = kTile * kLdCb + kTile * ldp;
+  const int region = max((kTile + kP) * ldn, tbuf);
   Carve cv{smem};
   bf16* RA = cv.take<bf16>(region);
-  bf16* RB = cv.take<bf16>(region);
+  bf16* RB = cv.take<bf16>(kInter ? region : tbuf);
   float* acs = cv.take<float>(2 * d.Q);
   float* erel = acs + d.Q;
   float* dts = cv.take<float>(kTile);
@@ -1629,9 +1633,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
-  LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
-  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
-  CpAsyncCommit();
+  if constexpr (kInter) {
+    LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+    CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
+  }
+  CpAsyncCommit();  // (empty without kInter)
   // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
@@ -1679,8 +1685,11 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
       dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
       dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
     }
-    dl0 = ok0 ? QuadSum(dl0) * dt0 : 0.f;
-    dl1 = ok1 ? QuadSum(dl1) * dt1 : 0.f;
+    // The shuffles run on every lane (full mask); rows past the sequence end are zeroed after.
+    dl0 = QuadSum(dl0) * dt0;
+    dl1 = QuadSum(dl1) * dt1;
+    dl0 = ok0 ? dl0 : 0.f;
+    dl1 = ok1 ? dl1 : 0.f;
   }
   auto issue = [&](int lt, bf16* buf) {
     const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
@@ -1692,9 +1701,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
   issue(st, RA);
   CpAsyncWait<1>();  // C_own, H_c
   __syncthreads();
-  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
+  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l (kInter; else the chunk-state
+  // kernel wrote it).
   float inter0 = 0.f, inter1 = 0.f;
-  {
+  if constexpr (kInter) {
     float t[NP][4];
     ZeroAcc(t);
     WarpMmaSS<NP, true>(t, Co + warp * 16 * ldn, ldn, Hs, ldn, d.N);
@@ -1705,8 +1715,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
       inter0 += t[j][0] * y0.x + t[j][1] * y0.y;
       inter1 += t[j][2] * y1.x + t[j][3] * y1.y;
     }
-    inter0 = ok0 ? QuadSum(inter0) * expf(as0) : 0.f;
-    inter1 = ok1 ? QuadSum(inter1) * expf(as1) : 0.f;
+    inter0 = QuadSum(inter0) * expf(as0);
+    inter1 = QuadSum(inter1) * expf(as1);
+    inter0 = ok0 ? inter0 : 0.f;
+    inter1 = ok1 ? inter1 : 0.f;
   }
 
   // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd). One barrier per
@@ -1813,7 +1825,8 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_bwd_dx_reg(
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
     const float* dacs_pair, const float* dacs_own, const float* ddtx, const double* dd_part,
-    const double* dpair, const float* ddecay, int ddecay_parts, float* ddt, double* part) {
+    const double* dpair, const float* inter_part, int inter_parts, const float* ddecay,
+    int ddecay_parts, float* ddt, double* part) {
   __shared__ float dacs[256];
   __shared__ double red[3 * kWarps];
   __shared__ float dacs_decay;  // e^{Acs_last} <G_{c+1}, H_c> (thread 0 writes, thread 0 reads)
@@ -1828,11 +1841,18 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
+  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices; 0 when bwd dx
+  // formed them): +v at l, A·∂A share v·Acs_l.
+  double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
     const int T = t / kTile, r = t % kTile;
     float v = 0.f;
     if (T < nT) {
-      v = own[t];
+      float inter = 0.f;
+      for (int sl = 0; sl < inter_parts; ++sl)
+        inter += inter_part[((static_cast<int64_t>(sl) * d.B + b) * d.H + h) * d.NC * d.Q + c0 + t];
+      inter_da += static_cast<double>(inter) * acs_g[t];
+      v = own[t] + inter;
       for (int s = 0; s <= T; ++s) v += pp[(T * (T + 1) / 2 + s) * 2 * kTile + r];
       for (int l = T; l < nT; ++l) v -= pp[(l * (l + 1) / 2 + T) * 2 * kTile + kTile + r];
     }
@@ -1881,6 +1901,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     db_acc += draw;
   }
   const double s_b = BlockSumDouble(db_acc, red + kWarps);
+  const double s_i = BlockSumDouble(inter_da, red + 2 * kWarps);
   if (threadIdx.x == 0) {
     const int64_t i = bch;
     double s_d = 0.0, s_a = 0.0;
@@ -1890,6 +1911,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     // (ssd_param_reduce multiplies by A again for ∂A_log).
     for (int s = 0; s < nT; ++s) s_a += dd_part[n * tiles + i * tiles + s];
     for (int p = 0; p < nT * (nT + 1) / 2; ++p) s_a += dpair[i * pairs + p];
+    s_a += s_i;
     s_a += static_cast<double>(dacs_decay) * acs_g[d.Q - 1];
     s_a /= static_cast<double>(A);
     part[i] = s_a;
@@ -2148,6 +2170,50 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
     }
 }
 
+// grid (NC·pairs, G, B): one 64×64 tile pair of dCB: the head splits' fp32 partials summed in
+// order and rounded to bf16 (the dB/dC products' operand precision), written as dCB[l, s] and
+// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_reg loads A fragments of either as 4-byte pairs.
+__global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float* dcb, int split,
+                                                            bf16* dcb_bf) {
+  __shared__ bf16 tile[kTile][kTile + 2];
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pi = blockIdx.x % pairs, lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  const int st = pi;
+  const int len = min(d.Q, d.S - c * d.Q);
+  if (lt * kTile >= len) return;
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  const int64_t base = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  const int l0 = lt * kTile, s0 = st * kTile;
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;
+    const int64_t off = base + static_cast<int64_t>(l0 + r) * d.Q + s0 + cc;
+    float2 v = *reinterpret_cast<const float2*>(dcb + off);
+    for (int p = 1; p < split; ++p) {
+      const float2 w = *reinterpret_cast<const float2*>(dcb + p * n + off);
+      v.x += w.x;
+      v.y += w.y;
+    }
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + off) = h;
+    tile[r][cc] = h.x;
+    tile[r][cc + 1] = h.y;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;  // row s0 + r, columns l0 + cc
+    __nv_bfloat162 h;
+    h.x = tile[cc][r];
+    h.y = tile[cc + 1][r];
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + n + base + static_cast<int64_t>(s0 + r) * d.Q +
+                                       l0 + cc) = h;
+  }
+}
+
 // Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
 // rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the other tile's C_l/B_s slice
 // [64][72] in the same place; each head's Acs and dt of the own rows, and Acs_last.
@@ -2198,7 +2264,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // of H_c and G_{c+1}, [B, H, NC, P, N].
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const float* dcb, int dcb_split, bf16* db, bf16* dc) {
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -2259,8 +2325,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     CpAsyncCommit();
   };
 
-  const float* dcb_bc = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
-  const int64_t dcb_part = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  // dcb_bf holds dCB [B, NC, G, Q, Q] and then its per-chunk transpose (ssd_bwd_dcb_sum).
+  const int64_t dcb_n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  const bf16* dcb_t = dcb_bf + (kDB ? dcb_n : 0) +
+                      ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
@@ -2282,30 +2350,17 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
       CpAsyncCommit();
     }
     if (step < n1) {
-      // A fragments of the dCB tile straight from global memory (fp32 → bf16):
-      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s].
+      // A fragments of the dCB tile straight from global memory (bf16 pairs, 4-byte loads):
+      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
       const int o = kDB ? ot + step : step;
       unsigned fa[4][4];
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int row = o0 + r0 + 8 * (i & 1);            // own index in the chunk
+          const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
           const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-          float v0 = 0.f, v1 = 0.f;
-          for (int sp = 0; sp < dcb_split; ++sp) {  // the head splits' partials, in order
-            const float* t = dcb_bc + sp * dcb_part;
-            if (kDB) {
-              v0 += t[static_cast<int64_t>(k) * d.Q + row];
-              v1 += t[static_cast<int64_t>(k + 1) * d.Q + row];
-            } else {
-              const float2 v =
-                  *reinterpret_cast<const float2*>(t + static_cast<int64_t>(row) * d.Q + k);
-              v0 += v.x;
-              v1 += v.y;
-            }
-          }
-          fa[ks][i] = PackBf16(v0, v1);
+          fa[ks][i] = *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
         }
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
@@ -2358,15 +2413,25 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
+template <typename Carver>
+void CarveChunkStatePipeInter(Carver& cv, const Dims& d) {
+  CarveChunkStatePipe(cv, d);
+  cv.template take<bf16>(d.P * (StateSlice(d) + 8));
+}
 
 // ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
 // one is scaled and multiplied, and the row scales of the whole chunk computed once up front
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
-template <bool kBwd>
+// kInter (backward only): also the inter-chunk ∂Acs term of every token l of the chunk,
+// e^{Acs_l} dy_l·(C_l H_cᵀ)_l = Σ_p U[l, p]·(V H_cᵀ)[l, p] over this block's columns of N (U is
+// the scaled dy tile, V the C tile it already holds; H_c bf16 from `saved`), into
+// inter_out [ntn, B, H, NC·Q] (one partial per N slice; ssd_bwd_dacs_finish sums them). Bwd dx
+// then needs neither C_l nor H_c.
+template <bool kBwd, bool kInter>
 __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
-                                                                 float* ds_out) {
+                                                                 float* ds_out, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
   const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
@@ -2377,6 +2442,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
+  bf16* Hs = kInter ? cv.take<bf16>(d.P * ldv) : nullptr;  // H_c[:, n0 : n0 + nw]
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
   const float* dts = DtPtr(d, saved, b);
   const int c0 = c * d.Q;
@@ -2395,7 +2461,10 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
                   u_stride, valid, d.P);
     CpAsyncCommit();
   };
-  issue(0, 0);
+  if constexpr (kInter) {
+    CpRows(Hs, ldv, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, d.P, nw);
+  }
+  issue(0, 0);  // (the same cp.async group as H_c)
   {
     const float acs_last = acs[d.Q - 1];
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
@@ -2432,6 +2501,33 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+    if constexpr (kInter) {
+      // Warp w: tokens 16w.. of this tile; (V H_cᵀ) in 16-column steps of P (8 accumulators).
+      const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+      const int r0 = warp * 16 + gq;
+      const bf16* Vw = V0 + buf * kTile * ldv + warp * 16 * ldv;
+      float i0 = 0.f, i1 = 0.f;
+      for (int p0 = 0; p0 < d.P; p0 += 16) {
+        float t[2][4];
+        ZeroAcc(t);
+        WarpMmaSS<2, true>(t, Vw, ldv, Hs + p0 * ldv, ldv, nw);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int p = p0 + 8 * j + 2 * tq;
+          const float2 u0 = Bf2(Us + r0 * ldu + p), u1 = Bf2(Us + (r0 + 8) * ldu + p);
+          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
+          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
+        }
+      }
+      i0 = QuadSum(i0);
+      i1 = QuadSum(i1);
+      if (tq == 0) {
+        float* io = inter_out + ((static_cast<int64_t>(blockIdx.y % ntn) * d.B + b) * d.H + h) *
+                                    d.NC * d.Q + c0 + tt * kTile;
+        io[r0] = i0;
+        io[r0 + 8] = i1;
+      }
+    }
   }
   float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                     : StatePtr(d, saved, b, h, c + 1);
@@ -2492,7 +2588,12 @@ std::atomic<int> g_reg_mask{kDefaultRegMask};
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
+  // With dx: the inter-chunk ∂Acs term from ssd_chunk_state_pipe<bwd, inter> (which then runs
+  // for the backward whatever `state` says) instead of from bwd dx.
+  bool inter_state = false;
 };
+// TEMPORARY (session 5 A/B): where the inter ∂Acs term is formed.
+std::atomic<bool> g_inter_in_state{true};
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
@@ -2500,8 +2601,12 @@ RegPlan PlanReg(const Dims& d) {
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
-  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDxReg<CarveSize>>(d) <= optin &&
-         SmemOf<CarveDcbReg<CarveSize>>(d) <= optin;
+  p.inter_state = (mask & kSsdRegDx) && g_inter_in_state.load() &&
+                  SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
+  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
+         (p.inter_state ? SmemOf<CarveDxReg<CarveSize, false>>(d)
+                        : SmemOf<CarveDxReg<CarveSize, true>>(d)) <= optin;
+  p.inter_state = p.inter_state && p.dx;
   p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
   p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
           SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
@@ -2528,9 +2633,10 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
-    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false, false>, smem));
+    ssd_chunk_state_pipe<false, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                          kThreads, smem, stream>>>(d, slice, a.x, a.b, saved,
+                                                                    nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2561,13 +2667,13 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
 }
 
 // Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
-// of them (each block keeps a pipeline of several heads), else 1. g_dcb_split_override
-// (testing, A/B timing) forces 1 or 2.
-std::atomic<int> g_dcb_split_override{0};
+// of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
+// 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
+std::atomic<int> g_dcb_split_max{4};
 int DcbSplit(const Dims& d) {
-  const int forced = g_dcb_split_override.load();
-  if (forced == 1) return 1;
-  return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1;
+  for (int k = g_dcb_split_max.load(); k > 1; k /= 2)
+    if (d.hpg % k == 0) return k;
+  return 1;
 }
 
 struct BwdScratch {
@@ -2587,19 +2693,29 @@ struct BwdScratch {
   float* dacs_pair;   // [B, H, NC, pairs, 2, 64] ∂Acs row / column sums per tile pair
   double* dpair;      // [B, NC, H, pairs] A·∂A of the pair terms
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
+  bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
+  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice (inter_state)
+  int inter_parts;
 };
 
-template <int kP>
+template <int kP, bool kInter>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
-  const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
-  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                  stream>>>(d, a.x, a.b, a.c, a.d,
-                                            static_cast<const float*>(a.saved), a.dy,
-                                            sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
+  const size_t smem = SmemOf<CarveDxReg<CarveSize, kInter>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP, kInter>, smem));
+  ssd_chunk_scan_bwd_dx_reg<kP, kInter><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                          stream>>>(d, a.x, a.b, a.c, a.d,
+                                                    static_cast<const float*>(a.saved), a.dy,
+                                                    sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
+                                                    sc.dd_part);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
   return {};
+}
+template <int kP>
+CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
+                       const BwdScratch& sc, cudaStream_t stream) {
+  return plan.inter_state ? LaunchDxReg<kP, false>(a, d, sc, stream)
+                          : LaunchDxReg<kP, true>(a, d, sc, stream);
 }
 
 template <class MM>
@@ -2607,13 +2723,21 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.state) {
+  if (plan.inter_state) {
+    const size_t smem = SmemOf<CarveChunkStatePipeInter<CarveSize>>(d);
+    const int slice = StateSlice(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, true>, smem));
+    ssd_chunk_state_pipe<true, true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                        kThreads, smem, stream>>>(
+        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, sc.inter_part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd, inter>");
+  } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
-    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
-                                                  sc.dsg);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, false>, smem));
+    ssd_chunk_state_pipe<true, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                         kThreads, smem, stream>>>(
+        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2640,14 +2764,15 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
   if (plan.dx) {
     switch (d.P) {
-      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
-      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, sc, stream)); break;
-      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
-      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
+      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, plan, sc, stream)); break;
+      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, plan, sc, stream)); break;
+      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, plan, sc, stream)); break;
+      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, plan, sc, stream)); break;
     }
     ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
         d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-        sc.dpair, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
+        sc.dpair, sc.inter_part, plan.inter_state ? sc.inter_parts : 0, sc.ddecay,
+        sc.pass_blocks, a.ddt, sc.part);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
   } else {
     const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
@@ -2659,11 +2784,13 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   if (plan.dbc) {
+    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
+        d, sc.dcb, sc.dcb_split, sc.dcb_bf);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb, sc.dcb_split,
-                                a.db, a.dc);
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     return {};
   }
@@ -2706,7 +2833,8 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
-void SsdSetDcbSplitForTesting(int split) { g_dcb_split_override.store(split == 1 ? 1 : 0); }
+void SsdSetDcbSplitMaxForTesting(int k) { g_dcb_split_max.store(k == 2 ? 2 : 4); }
+void SsdSetInterInStateForTesting(bool on) { g_inter_in_state.store(on); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2812,6 +2940,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int dcb_split = DcbSplit(d);
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
+  const int inter_parts = (d.N + StateSlice(d) - 1) / StateSlice(d);
+  const int64_t n_inter = plan.inter_state ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
+  const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
   const int64_t n_dpair = run_dcb ? static_cast<int64_t>(d.B) * d.NC * d.H * pairs : 0;
   auto up = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
@@ -2826,7 +2957,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t off_dcb = off_ddp + up(n_ddp * 8);
   const int64_t off_pair = off_dcb + up(n_dcb * 4);
   const int64_t off_dpair = off_pair + up(n_pair * 4);
-  const int64_t total = off_dpair + up(n_dpair * 8);
+  const int64_t off_dcb_bf = off_dpair + up(n_dpair * 8);
+  const int64_t off_inter = off_dcb_bf + up(n_dcb_bf * 2);
+  const int64_t total = off_inter + up(n_inter * 4);
   DeviceBuffer buf;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
   char* base_ptr = buf.as<char>();
@@ -2852,6 +2985,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
     sc.dacs_pair = reinterpret_cast<float*>(base_ptr + off_pair);
     sc.dpair = reinterpret_cast<double*>(base_ptr + off_dpair);
   }
+  if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
+  if (plan.inter_state) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
+  sc.inter_parts = inter_parts;
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));

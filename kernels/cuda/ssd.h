@@ -137,10 +137,11 @@ void SsdSetRegisterPathForTesting(int mask);
 // N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
 // the test's coverage of both). Process-wide; 0 restores the default.
 void SsdSetStateSliceForTesting(int columns);
-// ssd_bwd_dcb_reg splits each group's heads over 2 blocks where they divide evenly (session 5);
-// 1 forces the unsplit kernel (A/B timing and the test's coverage). Process-wide; 0 restores
-// the default.
-void SsdSetDcbSplitForTesting(int split);
+// TEMPORARY (session 5 A/B): largest head split of ssd_bwd_dcb_reg, 2 or 4 (default).
+void SsdSetDcbSplitMaxForTesting(int k);
+// TEMPORARY (session 5 A/B): the inter-chunk ∂Acs term formed by the chunk-state backward
+// kernel (true, default) or by bwd dx (false).
+void SsdSetInterInStateForTesting(bool on);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);
