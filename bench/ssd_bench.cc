@@ -10,7 +10,8 @@
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
 // MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
-// MASK 15 runs the default "[v3 all]".
+// MASK 15 runs "[v3 all ist]" (the inter ∂Acs term in the chunk-state backward, session 5's
+// A/B selector) and then the default "[v3 all]".
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -134,8 +135,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   struct Path {
     const char* name;
     int mask;
-    int split_max = 4;
-    bool inter_in_state = true;
+    bool inter_in_state = false;  // TEMPORARY A/B (ssd.h SsdSetInterInStateForTesting)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -143,14 +143,12 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state]", kSsdRegState},
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
-                        {"[v3 all dcb2]", kSsdRegAll, 2},
-                        {"[v3 all idx]", kSsdRegAll, 4, false},
+                        {"[v3 all ist]", kSsdRegAll, true},
                         {"[v3 all] ", kSsdRegAll}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     SsdSetRegisterPathForTesting(p.mask);
-    SsdSetDcbSplitMaxForTesting(p.split_max);
     SsdSetInterInStateForTesting(p.inter_in_state);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
@@ -169,6 +167,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     std::fflush(stdout);
   }
   SsdSetRegisterPathForTesting(saved_mask);
+  SsdSetInterInStateForTesting(false);
 }
 
 }  // namespace

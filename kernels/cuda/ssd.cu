@@ -92,17 +92,22 @@
 //   (chunk states 128 columns wide, 4 blocks/SM for chunk states, forward scan and dCB, cheaper
 //   ∂Acs reductions in bwd dx): forward 0.72-0.74 ms, forward+backward 2.74 ms (H200 and H100;
 //   0.68-0.71x the anchor in calls where it ran 3.8-4.1 ms). As staged here the kernels must
-//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage.
+//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage. Session 5 (the
+//   pair ∂Acs terms moved from bwd dx into ssd_bwd_dcb_reg, dCB head split 2): 2.65 ms on an
+//   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call); the later changes
+//   (ssd_bwd_dcb_sum, the inter-term selector, the shuffle fix) had no device call.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
-// ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
-// 64-row s-tile; ∂Acs partials summed in a fixed order), ssd_bwd_dcb_reg (the head-summed dCB
-// once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
-// ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
-// splits or fp32 partials).
+// ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
+// head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
+// into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
+// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the ∂Acs terms of its own
+// rows; one 64×64 product per tile pair) + ssd_bwd_dacs_finish (all ∂Acs partials summed in a
+// fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
+// (head, p)).
 // Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
 // `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
 // G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
@@ -2592,8 +2597,9 @@ struct RegPlan {
   // for the backward whatever `state` says) instead of from bwd dx.
   bool inter_state = false;
 };
-// TEMPORARY (session 5 A/B): where the inter ∂Acs term is formed.
-std::atomic<bool> g_inter_in_state{true};
+// TEMPORARY (session 5 A/B, not yet timed or tested on a device): where the inter ∂Acs term is
+// formed. Default false (bwd dx, the variant timed in session 5's call 1).
+std::atomic<bool> g_inter_in_state{false};
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
@@ -2669,12 +2675,7 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
 // Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
 // of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
 // 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
-std::atomic<int> g_dcb_split_max{4};
-int DcbSplit(const Dims& d) {
-  for (int k = g_dcb_split_max.load(); k > 1; k /= 2)
-    if (d.hpg % k == 0) return k;
-  return 1;
-}
+int DcbSplit(const Dims& d) { return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1; }
 
 struct BwdScratch {
   float* dsg;
@@ -2833,7 +2834,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
-void SsdSetDcbSplitMaxForTesting(int k) { g_dcb_split_max.store(k == 2 ? 2 : 4); }
 void SsdSetInterInStateForTesting(bool on) { g_inter_in_state.store(on); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 

@@ -137,10 +137,10 @@ void SsdSetRegisterPathForTesting(int mask);
 // N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
 // the test's coverage of both). Process-wide; 0 restores the default.
 void SsdSetStateSliceForTesting(int columns);
-// TEMPORARY (session 5 A/B): largest head split of ssd_bwd_dcb_reg, 2 or 4 (default).
-void SsdSetDcbSplitMaxForTesting(int k);
-// TEMPORARY (session 5 A/B): the inter-chunk ∂Acs term formed by the chunk-state backward
-// kernel (true, default) or by bwd dx (false).
+// TEMPORARY (session 5 A/B; ssd_notes.md "Session 5"): true forms the inter-chunk ∂Acs term in
+// the chunk-state backward kernel (which holds the scaled dy and C tiles already) so that bwd
+// dx loads neither C_l nor H_c (4 blocks/SM instead of 3); false (default) forms it in bwd dx.
+// Process-wide. Delete the losing variant once a device call has timed both.
 void SsdSetInterInStateForTesting(bool on);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,

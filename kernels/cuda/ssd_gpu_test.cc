@@ -306,7 +306,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     const char* name;
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
-    bool inter_in_state = true;  // false: bwd dx forms the inter ∂Acs term (A/B, session 5)
+    bool inter_in_state = false;  // true: the chunk-state bwd kernel forms the inter ∂Acs term
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -315,7 +315,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 state] ", kSsdRegState},
                         {"[v3 all] ", kSsdRegAll},
                         {"[v3 all, state slice 64] ", kSsdRegAll, 64},
-                        {"[v3 all, inter in dx] ", kSsdRegAll, 0, false}};
+                        {"[v3 all, inter in state] ", kSsdRegAll, 0, true}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -342,7 +342,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   }
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
-  SsdSetInterInStateForTesting(true);
+  SsdSetInterInStateForTesting(false);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
