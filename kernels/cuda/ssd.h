@@ -121,7 +121,8 @@ CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 // Selects, per kernel, the register-resident v3 kernels (FlashAttention-2 style: products kept
 // in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
 // v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
-// backward dx/ddt kernel, kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
+// backward dx/ddt kernels (with the per-head x·dyᵀ kernel that also feeds dB/dC, which forms
+// their intra-chunk ∂Acs terms), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
 // kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes whose v3
 // tiles do not fit shared memory (or, for kSsdRegDbc, N not a multiple of 64) use v2 (which is
 // why v2 stays: it is the fallback, and the test runs it). All selections compute the same
