@@ -92,17 +92,22 @@
 //   (chunk states 128 columns wide, 4 blocks/SM for chunk states, forward scan and dCB, cheaper
 //   ∂Acs reductions in bwd dx): forward 0.72-0.74 ms, forward+backward 2.74 ms (H200 and H100;
 //   0.68-0.71x the anchor in calls where it ran 3.8-4.1 ms). As staged here the kernels must
-//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage.
+//   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage. Session 5 (the
+//   pair ∂Acs terms moved from bwd dx into ssd_bwd_dcb_reg, dCB head split 2): 2.65 ms on an
+//   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call); the later changes
+//   (ssd_bwd_dcb_sum, the inter-term selector, the shuffle fix) had no device call.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
-// ssd_chunk_scan_fwd_reg, ssd_chunk_scan_bwd_dx_reg + ssd_bwd_dacs_finish (one block per
-// 64-row s-tile; ∂Acs partials summed in a fixed order), ssd_bwd_dcb_reg (the head-summed dCB
-// once per (b, c, g) tile pair, instead of once in each of the v2 dB and dC kernels) and
-// ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over (head, p), no head
-// splits or fp32 partials).
+// ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
+// head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
+// into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
+// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the ∂Acs terms of its own
+// rows; one 64×64 product per tile pair) + ssd_bwd_dacs_finish (all ∂Acs partials summed in a
+// fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
+// (head, p)).
 // Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
 // `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
 // G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
@@ -1561,36 +1566,38 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
   }
 }
 
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~102 KB at P64 N128: two blocks per SM): the own
-// s-tile B_s, x_s, C of the own tile (inter term); l-tile buffer 0 (C Bᵀ tile, dy_l; first the
-// own tile); region R with H_c and G_{c+1} (bf16, read only before the pair loop), then l-tile
-// buffer 1; Acs of the chunk, dt of the own rows, per-warp column sums of ∂Acs, the own rows'
-// ∂Acs terms and state-term dl.
-template <typename Carver>
+// Shared memory of ssd_chunk_scan_bwd_dx_reg (~72 KB at P64 N128: three blocks per SM): two
+// regions, each first holding the operands of one prologue product — RA: B_s and G_{c+1} (state
+// term), RB: C of the own tile and H_c (inter term), bf16 — and then one l-tile buffer of the
+// pair loop (C Bᵀ tile, dy_l); Acs of the chunk, its tile-relative decays, dt of the own rows.
+// kInter = false (the inter term comes from ssd_chunk_state_pipe<bwd, inter>): RB is only an
+// l-tile buffer (~56 KB at P64 N128: four blocks per SM by shared memory).
+template <typename Carver, bool kInter>
 void CarveDxReg(Carver& cv, const Dims& d) {
-  const int ldn = d.N + 8, ldp = d.P + 8;
-  cv.template take<bf16>(kTile * ldn);                                       // Bs
-  cv.template take<bf16>(kTile * ldp);                                       // Xs
-  cv.template take<bf16>(kTile * ldn);                                       // Co
-  cv.template take<bf16>(kTile * kLdCb + kTile * ldp);                       // CB0, dY0
-  cv.template take<bf16>(std::max(2 * d.P * ldn, kTile * kLdCb + kTile * ldp));  // R
-  cv.template take<float>(d.Q);                                              // acs
-  cv.template take<float>(kTile);                                            // dt (own rows)
-  cv.template take<float>(kWarps * d.Q);                                     // dcol
-  cv.template take<float>(d.Q);                                              // erel
-  cv.template take<float>(2 * kTile);                                        // own, dl
-  cv.template take<double>(kWarps);                                          // dD partial
+  const int buf = kTile * kLdCb + kTile * (d.P + 8);
+  const int region = std::max((kTile + d.P) * (d.N + 8), buf);
+  cv.template take<bf16>(region);                  // RA
+  cv.template take<bf16>(kInter ? region : buf);   // RB
+  cv.template take<float>(2 * d.Q);   // acs, erel
+  cv.template take<float>(kTile);     // dt (own rows)
+  cv.template take<double>(kWarps);   // block reduction
 }
 
 // grid (NC·Q/64, H, B): dx for one 64-row s-tile of one (b, c, h) (same math as
-// ssd_chunk_scan_bwd_dx). The ∂Acs terms this block produces for every token of the chunk go to
-// dacs_part[b, h, c, s-tile, Q] (plain stores; summed in a fixed order by ssd_bwd_dacs_finish),
-// x·dX̄ of the own rows to ddtx[b, h, NC·Q], Σ dy·x of the own rows to dd_part[b, c, h, s-tile].
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
+// ssd_chunk_scan_bwd_dx): dX̄_s = e^{Acs_last − Acs_s} B_s G_{c+1}ᵀ + Σ_{l ≥ s} M_ls dy_l with
+// M = (C Bᵀ)ᵀ ∘ decay ∘ mask; dx = dt dX̄ + D dy. Besides dx it writes the ∂Acs terms that need
+// this kernel's products: per own row, own[t] = inter_t − dl_t (inter: e^{Acs_t} dy_t·(C_t H_cᵀ)_t,
+// the row's term as l; dl: dt_t x_t·(state part of dX̄_t), as s) into dacs_own [B, H, NC·Q], and
+// x·dX̄ into ddtx [B, H, NC·Q]; per block dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those
+// terms (difference form), Σ dl (the +dl of the decay to the chunk's last token). The pair terms
+// (x_s·dy_l)·M come from ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway.
+// Phases: RA and RB are loaded at once; state product (RA); RA then receives l-tile st while
+// the inter product reads RB; the pair loop alternates RA, RB with one barrier per tile.
+template <int kP, bool kInter>
+__global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_dx_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx,
-    float* dacs_part, float* ddtx, double* dd_part) {
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
+    float* ddtx, double* dd_part) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
   const int tiles = d.Q / kTile;
@@ -1603,24 +1610,19 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   const int s0 = st * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
   const int ldn = d.N + 8, ldp = kP + 8;
+  const int tbuf = kTile * kLdCb + kTile * ldp;
+  const int region = max((kTile + kP) * ldn, tbuf);
   Carve cv{smem};
-  bf16* Bs = cv.take<bf16>(kTile * ldn);
-  bf16* Xs = cv.take<bf16>(kTile * ldp);
-  bf16* Co = cv.take<bf16>(kTile * ldn);
-  bf16* CB0 = cv.take<bf16>(kTile * kLdCb + kTile * ldp);
-  bf16* dY0 = CB0 + kTile * kLdCb;
-  bf16* R = cv.take<bf16>(max(2 * kP * ldn, kTile * kLdCb + kTile * ldp));
-  bf16* Hs = R;
-  bf16* Gs = R + kP * ldn;
-  bf16* CB1 = R;
-  bf16* dY1 = R + kTile * kLdCb;
-  float* acs = cv.take<float>(d.Q);
+  bf16* RA = cv.take<bf16>(region);
+  bf16* RB = cv.take<bf16>(kInter ? region : tbuf);
+  float* acs = cv.take<float>(2 * d.Q);
+  float* erel = acs + d.Q;
   float* dts = cv.take<float>(kTile);
-  float* dcol = cv.take<float>(kWarps * d.Q);
-  float* erel = cv.take<float>(d.Q);
-  float* own = cv.take<float>(2 * kTile);
-  float* dlrow = own + kTile;
   double* red = cv.take<double>(kWarps);
+  bf16* Bs = RA;
+  bf16* Gs = RA + kTile * ldn;
+  bf16* Co = RB;
+  bf16* Hs = RB + kTile * ldn;
 
   const int64_t bc_stride = d.ldbc;
   const int64_t x_stride = d.ldx;  // x, dx
@@ -1634,15 +1636,15 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
   const int r0 = warp * 16 + gq;  // own-tile rows r0, r0 + 8
 
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
-  LoadRowsAsync(Xs, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
-  // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
-  const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
-  LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
-  CpRows(CB0, kLdCb, cbs + static_cast<int64_t>(s0) * d.Q, d.Q, kTile, kTile, kTile);
-  LoadRowsAsync(dY0, ldp, dyb + ts0 * y_stride, y_stride, sv, kP);
-  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
+  if constexpr (kInter) {
+    LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
+    CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
+  }
+  CpAsyncCommit();  // (empty without kInter)
+  // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
+  const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dt_g = DtPtr(d, saved, b);
   // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
@@ -1653,19 +1655,24 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     acs[i] = a;
     erel[i] = __expf(a - acs_g[i & ~(kTile - 1)]);
   }
-  for (int i = threadIdx.x; i < kWarps * d.Q; i += kThreads) dcol[i] = 0.f;
   if (threadIdx.x < kTile) {
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  CpAsyncWait<0>();
+  CpAsyncWait<1>();
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
   const float as0 = acs[s0 + r0], as1 = acs[s0 + r0 + 8];
   const float dt0 = dts[r0], dt1 = dts[r0 + 8];
+  const bool ok0 = r0 < sv, ok1 = r0 + 8 < sv;
+  const bf16* xr0 = xb + (ts0 + (ok0 ? r0 : 0)) * x_stride;
+  const bf16* xr1 = xb + (ts0 + (ok1 ? r0 + 8 : 0)) * x_stride;
+  const bf16* yr0 = dyb + (ts0 + (ok0 ? r0 : 0)) * y_stride;
+  const bf16* yr1 = dyb + (ts0 + (ok1 ? r0 + 8 : 0)) * y_stride;
 
-  // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s.
+  // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s (x of the
+  // own rows straight from global memory: two rows per thread, read again for x·dX̄ below).
   float acc[NP][4];
   ZeroAcc(acc);
   WarpMmaSS<NP, true>(acc, Bs + warp * 16 * ldn, ldn, Gs, ldn, d.N);
@@ -1679,161 +1686,88 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
       acc[j][1] *= w0;
       acc[j][2] *= w1;
       acc[j][3] *= w1;
-      const float2 x0 = Bf2(Xs + r0 * ldp + p), x1 = Bf2(Xs + (r0 + 8) * ldp + p);
+      const float2 x0 = Bf2(xr0 + p), x1 = Bf2(xr1 + p);
       dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
       dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
     }
+    // The shuffles run on every lane (full mask); rows past the sequence end are zeroed after.
     dl0 = QuadSum(dl0) * dt0;
     dl1 = QuadSum(dl1) * dt1;
+    dl0 = ok0 ? dl0 : 0.f;
+    dl1 = ok1 ? dl1 : 0.f;
   }
-  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l.
+  auto issue = [&](int lt, bf16* buf) {
+    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
+    CpRows(buf, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile, kTile, kTile);
+    LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
+    CpAsyncCommit();
+  };
+  __syncthreads();  // RA retired (B_s, G read by every warp)
+  issue(st, RA);
+  CpAsyncWait<1>();  // C_own, H_c
+  __syncthreads();
+  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l (kInter; else the chunk-state
+  // kernel wrote it).
   float inter0 = 0.f, inter1 = 0.f;
-  {
+  if constexpr (kInter) {
     float t[NP][4];
     ZeroAcc(t);
     WarpMmaSS<NP, true>(t, Co + warp * 16 * ldn, ldn, Hs, ldn, d.N);
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
       const int p = 8 * j + 2 * tq;
-      const float2 y0 = Bf2(dY0 + r0 * ldp + p), y1 = Bf2(dY0 + (r0 + 8) * ldp + p);
+      const float2 y0 = Bf2(yr0 + p), y1 = Bf2(yr1 + p);
       inter0 += t[j][0] * y0.x + t[j][1] * y0.y;
       inter1 += t[j][2] * y1.x + t[j][3] * y1.y;
     }
     inter0 = QuadSum(inter0) * expf(as0);
     inter1 = QuadSum(inter1) * expf(as1);
+    inter0 = ok0 ? inter0 : 0.f;
+    inter1 = ok1 ? inter1 : 0.f;
   }
 
-  auto issue = [&](int lt, int buf) {
-    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    CpRows(buf ? CB1 : CB0, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile,
-           kTile, kTile);
-    LoadRowsAsync(buf ? dY1 : dY0, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
-    CpAsyncCommit();
-  };
-
-  // Pair loop over l-tiles st..nT−1 (buffer 0 holds the own tile already).
-  float rsum0 = 0.f, rsum1 = 0.f;
-  // A·∂A in the difference form (see the top of the file): the state terms (dl at last, −dl at s) and
-  // the inter terms of the own rows here (each quad's four lanes hold the same row sums, so
-  // lane tq == 0 adds them), the pair terms m2·(Acs_l − Acs_s) per tile below.
-  double da_loc = 0.0;
-  if (tq == 0) {
-    da_loc += static_cast<double>(dl0) * (acs_last - as0) + static_cast<double>(dl1) * (acs_last - as1);
-    if (r0 < sv) da_loc += static_cast<double>(inter0) * as0;
-    if (r0 + 8 < sv) da_loc += static_cast<double>(inter1) * as1;
-  }
-  // One barrier per tile (as in ssd_chunk_scan_fwd_reg): publishes tile lt, retires buffer buf^1
-  // (tile lt−1, or H_c / G), which then receives tile lt+1.
+  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd). One barrier per
+  // tile: publishes tile lt, retires the other buffer (tile lt−1, or C_own / H_c), which then
+  // receives tile lt+1.
   for (int lt = st; lt < nT; ++lt) {
-    const int buf = (lt - st) & 1;
+    bf16* cur = ((lt - st) & 1) ? RB : RA;
     CpAsyncWait<0>();
     __syncthreads();
-    if (lt + 1 < nT) issue(lt + 1, buf ^ 1);
-    const bf16* CBt = buf ? CB1 : CB0;
-    const bf16* dYl = buf ? dY1 : dY0;
+    if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
+    const bf16* dYl = cur + kTile * kLdCb;
     const int l0 = lt * kTile;
-    float s1[8][4], s2[8][4];
+    float s1[8][4];
     {
       unsigned cbf[4][4];
-      LoadTileA<true>(cbf, CBt);  // B_s·C_l = (C Bᵀ)ᵀ
+      LoadTileA<true>(cbf, cur);  // B_s·C_l = (C Bᵀ)ᵀ
       AToAcc<8>(cbf, s1);
     }
-    ZeroAcc(s2);
-    WarpMmaSS<8, true>(s2, Xs + warp * 16 * ldp, ldp, dYl, ldp, kP);   // x_s·dy_l
-    float csum[8][2];
-    float dpair = 0.f;  // this tile pair's Σ m2·(Acs_l − Acs_s)
-    // M = (B_s·C_l) e^{Acs_l − Acs_s} (masked on the diagonal tile), m2 = dt_s (x_s·dy_l) M.
-    // Off the diagonal, Σ m2·(Acs_l − Acs_s) is formed as Σ_l (Acs_l − ref)·colsum_l −
-    // Σ_s (Acs_s − ref)·rowsum_s with ref = Acs_l0 (this thread's partial sums of this tile
-    // pair): Acs decreases, so for s < l0 <= l both weights are at most the pair's own
-    // |Acs_l − Acs_s| (no amplification of fp32 residues, see "∂A in the difference form"), and
-    // it costs 2 FMAs per column pair instead of 2 instructions per element. The diagonal tile
-    // keeps the per-element form (there |Acs_s − ref| can exceed |Acs_l − Acs_s| by far).
-    auto scale = [&](auto diag_c) {
-      constexpr bool kDiag = decltype(diag_c)::value;
-      const float ref = acs[l0];
-      float f0 = 0.f, f1 = 0.f;
-      if constexpr (!kDiag) {
-        f0 = __expf(ref - as0);
-        f1 = __expf(ref - as1);
-      }
-      float rt0 = 0.f, rt1 = 0.f;  // this tile pair's row partials
+    // M = (B_s·C_l) e^{Acs_l − Acs_s}, masked (l >= s) on the diagonal tile; off the diagonal
+    // the decay is the column factor erel_l times the row factor e^{Acs_l0 − Acs_s}.
+    if (lt == st) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        csum[j][0] = 0.f;
-        csum[j][1] = 0.f;
-        const int lb = 8 * j + 2 * tq;
-        float2 er = make_float2(0.f, 0.f);
-        if constexpr (!kDiag) er = *reinterpret_cast<const float2*>(erel + l0 + lb);
-        const float2 al = *reinterpret_cast<const float2*>(acs + l0 + lb);
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int l = lb + (e & 1), row = r0 + 8 * (e >> 1);
-          float mt;
-          if constexpr (kDiag) {
-            const float as = e < 2 ? as0 : as1;
-            mt = l >= row ? s1[j][e] * __expf(fminf(acs[l0 + l] - as, 0.f)) : 0.f;
-          } else {
-            mt = s1[j][e] * (e & 1 ? er.y : er.x) * (e < 2 ? f0 : f1);
-          }
-          s1[j][e] = mt;
-          const float m2 = (e < 2 ? dt0 : dt1) * s2[j][e] * mt;
-          if constexpr (kDiag) dpair += m2 * ((e & 1 ? al.y : al.x) - (e < 2 ? as0 : as1));
-          if (e < 2) {
-            rt0 += m2;
-          } else {
-            rt1 += m2;
-          }
-          csum[j][e & 1] += m2;
+          const int l = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+          const float as = e < 2 ? as0 : as1;
+          s1[j][e] = l >= row ? s1[j][e] * __expf(fminf(acs[l0 + l] - as, 0.f)) : 0.f;
         }
-        if constexpr (!kDiag) {
-          dpair = fmaf(al.x - ref, csum[j][0], dpair);
-          dpair = fmaf(al.y - ref, csum[j][1], dpair);
-        }
-      }
-      if constexpr (!kDiag) dpair -= (as0 - ref) * rt0 + (as1 - ref) * rt1;
-      rsum0 += rt0;
-      rsum1 += rt1;
-    };
-    if (lt == st) {
-      scale(std::true_type{});
     } else {
-      scale(std::false_type{});
-    }
-    da_loc += dpair;
-    // Column sums over the warp's 16 rows (the 8 lanes of equal tq), as a transpose-reduce:
-    // at each of the three levels a lane sends the half of its values that its partner keeps
-    // (8 + 4 + 2 shuffles instead of 16 × 3), ending with the sums of columns 8·gq + 2·tq + {0, 1}.
-    {
-      float w8[8];
-      const bool b2 = (gq & 4) != 0, b1 = (gq & 2) != 0, b0 = (gq & 1) != 0;
+      const float ref = acs[l0];
+      const float f0 = __expf(ref - as0), f1 = __expf(ref - as1);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {  // value k = 2j + e1; keep k in [8·b2, 8·b2 + 8)
-        const float lo = csum[i / 2][i % 2], hi = csum[4 + i / 2][i % 2];
-        w8[i] = (b2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, b2 ? lo : hi, 16);
+      for (int j = 0; j < 8; ++j) {
+        const float2 er = *reinterpret_cast<const float2*>(erel + l0 + 8 * j + 2 * tq);
+        s1[j][0] *= er.x * f0;
+        s1[j][1] *= er.y * f0;
+        s1[j][2] *= er.x * f1;
+        s1[j][3] *= er.y * f1;
       }
-      float w4[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        w4[i] = (b1 ? w8[i + 4] : w8[i]) + __shfl_xor_sync(0xffffffffu, b1 ? w8[i] : w8[i + 4], 8);
-      float w2[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        w2[i] = (b0 ? w4[i + 2] : w4[i]) + __shfl_xor_sync(0xffffffffu, b0 ? w4[i] : w4[i + 2], 4);
-      *reinterpret_cast<float2*>(dcol + warp * d.Q + l0 + 8 * gq + 2 * tq) =
-          make_float2(w2[0], w2[1]);
     }
     unsigned fa[4][4];
     AccToA(s1, fa);
     WarpMmaRS<NP, 4, false>(acc, fa, dYl, ldp);
-  }
-  rsum0 = QuadSum(rsum0);
-  rsum1 = QuadSum(rsum1);
-  if (tq == 0) {
-    own[r0] = inter0 - rsum0 - dl0;
-    own[r0 + 8] = inter1 - rsum1 - dl1;
-    dlrow[r0] = dl0;
-    dlrow[r0 + 8] = dl1;
   }
 
   // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
@@ -1845,75 +1779,98 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx_reg(
     const float dtr = e2 ? dt1 : dt0;
     float dot_x = 0.f;
     if (row < sv) {
-      const int64_t off = (ts0 + row) * x_stride, yoff = (ts0 + row) * y_stride;
+      const bf16* xr = e2 ? xr1 : xr0;
+      const bf16* yr = e2 ? yr1 : yr0;
+      bf16* dxr = dxb + (ts0 + row) * x_stride;
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
-        const float2 xv = Bf2(Xs + row * ldp + p);
-        const float2 dyv = Bf2(dyb + yoff + p);
+        const float2 xv = Bf2(xr + p);
+        const float2 dyv = Bf2(yr + p);
         const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
         dot_x += xv.x * g0 + xv.y * g1;
         dot_d += xv.x * dyv.x + xv.y * dyv.y;
-        *reinterpret_cast<__nv_bfloat162*>(dxb + off + p) =
+        *reinterpret_cast<__nv_bfloat162*>(dxr + p) =
             __floats2bfloat162_rn(dtr * g0 + dsk * dyv.x, dtr * g1 + dsk * dyv.y);
       }
     }
     dot_x = QuadSum(dot_x);
     if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
   }
+  // The own rows' ∂Acs terms (rows past the sequence end hold zeros) and their A·∂A share in
+  // the difference form: dl at the chunk's last token and −dl at s (weight Acs_last − Acs_s),
+  // inter at l (weight Acs_l). Each quad's four lanes hold the same row values.
+  double da_loc = 0.0, dl_loc = 0.0;
+  if (tq == 0) {
+    float* own = dacs_own + bh * d.NC * d.Q + ts0;
+    own[r0] = inter0 - dl0;
+    own[r0 + 8] = inter1 - dl1;
+    da_loc = static_cast<double>(dl0) * (acs_last - as0) +
+             static_cast<double>(dl1) * (acs_last - as1) + static_cast<double>(inter0) * as0 +
+             static_cast<double>(inter1) * as1;
+    dl_loc = static_cast<double>(dl0) + dl1;
+  }
   const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
   const double s_a = BlockSumDouble(da_loc, red);
+  const double s_l = BlockSumDouble(dl_loc, red);
   if (threadIdx.x == 0) {
+    const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H * tiles;
     const int64_t i = ((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * tiles + st;
     dd_part[i] = s_d;
-    dd_part[static_cast<int64_t>(d.B) * d.NC * d.H * tiles + i] = s_a;  // A·∂A partial
-  }
-
-  float* out = dacs_part + ((bh * d.NC + c) * tiles + st) * d.Q;
-  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
-    float v = 0.f;
-    if (i >= s0) {
-      for (int w = 0; w < kWarps; ++w) v += dcol[w * d.Q + i];
-    }
-    if (i >= s0 && i < s0 + kTile) v += own[i - s0];
-    if (i == d.Q - 1) {
-      float s = 0.f;
-      for (int r = 0; r < kTile; ++r) s += dlrow[r];
-      v += s;
-    }
-    out[i] = v;
+    dd_part[n + i] = s_a;  // A·∂A partial
+    dd_part[2 * n + i] = s_l;
   }
 }
 
-// grid (NC, H, B), block kThreads: sums the s-tile partials of ∂Acs (fixed order), adds the
-// state-passing decay term, reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h)
-// partials of ∂A, ∂dt_bias, ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
+// grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
+// pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
+// own-row terms from ssd_chunk_scan_bwd_dx_reg — adds the state-passing decay term,
+// reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
+// ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
-    const float* dacs_part, const float* ddtx, const double* dd_part, const float* ddecay,
+    const float* dacs_pair, const float* dacs_own, const float* ddtx, const double* dd_part,
+    const double* dpair, const float* inter_part, int inter_parts, const float* ddecay,
     int ddecay_parts, float* ddt, double* part) {
   __shared__ float dacs[256];
   __shared__ double red[3 * kWarps];
   __shared__ float dacs_decay;  // e^{Acs_last} <G_{c+1}, H_c> (thread 0 writes, thread 0 reads)
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tiles = d.Q / kTile;
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
+  const int64_t bch = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
-  const float* pp = dacs_part + (bh * d.NC + c) * tiles * d.Q;
+  const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
+  const float* own = dacs_own + bh * d.NC * d.Q + c0;
+  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices; 0 when bwd dx
+  // formed them): +v at l, A·∂A share v·Acs_l.
+  double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
+    const int T = t / kTile, r = t % kTile;
     float v = 0.f;
-    for (int s = 0; s < nT; ++s) v += pp[s * d.Q + t];
+    if (T < nT) {
+      float inter = 0.f;
+      for (int sl = 0; sl < inter_parts; ++sl)
+        inter += inter_part[((static_cast<int64_t>(sl) * d.B + b) * d.H + h) * d.NC * d.Q + c0 + t];
+      inter_da += static_cast<double>(inter) * acs_g[t];
+      v = own[t] + inter;
+      for (int s = 0; s <= T; ++s) v += pp[(T * (T + 1) / 2 + s) * 2 * kTile + r];
+      for (int l = T; l < nT; ++l) v -= pp[(l * (l + 1) / 2 + T) * 2 * kTile + kTile + r];
+    }
     dacs[t] = v;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
+    double dl = 0.0;  // Σ dl of the chunk: each state term's +dl at the last token
+    for (int s = 0; s < nT; ++s) dl += dd_part[2 * n * tiles + bch * tiles + s];
     const float* q = ddecay + (bh * d.NC + c) * ddecay_parts;
     float s = 0.f;
     for (int i = 0; i < ddecay_parts; ++i) s += q[i];
-    dacs[d.Q - 1] += expf(acs_g[d.Q - 1]) * s;
+    dacs[d.Q - 1] += static_cast<float>(dl) + expf(acs_g[d.Q - 1]) * s;
     dacs_decay = expf(acs_g[d.Q - 1]) * s;
   }
   __syncthreads();
@@ -1949,14 +1906,17 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
     db_acc += draw;
   }
   const double s_b = BlockSumDouble(db_acc, red + kWarps);
+  const double s_i = BlockSumDouble(inter_da, red + 2 * kWarps);
   if (threadIdx.x == 0) {
-    const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
-    const int64_t i = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
+    const int64_t i = bch;
     double s_d = 0.0, s_a = 0.0;
     for (int s = 0; s < nT; ++s) s_d += dd_part[i * tiles + s];
-    // A·∂A in the difference form: the s-tile partials plus the state-passing decay term
-    // (weight Acs_last), divided by A (ssd_param_reduce multiplies by A again for ∂A_log).
+    // A·∂A in the difference form: the s-tile partials of the own-row terms, the tile pairs'
+    // sums, and the state-passing decay term (weight Acs_last), divided by A
+    // (ssd_param_reduce multiplies by A again for ∂A_log).
     for (int s = 0; s < nT; ++s) s_a += dd_part[n * tiles + i * tiles + s];
+    for (int p = 0; p < nT * (nT + 1) / 2; ++p) s_a += dpair[i * pairs + p];
+    s_a += s_i;
     s_a += static_cast<double>(dacs_decay) * acs_g[d.Q - 1];
     s_a /= static_cast<double>(A);
     part[i] = s_a;
@@ -1966,29 +1926,44 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
 }
 
 constexpr int kStages = 3;  // cp.async pipeline depth of the head loop of dbc
-// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, and each head's Acs_l,
-// Acs_s, dt_s: two stages (38 KB at P64) and at most 128 registers (126, no spills), so that four
-// blocks fit per SM (session 3: three stages, 57.6 KB, 150 registers, three blocks).
+// Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, each head's Acs_l,
+// Acs_s, dt_s, and (double-buffered per head) the per-warp column sums and pair sums of the
+// ∂Acs terms: ~41 KB at P64, and at most 128 registers, so that four blocks fit per SM.
 constexpr int kDcbStages = 2;
 
 template <typename Carver>
 void CarveDcbReg(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kDcbStages * kTile * (d.P + 8));  // dY[kDcbStages], X[kDcbStages]
   cv.template take<float>(3 * kDcbStages * kTile);             // al, as, ds per stage
+  cv.template take<float>(2 * kWarps * kTile);                 // column sums, per warp, 2 heads
+  cv.template take<float>(2 * kWarps);                         // pair sums, per warp, 2 heads
 }
 
-// grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile): the head-summed
-// dCB[l, s] = Σ_h dt_s e^{Acs_l − Acs_s} (dy_l·x_s) (l ≥ s) of one 64×64 tile, computed ONCE for
-// dB and dC (v2 computed it in both kernels), heads double-buffered through cp.async, the sum in
-// registers. Written fp32 to dcb [B, NC, G, Q, Q] (tiles above the diagonal are not written and
-// never read).
+// grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile). Per head h of
+// group g, in registers: v[l, s] = dt_s e^{Acs_l − Acs_s} (dy_l·x_s) (l ≥ s), heads
+// double-buffered through cp.async. Two results from the same v:
+//  - the head-summed dCB[l, s] = Σ_h v of the 64×64 tile (for dB and dC), written fp32 to
+//    dcb [split, B, NC, G, Q, Q] (one partial sum per head split, added in order by
+//    ssd_bwd_dbc_reg; tiles above the diagonal are not written and never read);
+//  - the intra-chunk ∂Acs terms m2[l, s] = v·(C_l·B_s) of head h (C Bᵀ from `saved`, the same
+//    tile for every head of the group): +m2 at l, −m2 at s. Per (b, h, c, pair) their row sums
+//    (l side) and column sums (s side) go to dacs_pair [B, H, NC, pairs, 2, 64], and Σ
+//    m2·(Acs_l − Acs_s) (A·∂A in the difference form) to dpair [B, NC, H, pairs] (double);
+//    ssd_bwd_dacs_finish sums them in a fixed order. (Until session 5 bwd dx recomputed x·dyᵀ
+//    per head for these terms and held it beside its P-wide accumulator: 195 registers.)
 __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
                                                                const bf16* dy, const float* saved,
-                                                               float* dcb) {
+                                                               float* dcb, float* dacs_pair,
+                                                               double* dpair, int split) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
-  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
-  int pi = blockIdx.x % pairs, lt = 0;
+  const int part = blockIdx.x % split, cp = blockIdx.x / split;
+  const int c = cp / pairs, g = blockIdx.y, b = blockIdx.z;
+  const int pair = cp % pairs;
+  // This block's heads: nh of the group's, from h_first (a head split fills the machine: at
+  // B8 S2048 G1 the 640 unsplit blocks are 1.2 waves of 4 per SM).
+  const int nh = d.hpg / split, h_first = g * d.hpg + part * nh;
+  int pi = pair, lt = 0;
   while (pi > lt) {
     pi -= lt + 1;
     ++lt;
@@ -2007,12 +1982,14 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   float* al = cv.take<float>(3 * kDcbStages * kTile);
   float* as = al + kDcbStages * kTile;
   float* ds = as + kDcbStages * kTile;
+  float* colbuf = cv.take<float>(2 * kWarps * kTile);
+  float* pairbuf = cv.take<float>(2 * kWarps);
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
 
   auto issue = [&](int hh, int buf) {
-    const int h = g * d.hpg + hh;
+    const int h = h_first + hh;
     LoadRowsAsync(Y0 + buf * kTile * ldp, ldp,
                   dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv, d.P);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
@@ -2028,28 +2005,61 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
     CpAsyncCommit();
   };
 
+  // The C Bᵀ tile (l-tile lt, s-tile st) in the accumulator layout, bf16 pairs: cb[j][e2] holds
+  // columns 8j + 2tq, +1 of row r0 + 8·e2.
+  unsigned cb[8][2];
+  {
+    const bf16* cbt = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0 + l0 + r0) * d.Q + s0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2)
+        cb[j][e2] = *reinterpret_cast<const unsigned*>(cbt + static_cast<int64_t>(8 * e2) * d.Q +
+                                                       8 * j + 2 * tq);
+  }
+  // Head hh's column sums (4 warps, fixed order) and pair sum, after the barrier that follows
+  // its compute step: threads 0..63 one column each, thread 64 the pair sum.
+  float* pair_out = dacs_pair + ((static_cast<int64_t>(b) * d.H) * d.NC + c) * pairs * 2 * kTile;
+  auto flush = [&](int hh) {
+    const int h = h_first + hh, pb = hh & 1;
+    if (threadIdx.x < kTile) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
+      pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile +
+               threadIdx.x] = v;
+    } else if (threadIdx.x == kTile) {
+      double v = 0.0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
+      dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
+    }
+  };
+
   float acc[8][4];
   ZeroAcc(acc);
   // kDcbStages-deep pipeline, one barrier per head: groups are committed even when empty so that
   // wait_group<kDcbStages−2> always means "head hh has landed"; the barrier then also retires the
-  // buffer of head hh−1, which receives head hh+kDcbStages−1.
+  // buffer of head hh−1, which receives head hh+kDcbStages−1, and publishes head hh−1's column
+  // sums (flushed right after; colbuf of head hh−1 is rewritten only after the next barrier).
 #pragma unroll
   for (int i = 0; i < kDcbStages - 1; ++i) {
-    if (i < d.hpg) {
+    if (i < nh) {
       issue(i, i);
     } else {
       CpAsyncCommit();
     }
   }
-  for (int hh = 0; hh < d.hpg; ++hh) {
+  for (int hh = 0; hh < nh; ++hh) {
     const int buf = hh % kDcbStages;
     CpAsyncWait<kDcbStages - 2>();
     __syncthreads();
-    if (hh + kDcbStages - 1 < d.hpg) {
+    if (hh + kDcbStages - 1 < nh) {
       issue(hh + kDcbStages - 1, (hh + kDcbStages - 1) % kDcbStages);
     } else {
       CpAsyncCommit();
     }
+    if (hh > 0) flush(hh - 1);
     float s2[8][4];
     ZeroAcc(s2);
     WarpMmaSS<8, true>(s2, Y0 + buf * kTile * ldp + warp * 16 * ldp, ldp, X0 + buf * kTile * ldp,
@@ -2058,32 +2068,103 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
     const float* asb = as + buf * kTile;
     const float* dsb = ds + buf * kTile;
     const float al0 = alb[r0], al1 = alb[r0 + 8];
+    const float ref = alb[0];
+    // m2 = v·CB: row partials (this thread's columns), column partials (this thread's two rows),
+    // and Σ m2·(Acs_l − Acs_s). Off the diagonal every s precedes l0, so that sum is formed as
+    // Σ_l (Acs_l − Acs_l0)·rowsum_l − Σ_s (Acs_s − Acs_l0)·colsum_s: both weights are at most
+    // the pair's own |Acs_l − Acs_s| (no amplification of fp32 residues; see "∂A in the
+    // difference form"). The diagonal tile keeps the per-element form.
+    float rp0 = 0.f, rp1 = 0.f, dp = 0.f;
+    float csum[8][2];
     if (lt > st) {
-      // Off-diagonal pair (every s before l0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} ·
-      // e^{Acs_l0 − Acs_s}, both <= 1: 2 row + 16 column exponentials per thread, not 32.
-      const float ref = alb[0];
+      // Off-diagonal pair: e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both
+      // <= 1: 2 row + 16 column exponentials per thread, not 32.
       const float rf0 = __expf(al0 - ref), rf1 = __expf(al1 - ref);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j) {
+        const float2 cb0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cb[j][0]));
+        const float2 cb1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cb[j][1]));
 #pragma unroll
         for (int c2 = 0; c2 < 2; ++c2) {
           const int col = 8 * j + 2 * tq + c2;
           const float cf = dsb[col] * __expf(ref - asb[col]);
-          acc[j][c2] += s2[j][c2] * cf * rf0;
-          acc[j][2 + c2] += s2[j][2 + c2] * cf * rf1;
+          const float v0 = s2[j][c2] * cf * rf0, v1 = s2[j][2 + c2] * cf * rf1;
+          acc[j][c2] += v0;
+          acc[j][2 + c2] += v1;
+          const float m0 = v0 * (c2 ? cb0.y : cb0.x), m1 = v1 * (c2 ? cb1.y : cb1.x);
+          rp0 += m0;
+          rp1 += m1;
+          csum[j][c2] = m0 + m1;
         }
+      }
+      dp = (al0 - ref) * rp0 + (al1 - ref) * rp1;
     } else {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j) {
+        const float2 cb0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cb[j][0]));
+        const float2 cb1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cb[j][1]));
+        csum[j][0] = 0.f;
+        csum[j][1] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
           const float a = e < 2 ? al0 : al1;
-          if (col <= row) acc[j][e] += s2[j][e] * dsb[col] * __expf(fminf(a - asb[col], 0.f));
+          const float asc = asb[col];
+          const float v =
+              col <= row ? s2[j][e] * dsb[col] * __expf(fminf(a - asc, 0.f)) : 0.f;
+          acc[j][e] += v;
+          const float m = v * (e == 0 ? cb0.x : e == 1 ? cb0.y : e == 2 ? cb1.x : cb1.y);
+          if (e < 2) {
+            rp0 += m;
+          } else {
+            rp1 += m;
+          }
+          csum[j][e & 1] += m;
+          dp = fmaf(m, a - asc, dp);
         }
+      }
     }
+    // Row sums (l side): the quad holds a row's 64 columns.
+    rp0 = QuadSum(rp0);
+    rp1 = QuadSum(rp1);
+    {
+      const int h = h_first + hh;
+      float* rows = pair_out + (static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile;
+      if (tq == 0) {
+        rows[r0] = rp0;
+        rows[r0 + 8] = rp1;
+      }
+    }
+    // Column sums over the warp's 16 rows (the 8 lanes of equal tq) as a transpose-reduce
+    // (8 + 4 + 2 shuffles), ending with the sums of columns 8·gq + 2·tq + {0, 1}.
+    {
+      float w8[8];
+      const bool b2 = (gq & 4) != 0, b1 = (gq & 2) != 0, b0 = (gq & 1) != 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // value k = 2j + e1; keep k in [8·b2, 8·b2 + 8)
+        const float lo = csum[i / 2][i % 2], hi = csum[4 + i / 2][i % 2];
+        w8[i] = (b2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, b2 ? lo : hi, 16);
+      }
+      float w4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w4[i] = (b1 ? w8[i + 4] : w8[i]) + __shfl_xor_sync(0xffffffffu, b1 ? w8[i] : w8[i + 4], 8);
+      float w2[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        w2[i] = (b0 ? w4[i + 2] : w4[i]) + __shfl_xor_sync(0xffffffffu, b0 ? w4[i] : w4[i + 2], 4);
+      const int col = 8 * gq + 2 * tq;
+      *reinterpret_cast<float2*>(colbuf + ((hh & 1) * kWarps + warp) * kTile + col) =
+          make_float2(w2[0], w2[1]);
+      if (lt > st) dp -= (asb[col] - ref) * w2[0] + (asb[col + 1] - ref) * w2[1];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dp += __shfl_xor_sync(0xffffffffu, dp, off);
+    if (lane == 0) pairbuf[(hh & 1) * kWarps + warp] = dp;
   }
-  float* out = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  __syncthreads();
+  flush(nh - 1);
+  float* out = dcb + (((static_cast<int64_t>(part) * d.B + b) * d.NC + c) * d.G + g) * d.Q * d.Q;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -2092,6 +2173,50 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
       *reinterpret_cast<float2*>(out + static_cast<int64_t>(l0 + row) * d.Q + s0 + col) =
           make_float2(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
+}
+
+// grid (NC·pairs, G, B): one 64×64 tile pair of dCB: the head splits' fp32 partials summed in
+// order and rounded to bf16 (the dB/dC products' operand precision), written as dCB[l, s] and
+// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_reg loads A fragments of either as 4-byte pairs.
+__global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float* dcb, int split,
+                                                            bf16* dcb_bf) {
+  __shared__ bf16 tile[kTile][kTile + 2];
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pi = blockIdx.x % pairs, lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  const int st = pi;
+  const int len = min(d.Q, d.S - c * d.Q);
+  if (lt * kTile >= len) return;
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  const int64_t base = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  const int l0 = lt * kTile, s0 = st * kTile;
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;
+    const int64_t off = base + static_cast<int64_t>(l0 + r) * d.Q + s0 + cc;
+    float2 v = *reinterpret_cast<const float2*>(dcb + off);
+    for (int p = 1; p < split; ++p) {
+      const float2 w = *reinterpret_cast<const float2*>(dcb + p * n + off);
+      v.x += w.x;
+      v.y += w.y;
+    }
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + off) = h;
+    tile[r][cc] = h.x;
+    tile[r][cc + 1] = h.y;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;  // row s0 + r, columns l0 + cc
+    __nv_bfloat162 h;
+    h.x = tile[cc][r];
+    h.y = tile[cc + 1][r];
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + n + base + static_cast<int64_t>(s0 + r) * d.Q +
+                                       l0 + cc) = h;
+  }
 }
 
 // Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
@@ -2144,7 +2269,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // of H_c and G_{c+1}, [B, H, NC, P, N].
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const float* dcb, bf16* db, bf16* dc) {
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -2205,7 +2330,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     CpAsyncCommit();
   };
 
-  const float* dcb_bc = dcb + ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  // dcb_bf holds dCB [B, NC, G, Q, Q] and then its per-chunk transpose (ssd_bwd_dcb_sum).
+  const int64_t dcb_n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  const bf16* dcb_t = dcb_bf + (kDB ? dcb_n : 0) +
+                      ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
@@ -2227,27 +2355,17 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
       CpAsyncCommit();
     }
     if (step < n1) {
-      // A fragments of the dCB tile straight from global memory (fp32 → bf16):
-      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s].
+      // A fragments of the dCB tile straight from global memory (bf16 pairs, 4-byte loads):
+      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
       const int o = kDB ? ot + step : step;
       unsigned fa[4][4];
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int row = o0 + r0 + 8 * (i & 1);            // own index in the chunk
+          const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
           const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-          float v0, v1;
-          if (kDB) {
-            v0 = dcb_bc[static_cast<int64_t>(k) * d.Q + row];
-            v1 = dcb_bc[static_cast<int64_t>(k + 1) * d.Q + row];
-          } else {
-            const float2 v = *reinterpret_cast<const float2*>(
-                dcb_bc + static_cast<int64_t>(row) * d.Q + k);
-            v0 = v.x;
-            v1 = v.y;
-          }
-          fa[ks][i] = PackBf16(v0, v1);
+          fa[ks][i] = *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
         }
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
@@ -2300,15 +2418,25 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
+template <typename Carver>
+void CarveChunkStatePipeInter(Carver& cv, const Dims& d) {
+  CarveChunkStatePipe(cv, d);
+  cv.template take<bf16>(d.P * (StateSlice(d) + 8));
+}
 
 // ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
 // one is scaled and multiplied, and the row scales of the whole chunk computed once up front
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
-template <bool kBwd>
+// kInter (backward only): also the inter-chunk ∂Acs term of every token l of the chunk,
+// e^{Acs_l} dy_l·(C_l H_cᵀ)_l = Σ_p U[l, p]·(V H_cᵀ)[l, p] over this block's columns of N (U is
+// the scaled dy tile, V the C tile it already holds; H_c bf16 from `saved`), into
+// inter_out [ntn, B, H, NC·Q] (one partial per N slice; ssd_bwd_dacs_finish sums them). Bwd dx
+// then needs neither C_l nor H_c.
+template <bool kBwd, bool kInter>
 __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
-                                                                 float* ds_out) {
+                                                                 float* ds_out, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
   const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
@@ -2319,6 +2447,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
+  bf16* Hs = kInter ? cv.take<bf16>(d.P * ldv) : nullptr;  // H_c[:, n0 : n0 + nw]
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
   const float* dts = DtPtr(d, saved, b);
   const int c0 = c * d.Q;
@@ -2337,7 +2466,10 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
                   u_stride, valid, d.P);
     CpAsyncCommit();
   };
-  issue(0, 0);
+  if constexpr (kInter) {
+    CpRows(Hs, ldv, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, d.P, nw);
+  }
+  issue(0, 0);  // (the same cp.async group as H_c)
   {
     const float acs_last = acs[d.Q - 1];
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
@@ -2374,6 +2506,33 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+    if constexpr (kInter) {
+      // Warp w: tokens 16w.. of this tile; (V H_cᵀ) in 16-column steps of P (8 accumulators).
+      const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
+      const int r0 = warp * 16 + gq;
+      const bf16* Vw = V0 + buf * kTile * ldv + warp * 16 * ldv;
+      float i0 = 0.f, i1 = 0.f;
+      for (int p0 = 0; p0 < d.P; p0 += 16) {
+        float t[2][4];
+        ZeroAcc(t);
+        WarpMmaSS<2, true>(t, Vw, ldv, Hs + p0 * ldv, ldv, nw);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int p = p0 + 8 * j + 2 * tq;
+          const float2 u0 = Bf2(Us + r0 * ldu + p), u1 = Bf2(Us + (r0 + 8) * ldu + p);
+          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
+          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
+        }
+      }
+      i0 = QuadSum(i0);
+      i1 = QuadSum(i1);
+      if (tq == 0) {
+        float* io = inter_out + ((static_cast<int64_t>(blockIdx.y % ntn) * d.B + b) * d.H + h) *
+                                    d.NC * d.Q + c0 + tt * kTile;
+        io[r0] = i0;
+        io[r0 + 8] = i1;
+      }
+    }
   }
   float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                     : StatePtr(d, saved, b, h, c + 1);
@@ -2434,7 +2593,13 @@ std::atomic<int> g_reg_mask{kDefaultRegMask};
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
+  // With dx: the inter-chunk ∂Acs term from ssd_chunk_state_pipe<bwd, inter> (which then runs
+  // for the backward whatever `state` says) instead of from bwd dx.
+  bool inter_state = false;
 };
+// TEMPORARY (session 5 A/B, not yet timed or tested on a device): where the inter ∂Acs term is
+// formed. Default false (bwd dx, the variant timed in session 5's call 1).
+std::atomic<bool> g_inter_in_state{false};
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
@@ -2442,7 +2607,12 @@ RegPlan PlanReg(const Dims& d) {
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
-  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
+  p.inter_state = (mask & kSsdRegDx) && g_inter_in_state.load() &&
+                  SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
+  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
+         (p.inter_state ? SmemOf<CarveDxReg<CarveSize, false>>(d)
+                        : SmemOf<CarveDxReg<CarveSize, true>>(d)) <= optin;
+  p.inter_state = p.inter_state && p.dx;
   p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
   p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
           SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
@@ -2469,9 +2639,10 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
-    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false, false>, smem));
+    ssd_chunk_state_pipe<false, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                          kThreads, smem, stream>>>(d, slice, a.x, a.b, saved,
+                                                                    nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2501,6 +2672,11 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   return {};
 }
 
+// Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
+// of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
+// 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
+int DcbSplit(const Dims& d) { return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1; }
+
 struct BwdScratch {
   float* dsg;
   float* ddecay;
@@ -2511,23 +2687,36 @@ struct BwdScratch {
   int pass_blocks;
   // v3 only (null otherwise):
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
-  float* dacs_part;   // [B, H, NC, Q/64, Q]
+  float* dacs_own;    // [B, H, NC·Q] ∂Acs terms of bwd dx's own rows
   float* ddtx;        // [B, H, NC·Q]
-  double* dd_part;    // [2][B, NC, H, Q/64]: Σ dy·x, then A·∂A (difference form)
+  double* dd_part;    // [3][B, NC, H, Q/64]: Σ dy·x, A·∂A (difference form), Σ dl
   float* dcb;         // [B, NC, G, Q, Q]
+  float* dacs_pair;   // [B, H, NC, pairs, 2, 64] ∂Acs row / column sums per tile pair
+  double* dpair;      // [B, NC, H, pairs] A·∂A of the pair terms
+  int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
+  bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
+  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice (inter_state)
+  int inter_parts;
 };
 
-template <int kP>
+template <int kP, bool kInter>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
-  const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
-  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                  stream>>>(d, a.x, a.b, a.c, a.d,
-                                            static_cast<const float*>(a.saved), a.dy,
-                                            sc.g_bf, a.dx, sc.dacs_part, sc.ddtx, sc.dd_part);
+  const size_t smem = SmemOf<CarveDxReg<CarveSize, kInter>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP, kInter>, smem));
+  ssd_chunk_scan_bwd_dx_reg<kP, kInter><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                          stream>>>(d, a.x, a.b, a.c, a.d,
+                                                    static_cast<const float*>(a.saved), a.dy,
+                                                    sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
+                                                    sc.dd_part);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
   return {};
+}
+template <int kP>
+CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
+                       const BwdScratch& sc, cudaStream_t stream) {
+  return plan.inter_state ? LaunchDxReg<kP, false>(a, d, sc, stream)
+                          : LaunchDxReg<kP, true>(a, d, sc, stream);
 }
 
 template <class MM>
@@ -2535,13 +2724,21 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.state) {
+  if (plan.inter_state) {
+    const size_t smem = SmemOf<CarveChunkStatePipeInter<CarveSize>>(d);
+    const int slice = StateSlice(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, true>, smem));
+    ssd_chunk_state_pipe<true, true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                        kThreads, smem, stream>>>(
+        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, sc.inter_part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd, inter>");
+  } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
-    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
-                                                  sc.dsg);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, false>, smem));
+    ssd_chunk_state_pipe<true, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
+                                         kThreads, smem, stream>>>(
+        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2555,15 +2752,27 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
       d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
 
+  // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
+  // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
+  const int tiles = d.Q / kTile;
+  if (plan.dx || plan.dbc) {
+    const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
+    ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
+                      dcb_smem, stream>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
+                                          sc.dcb_split);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
+  }
   if (plan.dx) {
     switch (d.P) {
-      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
-      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, sc, stream)); break;
-      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
-      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
+      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, plan, sc, stream)); break;
+      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, plan, sc, stream)); break;
+      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, plan, sc, stream)); break;
+      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, plan, sc, stream)); break;
     }
     ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-        d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_part, sc.ddtx, sc.dd_part, sc.ddecay,
+        d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+        sc.dpair, sc.inter_part, plan.inter_state ? sc.inter_parts : 0, sc.ddecay,
         sc.pass_blocks, a.ddt, sc.part);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
   } else {
@@ -2576,17 +2785,13 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   if (plan.dbc) {
-    const int tiles = d.Q / kTile;
-    const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
-    ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, dcb_smem,
-                      stream>>>(d, a.x, a.dy, saved, sc.dcb);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
+    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
+        d, sc.dcb, sc.dcb_split, sc.dcb_bf);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb, a.db,
-                                a.dc);
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     return {};
   }
@@ -2629,6 +2834,7 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
+void SsdSetInterInStateForTesting(bool on) { g_inter_in_state.store(on); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2725,22 +2931,35 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
   const bool need_bf = plan.dx || plan.dbc;
   const int64_t n_stbf = need_bf ? n_dsg : 0;  // bf16 G_{c+1}
-  const int64_t n_dacs = plan.dx ? static_cast<int64_t>(d.B) * d.H * d.NC * tiles * d.Q : 0;
+  const bool run_dcb = plan.dx || plan.dbc;  // ssd_bwd_dcb_reg feeds both (BackwardKernels)
+  const int pairs = tiles * (tiles + 1) / 2;
+  const int64_t n_own = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_ddtx = plan.dx ? static_cast<int64_t>(d.B) * d.H * ncq : 0;
-  // doubles: Σ dy·x, then A·∂A (difference form), per [B, NC, H, Q/64]
-  const int64_t n_ddp = plan.dx ? 2LL * d.B * d.NC * d.H * tiles : 0;
-  const int64_t n_dcb = plan.dbc ? static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q : 0;
+  // doubles: Σ dy·x, A·∂A (difference form), Σ dl, per [B, NC, H, Q/64]
+  const int64_t n_ddp = plan.dx ? 3LL * d.B * d.NC * d.H * tiles : 0;
+  const int dcb_split = DcbSplit(d);
+  const int64_t n_dcb =
+      run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
+  const int inter_parts = (d.N + StateSlice(d) - 1) / StateSlice(d);
+  const int64_t n_inter = plan.inter_state ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
+  const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
+  const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
+  const int64_t n_dpair = run_dcb ? static_cast<int64_t>(d.B) * d.NC * d.H * pairs : 0;
   auto up = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t off_ddecay = up(n_dsg * 4);
   const int64_t off_part = off_ddecay + up(n_ddecay * 4);
   const int64_t off_dbp = off_part + up(n_part * 8);
   const int64_t off_dcp = off_dbp + up(n_bc * 4);
   const int64_t off_gbf = off_dcp + up(n_bc * 4);
-  const int64_t off_dacs = off_gbf + up(n_stbf * 2);
-  const int64_t off_ddtx = off_dacs + up(n_dacs * 4);
+  const int64_t off_own = off_gbf + up(n_stbf * 2);
+  const int64_t off_ddtx = off_own + up(n_own * 4);
   const int64_t off_ddp = off_ddtx + up(n_ddtx * 4);
   const int64_t off_dcb = off_ddp + up(n_ddp * 8);
-  const int64_t total = off_dcb + up(n_dcb * 4);
+  const int64_t off_pair = off_dcb + up(n_dcb * 4);
+  const int64_t off_dpair = off_pair + up(n_pair * 4);
+  const int64_t off_dcb_bf = off_dpair + up(n_dpair * 8);
+  const int64_t off_inter = off_dcb_bf + up(n_dcb_bf * 2);
+  const int64_t total = off_inter + up(n_inter * 4);
   DeviceBuffer buf;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
   char* base_ptr = buf.as<char>();
@@ -2751,16 +2970,24 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   sc.dbp = reinterpret_cast<float*>(base_ptr + off_dbp);
   sc.dcp = reinterpret_cast<float*>(base_ptr + off_dcp);
   sc.nsplit = nsplit;
+  sc.dcb_split = dcb_split;
   sc.pass_blocks = static_cast<int>(pass_blocks);
   if (need_bf) {
     sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
   }
   if (plan.dx) {
-    sc.dacs_part = reinterpret_cast<float*>(base_ptr + off_dacs);
+    sc.dacs_own = reinterpret_cast<float*>(base_ptr + off_own);
     sc.ddtx = reinterpret_cast<float*>(base_ptr + off_ddtx);
     sc.dd_part = reinterpret_cast<double*>(base_ptr + off_ddp);
   }
-  if (plan.dbc) sc.dcb = reinterpret_cast<float*>(base_ptr + off_dcb);
+  if (run_dcb) {
+    sc.dcb = reinterpret_cast<float*>(base_ptr + off_dcb);
+    sc.dacs_pair = reinterpret_cast<float*>(base_ptr + off_pair);
+    sc.dpair = reinterpret_cast<double*>(base_ptr + off_dpair);
+  }
+  if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
+  if (plan.inter_state) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
+  sc.inter_parts = inter_parts;
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
