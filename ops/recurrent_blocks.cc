@@ -878,25 +878,25 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
   ProfileMark("mlstm.bwd.cell");
+  // The gates' backward rides on the q/k/v block-diagonal backward (which reads dq, dk, dv
+  // anyway): dq/dk/dv get dgate·W on the fly, never stored; the bias sums on the second launch.
   MlstmGateArgs g;
   g.rows = rows; g.inner = p; g.heads = heads_;
-  g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
   g.wi = igate_.weight()->value.data<float>();
   g.wf = fgate_.weight()->value.data<float>();
   g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dq = dq.raw(); g.dk = dkk.raw(); g.dv = dv.raw();
   g.dwi = igate_.weight()->grad.data<float>();
   g.dwf = fgate_.weight()->grad.data<float>();
-  g.dbi = igate_.bias()->grad.data<float>();
-  g.dbf = fgate_.bias()->grad.data<float>();
-  Cuda().MlstmGates(true, g);
-  ProfileMark("mlstm.bwd.gates");
+  MlstmGateArgs g_bias = g;
+  g_bias.dbi = igate_.bias()->grad.data<float>();
+  g_bias.dbf = fgate_.bias()->grad.data<float>();
   const int64_t bs = q_.weight()->value.dim(1);
   Tensor dxm = CudaEmpty({rows, p});
-  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk); dx_m = dv·Wv.
-  for (auto [src, layer, d, layer2, d2, dst, acc] :
-       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true},
-        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false}}) {
+  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); dx_m = dv·Wv
+  // (gate columns v at 2p).
+  for (auto [src, layer, d, layer2, d2, dst, acc, gates, col] :
+       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true, &g, int64_t{0}},
+        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false, &g_bias, 2 * p}}) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
     a.x = src->raw(); a.ldx = p;
@@ -906,10 +906,13 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dx = dst->raw();
     a.accumulate_dx = acc;
     a.dw = layer->weight()->grad.data<float>();
+    a.gates = gates;
+    a.gate_col = col;
     if (layer2 != nullptr) {
       a.w2 = layer2->weight()->value.data<float>();
       a.dy2 = d2->raw();
       a.dw2 = layer2->weight()->grad.data<float>();
+      a.gate_col2 = p;
     }
     Cuda().BlockDiag(true, a);
   }
