@@ -194,9 +194,9 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
   CheckBlockDiag(300, 5, 3, 15, true);    // 3x3: the scalar kernels, both maps
 }
 
-// The mLSTM gates with the q/k/v block-diagonal maps that feed them: forward q, k (one pass
-// over x_c), v (x_m), then the gates from the bf16 q, k, v; backward the two block-diagonal
-// launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
+// The mLSTM gates fused into the q/k/v block-diagonal maps that feed them (BlockDiagArgs::gates):
+// forward q, k (one pass over x_c, bias written first), v (x_m), the gates summed from the bf16
+// q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
   Rng rng(41);
@@ -259,21 +259,23 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
     dwmd[m] = DevF32(dwm0[m]);
     ym[m] = Poison({rows, p});
   }
+  Tensor ig = Tensor::Full({rows, heads}, DType::kF32, NAN, Device::kCuda), fg = ig.Clone();
+  MlstmGateArgs g;
+  g.rows = rows; g.inner = p; g.heads = heads;
+  g.wi = wid.data<float>(); g.wf = wfd.data<float>();
+  g.ig = ig.data<float>(); g.fg = fg.data<float>();
+  MlstmGateArgs g_bias = g;
+  g_bias.bi = bid.data<float>(); g_bias.bf = bfd.data<float>();
   for (int pass = 0; pass < 2; ++pass) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
     a.x = (pass == 0 ? xcd : xmd).raw(); a.ldx = p; a.ldy = p;
     a.w = wmd[pass == 0 ? 0 : 2].data<float>(); a.y = ym[pass == 0 ? 0 : 2].raw();
-    if (pass == 0) { a.w2 = wmd[1].data<float>(); a.y2 = ym[1].raw(); }
+    a.gates = pass == 0 ? &g_bias : &g;
+    a.gate_col = pass == 0 ? 0 : 2 * p;
+    if (pass == 0) { a.w2 = wmd[1].data<float>(); a.y2 = ym[1].raw(); a.gate_col2 = p; }
     Cuda().BlockDiag(false, a);
   }
-  Tensor ig = Tensor::Full({rows, heads}, DType::kF32, NAN, Device::kCuda), fg = ig.Clone();
-  MlstmGateArgs g;
-  g.rows = rows; g.inner = p; g.heads = heads;
-  g.q = ym[0].raw(); g.k = ym[1].raw(); g.v = ym[2].raw();
-  g.wi = wid.data<float>(); g.wf = wfd.data<float>(); g.bi = bid.data<float>(); g.bf = bfd.data<float>();
-  g.ig = ig.data<float>(); g.fg = fg.data<float>();
-  Cuda().MlstmGates(false, g);
   // Gate reference from the GPU's bf16 q, k, v (what the gate kernel reads).
   Tensor ig_ref = Tensor::Zeros({rows, heads}, DType::kF64), fg_ref = ig_ref.Clone();
   {
