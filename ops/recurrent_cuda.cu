@@ -408,6 +408,7 @@ dim3 ColumnGrid(int64_t cols, int64_t rows) {
 
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
 constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer weight atomics)
+constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // Sum of v[t] over the warp's 32 lanes for kG values at once: log2(kG) rounds in which each lane
 // keeps half of its values and receives the other lanes' halves (a transposing butterfly), then
@@ -727,119 +728,105 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
   }
 }
 
+// Backward, warp per (row, group) as the forward; a block's 8 warps take kNormBwdRows rows of
+// one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into the
+// block's shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l,
+// so one add instruction touches 32 consecutive words), then one atomicAdd per column and block
+// — no second pass over x, z, x_c and dy for the parameter gradients.
 template <int kMode>
-__global__ void group_norm_bwd_vec(GroupNormArgs a) {
-  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= a.rows * a.groups) return;
-  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
-  const float mean = a.layer ? a.mean[warp] : 0.f, rstd = a.rstd[warp];
-  float s1 = 0.f, s2 = 0.f;
-  float v[8], sc[8], dy[8], z[8];
-  for (int64_t i = lane * 8; i < gs; i += 256) {
-    const int64_t c = c0 + i;
-    NormIn8<kMode>(a, r, c, v);
-    Scale8(a, c, sc);
-    Load8(a.dy, r * a.dim + c, dy);
-    if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
-    float dz[8], dxc[8], sk[8], xc[8];
-    if (kMode == 2) {
-      LoadF8(a.skip + c, sk);
-      Load8(a.xc, r * a.dim + c, xc);
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float xhat = (v[k] - mean) * rstd;
-      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-      const float dxhat = gout * sc[k];
-      s1 += dxhat;
-      s2 += dxhat * xhat;
-      if (kMode == 2) {
-        const float hs = xhat * sc[k] + sk[k] * xc[k];
-        dz[k] = dy[k] * hs * DSilu(z[k]);
-        dxc[k] = gout * sk[k];
-      }
-    }
-    if (kMode == 2) {
-      Store8(a.dz, r * a.dim + c, dz);
-      Store8(a.dxc, r * a.dim + c, dxc);
-    }
+__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a) {
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][span]
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int span = static_cast<int>((gs + 255) / 256) * 256;
+  const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
+  if (params) {
+    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * span; e += blockDim.x) psum[e] = 0.f;
+    __syncthreads();
   }
-  s1 = WarpSum(s1) / gs;
-  s2 = WarpSum(s2) / gs;
-  const float m1 = a.layer ? s1 : 0.f;
-  for (int64_t i = lane * 8; i < gs; i += 256) {
-    const int64_t c = c0 + i;
-    float xv[8], dx[8], dz[8];
-    Load8(a.x, r * a.dim + c, xv);
-    Scale8(a, c, sc);
-    Load8(a.dy, r * a.dim + c, dy);
-    if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
-      const float xhat = (in - mean) * rstd;
-      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-      const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
-      if (kMode == 1) {
-        dx[k] = dxa * Silu(z[k]);
-        dz[k] = dxa * xv[k] * DSilu(z[k]);
-      } else {
-        dx[k] = dxa;
-      }
-    }
-    Store8(a.dx, r * a.dim + c, dx);
-    if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
-  }
-}
-
-// dweight / dskip column sums, (32, 8) threads: tx owns 8 columns, ty a row lane.
-template <int kMode>
-__global__ void __launch_bounds__(256) group_norm_param_grads_vec(GroupNormArgs a) {
-  __shared__ float red[2][8][256 + 8];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
-  const int64_t c = (blockIdx.x * 32 + tx) * 8;
-  const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock, r1 = min(r0 + kRowsPerBlock, a.rows);
-  float accw[8], accs[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) accw[k] = accs[k] = 0.f;
-  if (c < a.dim) {
-    const int64_t gs = a.dim / a.groups, g = c / gs;
-    for (int64_t r = r0 + ty; r < r1; r += 8) {
-      const int64_t st = r * a.groups + g;
-      const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
-      float v[8], dy[8], z[8], xc[8];
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  for (int64_t r = rb0 + wid; r < rb1; r += 8) {
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    float s1 = 0.f, s2 = 0.f;
+    float v[8], sc[8], dy[8], z[8];
+    for (int64_t i = lane * 8; i < gs; i += 256) {
+      const int64_t c = c0 + i;
+      const int slot = static_cast<int>((i - lane * 8) / 256) * 256 + lane;  // (8j + k)·32 + l at k = 0
       NormIn8<kMode>(a, r, c, v);
+      Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
+      if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
+      float dz[8], dxc[8], sk[8], xc[8];
       if (kMode == 2) {
-        Load8(a.z, r * a.ldz + c, z);
+        LoadF8(a.skip + c, sk);
         Load8(a.xc, r * a.dim + c, xc);
       }
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
+        const float xhat = (v[k] - mean) * rstd;
         const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        accw[k] += gout * (v[k] - mean) * rstd;
-        if (kMode == 2) accs[k] += gout * xc[k];
+        const float dxhat = gout * sc[k];
+        s1 += dxhat;
+        s2 += dxhat * xhat;
+        if (params) {
+          atomicAdd(psum + slot + k * 32, gout * xhat);
+          if (kMode == 2) atomicAdd(psum + span + slot + k * 32, gout * xc[k]);
+        }
+        if (kMode == 2) {
+          const float hs = xhat * sc[k] + sk[k] * xc[k];
+          dz[k] = dy[k] * hs * DSilu(z[k]);
+          dxc[k] = gout * sk[k];
+        }
+      }
+      if (kMode == 2) {
+        Store8(a.dz, r * a.dim + c, dz);
+        Store8(a.dxc, r * a.dim + c, dxc);
+      }
+    }
+    s1 = WarpSum(s1) / gs;
+    s2 = WarpSum(s2) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+    for (int64_t i = lane * 8; i < gs; i += 256) {
+      const int64_t c = c0 + i;
+      float xv[8], dx[8], dz[8];
+      Load8(a.x, r * a.dim + c, xv);
+      Scale8(a, c, sc);
+      Load8(a.dy, r * a.dim + c, dy);
+      if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
+        const float xhat = (in - mean) * rstd;
+        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+        const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
+        if (kMode == 1) {
+          dx[k] = dxa * Silu(z[k]);
+          dz[k] = dxa * xv[k] * DSilu(z[k]);
+        } else {
+          dx[k] = dxa;
+        }
+      }
+      Store8(a.dx, r * a.dim + c, dx);
+      if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+    }
+  }
+  if (params) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < span; e += blockDim.x) {
+      const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
+      if (col < gs) {
+        if (a.dweight) atomicAdd(a.dweight + c0 + col, psum[e]);
+        if (kMode == 2 && a.dskip) atomicAdd(a.dskip + c0 + col, psum[span + e]);
       }
     }
   }
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    red[0][ty][tx * 8 + k] = accw[k];
-    red[1][ty][tx * 8 + k] = accs[k];
-  }
-  __syncthreads();
-  const int64_t col = blockIdx.x * 256 + tid;
-  if (col < a.dim) {
-    float tw = 0.f, ts = 0.f;
-#pragma unroll
-    for (int y = 0; y < 8; ++y) {
-      tw += red[0][y][tid];
-      ts += red[1][y][tid];
-    }
-    if (a.dweight) atomicAdd(a.dweight + col, tw);
-    if (kMode == 2 && a.dskip) atomicAdd(a.dskip + col, ts);
-  }
+}
+
+// Shared bytes of group_norm_bwd_vec's column sums.
+int64_t NormBwdSmem(const GroupNormArgs& a) {
+  const int64_t span = (a.dim / a.groups + 255) / 256 * 256;
+  return (a.mode == NormMode::kMlstmOutput ? 2 : 1) * span * static_cast<int64_t>(sizeof(float));
 }
 
 bool NormVectorizable(const GroupNormArgs& a, bool backward) {
@@ -848,7 +835,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
   if (!backward) return ok && Aligned(a.y, 16);
-  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16);
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= 48 * 1024;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
   return ok;
@@ -934,30 +921,32 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.rows == 0) return {};
+  const bool params = a.dweight != nullptr || a.dskip != nullptr;
+  if (NormVectorizable(a, true)) {
+    const dim3 grid(static_cast<unsigned>((a.rows + kNormBwdRows - 1) / kNormBwdRows), static_cast<unsigned>(a.groups));
+    const size_t smem = params ? static_cast<size_t>(NormBwdSmem(a)) : 0;
+    switch (a.mode) {
+      case NormMode::kPlain: group_norm_bwd_vec<0><<<grid, 256, smem, stream>>>(a); break;
+      case NormMode::kGatedInput: group_norm_bwd_vec<1><<<grid, 256, smem, stream>>>(a); break;
+      case NormMode::kMlstmOutput: group_norm_bwd_vec<2><<<grid, 256, smem, stream>>>(a); break;
+    }
+    return Launched("group_norm_bwd_vec");
+  }
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const dim3 grid = ColumnGrid(a.dim, a.rows), block(32, 8);
-  const dim3 grid_vec(static_cast<unsigned>((a.dim + 255) / 256), grid.y);
-  const bool params = a.dweight != nullptr || a.dskip != nullptr;
-  const bool vec = NormVectorizable(a, true);
   switch (a.mode) {
     case NormMode::kPlain:
-      if (vec) group_norm_bwd_vec<0><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<0><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kGatedInput:
-      if (vec) group_norm_bwd_vec<1><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<1><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kMlstmOutput:
-      if (vec) group_norm_bwd_vec<2><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<2><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
       break;
   }
   return Launched("group_norm_bwd");
