@@ -40,6 +40,31 @@ struct GroupNormArgs {
   float* dskip = nullptr;
 };
 
+// mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 8):
+//   ig[r, g] = bi[g] + Σ_j qkv[r, j] wi[g, j],  fg likewise;  q, k, v [rows, p] bf16.
+// Backward: not a launch of its own — it runs inside the backward of the block-diagonal maps
+// that produced q, k, v (BlockDiagArgs::gates), which read dq, dk, dv anyway.
+struct MlstmGateArgs {
+  int64_t rows = 0, inner = 0, heads = 0;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* wi = nullptr;  // [heads, 3 inner]
+  const float* wf = nullptr;
+  const float* bi = nullptr;  // [heads]
+  const float* bf = nullptr;
+  float* ig = nullptr;        // [rows, heads]
+  float* fg = nullptr;
+  // Backward (through BlockDiagArgs::gates): gate gradients [rows, heads] in, parameter
+  // gradients accumulated.
+  const float* dig = nullptr;
+  const float* dfg = nullptr;
+  float* dwi = nullptr;
+  float* dwf = nullptr;
+  float* dbi = nullptr;
+  float* dbf = nullptr;
+};
+
 // Block-diagonal map with small square-ish blocks (block_in, block_out <= 8):
 //   y[r, b·bo + o] = Σ_i x[r, b·bi + i] · w[b, o, i]
 // Backward: dx (= or += when accumulate) and dw (+=).
@@ -60,32 +85,14 @@ struct BlockDiagArgs {
   void* y2 = nullptr;
   const void* dy2 = nullptr;
   float* dw2 = nullptr;
-};
-
-// mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 8):
-//   ig[r, g] = bi[g] + Σ_j qkv[r, j] wi[g, j],  fg likewise;  q, k, v [rows, p] bf16.
-// Backward: dq, dk, dv += (dig wi + dfg wf) slices (in place, bf16); dwi, dwf, dbi, dbf +=.
-struct MlstmGateArgs {
-  int64_t rows = 0, inner = 0, heads = 0;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const float* wi = nullptr;  // [heads, 3 inner]
-  const float* wf = nullptr;
-  const float* bi = nullptr;  // [heads]
-  const float* bf = nullptr;
-  float* ig = nullptr;        // [rows, heads]
-  float* fg = nullptr;
-  // Backward.
-  const float* dig = nullptr;
-  const float* dfg = nullptr;
-  void* dq = nullptr;
-  void* dk = nullptr;
-  void* dv = nullptr;
-  float* dwi = nullptr;
-  float* dwf = nullptr;
-  float* dbi = nullptr;
-  float* dbf = nullptr;
+  // Optional, backward only: the mLSTM gates read y (y2) as the columns gate_col (gate_col2) ..
+  // + blocks·block_out of concat(q, k, v), and their gradient is fused in: per row
+  //   dy_total = dy + Σ_t dig[r, t] wi[t, gate_col + c] + dfg[r, t] wf[t, gate_col + c]
+  // feeds dx and dw; dwi / dwf of those columns += dgateᵀ y with y = x·wᵀ recomputed in fp32
+  // (not re-read); dbi / dbf += Σ_r dgate when gates->dbi is set (give it to one launch only).
+  // `gates` is read on the host during the call; its q/k/v/ig/fg/dq.. fields are not used.
+  const MlstmGateArgs* gates = nullptr;
+  int64_t gate_col = 0, gate_col2 = 0;
 };
 
 // Causal depthwise conv1d (+ SiLU), kernels/cuda/conv1d.h: x, y, dy, dx [B, S, C] bf16; w [C, K],

@@ -777,6 +777,46 @@ Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor
   return out;
 }
 
+void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v,
+                              Tensor& ig, Tensor& fg) {
+  const int64_t p = p_;
+  q = CudaEmpty({rows, p});
+  k = CudaEmpty({rows, p});
+  v = CudaEmpty({rows, p});
+  ig = CudaEmpty({rows, heads_}, DType::kF32);
+  fg = CudaEmpty({rows, heads_}, DType::kF32);
+  // The gate pre-activations ride on the q/k/v maps (BlockDiagArgs::gates): the first launch
+  // writes the bias, both add their columns' share (q at 0, k at p, v at 2p of the gate weights).
+  MlstmGateArgs g;
+  g.rows = rows; g.inner = p; g.heads = heads_;
+  g.wi = igate_.weight()->value.data<float>();
+  g.wf = fgate_.weight()->value.data<float>();
+  g.ig = ig.data<float>();
+  g.fg = fg.data<float>();
+  MlstmGateArgs g_bias = g;
+  g_bias.bi = igate_.bias()->value.data<float>();
+  g_bias.bf = fgate_.bias()->value.data<float>();
+  const int64_t bs = q_.weight()->value.dim(1);
+  // q and k in one pass over x_c (the kernel's second map), then v from x_m.
+  for (auto [src, layer, dst, layer2, dst2, gates, col] :
+       {std::tuple{&xc, &q_, &q, &k_, &k, &g_bias, int64_t{0}},
+        std::tuple{&xm, &v_, &v, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &g, 2 * p}}) {
+    BlockDiagArgs a;
+    a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
+    a.x = src->raw(); a.ldx = p;
+    a.w = layer->weight()->value.data<float>();
+    a.y = dst->raw(); a.ldy = p;
+    a.gates = gates;
+    a.gate_col = col;
+    if (layer2 != nullptr) {
+      a.w2 = layer2->weight()->value.data<float>();
+      a.y2 = dst2->raw();
+      a.gate_col2 = p;
+    }
+    Cuda().BlockDiag(false, a);
+  }
+}
+
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, p = p_, dk = p_ / heads_;
   ProfileStart();
@@ -787,38 +827,8 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   ProfileMark("mlstm.fwd.up_proj");
   xc_ = conv_.Forward(xm_, batch, seq);
   ProfileMark("mlstm.fwd.conv");
-  q_out_ = CudaEmpty({rows, p});
-  k_out_ = CudaEmpty({rows, p});
-  v_out_ = CudaEmpty({rows, p});
-  const int64_t bs = q_.weight()->value.dim(1);
-  // q and k in one pass over x_c (the kernel's second map), then v from x_m.
-  for (auto [src, layer, dst, layer2, dst2] : {std::tuple{&xc_, &q_, &q_out_, &k_, &k_out_},
-                                               std::tuple{&xm_, &v_, &v_out_, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr}}) {
-    BlockDiagArgs a;
-    a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
-    a.x = src->raw(); a.ldx = p;
-    a.w = layer->weight()->value.data<float>();
-    a.y = dst->raw(); a.ldy = p;
-    if (layer2 != nullptr) {
-      a.w2 = layer2->weight()->value.data<float>();
-      a.y2 = dst2->raw();
-    }
-    Cuda().BlockDiag(false, a);
-  }
-  ProfileMark("mlstm.fwd.qkv_blockdiag");
-  ig_ = CudaEmpty({rows, heads_}, DType::kF32);
-  fg_ = CudaEmpty({rows, heads_}, DType::kF32);
-  MlstmGateArgs g;
-  g.rows = rows; g.inner = p; g.heads = heads_;
-  g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
-  g.wi = igate_.weight()->value.data<float>();
-  g.wf = fgate_.weight()->value.data<float>();
-  g.bi = igate_.bias()->value.data<float>();
-  g.bf = fgate_.bias()->value.data<float>();
-  g.ig = ig_.data<float>();
-  g.fg = fg_.data<float>();
-  Cuda().MlstmGates(false, g);
-  ProfileMark("mlstm.fwd.gates");
+  QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
+  ProfileMark("mlstm.fwd.qkv_blockdiag_gates");
   MlstmCellArgs c;
   c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
   c.sigmoid_forget = sigmoid_forget_;
@@ -878,25 +888,25 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
   ProfileMark("mlstm.bwd.cell");
+  // The gates' backward rides on the q/k/v block-diagonal backward (which reads dq, dk, dv
+  // anyway): dq/dk/dv get dgate·W on the fly, never stored; the bias sums on the second launch.
   MlstmGateArgs g;
   g.rows = rows; g.inner = p; g.heads = heads_;
-  g.q = q_out_.raw(); g.k = k_out_.raw(); g.v = v_out_.raw();
   g.wi = igate_.weight()->value.data<float>();
   g.wf = fgate_.weight()->value.data<float>();
   g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dq = dq.raw(); g.dk = dkk.raw(); g.dv = dv.raw();
   g.dwi = igate_.weight()->grad.data<float>();
   g.dwf = fgate_.weight()->grad.data<float>();
-  g.dbi = igate_.bias()->grad.data<float>();
-  g.dbf = fgate_.bias()->grad.data<float>();
-  Cuda().MlstmGates(true, g);
-  ProfileMark("mlstm.bwd.gates");
+  MlstmGateArgs g_bias = g;
+  g_bias.dbi = igate_.bias()->grad.data<float>();
+  g_bias.dbf = fgate_.bias()->grad.data<float>();
   const int64_t bs = q_.weight()->value.dim(1);
   Tensor dxm = CudaEmpty({rows, p});
-  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk); dx_m = dv·Wv.
-  for (auto [src, layer, d, layer2, d2, dst, acc] :
-       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true},
-        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false}}) {
+  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); dx_m = dv·Wv
+  // (gate columns v at 2p).
+  for (auto [src, layer, d, layer2, d2, dst, acc, gates, col] :
+       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true, &g, int64_t{0}},
+        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false, &g_bias, 2 * p}}) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
     a.x = src->raw(); a.ldx = p;
@@ -906,14 +916,17 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dx = dst->raw();
     a.accumulate_dx = acc;
     a.dw = layer->weight()->grad.data<float>();
+    a.gates = gates;
+    a.gate_col = col;
     if (layer2 != nullptr) {
       a.w2 = layer2->weight()->value.data<float>();
       a.dy2 = d2->raw();
       a.dw2 = layer2->weight()->grad.data<float>();
+      a.gate_col2 = p;
     }
     Cuda().BlockDiag(true, a);
   }
-  ProfileMark("mlstm.bwd.qkv_blockdiag");
+  ProfileMark("mlstm.bwd.qkv_blockdiag_gates");
   AddInPlace(&dxm, conv_.Backward(dxc));
   ProfileMark("mlstm.bwd.conv");
   Tensor du;

@@ -114,6 +114,11 @@ class MlstmBlock : public Block {
   // decoding); writes the per-(row, head) statistics into mean / rstd (fp32, rows x heads).
   Tensor OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
                         Tensor& rstd);
+  // q, k = blockdiag(x_c), v = blockdiag(x_m) (bf16 [rows, p]) and the gate pre-activations
+  // ig, fg (fp32 [rows, heads]) in two launches, the gates fused into the maps (training and
+  // decoding). Allocates the five outputs.
+  void QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v, Tensor& ig,
+                    Tensor& fg);
 };
 
 class SlstmBlock : public Block {

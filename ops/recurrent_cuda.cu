@@ -17,7 +17,6 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int kRowsPerBlock = 256;
 constexpr int kMaxGates = 16;  // 2 x heads of the mLSTM gates (heads <= 8)
-constexpr int kGateRows = 8;  // rows per warp in the gate projection
 
 __device__ inline float F(const void* p, int64_t i) { return __bfloat162float(static_cast<const bf16*>(p)[i]); }
 __device__ inline void St(void* p, int64_t i, float v) { static_cast<bf16*>(p)[i] = __float2bfloat16(v); }
@@ -220,19 +219,81 @@ __global__ void block_diag_fwd(BlockDiagArgs a) {
   }
 }
 
-__global__ void block_diag_bwd_dx(BlockDiagArgs a) {
+// The mLSTM gates fused into the block-diagonal maps (BlockDiagArgs::gates), as the kernels take
+// them: map m's gate weight columns already offset to its first column.
+struct FusedGates {
+  int heads = 0;  // 0: no gates
+  int64_t ldg = 0;
+  float* ig = nullptr;  // forward
+  float* fg = nullptr;
+  const float* dig = nullptr;  // backward
+  const float* dfg = nullptr;
+  const float* wi[2] = {nullptr, nullptr};
+  const float* wf[2] = {nullptr, nullptr};
+  float* dwi[2] = {nullptr, nullptr};
+  float* dwf[2] = {nullptr, nullptr};
+  float* dbi = nullptr;
+  float* dbf = nullptr;
+};
+__device__ inline float GateGrad(const FusedGates& g, int64_t r, int t) {
+  return t < g.heads ? g.dig[r * g.heads + t] : g.dfg[r * g.heads + t - g.heads];
+}
+// (m selects with a branch, not an index: a dynamically indexed kernel parameter array would
+// be copied to local memory.)
+__device__ inline const float* GateW(const FusedGates& g, int m, int t) {
+  return t < g.heads ? (m == 0 ? g.wi[0] : g.wi[1]) + t * g.ldg : (m == 0 ? g.wf[0] : g.wf[1]) + (t - g.heads) * g.ldg;
+}
+__device__ inline float* GateDw(const FusedGates& g, int m, int t) {
+  return t < g.heads ? (m == 0 ? g.dwi[0] : g.dwi[1]) + t * g.ldg : (m == 0 ? g.dwf[0] : g.dwf[1]) + (t - g.heads) * g.ldg;
+}
+// dy of map m at (r, output column c) with the gate term added.
+__device__ inline float DyTotal(const BlockDiagArgs& a, const FusedGates& g, int m, int64_t r, int64_t c) {
+  float d = F(a.dy, r * a.ldy + c);
+  for (int t = 0; t < 2 * g.heads; ++t) d += GateGrad(g, r, t) * GateW(g, m, t)[c];
+  return d;
+}
+
+// ig = bi, fg = bf: the start of the gate sums the fused forward launches add to.
+__global__ void gate_fwd_init(FusedGates g, const float* bi, const float* bf, int64_t rows) {
+  const int64_t n = rows * g.heads;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    g.ig[e] = bi[e % g.heads];
+    g.fg[e] = bf[e % g.heads];
+  }
+}
+
+// Scalar fused forward, after block_diag_fwd wrote map m's y (ld ldy): one warp per row adds
+// Σ_c y[r, c] wg[t, c] to the row's gates (the only writer of that row in this launch).
+__global__ void gate_fwd(BlockDiagArgs a, FusedGates g, int m, const void* y) {
+  const int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (r >= a.rows) return;
+  const int64_t cols = a.blocks * a.block_out;
+  for (int t = 0; t < 2 * g.heads; ++t) {
+    const float* w = GateW(g, m, t);
+    float s = 0.f;
+    for (int64_t c = lane; c < cols; c += 32) s += F(y, r * a.ldy + c) * w[c];
+    s = WarpSum(s);
+    if (lane == 0) {
+      float* dst = t < g.heads ? g.ig + r * g.heads + t : g.fg + r * g.heads + t - g.heads;
+      *dst += s;
+    }
+  }
+}
+
+__global__ void block_diag_bwd_dx(BlockDiagArgs a, FusedGates g, int m) {
   const int64_t cols = a.blocks * a.block_in, n = a.rows * cols;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = e / cols, c = e % cols, b = c / a.block_in, i = c % a.block_in;
     float s = 0.f;
     for (int64_t o = 0; o < a.block_out; ++o)
-      s += F(a.dy, r * a.ldy + b * a.block_out + o) * a.w[(b * a.block_out + o) * a.block_in + i];
+      s += DyTotal(a, g, m, r, b * a.block_out + o) * a.w[(b * a.block_out + o) * a.block_in + i];
     if (a.accumulate_dx) s += F(a.dx, r * a.ldx + c);
     St(a.dx, r * a.ldx + c, s);
   }
 }
 
-__global__ void block_diag_bwd_dw(BlockDiagArgs a) {
+__global__ void block_diag_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
   __shared__ float sm[8][33];
   const int64_t cols = a.blocks * a.block_out;
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
@@ -244,7 +305,7 @@ __global__ void block_diag_bwd_dw(BlockDiagArgs a) {
   if (c < cols) {
     const int64_t b = c / a.block_out;
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      const float d = F(a.dy, r * a.ldy + c);
+      const float d = DyTotal(a, g, m, r, c);
 #pragma unroll
       for (int i = 0; i < 8; ++i)
         if (i < a.block_in) acc[i] += d * F(a.x, r * a.ldx + b * a.block_in + i);
@@ -266,117 +327,47 @@ __global__ void block_diag_bwd_dw(BlockDiagArgs a) {
   }
 }
 
-// ---------------------------------------------------------------- mLSTM gates
-
-__device__ inline float QkvAt(const MlstmGateArgs& a, int64_t r, int64_t j) {
-  const int64_t p = a.inner;
-  const void* src = j < p ? a.q : (j < 2 * p ? a.k : a.v);
-  return F(src, r * p + (j % p));
-}
-
-// One warp per kGateRows rows: 2·heads dot products of length 3p per row.
-__global__ void mlstm_gates_fwd(MlstmGateArgs a) {
-  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int64_t r0 = warp * kGateRows;
-  if (r0 >= a.rows) return;
-  const int G = static_cast<int>(2 * a.heads);
-  const int64_t width = 3 * a.inner;
-  float acc[kGateRows][kMaxGates];
-#pragma unroll
-  for (int rr = 0; rr < kGateRows; ++rr)
-#pragma unroll
-    for (int t = 0; t < kMaxGates; ++t) acc[rr][t] = 0.f;
-  for (int64_t j = lane; j < width; j += 32) {
-    float w[kMaxGates];
-#pragma unroll
-    for (int t = 0; t < kMaxGates; ++t)
-      w[t] = t < G ? (t < a.heads ? a.wi[t * width + j] : a.wf[(t - a.heads) * width + j]) : 0.f;
-#pragma unroll
-    for (int rr = 0; rr < kGateRows; ++rr) {
-      if (r0 + rr >= a.rows) break;
-      const float x = QkvAt(a, r0 + rr, j);
-#pragma unroll
-      for (int t = 0; t < kMaxGates; ++t) acc[rr][t] += x * w[t];
-    }
-  }
-#pragma unroll
-  for (int rr = 0; rr < kGateRows; ++rr) {
-#pragma unroll
-    for (int t = 0; t < kMaxGates; ++t) {
-      const float s = WarpSum(acc[rr][t]);
-      if (lane == t && t < G && r0 + rr < a.rows) {
-        if (t < a.heads) a.ig[(r0 + rr) * a.heads + t] = s + a.bi[t];
-        else a.fg[(r0 + rr) * a.heads + t - a.heads] = s + a.bf[t - a.heads];
-      }
-    }
-  }
-}
-
-__global__ void mlstm_gates_bwd_dx(MlstmGateArgs a) {
-  const int64_t width = 3 * a.inner, n = a.rows * width;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = e / width, j = e % width;
-    float s = 0.f;
-    for (int64_t h = 0; h < a.heads; ++h)
-      s += a.dig[r * a.heads + h] * a.wi[h * width + j] + a.dfg[r * a.heads + h] * a.wf[h * width + j];
-    const int64_t p = a.inner;
-    void* dst = j < p ? a.dq : (j < 2 * p ? a.dk : a.dv);
-    const int64_t idx = r * p + (j % p);
-    St(dst, idx, F(dst, idx) + s);
-  }
-}
-
-__global__ void mlstm_gates_bwd_dw(MlstmGateArgs a) {
+// Gate weight gradients of map m's columns: dw[t, c] += Σ_r dgate[r, t] y[r, c], y recomputed
+// from x (blockIdx.z = gate).
+__global__ void gate_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
   __shared__ float sm[8][33];
-  const int64_t width = 3 * a.inner;
-  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  const int t = blockIdx.z;
+  const int64_t cols = a.blocks * a.block_out;
+  const int64_t c = blockIdx.x * 32 + threadIdx.x;
   const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock;
   const int64_t r1 = min(r0 + kRowsPerBlock, a.rows);
-  const int G = static_cast<int>(2 * a.heads);
-  float acc[kMaxGates];
-#pragma unroll
-  for (int t = 0; t < kMaxGates; ++t) acc[t] = 0.f;
-  if (j < width) {
+  float acc = 0.f;
+  if (c < cols) {
+    const int64_t b = c / a.block_out;
+    const float* w = a.w + c * a.block_in;
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      const float x = QkvAt(a, r, j);
-#pragma unroll
-      for (int t = 0; t < kMaxGates; ++t)
-        if (t < G) acc[t] += x * (t < a.heads ? a.dig[r * a.heads + t] : a.dfg[r * a.heads + t - a.heads]);
+      float y = 0.f;
+      for (int64_t i = 0; i < a.block_in; ++i) y += F(a.x, r * a.ldx + b * a.block_in + i) * w[i];
+      acc += GateGrad(g, r, t) * y;
     }
   }
-  for (int t = 0; t < G; ++t) {
-    float v = 0.f;
-#pragma unroll
-    for (int k = 0; k < kMaxGates; ++k)
-      if (k == t) v = acc[k];
-    sm[threadIdx.y][threadIdx.x] = v;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < width) {
-      float s = 0.f;
-      for (int k = 0; k < 8; ++k) s += sm[k][threadIdx.x];
-      if (t < a.heads) atomicAdd(a.dwi + t * width + j, s);
-      else atomicAdd(a.dwf + (t - a.heads) * width + j, s);
-    }
-    __syncthreads();
+  sm[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float s = 0.f;
+    for (int k = 0; k < 8; ++k) s += sm[k][threadIdx.x];
+    atomicAdd(GateDw(g, m, t) + c, s);
   }
 }
 
-// One block per gate: the bias gradients Σ_r dgate[r, h].
-__global__ void mlstm_gates_bwd_db(MlstmGateArgs a) {
+// One block per gate: the bias gradients Σ_r dgate[r, t].
+__global__ void gate_bwd_db(FusedGates g, int64_t rows) {
   __shared__ float sm[256];
   const int t = blockIdx.x;
-  const float* src = t < a.heads ? a.dig : a.dfg;
-  const int64_t h = t < a.heads ? t : t - a.heads;
   float s = 0.f;
-  for (int64_t r = threadIdx.x; r < a.rows; r += blockDim.x) s += src[r * a.heads + h];
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) s += GateGrad(g, r, t);
   sm[threadIdx.x] = s;
   __syncthreads();
   for (int o = blockDim.x / 2; o > 0; o >>= 1) {
     if (threadIdx.x < o) sm[threadIdx.x] += sm[threadIdx.x + o];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicAdd(t < a.heads ? a.dbi + h : a.dbf + h, sm[0]);
+  if (threadIdx.x == 0) atomicAdd(t < g.heads ? g.dbi + t : g.dbf + t - g.heads, sm[0]);
 }
 
 // ---------------------------------------------------------------- columns
@@ -416,57 +407,169 @@ dim3 ColumnGrid(int64_t cols, int64_t rows) {
 // accesses; the scalar kernels above remain the path for every other shape.
 
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
-constexpr int kGateBwdRows = 1024;   // rows per block of the gate backward (8 lanes)
+constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer weight atomics)
+
+// Sum of v[t] over the warp's 32 lanes for kG values at once: log2(kG) rounds in which each lane
+// keeps half of its values and receives the other lanes' halves (a transposing butterfly), then
+// log2(32 / kG) plain rounds; kG + log2(32/kG) - 1 shuffles instead of 5 kG. Returns the total of
+// gate *gate (every lane of a group of 32 / kG neighbours holds the same one).
+template <int kG>
+__device__ inline float WarpSumEach(float (&v)[kG], int lane, int* gate) {
+  int base = 0;
+#pragma unroll
+  for (int half = kG / 2, off = 16; half >= 1; half /= 2, off /= 2) {
+    const bool up = lane & off;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = up ? v[i] : v[i + half];
+      const float keep = up ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+    if (up) base += half;
+  }
+#pragma unroll
+  for (int off = 16 / kG; off >= 1; off /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+  *gate = base;
+  return v[0];
+}
+
+__device__ inline void RoundBf16(float* v, int n) {
+  for (int k = 0; k < n; ++k) v[k] = __bfloat162float(__float2bfloat16(v[k]));
+}
 
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
 // rows r0 + ty, r0 + ty + 8, ... (a warp reads 32 neighbouring blocks of one row: 256 bytes).
-template <bool kTwo>
-__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a) {
-  const int64_t b = blockIdx.x * 32 + threadIdx.x;
-  if (b >= a.blocks) return;
+// kG > 0: the mLSTM gates fused in (FusedGates): each row's partial gate sums over the block's
+// 128 columns of the bf16-rounded y (what the cell reads), summed over the warp, one atomicAdd
+// per gate into ig / fg (the other column blocks and maps add theirs; the bias came first).
+template <bool kTwo, int kG>
+__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGates g) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  constexpr int kGs = kG > 0 ? kG : 1;
+  __shared__ float4 wg[kMaps * kGs][32];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  if constexpr (kG == 0) {
+    if (!live) return;
+  } else {
+    const int G = 2 * g.heads;
+    for (int e = ty * 32 + tx; e < kMaps * kG * 32; e += 256) {
+      const int m = e / (kG * 32), t = (e / 32) % kG, bx = e % 32;
+      const int64_t bb = blockIdx.x * 32 + bx;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
+      wg[m * kG + t][bx] = v;
+    }
+    __syncthreads();
+  }
   float w[16], w2[16];
 #pragma unroll
   for (int k = 0; k < 16; k += 8) {
-    LoadF8(a.w + b * 16 + k, w + k);
-    if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
+    if (live) {
+      LoadF8(a.w + b * 16 + k, w + k);
+      if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
+    }
   }
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
-  for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
-    float x[4], y[4];
-    Load4(a.x, r * a.ldx + b * 4, x);
+  for (int64_t r = r0 + ty; r < r1; r += 8) {  // uniform over the warp (one row)
+    float x[4] = {0.f, 0.f, 0.f, 0.f}, y[4], y2[4];
+    if (live) Load4(a.x, r * a.ldx + b * 4, x);
 #pragma unroll
     for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
-    Store4(a.y, r * a.ldy + b * 4, y);
+    if (live) Store4(a.y, r * a.ldy + b * 4, y);
     if (kTwo) {
 #pragma unroll
       for (int o = 0; o < 4; ++o)
-        y[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
-      Store4(a.y2, r * a.ldy + b * 4, y);
+        y2[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
+      if (live) Store4(a.y2, r * a.ldy + b * 4, y2);
+    }
+    if constexpr (kG > 0) {
+      RoundBf16(y, 4);
+      if (kTwo) RoundBf16(y2, 4);
+      float v[kG];
+#pragma unroll
+      for (int t = 0; t < kG; ++t) {
+        const float4 u = wg[t][tx];
+        v[t] = y[0] * u.x + y[1] * u.y + y[2] * u.z + y[3] * u.w;
+        if (kTwo) {
+          const float4 u2 = wg[kG + t][tx];
+          v[t] += y2[0] * u2.x + y2[1] * u2.y + y2[2] * u2.z + y2[3] * u2.w;
+        }
+      }
+      int t;
+      const float s = WarpSumEach<kG>(v, tx, &t);
+      if (tx % (32 / kG) == 0 && t < 2 * g.heads)
+        atomicAdd(t < g.heads ? g.ig + r * g.heads + t : g.fg + r * g.heads + t - g.heads, s);
     }
   }
 }
 
 // dx = dy·w (+ dy2·w2) (+ dx), and dw (dw2) += per-block partial sums: a shared-memory sum
 // over the 8 row lanes, then one atomicAdd per weight and block.
-template <bool kTwo>
-__global__ void __launch_bounds__(256) block_diag4_bwd(BlockDiagArgs a) {
+// kG > 0 (>= 2·heads): the mLSTM gate backward fused in (FusedGates). The gate weights of the
+// block's 128 columns sit in shared memory; dy gets Σ_t dgate[r, t] wg[t, c] before its use; the
+// gate weight gradients need dgateᵀ y = dgateᵀ x wᵀ, so each thread sums S[t, i] = Σ_r dgate[r,
+// t] x[r, i] (one S serves both maps: same x) and applies its block's w once at the end.
+template <bool kTwo, int kG>
+__global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  constexpr int kGs = kG > 0 ? kG : 1;
   __shared__ float red[8][32 * 16 + 8];
-  const int64_t b = blockIdx.x * 32 + threadIdx.x;
+  __shared__ float4 wg[kMaps * kGs][32];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
-  float w[16], w2[16], acc[16], acc2[16];
+  const int G = 2 * g.heads;
+  if constexpr (kG > 0) {
+    for (int e = tid; e < kMaps * kG * 32; e += 256) {
+      const int m = e / (kG * 32), t = (e / 32) % kG, bx = e % 32;
+      const int64_t bb = blockIdx.x * 32 + bx;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
+      wg[m * kG + t][bx] = v;
+    }
+    __syncthreads();
+  }
+  float w[16], w2[16], acc[16], acc2[16], S[kGs][4];
 #pragma unroll
   for (int k = 0; k < 16; ++k) acc[k] = acc2[k] = 0.f;
+#pragma unroll
+  for (int t = 0; t < kGs; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
+  const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
   if (live) {
 #pragma unroll
     for (int k = 0; k < 16; k += 8) {
       LoadF8(a.w + b * 16 + k, w + k);
       if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
     }
-    const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      float x[4], d[4], dx[4];
+    for (int64_t r = r0 + ty; r < r1; r += 8) {
+      // Every load of the row first (more bytes in flight), then the arithmetic.
+      float x[4], d[4], d2[4], old[4], dg[kGs], dx[4];
       Load4(a.x, r * a.ldx + b * 4, x);
       Load4(a.dy, r * a.ldy + b * 4, d);
+      if (kTwo) Load4(a.dy2, r * a.ldy + b * 4, d2);
+      if (a.accumulate_dx) Load4(a.dx, r * a.ldx + b * 4, old);
+      if constexpr (kG > 0) {
+#pragma unroll
+        for (int t = 0; t < kG; ++t) dg[t] = t < G ? __ldg(t < g.heads ? g.dig + r * g.heads + t : g.dfg + r * g.heads + t - g.heads) : 0.f;
+#pragma unroll
+        for (int t = 0; t < kG; ++t) {
+          const float4 u = wg[t][tx];
+          d[0] += dg[t] * u.x; d[1] += dg[t] * u.y; d[2] += dg[t] * u.z; d[3] += dg[t] * u.w;
+          if (kTwo) {
+            const float4 u2 = wg[kG + t][tx];
+            d2[0] += dg[t] * u2.x; d2[1] += dg[t] * u2.y; d2[2] += dg[t] * u2.z; d2[3] += dg[t] * u2.w;
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) S[t][i] += dg[t] * x[i];
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) dx[i] = d[0] * w[i] + d[1] * w[4 + i] + d[2] * w[8 + i] + d[3] * w[12 + i];
 #pragma unroll
@@ -474,30 +577,26 @@ __global__ void __launch_bounds__(256) block_diag4_bwd(BlockDiagArgs a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[o * 4 + i] += d[o] * x[i];
       if (kTwo) {
-        Load4(a.dy2, r * a.ldy + b * 4, d);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dx[i] += d[0] * w2[i] + d[1] * w2[4 + i] + d[2] * w2[8 + i] + d[3] * w2[12 + i];
+        for (int i = 0; i < 4; ++i) dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
 #pragma unroll
         for (int o = 0; o < 4; ++o)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc2[o * 4 + i] += d[o] * x[i];
+          for (int i = 0; i < 4; ++i) acc2[o * 4 + i] += d2[o] * x[i];
       }
       if (a.accumulate_dx) {
-        float old[4];
-        Load4(a.dx, r * a.ldx + b * 4, old);
 #pragma unroll
         for (int i = 0; i < 4; ++i) dx[i] += old[i];
       }
       Store4(a.dx, r * a.ldx + b * 4, dx);
     }
   }
-  const int tid = threadIdx.y * 32 + threadIdx.x;
 #pragma unroll
-  for (int round = 0; round < (kTwo ? 2 : 1); ++round) {
+  for (int round = 0; round < kMaps; ++round) {
     float* dw = round == 0 ? a.dw : a.dw2;
     if (dw == nullptr) continue;  // uniform over the block
 #pragma unroll
-    for (int k = 0; k < 16; ++k) red[threadIdx.y][threadIdx.x * 16 + k] = round == 0 ? acc[k] : acc2[k];
+    for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = round == 0 ? acc[k] : acc2[k];
     __syncthreads();
     for (int v = tid; v < 32 * 16; v += 256) {
       const int64_t bb = blockIdx.x * 32 + v / 16;
@@ -510,172 +609,51 @@ __global__ void __launch_bounds__(256) block_diag4_bwd(BlockDiagArgs a) {
     }
     __syncthreads();
   }
-}
-
-// Gates forward: one warp per kR rows; lane owns 8-column chunks lane, lane + 32, ... of
-// concat(q, k, v) (p % 8 == 0, so a chunk never straddles two of them).
-template <int kG, int kR>
-__global__ void __launch_bounds__(256) mlstm_gates_fwd_vec(MlstmGateArgs a) {
-  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int64_t r0 = warp * kR;
-  if (r0 >= a.rows) return;
-  const int G = static_cast<int>(2 * a.heads);
-  const int64_t p = a.inner, width = 3 * p, chunks = width / 8;
-  float acc[kR][kG];
+  if constexpr (kG > 0) {
+    // Gate weight gradients, four gates per round: column (block, o) of gate t gets
+    // Σ_i w[o, i] S[t, i] (w = 0 on dead lanes: their S is 0 too).
 #pragma unroll
-  for (int rr = 0; rr < kR; ++rr)
+    for (int m = 0; m < kMaps; ++m) {
 #pragma unroll
-    for (int t = 0; t < kG; ++t) acc[rr][t] = 0.f;
-  for (int64_t ch = lane; ch < chunks; ch += 32) {
-    const int64_t j = ch * 8;
-    const int which = static_cast<int>(j / p);
-    const void* src = which == 0 ? a.q : (which == 1 ? a.k : a.v);
-    const int64_t jj = j - which * p;
-    float x[kR][8];
+      for (int t0 = 0; t0 < kG; t0 += 4) {
+        if (t0 >= G) break;  // uniform over the block
 #pragma unroll
-    for (int rr = 0; rr < kR; ++rr) {
-      if (r0 + rr < a.rows) {
-        Load8(src, (r0 + rr) * p + jj, x[rr]);
-      } else {
+        for (int tt = 0; tt < 4; ++tt)
 #pragma unroll
-        for (int c = 0; c < 8; ++c) x[rr][c] = 0.f;
-      }
-    }
+          for (int o = 0; o < 4; ++o) {
+            const float* wm = m == 0 ? w : w2;
+            red[ty][tx * 16 + tt * 4 + o] = live ? wm[o * 4] * S[t0 + tt][0] + wm[o * 4 + 1] * S[t0 + tt][1] +
+                                                       wm[o * 4 + 2] * S[t0 + tt][2] + wm[o * 4 + 3] * S[t0 + tt][3]
+                                                 : 0.f;
+          }
+        __syncthreads();
+        for (int v = tid; v < 32 * 16; v += 256) {
+          const int64_t bb = blockIdx.x * 32 + v / 16;
+          const int t = t0 + (v % 16) / 4;
+          if (bb < a.blocks && t < G) {
+            float s = 0.f;
 #pragma unroll
-    for (int t = 0; t < kG; ++t) {
-      if (t < G) {
-        float w[8];
-        LoadF8((t < a.heads ? a.wi + t * width : a.wf + (t - a.heads) * width) + j, w);
-#pragma unroll
-        for (int rr = 0; rr < kR; ++rr)
-#pragma unroll
-          for (int c = 0; c < 8; ++c) acc[rr][t] += x[rr][c] * w[c];
-      }
-    }
-  }
-#pragma unroll
-  for (int rr = 0; rr < kR; ++rr) {
-#pragma unroll
-    for (int t = 0; t < kG; ++t) {
-      if (t >= G) break;
-      const float s = WarpSum(acc[rr][t]);
-      if (lane == 0 && r0 + rr < a.rows) {
-        if (t < a.heads) a.ig[(r0 + rr) * a.heads + t] = s + a.bi[t];
-        else a.fg[(r0 + rr) * a.heads + t - a.heads] = s + a.bf[t - a.heads];
-      }
-    }
-  }
-}
-
-// Gates backward over blocks of 32 chunks (256 columns) x kGateBwdRows rows, (32, 8) threads,
-// one of the two products per launch:
-//   kDx: dq/dk/dv[r, j] += Σ_t dgate[r, t] w[t, j]   (weights of the thread's chunk in registers)
-//   kDw: dw[t, j] += Σ_r dgate[r, t] qkv[r, j]; the bias sums ride on block column 0, lane 0.
-template <int kG, bool kDx, bool kDw>
-__global__ void __launch_bounds__(256) mlstm_gates_bwd_vec(MlstmGateArgs a) {
-  static_assert(kDx != kDw, "one product per launch (fewer registers, more rows in flight)");
-  __shared__ float red[8][256 + 8];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
-  const int G = static_cast<int>(2 * a.heads);
-  const int64_t p = a.inner, width = 3 * p, chunks = width / 8, ch = blockIdx.x * 32 + tx;
-  const bool live = ch < chunks;
-  const bool bias_lane = kDw && blockIdx.x == 0 && tx == 0;
-  const int64_t j = ch * 8;
-  const int which = live ? static_cast<int>(j / p) : 0;
-  const int64_t jj = j - which * p;
-  const void* src = which == 0 ? a.q : (which == 1 ? a.k : a.v);
-  void* dst = which == 0 ? a.dq : (which == 1 ? a.dk : a.dv);
-  float w[kDx ? kG : 1][8], acc[kDw ? kG : 1][8], bacc[kG];
-#pragma unroll
-  for (int t = 0; t < kG; ++t) {
-    bacc[t] = 0.f;
-    if (kDw) {
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[t][c] = 0.f;
-    }
-    if (kDx) {
-      if (live && t < G) {
-        LoadF8((t < a.heads ? a.wi + t * width : a.wf + (t - a.heads) * width) + j, w[t]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 8; ++c) w[t][c] = 0.f;
-      }
-    }
-  }
-  const int64_t r0 = blockIdx.y * (int64_t)kGateBwdRows, r1 = min(r0 + kGateBwdRows, a.rows);
-  if (live) {
-    // Two rows per iteration, both loads issued before either update (more bytes in flight).
-    for (int64_t r = r0 + ty; r < r1; r += 16) {
-      const bool two = r + 8 < r1;
-      float dg[2][kG], v[2][8];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int64_t ru = r + 8 * u;
-        if (u == 0 || two) {
-#pragma unroll
-          for (int t = 0; t < kG; ++t)
-            dg[u][t] = t < G ? (t < a.heads ? a.dig[ru * a.heads + t] : a.dfg[ru * a.heads + t - a.heads]) : 0.f;
-          Load8(kDx ? static_cast<const void*>(dst) : src, ru * p + jj, v[u]);
-        } else {
-#pragma unroll
-          for (int t = 0; t < kG; ++t) dg[u][t] = 0.f;
-#pragma unroll
-          for (int c = 0; c < 8; ++c) v[u][c] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        if (kDx) {
-#pragma unroll
-          for (int t = 0; t < kG; ++t)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) v[u][c] += dg[u][t] * w[t][c];
-          if (u == 0 || two) Store8(dst, (r + 8 * u) * p + jj, v[u]);
-        } else {
-#pragma unroll
-          for (int t = 0; t < kG; ++t)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) acc[t][c] += dg[u][t] * v[u][c];
-          if (bias_lane) {
-#pragma unroll
-            for (int t = 0; t < kG; ++t) bacc[t] += dg[u][t];
+            for (int y = 0; y < 8; ++y) s += red[y][v];
+            atomicAdd(GateDw(g, m, t) + bb * 4 + v % 4, s);
           }
         }
+        __syncthreads();
       }
     }
-  }
-  if constexpr (!kDw) {
-    return;
-  } else {
-#pragma unroll
-  for (int t = 0; t < kG; ++t) {
-    if (t >= G) break;  // uniform over the block
-#pragma unroll
-    for (int c = 0; c < 8; ++c) red[ty][tx * 8 + c] = acc[t][c];
-    __syncthreads();
-    const int64_t col = blockIdx.x * 256 + tid;
-    if (col < width) {
-      float s = 0.f;
-#pragma unroll
-      for (int y = 0; y < 8; ++y) s += red[y][tid];
-      atomicAdd((t < a.heads ? a.dwi + t * width : a.dwf + (t - a.heads) * width) + col, s);
+    // Bias gradients Σ_r dgate over this block's rows, on the first column block only.
+    if (g.dbi != nullptr && blockIdx.x == 0) {
+      float* bsum = &red[0][0];
+      if (tid < kG) bsum[tid] = 0.f;
+      __syncthreads();
+      const int t = tid % 16;
+      if (t < G) {
+        float s = 0.f;
+        for (int64_t r = r0 + tid / 16; r < r1; r += 16) s += GateGrad(g, r, t);
+        atomicAdd(bsum + t, s);
+      }
+      __syncthreads();
+      if (tid < G) atomicAdd(tid < g.heads ? g.dbi + tid : g.dbf + tid - g.heads, bsum[tid]);
     }
-    __syncthreads();
-  }
-  if (blockIdx.x == 0) {
-    if (tx == 0) {
-#pragma unroll
-      for (int t = 0; t < kG; ++t) red[ty][t] = bacc[t];
-    }
-    __syncthreads();
-    if (tid < G) {
-      float s = 0.f;
-#pragma unroll
-      for (int y = 0; y < 8; ++y) s += red[y][tid];
-      atomicAdd(tid < a.heads ? a.dbi + tid : a.dbf + tid - a.heads, s);
-    }
-  }
   }
 }
 
@@ -884,11 +862,46 @@ bool BlockDiagVectorizable(const BlockDiagArgs& a, bool backward) {
   return ok && Aligned(a.dy, 8) && Aligned(a.dx, 8) && (!two || Aligned(a.dy2, 8));
 }
 
-bool GatesVectorizable(const MlstmGateArgs& a, bool backward) {
-  bool ok = a.inner % 8 == 0 && Aligned(a.q, 16) && Aligned(a.k, 16) && Aligned(a.v, 16) && Aligned(a.wi, 32) &&
-            Aligned(a.wf, 32);
-  if (backward) ok = ok && Aligned(a.dq, 16) && Aligned(a.dk, 16) && Aligned(a.dv, 16);
+// The fused gate weights are read as float4 at 4-column block starts.
+bool FusedGatesVectorizable(const FusedGates& g, bool two) {
+  if (g.heads == 0) return true;
+  bool ok = g.ldg % 4 == 0 && Aligned(g.wi[0], 16) && Aligned(g.wf[0], 16);
+  if (two) ok = ok && Aligned(g.wi[1], 16) && Aligned(g.wf[1], 16);
   return ok;
+}
+
+// BlockDiagArgs::gates checked and turned into the kernels' FusedGates (heads 0: none).
+CudaResult MakeFusedGates(const BlockDiagArgs& a, bool backward, FusedGates* g) {
+  *g = FusedGates{};
+  if (a.gates == nullptr) return {};
+  const MlstmGateArgs& ga = *a.gates;
+  if (ga.heads < 1 || 2 * ga.heads > kMaxGates) return gyre::cuda::InvalidArgument("BlockDiag gates: heads must be 1..8");
+  const bool missing = backward ? (ga.dig == nullptr || ga.dfg == nullptr || ga.dwi == nullptr || ga.dwf == nullptr ||
+                                   (ga.dbi == nullptr) != (ga.dbf == nullptr))
+                                : (ga.ig == nullptr || ga.fg == nullptr || (ga.bi == nullptr) != (ga.bf == nullptr));
+  if (ga.rows != a.rows || ga.wi == nullptr || ga.wf == nullptr || missing)
+    return gyre::cuda::InvalidArgument("BlockDiag gates: rows differ, or a gate pointer is missing");
+  const int64_t cols = a.blocks * a.block_out, width = 3 * ga.inner;
+  if (a.gate_col < 0 || a.gate_col + cols > width || (a.w2 && (a.gate_col2 < 0 || a.gate_col2 + cols > width)))
+    return gyre::cuda::InvalidArgument("BlockDiag gates: the maps' columns lie outside concat(q, k, v)");
+  g->heads = static_cast<int>(ga.heads);
+  g->ldg = width;
+  g->ig = ga.ig;
+  g->fg = ga.fg;
+  g->dig = ga.dig;
+  g->dfg = ga.dfg;
+  g->dbi = ga.dbi;
+  g->dbf = ga.dbf;
+  const int64_t col[2] = {a.gate_col, a.gate_col2};
+  for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
+    g->wi[m] = ga.wi + col[m];
+    g->wf[m] = ga.wf + col[m];
+    if (backward) {
+      g->dwi[m] = ga.dwi + col[m];
+      g->dwf[m] = ga.dwf + col[m];
+    }
+  }
+  return {};
 }
 
 }  // namespace
@@ -953,19 +966,34 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
 CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
+  FusedGates g;
+  if (CudaResult r = MakeFusedGates(a, false, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
-  if (BlockDiagVectorizable(a, false)) {
+  if (g.heads > 0 && a.gates->bi != nullptr)
+    gate_fwd_init<<<Blocks(a.rows * g.heads, 256), 256, 0, stream>>>(g, a.gates->bi, a.gates->bf, a.rows);
+  if (BlockDiagVectorizable(a, false) && FusedGatesVectorizable(g, a.w2 != nullptr)) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdRows - 1) / kBdRows));
-    if (a.w2) block_diag4_fwd<true><<<grid, dim3(32, 8), 0, stream>>>(a);
-    else block_diag4_fwd<false><<<grid, dim3(32, 8), 0, stream>>>(a);
+    const dim3 block(32, 8);
+    if (g.heads == 0) {
+      if (a.w2) block_diag4_fwd<true, 0><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_fwd<false, 0><<<grid, block, 0, stream>>>(a, g);
+    } else if (g.heads <= 4) {
+      if (a.w2) block_diag4_fwd<true, 8><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_fwd<false, 8><<<grid, block, 0, stream>>>(a, g);
+    } else {
+      if (a.w2) block_diag4_fwd<true, 16><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_fwd<false, 16><<<grid, block, 0, stream>>>(a, g);
+    }
     return Launched("block_diag4_fwd");
   }
-  block_diag_fwd<<<Blocks(a.rows * a.blocks * a.block_out, 256), 256, 0, stream>>>(a);
-  if (a.w2) {
+  for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
     BlockDiagArgs b = a;
-    b.w = a.w2;
-    b.y = a.y2;
+    if (m == 1) {
+      b.w = a.w2;
+      b.y = a.y2;
+    }
     block_diag_fwd<<<Blocks(a.rows * a.blocks * a.block_out, 256), 256, 0, stream>>>(b);
+    if (g.heads > 0) gate_fwd<<<Blocks(a.rows * 32, 256), 256, 0, stream>>>(b, g, m, b.y);
   }
   return Launched("block_diag_fwd");
 }
@@ -973,62 +1001,52 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream) {
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
+  FusedGates g;
+  if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
-  if (BlockDiagVectorizable(a, true)) {
-    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdRows - 1) / kBdRows));
-    if (a.w2) block_diag4_bwd<true><<<grid, dim3(32, 8), 0, stream>>>(a);
-    else block_diag4_bwd<false><<<grid, dim3(32, 8), 0, stream>>>(a);
+  if (BlockDiagVectorizable(a, true) && FusedGatesVectorizable(g, a.w2 != nullptr)) {
+    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdBwdRows - 1) / kBdBwdRows));
+    const dim3 block(32, 8);
+    if (g.heads == 0) {
+      if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g);
+    } else if (g.heads <= 4) {
+      if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g);
+    } else {
+      if (a.w2) block_diag4_bwd<true, 16><<<grid, block, 0, stream>>>(a, g);
+      else block_diag4_bwd<false, 16><<<grid, block, 0, stream>>>(a, g);
+    }
     return Launched("block_diag4_bwd");
   }
-  block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(a);
-  if (a.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(a);
-  if (a.w2) {
+  // Scalar path: one launch per map and product.
+  for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
     BlockDiagArgs b = a;
-    b.w = a.w2;
-    b.dy = a.dy2;
-    b.dw = a.dw2;
-    b.accumulate_dx = true;
-    block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(b);
-    if (b.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(b);
+    if (m == 1) {
+      b.w = a.w2;
+      b.dy = a.dy2;
+      b.dw = a.dw2;
+      b.accumulate_dx = true;
+    }
+    block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(b, g, m);
+    if (b.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(b, g, m);
+    if (g.heads > 0) {
+      const dim3 grid = ColumnGrid(a.blocks * a.block_out, a.rows);
+      gate_bwd_dw<<<dim3(grid.x, grid.y, 2 * g.heads), dim3(32, 8), 0, stream>>>(b, g, m);
+    }
   }
+  if (g.heads > 0 && g.dbi != nullptr) gate_bwd_db<<<2 * g.heads, 256, 0, stream>>>(g, a.rows);
   return Launched("block_diag_bwd");
 }
 
-CudaResult MlstmGatesForward(const MlstmGateArgs& a, cudaStream_t stream) {
-  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..8");
-  if (a.rows == 0) return {};
-  if (GatesVectorizable(a, false)) {
-    const int rows_per_warp = a.heads <= 4 ? 8 : 4;
-    const int64_t warps = (a.rows + rows_per_warp - 1) / rows_per_warp;
-    const int blocks = static_cast<int>((warps * 32 + 255) / 256);
-    if (a.heads <= 4) mlstm_gates_fwd_vec<8, 8><<<blocks, 256, 0, stream>>>(a);
-    else mlstm_gates_fwd_vec<16, 4><<<blocks, 256, 0, stream>>>(a);
-    return Launched("mlstm_gates_fwd_vec");
-  }
-  const int64_t warps = (a.rows + kGateRows - 1) / kGateRows;
-  mlstm_gates_fwd<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, stream>>>(a);
-  return Launched("mlstm_gates_fwd");
+CudaResult MlstmGatesForward(const MlstmGateArgs&, cudaStream_t) {
+  return gyre::cuda::InvalidArgument(
+      "MlstmGatesForward: the gates run inside BlockDiagForward (BlockDiagArgs::gates)");
 }
 
-CudaResult MlstmGatesBackward(const MlstmGateArgs& a, cudaStream_t stream) {
-  if (a.heads < 1 || 2 * a.heads > kMaxGates) return gyre::cuda::InvalidArgument("MlstmGates: heads must be 1..8");
-  if (a.rows == 0) return {};
-  if (GatesVectorizable(a, true)) {
-    const dim3 grid(static_cast<unsigned>((3 * a.inner / 8 + 31) / 32),
-                    static_cast<unsigned>((a.rows + kGateBwdRows - 1) / kGateBwdRows));
-    if (a.heads <= 4) {
-      mlstm_gates_bwd_vec<8, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
-      mlstm_gates_bwd_vec<8, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
-    } else {
-      mlstm_gates_bwd_vec<16, true, false><<<grid, dim3(32, 8), 0, stream>>>(a);
-      mlstm_gates_bwd_vec<16, false, true><<<grid, dim3(32, 8), 0, stream>>>(a);
-    }
-    return Launched("mlstm_gates_bwd_vec");
-  }
-  mlstm_gates_bwd_dx<<<Blocks(a.rows * 3 * a.inner, 256), 256, 0, stream>>>(a);
-  mlstm_gates_bwd_dw<<<ColumnGrid(3 * a.inner, a.rows), dim3(32, 8), 0, stream>>>(a);
-  mlstm_gates_bwd_db<<<static_cast<int>(2 * a.heads), 256, 0, stream>>>(a);
-  return Launched("mlstm_gates_bwd");
+CudaResult MlstmGatesBackward(const MlstmGateArgs&, cudaStream_t) {
+  return gyre::cuda::InvalidArgument(
+      "MlstmGatesBackward: the gate backward runs inside BlockDiagBackward (BlockDiagArgs::gates)");
 }
 
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {

@@ -8,7 +8,8 @@
 // rounding of activations and fp32 accumulation. Bands: METHOD.md's bf16 ones, widened where
 // the path crosses several bf16 roundings (gate gradients pass through dq/dk/dv and exp gates).
 //   kernels: the glue kernels (block-diagonal with its fused second map, mLSTM gates with 3 and 8
-//            heads, the three group-norm modes) on their vectorised and scalar paths vs float64;
+//            heads through the q/k/v maps with the gate backward fused in, the three group-norm
+//            modes) on their vectorised and scalar paths vs float64;
 //   blocks:  MlstmBlock (T 100 over chunk 32: a partial chunk; also 8 heads), SlstmBlock, Mamba2Block
 //            (T 100 over chunk 64) — output, input gradient and every parameter gradient;
 //   models:  xLSTM [mLSTM, sLSTM, mLSTM], Mamba-2 x 3, hybrid (Mamba-2 + Llama attention block)
@@ -193,63 +194,140 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
   CheckBlockDiag(300, 5, 3, 15, true);    // 3x3: the scalar kernels, both maps
 }
 
-void CheckGates(int64_t rows, int64_t p, int64_t heads) {
+// The mLSTM gates fused into the q/k/v block-diagonal maps that feed them (BlockDiagArgs::gates):
+// forward q, k (one pass over x_c, bias written first), v (x_m), the gates summed from the bf16
+// q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
+// gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
+void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads);
-  const int64_t width = 3 * p;
-  const Tensor q = RandomBf16Host({rows, p}, 1.0, &rng), k = RandomBf16Host({rows, p}, 1.0, &rng),
-               v = RandomBf16Host({rows, p}, 1.0, &rng), wi = RandomBf16Host({heads, width}, 0.2, &rng),
-               wf = RandomBf16Host({heads, width}, 0.2, &rng), bi = RandomBf16Host({heads}, 1.0, &rng),
-               bf = RandomBf16Host({heads}, 1.0, &rng), dig = RandomBf16Host({rows, heads}, 1.0, &rng),
-               dfg = RandomBf16Host({rows, heads}, 1.0, &rng);
-  const Tensor dq0 = RandomBf16Host({rows, p}, 1.0, &rng), dk0 = RandomBf16Host({rows, p}, 1.0, &rng),
-               dv0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
+                           std::to_string(heads) + " bs " + std::to_string(bs);
+  const int64_t width = 3 * p, blocks = p / bs;
+  const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
+               wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
+               bi = RandomBf16Host({heads}, 1.0, &rng), bf = RandomBf16Host({heads}, 1.0, &rng),
+               dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng),
+               dxc0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
                dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
                dbf0 = RandomBf16Host({heads}, 1.0, &rng);
-  const Tensor* src[3] = {&q, &k, &v};
-  Tensor ig_ref = Tensor::Zeros({rows, heads}, DType::kF64), fg_ref = Tensor::Zeros({rows, heads}, DType::kF64);
-  Tensor dref[3] = {dq0.To(DType::kF64), dk0.To(DType::kF64), dv0.To(DType::kF64)};
-  Tensor dwi_ref = dwi0.To(DType::kF64), dwf_ref = dwf0.To(DType::kF64), dbi_ref = dbi0.To(DType::kF64),
+  Tensor wm[3], d0[3], dwm0[3];  // q, k, v: block weights, cell gradients, accumulated weight grads
+  for (int m = 0; m < 3; ++m) {
+    wm[m] = RandomBf16Host({blocks, bs, bs}, 0.5, &rng);
+    d0[m] = RandomBf16Host({rows, p}, 1.0, &rng);
+    dwm0[m] = RandomBf16Host({blocks, bs, bs}, 1.0, &rng);
+  }
+  const Tensor* xin[3] = {&xc, &xc, &xm};
+  // float64 reference.
+  Tensor dx_ref[2] = {dxc0.To(DType::kF64), Tensor::Zeros({rows, p}, DType::kF64)};  // dx_c, dx_m
+  Tensor dw_ref[3] = {dwm0[0].To(DType::kF64), dwm0[1].To(DType::kF64), dwm0[2].To(DType::kF64)};
+  Tensor y_ref[3], dwi_ref = dwi0.To(DType::kF64), dwf_ref = dwf0.To(DType::kF64), dbi_ref = dbi0.To(DType::kF64),
          dbf_ref = dbf0.To(DType::kF64);
+  for (int m = 0; m < 3; ++m) {
+    y_ref[m] = Tensor::Zeros({rows, p}, DType::kF64);
+    Tensor& dx = dx_ref[m == 2 ? 1 : 0];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t o = 0; o < bs; ++o) {
+          const int64_t c = b * bs + o, gc = m * p + c;
+          double y = 0, d = d0[m].At(r * p + c);
+          for (int64_t i = 0; i < bs; ++i) y += wm[m].At((b * bs + o) * bs + i) * xin[m]->At(r * p + b * bs + i);
+          y_ref[m].Set(r * p + c, y);
+          for (int64_t h = 0; h < heads; ++h) {
+            d += dig.At(r * heads + h) * wi.At(h * width + gc) + dfg.At(r * heads + h) * wf.At(h * width + gc);
+            dwi_ref.Set(h * width + gc, dwi_ref.At(h * width + gc) + dig.At(r * heads + h) * y);
+            dwf_ref.Set(h * width + gc, dwf_ref.At(h * width + gc) + dfg.At(r * heads + h) * y);
+          }
+          for (int64_t i = 0; i < bs; ++i) {
+            const int64_t wi_ = (b * bs + o) * bs + i, xi = r * p + b * bs + i;
+            dx.Set(xi, dx.At(xi) + d * wm[m].At(wi_));
+            dw_ref[m].Set(wi_, dw_ref[m].At(wi_) + d * xin[m]->At(xi));
+          }
+        }
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t h = 0; h < heads; ++h) {
-      double si = bi.At(h), sf = bf.At(h);
-      for (int64_t j = 0; j < width; ++j) {
-        const double x = src[j / p]->At(r * p + j % p);
-        si += x * wi.At(h * width + j);
-        sf += x * wf.At(h * width + j);
-        Tensor& d = dref[j / p];
-        d.Set(r * p + j % p, d.At(r * p + j % p) + dig.At(r * heads + h) * wi.At(h * width + j) +
-                                 dfg.At(r * heads + h) * wf.At(h * width + j));
-        dwi_ref.Set(h * width + j, dwi_ref.At(h * width + j) + dig.At(r * heads + h) * x);
-        dwf_ref.Set(h * width + j, dwf_ref.At(h * width + j) + dfg.At(r * heads + h) * x);
-      }
-      ig_ref.Set(r * heads + h, si);
-      fg_ref.Set(r * heads + h, sf);
       dbi_ref.Set(h, dbi_ref.At(h) + dig.At(r * heads + h));
       dbf_ref.Set(h, dbf_ref.At(h) + dfg.At(r * heads + h));
     }
-  const Tensor qd = ToCudaBf16(q), kd = ToCudaBf16(k), vd = ToCudaBf16(v), wid = DevF32(wi), wfd = DevF32(wf),
-               bid = DevF32(bi), bfd = DevF32(bf), digd = DevF32(dig), dfgd = DevF32(dfg);
+  // GPU: forward.
+  const Tensor xcd = ToCudaBf16(xc), xmd = ToCudaBf16(xm), wid = DevF32(wi), wfd = DevF32(wf), bid = DevF32(bi),
+               bfd = DevF32(bf), digd = DevF32(dig), dfgd = DevF32(dfg);
+  Tensor wmd[3], d0d[3], dwmd[3], ym[3];
+  for (int m = 0; m < 3; ++m) {
+    wmd[m] = DevF32(wm[m]);
+    d0d[m] = ToCudaBf16(d0[m]);
+    dwmd[m] = DevF32(dwm0[m]);
+    ym[m] = Poison({rows, p});
+  }
   Tensor ig = Tensor::Full({rows, heads}, DType::kF32, NAN, Device::kCuda), fg = ig.Clone();
-  Tensor dq = ToCudaBf16(dq0), dk = ToCudaBf16(dk0), dv = ToCudaBf16(dv0), dwi = DevF32(dwi0), dwf = DevF32(dwf0),
-         dbi = DevF32(dbi0), dbf = DevF32(dbf0);
   MlstmGateArgs g;
   g.rows = rows; g.inner = p; g.heads = heads;
-  g.q = qd.raw(); g.k = kd.raw(); g.v = vd.raw();
-  g.wi = wid.data<float>(); g.wf = wfd.data<float>(); g.bi = bid.data<float>(); g.bf = bfd.data<float>();
+  g.wi = wid.data<float>(); g.wf = wfd.data<float>();
   g.ig = ig.data<float>(); g.fg = fg.data<float>();
-  Cuda().MlstmGates(false, g);
-  g.dig = digd.data<float>(); g.dfg = dfgd.data<float>();
-  g.dq = dq.raw(); g.dk = dk.raw(); g.dv = dv.raw();
-  g.dwi = dwi.data<float>(); g.dwf = dwf.data<float>(); g.dbi = dbi.data<float>(); g.dbf = dbf.data<float>();
-  Cuda().MlstmGates(true, g);
+  MlstmGateArgs g_bias = g;
+  g_bias.bi = bid.data<float>(); g_bias.bf = bfd.data<float>();
+  for (int pass = 0; pass < 2; ++pass) {
+    BlockDiagArgs a;
+    a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
+    a.x = (pass == 0 ? xcd : xmd).raw(); a.ldx = p; a.ldy = p;
+    a.w = wmd[pass == 0 ? 0 : 2].data<float>(); a.y = ym[pass == 0 ? 0 : 2].raw();
+    a.gates = pass == 0 ? &g_bias : &g;
+    a.gate_col = pass == 0 ? 0 : 2 * p;
+    if (pass == 0) { a.w2 = wmd[1].data<float>(); a.y2 = ym[1].raw(); a.gate_col2 = p; }
+    Cuda().BlockDiag(false, a);
+  }
+  // Gate reference from the GPU's bf16 q, k, v (what the gate kernel reads).
+  Tensor ig_ref = Tensor::Zeros({rows, heads}, DType::kF64), fg_ref = ig_ref.Clone();
+  {
+    Tensor yh[3];
+    for (int m = 0; m < 3; ++m) yh[m] = ym[m].ToDevice(Device::kCpu).To(DType::kF64);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < heads; ++h) {
+        double si = bi.At(h), sf = bf.At(h);
+        for (int64_t j = 0; j < width; ++j) {
+          const double x = yh[j / p].At(r * p + j % p);
+          si += x * wi.At(h * width + j);
+          sf += x * wf.At(h * width + j);
+        }
+        ig_ref.Set(r * heads + h, si);
+        fg_ref.Set(r * heads + h, sf);
+      }
+  }
+  // GPU: backward, the gate gradient fused into the two block-diagonal launches.
+  Tensor dxc = ToCudaBf16(dxc0), dxm = Poison({rows, p}), dwi = DevF32(dwi0), dwf = DevF32(dwf0), dbi = DevF32(dbi0),
+         dbf = DevF32(dbf0);
+  MlstmGateArgs gb;
+  gb.rows = rows; gb.inner = p; gb.heads = heads;
+  gb.wi = wid.data<float>(); gb.wf = wfd.data<float>();
+  gb.dig = digd.data<float>(); gb.dfg = dfgd.data<float>();
+  gb.dwi = dwi.data<float>(); gb.dwf = dwf.data<float>();
+  MlstmGateArgs gb_bias = gb;
+  gb_bias.dbi = dbi.data<float>(); gb_bias.dbf = dbf.data<float>();
+  for (int pass = 0; pass < 2; ++pass) {
+    const int m = pass == 0 ? 0 : 2;
+    BlockDiagArgs a;
+    a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
+    a.x = (pass == 0 ? xcd : xmd).raw(); a.ldx = p; a.ldy = p;
+    a.w = wmd[m].data<float>(); a.dy = d0d[m].raw(); a.dw = dwmd[m].data<float>();
+    a.dx = (pass == 0 ? dxc : dxm).raw(); a.accumulate_dx = pass == 0;
+    a.gates = pass == 0 ? &gb : &gb_bias;
+    a.gate_col = m * p;
+    if (pass == 0) {
+      a.w2 = wmd[1].data<float>(); a.dy2 = d0d[1].raw(); a.dw2 = dwmd[1].data<float>();
+      a.gate_col2 = p;
+    }
+    Cuda().BlockDiag(true, a);
+  }
+  EXPECT_TRUE(Check(name + " q", ym[0], y_ref[0], 1e-2));
+  EXPECT_TRUE(Check(name + " k", ym[1], y_ref[1], 1e-2));
+  EXPECT_TRUE(Check(name + " v", ym[2], y_ref[2], 1e-2));
   EXPECT_TRUE(Check(name + " ig", ig, ig_ref, 1e-5));
   EXPECT_TRUE(Check(name + " fg", fg, fg_ref, 1e-5));
-  EXPECT_TRUE(Check(name + " dq", dq, dref[0], 1e-2));
-  EXPECT_TRUE(Check(name + " dk", dk, dref[1], 1e-2));
-  EXPECT_TRUE(Check(name + " dv", dv, dref[2], 1e-2));
+  EXPECT_TRUE(Check(name + " dxc", dxc, dx_ref[0], 1e-2));
+  EXPECT_TRUE(Check(name + " dxm", dxm, dx_ref[1], 1e-2));
+  EXPECT_TRUE(Check(name + " dwq", dwmd[0], dw_ref[0], 1e-4));
+  EXPECT_TRUE(Check(name + " dwk", dwmd[1], dw_ref[1], 1e-4));
+  EXPECT_TRUE(Check(name + " dwv", dwmd[2], dw_ref[2], 1e-4));
   EXPECT_TRUE(Check(name + " dwi", dwi, dwi_ref, 1e-5));
   EXPECT_TRUE(Check(name + " dwf", dwf, dwf_ref, 1e-5));
   EXPECT_TRUE(Check(name + " dbi", dbi, dbi_ref, 1e-5));
@@ -257,10 +335,10 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads) {
 }
 
 TEST_F(RecurrentGpuTest, MlstmGateKernels) {
-  CheckGates(1500, 96, 3);  // vectorised, 8-gate kernels; rows over two backward row blocks, odd tail
-  CheckGates(37, 128, 8);   // vectorised, 16-gate kernels (the 7B layout's 8 heads)
-  CheckGates(37, 12, 3);    // p % 8 != 0: the scalar kernels
-  CheckGates(21, 12, 8);
+  CheckGates(1500, 96, 3, 4);  // vectorised, 8-gate kernels; 3 backward row blocks, odd tail; dead lanes
+  CheckGates(37, 320, 8, 4);   // vectorised, 16-gate kernels (the 7B layout's 8 heads); 3 column blocks
+  CheckGates(37, 12, 3, 3);    // 3x3 blocks, p % 8 != 0: the scalar kernels
+  CheckGates(21, 15, 8, 3);    // scalar, 8 heads, odd p
 }
 
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz) {

@@ -101,30 +101,8 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
   Tensor xm = RowsGemm(u, *up_.weight(), 0, p, false);
   Tensor z = RowsGemm(u, *up_.weight(), p, p, false);
   Tensor xc = conv_.StepChunk(xm, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
-  Tensor q = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
-  Tensor k = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
-  Tensor v = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
-  const int64_t bs = q_.weight()->value.dim(1);
-  for (auto [src, layer, dst] : {std::tuple{&xc, &q_, &q}, std::tuple{&xc, &k_, &k}, std::tuple{&xm, &v_, &v}}) {
-    BlockDiagArgs a;
-    a.rows = B; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
-    a.x = src->raw(); a.ldx = p;
-    a.w = layer->weight()->value.data<float>();
-    a.y = dst->raw(); a.ldy = p;
-    Cuda().BlockDiag(false, a);
-  }
-  Tensor ig = Tensor::Empty({B, heads_}, DType::kF32, Device::kCuda);
-  Tensor fg = Tensor::Empty({B, heads_}, DType::kF32, Device::kCuda);
-  MlstmGateArgs g;
-  g.rows = B; g.inner = p; g.heads = heads_;
-  g.q = q.raw(); g.k = k.raw(); g.v = v.raw();
-  g.wi = igate_.weight()->value.data<float>();
-  g.wf = fgate_.weight()->value.data<float>();
-  g.bi = igate_.bias()->value.data<float>();
-  g.bf = fgate_.bias()->value.data<float>();
-  g.ig = ig.data<float>();
-  g.fg = fg.data<float>();
-  Cuda().MlstmGates(false, g);
+  Tensor q, k, v, ig, fg;
+  QkvGatesCuda(xc, xm, B, q, k, v, ig, fg);
   Tensor h = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
   for (int64_t j = 0; j < chunk; ++j) {
     const int64_t r = j * per * p;
