@@ -901,22 +901,18 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g_bias.dbi = igate_.bias()->grad.data<float>();
   g_bias.dbf = fgate_.bias()->grad.data<float>();
   const int64_t bs = q_.weight()->value.dim(1);
-  Tensor dxm = CudaEmpty({rows, p});
-  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); dx_m = dv·Wv
-  // (gate columns v at 2p).
-  for (auto [src, layer, d, layer2, d2, dst, acc, gates, col] :
-       {std::tuple{&xc_, &q_, &dq, &k_, &dkk, &dxc, true, &g, int64_t{0}},
-        std::tuple{&xm_, &v_, &dv, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &dxm, false, &g_bias, 2 * p}}) {
+  auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
+                          const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
-    a.x = src->raw(); a.ldx = p;
-    a.w = layer->weight()->value.data<float>();
+    a.x = src.raw(); a.ldx = p;
+    a.w = layer.weight()->value.data<float>();
     a.ldy = p;
-    a.dy = d->raw();
-    a.dx = dst->raw();
-    a.accumulate_dx = acc;
-    a.dw = layer->weight()->grad.data<float>();
-    a.gates = gates;
+    a.dy = d.raw();
+    a.dx = dst.raw();
+    a.accumulate_dx = true;
+    a.dw = layer.weight()->grad.data<float>();
+    a.gates = &gates;
     a.gate_col = col;
     if (layer2 != nullptr) {
       a.w2 = layer2->weight()->value.data<float>();
@@ -925,10 +921,15 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
       a.gate_col2 = p;
     }
     Cuda().BlockDiag(true, a);
-  }
-  ProfileMark("mlstm.bwd.qkv_blockdiag_gates");
-  AddInPlace(&dxm, conv_.Backward(dxc));
+  };
+  // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
+  // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
+  qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
+  ProfileMark("mlstm.bwd.qk_blockdiag_gates");
+  Tensor dxm = conv_.Backward(dxc);
   ProfileMark("mlstm.bwd.conv");
+  qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
+  ProfileMark("mlstm.bwd.v_blockdiag_gates");
   Tensor du;
   LinearRowsBackward(u_, up_, 0, dxm, &du, false);
   LinearRowsBackward(u_, up_, p, dz, &du, true);

@@ -406,8 +406,31 @@ dim3 ColumnGrid(int64_t cols, int64_t rows) {
 // Taken when the shapes and pointers allow 16-byte (norms, gates) or 8-byte (4x4 block-diagonal)
 // accesses; the scalar kernels above remain the path for every other shape.
 
+// cp.async of 8 (4) bytes global -> shared, through L1 (.ca: 16 bytes is the .cg minimum).
+__device__ __forceinline__ void CpAsync8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+__device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+__device__ inline void Bf16x4ToFloat(uint2 u, float* v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
+constexpr int kBdFwdAhead = 4;       // rows in flight per thread in their forward
 constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer weight atomics)
+constexpr int kBdBwdStages = 3;      // rows of their backward in flight per thread (cp.async ring)
+constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // Sum of v[t] over the warp's 32 lanes for kG values at once: log2(kG) rounds in which each lane
 // keeps half of its values and receives the other lanes' halves (a transposing butterfly), then
@@ -474,36 +497,60 @@ __global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGat
       for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
     }
   }
+  // x is the only load of a row (8 bytes a thread): one row at a time leaves too few bytes in
+  // flight, so the loads run kBdFwdAhead rows ahead of the arithmetic (a register ring).
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
-  for (int64_t r = r0 + ty; r < r1; r += 8) {  // uniform over the warp (one row)
-    float x[4] = {0.f, 0.f, 0.f, 0.f}, y[4], y2[4];
-    if (live) Load4(a.x, r * a.ldx + b * 4, x);
+  float ring[kBdFwdAhead][4];
 #pragma unroll
-    for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
-    if (live) Store4(a.y, r * a.ldy + b * 4, y);
-    if (kTwo) {
+  for (int u = 0; u < kBdFwdAhead; ++u) {
+    const int64_t r = r0 + ty + 8 * u;
+    if (live && r < r1) {
+      Load4(a.x, r * a.ldx + b * 4, ring[u]);
+    } else {
 #pragma unroll
-      for (int o = 0; o < 4; ++o)
-        y2[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
-      if (live) Store4(a.y2, r * a.ldy + b * 4, y2);
+      for (int i = 0; i < 4; ++i) ring[u][i] = 0.f;
     }
-    if constexpr (kG > 0) {
-      RoundBf16(y, 4);
-      if (kTwo) RoundBf16(y2, 4);
-      float v[kG];
+  }
+#pragma unroll 1
+  for (int64_t r = r0 + ty; r < r1; r += 8) {  // rows uniform over the warp
+    float x[4];
 #pragma unroll
-      for (int t = 0; t < kG; ++t) {
-        const float4 u = wg[t][tx];
-        v[t] = y[0] * u.x + y[1] * u.y + y[2] * u.z + y[3] * u.w;
-        if (kTwo) {
-          const float4 u2 = wg[kG + t][tx];
-          v[t] += y2[0] * u2.x + y2[1] * u2.y + y2[2] * u2.z + y2[3] * u2.w;
-        }
+    for (int i = 0; i < 4; ++i) x[i] = ring[0][i];
+#pragma unroll
+    for (int u = 0; u + 1 < kBdFwdAhead; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ring[u][i] = ring[u + 1][i];
+    const int64_t rn = r + 8 * kBdFwdAhead;
+    if (live && rn < r1) Load4(a.x, rn * a.ldx + b * 4, ring[kBdFwdAhead - 1]);
+    {
+      float y[4], y2[4];
+#pragma unroll
+      for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
+      if (live) Store4(a.y, r * a.ldy + b * 4, y);
+      if (kTwo) {
+#pragma unroll
+        for (int o = 0; o < 4; ++o)
+          y2[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
+        if (live) Store4(a.y2, r * a.ldy + b * 4, y2);
       }
-      int t;
-      const float s = WarpSumEach<kG>(v, tx, &t);
-      if (tx % (32 / kG) == 0 && t < 2 * g.heads)
-        atomicAdd(t < g.heads ? g.ig + r * g.heads + t : g.fg + r * g.heads + t - g.heads, s);
+      if constexpr (kG > 0) {
+        RoundBf16(y, 4);
+        if (kTwo) RoundBf16(y2, 4);
+        float v[kG];
+#pragma unroll
+        for (int t = 0; t < kG; ++t) {
+          const float4 q = wg[t][tx];
+          v[t] = y[0] * q.x + y[1] * q.y + y[2] * q.z + y[3] * q.w;
+          if (kTwo) {
+            const float4 q2 = wg[kG + t][tx];
+            v[t] += y2[0] * q2.x + y2[1] * q2.y + y2[2] * q2.z + y2[3] * q2.w;
+          }
+        }
+        int t;
+        const float sum = WarpSumEach<kG>(v, tx, &t);
+        if (tx % (32 / kG) == 0 && t < 2 * g.heads)
+          atomicAdd(t < g.heads ? g.ig + r * g.heads + t : g.fg + r * g.heads + t - g.heads, sum);
+      }
     }
   }
 }
@@ -518,8 +565,20 @@ template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  __shared__ float red[8][32 * 16 + 8];
+  constexpr int kS = kBdBwdStages;
+  // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
+  // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
+  // flight without registers (the accumulators leave none). After the loop the ring's memory
+  // holds the column-sum scratch `red`.
+  struct Ring {
+    uint2 in[8][kS][4][32];
+    float dg[8][kS][kGs];
+  };
+  constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
+  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
   __shared__ float4 wg[kMaps * kGs][32];
+  Ring& ring = *reinterpret_cast<Ring*>(raw);
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
@@ -548,26 +607,47 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       LoadF8(a.w + b * 16 + k, w + k);
       if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
     }
-    for (int64_t r = r0 + ty; r < r1; r += 8) {
-      // Every load of the row first (more bytes in flight), then the arithmetic.
-      float x[4], d[4], d2[4], old[4], dg[kGs], dx[4];
-      Load4(a.x, r * a.ldx + b * 4, x);
-      Load4(a.dy, r * a.ldy + b * 4, d);
-      if (kTwo) Load4(a.dy2, r * a.ldy + b * 4, d2);
-      if (a.accumulate_dx) Load4(a.dx, r * a.ldx + b * 4, old);
+  }
+  // Row r's copies into slot `slot` (one commit group per row, empty past the end).
+  auto issue = [&](int slot, int64_t r) {
+    if (r < r1) {
+      if (live) {
+        CpAsync8(&ring.in[ty][slot][0][tx], static_cast<const bf16*>(a.x) + r * a.ldx + b * 4);
+        CpAsync8(&ring.in[ty][slot][1][tx], static_cast<const bf16*>(a.dy) + r * a.ldy + b * 4);
+        if (kTwo) CpAsync8(&ring.in[ty][slot][2][tx], static_cast<const bf16*>(a.dy2) + r * a.ldy + b * 4);
+        if (a.accumulate_dx) CpAsync8(&ring.in[ty][slot][3][tx], static_cast<const bf16*>(a.dx) + r * a.ldx + b * 4);
+      }
+      if (kG > 0 && tx < G)
+        CpAsync4(&ring.dg[ty][slot][tx], tx < g.heads ? g.dig + r * g.heads + tx : g.dfg + r * g.heads + tx - g.heads);
+    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int u = 0; u < kS - 1; ++u) issue(u, r0 + ty + 8 * u);
+  int slot = 0;
+  for (int64_t r = r0 + ty; r < r1; r += 8) {  // rows uniform over the warp
+    __syncwarp();  // every lane is done with the slot the next copy overwrites
+    issue(slot == 0 ? kS - 1 : slot - 1, r + 8 * (kS - 1));
+    CpAsyncWait<kS - 1>();
+    __syncwarp();  // the gate gradients came by other lanes' copies
+    if (live) {
+      float x[4], d[4], d2[4], old[4], dx[4];
+      Bf16x4ToFloat(ring.in[ty][slot][0][tx], x);
+      Bf16x4ToFloat(ring.in[ty][slot][1][tx], d);
+      if (kTwo) Bf16x4ToFloat(ring.in[ty][slot][2][tx], d2);
+      if (a.accumulate_dx) Bf16x4ToFloat(ring.in[ty][slot][3][tx], old);
       if constexpr (kG > 0) {
 #pragma unroll
-        for (int t = 0; t < kG; ++t) dg[t] = t < G ? __ldg(t < g.heads ? g.dig + r * g.heads + t : g.dfg + r * g.heads + t - g.heads) : 0.f;
-#pragma unroll
         for (int t = 0; t < kG; ++t) {
+          const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = wg[t][tx];
-          d[0] += dg[t] * u.x; d[1] += dg[t] * u.y; d[2] += dg[t] * u.z; d[3] += dg[t] * u.w;
+          d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
           if (kTwo) {
             const float4 u2 = wg[kG + t][tx];
-            d2[0] += dg[t] * u2.x; d2[1] += dg[t] * u2.y; d2[2] += dg[t] * u2.z; d2[3] += dg[t] * u2.w;
+            d2[0] += dg * u2.x; d2[1] += dg * u2.y; d2[2] += dg * u2.z; d2[3] += dg * u2.w;
           }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) S[t][i] += dg[t] * x[i];
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
@@ -590,7 +670,10 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       }
       Store4(a.dx, r * a.ldx + b * 4, dx);
     }
+    slot = slot + 1 == kS ? 0 : slot + 1;
   }
+  CpAsyncWait<0>();
+  __syncthreads();  // the ring's memory becomes `red`
 #pragma unroll
   for (int round = 0; round < kMaps; ++round) {
     float* dw = round == 0 ? a.dw : a.dw2;
@@ -727,119 +810,105 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
   }
 }
 
+// Backward, warp per (row, group) as the forward; a block's 8 warps take kNormBwdRows rows of
+// one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into the
+// block's shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l,
+// so one add instruction touches 32 consecutive words), then one atomicAdd per column and block
+// — no second pass over x, z, x_c and dy for the parameter gradients.
 template <int kMode>
-__global__ void group_norm_bwd_vec(GroupNormArgs a) {
-  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= a.rows * a.groups) return;
-  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
-  const float mean = a.layer ? a.mean[warp] : 0.f, rstd = a.rstd[warp];
-  float s1 = 0.f, s2 = 0.f;
-  float v[8], sc[8], dy[8], z[8];
-  for (int64_t i = lane * 8; i < gs; i += 256) {
-    const int64_t c = c0 + i;
-    NormIn8<kMode>(a, r, c, v);
-    Scale8(a, c, sc);
-    Load8(a.dy, r * a.dim + c, dy);
-    if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
-    float dz[8], dxc[8], sk[8], xc[8];
-    if (kMode == 2) {
-      LoadF8(a.skip + c, sk);
-      Load8(a.xc, r * a.dim + c, xc);
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float xhat = (v[k] - mean) * rstd;
-      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-      const float dxhat = gout * sc[k];
-      s1 += dxhat;
-      s2 += dxhat * xhat;
-      if (kMode == 2) {
-        const float hs = xhat * sc[k] + sk[k] * xc[k];
-        dz[k] = dy[k] * hs * DSilu(z[k]);
-        dxc[k] = gout * sk[k];
-      }
-    }
-    if (kMode == 2) {
-      Store8(a.dz, r * a.dim + c, dz);
-      Store8(a.dxc, r * a.dim + c, dxc);
-    }
+__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a) {
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][span]
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int span = static_cast<int>((gs + 255) / 256) * 256;
+  const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
+  if (params) {
+    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * span; e += blockDim.x) psum[e] = 0.f;
+    __syncthreads();
   }
-  s1 = WarpSum(s1) / gs;
-  s2 = WarpSum(s2) / gs;
-  const float m1 = a.layer ? s1 : 0.f;
-  for (int64_t i = lane * 8; i < gs; i += 256) {
-    const int64_t c = c0 + i;
-    float xv[8], dx[8], dz[8];
-    Load8(a.x, r * a.dim + c, xv);
-    Scale8(a, c, sc);
-    Load8(a.dy, r * a.dim + c, dy);
-    if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
-      const float xhat = (in - mean) * rstd;
-      const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-      const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
-      if (kMode == 1) {
-        dx[k] = dxa * Silu(z[k]);
-        dz[k] = dxa * xv[k] * DSilu(z[k]);
-      } else {
-        dx[k] = dxa;
-      }
-    }
-    Store8(a.dx, r * a.dim + c, dx);
-    if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
-  }
-}
-
-// dweight / dskip column sums, (32, 8) threads: tx owns 8 columns, ty a row lane.
-template <int kMode>
-__global__ void __launch_bounds__(256) group_norm_param_grads_vec(GroupNormArgs a) {
-  __shared__ float red[2][8][256 + 8];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
-  const int64_t c = (blockIdx.x * 32 + tx) * 8;
-  const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock, r1 = min(r0 + kRowsPerBlock, a.rows);
-  float accw[8], accs[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) accw[k] = accs[k] = 0.f;
-  if (c < a.dim) {
-    const int64_t gs = a.dim / a.groups, g = c / gs;
-    for (int64_t r = r0 + ty; r < r1; r += 8) {
-      const int64_t st = r * a.groups + g;
-      const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
-      float v[8], dy[8], z[8], xc[8];
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  for (int64_t r = rb0 + wid; r < rb1; r += 8) {
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    float s1 = 0.f, s2 = 0.f;
+    float v[8], sc[8], dy[8], z[8];
+    for (int64_t i = lane * 8; i < gs; i += 256) {
+      const int64_t c = c0 + i;
+      const int slot = static_cast<int>((i - lane * 8) / 256) * 256 + lane;  // (8j + k)·32 + l at k = 0
       NormIn8<kMode>(a, r, c, v);
+      Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
+      if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
+      float dz[8], dxc[8], sk[8], xc[8];
       if (kMode == 2) {
-        Load8(a.z, r * a.ldz + c, z);
+        LoadF8(a.skip + c, sk);
         Load8(a.xc, r * a.dim + c, xc);
       }
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
+        const float xhat = (v[k] - mean) * rstd;
         const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        accw[k] += gout * (v[k] - mean) * rstd;
-        if (kMode == 2) accs[k] += gout * xc[k];
+        const float dxhat = gout * sc[k];
+        s1 += dxhat;
+        s2 += dxhat * xhat;
+        if (params) {
+          atomicAdd(psum + slot + k * 32, gout * xhat);
+          if (kMode == 2) atomicAdd(psum + span + slot + k * 32, gout * xc[k]);
+        }
+        if (kMode == 2) {
+          const float hs = xhat * sc[k] + sk[k] * xc[k];
+          dz[k] = dy[k] * hs * DSilu(z[k]);
+          dxc[k] = gout * sk[k];
+        }
+      }
+      if (kMode == 2) {
+        Store8(a.dz, r * a.dim + c, dz);
+        Store8(a.dxc, r * a.dim + c, dxc);
+      }
+    }
+    s1 = WarpSum(s1) / gs;
+    s2 = WarpSum(s2) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+    for (int64_t i = lane * 8; i < gs; i += 256) {
+      const int64_t c = c0 + i;
+      float xv[8], dx[8], dz[8];
+      Load8(a.x, r * a.dim + c, xv);
+      Scale8(a, c, sc);
+      Load8(a.dy, r * a.dim + c, dy);
+      if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
+        const float xhat = (in - mean) * rstd;
+        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+        const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
+        if (kMode == 1) {
+          dx[k] = dxa * Silu(z[k]);
+          dz[k] = dxa * xv[k] * DSilu(z[k]);
+        } else {
+          dx[k] = dxa;
+        }
+      }
+      Store8(a.dx, r * a.dim + c, dx);
+      if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+    }
+  }
+  if (params) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < span; e += blockDim.x) {
+      const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
+      if (col < gs) {
+        if (a.dweight) atomicAdd(a.dweight + c0 + col, psum[e]);
+        if (kMode == 2 && a.dskip) atomicAdd(a.dskip + c0 + col, psum[span + e]);
       }
     }
   }
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    red[0][ty][tx * 8 + k] = accw[k];
-    red[1][ty][tx * 8 + k] = accs[k];
-  }
-  __syncthreads();
-  const int64_t col = blockIdx.x * 256 + tid;
-  if (col < a.dim) {
-    float tw = 0.f, ts = 0.f;
-#pragma unroll
-    for (int y = 0; y < 8; ++y) {
-      tw += red[0][y][tid];
-      ts += red[1][y][tid];
-    }
-    if (a.dweight) atomicAdd(a.dweight + col, tw);
-    if (kMode == 2 && a.dskip) atomicAdd(a.dskip + col, ts);
-  }
+}
+
+// Shared bytes of group_norm_bwd_vec's column sums.
+int64_t NormBwdSmem(const GroupNormArgs& a) {
+  const int64_t span = (a.dim / a.groups + 255) / 256 * 256;
+  return (a.mode == NormMode::kMlstmOutput ? 2 : 1) * span * static_cast<int64_t>(sizeof(float));
 }
 
 bool NormVectorizable(const GroupNormArgs& a, bool backward) {
@@ -848,7 +917,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
   if (!backward) return ok && Aligned(a.y, 16);
-  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16);
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= 48 * 1024;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
   return ok;
@@ -934,30 +1003,32 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.rows == 0) return {};
+  const bool params = a.dweight != nullptr || a.dskip != nullptr;
+  if (NormVectorizable(a, true)) {
+    const dim3 grid(static_cast<unsigned>((a.rows + kNormBwdRows - 1) / kNormBwdRows), static_cast<unsigned>(a.groups));
+    const size_t smem = params ? static_cast<size_t>(NormBwdSmem(a)) : 0;
+    switch (a.mode) {
+      case NormMode::kPlain: group_norm_bwd_vec<0><<<grid, 256, smem, stream>>>(a); break;
+      case NormMode::kGatedInput: group_norm_bwd_vec<1><<<grid, 256, smem, stream>>>(a); break;
+      case NormMode::kMlstmOutput: group_norm_bwd_vec<2><<<grid, 256, smem, stream>>>(a); break;
+    }
+    return Launched("group_norm_bwd_vec");
+  }
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const dim3 grid = ColumnGrid(a.dim, a.rows), block(32, 8);
-  const dim3 grid_vec(static_cast<unsigned>((a.dim + 255) / 256), grid.y);
-  const bool params = a.dweight != nullptr || a.dskip != nullptr;
-  const bool vec = NormVectorizable(a, true);
   switch (a.mode) {
     case NormMode::kPlain:
-      if (vec) group_norm_bwd_vec<0><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<0><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kGatedInput:
-      if (vec) group_norm_bwd_vec<1><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<1><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
       break;
     case NormMode::kMlstmOutput:
-      if (vec) group_norm_bwd_vec<2><<<blocks, 256, 0, stream>>>(a);
-      else group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
-      if (params && vec) group_norm_param_grads_vec<2><<<grid_vec, block, 0, stream>>>(a);
-      else if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
+      group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
+      if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
       break;
   }
   return Launched("group_norm_bwd");

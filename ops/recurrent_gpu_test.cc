@@ -428,6 +428,10 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 264, 280);
   CheckNorm(NormMode::kMlstmOutput, true, 37, 4, 48, 192);
   CheckNorm(NormMode::kPlain, true, 37, 2, 16, 32);
+  // The backward's column sums over row blocks of 64 with a tail, lanes with 1 or 2 chunks
+  // (xlstm-125m's out-norm groups of 384) and a partial last chunk (776 = 3 x 256 + 8).
+  CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536);
+  CheckNorm(NormMode::kPlain, true, 130, 1, 776, 776);
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 12, 36);

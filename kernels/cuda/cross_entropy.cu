@@ -1,7 +1,9 @@
 // Fused linear + cross-entropy over token chunks; the algorithm and costs are in cross_entropy.h.
 //
-//   ce_row_kernel1      block per token row (512 threads): online (max, sum) over the row,
-//                       block-combined; writes the token loss; then G in place as bf16.
+//   ce_row_kernel2      block per token row (1024 threads), the row staged in shared memory
+//                       (vocab <= ~58K): online (max, sum) while staging, block-combined; the
+//                       token loss; then G in place as bf16 from the staged row.
+//   ce_row_kernel1      the same for larger vocabularies (512 threads), reading the row twice.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 #include "kernels/cuda/cross_entropy.h"
 
@@ -105,6 +107,97 @@ ce_row_kernel1(float* logits, int64_t ld, int64_t vocab, const int32_t* targets,
   }
 }
 
+// The same row work with the row staged in shared memory (vocab · 4 bytes <= kRowSmemMax): one
+// 16-byte read of each logit from global memory (kernel1 reads the row twice: the online pass,
+// then the gradient tiles), then G written from shared memory. One block of kRowThreads2 per SM.
+constexpr int kRowThreads2 = 1024;
+constexpr int64_t kRowSmemMax = 226 * 1024;  // the 227 KiB opt-in maximum less the static part
+__global__ void __launch_bounds__(kRowThreads2)
+ce_row_kernel2(float* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+               float* token_loss, bool write_grad) {
+  extern __shared__ float4 srow4[];
+  float* srow = reinterpret_cast<float*>(srow4);
+  const int64_t r = blockIdx.x;
+  float* row = logits + r * ld;
+  const int tid = threadIdx.x;
+  const int64_t n4 = vocab / 4;
+  const float4* row4 = reinterpret_cast<const float4*>(row);  // rows are 32-byte aligned (ld % 8 == 0)
+  float m = -INFINITY, s = 0.f;
+  auto add = [&](float l) {
+    if (l > m) {
+      s = s * expf(m - l) + 1.f;
+      m = l;
+    } else {
+      s += expf(l - m);
+    }
+  };
+#pragma unroll 4
+  for (int64_t q = tid; q < n4; q += kRowThreads2) {
+    const float4 v = row4[q];
+    srow4[q] = v;
+    add(v.x);
+    add(v.y);
+    add(v.z);
+    add(v.w);
+  }
+  for (int64_t j = 4 * n4 + tid; j < vocab; j += kRowThreads2) {
+    const float l = row[j];
+    srow[j] = l;
+    add(l);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    CombineMaxSum(m, s, m2, s2);
+  }
+  __shared__ float sh_m[kRowThreads2 / 32], sh_s[kRowThreads2 / 32];
+  __shared__ float sh_lse;
+  if (tid % 32 == 0) {
+    sh_m[tid / 32] = m;
+    sh_s[tid / 32] = s;
+  }
+  __syncthreads();  // also: every global read of the row is done before G overwrites it
+  const int32_t target = targets[r];
+  if (tid == 0) {
+    float bm = sh_m[0], bs = sh_s[0];
+    for (int w = 1; w < kRowThreads2 / 32; ++w) CombineMaxSum(bm, bs, sh_m[w], sh_s[w]);
+    const float lse = bm + logf(bs);
+    sh_lse = lse;
+    float loss;
+    if (target < 0) {
+      loss = 0.f;
+    } else if (target >= vocab) {
+      loss = __int_as_float(0x7fc00000);
+    } else {
+      loss = lse - srow[target];
+    }
+    token_loss[r] = loss;
+  }
+  __syncthreads();
+  if (!write_grad) return;
+  const float lse = sh_lse;
+  const bool ignored = target < 0;
+  const float bad = target >= vocab ? __int_as_float(0x7fc00000) : 0.f;
+  auto grad = [&](float l, int64_t j) {
+    return ignored ? 0.f : loss_scale * (expf(l - lse) - (j == target ? 1.f : 0.f)) + bad;
+  };
+  __nv_bfloat16* g = reinterpret_cast<__nv_bfloat16*>(row);
+  uint2* g4 = reinterpret_cast<uint2*>(row);  // 4 bf16 = 8 bytes per group of 4 logits
+#pragma unroll 4
+  for (int64_t q = tid; q < n4; q += kRowThreads2) {
+    const float4 v = srow4[q];
+    const int64_t j = 4 * q;
+    const __nv_bfloat162 a = __floats2bfloat162_rn(grad(v.x, j), grad(v.y, j + 1));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(grad(v.z, j + 2), grad(v.w, j + 3));
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t*>(&a);
+    u.y = *reinterpret_cast<const uint32_t*>(&b);
+    g4[q] = u;
+  }
+  for (int64_t j = 4 * n4 + tid; j < vocab; j += kRowThreads2) g[j] = __float2bfloat16_rn(grad(srow[j], j));
+}
+
 __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float loss_scale,
                                     double* loss_sum) {
   __shared__ double part[1024 / 32];
@@ -135,6 +228,12 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   DeviceBuffer logits_buf;
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(float) * chunk * ld, &logits_buf));
   float* logits = logits_buf.as<float>();
+  // Rows that fit in shared memory take ce_row_kernel2 (every vocabulary up to ~58K).
+  const int64_t row_smem = ld * static_cast<int64_t>(sizeof(float));
+  if (row_smem <= kRowSmemMax) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(row_smem)));
+  }
   for (int64_t c0 = 0; c0 < a.tokens; c0 += chunk) {
     const int64_t n = std::min(chunk, a.tokens - c0);
     const __nv_bfloat16* h_c = a.h + c0 * a.dim;
@@ -153,9 +252,15 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     g1.c_dtype = DType::kF32;
     CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
     // 2. loss and G (in place, bf16, row stride 2·ld).
-    ce_row_kernel1<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(
-        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel1");
+    if (row_smem <= kRowSmemMax) {
+      ce_row_kernel2<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
+          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2");
+    } else {
+      ce_row_kernel1<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(
+          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel1");
+    }
     if (!grad) continue;
     const void* g_bf16 = logits;
     if (a.dh != nullptr) {

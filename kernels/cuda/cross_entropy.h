@@ -10,10 +10,12 @@
 // The loop runs over chunks of `chunk_tokens` token rows; per chunk, one pass:
 //   1. GEMM (cuBLASLt): logits [n, V] fp32 into a bounded buffer [chunk_tokens, V8] (V8 = V
 //      rounded up to 8 so rows stay 32-byte aligned for any V, e.g. 50257 and 50277);
-//   2. ce_row_kernel1, one block per row: online log-sum-exp (running max and rescaled sum) in
-//      one read of the row, the token loss, then G written as bf16 *in place* over the row's own
-//      fp32 logits (tile by tile, each tile read into registers before a barrier, then written:
-//      bf16 element j lands in bytes [2j, 2j+2), inside fp32 elements already read);
+//   2. one block per row: online log-sum-exp (running max and rescaled sum) in one read of the
+//      row, the token loss, then G written as bf16 *in place* over the row's own fp32 logits
+//      (bf16 element j lands in bytes [2j, 2j+2)). ce_row_kernel2 (V · 4 bytes <= 227 KiB, so
+//      every GPT-2-sized vocabulary) stages the row in shared memory and writes G from there: the
+//      row is read from global memory once; ce_row_kernel1 (larger V) reads it again tile by tile
+//      (each tile read into registers before a barrier, then written, inside elements already read);
 //   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32, beta = 1).
 // Peak extra memory: chunk_tokens · V8 · 4 bytes (1024 x 50304: 206 MB) instead of N · V · 4.
 // A target ≥ V gives a NaN loss and NaN gradient row (loud; the host validates ids).
