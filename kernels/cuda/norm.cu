@@ -25,8 +25,7 @@
 //                         per block, then the 32 lanes in order through shared memory.
 #include "kernels/cuda/norm.h"
 
-#include <cstdlib>
-#include <string>
+#include <algorithm>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -491,10 +490,8 @@ CudaResult NormForward(const NormForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return {};
   const dim3 grid(static_cast<unsigned>(CeilDiv(a.rows, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
-  const char* fwd_env = std::getenv("GYRE_NORM_FWD_KERNEL");  // "1": the three-pass kernel (A/B; read per call)
   const bool vectorizable = Vectorizable(a.dim, {a.x, a.residual, a.residual_out, a.weight, a.bias, a.y});
-  if (vectorizable && a.kind == NormKind::kRms && a.dim <= 2048 &&
-      !(fwd_env != nullptr && std::string(fwd_env) == "1")) {
+  if (vectorizable && a.kind == NormKind::kRms && a.dim <= 2048) {
     switch (CeilDiv(a.dim, 256)) {
       case 1: rms_fwd_kernel2<1><<<grid, block, 0, stream>>>(a); break;
       case 2: rms_fwd_kernel2<2><<<grid, block, 0, stream>>>(a); break;
@@ -523,9 +520,7 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
   if (a.rows == 0) return {};
-  const char* fused_off_env = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs; read per call)
-  const bool fused_off = fused_off_env != nullptr && std::string(fused_off_env) == "1";
-  if (!fused_off && a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
+  if (a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
       Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
     return RmsBackwardFused(a, scratch, stream);
   }
