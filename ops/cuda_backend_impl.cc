@@ -322,7 +322,7 @@ class Backend final : public CudaBackend {
 
   void NormBackward(bool layer, int64_t rows, int64_t dim, const void* dy, const void* s, const void* weight,
                     const float* mean, const float* rstd, const void* dresidual, void* dx, float* dweight,
-                    float* dbias) override {
+                    float* dbias, bool overwrite_dparams) override {
     Init();
     OpProfiler::Scope scope(&prof_, dresidual != nullptr ? "NormBackward (+residual grad)" : "NormBackward");
     kc::NormBackwardArgs a;
@@ -338,6 +338,7 @@ class Backend final : public CudaBackend {
     a.dx = static_cast<bf16*>(dx);
     a.dweight = dweight;
     a.dbias = dbias;
+    a.accumulate = !overwrite_dparams;
     OK_OR_DIE(kc::NormBackward(a, alloc_, stream_));
   }
 

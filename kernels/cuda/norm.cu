@@ -396,13 +396,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
   }
 }
 
-// out[c] += Σ_k partial[k, c] in a fixed order (lane ty takes k ≡ ty mod kReduceLanes, then
+// out[c] += Σ_k partial[k, c] (out[c] = ... without `accumulate`) in a fixed order (lane ty takes k ≡ ty mod kReduceLanes, then
 // lanes 0.. in order): 32 columns x 32 chunk lanes per block, so a thread sums chunks / 32.
 constexpr int kReduceLanes = 32;
 
 __global__ void __launch_bounds__(32 * kReduceLanes)
     norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
-                        float* dweight, float* dbias) {
+                        float* dweight, float* dbias, bool accumulate) {
   __shared__ float sw[kReduceLanes][33];
   __shared__ float sb[kReduceLanes][33];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -423,8 +423,8 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
       w += sw[y][threadIdx.x];
       b += sb[y][threadIdx.x];
     }
-    if (dweight) dweight[c] += w;
-    if (dbias) dbias[c] += b;
+    if (dweight) dweight[c] = accumulate ? dweight[c] + w : w;
+    if (dbias) dbias[c] = accumulate ? dbias[c] + b : b;
   }
 }
 
@@ -471,7 +471,7 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
   }
   if (!r.ok() || !a.dweight) return r;
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr);
+      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr, a.accumulate);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   return {};
 }
@@ -519,7 +519,11 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
     return InvalidArgument("NormBackward: need rows >= 0, dim > 0, dy, s, rstd, dx");
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
-  if (a.rows == 0) return {};
+  if (a.rows == 0) {  // the empty sums
+    if (!a.accumulate && a.dweight) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dweight, 0, sizeof(float) * a.dim, stream));
+    if (!a.accumulate && a.dbias) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dbias, 0, sizeof(float) * a.dim, stream));
+    return {};
+  }
   if (a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
       Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
     return RmsBackwardFused(a, scratch, stream);
@@ -546,7 +550,7 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
                                                                      partial_b);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_kernel1");
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-      partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias);
+      partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias, a.accumulate);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   // `partial` returns to the cache here; the stream-ordered reuse rule (device_allocator.h)
   // makes that safe for later work on the same stream.
