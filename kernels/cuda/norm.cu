@@ -45,6 +45,16 @@ __device__ __forceinline__ void UnpackBf16x8(const uint4& raw, float (&out)[8]) 
   }
 }
 
+// w = weight[c, c + 8), or ones when the norm has no scale.
+__device__ __forceinline__ void LoadScale8(const __nv_bfloat16* weight, int64_t c, float (&w)[8]) {
+  if (weight) {
+    LoadBf16<8>(weight + c, w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = 1.f;
+  }
+}
+
 template <int V>
 __global__ void norm_fwd_kernel1(NormForwardArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -275,12 +285,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwa
     if (c < d) {
       float v[8], w[8];
       UnpackBf16x8(s_raw[k], v);
-      if (a.weight) {
-        LoadBf16<8>(a.weight + c, w);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) w[i] = 1.f;
-      }
+      LoadScale8(a.weight, c, w);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = v[i] * rstd * w[i];
       StoreBf16<8>(a.y + row * d + c, v);
@@ -337,12 +342,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
         float g[8], v[8], w[8];
         UnpackBf16x8(dy_raw[k], g);
         UnpackBf16x8(s_raw[k], v);
-        if (a.weight) {
-          LoadBf16<8>(a.weight + c, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) w[i] = 1.f;
-        }
+        LoadScale8(a.weight, c, w);
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
       }
@@ -355,12 +355,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
         float g[8], v[8], w[8], r[8], out[8];
         UnpackBf16x8(dy_raw[k], g);
         UnpackBf16x8(s_raw[k], v);
-        if (a.weight) {
-          LoadBf16<8>(a.weight + c, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) w[i] = 1.f;
-        }
+        LoadScale8(a.weight, c, w);
         if (dres) {
           UnpackBf16x8(r_raw[k], r);
         } else {
@@ -396,8 +391,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
   }
 }
 
-// out[c] += Σ_k partial[k, c] (out[c] = ... without `accumulate`) in a fixed order (lane ty takes k ≡ ty mod kReduceLanes, then
-// lanes 0.. in order): 32 columns x 32 chunk lanes per block, so a thread sums chunks / 32.
+// out[c] += Σ_k partial[k, c] (out[c] = Σ_k ... without `accumulate`) in a fixed order (lane ty
+// takes k ≡ ty mod kReduceLanes, then lanes 0.. in order): 32 columns x 32 chunk lanes per block,
+// so a thread sums chunks / 32.
 constexpr int kReduceLanes = 32;
 
 __global__ void __launch_bounds__(32 * kReduceLanes)
