@@ -233,7 +233,8 @@ TEST_F(LlamaGpuTest, DeferredZeroStepEqualsAStepOnZeroedGradients) {
     two_passes(**reused);
     (*fresh)->params().ZeroGrad();
     two_passes(**fresh);
-    EXPECT_TRUE(CheckGrads((*reused)->params(), (*fresh)->params(), tied ? "deferred zero (tied)" : "deferred zero", 1e-5));
+    EXPECT_TRUE(CheckGrads((*reused)->params(), (*fresh)->params(), tied ? "deferred zero (tied)" : "deferred zero",
+                           1e-5));
   }
 }
 

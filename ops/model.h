@@ -108,8 +108,9 @@ class LanguageModel {
   CrossEntropyOptions& cross_entropy_options() { return ce_options_; }
   // Called by ForwardBackward (data-parallel overlap, step-time breakdown): with "" when backward
   // begins (before the fused LM-head loss), then with a parameter-name prefix whenever that group's
-  // gradients are final (stale ones of the deferred-zero rule already zeroed, ops/module.h): each head block, "final_norm" and "lm_head" after the heads, each trunk
-  // block "blocks.<i>" in reverse order, "embedding" last.
+  // gradients are final (stale ones of the deferred-zero rule already zeroed, ops/module.h):
+  // each head block, "final_norm" and "lm_head" after the heads, each trunk block "blocks.<i>"
+  // in reverse order, "embedding" last.
   std::function<void(const std::string& group)> grad_ready_hook;
 
  private:

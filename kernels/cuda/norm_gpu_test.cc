@@ -183,8 +183,12 @@ void RunCase(const Case& c, std::mt19937_64& rng) {
     r = NormBackward(g, &alloc, nullptr);
     ASSERT_TRUE(r.ok()) << r.message;
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (c.weight) EXPECT_TRUE(Report(name + " bwd dw (overwrite)", shape, RelError(d_dw.Download(), dw), testing::kTolF32Accum));
-    if (c.bias) EXPECT_TRUE(Report(name + " bwd db (overwrite)", shape, RelError(d_db.Download(), db), testing::kTolF32Accum));
+    if (c.weight) {
+      EXPECT_TRUE(Report(name + " bwd dw (overwrite)", shape, RelError(d_dw.Download(), dw), testing::kTolF32Accum));
+    }
+    if (c.bias) {
+      EXPECT_TRUE(Report(name + " bwd db (overwrite)", shape, RelError(d_db.Download(), db), testing::kTolF32Accum));
+    }
     EXPECT_TRUE(Report(name + " bwd dx (overwrite mode)", shape, RelError(d_dx.Download(), dx), testing::kTolBf16));
   }
 }
