@@ -14,7 +14,7 @@
 // (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
 // (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
 // --variants NAME=VALUE ... times a few steps under each environment setting (e.g.
-// GYRE_CE_CHUNK_TOKENS=8192, GYRE_ADAMW_KERNEL=1) next to the default.
+// GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) next to the default.
 // No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host,
 // and the profile shows the device idle only 0.5 ms (125m) / 1.0 ms (1.3b) per step on an H200
 // (bench/RESULTS.md, session 3): a graph could save at most that.
@@ -149,7 +149,7 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
     PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
   }
   // A/B variants: a few more steps with one environment setting each (read per step by the
-  // backend: GYRE_CE_CHUNK_TOKENS, GYRE_ADAMW_KERNEL, ...), then back to the default; the default
+  // backend: GYRE_GEMM_AUTOTUNE, GYRE_ATTN_BWD, ...), then back to the default; the default
   // is timed again right after so the comparison is between neighbouring steps.
   for (const std::string& v : variants) {
     const size_t eq = v.find('=');

@@ -607,7 +607,7 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
     Tensor w, gw;
     GYRE_CHECK(store_->AdjacentSpan({q_proj_.weight(), k_proj_.weight(), v_proj_.weight()}, &w, &gw),
                "q/k/v no longer adjacent");
-    dx = LinearBackward(saved_.x, w, dqkv, &gw);
+    dx = LinearBackward(saved_.x, w, dqkv, &gw, FirstGradWrite({q_proj_.weight(), k_proj_.weight(), v_proj_.weight()}));
   } else {
     dx = q_proj_.Backward(SliceColumns(dqkv, 0, qd));
     AddInPlace(&dx, k_proj_.Backward(SliceColumns(dqkv, qd, qd + kvd)));

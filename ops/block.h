@@ -69,6 +69,9 @@ class Block {
   // only those had been fed (KV caches truncate; recurrent states and conv windows take the
   // copies made after position keep - 1). Exact: the state equals a fresh run over the kept prefix.
   virtual void Rewind(BlockState* state, int64_t keep) = 0;
+  // True when every op that writes this block's parameter gradients follows the deferred-zero
+  // rule (ops/module.h); the model then lets ParamStore::DeferZeroGrad skip their memset.
+  virtual bool FollowsDeferredZero() const { return false; }
 };
 
 class RecomputeBlock : public Block {
@@ -97,6 +100,7 @@ class RecomputeBlock : public Block {
     return inner_->StepChunk(x, chunk, state, rewindable);
   }
   void Rewind(BlockState* state, int64_t keep) override { inner_->Rewind(state, keep); }
+  bool FollowsDeferredZero() const override { return inner_->FollowsDeferredZero(); }
   Block* inner() { return inner_.get(); }
 
  private:

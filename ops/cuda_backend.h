@@ -118,9 +118,11 @@ class CudaBackend {
   virtual void NormForward(bool layer, int64_t rows, int64_t dim, double eps, const void* x, const void* residual,
                            void* residual_out, const void* weight, const void* bias, void* y, float* mean,
                            float* rstd) = 0;
+  // dweight / dbias accumulate, or are overwritten with `overwrite_dparams` (the deferred-zero
+  // rule's first write, ops/module.h).
   virtual void NormBackward(bool layer, int64_t rows, int64_t dim, const void* dy, const void* s,
                             const void* weight, const float* mean, const float* rstd, const void* dresidual,
-                            void* dx, float* dweight, float* dbias) = 0;
+                            void* dx, float* dweight, float* dbias, bool overwrite_dparams) = 0;
 
   // Gated activation h = act(g) ⊙ u over 2-D views with row strides (act: 0 SiLU, 1 GeLU).
   virtual void GatedForward(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,

@@ -326,7 +326,7 @@ class Backend final : public CudaBackend {
 
   void NormBackward(bool layer, int64_t rows, int64_t dim, const void* dy, const void* s, const void* weight,
                     const float* mean, const float* rstd, const void* dresidual, void* dx, float* dweight,
-                    float* dbias) override {
+                    float* dbias, bool overwrite_dparams) override {
     Init();
     OpProfiler::Scope scope(&prof_, dresidual != nullptr ? "NormBackward (+residual grad)" : "NormBackward");
     kc::NormBackwardArgs a;
@@ -342,6 +342,7 @@ class Backend final : public CudaBackend {
     a.dx = static_cast<bf16*>(dx);
     a.dweight = dweight;
     a.dbias = dbias;
+    a.accumulate = !overwrite_dparams;
     OK_OR_DIE(kc::NormBackward(a, alloc_, stream_));
   }
 
@@ -475,11 +476,8 @@ class Backend final : public CudaBackend {
     a.dw = dw;
     // Token rows per chunk: the logits buffer is chunk x vocab fp32 (8192 x 50304: 1.65 GB).
     // 8192 over 4096: -2.9 ms of 78.6 at llama-125m (B16), -0.9 at 1.3b (B8), H200, session 3;
-    // GYRE_CE_CHUNK_TOKENS overrides it (benchmarks sweep it; read per call, once a step).
+    // 16384 and a second call's 4096 were within the step noise (bench/RESULTS.md, llamastep).
     a.chunk_tokens = 8192;
-    if (const char* c = std::getenv("GYRE_CE_CHUNK_TOKENS"); c != nullptr && std::atoll(c) > 0) {
-      a.chunk_tokens = std::atoll(c);
-    }
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

@@ -57,6 +57,7 @@ Tensor Embedding::Forward(std::span<const int32_t> ids) {
 }
 
 void Embedding::Backward(const Tensor& dy) {
+  ZeroGradIfStale(weight_);  // a scatter-add: rows of unseen tokens are not written
   Tensor& gw = weight_->grad;
   const int64_t dim = gw.dim(1);
   GYRE_CHECK(dy.rows() == static_cast<int64_t>(ids_.size()) && dy.cols() == dim, "embedding backward shape");
@@ -131,9 +132,10 @@ Tensor LinearForward(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw) {
+Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw, bool dw_overwrite) {
   const int64_t in = w.dim(1), out = w.dim(0), rows = x.rows();
   GYRE_CHECK(dy.rows() == rows && dy.cols() == out, "linear backward: dy %s", ShapeString(dy.shape()).c_str());
+  if (rows == 0 && dw != nullptr && dw_overwrite) dw->SetZero();  // the empty sum
   if (IsCuda(x)) {
     CheckCudaBf16(dy, "linear dy");
     CheckCudaBf16(w, "linear W");
@@ -141,12 +143,12 @@ Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor
     if (rows == 0) return dx;
     if (dw != nullptr) {
       GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "linear dW must be CUDA f32");
-      CudaGemm g;  // dW [out, in] += dYᵀ X
+      CudaGemm g;  // dW [out, in] = (or +=) dYᵀ X
       g.trans_a = true;
       g.m = out; g.n = in; g.k = rows;
       g.a = dy.raw(); g.lda = out;
       g.b = x.raw(); g.ldb = in;
-      g.c = dw->raw(); g.ldc = in; g.c_f32 = true; g.beta = 1.f;
+      g.c = dw->raw(); g.ldc = in; g.c_f32 = true; g.beta = dw_overwrite ? 0.f : 1.f;
       Cuda().Gemm(g);
     }
     CudaGemm g;  // dX [rows, in] = dY W
@@ -159,8 +161,9 @@ Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor
   }
   Tensor dx = Tensor::Empty(x.shape(), x.dtype());
   DispatchFloat(x.dtype(), [&]<typename T>() {
-    if (dw != nullptr) {
-      Gemm<T>(true, false, out, in, rows, T(1), dy.data<T>(), out, x.data<T>(), in, T(1), dw->data<T>(), in);
+    if (dw != nullptr && rows > 0) {
+      Gemm<T>(true, false, out, in, rows, T(1), dy.data<T>(), out, x.data<T>(), in, T(dw_overwrite ? 0 : 1),
+              dw->data<T>(), in);
     }
     Gemm<T>(false, false, rows, in, out, T(1), dy.data<T>(), out, w.data<T>(), in, T(0), dx.data<T>(), in);
   });
@@ -205,15 +208,17 @@ Tensor Linear::ForwardAdd(const Tensor& x, const Tensor& residual) {
 Tensor Linear::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "Linear::Backward without Forward");
   if (IsCuda(x_)) {
+    if (bias_ != nullptr) ZeroGradIfStale(bias_);  // ColumnSum adds
     if (bias_ != nullptr && dy.rows() > 0) {
       CheckCudaBf16(dy, "linear dy");
       Cuda().ColumnSum(dy.raw(), dy.rows(), out_, out_, bias_->grad.data<float>());
     }
-    Tensor dx = LinearBackward(x_, weight_->compute, dy, &weight_->grad);
+    Tensor dx = LinearBackward(x_, weight_->compute, dy, &weight_->grad, FirstGradWrite(weight_));
     x_ = Tensor();
     return dx;
   }
   if (bias_ != nullptr) {
+    ZeroGradIfStale(bias_);
     DispatchFloat(dy.dtype(), [&]<typename T>() {
       const T* d = dy.data<T>();
       T* gb = bias_->grad.data<T>();
@@ -221,7 +226,7 @@ Tensor Linear::Backward(const Tensor& dy) {
         for (int64_t c = 0; c < out_; ++c) gb[c] += d[r * out_ + c];
     });
   }
-  Tensor dx = LinearBackward(x_, weight_->value, dy, &weight_->grad);
+  Tensor dx = LinearBackward(x_, weight_->value, dy, &weight_->grad, FirstGradWrite(weight_));
   x_ = Tensor();
   return dx;
 }
@@ -258,12 +263,14 @@ Tensor BlockDiagonalLinear::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "BlockDiagonalLinear::Backward without Forward");
   const int64_t in = blocks_ * block_in_, out = blocks_ * block_out_, rows = x_.rows();
   Tensor dx = Tensor::Empty(x_.shape(), x_.dtype());
+  if (rows == 0) ZeroGradIfStale(weight_);
+  const bool overwrite = FirstGradWrite(weight_);  // each block's GEMM sets its whole slice
   DispatchFloat(x_.dtype(), [&]<typename T>() {
     const T* w = weight_->value.data<T>();
     T* gw = weight_->grad.data<T>();
     for (int64_t b = 0; b < blocks_; ++b) {
       Gemm<T>(true, false, block_out_, block_in_, rows, T(1), dy.data<T>() + b * block_out_, out,
-              x_.data<T>() + b * block_in_, in, T(1), gw + b * block_out_ * block_in_, block_in_);
+              x_.data<T>() + b * block_in_, in, T(overwrite ? 0 : 1), gw + b * block_out_ * block_in_, block_in_);
       Gemm<T>(false, false, rows, block_in_, block_out_, T(1), dy.data<T>() + b * block_out_, out,
               w + b * block_out_ * block_in_, block_in_, T(0), dx.data<T>() + b * block_in_, in);
     }
@@ -345,15 +352,18 @@ Tensor Norm::Backward(const Tensor& dy) {
     CheckCudaBf16(dy, "norm dy");
     if (groups != 1 || opt_.weight_offset != 0.0) return BackwardGroupedCuda(dy);
     Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+    if (rows == 0) ZeroStaleParamGrads();
     if (rows > 0) {
       Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
                           layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), nullptr, dx.raw(),
-                          weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
+                          weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr,
+                          FirstParamGradWrite());
     }
     x_ = rstd_ = mean_ = Tensor();
     return dx;
   }
   Tensor dx = Tensor::EmptyLike(x_);
+  ZeroStaleParamGrads();  // the loops below add row by row
   DispatchFloat(x_.dtype(), [&]<typename T>() {
     const T* in = x_.data<T>();
     const T* d = dy.data<T>();
@@ -448,10 +458,12 @@ Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
   const int64_t rows = x_.rows();
   const bool layer = opt_.kind == NormOptions::kLayer;
   Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
+  if (rows == 0) ZeroStaleParamGrads();
   if (rows > 0) {
     Cuda().NormBackward(layer, rows, dim_, dy.raw(), x_.raw(), weight_ ? weight_->compute.raw() : nullptr,
                         layer ? mean_.data<float>() : nullptr, rstd_.data<float>(), dresidual.raw(), dx.raw(),
-                        weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr);
+                        weight_ ? weight_->grad.data<float>() : nullptr, bias_ ? bias_->grad.data<float>() : nullptr,
+                        FirstParamGradWrite());
   }
   x_ = rstd_ = mean_ = Tensor();
   return dx;
@@ -483,7 +495,19 @@ Tensor Norm::ForwardGroupedCuda(const Tensor& x) {
   return y;
 }
 
+bool Norm::FirstParamGradWrite() {
+  if (weight_ != nullptr && bias_ != nullptr) return FirstGradWrite({weight_, bias_});
+  if (weight_ != nullptr) return FirstGradWrite(weight_);
+  return bias_ != nullptr && FirstGradWrite(bias_);
+}
+
+void Norm::ZeroStaleParamGrads() {
+  if (weight_ != nullptr) ZeroGradIfStale(weight_);
+  if (bias_ != nullptr) ZeroGradIfStale(bias_);
+}
+
 Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
+  ZeroStaleParamGrads();  // the grouped kernel and ColumnSum add (atomics)
   const int64_t rows = x_.rows();
   const bool layer = opt_.kind == NormOptions::kLayer;
   Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
@@ -559,7 +583,7 @@ Tensor GatedMlp::Backward(const Tensor& dy) {
       if (rows > 0)
         Cuda().GatedBackward(CudaAct(act_), rows, hidden, g_.raw(), At(g_, hidden), 2 * hidden, dh.raw(), hidden,
                              dgu.raw(), MutAt(dgu, hidden));
-      dx = LinearBackward(x_, w, dgu, &gw);
+      dx = LinearBackward(x_, w, dgu, &gw, FirstGradWrite({gate_.weight(), up_.weight()}));
     } else {
       Tensor dg = Tensor::Empty(g_.shape(), DType::kBF16, Device::kCuda);
       Tensor du = Tensor::Empty(u_.shape(), DType::kBF16, Device::kCuda);

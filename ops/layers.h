@@ -73,7 +73,7 @@ Tensor LinearForward(const Tensor& x, const Tensor& w);
 // residual + x Wᵀ (residual [rows, out]); on CUDA one GEMM with the add in its store (rounded
 // once to bf16), elsewhere Add(residual, LinearForward(x, w)).
 Tensor LinearForwardAdd(const Tensor& x, const Tensor& w, const Tensor& residual);
-Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw);
+Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw, bool dw_overwrite = false);
 
 struct NormOptions {
   enum Kind { kRms, kLayer } kind = kRms;
@@ -104,6 +104,9 @@ class Norm {
   Parameter* bias_ = nullptr;
   Tensor ForwardGroupedCuda(const Tensor& x);
   Tensor BackwardGroupedCuda(const Tensor& dy);
+  // The deferred-zero rule (ops/module.h) for weight and bias together.
+  bool FirstParamGradWrite();
+  void ZeroStaleParamGrads();
   Tensor x_, rstd_;  // rstd_ [rows, groups] (f64 for accuracy; CUDA: f32 [rows · groups])
   Tensor mean_;      // CUDA LayerNorm: f32 [rows]
 };

@@ -1,7 +1,6 @@
 #include "ops/llama_block.h"
 
 #include <cmath>
-#include <cstdlib>
 
 #include "ops/recurrent_blocks.h"
 
@@ -36,8 +35,6 @@ Tensor LlamaBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
     // down projection's GEMM (beta = 1 on h).
     Tensor h;
     Tensor y = mlp_norm_.ForwardAdd(attn_.Forward(attn_norm_.Forward(x), batch, seq), x, &h);
-    // GYRE_GEMM_RESIDUAL=0: the separate Add (A/B runs; read per call).
-    if (const char* e = std::getenv("GYRE_GEMM_RESIDUAL"); e != nullptr && e[0] == '0') return Add(h, mlp_.Forward(y));
     return mlp_.ForwardAdd(y, h);
   }
   Tensor h = Add(x, attn_.Forward(attn_norm_.Forward(x), batch, seq));

@@ -24,6 +24,7 @@ class LlamaBlock : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
+  bool FollowsDeferredZero() const override { return true; }
   SelfAttention& attention() { return attn_; }
 
  private:
@@ -47,6 +48,8 @@ class AttentionMixerBlock : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
+  // The qkv conv (ops/recurrent_blocks.cc) adds into its gradients directly.
+  bool FollowsDeferredZero() const override { return conv_ == nullptr; }
   void SetSelfExtend(int64_t group, int64_t window) {
     options_.self_extend_group = group;
     options_.self_extend_window = window;

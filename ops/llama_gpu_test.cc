@@ -9,6 +9,7 @@
 //            and every parameter gradient;
 //   model:   a 2-layer Llama (d 256, 4 heads x 64, 2 kv heads, vocab 50277, seq 100, batch 2),
 //            loss and every parameter gradient;
+//   deferred zero: a step on stale (NaN) gradients, two micro-batches, equals one on zeroed ones;
 //   train:   20 AdamW steps (clip 1.0, lr 3e-3 warm-up 5) on the GPU vs the CPU in fp32 from the
 //            same initial weights: the loss curves agree step by step.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
@@ -196,6 +197,45 @@ TEST_F(LlamaGpuTest, TwentyAdamWStepsTrackTheCpuInFp32) {
     worst = std::max(worst, RelativeError(p->value.ToDevice(Device::kCpu), (*cpu)->params().Find(p->name)->value));
   std::printf("[%s] weights after 20 steps: worst rel_err %.3e tol 1e-1\n", worst <= 1e-1 ? "PASS" : "FAIL", worst);
   EXPECT_LE(worst, 1e-1);
+}
+
+// Deferred zeroing (ops/module.h) on the device: after an earlier step, the gradients are left
+// stale (NaN written into them here), and a step of two micro-batches must reproduce a fresh
+// model's eagerly zeroed gradients: the overwriting first writes (GEMM beta = 0, the norm dw
+// reduce), the zero-if-stale ones (embedding, LM head) and the MTP heads' shared final norm.
+TEST_F(LlamaGpuTest, DeferredZeroStepEqualsAStepOnZeroedGradients) {
+  for (const bool tied : {false, true}) {
+    ModelSpec spec = SmallLlama();
+    spec.tie_embeddings = tied;
+    spec.mtp_heads = 2;
+    const int64_t B = 4, T = 64;
+    auto fresh = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+    auto reused = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+    ASSERT_TRUE(fresh.ok() && reused.ok());
+    const auto earlier = RandomTokens(B * (T + 1), spec.vocab_size, 7);
+    const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 8);
+    const double scale = 1.0 / (B * T);
+    auto two_passes = [&](LanguageModel& m) {
+      const std::span<const int32_t> all(tokens);
+      m.ForwardBackward(all.first(2 * (T + 1)), 2, T, scale);
+      m.ForwardBackward(all.subspan(2 * (T + 1)), 2, T, scale);
+    };
+    (*reused)->params().ZeroGrad();
+    (*reused)->ForwardBackward(earlier, B, T, scale);
+    (*reused)->params().DeferZeroGrad();
+    int64_t stale = 0;
+    for (Parameter* p : (*reused)->params().All()) {
+      if (!p->grad_stale) continue;
+      ++stale;
+      p->grad.Fill(std::nan(""));
+    }
+    EXPECT_EQ(stale, static_cast<int64_t>((*reused)->params().All().size())) << "every Llama gradient skips the memset";
+    two_passes(**reused);
+    (*fresh)->params().ZeroGrad();
+    two_passes(**fresh);
+    EXPECT_TRUE(CheckGrads((*reused)->params(), (*fresh)->params(), tied ? "deferred zero (tied)" : "deferred zero",
+                           1e-5));
+  }
 }
 
 // Recurrent blocks run on CUDA (ops/recurrent_gpu_test.cc); shapes their kernels do not cover

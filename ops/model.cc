@@ -102,20 +102,27 @@ absl::Status LanguageModel::Build(uint64_t seed) {
 
   const int64_t n_layers = spec_.n_layers();
   const int64_t trunk = spec_.trunk_layers();
-  auto make = [&](BlockType type, const std::string& name, int64_t layer) -> absl::StatusOr<std::unique_ptr<Block>> {
+  // Gradients the deferred-zero rule may leave stale at the start of a step (ops/module.h): the
+  // embedding's, the final norm's, the head's, and those of blocks whose writers all follow it.
+  std::vector<Parameter*> deferred = {embedding_->weight()};
+  auto make = [&](BlockType type, const std::string& name, int64_t layer,
+                  std::vector<std::vector<Parameter*>>* params) -> absl::StatusOr<std::unique_ptr<Block>> {
+    const size_t first = store_->All().size();
     ASSIGN_OR_RETURN(std::unique_ptr<Block> b, MakeBlock(type, root.Sub(name), spec_, layer, n_layers));
     if (spec_.recompute_blocks) b = std::make_unique<RecomputeBlock>(std::move(b));
+    params->push_back(ParamsSince(first));
+    if (b->FollowsDeferredZero()) deferred.insert(deferred.end(), params->back().begin(), params->back().end());
     return b;
   };
   for (int64_t i = 0; i < trunk; ++i) {
-    ASSIGN_OR_RETURN(auto b, make(spec_.blocks[i], absl::StrCat("blocks.", i), i));
+    ASSIGN_OR_RETURN(auto b, make(spec_.blocks[i], absl::StrCat("blocks.", i), i, &trunk_params_));
     trunk_.push_back(std::move(b));
   }
   for (int64_t k = 0; k < spec_.mtp_heads; ++k) {
     // Head 1 is named like the last layer of the ordinary model, so an n = 1 model is exactly the
     // ordinary one (same names, same initialisation stream).
     const std::string name = k == 0 ? absl::StrCat("blocks.", trunk) : absl::StrCat("mtp_heads.", k);
-    ASSIGN_OR_RETURN(auto b, make(spec_.blocks.back(), name, n_layers - 1));
+    ASSIGN_OR_RETURN(auto b, make(spec_.blocks.back(), name, n_layers - 1, &head_params_));
     heads_.push_back(std::move(b));
   }
   NormOptions final_norm;
@@ -124,12 +131,22 @@ absl::Status LanguageModel::Build(uint64_t seed) {
   } else {
     final_norm = {NormOptions::kRms, 1, spec_.norm_eps};
   }
+  const size_t first = store_->All().size();
   final_norm_ = std::make_unique<Norm>(root.Sub("final_norm"), d, final_norm);
+  final_norm_params_ = ParamsSince(first);
+  deferred.insert(deferred.end(), final_norm_params_.begin(), final_norm_params_.end());
   if (!spec_.tie_embeddings) {
     head_weight_ = store_->Create("lm_head.weight", {V, d}, ParamKind::kWeight);
     InitNormal(&head_weight_->value, spec_.family == Family::kXlstm ? small : 0.02, root.rng);
+    deferred.push_back(head_weight_);
   }
+  store_->AllowDeferredZero(deferred);
   return absl::OkStatus();
+}
+
+std::vector<Parameter*> LanguageModel::ParamsSince(size_t first) {
+  std::vector<Parameter*> all = store_->All();
+  return std::vector<Parameter*>(all.begin() + static_cast<std::ptrdiff_t>(first), all.end());
 }
 
 const Parameter& LanguageModel::HeadParameter() const {
@@ -141,7 +158,11 @@ const Tensor& LanguageModel::HeadWeight() const {
   return p.value.device() == Device::kCuda ? p.compute : p.value;
 }
 
-Tensor& LanguageModel::HeadGrad() { return head_weight_ != nullptr ? head_weight_->grad : embedding_->weight()->grad; }
+Tensor& LanguageModel::HeadGrad() {
+  Parameter* head = head_weight_ != nullptr ? head_weight_ : embedding_->weight();
+  ZeroGradIfStale(head);  // the loss kernels add dW chunk by chunk (kernels/cuda/cross_entropy.h)
+  return head->grad;
+}
 
 Tensor LanguageModel::TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq) {
   GYRE_CHECK(static_cast<int64_t>(tokens.size()) == batch * (seq + 1), "tokens: %zu for batch %ld seq %ld",
@@ -165,7 +186,10 @@ std::vector<int32_t> LanguageModel::HeadTargets(std::span<const int32_t> tokens,
 LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                           double loss_scale) {
   const int n = static_cast<int>(heads_.size());
-  auto ready = [&](const std::string& group) { if (grad_ready_hook) grad_ready_hook(group); };
+  auto ready = [&](const std::string& group, const std::vector<Parameter*>& params) {
+    store_->ZeroStaleGrads(params);  // never written this step (the deferred-zero rule)
+    if (grad_ready_hook) grad_ready_hook(group);
+  };
   LossResult result;
   Tensor z = TrunkForward(tokens, batch, seq);
   Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
@@ -174,7 +198,7 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     Tensor hn = final_norm_->Forward(h);
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     Tensor dhn;
-    if (k == 0) ready("");
+    if (k == 0) ready("", {});
     CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
                                                     targets, loss_scale / n, ce_options_, &dhn, &HeadGrad());
     result.head_losses.push_back(ce.loss * n);
@@ -183,16 +207,17 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
     if (k == 0) dz = heads_[k]->Backward(dh);
     else AddInPlace(&dz, heads_[k]->Backward(dh));
-    ready(k == 0 ? absl::StrCat("blocks.", trunk_.size()) : absl::StrCat("mtp_heads.", k));
+    ready(k == 0 ? absl::StrCat("blocks.", trunk_.size()) : absl::StrCat("mtp_heads.", k), head_params_[k]);
   }
-  ready("final_norm");
-  if (head_weight_ != nullptr) ready("lm_head");
+  ready("final_norm", final_norm_params_);
+  if (head_weight_ != nullptr) ready("lm_head", {head_weight_});
   for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) {
     dz = trunk_[i]->Backward(dz);
-    ready(absl::StrCat("blocks.", i));
+    ready(absl::StrCat("blocks.", i), trunk_params_[i]);
   }
   embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
-  ready("embedding");
+  ready("embedding", {embedding_->weight()});
+  store_->ZeroStaleGrads();  // none left unless a group above missed a parameter
   ReleaseAll();
   return result;
 }
@@ -219,6 +244,7 @@ LossResult LanguageModel::ForwardBackwardAllHeads(std::span<const int32_t> token
   for (int k = n - 1; k >= 0; --k) AddInPlace(&dz, heads_[k]->Backward(dh[k]));
   for (int64_t i = static_cast<int64_t>(trunk_.size()) - 1; i >= 0; --i) dz = trunk_[i]->Backward(dz);
   embedding_->Backward(dz.Reshape({batch * seq, spec_.d_model}));
+  store_->ZeroStaleGrads();
   ReleaseAll();
   return result;
 }

@@ -108,8 +108,9 @@ class LanguageModel {
   CrossEntropyOptions& cross_entropy_options() { return ce_options_; }
   // Called by ForwardBackward (data-parallel overlap, step-time breakdown): with "" when backward
   // begins (before the fused LM-head loss), then with a parameter-name prefix whenever that group's
-  // gradients are final: each head block, "final_norm" and "lm_head" after the heads, each trunk
-  // block "blocks.<i>" in reverse order, "embedding" last.
+  // gradients are final (stale ones of the deferred-zero rule already zeroed, ops/module.h):
+  // each head block, "final_norm" and "lm_head" after the heads, each trunk block "blocks.<i>"
+  // in reverse order, "embedding" last.
   std::function<void(const std::string& group)> grad_ready_hook;
 
  private:
@@ -118,8 +119,11 @@ class LanguageModel {
   Tensor TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq);
   std::vector<int32_t> HeadTargets(std::span<const int32_t> tokens, int64_t batch, int64_t seq, int k) const;
   const Tensor& HeadWeight() const;
+  // The head's gradient, zeroed first if it is stale (the loss kernels add into it).
   Tensor& HeadGrad();
   void ReleaseAll();
+  // Parameters created since the store held `first` of them (a block's, the final norm's).
+  std::vector<Parameter*> ParamsSince(size_t first);
 
   ModelSpec spec_;
   std::unique_ptr<ParamStore> store_;
@@ -129,6 +133,10 @@ class LanguageModel {
   std::vector<std::unique_ptr<Block>> heads_;
   std::unique_ptr<Norm> final_norm_;
   Parameter* head_weight_ = nullptr;  // untied head; null when tied to the embedding
+  // Each block's and the final norm's parameters: the deferred-zero marks and the stale
+  // gradients zeroed before a group is reported ready.
+  std::vector<std::vector<Parameter*>> trunk_params_, head_params_;
+  std::vector<Parameter*> final_norm_params_;
   CrossEntropyOptions ce_options_;
 };
 

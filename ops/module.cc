@@ -45,12 +45,70 @@ int64_t ParamStore::NumParameters() const {
 }
 
 void ParamStore::ZeroGrad() {
+  for (Parameter& p : params_) p.grad_stale = false;
   if (device_ == Device::kMeta) return;
   if (flat_grad_.defined()) {
     flat_grad_.SetZero();
     return;
   }
   for (Parameter& p : params_) p.grad.SetZero();
+}
+
+void ParamStore::DeferZeroGrad() {
+  for (Parameter& p : params_) p.grad_stale = p.defer_zero;
+  if (device_ == Device::kMeta) return;
+  if (!flat_grad_.defined()) {
+    for (Parameter& p : params_)
+      if (!p.defer_zero) p.grad.SetZero();
+    return;
+  }
+  // Runs of unmarked parameters are contiguous in the flat buffer (padding included): one memset
+  // each. A model with no marked parameter gets the single memset of ZeroGrad.
+  const int64_t total = flat_grad_.numel();
+  const size_t n = params_.size();
+  size_t i = 0;
+  while (i < n) {
+    if (params_[i].defer_zero) {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < n && !params_[j].defer_zero) ++j;
+    const int64_t begin = flat_offset_[i], end = j < n ? flat_offset_[j] : total;
+    flat_grad_.Slice(begin, {end - begin}).SetZero();
+    i = j;
+  }
+}
+
+void ParamStore::ZeroStaleGrads(const std::vector<Parameter*>& params) {
+  for (Parameter* p : params) ZeroGradIfStale(p);
+}
+
+void ParamStore::AllowDeferredZero(const std::vector<Parameter*>& params) {
+  for (Parameter* p : params) p->defer_zero = true;
+}
+
+bool FirstGradWrite(Parameter* p) {
+  const bool first = p->grad_stale;
+  p->grad_stale = false;
+  return first;
+}
+
+bool FirstGradWrite(std::initializer_list<Parameter*> params) {
+  bool all = true;
+  for (Parameter* p : params) all &= p->grad_stale;
+  if (all) {
+    for (Parameter* p : params) p->grad_stale = false;
+    return params.size() > 0;
+  }
+  for (Parameter* p : params) ZeroGradIfStale(p);
+  return false;
+}
+
+void ZeroGradIfStale(Parameter* p) {
+  if (!p->grad_stale) return;
+  p->grad_stale = false;
+  if (p->grad.device() != Device::kMeta) p->grad.SetZero();
 }
 
 void ParamStore::MoveToDevice(Device device) {

@@ -36,7 +36,7 @@ Trainer::Trainer(LanguageModel* model, TrainOptions options)
     : model_(model), options_(options), adamw_(&model->params(), options.adamw) {}
 
 LossResult Trainer::ComputeGradients(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale) {
-  model_->params().ZeroGrad();
+  model_->params().DeferZeroGrad();  // the first writer of each gradient overwrites (ops/module.h)
   return model_->ForwardBackward(tokens, batch, seq, loss_scale);
 }
 

@@ -2,7 +2,8 @@
 // by the distributed worker: model + AdamW + LR schedule + gradient clipping.
 //
 // The step is split where DESIGN.md §4 needs it:
-//   ComputeGradients(tokens)   zero grads, forward + backward (loss scaled by 1/global tokens)
+//   ComputeGradients(tokens)   forward + backward (loss scaled by 1/global tokens); the previous
+//                              step's gradients are replaced (ParamStore::DeferZeroGrad)
 //   ... the worker all-reduces the gradients (SUM) and waits for the coordinator's COMMIT ...
 //   ApplyUpdate(step)          clip to the global norm, AdamW with lr = schedule(step)
 // `Step` does both for a single process. A non-finite gradient norm is refused (no update, an

@@ -141,7 +141,9 @@ ReplicaLoss ModelReplica::ComputeGradients(std::span<const int32_t> tokens, int6
   // gives the step's gradient. Host times: each pass's forward/backward split is summed (the
   // hook's "" call marks it; on CUDA the device events of every pass replace them later).
   const int64_t rows = micro_batch_ > 0 ? std::min(micro_batch_, batch) : batch;
-  model_->params().ZeroGrad();
+  // No memset of the whole buffer: the first micro-batch's writers overwrite, the later ones add
+  // (ops/module.h, deferred zeroing).
+  model_->params().DeferZeroGrad();
   for (int64_t r0 = 0; r0 < batch; r0 += rows) {
     const int64_t n = std::min(rows, batch - r0);
     in_last_micro_batch_ = r0 + n == batch;

@@ -2,7 +2,6 @@
 #include "kernels/cuda/adamw.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -30,26 +29,10 @@ __device__ double BlockSumDouble(double v, double* shared /* [kThreads / 32] */)
   return total;  // valid in thread 0
 }
 
-// Version 1 (GYRE_ADAMW_KERNEL=1): scalar loads.
-__global__ void __launch_bounds__(kThreads)
-adamw_norm_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
-                   const int32_t* chunk_index, double* partials) {
-  const AdamWTensor t = tensors[chunk_tensor[blockIdx.x]];
-  const int64_t begin = static_cast<int64_t>(chunk_index[blockIdx.x]) * kChunk;
-  const int64_t end = min(t.numel, begin + kChunk);
-  float acc = 0.f;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float g = t.grad[i];
-    acc += g * g;
-  }
-  __shared__ double shared[kThreads / 32];
-  const double total = BlockSumDouble(static_cast<double>(acc), shared);
-  if (threadIdx.x == 0) partials[blockIdx.x] = total;
-}
-
-// Σ g² per chunk. Version 2 (default): float4 loads, four in flight per thread, when the tensor's
-// gradient is 16-byte aligned (chunk starts are multiples of kChunk, so every chunk then is);
-// version 1's scalar loop otherwise and for the last < 4 elements.
+// Σ g² per chunk: float4 loads, four in flight per thread, when the tensor's gradient is 16-byte
+// aligned (chunk starts are multiples of kChunk, so every chunk then is); a scalar loop otherwise
+// and for the last < 4 elements. (Version 2; the all-scalar version 1 was removed in session 5:
+// bitwise-equal results, v2 as fast or faster, bench/RESULTS.md "helper llamastep".)
 __global__ void __launch_bounds__(kThreads)
 adamw_norm_kernel2(const AdamWTensor* tensors, const int32_t* chunk_tensor,
                    const int32_t* chunk_index, double* partials) {
@@ -107,11 +90,11 @@ __device__ __forceinline__ void AdamWElement(const UpdateScalars& s, float decay
   p = p * decay - s.lr * (m * s.inv_bc1) / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
 }
 
-// The update. Version 2 (default): when grad, m, v and master are 16-byte aligned and the bf16
-// copy 8-byte aligned, each thread moves float4s (two groups in flight: 8 loads of 16 bytes
-// before any store) and writes the bf16 copy as 8 bytes; the same arithmetic as version 1
-// (AdamWElement), so results are bitwise the same. Version 1's scalar loop (four elements in
-// flight) otherwise and for the chunk's last < 4 elements.
+// The update (version 2): when grad, m, v and master are 16-byte aligned and the bf16 copy 8-byte
+// aligned, each thread moves float4s (two groups in flight: 8 loads of 16 bytes before any store)
+// and writes the bf16 copy as 8 bytes; a scalar loop (four elements in flight, all loads before
+// any store) otherwise and for the chunk's last < 4 elements. Both use AdamWElement, so aligned
+// and misaligned tensors get bitwise the same update.
 __global__ void __launch_bounds__(kThreads)
 adamw_update_kernel2(const AdamWTensor* tensors, const int32_t* chunk_tensor,
                      const int32_t* chunk_index, const AdamWStepState* state, UpdateScalars s) {
@@ -190,51 +173,6 @@ adamw_update_kernel2(const AdamWTensor* tensors, const int32_t* chunk_tensor,
   }
 }
 
-// Version 1 (GYRE_ADAMW_KERNEL=1): scalar loads, four elements in flight per thread.
-__global__ void __launch_bounds__(kThreads)
-adamw_update_kernel1(const AdamWTensor* tensors, const int32_t* chunk_tensor,
-                     const int32_t* chunk_index, const AdamWStepState* state, UpdateScalars s) {
-  if (state->skipped) return;
-  const float scale = state->clip_scale;
-  const AdamWTensor t = tensors[chunk_tensor[blockIdx.x]];
-  const int64_t begin = static_cast<int64_t>(chunk_index[blockIdx.x]) * kChunk;
-  const int64_t end = min(t.numel, begin + kChunk);
-  const float decay = t.decay ? s.decay_factor : 1.f;
-  // kUnroll elements per thread per iteration, all loads issued before any store: the buffers
-  // could alias as far as the compiler knows, so without this it would serialise each
-  // element's loads behind the previous element's stores (little memory parallelism).
-  constexpr int kUnroll = 4;
-  for (int64_t i0 = begin + threadIdx.x; i0 < end; i0 += static_cast<int64_t>(kThreads) * kUnroll) {
-    float g[kUnroll], m[kUnroll], v[kUnroll], p[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
-      const bool in = i < end;
-      g[k] = in ? t.grad[i] : 0.f;
-      m[k] = in ? t.m[i] : 0.f;
-      v[k] = in ? t.v[i] : 0.f;
-      p[k] = in ? t.master[i] : 0.f;
-    }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const float gk = g[k] * scale;
-      m[k] = s.beta1 * m[k] + s.one_minus_beta1 * gk;
-      v[k] = s.beta2 * v[k] + s.one_minus_beta2 * gk * gk;
-      p[k] = p[k] * decay - s.lr * (m[k] * s.inv_bc1) / (sqrtf(v[k]) * s.inv_sqrt_bc2 + s.eps);
-    }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t i = i0 + static_cast<int64_t>(k) * kThreads;
-      if (i < end) {
-        t.m[i] = m[k];
-        t.v[i] = v[k];
-        t.master[i] = p[k];
-        if (t.compute != nullptr) t.compute[i] = __float2bfloat16_rn(p[k]);
-      }
-    }
-  }
-}
-
 }  // namespace
 
 CudaResult FusedAdamW::Init(const std::vector<AdamWTensor>& tensors, const AdamWHyper& hyper,
@@ -285,16 +223,8 @@ CudaResult FusedAdamW::Step(double lr, double max_grad_norm, cudaStream_t stream
   const int32_t* chunk_tensor = chunk_of_.as<int32_t>();
   const int32_t* chunk_index = chunk_tensor + chunks_;
   AdamWStepState* state = state_.as<AdamWStepState>();
-  // GYRE_ADAMW_KERNEL=1 selects version 1 (read per step: benchmarks compare both in one run).
-  const char* version = std::getenv("GYRE_ADAMW_KERNEL");
-  const bool v1 = version != nullptr && std::string(version) == "1";
-  if (v1) {
-    adamw_norm_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-        tensors, chunk_tensor, chunk_index, partials_.as<double>());
-  } else {
-    adamw_norm_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-        tensors, chunk_tensor, chunk_index, partials_.as<double>());
-  }
+  adamw_norm_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+      tensors, chunk_tensor, chunk_index, partials_.as<double>());
   CUDA_RETURN_IF_LAUNCH_ERROR("adamw_norm_kernel");
   adamw_clip_kernel1<<<1, kThreads, 0, stream>>>(partials_.as<double>(), chunks_,
                                                  static_cast<float>(max_grad_norm), state);
@@ -310,13 +240,8 @@ CudaResult FusedAdamW::Step(double lr, double max_grad_norm, cudaStream_t stream
   s.decay_factor = static_cast<float>(1.0 - lr * hyper_.weight_decay);
   s.inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(hyper_.beta1, t)));
   s.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(hyper_.beta2, t)));
-  if (v1) {
-    adamw_update_kernel1<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-        tensors, chunk_tensor, chunk_index, state, s);
-  } else {
-    adamw_update_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-        tensors, chunk_tensor, chunk_index, state, s);
-  }
+  adamw_update_kernel2<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+      tensors, chunk_tensor, chunk_index, state, s);
   CUDA_RETURN_IF_LAUNCH_ERROR("adamw_update_kernel");
   return {};
 }

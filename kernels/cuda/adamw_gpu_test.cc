@@ -4,7 +4,6 @@
 #include "kernels/cuda/adamw.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -46,11 +45,8 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
   const std::vector<int64_t> sizes = {1, 7, 65536, 65537, 1000003, 50257 * 77, 4099};
   // off 0: every buffer 16-byte aligned (the float4 path, scalar tails for odd sizes); off 1:
   // every tensor one element into its buffer (4- and 2-byte aligned: the scalar path).
-  // version: "" (default, kernels 2) or "1" (GYRE_ADAMW_KERNEL=1, the scalar kernels 1).
-  for (const char* version : {"", "1"})
   for (int off : {0, 1})
   for (double max_norm : {0.5, 1e9, 0.0}) {  // clipping active, inactive, off
-    if (*version) setenv("GYRE_ADAMW_KERNEL", version, 1); else unsetenv("GYRE_ADAMW_KERNEL");
     std::mt19937_64 rng(13);
     DeviceAllocator alloc;
     std::vector<Param> params(sizes.size());
@@ -100,7 +96,7 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
       const double norm = std::sqrt(sumsq);
       const double scale = (max_norm > 0 && norm > max_norm) ? max_norm / norm : 1.0;
       const std::string shape = "max_norm=" + std::to_string(max_norm) + " step=" + std::to_string(step) +
-                                " offset=" + std::to_string(off) + (*version ? " v1" : " v2");
+                                " offset=" + std::to_string(off);
       EXPECT_TRUE(Report("adamw grad norm", shape, std::fabs(st.grad_norm - norm) / norm, testing::kTolF32));
       EXPECT_TRUE(Report("adamw clip scale", shape, std::fabs(st.clip_scale - scale) / scale, testing::kTolF32));
       EXPECT_EQ(st.skipped, 0);
@@ -146,7 +142,6 @@ TEST(AdamWGpuTest, MultiTensorStepsMatchFloat64WithClipping) {
     EXPECT_EQ(alloc.stats().device_mallocs, mallocs_before) << "Step allocated device memory";
     EXPECT_EQ(opt.steps_taken(), 3);
   }
-  unsetenv("GYRE_ADAMW_KERNEL");
 }
 
 TEST(AdamWGpuTest, NonFiniteGradientSkipsTheUpdate) {

@@ -25,8 +25,7 @@
 //                         per block, then the 32 lanes in order through shared memory.
 #include "kernels/cuda/norm.h"
 
-#include <cstdlib>
-#include <string>
+#include <algorithm>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -43,6 +42,16 @@ __device__ __forceinline__ void UnpackBf16x8(const uint4& raw, float (&out)[8]) 
     const float2 f = __bfloat1622float2(h[i]);
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
+  }
+}
+
+// w = weight[c, c + 8), or ones when the norm has no scale.
+__device__ __forceinline__ void LoadScale8(const __nv_bfloat16* weight, int64_t c, float (&w)[8]) {
+  if (weight) {
+    LoadBf16<8>(weight + c, w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = 1.f;
   }
 }
 
@@ -276,12 +285,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwa
     if (c < d) {
       float v[8], w[8];
       UnpackBf16x8(s_raw[k], v);
-      if (a.weight) {
-        LoadBf16<8>(a.weight + c, w);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) w[i] = 1.f;
-      }
+      LoadScale8(a.weight, c, w);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = v[i] * rstd * w[i];
       StoreBf16<8>(a.y + row * d + c, v);
@@ -338,12 +342,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
         float g[8], v[8], w[8];
         UnpackBf16x8(dy_raw[k], g);
         UnpackBf16x8(s_raw[k], v);
-        if (a.weight) {
-          LoadBf16<8>(a.weight + c, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) w[i] = 1.f;
-        }
+        LoadScale8(a.weight, c, w);
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
       }
@@ -356,12 +355,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
         float g[8], v[8], w[8], r[8], out[8];
         UnpackBf16x8(dy_raw[k], g);
         UnpackBf16x8(s_raw[k], v);
-        if (a.weight) {
-          LoadBf16<8>(a.weight + c, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) w[i] = 1.f;
-        }
+        LoadScale8(a.weight, c, w);
         if (dres) {
           UnpackBf16x8(r_raw[k], r);
         } else {
@@ -397,13 +391,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
   }
 }
 
-// out[c] += Σ_k partial[k, c] in a fixed order (lane ty takes k ≡ ty mod kReduceLanes, then
-// lanes 0.. in order): 32 columns x 32 chunk lanes per block, so a thread sums chunks / 32.
+// out[c] += Σ_k partial[k, c] (out[c] = Σ_k ... without `accumulate`) in a fixed order (lane ty
+// takes k ≡ ty mod kReduceLanes, then lanes 0.. in order): 32 columns x 32 chunk lanes per block,
+// so a thread sums chunks / 32.
 constexpr int kReduceLanes = 32;
 
 __global__ void __launch_bounds__(32 * kReduceLanes)
     norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
-                        float* dweight, float* dbias) {
+                        float* dweight, float* dbias, bool accumulate) {
   __shared__ float sw[kReduceLanes][33];
   __shared__ float sb[kReduceLanes][33];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -424,8 +419,8 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
       w += sw[y][threadIdx.x];
       b += sb[y][threadIdx.x];
     }
-    if (dweight) dweight[c] += w;
-    if (dbias) dbias[c] += b;
+    if (dweight) dweight[c] = accumulate ? dweight[c] + w : w;
+    if (dbias) dbias[c] = accumulate ? dbias[c] + b : b;
   }
 }
 
@@ -472,7 +467,7 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
   }
   if (!r.ok() || !a.dweight) return r;
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr);
+      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr, a.accumulate);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   return {};
 }
@@ -491,10 +486,8 @@ CudaResult NormForward(const NormForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return {};
   const dim3 grid(static_cast<unsigned>(CeilDiv(a.rows, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
-  const char* fwd_env = std::getenv("GYRE_NORM_FWD_KERNEL");  // "1": the three-pass kernel (A/B; read per call)
   const bool vectorizable = Vectorizable(a.dim, {a.x, a.residual, a.residual_out, a.weight, a.bias, a.y});
-  if (vectorizable && a.kind == NormKind::kRms && a.dim <= 2048 &&
-      !(fwd_env != nullptr && std::string(fwd_env) == "1")) {
+  if (vectorizable && a.kind == NormKind::kRms && a.dim <= 2048) {
     switch (CeilDiv(a.dim, 256)) {
       case 1: rms_fwd_kernel2<1><<<grid, block, 0, stream>>>(a); break;
       case 2: rms_fwd_kernel2<2><<<grid, block, 0, stream>>>(a); break;
@@ -522,10 +515,12 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
     return InvalidArgument("NormBackward: need rows >= 0, dim > 0, dy, s, rstd, dx");
   }
   if (a.kind == NormKind::kLayer && !a.mean) return InvalidArgument("NormBackward: LayerNorm needs mean");
-  if (a.rows == 0) return {};
-  const char* fused_off_env = std::getenv("GYRE_NORM_BWD_KERNEL");  // "1": the three-kernel path (A/B runs; read per call)
-  const bool fused_off = fused_off_env != nullptr && std::string(fused_off_env) == "1";
-  if (!fused_off && a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
+  if (a.rows == 0) {  // the empty sums
+    if (!a.accumulate && a.dweight) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dweight, 0, sizeof(float) * a.dim, stream));
+    if (!a.accumulate && a.dbias) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dbias, 0, sizeof(float) * a.dim, stream));
+    return {};
+  }
+  if (a.kind == NormKind::kRms && a.dbias == nullptr && a.dim <= 2048 &&
       Vectorizable(a.dim, {a.dy, a.s, a.weight, a.dresidual, a.dx})) {
     return RmsBackwardFused(a, scratch, stream);
   }
@@ -551,7 +546,7 @@ CudaResult NormBackward(const NormBackwardArgs& a, DeviceAllocator* scratch, cud
                                                                      partial_b);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_kernel1");
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-      partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias);
+      partial_w, partial_b, chunks, a.dim, a.dweight, a.dbias, a.accumulate);
   CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
   // `partial` returns to the cache here; the stream-ordered reuse rule (device_allocator.h)
   // makes that safe for later work on the same stream.

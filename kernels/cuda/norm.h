@@ -12,7 +12,7 @@
 //
 // Backward, with xhat = (s - mean) · rstd and g = dy · w:
 //   ds = rstd · (g - mean(g) [Layer only] - xhat · mean(g · xhat)) + dresidual
-//   dw += Σ_rows dy · xhat,  db += Σ_rows dy                       (fp32, accumulate)
+//   dw += Σ_rows dy · xhat,  db += Σ_rows dy         (fp32; accumulate = false: dw = ..., db = ...)
 // ds overwrites dx; it is the gradient of both x and residual (s = x + residual). dresidual is
 // the gradient arriving along the residual stream (of residual_out), if any.
 //
@@ -67,6 +67,7 @@ struct NormBackwardArgs {
   __nv_bfloat16* dx = nullptr;               // [rows, dim] overwritten
   float* dweight = nullptr;                  // [dim] accumulated, or null
   float* dbias = nullptr;                    // [dim] accumulated, or null (LayerNorm)
+  bool accumulate = true;                    // false: dweight / dbias are overwritten (never read)
 };
 
 CudaResult NormForward(const NormForwardArgs& args, cudaStream_t stream);

@@ -1,6 +1,7 @@
 // Needs a GPU: fused RMSNorm / LayerNorm (+ residual) forward and backward against a float64
 // reference on the same bf16 inputs; vector (d % 8 == 0) and scalar (odd d) paths; the weight
-// gradient accumulates onto a nonzero buffer and is bitwise deterministic across runs.
+// gradient accumulates onto a nonzero buffer and is bitwise deterministic across runs, and with
+// accumulate = false overwrites a NaN-poisoned one.
 #include "kernels/cuda/norm.h"
 
 #include <cmath>
@@ -171,6 +172,24 @@ void RunCase(const Case& c, std::mt19937_64& rng) {
     const std::vector<float> second = d_dw.Download();
     EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * sizeof(float)))
         << name << " dw not bitwise reproducible";
+  }
+  // accumulate = false (the deferred-zero rule's first write, ops/module.h): dw and db are
+  // overwritten, never read (NaN-poisoned here), and equal the column sums alone.
+  if (c.weight || c.bias) {
+    d_dw.Poison();
+    d_db.Poison();
+    d_dx.Poison();
+    g.accumulate = false;
+    r = NormBackward(g, &alloc, nullptr);
+    ASSERT_TRUE(r.ok()) << r.message;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (c.weight) {
+      EXPECT_TRUE(Report(name + " bwd dw (overwrite)", shape, RelError(d_dw.Download(), dw), testing::kTolF32Accum));
+    }
+    if (c.bias) {
+      EXPECT_TRUE(Report(name + " bwd db (overwrite)", shape, RelError(d_db.Download(), db), testing::kTolF32Accum));
+    }
+    EXPECT_TRUE(Report(name + " bwd dx (overwrite mode)", shape, RelError(d_dx.Download(), dx), testing::kTolBf16));
   }
 }
 

@@ -13,8 +13,7 @@
 #include "kernels/cuda/rope.h"
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -113,9 +112,7 @@ CudaResult Launch(const RopeTable& table, const RopeArgs& a, float sign, cudaStr
   if (a.rows > 0x7fffffff || work > 0x7fffffff) return InvalidArgument("rope: too many rows or heads");
   // The table rows are 16-byte aligned when half % 4 == 0 (cudaMalloc'd base; the sin half
   // starts max_positions * half floats in).
-  const char* scalar_only_env = std::getenv("GYRE_ROPE_KERNEL");  // "1": the scalar kernel (A/B runs; read per call)
-  const bool scalar_only = scalar_only_env != nullptr && std::string(scalar_only_env) == "1";
-  if (!scalar_only && head_dim % 16 == 0 && a.row_stride % 8 == 0 && Aligned16(a.x) && Aligned16(a.y) &&
+  if (head_dim % 16 == 0 && a.row_stride % 8 == 0 && Aligned16(a.x) && Aligned16(a.y) &&
       Aligned16(sin_t) && a.rows * a.heads * (head_dim / 16) < (int64_t{1} << 40)) {
     const int64_t items = a.rows * a.heads * (head_dim / 16);
     const int threads = 256;
