@@ -147,7 +147,6 @@ class CudaBackend {
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.
   virtual void GroupNorm(bool backward, const GroupNormArgs& a) = 0;
   virtual void BlockDiag(bool backward, const BlockDiagArgs& a) = 0;
-  virtual void MlstmGates(bool backward, const MlstmGateArgs& a) = 0;
   virtual void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) = 0;
   virtual void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) = 0;
   virtual void Conv1d(bool backward, const Conv1dArgs& a) = 0;

@@ -497,12 +497,6 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, stream_) : cuda_ops::BlockDiagForward(a, stream_));
   }
 
-  void MlstmGates(bool backward, const MlstmGateArgs& a) override {
-    Init();
-    OpProfiler::Scope scope(&prof_, backward ? "MlstmGates backward" : "MlstmGates forward");
-    OK_OR_DIE(backward ? cuda_ops::MlstmGatesBackward(a, stream_) : cuda_ops::MlstmGatesForward(a, stream_));
-  }
-
   void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) override {
     Init();
     OpProfiler::Scope scope(&prof_, "AddColumnBias");

@@ -1110,16 +1110,6 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream) {
   return Launched("block_diag_bwd");
 }
 
-CudaResult MlstmGatesForward(const MlstmGateArgs&, cudaStream_t) {
-  return gyre::cuda::InvalidArgument(
-      "MlstmGatesForward: the gates run inside BlockDiagForward (BlockDiagArgs::gates)");
-}
-
-CudaResult MlstmGatesBackward(const MlstmGateArgs&, cudaStream_t) {
-  return gyre::cuda::InvalidArgument(
-      "MlstmGatesBackward: the gate backward runs inside BlockDiagBackward (BlockDiagArgs::gates)");
-}
-
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {
   if (rows == 0) return {};
   add_column_bias<<<Blocks(rows * cols, 256), 256, 0, stream>>>(y, rows, cols, ld, bias);

@@ -30,8 +30,6 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream);
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream);
-CudaResult MlstmGatesForward(const MlstmGateArgs& a, cudaStream_t stream);
-CudaResult MlstmGatesBackward(const MlstmGateArgs& a, cudaStream_t stream);
 
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
