@@ -10,8 +10,6 @@
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
 // MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
-// MASK 15 runs "[v3 all ist]" (the inter ∂Acs term in the chunk-state backward, session 5's
-// A/B selector) and then the default "[v3 all]".
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -135,7 +133,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   struct Path {
     const char* name;
     int mask;
-    bool inter_in_state = false;  // TEMPORARY A/B (ssd.h SsdSetInterInStateForTesting)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -143,13 +140,11 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state]", kSsdRegState},
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
-                        {"[v3 all ist]", kSsdRegAll, true},
                         {"[v3 all] ", kSsdRegAll}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     SsdSetRegisterPathForTesting(p.mask);
-    SsdSetInterInStateForTesting(p.inter_in_state);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -167,7 +162,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     std::fflush(stdout);
   }
   SsdSetRegisterPathForTesting(saved_mask);
-  SsdSetInterInStateForTesting(false);
 }
 
 }  // namespace

@@ -94,8 +94,10 @@
 //   0.68-0.71x the anchor in calls where it ran 3.8-4.1 ms). As staged here the kernels must
 //   move ~3.1 GB (0.93 ms at 3.35 TB/s); ssd_notes.md has the floor per stage. Session 5 (the
 //   pair ∂Acs terms moved from bwd dx into ssd_bwd_dcb_reg, dCB head split 2): 2.65 ms on an
-//   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call); the later changes
-//   (ssd_bwd_dcb_sum, the inter-term selector, the shuffle fix) had no device call.
+//   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call). The lead's call on the
+//   later session-5 code (ssd_bwd_dcb_sum, the shuffle fix; H100): 2.47-2.49 ms with the inter
+//   ∂Acs terms formed in the chunk-state backward (now the only variant), 2.53-2.55 ms with them
+//   in bwd dx (removed), 0.62-0.66x the anchor in that call.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
@@ -104,9 +106,10 @@
 // ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
-// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the ∂Acs terms of its own
-// rows; one 64×64 product per tile pair) + ssd_bwd_dacs_finish (all ∂Acs partials summed in a
-// fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
+// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
+// own rows; one 64×64 product per tile pair; the inter ∂Acs terms come from the chunk-state
+// backward, ssd_chunk_state_pipe<bwd, inter>) + ssd_bwd_dacs_finish (all ∂Acs partials summed
+// in a fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
 // (head, p)).
 // Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
 // `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
@@ -1566,18 +1569,17 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
   }
 }
 
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~72 KB at P64 N128: three blocks per SM): two
-// regions, each first holding the operands of one prologue product — RA: B_s and G_{c+1} (state
-// term), RB: C of the own tile and H_c (inter term), bf16 — and then one l-tile buffer of the
-// pair loop (C Bᵀ tile, dy_l); Acs of the chunk, its tile-relative decays, dt of the own rows.
-// kInter = false (the inter term comes from ssd_chunk_state_pipe<bwd, inter>): RB is only an
-// l-tile buffer (~56 KB at P64 N128: four blocks per SM by shared memory).
-template <typename Carver, bool kInter>
+// Shared memory of ssd_chunk_scan_bwd_dx_reg (~56 KB at P64 N128: four blocks per SM by shared
+// memory): region RA first holds the state product's operands B_s and G_{c+1} (bf16), then one
+// l-tile buffer of the pair loop (C Bᵀ tile, dy_l); RB is the other l-tile buffer; Acs of the
+// chunk, its tile-relative decays, dt of the own rows. (The inter term comes from
+// ssd_chunk_state_pipe<bwd, inter>, so no C_l or H_c here.)
+template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int buf = kTile * kLdCb + kTile * (d.P + 8);
   const int region = std::max((kTile + d.P) * (d.N + 8), buf);
-  cv.template take<bf16>(region);                  // RA
-  cv.template take<bf16>(kInter ? region : buf);   // RB
+  cv.template take<bf16>(region);  // RA
+  cv.template take<bf16>(buf);     // RB
   cv.template take<float>(2 * d.Q);   // acs, erel
   cv.template take<float>(kTile);     // dt (own rows)
   cv.template take<double>(kWarps);   // block reduction
@@ -1586,16 +1588,18 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // grid (NC·Q/64, H, B): dx for one 64-row s-tile of one (b, c, h) (same math as
 // ssd_chunk_scan_bwd_dx): dX̄_s = e^{Acs_last − Acs_s} B_s G_{c+1}ᵀ + Σ_{l ≥ s} M_ls dy_l with
 // M = (C Bᵀ)ᵀ ∘ decay ∘ mask; dx = dt dX̄ + D dy. Besides dx it writes the ∂Acs terms that need
-// this kernel's products: per own row, own[t] = inter_t − dl_t (inter: e^{Acs_t} dy_t·(C_t H_cᵀ)_t,
-// the row's term as l; dl: dt_t x_t·(state part of dX̄_t), as s) into dacs_own [B, H, NC·Q], and
-// x·dX̄ into ddtx [B, H, NC·Q]; per block dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those
-// terms (difference form), Σ dl (the +dl of the decay to the chunk's last token). The pair terms
-// (x_s·dy_l)·M come from ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway.
-// Phases: RA and RB are loaded at once; state product (RA); RA then receives l-tile st while
-// the inter product reads RB; the pair loop alternates RA, RB with one barrier per tile.
-template <int kP, bool kInter>
-__global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_dx_reg(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
+// this kernel's products: per own row, own[t] = −dl_t (dl: dt_t x_t·(state part of dX̄_t), the
+// row's term as s) into dacs_own [B, H, NC·Q], and x·dX̄ into ddtx [B, H, NC·Q]; per block
+// dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those terms (difference form), Σ dl (the +dl
+// of the decay to the chunk's last token). The pair terms (x_s·dy_l)·M come from
+// ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway; the inter terms (the row as l) from
+// ssd_chunk_state_pipe<bwd, inter>, which holds the scaled dy and C tiles anyway (session 5:
+// forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower).
+// Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
+// alternates RA, RB with one barrier per tile.
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
+    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
   extern __shared__ __align__(128) char smem[];
@@ -1614,20 +1618,17 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
   const int region = max((kTile + kP) * ldn, tbuf);
   Carve cv{smem};
   bf16* RA = cv.take<bf16>(region);
-  bf16* RB = cv.take<bf16>(kInter ? region : tbuf);
+  bf16* RB = cv.take<bf16>(tbuf);
   float* acs = cv.take<float>(2 * d.Q);
   float* erel = acs + d.Q;
   float* dts = cv.take<float>(kTile);
   double* red = cv.take<double>(kWarps);
   bf16* Bs = RA;
   bf16* Gs = RA + kTile * ldn;
-  bf16* Co = RB;
-  bf16* Hs = RB + kTile * ldn;
 
   const int64_t bc_stride = d.ldbc;
   const int64_t x_stride = d.ldx;  // x, dx
   const int64_t y_stride = d.ldy;  // dy
-  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
   const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
@@ -1638,11 +1639,6 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
   LoadRowsAsync(Bs, ldn, Bb + ts0 * bc_stride, bc_stride, sv, d.N);
   CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
   CpAsyncCommit();
-  if constexpr (kInter) {
-    LoadRowsAsync(Co, ldn, Cb + ts0 * bc_stride, bc_stride, sv, d.N);
-    CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
-  }
-  CpAsyncCommit();  // (empty without kInter)
   // C Bᵀ tile (l-tile lt, own s-tile st) starts at row c0 + lt·64, column s0.
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
@@ -1659,7 +1655,7 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  CpAsyncWait<1>();
+  CpAsyncWait<0>();
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
@@ -1704,31 +1700,10 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
   };
   __syncthreads();  // RA retired (B_s, G read by every warp)
   issue(st, RA);
-  CpAsyncWait<1>();  // C_own, H_c
-  __syncthreads();
-  // Inter term of the own rows as l: e^{Acs_l} dy_l·(C_l H_cᵀ)_l (kInter; else the chunk-state
-  // kernel wrote it).
-  float inter0 = 0.f, inter1 = 0.f;
-  if constexpr (kInter) {
-    float t[NP][4];
-    ZeroAcc(t);
-    WarpMmaSS<NP, true>(t, Co + warp * 16 * ldn, ldn, Hs, ldn, d.N);
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int p = 8 * j + 2 * tq;
-      const float2 y0 = Bf2(yr0 + p), y1 = Bf2(yr1 + p);
-      inter0 += t[j][0] * y0.x + t[j][1] * y0.y;
-      inter1 += t[j][2] * y1.x + t[j][3] * y1.y;
-    }
-    inter0 = QuadSum(inter0) * expf(as0);
-    inter1 = QuadSum(inter1) * expf(as1);
-    inter0 = ok0 ? inter0 : 0.f;
-    inter1 = ok1 ? inter1 : 0.f;
-  }
 
   // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd). One barrier per
-  // tile: publishes tile lt, retires the other buffer (tile lt−1, or C_own / H_c), which then
-  // receives tile lt+1.
+  // tile: publishes tile lt, retires the other buffer (tile lt−1; unused before the loop),
+  // which then receives tile lt+1.
   for (int lt = st; lt < nT; ++lt) {
     bf16* cur = ((lt - st) & 1) ? RB : RA;
     CpAsyncWait<0>();
@@ -1798,16 +1773,15 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
     if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
   }
   // The own rows' ∂Acs terms (rows past the sequence end hold zeros) and their A·∂A share in
-  // the difference form: dl at the chunk's last token and −dl at s (weight Acs_last − Acs_s),
-  // inter at l (weight Acs_l). Each quad's four lanes hold the same row values.
+  // the difference form: dl at the chunk's last token and −dl at s (weight Acs_last − Acs_s).
+  // Each quad's four lanes hold the same row values.
   double da_loc = 0.0, dl_loc = 0.0;
   if (tq == 0) {
     float* own = dacs_own + bh * d.NC * d.Q + ts0;
-    own[r0] = inter0 - dl0;
-    own[r0 + 8] = inter1 - dl1;
+    own[r0] = -dl0;
+    own[r0 + 8] = -dl1;
     da_loc = static_cast<double>(dl0) * (acs_last - as0) +
-             static_cast<double>(dl1) * (acs_last - as1) + static_cast<double>(inter0) * as0 +
-             static_cast<double>(inter1) * as1;
+             static_cast<double>(dl1) * (acs_last - as1);
     dl_loc = static_cast<double>(dl0) + dl1;
   }
   const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
@@ -1824,7 +1798,8 @@ __global__ void __launch_bounds__(kThreads, kInter ? 3 : 4) ssd_chunk_scan_bwd_d
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
-// own-row terms from ssd_chunk_scan_bwd_dx_reg — adds the state-passing decay term,
+// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from
+// ssd_chunk_state_pipe<bwd, inter> — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
@@ -1846,8 +1821,8 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices; 0 when bwd dx
-  // formed them): +v at l, A·∂A share v·Acs_l.
+  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices): +v at l,
+  // A·∂A share v·Acs_l.
   double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
     const int T = t / kTile, r = t % kTile;
@@ -2591,15 +2566,11 @@ constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
+// With dx, the backward's chunk states always come from ssd_chunk_state_pipe<bwd, inter>
+// (whatever `state` says): it also forms the inter-chunk ∂Acs terms that bwd dx needs.
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
-  // With dx: the inter-chunk ∂Acs term from ssd_chunk_state_pipe<bwd, inter> (which then runs
-  // for the backward whatever `state` says) instead of from bwd dx.
-  bool inter_state = false;
 };
-// TEMPORARY (session 5 A/B, not yet timed or tested on a device): where the inter ∂Acs term is
-// formed. Default false (bwd dx, the variant timed in session 5's call 1).
-std::atomic<bool> g_inter_in_state{false};
 
 RegPlan PlanReg(const Dims& d) {
   RegPlan p;
@@ -2607,12 +2578,9 @@ RegPlan PlanReg(const Dims& d) {
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
-  p.inter_state = (mask & kSsdRegDx) && g_inter_in_state.load() &&
-                  SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
-         (p.inter_state ? SmemOf<CarveDxReg<CarveSize, false>>(d)
-                        : SmemOf<CarveDxReg<CarveSize, true>>(d)) <= optin;
-  p.inter_state = p.inter_state && p.dx;
+         SmemOf<CarveDxReg<CarveSize>>(d) <= optin &&
+         SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
   p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
   p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
           SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
@@ -2695,28 +2663,21 @@ struct BwdScratch {
   double* dpair;      // [B, NC, H, pairs] A·∂A of the pair terms
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
   bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
-  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice (inter_state)
+  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice
   int inter_parts;
 };
 
-template <int kP, bool kInter>
+template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
-  const size_t smem = SmemOf<CarveDxReg<CarveSize, kInter>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP, kInter>, smem));
-  ssd_chunk_scan_bwd_dx_reg<kP, kInter><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                          stream>>>(d, a.x, a.b, a.c, a.d,
-                                                    static_cast<const float*>(a.saved), a.dy,
-                                                    sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
-                                                    sc.dd_part);
+  const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
+  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                  stream>>>(d, a.x, a.b, a.d, static_cast<const float*>(a.saved),
+                                            a.dy, sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
+                                            sc.dd_part);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
   return {};
-}
-template <int kP>
-CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
-                       const BwdScratch& sc, cudaStream_t stream) {
-  return plan.inter_state ? LaunchDxReg<kP, false>(a, d, sc, stream)
-                          : LaunchDxReg<kP, true>(a, d, sc, stream);
 }
 
 template <class MM>
@@ -2724,7 +2685,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.inter_state) {
+  if (plan.dx) {
     const size_t smem = SmemOf<CarveChunkStatePipeInter<CarveSize>>(d);
     const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, true>, smem));
@@ -2765,15 +2726,14 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
   if (plan.dx) {
     switch (d.P) {
-      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, plan, sc, stream)); break;
-      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, plan, sc, stream)); break;
-      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, plan, sc, stream)); break;
-      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, plan, sc, stream)); break;
+      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
+      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, sc, stream)); break;
+      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
+      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
     }
     ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
         d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-        sc.dpair, sc.inter_part, plan.inter_state ? sc.inter_parts : 0, sc.ddecay,
-        sc.pass_blocks, a.ddt, sc.part);
+        sc.dpair, sc.inter_part, sc.inter_parts, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
   } else {
     const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
@@ -2834,7 +2794,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
-void SsdSetInterInStateForTesting(bool on) { g_inter_in_state.store(on); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2941,7 +2900,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int inter_parts = (d.N + StateSlice(d) - 1) / StateSlice(d);
-  const int64_t n_inter = plan.inter_state ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
+  const int64_t n_inter = plan.dx ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
   const int64_t n_dpair = run_dcb ? static_cast<int64_t>(d.B) * d.NC * d.H * pairs : 0;
@@ -2986,7 +2945,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
     sc.dpair = reinterpret_cast<double*>(base_ptr + off_dpair);
   }
   if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
-  if (plan.inter_state) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
+  if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
   sc.inter_parts = inter_parts;
   double* part = sc.part;
 

@@ -122,7 +122,8 @@ CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 // in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
 // v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
 // backward dx/ddt kernels (with the per-head x·dyᵀ kernel that also feeds dB/dC, which forms
-// their intra-chunk ∂Acs terms), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
+// their intra-chunk ∂Acs terms, and the pipelined chunk-state backward, which forms their
+// inter-chunk ones), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
 // kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes whose v3
 // tiles do not fit shared memory (or, for kSsdRegDbc, N not a multiple of 64) use v2 (which is
 // why v2 stays: it is the fallback, and the test runs it). All selections compute the same
@@ -138,11 +139,6 @@ void SsdSetRegisterPathForTesting(int mask);
 // N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
 // the test's coverage of both). Process-wide; 0 restores the default.
 void SsdSetStateSliceForTesting(int columns);
-// TEMPORARY (session 5 A/B; ssd_notes.md "Session 5"): true forms the inter-chunk ∂Acs term in
-// the chunk-state backward kernel (which holds the scaled dy and C tiles already) so that bwd
-// dx loads neither C_l nor H_c (4 blocks/SM instead of 3); false (default) forms it in bwd dx.
-// Process-wide. Delete the losing variant once a device call has timed both.
-void SsdSetInterInStateForTesting(bool on);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

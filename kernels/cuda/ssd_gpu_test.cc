@@ -306,7 +306,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     const char* name;
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
-    bool inter_in_state = false;  // true: the chunk-state bwd kernel forms the inter ∂Acs term
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -314,8 +313,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
                         {"[v3 all] ", kSsdRegAll},
-                        {"[v3 all, state slice 64] ", kSsdRegAll, 64},
-                        {"[v3 all, inter in state] ", kSsdRegAll, 0, true}};
+                        {"[v3 all, state slice 64] ", kSsdRegAll, 64}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -330,7 +328,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     if (only != nullptr && std::atoi(only) != index) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
-    SsdSetInterInStateForTesting(p.inter_in_state);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -342,7 +339,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   }
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
-  SsdSetInterInStateForTesting(false);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
