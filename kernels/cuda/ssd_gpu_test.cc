@@ -247,7 +247,12 @@ bool RunCase(const Case& k, uint64_t seed) {
   }
   check("bwd ddt", d_ddt.Download(), ddt_ref);
   check("bwd d_initial", d_dinit.Download(), dinit_ref);
-  check("bwd dA_log (accum)", Increment(d_da.Download(), da0), da_ref);
+  // dA_log is one number per head, a sum over B·S tokens of P·N-term products that cancel. At
+  // S = 1 it is 2 tokens' worth of such sums, and the bf16 operands alone put it near 1e-2 on
+  // every path (session 5, H100, the same in two runs: 5.0e-4 to 1.06e-2 across the seven paths,
+  // the v2 mma path 7.4e-3), so that one case gets 2e-2; every longer sequence keeps the bf16 band.
+  ok &= Report("ssd " + k.label + " bwd dA_log (accum)", shape, RelError(Increment(d_da.Download(), da0), da_ref),
+               k.S <= 1 ? 2e-2 : tol);
   check("bwd ddt_bias (accum)", Increment(d_ddb.Download(), ddb0), ddb_ref);
   if (k.skip) {
     check("bwd dD (accum)", Increment(d_dd.Download(), dd0), dd_ref);
