@@ -15,6 +15,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/control_client.h"
@@ -62,6 +64,20 @@ absl::StatusOr<pid_t> Spawn(const std::string& exe, const std::vector<std::strin
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// The last `n` non-empty lines of a log (a failing worker's own words: "out of memory",
+// "no token index at ..."), each indented for the launcher's output; empty if unreadable.
+std::string LastLines(Env* env, const std::string& path, int n) {
+  absl::StatusOr<std::string> text = env->ReadFile(path);
+  if (!text.ok()) return "";
+  std::vector<absl::string_view> lines;
+  for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipWhitespace())) lines.push_back(line);
+  std::string out;
+  for (size_t i = lines.size() > static_cast<size_t>(n) ? lines.size() - n : 0; i < lines.size(); ++i) {
+    absl::StrAppend(&out, "  ", lines[i], "\n");
+  }
+  return out;
 }
 
 }  // namespace
@@ -224,6 +240,8 @@ absl::Status RunLocal(const LaunchOptions& options) {
     if (give_up && stop_deadline == 0) {
       std::fprintf(stderr, "gyre launch: workers keep failing (%d in a row; the last %s); giving up (see %s)\n",
                    crash_loop_rule.failures_in_a_row(), crash_loop_rule.last_reason().c_str(), last_failed_log.c_str());
+      const std::string said = LastLines(env, last_failed_log, 3);
+      if (!said.empty()) std::fprintf(stderr, "gyre launch: the last failed worker's log ends with:\n%s", said.c_str());
       g_signal.store(SIGTERM);
       crash_loop = true;
     }
@@ -268,8 +286,11 @@ absl::Status RunLocal(const LaunchOptions& options) {
     std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
   }
   if (crash_loop) {
-    return absl::AbortedError(absl::StrCat("workers kept failing (the last ", crash_loop_rule.last_reason(),
-                                           "); last log: ", last_failed_log));
+    std::string said = LastLines(env, last_failed_log, 1);
+    const absl::string_view last_line = absl::StripAsciiWhitespace(said);
+    return absl::AbortedError(absl::StrCat("workers kept failing (the last ", crash_loop_rule.last_reason(), ")",
+                                           last_line.empty() ? "" : absl::StrCat(": ", last_line), "; log: ",
+                                           last_failed_log));
   }
   return absl::OkStatus();
 }
