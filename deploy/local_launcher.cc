@@ -97,6 +97,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
   bool give_up = false;
   int64_t committed_steps = -1;  // from the last status poll; -1 until the coordinator answers
   std::string last_failed_log;
+  std::string failed_worker_said;  // the end of last_failed_log, read once when giving up
   int coordinator_restarts = 0;
   auto start_coordinator = [&]() -> absl::Status {
     // Gloo rendezvous through the coordinator's own key-value store (the default).
@@ -172,12 +173,15 @@ absl::Status RunLocal(const LaunchOptions& options) {
     }
     return WorkersToRun(desired, options.gpus);
   };
+  auto run_status = [&](int timeout_ms) -> absl::StatusOr<gyre::v1::RunStatus> {
+    absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", "");
+    if (!target.ok()) return target.status();
+    return cli::ControlClient(*target, timeout_ms).GetStatus();
+  };
   // The run's progress when the first workers start (a restarted run resumes from its journal):
   // the crash-loop rule compares it with the progress when a worker fails.
-  if (absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", ""); target.ok()) {
-    if (absl::StatusOr<gyre::v1::RunStatus> run = cli::ControlClient(*target, 5000).GetStatus(); run.ok()) {
-      committed_steps = static_cast<int64_t>(run->committed_steps());
-    }
+  if (absl::StatusOr<gyre::v1::RunStatus> run = run_status(5000); run.ok()) {
+    committed_steps = static_cast<int64_t>(run->committed_steps());
   }
   const int initial_workers = workers_to_run(options.workers);
   for (int i = 0; i < initial_workers; ++i) {
@@ -240,8 +244,10 @@ absl::Status RunLocal(const LaunchOptions& options) {
     if (give_up && stop_deadline == 0) {
       std::fprintf(stderr, "gyre launch: workers keep failing (%d in a row; the last %s); giving up (see %s)\n",
                    crash_loop_rule.failures_in_a_row(), crash_loop_rule.last_reason().c_str(), last_failed_log.c_str());
-      const std::string said = LastLines(env, last_failed_log, 3);
-      if (!said.empty()) std::fprintf(stderr, "gyre launch: the last failed worker's log ends with:\n%s", said.c_str());
+      failed_worker_said = LastLines(env, last_failed_log, 3);
+      if (!failed_worker_said.empty()) {
+        std::fprintf(stderr, "gyre launch: the last failed worker's log ends with:\n%s", failed_worker_said.c_str());
+      }
       g_signal.store(SIGTERM);
       crash_loop = true;
     }
@@ -265,9 +271,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
     // Provisioner: match the coordinator's desired worker count; end the coordinator once the
     // run is over and every worker has left.
     if (!coordinator_done) {
-      absl::StatusOr<cli::ControlTarget> target = cli::ResolveControlTarget(options.run_dir, "", "");
-      absl::StatusOr<gyre::v1::RunStatus> run =
-          target.ok() ? cli::ControlClient(*target, 2000).GetStatus() : absl::StatusOr<gyre::v1::RunStatus>(target.status());
+      absl::StatusOr<gyre::v1::RunStatus> run = run_status(2000);
       if (run.ok()) {
         committed_steps = static_cast<int64_t>(run->committed_steps());
         const bool over = run->state() == gyre::v1::RUN_STATE_STOPPED || run->state() == gyre::v1::RUN_STATE_FINISHED;
@@ -286,8 +290,9 @@ absl::Status RunLocal(const LaunchOptions& options) {
     std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
   }
   if (crash_loop) {
-    std::string said = LastLines(env, last_failed_log, 1);
-    const absl::string_view last_line = absl::StripAsciiWhitespace(said);
+    // Its last line: LastLines indents each line and ends it with a newline.
+    absl::string_view last_line = absl::StripTrailingAsciiWhitespace(failed_worker_said);
+    last_line = absl::StripAsciiWhitespace(last_line.substr(last_line.rfind('\n') + 1));
     return absl::AbortedError(absl::StrCat("workers kept failing (the last ", crash_loop_rule.last_reason(), ")",
                                            last_line.empty() ? "" : absl::StrCat(": ", last_line), "; log: ",
                                            last_failed_log));

@@ -224,9 +224,9 @@ bool RunCase(const Case& k, uint64_t seed) {
   // difference form"), not the measure's. SSD_TEST_SEED=1247 SSD_TEST_PATH=0 replays that input.
   constexpr double tol = testing::kTolBf16;
   bool ok = true;
-  auto check = [&](const std::string& what, const std::vector<float>& out,
-                   const std::vector<double>& ref) {
-    ok &= Report("ssd " + k.label + " " + what, shape, RelError(out, ref), tol);
+  auto check = [&](const std::string& what, const std::vector<float>& out, const std::vector<double>& ref,
+                   double band = testing::kTolBf16) {
+    ok &= Report("ssd " + k.label + " " + what, shape, RelError(out, ref), band);
   };
   check("fwd y", d_y.Download(), y_ref);
   check("fwd final_state", d_fin.Download(), fin_ref);
@@ -251,8 +251,7 @@ bool RunCase(const Case& k, uint64_t seed) {
   // S = 1 it is 2 tokens' worth of such sums, and the bf16 operands alone put it near 1e-2 on
   // every path (session 5, H100, the same in two runs: 5.0e-4 to 1.06e-2 across the seven paths,
   // the v2 mma path 7.4e-3), so that one case gets 2e-2; every longer sequence keeps the bf16 band.
-  ok &= Report("ssd " + k.label + " bwd dA_log (accum)", shape, RelError(Increment(d_da.Download(), da0), da_ref),
-               k.S <= 1 ? 2e-2 : tol);
+  check("bwd dA_log (accum)", Increment(d_da.Download(), da0), da_ref, k.S <= 1 ? 2e-2 : tol);
   check("bwd ddt_bias (accum)", Increment(d_ddb.Download(), ddb0), ddb_ref);
   if (k.skip) {
     check("bwd dD (accum)", Increment(d_dd.Download(), dd0), dd_ref);
