@@ -110,24 +110,20 @@ TEST(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLedg
   std::fprintf(stderr, "mean loss steps 0-9: %.3f, steps 60-69: %.3f\n", first / 10, last / 10);
 }
 
-// A worker that cannot start (here: the config names an index that does not exist) must end the
-// launch with its own error, not be restarted forever (deploy/crash_loop.h).
+// A worker that cannot start (here: no index was prepared at the config's index_dir) must end
+// the launch with its own error, not be restarted forever (deploy/crash_loop.h).
 TEST(LocalRunTest, WorkersThatCannotStartEndTheLaunchWithTheirError) {
   const std::string root = TestTmp() + "/bad-index";
-  std::string config = kConfig;
-  config.replace(config.find("@INDEX@"), 7, root + "/no-such-index");
-  const std::string config_path = root + ".textproto";
-  ASSERT_EQ(RunCommand({"/bin/sh", "-c", "mkdir -p '" + root + "' && cat > '" + config_path + "' <<'EOF'\n" + config +
-                                              "EOF"}).code, 0);
+  LocalRun run(root, "bad", kConfig);  // root/index is never prepared
+  ASSERT_TRUE(run.Launch(2));
+  int code = -1;
   const auto start = std::chrono::steady_clock::now();
-  CommandResult launch = RunCommand({"/bin/sh", "-c",
-                                     "timeout 180 '" + Bin("gyre") + "' launch --local --device cpu --workers 2 --config '" +
-                                         config_path + "' --run bad --runs-dir '" + root + "/runs' 2>&1"});
+  ASSERT_TRUE(run.WaitForExit(180, &code) || code != -1) << "the launcher was still restarting workers after 180 s";
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  EXPECT_NE(launch.code, 0) << launch.out;
-  EXPECT_NE(launch.code, 124) << "the launcher was still restarting workers after 180 s:\n" << launch.out;
-  EXPECT_NE(launch.out.find("giving up"), std::string::npos) << launch.out;
-  EXPECT_NE(launch.out.find("no token index at " + root + "/no-such-index"), std::string::npos) << launch.out;
+  const std::string out = ReadFileOrEmpty(root + "/launch-bad.log");
+  EXPECT_NE(code, 0) << out;
+  EXPECT_NE(out.find("giving up"), std::string::npos) << out;
+  EXPECT_NE(out.find("no token index at " + root + "/index"), std::string::npos) << out;
   std::fprintf(stderr, "launch gave up after %.1f s\n", seconds);
 }
 
