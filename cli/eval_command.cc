@@ -78,7 +78,9 @@ nlohmann::json RunInfo(const eval::LoadedModel& run) {
 
 void Print(bool json, const nlohmann::json& out, const std::string& text) {
   if (json) {
-    std::printf("%s\n", out.dump(2).c_str());
+    // Decoded text can end inside a multi-byte character (byte-level BPE tokens split them); the
+    // token ids beside it are exact, so invalid bytes become U+FFFD instead of an exception.
+    std::printf("%s\n", out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("%s", text.c_str());
   }
