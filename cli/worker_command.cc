@@ -7,6 +7,7 @@
 #include "base/env.h"
 #include "base/run_dir.h"
 #include "cli/commands.h"
+#include "ops/parallel.h"
 #include "worker/gpu_runtime.h"
 #include "worker/worker_device.h"
 #include "worker/worker.h"
@@ -26,6 +27,12 @@ int RunWorker(int argc, char** argv) {
                  "auto: cuda when a GPU is visible to a CUDA build, else cpu")
       ->capture_default_str();
   app.add_option("--hostname", hostname, "address peers use to reach this worker")->capture_default_str();
+  int threads = 0;
+  app.add_option("--threads", threads,
+                 "host threads for the model's math on a cpu worker and for initialisation and checkpoint "
+                 "conversion on either (0 = auto: all cores on a cuda worker; a cpu worker keeps one pool "
+                 "thread, since launchers start several per host)")
+      ->capture_default_str();
   bool overlap = true;
   double bucket_mb = 25;
   app.add_option("--grad-bucket-mb", bucket_mb, "gradient all-reduce bucket cap in MiB")->capture_default_str();
@@ -42,6 +49,14 @@ int RunWorker(int argc, char** argv) {
     return 2;
   }
   device = *resolved;
+  if (threads < 0) {
+    std::fprintf(stderr, "gyre worker: --threads must be >= 0\n");
+    return 2;
+  }
+  // A GPU worker's host threads only build its replica (weights drawn on the host: ~1.3B values
+  // at 1.3B parameters) and convert checkpoints, and every replacement worker pays that before
+  // it can rejoin a run.
+  if (threads > 0 || device.rfind("cuda", 0) == 0) ops::SetNumThreads(threads);
   RunDir dir(run_dir);
   if (coordinator.empty()) {
     absl::StatusOr<std::string> addr = Env::Default()->ReadFile(dir.control_address_path());

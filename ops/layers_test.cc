@@ -3,6 +3,7 @@
 // direct per-pair evaluation, chunked cross-entropy equals the materialised-logits version.
 #include "ops/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 
@@ -10,6 +11,7 @@
 #include "ops/attention.h"
 #include "ops/cross_entropy.h"
 #include "ops/gradcheck.h"
+#include "ops/parallel.h"
 
 namespace gyre::ops {
 namespace {
@@ -41,22 +43,78 @@ void Randomize(ParamStore* store, Rng* rng, double scale = 0.5) {
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, scale * rng->Normal());
 }
 
-// InitNormal draws chunks in parallel from recorded generator states: bit for bit the serial
-// stream (so a seed gives the same weights as before, and the same after the call).
-TEST(InitTest, ParallelNormalEqualsTheSerialStream) {
+// The initialisers draw counter-based chunks in parallel: the values depend on the seed only,
+// not on the thread count; each call advances the caller's generator by one draw; chunks are
+// independent streams; and the draws have the requested distribution.
+TEST(InitTest, DrawsDoNotDependOnTheThreadCount) {
+  const int64_t n = (int64_t{1} << 16) * 3 + 17;  // three full chunks and a partial one
   for (DType dtype : {DType::kF32, DType::kF64}) {
-    for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{(1 << 16) * 3 + 17}}) {
-      Rng a(42), b(42);
-      Tensor t = Tensor::Empty({n}, dtype);
-      InitNormal(&t, 0.02, &a);
-      for (int64_t i = 0; i < n; ++i) {
-        const double v = 0.02 * b.Normal();
-        const double want = dtype == DType::kF32 ? static_cast<double>(static_cast<float>(v)) : v;
-        ASSERT_EQ(t.At(i), want) << "element " << i << " of " << n;
-      }
-      EXPECT_EQ(a.Next(), b.Next()) << "generator state after " << n << " draws";
-    }
+    Tensor serial = Tensor::Empty({n}, dtype), parallel = Tensor::Empty({n}, dtype);
+    Rng a(42), b(42);
+    SetNumThreads(1);
+    InitNormal(&serial, 0.02, &a);
+    InitUniform(&serial, -0.5, 0.5, &a);  // the second call must see the advanced generator
+    SetNumThreads(3);
+    InitNormal(&parallel, 0.02, &b);
+    InitUniform(&parallel, -0.5, 0.5, &b);
+    SetNumThreads(1);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(serial.At(i), parallel.At(i)) << "element " << i;
+    Rng c(42);
+    c.Next();
+    c.Next();
+    const uint64_t next = c.Next();
+    EXPECT_EQ(a.Next(), next) << "two initialisers advance the generator by two draws";
+    EXPECT_EQ(b.Next(), next);
   }
+}
+
+TEST(InitTest, NormalAndUniformHaveTheirDistributions) {
+  const int64_t n = (int64_t{1} << 16) * 8 + 5;
+  Rng rng(7);
+  Tensor t = Tensor::Empty({n}, DType::kF64);
+  InitNormal(&t, 0.02, &rng);
+  double sum = 0, sum_sq = 0, max_abs = 0;
+  int64_t beyond_3sigma = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = t.At(i);
+    sum += v;
+    sum_sq += v * v;
+    max_abs = std::max(max_abs, std::abs(v));
+    beyond_3sigma += std::abs(v) > 0.06;
+  }
+  const double mean = sum / n, stddev = std::sqrt(sum_sq / n - mean * mean);
+  EXPECT_LT(std::abs(mean), 5 * 0.02 / std::sqrt(static_cast<double>(n)));
+  EXPECT_NEAR(stddev, 0.02, 0.02 * 5 / std::sqrt(2.0 * n));
+  EXPECT_LE(max_abs, 0.02 * 5.8);  // u1 >= 2^-24: at most sqrt(2 ln 2^24) standard deviations
+  // P(|z| > 3) = 0.0027: 1415 expected here, sd ~38.
+  EXPECT_NEAR(static_cast<double>(beyond_3sigma), 0.0027 * n, 200);
+  // Neighbouring chunks are independent streams, not copies or shifts of one another.
+  const int64_t chunk = int64_t{1} << 16;
+  double cross = 0;
+  for (int64_t i = 0; i < chunk; ++i) cross += t.At(i) * t.At(chunk + i);
+  EXPECT_LT(std::abs(cross / chunk), 5 * 0.02 * 0.02 / std::sqrt(static_cast<double>(chunk)));
+
+  InitUniform(&t, -0.25, 0.75, &rng);
+  double lo = 1, hi = -1;
+  sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, t.At(i));
+    hi = std::max(hi, t.At(i));
+    sum += t.At(i);
+  }
+  EXPECT_GE(lo, -0.25);
+  EXPECT_LT(hi, 0.75);
+  EXPECT_NEAR(sum / n, 0.25, 5 * std::sqrt(1.0 / 12) / std::sqrt(static_cast<double>(n)));
+}
+
+TEST(InitTest, SeedsGiveTheirOwnWeights) {
+  Tensor x = Tensor::Empty({1000}, DType::kF32), y = Tensor::Empty({1000}, DType::kF32);
+  Rng a(1), b(2);
+  InitNormal(&x, 1.0, &a);
+  InitNormal(&y, 1.0, &b);
+  int64_t equal = 0;
+  for (int64_t i = 0; i < 1000; ++i) equal += x.At(i) == y.At(i);
+  EXPECT_LT(equal, 5);
 }
 
 TEST(LinearTest, BackwardMatchesFiniteDifferences) {

@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LanguageModel::Create(const Model
     // Initialise on the host (the same weights as a CPU model of the same seed), then move into
     // flat device buffers.
     std::unique_ptr<LanguageModel> m(new LanguageModel(spec, dtype, Device::kCpu));
+    m->store_->StageForDevice();
     RETURN_IF_ERROR(m->Build(seed));
     m->store_->MoveToDevice(Device::kCuda);
     return m;

@@ -86,6 +86,9 @@ class ParamStore {
 
   // Creates a zero-initialised parameter (and zero gradient).
   Parameter* Create(std::string name, Shape shape, ParamKind kind);
+  // Marks a CPU store as host staging for MoveToDevice: parameters created from now on get no
+  // host gradient (the move replaces it with the device one; 5.3 GB not zeroed at 1.3B).
+  void StageForDevice() { staging_ = true; }
 
   std::vector<Parameter*> All();
   std::vector<const Parameter*> All() const;
@@ -126,6 +129,7 @@ class ParamStore {
  private:
   DType dtype_;
   Device device_;
+  bool staging_ = false;
   std::deque<Parameter> params_;
   Tensor flat_value_, flat_grad_, flat_compute_;
   std::vector<int64_t> flat_offset_;  // per parameter, in elements

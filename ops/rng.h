@@ -38,13 +38,6 @@ class Rng {
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
   }
   uint64_t Below(uint64_t n) { return Next() % n; }
-  // Advances the state exactly as Normal() does, without the transform (cheap: lets a caller
-  // record the state at chunk boundaries and draw the chunks in parallel, bit for bit).
-  void SkipNormal() {
-    while ((Next() >> 11) == 0) {
-    }
-    Next();
-  }
 
  private:
   static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
