@@ -13,9 +13,9 @@
 #   MICRO   rows per forward/backward (train.micro_batch; default 4: mamba2-1.3b at 8 x 2048 in one
 #           pass peaks at 81 GB on an 80 GB H100, and with NCCL's buffers beside it the 2-worker run
 #           ran out of memory; at 4 it peaks at 59 GB and runs 1.3% slower; session 5)
-#   EVENTS  1 (default): at the largest size (>= 3 workers) a fresh run of STEPS steps gets
-#           `gyrectl scale N-2` at step 40, `gyrectl scale N` once 20 steps ran at N-2 workers,
-#           and a kill -9 of the worker on the last GPU once 20 steps ran at N again.
+#   EVENTS  1 (default): at the largest size (>= 2 workers) a fresh run of STEPS steps gets
+#           `gyrectl scale L` at step 40 (L = N-2, or 1 at N = 2), `gyrectl scale N` once 20 steps
+#           ran at L workers, and a kill -9 of the worker on the last GPU once 20 steps ran at N.
 #   EVENT_STEPS  steps of that events run (default STEPS; needs >= ~110 for the three events)
 #   STEP_TIMEOUT  seconds allowed per run (default 900)
 #   NCCL_ANCHOR  1 (default): measure the PyTorch all-reduce anchor at the end (0: skip it)
@@ -120,9 +120,10 @@ for preset in "${presets[@]}"; do
   done
 done
 
-# Elasticity at the largest size: scale down by 2, back up, kill one worker.
+# Elasticity at the largest size: scale down by 2 (by 1 at two workers), back up, kill one worker.
 N=$(echo $SIZES | awk '{print $NF}')
-if [ "$EVENTS" = 1 ] && [ "$N" -ge 3 ]; then
+L=$(( N >= 3 ? N - 2 : N - 1 ))
+if [ "$EVENTS" = 1 ] && [ "$N" -ge 2 ]; then
   preset="${presets[0]}"; name="events-w$N"; STEPS="$EVENT_STEPS"
   say ""
   say "### events: $preset, $N workers, $STEPS steps"
@@ -133,8 +134,8 @@ if [ "$EVENTS" = 1 ] && [ "$N" -ge 3 ]; then
   ctl() { "$gyrectl" --run-dir "$runs/$name" "$@" >> "$out/$name.gyrectl.log" 2>&1; }
   events=()
   if wait_until '[ "$(last_step)" -ge 40 ]'; then
-    ctl scale $((N - 2)); events+=("scale $N->$((N - 2)) $(date +%s%3N)")
-    wait_until '[ "$(steps_at_world $((N - 2)))" -ge 20 ]' && { ctl scale "$N"; events+=("scale $((N - 2))->$N $(date +%s%3N)"); }
+    ctl scale "$L"; events+=("scale $N->$L $(date +%s%3N)")
+    wait_until '[ "$(steps_at_world $L)" -ge 20 ]' && { ctl scale "$N"; events+=("scale $L->$N $(date +%s%3N)"); }
     # 20 steps at N after the scale-up (those before the scale-down are counted too).
     before=$(steps_at_world "$N")
     wait_until "[ \"\$(steps_at_world $N)\" -ge $((before + 20)) ]" && {
@@ -169,8 +170,8 @@ PY
   check "events: 3 events happened (scale down, scale up, kill)" "[ ${#events[@]} -eq 3 ]"
   check "events: $STEPS steps committed, no gap or duplicate (launch rc $rc)" \
     "'$gyre' ledger --run-dir '$runs/$name' --quiet 2>&1 | grep -q '$STEPS committed steps.*0 problem'"
-  check "events: steps ran at $((N - 2)) and at $N workers" \
-    "grep -q '\"world\":$((N - 2)),' '$out/$name.ledger.jsonl' && grep -q '\"world\":$N,' '$out/$name.ledger.jsonl'"
+  check "events: steps ran at $L and at $N workers" \
+    "grep -q '\"world\":$L,' '$out/$name.ledger.jsonl' && grep -q '\"world\":$N,' '$out/$name.ledger.jsonl'"
   { cat "$runs/$name.launch.log"; for f in "$runs/$name"/logs/*.log; do echo "--- $f"; grep -v '^step' "$f" | tail -n 40; done; } > "$out/$name.log" 2>&1
 fi
 
