@@ -107,10 +107,10 @@
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
 // ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
-// own rows; one 64×64 product per tile pair; the inter ∂Acs terms come from the chunk-state
-// backward, ssd_chunk_state_pipe<bwd, inter>) + ssd_bwd_dacs_finish (all ∂Acs partials summed
-// in a fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
-// (head, p)).
+// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_reg (dB and dC in one launch, state
+// terms as a GEMM over (head, p); its dC blocks also form the inter-chunk ∂Acs terms) +
+// ssd_bwd_dacs_finish (all ∂Acs partials summed in a fixed order). The v3 bwd dx path therefore
+// always runs with the v3 dB/dC kernel.
 // Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
 // `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
 // G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
@@ -1573,7 +1573,7 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
 // memory): region RA first holds the state product's operands B_s and G_{c+1} (bf16), then one
 // l-tile buffer of the pair loop (C Bᵀ tile, dy_l); RB is the other l-tile buffer; Acs of the
 // chunk, its tile-relative decays, dt of the own rows. (The inter term comes from
-// ssd_chunk_state_pipe<bwd, inter>, so no C_l or H_c here.)
+// ssd_bwd_dbc_reg, so no C_l or H_c here.)
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int buf = kTile * kLdCb + kTile * (d.P + 8);
@@ -1593,8 +1593,9 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those terms (difference form), Σ dl (the +dl
 // of the decay to the chunk's last token). The pair terms (x_s·dy_l)·M come from
 // ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway; the inter terms (the row as l) from
-// ssd_chunk_state_pipe<bwd, inter>, which holds the scaled dy and C tiles anyway (session 5:
-// forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower).
+// ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
+// forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower; in
+// the chunk-state backward, +160 µs there).
 // Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
 // alternates RA, RB with one barrier per tile.
 template <int kP>
@@ -1798,8 +1799,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
-// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from
-// ssd_chunk_state_pipe<bwd, inter> — adds the state-passing decay term,
+// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from ssd_bwd_dbc_reg's dC
+// blocks — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
@@ -1821,7 +1822,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices): +v at l,
+  // The inter terms from ssd_bwd_dbc_reg (inter_parts 64-column slices of N): +v at l,
   // A·∂A share v·Acs_l.
   double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
@@ -2194,9 +2195,10 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
-// rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the other tile's C_l/B_s slice
-// [64][72] in the same place; each head's Acs and dt of the own rows, and Acs_last.
+// Shared memory of ssd_bwd_dbc_reg (~66 KB at P64: three blocks per SM): kStages stages, each
+// either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
+// other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
+// and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
 int DbcStageElems(const Dims& d) {
   return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
 }
@@ -2204,6 +2206,7 @@ template <typename Carver>
 void CarveDbcReg(Carver& cv, const Dims& d) {
   cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
   cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
+  cv.template take<bf16>(kTile * 72);                  // C_l slice of the own rows
 }
 
 // A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
@@ -2242,9 +2245,15 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 //   dB_s = Σ_{l-tiles ≥ own} dCB[l, s]ᵀ C_l + Σ_h e^{Acs_last − Acs_s} dt_s x_s G_{c+1}
 // Steps (other tiles, then heads) are double-buffered through cp.async. st_h / st_g: bf16 copies
 // of H_c and G_{c+1}, [B, H, NC, P, N].
+// inter_out (not null: the v3 bwd dx path): the dC blocks also write the inter-chunk ∂Acs term
+// of each own row l and head h over their 64 columns of N, Σ_n C[l, n]·(e^{Acs_l} dy_l H_c)[l, n]
+// = e^{Acs_l} dy_l·(C_l H_cᵀ) restricted to those columns, into inter_out [N/64, B, H, NC·Q]
+// (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
+// is dotted with C_l and then added to the running one (no difference of running sums, so a
+// fast-decaying head's small term is not lost under the others').
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc) {
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -2263,6 +2272,8 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   float* acsb = cv.take<float>(2 * kStages * kTile + 8);
   float* dtb = acsb + kStages * kTile;
   float* alast = dtb + kStages * kTile;
+  bf16* Cown = cv.take<bf16>(kTile * 72);
+  const bool inter = inter_out != nullptr && !kDB;
   // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
   auto A_of = [&](int buf) { return stages + buf * stage_elems; };
   auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
@@ -2312,6 +2323,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
+  if (inter) {  // (the same cp.async group as step 0)
+    LoadRowsAsync(Cown, 72, Cm + BcRow(d, b, c0 + o0) + static_cast<int64_t>(g) * d.N + n0,
+                  bc_stride, ov, 64);
+  }
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     if (i < nsteps) {
@@ -2354,8 +2369,34 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
         sc0 = expf(ab[r0]);
         sc1 = expf(ab[r0 + 8]);
       }
-      WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
-                            d.P);
+      if (inter) {
+        float t[8][4];
+        ZeroAcc(t);
+        WarpMmaSSRowScaled<8>(t, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                              d.P);
+        float i0 = 0.f, i1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float2 u0 = Bf2(Cown + r0 * 72 + 8 * j + 2 * tq);
+          const float2 u1 = Bf2(Cown + (r0 + 8) * 72 + 8 * j + 2 * tq);
+          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
+          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][e] += t[j][e];
+        }
+        i0 = QuadSum(i0);
+        i1 = QuadSum(i1);
+        if (tq == 0) {
+          const int h = g * d.hpg + (step - n1);
+          float* io = inter_out + ((static_cast<int64_t>(n0 / 64) * d.B + b) * d.H + h) * d.NC * d.Q +
+                      c0 + o0;
+          io[r0] = i0;
+          io[r0 + 8] = i1;
+        }
+      } else {
+        WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                              d.P);
+      }
     }
   }
   bf16* out = kDB ? db : dc;
@@ -2393,25 +2434,18 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
-template <typename Carver>
-void CarveChunkStatePipeInter(Carver& cv, const Dims& d) {
-  CarveChunkStatePipe(cv, d);
-  cv.template take<bf16>(d.P * (StateSlice(d) + 8));
-}
 
 // ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
 // one is scaled and multiplied, and the row scales of the whole chunk computed once up front
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
-// kInter (backward only): also the inter-chunk ∂Acs term of every token l of the chunk,
-// e^{Acs_l} dy_l·(C_l H_cᵀ)_l = Σ_p U[l, p]·(V H_cᵀ)[l, p] over this block's columns of N (U is
-// the scaled dy tile, V the C tile it already holds; H_c bf16 from `saved`), into
-// inter_out [ntn, B, H, NC·Q] (one partial per N slice; ssd_bwd_dacs_finish sums them). Bwd dx
-// then needs neither C_l nor H_c.
-template <bool kBwd, bool kInter>
+// (Session 5 also formed the inter-chunk ∂Acs terms here: +160 µs at B8 S2048, 3 blocks/SM
+// instead of 4; they now come from ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c
+// anyway.)
+template <bool kBwd>
 __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
-                                                                 float* ds_out, float* inter_out) {
+                                                                 float* ds_out) {
   extern __shared__ __align__(128) char smem[];
   const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
@@ -2422,7 +2456,6 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
-  bf16* Hs = kInter ? cv.take<bf16>(d.P * ldv) : nullptr;  // H_c[:, n0 : n0 + nw]
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
   const float* dts = DtPtr(d, saved, b);
   const int c0 = c * d.Q;
@@ -2441,10 +2474,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
                   u_stride, valid, d.P);
     CpAsyncCommit();
   };
-  if constexpr (kInter) {
-    CpRows(Hs, ldv, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, d.P, nw);
-  }
-  issue(0, 0);  // (the same cp.async group as H_c)
+  issue(0, 0);
   {
     const float acs_last = acs[d.Q - 1];
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
@@ -2481,33 +2511,6 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
-    if constexpr (kInter) {
-      // Warp w: tokens 16w.. of this tile; (V H_cᵀ) in 16-column steps of P (8 accumulators).
-      const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
-      const int r0 = warp * 16 + gq;
-      const bf16* Vw = V0 + buf * kTile * ldv + warp * 16 * ldv;
-      float i0 = 0.f, i1 = 0.f;
-      for (int p0 = 0; p0 < d.P; p0 += 16) {
-        float t[2][4];
-        ZeroAcc(t);
-        WarpMmaSS<2, true>(t, Vw, ldv, Hs + p0 * ldv, ldv, nw);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int p = p0 + 8 * j + 2 * tq;
-          const float2 u0 = Bf2(Us + r0 * ldu + p), u1 = Bf2(Us + (r0 + 8) * ldu + p);
-          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
-          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
-        }
-      }
-      i0 = QuadSum(i0);
-      i1 = QuadSum(i1);
-      if (tq == 0) {
-        float* io = inter_out + ((static_cast<int64_t>(blockIdx.y % ntn) * d.B + b) * d.H + h) *
-                                    d.NC * d.Q + c0 + tt * kTile;
-        io[r0] = i0;
-        io[r0 + 8] = i1;
-      }
-    }
   }
   float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                     : StatePtr(d, saved, b, h, c + 1);
@@ -2566,8 +2569,8 @@ constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
-// With dx, the backward's chunk states always come from ssd_chunk_state_pipe<bwd, inter>
-// (whatever `state` says): it also forms the inter-chunk ∂Acs terms that bwd dx needs.
+// dx implies dbc: ssd_bwd_dbc_reg's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
+// path needs (ssd_bwd_dacs_finish runs after it).
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
 };
@@ -2578,12 +2581,11 @@ RegPlan PlanReg(const Dims& d) {
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
-  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
-         SmemOf<CarveDxReg<CarveSize>>(d) <= optin &&
-         SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
+  const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
+                        SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
+  p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
   p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
-  p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
-          SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
+  p.dbc = ((mask & kSsdRegDbc) || p.dx) && dbc_fits;
   return p;
 }
 
@@ -2607,10 +2609,9 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false, false>, smem));
-    ssd_chunk_state_pipe<false, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                          kThreads, smem, stream>>>(d, slice, a.x, a.b, saved,
-                                                                    nullptr, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2663,8 +2664,7 @@ struct BwdScratch {
   double* dpair;      // [B, NC, H, pairs] A·∂A of the pair terms
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
   bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
-  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice
-  int inter_parts;
+  float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
 };
 
 template <int kP>
@@ -2685,21 +2685,13 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.dx) {
-    const size_t smem = SmemOf<CarveChunkStatePipeInter<CarveSize>>(d);
-    const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, true>, smem));
-    ssd_chunk_state_pipe<true, true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                        kThreads, smem, stream>>>(
-        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, sc.inter_part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd, inter>");
-  } else if (plan.state) {
+  if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, false>, smem));
-    ssd_chunk_state_pipe<true, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                         kThreads, smem, stream>>>(
-        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
+                                                  sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2731,10 +2723,6 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
       case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
       default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
     }
-    ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-        d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-        sc.dpair, sc.inter_part, sc.inter_parts, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
   } else {
     const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
@@ -2751,8 +2739,15 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc);
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    if (plan.dx) {
+      ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+          d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
+    }
     return {};
   }
   const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
@@ -2899,7 +2894,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int dcb_split = DcbSplit(d);
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
-  const int inter_parts = (d.N + StateSlice(d) - 1) / StateSlice(d);
+  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_reg's column slices (plan.dx: N % 64 == 0)
   const int64_t n_inter = plan.dx ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
@@ -2946,7 +2941,6 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   }
   if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
-  sc.inter_parts = inter_parts;
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));

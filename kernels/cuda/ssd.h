@@ -122,10 +122,11 @@ CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 // in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
 // v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
 // backward dx/ddt kernels (with the per-head x·dyᵀ kernel that also feeds dB/dC, which forms
-// their intra-chunk ∂Acs terms, and the pipelined chunk-state backward, which forms their
-// inter-chunk ones), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
-// kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes whose v3
-// tiles do not fit shared memory (or, for kSsdRegDbc, N not a multiple of 64) use v2 (which is
+// their intra-chunk ∂Acs terms, and the v3 dB/dC kernel, which forms their inter-chunk ones:
+// kSsdRegDx implies kSsdRegDbc), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the
+// chunk-state kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes
+// whose v3 tiles do not fit shared memory (or, for kSsdRegDx and kSsdRegDbc, N not a multiple
+// of 64) use v2 (which is
 // why v2 stays: it is the fallback, and the test runs it). All selections compute the same
 // function. SsdRegisterPath() is the current mask; the default is
 // kSsdRegAll (device-verified and fastest on 2026-11-26; ssd_notes.md).

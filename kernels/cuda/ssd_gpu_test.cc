@@ -313,7 +313,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
-                        {"[v3 dx] ", kSsdRegDx},
+                        {"[v3 dx (+dbc)] ", kSsdRegDx},  // dx implies dbc (ssd.h)
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
                         {"[v3 all] ", kSsdRegAll},
