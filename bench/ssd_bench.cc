@@ -136,10 +136,9 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
-                        {"[v3 dx]  ", kSsdRegDx},
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state]", kSsdRegState},
-                        {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
+                        {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
