@@ -2517,6 +2517,223 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   MmaPtx::Store(acc, out + n0, d.N, d.P, nw);
 }
 
+// Shared memory of ssd_chunk_state_scan: ssd_chunk_state_pipe's U and V double buffers, and per
+// stage the tile's Acs and dt (the row scales are formed while scaling, so nothing is computed
+// per chunk up front): ~55 KB at P64 with 128-column slices, four blocks per SM.
+template <typename Carver>
+void CarveChunkStateScan(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(2 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
+  cv.template take<float>(4 * kTile);  // acs[2][64], dt[2][64]
+}
+
+template <int MAXI>
+__device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], bf16* c,
+                                              int64_t ldc, int m, int n) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i) {
+    const int wt = warp + i * kWarps;
+    if (wt < nt) {
+      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<__nv_bfloat162*>(c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 +
+                                               8 * ni + 2 * t) =
+                __floats2bfloat162_rn(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1]);
+    }
+  }
+}
+
+// The chunk states and the state pass in one kernel (no S_c / dS_c round trip through memory,
+// no ssd_state_pass(_bwd) launch): grid (ntn, H, B), one block per (N slice, head, batch row)
+// walks all chunks in order (the backward in reverse) with the cp.async pipeline of
+// ssd_chunk_state_pipe running across chunk boundaries. Its accumulator holds the running state.
+// Forward: H_0 = initial (or 0); at the start of chunk c it is H_c, written to slot c (fp32) and
+// to the bf16 copy, then scaled by the chunk's decay e^{Acs_last,c}, and the chunk's products
+// x̃ᵀB (x rows scaled by e^{Acs_last − Acs_t} dt_t, rounded to bf16 once, as before) accumulate
+// onto it: H_{c+1} = e^{Acs_last,c} H_c + S_c, the recurrence of ssd_state_pass. After the last
+// chunk: slot NC and final_state.
+// Backward: G_NC = d_final (or 0); at the start of chunk c (from the last) it is G_{c+1}: written
+// fp32 to dsg slot c (where the v2 dx/dB/dC kernels need it; else null) and bf16 to g_bf, and
+// <G_{c+1}, H_c> over this block's elements (H_c fp32 from `saved`) goes to
+// ddecay [B, H, NC, ntn]; then G_c = e^{Acs_last,c} G_{c+1} + dS_c with dS_c the chunk's
+// (e^{Acs_t} dy_t)ᵀ C_t products: ssd_state_pass_bwd's recurrence. After chunk 0: d_initial.
+// Parallelism is ntn·H·B blocks (512 at B8 H64 N128): NC times fewer than the unfused pair's, so
+// small B·H keep the unfused kernels (UseFusedStatePass).
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
+    Dims d, int slice, const bf16* u, const bf16* v, const float* start, float* saved,
+    float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ float red[2 * kWarps];
+  const int n0 = blockIdx.x * slice, h = blockIdx.y, b = blockIdx.z;
+  const int nw = min(slice, d.N - n0);
+  const int g = h / d.hpg;
+  const int ldu = d.P + 8, ldv = slice + 8;
+  Carve cv{smem};
+  bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
+  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
+  float* acs_b = cv.take<float>(4 * kTile);  // [2][64] Acs, then [2][64] dt
+  float* dt_b = acs_b + 2 * kTile;
+  const float* acs = AcsPtr(d, saved, b, h);
+  const float* dts = DtPtr(d, saved, b);
+  const int tiles = d.Q / kTile;
+  // Only the last chunk can be partial. Tile k: chunk c, tile tt of it (the backward takes the
+  // chunks from the last).
+  const int last_tiles = (d.S - (d.NC - 1) * d.Q + kTile - 1) / kTile;
+  const int total = (d.NC - 1) * tiles + last_tiles;
+  auto locate = [&](int k, int& c, int& tt) {
+    if (!kBwd) {
+      c = k / tiles;
+      tt = k % tiles;
+    } else if (k < last_tiles) {
+      c = d.NC - 1;
+      tt = k;
+    } else {
+      c = d.NC - 2 - (k - last_tiles) / tiles;
+      tt = (k - last_tiles) % tiles;
+    }
+  };
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  // u is x (forward) or dy (backward); v is B or C.
+  auto issue = [&](int k, int buf) {
+    int c, tt;
+    locate(k, c, tt);
+    const int t0 = c * d.Q + tt * kTile, valid = min(kTile, d.S - t0);
+    LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
+                  v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw);
+    LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
+                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
+                  kBwd ? d.ldy : d.ldx, valid, d.P);
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      CpAsync4(acs_b + buf * kTile + r, acs + t0 + r, r < valid);
+      if (!kBwd) {
+        CpAsync4(dt_b + buf * kTile + r,
+                 dts + static_cast<int64_t>(t0 + min(r, valid - 1)) * d.H + h, r < valid);
+      }
+    }
+    CpAsyncCommit();
+  };
+  issue(0, 0);
+  typename MmaPtx::Tile acc[2];
+  if (start != nullptr) {
+    MmaPtx::Load(acc, start + bh * d.PN + n0, d.N, d.P, nw);
+  } else {
+    MmaPtx::Zero(acc);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int vpr = d.P / 8;
+  int c_first, tt_first;
+  locate(0, c_first, tt_first);
+  float acs_last = 0.f,
+        acs_last_next = acs[static_cast<int64_t>(c_first) * d.Q + d.Q - 1];
+  int pending_c = -1;  // chunk whose <G, H> block partials wait for the next barrier
+  for (int k = 0; k < total; ++k) {
+    const int buf = k & 1;
+    int c, tt;
+    locate(k, c, tt);
+    if (tt == 0) {
+      // Chunk c starts: the accumulator is H_c (forward) or G_{c+1} (backward).
+      if (!kBwd) {
+        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+      } else {
+        if (dsg != nullptr) {
+          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+        }
+        if (g_bf != nullptr) {
+          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+        }
+        // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
+        float prod = 0.f;
+        {
+          const float* hc = StatePtr(d, saved, b, h, c) + n0;
+          const int gq = lane / 4, tq = lane % 4;
+          const int tn = nw / 32, nt = (d.P / 32) * tn;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int wt = warp + i * kWarps;
+            if (wt < nt) {
+              const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+              for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                  for (int hf = 0; hf < 2; ++hf) {
+                    const float2 hv = *reinterpret_cast<const float2*>(
+                        hc + static_cast<int64_t>(i0 + 16 * mi + gq + 8 * hf) * d.N + j0 +
+                        8 * ni + 2 * tq);
+                    prod = fmaf(acc[i].c[mi][ni][2 * hf], hv.x, prod);
+                    prod = fmaf(acc[i].c[mi][ni][2 * hf + 1], hv.y, prod);
+                  }
+            }
+          }
+        }
+        prod = WarpSum(prod);
+        if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
+        pending_c = c;
+      }
+      acs_last = acs_last_next;  // (loaded a chunk ahead)
+      const int c_next = kBwd ? c - 1 : c + 1;
+      if (c_next >= 0 && c_next < d.NC) {
+        acs_last_next = acs[static_cast<int64_t>(c_next) * d.Q + d.Q - 1];
+      }
+      const float decay = expf(acs_last);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+    }
+    __syncthreads();  // buffer buf^1 (tile k−1, scaled) is no longer read; red[] published
+    if (kBwd && pending_c >= 0) {
+      if (threadIdx.x == 0) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[(pending_c & 1) * kWarps + w];
+        ddecay[(bh * d.NC + pending_c) * gridDim.x + blockIdx.x] = s;
+      }
+      pending_c = -1;
+    }
+    if (k + 1 < total) {
+      issue(k + 1, buf ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    bf16* Us = Raw + buf * kTile * ldu;  // scaled in place: each thread rewrites its own vectors
+    const float* ab = acs_b + buf * kTile;
+    const float* db = dt_b + buf * kTile;
+    for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+      const int r = i / vpr, cidx = (i % vpr) * 8;
+      float f[8];
+      LoadBf16<8>(Us + r * ldu + cidx, f);
+      // Rows past the sequence end: zero-filled U and Acs (and dt): a finite factor (Acs <= 0).
+      const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] *= sc;
+      StoreBf16<8>(Us + r * ldu + cidx, f);
+    }
+    __syncthreads();
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+  }
+  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + n0, d.N, d.P, nw);
+  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + n0, d.N, d.P, nw);
+}
+
 // ------------------------------------------------------------------ host side
 
 template <typename Kernel>
@@ -2589,6 +2806,25 @@ RegPlan PlanReg(const Dims& d) {
   return p;
 }
 
+// Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
+// than ssd_chunk_state_pipe + ssd_state_pass: where its ntn·H·B blocks fill the device at least
+// kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
+// so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
+std::atomic<int> g_fused_state_pass{0};
+constexpr double kFusedStateWaves = 3.0;
+bool UseFusedStatePass(const Dims& d) {
+  const int mode = g_fused_state_pass.load();
+  if (mode != 0) return mode == 1;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return false;
+  }
+  const int slice = StateSlice(d);
+  const double blocks = static_cast<double>((d.N + slice - 1) / slice) * d.H * d.B;
+  return blocks >= kFusedStateWaves * sms;
+}
+
 template <int kP>
 CudaResult LaunchScanFwdReg(const SsdForwardArgs& a, const Dims& d, const float* saved,
                             cudaStream_t stream) {
@@ -2606,7 +2842,15 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                           cudaStream_t stream) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
-  if (plan.state) {
+  if (plan.state && UseFusedStatePass(d)) {
+    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
+    const int slice = StateSlice(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
+    ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                   stream>>>(d, slice, a.x, a.b, a.initial_state, saved,
+                                             a.final_state, nullptr, nullptr, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
+  } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
@@ -2620,10 +2864,11 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
         d, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
   }
-
-  ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0, stream>>>(
-      d, a.initial_state, saved, a.final_state);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+  if (!(plan.state && UseFusedStatePass(d))) {
+    ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0,
+                     stream>>>(d, a.initial_state, saved, a.final_state);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+  }
 
   if (plan.fwd) {
     switch (d.P) {
@@ -2653,7 +2898,8 @@ struct BwdScratch {
   float* dbp;
   float* dcp;
   int nsplit;
-  int pass_blocks;
+  int pass_blocks;   // blocks per (b, h) of ssd_state_pass_bwd
+  int ddecay_parts;  // partial sums per (b, h, c) in ddecay: pass_blocks, or ntn when fused
   // v3 only (null otherwise):
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_own;    // [B, H, NC·Q] ∂Acs terms of bwd dx's own rows
@@ -2685,7 +2931,19 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.state) {
+  const bool fused = plan.state && UseFusedStatePass(d);
+  if (fused) {
+    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
+    const int slice = StateSlice(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
+    // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
+    ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                  stream>>>(d, slice, a.dy, a.c, a.d_final_state,
+                                            const_cast<float*>(saved), a.d_initial_state,
+                                            plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
+                                            sc.ddecay);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
+  } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
@@ -2701,9 +2959,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
   }
 
-  ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+  if (!fused) {
+    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
+        d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+  }
 
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
@@ -2728,7 +2988,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
     ssd_chunk_scan_bwd_dx<MM><<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
         d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, sc.dsg, sc.ddecay,
-        sc.pass_blocks, a.dx, a.ddt, sc.part);
+        sc.ddecay_parts, a.dx, a.ddt, sc.part);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
   }
 
@@ -2745,7 +3005,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
           d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
+          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
       CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
     }
     return {};
@@ -2789,6 +3049,7 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
+void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2880,7 +3141,10 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
   const int tiles = d.Q / kTile;
   const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
-  const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * pass_blocks;
+  const int ddecay_parts = plan.state && UseFusedStatePass(d)
+                               ? (d.N + StateSlice(d) - 1) / StateSlice(d)
+                               : static_cast<int>(pass_blocks);
+  const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * ddecay_parts;
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
   const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
   const bool need_bf = plan.dx || plan.dbc;
@@ -2926,6 +3190,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   sc.nsplit = nsplit;
   sc.dcb_split = dcb_split;
   sc.pass_blocks = static_cast<int>(pass_blocks);
+  sc.ddecay_parts = ddecay_parts;
   if (need_bf) {
     sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
   }

@@ -140,6 +140,10 @@ void SsdSetRegisterPathForTesting(int mask);
 // N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
 // the test's coverage of both). Process-wide; 0 restores the default.
 void SsdSetStateSliceForTesting(int columns);
+// The v3 forward chunk states: 0 (default) fuses the state pass into them where there are enough
+// (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
+// fuses, 2 never (ssd_chunk_state_pipe + ssd_state_pass). Process-wide; same function.
+void SsdSetFusedStatePassForTesting(int mode);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

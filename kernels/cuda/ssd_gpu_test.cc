@@ -310,6 +310,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     const char* name;
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
+    int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -317,7 +318,10 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
                         {"[v3 all] ", kSsdRegAll},
-                        {"[v3 all, state slice 64] ", kSsdRegAll, 64}};
+                        {"[v3 all, state slice 64] ", kSsdRegAll, 64},
+                        {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
+                        {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
+                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -332,6 +336,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     if (only != nullptr && std::atoi(only) != index) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
+    SsdSetFusedStatePassForTesting(p.fused_state);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -343,6 +348,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   }
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
+  SsdSetFusedStatePassForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
