@@ -21,6 +21,8 @@
 //                          the saved boundary-state slot c+1.
 //   3. ssd_state_pass      one thread per state element walks the chunks: H_{c+1} = e·H_c + S_c,
 //                          in place; slot 0 = initial state; the last slot is the final state.
+//                          (v3, many (slice, h, b) blocks: 2 and 3 are one kernel,
+//                          ssd_chunk_state_scan, and so are backward 1 and 2.)
 //   4. ssd_chunk_scan_fwd  per (b, c, h, 64-row tile of l): y = e^{Acs} C H_cᵀ (one product,
 //                          rows scaled), then for each s-tile ≤ l-tile: M = C Bᵀ (fp32), masked
 //                          and scaled by e^{Acs_l−Acs_s}·dt_s, rounded to bf16, y += M x_s; + D x.
@@ -97,7 +99,12 @@
 //   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call). The lead's call on the
 //   later session-5 code (ssd_bwd_dcb_sum, the shuffle fix; H100): 2.47-2.49 ms with the inter
 //   ∂Acs terms formed in the chunk-state backward (now the only variant), 2.53-2.55 ms with them
-//   in bwd dx (removed), 0.62-0.66x the anchor in that call.
+//   in bwd dx (removed), 0.62-0.66x the anchor in that call. Session 6 (H100, two calls): the
+//   inter ∂Acs terms moved again, into ssd_bwd_dbc_reg's dC blocks (chunk-state backward 338 →
+//   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
+//   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
+//   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
+//   B2 S8192 (unfused there; main 2.46-2.47).
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
