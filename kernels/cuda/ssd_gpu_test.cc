@@ -6,6 +6,8 @@
 // 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
 // bind, very large (one and four 64-row tiles per chunk) and very small dt·A.
 // Row strides (x, B, C / dx, dB, dC as column slices of one wider row) on two cases.
+// Paths 7-9 force the fused chunk-state / state-pass kernels (ssd_chunk_state_scan), which the
+// default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
