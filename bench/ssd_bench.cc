@@ -133,18 +133,21 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   struct Path {
     const char* name;
     int mask;
+    int fused_state = 0;  // SsdSetFusedStatePassForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
-                        {"[v3 dx]  ", kSsdRegDx},
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state]", kSsdRegState},
-                        {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},
-                        {"[v3 all] ", kSsdRegAll}};
+                        {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
+                        {"[v3 all] ", kSsdRegAll},
+                        {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
+                        {"[v3 all un]", kSsdRegAll, 2}};  // unfused
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     SsdSetRegisterPathForTesting(p.mask);
+    SsdSetFusedStatePassForTesting(p.fused_state);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -162,6 +165,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     std::fflush(stdout);
   }
   SsdSetRegisterPathForTesting(saved_mask);
+  SsdSetFusedStatePassForTesting(0);
 }
 
 }  // namespace

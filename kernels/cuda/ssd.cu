@@ -21,6 +21,8 @@
 //                          the saved boundary-state slot c+1.
 //   3. ssd_state_pass      one thread per state element walks the chunks: H_{c+1} = e·H_c + S_c,
 //                          in place; slot 0 = initial state; the last slot is the final state.
+//                          (v3, many (slice, h, b) blocks: 2 and 3 are one kernel,
+//                          ssd_chunk_state_scan, and so are backward 1 and 2.)
 //   4. ssd_chunk_scan_fwd  per (b, c, h, 64-row tile of l): y = e^{Acs} C H_cᵀ (one product,
 //                          rows scaled), then for each s-tile ≤ l-tile: M = C Bᵀ (fp32), masked
 //                          and scaled by e^{Acs_l−Acs_s}·dt_s, rounded to bf16, y += M x_s; + D x.
@@ -97,7 +99,12 @@
 //   H100 (previous main binary 2.74 ms, anchor 5.22 ms in that call). The lead's call on the
 //   later session-5 code (ssd_bwd_dcb_sum, the shuffle fix; H100): 2.47-2.49 ms with the inter
 //   ∂Acs terms formed in the chunk-state backward (now the only variant), 2.53-2.55 ms with them
-//   in bwd dx (removed), 0.62-0.66x the anchor in that call.
+//   in bwd dx (removed), 0.62-0.66x the anchor in that call. Session 6 (H100, two calls): the
+//   inter ∂Acs terms moved again, into ssd_bwd_dbc_reg's dC blocks (chunk-state backward 338 →
+//   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
+//   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
+//   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
+//   B2 S8192 (unfused there; main 2.46-2.47).
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
@@ -107,10 +114,10 @@
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
 // ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
-// own rows; one 64×64 product per tile pair; the inter ∂Acs terms come from the chunk-state
-// backward, ssd_chunk_state_pipe<bwd, inter>) + ssd_bwd_dacs_finish (all ∂Acs partials summed
-// in a fixed order), and ssd_bwd_dbc_reg (dB and dC in one launch, state terms as a GEMM over
-// (head, p)).
+// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_reg (dB and dC in one launch, state
+// terms as a GEMM over (head, p); its dC blocks also form the inter-chunk ∂Acs terms) +
+// ssd_bwd_dacs_finish (all ∂Acs partials summed in a fixed order). The v3 bwd dx path therefore
+// always runs with the v3 dB/dC kernel.
 // Shared by all paths since session 3: ssd_bmm_cb writes C Bᵀ once per (b, c, g) as bf16 into
 // `saved` (the v3 forward scan and bwd dx read it instead of recomputing it per head: 64x at
 // G = 1), and ssd_state_pass writes a bf16 copy of every H_c into `saved` (the v3 kernels'
@@ -1573,7 +1580,7 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
 // memory): region RA first holds the state product's operands B_s and G_{c+1} (bf16), then one
 // l-tile buffer of the pair loop (C Bᵀ tile, dy_l); RB is the other l-tile buffer; Acs of the
 // chunk, its tile-relative decays, dt of the own rows. (The inter term comes from
-// ssd_chunk_state_pipe<bwd, inter>, so no C_l or H_c here.)
+// ssd_bwd_dbc_reg, so no C_l or H_c here.)
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int buf = kTile * kLdCb + kTile * (d.P + 8);
@@ -1593,8 +1600,9 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those terms (difference form), Σ dl (the +dl
 // of the decay to the chunk's last token). The pair terms (x_s·dy_l)·M come from
 // ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway; the inter terms (the row as l) from
-// ssd_chunk_state_pipe<bwd, inter>, which holds the scaled dy and C tiles anyway (session 5:
-// forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower).
+// ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
+// forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower; in
+// the chunk-state backward, +160 µs there).
 // Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
 // alternates RA, RB with one barrier per tile.
 template <int kP>
@@ -1798,8 +1806,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
-// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from
-// ssd_chunk_state_pipe<bwd, inter> — adds the state-passing decay term,
+// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from ssd_bwd_dbc_reg's dC
+// blocks — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
@@ -1821,7 +1829,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_chunk_state_pipe<bwd, inter> (inter_parts N slices): +v at l,
+  // The inter terms from ssd_bwd_dbc_reg (inter_parts 64-column slices of N): +v at l,
   // A·∂A share v·Acs_l.
   double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
@@ -2194,9 +2202,10 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~56 KB at P64): kStages stages, each either one head's own
-// rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the other tile's C_l/B_s slice
-// [64][72] in the same place; each head's Acs and dt of the own rows, and Acs_last.
+// Shared memory of ssd_bwd_dbc_reg (~66 KB at P64: three blocks per SM): kStages stages, each
+// either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
+// other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
+// and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
 int DbcStageElems(const Dims& d) {
   return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
 }
@@ -2204,6 +2213,7 @@ template <typename Carver>
 void CarveDbcReg(Carver& cv, const Dims& d) {
   cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
   cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
+  cv.template take<bf16>(kTile * 72);                  // C_l slice of the own rows
 }
 
 // A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
@@ -2242,9 +2252,15 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 //   dB_s = Σ_{l-tiles ≥ own} dCB[l, s]ᵀ C_l + Σ_h e^{Acs_last − Acs_s} dt_s x_s G_{c+1}
 // Steps (other tiles, then heads) are double-buffered through cp.async. st_h / st_g: bf16 copies
 // of H_c and G_{c+1}, [B, H, NC, P, N].
+// inter_out (not null: the v3 bwd dx path): the dC blocks also write the inter-chunk ∂Acs term
+// of each own row l and head h over their 64 columns of N, Σ_n C[l, n]·(e^{Acs_l} dy_l H_c)[l, n]
+// = e^{Acs_l} dy_l·(C_l H_cᵀ) restricted to those columns, into inter_out [N/64, B, H, NC·Q]
+// (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
+// is dotted with C_l and then added to the running one (no difference of running sums, so a
+// fast-decaying head's small term is not lost under the others').
 __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc) {
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
@@ -2263,6 +2279,8 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   float* acsb = cv.take<float>(2 * kStages * kTile + 8);
   float* dtb = acsb + kStages * kTile;
   float* alast = dtb + kStages * kTile;
+  bf16* Cown = cv.take<bf16>(kTile * 72);
+  const bool inter = inter_out != nullptr && !kDB;
   // Stage buf: A at stages + buf·stage_elems, its state slice right after, V aliasing A.
   auto A_of = [&](int buf) { return stages + buf * stage_elems; };
   auto S_of = [&](int buf) { return stages + buf * stage_elems + kTile * ldp; };
@@ -2312,6 +2330,10 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
+  if (inter) {  // (the same cp.async group as step 0)
+    LoadRowsAsync(Cown, 72, Cm + BcRow(d, b, c0 + o0) + static_cast<int64_t>(g) * d.N + n0,
+                  bc_stride, ov, 64);
+  }
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     if (i < nsteps) {
@@ -2354,8 +2376,34 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
         sc0 = expf(ab[r0]);
         sc1 = expf(ab[r0 + 8]);
       }
-      WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
-                            d.P);
+      if (inter) {
+        float t[8][4];
+        ZeroAcc(t);
+        WarpMmaSSRowScaled<8>(t, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                              d.P);
+        float i0 = 0.f, i1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float2 u0 = Bf2(Cown + r0 * 72 + 8 * j + 2 * tq);
+          const float2 u1 = Bf2(Cown + (r0 + 8) * 72 + 8 * j + 2 * tq);
+          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
+          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][e] += t[j][e];
+        }
+        i0 = QuadSum(i0);
+        i1 = QuadSum(i1);
+        if (tq == 0) {
+          const int h = g * d.hpg + (step - n1);
+          float* io = inter_out + ((static_cast<int64_t>(n0 / 64) * d.B + b) * d.H + h) * d.NC * d.Q +
+                      c0 + o0;
+          io[r0] = i0;
+          io[r0 + 8] = i1;
+        }
+      } else {
+        WarpMmaSSRowScaled<8>(acc, A_of(buf) + warp * 16 * ldp, ldp, sc0, sc1, S_of(buf), ldv,
+                              d.P);
+      }
     }
   }
   bf16* out = kDB ? db : dc;
@@ -2393,25 +2441,18 @@ void CarveChunkStatePipe(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cv.template take<float>(d.Q);
 }
-template <typename Carver>
-void CarveChunkStatePipeInter(Carver& cv, const Dims& d) {
-  CarveChunkStatePipe(cv, d);
-  cv.template take<bf16>(d.P * (StateSlice(d) + 8));
-}
 
 // ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
 // one is scaled and multiplied, and the row scales of the whole chunk computed once up front
 // (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
 // Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
-// kInter (backward only): also the inter-chunk ∂Acs term of every token l of the chunk,
-// e^{Acs_l} dy_l·(C_l H_cᵀ)_l = Σ_p U[l, p]·(V H_cᵀ)[l, p] over this block's columns of N (U is
-// the scaled dy tile, V the C tile it already holds; H_c bf16 from `saved`), into
-// inter_out [ntn, B, H, NC·Q] (one partial per N slice; ssd_bwd_dacs_finish sums them). Bwd dx
-// then needs neither C_l nor H_c.
-template <bool kBwd, bool kInter>
+// (Session 5 also formed the inter-chunk ∂Acs terms here: +160 µs at B8 S2048, 3 blocks/SM
+// instead of 4; they now come from ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c
+// anyway.)
+template <bool kBwd>
 __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
                                                                  const bf16* v, float* saved,
-                                                                 float* ds_out, float* inter_out) {
+                                                                 float* ds_out) {
   extern __shared__ __align__(128) char smem[];
   const int ntn = (d.N + slice - 1) / slice;
   const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
@@ -2422,7 +2463,6 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
   float* scale = cv.take<float>(d.Q);
-  bf16* Hs = kInter ? cv.take<bf16>(d.P * ldv) : nullptr;  // H_c[:, n0 : n0 + nw]
   const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
   const float* dts = DtPtr(d, saved, b);
   const int c0 = c * d.Q;
@@ -2441,10 +2481,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
                   u_stride, valid, d.P);
     CpAsyncCommit();
   };
-  if constexpr (kInter) {
-    CpRows(Hs, ldv, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, d.P, nw);
-  }
-  issue(0, 0);  // (the same cp.async group as H_c)
+  issue(0, 0);
   {
     const float acs_last = acs[d.Q - 1];
     for (int i = threadIdx.x; i < d.Q; i += kThreads) {
@@ -2481,37 +2518,227 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int sli
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
-    if constexpr (kInter) {
-      // Warp w: tokens 16w.. of this tile; (V H_cᵀ) in 16-column steps of P (8 accumulators).
-      const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
-      const int r0 = warp * 16 + gq;
-      const bf16* Vw = V0 + buf * kTile * ldv + warp * 16 * ldv;
-      float i0 = 0.f, i1 = 0.f;
-      for (int p0 = 0; p0 < d.P; p0 += 16) {
-        float t[2][4];
-        ZeroAcc(t);
-        WarpMmaSS<2, true>(t, Vw, ldv, Hs + p0 * ldv, ldv, nw);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int p = p0 + 8 * j + 2 * tq;
-          const float2 u0 = Bf2(Us + r0 * ldu + p), u1 = Bf2(Us + (r0 + 8) * ldu + p);
-          i0 += t[j][0] * u0.x + t[j][1] * u0.y;
-          i1 += t[j][2] * u1.x + t[j][3] * u1.y;
-        }
-      }
-      i0 = QuadSum(i0);
-      i1 = QuadSum(i1);
-      if (tq == 0) {
-        float* io = inter_out + ((static_cast<int64_t>(blockIdx.y % ntn) * d.B + b) * d.H + h) *
-                                    d.NC * d.Q + c0 + tt * kTile;
-        io[r0] = i0;
-        io[r0 + 8] = i1;
-      }
-    }
   }
   float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
                     : StatePtr(d, saved, b, h, c + 1);
   MmaPtx::Store(acc, out + n0, d.N, d.P, nw);
+}
+
+// Shared memory of ssd_chunk_state_scan: ssd_chunk_state_pipe's U and V double buffers, and per
+// stage the tile's Acs and dt (the row scales are formed while scaling, so nothing is computed
+// per chunk up front): ~55 KB at P64 with 128-column slices, four blocks per SM.
+template <typename Carver>
+void CarveChunkStateScan(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(2 * kTile * (d.P + 8));
+  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
+  cv.template take<float>(4 * kTile);  // acs[2][64], dt[2][64]
+}
+
+template <int MAXI>
+__device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], bf16* c,
+                                              int64_t ldc, int m, int n) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tn = n / 32, nt = (m / 32) * tn;
+#pragma unroll
+  for (int i = 0; i < MAXI; ++i) {
+    const int wt = warp + i * kWarps;
+    if (wt < nt) {
+      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<__nv_bfloat162*>(c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 +
+                                               8 * ni + 2 * t) =
+                __floats2bfloat162_rn(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1]);
+    }
+  }
+}
+
+// The chunk states and the state pass in one kernel (no S_c / dS_c round trip through memory,
+// no ssd_state_pass(_bwd) launch): grid (ntn, H, B), one block per (N slice, head, batch row)
+// walks all chunks in order (the backward in reverse) with the cp.async pipeline of
+// ssd_chunk_state_pipe running across chunk boundaries. Its accumulator holds the running state.
+// Forward: H_0 = initial (or 0); at the start of chunk c it is H_c, written to slot c (fp32) and
+// to the bf16 copy, then scaled by the chunk's decay e^{Acs_last,c}, and the chunk's products
+// x̃ᵀB (x rows scaled by e^{Acs_last − Acs_t} dt_t, rounded to bf16 once, as before) accumulate
+// onto it: H_{c+1} = e^{Acs_last,c} H_c + S_c, the recurrence of ssd_state_pass. After the last
+// chunk: slot NC and final_state.
+// Backward: G_NC = d_final (or 0); at the start of chunk c (from the last) it is G_{c+1}: written
+// fp32 to dsg slot c (where the v2 dx/dB/dC kernels need it; else null) and bf16 to g_bf, and
+// <G_{c+1}, H_c> over this block's elements (H_c fp32 from `saved`) goes to
+// ddecay [B, H, NC, ntn]; then G_c = e^{Acs_last,c} G_{c+1} + dS_c with dS_c the chunk's
+// (e^{Acs_t} dy_t)ᵀ C_t products: ssd_state_pass_bwd's recurrence. After chunk 0: d_initial.
+// Parallelism is ntn·H·B blocks (512 at B8 H64 N128): NC times fewer than the unfused pair's, so
+// small B·H keep the unfused kernels (UseFusedStatePass).
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
+    Dims d, int slice, const bf16* u, const bf16* v, const float* start, float* saved,
+    float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ float red[2 * kWarps];
+  const int n0 = blockIdx.x * slice, h = blockIdx.y, b = blockIdx.z;
+  const int nw = min(slice, d.N - n0);
+  const int g = h / d.hpg;
+  const int ldu = d.P + 8, ldv = slice + 8;
+  Carve cv{smem};
+  bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
+  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
+  float* acs_b = cv.take<float>(4 * kTile);  // [2][64] Acs, then [2][64] dt
+  float* dt_b = acs_b + 2 * kTile;
+  const float* acs = AcsPtr(d, saved, b, h);
+  const float* dts = DtPtr(d, saved, b);
+  const int tiles = d.Q / kTile;
+  // Only the last chunk can be partial. Tile k: chunk c, tile tt of it (the backward takes the
+  // chunks from the last).
+  const int last_tiles = (d.S - (d.NC - 1) * d.Q + kTile - 1) / kTile;
+  const int total = (d.NC - 1) * tiles + last_tiles;
+  auto locate = [&](int k, int& c, int& tt) {
+    if (!kBwd) {
+      c = k / tiles;
+      tt = k % tiles;
+    } else if (k < last_tiles) {
+      c = d.NC - 1;
+      tt = k;
+    } else {
+      c = d.NC - 2 - (k - last_tiles) / tiles;
+      tt = (k - last_tiles) % tiles;
+    }
+  };
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  // u is x (forward) or dy (backward); v is B or C.
+  auto issue = [&](int k, int buf) {
+    int c, tt;
+    locate(k, c, tt);
+    const int t0 = c * d.Q + tt * kTile, valid = min(kTile, d.S - t0);
+    LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
+                  v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw);
+    LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
+                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
+                  kBwd ? d.ldy : d.ldx, valid, d.P);
+    if (threadIdx.x < kTile) {
+      const int r = threadIdx.x;
+      CpAsync4(acs_b + buf * kTile + r, acs + t0 + r, r < valid);
+      if (!kBwd) {
+        CpAsync4(dt_b + buf * kTile + r,
+                 dts + static_cast<int64_t>(t0 + min(r, valid - 1)) * d.H + h, r < valid);
+      }
+    }
+    CpAsyncCommit();
+  };
+  issue(0, 0);
+  typename MmaPtx::Tile acc[2];
+  if (start != nullptr) {
+    MmaPtx::Load(acc, start + bh * d.PN + n0, d.N, d.P, nw);
+  } else {
+    MmaPtx::Zero(acc);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int vpr = d.P / 8;
+  int c_first, tt_first;
+  locate(0, c_first, tt_first);
+  float acs_last = 0.f,
+        acs_last_next = acs[static_cast<int64_t>(c_first) * d.Q + d.Q - 1];
+  int pending_c = -1;  // chunk whose <G, H> block partials wait for the next barrier
+  for (int k = 0; k < total; ++k) {
+    const int buf = k & 1;
+    int c, tt;
+    locate(k, c, tt);
+    if (tt == 0) {
+      // Chunk c starts: the accumulator is H_c (forward) or G_{c+1} (backward).
+      if (!kBwd) {
+        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+      } else {
+        if (dsg != nullptr) {
+          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+        }
+        if (g_bf != nullptr) {
+          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+        }
+        // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
+        float prod = 0.f;
+        {
+          const float* hc = StatePtr(d, saved, b, h, c) + n0;
+          const int gq = lane / 4, tq = lane % 4;
+          const int tn = nw / 32, nt = (d.P / 32) * tn;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int wt = warp + i * kWarps;
+            if (wt < nt) {
+              const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
+#pragma unroll
+              for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                  for (int hf = 0; hf < 2; ++hf) {
+                    const float2 hv = *reinterpret_cast<const float2*>(
+                        hc + static_cast<int64_t>(i0 + 16 * mi + gq + 8 * hf) * d.N + j0 +
+                        8 * ni + 2 * tq);
+                    prod = fmaf(acc[i].c[mi][ni][2 * hf], hv.x, prod);
+                    prod = fmaf(acc[i].c[mi][ni][2 * hf + 1], hv.y, prod);
+                  }
+            }
+          }
+        }
+        prod = WarpSum(prod);
+        if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
+        pending_c = c;
+      }
+      acs_last = acs_last_next;  // (loaded a chunk ahead)
+      const int c_next = kBwd ? c - 1 : c + 1;
+      if (c_next >= 0 && c_next < d.NC) {
+        acs_last_next = acs[static_cast<int64_t>(c_next) * d.Q + d.Q - 1];
+      }
+      const float decay = expf(acs_last);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+    }
+    __syncthreads();  // buffer buf^1 (tile k−1, scaled) is no longer read; red[] published
+    if (kBwd && pending_c >= 0) {
+      if (threadIdx.x == 0) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[(pending_c & 1) * kWarps + w];
+        ddecay[(bh * d.NC + pending_c) * gridDim.x + blockIdx.x] = s;
+      }
+      pending_c = -1;
+    }
+    if (k + 1 < total) {
+      issue(k + 1, buf ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    bf16* Us = Raw + buf * kTile * ldu;  // scaled in place: each thread rewrites its own vectors
+    const float* ab = acs_b + buf * kTile;
+    const float* db = dt_b + buf * kTile;
+    for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
+      const int r = i / vpr, cidx = (i % vpr) * 8;
+      float f[8];
+      LoadBf16<8>(Us + r * ldu + cidx, f);
+      // Rows past the sequence end: zero-filled U and Acs (and dt): a finite factor (Acs <= 0).
+      const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] *= sc;
+      StoreBf16<8>(Us + r * ldu + cidx, f);
+    }
+    __syncthreads();
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+  }
+  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + n0, d.N, d.P, nw);
+  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + n0, d.N, d.P, nw);
 }
 
 // ------------------------------------------------------------------ host side
@@ -2566,8 +2793,8 @@ constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
-// With dx, the backward's chunk states always come from ssd_chunk_state_pipe<bwd, inter>
-// (whatever `state` says): it also forms the inter-chunk ∂Acs terms that bwd dx needs.
+// dx implies dbc: ssd_bwd_dbc_reg's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
+// path needs (ssd_bwd_dacs_finish runs after it).
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
 };
@@ -2578,13 +2805,31 @@ RegPlan PlanReg(const Dims& d) {
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
   p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
-  p.dx = (mask & kSsdRegDx) && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
-         SmemOf<CarveDxReg<CarveSize>>(d) <= optin &&
-         SmemOf<CarveChunkStatePipeInter<CarveSize>>(d) <= optin;
+  const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
+                        SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
+  p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
   p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
-  p.dbc = (mask & kSsdRegDbc) && d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
-          SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
+  p.dbc = ((mask & kSsdRegDbc) || p.dx) && dbc_fits;
   return p;
+}
+
+// Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
+// than ssd_chunk_state_pipe + ssd_state_pass: where its ntn·H·B blocks fill the device at least
+// kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
+// so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
+std::atomic<int> g_fused_state_pass{0};
+constexpr double kFusedStateWaves = 3.0;
+bool UseFusedStatePass(const Dims& d) {
+  const int mode = g_fused_state_pass.load();
+  if (mode != 0) return mode == 1;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return false;
+  }
+  const int slice = StateSlice(d);
+  const double blocks = static_cast<double>((d.N + slice - 1) / slice) * d.H * d.B;
+  return blocks >= kFusedStateWaves * sms;
 }
 
 template <int kP>
@@ -2604,13 +2849,20 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                           cudaStream_t stream) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
-  if (plan.state) {
+  if (plan.state && UseFusedStatePass(d)) {
+    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
+    const int slice = StateSlice(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
+    ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                   stream>>>(d, slice, a.x, a.b, a.initial_state, saved,
+                                             a.final_state, nullptr, nullptr, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
+  } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false, false>, smem));
-    ssd_chunk_state_pipe<false, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                          kThreads, smem, stream>>>(d, slice, a.x, a.b, saved,
-                                                                    nullptr, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
+    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2619,10 +2871,11 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
         d, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
   }
-
-  ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0, stream>>>(
-      d, a.initial_state, saved, a.final_state);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+  if (!(plan.state && UseFusedStatePass(d))) {
+    ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0,
+                     stream>>>(d, a.initial_state, saved, a.final_state);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
+  }
 
   if (plan.fwd) {
     switch (d.P) {
@@ -2652,7 +2905,8 @@ struct BwdScratch {
   float* dbp;
   float* dcp;
   int nsplit;
-  int pass_blocks;
+  int pass_blocks;   // blocks per (b, h) of ssd_state_pass_bwd
+  int ddecay_parts;  // partial sums per (b, h, c) in ddecay: pass_blocks, or ntn when fused
   // v3 only (null otherwise):
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_own;    // [B, H, NC·Q] ∂Acs terms of bwd dx's own rows
@@ -2663,8 +2917,7 @@ struct BwdScratch {
   double* dpair;      // [B, NC, H, pairs] A·∂A of the pair terms
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
   bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
-  float* inter_part;  // [inter_parts, B, H, NC·Q] inter ∂Acs terms per N slice
-  int inter_parts;
+  float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
 };
 
 template <int kP>
@@ -2685,21 +2938,25 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                            const BwdScratch& sc, cudaStream_t stream) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
-  if (plan.dx) {
-    const size_t smem = SmemOf<CarveChunkStatePipeInter<CarveSize>>(d);
+  const bool fused = plan.state && UseFusedStatePass(d);
+  if (fused) {
+    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, true>, smem));
-    ssd_chunk_state_pipe<true, true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                        kThreads, smem, stream>>>(
-        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, sc.inter_part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd, inter>");
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
+    // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
+    ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                  stream>>>(d, slice, a.dy, a.c, a.d_final_state,
+                                            const_cast<float*>(saved), a.d_initial_state,
+                                            plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
+                                            sc.ddecay);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
   } else if (plan.state) {
     const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true, false>, smem));
-    ssd_chunk_state_pipe<true, false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B),
-                                         kThreads, smem, stream>>>(
-        d, slice, a.dy, a.c, const_cast<float*>(saved), sc.dsg, nullptr);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
+    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
+                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
+                                                  sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2709,9 +2966,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
   }
 
-  ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
-      d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+  if (!fused) {
+    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
+        d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
+  }
 
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
@@ -2731,16 +2990,12 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
       case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
       default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
     }
-    ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-        d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-        sc.dpair, sc.inter_part, sc.inter_parts, sc.ddecay, sc.pass_blocks, a.ddt, sc.part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
   } else {
     const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx<MM>, dx_smem));
     ssd_chunk_scan_bwd_dx<MM><<<dim3(d.NC, d.H, d.B), kThreads, dx_smem, stream>>>(
         d, a.x, a.dt, a.a_log, a.dt_bias, a.b, a.c, a.d, saved, a.dy, sc.dsg, sc.ddecay,
-        sc.pass_blocks, a.dx, a.ddt, sc.part);
+        sc.ddecay_parts, a.dx, a.ddt, sc.part);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
   }
 
@@ -2751,8 +3006,15 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
     ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc);
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    if (plan.dx) {
+      ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+          d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
+    }
     return {};
   }
   const size_t bc_smem = SmemOf<CarveDbc<CarveSize>>(d);
@@ -2794,6 +3056,7 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
+void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -2885,7 +3148,10 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t ncq = static_cast<int64_t>(d.NC) * d.Q;
   const int tiles = d.Q / kTile;
   const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
-  const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * pass_blocks;
+  const int ddecay_parts = plan.state && UseFusedStatePass(d)
+                               ? (d.N + StateSlice(d) - 1) / StateSlice(d)
+                               : static_cast<int>(pass_blocks);
+  const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * ddecay_parts;
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles
   const int64_t n_bc = plan.dbc ? 0 : static_cast<int64_t>(nsplit) * d.B * ncq * d.G * d.N;
   const bool need_bf = plan.dx || plan.dbc;
@@ -2899,7 +3165,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int dcb_split = DcbSplit(d);
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
-  const int inter_parts = (d.N + StateSlice(d) - 1) / StateSlice(d);
+  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_reg's column slices (plan.dx: N % 64 == 0)
   const int64_t n_inter = plan.dx ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
@@ -2931,6 +3197,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   sc.nsplit = nsplit;
   sc.dcb_split = dcb_split;
   sc.pass_blocks = static_cast<int>(pass_blocks);
+  sc.ddecay_parts = ddecay_parts;
   if (need_bf) {
     sc.g_bf = reinterpret_cast<bf16*>(base_ptr + off_gbf);
   }
@@ -2946,7 +3213,6 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   }
   if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
-  sc.inter_parts = inter_parts;
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));

@@ -122,10 +122,11 @@ CudaResult SsdForward(const SsdForwardArgs& args, cudaStream_t stream);
 // in mma.sync accumulators through the masking, cp.async double-buffered tiles) instead of the
 // v2 ones, for all later calls (process-wide): kSsdRegScanFwd the forward scan, kSsdRegDx the
 // backward dx/ddt kernels (with the per-head x·dyᵀ kernel that also feeds dB/dC, which forms
-// their intra-chunk ∂Acs terms, and the pipelined chunk-state backward, which forms their
-// inter-chunk ones), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the chunk-state
-// kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes whose v3
-// tiles do not fit shared memory (or, for kSsdRegDbc, N not a multiple of 64) use v2 (which is
+// their intra-chunk ∂Acs terms, and the v3 dB/dC kernel, which forms their inter-chunk ones:
+// kSsdRegDx implies kSsdRegDbc), kSsdRegDbc the backward dB/dC kernels, kSsdRegState the
+// chunk-state kernels (double-buffered cp.async, not register-resident). 0 = v2 only. Shapes
+// whose v3 tiles do not fit shared memory (or, for kSsdRegDx and kSsdRegDbc, N not a multiple
+// of 64) use v2 (which is
 // why v2 stays: it is the fallback, and the test runs it). All selections compute the same
 // function. SsdRegisterPath() is the current mask; the default is
 // kSsdRegAll (device-verified and fastest on 2026-11-26; ssd_notes.md).
@@ -139,6 +140,10 @@ void SsdSetRegisterPathForTesting(int mask);
 // N % 128 == 0 (session 4), else 64; 64 forces the session-3 split everywhere (A/B timing and
 // the test's coverage of both). Process-wide; 0 restores the default.
 void SsdSetStateSliceForTesting(int columns);
+// The v3 forward chunk states: 0 (default) fuses the state pass into them where there are enough
+// (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
+// fuses, 2 never (ssd_chunk_state_pipe + ssd_state_pass). Process-wide; same function.
+void SsdSetFusedStatePassForTesting(int mode);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -6,6 +6,8 @@
 // 333), chunk 64/128/256, H 4..8, G 1 and 2 (and 3 heads per group), P 32..128, dt clamps that
 // bind, very large (one and four 64-row tiles per chunk) and very small dt·A.
 // Row strides (x, B, C / dx, dB, dC as column slices of one wider row) on two cases.
+// Paths 7-9 force the fused chunk-state / state-pass kernels (ssd_chunk_state_scan), which the
+// default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 #include "kernels/cuda/ssd.h"
 
@@ -310,14 +312,18 @@ TEST(SsdGpu, MatchesCpuReference) {
     const char* name;
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
+    int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
-                        {"[v3 dx] ", kSsdRegDx},
+                        {"[v3 dx (+dbc)] ", kSsdRegDx},  // dx implies dbc (ssd.h)
                         {"[v3 dbc] ", kSsdRegDbc},
                         {"[v3 state] ", kSsdRegState},
                         {"[v3 all] ", kSsdRegAll},
-                        {"[v3 all, state slice 64] ", kSsdRegAll, 64}};
+                        {"[v3 all, state slice 64] ", kSsdRegAll, 64},
+                        {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
+                        {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
+                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -332,6 +338,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     if (only != nullptr && std::atoi(only) != index) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
+    SsdSetFusedStatePassForTesting(p.fused_state);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -343,6 +350,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   }
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
+  SsdSetFusedStatePassForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
