@@ -257,14 +257,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const uint32_t sQg = base + kQBytes;
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
   const uint32_t sKgBand = sKV + 4 * kKVBytes;           // SelfExtend only
-  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
+  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 10 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto k_empty = [&](int s) { return bars + 16 + 8 * s; };
   auto v_full = [&](int s) { return bars + 32 + 8 * s; };
   auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
-  const uint32_t q_full = bars + 64;
+  const uint32_t q_full = bars + 64, qg_full = bars + 72;
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {  // full: one arrive.expect_tx per fill; empty: both consumer warpgroups
@@ -275,6 +275,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarInit(v_empty(s), 256);
     }
     MbarInit(q_full, 1);
+    MbarInit(qg_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -301,12 +302,28 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int total = n_tiles;
   auto is_far_only = [&](int t) { return kSE && t < near_first; };  // Q_g, K_g
   auto is_band = [&](int t) { return kSE && t >= near_first && t < n_far; };
+  // Visiting order (SelfExtend): grouped-only tiles, neighbour-only tiles, band tiles last, so
+  // the main loop holds no band code and the block starts with one Q-sized tile + one K tile
+  // (Q_g and K_g for a grouped tile) as the plain kernel does. Step u visits tile TileOf(u);
+  // stages and mbarrier phases follow u.
+  const int n_plain_steps = total - (n_far - near_first);  // grouped-only + neighbour-only
+  auto tile_of = [&](int u) {
+    if constexpr (!kSE) {
+      return u;
+    } else {
+      if (u < near_first) return u;
+      if (u < n_plain_steps) return n_far + (u - near_first);
+      return near_first + (u - n_plain_steps);
+    }
+  };
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
-    // One thread issues every copy (TMA): K(t + 1) (its stage freed by S(t − 1)) ahead of V(t)
-    // (freed by P(t − 2)V(t − 2)), the order in which the consumers release them. SelfExtend:
-    // Q_g rides with Q, a band tile's K_g (own buffer) with its K.
+    // One thread issues every copy (TMA): K(u + 1) (its stage freed by S(u − 1)) ahead of V(u)
+    // (freed by P(u − 2)V(u − 2)), the order in which the consumers release them. SelfExtend:
+    // Q_g has its own mbarrier; when the first tile is grouped-only, Q_g goes first and Q
+    // follows K(0) (needed from the first neighbour tile on); a band tile's K_g (own buffer)
+    // rides with its K.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (wtid != 0) return;
     auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
@@ -315,28 +332,40 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
       }
     };
-    auto load_k = [&](int t) {
-      const int s = t & 1;
-      MbarWait(k_empty(s), ((t >> 1) & 1) ^ 1);
+    auto load_k = [&](int u) {
+      const int s = u & 1, t = tile_of(u);
+      MbarWait(k_empty(s), ((u >> 1) & 1) ^ 1);
       const bool band = is_band(t);
-      if (band && t > 0 && is_band(t - 1)) {  // the K_g band buffer: S_g(t − 1) done
-        MbarWait(k_empty(s ^ 1), ((t - 1) >> 1) & 1);
+      if (band && u > 0 && is_band(tile_of(u - 1))) {  // the K_g band buffer: S_g(u − 1) done
+        MbarWait(k_empty(s ^ 1), ((u - 1) >> 1) & 1);
       }
       MbarArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
       tile(sK(s), is_far_only(t) ? &maps.kg : &maps.k, k_full(s), hk, t * kWgN);
       if (band) tile(sKgBand, &maps.kg, k_full(s), hk, t * kWgN);
     };
-    const bool with_qg = kSE && n_far > 0;
-    MbarArriveExpectTx(q_full, kQBytes * (with_qg ? 2 : 1));
-    tile(sQ, &maps.q, q_full, h, m0);
-    if (with_qg) tile(sQg, &maps.qg, q_full, h, m0);
-    load_k(0);
-    for (int t = 0; t < total; ++t) {
-      if (t + 1 < total) load_k(t + 1);
-      const int s = t & 1;
-      MbarWait(v_empty(s), ((t >> 1) & 1) ^ 1);
+    auto load_q = [&] {
+      MbarArriveExpectTx(q_full, kQBytes);
+      tile(sQ, &maps.q, q_full, h, m0);
+    };
+    auto load_qg = [&] {
+      MbarArriveExpectTx(qg_full, kQBytes);
+      tile(sQg, &maps.qg, qg_full, h, m0);
+    };
+    if (is_far_only(tile_of(0))) {
+      load_qg();
+      load_k(0);
+      load_q();
+    } else {
+      load_q();
+      if (kSE && n_far > 0) load_qg();
+      load_k(0);
+    }
+    for (int u = 0; u < total; ++u) {
+      if (u + 1 < total) load_k(u + 1);
+      const int s = u & 1;
+      MbarWait(v_empty(s), ((u >> 1) & 1) ^ 1);
       MbarArriveExpectTx(v_full(s), kKVBytes);
-      tile(sV(s), &maps.v, v_full(s), hk, t * kWgN);
+      tile(sV(s), &maps.v, v_full(s), hk, tile_of(u) * kWgN);
     }
     return;
   }
@@ -346,8 +375,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int cwg = wg - 1;
   const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int w_first = m0 + 64 * cwg;
-  const int w_last = min(w_first + 63, last_row);
   const int r_lo = w_first + 16 * warp_in_wg + g;
+  const uint32_t own_rows = cwg * 64 * 128;  // this warpgroup's 64 rows of a Q tile
   // Turn barriers: ids 1 + c (256 threads: consumer c syncs, the other arrives).
   const int my_turn = 1 + cwg, other_turn = 2 - cwg;
   if (cwg == 1) NamedBarArrive(1, 256);  // consumer 0 takes the first turn
@@ -359,20 +388,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   float s[64];
   uint32_t pa[kWgN / 16][4];
 
-  auto issue_s = [&](int vt) {
-    const bool far = is_far_only(vt);
-    const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
-    const uint32_t kb = sK(vt & 1);
+  // acc = Q Kᵀ over the 128 keys of K stage / buffer k_rows (m64n128k16 x D/16, both operands
+  // K-major in shared memory); q_rows: this warpgroup's first query row in column block 0.
+  auto issue_scores = [&](float (&acc)[64], uint32_t q_rows, uint32_t k_rows) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(kb + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
+      const uint64_t db = SmemDesc(k_rows + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
-  auto issue_pv = [&](int vt) {
-    const uint32_t vb = sV(vt & 1);
+  auto issue_pv = [&](int u) {
+    const uint32_t vb = sV(u & 1);
 #pragma unroll
     for (int kk = 0; kk < kWgN / 16; ++kk) {
       const uint64_t dv = SmemDesc(vb + kk * 16 * 128, kKBlock, 1024);
@@ -381,17 +409,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       } else {
         WgmmaRS64(o, pa[kk], dv);
       }
-    }
-    WgmmaCommit();
-  };
-  // One-pass SelfExtend, band tile: the grouped scores S_g = Q_g K_gᵀ of the tile.
-  auto issue_s_band = [&](float (&sg)[64]) {
-    const uint32_t q_rows = sQg + cwg * 64 * 128;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(sKgBand + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(sg, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
@@ -413,8 +430,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
   // Mask, row max, exponentials and row sums of S(t); returns the O correction per row half.
-  // Only tiles crossing this warpgroup's diagonal or the end of the sequence are masked here
-  // (far-only tiles never need it; band tiles were masked by band_merge).
+  // Only neighbour tiles crossing this warpgroup's diagonal or the end of the sequence are
+  // masked here (grouped-only tiles never need it; band tiles were masked by band_merge).
   auto softmax = [&](int t, float (&corr)[2]) {
     const int n0 = t * kWgN;
     const bool need_mask = !is_far_only(t) && !is_band(t) &&
@@ -462,66 +479,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-
-  MbarWait(q_full, 0);
-  // Tile 0: S only.
-  MbarWait(k_full(0), 0);
-  NamedBarSync(my_turn, 256);
-  WgmmaFence();
-  issue_s(0);
-  if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
-  WgmmaWait0();
-  FenceRegs(s);
-  if (is_band(0)) {
-    float sg[64];
-    WgmmaFence();
-    issue_s_band(sg);
-    WgmmaWait0();
-    FenceRegs(sg);
-    band_merge(0, sg);
-  }
-  MbarArrive(k_empty(0));
-  {
-    float corr[2];
-    softmax(0, corr);
-  }
-  pack_p();
-
-  for (int vt = 1; vt < total; ++vt) {
-    MbarWait(k_full(vt & 1), (vt >> 1) & 1);
-    MbarWait(v_full((vt - 1) & 1), ((vt - 1) >> 1) & 1);
-    NamedBarSync(my_turn, 256);
-    WgmmaFence();
-    issue_s(vt);
-    issue_pv(vt - 1);
-    if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
-    float corr[2];
-    if (is_band(vt)) {
-      // Band tile (one per block when W % 128 == 0): P(vt − 1)V(vt − 1) first, so P's
-      // registers are free for S_g (o, s, S_g live; not o, s, P, S_g).
-      WgmmaWait0();
-      FenceRegs(s);
-      FenceRegs(o);
-      FenceRegs(pa);
-      MbarArrive(v_empty((vt - 1) & 1));
-      float sg[64];
-      WgmmaFence();
-      issue_s_band(sg);
-      WgmmaWait0();
-      FenceRegs(sg);
-      MbarArrive(k_empty(vt & 1));
-      band_merge(vt, sg);
-      softmax(vt, corr);
-    } else {
-      WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
-      FenceRegs(s);
-      MbarArrive(k_empty(vt & 1));
-      softmax(vt, corr);
-      WgmmaWait0();
-      FenceRegs(o);
-      FenceRegs(pa);
-      MbarArrive(v_empty((vt - 1) & 1));
-    }
+  auto rescale_o = [&](const float (&corr)[2]) {
 #pragma unroll
     for (int c = 0; c < kDT; ++c) {
       o[4 * c] *= corr[0];
@@ -529,7 +487,100 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       o[4 * c + 2] *= corr[1];
       o[4 * c + 3] *= corr[1];
     }
+  };
+
+  // Step 0: S only (a band tile: S, then S_g).
+  {
+    const int t = tile_of(0);
+    const bool far = is_far_only(t), band = is_band(t);
+    if constexpr (kSE) {
+      if (far || band) MbarWait(qg_full, 0);
+    }
+    if (!far) MbarWait(q_full, 0);
+    MbarWait(k_full(0), 0);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_scores(s, (far ? sQg : sQ) + own_rows, sK(0));
+    if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait0();
+    FenceRegs(s);
+    if (band) {
+      float sg[64];
+      WgmmaFence();
+      issue_scores(sg, sQg + own_rows, sKgBand);
+      WgmmaWait0();
+      FenceRegs(sg);
+      band_merge(t, sg);
+    }
+    MbarArrive(k_empty(0));
+    float corr[2];
+    softmax(t, corr);
     pack_p();
+  }
+
+  // Steps 1 .. n_plain_steps − 1: grouped-only and neighbour-only tiles (the plain kernel's
+  // loop; SelfExtend only picks Q_g for grouped tiles, whose K stage holds K_g). In this
+  // warpgroup's turn S(u) and P(u − 1)V(u − 1) are issued back to back; the softmax of S(u)
+  // runs under P V and the other warpgroup's GEMMs.
+  int u = 1;
+  if constexpr (kSE) {
+    if (n_plain_steps > 1) MbarWait(q_full, 0);
+  }
+  for (; u < n_plain_steps; ++u) {
+    const int t = tile_of(u);
+    MbarWait(k_full(u & 1), (u >> 1) & 1);
+    MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_scores(s, (is_far_only(t) ? sQg : sQ) + own_rows, sK(u & 1));
+    issue_pv(u - 1);
+    if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait1();  // S(u) done; P(u − 1)V(u − 1) may still run
+    FenceRegs(s);
+    MbarArrive(k_empty(u & 1));
+    float corr[2];
+    softmax(t, corr);
+    WgmmaWait0();
+    FenceRegs(o);
+    FenceRegs(pa);
+    MbarArrive(v_empty((u - 1) & 1));
+    rescale_o(corr);
+    pack_p();
+  }
+  // SelfExtend band tiles (one per block when W % 128 == 0), last: both score products, ONE
+  // softmax, ONE P V. S_g is issued once P(u − 1)V(u − 1) retired, so P's registers hold it
+  // (o, s, S_g live; issuing it with S spills 212 bytes at D 128).
+  if constexpr (kSE) {
+    if (u < total) {  // (step 0 may have been a grouped-only tile and the only plain step)
+      MbarWait(q_full, 0);
+      MbarWait(qg_full, 0);
+    }
+    for (; u < total; ++u) {
+      const int t = tile_of(u);
+      MbarWait(k_full(u & 1), (u >> 1) & 1);
+      MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+      NamedBarSync(my_turn, 256);
+      WgmmaFence();
+      issue_scores(s, sQ + own_rows, sK(u & 1));
+      issue_pv(u - 1);
+      if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+      WgmmaWait0();
+      FenceRegs(s);
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((u - 1) & 1));
+      float sg[64];
+      WgmmaFence();
+      issue_scores(sg, sQg + own_rows, sKgBand);
+      WgmmaWait0();
+      FenceRegs(sg);
+      MbarArrive(k_empty(u & 1));
+      band_merge(t, sg);
+      float corr[2];
+      softmax(t, corr);
+      rescale_o(corr);
+      pack_p();
+    }
   }
   MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
   WgmmaFence();
@@ -630,9 +681,21 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
+// TEMPORARY (attn6 call 1, removed after it): GYRE_ATTN_SE_DIAG = nowin (the SelfExtend kernel
+// with W = T: no grouped pair, the plain work in the SelfExtend instantiation), smem (the plain
+// kernel with the SelfExtend kernel's shared memory).
+const char* SeDiag() {
+  static const char* const env = std::getenv("GYRE_ATTN_SE_DIAG");
+  return env == nullptr ? "" : env;
+}
+
 template <int kD, bool kSE>
-CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int smem = WsFwdSmemBytes<kD, kSE>();
+CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stream) {
+  WgmmaFwdParams p = p_in;
+  const std::string diag = SeDiag();
+  if (kSE && diag == "nowin") p.se_window = p.seq;
+  constexpr int smem_own = WsFwdSmemBytes<kD, kSE>();
+  const int smem = (!kSE && diag == "smem") ? WsFwdSmemBytes<kD, true>() : smem_own;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
