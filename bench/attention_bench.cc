@@ -136,6 +136,23 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
   std::printf("ours selfextend/plain fwd B%lld S%lld D%lld: %.3f\n",
               static_cast<long long>(s.batch), static_cast<long long>(s.seq),
               static_cast<long long>(s.dim), sef / fwd);
+  // The same ratio from plain and SelfExtend timings taken alternately (5 rounds, medians):
+  // the two single timings above lie seconds apart, and the card's clock drifts between them
+  // with what ran before (session 6: the single ratio moved by up to 10% between runs).
+  std::vector<float> plain_ms, se_ms, ratios;
+  for (int round = 0; round < 5; ++round) {
+    plain_ms.push_back(TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); }));
+    se_ms.push_back(TimeMs(stream, reps, [&] { return AttentionForward(se, stream); }));
+    ratios.push_back(se_ms.back() / plain_ms.back());
+  }
+  std::printf(
+      "ours selfextend/plain fwd alternating B%lld S%lld D%lld: plain %.4f ms selfextend %.4f "
+      "ms ratio %.3f (median of 5 rounds; min %.3f max %.3f)\n",
+      static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+      static_cast<long long>(s.dim), Median(plain_ms), Median(se_ms), Median(ratios),
+      *std::min_element(ratios.begin(), ratios.end()),
+      *std::max_element(ratios.begin(), ratios.end()));
+  std::fflush(stdout);
 }
 
 int Main(int argc, char** argv) {

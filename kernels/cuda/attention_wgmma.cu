@@ -245,7 +245,7 @@ struct FwdTmaMaps {
 template <int kD, bool kSE>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
-                       const int head_group) {
+                       const int head_group, const bool band_half_ok) {
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -399,6 +399,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     WgmmaCommit();
   };
+  // The same over the 64 keys from k_rows (m64n64k16 x D/16), not committed (it joins the
+  // group of the next issue_scores).
+  auto issue_scores64 = [&](float (&acc)[32], uint32_t q_rows, uint32_t k_rows) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = SmemDesc(k_rows + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      WgmmaSS64<0, 0>(acc, da, db, kk > 0 ? 1 : 0);
+    }
+  };
   auto issue_pv = [&](int u) {
     const uint32_t vb = sV(u & 1);
 #pragma unroll
@@ -426,6 +436,30 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           const int col = 8 * c + 2 * tq + e;
           float& x = s[4 * c + 2 * hr + e];
           x = col > hi ? -INFINITY : (col <= far_hi ? sg[4 * c + 2 * hr + e] : x);
+        }
+    }
+  };
+  // Band tile when W % 64 == 0: for this warpgroup's 64 rows, far_hi = row − W − n0 runs over
+  // a multiple of 64 plus 0..63, so one 64-key half of the tile holds pairs of one kind only.
+  // far_half false (far_hi <= 63): keys 64..127 are neighbours for every row; s = Q Kᵀ over the
+  // tile, hv = Q_g K_gᵀ over keys 0..63. far_half true (far_hi >= 64): keys 0..63 are grouped
+  // for every row; s = Q_g K_gᵀ over the tile, hv = Q Kᵀ over keys 64..127. Merged into s,
+  // −inf past the diagonal and past T.
+  auto band_merge_half = [&](int t, bool far_half, const float (&hv)[32]) {
+    const int n0 = t * kWgN;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = r_lo + 8 * hr;
+      const int hi = min(row, seq - 1) - n0, far_hi = row - W - n0;
+#pragma unroll
+      for (int c = 0; c < kWgN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * c + 2 * tq + e;
+          float& x = s[4 * c + 2 * hr + e];
+          const bool far = col <= far_hi;
+          const bool from_hv = c < 8 ? (!far_half && far) : (far_half && !far);
+          x = col > hi ? -INFINITY : (from_hv ? hv[4 * (c % 8) + 2 * hr + e] : x);
         }
     }
   };
@@ -548,34 +582,51 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     pack_p();
   }
   // SelfExtend band tiles (one per block when W % 128 == 0), last: both score products, ONE
-  // softmax, ONE P V. S_g is issued once P(u − 1)V(u − 1) retired, so P's registers hold it
-  // (o, s, S_g live; issuing it with S spills 212 bytes at D 128).
+  // softmax, ONE P V. A band step issues P(u − 1)V(u − 1) first and the score products once
+  // it retired, so P's registers are free for the second product (o, s and it live; issued
+  // with S and P V as in a plain step, it spills 212 bytes at D 128). W % 64 == 0 (the usual
+  // windows): the second product is 64 keys wide (band_merge_half); otherwise S_g over the
+  // whole tile (band_merge).
   if constexpr (kSE) {
     if (u < total) {  // (step 0 may have been a grouped-only tile and the only plain step)
       MbarWait(q_full, 0);
       MbarWait(qg_full, 0);
     }
+    const bool half = W % 64 == 0 && band_half_ok;
     for (; u < total; ++u) {
       const int t = tile_of(u);
       MbarWait(k_full(u & 1), (u >> 1) & 1);
       MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
       NamedBarSync(my_turn, 256);
       WgmmaFence();
-      issue_scores(s, sQ + own_rows, sK(u & 1));
       issue_pv(u - 1);
-      if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
       WgmmaWait0();
-      FenceRegs(s);
       FenceRegs(o);
       FenceRegs(pa);
       MbarArrive(v_empty((u - 1) & 1));
-      float sg[64];
+      const uint32_t kb = sK(u & 1);
       WgmmaFence();
-      issue_scores(sg, sQg + own_rows, sKgBand);
-      WgmmaWait0();
-      FenceRegs(sg);
+      if (half) {
+        const bool far_half = w_first - W - t * kWgN > 0;
+        float hv[32];
+        issue_scores64(hv, (far_half ? sQ : sQg) + own_rows, far_half ? kb + 64 * 128 : sKgBand);
+        issue_scores(s, (far_half ? sQg : sQ) + own_rows, far_half ? sKgBand : kb);
+        if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+        WgmmaWait0();
+        FenceRegs(s);
+        FenceRegs(hv);
+        band_merge_half(t, far_half, hv);
+      } else {
+        float sg[64];
+        issue_scores(s, sQ + own_rows, kb);
+        issue_scores(sg, sQg + own_rows, sKgBand);
+        if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+        WgmmaWait0();
+        FenceRegs(s);
+        FenceRegs(sg);
+        band_merge(t, sg);
+      }
       MbarArrive(k_empty(u & 1));
-      band_merge(t, sg);
       float corr[2];
       softmax(t, corr);
       rescale_o(corr);
@@ -638,8 +689,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // first. Measured against head-major order (H100, RESULTS.md attn5): forward 4-6%, backward
 // 3-5% faster; 32 heads per group at B2 S8192 (4 MB each) was 10% slower than 4 (L2 misses).
 constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
-int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
-  const int64_t n = kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
+int HeadGroup(int64_t bytes_per_pair, int64_t pairs, const char* budget_env = nullptr) {
+  // TEMPORARY (attn6 A/B, removed after call 2): the budget from `budget_env` in MB.
+  const char* env = budget_env != nullptr ? std::getenv(budget_env) : nullptr;
+  const int64_t budget = env != nullptr ? int64_t{std::atoi(env)} << 20 : kOrderL2Budget;
+  const int64_t n = budget / std::max<int64_t>(bytes_per_pair, 1);
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 1), pairs));
 }
 
@@ -681,9 +735,10 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
-// TEMPORARY (attn6 call 1, removed after it): GYRE_ATTN_SE_DIAG = nowin (the SelfExtend kernel
-// with W = T: no grouped pair, the plain work in the SelfExtend instantiation), smem (the plain
-// kernel with the SelfExtend kernel's shared memory).
+// TEMPORARY (attn6 A/B, removed after call 2): GYRE_ATTN_SE_DIAG contains nowin (the
+// SelfExtend kernel with W = T: no grouped pair, the plain work in the SelfExtend
+// instantiation), group3 (SelfExtend block groups sized for K, V and K_g as before), fullband
+// (band tiles with two full score products even when W % 64 == 0).
 const char* SeDiag() {
   static const char* const env = std::getenv("GYRE_ATTN_SE_DIAG");
   return env == nullptr ? "" : env;
@@ -693,9 +748,9 @@ template <int kD, bool kSE>
 CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stream) {
   WgmmaFwdParams p = p_in;
   const std::string diag = SeDiag();
-  if (kSE && diag == "nowin") p.se_window = p.seq;
+  if (kSE && diag.find("nowin") != std::string::npos) p.se_window = p.seq;
   constexpr int smem_own = WsFwdSmemBytes<kD, kSE>();
-  const int smem = (!kSE && diag == "smem") ? WsFwdSmemBytes<kD, true>() : smem_own;
+  const int smem = smem_own;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
@@ -711,9 +766,10 @@ CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stre
   }
   const int64_t pairs = batch * p.heads;
   // A pair's blocks re-read K and V (SelfExtend: and K_g).
-  const int head_group = HeadGroup(int64_t{kSE ? 3 : 2} * p.seq * kD * 2, pairs);
+  const int head_group = HeadGroup(int64_t{(kSE && diag.find("group3") != std::string::npos) ? 3 : 2} * p.seq * kD * 2, pairs);
+  const bool band_half_ok = diag.find("fullband") == std::string::npos;
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group, band_half_ok);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
@@ -1157,7 +1213,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                   static_cast<unsigned>(batch));
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
-      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
+      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads, "GYRE_ATTN_BWD_L2_MB");
   attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
