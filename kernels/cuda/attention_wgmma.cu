@@ -231,6 +231,8 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
 constexpr int kWsThreads = 384;
 
 // Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
+constexpr int kPlainFwd = 0, kHalfBandFwd = 1, kFullBandFwd = 2;
+
 template <int kD, bool kSE>
 constexpr int WsFwdSmemBytes() {
   return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE ? 5 : 4) * kWgN * kD * 2 + 1024 + 128;
@@ -242,10 +244,14 @@ struct FwdTmaMaps {
   CUtensorMap q, k, v, qg, kg;
 };
 
-template <int kD, bool kSE>
+// kMode: kPlainFwd, or SelfExtend with kHalfBandFwd (W % 64 == 0) or kFullBandFwd band steps
+// (a compile-time choice: a runtime branch between two band steps makes ptxas serialise every
+// wgmma of the kernel, C7520, or, as two loops, spill 112 bytes).
+template <int kD, int kMode>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
-                       const int head_group, const bool band_half_ok) {
+                       const int head_group) {
+  constexpr bool kSE = kMode != kPlainFwd;
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -391,10 +397,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // acc = Q Kᵀ over the 128 keys of K stage / buffer k_rows (m64n128k16 x D/16, both operands
   // K-major in shared memory); q_rows: this warpgroup's first query row in column block 0.
   auto issue_scores = [&](float (&acc)[64], uint32_t q_rows, uint32_t k_rows) {
+    // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
+    // step's offset (every address stays below 2^18, so the field never carries).
+    const uint64_t da0 = SmemDesc(q_rows, 16, 1024), db0 = SmemDesc(k_rows, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(k_rows + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
+      const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
       WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
@@ -402,18 +411,21 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // The same over the 64 keys from k_rows (m64n64k16 x D/16), not committed (it joins the
   // group of the next issue_scores).
   auto issue_scores64 = [&](float (&acc)[32], uint32_t q_rows, uint32_t k_rows) {
+    // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
+    // step's offset (every address stays below 2^18, so the field never carries).
+    const uint64_t da0 = SmemDesc(q_rows, 16, 1024), db0 = SmemDesc(k_rows, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(k_rows + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
+      const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
       WgmmaSS64<0, 0>(acc, da, db, kk > 0 ? 1 : 0);
     }
   };
   auto issue_pv = [&](int u) {
-    const uint32_t vb = sV(u & 1);
+    const uint64_t dv0 = SmemDesc(sV(u & 1), kKBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kWgN / 16; ++kk) {
-      const uint64_t dv = SmemDesc(vb + kk * 16 * 128, kKBlock, 1024);
+      const uint64_t dv = dv0 + ((kk * 16 * 128) >> 4);
       if constexpr (kD == 128) {
         WgmmaRS128(o, pa[kk], dv);
       } else {
@@ -592,7 +604,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarWait(q_full, 0);
       MbarWait(qg_full, 0);
     }
-    const bool half = W % 64 == 0 && band_half_ok;
     for (; u < total; ++u) {
       const int t = tile_of(u);
       MbarWait(k_full(u & 1), (u >> 1) & 1);
@@ -606,7 +617,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarArrive(v_empty((u - 1) & 1));
       const uint32_t kb = sK(u & 1);
       WgmmaFence();
-      if (half) {
+      if constexpr (kMode == kHalfBandFwd) {
         const bool far_half = w_first - W - t * kWgN > 0;
         float hv[32];
         issue_scores64(hv, (far_half ? sQ : sQg) + own_rows, far_half ? kb + 64 * 128 : sKgBand);
@@ -744,14 +755,15 @@ const char* SeDiag() {
   return env == nullptr ? "" : env;
 }
 
-template <int kD, bool kSE>
+template <int kD, int kMode>
 CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stream) {
+  constexpr bool kSE = kMode != kPlainFwd;
   WgmmaFwdParams p = p_in;
   const std::string diag = SeDiag();
   if (kSE && diag.find("nowin") != std::string::npos) p.se_window = p.seq;
   constexpr int smem_own = WsFwdSmemBytes<kD, kSE>();
   const int smem = smem_own;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kMode>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
   const int kv_heads = p.heads / p.group;
@@ -767,9 +779,8 @@ CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stre
   const int64_t pairs = batch * p.heads;
   // A pair's blocks re-read K and V (SelfExtend: and K_g).
   const int head_group = HeadGroup(int64_t{(kSE && diag.find("group3") != std::string::npos) ? 3 : 2} * p.seq * kD * 2, pairs);
-  const bool band_half_ok = diag.find("fullband") == std::string::npos;
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group, band_half_ok);
+  attn_fwd_ws_kernel<kD, kMode><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
@@ -968,12 +979,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // Column split (D 128): dQ[:, 64c..64c+63] = dS K over all 128 keys of dSᵀ buffer `buf`;
   // A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
   auto issue_dq_cols = [&](float (&dq)[kDqN / 2], uint32_t kb, int buf) {
-    const uint32_t sdS = base + L::kDS + buf * L::kDSBytes;
+    const uint64_t ds0 = SmemDesc(base + L::kDS + buf * L::kDSBytes, 64 * 128, 1024);
+    const uint64_t k0 = SmemDesc(kb + cwg * kKBlock, kKBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t row_off = 16 * kk * 128;
-      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                      SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      const uint32_t row_off = (16 * kk * 128) >> 4;
+      WgmmaSS64<1, 1>(dq, ds0 + row_off, k0 + row_off, kk > 0);
     }
   };
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
@@ -1012,26 +1023,30 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
     const float* d_s = lse_s + 64;
     MbarWait(full_bar(s), (it / kBwdStages) & 1);
-    // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
+    // Laundered per tile so that the compiler rebuilds the K / V descriptors from these bases
     // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
     uint32_t kb = sK, vb = sV;
     asm volatile("" : "+r"(kb), "+r"(vb));
 
     float st[32], dpt[32];
     WgmmaFence();
+    // Descriptors as base + the k-step's offset (start-address field, 16-byte units; no
+    // address reaches 2^18, so the field never carries).
+    const uint64_t dk0 = SmemDesc(kb + 64 * cwg * 128, 16, 1024);
+    const uint64_t dv0 = SmemDesc(vb + 64 * cwg * 128, 16, 1024);
+    const uint64_t dq0 = SmemDesc(sQ, 16, 1024), ddo0 = SmemDesc(sdO, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(st, SmemDesc(kb + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
+      const uint32_t koff = ((kk / 4) * kKBlock + (kk % 4) * 32) >> 4;
+      const uint32_t qoff = ((kk / 4) * kQBlock + (kk % 4) * 32) >> 4;
+      WgmmaSS64<0, 0>(st, dk0 + koff, dq0 + qoff, kk > 0);
     }
     WgmmaCommit();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(dpt, SmemDesc(vb + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
-                      kk > 0);
+      const uint32_t koff = ((kk / 4) * kKBlock + (kk % 4) * 32) >> 4;
+      const uint32_t qoff = ((kk / 4) * kQBlock + (kk % 4) * 32) >> 4;
+      WgmmaSS64<0, 0>(dpt, dv0 + koff, ddo0 + qoff, kk > 0);
     }
     WgmmaCommit();
     WgmmaWait1();  // Sᵀ done; dPᵀ may still run
@@ -1083,10 +1098,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major); they run under the
     // dSᵀ stores and the barrier below.
     WgmmaFence();
+    const uint64_t bo0 = SmemDesc(sdO, kQBlock, 1024), bq0 = SmemDesc(sQ, kQBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kQBlock, 1024);
-      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bo = bo0 + ((kk * 16 * 128) >> 4);
+      const uint64_t bq = bq0 + ((kk * 16 * 128) >> 4);
       if constexpr (kD == 128) {
         WgmmaRS128(dv, pa[kk], bo);
         WgmmaRS128(dk, da[kk], bq);
@@ -1117,11 +1133,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       // keys), B = K rows (N-major).
       float dq[kDqN / 2];
       WgmmaFence();
+      const uint64_t ds0 = SmemDesc(sdS + 64 * cwg * 128, 64 * 128, 1024);
+      const uint64_t k0 = SmemDesc(kb + 64 * cwg * 128, kKBlock, 1024);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
-        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                        SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
+        const uint32_t row_off = (16 * kk * 128) >> 4;
+        WgmmaSS64<1, 1>(dq, ds0 + row_off, k0 + row_off, kk > 0);
       }
       WgmmaCommit();
       WgmmaWait0();
@@ -1223,12 +1240,16 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream) {
+  // SelfExtend band steps: half-width second product when W % 64 == 0.
+  const bool half = p.se_window % 64 == 0 && std::string(SeDiag()).find("fullband") == std::string::npos;
   if (head_dim == 64) {
-    return self_extend ? LaunchWs<64, true>(p, batch, stream)
-                       : LaunchWs<64, false>(p, batch, stream);
+    if (!self_extend) return LaunchWs<64, kPlainFwd>(p, batch, stream);
+    return half ? LaunchWs<64, kHalfBandFwd>(p, batch, stream)
+                : LaunchWs<64, kFullBandFwd>(p, batch, stream);
   }
-  return self_extend ? LaunchWs<128, true>(p, batch, stream)
-                     : LaunchWs<128, false>(p, batch, stream);
+  if (!self_extend) return LaunchWs<128, kPlainFwd>(p, batch, stream);
+  return half ? LaunchWs<128, kHalfBandFwd>(p, batch, stream)
+              : LaunchWs<128, kFullBandFwd>(p, batch, stream);
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
