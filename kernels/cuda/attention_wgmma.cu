@@ -3,9 +3,9 @@
 // structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
 //   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
 //   attn_bwd_ws_kernel      backward main kernel (described above it)
-// Measured on an H100 (bench/RESULTS.md, session 5 attn5): forward 490-630 TFLOP/s at D 128
-// (SDPA cuDNN 470-600); whole backward incl. prep and dQ conversion 360 / 460 TFLOP/s at B8
-// S2048 / B2 S8192 D128.
+// Measured on an H100 (bench/RESULTS.md, sessions 5-6, attn5 / attn6): forward 490-630 TFLOP/s
+// at D 128 (SDPA cuDNN 450-600); whole backward incl. prep and dQ conversion 360 / 450 TFLOP/s
+// at B8 S2048 / B2 S8192 D128; SelfExtend forward 1.02-1.05x the plain one.
 //
 // Shared memory uses the 128-byte swizzle that both wgmma and TMA use natively: a tile of R rows
 // x D columns is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at
@@ -165,9 +165,20 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
 //   mask; tiles wholly inside it the plain step with Q and K (causal mask on the diagonal);
 //   only the band tiles that hold both kinds of pairs (one per block when W % 128 == 0) compute
 //   both S = Q Kᵀ and S_g = Q_g K_gᵀ, keep S_g where i − j >= W (band_merge) and go on with ONE
-//   softmax and ONE P·V. The band's S_g is issued after P(j−1)V(j−1) retired, so P's registers
-//   hold it (o, s, S_g live: issuing it with S spills 212 bytes at D 128). Q_g arrives with Q;
-//   the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
+//   softmax and ONE P·V. The tiles are visited grouped-only, neighbour-only, band last (the
+//   online softmax does not care about the order), so the main loop is the plain kernel's with
+//   one select of Q or Q_g (682 vs 653 instructions per iteration at D 128) and the band steps
+//   have their own loop; a band step retires P(j−1)V(j−1) before it issues S and S_g (o, s, S_g
+//   live; issuing S_g with S and P V spills 212 bytes at D 128). Q_g has its own mbarrier and
+//   goes first when the first tile is grouped-only (the block then starts on 64 KB like the
+//   plain one); the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
+//   Measured (H100, RESULTS.md attn6, plain and SelfExtend timed alternately): 1.04-1.05x the
+//   plain forward at B8 S2048 D128, 1.02x at B2 S8192, 1.04x at D 64. (main 2eb55b8 had the
+//   band code inside the main loop, 1455 instructions per iteration: 1.10x at both D 128
+//   shapes by single timings in the same call.)
+// Descriptors of the k-steps of one GEMM are one base descriptor plus the step's offset in the
+// start-address field (no carry: every shared address is below 2^18); per-k SmemDesc calls
+// cost 80-90 more instructions per iteration, which the SelfExtend loop could not hoist.
 
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -231,8 +242,6 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
 constexpr int kWsThreads = 384;
 
 // Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
-constexpr int kPlainFwd = 0, kHalfBandFwd = 1, kFullBandFwd = 2;
-
 template <int kD, bool kSE>
 constexpr int WsFwdSmemBytes() {
   return (kSE ? 2 : 1) * kWgM * kD * 2 + (kSE ? 5 : 4) * kWgN * kD * 2 + 1024 + 128;
@@ -244,14 +253,10 @@ struct FwdTmaMaps {
   CUtensorMap q, k, v, qg, kg;
 };
 
-// kMode: kPlainFwd, or SelfExtend with kHalfBandFwd (W % 64 == 0) or kFullBandFwd band steps
-// (a compile-time choice: a runtime branch between two band steps makes ptxas serialise every
-// wgmma of the kernel, C7520, or, as two loops, spill 112 bytes).
-template <int kD, int kMode>
+template <int kD, bool kSE>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
                        const int head_group) {
-  constexpr bool kSE = kMode != kPlainFwd;
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -310,7 +315,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   auto is_band = [&](int t) { return kSE && t >= near_first && t < n_far; };
   // Visiting order (SelfExtend): grouped-only tiles, neighbour-only tiles, band tiles last, so
   // the main loop holds no band code and the block starts with one Q-sized tile + one K tile
-  // (Q_g and K_g for a grouped tile) as the plain kernel does. Step u visits tile TileOf(u);
+  // (Q_g and K_g for a grouped tile) as the plain kernel does. Step u visits tile tile_of(u);
   // stages and mbarrier phases follow u.
   const int n_plain_steps = total - (n_far - near_first);  // grouped-only + neighbour-only
   auto tile_of = [&](int u) {
@@ -408,19 +413,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     WgmmaCommit();
   };
-  // The same over the 64 keys from k_rows (m64n64k16 x D/16), not committed (it joins the
-  // group of the next issue_scores).
-  auto issue_scores64 = [&](float (&acc)[32], uint32_t q_rows, uint32_t k_rows) {
-    // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
-    // step's offset (every address stays below 2^18, so the field never carries).
-    const uint64_t da0 = SmemDesc(q_rows, 16, 1024), db0 = SmemDesc(k_rows, 16, 1024);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
-      const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
-      WgmmaSS64<0, 0>(acc, da, db, kk > 0 ? 1 : 0);
-    }
-  };
   auto issue_pv = [&](int u) {
     const uint64_t dv0 = SmemDesc(sV(u & 1), kKBlock, 1024);
 #pragma unroll
@@ -448,30 +440,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           const int col = 8 * c + 2 * tq + e;
           float& x = s[4 * c + 2 * hr + e];
           x = col > hi ? -INFINITY : (col <= far_hi ? sg[4 * c + 2 * hr + e] : x);
-        }
-    }
-  };
-  // Band tile when W % 64 == 0: for this warpgroup's 64 rows, far_hi = row − W − n0 runs over
-  // a multiple of 64 plus 0..63, so one 64-key half of the tile holds pairs of one kind only.
-  // far_half false (far_hi <= 63): keys 64..127 are neighbours for every row; s = Q Kᵀ over the
-  // tile, hv = Q_g K_gᵀ over keys 0..63. far_half true (far_hi >= 64): keys 0..63 are grouped
-  // for every row; s = Q_g K_gᵀ over the tile, hv = Q Kᵀ over keys 64..127. Merged into s,
-  // −inf past the diagonal and past T.
-  auto band_merge_half = [&](int t, bool far_half, const float (&hv)[32]) {
-    const int n0 = t * kWgN;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = r_lo + 8 * hr;
-      const int hi = min(row, seq - 1) - n0, far_hi = row - W - n0;
-#pragma unroll
-      for (int c = 0; c < kWgN / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * c + 2 * tq + e;
-          float& x = s[4 * c + 2 * hr + e];
-          const bool far = col <= far_hi;
-          const bool from_hv = c < 8 ? (!far_half && far) : (far_half && !far);
-          x = col > hi ? -INFINITY : (from_hv ? hv[4 * (c % 8) + 2 * hr + e] : x);
         }
     }
   };
@@ -594,11 +562,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     pack_p();
   }
   // SelfExtend band tiles (one per block when W % 128 == 0), last: both score products, ONE
-  // softmax, ONE P V. A band step issues P(u − 1)V(u − 1) first and the score products once
-  // it retired, so P's registers are free for the second product (o, s and it live; issued
-  // with S and P V as in a plain step, it spills 212 bytes at D 128). W % 64 == 0 (the usual
-  // windows): the second product is 64 keys wide (band_merge_half); otherwise S_g over the
-  // whole tile (band_merge).
+  // softmax, ONE P V. A band step issues P(u − 1)V(u − 1) first and S, S_g together once it
+  // retired, so P's registers are free for S_g (o, s, S_g live; issued with S and P V as in a
+  // plain step, S_g spills 212 bytes at D 128). (A 64-key-wide S_g for W % 64 == 0, issued
+  // the same way, measured no faster at D 128 and 2% slower at D 64: RESULTS.md, attn6.)
   if constexpr (kSE) {
     if (u < total) {  // (step 0 may have been a grouped-only tile and the only plain step)
       MbarWait(q_full, 0);
@@ -617,26 +584,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarArrive(v_empty((u - 1) & 1));
       const uint32_t kb = sK(u & 1);
       WgmmaFence();
-      if constexpr (kMode == kHalfBandFwd) {
-        const bool far_half = w_first - W - t * kWgN > 0;
-        float hv[32];
-        issue_scores64(hv, (far_half ? sQ : sQg) + own_rows, far_half ? kb + 64 * 128 : sKgBand);
-        issue_scores(s, (far_half ? sQg : sQ) + own_rows, far_half ? sKgBand : kb);
-        if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
-        WgmmaWait0();
-        FenceRegs(s);
-        FenceRegs(hv);
-        band_merge_half(t, far_half, hv);
-      } else {
-        float sg[64];
-        issue_scores(s, sQ + own_rows, kb);
-        issue_scores(sg, sQg + own_rows, sKgBand);
-        if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
-        WgmmaWait0();
-        FenceRegs(s);
-        FenceRegs(sg);
-        band_merge(t, sg);
-      }
+      float sg[64];
+      issue_scores(s, sQ + own_rows, kb);
+      issue_scores(sg, sQg + own_rows, sKgBand);
+      if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+      WgmmaWait0();
+      FenceRegs(s);
+      FenceRegs(sg);
+      band_merge(t, sg);
       MbarArrive(k_empty(u & 1));
       float corr[2];
       softmax(t, corr);
@@ -700,11 +655,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // first. Measured against head-major order (H100, RESULTS.md attn5): forward 4-6%, backward
 // 3-5% faster; 32 heads per group at B2 S8192 (4 MB each) was 10% slower than 4 (L2 misses).
 constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
-int HeadGroup(int64_t bytes_per_pair, int64_t pairs, const char* budget_env = nullptr) {
-  // TEMPORARY (attn6 A/B, removed after call 2): the budget from `budget_env` in MB.
-  const char* env = budget_env != nullptr ? std::getenv(budget_env) : nullptr;
-  const int64_t budget = env != nullptr ? int64_t{std::atoi(env)} << 20 : kOrderL2Budget;
-  const int64_t n = budget / std::max<int64_t>(bytes_per_pair, 1);
+int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
+  const int64_t n = kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 1), pairs));
 }
 
@@ -746,24 +698,10 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
-// TEMPORARY (attn6 A/B, removed after call 2): GYRE_ATTN_SE_DIAG contains nowin (the
-// SelfExtend kernel with W = T: no grouped pair, the plain work in the SelfExtend
-// instantiation), group3 (SelfExtend block groups sized for K, V and K_g as before), fullband
-// (band tiles with two full score products even when W % 64 == 0).
-const char* SeDiag() {
-  static const char* const env = std::getenv("GYRE_ATTN_SE_DIAG");
-  return env == nullptr ? "" : env;
-}
-
-template <int kD, int kMode>
-CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stream) {
-  constexpr bool kSE = kMode != kPlainFwd;
-  WgmmaFwdParams p = p_in;
-  const std::string diag = SeDiag();
-  if (kSE && diag.find("nowin") != std::string::npos) p.se_window = p.seq;
-  constexpr int smem_own = WsFwdSmemBytes<kD, kSE>();
-  const int smem = smem_own;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kMode>,
+template <int kD, bool kSE>
+CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
+  constexpr int smem = WsFwdSmemBytes<kD, kSE>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
   const int kv_heads = p.heads / p.group;
@@ -778,9 +716,9 @@ CudaResult LaunchWs(const WgmmaFwdParams& p_in, int64_t batch, cudaStream_t stre
   }
   const int64_t pairs = batch * p.heads;
   // A pair's blocks re-read K and V (SelfExtend: and K_g).
-  const int head_group = HeadGroup(int64_t{(kSE && diag.find("group3") != std::string::npos) ? 3 : 2} * p.seq * kD * 2, pairs);
+  const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kMode><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
@@ -979,12 +917,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // Column split (D 128): dQ[:, 64c..64c+63] = dS K over all 128 keys of dSᵀ buffer `buf`;
   // A = dS (M-major: dSᵀ rows are keys), B = K rows (N-major).
   auto issue_dq_cols = [&](float (&dq)[kDqN / 2], uint32_t kb, int buf) {
-    const uint64_t ds0 = SmemDesc(base + L::kDS + buf * L::kDSBytes, 64 * 128, 1024);
-    const uint64_t k0 = SmemDesc(kb + cwg * kKBlock, kKBlock, 1024);
+    const uint32_t sdS = base + L::kDS + buf * L::kDSBytes;
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t row_off = (16 * kk * 128) >> 4;
-      WgmmaSS64<1, 1>(dq, ds0 + row_off, k0 + row_off, kk > 0);
+      const uint32_t row_off = 16 * kk * 128;
+      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                      SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
     }
   };
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
@@ -1030,23 +968,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
     float st[32], dpt[32];
     WgmmaFence();
-    // Descriptors as base + the k-step's offset (start-address field, 16-byte units; no
-    // address reaches 2^18, so the field never carries).
-    const uint64_t dk0 = SmemDesc(kb + 64 * cwg * 128, 16, 1024);
-    const uint64_t dv0 = SmemDesc(vb + 64 * cwg * 128, 16, 1024);
-    const uint64_t dq0 = SmemDesc(sQ, 16, 1024), ddo0 = SmemDesc(sdO, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = ((kk / 4) * kKBlock + (kk % 4) * 32) >> 4;
-      const uint32_t qoff = ((kk / 4) * kQBlock + (kk % 4) * 32) >> 4;
-      WgmmaSS64<0, 0>(st, dk0 + koff, dq0 + qoff, kk > 0);
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(st, SmemDesc(kb + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
     }
     WgmmaCommit();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = ((kk / 4) * kKBlock + (kk % 4) * 32) >> 4;
-      const uint32_t qoff = ((kk / 4) * kQBlock + (kk % 4) * 32) >> 4;
-      WgmmaSS64<0, 0>(dpt, dv0 + koff, ddo0 + qoff, kk > 0);
+      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+      WgmmaSS64<0, 0>(dpt, SmemDesc(vb + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
+                      kk > 0);
     }
     WgmmaCommit();
     WgmmaWait1();  // Sᵀ done; dPᵀ may still run
@@ -1098,11 +1032,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // dV += Pᵀ dO, dK += dSᵀ Q (k = 64 queries; B = dO / Q rows, N-major); they run under the
     // dSᵀ stores and the barrier below.
     WgmmaFence();
-    const uint64_t bo0 = SmemDesc(sdO, kQBlock, 1024), bq0 = SmemDesc(sQ, kQBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint64_t bo = bo0 + ((kk * 16 * 128) >> 4);
-      const uint64_t bq = bq0 + ((kk * 16 * 128) >> 4);
+      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kQBlock, 1024);
       if constexpr (kD == 128) {
         WgmmaRS128(dv, pa[kk], bo);
         WgmmaRS128(dk, da[kk], bq);
@@ -1133,12 +1066,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       // keys), B = K rows (N-major).
       float dq[kDqN / 2];
       WgmmaFence();
-      const uint64_t ds0 = SmemDesc(sdS + 64 * cwg * 128, 64 * 128, 1024);
-      const uint64_t k0 = SmemDesc(kb + 64 * cwg * 128, kKBlock, 1024);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t row_off = (16 * kk * 128) >> 4;
-        WgmmaSS64<1, 1>(dq, ds0 + row_off, k0 + row_off, kk > 0);
+        const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
+        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
+                        SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
       }
       WgmmaCommit();
       WgmmaWait0();
@@ -1230,7 +1162,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                   static_cast<unsigned>(batch));
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
-      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads, "GYRE_ATTN_BWD_L2_MB");
+      HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
   attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
@@ -1240,16 +1172,12 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream) {
-  // SelfExtend band steps: half-width second product when W % 64 == 0.
-  const bool half = p.se_window % 64 == 0 && std::string(SeDiag()).find("fullband") == std::string::npos;
   if (head_dim == 64) {
-    if (!self_extend) return LaunchWs<64, kPlainFwd>(p, batch, stream);
-    return half ? LaunchWs<64, kHalfBandFwd>(p, batch, stream)
-                : LaunchWs<64, kFullBandFwd>(p, batch, stream);
+    return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                       : LaunchWs<64, false>(p, batch, stream);
   }
-  if (!self_extend) return LaunchWs<128, kPlainFwd>(p, batch, stream);
-  return half ? LaunchWs<128, kHalfBandFwd>(p, batch, stream)
-              : LaunchWs<128, kFullBandFwd>(p, batch, stream);
+  return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                     : LaunchWs<128, false>(p, batch, stream);
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
