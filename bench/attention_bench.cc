@@ -8,7 +8,8 @@
 // call). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
 // once, each output written once.
 //
-//   attention_bench [--reps=N] [--shapes=K]   (K: only the first K shapes, e.g. for ncu)
+//   attention_bench [--reps=N] [--shapes=K] [--fwd_only]
+//   (K: only the first K shapes, e.g. for ncu; --fwd_only: the plain and SelfExtend forwards)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others (kernels/cuda/attention.cu, kernel choice).
 #include <cuda_bf16.h>
@@ -71,7 +72,7 @@ void Print(const char* what, const Shape& s, double ms, double flops, double byt
   std::fflush(stdout);
 }
 
-void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps) {
+void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, bool fwd_only) {
   const int64_t n = s.batch * s.seq * s.heads * s.dim;
   std::vector<DeviceBuffer> keep;
   uint64_t seed = 1;
@@ -120,25 +121,47 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps) 
   CUDA_OK_OR_DIE(AttentionForward(fa, stream));  // lse for the backward timings
   const double fwd = TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); });
   Print("fwd", s, fwd, fwd_flops, fwd_bytes);
-  const double bwd = TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba, stream); });
-  Print("bwd", s, bwd, bwd_flops, bwd_bytes);
-  const double both = TimeMs(stream, reps, [&]() -> CudaResult {
-    CUDA_RETURN_IF_NOT_OK(AttentionForward(fa, stream));
-    return AttentionBackward(&alloc, ba, stream);
-  });
-  Print("fwd+bwd", s, both, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes);
+  if (!fwd_only) {
+    const double bwd =
+        TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba, stream); });
+    Print("bwd", s, bwd, bwd_flops, bwd_bytes);
+    const double both = TimeMs(stream, reps, [&]() -> CudaResult {
+      CUDA_RETURN_IF_NOT_OK(AttentionForward(fa, stream));
+      return AttentionBackward(&alloc, ba, stream);
+    });
+    Print("fwd+bwd", s, both, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes);
+  }
   const double sef = TimeMs(stream, reps, [&] { return AttentionForward(se, stream); });
   Print("selfextend fwd", s, sef, fwd_flops, fwd_bytes + 2.0 * n * 2);
   std::printf("ours selfextend/plain fwd B%lld S%lld D%lld: %.3f\n",
               static_cast<long long>(s.batch), static_cast<long long>(s.seq),
               static_cast<long long>(s.dim), sef / fwd);
+  // The same ratio from plain and SelfExtend timings taken alternately (5 rounds, medians):
+  // the two single timings above lie seconds apart, and the card's clock drifts between them
+  // with what ran before (session 6: the single ratio moved by up to 10% between runs).
+  std::vector<float> plain_ms, se_ms, ratios;
+  for (int round = 0; round < 5; ++round) {
+    plain_ms.push_back(TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); }));
+    se_ms.push_back(TimeMs(stream, reps, [&] { return AttentionForward(se, stream); }));
+    ratios.push_back(se_ms.back() / plain_ms.back());
+  }
+  std::printf(
+      "ours selfextend/plain fwd alternating B%lld S%lld D%lld: plain %.4f ms selfextend %.4f "
+      "ms ratio %.3f (median of 5 rounds; min %.3f max %.3f)\n",
+      static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+      static_cast<long long>(s.dim), Median(plain_ms), Median(se_ms), Median(ratios),
+      *std::min_element(ratios.begin(), ratios.end()),
+      *std::max_element(ratios.begin(), ratios.end()));
+  std::fflush(stdout);
 }
 
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3;
+  bool fwd_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
+    if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
   }
   cudaDeviceProp prop{};
   CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
@@ -147,7 +170,7 @@ int Main(int argc, char** argv) {
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
-  for (int i = 0; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps);
+  for (int i = 0; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

@@ -3,7 +3,8 @@
 // Shapes cover head_dim 64 and 128, GQA (H 8 / Hk 2), MHA, sequence lengths 1, 17, 100, 257,
 // 300, 1000 (none a multiple of the 128/64 tiles), batch 2, and strided views of one fused qkv
 // buffer (whose padding columns must stay untouched). SelfExtend: (G, W) = (4, 32), (8, 64),
-// (8, 200) and (4, 256) (a window of whole 128-key tiles, as in the benchmark) against a float64
+// (8, 200), (4, 256) and (8, 1024) at T 2100 (windows of whole 128-key tiles, the last the
+// benchmark's: grouped-only, neighbour-only and band tiles in every long block) against a float64
 // SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
@@ -410,7 +411,8 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
                            Problem{2, 300, 8, 2, 64, false, 8, 64},
                            Problem{2, 300, 8, 2, 128, true, 8, 64},
                            Problem{1, 1000, 4, 2, 64, false, 8, 200},
-                           Problem{2, 700, 4, 2, 128, true, 4, 256}}) {
+                           Problem{2, 700, 4, 2, 128, true, 4, 256},
+                           Problem{1, 2100, 2, 2, 128, false, 8, 1024}}) {
     ++checks;
     if (!RunSelfExtend(&alloc, rng, p)) ++failures;
   }

@@ -3,9 +3,9 @@
 // structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
 //   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
 //   attn_bwd_ws_kernel      backward main kernel (described above it)
-// Measured on an H100 (bench/RESULTS.md, session 5 attn5): forward 490-630 TFLOP/s at D 128
-// (SDPA cuDNN 470-600); whole backward incl. prep and dQ conversion 360 / 460 TFLOP/s at B8
-// S2048 / B2 S8192 D128.
+// Measured on an H100 (bench/RESULTS.md, sessions 5-6, attn5 / attn6): forward 490-630 TFLOP/s
+// at D 128 (SDPA cuDNN 450-600); whole backward incl. prep and dQ conversion 360 / 450 TFLOP/s
+// at B8 S2048 / B2 S8192 D128; SelfExtend forward 1.02-1.05x the plain one.
 //
 // Shared memory uses the 128-byte swizzle that both wgmma and TMA use natively: a tile of R rows
 // x D columns is D/64 column blocks of [R rows][128 bytes]; 16-byte chunk c of row r sits at
@@ -165,9 +165,20 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
 //   mask; tiles wholly inside it the plain step with Q and K (causal mask on the diagonal);
 //   only the band tiles that hold both kinds of pairs (one per block when W % 128 == 0) compute
 //   both S = Q Kᵀ and S_g = Q_g K_gᵀ, keep S_g where i − j >= W (band_merge) and go on with ONE
-//   softmax and ONE P·V. The band's S_g is issued after P(j−1)V(j−1) retired, so P's registers
-//   hold it (o, s, S_g live: issuing it with S spills 212 bytes at D 128). Q_g arrives with Q;
-//   the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
+//   softmax and ONE P·V. The tiles are visited grouped-only, neighbour-only, band last (the
+//   online softmax does not care about the order), so the main loop is the plain kernel's with
+//   one select of Q or Q_g (682 vs 653 instructions per iteration at D 128) and the band steps
+//   have their own loop; a band step retires P(j−1)V(j−1) before it issues S and S_g (o, s, S_g
+//   live; issuing S_g with S and P V spills 212 bytes at D 128). Q_g has its own mbarrier and
+//   goes first when the first tile is grouped-only (the block then starts on 64 KB like the
+//   plain one); the band tile's K_g has its own buffer (224 KB of shared memory at D 128).
+//   Measured (H100, RESULTS.md attn6, plain and SelfExtend timed alternately): 1.04-1.05x the
+//   plain forward at B8 S2048 D128, 1.02x at B2 S8192, 1.04x at D 64. (main 2eb55b8 had the
+//   band code inside the main loop, 1455 instructions per iteration: 1.10x at both D 128
+//   shapes by single timings in the same call.)
+// Descriptors of the k-steps of one GEMM are one base descriptor plus the step's offset in the
+// start-address field (no carry: every shared address is below 2^18); per-k SmemDesc calls
+// cost 80-90 more instructions per iteration, which the SelfExtend loop could not hoist.
 
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -257,14 +268,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const uint32_t sQg = base + kQBytes;
   const uint32_t sKV = base + (kSE ? 2 : 1) * kQBytes;
   const uint32_t sKgBand = sKV + 4 * kKVBytes;           // SelfExtend only
-  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 9 mbarriers, 8 bytes each
+  const uint32_t bars = sKV + (kSE ? 5 : 4) * kKVBytes;  // 10 mbarriers, 8 bytes each
   auto sK = [&](int stage) { return sKV + stage * kKVBytes; };
   auto sV = [&](int stage) { return sKV + (2 + stage) * kKVBytes; };
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto k_empty = [&](int s) { return bars + 16 + 8 * s; };
   auto v_full = [&](int s) { return bars + 32 + 8 * s; };
   auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
-  const uint32_t q_full = bars + 64;
+  const uint32_t q_full = bars + 64, qg_full = bars + 72;
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {  // full: one arrive.expect_tx per fill; empty: both consumer warpgroups
@@ -275,6 +286,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarInit(v_empty(s), 256);
     }
     MbarInit(q_full, 1);
+    MbarInit(qg_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -301,12 +313,28 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int total = n_tiles;
   auto is_far_only = [&](int t) { return kSE && t < near_first; };  // Q_g, K_g
   auto is_band = [&](int t) { return kSE && t >= near_first && t < n_far; };
+  // Visiting order (SelfExtend): grouped-only tiles, neighbour-only tiles, band tiles last, so
+  // the main loop holds no band code and the block starts with one Q-sized tile + one K tile
+  // (Q_g and K_g for a grouped tile) as the plain kernel does. Step u visits tile tile_of(u);
+  // stages and mbarrier phases follow u.
+  const int n_plain_steps = total - (n_far - near_first);  // grouped-only + neighbour-only
+  auto tile_of = [&](int u) {
+    if constexpr (!kSE) {
+      return u;
+    } else {
+      if (u < near_first) return u;
+      if (u < n_plain_steps) return n_far + (u - near_first);
+      return near_first + (u - n_plain_steps);
+    }
+  };
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
-    // One thread issues every copy (TMA): K(t + 1) (its stage freed by S(t − 1)) ahead of V(t)
-    // (freed by P(t − 2)V(t − 2)), the order in which the consumers release them. SelfExtend:
-    // Q_g rides with Q, a band tile's K_g (own buffer) with its K.
+    // One thread issues every copy (TMA): K(u + 1) (its stage freed by S(u − 1)) ahead of V(u)
+    // (freed by P(u − 2)V(u − 2)), the order in which the consumers release them. SelfExtend:
+    // Q_g has its own mbarrier; when the first tile is grouped-only, Q_g goes first and Q
+    // follows K(0) (needed from the first neighbour tile on); a band tile's K_g (own buffer)
+    // rides with its K.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (wtid != 0) return;
     auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
@@ -315,28 +343,40 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
       }
     };
-    auto load_k = [&](int t) {
-      const int s = t & 1;
-      MbarWait(k_empty(s), ((t >> 1) & 1) ^ 1);
+    auto load_k = [&](int u) {
+      const int s = u & 1, t = tile_of(u);
+      MbarWait(k_empty(s), ((u >> 1) & 1) ^ 1);
       const bool band = is_band(t);
-      if (band && t > 0 && is_band(t - 1)) {  // the K_g band buffer: S_g(t − 1) done
-        MbarWait(k_empty(s ^ 1), ((t - 1) >> 1) & 1);
+      if (band && u > 0 && is_band(tile_of(u - 1))) {  // the K_g band buffer: S_g(u − 1) done
+        MbarWait(k_empty(s ^ 1), ((u - 1) >> 1) & 1);
       }
       MbarArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
       tile(sK(s), is_far_only(t) ? &maps.kg : &maps.k, k_full(s), hk, t * kWgN);
       if (band) tile(sKgBand, &maps.kg, k_full(s), hk, t * kWgN);
     };
-    const bool with_qg = kSE && n_far > 0;
-    MbarArriveExpectTx(q_full, kQBytes * (with_qg ? 2 : 1));
-    tile(sQ, &maps.q, q_full, h, m0);
-    if (with_qg) tile(sQg, &maps.qg, q_full, h, m0);
-    load_k(0);
-    for (int t = 0; t < total; ++t) {
-      if (t + 1 < total) load_k(t + 1);
-      const int s = t & 1;
-      MbarWait(v_empty(s), ((t >> 1) & 1) ^ 1);
+    auto load_q = [&] {
+      MbarArriveExpectTx(q_full, kQBytes);
+      tile(sQ, &maps.q, q_full, h, m0);
+    };
+    auto load_qg = [&] {
+      MbarArriveExpectTx(qg_full, kQBytes);
+      tile(sQg, &maps.qg, qg_full, h, m0);
+    };
+    if (is_far_only(tile_of(0))) {
+      load_qg();
+      load_k(0);
+      load_q();
+    } else {
+      load_q();
+      if (kSE && n_far > 0) load_qg();
+      load_k(0);
+    }
+    for (int u = 0; u < total; ++u) {
+      if (u + 1 < total) load_k(u + 1);
+      const int s = u & 1;
+      MbarWait(v_empty(s), ((u >> 1) & 1) ^ 1);
       MbarArriveExpectTx(v_full(s), kKVBytes);
-      tile(sV(s), &maps.v, v_full(s), hk, t * kWgN);
+      tile(sV(s), &maps.v, v_full(s), hk, tile_of(u) * kWgN);
     }
     return;
   }
@@ -346,8 +386,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int cwg = wg - 1;
   const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int w_first = m0 + 64 * cwg;
-  const int w_last = min(w_first + 63, last_row);
   const int r_lo = w_first + 16 * warp_in_wg + g;
+  const uint32_t own_rows = cwg * 64 * 128;  // this warpgroup's 64 rows of a Q tile
   // Turn barriers: ids 1 + c (256 threads: consumer c syncs, the other arrives).
   const int my_turn = 1 + cwg, other_turn = 2 - cwg;
   if (cwg == 1) NamedBarArrive(1, 256);  // consumer 0 takes the first turn
@@ -359,39 +399,30 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   float s[64];
   uint32_t pa[kWgN / 16][4];
 
-  auto issue_s = [&](int vt) {
-    const bool far = is_far_only(vt);
-    const uint32_t q_rows = (far ? sQg : sQ) + cwg * 64 * 128;
-    const uint32_t kb = sK(vt & 1);
+  // acc = Q Kᵀ over the 128 keys of K stage / buffer k_rows (m64n128k16 x D/16, both operands
+  // K-major in shared memory); q_rows: this warpgroup's first query row in column block 0.
+  auto issue_scores = [&](float (&acc)[64], uint32_t q_rows, uint32_t k_rows) {
+    // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
+    // step's offset (every address stays below 2^18, so the field never carries).
+    const uint64_t da0 = SmemDesc(q_rows, 16, 1024), db0 = SmemDesc(k_rows, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(kb + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(s, da, db, kk > 0 ? 1 : 0);
+      const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
+      const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
+      WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
-  auto issue_pv = [&](int vt) {
-    const uint32_t vb = sV(vt & 1);
+  auto issue_pv = [&](int u) {
+    const uint64_t dv0 = SmemDesc(sV(u & 1), kKBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kWgN / 16; ++kk) {
-      const uint64_t dv = SmemDesc(vb + kk * 16 * 128, kKBlock, 1024);
+      const uint64_t dv = dv0 + ((kk * 16 * 128) >> 4);
       if constexpr (kD == 128) {
         WgmmaRS128(o, pa[kk], dv);
       } else {
         WgmmaRS64(o, pa[kk], dv);
       }
-    }
-    WgmmaCommit();
-  };
-  // One-pass SelfExtend, band tile: the grouped scores S_g = Q_g K_gᵀ of the tile.
-  auto issue_s_band = [&](float (&sg)[64]) {
-    const uint32_t q_rows = sQg + cwg * 64 * 128;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = SmemDesc(q_rows + (kk / 4) * kQBlock + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = SmemDesc(sKgBand + (kk / 4) * kKBlock + (kk % 4) * 32, 16, 1024);
-      WgmmaSS128(sg, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
@@ -413,8 +444,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
   // Mask, row max, exponentials and row sums of S(t); returns the O correction per row half.
-  // Only tiles crossing this warpgroup's diagonal or the end of the sequence are masked here
-  // (far-only tiles never need it; band tiles were masked by band_merge).
+  // Only neighbour tiles crossing this warpgroup's diagonal or the end of the sequence are
+  // masked here (grouped-only tiles never need it; band tiles were masked by band_merge).
   auto softmax = [&](int t, float (&corr)[2]) {
     const int n0 = t * kWgN;
     const bool need_mask = !is_far_only(t) && !is_band(t) &&
@@ -462,66 +493,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-
-  MbarWait(q_full, 0);
-  // Tile 0: S only.
-  MbarWait(k_full(0), 0);
-  NamedBarSync(my_turn, 256);
-  WgmmaFence();
-  issue_s(0);
-  if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
-  WgmmaWait0();
-  FenceRegs(s);
-  if (is_band(0)) {
-    float sg[64];
-    WgmmaFence();
-    issue_s_band(sg);
-    WgmmaWait0();
-    FenceRegs(sg);
-    band_merge(0, sg);
-  }
-  MbarArrive(k_empty(0));
-  {
-    float corr[2];
-    softmax(0, corr);
-  }
-  pack_p();
-
-  for (int vt = 1; vt < total; ++vt) {
-    MbarWait(k_full(vt & 1), (vt >> 1) & 1);
-    MbarWait(v_full((vt - 1) & 1), ((vt - 1) >> 1) & 1);
-    NamedBarSync(my_turn, 256);
-    WgmmaFence();
-    issue_s(vt);
-    issue_pv(vt - 1);
-    if (!(cwg == 1 && vt == total - 1)) NamedBarArrive(other_turn, 256);
-    float corr[2];
-    if (is_band(vt)) {
-      // Band tile (one per block when W % 128 == 0): P(vt − 1)V(vt − 1) first, so P's
-      // registers are free for S_g (o, s, S_g live; not o, s, P, S_g).
-      WgmmaWait0();
-      FenceRegs(s);
-      FenceRegs(o);
-      FenceRegs(pa);
-      MbarArrive(v_empty((vt - 1) & 1));
-      float sg[64];
-      WgmmaFence();
-      issue_s_band(sg);
-      WgmmaWait0();
-      FenceRegs(sg);
-      MbarArrive(k_empty(vt & 1));
-      band_merge(vt, sg);
-      softmax(vt, corr);
-    } else {
-      WgmmaWait1();  // S(vt) done; P(vt − 1)V(vt − 1) may still run
-      FenceRegs(s);
-      MbarArrive(k_empty(vt & 1));
-      softmax(vt, corr);
-      WgmmaWait0();
-      FenceRegs(o);
-      FenceRegs(pa);
-      MbarArrive(v_empty((vt - 1) & 1));
-    }
+  auto rescale_o = [&](const float (&corr)[2]) {
 #pragma unroll
     for (int c = 0; c < kDT; ++c) {
       o[4 * c] *= corr[0];
@@ -529,7 +501,103 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       o[4 * c + 2] *= corr[1];
       o[4 * c + 3] *= corr[1];
     }
+  };
+
+  // Step 0: S only (a band tile: S, then S_g).
+  {
+    const int t = tile_of(0);
+    const bool far = is_far_only(t), band = is_band(t);
+    if constexpr (kSE) {
+      if (far || band) MbarWait(qg_full, 0);
+    }
+    if (!far) MbarWait(q_full, 0);
+    MbarWait(k_full(0), 0);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_scores(s, (far ? sQg : sQ) + own_rows, sK(0));
+    if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait0();
+    FenceRegs(s);
+    if (band) {
+      float sg[64];
+      WgmmaFence();
+      issue_scores(sg, sQg + own_rows, sKgBand);
+      WgmmaWait0();
+      FenceRegs(sg);
+      band_merge(t, sg);
+    }
+    MbarArrive(k_empty(0));
+    float corr[2];
+    softmax(t, corr);
     pack_p();
+  }
+
+  // Steps 1 .. n_plain_steps − 1: grouped-only and neighbour-only tiles (the plain kernel's
+  // loop; SelfExtend only picks Q_g for grouped tiles, whose K stage holds K_g). In this
+  // warpgroup's turn S(u) and P(u − 1)V(u − 1) are issued back to back; the softmax of S(u)
+  // runs under P V and the other warpgroup's GEMMs.
+  int u = 1;
+  if constexpr (kSE) {
+    if (n_plain_steps > 1) MbarWait(q_full, 0);
+  }
+  for (; u < n_plain_steps; ++u) {
+    const int t = tile_of(u);
+    MbarWait(k_full(u & 1), (u >> 1) & 1);
+    MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+    NamedBarSync(my_turn, 256);
+    WgmmaFence();
+    issue_scores(s, (is_far_only(t) ? sQg : sQ) + own_rows, sK(u & 1));
+    issue_pv(u - 1);
+    if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+    WgmmaWait1();  // S(u) done; P(u − 1)V(u − 1) may still run
+    FenceRegs(s);
+    MbarArrive(k_empty(u & 1));
+    float corr[2];
+    softmax(t, corr);
+    WgmmaWait0();
+    FenceRegs(o);
+    FenceRegs(pa);
+    MbarArrive(v_empty((u - 1) & 1));
+    rescale_o(corr);
+    pack_p();
+  }
+  // SelfExtend band tiles (one per block when W % 128 == 0), last: both score products, ONE
+  // softmax, ONE P V. A band step issues P(u − 1)V(u − 1) first and S, S_g together once it
+  // retired, so P's registers are free for S_g (o, s, S_g live; issued with S and P V as in a
+  // plain step, S_g spills 212 bytes at D 128). (A 64-key-wide S_g for W % 64 == 0, issued
+  // the same way, measured no faster at D 128 and 2% slower at D 64: RESULTS.md, attn6.)
+  if constexpr (kSE) {
+    if (u < total) {  // (step 0 may have been a grouped-only tile and the only plain step)
+      MbarWait(q_full, 0);
+      MbarWait(qg_full, 0);
+    }
+    for (; u < total; ++u) {
+      const int t = tile_of(u);
+      MbarWait(k_full(u & 1), (u >> 1) & 1);
+      MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+      NamedBarSync(my_turn, 256);
+      WgmmaFence();
+      issue_pv(u - 1);
+      WgmmaWait0();
+      FenceRegs(o);
+      FenceRegs(pa);
+      MbarArrive(v_empty((u - 1) & 1));
+      const uint32_t kb = sK(u & 1);
+      WgmmaFence();
+      float sg[64];
+      issue_scores(s, sQ + own_rows, kb);
+      issue_scores(sg, sQg + own_rows, sKgBand);
+      if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
+      WgmmaWait0();
+      FenceRegs(s);
+      FenceRegs(sg);
+      band_merge(t, sg);
+      MbarArrive(k_empty(u & 1));
+      float corr[2];
+      softmax(t, corr);
+      rescale_o(corr);
+      pack_p();
+    }
   }
   MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
   WgmmaFence();
@@ -648,7 +716,7 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
   }
   const int64_t pairs = batch * p.heads;
   // A pair's blocks re-read K and V (SelfExtend: and K_g).
-  const int head_group = HeadGroup(int64_t{kSE ? 3 : 2} * p.seq * kD * 2, pairs);
+  const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
   attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
@@ -893,7 +961,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
     const float* d_s = lse_s + 64;
     MbarWait(full_bar(s), (it / kBwdStages) & 1);
-    // Laundered per tile so that the compiler rebuilds the K / V descriptors next to each wgmma
+    // Laundered per tile so that the compiler rebuilds the K / V descriptors from these bases
     // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
     uint32_t kb = sK, vb = sV;
     asm volatile("" : "+r"(kb), "+r"(vb));
