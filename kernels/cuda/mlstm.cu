@@ -909,6 +909,21 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 
 // ---------------------------------------------------------------- 3. fwd_out
 
+// Warp -> 16-row tile of the chunk in the three causal kernels (fwd_out, bwd_dv, bwd_dqk). The
+// four SM sub-partitions (schedulers, tensor cores) take warps by warp index % 4, so warps w and
+// w + 4 share one. The causal products give row tile i work proportional to i + 1 (fwd_out,
+// bwd_dqk's dP and dQ) or L/16 − i (bwd_dv, bwd_dqk's dK): with the identity map the sub-partition
+// of warps 3 and 7 does 12 units of P·V against 6 for warps 0 and 4, and every barrier waits for
+// it. With 8 warps (L 128), pairing tiles i and 7 − i on one sub-partition gives each 9.
+template <int NW>
+__device__ __forceinline__ int RowTile(int warp) {
+  if constexpr (NW == 8) {
+    return warp < 4 ? warp : 11 - warp;
+  } else {
+    return warp;
+  }
+}
+
 // Two stages of (Q, K, C_k [, C_k lo]) dk-tiles (the next one loads while this one
 // multiplies), one V slab.
 template <int L, int DVT, bool SPLIT>
@@ -933,7 +948,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   float* ms = igs + L;
   float* nks = ms + L;  // [DK] n_k
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+            c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -977,7 +993,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   for (int i = 0; i < kNt; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < kHt; ++i) hacc[i][0] = hacc[i][1] = hacc[i][2] = hacc[i][3] = 0.f;
-  float qn = 0.f;  // partial q·n_k of row (16w + lane%16), half lane/16
+  // q̂·n_k of rows 16w + g (qnacc[0]) and 16w + g + 8 (qnacc[2]): Q times an operand whose 8
+  // columns all hold n_k as bf16 hi + lo (exact to ~2^-17), two MMAs per 16 dk. Before: a scalar
+  // loop of 64 shared-memory loads and FMAs per thread per dk tile, about a third of the
+  // shared-memory wavefronts of the dk loop next to its ldmatrix loads.
+  float qnacc[4] = {0.f, 0.f, 0.f, 0.f};
   const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
     if (dt + 1 < ndt) {
@@ -994,6 +1014,15 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
       LoadA(a, qs, SM::kS64, 16 * w, 16 * kk, lane);
+      {
+        const float2 n0 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c);
+        const float2 n8 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c + 8);
+        uint32_t hi0, lo0, hi8, lo8;
+        SplitPack(n0.x, n0.y, hi0, lo0);
+        SplitPack(n8.x, n8.y, hi8, lo8);
+        Mma(qnacc, a, hi0, hi8);
+        Mma(qnacc, a, lo0, lo8);
+      }
 #pragma unroll
       for (int np = 0; np < L / 16; ++np) {
         if (np <= w) {
@@ -1016,18 +1045,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
         }
       }
     }
-    {
-      const int r = 16 * w + (lane & 15), half = lane >> 4;
-      const bf16* qr = qs + r * SM::kS64 + half * 32;
-      float s = 0.f;
-#pragma unroll 8
-      for (int i = 0; i < 32; ++i) s += __bfloat162float(qr[i]) * nks[dt * 64 + half * 32 + i];
-      qn += s;
-    }
     __syncthreads();
   }
-  qn += __shfl_xor_sync(0xffffffffu, qn, 16);
-  const float qn0 = __shfl_sync(0xffffffffu, qn, g), qn1 = __shfl_sync(0xffffffffu, qn, g + 8);
+  const float qn0 = qnacc[0], qn1 = qnacc[2];
 
   // Gating: P = S·scale ⊙ W (causal), row sums.
   const int r0 = 16 * w + g, r1 = r0 + 8;
@@ -1308,7 +1328,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   float* ms = igs + L;
   float* ivs = ms + L;
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+            c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -1465,7 +1486,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   float* nks = dds + L;    // [DKT] n_k
   float* dnks = nks + DKT; // [DKT] dn_{k+1}
   constexpr int kThreads = 2 * L, kNt = L / 8, kQt = DKT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+            c = lane & 3;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
