@@ -339,6 +339,21 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four MMAs into accumulators n0..n0+3 from the B fragments of two column-tile pairs (LoadBKN /
+// LoadBNK b0, b1) and one A. The hi + lo products of the split-precision paths call this twice
+// (hi A, then lo A), so an accumulator's next MMA comes 4 MMAs later, not 2: mma.sync results
+// are a fixed-latency dependency and with 2 warps per scheduler ("wait" was the largest stall
+// reason in ncu, 19-29% of the warps' cycles, bench/RESULTS.md helper mlstm6) back-to-back
+// dependent MMAs idle the tensor pipe.
+template <int N>
+__device__ __forceinline__ void MmaPairs(float (&acc)[N][4], int n0, const uint32_t (&a)[4],
+                                         const uint32_t (&b0)[4], const uint32_t (&b1)[4]) {
+  Mma(acc[n0], a, b0[0], b0[1]);
+  Mma(acc[n0 + 1], a, b0[2], b0[3]);
+  Mma(acc[n0 + 2], a, b1[0], b1[1]);
+  Mma(acc[n0 + 3], a, b1[2], b1[3]);
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -876,21 +891,18 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       uint32_t a[4], ae[4], elo[4];
       LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
-      if (n_block) {
-        Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
-      }
+      if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+      // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
+      // follows 4 MMAs later instead of 2 (see MmaPairs).
 #pragma unroll
-      for (int np = 0; np < TN / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], ae, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], ae, bb[2], bb[3]);
-        if (d.fwd_wlo) {  // the lo half of E_t k_t: the products are exact to ~2^-17
-          Mma(acc[2 * np], elo, bb[0], bb[1]);
-          Mma(acc[2 * np + 1], elo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < TN / 16; np += 2) {
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ae, b0, b1);
+        if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
       }
+      if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
@@ -909,12 +921,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 
 // ---------------------------------------------------------------- 3. fwd_out
 
-// Warp -> 16-row tile of the chunk in the three causal kernels (fwd_out, bwd_dv, bwd_dqk). The
+// Warp -> 16-row tile of the chunk in the causal kernels fwd_out and bwd_dqk. The
 // four SM sub-partitions (schedulers, tensor cores) take warps by warp index % 4, so warps w and
 // w + 4 share one. The causal products give row tile i work proportional to i + 1 (fwd_out,
 // bwd_dqk's dP and dQ) or L/16 − i (bwd_dv, bwd_dqk's dK): with the identity map the sub-partition
 // of warps 3 and 7 does 12 units of P·V against 6 for warps 0 and 4, and every barrier waits for
 // it. With 8 warps (L 128), pairing tiles i and 7 − i on one sub-partition gives each 9.
+// Measured with the q·n_k MMA below (H100, bench/RESULTS.md helper mlstm6): fwd_out 0.831 ->
+// 0.768 ms, bwd_dqk 1.186 -> 1.158 at the xlstm-125m cell; bwd_dv got 2-4% slower, so it keeps
+// the identity map.
 template <int NW>
 __device__ __forceinline__ int RowTile(int warp) {
   if constexpr (NW == 8) {
@@ -1012,16 +1027,14 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     const bf16* cs = qs + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], nhi[2], nlo[2];
       LoadA(a, qs, SM::kS64, 16 * w, 16 * kk, lane);
       {
         const float2 n0 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c);
         const float2 n8 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c + 8);
-        uint32_t hi0, lo0, hi8, lo8;
-        SplitPack(n0.x, n0.y, hi0, lo0);
-        SplitPack(n8.x, n8.y, hi8, lo8);
-        Mma(qnacc, a, hi0, hi8);
-        Mma(qnacc, a, lo0, lo8);
+        SplitPack(n0.x, n0.y, nhi[0], nlo[0]);
+        SplitPack(n8.x, n8.y, nhi[1], nlo[1]);
+        Mma(qnacc, a, nhi[0], nhi[1]);
       }
 #pragma unroll
       for (int np = 0; np < L / 16; ++np) {
@@ -1032,18 +1045,25 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
           Mma(sacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
+      // Q̂·C_hi over all column tiles, then Q̂·C_lo: the two MMAs into one accumulator are 2·DVT/8
+      // MMAs apart instead of 2 (the fixed-latency "wait" stall was the largest in ncu).
 #pragma unroll
       for (int np = 0; np < DVT / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
         Mma(hacc[2 * np], a, bb[0], bb[1]);
         Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DVT / 16; ++np) {
+          uint32_t bb[4];
           LoadBKN(bb, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
           Mma(hacc[2 * np], a, bb[0], bb[1]);
           Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
+      Mma(qnacc, a, nlo[0], nlo[1]);
     }
     __syncthreads();
   }
@@ -1090,15 +1110,12 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       SplitPack(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a[2], alo[2]);
       SplitPack(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a[3], alo[3]);
 #pragma unroll
-      for (int np = 0; np < DVT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, vs, SM::kSV, 16 * np, 16 * kk, lane);
-        Mma(hacc[2 * np], a, bb[0], bb[1]);
-        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
-          Mma(hacc[2 * np], alo, bb[0], bb[1]);
-          Mma(hacc[2 * np + 1], alo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < DVT / 16; np += 2) {
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, vs, SM::kSV, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, vs, SM::kSV, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(hacc, 2 * np, a, b0, b1);
+        if constexpr (SPLIT) MmaPairs(hacc, 2 * np, alo, b0, b1);
       }
     }
   }
@@ -1285,15 +1302,12 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
         Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
       }
 #pragma unroll
-      for (int np = 0; np < TN / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], ac, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], ac, bb[2], bb[3]);
-        if (d.bwd_wlo) {
-          Mma(acc[2 * np], aclo, bb[0], bb[1]);
-          Mma(acc[2 * np + 1], aclo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ac, b0, b1);
+        if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
       }
     }
     __syncthreads();
@@ -1328,7 +1342,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   float* ms = igs + L;
   float* ivs = ms + L;
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+  // Identity warp -> row tile here: the paired map (RowTile) made bwd_dv 2-4% slower (H100,
+  // bench/RESULTS.md helper mlstm6), though its causal products are as unbalanced.
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2,
             c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
@@ -1586,12 +1602,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         }
       }
 #pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
+      for (int np = 0; np < DKT / 16; ++np) {  // C_hi, then C_lo (as in fwd_out)
         uint32_t bb[4];
         LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(qacc[2 * np], a, bb[0], bb[1]);
         Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
           LoadBNK(bb, clos, SM::kS64, 16 * np, 16 * kk, lane);
           Mma(qacc[2 * np], a, bb[0], bb[1]);
           Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
@@ -1701,12 +1721,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       uint32_t a[4];
       LoadA(a, vs, SM::kS64, 16 * w, 16 * kk, lane);
 #pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
+      for (int np = 0; np < DKT / 16; ++np) {  // dC_hi, then dC_lo
         uint32_t bb[4];
         LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(kacc[2 * np], a, bb[0], bb[1]);
         Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
           LoadBNK(bb, dclos, SM::kS64, 16 * np, 16 * kk, lane);
           Mma(kacc[2 * np], a, bb[0], bb[1]);
           Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
