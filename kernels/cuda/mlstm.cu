@@ -1092,19 +1092,19 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       // Q̂·C_hi over all column tiles, then Q̂·C_lo: the two MMAs into one accumulator are 2·DVT/8
       // MMAs apart instead of 2 (the fixed-latency "wait" stall was the largest in ncu).
 #pragma unroll
-      for (int np = 0; np < DVT / 16; np += 2) {
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, cs, SM::kSV, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, cs, SM::kSV, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(hacc, 2 * np, a, b0, b1);
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(hacc[2 * np], a, bb[0], bb[1]);
+        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
       }
       if constexpr (SPLIT) {
 #pragma unroll
-        for (int np = 0; np < DVT / 16; np += 2) {
-          uint32_t b0[4], b1[4];
-          LoadBKN(b0, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
-          LoadBKN(b1, cs + 64 * SM::kSV, SM::kSV, 16 * np + 16, 16 * kk, lane);
-          MmaPairs(hacc, 2 * np, a, b0, b1);
+        for (int np = 0; np < DVT / 16; ++np) {
+          uint32_t bb[4];
+          LoadBKN(bb, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
+          Mma(hacc[2 * np], a, bb[0], bb[1]);
+          Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
       Mma(qnacc, a, nlo[0], nlo[1]);
@@ -1450,11 +1450,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
         }
       }
 #pragma unroll
-      for (int np = 0; np < DVT / 16; np += 2) {
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, cs, SM::kSV, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, cs, SM::kSV, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(vacc, 2 * np, a, b0, b1);
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(vacc[2 * np], a, bb[0], bb[1]);
+        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
       }
     }
     __syncthreads();
@@ -1495,11 +1495,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
       a[2] = PackBf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
       a[3] = PackBf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
 #pragma unroll
-      for (int np = 0; np < DVT / 16; np += 2) {
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, hs, SM::kSV, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, hs, SM::kSV, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(vacc, 2 * np, a, b0, b1);
+      for (int np = 0; np < DVT / 16; ++np) {
+        uint32_t bb[4];
+        LoadBKN(bb, hs, SM::kSV, 16 * np, 16 * kk, lane);
+        Mma(vacc[2 * np], a, bb[0], bb[1]);
+        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
       }
     }
   }
@@ -1647,19 +1647,19 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         }
       }
 #pragma unroll
-      for (int np = 0; np < DKT / 16; np += 2) {  // C_hi, then C_lo (as in fwd_out)
-        uint32_t b0[4], b1[4];
-        LoadBNK(b0, cs, SM::kS64, 16 * np, 16 * kk, lane);
-        LoadBNK(b1, cs, SM::kS64, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(qacc, 2 * np, a, b0, b1);
+      for (int np = 0; np < DKT / 16; ++np) {  // C_hi, then C_lo (as in fwd_out)
+        uint32_t bb[4];
+        LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
+        Mma(qacc[2 * np], a, bb[0], bb[1]);
+        Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
       }
       if constexpr (SPLIT) {
 #pragma unroll
-        for (int np = 0; np < DKT / 16; np += 2) {
-          uint32_t b0[4], b1[4];
-          LoadBNK(b0, clos, SM::kS64, 16 * np, 16 * kk, lane);
-          LoadBNK(b1, clos, SM::kS64, 16 * np + 16, 16 * kk, lane);
-          MmaPairs(qacc, 2 * np, a, b0, b1);
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
+          LoadBNK(bb, clos, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(qacc[2 * np], a, bb[0], bb[1]);
+          Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
     }
@@ -1766,19 +1766,19 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       uint32_t a[4];
       LoadA(a, vs, SM::kS64, 16 * w, 16 * kk, lane);
 #pragma unroll
-      for (int np = 0; np < DKT / 16; np += 2) {  // dC_hi, then dC_lo
-        uint32_t b0[4], b1[4];
-        LoadBNK(b0, dcs, SM::kS64, 16 * np, 16 * kk, lane);
-        LoadBNK(b1, dcs, SM::kS64, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(kacc, 2 * np, a, b0, b1);
+      for (int np = 0; np < DKT / 16; ++np) {  // dC_hi, then dC_lo
+        uint32_t bb[4];
+        LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
+        Mma(kacc[2 * np], a, bb[0], bb[1]);
+        Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
       }
       if constexpr (SPLIT) {
 #pragma unroll
-        for (int np = 0; np < DKT / 16; np += 2) {
-          uint32_t b0[4], b1[4];
-          LoadBNK(b0, dclos, SM::kS64, 16 * np, 16 * kk, lane);
-          LoadBNK(b1, dclos, SM::kS64, 16 * np + 16, 16 * kk, lane);
-          MmaPairs(kacc, 2 * np, a, b0, b1);
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
+          LoadBNK(bb, dclos, SM::kS64, 16 * np, 16 * kk, lane);
+          Mma(kacc[2 * np], a, bb[0], bb[1]);
+          Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
     }
