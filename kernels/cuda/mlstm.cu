@@ -735,49 +735,6 @@ __device__ __forceinline__ void StoreAccStaged(bf16* gdst, bf16* glo, int64_t ld
   }
 }
 
-// The state recurrences' staged stores (one 16-row × 8·NT tile per warp and chunk, hi and lo
-// planes): the fragments go to the warp's staging rows as in StoreAccStaged, then the bulk-copy
-// (TMA) engine writes them out, one row per lane (lanes 0-15 the hi rows, 16-31 the lo rows), so
-// the warp issues one instruction per row instead of 16-byte loads and stores per lane. ncu
-// (H100, bench/RESULTS.md helper mlstm6) had state_fwd's warps stalled on the global store queue
-// ("lg_throttle") 13% of their cycles with the lane copies. The caller must call
-// BulkStoreWaitRead() before the staging rows are written again (the refill after the barrier).
-template <int NT>
-__device__ __forceinline__ void StoreAccStagedBulk(bf16* gdst, bf16* glo, int64_t ld,
-                                                   const float (&acc)[NT][4], bf16* hi_s,
-                                                   bf16* lo_s, int lane) {
-  constexpr int kCols = NT * 8, kS = kCols + kPad;
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    uint32_t hi, lo;
-    SplitPack(acc[nt][0], acc[nt][1], hi, lo);
-    *reinterpret_cast<uint32_t*>(hi_s + g * kS + col) = hi;
-    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + g * kS + col) = lo;
-    SplitPack(acc[nt][2], acc[nt][3], hi, lo);
-    *reinterpret_cast<uint32_t*>(hi_s + (g + 8) * kS + col) = hi;
-    if (glo != nullptr) *reinterpret_cast<uint32_t*>(lo_s + (g + 8) * kS + col) = lo;
-  }
-  // The generic-proxy shared stores above must be visible to the async proxy that reads them.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncwarp();
-  const int row = lane & 15;
-  const bool lo_plane = lane >= 16;
-  if (!lo_plane || glo != nullptr) {
-    bf16* dst = (lo_plane ? glo : gdst) + row * ld;
-    const bf16* src = (lo_plane ? lo_s : hi_s) + row * kS;
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst),
-                 "r"(SmemAddr(src)), "n"(kCols * 2)
-                 : "memory");
-  }
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-// Waits until this thread's bulk stores have read their shared-memory source.
-__device__ __forceinline__ void BulkStoreWaitRead() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-
 // A block of the state recurrences owns a TM (dk rows) × TN (dv columns) tile of C for one
 // head: TM/16 warps, warp w owns rows 16w..16w+15, 2·TM threads. 64×64 (the first version) or
 // 128×128 (MlstmOptions::state_tile): the larger tile reads K and V half as often (the
@@ -897,9 +854,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     if constexpr (SM::kStaged) {
       // The refill stage is idle here (last read in step k−1, before its final barrier; refilled
       // only after this step's first barrier): stage C_k there.
-      StoreAccStagedBulk(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
-                         ks + refill * SM::kTileA + 16 * w * SM::kSB,
-                         vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+      StoreAccStaged(p.sc + coff, d.split ? p.sc_lo + coff : nullptr, d.DV, acc,
+                     ks + refill * SM::kTileA + 16 * w * SM::kSB,
+                     vs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else if constexpr (SM::kStaged2) {
       bf16* buf = 16 * w < L ? ks + refill * SM::kTileA + 16 * w * SM::kSB
                              : vs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
@@ -914,7 +871,6 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       prefetch(k + 2, refill);
       CpAsyncWait<2>();
     }
-    if constexpr (SM::kStaged) BulkStoreWaitRead();  // staging rows read before the refill
     if (tid < L) es[tid] = e_reg;
     __syncthreads();  // tile k and es visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
@@ -1299,9 +1255,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     const float cf = tid < len ? p.coef[so + t0 + tid] : 0.f;
     const float dd = tid < len ? p.ddc[so + t0 + tid] : 0.f;
     if constexpr (SM::kStaged) {  // as in state_fwd: the refill stage is idle here
-      StoreAccStagedBulk(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
-                         qs + refill * SM::kTileA + 16 * w * SM::kSB,
-                         hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
+      StoreAccStaged(p.dc + doff, d.split ? p.dc_lo + doff : nullptr, d.DV, acc,
+                     qs + refill * SM::kTileA + 16 * w * SM::kSB,
+                     hs + refill * SM::kTileB + 16 * w * SM::kSB, lane);
     } else if constexpr (SM::kStaged2) {
       bf16* buf = 16 * w < L ? qs + refill * SM::kTileA + 16 * w * SM::kSB
                              : hs + refill * SM::kTileB + (16 * w - L) * SM::kSB;
@@ -1316,7 +1272,6 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       prefetch(s + 2, refill);
       CpAsyncWait<2>();
     }
-    if constexpr (SM::kStaged) BulkStoreWaitRead();
     if (tid < L) {
       coef[tid] = cf;
       ddc[tid] = dd;
