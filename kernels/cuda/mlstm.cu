@@ -66,6 +66,9 @@
 //   Measured (H200, 2026-11-26, bench/RESULTS.md): fwd 0.65 ms, fwd+bwd 1.70 ms (true gradient,
 //   split precision, 128×128 state tiles); bf16 states 0.59 / 1.53 ms (64×64 tiles). The first
 //   version (bf16, sequential gate scans, fragment stores): 0.66 / 1.64 ms.
+//   The xlstm-125m layout (dk = dv = 384, B16 S2048 NH4): per-kernel FLOPs and bytes, ncu stall
+//   reasons (one 256-thread block per SM everywhere: 24-30% tensor-pipe use), what the lo planes
+//   cost (15%) and buy, chunk 64 / 128 / 256, and what was tried: kernels/cuda/mlstm_notes.md.
 //
 // Precision (MlstmStatePrecision): the state recurrences keep C, n in fp32 registers for the
 // whole sequence; the stored copies C_k, dC_k, the P operand of P·V and h (for the backward's
@@ -341,10 +344,11 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
 
 // Four MMAs into accumulators n0..n0+3 from the B fragments of two column-tile pairs (LoadBKN /
 // LoadBNK b0, b1) and one A. The hi + lo products of the split-precision paths call this twice
-// (hi A, then lo A), so an accumulator's next MMA comes 4 MMAs later, not 2: mma.sync results
-// are a fixed-latency dependency and with 2 warps per scheduler ("wait" was the largest stall
-// reason in ncu, 19-29% of the warps' cycles, bench/RESULTS.md helper mlstm6) back-to-back
-// dependent MMAs idle the tensor pipe.
+// (hi A, then lo A), so an accumulator's next MMA comes 4 MMAs later, not 2. Why: ncu's largest
+// stall reason in every main kernel is "wait" (fixed-latency dependency, 19-29% of the warps'
+// cycles at 8 warps per SM). Measured (H100, xlstm-125m cell, bench/RESULTS.md helper mlstm6):
+// state_bwd 0.487 -> 0.473 ms, state_fwd unchanged, and ncu's "wait" share did not drop, so most
+// of that stall is the mma.sync issue spacing itself, not this dependency.
 template <int N>
 __device__ __forceinline__ void MmaPairs(float (&acc)[N][4], int n0, const uint32_t (&a)[4],
                                          const uint32_t (&b0)[4], const uint32_t (&b1)[4]) {
@@ -1046,7 +1050,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
         }
       }
       // Q̂·C_hi over all column tiles, then Q̂·C_lo: the two MMAs into one accumulator are 2·DVT/8
-      // MMAs apart instead of 2 (the fixed-latency "wait" stall was the largest in ncu).
+      // MMAs apart instead of 2 (see MmaPairs; fwd_out 0.774 -> 0.762 ms at the 125m cell).
 #pragma unroll
       for (int np = 0; np < DVT / 16; ++np) {
         uint32_t bb[4];
