@@ -18,7 +18,10 @@
 // Then the generation step (MlstmStepForward) at B1 / B8 of the 7B heads: µs per step and the
 // bandwidth of its state stream (RunStep).
 //
-//   mlstm_bench [--reps=N] [--compare_dir=DIR]
+// --only=SUBSTR: only the problems whose "name Lchunk [variant]" label contains SUBSTR (and no
+// step lines). --once: one forward + backward per selected problem, no timing (for ncu).
+//
+//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -137,7 +140,11 @@ struct Problem {
   Variant variant;
 };
 
-void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
+std::string Label(const Problem& pr) {
+  return std::string(pr.name) + " L" + std::to_string(pr.chunk) + " [" + pr.variant.name + "]";
+}
+
+void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   DeviceAllocator alloc;
   const MlstmShape& s = pr.shape;
   MlstmOptions opt;
@@ -179,6 +186,13 @@ void RunShape(const Problem& pr, int reps, cudaStream_t stream) {
         {dq.as<bf16>(), dk.as<bf16>(), dv.as<bf16>(), dig.as<float>(), dfg.as<float>()}, {},
         scratch.get(), stream));
   };
+  if (once) {
+    fwd();
+    bwd();
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+    std::printf("once: %s\n", Label(pr).c_str());
+    return;
+  }
   const double fwd_ms = TimeMs(fwd, reps, stream);
   const double fb_ms = TimeMs([&] { fwd(); bwd(); }, reps, stream);
   const double bwd_ms = TimeMs(bwd, reps, stream);
@@ -372,11 +386,14 @@ void CompareWithTfla(const std::string& dir) {
 
 int main(int argc, char** argv) {
   int reps = 30;
-  std::string compare_dir;
+  bool once = false;
+  std::string compare_dir, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--reps=", 0) == 0) reps = std::max(1, std::atoi(a.c_str() + 7));
     if (a.rfind("--compare_dir=", 0) == 0) compare_dir = a.substr(14);
+    if (a.rfind("--only=", 0) == 0) only = a.substr(7);
+    if (a == "--once") once = true;
   }
   if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
   cudaStream_t stream;
@@ -394,6 +411,11 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_io64{"v2-io64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                     0, MlstmStateWeights::kAuto, 64};
   const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 64};
+  // Single bf16 states (what dropping the lo planes would gain; its true gradient leaves the
+  // test bands at ill-conditioned tokens, mlstm.h) and hi-only state-update weights.
+  const gyre::cuda::Variant v2_bf16{"bf16-states", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 0};
+  const gyre::cuda::Variant v2_whi{"weights-hi", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
+                                   0, MlstmStateWeights::kBf16};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -404,11 +426,18 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 64, v2},       {"xlstm-125m-cell", s125, 64, v2_io128},
       {"xlstm-125m-cell", s125, 128, v2},      {"xlstm-125m-cell", s125, 128, v2_io64},
       {"xlstm-125m-cell", s125, 64, v2_t64},   {"xlstm-1.3b-like", s13, 64, v2},
+      {"xlstm-125m-cell", s125, 128, v2_t64},  {"xlstm-125m-cell", s125, 128, v2_bf16},
+      {"xlstm-125m-cell", s125, 128, v2_whi},
   };
-  gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
-  gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);
-  gyre::cuda::RunStep("xlstm-1.3b-like", {8, 1, 4, 256, 512}, reps, stream);
-  for (const auto& p : problems) gyre::cuda::RunShape(p, reps, stream);
+  if (only.empty() && !once) {
+    gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
+    gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);
+    gyre::cuda::RunStep("xlstm-1.3b-like", {8, 1, 4, 256, 512}, reps, stream);
+  }
+  for (const auto& p : problems) {
+    if (!only.empty() && gyre::cuda::Label(p).find(only) == std::string::npos) continue;
+    gyre::cuda::RunShape(p, reps, once, stream);
+  }
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

@@ -66,6 +66,9 @@
 //   Measured (H200, 2026-11-26, bench/RESULTS.md): fwd 0.65 ms, fwd+bwd 1.70 ms (true gradient,
 //   split precision, 128×128 state tiles); bf16 states 0.59 / 1.53 ms (64×64 tiles). The first
 //   version (bf16, sequential gate scans, fragment stores): 0.66 / 1.64 ms.
+//   The xlstm-125m layout (dk = dv = 384, B16 S2048 NH4): per-kernel FLOPs and bytes, ncu stall
+//   reasons (one 256-thread block per SM everywhere: 24-30% tensor-pipe use), what the lo planes
+//   cost (15%) and buy, chunk 64 / 128 / 256, and what was tried: kernels/cuda/mlstm_notes.md.
 //
 // Precision (MlstmStatePrecision): the state recurrences keep C, n in fp32 registers for the
 // whole sequence; the stored copies C_k, dC_k, the P operand of P·V and h (for the backward's
@@ -337,6 +340,22 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four MMAs into accumulators n0..n0+3 from the B fragments of two column-tile pairs (LoadBKN /
+// LoadBNK b0, b1) and one A. The hi + lo products of the split-precision paths call this twice
+// (hi A, then lo A), so an accumulator's next MMA comes 4 MMAs later, not 2. Why: ncu's largest
+// stall reason in every main kernel is "wait" (fixed-latency dependency, 19-29% of the warps'
+// cycles at 8 warps per SM). Measured (H100, xlstm-125m cell, bench/RESULTS.md helper mlstm6):
+// state_bwd 0.487 -> 0.473 ms, state_fwd unchanged, and ncu's "wait" share did not drop, so most
+// of that stall is the mma.sync issue spacing itself, not this dependency.
+template <int N>
+__device__ __forceinline__ void MmaPairs(float (&acc)[N][4], int n0, const uint32_t (&a)[4],
+                                         const uint32_t (&b0)[4], const uint32_t (&b1)[4]) {
+  Mma(acc[n0], a, b0[0], b0[1]);
+  Mma(acc[n0 + 1], a, b0[2], b0[3]);
+  Mma(acc[n0 + 2], a, b1[0], b1[1]);
+  Mma(acc[n0 + 3], a, b1[2], b1[3]);
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -876,21 +895,18 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       uint32_t a[4], ae[4], elo[4];
       LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
-      if (n_block) {
-        Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
-      }
+      if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+      // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
+      // follows 4 MMAs later instead of 2 (see MmaPairs).
 #pragma unroll
-      for (int np = 0; np < TN / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], ae, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], ae, bb[2], bb[3]);
-        if (d.fwd_wlo) {  // the lo half of E_t k_t: the products are exact to ~2^-17
-          Mma(acc[2 * np], elo, bb[0], bb[1]);
-          Mma(acc[2 * np + 1], elo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < TN / 16; np += 2) {
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ae, b0, b1);
+        if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
       }
+      if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
@@ -908,6 +924,24 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 }
 
 // ---------------------------------------------------------------- 3. fwd_out
+
+// Warp -> 16-row tile of the chunk in the causal kernels fwd_out and bwd_dqk. The
+// four SM sub-partitions (schedulers, tensor cores) take warps by warp index % 4, so warps w and
+// w + 4 share one. The causal products give row tile i work proportional to i + 1 (fwd_out,
+// bwd_dqk's dP and dQ) or L/16 − i (bwd_dv, bwd_dqk's dK): with the identity map the sub-partition
+// of warps 3 and 7 does 12 units of P·V against 6 for warps 0 and 4, and every barrier waits for
+// it. With 8 warps (L 128), pairing tiles i and 7 − i on one sub-partition gives each 9.
+// Measured with the q·n_k MMA below (H100, bench/RESULTS.md helper mlstm6): fwd_out 0.831 ->
+// 0.768 ms, bwd_dqk 1.186 -> 1.158 at the xlstm-125m cell; bwd_dv got 2-4% slower, so it keeps
+// the identity map.
+template <int NW>
+__device__ __forceinline__ int RowTile(int warp) {
+  if constexpr (NW == 8) {
+    return warp < 4 ? warp : 11 - warp;
+  } else {
+    return warp;
+  }
+}
 
 // Two stages of (Q, K, C_k [, C_k lo]) dk-tiles (the next one loads while this one
 // multiplies), one V slab.
@@ -933,7 +967,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   float* ms = igs + L;
   float* nks = ms + L;  // [DK] n_k
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+            c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -977,7 +1012,11 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   for (int i = 0; i < kNt; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < kHt; ++i) hacc[i][0] = hacc[i][1] = hacc[i][2] = hacc[i][3] = 0.f;
-  float qn = 0.f;  // partial q·n_k of row (16w + lane%16), half lane/16
+  // q̂·n_k of rows 16w + g (qnacc[0]) and 16w + g + 8 (qnacc[2]): Q times an operand whose 8
+  // columns all hold n_k as bf16 hi + lo (exact to ~2^-17), two MMAs per 16 dk. Before: a scalar
+  // loop of 64 shared-memory loads and FMAs per thread per dk tile, about a third of the
+  // shared-memory wavefronts of the dk loop next to its ldmatrix loads.
+  float qnacc[4] = {0.f, 0.f, 0.f, 0.f};
   const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
     if (dt + 1 < ndt) {
@@ -992,8 +1031,15 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
     const bf16* cs = qs + 2 * L * SM::kS64;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], nhi[2], nlo[2];
       LoadA(a, qs, SM::kS64, 16 * w, 16 * kk, lane);
+      {
+        const float2 n0 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c);
+        const float2 n8 = *reinterpret_cast<const float2*>(nks + dt * 64 + 16 * kk + 2 * c + 8);
+        SplitPack(n0.x, n0.y, nhi[0], nlo[0]);
+        SplitPack(n8.x, n8.y, nhi[1], nlo[1]);
+        Mma(qnacc, a, nhi[0], nhi[1]);
+      }
 #pragma unroll
       for (int np = 0; np < L / 16; ++np) {
         if (np <= w) {
@@ -1003,31 +1049,29 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
           Mma(sacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
+      // Q̂·C_hi over all column tiles, then Q̂·C_lo: the two MMAs into one accumulator are 2·DVT/8
+      // MMAs apart instead of 2 (see MmaPairs; fwd_out 0.774 -> 0.762 ms at the 125m cell).
 #pragma unroll
       for (int np = 0; np < DVT / 16; ++np) {
         uint32_t bb[4];
         LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
         Mma(hacc[2 * np], a, bb[0], bb[1]);
         Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DVT / 16; ++np) {
+          uint32_t bb[4];
           LoadBKN(bb, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
           Mma(hacc[2 * np], a, bb[0], bb[1]);
           Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
-    }
-    {
-      const int r = 16 * w + (lane & 15), half = lane >> 4;
-      const bf16* qr = qs + r * SM::kS64 + half * 32;
-      float s = 0.f;
-#pragma unroll 8
-      for (int i = 0; i < 32; ++i) s += __bfloat162float(qr[i]) * nks[dt * 64 + half * 32 + i];
-      qn += s;
+      Mma(qnacc, a, nlo[0], nlo[1]);
     }
     __syncthreads();
   }
-  qn += __shfl_xor_sync(0xffffffffu, qn, 16);
-  const float qn0 = __shfl_sync(0xffffffffu, qn, g), qn1 = __shfl_sync(0xffffffffu, qn, g + 8);
+  const float qn0 = qnacc[0], qn1 = qnacc[2];
 
   // Gating: P = S·scale ⊙ W (causal), row sums.
   const int r0 = 16 * w + g, r1 = r0 + 8;
@@ -1070,15 +1114,12 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       SplitPack(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a[2], alo[2]);
       SplitPack(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a[3], alo[3]);
 #pragma unroll
-      for (int np = 0; np < DVT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, vs, SM::kSV, 16 * np, 16 * kk, lane);
-        Mma(hacc[2 * np], a, bb[0], bb[1]);
-        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
-          Mma(hacc[2 * np], alo, bb[0], bb[1]);
-          Mma(hacc[2 * np + 1], alo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < DVT / 16; np += 2) {
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, vs, SM::kSV, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, vs, SM::kSV, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(hacc, 2 * np, a, b0, b1);
+        if constexpr (SPLIT) MmaPairs(hacc, 2 * np, alo, b0, b1);
       }
     }
   }
@@ -1265,15 +1306,12 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
         Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
       }
 #pragma unroll
-      for (int np = 0; np < TN / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        Mma(acc[2 * np], ac, bb[0], bb[1]);
-        Mma(acc[2 * np + 1], ac, bb[2], bb[3]);
-        if (d.bwd_wlo) {
-          Mma(acc[2 * np], aclo, bb[0], bb[1]);
-          Mma(acc[2 * np + 1], aclo, bb[2], bb[3]);
-        }
+      for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ac, b0, b1);
+        if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
       }
     }
     __syncthreads();
@@ -1308,7 +1346,10 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   float* ms = igs + L;
   float* ivs = ms + L;
   constexpr int kThreads = 2 * L, kNt = L / 8, kHt = DVT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  // Identity warp -> row tile here: the paired map (RowTile) made bwd_dv 2-4% slower (H100,
+  // bench/RESULTS.md helper mlstm6), though its causal products are as unbalanced.
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2,
+            c = lane & 3;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -1465,7 +1506,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   float* nks = dds + L;    // [DKT] n_k
   float* dnks = nks + DKT; // [DKT] dn_{k+1}
   constexpr int kThreads = 2 * L, kNt = L / 8, kQt = DKT / 8;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, w = RowTile<L / 16>(tid >> 5), g = lane >> 2,
+            c = lane & 3;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -1564,12 +1606,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
         }
       }
 #pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
+      for (int np = 0; np < DKT / 16; ++np) {  // C_hi, then C_lo (as in fwd_out)
         uint32_t bb[4];
         LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(qacc[2 * np], a, bb[0], bb[1]);
         Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
           LoadBNK(bb, clos, SM::kS64, 16 * np, 16 * kk, lane);
           Mma(qacc[2 * np], a, bb[0], bb[1]);
           Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
@@ -1679,12 +1725,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       uint32_t a[4];
       LoadA(a, vs, SM::kS64, 16 * w, 16 * kk, lane);
 #pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
+      for (int np = 0; np < DKT / 16; ++np) {  // dC_hi, then dC_lo
         uint32_t bb[4];
         LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
         Mma(kacc[2 * np], a, bb[0], bb[1]);
         Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
-        if constexpr (SPLIT) {
+      }
+      if constexpr (SPLIT) {
+#pragma unroll
+        for (int np = 0; np < DKT / 16; ++np) {
+          uint32_t bb[4];
           LoadBNK(bb, dclos, SM::kS64, 16 * np, 16 * kk, lane);
           Mma(kacc[2 * np], a, bb[0], bb[1]);
           Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
