@@ -158,7 +158,10 @@ void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool t
                dw0 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng), dw20 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng);
   Tensor y_ref = Tensor::Zeros({rows, cols}, DType::kF64), y2_ref = Tensor::Zeros({rows, cols}, DType::kF64);
   Tensor dx_ref = Tensor::Zeros({rows, cols}, DType::kF64), dw_ref = dw0.To(DType::kF64), dw2_ref = dw20.To(DType::kF64);
-  if (overwrite) dw_ref = dw2_ref = Tensor::Zeros({blocks, bs, bs}, DType::kF64);
+  if (overwrite) {
+    dw_ref.SetZero();
+    dw2_ref.SetZero();
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t o = 0; o < bs; ++o)
@@ -676,6 +679,18 @@ void ExpectBitwiseReproducible(const ModelSpec& spec, int64_t B, int64_t T) {
 // block-diagonal backward, 32 row blocks of each group-norm backward.
 TEST_F(RecurrentGpuTest, XlstmTrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallXlstm(), 8, 256); }
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
+
+// The 125M presets' widths (mLSTM inner 1536: 12 column blocks of gate sums, out-norm groups of
+// 384, LayerNorms of 768; Mamba-2 inner 1536 in one group: 48 KiB of per-warp column sums) in two
+// layers, 4 x 1024 tokens.
+TEST_F(RecurrentGpuTest, PresetWidthsTrainBitwiseReproducibly) {
+  ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
+  x.blocks = {BlockType::kMlstm, BlockType::kSlstm};
+  ExpectBitwiseReproducible(x, 4, 1024);
+  ModelSpec m = *PresetSpec("mamba2-130m");
+  m.blocks = {BlockType::kMamba2, BlockType::kMamba2};
+  ExpectBitwiseReproducible(m, 4, 1024);
+}
 
 // ---------------------------------------------------------------- deferred zero
 
