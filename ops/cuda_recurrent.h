@@ -96,7 +96,8 @@ struct BlockDiagArgs {
   // + blocks·block_out of concat(q, k, v), and their gradient is fused in: per row
   //   dy_total = dy + Σ_t dig[r, t] wi[t, gate_col + c] + dfg[r, t] wf[t, gate_col + c]
   // feeds dx and dw; dwi / dwf of those columns += dgateᵀ y with y = x·wᵀ recomputed in fp32
-  // (not re-read); dbi / dbf += Σ_r dgate when gates->dbi is set (give it to one launch only).
+  // (not re-read); dbi / dbf += Σ_r dgate when gates->dbi is set (give it to one launch only);
+  // = instead of += with gates->overwrite_dw / overwrite_db. (Forward: MlstmGateArgs' ig / fg.)
   // `gates` is read on the host during the call; its q/k/v/ig/fg/dq.. fields are not used.
   const MlstmGateArgs* gates = nullptr;
   int64_t gate_col = 0, gate_col2 = 0;
