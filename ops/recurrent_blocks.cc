@@ -107,6 +107,14 @@ void LinearRowsBackward(const Tensor& x, Linear& l, int64_t r0, const Tensor& dy
      overwrite_dw ? 0.f : 1.f);
 }
 
+// FirstGradWrite (ops/module.h) for a writer that sets every element of the gradients only when
+// it has rows to sum over: with none, stale gradients are zeroed now and the writer adds nothing.
+bool FirstWriteOverRows(int64_t rows, std::initializer_list<Parameter*> params) {
+  if (rows > 0) return FirstGradWrite(params);
+  for (Parameter* p : params) ZeroGradIfStale(p);
+  return false;
+}
+
 Tensor CudaBytes(size_t bytes) {
   return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
 }
@@ -883,7 +891,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   n.dx = dh.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
   n.dweight = outnorm_.weight()->grad.data<float>();
   n.dskip = skip_->grad.data<float>();
-  n.overwrite_dparams = FirstGradWrite({outnorm_.weight(), skip_});
+  n.overwrite_dparams = FirstWriteOverRows(rows, {outnorm_.weight(), skip_});
   Cuda().GroupNorm(true, n);
   ProfileMark("mlstm.bwd.outnorm_skip_gate");
   Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
@@ -910,11 +918,11 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g.dwf = fgate_.weight()->grad.data<float>();
   // The two launches write disjoint columns of dwi / dwf (q, k, then v): both overwrite on the
   // step's first write. The bias sums come with the second launch only.
-  g.overwrite_dw = FirstGradWrite({igate_.weight(), fgate_.weight()});
+  g.overwrite_dw = FirstWriteOverRows(rows, {igate_.weight(), fgate_.weight()});
   MlstmGateArgs g_bias = g;
   g_bias.dbi = igate_.bias()->grad.data<float>();
   g_bias.dbf = fgate_.bias()->grad.data<float>();
-  g_bias.overwrite_db = FirstGradWrite({igate_.bias(), fgate_.bias()});
+  g_bias.overwrite_db = FirstWriteOverRows(rows, {igate_.bias(), fgate_.bias()});
   const int64_t bs = q_.weight()->value.dim(1);
   auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
                           const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
@@ -927,14 +935,14 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dx = dst.raw();
     a.accumulate_dx = true;
     a.dw = layer.weight()->grad.data<float>();
-    a.overwrite_dw = FirstGradWrite(layer.weight());
+    a.overwrite_dw = FirstWriteOverRows(rows, {layer.weight()});
     a.gates = &gates;
     a.gate_col = col;
     if (layer2 != nullptr) {
       a.w2 = layer2->weight()->value.data<float>();
       a.dy2 = d2->raw();
       a.dw2 = layer2->weight()->grad.data<float>();
-      a.overwrite_dw2 = FirstGradWrite(layer2->weight());
+      a.overwrite_dw2 = FirstWriteOverRows(rows, {layer2->weight()});
       a.gate_col2 = p;
     }
     Cuda().BlockDiag(true, a);
@@ -948,7 +956,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
   ProfileMark("mlstm.bwd.v_blockdiag_gates");
   Tensor du;
-  const bool up_first = FirstGradWrite(up_.weight());  // rows [0, p) and [p, 2p): all of dW
+  const bool up_first = FirstWriteOverRows(rows, {up_.weight()});  // rows [0, p) and [p, 2p): all of dW
   LinearRowsBackward(u_, up_, 0, dxm, &du, false, up_first);
   LinearRowsBackward(u_, up_, p, dz, &du, true, up_first);
   ProfileMark("mlstm.bwd.up_proj");
@@ -1021,7 +1029,7 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
     const Tensor& src = k < 2 ? xc_ : u_;
     Tensor& dst = k < 2 ? dxc : du;
     const float beta = (k == 0 || k == 2) ? 0.f : 1.f;
-    const float dw_beta = FirstGradWrite(w[k]->weight()) ? 0.f : 1.f;  // the heads' blocks cover dW
+    const float dw_beta = FirstWriteOverRows(rows, {w[k]->weight()}) ? 0.f : 1.f;  // the heads' blocks cover dW
     for (int64_t h = 0; h < heads_; ++h) {
       const void* dg = BytePtr(dgx, k * d + h * dh);
       Mm(false, false, rows, dh, dh, dg, 4 * d, BytePtr(w[k]->weight()->compute, h * dh * dh), dh,
@@ -1105,7 +1113,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.dy = dg.raw();
   n.dx = dyy.raw(); n.dz = dz.raw();
   n.dweight = gated_norm_.weight()->grad.data<float>();
-  n.overwrite_dparams = FirstGradWrite(gated_norm_.weight());
+  n.overwrite_dparams = FirstWriteOverRows(rows, {gated_norm_.weight()});
   Cuda().GroupNorm(true, n);
   ProfileMark("mamba2.bwd.gated_norm");
   // dx | dB | dC straight into the conv output's gradient (row stride cx; see ForwardCuda).
@@ -1129,7 +1137,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   Tensor dxbc = conv_.Backward(dxbc_out);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
-  const bool in_first = FirstGradWrite(in_proj_.weight());  // rows z | xBC | dt: all of dW
+  const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
   LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
   LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
   LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
