@@ -488,13 +488,13 @@ class Backend final : public CudaBackend {
   void GroupNorm(bool backward, const GroupNormArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, backward ? "GroupNorm backward" : "GroupNorm forward");
-    OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, stream_) : cuda_ops::GroupNormForward(a, stream_));
+    OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, alloc_, stream_) : cuda_ops::GroupNormForward(a, stream_));
   }
 
   void BlockDiag(bool backward, const BlockDiagArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, backward ? "BlockDiag backward" : "BlockDiag forward");
-    OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, stream_) : cuda_ops::BlockDiagForward(a, stream_));
+    OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, alloc_, stream_) : cuda_ops::BlockDiagForward(a, alloc_, stream_));
   }
 
   void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) override {
@@ -506,7 +506,7 @@ class Backend final : public CudaBackend {
   void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) override {
     Init();
     OpProfiler::Scope scope(&prof_, "ColumnSum");
-    OK_OR_DIE(cuda_ops::ColumnSum(x, rows, cols, ld, out, stream_));
+    OK_OR_DIE(cuda_ops::ColumnSum(x, rows, cols, ld, out, alloc_, stream_));
   }
 
   void Conv1d(bool backward, const Conv1dArgs& a) override {

@@ -13,7 +13,7 @@ namespace gyre::ops {
 //   kGatedInput   a = x ⊙ SiLU(z);  y = N(a)                      (Mamba-2 gated RMSNorm)
 //   kMlstmOutput  hs = N(x) + skip ⊙ xc;  y = hs ⊙ SiLU(z)         (mLSTM block output)
 // Backward: dx (overwritten), dz (overwritten; modes 1, 2), dxc (overwritten; mode 2),
-// dweight / dskip (fp32, accumulated).
+// dweight / dskip (fp32, accumulated, or overwritten with `overwrite_dparams`).
 enum class NormMode { kPlain = 0, kGatedInput = 1, kMlstmOutput = 2 };
 
 struct GroupNormArgs {
@@ -38,6 +38,8 @@ struct GroupNormArgs {
   void* dxc = nullptr;   // [rows, dim]
   float* dweight = nullptr;
   float* dskip = nullptr;
+  // dweight / dskip = Σ instead of += Σ: the deferred-zero rule's first write (ops/module.h).
+  bool overwrite_dparams = false;
 };
 
 // mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 8):
@@ -63,11 +65,15 @@ struct MlstmGateArgs {
   float* dwf = nullptr;
   float* dbi = nullptr;
   float* dbf = nullptr;
+  // Overwrite instead of accumulate (the deferred-zero rule's first write): dwi / dwf columns of
+  // this launch's maps, and dbi / dbf.
+  bool overwrite_dw = false;
+  bool overwrite_db = false;
 };
 
 // Block-diagonal map with small square-ish blocks (block_in, block_out <= 8):
 //   y[r, b·bo + o] = Σ_i x[r, b·bi + i] · w[b, o, i]
-// Backward: dx (= or += when accumulate) and dw (+=).
+// Backward: dx (= or += when accumulate) and dw (+=, or = with overwrite_dw).
 // Optional second map over the SAME input in the same pass (the mLSTM's q and k): w2 -> y2
 // forward; backward dx also gets dy2·w2 and dw2 += dy2ᵀx (y2 / dy2 share ldy).
 struct BlockDiagArgs {
@@ -85,11 +91,13 @@ struct BlockDiagArgs {
   void* y2 = nullptr;
   const void* dy2 = nullptr;
   float* dw2 = nullptr;
+  bool overwrite_dw = false, overwrite_dw2 = false;  // dw / dw2 = instead of += (deferred-zero rule)
   // Optional, backward only: the mLSTM gates read y (y2) as the columns gate_col (gate_col2) ..
   // + blocks·block_out of concat(q, k, v), and their gradient is fused in: per row
   //   dy_total = dy + Σ_t dig[r, t] wi[t, gate_col + c] + dfg[r, t] wf[t, gate_col + c]
   // feeds dx and dw; dwi / dwf of those columns += dgateᵀ y with y = x·wᵀ recomputed in fp32
-  // (not re-read); dbi / dbf += Σ_r dgate when gates->dbi is set (give it to one launch only).
+  // (not re-read); dbi / dbf += Σ_r dgate when gates->dbi is set (give it to one launch only);
+  // = instead of += with gates->overwrite_dw / overwrite_db. (Forward: MlstmGateArgs' ig / fg.)
   // `gates` is read on the host during the call; its q/k/v/ig/fg/dq.. fields are not used.
   const MlstmGateArgs* gates = nullptr;
   int64_t gate_col = 0, gate_col2 = 0;

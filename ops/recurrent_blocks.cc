@@ -95,13 +95,24 @@ Tensor LinearRowsForward(const Tensor& x, Linear& l, int64_t r0, int64_t n, bool
   return y;
 }
 
-// dx [rows, in] (+)= dy [rows, n] · W[r0 : r0 + n, :];  dW[r0 : r0 + n, :] += dyᵀ x.
-void LinearRowsBackward(const Tensor& x, Linear& l, int64_t r0, const Tensor& dy, Tensor* dx, bool accumulate) {
+// dx [rows, in] (+)= dy [rows, n] · W[r0 : r0 + n, :];  dW[r0 : r0 + n, :] (+)= dyᵀ x (= when
+// `overwrite_dw`: the caller's FirstGradWrite of W, whose row blocks together cover all of dW).
+void LinearRowsBackward(const Tensor& x, Linear& l, int64_t r0, const Tensor& dy, Tensor* dx, bool accumulate,
+                        bool overwrite_dw) {
   const int64_t rows = x.rows(), in = l.in(), n = dy.cols();
   if (!dx->defined()) *dx = Tensor::Empty({rows, in}, DType::kBF16, Device::kCuda);
   Mm(false, false, rows, in, n, dy.raw(), n, BytePtr(l.weight()->compute, r0 * in), in, dx->raw(), in, false,
      accumulate ? 1.f : 0.f);
-  Mm(true, false, n, in, rows, dy.raw(), n, x.raw(), in, MutBytePtr(l.weight()->grad, r0 * in), in, true, 1.f);
+  Mm(true, false, n, in, rows, dy.raw(), n, x.raw(), in, MutBytePtr(l.weight()->grad, r0 * in), in, true,
+     overwrite_dw ? 0.f : 1.f);
+}
+
+// FirstGradWrite (ops/module.h) for a writer that sets every element of the gradients only when
+// it has rows to sum over: with none, stale gradients are zeroed now and the writer adds nothing.
+bool FirstWriteOverRows(int64_t rows, std::initializer_list<Parameter*> params) {
+  if (rows > 0) return FirstGradWrite(params);
+  for (Parameter* p : params) ZeroGradIfStale(p);
+  return false;
 }
 
 Tensor CudaBytes(size_t bytes) {
@@ -190,6 +201,9 @@ Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 Tensor CausalConv1d::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
   Tensor dx = Tensor::EmptyLike(x_);
+  // The conv kernels (kernels/cuda/conv1d.h, kernels/cpu/conv1d.h) only accumulate dw, dbias.
+  ZeroGradIfStale(weight_);
+  ZeroGradIfStale(bias_);
   if (IsCuda(x_)) {
     GYRE_CHECK(IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
     Conv1dArgs a;
@@ -292,6 +306,7 @@ Tensor MlstmBlock::Backward(const Tensor& dy) {
   Tensor dhh = down_.Backward(dy);
   Tensor dhs = Mul(dhh, sz_);
   Tensor dz = ActivateBackward(Activation::kSilu, z_, Mul(dhh, hs_));
+  ZeroGradIfStale(skip_);
   AccumulateColumnSums(dhs, &xc_, &skip_->grad);
   Tensor dxc = ScaleColumns(dhs, skip_->value);
   Tensor dh = outnorm_.Backward(dhs);
@@ -424,6 +439,8 @@ Tensor SlstmBlock::Backward(const Tensor& dy) {
     const int64_t saved_row = cpu::slstm_saved_size({1, seq_, heads_, dh_dim});
     std::vector<Tensor> dr(slices.size());
     for (size_t i = 1; i < slices.size(); ++i) dr[i] = Tensor::ZerosLike(recurrent_->grad);
+    ZeroGradIfStale(recurrent_);  // the cell and the bias loop below add
+    ZeroGradIfStale(bias_);
     ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
       const auto [b0, b1] = slices[i];
       T* dr_out = i == 0 ? recurrent_->grad.data<T>() : dr[i].data<T>();
@@ -547,6 +564,7 @@ Tensor Mamba2Block::Backward(const Tensor& dy) {
     const int64_t x_row = seq_ * di_, dt_row = seq_ * heads_, bc_row = seq_ * groups_ * state_;
     std::vector<Tensor> extra(3 * slices.size());
     for (size_t i = 3; i < extra.size(); ++i) extra[i] = Tensor::ZerosLike(a_log_->grad);
+    for (Parameter* p : {a_log_, dt_bias_, d_skip_}) ZeroGradIfStale(p);  // the cell adds
     ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
       const auto [b0, b1] = slices[i];
       cpu::SsdInputs<T> in{xs_.data<T>() + b0 * x_row, dt_.data<T>() + b0 * dt_row, a_log_->value.data<T>(),
@@ -873,6 +891,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   n.dx = dh.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
   n.dweight = outnorm_.weight()->grad.data<float>();
   n.dskip = skip_->grad.data<float>();
+  n.overwrite_dparams = FirstWriteOverRows(rows, {outnorm_.weight(), skip_});
   Cuda().GroupNorm(true, n);
   ProfileMark("mlstm.bwd.outnorm_skip_gate");
   Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
@@ -897,9 +916,13 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
   g.dwi = igate_.weight()->grad.data<float>();
   g.dwf = fgate_.weight()->grad.data<float>();
+  // The two launches write disjoint columns of dwi / dwf (q, k, then v): both overwrite on the
+  // step's first write. The bias sums come with the second launch only.
+  g.overwrite_dw = FirstWriteOverRows(rows, {igate_.weight(), fgate_.weight()});
   MlstmGateArgs g_bias = g;
   g_bias.dbi = igate_.bias()->grad.data<float>();
   g_bias.dbf = fgate_.bias()->grad.data<float>();
+  g_bias.overwrite_db = FirstWriteOverRows(rows, {igate_.bias(), fgate_.bias()});
   const int64_t bs = q_.weight()->value.dim(1);
   auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
                           const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
@@ -912,12 +935,14 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     a.dx = dst.raw();
     a.accumulate_dx = true;
     a.dw = layer.weight()->grad.data<float>();
+    a.overwrite_dw = FirstWriteOverRows(rows, {layer.weight()});
     a.gates = &gates;
     a.gate_col = col;
     if (layer2 != nullptr) {
       a.w2 = layer2->weight()->value.data<float>();
       a.dy2 = d2->raw();
       a.dw2 = layer2->weight()->grad.data<float>();
+      a.overwrite_dw2 = FirstWriteOverRows(rows, {layer2->weight()});
       a.gate_col2 = p;
     }
     Cuda().BlockDiag(true, a);
@@ -931,8 +956,9 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
   ProfileMark("mlstm.bwd.v_blockdiag_gates");
   Tensor du;
-  LinearRowsBackward(u_, up_, 0, dxm, &du, false);
-  LinearRowsBackward(u_, up_, p, dz, &du, true);
+  const bool up_first = FirstWriteOverRows(rows, {up_.weight()});  // rows [0, p) and [p, 2p): all of dW
+  LinearRowsBackward(u_, up_, 0, dxm, &du, false, up_first);
+  LinearRowsBackward(u_, up_, p, dz, &du, true, up_first);
   ProfileMark("mlstm.bwd.up_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mlstm.bwd.norm_residual");
@@ -992,8 +1018,10 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dh = dhh.raw();
   c.dgx = dgx.raw();
   c.dr = recurrent_->grad.data<float>();
+  ZeroGradIfStale(recurrent_);  // the cell (kernels/cuda/slstm.h) accumulates dR
   Cuda().Slstm(true, c);
   ProfileMark("slstm.bwd.cell");
+  ZeroGradIfStale(bias_);  // ColumnSum adds
   Cuda().ColumnSum(dgx.raw(), rows, 4 * d, 4 * d, bias_->grad.data<float>());
   Tensor dxc = CudaEmpty({rows, d}), du = CudaEmpty({rows, d});
   BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
@@ -1001,12 +1029,13 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
     const Tensor& src = k < 2 ? xc_ : u_;
     Tensor& dst = k < 2 ? dxc : du;
     const float beta = (k == 0 || k == 2) ? 0.f : 1.f;
+    const float dw_beta = FirstWriteOverRows(rows, {w[k]->weight()}) ? 0.f : 1.f;  // the heads' blocks cover dW
     for (int64_t h = 0; h < heads_; ++h) {
       const void* dg = BytePtr(dgx, k * d + h * dh);
       Mm(false, false, rows, dh, dh, dg, 4 * d, BytePtr(w[k]->weight()->compute, h * dh * dh), dh,
          MutBytePtr(dst, h * dh), d, false, beta);
       Mm(true, false, dh, dh, rows, dg, 4 * d, BytePtr(src, h * dh), d,
-         MutBytePtr(w[k]->weight()->grad, h * dh * dh), dh, true, 1.f);
+         MutBytePtr(w[k]->weight()->grad, h * dh * dh), dh, true, dw_beta);
     }
   }
   ProfileMark("slstm.bwd.gate_proj");
@@ -1084,6 +1113,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.dy = dg.raw();
   n.dx = dyy.raw(); n.dz = dz.raw();
   n.dweight = gated_norm_.weight()->grad.data<float>();
+  n.overwrite_dparams = FirstWriteOverRows(rows, {gated_norm_.weight()});
   Cuda().GroupNorm(true, n);
   ProfileMark("mamba2.bwd.gated_norm");
   // dx | dB | dC straight into the conv output's gradient (row stride cx; see ForwardCuda).
@@ -1101,14 +1131,16 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   a.dx = dxbc_out.raw(); a.ddt = ddt.data<float>();
   a.db = MutBytePtr(dxbc_out, di_); a.dc = MutBytePtr(dxbc_out, di_ + gn);
   a.da_log = a_log_->grad.data<float>(); a.ddt_bias = dt_bias_->grad.data<float>(); a.dd = d_skip_->grad.data<float>();
+  for (Parameter* p : {a_log_, dt_bias_, d_skip_}) ZeroGradIfStale(p);  // the SSD kernel accumulates
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
   Tensor dxbc = conv_.Backward(dxbc_out);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
-  LinearRowsBackward(u_, in_proj_, 0, dz, &du, false);
-  LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true);
-  LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true);
+  const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
+  LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
+  LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
+  LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mamba2.bwd.norm_residual");

@@ -13,6 +13,9 @@
 //   y = SSD(x, dt, A, B, C, D) (chunked kernel); x <- x + out_proj(RMSNorm_G(y ⊙ SiLU(z))).
 // All LayerNorms of the xLSTM blocks store their scale as 1 + w (w init 0), no bias, eps 1e-5.
 //
+// Gradients follow the deferred-zero rule (ops/module.h): GEMM and glue-kernel writers overwrite
+// on the step's first write (FirstGradWrite), the cells' and the conv's accumulating writers
+// zero a stale gradient first (ZeroGradIfStale); so the blocks skip the per-step memset.
 // CUDA (bf16 activations, fp32 gates / dt / states / gradients): the cells of kernels/cuda, the
 // projections through cuBLASLt on weight row blocks (no activation slicing: [x_m | z] and
 // [z | xBC | dt] are separate GEMMs into separate tensors; dt in fp32), the sLSTM gate GEMMs per
@@ -89,6 +92,7 @@ class MlstmBlock : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
+  bool FollowsDeferredZero() const override { return true; }
 
  private:
   int64_t d_, p_, heads_, chunk_;
@@ -130,6 +134,7 @@ class SlstmBlock : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
+  bool FollowsDeferredZero() const override { return true; }
 
  private:
   int64_t d_, heads_;
@@ -158,6 +163,7 @@ class Mamba2Block : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
+  bool FollowsDeferredZero() const override { return true; }
 
  private:
   int64_t d_, di_, heads_, head_dim_, groups_, state_, chunk_;

@@ -1,7 +1,9 @@
 // Kernels of ops/recurrent_cuda.h. All memory-bound; layouts and contracts in the header.
-// Column reductions (parameter gradients) use blocks of 32 columns x 8 row lanes over chunks of
-// kRowsPerBlock rows, a shared-memory sum over the lanes, then one fp32 atomicAdd per column and
-// block.
+// Deterministic column reductions (parameter gradients, the fused mLSTM gate sums): a block sums
+// its rows (or its columns) in a fixed order through shared memory and writes one partial row
+// to scratch ([chunks, n]; the scalar kernels use blocks of 32 columns x 8 row lanes over
+// chunks of kRowsPerBlock rows); reduce_partials then sums the chunks in a fixed order into the
+// output (= or +=). No float atomics in this file: the same inputs give the same bits.
 #include "ops/recurrent_cuda.h"
 
 #include <cuda_bf16.h>
@@ -172,9 +174,10 @@ __global__ void group_norm_bwd(GroupNormArgs a) {
   }
 }
 
-// dweight[c] += Σ_r gout·xhat; dskip[c] += Σ_r gout·xc (mode 2).
+// Partial sums over row chunk blockIdx.y: pw[chunk, c] = Σ_r gout·xhat; ps[chunk, c] = Σ_r gout·xc
+// (mode 2).
 template <int kMode>
-__global__ void group_norm_param_grads(GroupNormArgs a) {
+__global__ void group_norm_param_grads(GroupNormArgs a, float* pw, float* ps) {
   __shared__ float sw[8][33], ss[8][33];
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
   const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock;
@@ -200,8 +203,8 @@ __global__ void group_norm_param_grads(GroupNormArgs a) {
       tw += sw[k][threadIdx.x];
       ts += ss[k][threadIdx.x];
     }
-    if (a.dweight) atomicAdd(a.dweight + c, tw);
-    if (kMode == 2 && a.dskip) atomicAdd(a.dskip + c, ts);
+    if (a.dweight) pw[blockIdx.y * a.dim + c] = tw;
+    if (kMode == 2 && a.dskip) ps[blockIdx.y * a.dim + c] = ts;
   }
 }
 
@@ -234,7 +237,20 @@ struct FusedGates {
   float* dwf[2] = {nullptr, nullptr};
   float* dbi = nullptr;
   float* dbf = nullptr;
+  bool overwrite_db = false;
 };
+
+// Scratch of the block-diagonal kernels' per-block sums: chunk k (a row chunk; a column block for
+// `fwd`) at k · (row length), reduced by reduce_partials.
+struct BdPartials {
+  float* dw = nullptr;     // [chunks, blocks · block_out · block_in]
+  float* dw2 = nullptr;
+  float* gate0 = nullptr;  // map 0's gate weight columns: [chunks, 2 heads, cols]
+  float* gate1 = nullptr;  // map 1's
+  float* db = nullptr;     // [chunks, 2 heads]
+  float* fwd = nullptr;    // forward gate sums: [column blocks, 2 (i, f), rows, heads]
+};
+
 __device__ inline float GateGrad(const FusedGates& g, int64_t r, int t) {
   return t < g.heads ? g.dig[r * g.heads + t] : g.dfg[r * g.heads + t - g.heads];
 }
@@ -242,9 +258,6 @@ __device__ inline float GateGrad(const FusedGates& g, int64_t r, int t) {
 // be copied to local memory.)
 __device__ inline const float* GateW(const FusedGates& g, int m, int t) {
   return t < g.heads ? (m == 0 ? g.wi[0] : g.wi[1]) + t * g.ldg : (m == 0 ? g.wf[0] : g.wf[1]) + (t - g.heads) * g.ldg;
-}
-__device__ inline float* GateDw(const FusedGates& g, int m, int t) {
-  return t < g.heads ? (m == 0 ? g.dwi[0] : g.dwi[1]) + t * g.ldg : (m == 0 ? g.dwf[0] : g.dwf[1]) + (t - g.heads) * g.ldg;
 }
 // dy of map m at (r, output column c) with the gate term added.
 __device__ inline float DyTotal(const BlockDiagArgs& a, const FusedGates& g, int m, int64_t r, int64_t c) {
@@ -293,7 +306,8 @@ __global__ void block_diag_bwd_dx(BlockDiagArgs a, FusedGates g, int m) {
   }
 }
 
-__global__ void block_diag_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
+// Partial dw of row chunk blockIdx.y into part [chunks, cols · block_in].
+__global__ void block_diag_bwd_dw(BlockDiagArgs a, FusedGates g, int m, float* part) {
   __shared__ float sm[8][33];
   const int64_t cols = a.blocks * a.block_out;
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
@@ -321,15 +335,15 @@ __global__ void block_diag_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
     if (threadIdx.y == 0 && c < cols) {
       float t = 0.f;
       for (int k = 0; k < 8; ++k) t += sm[k][threadIdx.x];
-      atomicAdd(a.dw + c * a.block_in + i, t);
+      part[blockIdx.y * cols * a.block_in + c * a.block_in + i] = t;
     }
     __syncthreads();
   }
 }
 
-// Gate weight gradients of map m's columns: dw[t, c] += Σ_r dgate[r, t] y[r, c], y recomputed
-// from x (blockIdx.z = gate).
-__global__ void gate_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
+// Gate weight gradients of map m's columns, partial over row chunk blockIdx.y:
+// part[chunk, t, c] = Σ_r dgate[r, t] y[r, c], y recomputed from x (blockIdx.z = gate t).
+__global__ void gate_bwd_dw(BlockDiagArgs a, FusedGates g, int m, float* part) {
   __shared__ float sm[8][33];
   const int t = blockIdx.z;
   const int64_t cols = a.blocks * a.block_out;
@@ -351,11 +365,11 @@ __global__ void gate_bwd_dw(BlockDiagArgs a, FusedGates g, int m) {
   if (threadIdx.y == 0 && c < cols) {
     float s = 0.f;
     for (int k = 0; k < 8; ++k) s += sm[k][threadIdx.x];
-    atomicAdd(GateDw(g, m, t) + c, s);
+    part[(blockIdx.y * (int64_t)(2 * g.heads) + t) * cols + c] = s;
   }
 }
 
-// One block per gate: the bias gradients Σ_r dgate[r, t].
+// One block per gate (the only writer): the bias gradients Σ_r dgate[r, t].
 __global__ void gate_bwd_db(FusedGates g, int64_t rows) {
   __shared__ float sm[256];
   const int t = blockIdx.x;
@@ -367,7 +381,10 @@ __global__ void gate_bwd_db(FusedGates g, int64_t rows) {
     if (threadIdx.x < o) sm[threadIdx.x] += sm[threadIdx.x + o];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicAdd(t < g.heads ? g.dbi + t : g.dbf + t - g.heads, sm[0]);
+  if (threadIdx.x == 0) {
+    float* o = t < g.heads ? g.dbi + t : g.dbf + t - g.heads;
+    *o = g.overwrite_db ? sm[0] : *o + sm[0];
+  }
 }
 
 // ---------------------------------------------------------------- columns
@@ -380,7 +397,8 @@ __global__ void add_column_bias(void* y, int64_t rows, int64_t cols, int64_t ld,
   }
 }
 
-__global__ void column_sum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) {
+// part[chunk, c] = Σ_r x[r, c] over row chunk blockIdx.y.
+__global__ void column_sum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* part) {
   __shared__ float sm[8][33];
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
   const int64_t r0 = blockIdx.y * (int64_t)kRowsPerBlock;
@@ -393,12 +411,94 @@ __global__ void column_sum(const void* x, int64_t rows, int64_t cols, int64_t ld
   if (threadIdx.y == 0 && c < cols) {
     float t = 0.f;
     for (int k = 0; k < 8; ++k) t += sm[k][threadIdx.x];
-    atomicAdd(out + c, t);
+    part[blockIdx.y * cols + c] = t;
   }
 }
 
 dim3 ColumnGrid(int64_t cols, int64_t rows) {
   return dim3(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
+}
+
+// ---------------------------------------------------------------- fixed-order reduce
+
+// One output of reduce_partials: out column c (< n) gets Σ_k partial[k · chunk_stride + c] for
+// k = 0 .. chunks - 1, at out[(c / seg) · out_stride + c % seg] (seg 0: out[c]).
+enum ReduceMode : int { kReduceAdd = 0, kReduceSet = 1, kReduceSetBias = 2 };
+struct ReduceJob {
+  const float* partial = nullptr;
+  int64_t chunks = 0, chunk_stride = 0, n = 0;
+  float* out = nullptr;
+  int64_t seg = 0, out_stride = 0;
+  int mode = kReduceAdd;        // +=, =, or = bias[c % bias_period] + Σ
+  const float* bias = nullptr;
+  int64_t bias_period = 1;
+};
+constexpr int kMaxReduceJobs = 8;
+struct ReduceJobs {
+  ReduceJob job[kMaxReduceJobs];
+  int count = 0;
+  void Add(const ReduceJob& j) { job[count++] = j; }
+};
+
+// Block (32, kLanes), job blockIdx.y: lane ty sums chunks k ≡ ty (mod kLanes) in order, then lane
+// 0 sums the lanes in order. The lane count depends only on the shapes, so the order is fixed.
+template <int kLanes>
+__global__ void __launch_bounds__(32 * kLanes) reduce_partials(ReduceJobs jobs) {
+  __shared__ float sm[kLanes][33];
+  ReduceJob j;
+#pragma unroll
+  for (int i = 0; i < kMaxReduceJobs; ++i)  // (constant indices: a dynamically indexed kernel
+    if (i == static_cast<int>(blockIdx.y)) j = jobs.job[i];  // parameter would go to local memory)
+  if (blockIdx.x * 32 >= j.n) return;  // uniform over the block
+  const int64_t c = blockIdx.x * 32 + threadIdx.x;
+  float t = 0.f;
+  if (c < j.n)
+    for (int64_t k = threadIdx.y; k < j.chunks; k += kLanes) t += j.partial[k * j.chunk_stride + c];
+  if (kLanes > 1) {
+    sm[threadIdx.y][threadIdx.x] = t;
+    __syncthreads();
+    if (threadIdx.y != 0) return;
+    t = 0.f;
+#pragma unroll
+    for (int y = 0; y < kLanes; ++y) t += sm[y][threadIdx.x];
+  }
+  if (c >= j.n) return;
+  float* o = j.out + (j.seg > 0 ? (c / j.seg) * j.out_stride + c % j.seg : c);
+  if (j.mode == kReduceAdd) *o += t;
+  else if (j.mode == kReduceSet) *o = t;
+  else *o = j.bias[c % j.bias_period] + t;
+}
+
+ReduceJob Job(const float* partial, int64_t chunks, int64_t chunk_stride, int64_t n, float* out, bool overwrite) {
+  ReduceJob j;
+  j.partial = partial;
+  j.chunks = chunks;
+  j.chunk_stride = chunk_stride;
+  j.n = n;
+  j.out = out;
+  j.mode = overwrite ? kReduceSet : kReduceAdd;
+  return j;
+}
+
+CudaResult LaunchReduce(const ReduceJobs& jobs, cudaStream_t stream) {
+  if (jobs.count == 0) return {};
+  int64_t chunks = 0, n = 0;
+  for (int i = 0; i < jobs.count; ++i) {
+    chunks = std::max(chunks, jobs.job[i].chunks);
+    n = std::max(n, jobs.job[i].n);
+  }
+  const dim3 grid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(jobs.count));
+  if (chunks >= 128) reduce_partials<32><<<grid, dim3(32, 32), 0, stream>>>(jobs);
+  else if (chunks >= 16) reduce_partials<8><<<grid, dim3(32, 8), 0, stream>>>(jobs);
+  else reduce_partials<1><<<grid, dim3(32, 1), 0, stream>>>(jobs);
+  return gyre::cuda::CudaError(cudaGetLastError(), "reduce_partials", __FILE__, __LINE__);
+}
+
+// Scratch for `floats` partial sums from the caching allocator (held until the caller returns:
+// later work on the stream may reuse it, in stream order).
+CudaResult Scratch(DeviceAllocator* alloc, int64_t floats, gyre::cuda::DeviceBuffer* buf) {
+  if (alloc == nullptr) return gyre::cuda::InvalidArgument("recurrent glue: no scratch allocator");
+  return alloc->Allocate(std::max<size_t>(1, static_cast<size_t>(floats) * sizeof(float)), buf);
 }
 
 
@@ -428,7 +528,7 @@ __device__ inline void Bf16x4ToFloat(uint2 u, float* v) {
 
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
 constexpr int kBdFwdAhead = 4;       // rows in flight per thread in their forward
-constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer weight atomics)
+constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer partial rows)
 constexpr int kBdBwdStages = 3;      // rows of their backward in flight per thread (cp.async ring)
 constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
@@ -463,10 +563,11 @@ __device__ inline void RoundBf16(float* v, int n) {
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
 // rows r0 + ty, r0 + ty + 8, ... (a warp reads 32 neighbouring blocks of one row: 256 bytes).
 // kG > 0: the mLSTM gates fused in (FusedGates): each row's partial gate sums over the block's
-// 128 columns of the bf16-rounded y (what the cell reads), summed over the warp, one atomicAdd
-// per gate into ig / fg (the other column blocks and maps add theirs; the bias came first).
+// 128 columns of the bf16-rounded y (what the cell reads), summed over the warp, written to
+// `part` [column blocks, 2, rows, heads]; reduce_partials adds the column blocks in order (and
+// the bias, on the launch that has it).
 template <bool kTwo, int kG>
-__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGates g) {
+__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGates g, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
   __shared__ float4 wg[kMaps * kGs][32];
@@ -548,21 +649,23 @@ __global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGat
         }
         int t;
         const float sum = WarpSumEach<kG>(v, tx, &t);
-        if (tx % (32 / kG) == 0 && t < 2 * g.heads)
-          atomicAdd(t < g.heads ? g.ig + r * g.heads + t : g.fg + r * g.heads + t - g.heads, sum);
+        if (tx % (32 / kG) == 0 && t < 2 * g.heads) {
+          const int f = t < g.heads ? 0 : 1;
+          part[((blockIdx.x * 2 + f) * a.rows + r) * g.heads + t - f * g.heads] = sum;
+        }
       }
     }
   }
 }
 
-// dx = dy·w (+ dy2·w2) (+ dx), and dw (dw2) += per-block partial sums: a shared-memory sum
-// over the 8 row lanes, then one atomicAdd per weight and block.
+// dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
+// sum over the 8 row lanes in order, one partial row per block (BdPartials).
 // kG > 0 (>= 2·heads): the mLSTM gate backward fused in (FusedGates). The gate weights of the
 // block's 128 columns sit in shared memory; dy gets Σ_t dgate[r, t] wg[t, c] before its use; the
 // gate weight gradients need dgateᵀ y = dgateᵀ x wᵀ, so each thread sums S[t, i] = Σ_r dgate[r,
 // t] x[r, i] (one S serves both maps: same x) and applies its block's w once at the end.
 template <bool kTwo, int kG>
-__global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g) {
+__global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
   constexpr int kS = kBdBwdStages;
@@ -676,7 +779,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   __syncthreads();  // the ring's memory becomes `red`
 #pragma unroll
   for (int round = 0; round < kMaps; ++round) {
-    float* dw = round == 0 ? a.dw : a.dw2;
+    float* dw = round == 0 ? p.dw : p.dw2;
     if (dw == nullptr) continue;  // uniform over the block
 #pragma unroll
     for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = round == 0 ? acc[k] : acc2[k];
@@ -687,7 +790,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
         float t = 0.f;
 #pragma unroll
         for (int y = 0; y < 8; ++y) t += red[y][v];
-        atomicAdd(dw + bb * 16 + v % 16, t);
+        dw[blockIdx.y * a.blocks * 16 + bb * 16 + v % 16] = t;
       }
     }
     __syncthreads();
@@ -717,25 +820,27 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
             float s = 0.f;
 #pragma unroll
             for (int y = 0; y < 8; ++y) s += red[y][v];
-            atomicAdd(GateDw(g, m, t) + bb * 4 + v % 4, s);
+            (m == 0 ? p.gate0 : p.gate1)[(blockIdx.y * (int64_t)G + t) * (a.blocks * 4) + bb * 4 + v % 4] = s;
           }
         }
         __syncthreads();
       }
     }
-    // Bias gradients Σ_r dgate over this block's rows, on the first column block only.
-    if (g.dbi != nullptr && blockIdx.x == 0) {
-      float* bsum = &red[0][0];
-      if (tid < kG) bsum[tid] = 0.f;
+    // Bias gradients Σ_r dgate over this block's rows, on the first column block only: 16 row
+    // lanes per gate, summed in lane order.
+    if (p.db != nullptr && blockIdx.x == 0) {
+      float* bsum = &red[0][0];  // [16 lanes][16 gates]
+      const int t = tid % 16, lane = tid / 16;
+      float s = 0.f;
+      if (t < G)
+        for (int64_t r = r0 + lane; r < r1; r += 16) s += GateGrad(g, r, t);
+      bsum[lane * 16 + t] = s;
       __syncthreads();
-      const int t = tid % 16;
-      if (t < G) {
-        float s = 0.f;
-        for (int64_t r = r0 + tid / 16; r < r1; r += 16) s += GateGrad(g, r, t);
-        atomicAdd(bsum + t, s);
+      if (tid < G) {
+        float tot = 0.f;
+        for (int l = 0; l < 16; ++l) tot += bsum[l * 16 + tid];
+        p.db[blockIdx.y * (int64_t)G + tid] = tot;
       }
-      __syncthreads();
-      if (tid < G) atomicAdd(tid < g.heads ? g.dbi + tid : g.dbf + tid - g.heads, bsum[tid]);
     }
   }
 }
@@ -811,19 +916,21 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 }
 
 // Backward, warp per (row, group) as the forward; a block's 8 warps take kNormBwdRows rows of
-// one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into the
-// block's shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l,
-// so one add instruction touches 32 consecutive words), then one atomicAdd per column and block
+// one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into its own
+// shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l, so one
+// add instruction touches 32 consecutive words; every word has one owner, no atomics), then the
+// 8 warps' sums are added in warp order into the block's partial row pw / ps [row blocks, dim]
 // — no second pass over x, z, x_c and dy for the parameter gradients.
 template <int kMode>
-__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a) {
-  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][span]
+__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = static_cast<int>((gs + 255) / 256) * 256;
   const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
+  float* const mine = psum + wid * span;  // this warp's dweight sums; its dskip sums at + 8·span
   if (params) {
-    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * span; e += blockDim.x) psum[e] = 0.f;
+    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
     __syncthreads();
   }
   const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
@@ -852,8 +959,8 @@ __global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a) {
         s1 += dxhat;
         s2 += dxhat * xhat;
         if (params) {
-          atomicAdd(psum + slot + k * 32, gout * xhat);
-          if (kMode == 2) atomicAdd(psum + span + slot + k * 32, gout * xc[k]);
+          mine[slot + k * 32] += gout * xhat;
+          if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
         }
         if (kMode == 2) {
           const float hs = xhat * sc[k] + sk[k] * xc[k];
@@ -898,18 +1005,27 @@ __global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a) {
     for (int e = threadIdx.x; e < span; e += blockDim.x) {
       const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
       if (col < gs) {
-        if (a.dweight) atomicAdd(a.dweight + c0 + col, psum[e]);
-        if (kMode == 2 && a.dskip) atomicAdd(a.dskip + c0 + col, psum[span + e]);
+        float tw = 0.f, ts = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          tw += psum[w * span + e];
+          if (kMode == 2) ts += psum[(8 + w) * span + e];
+        }
+        const int64_t o = blockIdx.x * a.dim + c0 + col;
+        if (a.dweight) pw[o] = tw;
+        if (kMode == 2 && a.dskip) ps[o] = ts;
       }
     }
   }
 }
 
-// Shared bytes of group_norm_bwd_vec's column sums.
+// Shared bytes of group_norm_bwd_vec's column sums (8 warps' own rows); above 48 KiB the launch
+// opts in to more (up to what one block of an SM may have).
 int64_t NormBwdSmem(const GroupNormArgs& a) {
   const int64_t span = (a.dim / a.groups + 255) / 256 * 256;
-  return (a.mode == NormMode::kMlstmOutput ? 2 : 1) * span * static_cast<int64_t>(sizeof(float));
+  return (a.mode == NormMode::kMlstmOutput ? 2 : 1) * 8 * span * static_cast<int64_t>(sizeof(float));
 }
+constexpr int64_t kMaxNormBwdSmem = 227 * 1024;
 
 bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   const int64_t gs = a.dim / a.groups;
@@ -917,7 +1033,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
   if (!backward) return ok && Aligned(a.y, 16);
-  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= 48 * 1024;
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
   return ok;
@@ -961,6 +1077,7 @@ CudaResult MakeFusedGates(const BlockDiagArgs& a, bool backward, FusedGates* g) 
   g->dfg = ga.dfg;
   g->dbi = ga.dbi;
   g->dbf = ga.dbf;
+  g->overwrite_db = ga.overwrite_db;
   const int64_t col[2] = {a.gate_col, a.gate_col2};
   for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
     g->wi[m] = ga.wi + col[m];
@@ -999,64 +1116,106 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   return Launched("group_norm_fwd");
 }
 
-CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream) {
+CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.rows == 0) return {};
-  const bool params = a.dweight != nullptr || a.dskip != nullptr;
-  if (NormVectorizable(a, true)) {
-    const dim3 grid(static_cast<unsigned>((a.rows + kNormBwdRows - 1) / kNormBwdRows), static_cast<unsigned>(a.groups));
-    const size_t smem = params ? static_cast<size_t>(NormBwdSmem(a)) : 0;
+  float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
+  const bool params = a.dweight != nullptr || dskip != nullptr;
+  const bool vec = NormVectorizable(a, true);
+  // Partial column sums [chunks, dim] (dweight, then dskip), chunk = the kernel's row block.
+  const int64_t chunks = vec ? (a.rows + kNormBwdRows - 1) / kNormBwdRows : (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  gyre::cuda::DeviceBuffer part;
+  float *pw = nullptr, *ps = nullptr;
+  if (params) {
+    if (CudaResult r = Scratch(scratch, chunks * a.dim * (dskip ? 2 : 1), &part); !r.ok()) return r;
+    pw = part.as<float>();
+    ps = pw + (a.dweight ? chunks * a.dim : 0);
+  }
+  if (vec) {
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.groups));
+    const int64_t smem = params ? NormBwdSmem(a) : 0;
+    auto launch = [&](auto kernel) {
+      if (smem > 48 * 1024)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
+    };
     switch (a.mode) {
-      case NormMode::kPlain: group_norm_bwd_vec<0><<<grid, 256, smem, stream>>>(a); break;
-      case NormMode::kGatedInput: group_norm_bwd_vec<1><<<grid, 256, smem, stream>>>(a); break;
-      case NormMode::kMlstmOutput: group_norm_bwd_vec<2><<<grid, 256, smem, stream>>>(a); break;
+      case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;
+      case NormMode::kGatedInput: launch(group_norm_bwd_vec<1>); break;
+      case NormMode::kMlstmOutput: launch(group_norm_bwd_vec<2>); break;
     }
-    return Launched("group_norm_bwd_vec");
+    if (CudaResult r = Launched("group_norm_bwd_vec"); !r.ok()) return r;
+  } else {
+    const int64_t threads = a.rows * a.groups * 32;
+    const int blocks = static_cast<int>((threads + 255) / 256);
+    const dim3 grid = ColumnGrid(a.dim, a.rows), block(32, 8);
+    switch (a.mode) {
+      case NormMode::kPlain:
+        group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
+        if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a, pw, ps);
+        break;
+      case NormMode::kGatedInput:
+        group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
+        if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a, pw, ps);
+        break;
+      case NormMode::kMlstmOutput:
+        group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
+        if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a, pw, ps);
+        break;
+    }
+    if (CudaResult r = Launched("group_norm_bwd"); !r.ok()) return r;
   }
-  const int64_t threads = a.rows * a.groups * 32;
-  const int blocks = static_cast<int>((threads + 255) / 256);
-  const dim3 grid = ColumnGrid(a.dim, a.rows), block(32, 8);
-  switch (a.mode) {
-    case NormMode::kPlain:
-      group_norm_bwd<0><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<0><<<grid, block, 0, stream>>>(a);
-      break;
-    case NormMode::kGatedInput:
-      group_norm_bwd<1><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<1><<<grid, block, 0, stream>>>(a);
-      break;
-    case NormMode::kMlstmOutput:
-      group_norm_bwd<2><<<blocks, 256, 0, stream>>>(a);
-      if (params) group_norm_param_grads<2><<<grid, block, 0, stream>>>(a);
-      break;
-  }
-  return Launched("group_norm_bwd");
+  ReduceJobs jobs;
+  if (a.dweight) jobs.Add(Job(pw, chunks, a.dim, a.dim, a.dweight, a.overwrite_dparams));
+  if (dskip) jobs.Add(Job(ps, chunks, a.dim, a.dim, dskip, a.overwrite_dparams));
+  return LaunchReduce(jobs, stream);
 }
 
-CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream) {
+CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, false, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
-  if (g.heads > 0 && a.gates->bi != nullptr)
-    gate_fwd_init<<<Blocks(a.rows * g.heads, 256), 256, 0, stream>>>(g, a.gates->bi, a.gates->bf, a.rows);
   if (BlockDiagVectorizable(a, false) && FusedGatesVectorizable(g, a.w2 != nullptr)) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdRows - 1) / kBdRows));
     const dim3 block(32, 8);
-    if (g.heads == 0) {
-      if (a.w2) block_diag4_fwd<true, 0><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_fwd<false, 0><<<grid, block, 0, stream>>>(a, g);
-    } else if (g.heads <= 4) {
-      if (a.w2) block_diag4_fwd<true, 8><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_fwd<false, 8><<<grid, block, 0, stream>>>(a, g);
-    } else {
-      if (a.w2) block_diag4_fwd<true, 16><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_fwd<false, 16><<<grid, block, 0, stream>>>(a, g);
+    // Gate sums per column block [grid.x, 2, rows, heads], then ig (fg) = (bias +) their sum.
+    gyre::cuda::DeviceBuffer part;
+    float* pf = nullptr;
+    if (g.heads > 0) {
+      if (CudaResult r = Scratch(scratch, grid.x * 2 * a.rows * g.heads, &part); !r.ok()) return r;
+      pf = part.as<float>();
     }
-    return Launched("block_diag4_fwd");
+    if (g.heads == 0) {
+      if (a.w2) block_diag4_fwd<true, 0><<<grid, block, 0, stream>>>(a, g, pf);
+      else block_diag4_fwd<false, 0><<<grid, block, 0, stream>>>(a, g, pf);
+    } else if (g.heads <= 4) {
+      if (a.w2) block_diag4_fwd<true, 8><<<grid, block, 0, stream>>>(a, g, pf);
+      else block_diag4_fwd<false, 8><<<grid, block, 0, stream>>>(a, g, pf);
+    } else {
+      if (a.w2) block_diag4_fwd<true, 16><<<grid, block, 0, stream>>>(a, g, pf);
+      else block_diag4_fwd<false, 16><<<grid, block, 0, stream>>>(a, g, pf);
+    }
+    if (CudaResult r = Launched("block_diag4_fwd"); !r.ok() || g.heads == 0) return r;
+    const int64_t n = a.rows * g.heads;
+    ReduceJobs jobs;
+    for (int f = 0; f < 2; ++f) {
+      ReduceJob j = Job(pf + f * n, grid.x, 2 * n, n, f == 0 ? g.ig : g.fg, false);
+      const float* bias = f == 0 ? a.gates->bi : a.gates->bf;
+      if (bias != nullptr) {
+        j.mode = kReduceSetBias;
+        j.bias = bias;
+        j.bias_period = g.heads;
+      }
+      jobs.Add(j);
+    }
+    return LaunchReduce(jobs, stream);
   }
+  // Scalar path: the gates start at the bias; one warp per row then adds each map's share.
+  if (g.heads > 0 && a.gates->bi != nullptr)
+    gate_fwd_init<<<Blocks(a.rows * g.heads, 256), 256, 0, stream>>>(g, a.gates->bi, a.gates->bf, a.rows);
   for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
     BlockDiagArgs b = a;
     if (m == 1) {
@@ -1069,45 +1228,90 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream) {
   return Launched("block_diag_fwd");
 }
 
-CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream) {
+CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
-  if (BlockDiagVectorizable(a, true) && FusedGatesVectorizable(g, a.w2 != nullptr)) {
-    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>((a.rows + kBdBwdRows - 1) / kBdBwdRows));
+  const bool vec = BlockDiagVectorizable(a, true) && FusedGatesVectorizable(g, a.w2 != nullptr);
+  // Partial sums per row chunk: dw, dw2 [chunks, nw]; per map the gate weight columns
+  // [chunks, G, cols]; the vectorised path's bias sums [chunks, G].
+  const int64_t chunks = (a.rows + (vec ? kBdBwdRows : kRowsPerBlock) - 1) / (vec ? kBdBwdRows : kRowsPerBlock);
+  const int64_t cols = a.blocks * a.block_out, nw = cols * a.block_in, G = 2 * g.heads, maps = a.w2 ? 2 : 1;
+  const bool db = g.heads > 0 && g.dbi != nullptr;
+  const int64_t per_chunk = (a.dw ? nw : 0) + (a.w2 && a.dw2 ? nw : 0) + maps * G * cols + (vec && db ? G : 0);
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, chunks * per_chunk, &part); !r.ok()) return r;
+  BdPartials p;
+  float* next = part.as<float>();
+  auto take = [&](int64_t row) {
+    float* t = next;
+    next += chunks * row;
+    return t;
+  };
+  if (a.dw) p.dw = take(nw);
+  if (a.w2 && a.dw2) p.dw2 = take(nw);
+  if (g.heads > 0) {
+    p.gate0 = take(G * cols);
+    if (a.w2) p.gate1 = take(G * cols);
+  }
+  if (vec && db) p.db = take(G);
+  if (vec) {
+    const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
     if (g.heads == 0) {
-      if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g);
+      if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
     } else if (g.heads <= 4) {
-      if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g);
+      if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g, p);
     } else {
-      if (a.w2) block_diag4_bwd<true, 16><<<grid, block, 0, stream>>>(a, g);
-      else block_diag4_bwd<false, 16><<<grid, block, 0, stream>>>(a, g);
+      if (a.w2) block_diag4_bwd<true, 16><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 16><<<grid, block, 0, stream>>>(a, g, p);
     }
-    return Launched("block_diag4_bwd");
+    if (CudaResult r = Launched("block_diag4_bwd"); !r.ok()) return r;
+  } else {
+    // Scalar path: one launch per map and product; the bias sums in one block per gate.
+    for (int m = 0; m < maps; ++m) {
+      BlockDiagArgs b = a;
+      if (m == 1) {
+        b.w = a.w2;
+        b.dy = a.dy2;
+        b.dw = a.dw2;
+        b.accumulate_dx = true;
+      }
+      block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(b, g, m);
+      if (b.dw)
+        block_diag_bwd_dw<<<ColumnGrid(cols, a.rows), dim3(32, 8), 0, stream>>>(b, g, m, m == 0 ? p.dw : p.dw2);
+      if (g.heads > 0) {
+        const dim3 grid = ColumnGrid(cols, a.rows);
+        gate_bwd_dw<<<dim3(grid.x, grid.y, G), dim3(32, 8), 0, stream>>>(b, g, m, m == 0 ? p.gate0 : p.gate1);
+      }
+    }
+    if (db) gate_bwd_db<<<G, 256, 0, stream>>>(g, a.rows);
+    if (CudaResult r = Launched("block_diag_bwd"); !r.ok()) return r;
   }
-  // Scalar path: one launch per map and product.
-  for (int m = 0; m < (a.w2 ? 2 : 1); ++m) {
-    BlockDiagArgs b = a;
-    if (m == 1) {
-      b.w = a.w2;
-      b.dy = a.dy2;
-      b.dw = a.dw2;
-      b.accumulate_dx = true;
-    }
-    block_diag_bwd_dx<<<Blocks(a.rows * a.blocks * a.block_in, 256), 256, 0, stream>>>(b, g, m);
-    if (b.dw) block_diag_bwd_dw<<<ColumnGrid(a.blocks * a.block_out, a.rows), dim3(32, 8), 0, stream>>>(b, g, m);
-    if (g.heads > 0) {
-      const dim3 grid = ColumnGrid(a.blocks * a.block_out, a.rows);
-      gate_bwd_dw<<<dim3(grid.x, grid.y, 2 * g.heads), dim3(32, 8), 0, stream>>>(b, g, m);
+  ReduceJobs jobs;
+  if (p.dw) jobs.Add(Job(p.dw, chunks, nw, nw, a.dw, a.overwrite_dw));
+  if (p.dw2) jobs.Add(Job(p.dw2, chunks, nw, nw, a.dw2, a.overwrite_dw2));
+  // Gate t's columns of map m land in row t (of dwi, or of dwf for the forget gates) from the
+  // map's first column on: segments of `cols` with the gate weights' row stride.
+  for (int m = 0; m < (g.heads > 0 ? maps : 0); ++m) {
+    const float* pg = m == 0 ? p.gate0 : p.gate1;
+    for (int f = 0; f < 2; ++f) {
+      ReduceJob j = Job(pg + f * g.heads * cols, chunks, G * cols, g.heads * cols, f == 0 ? g.dwi[m] : g.dwf[m],
+                        a.gates->overwrite_dw);
+      j.seg = cols;
+      j.out_stride = g.ldg;
+      jobs.Add(j);
     }
   }
-  if (g.heads > 0 && g.dbi != nullptr) gate_bwd_db<<<2 * g.heads, 256, 0, stream>>>(g, a.rows);
-  return Launched("block_diag_bwd");
+  if (p.db) {
+    jobs.Add(Job(p.db, chunks, G, g.heads, g.dbi, g.overwrite_db));
+    jobs.Add(Job(p.db + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
+  }
+  return LaunchReduce(jobs, stream);
 }
 
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {
@@ -1116,10 +1320,17 @@ CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const 
   return Launched("add_column_bias");
 }
 
-CudaResult ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out, cudaStream_t stream) {
+CudaResult ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out, DeviceAllocator* scratch,
+                     cudaStream_t stream) {
   if (rows == 0) return {};
-  column_sum<<<ColumnGrid(cols, rows), dim3(32, 8), 0, stream>>>(x, rows, cols, ld, out);
-  return Launched("column_sum");
+  const dim3 grid = ColumnGrid(cols, rows);
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, grid.y * cols, &part); !r.ok()) return r;
+  column_sum<<<grid, dim3(32, 8), 0, stream>>>(x, rows, cols, ld, part.as<float>());
+  if (CudaResult r = Launched("column_sum"); !r.ok()) return r;
+  ReduceJobs jobs;
+  jobs.Add(Job(part.as<float>(), grid.y, cols, cols, out, false));
+  return LaunchReduce(jobs, stream);
 }
 
 }  // namespace gyre::ops::cuda_ops

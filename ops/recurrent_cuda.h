@@ -5,21 +5,27 @@
 //
 // Dtypes: activations bf16 [rows, cols] row-major (with a row stride where named `ld*`);
 // weights are read from the fp32 master copies (small tensors; no rounding on the path the CPU
-// reference takes in float64); every parameter gradient is fp32 and ACCUMULATES (atomicAdd of
-// per-block partial sums: the summation order varies between runs at fp32 rounding level).
-// Norm statistics fp32 [rows, groups]. Everything is enqueued on `stream`; nothing synchronises.
+// reference takes in float64); every parameter gradient is fp32 and ACCUMULATES, or is
+// overwritten where the args say so (the deferred-zero rule, ops/module.h).
+// Deterministic: no float atomics. Every sum over rows (parameter gradients, the fused mLSTM
+// gate pre-activations) is formed as per-block partial sums in `scratch` (the caching
+// allocator: no cudaMalloc once warm) and reduced in a fixed order, so the same inputs give the
+// same bits on every run. Norm statistics fp32 [rows, groups]. Everything is enqueued on
+// `stream`; nothing synchronises (scratch blocks go back to the cache for stream-ordered reuse).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/device_info.h"
 #include "ops/cuda_recurrent.h"
 
 namespace gyre::ops::cuda_ops {
 
 using gyre::cuda::CudaResult;
+using gyre::cuda::DeviceAllocator;
 
 using ::gyre::ops::BlockDiagArgs;
 using ::gyre::ops::GroupNormArgs;
@@ -27,13 +33,14 @@ using ::gyre::ops::MlstmGateArgs;
 using ::gyre::ops::NormMode;
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
-CudaResult GroupNormBackward(const GroupNormArgs& a, cudaStream_t stream);
-CudaResult BlockDiagForward(const BlockDiagArgs& a, cudaStream_t stream);
-CudaResult BlockDiagBackward(const BlockDiagArgs& a, cudaStream_t stream);
+CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
+CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
+CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
 // out[c] += Σ_r x[r, c] (bf16 x with row stride ld; fp32 out).
-CudaResult ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out, cudaStream_t stream);
+CudaResult ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out, DeviceAllocator* scratch,
+                     cudaStream_t stream);
 
 }  // namespace gyre::ops::cuda_ops

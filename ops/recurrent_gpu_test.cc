@@ -17,10 +17,18 @@
 //   train:   20 AdamW steps (clip 1.0, lr 3e-3, warm-up 5) GPU vs CPU fp32 from the same fp32
 //            masters: the loss curves agree step by step within 3e-2 relative;
 //   AdamW:   LoadState on CUDA restores the step count (the next update equals the one of the
-//            optimizer that never stopped).
+//            optimizer that never stopped);
+//   bitwise: the same three training steps twice (fresh models, same seed) give identical bits —
+//            losses, gradient norms, every parameter and every gradient — for xLSTM (mLSTM +
+//            sLSTM: the fused q/k/v gates, the out-norm, the grouped LayerNorms, the sLSTM bias
+//            column sum) and Mamba-2 (gated RMSNorm, SSD), at shapes with several column and row
+//            blocks per reduction (where float atomics made the order, and the bits, vary);
+//   deferred zero: after an earlier step the recurrent blocks' gradients are left stale (NaN
+//            written into them) and two micro-batches must reproduce a fresh model's gradients.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -138,17 +146,22 @@ double Sig(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 double SiluD(double z) { return z * Sig(z); }
 double DSiluD(double z) { return Sig(z) * (1.0 + z * (1.0 - Sig(z))); }
 
-void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool two) {
+// `overwrite`: dw / dw2 start as NaN and are overwritten (the deferred-zero rule's first write).
+void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool two, bool overwrite = false) {
   Rng rng(31);
   const int64_t cols = blocks * bs;
   const std::string name = "blockdiag rows " + std::to_string(rows) + " bs " + std::to_string(bs) + " ld " +
-                           std::to_string(ld) + (two ? " +second map" : "");
+                           std::to_string(ld) + (two ? " +second map" : "") + (overwrite ? " overwrite" : "");
   const Tensor x = RandomBf16Host({rows, ld}, 1.0, &rng), w = RandomBf16Host({blocks, bs, bs}, 0.5, &rng),
                w2 = RandomBf16Host({blocks, bs, bs}, 0.5, &rng), dy = RandomBf16Host({rows, ld}, 1.0, &rng),
                dy2 = RandomBf16Host({rows, ld}, 1.0, &rng), dx0 = RandomBf16Host({rows, ld}, 1.0, &rng),
                dw0 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng), dw20 = RandomBf16Host({blocks, bs, bs}, 1.0, &rng);
   Tensor y_ref = Tensor::Zeros({rows, cols}, DType::kF64), y2_ref = Tensor::Zeros({rows, cols}, DType::kF64);
   Tensor dx_ref = Tensor::Zeros({rows, cols}, DType::kF64), dw_ref = dw0.To(DType::kF64), dw2_ref = dw20.To(DType::kF64);
+  if (overwrite) {
+    dw_ref.SetZero();
+    dw2_ref.SetZero();
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t o = 0; o < bs; ++o)
@@ -166,12 +179,17 @@ void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool t
     for (int64_t c = 0; c < cols; ++c) dx_ref.Set(r * cols + c, dx_ref.At(r * cols + c) + dx0.At(r * ld + c));
   const Tensor xd = ToCudaBf16(x), wd = DevF32(w), w2d = DevF32(w2), dyd = ToCudaBf16(dy), dy2d = ToCudaBf16(dy2);
   Tensor y = Poison({rows, ld}), y2 = Poison({rows, ld}), dx = ToCudaBf16(dx0), dw = DevF32(dw0), dw2 = DevF32(dw20);
+  if (overwrite) {
+    dw.Fill(std::nan(""));
+    dw2.Fill(std::nan(""));
+  }
   BlockDiagArgs a;
   a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
   a.x = xd.raw(); a.ldx = ld; a.w = wd.data<float>(); a.y = y.raw(); a.ldy = ld;
   if (two) { a.w2 = w2d.data<float>(); a.y2 = y2.raw(); }
   Cuda().BlockDiag(false, a);
   a.dy = dyd.raw(); a.dx = dx.raw(); a.accumulate_dx = true; a.dw = dw.data<float>();
+  a.overwrite_dw = a.overwrite_dw2 = overwrite;
   if (two) { a.dy2 = dy2d.raw(); a.dw2 = dw2.data<float>(); }
   Cuda().BlockDiag(true, a);
   auto cols_of = [&](const Tensor& t) {  // the first `cols` columns of a [rows, ld] device tensor
@@ -192,16 +210,19 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
   CheckBlockDiag(37, 70, 4, 280, true);   // 4x4 vectorised, 3 column blocks of threads (70 > 64)
   CheckBlockDiag(37, 6, 4, 28, false);    // row stride wider than the map
   CheckBlockDiag(300, 5, 3, 15, true);    // 3x3: the scalar kernels, both maps
+  CheckBlockDiag(1100, 70, 4, 280, true, /*overwrite=*/true);  // 3 row chunks of the backward
+  CheckBlockDiag(300, 5, 3, 15, true, /*overwrite=*/true);
 }
 
 // The mLSTM gates fused into the q/k/v block-diagonal maps that feed them (BlockDiagArgs::gates):
 // forward q, k (one pass over x_c, bias written first), v (x_m), the gates summed from the bf16
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
-void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
+// `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
+void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs);
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
@@ -222,6 +243,9 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
   Tensor dw_ref[3] = {dwm0[0].To(DType::kF64), dwm0[1].To(DType::kF64), dwm0[2].To(DType::kF64)};
   Tensor y_ref[3], dwi_ref = dwi0.To(DType::kF64), dwf_ref = dwf0.To(DType::kF64), dbi_ref = dbi0.To(DType::kF64),
          dbf_ref = dbf0.To(DType::kF64);
+  if (overwrite) {
+    for (Tensor* t : {&dw_ref[0], &dw_ref[1], &dw_ref[2], &dwi_ref, &dwf_ref, &dbi_ref, &dbf_ref}) t->SetZero();
+  }
   for (int m = 0; m < 3; ++m) {
     y_ref[m] = Tensor::Zeros({rows, p}, DType::kF64);
     Tensor& dx = dx_ref[m == 2 ? 1 : 0];
@@ -296,19 +320,25 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs) {
   // GPU: backward, the gate gradient fused into the two block-diagonal launches.
   Tensor dxc = ToCudaBf16(dxc0), dxm = Poison({rows, p}), dwi = DevF32(dwi0), dwf = DevF32(dwf0), dbi = DevF32(dbi0),
          dbf = DevF32(dbf0);
+  if (overwrite) {
+    for (Tensor* t : {&dwmd[0], &dwmd[1], &dwmd[2], &dwi, &dwf, &dbi, &dbf}) t->Fill(std::nan(""));
+  }
   MlstmGateArgs gb;
   gb.rows = rows; gb.inner = p; gb.heads = heads;
   gb.wi = wid.data<float>(); gb.wf = wfd.data<float>();
   gb.dig = digd.data<float>(); gb.dfg = dfgd.data<float>();
   gb.dwi = dwi.data<float>(); gb.dwf = dwf.data<float>();
+  gb.overwrite_dw = overwrite;
   MlstmGateArgs gb_bias = gb;
   gb_bias.dbi = dbi.data<float>(); gb_bias.dbf = dbf.data<float>();
+  gb_bias.overwrite_db = overwrite;
   for (int pass = 0; pass < 2; ++pass) {
     const int m = pass == 0 ? 0 : 2;
     BlockDiagArgs a;
     a.rows = rows; a.blocks = blocks; a.block_in = bs; a.block_out = bs;
     a.x = (pass == 0 ? xcd : xmd).raw(); a.ldx = p; a.ldy = p;
     a.w = wmd[m].data<float>(); a.dy = d0d[m].raw(); a.dw = dwmd[m].data<float>();
+    a.overwrite_dw = a.overwrite_dw2 = overwrite;
     a.dx = (pass == 0 ? dxc : dxm).raw(); a.accumulate_dx = pass == 0;
     a.gates = pass == 0 ? &gb : &gb_bias;
     a.gate_col = m * p;
@@ -339,14 +369,19 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(37, 320, 8, 4);   // vectorised, 16-gate kernels (the 7B layout's 8 heads); 3 column blocks
   CheckGates(37, 12, 3, 3);    // 3x3 blocks, p % 8 != 0: the scalar kernels
   CheckGates(21, 15, 8, 3);    // scalar, 8 heads, odd p
+  CheckGates(1500, 96, 3, 4, /*overwrite=*/true);
+  CheckGates(37, 320, 8, 4, /*overwrite=*/true);
+  CheckGates(300, 12, 3, 3, /*overwrite=*/true);  // scalar, 2 row chunks
 }
 
-void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz) {
+// `overwrite`: dweight / dskip start as NaN and are overwritten.
+void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
+               bool overwrite = false) {
   Rng rng(51);
   const int64_t dim = groups * gs;
   const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
                            " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
-                           std::to_string(gs);
+                           std::to_string(gs) + (overwrite ? " overwrite" : "");
   const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
                xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
                skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
@@ -355,6 +390,10 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
   const int m = static_cast<int>(mode);
   Tensor y_ref = Tensor::Zeros({rows, dim}, DType::kF64), dx_ref = y_ref.Clone(), dz_ref = y_ref.Clone(),
          dxc_ref = y_ref.Clone(), dw_ref = dw0.To(DType::kF64), ds_ref = ds0.To(DType::kF64);
+  if (overwrite) {
+    dw_ref.SetZero();
+    ds_ref.SetZero();
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       std::vector<double> in(gs), xhat(gs), gout(gs);
@@ -403,6 +442,10 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
   Tensor y = Poison({rows, dim}), dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
   Tensor mean = Tensor::Full({rows * groups}, DType::kF32, NAN, Device::kCuda), rstd = mean.Clone();
   Tensor dw = DevF32(dw0), ds = DevF32(ds0);
+  if (overwrite) {
+    dw.Fill(std::nan(""));
+    ds.Fill(std::nan(""));
+  }
   GroupNormArgs n;
   n.mode = mode; n.layer = layer; n.rows = rows; n.dim = dim; n.groups = groups; n.eps = static_cast<float>(eps);
   n.weight_offset = static_cast<float>(off);
@@ -412,6 +455,7 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
   n.y = y.raw(); n.mean = layer ? mean.data<float>() : nullptr; n.rstd = rstd.data<float>();
   Cuda().GroupNorm(false, n);
   n.dy = dyd.raw(); n.dx = dx.raw(); n.dweight = dw.data<float>();
+  n.overwrite_dparams = overwrite;
   if (m != 0) n.dz = dz.raw();
   if (m == 2) { n.dxc = dxc.raw(); n.dskip = ds.data<float>(); }
   Cuda().GroupNorm(true, n);
@@ -435,6 +479,12 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 12, 36);
+  // Overwritten parameter gradients (NaN before): vectorised and scalar; the Mamba-2 130m group
+  // (1536: 48 KiB of per-warp sums) and a larger one (2048: the opt-in above 48 KiB).
+  CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536, true);
+  CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
+  CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
+  CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
@@ -554,6 +604,134 @@ TEST_F(RecurrentGpuTest, AdamWLoadStateRestoresTheStepOnCuda) {
   std::printf("[%s] resumed AdamW step 4 vs uninterrupted: worst weight rel_err %.3e tol 1e-5\n",
               worst <= 1e-5 ? "PASS" : "FAIL", worst);
   EXPECT_LE(worst, 1e-5);
+}
+
+// ---------------------------------------------------------------- bitwise reproducibility
+
+struct RunBits {
+  std::vector<double> losses, grad_norms;
+  std::vector<std::string> names;
+  std::vector<std::vector<char>> values, grads;
+};
+
+std::vector<char> HostBytes(const Tensor& t) {
+  const Tensor h = t.ToDevice(Device::kCpu);
+  std::vector<char> bytes(h.nbytes());
+  if (!bytes.empty()) std::memcpy(bytes.data(), h.raw(), bytes.size());
+  return bytes;
+}
+
+// Three AdamW steps (the deferred-zero step path of Trainer) from a fresh model of seed 11.
+RunBits TrainThreeSteps(const ModelSpec& spec, int64_t B, int64_t T) {
+  RunBits out;
+  auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return out;
+  TrainOptions opt;
+  opt.schedule.peak_lr = 3e-3;
+  opt.schedule.warmup_steps = 1;
+  opt.grad_clip = 1.0;
+  Trainer trainer(m->get(), opt);
+  for (int step = 0; step < 3; ++step) {
+    const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 100 + step);
+    auto st = trainer.Step(tokens, B, T, step);
+    EXPECT_TRUE(st.ok()) << st.status();
+    if (!st.ok()) return out;
+    out.losses.push_back(st->loss.loss);
+    out.grad_norms.push_back(st->update.grad_norm);
+  }
+  for (const Parameter* p : (*m)->params().All()) {
+    out.names.push_back(p->name);
+    out.values.push_back(HostBytes(p->value));
+    out.grads.push_back(HostBytes(p->grad));
+  }
+  return out;
+}
+
+void ExpectBitwiseReproducible(const ModelSpec& spec, int64_t B, int64_t T) {
+  const RunBits a = TrainThreeSteps(spec, B, T), b = TrainThreeSteps(spec, B, T);
+  ASSERT_EQ(a.names, b.names);
+  ASSERT_EQ(a.losses.size(), 3u);
+  int loss_diff = 0, value_diff = 0, grad_diff = 0;
+  std::string first;
+  for (size_t i = 0; i < a.losses.size(); ++i) {
+    const bool same = std::memcmp(&a.losses[i], &b.losses[i], sizeof(double)) == 0 &&
+                      std::memcmp(&a.grad_norms[i], &b.grad_norms[i], sizeof(double)) == 0;
+    loss_diff += !same;
+    std::printf("%s step %zu loss %.17g / %.17g grad_norm %.17g / %.17g\n", spec.preset.c_str(), i, a.losses[i],
+                b.losses[i], a.grad_norms[i], b.grad_norms[i]);
+  }
+  for (size_t i = 0; i < a.names.size(); ++i) {
+    const bool v = a.values[i] != b.values[i], g = a.grads[i] != b.grads[i];
+    value_diff += v;
+    grad_diff += g;
+    if ((v || g) && first.size() < 400) first += " " + a.names[i] + (g ? "(grad)" : "(value)");
+  }
+  const bool ok = loss_diff == 0 && value_diff == 0 && grad_diff == 0;
+  std::printf("[%s] bitwise %s B %ld T %ld, 3 steps twice: steps differing %d/3, parameters %d/%zu, gradients "
+              "%d/%zu%s%s\n",
+              ok ? "PASS" : "FAIL", spec.preset.c_str(), (long)B, (long)T, loss_diff, value_diff, a.names.size(),
+              grad_diff, a.names.size(), first.empty() ? "" : "; first:", first.c_str());
+  EXPECT_TRUE(ok);
+}
+
+// 8 x 256 = 2048 rows: 2 column blocks of the q/k/v gate sums per launch, 4 row chunks of the
+// block-diagonal backward, 32 row blocks of each group-norm backward.
+TEST_F(RecurrentGpuTest, XlstmTrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallXlstm(), 8, 256); }
+TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
+
+// The 125M presets' widths (mLSTM inner 1536: 12 column blocks of gate sums, out-norm groups of
+// 384, LayerNorms of 768; Mamba-2 inner 1536 in one group: 48 KiB of per-warp column sums) in two
+// layers, 4 x 1024 tokens.
+TEST_F(RecurrentGpuTest, PresetWidthsTrainBitwiseReproducibly) {
+  ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
+  x.blocks = {BlockType::kMlstm, BlockType::kSlstm};
+  ExpectBitwiseReproducible(x, 4, 1024);
+  ModelSpec m = *PresetSpec("mamba2-130m");
+  m.blocks = {BlockType::kMamba2, BlockType::kMamba2};
+  ExpectBitwiseReproducible(m, 4, 1024);
+}
+
+// ---------------------------------------------------------------- deferred zero
+
+// Deferred zeroing (ops/module.h) on the device for the recurrent blocks (as LlamaGpuTest's):
+// every gradient of an xLSTM / Mamba-2 model skips the memset; NaN in the stale gradients; two
+// micro-batches must give a fresh, eagerly zeroed model's gradients (the overwriting first
+// writes: GEMM beta 0, the glue kernels' reduces; zero-if-stale before the cells and the conv).
+void ExpectDeferredZeroMatchesZeroed(const ModelSpec& spec) {
+  const int64_t B = 4, T = 64;
+  auto fresh = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+  auto reused = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+  ASSERT_TRUE(fresh.ok() && reused.ok());
+  const auto earlier = RandomTokens(B * (T + 1), spec.vocab_size, 7);
+  const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 8);
+  const double scale = 1.0 / (B * T);
+  auto two_passes = [&](LanguageModel& m) {
+    const std::span<const int32_t> all(tokens);
+    m.ForwardBackward(all.first(2 * (T + 1)), 2, T, scale);
+    m.ForwardBackward(all.subspan(2 * (T + 1)), 2, T, scale);
+  };
+  (*reused)->params().ZeroGrad();
+  (*reused)->ForwardBackward(earlier, B, T, scale);
+  (*reused)->params().DeferZeroGrad();
+  int64_t stale = 0;
+  for (Parameter* p : (*reused)->params().All()) {
+    if (!p->grad_stale) continue;
+    ++stale;
+    p->grad.Fill(std::nan(""));
+  }
+  EXPECT_EQ(stale, static_cast<int64_t>((*reused)->params().All().size())) << "every gradient skips the memset";
+  two_passes(**reused);
+  (*fresh)->params().ZeroGrad();
+  two_passes(**fresh);
+  EXPECT_TRUE(CheckGrads((*reused)->params(), (*fresh)->params(), spec.preset + " deferred zero", 1e-5));
+}
+
+TEST_F(RecurrentGpuTest, XlstmDeferredZeroStepEqualsAStepOnZeroedGradients) {
+  ExpectDeferredZeroMatchesZeroed(SmallXlstm());
+}
+TEST_F(RecurrentGpuTest, Mamba2DeferredZeroStepEqualsAStepOnZeroedGradients) {
+  ExpectDeferredZeroMatchesZeroed(SmallMamba2());
 }
 
 }  // namespace
