@@ -259,7 +259,7 @@ void RunModel(Bench& b, DeviceAllocator& alloc, GemmContext* gemm, const Model& 
     Time(b, tag + "embedding fwd", s, 0, 4.0 * N * d + 4.0 * N,
          [&]() { return EmbeddingForward(ids, table, out, N, V, d, nullptr, b.stream); });
     Time(b, tag + "embedding bwd (det.)", s, 0, 2.0 * N * d + 8.0 * plan.distinct() * d,
-         [&]() { return EmbeddingBackward(plan, dy, dw, d, b.stream); });
+         [&]() { return EmbeddingBackward(plan, dy, dw, d, /*overwrite=*/false, b.stream); });
   }
   keep.clear();
   // ---- Fused linear + cross-entropy.
