@@ -5,12 +5,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -476,10 +478,12 @@ class Backend final : public CudaBackend {
     a.dh = static_cast<bf16*>(dh);
     a.dw = dw;
     a.overwrite_dw = overwrite_dw;
-    // Token rows per chunk: the logits buffer is chunk x vocab fp32 (8192 x 50304: 1.65 GB).
-    // 8192 over 4096: -2.9 ms of 78.6 at llama-125m (B16), -0.9 at 1.3b (B8), H200, session 3;
-    // 16384 and a second call's 4096 were within the step noise (bench/RESULTS.md, llamastep).
-    a.chunk_tokens = 8192;
+    // Token rows per chunk: the logits buffer is chunk x vocab bf16 (16384 x 50304: 1.65 GB).
+    a.chunk_tokens = 16384;
+    // A/B switches for session 6's first device call (lce6); removed once settled.
+    if (const char* e = std::getenv("GYRE_CE_LOGITS")) a.bf16_logits = std::string(e) != "f32";
+    if (const char* e = std::getenv("GYRE_CE_OVERLAP")) a.overlap_rows = std::string(e) == "1";
+    if (const char* e = std::getenv("GYRE_CE_CHUNK")) a.chunk_tokens = std::max<int64_t>(1, std::atoll(e));
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
