@@ -1,8 +1,9 @@
 // Fused LM-head linear + cross-entropy (kernels/cuda/cross_entropy.h) at the 125m/130m presets'
 // shape (32768 tokens = B16 x 2048, d 768, V 50304), variants side by side in one process:
-// logits dtype (bf16 / fp32), chunk size, the overlapped row-kernel schedule, dW overwrite on the
-// first chunk, GEMM autotune; the three GEMMs alone; and the loss / gradient error of bf16 vs
-// fp32 logits against a float64 reference at V = 50304 with realistic logit scales.
+// chunk size, dW overwrite on the first chunk, GEMM autotune, loss only; the GEMMs alone (fp32
+// and bf16 logits out); and the loss / gradient error of the bf16 logits against a float64
+// reference at V = 50304 with realistic logit scales. (Session 6's first call also timed fp32
+// logits and a two-stream overlapped schedule, since removed: bench/RESULTS.md, lce6.)
 //
 // Timing: CUDA events, median of --reps after 3 warm-ups (no L2 flush: each call moves GBs).
 // FLOPs: 3 · 2·N·V·d (loss only: 1).
@@ -124,7 +125,7 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   };
   double mean_tl = 0;
   for (double x : tl) mean_tl += x / tokens;
-  for (bool bf16_logits : {false, true}) {
+  {
     LinearCrossEntropyArgs a;
     a.tokens = tokens;
     a.dim = d;
@@ -139,7 +140,6 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
     a.dw = dw_buf.as<float>();
     a.overwrite_dw = true;
     a.chunk_tokens = 8192;
-    a.bf16_logits = bf16_logits;
     CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, a, nullptr));
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     std::vector<float> tlf(tokens), dwf(V * d);
@@ -156,9 +156,9 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
     }
     std::vector<double> dhd(dhb.size()), dwd(dwf.begin(), dwf.end());
     for (size_t i = 0; i < dhb.size(); ++i) dhd[i] = Bf16ToFloat(dhb[i]);
-    std::printf("accuracy %s logits | N=%ld d=%ld V=%ld sigma=%.1f %s |logit|max=%.1f mean loss=%.4f | "
+    std::printf("accuracy bf16 logits | N=%ld d=%ld V=%ld sigma=%.1f %s |logit|max=%.1f mean loss=%.4f | "
                 "loss rel %.2e | token loss abs max %.2e rms %.2e | dh rel %.2e | dW rel %.2e\n",
-                bf16_logits ? "bf16" : "fp32", (long)tokens, (long)d, (long)V, sigma,
+                (long)tokens, (long)d, (long)V, sigma,
                 confident ? "half argmax targets" : "random targets", absmax, mean_tl,
                 std::fabs(got_loss - loss) / std::fabs(loss), tl_max, std::sqrt(tl_rms), rel(dhd, dh), rel(dwd, dw));
     std::fflush(stdout);
@@ -210,28 +210,17 @@ int Main(int argc, char** argv) {
   const double gemm_flops = 2.0 * N * V * d;
   struct Variant {
     const char* name;
-    bool bf16_logits;
     int64_t chunk;
-    bool overlap, overwrite, autotune, loss_only;
+    bool overwrite, autotune, loss_only;
   };
   const Variant variants[] = {
-      {"before: fp32 logits, chunk 8192", false, 8192, false, false, false, false},
-      {"fp32 logits, chunk 8192, overwrite dW", false, 8192, false, true, false, false},
-      {"fp32 logits, chunk 8192, overlap", false, 8192, true, false, false, false},
-      {"bf16 logits, chunk 8192", true, 8192, false, false, false, false},
-      {"bf16 logits, chunk 16384", true, 16384, false, false, false, false},
-      {"bf16 logits, chunk 32768", true, 32768, false, false, false, false},
-      {"bf16 logits, chunk 4096", true, 4096, false, false, false, false},
-      {"bf16 logits, chunk 8192, overlap", true, 8192, true, false, false, false},
-      {"bf16 logits, chunk 16384, overlap", true, 16384, true, false, false, false},
-      {"bf16 logits, chunk 16384, overwrite dW", true, 16384, false, true, false, false},
-      {"bf16 logits, chunk 8192, overwrite dW", true, 8192, false, true, false, false},
-      {"bf16 logits, chunk 16384, autotune", true, 16384, false, true, true, false},
-      {"bf16 logits, chunk 8192, autotune", true, 8192, false, true, true, false},
-      {"fp32 logits, chunk 8192, autotune", false, 8192, false, true, true, false},
-      {"loss only, fp32 logits, chunk 8192", false, 8192, false, false, false, true},
-      {"loss only, bf16 logits, chunk 8192", true, 8192, false, false, false, true},
-      {"loss only, bf16 logits, chunk 16384", true, 16384, false, false, false, true},
+      {"chunk 16384, overwrite dW (the model's call)", 16384, true, false, false},
+      {"chunk 16384", 16384, false, false, false},
+      {"chunk 8192, overwrite dW", 8192, true, false, false},
+      {"chunk 32768, overwrite dW", 32768, true, false, false},
+      {"chunk 16384, overwrite dW, GEMM autotune", 16384, true, true, false},
+      {"loss only, chunk 16384", 16384, false, false, true},
+      {"chunk 16384, overwrite dW (again)", 16384, true, false, false},
   };
   for (const Variant& v : variants) {
     if (v.autotune) setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
@@ -249,12 +238,10 @@ int Main(int argc, char** argv) {
     a.dh = v.loss_only ? nullptr : dh.as<bf16>();
     a.dw = v.loss_only ? nullptr : dw.as<float>();
     a.chunk_tokens = v.chunk;
-    a.bf16_logits = v.bf16_logits;
-    a.overlap_rows = v.overlap;
     a.overwrite_dw = v.overwrite;
     const double ms = time([&]() { return LinearCrossEntropy(gemm.get(), &alloc, a, nullptr); });
     const double flops = (v.loss_only ? 1 : 3) * gemm_flops;
-    std::printf("lce | %-42s | %8.3f ms | %6.1f TFLOP/s\n", v.name, ms, flops / ms * 1e-9);
+    std::printf("lce | %-46s | %8.3f ms | %6.1f TFLOP/s\n", v.name, ms, flops / ms * 1e-9);
     std::fflush(stdout);
   }
   unsetenv("GYRE_GEMM_AUTOTUNE");
