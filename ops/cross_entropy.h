@@ -33,7 +33,8 @@ struct CrossEntropyResult {
 };
 
 // h [N, d], w [V, d]. *dh (if not null) is overwritten with dloss/dh [N, d]; *dw (if not null)
-// accumulates dloss/dW (options.overwrite_dw: is overwritten). With both null only the loss is computed (one pass).
+// accumulates dloss/dW (with options.overwrite_dw: is overwritten). With both null only the loss
+// is computed (one pass).
 CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
                                            const CrossEntropyOptions& options, Tensor* dh, Tensor* dw);
