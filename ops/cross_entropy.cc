@@ -33,6 +33,7 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
   CrossEntropyResult result;
   const bool backward = dh != nullptr || dw != nullptr;
   if (dh != nullptr) *dh = Tensor::Zeros(h.shape(), h.dtype());
+  if (dw != nullptr && opt.overwrite_dw) dw->SetZero();  // in place: dw may be a view
   for (int64_t r0 = 0; r0 < N; r0 += rb) {
     const int64_t rows = std::min(rb, N - r0);
     std::fill(m.begin(), m.end(), -std::numeric_limits<double>::infinity());
@@ -140,10 +141,14 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
     for (int32_t t : targets) result.tokens += t >= 0 ? 1 : 0;
     if (dh != nullptr) *dh = Tensor::Empty(h.shape(), DType::kBF16, Device::kCuda);
     if (dw != nullptr) GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "CUDA cross entropy dW must be f32");
-    if (h.rows() == 0) return result;
+    const bool overwrite = dw != nullptr && options.overwrite_dw;
+    if (h.rows() == 0) {
+      if (overwrite) dw->SetZero();
+      return result;
+    }
     result.loss = Cuda().LinearCrossEntropy(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0), targets.data(), loss_scale,
                                             dh != nullptr ? dh->raw() : nullptr,
-                                            dw != nullptr ? dw->data<float>() : nullptr);
+                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite);
     return result;
   }
   return DispatchFloat(h.dtype(), [&]<typename T>() {

@@ -22,6 +22,9 @@ namespace gyre::ops {
 struct CrossEntropyOptions {
   int64_t vocab_chunk = 8192;
   int64_t row_block = 512;
+  // *dw is overwritten instead of accumulated (its old contents are never read): the first
+  // write of a stale gradient under the deferred-zero rule (ops/module.h FirstGradWrite).
+  bool overwrite_dw = false;
 };
 
 struct CrossEntropyResult {
@@ -30,7 +33,8 @@ struct CrossEntropyResult {
 };
 
 // h [N, d], w [V, d]. *dh (if not null) is overwritten with dloss/dh [N, d]; *dw (if not null)
-// accumulates dloss/dW. With both null only the loss is computed (one pass).
+// accumulates dloss/dW (with options.overwrite_dw: is overwritten). With both null only the loss
+// is computed (one pass).
 CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
                                            const CrossEntropyOptions& options, Tensor* dh, Tensor* dw);

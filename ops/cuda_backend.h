@@ -108,11 +108,12 @@ class CudaBackend {
 
   virtual void Gemm(const CudaGemm& g) = 0;
 
-  // Embedding: host ids (the data loader has them); bf16 table, fp32 dweight (accumulates).
+  // Embedding: host ids (the data loader has them); bf16 table, fp32 dweight (accumulates, or
+  // with `overwrite` is set: sums, 0 for ids no row holds; the deferred-zero rule's first write).
   virtual void EmbeddingForward(const int32_t* host_ids, int64_t rows, const void* table, int64_t vocab,
                                 int64_t dim, void* out) = 0;
   virtual void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight,
-                                 int64_t vocab, int64_t dim) = 0;
+                                 int64_t vocab, int64_t dim, bool overwrite) = 0;
 
   // RMSNorm / LayerNorm over the last dim (kernels/cuda/norm.h), optional residual add.
   virtual void NormForward(bool layer, int64_t rows, int64_t dim, double eps, const void* x, const void* residual,
@@ -139,9 +140,10 @@ class CudaBackend {
   virtual void AttentionBackward(const CudaAttention& a) = 0;
 
   // Fused LM head + cross-entropy (kernels/cuda/cross_entropy.h): returns loss_scale · Σ loss;
-  // dh (bf16, overwritten) and dw (fp32, accumulated) may be null.
+  // dh (bf16, overwritten) and dw (fp32, accumulated; overwritten with `overwrite_dw`) may be null.
   virtual double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
-                                    const int32_t* host_targets, double loss_scale, void* dh, float* dw) = 0;
+                                    const int32_t* host_targets, double loss_scale, void* dh, float* dw,
+                                    bool overwrite_dw) = 0;
 
   // Recurrent blocks (ops/cuda_recurrent.h): glue kernels of ops/recurrent_cuda.h and the cells
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.

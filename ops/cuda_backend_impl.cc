@@ -296,11 +296,11 @@ class Backend final : public CudaBackend {
   }
 
   void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight, int64_t vocab,
-                         int64_t dim) override {
+                         int64_t dim, bool overwrite) override {
     Init();
     OpProfiler::Scope scope(&prof_, "EmbeddingBackward");
     OK_OR_DIE(embedding_plan_.Build(host_ids, rows, vocab, alloc_, stream_));
-    OK_OR_DIE(kc::EmbeddingBackward(embedding_plan_, static_cast<const bf16*>(dy), dweight, dim, stream_));
+    OK_OR_DIE(kc::EmbeddingBackward(embedding_plan_, static_cast<const bf16*>(dy), dweight, dim, overwrite, stream_));
   }
 
   void NormForward(bool layer, int64_t rows, int64_t dim, double eps, const void* x, const void* residual,
@@ -454,7 +454,8 @@ class Backend final : public CudaBackend {
   }
 
   double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
-                            const int32_t* host_targets, double loss_scale, void* dh, float* dw) override {
+                            const int32_t* host_targets, double loss_scale, void* dh, float* dw,
+                            bool overwrite_dw) override {
     Init();
     OpProfiler::Scope scope(&prof_, "LinearCrossEntropy");
     kc::DeviceBuffer targets, token_loss, loss_sum;
@@ -474,10 +475,12 @@ class Backend final : public CudaBackend {
     a.loss_sum = loss_sum.as<double>();
     a.dh = static_cast<bf16*>(dh);
     a.dw = dw;
-    // Token rows per chunk: the logits buffer is chunk x vocab fp32 (8192 x 50304: 1.65 GB).
-    // 8192 over 4096: -2.9 ms of 78.6 at llama-125m (B16), -0.9 at 1.3b (B8), H200, session 3;
-    // 16384 and a second call's 4096 were within the step noise (bench/RESULTS.md, llamastep).
-    a.chunk_tokens = 8192;
+    a.overwrite_dw = overwrite_dw;
+    // Token rows per chunk: the bf16 logits buffer is chunk x vocab (16384 x 50304: 1.65 GB, what
+    // 8192 fp32 rows took before). Session 6 (lce6, H100, 32K x 50304 x 768, bench/lce_bench.cc):
+    // 8192 / 16384 / 32768 took 14.76 / 13.46 / 13.80 ms (first call: within 0.25 ms); at 16384
+    // the dh GEMM [chunk, 768] is 2.9 waves of 128x256 tiles on 132 SMs instead of 1.45.
+    a.chunk_tokens = 16384;
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

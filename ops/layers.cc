@@ -57,16 +57,21 @@ Tensor Embedding::Forward(std::span<const int32_t> ids) {
 }
 
 void Embedding::Backward(const Tensor& dy) {
-  ZeroGradIfStale(weight_);  // a scatter-add: rows of unseen tokens are not written
   Tensor& gw = weight_->grad;
   const int64_t dim = gw.dim(1);
   GYRE_CHECK(dy.rows() == static_cast<int64_t>(ids_.size()) && dy.cols() == dim, "embedding backward shape");
   if (IsCuda(gw)) {
     CheckCudaBf16(dy, "embedding dy");
-    if (!ids_.empty())
-      Cuda().EmbeddingBackward(ids_.data(), ids_.size(), dy.raw(), gw.data<float>(), gw.dim(0), dim);
+    // A stale gradient is overwritten: the kernel writes every row (unseen tokens' rows as 0).
+    const bool overwrite = FirstGradWrite(weight_);
+    if (!ids_.empty()) {
+      Cuda().EmbeddingBackward(ids_.data(), ids_.size(), dy.raw(), gw.data<float>(), gw.dim(0), dim, overwrite);
+    } else if (overwrite) {
+      gw.SetZero();
+    }
     return;
   }
+  ZeroGradIfStale(weight_);  // the CPU scatter-add: rows of unseen tokens are not written
   DispatchFloat(gw.dtype(), [&]<typename T>() {
     T* g = gw.data<T>();
     const T* d = dy.data<T>();

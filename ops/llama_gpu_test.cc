@@ -10,6 +10,8 @@
 //   model:   a 2-layer Llama (d 256, 4 heads x 64, 2 kv heads, vocab 50277, seq 100, batch 2),
 //            loss and every parameter gradient;
 //   deferred zero: a step on stale (NaN) gradients, two micro-batches, equals one on zeroed ones;
+//   LM head: the fused linear + cross-entropy at GPT-2 vocabularies (50257 / 50277 / 50304, odd
+//            token counts, ignored targets), dW accumulated or overwritten over NaN;
 //   train:   20 AdamW steps (clip 1.0, lr 3e-3 warm-up 5) on the GPU vs the CPU in fp32 from the
 //            same initial weights: the loss curves agree step by step.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
@@ -21,6 +23,7 @@
 
 #include "gtest/gtest.h"
 #include "ops/attention.h"
+#include "ops/cross_entropy.h"
 #include "ops/cuda_backend.h"
 #include "ops/gpu_check.h"
 #include "ops/elementwise.h"
@@ -206,7 +209,7 @@ TEST_F(LlamaGpuTest, TwentyAdamWStepsTrackTheCpuInFp32) {
 // Deferred zeroing (ops/module.h) on the device: after an earlier step, the gradients are left
 // stale (NaN written into them here), and a step of two micro-batches must reproduce a fresh
 // model's eagerly zeroed gradients: the overwriting first writes (GEMM beta = 0, the norm dw
-// reduce), the zero-if-stale ones (embedding, LM head) and the MTP heads' shared final norm.
+// reduce, the LM head's loss kernel, the embedding's scatter) and the MTP heads' shared final norm.
 TEST_F(LlamaGpuTest, DeferredZeroStepEqualsAStepOnZeroedGradients) {
   for (const bool tied : {false, true}) {
     ModelSpec spec = SmallLlama();
@@ -239,6 +242,56 @@ TEST_F(LlamaGpuTest, DeferredZeroStepEqualsAStepOnZeroedGradients) {
     two_passes(**fresh);
     EXPECT_TRUE(CheckGrads((*reused)->params(), (*fresh)->params(), tied ? "deferred zero (tied)" : "deferred zero",
                            1e-5));
+  }
+}
+
+// The fused LM head + cross-entropy through ops (bf16 logits on the device) against the CPU path
+// in float64 on the same bf16 values, at the GPT-2-sized vocabularies, odd token counts and
+// ignored targets; dh NaN-poisoned first; dW accumulated onto values and overwritten over NaN
+// (CrossEntropyOptions::overwrite_dw, the deferred-zero first write).
+TEST_F(LlamaGpuTest, FusedLmHeadCrossEntropyAtGpt2Vocabularies) {
+  struct C {
+    int64_t tokens, dim, vocab;
+  };
+  for (const C& c : {C{37, 64, 50257}, C{101, 96, 50277}, C{19, 768, 50304}}) {
+    const std::string shape = "N=" + std::to_string(c.tokens) + " d=" + std::to_string(c.dim) +
+                              " V=" + std::to_string(c.vocab);
+    Rng rng(static_cast<uint64_t>(c.vocab));
+    // Logits of standard deviation ~3 (a trained LM head's scale).
+    const Tensor h = RandomBf16Host({c.tokens, c.dim}, 1.0, &rng);
+    const Tensor w = RandomBf16Host({c.vocab, c.dim}, 3.0 / std::sqrt(double(c.dim)), &rng);
+    const Tensor dw0 = RandomBf16Host({c.vocab, c.dim}, 1e-3, &rng);
+    std::vector<int32_t> targets(c.tokens);
+    for (int64_t r = 0; r < c.tokens; ++r) {
+      targets[r] = r % 9 == 4 ? -1 : static_cast<int32_t>(rng.Next() % c.vocab);
+    }
+    targets[0] = static_cast<int32_t>(c.vocab - 1);
+    const double scale = 1.0 / c.tokens;
+    Tensor dh_ref, dw_ref = Tensor::Zeros({c.vocab, c.dim}, DType::kF64);
+    const CrossEntropyResult ref = FusedLmHeadCrossEntropy(h, w, targets, scale, {}, &dh_ref, &dw_ref);
+    const Tensor hg = ToCudaBf16(h), wg = ToCudaBf16(w);
+    for (const bool overwrite : {false, true}) {
+      const std::string tag = shape + (overwrite ? " dW overwrite" : " dW accumulate");
+      Tensor dw = dw0.To(DType::kF32).ToDevice(Device::kCuda);
+      if (overwrite) dw.Fill(std::nan(""));
+      CrossEntropyOptions opt;
+      opt.overwrite_dw = overwrite;
+      Tensor dh = Tensor::Full({c.tokens, c.dim}, DType::kBF16, std::nan(""), Device::kCuda);
+      const CrossEntropyResult got = FusedLmHeadCrossEntropy(hg, wg, targets, scale, opt, &dh, &dw);
+      EXPECT_EQ(got.tokens, ref.tokens);
+      const double loss_err = std::fabs(got.loss - ref.loss) / std::fabs(ref.loss);
+      std::printf("[%s] lm-head CE loss %-36s rel_err %.3e  tol 2.0e-03\n", loss_err <= 2e-3 ? "PASS" : "FAIL",
+                  tag.c_str(), loss_err);
+      EXPECT_LE(loss_err, 2e-3);
+      EXPECT_TRUE(Check("lm-head CE dh " + tag, dh, dh_ref, 1e-2));
+      Tensor dw_want = overwrite ? dw_ref : dw_ref.Clone();
+      if (!overwrite) {
+        const double* base = dw0.data<double>();  // bf16 values: exact in the device's fp32 dW
+        double* want = dw_want.data<double>();
+        for (int64_t i = 0; i < dw_want.numel(); ++i) want[i] += base[i];
+      }
+      EXPECT_TRUE(Check("lm-head CE dW " + tag, dw, dw_want, 1e-2));
+    }
   }
 }
 

@@ -159,9 +159,13 @@ const Tensor& LanguageModel::HeadWeight() const {
   return p.value.device() == Device::kCuda ? p.compute : p.value;
 }
 
-Tensor& LanguageModel::HeadGrad() {
+Tensor& LanguageModel::HeadGrad(bool* overwrite) {
   Parameter* head = head_weight_ != nullptr ? head_weight_ : embedding_->weight();
-  ZeroGradIfStale(head);  // the loss kernels add dW chunk by chunk (kernels/cuda/cross_entropy.h)
+  if (overwrite != nullptr) {
+    *overwrite = FirstGradWrite(head);  // the fused loss overwrites dW when it is stale
+  } else {
+    ZeroGradIfStale(head);  // the naive loss adds
+  }
   return head->grad;
 }
 
@@ -200,8 +204,10 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     Tensor dhn;
     if (k == 0) ready("", {});
+    CrossEntropyOptions ce_options = ce_options_;
+    Tensor& head_grad = HeadGrad(&ce_options.overwrite_dw);
     CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
-                                                    targets, loss_scale / n, ce_options_, &dhn, &HeadGrad());
+                                                    targets, loss_scale / n, ce_options, &dhn, &head_grad);
     result.head_losses.push_back(ce.loss * n);
     result.loss += ce.loss;
     if (k == 0) result.tokens = ce.tokens;

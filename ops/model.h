@@ -119,8 +119,9 @@ class LanguageModel {
   Tensor TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq);
   std::vector<int32_t> HeadTargets(std::span<const int32_t> tokens, int64_t batch, int64_t seq, int k) const;
   const Tensor& HeadWeight() const;
-  // The head's gradient, zeroed first if it is stale (the loss kernels add into it).
-  Tensor& HeadGrad();
+  // The head's gradient under the deferred-zero rule: with `overwrite`, *overwrite says whether
+  // the caller's first write must overwrite it (FirstGradWrite); without, a stale one is zeroed.
+  Tensor& HeadGrad(bool* overwrite = nullptr);
   void ReleaseAll();
   // Parameters created since the store held `first` of them (a block's, the final norm's).
   std::vector<Parameter*> ParamsSince(size_t first);

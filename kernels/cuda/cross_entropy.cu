@@ -1,12 +1,17 @@
 // Fused linear + cross-entropy over token chunks; the algorithm and costs are in cross_entropy.h.
 //
-//   ce_row_kernel2      block per token row (1024 threads), the row staged in shared memory
-//                       (vocab <= ~58K): online (max, sum) while staging, block-combined; the
-//                       token loss; then G in place as bf16 from the staged row.
-//   ce_row_kernel1      the same for larger vocabularies (512 threads), reading the row twice.
+//   ce_row_kernel2      block per token row (512 threads, two blocks per SM at V = 50304), the
+//                       bf16 row staged in shared memory (V · 2 bytes <= 226 KiB): 16-byte loads
+//                       in batches of four with the running max, the block max; Σ exp(l − max)
+//                       from shared memory (independent exponentials), the block sum; the token
+//                       loss; then G in place as bf16 from the staged row (16-byte stores).
+//   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
+//                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
+// The row kernels share the device functions below (block max / sum, token loss, gradient).
 #include "kernels/cuda/cross_entropy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -16,186 +21,153 @@
 namespace gyre::cuda {
 namespace {
 
-constexpr int kRowThreads = 512;
-constexpr int kTileK = 4;  // elements per thread per in-place tile
+using bf16 = __nv_bfloat16;
+constexpr float kNaN = __builtin_nanf("");
 
-__device__ __forceinline__ void CombineMaxSum(float& m, float& s, float m2, float s2) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) {
-    m = mn;
-    s = 0.f;
-    return;
-  }
-  s = s * expf(m - mn) + s2 * expf(m2 - mn);
-  m = mn;
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// Reduces v over the block: warp shuffles, then every thread combines the warps' partials in the
+// same order (same bits everywhere, no second barrier). Called once per Op per block. Its
+// barrier also orders every thread's earlier reads of the row before any later G write.
+template <int kThreads, typename Op>
+__device__ __forceinline__ float BlockReduce(float v, Op op) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __shared__ float part[kThreads / 32];
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = part[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) r = op(r, part[w]);
+  return r;
 }
 
-// logits: fp32 rows of stride ld (elements); G: bf16 view of the same memory, row stride 2·ld.
-__global__ void __launch_bounds__(kRowThreads)
-ce_row_kernel1(float* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+// Unscaled token loss: 0 for an ignored target (< 0), NaN for one outside the vocabulary.
+__device__ __forceinline__ float TokenLoss(float lse, int32_t target, int64_t vocab, float target_logit) {
+  if (target < 0) return 0.f;
+  if (target >= vocab) return kNaN;
+  return lse - target_logit;
+}
+
+// G element: loss_scale · (softmax − onehot); 0 on ignored rows, NaN on rows with a bad target.
+struct GradElement {
+  float lse, loss_scale, bad;
+  int32_t target;
+  bool ignored;
+  __device__ GradElement(float lse_, float loss_scale_, int32_t target_, int64_t vocab)
+      : lse(lse_), loss_scale(loss_scale_), bad(target_ >= vocab ? kNaN : 0.f), target(target_),
+        ignored(target_ < 0) {}
+  __device__ __forceinline__ float operator()(float l, int64_t j) const {
+    return ignored ? 0.f : loss_scale * (expf(l - lse) - (j == target ? 1.f : 0.f)) + bad;
+  }
+};
+
+__device__ __forceinline__ void Unpack8(const uint4& raw, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __bfloat1622float2(h[i]);
+    f[2 * i] = v.x;
+    f[2 * i + 1] = v.y;
+  }
+}
+
+constexpr int kRowThreads2 = 512;
+constexpr int kLoadBatch = 4;  // independent 16-byte loads in flight per thread
+constexpr int64_t kRowSmemMax = 226 * 1024;  // the 227 KiB opt-in maximum less the static part
+
+__global__ void __launch_bounds__(kRowThreads2, 2)
+ce_row_kernel2(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
                float* token_loss, bool write_grad) {
+  extern __shared__ uint4 srow_v[];
+  bf16* srow = reinterpret_cast<bf16*>(srow_v);
   const int64_t r = blockIdx.x;
-  float* row = logits + r * ld;
+  bf16* row = logits + r * ld;
   const int tid = threadIdx.x;
-  float m = -INFINITY, s = 0.f;
-  for (int64_t j = tid; j < vocab; j += kRowThreads) {
-    const float l = row[j];
-    if (l > m) {
-      s = s * expf(m - l) + 1.f;
-      m = l;
-    } else {
-      s += expf(l - m);
-    }
-  }
-  // Warp combine, then across warps through shared memory.
+  const int64_t nv = vocab / 8;
+  const uint4* row_v = reinterpret_cast<const uint4*>(row);  // rows are 16-byte aligned (ld % 8 == 0)
+  // 1. Stage the row, running max.
+  float m = -INFINITY;
+  for (int64_t q0 = tid; q0 < nv; q0 += kLoadBatch * kRowThreads2) {
+    uint4 v[kLoadBatch];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-    CombineMaxSum(m, s, m2, s2);
-  }
-  __shared__ float sh_m[kRowThreads / 32], sh_s[kRowThreads / 32];
-  __shared__ float sh_lse;
-  if (tid % 32 == 0) {
-    sh_m[tid / 32] = m;
-    sh_s[tid / 32] = s;
-  }
-  __syncthreads();
-  const int32_t target = targets[r];
-  if (tid == 0) {
-    float bm = sh_m[0], bs = sh_s[0];
-    for (int w = 1; w < kRowThreads / 32; ++w) CombineMaxSum(bm, bs, sh_m[w], sh_s[w]);
-    const float lse = bm + logf(bs);
-    sh_lse = lse;
-    float loss;
-    if (target < 0) {
-      loss = 0.f;
-    } else if (target >= vocab) {
-      loss = __int_as_float(0x7fc00000);
-    } else {
-      loss = lse - row[target];
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int64_t q = q0 + b * kRowThreads2;
+      if (q < nv) v[b] = row_v[q];
     }
-    token_loss[r] = loss;
-  }
-  __syncthreads();
-  if (!write_grad) return;
-  const float lse = sh_lse;
-  const bool ignored = target < 0;
-  const float bad = target >= vocab ? __int_as_float(0x7fc00000) : 0.f;
-  __nv_bfloat16* g = reinterpret_cast<__nv_bfloat16*>(row);
-  constexpr int64_t kTile = static_cast<int64_t>(kRowThreads) * kTileK;
-  for (int64_t t0 = 0; t0 < vocab; t0 += kTile) {
-    float vals[kTileK];
 #pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      const int64_t j = t0 + k * kRowThreads + tid;
-      vals[k] = j < vocab ? row[j] : 0.f;
-    }
-    __syncthreads();  // every read of this tile happens before any write into its bytes
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int64_t q = q0 + b * kRowThreads2;
+      if (q < nv) {
+        srow_v[q] = v[b];
+        float f[8];
+        Unpack8(v[b], f);
 #pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      const int64_t j = t0 + k * kRowThreads + tid;
-      if (j < vocab) {
-        float grad = 0.f;
-        if (!ignored) {
-          grad = loss_scale * (expf(vals[k] - lse) - (j == target ? 1.f : 0.f)) + bad;
-        }
-        g[j] = __float2bfloat16_rn(grad);
+        for (int i = 0; i < 8; ++i) m = fmaxf(m, f[i]);
       }
     }
-    __syncthreads();  // writes of this tile land before the next tile's reads (bytes < 2·t0')
   }
-}
-
-// The same row work with the row staged in shared memory (vocab · 4 bytes <= kRowSmemMax): one
-// 16-byte read of each logit from global memory (kernel1 reads the row twice: the online pass,
-// then the gradient tiles), then G written from shared memory. One block of kRowThreads2 per SM.
-constexpr int kRowThreads2 = 1024;
-constexpr int64_t kRowSmemMax = 226 * 1024;  // the 227 KiB opt-in maximum less the static part
-__global__ void __launch_bounds__(kRowThreads2)
-ce_row_kernel2(float* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
-               float* token_loss, bool write_grad) {
-  extern __shared__ float4 srow4[];
-  float* srow = reinterpret_cast<float*>(srow4);
-  const int64_t r = blockIdx.x;
-  float* row = logits + r * ld;
-  const int tid = threadIdx.x;
-  const int64_t n4 = vocab / 4;
-  const float4* row4 = reinterpret_cast<const float4*>(row);  // rows are 32-byte aligned (ld % 8 == 0)
-  float m = -INFINITY, s = 0.f;
-  auto add = [&](float l) {
-    if (l > m) {
-      s = s * expf(m - l) + 1.f;
-      m = l;
-    } else {
-      s += expf(l - m);
-    }
-  };
-#pragma unroll 4
-  for (int64_t q = tid; q < n4; q += kRowThreads2) {
-    const float4 v = row4[q];
-    srow4[q] = v;
-    add(v.x);
-    add(v.y);
-    add(v.z);
-    add(v.w);
-  }
-  for (int64_t j = 4 * n4 + tid; j < vocab; j += kRowThreads2) {
-    const float l = row[j];
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
+    const bf16 l = row[j];
     srow[j] = l;
-    add(l);
+    m = fmaxf(m, __bfloat162float(l));
   }
+  const float row_max = BlockReduce<kRowThreads2>(m, MaxOp{});
+  // 2. Σ exp(l − max) over this thread's own staged elements.
+  float s = 0.f;
+  for (int64_t q = tid; q < nv; q += kRowThreads2) {
+    float f[8];
+    Unpack8(srow_v[q], f);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-    CombineMaxSum(m, s, m2, s2);
+    for (int i = 0; i < 8; ++i) s += expf(f[i] - row_max);
   }
-  __shared__ float sh_m[kRowThreads2 / 32], sh_s[kRowThreads2 / 32];
-  __shared__ float sh_lse;
-  if (tid % 32 == 0) {
-    sh_m[tid / 32] = m;
-    sh_s[tid / 32] = s;
-  }
-  __syncthreads();  // also: every global read of the row is done before G overwrites it
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) s += expf(__bfloat162float(srow[j]) - row_max);
+  const float lse = row_max + logf(BlockReduce<kRowThreads2>(s, SumOp{}));
   const int32_t target = targets[r];
   if (tid == 0) {
-    float bm = sh_m[0], bs = sh_s[0];
-    for (int w = 1; w < kRowThreads2 / 32; ++w) CombineMaxSum(bm, bs, sh_m[w], sh_s[w]);
-    const float lse = bm + logf(bs);
-    sh_lse = lse;
-    float loss;
-    if (target < 0) {
-      loss = 0.f;
-    } else if (target >= vocab) {
-      loss = __int_as_float(0x7fc00000);
-    } else {
-      loss = lse - srow[target];
-    }
-    token_loss[r] = loss;
+    token_loss[r] = TokenLoss(lse, target, vocab, target >= 0 && target < vocab ? __bfloat162float(srow[target]) : 0.f);
   }
-  __syncthreads();
   if (!write_grad) return;
-  const float lse = sh_lse;
-  const bool ignored = target < 0;
-  const float bad = target >= vocab ? __int_as_float(0x7fc00000) : 0.f;
-  auto grad = [&](float l, int64_t j) {
-    return ignored ? 0.f : loss_scale * (expf(l - lse) - (j == target ? 1.f : 0.f)) + bad;
-  };
-  __nv_bfloat16* g = reinterpret_cast<__nv_bfloat16*>(row);
-  uint2* g4 = reinterpret_cast<uint2*>(row);  // 4 bf16 = 8 bytes per group of 4 logits
-#pragma unroll 4
-  for (int64_t q = tid; q < n4; q += kRowThreads2) {
-    const float4 v = srow4[q];
-    const int64_t j = 4 * q;
-    const __nv_bfloat162 a = __floats2bfloat162_rn(grad(v.x, j), grad(v.y, j + 1));
-    const __nv_bfloat162 b = __floats2bfloat162_rn(grad(v.z, j + 2), grad(v.w, j + 3));
-    uint2 u;
-    u.x = *reinterpret_cast<const uint32_t*>(&a);
-    u.y = *reinterpret_cast<const uint32_t*>(&b);
-    g4[q] = u;
+  // 3. G over the row's own bytes, from the staged copy.
+  const GradElement grad(lse, loss_scale, target, vocab);
+  for (int64_t q = tid; q < nv; q += kRowThreads2) {
+    float f[8];
+    Unpack8(srow_v[q], f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = grad(f[i], 8 * q + i);
+    StoreBf16<8>(row + 8 * q, f);
   }
-  for (int64_t j = 4 * n4 + tid; j < vocab; j += kRowThreads2) g[j] = __float2bfloat16_rn(grad(srow[j], j));
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
+}
+
+// Rows too long for shared memory (V > ~115K): max, sum and G each read the row from global
+// memory. Element j is read and written only by thread j % kRowThreads1 after the max.
+constexpr int kRowThreads1 = 512;
+
+__global__ void __launch_bounds__(kRowThreads1)
+ce_row_kernel1(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+               float* token_loss, bool write_grad) {
+  const int64_t r = blockIdx.x;
+  bf16* row = logits + r * ld;
+  const int tid = threadIdx.x;
+  float m = -INFINITY;
+  for (int64_t j = tid; j < vocab; j += kRowThreads1) m = fmaxf(m, __bfloat162float(row[j]));
+  const float row_max = BlockReduce<kRowThreads1>(m, MaxOp{});
+  float s = 0.f;
+  for (int64_t j = tid; j < vocab; j += kRowThreads1) s += expf(__bfloat162float(row[j]) - row_max);
+  const int32_t target = targets[r];
+  // Read before the next barrier: the target's owner overwrites it with G right after.
+  const float target_logit = tid == 0 && target >= 0 && target < vocab ? __bfloat162float(row[target]) : 0.f;
+  const float lse = row_max + logf(BlockReduce<kRowThreads1>(s, SumOp{}));
+  if (tid == 0) token_loss[r] = TokenLoss(lse, target, vocab, target_logit);
+  if (!write_grad) return;
+  const GradElement grad(lse, loss_scale, target, vocab);
+  for (int64_t j = tid; j < vocab; j += kRowThreads1) row[j] = __float2bfloat16_rn(grad(__bfloat162float(row[j]), j));
 }
 
 __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float loss_scale,
@@ -213,6 +185,24 @@ __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float lo
   }
 }
 
+// The row kernel for n rows of bf16 logits.
+CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntropyArgs& a, int64_t c0,
+                      bool grad, cudaStream_t stream) {
+  const int64_t row_smem = ld * static_cast<int64_t>(sizeof(bf16));
+  if (row_smem <= kRowSmemMax) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(row_smem)));
+    ce_row_kernel2<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2");
+  } else {
+    ce_row_kernel1<<<static_cast<unsigned>(n), kRowThreads1, 0, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel1");
+  }
+  return {};
+}
+
 }  // namespace
 
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
@@ -225,19 +215,16 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = CeilDiv(a.vocab, 8) * 8;
   const int64_t chunk = std::min(a.chunk_tokens, std::max<int64_t>(a.tokens, 1));
-  DeviceBuffer logits_buf;
-  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(float) * chunk * ld, &logits_buf));
-  float* logits = logits_buf.as<float>();
-  // Rows that fit in shared memory take ce_row_kernel2 (every vocabulary up to ~58K).
-  const int64_t row_smem = ld * static_cast<int64_t>(sizeof(float));
-  if (row_smem <= kRowSmemMax) {
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(row_smem)));
+  if (a.dw != nullptr && a.overwrite_dw && a.tokens == 0) {
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dw, 0, sizeof(float) * a.vocab * a.dim, stream));
   }
+  DeviceBuffer logits_buf;
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(bf16) * chunk * ld, &logits_buf));
+  bf16* logits = logits_buf.as<bf16>();
   for (int64_t c0 = 0; c0 < a.tokens; c0 += chunk) {
     const int64_t n = std::min(chunk, a.tokens - c0);
-    const __nv_bfloat16* h_c = a.h + c0 * a.dim;
-    // 1. logits [n, V] = h_c Wᵀ (fp32).
+    const bf16* h_c = a.h + c0 * a.dim;
+    // 1. logits [n, V] = h_c Wᵀ (bf16 out, fp32 accumulation).
     GemmArgs g1;
     g1.trans_b = true;
     g1.m = n;
@@ -249,28 +236,18 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     g1.ldb = a.dim;
     g1.c = logits;
     g1.ldc = ld;
-    g1.c_dtype = DType::kF32;
+    g1.c_dtype = DType::kBf16;
     CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
-    // 2. loss and G (in place, bf16, row stride 2·ld).
-    if (row_smem <= kRowSmemMax) {
-      ce_row_kernel2<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
-          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2");
-    } else {
-      ce_row_kernel1<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(
-          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel1");
-    }
-    if (!grad) continue;
-    const void* g_bf16 = logits;
+    // 2. loss and G (in place, bf16).
+    CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
     if (a.dh != nullptr) {
       // 3. dh_c [n, d] = G [n, V] · W [V, d].
       GemmArgs g2;
       g2.m = n;
       g2.n = a.dim;
       g2.k = a.vocab;
-      g2.a = g_bf16;
-      g2.lda = 2 * ld;
+      g2.a = logits;
+      g2.lda = ld;
       g2.b = a.w;
       g2.ldb = a.dim;
       g2.c = a.dh + c0 * a.dim;
@@ -279,20 +256,20 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
     }
     if (a.dw != nullptr) {
-      // 4. dW [V, d] += Gᵀ [V, n] · h_c [n, d].
+      // 4. dW [V, d] (+)= Gᵀ [V, n] · h_c [n, d]; the first chunk overwrites under overwrite_dw.
       GemmArgs g3;
       g3.trans_a = true;
       g3.m = a.vocab;
       g3.n = a.dim;
       g3.k = n;
-      g3.a = g_bf16;
-      g3.lda = 2 * ld;
+      g3.a = logits;
+      g3.lda = ld;
       g3.b = h_c;
       g3.ldb = a.dim;
       g3.c = a.dw;
       g3.ldc = a.dim;
       g3.c_dtype = DType::kF32;
-      g3.beta = 1.f;
+      g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
     }
   }

@@ -8,25 +8,31 @@
 // loss_scale is 1 / (tokens of the global batch) under DESIGN.md §4.
 //
 // The loop runs over chunks of `chunk_tokens` token rows; per chunk, one pass:
-//   1. GEMM (cuBLASLt): logits [n, V] fp32 into a bounded buffer [chunk_tokens, V8] (V8 = V
-//      rounded up to 8 so rows stay 32-byte aligned for any V, e.g. 50257 and 50277);
-//   2. one block per row: online log-sum-exp (running max and rescaled sum) in one read of the
-//      row, the token loss, then G written as bf16 *in place* over the row's own fp32 logits
-//      (bf16 element j lands in bytes [2j, 2j+2)). ce_row_kernel2 (V · 4 bytes <= 227 KiB, so
-//      every GPT-2-sized vocabulary) stages the row in shared memory and writes G from there: the
-//      row is read from global memory once; ce_row_kernel1 (larger V) reads it again tile by tile
-//      (each tile read into registers before a barrier, then written, inside elements already read);
-//   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32, beta = 1).
-// Peak extra memory: chunk_tokens · V8 · 4 bytes (1024 x 50304: 206 MB) instead of N · V · 4.
+//   1. GEMM (cuBLASLt): logits [n, V] as bf16 (fp32 accumulation, rounded once at the store:
+//      what PyTorch autocast's LM head produces) into a bounded buffer [chunk_tokens, V8] (V8 = V
+//      rounded up to 8 so rows stay 16-byte aligned for any V, e.g. 50257 and 50277);
+//   2. one block per row: log-sum-exp (the row's max, then Σ exp(l − max)), the token loss, then
+//      G written as bf16 *in place* over the row's own logits. ce_row_kernel2 (V8 · 2 bytes <=
+//      226 KiB: every vocabulary up to ~115K; two blocks per SM at GPT-2 sizes) stages the row in
+//      shared memory, so it is read from global memory once; ce_row_kernel1 (larger V) reads it
+//      three times;
+//   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32; beta 0 on the first chunk
+//      under `overwrite_dw`, the deferred gradient zeroing of ops/module.h).
+// Peak extra memory: chunk_tokens · V8 · 2 bytes (16384 x 50304: 1.65 GB).
 // A target ≥ V gives a NaN loss and NaN gradient row (loud; the host validates ids).
 //
-// Precision: fp32 logits (bf16 operands, fp32 accumulation), fp32 log-sum-exp; G is rounded to
-// bf16 for the two backward GEMMs (the usual mixed-precision choice; ~2e-3 relative in dh, dW).
+// Precision: bf16 logits, fp32 log-sum-exp; G is rounded to bf16 for the two backward GEMMs.
+// Rounding a logit to bf16 moves it by <= 2^-9 of its size, so the error grows with the logits'
+// scale; against float64 at V = 50304 (bench/lce_bench.cc, bench/RESULTS.md session 6 lce6):
+// logit std 1: loss 1.3e-5 relative, dh/dW as with fp32 logits (1.7e-3 / 4e-5); std 3 (a
+// trained head's scale, max |logit| 16): loss 1.5e-4, dh 3.5e-3, dW 3.1e-3 (fp32 logits: 1.8e-3,
+// 8e-4); std 6 (max 30): loss 4e-5, dh/dW 1.1e-2. fp32 logits cost 2.2 ms more at 32K x 50304 x
+// 768 on an H100 (17.1 vs 14.9 ms) and were dropped.
 //
-// Cost: 3 GEMMs of 2·N·V·d FLOPs (forward only: 1): 16K tokens x 50304 x 2048 = 3.4 TFLOP each,
-// 10.1 TFLOP total: ~13 ms at ~800 TFLOP/s. Extra bytes per chunk: logits written (4) + read
-// (4) + G written (2) + read twice by GEMMs (4) = 14 bytes per logit: 11.5 GB at 16K x 50304,
-// ~3.5 ms at 3.3 TB/s if nothing stays in L2 — the GEMMs dominate at d = 2048, not at d = 768.
+// Cost: 3 GEMMs of 2·N·V·d FLOPs (forward only: 1): 32K tokens x 50304 x 768 = 2.5 TFLOP each
+// (~11 ms at ~680 TFLOP/s). Extra bytes per logit: written (2) + read (2) + G written (2) + read
+// by 2 GEMMs (4) = 10: 16.5 GB at 32K x 50304; the row kernel's 4 B/logit (6.6 GB) is the part
+// not hidden under GEMM arithmetic: ~2.2 ms at 3 TB/s.
 //
 // Thread-safety: uses the GemmContext (one thread) and the allocator.
 #pragma once
@@ -51,8 +57,11 @@ struct LinearCrossEntropyArgs {
   float* token_loss = nullptr;       // [tokens] unscaled per-token loss (0 if ignored); overwritten
   double* loss_sum = nullptr;        // [1] loss_scale · Σ token_loss; overwritten
   __nv_bfloat16* dh = nullptr;       // [tokens, dim] overwritten, or null
-  float* dw = nullptr;               // [vocab, dim] accumulated, or null
-  int64_t chunk_tokens = 1024;
+  float* dw = nullptr;               // [vocab, dim] accumulated (or overwritten), or null
+  int64_t chunk_tokens = 16384;
+  // dW = Gᵀ h over this call's tokens: dW's old contents are ignored, never read (a stale
+  // gradient under the deferred-zero rule); with no tokens dW is zeroed.
+  bool overwrite_dw = false;
 };
 
 // With dh and dw both null only the loss is computed (one GEMM per chunk).

@@ -2,7 +2,9 @@
 //
 //   embedding_fwd_kernel1  one block-row per token row; threads copy V-element vectors.
 //   embedding_bwd_kernel1  block (distinct id u, column slice): for V columns per thread, sums
-//                          dy over the id's rows (in row order), then dW[id] += sum.
+//                          dy over the id's rows (in row order), then dW[id] += sum (or = sum).
+//   embedding_zero_unseen_kernel1  block per vocabulary row: zeros the rows of ids no token holds
+//                          (the overwrite mode; disjoint from the rows the kernel above writes).
 #include "kernels/cuda/embedding.h"
 
 #include <string>
@@ -37,7 +39,7 @@ __global__ void embedding_fwd_kernel1(const int32_t* ids, const __nv_bfloat16* t
 template <int V>
 __global__ void embedding_bwd_kernel1(const int32_t* unique, const int32_t* offsets,
                                       const int32_t* sorted_rows, const __nv_bfloat16* dy,
-                                      float* dweight, int64_t dim) {
+                                      float* dweight, int64_t dim, bool overwrite) {
   const int64_t u = blockIdx.x;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   if (c >= dim) return;
@@ -53,7 +55,21 @@ __global__ void embedding_bwd_kernel1(const int32_t* unique, const int32_t* offs
   }
   float* w = dweight + static_cast<int64_t>(unique[u]) * dim + c;
 #pragma unroll
-  for (int i = 0; i < V; ++i) w[i] += acc[i];
+  for (int i = 0; i < V; ++i) w[i] = overwrite ? acc[i] : w[i] + acc[i];
+}
+
+template <int V>
+__global__ void embedding_zero_unseen_kernel1(const uint32_t* seen, float* dweight, int64_t dim) {
+  const int64_t v = blockIdx.x;
+  if ((seen[v / 32] >> (v % 32)) & 1u) return;
+  float* w = dweight + v * dim;
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < dim; c += static_cast<int64_t>(blockDim.x) * V) {
+    if constexpr (V == 4) {
+      *reinterpret_cast<float4*>(w + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+    } else {
+      w[c] = 0.f;
+    }
+  }
 }
 
 }  // namespace
@@ -93,6 +109,11 @@ CudaResult EmbeddingBackwardPlan::Build(const int32_t* host_ids, int64_t rows, i
     ++count[id];
   }
   rows_ = rows;
+  vocab_ = vocab;
+  seen_.assign(CeilDiv(vocab, 32), 0u);
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (count[v] != 0) seen_[v / 32] |= 1u << (v % 32);
+  }
   unique_.clear();
   offsets_.assign(1, 0);
   std::vector<int32_t> start(vocab, 0);
@@ -108,6 +129,9 @@ CudaResult EmbeddingBackwardPlan::Build(const int32_t* host_ids, int64_t rows, i
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(int32_t) * (unique_.size() + 1), &d_unique_));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(int32_t) * offsets_.size(), &d_offsets_));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(int32_t) * (rows + 1), &d_rows_));
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(uint32_t) * seen_.size(), &d_seen_));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_seen_.get(), seen_.data(), sizeof(uint32_t) * seen_.size(),
+                                       cudaMemcpyHostToDevice, stream));
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_unique_.get(), unique_.data(), sizeof(int32_t) * unique_.size(),
                                        cudaMemcpyHostToDevice, stream));
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_offsets_.get(), offsets_.data(), sizeof(int32_t) * offsets_.size(),
@@ -118,8 +142,21 @@ CudaResult EmbeddingBackwardPlan::Build(const int32_t* host_ids, int64_t rows, i
 }
 
 CudaResult EmbeddingBackward(const EmbeddingBackwardPlan& plan, const __nv_bfloat16* dy,
-                             float* dweight, int64_t dim, cudaStream_t stream) {
+                             float* dweight, int64_t dim, bool overwrite, cudaStream_t stream) {
   if (dim <= 0 || !dy || !dweight) return InvalidArgument("EmbeddingBackward: bad arguments");
+  if (overwrite) {
+    if (plan.vocab() <= 0 || plan.vocab() > 0x7fffffff) return InvalidArgument("EmbeddingBackward: plan not built");
+    const bool vec4 = dim % 4 == 0 && Aligned16(dweight);
+    const int zthreads = static_cast<int>(std::min<int64_t>(256, CeilDiv(CeilDiv(dim, vec4 ? 4 : 1), 32) * 32));
+    if (vec4) {
+      embedding_zero_unseen_kernel1<4><<<static_cast<unsigned>(plan.vocab()), zthreads, 0, stream>>>(
+          plan.device_seen(), dweight, dim);
+    } else {
+      embedding_zero_unseen_kernel1<1><<<static_cast<unsigned>(plan.vocab()), zthreads, 0, stream>>>(
+          plan.device_seen(), dweight, dim);
+    }
+    CUDA_RETURN_IF_LAUNCH_ERROR("embedding_zero_unseen_kernel1");
+  }
   if (plan.distinct() == 0) return {};
   const bool vec = dim % 8 == 0 && Aligned16(dy) && Aligned16(dweight);
   const int V = vec ? 8 : 1;
@@ -129,10 +166,10 @@ CudaResult EmbeddingBackward(const EmbeddingBackwardPlan& plan, const __nv_bfloa
                   static_cast<unsigned>(CeilDiv(threads_needed, threads)));
   if (vec) {
     embedding_bwd_kernel1<8><<<grid, threads, 0, stream>>>(plan.device_unique(), plan.device_offsets(),
-                                                           plan.device_rows(), dy, dweight, dim);
+                                                           plan.device_rows(), dy, dweight, dim, overwrite);
   } else {
     embedding_bwd_kernel1<1><<<grid, threads, 0, stream>>>(plan.device_unique(), plan.device_offsets(),
-                                                           plan.device_rows(), dy, dweight, dim);
+                                                           plan.device_rows(), dy, dweight, dim, overwrite);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR("embedding_bwd_kernel1");
   return {};

@@ -202,7 +202,7 @@ TEST(OpsParityGpuTest, Embedding) {
   ASSERT_TRUE(EmbeddingForward(d_ids.get(), d_table.get(), d_y.get(), rows, vocab, d, nullptr, nullptr).ok());
   EmbeddingBackwardPlan plan;
   ASSERT_TRUE(plan.Build(ids.data(), rows, vocab, &alloc, nullptr).ok());
-  ASSERT_TRUE(EmbeddingBackward(plan, d_dy.get(), d_dw.get(), d, nullptr).ok());
+  ASSERT_TRUE(EmbeddingBackward(plan, d_dy.get(), d_dw.get(), d, /*overwrite=*/false, nullptr).ok());
   EXPECT_TRUE(Report("ops::Embedding fwd", "V=50257 d=128 rows=777", RelError(d_y.Download(), Vec(y_ref)), 0.0));
   EXPECT_TRUE(Report("ops::Embedding bwd", "V=50257 d=128 rows=777",
                      RelError(d_dw.Download(), Vec(emb.weight()->grad)), testing::kTolF32));

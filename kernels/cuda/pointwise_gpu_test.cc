@@ -56,7 +56,7 @@ TEST(EmbeddingGpuTest, ForwardGatherAndDeterministicBackward) {
     EmbeddingBackwardPlan plan;
     r = plan.Build(ids.data(), c.rows, c.vocab, &alloc, nullptr);
     ASSERT_TRUE(r.ok()) << r.message;
-    r = EmbeddingBackward(plan, d_dy.get(), d_dw.get(), c.dim, nullptr);
+    r = EmbeddingBackward(plan, d_dy.get(), d_dw.get(), c.dim, /*overwrite=*/false, nullptr);
     ASSERT_TRUE(r.ok()) << r.message;
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -75,11 +75,17 @@ TEST(EmbeddingGpuTest, ForwardGatherAndDeterministicBackward) {
     EXPECT_TRUE(Report("embedding bwd dW (increment)", shape, RelError(got_inc, inc_ref), testing::kTolF32));
     // Same plan, same dy, same dw0: same bits.
     d_dw.Upload(dw0);
-    r = EmbeddingBackward(plan, d_dy.get(), d_dw.get(), c.dim, nullptr);
+    r = EmbeddingBackward(plan, d_dy.get(), d_dw.get(), c.dim, /*overwrite=*/false, nullptr);
     ASSERT_TRUE(r.ok()) << r.message;
     const auto again = d_dw.Download();
     EXPECT_EQ(0, std::memcmp(again.data(), got_dw.data(), got_dw.size() * sizeof(float)))
         << "embedding backward not bitwise reproducible";
+    // Overwrite (the deferred-zero first write): dW = the sums, unseen rows 0, the NaN-poisoned
+    // old contents never read.
+    d_dw.Poison();
+    r = EmbeddingBackward(plan, d_dy.get(), d_dw.get(), c.dim, /*overwrite=*/true, nullptr);
+    ASSERT_TRUE(r.ok()) << r.message;
+    EXPECT_TRUE(Report("embedding bwd dW (overwrite)", shape, RelError(d_dw.Download(), inc_ref), testing::kTolF32));
   }
 }
 

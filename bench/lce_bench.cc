@@ -1,0 +1,317 @@
+// Fused LM-head linear + cross-entropy (kernels/cuda/cross_entropy.h) at the 125m/130m presets'
+// shape (32768 tokens = B16 x 2048, d 768, V 50304), variants side by side in one process:
+// chunk size, dW overwrite on the first chunk, GEMM autotune, loss only; the GEMMs alone (fp32
+// and bf16 logits out); and the loss / gradient error of the bf16 logits against a float64
+// reference at V = 50304 with realistic logit scales. (Session 6's first call also timed fp32
+// logits and a two-stream overlapped schedule, since removed: bench/RESULTS.md, lce6.)
+//
+// Timing: CUDA events, median of --reps after 3 warm-ups (no L2 flush: each call moves GBs).
+// FLOPs: 3 · 2·N·V·d (loss only: 1).
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench/gpu_timing.h"
+#include "kernels/cuda/cross_entropy.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_allocator.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/random_fill.h"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+void ParallelFor(int64_t n, const std::function<void(int64_t)>& f) {
+  const int threads = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t]() {
+      for (int64_t i = t; i < n; i += threads) f(i);
+    });
+  for (auto& th : pool) th.join();
+}
+
+float Bf16ToFloat(bf16 x) {
+  uint16_t u;
+  std::memcpy(&u, &x, 2);
+  const uint32_t v = static_cast<uint32_t>(u) << 16;
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+
+// Error of bf16 vs fp32 logits against float64, `tokens` rows: h ~ N(0, 1), W ~ N(0, σ²/d) so
+// the logits have standard deviation ~σ; `confident` rows take the argmax logit as target (a
+// trained model's typical case: large target logit, small loss).
+void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int64_t d, int64_t V,
+                  float sigma, bool confident, uint64_t seed) {
+  DeviceBuffer dh_buf, dw_buf, h_buf, w_buf, t_buf, tl_buf, loss_buf;
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * tokens * d, &h_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * V * d, &w_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * tokens * d, &dh_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(float) * V * d, &dw_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(int32_t) * tokens, &t_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(float) * tokens, &tl_buf));
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(double), &loss_buf));
+  CUDA_OK_OR_DIE(FillRandomBf16(h_buf.as<bf16>(), tokens * d, 0.f, 1.f, seed, nullptr));
+  CUDA_OK_OR_DIE(FillRandomBf16(w_buf.as<bf16>(), V * d, 0.f, sigma / std::sqrt(float(d)), seed + 1, nullptr));
+  std::vector<bf16> hb(tokens * d), wb(V * d);
+  CUDA_CHECK_OR_DIE(cudaMemcpy(hb.data(), h_buf.get(), sizeof(bf16) * hb.size(), cudaMemcpyDeviceToHost));
+  CUDA_CHECK_OR_DIE(cudaMemcpy(wb.data(), w_buf.get(), sizeof(bf16) * wb.size(), cudaMemcpyDeviceToHost));
+  std::vector<double> h(hb.size()), w(wb.size());
+  for (size_t i = 0; i < hb.size(); ++i) h[i] = Bf16ToFloat(hb[i]);
+  for (size_t i = 0; i < wb.size(); ++i) w[i] = Bf16ToFloat(wb[i]);
+  // float64 logits, lse.
+  std::vector<double> logits(tokens * V), lse(tokens);
+  std::vector<int32_t> targets(tokens);
+  std::mt19937_64 rng(seed);
+  for (int64_t t = 0; t < tokens; ++t) targets[t] = static_cast<int32_t>(rng() % V);
+  double absmax = 0;
+  ParallelFor(tokens, [&](int64_t t) {
+    double* l = &logits[t * V];
+    for (int64_t v = 0; v < V; ++v) {
+      double acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += h[t * d + k] * w[v * d + k];
+      l[v] = acc;
+    }
+    const double mx = *std::max_element(l, l + V);
+    double s = 0;
+    for (int64_t v = 0; v < V; ++v) s += std::exp(l[v] - mx);
+    lse[t] = mx + std::log(s);
+    if (confident && t % 2 == 0) targets[t] = static_cast<int32_t>(std::max_element(l, l + V) - l);
+  });
+  for (double x : logits) absmax = std::max(absmax, std::fabs(x));
+  const double scale = 1.0 / tokens;
+  std::vector<double> tl(tokens), dh(tokens * d, 0.0), dw(V * d, 0.0);
+  double loss = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    tl[t] = lse[t] - logits[t * V + targets[t]];
+    loss += scale * tl[t];
+  }
+  auto g = [&](int64_t t, int64_t v) {
+    return scale * (std::exp(logits[t * V + v] - lse[t]) - (v == targets[t] ? 1.0 : 0.0));
+  };
+  ParallelFor(tokens, [&](int64_t t) {
+    for (int64_t v = 0; v < V; ++v) {
+      const double gv = g(t, v);
+      for (int64_t k = 0; k < d; ++k) dh[t * d + k] += gv * w[v * d + k];
+    }
+  });
+  ParallelFor(V, [&](int64_t v) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      const double gv = g(t, v);
+      for (int64_t k = 0; k < d; ++k) dw[v * d + k] += gv * h[t * d + k];
+    }
+  });
+  CUDA_CHECK_OR_DIE(cudaMemcpy(t_buf.get(), targets.data(), sizeof(int32_t) * tokens, cudaMemcpyHostToDevice));
+  auto rel = [](const std::vector<double>& got, const std::vector<double>& ref) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      num += (got[i] - ref[i]) * (got[i] - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    return std::sqrt(num / den);
+  };
+  double mean_tl = 0;
+  for (double x : tl) mean_tl += x / tokens;
+  {
+    LinearCrossEntropyArgs a;
+    a.tokens = tokens;
+    a.dim = d;
+    a.vocab = V;
+    a.h = h_buf.as<bf16>();
+    a.w = w_buf.as<bf16>();
+    a.targets = t_buf.as<int32_t>();
+    a.loss_scale = static_cast<float>(scale);
+    a.token_loss = tl_buf.as<float>();
+    a.loss_sum = loss_buf.as<double>();
+    a.dh = dh_buf.as<bf16>();
+    a.dw = dw_buf.as<float>();
+    a.overwrite_dw = true;
+    a.chunk_tokens = 8192;
+    CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, a, nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    std::vector<float> tlf(tokens), dwf(V * d);
+    std::vector<bf16> dhb(tokens * d);
+    double got_loss = 0;
+    CUDA_CHECK_OR_DIE(cudaMemcpy(tlf.data(), tl_buf.get(), sizeof(float) * tokens, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(dwf.data(), dw_buf.get(), sizeof(float) * V * d, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(dhb.data(), dh_buf.get(), sizeof(bf16) * tokens * d, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(&got_loss, loss_buf.get(), sizeof(double), cudaMemcpyDeviceToHost));
+    double tl_max = 0, tl_rms = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      tl_max = std::max(tl_max, std::fabs(tlf[t] - tl[t]));
+      tl_rms += (tlf[t] - tl[t]) * (tlf[t] - tl[t]) / tokens;
+    }
+    std::vector<double> dhd(dhb.size()), dwd(dwf.begin(), dwf.end());
+    for (size_t i = 0; i < dhb.size(); ++i) dhd[i] = Bf16ToFloat(dhb[i]);
+    std::printf("accuracy bf16 logits | N=%ld d=%ld V=%ld sigma=%.1f %s |logit|max=%.1f mean loss=%.4f | "
+                "loss rel %.2e | token loss abs max %.2e rms %.2e | dh rel %.2e | dW rel %.2e\n",
+                (long)tokens, (long)d, (long)V, sigma,
+                confident ? "half argmax targets" : "random targets", absmax, mean_tl,
+                std::fabs(got_loss - loss) / std::fabs(loss), tl_max, std::sqrt(tl_rms), rel(dhd, dh), rel(dwd, dw));
+    std::fflush(stdout);
+  }
+}
+
+int Main(int argc, char** argv) {
+  int64_t N = 32768, d = 768, V = 50304;
+  int reps = 20;
+  bool accuracy = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string s = argv[i];
+    if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
+    else if (s == "--dim" && i + 1 < argc) d = std::atoll(argv[++i]);
+    else if (s == "--vocab" && i + 1 < argc) V = std::atoll(argv[++i]);
+    else if (s == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (s == "--no_accuracy") accuracy = false;
+    else {
+      std::fprintf(stderr, "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy]\n");
+      return 2;
+    }
+  }
+  DeviceAllocator alloc;
+  std::unique_ptr<GemmContext> gemm;
+  CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
+  cudaDeviceProp prop{};
+  CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, N=%ld d=%ld V=%ld\n", prop.name, (long)N, (long)d, (long)V);
+  DeviceBuffer h, w, dh, dw, tl, loss, targets;
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * N * d, &h));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * V * d, &w));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(bf16) * N * d, &dh));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(float) * V * d, &dw));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(float) * N, &tl));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(double), &loss));
+  CUDA_OK_OR_DIE(alloc.Allocate(sizeof(int32_t) * N, &targets));
+  CUDA_OK_OR_DIE(FillRandomBf16(h.as<bf16>(), N * d, 0.f, 1.f, 1, nullptr));
+  CUDA_OK_OR_DIE(FillRandomBf16(w.as<bf16>(), V * d, 0.f, 2.f / std::sqrt(float(d)), 2, nullptr));
+  CUDA_OK_OR_DIE(FillRandomF32(dw.as<float>(), V * d, 0.f, 1e-3f, 3, nullptr));
+  CUDA_OK_OR_DIE(FillRandomInt32(targets.as<int32_t>(), N, static_cast<int32_t>(V), 4, nullptr));
+  Timer timer;
+  timer.Init(&alloc);
+  timer.reps = reps;
+  timer.warmup = 3;
+  auto time = [&](const std::function<CudaResult()>& op) {
+    // No flush: TimeMs flushes 256 MiB first, which is outside the events; it costs wall time only.
+    return TimeMs(timer, op);
+  };
+  const double gemm_flops = 2.0 * N * V * d;
+  struct Variant {
+    const char* name;
+    int64_t chunk;
+    bool overwrite, autotune, loss_only;
+  };
+  const Variant variants[] = {
+      {"chunk 16384, overwrite dW (the model's call)", 16384, true, false, false},
+      {"chunk 16384", 16384, false, false, false},
+      {"chunk 8192, overwrite dW", 8192, true, false, false},
+      {"chunk 32768, overwrite dW", 32768, true, false, false},
+      {"chunk 16384, overwrite dW, GEMM autotune", 16384, true, true, false},
+      {"loss only, chunk 16384", 16384, false, false, true},
+      {"chunk 16384, overwrite dW (again)", 16384, true, false, false},
+  };
+  for (const Variant& v : variants) {
+    if (v.autotune) setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
+    else unsetenv("GYRE_GEMM_AUTOTUNE");
+    LinearCrossEntropyArgs a;
+    a.tokens = N;
+    a.dim = d;
+    a.vocab = V;
+    a.h = h.as<bf16>();
+    a.w = w.as<bf16>();
+    a.targets = targets.as<int32_t>();
+    a.loss_scale = 1.f / N;
+    a.token_loss = tl.as<float>();
+    a.loss_sum = loss.as<double>();
+    a.dh = v.loss_only ? nullptr : dh.as<bf16>();
+    a.dw = v.loss_only ? nullptr : dw.as<float>();
+    a.chunk_tokens = v.chunk;
+    a.overwrite_dw = v.overwrite;
+    const double ms = time([&]() { return LinearCrossEntropy(gemm.get(), &alloc, a, nullptr); });
+    const double flops = (v.loss_only ? 1 : 3) * gemm_flops;
+    std::printf("lce | %-46s | %8.3f ms | %6.1f TFLOP/s\n", v.name, ms, flops / ms * 1e-9);
+    std::fflush(stdout);
+  }
+  unsetenv("GYRE_GEMM_AUTOTUNE");
+  // The GEMMs alone (heuristic plans), per chunk size, summed over the N / chunk chunks.
+  {
+    DeviceBuffer lg;
+    CUDA_OK_OR_DIE(alloc.Allocate(sizeof(float) * 16384 * V, &lg));
+    for (int64_t chunk : {8192, 16384}) {
+      const int64_t chunks = N / chunk;
+      for (bool f32 : {true, false}) {
+        GemmArgs g1;
+        g1.trans_b = true;
+        g1.m = chunk;
+        g1.n = V;
+        g1.k = d;
+        g1.a = h.get();
+        g1.lda = d;
+        g1.b = w.get();
+        g1.ldb = d;
+        g1.c = lg.get();
+        g1.ldc = V;
+        g1.c_dtype = f32 ? DType::kF32 : DType::kBf16;
+        const double ms = chunks * time([&]() { return gemm->Gemm(g1, nullptr); });
+        std::printf("gemm | logits %s out, chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", f32 ? "fp32" : "bf16",
+                    (long)chunk, (long)chunks, ms, gemm_flops / ms * 1e-9);
+      }
+      GemmArgs g2;
+      g2.m = chunk;
+      g2.n = d;
+      g2.k = V;
+      g2.a = lg.get();
+      g2.lda = V;
+      g2.b = w.get();
+      g2.ldb = d;
+      g2.c = dh.get();
+      g2.ldc = d;
+      g2.c_dtype = DType::kBf16;
+      double ms = chunks * time([&]() { return gemm->Gemm(g2, nullptr); });
+      std::printf("gemm | dh = G W, chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", (long)chunk, (long)chunks, ms,
+                  gemm_flops / ms * 1e-9);
+      for (float beta : {1.f, 0.f}) {
+        GemmArgs g3;
+        g3.trans_a = true;
+        g3.m = V;
+        g3.n = d;
+        g3.k = chunk;
+        g3.a = lg.get();
+        g3.lda = V;
+        g3.b = h.get();
+        g3.ldb = d;
+        g3.c = dw.get();
+        g3.ldc = d;
+        g3.c_dtype = DType::kF32;
+        g3.beta = beta;
+        ms = chunks * time([&]() { return gemm->Gemm(g3, nullptr); });
+        std::printf("gemm | dW += G^T h (beta %.0f), chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", beta,
+                    (long)chunk, (long)chunks, ms, gemm_flops / ms * 1e-9);
+      }
+      std::fflush(stdout);
+    }
+  }
+  if (accuracy) {
+    AccuracyCase(gemm.get(), &alloc, 64, 768, 50304, 1.f, false, 21);
+    AccuracyCase(gemm.get(), &alloc, 64, 768, 50304, 3.f, true, 22);
+    AccuracyCase(gemm.get(), &alloc, 64, 768, 50304, 6.f, true, 23);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace gyre::cuda
+
+int main(int argc, char** argv) { return gyre::cuda::Main(argc, argv); }
