@@ -814,7 +814,9 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     const bf16* Bm, const bf16* Cm, const float* Dskip, const float* saved, const bf16* dy,
     const float* dsg, const float* ddecay, int ddecay_parts, bf16* dx, float* ddt,
     double* part) {
+  static_assert(kThreads == 2 * kTile, "two threads per token row; the pair loop's sums split the block in halves");
   extern __shared__ __align__(128) char smem[];
+  __shared__ float dl_warp[kThreads / 32];
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int g = h / d.hpg;
   const int ldn = d.N + 8, ldp = d.P + 8, ldx = d.P + 4;
@@ -927,11 +929,21 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
         dot += v * __bfloat162float(Xs[row * ldp + p]);
       }
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      float dl = 0.f;
       if (half == 0 && row < sv) {
-        const float dl = dts[s0 + row] * dot;
-        atomicAdd(&dacs[d.Q - 1], dl);
-        atomicAdd(&dacs[s0 + row], -dl);
+        dl = dts[s0 + row] * dot;
+        dacs[s0 + row] -= dl;  // one writer per row
         da_loc += static_cast<double>(dl) * (acs[d.Q - 1] - acs[s0 + row]);
+      }
+      // Σ_rows dl into dacs_last in a fixed order (warp butterflies, then the warps in turn), not
+      // by shared-memory atomics: training must give the same bits run after run.
+      for (int o = 16; o > 0; o >>= 1) dl += __shfl_xor_sync(0xffffffffu, dl, o);
+      if (threadIdx.x % 32 == 0) dl_warp[threadIdx.x / 32] = dl;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (int w = 0; w < kThreads / 32; ++w) total += dl_warp[w];
+        dacs[d.Q - 1] += total;
       }
     }
     __syncthreads();
@@ -961,17 +973,18 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
         if (mt != 0.f) da_loc += static_cast<double>(m2) * (acs[l0 + l] - acs[s0 + s]);
       }
       __syncthreads();
+      // Row sums go to dacs_s, column sums to dacs_l; on the diagonal tile (l0 == s0) both hit one
+      // element, so the two halves write one after the other (a fixed order, no atomics).
+      const int own = threadIdx.x < kTile ? threadIdx.x : threadIdx.x - kTile;
+      float sum = 0.f;
       if (threadIdx.x < kTile) {
-        const int s = threadIdx.x;
-        float sum = 0.f;
-        for (int j = 0; j < kTile; ++j) sum += Ms2[s * ldm + (j + s) % kTile];
-        atomicAdd(&dacs[s0 + s], -sum);
+        for (int j = 0; j < kTile; ++j) sum += Ms2[own * ldm + (j + own) % kTile];
+        dacs[s0 + own] -= sum;
       } else {
-        const int l = threadIdx.x - kTile;
-        float sum = 0.f;
-        for (int i = 0; i < kTile; ++i) sum += Ms2[i * ldm + l];
-        atomicAdd(&dacs[l0 + l], sum);
+        for (int i = 0; i < kTile; ++i) sum += Ms2[i * ldm + own];
       }
+      __syncthreads();
+      if (threadIdx.x >= kTile) dacs[l0 + own] += sum;
       MM::template Mma<false, false, 2>(acc, Mb, 72, dYl, ldp, kTile, d.P, kTile);
       __syncthreads();
     }
