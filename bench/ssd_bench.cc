@@ -8,8 +8,10 @@
 // tile pairs only) and the fewest bytes the contract allows (each input read once, each output
 // written once, the saved buffer written once by the forward and read once by the backward).
 //
-//   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
-// MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
+//   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--default_only] [--shapes=1|2|3]
+// MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
+// --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
+// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -55,7 +57,8 @@ Counts Count(const SsdShape& s, const SsdOptions& o) {
   return c;
 }
 
-void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask) {
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask,
+         bool default_only) {
   SsdShape s{batch, seq, 64, 64, 1, 128};
   SsdOptions o;
   o.chunk_size = 256;
@@ -134,6 +137,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     const char* name;
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
+    int slice = 0;        // SsdSetStateSliceForTesting
+    int psplit = 0;       // SsdSetStatePSplitForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -141,13 +146,21 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 state]", kSsdRegState},
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll},
-                        {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
-                        {"[v3 all un]", kSsdRegAll, 2}};  // unfused
+                        // The fused state pass with each tile of the state per block (P rows ×
+                        // N columns), then the unfused kernels:
+                        {"[fu p64 n128]", kSsdRegAll, 1, 0, 1},
+                        {"[fu p64 n64]", kSsdRegAll, 1, 64, 1},
+                        {"[fu p32 n128]", kSsdRegAll, 1, 0, 2},
+                        {"[fu p32 n64]", kSsdRegAll, 1, 64, 2},
+                        {"[v3 all un]", kSsdRegAll, 2}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
+    if (default_only && &p != &paths[5]) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
+    SsdSetStateSliceForTesting(p.slice);
+    SsdSetStatePSplitForTesting(p.psplit);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -166,6 +179,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   }
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
+  SsdSetStateSliceForTesting(0);
+  SsdSetStatePSplitForTesting(0);
 }
 
 }  // namespace
@@ -175,16 +190,18 @@ int main(int argc, char** argv) {
   using namespace gyre::cuda;
   Timer t;
   int only_mask = -1, shapes = 2;
+  bool default_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--warmup=", 9) == 0) t.warmup = std::max(0, std::atoi(argv[i] + 9));
     if (std::strncmp(argv[i], "--only=", 7) == 0) only_mask = std::atoi(argv[i] + 7);
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
+    if (std::strcmp(argv[i], "--default_only") == 0) default_only = true;
   }
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   t.Init(&alloc);
-  Run(t, alloc, 8, 2048, only_mask);
-  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask);
+  if (shapes != 3) Run(t, alloc, 8, 2048, only_mask, default_only);
+  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask, default_only);
   return 0;
 }
