@@ -72,8 +72,13 @@ def ssd_anchor(batch, seq, heads=64, headdim=64, dstate=128, groups=1, chunk=256
         return triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=leaves,
                                        return_mode="median")
 
+    def fwd_bwd_fresh():
+        for t in leaves:
+            t.grad = None
+        fwd_bwd()
+
     if fwd_bwd_only:
-        return time_fwd_bwd
+        return time_fwd_bwd, fwd_bwd_fresh
     t_f = triton.testing.do_bench(fwd, warmup=50, rep=300, return_mode="median")
     return t_f, time_fwd_bwd()
 
@@ -81,9 +86,26 @@ def ssd_anchor(batch, seq, heads=64, headdim=64, dstate=128, groups=1, chunk=256
 OURS_LINE = re.compile(r"^ssd\[v3 all\]\s+fwd\+bwd\s+B(\d+) S(\d+) .*?([\d.]+) ms")
 
 
+def kernel_ms(fn, calls=10):
+    """GPU time of the kernels (and memsets) one call of fn launches, summed (torch.profiler):
+    what do_bench's wall time between events would be without launch gaps on the host side."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for e in prof.key_averages():
+        total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    return total_us / calls / 1e3
+
+
 def alternate(commands, rounds):
     shapes = [(8, 2048), (2, 8192)]
-    timers = {shape: ssd_anchor(*shape, fwd_bwd_only=True) for shape in shapes}
+    made = {shape: ssd_anchor(*shape, fwd_bwd_only=True) for shape in shapes}
+    timers = {shape: made[shape][0] for shape in shapes}
     named = [c.split("=", 1) for c in commands]
     times = {(name, shape): [] for name in ["anchor"] + [n for n, _ in named] for shape in shapes}
     for r in range(rounds):
@@ -112,6 +134,13 @@ def alternate(commands, rounds):
             print(f"alternating {name} B{b} S{s} fwd+bwd: median {statistics.median(t):.3f} ms; "
                   f"/ anchor: median {statistics.median(ratios):.3f} (min {min(ratios):.3f} "
                   f"max {max(ratios):.3f})", flush=True)
+    for shape in shapes:
+        try:
+            print(f"anchor kernel sum B{shape[0]} S{shape[1]} fwd+bwd: "
+                  f"{kernel_ms(made[shape][1]):.3f} ms per call (torch.profiler, 10 calls)",
+                  flush=True)
+        except Exception as e:  # diagnostic only
+            print(f"anchor kernel sum failed: {e!r}", flush=True)
 
 
 def conv_anchor(batch, seq, channels=4352, width=4):

@@ -137,8 +137,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     const char* name;
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
-    int slice = 0;        // SsdSetStateSliceForTesting
-    int psplit = 0;       // SsdSetStatePSplitForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -146,21 +144,14 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 state]", kSsdRegState},
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll},
-                        // The fused state pass with each tile of the state per block (P rows ×
-                        // N columns), then the unfused kernels:
-                        {"[fu p64 n128]", kSsdRegAll, 1, 0, 1},
-                        {"[fu p64 n64]", kSsdRegAll, 1, 64, 1},
-                        {"[fu p32 n128]", kSsdRegAll, 1, 0, 2},
-                        {"[fu p32 n64]", kSsdRegAll, 1, 64, 2},
-                        {"[v3 all un]", kSsdRegAll, 2}};
+                        {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
+                        {"[v3 all un]", kSsdRegAll, 2}};  // unfused
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (default_only && &p != &paths[5]) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetStateSliceForTesting(p.slice);
-    SsdSetStatePSplitForTesting(p.psplit);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -179,8 +170,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   }
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetStateSliceForTesting(0);
-  SsdSetStatePSplitForTesting(0);
 }
 
 }  // namespace

@@ -2413,7 +2413,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
 }
 
 
-// Columns of N per ssd_chunk_state_scan block (before FusedGrid narrows the fused kernel's tile): 128 where the P×128 fp32 accumulator still fits
+// Columns of N per ssd_chunk_state_scan block: 128 where the P×128 fp32 accumulator still fits
 // two 32×32 warp tiles per warp (P <= 64) and N allows, else 64. With 64 (sessions 2-3) every
 // (b, c, h) ran two blocks that each loaded and scaled the same x (or dy) tiles; 128 does that
 // once and gives each block twice the MMAs per barrier. g_state_slice_override (testing) forces 64.
@@ -2424,25 +2424,17 @@ int StateSlice(const Dims& d) {
   return d.P <= 64 && d.N % 128 == 0 ? 128 : 64;
 }
 
-// Shared memory of ssd_chunk_state_scan: U tiles [2][64][pw+8] (x or dy rows, scaled in place)
+// Shared memory of ssd_chunk_state_scan: U tiles [2][64][P+8] (x or dy rows, scaled in place)
 // and V tiles [2][64][slice+8] (B or C), double-buffered, and per stage the tile's Acs and dt (the
-// row scales are formed while scaling): ~55 KB for a P64×N128 tile, four blocks per SM (a
-// separate scaled U tile made it 63.5 KB, three).
-size_t StateScanSmem(int slice, int pw) {
+// row scales are formed while scaling): ~55 KB at P64 with 128-column slices, four blocks per SM
+// (a separate scaled U tile made it 63.5 KB, three).
+size_t StateScanSmem(const Dims& d) {
   CarveSize cs;
-  cs.take<bf16>(2 * kTile * (pw + 8));
-  cs.take<bf16>(2 * kTile * (slice + 8));
+  cs.take<bf16>(2 * kTile * (d.P + 8));
+  cs.take<bf16>(2 * kTile * (StateSlice(d) + 8));
   cs.take<float>(4 * kTile);  // acs[2][64], dt[2][64]
   return cs.off;
 }
-
-struct FusedStateGrid {
-  int slice;  // columns of N per block
-  int pw;     // rows of P per block
-  int parts;  // blocks per (h, b): gridDim.x, and the <G, H_c> partials per (b, h, c)
-  int64_t blocks;
-};
-FusedStateGrid FusedGrid(const Dims& d);
 
 template <int MAXI>
 __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], bf16* c,
@@ -2467,29 +2459,26 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
 // <G_{c+1}, H_c> over this block's elements (H_c fp32 from `saved`) goes to
 // ddecay [B, H, NC, ntn]; then G_c = e^{Acs_last,c} G_{c+1} + dS_c with dS_c the chunk's
 // (e^{Acs_t} dy_t)ᵀ C_t products: ssd_state_pass_bwd's recurrence. After chunk 0: d_initial.
-// Grid (parts, H, B): each block owns pw rows of P (p0..) and `slice` columns of N (n0..) of the
-// state (FusedGrid: P×128 at B8 H64 N128, 512 blocks; narrower tiles where B·H is small, so that
-// the blocks still fill the device: NC times fewer than the unfused pair's); shapes where even
-// the narrowest tile leaves too few blocks keep the unfused kernels (UseFusedStatePass).
-// kOneChunk (the unfused kernels' chunk states): grid (parts·NC, H, B), each block one chunk c
-// (blockIdx.x / parts) from a zero accumulator, no state pass: S_c goes to slot c + 1 of `saved`
+// Grid (ntn, H, B): each block owns `slice` columns of N (n0..) of the state, 512 blocks at B8
+// H64 N128: NC times fewer than the unfused pair's, so small B·H keep the unfused kernels
+// (UseFusedStatePass; narrower tiles, 64 columns and/or half of P per block for 2-4x the blocks,
+// lost to them at B2 S8192: ssd_notes.md session 7).
+// kOneChunk (the unfused kernels' chunk states): grid (ntn·NC, H, B), each block one chunk c
+// (blockIdx.x / ntn) from a zero accumulator, no state pass: S_c goes to slot c + 1 of `saved`
 // (forward; ssd_state_pass turns it into H_{c+1} in place) or dS_c to dsg slot c (backward).
-// (At most 128 registers: four blocks per SM; the P-offset arithmetic took the backward to 132.)
+// (__launch_bounds__ 4: at most 128 registers, four blocks per SM.)
 template <bool kBwd, bool kOneChunk = false>
 __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
-    Dims d, int slice, int pw, const bf16* u, const bf16* v, const float* start, float* saved,
+    Dims d, int slice, const bf16* u, const bf16* v, const float* start, float* saved,
     float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
   extern __shared__ __align__(128) char smem[];
   __shared__ float red[2 * kWarps];
-  const int ntn = (d.N + slice - 1) / slice, parts = ntn * (d.P / pw);
-  const int part = blockIdx.x % parts, one_c = blockIdx.x / parts;
-  const int n0 = (part % ntn) * slice, p0 = (part / ntn) * pw;
+  const int ntn = (d.N + slice - 1) / slice;
+  const int n0 = (blockIdx.x % ntn) * slice, one_c = blockIdx.x / ntn;
   const int h = blockIdx.y, b = blockIdx.z;
   const int nw = min(slice, d.N - n0);
   const int g = h / d.hpg;
-  const int ldu = pw + 8, ldv = slice + 8;
-  // This block's P×N tile of the state: rows p0.., columns n0.. (offset into [P, N] states).
-  const int64_t pn0 = static_cast<int64_t>(p0) * d.N + n0;
+  const int ldu = d.P + 8, ldv = slice + 8;
   Carve cv{smem};
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
@@ -2527,8 +2516,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
                   v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw);
     LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P + p0,
-                  kBwd ? d.ldy : d.ldx, valid, pw);
+                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
+                  kBwd ? d.ldy : d.ldx, valid, d.P);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       CpAsync4(acs_b + buf * kTile + r, acs + t0 + r, r < valid);
@@ -2542,12 +2531,12 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
   issue(0, 0);
   typename MmaPtx::Tile acc[2];
   if (!kOneChunk && start != nullptr) {
-    MmaPtx::Load(acc, start + bh * d.PN + pn0, d.N, pw, nw);
+    MmaPtx::Load(acc, start + bh * d.PN + n0, d.N, d.P, nw);
   } else {
     MmaPtx::Zero(acc);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int vpr = pw / 8;
+  const int vpr = d.P / 8;
   int c_first, tt_first;
   locate(0, c_first, tt_first);
   float acs_last = 0.f,
@@ -2562,19 +2551,19 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     } else if (tt == 0) {
       // Chunk c starts: the accumulator is H_c (forward) or G_{c+1} (backward).
       if (!kBwd) {
-        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
-        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
+        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
       } else {
         if (dsg != nullptr) {
-          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
+          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
         }
         if (g_bf != nullptr) {
-          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
+          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
         }
         // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
         float prod = 0.f;
-        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
-        MmaPtx::ForEachPair(acc, pw, nw, [&](float x, float y, int row, int col) {
+        const float* hc = StatePtr(d, saved, b, h, c) + n0;
+        MmaPtx::ForEachPair(acc, d.P, nw, [&](float x, float y, int row, int col) {
           const float2 hv =
               *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
           prod = fmaf(x, hv.x, prod);
@@ -2630,17 +2619,17 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
       StoreBf16<8>(Us + r * ldu + cidx, f);
     }
     __syncthreads();
-    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile);
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
   }
   if (kOneChunk) {
     MmaPtx::Store(acc,
                   (kBwd ? dsg + (bh * d.NC + one_c) * d.PN : StatePtr(d, saved, b, h, one_c + 1)) +
-                      pn0,
-                  d.N, pw, nw);
+                      n0,
+                  d.N, d.P, nw);
     return;
   }
-  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + pn0, d.N, pw, nw);
-  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + pn0, d.N, pw, nw);
+  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + n0, d.N, d.P, nw);
+  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + n0, d.N, d.P, nw);
 }
 
 // ------------------------------------------------------------------ host side
@@ -2710,7 +2699,7 @@ RegPlan PlanReg(const Dims& d) {
   const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
                         SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
-  p.state = (mask & kSsdRegState) && StateScanSmem(StateSlice(d), d.P) <= optin;
+  p.state = (mask & kSsdRegState) && StateScanSmem(d) <= optin;
   p.dbc = ((mask & kSsdRegDbc) || p.dx) && dbc_fits;
   return p;
 }
@@ -2725,46 +2714,22 @@ int SmCount() {
 }
 
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
-// than its one-chunk form + ssd_state_pass: where its blocks fill the device at least
-// kFusedStateWaves times over (the fused kernel walks the chunks of one (P rows, N columns, h, b)
-// tile in order, so it has NC times fewer blocks per tile than the unfused pair).
-// FusedGrid narrows the tile until they do: first 64 columns of N instead of 128, then half the
-// rows of P (while they stay a multiple of 32), e.g. B2 S8192 H64: 128 → 256 → 512 blocks.
-// g_fused_state_pass (testing): 0 that rule, 1 always, 2 never; g_state_psplit (testing) forces
-// the P split (1 or 2; 0 the rule).
+// than its one-chunk form + ssd_state_pass: where its ntn·H·B blocks fill the device at least
+// kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
+// so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
 std::atomic<int> g_fused_state_pass{0};
-std::atomic<int> g_state_psplit{0};
 constexpr double kFusedStateWaves = 3.0;
-
-FusedStateGrid FusedGrid(const Dims& d) {
-  FusedStateGrid fg{StateSlice(d), d.P, 0, 0};
-  auto count = [&] {
-    fg.parts = ((d.N + fg.slice - 1) / fg.slice) * (d.P / fg.pw);
-    fg.blocks = static_cast<int64_t>(fg.parts) * d.H * d.B;
-  };
-  count();
-  const int forced_split = g_state_psplit.load();
-  if (forced_split == 2 && d.P % 64 == 0) {
-    fg.pw = d.P / 2;
-    count();
-  }
-  if (forced_split != 0 || g_state_slice_override.load() != 0) return fg;
-  const double want = kFusedStateWaves * SmCount();
-  if (fg.blocks < want && fg.slice > 64) {
-    fg.slice = 64;
-    count();
-  }
-  if (fg.blocks < want && fg.pw % 64 == 0) {
-    fg.pw /= 2;
-    count();
-  }
-  return fg;
-}
-
 bool UseFusedStatePass(const Dims& d) {
   const int mode = g_fused_state_pass.load();
   if (mode != 0) return mode == 1;
-  return FusedGrid(d).blocks >= kFusedStateWaves * SmCount();
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return false;
+  }
+  const int slice = StateSlice(d);
+  const double blocks = static_cast<double>((d.N + slice - 1) / slice) * d.H * d.B;
+  return blocks >= kFusedStateWaves * sms;
 }
 
 template <int kP>
@@ -2785,20 +2750,20 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
   if (plan.state && UseFusedStatePass(d)) {
-    const FusedStateGrid fg = FusedGrid(d);
-    const size_t smem = StateScanSmem(fg.slice, fg.pw);
+    const int slice = StateSlice(d);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
-    ssd_chunk_state_scan<false><<<dim3(fg.parts, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, fg.slice, fg.pw, a.x, a.b, a.initial_state, saved,
+    ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                   stream>>>(d, slice, a.x, a.b, a.initial_state, saved,
                                              a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
     const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(slice, d.P);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
     ssd_chunk_state_scan<false, true>
         <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
+            d, slice, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2842,7 +2807,7 @@ struct BwdScratch {
   float* dcp;
   int nsplit;
   int pass_blocks;   // blocks per (b, h) of ssd_state_pass_bwd
-  int ddecay_parts;  // partial sums per (b, h, c) in ddecay: pass_blocks, or FusedGrid's parts when fused
+  int ddecay_parts;  // partial sums per (b, h, c) in ddecay: pass_blocks, or ntn when fused
   // v3 only (null otherwise):
   bf16* g_bf;         // [B, H, NC, P, N] G_{c+1}
   float* dacs_own;    // [B, H, NC·Q] ∂Acs terms of bwd dx's own rows
@@ -2876,23 +2841,23 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
   if (fused) {
-    const FusedStateGrid fg = FusedGrid(d);
-    const size_t smem = StateScanSmem(fg.slice, fg.pw);
+    const int slice = StateSlice(d);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
-    ssd_chunk_state_scan<true><<<dim3(fg.parts, d.H, d.B), kThreads, smem,
-                                  stream>>>(d, fg.slice, fg.pw, a.dy, a.c, a.d_final_state,
+    ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
+                                  stream>>>(d, slice, a.dy, a.c, a.d_final_state,
                                             const_cast<float*>(saved), a.d_initial_state,
                                             plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                             sc.ddecay);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
   } else if (plan.state) {
     const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(slice, d.P);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
     ssd_chunk_state_scan<true, true>
         <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
+            d, slice, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
             nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
   } else {
@@ -2994,7 +2959,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
-void SsdSetStatePSplitForTesting(int split) { g_state_psplit.store(split == 1 || split == 2 ? split : 0); }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
@@ -3087,7 +3051,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int tiles = d.Q / kTile;
   const int64_t n_dsg = static_cast<int64_t>(d.B) * d.H * d.NC * d.PN;
   const int ddecay_parts = plan.state && UseFusedStatePass(d)
-                               ? FusedGrid(d).parts
+                               ? (d.N + StateSlice(d) - 1) / StateSlice(d)
                                : static_cast<int>(pass_blocks);
   const int64_t n_ddecay = static_cast<int64_t>(d.B) * d.H * d.NC * ddecay_parts;
   const int64_t n_part = 3LL * d.B * d.NC * d.H;  // doubles

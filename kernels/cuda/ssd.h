@@ -144,11 +144,6 @@ void SsdSetStateSliceForTesting(int columns);
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
 // fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
-// The fused state kernels' P split: 0 (default) by shape (ssd.cu, FusedGrid: halves P only where
-// B·H leaves too few blocks), 2 forces half the rows of P per block (where P % 64 == 0), 1 none.
-// Together with SsdSetStateSliceForTesting (64) for the A/B timing and the test's coverage of
-// every tile shape. Process-wide; same function.
-void SsdSetStatePSplitForTesting(int split);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

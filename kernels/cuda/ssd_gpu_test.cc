@@ -313,7 +313,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
-    int psplit = 0;       // SsdSetStatePSplitForTesting: 0 by shape, 2 half the rows of P
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -324,12 +323,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, state slice 64] ", kSsdRegAll, 64},
                         {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
-                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
-                        // The fused pass's rule narrows its tile at these sizes (64 columns
-                        // of N, half of P where P % 64 == 0): the full tile and P halves with
-                        // 128 columns forced.
-                        {"[v3 all, fused state pass, full tile] ", kSsdRegAll, 0, 1, 1},
-                        {"[v3 all, fused state pass, P split 2] ", kSsdRegAll, 0, 1, 2}};
+                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -345,7 +339,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetStatePSplitForTesting(p.psplit);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -358,7 +351,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetStatePSplitForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
