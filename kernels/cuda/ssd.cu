@@ -2466,19 +2466,25 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
 // kOneChunk (the unfused kernels' chunk states): grid (ntn·NC, H, B), each block one chunk c
 // (blockIdx.x / ntn) from a zero accumulator, no state pass: S_c goes to slot c + 1 of `saved`
 // (forward; ssd_state_pass turns it into H_{c+1} in place) or dS_c to dsg slot c (backward).
-// (__launch_bounds__ 4: at most 128 registers, four blocks per SM.)
+// pw (rows of P per block) is always P now: the P split lost (above). The parameter stays because
+// this build of the kernel is the device-verified one (session 7, call 1); without it ptxas
+// spilled 12 bytes in the fused backward. (__launch_bounds__ 4: at most 128 registers, so four
+// blocks per SM; without it the fused backward took 132.)
 template <bool kBwd, bool kOneChunk = false>
 __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
-    Dims d, int slice, const bf16* u, const bf16* v, const float* start, float* saved,
+    Dims d, int slice, int pw, const bf16* u, const bf16* v, const float* start, float* saved,
     float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
   extern __shared__ __align__(128) char smem[];
   __shared__ float red[2 * kWarps];
-  const int ntn = (d.N + slice - 1) / slice;
-  const int n0 = (blockIdx.x % ntn) * slice, one_c = blockIdx.x / ntn;
+  const int ntn = (d.N + slice - 1) / slice, parts = ntn * (d.P / pw);
+  const int part = blockIdx.x % parts, one_c = blockIdx.x / parts;
+  const int n0 = (part % ntn) * slice, p0 = (part / ntn) * pw;
   const int h = blockIdx.y, b = blockIdx.z;
   const int nw = min(slice, d.N - n0);
   const int g = h / d.hpg;
-  const int ldu = d.P + 8, ldv = slice + 8;
+  const int ldu = pw + 8, ldv = slice + 8;
+  // This block's P×N tile of the state: rows p0.., columns n0.. (offset into [P, N] states).
+  const int64_t pn0 = static_cast<int64_t>(p0) * d.N + n0;
   Carve cv{smem};
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
@@ -2516,8 +2522,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
                   v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw);
     LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
-                  kBwd ? d.ldy : d.ldx, valid, d.P);
+                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P + p0,
+                  kBwd ? d.ldy : d.ldx, valid, pw);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       CpAsync4(acs_b + buf * kTile + r, acs + t0 + r, r < valid);
@@ -2531,12 +2537,12 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
   issue(0, 0);
   typename MmaPtx::Tile acc[2];
   if (!kOneChunk && start != nullptr) {
-    MmaPtx::Load(acc, start + bh * d.PN + n0, d.N, d.P, nw);
+    MmaPtx::Load(acc, start + bh * d.PN + pn0, d.N, pw, nw);
   } else {
     MmaPtx::Zero(acc);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int vpr = d.P / 8;
+  const int vpr = pw / 8;
   int c_first, tt_first;
   locate(0, c_first, tt_first);
   float acs_last = 0.f,
@@ -2551,19 +2557,19 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     } else if (tt == 0) {
       // Chunk c starts: the accumulator is H_c (forward) or G_{c+1} (backward).
       if (!kBwd) {
-        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
-        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
+        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
       } else {
         if (dsg != nullptr) {
-          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
         if (g_bf != nullptr) {
-          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
         // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
         float prod = 0.f;
-        const float* hc = StatePtr(d, saved, b, h, c) + n0;
-        MmaPtx::ForEachPair(acc, d.P, nw, [&](float x, float y, int row, int col) {
+        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
+        MmaPtx::ForEachPair(acc, pw, nw, [&](float x, float y, int row, int col) {
           const float2 hv =
               *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
           prod = fmaf(x, hv.x, prod);
@@ -2619,17 +2625,17 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
       StoreBf16<8>(Us + r * ldu + cidx, f);
     }
     __syncthreads();
-    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile);
   }
   if (kOneChunk) {
     MmaPtx::Store(acc,
                   (kBwd ? dsg + (bh * d.NC + one_c) * d.PN : StatePtr(d, saved, b, h, one_c + 1)) +
-                      n0,
-                  d.N, d.P, nw);
+                      pn0,
+                  d.N, pw, nw);
     return;
   }
-  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + n0, d.N, d.P, nw);
-  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + n0, d.N, d.P, nw);
+  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + pn0, d.N, pw, nw);
+  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + pn0, d.N, pw, nw);
 }
 
 // ------------------------------------------------------------------ host side
@@ -2754,7 +2760,7 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
     ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, a.x, a.b, a.initial_state, saved,
+                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
                                              a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
@@ -2763,7 +2769,7 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
     ssd_chunk_state_scan<false, true>
         <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
+            d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
@@ -2846,7 +2852,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
     ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  stream>>>(d, slice, a.dy, a.c, a.d_final_state,
+                                  stream>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
                                             const_cast<float*>(saved), a.d_initial_state,
                                             plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                             sc.ddecay);
@@ -2857,7 +2863,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
     ssd_chunk_state_scan<true, true>
         <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
+            d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
             nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
   } else {
