@@ -104,7 +104,10 @@
 //   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
 //   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
 //   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
-//   B2 S8192 (unfused there; main 2.46-2.47).
+//   B2 S8192 (unfused there; main 2.46-2.47). Session 7 (H100, one call): narrower fused tiles
+//   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
+//   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
+//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
