@@ -8,8 +8,10 @@
 // tile pairs only) and the fewest bytes the contract allows (each input read once, each output
 // written once, the saved buffer written once by the forward and read once by the backward).
 //
-//   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--shapes=1|2]
-// MASK: the kSsdReg* bits of the one variant to run (for per-kernel profiles); default all.
+//   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--default_only] [--shapes=1|2|3]
+// MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
+// --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
+// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -55,7 +57,8 @@ Counts Count(const SsdShape& s, const SsdOptions& o) {
   return c;
 }
 
-void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask) {
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask,
+         bool default_only) {
   SsdShape s{batch, seq, 64, 64, 1, 128};
   SsdOptions o;
   o.chunk_size = 256;
@@ -146,6 +149,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0)) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
@@ -175,16 +179,18 @@ int main(int argc, char** argv) {
   using namespace gyre::cuda;
   Timer t;
   int only_mask = -1, shapes = 2;
+  bool default_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--warmup=", 9) == 0) t.warmup = std::max(0, std::atoi(argv[i] + 9));
     if (std::strncmp(argv[i], "--only=", 7) == 0) only_mask = std::atoi(argv[i] + 7);
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
+    if (std::strcmp(argv[i], "--default_only") == 0) default_only = true;
   }
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   t.Init(&alloc);
-  Run(t, alloc, 8, 2048, only_mask);
-  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask);
+  if (shapes != 3) Run(t, alloc, 8, 2048, only_mask, default_only);
+  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask, default_only);
   return 0;
 }

@@ -104,12 +104,16 @@
 //   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
 //   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
 //   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
-//   B2 S8192 (unfused there; main 2.46-2.47).
+//   B2 S8192 (unfused there; main 2.46-2.47). Session 7 (H100, one call): narrower fused tiles
+//   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
+//   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
+//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
-// path" below, the default) are: ssd_chunk_state_pipe (chunk states, cp.async double-buffered),
+// path" below, the default) are: ssd_chunk_state_scan (chunk states, cp.async double-buffered;
+// fused with the state pass where its blocks fill the device, else one chunk per block),
 // ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
@@ -345,9 +349,11 @@ struct MmaPtx {
       }
     }
   }
-  template <int MAXI>
-  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
-                                               int m, int n) {
+  // Calls f(x, y, row, col) for each pair of this thread's accumulator elements (x at (row, col)
+  // of the m×n tile, y at (row, col + 1)), in the layout above: the one walk behind Store, Load,
+  // StoreTileBf16 and ssd_chunk_state_scan's <G, H_c> dot. T is Tile or const Tile.
+  template <int MAXI, class T, class F>
+  static __device__ __forceinline__ void ForEachPair(T (&acc)[MAXI], int m, int n, F&& f) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int tn = n / 32, nt = (m / 32) * tn;
@@ -361,38 +367,27 @@ struct MmaPtx {
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              float* p = c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 + 8 * ni + 2 * t;
-              *reinterpret_cast<float2*>(p) =
-                  make_float2(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1]);
-            }
+            for (int hf = 0; hf < 2; ++hf)
+              f(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1], i0 + 16 * mi + g + 8 * hf,
+                j0 + 8 * ni + 2 * t);
       }
     }
   }
   template <int MAXI>
+  static __device__ __forceinline__ void Store(const Tile (&acc)[MAXI], float* c, int64_t ldc,
+                                               int m, int n) {
+    ForEachPair(acc, m, n, [&](float x, float y, int row, int col) {
+      *reinterpret_cast<float2*>(c + row * ldc + col) = make_float2(x, y);
+    });
+  }
+  template <int MAXI>
   static __device__ __forceinline__ void Load(Tile (&acc)[MAXI], const float* c, int ldc, int m,
                                               int n) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, t = lane % 4;
-    const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-    for (int i = 0; i < MAXI; ++i) {
-      const int wt = warp + i * kWarps;
-      if (wt < nt) {
-        const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const float2 v = *reinterpret_cast<const float2*>(
-                  c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 + 8 * ni + 2 * t);
-              acc[i].c[mi][ni][2 * hf] = v.x;
-              acc[i].c[mi][ni][2 * hf + 1] = v.y;
-            }
-      }
-    }
+    ForEachPair(acc, m, n, [&](float& x, float& y, int row, int col) {
+      const float2 v = *reinterpret_cast<const float2*>(c + static_cast<int64_t>(row) * ldc + col);
+      x = v.x;
+      y = v.y;
+    });
   }
 };
 
@@ -2434,7 +2429,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
 }
 
 
-// Columns of N per ssd_chunk_state_pipe block: 128 where the P×128 fp32 accumulator still fits
+// Columns of N per ssd_chunk_state_scan block: 128 where the P×128 fp32 accumulator still fits
 // two 32×32 warp tiles per warp (P <= 64) and N allows, else 64. With 64 (sessions 2-3) every
 // (b, c, h) ran two blocks that each loaded and scaled the same x (or dy) tiles; 128 does that
 // once and gives each block twice the MMAs per barrier. g_state_slice_override (testing) forces 64.
@@ -2445,136 +2440,31 @@ int StateSlice(const Dims& d) {
   return d.P <= 64 && d.N % 128 == 0 ? 128 : 64;
 }
 
-// Shared memory of ssd_chunk_state_pipe: U tiles [2][64][P+8] (scaled in place) and V tiles
-// [2][64][slice+8] (double-buffered), the row scales of the whole chunk [Q]: 54 KB at P64 with
-// 128-column slices, so four blocks fit per SM (a separate scaled U tile made it 63.5 KB, three).
-template <typename Carver>
-void CarveChunkStatePipe(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(2 * kTile * (d.P + 8));
-  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
-  cv.template take<float>(d.Q);
-}
-
-// ssd_chunk_state with the next token tile's raw U and V in flight (cp.async) while the current
-// one is scaled and multiplied, and the row scales of the whole chunk computed once up front
-// (v2 spent two dependent memory round trips per tile: the scales, then the scaled load).
-// Same grid, outputs and math (x or dy rows scaled in fp32, rounded to bf16 once).
-// (Session 5 also formed the inter-chunk ∂Acs terms here: +160 µs at B8 S2048, 3 blocks/SM
-// instead of 4; they now come from ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c
-// anyway.)
-template <bool kBwd>
-__global__ void __launch_bounds__(kThreads) ssd_chunk_state_pipe(Dims d, int slice, const bf16* u,
-                                                                 const bf16* v, float* saved,
-                                                                 float* ds_out) {
-  extern __shared__ __align__(128) char smem[];
-  const int ntn = (d.N + slice - 1) / slice;
-  const int c = blockIdx.x, h = blockIdx.y / ntn, b = blockIdx.z;
-  const int n0 = (blockIdx.y % ntn) * slice, nw = min(slice, d.N - n0);
-  const int g = h / d.hpg;
-  const int ldu = d.P + 8, ldv = slice + 8;
-  Carve cv{smem};
-  bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
-  bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
-  float* scale = cv.take<float>(d.Q);
-  const float* acs = AcsPtr(d, saved, b, h) + static_cast<int64_t>(c) * d.Q;
-  const float* dts = DtPtr(d, saved, b);
-  const int c0 = c * d.Q;
-  const int len = min(d.Q, d.S - c0);
-  const int nT = (len + kTile - 1) / kTile;
-  // u is x (forward, row stride ldx) or dy (backward, dense); v is B or C (ldbc).
-  const int64_t u_stride = kBwd ? d.ldy : d.ldx;
-  const int64_t v_stride = d.ldbc;
-
-  auto issue = [&](int tt, int buf) {
-    const int t0 = c0 + tt * kTile, valid = min(kTile, d.S - t0);
-    LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
-                  v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, v_stride, valid, nw);
-    LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + (static_cast<int64_t>(b) * d.S + t0) * u_stride + static_cast<int64_t>(h) * d.P,
-                  u_stride, valid, d.P);
-    CpAsyncCommit();
-  };
-  issue(0, 0);
-  {
-    const float acs_last = acs[d.Q - 1];
-    for (int i = threadIdx.x; i < d.Q; i += kThreads) {
-      float s = 0.f;
-      if (i < len) {
-        const float a = acs[i];
-        s = kBwd ? expf(a) : expf(acs_last - a) * dts[static_cast<int64_t>(c0 + i) * d.H + h];
-      }
-      scale[i] = s;
-    }
-  }
-  typename MmaPtx::Tile acc[2];
-  MmaPtx::Zero(acc);
-  const int vpr = d.P / 8;
-  for (int tt = 0; tt < nT; ++tt) {
-    const int buf = tt & 1;
-    __syncthreads();  // buffer buf^1 (tile tt−1, scaled) is no longer read
-    if (tt + 1 < nT) {
-      issue(tt + 1, buf ^ 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
-    bf16* Us = Raw + buf * kTile * ldu;  // scaled in place: each thread rewrites its own vectors
-    for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
-      const int r = i / vpr, cidx = (i % vpr) * 8;
-      float f[8];
-      LoadBf16<8>(Us + r * ldu + cidx, f);
-      const float sc = scale[tt * kTile + r];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] *= sc;
-      StoreBf16<8>(Us + r * ldu + cidx, f);
-    }
-    __syncthreads();
-    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
-  }
-  float* out = kBwd ? ds_out + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * d.PN
-                    : StatePtr(d, saved, b, h, c + 1);
-  MmaPtx::Store(acc, out + n0, d.N, d.P, nw);
-}
-
-// Shared memory of ssd_chunk_state_scan: ssd_chunk_state_pipe's U and V double buffers, and per
-// stage the tile's Acs and dt (the row scales are formed while scaling, so nothing is computed
-// per chunk up front): ~55 KB at P64 with 128-column slices, four blocks per SM.
-template <typename Carver>
-void CarveChunkStateScan(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(2 * kTile * (d.P + 8));
-  cv.template take<bf16>(2 * kTile * (StateSlice(d) + 8));
-  cv.template take<float>(4 * kTile);  // acs[2][64], dt[2][64]
+// Shared memory of ssd_chunk_state_scan: U tiles [2][64][P+8] (x or dy rows, scaled in place)
+// and V tiles [2][64][slice+8] (B or C), double-buffered, and per stage the tile's Acs and dt (the
+// row scales are formed while scaling): ~55 KB at P64 with 128-column slices, four blocks per SM
+// (a separate scaled U tile made it 63.5 KB, three).
+size_t StateScanSmem(const Dims& d) {
+  CarveSize cs;
+  cs.take<bf16>(2 * kTile * (d.P + 8));
+  cs.take<bf16>(2 * kTile * (StateSlice(d) + 8));
+  cs.take<float>(4 * kTile);  // acs[2][64], dt[2][64]
+  return cs.off;
 }
 
 template <int MAXI>
 __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], bf16* c,
                                               int64_t ldc, int m, int n) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int g = lane / 4, t = lane % 4;
-  const int tn = n / 32, nt = (m / 32) * tn;
-#pragma unroll
-  for (int i = 0; i < MAXI; ++i) {
-    const int wt = warp + i * kWarps;
-    if (wt < nt) {
-      const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-            *reinterpret_cast<__nv_bfloat162*>(c + (i0 + 16 * mi + g + 8 * hf) * ldc + j0 +
-                                               8 * ni + 2 * t) =
-                __floats2bfloat162_rn(acc[i].c[mi][ni][2 * hf], acc[i].c[mi][ni][2 * hf + 1]);
-    }
-  }
+  MmaPtx::ForEachPair(acc, m, n, [&](float x, float y, int row, int col) {
+    *reinterpret_cast<__nv_bfloat162*>(c + row * ldc + col) = __floats2bfloat162_rn(x, y);
+  });
 }
 
 // The chunk states and the state pass in one kernel (no S_c / dS_c round trip through memory,
-// no ssd_state_pass(_bwd) launch): grid (ntn, H, B), one block per (N slice, head, batch row)
-// walks all chunks in order (the backward in reverse) with the cp.async pipeline of
-// ssd_chunk_state_pipe running across chunk boundaries. Its accumulator holds the running state.
+// no ssd_state_pass(_bwd) launch): one block per (state tile, head, batch row) walks all chunks in
+// order (the backward in reverse) with the next token tile's U, V, Acs and dt in flight
+// (cp.async) while the current one is scaled and multiplied, across chunk boundaries. Its
+// accumulator holds the running state.
 // Forward: H_0 = initial (or 0); at the start of chunk c it is H_c, written to slot c (fp32) and
 // to the bf16 copy, then scaled by the chunk's decay e^{Acs_last,c}, and the chunk's products
 // x̃ᵀB (x rows scaled by e^{Acs_last − Acs_t} dt_t, rounded to bf16 once, as before) accumulate
@@ -2585,18 +2475,32 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
 // <G_{c+1}, H_c> over this block's elements (H_c fp32 from `saved`) goes to
 // ddecay [B, H, NC, ntn]; then G_c = e^{Acs_last,c} G_{c+1} + dS_c with dS_c the chunk's
 // (e^{Acs_t} dy_t)ᵀ C_t products: ssd_state_pass_bwd's recurrence. After chunk 0: d_initial.
-// Parallelism is ntn·H·B blocks (512 at B8 H64 N128): NC times fewer than the unfused pair's, so
-// small B·H keep the unfused kernels (UseFusedStatePass).
-template <bool kBwd>
-__global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
-    Dims d, int slice, const bf16* u, const bf16* v, const float* start, float* saved,
+// Grid (ntn, H, B): each block owns `slice` columns of N (n0..) of the state, 512 blocks at B8
+// H64 N128: NC times fewer than the unfused pair's, so small B·H keep the unfused kernels
+// (UseFusedStatePass; narrower tiles, 64 columns and/or half of P per block for 2-4x the blocks,
+// lost to them at B2 S8192: ssd_notes.md session 7).
+// kOneChunk (the unfused kernels' chunk states): grid (ntn·NC, H, B), each block one chunk c
+// (blockIdx.x / ntn) from a zero accumulator, no state pass: S_c goes to slot c + 1 of `saved`
+// (forward; ssd_state_pass turns it into H_{c+1} in place) or dS_c to dsg slot c (backward).
+// pw (rows of P per block) is always P now: the P split lost (above). The parameter stays because
+// this build of the kernel is the device-verified one (session 7, call 1); without it ptxas
+// spilled 12 bytes in the fused backward. (__launch_bounds__ 4: at most 128 registers, so four
+// blocks per SM; without it the fused backward took 132.)
+template <bool kBwd, bool kOneChunk = false>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
+    Dims d, int slice, int pw, const bf16* u, const bf16* v, const float* start, float* saved,
     float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
   extern __shared__ __align__(128) char smem[];
   __shared__ float red[2 * kWarps];
-  const int n0 = blockIdx.x * slice, h = blockIdx.y, b = blockIdx.z;
+  const int ntn = (d.N + slice - 1) / slice, parts = ntn * (d.P / pw);
+  const int part = blockIdx.x % parts, one_c = blockIdx.x / parts;
+  const int n0 = (part % ntn) * slice, p0 = (part / ntn) * pw;
+  const int h = blockIdx.y, b = blockIdx.z;
   const int nw = min(slice, d.N - n0);
   const int g = h / d.hpg;
-  const int ldu = d.P + 8, ldv = slice + 8;
+  const int ldu = pw + 8, ldv = slice + 8;
+  // This block's P×N tile of the state: rows p0.., columns n0.. (offset into [P, N] states).
+  const int64_t pn0 = static_cast<int64_t>(p0) * d.N + n0;
   Carve cv{smem};
   bf16* Raw = cv.take<bf16>(2 * kTile * ldu);  // raw[0], raw[1]; each scaled in place
   bf16* V0 = cv.take<bf16>(2 * kTile * ldv);
@@ -2608,9 +2512,13 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
   // Only the last chunk can be partial. Tile k: chunk c, tile tt of it (the backward takes the
   // chunks from the last).
   const int last_tiles = (d.S - (d.NC - 1) * d.Q + kTile - 1) / kTile;
-  const int total = (d.NC - 1) * tiles + last_tiles;
+  const int total = kOneChunk ? (one_c == d.NC - 1 ? last_tiles : tiles)
+                              : (d.NC - 1) * tiles + last_tiles;
   auto locate = [&](int k, int& c, int& tt) {
-    if (!kBwd) {
+    if (kOneChunk) {
+      c = one_c;
+      tt = k;
+    } else if (!kBwd) {
       c = k / tiles;
       tt = k % tiles;
     } else if (k < last_tiles) {
@@ -2630,8 +2538,8 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
     LoadRowsAsync(V0 + buf * kTile * ldv, ldv,
                   v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw);
     LoadRowsAsync(Raw + buf * kTile * ldu, ldu,
-                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
-                  kBwd ? d.ldy : d.ldx, valid, d.P);
+                  u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P + p0,
+                  kBwd ? d.ldy : d.ldx, valid, pw);
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       CpAsync4(acs_b + buf * kTile + r, acs + t0 + r, r < valid);
@@ -2644,13 +2552,13 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
   };
   issue(0, 0);
   typename MmaPtx::Tile acc[2];
-  if (start != nullptr) {
-    MmaPtx::Load(acc, start + bh * d.PN + n0, d.N, d.P, nw);
+  if (!kOneChunk && start != nullptr) {
+    MmaPtx::Load(acc, start + bh * d.PN + pn0, d.N, pw, nw);
   } else {
     MmaPtx::Zero(acc);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int vpr = d.P / 8;
+  const int vpr = pw / 8;
   int c_first, tt_first;
   locate(0, c_first, tt_first);
   float acs_last = 0.f,
@@ -2660,44 +2568,29 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
     const int buf = k & 1;
     int c, tt;
     locate(k, c, tt);
-    if (tt == 0) {
+    if (tt == 0 && kOneChunk) {
+      acs_last = acs_last_next;
+    } else if (tt == 0) {
       // Chunk c starts: the accumulator is H_c (forward) or G_{c+1} (backward).
       if (!kBwd) {
-        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
-        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + n0, d.N, d.P, nw);
+        MmaPtx::Store(acc, StatePtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
+        StoreTileBf16(acc, HbfPtr(d, saved, b, h, c) + pn0, d.N, pw, nw);
       } else {
         if (dsg != nullptr) {
-          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+          MmaPtx::Store(acc, dsg + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
         if (g_bf != nullptr) {
-          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + n0, d.N, d.P, nw);
+          StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
         // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
         float prod = 0.f;
-        {
-          const float* hc = StatePtr(d, saved, b, h, c) + n0;
-          const int gq = lane / 4, tq = lane % 4;
-          const int tn = nw / 32, nt = (d.P / 32) * tn;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int wt = warp + i * kWarps;
-            if (wt < nt) {
-              const int i0 = (wt / tn) * 32, j0 = (wt % tn) * 32;
-#pragma unroll
-              for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                  for (int hf = 0; hf < 2; ++hf) {
-                    const float2 hv = *reinterpret_cast<const float2*>(
-                        hc + static_cast<int64_t>(i0 + 16 * mi + gq + 8 * hf) * d.N + j0 +
-                        8 * ni + 2 * tq);
-                    prod = fmaf(acc[i].c[mi][ni][2 * hf], hv.x, prod);
-                    prod = fmaf(acc[i].c[mi][ni][2 * hf + 1], hv.y, prod);
-                  }
-            }
-          }
-        }
+        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
+        MmaPtx::ForEachPair(acc, pw, nw, [&](float x, float y, int row, int col) {
+          const float2 hv =
+              *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
+          prod = fmaf(x, hv.x, prod);
+          prod = fmaf(y, hv.y, prod);
+        });
         prod = WarpSum(prod);
         if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
         pending_c = c;
@@ -2718,7 +2611,7 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
             for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
     }
     __syncthreads();  // buffer buf^1 (tile k−1, scaled) is no longer read; red[] published
-    if (kBwd && pending_c >= 0) {
+    if (kBwd && !kOneChunk && pending_c >= 0) {
       if (threadIdx.x == 0) {
         float s = 0.f;
 #pragma unroll
@@ -2748,10 +2641,17 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_scan(
       StoreBf16<8>(Us + r * ldu + cidx, f);
     }
     __syncthreads();
-    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, d.P, nw, kTile);
+    MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile);
   }
-  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + n0, d.N, d.P, nw);
-  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + n0, d.N, d.P, nw);
+  if (kOneChunk) {
+    MmaPtx::Store(acc,
+                  (kBwd ? dsg + (bh * d.NC + one_c) * d.PN : StatePtr(d, saved, b, h, one_c + 1)) +
+                      pn0,
+                  d.N, pw, nw);
+    return;
+  }
+  if (!kBwd) MmaPtx::Store(acc, StatePtr(d, saved, b, h, d.NC) + pn0, d.N, pw, nw);
+  if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + pn0, d.N, pw, nw);
 }
 
 // ------------------------------------------------------------------ host side
@@ -2821,13 +2721,22 @@ RegPlan PlanReg(const Dims& d) {
   const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
                         SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
-  p.state = (mask & kSsdRegState) && SmemOf<CarveChunkStatePipe<CarveSize>>(d) <= optin;
+  p.state = (mask & kSsdRegState) && StateScanSmem(d) <= optin;
   p.dbc = ((mask & kSsdRegDbc) || p.dx) && dbc_fits;
   return p;
 }
 
+int SmCount() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return 0;
+  }
+  return sms;
+}
+
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
-// than ssd_chunk_state_pipe + ssd_state_pass: where its ntn·H·B blocks fill the device at least
+// than its one-chunk form + ssd_state_pass: where its ntn·H·B blocks fill the device at least
 // kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
 // so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
 std::atomic<int> g_fused_state_pass{0};
@@ -2863,20 +2772,21 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
   if (plan.state && UseFusedStatePass(d)) {
-    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
     const int slice = StateSlice(d);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
     ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, a.x, a.b, a.initial_state, saved,
+                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
                                              a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
-    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<false>, smem));
-    ssd_chunk_state_pipe<false><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                   smem, stream>>>(d, slice, a.x, a.b, saved, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe");
+    const size_t smem = StateScanSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
+    ssd_chunk_state_scan<false, true>
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+            d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
@@ -2953,24 +2863,25 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
   if (fused) {
-    const size_t smem = SmemOf<CarveChunkStateScan<CarveSize>>(d);
     const int slice = StateSlice(d);
+    const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
     ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  stream>>>(d, slice, a.dy, a.c, a.d_final_state,
+                                  stream>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
                                             const_cast<float*>(saved), a.d_initial_state,
                                             plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                             sc.ddecay);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
   } else if (plan.state) {
-    const size_t smem = SmemOf<CarveChunkStatePipe<CarveSize>>(d);
     const int slice = StateSlice(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_pipe<true>, smem));
-    ssd_chunk_state_pipe<true><<<dim3(d.NC, d.H * ((d.N + slice - 1) / slice), d.B), kThreads,
-                                  smem, stream>>>(d, slice, a.dy, a.c, const_cast<float*>(saved),
-                                                  sc.dsg);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_pipe<bwd>");
+    const size_t smem = StateScanSmem(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
+    ssd_chunk_state_scan<true, true>
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+            d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
+            nullptr, nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));

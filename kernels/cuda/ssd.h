@@ -142,7 +142,7 @@ void SsdSetRegisterPathForTesting(int mask);
 void SsdSetStateSliceForTesting(int columns);
 // The v3 forward chunk states: 0 (default) fuses the state pass into them where there are enough
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
-// fuses, 2 never (ssd_chunk_state_pipe + ssd_state_pass). Process-wide; same function.
+// fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
