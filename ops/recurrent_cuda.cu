@@ -1234,25 +1234,31 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
   }
 }
 
-// kIters of the register-resident kernels for a group size (0: wider than they take). The
-// backward runs 2 blocks of 256 threads per SM (128 registers): mode 2 (two more row tensors)
-// spills beyond 2 chunks (ptxas: 460 spilled bytes at 6, 32 at 4), modes 0 and 1 fit 6.
-int NormRegIters(const GroupNormArgs& a) {
+// kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
+// on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
+//   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
+//   backward, gs 384 (mode 2) and 768 (mode 0)   11.61 -> 12.24: the _vec rows stay in L1, and
+//       the _reg kernels' 2 blocks per SM (128 registers) lose to _vec's 4
+//   forward, gs 384 (mode 2) and 768 (mode 0)     6.41 -> 5.75: one read of each row instead of 2-3
+//   forward, gated, gs 1536                       3.61 -> 4.14: 97 registers (16 warps per SM)
+//       against _vec's 45 (40 warps), whose re-reads hit L1
+// So: the forward for groups up to 1024 columns, the backward for groups of 1025..1536 (where a
+// block's rows no longer fit beside its column sums), _vec elsewhere.
+int NormRegIters(const GroupNormArgs& a, bool backward) {
   const int64_t chunks = (a.dim / a.groups + 255) / 256;
-  if (a.mode == NormMode::kMlstmOutput && chunks > 2) return 0;
-  for (int k : {1, 2, 4, 6}) {
+  if (backward) return chunks > 4 && chunks <= 6 && a.mode != NormMode::kMlstmOutput ? 6 : 0;
+  for (int k : {1, 2, 4}) {
     if (chunks <= k) return k;
   }
   return 0;
 }
-// f(integral_constant kIters) for NormRegIters' answers 1, 2, 4, 6.
+// f(integral_constant kIters) for NormRegIters' forward answers 1, 2, 4.
 template <typename F>
 void ByNormIters(int iters, F&& f) {
   switch (iters) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
@@ -1336,7 +1342,7 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const bool vec = NormVectorizable(a, false);
-  if (const int iters = vec ? NormRegIters(a) : 0; iters > 0) {
+  if (const int iters = vec ? NormRegIters(a, false) : 0; iters > 0) {
     ByNormIters(iters, [&](auto k) {
       constexpr int kI = decltype(k)::value;
       switch (a.mode) {
@@ -1388,15 +1394,9 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
-    if (const int iters = NormRegIters(a); iters > 0) {
-      ByNormIters(iters, [&](auto k) {
-        constexpr int kI = decltype(k)::value;
-        switch (a.mode) {
-          case NormMode::kPlain: launch(group_norm_bwd_reg<0, kI>); break;
-          case NormMode::kGatedInput: launch(group_norm_bwd_reg<1, kI>); break;
-          case NormMode::kMlstmOutput: launch(group_norm_bwd_reg<2, kI>); break;
-        }
-      });
+    if (NormRegIters(a, true) == 6) {
+      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
+      else launch(group_norm_bwd_reg<1, 6>);
     } else {
       switch (a.mode) {
         case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;

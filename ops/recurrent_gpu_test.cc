@@ -485,6 +485,10 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
   CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
   CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
+  // The register-resident backward (groups of 1025..1536 columns) with a partial last chunk
+  // (1288 = 5 x 256 + 8), LayerNorm and gated, two groups.
+  CheckNorm(NormMode::kPlain, true, 130, 1, 1288, 1288, true);
+  CheckNorm(NormMode::kGatedInput, false, 70, 2, 1288, 2600);
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
