@@ -543,6 +543,7 @@ class Backend final : public CudaBackend {
     b.dx = static_cast<bf16*>(a.dx);
     b.dw = a.dw;
     b.dbias = a.dbias;
+    b.overwrite_dparams = a.overwrite_dparams;
     OK_OR_DIE(kc::Conv1dBackward(b, alloc_, stream_));
   }
 

@@ -104,7 +104,7 @@ struct BlockDiagArgs {
 };
 
 // Causal depthwise conv1d (+ SiLU), kernels/cuda/conv1d.h: x, y, dy, dx [B, S, C] bf16; w [C, K],
-// bias [C] fp32 masters; dw, dbias fp32 accumulated.
+// bias [C] fp32 masters; dw, dbias fp32 accumulated (overwritten with `overwrite_dparams`).
 struct Conv1dArgs {
   int64_t batch = 0, seq = 0, channels = 0, width = 4;
   bool silu = false;
@@ -116,6 +116,7 @@ struct Conv1dArgs {
   void* dx = nullptr;
   float* dw = nullptr;
   float* dbias = nullptr;
+  bool overwrite_dparams = false;  // dw, dbias = Σ: the deferred-zero rule's first write (ops/module.h)
 };
 
 // mLSTM chunkwise cell, kernels/cuda/mlstm.h: q, k [B, S, NH, dk], v, h [B, S, NH, dv] bf16;

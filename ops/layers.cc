@@ -512,8 +512,11 @@ void Norm::ZeroStaleParamGrads() {
 }
 
 Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
-  ZeroStaleParamGrads();  // the grouped kernel and ColumnSum add (atomics)
   const int64_t rows = x_.rows();
+  if (rows == 0) ZeroStaleParamGrads();
+  // The grouped kernel sets every element of dweight when asked (fixed-order column sums,
+  // ops/cuda_recurrent.h); ColumnSum only adds into dbias.
+  if (bias_ != nullptr) ZeroGradIfStale(bias_);
   const bool layer = opt_.kind == NormOptions::kLayer;
   Tensor dx = Tensor::Empty(x_.shape(), DType::kBF16, Device::kCuda);
   GroupNormArgs a;
@@ -530,6 +533,7 @@ Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
   a.dy = dy.raw();
   a.dx = dx.raw();
   a.dweight = weight_ ? weight_->grad.data<float>() : nullptr;
+  a.overwrite_dparams = weight_ != nullptr && rows > 0 && FirstGradWrite(weight_);
   if (rows > 0) Cuda().GroupNorm(true, a);
   if (bias_ != nullptr && rows > 0) Cuda().ColumnSum(dy.raw(), rows, dim_, dim_, bias_->grad.data<float>());
   x_ = rstd_ = mean_ = Tensor();

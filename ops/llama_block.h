@@ -48,8 +48,9 @@ class AttentionMixerBlock : public Block {
   std::unique_ptr<BlockState> NewState(int64_t batch) const override;
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
-  // The qkv conv (ops/recurrent_blocks.cc) adds into its gradients directly.
-  bool FollowsDeferredZero() const override { return conv_ == nullptr; }
+  // Every writer follows the rule, the qkv conv (ops/recurrent_blocks.cc CausalConv1d) included:
+  // it overwrites dw, dbias on the step's first write (CUDA) or zeroes them first (CPU).
+  bool FollowsDeferredZero() const override { return true; }
   void SetSelfExtend(int64_t group, int64_t window) {
     options_.self_extend_group = group;
     options_.self_extend_window = window;

@@ -198,7 +198,7 @@ TEST(DeferredZeroTest, AStepOnStaleGradientsEqualsAFreshModelsStep) {
       {"llama mtp 3", WithHeads(SmallSpec("llama-tiny"), 3, false), true},
       {"mamba2", SmallSpec("mamba2-tiny"), true},
       {"hybrid", SmallSpec("hybrid-tiny"), true},
-      {"mamba2-attention", SmallSpec("mamba2-attention-tiny"), false},  // AttentionMixerBlock: not marked
+      {"mamba2-attention", SmallSpec("mamba2-attention-tiny"), true},   // AttentionMixerBlock and its qkv conv
       {"xlstm", SmallSpec("xlstm-tiny"), true},                         // mLSTM and sLSTM blocks
       {"xlstm mtp 2", WithHeads(SmallSpec("xlstm-tiny"), 2, false), true},
   };

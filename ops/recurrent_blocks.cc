@@ -115,6 +115,36 @@ bool FirstWriteOverRows(int64_t rows, std::initializer_list<Parameter*> params) 
   return false;
 }
 
+// ZeroGradIfStale for parameters created one after another, whose gradients lie back to back in
+// the flat gradient buffer (each padded to 8 elements, ops/module.h): one memset over the run
+// when all are stale and CUDA fp32, else one per parameter. (A gap of the padding belongs to the
+// previous gradient's own allocation under any allocator aligning to 32 bytes or more.)
+void ZeroStaleGradsTogether(std::initializer_list<Parameter*> params) {
+  bool together = params.size() > 1;
+  const char* first = nullptr;
+  const char* prev = nullptr;  // the previous gradient's start
+  int64_t prev_numel = 0;
+  for (Parameter* p : params) {
+    const Tensor& g = p->grad;
+    const char* at = static_cast<const char*>(g.raw());
+    const bool adjacent = prev == nullptr || at == prev + prev_numel * sizeof(float) ||
+                          at == prev + (prev_numel + 7) / 8 * 8 * sizeof(float);
+    if (!p->grad_stale || !IsCuda(g) || g.dtype() != DType::kF32 || !adjacent) {
+      together = false;
+      break;
+    }
+    if (first == nullptr) first = at;
+    prev = at;
+    prev_numel = g.numel();
+  }
+  if (!together) {
+    for (Parameter* p : params) ZeroGradIfStale(p);
+    return;
+  }
+  Cuda().Memset0(const_cast<char*>(first), static_cast<size_t>(prev + prev_numel * sizeof(float) - first));
+  for (Parameter* p : params) p->grad_stale = false;
+}
+
 Tensor CudaBytes(size_t bytes) {
   return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
 }
@@ -201,9 +231,6 @@ Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 Tensor CausalConv1d::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
   Tensor dx = Tensor::EmptyLike(x_);
-  // The conv kernels (kernels/cuda/conv1d.h, kernels/cpu/conv1d.h) only accumulate dw, dbias.
-  ZeroGradIfStale(weight_);
-  ZeroGradIfStale(bias_);
   if (IsCuda(x_)) {
     GYRE_CHECK(IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
     Conv1dArgs a;
@@ -215,10 +242,15 @@ Tensor CausalConv1d::Backward(const Tensor& dy) {
     a.dx = dx.raw();
     a.dw = weight_->grad.data<float>();
     a.dbias = bias_->grad.data<float>();
+    // The kernel sets every element of dw, dbias when it has rows (channels >= 1).
+    a.overwrite_dparams = FirstWriteOverRows(dx.numel() > 0 ? batch_ * seq_ : 0, {weight_, bias_});
     if (dx.numel() > 0) Cuda().Conv1d(true, a);
     x_ = Tensor();
     return dx;
   }
+  // The CPU reference (kernels/cpu/conv1d.h) only accumulates dw, dbias.
+  ZeroGradIfStale(weight_);
+  ZeroGradIfStale(bias_);
   DispatchFloat(x_.dtype(), [&]<typename T>() {
     cpu::conv1d_bwd_ref<T>({batch_, seq_, channels_, width_}, {silu_}, x_.data<T>(), weight_->value.data<T>(),
                            bias_->value.data<T>(), nullptr, dy.data<T>(), nullptr, dx.data<T>(),
@@ -1018,10 +1050,11 @@ Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dh = dhh.raw();
   c.dgx = dgx.raw();
   c.dr = recurrent_->grad.data<float>();
-  ZeroGradIfStale(recurrent_);  // the cell (kernels/cuda/slstm.h) accumulates dR
+  // The cell (kernels/cuda/slstm.h) accumulates dR, ColumnSum adds into dbias: one memset for both
+  // (created one after the other).
+  ZeroStaleGradsTogether({bias_, recurrent_});
   Cuda().Slstm(true, c);
   ProfileMark("slstm.bwd.cell");
-  ZeroGradIfStale(bias_);  // ColumnSum adds
   Cuda().ColumnSum(dgx.raw(), rows, 4 * d, 4 * d, bias_->grad.data<float>());
   Tensor dxc = CudaEmpty({rows, d}), du = CudaEmpty({rows, d});
   BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
@@ -1131,7 +1164,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   a.dx = dxbc_out.raw(); a.ddt = ddt.data<float>();
   a.db = MutBytePtr(dxbc_out, di_); a.dc = MutBytePtr(dxbc_out, di_ + gn);
   a.da_log = a_log_->grad.data<float>(); a.ddt_bias = dt_bias_->grad.data<float>(); a.dd = d_skip_->grad.data<float>();
-  for (Parameter* p : {a_log_, dt_bias_, d_skip_}) ZeroGradIfStale(p);  // the SSD kernel accumulates
+  ZeroStaleGradsTogether({a_log_, dt_bias_, d_skip_});  // the SSD kernel accumulates (one memset: adjacent)
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
   Tensor dxbc = conv_.Backward(dxbc_out);

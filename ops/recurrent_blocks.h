@@ -14,8 +14,10 @@
 // All LayerNorms of the xLSTM blocks store their scale as 1 + w (w init 0), no bias, eps 1e-5.
 //
 // Gradients follow the deferred-zero rule (ops/module.h): GEMM and glue-kernel writers overwrite
-// on the step's first write (FirstGradWrite), the cells' and the conv's accumulating writers
-// zero a stale gradient first (ZeroGradIfStale); so the blocks skip the per-step memset.
+// on the step's first write (FirstGradWrite), and so does the CUDA conv; the cells' accumulating
+// writers zero a stale gradient first (ZeroGradIfStale; one memset for gradients created one
+// after another: Mamba-2's A_log, dt_bias, D; sLSTM's bias, R); so the blocks skip the per-step
+// memset.
 // CUDA (bf16 activations, fp32 gates / dt / states / gradients): the cells of kernels/cuda, the
 // projections through cuBLASLt on weight row blocks (no activation slicing: [x_m | z] and
 // [z | xBC | dt] are separate GEMMs into separate tensors; dt in fp32), the sLSTM gate GEMMs per

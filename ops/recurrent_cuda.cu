@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -1019,6 +1020,248 @@ __global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float
   }
 }
 
+// Register-resident variants for groups of at most 256·kIters columns (kIters 16-byte chunks per
+// lane): each row's x, dy, z (bf16, 16 bytes per chunk) are loaded once, all chunks' loads issued
+// before any is used, and kept in registers for the second pass. group_norm_bwd_vec re-read the
+// row in its second pass; 8 warps x 4 blocks x 9 KiB rows (d_inner 1536) overflow the L1 left
+// beside 48 KiB of column sums per block, so those reads went to L2 (6.9 ms per mamba2-130m
+// step, 1.75 TB/s of the 3-read 2-write floor). Same arithmetic, same per-lane order.
+__device__ __forceinline__ uint4 LdRaw(const void* p, int64_t i) {
+  return *reinterpret_cast<const uint4*>(static_cast<const bf16*>(p) + i);
+}
+__device__ __forceinline__ void Unpack8(const uint4& u, float* v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+
+template <int kMode, int kIters>
+__global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
+  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= a.rows * a.groups) return;
+  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+  uint4 xr[kIters], zr[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = lane * 8 + it * 256;
+    if (i < gs) {
+      xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+      if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+    }
+  }
+  // The norm's input chunk it (x, or x ⊙ SiLU(z) in mode 1).
+  auto input = [&](int it, float* v) {
+    Unpack8(xr[it], v);
+    if (kMode == 1) {
+      float z[8];
+      Unpack8(zr[it], z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
+    }
+  };
+  float v[8];
+  float s = 0.f;
+  if (a.layer) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (lane * 8 + it * 256 < gs) {
+        input(it, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s += v[k];
+      }
+    }
+    s = WarpSum(s) / gs;
+  }
+  const float mean = s;
+  float q = 0.f;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (lane * 8 + it * 256 < gs) {
+      input(it, v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) q += (v[k] - mean) * (v[k] - mean);
+    }
+  }
+  const float rstd = rsqrtf(WarpSum(q) / gs + a.eps);
+  if (lane == 0) {
+    if (a.mean) a.mean[warp] = mean;
+    a.rstd[warp] = rstd;
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = lane * 8 + it * 256;
+    if (i >= gs) continue;
+    const int64_t c = c0 + i;
+    float sc[8], n[8];
+    input(it, v);
+    Scale8(a, c, sc);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) n[k] = (v[k] - mean) * rstd * sc[k];
+    if (kMode == 2) {
+      float sk[8], xc[8], z[8];
+      LoadF8(a.skip + c, sk);
+      Load8(a.xc, r * a.dim + c, xc);
+      Unpack8(zr[it], z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
+    }
+    Store8(a.y, r * a.dim + c, n);
+  }
+}
+
+// group_norm_bwd_vec with the row in registers (see above); column sums as there. Two blocks
+// per SM (16 warps, 2 x 48 KiB of column sums at d_inner 1536).
+template <int kMode, int kIters>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, float* pw, float* ps) {
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int span = static_cast<int>((gs + 255) / 256) * 256;
+  const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
+  float* const mine = psum + wid * span;
+  if (params) {
+    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
+    __syncthreads();
+  }
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  for (int64_t r = rb0 + wid; r < rb1; r += 8) {
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    uint4 xr[kIters], dyr[kIters], zr[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = lane * 8 + it * 256;
+      if (i < gs) {
+        xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+        dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
+        if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+      }
+    }
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = lane * 8 + it * 256;
+      if (i >= gs) continue;
+      const int64_t c = c0 + i;
+      const int slot = it * 256 + lane;  // (8j + k)·32 + l at k = 0
+      float v[8], sc[8], dy[8], z[8];
+      Unpack8(xr[it], v);
+      if (kMode != 0) Unpack8(zr[it], z);
+      if (kMode == 1) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
+      }
+      Scale8(a, c, sc);
+      Unpack8(dyr[it], dy);
+      float dz[8], dxc[8], sk[8], xc[8];
+      if (kMode == 2) {
+        LoadF8(a.skip + c, sk);
+        Load8(a.xc, r * a.dim + c, xc);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float xhat = (v[k] - mean) * rstd;
+        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+        const float dxhat = gout * sc[k];
+        s1 += dxhat;
+        s2 += dxhat * xhat;
+        if (params) {
+          mine[slot + k * 32] += gout * xhat;
+          if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
+        }
+        if (kMode == 2) {
+          const float hs = xhat * sc[k] + sk[k] * xc[k];
+          dz[k] = dy[k] * hs * DSilu(z[k]);
+          dxc[k] = gout * sk[k];
+        }
+      }
+      if (kMode == 2) {
+        Store8(a.dz, r * a.dim + c, dz);
+        Store8(a.dxc, r * a.dim + c, dxc);
+      }
+    }
+    s1 = WarpSum(s1) / gs;
+    s2 = WarpSum(s2) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = lane * 8 + it * 256;
+      if (i >= gs) continue;
+      const int64_t c = c0 + i;
+      float xv[8], dx[8], dz[8], sc[8], dy[8], z[8];
+      Unpack8(xr[it], xv);
+      Scale8(a, c, sc);
+      Unpack8(dyr[it], dy);
+      if (kMode != 0) Unpack8(zr[it], z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
+        const float xhat = (in - mean) * rstd;
+        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+        const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
+        if (kMode == 1) {
+          dx[k] = dxa * Silu(z[k]);
+          dz[k] = dxa * xv[k] * DSilu(z[k]);
+        } else {
+          dx[k] = dxa;
+        }
+      }
+      Store8(a.dx, r * a.dim + c, dx);
+      if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+    }
+  }
+  if (params) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < span; e += blockDim.x) {
+      const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
+      if (col < gs) {
+        float tw = 0.f, ts = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          tw += psum[w * span + e];
+          if (kMode == 2) ts += psum[(8 + w) * span + e];
+        }
+        const int64_t o = blockIdx.x * a.dim + c0 + col;
+        if (a.dweight) pw[o] = tw;
+        if (kMode == 2 && a.dskip) ps[o] = ts;
+      }
+    }
+  }
+}
+
+// kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
+// on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
+//   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
+//   backward, gs 384 (mode 2) and 768 (mode 0)   11.61 -> 12.24: the _vec rows stay in L1, and
+//       the _reg kernels' 2 blocks per SM (128 registers) lose to _vec's 4
+//   forward, gs 384 (mode 2) and 768 (mode 0)     6.41 -> 5.75: one read of each row instead of 2-3
+//   forward, gated, gs 1536                       3.61 -> 4.14: 97 registers (16 warps per SM)
+//       against _vec's 45 (40 warps), whose re-reads hit L1
+// So: the forward for groups up to 1024 columns, the backward for groups of 1025..1536 (where a
+// block's rows no longer fit beside its column sums), _vec elsewhere.
+int NormRegIters(const GroupNormArgs& a, bool backward) {
+  const int64_t chunks = (a.dim / a.groups + 255) / 256;
+  if (backward) return chunks > 4 && chunks <= 6 && a.mode != NormMode::kMlstmOutput ? 6 : 0;
+  for (int k : {1, 2, 4}) {
+    if (chunks <= k) return k;
+  }
+  return 0;
+}
+// f(integral_constant kIters) for NormRegIters' forward answers 1, 2, 4.
+template <typename F>
+void ByNormIters(int iters, F&& f) {
+  switch (iters) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // Shared bytes of group_norm_bwd_vec's column sums (8 warps' own rows); above 48 KiB the launch
 // opts in to more (up to what one block of an SM may have).
 int64_t NormBwdSmem(const GroupNormArgs& a) {
@@ -1099,6 +1342,17 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const bool vec = NormVectorizable(a, false);
+  if (const int iters = vec ? NormRegIters(a, false) : 0; iters > 0) {
+    ByNormIters(iters, [&](auto k) {
+      constexpr int kI = decltype(k)::value;
+      switch (a.mode) {
+        case NormMode::kPlain: group_norm_fwd_reg<0, kI><<<blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kGatedInput: group_norm_fwd_reg<1, kI><<<blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kMlstmOutput: group_norm_fwd_reg<2, kI><<<blocks, 256, 0, stream>>>(a); break;
+      }
+    });
+    return Launched("group_norm_fwd_reg");
+  }
   switch (a.mode) {
     case NormMode::kPlain:
       if (vec) group_norm_fwd_vec<0><<<blocks, 256, 0, stream>>>(a);
@@ -1140,10 +1394,15 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
-    switch (a.mode) {
-      case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;
-      case NormMode::kGatedInput: launch(group_norm_bwd_vec<1>); break;
-      case NormMode::kMlstmOutput: launch(group_norm_bwd_vec<2>); break;
+    if (NormRegIters(a, true) == 6) {
+      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
+      else launch(group_norm_bwd_reg<1, 6>);
+    } else {
+      switch (a.mode) {
+        case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;
+        case NormMode::kGatedInput: launch(group_norm_bwd_vec<1>); break;
+        case NormMode::kMlstmOutput: launch(group_norm_bwd_vec<2>); break;
+      }
     }
     if (CudaResult r = Launched("group_norm_bwd_vec"); !r.ok()) return r;
   } else {

@@ -485,6 +485,10 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
   CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
   CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
+  // The register-resident backward (groups of 1025..1536 columns) with a partial last chunk
+  // (1288 = 5 x 256 + 8), LayerNorm and gated, two groups.
+  CheckNorm(NormMode::kPlain, true, 130, 1, 1288, 1288, true);
+  CheckNorm(NormMode::kGatedInput, false, 70, 2, 1288, 2600);
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
@@ -697,7 +701,8 @@ TEST_F(RecurrentGpuTest, PresetWidthsTrainBitwiseReproducibly) {
 // Deferred zeroing (ops/module.h) on the device for the recurrent blocks (as LlamaGpuTest's):
 // every gradient of an xLSTM / Mamba-2 model skips the memset; NaN in the stale gradients; two
 // micro-batches must give a fresh, eagerly zeroed model's gradients (the overwriting first
-// writes: GEMM beta 0, the glue kernels' reduces; zero-if-stale before the cells and the conv).
+// writes: GEMM beta 0, the glue kernels' and the conv's reduces; zero-if-stale before the cells,
+// one memset for adjacent stale gradients).
 void ExpectDeferredZeroMatchesZeroed(const ModelSpec& spec) {
   const int64_t B = 4, T = 64;
   auto fresh = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
@@ -732,6 +737,14 @@ TEST_F(RecurrentGpuTest, XlstmDeferredZeroStepEqualsAStepOnZeroedGradients) {
 }
 TEST_F(RecurrentGpuTest, Mamba2DeferredZeroStepEqualsAStepOnZeroedGradients) {
   ExpectDeferredZeroMatchesZeroed(SmallMamba2());
+}
+// The Mamba-2-Attention mixer layer (no MLP) with its qkv conv: the conv's overwriting first write.
+TEST_F(RecurrentGpuTest, HybridMixerDeferredZeroStepEqualsAStepOnZeroedGradients) {
+  ModelSpec s = SmallHybrid();
+  s.preset = "hybrid-mixer-gpu-test";
+  s.attn_mlp = false;
+  s.attn_qkv_conv = 4;
+  ExpectDeferredZeroMatchesZeroed(s);
 }
 
 }  // namespace

@@ -37,7 +37,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 constexpr int kRun = 64;       // outputs per thread
-constexpr int kBlock = 128;    // threads per block (V channels each)
+constexpr int kBlock = 128;    // most threads per block (V channels each); see ConvBlockThreads
 
 struct ConvDims {
   int B, S, C, K;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
                                                      const float* __restrict__ bias,
                                                      const bf16* __restrict__ init,
                                                      bf16* __restrict__ y) {
-  const int ch = (blockIdx.x * kBlock + threadIdx.x) * V;
+  const int ch = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (ch >= d.C) return;
   const int b = blockIdx.z;
   const int t0 = blockIdx.y * kRun, t1 = min(d.S, t0 + kRun);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
     float* __restrict__ part) {
-  const int ch = (blockIdx.x * kBlock + threadIdx.x) * V;
+  const int ch = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (ch >= d.C) return;
   const int b = blockIdx.z;
   const int ext = d.S + K - 1;
@@ -352,11 +352,12 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
 
 // Block of 256 threads = 8 warps over 32 consecutive (channel, j ≤ K) entries: warp w sums rows
 // w, w + 8, ... (coalesced 128-byte rows, 8 warps' loads in flight), then lane sums of the 8
-// warps in a fixed order are accumulated into dw / dbias (deterministic). (One thread per entry
+// warps in a fixed order are accumulated into dw / dbias, or stored there with `overwrite`
+// (deterministic either way). (One thread per entry
 // walking all B·runs rows serially left the backward at 0.84 TB/s.)
 constexpr int kReduceWarps = 8;
 __global__ void __launch_bounds__(32 * kReduceWarps) conv1d_param_reduce(
-    ConvDims d, int rows, const float* __restrict__ part, float* dw, float* dbias) {
+    ConvDims d, int rows, bool overwrite, const float* __restrict__ part, float* dw, float* dbias) {
   __shared__ double sums[kReduceWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
@@ -372,11 +373,8 @@ __global__ void __launch_bounds__(32 * kReduceWarps) conv1d_param_reduce(
   double total = 0.0;
   for (int w = 0; w < kReduceWarps; ++w) total += sums[w][lane];
   const int ch = static_cast<int>(i / (d.K + 1)), j = static_cast<int>(i % (d.K + 1));
-  if (j < d.K) {
-    dw[static_cast<int64_t>(ch) * d.K + j] += static_cast<float>(total);
-  } else if (dbias != nullptr) {
-    dbias[ch] += static_cast<float>(total);
-  }
+  float* out = j < d.K ? dw + static_cast<int64_t>(ch) * d.K + j : dbias != nullptr ? dbias + ch : nullptr;
+  if (out != nullptr) *out = static_cast<float>(total) + (overwrite ? 0.f : *out);
 }
 
 // Channels per thread: 4 (or 2) when C is a multiple of it and every bf16 tensor is aligned to
@@ -390,6 +388,16 @@ int Conv1dVec(const ConvDims& d, std::initializer_list<const void*> ptrs) {
     return true;
   };
   return ok(4) ? 4 : ok(2) ? 2 : 1;
+}
+
+// Threads per block over the channel axis: 128, or 64 where that leaves fewer threads without a
+// channel group (C/V = 448 at Mamba-2 130m's 1792 conv channels: 4 blocks of 128 leave 64 of 512
+// threads, 12.5%, idle in every run; 7 blocks of 64 leave none). Same registers per warp, so the
+// same 16 warps per SM at 124 registers; the blocks are only smaller.
+int ConvBlockThreads(const ConvDims& d, int vec) {
+  const int64_t groups = CeilDiv(d.C, vec);
+  const int64_t idle128 = CeilDiv(groups, 128) * 128 - groups, idle64 = CeilDiv(groups, 64) * 64 - groups;
+  return idle64 < idle128 ? 64 : kBlock;
 }
 
 // f(integral_constant K, integral_constant V) for K in 1..4 and V in {1, 2, 4}.
@@ -435,10 +443,11 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
   if (!a.x || !a.w || !a.y) return InvalidArgument("conv1d forward: x, w, y are required");
   const ConvDims d = MakeConvDims(a.shape);
   const int vec = Conv1dVec(d, {a.x, a.initial_state, a.y});
-  const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, kBlock * vec)),
+  const int threads = ConvBlockThreads(d, vec);
+  const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, threads * vec)),
                   static_cast<unsigned>(CeilDiv(d.S, kRun)), d.B);
   LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    conv1d_fwd<decltype(k)::value, decltype(v)::value><<<grid, kBlock, 0, stream>>>(
+    conv1d_fwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
         d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.y);
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_fwd");
@@ -465,17 +474,18 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   const bf16* df = d.K > 1 ? a.d_final_state : nullptr;
   bf16* di = d.K > 1 ? a.d_initial_state : nullptr;
   const int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
-  const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, kBlock * vec)), static_cast<unsigned>(runs),
+  const int threads = ConvBlockThreads(d, vec);
+  const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, threads * vec)), static_cast<unsigned>(runs),
                   d.B);
   float* pp = part.as<float>();
   LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, kBlock, 0, stream>>>(
+    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
         d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
   conv1d_param_reduce<<<static_cast<unsigned>(CeilDiv(n, 32)), 32 * kReduceWarps, 0, stream>>>(
-      d, d.B * runs, pp, a.dw, a.dbias);
+      d, d.B * runs, a.overwrite_dparams, pp, a.dw, a.dbias);
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_param_reduce");
   return {};
 }

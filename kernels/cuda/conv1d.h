@@ -8,8 +8,9 @@
 //
 // Layouts and dtypes: x, y, dx, dy [B, S, C] bf16 (channels last); conv states and their
 // gradients [B, K−1, C] bf16; w [C, K], bias [C] and their gradients fp32.
-// Gradient contract: dx and d initial state OVERWRITTEN; dw and dbias ACCUMULATE
-// (deterministically: per-tile partial sums reduced in a fixed order, no float atomics).
+// Gradient contract: dx and d initial state OVERWRITTEN; dw and dbias ACCUMULATE, or are
+// OVERWRITTEN with `overwrite_dparams` (the deferred-zero rule's first write, ops/module.h);
+// either way deterministically: per-tile partial sums reduced in a fixed order, no float atomics.
 // Nothing is saved: the backward recomputes u from x.
 //
 // Calls are asynchronous on `stream`; pointers are device pointers.
@@ -58,9 +59,10 @@ struct Conv1dBackwardArgs {
   const __nv_bfloat16* dy = nullptr;             // [B, S, C]
   const __nv_bfloat16* d_final_state = nullptr;  // [B, K−1, C] or null (zero)
   __nv_bfloat16* dx = nullptr;                   // [B, S, C] overwritten
-  float* dw = nullptr;                           // [C, K] accumulated
-  float* dbias = nullptr;                        // [C] accumulated, or null
+  float* dw = nullptr;                           // [C, K] accumulated (or overwritten)
+  float* dbias = nullptr;                        // [C] accumulated (or overwritten), or null
   __nv_bfloat16* d_initial_state = nullptr;      // [B, K−1, C] overwritten, or null
+  bool overwrite_dparams = false;                // dw, dbias = Σ instead of += Σ
 };
 
 CudaResult Conv1dCheck(const Conv1dShape& shape);

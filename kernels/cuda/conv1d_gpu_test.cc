@@ -1,7 +1,7 @@
 // Needs a GPU: the CUDA causal depthwise conv1d (+ SiLU) forward and backward
 // (kernels/cuda/conv1d.h) against the CPU float64 reference (kernels/cpu/conv1d.h) on the same
 // bf16-representable random inputs: y, the final state, dx, d initial state, and the accumulated
-// dw, dbias increments. Widths 1..4, odd lengths (S = 1, 2, 37, 300), S < K−1, with and without
+// dw, dbias increments (or, in overwrite mode, dw, dbias themselves over NaN-poisoned buffers). Widths 1..4, odd lengths (S = 1, 2, 37, 300), S < K−1, with and without
 // SiLU / bias / states. Outputs NaN-poisoned first.
 #include "kernels/cuda/conv1d.h"
 
@@ -25,6 +25,7 @@ using bf16 = __nv_bfloat16;
 struct Case {
   int64_t B, S, C, K;
   bool silu, bias, states;
+  bool overwrite = false;  // dw, dbias overwritten (NaN-poisoned before) instead of accumulated
 };
 
 std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
@@ -67,8 +68,13 @@ bool RunCase(const Case& k, uint64_t seed) {
   d_init.Upload(init);
   d_dy.Upload(dy);
   d_dfin.Upload(dfin);
-  d_dw.Upload(dw0);
-  d_db.Upload(db0);
+  if (k.overwrite) {
+    d_dw.Poison();
+    d_db.Poison();
+  } else {
+    d_dw.Upload(dw0);
+    d_db.Upload(db0);
+  }
   d_y.Poison();
   d_fin.Poison();
   d_dx.Poison();
@@ -100,13 +106,14 @@ bool RunCase(const Case& k, uint64_t seed) {
   g.dw = d_dw.get();
   g.dbias = k.bias ? d_db.get() : nullptr;
   g.d_initial_state = k.K > 1 ? d_di.get() : nullptr;
+  g.overwrite_dparams = k.overwrite;
   r = Conv1dBackward(g, &alloc, nullptr);
   EXPECT_TRUE(r.ok()) << r.message;
   if (!r.ok()) return false;
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
 
   const std::string name = std::string("conv1d") + (k.silu ? "+silu" : "") +
-                           (k.bias ? "+bias" : "") + (has_state ? "+state" : "");
+                           (k.bias ? "+bias" : "") + (has_state ? "+state" : "") + (k.overwrite ? "+overwrite" : "");
   const std::string shape = "B" + std::to_string(k.B) + " S" + std::to_string(k.S) + " C" +
                             std::to_string(k.C) + " K" + std::to_string(k.K);
   bool ok = true;
@@ -125,13 +132,13 @@ bool RunCase(const Case& k, uint64_t seed) {
   {
     const auto after = d_dw.Download();
     std::vector<float> inc(after.size());
-    for (size_t i = 0; i < inc.size(); ++i) inc[i] = after[i] - dw0[i];
+    for (size_t i = 0; i < inc.size(); ++i) inc[i] = after[i] - (k.overwrite ? 0.f : dw0[i]);
     ok &= Report(name + " bwd dw (accum)", shape, RelError(inc, dw_ref), testing::kTolF32Accum);
   }
   if (k.bias) {
     const auto after = d_db.Download();
     std::vector<float> inc(after.size());
-    for (size_t i = 0; i < inc.size(); ++i) inc[i] = after[i] - db0[i];
+    for (size_t i = 0; i < inc.size(); ++i) inc[i] = after[i] - (k.overwrite ? 0.f : db0[i]);
     ok &= Report(name + " bwd dbias (accum)", shape, RelError(inc, db_ref), testing::kTolF32Accum);
   }
   return ok;
@@ -143,6 +150,8 @@ TEST(Conv1dGpu, MatchesCpuReference) {
       {3, 37, 200, 4, true, true, true},   {2, 300, 96, 4, false, true, false},
       {2, 300, 257, 3, true, false, true}, {1, 65, 33, 2, true, true, true},
       {2, 129, 48, 1, true, true, false},  {4, 1000, 512, 4, true, true, true},
+      {3, 37, 200, 4, true, true, true, true}, {2, 300, 257, 3, true, false, true, true},
+      {4, 1000, 512, 4, true, true, true, true},
   };
   uint64_t seed = 99;
   int failed = 0;
