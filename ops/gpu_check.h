@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops/elementwise.h"
+#include "ops/model.h"
 #include "ops/module.h"
 #include "ops/rng.h"
 #include "ops/tensor.h"
@@ -57,6 +58,44 @@ inline bool CheckGrads(const ParamStore& gpu, ParamStore& cpu, const std::string
   bool ok = true;
   for (const Parameter* g : gpu.All()) ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
   return ok;
+}
+
+// Deferred zeroing (ops/module.h) on the device: after a step, every gradient of a model of `spec`
+// skips the memset and is poisoned with NaN; two micro-batches must then give the gradients of a
+// fresh, eagerly zeroed model (every first write overwrites or zeroes what is stale).
+inline bool DeferredZeroMatchesZeroed(const ModelSpec& spec, const std::string& label) {
+  const int64_t B = 4, T = 64;
+  auto fresh = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+  auto reused = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 6);
+  if (!fresh.ok() || !reused.ok()) {
+    std::printf("[FAIL] %s: model: %s\n", label.c_str(),
+                std::string((fresh.ok() ? reused : fresh).status().message()).c_str());
+    return false;
+  }
+  const auto earlier = RandomTokens(B * (T + 1), spec.vocab_size, 7);
+  const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 8);
+  const double scale = 1.0 / (B * T);
+  auto two_passes = [&](LanguageModel& m) {
+    const std::span<const int32_t> all(tokens);
+    m.ForwardBackward(all.first(2 * (T + 1)), 2, T, scale);
+    m.ForwardBackward(all.subspan(2 * (T + 1)), 2, T, scale);
+  };
+  (*reused)->params().ZeroGrad();
+  (*reused)->ForwardBackward(earlier, B, T, scale);
+  (*reused)->params().DeferZeroGrad();
+  size_t stale = 0;
+  for (Parameter* p : (*reused)->params().All()) {
+    if (!p->grad_stale) continue;
+    ++stale;
+    p->grad.Fill(std::nan(""));
+  }
+  const size_t params = (*reused)->params().All().size();
+  bool ok = stale == params;
+  if (!ok) std::printf("[FAIL] %s: %zu of %zu gradients skip the memset\n", label.c_str(), stale, params);
+  two_passes(**reused);
+  (*fresh)->params().ZeroGrad();
+  two_passes(**fresh);
+  return CheckGrads((*reused)->params(), (*fresh)->params(), label, 1e-5) && ok;
 }
 
 }  // namespace gyre::ops
