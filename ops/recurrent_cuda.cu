@@ -869,6 +869,113 @@ __device__ inline void Scale8(const GroupNormArgs& a, int64_t c, float* s) {
   }
 }
 
+// The per-chunk math shared by the streaming (_vec) and register-resident (_reg) group-norm
+// kernels; the callers differ only in where a chunk's x, z, dy come from.
+
+// Forward: y for one chunk of 8 columns from the norm's input v (load_z(z) fetches z in mode 2).
+template <int kMode, typename LoadZ>
+__device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
+                                                  float mean, float rstd, LoadZ load_z) {
+  float sc[8], n[8];
+  Scale8(a, c, sc);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) n[k] = (v[k] - mean) * rstd * sc[k];
+  if (kMode == 2) {
+    float sk[8], xc[8], z[8];
+    LoadF8(a.skip + c, sk);
+    Load8(a.xc, r * a.dim + c, xc);
+    load_z(z);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
+  }
+  Store8(a.y, r * a.dim + c, n);
+}
+
+// Backward, first pass over one chunk (v = the norm's input): s1 += Σ dxhat, s2 += Σ dxhat·xhat,
+// the warp's own dweight (and dskip) column sums at `slot`, and in mode 2 the dz / dxc outputs.
+template <int kMode>
+__device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
+                                                      const float* sc, const float* dy, const float* z, float mean,
+                                                      float rstd, bool params, float* mine, int span, int slot,
+                                                      float& s1, float& s2) {
+  float dz[8], dxc[8], sk[8], xc[8];
+  if (kMode == 2) {
+    LoadF8(a.skip + c, sk);
+    Load8(a.xc, r * a.dim + c, xc);
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float xhat = (v[k] - mean) * rstd;
+    const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+    const float dxhat = gout * sc[k];
+    s1 += dxhat;
+    s2 += dxhat * xhat;
+    if (params) {
+      mine[slot + k * 32] += gout * xhat;
+      if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
+    }
+    if (kMode == 2) {
+      const float hs = xhat * sc[k] + sk[k] * xc[k];
+      dz[k] = dy[k] * hs * DSilu(z[k]);
+      dxc[k] = gout * sk[k];
+    }
+  }
+  if (kMode == 2) {
+    Store8(a.dz, r * a.dim + c, dz);
+    Store8(a.dxc, r * a.dim + c, dxc);
+  }
+}
+
+// Backward, second pass over one chunk (xv = x as stored): dx (and dz in mode 1).
+template <int kMode>
+__device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int64_t r, int64_t c, const float* xv,
+                                                    const float* sc, const float* dy, const float* z, float mean,
+                                                    float rstd, float m1, float s2) {
+  float dx[8], dz[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
+    const float xhat = (in - mean) * rstd;
+    const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
+    const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
+    if (kMode == 1) {
+      dx[k] = dxa * Silu(z[k]);
+      dz[k] = dxa * xv[k] * DSilu(z[k]);
+    } else {
+      dx[k] = dxa;
+    }
+  }
+  Store8(a.dx, r * a.dim + c, dx);
+  if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+}
+
+// The block's column sums ([kMode == 2 ? 2 : 1][8 warps][span] in shared memory): zeroed before
+// the rows, and at the end the 8 warps' sums added in warp order into the partial rows pw / ps.
+template <int kMode>
+__device__ __forceinline__ void ZeroColumnSums(float* psum, int span) {
+  for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
+  __syncthreads();
+}
+template <int kMode>
+__device__ __forceinline__ void WriteColumnSums(const GroupNormArgs& a, const float* psum, int span, int64_t gs,
+                                                int64_t c0, float* pw, float* ps) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < span; e += blockDim.x) {
+    const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
+    if (col < gs) {
+      float tw = 0.f, ts = 0.f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        tw += psum[w * span + e];
+        if (kMode == 2) ts += psum[(8 + w) * span + e];
+      }
+      const int64_t o = blockIdx.x * a.dim + c0 + col;
+      if (a.dweight) pw[o] = tw;
+      if (kMode == 2 && a.dskip) ps[o] = ts;
+    }
+  }
+}
+
 template <int kMode>
 __global__ void group_norm_fwd_vec(GroupNormArgs a) {
   const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
@@ -899,20 +1006,8 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
   }
   for (int64_t i = lane * 8; i < gs; i += 256) {
     const int64_t c = c0 + i;
-    float sc[8], n[8];
     NormIn8<kMode>(a, r, c, v);
-    Scale8(a, c, sc);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) n[k] = (v[k] - mean) * rstd * sc[k];
-    if (kMode == 2) {
-      float sk[8], xc[8], z[8];
-      LoadF8(a.skip + c, sk);
-      Load8(a.xc, r * a.dim + c, xc);
-      Load8(a.z, r * a.ldz + c, z);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
-    }
-    Store8(a.y, r * a.dim + c, n);
+    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Load8(a.z, r * a.ldz + c, z); });
   }
 }
 
@@ -930,10 +1025,7 @@ __global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float
   const int span = static_cast<int>((gs + 255) / 256) * 256;
   const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
   float* const mine = psum + wid * span;  // this warp's dweight sums; its dskip sums at + 8·span
-  if (params) {
-    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
-    __syncthreads();
-  }
+  if (params) ZeroColumnSums<kMode>(psum, span);
   const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
   for (int64_t r = rb0 + wid; r < rb1; r += 8) {
     const int64_t st = r * a.groups + g;
@@ -947,77 +1039,22 @@ __global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float
       Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
       if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
-      float dz[8], dxc[8], sk[8], xc[8];
-      if (kMode == 2) {
-        LoadF8(a.skip + c, sk);
-        Load8(a.xc, r * a.dim + c, xc);
-      }
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float xhat = (v[k] - mean) * rstd;
-        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        const float dxhat = gout * sc[k];
-        s1 += dxhat;
-        s2 += dxhat * xhat;
-        if (params) {
-          mine[slot + k * 32] += gout * xhat;
-          if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
-        }
-        if (kMode == 2) {
-          const float hs = xhat * sc[k] + sk[k] * xc[k];
-          dz[k] = dy[k] * hs * DSilu(z[k]);
-          dxc[k] = gout * sk[k];
-        }
-      }
-      if (kMode == 2) {
-        Store8(a.dz, r * a.dim + c, dz);
-        Store8(a.dxc, r * a.dim + c, dxc);
-      }
+      GroupNormBwdChunkSums<kMode>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, span, slot, s1, s2);
     }
     s1 = WarpSum(s1) / gs;
     s2 = WarpSum(s2) / gs;
     const float m1 = a.layer ? s1 : 0.f;
     for (int64_t i = lane * 8; i < gs; i += 256) {
       const int64_t c = c0 + i;
-      float xv[8], dx[8], dz[8];
+      float xv[8];
       Load8(a.x, r * a.dim + c, xv);
       Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
       if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
-        const float xhat = (in - mean) * rstd;
-        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
-        if (kMode == 1) {
-          dx[k] = dxa * Silu(z[k]);
-          dz[k] = dxa * xv[k] * DSilu(z[k]);
-        } else {
-          dx[k] = dxa;
-        }
-      }
-      Store8(a.dx, r * a.dim + c, dx);
-      if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
     }
   }
-  if (params) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < span; e += blockDim.x) {
-      const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
-      if (col < gs) {
-        float tw = 0.f, ts = 0.f;
-#pragma unroll
-        for (int w = 0; w < 8; ++w) {
-          tw += psum[w * span + e];
-          if (kMode == 2) ts += psum[(8 + w) * span + e];
-        }
-        const int64_t o = blockIdx.x * a.dim + c0 + col;
-        if (a.dweight) pw[o] = tw;
-        if (kMode == 2 && a.dskip) ps[o] = ts;
-      }
-    }
-  }
+  if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
 }
 
 // Register-resident variants for groups of at most 256·kIters columns (kIters 16-byte chunks per
@@ -1097,20 +1134,8 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
     const int64_t i = lane * 8 + it * 256;
     if (i >= gs) continue;
     const int64_t c = c0 + i;
-    float sc[8], n[8];
     input(it, v);
-    Scale8(a, c, sc);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) n[k] = (v[k] - mean) * rstd * sc[k];
-    if (kMode == 2) {
-      float sk[8], xc[8], z[8];
-      LoadF8(a.skip + c, sk);
-      Load8(a.xc, r * a.dim + c, xc);
-      Unpack8(zr[it], z);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
-    }
-    Store8(a.y, r * a.dim + c, n);
+    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Unpack8(zr[it], z); });
   }
 }
 
@@ -1124,10 +1149,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
   const int span = static_cast<int>((gs + 255) / 256) * 256;
   const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
   float* const mine = psum + wid * span;
-  if (params) {
-    for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
-    __syncthreads();
-  }
+  if (params) ZeroColumnSums<kMode>(psum, span);
   const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
   for (int64_t r = rb0 + wid; r < rb1; r += 8) {
     const int64_t st = r * a.groups + g;
@@ -1158,32 +1180,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
       }
       Scale8(a, c, sc);
       Unpack8(dyr[it], dy);
-      float dz[8], dxc[8], sk[8], xc[8];
-      if (kMode == 2) {
-        LoadF8(a.skip + c, sk);
-        Load8(a.xc, r * a.dim + c, xc);
-      }
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float xhat = (v[k] - mean) * rstd;
-        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        const float dxhat = gout * sc[k];
-        s1 += dxhat;
-        s2 += dxhat * xhat;
-        if (params) {
-          mine[slot + k * 32] += gout * xhat;
-          if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
-        }
-        if (kMode == 2) {
-          const float hs = xhat * sc[k] + sk[k] * xc[k];
-          dz[k] = dy[k] * hs * DSilu(z[k]);
-          dxc[k] = gout * sk[k];
-        }
-      }
-      if (kMode == 2) {
-        Store8(a.dz, r * a.dim + c, dz);
-        Store8(a.dxc, r * a.dim + c, dxc);
-      }
+      GroupNormBwdChunkSums<kMode>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, span, slot, s1, s2);
     }
     s1 = WarpSum(s1) / gs;
     s2 = WarpSum(s2) / gs;
@@ -1193,45 +1190,15 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
       const int64_t i = lane * 8 + it * 256;
       if (i >= gs) continue;
       const int64_t c = c0 + i;
-      float xv[8], dx[8], dz[8], sc[8], dy[8], z[8];
+      float xv[8], sc[8], dy[8], z[8];
       Unpack8(xr[it], xv);
       Scale8(a, c, sc);
       Unpack8(dyr[it], dy);
       if (kMode != 0) Unpack8(zr[it], z);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float in = kMode == 1 ? xv[k] * Silu(z[k]) : xv[k];
-        const float xhat = (in - mean) * rstd;
-        const float gout = kMode == 2 ? dy[k] * Silu(z[k]) : dy[k];
-        const float dxa = rstd * (gout * sc[k] - m1 - xhat * s2);
-        if (kMode == 1) {
-          dx[k] = dxa * Silu(z[k]);
-          dz[k] = dxa * xv[k] * DSilu(z[k]);
-        } else {
-          dx[k] = dxa;
-        }
-      }
-      Store8(a.dx, r * a.dim + c, dx);
-      if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
     }
   }
-  if (params) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < span; e += blockDim.x) {
-      const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
-      if (col < gs) {
-        float tw = 0.f, ts = 0.f;
-#pragma unroll
-        for (int w = 0; w < 8; ++w) {
-          tw += psum[w * span + e];
-          if (kMode == 2) ts += psum[(8 + w) * span + e];
-        }
-        const int64_t o = blockIdx.x * a.dim + c0 + col;
-        if (a.dweight) pw[o] = tw;
-        if (kMode == 2 && a.dskip) ps[o] = ts;
-      }
-    }
-  }
+  if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
 }
 
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
