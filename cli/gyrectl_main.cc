@@ -47,6 +47,7 @@ const char* WorkerStateName(gyre::v1::WorkerState s) {
     case gyre::v1::WORKER_STATE_STANDBY: return "standby";
     case gyre::v1::WORKER_STATE_DRAINING: return "draining";
     case gyre::v1::WORKER_STATE_DEAD: return "dead";
+    case gyre::v1::WORKER_STATE_STARTING: return "starting";
     default: return "unknown";
   }
 }

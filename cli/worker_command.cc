@@ -38,6 +38,10 @@ int RunWorker(int argc, char** argv) {
   app.add_option("--grad-bucket-mb", bucket_mb, "gradient all-reduce bucket cap in MiB")->capture_default_str();
   app.add_flag("--overlap-grad-reduce,!--no-overlap-grad-reduce", overlap,
                "all-reduce gradient buckets during backward (default) or all after it");
+  uint32_t replaces_pid = 0;
+  app.add_option("--replaces-pid", replaces_pid,
+                 "pid of the exited worker on this host that this one replaces (set by launchers): the "
+                 "coordinator declares it dead at once instead of after its heartbeat timeout");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -89,6 +93,7 @@ int RunWorker(int argc, char** argv) {
   options.hostname = hostname;
   options.device = device;
   options.overlap_grad_reduce = overlap;
+  options.replaces_pid = replaces_pid;
   if (!(bucket_mb > 0)) {
     std::fprintf(stderr, "gyre worker: --grad-bucket-mb must be > 0\n");
     return 2;

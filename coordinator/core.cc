@@ -325,6 +325,19 @@ void CoordinatorCore::OnRegister(const RegisterEvent& e, Context& ctx) {
     ctx.Fail(e.id, absl::UnavailableError("session id collision; retry"));
     return;
   }
+  if (req.replaces_pid() != 0) {
+    // The launcher saw that process exit: it will never heartbeat again, so waiting out its
+    // heartbeat timeout would only stall the survivors.
+    for (auto it = workers_.begin(); it != workers_.end();) {
+      const gyre::v1::WorkerId& id = it->second.id;
+      if (id.host() == req.worker().host() && id.pid() == req.replaces_pid()) {
+        if (IsMember(it->first)) member_timed_out_ = true;
+        it = workers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
   Worker w;
   w.session = e.fresh_session;
   w.id = req.worker();
@@ -359,6 +372,11 @@ void CoordinatorCore::OnHeartbeat(const HeartbeatEvent& e, Context& ctx) {
 void CoordinatorCore::OnAcquireStep(const AcquireStepEvent& e, Context& ctx) {
   Worker* worker = SeenWorker(e.request.session(), e.id, ctx);
   if (worker == nullptr) return;
+  if (!worker->ready) {
+    // A standby that finished building its replica: it may now be picked (at a step boundary).
+    worker->ready = true;
+    Reconcile(ctx);
+  }
   absl::Status error;
   StepLease lease = Lease(e.request.session(), e.request.generation(), e.request.step(), &error);
   if (!error.ok()) {
@@ -755,7 +773,8 @@ void CoordinatorCore::OnControl(const ControlEvent& e, Context& ctx) {
             const auto rank = RankOf(session);
             info->set_state(w.draining      ? gyre::v1::WORKER_STATE_DRAINING
                             : rank.has_value() ? gyre::v1::WORKER_STATE_ACTIVE
-                                               : gyre::v1::WORKER_STATE_STANDBY);
+                            : w.ready          ? gyre::v1::WORKER_STATE_STANDBY
+                                               : gyre::v1::WORKER_STATE_STARTING);
             info->set_rank(rank.value_or(0));
             info->set_step(w.reported_step);
             info->set_last_heartbeat_unix_ms(w.last_seen_unix_ms);
@@ -948,16 +967,22 @@ bool CoordinatorCore::WasMember(uint64_t generation, uint64_t session) const {
 }
 
 std::vector<uint64_t> CoordinatorCore::TargetMembers() const {
-  std::vector<const Worker*> standbys;
-  for (const auto& [session, w] : workers_) {
-    if (!w.draining && !IsMember(session)) standbys.push_back(&w);
-  }
   // A drained member leaves only if the run keeps min_workers without it; otherwise it stays
   // until a replacement arrives (the provisioner starts one).
-  size_t staying = 0;
+  size_t staying = 0, training = 0;
   for (const auto& m : generation_.members()) {
     auto it = workers_.find(m.session());
-    staying += it != workers_.end() && !it->second.draining;
+    const bool stays = it != workers_.end() && !it->second.draining;
+    staying += stays;
+    training += stays && it->second.ready;
+  }
+  // While enough members train on, a standby joins only once it is ready (has its replica):
+  // otherwise they would all wait for it. Where they could not train anyway (the first
+  // generation, whose members are still building too, or too few left), every standby counts.
+  const bool members_train_on = training >= std::max<size_t>(1, min_workers_);
+  std::vector<const Worker*> standbys;
+  for (const auto& [session, w] : workers_) {
+    if (!w.draining && !IsMember(session) && (w.ready || !members_train_on)) standbys.push_back(&w);
   }
   const size_t available = std::min<size_t>(staying + standbys.size(), desired_workers_);
   size_t keep_draining = available < min_workers_ ? min_workers_ - available : 0;

@@ -59,12 +59,13 @@ class Harness {
 
   void Send(Event e) { Apply(core_->Handle(e, now_)); }
 
-  uint64_t Register(uint64_t session, uint32_t pid, uint64_t applied = 0) {
+  uint64_t Register(uint64_t session, uint32_t pid, uint64_t applied = 0, uint32_t replaces_pid = 0) {
     RegisterEvent e;
     e.id = ++next_id_;
     e.request.mutable_worker()->set_host("h");
     e.request.mutable_worker()->set_pid(pid);
     e.request.set_last_applied_step(applied);
+    e.request.set_replaces_pid(replaces_pid);
     e.fresh_session = session;
     Send(e);
     return std::get<gyre::v1::RegisterResponse>(replies_.at(e.id).body).session();
@@ -277,6 +278,79 @@ TEST(CoreTest, FailureAbortsAndRedoesStepInNextGeneration) {
   EXPECT_EQ(run.decision(), gyre::v1::STEP_DECISION_RUN);
   EXPECT_EQ(run.samples().rank_begin(), 0u);
   EXPECT_EQ(run.samples().rank_end(), 10u);  // same samples, one rank
+}
+
+// A replacement that names the exited process ends that member's generation at once (no
+// heartbeat timeout), and the survivor trains on alone while the replacement builds its replica;
+// the replacement joins at the first step boundary after it asked for a lease.
+TEST(CoreTest, AReplacementEndsTheExitedMembersGenerationAndJoinsOnceReady) {
+  Harness h(TestConfig());
+  h.Register(11, 1);
+  h.Register(22, 2);
+  const uint64_t g = h.core_->generation().id();
+  ASSERT_EQ(h.core_->generation().members_size(), 2);
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  h.Complete(11, g, 0);
+  h.Complete(22, g, 0);
+  ASSERT_EQ(h.core_->committed_steps(), 1u);
+  h.Acquire(11, g, 1);
+  h.Acquire(22, g, 1);
+  const RequestId pending = h.Complete(11, g, 1);
+  // Worker 22 (pid 2) is killed; its launcher starts pid 3 in its place. No time passes: well
+  // inside the 1 s heartbeat timeout.
+  h.Register(33, 3, /*applied=*/0, /*replaces_pid=*/2);
+  EXPECT_EQ(h.Verdict(pending), gyre::v1::COMMIT_VERDICT_ABORT);
+  ASSERT_EQ(h.core_->generation().id(), g + 1);
+  EXPECT_EQ(h.generations_.back().reason(), "failure");
+  ASSERT_EQ(h.core_->generation().members_size(), 1);  // 33 is still building: not waited for
+  EXPECT_EQ(h.core_->generation().members(0).session(), 11u);
+  EXPECT_EQ(h.Acquire(11, g, 1).decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  StepLease run = h.Acquire(11, g + 1, 1);
+  ASSERT_EQ(run.decision(), gyre::v1::STEP_DECISION_RUN);
+  EXPECT_EQ(run.samples().rank_end() - run.samples().rank_begin(), 10u);  // the whole batch
+  // 33 is ready while step 1 is in flight: a standby until the boundary.
+  EXPECT_EQ(h.Acquire(33, 0, 0).decision(), gyre::v1::STEP_DECISION_STANDBY);
+  EXPECT_EQ(h.core_->generation().id(), g + 1);
+  h.Complete(11, g + 1, 1);
+  EXPECT_EQ(h.core_->committed_steps(), 2u);
+  ASSERT_EQ(h.core_->generation().id(), g + 2);
+  EXPECT_EQ(h.generations_.back().reason(), "join");
+  ASSERT_EQ(h.core_->generation().members_size(), 2);
+  ASSERT_EQ(h.core_->generation().needs_state_size(), 1);  // 33 gets step 2's state from 11
+  EXPECT_EQ(h.core_->generation().members(h.core_->generation().needs_state(0)).session(), 33u);
+}
+
+// A worker that registers while the members train is listed as starting, and is not waited for;
+// a worker on another host with the replaced pid is not declared dead.
+TEST(CoreTest, StartingWorkersAreNotWaitedForAndReplacesPidIsPerHost) {
+  Harness h(TestConfig(3));
+  h.Register(11, 1);
+  const uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);  // 11 trains alone (desired 3)
+  {
+    RegisterEvent e;
+    e.id = ++h.next_id_;
+    e.request.mutable_worker()->set_host("other");
+    e.request.mutable_worker()->set_pid(5);
+    e.request.set_replaces_pid(1);  // pid 1 on "other", not 11 (pid 1 on "h")
+    e.fresh_session = 22;
+    h.Send(e);
+  }
+  EXPECT_EQ(h.core_->generation().id(), g);
+  gyre::v1::ListWorkersRequest list;
+  ControlEvent ce;
+  ce.id = ++h.next_id_;
+  ce.request = list;
+  h.Send(ce);
+  const auto& workers = std::get<gyre::v1::ListWorkersResponse>(h.replies_.at(ce.id).body).workers();
+  ASSERT_EQ(workers.size(), 2);
+  for (const auto& w : workers) {
+    EXPECT_EQ(w.state(), w.session() == 11 ? gyre::v1::WORKER_STATE_ACTIVE : gyre::v1::WORKER_STATE_STARTING);
+  }
+  h.Complete(11, g, 0);
+  EXPECT_EQ(h.core_->generation().id(), g);  // 22 never asked for a lease: 11 goes on
+  EXPECT_EQ(h.Acquire(11, g, 1).decision(), gyre::v1::STEP_DECISION_RUN);
 }
 
 TEST(CoreTest, PauseHoldsLeasesAndResumeAfterStopFails) {

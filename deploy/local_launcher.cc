@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <optional>
 #include <thread>
@@ -93,6 +94,10 @@ absl::Status RunLocal(const LaunchOptions& options) {
   Child coordinator;
   std::map<pid_t, Child> workers;
   int next_worker = 0;
+  // Workers that exited with a failure and were not replaced yet: the next worker started takes
+  // the oldest one's place and names it (--replaces-pid), so the coordinator declares it dead
+  // without waiting out its heartbeat timeout.
+  std::deque<pid_t> exited_workers;
   CrashLoop crash_loop_rule{CrashLoop::Options{}};
   bool give_up = false;
   int64_t committed_steps = -1;  // from the last status poll; -1 until the coordinator answers
@@ -141,6 +146,11 @@ absl::Status RunLocal(const LaunchOptions& options) {
     } else {
       args.push_back("--device");
       args.push_back("cpu");
+    }
+    if (!exited_workers.empty()) {
+      args.push_back("--replaces-pid");
+      args.push_back(absl::StrCat(exited_workers.front()));
+      exited_workers.pop_front();
     }
     args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
     absl::StatusOr<pid_t> pid = Spawn(options.self_exe, args, JoinPath(dir.logs_dir(), role + ".log"));
@@ -236,6 +246,7 @@ absl::Status RunLocal(const LaunchOptions& options) {
         } else if (code == 0) {
           crash_loop_rule.Reset();
         }
+        if (code != 0) exited_workers.push_back(pid);
         workers.erase(it);
       }
     }

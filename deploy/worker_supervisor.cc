@@ -25,8 +25,14 @@ int64_t NowMs() {
       .count();
 }
 
-absl::StatusOr<pid_t> SpawnWorker(const SuperviseOptions& options) {
+// `replaces` is the pid of the previous worker process, which exited (0 for the first): the
+// coordinator then declares it dead at once instead of after its heartbeat timeout.
+absl::StatusOr<pid_t> SpawnWorker(const SuperviseOptions& options, pid_t replaces) {
   std::vector<std::string> args = {"gyre", "worker"};
+  if (replaces > 0) {
+    args.push_back("--replaces-pid");
+    args.push_back(absl::StrCat(replaces));
+  }
   args.insert(args.end(), options.worker_args.begin(), options.worker_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
@@ -53,9 +59,10 @@ absl::Status SuperviseWorker(const SuperviseOptions& options, const StatusSource
     absl::StatusOr<gyre::v1::RunStatus> run = status();
     return run.ok() ? static_cast<int64_t>(run->committed_steps()) : -1;
   };
+  pid_t previous = 0;
   for (int restarts = 0;; ++restarts) {
     const int64_t committed_at_start = committed_steps();
-    absl::StatusOr<pid_t> pid = SpawnWorker(options);
+    absl::StatusOr<pid_t> pid = SpawnWorker(options, previous);
     if (!pid.ok()) return pid.status();
     const int64_t started = NowMs();
     std::fprintf(stderr, "gyre provision: worker started (pid %d)%s\n", *pid,
@@ -93,6 +100,7 @@ absl::Status SuperviseWorker(const SuperviseOptions& options, const StatusSource
                                              " times in a row (the last ", crash_loop.last_reason(),
                                              ", status ", code, "); giving up"));
     }
+    previous = *pid;
     std::fprintf(stderr, "gyre provision: restarting the worker in %lld ms\n",
                  static_cast<long long>(options.restart_delay_ms));
     std::this_thread::sleep_for(std::chrono::milliseconds(options.restart_delay_ms));

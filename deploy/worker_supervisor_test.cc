@@ -49,8 +49,11 @@ SuperviseOptions Options(const std::string& exe) {
   return o;
 }
 
-TEST(SuperviseWorkerTest, RestartsAKilledWorkerWithTheSameArguments) {
-  const std::string exe = Script("killed", "if [ \"$n\" -lt 3 ]; then kill -9 $$; fi; exit 0");
+TEST(SuperviseWorkerTest, RestartsAKilledWorkerWithTheSameArgumentsNamingTheOneItReplaces) {
+  const std::string pids = Tmp() + "/killed.pids";
+  std::remove(pids.c_str());
+  const std::string exe =
+      Script("killed", "echo $$ >>'" + pids + "'; if [ \"$n\" -lt 3 ]; then kill -9 $$; fi; exit 0");
   int polls = 0;
   absl::Status s = SuperviseWorker(Options(exe), [&]() -> absl::StatusOr<gyre::v1::RunStatus> {
     ++polls;
@@ -59,7 +62,14 @@ TEST(SuperviseWorkerTest, RestartsAKilledWorkerWithTheSameArguments) {
   EXPECT_TRUE(s.ok()) << s;
   const std::vector<std::string> starts = Starts(exe);
   ASSERT_EQ(starts.size(), 3u);  // killed twice, then finished
-  for (const std::string& args : starts) EXPECT_EQ(args, "worker --run-dir /r --device cpu");
+  std::vector<std::string> pid_of_start;
+  std::ifstream in(pids);
+  for (std::string line; std::getline(in, line);) pid_of_start.push_back(line);
+  ASSERT_EQ(pid_of_start.size(), 3u);
+  // The same arguments each time; a restart names the process it replaces.
+  EXPECT_EQ(starts[0], "worker --run-dir /r --device cpu");
+  EXPECT_EQ(starts[1], "worker --replaces-pid " + pid_of_start[0] + " --run-dir /r --device cpu");
+  EXPECT_EQ(starts[2], "worker --replaces-pid " + pid_of_start[1] + " --run-dir /r --device cpu");
   EXPECT_EQ(polls, 5);  // the run's progress at each start, "is the run over?" after each kill
 }
 

@@ -37,6 +37,7 @@ absl::Status Worker::RegisterSession() {
   request.set_last_applied_step(applied_steps_.load());
   request.set_collective(on_cuda() ? "nccl" : "gloo");
   request.set_device_count(1);
+  request.set_replaces_pid(options_.replaces_pid);
   ASSIGN_OR_RETURN(gyre::v1::RegisterResponse response, client_->Register(request));
   session_.store(response.session());
   session_lost_.store(false);

@@ -51,6 +51,10 @@ struct WorkerOptions {
   // All-reduce gradient buckets during backward (false: all of them after backward).
   bool overlap_grad_reduce = true;
   size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
+  // The pid of the worker process on this host that this one replaces (its launcher saw it
+  // exit); 0 if none. Sent with the first registration so the coordinator need not wait out
+  // that worker's heartbeat timeout.
+  uint32_t replaces_pid = 0;
 };
 
 class Worker {

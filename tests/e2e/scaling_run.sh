@@ -30,8 +30,10 @@
 #   MFU            median over steps of sum(model FLOP/s) / sum(peak FLOP/s) of the ranks
 #                  (ops/flops.h: 6N + sequence mixing + LM head; peak: worker/gpu_peak.cc)
 #   exposed comm   median over steps of (slowest rank's exposed all-reduce ms) / (its step ms)
-#   event cost     commit gap around the event minus the median interval: the seconds the run
-#                  lost to it (re-forming the communicator, state broadcast, restart)
+#   event cost     commit gap around the event minus the median interval: the stall (re-forming
+#                  the communicator, state broadcast); and "lost": from the last commit before the
+#                  event to the first at its target size, minus those steps at that size's median
+#                  interval (a kill: the survivors train on while the replacement starts, then it joins)
 # NCCL all-reduce bus bandwidth: bench/nccl_allreduce_anchor.py through torchrun, same machine.
 set -uo pipefail
 gyre="$(readlink -f "$1")"; index="$2"; out="$3"; shift 3
@@ -154,18 +156,37 @@ t = [r["committed_unix_ms"] for r in rows]
 gaps = [(b - a) / 1e3 for a, b in zip(t, t[1:])]
 med = statistics.median(gaps[5:]) if len(gaps) > 6 else float("nan")
 print(f"median step interval {med:.3f} s; worlds seen: {sorted(set(r['world'] for r in rows))}")
-print("| event | at step | commit gap s | cost s (gap - median) |")
-print("|---|---|---|---|")
+# The median interval at each world size (from gaps between two commits at that size).
+per_world = {}
+for a, b in zip(rows[5:], rows[6:]):
+    if a["world"] == b["world"]:
+        per_world.setdefault(b["world"], []).append((b["committed_unix_ms"] - a["committed_unix_ms"]) / 1e3)
+med_at = {w: statistics.median(g) for w, g in per_world.items()}
+# Two views of each event's cost:
+#   cost     the largest commit gap right after it, minus the median: the stall.
+#   lost     from the last commit before the event to the first commit at the event's target size,
+#            that window minus its steps at the target size's median interval: everything the event
+#            cost, including steps run at a reduced size while a replacement worker starts (a kill).
+print("| event | at step | commit gap s | cost s (gap - median) | target size back after s | lost s (at the target size's rate) |")
+print("|---|---|---|---|---|---|")
 for e in events:
     at = int(e[-1])
     # The first commit after the event was requested, and the one before it.
     i = next((k for k, x in enumerate(t) if x > at), None)
     if i is None or i == 0:
-        print(f"| {' '.join(e[:-1])} | - | - | (no commit after it) |"); continue
+        print(f"| {' '.join(e[:-1])} | - | - | (no commit after it) | - | - |"); continue
     # The disruption shows as the largest gap within the next few steps (the request lands mid-step).
     j = max(range(i, min(i + 4, len(t))), key=lambda k: t[k] - t[k - 1])
     gap = (t[j] - t[j - 1]) / 1e3
-    print(f"| {' '.join(e[:-1])} | {rows[j]['step']} | {gap:.2f} | {gap - med:.2f} |")
+    target = int(e[1].split("->")[1]) if e[0] == "scale" else rows[i - 1]["world"]
+    end = next((k for k in range(i, len(t)) if rows[k]["world"] == target and
+                (k + 1 >= len(t) or rows[k + 1]["world"] == target)), None)
+    if end is None or target not in med_at:
+        back = lost = "-"
+    else:
+        back = f"{(t[end] - at) / 1e3:.2f}"
+        lost = f"{(t[end] - t[i - 1]) / 1e3 - (end - i + 1) * med_at[target]:.2f}"
+    print(f"| {' '.join(e[:-1])} | {rows[j]['step']} | {gap:.2f} | {gap - med:.2f} | {back} | {lost} |")
 PY
   check "events: 3 events happened (scale down, scale up, kill)" "[ ${#events[@]} -eq 3 ]"
   check "events: $STEPS steps committed, no gap or duplicate (launch rc $rc)" \
