@@ -144,6 +144,10 @@ void SsdSetStateSliceForTesting(int columns);
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
 // fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
+// Heads per block of the v3 forward scan and backward dx kernels: 0 (default) by shape (two where
+// a pair of heads shares one group and P <= 64; ssd.cu ScanFwdHeads / DxHeads), 1 forces one
+// head per block. Process-wide; same function.
+void SsdSetHeadsPerBlockForTesting(int scan_fwd, int dx);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);
