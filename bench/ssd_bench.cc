@@ -13,7 +13,7 @@
 // MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192. --path: only the
-// variants whose name contains TEXT (e.g. "t1]" for one ncu profile of that variant).
+// variants whose name contains TEXT (e.g. "un]" for one ncu profile of that variant).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -139,7 +139,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     const char* name;
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
-    int scan = 0, dxv = 0;  // SsdSetScanFwdVariantForTesting, SsdSetDxVariantForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -148,25 +147,16 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll},
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
-                        {"[v3 all un]", kSsdRegAll, 2},   // unfused
-                        {"[v3 all t1]", kSsdRegAll, 0, 1, 1},    // scan fwd, dx per tile
-                        {"[v3 all t1f]", kSsdRegAll, 0, 1, 0},   // scan fwd per tile
-                        {"[v3 all t1x]", kSsdRegAll, 0, 0, 1},   // dx per tile
-                        {"[v3 all p3]", kSsdRegAll, 0, 3, 3}};  // pairs, 3 slots
+                        {"[v3 all un]", kSsdRegAll, 2}};  // unfused
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only &&
-        (p.mask != kSsdRegAll || p.fused_state != 0 || p.scan != 0 || p.dxv != 0)) {
-      continue;
-    }
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0)) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetScanFwdVariantForTesting(p.scan);
-    SsdSetDxVariantForTesting(p.dxv);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -185,8 +175,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   }
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetScanFwdVariantForTesting(0);
-  SsdSetDxVariantForTesting(0);
 }
 
 }  // namespace

@@ -107,14 +107,20 @@
 //   B2 S8192 (unfused there; main 2.46-2.47). Session 7 (H100, one call): narrower fused tiles
 //   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
 //   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
-//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor.
+//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor. Session 8
+//   (H200, two calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
+//   forward 0.631 → 0.611 ms); two heads per block sharing the C_l / B_s / C Bᵀ tiles (−25% L2
+//   bytes) and the same pairing in bwd dx did not win and are gone. The anchor's GPU kernels
+//   alone (torch.profiler) take 2.48 ms per fwd+bwd call on the H200, against 3.4-4.5 ms
+//   between its events: the rest is host-side launch time.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_scan (chunk states, cp.async double-buffered;
 // fused with the state pass where its blocks fill the device, else one chunk per block),
-// ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
+// ssd_chunk_scan_fwd_pair (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
+// once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
 // ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
@@ -1427,195 +1433,36 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
     }
 }
 
-// Shared memory of ssd_chunk_scan_fwd_reg: C_l (for the inter-chunk product only), the C Bᵀ
-// tile double buffer (the second buffer's region first holds H_c in bf16: it is read only
-// before the s-loop starts), x_s double buffer, and the per-token Acs / dt of the two s buffers.
-// ~62 KB at P64 N128: three blocks per SM.
-template <typename Carver>
-void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
-  cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
-  cv.template take<bf16>(kTile * (d.P + 8));                                  // X buffer 0
-  cv.template take<bf16>(std::max(kTile * (d.P + 8), kTile * (d.N + 8)));     // Cl, X buffer 1
-  cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
-}
-
-// grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
-// ssd_chunk_scan_fwd, which documents it).
-// C_l is read only by the inter-chunk product, before the first barrier of the s-loop, which
-// also retires H_c; both regions then take tile 1 (C Bᵀ into Hs, x into Cl's place). That keeps
-// the shared memory at 53 KB for P64 N128 (63.5 KB with a separate Cl), so with at most 128
-// registers (P <= 64) four blocks fit per SM instead of three.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_reg(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
-    const float* saved, bf16* y) {
-  extern __shared__ __align__(128) char smem[];
-  constexpr int NP = kP / 8;
-  const int tiles = d.Q / kTile;
-  const int c = blockIdx.x / tiles, lt = blockIdx.x % tiles, h = blockIdx.y, b = blockIdx.z;
-  const int g = h / d.hpg;
-  const int tl0 = c * d.Q + lt * kTile;
-  if (tl0 >= d.S) return;
-  const int lv = min(kTile, d.S - tl0);
-  const int ldn = d.N + 8, ldp = kP + 8;
-  Carve cv{smem};
-  bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
-  bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
-  bf16* X0 = cv.take<bf16>(kTile * ldp);
-  bf16* X1 = cv.take<bf16>(max(kTile * ldp, kTile * ldn));
-  bf16* Cl = X1;  // until the s-loop's first barrier
-  float* acs_s = cv.take<float>(4 * kTile);
-  float* dt_s = acs_s + 2 * kTile;
-
-  const float* acs = AcsPtr(d, saved, b, h);
-  const float* dts = DtPtr(d, saved, b);
-  const int64_t bc_stride = d.ldbc;
-  const int64_t x_stride = d.ldx;
-  const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
-  // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
-  const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
-  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
-  const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
-
-  // Tile st of C Bᵀ and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
-  auto issue = [&](int st, int buf) {
-    const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
-    CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(buf ? X1 : X0, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      CpAsync4(acs_s + buf * kTile + r, acs + ts0 + r, true);
-      CpAsync4(dt_s + buf * kTile + r, dts + static_cast<int64_t>(ts0 + min(r, sv - 1)) * d.H + h,
-               r < sv);
-    }
-    CpAsyncCommit();
-  };
-
-  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-  issue(0, 0);
-  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);  // joins tile 0's group
-  CpAsyncCommit();
-  const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
-  const float aref = acs[tl0];
-  const float rf0 = __expf(al0 - aref), rf1 = __expf(al1 - aref);
-  CpAsyncWait<0>();
-  __syncthreads();
-
-  // Inter-chunk: y = e^{Acs_l} (C_l H_cᵀ).
-  float acc[NP][4];
-  ZeroAcc(acc);
-  const bf16* Cw = Cl + warp * 16 * ldn;
-  WarpMmaSS<NP, true>(acc, Cw, ldn, Hs, ldn, d.N);
-  {
-    const float e0 = expf(al0), e1 = expf(al1);
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      acc[j][0] *= e0;
-      acc[j][1] *= e0;
-      acc[j][2] *= e1;
-      acc[j][3] *= e1;
-    }
-  }
-
-  // Intra-chunk: s-tiles 0..lt, tile st+1 loading while st is multiplied.
-  // One barrier per tile: it publishes tile st (its cp.async group waited for just before) and
-  // retires every read of buffer buf^1 (tile st−1, or H_c), which then receives tile st+1.
-  for (int st = 0; st <= lt; ++st) {
-    const int buf = st & 1;
-    CpAsyncWait<0>();
-    __syncthreads();
-    if (st < lt) issue(st + 1, buf ^ 1);
-    const bf16* CBt = buf ? Hs : CB0;
-    const bf16* Xs = buf ? X1 : X0;
-    const float* as = acs_s + buf * kTile;
-    const float* ds = dt_s + buf * kTile;
-    float s[8][4];
-    {
-      unsigned cbf[4][4];
-      LoadTileA<false>(cbf, CBt);
-      AToAcc<8>(cbf, s);
-    }
-    if (st < lt) {
-      // Off-diagonal tile (every s before tl0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_tl0} ·
-      // e^{Acs_tl0 − Acs_s}, both <= 1; the row factors are per block (rf0, rf1).
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c2 = 0; c2 < 2; ++c2) {
-          const int col = 8 * j + 2 * tq + c2;
-          const float cf = ds[col] * __expf(aref - as[col]);
-          s[j][c2] *= cf * rf0;
-          s[j][2 + c2] *= cf * rf1;
-        }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-          const float al = e < 2 ? al0 : al1;
-          const float v = s[j][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
-          s[j][e] = col <= row ? v : 0.f;
-        }
-    }
-    unsigned fa[4][4];
-    AccToA(s, fa);
-    WarpMmaRS<NP, 4, false>(acc, fa, Xs, ldp);
-  }
-
-  // y = acc + D x (rows < lv), straight from the accumulators.
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  bf16* yb = y + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
-#pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
-    const int row = r0 + 8 * e2;
-    if (row < lv) {
-      const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
-#pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        const int p = 8 * j + 2 * tq;
-        const float2 xv = Bf2(xb + off + p);
-        *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
-            acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
-      }
-    }
-  }
-}
-
-// ssd_chunk_scan_fwd_pair: the same y as ssd_chunk_scan_fwd_reg, but one block per (b, c, h,
-// l-tile pair): l-tiles p and T−1−p of the chunk (T = Q/64; one tile where they coincide), so
-// every block has the same work (T + 2 items at Q = 256: 2 inter products and T+1 tile pairs)
-// and the cp.async pipeline runs through all of them instead of restarting per l-tile: the
-// per-l-tile kernel's blocks walk 1-4 s-tiles after a prologue that waits a full memory round
-// trip (C_l, H_c, tile 0) with nothing else to do, and at ~16 µs per block and 4 blocks per SM
-// (H200, ncu) that prologue and the two-stage fill/drain are what the block spends its time on
-// (session 8: sharing C_l and the C Bᵀ tiles between two heads, −25% L2 bytes, changed nothing).
-// H_c, the chunk's Acs and dt are loaded once per block (H_c was read by each l-tile block).
+// ssd_chunk_scan_fwd_pair: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
+// where they coincide) of one (b, c, h), so every block has the same work (at Q = 256: 2 inter
+// products and 5 tile pairs) and one cp.async pipeline runs through all of it. Session 8
+// replaced the per-l-tile kernel (ssd_chunk_scan_fwd_reg, one block per 64-row l-tile walking
+// 1-4 s-tiles after a prologue that waited for C_l, H_c and tile 0 together): H_c, the chunk's
+// Acs and dt are loaded once per block (H_c was read by each l-tile block), and only the first
+// item's round trip is exposed per two l-tiles. H200 (ncu): 511 → 479-484 µs at B8 S2048;
+// forward 0.631 → 0.611 ms. A third ring slot (3 blocks per SM at 163 registers) was slower
+// (forward 0.643 ms), as was the same pairing in bwd dx (649 → 677 µs; removed).
 // Items k = 0..K−1, in order: I(a) (C_l tile: y = e^{Acs_l} C_l H_cᵀ), S(a, 0..a) (C Bᵀ and x_s
-// tiles: y += M x_s), I(b), S(b, 0..b), then y of b. Each item's tiles go to ring slot k %
-// kSlots (one slot holds either C_l or a C Bᵀ tile + x tile); kSlots−1 items are in flight
-// while one is computed; one barrier per item (it publishes item k and retires slot k−1, which
-// then receives item k+kSlots−1).
+// tiles: y += M x_s), then y of a; I(b), S(b, 0..b), y of b. Item k's tiles go to ring slot
+// k % kSlots (a slot holds either C_l or a C Bᵀ tile + x tile); one barrier per item publishes
+// item k and retires slot k−1, which then receives item k+1 (loading while k is computed).
+// The math per tile is ssd_chunk_scan_fwd's (which documents it).
+constexpr int kScanSlots = 2;
 template <typename Carver>
-void CarveScanFwdPair(Carver& cv, const Dims& d, int slots) {
+void CarveScanFwdPair(Carver& cv, const Dims& d) {
   const int slot = std::max(kTile * (d.N + 8), kTile * kLdCb + kTile * (d.P + 8));
-  cv.template take<bf16>(static_cast<size_t>(slots) * slot);  // ring
-  cv.template take<bf16>(d.P * (d.N + 8));                     // H_c
-  cv.template take<float>(2 * d.Q);                            // Acs, dt of the chunk
+  cv.template take<bf16>(static_cast<size_t>(kScanSlots) * slot);  // ring
+  cv.template take<bf16>(d.P * (d.N + 8));                          // H_c
+  cv.template take<float>(2 * d.Q);                                 // Acs, dt of the chunk
 }
-template <typename Carver>
-void CarveScanFwdPair2(Carver& cv, const Dims& d) { CarveScanFwdPair(cv, d, 2); }
-template <typename Carver>
-void CarveScanFwdPair3(Carver& cv, const Dims& d) { CarveScanFwdPair(cv, d, 3); }
 
-// grid (NC·ceil(T/2), H, B).
-template <int kP, int kSlots>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? (kSlots == 2 ? 4 : 3) : 2) ssd_chunk_scan_fwd_pair(
+// grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
     Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
+  constexpr int kSlots = kScanSlots;
   const int T = d.Q / kTile, pairs = (T + 1) / 2;
   const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
   const int g = h / d.hpg;
@@ -1670,14 +1517,14 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? (kSlots == 2 ? 4 : 3) : 2
     CpAsyncCommit();
   };
 
-  // Prologue: H_c, the chunk's Acs and dt (joining item 0's group), then items 1..kSlots−2.
+  // Prologue: H_c, the chunk's Acs and dt (joining item 0's group).
   CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
   for (int i = threadIdx.x; i < d.Q; i += kThreads) {
     CpAsync4(acs_c + i, acs_g + i, true);  // padded tokens carry the last value (AcsPtr)
     CpAsync4(dt_c + i, dts + static_cast<int64_t>(c0 + min(i, len - 1)) * d.H + h, i < len);
   }
   issue(0);
-  for (int k = 1; k < kSlots - 1; ++k) issue(k);
+  for (int k = 1; k < kSlots - 1; ++k) issue(k);  // (none with two slots)
 
   float acc[NP][4];
   float al0 = 0.f, al1 = 0.f, aref = 0.f, rf0 = 0.f, rf1 = 0.f;
@@ -1989,239 +1836,6 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     dd_part[i] = s_d;
     dd_part[n + i] = s_a;  // A·∂A partial
     dd_part[2 * n + i] = s_l;
-  }
-}
-
-// ssd_chunk_scan_bwd_dx_pair: the same outputs as ssd_chunk_scan_bwd_dx_reg, one block per
-// (b, c, h, s-tile pair) — s-tiles p and T−1−p, as ssd_chunk_scan_fwd_pair pairs l-tiles:
-// T + 2 items per block at Q = 256 (per s-tile: the state item B_s Gᵀ, then the l-tiles
-// s..T−1), one ring of kSlots slots through all of them, G_{c+1} and the chunk's Acs loaded once
-// per block (the per-s-tile kernel loaded G per s-tile and waited a full round trip for it).
-// The own rows' dt stay in registers from the state item to the s-tile's epilogue (dl is
-// multiplied by it there), which keeps the shared memory at 55 KB (four blocks per SM).
-template <typename Carver>
-void CarveDxPair(Carver& cv, const Dims& d, int slots) {
-  const int slot = std::max(kTile * (d.N + 8), kTile * kLdCb + kTile * (d.P + 8));
-  cv.template take<bf16>(static_cast<size_t>(slots) * slot);  // ring
-  cv.template take<bf16>(d.P * (d.N + 8));                     // G_{c+1}
-  cv.template take<float>(2 * d.Q);                            // acs, erel
-  cv.template take<double>(kWarps);                            // block reduction
-}
-template <typename Carver>
-void CarveDxPair2(Carver& cv, const Dims& d) { CarveDxPair(cv, d, 2); }
-template <typename Carver>
-void CarveDxPair3(Carver& cv, const Dims& d) { CarveDxPair(cv, d, 3); }
-
-// grid (NC·ceil(T/2), H, B).
-template <int kP, int kSlots>
-__global__ void __launch_bounds__(kThreads, kSlots == 2 ? 4 : 3) ssd_chunk_scan_bwd_dx_pair(
-    Dims d, const bf16* x, const bf16* Bm, const float* Dskip, const float* saved,
-    const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own, float* ddtx, double* dd_part) {
-  extern __shared__ __align__(128) char smem[];
-  constexpr int NP = kP / 8;
-  const int T = d.Q / kTile, pairs = (T + 1) / 2;
-  const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
-  const int g = h / d.hpg;
-  const int c0 = c * d.Q;
-  const int len = min(d.Q, d.S - c0);
-  const int nT = (len + kTile - 1) / kTile;
-  const int sa = pr, sb = (T - 1 - pr > pr && T - 1 - pr < nT) ? T - 1 - pr : -1;
-  if (sa >= nT) return;
-  const int Ka = 1 + nT - sa;
-  const int K = Ka + (sb >= 0 ? 1 + nT - sb : 0);
-  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
-  const int ldn = d.N + 8, ldp = kP + 8;
-  const int slot_elems = max(kTile * ldn, kTile * kLdCb + kTile * ldp);
-  Carve cv{smem};
-  bf16* ring = cv.take<bf16>(static_cast<size_t>(kSlots) * slot_elems);
-  bf16* Gs = cv.take<bf16>(kP * ldn);
-  float* acs = cv.take<float>(2 * d.Q);
-  float* erel = acs + d.Q;
-  double* red = cv.take<double>(kWarps);
-
-  const int64_t bc_stride = d.ldbc;
-  const int64_t x_stride = d.ldx;  // x, dx
-  const int64_t y_stride = d.ldy;  // dy
-  const bf16* Bb = Bm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
-  const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
-  const bf16* dyb = dy + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
-  bf16* dxb = dx + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
-  const bf16* cbc = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q;  // chunk's C Bᵀ
-  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
-  const float* dt_g = DtPtr(d, saved, b);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
-  const int r0 = warp * 16 + gq;  // own-tile rows r0, r0 + 8
-
-  // Item k → (s-tile, l-tile or −1 for the state item).
-  auto item = [&](int k, int& s, int& lt) {
-    s = k < Ka ? sa : sb;
-    const int j = k < Ka ? k : k - Ka;
-    lt = j == 0 ? -1 : s + j - 1;
-  };
-  auto issue = [&](int k) {
-    if (k < K) {
-      int s, lt;
-      item(k, s, lt);
-      bf16* sl = ring + (k % kSlots) * slot_elems;
-      if (lt < 0) {
-        const int ts0 = c0 + s * kTile;
-        LoadRowsAsync(sl, ldn, Bb + ts0 * bc_stride, bc_stride, min(kTile, d.S - ts0), d.N);
-      } else {
-        const int tl0 = c0 + lt * kTile;
-        // C Bᵀ tile (l-tile lt, s-tile s): row lt·64 of the chunk, column s·64.
-        CpRows(sl, kLdCb, cbc + static_cast<int64_t>(lt * kTile) * d.Q + s * kTile, d.Q, kTile,
-               kTile, kTile);
-        LoadRowsAsync(sl + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride,
-                      min(kTile, d.S - tl0), kP);
-      }
-    }
-    CpAsyncCommit();
-  };
-
-  CpRows(Gs, ldn, g_bf + (bh * d.NC + c) * d.PN, d.N, kP, kP, d.N);
-  issue(0);  // G joins item 0's group
-  for (int k = 1; k < kSlots - 1; ++k) issue(k);
-  // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
-  // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
-  // tile pair into a column and a row factor, so those tiles need no exponential per element.
-  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
-    const float a = acs_g[i];
-    acs[i] = a;
-    erel[i] = __expf(a - acs_g[i & ~(kTile - 1)]);
-  }
-
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  float acc[NP][4];
-  float dl0 = 0.f, dl1 = 0.f, dt0 = 0.f, dt1 = 0.f, as0 = 0.f, as1 = 0.f;
-  for (int k = 0; k < K; ++k) {
-    CpAsyncWait<kSlots - 2>();
-    __syncthreads();  // item k (and, at k = 0, acs / erel) visible; slot of item k−1 retired
-    issue(k + kSlots - 1);
-    int s, lt;
-    item(k, s, lt);
-    const bf16* sl = ring + (k % kSlots) * slot_elems;
-    const int s0 = s * kTile, ts0 = c0 + s0, sv = min(kTile, d.S - ts0);
-    const bool ok0 = r0 < sv, ok1 = r0 + 8 < sv;
-    const bf16* xr0 = xb + (ts0 + (ok0 ? r0 : 0)) * x_stride;
-    const bf16* xr1 = xb + (ts0 + (ok1 ? r0 + 8 : 0)) * x_stride;
-    const float acs_last = acs[d.Q - 1];
-    if (lt < 0) {
-      // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s (dt
-      // applied at the s-tile's end; x of the own rows straight from global memory).
-      as0 = acs[s0 + r0];
-      as1 = acs[s0 + r0 + 8];
-      dt0 = ok0 ? dt_g[static_cast<int64_t>(ts0 + r0) * d.H + h] : 0.f;
-      dt1 = ok1 ? dt_g[static_cast<int64_t>(ts0 + r0 + 8) * d.H + h] : 0.f;
-      ZeroAcc(acc);
-      WarpMmaSS<NP, true>(acc, sl + warp * 16 * ldn, ldn, Gs, ldn, d.N);
-      const float w0 = expf(acs_last - as0), w1 = expf(acs_last - as1);
-      dl0 = 0.f;
-      dl1 = 0.f;
-#pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        const int p = 8 * j + 2 * tq;
-        acc[j][0] *= w0;
-        acc[j][1] *= w0;
-        acc[j][2] *= w1;
-        acc[j][3] *= w1;
-        const float2 x0 = Bf2(xr0 + p), x1 = Bf2(xr1 + p);
-        dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
-        dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
-      }
-      // The shuffles run on every lane (full mask); rows past the sequence end are zeroed after.
-      dl0 = QuadSum(dl0);
-      dl1 = QuadSum(dl1);
-      dl0 = ok0 ? dl0 : 0.f;
-      dl1 = ok1 ? dl1 : 0.f;
-      continue;
-    }
-    const bf16* dYl = sl + kTile * kLdCb;
-    const int l0 = lt * kTile;
-    float s1[8][4];
-    {
-      unsigned cbf[4][4];
-      LoadTileA<true>(cbf, sl);  // B_s·C_l = (C Bᵀ)ᵀ
-      AToAcc<8>(cbf, s1);
-    }
-    // M = (B_s·C_l) e^{Acs_l − Acs_s}, masked (l >= s) on the diagonal tile; off the diagonal
-    // the decay is the column factor erel_l times the row factor e^{Acs_l0 − Acs_s}.
-    if (lt == s) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int l = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-          const float as = e < 2 ? as0 : as1;
-          s1[j][e] = l >= row ? s1[j][e] * __expf(fminf(acs[l0 + l] - as, 0.f)) : 0.f;
-        }
-    } else {
-      const float ref = acs[l0];
-      const float f0 = __expf(ref - as0), f1 = __expf(ref - as1);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float2 er = *reinterpret_cast<const float2*>(erel + l0 + 8 * j + 2 * tq);
-        s1[j][0] *= er.x * f0;
-        s1[j][1] *= er.y * f0;
-        s1[j][2] *= er.x * f1;
-        s1[j][3] *= er.y * f1;
-      }
-    }
-    unsigned fa[4][4];
-    AccToA(s1, fa);
-    WarpMmaRS<NP, 4, false>(acc, fa, dYl, ldp);
-    if (lt != nT - 1) continue;
-
-    // The s-tile's end. dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
-    const float d0 = dl0 * dt0, d1 = dl1 * dt1;
-    const bf16* yr0 = dyb + (ts0 + (ok0 ? r0 : 0)) * y_stride;
-    const bf16* yr1 = dyb + (ts0 + (ok1 ? r0 + 8 : 0)) * y_stride;
-    float dot_d = 0.f;
-#pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int row = r0 + 8 * e2;
-      const float dtr = e2 ? dt1 : dt0;
-      float dot_x = 0.f;
-      if (row < sv) {
-        const bf16* xr = e2 ? xr1 : xr0;
-        const bf16* yr = e2 ? yr1 : yr0;
-        bf16* dxr = dxb + (ts0 + row) * x_stride;
-#pragma unroll
-        for (int j = 0; j < NP; ++j) {
-          const int p = 8 * j + 2 * tq;
-          const float2 xv = Bf2(xr + p);
-          const float2 dyv = Bf2(yr + p);
-          const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
-          dot_x += xv.x * g0 + xv.y * g1;
-          dot_d += xv.x * dyv.x + xv.y * dyv.y;
-          *reinterpret_cast<__nv_bfloat162*>(dxr + p) =
-              __floats2bfloat162_rn(dtr * g0 + dsk * dyv.x, dtr * g1 + dsk * dyv.y);
-        }
-      }
-      dot_x = QuadSum(dot_x);
-      if (tq == 0 && row < sv) ddtx[bh * d.NC * d.Q + ts0 + row] = dot_x;
-    }
-    // The own rows' ∂Acs terms (rows past the sequence end hold zeros) and their A·∂A share in
-    // the difference form: dl at the chunk's last token and −dl at s (weight Acs_last − Acs_s).
-    // Each quad's four lanes hold the same row values.
-    double da_loc = 0.0, dl_loc = 0.0;
-    if (tq == 0) {
-      float* own = dacs_own + bh * d.NC * d.Q + ts0;
-      own[r0] = -d0;
-      own[r0 + 8] = -d1;
-      da_loc = static_cast<double>(d0) * (acs_last - as0) +
-               static_cast<double>(d1) * (acs_last - as1);
-      dl_loc = static_cast<double>(d0) + d1;
-    }
-    const double s_d = BlockSumDouble(static_cast<double>(dot_d), red);  // has barriers
-    const double s_a = BlockSumDouble(da_loc, red);
-    const double s_l = BlockSumDouble(dl_loc, red);
-    if (threadIdx.x == 0) {
-      const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H * T;
-      const int64_t i = ((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * T + s;
-      dd_part[i] = s_d;
-      dd_part[n + i] = s_a;  // A·∂A partial
-      dd_part[2 * n + i] = s_l;
-    }
   }
 }
 
@@ -3130,7 +2744,7 @@ RegPlan PlanReg(const Dims& d) {
   const int mask = g_reg_mask.load();
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
-  p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
+  p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdPair<CarveSize>>(d) <= optin;
   const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
                         SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
@@ -3168,46 +2782,15 @@ bool UseFusedStatePass(const Dims& d) {
 }
 
 template <int kP>
-CudaResult LaunchScanFwdReg(const SsdForwardArgs& a, const Dims& d, const float* saved,
-                            cudaStream_t stream) {
-  const size_t smem = SmemOf<CarveScanFwdReg<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_reg<kP>, smem));
-  ssd_chunk_scan_fwd_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem, stream>>>(
-      d, a.x, a.b, a.c, a.d, saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_reg");
-  return {};
-}
-
-// Which v3 forward scan runs: g_scan_variant (testing) 0 the default, 1 the per-l-tile
-// ssd_chunk_scan_fwd_reg, 2 / 3 ssd_chunk_scan_fwd_pair with 2 / 3 ring slots.
-std::atomic<int> g_scan_variant{0};
-constexpr int kDefaultScanVariant = 2;
-
-template <int kP, int kSlots>
-CudaResult LaunchScanFwdPair(const SsdForwardArgs& a, const Dims& d, const float* saved,
-                             cudaStream_t stream) {
-  const size_t smem = kSlots == 2 ? SmemOf<CarveScanFwdPair2<CarveSize>>(d)
-                                  : SmemOf<CarveScanFwdPair3<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP, kSlots>, smem));
-  const int T = d.Q / kTile;
-  ssd_chunk_scan_fwd_pair<kP, kSlots>
-      <<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(d, a.x, a.c, a.d,
-                                                                          saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
-  return {};
-}
-
-template <int kP>
 CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
                          cudaStream_t stream) {
-  int v = g_scan_variant.load();
-  if (v == 0) v = kDefaultScanVariant;
-  const size_t optin = static_cast<size_t>(MaxSmemOptin());
-  if (v == 3 && SmemOf<CarveScanFwdPair3<CarveSize>>(d) > optin) v = 2;
-  if (v == 2 && SmemOf<CarveScanFwdPair2<CarveSize>>(d) > optin) v = 1;
-  if (v == 3) return LaunchScanFwdPair<kP, 3>(a, d, saved, stream);
-  if (v == 2) return LaunchScanFwdPair<kP, 2>(a, d, saved, stream);
-  return LaunchScanFwdReg<kP>(a, d, saved, stream);
+  const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
+  const int T = d.Q / kTile;
+  ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
+      d, a.x, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
+  return {};
 }
 
 // The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
@@ -3301,39 +2884,6 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   return {};
 }
 
-// Which v3 bwd dx kernel runs: g_dx_variant (testing) 0 the default, 1 the per-s-tile
-// ssd_chunk_scan_bwd_dx_reg, 2 / 3 ssd_chunk_scan_bwd_dx_pair with 2 / 3 ring slots.
-std::atomic<int> g_dx_variant{0};
-constexpr int kDefaultDxVariant = 2;
-
-template <int kP, int kSlots>
-CudaResult LaunchDxPair(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
-                        cudaStream_t stream) {
-  const size_t smem =
-      kSlots == 2 ? SmemOf<CarveDxPair2<CarveSize>>(d) : SmemOf<CarveDxPair3<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_pair<kP, kSlots>, smem));
-  const int T = d.Q / kTile;
-  ssd_chunk_scan_bwd_dx_pair<kP, kSlots>
-      <<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
-          d, a.x, a.b, a.d, static_cast<const float*>(a.saved), a.dy, sc.g_bf, a.dx,
-          sc.dacs_own, sc.ddtx, sc.dd_part);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_pair");
-  return {};
-}
-
-template <int kP>
-CudaResult LaunchDx(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
-                    cudaStream_t stream) {
-  int v = g_dx_variant.load();
-  if (v == 0) v = kDefaultDxVariant;
-  const size_t optin = static_cast<size_t>(MaxSmemOptin());
-  if (v == 3 && SmemOf<CarveDxPair3<CarveSize>>(d) > optin) v = 2;
-  if (v == 2 && SmemOf<CarveDxPair2<CarveSize>>(d) > optin) v = 1;
-  if (v == 3) return LaunchDxPair<kP, 3>(a, d, sc, stream);
-  if (v == 2) return LaunchDxPair<kP, 2>(a, d, sc, stream);
-  return LaunchDxReg<kP>(a, d, sc, stream);
-}
-
 template <class MM>
 CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
                            const BwdScratch& sc, cudaStream_t stream) {
@@ -3387,10 +2937,10 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
   if (plan.dx) {
     switch (d.P) {
-      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDx<32>(a, d, sc, stream)); break;
-      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDx<64>(a, d, sc, stream)); break;
-      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDx<96>(a, d, sc, stream)); break;
-      default: CUDA_RETURN_IF_NOT_OK(LaunchDx<128>(a, d, sc, stream)); break;
+      case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
+      case 64: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<64>(a, d, sc, stream)); break;
+      case 96: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<96>(a, d, sc, stream)); break;
+      default: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<128>(a, d, sc, stream)); break;
     }
   } else {
     const size_t dx_smem = SmemOf<CarveScanBwdDx<CarveSize>>(d);
@@ -3459,12 +3009,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
-void SsdSetScanFwdVariantForTesting(int variant) {
-  g_scan_variant.store(variant >= 1 && variant <= 3 ? variant : 0);
-}
-void SsdSetDxVariantForTesting(int variant) {
-  g_dx_variant.store(variant >= 1 && variant <= 3 ? variant : 0);
-}
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {

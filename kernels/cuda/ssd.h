@@ -144,15 +144,6 @@ void SsdSetStateSliceForTesting(int columns);
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
 // fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
-// The v3 forward scan kernel: 0 (default) one block per l-tile pair of a chunk with a two-slot
-// pipeline through all its tiles (ssd.cu ssd_chunk_scan_fwd_pair), 1 one block per 64-row
-// l-tile (ssd_chunk_scan_fwd_reg), 2 the pair kernel with two slots, 3 with three.
-// Process-wide; same function.
-void SsdSetScanFwdVariantForTesting(int variant);
-// The v3 bwd dx kernel, the same choices: 0 (default) per s-tile pair, two slots
-// (ssd_chunk_scan_bwd_dx_pair), 1 per 64-row s-tile (ssd_chunk_scan_bwd_dx_reg), 2 / 3 the pair
-// kernel with 2 / 3 slots.
-void SsdSetDxVariantForTesting(int variant);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

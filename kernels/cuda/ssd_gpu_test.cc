@@ -315,8 +315,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
-    int scan = 0;         // SsdSetScanFwdVariantForTesting: 0 default
-    int dx = 0;           // SsdSetDxVariantForTesting: 0 default
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -327,9 +325,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, state slice 64] ", kSsdRegAll, 64},
                         {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
-                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
-                        {"[v3 all, scan / dx per tile] ", kSsdRegAll, 0, 0, 1, 1},
-                        {"[v3 all, scan / dx pairs, 3 slots] ", kSsdRegAll, 0, 0, 3, 3}};
+                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -345,8 +341,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetScanFwdVariantForTesting(p.scan);
-    SsdSetDxVariantForTesting(p.dx);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -359,8 +353,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetScanFwdVariantForTesting(0);
-  SsdSetDxVariantForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
