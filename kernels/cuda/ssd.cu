@@ -2245,11 +2245,15 @@ int DbcStageElems(const Dims& d) {
   return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
 }
 template <typename Carver>
-void CarveDbcReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
-  cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
-  cv.template take<bf16>(kTile * 72);                  // C_l slice of the own rows
+void CarveDbcRegStages(Carver& cv, const Dims& d, int stages) {
+  cv.template take<bf16>(stages * DbcStageElems(d));  // per stage: A + St, or V
+  cv.template take<float>(2 * stages * kTile + 8);    // acs, dt per stage; acs_last
+  cv.template take<bf16>(kTile * 72);                 // C_l slice of the own rows
 }
+template <typename Carver>
+void CarveDbcReg(Carver& cv, const Dims& d) { CarveDbcRegStages(cv, d, kStages); }
+template <typename Carver>
+void CarveDbcReg2(Carver& cv, const Dims& d) { CarveDbcRegStages(cv, d, 2); }
 
 // A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
 // rows of A scaled by sc0 (rows gq) and sc1 (rows gq + 8) after the bf16 load, rounded to bf16
@@ -2293,10 +2297,14 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
-__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
+// kSt stages, at least kMinBlocks blocks per SM (registers): <3, 3> by default; <2, 4>
+// (testing, session 8) trades a pipeline stage and spills for a fourth block per SM.
+template <int kSt, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
+  constexpr int kStages = kSt;
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
   const bool kDB = static_cast<int>(blockIdx.y) >= d.G * nsl;
@@ -2847,7 +2855,17 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
 // Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
 // of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
 // 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
-int DcbSplit(const Dims& d) { return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1; }
+// Session 8: 4 where hpg % 4 == 0 and hpg >= 16 (B8 S2048 G1: 2560 blocks, 4.8 waves of 4 per
+// SM instead of 2.4, whose last round ran 42% full). g_dcb_split (testing): 0 that rule, else
+// that split where it divides hpg.
+std::atomic<int> g_dcb_split{0};
+std::atomic<int> g_dbc_variant{0};  // testing: 0 ssd_bwd_dbc_reg<3, 3>, 1 <2, 4>
+int DcbSplit(const Dims& d) {
+  const int forced = g_dcb_split.load();
+  if (forced > 0 && d.hpg % forced == 0) return forced;
+  if (d.hpg % 4 == 0 && d.hpg >= 16) return 4;
+  return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1;
+}
 
 struct BwdScratch {
   float* dsg;
@@ -2955,11 +2973,19 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
-    const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
-    ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                plan.dx ? sc.inter_part : nullptr);
+    const dim3 bc_grid(d.NC * tiles, 2 * d.G * (d.N / 64), d.B);
+    float* inter = plan.dx ? sc.inter_part : nullptr;
+    if (g_dbc_variant.load() == 1) {
+      const size_t bc_smem = SmemOf<CarveDbcReg2<CarveSize>>(d);
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg<2, 4>, bc_smem));
+      ssd_bwd_dbc_reg<2, 4><<<bc_grid, kThreads, bc_smem, stream>>>(
+          d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc, inter);
+    } else {
+      const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg<kStages, 3>, bc_smem));
+      ssd_bwd_dbc_reg<kStages, 3><<<bc_grid, kThreads, bc_smem, stream>>>(
+          d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc, inter);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
@@ -3009,6 +3035,12 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetBwdTuningForTesting(int dcb_split, int dbc_variant) {
+  g_dcb_split.store(dcb_split == 1 || dcb_split == 2 || dcb_split == 4 || dcb_split == 8
+                        ? dcb_split
+                        : 0);
+  g_dbc_variant.store(dbc_variant == 1 ? 1 : 0);
+}
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
