@@ -139,7 +139,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     const char* name;
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
-    int dcb_split = 0, dbc_variant = 0;  // SsdSetBwdTuningForTesting
+    int dcb_split = 0;  // SsdSetDcbSplitForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -148,25 +148,21 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll},
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
-                        {"[v3 all un]", kSsdRegAll, 2},           // unfused
-                        {"[v3 all s2]", kSsdRegAll, 0, 2, 0},     // dCB head split 2
-                        {"[v3 all s4]", kSsdRegAll, 0, 4, 0},     // 4
-                        {"[v3 all s8]", kSsdRegAll, 0, 8, 0},     // 8
-                        {"[v3 all d4]", kSsdRegAll, 0, 0, 1},     // dB/dC 2 stages, 4/SM
-                        {"[v3 all s2d4]", kSsdRegAll, 0, 2, 1}};  // both
+                        {"[v3 all un]", kSsdRegAll, 2},      // unfused
+                        {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
+                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
-                         p.dbc_variant != 0)) {
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetBwdTuningForTesting(p.dcb_split, p.dbc_variant);
+    SsdSetDcbSplitForTesting(p.dcb_split);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -185,7 +181,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   }
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetBwdTuningForTesting(0, 0);
+  SsdSetDcbSplitForTesting(0);
 }
 
 }  // namespace

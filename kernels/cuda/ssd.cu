@@ -1943,7 +1943,11 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-constexpr int kStages = 3;  // cp.async pipeline depth of the head loop of dbc
+// cp.async pipeline depth of the head loop of ssd_bwd_dbc_reg: 2 with four blocks per SM
+// (128 registers, 84 bytes spilled, 47 KB) beat 3 at three blocks per SM (168 registers, 66 KB):
+// H200, session 8, fwd+bwd 2.133 → 2.113 ms at B8 S2048, 2.245 → 2.205 ms at B2 S8192 (1024
+// blocks: 1.9 waves of 528 instead of 2.6 of 396).
+constexpr int kStages = 2;
 // Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, each head's Acs_l,
 // Acs_s, dt_s, and (double-buffered per head) the per-warp column sums and pair sums of the
 // ∂Acs terms: ~41 KB at P64, and at most 128 registers, so that four blocks fit per SM.
@@ -2237,7 +2241,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~66 KB at P64: three blocks per SM): kStages stages, each
+// Shared memory of ssd_bwd_dbc_reg (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
 // other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
 // and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
@@ -2245,15 +2249,11 @@ int DbcStageElems(const Dims& d) {
   return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
 }
 template <typename Carver>
-void CarveDbcRegStages(Carver& cv, const Dims& d, int stages) {
-  cv.template take<bf16>(stages * DbcStageElems(d));  // per stage: A + St, or V
-  cv.template take<float>(2 * stages * kTile + 8);    // acs, dt per stage; acs_last
-  cv.template take<bf16>(kTile * 72);                 // C_l slice of the own rows
+void CarveDbcReg(Carver& cv, const Dims& d) {
+  cv.template take<bf16>(kStages * DbcStageElems(d));  // per stage: A + St, or V
+  cv.template take<float>(2 * kStages * kTile + 8);    // acs, dt per stage; acs_last
+  cv.template take<bf16>(kTile * 72);                  // C_l slice of the own rows
 }
-template <typename Carver>
-void CarveDbcReg(Carver& cv, const Dims& d) { CarveDbcRegStages(cv, d, kStages); }
-template <typename Carver>
-void CarveDbcReg2(Carver& cv, const Dims& d) { CarveDbcRegStages(cv, d, 2); }
 
 // A 16×16k warp tile (the warp's rows at a, row-major) times B (non-transposed, b[k·ldb + n]),
 // rows of A scaled by sc0 (rows gq) and sc1 (rows gq + 8) after the bf16 load, rounded to bf16
@@ -2297,14 +2297,10 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
-// kSt stages, at least kMinBlocks blocks per SM (registers): <3, 3> by default; <2, 4>
-// (testing, session 8) trades a pipeline stage and spills for a fourth block per SM.
-template <int kSt, int kMinBlocks>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) ssd_bwd_dbc_reg(
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
-  constexpr int kStages = kSt;
   const int tiles = d.Q / kTile, nsl = d.N / 64;
   const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
   const bool kDB = static_cast<int>(blockIdx.y) >= d.G * nsl;
@@ -2852,14 +2848,14 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   return {};
 }
 
-// Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
-// of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
+// Head split of ssd_bwd_dcb_reg: 4 or 2 where the group's heads divide evenly and there are
+// enough of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
 // 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
 // Session 8: 4 where hpg % 4 == 0 and hpg >= 16 (B8 S2048 G1: 2560 blocks, 4.8 waves of 4 per
-// SM instead of 2.4, whose last round ran 42% full). g_dcb_split (testing): 0 that rule, else
-// that split where it divides hpg.
+// SM instead of 2.4, whose last round ran 42% full): H200, 494 → 453 µs (ncu), dcb_sum 15 →
+// 23 µs; fwd+bwd 2.170 → 2.134 ms at B8 S2048 (split 8: 2.145). g_dcb_split (testing): 0 that
+// rule, else that split where it divides hpg.
 std::atomic<int> g_dcb_split{0};
-std::atomic<int> g_dbc_variant{0};  // testing: 0 ssd_bwd_dbc_reg<3, 3>, 1 <2, 4>
 int DcbSplit(const Dims& d) {
   const int forced = g_dcb_split.load();
   if (forced > 0 && d.hpg % forced == 0) return forced;
@@ -2973,19 +2969,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
-    const dim3 bc_grid(d.NC * tiles, 2 * d.G * (d.N / 64), d.B);
-    float* inter = plan.dx ? sc.inter_part : nullptr;
-    if (g_dbc_variant.load() == 1) {
-      const size_t bc_smem = SmemOf<CarveDbcReg2<CarveSize>>(d);
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg<2, 4>, bc_smem));
-      ssd_bwd_dbc_reg<2, 4><<<bc_grid, kThreads, bc_smem, stream>>>(
-          d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc, inter);
-    } else {
-      const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg<kStages, 3>, bc_smem));
-      ssd_bwd_dbc_reg<kStages, 3><<<bc_grid, kThreads, bc_smem, stream>>>(
-          d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc, inter);
-    }
+    const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
+    ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
@@ -3035,11 +3023,8 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
-void SsdSetBwdTuningForTesting(int dcb_split, int dbc_variant) {
-  g_dcb_split.store(dcb_split == 1 || dcb_split == 2 || dcb_split == 4 || dcb_split == 8
-                        ? dcb_split
-                        : 0);
-  g_dbc_variant.store(dbc_variant == 1 ? 1 : 0);
+void SsdSetDcbSplitForTesting(int split) {
+  g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 

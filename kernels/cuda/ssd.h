@@ -144,11 +144,10 @@ void SsdSetStateSliceForTesting(int columns);
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
 // fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
-// Backward tuning (process-wide; same function up to the fp32 order of the dCB head sums):
-// dcb_split 0 = by shape, 1 / 2 / 4 / 8 = that head split of the dCB kernel where it divides the
-// heads per group; dbc_variant 0 = the dB/dC kernel with three pipeline stages at three blocks
-// per SM (default), 1 = two stages at four blocks per SM.
-void SsdSetBwdTuningForTesting(int dcb_split, int dbc_variant);
+// Head split of the v3 dCB kernel (process-wide; same function up to the fp32 order of the
+// head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
+// heads per group.
+void SsdSetDcbSplitForTesting(int split);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

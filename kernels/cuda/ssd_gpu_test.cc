@@ -315,7 +315,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
-    int dcb_split = 0, dbc_variant = 0;  // SsdSetBwdTuningForTesting
+    int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -327,8 +327,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
-                        {"[v3 all, dCB split 4, dB/dC 4 per SM] ", kSsdRegAll, 0, 0, 4, 1},
-                        {"[v3 all, dCB split 2] ", kSsdRegAll, 0, 0, 2, 0}};
+                        {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -344,7 +343,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
-    SsdSetBwdTuningForTesting(p.dcb_split, p.dbc_variant);
+    SsdSetDcbSplitForTesting(p.dcb_split);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -357,7 +356,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
-  SsdSetBwdTuningForTesting(0, 0);
+  SsdSetDcbSplitForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
