@@ -108,11 +108,12 @@
 //   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
 //   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
 //   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor. Session 8
-//   (H200, two calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
-//   forward 0.631 → 0.611 ms); two heads per block sharing the C_l / B_s / C Bᵀ tiles (−25% L2
-//   bytes) and the same pairing in bwd dx did not win and are gone. The anchor's GPU kernels
-//   alone (torch.profiler) take 2.48 ms per fwd+bwd call on the H200, against 3.4-4.5 ms
-//   between its events: the rest is host-side launch time.
+//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
+//   forward 0.631 → 0.611 ms), dCB head split 4, dB/dC at four blocks per SM: fwd+bwd 2.193 →
+//   2.113 ms (B8 S2048), 2.292 → 2.205 ms (B2 S8192); two heads per block sharing the C_l / B_s
+//   / C Bᵀ tiles (−25% L2 bytes) and the tile pairing in bwd dx did not win and are gone. The
+//   anchor's GPU kernels alone (torch.profiler) take 2.48 ms per fwd+bwd call on the H200,
+//   against 3.4-5.4 ms between its events: the rest is host-side launch time.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
