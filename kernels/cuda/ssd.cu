@@ -2852,16 +2852,21 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
 // Head split of ssd_bwd_dcb_reg: 4 or 2 where the group's heads divide evenly and there are
 // enough of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
 // 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
-// Session 8: 4 where hpg % 4 == 0 and hpg >= 16 (B8 S2048 G1: 2560 blocks, 4.8 waves of 4 per
-// SM instead of 2.4, whose last round ran 42% full): H200, 494 → 453 µs (ncu), dcb_sum 15 →
-// 23 µs; fwd+bwd 2.170 → 2.134 ms at B8 S2048 (split 8: 2.145). g_dcb_split (testing): 0 that
-// rule, else that split where it divides hpg.
+// Session 8: 4 where split 2 would leave fewer than 4 waves of 4 blocks per SM and hpg % 4 == 0,
+// hpg >= 16 (B8 S2048 and B2 S8192 at H64 G1: 2560 blocks, 4.8 waves instead of 2.4, whose last
+// round ran 42% full): H200, 494 → 453 µs (ncu), dcb_sum 15 → 23 µs; fwd+bwd 2.170 → 2.134 ms
+// at B8 S2048 (split 8: 2.145). Shapes with enough blocks at split 2 (mamba2-130m's B16 S2048
+// H24: 2560) keep it; split 4 was not measured there. g_dcb_split (testing): 0 that rule, else
+// that split where it divides hpg.
 std::atomic<int> g_dcb_split{0};
 int DcbSplit(const Dims& d) {
   const int forced = g_dcb_split.load();
   if (forced > 0 && d.hpg % forced == 0) return forced;
-  if (d.hpg % 4 == 0 && d.hpg >= 16) return 4;
-  return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1;
+  if (!(d.hpg % 2 == 0 && d.hpg >= 4)) return 1;
+  const int tiles = d.Q / kTile;
+  const int64_t blocks2 = 2LL * d.NC * (tiles * (tiles + 1) / 2) * d.G * d.B;
+  const bool few = blocks2 < 16LL * SmCount();  // 4 waves of 4 blocks per SM
+  return few && d.hpg % 4 == 0 && d.hpg >= 16 ? 4 : 2;
 }
 
 struct BwdScratch {
