@@ -86,9 +86,10 @@ def ssd_anchor(batch, seq, heads=64, headdim=64, dstate=128, groups=1, chunk=256
 OURS_LINE = re.compile(r"^ssd\[v3 all\]\s+fwd\+bwd\s+B(\d+) S(\d+) .*?([\d.]+) ms")
 
 
-def kernel_ms(fn, calls=10):
+def kernel_ms(fn, calls=10, top=12):
     """GPU time of the kernels (and memsets) one call of fn launches, summed (torch.profiler):
-    what do_bench's wall time between events would be without launch gaps on the host side."""
+    what do_bench's wall time between events would be without launch gaps on the host side.
+    Also returns the `top` largest entries as (ms per call, launches per call, name)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -97,9 +98,14 @@ def kernel_ms(fn, calls=10):
             fn()
         torch.cuda.synchronize()
     total_us = 0.0
+    rows = []
     for e in prof.key_averages():
-        total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-    return total_us / calls / 1e3
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        total_us += us
+        if us > 0:
+            rows.append((us / calls / 1e3, e.count / calls, e.key))
+    rows.sort(reverse=True)
+    return total_us / calls / 1e3, rows[:top]
 
 
 def alternate(commands, rounds):
@@ -136,9 +142,12 @@ def alternate(commands, rounds):
                   f"max {max(ratios):.3f})", flush=True)
     for shape in shapes:
         try:
+            total, rows = kernel_ms(made[shape][1])
             print(f"anchor kernel sum B{shape[0]} S{shape[1]} fwd+bwd: "
-                  f"{kernel_ms(made[shape][1]):.3f} ms per call (torch.profiler, 10 calls)",
-                  flush=True)
+                  f"{total:.3f} ms per call (torch.profiler, 10 calls)", flush=True)
+            for ms, n, name in rows:
+                print(f"anchor kernel B{shape[0]} S{shape[1]}: {ms:7.3f} ms x{n:g} {name[:90]}",
+                      flush=True)
         except Exception as e:  # diagnostic only
             print(f"anchor kernel sum failed: {e!r}", flush=True)
 

@@ -9,9 +9,11 @@
 // written once, the saved buffer written once by the forward and read once by the backward).
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--default_only] [--shapes=1|2|3]
+//             [--path=TEXT]
 // MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
-// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192.
+// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192. --path: only the
+// variants whose name contains TEXT (e.g. "un]" for one ncu profile of that variant).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -58,7 +60,7 @@ Counts Count(const SsdShape& s, const SsdOptions& o) {
 }
 
 void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask,
-         bool default_only) {
+         bool default_only, const std::string& path_filter) {
   SsdShape s{batch, seq, 64, 64, 1, 128};
   SsdOptions o;
   o.chunk_size = 256;
@@ -137,6 +139,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     const char* name;
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
+    int dcb_split = 0;  // SsdSetDcbSplitForTesting
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -145,13 +148,21 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 dx+dbc]", kSsdRegDx | kSsdRegDbc},  // (dx implies dbc: ssd.h)
                         {"[v3 all] ", kSsdRegAll},
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
-                        {"[v3 all un]", kSsdRegAll, 2}};  // unfused
+                        {"[v3 all un]", kSsdRegAll, 2},      // unfused
+                        {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
+                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0)) continue;
+    if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
+      continue;
+    }
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
+      continue;
+    }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
+    SsdSetDcbSplitForTesting(p.dcb_split);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -170,6 +181,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   }
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
+  SsdSetDcbSplitForTesting(0);
 }
 
 }  // namespace
@@ -180,17 +192,19 @@ int main(int argc, char** argv) {
   Timer t;
   int only_mask = -1, shapes = 2;
   bool default_only = false;
+  std::string path_filter;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--warmup=", 9) == 0) t.warmup = std::max(0, std::atoi(argv[i] + 9));
     if (std::strncmp(argv[i], "--only=", 7) == 0) only_mask = std::atoi(argv[i] + 7);
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strcmp(argv[i], "--default_only") == 0) default_only = true;
+    if (std::strncmp(argv[i], "--path=", 7) == 0) path_filter = argv[i] + 7;
   }
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   t.Init(&alloc);
-  if (shapes != 3) Run(t, alloc, 8, 2048, only_mask, default_only);
-  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask, default_only);
+  if (shapes != 3) Run(t, alloc, 8, 2048, only_mask, default_only, path_filter);
+  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask, default_only, path_filter);
   return 0;
 }

@@ -107,14 +107,21 @@
 //   B2 S8192 (unfused there; main 2.46-2.47). Session 7 (H100, one call): narrower fused tiles
 //   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
 //   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
-//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor.
+//   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor. Session 8
+//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
+//   forward 0.631 → 0.611 ms), dCB head split 4, dB/dC at four blocks per SM: fwd+bwd 2.193 →
+//   2.113 ms (B8 S2048), 2.292 → 2.205 ms (B2 S8192); two heads per block sharing the C_l / B_s
+//   / C Bᵀ tiles (−25% L2 bytes) and the tile pairing in bwd dx did not win and are gone. The
+//   anchor's GPU kernels alone (torch.profiler) take 2.48 ms per fwd+bwd call on the H200,
+//   against 3.4-5.4 ms between its events: the rest is host-side launch time.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_scan (chunk states, cp.async double-buffered;
 // fused with the state pass where its blocks fill the device, else one chunk per block),
-// ssd_chunk_scan_fwd_reg, ssd_bwd_dcb_reg (x·dyᵀ per head, once for two consumers: the
+// ssd_chunk_scan_fwd_pair (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
+// once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
 // ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
@@ -1427,119 +1434,138 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
     }
 }
 
-// Shared memory of ssd_chunk_scan_fwd_reg: C_l (for the inter-chunk product only), the C Bᵀ
-// tile double buffer (the second buffer's region first holds H_c in bf16: it is read only
-// before the s-loop starts), x_s double buffer, and the per-token Acs / dt of the two s buffers.
-// ~62 KB at P64 N128: three blocks per SM.
+// ssd_chunk_scan_fwd_pair: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
+// where they coincide) of one (b, c, h), so every block has the same work (at Q = 256: 2 inter
+// products and 5 tile pairs) and one cp.async pipeline runs through all of it. Session 8
+// replaced the per-l-tile kernel (ssd_chunk_scan_fwd_reg, one block per 64-row l-tile walking
+// 1-4 s-tiles after a prologue that waited for C_l, H_c and tile 0 together): H_c, the chunk's
+// Acs and dt are loaded once per block (H_c was read by each l-tile block), and only the first
+// item's round trip is exposed per two l-tiles. H200 (ncu): 511 → 479-484 µs at B8 S2048;
+// forward 0.631 → 0.611 ms. A third ring slot (3 blocks per SM at 163 registers) was slower
+// (forward 0.643 ms), as was the same pairing in bwd dx (649 → 677 µs; removed).
+// Items k = 0..K−1, in order: I(a) (C_l tile: y = e^{Acs_l} C_l H_cᵀ), S(a, 0..a) (C Bᵀ and x_s
+// tiles: y += M x_s), then y of a; I(b), S(b, 0..b), y of b. Item k's tiles go to ring slot
+// k % kSlots (a slot holds either C_l or a C Bᵀ tile + x tile); one barrier per item publishes
+// item k and retires slot k−1, which then receives item k+1 (loading while k is computed).
+// The math per tile is ssd_chunk_scan_fwd's (which documents it).
+constexpr int kScanSlots = 2;
 template <typename Carver>
-void CarveScanFwdReg(Carver& cv, const Dims& d) {
-  cv.template take<bf16>(kTile * kLdCb);                                      // CB buffer 0
-  cv.template take<bf16>(std::max(d.P * (d.N + 8), kTile * kLdCb));           // Hs, CB buffer 1
-  cv.template take<bf16>(kTile * (d.P + 8));                                  // X buffer 0
-  cv.template take<bf16>(std::max(kTile * (d.P + 8), kTile * (d.N + 8)));     // Cl, X buffer 1
-  cv.template take<float>(4 * kTile);                                         // acs_s[2], dt_s[2]
+void CarveScanFwdPair(Carver& cv, const Dims& d) {
+  const int slot = std::max(kTile * (d.N + 8), kTile * kLdCb + kTile * (d.P + 8));
+  cv.template take<bf16>(static_cast<size_t>(kScanSlots) * slot);  // ring
+  cv.template take<bf16>(d.P * (d.N + 8));                          // H_c
+  cv.template take<float>(2 * d.Q);                                 // Acs, dt of the chunk
 }
 
-// grid (NC·Q/64, H, B): y for one 64-row l-tile of one chunk and head (same math as
-// ssd_chunk_scan_fwd, which documents it).
-// C_l is read only by the inter-chunk product, before the first barrier of the s-loop, which
-// also retires H_c; both regions then take tile 1 (C Bᵀ into Hs, x into Cl's place). That keeps
-// the shared memory at 53 KB for P64 N128 (63.5 KB with a separate Cl), so with at most 128
-// registers (P <= 64) four blocks fit per SM instead of three.
+// grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
 template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_reg(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* Dskip,
-    const float* saved, bf16* y) {
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
+    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
-  const int tiles = d.Q / kTile;
-  const int c = blockIdx.x / tiles, lt = blockIdx.x % tiles, h = blockIdx.y, b = blockIdx.z;
+  constexpr int kSlots = kScanSlots;
+  const int T = d.Q / kTile, pairs = (T + 1) / 2;
+  const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
   const int g = h / d.hpg;
-  const int tl0 = c * d.Q + lt * kTile;
-  if (tl0 >= d.S) return;
-  const int lv = min(kTile, d.S - tl0);
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;  // l-tiles of this chunk inside the sequence
+  // The block's l-tiles: ta = pr, tb = T−1−pr (none where past the sequence end or equal to ta).
+  const int ta = pr, tb = (T - 1 - pr > pr && T - 1 - pr < nT) ? T - 1 - pr : -1;
+  if (ta >= nT) return;
+  const int K = (ta + 2) + (tb >= 0 ? tb + 2 : 0);
   const int ldn = d.N + 8, ldp = kP + 8;
+  const int slot_elems = max(kTile * ldn, kTile * kLdCb + kTile * ldp);
   Carve cv{smem};
-  bf16* CB0 = cv.take<bf16>(kTile * kLdCb);
-  bf16* Hs = cv.take<bf16>(max(kP * ldn, kTile * kLdCb));
-  bf16* X0 = cv.take<bf16>(kTile * ldp);
-  bf16* X1 = cv.take<bf16>(max(kTile * ldp, kTile * ldn));
-  bf16* Cl = X1;  // until the s-loop's first barrier
-  float* acs_s = cv.take<float>(4 * kTile);
-  float* dt_s = acs_s + 2 * kTile;
+  bf16* ring = cv.take<bf16>(static_cast<size_t>(kSlots) * slot_elems);
+  bf16* Hs = cv.take<bf16>(kP * ldn);
+  float* acs_c = cv.take<float>(2 * d.Q);
+  float* dt_c = acs_c + d.Q;
 
-  const float* acs = AcsPtr(d, saved, b, h);
+  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dts = DtPtr(d, saved, b);
   const int64_t bc_stride = d.ldbc;
   const int64_t x_stride = d.ldx;
   const bf16* Cb = Cm + BcRow(d, b, 0) + static_cast<int64_t>(g) * d.N;
-  // Row tl0 of this chunk's C Bᵀ; the (lt, st) tile starts st·64 columns in.
-  const bf16* cbl = CbPtr(d, saved, b, g) + static_cast<int64_t>(tl0) * d.Q;
+  const bf16* cbc = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q;  // chunk's C Bᵀ
   const bf16* xb = x + XRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
-  const int r0 = warp * 16 + gq;  // this thread's rows: r0, r0 + 8
+  const int r0 = warp * 16 + gq;  // this thread's rows of the current l-tile: r0, r0 + 8
 
-  // Tile st of C Bᵀ and x (and its Acs, dt) into buffer `buf`, as one cp.async group.
-  auto issue = [&](int st, int buf) {
-    const int ts0 = c * d.Q + st * kTile, sv = min(kTile, d.S - ts0);
-    CpRows(buf ? Hs : CB0, kLdCb, cbl + st * kTile, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(buf ? X1 : X0, ldp, xb + ts0 * x_stride, x_stride, sv, kP);
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      CpAsync4(acs_s + buf * kTile + r, acs + ts0 + r, true);
-      CpAsync4(dt_s + buf * kTile + r, dts + static_cast<int64_t>(ts0 + min(r, sv - 1)) * d.H + h,
-               r < sv);
+  // Item k → (l-tile, s-tile or −1 for the inter item).
+  auto item = [&](int k, int& lt, int& st) {
+    const int ka = ta + 2;
+    lt = k < ka ? ta : tb;
+    const int j = k < ka ? k : k - ka;
+    st = j - 1;
+  };
+  auto issue = [&](int k) {
+    if (k < K) {
+      int lt, st;
+      item(k, lt, st);
+      bf16* sl = ring + (k % kSlots) * slot_elems;
+      const int tl0 = c0 + lt * kTile;
+      if (st < 0) {
+        LoadRowsAsync(sl, ldn, Cb + tl0 * bc_stride, bc_stride, min(kTile, d.S - tl0), d.N);
+      } else {
+        const int ts0 = c0 + st * kTile;
+        CpRows(sl, kLdCb, cbc + static_cast<int64_t>(lt * kTile) * d.Q + st * kTile, d.Q, kTile,
+               kTile, kTile);
+        LoadRowsAsync(sl + kTile * kLdCb, ldp, xb + ts0 * x_stride, x_stride,
+                      min(kTile, d.S - ts0), kP);
+      }
     }
     CpAsyncCommit();
   };
 
-  LoadRowsAsync(Cl, ldn, Cb + tl0 * bc_stride, bc_stride, lv, d.N);
-  issue(0, 0);
-  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);  // joins tile 0's group
-  CpAsyncCommit();
-  const float al0 = acs[tl0 + r0], al1 = acs[tl0 + r0 + 8];
-  const float aref = acs[tl0];
-  const float rf0 = __expf(al0 - aref), rf1 = __expf(al1 - aref);
-  CpAsyncWait<0>();
-  __syncthreads();
-
-  // Inter-chunk: y = e^{Acs_l} (C_l H_cᵀ).
-  float acc[NP][4];
-  ZeroAcc(acc);
-  const bf16* Cw = Cl + warp * 16 * ldn;
-  WarpMmaSS<NP, true>(acc, Cw, ldn, Hs, ldn, d.N);
-  {
-    const float e0 = expf(al0), e1 = expf(al1);
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      acc[j][0] *= e0;
-      acc[j][1] *= e0;
-      acc[j][2] *= e1;
-      acc[j][3] *= e1;
-    }
+  // Prologue: H_c, the chunk's Acs and dt (joining item 0's group).
+  CpRows(Hs, ldn, HbfPtr(d, saved, b, h, c), d.N, kP, kP, d.N);
+  for (int i = threadIdx.x; i < d.Q; i += kThreads) {
+    CpAsync4(acs_c + i, acs_g + i, true);  // padded tokens carry the last value (AcsPtr)
+    CpAsync4(dt_c + i, dts + static_cast<int64_t>(c0 + min(i, len - 1)) * d.H + h, i < len);
   }
+  issue(0);
+  for (int k = 1; k < kSlots - 1; ++k) issue(k);  // (none with two slots)
 
-  // Intra-chunk: s-tiles 0..lt, tile st+1 loading while st is multiplied.
-  // One barrier per tile: it publishes tile st (its cp.async group waited for just before) and
-  // retires every read of buffer buf^1 (tile st−1, or H_c), which then receives tile st+1.
-  for (int st = 0; st <= lt; ++st) {
-    const int buf = st & 1;
-    CpAsyncWait<0>();
+  float acc[NP][4];
+  float al0 = 0.f, al1 = 0.f, aref = 0.f, rf0 = 0.f, rf1 = 0.f;
+  for (int k = 0; k < K; ++k) {
+    CpAsyncWait<kSlots - 2>();
     __syncthreads();
-    if (st < lt) issue(st + 1, buf ^ 1);
-    const bf16* CBt = buf ? Hs : CB0;
-    const bf16* Xs = buf ? X1 : X0;
-    const float* as = acs_s + buf * kTile;
-    const float* ds = dt_s + buf * kTile;
+    issue(k + kSlots - 1);
+    int lt, st;
+    item(k, lt, st);
+    const bf16* sl = ring + (k % kSlots) * slot_elems;
+    const int l0 = lt * kTile;
+    if (st < 0) {
+      // Inter-chunk: y = e^{Acs_l} (C_l H_cᵀ).
+      al0 = acs_c[l0 + r0];
+      al1 = acs_c[l0 + r0 + 8];
+      aref = acs_c[l0];
+      rf0 = __expf(al0 - aref);
+      rf1 = __expf(al1 - aref);
+      ZeroAcc(acc);
+      WarpMmaSS<NP, true>(acc, sl + warp * 16 * ldn, ldn, Hs, ldn, d.N);
+      const float e0 = expf(al0), e1 = expf(al1);
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        acc[j][0] *= e0;
+        acc[j][1] *= e0;
+        acc[j][2] *= e1;
+        acc[j][3] *= e1;
+      }
+      continue;
+    }
+    const float* as = acs_c + st * kTile;
+    const float* ds = dt_c + st * kTile;
     float s[8][4];
     {
       unsigned cbf[4][4];
-      LoadTileA<false>(cbf, CBt);
+      LoadTileA<false>(cbf, sl);
       AToAcc<8>(cbf, s);
     }
     if (st < lt) {
-      // Off-diagonal tile (every s before tl0): e^{Acs_l − Acs_s} = e^{Acs_l − Acs_tl0} ·
-      // e^{Acs_tl0 − Acs_s}, both <= 1; the row factors are per block (rf0, rf1).
+      // Off-diagonal tile: e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both <= 1.
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -1562,23 +1588,25 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
     }
     unsigned fa[4][4];
     AccToA(s, fa);
-    WarpMmaRS<NP, 4, false>(acc, fa, Xs, ldp);
-  }
-
-  // y = acc + D x (rows < lv), straight from the accumulators.
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  bf16* yb = y + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
+    WarpMmaRS<NP, 4, false>(acc, fa, sl + kTile * kLdCb, ldp);
+    if (st == lt) {
+      // Last tile of this l-tile: y = acc + D x (rows inside the sequence).
+      const int tl0 = c0 + l0, lv = min(kTile, d.S - tl0);
+      const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+      bf16* yb = y + YRow(d, b, 0) + static_cast<int64_t>(h) * d.P;
 #pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
-    const int row = r0 + 8 * e2;
-    if (row < lv) {
-      const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int row = r0 + 8 * e2;
+        if (row < lv) {
+          const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
 #pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        const int p = 8 * j + 2 * tq;
-        const float2 xv = Bf2(xb + off + p);
-        *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
-            acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
+          for (int j = 0; j < NP; ++j) {
+            const int p = 8 * j + 2 * tq;
+            const float2 xv = Bf2(xb + off + p);
+            *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
+                acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
+          }
+        }
       }
     }
   }
@@ -1916,7 +1944,11 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-constexpr int kStages = 3;  // cp.async pipeline depth of the head loop of dbc
+// cp.async pipeline depth of the head loop of ssd_bwd_dbc_reg: 2 with four blocks per SM
+// (128 registers, 84 bytes spilled, 47 KB) beat 3 at three blocks per SM (168 registers, 66 KB):
+// H200, session 8, fwd+bwd 2.133 → 2.113 ms at B8 S2048, 2.245 → 2.205 ms at B2 S8192 (1024
+// blocks: 1.9 waves of 528 instead of 2.6 of 396).
+constexpr int kStages = 2;
 // Shared memory of ssd_bwd_dcb_reg: dy_l and x_s tiles of kDcbStages heads, each head's Acs_l,
 // Acs_s, dt_s, and (double-buffered per head) the per-warp column sums and pair sums of the
 // ∂Acs terms: ~41 KB at P64, and at most 128 registers, so that four blocks fit per SM.
@@ -2210,7 +2242,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~66 KB at P64: three blocks per SM): kStages stages, each
+// Shared memory of ssd_bwd_dbc_reg (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
 // other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
 // and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
@@ -2266,7 +2298,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
-__global__ void __launch_bounds__(kThreads, 3) ssd_bwd_dbc_reg(
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
@@ -2717,7 +2749,7 @@ RegPlan PlanReg(const Dims& d) {
   const int mask = g_reg_mask.load();
   if (mask == 0) return p;
   const size_t optin = static_cast<size_t>(MaxSmemOptin());
-  p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdReg<CarveSize>>(d) <= optin;
+  p.fwd = (mask & kSsdRegScanFwd) && SmemOf<CarveScanFwdPair<CarveSize>>(d) <= optin;
   const bool dbc_fits = d.N % 64 == 0 && SmemOf<CarveDcbReg<CarveSize>>(d) <= optin &&
                         SmemOf<CarveDbcReg<CarveSize>>(d) <= optin;
   p.dx = (mask & kSsdRegDx) && dbc_fits && SmemOf<CarveDxReg<CarveSize>>(d) <= optin;
@@ -2755,13 +2787,14 @@ bool UseFusedStatePass(const Dims& d) {
 }
 
 template <int kP>
-CudaResult LaunchScanFwdReg(const SsdForwardArgs& a, const Dims& d, const float* saved,
-                            cudaStream_t stream) {
-  const size_t smem = SmemOf<CarveScanFwdReg<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_reg<kP>, smem));
-  ssd_chunk_scan_fwd_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem, stream>>>(
-      d, a.x, a.b, a.c, a.d, saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_reg");
+CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
+                         cudaStream_t stream) {
+  const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
+  const int T = d.Q / kTile;
+  ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
+      d, a.x, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
   return {};
 }
 
@@ -2802,10 +2835,10 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
 
   if (plan.fwd) {
     switch (d.P) {
-      case 32: return LaunchScanFwdReg<32>(a, d, saved, stream);
-      case 64: return LaunchScanFwdReg<64>(a, d, saved, stream);
-      case 96: return LaunchScanFwdReg<96>(a, d, saved, stream);
-      default: return LaunchScanFwdReg<128>(a, d, saved, stream);
+      case 32: return LaunchScanFwd<32>(a, d, saved, stream);
+      case 64: return LaunchScanFwd<64>(a, d, saved, stream);
+      case 96: return LaunchScanFwd<96>(a, d, saved, stream);
+      default: return LaunchScanFwd<128>(a, d, saved, stream);
     }
   }
   const size_t fwd_smem = SmemOf<CarveScanFwd<CarveSize>>(d);
@@ -2816,10 +2849,25 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   return {};
 }
 
-// Head split of ssd_bwd_dcb_reg: 2 where the group's heads divide evenly and there are enough
-// of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
+// Head split of ssd_bwd_dcb_reg: 4 or 2 where the group's heads divide evenly and there are
+// enough of them (each block keeps a pipeline of several heads), else 1. At B8 S2048 G1 (H100, session
 // 5, call 1) the kernel took 461 µs split, 582 µs unsplit (640 blocks: 1.2 waves of 4 per SM).
-int DcbSplit(const Dims& d) { return d.hpg % 2 == 0 && d.hpg >= 4 ? 2 : 1; }
+// Session 8: 4 where split 2 would leave fewer than 4 waves of 4 blocks per SM and hpg % 4 == 0,
+// hpg >= 16 (B8 S2048 and B2 S8192 at H64 G1: 2560 blocks, 4.8 waves instead of 2.4, whose last
+// round ran 42% full): H200, 494 → 453 µs (ncu), dcb_sum 15 → 23 µs; fwd+bwd 2.170 → 2.134 ms
+// at B8 S2048 (split 8: 2.145). Shapes with enough blocks at split 2 (mamba2-130m's B16 S2048
+// H24: 2560) keep it; split 4 was not measured there. g_dcb_split (testing): 0 that rule, else
+// that split where it divides hpg.
+std::atomic<int> g_dcb_split{0};
+int DcbSplit(const Dims& d) {
+  const int forced = g_dcb_split.load();
+  if (forced > 0 && d.hpg % forced == 0) return forced;
+  if (!(d.hpg % 2 == 0 && d.hpg >= 4)) return 1;
+  const int tiles = d.Q / kTile;
+  const int64_t blocks2 = 2LL * d.NC * (tiles * (tiles + 1) / 2) * d.G * d.B;
+  const bool few = blocks2 < 16LL * SmCount();  // 4 waves of 4 blocks per SM
+  return few && d.hpg % 4 == 0 && d.hpg >= 16 ? 4 : 2;
+}
 
 struct BwdScratch {
   float* dsg;
@@ -2981,6 +3029,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetDcbSplitForTesting(int split) {
+  g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
+}
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {

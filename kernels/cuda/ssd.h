@@ -144,6 +144,10 @@ void SsdSetStateSliceForTesting(int columns);
 // (N slice, head, batch row) blocks to fill the device (ssd.cu, UseFusedStatePass), 1 always
 // fuses, 2 never (one chunk per block + ssd_state_pass). Process-wide; same function.
 void SsdSetFusedStatePassForTesting(int mode);
+// Head split of the v3 dCB kernel (process-wide; same function up to the fp32 order of the
+// head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
+// heads per group.
+void SsdSetDcbSplitForTesting(int split);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -298,6 +298,8 @@ TEST(SsdGpu, MatchesCpuReference) {
   cases.push_back(bare);
   cases.push_back({"S333 Q128 G2", 2, 333, 4, 64, 2, 64, 128});  // partial 2nd tile of a chunk
   cases.push_back({"P96 S130", 1, 130, 4, 96, 1, 64, 128});
+  // An odd head count at G = 1 (heads sharing one group's B, C).
+  cases.push_back({"H5 S200", 1, 200, 5, 64, 1, 64, 128});
   // Row strides (x, B, C and their gradients as slices of one wider row, as Mamba-2's block
   // passes them): a bench-like shape and one with partial tiles, G = 2.
   Case strided_big{"strided bench-like", 2, 300, 8, 64, 1, 128, 256};
@@ -313,6 +315,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int mask;
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
+    int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -323,7 +326,8 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, state slice 64] ", kSsdRegAll, 64},
                         {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
-                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1}};
+                        {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
+                        {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -339,6 +343,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
+    SsdSetDcbSplitForTesting(p.dcb_split);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -351,6 +356,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetRegisterPathForTesting(default_mask);
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
+  SsdSetDcbSplitForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
