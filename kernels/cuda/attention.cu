@@ -486,7 +486,8 @@ constexpr int BwdSmemBytes() {
   return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
-// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator: [B·T, H, D] when
+// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator (and the ws
+// kernel's pair_done counters, `pairs` of them, 0 for the mma.sync kernel): [B·T, H, D] when
 // dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex; chunks of 8 columns
 // stay contiguous there, and the padded rows past T are never zeroed because nothing reads
 // them). One thread per 8-column chunk (16-byte loads, two 16-byte zero stores), D/8 threads
@@ -495,9 +496,11 @@ template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
                                                                   int64_t rows_heads, int seq,
-                                                                  int heads, int dq_block_cols) {
+                                                                  int heads, int dq_block_cols,
+                                                                  unsigned* pair_done, int pairs) {
   constexpr int kChunks = kD / 8;  // threads per row-head (8 or 16; a warp holds 2 or 4)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < pairs) pair_done[c] = 0u;
   const int64_t rh = c / kChunks;
   const int d0 = static_cast<int>(c % kChunks) * 8;
   const bool valid = rh < rows_heads;  // whole row-heads per warp: no partial shuffle groups
@@ -547,32 +550,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_a
   packed.z = PackBf16(x1.x * scale, x1.y * scale);
   packed.w = PackBf16(x1.z * scale, x1.w * scale);
   *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + ck * 8) = packed;
-}
-
-// The same conversion from the warp-specialised backward's blocked dq_acc (BwdWsDqAccIndex,
-// attention_wgmma.h): chunks of 8 columns stay contiguous there (the swizzle moves whole chunks).
-template <int kD>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_blocked_kernel(
-    const float* dq_acc, bf16* dq, int64_t q_stride, int heads, int seq, int block_cols,
-    int64_t chunks, float scale) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= chunks) return;
-  constexpr int kChunksPerRowHead = kD / 8;
-  const int64_t rh = c / kChunksPerRowHead;
-  const int d0 = static_cast<int>(c % kChunksPerRowHead) * 8;
-  const int64_t row = rh / heads;
-  const int h = static_cast<int>(rh % heads);
-  const int64_t b = row / seq, t = row % seq;
-  const int64_t m_tiles = (seq + 63) / 64;
-  const float4* src = reinterpret_cast<const float4*>(
-      dq_acc + BwdWsDqAccIndex(b, h, t, d0, heads, m_tiles, kD, block_cols));
-  const float4 x0 = src[0], x1 = src[1];
-  uint4 packed;
-  packed.x = PackBf16(x0.x * scale, x0.y * scale);
-  packed.y = PackBf16(x0.z * scale, x0.w * scale);
-  packed.z = PackBf16(x1.x * scale, x1.y * scale);
-  packed.w = PackBf16(x1.z * scale, x1.w * scale);
-  *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + d0) = packed;
 }
 
 // S / dP: warps 4 (16 rows) x 2 (64 keys); dV / dK: 4 (32 keys) x 2 (D/2 features); dQ: 4 (16
@@ -849,7 +826,7 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, bf16* dq, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, unsigned* pair_done, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -857,7 +834,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
   attn_bwd_prep_kernel<kD>
       <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
-          blocked ? BwdWsDqBlockCols(kD) : 0);
+          blocked ? BwdWsDqBlockCols(kD) : 0, pair_done,
+          blocked ? static_cast<int>(batch * kv_heads) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
@@ -870,6 +848,8 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.dq_acc = p.dq_acc;
     w.dk = p.dk;
     w.dv = p.dv;
+    w.dq = dq;
+    w.pair_done = pair_done;
     w.q_stride = p.q_stride;
     w.kv_stride = p.kv_stride;
     w.seq = p.seq;
@@ -877,8 +857,10 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
-  } else {
+    // The main kernel converts dq_acc into dq itself (its last block per pair).
+    return LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream);
+  }
+  {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
                     static_cast<unsigned>(batch));
@@ -887,14 +869,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
   }
   const int64_t chunks = rows_heads * (kD / 8);
-  if (blocked) {
-    attn_bwd_dq_blocked_kernel<kD>
-        <<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-            p.dq_acc, dq, p.q_stride, p.heads, p.seq,
-            BwdWsDqBlockCols(kD), chunks, p.scale);
-    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_blocked_kernel");
-    return {};
-  }
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
@@ -1016,7 +990,9 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
       &dq_acc));
-  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
+  // dvec: rows_heads floats, then B·Hk pair_done counters of the ws kernel.
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate((rows_heads + s.batch * s.kv_heads) * sizeof(float), &dvec));
+  unsigned* pair_done = reinterpret_cast<unsigned*>(dvec.as<float>() + rows_heads);
   BwdParams p{};
   p.q = args.q;
   p.k = args.k;
@@ -1037,8 +1013,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.scale_log2 = p.scale * kLog2e;
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
-  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, stream);
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, stream);
+  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, pair_done, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, pair_done, stream);
 }
 
 }  // namespace gyre::cuda
