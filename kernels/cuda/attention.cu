@@ -552,6 +552,32 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_a
   *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + ck * 8) = packed;
 }
 
+// The same conversion from the warp-specialised backward's blocked dq_acc (BwdWsDqAccIndex,
+// attention_wgmma.h): chunks of 8 columns stay contiguous there (the swizzle moves whole chunks).
+template <int kD>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_blocked_kernel(
+    const float* dq_acc, bf16* dq, int64_t q_stride, int heads, int seq, int block_cols,
+    int64_t chunks, float scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= chunks) return;
+  constexpr int kChunksPerRowHead = kD / 8;
+  const int64_t rh = c / kChunksPerRowHead;
+  const int d0 = static_cast<int>(c % kChunksPerRowHead) * 8;
+  const int64_t row = rh / heads;
+  const int h = static_cast<int>(rh % heads);
+  const int64_t b = row / seq, t = row % seq;
+  const int64_t m_tiles = (seq + 63) / 64;
+  const float4* src = reinterpret_cast<const float4*>(
+      dq_acc + BwdWsDqAccIndex(b, h, t, d0, heads, m_tiles, kD, block_cols));
+  const float4 x0 = src[0], x1 = src[1];
+  uint4 packed;
+  packed.x = PackBf16(x0.x * scale, x0.y * scale);
+  packed.y = PackBf16(x0.z * scale, x0.w * scale);
+  packed.z = PackBf16(x1.x * scale, x1.y * scale);
+  packed.w = PackBf16(x1.z * scale, x1.w * scale);
+  *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + d0) = packed;
+}
+
 // S / dP: warps 4 (16 rows) x 2 (64 keys); dV / dK: 4 (32 keys) x 2 (D/2 features); dQ: 4 (16
 // rows) x 2 (D/2 features). (A 2 x 4 layout with 32 x 32 S blocks per warp and above-diagonal
 // skips measured 11-22% slower on an H200 — see bench/RESULTS.md — and was dropped.)
@@ -808,6 +834,18 @@ enum class BwdPath { kMma, kWs };
 constexpr BwdPath kDefaultBackward = BwdPath::kWs;
 bool IsWsPath(BwdPath path) { return path == BwdPath::kWs; }
 
+// Where the ws backward's dq_acc becomes dq: the conversion kernel after the main kernel
+// (default: the one measured on the device), or "fused" (GYRE_ATTN_BWD_DQ=fused): the main
+// kernel's last key block per (batch, kv head) converts that pair's rows (attention_wgmma.cu).
+// Not yet measured on the device (attn7's calls got no machine): bench/RESULTS.md.
+bool FusedDqConversion() {
+  static const bool fused = [] {
+    const char* env = std::getenv("GYRE_ATTN_BWD_DQ");
+    return env != nullptr && std::strcmp(env, "fused") == 0;
+  }();
+  return fused;
+}
+
 BwdPath BackwardPath() {
   static const char* const env = std::getenv("GYRE_ATTN_BWD");
   if (env != nullptr) {
@@ -848,7 +886,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.dq_acc = p.dq_acc;
     w.dk = p.dk;
     w.dv = p.dv;
-    w.dq = dq;
+    w.dq = FusedDqConversion() ? dq : nullptr;
     w.pair_done = pair_done;
     w.q_stride = p.q_stride;
     w.kv_stride = p.kv_stride;
@@ -857,10 +895,9 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
-    // The main kernel converts dq_acc into dq itself (its last block per pair).
-    return LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream);
-  }
-  {
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    if (w.dq != nullptr) return {};  // converted by the main kernel
+  } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
                     static_cast<unsigned>(batch));
@@ -869,6 +906,14 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
   }
   const int64_t chunks = rows_heads * (kD / 8);
+  if (blocked) {
+    attn_bwd_dq_blocked_kernel<kD>
+        <<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            p.dq_acc, dq, p.q_stride, p.heads, p.seq,
+            BwdWsDqBlockCols(kD), chunks, p.scale);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_blocked_kernel");
+    return {};
+  }
   attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");

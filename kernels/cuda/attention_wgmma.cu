@@ -757,9 +757,10 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
 //       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
-//   After its last tile a block counts itself on pair_done[b, hk]; the pair's last block converts
-//   the pair's dq_acc into dq (bf16, ·scale). The prep kernel (D_i, zeroing dq_acc and
-//   pair_done) is attention.cu's.
+//   With p.dq set (GYRE_ATTN_BWD_DQ=fused, attention.cu), a block counts itself on
+//   pair_done[b, hk] after its last tile and the pair's last block converts the pair's dq_acc
+//   into dq (bf16, ·scale); otherwise attention.cu's conversion kernel runs afterwards. The prep
+//   kernel (D_i, zeroing dq_acc and pair_done) is attention.cu's.
 
 
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
@@ -1130,11 +1131,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
   if (reducer) {
-    // This warpgroup's bulk reductions are complete (not only read), then made visible to the
-    // generic proxy and device-wide before the block counts itself done below.
     BulkWait0();
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
-    __threadfence();
+    if (p.dq != nullptr) {
+      // This warpgroup's bulk reductions are complete (not only read); made visible to the
+      // generic proxy and device-wide before the block counts itself done below.
+      asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      __threadfence();
+    }
   }
 
   // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
@@ -1156,6 +1159,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // ncu attn6): the last of the pair's gridDim.x key blocks to finish (counted on pair_done after
   // both warpgroups' reductions completed) converts the pair's dq_acc (group heads, L2-resident
   // while the pair's block group runs) into dq, while other SMs keep the tensor cores busy.
+  if (p.dq == nullptr) return;  // attention.cu's conversion kernel runs after this one instead
   volatile unsigned* last_flag = reinterpret_cast<volatile unsigned*>(base_ptr + L::kFlag);
   NamedBarSync(5, 256);
   if (tid == 128) {
