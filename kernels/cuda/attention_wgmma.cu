@@ -757,7 +757,7 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
 //       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
-//   With p.dq set (GYRE_ATTN_BWD_DQ=fused, attention.cu), a block counts itself on
+//   kFusedDq (p.dq set: GYRE_ATTN_BWD_DQ=fused, attention.cu): a block counts itself on
 //   pair_done[b, hk] after its last tile and the pair's last block converts the pair's dq_acc
 //   into dq (bf16, ·scale); otherwise attention.cu's conversion kernel runs afterwards. The prep
 //   kernel (D_i, zeroing dq_acc and pair_done) is attention.cu's.
@@ -813,7 +813,7 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int kD>
+template <int kD, bool kFusedDq>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                        const int head_group) {
@@ -1132,7 +1132,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
   if (reducer) {
     BulkWait0();
-    if (p.dq != nullptr) {
+    if constexpr (kFusedDq) {
       // This warpgroup's bulk reductions are complete (not only read); made visible to the
       // generic proxy and device-wide before the block counts itself done below.
       asm volatile("fence.proxy.async.global;\n" ::: "memory");
@@ -1159,7 +1159,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // ncu attn6): the last of the pair's gridDim.x key blocks to finish (counted on pair_done after
   // both warpgroups' reductions completed) converts the pair's dq_acc (group heads, L2-resident
   // while the pair's block group runs) into dq, while other SMs keep the tensor cores busy.
-  if (p.dq == nullptr) return;  // attention.cu's conversion kernel runs after this one instead
+  if constexpr (!kFusedDq) return;  // attention.cu's conversion kernel runs after this one
   volatile unsigned* last_flag = reinterpret_cast<volatile unsigned*>(base_ptr + L::kFlag);
   NamedBarSync(5, 256);
   if (tid == 128) {
@@ -1215,8 +1215,9 @@ template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  auto* kernel = p.dq != nullptr ? attn_bwd_ws_kernel<kD, true> : attn_bwd_ws_kernel<kD, false>;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   BwdTmaMaps maps{};
   CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
   CUDA_RETURN_IF_NOT_OK(
@@ -1230,7 +1231,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }

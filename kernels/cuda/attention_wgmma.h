@@ -36,14 +36,15 @@ struct WgmmaBwdParams {
   const float *lse, *dvec;
   float* dq_acc;  // blocked (BwdWsDqAccIndex), fp32, zeroed by the caller
   __nv_bfloat16 *dk, *dv;
-  // With dq set, the kernel converts dq_acc into dq itself (rows of q_stride elements, like q),
-  // counting finished key blocks on pair_done ([B·Hk], zeroed by the caller); with dq null the
-  // caller converts afterwards (attention.cu's attn_bwd_dq_blocked_kernel).
-  __nv_bfloat16* dq;
-  unsigned* pair_done;
   int q_stride, kv_stride;
   int seq, heads, group;
   float scale, scale_log2;
+  // With dq set, the kernel converts dq_acc into dq itself (rows of q_stride elements, like q),
+  // counting finished key blocks on pair_done ([B·Hk], zeroed by the caller); with dq null the
+  // caller converts afterwards (attention.cu's attn_bwd_dq_blocked_kernel). Separate kernel
+  // instantiations, so the default one is the device-measured kernel of main e0cf7e3.
+  __nv_bfloat16* dq;
+  unsigned* pair_done;
 };
 
 // Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
