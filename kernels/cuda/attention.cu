@@ -486,8 +486,7 @@ constexpr int BwdSmemBytes() {
   return (2 * kBwdN * ld + 4 * kBwdM * ld + 2 * kBwdM * ldp) * 2;
 }
 
-// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator (and the ws
-// kernel's pair_done counters, `pairs` of them, 0 for the mma.sync kernel): [B·T, H, D] when
+// D_i = Σ dO·O per (row, head) and zeroes that row-head of the dQ accumulator: [B·T, H, D] when
 // dq_block_cols is 0, else the ws kernel's blocked layout (BwdWsDqAccIndex; chunks of 8 columns
 // stay contiguous there, and the padded rows past T are never zeroed because nothing reads
 // them). One thread per 8-column chunk (16-byte loads, two 16-byte zero stores), D/8 threads
@@ -496,11 +495,9 @@ template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out, const bf16* dout,
                                                                   float* dvec, float* dq_acc,
                                                                   int64_t rows_heads, int seq,
-                                                                  int heads, int dq_block_cols,
-                                                                  unsigned* pair_done, int pairs) {
+                                                                  int heads, int dq_block_cols) {
   constexpr int kChunks = kD / 8;  // threads per row-head (8 or 16; a warp holds 2 or 4)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c < pairs) pair_done[c] = 0u;
   const int64_t rh = c / kChunks;
   const int d0 = static_cast<int>(c % kChunks) * 8;
   const bool valid = rh < rows_heads;  // whole row-heads per warp: no partial shuffle groups
@@ -834,18 +831,6 @@ enum class BwdPath { kMma, kWs };
 constexpr BwdPath kDefaultBackward = BwdPath::kWs;
 bool IsWsPath(BwdPath path) { return path == BwdPath::kWs; }
 
-// Where the ws backward's dq_acc becomes dq: the conversion kernel after the main kernel
-// (default: the one measured on the device), or "fused" (GYRE_ATTN_BWD_DQ=fused): the main
-// kernel's last key block per (batch, kv head) converts that pair's rows (attention_wgmma.cu).
-// Not yet measured on the device (attn7's calls got no machine): bench/RESULTS.md.
-bool FusedDqConversion() {
-  static const bool fused = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD_DQ");
-    return env != nullptr && std::strcmp(env, "fused") == 0;
-  }();
-  return fused;
-}
-
 BwdPath BackwardPath() {
   static const char* const env = std::getenv("GYRE_ATTN_BWD");
   if (env != nullptr) {
@@ -864,7 +849,7 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, bf16* dq, unsigned* pair_done, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -872,8 +857,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
   attn_bwd_prep_kernel<kD>
       <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
-          blocked ? BwdWsDqBlockCols(kD) : 0, pair_done,
-          blocked ? static_cast<int>(batch * kv_heads) : 0);
+          blocked ? BwdWsDqBlockCols(kD) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
@@ -886,8 +870,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.dq_acc = p.dq_acc;
     w.dk = p.dk;
     w.dv = p.dv;
-    w.dq = FusedDqConversion() ? dq : nullptr;
-    w.pair_done = pair_done;
     w.q_stride = p.q_stride;
     w.kv_stride = p.kv_stride;
     w.seq = p.seq;
@@ -896,7 +878,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
-    if (w.dq != nullptr) return {};  // converted by the main kernel
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -1035,9 +1016,7 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
       &dq_acc));
-  // dvec: rows_heads floats, then B·Hk pair_done counters of the ws kernel.
-  CUDA_RETURN_IF_NOT_OK(alloc->Allocate((rows_heads + s.batch * s.kv_heads) * sizeof(float), &dvec));
-  unsigned* pair_done = reinterpret_cast<unsigned*>(dvec.as<float>() + rows_heads);
+  CUDA_RETURN_IF_NOT_OK(alloc->Allocate(rows_heads * sizeof(float), &dvec));
   BwdParams p{};
   p.q = args.q;
   p.k = args.k;
@@ -1058,8 +1037,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.scale_log2 = p.scale * kLog2e;
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
-  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, pair_done, stream);
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, pair_done, stream);
+  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, stream);
 }
 
 }  // namespace gyre::cuda

@@ -757,10 +757,7 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
 //       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
-//   kFusedDq (p.dq set: GYRE_ATTN_BWD_DQ=fused, attention.cu): a block counts itself on
-//   pair_done[b, hk] after its last tile and the pair's last block converts the pair's dq_acc
-//   into dq (bf16, ·scale); otherwise attention.cu's conversion kernel runs afterwards. The prep
-//   kernel (D_i, zeroing dq_acc and pair_done) is attention.cu's.
+// The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
 
 
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
@@ -793,8 +790,7 @@ struct BwdWsLayout {
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
   // full[stages], empty[stages], ds_full[2], ds_empty[2]
   static constexpr int kBars = kStats + kBwdStages * 512;
-  static constexpr int kFlag = kBars + 8 * (2 * kBwdStages + 4);  // "last block of the pair"
-  static constexpr int kBytes = kFlag + 16 + 1024;                  // + alignment slack
+  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + alignment slack
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
@@ -813,7 +809,7 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int kD, bool kFusedDq>
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                        const int head_group) {
@@ -1130,15 +1126,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     FenceRegs(dq);
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if (reducer) {
-    BulkWait0();
-    if constexpr (kFusedDq) {
-      // This warpgroup's bulk reductions are complete (not only read); made visible to the
-      // generic proxy and device-wide before the block counts itself done below.
-      asm volatile("fence.proxy.async.global;\n" ::: "memory");
-      __threadfence();
-    }
-  }
+  if (reducer) BulkWait0();
 
   // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
@@ -1154,70 +1142,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
     }
   }
-
-  // dQ conversion, folded in (was a separate kernel after this one: ~62 µs at B8 S2048 D128,
-  // ncu attn6): the last of the pair's gridDim.x key blocks to finish (counted on pair_done after
-  // both warpgroups' reductions completed) converts the pair's dq_acc (group heads, L2-resident
-  // while the pair's block group runs) into dq, while other SMs keep the tensor cores busy.
-  if constexpr (!kFusedDq) return;  // attention.cu's conversion kernel runs after this one
-  volatile unsigned* last_flag = reinterpret_cast<volatile unsigned*>(base_ptr + L::kFlag);
-  NamedBarSync(5, 256);
-  if (tid == 128) {
-    __threadfence();
-    const unsigned done = atomicAdd(p.pair_done + pair, 1u);
-    *last_flag = done + 1 == gridDim.x ? 1u : 0u;
-  }
-  NamedBarSync(5, 256);
-  if (*last_flag == 0u) return;
-  __threadfence();
-  // dq_acc of heads hk·group .. +group−1 is one contiguous run of [m_tiles, parts, 64, W]
-  // blocks per head; chunks of 8 columns stay contiguous (the swizzle moves whole chunks).
-  constexpr int kW = kDqN, kParts = kD / kDqN, kUnroll = 8;
-  const int ctid = tid - 128;
-  const int64_t head_chunks = static_cast<int64_t>(m_tiles) * 64 * kD / 8;
-  const int64_t chunks = head_chunks * p.group;
-  const float* acc0 = p.dq_acc + (static_cast<int64_t>(b) * p.heads + hk * p.group) * head_chunks * 8;
-  for (int64_t k0 = ctid; k0 < chunks; k0 += 256 * kUnroll) {
-    float4 x[kUnroll][2];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + 256 * u;
-      if (k < chunks) {
-        const float4* src = reinterpret_cast<const float4*>(acc0 + k * 8);
-        x[u][0] = __ldcg(src);
-        x[u][1] = __ldcg(src + 1);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + 256 * u;
-      if (k >= chunks) continue;
-      const int j = static_cast<int>(k / head_chunks);
-      const int64_t s8 = (k - j * head_chunks) * 8;
-      const int col8 = static_cast<int>(s8 % kW);
-      const int r = static_cast<int>((s8 / kW) % 64);
-      const int part = static_cast<int>((s8 / (kW * 64)) % kParts);
-      const int t = static_cast<int>(s8 / (kW * 64 * kParts)) * 64 + r;
-      if (t >= seq) continue;
-      const int d = part * kW + (col8 ^ (8 * (r & 3)));
-      uint4 packed;
-      packed.x = PackBf16(x[u][0].x * p.scale, x[u][0].y * p.scale);
-      packed.y = PackBf16(x[u][0].z * p.scale, x[u][0].w * p.scale);
-      packed.z = PackBf16(x[u][1].x * p.scale, x[u][1].y * p.scale);
-      packed.w = PackBf16(x[u][1].z * p.scale, x[u][1].w * p.scale);
-      *reinterpret_cast<uint4*>(p.dq + (row_base + t) * p.q_stride +
-                                static_cast<int64_t>(hk * p.group + j) * kD + d) = packed;
-    }
-  }
 }
 
 template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  auto* kernel = p.dq != nullptr ? attn_bwd_ws_kernel<kD, true> : attn_bwd_ws_kernel<kD, false>;
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   BwdTmaMaps maps{};
   CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
   CUDA_RETURN_IF_NOT_OK(
@@ -1231,7 +1163,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
-  kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }

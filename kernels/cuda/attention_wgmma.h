@@ -28,9 +28,8 @@ struct WgmmaFwdParams {
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream);
 
-// Backward main kernel (dK, dV, dQ accumulation, optionally the dQ conversion) on wgmma; the
-// caller runs attention.cu's prep kernel (dvec = rowsum(dout ∘ out), dq_acc and pair_done
-// zeroed) before.
+// Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
+// kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
 struct WgmmaBwdParams {
   const __nv_bfloat16 *q, *k, *v, *dout;
   const float *lse, *dvec;
@@ -39,12 +38,6 @@ struct WgmmaBwdParams {
   int q_stride, kv_stride;
   int seq, heads, group;
   float scale, scale_log2;
-  // With dq set, the kernel converts dq_acc into dq itself (rows of q_stride elements, like q),
-  // counting finished key blocks on pair_done ([B·Hk], zeroed by the caller); with dq null the
-  // caller converts afterwards (attention.cu's attn_bwd_dq_blocked_kernel). Separate kernel
-  // instantiations, so the default one is the device-measured kernel of main e0cf7e3.
-  __nv_bfloat16* dq;
-  unsigned* pair_done;
 };
 
 // Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
@@ -63,9 +56,7 @@ __host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t
 
 // attn_bwd_ws_kernel (producer warpgroup, mbarrier ring; dQ columns split between the consumer
 // warpgroups at D 128, keys split at D 64). dq_acc must be in the blocked layout above, zeroed
-// (rows past T may hold anything: they are added to, never read). With p.dq set (pair_done
-// zeroed), the last key block of a (batch, kv head) to finish converts that pair's dq_acc into
-// dq (bf16, ·scale).
+// (rows past T may hold anything: they are added to, never read).
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream);
 
