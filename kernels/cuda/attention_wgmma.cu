@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -821,7 +822,7 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int kD, int kMode>
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                        const int head_group) {
@@ -829,11 +830,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
-  // Key split: dQ(it) is waited for and reduced in iteration it + 1, under S(it + 1), dP(it + 1).
-  constexpr bool kPipeDq = kKeySplit && (kMode & 1) != 0;
-  // Key split: this warpgroup's 64 K and V rows as wgmma A fragments in registers (loaded once
-  // per block), so Sᵀ and dPᵀ read only Qᵀ / dOᵀ from shared memory.
-  constexpr bool kKvRegs = kKeySplit && (kMode & 2) != 0;
+  // D 64: this warpgroup's 64 K and V rows as wgmma A fragments in registers (16 + 16 per
+  // thread, loaded once per block), so Sᵀ and dPᵀ read only Qᵀ / dOᵀ from shared memory
+  // (40.6M vs 46.6M shared wavefronts, main kernel 413 vs 428 µs at B8 S2048 H12, H200, attn8).
+  // At D 128 the 64 registers do not fit (ptxas: 176-224 bytes of spills, wgmmas serialised).
+  constexpr bool kKRegs = kD == 64, kVRegs = kD == 64;
   constexpr int kBN = 128, kBM = 64;
   constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
   constexpr int kDT = kD / 8;
@@ -968,19 +969,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
 
-  // kPipeDq: dQ(it − 1) = dS_c(it − 1) K_c is issued in iteration it with Sᵀ(it), dPᵀ(it) and
-  // reduced while they run (no wgmma stays in flight across iterations: ptxas serialises the
-  // kernel's wgmmas otherwise, C7514).
-  auto issue_dq_keys = [&](float (&dq)[kDqN / 2], uint32_t kb, uint32_t sdS) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
-      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                      SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
-    }
-  };
-  int prev_h = 0, prev_m = 0;
-  uint32_t kfrag[kKvRegs ? kD / 16 : 1][4], vfrag[kKvRegs ? kD / 16 : 1][4];  // kKvRegs
+  uint32_t kfrag[kKRegs ? kD / 16 : 1][4], vfrag[kVRegs ? kD / 16 : 1][4];
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
     const int m_tile = m_first + it % per_head;
@@ -997,8 +986,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     asm volatile("" : "+r"(kb), "+r"(vb));
 
     float st[32], dpt[32];
-    float dq_prev[kDqN / 2];
-    if constexpr (kKvRegs) {
+    if constexpr (kKRegs || kVRegs) {
       if (it == 0) {
         // A fragment of rows r (+8), columns 16kk + 2tq (+8) (mma.m16n8k16 A layout per warp).
         const int rl = 64 * cwg + 16 * warp_in_wg + g;
@@ -1008,19 +996,23 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           for (int j = 0; j < 4; ++j) {
             const uint32_t off =
                 SwizzledOffset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
-            kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
-            vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
+            if constexpr (kKRegs) {
+              kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
+            }
+            if constexpr (kVRegs) {
+              vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
+            }
           }
       }
     }
     // Sᵀ = K_c Qᵀ (acc st) or dPᵀ = V_c dOᵀ (acc dpt): m64n64k16 x D/16.
-    auto issue_scores = [&](float (&acc)[32], uint32_t kv, const uint32_t (&frag)[kKvRegs ? kD / 16 : 1][4],
+    auto issue_scores = [&](auto in_regs, float (&acc)[32], uint32_t kv, const auto& frag,
                             uint32_t sB) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
         const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-        if constexpr (kKvRegs) {
+        if constexpr (decltype(in_regs)::value) {
           WgmmaRS64Acc<0>(acc, frag[kk], SmemDesc(sB + qoff, 16, 1024), kk > 0);
         } else {
           WgmmaSS64<0, 0>(acc, SmemDesc(kv + koff, 16, 1024), SmemDesc(sB + qoff, 16, 1024),
@@ -1030,19 +1022,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       WgmmaCommit();
     };
     WgmmaFence();
-    issue_scores(st, kb, kfrag, sQ);
-    if constexpr (kPipeDq) {
-      // dQ(it − 1) between Sᵀ and dPᵀ: done together with Sᵀ (one wait), reduced under dPᵀ.
-      // (Issued first and waited for alone, ptxas serialised every wgmma: C7514.) At it == 0
-      // it multiplies the K tile instead and the result is dropped (no branch around a wgmma:
-      // ptxas would inject warpgroup.arrive, C7519).
-      issue_dq_keys(dq_prev, kb, it > 0 ? base + L::kDS + ((it - 1) & 1) * L::kDSBytes : kb);
-      WgmmaCommit();
-    }
-    issue_scores(dpt, vb, vfrag, sdO);
-    WgmmaWait1();  // Sᵀ (and dQ(it − 1)) done; dPᵀ may still run
+    issue_scores(std::integral_constant<bool, kKRegs>{}, st, kb, kfrag, sQ);
+    issue_scores(std::integral_constant<bool, kVRegs>{}, dpt, vb, vfrag, sdO);
+    WgmmaWait1();  // Sᵀ done; dPᵀ may still run
     FenceRegs(st);
-    if constexpr (kPipeDq) FenceRegs(dq_prev);
 
     // Pᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
     const bool need_mask = (m0 < kw0 + 63) || (m0 + kBM > seq) || (kw0 + 64 > seq);
@@ -1061,9 +1044,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           }
           st[i] = pr;
         }
-    }
-    if constexpr (kPipeDq) {
-      if (it > 0) reduce_dq(dq_prev, prev_h, prev_m);  // under dPᵀ's GEMM
     }
     WgmmaWait0();  // dPᵀ done
     FenceRegs(dpt);
@@ -1121,17 +1101,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             da[kk][j];
       }
     FenceProxyAsync();
-    if constexpr (kPipeDq) {
-      NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written (read next iteration)
-      WgmmaWait0();                // dV, dK GEMMs done
-      FenceRegs(pa);
-      FenceRegs(da);
-      FenceRegs(dv);
-      FenceRegs(dk);
-      MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
-      prev_h = h;
-      prev_m = m_tile;
-    } else if constexpr (kKeySplit) {
+    if constexpr (kKeySplit) {
       NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
       // dQ (partial over this warpgroup's keys) = dS_c K_c; A = dS (M-major: dSᵀ rows are
       // keys), B = K rows (N-major).
@@ -1184,17 +1154,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       }
     }
   }
-  if constexpr (kPipeDq) {
-    uint32_t kb = sK;
-    asm volatile("" : "+r"(kb));
-    float dq[kDqN / 2];
-    WgmmaFence();
-    issue_dq_keys(dq, kb, base + L::kDS + ((total - 1) & 1) * L::kDSBytes);
-    WgmmaCommit();
-    WgmmaWait0();
-    FenceRegs(dq);
-    reduce_dq(dq, prev_h, prev_m);
-  }
   if constexpr (!kKeySplit) {
     const int pit = total - 1;
     uint32_t kb = sK;
@@ -1226,21 +1185,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-// A/B switch while measuring (attn8): GYRE_ATTN_BWD64 = bitmask of D 64 backward variants
-// (1: dQ pipelined across iterations, 2: K / V fragments in registers for Sᵀ and dPᵀ).
-int BwdD64Mode() {
-  static const int mode = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD64");
-    return env != nullptr ? std::atoi(env) & 3 : 0;
-  }();
-  return mode;
-}
-
-template <int kD, int kMode>
+template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD, kMode>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   BwdTmaMaps maps{};
   CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
@@ -1255,7 +1204,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
-  attn_bwd_ws_kernel<kD, kMode><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
 }
@@ -1274,13 +1223,8 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  if (head_dim == 128) return LaunchBwdWs<128, 0>(p, batch, kv_heads, stream);
-  switch (BwdD64Mode()) {
-    case 1: return LaunchBwdWs<64, 1>(p, batch, kv_heads, stream);
-    case 2: return LaunchBwdWs<64, 2>(p, batch, kv_heads, stream);
-    case 3: return LaunchBwdWs<64, 3>(p, batch, kv_heads, stream);
-    default: return LaunchBwdWs<64, 0>(p, batch, kv_heads, stream);
-  }
+  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
+                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
 
 }  // namespace gyre::cuda
