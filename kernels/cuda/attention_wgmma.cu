@@ -26,7 +26,6 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -129,18 +128,6 @@ __device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
-}
-
-// d[0..64) (+)= A·B, m64n128k16, A (bf16 pairs) in registers, B from shared memory (kTransB:
-// N-major, otherwise K-major); `accumulate` 0 overwrites d.
-template <int kTransB>
-__device__ __forceinline__ void WgmmaRS128Acc(float (&d)[64], const uint32_t (&a)[4],
-                                              uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, %70;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
 }
 
 // d[0..32) (+)= A·B, m64n64k16, A (bf16 pairs) in registers, B from shared memory (kTransB:
@@ -279,11 +266,10 @@ struct FwdTmaMaps {
   CUtensorMap q, k, v, qg, kg;
 };
 
-template <int kD, bool kSE, bool kQRegs>
+template <int kD, bool kSE>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_fwd_ws_kernel(const WgmmaFwdParams p, const __grid_constant__ FwdTmaMaps maps,
                        const int head_group) {
-  static_assert(!(kSE && kQRegs), "Q fragments in registers: plain forward only");
   constexpr int kQBytes = kWgM * kD * 2, kKVBytes = kWgN * kD * 2;
   constexpr int kQBlock = kWgM * 128, kKBlock = kWgN * 128;
   constexpr int kDT = kD / 8;
@@ -428,8 +414,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // acc = Q Kᵀ over the 128 keys of K stage / buffer k_rows (m64n128k16 x D/16, both operands
   // K-major in shared memory); q_rows: this warpgroup's first query row in column block 0.
-  // kQRegs: this warpgroup's 64 Q rows as A fragments in registers (loaded once per block).
-  uint32_t qfrag[kQRegs ? kD / 16 : 1][4];
   auto issue_scores = [&](float (&acc)[64], uint32_t q_rows, uint32_t k_rows) {
     // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
     // step's offset (every address stays below 2^18, so the field never carries).
@@ -438,11 +422,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
       const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
-      if constexpr (kQRegs) {
-        WgmmaRS128Acc<0>(acc, qfrag[kk], db, kk > 0 ? 1 : 0);
-      } else {
-        WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
-      }
+      WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
@@ -544,17 +524,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (far || band) MbarWait(qg_full, 0);
     }
     if (!far) MbarWait(q_full, 0);
-    if constexpr (kQRegs) {
-      // A fragment of rows r (+8), columns 16kk + 2tq (+8) (mma.m16n8k16 A layout per warp).
-      const int rl = 64 * cwg + 16 * warp_in_wg + g;
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          qfrag[kk][j] = *reinterpret_cast<const uint32_t*>(
-              base_ptr + SwizzledOffset<kWgM>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq));
-        }
-    }
     MbarWait(k_full(0), 0);
     NamedBarSync(my_turn, 256);
     WgmmaFence();
@@ -742,19 +711,10 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   return {};
 }
 
-// A/B switch while measuring (attn8): GYRE_ATTN_FWD_QREGS=1 puts Q in registers (plain forward).
-bool FwdQRegs() {
-  static const bool on = [] {
-    const char* env = std::getenv("GYRE_ATTN_FWD_QREGS");
-    return env != nullptr && std::strcmp(env, "1") == 0;
-  }();
-  return on;
-}
-
-template <int kD, bool kSE, bool kQRegs = false>
+template <int kD, bool kSE>
 CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = WsFwdSmemBytes<kD, kSE>();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE, kQRegs>,
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_fwd_ws_kernel<kD, kSE>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   FwdTmaMaps maps{};
   const int kv_heads = p.heads / p.group;
@@ -771,7 +731,7 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
   // A pair's blocks re-read K and V (SelfExtend: and K_g).
   const int head_group = HeadGroup(int64_t{2} * p.seq * kD * 2, pairs);
   const dim3 grid((p.seq + kWgM - 1) / kWgM, p.heads, static_cast<unsigned>(batch));
-  attn_fwd_ws_kernel<kD, kSE, kQRegs><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  attn_fwd_ws_kernel<kD, kSE><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd_ws_kernel");
   return {};
 }
@@ -1254,13 +1214,11 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream) {
   if (head_dim == 64) {
-    if (self_extend) return LaunchWs<64, true>(p, batch, stream);
-    return FwdQRegs() ? LaunchWs<64, false, true>(p, batch, stream)
-                      : LaunchWs<64, false>(p, batch, stream);
+    return self_extend ? LaunchWs<64, true>(p, batch, stream)
+                       : LaunchWs<64, false>(p, batch, stream);
   }
-  if (self_extend) return LaunchWs<128, true>(p, batch, stream);
-  return FwdQRegs() ? LaunchWs<128, false, true>(p, batch, stream)
-                    : LaunchWs<128, false>(p, batch, stream);
+  return self_extend ? LaunchWs<128, true>(p, batch, stream)
+                     : LaunchWs<128, false>(p, batch, stream);
 }
 
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
