@@ -751,7 +751,8 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //     0.99 ms at B8 S2048 D128, 3.00 vs 3.16 at B2 S8192, equal at D 64; H100, attn5.)
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
 //   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
-//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
+//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem (D 64:
+//                                           K_c, V_c as A fragments in registers, loaded once)
 //     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
 //     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
 //     dSᵀ -> shared memory (bf16, two buffers), then dQ:
