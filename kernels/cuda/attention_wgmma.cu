@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
-#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -835,7 +834,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // thread, loaded once per block), so Sᵀ and dPᵀ read only Qᵀ / dOᵀ from shared memory
   // (40.6M vs 46.6M shared wavefronts, main kernel 413 vs 428 µs at B8 S2048 H12, H200, attn8).
   // At D 128 the 64 registers do not fit (ptxas: 176-224 bytes of spills, wgmmas serialised).
-  constexpr bool kKRegs = kD == 64, kVRegs = kD == 64;
+  constexpr bool kKvRegs = kD == 64;
   constexpr int kBN = 128, kBM = 64;
   constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
   constexpr int kDT = kD / 8;
@@ -970,7 +969,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
 
-  uint32_t kfrag[kKRegs ? kD / 16 : 1][4], vfrag[kVRegs ? kD / 16 : 1][4];
+  constexpr int kFragSteps = kKvRegs ? kD / 16 : 1;
+  uint32_t kfrag[kFragSteps][4], vfrag[kFragSteps][4];
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
     const int m_tile = m_first + it % per_head;
@@ -987,7 +987,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     asm volatile("" : "+r"(kb), "+r"(vb));
 
     float st[32], dpt[32];
-    if constexpr (kKRegs || kVRegs) {
+    if constexpr (kKvRegs) {
       if (it == 0) {
         // A fragment of rows r (+8), columns 16kk + 2tq (+8) (mma.m16n8k16 A layout per warp).
         const int rl = 64 * cwg + 16 * warp_in_wg + g;
@@ -997,23 +997,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           for (int j = 0; j < 4; ++j) {
             const uint32_t off =
                 SwizzledOffset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
-            if constexpr (kKRegs) {
-              kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
-            }
-            if constexpr (kVRegs) {
-              vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
-            }
+            kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
+            vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
           }
       }
     }
     // Sᵀ = K_c Qᵀ (acc st) or dPᵀ = V_c dOᵀ (acc dpt): m64n64k16 x D/16.
-    auto issue_scores = [&](auto in_regs, float (&acc)[32], uint32_t kv, const auto& frag,
+    auto issue_scores = [&](float (&acc)[32], uint32_t kv, const uint32_t (&frag)[kFragSteps][4],
                             uint32_t sB) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
         const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-        if constexpr (decltype(in_regs)::value) {
+        if constexpr (kKvRegs) {
           WgmmaRS64Acc<0>(acc, frag[kk], SmemDesc(sB + qoff, 16, 1024), kk > 0);
         } else {
           WgmmaSS64<0, 0>(acc, SmemDesc(kv + koff, 16, 1024), SmemDesc(sB + qoff, 16, 1024),
@@ -1023,8 +1019,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       WgmmaCommit();
     };
     WgmmaFence();
-    issue_scores(std::integral_constant<bool, kKRegs>{}, st, kb, kfrag, sQ);
-    issue_scores(std::integral_constant<bool, kVRegs>{}, dpt, vb, vfrag, sdO);
+    issue_scores(st, kb, kfrag, sQ);
+    issue_scores(dpt, vb, vfrag, sdO);
     WgmmaWait1();  // Sᵀ done; dPᵀ may still run
     FenceRegs(st);
 
