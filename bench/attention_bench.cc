@@ -8,8 +8,9 @@
 // call). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
 // once, each output written once.
 //
-//   attention_bench [--reps=N] [--shapes=K] [--fwd_only]
-//   (K: only the first K shapes, e.g. for ncu; --fwd_only: the plain and SelfExtend forwards)
+//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only]
+//   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
+//   plain and SelfExtend forwards)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others (kernels/cuda/attention.cu, kernel choice).
 #include <cuda_bf16.h>
@@ -156,11 +157,12 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
 }
 
 int Main(int argc, char** argv) {
-  int reps = 30, shapes = 3;
+  int reps = 30, shapes = 3, from_shape = 1;
   bool fwd_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
+    if (std::strncmp(argv[i], "--from_shape=", 13) == 0) from_shape = std::atoi(argv[i] + 13);
     if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
   }
   cudaDeviceProp prop{};
@@ -170,7 +172,7 @@ int Main(int argc, char** argv) {
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
-  for (int i = 0; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
+  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

@@ -129,6 +129,18 @@ __device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
 }
 
+// d[0..32) (+)= A·B, m64n64k16, A (bf16 pairs) in registers, B from shared memory (kTransB:
+// N-major, otherwise K-major); `accumulate` 0 overwrites d.
+template <int kTransB>
+__device__ __forceinline__ void WgmmaRS64Acc(float (&d)[32], const uint32_t (&a)[4],
+                                             uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+}
+
 // d[0..32) += A·B, m64n64k16, A (bf16 pairs) in registers, B N-major in shared memory.
 __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4],
                                           uint64_t desc_b) {
@@ -738,7 +750,8 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
 //     0.99 ms at B8 S2048 D128, 3.00 vs 3.16 at B2 S8192, equal at D 64; H100, attn5.)
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
 //   exponentials of P run under dP's GEMM; dV's and dK's GEMMs run under the dSᵀ stores):
-//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem
+//     Sᵀ = K_c Qᵀ, dPᵀ = V_c dOᵀ            m64n64k16 x D/16 each, operands in smem (D 64:
+//                                           K_c, V_c as A fragments in registers, loaded once)
 //     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D)          (fp32 registers)
 //     dV_c += Pᵀ dO, dK_c += dSᵀ Q          m64nDk16 x 4, A = Pᵀ / dSᵀ packed bf16 registers
 //     dSᵀ -> shared memory (bf16, two buffers), then dQ:
@@ -817,6 +830,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
+  // D 64: this warpgroup's 64 K and V rows as wgmma A fragments in registers (16 + 16 per
+  // thread, loaded once per block), so Sᵀ and dPᵀ read only Qᵀ / dOᵀ from shared memory
+  // (40.6M vs 46.6M shared wavefronts, main kernel 413 vs 428 µs at B8 S2048 H12, H200, attn8).
+  // At D 128 the 64 registers do not fit (ptxas: 176-224 bytes of spills, wgmmas serialised).
+  constexpr bool kKvRegs = kD == 64;
   constexpr int kBN = 128, kBM = 64;
   constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
   constexpr int kDT = kD / 8;
@@ -951,6 +969,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
 
+  constexpr int kFragSteps = kKvRegs ? kD / 16 : 1;
+  uint32_t kfrag[kFragSteps][4], vfrag[kFragSteps][4];
   for (int it = 0; it < total; ++it) {
     const int h = hk * p.group + it / per_head;
     const int m_tile = m_first + it % per_head;
@@ -967,22 +987,40 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     asm volatile("" : "+r"(kb), "+r"(vb));
 
     float st[32], dpt[32];
+    if constexpr (kKvRegs) {
+      if (it == 0) {
+        // A fragment of rows r (+8), columns 16kk + 2tq (+8) (mma.m16n8k16 A layout per warp).
+        const int rl = 64 * cwg + 16 * warp_in_wg + g;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t off =
+                SwizzledOffset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
+            kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
+            vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
+          }
+      }
+    }
+    // Sᵀ = K_c Qᵀ (acc st) or dPᵀ = V_c dOᵀ (acc dpt): m64n64k16 x D/16.
+    auto issue_scores = [&](float (&acc)[32], uint32_t kv, const uint32_t (&frag)[kFragSteps][4],
+                            uint32_t sB) {
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
+        const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
+        if constexpr (kKvRegs) {
+          WgmmaRS64Acc<0>(acc, frag[kk], SmemDesc(sB + qoff, 16, 1024), kk > 0);
+        } else {
+          WgmmaSS64<0, 0>(acc, SmemDesc(kv + koff, 16, 1024), SmemDesc(sB + qoff, 16, 1024),
+                          kk > 0);
+        }
+      }
+      WgmmaCommit();
+    };
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(st, SmemDesc(kb + koff, 16, 1024), SmemDesc(sQ + qoff, 16, 1024), kk > 0);
-    }
-    WgmmaCommit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
-      const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
-      WgmmaSS64<0, 0>(dpt, SmemDesc(vb + koff, 16, 1024), SmemDesc(sdO + qoff, 16, 1024),
-                      kk > 0);
-    }
-    WgmmaCommit();
+    issue_scores(st, kb, kfrag, sQ);
+    issue_scores(dpt, vb, vfrag, sdO);
     WgmmaWait1();  // Sᵀ done; dPᵀ may still run
     FenceRegs(st);
 
