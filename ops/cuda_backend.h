@@ -107,12 +107,6 @@ class CudaBackend {
   virtual double SumSquares(const void* x, DType dtype, int64_t n) = 0;
 
   virtual void Gemm(const CudaGemm& g) = 0;
-  // Two independent products (no operand of one is written by the other): `side` runs on a
-  // second stream beside `main` on the compute stream, so the one's partial last wave and the
-  // other's fill the device together (a linear layer's dW and dX). The compute stream waits for
-  // both before its next op, so later work, freed buffers and events see both finished. With op
-  // profiling on, they run one after the other (each timed under its own label).
-  virtual void GemmPair(const CudaGemm& side, const CudaGemm& main) = 0;
 
   // Embedding: host ids (the data loader has them); bf16 table, fp32 dweight (accumulates, or
   // with `overwrite` is set: sums, 0 for ids no row holds; the deferred-zero rule's first write).

@@ -263,36 +263,6 @@ class Backend final : public CudaBackend {
   void Gemm(const CudaGemm& g) override {
     Init();
     OpProfiler::Scope scope(&prof_, prof_.on() ? GemmLabel(g) : std::string(), 2.0 * g.m * g.n * g.k);
-    OK_OR_DIE(gemm_->Gemm(Args(g), stream_));
-  }
-
-  void GemmPair(const CudaGemm& side, const CudaGemm& main) override {
-    Init();
-    const char* env = std::getenv("GYRE_GEMM_PAIR");
-    if (prof_.on() || (env != nullptr && env[0] == '0')) {
-      Gemm(side);
-      Gemm(main);
-      return;
-    }
-    std::call_once(side_once_, [this] {
-      CUDA_OR_DIE(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
-      CUDA_OR_DIE(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-      CUDA_OR_DIE(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-      // Its own cuBLASLt handle and workspace: split-K products use the workspace, and the two
-      // products run at the same time. Plans come from the same heuristic (same algorithms).
-      std::unique_ptr<kc::GemmContext> gemm;
-      OK_OR_DIE(kc::GemmContext::Create(alloc_, &gemm));
-      side_gemm_ = std::move(gemm);
-    });
-    CUDA_OR_DIE(cudaEventRecord(fork_, stream_));
-    CUDA_OR_DIE(cudaStreamWaitEvent(side_stream_, fork_, 0));
-    OK_OR_DIE(side_gemm_->Gemm(Args(side), side_stream_));
-    CUDA_OR_DIE(cudaEventRecord(join_, side_stream_));
-    OK_OR_DIE(gemm_->Gemm(Args(main), stream_));
-    CUDA_OR_DIE(cudaStreamWaitEvent(stream_, join_, 0));
-  }
-
-  static kc::GemmArgs Args(const CudaGemm& g) {
     kc::GemmArgs a;
     a.trans_a = g.trans_a;
     a.trans_b = g.trans_b;
@@ -309,7 +279,7 @@ class Backend final : public CudaBackend {
     a.alpha = g.alpha;
     a.beta = g.beta;
     a.c_in = g.c_in;
-    return a;
+    OK_OR_DIE(gemm_->Gemm(a, stream_));
   }
 
   void EmbeddingForward(const int32_t* host_ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
@@ -816,11 +786,6 @@ class Backend final : public CudaBackend {
   cudaStream_t stream_ = nullptr;
   kc::DeviceAllocator* alloc_ = nullptr;
   std::unique_ptr<kc::GemmContext> gemm_;
-  // GemmPair's second stream, created on first use.
-  std::once_flag side_once_;
-  cudaStream_t side_stream_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
-  std::unique_ptr<kc::GemmContext> side_gemm_;
   kc::EmbeddingBackwardPlan embedding_plan_;
   std::map<std::pair<int64_t, double>, std::unique_ptr<kc::RopeTable>> rope_tables_;
 };

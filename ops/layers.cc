@@ -146,24 +146,22 @@ Tensor LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor
     CheckCudaBf16(w, "linear W");
     Tensor dx = Tensor::Empty(x.shape(), DType::kBF16, Device::kCuda);
     if (rows == 0) return dx;
-    CudaGemm gx;  // dX [rows, in] = dY W
-    gx.m = rows; gx.n = in; gx.k = out;
-    gx.a = dy.raw(); gx.lda = out;
-    gx.b = w.raw(); gx.ldb = in;
-    gx.c = dx.raw(); gx.ldc = in;
-    if (dw == nullptr) {
-      Cuda().Gemm(gx);
-      return dx;
+    if (dw != nullptr) {
+      GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "linear dW must be CUDA f32");
+      CudaGemm g;  // dW [out, in] = (or +=) dYᵀ X
+      g.trans_a = true;
+      g.m = out; g.n = in; g.k = rows;
+      g.a = dy.raw(); g.lda = out;
+      g.b = x.raw(); g.ldb = in;
+      g.c = dw->raw(); g.ldc = in; g.c_f32 = true; g.beta = dw_overwrite ? 0.f : 1.f;
+      Cuda().Gemm(g);
     }
-    GYRE_CHECK(IsCuda(*dw) && dw->dtype() == DType::kF32, "linear dW must be CUDA f32");
-    CudaGemm gw;  // dW [out, in] = (or +=) dYᵀ X
-    gw.trans_a = true;
-    gw.m = out; gw.n = in; gw.k = rows;
-    gw.a = dy.raw(); gw.lda = out;
-    gw.b = x.raw(); gw.ldb = in;
-    gw.c = dw->raw(); gw.ldc = in; gw.c_f32 = true; gw.beta = dw_overwrite ? 0.f : 1.f;
-    // dW's few output tiles (e.g. 2304 x 768 at 125m: under one wave) share the device with dX's.
-    Cuda().GemmPair(gw, gx);
+    CudaGemm g;  // dX [rows, in] = dY W
+    g.m = rows; g.n = in; g.k = out;
+    g.a = dy.raw(); g.lda = out;
+    g.b = w.raw(); g.ldb = in;
+    g.c = dx.raw(); g.ldc = in;
+    Cuda().Gemm(g);
     return dx;
   }
   Tensor dx = Tensor::Empty(x.shape(), x.dtype());

@@ -64,8 +64,8 @@ std::string AlgoConfig(const cublasLtMatmulAlgo_t& algo) {
 }
 
 // Short reductions (k <= kShortK, bf16 output): cuBLASLt's first choice for these is a
-// cooperative 192x192 / 256x128 kernel, while the in-step profile (helper llama8, call 1, H200,
-// cuBLAS 13) ran the llama-125m products with k = 768 12-15% faster on the candidates below
+// 192x192 or 256x128 tile, while the in-step profile (bench/RESULTS.md, helper llama8; H200,
+// cuBLAS 13) ran the llama-125m products with k = 768 8-14% faster on the candidates below
 // (tile, custom option, cluster shape as cuBLASLt numbers them): 128x160 / option 1 / 2x1x1 and,
 // for the LM head's logits (n = 50304), 176x128 / option 2 / 1x2x1. The first of the heuristic's
 // top candidates matching the list in order (split-K 1) replaces its first choice; the candidate
@@ -136,13 +136,11 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
-  const char* shortk_env = std::getenv("GYRE_GEMM_SHORTK");
-  const bool prefer_short_k = !autotune && g.k <= kShortK && g.c_dtype == DType::kBf16 &&
-                              !(shortk_env != nullptr && shortk_env[0] == '0');
+  const bool prefer_short_k = !autotune && g.k <= kShortK && g.c_dtype == DType::kBf16;
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune, prefer_short_k};
+                              bias ? Alignment(g.bias) : 0, autotune};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -195,12 +193,13 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                               &align_c, sizeof(align_c));
-  constexpr int kCandidates = 16;
+  constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int returned = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
-                                        p->b, p->c, p->c, pref, autotune || prefer_short_k ? (log ? kCandidates : 8) : 1, results,
+                                        p->b, p->c, p->c, pref, autotune || prefer_short_k ? kCandidates : 1,
+                                        results,
                                         &returned);
   cublasLtMatmulPreferenceDestroy(pref);
   CUBLAS_RETURN_IF_ERROR(st);

@@ -12,7 +12,8 @@
 //   norm_bwd_dw_kernel1   column partial sums of dy·xhat and dy over a chunk of rows; block
 //                         (32, 8) covers 64 columns, each thread 2 adjacent columns.
 //   rms_bwd_fused_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): a block
-//                         of 4 warps owns 64 consecutive rows, a warp one row at a time; each
+//                         of 4 warps owns 64 consecutive rows (32 when fewer than 32K rows, so
+//                         blocks still fill the SMs), a warp one row at a time; each
 //                         lane loads its row slice of dy, s and dresidual once (16-byte loads,
 //                         all issued before the first use), reduces Σ g·xhat with shuffles,
 //                         writes dx, and adds dy·xhat into its warp's column sums in shared
@@ -26,7 +27,6 @@
 #include "kernels/cuda/norm.h"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -295,90 +295,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwa
 }
 
 // Rows per block: 64, or 32 when 64 would leave fewer than 512 blocks (4 per SM on a 132-SM
-// card; llama-1.3b's 16,384 rows gave 256 blocks, 2 per SM, and ran at ~62% of the copy rate).
-// A function of rows only, so the summation order (hence the bits) is the same on every device.
+// card: llama-1.3b's 16,384 rows made 256 blocks, 2 per SM, at ~62% of the copy rate). A
+// function of rows only, so the summation order (hence the bits) is the same on every device.
 int64_t FusedRowsPerBlock(int64_t rows) { return CeilDiv(rows, 64) >= 512 ? 64 : 32; }
-
-template <int NV>
-__device__ __forceinline__ void LoadRowSlices(const NormBackwardArgs& a, int64_t row, int lane, uint4 (&dy)[NV],
-                                              uint4 (&s)[NV], uint4 (&r)[NV], float& rstd) {
-  const int64_t d = a.dim;
-  rstd = a.rstd[row];
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int64_t c = (lane + 32 * k) * 8;
-    if (c < d) {
-      dy[k] = *reinterpret_cast<const uint4*>(a.dy + row * d + c);
-      s[k] = *reinterpret_cast<const uint4*>(a.s + row * d + c);
-      if (a.dresidual) r[k] = *reinterpret_cast<const uint4*>(a.dresidual + row * d + c);
-    }
-  }
-}
-
-// One row of the fused backward from its loaded slices (`dx` points at the row; scalars, not the
-// kernel's argument struct, so nothing is copied to local memory): dx = rstd (g·w − xhat m2) + dresidual,
-// and dy·xhat added into the warp's column sums `sums` (with_sums).
-template <int NV>
-__device__ __forceinline__ void RmsBackwardRow(const __nv_bfloat16* weight, __nv_bfloat16* dx, int64_t d, int lane,
-                                               float inv_d,
-                                               const uint4 (&dy_raw)[NV], const uint4 (&s_raw)[NV],
-                                               const uint4 (&r_raw)[NV], float rstd, float* sums,
-                                               bool with_sums, bool has_res) {
-  float sum_gx = 0.f;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int64_t c = (lane + 32 * k) * 8;
-    if (c < d) {
-      float g[8], v[8], w[8];
-      UnpackBf16x8(dy_raw[k], g);
-      UnpackBf16x8(s_raw[k], v);
-      LoadScale8(weight, c, w);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
-    }
-  }
-  const float m2 = WarpSum(sum_gx) * inv_d;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int64_t c = (lane + 32 * k) * 8;
-    if (c < d) {
-      float g[8], v[8], w[8], r[8], out[8];
-      UnpackBf16x8(dy_raw[k], g);
-      UnpackBf16x8(s_raw[k], v);
-      LoadScale8(weight, c, w);
-      if (has_res) {
-        UnpackBf16x8(r_raw[k], r);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) r[i] = 0.f;
-      }
-      float gx[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float xhat = v[i] * rstd;
-        out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
-        gx[i] = g[i] * xhat;
-      }
-      StoreBf16<8>(dx + c, out);
-      if (with_sums) {
-        float4* acc = reinterpret_cast<float4*>(sums + c);
-        float4 lo = acc[0], hi = acc[1];
-        lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
-        hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
-        acc[0] = lo;
-        acc[1] = hi;
-      }
-    }
-  }
-}
 
 // Column sums of dy·xhat live in shared memory, one [d] row per warp (each lane owns its own
 // columns: no races, no barriers until the block's final sum); registers then hold only the
 // row's packed inputs (~120 instead of ~220), so 4 blocks fit per SM instead of 2.
-// kPrefetch (NV <= 3: the second set of row registers fits the 128-register budget; NV 4 spills): the next
-// row's loads are issued before this row's arithmetic and stores, so each warp keeps a row in
-// flight while it computes.
-template <int NV, bool kPrefetch>
+template <int NV>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
     rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w, int rows_per_block) {
   extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
@@ -399,86 +323,64 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
       }
     }
   }
-  if constexpr (kPrefetch) {
+  for (int64_t row = r_begin + warp; row < r_end; row += kWarpsPerBlock) {
+    const float rstd = a.rstd[row];
+    const __nv_bfloat16* dy = a.dy + row * d;
+    const __nv_bfloat16* s = a.s + row * d;
+    const __nv_bfloat16* dres = a.dresidual ? a.dresidual + row * d : nullptr;
     uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
-    float rstd = 0.f;
-    int64_t row = r_begin + warp;
-    if (row < r_end) LoadRowSlices<NV>(a, row, lane, dy_raw, s_raw, r_raw, rstd);
-    for (; row < r_end; row += kWarpsPerBlock) {
-      const int64_t next = row + kWarpsPerBlock;
-      uint4 dy_next[NV], s_next[NV], r_next[NV];
-      float rstd_next = 0.f;
-      if (next < r_end) LoadRowSlices<NV>(a, next, lane, dy_next, s_next, r_next, rstd_next);
-      RmsBackwardRow<NV>(a.weight, a.dx + row * d, d, lane, inv_d, dy_raw, s_raw, r_raw, rstd, my_sums, partial_w != nullptr,
-                         a.dresidual != nullptr);
 #pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        dy_raw[k] = dy_next[k];
-        s_raw[k] = s_next[k];
-        r_raw[k] = r_next[k];
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
+        s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
+        if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
       }
-      rstd = rstd_next;
     }
-  } else {
-    for (int64_t row = r_begin + warp; row < r_end; row += kWarpsPerBlock) {
-      const float rstd = a.rstd[row];
-      const __nv_bfloat16* dy = a.dy + row * d;
-      const __nv_bfloat16* s = a.s + row * d;
-      const __nv_bfloat16* dres = a.dresidual ? a.dresidual + row * d : nullptr;
-      uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
+    float sum_gx = 0.f;
 #pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        const int64_t c = (lane + 32 * k) * 8;
-        if (c < d) {
-          dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
-          s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
-          if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
-        }
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        LoadScale8(a.weight, c, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
       }
-      float sum_gx = 0.f;
+    }
+    const float m2 = WarpSum(sum_gx) * inv_d;
 #pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        const int64_t c = (lane + 32 * k) * 8;
-        if (c < d) {
-          float g[8], v[8], w[8];
-          UnpackBf16x8(dy_raw[k], g);
-          UnpackBf16x8(s_raw[k], v);
-          LoadScale8(a.weight, c, w);
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (c < d) {
+        float g[8], v[8], w[8], r[8], out[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        LoadScale8(a.weight, c, w);
+        if (dres) {
+          UnpackBf16x8(r_raw[k], r);
+        } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
+          for (int i = 0; i < 8; ++i) r[i] = 0.f;
         }
-      }
-      const float m2 = WarpSum(sum_gx) * inv_d;
+        float gx[8];
 #pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        const int64_t c = (lane + 32 * k) * 8;
-        if (c < d) {
-          float g[8], v[8], w[8], r[8], out[8];
-          UnpackBf16x8(dy_raw[k], g);
-          UnpackBf16x8(s_raw[k], v);
-          LoadScale8(a.weight, c, w);
-          if (dres) {
-            UnpackBf16x8(r_raw[k], r);
-          } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) r[i] = 0.f;
-          }
-          float gx[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float xhat = v[i] * rstd;
-            out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
-            gx[i] = g[i] * xhat;
-          }
-          StoreBf16<8>(a.dx + row * d + c, out);
-          if (partial_w) {
-            float4* acc = reinterpret_cast<float4*>(my_sums + c);
-            float4 lo = acc[0], hi = acc[1];
-            lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
-            hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
-            acc[0] = lo;
-            acc[1] = hi;
-          }
+        for (int i = 0; i < 8; ++i) {
+          const float xhat = v[i] * rstd;
+          out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
+          gx[i] = g[i] * xhat;
+        }
+        StoreBf16<8>(a.dx + row * d + c, out);
+        if (partial_w) {
+          float4* acc = reinterpret_cast<float4*>(my_sums + c);
+          float4 lo = acc[0], hi = acc[1];
+          lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
+          hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
+          acc[0] = lo;
+          acc[1] = hi;
         }
       }
     }
@@ -506,7 +408,24 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float tw = 0.f, tb = 0.f;
   if (c < d) {
-    for (int64_t k = threadIdx.y; k < chunks; k += kReduceLanes) {
+    // Four partials' loads in flight before their adds (the adds keep the one-at-a-time order,
+    // so the bits are those of the plain loop): a dependent load per add left this kernel
+    // latency-bound at 16 chunks per lane.
+    int64_t k = threadIdx.y;
+    for (; k + 3 * kReduceLanes < chunks; k += 4 * kReduceLanes) {
+      float w[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (dweight) w[j] = partial_w[(k + j * kReduceLanes) * d + c];
+        if (dbias) b[j] = partial_b[(k + j * kReduceLanes) * d + c];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        tw += w[j];
+        tb += b[j];
+      }
+    }
+    for (; k < chunks; k += kReduceLanes) {
       if (dweight) tw += partial_w[k * d + c];
       if (dbias) tb += partial_b[k * d + c];
     }
@@ -536,27 +455,18 @@ bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
 
 template <int NV>
 CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks, int rows_per_block,
-                                  bool prefetch, cudaStream_t stream) {
+                                  cudaStream_t stream) {
   const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
-  if constexpr (NV <= 3) {
-    if (prefetch) {
-      rms_bwd_fused_kernel<NV, true><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
-          a, partial_w, rows_per_block);
-      CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
-      return {};
-    }
-  }
-  rms_bwd_fused_kernel<NV, false><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
+  rms_bwd_fused_kernel<NV><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
       a, partial_w, rows_per_block);
   CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
   return {};
 }
 
 CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
-  // GYRE_NORM_BWD2=0: the previous launch (64 rows per block, no prefetch), for a same-card A/B.
-  const char* env = std::getenv("GYRE_NORM_BWD2");
-  const bool v2 = !(env != nullptr && env[0] == '0');
-  const int64_t rows_per_block = v2 ? FusedRowsPerBlock(a.rows) : 64;
+  // Blocks are a function of rows only: the summation order (hence the bits) is the same on
+  // every device.
+  const int64_t rows_per_block = FusedRowsPerBlock(a.rows);
   const int64_t blocks = CeilDiv(a.rows, rows_per_block);
   if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
   DeviceBuffer partial;
@@ -569,14 +479,14 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
   const int rpb = static_cast<int>(rows_per_block);
   CudaResult r;
   switch (CeilDiv(a.dim, 256)) {
-    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, v2, stream); break;
-    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, v2, stream); break;
-    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, v2, stream); break;
+    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, stream); break;
+    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, stream); break;
+    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, stream); break;
+    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, stream); break;
+    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, stream); break;
+    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, stream); break;
+    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, stream); break;
+    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, stream); break;
   }
   if (!r.ok() || !a.dweight) return r;
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
