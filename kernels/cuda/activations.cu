@@ -45,29 +45,26 @@ __global__ void activation_kernel1(ActKind act, const __nv_bfloat16* x, const __
   }
 }
 
-// One vector of the gated op: its loads are issued by Load, its math and stores by Finish, so
-// the kernel can have two vectors' loads in flight before either's math.
 template <int V, int kMode>
-struct GatedVector {
-  int64_t in_off = 0, out_off = 0;
-  float g[V], u[V], dh[V];
-  __device__ __forceinline__ void Load(const GatedArgs& a, int64_t v, int64_t per_row) {
+__global__ void gated_kernel1(GatedArgs a) {
+  const int64_t per_row = a.cols / V;
+  const int64_t vectors = a.rows * per_row;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = v / per_row;
     const int64_t c = (v - r * per_row) * V;
-    in_off = r * a.ld_in + c;
-    out_off = r * a.ld_out + c;
+    const int64_t in_off = r * a.ld_in + c, out_off = r * a.ld_out + c;
+    float g[V], u[V];
     LoadBf16<V>(a.g + in_off, g);
     LoadBf16<V>(a.u + in_off, u);
-    if constexpr (kMode == 1) LoadBf16<V>(a.dh + out_off, dh);
-  }
-  __device__ __forceinline__ void Finish(const GatedArgs& a) const {
     if constexpr (kMode == 0) {
       float h[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) h[i] = Act(a.act, g[i]) * u[i];
       StoreBf16<V>(a.h + out_off, h);
     } else {
-      float dg[V], du[V];
+      float dh[V], dg[V], du[V];
+      LoadBf16<V>(a.dh + out_off, dh);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         dg[i] = dh[i] * u[i] * ActGrad(a.act, g[i]);
@@ -76,24 +73,6 @@ struct GatedVector {
       StoreBf16<V>(a.dg + in_off, dg);
       StoreBf16<V>(a.du + in_off, du);
     }
-  }
-};
-
-// Grid-stride over vectors, two per thread per iteration (v and v + stride): both vectors'
-// loads are in flight before the first one's math (the forward had only its two 16-byte loads
-// in flight per thread and ran at ~86% of the copy rate on an H200, the backward's three 93%).
-template <int V, int kMode>
-__global__ void gated_kernel1(GatedArgs a) {
-  const int64_t per_row = a.cols / V;
-  const int64_t vectors = a.rows * per_row;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += 2 * stride) {
-    GatedVector<V, kMode> x0, x1;
-    const bool second = v + stride < vectors;
-    x0.Load(a, v, per_row);
-    if (second) x1.Load(a, v + stride, per_row);
-    x0.Finish(a);
-    if (second) x1.Finish(a);
   }
 }
 

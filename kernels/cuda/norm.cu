@@ -408,9 +408,9 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float tw = 0.f, tb = 0.f;
   if (c < d) {
-    // Four partials' loads in flight before their adds (the adds keep the one-at-a-time order,
-    // so the bits are those of the plain loop): a dependent load per add left this kernel
-    // latency-bound at 16 chunks per lane.
+    // Four partials' loads issued before their adds (the adds keep the one-at-a-time order, so
+    // the bits are those of the plain loop, whose compiled form issued each load right before
+    // its add: one memory latency per chunk, 16 chunks per lane at 512 blocks).
     int64_t k = threadIdx.y;
     for (; k + 3 * kReduceLanes < chunks; k += 4 * kReduceLanes) {
       float w[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
