@@ -65,14 +65,16 @@ std::string AlgoConfig(const cublasLtMatmulAlgo_t& algo) {
 
 // Short reductions (k <= kShortK, bf16 output): cuBLASLt's first choice for these is a
 // 192x192 or 256x128 tile, while the in-step profile (bench/RESULTS.md, helper llama8; H200,
-// cuBLAS 13) ran the llama-125m products with k = 768 8-14% faster on the candidates below
+// cuBLAS 13) ran the llama-125m products with k = 768 8-17% faster on the candidates below
 // (tile, custom option, cluster shape as cuBLASLt numbers them): 128x160 / option 1 / 2x1x1 and,
 // for the LM head's logits (n = 50304), 176x128 / option 2 / 1x2x1. The first of the heuristic's
 // top candidates matching the list in order (split-K 1) replaces its first choice; the candidate
 // list is a function of the shape, device and library only, so the choice is the same in every
 // run (bitwise-reproducible training; timing-based autotuning is not). At k = 2048 and more the
 // same configurations did not win in the step and the heuristic's choice stays.
-constexpr int64_t kShortK = 1024;
+// Measured at 25M-825M output elements; smaller products (decoding's few rows, tests' odd
+// shapes) keep the heuristic's choice.
+constexpr int64_t kShortK = 1024, kShortKMinOutput = int64_t{4} << 20;
 struct PreferredConfig {
   uint32_t tile, custom;
   uint16_t cluster;
@@ -136,7 +138,8 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
-  const bool prefer_short_k = !autotune && g.k <= kShortK && g.c_dtype == DType::kBf16;
+  const bool prefer_short_k =
+      !autotune && g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16;
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
