@@ -4,6 +4,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -39,6 +40,65 @@ int64_t CAlignment(const GemmArgs& g) {
 }
 
 cudaDataType_t CudaType(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// "a<id> t<tile> s<stages> k<splitK> r<reduction> w<swizzle> c<custom> l<cluster> i<inner>" of
+// an algorithm (GYRE_GEMM_LOG=1 prints them per new plan).
+std::string AlgoConfig(const cublasLtMatmulAlgo_t& algo) {
+  int32_t id = -1, splitk = 0;
+  uint32_t tile = 0, stages = 0, red = 0, swz = 0, custom = 0;
+  uint16_t cluster = 0, inner = 0;
+  size_t w = 0;
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof(id), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof(stages), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swz, sizeof(swz), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom, sizeof(custom), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof(cluster), &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, &inner, sizeof(inner), &w);
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "a%d t%u s%u k%d r%u w%u c%u l%u i%u", id, tile, stages, splitk, red, swz, custom,
+                static_cast<unsigned>(cluster), static_cast<unsigned>(inner));
+  return buf;
+}
+
+// Short reductions (k <= kShortK, bf16 output): cuBLASLt's first choice for these is a
+// 192x192 or 256x128 tile, while the in-step profile (bench/RESULTS.md, helper llama8; H200,
+// cuBLAS 13) ran the llama-125m products with k = 768 8-17% faster on the candidates below
+// (tile, custom option, cluster shape as cuBLASLt numbers them): 128x160 / option 1 / 2x1x1 and,
+// for the LM head's logits (n = 50304), 176x128 / option 2 / 1x2x1. The first of the heuristic's
+// top candidates matching the list in order (split-K 1) replaces its first choice; the candidate
+// list is a function of the shape, device and library only, so the choice is the same in every
+// run (bitwise-reproducible training; timing-based autotuning is not). At k = 2048 and more the
+// same configurations did not win in the step and the heuristic's choice stays.
+// Measured at 25M-825M output elements; smaller products (decoding's few rows, tests' odd
+// shapes) keep the heuristic's choice.
+constexpr int64_t kShortK = 1024, kShortKMinOutput = int64_t{4} << 20;
+struct PreferredConfig {
+  uint32_t tile, custom;
+  uint16_t cluster;
+};
+constexpr PreferredConfig kShortKPreferred[] = {
+    {CUBLASLT_MATMUL_TILE_128x160, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1},
+    {CUBLASLT_MATMUL_TILE_176x128, 2, CUBLASLT_CLUSTER_SHAPE_1x2x1},
+};
+
+bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
+  int32_t splitk = 0;
+  uint32_t tile = 0, custom = 0;
+  uint16_t cluster = 0;
+  size_t w = 0;
+  return cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &w) ==
+             CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom, sizeof(custom),
+                                              &w) == CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster,
+                                              sizeof(cluster), &w) == CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk),
+                                              &w) == CUBLAS_STATUS_SUCCESS &&
+         tile == want.tile && custom == want.custom && cluster == want.cluster && splitk <= 1;
+}
 
 }  // namespace
 
@@ -76,6 +136,10 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool bias = g.epilogue != GemmEpilogue::kNone;
   const char* tune_env = std::getenv("GYRE_GEMM_AUTOTUNE");
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
+  const char* log_env = std::getenv("GYRE_GEMM_LOG");
+  const bool log = log_env != nullptr && log_env[0] == '1';
+  const bool prefer_short_k =
+      !autotune && g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16;
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
@@ -137,7 +201,8 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   int returned = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
-                                        p->b, p->c, p->c, pref, autotune ? kCandidates : 1, results,
+                                        p->b, p->c, p->c, pref, autotune || prefer_short_k ? kCandidates : 1,
+                                        results,
                                         &returned);
   cublasLtMatmulPreferenceDestroy(pref);
   CUBLAS_RETURN_IF_ERROR(st);
@@ -146,6 +211,19 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
                            " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k));
   }
   p->algo = results[0].algo;
+  if (prefer_short_k) {
+    bool found = false;
+    for (const PreferredConfig& want : kShortKPreferred) {
+      for (int i = 0; i < returned && !found; ++i) {
+        if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= ws &&
+            Matches(results[i].algo, want)) {
+          p->algo = results[i].algo;
+          found = true;
+        }
+      }
+      if (found) break;
+    }
+  }
   if (autotune && returned > 1) {
     // Time every candidate on the real operands into a scratch C of the same shape (every
     // candidate already satisfies the real C's alignment: the preference carries it) and keep
@@ -159,7 +237,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
     // Candidate 0 is the heuristic's choice; another replaces it only when >= 3% faster over
     // kTimedReps back-to-back launches (short timings are noisy; a near tie keeps the default).
-    constexpr int kTimedReps = 5;
+    const int kTimedReps = log ? 20 : 5;
     float best_ms = 0, default_ms = 0;
     int best = -1;
     for (int i = 0; i < returned; ++i) {
@@ -175,6 +253,12 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
       ok = ok && cudaEventRecord(stop, stream) == cudaSuccess && cudaEventSynchronize(stop) == cudaSuccess &&
            cudaEventElapsedTime(&ms, start, stop) == cudaSuccess;
       if (ok && i == 0) default_ms = ms;
+      if (log) {
+        std::fprintf(stderr, "gemm-cand m%ld n%ld k%ld ta%d tb%d c%s beta%d #%d %s waves %.2f ws %zu: %.4f ms\n",
+                     (long)g.m, (long)g.n, (long)g.k, g.trans_a, g.trans_b, g.c_dtype == DType::kBf16 ? "bf16" : "f32",
+                     g.beta != 0.f, i, AlgoConfig(results[i].algo).c_str(), results[i].wavesCount,
+                     results[i].workspaceSize, ok ? ms / kTimedReps : -1.f);
+      }
       if (ok && (best < 0 || ms < best_ms)) {
         best = i;
         best_ms = ms;
@@ -183,6 +267,11 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     if (best >= 0 && (default_ms == 0 || best_ms < 0.97f * default_ms)) p->algo = results[best].algo;
+  }
+  if (log) {
+    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d)\n", (long)g.m,
+                 (long)g.n, (long)g.k, g.trans_a, g.trans_b, g.c_dtype == DType::kBf16 ? "bf16" : "f32", g.beta != 0.f,
+                 autotune, AlgoConfig(p->algo).c_str(), returned);
   }
   *plan = p.get();
   plans_.emplace(std::move(key), std::move(p));

@@ -211,6 +211,57 @@ TEST_F(GemmGpuTest, AutotunedPlansMatchFloat64) {
   unsetenv("GYRE_GEMM_AUTOTUNE");
 }
 
+// The short-reduction preference (gemm.cu kShortKPreferred) picks its configuration only from
+// the heuristic's candidates at the llama-125m shapes (32,768 rows, k = 768), which the odd
+// shapes above do not reach: the products at those shapes, forward Y = X Wᵀ (qkv 2304 and o 768
+// outputs) and dX = dY W with k = 768 (the down projection's 2048 inputs), checked against
+// float64 on 61 sampled rows (every column). GYRE_GEMM_LOG=1 prints the chosen configurations.
+TEST_F(GemmGpuTest, ShortReductionPlansMatchFloat64AtModelShapes) {
+  setenv("GYRE_GEMM_LOG", "1", 1);
+  constexpr int64_t kRows = 32768;
+  std::vector<int64_t> sample;
+  for (int64_t i = 0; i < 61; ++i) sample.push_back((i * 7919 + 13) % kRows);
+  struct Case {
+    bool forward;
+    int64_t in, out;  // the Linear's W [out, in]; forward k = in, backward dX k = out
+  };
+  for (const Case& c : {Case{true, 768, 2304}, Case{true, 768, 768}, Case{false, 2048, 768}}) {
+    const int64_t k = c.forward ? c.in : c.out, n = c.forward ? c.out : c.in;
+    const auto a = RandomBf16Values(rng_, kRows * k);
+    const auto w = RandomBf16Values(rng_, c.out * c.in, 0.05f);
+    DeviceArray<__nv_bfloat16> da(&alloc_, a.size()), dw(&alloc_, w.size()), dy(&alloc_, kRows * n);
+    da.Upload(a);
+    dw.Upload(w);
+    dy.Poison();
+    for (int rep = 0; rep < 2; ++rep) {
+      const CudaResult r = c.forward ? LinearForward(ctx_.get(), da.get(), dw.get(), dy.get(), DType::kBf16, kRows,
+                                                     c.in, c.out, nullptr)
+                                     : LinearBackwardInput(ctx_.get(), da.get(), dw.get(), dy.get(), DType::kBf16,
+                                                           kRows, c.in, c.out, nullptr);
+      ASSERT_TRUE(r.ok()) << r.message;
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto got_all = dy.Download();
+    std::vector<float> got;
+    std::vector<double> ref;
+    for (int64_t i : sample) {
+      for (int64_t j = 0; j < n; ++j) {
+        double acc = 0;
+        for (int64_t t = 0; t < k; ++t) {
+          // forward: Σ_t x[i, t] W[j, t]; dX: Σ_t dY[i, t] W[t, j]
+          acc += double(a[i * k + t]) * (c.forward ? w[j * c.in + t] : w[t * c.in + j]);
+        }
+        ref.push_back(acc);
+        got.push_back(got_all[i * n + j]);
+      }
+    }
+    EXPECT_TRUE(Report(c.forward ? "gemm fwd Y=XWt bf16 (short k, model shape)" : "gemm bwd dX=dY W bf16 (short k, model shape)",
+                       "rows=32768 (61 checked) k=" + std::to_string(k) + " n=" + std::to_string(n),
+                       RelError(got, ref), testing::kTolBf16));
+  }
+  unsetenv("GYRE_GEMM_LOG");
+}
+
 TEST_F(GemmGpuTest, RejectsBadArguments) {
   GemmArgs g;
   g.m = 0;

@@ -12,7 +12,8 @@
 //   norm_bwd_dw_kernel1   column partial sums of dy·xhat and dy over a chunk of rows; block
 //                         (32, 8) covers 64 columns, each thread 2 adjacent columns.
 //   rms_bwd_fused_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): a block
-//                         of 4 warps owns 64 consecutive rows, a warp one row at a time; each
+//                         of 4 warps owns 64 consecutive rows (32 when fewer than 32K rows, so
+//                         blocks still fill the SMs), a warp one row at a time; each
 //                         lane loads its row slice of dy, s and dresidual once (16-byte loads,
 //                         all issued before the first use), reduces Σ g·xhat with shuffles,
 //                         writes dx, and adds dy·xhat into its warp's column sums in shared
@@ -293,20 +294,23 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwa
   }
 }
 
-constexpr int kFusedRowsPerBlock = 64;
+// Rows per block: 64, or 32 when 64 would leave fewer than 512 blocks (4 per SM on a 132-SM
+// card: llama-1.3b's 16,384 rows made 256 blocks, 2 per SM, at ~62% of the copy rate). A
+// function of rows only, so the summation order (hence the bits) is the same on every device.
+int64_t FusedRowsPerBlock(int64_t rows) { return CeilDiv(rows, 64) >= 512 ? 64 : 32; }
 
 // Column sums of dy·xhat live in shared memory, one [d] row per warp (each lane owns its own
 // columns: no races, no barriers until the block's final sum); registers then hold only the
 // row's packed inputs (~120 instead of ~220), so 4 blocks fit per SM instead of 2.
 template <int NV>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
-    rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w) {
+    rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w, int rows_per_block) {
   extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
   float* sums = reinterpret_cast<float*>(sums4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t d = a.dim;
-  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * kFusedRowsPerBlock;
-  const int64_t r_end = min(a.rows, r_begin + kFusedRowsPerBlock);
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t r_end = min(a.rows, r_begin + rows_per_block);
   const float inv_d = 1.f / static_cast<float>(d);
   float* my_sums = sums + warp * d;
   if (partial_w) {
@@ -404,7 +408,24 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float tw = 0.f, tb = 0.f;
   if (c < d) {
-    for (int64_t k = threadIdx.y; k < chunks; k += kReduceLanes) {
+    // Four partials' loads issued before their adds (the adds keep the one-at-a-time order, so
+    // the bits are those of the plain loop, whose compiled form issued each load right before
+    // its add: one memory latency per chunk, 16 chunks per lane at 512 blocks).
+    int64_t k = threadIdx.y;
+    for (; k + 3 * kReduceLanes < chunks; k += 4 * kReduceLanes) {
+      float w[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (dweight) w[j] = partial_w[(k + j * kReduceLanes) * d + c];
+        if (dbias) b[j] = partial_b[(k + j * kReduceLanes) * d + c];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        tw += w[j];
+        tb += b[j];
+      }
+    }
+    for (; k < chunks; k += kReduceLanes) {
       if (dweight) tw += partial_w[k * d + c];
       if (dbias) tb += partial_b[k * d + c];
     }
@@ -433,11 +454,11 @@ bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
 }
 
 template <int NV>
-CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
+CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks, int rows_per_block,
                                   cudaStream_t stream) {
   const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
   rms_bwd_fused_kernel<NV><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
-      a, partial_w);
+      a, partial_w, rows_per_block);
   CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
   return {};
 }
@@ -445,7 +466,8 @@ CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, i
 CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   // Blocks are a function of rows only: the summation order (hence the bits) is the same on
   // every device.
-  const int64_t blocks = CeilDiv(a.rows, kFusedRowsPerBlock);
+  const int64_t rows_per_block = FusedRowsPerBlock(a.rows);
+  const int64_t blocks = CeilDiv(a.rows, rows_per_block);
   if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
   DeviceBuffer partial;
   float* partial_w = nullptr;
@@ -454,16 +476,17 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
     partial_w = partial.as<float>();
   }
   // Vectors of 8 per lane: NV = ceil(d / 256).
+  const int rpb = static_cast<int>(rows_per_block);
   CudaResult r;
   switch (CeilDiv(a.dim, 256)) {
-    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, stream); break;
-    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, stream); break;
-    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, stream); break;
-    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, stream); break;
-    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, stream); break;
-    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, stream); break;
-    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, stream); break;
-    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, stream); break;
+    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, stream); break;
+    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, stream); break;
+    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, stream); break;
+    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, stream); break;
+    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, stream); break;
+    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, stream); break;
+    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, stream); break;
+    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, stream); break;
   }
   if (!r.ok() || !a.dweight) return r;
   norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(

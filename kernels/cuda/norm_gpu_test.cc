@@ -199,8 +199,10 @@ TEST(NormGpuTest, MatchesFloat64AcrossShapesAndOptions) {
       {1, 768}, {37, 771}, {1000, 2048}, {333, 5}, {2049, 768}, {17, 4100},
       // RMSNorm's one-pass backward (d % 8 == 0, d <= 2048): a partial last vector per lane
       // (1032 = 4 x 256 + 8), the largest d, one vector per row (d = 8), rows not a multiple
-      // of the 64-row block; d = 2056 takes the three-kernel path.
-      {70, 1032}, {5, 2040}, {129, 8}, {65, 2056}};
+      // of the row block; d = 2056 takes the three-kernel path. Rows per block are 32 below
+      // 512 x 64 rows and 64 from there (32777 x 768: llama-125m's width, the prefetching
+      // kernel, a partial last block).
+      {70, 1032}, {5, 2040}, {129, 8}, {65, 2056}, {32777, 768}};
   for (auto [rows, dim] : shapes) {
     for (NormKind kind : {NormKind::kRms, NormKind::kLayer}) {
       for (bool residual : {false, true}) {
