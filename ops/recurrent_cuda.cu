@@ -134,6 +134,11 @@ __device__ inline float NormOutGrad(const GroupNormArgs& a, int64_t r, int64_t c
   return g;
 }
 
+// GroupNormArgs::dresidual at (r, c), or 0.
+__device__ inline float Residual(const GroupNormArgs& a, int64_t r, int64_t c) {
+  return a.dresidual != nullptr ? F(a.dresidual, r * a.dim + c) : 0.f;
+}
+
 template <int kMode>
 __global__ void group_norm_bwd(GroupNormArgs a) {
   const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
@@ -170,7 +175,7 @@ __global__ void group_norm_bwd(GroupNormArgs a) {
       St(a.dx, r * a.dim + c, dxa * Silu(zc));
       St(a.dz, r * a.dim + c, dxa * xv * DSilu(zc));
     } else {
-      St(a.dx, r * a.dim + c, dxa);
+      St(a.dx, r * a.dim + c, dxa + Residual(a, r, c));
     }
   }
 }
@@ -528,9 +533,16 @@ __device__ inline void Bf16x4ToFloat(uint2 u, float* v) {
 }
 
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
-constexpr int kBdFwdAhead = 4;       // rows in flight per thread in their forward
+// Rows in flight per thread in their forward. With 4, the q/k launch (105 registers, 2 blocks
+// per SM) had 16 KiB of loads in flight per SM and ran at ~1.6 TB/s; 8 rows fit the same two
+// blocks (<= 128 registers) and the v launch's three (<= 85), doubling the bytes in flight.
+constexpr int kBdFwdAhead = 8;
 constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer partial rows)
-constexpr int kBdBwdStages = 3;      // rows of their backward in flight per thread (cp.async ring)
+// Rows of their backward in flight per thread (a cp.async ring of kStages rows, kStages - 1
+// ahead): 3 rows ahead instead of 2 (48 KiB of loads in flight per SM at 2 blocks, not 32) where
+// the ring fits the 48 KiB of static shared memory beside the gate weights (<= 4 heads).
+template <int kG>
+constexpr int kBdBwdStages = kG <= 8 ? 4 : 3;
 constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // Sum of v[t] over the warp's 32 lanes for kG values at once: log2(kG) rounds in which each lane
@@ -568,7 +580,7 @@ __device__ inline void RoundBf16(float* v, int n) {
 // `part` [column blocks, 2, rows, heads]; reduce_partials adds the column blocks in order (and
 // the bias, on the launch that has it).
 template <bool kTwo, int kG>
-__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGates g, float* part) {
+__global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd(BlockDiagArgs a, FusedGates g, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
   __shared__ float4 wg[kMaps * kGs][32];
@@ -669,7 +681,7 @@ template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  constexpr int kS = kBdBwdStages;
+  constexpr int kS = kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -945,6 +957,12 @@ __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int6
       dx[k] = dxa;
     }
   }
+  if (kMode == 0 && a.dresidual != nullptr) {
+    float res[8];
+    Load8(a.dresidual, r * a.dim + c, res);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dx[k] += res[k];
+  }
   Store8(a.dx, r * a.dim + c, dx);
   if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
 }
@@ -1017,8 +1035,10 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 // add instruction touches 32 consecutive words; every word has one owner, no atomics), then the
 // 8 warps' sums are added in warp order into the block's partial row pw / ps [row blocks, dim]
 // — no second pass over x, z, x_c and dy for the parameter gradients.
+// (256, 3): mode 2 needs 93 registers unbounded, which left 2 blocks (16 warps) per SM; 85
+// fit 3 (the other modes use fewer anyway).
 template <int kMode>
-__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
@@ -1243,7 +1263,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
   if (!backward) return ok && Aligned(a.y, 16);
-  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && Aligned(a.dresidual, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
   return ok;
@@ -1340,6 +1360,8 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
+  if (a.dresidual != nullptr && a.mode != NormMode::kPlain)
+    return gyre::cuda::InvalidArgument("GroupNormBackward: dresidual is for the plain mode only");
   if (a.rows == 0) return {};
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;

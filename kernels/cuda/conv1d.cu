@@ -24,6 +24,7 @@
 #include "kernels/cuda/conv1d.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -38,6 +39,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int kRun = 64;       // outputs per thread
 constexpr int kBlock = 128;    // most threads per block (V channels each); see ConvBlockThreads
+constexpr int kFwdBatch = 8;   // token rows whose loads the forward issues together
 
 struct ConvDims {
   int B, S, C, K;
@@ -118,13 +120,14 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
   float win[K][V];  // win[j] = X_{t+j}
 #pragma unroll
   for (int j = 0; j < K - 1; ++j) XExt<V>(d, x, init, b, ch, t0 + j, win[j + 1]);
-#pragma unroll 4
-  for (int t = t0; t < t1; ++t) {
+  // One token from its new input row xn = X_{t+K−1}.
+  auto token = [&](int t, const float (&xn)[V]) {
 #pragma unroll
     for (int j = 0; j < K - 1; ++j)
 #pragma unroll
       for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
-    LoadV<V>(x + (static_cast<int64_t>(b) * d.S + t) * d.C + ch, win[K - 1]);  // X_{t+K−1}
+#pragma unroll
+    for (int v = 0; v < V; ++v) win[K - 1][v] = xn[v];
     float out[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -134,6 +137,22 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
       out[v] = silu ? u * SigmoidF(u) : u;
     }
     StoreV<V>(y + (static_cast<int64_t>(b) * d.S + t) * d.C + ch, out);
+  };
+  // kFwdBatch rows' loads are issued before any of them is used or any y row stored (a plain
+  // `unroll 4` left the loads to the compiler's scheduling: ~1.6-1.8 TB/s at 56 registers).
+  const bf16* __restrict__ xrow = x + static_cast<int64_t>(b) * d.S * d.C + ch;
+  int t = t0;
+  for (; t + kFwdBatch <= t1; t += kFwdBatch) {
+    float xn[kFwdBatch][V];
+#pragma unroll
+    for (int i = 0; i < kFwdBatch; ++i) LoadV<V>(xrow + static_cast<int64_t>(t + i) * d.C, xn[i]);
+#pragma unroll
+    for (int i = 0; i < kFwdBatch; ++i) token(t + i, xn[i]);
+  }
+  for (; t < t1; ++t) {
+    float xn[V];
+    LoadV<V>(xrow + static_cast<int64_t>(t) * d.C, xn);
+    token(t, xn);
   }
 }
 
@@ -177,7 +196,7 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // Structure: the K−1 halo tokens before e0 (du only) are a fully unrolled prologue; the main
 // loop over t in [e0, e1) has only unconditional loads (clamped rows, zeroed after the load) and
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
-template <int K, int V>
+template <int K, int V, int kBatch>
 __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
@@ -292,7 +311,6 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     // are loaded into registers before any of them is used or any dx row stored, written out
     // explicitly: through the lambda above (captured pointers lose __restrict__) the compiler
     // kept each token's loads behind the previous token's store (1.2 TB/s, ncu 2026-11-26).
-    constexpr int kBatch = 4;
     const bf16* __restrict__ xrow = x + (static_cast<int64_t>(b) * d.S) * d.C + ch;
     bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * d.C + ch;  // row t − (K−1)
     int t = e0;
@@ -478,9 +496,18 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, threads * vec)), static_cast<unsigned>(runs),
                   d.B);
   float* pp = part.as<float>();
+  static const int batch = [] {  // EXPERIMENT (rglue8): token rows per load batch, 4 or 8
+    const char* e = std::getenv("GYRE_EXP_CONV_BWD_BATCH");
+    return e != nullptr && std::atoi(e) == 8 ? 8 : 4;
+  }();
   LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
-        d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
+    if (batch == 8) {
+      conv1d_bwd<decltype(k)::value, decltype(v)::value, 8><<<grid, threads, 0, stream>>>(
+          d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
+    } else {
+      conv1d_bwd<decltype(k)::value, decltype(v)::value, 4><<<grid, threads, 0, stream>>>(
+          d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
+    }
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
