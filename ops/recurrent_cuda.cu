@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -736,6 +737,8 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 //   dwg[t, o] = Σ_r dgate[r, t] y[r, o] = Σ_i w[o, i] S[t, i]          (y = x wᵀ, not re-read)
 // — per row 32 FMAs for the gates instead of 64 + 32 (and 8 shared float4 loads, not 16): the
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
+// That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
+// directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
 template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
@@ -752,7 +755,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
   __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
   __shared__ float4 wg[kMaps * kGs][32];
-  __shared__ float4 U[kGs][32];  // each thread's own block's U[t, 0..3] (see above)
+  __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
   Ring& ring = *reinterpret_cast<Ring*>(raw);
   auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
@@ -787,17 +790,15 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 #pragma unroll
     for (int k = 0; k < 16; ++k) w[k] = w2[k] = 0.f;
   }
-  if constexpr (kG > 0) {
+  if constexpr (kG > 0 && kTwo) {
 #pragma unroll
     for (int t = 0; t < kG; ++t) {
-      const float4 u = wg[t][tx];
-      float4 u2 = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (kTwo) u2 = wg[kG + t][tx];
+      const float4 u = wg[t][tx], u2 = wg[kG + t][tx];
       float v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i];
-        if (kTwo) v[i] += u2.x * w2[i] + u2.y * w2[4 + i] + u2.z * w2[8 + i] + u2.w * w2[12 + i];
+        v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
+               u2.z * w2[8 + i] + u2.w * w2[12 + i];
       }
       U[t][tx] = make_float4(v[0], v[1], v[2], v[3]);  // read back by this thread only
     }
@@ -830,9 +831,19 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       Bf16x4ToFloat(ring.in[ty][slot][1][tx], d);
       if (kTwo) Bf16x4ToFloat(ring.in[ty][slot][2][tx], d2);
       if (a.accumulate_dx) Bf16x4ToFloat(ring.in[ty][slot][3][tx], old);
+      if constexpr (kG > 0 && !kTwo) {
+#pragma unroll
+        for (int t = 0; t < kG; ++t) {
+          const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
+          const float4 u = wg[t][tx];
+          d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) dx[i] = d[0] * w[i] + d[1] * w[4 + i] + d[2] * w[8 + i] + d[3] * w[12 + i];
-      if constexpr (kG > 0) {
+      if constexpr (kG > 0 && kTwo) {
 #pragma unroll
         for (int t = 0; t < kG; ++t) {
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
@@ -863,20 +874,18 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     slot = slot + 1 == kS ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
-  if constexpr (kG > 0) {
+  if constexpr (kG > 0 && kTwo) {
     // dw's gate term: acc[o, i] += Σ_t wg[t, o] S[t, i] (wg = 0 for t >= G and dead lanes).
 #pragma unroll
     for (int t = 0; t < kG; ++t) {
-      const float4 u = wg[t][tx];
-      float4 u2 = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (kTwo) u2 = wg[kG + t][tx];
+      const float4 u = wg[t][tx], u2 = wg[kG + t][tx];
       const float uo[4] = {u.x, u.y, u.z, u.w}, u2o[4] = {u2.x, u2.y, u2.z, u2.w};
 #pragma unroll
       for (int o = 0; o < 4; ++o)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           acc[o * 4 + i] += uo[o] * S[t][i];
-          if (kTwo) acc2[o * 4 + i] += u2o[o] * S[t][i];
+          acc2[o * 4 + i] += u2o[o] * S[t][i];
         }
     }
   }
@@ -994,6 +1003,16 @@ __device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_
   Store8(a.y, r * a.dim + c, n);
 }
 
+// p[0..7] += v[0..7] in shared memory (p 16-byte aligned), as two float4 read-modify-writes.
+__device__ __forceinline__ void AddTo8(float* p, const float* v) {
+  float4* q = reinterpret_cast<float4*>(p);
+  float4 a = q[0], b = q[1];
+  a.x += v[0]; a.y += v[1]; a.z += v[2]; a.w += v[3];
+  b.x += v[4]; b.y += v[5]; b.z += v[6]; b.w += v[7];
+  q[0] = a;
+  q[1] = b;
+}
+
 // Backward, first pass over one chunk (v = the norm's input): s1 += Σ dxhat, s2 += Σ dxhat·xhat,
 // the warp's own dweight (and dskip) column sums at `slot`, and in mode 2 the dz / dxc outputs.
 template <int kMode>
@@ -1001,7 +1020,7 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
                                                       const float* sc, const float* dy, const float* z, float mean,
                                                       float rstd, bool params, float* mine, int span, int slot,
                                                       float& s1, float& s2) {
-  float dz[8], dxc[8], sk[8], xc[8];
+  float dz[8], dxc[8], sk[8], xc[8], tw[8], ts[8];
   if (kMode == 2) {
     LoadF8(a.skip + c, sk);
     Load8(a.xc, r * a.dim + c, xc);
@@ -1013,15 +1032,17 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
     const float dxhat = gout * sc[k];
     s1 += dxhat;
     s2 += dxhat * xhat;
-    if (params) {
-      mine[slot + k * 32] += gout * xhat;
-      if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
-    }
+    tw[k] = gout * xhat;
+    if (kMode == 2) ts[k] = gout * xc[k];
     if (kMode == 2) {
       const float hs = xhat * sc[k] + sk[k] * xc[k];
       dz[k] = dy[k] * hs * DSilu(z[k]);
       dxc[k] = gout * sk[k];
     }
+  }
+  if (params) {  // this warp's own column sums (16-byte read-modify-writes)
+    AddTo8(mine + slot, tw);
+    if (kMode == 2) AddTo8(mine + 8 * span + slot, ts);
   }
   if (kMode == 2) {
     Store8(a.dz, r * a.dim + c, dz);
@@ -1070,7 +1091,7 @@ __device__ __forceinline__ void WriteColumnSums(const GroupNormArgs& a, const fl
                                                 int64_t c0, float* pw, float* ps) {
   __syncthreads();
   for (int e = threadIdx.x; e < span; e += blockDim.x) {
-    const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
+    const int64_t col = e;
     if (col < gs) {
       float tw = 0.f, ts = 0.f;
 #pragma unroll
@@ -1123,15 +1144,16 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 
 // Backward, warp per (row, group) as the forward; a block's 8 warps take kNormBwdRows rows of
 // one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into its own
-// shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l, so one
-// add instruction touches 32 consecutive words; every word has one owner, no atomics), then the
+// shared column sums (in column order: a chunk's 8 columns are two float4 read-modify-writes, 4
+// shared-memory instructions per sum instead of the 16 of one word each; the same adds in the
+// same order; every word has one owner, no atomics), then the
 // 8 warps' sums are added in warp order into the block's partial row pw / ps [row blocks, dim]
 // — no second pass over x, z, x_c and dy for the parameter gradients.
 // (256, 3): mode 2 needs 93 registers unbounded, which left 2 blocks (16 warps) per SM; 85
 // fit 3 (the other modes use fewer anyway).
 template <int kMode>
 __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
-  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
+  extern __shared__ __align__(16) float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = static_cast<int>((gs + 255) / 256) * 256;
@@ -1146,7 +1168,7 @@ __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(Gr
     float v[8], sc[8], dy[8], z[8];
     for (int64_t i = lane * 8; i < gs; i += 256) {
       const int64_t c = c0 + i;
-      const int slot = static_cast<int>((i - lane * 8) / 256) * 256 + lane;  // (8j + k)·32 + l at k = 0
+      const int slot = static_cast<int>(i);  // the chunk's column in the group
       NormIn8<kMode>(a, r, c, v);
       Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
@@ -1255,11 +1277,102 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
   }
 }
 
+// group_norm_bwd_vec with the row in registers (see above), split between the two warps of a
+// pair: warp 2p + h takes columns [h·kHalf, (h + 1)·kHalf) of the group (kHalf = 256·kIters), so
+// a lane holds kIters chunks of x, dy (z): 36 registers of row data at d_inner 1536 instead of
+// the 72 that held the one-warp kernel (128 registers, 2 blocks / 16 warps per SM; 5.7 ms per
+// mamba2-130m step on an H200, 2.1 TB/s of its 5-pass floor). The halves' Σ dxhat, Σ dxhat·xhat
+// meet in shared memory (double-buffered by row parity) behind a 64-thread named barrier and
+// are added half 0 first (fixed order). Column sums: each warp its own half row
+// ([8 warps][kHalf]), added in pair order at the end. Modes 0 and 1.
+template <int kMode, int kIters>
+__global__ void __launch_bounds__(256, 3) group_norm_bwd_reg(GroupNormArgs a, float* pw) {
+  static_assert(kMode != 2, "mode 2 takes the _vec kernel");
+  constexpr int kHalf = 256 * kIters;
+  extern __shared__ __align__(16) float psum[];  // [8 warps][kHalf]
+  __shared__ float stats[4][2][2][2];            // [pair][row parity][half][Σ dxhat, Σ dxhat·xhat]
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, pair = wid >> 1, h = wid & 1;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const bool params = a.dweight != nullptr;
+  float* const mine = psum + wid * kHalf;
+  if (params) {
+    for (int e = threadIdx.x; e < 8 * kHalf; e += blockDim.x) psum[e] = 0.f;
+    __syncthreads();
+  }
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  int parity = 0;
+  for (int64_t r = rb0 + pair; r < rb1; r += 4, parity ^= 1) {  // the same rows for both warps
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    uint4 xr[kIters], dyr[kIters], zr[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = h * kHalf + lane * 8 + it * 256;
+      if (i < gs) {
+        xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+        dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
+        if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+      }
+    }
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = h * kHalf + lane * 8 + it * 256;
+      if (i >= gs) continue;
+      const int64_t c = c0 + i;
+      float v[8], sc[8], dy[8], z[8];
+      Unpack8(xr[it], v);
+      if (kMode != 0) Unpack8(zr[it], z);
+      if (kMode == 1) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
+      }
+      Scale8(a, c, sc);
+      Unpack8(dyr[it], dy);
+      GroupNormBwdChunkSums<kMode>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, kHalf,
+                                   static_cast<int>(i - h * kHalf), s1, s2);
+    }
+    s1 = WarpSum(s1);
+    s2 = WarpSum(s2);
+    if (lane == 0) {
+      stats[pair][parity][h][0] = s1;
+      stats[pair][parity][h][1] = s2;
+    }
+    asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");  // the pair's two warps
+    s1 = (stats[pair][parity][0][0] + stats[pair][parity][1][0]) / gs;
+    s2 = (stats[pair][parity][0][1] + stats[pair][parity][1][1]) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = h * kHalf + lane * 8 + it * 256;
+      if (i >= gs) continue;
+      const int64_t c = c0 + i;
+      float xv[8], sc[8], dy[8], z[8];
+      Unpack8(xr[it], xv);
+      Scale8(a, c, sc);
+      Unpack8(dyr[it], dy);
+      if (kMode != 0) Unpack8(zr[it], z);
+      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+    }
+  }
+  if (params) {
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < gs; e += blockDim.x) {
+      const int hh = static_cast<int>(e / kHalf), off = static_cast<int>(e - hh * kHalf);
+      float t = 0.f;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) t += psum[(2 * p + hh) * kHalf + off];
+      pw[blockIdx.x * a.dim + c0 + e] = t;
+    }
+  }
+}
+
+// EXPERIMENT (rglue8): the one-warp-per-row kernel, kept for the A/B against the split one.
 // group_norm_bwd_vec with the row in registers (see above); column sums as there. Two blocks
 // per SM (16 warps, 2 x 48 KiB of column sums at d_inner 1536).
 template <int kMode, int kIters>
-__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, float* pw, float* ps) {
-  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg1(GroupNormArgs a, float* pw, float* ps) {
+  extern __shared__ __align__(16) float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = static_cast<int>((gs + 255) / 256) * 256;
@@ -1286,7 +1399,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
       const int64_t i = lane * 8 + it * 256;
       if (i >= gs) continue;
       const int64_t c = c0 + i;
-      const int slot = it * 256 + lane;  // (8j + k)·32 + l at k = 0
+      const int slot = static_cast<int>(i);  // the chunk's column in the group
       float v[8], sc[8], dy[8], z[8];
       Unpack8(xr[it], v);
       if (kMode != 0) Unpack8(zr[it], z);
@@ -1479,9 +1592,18 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
-    if (NormRegIters(a, true) == 6) {
-      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
-      else launch(group_norm_bwd_reg<1, 6>);
+    static const bool split = [] {  // EXPERIMENT (rglue8)
+      const char* e = std::getenv("GYRE_EXP_NORM_SPLIT");
+      return e != nullptr && e[0] == '1';
+    }();
+    if (NormRegIters(a, true) == 6 && split) {
+      // Split rows (group_norm_bwd_reg): [8 warps][half of 6 chunks of 256] column sums.
+      const int64_t reg_smem = params ? 8 * 3 * 256 * static_cast<int64_t>(sizeof(float)) : 0;
+      if (a.mode == NormMode::kPlain) group_norm_bwd_reg<0, 3><<<grid, 256, reg_smem, stream>>>(a, pw);
+      else group_norm_bwd_reg<1, 3><<<grid, 256, reg_smem, stream>>>(a, pw);
+    } else if (NormRegIters(a, true) == 6) {
+      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg1<0, 6>);
+      else launch(group_norm_bwd_reg1<1, 6>);
     } else {
       switch (a.mode) {
         case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;

@@ -42,6 +42,7 @@ constexpr int kBlock = 128;    // most threads per block (V channels each); see 
 constexpr int kFwdBatch = 8;   // token rows whose loads the forward issues together (scalar channels)
 constexpr int kFwdAhead = 16;  // the forward's cp.async ring of token rows per thread
 constexpr int kBwdAhead = 8;   // the backward's cp.async ring of token rows per thread
+constexpr int kRingBatch = 4;  // tokens consumed per cp.async wait (the rest of a ring stays in flight)
 
 // cp.async of kBytes (4 or 8) global -> shared, through L1; one commit group per call site's token.
 template <int kBytes>
@@ -177,14 +178,19 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
       CpAsyncCommit();
     };
 #pragma unroll
-    for (int i = 0; i < kFwdAhead - 1; ++i) issue(t0 + i);
-#pragma unroll 4
-    for (; t < t1; ++t) {
-      issue(t + kFwdAhead - 1);
-      CpAsyncWait<kFwdAhead - 1>();
-      float xn[V];
-      FromRaw<V>(ring[t % kFwdAhead][tid], xn);
-      token(t, xn);
+    for (int i = 0; i < kFwdAhead - kRingBatch; ++i) issue(t0 + i);
+    for (; t < t1; t += kRingBatch) {  // kRingBatch tokens per wait, as the backward
+#pragma unroll
+      for (int i = 0; i < kRingBatch; ++i) issue(t + kFwdAhead - kRingBatch + i);
+      CpAsyncWait<kRingBatch>();
+#pragma unroll
+      for (int i = 0; i < kRingBatch; ++i) {
+        if (t + i < t1) {
+          float xn[V];
+          FromRaw<V>(ring[(t + i) % kFwdAhead][tid], xn);
+          token(t + i, xn);
+        }
+      }
     }
     CpAsyncWait<0>();
   } else {
@@ -405,16 +411,23 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
         }
         CpAsyncCommit();
       };
+      // kRingBatch tokens per wait: the batch's arithmetic is free of the wait's ordering, so
+      // the compiler interleaves their independent du (SiLU') chains.
 #pragma unroll
-      for (int i = 0; i < kBwdAhead - 1; ++i) issue(e0 + i);
-#pragma unroll 4
-      for (; t < e1; ++t) {
-        issue(t + kBwdAhead - 1);
-        CpAsyncWait<kBwdAhead - 1>();
-        float xn[V], gy[V];
-        FromRaw<V>(ring[t % kBwdAhead][0][tid], xn);
-        FromRaw<V>(ring[t % kBwdAhead][1][tid], gy);
-        token(t, xn, gy);
+      for (int i = 0; i < kBwdAhead - kRingBatch; ++i) issue(e0 + i);
+      for (; t < e1; t += kRingBatch) {
+#pragma unroll
+        for (int i = 0; i < kRingBatch; ++i) issue(t + kBwdAhead - kRingBatch + i);
+        CpAsyncWait<kRingBatch>();
+#pragma unroll
+        for (int i = 0; i < kRingBatch; ++i) {
+          if (t + i < e1) {
+            float xn[V], gy[V];
+            FromRaw<V>(ring[(t + i) % kBwdAhead][0][tid], xn);
+            FromRaw<V>(ring[(t + i) % kBwdAhead][1][tid], gy);
+            token(t + i, xn, gy);
+          }
+        }
       }
       CpAsyncWait<0>();
     } else {
