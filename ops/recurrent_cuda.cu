@@ -9,7 +9,6 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -1003,16 +1002,6 @@ __device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_
   Store8(a.y, r * a.dim + c, n);
 }
 
-// p[0..7] += v[0..7] in shared memory (p 16-byte aligned), as two float4 read-modify-writes.
-__device__ __forceinline__ void AddTo8(float* p, const float* v) {
-  float4* q = reinterpret_cast<float4*>(p);
-  float4 a = q[0], b = q[1];
-  a.x += v[0]; a.y += v[1]; a.z += v[2]; a.w += v[3];
-  b.x += v[4]; b.y += v[5]; b.z += v[6]; b.w += v[7];
-  q[0] = a;
-  q[1] = b;
-}
-
 // Backward, first pass over one chunk (v = the norm's input): s1 += Σ dxhat, s2 += Σ dxhat·xhat,
 // the warp's own dweight (and dskip) column sums at `slot`, and in mode 2 the dz / dxc outputs.
 template <int kMode>
@@ -1020,7 +1009,7 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
                                                       const float* sc, const float* dy, const float* z, float mean,
                                                       float rstd, bool params, float* mine, int span, int slot,
                                                       float& s1, float& s2) {
-  float dz[8], dxc[8], sk[8], xc[8], tw[8], ts[8];
+  float dz[8], dxc[8], sk[8], xc[8];
   if (kMode == 2) {
     LoadF8(a.skip + c, sk);
     Load8(a.xc, r * a.dim + c, xc);
@@ -1032,17 +1021,15 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
     const float dxhat = gout * sc[k];
     s1 += dxhat;
     s2 += dxhat * xhat;
-    tw[k] = gout * xhat;
-    if (kMode == 2) ts[k] = gout * xc[k];
+    if (params) {
+      mine[slot + k * 32] += gout * xhat;
+      if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
+    }
     if (kMode == 2) {
       const float hs = xhat * sc[k] + sk[k] * xc[k];
       dz[k] = dy[k] * hs * DSilu(z[k]);
       dxc[k] = gout * sk[k];
     }
-  }
-  if (params) {  // this warp's own column sums (16-byte read-modify-writes)
-    AddTo8(mine + slot, tw);
-    if (kMode == 2) AddTo8(mine + 8 * span + slot, ts);
   }
   if (kMode == 2) {
     Store8(a.dz, r * a.dim + c, dz);
@@ -1091,7 +1078,7 @@ __device__ __forceinline__ void WriteColumnSums(const GroupNormArgs& a, const fl
                                                 int64_t c0, float* pw, float* ps) {
   __syncthreads();
   for (int e = threadIdx.x; e < span; e += blockDim.x) {
-    const int64_t col = e;
+    const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
     if (col < gs) {
       float tw = 0.f, ts = 0.f;
 #pragma unroll
@@ -1144,16 +1131,17 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 
 // Backward, warp per (row, group) as the forward; a block's 8 warps take kNormBwdRows rows of
 // one group (blockIdx.y). dweight / dskip ride along: each warp adds its rows' terms into its own
-// shared column sums (in column order: a chunk's 8 columns are two float4 read-modify-writes, 4
-// shared-memory instructions per sum instead of the 16 of one word each; the same adds in the
-// same order; every word has one owner, no atomics), then the
+// shared column sums (lane-interleaved: element k of lane l's chunk j at (8j + k)·32 + l, so one
+// add instruction touches 32 consecutive words; every word has one owner, no atomics), then the
 // 8 warps' sums are added in warp order into the block's partial row pw / ps [row blocks, dim]
 // — no second pass over x, z, x_c and dy for the parameter gradients.
-// (256, 3): mode 2 needs 93 registers unbounded, which left 2 blocks (16 warps) per SM; 85
-// fit 3 (the other modes use fewer anyway).
+// (256, 3): mode 2 needs 93 registers unbounded, which left 2 blocks (16 warps) per SM; 80 fit
+// 3 (xlstm[1:0]-125m on an H200, rglue8 call 1: GroupNorm backward 11.02 -> 9.33 ms per step,
+// the plain norms now adding their residual gradient too, so >= 1.7 ms from this bound). Mode 0
+// keeps its 48 registers (5 blocks).
 template <int kMode>
 __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
-  extern __shared__ __align__(16) float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = static_cast<int>((gs + 255) / 256) * 256;
@@ -1168,7 +1156,7 @@ __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(Gr
     float v[8], sc[8], dy[8], z[8];
     for (int64_t i = lane * 8; i < gs; i += 256) {
       const int64_t c = c0 + i;
-      const int slot = static_cast<int>(i);  // the chunk's column in the group
+      const int slot = static_cast<int>((i - lane * 8) / 256) * 256 + lane;  // (8j + k)·32 + l at k = 0
       NormIn8<kMode>(a, r, c, v);
       Scale8(a, c, sc);
       Load8(a.dy, r * a.dim + c, dy);
@@ -1277,102 +1265,11 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
   }
 }
 
-// group_norm_bwd_vec with the row in registers (see above), split between the two warps of a
-// pair: warp 2p + h takes columns [h·kHalf, (h + 1)·kHalf) of the group (kHalf = 256·kIters), so
-// a lane holds kIters chunks of x, dy (z): 36 registers of row data at d_inner 1536 instead of
-// the 72 that held the one-warp kernel (128 registers, 2 blocks / 16 warps per SM; 5.7 ms per
-// mamba2-130m step on an H200, 2.1 TB/s of its 5-pass floor). The halves' Σ dxhat, Σ dxhat·xhat
-// meet in shared memory (double-buffered by row parity) behind a 64-thread named barrier and
-// are added half 0 first (fixed order). Column sums: each warp its own half row
-// ([8 warps][kHalf]), added in pair order at the end. Modes 0 and 1.
-template <int kMode, int kIters>
-__global__ void __launch_bounds__(256, 3) group_norm_bwd_reg(GroupNormArgs a, float* pw) {
-  static_assert(kMode != 2, "mode 2 takes the _vec kernel");
-  constexpr int kHalf = 256 * kIters;
-  extern __shared__ __align__(16) float psum[];  // [8 warps][kHalf]
-  __shared__ float stats[4][2][2][2];            // [pair][row parity][half][Σ dxhat, Σ dxhat·xhat]
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, pair = wid >> 1, h = wid & 1;
-  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
-  const bool params = a.dweight != nullptr;
-  float* const mine = psum + wid * kHalf;
-  if (params) {
-    for (int e = threadIdx.x; e < 8 * kHalf; e += blockDim.x) psum[e] = 0.f;
-    __syncthreads();
-  }
-  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
-  int parity = 0;
-  for (int64_t r = rb0 + pair; r < rb1; r += 4, parity ^= 1) {  // the same rows for both warps
-    const int64_t st = r * a.groups + g;
-    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
-    uint4 xr[kIters], dyr[kIters], zr[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t i = h * kHalf + lane * 8 + it * 256;
-      if (i < gs) {
-        xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
-        dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
-        if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
-      }
-    }
-    float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t i = h * kHalf + lane * 8 + it * 256;
-      if (i >= gs) continue;
-      const int64_t c = c0 + i;
-      float v[8], sc[8], dy[8], z[8];
-      Unpack8(xr[it], v);
-      if (kMode != 0) Unpack8(zr[it], z);
-      if (kMode == 1) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
-      }
-      Scale8(a, c, sc);
-      Unpack8(dyr[it], dy);
-      GroupNormBwdChunkSums<kMode>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, kHalf,
-                                   static_cast<int>(i - h * kHalf), s1, s2);
-    }
-    s1 = WarpSum(s1);
-    s2 = WarpSum(s2);
-    if (lane == 0) {
-      stats[pair][parity][h][0] = s1;
-      stats[pair][parity][h][1] = s2;
-    }
-    asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");  // the pair's two warps
-    s1 = (stats[pair][parity][0][0] + stats[pair][parity][1][0]) / gs;
-    s2 = (stats[pair][parity][0][1] + stats[pair][parity][1][1]) / gs;
-    const float m1 = a.layer ? s1 : 0.f;
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t i = h * kHalf + lane * 8 + it * 256;
-      if (i >= gs) continue;
-      const int64_t c = c0 + i;
-      float xv[8], sc[8], dy[8], z[8];
-      Unpack8(xr[it], xv);
-      Scale8(a, c, sc);
-      Unpack8(dyr[it], dy);
-      if (kMode != 0) Unpack8(zr[it], z);
-      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
-    }
-  }
-  if (params) {
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < gs; e += blockDim.x) {
-      const int hh = static_cast<int>(e / kHalf), off = static_cast<int>(e - hh * kHalf);
-      float t = 0.f;
-#pragma unroll
-      for (int p = 0; p < 4; ++p) t += psum[(2 * p + hh) * kHalf + off];
-      pw[blockIdx.x * a.dim + c0 + e] = t;
-    }
-  }
-}
-
-// EXPERIMENT (rglue8): the one-warp-per-row kernel, kept for the A/B against the split one.
 // group_norm_bwd_vec with the row in registers (see above); column sums as there. Two blocks
 // per SM (16 warps, 2 x 48 KiB of column sums at d_inner 1536).
 template <int kMode, int kIters>
-__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg1(GroupNormArgs a, float* pw, float* ps) {
-  extern __shared__ __align__(16) float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, float* pw, float* ps) {
+  extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = static_cast<int>((gs + 255) / 256) * 256;
@@ -1399,7 +1296,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg1(GroupNormArgs a, f
       const int64_t i = lane * 8 + it * 256;
       if (i >= gs) continue;
       const int64_t c = c0 + i;
-      const int slot = static_cast<int>(i);  // the chunk's column in the group
+      const int slot = it * 256 + lane;  // (8j + k)·32 + l at k = 0
       float v[8], sc[8], dy[8], z[8];
       Unpack8(xr[it], v);
       if (kMode != 0) Unpack8(zr[it], z);
@@ -1592,18 +1489,9 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
-    static const bool split = [] {  // EXPERIMENT (rglue8)
-      const char* e = std::getenv("GYRE_EXP_NORM_SPLIT");
-      return e != nullptr && e[0] == '1';
-    }();
-    if (NormRegIters(a, true) == 6 && split) {
-      // Split rows (group_norm_bwd_reg): [8 warps][half of 6 chunks of 256] column sums.
-      const int64_t reg_smem = params ? 8 * 3 * 256 * static_cast<int64_t>(sizeof(float)) : 0;
-      if (a.mode == NormMode::kPlain) group_norm_bwd_reg<0, 3><<<grid, 256, reg_smem, stream>>>(a, pw);
-      else group_norm_bwd_reg<1, 3><<<grid, 256, reg_smem, stream>>>(a, pw);
-    } else if (NormRegIters(a, true) == 6) {
-      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg1<0, 6>);
-      else launch(group_norm_bwd_reg1<1, 6>);
+    if (NormRegIters(a, true) == 6) {
+      if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
+      else launch(group_norm_bwd_reg<1, 6>);
     } else {
       switch (a.mode) {
         case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;

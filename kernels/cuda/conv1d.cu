@@ -9,10 +9,14 @@
 //
 // Kernels: one thread per (V adjacent channels, run of 64 outputs), V = 4 (or 2, or 1 for odd
 // channel counts / unaligned pointers), channels across the warp (coalesced 8-byte accesses of
-// bf16 rows, channels last), sliding a K-wide register window along the run (token loop
-// unrolled 4x so that several rows' loads are in flight), so each input is read once per run
-// plus K−1 halo values. (V = 1 with no unrolling ran the backward at 0.84 TB/s on an H200; V = 4 with
-// conditional loads at 0.35 TB/s, see conv1d_bwd.) The backward recomputes u over the run plus a K−1
+// bf16 rows, channels last), sliding a K-wide register window along the run, so each input is
+// read once per run plus K−1 halo values. The rows reach the window through a per-thread
+// cp.async ring in shared memory (V >= 2; 16 tokens ahead forward, 8 backward) so that many
+// rows' loads are in flight without registers; V = 1 (2-byte rows, below cp.async's minimum)
+// loads batches of rows into registers. (V = 1 with no unrolling ran the backward at 0.84 TB/s
+// on an H200; V = 4 with conditional loads at 0.35 TB/s; V = 4 with register batches of 4 rows
+// at ~1.7 TB/s; see conv1d_bwd.) Consuming the ring 4 tokens per wait (to let the compiler
+// interleave tokens) was slower, forward and backward (+10%, rglue8 call 3). The backward recomputes u over the run plus a K−1
 // halo, writes dX, and per-run partial sums of ∂w, ∂bias to scratch; conv1d_param_reduce adds
 // them in a fixed order into dw, dbias (deterministic).
 //
@@ -24,7 +28,6 @@
 #include "kernels/cuda/conv1d.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -42,7 +45,6 @@ constexpr int kBlock = 128;    // most threads per block (V channels each); see 
 constexpr int kFwdBatch = 8;   // token rows whose loads the forward issues together (scalar channels)
 constexpr int kFwdAhead = 16;  // the forward's cp.async ring of token rows per thread
 constexpr int kBwdAhead = 8;   // the backward's cp.async ring of token rows per thread
-constexpr int kRingBatch = 4;  // tokens consumed per cp.async wait (the rest of a ring stays in flight)
 
 // cp.async of kBytes (4 or 8) global -> shared, through L1; one commit group per call site's token.
 template <int kBytes>
@@ -167,9 +169,11 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
   const bf16* __restrict__ xrow = x + static_cast<int64_t>(b) * d.S * d.C + ch;
   int t = t0;
   if constexpr (V >= 2) {
-    // x rows by cp.async through a per-thread shared ring kFwdAhead − 1 tokens ahead (a plain
-    // `unroll 4` left the loads to the compiler: ~1.6-1.8 TB/s on an H100 at 56 registers;
-    // register batches of 8 rows: 95 registers, 13-16% faster on an H200, rglue8 call 1).
+    // x rows by cp.async through a per-thread shared ring kFwdAhead − 1 tokens ahead. A plain
+    // `unroll 4` left the loads to the compiler (56 registers); per step on an H200 (rglue8):
+    // xlstm[1:0]-125m 2.78 ms -> 2.34 with register batches of 8 rows (95 registers) -> 2.13
+    // with this ring; mamba2-130m 2.94 -> 2.53 -> 2.61 (its 64-thread blocks leave half of each
+    // block's ring unused; smem then limits it to 14 blocks per SM).
     using Raw = std::conditional_t<V == 4, uint2, uint32_t>;
     __shared__ Raw ring[kFwdAhead][kBlock];
     const int tid = threadIdx.x;
@@ -178,19 +182,14 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
       CpAsyncCommit();
     };
 #pragma unroll
-    for (int i = 0; i < kFwdAhead - kRingBatch; ++i) issue(t0 + i);
-    for (; t < t1; t += kRingBatch) {  // kRingBatch tokens per wait, as the backward
-#pragma unroll
-      for (int i = 0; i < kRingBatch; ++i) issue(t + kFwdAhead - kRingBatch + i);
-      CpAsyncWait<kRingBatch>();
-#pragma unroll
-      for (int i = 0; i < kRingBatch; ++i) {
-        if (t + i < t1) {
-          float xn[V];
-          FromRaw<V>(ring[(t + i) % kFwdAhead][tid], xn);
-          token(t + i, xn);
-        }
-      }
+    for (int i = 0; i < kFwdAhead - 1; ++i) issue(t0 + i);
+#pragma unroll 4
+    for (; t < t1; ++t) {
+      issue(t + kFwdAhead - 1);
+      CpAsyncWait<kFwdAhead - 1>();
+      float xn[V];
+      FromRaw<V>(ring[t % kFwdAhead][tid], xn);
+      token(t, xn);
     }
     CpAsyncWait<0>();
   } else {
@@ -249,8 +248,10 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // Structure: the K−1 halo tokens before e0 (du only) are a fully unrolled prologue; the main
 // loop over t in [e0, e1) has only unconditional loads (clamped rows, zeroed after the load) and
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
-template <int K, int V, int kMinBlocks>
-__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
+// (kBlock, 5): 96 registers (12 bytes spilled) for 5 blocks of 128 per SM instead of 110 and 4:
+// 5.12 -> 4.91 ms per mamba2-130m step, 4.39 -> 4.37 xlstm[1:0]-125m (H200, rglue8 call 2).
+template <int K, int V>
+__global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
@@ -411,23 +412,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
         }
         CpAsyncCommit();
       };
-      // kRingBatch tokens per wait: the batch's arithmetic is free of the wait's ordering, so
-      // the compiler interleaves their independent du (SiLU') chains.
 #pragma unroll
-      for (int i = 0; i < kBwdAhead - kRingBatch; ++i) issue(e0 + i);
-      for (; t < e1; t += kRingBatch) {
-#pragma unroll
-        for (int i = 0; i < kRingBatch; ++i) issue(t + kBwdAhead - kRingBatch + i);
-        CpAsyncWait<kRingBatch>();
-#pragma unroll
-        for (int i = 0; i < kRingBatch; ++i) {
-          if (t + i < e1) {
-            float xn[V], gy[V];
-            FromRaw<V>(ring[(t + i) % kBwdAhead][0][tid], xn);
-            FromRaw<V>(ring[(t + i) % kBwdAhead][1][tid], gy);
-            token(t + i, xn, gy);
-          }
-        }
+      for (int i = 0; i < kBwdAhead - 1; ++i) issue(e0 + i);
+#pragma unroll 4
+      for (; t < e1; ++t) {
+        issue(t + kBwdAhead - 1);
+        CpAsyncWait<kBwdAhead - 1>();
+        float xn[V], gy[V];
+        FromRaw<V>(ring[t % kBwdAhead][0][tid], xn);
+        FromRaw<V>(ring[t % kBwdAhead][1][tid], gy);
+        token(t, xn, gy);
       }
       CpAsyncWait<0>();
     } else {
@@ -586,18 +580,9 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, threads * vec)), static_cast<unsigned>(runs),
                   d.B);
   float* pp = part.as<float>();
-  static const int min_blocks = [] {  // EXPERIMENT (rglue8): launch bounds' blocks per SM, 4 or 5
-    const char* e = std::getenv("GYRE_EXP_CONV_BWD_MINB");
-    return e != nullptr && std::atoi(e) == 5 ? 5 : 4;
-  }();
   LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    if (min_blocks == 5) {
-      conv1d_bwd<decltype(k)::value, decltype(v)::value, 5><<<grid, threads, 0, stream>>>(
-          d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
-    } else {
-      conv1d_bwd<decltype(k)::value, decltype(v)::value, 4><<<grid, threads, 0, stream>>>(
-          d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
-    }
+    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
+        d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
