@@ -16,9 +16,9 @@
 // loads batches of rows into registers. (V = 1 with no unrolling ran the backward at 0.84 TB/s
 // on an H200; V = 4 with conditional loads at 0.35 TB/s; V = 4 with register batches of 4 rows
 // at ~1.7 TB/s; see conv1d_bwd.) Consuming the ring 4 tokens per wait (to let the compiler
-// interleave tokens) was slower, forward and backward (+10%, rglue8 call 3). The backward recomputes u over the run plus a K−1
-// halo, writes dX, and per-run partial sums of ∂w, ∂bias to scratch; conv1d_param_reduce adds
-// them in a fixed order into dw, dbias (deterministic).
+// interleave tokens) was slower, forward and backward (+10%, rglue8 call 3). The backward
+// recomputes u over the run plus a K−1 halo, writes dX, and per-run partial sums of ∂w, ∂bias
+// to scratch; conv1d_param_reduce adds them in a fixed order into dw, dbias (deterministic).
 //
 // Cost (bf16): forward reads x, writes y: 4 B per element; backward reads x, dy, writes dx:
 // 6 B per element (+ partials: (K+1)·4 B per channel per 64 tokens, ~1/10 of that). At
