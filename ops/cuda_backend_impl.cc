@@ -490,13 +490,19 @@ class Backend final : public CudaBackend {
 
   void GroupNorm(bool backward, const GroupNormArgs& a) override {
     Init();
-    OpProfiler::Scope scope(&prof_, backward ? "GroupNorm backward" : "GroupNorm forward");
+    // Labelled by mode: the xLSTM's output norm, its block norms and Mamba-2's gated norm are
+    // different kernels of different cost.
+    static constexpr const char* kLabels[2][3] = {
+        {"GroupNorm forward (plain)", "GroupNorm forward (gated)", "GroupNorm forward (mLSTM out)"},
+        {"GroupNorm backward (plain)", "GroupNorm backward (gated)", "GroupNorm backward (mLSTM out)"}};
+    OpProfiler::Scope scope(&prof_, kLabels[backward ? 1 : 0][static_cast<int>(a.mode)]);
     OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, alloc_, stream_) : cuda_ops::GroupNormForward(a, stream_));
   }
 
   void BlockDiag(bool backward, const BlockDiagArgs& a) override {
     Init();
-    OpProfiler::Scope scope(&prof_, backward ? "BlockDiag backward" : "BlockDiag forward");
+    OpProfiler::Scope scope(&prof_, a.w2 != nullptr ? (backward ? "BlockDiag backward (2 maps)" : "BlockDiag forward (2 maps)")
+                                                    : (backward ? "BlockDiag backward" : "BlockDiag forward"));
     OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, alloc_, stream_) : cuda_ops::BlockDiagForward(a, alloc_, stream_));
   }
 

@@ -12,7 +12,7 @@ namespace gyre::ops {
 //   kPlain        y = N(x)
 //   kGatedInput   a = x ⊙ SiLU(z);  y = N(a)                      (Mamba-2 gated RMSNorm)
 //   kMlstmOutput  hs = N(x) + skip ⊙ xc;  y = hs ⊙ SiLU(z)         (mLSTM block output)
-// Backward: dx (overwritten), dz (overwritten; modes 1, 2), dxc (overwritten; mode 2),
+// Backward: dx (overwritten, + dresidual when given), dz (overwritten; modes 1, 2), dxc (overwritten; mode 2),
 // dweight / dskip (fp32, accumulated, or overwritten with `overwrite_dparams`).
 enum class NormMode { kPlain = 0, kGatedInput = 1, kMlstmOutput = 2 };
 
@@ -36,6 +36,8 @@ struct GroupNormArgs {
   void* dx = nullptr;
   void* dz = nullptr;    // [rows, dim] packed
   void* dxc = nullptr;   // [rows, dim]
+  // Optional [rows, dim], kPlain only: added to dx (a residual branch's gradient: no separate add pass).
+  const void* dresidual = nullptr;
   float* dweight = nullptr;
   float* dskip = nullptr;
   // dweight / dskip = Σ instead of += Σ: the deferred-zero rule's first write (ops/module.h).

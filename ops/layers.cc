@@ -456,6 +456,14 @@ Tensor Norm::ForwardAdd(const Tensor& x, const Tensor& residual, Tensor* sum) {
 }
 
 Tensor Norm::BackwardAdd(const Tensor& dy, const Tensor& dresidual) {
+  if (IsCuda(dy) && (opt_.groups != 1 || opt_.weight_offset != 0.0)) {
+    GYRE_CHECK(x_.defined(), "Norm::BackwardAdd without Forward");
+    CheckCudaBf16(dy, "norm dy");
+    CheckCudaBf16(dresidual, "norm dresidual");
+    GYRE_CHECK(dresidual.numel() == x_.numel(), "norm: dresidual %s, x %s", ShapeString(dresidual.shape()).c_str(),
+               ShapeString(x_.shape()).c_str());
+    return BackwardGroupedCuda(dy, &dresidual);  // the grouped kernel adds it (no separate pass)
+  }
   if (!IsCuda(dy) || opt_.groups != 1 || opt_.weight_offset != 0.0) return Add(Backward(dy), dresidual);
   GYRE_CHECK(x_.defined(), "Norm::BackwardAdd without Forward");
   CheckCudaBf16(dy, "norm dy");
@@ -511,7 +519,7 @@ void Norm::ZeroStaleParamGrads() {
   if (bias_ != nullptr) ZeroGradIfStale(bias_);
 }
 
-Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
+Tensor Norm::BackwardGroupedCuda(const Tensor& dy, const Tensor* dresidual) {
   const int64_t rows = x_.rows();
   if (rows == 0) ZeroStaleParamGrads();
   // The grouped kernel sets every element of dweight when asked (fixed-order column sums,
@@ -532,6 +540,7 @@ Tensor Norm::BackwardGroupedCuda(const Tensor& dy) {
   a.rstd = rstd_.data<float>();
   a.dy = dy.raw();
   a.dx = dx.raw();
+  a.dresidual = dresidual != nullptr ? dresidual->raw() : nullptr;
   a.dweight = weight_ ? weight_->grad.data<float>() : nullptr;
   a.overwrite_dparams = weight_ != nullptr && rows > 0 && FirstGradWrite(weight_);
   if (rows > 0) Cuda().GroupNorm(true, a);

@@ -103,7 +103,7 @@ class Norm {
   Parameter* weight_ = nullptr;
   Parameter* bias_ = nullptr;
   Tensor ForwardGroupedCuda(const Tensor& x);
-  Tensor BackwardGroupedCuda(const Tensor& dy);
+  Tensor BackwardGroupedCuda(const Tensor& dy, const Tensor* dresidual = nullptr);  // dx (+ dresidual)
   // The deferred-zero rule (ops/module.h) for weight and bias together.
   bool FirstParamGradWrite();
   void ZeroStaleParamGrads();

@@ -893,10 +893,9 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
   Tensor out = OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
   ProfileMark("mlstm.fwd.outnorm_skip_gate");
-  Tensor down = down_.Forward(out);
-  ProfileMark("mlstm.fwd.down_proj");
-  Tensor y = Add(x, down.Reshape(x.shape()));
-  ProfileMark("mlstm.fwd.residual");
+  // y = x + down(out): the residual add rides in the GEMM's store (beta 1), no separate pass.
+  Tensor y = down_.ForwardAdd(out, x.Reshape({rows, d_})).Reshape(x.shape());
+  ProfileMark("mlstm.fwd.down_proj_residual");
   return y;
 }
 
@@ -1029,7 +1028,7 @@ Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   ProfileMark("slstm.fwd.cell");
   Tensor x1 = Add(x, group_norm_.Forward(h_));
   ProfileMark("slstm.fwd.groupnorm_residual");
-  Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));
+  Tensor y = ffn_.ForwardAdd(ffn_norm_.Forward(x1), x1);  // the residual add in the down GEMM
   ProfileMark("slstm.fwd.ffn");
   return y;
 }
@@ -1037,7 +1036,7 @@ Tensor SlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
 Tensor SlstmBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, d = d_, dh = d_ / heads_;
   ProfileStart();
-  Tensor dx1 = Add(dy, ffn_norm_.Backward(ffn_.Backward(dy)));
+  Tensor dx1 = ffn_norm_.BackwardAdd(ffn_.Backward(dy), dy);  // dy added inside the norm backward
   ProfileMark("slstm.bwd.ffn");
   Tensor dhh = group_norm_.Backward(dx1);
   ProfileMark("slstm.bwd.groupnorm");
@@ -1121,10 +1120,9 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   n.rstd = rstd_.data<float>();
   Cuda().GroupNorm(false, n);
   ProfileMark("mamba2.fwd.gated_norm");
-  Tensor out = out_proj_.Forward(gnorm);
-  ProfileMark("mamba2.fwd.out_proj");
-  Tensor y = Add(x, out.Reshape(x.shape()));
-  ProfileMark("mamba2.fwd.residual");
+  // y = x + out_proj(gnorm), the add in the GEMM's store.
+  Tensor y = out_proj_.ForwardAdd(gnorm, x.Reshape({rows, d_})).Reshape(x.shape());
+  ProfileMark("mamba2.fwd.out_proj_residual");
   return y;
 }
 

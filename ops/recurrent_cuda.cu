@@ -134,6 +134,11 @@ __device__ inline float NormOutGrad(const GroupNormArgs& a, int64_t r, int64_t c
   return g;
 }
 
+// GroupNormArgs::dresidual at (r, c), or 0.
+__device__ inline float Residual(const GroupNormArgs& a, int64_t r, int64_t c) {
+  return a.dresidual != nullptr ? F(a.dresidual, r * a.dim + c) : 0.f;
+}
+
 template <int kMode>
 __global__ void group_norm_bwd(GroupNormArgs a) {
   const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
@@ -170,7 +175,7 @@ __global__ void group_norm_bwd(GroupNormArgs a) {
       St(a.dx, r * a.dim + c, dxa * Silu(zc));
       St(a.dz, r * a.dim + c, dxa * xv * DSilu(zc));
     } else {
-      St(a.dx, r * a.dim + c, dxa);
+      St(a.dx, r * a.dim + c, dxa + Residual(a, r, c));
     }
   }
 }
@@ -528,66 +533,132 @@ __device__ inline void Bf16x4ToFloat(uint2 u, float* v) {
 }
 
 constexpr int kBdRows = 256;         // rows per block of the 4x4 block-diagonal kernels (8 lanes)
-constexpr int kBdFwdAhead = 4;       // rows in flight per thread in their forward
+constexpr int kBdFwdAhead = 4;       // rows in flight per thread in their forward (no gates)
 constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer partial rows)
-constexpr int kBdBwdStages = 3;      // rows of their backward in flight per thread (cp.async ring)
-constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
-
-// Sum of v[t] over the warp's 32 lanes for kG values at once: log2(kG) rounds in which each lane
-// keeps half of its values and receives the other lanes' halves (a transposing butterfly), then
-// log2(32 / kG) plain rounds; kG + log2(32/kG) - 1 shuffles instead of 5 kG. Returns the total of
-// gate *gate (every lane of a group of 32 / kG neighbours holds the same one).
+// Rows of their backward in flight per thread (a cp.async ring of kStages rows, kStages - 1
+// ahead): 3 rows ahead (48 KiB of loads in flight per SM at 2 blocks) where the ring fits the
+// 48 KiB of static shared memory beside the gate weights (<= 4 heads); 1 with 16 gates.
 template <int kG>
-__device__ inline float WarpSumEach(float (&v)[kG], int lane, int* gate) {
-  int base = 0;
-#pragma unroll
-  for (int half = kG / 2, off = 16; half >= 1; half /= 2, off /= 2) {
-    const bool up = lane & off;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = up ? v[i] : v[i + half];
-      const float keep = up ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-    }
-    if (up) base += half;
-  }
-#pragma unroll
-  for (int off = 16 / kG; off >= 1; off /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-  *gate = base;
-  return v[0];
-}
-
-__device__ inline void RoundBf16(float* v, int n) {
-  for (int k = 0; k < n; ++k) v[k] = __bfloat162float(__float2bfloat16(v[k]));
-}
+constexpr int kBdBwdStages = kG <= 8 ? 4 : 2;
+constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
 // rows r0 + ty, r0 + ty + 8, ... (a warp reads 32 neighbouring blocks of one row: 256 bytes).
-// kG > 0: the mLSTM gates fused in (FusedGates): each row's partial gate sums over the block's
-// 128 columns of the bf16-rounded y (what the cell reads), summed over the warp, written to
-// `part` [column blocks, 2, rows, heads]; reduce_partials adds the column blocks in order (and
-// the bias, on the launch that has it).
-template <bool kTwo, int kG>
-__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGates g, float* part) {
-  constexpr int kMaps = kTwo ? 2 : 1;
-  constexpr int kGs = kG > 0 ? kG : 1;
-  __shared__ float4 wg[kMaps * kGs][32];
+// No gates (the fused-gate launches take block_diag4_fwd_gates below).
+template <bool kTwo>
+__global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t b = blockIdx.x * 32 + tx;
-  const bool live = b < a.blocks;
-  if constexpr (kG == 0) {
-    if (!live) return;
-  } else {
-    const int G = 2 * g.heads;
-    for (int e = ty * 32 + tx; e < kMaps * kG * 32; e += 256) {
-      const int m = e / (kG * 32), t = (e / 32) % kG, bx = e % 32;
-      const int64_t bb = blockIdx.x * 32 + bx;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
-      wg[m * kG + t][bx] = v;
-    }
-    __syncthreads();
+  if (b >= a.blocks) return;
+  float w[16], w2[16];
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    LoadF8(a.w + b * 16 + k, w + k);
+    if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
   }
+  // x is the only load of a row (8 bytes a thread): one row at a time leaves too few bytes in
+  // flight, so the loads run kBdFwdAhead rows ahead of the arithmetic (a register ring).
+  const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+  float ring[kBdFwdAhead][4];
+#pragma unroll
+  for (int u = 0; u < kBdFwdAhead; ++u) {
+    const int64_t r = r0 + ty + 8 * u;
+    if (r < r1) {
+      Load4(a.x, r * a.ldx + b * 4, ring[u]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ring[u][i] = 0.f;
+    }
+  }
+#pragma unroll 1
+  for (int64_t r = r0 + ty; r < r1; r += 8) {
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = ring[0][i];
+#pragma unroll
+    for (int u = 0; u + 1 < kBdFwdAhead; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ring[u][i] = ring[u + 1][i];
+    const int64_t rn = r + 8 * kBdFwdAhead;
+    if (rn < r1) Load4(a.x, rn * a.ldx + b * 4, ring[kBdFwdAhead - 1]);
+    float y[4], y2[4];
+#pragma unroll
+    for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
+    Store4(a.y, r * a.ldy + b * 4, y);
+    if (kTwo) {
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        y2[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
+      Store4(a.y2, r * a.ldy + b * 4, y2);
+    }
+  }
+}
+
+// bf16x2 of (lo, hi) as one 32-bit register (lo in the low half: the mma fragments' order).
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+// D += A·B, m16n8k16, bf16 inputs, fp32 accumulators (mma.sync: every lane takes part).
+__device__ __forceinline__ void MmaBf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The 4x4 maps with the mLSTM gate sums fused in (FusedGates; gates G = 2·heads <= kG, kG 8 or
+// 16). y as block_diag4_fwd (thread = block, weights in registers), but each warp takes tiles of
+// 8 consecutive rows: the 8 rows' loads are issued together, each row's y is stored (bf16) and
+// also kept in a per-warp shared tile; then the tile's gate sums over the warp's 128 columns
+// (both maps) are tensor-core products
+//   Σ[t, row] = Σ_k Wg[t, k] · y[row, k]      (m16n8k16: M = gates, N = the 8 rows, K = columns)
+// with the fp32 gate weights split hi + lo into two bf16 operands (y is bf16 already, so the
+// products are exact and the sums fp32: the old per-lane FMA sums of bf16 y times fp32 weights
+// to ~2^-16 relative). K order inside a 16-column step is free as long as A and B agree: step j
+// holds blocks 4j..4j+3, lane (g, q) = (lane / 4, lane % 4) supplying block 4j + q's columns 0,1
+// (fragment k 2q, 2q+1) and 2,3 (k 2q+8, 2q+9). The old kernel spent ~110 of its ~200
+// instructions per thread-row on these sums (64 FMAs, 16 shared loads, a 9-shuffle butterfly).
+// Partial sums per column block to `part` [column blocks, 2, rows, heads], reduced as before.
+constexpr int kBdTileRows = 8;
+constexpr int kBdTileLd = 36;  // uint2 per tile row: 32 lanes + 4 (fragment reads free of bank conflicts)
+template <bool kTwo, int kG>
+struct BdFwdSmem {
+  static constexpr int kMaps = kTwo ? 2 : 1;
+  uint2 tile[8][kMaps][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
+  uint4 afrag[kMaps][8][kG / 8][32];             // [map][k step][gate half][lane]: hi a0a1, a4a5, lo a0a1, a4a5
+};
+template <bool kTwo, int kG>
+__global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(BlockDiagArgs a, FusedGates g, float* part) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BdFwdSmem<kTwo, kG>& sm = *reinterpret_cast<BdFwdSmem<kTwo, kG>*>(smem_raw);
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int G = 2 * g.heads;
+  // A fragments of the gate weights, shared by the block's 8 warps (same 128 columns).
+  for (int e = tid; e < kMaps * 8 * (kG / 8) * 32; e += 256) {
+    const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
+    const int t = lane / 4 + 8 * h;
+    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (bb < a.blocks && t < G) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
+      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    }
+    float hi[4], lo[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      hi[c] = __bfloat162float(__float2bfloat16_rn(v[c]));
+      lo[c] = v[c] - hi[c];
+    }
+    sm.afrag[m][j][h][lane] = make_uint4(PackBf16(hi[0], hi[1]), PackBf16(hi[2], hi[3]), PackBf16(lo[0], lo[1]),
+                                         PackBf16(lo[2], lo[3]));
+  }
+  __syncthreads();
   float w[16], w2[16];
 #pragma unroll
   for (int k = 0; k < 16; k += 8) {
@@ -599,61 +670,57 @@ __global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGat
       for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
     }
   }
-  // x is the only load of a row (8 bytes a thread): one row at a time leaves too few bytes in
-  // flight, so the loads run kBdFwdAhead rows ahead of the arithmetic (a register ring).
+  const int gq = tx / 4, qq = tx % 4;  // the lane's fragment coordinates
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
-  float ring[kBdFwdAhead][4];
+  for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
+    uint2 raw[kBdTileRows];
 #pragma unroll
-  for (int u = 0; u < kBdFwdAhead; ++u) {
-    const int64_t r = r0 + ty + 8 * u;
-    if (live && r < r1) {
-      Load4(a.x, r * a.ldx + b * 4, ring[u]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ring[u][i] = 0.f;
+    for (int k = 0; k < kBdTileRows; ++k) {
+      const int64_t r = rt + k;
+      raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                              : make_uint2(0u, 0u);
     }
-  }
-#pragma unroll 1
-  for (int64_t r = r0 + ty; r < r1; r += 8) {  // rows uniform over the warp
-    float x[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = ring[0][i];
+    for (int k = 0; k < kBdTileRows; ++k) {
+      const int64_t r = rt + k;
+      float x[4];
+      Bf16x4ToFloat(raw[k], x);
 #pragma unroll
-    for (int u = 0; u + 1 < kBdFwdAhead; ++u)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ring[u][i] = ring[u + 1][i];
-    const int64_t rn = r + 8 * kBdFwdAhead;
-    if (live && rn < r1) Load4(a.x, rn * a.ldx + b * 4, ring[kBdFwdAhead - 1]);
-    {
-      float y[4], y2[4];
-#pragma unroll
-      for (int o = 0; o < 4; ++o) y[o] = w[o * 4] * x[0] + w[o * 4 + 1] * x[1] + w[o * 4 + 2] * x[2] + w[o * 4 + 3] * x[3];
-      if (live) Store4(a.y, r * a.ldy + b * 4, y);
-      if (kTwo) {
+      for (int m = 0; m < kMaps; ++m) {
+        const float* wm = m == 0 ? w : w2;
+        float y[4];
 #pragma unroll
         for (int o = 0; o < 4; ++o)
-          y2[o] = w2[o * 4] * x[0] + w2[o * 4 + 1] * x[1] + w2[o * 4 + 2] * x[2] + w2[o * 4 + 3] * x[3];
-        if (live) Store4(a.y2, r * a.ldy + b * 4, y2);
+          y[o] = wm[o * 4] * x[0] + wm[o * 4 + 1] * x[1] + wm[o * 4 + 2] * x[2] + wm[o * 4 + 3] * x[3];
+        const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
+        if (live && r < r1) *reinterpret_cast<uint2*>(static_cast<bf16*>(m == 0 ? a.y : a.y2) + r * a.ldy + b * 4) = packed;
+        sm.tile[ty][m][k][tx] = packed;
       }
-      if constexpr (kG > 0) {
-        RoundBf16(y, 4);
-        if (kTwo) RoundBf16(y2, 4);
-        float v[kG];
+    }
+    __syncwarp();
+    // acc[0..1]: gate gq, rows rt + 2qq, + 1; acc[2..3]: gate gq + 8 (kG 16; zero padding at 8).
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int t = 0; t < kG; ++t) {
-          const float4 q = wg[t][tx];
-          v[t] = y[0] * q.x + y[1] * q.y + y[2] * q.z + y[3] * q.w;
-          if (kTwo) {
-            const float4 q2 = wg[kG + t][tx];
-            v[t] += y2[0] * q2.x + y2[1] * q2.y + y2[2] * q2.z + y2[3] * q2.w;
-          }
-        }
-        int t;
-        const float sum = WarpSumEach<kG>(v, tx, &t);
-        if (tx % (32 / kG) == 0 && t < 2 * g.heads) {
-          const int f = t < g.heads ? 0 : 1;
-          part[((blockIdx.x * 2 + f) * a.rows + r) * g.heads + t - f * g.heads] = sum;
-        }
+    for (int m = 0; m < kMaps; ++m)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint2 bf = sm.tile[ty][m][gq][4 * j + qq];
+        const uint4 a0 = sm.afrag[m][j][0][tx];
+        uint4 a1 = make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (kG > 8) a1 = sm.afrag[m][j][kG / 8 - 1][tx];
+        MmaBf16(acc, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);  // hi
+        MmaBf16(acc, a0.z, a1.z, a0.w, a1.w, bf.x, bf.y);  // lo
+      }
+    __syncwarp();  // the tile is rewritten by the next iteration
+#pragma unroll
+    for (int half = 0; half < (kG > 8 ? 2 : 1); ++half) {
+      const int t = gq + 8 * half;
+      if (t >= G) continue;
+      const int f = t < g.heads ? 0 : 1;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t r = rt + 2 * qq + c;
+        if (r < r1) part[((blockIdx.x * 2 + f) * a.rows + r) * g.heads + t - f * g.heads] = acc[2 * half + c];
       }
     }
   }
@@ -661,15 +728,21 @@ __global__ void __launch_bounds__(256) block_diag4_fwd(BlockDiagArgs a, FusedGat
 
 // dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
 // sum over the 8 row lanes in order, one partial row per block (BdPartials).
-// kG > 0 (>= 2·heads): the mLSTM gate backward fused in (FusedGates). The gate weights of the
-// block's 128 columns sit in shared memory; dy gets Σ_t dgate[r, t] wg[t, c] before its use; the
-// gate weight gradients need dgateᵀ y = dgateᵀ x wᵀ, so each thread sums S[t, i] = Σ_r dgate[r,
-// t] x[r, i] (one S serves both maps: same x) and applies its block's w once at the end.
+// kG > 0 (>= 2·heads): the mLSTM gate backward fused in (FusedGates). The maps' dy get
+// Σ_t dgate[r, t] wg[t, c], but that sum is never formed: with S[t, i] = Σ_r dgate[r, t] x[r, i]
+// (one S serves both maps: same x) and U[t, i] = Σ_o (wg[t, o] w[o, i] + wg2[t, o] w2[o, i]),
+//   dx[r, i] = Σ_o (dy w + dy2 w2)[o, i] + Σ_t dgate[r, t] U[t, i]     (per row: 4 FMAs a gate)
+//   dw[o, i] = Σ_r dy[r, o] x[r, i] + Σ_t wg[t, o] S[t, i]            (the second term once, at the end)
+//   dwg[t, o] = Σ_r dgate[r, t] y[r, o] = Σ_i w[o, i] S[t, i]          (y = x wᵀ, not re-read)
+// — per row 32 FMAs for the gates instead of 64 + 32 (and 8 shared float4 loads, not 16): the
+// kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
+// That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
+// directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
 template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  constexpr int kS = kBdBwdStages;
+  constexpr int kS = kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -681,6 +754,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
   __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
   __shared__ float4 wg[kMaps * kGs][32];
+  __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
   Ring& ring = *reinterpret_cast<Ring*>(raw);
   auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
@@ -711,6 +785,22 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       LoadF8(a.w + b * 16 + k, w + k);
       if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
     }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) w[k] = w2[k] = 0.f;
+  }
+  if constexpr (kG > 0 && kTwo) {
+#pragma unroll
+    for (int t = 0; t < kG; ++t) {
+      const float4 u = wg[t][tx], u2 = wg[kG + t][tx];
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
+               u2.z * w2[8 + i] + u2.w * w2[12 + i];
+      }
+      U[t][tx] = make_float4(v[0], v[1], v[2], v[3]);  // read back by this thread only
+    }
   }
   // Row r's copies into slot `slot` (one commit group per row, empty past the end).
   auto issue = [&](int slot, int64_t r) {
@@ -740,22 +830,28 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       Bf16x4ToFloat(ring.in[ty][slot][1][tx], d);
       if (kTwo) Bf16x4ToFloat(ring.in[ty][slot][2][tx], d2);
       if (a.accumulate_dx) Bf16x4ToFloat(ring.in[ty][slot][3][tx], old);
-      if constexpr (kG > 0) {
+      if constexpr (kG > 0 && !kTwo) {
 #pragma unroll
         for (int t = 0; t < kG; ++t) {
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = wg[t][tx];
           d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
-          if (kTwo) {
-            const float4 u2 = wg[kG + t][tx];
-            d2[0] += dg * u2.x; d2[1] += dg * u2.y; d2[2] += dg * u2.z; d2[3] += dg * u2.w;
-          }
 #pragma unroll
           for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) dx[i] = d[0] * w[i] + d[1] * w[4 + i] + d[2] * w[8 + i] + d[3] * w[12 + i];
+      if constexpr (kG > 0 && kTwo) {
+#pragma unroll
+        for (int t = 0; t < kG; ++t) {
+          const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
+          const float4 u = U[t][tx];
+          dx[0] += dg * u.x; dx[1] += dg * u.y; dx[2] += dg * u.z; dx[3] += dg * u.w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+        }
+      }
 #pragma unroll
       for (int o = 0; o < 4; ++o)
 #pragma unroll
@@ -777,6 +873,21 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     slot = slot + 1 == kS ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
+  if constexpr (kG > 0 && kTwo) {
+    // dw's gate term: acc[o, i] += Σ_t wg[t, o] S[t, i] (wg = 0 for t >= G and dead lanes).
+#pragma unroll
+    for (int t = 0; t < kG; ++t) {
+      const float4 u = wg[t][tx], u2 = wg[kG + t][tx];
+      const float uo[4] = {u.x, u.y, u.z, u.w}, u2o[4] = {u2.x, u2.y, u2.z, u2.w};
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[o * 4 + i] += uo[o] * S[t][i];
+          acc2[o * 4 + i] += u2o[o] * S[t][i];
+        }
+    }
+  }
   __syncthreads();  // the ring's memory becomes `red`
 #pragma unroll
   for (int round = 0; round < kMaps; ++round) {
@@ -873,9 +984,9 @@ __device__ inline void Scale8(const GroupNormArgs& a, int64_t c, float* s) {
 // kernels; the callers differ only in where a chunk's x, z, dy come from.
 
 // Forward: y for one chunk of 8 columns from the norm's input v (load_z(z) fetches z in mode 2).
-template <int kMode, typename LoadZ>
+template <int kMode, typename LoadZ, typename LoadXc>
 __device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
-                                                  float mean, float rstd, LoadZ load_z) {
+                                                  float mean, float rstd, LoadZ load_z, LoadXc load_xc) {
   float sc[8], n[8];
   Scale8(a, c, sc);
 #pragma unroll
@@ -883,7 +994,7 @@ __device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_
   if (kMode == 2) {
     float sk[8], xc[8], z[8];
     LoadF8(a.skip + c, sk);
-    Load8(a.xc, r * a.dim + c, xc);
+    load_xc(xc);
     load_z(z);
 #pragma unroll
     for (int k = 0; k < 8; ++k) n[k] = (n[k] + sk[k] * xc[k]) * Silu(z[k]);
@@ -944,6 +1055,12 @@ __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int6
     } else {
       dx[k] = dxa;
     }
+  }
+  if (kMode == 0 && a.dresidual != nullptr) {
+    float res[8];
+    Load8(a.dresidual, r * a.dim + c, res);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dx[k] += res[k];
   }
   Store8(a.dx, r * a.dim + c, dx);
   if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
@@ -1007,7 +1124,8 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
   for (int64_t i = lane * 8; i < gs; i += 256) {
     const int64_t c = c0 + i;
     NormIn8<kMode>(a, r, c, v);
-    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Load8(a.z, r * a.ldz + c, z); });
+    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Load8(a.z, r * a.ldz + c, z); },
+                             [&](float* xc) { Load8(a.xc, r * a.dim + c, xc); });
   }
 }
 
@@ -1017,8 +1135,12 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 // add instruction touches 32 consecutive words; every word has one owner, no atomics), then the
 // 8 warps' sums are added in warp order into the block's partial row pw / ps [row blocks, dim]
 // — no second pass over x, z, x_c and dy for the parameter gradients.
+// (256, 3): mode 2 needs 93 registers unbounded, which left 2 blocks (16 warps) per SM; 80 fit
+// 3 (xlstm[1:0]-125m on an H200, rglue8 call 1: GroupNorm backward 11.02 -> 9.33 ms per step,
+// the plain norms now adding their residual gradient too, so >= 1.7 ms from this bound). Mode 0
+// keeps its 48 registers (5 blocks).
 template <int kMode>
-__global__ void __launch_bounds__(256) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
@@ -1082,13 +1204,16 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
   const int lane = threadIdx.x & 31;
   if (warp >= a.rows * a.groups) return;
   const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
-  uint4 xr[kIters], zr[kIters];
+  // Mode 2's x_c too is loaded with the row (it is read only after the statistics: loaded there,
+  // its latency was exposed once per row).
+  uint4 xr[kIters], zr[kIters], xcr[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t i = lane * 8 + it * 256;
     if (i < gs) {
       xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
       if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+      if (kMode == 2) xcr[it] = LdRaw(a.xc, r * a.dim + c0 + i);
     }
   }
   // The norm's input chunk it (x, or x ⊙ SiLU(z) in mode 1).
@@ -1135,7 +1260,8 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
     if (i >= gs) continue;
     const int64_t c = c0 + i;
     input(it, v);
-    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Unpack8(zr[it], z); });
+    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Unpack8(zr[it], z); },
+                             [&](float* xc) { Unpack8(xcr[it], xc); });
   }
 }
 
@@ -1243,7 +1369,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kPlain) ok = ok && a.ldz % 8 == 0 && Aligned(a.z, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.skip, 32) && Aligned(a.xc, 16);
   if (!backward) return ok && Aligned(a.y, 16);
-  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
+  ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && Aligned(a.dresidual, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
   if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
   return ok;
@@ -1340,6 +1466,8 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
+  if (a.dresidual != nullptr && a.mode != NormMode::kPlain)
+    return gyre::cuda::InvalidArgument("GroupNormBackward: dresidual is for the plain mode only");
   if (a.rows == 0) return {};
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
@@ -1414,15 +1542,19 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
       if (CudaResult r = Scratch(scratch, grid.x * 2 * a.rows * g.heads, &part); !r.ok()) return r;
       pf = part.as<float>();
     }
+    auto gated = [&](auto kernel, size_t smem) {
+      if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      kernel<<<grid, block, smem, stream>>>(a, g, pf);
+    };
     if (g.heads == 0) {
-      if (a.w2) block_diag4_fwd<true, 0><<<grid, block, 0, stream>>>(a, g, pf);
-      else block_diag4_fwd<false, 0><<<grid, block, 0, stream>>>(a, g, pf);
+      if (a.w2) block_diag4_fwd<true><<<grid, block, 0, stream>>>(a);
+      else block_diag4_fwd<false><<<grid, block, 0, stream>>>(a);
     } else if (g.heads <= 4) {
-      if (a.w2) block_diag4_fwd<true, 8><<<grid, block, 0, stream>>>(a, g, pf);
-      else block_diag4_fwd<false, 8><<<grid, block, 0, stream>>>(a, g, pf);
+      if (a.w2) gated(block_diag4_fwd_gates<true, 8>, sizeof(BdFwdSmem<true, 8>));
+      else gated(block_diag4_fwd_gates<false, 8>, sizeof(BdFwdSmem<false, 8>));
     } else {
-      if (a.w2) block_diag4_fwd<true, 16><<<grid, block, 0, stream>>>(a, g, pf);
-      else block_diag4_fwd<false, 16><<<grid, block, 0, stream>>>(a, g, pf);
+      if (a.w2) gated(block_diag4_fwd_gates<true, 16>, sizeof(BdFwdSmem<true, 16>));
+      else gated(block_diag4_fwd_gates<false, 16>, sizeof(BdFwdSmem<false, 16>));
     }
     if (CudaResult r = Launched("block_diag4_fwd"); !r.ok() || g.heads == 0) return r;
     const int64_t n = a.rows * g.heads;

@@ -375,17 +375,19 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 }
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
+// residual (kPlain only): dx += dresidual inside the backward (GroupNormArgs::dresidual).
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
-               bool overwrite = false) {
+               bool overwrite = false, bool residual = false) {
   Rng rng(51);
   const int64_t dim = groups * gs;
   const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
                            " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
-                           std::to_string(gs) + (overwrite ? " overwrite" : "");
+                           std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "");
   const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
                xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
                skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
-               dw0 = RandomBf16Host({dim}, 1.0, &rng), ds0 = RandomBf16Host({dim}, 1.0, &rng);
+               dw0 = RandomBf16Host({dim}, 1.0, &rng), ds0 = RandomBf16Host({dim}, 1.0, &rng),
+               dres = RandomBf16Host({rows, dim}, 1.0, &rng);
   const double off = 1.0, eps = 1e-5;
   const int m = static_cast<int>(mode);
   Tensor y_ref = Tensor::Zeros({rows, dim}, DType::kF64), dx_ref = y_ref.Clone(), dz_ref = y_ref.Clone(),
@@ -433,12 +435,12 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
           dx_ref.Set(e, dxa * SiluD(zc));
           dz_ref.Set(e, dxa * x.At(e) * DSiluD(zc));
         } else {
-          dx_ref.Set(e, dxa);
+          dx_ref.Set(e, dxa + (residual ? dres.At(e) : 0.0));
         }
       }
     }
   const Tensor xd = ToCudaBf16(x), zd = ToCudaBf16(z), xcd = ToCudaBf16(xc), wd = DevF32(w), sd = DevF32(skip),
-               dyd = ToCudaBf16(dy);
+               dyd = ToCudaBf16(dy), dresd = ToCudaBf16(dres);
   Tensor y = Poison({rows, dim}), dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
   Tensor mean = Tensor::Full({rows * groups}, DType::kF32, NAN, Device::kCuda), rstd = mean.Clone();
   Tensor dw = DevF32(dw0), ds = DevF32(ds0);
@@ -456,6 +458,7 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
   Cuda().GroupNorm(false, n);
   n.dy = dyd.raw(); n.dx = dx.raw(); n.dweight = dw.data<float>();
   n.overwrite_dparams = overwrite;
+  if (residual) n.dresidual = dresd.raw();
   if (m != 0) n.dz = dz.raw();
   if (m == 2) { n.dxc = dxc.raw(); n.dskip = ds.data<float>(); }
   Cuda().GroupNorm(true, n);
@@ -489,6 +492,11 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // (1288 = 5 x 256 + 8), LayerNorm and gated, two groups.
   CheckNorm(NormMode::kPlain, true, 130, 1, 1288, 1288, true);
   CheckNorm(NormMode::kGatedInput, false, 70, 2, 1288, 2600);
+  // dx + dresidual (the xLSTM blocks' 1+w LayerNorms, Norm::BackwardAdd): vectorised (xlstm-125m's
+  // 768), register-resident (1288) and scalar (12) paths.
+  CheckNorm(NormMode::kPlain, true, 130, 1, 768, 768, true, true);
+  CheckNorm(NormMode::kPlain, true, 70, 1, 1288, 1288, false, true);
+  CheckNorm(NormMode::kPlain, true, 37, 2, 12, 24, false, true);
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.

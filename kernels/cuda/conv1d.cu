@@ -9,12 +9,16 @@
 //
 // Kernels: one thread per (V adjacent channels, run of 64 outputs), V = 4 (or 2, or 1 for odd
 // channel counts / unaligned pointers), channels across the warp (coalesced 8-byte accesses of
-// bf16 rows, channels last), sliding a K-wide register window along the run (token loop
-// unrolled 4x so that several rows' loads are in flight), so each input is read once per run
-// plus K−1 halo values. (V = 1 with no unrolling ran the backward at 0.84 TB/s on an H200; V = 4 with
-// conditional loads at 0.35 TB/s, see conv1d_bwd.) The backward recomputes u over the run plus a K−1
-// halo, writes dX, and per-run partial sums of ∂w, ∂bias to scratch; conv1d_param_reduce adds
-// them in a fixed order into dw, dbias (deterministic).
+// bf16 rows, channels last), sliding a K-wide register window along the run, so each input is
+// read once per run plus K−1 halo values. The rows reach the window through a per-thread
+// cp.async ring in shared memory (V >= 2; 16 tokens ahead forward, 8 backward) so that many
+// rows' loads are in flight without registers; V = 1 (2-byte rows, below cp.async's minimum)
+// loads batches of rows into registers. (V = 1 with no unrolling ran the backward at 0.84 TB/s
+// on an H200; V = 4 with conditional loads at 0.35 TB/s; V = 4 with register batches of 4 rows
+// at ~1.7 TB/s; see conv1d_bwd.) Consuming the ring 4 tokens per wait (to let the compiler
+// interleave tokens) was slower, forward and backward (+10%, rglue8 call 3). The backward
+// recomputes u over the run plus a K−1 halo, writes dX, and per-run partial sums of ∂w, ∂bias
+// to scratch; conv1d_param_reduce adds them in a fixed order into dw, dbias (deterministic).
 //
 // Cost (bf16): forward reads x, writes y: 4 B per element; backward reads x, dy, writes dx:
 // 6 B per element (+ partials: (K+1)·4 B per channel per 64 tokens, ~1/10 of that). At
@@ -38,6 +42,32 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int kRun = 64;       // outputs per thread
 constexpr int kBlock = 128;    // most threads per block (V channels each); see ConvBlockThreads
+constexpr int kFwdBatch = 8;   // token rows whose loads the forward issues together (scalar channels)
+constexpr int kFwdAhead = 16;  // the forward's cp.async ring of token rows per thread
+constexpr int kBwdAhead = 8;   // the backward's cp.async ring of token rows per thread
+
+// cp.async of kBytes (4 or 8) global -> shared, through L1; one commit group per call site's token.
+template <int kBytes>
+__device__ __forceinline__ void CpAsync(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "n"(kBytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+// V bf16 from their raw 2·V bytes (V = 2: one 32-bit word; V = 4: uint2).
+template <int V, typename Raw>
+__device__ __forceinline__ void FromRaw(const Raw& raw, float (&out)[V]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < V / 2; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    out[2 * k] = f.x;
+    out[2 * k + 1] = f.y;
+  }
+}
 
 struct ConvDims {
   int B, S, C, K;
@@ -118,13 +148,14 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
   float win[K][V];  // win[j] = X_{t+j}
 #pragma unroll
   for (int j = 0; j < K - 1; ++j) XExt<V>(d, x, init, b, ch, t0 + j, win[j + 1]);
-#pragma unroll 4
-  for (int t = t0; t < t1; ++t) {
+  // One token from its new input row xn = X_{t+K−1}.
+  auto token = [&](int t, const float (&xn)[V]) {
 #pragma unroll
     for (int j = 0; j < K - 1; ++j)
 #pragma unroll
       for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
-    LoadV<V>(x + (static_cast<int64_t>(b) * d.S + t) * d.C + ch, win[K - 1]);  // X_{t+K−1}
+#pragma unroll
+    for (int v = 0; v < V; ++v) win[K - 1][v] = xn[v];
     float out[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -134,6 +165,46 @@ __global__ void __launch_bounds__(kBlock) conv1d_fwd(ConvDims d, bool silu,
       out[v] = silu ? u * SigmoidF(u) : u;
     }
     StoreV<V>(y + (static_cast<int64_t>(b) * d.S + t) * d.C + ch, out);
+  };
+  const bf16* __restrict__ xrow = x + static_cast<int64_t>(b) * d.S * d.C + ch;
+  int t = t0;
+  if constexpr (V >= 2) {
+    // x rows by cp.async through a per-thread shared ring kFwdAhead − 1 tokens ahead. A plain
+    // `unroll 4` left the loads to the compiler (56 registers); per step on an H200 (rglue8):
+    // xlstm[1:0]-125m 2.78 ms -> 2.34 with register batches of 8 rows (95 registers) -> 2.13
+    // with this ring; mamba2-130m 2.94 -> 2.53 -> 2.61 (its 64-thread blocks leave half of each
+    // block's ring unused; smem then limits it to 14 blocks per SM).
+    using Raw = std::conditional_t<V == 4, uint2, uint32_t>;
+    __shared__ Raw ring[kFwdAhead][kBlock];
+    const int tid = threadIdx.x;
+    auto issue = [&](int tt) {
+      if (tt < t1) CpAsync<2 * V>(&ring[tt % kFwdAhead][tid], xrow + static_cast<int64_t>(tt) * d.C);
+      CpAsyncCommit();
+    };
+#pragma unroll
+    for (int i = 0; i < kFwdAhead - 1; ++i) issue(t0 + i);
+#pragma unroll 4
+    for (; t < t1; ++t) {
+      issue(t + kFwdAhead - 1);
+      CpAsyncWait<kFwdAhead - 1>();
+      float xn[V];
+      FromRaw<V>(ring[t % kFwdAhead][tid], xn);
+      token(t, xn);
+    }
+    CpAsyncWait<0>();
+  } else {
+    for (; t + kFwdBatch <= t1; t += kFwdBatch) {  // scalar channels: 8 rows' loads issued together
+      float xn[kFwdBatch][V];
+#pragma unroll
+      for (int i = 0; i < kFwdBatch; ++i) LoadV<V>(xrow + static_cast<int64_t>(t + i) * d.C, xn[i]);
+#pragma unroll
+      for (int i = 0; i < kFwdBatch; ++i) token(t + i, xn[i]);
+    }
+    for (; t < t1; ++t) {
+      float xn[V];
+      LoadV<V>(xrow + static_cast<int64_t>(t) * d.C, xn);
+      token(t, xn);
+    }
   }
 }
 
@@ -177,8 +248,10 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // Structure: the K−1 halo tokens before e0 (du only) are a fully unrolled prologue; the main
 // loop over t in [e0, e1) has only unconditional loads (clamped rows, zeroed after the load) and
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
+// (kBlock, 5): 96 registers (12 bytes spilled) for 5 blocks of 128 per SM instead of 110 and 4:
+// 5.12 -> 4.91 ms per mamba2-130m step, 4.39 -> 4.37 xlstm[1:0]-125m (H200, rglue8 call 2).
 template <int K, int V>
-__global__ void __launch_bounds__(kBlock) conv1d_bwd(
+__global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
@@ -288,52 +361,81 @@ __global__ void __launch_bounds__(kBlock) conv1d_bwd(
     StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * d.C + ch, o);
   };
   if (e0 >= K - 1 && e1 <= d.S) {
-    // Interior run: X_{t+K−1} is x row t and every dy row is valid. kBatch tokens' x and dy rows
-    // are loaded into registers before any of them is used or any dx row stored, written out
-    // explicitly: through the lambda above (captured pointers lose __restrict__) the compiler
-    // kept each token's loads behind the previous token's store (1.2 TB/s, ncu 2026-11-26).
-    constexpr int kBatch = 4;
+    // Interior run: X_{t+K−1} is x row t and every dy row is valid.
     const bf16* __restrict__ xrow = x + (static_cast<int64_t>(b) * d.S) * d.C + ch;
     bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * d.C + ch;  // row t − (K−1)
-    int t = e0;
-    for (; t + kBatch <= e1; t += kBatch) {
-      float xn[kBatch][V], gy[kBatch][V];
+    // One token from its x row (X_{t+K−1}) and dy row.
+    auto token = [&](int t, const float (&xn)[V], const float (&gy)[V]) {
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        LoadV<V>(xrow + static_cast<int64_t>(t + i) * d.C, xn[i]);
-        LoadV<V>(dyb + static_cast<int64_t>(t + i) * d.C, gy[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-#pragma unroll
-        for (int j = 0; j < K - 1; ++j)
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            win[j][v] = win[j + 1][v];
-            du[j][v] = du[j + 1][v];
-          }
-#pragma unroll
-        for (int v = 0; v < V; ++v) win[K - 1][v] = xn[i][v];
-        float o[V];
+      for (int j = 0; j < K - 1; ++j)
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          float g = gy[i][v];
-          if (silu) {
-            float u = b0[v];
-#pragma unroll
-            for (int j = 0; j < K; ++j) u += wk[j][v] * win[j][v];
-            const float sg = SigmoidF(u);
-            g *= sg * (1.f + u * (1.f - sg));
-          }
-#pragma unroll
-          for (int j = 0; j < K; ++j) dw_acc[j][v] += g * win[j][v];
-          db_acc[v] += g;
-          du[K - 1][v] = g;
-          o[v] = 0.f;
-#pragma unroll
-          for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
+          win[j][v] = win[j + 1][v];
+          du[j][v] = du[j + 1][v];
         }
-        StoreV<V>(dxrow + static_cast<int64_t>(t + i - (K - 1)) * d.C, o);
+#pragma unroll
+      for (int v = 0; v < V; ++v) win[K - 1][v] = xn[v];
+      float o[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float g = gy[v];
+        if (silu) {
+          float u = b0[v];
+#pragma unroll
+          for (int j = 0; j < K; ++j) u += wk[j][v] * win[j][v];
+          const float sg = SigmoidF(u);
+          g *= sg * (1.f + u * (1.f - sg));
+        }
+#pragma unroll
+        for (int j = 0; j < K; ++j) dw_acc[j][v] += g * win[j][v];
+        db_acc[v] += g;
+        du[K - 1][v] = g;
+        o[v] = 0.f;
+#pragma unroll
+        for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
+      }
+      StoreV<V>(dxrow + static_cast<int64_t>(t - (K - 1)) * d.C, o);
+    };
+    int t = e0;
+    if constexpr (V >= 2) {
+      // The x and dy rows travel by cp.async through a per-thread shared ring kBwdAhead − 1
+      // tokens ahead of the arithmetic: bytes in flight without registers. (Register batches of
+      // 4 tokens — 124 registers, 16 warps per SM, no overlap between batches — ran at 1.7 TB/s
+      // on an H200; batches of 8 slower still.)
+      using Raw = std::conditional_t<V == 4, uint2, uint32_t>;
+      __shared__ Raw ring[kBwdAhead][2][kBlock];
+      const int tid = threadIdx.x;
+      auto issue = [&](int tt) {  // one commit group per token (empty past the run)
+        if (tt < e1) {
+          CpAsync<2 * V>(&ring[tt % kBwdAhead][0][tid], xrow + static_cast<int64_t>(tt) * d.C);
+          CpAsync<2 * V>(&ring[tt % kBwdAhead][1][tid], dyb + static_cast<int64_t>(tt) * d.C);
+        }
+        CpAsyncCommit();
+      };
+#pragma unroll
+      for (int i = 0; i < kBwdAhead - 1; ++i) issue(e0 + i);
+#pragma unroll 4
+      for (; t < e1; ++t) {
+        issue(t + kBwdAhead - 1);
+        CpAsyncWait<kBwdAhead - 1>();
+        float xn[V], gy[V];
+        FromRaw<V>(ring[t % kBwdAhead][0][tid], xn);
+        FromRaw<V>(ring[t % kBwdAhead][1][tid], gy);
+        token(t, xn, gy);
+      }
+      CpAsyncWait<0>();
+    } else {
+      // Scalar channels (2-byte rows: below cp.async's 4): kBatch tokens' loads issued together.
+      constexpr int kBatch = 4;
+      for (; t + kBatch <= e1; t += kBatch) {
+        float xn[kBatch][V], gy[kBatch][V];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          LoadV<V>(xrow + static_cast<int64_t>(t + i) * d.C, xn[i]);
+          LoadV<V>(dyb + static_cast<int64_t>(t + i) * d.C, gy[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) token(t + i, xn[i], gy[i]);
       }
     }
     for (; t < e1; ++t) step(t, std::false_type{});

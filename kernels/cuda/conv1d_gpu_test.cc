@@ -152,6 +152,9 @@ TEST(Conv1dGpu, MatchesCpuReference) {
       {2, 129, 48, 1, true, true, false},  {4, 1000, 512, 4, true, true, true},
       {3, 37, 200, 4, true, true, true, true}, {2, 300, 257, 3, true, false, true, true},
       {4, 1000, 512, 4, true, true, true, true},
+      // The cp.async rings' interior runs with 2 channels per thread (130 = 2 mod 4) and with
+      // 64-thread blocks (1792 channels, Mamba-2 130m's conv width).
+      {2, 300, 130, 4, true, true, true}, {2, 200, 1792, 4, true, false, true},
   };
   uint64_t seed = 99;
   int failed = 0;
