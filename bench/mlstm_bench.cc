@@ -18,8 +18,8 @@
 // Then the generation step (MlstmStepForward) at B1 / B8 of the 7B heads: µs per step and the
 // bandwidth of its state stream (RunStep).
 //
-// --only=SUBSTR: only the problems whose "name Lchunk [variant]" label contains SUBSTR (and no
-// step lines). --once: one forward + backward per selected problem, no timing (for ncu).
+// --only=SUBSTR[,SUBSTR...]: only the problems whose "name Lchunk [variant]" label contains one
+// of the SUBSTRs (and no step lines). --once: one forward + backward per selected problem, no timing (for ncu).
 //
 //   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once]
 #include <cuda_bf16.h>
@@ -131,6 +131,7 @@ struct Variant {
   int64_t state_tile;
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
+  MlstmMma mma = MlstmMma::kAuto;
 };
 
 struct Problem {
@@ -154,6 +155,7 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_tile = pr.variant.state_tile;
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
+  opt.mma = pr.variant.mma;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -416,6 +418,9 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_bf16{"bf16-states", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 0};
   const gyre::cuda::Variant v2_whi{"weights-hi", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                    0, MlstmStateWeights::kBf16};
+  // The mma.sync kernels where a warpgroup-MMA version exists (MlstmMma).
+  const gyre::cuda::Variant v2_sync{"mma-sync", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
+                                    0, MlstmStateWeights::kAuto, 0, gyre::cuda::MlstmMma::kMmaSync};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -427,15 +432,28 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2},      {"xlstm-125m-cell", s125, 128, v2_io64},
       {"xlstm-125m-cell", s125, 64, v2_t64},   {"xlstm-1.3b-like", s13, 64, v2},
       {"xlstm-125m-cell", s125, 128, v2_t64},  {"xlstm-125m-cell", s125, 128, v2_bf16},
-      {"xlstm-125m-cell", s125, 128, v2_whi},
+      {"xlstm-125m-cell", s125, 128, v2_whi},  {"xlstm-125m-cell", s125, 128, v2_sync},
+      {"xlstm-1.3b-like", s13, 128, v2_sync},  {"xlstm-7b-heads", s7, 128, v2_sync},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
     gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);
     gyre::cuda::RunStep("xlstm-1.3b-like", {8, 1, 4, 256, 512}, reps, stream);
   }
+  // --only: comma-separated substrings, any of which selects a problem.
+  std::vector<std::string> only_any;
+  for (size_t pos = 0; !only.empty() && pos <= only.size();) {
+    const size_t comma = std::min(only.find(',', pos), only.size());
+    only_any.push_back(only.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
   for (const auto& p : problems) {
-    if (!only.empty() && gyre::cuda::Label(p).find(only) == std::string::npos) continue;
+    const std::string label = gyre::cuda::Label(p);
+    if (!only_any.empty() &&
+        std::none_of(only_any.begin(), only_any.end(),
+                     [&](const std::string& o) { return label.find(o) != std::string::npos; })) {
+      continue;
+    }
     gyre::cuda::RunShape(p, reps, once, stream);
   }
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
