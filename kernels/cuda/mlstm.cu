@@ -245,6 +245,7 @@ struct Dims {
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
   bool wg_dqk;     // bwd_dqk on warpgroup MMA (mlstm_bwd_dqk_wg; MlstmOptions::mma)
   bool wg_out;     // fwd_out on warpgroup MMA (mlstm_fwd_out_wg; MlstmOptions::mma)
+  bool wg_state;   // state_fwd / state_bwd on warpgroup MMA (128×128 tiles at L 128)
 };
 
 struct FwdPtrs {
@@ -401,6 +402,18 @@ __device__ __forceinline__ void LoadTile(bf16* s, int sstride, const bf16* g, in
     const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
     const bool ok = r < valid_rows;
     CpAsync16(s + r * sstride + c, ok ? g + r * gstride + c : g, ok);
+  }
+}
+
+// ROWS × 64 bf16 tile (global row stride gstride elements) into a swizzled [ROWS][64] block;
+// rows >= valid_rows are zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void LoadTileSw(unsigned char* s, const bf16* g, int64_t gstride,
+                                           int valid_rows, int tid, int nthreads) {
+  for (int i = tid; i < ROWS * 8; i += nthreads) {
+    const int r = i >> 3, c = i & 7;
+    const bool ok = r < valid_rows;
+    CpAsync16(s + hopper::Sw128ChunkOffset<ROWS>(r, c), ok ? g + r * gstride + 8 * c : g, ok);
   }
 }
 
@@ -769,7 +782,12 @@ struct StateSmem {
   static constexpr bool kStaged2 = TM == TN && !kStaged && 2 * L >= TM;
   static constexpr bool kStagedAny = kStaged || kStaged2;
   static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
-                                   + 2 * L * 4;                     // per-token coefficients
+                                   + 2 * L * 4                      // per-token coefficients
+                                   + 1024;  // WG: base aligned to 1024 (swizzled B tiles)
+  // WG (the warpgroup-MMA kernels, TM = TN = 128 at L 128): the V / dH tiles are stored in the
+  // 128-byte swizzle (two [L][64] column blocks) inside their padded slots, which are multiples
+  // of 1024 bytes (L·(TN+8)·2 = 34816).
+  static_assert(kTileB * 2 % 1024 == 0 || TN != 128 || L != 128, "swizzled B slots");
 };
 
 // An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k], as
@@ -815,10 +833,13 @@ __device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], in
   dst[g + 8] = nacc[2];
 }
 
-template <int L, int TM, int TN>
+template <int L, int TM, int TN, bool WG = false>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
+  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
   using SM = StateSmem<L, TM, TN>;
+  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]
   bf16* vs = ks + kSt * SM::kTileA;              // [3][L][TN+8]
@@ -845,7 +866,13 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     if (k < d.NC) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+      if constexpr (WG) {
+        unsigned char* vb = reinterpret_cast<unsigned char*>(vs + stage * SM::kTileB);
+        LoadTileSw<L>(vb, vbase + t0 * ldv, ldv, len, tid, kThreads);
+        LoadTileSw<L>(vb + L * 128, vbase + t0 * ldv + 64, ldv, len, tid, kThreads);
+      } else {
+        LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+      }
     }
     CpAsyncCommit();
   };
@@ -879,6 +906,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       CpAsyncWait<2>();
     }
     if (tid < L) es[tid] = e_reg;
+    if constexpr (WG) hopper::FenceProxyAsync();  // the V tile is read by wgmma
     __syncthreads();  // tile k and es visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
@@ -893,6 +921,40 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
+    if constexpr (WG) {
+      // Warpgroup MMA: the scaled Kᵀ fragments (hi, lo) of all 8 k-steps in registers (the
+      // m16n8k16 A layout is wgmma's register-A layout; warp w's 16 rows are rows 16(w % 4) of
+      // its warpgroup's 64), V N-major in shared memory; n by mma.sync with the ones operand.
+      uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4];
+        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ae[kk], elo[kk], a, es, 16 * kk, lane);
+        if (n_block) {
+          Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+          Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+        }
+      }
+      const uint64_t v_d = hopper::SmemDescSw128(SmemAddr(vst), L * 128, 1024);
+      // Materialise the fragments before the fence (otherwise their arithmetic may sink past
+      // it and ptxas injects a warpgroup.arrive before every wgmma: warning C7519).
+      hopper::FenceRegs(ae);
+      hopper::FenceRegs(elo);
+      hopper::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        hopper::WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+        if (d.fwd_wlo) hopper::WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+      }
+      hopper::WgmmaCommit();
+      hopper::WgmmaWait<0>();
+      hopper::FenceRegs(acc);
+      hopper::FenceRegs(ae);
+      hopper::FenceRegs(elo);
+      __syncthreads();
+      continue;
+    }
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
       uint32_t a[4], ae[4], elo[4];
@@ -1204,10 +1266,13 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 5. state_bwd
 
-template <int L, int TM, int TN>
+template <int L, int TM, int TN, bool WG = false>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
+  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
   using SM = StateSmem<L, TM, TN>;
+  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]  q (dk cols a0..)
   bf16* hs = qs + kSt * SM::kTileA;              // [3][L][TN+8]  dh (dv cols j0..)
@@ -1248,7 +1313,13 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     if (k >= 0) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+      if constexpr (WG) {
+        unsigned char* hb = reinterpret_cast<unsigned char*>(hs + stage * SM::kTileB);
+        LoadTileSw<L>(hb, hbase + t0 * ldv, ldv, len, tid, kThreads);
+        LoadTileSw<L>(hb + L * 128, hbase + t0 * ldv + 64, ldv, len, tid, kThreads);
+      } else {
+        LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+      }
     }
     CpAsyncCommit();
   };
@@ -1283,6 +1354,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       coef[tid] = cf;
       ddc[tid] = dd;
     }
+    if constexpr (WG) hopper::FenceProxyAsync();  // the dH tile is read by wgmma
     __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
@@ -1297,6 +1369,39 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
+    if constexpr (WG) {  // as in state_fwd
+      uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4];
+        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ac[kk], aclo[kk], a, coef, 16 * kk, lane);
+        if (kk % parts == part) {
+          uint32_t ad[4], adlo[4];
+          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+        }
+      }
+      const uint64_t h_d = hopper::SmemDescSw128(SmemAddr(hst), L * 128, 1024);
+      // Materialise the fragments before the fence (otherwise their arithmetic may sink past
+      // it and ptxas injects a warpgroup.arrive before every wgmma: warning C7519).
+      hopper::FenceRegs(ac);
+      hopper::FenceRegs(aclo);
+      hopper::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        hopper::WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+        if (d.bwd_wlo) hopper::WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+      }
+      hopper::WgmmaCommit();
+      hopper::WgmmaWait<0>();
+      hopper::FenceRegs(acc);
+      hopper::FenceRegs(ac);
+      hopper::FenceRegs(aclo);
+      __syncthreads();
+      continue;
+    }
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
       uint32_t a[4], ac[4], aclo[4];
@@ -1831,17 +1936,6 @@ struct DqkWgSmem {
   static constexpr size_t kBytes = kFloats + (5 * kL + 2 * kDKT) * 4 + 1024;  // + alignment
 };
 
-// ROWS × 64 bf16 tile (global row stride gstride elements) into a swizzled [ROWS][64] block;
-// rows >= valid_rows are zero-filled.
-template <int ROWS>
-__device__ __forceinline__ void LoadTileSw(unsigned char* s, const bf16* g, int64_t gstride,
-                                           int valid_rows, int tid, int nthreads) {
-  for (int i = tid; i < ROWS * 8; i += nthreads) {
-    const int r = i >> 3, c = i & 7;
-    const bool ok = r < valid_rows;
-    CpAsync16(s + hopper::Sw128ChunkOffset<ROWS>(r, c), ok ? g + r * gstride + 8 * c : g, ok);
-  }
-}
 
 template <bool SPLIT>
 __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
@@ -3178,6 +3272,7 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.dqk_slab = DqkSlab(s, o);
   d.wg_dqk = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
   d.wg_out = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
+  d.wg_state = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.state_tile == 128;
   return d;
 }
 
@@ -3232,6 +3327,15 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state) {
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT, true>, smem));
+          mlstm_state_fwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+          Hook("mlstm_state_fwd", stream);
+          return {};
+        }
+      }
       CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT>, smem));
       mlstm_state_fwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
       CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
@@ -3312,6 +3416,15 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state) {
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT, true>, smem));
+          mlstm_state_bwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+          Hook("mlstm_state_bwd", stream);
+          return {};
+        }
+      }
       CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT>, smem));
       mlstm_state_bwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
       CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
