@@ -937,15 +937,20 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
         }
       }
       const uint64_t v_d = hopper::SmemDescSw128(SmemAddr(vst), L * 128, 1024);
-      // Materialise the fragments before the fence (otherwise their arithmetic may sink past
-      // it and ptxas injects a warpgroup.arrive before every wgmma: warning C7519).
+      // The lo products are issued unconditionally (zero fragments without d.fwd_wlo): a
+      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
+      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
+      if (!d.fwd_wlo) {
+#pragma unroll
+        for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+      }
       hopper::FenceRegs(ae);
       hopper::FenceRegs(elo);
       hopper::WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < L / 16; ++kk) {
         hopper::WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
-        if (d.fwd_wlo) hopper::WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+        hopper::WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
       }
       hopper::WgmmaCommit();
       hopper::WgmmaWait<0>();
@@ -1384,15 +1389,20 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
         }
       }
       const uint64_t h_d = hopper::SmemDescSw128(SmemAddr(hst), L * 128, 1024);
-      // Materialise the fragments before the fence (otherwise their arithmetic may sink past
-      // it and ptxas injects a warpgroup.arrive before every wgmma: warning C7519).
+      // The lo products are issued unconditionally (zero fragments without d.bwd_wlo): a
+      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
+      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
+      if (!d.bwd_wlo) {
+#pragma unroll
+        for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+      }
       hopper::FenceRegs(ac);
       hopper::FenceRegs(aclo);
       hopper::WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < L / 16; ++kk) {
         hopper::WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
-        if (d.bwd_wlo) hopper::WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+        hopper::WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
       }
       hopper::WgmmaCommit();
       hopper::WgmmaWait<0>();
