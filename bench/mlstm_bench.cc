@@ -131,7 +131,6 @@ struct Variant {
   int64_t state_tile;
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
-  MlstmMma mma = MlstmMma::kAuto;
 };
 
 struct Problem {
@@ -155,7 +154,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_tile = pr.variant.state_tile;
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
-  opt.mma = pr.variant.mma;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -418,9 +416,6 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_bf16{"bf16-states", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 0};
   const gyre::cuda::Variant v2_whi{"weights-hi", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                    0, MlstmStateWeights::kBf16};
-  // The mma.sync kernels where a warpgroup-MMA version exists (MlstmMma).
-  const gyre::cuda::Variant v2_sync{"mma-sync", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
-                                    0, MlstmStateWeights::kAuto, 0, gyre::cuda::MlstmMma::kMmaSync};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -432,8 +427,7 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2},      {"xlstm-125m-cell", s125, 128, v2_io64},
       {"xlstm-125m-cell", s125, 64, v2_t64},   {"xlstm-1.3b-like", s13, 64, v2},
       {"xlstm-125m-cell", s125, 128, v2_t64},  {"xlstm-125m-cell", s125, 128, v2_bf16},
-      {"xlstm-125m-cell", s125, 128, v2_whi},  {"xlstm-125m-cell", s125, 128, v2_sync},
-      {"xlstm-1.3b-like", s13, 128, v2_sync},  {"xlstm-7b-heads", s7, 128, v2_sync},
+      {"xlstm-125m-cell", s125, 128, v2_whi},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

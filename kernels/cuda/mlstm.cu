@@ -243,9 +243,10 @@ struct Dims {
   int dn_parts;    // DV / state_tile: state_bwd column blocks, each summing part of dn
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
-  bool wg_dqk;     // bwd_dqk on warpgroup MMA (mlstm_bwd_dqk_wg; MlstmOptions::mma)
-  bool wg_out;     // fwd_out on warpgroup MMA (mlstm_fwd_out_wg; MlstmOptions::mma)
-  bool wg_state;   // state_fwd / state_bwd on warpgroup MMA (128×128 tiles at L 128)
+  // Warpgroup-MMA (wgmma) kernels where the shape allows them; the mma.sync kernels elsewhere.
+  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_wg (L 128, 128-column dq/dk slabs)
+  bool wg_out;     // fwd_out: mlstm_fwd_out_wg (L 128, 128-column h slabs)
+  bool wg_state;   // state_fwd / state_bwd with WG (L 128, 128×128 tiles)
 };
 
 struct FwdPtrs {
@@ -3280,9 +3281,9 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.dn_parts = static_cast<int>(s.dv / d.state_tile);
   d.out_slab = OutSlab(s, o);
   d.dqk_slab = DqkSlab(s, o);
-  d.wg_dqk = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
-  d.wg_out = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
-  d.wg_state = o.mma != MlstmMma::kMmaSync && d.L == 128 && d.state_tile == 128;
+  d.wg_dqk = d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
+  d.wg_out = d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
+  d.wg_state = d.L == 128 && d.state_tile == 128;
   return d;
 }
 

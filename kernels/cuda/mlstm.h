@@ -98,14 +98,6 @@ enum class MlstmGateSchedule {
                    // walks the sequence (slow when B·NH is small)
 };
 
-// Tensor-core instructions of the chunk kernels where two versions exist (at chunk 128: fwd_out
-// with 128-column h slabs, bwd_dqk with 128-column dq/dk slabs): kAuto = kWgmma.
-enum class MlstmMma {
-  kAuto,
-  kWgmma,    // Hopper warpgroup MMA (wgmma), operands in 128-byte-swizzled shared memory
-  kMmaSync,  // the mma.sync (m16n8k16) kernels (benchmarks / comparison)
-};
-
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -126,7 +118,6 @@ struct MlstmOptions {
   // unless it leaves fewer than 8 warps resident per SM (chunk 64 with split states: 4) and 64
   // keeps more (measured in bench/RESULTS.md, helper mlstm5).
   int64_t io_slab = 0;
-  MlstmMma mma = MlstmMma::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -101,22 +101,20 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // Σ (q·dq − k·dk) cancel), so its gradient checks are printed and summarised as [INFO], not
 // counted. Its forward checks count.
 // "v2" runs the automatic choices (gate scans on clusters for these few heads, io slab by
-// occupancy, warpgroup-MMA bwd_dqk where it applies); "v2-t128" the one-block-per-head gate
-// scans and 64-column io slabs; "v2-mmasync" the mma.sync bwd_dqk, only on the cases where the
-// two bwd_dqk kernels differ (chunk 128, dk a multiple of 128).
+// occupancy; at chunk 128 the warpgroup-MMA fwd_out / bwd_dqk where the slab is 128 columns);
+// "v2-t128" the one-block-per-head gate scans, 128×128 state tiles (the warpgroup-MMA state
+// kernels at chunk 128) and 64-column io slabs (the mma.sync fwd_out / bwd_dqk).
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
   MlstmGateSchedule gates;
   int64_t state_tile;
   int64_t io_slab;
-  MlstmMma mma = MlstmMma::kAuto;
 };
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
     {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64, 0},
-    {"v2-mmasync", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmMma::kMmaSync},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -221,7 +219,6 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
   bool ok = true;
   for (const Variant& var : kVariants) {
     if (var.state_tile == 128 && (c.DK % 128 != 0 || c.DV % 128 != 0)) continue;
-    if (var.mma == MlstmMma::kMmaSync && (c.L != 128 || c.DK % 128 != 0)) continue;
     // The forward runs once per convention: what it saves depends on the effective precision,
     // and the backward must get the forward's options.
     for (const bool stop : {false, true}) {
@@ -233,7 +230,6 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.gate_schedule = var.gates;
       opt.state_tile = var.state_tile;
       opt.io_slab = var.io_slab;
-      opt.mma = var.mma;
       opt.state_weights = TestStateWeights();
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
