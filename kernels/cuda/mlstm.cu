@@ -1932,18 +1932,27 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
 // Executed MACs per block at the 125m cell (DV 384): dP 4.7M, Y 12.6M, dQ 1.6M, phase 3 12.6M,
 // dK 1.6M = 33.1M (the mma.sync kernel: 31.3M; the causal halves are coarser at 64 rows).
 template <bool SPLIT>
+//
+// Shared memory (192 KB of tiles) is laid out twice. Phase 1 (no Q, K or dS' needed yet): three
+// stages of 64 KB (dh, V, C_k, C_k lo tiles, [128][64] each), so two stages load while one
+// multiplies. Phases 2-3: Q, K, dS' (32 KB each) and two 48 KB stages (dC lo, V, dC). Q and K
+// load into phase-1 stage 0 once its last user is done (inside the loop when possible).
 struct DqkWgSmem {
   static constexpr int kL = 128, kDKT = 128;
   static constexpr int kTile64 = 128 * 128;     // bytes of a [128 rows][64 cols] bf16 tile
+  // Phase 1.
+  static constexpr int kP1Stage = 4 * kTile64;  // dh, V, C, C lo
+  static constexpr int kP1Stages = 3;
+  // Phases 2-3.
   static constexpr int kQ = 0;                  // [128 t][128 dk]  (2 column blocks)
   static constexpr int kK = kQ + 2 * kTile64;   // [128 s][128 dk]
-  static constexpr int kDS = kK + 2 * kTile64;  // [128 t][128 s] dS'; phase 1: C lo stages
+  static constexpr int kDS = kK + 2 * kTile64;  // [128 t][128 s] dS'
   static constexpr int kStages = kDS + 2 * kTile64;
-  // Stage: slot A (dh [128 t][64] in phase 1, dC lo [128 dk][64] in phase 3), V [128 s][64],
-  // C_k / dC_{k+1} [128 dk][64].
+  // Phase-3 stage: dC lo [128 dk][64], V [128 s][64], dC_{k+1} [128 dk][64].
   static constexpr int kStage = 3 * kTile64;
   static constexpr int kOffV = kTile64, kOffC = 2 * kTile64;
   static constexpr int kFloats = kStages + 2 * kStage;
+  static_assert(kP1Stages * kP1Stage == kFloats, "the two layouts share the tile region");
   static constexpr size_t kBytes = kFloats + (5 * kL + 2 * kDKT) * 4 + 1024;  // + alignment
 };
 
@@ -1984,11 +1993,12 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
   const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
 
-  LoadTileSw<L>(qs, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-  LoadTileSw<L>(qs + SM::kTile64, p.q + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-  LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-  LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-  CpAsyncCommit();
+  auto load_qk = [&] {
+    LoadTileSw<L>(qs, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(qs + SM::kTile64, p.q + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
+  };
   if (tid < L) {
     const bool ok = tid < len;
     bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
@@ -2012,15 +2022,15 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   }
 
   auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
-  auto load_p1 = [&](int jt, int stage) {
-    unsigned char* st = stage_ptr(stage);
+  // Phase-1 stage jt % 3: dh, V, C_k, C_k lo at 0, 16, 32, 48 KB.
+  auto load_p1 = [&](int jt) {
+    unsigned char* st = sm + (jt % SM::kP1Stages) * SM::kP1Stage;
     LoadTileSw<L>(st, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kOffV, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<DKT>(st + SM::kOffC, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+    LoadTileSw<L>(st + SM::kTile64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTileSw<DKT>(st + 2 * SM::kTile64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
     if constexpr (SPLIT) {
-      LoadTileSw<DKT>(dss + stage * SM::kTile64, clobase + jt * 64, d.DV, DKT, tid, kThreads);
+      LoadTileSw<DKT>(st + 3 * SM::kTile64, clobase + jt * 64, d.DV, DKT, tid, kThreads);
     }
-    CpAsyncCommit();
   };
   auto load_p3 = [&](int jt, int stage) {
     unsigned char* st = stage_ptr(stage);
@@ -2046,15 +2056,30 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
   const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
   const int njt = d.DV / 64;
-  load_p1(0, 0);
+  // Every iteration commits one cp.async group (load jt + 2, or Q and K once phase-1 stage 0
+  // has no user left, or nothing), so "all but the newest group" is always load jt.
+  const int last_stage0 = (njt - 1) / SM::kP1Stages * SM::kP1Stages;  // last jt in stage 0
+  bool qk_loaded = false;
+  load_p1(0);
+  CpAsyncCommit();
+  if (njt > 1) load_p1(1);
+  CpAsyncCommit();
   for (int jt = 0; jt < njt; ++jt) {
-    if (jt + 1 < njt) load_p1(jt + 1, (jt + 1) & 1);
-    land(jt + 1 >= njt);
-    const uint32_t st = sa + SM::kStages + (jt & 1) * SM::kStage;
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();  // load jt visible; every thread is done with step jt − 1's stage
+    if (jt + 2 < njt) {
+      load_p1(jt + 2);
+    } else if (jt == last_stage0 + 1) {
+      load_qk();
+      qk_loaded = true;
+    }
+    CpAsyncCommit();
+    const uint32_t st = sa + (jt % SM::kP1Stages) * SM::kP1Stage;
     const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t v_d = SmemDescSw128(st + SM::kOffV, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
-    const uint64_t clo_d = SmemDescSw128(sa + SM::kDS + (jt & 1) * SM::kTile64, 16, 1024);
+    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + 3 * SM::kTile64, 16, 1024);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -2067,9 +2092,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
     WgmmaWait<0>();
     FenceRegs(pacc);
     FenceRegs(qacc);
-    __syncthreads();
   }
+  __syncthreads();  // phase 1's stages are free
+  if (!qk_loaded) load_qk();
+  CpAsyncCommit();
   load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs
+  CpAsyncWait<1>();  // Q and K
+  FenceProxyAsync();
+  __syncthreads();
   // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
   // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
   const int r0 = 16 * w + g, r1 = r0 + 8;
