@@ -2271,16 +2271,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
 // causal skip, see the note on divergence in bwd_dqk_wg), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
 // 3.5M + 12.6M + 2.4M = 18.5M).
 template <bool SPLIT>
-// Three stages (two load while one multiplies); the V slab [128 s][128 dv] (32 KB) loads into
-// the first stage that has no user left, and h is staged through the stages at the end.
 struct OutWgSmem {
   static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
-  static constexpr int kNumStages = 3;
+  static constexpr int kV = 0;               // [128 s][128 dv]
+  static constexpr int kStages = 2 * kTile64;
   // Stage: Q [128 t][64], K [128 s][64], C hi [64 dk][128 dv], C lo [64 dk][128 dv].
   static constexpr int kOffK = kTile64, kOffC = 2 * kTile64, kOffClo = 3 * kTile64;
   static constexpr int kStage = (SPLIT ? 4 : 3) * kTile64;
-  static constexpr int kFloats = kNumStages * kStage;
-  static_assert(2 * 128 * (128 + kPad) * 2 <= kFloats, "h hi / lo staging fits in the stages");
+  static constexpr int kFloats = kStages + 2 * kStage;
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 1024; }
 };
 
@@ -2293,6 +2291,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t sa = SmemAddr(sm);
+  unsigned char* vs = sm + SM::kV;
   float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
   float* igs = bs + L;
   float* ms = igs + L;
@@ -2313,9 +2312,9 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
   const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
 
-  auto stage_ptr = [&](int stage) { return sm + stage * SM::kStage; };
-  auto load_stage = [&](int dt) {
-    unsigned char* st = stage_ptr(dt % SM::kNumStages);
+  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
+  auto load_stage = [&](int dt, int stage) {
+    unsigned char* st = stage_ptr(stage);
     LoadTileSw<L>(st, qbase + dt * 64, ldqk, len, tid, kThreads);
     LoadTileSw<L>(st + SM::kOffK, kbase + dt * 64, ldqk, len, tid, kThreads);
     const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
@@ -2325,23 +2324,12 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
       LoadTileSw<64>(st + SM::kOffClo, clobase + crow, d.DV, 64, tid, kThreads);
       LoadTileSw<64>(st + SM::kOffClo + 64 * 128, clobase + crow + 64, d.DV, 64, tid, kThreads);
     }
+    CpAsyncCommit();
   };
-  const int ndt = d.DK / 64;
-  // V goes into stage (dt_v − 1) % 3 at step dt_v, the first step that loads no stage (its
-  // stage was last read at step dt_v − 1), or into stage 0 after the loop when ndt = 1.
-  const int dt_v = ndt >= 2 ? max(1, ndt - 2) : ndt;
-  const int v_stage = ndt >= 2 ? (dt_v - 1) % SM::kNumStages : 0;
-  unsigned char* vs = stage_ptr(v_stage);
-  auto load_v = [&] {
-    LoadTileSw<L>(vs, vbase, ldv, len, tid, kThreads);
-    LoadTileSw<L>(vs + SM::kTile64, vbase + 64, ldv, len, tid, kThreads);
-  };
-  // Every step commits one cp.async group (stage dt + 2, V, or nothing): "all but the newest
-  // group" is always stage dt.
-  load_stage(0);
+  LoadTileSw<L>(vs, vbase, ldv, len, tid, kThreads);
+  LoadTileSw<L>(vs + SM::kTile64, vbase + 64, ldv, len, tid, kThreads);
   CpAsyncCommit();
-  if (ndt > 1) load_stage(1);
-  CpAsyncCommit();
+  load_stage(0, 0);
   if (tid < L) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
     const bool ok = tid < len;
@@ -2359,17 +2347,17 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
   const int r0 = 16 * w + g, r1 = r0 + 8;
   float qn0 = 0.f, qn1 = 0.f;
   const uint32_t own = wg * 64 * 128;
+  const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
-    CpAsyncWait<1>();
-    FenceProxyAsync();
-    __syncthreads();  // stage dt visible; every thread is done with step dt − 1's stage
-    if (dt + 2 < ndt) {
-      load_stage(dt + 2);
-    } else if (dt == dt_v) {
-      load_v();
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
     }
-    CpAsyncCommit();
-    const uint32_t st = sa + (dt % SM::kNumStages) * SM::kStage;
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t st = sa + SM::kStages + (dt & 1) * SM::kStage;
     const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
     const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
     const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
@@ -2384,7 +2372,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     }
     WgmmaCommit();
     {  // q̂·n_k under the wgmma
-      const unsigned char* qt = stage_ptr(dt % SM::kNumStages);
+      const unsigned char* qt = stage_ptr(dt & 1);
       const float* nk = nks + dt * 64 + 16 * c;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -2404,15 +2392,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     WgmmaWait<0>();
     FenceRegs(sacc);
     FenceRegs(hacc);
-  }
-  if (dt_v >= ndt) {  // ndt = 1: V after the loop
     __syncthreads();
-    load_v();
   }
-  CpAsyncCommit();
-  CpAsyncWait<0>();  // V
-  FenceProxyAsync();
-  __syncthreads();
   qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
   qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
   qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
@@ -2456,7 +2437,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
   }
   {
-    const uint64_t v_d = SmemDescSw128(SmemAddr(vs), SM::kTile64, 1024);
+    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
@@ -2479,9 +2460,9 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     h4[nt][2] = hacc[4 * nt + 2] * inv1;
     h4[nt][3] = hacc[4 * nt + 3] * inv1;
   }
-  // h (and its lo part) leave through the stage region (no copies in flight, no wgmma reads
-  // it after this barrier) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two
-  // padded [128][DVT + 8] buffers (34 KB each).
+  // h (and its lo part) leave through the stage buffers (no copies in flight, no wgmma reads
+  // them after this barrier) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two
+  // padded [128][DVT + 8] buffers (34 KB each) in the stage region.
   __syncthreads();
   constexpr int kSH = DVT + kPad;
   bf16* hi_s = reinterpret_cast<bf16*>(stage_ptr(0));
