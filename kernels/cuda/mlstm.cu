@@ -51,6 +51,13 @@
 //                      sequence) routes each dm_t to the ĩ/B that set m_t; segment sums by prefix
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
+// Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
+// primitives in hopper_mma.cuh): mlstm_fwd_out_wg and mlstm_bwd_dqk_wg (128-column slabs), and
+// state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
+// memory, three stages in bwd_dqk's phase 1. Everything else (chunk 16-64,
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
+// (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
+//
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
 //   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
@@ -958,26 +965,25 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       hopper::FenceRegs(acc);
       hopper::FenceRegs(ae);
       hopper::FenceRegs(elo);
-      __syncthreads();
-      continue;
-    }
+    } else {
 #pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ae[4], elo[4];
-      LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
-      if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
-      // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
-      // follows 4 MMAs later instead of 2 (see MmaPairs).
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4], ae[4], elo[4];
+        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
+        if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+        // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
+        // follows 4 MMAs later instead of 2 (see MmaPairs).
 #pragma unroll
-      for (int np = 0; np < TN / 16; np += 2) {
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(acc, 2 * np, ae, b0, b1);
-        if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
+        for (int np = 0; np < TN / 16; np += 2) {
+          uint32_t b0[4], b1[4];
+          LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
+          LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+          MmaPairs(acc, 2 * np, ae, b0, b1);
+          if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
+        }
+        if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
       }
-      if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
@@ -1410,27 +1416,26 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       hopper::FenceRegs(acc);
       hopper::FenceRegs(ac);
       hopper::FenceRegs(aclo);
-      __syncthreads();
-      continue;
-    }
+    } else {
 #pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ac[4], aclo[4];
-      LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
-      if (kk % parts == part) {
-        uint32_t ad[4], adlo[4];
-        ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-      }
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4], ac[4], aclo[4];
+        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
+        if (kk % parts == part) {
+          uint32_t ad[4], adlo[4];
+          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+        }
 #pragma unroll
-      for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(acc, 2 * np, ac, b0, b1);
-        if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
+        for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
+          uint32_t b0[4], b1[4];
+          LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
+          LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+          MmaPairs(acc, 2 * np, ac, b0, b1);
+          if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
+        }
       }
     }
     __syncthreads();
