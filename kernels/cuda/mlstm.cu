@@ -1926,22 +1926,25 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
 //     identity warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be
 //     expressed: a wgmma's 64 rows are contiguous in its A operand);
 //   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), loaded by
-//     cp.async 16-byte copies into the swizzled positions, two stages as before;
-//   - phase 1: dP = dH Vᵀ (m64n64 for warpgroup 0, which needs only keys 0..63; m64n128 for
-//     warpgroup 1) and Y = dH C_kᵀ (hi + lo) are wgmma with both operands in shared memory
-//     (K-major), 12 per stage and warpgroup, one commit, one wait;
+//     cp.async 16-byte copies into the swizzled positions (DqkWgSmem: three stages in phase 1,
+//     two in phase 3);
+//   - phase 1: dP = dH Vᵀ and Y = dH C_kᵀ (hi + lo) are m64n128k16 wgmma with both operands in
+//     shared memory (K-major), 12 per stage and warpgroup, one commit, one wait;
 //   - dQ += dS' K with dS' in registers (the dP accumulators packed to bf16, as attention's P·V)
-//     and K N-major in shared memory; warpgroup 0 stops at key 63 (causal);
+//     and K N-major in shared memory;
 //   - phase 3: V dC_{k+1}ᵀ (hi + lo) as phase 1; dK += dS'ᵀ Q with dS' from shared memory as an
-//     M-major A operand (transposed), Q N-major; warpgroup 1 starts at query 64 (causal).
-// Executed MACs per block at the 125m cell (DV 384): dP 4.7M, Y 12.6M, dQ 1.6M, phase 3 12.6M,
-// dK 1.6M = 33.1M (the mma.sync kernel: 31.3M; the causal halves are coarser at 64 rows).
-template <bool SPLIT>
+//     M-major A operand (transposed), Q N-major.
+// Both warpgroups run the full 128-key (128-query) products: the causal zeros of dS' make the
+// extra terms vanish, and skipping them per warpgroup put wgmma under a branch on the warpgroup
+// index, which ptxas serialises (C7520) or fences (C7519) (kernels/cuda/mlstm_notes.md).
+// Executed MACs per block at the 125m cell (DV 384): dP 6.3M, Y 12.6M, dQ 2.1M, phase 3 12.6M,
+// dK 2.1M = 35.7M (the mma.sync kernel: 31.3M).
 //
 // Shared memory (192 KB of tiles) is laid out twice. Phase 1 (no Q, K or dS' needed yet): three
 // stages of 64 KB (dh, V, C_k, C_k lo tiles, [128][64] each), so two stages load while one
 // multiplies. Phases 2-3: Q, K, dS' (32 KB each) and two 48 KB stages (dC lo, V, dC). Q and K
 // load into phase-1 stage 0 once its last user is done (inside the loop when possible).
+template <bool SPLIT>
 struct DqkWgSmem {
   static constexpr int kL = 128, kDKT = 128;
   static constexpr int kTile64 = 128 * 128;     // bytes of a [128 rows][64 cols] bf16 tile
