@@ -104,6 +104,7 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // occupancy; at chunk 128 the warpgroup-MMA fwd_out / bwd_dqk where the slab is 128 columns);
 // "v2-t128" the one-block-per-head gate scans, 128×128 state tiles (the warpgroup-MMA state
 // kernels at chunk 128) and 64-column io slabs (the mma.sync fwd_out / bwd_dqk).
+// "v1-t128" was added after the last device run of helper mlstm7 (not yet run on a GPU).
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
@@ -115,6 +116,9 @@ constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
     {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64, 0},
+    // Single bf16 states on 128×128 state tiles: at chunk 128 the warpgroup-MMA state kernels
+    // with zero lo fragments (the bench's bf16-states path). Gradients [INFO] as for v1.
+    {"v1-t128", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
