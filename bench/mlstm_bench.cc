@@ -18,8 +18,8 @@
 // Then the generation step (MlstmStepForward) at B1 / B8 of the 7B heads: µs per step and the
 // bandwidth of its state stream (RunStep).
 //
-// --only=SUBSTR: only the problems whose "name Lchunk [variant]" label contains SUBSTR (and no
-// step lines). --once: one forward + backward per selected problem, no timing (for ncu).
+// --only=SUBSTR[,SUBSTR...]: only the problems whose "name Lchunk [variant]" label contains one
+// of the SUBSTRs (and no step lines). --once: one forward + backward per selected problem, no timing (for ncu).
 //
 //   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once]
 #include <cuda_bf16.h>
@@ -434,8 +434,20 @@ int main(int argc, char** argv) {
     gyre::cuda::RunStep("xlstm-7b-heads", {8, 1, 8, 256, 512}, reps, stream);
     gyre::cuda::RunStep("xlstm-1.3b-like", {8, 1, 4, 256, 512}, reps, stream);
   }
+  // --only: comma-separated substrings, any of which selects a problem.
+  std::vector<std::string> only_any;
+  for (size_t pos = 0; !only.empty() && pos <= only.size();) {
+    const size_t comma = std::min(only.find(',', pos), only.size());
+    only_any.push_back(only.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
   for (const auto& p : problems) {
-    if (!only.empty() && gyre::cuda::Label(p).find(only) == std::string::npos) continue;
+    const std::string label = gyre::cuda::Label(p);
+    if (!only_any.empty() &&
+        std::none_of(only_any.begin(), only_any.end(),
+                     [&](const std::string& o) { return label.find(o) != std::string::npos; })) {
+      continue;
+    }
     gyre::cuda::RunShape(p, reps, once, stream);
   }
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));

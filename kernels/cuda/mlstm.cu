@@ -51,6 +51,13 @@
 //                      sequence) routes each dm_t to the ĩ/B that set m_t; segment sums by prefix
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
+// Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
+// primitives in hopper_mma.cuh): mlstm_fwd_out_wg and mlstm_bwd_dqk_wg (128-column slabs), and
+// state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
+// memory, three stages in bwd_dqk's phase 1. Everything else (chunk 16-64,
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
+// (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
+//
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
 //   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
@@ -88,6 +95,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/hopper_mma.cuh"
 
 namespace gyre::cuda {
 namespace {
@@ -242,6 +250,10 @@ struct Dims {
   int dn_parts;    // DV / state_tile: state_bwd column blocks, each summing part of dn
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
+  // Warpgroup-MMA (wgmma) kernels where the shape allows them; the mma.sync kernels elsewhere.
+  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_wg (L 128, 128-column dq/dk slabs)
+  bool wg_out;     // fwd_out: mlstm_fwd_out_wg (L 128, 128-column h slabs)
+  bool wg_state;   // state_fwd / state_bwd with WG (L 128, 128×128 tiles)
 };
 
 struct FwdPtrs {
@@ -398,6 +410,18 @@ __device__ __forceinline__ void LoadTile(bf16* s, int sstride, const bf16* g, in
     const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * 8;
     const bool ok = r < valid_rows;
     CpAsync16(s + r * sstride + c, ok ? g + r * gstride + c : g, ok);
+  }
+}
+
+// ROWS × 64 bf16 tile (global row stride gstride elements) into a swizzled [ROWS][64] block;
+// rows >= valid_rows are zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void LoadTileSw(unsigned char* s, const bf16* g, int64_t gstride,
+                                           int valid_rows, int tid, int nthreads) {
+  for (int i = tid; i < ROWS * 8; i += nthreads) {
+    const int r = i >> 3, c = i & 7;
+    const bool ok = r < valid_rows;
+    CpAsync16(s + hopper::Sw128ChunkOffset<ROWS>(r, c), ok ? g + r * gstride + 8 * c : g, ok);
   }
 }
 
@@ -766,7 +790,12 @@ struct StateSmem {
   static constexpr bool kStaged2 = TM == TN && !kStaged && 2 * L >= TM;
   static constexpr bool kStagedAny = kStaged || kStaged2;
   static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
-                                   + 2 * L * 4;                     // per-token coefficients
+                                   + 2 * L * 4                      // per-token coefficients
+                                   + 1024;  // WG: base aligned to 1024 (swizzled B tiles)
+  // WG (the warpgroup-MMA kernels, TM = TN = 128 at L 128): the V / dH tiles are stored in the
+  // 128-byte swizzle (two [L][64] column blocks) inside their padded slots, which are multiples
+  // of 1024 bytes (L·(TN+8)·2 = 34816).
+  static_assert(kTileB * 2 % 1024 == 0 || TN != 128 || L != 128, "swizzled B slots");
 };
 
 // An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k], as
@@ -812,10 +841,13 @@ __device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], in
   dst[g + 8] = nacc[2];
 }
 
-template <int L, int TM, int TN>
+template <int L, int TM, int TN, bool WG = false>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
+  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
   using SM = StateSmem<L, TM, TN>;
+  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]
   bf16* vs = ks + kSt * SM::kTileA;              // [3][L][TN+8]
@@ -842,7 +874,13 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     if (k < d.NC) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+      if constexpr (WG) {
+        unsigned char* vb = reinterpret_cast<unsigned char*>(vs + stage * SM::kTileB);
+        LoadTileSw<L>(vb, vbase + t0 * ldv, ldv, len, tid, kThreads);
+        LoadTileSw<L>(vb + L * 128, vbase + t0 * ldv + 64, ldv, len, tid, kThreads);
+      } else {
+        LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
+      }
     }
     CpAsyncCommit();
   };
@@ -876,6 +914,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       CpAsyncWait<2>();
     }
     if (tid < L) es[tid] = e_reg;
+    if constexpr (WG) hopper::FenceProxyAsync();  // the V tile is read by wgmma
     __syncthreads();  // tile k and es visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
@@ -890,23 +929,61 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
+    if constexpr (WG) {
+      // Warpgroup MMA: the scaled Kᵀ fragments (hi, lo) of all 8 k-steps in registers (the
+      // m16n8k16 A layout is wgmma's register-A layout; warp w's 16 rows are rows 16(w % 4) of
+      // its warpgroup's 64), V N-major in shared memory; n by mma.sync with the ones operand.
+      uint32_t ae[L / 16][4], elo[L / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ae[4], elo[4];
-      LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
-      if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
-      // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
-      // follows 4 MMAs later instead of 2 (see MmaPairs).
-#pragma unroll
-      for (int np = 0; np < TN / 16; np += 2) {
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(acc, 2 * np, ae, b0, b1);
-        if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4];
+        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ae[kk], elo[kk], a, es, 16 * kk, lane);
+        if (n_block) {
+          Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+          Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+        }
       }
-      if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
+      const uint64_t v_d = hopper::SmemDescSw128(SmemAddr(vst), L * 128, 1024);
+      // The lo products are issued unconditionally (zero fragments without d.fwd_wlo): a
+      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
+      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
+      if (!d.fwd_wlo) {
+#pragma unroll
+        for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+      }
+      hopper::FenceRegs(ae);
+      hopper::FenceRegs(elo);
+      hopper::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        hopper::WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+        hopper::WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+      }
+      hopper::WgmmaCommit();
+      hopper::WgmmaWait<0>();
+      hopper::FenceRegs(acc);
+      hopper::FenceRegs(ae);
+      hopper::FenceRegs(elo);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4], ae[4], elo[4];
+        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
+        if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+        // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
+        // follows 4 MMAs later instead of 2 (see MmaPairs).
+#pragma unroll
+        for (int np = 0; np < TN / 16; np += 2) {
+          uint32_t b0[4], b1[4];
+          LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
+          LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+          MmaPairs(acc, 2 * np, ae, b0, b1);
+          if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
+        }
+        if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
+      }
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
@@ -1201,10 +1278,13 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 5. state_bwd
 
-template <int L, int TM, int TN>
+template <int L, int TM, int TN, bool WG = false>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
+  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
   using SM = StateSmem<L, TM, TN>;
+  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]  q (dk cols a0..)
   bf16* hs = qs + kSt * SM::kTileA;              // [3][L][TN+8]  dh (dv cols j0..)
@@ -1245,7 +1325,13 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     if (k >= 0) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+      if constexpr (WG) {
+        unsigned char* hb = reinterpret_cast<unsigned char*>(hs + stage * SM::kTileB);
+        LoadTileSw<L>(hb, hbase + t0 * ldv, ldv, len, tid, kThreads);
+        LoadTileSw<L>(hb + L * 128, hbase + t0 * ldv + 64, ldv, len, tid, kThreads);
+      } else {
+        LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
+      }
     }
     CpAsyncCommit();
   };
@@ -1280,6 +1366,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       coef[tid] = cf;
       ddc[tid] = dd;
     }
+    if constexpr (WG) hopper::FenceProxyAsync();  // the dH tile is read by wgmma
     __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
@@ -1294,24 +1381,61 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
+    if constexpr (WG) {  // as in state_fwd
+      uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4], ac[4], aclo[4];
-      LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
-      if (kk % parts == part) {
-        uint32_t ad[4], adlo[4];
-        ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4];
+        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ac[kk], aclo[kk], a, coef, 16 * kk, lane);
+        if (kk % parts == part) {
+          uint32_t ad[4], adlo[4];
+          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+        }
       }
+      const uint64_t h_d = hopper::SmemDescSw128(SmemAddr(hst), L * 128, 1024);
+      // The lo products are issued unconditionally (zero fragments without d.bwd_wlo): a
+      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
+      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
+      if (!d.bwd_wlo) {
 #pragma unroll
-      for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
-        uint32_t b0[4], b1[4];
-        LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
-        LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-        MmaPairs(acc, 2 * np, ac, b0, b1);
-        if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
+        for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+      }
+      hopper::FenceRegs(ac);
+      hopper::FenceRegs(aclo);
+      hopper::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        hopper::WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+        hopper::WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+      }
+      hopper::WgmmaCommit();
+      hopper::WgmmaWait<0>();
+      hopper::FenceRegs(acc);
+      hopper::FenceRegs(ac);
+      hopper::FenceRegs(aclo);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a[4], ac[4], aclo[4];
+        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
+        if (kk % parts == part) {
+          uint32_t ad[4], adlo[4];
+          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+        }
+#pragma unroll
+        for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
+          uint32_t b0[4], b1[4];
+          LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
+          LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+          MmaPairs(acc, 2 * np, ac, b0, b1);
+          if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
+        }
       }
     }
     __syncthreads();
@@ -1793,6 +1917,571 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
       if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
     }
+  }
+}
+
+// bwd_dqk on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dq/dk slabs. The same three
+// phases and math as mlstm_bwd_dqk above; what changes is how the products run:
+//   - the 256 threads are two warpgroups; warpgroup wg owns the chunk's rows 64wg..64wg+63 (the
+//     identity warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be
+//     expressed: a wgmma's 64 rows are contiguous in its A operand);
+//   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), loaded by
+//     cp.async 16-byte copies into the swizzled positions (DqkWgSmem: three stages in phase 1,
+//     two in phase 3);
+//   - phase 1: dP = dH Vᵀ and Y = dH C_kᵀ (hi + lo) are m64n128k16 wgmma with both operands in
+//     shared memory (K-major), 12 per stage and warpgroup, one commit, one wait;
+//   - dQ += dS' K with dS' in registers (the dP accumulators packed to bf16, as attention's P·V)
+//     and K N-major in shared memory;
+//   - phase 3: V dC_{k+1}ᵀ (hi + lo) as phase 1; dK += dS'ᵀ Q with dS' from shared memory as an
+//     M-major A operand (transposed), Q N-major.
+// Both warpgroups run the full 128-key (128-query) products: the causal zeros of dS' make the
+// extra terms vanish, and skipping them per warpgroup put wgmma under a branch on the warpgroup
+// index, which ptxas serialises (C7520) or fences (C7519) (kernels/cuda/mlstm_notes.md).
+// Executed MACs per block at the 125m cell (DV 384): dP 6.3M, Y 12.6M, dQ 2.1M, phase 3 12.6M,
+// dK 2.1M = 35.7M (the mma.sync kernel: 31.3M).
+//
+// Shared memory (192 KB of tiles) is laid out twice. Phase 1 (no Q, K or dS' needed yet): three
+// stages of 64 KB (dh, V, C_k, C_k lo tiles, [128][64] each), so two stages load while one
+// multiplies. Phases 2-3: Q, K, dS' (32 KB each) and two 48 KB stages (dC lo, V, dC). Q and K
+// load into phase-1 stage 0 once its last user is done (inside the loop when possible).
+template <bool SPLIT>
+struct DqkWgSmem {
+  static constexpr int kL = 128, kDKT = 128;
+  static constexpr int kTile64 = 128 * 128;     // bytes of a [128 rows][64 cols] bf16 tile
+  // Phase 1.
+  static constexpr int kP1Stage = 4 * kTile64;  // dh, V, C, C lo
+  static constexpr int kP1Stages = 3;
+  // Phases 2-3.
+  static constexpr int kQ = 0;                  // [128 t][128 dk]  (2 column blocks)
+  static constexpr int kK = kQ + 2 * kTile64;   // [128 s][128 dk]
+  static constexpr int kDS = kK + 2 * kTile64;  // [128 t][128 s] dS'
+  static constexpr int kStages = kDS + 2 * kTile64;
+  // Phase-3 stage: dC lo [128 dk][64], V [128 s][64], dC_{k+1} [128 dk][64].
+  static constexpr int kStage = 3 * kTile64;
+  static constexpr int kOffV = kTile64, kOffC = 2 * kTile64;
+  static constexpr int kFloats = kStages + 2 * kStage;
+  static_assert(kP1Stages * kP1Stage == kFloats, "the two layouts share the tile region");
+  static constexpr size_t kBytes = kFloats + (5 * kL + 2 * kDKT) * 4 + 1024;  // + alignment
+};
+
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
+  using namespace hopper;
+  using SM = DqkWgSmem<SPLIT>;
+  constexpr int L = 128, DKT = 128, kThreads = 256;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  unsigned char *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* ivs = ms + L;
+  float* dds = ivs + L;
+  float* nks = dds + L;     // [DKT] n_k
+  float* dnks = nks + DKT;  // [DKT] dn_{k+1}
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  // Broadcast from lane 0 so that ptxas sees a warp-uniform value: wgmma under a branch on a
+  // per-thread value gets serialised (warning C7520), as in CUTLASS's canonical_warp_group_idx.
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+  const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
+  const int64_t dcoff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
+  const bf16* cbase = p.sc + coff;
+  const bf16* dcbase = p.dc + dcoff;
+  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
+  const bf16* dclobase = SPLIT ? p.dc_lo + dcoff : nullptr;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+
+  auto load_qk = [&] {
+    LoadTileSw<L>(qs, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(qs + SM::kTile64, p.q + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
+  };
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+    dds[tid] = ok ? p.dden[so + tid] : 0.f;
+  }
+  for (int i = tid; i < DKT; i += kThreads) {
+    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
+    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
+    float dn = 0.f;
+    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
+    dnks[i] = dn;
+    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
+      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
+      float s0 = 0.f;
+      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
+      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
+    }
+  }
+
+  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
+  // Phase-1 stage jt % 3: dh, V, C_k, C_k lo at 0, 16, 32, 48 KB.
+  auto load_p1 = [&](int jt) {
+    unsigned char* st = sm + (jt % SM::kP1Stages) * SM::kP1Stage;
+    LoadTileSw<L>(st, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTileSw<L>(st + SM::kTile64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTileSw<DKT>(st + 2 * SM::kTile64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
+    if constexpr (SPLIT) {
+      LoadTileSw<DKT>(st + 3 * SM::kTile64, clobase + jt * 64, d.DV, DKT, tid, kThreads);
+    }
+  };
+  auto load_p3 = [&](int jt, int stage) {
+    unsigned char* st = stage_ptr(stage);
+    LoadTileSw<L>(st + SM::kOffV, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
+    LoadTileSw<DKT>(st + SM::kOffC, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
+    if constexpr (SPLIT) LoadTileSw<DKT>(st, dclobase + jt * 64, d.DV, DKT, tid, kThreads);
+    CpAsyncCommit();
+  };
+  // Waits for this thread's copies, makes them visible to the async proxy, then the barrier.
+  auto land = [&](bool last) {
+    if (last) {
+      CpAsyncWait<0>();
+    } else {
+      CpAsyncWait<1>();
+    }
+    FenceProxyAsync();
+    __syncthreads();
+  };
+
+  // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles.
+  float pacc[64], qacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
+  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
+  const int njt = d.DV / 64;
+  // Every iteration commits one cp.async group (load jt + 2, or Q and K once phase-1 stage 0
+  // has no user left, or nothing), so "all but the newest group" is always load jt.
+  const int last_stage0 = (njt - 1) / SM::kP1Stages * SM::kP1Stages;  // last jt in stage 0
+  bool qk_loaded = false;
+  load_p1(0);
+  CpAsyncCommit();
+  if (njt > 1) load_p1(1);
+  CpAsyncCommit();
+  for (int jt = 0; jt < njt; ++jt) {
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();  // load jt visible; every thread is done with step jt − 1's stage
+    if (jt + 2 < njt) {
+      load_p1(jt + 2);
+    } else if (jt == last_stage0 + 1) {
+      load_qk();
+      qk_loaded = true;
+    }
+    CpAsyncCommit();
+    const uint32_t st = sa + (jt % SM::kP1Stages) * SM::kP1Stage;
+    const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + 3 * SM::kTile64, 16, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t step = (kk * 32) >> 4;
+      WgmmaSS128<0, 0>(pacc, dh_d + step, v_d + step, 1);
+      WgmmaSS128<0, 0>(qacc, dh_d + step, c_d + step, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + step, clo_d + step, 1);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(pacc);
+    FenceRegs(qacc);
+  }
+  __syncthreads();  // phase 1's stages are free
+  if (!qk_loaded) load_qk();
+  CpAsyncCommit();
+  load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs
+  CpAsyncWait<1>();  // Q and K
+  FenceProxyAsync();
+  __syncthreads();
+  // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
+  // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      float v = 0.f;
+      if (s <= r && r < len) {
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
+      }
+      pacc[4 * nt + e] = v;
+    }
+  }
+  uint32_t pa[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
+  }
+  FenceProxyAsync();  // dS' is read by phase 3's wgmma (after its barriers)
+  {
+    const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
+      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
+      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
+      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
+    }
+  }
+  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks); keys past this warpgroup's
+  // last row are zero in dS', so warpgroup 0 stops at key 63.
+  {
+    const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(qacc);
+    FenceRegs(pa);
+  }
+  {
+    bf16* dqbase = p.dq + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
+      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
+      dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
+      dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+  // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
+  float kacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
+  for (int jt = 0; jt < njt; ++jt) {
+    if (jt + 1 < njt) load_p3(jt + 1, (jt + 1) & 1);
+    land(jt + 1 >= njt);
+    const uint32_t st = sa + SM::kStages + (jt & 1) * SM::kStage;
+    const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
+    const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
+    const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t step = (kk * 32) >> 4;
+      WgmmaSS128<0, 0>(kacc, v_d + step, dc_d + step, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + step, dclo_d + step, 1);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(kacc);
+    __syncthreads();
+  }
+  {
+    const float gl = bs[len - 1];
+    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
+      kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
+      kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
+      kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
+    }
+  }
+  // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
+  // N-major B; queries before this warpgroup's first key are zero in dS' (warpgroup 1 starts
+  // at query 64). dS' and Q landed before phase 3's barriers.
+  {
+    const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
+    const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint64_t step = (kk * 16 * 128) >> 4;
+      WgmmaSS128<1, 1>(kacc, ds_d + step, q_d + step, 1);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(kacc);
+  }
+  {
+    bf16* dkbase = p.dk + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
+      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
+      dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
+      dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+}
+
+// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs; the math of
+// mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as bwd_dqk_wg).
+// Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128 dv]):
+// S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per warpgroup, one
+// commit and wait; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each). Then
+// P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
+// Executed MACs per block at the 125m cell (dk 384): S 6.3M (the full square: no per-warpgroup
+// causal skip, see the note on divergence in bwd_dqk_wg), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
+// 3.5M + 12.6M + 2.4M = 18.5M).
+template <bool SPLIT>
+struct OutWgSmem {
+  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
+  static constexpr int kV = 0;               // [128 s][128 dv]
+  static constexpr int kStages = 2 * kTile64;
+  // Stage: Q [128 t][64], K [128 s][64], C hi [64 dk][128 dv], C lo [64 dk][128 dv].
+  static constexpr int kOffK = kTile64, kOffC = 2 * kTile64, kOffClo = 3 * kTile64;
+  static constexpr int kStage = (SPLIT ? 4 : 3) * kTile64;
+  static constexpr int kFloats = kStages + 2 * kStage;
+  static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 1024; }
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
+  using namespace hopper;
+  using SM = OutWgSmem<SPLIT>;
+  constexpr int L = 128, DVT = 128, kThreads = 256;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  unsigned char* vs = sm + SM::kV;
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* nks = ms + L;  // [DK] n_k
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = tid >> 7;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const bf16* qbase = p.q + tok0 * d.DK;
+  const bf16* kbase = p.k + tok0 * d.DK;
+  const bf16* vbase = p.v + tok0 * d.DV + j0;
+  const int64_t coff = (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
+  const bf16* cbase = p.sc + coff;
+  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+
+  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
+  auto load_stage = [&](int dt, int stage) {
+    unsigned char* st = stage_ptr(stage);
+    LoadTileSw<L>(st, qbase + dt * 64, ldqk, len, tid, kThreads);
+    LoadTileSw<L>(st + SM::kOffK, kbase + dt * 64, ldqk, len, tid, kThreads);
+    const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
+    LoadTileSw<64>(st + SM::kOffC, cbase + crow, d.DV, 64, tid, kThreads);
+    LoadTileSw<64>(st + SM::kOffC + 64 * 128, cbase + crow + 64, d.DV, 64, tid, kThreads);
+    if constexpr (SPLIT) {
+      LoadTileSw<64>(st + SM::kOffClo, clobase + crow, d.DV, 64, tid, kThreads);
+      LoadTileSw<64>(st + SM::kOffClo + 64 * 128, clobase + crow + 64, d.DV, 64, tid, kThreads);
+    }
+    CpAsyncCommit();
+  };
+  LoadTileSw<L>(vs, vbase, ldv, len, tid, kThreads);
+  LoadTileSw<L>(vs + SM::kTile64, vbase + 64, ldv, len, tid, kThreads);
+  CpAsyncCommit();
+  load_stage(0, 0);
+  if (tid < L) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[o] : 0.f;
+    ms[tid] = ok ? p.m_tok[o] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+  }
+  for (int i = tid; i < d.DK; i += kThreads) nks[i] = nbase[i];
+
+  float sacc[64], hacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
+  // q̂·n_k: lane c of the 4 lanes of row group g sums dk columns 16c..16c+15 of each stage
+  // for rows r0 and r1 (fp32 FMAs of the bf16 q and fp32 n).
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  float qn0 = 0.f, qn1 = 0.f;
+  const uint32_t own = wg * 64 * 128;
+  const int ndt = d.DK / 64;
+  for (int dt = 0; dt < ndt; ++dt) {
+    if (dt + 1 < ndt) {
+      load_stage(dt + 1, (dt + 1) & 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t st = sa + SM::kStages + (dt & 1) * SM::kStage;
+    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+    }
+    WgmmaCommit();
+    {  // q̂·n_k under the wgmma
+      const unsigned char* qt = stage_ptr(dt & 1);
+      const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+        }
+      }
+    }
+    WgmmaWait<0>();
+    FenceRegs(sacc);
+    FenceRegs(hacc);
+    __syncthreads();
+  }
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+  // Gating: P = S·scale ⊙ W (causal), row sums.
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    hacc[4 * i + 0] *= d.scale * G0;
+    hacc[4 * i + 1] *= d.scale * G0;
+    hacc[4 * i + 2] *= d.scale * G1;
+    hacc[4 * i + 3] *= d.scale * G1;
+  }
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  {
+    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+  float h4[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+  // h (and its lo part) leave through the stage buffers (no copies in flight, no wgmma reads
+  // them after this barrier) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two
+  // padded [128][DVT + 8] buffers (34 KB each) in the stage region.
+  __syncthreads();
+  constexpr int kSH = DVT + kPad;
+  bf16* hi_s = reinterpret_cast<bf16*>(stage_ptr(0));
+  bf16* lo_s = hi_s + L * kSH;
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
+  if (blockIdx.x == 0 && c == 0) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+    if (r0 < len) p.den_tok[o + r0] = den0;
+    if (r1 < len) p.den_tok[o + r1] = den1;
   }
 }
 
@@ -2630,6 +3319,9 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.dn_parts = static_cast<int>(s.dv / d.state_tile);
   d.out_slab = OutSlab(s, o);
   d.dqk_slab = DqkSlab(s, o);
+  d.wg_dqk = d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
+  d.wg_out = d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
+  d.wg_state = d.L == 128 && d.state_tile == 128;
   return d;
 }
 
@@ -2684,6 +3376,15 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state) {
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT, true>, smem));
+          mlstm_state_fwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+          Hook("mlstm_state_fwd", stream);
+          return {};
+        }
+      }
       CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT>, smem));
       mlstm_state_fwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
       CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
@@ -2705,12 +3406,52 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   };
   using T = std::true_type;
   using F = std::false_type;
+  if constexpr (L == 128) {
+    if (d.wg_out) {
+      auto out_wg = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK);
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_wg<SPLIT>, smem));
+        mlstm_fwd_out_wg<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 256, smem, stream>>>(d, p);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+        Hook("mlstm_fwd_out", stream);
+        return {};
+      };
+      return d.split ? out_wg(T{}) : out_wg(F{});
+    }
+  }
   if (d.out_slab == 128) {
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
   return d.split ? out(std::integral_constant<int, 64>{}, T{})
                  : out(std::integral_constant<int, 64>{}, F{});
+}
+
+CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) {
+  const int bh = d.B * d.NH;
+  if (d.gate_cluster > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(kGateClThreads);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_bwd_cluster, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
+  } else if (d.par_gates) {
+    mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
+  } else {
+    mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_bwd");
+  Hook("mlstm_gates_bwd", stream);
+  return {};
 }
 
 template <int L>
@@ -2724,6 +3465,15 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
+      if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state) {
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT, true>, smem));
+          mlstm_state_bwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+          Hook("mlstm_state_bwd", stream);
+          return {};
+        }
+      }
       CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT>, smem));
       mlstm_state_bwd<L, kT, kT><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
       CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
@@ -2759,6 +3509,21 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   };
   using T = std::true_type;
   using F = std::false_type;
+  if constexpr (L == 128) {
+    if (d.wg_dqk) {
+      auto dqk_wg = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = DqkWgSmem<SPLIT>::kBytes;
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_wg<SPLIT>, smem));
+        mlstm_bwd_dqk_wg<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 256, smem, stream>>>(d, p);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+        Hook("mlstm_bwd_dqk", stream);
+        return {};
+      };
+      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_wg(T{}) : dqk_wg(F{}));
+      return LaunchGatesBwd(d, p, stream);
+    }
+  }
   if (d.dqk_slab == 128) {
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 128>{}, T{})
                                   : dqk(std::integral_constant<int, 128>{}, F{}));
@@ -2766,28 +3531,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
     CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::integral_constant<int, 64>{}, T{})
                                   : dqk(std::integral_constant<int, 64>{}, F{}));
   }
-  if (d.gate_cluster > 1) {
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
-    cfg.blockDim = dim3(kGateClThreads);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_bwd_cluster, &cfg, attr));
-    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
-  } else if (d.par_gates) {
-    mlstm_gates_bwd_par<<<bh, kGateParThreads, 0, stream>>>(d, p);
-  } else {
-    mlstm_gates_bwd<<<bh, kGateThreads, 0, stream>>>(d, p);
-  }
-  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_bwd");
-  Hook("mlstm_gates_bwd", stream);
-  return {};
+  return LaunchGatesBwd(d, p, stream);
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -44,6 +44,9 @@ struct Case {
   bool initial, d_final;
   Gates gates = Gates::kNormal;
   MlstmForgetGate forget = MlstmForgetGate::kSigmoid;
+  // The true-gradient df̃ of this case is printed as [INFO], not counted: a known gap of every
+  // kernel path (see the case list).
+  bool true_dfgate_info = false;
 };
 
 std::string ShapeName(const Case& c) {
@@ -98,7 +101,10 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // Σ (q·dq − k·dk) cancel), so its gradient checks are printed and summarised as [INFO], not
 // counted. Its forward checks count.
 // "v2" runs the automatic choices (gate scans on clusters for these few heads, io slab by
-// occupancy); "v2-t128" the one-block-per-head gate scans and 64-column io slabs.
+// occupancy; at chunk 128 the warpgroup-MMA fwd_out / bwd_dqk where the slab is 128 columns);
+// "v2-t128" the one-block-per-head gate scans, 128×128 state tiles (the warpgroup-MMA state
+// kernels at chunk 128) and 64-column io slabs (the mma.sync fwd_out / bwd_dqk).
+// "v1-t128" was added after the last device run of helper mlstm7 (not yet run on a GPU).
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
@@ -110,6 +116,9 @@ constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
     {"v1", MlstmStatePrecision::kBf16, MlstmGateSchedule::kSequential, 64, 0},
+    // Single bf16 states on 128×128 state tiles: at chunk 128 the warpgroup-MMA state kernels
+    // with zero lo fragments (the bench's bf16-states path). Gradients [INFO] as for v1.
+    {"v1-t128", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -261,7 +270,11 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       gok &= Check("mlstm " + g + " dv", shp, gdv.Download(), r.dv, kTolGrad);
       gok &= Check("mlstm " + g + " digate", shp, gdig.Download(), r.dig, kTolGrad);
       const auto gdfg_host = gdfg.Download();
-      if (!Check("mlstm " + g + " dfgate", shp, gdfg_host, r.dfg, kTolGrad)) {
+      const bool dfg_info = c.true_dfgate_info && !stop;
+      if (dfg_info) {
+        std::printf("[INFO] mlstm %s dfgate %s rel_err %.3e (known gap, not counted)\n", g.c_str(),
+                    shp.c_str(), RelError(gdfg_host, r.dfg));
+      } else if (!Check("mlstm " + g + " dfgate", shp, gdfg_host, r.dfg, kTolGrad)) {
         gok = false;
         // Which tokens: their stabiliser m_t, n_tᵀq̂_t and the floor e^{-m_t} (CPU saved buffer).
         const int64_t per_head = saved.size() / BH, NB = (c.S + c.L - 1) / c.L + 1;
@@ -343,6 +356,14 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // more heads than kAuto sends to clustered gate scans (B·NH 72 > #SMs / 2).
       {2, 200, 2, 384, 384, 64, false, true},
       {36, 40, 2, 64, 64, 16, true, true},
+      // The xlstm-125m head at chunk 128 (the presets' chunk since session 5: three 128-column
+      // dq/dk slabs on the warpgroup-MMA bwd_dqk), an odd length, and extreme gates.
+      {2, 333, 2, 384, 384, 128, true, true},
+      // Known gap (all kernel paths, the mma.sync kernels of main 82545d0 too): the true-gradient
+      // df̃ at gates ±30 with dk 384 is 4.4e-2 (mma.sync) / 4.7e-2 (wgmma) against float64 (H200,
+      // helper mlstm7 call 1), while dq, dk, dĩ are at 1.6e-3, 1.7e-3, 8e-5 and the TFLA
+      // convention's df̃ at 9e-4: the suffix sums of q·dq − k·dk cancel more with 384-long rows.
+      {1, 300, 2, 384, 384, 128, false, true, Gates::kExtreme, MlstmForgetGate::kSigmoid, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
