@@ -19,6 +19,7 @@
 #   EVENT_STEPS  steps of that events run (default STEPS; needs >= ~110 for the three events)
 #   STEP_TIMEOUT  seconds allowed per run (default 900)
 #   NCCL_ANCHOR  1 (default): measure the PyTorch all-reduce anchor at the end (0: skip it)
+#   PLAIN   1 (default): the runs of each size; 0: only the events run (and the anchor)
 #   GYRECTL  the gyrectl binary (default: beside <gyre binary>)
 #   DEVICE=cpu  dry run of the mechanics on CPU workers (CPU_WORKERS of them, default 4)
 # Output: $out/summary.txt (PASS/FAIL lines and the tables), $out/<run>.log per run,
@@ -102,6 +103,7 @@ PY
 }
 
 for preset in "${presets[@]}"; do
+  [ "${PLAIN:-1}" = 1 ] || break
   base=""
   say ""
   say "### $preset"
