@@ -29,52 +29,19 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/hopper_mma.cuh"
 
 namespace gyre::cuda {
 namespace {
 
+// The swizzled tile layout, descriptors, fences and shared-operand wgmma wrappers are
+// kernels/cuda/hopper_mma.cuh's (shared with the mLSTM kernels). The register-A wrappers below
+// stay here: they pass scale-d as a predicate formed by setp, hopper_mma.cuh's as an immediate.
+using namespace hopper;
 using bf16 = __nv_bfloat16;
 
 constexpr int kWgM = 128, kWgN = 128;
 constexpr float kLog2eF = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// Orders this thread's generic-proxy shared-memory writes (st.shared) before later async-proxy
-// reads (wgmma operands, bulk copies) once a barrier follows.
-__device__ __forceinline__ void FenceProxyAsync() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void WgmmaFence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void WgmmaCommit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void WgmmaWait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void FenceRegs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void FenceRegs(uint32_t (&r)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
-// offsets (16-byte units, 14 bits each), layout type 1 (SW128) in bits 62-63.
-__device__ __forceinline__ uint64_t SmemDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
-}
 
 // 2^x with denormal results flushed to zero (ex2.approx.ftz: one MUFU op, no denormal fix-up;
 // probabilities below 2^-126 become 0). Exp2(−inf) = 0.
@@ -88,36 +55,6 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-
-// Byte offset of element (r, c) in a swizzled [kRows x kD] tile (see the file comment).
-template <int kRows>
-__device__ __forceinline__ uint32_t SwizzledOffset(int r, int c) {
-  return (c / 64) * (kRows * 128) + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
-}
-
-// Generated wrappers (one asm statement per wgmma shape; operands listed explicitly).
-// d[0..64) (+)= A·B, m64n128k16, A and B K-major in shared memory (descriptors).
-__device__ __forceinline__ void WgmmaSS128(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                          int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// d[0..32) (+)= A·B, m64n64k16, A and B from shared memory; kTransA / kTransB select M-major
-// A / N-major B (otherwise K-major).
-template <int kTransA, int kTransB>
-__device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                         int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
-}
-
 
 // d[0..64) += A·B, m64n128k16, A (bf16 pairs) in registers, B N-major in shared memory.
 __device__ __forceinline__ void WgmmaRS128(float (&d)[64], const uint32_t (&a)[4],
@@ -209,9 +146,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (done == 0);
-}
-__device__ __forceinline__ void WgmmaWait1() {
-  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 }
 __device__ __forceinline__ void NamedBarSync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -416,17 +350,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   auto issue_scores = [&](float (&acc)[64], uint32_t q_rows, uint32_t k_rows) {
     // Descriptors of the k-steps: the start-address field (bits 0-13, 16-byte units) plus the
     // step's offset (every address stays below 2^18, so the field never carries).
-    const uint64_t da0 = SmemDesc(q_rows, 16, 1024), db0 = SmemDesc(k_rows, 16, 1024);
+    const uint64_t da0 = SmemDescSw128(q_rows, 16, 1024), db0 = SmemDescSw128(k_rows, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint64_t da = da0 + (((kk / 4) * kQBlock + (kk % 4) * 32) >> 4);
       const uint64_t db = db0 + (((kk / 4) * kKBlock + (kk % 4) * 32) >> 4);
-      WgmmaSS128(acc, da, db, kk > 0 ? 1 : 0);
+      WgmmaSS128<0, 0>(acc, da, db, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
   };
   auto issue_pv = [&](int u) {
-    const uint64_t dv0 = SmemDesc(sV(u & 1), kKBlock, 1024);
+    const uint64_t dv0 = SmemDescSw128(sV(u & 1), kKBlock, 1024);
 #pragma unroll
     for (int kk = 0; kk < kWgN / 16; ++kk) {
       const uint64_t dv = dv0 + ((kk * 16 * 128) >> 4);
@@ -528,13 +462,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaFence();
     issue_scores(s, (far ? sQg : sQ) + own_rows, sK(0));
     if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
-    WgmmaWait0();
+    WgmmaWait<0>();
     FenceRegs(s);
     if (band) {
       float sg[64];
       WgmmaFence();
       issue_scores(sg, sQg + own_rows, sKgBand);
-      WgmmaWait0();
+      WgmmaWait<0>();
       FenceRegs(sg);
       band_merge(t, sg);
     }
@@ -561,12 +495,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     issue_scores(s, (is_far_only(t) ? sQg : sQ) + own_rows, sK(u & 1));
     issue_pv(u - 1);
     if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
-    WgmmaWait1();  // S(u) done; P(u − 1)V(u − 1) may still run
+    WgmmaWait<1>();  // S(u) done; P(u − 1)V(u − 1) may still run
     FenceRegs(s);
     MbarArrive(k_empty(u & 1));
     float corr[2];
     softmax(t, corr);
-    WgmmaWait0();
+    WgmmaWait<0>();
     FenceRegs(o);
     FenceRegs(pa);
     MbarArrive(v_empty((u - 1) & 1));
@@ -590,7 +524,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       NamedBarSync(my_turn, 256);
       WgmmaFence();
       issue_pv(u - 1);
-      WgmmaWait0();
+      WgmmaWait<0>();
       FenceRegs(o);
       FenceRegs(pa);
       MbarArrive(v_empty((u - 1) & 1));
@@ -600,7 +534,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       issue_scores(s, sQ + own_rows, kb);
       issue_scores(sg, sQg + own_rows, sKgBand);
       if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
-      WgmmaWait0();
+      WgmmaWait<0>();
       FenceRegs(s);
       FenceRegs(sg);
       band_merge(t, sg);
@@ -614,7 +548,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
   WgmmaFence();
   issue_pv(total - 1);
-  WgmmaWait0();
+  WgmmaWait<0>();
   FenceRegs(o);
   FenceRegs(pa);
 
@@ -643,7 +577,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * hr;
-      *reinterpret_cast<uint32_t*>(base_ptr + SwizzledOffset<kWgM>(r, 8 * c + 2 * tq)) =
+      *reinterpret_cast<uint32_t*>(base_ptr + Sw128Offset<kWgM>(r, 8 * c + 2 * tq)) =
           PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
     }
   NamedBarSync(3 + cwg, 128);
@@ -656,7 +590,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (row < seq) {
       bf16* dst = p.out + ((row_base + row) * p.heads + h) * kD + col;
       *reinterpret_cast<uint4*>(dst) =
-          *reinterpret_cast<const uint4*>(base_ptr + SwizzledOffset<kWgM>(64 * cwg + r, col));
+          *reinterpret_cast<const uint4*>(base_ptr + Sw128Offset<kWgM>(64 * cwg + r, col));
     }
   }
 }
@@ -939,8 +873,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t row_off = 16 * kk * 128;
-      WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                      SmemDesc(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
+      WgmmaSS64<1, 1>(dq, SmemDescSw128(sdS + row_off, 64 * 128, 1024),
+                      SmemDescSw128(kb + cwg * kKBlock + row_off, kKBlock, 1024), kk > 0);
     }
   };
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
@@ -996,7 +930,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const uint32_t off =
-                SwizzledOffset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
+                Sw128Offset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
             kfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kK + off);
             vfrag[kk][j] = *reinterpret_cast<const uint32_t*>(base_ptr + L::kV + off);
           }
@@ -1010,9 +944,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const uint32_t koff = (kk / 4) * kKBlock + 64 * cwg * 128 + (kk % 4) * 32;
         const uint32_t qoff = (kk / 4) * kQBlock + (kk % 4) * 32;
         if constexpr (kKvRegs) {
-          WgmmaRS64Acc<0>(acc, frag[kk], SmemDesc(sB + qoff, 16, 1024), kk > 0);
+          WgmmaRS64Acc<0>(acc, frag[kk], SmemDescSw128(sB + qoff, 16, 1024), kk > 0);
         } else {
-          WgmmaSS64<0, 0>(acc, SmemDesc(kv + koff, 16, 1024), SmemDesc(sB + qoff, 16, 1024),
+          WgmmaSS64<0, 0>(acc, SmemDescSw128(kv + koff, 16, 1024), SmemDescSw128(sB + qoff, 16, 1024),
                           kk > 0);
         }
       }
@@ -1021,7 +955,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaFence();
     issue_scores(st, kb, kfrag, sQ);
     issue_scores(dpt, vb, vfrag, sdO);
-    WgmmaWait1();  // Sᵀ done; dPᵀ may still run
+    WgmmaWait<1>();  // Sᵀ done; dPᵀ may still run
     FenceRegs(st);
 
     // Pᵀ; element (key_lo + 8hr, query m0 + 8c + 2tq + e) at index 4c + 2hr + e.
@@ -1042,7 +976,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           st[i] = pr;
         }
     }
-    WgmmaWait0();  // dPᵀ done
+    WgmmaWait<0>();  // dPᵀ done
     FenceRegs(dpt);
 #pragma unroll
     for (int c = 0; c < kBM / 8; ++c) {
@@ -1072,8 +1006,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint64_t bo = SmemDesc(sdO + kk * 16 * 128, kQBlock, 1024);
-      const uint64_t bq = SmemDesc(sQ + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bo = SmemDescSw128(sdO + kk * 16 * 128, kQBlock, 1024);
+      const uint64_t bq = SmemDescSw128(sQ + kk * 16 * 128, kQBlock, 1024);
       if constexpr (kD == 128) {
         WgmmaRS128(dv, pa[kk], bo);
         WgmmaRS128(dk, da[kk], bq);
@@ -1094,7 +1028,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       for (int j = 0; j < 4; ++j) {
         const int r = 64 * cwg + 16 * warp_in_wg + g + 8 * (j % 2);
         const int col = 16 * kk + 8 * (j / 2) + 2 * tq;
-        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + SwizzledOffset<kBN>(r, col)) =
+        *reinterpret_cast<uint32_t*>(base_ptr + (sdS - base) + Sw128Offset<kBN>(r, col)) =
             da[kk][j];
       }
     FenceProxyAsync();
@@ -1107,11 +1041,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t row_off = (64 * cwg + 16 * kk) * 128;
-        WgmmaSS64<1, 1>(dq, SmemDesc(sdS + row_off, 64 * 128, 1024),
-                        SmemDesc(kb + row_off, kKBlock, 1024), kk > 0);
+        WgmmaSS64<1, 1>(dq, SmemDescSw128(sdS + row_off, 64 * 128, 1024),
+                        SmemDescSw128(kb + row_off, kKBlock, 1024), kk > 0);
       }
       WgmmaCommit();
-      WgmmaWait0();
+      WgmmaWait<0>();
       FenceRegs(dq);
       FenceRegs(pa);
       FenceRegs(da);
@@ -1122,7 +1056,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     } else {
       MbarArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
       if (it == 0) {
-        WgmmaWait0();
+        WgmmaWait<0>();
         FenceRegs(pa);
         FenceRegs(da);
         FenceRegs(dv);
@@ -1138,13 +1072,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         WgmmaFence();
         issue_dq_cols(dq, kb, pit & 1);
         WgmmaCommit();
-        WgmmaWait1();  // dV, dK GEMMs (committed before dQ's) done
+        WgmmaWait<1>();  // dV, dK GEMMs (committed before dQ's) done
         FenceRegs(pa);
         FenceRegs(da);
         FenceRegs(dv);
         FenceRegs(dk);
         MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
-        WgmmaWait0();
+        WgmmaWait<0>();
         FenceRegs(dq);
         MbarArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
         reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
@@ -1160,7 +1094,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaFence();
     issue_dq_cols(dq, kb, pit & 1);
     WgmmaCommit();
-    WgmmaWait0();
+    WgmmaWait<0>();
     FenceRegs(dq);
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }

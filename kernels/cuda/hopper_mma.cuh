@@ -10,10 +10,9 @@
 // K, columns = M or N) by SmemDescSw128(addr, column-block stride, 1024) with the k-step (16
 // rows = 2048 bytes) added to the start address.
 //
-// Mirrors kernels/cuda/attention_wgmma.cu (helper attn5/attn6): SmemAddr, FenceProxyAsync,
-// WgmmaFence / WgmmaCommit / WgmmaWait, FenceRegs, SmemDescSw128 (= its SmemDesc),
-// Sw128Offset (= its SwizzledOffset), the m64n128k16 / m64n64k16 SS and RS forms (generalised
-// here over the transpose bits and over an accumulator array at least as long as the product).
+// Used by the attention kernels (attention_wgmma.cu) and the mLSTM kernels (mlstm.cu). The
+// wrappers are generalised over the transpose bits and over an accumulator array at least as
+// long as the product. Attention keeps its own register-A wrappers (scale-d as a setp predicate).
 #pragma once
 
 #include <cuda_bf16.h>
