@@ -1616,6 +1616,38 @@ struct DqkSmem {
   static constexpr size_t kBytes = kEnd * 2 + (5 * L + 2 * DKT) * 4;
 };
 
+// The per-token and per-column vectors of one bwd_dqk block, into shared memory: b, m, ĩ, 1/den
+// and dden of the chunk's L tokens (padding rows: ĩ = −∞, the rest 0); n_k and dn_{k+1} (summed
+// over state_bwd's parts) of the block's DKT dk columns; in chunk 0, dn0 for d_initial. Shared by
+// mlstm_bwd_dqk and mlstm_bwd_dqk_wg.
+template <int L, int DKT>
+__device__ __forceinline__ void LoadDqkVectors(const Dims& d, const BwdPtrs& p, int tid, int threads,
+                                               int len, int64_t so, int64_t tok0, int bh, int k,
+                                               int a0, float* bs, float* igs, float* ms, float* ivs,
+                                               float* dds, float* nks, float* dnks) {
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+    dds[tid] = ok ? p.dden[so + tid] : 0.f;
+  }
+  for (int i = tid; i < DKT; i += threads) {
+    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
+    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
+    float dn = 0.f;
+    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
+    dnks[i] = dn;
+    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
+      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
+      float s0 = 0.f;
+      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
+      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
+    }
+  }
+}
+
 template <int L, int DKT, bool SPLIT>
 __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1650,27 +1682,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   LoadTile<L, DKT>(qs, SM::kSK, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
   LoadTile<L, DKT>(ks, SM::kSK, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
   CpAsyncCommit();
-  if (tid < L) {
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
-    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
-    dds[tid] = ok ? p.dden[so + tid] : 0.f;
-  }
-  for (int i = tid; i < DKT; i += kThreads) {
-    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
-    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
-    float dn = 0.f;
-    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
-    dnks[i] = dn;
-    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
-      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
-      float s0 = 0.f;
-      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
-      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
-    }
-  }
+  LoadDqkVectors<L, DKT>(d, p, tid, kThreads, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
 
   // Phase 1: dP = dH Vᵀ (causal warps) and Y = dH C_kᵀ, contracting over dv in 64-wide tiles.
   float pacc[kNt][4], qacc[kQt][4];
@@ -2007,27 +2019,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
     LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
     LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
   };
-  if (tid < L) {
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
-    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
-    dds[tid] = ok ? p.dden[so + tid] : 0.f;
-  }
-  for (int i = tid; i < DKT; i += kThreads) {
-    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0 + i];
-    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + a0 + i;
-    float dn = 0.f;
-    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
-    dnks[i] = dn;
-    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
-      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0 + i;
-      float s0 = 0.f;
-      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
-      p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
-    }
-  }
+  LoadDqkVectors<L, DKT>(d, p, tid, kThreads, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
 
   auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
   // Phase-1 stage jt % 3: dh, V, C_k, C_k lo at 0, 16, 32, 48 KB.
