@@ -400,6 +400,12 @@ StepLease CoordinatorCore::Lease(uint64_t session, uint64_t generation, uint64_t
   };
   if (!IsMember(session)) {
     if (w.draining || stopped_ || finished()) {
+      // The first member to leave after the final STOP dissolves the generation; a member of it
+      // that asks later (rank 0 among them) gets the same decision, final checkpoint included.
+      if (final_stop_.has_value() && final_stop_->step() == step &&
+          WasMember(final_stop_->generation().id(), session)) {
+        return *final_stop_;
+      }
       lease.set_decision(gyre::v1::STEP_DECISION_STOP);
       return lease;
     }
@@ -448,6 +454,7 @@ StepLease CoordinatorCore::Lease(uint64_t session, uint64_t generation, uint64_t
       lease.set_checkpoint_dir(CheckpointDir(step));
     }
     decisions_[step] = lease;
+    if (step == committed_) final_stop_ = lease;
     return lease;
   }
   if (paused_) return ask_again(gyre::v1::STEP_DECISION_PAUSE);

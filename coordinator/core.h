@@ -353,6 +353,10 @@ class CoordinatorCore {
   // registered for its pid), not a Leave:
   // dissolving a finished or stopped run's generation is then a "failure", not a "stop".
   bool member_timed_out_ = false;
+  // The STOP decision at the committed boundary where the run ends (with the final checkpoint's
+  // directory). Kept past the generation it was made in: that generation dissolves when its first
+  // member leaves, and the others still ask for it.
+  std::optional<gyre::v1::StepLease> final_stop_;
   std::map<uint64_t, gyre::v1::CheckpointRecord> checkpoints_;
   gyre::v1::StepMetrics last_metrics_;
   // In-run evaluation (not journaled here: the committed steps carry it). The saturation watch

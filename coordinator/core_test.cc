@@ -368,6 +368,38 @@ TEST(CoreTest, PauseHoldsLeasesAndResumeAfterStopFails) {
   EXPECT_EQ(stop.checkpoint_dir(), "checkpoints/step-1");  // saved before leaving
 }
 
+// The final STOP carries the final checkpoint's directory to every member, including one that
+// asks after another member left and dissolved the generation (rank 0 writes the checkpoint).
+TEST(CoreTest, TheFinalCheckpointReachesAMemberThatAsksAfterAnotherLeft) {
+  gyre::v1::RunConfig config = TestConfig(2);
+  config.mutable_train()->set_max_steps(1);
+  config.mutable_schedule()->set_warmup_steps(0);
+  Harness h(config);
+  h.Register(11, 1);
+  h.Register(22, 2);
+  const uint64_t g = h.core_->generation().id();
+  h.Acquire(11, g, 0);
+  h.Acquire(22, g, 0);
+  h.Complete(11, g, 0);
+  h.Complete(22, g, 0);
+  ASSERT_EQ(h.core_->committed_steps(), 1u);
+  StepLease first = h.Acquire(22, g, 1);
+  EXPECT_EQ(first.decision(), gyre::v1::STEP_DECISION_STOP);
+  EXPECT_EQ(first.checkpoint_dir(), "checkpoints/step-1");
+  LeaveEvent leave;
+  leave.id = ++h.next_id_;
+  leave.request.set_session(22);
+  leave.request.set_reason("stop");
+  h.Send(leave);
+  ASSERT_EQ(h.core_->generation().members_size(), 0);  // dissolved
+  StepLease late = h.Acquire(11, g, 1);
+  EXPECT_EQ(late.decision(), gyre::v1::STEP_DECISION_STOP);
+  EXPECT_EQ(late.checkpoint_dir(), "checkpoints/step-1");
+  // A worker that was never a member gets a plain STOP.
+  h.Register(33, 3);
+  EXPECT_EQ(h.Acquire(33, 0, 1).checkpoint_dir(), "");
+}
+
 // Members leaving a stopped run dissolve its generation: a clean end, journaled as "stop".
 TEST(CoreTest, MembersLeavingAfterStopEndTheRunAsStopNotFailure) {
   Harness h(TestConfig(2));
