@@ -66,6 +66,11 @@ TEST(FailoverTest, AKilledWorkerIsDeclaredDeadWhenItsReplacementRegisters) {
     EXPECT_EQ(ledger.steps[i].sample_begin, 6 * i);
     EXPECT_EQ(ledger.steps[i].sample_end, 6 * i + 6);
   }
+  // Stopped with two members: rank 0 wrote the final checkpoint even if the other member left
+  // (and dissolved the generation) first.
+  const std::string final_checkpoint =
+      run.run_dir() + "/checkpoints/step-" + std::to_string(ledger.steps.size()) + "/MANIFEST";
+  EXPECT_FALSE(ReadFileOrEmpty(final_checkpoint).empty()) << final_checkpoint;
 }
 
 }  // namespace
