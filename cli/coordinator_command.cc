@@ -84,12 +84,6 @@ int RunCoordinator(int argc, char** argv) {
   Env* env = Env::Default();
   const std::string run_dir = JoinPath(runs_dir, config->name());
   if (absl::Status s = env->CreateDirs(run_dir); !s.ok()) return fail(s);
-  std::string resolved;
-  google::protobuf::TextFormat::PrintToString(*config, &resolved);
-  if (absl::Status s = WriteFileAtomically(env, JoinPath(run_dir, "config.textproto"), resolved);
-      !s.ok()) {
-    return fail(s);
-  }
   auto token = CreateOrReadToken(RunDir(run_dir).token_path());
   if (!token.ok()) return fail(token.status());
   auto journal = coordinator::OpenRocksJournal(JoinPath(run_dir, "journal"), {});
@@ -120,6 +114,14 @@ int RunCoordinator(int argc, char** argv) {
 
   auto loop = coordinator::CoreLoop::Start(loop_options);
   if (!loop.ok()) return fail(loop.status());
+  // Written once the journal accepted this config (a resumed run's must match what it started
+  // with), so the file always shows the config the run runs by.
+  std::string resolved;
+  google::protobuf::TextFormat::PrintToString(*config, &resolved);
+  if (absl::Status s = WriteFileAtomically(env, JoinPath(run_dir, "config.textproto"), resolved);
+      !s.ok()) {
+    return fail(s);
+  }
   coordinator::ServerOptions server_options;
   server_options.listen =
       config->control().listen().empty() ? "127.0.0.1:0" : config->control().listen();

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "google/protobuf/util/message_differencer.h"
 
 namespace gyre::coordinator {
 namespace {
@@ -57,6 +58,23 @@ gyre::v1::Rendezvous GlooRendezvous::ForGeneration(uint64_t generation_id) {
   r.set_store_address(store_address_);
   r.set_store_prefix(absl::StrCat(run_name_, "/gen-", generation_id, "/"));
   return r;
+}
+
+absl::Status CheckResumedRunConfig(const gyre::v1::RunConfig& journaled, const gyre::v1::RunConfig& given) {
+  std::string report;
+  google::protobuf::util::MessageDifferencer differ;
+  differ.ReportDifferencesToString(&report);
+  differ.IgnoreField(gyre::v1::RunConfig::descriptor()->FindFieldByName("control"));
+  if (differ.Compare(journaled, given)) return absl::OkStatus();
+  // One line per difference ("modified: train.max_steps: 30 -> 40"), joined for one message.
+  while (!report.empty() && report.back() == '\n') report.pop_back();
+  for (char& c : report) {
+    if (c == '\n') c = ';';
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "run '", journaled.name(), "' already exists and was started with another config (", report,
+      "). A run's config is fixed at its start: resume it with the config it started with (its "
+      "run directory's config.textproto), or start a new run under another name"));
 }
 
 absl::Status ValidateCoordinatorConfig(const gyre::v1::RunConfig& config) {

@@ -196,6 +196,12 @@ class GlooRendezvous final : public RendezvousProvider {
 // Validates the parts of `config` the coordinator relies on; names the field path.
 absl::Status ValidateCoordinatorConfig(const gyre::v1::RunConfig& config);
 
+// A run's config is fixed when it starts (its journal holds it, and a resumed coordinator runs by
+// that one): a coordinator started on an existing run with a `given` config that differs from the
+// `journaled` one, apart from `control` (listen address, TLS: a restart may move them), fails
+// with the differing fields named instead of silently ignoring them.
+absl::Status CheckResumedRunConfig(const gyre::v1::RunConfig& journaled, const gyre::v1::RunConfig& given);
+
 // Learning rate at step t: linear warm-up over warmup_steps to optimizer.lr, then cosine decay to
 // final_lr_fraction * lr at total_steps (default max_steps), flat after.
 double LearningRateAt(const gyre::v1::RunConfig& config, uint64_t step);

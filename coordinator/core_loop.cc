@@ -27,6 +27,9 @@ absl::StatusOr<std::unique_ptr<CoreLoop>> CoreLoop::Start(Options options) {
 absl::Status CoreLoop::Boot() {
   auto contents = options_.journal->Load();
   if (!contents.ok()) return contents.status();
+  if (contents->config.has_value()) {
+    if (absl::Status s = CheckResumedRunConfig(contents->config->config(), options_.config); !s.ok()) return s;
+  }
   CoreOptions core_options;
   core_options.config = options_.config;
   core_options.rendezvous = options_.rendezvous;

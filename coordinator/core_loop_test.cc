@@ -77,5 +77,35 @@ TEST(CoreLoopTest, JournalFailureAnswersUnavailableAndReloads) {
   EXPECT_EQ(Call(**loop, acquire).status.code(), absl::StatusCode::kUnavailable);
 }
 
+// A coordinator started on an existing run with another config fails and names the field;
+// one that only moves the control address (a restart) resumes.
+TEST(CoreLoopTest, AResumedRunKeepsItsConfig) {
+  FlakyJournal journal;
+  GlooRendezvous rendezvous("", "loop-test");
+  CoreLoop::Options options;
+  options.config.set_name("loop-test");
+  options.config.mutable_data()->set_global_batch(4);
+  options.config.mutable_train()->set_max_steps(30);
+  options.journal = &journal;
+  options.rendezvous = &rendezvous;
+  {
+    auto loop = CoreLoop::Start(options);
+    ASSERT_TRUE(loop.ok()) << loop.status();
+    (*loop)->Stop();
+  }
+  CoreLoop::Options longer = options;
+  longer.config.mutable_train()->set_max_steps(40);
+  auto refused = CoreLoop::Start(longer);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("max_steps"), absl::string_view::npos) << refused.status();
+  CoreLoop::Options moved = options;
+  moved.config.mutable_control()->set_listen("127.0.0.1:4000");
+  auto resumed = CoreLoop::Start(moved);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->Status().max_steps(), 30u);
+  (*resumed)->Stop();
+}
+
 }  // namespace
 }  // namespace gyre::coordinator

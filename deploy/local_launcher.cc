@@ -167,8 +167,14 @@ absl::Status RunLocal(const LaunchOptions& options) {
   while (!env->Exists(dir.control_address_path()) || !env->Exists(dir.token_path())) {
     int status = 0;
     if (::waitpid(coordinator.pid, &status, WNOHANG) == coordinator.pid) {
-      return absl::InternalError(absl::StrCat("the coordinator exited during start-up; see ",
-                                              JoinPath(dir.logs_dir(), "coordinator.log")));
+      // Its last line says why (a bad config, a run that exists with another config, a port).
+      const std::string log = JoinPath(dir.logs_dir(), "coordinator.log");
+      const std::string last = LastLines(env, log, 1);
+      absl::string_view said = absl::StripAsciiWhitespace(last);
+      absl::ConsumePrefix(&said, "gyre coordinator: ");
+      return absl::FailedPreconditionError(absl::StrCat("the coordinator exited during start-up",
+                                                        said.empty() ? "" : absl::StrCat(": ", said),
+                                                        " (log: ", log, ")"));
     }
     if (NowMs() > wait_until) return absl::DeadlineExceededError("the coordinator did not start listening within 60 s");
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
