@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numbers>
 #include <utility>
 
@@ -346,15 +347,9 @@ void CoordinatorCore::OnRegister(const RegisterEvent& e, Context& ctx) {
   if (req.replaces_pid() != 0) {
     // The launcher saw that process exit: it will never heartbeat again, so waiting out its
     // heartbeat timeout would only stall the survivors.
-    for (auto it = workers_.begin(); it != workers_.end();) {
-      const gyre::v1::WorkerId& id = it->second.id;
-      if (id.host() == req.worker().host() && id.pid() == req.replaces_pid()) {
-        if (IsMember(it->first)) member_timed_out_ = true;
-        it = workers_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    DropWorkersIf([&](const Worker& w) {
+      return w.id.host() == req.worker().host() && w.id.pid() == req.replaces_pid();
+    });
   }
   Worker w;
   w.session = e.fresh_session;
@@ -769,15 +764,19 @@ void CoordinatorCore::OnLeave(const LeaveEvent& e, Context& ctx) {
 }
 
 void CoordinatorCore::OnTick(Context& ctx) {
+  DropWorkersIf([&](const Worker& w) { return w.last_seen_micros + heartbeat_timeout_micros_ <= ctx.now; });
+  Reconcile(ctx);
+}
+
+void CoordinatorCore::DropWorkersIf(const std::function<bool(const Worker&)>& dead) {
   for (auto it = workers_.begin(); it != workers_.end();) {
-    if (it->second.last_seen_micros + heartbeat_timeout_micros_ <= ctx.now) {
+    if (dead(it->second)) {
       if (IsMember(it->first)) member_timed_out_ = true;
       it = workers_.erase(it);
     } else {
       ++it;
     }
   }
-  Reconcile(ctx);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -284,6 +285,9 @@ class CoordinatorCore {
   void RecordEval(const gyre::v1::EvalResult& eval);
   void OnLeave(const LeaveEvent& e, Context& ctx);
   void OnTick(Context& ctx);
+  // Declares dead the workers `dead` selects (heartbeat timeout, or replaced by a new process): a
+  // member among them makes the next generation a failure.
+  void DropWorkersIf(const std::function<bool(const Worker&)>& dead);
   void OnControl(const ControlEvent& e, Context& ctx);
 
   // Lease for (generation, step) asked by `session`; fixes the decision when it is final.

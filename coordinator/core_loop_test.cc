@@ -30,15 +30,20 @@ Reply Call(CoreLoop& loop, Event event) {
   return future.get();
 }
 
-TEST(CoreLoopTest, JournalFailureAnswersUnavailableAndReloads) {
-  FlakyJournal journal;
-  GlooRendezvous rendezvous("", "loop-test");
+CoreLoop::Options LoopOptions(Journal* journal, RendezvousProvider* rendezvous, uint64_t max_steps) {
   CoreLoop::Options options;
   options.config.set_name("loop-test");
   options.config.mutable_data()->set_global_batch(4);
-  options.config.mutable_train()->set_max_steps(5);
-  options.journal = &journal;
-  options.rendezvous = &rendezvous;
+  options.config.mutable_train()->set_max_steps(max_steps);
+  options.journal = journal;
+  options.rendezvous = rendezvous;
+  return options;
+}
+
+TEST(CoreLoopTest, JournalFailureAnswersUnavailableAndReloads) {
+  FlakyJournal journal;
+  GlooRendezvous rendezvous("", "loop-test");
+  const CoreLoop::Options options = LoopOptions(&journal, &rendezvous, 5);
   auto loop = CoreLoop::Start(options);
   ASSERT_TRUE(loop.ok()) << loop.status();
   EXPECT_EQ(journal.writes.load(), 1);  // config + control
@@ -82,12 +87,7 @@ TEST(CoreLoopTest, JournalFailureAnswersUnavailableAndReloads) {
 TEST(CoreLoopTest, AResumedRunKeepsItsConfig) {
   FlakyJournal journal;
   GlooRendezvous rendezvous("", "loop-test");
-  CoreLoop::Options options;
-  options.config.set_name("loop-test");
-  options.config.mutable_data()->set_global_batch(4);
-  options.config.mutable_train()->set_max_steps(30);
-  options.journal = &journal;
-  options.rendezvous = &rendezvous;
+  const CoreLoop::Options options = LoopOptions(&journal, &rendezvous, 30);
   {
     auto loop = CoreLoop::Start(options);
     ASSERT_TRUE(loop.ok()) << loop.status();

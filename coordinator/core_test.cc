@@ -70,6 +70,15 @@ class Harness {
     Send(e);
     return std::get<gyre::v1::RegisterResponse>(replies_.at(e.id).body).session();
   }
+  // Workers 11 (pid 1) and 22 (pid 2) register and both lease step 0; returns their generation.
+  uint64_t TwoMembersLeaseStepZero() {
+    Register(11, 1);
+    Register(22, 2);
+    const uint64_t g = core_->generation().id();
+    Acquire(11, g, 0);
+    Acquire(22, g, 0);
+    return g;
+  }
   StepLease Acquire(uint64_t session, uint64_t generation, uint64_t step) {
     AcquireStepEvent e;
     e.id = ++next_id_;
@@ -255,11 +264,7 @@ TEST(CoreTest, EvalIsJournaledAndSaturationRaisesAnAlarm) {
 
 TEST(CoreTest, FailureAbortsAndRedoesStepInNextGeneration) {
   Harness h(TestConfig());
-  h.Register(11, 1);
-  h.Register(22, 2);
-  const uint64_t g = h.core_->generation().id();
-  h.Acquire(11, g, 0);
-  h.Acquire(22, g, 0);
+  const uint64_t g = h.TwoMembersLeaseStepZero();
   RequestId pending = h.Complete(11, g, 0);
   // Worker 22 goes silent; 11 heartbeats.
   h.now_ = 600'000;
@@ -375,11 +380,7 @@ TEST(CoreTest, TheFinalCheckpointReachesAMemberThatAsksAfterAnotherLeft) {
   config.mutable_train()->set_max_steps(1);
   config.mutable_schedule()->set_warmup_steps(0);
   Harness h(config);
-  h.Register(11, 1);
-  h.Register(22, 2);
-  const uint64_t g = h.core_->generation().id();
-  h.Acquire(11, g, 0);
-  h.Acquire(22, g, 0);
+  const uint64_t g = h.TwoMembersLeaseStepZero();
   h.Complete(11, g, 0);
   h.Complete(22, g, 0);
   ASSERT_EQ(h.core_->committed_steps(), 1u);
@@ -403,11 +404,7 @@ TEST(CoreTest, TheFinalCheckpointReachesAMemberThatAsksAfterAnotherLeft) {
 // Members leaving a stopped run dissolve its generation: a clean end, journaled as "stop".
 TEST(CoreTest, MembersLeavingAfterStopEndTheRunAsStopNotFailure) {
   Harness h(TestConfig(2));
-  h.Register(11, 1);
-  h.Register(22, 2);
-  const uint64_t g = h.core_->generation().id();
-  h.Acquire(11, g, 0);
-  h.Acquire(22, g, 0);
+  const uint64_t g = h.TwoMembersLeaseStepZero();
   h.Complete(11, g, 0);
   h.Complete(22, g, 0);
   ASSERT_TRUE(h.Control(gyre::v1::StopRequest()).ok());
