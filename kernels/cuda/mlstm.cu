@@ -54,7 +54,9 @@
 // Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
 // primitives in hopper_mma.cuh): mlstm_fwd_out_wg and mlstm_bwd_dqk_wg (128-column slabs), and
 // state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
-// memory, three stages in bwd_dqk's phase 1. Everything else (chunk 16-64,
+// memory, three stages in bwd_dqk's phase 1. bwd_dv has a wgmma version too
+// (mlstm_bwd_dv_wg, 128-column dv slabs), opt-in (MlstmBwdDvKernel / GYRE_MLSTM_BWD_DV) until it
+// has been measured. Everything else (chunk 16-64,
 // 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
 //
