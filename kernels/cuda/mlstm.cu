@@ -1771,6 +1771,212 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg(Dims d, BwdPtrs p) {
                  static_cast<bf16*>(nullptr), lane, len - 16 * w);
 }
 
+// The same product with one block per (head, chunk) for all dv slabs (helper mlstm8, not yet
+// measured): Sᵀ and Pᵀ are computed once (mlstm_bwd_dv_wg recomputes them in each of the DV/128
+// slab blocks: at the 125m cell 12.6M of 44M MACs per head-chunk) and Pᵀ stays in registers
+// (bf16 A fragments) while the block walks the slabs: slab 0's dk stages carry K, Q and dC tiles
+// (Sᵀ and K dC_0), later slabs' K and dC (K dC_j; K re-read from L2). One cp.async pipeline of
+// kStages 48 KB stages runs across the slabs; the dh slab of slab j + 1 loads at slab j + 1's
+// first step (its barrier follows slab j's last read of the dh buffer); dv leaves through its own
+// staging buffer (warp-private rows), so the next slab's loads stay in flight meanwhile.
+// Per head-chunk at the 125m cell: 6.3M + 3 × (6.3M + 2.1M) = 31.5M MACs (the slab kernel 44M,
+// mma.sync 33M); 1024 blocks.
+template <int kStages>
+struct DvWgFusedSmem {
+  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
+  static constexpr int kH = 0;               // [128 t][128 dv] dh of the current slab
+  static constexpr int kStage0 = 2 * kTile64;
+  // Stage: K [128 s][64 dk], Q [128 t][64 dk] (slab 0 only), dC_{k+1} [64 dk][128 dv].
+  static constexpr int kOffQ = kTile64, kOffC = 2 * kTile64;
+  static constexpr int kStage = 3 * kTile64;
+  static constexpr int kStaging = kStage0 + kStages * kStage;  // bf16 [128][128 + kPad] dv rows
+  static constexpr int kFloats = kStaging + 128 * (128 + kPad) * 2;
+  static constexpr size_t kBytes = kFloats + 4 * 128 * 4 + 1024;  // b, ĩ, m, 1/den; + alignment
+  static_assert(kStages >= 2, "the pipeline below needs a stage in flight");
+  static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
+};
+
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
+  using namespace hopper;
+  using SM = DvWgFusedSmem<kStages>;
+  constexpr int L = 128, DVT = 128, kThreads = 256, kSH = DVT + kPad;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  bf16* staging = reinterpret_cast<bf16*>(sm + SM::kStaging);
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* ivs = ms + L;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_wg)
+  const int k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+  const bf16* kbase = p.k + tok0 * d.DK;
+  const bf16* qbase = p.q + tok0 * d.DK;
+  const bf16* dhbase = p.dh + tok0 * d.DV;
+  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV;
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  const int ndt = d.DK / 64, nslab = d.DV / DVT, nsteps = ndt * nslab;
+
+  auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
+  auto load_dh = [&](int j) {
+    LoadTileSw<L>(sm + SM::kH, dhbase + j * DVT, ldv, len, tid, kThreads);
+    LoadTileSw<L>(sm + SM::kH + SM::kTile64, dhbase + j * DVT + 64, ldv, len, tid, kThreads);
+  };
+  // Step x = slab j · ndt + dk tile dt.
+  auto load_step = [&](int x) {
+    const int j = x / ndt, dt = x % ndt;
+    unsigned char* st = stage_ptr(x % kStages);
+    LoadTileSw<L>(st, kbase + dt * 64, ldqk, len, tid, kThreads);
+    if (j == 0) LoadTileSw<L>(st + SM::kOffQ, qbase + dt * 64, ldqk, len, tid, kThreads);
+    const bf16* cb = dcbase + static_cast<int64_t>(dt) * 64 * d.DV + j * DVT;
+    LoadTileSw<64>(st + SM::kOffC, cb, d.DV, 64, tid, kThreads);
+    LoadTileSw<64>(st + SM::kOffC + 64 * 128, cb + 64, d.DV, 64, tid, kThreads);
+  };
+  // cp.async group x holds step x's tiles (group 0 also slab 0's dh; the group of step j · ndt
+  // also slab j's dh); groups past nsteps − 1 hold at most a dh slab.
+  load_dh(0);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nsteps) load_step(i);
+    CpAsyncCommit();
+  }
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+  }
+  // Step it's tiles visible, every thread done with step it − 1's stage and (it = j · ndt) with
+  // slab j − 1's dh; then the loads of step it + kStages − 1 (and slab j's dh).
+  auto advance = [&](int it) {
+    CpAsyncWait<kStages - 2>();
+    FenceProxyAsync();
+    __syncthreads();
+    if (it + kStages - 1 < nsteps) load_step(it + kStages - 1);
+    if (it > 0 && it % ndt == 0) load_dh(it / ndt);
+    CpAsyncCommit();
+  };
+
+  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  float vacc[64];
+  uint32_t pa[8][4];
+  float E0 = 0.f, E1 = 0.f;
+  int it = 0;
+  for (int j = 0; j < nslab; ++j) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) vacc[i] = 0.f;
+    if (j == 0) {
+      float sacc[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
+      for (int dt = 0; dt < ndt; ++dt, ++it) {
+        advance(it);
+        const uint32_t st = sa + SM::kStage0 + (it % kStages) * SM::kStage;
+        const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
+        const uint64_t q_d = SmemDescSw128(st + SM::kOffQ, 16, 1024);
+        const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+          WgmmaSS128<0, 0>(sacc, k_d + ks, q_d + ks, 1);
+          WgmmaSS128<0, 1>(vacc, k_d + ks, c_d + cs, 1);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceRegs(sacc);
+        FenceRegs(vacc);
+      }
+      // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s (as mlstm_bwd_dv_wg), to bf16 A
+      // fragments kept for every slab.
+      const float gl = bs[len - 1];
+      E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
+      E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
+      const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = nt * 8 + 2 * c + (e & 1);
+          const int s = e < 2 ? r0 : r1;
+          const float xs = e < 2 ? x0 : x1;
+          float pv = 0.f;
+          if (s <= t && t < len) pv = sacc[4 * nt + e] * d.scale * ivs[t] * __expf(bs[t] + xs - ms[t]);
+          sacc[4 * nt + e] = pv;
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+        pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+        pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+        pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+      }
+    } else {
+      for (int dt = 0; dt < ndt; ++dt, ++it) {
+        advance(it);
+        const uint32_t st = sa + SM::kStage0 + (it % kStages) * SM::kStage;
+        const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
+        const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          WgmmaSS128<0, 1>(vacc, k_d + ((kk * 32) >> 4), c_d + ((kk * 16 * 128) >> 4), 1);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceRegs(vacc);
+      }
+    }
+    // Slab j's dh landed with the group of step j · ndt, which the waits above cover once
+    // ndt >= kStages; with fewer dk tiles, wait for everything.
+    if (ndt < kStages) {
+      CpAsyncWait<0>();
+      FenceProxyAsync();
+      __syncthreads();
+    }
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      vacc[4 * nt + 0] *= E0;
+      vacc[4 * nt + 1] *= E0;
+      vacc[4 * nt + 2] *= E1;
+      vacc[4 * nt + 3] *= E1;
+    }
+    {
+      const uint64_t dh_d = SmemDescSw128(sa + SM::kH, SM::kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        WgmmaRS128<1>(vacc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(vacc);
+      FenceRegs(pa);
+    }
+    float dv4[16][4];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dv4[nt][e] = vacc[4 * nt + e];
+    }
+    __syncwarp();  // this warp's lanes are done reading its staging rows of slab j − 1
+    StoreAccStaged(p.dv + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j * DVT,
+                   static_cast<bf16*>(nullptr), ldv, dv4, staging + 16 * w * kSH,
+                   static_cast<bf16*>(nullptr), lane, len - 16 * w);
+  }
+}
+
 // ---------------------------------------------------------------- 7. bwd_dqk
 
 // Two stages of 64-wide dv tiles: phase 1 (dh, v, C_k rows of the slab), phase 3 (v, dC_{k+1});
@@ -3460,6 +3666,7 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 // GYRE_MLSTM_BWD_DV is read once per process (the kAuto choice); an unknown value is an error.
 struct BwdDvChoice {
   int wg_stages = 0;
+  bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
@@ -3473,6 +3680,9 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
       c.wg_stages = 2;
     } else if (std::strcmp(e, "wg4") == 0) {
       c.wg_stages = 4;
+    } else if (std::strcmp(e, "wgf") == 0) {
+      c.wg_stages = 3;
+      c.fused = true;
     } else {
       c.bad_env = e;
     }
@@ -3485,8 +3695,12 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     case MlstmBwdDvKernel::kWgmma: c.wg_stages = 3; break;
     case MlstmBwdDvKernel::kWgmma2Stages: c.wg_stages = 2; break;
     case MlstmBwdDvKernel::kWgmma4Stages: c.wg_stages = 4; break;
+    case MlstmBwdDvKernel::kWgmmaFused:
+      c.wg_stages = 3;
+      c.fused = true;
+      break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.wg_stages = 0;
+  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c = BwdDvChoice{};
   return c;
 }
 
@@ -3658,9 +3872,10 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
-// dv_wg_stages: BwdDvChoice::wg_stages (0 = the mma.sync bwd_dv).
+// dv: BwdDvKernel's choice (wg_stages 0 = the mma.sync bwd_dv).
 template <int L>
-CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, int dv_wg_stages, cudaStream_t stream) {
+CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
+                          cudaStream_t stream) {
   const int bh = d.B * d.NH;
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
@@ -3706,7 +3921,15 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, int dv_wg_stages, cud
     Hook("mlstm_bwd_dv", stream);
     return {};
   };
-  if (L == 128 && dv_wg_stages != 0) {  // BwdDvKernel checked chunk 128 and 128-column slabs
+  const int dv_wg_stages = dv_choice.wg_stages;
+  if (L == 128 && dv_choice.fused) {  // BwdDvKernel checked chunk 128 and 128-column slabs
+    constexpr int kStages = 3;
+    const size_t smem = DvWgFusedSmem<kStages>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused<kStages>, smem));
+    mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
+    Hook("mlstm_bwd_dv", stream);
+  } else if (L == 128 && dv_wg_stages != 0) {
     CUDA_RETURN_IF_NOT_OK(dv_wg_stages == 2   ? dv_wg(std::integral_constant<int, 2>{})
                           : dv_wg_stages == 4 ? dv_wg(std::integral_constant<int, 4>{})
                                               : dv_wg(std::integral_constant<int, 3>{}));
@@ -3867,7 +4090,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   }
   const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
   if (dv_choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma, wg, wg2 or wg4, got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma, wg, wg2, wg4 or wgf, got '") +
                            dv_choice.bad_env + "'");
   }
   Dims d = MakeDims(shape, options);
@@ -3924,10 +4147,10 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.seg = reinterpret_cast<double*>(sb + sl.seg);
   p.n_dk_slabs = static_cast<int>(shape.dk / d.dqk_slab);
   switch (d.L) {
-    case 16: return LaunchBackward<16>(d, p, 0, stream);
-    case 32: return LaunchBackward<32>(d, p, 0, stream);
-    case 64: return LaunchBackward<64>(d, p, 0, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice.wg_stages, stream);
+    case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, stream);
+    case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
+    case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
+    default: return LaunchBackward<128>(d, p, dv_choice, stream);
   }
 }
 

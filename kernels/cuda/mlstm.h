@@ -103,13 +103,16 @@ enum class MlstmGateSchedule {
 // the same operands (dC_{k+1} hi plane, Pᵀ as bf16) on both; results differ by fp32 summation order.
 enum class MlstmBwdDvKernel {
   kAuto,           // GYRE_MLSTM_BWD_DV (read once per process): "mma" or unset = kMmaSync,
-                   // "wg" = kWgmma, "wg2" = kWgmma2Stages, "wg4" = kWgmma4Stages; any other
-                   // value makes MlstmChunkwiseBackward return an error naming it
+                   // "wg" = kWgmma, "wg2" = kWgmma2Stages, "wg4" = kWgmma4Stages, "wgf" =
+                   // kWgmmaFused; any other value makes MlstmChunkwiseBackward return an error
+                   // naming it
   kMmaSync,        // mlstm_bwd_dv: mma.sync m16n8k16 + ldmatrix (the measured default)
   kWgmma,          // mlstm_bwd_dv_wg, three 48 KB cp.async stages (helper mlstm8; opt-in until
                    // measured: kernels/cuda/mlstm_notes.md, session 8)
   kWgmma2Stages,   // the same with two stages (benchmarks)
   kWgmma4Stages,   // the same with four stages (227 KB of shared memory; benchmarks)
+  kWgmmaFused,     // mlstm_bwd_dv_wg_fused: one block per (head, chunk) for all dv slabs, Sᵀ and
+                   // Pᵀ computed once (−28% MACs at the xlstm-125m cell; not yet measured)
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
