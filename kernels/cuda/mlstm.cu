@@ -3700,7 +3700,10 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
       c.fused = true;
       break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c = BwdDvChoice{};
+  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) {  // the mma.sync kernel (a bad env value stays)
+    c.wg_stages = 0;
+    c.fused = false;
+  }
   return c;
 }
 
