@@ -131,6 +131,7 @@ struct Variant {
   int64_t state_tile;
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
+  MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: mma.sync)
 };
 
 struct Problem {
@@ -154,6 +155,7 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_tile = pr.variant.state_tile;
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
+  opt.bwd_dv = pr.variant.bwd_dv;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -401,6 +403,7 @@ int main(int argc, char** argv) {
   using gyre::cuda::MlstmGateSchedule;
   using gyre::cuda::MlstmStatePrecision;
   using gyre::cuda::MlstmStateWeights;
+  using gyre::cuda::MlstmBwdDvKernel;
   const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0};
   // The previous session's defaults: one block per head in gates_bwd.
   const gyre::cuda::Variant v2_gpar{"v2-gates-par", MlstmStatePrecision::kAuto,
@@ -416,6 +419,18 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_bf16{"bf16-states", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 0};
   const gyre::cuda::Variant v2_whi{"weights-hi", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                    0, MlstmStateWeights::kBf16};
+  // bwd_dv on warpgroup MMA (helper mlstm8; chunk 128 with 128-column dv slabs, else = v2):
+  // three, two and four cp.async stages, one block per head-chunk for all slabs ("dv-wgf"); v2
+  // with bwd_dv forced to mma.sync whatever the env says.
+  const auto dv_variant = [&](const char* name, MlstmBwdDvKernel kernel) {
+    return gyre::cuda::Variant{name, MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
+                               MlstmStateWeights::kAuto, 0, kernel};
+  };
+  const gyre::cuda::Variant dv_wg = dv_variant("dv-wg", MlstmBwdDvKernel::kWgmma);
+  const gyre::cuda::Variant dv_wg2 = dv_variant("dv-wg2", MlstmBwdDvKernel::kWgmma2Stages);
+  const gyre::cuda::Variant dv_wg4 = dv_variant("dv-wg4", MlstmBwdDvKernel::kWgmma4Stages);
+  const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
+  const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -428,6 +443,11 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 64, v2_t64},   {"xlstm-1.3b-like", s13, 64, v2},
       {"xlstm-125m-cell", s125, 128, v2_t64},  {"xlstm-125m-cell", s125, 128, v2_bf16},
       {"xlstm-125m-cell", s125, 128, v2_whi},
+      {"xlstm-125m-cell", s125, 128, dv_wg},   {"xlstm-125m-cell", s125, 128, dv_wg2},
+      {"xlstm-125m-cell", s125, 128, dv_wg4},  {"xlstm-125m-cell", s125, 128, dv_mma},
+      {"xlstm-125m-cell", s125, 128, dv_wgf},
+      {"xlstm-1.3b-like", s13, 128, dv_wg},    {"xlstm-7b-heads", s7, 128, dv_wg},
+      {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -5,8 +5,9 @@
 // exponential forget gate, and extreme gate pre-activations (uniform in ±30). Outputs are
 // NaN-poisoned before each run.
 //
-// Every case runs three kernel paths (kVariants below): the default, forced split precision with
-// 128×128 state tiles (one-block-per-head gate scans, 64-column io slabs), and the first version.
+// Every case runs the kernel paths of kVariants below: the default, forced split precision with
+// 128×128 state tiles (one-block-per-head gate scans, 64-column io slabs), the first version, and
+// (chunk 128, dv a multiple of 128) the warpgroup-MMA bwd_dv.
 //
 // Tolerances (METHOD.md bands): forward outputs 1e-2 (bf16 operands and bf16 output rounding);
 // gradients 2e-2: they pass through more bf16 roundings of intermediates (dS, and P, C_k, dC_k,
@@ -105,13 +106,22 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // "v2-t128" the one-block-per-head gate scans, 128×128 state tiles (the warpgroup-MMA state
 // kernels at chunk 128) and 64-column io slabs (the mma.sync fwd_out / bwd_dqk).
 // "v1-t128" was added after the last device run of helper mlstm7 (not yet run on a GPU).
+// "v2-dvwg*": v2 with the warpgroup-MMA bwd_dv (MlstmBwdDvKernel; 3, 2 and 4 cp.async stages,
+// and "f": one block per head-chunk for all dv slabs),
+// run only where that kernel applies (chunk 128, dv a multiple of 128); added by helper mlstm8,
+// not yet run on a GPU. v2 itself follows GYRE_MLSTM_BWD_DV (unset: the mma.sync bwd_dv).
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
   MlstmGateSchedule gates;
   int64_t state_tile;
   int64_t io_slab;
+  MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
 };
+bool UsesWgmmaBwdDv(const Variant& v) {
+  return v.bwd_dv == MlstmBwdDvKernel::kWgmma || v.bwd_dv == MlstmBwdDvKernel::kWgmma2Stages ||
+         v.bwd_dv == MlstmBwdDvKernel::kWgmma4Stages || v.bwd_dv == MlstmBwdDvKernel::kWgmmaFused;
+}
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
@@ -119,6 +129,13 @@ constexpr Variant kVariants[] = {
     // Single bf16 states on 128×128 state tiles: at chunk 128 the warpgroup-MMA state kernels
     // with zero lo fragments (the bench's bf16-states path). Gradients [INFO] as for v1.
     {"v1-t128", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0},
+    {"v2-dvwg", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kWgmma},
+    {"v2-dvwg2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kWgmma2Stages},
+    {"v2-dvwg4", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kWgmma4Stages},
+    {"v2-dvwgf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kWgmmaFused},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -130,6 +147,15 @@ MlstmStateWeights TestStateWeights() {
   if (w == "split_fwd") return MlstmStateWeights::kSplitForward;
   if (w == "bf16") return MlstmStateWeights::kBf16;
   return MlstmStateWeights::kAuto;
+}
+
+// MLSTM_TEST_VARIANTS="name,name,...": run only those kernel paths (e.g. the new one under
+// compute-sanitizer); unset or empty: all of kVariants.
+bool VariantSelected(const Variant& v) {
+  const char* e = std::getenv("MLSTM_TEST_VARIANTS");
+  if (e == nullptr || *e == '\0') return true;
+  const std::string list = std::string(",") + e + ",";
+  return list.find(std::string(",") + v.name + ",") != std::string::npos;
 }
 
 struct Reference {
@@ -223,6 +249,8 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
   bool ok = true;
   for (const Variant& var : kVariants) {
     if (var.state_tile == 128 && (c.DK % 128 != 0 || c.DV % 128 != 0)) continue;
+    if (UsesWgmmaBwdDv(var) && (c.L != 128 || c.DV % 128 != 0)) continue;  // = v2 there
+    if (!VariantSelected(var)) continue;
     // The forward runs once per convention: what it saves depends on the effective precision,
     // and the backward must get the forward's options.
     for (const bool stop : {false, true}) {
@@ -235,6 +263,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_tile = var.state_tile;
       opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
+      opt.bwd_dv = var.bwd_dv;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
