@@ -102,17 +102,20 @@ enum class MlstmGateSchedule {
 // 128 and dv a multiple of 128; elsewhere every choice runs the mma.sync kernel. Same math and
 // the same operands (dC_{k+1} hi plane, Pᵀ as bf16) on both; results differ by fp32 summation order.
 enum class MlstmBwdDvKernel {
-  kAuto,           // GYRE_MLSTM_BWD_DV (read once per process): "mma" or unset = kMmaSync,
-                   // "wg" = kWgmma, "wg2" = kWgmma2Stages, "wg4" = kWgmma4Stages, "wgf" =
-                   // kWgmmaFused; any other value makes MlstmChunkwiseBackward return an error
+  kAuto,           // GYRE_MLSTM_BWD_DV (read once per process): "wgf" or unset = kWgmmaFused,
+                   // "mma" = kMmaSync, "wg" = kWgmma, "wg2" = kWgmma2Stages, "wg4" =
+                   // kWgmma4Stages; any other value makes MlstmChunkwiseBackward return an error
                    // naming it
-  kMmaSync,        // mlstm_bwd_dv: mma.sync m16n8k16 + ldmatrix (the measured default)
+  kMmaSync,        // mlstm_bwd_dv: mma.sync m16n8k16 + ldmatrix (every shape the wgmma kernels
+                   // do not take)
   kWgmma,          // mlstm_bwd_dv_wg, three 48 KB cp.async stages (helper mlstm8; opt-in until
                    // measured: kernels/cuda/mlstm_notes.md, session 8)
   kWgmma2Stages,   // the same with two stages (benchmarks)
   kWgmma4Stages,   // the same with four stages (227 KB of shared memory; benchmarks)
   kWgmmaFused,     // mlstm_bwd_dv_wg_fused: one block per (head, chunk) for all dv slabs, Sᵀ and
-                   // Pᵀ computed once (−28% MACs at the xlstm-125m cell; not yet measured)
+                   // Pᵀ computed once (−28% MACs at the xlstm-125m cell); the default since
+                   // session 8: 0.542 -> 0.335 ms at the 125m cell, 0.288 -> 0.164 ms at the 1.3b
+                   // layout (H100, bench/RESULTS.md)
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
@@ -135,7 +138,7 @@ struct MlstmOptions {
   // unless it leaves fewer than 8 warps resident per SM (chunk 64 with split states: 4) and 64
   // keeps more (measured in bench/RESULTS.md, helper mlstm5).
   int64_t io_slab = 0;
-  // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default mma.sync).
+  // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
 };
 

@@ -109,7 +109,8 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // "v2-dvwg*": v2 with the warpgroup-MMA bwd_dv (MlstmBwdDvKernel; 3, 2 and 4 cp.async stages,
 // and "f": one block per head-chunk for all dv slabs),
 // run only where that kernel applies (chunk 128, dv a multiple of 128); added by helper mlstm8,
-// not yet run on a GPU. v2 itself follows GYRE_MLSTM_BWD_DV (unset: the mma.sync bwd_dv).
+// first run in session 8 (all PASS). v2 itself follows GYRE_MLSTM_BWD_DV (unset: the fused
+// warpgroup kernel, as v2-dvwgf); "v2-dvmma" keeps the mma.sync bwd_dv tested at chunk 128.
 struct Variant {
   const char* name;
   MlstmStatePrecision precision;
@@ -119,8 +120,8 @@ struct Variant {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
-  return v.bwd_dv == MlstmBwdDvKernel::kWgmma || v.bwd_dv == MlstmBwdDvKernel::kWgmma2Stages ||
-         v.bwd_dv == MlstmBwdDvKernel::kWgmma4Stages || v.bwd_dv == MlstmBwdDvKernel::kWgmmaFused;
+  // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
+  return v.bwd_dv != MlstmBwdDvKernel::kAuto;
 }
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
@@ -135,7 +136,8 @@ constexpr Variant kVariants[] = {
     {"v2-dvwg4", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
      MlstmBwdDvKernel::kWgmma4Stages},
     {"v2-dvwgf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
-     MlstmBwdDvKernel::kWgmmaFused},
+     MlstmBwdDvKernel::kWgmmaFused},    {"v2-dvmma", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kMmaSync},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
