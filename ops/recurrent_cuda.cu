@@ -749,24 +749,11 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-// S on tensor cores (kG == 8: up to 4 heads, the 125m / 1.3b layouts): S[t, i] = Σ_r dgate[r, t]
-// x[r, i] is a product with K = rows, so each warp stages its rows' x (bf16, as loaded) in tiles
-// of 8 rows and adds the tile with m16n8k8 MMAs, M = 16 columns (8 tiles over the warp's 128),
-// N = the 8 gates, K = the tile's 8 rows; A = xᵀ through ldmatrix.trans, B = the fp32 dgate
-// split hi + lo into two bf16 operands (x is bf16: the products are exact, the sums fp32). That
-// replaces 32 FMAs a thread-row (of ~215 instructions in the two-map launch, ~150 in the one-map
-// one) with 2 shared accesses a row and 20 instructions per 8 rows. The fragments go back to
-// the per-thread S[t][0..3] layout once, after the rows, through the warp's own ring memory.
-constexpr int kBdXsLd = 34;  // uint2 per staged row: 32 lanes + 16 bytes (ldmatrix free of bank conflicts)
-template <bool kTwo, int kG, bool kTc>
-struct BdBwdSmem {
-  static constexpr int kMaps = kTwo ? 2 : 1;
-  static constexpr int kGs = kG > 0 ? kG : 1;
-  static constexpr int kS = kBdBwdStages<kG>;
-  static constexpr bool kTcS = kTc && kG == 8;
-  // kTcS with two maps: w2 is read from shared memory in the row loop (the S fragments and the
-  // tile's operands would otherwise push the launch past 128 registers: 100 B of spills).
-  static constexpr bool kW2Smem = kTwo && kTcS;
+template <bool kTwo, int kG>
+__global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  constexpr int kGs = kG > 0 ? kG : 1;
+  constexpr int kS = kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -775,39 +762,12 @@ struct BdBwdSmem {
     uint2 in[8][kS][4][32];
     float dg[8][kS][kGs];
   };
-  static constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
-  __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
-  float4 wg[kMaps * kGs][32];
-  float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
-  uint2 xs[kTcS ? 8 : 1][8][kBdXsLd];  // [warp][tile row][lane]: the staged x rows (kTcS)
-  float4 w2s[kW2Smem ? 4 : 1][32];     // [o][block]: w2[o, 0..3] (kW2Smem)
-};
-__device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(b0));
-}
-__device__ __forceinline__ void LdMatrixX4Trans(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
-}
-
-template <bool kTwo, int kG, bool kTc>
-__global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
-  using Smem = BdBwdSmem<kTwo, kG, kTc>;
-  constexpr int kMaps = Smem::kMaps;
-  constexpr int kGs = Smem::kGs;
-  constexpr int kS = Smem::kS;
-  constexpr bool kTcS = Smem::kTcS;
-  constexpr bool kW2Smem = Smem::kW2Smem;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  auto& wg = sm.wg;
-  auto& U = sm.U;
-  typename Smem::Ring& ring = *reinterpret_cast<typename Smem::Ring*>(sm.raw);
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(sm.raw);
+  constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
+  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
+  __shared__ float4 wg[kMaps * kGs][32];
+  __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
+  Ring& ring = *reinterpret_cast<Ring*>(raw);
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
@@ -820,14 +780,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
       wg[m * kG + t][bx] = v;
     }
-    if constexpr (kW2Smem) {
-      if (tid < 4 * 32) {
-        const int o = tid / 32, bx = tid % 32;
-        const int64_t bb = blockIdx.x * 32 + bx;
-        sm.w2s[o][bx] = bb < a.blocks ? __ldg(reinterpret_cast<const float4*>(a.w2 + bb * 16 + 4 * o))
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
     __syncthreads();
   }
   float w[16], w2[16], acc[16], acc2[16], S[kGs][4];
@@ -837,44 +789,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   for (int t = 0; t < kGs; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
-  // kTcS: the S fragments (column tile j: columns 16j + gq (+ 8), gates 2qq, 2qq + 1), this
-  // lane's dgate of the tile's rows 2qq, 2qq + 1 at gate gq, and the rows staged so far.
-  const int gq = tx / 4, qq = tx % 4;
-  float sacc[kTcS ? 8 : 1][4];
-  float dgt0 = 0.f, dgt1 = 0.f;
-  int staged = 0;
-  if constexpr (kTcS) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sacc[j][c] = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) sm.xs[ty][k][tx] = make_uint2(0u, 0u);  // never NaN garbage
-  }
-  // The staged tile into sacc (every lane; rows past `staged` have dgate 0 in B).
-  auto tile_mma = [&]() {
-    if constexpr (!kTcS) return;
-    __syncwarp();
-    const uint32_t bh = PackBf16(dgt0, dgt1);
-    const float l0 = dgt0 - __bfloat162float(__float2bfloat16_rn(dgt0)),
-                l1 = dgt1 - __bfloat162float(__float2bfloat16_rn(dgt1));
-    const uint32_t bl = PackBf16(l0, l1);
-    // ldmatrix.x4.trans: matrices (tile 2jj, cols 0-7), (2jj, 8-15), (2jj + 1, 0-7), (2jj + 1, 8-15);
-    // lane i supplies row i % 8 of matrix i / 8.
-    const int mr = tx % 8, mm = tx / 8;
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      uint32_t r0, r1, r2, r3;
-      LdMatrixX4Trans(reinterpret_cast<const unsigned char*>(&sm.xs[ty][mr][0]) + 2 * (32 * jj + 8 * mm), r0, r1, r2, r3);
-      MmaBf16K8(sacc[2 * jj], r0, r1, bh);
-      MmaBf16K8(sacc[2 * jj], r0, r1, bl);
-      MmaBf16K8(sacc[2 * jj + 1], r2, r3, bh);
-      MmaBf16K8(sacc[2 * jj + 1], r2, r3, bl);
-    }
-    dgt0 = dgt1 = 0.f;
-    staged = 0;
-    __syncwarp();  // the tile is rewritten next
-  };
   const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
   if (live) {
 #pragma unroll
@@ -921,15 +835,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     issue(slot == 0 ? kS - 1 : slot - 1, r + 8 * (kS - 1));
     CpAsyncWait<kS - 1>();
     __syncwarp();  // the gate gradients came by other lanes' copies
-    if constexpr (kTcS) {
-      sm.xs[ty][staged][tx] = live ? ring.in[ty][slot][0][tx] : make_uint2(0u, 0u);
-      if ((staged >> 1) == qq) {
-        const float v = gq < G ? ring.dg[ty][slot][gq] : 0.f;
-        if (staged & 1) dgt1 = v;
-        else dgt0 = v;
-      }
-      if (++staged == 8) tile_mma();
-    }
     if (live) {
       float x[4], d[4], d2[4], old[4], dx[4];
       Bf16x4ToFloat(ring.in[ty][slot][0][tx], x);
@@ -942,10 +847,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = wg[t][tx];
           d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
-          if constexpr (!kTcS) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
-          }
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
@@ -956,10 +859,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = U[t][tx];
           dx[0] += dg * u.x; dx[1] += dg * u.y; dx[2] += dg * u.z; dx[3] += dg * u.w;
-          if constexpr (!kTcS) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
-          }
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
@@ -967,17 +868,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[o * 4 + i] += d[o] * x[i];
       if (kTwo) {
-        if constexpr (kW2Smem) {
 #pragma unroll
-          for (int o = 0; o < 4; ++o) {
-            const float4 v = sm.w2s[o][tx];
-            dx[0] += d2[o] * v.x; dx[1] += d2[o] * v.y; dx[2] += d2[o] * v.z; dx[3] += d2[o] * v.w;
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
-        }
+        for (int i = 0; i < 4; ++i) dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
 #pragma unroll
         for (int o = 0; o < 4; ++o)
 #pragma unroll
@@ -992,27 +884,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     slot = slot + 1 == kS ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
-  if constexpr (kTcS) {
-    if (staged > 0) tile_mma();  // uniform over the warp
-    // Fragments -> S[t][0..3] of this thread's block, through this warp's ring slots (4 KiB =
-    // 8 gates x 128 columns; its copies are complete and read).
-    float* sx = reinterpret_cast<float*>(&ring.in[ty][0][0][0]);
-    static_assert(sizeof(ring.in[0]) >= 8 * 128 * sizeof(float), "S transpose scratch");
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      sx[(2 * qq) * 128 + 16 * j + gq] = sacc[j][0];
-      sx[(2 * qq + 1) * 128 + 16 * j + gq] = sacc[j][1];
-      sx[(2 * qq) * 128 + 16 * j + gq + 8] = sacc[j][2];
-      sx[(2 * qq + 1) * 128 + 16 * j + gq + 8] = sacc[j][3];
-    }
-    __syncwarp();
-#pragma unroll
-    for (int t = 0; t < kGs; ++t) {
-      const float4 v = *reinterpret_cast<const float4*>(sx + t * 128 + 4 * tx);
-      S[t][0] = v.x; S[t][1] = v.y; S[t][2] = v.z; S[t][3] = v.w;
-    }
-  }
   if constexpr (kG > 0 && kTwo) {
     // dw's gate term: acc[o, i] += Σ_t wg[t, o] S[t, i] (wg = 0 for t >= G and dead lanes).
 #pragma unroll
@@ -1050,13 +921,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   if constexpr (kG > 0) {
     // Gate weight gradients, four gates per round: column (block, o) of gate t gets
     // Σ_i w[o, i] S[t, i] (w = 0 on dead lanes: their S is 0 too).
-    if constexpr (kW2Smem) {  // w2 back from shared memory (the row loop is over)
-#pragma unroll
-      for (int o = 0; o < 4; ++o) {
-        const float4 v = sm.w2s[o][tx];
-        w2[4 * o] = v.x; w2[4 * o + 1] = v.y; w2[4 * o + 2] = v.z; w2[4 * o + 3] = v.w;
-      }
-    }
 #pragma unroll
     for (int m = 0; m < kMaps; ++m) {
 #pragma unroll
@@ -1370,8 +1234,8 @@ __device__ __forceinline__ void Unpack8(const uint4& u, float* v) {
 
 // kLanes 16: a half-warp per (row, group), two at a time per warp (see group_norm_bwd_vec: at
 // 384 columns 16 lanes take 3 chunks each where 32 took 1.5, the upper half idle on the second).
-template <int kMode, int kIters, int kLanes>
-__global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
+template <int kMode, int kIters, int kLanes, int kMinBlocks = 1>
+__global__ void __launch_bounds__(256, kMinBlocks) group_norm_fwd_reg(GroupNormArgs a) {
   constexpr int kRows = 32 / kLanes;
   const int lane = threadIdx.x & 31, hl = lane % kLanes;
   const int64_t warp0 = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5) * kRows;
@@ -1523,12 +1387,25 @@ int NormRegIters(const GroupNormArgs& a, bool backward) {
 // Lanes per (row, group) of the _vec backward and the _reg forward: 16 (two rows per warp) where
 // a group is 1 or 3 (forward) or any odd number (backward) of 128-column passes, so that no lane
 // idles on a row's last pass; else 32. With 16 lanes the forward's kIters is the pass count.
-// Measured on an H200 (rglue9 call 1, xlstm[1:0]-125m B16 x 2048, ms per step, the 24 mLSTM
-// output norms at 4 x 384): backward 6.41 -> 5.74, forward 4.17 -> 2.82 (32 -> 16 lanes, both
-// with the fast sigmoid); the 16-lane forward at (256, 3) launch bounds spilled 38 B (4.19).
+// GYRE_EXP_NORM_LANES=32 keeps 32 (an experiment knob for A/B timing in one binary).
+bool NormLanes32Forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("GYRE_EXP_NORM_LANES");
+    return e != nullptr && std::string_view(e) == "32";
+  }();
+  return forced;
+}
+// GYRE_EXP_NORM_FWD_MINB=3: the 16-lane mode-2 forward at (256, 3) launch bounds (experiment).
+bool NormFwdMinBlocks3() {
+  static const bool on = [] {
+    const char* e = std::getenv("GYRE_EXP_NORM_FWD_MINB");
+    return e != nullptr && std::string_view(e) == "3";
+  }();
+  return on;
+}
 int NormLanes(const GroupNormArgs& a, bool backward) {
   const int64_t passes = (a.dim / a.groups + 127) / 128;
-  if (passes % 2 == 0) return 32;
+  if (NormLanes32Forced() || passes % 2 == 0) return 32;
   if (backward) return NormRegIters(a, true) > 0 ? 32 : 16;
   return passes <= 3 ? 16 : 32;
 }
@@ -1639,7 +1516,12 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
       switch (a.mode) {
         case NormMode::kPlain: group_norm_fwd_reg<0, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
         case NormMode::kGatedInput: group_norm_fwd_reg<1, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
-        case NormMode::kMlstmOutput: group_norm_fwd_reg<2, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kMlstmOutput:
+          if (kL == 16 && kI == 3 && NormFwdMinBlocks3())
+            group_norm_fwd_reg<2, kI, kL, 3><<<reg_blocks, 256, 0, stream>>>(a);
+          else
+            group_norm_fwd_reg<2, kI, kL><<<reg_blocks, 256, 0, stream>>>(a);
+          break;
       }
     });
     return Launched("group_norm_fwd_reg");
@@ -1785,16 +1667,6 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
-// GYRE_EXP_BD_BWD=fma: the 4-head backward's S on CUDA cores (the kernel before the tensor-core
-// S; an experiment knob for A/B timing in one binary).
-bool BdBwdFmaForced() {
-  static const bool forced = [] {
-    const char* e = std::getenv("GYRE_EXP_BD_BWD");
-    return e != nullptr && std::string_view(e) == "fma";
-  }();
-  return forced;
-}
-
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
@@ -1827,33 +1699,15 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
   if (vec) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
-    auto launch = [&](auto two, auto gates) {
-      constexpr bool kTwo = decltype(two)::value;
-      constexpr int kG = decltype(gates)::value;
-      auto go = [&](auto tc) {
-        constexpr bool kTc = decltype(tc)::value;
-        constexpr int smem = static_cast<int>(sizeof(BdBwdSmem<kTwo, kG, kTc>));
-        if (smem > 48 * 1024)
-          cudaFuncSetAttribute(block_diag4_bwd<kTwo, kG, kTc>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        block_diag4_bwd<kTwo, kG, kTc><<<grid, block, smem, stream>>>(a, g, p);
-      };
-      if constexpr (kG == 8) {
-        if (!BdBwdFmaForced()) return go(std::true_type{});
-      }
-      go(std::false_type{});
-    };
-    using T = std::true_type;
-    using F = std::false_type;
-    const int gates = g.heads == 0 ? 0 : g.heads <= 4 ? 8 : 16;
-    if (gates == 0) {
-      if (a.w2) launch(T{}, std::integral_constant<int, 0>{});
-      else launch(F{}, std::integral_constant<int, 0>{});
-    } else if (gates == 8) {
-      if (a.w2) launch(T{}, std::integral_constant<int, 8>{});
-      else launch(F{}, std::integral_constant<int, 8>{});
+    if (g.heads == 0) {
+      if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
+    } else if (g.heads <= 4) {
+      if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g, p);
     } else {
-      if (a.w2) launch(T{}, std::integral_constant<int, 16>{});
-      else launch(F{}, std::integral_constant<int, 16>{});
+      if (a.w2) block_diag4_bwd<true, 16><<<grid, block, 0, stream>>>(a, g, p);
+      else block_diag4_bwd<false, 16><<<grid, block, 0, stream>>>(a, g, p);
     }
     if (CudaResult r = Launched("block_diag4_bwd"); !r.ok()) return r;
   } else {

@@ -29,7 +29,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -255,8 +254,8 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
 // (kBlock, 5): 96 registers (12 bytes spilled) for 5 blocks of 128 per SM instead of 110 and 4:
 // 5.12 -> 4.91 ms per mamba2-130m step, 4.39 -> 4.37 xlstm[1:0]-125m (H200, rglue8 call 2).
-template <int K, int V, int kMinBlocks = 5>
-__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
+template <int K, int V>
+__global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
@@ -586,20 +585,7 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
                   d.B);
   float* pp = part.as<float>();
   LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    constexpr int kK = decltype(k)::value, kV = decltype(v)::value;
-    if constexpr (kK == 4 && kV == 4) {
-      // GYRE_EXP_CONV_BWD_MINB=4: (kBlock, 4) launch bounds (109 registers, no spill) (an experiment knob for A/B timing).
-      static const int minb = [] {
-        const char* e = std::getenv("GYRE_EXP_CONV_BWD_MINB");
-        return e == nullptr ? 5 : std::atoi(e);
-      }();
-      if (minb == 4) {
-        conv1d_bwd<kK, kV, 4><<<grid, threads, 0, stream>>>(d, a.options.silu, a.x, a.w, a.bias, a.initial_state,
-                                                            a.dy, df, a.dx, di, pp);
-        return;
-      }
-    }
-    conv1d_bwd<kK, kV><<<grid, threads, 0, stream>>>(
+    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
         d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
   });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
