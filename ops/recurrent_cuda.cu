@@ -10,8 +10,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
@@ -1234,8 +1232,8 @@ __device__ __forceinline__ void Unpack8(const uint4& u, float* v) {
 
 // kLanes 16: a half-warp per (row, group), two at a time per warp (see group_norm_bwd_vec: at
 // 384 columns 16 lanes take 3 chunks each where 32 took 1.5, the upper half idle on the second).
-template <int kMode, int kIters, int kLanes, int kMinBlocks = 1>
-__global__ void __launch_bounds__(256, kMinBlocks) group_norm_fwd_reg(GroupNormArgs a) {
+template <int kMode, int kIters, int kLanes>
+__global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
   constexpr int kRows = 32 / kLanes;
   const int lane = threadIdx.x & 31, hl = lane % kLanes;
   const int64_t warp0 = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5) * kRows;
@@ -1387,25 +1385,13 @@ int NormRegIters(const GroupNormArgs& a, bool backward) {
 // Lanes per (row, group) of the _vec backward and the _reg forward: 16 (two rows per warp) where
 // a group is 1 or 3 (forward) or any odd number (backward) of 128-column passes, so that no lane
 // idles on a row's last pass; else 32. With 16 lanes the forward's kIters is the pass count.
-// GYRE_EXP_NORM_LANES=32 keeps 32 (an experiment knob for A/B timing in one binary).
-bool NormLanes32Forced() {
-  static const bool forced = [] {
-    const char* e = std::getenv("GYRE_EXP_NORM_LANES");
-    return e != nullptr && std::string_view(e) == "32";
-  }();
-  return forced;
-}
-// GYRE_EXP_NORM_FWD_MINB=3: the 16-lane mode-2 forward at (256, 3) launch bounds (experiment).
-bool NormFwdMinBlocks3() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_EXP_NORM_FWD_MINB");
-    return e != nullptr && std::string_view(e) == "3";
-  }();
-  return on;
-}
+// Measured on an H200 (rglue9 call 1, xlstm[1:0]-125m B16 x 2048, ms per step, the 24 mLSTM
+// output norms at 4 x 384): backward 6.41 (32 lanes) -> 5.74 (16), both with the fast sigmoid;
+// forward 3.81 (main, 32 lanes) -> 2.82; the 16-lane forward at (256, 3) launch bounds spilled
+// 38 B and ran 4.19.
 int NormLanes(const GroupNormArgs& a, bool backward) {
   const int64_t passes = (a.dim / a.groups + 127) / 128;
-  if (NormLanes32Forced() || passes % 2 == 0) return 32;
+  if (passes % 2 == 0) return 32;
   if (backward) return NormRegIters(a, true) > 0 ? 32 : 16;
   return passes <= 3 ? 16 : 32;
 }
@@ -1516,12 +1502,7 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
       switch (a.mode) {
         case NormMode::kPlain: group_norm_fwd_reg<0, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
         case NormMode::kGatedInput: group_norm_fwd_reg<1, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
-        case NormMode::kMlstmOutput:
-          if (kL == 16 && kI == 3 && NormFwdMinBlocks3())
-            group_norm_fwd_reg<2, kI, kL, 3><<<reg_blocks, 256, 0, stream>>>(a);
-          else
-            group_norm_fwd_reg<2, kI, kL><<<reg_blocks, 256, 0, stream>>>(a);
-          break;
+        case NormMode::kMlstmOutput: group_norm_fwd_reg<2, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
       }
     });
     return Launched("group_norm_fwd_reg");
