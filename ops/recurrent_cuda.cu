@@ -24,7 +24,9 @@ constexpr int kMaxGates = 16;  // 2 x heads of the mLSTM gates (heads <= 8)
 __device__ inline float F(const void* p, int64_t i) { return __bfloat162float(static_cast<const bf16*>(p)[i]); }
 __device__ inline void St(void* p, int64_t i, float v) { static_cast<bf16*>(p)[i] = __float2bfloat16(v); }
 // __fdividef (MUFU reciprocal + multiply, 2 ulp; 1 + e^-z >= 1, 0 above 2^126 = the true limit)
-// instead of an IEEE division: the norms recompute SiLU(z) per element in both passes.
+// instead of an IEEE division: the norms recompute SiLU(z) per element in both passes. Mamba-2's
+// gated norm on an H200 (rglue9 call 1, ms per 16 x 2048 step): backward 5.78 -> 4.18, forward
+// 3.08 -> 2.49.
 __device__ inline float Sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
 __device__ inline float Silu(float z) { return z * Sigmoid(z); }
 __device__ inline float DSilu(float z) {
