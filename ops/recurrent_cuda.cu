@@ -23,7 +23,11 @@ constexpr int kMaxGates = 16;  // 2 x heads of the mLSTM gates (heads <= 8)
 
 __device__ inline float F(const void* p, int64_t i) { return __bfloat162float(static_cast<const bf16*>(p)[i]); }
 __device__ inline void St(void* p, int64_t i, float v) { static_cast<bf16*>(p)[i] = __float2bfloat16(v); }
-__device__ inline float Sigmoid(float z) { return 1.f / (1.f + __expf(-z)); }
+// __fdividef (MUFU reciprocal + multiply, 2 ulp; 1 + e^-z >= 1, 0 above 2^126 = the true limit)
+// instead of an IEEE division: the norms recompute SiLU(z) per element in both passes. Mamba-2's
+// gated norm on an H200 (rglue9 call 1, ms per 16 x 2048 step): backward 5.78 -> 4.18, forward
+// 3.08 -> 2.49.
+__device__ inline float Sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
 __device__ inline float Silu(float z) { return z * Sigmoid(z); }
 __device__ inline float DSilu(float z) {
   const float s = Sigmoid(z);
@@ -31,6 +35,13 @@ __device__ inline float DSilu(float z) {
 }
 __device__ inline float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Sum over each aligned group of kLanes lanes (the whole warp takes part).
+template <int kLanes>
+__device__ inline float LaneGroupSum(float v) {
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
@@ -1004,7 +1015,7 @@ __device__ __forceinline__ void GroupNormFwdChunk(const GroupNormArgs& a, int64_
 
 // Backward, first pass over one chunk (v = the norm's input): s1 += Σ dxhat, s2 += Σ dxhat·xhat,
 // the warp's own dweight (and dskip) column sums at `slot`, and in mode 2 the dz / dxc outputs.
-template <int kMode>
+template <int kMode, int kLanes = 32>
 __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
                                                       const float* sc, const float* dy, const float* z, float mean,
                                                       float rstd, bool params, float* mine, int span, int slot,
@@ -1022,8 +1033,8 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
     s1 += dxhat;
     s2 += dxhat * xhat;
     if (params) {
-      mine[slot + k * 32] += gout * xhat;
-      if (kMode == 2) mine[8 * span + slot + k * 32] += gout * xc[k];
+      mine[slot + k * kLanes] += gout * xhat;
+      if (kMode == 2) mine[8 * span + slot + k * kLanes] += gout * xc[k];
     }
     if (kMode == 2) {
       const float hs = xhat * sc[k] + sk[k] * xc[k];
@@ -1068,24 +1079,35 @@ __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int6
 
 // The block's column sums ([kMode == 2 ? 2 : 1][8 warps][span] in shared memory): zeroed before
 // the rows, and at the end the 8 warps' sums added in warp order into the partial rows pw / ps.
+// A warp's span holds 32 / kLanes regions, one per lane group (the row it takes), each
+// NormRegion floats: element k of lane l's chunk j at (8j + k)·kLanes + l; two regions sit 16
+// words apart modulo 32, so one add instruction of the whole warp is free of bank conflicts.
+__host__ __device__ constexpr int NormRegion(int64_t gs, int lanes) {
+  return static_cast<int>((gs + 8 * lanes - 1) / (8 * lanes) * (8 * lanes)) + (lanes < 32 ? 16 : 0);
+}
+__host__ __device__ constexpr int NormSpan(int64_t gs, int lanes) { return 32 / lanes * NormRegion(gs, lanes); }
 template <int kMode>
 __device__ __forceinline__ void ZeroColumnSums(float* psum, int span) {
   for (int e = threadIdx.x; e < (kMode == 2 ? 2 : 1) * 8 * span; e += blockDim.x) psum[e] = 0.f;
   __syncthreads();
 }
-template <int kMode>
+template <int kMode, int kLanes = 32>
 __device__ __forceinline__ void WriteColumnSums(const GroupNormArgs& a, const float* psum, int span, int64_t gs,
                                                 int64_t c0, float* pw, float* ps) {
   __syncthreads();
-  for (int e = threadIdx.x; e < span; e += blockDim.x) {
-    const int64_t col = (e % 32) * 8 + (e / 256) * 256 + (e / 32) % 8;  // inverse of the slot map
-    if (col < gs) {
+  const int region = NormRegion(gs, kLanes);
+  for (int e = threadIdx.x; e < region; e += blockDim.x) {
+    // inverse of the slot map (the pad words of two-region spans give col >= gs)
+    const int64_t col = e / (8 * kLanes) * (8 * kLanes) + (e % kLanes) * 8 + (e / kLanes) % 8;
+    if (col < gs && e < region - (kLanes < 32 ? 16 : 0)) {
       float tw = 0.f, ts = 0.f;
 #pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        tw += psum[w * span + e];
-        if (kMode == 2) ts += psum[(8 + w) * span + e];
-      }
+      for (int w = 0; w < 8; ++w)
+#pragma unroll
+        for (int h = 0; h < 32 / kLanes; ++h) {
+          tw += psum[w * span + h * region + e];
+          if (kMode == 2) ts += psum[(8 + w) * span + h * region + e];
+        }
       const int64_t o = blockIdx.x * a.dim + c0 + col;
       if (a.dweight) pw[o] = tw;
       if (kMode == 2 && a.dskip) ps[o] = ts;
@@ -1139,44 +1161,56 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 // 3 (xlstm[1:0]-125m on an H200, rglue8 call 1: GroupNorm backward 11.02 -> 9.33 ms per step,
 // the plain norms now adding their residual gradient too, so >= 1.7 ms from this bound). Mode 0
 // keeps its 48 registers (5 blocks).
-template <int kMode>
+// kLanes 16: each half-warp takes a row of its own (two rows per warp at a time, 16-lane sums),
+// for groups of an odd number of 128-column passes: at 384 columns (the xLSTM-125m mLSTM output
+// norm, 4 heads of 384) 32 lanes take 1.5 chunks each, so lanes 16-31 idled on the second pass
+// of every row; 16 lanes take exactly 3.
+template <int kMode, int kLanes>
 __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+  constexpr int kRows = 32 / kLanes;  // rows a warp takes at a time
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
-  const int span = static_cast<int>((gs + 255) / 256) * 256;
+  const int span = NormSpan(gs, kLanes);
   const bool params = a.dweight != nullptr || (kMode == 2 && a.dskip != nullptr);
-  float* const mine = psum + wid * span;  // this warp's dweight sums; its dskip sums at + 8·span
+  // this lane group's dweight sums; its dskip sums at + 8·span
+  float* const mine = psum + wid * span + h * NormRegion(gs, kLanes);
   if (params) ZeroColumnSums<kMode>(psum, span);
   const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
-  for (int64_t r = rb0 + wid; r < rb1; r += 8) {
+  for (int64_t rw = rb0 + wid * kRows; rw < rb1; rw += 8 * kRows) {  // uniform over the warp
+    const int64_t r = rw + h;
+    const bool ok = r < rb1;  // (the lane-group sums below need every lane)
     const int64_t st = r * a.groups + g;
-    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    const float mean = a.layer && ok ? a.mean[st] : 0.f, rstd = ok ? a.rstd[st] : 0.f;
     float s1 = 0.f, s2 = 0.f;
     float v[8], sc[8], dy[8], z[8];
-    for (int64_t i = lane * 8; i < gs; i += 256) {
-      const int64_t c = c0 + i;
-      const int slot = static_cast<int>((i - lane * 8) / 256) * 256 + lane;  // (8j + k)·32 + l at k = 0
-      NormIn8<kMode>(a, r, c, v);
-      Scale8(a, c, sc);
-      Load8(a.dy, r * a.dim + c, dy);
-      if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
-      GroupNormBwdChunkSums<kMode>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, span, slot, s1, s2);
+    if (ok) {
+      for (int64_t i = hl * 8; i < gs; i += 8 * kLanes) {
+        const int64_t c = c0 + i;
+        const int slot = static_cast<int>((i - hl * 8) / (8 * kLanes)) * 8 * kLanes + hl;  // (8j + k)·kLanes + l at k = 0
+        NormIn8<kMode>(a, r, c, v);
+        Scale8(a, c, sc);
+        Load8(a.dy, r * a.dim + c, dy);
+        if (kMode == 2) Load8(a.z, r * a.ldz + c, z);
+        GroupNormBwdChunkSums<kMode, kLanes>(a, r, c, v, sc, dy, z, mean, rstd, params, mine, span, slot, s1, s2);
+      }
     }
-    s1 = WarpSum(s1) / gs;
-    s2 = WarpSum(s2) / gs;
+    s1 = LaneGroupSum<kLanes>(s1) / gs;
+    s2 = LaneGroupSum<kLanes>(s2) / gs;
     const float m1 = a.layer ? s1 : 0.f;
-    for (int64_t i = lane * 8; i < gs; i += 256) {
-      const int64_t c = c0 + i;
-      float xv[8];
-      Load8(a.x, r * a.dim + c, xv);
-      Scale8(a, c, sc);
-      Load8(a.dy, r * a.dim + c, dy);
-      if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+    if (ok) {
+      for (int64_t i = hl * 8; i < gs; i += 8 * kLanes) {
+        const int64_t c = c0 + i;
+        float xv[8];
+        Load8(a.x, r * a.dim + c, xv);
+        Scale8(a, c, sc);
+        Load8(a.dy, r * a.dim + c, dy);
+        if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
+        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+      }
     }
   }
-  if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
+  if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
 }
 
 // Register-resident variants for groups of at most 256·kIters columns (kIters 16-byte chunks per
@@ -1198,19 +1232,24 @@ __device__ __forceinline__ void Unpack8(const uint4& u, float* v) {
   }
 }
 
-template <int kMode, int kIters>
+// kLanes 16: a half-warp per (row, group), two at a time per warp (see group_norm_bwd_vec: at
+// 384 columns 16 lanes take 3 chunks each where 32 took 1.5, the upper half idle on the second).
+template <int kMode, int kIters, int kLanes>
 __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
-  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= a.rows * a.groups) return;
-  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+  constexpr int kRows = 32 / kLanes;
+  const int lane = threadIdx.x & 31, hl = lane % kLanes;
+  const int64_t warp0 = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5) * kRows;
+  if (warp0 >= a.rows * a.groups) return;  // uniform over the warp
+  const int64_t warp = warp0 + lane / kLanes;  // this lane group's (row, group)
+  const bool ok = warp < a.rows * a.groups;   // (the lane-group sums below need every lane)
+  const int64_t r = ok ? warp / a.groups : 0, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
   // Mode 2's x_c too is loaded with the row (it is read only after the statistics: loaded there,
   // its latency was exposed once per row).
   uint4 xr[kIters], zr[kIters], xcr[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int64_t i = lane * 8 + it * 256;
-    if (i < gs) {
+    const int64_t i = hl * 8 + it * 8 * kLanes;
+    if (ok && i < gs) {
       xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
       if (kMode != 0) zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
       if (kMode == 2) xcr[it] = LdRaw(a.xc, r * a.dim + c0 + i);
@@ -1231,33 +1270,33 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
   if (a.layer) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      if (lane * 8 + it * 256 < gs) {
+      if (ok && hl * 8 + it * 8 * kLanes < gs) {
         input(it, v);
 #pragma unroll
         for (int k = 0; k < 8; ++k) s += v[k];
       }
     }
-    s = WarpSum(s) / gs;
+    s = LaneGroupSum<kLanes>(s) / gs;
   }
   const float mean = s;
   float q = 0.f;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    if (lane * 8 + it * 256 < gs) {
+    if (ok && hl * 8 + it * 8 * kLanes < gs) {
       input(it, v);
 #pragma unroll
       for (int k = 0; k < 8; ++k) q += (v[k] - mean) * (v[k] - mean);
     }
   }
-  const float rstd = rsqrtf(WarpSum(q) / gs + a.eps);
-  if (lane == 0) {
+  const float rstd = rsqrtf(LaneGroupSum<kLanes>(q) / gs + a.eps);
+  if (ok && hl == 0) {
     if (a.mean) a.mean[warp] = mean;
     a.rstd[warp] = rstd;
   }
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int64_t i = lane * 8 + it * 256;
-    if (i >= gs) continue;
+    const int64_t i = hl * 8 + it * 8 * kLanes;
+    if (!ok || i >= gs) continue;
     const int64_t c = c0 + i;
     input(it, v);
     GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float* z) { Unpack8(zr[it], z); },
@@ -1345,20 +1384,41 @@ int NormRegIters(const GroupNormArgs& a, bool backward) {
   }
   return 0;
 }
-// f(integral_constant kIters) for NormRegIters' forward answers 1, 2, 4.
+// Lanes per (row, group) of the _vec backward and the _reg forward: 16 (two rows per warp) where
+// a group is 1 or 3 (forward) or any odd number (backward) of 128-column passes, so that no lane
+// idles on a row's last pass; else 32. With 16 lanes the forward's kIters is the pass count.
+// Measured on an H200 (rglue9 call 1, xlstm[1:0]-125m B16 x 2048, ms per step, the 24 mLSTM
+// output norms at 4 x 384): backward 6.41 (32 lanes) -> 5.74 (16), both with the fast sigmoid;
+// forward 3.81 (main, 32 lanes) -> 2.82; the 16-lane forward at (256, 3) launch bounds spilled
+// 38 B and ran 4.19.
+int NormLanes(const GroupNormArgs& a, bool backward) {
+  const int64_t passes = (a.dim / a.groups + 127) / 128;
+  if (passes % 2 == 0) return 32;
+  if (backward) return NormRegIters(a, true) > 0 ? 32 : 16;
+  return passes <= 3 ? 16 : 32;
+}
+// f(integral_constant kIters, integral_constant kLanes) for the forward's (kIters, kLanes):
+// NormRegIters' answers 1, 2, 4 at 32 lanes, passes 1, 3 at 16.
 template <typename F>
-void ByNormIters(int iters, F&& f) {
+void ByNormIters(int iters, int lanes, F&& f) {
+  using L16 = std::integral_constant<int, 16>;
+  using L32 = std::integral_constant<int, 32>;
+  if (lanes == 16) {
+    if (iters == 1) f(std::integral_constant<int, 1>{}, L16{});
+    else f(std::integral_constant<int, 3>{}, L16{});
+    return;
+  }
   switch (iters) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}, L32{}); break;
+    case 2: f(std::integral_constant<int, 2>{}, L32{}); break;
+    default: f(std::integral_constant<int, 4>{}, L32{}); break;
   }
 }
 
 // Shared bytes of group_norm_bwd_vec's column sums (8 warps' own rows); above 48 KiB the launch
 // opts in to more (up to what one block of an SM may have).
 int64_t NormBwdSmem(const GroupNormArgs& a) {
-  const int64_t span = (a.dim / a.groups + 255) / 256 * 256;
+  const int64_t span = NormSpan(a.dim / a.groups, NormLanes(a, true));
   return (a.mode == NormMode::kMlstmOutput ? 2 : 1) * 8 * span * static_cast<int64_t>(sizeof(float));
 }
 constexpr int64_t kMaxNormBwdSmem = 227 * 1024;
@@ -1436,12 +1496,15 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   const int blocks = static_cast<int>((threads + 255) / 256);
   const bool vec = NormVectorizable(a, false);
   if (const int iters = vec ? NormRegIters(a, false) : 0; iters > 0) {
-    ByNormIters(iters, [&](auto k) {
-      constexpr int kI = decltype(k)::value;
+    const int lanes = NormLanes(a, false);
+    const int64_t reg_threads = (a.rows * a.groups + 32 / lanes - 1) / (32 / lanes) * 32;
+    const int reg_blocks = static_cast<int>((reg_threads + 255) / 256);
+    ByNormIters(lanes == 16 ? static_cast<int>((a.dim / a.groups + 127) / 128) : iters, lanes, [&](auto k, auto l) {
+      constexpr int kI = decltype(k)::value, kL = decltype(l)::value;
       switch (a.mode) {
-        case NormMode::kPlain: group_norm_fwd_reg<0, kI><<<blocks, 256, 0, stream>>>(a); break;
-        case NormMode::kGatedInput: group_norm_fwd_reg<1, kI><<<blocks, 256, 0, stream>>>(a); break;
-        case NormMode::kMlstmOutput: group_norm_fwd_reg<2, kI><<<blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kPlain: group_norm_fwd_reg<0, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kGatedInput: group_norm_fwd_reg<1, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
+        case NormMode::kMlstmOutput: group_norm_fwd_reg<2, kI, kL><<<reg_blocks, 256, 0, stream>>>(a); break;
       }
     });
     return Launched("group_norm_fwd_reg");
@@ -1493,10 +1556,11 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
     } else {
+      const bool half = NormLanes(a, true) == 16;
       switch (a.mode) {
-        case NormMode::kPlain: launch(group_norm_bwd_vec<0>); break;
-        case NormMode::kGatedInput: launch(group_norm_bwd_vec<1>); break;
-        case NormMode::kMlstmOutput: launch(group_norm_bwd_vec<2>); break;
+        case NormMode::kPlain: launch(half ? group_norm_bwd_vec<0, 16> : group_norm_bwd_vec<0, 32>); break;
+        case NormMode::kGatedInput: launch(half ? group_norm_bwd_vec<1, 16> : group_norm_bwd_vec<1, 32>); break;
+        case NormMode::kMlstmOutput: launch(half ? group_norm_bwd_vec<2, 16> : group_norm_bwd_vec<2, 32>); break;
       }
     }
     if (CudaResult r = Launched("group_norm_bwd_vec"); !r.ok()) return r;

@@ -479,6 +479,11 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // (xlstm-125m's out-norm groups of 384) and a partial last chunk (776 = 3 x 256 + 8).
   CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536);
   CheckNorm(NormMode::kPlain, true, 130, 1, 776, 776);
+  // Half-warp rows (groups of an odd number of 128-column passes: 16 lanes a row, two rows a
+  // warp): rows x groups odd, so the last warp of the forward and the last row pair of the
+  // backward have a half without a row; 3 passes with a partial last one (264 = 2 x 128 + 8).
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 384, 1152, true);
+  CheckNorm(NormMode::kPlain, true, 65, 1, 264, 264, true, true);
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 12, 36);
