@@ -100,6 +100,44 @@ bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
          tile == want.tile && custom == want.custom && cluster == want.cluster && splitk <= 1;
 }
 
+// GYRE_GEMM_PICK (measurement only, never a default): "<selector>:<index>[s<split-K>]", comma-
+// separated, first match wins. Selector: "MxNxK" (our m, n, k), "dw" (weight-gradient products:
+// transposed A, f32 output) or "*" (every product with k > kShortK). The plan takes the heuristic's
+// candidate <index> (of kPickCandidates) instead of its first choice, optionally with its split-K
+// count replaced (checked with cublasLtMatmulAlgoCheck). Used to time fixed configurations inside
+// the training step (bench/llama_step_bench --profile_variants); a winner becomes a fixed rule.
+constexpr int kPickCandidates = 16;
+struct Pick {
+  int index = -1, splitk = 0;
+};
+
+Pick PickFor(const GemmArgs& g) {
+  const char* env = std::getenv("GYRE_GEMM_PICK");
+  Pick pick;
+  if (env == nullptr || env[0] == 0) return pick;
+  const std::string spec(env);
+  const std::string shape = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t end = spec.find(',', pos);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t colon = item.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string sel = item.substr(0, colon);
+    const bool match = sel == shape || (sel == "dw" && g.trans_a && g.c_dtype == DType::kF32) ||
+                       (sel == "*" && g.k > kShortK);
+    if (!match) continue;
+    const std::string val = item.substr(colon + 1);
+    pick.index = std::atoi(val.c_str());
+    const size_t s = val.find('s');
+    if (s != std::string::npos) pick.splitk = std::atoi(val.c_str() + s + 1);
+    return pick;
+  }
+  return pick;
+}
+
 }  // namespace
 
 struct GemmContext::Plan {
@@ -138,12 +176,13 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
-  const bool prefer_short_k =
-      !autotune && g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16;
+  const Pick pick = autotune ? Pick{} : PickFor(g);
+  const bool prefer_short_k = !autotune && pick.index < 0 && g.k <= kShortK && g.m * g.n >= kShortKMinOutput &&
+                              g.c_dtype == DType::kBf16;
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -197,11 +236,12 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                               &align_c, sizeof(align_c));
   constexpr int kCandidates = 8;
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  cublasLtMatmulHeuristicResult_t results[kPickCandidates] = {};
   int returned = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
-                                        p->b, p->c, p->c, pref, autotune || prefer_short_k ? kCandidates : 1,
+                                        p->b, p->c, p->c, pref,
+                                        pick.index >= 0 ? kPickCandidates : autotune || prefer_short_k ? kCandidates : 1,
                                         results,
                                         &returned);
   cublasLtMatmulPreferenceDestroy(pref);
@@ -222,6 +262,37 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
         }
       }
       if (found) break;
+    }
+  }
+  if (pick.index >= 0) {
+    if (pick.index < returned && results[pick.index].state == CUBLAS_STATUS_SUCCESS &&
+        results[pick.index].workspaceSize <= ws) {
+      cublasLtMatmulAlgo_t algo = results[pick.index].algo;
+      bool ok = true;
+      if (pick.splitk > 0) {
+        const int32_t splitk = pick.splitk;
+        uint32_t red = 0;
+        size_t w = 0;
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), &w);
+        if (splitk > 1 && red == CUBLASLT_REDUCTION_SCHEME_NONE) red = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+        if (splitk <= 1) red = CUBLASLT_REDUCTION_SCHEME_NONE;
+        cublasLtMatmulHeuristicResult_t check = {};
+        ok = cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk)) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red)) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoCheck(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c, &algo,
+                                     &check) == CUBLAS_STATUS_SUCCESS &&
+             check.workspaceSize <= ws;
+      }
+      if (ok) p->algo = algo;
+      if (log) {
+        std::fprintf(stderr, "gemm-pick m%ld n%ld k%ld #%d s%d: %s\n", (long)g.m, (long)g.n, (long)g.k, pick.index,
+                     pick.splitk, ok ? "ok" : "rejected (heuristic's first kept)");
+      }
+    } else if (log) {
+      std::fprintf(stderr, "gemm-pick m%ld n%ld k%ld #%d: only %d candidates (heuristic's first kept)\n", (long)g.m,
+                   (long)g.n, (long)g.k, pick.index, returned);
     }
   }
   if (autotune && returned > 1) {
