@@ -219,6 +219,9 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
               preset.c_str(), (long long)batch, (long long)seq, n_dense / 1e6, med * 1e3, times.front() * 1e3,
               times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, out->loss_first,
               out->loss_last, out->init_s);
+  // Full precision of the losses: two runs of one binary must print the same digits
+  // (bitwise-reproducible training); the line above rounds to 3 decimals.
+  std::printf("  losses first/last %.9g %.9g\n", out->loss_first, out->loss_last);
   std::fflush(stdout);
   model->reset();
   TimeAttention(*spec, batch, seq);
