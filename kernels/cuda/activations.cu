@@ -81,8 +81,8 @@ __global__ void gated_kernel1(GatedArgs a) {
 // Aligned rows (cols % 8 == 0): a block walks rows, its threads the row's 8-element vectors, so
 // there is no 64-bit division per vector (the flat grid-stride loop divided the vector index by
 // the row length, ~70 integer instructions per 8 elements). Same arithmetic per element, so the
-// same bits; in the llama-125m step (H200, helper llama9) forward 1.343 -> 1.305 ms and
-// backward 2.091 -> 2.063 ms per step (12 calls each), within noise at llama-1.3b.
+// same bits. llama-125m step on an H200 (helper llama9; 12 calls each): forward 1.339 -> 1.297 ms,
+// backward 2.070 -> 2.023 ms per step; within noise at llama-1.3b.
 template <int kMode>
 __global__ void gated_rows_kernel(GatedArgs a) {
   const int per_row = static_cast<int>(a.cols / 8);

@@ -229,8 +229,6 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
   const Pick pick = autotune ? Pick{} : PickFor(g);
-  const std::vector<PreferredConfig> preferred =
-      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g);
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
@@ -240,6 +238,9 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     *plan = it->second.get();
     return {};
   }
+  // Built once per plan (a cache miss), like everything below.
+  const std::vector<PreferredConfig> preferred =
+      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g);
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ct = CudaType(g.c_dtype);
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
