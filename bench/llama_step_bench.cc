@@ -14,7 +14,10 @@
 // (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
 // (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
 // --variants NAME=VALUE ... times a few steps under each environment setting (e.g.
-// GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) next to the default.
+// GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) next to the default. --profile_variants NAME=VALUE ...
+// prints a per-op profile under each environment setting (one unprofiled step first, so new GEMM
+// plans are built outside the timed steps): in-step A/B of per-op settings such as GYRE_GEMM_PICK
+// (kernels/cuda/gemm.cu), whose isolated timings did not carry over to the step.
 // No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host,
 // and the profile shows the device idle only 0.5 ms (125m) / 1.0 ms (1.3b) per step on an H200
 // (bench/RESULTS.md, session 3): a graph could save at most that.
@@ -111,7 +114,8 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
 }
 
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
-        const std::vector<std::string>& variants, double peak_tflops, Result* out) {
+        const std::vector<std::string>& variants, const std::vector<std::string>& profile_variants,
+        double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -146,6 +150,27 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
     Cuda().SetOpProfiling(false);
     if (!ok) return 1;
     next_step += profile_steps;
+    PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
+  }
+  for (const std::string& v : profile_variants) {
+    const size_t eq = v.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "--profile_variants wants NAME=VALUE, got %s\n", v.c_str());
+      return 1;
+    }
+    const std::string name = v.substr(0, eq);
+    setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
+    gyre::bench::StepTimes warm, prof;
+    bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 1, &warm);
+    next_step += 1;
+    Cuda().SetOpProfiling(true);
+    const int n = profile_steps > 0 ? profile_steps : 3;
+    ok = ok && gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, n, &prof);
+    Cuda().SetOpProfiling(false);
+    unsetenv(name.c_str());
+    if (!ok) return 1;
+    next_step += n;
+    std::printf("  profile variant %s:\n", v.c_str());
     PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
   }
   // A/B variants: a few more steps with one environment setting each (read per step by the
@@ -194,6 +219,9 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
               preset.c_str(), (long long)batch, (long long)seq, n_dense / 1e6, med * 1e3, times.front() * 1e3,
               times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, out->loss_first,
               out->loss_last, out->init_s);
+  // Full precision of the losses: two runs of one binary must print the same digits
+  // (bitwise-reproducible training); the line above rounds to 3 decimals.
+  std::printf("  losses first/last %.9g %.9g\n", out->loss_first, out->loss_last);
   std::fflush(stdout);
   model->reset();
   TimeAttention(*spec, batch, seq);
@@ -208,7 +236,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {16, 8};
   int64_t seq = 2048;
   int warmup = 3, steps = 10, profile_steps = 0;
-  std::vector<std::string> variants;
+  std::vector<std::string> variants, profile_variants;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -218,6 +246,8 @@ int main(int argc, char** argv) {
   app.add_option("--profile_steps", profile_steps, "extra steps with a per-op GPU-time breakdown")
       ->capture_default_str();
   app.add_option("--variants", variants, "NAME=VALUE environment settings to time after the main run (A/B)");
+  app.add_option("--profile_variants", profile_variants,
+                 "NAME=VALUE environment settings to profile per op after the main run (in-step A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
@@ -233,7 +263,7 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, variants, peak, &r) != 0) return 1;
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, variants, profile_variants, peak, &r) != 0) return 1;
     results.push_back(r);
   }
   std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (no head) | MFU (with head) |\n|---|---|---|---|---|---|\n");

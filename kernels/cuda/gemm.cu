@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -63,25 +65,60 @@ std::string AlgoConfig(const cublasLtMatmulAlgo_t& algo) {
   return buf;
 }
 
+// cuBLASLt's first heuristic choice is replaced by a fixed configuration from its own top-8
+// candidate list where an in-step measurement found a faster one. The candidate list is a
+// function of the shape, device and library only, so the choice is the same in every run
+// (bitwise-reproducible training; timing-based autotuning is not); a preferred configuration
+// missing from the list (another card or library) leaves the heuristic's choice.
+struct PreferredConfig {
+  uint32_t tile, custom;
+  uint16_t cluster;
+  int32_t splitk = 1;
+};
+
 // Short reductions (k <= kShortK, bf16 output): cuBLASLt's first choice for these is a
 // 192x192 or 256x128 tile, while the in-step profile (bench/RESULTS.md, helper llama8; H200,
 // cuBLAS 13) ran the llama-125m products with k = 768 8-17% faster on the candidates below
 // (tile, custom option, cluster shape as cuBLASLt numbers them): 128x160 / option 1 / 2x1x1 and,
-// for the LM head's logits (n = 50304), 176x128 / option 2 / 1x2x1. The first of the heuristic's
-// top candidates matching the list in order (split-K 1) replaces its first choice; the candidate
-// list is a function of the shape, device and library only, so the choice is the same in every
-// run (bitwise-reproducible training; timing-based autotuning is not). At k = 2048 and more the
-// same configurations did not win in the step and the heuristic's choice stays.
+// for the LM head's logits (n = 50304), 176x128 / option 2 / 1x2x1, the first matching in order.
 // Measured at 25M-825M output elements; smaller products (decoding's few rows, tests' odd
 // shapes) keep the heuristic's choice.
 constexpr int64_t kShortK = 1024, kShortKMinOutput = int64_t{4} << 20;
-struct PreferredConfig {
-  uint32_t tile, custom;
-  uint16_t cluster;
-};
 constexpr PreferredConfig kShortKPreferred[] = {
     {CUBLASLT_MATMUL_TILE_128x160, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1},
     {CUBLASLT_MATMUL_TILE_176x128, 2, CUBLASLT_CLUSTER_SHAPE_1x2x1},
+};
+
+// Longer reductions at the Llama training shapes (helper llama9, bench/RESULTS.md session 8):
+// every candidate of the heuristic's top 8 timed inside the training step
+// (llama_step_bench --profile_variants GYRE_GEMM_PICK=*:<i>, 2 profiled steps each, normalised
+// by the attention kernels' time as a clock proxy; H200, cuBLAS 13). Entries are the exact
+// products (our m, n, k, transposes, output type, beta) of llama-125m at 16 x 2048 tokens and
+// llama-1.3b at 8 x 2048 where a candidate beat the heuristic's first by >= 1.4% (3+ standard
+// deviations of six default repeats) and the table beat the heuristic again in a second call
+// (three alternating repeats each); other shapes keep the heuristic's choice. The gains are per
+// op at a normalised clock: the H200 runs these steps at its power limit, and a faster GEMM
+// lowers the clock of the rest of the step (bench/RESULTS.md: step medians moved much less).
+struct ShapePreference {
+  int64_t m, n, k;
+  bool trans_a, trans_b, f32_out, beta;
+  PreferredConfig config;
+};
+constexpr ShapePreference kShapePreferred[] = {
+    // llama-125m (d 768, MLP 2048, 32768 tokens); normalised ms per step (12 calls), call 1 / call 2
+    {2304, 768, 32768, true, false, true, false, {CUBLASLT_MATMUL_TILE_128x128, 3, CUBLASLT_CLUSTER_SHAPE_2x4x1}},  // qkv dW, split-K 2 -> 1: -0.108 / -0.118
+    {768, 2048, 32768, true, false, true, false, {CUBLASLT_MATMUL_TILE_96x128, 0, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // down dW, split-K 3 -> 1: -0.046 / -0.061
+    {768, 768, 32768, true, false, true, false, {CUBLASLT_MATMUL_TILE_192x192, 6, CUBLASLT_CLUSTER_SHAPE_1x2x1, 8}},  // o dW, split-K 5 -> 8: -0.039 / -0.045
+    {32768, 768, 2048, false, true, false, true, {CUBLASLT_MATMUL_TILE_128x128, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // down fwd (+= residual): -0.067 / -0.041
+    {32768, 768, 2304, false, false, false, false, {CUBLASLT_MATMUL_TILE_128x128, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // qkv dX: -0.029 / -0.096
+    // llama-1.3b (d 2048, MLP 5504, 16384 tokens); the same, 24 calls
+    {11008, 2048, 16384, true, false, true, false, {CUBLASLT_MATMUL_TILE_256x96, 5, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // gate_up dW: -1.27 / -1.27
+    {16384, 11008, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_168x128, 2, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // gate_up fwd: -1.87 / -2.09
+    {16384, 6144, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_176x128, 2, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // qkv fwd: -0.80 / -1.16
+    {16384, 5504, 2048, false, false, false, false, {CUBLASLT_MATMUL_TILE_128x128, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // down dX: -1.26 / -1.05
+    {16384, 2048, 2048, false, false, false, false, {CUBLASLT_MATMUL_TILE_128x160, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // o dX: -0.19 / -0.19
+    {16384, 2048, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_128x160, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // o fwd: -0.19 / -0.23
+    {6144, 2048, 16384, true, false, true, false, {CUBLASLT_MATMUL_TILE_128x128, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // qkv dW: -0.26 / -0.10
 };
 
 bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
@@ -97,7 +134,60 @@ bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
                                               sizeof(cluster), &w) == CUBLAS_STATUS_SUCCESS &&
          cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk),
                                               &w) == CUBLAS_STATUS_SUCCESS &&
-         tile == want.tile && custom == want.custom && cluster == want.cluster && splitk <= 1;
+         tile == want.tile && custom == want.custom && cluster == want.cluster &&
+         (splitk == want.splitk || (splitk <= 1 && want.splitk <= 1));
+}
+
+// The preferred configurations of a product, in order (empty: the heuristic's first choice).
+std::vector<PreferredConfig> PreferredFor(const GemmArgs& g) {
+  for (const ShapePreference& p : kShapePreferred) {
+    if (p.m == g.m && p.n == g.n && p.k == g.k && p.trans_a == g.trans_a && p.trans_b == g.trans_b &&
+        p.f32_out == (g.c_dtype == DType::kF32) && p.beta == (g.beta != 0.f) && g.epilogue == GemmEpilogue::kNone) {
+      return {p.config};
+    }
+  }
+  if (g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16) {
+    return {std::begin(kShortKPreferred), std::end(kShortKPreferred)};
+  }
+  return {};
+}
+
+// GYRE_GEMM_PICK (measurement only, never a default): "<selector>:<index>[s<split-K>]", comma-
+// separated, first match wins. Selector: "MxNxK" (our m, n, k), "dw" (weight-gradient products:
+// transposed A, f32 output) or "*" (every product with k > kShortK). The plan takes the heuristic's
+// candidate <index> (of kPickCandidates) instead of its first choice, optionally with its split-K
+// count replaced (checked with cublasLtMatmulAlgoCheck). Used to time fixed configurations inside
+// the training step (bench/llama_step_bench --profile_variants); a winner becomes a fixed rule.
+constexpr int kPickCandidates = 16;
+struct Pick {
+  int index = -1, splitk = 0;
+};
+
+Pick PickFor(const GemmArgs& g) {
+  const char* env = std::getenv("GYRE_GEMM_PICK");
+  Pick pick;
+  if (env == nullptr || env[0] == 0) return pick;
+  const std::string spec(env);
+  const std::string shape = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t end = spec.find(',', pos);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t colon = item.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string sel = item.substr(0, colon);
+    const bool match = sel == shape || (sel == "dw" && g.trans_a && g.c_dtype == DType::kF32) ||
+                       (sel == "*" && g.k > kShortK);
+    if (!match) continue;
+    const std::string val = item.substr(colon + 1);
+    pick.index = std::atoi(val.c_str());
+    const size_t s = val.find('s');
+    if (s != std::string::npos) pick.splitk = std::atoi(val.c_str() + s + 1);
+    return pick;
+  }
+  return pick;
 }
 
 }  // namespace
@@ -138,17 +228,19 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const bool autotune = tune_env != nullptr && tune_env[0] == '1';
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
-  const bool prefer_short_k =
-      !autotune && g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16;
+  const Pick pick = autotune ? Pick{} : PickFor(g);
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
     return {};
   }
+  // Built once per plan (a cache miss), like everything below.
+  const std::vector<PreferredConfig> preferred =
+      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g);
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ct = CudaType(g.c_dtype);
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -197,11 +289,12 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                               &align_c, sizeof(align_c));
   constexpr int kCandidates = 8;
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  cublasLtMatmulHeuristicResult_t results[kPickCandidates] = {};
   int returned = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
-                                        p->b, p->c, p->c, pref, autotune || prefer_short_k ? kCandidates : 1,
+                                        p->b, p->c, p->c, pref,
+                                        pick.index >= 0 ? kPickCandidates : autotune || !preferred.empty() ? kCandidates : 1,
                                         results,
                                         &returned);
   cublasLtMatmulPreferenceDestroy(pref);
@@ -211,17 +304,51 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
                            " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k));
   }
   p->algo = results[0].algo;
-  if (prefer_short_k) {
+  const char* choice = "heuristic";
+  if (!preferred.empty()) {
     bool found = false;
-    for (const PreferredConfig& want : kShortKPreferred) {
+    choice = "heuristic (preferred not among candidates)";
+    for (const PreferredConfig& want : preferred) {
       for (int i = 0; i < returned && !found; ++i) {
         if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= ws &&
             Matches(results[i].algo, want)) {
           p->algo = results[i].algo;
           found = true;
+          choice = "preferred";
         }
       }
       if (found) break;
+    }
+  }
+  if (pick.index >= 0) {
+    if (pick.index < returned && results[pick.index].state == CUBLAS_STATUS_SUCCESS &&
+        results[pick.index].workspaceSize <= ws) {
+      cublasLtMatmulAlgo_t algo = results[pick.index].algo;
+      bool ok = true;
+      if (pick.splitk > 0) {
+        const int32_t splitk = pick.splitk;
+        uint32_t red = 0;
+        size_t w = 0;
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), &w);
+        if (splitk > 1 && red == CUBLASLT_REDUCTION_SCHEME_NONE) red = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+        if (splitk <= 1) red = CUBLASLT_REDUCTION_SCHEME_NONE;
+        cublasLtMatmulHeuristicResult_t check = {};
+        ok = cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk)) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red)) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoCheck(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c, &algo,
+                                     &check) == CUBLAS_STATUS_SUCCESS &&
+             check.workspaceSize <= ws;
+      }
+      if (ok) p->algo = algo;
+      if (log) {
+        std::fprintf(stderr, "gemm-pick m%ld n%ld k%ld #%d s%d: %s\n", (long)g.m, (long)g.n, (long)g.k, pick.index,
+                     pick.splitk, ok ? "ok" : "rejected (heuristic's first kept)");
+      }
+    } else if (log) {
+      std::fprintf(stderr, "gemm-pick m%ld n%ld k%ld #%d: only %d candidates (heuristic's first kept)\n", (long)g.m,
+                   (long)g.n, (long)g.k, pick.index, returned);
     }
   }
   if (autotune && returned > 1) {
@@ -269,9 +396,10 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     if (best >= 0 && (default_ms == 0 || best_ms < 0.97f * default_ms)) p->algo = results[best].algo;
   }
   if (log) {
-    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d)\n", (long)g.m,
+    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d) %s\n", (long)g.m,
                  (long)g.n, (long)g.k, g.trans_a, g.trans_b, g.c_dtype == DType::kBf16 ? "bf16" : "f32", g.beta != 0.f,
-                 autotune, AlgoConfig(p->algo).c_str(), returned);
+                 autotune, AlgoConfig(p->algo).c_str(), returned,
+                 autotune ? "autotune" : pick.index >= 0 ? "pick" : choice);
   }
   *plan = p.get();
   plans_.emplace(std::move(key), std::move(p));

@@ -18,8 +18,11 @@
 // calls only launch. Large products (>= 4M outputs) with a short reduction (k <= 1024) and bf16
 // output take a measured configuration from the heuristic's top 8 when it is among them
 // (gemm.cu kShortKPreferred: 128x160 tiles for llama-125m's k = 768 products, 8-17% faster in
-// the training step than the heuristic's first choice); a fixed rule, so every run picks the
-// same algorithm. GYRE_GEMM_LOG=1 prints each new plan's configuration (and, when autotuning,
+// the training step than the heuristic's first choice), and the Llama training products with
+// longer reductions that an in-step measurement found faster on another of the top 8 take that
+// one (gemm.cu kShapePreferred, exact shapes of llama-125m and llama-1.3b at 16 / 8 x 2048
+// tokens); fixed rules, so every run picks the same algorithm. GYRE_GEMM_PICK (measurement only,
+// gemm.cu) forces a candidate index for in-step A/B runs. GYRE_GEMM_LOG=1 prints each new plan's configuration (and, when autotuning,
 // every candidate's time) to stderr. The 32 MiB workspace comes from the DeviceAllocator once,
 // at Create.
 // Autotuning (GYRE_GEMM_AUTOTUNE=1, read per call; a separate plan set): the first call of a

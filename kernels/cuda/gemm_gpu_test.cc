@@ -262,6 +262,106 @@ TEST_F(GemmGpuTest, ShortReductionPlansMatchFloat64AtModelShapes) {
   unsetenv("GYRE_GEMM_LOG");
 }
 
+// The fixed configurations of gemm.cu's kShapePreferred table at three llama-125m products
+// (32768 token rows): the weight gradients of the o projection (split-K 8, reduced in the
+// workspace) and of q/k/v (128x128 tiles, no split), both overwriting a NaN-poisoned f32 output
+// (beta 0, the deferred-zero first writer), and the down projection's forward adding the bf16
+// residual (beta 1). Sampled outputs against float64; each product run twice must give the
+// same bits (no atomics in the split-K reduction). GYRE_GEMM_LOG shows the plan each one took.
+TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtLlamaShapes) {
+  setenv("GYRE_GEMM_LOG", "1", 1);
+  constexpr int64_t kRows = 32768;
+  struct WeightGradCase {
+    int64_t out, in;
+  };
+  for (const WeightGradCase& c : {WeightGradCase{768, 768}, WeightGradCase{2304, 768}}) {
+    const auto dy = RandomBf16Values(rng_, kRows * c.out);
+    const auto x = RandomBf16Values(rng_, kRows * c.in);
+    DeviceArray<__nv_bfloat16> ddy(&alloc_, dy.size()), dx(&alloc_, x.size());
+    DeviceArray<float> dw(&alloc_, c.out * c.in);
+    ddy.Upload(dy);
+    dx.Upload(x);
+    GemmArgs g;
+    g.trans_a = true;  // dW [out, in] = dYᵀ X
+    g.m = c.out;
+    g.n = c.in;
+    g.k = kRows;
+    g.a = ddy.get();
+    g.lda = c.out;
+    g.b = dx.get();
+    g.ldb = c.in;
+    g.c = dw.get();
+    g.ldc = c.in;
+    g.c_dtype = DType::kF32;
+    g.beta = 0.f;
+    std::vector<float> first;
+    for (int rep = 0; rep < 2; ++rep) {
+      dw.Poison();
+      const CudaResult r = ctx_->Gemm(g, nullptr);
+      ASSERT_TRUE(r.ok()) << r.message;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (rep == 0) first = dw.Download();
+    }
+    const auto got_all = dw.Download();
+    EXPECT_EQ(std::memcmp(first.data(), got_all.data(), first.size() * sizeof(float)), 0)
+        << "dW " << c.out << "x" << c.in << " differs between two runs";
+    std::vector<float> got;
+    std::vector<double> ref;
+    for (int64_t o = 0; o < c.out; o += c.out / 16 + 1) {
+      std::vector<double> acc(c.in, 0.0);
+      for (int64_t t = 0; t < kRows; ++t) {
+        const double d = dy[t * c.out + o];
+        const float* xr = &x[t * c.in];
+        for (int64_t i = 0; i < c.in; ++i) acc[i] += d * xr[i];
+      }
+      for (int64_t i = 0; i < c.in; ++i) {
+        ref.push_back(acc[i]);
+        got.push_back(got_all[o * c.in + i]);
+      }
+    }
+    EXPECT_TRUE(Report("gemm dW=dYt X f32, beta 0 over NaN (preferred plan, model shape)",
+                       "rows=32768 out=" + std::to_string(c.out) + " in=" + std::to_string(c.in) + " (" +
+                           std::to_string(ref.size() / c.in) + " rows of dW checked)",
+                       RelError(got, ref), testing::kTolF32Accum));
+  }
+  {  // down projection forward with the residual: Y = R + H Wᵀ, H [rows, 2048], W [768, 2048]
+    constexpr int64_t kIn = 2048, kOut = 768;
+    const auto h = RandomBf16Values(rng_, kRows * kIn);
+    const auto w = RandomBf16Values(rng_, kOut * kIn, 0.05f);
+    const auto res = RandomBf16Values(rng_, kRows * kOut);
+    DeviceArray<__nv_bfloat16> dh(&alloc_, h.size()), dw(&alloc_, w.size()), dres(&alloc_, res.size()),
+        dy(&alloc_, kRows * kOut);
+    dh.Upload(h);
+    dw.Upload(w);
+    dres.Upload(res);
+    std::vector<float> first;
+    for (int rep = 0; rep < 2; ++rep) {
+      dy.Poison();
+      const CudaResult r = LinearForward(ctx_.get(), dh.get(), dw.get(), dy.get(), DType::kBf16, kRows, kIn, kOut,
+                                         nullptr, GemmEpilogue::kNone, nullptr, dres.get());
+      ASSERT_TRUE(r.ok()) << r.message;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (rep == 0) first = dy.Download();
+    }
+    const auto got_all = dy.Download();
+    EXPECT_EQ(std::memcmp(first.data(), got_all.data(), first.size() * sizeof(float)), 0);
+    std::vector<float> got;
+    std::vector<double> ref;
+    for (int64_t i = 0; i < 61; ++i) {
+      const int64_t row = (i * 7919 + 13) % kRows;
+      for (int64_t j = 0; j < kOut; ++j) {
+        double acc = res[row * kOut + j];
+        for (int64_t t = 0; t < kIn; ++t) acc += double(h[row * kIn + t]) * w[j * kIn + t];
+        ref.push_back(acc);
+        got.push_back(got_all[row * kOut + j]);
+      }
+    }
+    EXPECT_TRUE(Report("gemm fwd Y=R+XWt bf16 (preferred plan, model shape)", "rows=32768 (61 checked) k=2048 n=768",
+                       RelError(got, ref), testing::kTolBf16));
+  }
+  unsetenv("GYRE_GEMM_LOG");
+}
+
 TEST_F(GemmGpuTest, RejectsBadArguments) {
   GemmArgs g;
   g.m = 0;
