@@ -1599,189 +1599,21 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
                  static_cast<bf16*>(nullptr), lane, len - 16 * w);
 }
 
-// bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dv slabs: the math of
-// mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there).
-// Warpgroup wg owns the key rows s = 64wg..64wg+63 (identity map, as bwd_dqk_wg / fwd_out_wg).
-// Per 64-wide dk stage (swizzled K, Q tiles [128][64] and dC_{k+1} rows [64 dk][128 dv]):
-// Sᵀ = K Qᵀ (m64n128, both K-major) and dV += K dC (dC N-major), 8 wgmma per warpgroup, one
-// commit and wait. Then Pᵀ = Sᵀ·scale ⊙ W / den (bf16 A fragments in registers, as bwd_dqk_wg's
-// dS'), dV = diag(E) dV + Pᵀ dH (register A, dH N-major), out through shared memory in 16-byte
-// pieces. kStages stages of 48 KB (kStages − 1 loads in flight while one multiplies, one
-// cp.async group per iteration as bwd_dqk_wg's phase 1); the dh slab [128 t][128 dv] loads with
-// stage 0.
-// Executed MACs per block at the 125m cell (dk 384): Sᵀ 6.3M (the full square: no per-warpgroup
-// causal skip, see the note on divergence in bwd_dqk_wg), K dC 6.3M, Pᵀ dH 2.1M = 14.7M
-// (mma.sync: 3.5M + 6.3M + 1.2M = 11.0M).
-template <int kStages>
-struct DvWgSmem {
-  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
-  static constexpr int kH = 0;               // [128 t][128 dv] dh slab (2 column blocks)
-  static constexpr int kStage0 = 2 * kTile64;
-  // Stage: K [128 s][64 dk], Q [128 t][64 dk], dC_{k+1} [64 dk][128 dv] (2 column blocks of 8 KB).
-  static constexpr int kOffQ = kTile64, kOffC = 2 * kTile64;
-  static constexpr int kStage = 3 * kTile64;
-  static constexpr int kFloats = kStage0 + kStages * kStage;
-  static constexpr size_t kBytes = kFloats + 4 * 128 * 4 + 1024;  // b, ĩ, m, 1/den; + alignment
-  static_assert(kStages >= 2, "the pipeline below needs a stage in flight");
-  static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
-  static_assert(128 * (128 + kPad) * 2 <= kStages * kStage, "dv staging rows fit in the stages");
-};
-
-template <int kStages>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg(Dims d, BwdPtrs p) {
-  using namespace hopper;
-  using SM = DvWgSmem<kStages>;
-  constexpr int L = 128, DVT = 128, kThreads = 256;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* ivs = ms + L;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  // Warp-uniform (see bwd_dqk_wg); here it only moves the A operand's start address.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const bf16* kbase = p.k + tok0 * d.DK;
-  const bf16* qbase = p.q + tok0 * d.DK;
-  const bf16* dhbase = p.dh + tok0 * d.DV + j0;
-  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV + j0;
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
-  auto load_stage = [&](int dt) {
-    unsigned char* st = stage_ptr(dt % kStages);
-    LoadTileSw<L>(st, kbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kOffQ, qbase + dt * 64, ldqk, len, tid, kThreads);
-    const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
-    LoadTileSw<64>(st + SM::kOffC, dcbase + crow, d.DV, 64, tid, kThreads);
-    LoadTileSw<64>(st + SM::kOffC + 64 * 128, dcbase + crow + 64, d.DV, 64, tid, kThreads);
-  };
-  const int ndt = d.DK / 64;
-  // cp.async group i holds stage i's tiles (group 0 also the dh slab); groups past ndt − 1 are
-  // empty, so "all but the newest kStages − 2 groups" is always through load dt.
-  LoadTileSw<L>(sm + SM::kH, dhbase, ldv, len, tid, kThreads);
-  LoadTileSw<L>(sm + SM::kH + SM::kTile64, dhbase + 64, ldv, len, tid, kThreads);
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < ndt) load_stage(i);
-    CpAsyncCommit();
-  }
-  if (tid < L) {
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
-    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
-  }
-
-  float sacc[64], vacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = vacc[i] = 0.f;
-  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  for (int dt = 0; dt < ndt; ++dt) {
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsync();
-    __syncthreads();  // load dt visible; every thread is done with step dt − 1's stage
-    if (dt + kStages - 1 < ndt) load_stage(dt + kStages - 1);
-    CpAsyncCommit();
-    const uint32_t st = sa + SM::kStage0 + (dt % kStages) * SM::kStage;
-    const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t q_d = SmemDescSw128(st + SM::kOffQ, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, k_d + ks, q_d + ks, 1);
-      WgmmaSS128<0, 1>(vacc, k_d + ks, c_d + cs, 1);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(sacc);
-    FenceRegs(vacc);
-  }
-  // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t (s = row r0 / r1 of this thread, t = column), causal
-  // t >= s; then dV rows scaled by E_s.
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float gl = bs[len - 1];
-  const float E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
-  const float E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
-  const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = nt * 8 + 2 * c + (e & 1);
-      const int s = e < 2 ? r0 : r1;
-      const float xs = e < 2 ? x0 : x1;
-      float pv = 0.f;
-      if (s <= t && t < len) pv = sacc[4 * nt + e] * d.scale * ivs[t] * __expf(bs[t] + xs - ms[t]);
-      sacc[4 * nt + e] = pv;
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    vacc[4 * nt + 0] *= E0;
-    vacc[4 * nt + 1] *= E0;
-    vacc[4 * nt + 2] *= E1;
-    vacc[4 * nt + 3] *= E1;
-  }
-  uint32_t pa[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-  }
-  // dV += Pᵀ dH: dh [t][dv] is N-major B (two 64-column blocks); Pᵀ is zero for t < s, so
-  // warpgroup 1's first four k-steps add zeros (no per-warpgroup skip, as above).
-  {
-    const uint64_t dh_d = SmemDescSw128(sa + SM::kH, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(vacc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(vacc);
-    FenceRegs(pa);
-  }
-  float dv4[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dv4[nt][e] = vacc[4 * nt + e];
-  }
-  // dv leaves through the stage buffers (no copies in flight, no wgmma reads them after this
-  // barrier): warp w stages its 16 rows at rows 16w of a padded [128][DVT + 8] buffer.
-  __syncthreads();
-  constexpr int kSH = DVT + kPad;
-  bf16* stage_s = reinterpret_cast<bf16*>(stage_ptr(0));
-  StoreAccStaged(p.dv + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
-                 static_cast<bf16*>(nullptr), ldv, dv4, stage_s + 16 * w * kSH,
-                 static_cast<bf16*>(nullptr), lane, len - 16 * w);
-}
-
-// The same product with one block per (head, chunk) for all dv slabs (helper mlstm8, not yet
-// measured): Sᵀ and Pᵀ are computed once (mlstm_bwd_dv_wg recomputes them in each of the DV/128
-// slab blocks: at the 125m cell 12.6M of 44M MACs per head-chunk) and Pᵀ stays in registers
-// (bf16 A fragments) while the block walks the slabs: slab 0's dk stages carry K, Q and dC tiles
-// (Sᵀ and K dC_0), later slabs' K and dC (K dC_j; K re-read from L2). One cp.async pipeline of
-// kStages 48 KB stages runs across the slabs; the dh slab of slab j + 1 loads at slab j + 1's
-// first step (its barrier follows slab j's last read of the dh buffer); dv leaves through its own
-// staging buffer (warp-private rows), so the next slab's loads stay in flight meanwhile.
-// Per head-chunk at the 125m cell: 6.3M + 3 × (6.3M + 2.1M) = 31.5M MACs (the slab kernel 44M,
-// mma.sync 33M); 1024 blocks.
+// bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and dv a multiple of 128: the math of
+// mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there), one
+// block per (head, chunk) for all 128-column dv slabs (helper mlstm8). Warpgroup wg owns the key
+// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_wg / fwd_out_wg). Per 64-wide dk stage
+// (swizzled K, Q tiles [128][64], dC_{k+1} rows [64 dk][128 dv]): slab 0 computes Sᵀ = K Qᵀ
+// (m64n128, both K-major) once with dV_0 += K dC (dC N-major); Pᵀ = Sᵀ·scale ⊙ W / den then stays
+// in registers (bf16 A fragments, bwd_dqk_wg's dS' mapping) while the block walks the slabs:
+// slab j's dk stages load K (again, from L2) and dC_j, then dV_j = diag(E) dV_j + Pᵀ dH_j
+// (register A, dH N-major). One cp.async pipeline of kStages 48 KB stages runs across the slabs;
+// the dh slab of slab j + 1 loads at slab j + 1's first step (its barrier follows slab j's last
+// read of the dh buffer); dv leaves through its own staging buffer (warp-private rows), so the
+// next slab's loads stay in flight meanwhile.
+// Per head-chunk at the 125m cell: 6.3M + 3 × (6.3M + 2.1M) = 31.5M MACs (mma.sync 33M; the
+// one-block-per-slab wgmma version of session 8, which recomputed Sᵀ per slab, 44M, lost to this
+// kernel and was deleted in session 9); 1024 blocks.
 template <int kStages>
 struct DvWgFusedSmem {
   static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
@@ -1898,7 +1730,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
         FenceRegs(sacc);
         FenceRegs(vacc);
       }
-      // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s (as mlstm_bwd_dv_wg), to bf16 A
+      // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s, to bf16 A
       // fragments kept for every slab.
       const float gl = bs[len - 1];
       E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
@@ -3662,11 +3494,10 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
   return cl;
 }
 
-// MlstmBwdDvKernel resolved to the stage count of mlstm_bwd_dv_wg, or 0 for the mma.sync kernel
-// (also wherever the wgmma kernel does not apply: chunk != 128 or 64-column dv slabs).
-// GYRE_MLSTM_BWD_DV is read once per process (the kAuto choice); an unknown value is an error.
+// MlstmBwdDvKernel resolved: the fused warpgroup-MMA kernel or the mma.sync one (also wherever
+// the wgmma kernel does not apply: chunk != 128 or 64-column dv slabs). GYRE_MLSTM_BWD_DV is read
+// once per process (the kAuto choice); an unknown value is an error.
 struct BwdDvChoice {
-  int wg_stages = 0;
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
 };
@@ -3674,19 +3505,9 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
     BwdDvChoice c;
     const char* e = std::getenv("GYRE_MLSTM_BWD_DV");
-    if (e == nullptr || std::strcmp(e, "wgf") == 0) {  // the default (measured: RESULTS.md,
-      c.wg_stages = 3;                                  // session 8 lead, 0.542 -> 0.335 ms)
-      c.fused = true;
-      return c;
-    }
-    if (std::strcmp(e, "mma") == 0) return c;
-    if (std::strcmp(e, "wg") == 0) {
-      c.wg_stages = 3;
-    } else if (std::strcmp(e, "wg2") == 0) {
-      c.wg_stages = 2;
-    } else if (std::strcmp(e, "wg4") == 0) {
-      c.wg_stages = 4;
-    } else {
+    if (e == nullptr || std::strcmp(e, "wgf") == 0) {  // the default (measured: session 8,
+      c.fused = true;                                   // 0.542 -> 0.335 ms)
+    } else if (std::strcmp(e, "mma") != 0) {
       c.bad_env = e;
     }
     return c;
@@ -3695,18 +3516,9 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   switch (o.bwd_dv) {
     case MlstmBwdDvKernel::kAuto: c = from_env; break;
     case MlstmBwdDvKernel::kMmaSync: break;
-    case MlstmBwdDvKernel::kWgmma: c.wg_stages = 3; break;
-    case MlstmBwdDvKernel::kWgmma2Stages: c.wg_stages = 2; break;
-    case MlstmBwdDvKernel::kWgmma4Stages: c.wg_stages = 4; break;
-    case MlstmBwdDvKernel::kWgmmaFused:
-      c.wg_stages = 3;
-      c.fused = true;
-      break;
+    case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) {  // the mma.sync kernel (a bad env value stays)
-    c.wg_stages = 0;
-    c.fused = false;
-  }
+  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
   return c;
 }
 
@@ -3878,7 +3690,7 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
-// dv: BwdDvKernel's choice (wg_stages 0 = the mma.sync bwd_dv).
+// dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
                           cudaStream_t stream) {
@@ -3918,16 +3730,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     Hook("mlstm_bwd_dv", stream);
     return {};
   };
-  auto dv_wg = [&](auto stages_tag) -> CudaResult {
-    constexpr int kStages = decltype(stages_tag)::value;
-    const size_t smem = DvWgSmem<kStages>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg<kStages>, smem));
-    mlstm_bwd_dv_wg<kStages><<<dim3(d.DV / 128, d.NC, bh), 256, smem, stream>>>(d, p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
-    Hook("mlstm_bwd_dv", stream);
-    return {};
-  };
-  const int dv_wg_stages = dv_choice.wg_stages;
   if (L == 128 && dv_choice.fused) {  // BwdDvKernel checked chunk 128 and 128-column slabs
     constexpr int kStages = 3;
     const size_t smem = DvWgFusedSmem<kStages>::kBytes;
@@ -3935,10 +3737,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
-  } else if (L == 128 && dv_wg_stages != 0) {
-    CUDA_RETURN_IF_NOT_OK(dv_wg_stages == 2   ? dv_wg(std::integral_constant<int, 2>{})
-                          : dv_wg_stages == 4 ? dv_wg(std::integral_constant<int, 4>{})
-                                              : dv_wg(std::integral_constant<int, 3>{}));
   } else if (DvSlab(d.DV) == 128) {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
   } else {
@@ -4096,7 +3894,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   }
   const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
   if (dv_choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma, wg, wg2, wg4 or wgf, got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
   }
   Dims d = MakeDims(shape, options);
