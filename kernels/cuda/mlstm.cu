@@ -90,7 +90,9 @@
 #include "kernels/cuda/mlstm.h"
 
 #include <cooperative_groups.h>
+#include <cuda.h>  // CUtensorMap
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 #include <cmath>
@@ -2477,6 +2479,329 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   }
 }
 
+// bwd_dqk with a TMA producer warp (helper mlstm9; opt-in until measured: MlstmBwdDqkKernel /
+// GYRE_MLSTM_BWD_DQK=ws). The math, the shared-memory layout (DqkWgSmem) and the two consumer
+// warpgroups' products are mlstm_bwd_dqk_wg's; what changes is how tiles arrive and how the
+// warpgroups wait for them:
+//   - warpgroup 0 (one thread; 40 registers after setmaxnreg) issues every tile load as a TMA copy (cp.async.bulk.tensor, the 128-byte
+//     swizzle these tiles already use; zeros past the sequence end as LoadTileSw) onto an
+//     mbarrier per stage ("full": expect_tx bytes); consumers arrive on the stage's "empty"
+//     mbarrier (one arrival per warp) once their wgmma that read it retired, and the producer
+//     refills it at once (no block barrier anywhere after the start);
+//   - the consumers keep one wgmma group in flight across the wait for the next stage (wait
+//     depth 1), so the tensor pipe is fed while the next stage's barrier resolves;
+//   - phase 1: three 64 KB stages (as before); Q and K load into stage 0's region once its last
+//     phase-1 user arrived; phase 3's two 48 KB stages load once all of phase 1 is consumed
+//     (they overlap stages 1 and 2), i.e. during phase 2; the two warpgroups meet on a named
+//     barrier (256 threads) after phase 1 (dS' overwrites stage 1 and the per-row vectors are
+//     read) and before dK += dS'ᵀ Q (dS' is written by both).
+// 384 threads: the producer warpgroup and two consumer warpgroups (232 registers after
+// setmaxnreg; 128 · 40 + 256 · 232 <= 65536). (288 threads, one producer warp, cap every thread
+// at 168 registers: three warps on one SM sub-partition; that build spilled.)
+// Count at the 125m cell: the same 35.7M MACs and L2 -> SM bytes per block as mlstm_bwd_dqk_wg.
+struct DqkWsBars {  // mbarrier byte offsets after DqkWgSmem's tiles and vectors
+  static constexpr int kFull1 = 0, kEmpty1 = 24, kFullQK = 48, kFull3 = 56, kEmpty3 = 72;
+  static constexpr int kBytes = 88;
+};
+
+struct DqkTmaMaps {
+  CUtensorMap q, k, v, dh;  // 4-d: (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;      // 2-d: (dv, rows of [BH][NC+1][dk]), box 64 × 128
+  CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+  using namespace hopper;
+  using SM = DqkWgSmem<SPLIT>;
+  constexpr int L = 128, DKT = 128, kConsumers = 256;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  unsigned char *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* ivs = ms + L;
+  float* dds = ivs + L;
+  float* nks = dds + L;     // [DKT] n_k
+  float* dnks = nks + DKT;  // [DKT] dn_{k+1}
+  const uint32_t bars = sa + SM::kFloats + (5 * L + 2 * DKT) * 4;
+  const uint32_t full1 = bars + DqkWsBars::kFull1, empty1 = bars + DqkWsBars::kEmpty1;
+  const uint32_t full_qk = bars + DqkWsBars::kFullQK;
+  const uint32_t full3 = bars + DqkWsBars::kFull3, empty3 = bars + DqkWsBars::kEmpty3;
+  const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int njt = d.DV / 64;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 3; ++i) {
+      MbInit(full1 + 8 * i, 1);
+      MbInit(empty1 + 8 * i, 8);
+    }
+    MbInit(full_qk, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full3 + 8 * i, 1);
+      MbInit(empty3 + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
+      const int dc_row = (bh * d.NC + k) * d.DK + a0;
+      constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
+      for (int jt = 0; jt < njt; ++jt) {
+        const int slot = jt % 3, use = jt / 3;
+        if (use > 0) MbWait(empty1 + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + slot * SM::kP1Stage, fb = full1 + 8 * slot;
+        MbArriveExpectTx(fb, kP1Bytes);
+        TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
+        TmaTile2d(st + 2 * SM::kTile64, &maps.c, fb, jt * 64, c_row);
+        if constexpr (SPLIT) TmaTile2d(st + 3 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
+      }
+      // Q, K into stage 0's region after its last phase-1 use.
+      const int last0 = (njt - 1) / 3;  // uses of stage 0: 0..last0
+      MbWait(empty1, last0 & 1);
+      MbArriveExpectTx(full_qk, 4 * SM::kTile64);
+      TmaTile4d(sa + SM::kQ, &maps.q, full_qk, a0, hd, t0, b);
+      TmaTile4d(sa + SM::kQ + SM::kTile64, &maps.q, full_qk, a0 + 64, hd, t0, b);
+      TmaTile4d(sa + SM::kK, &maps.k, full_qk, a0, hd, t0, b);
+      TmaTile4d(sa + SM::kK + SM::kTile64, &maps.k, full_qk, a0 + 64, hd, t0, b);
+      // Phase 3's stages overlap phase-1 stages 1 and 2: wait for their last uses.
+      for (int slot = 1; slot < 3 && slot < njt; ++slot) {
+        MbWait(empty1 + 8 * slot, ((njt - 1 - slot) / 3) & 1);
+      }
+      for (int jt = 0; jt < njt; ++jt) {
+        const int slot = jt & 1, use = jt >> 1;
+        if (use > 0) MbWait(empty3 + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full3 + 8 * slot;
+        MbArriveExpectTx(fb, kP3Bytes);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, jt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.dc, fb, jt * 64, dc_row);
+        if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warps 4-11 (consumer thread index tid 0..255), warpgroup wg owns rows
+  // 64wg..64wg+63.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
+
+  // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles; one wgmma group in flight
+  // while the next stage's mbarrier is awaited.
+  float pacc[64], qacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
+  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
+  for (int jt = 0; jt < njt; ++jt) {
+    const int slot = jt % 3;
+    MbWait(full1 + 8 * slot, (jt / 3) & 1);
+    const uint32_t st = sa + slot * SM::kP1Stage;
+    const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + 3 * SM::kTile64, 16, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t step = (kk * 32) >> 4;
+      WgmmaSS128<0, 0>(pacc, dh_d + step, v_d + step, 1);
+      WgmmaSS128<0, 0>(qacc, dh_d + step, c_d + step, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + step, clo_d + step, 1);
+    }
+    WgmmaCommit();
+    if (jt > 0) {
+      WgmmaWait<1>();  // step jt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty1 + 8 * ((jt - 1) % 3));
+    }
+  }
+  WgmmaWait<0>();
+  FenceRegs(pacc);
+  FenceRegs(qacc);
+  if (lane == 0) MbArrive(empty1 + 8 * ((njt - 1) % 3));
+  // Both warpgroups are done with phase 1 (dS' overwrites stage 1's region); the vectors landed.
+  NamedBarrierSync(1, kConsumers);
+  // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
+  // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      float v = 0.f;
+      if (s <= r && r < len) {
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
+      }
+      pacc[4 * nt + e] = v;
+    }
+  }
+  uint32_t pa[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
+  }
+  FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier below)
+  {
+    const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
+      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
+      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
+      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
+    }
+  }
+  MbWait(full_qk, 0);
+  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
+  {
+    const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(qacc);
+    FenceRegs(pa);
+  }
+  {
+    bf16* dqbase = p.dq + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
+      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
+      dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
+      dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+  // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
+  float kacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
+  for (int jt = 0; jt < njt; ++jt) {
+    const int slot = jt & 1;
+    MbWait(full3 + 8 * slot, (jt >> 1) & 1);
+    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
+    const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
+    const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
+    const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t step = (kk * 32) >> 4;
+      WgmmaSS128<0, 0>(kacc, v_d + step, dc_d + step, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + step, dclo_d + step, 1);
+    }
+    WgmmaCommit();
+    if (jt > 0) {
+      WgmmaWait<1>();
+      if (lane == 0) MbArrive(empty3 + 8 * ((jt - 1) & 1));
+    }
+  }
+  WgmmaWait<0>();
+  FenceRegs(kacc);
+  {
+    const float gl = bs[len - 1];
+    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
+      kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
+      kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
+      kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
+    }
+  }
+  NamedBarrierSync(1, kConsumers);  // dS' from both warpgroups written (and fenced)
+  // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
+  // N-major B.
+  {
+    const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
+    const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint64_t step = (kk * 16 * 128) >> 4;
+      WgmmaSS128<1, 1>(kacc, ds_d + step, q_d + step, 1);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(kacc);
+  }
+  {
+    bf16* dkbase = p.dk + tok0 * d.DK + a0;
+    float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
+      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
+      dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
+      dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
+      if (r0 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
+      if (r1 < len)
+        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
+    }
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    if (c == 0) {
+      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
+      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
+    }
+  }
+}
+
 // fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs; the math of
 // mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as bwd_dqk_wg).
 // Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128 dv]):
@@ -2682,6 +3007,227 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
   __syncthreads();
   constexpr int kSH = DVT + kPad;
   bf16* hi_s = reinterpret_cast<bf16*>(stage_ptr(0));
+  bf16* lo_s = hi_s + L * kSH;
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
+  if (blockIdx.x == 0 && c == 0) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+    if (r0 < len) p.den_tok[o + r0] = den0;
+    if (r1 < len) p.den_tok[o + r1] = den1;
+  }
+}
+
+// fwd_out with a TMA producer (helper mlstm9; opt-in until measured: MlstmFwdOutKernel /
+// GYRE_MLSTM_FWD_OUT=ws): mlstm_fwd_out_wg's math, layout (OutWgSmem) and products, with
+// warpgroup 0 issuing the V slab and the two dk stages (Q, K [128][64], C hi / lo [64 dk][128
+// dv] as two [64][64] boxes each) as TMA copies onto mbarriers (full / empty per stage, as
+// mlstm_bwd_dqk_ws), no block barrier in the dk loop, one wgmma group in flight while the next
+// stage is awaited (its stage is released after the following group is issued). 384 threads
+// (consumers: 232 registers after setmaxnreg).
+struct OutWsMaps {
+  CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 64
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  using namespace hopper;
+  using SM = OutWgSmem<SPLIT>;
+  constexpr int L = 128, DVT = 128, kConsumers = 256;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* nks = ms + L;  // [DK] n_k
+  // mbarriers after the vectors: full V, full[2], empty[2].
+  const uint32_t bars = sa + SM::kFloats + (3 * L + d.DK) * 4;
+  const uint32_t full_v = bars, full = bars + 8, empty = bars + 24;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int ndt = d.DK / 64;
+  if (threadIdx.x == 0) {
+    MbInit(full_v, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      for (int dt = 0; dt < ndt; ++dt) {
+        const int slot = dt & 1, use = dt >> 1;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full + 8 * slot;
+        MbArriveExpectTx(fb, kStageBytes);
+        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
+        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
+        if constexpr (SPLIT) {
+          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
+          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+        }
+        if (dt == 0) {  // V after the first stage (needed only after the dk loop)
+          MbArriveExpectTx(full_v, 2 * SM::kTile64);
+          TmaTile4d(sa + SM::kV, &maps.v, full_v, j0, hd, t0, b);
+          TmaTile4d(sa + SM::kV + SM::kTile64, &maps.v, full_v, j0 + 64, hd, t0, b);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  if (tid < L) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[o] : 0.f;
+    ms[tid] = ok ? p.m_tok[o] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+  }
+  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
+  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
+
+  float sacc[64], hacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  float qn0 = 0.f, qn1 = 0.f;
+  const uint32_t own = wg * 64 * 128;
+  for (int dt = 0; dt < ndt; ++dt) {
+    const int slot = dt & 1;
+    MbWait(full + 8 * slot, (dt >> 1) & 1);
+    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
+    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+    }
+    WgmmaCommit();
+    {  // q̂·n_k under the wgmma
+      const unsigned char* qt = sm + SM::kStages + slot * SM::kStage;
+      const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+        }
+      }
+    }
+    if (dt > 0) {
+      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty + 8 * ((dt - 1) & 1));
+    }
+  }
+  WgmmaWait<0>();
+  FenceRegs(sacc);
+  FenceRegs(hacc);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+  // Gating: P = S·scale ⊙ W (causal), row sums.
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    hacc[4 * i + 0] *= d.scale * G0;
+    hacc[4 * i + 1] *= d.scale * G0;
+    hacc[4 * i + 2] *= d.scale * G1;
+    hacc[4 * i + 3] *= d.scale * G1;
+  }
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  MbWait(full_v, 0);
+  {
+    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+  float h4[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+  // h (and its lo part) leave through the stage buffers as in mlstm_fwd_out_wg, once both
+  // warpgroups' wgmma are done with them (every TMA load into them has completed: all were
+  // awaited above).
+  NamedBarrierSync(1, kConsumers);
+  constexpr int kSH = DVT + kPad;
+  bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
   bf16* lo_s = hi_s + L * kSH;
   StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
                  SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
@@ -3500,6 +4046,9 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 struct BwdDvChoice {
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
+  // bwd_dqk (BwdDqkKernel below): mlstm_bwd_dqk_ws where mlstm_bwd_dqk_wg would run.
+  bool dqk_ws = false;
+  const char* bad_dqk_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DQK value
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -3520,6 +4069,47 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   }
   if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
   return c;
+}
+
+// MlstmBwdDqkKernel resolved into c.dqk_ws (LaunchBackward applies it only where the warpgroup
+// bwd_dqk runs). GYRE_MLSTM_BWD_DQK is read once per process; an unknown value is an error.
+void BwdDqkKernel(const MlstmOptions& o, BwdDvChoice& c) {
+  static const BwdDvChoice from_env = [] {
+    BwdDvChoice e;
+    const char* v = std::getenv("GYRE_MLSTM_BWD_DQK");
+    if (v == nullptr || std::strcmp(v, "wg") == 0) return e;  // the default until measured
+    if (std::strcmp(v, "ws") == 0) {
+      e.dqk_ws = true;
+    } else {
+      e.bad_dqk_env = v;
+    }
+    return e;
+  }();
+  switch (o.bwd_dqk) {
+    case MlstmBwdDqkKernel::kAuto:
+      c.dqk_ws = from_env.dqk_ws;
+      c.bad_dqk_env = from_env.bad_dqk_env;
+      break;
+    case MlstmBwdDqkKernel::kWgmma: c.dqk_ws = false; break;
+    case MlstmBwdDqkKernel::kWarpSpecialized: c.dqk_ws = true; break;
+  }
+}
+
+// MlstmFwdOutKernel resolved: true = mlstm_fwd_out_ws where mlstm_fwd_out_wg would run.
+// GYRE_MLSTM_FWD_OUT is read once per process; an unknown value is returned in *bad_env.
+bool FwdOutWs(const MlstmOptions& o, const char** bad_env) {
+  static const char* env = std::getenv("GYRE_MLSTM_FWD_OUT");
+  static const bool env_ws = env != nullptr && std::strcmp(env, "ws") == 0;
+  static const bool env_bad = env != nullptr && !env_ws && std::strcmp(env, "wg") != 0;
+  *bad_env = nullptr;
+  switch (o.fwd_out) {
+    case MlstmFwdOutKernel::kAuto:
+      if (env_bad) *bad_env = env;
+      return env_ws;
+    case MlstmFwdOutKernel::kWgmma: return false;
+    case MlstmFwdOutKernel::kWarpSpecialized: return true;
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -3583,8 +4173,92 @@ CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribut
   return {};
 }
 
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A bf16 map with 64-column × `box_rows` boxes in the 128-byte swizzle (zeros outside `dims`):
+// rank 4 = (columns, heads, tokens, batch) of a [B][S][NH][cols] tensor, rank 2 = (columns, rows).
+CudaResult EncodeSwizzledMap(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
+                             const cuuint64_t* strides_bytes, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return {1, "cuTensorMapEncodeTiled: not found in the driver"};
+  const cuuint32_t box4[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t box2[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<bf16*>(base),
+                            dims, strides_bytes, rank == 4 ? box4 : box2, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return {static_cast<int>(r),
+            "mlstm bwd_dqk: cuTensorMapEncodeTiled failed (error " + std::to_string(r) + ")"};
+  }
+  return {};
+}
+
+// The eight maps of mlstm_bwd_dqk_ws (lo maps alias the hi ones when the states are single bf16).
+CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const auto rows2 = [&](CUtensorMap* map, const bf16* base, int64_t rows) {
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+    return EncodeSwizzledMap(map, base, 2, dims, strides, 128);
+  };
+  const int64_t bh = static_cast<int64_t>(d.B) * d.NH;
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->dh, p.dh, d.DV));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->c, p.sc, bh * (d.NC + 1) * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->c_lo, d.split ? p.sc_lo : p.sc, bh * (d.NC + 1) * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc, p.dc, bh * d.NC * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc_lo, d.split ? p.dc_lo : p.dc, bh * d.NC * d.DK));
+  return {};
+}
+
+// The five maps of mlstm_fwd_out_ws (c_lo aliases c when the states are single bf16).
+CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.sc, 2, dims, strides, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.sc_lo : p.sc, 2, dims, strides, 64));
+  return {};
+}
+
+// out_ws: FwdOutWs's choice (mlstm_fwd_out_ws instead of mlstm_fwd_out_wg).
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, bool out_ws, cudaStream_t stream) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -3643,6 +4317,20 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
+    if (d.wg_out && out_ws) {
+      auto out_ws_launch = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
+        OutWsMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws<SPLIT>, smem));
+        mlstm_fwd_out_ws<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+        Hook("mlstm_fwd_out", stream);
+        return {};
+      };
+      return d.split ? out_ws_launch(T{}) : out_ws_launch(F{});
+    }
     if (d.wg_out) {
       auto out_wg = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
@@ -3756,6 +4444,21 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   using F = std::false_type;
   if constexpr (L == 128) {
     if (d.wg_dqk) {
+      auto dqk_ws = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
+        DqkTmaMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws<SPLIT>, smem));
+        mlstm_bwd_dqk_ws<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+        Hook("mlstm_bwd_dqk", stream);
+        return {};
+      };
+      if (dv_choice.dqk_ws) {
+        CUDA_RETURN_IF_NOT_OK(d.split ? dqk_ws(T{}) : dqk_ws(F{}));
+        return LaunchGatesBwd(d, p, stream);
+      }
       auto dqk_wg = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
         const size_t smem = DqkWgSmem<SPLIT>::kBytes;
@@ -3837,6 +4540,12 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
+  const char* bad_out_env = nullptr;
+  const bool out_ws = FwdOutWs(options, &bad_out_env);
+  if (bad_out_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be wg or ws, got '") +
+                           bad_out_env + "'");
+  }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -3866,10 +4575,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.n_out = final_state.n;
   p.m_out = final_state.m;
   switch (d.L) {
-    case 16: return LaunchForward<16>(d, p, stream);
-    case 32: return LaunchForward<32>(d, p, stream);
-    case 64: return LaunchForward<64>(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream);
+    case 16: return LaunchForward<16>(d, p, false, stream);
+    case 32: return LaunchForward<32>(d, p, false, stream);
+    case 64: return LaunchForward<64>(d, p, false, stream);
+    default: return LaunchForward<128>(d, p, out_ws, stream);
   }
 }
 
@@ -3892,10 +4601,15 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
       !Aligned16(dh) || !Aligned16(grads.dq) || !Aligned16(grads.dk) || !Aligned16(grads.dv)) {
     return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
   }
-  const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
+  BwdDvChoice dv_choice = BwdDvKernel(shape, options);
   if (dv_choice.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
+  }
+  BwdDqkKernel(options, dv_choice);
+  if (dv_choice.bad_dqk_env != nullptr) {
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DQK must be wg or ws, got '") +
+                           dv_choice.bad_dqk_env + "'");
   }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
