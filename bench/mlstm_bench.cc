@@ -132,8 +132,6 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
-  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DQK (unset: wg)
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;  // kAuto: GYRE_MLSTM_FWD_OUT (unset: wg)
 };
 
 struct Problem {
@@ -158,8 +156,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
-  opt.bwd_dqk = pr.variant.bwd_dqk;
-  opt.fwd_out = pr.variant.fwd_out;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -432,17 +428,6 @@ int main(int argc, char** argv) {
   };
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
-  // bwd_dqk with the TMA producer warp (helper mlstm9; chunk 128 with 128-column slabs).
-  gyre::cuda::Variant dqk_ws = v2;
-  dqk_ws.name = "dqk-ws";
-  dqk_ws.bwd_dqk = gyre::cuda::MlstmBwdDqkKernel::kWarpSpecialized;
-  // fwd_out with the TMA producer, and both.
-  gyre::cuda::Variant out_ws = v2;
-  out_ws.name = "out-ws";
-  out_ws.fwd_out = gyre::cuda::MlstmFwdOutKernel::kWarpSpecialized;
-  gyre::cuda::Variant both_ws = dqk_ws;
-  both_ws.name = "ws";
-  both_ws.fwd_out = gyre::cuda::MlstmFwdOutKernel::kWarpSpecialized;
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -457,11 +442,6 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_whi},
       {"xlstm-125m-cell", s125, 128, dv_mma},  {"xlstm-125m-cell", s125, 128, dv_wgf},
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
-      {"xlstm-125m-cell", s125, 128, dqk_ws},  {"xlstm-1.3b-like", s13, 128, dqk_ws},
-      {"xlstm-7b-heads", s7, 128, dqk_ws},     {"xlstm-125m-cell", s125, 128, out_ws},
-      {"xlstm-1.3b-like", s13, 128, out_ws},   {"xlstm-7b-heads", s7, 128, out_ws},
-      {"xlstm-125m-cell", s125, 128, both_ws}, {"xlstm-1.3b-like", s13, 128, both_ws},
-      {"xlstm-7b-heads", s7, 128, both_ws},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -52,7 +52,8 @@
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
 // Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
-// primitives in hopper_mma.cuh): mlstm_fwd_out_wg and mlstm_bwd_dqk_wg (128-column slabs), and
+// primitives in hopper_mma.cuh): mlstm_fwd_out_ws and mlstm_bwd_dqk_ws (128-column slabs; a TMA
+// producer warpgroup and mbarrier stages since session 9), and
 // state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
 // memory, three stages in bwd_dqk's phase 1. bwd_dv at chunk 128 with 128-column dv slabs runs
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
@@ -258,8 +259,8 @@ struct Dims {
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
   // Warpgroup-MMA (wgmma) kernels where the shape allows them; the mma.sync kernels elsewhere.
-  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_wg (L 128, 128-column dq/dk slabs)
-  bool wg_out;     // fwd_out: mlstm_fwd_out_wg (L 128, 128-column h slabs)
+  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_ws (L 128, 128-column dq/dk slabs)
+  bool wg_out;     // fwd_out: mlstm_fwd_out_ws (L 128, 128-column h slabs)
   bool wg_state;   // state_fwd / state_bwd with WG (L 128, 128×128 tiles)
 };
 
@@ -1604,10 +1605,10 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
 // bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and dv a multiple of 128: the math of
 // mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there), one
 // block per (head, chunk) for all 128-column dv slabs (helper mlstm8). Warpgroup wg owns the key
-// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_wg / fwd_out_wg). Per 64-wide dk stage
+// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_ws / fwd_out_ws). Per 64-wide dk stage
 // (swizzled K, Q tiles [128][64], dC_{k+1} rows [64 dk][128 dv]): slab 0 computes Sᵀ = K Qᵀ
 // (m64n128, both K-major) once with dV_0 += K dC (dC N-major); Pᵀ = Sᵀ·scale ⊙ W / den then stays
-// in registers (bf16 A fragments, bwd_dqk_wg's dS' mapping) while the block walks the slabs:
+// in registers (bf16 A fragments, bwd_dqk_ws's dS' mapping) while the block walks the slabs:
 // slab j's dk stages load K (again, from L2) and dC_j, then dV_j = diag(E) dV_j + Pᵀ dH_j
 // (register A, dH N-major). One cp.async pipeline of kStages 48 KB stages runs across the slabs;
 // the dh slab of slab j + 1 loads at slab j + 1's first step (its barrier follows slab j's last
@@ -1646,7 +1647,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   float* ms = igs + L;
   float* ivs = ms + L;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_wg)
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_ws)
   const int k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -1837,7 +1838,7 @@ struct DqkSmem {
 // The per-token and per-column vectors of one bwd_dqk block, into shared memory: b, m, ĩ, 1/den
 // and dden of the chunk's L tokens (padding rows: ĩ = −∞, the rest 0); n_k and dn_{k+1} (summed
 // over state_bwd's parts) of the block's DKT dk columns; in chunk 0, dn0 for d_initial. Shared by
-// mlstm_bwd_dqk and mlstm_bwd_dqk_wg.
+// mlstm_bwd_dqk and mlstm_bwd_dqk_ws.
 template <int L, int DKT>
 __device__ __forceinline__ void LoadDqkVectors(const Dims& d, const BwdPtrs& p, int tid, int threads,
                                                int len, int64_t so, int64_t tok0, int bh, int k,
@@ -2150,16 +2151,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   }
 }
 
-// bwd_dqk on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dq/dk slabs. The same three
-// phases and math as mlstm_bwd_dqk above; what changes is how the products run:
-//   - the 256 threads are two warpgroups; warpgroup wg owns the chunk's rows 64wg..64wg+63 (the
-//     identity warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be
-//     expressed: a wgmma's 64 rows are contiguous in its A operand);
-//   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), loaded by
-//     cp.async 16-byte copies into the swizzled positions (DqkWgSmem: three stages in phase 1,
-//     two in phase 3);
+// bwd_dqk on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dq/dk slabs: mlstm_bwd_dqk_ws
+// below. The same three phases and math as mlstm_bwd_dqk above; what changes is how the products
+// run:
+//   - two consumer warpgroups; warpgroup wg owns the chunk's rows 64wg..64wg+63 (the identity
+//     warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be expressed: a
+//     wgmma's 64 rows are contiguous in its A operand);
+//   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), written by TMA
+//     (DqkWgSmem: three stages in phase 1, two in phase 3);
 //   - phase 1: dP = dH Vᵀ and Y = dH C_kᵀ (hi + lo) are m64n128k16 wgmma with both operands in
-//     shared memory (K-major), 12 per stage and warpgroup, one commit, one wait;
+//     shared memory (K-major), 12 per stage and warpgroup, one commit;
 //   - dQ += dS' K with dS' in registers (the dP accumulators packed to bf16, as attention's P·V)
 //     and K N-major in shared memory;
 //   - phase 3: V dC_{k+1}ᵀ (hi + lo) as phase 1; dK += dS'ᵀ Q with dS' from shared memory as an
@@ -2173,7 +2174,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
 // Shared memory (192 KB of tiles) is laid out twice. Phase 1 (no Q, K or dS' needed yet): three
 // stages of 64 KB (dh, V, C_k, C_k lo tiles, [128][64] each), so two stages load while one
 // multiplies. Phases 2-3: Q, K, dS' (32 KB each) and two 48 KB stages (dC lo, V, dC). Q and K
-// load into phase-1 stage 0 once its last user is done (inside the loop when possible).
+// load into phase-1 stage 0 once its last user is done.
 template <bool SPLIT>
 struct DqkWgSmem {
   static constexpr int kL = 128, kDKT = 128;
@@ -2195,310 +2196,25 @@ struct DqkWgSmem {
 };
 
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
-  using namespace hopper;
-  using SM = DqkWgSmem<SPLIT>;
-  constexpr int L = 128, DKT = 128, kThreads = 256;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  unsigned char *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* ivs = ms + L;
-  float* dds = ivs + L;
-  float* nks = dds + L;     // [DKT] n_k
-  float* dnks = nks + DKT;  // [DKT] dn_{k+1}
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  // Broadcast from lane 0 so that ptxas sees a warp-uniform value: wgmma under a branch on a
-  // per-thread value gets serialised (warning C7520), as in CUTLASS's canonical_warp_group_idx.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
-  const int64_t dcoff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
-  const bf16* cbase = p.sc + coff;
-  const bf16* dcbase = p.dc + dcoff;
-  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
-  const bf16* dclobase = SPLIT ? p.dc_lo + dcoff : nullptr;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-
-  auto load_qk = [&] {
-    LoadTileSw<L>(qs, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(qs + SM::kTile64, p.q + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-  };
-  LoadDqkVectors<L, DKT>(d, p, tid, kThreads, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
-  // Phase-1 stage jt % 3: dh, V, C_k, C_k lo at 0, 16, 32, 48 KB.
-  auto load_p1 = [&](int jt) {
-    unsigned char* st = sm + (jt % SM::kP1Stages) * SM::kP1Stage;
-    LoadTileSw<L>(st, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kTile64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<DKT>(st + 2 * SM::kTile64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
-    if constexpr (SPLIT) {
-      LoadTileSw<DKT>(st + 3 * SM::kTile64, clobase + jt * 64, d.DV, DKT, tid, kThreads);
-    }
-  };
-  auto load_p3 = [&](int jt, int stage) {
-    unsigned char* st = stage_ptr(stage);
-    LoadTileSw<L>(st + SM::kOffV, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<DKT>(st + SM::kOffC, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
-    if constexpr (SPLIT) LoadTileSw<DKT>(st, dclobase + jt * 64, d.DV, DKT, tid, kThreads);
-    CpAsyncCommit();
-  };
-  // Waits for this thread's copies, makes them visible to the async proxy, then the barrier.
-  auto land = [&](bool last) {
-    if (last) {
-      CpAsyncWait<0>();
-    } else {
-      CpAsyncWait<1>();
-    }
-    FenceProxyAsync();
-    __syncthreads();
-  };
-
-  // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles.
-  float pacc[64], qacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
-  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  const int njt = d.DV / 64;
-  // Every iteration commits one cp.async group (load jt + 2, or Q and K once phase-1 stage 0
-  // has no user left, or nothing), so "all but the newest group" is always load jt.
-  const int last_stage0 = (njt - 1) / SM::kP1Stages * SM::kP1Stages;  // last jt in stage 0
-  bool qk_loaded = false;
-  load_p1(0);
-  CpAsyncCommit();
-  if (njt > 1) load_p1(1);
-  CpAsyncCommit();
-  for (int jt = 0; jt < njt; ++jt) {
-    CpAsyncWait<1>();
-    FenceProxyAsync();
-    __syncthreads();  // load jt visible; every thread is done with step jt − 1's stage
-    if (jt + 2 < njt) {
-      load_p1(jt + 2);
-    } else if (jt == last_stage0 + 1) {
-      load_qk();
-      qk_loaded = true;
-    }
-    CpAsyncCommit();
-    const uint32_t st = sa + (jt % SM::kP1Stages) * SM::kP1Stage;
-    const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
-    const uint64_t clo_d = SmemDescSw128(st + 3 * SM::kTile64, 16, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t step = (kk * 32) >> 4;
-      WgmmaSS128<0, 0>(pacc, dh_d + step, v_d + step, 1);
-      WgmmaSS128<0, 0>(qacc, dh_d + step, c_d + step, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + step, clo_d + step, 1);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(pacc);
-    FenceRegs(qacc);
-  }
-  __syncthreads();  // phase 1's stages are free
-  if (!qk_loaded) load_qk();
-  CpAsyncCommit();
-  load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs
-  CpAsyncWait<1>();  // Q and K
-  FenceProxyAsync();
-  __syncthreads();
-  // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
-  // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      float v = 0.f;
-      if (s <= r && r < len) {
-        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
-        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
-      }
-      pacc[4 * nt + e] = v;
-    }
-  }
-  uint32_t pa[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-    const int col = 16 * kk + 2 * c;
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
-  }
-  FenceProxyAsync();  // dS' is read by phase 3's wgmma (after its barriers)
-  {
-    const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
-      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
-      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
-      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
-    }
-  }
-  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks); keys past this warpgroup's
-  // last row are zero in dS', so warpgroup 0 stops at key 63.
-  {
-    const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(qacc);
-    FenceRegs(pa);
-  }
-  {
-    bf16* dqbase = p.dq + tok0 * d.DK + a0;
-    float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
-      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
-      dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
-      dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
-    }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-    if (c == 0) {
-      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
-  }
-  // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
-  float kacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
-  for (int jt = 0; jt < njt; ++jt) {
-    if (jt + 1 < njt) load_p3(jt + 1, (jt + 1) & 1);
-    land(jt + 1 >= njt);
-    const uint32_t st = sa + SM::kStages + (jt & 1) * SM::kStage;
-    const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
-    const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
-    const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t step = (kk * 32) >> 4;
-      WgmmaSS128<0, 0>(kacc, v_d + step, dc_d + step, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + step, dclo_d + step, 1);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(kacc);
-    __syncthreads();
-  }
-  {
-    const float gl = bs[len - 1];
-    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
-    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
-      kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
-      kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
-      kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
-    }
-  }
-  // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
-  // N-major B; queries before this warpgroup's first key are zero in dS' (warpgroup 1 starts
-  // at query 64). dS' and Q landed before phase 3's barriers.
-  {
-    const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
-    const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const uint64_t step = (kk * 16 * 128) >> 4;
-      WgmmaSS128<1, 1>(kacc, ds_d + step, q_d + step, 1);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(kacc);
-  }
-  {
-    bf16* dkbase = p.dk + tok0 * d.DK + a0;
-    float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
-      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
-      dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
-      dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
-    }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-    if (c == 0) {
-      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
-  }
-}
-
-// bwd_dqk with a TMA producer warp (helper mlstm9; opt-in until measured: MlstmBwdDqkKernel /
-// GYRE_MLSTM_BWD_DQK=ws). The math, the shared-memory layout (DqkWgSmem) and the two consumer
-// warpgroups' products are mlstm_bwd_dqk_wg's; what changes is how tiles arrive and how the
-// warpgroups wait for them:
-//   - warpgroup 0 (one thread; 40 registers after setmaxnreg) issues every tile load as a TMA copy (cp.async.bulk.tensor, the 128-byte
-//     swizzle these tiles already use; zeros past the sequence end as LoadTileSw) onto an
+// bwd_dqk with a TMA producer (helper mlstm9): the products above, fed by
+//   - warpgroup 0 (one thread; 40 registers after setmaxnreg) issuing every tile load as a TMA
+//     copy (cp.async.bulk.tensor, the 128-byte swizzle; zeros past the sequence end) onto an
 //     mbarrier per stage ("full": expect_tx bytes); consumers arrive on the stage's "empty"
 //     mbarrier (one arrival per warp) once their wgmma that read it retired, and the producer
 //     refills it at once (no block barrier anywhere after the start);
 //   - the consumers keep one wgmma group in flight across the wait for the next stage (wait
 //     depth 1), so the tensor pipe is fed while the next stage's barrier resolves;
-//   - phase 1: three 64 KB stages (as before); Q and K load into stage 0's region once its last
-//     phase-1 user arrived; phase 3's two 48 KB stages load once all of phase 1 is consumed
-//     (they overlap stages 1 and 2), i.e. during phase 2; the two warpgroups meet on a named
-//     barrier (256 threads) after phase 1 (dS' overwrites stage 1 and the per-row vectors are
-//     read) and before dK += dS'ᵀ Q (dS' is written by both).
+//   - phase 1: three 64 KB stages; Q and K load into stage 0's region once its last phase-1
+//     user arrived; phase 3's two 48 KB stages load once all of phase 1 is consumed (they overlap
+//     stages 1 and 2), i.e. during phase 2; the two warpgroups meet on a named barrier (256
+//     threads) after phase 1 (dS' overwrites stage 1 and the per-row vectors are read) and
+//     before dK += dS'ᵀ Q (dS' is written by both).
 // 384 threads: the producer warpgroup and two consumer warpgroups (232 registers after
 // setmaxnreg; 128 · 40 + 256 · 232 <= 65536). (288 threads, one producer warp, cap every thread
 // at 168 registers: three warps on one SM sub-partition; that build spilled.)
-// Count at the 125m cell: the same 35.7M MACs and L2 -> SM bytes per block as mlstm_bwd_dqk_wg.
+// Measured against the cp.async version it replaced (256 threads, a block barrier per stage;
+// H200, session 9): 0.834 -> 0.675 ms at the 125m cell (ncu: DRAM 47% -> 58% of peak, tensor
+// pipe 28% -> 34%, barrier stalls 28% -> 7%), 0.347 -> 0.289 ms at the 1.3b layout.
 struct DqkWsBars {  // mbarrier byte offsets after DqkWgSmem's tiles and vectors
   static constexpr int kFull1 = 0, kEmpty1 = 24, kFullQK = 48, kFull3 = 56, kEmpty3 = 72;
   static constexpr int kBytes = 88;
@@ -2802,14 +2518,14 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs; the math of
-// mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as bwd_dqk_wg).
-// Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128 dv]):
-// S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per warpgroup, one
-// commit and wait; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each). Then
-// P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
+// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws below,
+// the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
+// bwd_dqk). Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128
+// dv]): S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per
+// warpgroup, one commit; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each).
+// Then P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
 // Executed MACs per block at the 125m cell (dk 384): S 6.3M (the full square: no per-warpgroup
-// causal skip, see the note on divergence in bwd_dqk_wg), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
+// causal skip, see the note on divergence at bwd_dqk), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
 // 3.5M + 12.6M + 2.4M = 18.5M).
 template <bool SPLIT>
 struct OutWgSmem {
@@ -2823,208 +2539,14 @@ struct OutWgSmem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 1024; }
 };
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
-  using namespace hopper;
-  using SM = OutWgSmem<SPLIT>;
-  constexpr int L = 128, DVT = 128, kThreads = 256;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  unsigned char* vs = sm + SM::kV;
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* nks = ms + L;  // [DK] n_k
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = tid >> 7;
-  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const bf16* qbase = p.q + tok0 * d.DK;
-  const bf16* kbase = p.k + tok0 * d.DK;
-  const bf16* vbase = p.v + tok0 * d.DV + j0;
-  const int64_t coff = (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
-  const bf16* cbase = p.sc + coff;
-  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
-  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
-  auto load_stage = [&](int dt, int stage) {
-    unsigned char* st = stage_ptr(stage);
-    LoadTileSw<L>(st, qbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kOffK, kbase + dt * 64, ldqk, len, tid, kThreads);
-    const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
-    LoadTileSw<64>(st + SM::kOffC, cbase + crow, d.DV, 64, tid, kThreads);
-    LoadTileSw<64>(st + SM::kOffC + 64 * 128, cbase + crow + 64, d.DV, 64, tid, kThreads);
-    if constexpr (SPLIT) {
-      LoadTileSw<64>(st + SM::kOffClo, clobase + crow, d.DV, 64, tid, kThreads);
-      LoadTileSw<64>(st + SM::kOffClo + 64 * 128, clobase + crow + 64, d.DV, 64, tid, kThreads);
-    }
-    CpAsyncCommit();
-  };
-  LoadTileSw<L>(vs, vbase, ldv, len, tid, kThreads);
-  LoadTileSw<L>(vs + SM::kTile64, vbase + 64, ldv, len, tid, kThreads);
-  CpAsyncCommit();
-  load_stage(0, 0);
-  if (tid < L) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[o] : 0.f;
-    ms[tid] = ok ? p.m_tok[o] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-  }
-  for (int i = tid; i < d.DK; i += kThreads) nks[i] = nbase[i];
-
-  float sacc[64], hacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
-  // q̂·n_k: lane c of the 4 lanes of row group g sums dk columns 16c..16c+15 of each stage
-  // for rows r0 and r1 (fp32 FMAs of the bf16 q and fp32 n).
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  float qn0 = 0.f, qn1 = 0.f;
-  const uint32_t own = wg * 64 * 128;
-  const int ndt = d.DK / 64;
-  for (int dt = 0; dt < ndt; ++dt) {
-    if (dt + 1 < ndt) {
-      load_stage(dt + 1, (dt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    FenceProxyAsync();
-    __syncthreads();
-    const uint32_t st = sa + SM::kStages + (dt & 1) * SM::kStage;
-    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
-    }
-    WgmmaCommit();
-    {  // q̂·n_k under the wgmma
-      const unsigned char* qt = stage_ptr(dt & 1);
-      const float* nk = nks + dt * 64 + 16 * c;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
-        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
-        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
-          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
-          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
-          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
-        }
-      }
-    }
-    WgmmaWait<0>();
-    FenceRegs(sacc);
-    FenceRegs(hacc);
-    __syncthreads();
-  }
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
-
-  // Gating: P = S·scale ⊙ W (causal), row sums.
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-      float pv = 0.f;
-      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
-      sacc[4 * nt + e] = pv;
-      if (e < 2) rs0 += pv; else rs1 += pv;
-    }
-  }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
-  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    hacc[4 * i + 0] *= d.scale * G0;
-    hacc[4 * i + 1] *= d.scale * G0;
-    hacc[4 * i + 2] *= d.scale * G1;
-    hacc[4 * i + 3] *= d.scale * G1;
-  }
-  uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
-  {
-    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pa);
-    FenceRegs(palo);
-  }
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-  float h4[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
-  // h (and its lo part) leave through the stage buffers (no copies in flight, no wgmma reads
-  // them after this barrier) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two
-  // padded [128][DVT + 8] buffers (34 KB each) in the stage region.
-  __syncthreads();
-  constexpr int kSH = DVT + kPad;
-  bf16* hi_s = reinterpret_cast<bf16*>(stage_ptr(0));
-  bf16* lo_s = hi_s + L * kSH;
-  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
-                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
-                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
-  if (blockIdx.x == 0 && c == 0) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
-    if (r0 < len) p.den_tok[o + r0] = den0;
-    if (r1 < len) p.den_tok[o + r1] = den1;
-  }
-}
-
-// fwd_out with a TMA producer (helper mlstm9; opt-in until measured: MlstmFwdOutKernel /
-// GYRE_MLSTM_FWD_OUT=ws): mlstm_fwd_out_wg's math, layout (OutWgSmem) and products, with
-// warpgroup 0 issuing the V slab and the two dk stages (Q, K [128][64], C hi / lo [64 dk][128
-// dv] as two [64][64] boxes each) as TMA copies onto mbarriers (full / empty per stage, as
-// mlstm_bwd_dqk_ws), no block barrier in the dk loop, one wgmma group in flight while the next
-// stage is awaited (its stage is released after the following group is issued). 384 threads
-// (consumers: 232 registers after setmaxnreg).
+// fwd_out with a TMA producer (helper mlstm9): the products above, with warpgroup 0 issuing
+// the V slab and the two dk stages (Q, K [128][64], C hi / lo [64 dk][128 dv] as two [64][64]
+// boxes each) as TMA copies onto mbarriers (full / empty per stage, as mlstm_bwd_dqk_ws), no
+// block barrier in the dk loop, one wgmma group in flight while the next stage is awaited (its
+// stage is released after the following group is issued). 384 threads (consumers: 232 registers
+// after setmaxnreg; the cp.async version it replaced used 255 and spilled 124 bytes).
+// Measured against that version (H200, session 9): 0.573 -> 0.556 ms at the 125m cell, 0.313 ->
+// 0.284 ms at the 1.3b layout. Only two stages fit beside the V slab (227 KB).
 struct OutWsMaps {
   CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
   CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 64
@@ -3222,9 +2744,10 @@ __global__ void __launch_bounds__(384, 1)
     h4[nt][2] = hacc[4 * nt + 2] * inv1;
     h4[nt][3] = hacc[4 * nt + 3] * inv1;
   }
-  // h (and its lo part) leave through the stage buffers as in mlstm_fwd_out_wg, once both
-  // warpgroups' wgmma are done with them (every TMA load into them has completed: all were
-  // awaited above).
+  // h (and its lo part) leave through the stage buffers (no wgmma reads them once both
+  // warpgroups passed the barrier; every TMA load into them has completed: all were awaited
+  // above) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two padded [128][DVT + 8]
+  // buffers (34 KB each) in the stage region.
   NamedBarrierSync(1, kConsumers);
   constexpr int kSH = DVT + kPad;
   bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
@@ -4046,9 +3569,6 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 struct BwdDvChoice {
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
-  // bwd_dqk (BwdDqkKernel below): mlstm_bwd_dqk_ws where mlstm_bwd_dqk_wg would run.
-  bool dqk_ws = false;
-  const char* bad_dqk_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DQK value
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -4069,47 +3589,6 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   }
   if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
   return c;
-}
-
-// MlstmBwdDqkKernel resolved into c.dqk_ws (LaunchBackward applies it only where the warpgroup
-// bwd_dqk runs). GYRE_MLSTM_BWD_DQK is read once per process; an unknown value is an error.
-void BwdDqkKernel(const MlstmOptions& o, BwdDvChoice& c) {
-  static const BwdDvChoice from_env = [] {
-    BwdDvChoice e;
-    const char* v = std::getenv("GYRE_MLSTM_BWD_DQK");
-    if (v == nullptr || std::strcmp(v, "wg") == 0) return e;  // the default until measured
-    if (std::strcmp(v, "ws") == 0) {
-      e.dqk_ws = true;
-    } else {
-      e.bad_dqk_env = v;
-    }
-    return e;
-  }();
-  switch (o.bwd_dqk) {
-    case MlstmBwdDqkKernel::kAuto:
-      c.dqk_ws = from_env.dqk_ws;
-      c.bad_dqk_env = from_env.bad_dqk_env;
-      break;
-    case MlstmBwdDqkKernel::kWgmma: c.dqk_ws = false; break;
-    case MlstmBwdDqkKernel::kWarpSpecialized: c.dqk_ws = true; break;
-  }
-}
-
-// MlstmFwdOutKernel resolved: true = mlstm_fwd_out_ws where mlstm_fwd_out_wg would run.
-// GYRE_MLSTM_FWD_OUT is read once per process; an unknown value is returned in *bad_env.
-bool FwdOutWs(const MlstmOptions& o, const char** bad_env) {
-  static const char* env = std::getenv("GYRE_MLSTM_FWD_OUT");
-  static const bool env_ws = env != nullptr && std::strcmp(env, "ws") == 0;
-  static const bool env_bad = env != nullptr && !env_ws && std::strcmp(env, "wg") != 0;
-  *bad_env = nullptr;
-  switch (o.fwd_out) {
-    case MlstmFwdOutKernel::kAuto:
-      if (env_bad) *bad_env = env;
-      return env_ws;
-    case MlstmFwdOutKernel::kWgmma: return false;
-    case MlstmFwdOutKernel::kWarpSpecialized: return true;
-  }
-  return false;
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -4256,9 +3735,8 @@ CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
   return {};
 }
 
-// out_ws: FwdOutWs's choice (mlstm_fwd_out_ws instead of mlstm_fwd_out_wg).
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, bool out_ws, cudaStream_t stream) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -4317,7 +3795,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, bool out_ws, cudaStrea
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
-    if (d.wg_out && out_ws) {
+    if (d.wg_out) {
       auto out_ws_launch = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
         const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
@@ -4330,18 +3808,6 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, bool out_ws, cudaStrea
         return {};
       };
       return d.split ? out_ws_launch(T{}) : out_ws_launch(F{});
-    }
-    if (d.wg_out) {
-      auto out_wg = [&](auto split_tag) -> CudaResult {
-        constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK);
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_wg<SPLIT>, smem));
-        mlstm_fwd_out_wg<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 256, smem, stream>>>(d, p);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
-        Hook("mlstm_fwd_out", stream);
-        return {};
-      };
-      return d.split ? out_wg(T{}) : out_wg(F{});
     }
   }
   if (d.out_slab == 128) {
@@ -4455,20 +3921,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
         Hook("mlstm_bwd_dqk", stream);
         return {};
       };
-      if (dv_choice.dqk_ws) {
-        CUDA_RETURN_IF_NOT_OK(d.split ? dqk_ws(T{}) : dqk_ws(F{}));
-        return LaunchGatesBwd(d, p, stream);
-      }
-      auto dqk_wg = [&](auto split_tag) -> CudaResult {
-        constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = DqkWgSmem<SPLIT>::kBytes;
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_wg<SPLIT>, smem));
-        mlstm_bwd_dqk_wg<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 256, smem, stream>>>(d, p);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
-        Hook("mlstm_bwd_dqk", stream);
-        return {};
-      };
-      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_wg(T{}) : dqk_wg(F{}));
+      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_ws(T{}) : dqk_ws(F{}));
       return LaunchGatesBwd(d, p, stream);
     }
   }
@@ -4540,12 +3993,6 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
-  const char* bad_out_env = nullptr;
-  const bool out_ws = FwdOutWs(options, &bad_out_env);
-  if (bad_out_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be wg or ws, got '") +
-                           bad_out_env + "'");
-  }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -4575,10 +4022,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.n_out = final_state.n;
   p.m_out = final_state.m;
   switch (d.L) {
-    case 16: return LaunchForward<16>(d, p, false, stream);
-    case 32: return LaunchForward<32>(d, p, false, stream);
-    case 64: return LaunchForward<64>(d, p, false, stream);
-    default: return LaunchForward<128>(d, p, out_ws, stream);
+    case 16: return LaunchForward<16>(d, p, stream);
+    case 32: return LaunchForward<32>(d, p, stream);
+    case 64: return LaunchForward<64>(d, p, stream);
+    default: return LaunchForward<128>(d, p, stream);
   }
 }
 
@@ -4601,15 +4048,10 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
       !Aligned16(dh) || !Aligned16(grads.dq) || !Aligned16(grads.dk) || !Aligned16(grads.dv)) {
     return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
   }
-  BwdDvChoice dv_choice = BwdDvKernel(shape, options);
+  const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
   if (dv_choice.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
-  }
-  BwdDqkKernel(options, dv_choice);
-  if (dv_choice.bad_dqk_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DQK must be wg or ws, got '") +
-                           dv_choice.bad_dqk_env + "'");
   }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);

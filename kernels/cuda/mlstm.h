@@ -112,28 +112,6 @@ enum class MlstmBwdDvKernel {
                    // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
-// Which kernel computes dQ, dK in the backward (step 7, bwd_dqk) at chunk 128 with 128-column
-// dq/dk slabs (elsewhere the mma.sync kernel runs whatever this says). Same math and operands.
-enum class MlstmBwdDqkKernel {
-  kAuto,              // GYRE_MLSTM_BWD_DQK (read once per process): "wg" or unset = kWgmma,
-                      // "ws" = kWarpSpecialized; any other value makes MlstmChunkwiseBackward
-                      // return an error naming it
-  kWgmma,             // mlstm_bwd_dqk_wg: 256 threads, cp.async stages, block barriers
-  kWarpSpecialized,   // mlstm_bwd_dqk_ws: a TMA producer warp, mbarrier stages, one wgmma
-                      // group in flight (helper mlstm9; opt-in until measured)
-};
-
-// Which kernel computes h in the forward (step 3, fwd_out) at chunk 128 with 128-column h slabs
-// (elsewhere the mma.sync kernel runs whatever this says). Same math and operands.
-enum class MlstmFwdOutKernel {
-  kAuto,              // GYRE_MLSTM_FWD_OUT (read once per process): "wg" or unset = kWgmma,
-                      // "ws" = kWarpSpecialized; any other value makes MlstmChunkwiseForward
-                      // return an error naming it
-  kWgmma,             // mlstm_fwd_out_wg: 256 threads, cp.async stages, block barriers
-  kWarpSpecialized,   // mlstm_fwd_out_ws: a TMA producer warpgroup, mbarrier stages (helper
-                      // mlstm9; opt-in until measured)
-};
-
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -156,10 +134,6 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  // Backward only (see MlstmBwdDqkKernel; kAuto follows GYRE_MLSTM_BWD_DQK, default kWgmma).
-  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;
-  // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kWgmma).
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
