@@ -105,7 +105,7 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // occupancy; at chunk 128 the warpgroup-MMA fwd_out / bwd_dqk where the slab is 128 columns);
 // "v2-t128" the one-block-per-head gate scans, 128×128 state tiles (the warpgroup-MMA state
 // kernels at chunk 128) and 64-column io slabs (the mma.sync fwd_out / bwd_dqk).
-// "v1-t128" was added after the last device run of helper mlstm7 (first run in session 8).
+// "v1-t128" was added after the last device run of helper mlstm7 (it ran in session 9's call 1).
 // "v2-dvwgf": v2 with the warpgroup-MMA bwd_dv forced (MlstmBwdDvKernel::kWgmmaFused, one block
 // per head-chunk for all dv slabs), run only where that kernel applies (chunk 128, dv a multiple
 // of 128); added by helper mlstm8, first run in session 8 (all PASS).
