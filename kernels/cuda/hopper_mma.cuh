@@ -127,5 +127,58 @@ __device__ __forceinline__ void FenceRegs(float (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
 }
 
+// mbarriers, named barriers and TMA tile loads (sm_90), for producer / consumer pipelines. `bar`
+// is the shared-memory address of an 8-byte mbarrier. (The attention kernels keep their own
+// copies under other names.)
+__device__ __forceinline__ void MbInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialised mbarriers visible to the async proxy (TMA) before a block barrier.
+__device__ __forceinline__ void MbInitFence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbArrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// One arrival that also expects `bytes` of TMA transactions in this phase.
+__device__ __forceinline__ void MbArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Spins until the phase with the given parity (0 for the first use, then 1, 0, ...) completed.
+__device__ __forceinline__ void MbWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+// bar.sync on named barrier `id` (1..15; 0 is __syncthreads) among `threads` threads.
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// TMA tile loads into shared memory completing `bar`'s transaction bytes; `map` is the address
+// of a __grid_constant__ CUtensorMap kernel parameter, coordinates innermost first.
+__device__ __forceinline__ void TmaTile2d(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                          int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void TmaTile4d(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                          int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
 
 }  // namespace gyre::cuda::hopper

@@ -52,7 +52,8 @@
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
 // Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
-// primitives in hopper_mma.cuh): mlstm_fwd_out_wg and mlstm_bwd_dqk_wg (128-column slabs), and
+// primitives in hopper_mma.cuh): mlstm_fwd_out_ws and mlstm_bwd_dqk_ws (128-column slabs; a TMA
+// producer warpgroup and mbarrier stages since session 9), and
 // state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
 // memory, three stages in bwd_dqk's phase 1. bwd_dv at chunk 128 with 128-column dv slabs runs
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
@@ -90,7 +91,9 @@
 #include "kernels/cuda/mlstm.h"
 
 #include <cooperative_groups.h>
+#include <cuda.h>  // CUtensorMap
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 #include <cmath>
@@ -256,8 +259,8 @@ struct Dims {
   int out_slab;    // DVT of fwd_out (resolved MlstmOptions::io_slab)
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
   // Warpgroup-MMA (wgmma) kernels where the shape allows them; the mma.sync kernels elsewhere.
-  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_wg (L 128, 128-column dq/dk slabs)
-  bool wg_out;     // fwd_out: mlstm_fwd_out_wg (L 128, 128-column h slabs)
+  bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_ws (L 128, 128-column dq/dk slabs)
+  bool wg_out;     // fwd_out: mlstm_fwd_out_ws (L 128, 128-column h slabs)
   bool wg_state;   // state_fwd / state_bwd with WG (L 128, 128×128 tiles)
 };
 
@@ -1599,189 +1602,21 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
                  static_cast<bf16*>(nullptr), lane, len - 16 * w);
 }
 
-// bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dv slabs: the math of
-// mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there).
-// Warpgroup wg owns the key rows s = 64wg..64wg+63 (identity map, as bwd_dqk_wg / fwd_out_wg).
-// Per 64-wide dk stage (swizzled K, Q tiles [128][64] and dC_{k+1} rows [64 dk][128 dv]):
-// Sᵀ = K Qᵀ (m64n128, both K-major) and dV += K dC (dC N-major), 8 wgmma per warpgroup, one
-// commit and wait. Then Pᵀ = Sᵀ·scale ⊙ W / den (bf16 A fragments in registers, as bwd_dqk_wg's
-// dS'), dV = diag(E) dV + Pᵀ dH (register A, dH N-major), out through shared memory in 16-byte
-// pieces. kStages stages of 48 KB (kStages − 1 loads in flight while one multiplies, one
-// cp.async group per iteration as bwd_dqk_wg's phase 1); the dh slab [128 t][128 dv] loads with
-// stage 0.
-// Executed MACs per block at the 125m cell (dk 384): Sᵀ 6.3M (the full square: no per-warpgroup
-// causal skip, see the note on divergence in bwd_dqk_wg), K dC 6.3M, Pᵀ dH 2.1M = 14.7M
-// (mma.sync: 3.5M + 6.3M + 1.2M = 11.0M).
-template <int kStages>
-struct DvWgSmem {
-  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
-  static constexpr int kH = 0;               // [128 t][128 dv] dh slab (2 column blocks)
-  static constexpr int kStage0 = 2 * kTile64;
-  // Stage: K [128 s][64 dk], Q [128 t][64 dk], dC_{k+1} [64 dk][128 dv] (2 column blocks of 8 KB).
-  static constexpr int kOffQ = kTile64, kOffC = 2 * kTile64;
-  static constexpr int kStage = 3 * kTile64;
-  static constexpr int kFloats = kStage0 + kStages * kStage;
-  static constexpr size_t kBytes = kFloats + 4 * 128 * 4 + 1024;  // b, ĩ, m, 1/den; + alignment
-  static_assert(kStages >= 2, "the pipeline below needs a stage in flight");
-  static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
-  static_assert(128 * (128 + kPad) * 2 <= kStages * kStage, "dv staging rows fit in the stages");
-};
-
-template <int kStages>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg(Dims d, BwdPtrs p) {
-  using namespace hopper;
-  using SM = DvWgSmem<kStages>;
-  constexpr int L = 128, DVT = 128, kThreads = 256;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* ivs = ms + L;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  // Warp-uniform (see bwd_dqk_wg); here it only moves the A operand's start address.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const bf16* kbase = p.k + tok0 * d.DK;
-  const bf16* qbase = p.q + tok0 * d.DK;
-  const bf16* dhbase = p.dh + tok0 * d.DV + j0;
-  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV + j0;
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
-  auto load_stage = [&](int dt) {
-    unsigned char* st = stage_ptr(dt % kStages);
-    LoadTileSw<L>(st, kbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kOffQ, qbase + dt * 64, ldqk, len, tid, kThreads);
-    const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
-    LoadTileSw<64>(st + SM::kOffC, dcbase + crow, d.DV, 64, tid, kThreads);
-    LoadTileSw<64>(st + SM::kOffC + 64 * 128, dcbase + crow + 64, d.DV, 64, tid, kThreads);
-  };
-  const int ndt = d.DK / 64;
-  // cp.async group i holds stage i's tiles (group 0 also the dh slab); groups past ndt − 1 are
-  // empty, so "all but the newest kStages − 2 groups" is always through load dt.
-  LoadTileSw<L>(sm + SM::kH, dhbase, ldv, len, tid, kThreads);
-  LoadTileSw<L>(sm + SM::kH + SM::kTile64, dhbase + 64, ldv, len, tid, kThreads);
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < ndt) load_stage(i);
-    CpAsyncCommit();
-  }
-  if (tid < L) {
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
-    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
-  }
-
-  float sacc[64], vacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = vacc[i] = 0.f;
-  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  for (int dt = 0; dt < ndt; ++dt) {
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsync();
-    __syncthreads();  // load dt visible; every thread is done with step dt − 1's stage
-    if (dt + kStages - 1 < ndt) load_stage(dt + kStages - 1);
-    CpAsyncCommit();
-    const uint32_t st = sa + SM::kStage0 + (dt % kStages) * SM::kStage;
-    const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t q_d = SmemDescSw128(st + SM::kOffQ, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, k_d + ks, q_d + ks, 1);
-      WgmmaSS128<0, 1>(vacc, k_d + ks, c_d + cs, 1);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(sacc);
-    FenceRegs(vacc);
-  }
-  // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t (s = row r0 / r1 of this thread, t = column), causal
-  // t >= s; then dV rows scaled by E_s.
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float gl = bs[len - 1];
-  const float E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
-  const float E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
-  const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = nt * 8 + 2 * c + (e & 1);
-      const int s = e < 2 ? r0 : r1;
-      const float xs = e < 2 ? x0 : x1;
-      float pv = 0.f;
-      if (s <= t && t < len) pv = sacc[4 * nt + e] * d.scale * ivs[t] * __expf(bs[t] + xs - ms[t]);
-      sacc[4 * nt + e] = pv;
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    vacc[4 * nt + 0] *= E0;
-    vacc[4 * nt + 1] *= E0;
-    vacc[4 * nt + 2] *= E1;
-    vacc[4 * nt + 3] *= E1;
-  }
-  uint32_t pa[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-  }
-  // dV += Pᵀ dH: dh [t][dv] is N-major B (two 64-column blocks); Pᵀ is zero for t < s, so
-  // warpgroup 1's first four k-steps add zeros (no per-warpgroup skip, as above).
-  {
-    const uint64_t dh_d = SmemDescSw128(sa + SM::kH, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(vacc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(vacc);
-    FenceRegs(pa);
-  }
-  float dv4[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dv4[nt][e] = vacc[4 * nt + e];
-  }
-  // dv leaves through the stage buffers (no copies in flight, no wgmma reads them after this
-  // barrier): warp w stages its 16 rows at rows 16w of a padded [128][DVT + 8] buffer.
-  __syncthreads();
-  constexpr int kSH = DVT + kPad;
-  bf16* stage_s = reinterpret_cast<bf16*>(stage_ptr(0));
-  StoreAccStaged(p.dv + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
-                 static_cast<bf16*>(nullptr), ldv, dv4, stage_s + 16 * w * kSH,
-                 static_cast<bf16*>(nullptr), lane, len - 16 * w);
-}
-
-// The same product with one block per (head, chunk) for all dv slabs (helper mlstm8, not yet
-// measured): Sᵀ and Pᵀ are computed once (mlstm_bwd_dv_wg recomputes them in each of the DV/128
-// slab blocks: at the 125m cell 12.6M of 44M MACs per head-chunk) and Pᵀ stays in registers
-// (bf16 A fragments) while the block walks the slabs: slab 0's dk stages carry K, Q and dC tiles
-// (Sᵀ and K dC_0), later slabs' K and dC (K dC_j; K re-read from L2). One cp.async pipeline of
-// kStages 48 KB stages runs across the slabs; the dh slab of slab j + 1 loads at slab j + 1's
-// first step (its barrier follows slab j's last read of the dh buffer); dv leaves through its own
-// staging buffer (warp-private rows), so the next slab's loads stay in flight meanwhile.
-// Per head-chunk at the 125m cell: 6.3M + 3 × (6.3M + 2.1M) = 31.5M MACs (the slab kernel 44M,
-// mma.sync 33M); 1024 blocks.
+// bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and dv a multiple of 128: the math of
+// mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there), one
+// block per (head, chunk) for all 128-column dv slabs (helper mlstm8). Warpgroup wg owns the key
+// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_ws / fwd_out_ws). Per 64-wide dk stage
+// (swizzled K, Q tiles [128][64], dC_{k+1} rows [64 dk][128 dv]): slab 0 computes Sᵀ = K Qᵀ
+// (m64n128, both K-major) once with dV_0 += K dC (dC N-major); Pᵀ = Sᵀ·scale ⊙ W / den then stays
+// in registers (bf16 A fragments, bwd_dqk_ws's dS' mapping) while the block walks the slabs:
+// slab j's dk stages load K (again, from L2) and dC_j, then dV_j = diag(E) dV_j + Pᵀ dH_j
+// (register A, dH N-major). One cp.async pipeline of kStages 48 KB stages runs across the slabs;
+// the dh slab of slab j + 1 loads at slab j + 1's first step (its barrier follows slab j's last
+// read of the dh buffer); dv leaves through its own staging buffer (warp-private rows), so the
+// next slab's loads stay in flight meanwhile.
+// Per head-chunk at the 125m cell: 6.3M + 3 × (6.3M + 2.1M) = 31.5M MACs (mma.sync 33M; the
+// one-block-per-slab wgmma version of session 8, which recomputed Sᵀ per slab, 44M, lost to this
+// kernel and was deleted in session 9); 1024 blocks.
 template <int kStages>
 struct DvWgFusedSmem {
   static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
@@ -1812,7 +1647,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   float* ms = igs + L;
   float* ivs = ms + L;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_wg)
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_ws)
   const int k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -1898,7 +1733,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
         FenceRegs(sacc);
         FenceRegs(vacc);
       }
-      // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s (as mlstm_bwd_dv_wg), to bf16 A
+      // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s, to bf16 A
       // fragments kept for every slab.
       const float gl = bs[len - 1];
       E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
@@ -2003,7 +1838,7 @@ struct DqkSmem {
 // The per-token and per-column vectors of one bwd_dqk block, into shared memory: b, m, ĩ, 1/den
 // and dden of the chunk's L tokens (padding rows: ĩ = −∞, the rest 0); n_k and dn_{k+1} (summed
 // over state_bwd's parts) of the block's DKT dk columns; in chunk 0, dn0 for d_initial. Shared by
-// mlstm_bwd_dqk and mlstm_bwd_dqk_wg.
+// mlstm_bwd_dqk and mlstm_bwd_dqk_ws.
 template <int L, int DKT>
 __device__ __forceinline__ void LoadDqkVectors(const Dims& d, const BwdPtrs& p, int tid, int threads,
                                                int len, int64_t so, int64_t tok0, int bh, int k,
@@ -2316,16 +2151,16 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   }
 }
 
-// bwd_dqk on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dq/dk slabs. The same three
-// phases and math as mlstm_bwd_dqk above; what changes is how the products run:
-//   - the 256 threads are two warpgroups; warpgroup wg owns the chunk's rows 64wg..64wg+63 (the
-//     identity warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be
-//     expressed: a wgmma's 64 rows are contiguous in its A operand);
-//   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), loaded by
-//     cp.async 16-byte copies into the swizzled positions (DqkWgSmem: three stages in phase 1,
-//     two in phase 3);
+// bwd_dqk on warpgroup MMA (sm_90a wgmma), L 128 and 128-column dq/dk slabs: mlstm_bwd_dqk_ws
+// below. The same three phases and math as mlstm_bwd_dqk above; what changes is how the products
+// run:
+//   - two consumer warpgroups; warpgroup wg owns the chunk's rows 64wg..64wg+63 (the identity
+//     warp -> 16-row map; the paired RowTile map of the mma.sync kernel cannot be expressed: a
+//     wgmma's 64 rows are contiguous in its A operand);
+//   - every tile sits in shared memory in the 128-byte swizzle (hopper_mma.cuh), written by TMA
+//     (DqkWgSmem: three stages in phase 1, two in phase 3);
 //   - phase 1: dP = dH Vᵀ and Y = dH C_kᵀ (hi + lo) are m64n128k16 wgmma with both operands in
-//     shared memory (K-major), 12 per stage and warpgroup, one commit, one wait;
+//     shared memory (K-major), 12 per stage and warpgroup, one commit;
 //   - dQ += dS' K with dS' in registers (the dP accumulators packed to bf16, as attention's P·V)
 //     and K N-major in shared memory;
 //   - phase 3: V dC_{k+1}ᵀ (hi + lo) as phase 1; dK += dS'ᵀ Q with dS' from shared memory as an
@@ -2339,7 +2174,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
 // Shared memory (192 KB of tiles) is laid out twice. Phase 1 (no Q, K or dS' needed yet): three
 // stages of 64 KB (dh, V, C_k, C_k lo tiles, [128][64] each), so two stages load while one
 // multiplies. Phases 2-3: Q, K, dS' (32 KB each) and two 48 KB stages (dC lo, V, dC). Q and K
-// load into phase-1 stage 0 once its last user is done (inside the loop when possible).
+// load into phase-1 stage 0 once its last user is done.
 template <bool SPLIT>
 struct DqkWgSmem {
   static constexpr int kL = 128, kDKT = 128;
@@ -2361,11 +2196,42 @@ struct DqkWgSmem {
 };
 
 
+// bwd_dqk with a TMA producer (helper mlstm9): the products above, fed by
+//   - warpgroup 0 (one thread; 40 registers after setmaxnreg) issuing every tile load as a TMA
+//     copy (cp.async.bulk.tensor, the 128-byte swizzle; zeros past the sequence end) onto an
+//     mbarrier per stage ("full": expect_tx bytes); consumers arrive on the stage's "empty"
+//     mbarrier (one arrival per warp) once their wgmma that read it retired, and the producer
+//     refills it at once (no block barrier anywhere after the start);
+//   - the consumers keep one wgmma group in flight across the wait for the next stage (wait
+//     depth 1), so the tensor pipe is fed while the next stage's barrier resolves;
+//   - phase 1: three 64 KB stages; Q and K load into stage 0's region once its last phase-1
+//     user arrived; phase 3's two 48 KB stages load once all of phase 1 is consumed (they overlap
+//     stages 1 and 2), i.e. during phase 2; the two warpgroups meet on a named barrier (256
+//     threads) after phase 1 (dS' overwrites stage 1 and the per-row vectors are read) and
+//     before dK += dS'ᵀ Q (dS' is written by both).
+// 384 threads: the producer warpgroup and two consumer warpgroups (232 registers after
+// setmaxnreg; 128 · 40 + 256 · 232 <= 65536). (288 threads, one producer warp, cap every thread
+// at 168 registers: three warps on one SM sub-partition; that build spilled.)
+// Measured against the cp.async version it replaced (256 threads, a block barrier per stage;
+// H200, session 9): 0.834 -> 0.675 ms at the 125m cell (ncu: DRAM 47% -> 58% of peak, tensor
+// pipe 28% -> 34%, barrier stalls 28% -> 7%), 0.347 -> 0.289 ms at the 1.3b layout.
+struct DqkWsBars {  // mbarrier byte offsets after DqkWgSmem's tiles and vectors
+  static constexpr int kFull1 = 0, kEmpty1 = 24, kFullQK = 48, kFull3 = 56, kEmpty3 = 72;
+  static constexpr int kBytes = 88;
+};
+
+struct DqkTmaMaps {
+  CUtensorMap q, k, v, dh;  // 4-d: (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;      // 2-d: (dv, rows of [BH][NC+1][dk]), box 64 × 128
+  CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
+};
+
 template <bool SPLIT>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
   using namespace hopper;
   using SM = DqkWgSmem<SPLIT>;
-  constexpr int L = 128, DKT = 128, kThreads = 256;
+  constexpr int L = 128, DKT = 128, kConsumers = 256;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -2378,88 +2244,92 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   float* dds = ivs + L;
   float* nks = dds + L;     // [DKT] n_k
   float* dnks = nks + DKT;  // [DKT] dn_{k+1}
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  // Broadcast from lane 0 so that ptxas sees a warp-uniform value: wgmma under a branch on a
-  // per-thread value gets serialised (warning C7520), as in CUTLASS's canonical_warp_group_idx.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t bars = sa + SM::kFloats + (5 * L + 2 * DKT) * 4;
+  const uint32_t full1 = bars + DqkWsBars::kFull1, empty1 = bars + DqkWsBars::kEmpty1;
+  const uint32_t full_qk = bars + DqkWsBars::kFullQK;
+  const uint32_t full3 = bars + DqkWsBars::kFull3, empty3 = bars + DqkWsBars::kEmpty3;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int njt = d.DV / 64;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 3; ++i) {
+      MbInit(full1 + 8 * i, 1);
+      MbInit(empty1 + 8 * i, 8);
+    }
+    MbInit(full_qk, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full3 + 8 * i, 1);
+      MbInit(empty3 + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
+      const int dc_row = (bh * d.NC + k) * d.DK + a0;
+      constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
+      for (int jt = 0; jt < njt; ++jt) {
+        const int slot = jt % 3, use = jt / 3;
+        if (use > 0) MbWait(empty1 + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + slot * SM::kP1Stage, fb = full1 + 8 * slot;
+        MbArriveExpectTx(fb, kP1Bytes);
+        TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
+        TmaTile2d(st + 2 * SM::kTile64, &maps.c, fb, jt * 64, c_row);
+        if constexpr (SPLIT) TmaTile2d(st + 3 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
+      }
+      // Q, K into stage 0's region after its last phase-1 use.
+      const int last0 = (njt - 1) / 3;  // uses of stage 0: 0..last0
+      MbWait(empty1, last0 & 1);
+      MbArriveExpectTx(full_qk, 4 * SM::kTile64);
+      TmaTile4d(sa + SM::kQ, &maps.q, full_qk, a0, hd, t0, b);
+      TmaTile4d(sa + SM::kQ + SM::kTile64, &maps.q, full_qk, a0 + 64, hd, t0, b);
+      TmaTile4d(sa + SM::kK, &maps.k, full_qk, a0, hd, t0, b);
+      TmaTile4d(sa + SM::kK + SM::kTile64, &maps.k, full_qk, a0 + 64, hd, t0, b);
+      // Phase 3's stages overlap phase-1 stages 1 and 2: wait for their last uses.
+      for (int slot = 1; slot < 3 && slot < njt; ++slot) {
+        MbWait(empty1 + 8 * slot, ((njt - 1 - slot) / 3) & 1);
+      }
+      for (int jt = 0; jt < njt; ++jt) {
+        const int slot = jt & 1, use = jt >> 1;
+        if (use > 0) MbWait(empty3 + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full3 + 8 * slot;
+        MbArriveExpectTx(fb, kP3Bytes);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, jt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.dc, fb, jt * 64, dc_row);
+        if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warps 4-11 (consumer thread index tid 0..255), warpgroup wg owns rows
+  // 64wg..64wg+63.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
   const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const int64_t coff = ((static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + a0) * d.DV;
-  const int64_t dcoff = ((static_cast<int64_t>(bh) * d.NC + k) * d.DK + a0) * d.DV;
-  const bf16* cbase = p.sc + coff;
-  const bf16* dcbase = p.dc + dcoff;
-  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
-  const bf16* dclobase = SPLIT ? p.dc_lo + dcoff : nullptr;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
   const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
 
-  auto load_qk = [&] {
-    LoadTileSw<L>(qs, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(qs + SM::kTile64, p.q + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(ks, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(ks + SM::kTile64, p.k + tok0 * d.DK + a0 + 64, ldqk, len, tid, kThreads);
-  };
-  LoadDqkVectors<L, DKT>(d, p, tid, kThreads, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
-  // Phase-1 stage jt % 3: dh, V, C_k, C_k lo at 0, 16, 32, 48 KB.
-  auto load_p1 = [&](int jt) {
-    unsigned char* st = sm + (jt % SM::kP1Stages) * SM::kP1Stage;
-    LoadTileSw<L>(st, p.dh + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kTile64, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<DKT>(st + 2 * SM::kTile64, cbase + jt * 64, d.DV, DKT, tid, kThreads);
-    if constexpr (SPLIT) {
-      LoadTileSw<DKT>(st + 3 * SM::kTile64, clobase + jt * 64, d.DV, DKT, tid, kThreads);
-    }
-  };
-  auto load_p3 = [&](int jt, int stage) {
-    unsigned char* st = stage_ptr(stage);
-    LoadTileSw<L>(st + SM::kOffV, p.v + tok0 * d.DV + jt * 64, ldv, len, tid, kThreads);
-    LoadTileSw<DKT>(st + SM::kOffC, dcbase + jt * 64, d.DV, DKT, tid, kThreads);
-    if constexpr (SPLIT) LoadTileSw<DKT>(st, dclobase + jt * 64, d.DV, DKT, tid, kThreads);
-    CpAsyncCommit();
-  };
-  // Waits for this thread's copies, makes them visible to the async proxy, then the barrier.
-  auto land = [&](bool last) {
-    if (last) {
-      CpAsyncWait<0>();
-    } else {
-      CpAsyncWait<1>();
-    }
-    FenceProxyAsync();
-    __syncthreads();
-  };
-
-  // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles.
+  // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles; one wgmma group in flight
+  // while the next stage's mbarrier is awaited.
   float pacc[64], qacc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
   const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  const int njt = d.DV / 64;
-  // Every iteration commits one cp.async group (load jt + 2, or Q and K once phase-1 stage 0
-  // has no user left, or nothing), so "all but the newest group" is always load jt.
-  const int last_stage0 = (njt - 1) / SM::kP1Stages * SM::kP1Stages;  // last jt in stage 0
-  bool qk_loaded = false;
-  load_p1(0);
-  CpAsyncCommit();
-  if (njt > 1) load_p1(1);
-  CpAsyncCommit();
   for (int jt = 0; jt < njt; ++jt) {
-    CpAsyncWait<1>();
-    FenceProxyAsync();
-    __syncthreads();  // load jt visible; every thread is done with step jt − 1's stage
-    if (jt + 2 < njt) {
-      load_p1(jt + 2);
-    } else if (jt == last_stage0 + 1) {
-      load_qk();
-      qk_loaded = true;
-    }
-    CpAsyncCommit();
-    const uint32_t st = sa + (jt % SM::kP1Stages) * SM::kP1Stage;
+    const int slot = jt % 3;
+    MbWait(full1 + 8 * slot, (jt / 3) & 1);
+    const uint32_t st = sa + slot * SM::kP1Stage;
     const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
     const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
     const uint64_t c_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
@@ -2473,17 +2343,17 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
       if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + step, clo_d + step, 1);
     }
     WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(pacc);
-    FenceRegs(qacc);
+    if (jt > 0) {
+      WgmmaWait<1>();  // step jt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty1 + 8 * ((jt - 1) % 3));
+    }
   }
-  __syncthreads();  // phase 1's stages are free
-  if (!qk_loaded) load_qk();
-  CpAsyncCommit();
-  load_p3(0, 0);  // phase 3's first tiles load while phase 2 runs
-  CpAsyncWait<1>();  // Q and K
-  FenceProxyAsync();
-  __syncthreads();
+  WgmmaWait<0>();
+  FenceRegs(pacc);
+  FenceRegs(qacc);
+  if (lane == 0) MbArrive(empty1 + 8 * ((njt - 1) % 3));
+  // Both warpgroups are done with phase 1 (dS' overwrites stage 1's region); the vectors landed.
+  NamedBarrierSync(1, kConsumers);
   // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
   // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
   const int r0 = 16 * w + g, r1 = r0 + 8;
@@ -2517,7 +2387,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
     *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
     *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
   }
-  FenceProxyAsync();  // dS' is read by phase 3's wgmma (after its barriers)
+  FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier below)
   {
     const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
 #pragma unroll
@@ -2529,8 +2399,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
       qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
     }
   }
-  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks); keys past this warpgroup's
-  // last row are zero in dS', so warpgroup 0 stops at key 63.
+  MbWait(full_qk, 0);
+  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
   {
     const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
     WgmmaFence();
@@ -2572,9 +2442,9 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
   for (int jt = 0; jt < njt; ++jt) {
-    if (jt + 1 < njt) load_p3(jt + 1, (jt + 1) & 1);
-    land(jt + 1 >= njt);
-    const uint32_t st = sa + SM::kStages + (jt & 1) * SM::kStage;
+    const int slot = jt & 1;
+    MbWait(full3 + 8 * slot, (jt >> 1) & 1);
+    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
     const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
     const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
     const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
@@ -2586,10 +2456,13 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
       if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + step, dclo_d + step, 1);
     }
     WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(kacc);
-    __syncthreads();
+    if (jt > 0) {
+      WgmmaWait<1>();
+      if (lane == 0) MbArrive(empty3 + 8 * ((jt - 1) & 1));
+    }
   }
+  WgmmaWait<0>();
+  FenceRegs(kacc);
   {
     const float gl = bs[len - 1];
     const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
@@ -2603,9 +2476,9 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
       kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
     }
   }
+  NamedBarrierSync(1, kConsumers);  // dS' from both warpgroups written (and fenced)
   // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
-  // N-major B; queries before this warpgroup's first key are zero in dS' (warpgroup 1 starts
-  // at query 64). dS' and Q landed before phase 3's barriers.
+  // N-major B.
   {
     const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
     const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
@@ -2645,14 +2518,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dqk_wg(Dims d, BwdPtrs p) {
   }
 }
 
-// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs; the math of
-// mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as bwd_dqk_wg).
-// Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128 dv]):
-// S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per warpgroup, one
-// commit and wait; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each). Then
-// P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
+// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws below,
+// the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
+// bwd_dqk). Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128
+// dv]): S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per
+// warpgroup, one commit; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each).
+// Then P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
 // Executed MACs per block at the 125m cell (dk 384): S 6.3M (the full square: no per-warpgroup
-// causal skip, see the note on divergence in bwd_dqk_wg), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
+// causal skip, see the note on divergence at bwd_dqk), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
 // 3.5M + 12.6M + 2.4M = 18.5M).
 template <bool SPLIT>
 struct OutWgSmem {
@@ -2666,54 +2539,85 @@ struct OutWgSmem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 1024; }
 };
 
+// fwd_out with a TMA producer (helper mlstm9): the products above, with warpgroup 0 issuing
+// the V slab and the two dk stages (Q, K [128][64], C hi / lo [64 dk][128 dv] as two [64][64]
+// boxes each) as TMA copies onto mbarriers (full / empty per stage, as mlstm_bwd_dqk_ws), no
+// block barrier in the dk loop, one wgmma group in flight while the next stage is awaited (its
+// stage is released after the following group is issued). 384 threads (consumers: 232 registers
+// after setmaxnreg; the cp.async version it replaced used 255 and spilled 124 bytes).
+// Measured against that version (H200, session 9): 0.573 -> 0.556 ms at the 125m cell, 0.313 ->
+// 0.284 ms at the 1.3b layout. Only two stages fit beside the V slab (227 KB).
+struct OutWsMaps {
+  CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 64
+};
+
 template <bool SPLIT>
-__global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   using namespace hopper;
   using SM = OutWgSmem<SPLIT>;
-  constexpr int L = 128, DVT = 128, kThreads = 256;
+  constexpr int L = 128, DVT = 128, kConsumers = 256;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t sa = SmemAddr(sm);
-  unsigned char* vs = sm + SM::kV;
   float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
   float* igs = bs + L;
   float* ms = igs + L;
   float* nks = ms + L;  // [DK] n_k
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = tid >> 7;
+  // mbarriers after the vectors: full V, full[2], empty[2].
+  const uint32_t bars = sa + SM::kFloats + (3 * L + d.DK) * 4;
+  const uint32_t full_v = bars, full = bars + 8, empty = bars + 24;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int ndt = d.DK / 64;
+  if (threadIdx.x == 0) {
+    MbInit(full_v, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      for (int dt = 0; dt < ndt; ++dt) {
+        const int slot = dt & 1, use = dt >> 1;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full + 8 * slot;
+        MbArriveExpectTx(fb, kStageBytes);
+        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
+        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
+        if constexpr (SPLIT) {
+          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
+          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+        }
+        if (dt == 0) {  // V after the first stage (needed only after the dk loop)
+          MbArriveExpectTx(full_v, 2 * SM::kTile64);
+          TmaTile4d(sa + SM::kV, &maps.v, full_v, j0, hd, t0, b);
+          TmaTile4d(sa + SM::kV + SM::kTile64, &maps.v, full_v, j0 + 64, hd, t0, b);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const bf16* qbase = p.q + tok0 * d.DK;
-  const bf16* kbase = p.k + tok0 * d.DK;
-  const bf16* vbase = p.v + tok0 * d.DV + j0;
-  const int64_t coff = (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK * d.DV + j0;
-  const bf16* cbase = p.sc + coff;
-  const bf16* clobase = SPLIT ? p.sc_lo + coff : nullptr;
   const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-
-  auto stage_ptr = [&](int stage) { return sm + SM::kStages + stage * SM::kStage; };
-  auto load_stage = [&](int dt, int stage) {
-    unsigned char* st = stage_ptr(stage);
-    LoadTileSw<L>(st, qbase + dt * 64, ldqk, len, tid, kThreads);
-    LoadTileSw<L>(st + SM::kOffK, kbase + dt * 64, ldqk, len, tid, kThreads);
-    const int64_t crow = static_cast<int64_t>(dt) * 64 * d.DV;
-    LoadTileSw<64>(st + SM::kOffC, cbase + crow, d.DV, 64, tid, kThreads);
-    LoadTileSw<64>(st + SM::kOffC + 64 * 128, cbase + crow + 64, d.DV, 64, tid, kThreads);
-    if constexpr (SPLIT) {
-      LoadTileSw<64>(st + SM::kOffClo, clobase + crow, d.DV, 64, tid, kThreads);
-      LoadTileSw<64>(st + SM::kOffClo + 64 * 128, clobase + crow + 64, d.DV, 64, tid, kThreads);
-    }
-    CpAsyncCommit();
-  };
-  LoadTileSw<L>(vs, vbase, ldv, len, tid, kThreads);
-  LoadTileSw<L>(vs + SM::kTile64, vbase + 64, ldv, len, tid, kThreads);
-  CpAsyncCommit();
-  load_stage(0, 0);
   if (tid < L) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
     const bool ok = tid < len;
@@ -2721,27 +2625,19 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     ms[tid] = ok ? p.m_tok[o] : 0.f;
     igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
   }
-  for (int i = tid; i < d.DK; i += kThreads) nks[i] = nbase[i];
+  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
+  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
 
   float sacc[64], hacc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
-  // q̂·n_k: lane c of the 4 lanes of row group g sums dk columns 16c..16c+15 of each stage
-  // for rows r0 and r1 (fp32 FMAs of the bf16 q and fp32 n).
   const int r0 = 16 * w + g, r1 = r0 + 8;
   float qn0 = 0.f, qn1 = 0.f;
   const uint32_t own = wg * 64 * 128;
-  const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
-    if (dt + 1 < ndt) {
-      load_stage(dt + 1, (dt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    FenceProxyAsync();
-    __syncthreads();
-    const uint32_t st = sa + SM::kStages + (dt & 1) * SM::kStage;
+    const int slot = dt & 1;
+    MbWait(full + 8 * slot, (dt >> 1) & 1);
+    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
     const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
     const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
     const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
@@ -2756,7 +2652,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     }
     WgmmaCommit();
     {  // q̂·n_k under the wgmma
-      const unsigned char* qt = stage_ptr(dt & 1);
+      const unsigned char* qt = sm + SM::kStages + slot * SM::kStage;
       const float* nk = nks + dt * 64 + 16 * c;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -2773,11 +2669,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
         }
       }
     }
-    WgmmaWait<0>();
-    FenceRegs(sacc);
-    FenceRegs(hacc);
-    __syncthreads();
+    if (dt > 0) {
+      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty + 8 * ((dt - 1) & 1));
+    }
   }
+  WgmmaWait<0>();
+  FenceRegs(sacc);
+  FenceRegs(hacc);
   qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
   qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
   qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
@@ -2820,6 +2719,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
     SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
   }
+  MbWait(full_v, 0);
   {
     const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
     WgmmaFence();
@@ -2844,12 +2744,13 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_out_wg(Dims d, FwdPtrs p) {
     h4[nt][2] = hacc[4 * nt + 2] * inv1;
     h4[nt][3] = hacc[4 * nt + 3] * inv1;
   }
-  // h (and its lo part) leave through the stage buffers (no copies in flight, no wgmma reads
-  // them after this barrier) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two
-  // padded [128][DVT + 8] buffers (34 KB each) in the stage region.
-  __syncthreads();
+  // h (and its lo part) leave through the stage buffers (no wgmma reads them once both
+  // warpgroups passed the barrier; every TMA load into them has completed: all were awaited
+  // above) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two padded [128][DVT + 8]
+  // buffers (34 KB each) in the stage region.
+  NamedBarrierSync(1, kConsumers);
   constexpr int kSH = DVT + kPad;
-  bf16* hi_s = reinterpret_cast<bf16*>(stage_ptr(0));
+  bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
   bf16* lo_s = hi_s + L * kSH;
   StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
                  SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
@@ -3662,11 +3563,10 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
   return cl;
 }
 
-// MlstmBwdDvKernel resolved to the stage count of mlstm_bwd_dv_wg, or 0 for the mma.sync kernel
-// (also wherever the wgmma kernel does not apply: chunk != 128 or 64-column dv slabs).
-// GYRE_MLSTM_BWD_DV is read once per process (the kAuto choice); an unknown value is an error.
+// MlstmBwdDvKernel resolved: the fused warpgroup-MMA kernel or the mma.sync one (also wherever
+// the wgmma kernel does not apply: chunk != 128 or 64-column dv slabs). GYRE_MLSTM_BWD_DV is read
+// once per process (the kAuto choice); an unknown value is an error.
 struct BwdDvChoice {
-  int wg_stages = 0;
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
 };
@@ -3674,19 +3574,9 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
     BwdDvChoice c;
     const char* e = std::getenv("GYRE_MLSTM_BWD_DV");
-    if (e == nullptr || std::strcmp(e, "wgf") == 0) {  // the default (measured: RESULTS.md,
-      c.wg_stages = 3;                                  // session 8 lead, 0.542 -> 0.335 ms)
-      c.fused = true;
-      return c;
-    }
-    if (std::strcmp(e, "mma") == 0) return c;
-    if (std::strcmp(e, "wg") == 0) {
-      c.wg_stages = 3;
-    } else if (std::strcmp(e, "wg2") == 0) {
-      c.wg_stages = 2;
-    } else if (std::strcmp(e, "wg4") == 0) {
-      c.wg_stages = 4;
-    } else {
+    if (e == nullptr || std::strcmp(e, "wgf") == 0) {  // the default (measured: session 8,
+      c.fused = true;                                   // 0.542 -> 0.335 ms)
+    } else if (std::strcmp(e, "mma") != 0) {
       c.bad_env = e;
     }
     return c;
@@ -3695,18 +3585,9 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   switch (o.bwd_dv) {
     case MlstmBwdDvKernel::kAuto: c = from_env; break;
     case MlstmBwdDvKernel::kMmaSync: break;
-    case MlstmBwdDvKernel::kWgmma: c.wg_stages = 3; break;
-    case MlstmBwdDvKernel::kWgmma2Stages: c.wg_stages = 2; break;
-    case MlstmBwdDvKernel::kWgmma4Stages: c.wg_stages = 4; break;
-    case MlstmBwdDvKernel::kWgmmaFused:
-      c.wg_stages = 3;
-      c.fused = true;
-      break;
+    case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) {  // the mma.sync kernel (a bad env value stays)
-    c.wg_stages = 0;
-    c.fused = false;
-  }
+  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
   return c;
 }
 
@@ -3771,6 +3652,89 @@ CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribut
   return {};
 }
 
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A bf16 map with 64-column × `box_rows` boxes in the 128-byte swizzle (zeros outside `dims`):
+// rank 4 = (columns, heads, tokens, batch) of a [B][S][NH][cols] tensor, rank 2 = (columns, rows).
+CudaResult EncodeSwizzledMap(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
+                             const cuuint64_t* strides_bytes, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return {1, "cuTensorMapEncodeTiled: not found in the driver"};
+  const cuuint32_t box4[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t box2[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<bf16*>(base),
+                            dims, strides_bytes, rank == 4 ? box4 : box2, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return {static_cast<int>(r),
+            "mlstm bwd_dqk: cuTensorMapEncodeTiled failed (error " + std::to_string(r) + ")"};
+  }
+  return {};
+}
+
+// The eight maps of mlstm_bwd_dqk_ws (lo maps alias the hi ones when the states are single bf16).
+CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const auto rows2 = [&](CUtensorMap* map, const bf16* base, int64_t rows) {
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+    return EncodeSwizzledMap(map, base, 2, dims, strides, 128);
+  };
+  const int64_t bh = static_cast<int64_t>(d.B) * d.NH;
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->dh, p.dh, d.DV));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->c, p.sc, bh * (d.NC + 1) * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->c_lo, d.split ? p.sc_lo : p.sc, bh * (d.NC + 1) * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc, p.dc, bh * d.NC * d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc_lo, d.split ? p.dc_lo : p.dc, bh * d.NC * d.DK));
+  return {};
+}
+
+// The five maps of mlstm_fwd_out_ws (c_lo aliases c when the states are single bf16).
+CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.sc, 2, dims, strides, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.sc_lo : p.sc, 2, dims, strides, 64));
+  return {};
+}
+
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
@@ -3832,16 +3796,18 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   using F = std::false_type;
   if constexpr (L == 128) {
     if (d.wg_out) {
-      auto out_wg = [&](auto split_tag) -> CudaResult {
+      auto out_ws_launch = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK);
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_wg<SPLIT>, smem));
-        mlstm_fwd_out_wg<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 256, smem, stream>>>(d, p);
+        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
+        OutWsMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws<SPLIT>, smem));
+        mlstm_fwd_out_ws<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
         CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
         Hook("mlstm_fwd_out", stream);
         return {};
       };
-      return d.split ? out_wg(T{}) : out_wg(F{});
+      return d.split ? out_ws_launch(T{}) : out_ws_launch(F{});
     }
   }
   if (d.out_slab == 128) {
@@ -3878,7 +3844,7 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
-// dv: BwdDvKernel's choice (wg_stages 0 = the mma.sync bwd_dv).
+// dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
                           cudaStream_t stream) {
@@ -3918,16 +3884,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     Hook("mlstm_bwd_dv", stream);
     return {};
   };
-  auto dv_wg = [&](auto stages_tag) -> CudaResult {
-    constexpr int kStages = decltype(stages_tag)::value;
-    const size_t smem = DvWgSmem<kStages>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg<kStages>, smem));
-    mlstm_bwd_dv_wg<kStages><<<dim3(d.DV / 128, d.NC, bh), 256, smem, stream>>>(d, p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
-    Hook("mlstm_bwd_dv", stream);
-    return {};
-  };
-  const int dv_wg_stages = dv_choice.wg_stages;
   if (L == 128 && dv_choice.fused) {  // BwdDvKernel checked chunk 128 and 128-column slabs
     constexpr int kStages = 3;
     const size_t smem = DvWgFusedSmem<kStages>::kBytes;
@@ -3935,10 +3891,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
-  } else if (L == 128 && dv_wg_stages != 0) {
-    CUDA_RETURN_IF_NOT_OK(dv_wg_stages == 2   ? dv_wg(std::integral_constant<int, 2>{})
-                          : dv_wg_stages == 4 ? dv_wg(std::integral_constant<int, 4>{})
-                                              : dv_wg(std::integral_constant<int, 3>{}));
   } else if (DvSlab(d.DV) == 128) {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
   } else {
@@ -3958,16 +3910,18 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   using F = std::false_type;
   if constexpr (L == 128) {
     if (d.wg_dqk) {
-      auto dqk_wg = [&](auto split_tag) -> CudaResult {
+      auto dqk_ws = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = DqkWgSmem<SPLIT>::kBytes;
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_wg<SPLIT>, smem));
-        mlstm_bwd_dqk_wg<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 256, smem, stream>>>(d, p);
+        const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
+        DqkTmaMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws<SPLIT>, smem));
+        mlstm_bwd_dqk_ws<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
         CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
         Hook("mlstm_bwd_dqk", stream);
         return {};
       };
-      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_wg(T{}) : dqk_wg(F{}));
+      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_ws(T{}) : dqk_ws(F{}));
       return LaunchGatesBwd(d, p, stream);
     }
   }
@@ -4096,7 +4050,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   }
   const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
   if (dv_choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma, wg, wg2, wg4 or wgf, got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
   }
   Dims d = MakeDims(shape, options);

@@ -98,24 +98,18 @@ enum class MlstmGateSchedule {
                    // walks the sequence (slow when B·NH is small)
 };
 
-// Which kernel computes dV in the backward (step 6, bwd_dv). The warpgroup-MMA kernels need chunk
+// Which kernel computes dV in the backward (step 6, bwd_dv). The warpgroup-MMA kernel needs chunk
 // 128 and dv a multiple of 128; elsewhere every choice runs the mma.sync kernel. Same math and
 // the same operands (dC_{k+1} hi plane, Pᵀ as bf16) on both; results differ by fp32 summation order.
 enum class MlstmBwdDvKernel {
   kAuto,           // GYRE_MLSTM_BWD_DV (read once per process): "wgf" or unset = kWgmmaFused,
-                   // "mma" = kMmaSync, "wg" = kWgmma, "wg2" = kWgmma2Stages, "wg4" =
-                   // kWgmma4Stages; any other value makes MlstmChunkwiseBackward return an error
-                   // naming it
-  kMmaSync,        // mlstm_bwd_dv: mma.sync m16n8k16 + ldmatrix (every shape the wgmma kernels
-                   // do not take)
-  kWgmma,          // mlstm_bwd_dv_wg, three 48 KB cp.async stages (helper mlstm8; opt-in until
-                   // measured: kernels/cuda/mlstm_notes.md, session 8)
-  kWgmma2Stages,   // the same with two stages (benchmarks)
-  kWgmma4Stages,   // the same with four stages (227 KB of shared memory; benchmarks)
+                   // "mma" = kMmaSync; any other value makes MlstmChunkwiseBackward return an
+                   // error naming it
+  kMmaSync,        // mlstm_bwd_dv: mma.sync m16n8k16 + ldmatrix (every shape the wgmma kernel
+                   // does not take)
   kWgmmaFused,     // mlstm_bwd_dv_wg_fused: one block per (head, chunk) for all dv slabs, Sᵀ and
-                   // Pᵀ computed once (−28% MACs at the xlstm-125m cell); the default since
-                   // session 8: 0.542 -> 0.335 ms at the 125m cell, 0.288 -> 0.164 ms at the 1.3b
-                   // layout (H100, bench/RESULTS.md)
+                   // Pᵀ computed once; the default since session 8: 0.542 -> 0.335 ms at the 125m
+                   // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
