@@ -567,8 +567,10 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor& qkv = saved_.qkv;
   char* base = static_cast<char*>(qkv.raw());
   CudaBackend& cuda = Cuda();
-  // q and k are adjacent in each qkv row (columns [0, qd + kvd)): one launch rotates both.
-  cuda.Rope(false, base, rows, seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
+  // RoPE: k by a separate pass in place (every query block reads every earlier key tile), q
+  // inside the attention kernel as it loads its query tile (written back in place for the
+  // backward, which reads the rotated q and k and returns dq, dk un-rotated).
+  cuda.Rope(false, base + qd * 2, rows, seq, o.kv_heads, o.head_dim, width, o.rope_theta);
   saved_.out = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
   saved_.lse = Tensor::Empty({batch, o.heads, seq}, DType::kF32, Device::kCuda);
   CudaAttention a;
@@ -577,6 +579,7 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   a.q_row_stride = width; a.kv_row_stride = width;
   a.out = saved_.out.raw();
   a.lse = saved_.lse.data<float>();
+  a.rope_theta = o.rope_theta;
   cuda.AttentionForward(a);
   Shape shape = x.shape();
   shape.back() = qd;
@@ -599,9 +602,9 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
   a.lse = saved_.lse.data<float>();
   a.dout = da.raw();
   a.dq = dbase; a.dk = dbase + qd * 2; a.dv = dbase + (qd + kvd) * 2;
+  a.rope_theta = o.rope_theta;  // inverse RoPE of dq, dk fused into the attention backward
   CudaBackend& cuda = Cuda();
   cuda.AttentionBackward(a);
-  cuda.Rope(true, dbase, rows, saved_.seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
   Tensor dx;
   if (saved_.x.defined()) {
     Tensor w, gw;

@@ -80,10 +80,12 @@ void TruncateKvCache(KvCache* cache, int64_t length);
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.
 // CUDA (bf16): q/k/v land in one [B*T, (H + 2 Hk) D] buffer (one GEMM when the three weights lie
-// back to back in the store's flat buffers), RoPE rotates q and k in place there, and the causal
-// attention kernel reads them through row strides; backward mirrors it (dq|dk|dv in one buffer,
-// inverse RoPE in place, one dX and one dW GEMM). With partial rotary or SelfExtend on CUDA the
-// layer runs the separate projections around the device-dispatched core op instead.
+// back to back in the store's flat buffers), a RoPE pass rotates k in place there, and the
+// causal attention kernel reads them through row strides, rotating each query tile as it loads
+// it (written back in place for the backward); backward mirrors it (dq|dk|dv in one buffer, the
+// inverse RoPE of dq and dk inside the attention backward, one dX and one dW GEMM). With partial
+// rotary or SelfExtend on CUDA the layer runs the separate projections around the
+// device-dispatched core op instead.
 class SelfAttention {
  public:
   SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options);
