@@ -114,6 +114,10 @@ class SelfAttention {
   Linear q_proj_, k_proj_, v_proj_, o_proj_;
   AttentionSaved saved_;
   bool fused_cuda_ = false;  // the last Forward took ForwardCuda
+  // RoPE of the last ForwardCuda: q rotated inside the attention forward / dq, dk inverse-rotated
+  // inside the backward (defaults); GYRE_ATTN_ROPE=separate (both off: RoPE passes over q|k and
+  // dq|dk) or =bwd (forward pass over q|k, backward fused) select the A/B variants.
+  bool rope_in_fwd_ = true, rope_in_bwd_ = true;
 };
 
 }  // namespace gyre::ops

@@ -584,18 +584,20 @@ __device__ __forceinline__ void Rope8(const InvRope& rope, int64_t pos, int f0, 
 
 // dq = scale · dq_acc -> bf16, from [B·T, H, D] (block_cols 0) or the warp-specialised
 // backward's blocked layout (BwdWsDqAccIndex, attention_wgmma.h; chunks of 8 columns stay
-// contiguous there: the swizzle moves whole chunks). One thread per 8-column chunk; with the
-// fused inverse RoPE the thread of chunk f0 < R/2 also converts its partner chunk f0 + R/2 (the
-// partner's own thread returns), so each value is rounded to bf16 once, after the rotation.
+// contiguous there: the swizzle moves whole chunks). One thread per item of a row-head: without
+// RoPE an item is one 8-column chunk; with the fused inverse RoPE the first R/16 items are the
+// chunk pairs (f0, f0 + R/2), rotated by −angle in fp32 before the one rounding to bf16, and the
+// rest the pass-through chunks from R on (items_per_rh = R/16 + (D − R)/8).
 template <int kD>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
     const float* dq_acc, bf16* dq, int64_t q_stride, int heads, int seq, int block_cols,
-    int64_t chunks, float scale, InvRope rope) {
+    int64_t items, int items_per_rh, float scale, InvRope rope) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= chunks) return;
-  constexpr int kChunksPerRowHead = kD / 8;
-  const int64_t rh = c / kChunksPerRowHead;
-  const int d0 = static_cast<int>(c % kChunksPerRowHead) * 8;
+  if (c >= items) return;
+  const int64_t rh = c / items_per_rh;
+  const int item = static_cast<int>(c % items_per_rh);
+  const int pairs = rope.half / 8;
+  const int d0 = item < pairs ? 8 * item : 2 * rope.half + 8 * (item - pairs);
   const int64_t row = rh / heads;
   const int h = static_cast<int>(rh % heads);
   const int64_t b = row / seq, t = row % seq;
@@ -608,8 +610,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
   bf16* dst = dq + row * q_stride + h * kD;
   float x1[8];
   Load8(src(d0), scale, x1);
-  if (d0 < 2 * rope.half) {
-    if (d0 >= rope.half) return;  // converted by the thread of chunk d0 − R/2
+  if (item < pairs) {
     float x2[8];
     Load8(src(d0 + rope.half), scale, x2);
     Rope8(rope, t, d0, -1.f, x1, x2);
@@ -992,11 +993,12 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
                                                stream));
     }
   }
-  const int64_t chunks = rows_heads * (kD / 8);
+  const int items_per_rh = rope.half / 8 + (kD - 2 * rope.half) / 8;
+  const int64_t items = rows_heads * items_per_rh;
   attn_bwd_dq_kernel<kD>
-      <<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          p.dq_acc, dq, p.q_stride, p.heads, p.seq, blocked ? BwdWsDqBlockCols(kD) : 0, chunks,
-          p.scale, rope);
+      <<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          p.dq_acc, dq, p.q_stride, p.heads, p.seq, blocked ? BwdWsDqBlockCols(kD) : 0, items,
+          items_per_rh, p.scale, rope);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
   return {};
 }
@@ -1094,10 +1096,17 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.rope_sin = rope.sin;
     w.rope_half = rope.half;
     w.q_rot = args.q_rotated;
+    w.q_rot_copy_rest = rope.half > 0 && 2 * rope.half < s.head_dim && args.q_rotated != args.q;
     return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
   }
   if (rope.half > 0) {  // the mma.sync kernel reads q_rotated, rotated by a separate pass
     const int64_t rows = s.batch * s.seq;
+    if (args.q_rotated != args.q && 2 * rope.half < s.head_dim) {  // features R.. pass through
+      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(args.q_rotated, q_stride * sizeof(bf16), args.q,
+                                             q_stride * sizeof(bf16),
+                                             s.heads * s.head_dim * sizeof(bf16), rows,
+                                             cudaMemcpyDeviceToDevice, stream));
+    }
     CUDA_RETURN_IF_NOT_OK(
         s.head_dim == 64
             ? LaunchRopeRows<64>(args.q, args.q_rotated, q_stride, rows, p.heads, p.seq, rope,

@@ -258,7 +258,8 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   // inverse-rotated in float64). Positions run past the first tiles (T up to 1000).
   RopeTable table;
   std::unique_ptr<DeviceArray<bf16>> q_rot;
-  std::vector<float> q_rot_ref;  // float64-rotated q, packed [rows, H·D] (the reference's q)
+  std::vector<double> q_rot_exact;  // float64-rotated q, packed [rows, H·D]
+  std::vector<float> q_rot_ref;     // the same rounded to bf16 (the reference's q)
   if (p.rope > 0) {
     CUDA_OK_OR_DIE(BuildRopeTable(p.seq, p.rope, 10000.0, alloc, &table));
     fa.rope = &table;
@@ -273,7 +274,10 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < H * D; ++c) qd[r * H * D + c] = x.q.base[r * x.q.stride + c];
     RopeRef(&qd, p.seq, H, D, p.rope, /*inverse=*/false);
-    q_rot_ref.assign(qd.begin(), qd.end());
+    q_rot_exact = qd;
+    // The reference attends with the rotated q rounded to bf16, as the kernels' GEMMs do.
+    q_rot_ref.resize(qd.size());
+    for (size_t i = 0; i < qd.size(); ++i) q_rot_ref[i] = testing::RoundBf16(static_cast<float>(qd[i]));
   }
   const CudaResult fr = AttentionForward(fa, nullptr);
   if (!fr.ok()) {
@@ -285,8 +289,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     const std::vector<float> got =
         p.fused ? Pack(x.fused->Download(), 0, x.q_stride, rows, H * D) : q_rot->Download();
-    const std::vector<double> want(q_rot_ref.begin(), q_rot_ref.end());
-    ok &= Report("attention fwd q_rotated", shape, RelError(got, want), 5e-3);
+    ok &= Report("attention fwd q_rotated", shape, RelError(got, q_rot_exact), 5e-3);
   }
   // Gradients: into a second fused buffer (poisoned, padding must survive) or packed arrays.
   std::unique_ptr<DeviceArray<bf16>> g_fused, g_q, g_k, g_v;

@@ -192,6 +192,7 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
 // c < R/16): chunk c pairs with chunk c + R/16 (features f, f + R/2); rope.cu's forward math
 // (y1 = x1 cos − x2 sin, y2 = x2 cos + x1 sin in fp32, one rounding to bf16). The table rows are
 // loaded before the wait, so their latency hides under the Q copy. Rows past T (zeros) stay.
+// With R < D and q_rot != q the features R.. are copied to q_rot as they are.
 template <int kD>
 __device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned char* sq, int cwg,
                                              int pos0, int64_t row_base, int h, int wtid,
@@ -238,6 +239,16 @@ __device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned c
       bf16* dst = p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c;
       *reinterpret_cast<uint4*>(dst) = va;
       *reinterpret_cast<uint4*>(dst + p.rope_half) = vb;
+    }
+  }
+  if (p.q_rot_copy_rest) {  // R < D into a separate buffer: features R.. pass through
+    const int rest = kD / 8 - 2 * pairs;
+    for (int i = wtid; i < 64 * rest; i += 128) {
+      const int r = i / rest, c = 2 * pairs + i % rest, pos = pos0 + r;
+      if (pos < p.seq) {
+        *reinterpret_cast<uint4*>(p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c) =
+            *reinterpret_cast<const uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c));
+      }
     }
   }
   FenceProxyAsync();            // the generic-proxy stores before the wgmmas (async proxy) read them

@@ -27,6 +27,7 @@ struct WgmmaFwdParams {
   const float *rope_cos, *rope_sin;
   int rope_half;
   __nv_bfloat16* q_rot;
+  bool q_rot_copy_rest;  // R < D and q_rot != q: features R.. are copied to q_rot too
 };
 
 // attn_fwd_ws_kernel: the FlashAttention-3-style kernel (TMA producer, mbarriers, two consumer
