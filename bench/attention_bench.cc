@@ -5,8 +5,9 @@
 // backward, and the SelfExtend forward (G 8, W 1024; random grouped q/k) next to the plain one.
 // Median of `reps` CUDA-event timings after warm-up, dense random inputs (never zeros), no L2
 // flush (the same as bench/torch_anchor_attention.py, the torch SDPA anchor run in the same
-// call). "fwd rope" / "bwd rope": the same with the fused RoPE (R = D). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
-// once, each output written once.
+// call). "fwd rope" / "bwd rope": the same with the fused RoPE (R = D). FLOPs: forward
+// 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read once, each output written
+// once.
 //
 //   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
