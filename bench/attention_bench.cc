@@ -5,8 +5,9 @@
 // backward, and the SelfExtend forward (G 8, W 1024; random grouped q/k) next to the plain one.
 // Median of `reps` CUDA-event timings after warm-up, dense random inputs (never zeros), no L2
 // flush (the same as bench/torch_anchor_attention.py, the torch SDPA anchor run in the same
-// call). FLOPs: forward 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read
-// once, each output written once.
+// call). "fwd rope" / "bwd rope": the same with the fused RoPE (R = D). FLOPs: forward
+// 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read once, each output written
+// once.
 //
 //   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
@@ -122,10 +123,28 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
   CUDA_OK_OR_DIE(AttentionForward(fa, stream));  // lse for the backward timings
   const double fwd = TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); });
   Print("fwd", s, fwd, fwd_flops, fwd_bytes);
+  // The same with the fused RoPE of q (AttentionForwardArgs::rope, R = D; rotated rows into a
+  // separate buffer, so every repetition rotates the same input): its cost against the plain
+  // forward (the separate RopeForward pass over q it replaces read and wrote q once more).
+  RopeTable table;
+  CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
+  AttentionForwardArgs fa_rope = fa;
+  fa_rope.rope = &table;
+  fa_rope.q_rotated = qg;
+  const double fwd_rope = TimeMs(stream, reps, [&] { return AttentionForward(fa_rope, stream); });
+  Print("fwd rope", s, fwd_rope, fwd_flops, fwd_bytes + n * 2.0);
   if (!fwd_only) {
     const double bwd =
         TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba, stream); });
     Print("bwd", s, bwd, bwd_flops, bwd_bytes);
+    // The same with the fused inverse RoPE (AttentionBackwardArgs::rope, R = D): the cost of
+    // the fusion against the plain backward above (the separate RopeBackward pass it replaces
+    // read and wrote dq and dk once more: 4 bytes per element of each).
+    AttentionBackwardArgs ba_rope = ba;
+    ba_rope.rope = &table;
+    const double bwd_rope =
+        TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba_rope, stream); });
+    Print("bwd rope", s, bwd_rope, bwd_flops, bwd_bytes);
     const double both = TimeMs(stream, reps, [&]() -> CudaResult {
       CUDA_RETURN_IF_NOT_OK(AttentionForward(fa, stream));
       return AttentionBackward(&alloc, ba, stream);

@@ -1,7 +1,9 @@
 #include "ops/attention.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "ops/cuda_backend.h"
@@ -567,8 +569,18 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor& qkv = saved_.qkv;
   char* base = static_cast<char*>(qkv.raw());
   CudaBackend& cuda = Cuda();
-  // q and k are adjacent in each qkv row (columns [0, qd + kvd)): one launch rotates both.
-  cuda.Rope(false, base, rows, seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
+  // RoPE: k by a separate pass in place (every query block reads every earlier key tile), q
+  // inside the attention kernel as it loads its query tile (written back in place for the
+  // backward, which reads the rotated q and k and returns dq, dk un-rotated).
+  const char* mode = std::getenv("GYRE_ATTN_ROPE");
+  const std::string rope_mode = mode != nullptr ? mode : "";
+  rope_in_fwd_ = rope_mode != "separate" && rope_mode != "bwd";
+  rope_in_bwd_ = rope_mode != "separate";
+  if (rope_in_fwd_) {
+    cuda.Rope(false, base + qd * 2, rows, seq, o.kv_heads, o.head_dim, width, o.rope_theta);
+  } else {  // q and k are adjacent in each qkv row: one launch rotates both
+    cuda.Rope(false, base, rows, seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
+  }
   saved_.out = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
   saved_.lse = Tensor::Empty({batch, o.heads, seq}, DType::kF32, Device::kCuda);
   CudaAttention a;
@@ -577,6 +589,7 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   a.q_row_stride = width; a.kv_row_stride = width;
   a.out = saved_.out.raw();
   a.lse = saved_.lse.data<float>();
+  if (rope_in_fwd_) a.rope_theta = o.rope_theta;
   cuda.AttentionForward(a);
   Shape shape = x.shape();
   shape.back() = qd;
@@ -600,8 +613,13 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
   a.dout = da.raw();
   a.dq = dbase; a.dk = dbase + qd * 2; a.dv = dbase + (qd + kvd) * 2;
   CudaBackend& cuda = Cuda();
-  cuda.AttentionBackward(a);
-  cuda.Rope(true, dbase, rows, saved_.seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
+  if (rope_in_bwd_) {
+    a.rope_theta = o.rope_theta;  // inverse RoPE of dq, dk fused into the attention backward
+    cuda.AttentionBackward(a);
+  } else {
+    cuda.AttentionBackward(a);
+    cuda.Rope(true, dbase, rows, saved_.seq, o.heads + o.kv_heads, o.head_dim, width, o.rope_theta);
+  }
   Tensor dx;
   if (saved_.x.defined()) {
     Tensor w, gw;

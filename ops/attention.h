@@ -80,10 +80,12 @@ void TruncateKvCache(KvCache* cache, int64_t length);
 // Attention layer of a Llama block: q/k/v/o projections without biases around the core op.
 // Input/output [B, T, d]; Forward needs (B, T) to split rows.
 // CUDA (bf16): q/k/v land in one [B*T, (H + 2 Hk) D] buffer (one GEMM when the three weights lie
-// back to back in the store's flat buffers), RoPE rotates q and k in place there, and the causal
-// attention kernel reads them through row strides; backward mirrors it (dq|dk|dv in one buffer,
-// inverse RoPE in place, one dX and one dW GEMM). With partial rotary or SelfExtend on CUDA the
-// layer runs the separate projections around the device-dispatched core op instead.
+// back to back in the store's flat buffers), a RoPE pass rotates k in place there, and the
+// causal attention kernel reads them through row strides, rotating each query tile as it loads
+// it (written back in place for the backward); backward mirrors it (dq|dk|dv in one buffer, the
+// inverse RoPE of dq and dk inside the attention backward, one dX and one dW GEMM). With partial
+// rotary or SelfExtend on CUDA the layer runs the separate projections around the
+// device-dispatched core op instead.
 class SelfAttention {
  public:
   SelfAttention(const BuildContext& ctx, int64_t dim, AttentionOptions options);
@@ -112,6 +114,10 @@ class SelfAttention {
   Linear q_proj_, k_proj_, v_proj_, o_proj_;
   AttentionSaved saved_;
   bool fused_cuda_ = false;  // the last Forward took ForwardCuda
+  // RoPE of the last ForwardCuda: q rotated inside the attention forward / dq, dk inverse-rotated
+  // inside the backward (defaults); GYRE_ATTN_ROPE=separate (both off: RoPE passes over q|k and
+  // dq|dk) or =bwd (forward pass over q|k, backward fused) select the A/B variants.
+  bool rope_in_fwd_ = true, rope_in_bwd_ = true;
 };
 
 }  // namespace gyre::ops

@@ -56,6 +56,11 @@ struct CudaAttention {
   void* dq = nullptr;          // same layout as q
   void* dk = nullptr;          // same layout as k
   void* dv = nullptr;          // same layout as v
+  // > 0: RoPE (whole head, theta, position r % seq) fused into the kernels. Forward: q holds
+  // un-rotated values and is rotated IN PLACE (the kernel writes the rotated rows back for the
+  // backward); k must already be rotated. Backward: q and k hold the rotated values and dq, dk
+  // come back w.r.t. the un-rotated ones. 0: q, k rotated by the caller, dq, dk w.r.t. them.
+  double rope_theta = 0;
 };
 
 struct CudaAdamWTensor {

@@ -415,6 +415,10 @@ class Backend final : public CudaBackend {
     Init();
     OpProfiler::Scope scope(&prof_, "AttentionForward");
     if (!UseFlash(a)) {
+      if (a.rope_theta > 0) {
+        Rope(false, const_cast<void*>(a.q), a.batch * a.seq, a.seq, a.heads, a.head_dim,
+             a.q_row_stride > 0 ? a.q_row_stride : a.heads * a.head_dim, a.rope_theta);
+      }
       OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
       return;
     }
@@ -427,6 +431,10 @@ class Backend final : public CudaBackend {
     f.kv_row_stride = a.kv_row_stride;
     f.out = static_cast<bf16*>(a.out);
     f.lse = a.lse;
+    if (a.rope_theta > 0) {
+      f.rope = &RopeTableFor(a.seq, a.head_dim, a.rope_theta);
+      f.q_rotated = static_cast<bf16*>(const_cast<void*>(a.q));  // in place (see CudaAttention)
+    }
     OK_OR_DIE(kc::AttentionForward(f, stream_));
   }
 
@@ -435,6 +443,13 @@ class Backend final : public CudaBackend {
     OpProfiler::Scope scope(&prof_, "AttentionBackward");
     if (!UseFlash(a)) {
       OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
+      if (a.rope_theta > 0) {
+        const int64_t rows = a.batch * a.seq;
+        Rope(true, a.dq, rows, a.seq, a.heads, a.head_dim,
+             a.q_row_stride > 0 ? a.q_row_stride : a.heads * a.head_dim, a.rope_theta);
+        Rope(true, a.dk, rows, a.seq, a.kv_heads, a.head_dim,
+             a.kv_row_stride > 0 ? a.kv_row_stride : a.kv_heads * a.head_dim, a.rope_theta);
+      }
       return;
     }
     kc::AttentionBackwardArgs b;
@@ -450,6 +465,7 @@ class Backend final : public CudaBackend {
     b.dq = static_cast<bf16*>(a.dq);
     b.dk = static_cast<bf16*>(a.dk);
     b.dv = static_cast<bf16*>(a.dv);
+    if (a.rope_theta > 0) b.rope = &RopeTableFor(a.seq, a.head_dim, a.rope_theta);
     OK_OR_DIE(kc::AttentionBackward(alloc_, b, stream_));
   }
 

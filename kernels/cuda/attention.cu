@@ -66,7 +66,13 @@
 //                             dQ_acc += dS K (64 x D, warps 4 x 2) with fp32 vector atomics
 //                           dK·scale and dV are written once, bf16, no atomics: each kv head's
 //                           gradient sums its query heads inside one block, so GQA needs no scratch.
-//   attn_bwd_dq_kernel      dq = bf16(scale · dQ_acc) into the (possibly strided) dq rows.
+//   attn_bwd_dq_kernel      dq = bf16(scale · dQ_acc) into the (possibly strided) dq rows
+//                           (with the fused RoPE: rotated by −angle in fp32 first).
+// Fused RoPE (AttentionForwardArgs / AttentionBackwardArgs::rope; the training path): the ws
+// forward rotates each query tile in shared memory as it lands and writes the rotated rows back
+// (attention_wgmma.cu, RopeOwnQRows), the ws backward rotates dK by −angle in its epilogue and
+// the dQ conversion dQ; the mma.sync kernels use attn_rope_rows_kernel passes instead (Q before
+// the forward, dK after the backward). Why and what it saves: attention_notes.md (attn9).
 //   dK and dV are deterministic; dQ sums the key tiles' contributions with atomics, so its last
 //   bits may differ between runs (fp32 accumulation, rounded once to bf16).
 //
@@ -528,51 +534,123 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out
   if (d0 == 0) dvec[(b * heads + h) * seq + t] = acc;
 }
 
-template <int kD>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const float* dq_acc, bf16* dq,
-                                                                int64_t q_stride, int heads,
-                                                                int64_t chunks, float scale) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= chunks) return;
-  constexpr int kChunksPerRowHead = kD / 8;
-  const int64_t rh = c / kChunksPerRowHead;
-  const int ck = static_cast<int>(c % kChunksPerRowHead);
-  const int64_t row = rh / heads;
-  const int h = static_cast<int>(rh % heads);
-  const float4* src = reinterpret_cast<const float4*>(dq_acc + rh * kD + ck * 8);
-  const float4 x0 = src[0], x1 = src[1];
+// Fused inverse RoPE of the backward (AttentionBackwardArgs::rope): fp32 cos / sin table rows
+// [position][half], half = R/2 (a multiple of 8); half 0 = off.
+struct InvRope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int half = 0;
+};
+
+__device__ __forceinline__ void Load8(const float* src, float scale, float (&x)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(src)[0];
+  const float4 b = reinterpret_cast<const float4*>(src)[1];
+  x[0] = a.x * scale; x[1] = a.y * scale; x[2] = a.z * scale; x[3] = a.w * scale;
+  x[4] = b.x * scale; x[5] = b.y * scale; x[6] = b.z * scale; x[7] = b.w * scale;
+}
+__device__ __forceinline__ void LoadBf16x8(const bf16* src, float (&x)[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void Store8(bf16* dst, const float (&x)[8]) {
   uint4 packed;
-  packed.x = PackBf16(x0.x * scale, x0.y * scale);
-  packed.y = PackBf16(x0.z * scale, x0.w * scale);
-  packed.z = PackBf16(x1.x * scale, x1.y * scale);
-  packed.w = PackBf16(x1.z * scale, x1.w * scale);
-  *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + ck * 8) = packed;
+  packed.x = PackBf16(x[0], x[1]);
+  packed.y = PackBf16(x[2], x[3]);
+  packed.z = PackBf16(x[4], x[5]);
+  packed.w = PackBf16(x[6], x[7]);
+  *reinterpret_cast<uint4*>(dst) = packed;
+}
+// RoPE rotation of the pair (x1 = features f, x2 = f + R/2) at table row `pos`, features
+// f0..f0+7, by +angle (sign 1: rope.cu's forward, x1 c − x2 s, x2 c + x1 s) or −angle (sign −1:
+// its backward).
+__device__ __forceinline__ void Rope8(const InvRope& rope, int64_t pos, int f0, float sign,
+                                      float (&x1)[8], float (&x2)[8]) {
+  float c[8], s[8];
+  Load8(rope.cos + pos * rope.half + f0, 1.f, c);
+  Load8(rope.sin + pos * rope.half + f0, sign, s);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float a = x1[k] * c[k] - x2[k] * s[k], b = x2[k] * c[k] + x1[k] * s[k];
+    x1[k] = a;
+    x2[k] = b;
+  }
 }
 
-// The same conversion from the warp-specialised backward's blocked dq_acc (BwdWsDqAccIndex,
-// attention_wgmma.h): chunks of 8 columns stay contiguous there (the swizzle moves whole chunks).
+// dq = scale · dq_acc -> bf16, from [B·T, H, D] (block_cols 0) or the warp-specialised
+// backward's blocked layout (BwdWsDqAccIndex, attention_wgmma.h; chunks of 8 columns stay
+// contiguous there: the swizzle moves whole chunks). One thread per item of a row-head: without
+// RoPE an item is one 8-column chunk; with the fused inverse RoPE the first R/16 items are the
+// chunk pairs (f0, f0 + R/2), rotated by −angle in fp32 before the one rounding to bf16, and the
+// rest the pass-through chunks from R on (items_per_rh = R/16 + (D − R)/8).
 template <int kD>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_blocked_kernel(
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
     const float* dq_acc, bf16* dq, int64_t q_stride, int heads, int seq, int block_cols,
-    int64_t chunks, float scale) {
+    int64_t items, int items_per_rh, float scale, InvRope rope) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= chunks) return;
-  constexpr int kChunksPerRowHead = kD / 8;
-  const int64_t rh = c / kChunksPerRowHead;
-  const int d0 = static_cast<int>(c % kChunksPerRowHead) * 8;
+  if (c >= items) return;
+  const int64_t rh = c / items_per_rh;
+  const int item = static_cast<int>(c % items_per_rh);
+  const int pairs = rope.half / 8;
+  const int d0 = item < pairs ? 8 * item : 2 * rope.half + 8 * (item - pairs);
   const int64_t row = rh / heads;
   const int h = static_cast<int>(rh % heads);
   const int64_t b = row / seq, t = row % seq;
   const int64_t m_tiles = (seq + 63) / 64;
-  const float4* src = reinterpret_cast<const float4*>(
-      dq_acc + BwdWsDqAccIndex(b, h, t, d0, heads, m_tiles, kD, block_cols));
-  const float4 x0 = src[0], x1 = src[1];
-  uint4 packed;
-  packed.x = PackBf16(x0.x * scale, x0.y * scale);
-  packed.y = PackBf16(x0.z * scale, x0.w * scale);
-  packed.z = PackBf16(x1.x * scale, x1.y * scale);
-  packed.w = PackBf16(x1.z * scale, x1.w * scale);
-  *reinterpret_cast<uint4*>(dq + row * q_stride + h * kD + d0) = packed;
+  auto src = [&](int d) {
+    return dq_acc + (block_cols == 0
+                         ? rh * kD + d
+                         : BwdWsDqAccIndex(b, h, t, d, heads, m_tiles, kD, block_cols));
+  };
+  bf16* dst = dq + row * q_stride + h * kD;
+  float x1[8];
+  Load8(src(d0), scale, x1);
+  if (item < pairs) {
+    float x2[8];
+    Load8(src(d0 + rope.half), scale, x2);
+    Rope8(rope, t, d0, -1.f, x1, x2);
+    Store8(dst + d0 + rope.half, x2);
+  }
+  Store8(dst + d0, x1);
+}
+
+// RoPE (sign 1) or its inverse (sign −1) on bf16 rows x -> y (in place allowed) for the
+// mma.sync kernels (the forward's Q, the backward's dK; the ws kernels fuse both): one thread
+// per (row, head, chunk of 8 pairs).
+template <int kD>
+__global__ void __launch_bounds__(kThreads) attn_rope_rows_kernel(
+    const bf16* x, bf16* y, int64_t stride, int heads, int seq, int64_t items, InvRope rope,
+    float sign) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= items) return;
+  const int per_head = rope.half / 8;
+  const int64_t rh = i / per_head;
+  const int f0 = static_cast<int>(i % per_head) * 8;
+  const int64_t row = rh / heads;
+  const int h = static_cast<int>(rh % heads);
+  const int64_t off = row * stride + h * kD + f0;
+  float x1[8], x2[8];
+  LoadBf16x8(x + off, x1);
+  LoadBf16x8(x + off + rope.half, x2);
+  Rope8(rope, row % seq, f0, sign, x1, x2);
+  Store8(y + off, x1);
+  Store8(y + off + rope.half, x2);
+}
+
+template <int kD>
+CudaResult LaunchRopeRows(const bf16* x, bf16* y, int64_t stride, int64_t rows, int heads,
+                          int seq, const InvRope& rope, float sign, cudaStream_t stream) {
+  const int64_t items = rows * heads * (rope.half / 8);
+  attn_rope_rows_kernel<kD>
+      <<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          x, y, stride, heads, seq, items, rope, sign);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_rope_rows_kernel");
+  return {};
 }
 
 // S / dP: warps 4 (16 rows) x 2 (64 keys); dV / dK: 4 (32 keys) x 2 (D/2 features); dQ: 4 (16
@@ -806,6 +884,27 @@ CudaResult ValidateShape(const AttentionShape& s, int64_t* q_stride, int64_t* kv
   return {};
 }
 
+// The fused-RoPE table of AttentionForwardArgs / AttentionBackwardArgs::rope (null: off).
+CudaResult RopeFromTable(const RopeTable* table, const AttentionShape& s, const char* who,
+                         InvRope* rope) {
+  *rope = InvRope();
+  if (table == nullptr) return {};
+  const RopeTable& t = *table;
+  if (t.cos_sin.as<float>() == nullptr || t.head_dim <= 0 || t.head_dim % 16 != 0 ||
+      t.head_dim > s.head_dim || t.max_positions < s.seq ||
+      t.max_positions * t.head_dim >= (int64_t{1} << 31)) {
+    return InvalidArgument(std::string(who) +
+                           ": the fused RoPE table needs a rotary dim that is a multiple of 16 "
+                           "and <= head_dim, and at least seq positions (rotary dim " +
+                           std::to_string(t.head_dim) + ", " + std::to_string(t.max_positions) +
+                           " positions)");
+  }
+  rope->half = static_cast<int>(t.head_dim / 2);
+  rope->cos = t.cos_sin.as<float>();
+  rope->sin = rope->cos + t.max_positions * rope->half;
+  return {};
+}
+
 template <typename Kernel>
 CudaResult SetSmem(Kernel kernel, int bytes) {
   CUDA_RETURN_IF_ERROR(
@@ -849,7 +948,7 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, bf16* dq, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, const InvRope& rope, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -877,6 +976,9 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.group = p.group;
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
+    w.rope_cos = rope.cos;
+    w.rope_sin = rope.sin;
+    w.rope_half = rope.half;
     CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
@@ -885,18 +987,18 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     CUDA_RETURN_IF_NOT_OK(SetSmem(attn_bwd_kernel<kD>, smem));
     attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
     CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
+    if (rope.half > 0) {
+      CUDA_RETURN_IF_NOT_OK(LaunchRopeRows<kD>(p.dk, p.dk, p.kv_stride, batch * p.seq,
+                                               static_cast<int>(kv_heads), p.seq, rope, -1.f,
+                                               stream));
+    }
   }
-  const int64_t chunks = rows_heads * (kD / 8);
-  if (blocked) {
-    attn_bwd_dq_blocked_kernel<kD>
-        <<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-            p.dq_acc, dq, p.q_stride, p.heads, p.seq,
-            BwdWsDqBlockCols(kD), chunks, p.scale);
-    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_blocked_kernel");
-    return {};
-  }
-  attn_bwd_dq_kernel<kD><<<static_cast<unsigned>((chunks + kThreads - 1) / kThreads), kThreads, 0,
-                           stream>>>(p.dq_acc, dq, p.q_stride, p.heads, chunks, p.scale);
+  const int items_per_rh = rope.half / 8 + (kD - 2 * rope.half) / 8;
+  const int64_t items = rows_heads * items_per_rh;
+  attn_bwd_dq_kernel<kD>
+      <<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          p.dq_acc, dq, p.q_stride, p.heads, p.seq, blocked ? BwdWsDqBlockCols(kD) : 0, items,
+          items_per_rh, p.scale, rope);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
   return {};
 }
@@ -947,6 +1049,12 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     return InvalidArgument(
         "AttentionForward: SelfExtend needs 16-byte-aligned q_grouped and k_grouped");
   }
+  InvRope rope;
+  CUDA_RETURN_IF_NOT_OK(RopeFromTable(args.rope, s, "AttentionForward", &rope));
+  if (rope.half > 0 && (se || args.q_rotated == nullptr || !Aligned16(args.q_rotated))) {
+    return InvalidArgument(
+        "AttentionForward: the fused RoPE needs a 16-byte-aligned q_rotated and no SelfExtend");
+  }
   FwdParams p{};
   p.q = args.q;
   p.k = args.k;
@@ -984,7 +1092,28 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.scale = p.scale;
     w.scale_log2 = p.scale_log2;
     w.se_window = p.se_window;
+    w.rope_cos = rope.cos;
+    w.rope_sin = rope.sin;
+    w.rope_half = rope.half;
+    w.q_rot = args.q_rotated;
+    w.q_rot_copy_rest = rope.half > 0 && 2 * rope.half < s.head_dim && args.q_rotated != args.q;
     return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
+  }
+  if (rope.half > 0) {  // the mma.sync kernel reads q_rotated, rotated by a separate pass
+    const int64_t rows = s.batch * s.seq;
+    if (args.q_rotated != args.q && 2 * rope.half < s.head_dim) {  // features R.. pass through
+      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(args.q_rotated, q_stride * sizeof(bf16), args.q,
+                                             q_stride * sizeof(bf16),
+                                             s.heads * s.head_dim * sizeof(bf16), rows,
+                                             cudaMemcpyDeviceToDevice, stream));
+    }
+    CUDA_RETURN_IF_NOT_OK(
+        s.head_dim == 64
+            ? LaunchRopeRows<64>(args.q, args.q_rotated, q_stride, rows, p.heads, p.seq, rope,
+                                 1.f, stream)
+            : LaunchRopeRows<128>(args.q, args.q_rotated, q_stride, rows, p.heads, p.seq, rope,
+                                  1.f, stream));
+    p.q = args.q_rotated;
   }
   if (s.head_dim == 64) {
     return use_se ? LaunchForward<64, true>(p, s.batch, stream)
@@ -1035,10 +1164,14 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   p.scale = args.softmax_scale != 0.f ? args.softmax_scale
                                       : static_cast<float>(1.0 / std::sqrt(double(s.head_dim)));
   p.scale_log2 = p.scale * kLog2e;
+  InvRope rope;
+  CUDA_RETURN_IF_NOT_OK(RopeFromTable(args.rope, s, "AttentionBackward", &rope));
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
-  if (s.head_dim == 64) return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, stream);
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, stream);
+  if (s.head_dim == 64) {
+    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
+  }
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
 }
 
 }  // namespace gyre::cuda

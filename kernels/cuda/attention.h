@@ -42,6 +42,7 @@
 
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/device_info.h"
+#include "kernels/cuda/rope.h"
 
 namespace gyre::cuda {
 
@@ -71,6 +72,14 @@ struct AttentionForwardArgs {
   const __nv_bfloat16* k_grouped = nullptr;
   __nv_bfloat16* out = nullptr;  // [B, T, heads, head_dim] packed, overwritten
   float* lse = nullptr;          // [B, heads, T] natural-log log-sum-exp of scaled logits; may be null
+  // Fused RoPE of q (the training path; plain mode only): when set, q holds un-rotated values
+  // and each block rotates its query tile as it loads it (rotate-half over the first
+  // R = rope->head_dim features, position t for row b·T + t; R % 16 == 0, R <= head_dim,
+  // rope->max_positions >= T; RopeForward's fp32 math and bf16 rounding) and writes the rotated
+  // rows to q_rotated (q's strides) for the backward. q_rotated may be q itself (each row is
+  // read and written by one block). k must already be rotated (RopeForward).
+  const RopeTable* rope = nullptr;
+  __nv_bfloat16* q_rotated = nullptr;
 };
 CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t stream);
 
@@ -88,6 +97,13 @@ struct AttentionBackwardArgs {
   __nv_bfloat16* dq = nullptr;  // overwritten (same layout as q)
   __nv_bfloat16* dk = nullptr;  // overwritten (same layout as k)
   __nv_bfloat16* dv = nullptr;  // overwritten (same layout as v)
+  // Fused inverse RoPE (the training path's RopeBackward, rope.h): when set, q and k hold
+  // RoPE-rotated values (rotate-half over the first R = rope->head_dim features of each head,
+  // position t for row b·T + t, R % 16 == 0, R <= head_dim, rope->max_positions >= T), and dq, dk
+  // come back as the gradients w.r.t. the un-rotated q and k: the dQ conversion and the dK
+  // epilogue rotate by −angle in fp32 before the one rounding to bf16 (the separate pass rounded
+  // twice). Null: dq, dk are w.r.t. q, k as given.
+  const RopeTable* rope = nullptr;
 };
 // Scratch (e.g. fp32 dq accumulators, row dot(dout, out)) comes from `alloc`.
 CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs& args,

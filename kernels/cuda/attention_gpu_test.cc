@@ -7,6 +7,9 @@
 // benchmark's: grouped-only, neighbour-only and band tiles in every long block) against a float64
 // SelfExtend reference; SelfExtend with T <= W must reproduce plain attention
 // exactly, and with grouped inputs equal to the plain ones within bf16 rounding.
+// Fused RoPE (AttentionForwardArgs / AttentionBackwardArgs::rope: q rotated on load and written
+// back, dq and dk inverse-rotated): rotary dims R = D and R < D (16, 32, 64) at D 64 / 128, GQA,
+// in place in a fused buffer and into a separate array, T up to 1000 (positions in many tiles).
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
 // {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} to check the other paths.
 #include "kernels/cuda/attention.h"
@@ -44,6 +47,7 @@ struct Problem {
   int64_t batch, seq, heads, kv_heads, dim;
   bool fused;                  // q/k/v (and dq/dk/dv) are views of one padded qkv buffer
   int64_t group = 0, window = 0;  // SelfExtend
+  int64_t rope = 0;  // fused RoPE, rotary dim R (0 = off; see RunForwardBackward)
 };
 
 std::string ShapeName(const Problem& p) {
@@ -52,7 +56,28 @@ std::string ShapeName(const Problem& p) {
                   std::to_string(p.dim);
   if (p.fused) s += " fused";
   if (p.group > 0) s += " SE" + std::to_string(p.group) + "," + std::to_string(p.window);
+  if (p.rope > 0) s += " rope" + std::to_string(p.rope);
   return s;
+}
+
+// Rotate-half RoPE in float64 on packed rows [rows, heads, D] at position row % seq over the
+// first R features (pairs f, f + R/2, angle pos · 10000^(−2f/R)); inverse rotates by −angle.
+void RopeRef(std::vector<double>* x, int64_t seq, int64_t heads, int64_t D, int64_t R,
+             bool inverse) {
+  const int64_t rows = static_cast<int64_t>(x->size()) / (heads * D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const double pos = static_cast<double>(r % seq);
+    for (int64_t h = 0; h < heads; ++h) {
+      double* v = x->data() + (r * heads + h) * D;
+      for (int64_t f = 0; f < R / 2; ++f) {
+        const double angle = pos * std::pow(10000.0, -2.0 * f / static_cast<double>(R));
+        const double c = std::cos(angle), sn = inverse ? -std::sin(angle) : std::sin(angle);
+        const double x1 = v[f], x2 = v[f + R / 2];
+        v[f] = x1 * c - x2 * sn;
+        v[f + R / 2] = x2 * c + x1 * sn;
+      }
+    }
+  }
 }
 
 // Runs fn(index) for index in [0, n) on up to hardware_concurrency threads.
@@ -226,10 +251,45 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   fa.kv_row_stride = x.kv_stride;
   fa.out = d_out.get();
   fa.lse = d_lse.get();
+  // Fused RoPE (the training path): q is un-rotated and the forward rotates it on load, writing
+  // the rotated rows to q_rotated (in place in the fused buffer; a poisoned array otherwise),
+  // which the backward then reads; k stands for already-rotated keys. The backward returns dq,
+  // dk w.r.t. the un-rotated q and k (the reference's gradients w.r.t. the rotated ones,
+  // inverse-rotated in float64). Positions run past the first tiles (T up to 1000).
+  RopeTable table;
+  std::unique_ptr<DeviceArray<bf16>> q_rot;
+  std::vector<double> q_rot_exact;  // float64-rotated q, packed [rows, H·D]
+  std::vector<float> q_rot_ref;     // the same rounded to bf16 (the reference's q)
+  if (p.rope > 0) {
+    CUDA_OK_OR_DIE(BuildRopeTable(p.seq, p.rope, 10000.0, alloc, &table));
+    fa.rope = &table;
+    if (p.fused) {
+      fa.q_rotated = x.fused->get();
+    } else {
+      q_rot = std::make_unique<DeviceArray<bf16>>(alloc, rows * H * D);
+      q_rot->Poison();
+      fa.q_rotated = q_rot->get();
+    }
+    std::vector<double> qd(rows * H * D);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < H * D; ++c) qd[r * H * D + c] = x.q.base[r * x.q.stride + c];
+    RopeRef(&qd, p.seq, H, D, p.rope, /*inverse=*/false);
+    q_rot_exact = qd;
+    // The reference attends with the rotated q rounded to bf16, as the kernels' GEMMs do.
+    q_rot_ref.resize(qd.size());
+    for (size_t i = 0; i < qd.size(); ++i) q_rot_ref[i] = testing::RoundBf16(static_cast<float>(qd[i]));
+  }
   const CudaResult fr = AttentionForward(fa, nullptr);
   if (!fr.ok()) {
     std::printf("[FAIL] attention fwd %s: %s\n", shape.c_str(), fr.message.c_str());
     return false;
+  }
+  bool ok = true;
+  if (p.rope > 0) {
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    const std::vector<float> got =
+        p.fused ? Pack(x.fused->Download(), 0, x.q_stride, rows, H * D) : q_rot->Download();
+    ok &= Report("attention fwd q_rotated", shape, RelError(got, q_rot_exact), 5e-3);
   }
   // Gradients: into a second fused buffer (poisoned, padding must survive) or packed arrays.
   std::unique_ptr<DeviceArray<bf16>> g_fused, g_q, g_k, g_v;
@@ -253,7 +313,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   }
   AttentionBackwardArgs ba;
   ba.shape = fa.shape;
-  ba.q = fa.q;
+  ba.q = p.rope > 0 ? fa.q_rotated : fa.q;
   ba.k = fa.k;
   ba.v = fa.v;
   ba.q_row_stride = x.q_stride;
@@ -264,6 +324,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   ba.dq = dq;
   ba.dk = dk;
   ba.dv = dv;
+  if (p.rope > 0) ba.rope = &table;
   const CudaResult br = AttentionBackward(alloc, ba, nullptr);
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
   if (!br.ok()) {
@@ -271,8 +332,12 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
     return false;
   }
 
-  const Reference ref = ComputeReference(p, x.q, x.k, x.v, {}, {}, &dout);
-  bool ok = true;
+  const View q_ref = p.rope > 0 ? View{q_rot_ref.data(), H * D} : x.q;
+  Reference ref = ComputeReference(p, q_ref, x.k, x.v, {}, {}, &dout);
+  if (p.rope > 0) {
+    RopeRef(&ref.dq, p.seq, H, D, p.rope, /*inverse=*/true);
+    RopeRef(&ref.dk, p.seq, Hk, D, p.rope, /*inverse=*/true);
+  }
   ok &= Report("attention fwd out", shape, RelError(d_out.Download(), ref.out), kTolOut);
   ok &= Report("attention fwd lse", shape, RelError(d_lse.Download(), ref.lse), kTolLse);
   std::vector<float> gq, gk, gv;
@@ -403,7 +468,13 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
   for (const Problem& p : {Problem{2, 1, 8, 2, 128, false}, Problem{2, 17, 8, 2, 64, false},
                            Problem{2, 100, 8, 8, 128, false}, Problem{2, 257, 8, 2, 128, true},
                            Problem{2, 257, 4, 4, 64, true}, Problem{2, 1000, 8, 2, 64, false},
-                           Problem{1, 1000, 8, 2, 128, true}, Problem{2, 300, 4, 1, 128, false}}) {
+                           Problem{1, 1000, 8, 2, 128, true}, Problem{2, 300, 4, 1, 128, false},
+                           // fused RoPE: R = D and R < D, both head dims, GQA, fused strides
+                           Problem{2, 257, 8, 2, 128, true, 0, 0, 128},
+                           Problem{2, 1000, 8, 2, 64, false, 0, 0, 64},
+                           Problem{1, 300, 4, 4, 128, false, 0, 0, 64},
+                           Problem{2, 100, 4, 2, 64, true, 0, 0, 32},
+                           Problem{1, 17, 2, 1, 64, false, 0, 0, 16}}) {
     ++checks;
     if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
@@ -439,6 +510,18 @@ TEST(AttentionGpuTest, RejectsBadArguments) {
   fa.self_extend_group = 4;
   fa.self_extend_window = 2;
   EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // SelfExtend without grouped inputs
+  AttentionBackwardArgs ba;
+  ba.shape = {1, 4, 2, 2, 64};
+  ba.q = ba.k = ba.v = ba.out = ba.dout = buf.get();
+  ba.dq = ba.dk = ba.dv = buf.get();
+  DeviceArray<float> lse(&alloc, 64);
+  ba.lse = lse.get();
+  RopeTable table;
+  ASSERT_TRUE(BuildRopeTable(4, 24, 10000.0, &alloc, &table).ok());
+  ba.rope = &table;
+  EXPECT_FALSE(AttentionBackward(&alloc, ba, nullptr).ok());  // rotary dim not a multiple of 16
+  ASSERT_TRUE(BuildRopeTable(3, 32, 10000.0, &alloc, &table).ok());
+  EXPECT_FALSE(AttentionBackward(&alloc, ba, nullptr).ok());  // table shorter than seq
 }
 
 }  // namespace

@@ -185,6 +185,76 @@ __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_hea
   pair = group * head_group + (r - rank * n);
 }
 
+// Fused RoPE of Q in the plain forward (WgmmaFwdParams::rope_half > 0): consumer warpgroup
+// `cwg` rotates its own 64 rows of the block's Q tile in shared memory once, after the tile
+// landed (q_full) and before its first S GEMM, and writes them to q_rot for the backward (a row
+// is read and written by this block only, so q_rot may be q). Items are (row, 16-byte chunk
+// c < R/16): chunk c pairs with chunk c + R/16 (features f, f + R/2); rope.cu's forward math
+// (y1 = x1 cos − x2 sin, y2 = x2 cos + x1 sin in fp32, one rounding to bf16). The table rows are
+// loaded before the wait, so their latency hides under the Q copy. Rows past T (zeros) stay.
+// With R < D and q_rot != q the features R.. are copied to q_rot as they are.
+template <int kD>
+__device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned char* sq, int cwg,
+                                             int pos0, int64_t row_base, int h, int wtid,
+                                             uint32_t q_full) {
+  constexpr int kItems = kD / 32;  // (64 rows x kD/16 chunk pairs) / 128 threads, at R = kD
+  const int pairs = p.rope_half / 8;
+  float cs[kItems][8], sn[kItems][8];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = wtid + 128 * j, r = i / pairs, c = i % pairs, pos = pos0 + r;
+    if (r < 64 && pos < p.seq) {
+      const float4* cp = reinterpret_cast<const float4*>(
+          p.rope_cos + static_cast<int64_t>(pos) * p.rope_half + 8 * c);
+      const float4* sp = reinterpret_cast<const float4*>(
+          p.rope_sin + static_cast<int64_t>(pos) * p.rope_half + 8 * c);
+      const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
+      cs[j][0] = c0.x; cs[j][1] = c0.y; cs[j][2] = c0.z; cs[j][3] = c0.w;
+      cs[j][4] = c1.x; cs[j][5] = c1.y; cs[j][6] = c1.z; cs[j][7] = c1.w;
+      sn[j][0] = s0.x; sn[j][1] = s0.y; sn[j][2] = s0.z; sn[j][3] = s0.w;
+      sn[j][4] = s1.x; sn[j][5] = s1.y; sn[j][6] = s1.z; sn[j][7] = s1.w;
+    }
+  }
+  MbarWait(q_full, 0);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = wtid + 128 * j, r = i / pairs, c = i % pairs, pos = pos0 + r;
+    if (r < 64 && pos < p.seq) {
+      uint4* a = reinterpret_cast<uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c));
+      uint4* b = reinterpret_cast<uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c + pairs));
+      uint4 va = *a, vb = *b;
+      uint32_t* wa = reinterpret_cast<uint32_t*>(&va);
+      uint32_t* wb = reinterpret_cast<uint32_t*>(&vb);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[k]));
+        const float2 x2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wb[k]));
+        const float c0 = cs[j][2 * k], c1 = cs[j][2 * k + 1];
+        const float s0 = sn[j][2 * k], s1 = sn[j][2 * k + 1];
+        wa[k] = PackBf16(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
+        wb[k] = PackBf16(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
+      }
+      *a = va;
+      *b = vb;
+      bf16* dst = p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c;
+      *reinterpret_cast<uint4*>(dst) = va;
+      *reinterpret_cast<uint4*>(dst + p.rope_half) = vb;
+    }
+  }
+  if (p.q_rot_copy_rest) {  // R < D into a separate buffer: features R.. pass through
+    const int rest = kD / 8 - 2 * pairs;
+    for (int i = wtid; i < 64 * rest; i += 128) {
+      const int r = i / rest, c = 2 * pairs + i % rest, pos = pos0 + r;
+      if (pos < p.seq) {
+        *reinterpret_cast<uint4*>(p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c) =
+            *reinterpret_cast<const uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c));
+      }
+    }
+  }
+  FenceProxyAsync();            // the generic-proxy stores before the wgmmas (async proxy) read them
+  NamedBarSync(3 + cwg, 128);   // this warpgroup's 64 rows rotated
+}
+
 constexpr int kWsThreads = 384;
 
 // Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
@@ -456,7 +526,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if constexpr (kSE) {
       if (far || band) MbarWait(qg_full, 0);
     }
-    if (!far) MbarWait(q_full, 0);
+    if constexpr (!kSE) {
+      if (p.rope_half > 0) {
+        RopeOwnQRows<kD>(p, base_ptr + (sQ - base), cwg, m0 + 64 * cwg, row_base, h, wtid,
+                         q_full);
+      } else {
+        MbarWait(q_full, 0);
+      }
+    } else if (!far) {
+      MbarWait(q_full, 0);
+    }
     MbarWait(k_full(0), 0);
     NamedBarSync(my_turn, 256);
     WgmmaFence();
@@ -749,6 +828,40 @@ __device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
 // against the barrier's initial count: .noinc).
 __device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Fused inverse RoPE of the dK epilogue: the thread's features 8c + 2tq + e (c < kD/8, e < 2)
+// of key row hr sit at acc[4c + 2hr + e]; feature f < R/2 pairs with f + R/2, i.e. chunk c with
+// chunk c + kPairs (kPairs = R/16), the same thread. Rotation by −angle (rope.cu's backward):
+// x1 = g1 cos + g2 sin, x2 = g2 cos − g1 sin; cos / sin point at the key's table row + 2tq.
+template <int kD, int kPairs>
+__device__ __forceinline__ void InverseRopeRow(float (&acc)[kD / 2], int hr, const float* cos_p,
+                                               const float* sin_p) {
+#pragma unroll
+  for (int c = 0; c < kPairs; ++c) {
+    const float2 cs = *reinterpret_cast<const float2*>(cos_p + 8 * c);
+    const float2 sn = *reinterpret_cast<const float2*>(sin_p + 8 * c);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float co = e ? cs.y : cs.x, si = e ? sn.y : sn.x;
+      float& g1 = acc[4 * c + 2 * hr + e];
+      float& g2 = acc[4 * (c + kPairs) + 2 * hr + e];
+      const float x1 = g1 * co + g2 * si, x2 = g2 * co - g1 * si;
+      g1 = x1;
+      g2 = x2;
+    }
+  }
+}
+// Picks the compile-time pairing for pairs = R/16 in [1, kD/16] (register indices must be
+// static).
+template <int kD, int kPairs = kD / 16>
+__device__ __forceinline__ void InverseRopeDispatch(int pairs, float (&acc)[kD / 2], int hr,
+                                                    const float* cos_p, const float* sin_p) {
+  if (pairs == kPairs) {
+    InverseRopeRow<kD, kPairs>(acc, hr, cos_p, sin_p);
+  } else if constexpr (kPairs > 1) {
+    InverseRopeDispatch<kD, kPairs - 1>(pairs, acc, hr, cos_p, sin_p);
+  }
 }
 
 // Tensor maps of the backward's TMA loads (EncodeRowsMap): K, V boxes of 128 rows, Q, dO of 64.
@@ -1102,6 +1215,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+  if (p.rope_half > 0) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int key = key_lo + 8 * hr;
+      if (key < seq) {
+        InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
+                                p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
+      }
+    }
+  }
+#pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int key = key_lo + 8 * hr;
     if (key >= seq) continue;
@@ -1109,8 +1234,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
 #pragma unroll
     for (int c = 0; c < kDT; ++c) {
-      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
-          PackBf16(dk[4 * c + 2 * hr] * p.scale, dk[4 * c + 2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) = PackBf16(dk[4 * c + 2 * hr], dk[4 * c + 2 * hr + 1]);
       *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
     }
   }

@@ -21,6 +21,13 @@ struct WgmmaFwdParams {
   int seq, heads, group;
   float scale, scale_log2;
   int se_window;
+  // Fused RoPE of Q (plain kernel only; AttentionForwardArgs::rope): fp32 cos / sin rows
+  // [T][rope_half] (rope.h's table), rope_half = R/2 a multiple of 8, or 0 = off; the rotated
+  // rows go to q_rot (q's strides).
+  const float *rope_cos, *rope_sin;
+  int rope_half;
+  __nv_bfloat16* q_rot;
+  bool q_rot_copy_rest;  // R < D and q_rot != q: features R.. are copied to q_rot too
 };
 
 // attn_fwd_ws_kernel: the FlashAttention-3-style kernel (TMA producer, mbarriers, two consumer
@@ -38,6 +45,10 @@ struct WgmmaBwdParams {
   int q_stride, kv_stride;
   int seq, heads, group;
   float scale, scale_log2;
+  // Fused inverse RoPE on dK (AttentionBackwardArgs::rope): fp32 cos / sin rows [T][rope_half]
+  // (rope.h's table); rope_half = R/2, a multiple of 8, or 0 = off.
+  const float *rope_cos, *rope_sin;
+  int rope_half;
 };
 
 // Columns per dq_acc block of the warp-specialised backward: D/2 (D 128) or D (D 64).
