@@ -14,6 +14,8 @@
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192. --path: only the
 // variants whose name contains TEXT (e.g. "un]" for one ncu profile of that variant).
+// GYRE_SSD_BWD_DX=early makes "[v3 all]" (and every path but "[v3 all dxE]", which forces it)
+// run the opt-in bwd dx kernel (ssd.cu DxVariant), for alternating timings of one binary.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -140,6 +142,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
+    int dx_variant = 0;  // SsdSetBwdDxVariantForTesting (0: GYRE_SSD_BWD_DX or the default)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -150,19 +153,22 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
-                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
+                        {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
+                        {"[v3 all dxE]", kSsdRegAll, 0, 0, 2}};  // bwd dx early (session 10)
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
+                         p.dx_variant != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
+    SsdSetBwdDxVariantForTesting(p.dx_variant);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -182,6 +188,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
+  SsdSetBwdDxVariantForTesting(0);
 }
 
 }  // namespace

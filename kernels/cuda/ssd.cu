@@ -146,6 +146,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -1641,8 +1643,14 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // the chunk-state backward, +160 µs there).
 // Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
 // alternates RA, RB with one barrier per tile.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
+//
+// kEarly (GYRE_SSD_BWD_DX=early, opt-in; session 10, not yet measured): the first l-tile's
+// cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
+// prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
+// then goes into RA once the state product has retired it. Same shared memory, same buffers,
+// same arithmetic in the same order (bitwise the same outputs as kEarly = false).
+template <int kP, bool kEarly>
+__device__ __forceinline__ void BwdDxRegBody(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
@@ -1687,6 +1695,13 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dt_g = DtPtr(d, saved, b);
+  auto issue = [&](int lt, bf16* buf) {
+    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
+    CpRows(buf, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile, kTile, kTile);
+    LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
+    CpAsyncCommit();
+  };
+  if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
   // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
   // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
   // tile pair into a column and a row factor, so those tiles need no exponential per element.
@@ -1699,7 +1714,11 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  CpAsyncWait<0>();
+  if constexpr (kEarly) {
+    CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
+  } else {
+    CpAsyncWait<0>();
+  }
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
@@ -1736,23 +1755,34 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     dl0 = ok0 ? dl0 : 0.f;
     dl1 = ok1 ? dl1 : 0.f;
   }
-  auto issue = [&](int lt, bf16* buf) {
-    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    CpRows(buf, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
-    CpAsyncCommit();
-  };
   __syncthreads();  // RA retired (B_s, G read by every warp)
-  issue(st, RA);
+  if constexpr (kEarly) {
+    if (st + 1 < nT) issue(st + 1, RA);
+  } else {
+    issue(st, RA);
+  }
 
-  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd). One barrier per
-  // tile: publishes tile lt, retires the other buffer (tile lt−1; unused before the loop),
-  // which then receives tile lt+1.
+  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd); kEarly: RB (even)
+  // and RA (odd). One barrier per tile: publishes tile lt, retires the other buffer (tile lt−1;
+  // unused before the loop), which then receives tile lt+1 (kEarly: tile st+1 is already in
+  // flight at the first step, so that step waits for all but the newest group and issues none).
   for (int lt = st; lt < nT; ++lt) {
-    bf16* cur = ((lt - st) & 1) ? RB : RA;
-    CpAsyncWait<0>();
-    __syncthreads();
-    if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
+    bf16* cur;
+    if constexpr (kEarly) {
+      cur = ((lt - st) & 1) ? RA : RB;
+      if (lt == st && st + 1 < nT) {
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      __syncthreads();
+      if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
+    } else {
+      cur = ((lt - st) & 1) ? RB : RA;
+      CpAsyncWait<0>();
+      __syncthreads();
+      if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
+    }
     const bf16* dYl = cur + kTile * kLdCb;
     const int l0 = lt * kTile;
     float s1[8][4];
@@ -1838,6 +1868,22 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     dd_part[n + i] = s_a;  // A·∂A partial
     dd_part[2 * n + i] = s_l;
   }
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
+    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
+    float* ddtx, double* dd_part) {
+  BwdDxRegBody<kP, false>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
+    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
+    float* ddtx, double* dd_part) {
+  BwdDxRegBody<kP, true>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
 }
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
@@ -2891,10 +2937,50 @@ struct BwdScratch {
   float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
 };
 
+// Which form of the v3 bwd dx kernel runs: GYRE_SSD_BWD_DX, read once per process ("reg" or
+// unset: ssd_chunk_scan_bwd_dx_reg, the default; "early": ssd_chunk_scan_bwd_dx_early, opt-in
+// until the device has measured it; anything else is an error from SsdBackward).
+// g_dx_variant (testing) overrides it: 0 the environment, 1 reg, 2 early.
+std::atomic<int> g_dx_variant{0};
+struct DxChoice {
+  bool early = false;
+  const char* bad_env = nullptr;
+};
+DxChoice DxVariant() {
+  static const DxChoice from_env = [] {
+    DxChoice c;
+    const char* e = std::getenv("GYRE_SSD_BWD_DX");
+    if (e != nullptr && std::strcmp(e, "early") == 0) {
+      c.early = true;
+    } else if (e != nullptr && std::strcmp(e, "reg") != 0) {
+      c.bad_env = e;
+    }
+    return c;
+  }();
+  const int forced = g_dx_variant.load();
+  if (forced == 1) return {};
+  if (forced == 2) return {true, nullptr};
+  return from_env;
+}
+
 template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
+  const DxChoice choice = DxVariant();
+  if (choice.bad_env != nullptr) {
+    return InvalidArgument(std::string("GYRE_SSD_BWD_DX: unknown value \"") + choice.bad_env +
+                           "\" (expected reg or early)");
+  }
+  if (choice.early) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
+    ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                      stream>>>(d, a.x, a.b, a.d,
+                                                static_cast<const float*>(a.saved), a.dy,
+                                                sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
+    return {};
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
   ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                   stream>>>(d, a.x, a.b, a.d, static_cast<const float*>(a.saved),
@@ -3027,6 +3113,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
+void SsdSetBwdDxVariantForTesting(int variant) {
+  g_dx_variant.store(variant == 1 || variant == 2 ? variant : 0);
+}
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetDcbSplitForTesting(int split) {

@@ -148,6 +148,10 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
+// Form of the v3 bwd dx kernel (process-wide; bitwise the same results): 0 = the environment
+// (GYRE_SSD_BWD_DX=reg, the default, or =early: the first l-tile's loads issued in the prologue,
+// opt-in until measured; ssd_notes.md session 10), 1 = reg, 2 = early.
+void SsdSetBwdDxVariantForTesting(int variant);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -9,10 +9,14 @@
 // Paths 7-9 force the fused chunk-state / state-pass kernels (ssd_chunk_state_scan), which the
 // default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
+// Paths 11-12 (session 10) rerun each case and compare every output bitwise: path 11 the default
+// against itself and the reg bwd dx form, path 12 the opt-in early bwd dx form
+// (GYRE_SSD_BWD_DX=early) against itself and against the default form.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -66,7 +70,26 @@ std::vector<float> Increment(const std::vector<float>& after, const std::vector<
   return d;
 }
 
-bool RunCase(const Case& k, uint64_t seed) {
+// Every output and accumulated gradient of one forward + backward, downloaded as floats (bf16
+// outputs widen exactly), for bitwise comparisons between runs.
+using Outputs = std::vector<std::vector<float>>;
+bool BitwiseEqual(const Outputs& a, const Outputs& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].size() != b[i].size()) return false;
+    if (!a[i].empty() &&
+        std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(float)) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// rerun_dx_variant >= 0: after the float64 checks, the forward + backward runs again on the same
+// inputs (accumulated gradients reset) with the same kernels, and once more with bwd dx form
+// rerun_dx_variant (SsdSetBwdDxVariantForTesting); all three must agree bitwise (fixed-order
+// ∂Acs sums, no float atomics; the early bwd dx form changes only when loads are issued).
+bool RunCase(const Case& k, uint64_t seed, int rerun_dx_variant = -1) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -264,6 +287,57 @@ bool RunCase(const Case& k, uint64_t seed) {
     for (int64_t i = 0; i < k.H; ++i) same &= after[i] == dd0[i];
     ok &= Report("ssd " + k.label + " dD untouched", shape, same ? 0.0 : 1.0, 0.0);
   }
+  if (rerun_dx_variant >= 0) {
+    auto run_again = [&](Outputs* out) {
+      d_da.Upload(da0);
+      d_ddb.Upload(ddb0);
+      d_dd.Upload(dd0);
+      d_y.Poison();
+      d_fin.Poison();
+      d_saved.Poison();
+      d_ddt.Poison();
+      d_dinit.Poison();
+      if (k.strided) {
+        d_dxbc.Upload(std::vector<float>(rows * wide, kSentinel));
+      } else {
+        d_dx.Poison();
+        d_db.Poison();
+        d_dc.Poison();
+      }
+      CudaResult r2 = SsdForward(f, nullptr);
+      if (r2.ok()) r2 = SsdBackward(g, &alloc, nullptr);
+      EXPECT_TRUE(r2.ok()) << r2.message;
+      if (!r2.ok()) return false;
+      CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+      *out = {d_y.Download(), d_fin.Download(), d_ddt.Download(), d_dinit.Download(),
+              d_da.Download(), d_ddb.Download(), d_dd.Download()};
+      if (k.strided) {
+        out->push_back(d_dxbc.Download());
+      } else {
+        out->push_back(d_dx.Download());
+        out->push_back(d_db.Download());
+        out->push_back(d_dc.Download());
+      }
+      return true;
+    };
+    Outputs first_run, second_run, other_form;
+    first_run = {d_y.Download(), d_fin.Download(), d_ddt.Download(), d_dinit.Download(),
+                   d_da.Download(), d_ddb.Download(), d_dd.Download()};
+    if (k.strided) {
+      first_run.push_back(d_dxbc.Download());
+    } else {
+      first_run.push_back(d_dx.Download());
+      first_run.push_back(d_db.Download());
+      first_run.push_back(d_dc.Download());
+    }
+    bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
+    ok &= Report("ssd " + k.label + " rerun bitwise", shape, same ? 0.0 : 1.0, 0.0);
+    SsdSetBwdDxVariantForTesting(rerun_dx_variant);
+    same = run_again(&other_form) && BitwiseEqual(first_run, other_form);
+    SsdSetBwdDxVariantForTesting(0);
+    ok &= Report("ssd " + k.label + " = dx form " + std::to_string(rerun_dx_variant) + " bitwise",
+                 shape, same ? 0.0 : 1.0, 0.0);
+  }
   return ok;
 }
 
@@ -316,6 +390,8 @@ TEST(SsdGpu, MatchesCpuReference) {
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
+    int dx_variant = 0;   // SsdSetBwdDxVariantForTesting: 0 GYRE_SSD_BWD_DX (default reg)
+    int rerun_dx_variant = -1;  // >= 0: rerun-bitwise checks (RunCase) against that dx form
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -327,7 +403,11 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass] ", kSsdRegAll, 0, 1},
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
-                        {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4}};
+                        {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
+                        // Session 10: the default with rerun-bitwise checks, and the opt-in
+                        // early bwd dx (GYRE_SSD_BWD_DX=early), bitwise against the default.
+                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, 1, 1},
+                        {"[v3 all, bwd dx early] ", kSsdRegAll, 0, 0, 0, 2, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -347,7 +427,9 @@ TEST(SsdGpu, MatchesCpuReference) {
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++) ? 0 : 1;
+      // RunCase's rerun resets the dx form to 0 (the environment) after its last run.
+      SsdSetBwdDxVariantForTesting(p.dx_variant);
+      path_failed += RunCase(k, seed++, p.rerun_dx_variant) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
@@ -357,6 +439,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
+  SsdSetBwdDxVariantForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
