@@ -148,6 +148,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -1460,8 +1461,12 @@ void CarveScanFwdPair(Carver& cv, const Dims& d) {
 }
 
 // grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
+// kXs (GYRE_SSD_FWD=xs, opt-in; session 10, not yet measured): the D·x term of each l-tile's
+// rows reads x from the ring slot of the diagonal item S(a, a), whose x_s tile holds exactly
+// those rows, instead of from global memory after the last product (a synchronous round trip
+// per l-tile, two per block). Same values (bitwise the same y).
+template <int kP, bool kXs>
+__device__ __forceinline__ void ScanFwdPairBody(
     Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1604,7 +1609,12 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
 #pragma unroll
           for (int j = 0; j < NP; ++j) {
             const int p = 8 * j + 2 * tq;
-            const float2 xv = Bf2(xb + off + p);
+            float2 xv;
+            if constexpr (kXs) {
+              xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): rows of l-tile a
+            } else {
+              xv = Bf2(xb + off + p);
+            }
             *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
                 acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
           }
@@ -1612,6 +1622,18 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
       }
     }
   }
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
+    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
+  ScanFwdPairBody<kP, false>(d, x, Cm, Dskip, saved, y);
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
+    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
+  ScanFwdPairBody<kP, true>(d, x, Cm, Dskip, saved, y);
 }
 
 // Shared memory of ssd_chunk_scan_bwd_dx_reg (~56 KB at P64 N128: four blocks per SM by shared
@@ -1701,7 +1723,22 @@ __device__ __forceinline__ void BwdDxRegBody(
     LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
     CpAsyncCommit();
   };
+  // kEarly, P <= 64: the own rows of x for the state term's dl go into registers here, so that
+  // their round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128
+  // the 32 extra registers spilled 160 bytes, so wider heads read x after the product as before).
+  constexpr bool kPreX = kEarly && kP <= 64;
+  __nv_bfloat162 xpre0[kPreX ? NP : 1], xpre1[kPreX ? NP : 1];
   if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
+  if constexpr (kPreX) {
+    const int q0 = r0 < sv ? r0 : 0, q1 = r0 + 8 < sv ? r0 + 8 : 0;
+    const bf16* p0 = xb + (ts0 + q0) * x_stride + 2 * tq;
+    const bf16* p1 = xb + (ts0 + q1) * x_stride + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      xpre0[j] = *reinterpret_cast<const __nv_bfloat162*>(p0 + 8 * j);
+      xpre1[j] = *reinterpret_cast<const __nv_bfloat162*>(p1 + 8 * j);
+    }
+  }
   // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
   // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
   // tile pair into a column and a row factor, so those tiles need no exponential per element.
@@ -1745,7 +1782,14 @@ __device__ __forceinline__ void BwdDxRegBody(
       acc[j][1] *= w0;
       acc[j][2] *= w1;
       acc[j][3] *= w1;
-      const float2 x0 = Bf2(xr0 + p), x1 = Bf2(xr1 + p);
+      float2 x0, x1;
+      if constexpr (kPreX) {
+        x0 = __bfloat1622float2(xpre0[j]);
+        x1 = __bfloat1622float2(xpre1[j]);
+      } else {
+        x0 = Bf2(xr0 + p);
+        x1 = Bf2(xr1 + p);
+      }
       dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
       dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
     }
@@ -1756,8 +1800,32 @@ __device__ __forceinline__ void BwdDxRegBody(
     dl1 = ok1 ? dl1 : 0.f;
   }
   __syncthreads();  // RA retired (B_s, G read by every warp)
+  // kEarly at P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
+  // part of RA that the pair loop never uses (RA + tbuf: 2·64·64 bf16 fit exactly there at N128),
+  // unpadded with 16-byte chunks XOR-swizzled by row (conflict-free reads of the accumulator
+  // layout's columns); they join tile st+1's group (or form their own), so the epilogue reads
+  // shared memory instead of waiting for a global round trip.
+  bf16* own_x = RA + tbuf;
+  bf16* own_dy = own_x + kTile * kP;
+  const bool own_smem = kEarly && kP == 64 && region - tbuf >= 2 * kTile * kP;
   if constexpr (kEarly) {
-    if (st + 1 < nT) issue(st + 1, RA);
+    if (own_smem) {
+      for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
+        const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
+        const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
+        const bool ok = r < sv;
+        const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
+        bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
+        const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
+                     "r"(ok ? 16 : 0));
+      }
+    }
+    if (st + 1 < nT) {
+      issue(st + 1, RA);
+    } else {
+      CpAsyncCommit();
+    }
   } else {
     issue(st, RA);
   }
@@ -1770,6 +1838,8 @@ __device__ __forceinline__ void BwdDxRegBody(
     bf16* cur;
     if constexpr (kEarly) {
       cur = ((lt - st) & 1) ? RA : RB;
+      // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
+      // stay in flight; the last tile's step waits for everything, the own rows included.
       if (lt == st && st + 1 < nT) {
         CpAsyncWait<1>();
       } else {
@@ -1834,8 +1904,15 @@ __device__ __forceinline__ void BwdDxRegBody(
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
-        const float2 xv = Bf2(xr + p);
-        const float2 dyv = Bf2(yr + p);
+        float2 xv, dyv;
+        if (own_smem) {
+          const int o = row * kP + 8 * (j ^ (row & 7)) + 2 * tq;
+          xv = Bf2(own_x + o);
+          dyv = Bf2(own_dy + o);
+        } else {
+          xv = Bf2(xr + p);
+          dyv = Bf2(yr + p);
+        }
         const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
         dot_x += xv.x * g0 + xv.y * g1;
         dot_d += xv.x * dyv.x + xv.y * dyv.y;
@@ -2344,7 +2421,15 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
+//
+// kSmemA (GYRE_SSD_BWD_DBC=smem, opt-in; session 10, not yet measured): the dCB steps' A
+// fragments (the 64×64 dCB tile) travel by cp.async in the step's own group into the half of
+// the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice; P >= 64 only, the
+// host runs the default form elsewhere), and are
+// read with ldmatrix, instead of 16 synchronous 4-byte global loads per thread after the
+// barrier (one exposed round trip per dCB step, 1-4 per block). Same values (bitwise).
+template <bool kSmemA>
+__device__ __forceinline__ void DbcRegBody(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
@@ -2376,6 +2461,9 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
+  // kSmemA: a stage has room for the dCB tile after the C_l / B_s slice where P >= 64 (the host
+  // launches this form only there): kTile·(P+8) + P·72 >= 2·kTile·72.
+  constexpr bool tile_smem = kSmemA;
 
   auto issue = [&](int step, int buf) {
     if (step < n1) {
@@ -2384,6 +2472,16 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
       LoadRowsAsync(A_of(buf), ldv,
                     (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
+      if constexpr (kSmemA) {
+        {
+          // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
+          const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+          const bf16* t = dcb_bf + (kDB ? n_all : 0) +
+                          ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
+                          static_cast<int64_t>(o0) * d.Q + o * kTile;
+          CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
+        }
+      }
     } else {
       const int h = g * d.hpg + (step - n1);
       LoadRowsAsync(A_of(buf), ldp,
@@ -2442,14 +2540,19 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
       // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
       const int o = kDB ? ot + step : step;
       unsigned fa[4][4];
+      if constexpr (tile_smem) {
+        LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
+      } else {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
+        for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
-          const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-          fa[ks][i] = *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
-        }
+          for (int i = 0; i < 4; ++i) {
+            const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
+            const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
+            fa[ks][i] =
+                *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
+          }
+      }
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
       const float* ab = acsb + buf * kTile;
@@ -2504,6 +2607,18 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
             __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
   }
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
+  DbcRegBody<false>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
+  DbcRegBody<true>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
 }
 
 
@@ -2832,12 +2947,63 @@ bool UseFusedStatePass(const Dims& d) {
   return blocks >= kFusedStateWaves * sms;
 }
 
+// Session-10 opt-in kernel forms (not yet measured on a device; each computes bitwise the same
+// results as the default form). Each is chosen by an environment variable read once per process
+// — unset or the default's name: the default kernel; the opt-in name: the new one; anything else
+// is an error from the launching call — unless a testing override (0 the environment, 1 the
+// default form, 2 the opt-in form) says otherwise:
+//   GYRE_SSD_BWD_DX  = reg | early  (ssd_chunk_scan_bwd_dx_reg / _early)
+//   GYRE_SSD_FWD     = pair | xs    (ssd_chunk_scan_fwd_pair / _xs)
+//   GYRE_SSD_BWD_DBC = reg | smem   (ssd_bwd_dbc_reg<false> / <true>)
+struct OptIn {
+  bool on = false;
+  std::string bad;  // the error message for an unknown environment value
+};
+struct OptInSwitch {
+  const char* env;
+  const char* off;
+  const char* on;
+  std::atomic<int> forced{0};
+  OptIn from_env;
+  std::once_flag once;
+};
+OptInSwitch g_dx_switch{"GYRE_SSD_BWD_DX", "reg", "early"};
+OptInSwitch g_fwd_switch{"GYRE_SSD_FWD", "pair", "xs"};
+OptInSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", "reg", "smem"};
+OptIn Choose(OptInSwitch& sw) {
+  std::call_once(sw.once, [&sw] {
+    const char* e = std::getenv(sw.env);
+    if (e != nullptr && std::strcmp(e, sw.on) == 0) {
+      sw.from_env.on = true;
+    } else if (e != nullptr && std::strcmp(e, sw.off) != 0) {
+      sw.from_env.bad = std::string(sw.env) + ": unknown value \"" + e + "\" (expected " +
+                        sw.off + " or " + sw.on + ")";
+    }
+  });
+  const int forced = sw.forced.load();
+  if (forced == 1) return {};
+  if (forced == 2) return {true, {}};
+  return sw.from_env;
+}
+void ForceOptIn(OptInSwitch& sw, int variant) {
+  sw.forced.store(variant == 1 || variant == 2 ? variant : 0);
+}
+
 template <int kP>
 CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
                          cudaStream_t stream) {
   const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
   const int T = d.Q / kTile;
+  const OptIn choice = Choose(g_fwd_switch);
+  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
+  if (choice.on) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
+    ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
+                                     stream>>>(d, a.x, a.c, a.d, saved, a.y);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
+    return {};
+  }
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
   ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
       d, a.x, a.c, a.d, saved, a.y);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
@@ -2937,42 +3103,13 @@ struct BwdScratch {
   float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
 };
 
-// Which form of the v3 bwd dx kernel runs: GYRE_SSD_BWD_DX, read once per process ("reg" or
-// unset: ssd_chunk_scan_bwd_dx_reg, the default; "early": ssd_chunk_scan_bwd_dx_early, opt-in
-// until the device has measured it; anything else is an error from SsdBackward).
-// g_dx_variant (testing) overrides it: 0 the environment, 1 reg, 2 early.
-std::atomic<int> g_dx_variant{0};
-struct DxChoice {
-  bool early = false;
-  const char* bad_env = nullptr;
-};
-DxChoice DxVariant() {
-  static const DxChoice from_env = [] {
-    DxChoice c;
-    const char* e = std::getenv("GYRE_SSD_BWD_DX");
-    if (e != nullptr && std::strcmp(e, "early") == 0) {
-      c.early = true;
-    } else if (e != nullptr && std::strcmp(e, "reg") != 0) {
-      c.bad_env = e;
-    }
-    return c;
-  }();
-  const int forced = g_dx_variant.load();
-  if (forced == 1) return {};
-  if (forced == 2) return {true, nullptr};
-  return from_env;
-}
-
 template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
-  const DxChoice choice = DxVariant();
-  if (choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("GYRE_SSD_BWD_DX: unknown value \"") + choice.bad_env +
-                           "\" (expected reg or early)");
-  }
-  if (choice.early) {
+  const OptIn choice = Choose(g_dx_switch);
+  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
+  if (choice.on) {
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
     ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                       stream>>>(d, a.x, a.b, a.d,
@@ -3062,11 +3199,21 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
-    ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                plan.dx ? sc.inter_part : nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    const OptIn dbc_form = Choose(g_dbc_switch);
+    if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
+    if (dbc_form.on && d.P >= 64) {  // (smaller P: no room for the tile; the default form)
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                         stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                   plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
+      ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                        stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                  plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    }
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
           d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
@@ -3113,9 +3260,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
-void SsdSetBwdDxVariantForTesting(int variant) {
-  g_dx_variant.store(variant == 1 || variant == 2 ? variant : 0);
-}
+void SsdSetBwdDxVariantForTesting(int variant) { ForceOptIn(g_dx_switch, variant); }
+void SsdSetScanFwdVariantForTesting(int variant) { ForceOptIn(g_fwd_switch, variant); }
+void SsdSetBwdDbcVariantForTesting(int variant) { ForceOptIn(g_dbc_switch, variant); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetDcbSplitForTesting(int split) {
