@@ -148,7 +148,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -2964,26 +2963,27 @@ struct OptInSwitch {
   const char* off;
   const char* on;
   std::atomic<int> forced{0};
-  OptIn from_env;
-  std::once_flag once;
+  std::atomic<int> from_env{-1};  // -1 not read yet, 0 default form, 1 opt-in form, 2 unknown
 };
 OptInSwitch g_dx_switch{"GYRE_SSD_BWD_DX", "reg", "early"};
 OptInSwitch g_fwd_switch{"GYRE_SSD_FWD", "pair", "xs"};
 OptInSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", "reg", "smem"};
 OptIn Choose(OptInSwitch& sw) {
-  std::call_once(sw.once, [&sw] {
-    const char* e = std::getenv(sw.env);
-    if (e != nullptr && std::strcmp(e, sw.on) == 0) {
-      sw.from_env.on = true;
-    } else if (e != nullptr && std::strcmp(e, sw.off) != 0) {
-      sw.from_env.bad = std::string(sw.env) + ": unknown value \"" + e + "\" (expected " +
-                        sw.off + " or " + sw.on + ")";
-    }
-  });
   const int forced = sw.forced.load();
   if (forced == 1) return {};
   if (forced == 2) return {true, {}};
-  return sw.from_env;
+  int state = sw.from_env.load();
+  if (state < 0) {  // (two threads reading it at once store the same value)
+    const char* e = std::getenv(sw.env);
+    state = e == nullptr || std::strcmp(e, sw.off) == 0 ? 0 : std::strcmp(e, sw.on) == 0 ? 1 : 2;
+    sw.from_env.store(state);
+  }
+  if (state == 2) {
+    const char* e = std::getenv(sw.env);
+    return {false, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
+                       "\" (expected " + sw.off + " or " + sw.on + ")"};
+  }
+  return {state == 1, {}};
 }
 void ForceOptIn(OptInSwitch& sw, int variant) {
   sw.forced.store(variant == 1 || variant == 2 ? variant : 0);
