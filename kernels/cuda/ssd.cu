@@ -1668,8 +1668,11 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // kEarly (GYRE_SSD_BWD_DX=early, opt-in; session 10, not yet measured): the first l-tile's
 // cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
 // prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
-// then goes into RA once the state product has retired it. Same shared memory, same buffers,
-// same arithmetic in the same order (bitwise the same outputs as kEarly = false).
+// then goes into RA once the state product has retired it. Also (below) the own rows of x for
+// the state term are loaded into registers in the prologue (P <= 64), and the own rows of x and
+// dy for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no
+// synchronous global load is left on the block's path. Same shared memory, same buffers, same
+// arithmetic in the same order (bitwise the same outputs as kEarly = false).
 template <int kP, bool kEarly>
 __device__ __forceinline__ void BwdDxRegBody(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
