@@ -1729,6 +1729,7 @@ __device__ __forceinline__ void BwdDxRegBody(
   // their round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128
   // the 32 extra registers spilled 160 bytes, so wider heads read x after the product as before).
   constexpr bool kPreX = kEarly && kP <= 64;
+  const float dsk_pre = kEarly && Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
   __nv_bfloat162 xpre0[kPreX ? NP : 1], xpre1[kPreX ? NP : 1];
   if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
   if constexpr (kPreX) {
@@ -1892,7 +1893,12 @@ __device__ __forceinline__ void BwdDxRegBody(
   }
 
   // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  float dsk;
+  if constexpr (kEarly) {
+    dsk = dsk_pre;
+  } else {
+    dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  }
   float dot_d = 0.f;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
