@@ -146,6 +146,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -1458,8 +1460,12 @@ void CarveScanFwdPair(Carver& cv, const Dims& d) {
 }
 
 // grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
+// kXs (GYRE_SSD_FWD=xs, opt-in; session 10, not yet measured): the D·x term of each l-tile's
+// rows reads x from the ring slot of the diagonal item S(a, a), whose x_s tile holds exactly
+// those rows, instead of from global memory after the last product (a synchronous round trip
+// per l-tile, two per block). Same values (bitwise the same y).
+template <int kP, bool kXs>
+__device__ __forceinline__ void ScanFwdPairBody(
     Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1602,7 +1608,12 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
 #pragma unroll
           for (int j = 0; j < NP; ++j) {
             const int p = 8 * j + 2 * tq;
-            const float2 xv = Bf2(xb + off + p);
+            float2 xv;
+            if constexpr (kXs) {
+              xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): rows of l-tile a
+            } else {
+              xv = Bf2(xb + off + p);
+            }
             *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
                 acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
           }
@@ -1610,6 +1621,18 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
       }
     }
   }
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
+    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
+  ScanFwdPairBody<kP, false>(d, x, Cm, Dskip, saved, y);
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
+    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
+  ScanFwdPairBody<kP, true>(d, x, Cm, Dskip, saved, y);
 }
 
 // Shared memory of ssd_chunk_scan_bwd_dx_reg (~56 KB at P64 N128: four blocks per SM by shared
@@ -1641,8 +1664,17 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // the chunk-state backward, +160 µs there).
 // Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
 // alternates RA, RB with one barrier per tile.
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
+//
+// kEarly (GYRE_SSD_BWD_DX=early, opt-in; session 10, not yet measured): the first l-tile's
+// cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
+// prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
+// then goes into RA once the state product has retired it. Also (below) the own rows of x for
+// the state term are loaded into registers in the prologue (P <= 64), and the own rows of x and
+// dy for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no
+// synchronous global load is left on the block's path. Same shared memory, same buffers, same
+// arithmetic in the same order (bitwise the same outputs as kEarly = false).
+template <int kP, bool kEarly>
+__device__ __forceinline__ void BwdDxRegBody(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
@@ -1687,6 +1719,29 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
   const bf16* cbs = CbPtr(d, saved, b, g) + static_cast<int64_t>(c0) * d.Q + s0;
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* dt_g = DtPtr(d, saved, b);
+  auto issue = [&](int lt, bf16* buf) {
+    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
+    CpRows(buf, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile, kTile, kTile);
+    LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
+    CpAsyncCommit();
+  };
+  // kEarly, P <= 64: the own rows of x for the state term's dl go into registers here, so that
+  // their round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128
+  // the 32 extra registers spilled 160 bytes, so wider heads read x after the product as before).
+  constexpr bool kPreX = kEarly && kP <= 64;
+  const float dsk_pre = kEarly && Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
+  __nv_bfloat162 xpre0[kPreX ? NP : 1], xpre1[kPreX ? NP : 1];
+  if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
+  if constexpr (kPreX) {
+    const int q0 = r0 < sv ? r0 : 0, q1 = r0 + 8 < sv ? r0 + 8 : 0;
+    const bf16* p0 = xb + (ts0 + q0) * x_stride + 2 * tq;
+    const bf16* p1 = xb + (ts0 + q1) * x_stride + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      xpre0[j] = *reinterpret_cast<const __nv_bfloat162*>(p0 + 8 * j);
+      xpre1[j] = *reinterpret_cast<const __nv_bfloat162*>(p1 + 8 * j);
+    }
+  }
   // erel[q] = e^{Acs_q − Acs at q's 64-row tile start} (<= 1): with the row factor
   // e^{Acs_l0 − Acs_s} (<= 1 for s before the l-tile) it splits the decay of an off-diagonal
   // tile pair into a column and a row factor, so those tiles need no exponential per element.
@@ -1699,7 +1754,11 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  CpAsyncWait<0>();
+  if constexpr (kEarly) {
+    CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
+  } else {
+    CpAsyncWait<0>();
+  }
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
@@ -1726,7 +1785,14 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
       acc[j][1] *= w0;
       acc[j][2] *= w1;
       acc[j][3] *= w1;
-      const float2 x0 = Bf2(xr0 + p), x1 = Bf2(xr1 + p);
+      float2 x0, x1;
+      if constexpr (kPreX) {
+        x0 = __bfloat1622float2(xpre0[j]);
+        x1 = __bfloat1622float2(xpre1[j]);
+      } else {
+        x0 = Bf2(xr0 + p);
+        x1 = Bf2(xr1 + p);
+      }
       dl0 += acc[j][0] * x0.x + acc[j][1] * x0.y;
       dl1 += acc[j][2] * x1.x + acc[j][3] * x1.y;
     }
@@ -1736,23 +1802,60 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     dl0 = ok0 ? dl0 : 0.f;
     dl1 = ok1 ? dl1 : 0.f;
   }
-  auto issue = [&](int lt, bf16* buf) {
-    const int tl0 = c0 + lt * kTile, lv = min(kTile, d.S - tl0);
-    CpRows(buf, kLdCb, cbs + static_cast<int64_t>(lt * kTile) * d.Q, d.Q, kTile, kTile, kTile);
-    LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
-    CpAsyncCommit();
-  };
   __syncthreads();  // RA retired (B_s, G read by every warp)
-  issue(st, RA);
+  // kEarly at P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
+  // part of RA that the pair loop never uses (RA + tbuf: 2·64·64 bf16 fit exactly there at N128),
+  // unpadded with 16-byte chunks XOR-swizzled by row (conflict-free reads of the accumulator
+  // layout's columns); they join tile st+1's group (or form their own), so the epilogue reads
+  // shared memory instead of waiting for a global round trip.
+  bf16* own_x = RA + tbuf;
+  bf16* own_dy = own_x + kTile * kP;
+  const bool own_smem = kEarly && kP == 64 && region - tbuf >= 2 * kTile * kP;
+  if constexpr (kEarly) {
+    if (own_smem) {
+      for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
+        const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
+        const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
+        const bool ok = r < sv;
+        const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
+        bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
+        const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
+                     "r"(ok ? 16 : 0));
+      }
+    }
+    if (st + 1 < nT) {
+      issue(st + 1, RA);
+    } else {
+      CpAsyncCommit();
+    }
+  } else {
+    issue(st, RA);
+  }
 
-  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd). One barrier per
-  // tile: publishes tile lt, retires the other buffer (tile lt−1; unused before the loop),
-  // which then receives tile lt+1.
+  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd); kEarly: RB (even)
+  // and RA (odd). One barrier per tile: publishes tile lt, retires the other buffer (tile lt−1;
+  // unused before the loop), which then receives tile lt+1 (kEarly: tile st+1 is already in
+  // flight at the first step, so that step waits for all but the newest group and issues none).
   for (int lt = st; lt < nT; ++lt) {
-    bf16* cur = ((lt - st) & 1) ? RB : RA;
-    CpAsyncWait<0>();
-    __syncthreads();
-    if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
+    bf16* cur;
+    if constexpr (kEarly) {
+      cur = ((lt - st) & 1) ? RA : RB;
+      // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
+      // stay in flight; the last tile's step waits for everything, the own rows included.
+      if (lt == st && st + 1 < nT) {
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      __syncthreads();
+      if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
+    } else {
+      cur = ((lt - st) & 1) ? RB : RA;
+      CpAsyncWait<0>();
+      __syncthreads();
+      if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
+    }
     const bf16* dYl = cur + kTile * kLdCb;
     const int l0 = lt * kTile;
     float s1[8][4];
@@ -1790,7 +1893,12 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
   }
 
   // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  float dsk;
+  if constexpr (kEarly) {
+    dsk = dsk_pre;
+  } else {
+    dsk = Dskip != nullptr ? Dskip[h] : 0.f;
+  }
   float dot_d = 0.f;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
@@ -1804,8 +1912,15 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
 #pragma unroll
       for (int j = 0; j < NP; ++j) {
         const int p = 8 * j + 2 * tq;
-        const float2 xv = Bf2(xr + p);
-        const float2 dyv = Bf2(yr + p);
+        float2 xv, dyv;
+        if (own_smem) {
+          const int o = row * kP + 8 * (j ^ (row & 7)) + 2 * tq;
+          xv = Bf2(own_x + o);
+          dyv = Bf2(own_dy + o);
+        } else {
+          xv = Bf2(xr + p);
+          dyv = Bf2(yr + p);
+        }
         const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
         dot_x += xv.x * g0 + xv.y * g1;
         dot_d += xv.x * dyv.x + xv.y * dyv.y;
@@ -1838,6 +1953,22 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
     dd_part[n + i] = s_a;  // A·∂A partial
     dd_part[2 * n + i] = s_l;
   }
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
+    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
+    float* ddtx, double* dd_part) {
+  BwdDxRegBody<kP, false>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
+}
+
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
+    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
+    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
+    float* ddtx, double* dd_part) {
+  BwdDxRegBody<kP, true>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
 }
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
@@ -2298,7 +2429,15 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // (ssd_bwd_dacs_finish sums the slices): the head's product goes to its own accumulator, which
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
+//
+// kSmemA (GYRE_SSD_BWD_DBC=smem, opt-in; session 10, not yet measured): the dCB steps' A
+// fragments (the 64×64 dCB tile) travel by cp.async in the step's own group into the half of
+// the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice; P >= 64 only, the
+// host runs the default form elsewhere), and are
+// read with ldmatrix, instead of 16 synchronous 4-byte global loads per thread after the
+// barrier (one exposed round trip per dCB step, 1-4 per block). Same values (bitwise).
+template <bool kSmemA>
+__device__ __forceinline__ void DbcRegBody(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
@@ -2330,6 +2469,9 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
+  // kSmemA: a stage has room for the dCB tile after the C_l / B_s slice where P >= 64 (the host
+  // launches this form only there): kTile·(P+8) + P·72 >= 2·kTile·72.
+  constexpr bool tile_smem = kSmemA;
 
   auto issue = [&](int step, int buf) {
     if (step < n1) {
@@ -2338,6 +2480,16 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
       LoadRowsAsync(A_of(buf), ldv,
                     (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
+      if constexpr (kSmemA) {
+        {
+          // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
+          const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+          const bf16* t = dcb_bf + (kDB ? n_all : 0) +
+                          ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
+                          static_cast<int64_t>(o0) * d.Q + o * kTile;
+          CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
+        }
+      }
     } else {
       const int h = g * d.hpg + (step - n1);
       LoadRowsAsync(A_of(buf), ldp,
@@ -2396,14 +2548,19 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
       // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
       const int o = kDB ? ot + step : step;
       unsigned fa[4][4];
+      if constexpr (tile_smem) {
+        LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
+      } else {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
+        for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
-          const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-          fa[ks][i] = *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
-        }
+          for (int i = 0; i < 4; ++i) {
+            const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
+            const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
+            fa[ks][i] =
+                *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
+          }
+      }
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
       const float* ab = acsb + buf * kTile;
@@ -2458,6 +2615,18 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
             __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
   }
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
+  DbcRegBody<false>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
+    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
+    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
+  DbcRegBody<true>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
 }
 
 
@@ -2786,12 +2955,64 @@ bool UseFusedStatePass(const Dims& d) {
   return blocks >= kFusedStateWaves * sms;
 }
 
+// Session-10 opt-in kernel forms (not yet measured on a device; each computes bitwise the same
+// results as the default form). Each is chosen by an environment variable read once per process
+// — unset or the default's name: the default kernel; the opt-in name: the new one; anything else
+// is an error from the launching call — unless a testing override (0 the environment, 1 the
+// default form, 2 the opt-in form) says otherwise:
+//   GYRE_SSD_BWD_DX  = reg | early  (ssd_chunk_scan_bwd_dx_reg / _early)
+//   GYRE_SSD_FWD     = pair | xs    (ssd_chunk_scan_fwd_pair / _xs)
+//   GYRE_SSD_BWD_DBC = reg | smem   (ssd_bwd_dbc_reg<false> / <true>)
+struct OptIn {
+  bool on = false;
+  std::string bad;  // the error message for an unknown environment value
+};
+struct OptInSwitch {
+  const char* env;
+  const char* off;
+  const char* on;
+  std::atomic<int> forced{0};
+  std::atomic<int> from_env{-1};  // -1 not read yet, 0 default form, 1 opt-in form, 2 unknown
+};
+OptInSwitch g_dx_switch{"GYRE_SSD_BWD_DX", "reg", "early"};
+OptInSwitch g_fwd_switch{"GYRE_SSD_FWD", "pair", "xs"};
+OptInSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", "reg", "smem"};
+OptIn Choose(OptInSwitch& sw) {
+  const int forced = sw.forced.load();
+  if (forced == 1) return {};
+  if (forced == 2) return {true, {}};
+  int state = sw.from_env.load();
+  if (state < 0) {  // (two threads reading it at once store the same value)
+    const char* e = std::getenv(sw.env);
+    state = e == nullptr || std::strcmp(e, sw.off) == 0 ? 0 : std::strcmp(e, sw.on) == 0 ? 1 : 2;
+    sw.from_env.store(state);
+  }
+  if (state == 2) {
+    const char* e = std::getenv(sw.env);
+    return {false, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
+                       "\" (expected " + sw.off + " or " + sw.on + ")"};
+  }
+  return {state == 1, {}};
+}
+void ForceOptIn(OptInSwitch& sw, int variant) {
+  sw.forced.store(variant == 1 || variant == 2 ? variant : 0);
+}
+
 template <int kP>
 CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
                          cudaStream_t stream) {
   const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
   const int T = d.Q / kTile;
+  const OptIn choice = Choose(g_fwd_switch);
+  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
+  if (choice.on) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
+    ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
+                                     stream>>>(d, a.x, a.c, a.d, saved, a.y);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
+    return {};
+  }
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
   ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
       d, a.x, a.c, a.d, saved, a.y);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
@@ -2895,6 +3116,17 @@ template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
+  const OptIn choice = Choose(g_dx_switch);
+  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
+  if (choice.on) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
+    ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                      stream>>>(d, a.x, a.b, a.d,
+                                                static_cast<const float*>(a.saved), a.dy,
+                                                sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
+    return {};
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
   ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                   stream>>>(d, a.x, a.b, a.d, static_cast<const float*>(a.saved),
@@ -2976,11 +3208,21 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
-    ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                      stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                plan.dx ? sc.inter_part : nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    const OptIn dbc_form = Choose(g_dbc_switch);
+    if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
+    if (dbc_form.on && d.P >= 64) {  // (smaller P: no room for the tile; the default form)
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                         stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                   plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
+      ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                        stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                  plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
+    }
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
           d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
@@ -3027,6 +3269,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
+void SsdSetBwdDxVariantForTesting(int variant) { ForceOptIn(g_dx_switch, variant); }
+void SsdSetScanFwdVariantForTesting(int variant) { ForceOptIn(g_fwd_switch, variant); }
+void SsdSetBwdDbcVariantForTesting(int variant) { ForceOptIn(g_dbc_switch, variant); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetDcbSplitForTesting(int split) {
