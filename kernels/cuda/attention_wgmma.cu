@@ -916,8 +916,8 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate, the default) and the opt-in
-// attn_bwd_ws_rope_kernel (GYRE_ATTN_ROPE_EARLY), so that the default kernel stays as it was.
+// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate, the default: its name and code
+// as before) and the opt-in attn_bwd_ws_rope_kernel (GYRE_ATTN_ROPE_EARLY).
 template <int kD, int kRopeMode>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                           const int head_group) {
@@ -1308,33 +1308,33 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     }
   } else {
-  if (reducer) BulkWait0();
+    if (reducer) BulkWait0();
 
-  // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
+    // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-  if constexpr (kRopeMode == kRopeSmem) {
-    MbarWait(base + L::kBars + 8 * (2 * kBwdStages + 4), 0);  // the producer's table copy
-    const float* tab = reinterpret_cast<const float*>(base_ptr + L::kRope);
+    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+    if constexpr (kRopeMode == kRopeSmem) {
+      MbarWait(base + L::kBars + 8 * (2 * kBwdStages + 4), 0);  // the producer's table copy
+      const float* tab = reinterpret_cast<const float*>(base_ptr + L::kRope);
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int key = key_lo + 8 * hr;
-      if (key < seq) {
-        const int off = (key - n0) * L::kRopeStride + 2 * tq;
-        InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, tab + off,
-                                tab + L::kRopeTableBytes / 4 + off);
+      for (int hr = 0; hr < 2; ++hr) {
+        const int key = key_lo + 8 * hr;
+        if (key < seq) {
+          const int off = (key - n0) * L::kRopeStride + 2 * tq;
+          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, tab + off,
+                                  tab + L::kRopeTableBytes / 4 + off);
+        }
+      }
+    } else if (p.rope_half > 0) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int key = key_lo + 8 * hr;
+        if (key < seq) {
+          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
+                                  p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
+        }
       }
     }
-  } else if (p.rope_half > 0) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int key = key_lo + 8 * hr;
-      if (key < seq) {
-        InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
-                                p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
-      }
-    }
-  }
   }  // kRopeMode != kRopeRegs
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -1380,9 +1380,11 @@ int RopeModeFromEnv() {
   return mode;
 }
 
-// The opt-in kernels' launches (GYRE_ATTN_ROPE_EARLY), defined at the end of this file: their
-// instantiations come after the default kernels', which keeps the default kernels' PTX as it
-// was (instantiated before them, nvcc reassociated three address adds of attn_bwd_ws_kernel<64>).
+// The opt-in kernels' launches (GYRE_ATTN_ROPE_EARLY), at the end of this file. With them in
+// this translation unit nvcc orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ
+// buffer) differently: one more add.s32 per tile in its PTX; any second kernel here does that,
+// even a verbatim copy of it (attention_notes.md, attn10). The other default kernels' PTX is
+// unchanged.
 CudaResult LaunchBwdWsRopeVariant(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
                                   int mode, dim3 grid, int head_group, cudaStream_t stream);
 
