@@ -9,11 +9,13 @@
 // 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read once, each output written
 // once.
 //
-//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only]
+//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--rope_bwd_only]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
-//   plain and SelfExtend forwards)
-// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
-// GYRE_ATTN_BWD ∈ {ws, mma} select the others (kernels/cuda/attention.cu, kernel choice).
+//   plain and SelfExtend forwards; --rope_bwd_only: the backward with the fused RoPE alone,
+//   3 rounds, for A/B runs of GYRE_ATTN_ROPE_EARLY)
+// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma},
+// GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY ∈ {1, smem} (the backward's dK epilogue
+// with the fused RoPE, attention_wgmma.cu) select the others (read once per process).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -74,7 +76,8 @@ void Print(const char* what, const Shape& s, double ms, double flops, double byt
   std::fflush(stdout);
 }
 
-void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, bool fwd_only) {
+void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, bool fwd_only,
+         bool rope_bwd_only) {
   const int64_t n = s.batch * s.seq * s.heads * s.dim;
   std::vector<DeviceBuffer> keep;
   uint64_t seed = 1;
@@ -121,6 +124,25 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
   const double bwd_bytes = (5.0 * n + 3.0 * n) * 2 + s.batch * s.heads * s.seq * 4.0;
 
   CUDA_OK_OR_DIE(AttentionForward(fa, stream));  // lse for the backward timings
+  if (rope_bwd_only) {
+    RopeTable table;
+    CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
+    AttentionBackwardArgs ba_rope = ba;
+    ba_rope.rope = &table;
+    const char* mode = std::getenv("GYRE_ATTN_ROPE_EARLY");
+    std::vector<float> ms;
+    for (int round = 0; round < 3; ++round) {
+      ms.push_back(TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba_rope, stream); }));
+    }
+    std::printf("ours bwd rope (GYRE_ATTN_ROPE_EARLY=%s) B%lld S%lld H%lld D%lld: %.4f ms "
+                "(median of 3 rounds of %d; min %.4f max %.4f)\n",
+                mode != nullptr ? mode : "unset", static_cast<long long>(s.batch),
+                static_cast<long long>(s.seq), static_cast<long long>(s.heads),
+                static_cast<long long>(s.dim), Median(ms), reps,
+                *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
+    std::fflush(stdout);
+    return;
+  }
   const double fwd = TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); });
   Print("fwd", s, fwd, fwd_flops, fwd_bytes);
   // The same with the fused RoPE of q (AttentionForwardArgs::rope, R = D; rotated rows into a
@@ -177,12 +199,13 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
 
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3, from_shape = 1;
-  bool fwd_only = false;
+  bool fwd_only = false, rope_bwd_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--from_shape=", 13) == 0) from_shape = std::atoi(argv[i] + 13);
     if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
+    if (std::strcmp(argv[i], "--rope_bwd_only") == 0) rope_bwd_only = true;
   }
   cudaDeviceProp prop{};
   CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
@@ -191,7 +214,7 @@ int Main(int argc, char** argv) {
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
-  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
+  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only, rope_bwd_only);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

@@ -802,7 +802,18 @@ __device__ __forceinline__ void BulkWait0() {
 
 constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
 
-template <int kD>
+// Where the dK epilogue's fused inverse RoPE takes its cos / sin table values from
+// (GYRE_ATTN_ROPE_EARLY, read once in LaunchAttentionBackwardWgmmaMain):
+//   kRopeLate (the default): global loads after the last dQ reduction's wait, on every block's
+//     exit path (attn9: main kernel 415.0 -> 426.2 us at B8 S2048 H12 D64);
+//   kRopeRegs ("1"): the same loads issued into registers before that wait (the reducer
+//     thread's wait and its loads overlap instead of adding up);
+//   kRopeSmem ("smem", D 64 only): the producer warpgroup copies the block's 128 table rows
+//     into shared memory (cp.async, mbarrier) after issuing its last tile, about kBwdStages
+//     tiles before the consumers reach the epilogue, which then reads shared memory.
+constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeSmem = 2;
+
+template <int kD, int kRopeMode = kRopeLate>
 struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
@@ -814,9 +825,15 @@ struct BwdWsLayout {
   static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
   static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
-  // full[stages], empty[stages], ds_full[2], ds_empty[2]
-  static constexpr int kBars = kStats + kBwdStages * 512;
-  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + alignment slack
+  // kRopeSmem: cos[128 keys][kRopeStride], then sin (fp32); the 8 floats of padding per row
+  // make the epilogue's float2 reads (8 keys x 4 column pairs per half warp) conflict-free.
+  static constexpr int kRopeStride = kD / 2 + 8;
+  static constexpr int kRopeTableBytes = kRopeMode == kRopeSmem ? 128 * kRopeStride * 4 : 0;
+  static constexpr int kRope = kStats + kBwdStages * 512;
+  // full[stages], empty[stages], ds_full[2], ds_empty[2] (+ rope_full with kRopeSmem)
+  static constexpr int kBars = kRope + 2 * kRopeTableBytes;
+  static constexpr int kBytes =
+      kBars + 8 * (2 * kBwdStages + 4 + (kRopeMode == kRopeSmem ? 1 : 0)) + 1024;  // + slack
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
@@ -864,16 +881,47 @@ __device__ __forceinline__ void InverseRopeDispatch(int pairs, float (&acc)[kD /
   }
 }
 
+// kRopeRegs / kRopeSmem: the same rotation from table values already loaded: cs[c], sn[c] =
+// cos / sin of features 8c + 2tq (+1) of the key.
+template <int kD, int kPairs>
+__device__ __forceinline__ void InverseRopeRowPre(float (&acc)[kD / 2], int hr,
+                                                  const float2 (&cs)[kD / 16],
+                                                  const float2 (&sn)[kD / 16]) {
+#pragma unroll
+  for (int c = 0; c < kPairs; ++c) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float co = e ? cs[c].y : cs[c].x, si = e ? sn[c].y : sn[c].x;
+      float& g1 = acc[4 * c + 2 * hr + e];
+      float& g2 = acc[4 * (c + kPairs) + 2 * hr + e];
+      const float x1 = g1 * co + g2 * si, x2 = g2 * co - g1 * si;
+      g1 = x1;
+      g2 = x2;
+    }
+  }
+}
+template <int kD, int kPairs = kD / 16>
+__device__ __forceinline__ void InverseRopePreDispatch(int pairs, float (&acc)[kD / 2], int hr,
+                                                       const float2 (&cs)[kD / 16],
+                                                       const float2 (&sn)[kD / 16]) {
+  if (pairs == kPairs) {
+    InverseRopeRowPre<kD, kPairs>(acc, hr, cs, sn);
+  } else if constexpr (kPairs > 1) {
+    InverseRopePreDispatch<kD, kPairs - 1>(pairs, acc, hr, cs, sn);
+  }
+}
+
 // Tensor maps of the backward's TMA loads (EncodeRowsMap): K, V boxes of 128 rows, Q, dO of 64.
 struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
-                       const int head_group) {
-  using L = BwdWsLayout<kD>;
+// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate, the default: its name and code
+// as before) and the opt-in attn_bwd_ws_rope_kernel (GYRE_ATTN_ROPE_EARLY).
+template <int kD, int kRopeMode>
+__device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
+                                          const int head_group) {
+  using L = BwdWsLayout<kD, kRopeMode>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
@@ -906,6 +954,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarInit(ds_full(i), 256);
       MbarInit(ds_empty(i), 256);
     }
+    if constexpr (kRopeMode == kRopeSmem) MbarInit(base + L::kBars + 8 * (2 * kBwdStages + 4), 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -960,6 +1009,23 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                        base + L::kStats + s * 512 + wtid * 4),
                    "l"(src), "r"(valid ? 4 : 0));
       CpAsyncMbarArrive(full_bar(s));
+    }
+    if constexpr (kRopeMode == kRopeSmem) {
+      // The block's 128 table rows (one key per thread; rows past T zero-filled) for the
+      // consumers' dK epilogue, issued now: the consumers still have up to kBwdStages tiles to
+      // go.
+      const int key = n0 + wtid, chunks = p.rope_half / 4;
+      const bool valid = key < seq;
+      const int64_t row = static_cast<int64_t>(valid ? key : 0) * p.rope_half;
+      const uint32_t dst = base + L::kRope + wtid * L::kRopeStride * 4;
+      for (int j = 0; j < chunks; ++j) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + 16 * j),
+                     "l"(p.rope_cos + row + 4 * j), "r"(valid ? 16 : 0));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                         dst + L::kRopeTableBytes + 16 * j),
+                     "l"(p.rope_sin + row + 4 * j), "r"(valid ? 16 : 0));
+      }
+      CpAsyncMbarArrive(base + L::kBars + 8 * (2 * kBwdStages + 4));
     }
     return;
   }
@@ -1211,21 +1277,65 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     FenceRegs(dq);
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if (reducer) BulkWait0();
-
-  // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-  if (p.rope_half > 0) {
+  if constexpr (kRopeMode == kRopeRegs) {
+    // This thread's table values (2 keys x R/16 pairs x cos, sin float2: 32 registers at D 64,
+    // 64 at D 128, with only dK, dV live), loaded before the reducer's wait so that the two
+    // overlap instead of adding up on the block's exit path.
+    float2 rcs[2][kD / 16], rsn[2][kD / 16];
+    const int pairs = p.rope_half / 8;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int key = key_lo + 8 * hr;
-      if (key < seq) {
-        InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
-                                p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
+      const int64_t row = static_cast<int64_t>(key_lo + 8 * hr < seq ? key_lo + 8 * hr : 0);
+      const float* cp = p.rope_cos + row * p.rope_half + 2 * tq;
+      const float* sp = p.rope_sin + row * p.rope_half + 2 * tq;
+#pragma unroll
+      for (int c = 0; c < kD / 16; ++c) {
+        if (c < pairs) {
+          rcs[hr][c] = __ldg(reinterpret_cast<const float2*>(cp + 8 * c));
+          rsn[hr][c] = __ldg(reinterpret_cast<const float2*>(sp + 8 * c));
+        } else {
+          rcs[hr][c] = rsn[hr][c] = make_float2(0.f, 0.f);
+        }
       }
     }
-  }
+    if (reducer) BulkWait0();
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      if (key_lo + 8 * hr < seq) {
+        InverseRopePreDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
+      }
+    }
+  } else {
+    if (reducer) BulkWait0();
+
+    // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+    if constexpr (kRopeMode == kRopeSmem) {
+      MbarWait(base + L::kBars + 8 * (2 * kBwdStages + 4), 0);  // the producer's table copy
+      const float* tab = reinterpret_cast<const float*>(base_ptr + L::kRope);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int key = key_lo + 8 * hr;
+        if (key < seq) {
+          const int off = (key - n0) * L::kRopeStride + 2 * tq;
+          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, tab + off,
+                                  tab + L::kRopeTableBytes / 4 + off);
+        }
+      }
+    } else if (p.rope_half > 0) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int key = key_lo + 8 * hr;
+        if (key < seq) {
+          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
+                                  p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
+        }
+      }
+    }
+  }  // kRopeMode != kRopeRegs
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int key = key_lo + 8 * hr;
@@ -1241,11 +1351,46 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 }
 
 template <int kD>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
+                       const int head_group) {
+  BwdWsBody<kD, kRopeLate>(p, maps, head_group);
+}
+
+// Opt-in (GYRE_ATTN_ROPE_EARLY): the dK epilogue's table values from registers loaded before
+// the last wait (kRopeRegs) or from shared memory filled by the producer (kRopeSmem, D 64).
+template <int kD, int kRopeMode>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    attn_bwd_ws_rope_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
+                            const int head_group) {
+  BwdWsBody<kD, kRopeMode>(p, maps, head_group);
+}
+
+// GYRE_ATTN_ROPE_EARLY: unset / "0" = kRopeLate, "1" = kRopeRegs, "smem" = kRopeSmem (D 64;
+// D 128 falls back to kRopeRegs: its shared memory is full). Read once per process.
+int RopeModeFromEnv() {
+  static const int mode = [] {
+    const char* env = std::getenv("GYRE_ATTN_ROPE_EARLY");
+    if (env == nullptr) return kRopeLate;
+    const std::string v(env);
+    if (v == "1" || v == "regs") return kRopeRegs;
+    if (v == "smem") return kRopeSmem;
+    return kRopeLate;
+  }();
+  return mode;
+}
+
+// The opt-in kernels' launches (GYRE_ATTN_ROPE_EARLY), at the end of this file. With them in
+// this translation unit nvcc orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ
+// buffer) differently: one more add.s32 per tile in its PTX; any second kernel here does that,
+// even a verbatim copy of it (attention_notes.md, attn10). The other default kernels' PTX is
+// unchanged.
+CudaResult LaunchBwdWsRopeVariant(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
+                                  int mode, dim3 grid, int head_group, cudaStream_t stream);
+
+template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
                        cudaStream_t stream) {
-  constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   BwdTmaMaps maps{};
   CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kD, p.heads, p.seq, batch, p.q_stride, 64));
   CUDA_RETURN_IF_NOT_OK(
@@ -1259,6 +1404,13 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   // A group's blocks re-read Q and dO of the kv head's query heads and reduce into their dq_acc.
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
+  const int mode = p.rope_half > 0 ? RopeModeFromEnv() : kRopeLate;
+  if (mode != kRopeLate) {
+    return LaunchBwdWsRopeVariant(p, maps, kD, mode, grid, head_group, stream);
+  }
+  constexpr int smem = BwdWsLayout<kD>::kBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
   return {};
@@ -1281,5 +1433,31 @@ CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t bat
   return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
                         : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
+
+namespace {
+
+template <int kD, int kRopeMode>
+CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3 grid,
+                           int head_group, cudaStream_t stream) {
+  constexpr int smem = BwdWsLayout<kD, kRopeMode>::kBytes;
+  auto* kernel = attn_bwd_ws_rope_kernel<kD, kRopeMode>;
+  CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
+  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_rope_kernel");
+  return {};
+}
+
+CudaResult LaunchBwdWsRopeVariant(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
+                                  int mode, dim3 grid, int head_group, cudaStream_t stream) {
+  if (head_dim == 64) {
+    return mode == kRopeSmem ? LaunchBwdWsRope<64, kRopeSmem>(p, maps, grid, head_group, stream)
+                             : LaunchBwdWsRope<64, kRopeRegs>(p, maps, grid, head_group, stream);
+  }
+  // D 128: kRopeSmem does not fit (the layout uses 226 of 227 KB); both modes run kRopeRegs.
+  return LaunchBwdWsRope<128, kRopeRegs>(p, maps, grid, head_group, stream);
+}
+
+}  // namespace
 
 }  // namespace gyre::cuda
