@@ -28,6 +28,7 @@
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -219,18 +220,30 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
+// The block-diagonal backward's variant in this process (ops/recurrent_cuda.h: GYRE_BD_BWD, read
+// once), for the result lines.
+std::string BdBwdVariant() {
+  const char* e = std::getenv("GYRE_BD_BWD");
+  return e != nullptr && std::string(e) == "tc" ? " [bd_bwd tc]" : "";
+}
+
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
+                           BdBwdVariant();
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
-               bi = RandomBf16Host({heads}, 1.0, &rng), bf = RandomBf16Host({heads}, 1.0, &rng),
-               dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng),
-               dxc0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
+               bi = RandomBf16Host({heads}, 1.0, &rng), bf = RandomBf16Host({heads}, 1.0, &rng);
+  Tensor dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng);
+  const Tensor dxc0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
                dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
                dbf0 = RandomBf16Host({heads}, 1.0, &rng);
+  // The gate gradients are fp32 in training (not bf16): widen them to 24-bit mantissas, so that
+  // the tensor-core S's hi + lo bf16 split of them (GYRE_BD_BWD=tc) is exercised.
+  for (Tensor* t : {&dig, &dfg})
+    for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, static_cast<double>(static_cast<float>(t->At(i) * 1.3719)));
   Tensor wm[3], d0[3], dwm0[3];  // q, k, v: block weights, cell gradients, accumulated weight grads
   for (int m = 0; m < 3; ++m) {
     wm[m] = RandomBf16Host({blocks, bs, bs}, 0.5, &rng);
@@ -367,6 +380,12 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
 TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(1500, 96, 3, 4);  // vectorised, 8-gate kernels; 3 backward row blocks, odd tail; dead lanes
   CheckGates(37, 320, 8, 4);   // vectorised, 16-gate kernels (the 7B layout's 8 heads); 3 column blocks
+  // The 8-gate backward's tensor-core S (GYRE_BD_BWD=tc: x staged in 8-row tiles per warp): 4
+  // heads (all 8 gates live) with fewer than 8 rows per warp (only the partial last tile), and
+  // 2 heads over 1024 rows (64 per warp: whole tiles only) with a second column block of 2 live
+  // lanes. Run under both switch values by the part script (the switch is read once a process).
+  CheckGates(37, 96, 4, 4);
+  CheckGates(1024, 136, 2, 4, /*overwrite=*/true);
   CheckGates(37, 12, 3, 3);    // 3x3 blocks, p % 8 != 0: the scalar kernels
   CheckGates(21, 15, 8, 3);    // scalar, 8 heads, odd p
   CheckGates(1500, 96, 3, 4, /*overwrite=*/true);
