@@ -1500,6 +1500,107 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
   if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
 }
 
+// GYRE_NORM_BWD=pf (opt-in, not yet measured): the mLSTM output norm's backward (mode 2) for
+// groups of exactly kPasses 128-column passes at 16 lanes (the 125m / 1.3b layouts: 4 x 384, 3
+// passes) with each row's x, dy, z, x_c loaded up front — all kPasses chunks' 4 x 16-byte loads
+// issued before any is used — and x, dy, z kept in registers for the second pass.
+// group_norm_bwd_vec<2, 16> issues a chunk's loads after the previous chunk's dz / dxc stores
+// (no __restrict__: the compiler may not hoist them), so each warp had ~1 chunk (4 loads a lane)
+// in flight and paid the memory latency kPasses times per row pair, and its second pass re-reads
+// the row from L1. Here a warp has 12 loads a lane in flight, at (256, 2) launch bounds (16
+// warps a SM instead of 24): bytes in flight per SM 48 -> 96 KiB. ptxas: 128 registers and 16 B
+// of spill stores (x_c one chunk ahead instead: 36 B; the second pass re-reading the row: 20 B),
+// above the no-spill bar: kept as an experiment for the one call, not a default candidate as is. Same arithmetic and per-lane
+// order as _vec (expected: the same bits). Prediction (counts, H200, xlstm[1:0]-125m B16 x 2048): 14 B an
+// element, floor 3.9 ms a step; _vec runs 5.74 (2.9 TB/s); this ~4.4 if the latency-bound share
+// goes, no better than _vec if 16 warps cannot cover the rest (rglue8's _reg at 2 blocks lost at
+// 32 lanes, where half of its registers held empty chunks).
+__device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
+                                                     const float* sc, const float* dy, const float* z,
+                                                     const float* xc, float mean, float rstd, bool params,
+                                                     float* mine, int span, int slot, float& s1, float& s2) {
+  constexpr int kLanes = 16;
+  float dz[8], dxc[8], sk[8];
+  LoadF8(a.skip + c, sk);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float xhat = (v[k] - mean) * rstd;
+    const float gout = dy[k] * Silu(z[k]);
+    const float dxhat = gout * sc[k];
+    s1 += dxhat;
+    s2 += dxhat * xhat;
+    if (params) {
+      mine[slot + k * kLanes] += gout * xhat;
+      mine[8 * span + slot + k * kLanes] += gout * xc[k];
+    }
+    const float hs = xhat * sc[k] + sk[k] * xc[k];
+    dz[k] = dy[k] * hs * DSilu(z[k]);
+    dxc[k] = gout * sk[k];
+  }
+  Store8(a.dz, r * a.dim + c, dz);
+  Store8(a.dxc, r * a.dim + c, dxc);
+}
+template <int kPasses>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
+  constexpr int kMode = 2, kLanes = 16, kRows = 2;
+  extern __shared__ float psum[];  // [2][8 warps][span]
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int span = NormSpan(gs, kLanes);
+  const bool params = a.dweight != nullptr || a.dskip != nullptr;
+  float* const mine = psum + wid * span + h * NormRegion(gs, kLanes);
+  if (params) ZeroColumnSums<kMode>(psum, span);
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  for (int64_t rw = rb0 + wid * kRows; rw < rb1; rw += 8 * kRows) {  // uniform over the warp
+    const int64_t r = rw + h;
+    const bool ok = r < rb1;  // (the lane-group sums below need every lane)
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer && ok ? a.mean[st] : 0.f, rstd = ok ? a.rstd[st] : 0.f;
+    uint4 xr[kPasses], dyr[kPasses], zr[kPasses], xcr[kPasses];
+    if (ok) {
+      const int64_t o = r * a.dim + c0 + hl * 8, oz = r * a.ldz + c0 + hl * 8;
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        xr[j] = LdRaw(a.x, o + j * 8 * kLanes);
+        dyr[j] = LdRaw(a.dy, o + j * 8 * kLanes);
+        zr[j] = LdRaw(a.z, oz + j * 8 * kLanes);
+        xcr[j] = LdRaw(a.xc, o + j * 8 * kLanes);
+      }
+    }
+    float s1 = 0.f, s2 = 0.f;
+    if (ok) {
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
+        const int slot = j * 8 * kLanes + hl;  // (8j + k)·kLanes + l at k = 0
+        float v[8], sc[8], dy[8], z[8], xc[8];
+        Unpack8(xr[j], v);
+        Scale8(a, c, sc);
+        Unpack8(dyr[j], dy);
+        Unpack8(zr[j], z);
+        Unpack8(xcr[j], xc);
+        MlstmOutBwdChunkSums(a, r, c, v, sc, dy, z, xc, mean, rstd, params, mine, span, slot, s1, s2);
+      }
+    }
+    s1 = LaneGroupSum<kLanes>(s1) / gs;
+    s2 = LaneGroupSum<kLanes>(s2) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+    if (ok) {
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
+        float xv[8], sc[8], dy[8], z[8];
+        Unpack8(xr[j], xv);
+        Scale8(a, c, sc);
+        Unpack8(dyr[j], dy);
+        Unpack8(zr[j], z);
+        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+      }
+    }
+  }
+  if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
+}
+
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
 // on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
 //   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
@@ -1660,6 +1761,16 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   return Launched("group_norm_fwd");
 }
 
+// GYRE_NORM_BWD=pf (read once): group_norm_bwd_mlstm_pf for the mLSTM output norm at 3 x 128
+// columns a group (an opt-in variant until measured; the default path is unchanged).
+bool NormBwdPrefetch() {
+  static const bool on = [] {
+    const char* e = std::getenv("GYRE_NORM_BWD");
+    return e != nullptr && std::string_view(e) == "pf";
+  }();
+  return on;
+}
+
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
@@ -1689,6 +1800,9 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
     if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
+    } else if (NormBwdPrefetch() && a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
+               a.dim / a.groups == 3 * 128) {
+      launch(group_norm_bwd_mlstm_pf<3>);
     } else {
       const bool half = NormLanes(a, true) == 16;
       switch (a.mode) {

@@ -395,13 +395,21 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
 // residual (kPlain only): dx += dresidual inside the backward (GroupNormArgs::dresidual).
+// The group-norm backward's variant in this process (GYRE_NORM_BWD=pf: the mLSTM output norm at
+// 3 x 128 columns a group, ops/recurrent_cuda.cu), for the result lines.
+std::string NormBwdVariant() {
+  const char* e = std::getenv("GYRE_NORM_BWD");
+  return e != nullptr && std::string(e) == "pf" ? " [norm_bwd pf]" : "";
+}
+
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
                bool overwrite = false, bool residual = false) {
   Rng rng(51);
   const int64_t dim = groups * gs;
   const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
                            " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
-                           std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "");
+                           std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "") +
+                           NormBwdVariant();
   const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
                xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
                skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
@@ -502,6 +510,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // warp): rows x groups odd, so the last warp of the forward and the last row pair of the
   // backward have a half without a row; 3 passes with a partial last one (264 = 2 x 128 + 8).
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 384, 1152, true);
+  CheckNorm(NormMode::kMlstmOutput, false, 65, 4, 384, 1536);  // RMS (GYRE_NORM_BWD=pf: mean 0)
   CheckNorm(NormMode::kPlain, true, 65, 1, 264, 264, true, true);
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);

@@ -596,14 +596,18 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
 //          16 B spill stores, 44 B spill loads)
 //   a16    minb4 + a 16-token ring (twice the bytes in flight per thread; 32 KiB a block)
 //   split  minb4 + the first / last run's interior tokens through the ring (kSplit)
+//   split5 split at the default's (kBlock, 5): 96 registers, 4 B spill stores (the default: 16)
 //   r128   minb4 + runs of 128 tokens, split, a16 (half the halo re-reads and dw partials)
-// All at (kBlock, 4) so that none spills (at (kBlock, 5) each spilled like the default); minb4
-// alone separates the launch bounds' share.
+// All but split5 at (kBlock, 4) so that none spills (at (kBlock, 5) each spilled); minb4
+// alone separates the launch bounds' share (rglue8 measured (kBlock, 4) -> (kBlock, 5) at 5.12 ->
+// 4.91 ms a mamba2-130m step, before the fast sigmoid: the minb4 variants start ~4% behind).
 // Prediction (counts, H200): the default runs at ~1.9 TB/s of a 4.3 floor; split removes run 0's
 // dependent-load tokens (1/33 of a row at ~3x the ring's time: ~0.2 ms of 3.8 per xlstm step);
-// a16 doubles the bytes in flight (71 -> 142 KB a SM; Little at ~2 µs wants ~65: small unless
-// the loaded latency is higher); r128 halves the partials (16 of 302 MB a layer written + read).
-enum class ConvBwdVariant { kDefault, kMinBlocks4, kAhead16, kSplit, kRun128 };
+// a16: bytes in flight a SM 72 KB (5 x 128 threads x 7 tokens x 16 B) -> 123 KB (4 x 128 x 15;
+// Little at ~2 µs loaded latency wants ~65 KB for 4.3 TB/s: a gain only if the loaded latency is
+// higher); r128 halves the dw partials (16 MB of ~320 a layer, written + read) and the K−1 halo
+// re-reads (3/64 -> 3/128), but 1.2 waves of blocks instead of 2.4 (a longer tail).
+enum class ConvBwdVariant { kDefault, kMinBlocks4, kAhead16, kSplit, kSplit5, kRun128 };
 ConvBwdVariant ConvBwdVariantFromEnv() {
   static const ConvBwdVariant v = [] {
     const char* e = std::getenv("GYRE_CONV_BWD");
@@ -611,6 +615,7 @@ ConvBwdVariant ConvBwdVariantFromEnv() {
     if (s == "minb4") return ConvBwdVariant::kMinBlocks4;
     if (s == "a16") return ConvBwdVariant::kAhead16;
     if (s == "split") return ConvBwdVariant::kSplit;
+    if (s == "split5") return ConvBwdVariant::kSplit5;
     if (s == "r128") return ConvBwdVariant::kRun128;
     return ConvBwdVariant::kDefault;
   }();
@@ -646,6 +651,7 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
     case ConvBwdVariant::kMinBlocks4: args(conv1d_bwd<4, 4, 4>); break;
     case ConvBwdVariant::kAhead16: args(conv1d_bwd<4, 4, 4, 16>); break;
     case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;
+    case ConvBwdVariant::kSplit5: args(conv1d_bwd<4, 4, 5, kBwdAhead, kRun, true>); break;
     case ConvBwdVariant::kRun128: args(conv1d_bwd<4, 4, 4, 16, 128, true>); break;
   }
   if (variant == ConvBwdVariant::kDefault) LaunchByWidth(d.K, vec, [&](auto k, auto v) {
