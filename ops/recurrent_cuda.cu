@@ -1945,8 +1945,9 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
       auto launch_tc = [&](auto two) {
         constexpr bool kTwo = decltype(two)::value;
         constexpr int smem = static_cast<int>(sizeof(BdTcSmem<kTwo>));
-        // The static arrays take ~45 KiB: the dynamic part needs the opt-in above 48 KiB in all.
-        static const cudaError_t attr =
+        // The static arrays take ~45 KiB: the dynamic part needs the opt-in above 48 KiB in all
+        // (set on every launch, as the norms do: the attribute is per device).
+        const cudaError_t attr =
             cudaFuncSetAttribute(block_diag4_bwd<kTwo, 8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (attr != cudaSuccess) return gyre::cuda::CudaError(attr, "block_diag4_bwd (tensor-core S): shared memory", __FILE__, __LINE__);
         block_diag4_bwd<kTwo, 8, true><<<grid, block, smem, stream>>>(a, g, p);
