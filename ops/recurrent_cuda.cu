@@ -1502,19 +1502,18 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
 
 // GYRE_NORM_BWD=pf (opt-in, not yet measured): the mLSTM output norm's backward (mode 2) for
 // groups of exactly kPasses 128-column passes at 16 lanes (the 125m / 1.3b layouts: 4 x 384, 3
-// passes) with each row's x, dy, z, x_c loaded up front — all kPasses chunks' 4 x 16-byte loads
-// issued before any is used — and x, dy, z kept in registers for the second pass.
+// passes). Each lane first issues cp.async copies of all its chunks of x, dy, z, x_c (4 x kPasses
+// x 16 B) into its own stash in shared memory, waits once, and runs both passes from there.
 // group_norm_bwd_vec<2, 16> issues a chunk's loads after the previous chunk's dz / dxc stores
 // (no __restrict__: the compiler may not hoist them), so each warp had ~1 chunk (4 loads a lane)
-// in flight and paid the memory latency kPasses times per row pair, and its second pass re-reads
-// the row from L1. Here a warp has 12 loads a lane in flight, at (256, 2) launch bounds (16
-// warps a SM instead of 24): bytes in flight per SM 48 -> 96 KiB. ptxas: 128 registers and 16 B
-// of spill stores (x_c one chunk ahead instead: 36 B; the second pass re-reading the row: 20 B),
-// above the no-spill bar: kept as an experiment for the one call, not a default candidate as is. Same arithmetic and per-lane
-// order as _vec (expected: the same bits). Prediction (counts, H200, xlstm[1:0]-125m B16 x 2048): 14 B an
-// element, floor 3.9 ms a step; _vec runs 5.74 (2.9 TB/s); this ~4.4 if the latency-bound share
-// goes, no better than _vec if 16 warps cannot cover the rest (rglue8's _reg at 2 blocks lost at
-// 32 lanes, where half of its registers held empty chunks).
+// in flight and paid the memory latency kPasses times per row pair, and its second pass re-read
+// the row from L1. Here a warp has 12 copies a lane in flight; 2 blocks a SM (48 KiB of stash +
+// 50 KiB of column sums each; 16 warps instead of 24): bytes in flight per SM 48 -> 96 KiB.
+// ptxas: 92 registers, no spill (the chunks in registers instead: 128 and 16 B spilled; x_c
+// alone in shared memory: 4 B). Same arithmetic and per-lane order as _vec (expected: the same
+// bits). Prediction (counts, H200, xlstm[1:0]-125m B16 x 2048): 14 B an element, floor 3.9 ms a
+// step; _vec runs 5.74 (2.9 TB/s); this ~4.4 if the latency-bound share goes, no better than
+// _vec if 16 warps that each wait for their whole row pair cannot cover the rest.
 __device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
                                                      const float* sc, const float* dy, const float* z,
                                                      const float* xc, float mean, float rstd, bool params,
@@ -1541,10 +1540,21 @@ __device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int
   Store8(a.dxc, r * a.dim + c, dxc);
 }
 template <int kPasses>
+constexpr int kNormPfStashBytes = 8 * 2 * 4 * kPasses * 16 * 16;  // [8 warps][2 halves][x_c, z, dy, x][kPasses][16 lanes] x 16 B
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+template <int kPasses>
 __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
   constexpr int kMode = 2, kLanes = 16, kRows = 2;
-  extern __shared__ float psum[];  // [2][8 warps][span]
+  extern __shared__ __align__(16) float pf_dyn[];  // the stash, then [2][8 warps][span] column sums
+  float* const psum = pf_dyn + kNormPfStashBytes<kPasses> / 4;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
+  uint4* const stash = reinterpret_cast<uint4*>(pf_dyn) + (wid * 2 + h) * 4 * kPasses * kLanes + hl;  // x_c + 16 j
+  uint4* const zstash = stash + kPasses * kLanes;                                                     // z + 16 j
+  uint4* const dystash = zstash + kPasses * kLanes;                                                   // dy + 16 j
+  uint4* const xstash = dystash + kPasses * kLanes;                                                   // x + 16 j
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = NormSpan(gs, kLanes);
   const bool params = a.dweight != nullptr || a.dskip != nullptr;
@@ -1556,29 +1566,31 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs 
     const bool ok = r < rb1;  // (the lane-group sums below need every lane)
     const int64_t st = r * a.groups + g;
     const float mean = a.layer && ok ? a.mean[st] : 0.f, rstd = ok ? a.rstd[st] : 0.f;
-    uint4 xr[kPasses], dyr[kPasses], zr[kPasses], xcr[kPasses];
     if (ok) {
       const int64_t o = r * a.dim + c0 + hl * 8, oz = r * a.ldz + c0 + hl * 8;
 #pragma unroll
       for (int j = 0; j < kPasses; ++j) {
-        xr[j] = LdRaw(a.x, o + j * 8 * kLanes);
-        dyr[j] = LdRaw(a.dy, o + j * 8 * kLanes);
-        zr[j] = LdRaw(a.z, oz + j * 8 * kLanes);
-        xcr[j] = LdRaw(a.xc, o + j * 8 * kLanes);
+        CpAsync16(stash + j * kLanes, static_cast<const bf16*>(a.xc) + o + j * 8 * kLanes);
+        CpAsync16(zstash + j * kLanes, static_cast<const bf16*>(a.z) + oz + j * 8 * kLanes);
+        CpAsync16(dystash + j * kLanes, static_cast<const bf16*>(a.dy) + o + j * 8 * kLanes);
+        CpAsync16(xstash + j * kLanes, static_cast<const bf16*>(a.x) + o + j * 8 * kLanes);
       }
     }
+    CpAsyncCommit();
+    CpAsyncWait<0>();  // this lane's own stash entries (no other lane reads them; the next row
+                       // pair's copies are issued after this lane's last read of them)
     float s1 = 0.f, s2 = 0.f;
     if (ok) {
-#pragma unroll
+#pragma unroll 1
       for (int j = 0; j < kPasses; ++j) {
         const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
         const int slot = j * 8 * kLanes + hl;  // (8j + k)·kLanes + l at k = 0
         float v[8], sc[8], dy[8], z[8], xc[8];
-        Unpack8(xr[j], v);
+        Unpack8(xstash[j * kLanes], v);
         Scale8(a, c, sc);
-        Unpack8(dyr[j], dy);
-        Unpack8(zr[j], z);
-        Unpack8(xcr[j], xc);
+        Unpack8(dystash[j * kLanes], dy);
+        Unpack8(zstash[j * kLanes], z);
+        Unpack8(stash[j * kLanes], xc);
         MlstmOutBwdChunkSums(a, r, c, v, sc, dy, z, xc, mean, rstd, params, mine, span, slot, s1, s2);
       }
     }
@@ -1586,14 +1598,14 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs 
     s2 = LaneGroupSum<kLanes>(s2) / gs;
     const float m1 = a.layer ? s1 : 0.f;
     if (ok) {
-#pragma unroll
+#pragma unroll 1
       for (int j = 0; j < kPasses; ++j) {
         const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
         float xv[8], sc[8], dy[8], z[8];
-        Unpack8(xr[j], xv);
+        Unpack8(xstash[j * kLanes], xv);
         Scale8(a, c, sc);
-        Unpack8(dyr[j], dy);
-        Unpack8(zr[j], z);
+        Unpack8(dystash[j * kLanes], dy);
+        Unpack8(zstash[j * kLanes], z);
         GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
       }
     }
@@ -1802,7 +1814,11 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
       else launch(group_norm_bwd_reg<1, 6>);
     } else if (NormBwdPrefetch() && a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
                a.dim / a.groups == 3 * 128) {
-      launch(group_norm_bwd_mlstm_pf<3>);
+      const int64_t pf_smem = kNormPfStashBytes<3> + smem;
+      if (pf_smem > 48 * 1024)
+        cudaFuncSetAttribute(group_norm_bwd_mlstm_pf<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(pf_smem));
+      group_norm_bwd_mlstm_pf<3><<<grid, 256, static_cast<size_t>(pf_smem), stream>>>(a, pw, ps);
     } else {
       const bool half = NormLanes(a, true) == 16;
       switch (a.mode) {
