@@ -395,11 +395,16 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
 // residual (kPlain only): dx += dresidual inside the backward (GroupNormArgs::dresidual).
-// The group-norm backward's variant in this process (GYRE_NORM_BWD=pf: the mLSTM output norm at
-// 3 x 128 columns a group, ops/recurrent_cuda.cu), for the result lines.
-std::string NormBwdVariant() {
-  const char* e = std::getenv("GYRE_NORM_BWD");
-  return e != nullptr && std::string(e) == "pf" ? " [norm_bwd pf]" : "";
+// The group norms' variants in this process (ops/recurrent_cuda.cu, read once: GYRE_NORM_BWD=pf,
+// the mLSTM output norm's backward at 3 x 128 columns a group; GYRE_NORM_FWD=pf, the gated
+// forward at 6 x 256), for the result lines.
+std::string NormVariant() {
+  const char* bwd = std::getenv("GYRE_NORM_BWD");
+  const char* fwd = std::getenv("GYRE_NORM_FWD");
+  std::string v;
+  if (bwd != nullptr && std::string(bwd) == "pf") v += " [norm_bwd pf]";
+  if (fwd != nullptr && std::string(fwd) == "pf") v += " [norm_fwd pf]";
+  return v;
 }
 
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
@@ -409,7 +414,7 @@ void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t 
   const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
                            " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
                            std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "") +
-                           NormBwdVariant();
+                           NormVariant();
   const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
                xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
                skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
@@ -519,6 +524,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // (1536: 48 KiB of per-warp sums) and a larger one (2048: the opt-in above 48 KiB).
   CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536, true);
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
+  CheckNorm(NormMode::kGatedInput, true, 37, 2, 1536, 3200);  // LayerNorm, 2 groups, odd rows (GYRE_NORM_FWD=pf)
   CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
   CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
   // The register-resident backward (groups of 1025..1536 columns) with a partial last chunk
