@@ -974,7 +974,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
+          for (int i = 0; i < 4; ++i)
+            dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
         }
 #pragma unroll
         for (int o = 0; o < 4; ++o)
@@ -1501,8 +1502,8 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
 }
 
 __device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+               ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src));
 }
 
 // GYRE_NORM_FWD=pf (opt-in, not yet measured): Mamba-2's gated norm forward (mode 1) for groups
@@ -1609,8 +1610,9 @@ __device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int
   Store8(a.dz, r * a.dim + c, dz);
   Store8(a.dxc, r * a.dim + c, dxc);
 }
+// [8 warps][2 halves][x_c, z, dy, x][kPasses][16 lanes] x 16 B
 template <int kPasses>
-constexpr int kNormPfStashBytes = 8 * 2 * 4 * kPasses * 16 * 16;  // [8 warps][2 halves][x_c, z, dy, x][kPasses][16 lanes] x 16 B
+constexpr int kNormPfStashBytes = 8 * 2 * 4 * kPasses * 16 * 16;
 template <int kPasses>
 __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
   constexpr int kMode = 2, kLanes = 16, kRows = 2;
@@ -2045,7 +2047,8 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
         // (set on every launch, as the norms do: the attribute is per device).
         const cudaError_t attr =
             cudaFuncSetAttribute(block_diag4_bwd<kTwo, 8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (attr != cudaSuccess) return gyre::cuda::CudaError(attr, "block_diag4_bwd (tensor-core S): shared memory", __FILE__, __LINE__);
+        if (attr != cudaSuccess)
+          return gyre::cuda::CudaError(attr, "block_diag4_bwd (tensor-core S): shared memory", __FILE__, __LINE__);
         block_diag4_bwd<kTwo, 8, true><<<grid, block, smem, stream>>>(a, g, p);
         return CudaResult{};
       };

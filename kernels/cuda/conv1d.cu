@@ -470,7 +470,6 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
   if constexpr (kSplit) {
     for (int t = ib; t < e1; ++t) step(t, std::true_type{});
   }
-
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     float* pp = part + ((static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * d.C + ch + v) * (K + 1);
