@@ -8,7 +8,12 @@
 // depthwise conv1d + SiLU, the Mamba2 module's fallback path; the causal_conv1d CUDA package is
 // not installed on the device).
 //
-//   conv1d_bench [--reps=N]
+// --shapes=step: only the training-step presets' convs at B16 S2048 (xlstm[1:0]-125m: 1536
+// channels; mamba2-130m: 1792), with the backward alone timed too (forward run once before, not
+// timed). The backward's opt-in variant is the environment's GYRE_CONV_BWD (conv1d.cu), read
+// once a process: A/B runs alternate it on one binary.
+//
+//   conv1d_bench [--reps=N] [--shapes=step]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -31,7 +36,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t channels) {
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t channels, bool bwd_alone = false) {
   Conv1dShape s{batch, seq, channels, 4};
   const int64_t n = batch * seq * channels;
   DeviceBuffer x, w, bias, y, dy, dx, dw, db;
@@ -74,6 +79,12 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t c
   const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) + " C" +
                             std::to_string(channels) + " K4 silu";
   const double fb_bytes = 4.0 * n, fbb_bytes = 10.0 * n;
+  if (bwd_alone) {
+    CUDA_OK_OR_DIE(Conv1dForward(f, nullptr));
+    const double bwd = TimeMs(t, [&] { return Conv1dBackward(g, &alloc, nullptr); });
+    std::printf("conv1d bwd     %-28s %8.3f ms  %7.1f MB %7.1f GB/s\n", shape.c_str(), bwd, 6.0 * n / 1e6,
+                6.0 * n / (bwd * 1e-3) / 1e9);
+  }
   std::printf("conv1d fwd     %-28s %8.3f ms  %7.1f MB %7.1f GB/s\n", shape.c_str(), fwd,
               fb_bytes / 1e6, fb_bytes / (fwd * 1e-3) / 1e9);
   std::printf("conv1d fwd+bwd %-28s %8.3f ms  %7.1f MB %7.1f GB/s\n", shape.c_str(), fb,
@@ -90,8 +101,18 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
   }
+  bool step_shapes = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--shapes=step") == 0) step_shapes = true;
+  }
+  if (const char* v = std::getenv("GYRE_CONV_BWD")) std::printf("variant: GYRE_CONV_BWD=%s\n", v);
   DeviceAllocator alloc;
   t.Init(&alloc);
+  if (step_shapes) {
+    Run(t, alloc, 16, 2048, 1536, /*bwd_alone=*/true);
+    Run(t, alloc, 16, 2048, 1792, /*bwd_alone=*/true);
+    return 0;
+  }
   Run(t, alloc, 8, 2048, 4352);
   Run(t, alloc, 2, 8192, 4352);
   return 0;

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -189,6 +190,11 @@ int main(int argc, char** argv) {
   }
   SetNumThreads(0);  // host-side initialisation draws in parallel (ops/module.cc InitNormal)
   std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
+  // The opt-in kernel variants (environment switches read once by the kernels' host code), so a
+  // log says which path it timed: A/B runs alternate them on one binary.
+  for (const char* name : {"GYRE_BD_BWD", "GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD"}) {
+    if (const char* v = std::getenv(name)) std::printf("variant: %s=%s\n", name, v);
+  }
   std::vector<Result> results;
   int rc = 0;
   for (size_t i = 0; i < presets.size(); ++i) {

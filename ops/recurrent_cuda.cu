@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
@@ -749,11 +751,45 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-template <bool kTwo, int kG>
+//
+// kTc (opt-in, GYRE_BD_BWD=tc; kG == 8 only: up to 4 heads, the 125m / 1.3b layouts): S on
+// tensor cores. S[t, i] = Σ_r dgate[r, t] x[r, i] is a product with K = rows, so each warp
+// stages its rows' x (bf16, as loaded) in tiles of 8 rows and adds the tile with m16n8k8 MMAs,
+// M = 16 columns (8 tiles over the warp's 128), N = the 8 gates, K = the tile's 8 rows; A = xᵀ
+// through ldmatrix.trans, B = the fp32 dgate split hi + lo into two bf16 operands (x is bf16:
+// the products are exact up to the lo part's 16-bit tail, the sums fp32, in a fixed order).
+// That replaces 32 FMAs a thread-row (of ~215 instructions in the two-map launch, ~150 in the
+// one-map one) with 2 shared accesses a row and 20 instructions per 8 rows. The fragments go
+// back to the per-thread S[t][0..3] layout once, after the rows, through the warp's own ring
+// memory. The staged tiles (and, with two maps, w2: the S fragments would otherwise push the
+// launch past 128 registers) live in dynamic shared memory (BdTcSmem) beside the static arrays.
+// Written by rglue9 (session 8), made opt-in by rglue10; not yet measured.
+constexpr int kBdXsLd = 34;  // uint2 per staged row: 32 lanes + 16 bytes (ldmatrix free of bank conflicts)
+template <bool kTwo>
+struct BdTcSmem {
+  uint2 xs[8][8][kBdXsLd];     // [warp][tile row][lane]: the staged x rows
+  float4 w2s[kTwo ? 4 : 1][32];  // [o][block]: w2[o, 0..3] (two maps)
+};
+__device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
+}
+extern __shared__ __align__(16) unsigned char bd_tc_dyn_smem[];
+
+template <bool kTwo, int kG, bool kTc = false>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
   constexpr int kS = kBdBwdStages<kG>;
+  static_assert(!kTc || kG == 8, "the tensor-core S serves the 8-gate layouts");
+  constexpr bool kW2Smem = kTwo && kTc;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -772,6 +808,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
   const int G = 2 * g.heads;
+  BdTcSmem<kTwo>& tc = *reinterpret_cast<BdTcSmem<kTwo>*>(bd_tc_dyn_smem);  // kTc only
   if constexpr (kG > 0) {
     for (int e = tid; e < kMaps * kG * 32; e += 256) {
       const int m = e / (kG * 32), t = (e / 32) % kG, bx = e % 32;
@@ -779,6 +816,14 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
       wg[m * kG + t][bx] = v;
+    }
+    if constexpr (kW2Smem) {
+      if (tid < 4 * 32) {
+        const int o = tid / 32, bx = tid % 32;
+        const int64_t bb = blockIdx.x * 32 + bx;
+        tc.w2s[o][bx] = bb < a.blocks ? __ldg(reinterpret_cast<const float4*>(a.w2 + bb * 16 + 4 * o))
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
     __syncthreads();
   }
@@ -789,6 +834,46 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   for (int t = 0; t < kGs; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
+  // kTc: the S fragments (column tile j: columns 16j + gq (+ 8), gates 2qq, 2qq + 1), this
+  // lane's dgate of the tile's rows 2qq, 2qq + 1 at gate gq, and the rows staged so far.
+  const int gq = tx / 4, qq = tx % 4;
+  float sacc[kTc ? 8 : 1][4];
+  float dgt0 = 0.f, dgt1 = 0.f;
+  int staged = 0;
+  if constexpr (kTc) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sacc[j][c] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) tc.xs[ty][k][tx] = make_uint2(0u, 0u);  // never NaN garbage
+  }
+  // The staged tile into sacc (every lane; rows past `staged` have dgate 0 in B).
+  auto tile_mma = [&]() {
+    if constexpr (kTc) {
+      __syncwarp();
+      const uint32_t bh = PackBf16(dgt0, dgt1);
+      const float l0 = dgt0 - __bfloat162float(__float2bfloat16_rn(dgt0)),
+                  l1 = dgt1 - __bfloat162float(__float2bfloat16_rn(dgt1));
+      const uint32_t bl = PackBf16(l0, l1);
+      // ldmatrix.x4.trans: matrices (tile 2jj, cols 0-7), (2jj, 8-15), (2jj + 1, 0-7),
+      // (2jj + 1, 8-15); lane i supplies row i % 8 of matrix i / 8.
+      const int mr = tx % 8, mm = tx / 8;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t x0, x1, x2, x3;
+        LdMatrixX4Trans(reinterpret_cast<const unsigned char*>(&tc.xs[ty][mr][0]) + 2 * (32 * jj + 8 * mm), x0, x1, x2,
+                        x3);
+        MmaBf16K8(sacc[2 * jj], x0, x1, bh);
+        MmaBf16K8(sacc[2 * jj], x0, x1, bl);
+        MmaBf16K8(sacc[2 * jj + 1], x2, x3, bh);
+        MmaBf16K8(sacc[2 * jj + 1], x2, x3, bl);
+      }
+      dgt0 = dgt1 = 0.f;
+      staged = 0;
+      __syncwarp();  // the tile is rewritten next
+    }
+  };
   const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
   if (live) {
 #pragma unroll
@@ -835,6 +920,15 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     issue(slot == 0 ? kS - 1 : slot - 1, r + 8 * (kS - 1));
     CpAsyncWait<kS - 1>();
     __syncwarp();  // the gate gradients came by other lanes' copies
+    if constexpr (kTc) {
+      tc.xs[ty][staged][tx] = live ? ring.in[ty][slot][0][tx] : make_uint2(0u, 0u);
+      if ((staged >> 1) == qq) {
+        const float v = gq < G ? ring.dg[ty][slot][gq] : 0.f;
+        if (staged & 1) dgt1 = v;
+        else dgt0 = v;
+      }
+      if (++staged == 8) tile_mma();
+    }
     if (live) {
       float x[4], d[4], d2[4], old[4], dx[4];
       Bf16x4ToFloat(ring.in[ty][slot][0][tx], x);
@@ -847,8 +941,10 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = wg[t][tx];
           d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
+          if constexpr (!kTc) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+          }
         }
       }
 #pragma unroll
@@ -859,8 +955,10 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = U[t][tx];
           dx[0] += dg * u.x; dx[1] += dg * u.y; dx[2] += dg * u.z; dx[3] += dg * u.w;
+          if constexpr (!kTc) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
+          }
         }
       }
 #pragma unroll
@@ -868,8 +966,17 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[o * 4 + i] += d[o] * x[i];
       if (kTwo) {
+        if constexpr (kW2Smem) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
+          for (int o = 0; o < 4; ++o) {
+            const float4 v = tc.w2s[o][tx];
+            dx[0] += d2[o] * v.x; dx[1] += d2[o] * v.y; dx[2] += d2[o] * v.z; dx[3] += d2[o] * v.w;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
+        }
 #pragma unroll
         for (int o = 0; o < 4; ++o)
 #pragma unroll
@@ -884,6 +991,27 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     slot = slot + 1 == kS ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
+  if constexpr (kTc) {
+    if (staged > 0) tile_mma();  // uniform over the warp
+    // Fragments -> S[t][0..3] of this thread's block, through this warp's ring slots (4 KiB =
+    // 8 gates x 128 columns; its copies are complete and read).
+    float* sx = reinterpret_cast<float*>(&ring.in[ty][0][0][0]);
+    static_assert(sizeof(ring.in[0]) >= 8 * 128 * sizeof(float), "S transpose scratch");
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      sx[(2 * qq) * 128 + 16 * j + gq] = sacc[j][0];
+      sx[(2 * qq + 1) * 128 + 16 * j + gq] = sacc[j][1];
+      sx[(2 * qq) * 128 + 16 * j + gq + 8] = sacc[j][2];
+      sx[(2 * qq + 1) * 128 + 16 * j + gq + 8] = sacc[j][3];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int t = 0; t < kGs; ++t) {
+      const float4 v = *reinterpret_cast<const float4*>(sx + t * 128 + 4 * tx);
+      S[t][0] = v.x; S[t][1] = v.y; S[t][2] = v.z; S[t][3] = v.w;
+    }
+  }
   if constexpr (kG > 0 && kTwo) {
     // dw's gate term: acc[o, i] += Σ_t wg[t, o] S[t, i] (wg = 0 for t >= G and dead lanes).
 #pragma unroll
@@ -921,6 +1049,13 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   if constexpr (kG > 0) {
     // Gate weight gradients, four gates per round: column (block, o) of gate t gets
     // Σ_i w[o, i] S[t, i] (w = 0 on dead lanes: their S is 0 too).
+    if constexpr (kW2Smem) {  // w2 back from shared memory (the row loop is over)
+#pragma unroll
+      for (int o = 0; o < 4; ++o) {
+        const float4 v = tc.w2s[o][tx];
+        w2[4 * o] = v.x; w2[4 * o + 1] = v.y; w2[4 * o + 2] = v.z; w2[4 * o + 3] = v.w;
+      }
+    }
 #pragma unroll
     for (int m = 0; m < kMaps; ++m) {
 #pragma unroll
@@ -1366,6 +1501,186 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
   if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
 }
 
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+               ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src));
+}
+
+// GYRE_NORM_FWD=pf (opt-in, not yet measured): Mamba-2's gated norm forward (mode 1) for groups
+// of exactly kChunks x 256 columns (130m: one group of 1536, 6 chunks a lane). A warp per (row,
+// group) as group_norm_fwd_vec, but each lane first cp.asyncs all its chunks of x and z (2 x
+// kChunks x 16 B) into its own shared-memory stash, waits once, and takes the statistics and the
+// output pass from there. _vec re-reads x, z from L1 in every pass (9 KiB rows x 40 warps
+// overflow it: the re-reads go to L2) and has one chunk's loads in flight a lane at a time.
+// 48 KiB of static stash a block (6 KiB a warp), 4 blocks (32 warps) a SM. Same arithmetic and
+// order as _vec (expected: the same bits). Prediction (counts, H200, mamba2-130m B16 x 2048): 6 B
+// an element (x, z in, y out), floor 1.7 ms a step; _vec 2.49; this ~2.0 if L2 re-reads and
+// per-pass latency were the gap.
+template <int kChunks>
+__global__ void __launch_bounds__(256) group_norm_fwd_gated_pf(GroupNormArgs a) {
+  constexpr int kMode = 1;
+  __shared__ uint4 stash[8][2][kChunks][32];  // [warp][x, z][chunk][lane]
+  const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  if (warp >= a.rows * a.groups) return;  // (no block-wide synchronisation below)
+  const int64_t r = warp / a.groups, g = warp % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int64_t i = lane * 8 + j * 256;
+    CpAsync16(&stash[wid][0][j][lane], static_cast<const bf16*>(a.x) + r * a.dim + c0 + i);
+    CpAsync16(&stash[wid][1][j][lane], static_cast<const bf16*>(a.z) + r * a.ldz + c0 + i);
+  }
+  CpAsyncCommit();
+  CpAsyncWait<0>();  // this lane's own entries only
+  auto in = [&](int j, float* v) {  // NormIn8<1>: x ⊙ SiLU(z)
+    float z[8];
+    Unpack8(stash[wid][0][j][lane], v);
+    Unpack8(stash[wid][1][j][lane], z);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] *= Silu(z[k]);
+  };
+  float v[8];
+  float s = 0.f;
+  if (a.layer) {
+#pragma unroll 1
+    for (int j = 0; j < kChunks; ++j) {
+      in(j, v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s += v[k];
+    }
+    s = WarpSum(s) / gs;
+  }
+  const float mean = s;
+  float q = 0.f;
+#pragma unroll 1
+  for (int j = 0; j < kChunks; ++j) {
+    in(j, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) q += (v[k] - mean) * (v[k] - mean);
+  }
+  const float rstd = rsqrtf(WarpSum(q) / gs + a.eps);
+  if (lane == 0) {
+    if (a.mean) a.mean[warp] = mean;
+    a.rstd[warp] = rstd;
+  }
+#pragma unroll 1
+  for (int j = 0; j < kChunks; ++j) {
+    const int64_t c = c0 + lane * 8 + j * 256;
+    in(j, v);
+    GroupNormFwdChunk<kMode>(a, r, c, v, mean, rstd, [&](float*) {}, [&](float*) {});
+  }
+}
+
+// GYRE_NORM_BWD=pf (opt-in, not yet measured): the mLSTM output norm's backward (mode 2) for
+// groups of exactly kPasses 128-column passes at 16 lanes (the 125m / 1.3b layouts: 4 x 384, 3
+// passes). Each lane first issues cp.async copies of all its chunks of x, dy, z, x_c (4 x kPasses
+// x 16 B) into its own stash in shared memory, waits once, and runs both passes from there.
+// group_norm_bwd_vec<2, 16> issues a chunk's loads after the previous chunk's dz / dxc stores
+// (no __restrict__: the compiler may not hoist them), so each warp had ~1 chunk (4 loads a lane)
+// in flight and paid the memory latency kPasses times per row pair, and its second pass re-read
+// the row from L1. Here a warp has 12 copies a lane in flight; 2 blocks a SM (48 KiB of stash +
+// 50 KiB of column sums each; 16 warps instead of 24): bytes in flight per SM 48 -> 96 KiB.
+// ptxas: 92 registers, no spill (the chunks in registers instead: 128 and 16 B spilled; x_c
+// alone in shared memory: 4 B). Same arithmetic and per-lane order as _vec (expected: the same
+// bits). Prediction (counts, H200, xlstm[1:0]-125m B16 x 2048): 14 B an element, floor 3.9 ms a
+// step; _vec runs 5.74 (2.9 TB/s); this ~4.4 if the latency-bound share goes, no better than
+// _vec if 16 warps that each wait for their whole row pair cannot cover the rest.
+__device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int64_t r, int64_t c, const float* v,
+                                                     const float* sc, const float* dy, const float* z,
+                                                     const float* xc, float mean, float rstd, bool params,
+                                                     float* mine, int span, int slot, float& s1, float& s2) {
+  constexpr int kLanes = 16;
+  float dz[8], dxc[8], sk[8];
+  LoadF8(a.skip + c, sk);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float xhat = (v[k] - mean) * rstd;
+    const float gout = dy[k] * Silu(z[k]);
+    const float dxhat = gout * sc[k];
+    s1 += dxhat;
+    s2 += dxhat * xhat;
+    if (params) {
+      mine[slot + k * kLanes] += gout * xhat;
+      mine[8 * span + slot + k * kLanes] += gout * xc[k];
+    }
+    const float hs = xhat * sc[k] + sk[k] * xc[k];
+    dz[k] = dy[k] * hs * DSilu(z[k]);
+    dxc[k] = gout * sk[k];
+  }
+  Store8(a.dz, r * a.dim + c, dz);
+  Store8(a.dxc, r * a.dim + c, dxc);
+}
+// [8 warps][2 halves][x_c, z, dy, x][kPasses][16 lanes] x 16 B
+template <int kPasses>
+constexpr int kNormPfStashBytes = 8 * 2 * 4 * kPasses * 16 * 16;
+template <int kPasses>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
+  constexpr int kMode = 2, kLanes = 16, kRows = 2;
+  extern __shared__ __align__(16) float pf_dyn[];  // the stash, then [2][8 warps][span] column sums
+  float* const psum = pf_dyn + kNormPfStashBytes<kPasses> / 4;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
+  uint4* const stash = reinterpret_cast<uint4*>(pf_dyn) + (wid * 2 + h) * 4 * kPasses * kLanes + hl;  // x_c + 16 j
+  uint4* const zstash = stash + kPasses * kLanes;                                                     // z + 16 j
+  uint4* const dystash = zstash + kPasses * kLanes;                                                   // dy + 16 j
+  uint4* const xstash = dystash + kPasses * kLanes;                                                   // x + 16 j
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int span = NormSpan(gs, kLanes);
+  const bool params = a.dweight != nullptr || a.dskip != nullptr;
+  float* const mine = psum + wid * span + h * NormRegion(gs, kLanes);
+  if (params) ZeroColumnSums<kMode>(psum, span);
+  const int64_t rb0 = blockIdx.x * (int64_t)kNormBwdRows, rb1 = min(rb0 + kNormBwdRows, a.rows);
+  for (int64_t rw = rb0 + wid * kRows; rw < rb1; rw += 8 * kRows) {  // uniform over the warp
+    const int64_t r = rw + h;
+    const bool ok = r < rb1;  // (the lane-group sums below need every lane)
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer && ok ? a.mean[st] : 0.f, rstd = ok ? a.rstd[st] : 0.f;
+    if (ok) {
+      const int64_t o = r * a.dim + c0 + hl * 8, oz = r * a.ldz + c0 + hl * 8;
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        CpAsync16(stash + j * kLanes, static_cast<const bf16*>(a.xc) + o + j * 8 * kLanes);
+        CpAsync16(zstash + j * kLanes, static_cast<const bf16*>(a.z) + oz + j * 8 * kLanes);
+        CpAsync16(dystash + j * kLanes, static_cast<const bf16*>(a.dy) + o + j * 8 * kLanes);
+        CpAsync16(xstash + j * kLanes, static_cast<const bf16*>(a.x) + o + j * 8 * kLanes);
+      }
+    }
+    CpAsyncCommit();
+    CpAsyncWait<0>();  // this lane's own stash entries (no other lane reads them; the next row
+                       // pair's copies are issued after this lane's last read of them)
+    float s1 = 0.f, s2 = 0.f;
+    if (ok) {
+#pragma unroll 1
+      for (int j = 0; j < kPasses; ++j) {
+        const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
+        const int slot = j * 8 * kLanes + hl;  // (8j + k)·kLanes + l at k = 0
+        float v[8], sc[8], dy[8], z[8], xc[8];
+        Unpack8(xstash[j * kLanes], v);
+        Scale8(a, c, sc);
+        Unpack8(dystash[j * kLanes], dy);
+        Unpack8(zstash[j * kLanes], z);
+        Unpack8(stash[j * kLanes], xc);
+        MlstmOutBwdChunkSums(a, r, c, v, sc, dy, z, xc, mean, rstd, params, mine, span, slot, s1, s2);
+      }
+    }
+    s1 = LaneGroupSum<kLanes>(s1) / gs;
+    s2 = LaneGroupSum<kLanes>(s2) / gs;
+    const float m1 = a.layer ? s1 : 0.f;
+    if (ok) {
+#pragma unroll 1
+      for (int j = 0; j < kPasses; ++j) {
+        const int64_t c = c0 + hl * 8 + j * 8 * kLanes;
+        float xv[8], sc[8], dy[8], z[8];
+        Unpack8(xstash[j * kLanes], xv);
+        Scale8(a, c, sc);
+        Unpack8(dystash[j * kLanes], dy);
+        Unpack8(zstash[j * kLanes], z);
+        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+      }
+    }
+  }
+  if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
+}
+
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
 // on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
 //   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
@@ -1488,6 +1803,16 @@ CudaResult MakeFusedGates(const BlockDiagArgs& a, bool backward, FusedGates* g) 
 
 }  // namespace
 
+// GYRE_NORM_FWD=pf (read once): group_norm_fwd_gated_pf for Mamba-2's gated norm at 6 x 256
+// columns a group (an opt-in variant until measured; the default path is unchanged).
+bool NormFwdPrefetch() {
+  static const bool on = [] {
+    const char* e = std::getenv("GYRE_NORM_FWD");
+    return e != nullptr && std::string_view(e) == "pf";
+  }();
+  return on;
+}
+
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormForward: dim not divisible by groups, or missing statistics");
@@ -1509,6 +1834,10 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
     });
     return Launched("group_norm_fwd_reg");
   }
+  if (vec && NormFwdPrefetch() && a.mode == NormMode::kGatedInput && a.dim / a.groups == 6 * 256) {
+    group_norm_fwd_gated_pf<6><<<blocks, 256, 0, stream>>>(a);
+    return Launched("group_norm_fwd_gated_pf");
+  }
   switch (a.mode) {
     case NormMode::kPlain:
       if (vec) group_norm_fwd_vec<0><<<blocks, 256, 0, stream>>>(a);
@@ -1524,6 +1853,16 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
       break;
   }
   return Launched("group_norm_fwd");
+}
+
+// GYRE_NORM_BWD=pf (read once): group_norm_bwd_mlstm_pf for the mLSTM output norm at 3 x 128
+// columns a group (an opt-in variant until measured; the default path is unchanged).
+bool NormBwdPrefetch() {
+  static const bool on = [] {
+    const char* e = std::getenv("GYRE_NORM_BWD");
+    return e != nullptr && std::string_view(e) == "pf";
+  }();
+  return on;
 }
 
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -1555,6 +1894,13 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
     if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
+    } else if (NormBwdPrefetch() && a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
+               a.dim / a.groups == 3 * 128) {
+      const int64_t pf_smem = kNormPfStashBytes<3> + smem;
+      if (pf_smem > 48 * 1024)
+        cudaFuncSetAttribute(group_norm_bwd_mlstm_pf<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(pf_smem));
+      group_norm_bwd_mlstm_pf<3><<<grid, 256, static_cast<size_t>(pf_smem), stream>>>(a, pw, ps);
     } else {
       const bool half = NormLanes(a, true) == 16;
       switch (a.mode) {
@@ -1650,6 +1996,14 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
+bool BlockDiagBwdTensorCoreS() {
+  static const bool on = [] {
+    const char* e = std::getenv("GYRE_BD_BWD");
+    return e != nullptr && std::string_view(e) == "tc";
+  }();
+  return on;
+}
+
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
@@ -1685,6 +2039,20 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
     if (g.heads == 0) {
       if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
+    } else if (g.heads <= 4 && BlockDiagBwdTensorCoreS()) {
+      auto launch_tc = [&](auto two) {
+        constexpr bool kTwo = decltype(two)::value;
+        constexpr int smem = static_cast<int>(sizeof(BdTcSmem<kTwo>));
+        // The static arrays take ~45 KiB: the dynamic part needs the opt-in above 48 KiB in all
+        // (set on every launch, as the norms do: the attribute is per device).
+        const cudaError_t attr =
+            cudaFuncSetAttribute(block_diag4_bwd<kTwo, 8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (attr != cudaSuccess)
+          return gyre::cuda::CudaError(attr, "block_diag4_bwd (tensor-core S): shared memory", __FILE__, __LINE__);
+        block_diag4_bwd<kTwo, 8, true><<<grid, block, smem, stream>>>(a, g, p);
+        return CudaResult{};
+      };
+      if (CudaResult r = a.w2 ? launch_tc(std::true_type{}) : launch_tc(std::false_type{}); !r.ok()) return r;
     } else if (g.heads <= 4) {
       if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g, p);

@@ -28,6 +28,7 @@
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -219,18 +220,30 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
+// The block-diagonal backward's variant in this process (ops/recurrent_cuda.h: GYRE_BD_BWD, read
+// once), for the result lines.
+std::string BdBwdVariant() {
+  const char* e = std::getenv("GYRE_BD_BWD");
+  return e != nullptr && std::string(e) == "tc" ? " [bd_bwd tc]" : "";
+}
+
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
+                           BdBwdVariant();
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
-               bi = RandomBf16Host({heads}, 1.0, &rng), bf = RandomBf16Host({heads}, 1.0, &rng),
-               dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng),
-               dxc0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
+               bi = RandomBf16Host({heads}, 1.0, &rng), bf = RandomBf16Host({heads}, 1.0, &rng);
+  Tensor dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng);
+  const Tensor dxc0 = RandomBf16Host({rows, p}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
                dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
                dbf0 = RandomBf16Host({heads}, 1.0, &rng);
+  // The gate gradients are fp32 in training (not bf16): widen them to 24-bit mantissas, so that
+  // the tensor-core S's hi + lo bf16 split of them (GYRE_BD_BWD=tc) is exercised.
+  for (Tensor* t : {&dig, &dfg})
+    for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, static_cast<double>(static_cast<float>(t->At(i) * 1.3719)));
   Tensor wm[3], d0[3], dwm0[3];  // q, k, v: block weights, cell gradients, accumulated weight grads
   for (int m = 0; m < 3; ++m) {
     wm[m] = RandomBf16Host({blocks, bs, bs}, 0.5, &rng);
@@ -367,6 +380,12 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
 TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(1500, 96, 3, 4);  // vectorised, 8-gate kernels; 3 backward row blocks, odd tail; dead lanes
   CheckGates(37, 320, 8, 4);   // vectorised, 16-gate kernels (the 7B layout's 8 heads); 3 column blocks
+  // The 8-gate backward's tensor-core S (GYRE_BD_BWD=tc: x staged in 8-row tiles per warp): 4
+  // heads (all 8 gates live) with fewer than 8 rows per warp (only the partial last tile), and
+  // 2 heads over 1024 rows (64 per warp: whole tiles only) with a second column block of 2 live
+  // lanes. Run under both switch values by the part script (the switch is read once a process).
+  CheckGates(37, 96, 4, 4);
+  CheckGates(1024, 136, 2, 4, /*overwrite=*/true);
   CheckGates(37, 12, 3, 3);    // 3x3 blocks, p % 8 != 0: the scalar kernels
   CheckGates(21, 15, 8, 3);    // scalar, 8 heads, odd p
   CheckGates(1500, 96, 3, 4, /*overwrite=*/true);
@@ -376,13 +395,26 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
 // residual (kPlain only): dx += dresidual inside the backward (GroupNormArgs::dresidual).
+// The group norms' variants in this process (ops/recurrent_cuda.cu, read once: GYRE_NORM_BWD=pf,
+// the mLSTM output norm's backward at 3 x 128 columns a group; GYRE_NORM_FWD=pf, the gated
+// forward at 6 x 256), for the result lines.
+std::string NormVariant() {
+  const char* bwd = std::getenv("GYRE_NORM_BWD");
+  const char* fwd = std::getenv("GYRE_NORM_FWD");
+  std::string v;
+  if (bwd != nullptr && std::string(bwd) == "pf") v += " [norm_bwd pf]";
+  if (fwd != nullptr && std::string(fwd) == "pf") v += " [norm_fwd pf]";
+  return v;
+}
+
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
                bool overwrite = false, bool residual = false) {
   Rng rng(51);
   const int64_t dim = groups * gs;
   const std::string name = "groupnorm mode " + std::to_string(static_cast<int>(mode)) + (layer ? " layer" : " rms") +
                            " rows " + std::to_string(rows) + " groups " + std::to_string(groups) + " gs " +
-                           std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "");
+                           std::to_string(gs) + (overwrite ? " overwrite" : "") + (residual ? " +dresidual" : "") +
+                           NormVariant();
   const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, ldz}, 1.0, &rng),
                xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
                skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
@@ -483,6 +515,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // warp): rows x groups odd, so the last warp of the forward and the last row pair of the
   // backward have a half without a row; 3 passes with a partial last one (264 = 2 x 128 + 8).
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 384, 1152, true);
+  CheckNorm(NormMode::kMlstmOutput, false, 65, 4, 384, 1536);  // RMS (GYRE_NORM_BWD=pf: mean 0)
   CheckNorm(NormMode::kPlain, true, 65, 1, 264, 264, true, true);
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
@@ -491,6 +524,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // (1536: 48 KiB of per-warp sums) and a larger one (2048: the opt-in above 48 KiB).
   CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536, true);
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
+  CheckNorm(NormMode::kGatedInput, true, 37, 2, 1536, 3200);  // LayerNorm, 2 groups, odd rows (GYRE_NORM_FWD=pf)
   CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
   CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
   // The register-resident backward (groups of 1025..1536 columns) with a partial last chunk

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -256,8 +257,13 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
 // (kBlock, 5): 96 registers (12 bytes spilled) for 5 blocks of 128 per SM instead of 110 and 4:
 // 5.12 -> 4.91 ms per mamba2-130m step, 4.39 -> 4.37 xlstm[1:0]-125m (H200, rglue8 call 2).
-template <int K, int V>
-__global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
+// The other template arguments are opt-in variants (GYRE_CONV_BWD, ConvBwdVariant below; not
+// yet measured): kMinBlocks the launch bounds, kAhead the ring depth, kRunLen the outputs per
+// thread, kSplit: the first and last run of a row send their interior tokens (K−1 <= t < S)
+// through the ring too and only the state / final-state tokens through `step` (by default a
+// row's run 0 takes all 64 tokens through step's dependent loads, the slowest part).
+template <int K, int V, int kMinBlocks = 5, int kAhead = kBwdAhead, int kRunLen = kRun, bool kSplit = false>
+__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
   if (ch >= d.C) return;
   const int b = blockIdx.z;
   const int ext = d.S + K - 1;
-  const int e0 = blockIdx.y * kRun, e1 = min(ext, e0 + kRun);
+  const int e0 = blockIdx.y * kRunLen, e1 = min(ext, e0 + kRunLen);
   float wk[K][V], b0[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -366,7 +372,19 @@ __global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
     }
     StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * d.C + ch, o);
   };
-  if (e0 >= K - 1 && e1 <= d.S) {
+  // kSplit: [e0, ia) state tokens (run 0 only), [ia, ib) interior, [ib, e1) final-state tokens.
+  // The interior loop's tokens are [ia, ib): the whole run by default (interior runs only).
+  int ia = e0, ib = e1;
+  if constexpr (kSplit) {
+    // (plain comparisons, not min / max: more calls of those in the module perturbed the default
+    // kernels' inlining and PTX)
+    ia = e0 > K - 1 ? e0 : K - 1;
+    ia = ia < e1 ? ia : e1;
+    ib = e1 < d.S ? e1 : d.S;
+    ib = ib > ia ? ib : ia;
+    for (int t = e0; t < ia; ++t) step(t, std::true_type{});
+  }
+  if ((e0 >= K - 1 && e1 <= d.S) || (kSplit && ia < ib)) {
     // Interior run: X_{t+K−1} is x row t and every dy row is valid.
     const bf16* __restrict__ xrow = x + (static_cast<int64_t>(b) * d.S) * d.C + ch;
     bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * d.C + ch;  // row t − (K−1)
@@ -402,38 +420,38 @@ __global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
       }
       StoreV<V>(dxrow + static_cast<int64_t>(t - (K - 1)) * d.C, o);
     };
-    int t = e0;
+    int t = ia;
     if constexpr (V >= 2) {
       // The x and dy rows travel by cp.async through a per-thread shared ring kBwdAhead − 1
       // tokens ahead of the arithmetic: bytes in flight without registers. (Register batches of
       // 4 tokens — 124 registers, 16 warps per SM, no overlap between batches — ran at 1.7 TB/s
       // on an H200; batches of 8 slower still.)
       using Raw = std::conditional_t<V == 4, uint2, uint32_t>;
-      __shared__ Raw ring[kBwdAhead][2][kBlock];
+      __shared__ Raw ring[kAhead][2][kBlock];
       const int tid = threadIdx.x;
       auto issue = [&](int tt) {  // one commit group per token (empty past the run)
-        if (tt < e1) {
-          CpAsync<2 * V>(&ring[tt % kBwdAhead][0][tid], xrow + static_cast<int64_t>(tt) * d.C);
-          CpAsync<2 * V>(&ring[tt % kBwdAhead][1][tid], dyb + static_cast<int64_t>(tt) * d.C);
+        if (tt < ib) {
+          CpAsync<2 * V>(&ring[tt % kAhead][0][tid], xrow + static_cast<int64_t>(tt) * d.C);
+          CpAsync<2 * V>(&ring[tt % kAhead][1][tid], dyb + static_cast<int64_t>(tt) * d.C);
         }
         CpAsyncCommit();
       };
 #pragma unroll
-      for (int i = 0; i < kBwdAhead - 1; ++i) issue(e0 + i);
+      for (int i = 0; i < kAhead - 1; ++i) issue(ia + i);
 #pragma unroll 4
-      for (; t < e1; ++t) {
-        issue(t + kBwdAhead - 1);
-        CpAsyncWait<kBwdAhead - 1>();
+      for (; t < ib; ++t) {
+        issue(t + kAhead - 1);
+        CpAsyncWait<kAhead - 1>();
         float xn[V], gy[V];
-        FromRaw<V>(ring[t % kBwdAhead][0][tid], xn);
-        FromRaw<V>(ring[t % kBwdAhead][1][tid], gy);
+        FromRaw<V>(ring[t % kAhead][0][tid], xn);
+        FromRaw<V>(ring[t % kAhead][1][tid], gy);
         token(t, xn, gy);
       }
       CpAsyncWait<0>();
     } else {
       // Scalar channels (2-byte rows: below cp.async's 4): kBatch tokens' loads issued together.
       constexpr int kBatch = 4;
-      for (; t + kBatch <= e1; t += kBatch) {
+      for (; t + kBatch <= ib; t += kBatch) {
         float xn[kBatch][V], gy[kBatch][V];
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
@@ -444,10 +462,13 @@ __global__ void __launch_bounds__(kBlock, 5) conv1d_bwd(
         for (int i = 0; i < kBatch; ++i) token(t + i, xn[i], gy[i]);
       }
     }
-    for (; t < e1; ++t) step(t, std::false_type{});
-  } else {
+    for (; t < ib; ++t) step(t, std::false_type{});
+  } else if constexpr (!kSplit) {
 #pragma unroll 2
     for (int t = e0; t < e1; ++t) step(t, std::true_type{});
+  }
+  if constexpr (kSplit) {
+    for (int t = ib; t < e1; ++t) step(t, std::true_type{});
   }
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -568,6 +589,38 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
   return {};
 }
 
+// GYRE_CONV_BWD (read once): opt-in variants of conv1d_bwd at K = 4, V = 4 (the Mamba-2 and
+// xLSTM layouts), for A/B timing in one binary until measured; anything else is the default.
+//   minb4  (kBlock, 4) launch bounds: 109 registers, no spill (default (kBlock, 5): 96 registers,
+//          16 B spill stores, 44 B spill loads)
+//   a16    minb4 + a 16-token ring (twice the bytes in flight per thread; 32 KiB a block)
+//   split  minb4 + the first / last run's interior tokens through the ring (kSplit)
+//   split5 split at the default's (kBlock, 5): 96 registers, 4 B spill stores (the default: 16)
+//   r128   minb4 + runs of 128 tokens, split, a16 (half the halo re-reads and dw partials)
+// All but split5 at (kBlock, 4) so that none spills (at (kBlock, 5) each spilled); minb4
+// alone separates the launch bounds' share (rglue8 measured (kBlock, 4) -> (kBlock, 5) at 5.12 ->
+// 4.91 ms a mamba2-130m step, before the fast sigmoid: the minb4 variants start ~4% behind).
+// Prediction (counts, H200): the default runs at ~1.9 TB/s of a 4.3 floor; split removes run 0's
+// dependent-load tokens (1/33 of a row at ~3x the ring's time: ~0.2 ms of 3.8 per xlstm step);
+// a16: bytes in flight a SM 72 KB (5 x 128 threads x 7 tokens x 16 B) -> 123 KB (4 x 128 x 15;
+// Little at ~2 µs loaded latency wants ~65 KB for 4.3 TB/s: a gain only if the loaded latency is
+// higher); r128 halves the dw partials (16 MB of ~320 a layer, written + read) and the K−1 halo
+// re-reads (3/64 -> 3/128), but 1.2 waves of blocks instead of 2.4 (a longer tail).
+enum class ConvBwdVariant { kDefault, kMinBlocks4, kAhead16, kSplit, kSplit5, kRun128 };
+ConvBwdVariant ConvBwdVariantFromEnv() {
+  static const ConvBwdVariant v = [] {
+    const char* e = std::getenv("GYRE_CONV_BWD");
+    const std::string s = e != nullptr ? e : "";
+    if (s == "minb4") return ConvBwdVariant::kMinBlocks4;
+    if (s == "a16") return ConvBwdVariant::kAhead16;
+    if (s == "split") return ConvBwdVariant::kSplit;
+    if (s == "split5") return ConvBwdVariant::kSplit5;
+    if (s == "r128") return ConvBwdVariant::kRun128;
+    return ConvBwdVariant::kDefault;
+  }();
+  return v;
+}
+
 CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
                           cudaStream_t stream) {
   CUDA_RETURN_IF_NOT_OK(Conv1dCheck(a.shape));
@@ -575,18 +628,32 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
     return InvalidArgument("conv1d backward: x, w, dy, dx, dw and scratch are required");
   }
   const ConvDims d = MakeConvDims(a.shape);
-  const int runs = static_cast<int>(CeilDiv(d.S + d.K - 1, kRun));
-  DeviceBuffer part;
-  CUDA_RETURN_IF_NOT_OK(scratch->Allocate(
-      sizeof(float) * static_cast<size_t>(d.B) * runs * d.C * (d.K + 1), &part));
   const bf16* df = d.K > 1 ? a.d_final_state : nullptr;
   bf16* di = d.K > 1 ? a.d_initial_state : nullptr;
   const int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
+  const ConvBwdVariant variant = d.K == 4 && vec == 4 ? ConvBwdVariantFromEnv() : ConvBwdVariant::kDefault;
+  const int run_len = variant == ConvBwdVariant::kRun128 ? 128 : kRun;
+  const int runs = static_cast<int>(CeilDiv(d.S + d.K - 1, run_len));
+  DeviceBuffer part;
+  CUDA_RETURN_IF_NOT_OK(scratch->Allocate(
+      sizeof(float) * static_cast<size_t>(d.B) * runs * d.C * (d.K + 1), &part));
   const int threads = ConvBlockThreads(d, vec);
   const dim3 grid(static_cast<unsigned>(CeilDiv(d.C, threads * vec)), static_cast<unsigned>(runs),
                   d.B);
   float* pp = part.as<float>();
-  LaunchByWidth(d.K, vec, [&](auto k, auto v) {
+  auto args = [&](auto kernel) {
+    kernel<<<grid, threads, 0, stream>>>(d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di,
+                                         pp);
+  };
+  switch (variant) {
+    case ConvBwdVariant::kDefault: break;
+    case ConvBwdVariant::kMinBlocks4: args(conv1d_bwd<4, 4, 4>); break;
+    case ConvBwdVariant::kAhead16: args(conv1d_bwd<4, 4, 4, 16>); break;
+    case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;
+    case ConvBwdVariant::kSplit5: args(conv1d_bwd<4, 4, 5, kBwdAhead, kRun, true>); break;
+    case ConvBwdVariant::kRun128: args(conv1d_bwd<4, 4, 4, 16, 128, true>); break;
+  }
+  if (variant == ConvBwdVariant::kDefault) LaunchByWidth(d.K, vec, [&](auto k, auto v) {
     conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
         d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
   });
