@@ -112,6 +112,22 @@ enum class MlstmBwdDvKernel {
                    // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
+// Which kernel computes h at chunk 128 with 128-column h slabs (forward step 3, fwd_out); other
+// shapes always run the mma.sync kernel. Same math and operands; results agree bit for bit
+// (same products in the same order).
+enum class MlstmFwdOutKernel {
+  kAuto,         // GYRE_MLSTM_FWD_OUT (read once per process): unset or "ws" = kTwoStages,
+                 // "wsf" = kTwoStagesUnserialised, "ws3" = kThreeStages; any other value makes
+                 // MlstmChunkwiseForward return an error naming it
+  kTwoStages,    // mlstm_fwd_out_ws: TMA producer, two dk stages beside a V slab (the default;
+                 // ptxas serialises its wgmmas, warning C7515)
+  kTwoStagesUnserialised,  // mlstm_fwd_out_wsf (helper mlstm10, opt-in, not yet measured): the
+                           // same kernel with the dk loop as a do-while (no C7515)
+  kThreeStages,  // mlstm_fwd_out_ws3 (helper mlstm10, opt-in, not yet measured): three dk
+                 // stages, V loaded into the ring slot that frees first after the dk loop (and
+                 // the do-while)
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -134,6 +150,8 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
+  // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kTwoStages).
+  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

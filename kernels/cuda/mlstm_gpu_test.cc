@@ -120,11 +120,17 @@ struct Variant {
   int64_t state_tile;
   int64_t io_slab;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
+  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
   return v.bwd_dv != MlstmBwdDvKernel::kAuto;
 }
+// "v2-out3" / "v1-out3" (helper mlstm10, not yet run on a device): v2 / v1-t128 with the
+// three-stage TMA fwd_out forced (MlstmFwdOutKernel::kThreeStages: split and single-bf16
+// instantiations); "v2-outf": v2 with the unserialised two-stage fwd_out (kTwoStagesUnserialised).
+// Run only where they apply (chunk 128, dv a multiple of 128).
+bool UsesFwdOutChoice(const Variant& v) { return v.fwd_out != MlstmFwdOutKernel::kAuto; }
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
@@ -136,6 +142,12 @@ constexpr Variant kVariants[] = {
      MlstmBwdDvKernel::kWgmmaFused},
     {"v2-dvmma", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
      MlstmBwdDvKernel::kMmaSync},
+    {"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
+    {"v1-out3", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
+    {"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kTwoStagesUnserialised},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -250,6 +262,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
   for (const Variant& var : kVariants) {
     if (var.state_tile == 128 && (c.DK % 128 != 0 || c.DV % 128 != 0)) continue;
     if (UsesWgmmaBwdDv(var) && (c.L != 128 || c.DV % 128 != 0)) continue;  // = v2 there
+    if (UsesFwdOutChoice(var) && (c.L != 128 || c.DV % 128 != 0)) continue;
     if (!VariantSelected(var)) continue;
     // The forward runs once per convention: what it saves depends on the effective precision,
     // and the backward must get the forward's options.
@@ -264,6 +277,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
+      opt.fwd_out = var.fwd_out;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -480,6 +494,79 @@ TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
     }
   }
   EXPECT_TRUE(ok);
+}
+
+// The three-stage and the unserialised two-stage fwd_out (MlstmFwdOutKernel::kThreeStages /
+// kTwoStagesUnserialised, helper mlstm10) issue the same products in the same order as the
+// default two-stage kernel, so h and everything the forward saves (C_k, n_k, h_lo, den_tok, ...)
+// must agree byte for byte: split and single-bf16 states, full and partial last chunks, dk 384
+// (ndt 6: ws3's V waits for a ring slot) and dk 128 (ndt 2: V's slot is free at once). Skipped
+// when MLSTM_TEST_VARIANTS is set and names neither v2-out3 nor v2-outf.
+TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
+  if (!VariantSelected({"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
+      !VariantSelected({"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3 and v2-outf";
+  }
+  const MlstmFwdOutKernel kernels[3] = {MlstmFwdOutKernel::kTwoStages,
+                                        MlstmFwdOutKernel::kThreeStages,
+                                        MlstmFwdOutKernel::kTwoStagesUnserialised};
+  const char* const names[3] = {"ws", "ws3", "wsf"};
+  std::mt19937_64 rng(11);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+  };
+  int mismatches = 0;
+  for (const Shape& sh : {Shape{2, 333, 2, 384, 384}, Shape{1, 256, 3, 128, 256}}) {
+    for (const MlstmStatePrecision prec :
+         {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
+          gh(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      std::vector<unsigned char> out[3];
+      for (int which = 0; which < 3; ++which) {
+        MlstmOptions opt;
+        opt.chunk_size = 128;
+        opt.state_precision = prec;
+        opt.fwd_out = kernels[which];
+        const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+        DeviceBuffer saved_buf;
+        CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved_buf));
+        CUDA_CHECK_OR_DIE(cudaMemset(saved_buf.get(), 0xFF, saved_bytes));
+        gh.Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, {}, gh.get(), saved_buf.get(), {},
+                                             nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        const size_t h_bytes = T * sh.DV * sizeof(bf16);
+        out[which].resize(h_bytes + saved_bytes);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data(), gh.get(), h_bytes, cudaMemcpyDeviceToHost));
+        CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data() + h_bytes, saved_buf.get(), saved_bytes,
+                                     cudaMemcpyDeviceToHost));
+      }
+      for (int which = 1; which < 3; ++which) {
+        size_t diff = 0;
+        for (size_t i = 0; i < out[0].size(); ++i) diff += out[0][i] != out[which][i];
+        const bool ok = diff == 0;
+        std::printf("[%s] mlstm fwd_out %s vs ws bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s: "
+                    "%zu of %zu bytes differ\n",
+                    ok ? "PASS" : "FAIL", names[which], static_cast<long long>(sh.B),
+                    static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
+                    static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", diff,
+                    out[0].size());
+        mismatches += ok ? 0 : 1;
+      }
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
 }
 
 TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
