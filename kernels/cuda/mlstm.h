@@ -128,6 +128,20 @@ enum class MlstmFwdOutKernel {
                  // the do-while)
 };
 
+// Which kernel runs a state recurrence (forward step 2 state_fwd: MlstmOptions::state_fwd;
+// backward step 5 state_bwd: MlstmOptions::state_bwd) at chunk 128 with 128×128 state tiles;
+// other shapes always run the mma.sync kernels. Same math, operands and order of products.
+enum class MlstmStateKernel {
+  kAuto,             // GYRE_MLSTM_STATE_FWD / GYRE_MLSTM_STATE_BWD (read once per process):
+                     // unset or "wg" = kWarpgroup, "ws" = kWarpSpecialized; any other value makes
+                     // MlstmChunkwiseForward / Backward return an error naming it
+  kWarpgroup,        // mlstm_state_fwd / _bwd<128, 128, 128, true>: cp.async stages, block
+                     // barriers, C_k / dC_k stored through shared memory by every thread (default)
+  kWarpSpecialized,  // mlstm_state_fwd_ws / mlstm_state_bwd_ws (helper mlstm10, opt-in, not yet
+                     // measured): TMA producer warpgroup + mbarriers, C_k / dC_k out by TMA box
+                     // stores
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -152,6 +166,10 @@ struct MlstmOptions {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kTwoStages).
   MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
+  // Forward only / backward only (see MlstmStateKernel; kAuto follows GYRE_MLSTM_STATE_FWD /
+  // GYRE_MLSTM_STATE_BWD, default kWarpgroup).
+  MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;
+  MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -121,6 +121,8 @@ struct Variant {
   int64_t io_slab;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
+  MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;
+  MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -130,7 +132,13 @@ bool UsesWgmmaBwdDv(const Variant& v) {
 // three-stage TMA fwd_out forced (MlstmFwdOutKernel::kThreeStages: split and single-bf16
 // instantiations); "v2-outf": v2 with the unserialised two-stage fwd_out (kTwoStagesUnserialised).
 // Run only where they apply (chunk 128, dv a multiple of 128).
-bool UsesFwdOutChoice(const Variant& v) { return v.fwd_out != MlstmFwdOutKernel::kAuto; }
+// "v2-stws" / "v1-stws": split / single-bf16 states on 128×128 state tiles with both TMA-producer
+// state kernels forced (MlstmOptions::state_fwd and state_bwd = MlstmStateKernel::
+// kWarpSpecialized, helper mlstm10, not yet run on a device); chunk 128 only.
+bool UsesFwdOutChoice(const Variant& v) {
+  return v.fwd_out != MlstmFwdOutKernel::kAuto || v.state_fwd != MlstmStateKernel::kAuto ||
+         v.state_bwd != MlstmStateKernel::kAuto;
+}
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
     {"v2-t128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kChunkParallel, 128, 64},
@@ -148,6 +156,12 @@ constexpr Variant kVariants[] = {
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
     {"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kTwoStagesUnserialised},
+    {"v2-stws", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
+     MlstmStateKernel::kWarpSpecialized},
+    {"v1-stws", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
+     MlstmStateKernel::kWarpSpecialized},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -278,6 +292,8 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
       opt.fwd_out = var.fwd_out;
+      opt.state_fwd = var.state_fwd;
+      opt.state_bwd = var.state_bwd;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -497,20 +513,34 @@ TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
 }
 
 // The three-stage and the unserialised two-stage fwd_out (MlstmFwdOutKernel::kThreeStages /
-// kTwoStagesUnserialised, helper mlstm10) issue the same products in the same order as the
-// default two-stage kernel, so h and everything the forward saves (C_k, n_k, h_lo, den_tok, ...)
-// must agree byte for byte: split and single-bf16 states, full and partial last chunks, dk 384
-// (ndt 6: ws3's V waits for a ring slot) and dk 128 (ndt 2: V's slot is free at once). Skipped
-// when MLSTM_TEST_VARIANTS is set and names neither v2-out3 nor v2-outf.
+// kTwoStagesUnserialised) and the TMA-producer state_fwd (MlstmStateKernel::kWarpSpecialized;
+// all helper mlstm10) issue the same products in the same order as the default kernels, so h and
+// everything the forward saves (C_k, n_k, h_lo, den_tok, ...) must agree byte for byte: split and
+// single-bf16 states, full and partial last chunks, dk 384 (ndt 6: ws3's V waits for a ring
+// slot) and dk 128 (ndt 2: V's slot is free at once). Skipped when MLSTM_TEST_VARIANTS is set
+// and names none of v2-out3, v2-outf, v2-stws.
 TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
   if (!VariantSelected({"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
-      !VariantSelected({"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
-    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3 and v2-outf";
+      !VariantSelected({"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
+      !VariantSelected({"v2-stws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3, v2-outf and v2-stws";
   }
-  const MlstmFwdOutKernel kernels[3] = {MlstmFwdOutKernel::kTwoStages,
-                                        MlstmFwdOutKernel::kThreeStages,
-                                        MlstmFwdOutKernel::kTwoStagesUnserialised};
-  const char* const names[3] = {"ws", "ws3", "wsf"};
+  // Runs: 0 default, 1 ws3, 2 wsf (compared with 0); 3 default on 128×128 state tiles, 4 the
+  // TMA-producer state_fwd on them (compared with 3).
+  struct Run {
+    const char* name;
+    MlstmFwdOutKernel out;
+    MlstmStateKernel state;
+    int64_t state_tile;
+    int base;
+  };
+  const Run runs[5] = {
+      {"ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 0, 0},
+      {"fwd_out ws3", MlstmFwdOutKernel::kThreeStages, MlstmStateKernel::kWarpgroup, 0, 0},
+      {"fwd_out wsf", MlstmFwdOutKernel::kTwoStagesUnserialised, MlstmStateKernel::kWarpgroup, 0, 0},
+      {"wg", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 128, 3},
+      {"state_fwd ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpSpecialized, 128, 3},
+  };
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;
   struct Shape {
@@ -531,12 +561,14 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
       gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
       gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
       MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
-      std::vector<unsigned char> out[3];
-      for (int which = 0; which < 3; ++which) {
+      std::vector<unsigned char> out[5];
+      for (int which = 0; which < 5; ++which) {
         MlstmOptions opt;
         opt.chunk_size = 128;
         opt.state_precision = prec;
-        opt.fwd_out = kernels[which];
+        opt.fwd_out = runs[which].out;
+        opt.state_fwd = runs[which].state;
+        opt.state_tile = runs[which].state_tile;
         const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
         DeviceBuffer saved_buf;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved_buf));
@@ -551,17 +583,22 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
         CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data() + h_bytes, saved_buf.get(), saved_bytes,
                                      cudaMemcpyDeviceToHost));
       }
-      for (int which = 1; which < 3; ++which) {
-        size_t diff = 0;
-        for (size_t i = 0; i < out[0].size(); ++i) diff += out[0][i] != out[which][i];
+      for (const int which : {1, 2, 4}) {
+        const std::vector<unsigned char>& ref = out[runs[which].base];
+        size_t diff = 0;  // (a size mismatch counts as every byte differing)
+        if (ref.size() != out[which].size()) {
+          diff = ref.size();
+        } else {
+          for (size_t i = 0; i < ref.size(); ++i) diff += ref[i] != out[which][i];
+        }
         const bool ok = diff == 0;
-        std::printf("[%s] mlstm fwd_out %s vs ws bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s: "
+        std::printf("[%s] mlstm %s vs default bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s: "
                     "%zu of %zu bytes differ\n",
-                    ok ? "PASS" : "FAIL", names[which], static_cast<long long>(sh.B),
+                    ok ? "PASS" : "FAIL", runs[which].name, static_cast<long long>(sh.B),
                     static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
                     static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                     prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", diff,
-                    out[0].size());
+                    ref.size());
         mismatches += ok ? 0 : 1;
       }
     }
