@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -541,6 +542,8 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
       {"wg", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 128, 3},
       {"state_fwd ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpSpecialized, 128, 3},
   };
+  // Runs 3 and 4 also run the backward (4 with the TMA-producer state_bwd) and compare dq, dk,
+  // dv, dĩ, df̃ byte for byte.
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;
   struct Shape {
@@ -561,6 +564,11 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
       gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
       gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
       MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      DeviceArray<bf16> gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK),
+          gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T);
+      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+      std::vector<float> grads[2];  // runs 3, 4: dq dk dv dĩ df̃ concatenated
       std::vector<unsigned char> out[5];
       for (int which = 0; which < 5; ++which) {
         MlstmOptions opt;
@@ -582,6 +590,47 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
         CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data(), gh.get(), h_bytes, cudaMemcpyDeviceToHost));
         CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data() + h_bytes, saved_buf.get(), saved_bytes,
                                      cudaMemcpyDeviceToHost));
+        if (which >= 3) {
+          opt.state_bwd = runs[which].state;
+          DeviceBuffer scratch_buf;
+          CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
+          for (auto* a : {&gdq, &gdk, &gdv}) a->Poison();
+          gdig.Poison();
+          gdfg.Poison();
+          CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+              shape, opt, in, {}, gh.get(), saved_buf.get(), gdh.get(), {},
+              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, {}, scratch_buf.get(),
+              nullptr));
+          CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+          std::vector<float>& gr = grads[which - 3];
+          for (const auto* a : {&gdq, &gdk, &gdv}) {
+            const auto x = a->Download();
+            gr.insert(gr.end(), x.begin(), x.end());
+          }
+          for (const auto* a : {&gdig, &gdfg}) {
+            const auto x = a->Download();
+            gr.insert(gr.end(), x.begin(), x.end());
+          }
+        }
+      }
+      {  // the backward with the TMA-producer state_bwd vs the default (bit patterns, NaN too)
+        size_t diff = 0;  // (a size mismatch counts as every value differing)
+        if (grads[0].size() != grads[1].size()) {
+          diff = grads[0].size();
+        } else {
+          for (size_t i = 0; i < grads[0].size(); ++i) {
+            diff += std::memcmp(&grads[0][i], &grads[1][i], sizeof(float)) != 0;
+          }
+        }
+        const bool ok = diff == 0 && !grads[0].empty();
+        std::printf("[%s] mlstm state_bwd ws vs default bytewise grads B%lld S%lld NH%lld dk%lld dv%lld "
+                    "L128 %s: %zu of %zu values differ\n",
+                    ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                    static_cast<long long>(sh.NH), static_cast<long long>(sh.DK),
+                    static_cast<long long>(sh.DV),
+                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", diff,
+                    grads[0].size());
+        mismatches += ok ? 0 : 1;
       }
       for (const int which : {1, 2, 4}) {
         const std::vector<unsigned char>& ref = out[runs[which].base];
