@@ -61,6 +61,9 @@
 // others). Everything else (chunk 16-64,
 // 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
+// Opt-in since session 10 (not yet measured; mlstm_notes.md): mlstm_fwd_out_wsf / _ws3
+// (GYRE_MLSTM_FWD_OUT=wsf / ws3, MlstmFwdOutKernel; ptxas serialises the default's wgmmas) and
+// mlstm_state_fwd_ws / mlstm_state_bwd_ws (GYRE_MLSTM_STATE_FWD / _BWD=ws, MlstmStateKernel).
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
