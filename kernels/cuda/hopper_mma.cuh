@@ -181,4 +181,29 @@ __device__ __forceinline__ void TmaTile4d(uint32_t dst, const void* map, uint32_
       : "memory");
 }
 
+// TMA tile store (shared -> global) of a 2-d box, tracked by this thread's bulk async-group
+// (helper mlstm10). Before it: every thread that wrote the box executes FenceProxyAsync() and
+// the writers synchronise with the issuing thread. `map` as for TmaTile2d.
+__device__ __forceinline__ void TmaStore2d(const void* map, uint32_t src, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCommit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's bulk groups are pending their shared-memory reads (the
+// source may be overwritten after it).
+template <int N>
+__device__ __forceinline__ void BulkWaitRead() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of this thread's bulk groups are pending (writes done).
+template <int N>
+__device__ __forceinline__ void BulkWait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 }  // namespace gyre::cuda::hopper

@@ -61,6 +61,9 @@
 // others). Everything else (chunk 16-64,
 // 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
+// Opt-in since session 10 (not yet measured; mlstm_notes.md): mlstm_fwd_out_wsf / _ws3
+// (GYRE_MLSTM_FWD_OUT=wsf / ws3, MlstmFwdOutKernel; ptxas serialises the default's wgmmas) and
+// mlstm_state_fwd_ws / mlstm_state_bwd_ws (GYRE_MLSTM_STATE_FWD / _BWD=ws, MlstmStateKernel).
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -1008,6 +1011,217 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   }
 }
 
+
+// state_fwd with a TMA producer (helper mlstm10; opt-in: MlstmStateKernel::kWarpSpecialized,
+// GYRE_MLSTM_STATE_FWD=ws; L 128, 128×128 state tiles, where mlstm_state_fwd<128, 128, 128, true>
+// runs by default). The same recurrence and products (Kᵀ diag(E) as hi + lo register-A
+// fragments, V N-major in shared memory, 16 RS wgmma per chunk; n by mma.sync with the ones
+// operand), with:
+//  - 384 threads: warpgroup 0 produces (one thread issues K and V of chunk k as four TMA boxes
+//    [128 tokens][64 columns], zeros past the sequence end, onto stage k % 2's "full" mbarrier);
+//    warpgroups 1-2 consume and release the stage (one arrival per warp) once its wgmma retired;
+//  - C_k hi / lo leave by TMA stores: each consumer warp writes its 16 rows into its own
+//    swizzled 8 KB staging area and one lane issues four [16][64] boxes (bulk async-group); the
+//    area is reused one chunk later after cp.async.bulk.wait_group.read (a whole chunk of work
+//    in between) instead of the default's st.shared / ld.shared / st.global pass under a block
+//    barrier (ncu, session 6: lg_throttle 13% of the warps' cycles);
+//  - E_t read from global into registers per warp (no shared vector, no block barrier at all in
+//    the chunk loop).
+// K is swizzled (TMA), so Kᵀ's fragments come from ldmatrix.trans at swizzled addresses. Shared
+// memory: 2 stages × 64 KB + 64 KB staging (3 stages do not fit beside the staging area).
+struct StateWsMaps {
+  CUtensorMap k, v;        // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;     // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 16 (stores)
+};
+struct StateWsSmem {
+  static constexpr int kTile64 = 128 * 128;       // [128 rows][64 cols] bf16
+  static constexpr int kStage = 4 * kTile64;      // K (two column blocks), V (two)
+  static constexpr int kOffV = 2 * kTile64;
+  static constexpr int kStaging = 2 * kStage;     // 8 warps × 8 KB: hi, lo × two [16][64] boxes
+  static constexpr int kBars = kStaging + 8 * 8192;
+  // + 4 mbarriers (padded to 64 bytes) + state_bwd_ws's coef / ddc stages (2 × 2 × 128 floats).
+  static constexpr size_t kBytes = kBars + 64 + 4 * 128 * 4 + 1024;
+};
+
+// Kᵀ's A fragment (16 m = dk rows × 16 k = tokens at (m0, k0)) from a swizzled [128 t][128 dk]
+// tile (two [128][64] column blocks): LoadAT's addresses through Sw128ChunkOffset.
+__device__ __forceinline__ void LoadATSw(uint32_t (&a)[4], const unsigned char* s, int m0, int k0,
+                                         int lane) {
+  const int j = lane >> 3;
+  const int t = k0 + (lane & 7) + 8 * (j >> 1), col = m0 + 8 * (j & 1);
+  Ldsm4T(a, s + hopper::Sw128ChunkOffset<128>(t, col / 8));
+}
+// ScaleAKSplit with the four weights (tokens k0 + 2c, +1, +8, +9) given.
+__device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[4],
+                                              const uint32_t (&a)[4], const float (&w)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float w0 = i < 2 ? w[0] : w[2], w1 = i < 2 ? w[1] : w[3];
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[i]));
+    SplitPack(f.x * w0, f.y * w1, hi[i], lo[i]);
+  }
+}
+
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128, kNT = 16;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < d.NC; ++k) {
+        const int slot = k & 1, use = k >> 1;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+        MbArriveExpectTx(fb, SM::kStage);
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const bool n_block = blockIdx.x == 0;
+  const int row0 = a0 + 16 * w;  // this warp's first row of C / n
+  float acc[kNT][4];
+  if (p.c0 != nullptr) {
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int k = 0; k < d.NC; ++k) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
+    float ew[L / 16][4];
+    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
+        ew[kk][i] = t < len ? e_tok[t] : 0.f;
+      }
+    }
+    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
+    if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      uint32_t hi0, lo0, hi1, lo1;
+      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+      const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
+      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+    }
+    FenceProxyAsync();
+    __syncwarp();
+    if (lane == 0) {
+      const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
+      TmaStore2d(&maps.c, stg_a, j0, crow);
+      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
+      if (d.split) {
+        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
+        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+      }
+      BulkCommit();
+    }
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* kst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
+    uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
+      if (n_block) {
+        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.fwd_wlo) {  // (unconditional lo wgmmas, see mlstm_state_fwd)
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+    }
+    FenceRegs(ae);
+    FenceRegs(elo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+      WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ae);
+    FenceRegs(elo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);  // K (ldmatrix) and V (wgmma) reads are done
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
+  }
+  if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
+}
 // ---------------------------------------------------------------- 3. fwd_out
 
 // Warp -> 16-row tile of the chunk in the causal kernels fwd_out and bwd_dqk. The
@@ -1454,6 +1668,174 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
   }
 }
 
+
+// state_bwd with a TMA producer (helper mlstm10; opt-in: MlstmStateKernel::kWarpSpecialized in
+// MlstmOptions::state_bwd, GYRE_MLSTM_STATE_BWD=ws; L 128, 128×128 tiles): mlstm_state_fwd_ws's
+// structure (StateWsSmem, StateWsMaps with q / dh for k / v and dC / dC lo for the stores) on
+// mlstm_state_bwd<128, 128, 128, true>'s recurrence: step s handles chunk k = NC − 1 − s, dC_{k+1}
+// leaves by TMA box stores before the update dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, and this
+// column block's part of dn (16-token steps kk with kk % parts == part) by mma.sync. coef and ddc
+// of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
+// each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
+// the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128, kNT = 16;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  // coef and ddc of the two stages ([slot][128] each), written by the producer warpgroup.
+  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
+  float* dws = cws + 2 * L;
+  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int part = blockIdx.x, parts = gridDim.x;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write coef / ddc
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int t = threadIdx.x;
+    const int64_t so = static_cast<int64_t>(bh) * d.S;
+    for (int s = 0; s < d.NC; ++s) {
+      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+      const int t0 = k * L, len = min(L, d.S - t0);
+      const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
+      const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
+      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+      cws[slot * L + t] = cf;
+      dws[slot * L + t] = dd;
+      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+      if (t == 0) {
+        MbArriveExpectTx(fb, SM::kStage);  // (release: the stores above are visible to waiters)
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);  // dh
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+      } else {
+        MbArrive(fb);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3, g = lane >> 2;
+  const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int slot) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
+  };
+  float acc[kNT][4];
+  if (p.dc_fin != nullptr) {
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (part == 0 && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int s = 0; s < d.NC; ++s) {
+    const int k = d.NC - 1 - s;
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      uint32_t hi0, lo0, hi1, lo1;
+      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+      const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+    }
+    FenceProxyAsync();
+    __syncwarp();
+    if (lane == 0) {
+      const int drow = (bh * d.NC + k) * d.DK + row0;
+      TmaStore2d(&maps.c, stg_a, j0, drow);
+      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
+      if (d.split) {
+        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
+        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+      }
+      BulkCommit();
+    }
+    StoreNAcc(dn_slot(k), dnacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* qst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
+      if (kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.bwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+    }
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+      WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
 // ---------------------------------------------------------------- 6. bwd_dv
 
 // Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
@@ -2762,6 +3144,470 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
+
+// mlstm_fwd_out_ws with its dk loop as a do-while (helper mlstm10; opt-in:
+// MlstmFwdOutKernel::kTwoStagesUnserialised, GYRE_MLSTM_FWD_OUT=wsf). ptxas reports C7515 for
+// mlstm_fwd_out_ws ("wgmma.mma_async instructions are serialized due to non wgmma instructions
+// defining accumulator registers of a wgmma between start and end of the pipeline stage"): the
+// for loop's zero-trip path (ndt == 0, which MlstmCheck excludes) defines sacc / hacc by moves and
+// joins the path on which the loop's last wgmma group is still in flight before wait_group 0.
+// Found by editing the PTX: removing that branch alone removes the warning; removing the
+// q̂·n_k FMAs, the P V products or either accumulator's wgmmas does not. bwd_dqk_ws (no warning)
+// gained 19% from its producer, fwd_out_ws 3%. Otherwise identical to mlstm_fwd_out_ws.
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_wsf(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  using namespace hopper;
+  using SM = OutWgSmem<SPLIT>;
+  constexpr int L = 128, DVT = 128, kConsumers = 256;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* nks = ms + L;  // [DK] n_k
+  // mbarriers after the vectors: full V, full[2], empty[2].
+  const uint32_t bars = sa + SM::kFloats + (3 * L + d.DK) * 4;
+  const uint32_t full_v = bars, full = bars + 8, empty = bars + 24;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int ndt = d.DK / 64;
+  if (threadIdx.x == 0) {
+    MbInit(full_v, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      for (int dt = 0; dt < ndt; ++dt) {
+        const int slot = dt & 1, use = dt >> 1;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full + 8 * slot;
+        MbArriveExpectTx(fb, kStageBytes);
+        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
+        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
+        if constexpr (SPLIT) {
+          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
+          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+        }
+        if (dt == 0) {  // V after the first stage (needed only after the dk loop)
+          MbArriveExpectTx(full_v, 2 * SM::kTile64);
+          TmaTile4d(sa + SM::kV, &maps.v, full_v, j0, hd, t0, b);
+          TmaTile4d(sa + SM::kV + SM::kTile64, &maps.v, full_v, j0 + 64, hd, t0, b);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  if (tid < L) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[o] : 0.f;
+    ms[tid] = ok ? p.m_tok[o] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+  }
+  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
+  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
+
+  float sacc[64], hacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  float qn0 = 0.f, qn1 = 0.f;
+  const uint32_t own = wg * 64 * 128;
+  int dt = 0;
+  do {  // the only change against mlstm_fwd_out_ws (see above)
+    const int slot = dt & 1;
+    MbWait(full + 8 * slot, (dt >> 1) & 1);
+    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
+    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+    }
+    WgmmaCommit();
+    {  // q̂·n_k under the wgmma
+      const unsigned char* qt = sm + SM::kStages + slot * SM::kStage;
+      const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+        }
+      }
+    }
+    if (dt > 0) {
+      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty + 8 * ((dt - 1) & 1));
+    }
+  } while (++dt < ndt);
+  WgmmaWait<0>();
+  FenceRegs(sacc);
+  FenceRegs(hacc);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+  // Gating: P = S·scale ⊙ W (causal), row sums.
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    hacc[4 * i + 0] *= d.scale * G0;
+    hacc[4 * i + 1] *= d.scale * G0;
+    hacc[4 * i + 2] *= d.scale * G1;
+    hacc[4 * i + 3] *= d.scale * G1;
+  }
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  MbWait(full_v, 0);
+  {
+    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+  float h4[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+  // h (and its lo part) leave through the stage buffers (no wgmma reads them once both
+  // warpgroups passed the barrier; every TMA load into them has completed: all were awaited
+  // above) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two padded [128][DVT + 8]
+  // buffers (34 KB each) in the stage region.
+  NamedBarrierSync(1, kConsumers);
+  constexpr int kSH = DVT + kPad;
+  bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
+  bf16* lo_s = hi_s + L * kSH;
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
+  if (blockIdx.x == 0 && c == 0) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+    if (r0 < len) p.den_tok[o + r0] = den0;
+    if (r1 < len) p.den_tok[o + r1] = den1;
+  }
+}
+
+
+// fwd_out on three dk stages (helper mlstm10; opt-in: MlstmFwdOutKernel::kThreeStages,
+// GYRE_MLSTM_FWD_OUT=ws3). mlstm_fwd_out_ws keeps two 64 KB stages beside a 32 KB V slab (a
+// third stage does not fit in 227 KB), so the load of step dt + 2 waits until step dt's wgmma
+// group retired, i.e. about when step dt + 1 is issued: the ring is one step deep. Here V has no
+// region of its own: it is the ring's step ndt (after the last dk step), loaded into that step's
+// slot (ndt % 3) once step ndt − 3 released it, so three dk stages fit (3 × 64 KB + vectors;
+// 48 KB stages without the lo planes) and the producer runs two steps ahead. Everything else —
+// products, q̂·n_k, gating, P V, the staged h store — is mlstm_fwd_out_ws's, line for line.
+// With ndt < 3 (dk 64 / 128) V's slot was never used and loads at once.
+template <bool SPLIT>
+struct OutWs3Smem {
+  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
+  static constexpr int kRing = 3;
+  // Stage: Q [128 t][64], K [128 s][64], C hi [64 dk][128 dv], C lo [64 dk][128 dv]; the V step
+  // uses the first two tiles of its slot ([128 s][128 dv] as two 64-column blocks).
+  static constexpr int kOffK = kTile64, kOffC = 2 * kTile64, kOffClo = 3 * kTile64;
+  static constexpr int kStage = (SPLIT ? 4 : 3) * kTile64;
+  static constexpr int kFloats = kRing * kStage;
+  // b, ĩ, m (L each) and n_k (dk) floats, then full[3], empty[3] mbarriers, 1024 of alignment.
+  static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  using namespace hopper;
+  using SM = OutWs3Smem<SPLIT>;
+  constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
+  float* igs = bs + L;
+  float* ms = igs + L;
+  float* nks = ms + L;  // [DK] n_k
+  const uint32_t full = sa + SM::kFloats + (3 * L + d.DK) * 4, empty = full + 8 * kRing;
+  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int t0 = k * L, len = min(L, d.S - t0);
+  const int ndt = d.DK / 64;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kRing; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      for (int dt = 0; dt <= ndt; ++dt) {  // step ndt = the V slab
+        const int slot = dt % kRing, use = dt / kRing;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+        if (dt == ndt) {
+          MbArriveExpectTx(fb, 2 * SM::kTile64);
+          TmaTile4d(st, &maps.v, fb, j0, hd, t0, b);
+          TmaTile4d(st + SM::kTile64, &maps.v, fb, j0 + 64, hd, t0, b);
+          break;
+        }
+        MbArriveExpectTx(fb, kStageBytes);
+        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
+        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
+        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
+        if constexpr (SPLIT) {
+          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
+          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  if (tid < L) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[o] : 0.f;
+    ms[tid] = ok ? p.m_tok[o] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+  }
+  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
+  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
+
+  float sacc[64], hacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  float qn0 = 0.f, qn1 = 0.f;
+  const uint32_t own = wg * 64 * 128;
+  int slot = 0, phase = 0;  // ring position of step dt
+  // A do-while (ndt >= 1: MlstmCheck makes dk a multiple of 64): with a for loop the compiler
+  // keeps a zero-trip path on which the accumulators are defined by moves and merged into the
+  // wgmma pipeline, and ptxas then serialises every wgmma of the kernel (C7515), as it does in
+  // mlstm_fwd_out_ws; see mlstm_fwd_out_wsf.
+  int dt = 0;
+  do {
+    MbWait(full + 8 * slot, phase);
+    const uint32_t st = sa + slot * SM::kStage;
+    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
+    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
+    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+    }
+    WgmmaCommit();
+    {  // q̂·n_k under the wgmma
+      const unsigned char* qt = sm + slot * SM::kStage;
+      const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+        }
+      }
+    }
+    if (dt > 0) {
+      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty + 8 * (slot == 0 ? kRing - 1 : slot - 1));
+    }
+    if (++slot == kRing) {
+      slot = 0;
+      phase ^= 1;
+    }
+  } while (++dt < ndt);
+  WgmmaWait<0>();
+  FenceRegs(sacc);
+  FenceRegs(hacc);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+  // Gating: P = S·scale ⊙ W (causal), row sums.
+  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    hacc[4 * i + 0] *= d.scale * G0;
+    hacc[4 * i + 1] *= d.scale * G0;
+    hacc[4 * i + 2] *= d.scale * G1;
+    hacc[4 * i + 3] *= d.scale * G1;
+  }
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  MbWait(full + 8 * slot, phase);  // the V step (ring position ndt)
+  {
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage, SM::kTile64, 1024);
+    // The scaled hacc must be final before the fence: pure register math, so without this the
+    // compiler may sink the multiplies between wgmma.fence and the wgmma that reads them, and
+    // ptxas then serialises every wgmma of the kernel (warning C7515, which mlstm_fwd_out_ws
+    // gets: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
+    FenceRegs(hacc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+  float h4[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+  // h (and its lo part) leave through the ring's first 68 KB (two padded [128][DVT + 8]
+  // buffers), as in mlstm_fwd_out_ws: after the barrier no wgmma reads the ring and every TMA
+  // load into it has completed (all ndt + 1 steps were awaited above).
+  NamedBarrierSync(1, kConsumers);
+  constexpr int kSH = DVT + kPad;
+  bf16* hi_s = reinterpret_cast<bf16*>(sm);
+  bf16* lo_s = hi_s + L * kSH;
+  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
+  if (blockIdx.x == 0 && c == 0) {
+    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+    if (r0 < len) p.den_tok[o + r0] = den0;
+    if (r1 < len) p.den_tok[o + r1] = den1;
+  }
+}
 // ---------------------------------------------------------------- 8. gates_bwd
 
 constexpr int kGateThreads = 256;
@@ -3569,6 +4415,9 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 struct BwdDvChoice {
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
+  // MlstmOptions::state_bwd resolved (GYRE_MLSTM_STATE_BWD; applies where d.wg_state).
+  bool state_ws = false;                // mlstm_state_bwd_ws
+  const char* bad_state_env = nullptr;  // the unknown GYRE_MLSTM_STATE_BWD value
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -3579,15 +4428,78 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     } else if (std::strcmp(e, "mma") != 0) {
       c.bad_env = e;
     }
+    const char* st = std::getenv("GYRE_MLSTM_STATE_BWD");
+    if (st != nullptr && std::strcmp(st, "ws") == 0) {
+      c.state_ws = true;
+    } else if (st != nullptr && std::strcmp(st, "wg") != 0) {
+      c.bad_state_env = st;
+    }
     return c;
   }();
   BwdDvChoice c;
+  c.state_ws = o.state_bwd == MlstmStateKernel::kAuto ? from_env.state_ws
+                                                      : o.state_bwd == MlstmStateKernel::kWarpSpecialized;
+  c.bad_state_env = o.state_bwd == MlstmStateKernel::kAuto ? from_env.bad_state_env : nullptr;
   switch (o.bwd_dv) {
-    case MlstmBwdDvKernel::kAuto: c = from_env; break;
+    case MlstmBwdDvKernel::kAuto:
+      c.fused = from_env.fused;
+      c.bad_env = from_env.bad_env;
+      break;
     case MlstmBwdDvKernel::kMmaSync: break;
     case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
   if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
+  return c;
+}
+
+// MlstmFwdOutKernel resolved (applies where d.wg_out: chunk 128, 128-column h slabs).
+// GYRE_MLSTM_FWD_OUT is read once per process (the kAuto choice); an unknown value is an error.
+struct FwdOutChoice {
+  bool unserialised = false;      // mlstm_fwd_out_wsf
+  bool three_stages = false;      // mlstm_fwd_out_ws3
+  const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_FWD_OUT value
+  // MlstmStateKernel resolved the same way (GYRE_MLSTM_STATE_FWD; applies where d.wg_state).
+  bool state_ws = false;                // mlstm_state_fwd_ws
+  const char* bad_state_env = nullptr;  // the unknown GYRE_MLSTM_STATE_FWD value
+};
+FwdOutChoice FwdOutKernel(const MlstmOptions& o) {
+  static const FwdOutChoice from_env = [] {
+    FwdOutChoice c;
+    const char* e = std::getenv("GYRE_MLSTM_FWD_OUT");
+    if (e != nullptr && std::strcmp(e, "ws3") == 0) {
+      c.three_stages = true;
+    } else if (e != nullptr && std::strcmp(e, "wsf") == 0) {
+      c.unserialised = true;
+    } else if (e != nullptr && std::strcmp(e, "ws") != 0) {
+      c.bad_env = e;
+    }
+    const char* st = std::getenv("GYRE_MLSTM_STATE_FWD");
+    if (st != nullptr && std::strcmp(st, "ws") == 0) {
+      c.state_ws = true;
+    } else if (st != nullptr && std::strcmp(st, "wg") != 0) {
+      c.bad_state_env = st;
+    }
+    return c;
+  }();
+  FwdOutChoice c;
+  switch (o.state_fwd) {
+    case MlstmStateKernel::kAuto:
+      c.state_ws = from_env.state_ws;
+      c.bad_state_env = from_env.bad_state_env;
+      break;
+    case MlstmStateKernel::kWarpgroup: break;
+    case MlstmStateKernel::kWarpSpecialized: c.state_ws = true; break;
+  }
+  switch (o.fwd_out) {
+    case MlstmFwdOutKernel::kAuto:
+      c.unserialised = from_env.unserialised;
+      c.three_stages = from_env.three_stages;
+      c.bad_env = from_env.bad_env;
+      break;
+    case MlstmFwdOutKernel::kTwoStages: break;
+    case MlstmFwdOutKernel::kTwoStagesUnserialised: c.unserialised = true; break;
+    case MlstmFwdOutKernel::kThreeStages: c.three_stages = true; break;
+  }
   return c;
 }
 
@@ -3735,8 +4647,52 @@ CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
   return {};
 }
 
+// out_choice: FwdOutKernel's choice (used where d.wg_out).
+// The four maps of mlstm_state_fwd_ws (c_lo aliases c when the states are single bf16; it is
+// then not stored).
+CudaResult EncodeStateFwdMaps(const Dims& d, const FwdPtrs& p, StateWsMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.sc, 2, dims, strides, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.sc_lo : p.sc, 2, dims, strides, 16));
+  return {};
+}
+
+// The four maps of mlstm_state_bwd_ws: q and dh in StateWsMaps::k / v, dC_{k+1} (scratch,
+// [BH][NC][dk] rows) hi / lo in c / c_lo (c_lo aliases c when the states are single bf16).
+CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
+  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
+                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+  };
+  const int64_t rows = static_cast<int64_t>(d.B) * d.NH * d.NC * d.DK;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.dh, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.dc, 2, dims, strides, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.dc_lo : p.dc, 2, dims, strides, 16));
+  return {};
+}
+
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& out_choice,
+                         cudaStream_t stream) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -3765,6 +4721,16 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
       if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state && out_choice.state_ws) {
+          const size_t ws_smem = StateWsSmem::kBytes;
+          StateWsMaps maps{};
+          CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
+          mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+          Hook("mlstm_state_fwd", stream);
+          return {};
+        }
         if (d.wg_state) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT, true>, smem));
           mlstm_state_fwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
@@ -3795,6 +4761,34 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
+    if (d.wg_out && out_choice.three_stages) {
+      auto out_ws3_launch = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
+        OutWsMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3<SPLIT>, smem));
+        mlstm_fwd_out_ws3<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+        Hook("mlstm_fwd_out", stream);
+        return {};
+      };
+      return d.split ? out_ws3_launch(T{}) : out_ws3_launch(F{});
+    }
+    if (d.wg_out && out_choice.unserialised) {
+      auto out_wsf_launch = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
+        OutWsMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_wsf<SPLIT>, smem));
+        mlstm_fwd_out_wsf<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+        Hook("mlstm_fwd_out", stream);
+        return {};
+      };
+      return d.split ? out_wsf_launch(T{}) : out_wsf_launch(F{});
+    }
     if (d.wg_out) {
       auto out_ws_launch = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
@@ -3858,6 +4852,16 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
       if constexpr (L == 128 && kT == 128) {
+        if (d.wg_state && dv_choice.state_ws) {
+          const size_t ws_smem = StateWsSmem::kBytes;
+          StateWsMaps maps{};
+          CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
+          mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+          Hook("mlstm_state_bwd", stream);
+          return {};
+        }
         if (d.wg_state) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT, true>, smem));
           mlstm_state_bwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
@@ -3993,6 +4997,15 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
+  const FwdOutChoice out_choice = FwdOutKernel(options);
+  if (out_choice.bad_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws, wsf or ws3, got '") +
+                           out_choice.bad_env + "'");
+  }
+  if (out_choice.bad_state_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_STATE_FWD must be wg or ws, got '") +
+                           out_choice.bad_state_env + "'");
+  }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -4022,10 +5035,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.n_out = final_state.n;
   p.m_out = final_state.m;
   switch (d.L) {
-    case 16: return LaunchForward<16>(d, p, stream);
-    case 32: return LaunchForward<32>(d, p, stream);
-    case 64: return LaunchForward<64>(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream);
+    case 16: return LaunchForward<16>(d, p, out_choice, stream);
+    case 32: return LaunchForward<32>(d, p, out_choice, stream);
+    case 64: return LaunchForward<64>(d, p, out_choice, stream);
+    default: return LaunchForward<128>(d, p, out_choice, stream);
   }
 }
 
@@ -4052,6 +5065,10 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   if (dv_choice.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
+  }
+  if (dv_choice.bad_state_env != nullptr) {
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_STATE_BWD must be wg or ws, got '") +
+                           dv_choice.bad_state_env + "'");
   }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
