@@ -132,7 +132,7 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;  // kAuto: GYRE_MLSTM_FWD_OUT (unset: ws)
+  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;  // kAuto: GYRE_MLSTM_FWD_OUT (unset: ws3)
   MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;  // kAuto: GYRE_MLSTM_STATE_FWD
   MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;  // kAuto: GYRE_MLSTM_STATE_BWD
 };

@@ -402,8 +402,9 @@ std::string NormVariant() {
   const char* bwd = std::getenv("GYRE_NORM_BWD");
   const char* fwd = std::getenv("GYRE_NORM_FWD");
   std::string v;
-  if (bwd != nullptr && std::string(bwd) == "pf") v += " [norm_bwd pf]";
-  if (fwd != nullptr && std::string(fwd) == "pf") v += " [norm_fwd pf]";
+  // (unset = pf for both since session 8; "vec" / "reg" select the earlier kernels)
+  v += bwd != nullptr && std::string(bwd) == "vec" ? " [norm_bwd vec]" : " [norm_bwd pf]";
+  v += fwd != nullptr && std::string(fwd) == "reg" ? " [norm_fwd reg]" : " [norm_fwd pf]";
   return v;
 }
 

@@ -804,14 +804,18 @@ constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RES
 
 // Where the dK epilogue's fused inverse RoPE takes its cos / sin table values from
 // (GYRE_ATTN_ROPE_EARLY, read once in LaunchAttentionBackwardWgmmaMain):
-//   kRopeLate (the default): global loads after the last dQ reduction's wait, on every block's
+//   kRopeLate ("0" / "late"): global loads after the last dQ reduction's wait, on every block's
 //     exit path (attn9: main kernel 415.0 -> 426.2 us at B8 S2048 H12 D64);
-//   kRopeRegs ("1"): the same loads issued into registers before that wait (the reducer
-//     thread's wait and its loads overlap instead of adding up);
+//   kRopeRegs (unset, "1" / "regs"; the default since the lead's session-8 call on an H100:
+//     backward at B8 S2048 H12 D64 491.4 -> 486.6 us, llama-125m step 64.30 -> 64.03 ms): the
+//     same loads issued into registers before that wait (the reducer thread's wait and its loads
+//     overlap instead of adding up);
 //   kRopeSmem ("smem", D 64 only): the producer warpgroup copies the block's 128 table rows
 //     into shared memory (cp.async, mbarrier) after issuing its last tile, about kBwdStages
-//     tiles before the consumers reach the epilogue, which then reads shared memory.
-constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeSmem = 2;
+//     tiles before the consumers reach the epilogue, which then reads shared memory (measured
+//     +0.8%: to be deleted with kRopeLate once the default has run again).
+//   Any other value: an error from AttentionBackward naming it.
+constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeSmem = 2, kRopeUnknown = -1;
 
 template <int kD, int kRopeMode = kRopeLate>
 struct BwdWsLayout {
@@ -1371,11 +1375,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 int RopeModeFromEnv() {
   static const int mode = [] {
     const char* env = std::getenv("GYRE_ATTN_ROPE_EARLY");
-    if (env == nullptr) return kRopeLate;
+    if (env == nullptr) return kRopeRegs;
     const std::string v(env);
     if (v == "1" || v == "regs") return kRopeRegs;
+    if (v == "0" || v == "late") return kRopeLate;
     if (v == "smem") return kRopeSmem;
-    return kRopeLate;
+    return kRopeUnknown;
   }();
   return mode;
 }
@@ -1405,6 +1410,11 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   const int head_group =
       HeadGroup(int64_t{8} * p.group * p.seq * kD, batch * kv_heads);
   const int mode = p.rope_half > 0 ? RopeModeFromEnv() : kRopeLate;
+  if (mode == kRopeUnknown) {
+    return {static_cast<int>(cudaErrorInvalidValue),
+            std::string("GYRE_ATTN_ROPE_EARLY must be 1 / regs, 0 / late or smem, got '") +
+                std::getenv("GYRE_ATTN_ROPE_EARLY") + "'"};
+  }
   if (mode != kRopeLate) {
     return LaunchBwdWsRopeVariant(p, maps, kD, mode, grid, head_group, stream);
   }

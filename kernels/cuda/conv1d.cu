@@ -589,8 +589,11 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
   return {};
 }
 
-// GYRE_CONV_BWD (read once): opt-in variants of conv1d_bwd at K = 4, V = 4 (the Mamba-2 and
-// xLSTM layouts), for A/B timing in one binary until measured; anything else is the default.
+// GYRE_CONV_BWD (read once): variants of conv1d_bwd at K = 4, V = 4 (the Mamba-2 and xLSTM
+// layouts). Unset = split (the default since the lead's session-8 call on an H100: conv1d_bench
+// backward at the step shapes B16 S2048 C1536 / C1792 0.178 -> 0.141 / 0.199 -> 0.163 ms, same
+// bits; r128 was 0.136 / 0.160 but changes the dw grouping); "default" = the (kBlock, 5) kernel
+// before it; anything else = that default too.
 //   minb4  (kBlock, 4) launch bounds: 109 registers, no spill (default (kBlock, 5): 96 registers,
 //          16 B spill stores, 44 B spill loads)
 //   a16    minb4 + a 16-token ring (twice the bytes in flight per thread; 32 KiB a block)
@@ -610,7 +613,7 @@ enum class ConvBwdVariant { kDefault, kMinBlocks4, kAhead16, kSplit, kSplit5, kR
 ConvBwdVariant ConvBwdVariantFromEnv() {
   static const ConvBwdVariant v = [] {
     const char* e = std::getenv("GYRE_CONV_BWD");
-    const std::string s = e != nullptr ? e : "";
+    const std::string s = e != nullptr ? e : "split";
     if (s == "minb4") return ConvBwdVariant::kMinBlocks4;
     if (s == "a16") return ConvBwdVariant::kAhead16;
     if (s == "split") return ConvBwdVariant::kSplit;

@@ -115,8 +115,8 @@ bool RunCase(const Case& k, uint64_t seed) {
 
   // The backward's variant in this process (conv1d.cu: GYRE_CONV_BWD, read once; K = 4 with
   // 4-channel vectors only), for the result lines.
-  const char* variant = std::getenv("GYRE_CONV_BWD");
-  const std::string name = std::string("conv1d") + (variant != nullptr ? std::string("[") + variant + "]" : "") +
+  const char* variant = std::getenv("GYRE_CONV_BWD");  // unset = split since session 8
+  const std::string name = std::string("conv1d") + "[" + (variant != nullptr ? variant : "split") + "]" +
                            (k.silu ? "+silu" : "") +
                            (k.bias ? "+bias" : "") + (has_state ? "+state" : "") + (k.overwrite ? "+overwrite" : "");
   const std::string shape = "B" + std::to_string(k.B) + " S" + std::to_string(k.S) + " C" +

@@ -61,9 +61,11 @@
 // others). Everything else (chunk 16-64,
 // 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
-// Opt-in since session 10 (not yet measured; mlstm_notes.md): mlstm_fwd_out_wsf / _ws3
-// (GYRE_MLSTM_FWD_OUT=wsf / ws3, MlstmFwdOutKernel; ptxas serialises the default's wgmmas) and
-// mlstm_state_fwd_ws / mlstm_state_bwd_ws (GYRE_MLSTM_STATE_FWD / _BWD=ws, MlstmStateKernel).
+// Defaults since the lead's session-8 device call (helper mlstm10's kernels; H100, 125m cell):
+// mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
+// mlstm_state_bwd_ws (TMA producer, TMA box stores; 0.449 -> 0.383 and 0.453 -> 0.334 ms), all
+// byte-identical to the kernels they replace. The earlier ones stay selectable until deleted
+// (GYRE_MLSTM_FWD_OUT=ws|wsf, GYRE_MLSTM_STATE_FWD / _BWD=wg; MlstmFwdOutKernel, MlstmStateKernel).
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -4428,10 +4430,11 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     } else if (std::strcmp(e, "mma") != 0) {
       c.bad_env = e;
     }
+    // Default ws since session 8 (H100, 125m cell: state_bwd 0.453 -> 0.334 ms, same bytes).
     const char* st = std::getenv("GYRE_MLSTM_STATE_BWD");
-    if (st != nullptr && std::strcmp(st, "ws") == 0) {
+    if (st == nullptr || std::strcmp(st, "ws") == 0) {
       c.state_ws = true;
-    } else if (st != nullptr && std::strcmp(st, "wg") != 0) {
+    } else if (std::strcmp(st, "wg") != 0) {
       c.bad_state_env = st;
     }
     return c;
@@ -4465,18 +4468,20 @@ struct FwdOutChoice {
 FwdOutChoice FwdOutKernel(const MlstmOptions& o) {
   static const FwdOutChoice from_env = [] {
     FwdOutChoice c;
+    // Defaults ws3 and ws since session 8 (H100, 125m cell: fwd_out 0.624 -> 0.495 ms, state_fwd
+    // 0.449 -> 0.383; outputs byte-identical to the two-stage / warpgroup kernels).
     const char* e = std::getenv("GYRE_MLSTM_FWD_OUT");
-    if (e != nullptr && std::strcmp(e, "ws3") == 0) {
+    if (e == nullptr || std::strcmp(e, "ws3") == 0) {
       c.three_stages = true;
-    } else if (e != nullptr && std::strcmp(e, "wsf") == 0) {
+    } else if (std::strcmp(e, "wsf") == 0) {
       c.unserialised = true;
-    } else if (e != nullptr && std::strcmp(e, "ws") != 0) {
+    } else if (std::strcmp(e, "ws") != 0) {
       c.bad_env = e;
     }
     const char* st = std::getenv("GYRE_MLSTM_STATE_FWD");
-    if (st != nullptr && std::strcmp(st, "ws") == 0) {
+    if (st == nullptr || std::strcmp(st, "ws") == 0) {
       c.state_ws = true;
-    } else if (st != nullptr && std::strcmp(st, "wg") != 0) {
+    } else if (std::strcmp(st, "wg") != 0) {
       c.bad_state_env = st;
     }
     return c;

@@ -116,16 +116,16 @@ enum class MlstmBwdDvKernel {
 // shapes always run the mma.sync kernel. Same math and operands; results agree bit for bit
 // (same products in the same order).
 enum class MlstmFwdOutKernel {
-  kAuto,         // GYRE_MLSTM_FWD_OUT (read once per process): unset or "ws" = kTwoStages,
-                 // "wsf" = kTwoStagesUnserialised, "ws3" = kThreeStages; any other value makes
+  kAuto,         // GYRE_MLSTM_FWD_OUT (read once per process): unset or "ws3" = kThreeStages,
+                 // "ws" = kTwoStages, "wsf" = kTwoStagesUnserialised; any other value makes
                  // MlstmChunkwiseForward return an error naming it
-  kTwoStages,    // mlstm_fwd_out_ws: TMA producer, two dk stages beside a V slab (the default;
-                 // ptxas serialises its wgmmas, warning C7515)
-  kTwoStagesUnserialised,  // mlstm_fwd_out_wsf (helper mlstm10, opt-in, not yet measured): the
-                           // same kernel with the dk loop as a do-while (no C7515)
-  kThreeStages,  // mlstm_fwd_out_ws3 (helper mlstm10, opt-in, not yet measured): three dk
+  kTwoStages,    // mlstm_fwd_out_ws: TMA producer, two dk stages beside a V slab (ptxas
+                 // serialises its wgmmas, warning C7515); H100 125m cell 0.624 ms
+  kTwoStagesUnserialised,  // mlstm_fwd_out_wsf (helper mlstm10): the same kernel with the dk
+                           // loop as a do-while (no C7515); 0.599 ms
+  kThreeStages,  // mlstm_fwd_out_ws3 (helper mlstm10; the default since session 8): three dk
                  // stages, V loaded into the ring slot that frees first after the dk loop (and
-                 // the do-while)
+                 // the do-while); 0.495 ms
 };
 
 // Which kernel runs a state recurrence (forward step 2 state_fwd: MlstmOptions::state_fwd;
@@ -133,13 +133,14 @@ enum class MlstmFwdOutKernel {
 // other shapes always run the mma.sync kernels. Same math, operands and order of products.
 enum class MlstmStateKernel {
   kAuto,             // GYRE_MLSTM_STATE_FWD / GYRE_MLSTM_STATE_BWD (read once per process):
-                     // unset or "wg" = kWarpgroup, "ws" = kWarpSpecialized; any other value makes
+                     // unset or "ws" = kWarpSpecialized, "wg" = kWarpgroup; any other value makes
                      // MlstmChunkwiseForward / Backward return an error naming it
   kWarpgroup,        // mlstm_state_fwd / _bwd<128, 128, 128, true>: cp.async stages, block
-                     // barriers, C_k / dC_k stored through shared memory by every thread (default)
-  kWarpSpecialized,  // mlstm_state_fwd_ws / mlstm_state_bwd_ws (helper mlstm10, opt-in, not yet
-                     // measured): TMA producer warpgroup + mbarriers, C_k / dC_k out by TMA box
-                     // stores
+                     // barriers, C_k / dC_k stored through shared memory by every thread (H100,
+                     // 125m cell: 0.449 / 0.453 ms)
+  kWarpSpecialized,  // mlstm_state_fwd_ws / mlstm_state_bwd_ws (helper mlstm10; the default since
+                     // session 8): TMA producer warpgroup + mbarriers, C_k / dC_k out by TMA box
+                     // stores (0.383 / 0.334 ms)
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves

@@ -129,13 +129,13 @@ bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
   return v.bwd_dv != MlstmBwdDvKernel::kAuto;
 }
-// "v2-out3" / "v1-out3" (helper mlstm10, not yet run on a device): v2 / v1-t128 with the
+// "v2-out3" / "v1-out3" (helper mlstm10, first run in session 8: all PASS): v2 / v1-t128 with the
 // three-stage TMA fwd_out forced (MlstmFwdOutKernel::kThreeStages: split and single-bf16
 // instantiations); "v2-outf": v2 with the unserialised two-stage fwd_out (kTwoStagesUnserialised).
 // Run only where they apply (chunk 128, dv a multiple of 128).
 // "v2-stws" / "v1-stws": split / single-bf16 states on 128×128 state tiles with both TMA-producer
 // state kernels forced (MlstmOptions::state_fwd and state_bwd = MlstmStateKernel::
-// kWarpSpecialized, helper mlstm10, not yet run on a device); chunk 128 only.
+// kWarpSpecialized, helper mlstm10, first run in session 8: all PASS); chunk 128 only.
 bool UsesFwdOutChoice(const Variant& v) {
   return v.fwd_out != MlstmFwdOutKernel::kAuto || v.state_fwd != MlstmStateKernel::kAuto ||
          v.state_bwd != MlstmStateKernel::kAuto;
@@ -163,6 +163,13 @@ constexpr Variant kVariants[] = {
     {"v1-stws", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
      MlstmStateKernel::kWarpSpecialized},
+    // Since session 8 v2's defaults are ws3 and the TMA-producer state kernels; these keep the
+    // earlier kernels (still selectable: GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_*=wg) tested.
+    {"v2-outws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kTwoStages},
+    {"v2-stwg", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpgroup,
+     MlstmStateKernel::kWarpgroup},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights

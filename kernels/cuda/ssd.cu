@@ -1460,7 +1460,7 @@ void CarveScanFwdPair(Carver& cv, const Dims& d) {
 }
 
 // grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
-// kXs (GYRE_SSD_FWD=xs, opt-in; session 10, not yet measured): the D·x term of each l-tile's
+// kXs (GYRE_SSD_FWD=xs, the default since session 8, see Choose): the D·x term of each l-tile's
 // rows reads x from the ring slot of the diagonal item S(a, a), whose x_s tile holds exactly
 // those rows, instead of from global memory after the last product (a synchronous round trip
 // per l-tile, two per block). Same values (bitwise the same y).
@@ -1665,7 +1665,7 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
 // alternates RA, RB with one barrier per tile.
 //
-// kEarly (GYRE_SSD_BWD_DX=early, opt-in; session 10, not yet measured): the first l-tile's
+// kEarly (GYRE_SSD_BWD_DX=early, the default since session 8, see Choose): the first l-tile's
 // cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
 // prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
 // then goes into RA once the state product has retired it. Also (below) the own rows of x for
@@ -2430,7 +2430,7 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
 //
-// kSmemA (GYRE_SSD_BWD_DBC=smem, opt-in; session 10, not yet measured): the dCB steps' A
+// kSmemA (GYRE_SSD_BWD_DBC=smem, the default since session 8, see Choose): the dCB steps' A
 // fragments (the 64×64 dCB tile) travel by cp.async in the step's own group into the half of
 // the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice; P >= 64 only, the
 // host runs the default form elsewhere), and are
@@ -2955,11 +2955,13 @@ bool UseFusedStatePass(const Dims& d) {
   return blocks >= kFusedStateWaves * sms;
 }
 
-// Session-10 opt-in kernel forms (not yet measured on a device; each computes bitwise the same
-// results as the default form). Each is chosen by an environment variable read once per process
-// — unset or the default's name: the default kernel; the opt-in name: the new one; anything else
-// is an error from the launching call — unless a testing override (0 the environment, 1 the
-// default form, 2 the opt-in form) says otherwise:
+// Helper ssd10's kernel forms (each computes bitwise the same results as the earlier form). The
+// lead's session-8 device call (H100) measured all three together at fwd+bwd 2.177 -> 2.033 ms
+// (B8 S2048) and 2.314 -> 2.216 ms (B2 S8192), each alone a gain too, all test paths PASS and
+// bitwise; they are the defaults since. Each is chosen by an environment variable read once per
+// process — unset or the new form's name: the new kernel; the earlier form's name: the earlier one
+// (kept selectable until deleted); anything else is an error from the launching call — unless a
+// testing override (0 the environment, 1 the earlier form, 2 the new form) says otherwise:
 //   GYRE_SSD_BWD_DX  = reg | early  (ssd_chunk_scan_bwd_dx_reg / _early)
 //   GYRE_SSD_FWD     = pair | xs    (ssd_chunk_scan_fwd_pair / _xs)
 //   GYRE_SSD_BWD_DBC = reg | smem   (ssd_bwd_dbc_reg<false> / <true>)
@@ -2984,7 +2986,7 @@ OptIn Choose(OptInSwitch& sw) {
   int state = sw.from_env.load();
   if (state < 0) {  // (two threads reading it at once store the same value)
     const char* e = std::getenv(sw.env);
-    state = e == nullptr || std::strcmp(e, sw.off) == 0 ? 0 : std::strcmp(e, sw.on) == 0 ? 1 : 2;
+    state = e == nullptr || std::strcmp(e, sw.on) == 0 ? 1 : std::strcmp(e, sw.off) == 0 ? 0 : 2;
     sw.from_env.store(state);
   }
   if (state == 2) {
