@@ -14,7 +14,7 @@
 //   plain and SelfExtend forwards; --rope_bwd_only: the backward with the fused RoPE alone,
 //   3 rounds, for A/B runs of GYRE_ATTN_ROPE_EARLY)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma},
-// GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY ∈ {0, smem} (unset: 1) (the backward's dK epilogue
+// GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the backward's dK epilogue
 // with the fused RoPE, attention_wgmma.cu) select the others (read once per process).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

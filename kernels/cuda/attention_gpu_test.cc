@@ -11,7 +11,7 @@
 // back, dq and dk inverse-rotated): rotary dims R = D and R < D (16, 32, 64) at D 64 / 128, GQA,
 // in place in a fused buffer and into a separate array, T up to 1000 (positions in many tiles).
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, mma}, GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY ∈ {0, smem} (unset: 1) (the RoPE test
+// {ws, mma}, GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the RoPE test
 // alone: --gtest_filter='*Rope*') to check the other paths.
 #include "kernels/cuda/attention.h"
 
@@ -487,9 +487,9 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// The fused RoPE problems on their own, so that the variants of the backward's dK epilogue
-// (GYRE_ATTN_ROPE_EARLY ∈ {0, smem} (unset: 1): table values loaded before the last wait / copied to
-// shared memory by the producer) can be checked fast: --gtest_filter='*Rope*'.
+// The fused RoPE problems on their own, so that both forms of the backward's dK epilogue
+// (GYRE_ATTN_ROPE_EARLY unset / 1: table values loaded before the last wait; 0: after it) can be
+// checked fast: --gtest_filter='*Rope*'.
 TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;

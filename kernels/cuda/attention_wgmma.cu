@@ -809,15 +809,11 @@ constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RES
 //   kRopeRegs (unset, "1" / "regs"; the default since the lead's session-8 call on an H100:
 //     backward at B8 S2048 H12 D64 491.4 -> 486.6 us, llama-125m step 64.30 -> 64.03 ms): the
 //     same loads issued into registers before that wait (the reducer thread's wait and its loads
-//     overlap instead of adding up);
-//   kRopeSmem ("smem", D 64 only): the producer warpgroup copies the block's 128 table rows
-//     into shared memory (cp.async, mbarrier) after issuing its last tile, about kBwdStages
-//     tiles before the consumers reach the epilogue, which then reads shared memory (measured
-//     +0.8%: to be deleted with kRopeLate once the default has run again).
+//     overlap instead of adding up).
 //   Any other value: an error from AttentionBackward naming it.
-constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeSmem = 2, kRopeUnknown = -1;
+constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeUnknown = -1;
 
-template <int kD, int kRopeMode = kRopeLate>
+template <int kD>
 struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
@@ -829,15 +825,9 @@ struct BwdWsLayout {
   static constexpr int kDS = kDO + kBwdStages * kQBytes;      // [2] dSᵀ buffers
   static constexpr int kDQ = kDS + 2 * kDSBytes;              // [2] (one per consumer)
   static constexpr int kStats = kDQ + 2 * kDqBytes;           // [stages] lse[64], D[64]
-  // kRopeSmem: cos[128 keys][kRopeStride], then sin (fp32); the 8 floats of padding per row
-  // make the epilogue's float2 reads (8 keys x 4 column pairs per half warp) conflict-free.
-  static constexpr int kRopeStride = kD / 2 + 8;
-  static constexpr int kRopeTableBytes = kRopeMode == kRopeSmem ? 128 * kRopeStride * 4 : 0;
-  static constexpr int kRope = kStats + kBwdStages * 512;
-  // full[stages], empty[stages], ds_full[2], ds_empty[2] (+ rope_full with kRopeSmem)
-  static constexpr int kBars = kRope + 2 * kRopeTableBytes;
-  static constexpr int kBytes =
-      kBars + 8 * (2 * kBwdStages + 4 + (kRopeMode == kRopeSmem ? 1 : 0)) + 1024;  // + slack
+  // full[stages], empty[stages], ds_full[2], ds_empty[2]
+  static constexpr int kBars = kStats + kBwdStages * 512;
+  static constexpr int kBytes = kBars + 8 * (2 * kBwdStages + 4) + 1024;  // + slack
   static_assert(kBytes <= 227 * 1024, "backward tiles exceed shared memory");
 };
 
@@ -885,7 +875,7 @@ __device__ __forceinline__ void InverseRopeDispatch(int pairs, float (&acc)[kD /
   }
 }
 
-// kRopeRegs / kRopeSmem: the same rotation from table values already loaded: cs[c], sn[c] =
+// kRopeRegs: the same rotation from table values already loaded: cs[c], sn[c] =
 // cos / sin of features 8c + 2tq (+1) of the key.
 template <int kD, int kPairs>
 __device__ __forceinline__ void InverseRopeRowPre(float (&acc)[kD / 2], int hr,
@@ -920,12 +910,12 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate, the default: its name and code
-// as before) and the opt-in attn_bwd_ws_rope_kernel (GYRE_ATTN_ROPE_EARLY).
+// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate: without the fused RoPE, or
+// GYRE_ATTN_ROPE_EARLY=0; its name and code as before) and attn_bwd_ws_rope_kernel (kRopeRegs).
 template <int kD, int kRopeMode>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                           const int head_group) {
-  using L = BwdWsLayout<kD, kRopeMode>;
+  using L = BwdWsLayout<kD>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
@@ -958,7 +948,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       MbarInit(ds_full(i), 256);
       MbarInit(ds_empty(i), 256);
     }
-    if constexpr (kRopeMode == kRopeSmem) MbarInit(base + L::kBars + 8 * (2 * kBwdStages + 4), 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -1013,23 +1002,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
                        base + L::kStats + s * 512 + wtid * 4),
                    "l"(src), "r"(valid ? 4 : 0));
       CpAsyncMbarArrive(full_bar(s));
-    }
-    if constexpr (kRopeMode == kRopeSmem) {
-      // The block's 128 table rows (one key per thread; rows past T zero-filled) for the
-      // consumers' dK epilogue, issued now: the consumers still have up to kBwdStages tiles to
-      // go.
-      const int key = n0 + wtid, chunks = p.rope_half / 4;
-      const bool valid = key < seq;
-      const int64_t row = static_cast<int64_t>(valid ? key : 0) * p.rope_half;
-      const uint32_t dst = base + L::kRope + wtid * L::kRopeStride * 4;
-      for (int j = 0; j < chunks; ++j) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + 16 * j),
-                     "l"(p.rope_cos + row + 4 * j), "r"(valid ? 16 : 0));
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                         dst + L::kRopeTableBytes + 16 * j),
-                     "l"(p.rope_sin + row + 4 * j), "r"(valid ? 16 : 0));
-      }
-      CpAsyncMbarArrive(base + L::kBars + 8 * (2 * kBwdStages + 4));
     }
     return;
   }
@@ -1317,19 +1289,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-    if constexpr (kRopeMode == kRopeSmem) {
-      MbarWait(base + L::kBars + 8 * (2 * kBwdStages + 4), 0);  // the producer's table copy
-      const float* tab = reinterpret_cast<const float*>(base_ptr + L::kRope);
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int key = key_lo + 8 * hr;
-        if (key < seq) {
-          const int off = (key - n0) * L::kRopeStride + 2 * tq;
-          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, tab + off,
-                                  tab + L::kRopeTableBytes / 4 + off);
-        }
-      }
-    } else if (p.rope_half > 0) {
+    if (p.rope_half > 0) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int key = key_lo + 8 * hr;
@@ -1361,8 +1321,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   BwdWsBody<kD, kRopeLate>(p, maps, head_group);
 }
 
-// Opt-in (GYRE_ATTN_ROPE_EARLY): the dK epilogue's table values from registers loaded before
-// the last wait (kRopeRegs) or from shared memory filled by the producer (kRopeSmem, D 64).
+// GYRE_ATTN_ROPE_EARLY unset / "1" / "regs" (the default with the fused RoPE): the dK
+// epilogue's table values from registers loaded before the last wait (kRopeRegs).
 template <int kD, int kRopeMode>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_rope_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
@@ -1370,8 +1330,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   BwdWsBody<kD, kRopeMode>(p, maps, head_group);
 }
 
-// GYRE_ATTN_ROPE_EARLY: unset / "0" = kRopeLate, "1" = kRopeRegs, "smem" = kRopeSmem (D 64;
-// D 128 falls back to kRopeRegs: its shared memory is full). Read once per process.
+// GYRE_ATTN_ROPE_EARLY: unset / "1" / "regs" = kRopeRegs, "0" / "late" = kRopeLate, anything
+// else kRopeUnknown (an error). Read once per process.
 int RopeModeFromEnv() {
   static const int mode = [] {
     const char* env = std::getenv("GYRE_ATTN_ROPE_EARLY");
@@ -1379,19 +1339,18 @@ int RopeModeFromEnv() {
     const std::string v(env);
     if (v == "1" || v == "regs") return kRopeRegs;
     if (v == "0" || v == "late") return kRopeLate;
-    if (v == "smem") return kRopeSmem;
     return kRopeUnknown;
   }();
   return mode;
 }
 
-// The opt-in kernels' launches (GYRE_ATTN_ROPE_EARLY), at the end of this file. With them in
+// The kRopeRegs kernels' launches (GYRE_ATTN_ROPE_EARLY), at the end of this file. With them in
 // this translation unit nvcc orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ
 // buffer) differently: one more add.s32 per tile in its PTX; any second kernel here does that,
-// even a verbatim copy of it (attention_notes.md, attn10). The other default kernels' PTX is
+// even a verbatim copy of it (attention_notes.md, attn10). The other kernels' PTX is
 // unchanged.
-CudaResult LaunchBwdWsRopeVariant(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
-                                  int mode, dim3 grid, int head_group, cudaStream_t stream);
+CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
+                               dim3 grid, int head_group, cudaStream_t stream);
 
 template <int kD>
 CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
@@ -1412,12 +1371,10 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   const int mode = p.rope_half > 0 ? RopeModeFromEnv() : kRopeLate;
   if (mode == kRopeUnknown) {
     return {static_cast<int>(cudaErrorInvalidValue),
-            std::string("GYRE_ATTN_ROPE_EARLY must be 1 / regs, 0 / late or smem, got '") +
+            std::string("GYRE_ATTN_ROPE_EARLY must be 1 / regs or 0 / late, got '") +
                 std::getenv("GYRE_ATTN_ROPE_EARLY") + "'"};
   }
-  if (mode != kRopeLate) {
-    return LaunchBwdWsRopeVariant(p, maps, kD, mode, grid, head_group, stream);
-  }
+  if (mode == kRopeRegs) return LaunchBwdWsRopeRegs(p, maps, kD, grid, head_group, stream);
   constexpr int smem = BwdWsLayout<kD>::kBytes;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -1446,11 +1403,11 @@ CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t bat
 
 namespace {
 
-template <int kD, int kRopeMode>
+template <int kD>
 CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3 grid,
                            int head_group, cudaStream_t stream) {
-  constexpr int smem = BwdWsLayout<kD, kRopeMode>::kBytes;
-  auto* kernel = attn_bwd_ws_rope_kernel<kD, kRopeMode>;
+  constexpr int smem = BwdWsLayout<kD>::kBytes;
+  auto* kernel = attn_bwd_ws_rope_kernel<kD, kRopeRegs>;
   CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
@@ -1458,14 +1415,10 @@ CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3
   return {};
 }
 
-CudaResult LaunchBwdWsRopeVariant(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
-                                  int mode, dim3 grid, int head_group, cudaStream_t stream) {
-  if (head_dim == 64) {
-    return mode == kRopeSmem ? LaunchBwdWsRope<64, kRopeSmem>(p, maps, grid, head_group, stream)
-                             : LaunchBwdWsRope<64, kRopeRegs>(p, maps, grid, head_group, stream);
-  }
-  // D 128: kRopeSmem does not fit (the layout uses 226 of 227 KB); both modes run kRopeRegs.
-  return LaunchBwdWsRope<128, kRopeRegs>(p, maps, grid, head_group, stream);
+CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
+                               dim3 grid, int head_group, cudaStream_t stream) {
+  return head_dim == 64 ? LaunchBwdWsRope<64>(p, maps, grid, head_group, stream)
+                        : LaunchBwdWsRope<128>(p, maps, grid, head_group, stream);
 }
 
 }  // namespace
