@@ -751,45 +751,11 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-//
-// kTc (opt-in, GYRE_BD_BWD=tc; kG == 8 only: up to 4 heads, the 125m / 1.3b layouts): S on
-// tensor cores. S[t, i] = Σ_r dgate[r, t] x[r, i] is a product with K = rows, so each warp
-// stages its rows' x (bf16, as loaded) in tiles of 8 rows and adds the tile with m16n8k8 MMAs,
-// M = 16 columns (8 tiles over the warp's 128), N = the 8 gates, K = the tile's 8 rows; A = xᵀ
-// through ldmatrix.trans, B = the fp32 dgate split hi + lo into two bf16 operands (x is bf16:
-// the products are exact up to the lo part's 16-bit tail, the sums fp32, in a fixed order).
-// That replaces 32 FMAs a thread-row (of ~215 instructions in the two-map launch, ~150 in the
-// one-map one) with 2 shared accesses a row and 20 instructions per 8 rows. The fragments go
-// back to the per-thread S[t][0..3] layout once, after the rows, through the warp's own ring
-// memory. The staged tiles (and, with two maps, w2: the S fragments would otherwise push the
-// launch past 128 registers) live in dynamic shared memory (BdTcSmem) beside the static arrays.
-// Written by rglue9 (session 8), made opt-in by rglue10; not yet measured.
-constexpr int kBdXsLd = 34;  // uint2 per staged row: 32 lanes + 16 bytes (ldmatrix free of bank conflicts)
-template <bool kTwo>
-struct BdTcSmem {
-  uint2 xs[8][8][kBdXsLd];     // [warp][tile row][lane]: the staged x rows
-  float4 w2s[kTwo ? 4 : 1][32];  // [o][block]: w2[o, 0..3] (two maps)
-};
-__device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(b0));
-}
-__device__ __forceinline__ void LdMatrixX4Trans(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
-}
-extern __shared__ __align__(16) unsigned char bd_tc_dyn_smem[];
-
-template <bool kTwo, int kG, bool kTc = false>
+template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
   constexpr int kS = kBdBwdStages<kG>;
-  static_assert(!kTc || kG == 8, "the tensor-core S serves the 8-gate layouts");
-  constexpr bool kW2Smem = kTwo && kTc;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -808,7 +774,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
   const int G = 2 * g.heads;
-  BdTcSmem<kTwo>& tc = *reinterpret_cast<BdTcSmem<kTwo>*>(bd_tc_dyn_smem);  // kTc only
   if constexpr (kG > 0) {
     for (int e = tid; e < kMaps * kG * 32; e += 256) {
       const int m = e / (kG * 32), t = (e / 32) % kG, bx = e % 32;
@@ -816,14 +781,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (bb < a.blocks && t < G) v = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
       wg[m * kG + t][bx] = v;
-    }
-    if constexpr (kW2Smem) {
-      if (tid < 4 * 32) {
-        const int o = tid / 32, bx = tid % 32;
-        const int64_t bb = blockIdx.x * 32 + bx;
-        tc.w2s[o][bx] = bb < a.blocks ? __ldg(reinterpret_cast<const float4*>(a.w2 + bb * 16 + 4 * o))
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
     }
     __syncthreads();
   }
@@ -834,46 +791,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   for (int t = 0; t < kGs; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
-  // kTc: the S fragments (column tile j: columns 16j + gq (+ 8), gates 2qq, 2qq + 1), this
-  // lane's dgate of the tile's rows 2qq, 2qq + 1 at gate gq, and the rows staged so far.
-  const int gq = tx / 4, qq = tx % 4;
-  float sacc[kTc ? 8 : 1][4];
-  float dgt0 = 0.f, dgt1 = 0.f;
-  int staged = 0;
-  if constexpr (kTc) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sacc[j][c] = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) tc.xs[ty][k][tx] = make_uint2(0u, 0u);  // never NaN garbage
-  }
-  // The staged tile into sacc (every lane; rows past `staged` have dgate 0 in B).
-  auto tile_mma = [&]() {
-    if constexpr (kTc) {
-      __syncwarp();
-      const uint32_t bh = PackBf16(dgt0, dgt1);
-      const float l0 = dgt0 - __bfloat162float(__float2bfloat16_rn(dgt0)),
-                  l1 = dgt1 - __bfloat162float(__float2bfloat16_rn(dgt1));
-      const uint32_t bl = PackBf16(l0, l1);
-      // ldmatrix.x4.trans: matrices (tile 2jj, cols 0-7), (2jj, 8-15), (2jj + 1, 0-7),
-      // (2jj + 1, 8-15); lane i supplies row i % 8 of matrix i / 8.
-      const int mr = tx % 8, mm = tx / 8;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        uint32_t x0, x1, x2, x3;
-        LdMatrixX4Trans(reinterpret_cast<const unsigned char*>(&tc.xs[ty][mr][0]) + 2 * (32 * jj + 8 * mm), x0, x1, x2,
-                        x3);
-        MmaBf16K8(sacc[2 * jj], x0, x1, bh);
-        MmaBf16K8(sacc[2 * jj], x0, x1, bl);
-        MmaBf16K8(sacc[2 * jj + 1], x2, x3, bh);
-        MmaBf16K8(sacc[2 * jj + 1], x2, x3, bl);
-      }
-      dgt0 = dgt1 = 0.f;
-      staged = 0;
-      __syncwarp();  // the tile is rewritten next
-    }
-  };
   const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
   if (live) {
 #pragma unroll
@@ -920,15 +837,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     issue(slot == 0 ? kS - 1 : slot - 1, r + 8 * (kS - 1));
     CpAsyncWait<kS - 1>();
     __syncwarp();  // the gate gradients came by other lanes' copies
-    if constexpr (kTc) {
-      tc.xs[ty][staged][tx] = live ? ring.in[ty][slot][0][tx] : make_uint2(0u, 0u);
-      if ((staged >> 1) == qq) {
-        const float v = gq < G ? ring.dg[ty][slot][gq] : 0.f;
-        if (staged & 1) dgt1 = v;
-        else dgt0 = v;
-      }
-      if (++staged == 8) tile_mma();
-    }
     if (live) {
       float x[4], d[4], d2[4], old[4], dx[4];
       Bf16x4ToFloat(ring.in[ty][slot][0][tx], x);
@@ -941,10 +849,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = wg[t][tx];
           d[0] += dg * u.x; d[1] += dg * u.y; d[2] += dg * u.z; d[3] += dg * u.w;
-          if constexpr (!kTc) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
-          }
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
@@ -955,10 +861,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
           const float dg = t < G ? ring.dg[ty][slot][t] : 0.f;
           const float4 u = U[t][tx];
           dx[0] += dg * u.x; dx[1] += dg * u.y; dx[2] += dg * u.z; dx[3] += dg * u.w;
-          if constexpr (!kTc) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
-          }
+          for (int i = 0; i < 4; ++i) S[t][i] += dg * x[i];
         }
       }
 #pragma unroll
@@ -966,17 +870,9 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[o * 4 + i] += d[o] * x[i];
       if (kTwo) {
-        if constexpr (kW2Smem) {
 #pragma unroll
-          for (int o = 0; o < 4; ++o) {
-            const float4 v = tc.w2s[o][tx];
-            dx[0] += d2[o] * v.x; dx[1] += d2[o] * v.y; dx[2] += d2[o] * v.z; dx[3] += d2[o] * v.w;
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
-        }
+        for (int i = 0; i < 4; ++i)
+          dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
 #pragma unroll
         for (int o = 0; o < 4; ++o)
 #pragma unroll
@@ -991,27 +887,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     slot = slot + 1 == kS ? 0 : slot + 1;
   }
   CpAsyncWait<0>();
-  if constexpr (kTc) {
-    if (staged > 0) tile_mma();  // uniform over the warp
-    // Fragments -> S[t][0..3] of this thread's block, through this warp's ring slots (4 KiB =
-    // 8 gates x 128 columns; its copies are complete and read).
-    float* sx = reinterpret_cast<float*>(&ring.in[ty][0][0][0]);
-    static_assert(sizeof(ring.in[0]) >= 8 * 128 * sizeof(float), "S transpose scratch");
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      sx[(2 * qq) * 128 + 16 * j + gq] = sacc[j][0];
-      sx[(2 * qq + 1) * 128 + 16 * j + gq] = sacc[j][1];
-      sx[(2 * qq) * 128 + 16 * j + gq + 8] = sacc[j][2];
-      sx[(2 * qq + 1) * 128 + 16 * j + gq + 8] = sacc[j][3];
-    }
-    __syncwarp();
-#pragma unroll
-    for (int t = 0; t < kGs; ++t) {
-      const float4 v = *reinterpret_cast<const float4*>(sx + t * 128 + 4 * tx);
-      S[t][0] = v.x; S[t][1] = v.y; S[t][2] = v.z; S[t][3] = v.w;
-    }
-  }
   if constexpr (kG > 0 && kTwo) {
     // dw's gate term: acc[o, i] += Σ_t wg[t, o] S[t, i] (wg = 0 for t >= G and dead lanes).
 #pragma unroll
@@ -1049,13 +924,6 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   if constexpr (kG > 0) {
     // Gate weight gradients, four gates per round: column (block, o) of gate t gets
     // Σ_i w[o, i] S[t, i] (w = 0 on dead lanes: their S is 0 too).
-    if constexpr (kW2Smem) {  // w2 back from shared memory (the row loop is over)
-#pragma unroll
-      for (int o = 0; o < 4; ++o) {
-        const float4 v = tc.w2s[o][tx];
-        w2[4 * o] = v.x; w2[4 * o + 1] = v.y; w2[4 * o + 2] = v.z; w2[4 * o + 3] = v.w;
-      }
-    }
 #pragma unroll
     for (int m = 0; m < kMaps; ++m) {
 #pragma unroll
@@ -1998,14 +1866,6 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
-bool BlockDiagBwdTensorCoreS() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_BD_BWD");
-    return e != nullptr && std::string_view(e) == "tc";
-  }();
-  return on;
-}
-
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
@@ -2041,20 +1901,6 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
     if (g.heads == 0) {
       if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
-    } else if (g.heads <= 4 && BlockDiagBwdTensorCoreS()) {
-      auto launch_tc = [&](auto two) {
-        constexpr bool kTwo = decltype(two)::value;
-        constexpr int smem = static_cast<int>(sizeof(BdTcSmem<kTwo>));
-        // The static arrays take ~45 KiB: the dynamic part needs the opt-in above 48 KiB in all
-        // (set on every launch, as the norms do: the attribute is per device).
-        const cudaError_t attr =
-            cudaFuncSetAttribute(block_diag4_bwd<kTwo, 8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (attr != cudaSuccess)
-          return gyre::cuda::CudaError(attr, "block_diag4_bwd (tensor-core S): shared memory", __FILE__, __LINE__);
-        block_diag4_bwd<kTwo, 8, true><<<grid, block, smem, stream>>>(a, g, p);
-        return CudaResult{};
-      };
-      if (CudaResult r = a.w2 ? launch_tc(std::true_type{}) : launch_tc(std::false_type{}); !r.ok()) return r;
     } else if (g.heads <= 4) {
       if (a.w2) block_diag4_bwd<true, 8><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 8><<<grid, block, 0, stream>>>(a, g, p);

@@ -36,9 +36,6 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
-// GYRE_BD_BWD=tc (read once): the 4-head (8-gate) fused backward forms S = dgateᵀx on tensor
-// cores instead of CUDA cores (an opt-in variant until measured; the default path is unchanged).
-bool BlockDiagBwdTensorCoreS();
 
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);

@@ -220,18 +220,10 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
-// The block-diagonal backward's variant in this process (ops/recurrent_cuda.h: GYRE_BD_BWD, read
-// once), for the result lines.
-std::string BdBwdVariant() {
-  const char* e = std::getenv("GYRE_BD_BWD");
-  return e != nullptr && std::string(e) == "tc" ? " [bd_bwd tc]" : "";
-}
-
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
-                           BdBwdVariant();
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
@@ -241,7 +233,7 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
                dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
                dbf0 = RandomBf16Host({heads}, 1.0, &rng);
   // The gate gradients are fp32 in training (not bf16): widen them to 24-bit mantissas, so that
-  // the tensor-core S's hi + lo bf16 split of them (GYRE_BD_BWD=tc) is exercised.
+  // the kernels see values whose low 16 bits are not zero, as in a step.
   for (Tensor* t : {&dig, &dfg})
     for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, static_cast<double>(static_cast<float>(t->At(i) * 1.3719)));
   Tensor wm[3], d0[3], dwm0[3];  // q, k, v: block weights, cell gradients, accumulated weight grads
@@ -380,10 +372,9 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
 TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(1500, 96, 3, 4);  // vectorised, 8-gate kernels; 3 backward row blocks, odd tail; dead lanes
   CheckGates(37, 320, 8, 4);   // vectorised, 16-gate kernels (the 7B layout's 8 heads); 3 column blocks
-  // The 8-gate backward's tensor-core S (GYRE_BD_BWD=tc: x staged in 8-row tiles per warp): 4
-  // heads (all 8 gates live) with fewer than 8 rows per warp (only the partial last tile), and
-  // 2 heads over 1024 rows (64 per warp: whole tiles only) with a second column block of 2 live
-  // lanes. Run under both switch values by the part script (the switch is read once a process).
+  // The 8-gate backward: 4 heads (all 8 gates live) with fewer than 8 rows per warp, and 2
+  // heads (gates 4..7 padding) over 1024 rows (2 row chunks, 64 rows per warp each) with a
+  // second column block of 2 live lanes.
   CheckGates(37, 96, 4, 4);
   CheckGates(1024, 136, 2, 4, /*overwrite=*/true);
   CheckGates(37, 12, 3, 3);    // 3x3 blocks, p % 8 != 0: the scalar kernels

@@ -257,11 +257,11 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // plain stores, so its 4x unrolling keeps 8 loads in flight per thread like the forward.
 // (kBlock, 5): 96 registers (12 bytes spilled) for 5 blocks of 128 per SM instead of 110 and 4:
 // 5.12 -> 4.91 ms per mamba2-130m step, 4.39 -> 4.37 xlstm[1:0]-125m (H200, rglue8 call 2).
-// The other template arguments are opt-in variants (GYRE_CONV_BWD, ConvBwdVariant below; not
-// yet measured): kMinBlocks the launch bounds, kAhead the ring depth, kRunLen the outputs per
-// thread, kSplit: the first and last run of a row send their interior tokens (K−1 <= t < S)
-// through the ring too and only the state / final-state tokens through `step` (by default a
-// row's run 0 takes all 64 tokens through step's dependent loads, the slowest part).
+// The other template arguments serve the variants (GYRE_CONV_BWD, ConvBwdVariant below):
+// kMinBlocks the launch bounds, kAhead the ring depth, kRunLen the outputs per thread, kSplit:
+// the first and last run of a row send their interior tokens (K−1 <= t < S) through the ring
+// too and only the state / final-state tokens through `step` (without it a row's run 0 takes
+// all 64 tokens through step's dependent loads, the slowest part).
 template <int K, int V, int kMinBlocks = 5, int kAhead = kBwdAhead, int kRunLen = kRun, bool kSplit = false>
 __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
     ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
@@ -590,36 +590,28 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
 }
 
 // GYRE_CONV_BWD (read once): variants of conv1d_bwd at K = 4, V = 4 (the Mamba-2 and xLSTM
-// layouts). Unset = split (the default since the lead's session-8 call on an H100: conv1d_bench
-// backward at the step shapes B16 S2048 C1536 / C1792 0.178 -> 0.141 / 0.199 -> 0.163 ms, same
-// bits; r128 was 0.136 / 0.160 but changes the dw grouping); "default" = the (kBlock, 5) kernel
-// before it; anything else = that default too.
-//   minb4  (kBlock, 4) launch bounds: 109 registers, no spill (default (kBlock, 5): 96 registers,
-//          16 B spill stores, 44 B spill loads)
-//   a16    minb4 + a 16-token ring (twice the bytes in flight per thread; 32 KiB a block)
-//   split  minb4 + the first / last run's interior tokens through the ring (kSplit)
-//   split5 split at the default's (kBlock, 5): 96 registers, 4 B spill stores (the default: 16)
-//   r128   minb4 + runs of 128 tokens, split, a16 (half the halo re-reads and dw partials)
-// All but split5 at (kBlock, 4) so that none spills (at (kBlock, 5) each spilled); minb4
-// alone separates the launch bounds' share (rglue8 measured (kBlock, 4) -> (kBlock, 5) at 5.12 ->
-// 4.91 ms a mamba2-130m step, before the fast sigmoid: the minb4 variants start ~4% behind).
+// layouts). Unset or "split" = split (the default since the lead's session-8 call on an H100:
+// conv1d_bench backward at the step shapes B16 S2048 C1536 / C1792 0.178 -> 0.141 / 0.199 ->
+// 0.163 ms, same bits); "default" = the (kBlock, 5) kernel before it; "r128" = a candidate (0.136
+// / 0.160 there, but it changes the dw grouping). Any other value is an error (Conv1dBackward).
+//   split  (kBlock, 4) launch bounds (109 registers, no spill; the (kBlock, 5) default: 96
+//          registers, 16 B spill stores, 44 B spill loads) + the first / last run's interior
+//          tokens through the ring (kSplit)
+//   r128   split + runs of 128 tokens and a 16-token ring (half the halo re-reads and dw
+//          partials, twice the bytes in flight per thread; 32 KiB a block)
 // Prediction (counts, H200): the default runs at ~1.9 TB/s of a 4.3 floor; split removes run 0's
 // dependent-load tokens (1/33 of a row at ~3x the ring's time: ~0.2 ms of 3.8 per xlstm step);
-// a16: bytes in flight a SM 72 KB (5 x 128 threads x 7 tokens x 16 B) -> 123 KB (4 x 128 x 15;
-// Little at ~2 µs loaded latency wants ~65 KB for 4.3 TB/s: a gain only if the loaded latency is
-// higher); r128 halves the dw partials (16 MB of ~320 a layer, written + read) and the K−1 halo
-// re-reads (3/64 -> 3/128), but 1.2 waves of blocks instead of 2.4 (a longer tail).
-enum class ConvBwdVariant { kDefault, kMinBlocks4, kAhead16, kSplit, kSplit5, kRun128 };
+// r128 halves the dw partials (16 MB of ~320 a layer, written + read) and the K−1 halo re-reads
+// (3/64 -> 3/128), but 1.2 waves of blocks instead of 2.4 (a longer tail).
+enum class ConvBwdVariant { kDefault, kSplit, kRun128, kUnknown };
 ConvBwdVariant ConvBwdVariantFromEnv() {
   static const ConvBwdVariant v = [] {
     const char* e = std::getenv("GYRE_CONV_BWD");
     const std::string s = e != nullptr ? e : "split";
-    if (s == "minb4") return ConvBwdVariant::kMinBlocks4;
-    if (s == "a16") return ConvBwdVariant::kAhead16;
     if (s == "split") return ConvBwdVariant::kSplit;
-    if (s == "split5") return ConvBwdVariant::kSplit5;
+    if (s == "default") return ConvBwdVariant::kDefault;
     if (s == "r128") return ConvBwdVariant::kRun128;
-    return ConvBwdVariant::kDefault;
+    return ConvBwdVariant::kUnknown;
   }();
   return v;
 }
@@ -634,6 +626,10 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   const bf16* df = d.K > 1 ? a.d_final_state : nullptr;
   bf16* di = d.K > 1 ? a.d_initial_state : nullptr;
   const int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
+  if (ConvBwdVariantFromEnv() == ConvBwdVariant::kUnknown) {
+    return InvalidArgument(std::string("conv1d backward: GYRE_CONV_BWD must be split, default or r128, got '") +
+                           std::getenv("GYRE_CONV_BWD") + "'");
+  }
   const ConvBwdVariant variant = d.K == 4 && vec == 4 ? ConvBwdVariantFromEnv() : ConvBwdVariant::kDefault;
   const int run_len = variant == ConvBwdVariant::kRun128 ? 128 : kRun;
   const int runs = static_cast<int>(CeilDiv(d.S + d.K - 1, run_len));
@@ -649,11 +645,9 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
                                          pp);
   };
   switch (variant) {
-    case ConvBwdVariant::kDefault: break;
-    case ConvBwdVariant::kMinBlocks4: args(conv1d_bwd<4, 4, 4>); break;
-    case ConvBwdVariant::kAhead16: args(conv1d_bwd<4, 4, 4, 16>); break;
+    case ConvBwdVariant::kDefault:
+    case ConvBwdVariant::kUnknown: break;  // (rejected above)
     case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;
-    case ConvBwdVariant::kSplit5: args(conv1d_bwd<4, 4, 5, kBwdAhead, kRun, true>); break;
     case ConvBwdVariant::kRun128: args(conv1d_bwd<4, 4, 4, 16, 128, true>); break;
   }
   if (variant == ConvBwdVariant::kDefault) LaunchByWidth(d.K, vec, [&](auto k, auto v) {

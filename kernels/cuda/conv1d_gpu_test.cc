@@ -5,6 +5,7 @@
 // SiLU / bias / states. Outputs NaN-poisoned first.
 #include "kernels/cuda/conv1d.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -169,6 +170,37 @@ TEST(Conv1dGpu, MatchesCpuReference) {
   for (const Case& k : cases) failed += RunCase(k, seed++) ? 0 : 1;
   std::printf("conv1d_gpu_test: %zu cases, %d failed\n", cases.size(), failed);
   EXPECT_EQ(failed, 0);
+}
+
+// The backward under GYRE_CONV_BWD=value in this process: prints its error and exits 0 if it
+// was rejected, 1 if it was accepted. The variant is checked before any pointer is touched or
+// kernel launched, so the (host) pointers here are never dereferenced.
+[[noreturn]] void ExitWithBackwardVariantResult(const char* value) {
+  setenv("GYRE_CONV_BWD", value, /*overwrite=*/1);
+  DeviceAllocator alloc;
+  static bf16 xb[4];
+  static float wf[4];
+  Conv1dBackwardArgs g;
+  g.shape = {1, 1, 4, 4};
+  g.x = g.dy = xb;
+  g.dx = xb;
+  g.w = wf;
+  g.dw = wf;
+  const CudaResult r = Conv1dBackward(g, &alloc, nullptr);
+  std::fprintf(stderr, "%s\n", r.message.c_str());
+  std::exit(r.ok() ? 1 : 0);
+}
+
+// GYRE_CONV_BWD is read once a process, so each value is tried in a fresh one (a death test in
+// the "threadsafe" style re-executes this binary). The deleted variants' names (minb4, a16,
+// split5: slower than split on an H100, session 8) and a misspelling are errors naming the
+// accepted values.
+TEST(Conv1dGpuDeathTest, UnknownBackwardVariantIsAnError) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  for (const char* value : {"minb4", "a16", "split5", "Split"}) {
+    EXPECT_EXIT(ExitWithBackwardVariantResult(value), ::testing::ExitedWithCode(0),
+                std::string("GYRE_CONV_BWD must be split, default or r128, got '") + value + "'");
+  }
 }
 
 TEST(Conv1dGpu, RejectsBadWidth) {
