@@ -435,8 +435,8 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
   // fwd_out forced at chunk 128 with 128-column h slabs (else = v2): the TMA kernel with two dk
-  // stages beside a V slab ("out-ws", the default), the same unserialised ("out-wsf") or three
-  // stages ("out-ws3"; both helper mlstm10).
+  // stages beside a V slab ("out-ws") or three stages ("out-ws3", helper mlstm10; the default
+  // since session 8).
   const auto out_variant = [&](const char* name, gyre::cuda::MlstmFwdOutKernel kernel) {
     return gyre::cuda::Variant{name, MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
                                MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto, kernel};
@@ -445,8 +445,6 @@ int main(int argc, char** argv) {
       out_variant("out-ws", gyre::cuda::MlstmFwdOutKernel::kTwoStages);
   const gyre::cuda::Variant out_ws3 =
       out_variant("out-ws3", gyre::cuda::MlstmFwdOutKernel::kThreeStages);
-  const gyre::cuda::Variant out_wsf =
-      out_variant("out-wsf", gyre::cuda::MlstmFwdOutKernel::kTwoStagesUnserialised);
   // The TMA-producer state_fwd and state_bwd (chunk 128, 128×128 state tiles, else = v2; helper
   // mlstm10).
   const gyre::cuda::Variant state_ws{"state-ws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
@@ -469,7 +467,7 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, dv_mma},  {"xlstm-125m-cell", s125, 128, dv_wgf},
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
       {"xlstm-125m-cell", s125, 128, out_ws},  {"xlstm-125m-cell", s125, 128, out_ws3},
-      {"xlstm-125m-cell", s125, 128, out_wsf}, {"xlstm-125m-cell", s125, 128, state_ws},
+      {"xlstm-125m-cell", s125, 128, state_ws},
       {"xlstm-1.3b-like", s13, 128, state_ws}, {"xlstm-7b-heads", s7, 128, state_ws},
       {"xlstm-1.3b-like", s13, 128, out_ws},   {"xlstm-1.3b-like", s13, 128, out_ws3},
       {"xlstm-7b-heads", s7, 128, out_ws},     {"xlstm-7b-heads", s7, 128, out_ws3},

@@ -65,7 +65,8 @@
 // mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
 // mlstm_state_bwd_ws (TMA producer, TMA box stores; 0.449 -> 0.383 and 0.453 -> 0.334 ms), all
 // byte-identical to the kernels they replace. The earlier ones stay selectable until deleted
-// (GYRE_MLSTM_FWD_OUT=ws|wsf, GYRE_MLSTM_STATE_FWD / _BWD=wg; MlstmFwdOutKernel, MlstmStateKernel).
+// (GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_FWD / _BWD=wg; MlstmFwdOutKernel, MlstmStateKernel);
+// mlstm_fwd_out_wsf (the two-stage kernel without C7515, 0.599 ms) lost to ws3 and was deleted.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -3147,227 +3148,6 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 
-// mlstm_fwd_out_ws with its dk loop as a do-while (helper mlstm10; opt-in:
-// MlstmFwdOutKernel::kTwoStagesUnserialised, GYRE_MLSTM_FWD_OUT=wsf). ptxas reports C7515 for
-// mlstm_fwd_out_ws ("wgmma.mma_async instructions are serialized due to non wgmma instructions
-// defining accumulator registers of a wgmma between start and end of the pipeline stage"): the
-// for loop's zero-trip path (ndt == 0, which MlstmCheck excludes) defines sacc / hacc by moves and
-// joins the path on which the loop's last wgmma group is still in flight before wait_group 0.
-// Found by editing the PTX: removing that branch alone removes the warning; removing the
-// q̂·n_k FMAs, the P V products or either accumulator's wgmmas does not. bwd_dqk_ws (no warning)
-// gained 19% from its producer, fwd_out_ws 3%. Otherwise identical to mlstm_fwd_out_ws.
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_wsf(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
-  using namespace hopper;
-  using SM = OutWgSmem<SPLIT>;
-  constexpr int L = 128, DVT = 128, kConsumers = 256;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* nks = ms + L;  // [DK] n_k
-  // mbarriers after the vectors: full V, full[2], empty[2].
-  const uint32_t bars = sa + SM::kFloats + (3 * L + d.DK) * 4;
-  const uint32_t full_v = bars, full = bars + 8, empty = bars + 24;
-  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int ndt = d.DK / 64;
-  if (threadIdx.x == 0) {
-    MbInit(full_v, 1);
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
-
-  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (threadIdx.x == 0) {
-      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
-      for (int dt = 0; dt < ndt; ++dt) {
-        const int slot = dt & 1, use = dt >> 1;
-        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full + 8 * slot;
-        MbArriveExpectTx(fb, kStageBytes);
-        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
-        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
-        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
-        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
-        if constexpr (SPLIT) {
-          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
-          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
-        }
-        if (dt == 0) {  // V after the first stage (needed only after the dk loop)
-          MbArriveExpectTx(full_v, 2 * SM::kTile64);
-          TmaTile4d(sa + SM::kV, &maps.v, full_v, j0, hd, t0, b);
-          TmaTile4d(sa + SM::kV + SM::kTile64, &maps.v, full_v, j0 + 64, hd, t0, b);
-        }
-      }
-    }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  if (tid < L) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[o] : 0.f;
-    ms[tid] = ok ? p.m_tok[o] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-  }
-  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
-  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
-
-  float sacc[64], hacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  float qn0 = 0.f, qn1 = 0.f;
-  const uint32_t own = wg * 64 * 128;
-  int dt = 0;
-  do {  // the only change against mlstm_fwd_out_ws (see above)
-    const int slot = dt & 1;
-    MbWait(full + 8 * slot, (dt >> 1) & 1);
-    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
-    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
-    }
-    WgmmaCommit();
-    {  // q̂·n_k under the wgmma
-      const unsigned char* qt = sm + SM::kStages + slot * SM::kStage;
-      const float* nk = nks + dt * 64 + 16 * c;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
-        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
-        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
-          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
-          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
-          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
-        }
-      }
-    }
-    if (dt > 0) {
-      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
-      if (lane == 0) MbArrive(empty + 8 * ((dt - 1) & 1));
-    }
-  } while (++dt < ndt);
-  WgmmaWait<0>();
-  FenceRegs(sacc);
-  FenceRegs(hacc);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
-
-  // Gating: P = S·scale ⊙ W (causal), row sums.
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-      float pv = 0.f;
-      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
-      sacc[4 * nt + e] = pv;
-      if (e < 2) rs0 += pv; else rs1 += pv;
-    }
-  }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
-  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    hacc[4 * i + 0] *= d.scale * G0;
-    hacc[4 * i + 1] *= d.scale * G0;
-    hacc[4 * i + 2] *= d.scale * G1;
-    hacc[4 * i + 3] *= d.scale * G1;
-  }
-  uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
-  MbWait(full_v, 0);
-  {
-    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pa);
-    FenceRegs(palo);
-  }
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-  float h4[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
-  // h (and its lo part) leave through the stage buffers (no wgmma reads them once both
-  // warpgroups passed the barrier; every TMA load into them has completed: all were awaited
-  // above) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two padded [128][DVT + 8]
-  // buffers (34 KB each) in the stage region.
-  NamedBarrierSync(1, kConsumers);
-  constexpr int kSH = DVT + kPad;
-  bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
-  bf16* lo_s = hi_s + L * kSH;
-  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
-                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
-                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
-  if (blockIdx.x == 0 && c == 0) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
-    if (r0 < len) p.den_tok[o + r0] = den0;
-    if (r1 < len) p.den_tok[o + r1] = den1;
-  }
-}
-
-
 // fwd_out on three dk stages (helper mlstm10; opt-in: MlstmFwdOutKernel::kThreeStages,
 // GYRE_MLSTM_FWD_OUT=ws3). mlstm_fwd_out_ws keeps two 64 KB stages beside a 32 KB V slab (a
 // third stage does not fit in 227 KB), so the load of step dt + 2 waits until step dt's wgmma
@@ -3473,8 +3253,10 @@ __global__ void __launch_bounds__(384, 1)
   int slot = 0, phase = 0;  // ring position of step dt
   // A do-while (ndt >= 1: MlstmCheck makes dk a multiple of 64): with a for loop the compiler
   // keeps a zero-trip path on which the accumulators are defined by moves and merged into the
-  // wgmma pipeline, and ptxas then serialises every wgmma of the kernel (C7515), as it does in
-  // mlstm_fwd_out_ws; see mlstm_fwd_out_wsf.
+  // wgmma pipeline, and ptxas then serialises every wgmma of the kernel (C7515: "wgmma.mma_async
+  // instructions are serialized due to non wgmma instructions defining accumulator registers of a
+  // wgmma between start and end of the pipeline stage"), as it does in mlstm_fwd_out_ws. Found by
+  // editing the PTX: removing that branch alone removes the warning.
   int dt = 0;
   do {
     MbWait(full + 8 * slot, phase);
@@ -4458,7 +4240,6 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
 // MlstmFwdOutKernel resolved (applies where d.wg_out: chunk 128, 128-column h slabs).
 // GYRE_MLSTM_FWD_OUT is read once per process (the kAuto choice); an unknown value is an error.
 struct FwdOutChoice {
-  bool unserialised = false;      // mlstm_fwd_out_wsf
   bool three_stages = false;      // mlstm_fwd_out_ws3
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_FWD_OUT value
   // MlstmStateKernel resolved the same way (GYRE_MLSTM_STATE_FWD; applies where d.wg_state).
@@ -4473,8 +4254,6 @@ FwdOutChoice FwdOutKernel(const MlstmOptions& o) {
     const char* e = std::getenv("GYRE_MLSTM_FWD_OUT");
     if (e == nullptr || std::strcmp(e, "ws3") == 0) {
       c.three_stages = true;
-    } else if (std::strcmp(e, "wsf") == 0) {
-      c.unserialised = true;
     } else if (std::strcmp(e, "ws") != 0) {
       c.bad_env = e;
     }
@@ -4497,12 +4276,10 @@ FwdOutChoice FwdOutKernel(const MlstmOptions& o) {
   }
   switch (o.fwd_out) {
     case MlstmFwdOutKernel::kAuto:
-      c.unserialised = from_env.unserialised;
       c.three_stages = from_env.three_stages;
       c.bad_env = from_env.bad_env;
       break;
     case MlstmFwdOutKernel::kTwoStages: break;
-    case MlstmFwdOutKernel::kTwoStagesUnserialised: c.unserialised = true; break;
     case MlstmFwdOutKernel::kThreeStages: c.three_stages = true; break;
   }
   return c;
@@ -4780,20 +4557,6 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& ou
       };
       return d.split ? out_ws3_launch(T{}) : out_ws3_launch(F{});
     }
-    if (d.wg_out && out_choice.unserialised) {
-      auto out_wsf_launch = [&](auto split_tag) -> CudaResult {
-        constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
-        OutWsMaps maps{};
-        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_wsf<SPLIT>, smem));
-        mlstm_fwd_out_wsf<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
-        Hook("mlstm_fwd_out", stream);
-        return {};
-      };
-      return d.split ? out_wsf_launch(T{}) : out_wsf_launch(F{});
-    }
     if (d.wg_out) {
       auto out_ws_launch = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
@@ -5004,7 +4767,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   const FwdOutChoice out_choice = FwdOutKernel(options);
   if (out_choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws, wsf or ws3, got '") +
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws or ws3, got '") +
                            out_choice.bad_env + "'");
   }
   if (out_choice.bad_state_env != nullptr) {

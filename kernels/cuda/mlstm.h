@@ -117,12 +117,10 @@ enum class MlstmBwdDvKernel {
 // (same products in the same order).
 enum class MlstmFwdOutKernel {
   kAuto,         // GYRE_MLSTM_FWD_OUT (read once per process): unset or "ws3" = kThreeStages,
-                 // "ws" = kTwoStages, "wsf" = kTwoStagesUnserialised; any other value makes
+                 // "ws" = kTwoStages; any other value (the deleted "wsf" too) makes
                  // MlstmChunkwiseForward return an error naming it
   kTwoStages,    // mlstm_fwd_out_ws: TMA producer, two dk stages beside a V slab (ptxas
                  // serialises its wgmmas, warning C7515); H100 125m cell 0.624 ms
-  kTwoStagesUnserialised,  // mlstm_fwd_out_wsf (helper mlstm10): the same kernel with the dk
-                           // loop as a do-while (no C7515); 0.599 ms
   kThreeStages,  // mlstm_fwd_out_ws3 (helper mlstm10; the default since session 8): three dk
                  // stages, V loaded into the ring slot that frees first after the dk loop (and
                  // the do-while); 0.495 ms
@@ -165,10 +163,10 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kTwoStages).
+  // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kThreeStages).
   MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
   // Forward only / backward only (see MlstmStateKernel; kAuto follows GYRE_MLSTM_STATE_FWD /
-  // GYRE_MLSTM_STATE_BWD, default kWarpgroup).
+  // GYRE_MLSTM_STATE_BWD, default kWarpSpecialized).
   MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;
   MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;
 };

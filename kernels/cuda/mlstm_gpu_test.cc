@@ -131,8 +131,7 @@ bool UsesWgmmaBwdDv(const Variant& v) {
 }
 // "v2-out3" / "v1-out3" (helper mlstm10, first run in session 8: all PASS): v2 / v1-t128 with the
 // three-stage TMA fwd_out forced (MlstmFwdOutKernel::kThreeStages: split and single-bf16
-// instantiations); "v2-outf": v2 with the unserialised two-stage fwd_out (kTwoStagesUnserialised).
-// Run only where they apply (chunk 128, dv a multiple of 128).
+// instantiations). Run only where they apply (chunk 128, dv a multiple of 128).
 // "v2-stws" / "v1-stws": split / single-bf16 states on 128×128 state tiles with both TMA-producer
 // state kernels forced (MlstmOptions::state_fwd and state_bwd = MlstmStateKernel::
 // kWarpSpecialized, helper mlstm10, first run in session 8: all PASS); chunk 128 only.
@@ -155,8 +154,6 @@ constexpr Variant kVariants[] = {
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
     {"v1-out3", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
-    {"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kTwoStagesUnserialised},
     {"v2-stws", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
      MlstmStateKernel::kWarpSpecialized},
@@ -520,21 +517,19 @@ TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
   EXPECT_TRUE(ok);
 }
 
-// The three-stage and the unserialised two-stage fwd_out (MlstmFwdOutKernel::kThreeStages /
-// kTwoStagesUnserialised) and the TMA-producer state_fwd (MlstmStateKernel::kWarpSpecialized;
-// all helper mlstm10) issue the same products in the same order as the default kernels, so h and
-// everything the forward saves (C_k, n_k, h_lo, den_tok, ...) must agree byte for byte: split and
-// single-bf16 states, full and partial last chunks, dk 384 (ndt 6: ws3's V waits for a ring
-// slot) and dk 128 (ndt 2: V's slot is free at once). Skipped when MLSTM_TEST_VARIANTS is set
-// and names none of v2-out3, v2-outf, v2-stws.
+// The three-stage fwd_out (MlstmFwdOutKernel::kThreeStages) and the TMA-producer state_fwd
+// (MlstmStateKernel::kWarpSpecialized; both helper mlstm10) issue the same products in the same
+// order as the two-stage / warpgroup kernels, so h and everything the forward saves (C_k, n_k,
+// h_lo, den_tok, ...) must agree byte for byte: split and single-bf16 states, full and partial
+// last chunks, dk 384 (ndt 6: ws3's V waits for a ring slot) and dk 128 (ndt 2: V's slot is free
+// at once). Skipped when MLSTM_TEST_VARIANTS is set and names neither v2-out3 nor v2-stws.
 TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
   if (!VariantSelected({"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
-      !VariantSelected({"v2-outf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
       !VariantSelected({"v2-stws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
-    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3, v2-outf and v2-stws";
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3 and v2-stws";
   }
-  // Runs: 0 default, 1 ws3, 2 wsf (compared with 0); 3 default on 128×128 state tiles, 4 the
-  // TMA-producer state_fwd on them (compared with 3).
+  // Runs: 0 two-stage ws, 1 ws3 (compared with 0); 2 the warpgroup state_fwd on 128×128 state
+  // tiles, 3 the TMA-producer state_fwd on them (compared with 2).
   struct Run {
     const char* name;
     MlstmFwdOutKernel out;
@@ -542,14 +537,13 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
     int64_t state_tile;
     int base;
   };
-  const Run runs[5] = {
+  const Run runs[4] = {
       {"ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 0, 0},
       {"fwd_out ws3", MlstmFwdOutKernel::kThreeStages, MlstmStateKernel::kWarpgroup, 0, 0},
-      {"fwd_out wsf", MlstmFwdOutKernel::kTwoStagesUnserialised, MlstmStateKernel::kWarpgroup, 0, 0},
-      {"wg", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 128, 3},
-      {"state_fwd ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpSpecialized, 128, 3},
+      {"wg", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 128, 2},
+      {"state_fwd ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpSpecialized, 128, 2},
   };
-  // Runs 3 and 4 also run the backward (4 with the TMA-producer state_bwd) and compare dq, dk,
+  // Runs 2 and 3 also run the backward (3 with the TMA-producer state_bwd) and compare dq, dk,
   // dv, dĩ, df̃ byte for byte.
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;
@@ -575,9 +569,9 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
           gdv(&alloc, T * sh.DV);
       DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T);
       gdh.Upload(RandomBf16Values(rng, T * sh.DV));
-      std::vector<float> grads[2];  // runs 3, 4: dq dk dv dĩ df̃ concatenated
-      std::vector<unsigned char> out[5];
-      for (int which = 0; which < 5; ++which) {
+      std::vector<float> grads[2];  // runs 2, 3: dq dk dv dĩ df̃ concatenated
+      std::vector<unsigned char> out[4];
+      for (int which = 0; which < 4; ++which) {
         MlstmOptions opt;
         opt.chunk_size = 128;
         opt.state_precision = prec;
@@ -597,7 +591,7 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
         CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data(), gh.get(), h_bytes, cudaMemcpyDeviceToHost));
         CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data() + h_bytes, saved_buf.get(), saved_bytes,
                                      cudaMemcpyDeviceToHost));
-        if (which >= 3) {
+        if (which >= 2) {
           opt.state_bwd = runs[which].state;
           DeviceBuffer scratch_buf;
           CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -609,7 +603,7 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
               {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, {}, scratch_buf.get(),
               nullptr));
           CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-          std::vector<float>& gr = grads[which - 3];
+          std::vector<float>& gr = grads[which - 2];
           for (const auto* a : {&gdq, &gdk, &gdv}) {
             const auto x = a->Download();
             gr.insert(gr.end(), x.begin(), x.end());
@@ -639,7 +633,7 @@ TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
                     grads[0].size());
         mismatches += ok ? 0 : 1;
       }
-      for (const int which : {1, 2, 4}) {
+      for (const int which : {1, 3}) {
         const std::vector<unsigned char>& ref = out[runs[which].base];
         size_t diff = 0;  // (a size mismatch counts as every byte differing)
         if (ref.size() != out[which].size()) {
