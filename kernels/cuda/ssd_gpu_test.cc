@@ -173,7 +173,6 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
     PutColumns(bm, rows, wide, hp, gn, &host);
     PutColumns(cm, rows, wide, hp + gn, gn, &host);
     d_xbc.Upload(host);
-    d_dxbc.Upload(std::vector<float>(rows * wide, kSentinel));
   }
   d_dy.Upload(dy);
   d_dt.Upload(dt);
@@ -182,17 +181,40 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
   d_d.Upload(dsk);
   d_init.Upload(init);
   d_dfin.Upload(dfin);
-  d_da.Upload(da0);
-  d_ddb.Upload(ddb0);
-  d_dd.Upload(dd0);
-  d_y.Poison();
-  d_fin.Poison();
-  d_saved.Poison();
-  d_dx.Poison();
-  d_db.Poison();
-  d_dc.Poison();
-  d_ddt.Poison();
-  d_dinit.Poison();
+  // Before the first run and before each rerun: the accumulated gradients back to their start
+  // values, every output poisoned (strided: the gradient buffer refilled with the sentinel, whose
+  // pad columns must survive).
+  auto reset_outputs = [&] {
+    d_da.Upload(da0);
+    d_ddb.Upload(ddb0);
+    d_dd.Upload(dd0);
+    d_y.Poison();
+    d_fin.Poison();
+    d_saved.Poison();
+    d_ddt.Poison();
+    d_dinit.Poison();
+    if (k.strided) {
+      d_dxbc.Upload(std::vector<float>(rows * wide, kSentinel));
+    } else {
+      d_dx.Poison();
+      d_db.Poison();
+      d_dc.Poison();
+    }
+  };
+  // Every output of one forward + backward, in a fixed order (the bitwise rerun checks).
+  auto download_outputs = [&] {
+    Outputs out = {d_y.Download(), d_fin.Download(), d_ddt.Download(), d_dinit.Download(),
+                   d_da.Download(), d_ddb.Download(), d_dd.Download()};
+    if (k.strided) {
+      out.push_back(d_dxbc.Download());
+    } else {
+      out.push_back(d_dx.Download());
+      out.push_back(d_db.Download());
+      out.push_back(d_dc.Download());
+    }
+    return out;
+  };
+  reset_outputs();
 
   SsdForwardArgs f;
   f.shape = s;
@@ -303,47 +325,17 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
   }
   if (rerun != nullptr) {
     auto run_again = [&](Outputs* out) {
-      d_da.Upload(da0);
-      d_ddb.Upload(ddb0);
-      d_dd.Upload(dd0);
-      d_y.Poison();
-      d_fin.Poison();
-      d_saved.Poison();
-      d_ddt.Poison();
-      d_dinit.Poison();
-      if (k.strided) {
-        d_dxbc.Upload(std::vector<float>(rows * wide, kSentinel));
-      } else {
-        d_dx.Poison();
-        d_db.Poison();
-        d_dc.Poison();
-      }
+      reset_outputs();
       CudaResult r2 = SsdForward(f, nullptr);
       if (r2.ok()) r2 = SsdBackward(g, &alloc, nullptr);
       EXPECT_TRUE(r2.ok()) << r2.message;
       if (!r2.ok()) return false;
       CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-      *out = {d_y.Download(), d_fin.Download(), d_ddt.Download(), d_dinit.Download(),
-              d_da.Download(), d_ddb.Download(), d_dd.Download()};
-      if (k.strided) {
-        out->push_back(d_dxbc.Download());
-      } else {
-        out->push_back(d_dx.Download());
-        out->push_back(d_db.Download());
-        out->push_back(d_dc.Download());
-      }
+      *out = download_outputs();
       return true;
     };
-    Outputs first_run, second_run, other_form;
-    first_run = {d_y.Download(), d_fin.Download(), d_ddt.Download(), d_dinit.Download(),
-                   d_da.Download(), d_ddb.Download(), d_dd.Download()};
-    if (k.strided) {
-      first_run.push_back(d_dxbc.Download());
-    } else {
-      first_run.push_back(d_dx.Download());
-      first_run.push_back(d_db.Download());
-      first_run.push_back(d_dc.Download());
-    }
+    const Outputs first_run = download_outputs();
+    Outputs second_run, other_form;
     bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
     ok &= Report("ssd " + k.label + " rerun bitwise", shape, same ? 0.0 : 1.0, 0.0);
     SetForms(*rerun);
