@@ -30,6 +30,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/tensor_map.h"
 
 namespace gyre::cuda {
 namespace {
@@ -683,21 +684,6 @@ constexpr int64_t kOrderL2Budget = int64_t{16} << 20;
 int HeadGroup(int64_t bytes_per_pair, int64_t pairs) {
   const int64_t n = kOrderL2Budget / std::max<int64_t>(bytes_per_pair, 1);
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 1), pairs));
-}
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
 }
 
 // Map of a [B, T, heads, D] bf16 view with `row_stride` elements per (b, t) row: box of 64

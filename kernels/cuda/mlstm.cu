@@ -110,6 +110,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/tensor_map.h"
 
 namespace gyre::cuda {
 namespace {
@@ -4344,21 +4345,6 @@ CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribut
     cfg->gridDim.x = 8;
   }
   return {};
-}
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
 }
 
 // A bf16 map with 64-column × `box_rows` boxes in the 128-byte swizzle (zeros outside `dims`):
