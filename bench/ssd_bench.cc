@@ -14,9 +14,6 @@
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192. --path: only the
 // variants whose name contains TEXT (e.g. "un]" for one ncu profile of that variant).
-// GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs, GYRE_SSD_BWD_DBC=smem (session 10's opt-in forms,
-// ssd.h) apply to "[v3 all]" and every path but the four that force forms ("dxE", "fxs", "dbS",
-// "s10"), for alternating timings of one binary.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -143,9 +140,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
-    // Session-10 forms (ssd.h SsdSet*VariantForTesting): 0 the environment (the default form
-    // when unset), 1 the default form, 2 the opt-in form.
-    int dx = 0, fwd_form = 0, dbc = 0;
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -156,28 +150,19 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
-                        {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        // Session 10's opt-in forms (each alone, then all three).
-                        {"[v3 all dxE]", kSsdRegAll, 0, 0, 2, 1, 1},   // bwd dx early
-                        {"[v3 all fxs]", kSsdRegAll, 0, 0, 1, 2, 1},   // scan fwd x from smem
-                        {"[v3 all dbS]", kSsdRegAll, 0, 0, 1, 1, 2},   // dB/dC dCB via smem
-                        {"[v3 all s10]", kSsdRegAll, 0, 0, 2, 2, 2}};  // all three
+                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
-                         p.dx != 0 || p.fwd_form != 0 || p.dbc != 0)) {
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
-    SsdSetBwdDxVariantForTesting(p.dx);
-    SsdSetScanFwdVariantForTesting(p.fwd_form);
-    SsdSetBwdDbcVariantForTesting(p.dbc);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -197,9 +182,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
-  SsdSetBwdDxVariantForTesting(0);
-  SsdSetScanFwdVariantForTesting(0);
-  SsdSetBwdDbcVariantForTesting(0);
 }
 
 }  // namespace

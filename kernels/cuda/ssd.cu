@@ -100,7 +100,7 @@
 //   later session-5 code (ssd_bwd_dcb_sum, the shuffle fix; H100): 2.47-2.49 ms with the inter
 //   ∂Acs terms formed in the chunk-state backward (now the only variant), 2.53-2.55 ms with them
 //   in bwd dx (removed), 0.62-0.66x the anchor in that call. Session 6 (H100, two calls): the
-//   inter ∂Acs terms moved again, into ssd_bwd_dbc_reg's dC blocks (chunk-state backward 338 →
+//   inter ∂Acs terms moved again, into ssd_bwd_dbc_smem's dC blocks (chunk-state backward 338 →
 //   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
 //   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
 //   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
@@ -108,7 +108,7 @@
 //   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
 //   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
 //   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor. Session 8
-//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
+//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair_xs,
 //   forward 0.631 → 0.611 ms), dCB head split 4, dB/dC at four blocks per SM: fwd+bwd 2.193 →
 //   2.113 ms (B8 S2048), 2.292 → 2.205 ms (B2 S8192); two heads per block sharing the C_l / B_s
 //   / C Bᵀ tiles (−25% L2 bytes) and the tile pairing in bwd dx did not win and are gone. The
@@ -120,12 +120,12 @@
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_scan (chunk states, cp.async double-buffered;
 // fused with the state pass where its blocks fill the device, else one chunk per block),
-// ssd_chunk_scan_fwd_pair (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
+// ssd_chunk_scan_fwd_pair_xs (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
 // once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
-// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
-// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_reg (dB and dC in one launch, state
+// ssd_chunk_scan_bwd_dx_early (one block per 64-row s-tile: dx and the state ∂Acs terms of its
+// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_smem (dB and dC in one launch, state
 // terms as a GEMM over (head, p); its dC blocks also form the inter-chunk ∂Acs terms) +
 // ssd_bwd_dacs_finish (all ∂Acs partials summed in a fixed order). The v3 bwd dx path therefore
 // always runs with the v3 dB/dC kernel.
@@ -1436,7 +1436,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
     }
 }
 
-// ssd_chunk_scan_fwd_pair: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
+// ssd_chunk_scan_fwd_pair_xs: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
 // where they coincide) of one (b, c, h), so every block has the same work (at Q = 256: 2 inter
 // products and 5 tile pairs) and one cp.async pipeline runs through all of it. Session 8
 // replaced the per-l-tile kernel (ssd_chunk_scan_fwd_reg, one block per 64-row l-tile walking
@@ -1460,12 +1460,11 @@ void CarveScanFwdPair(Carver& cv, const Dims& d) {
 }
 
 // grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
-// kXs (GYRE_SSD_FWD=xs, the default since session 8, see Choose): the D·x term of each l-tile's
-// rows reads x from the ring slot of the diagonal item S(a, a), whose x_s tile holds exactly
-// those rows, instead of from global memory after the last product (a synchronous round trip
-// per l-tile, two per block). Same values (bitwise the same y).
-template <int kP, bool kXs>
-__device__ __forceinline__ void ScanFwdPairBody(
+// The D·x term of each l-tile's rows reads x from the ring slot of the diagonal item S(a, a),
+// whose x_s tile holds exactly those rows (helper ssd10; session 8's form read it from global
+// memory after the last product, one synchronous round trip per l-tile).
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
     Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1604,16 +1603,11 @@ __device__ __forceinline__ void ScanFwdPairBody(
       for (int e2 = 0; e2 < 2; ++e2) {
         const int row = r0 + 8 * e2;
         if (row < lv) {
-          const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
+          const int64_t yoff = (tl0 + row) * d.ldy;
 #pragma unroll
           for (int j = 0; j < NP; ++j) {
             const int p = 8 * j + 2 * tq;
-            float2 xv;
-            if constexpr (kXs) {
-              xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): rows of l-tile a
-            } else {
-              xv = Bf2(xb + off + p);
-            }
+            const float2 xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): l-tile a
             *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
                 acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
           }
@@ -1623,23 +1617,11 @@ __device__ __forceinline__ void ScanFwdPairBody(
   }
 }
 
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
-    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
-  ScanFwdPairBody<kP, false>(d, x, Cm, Dskip, saved, y);
-}
-
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
-    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
-  ScanFwdPairBody<kP, true>(d, x, Cm, Dskip, saved, y);
-}
-
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~56 KB at P64 N128: four blocks per SM by shared
+// Shared memory of ssd_chunk_scan_bwd_dx_early (~56 KB at P64 N128: four blocks per SM by shared
 // memory): region RA first holds the state product's operands B_s and G_{c+1} (bf16), then one
 // l-tile buffer of the pair loop (C Bᵀ tile, dy_l); RB is the other l-tile buffer; Acs of the
 // chunk, its tile-relative decays, dt of the own rows. (The inter term comes from
-// ssd_bwd_dbc_reg, so no C_l or H_c here.)
+// ssd_bwd_dbc_smem, so no C_l or H_c here.)
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int buf = kTile * kLdCb + kTile * (d.P + 8);
@@ -1659,22 +1641,18 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those terms (difference form), Σ dl (the +dl
 // of the decay to the chunk's last token). The pair terms (x_s·dy_l)·M come from
 // ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway; the inter terms (the row as l) from
-// ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
+// ssd_bwd_dbc_smem's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
 // forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower; in
 // the chunk-state backward, +160 µs there).
-// Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
-// alternates RA, RB with one barrier per tile.
-//
-// kEarly (GYRE_SSD_BWD_DX=early, the default since session 8, see Choose): the first l-tile's
-// cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
-// prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
-// then goes into RA once the state product has retired it. Also (below) the own rows of x for
-// the state term are loaded into registers in the prologue (P <= 64), and the own rows of x and
-// dy for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no
-// synchronous global load is left on the block's path. Same shared memory, same buffers, same
-// arithmetic in the same order (bitwise the same outputs as kEarly = false).
-template <int kP, bool kEarly>
-__device__ __forceinline__ void BwdDxRegBody(
+// Phases: RA is loaded with B_s and G_{c+1} while RB receives the first l-tile's cp.async group
+// (C Bᵀ tile st, dy_st), so its round trip overlaps the state product (helper ssd10; session
+// 8's form issued it after the product); state product (RA); RA then receives l-tile st+1; the
+// pair loop alternates RB, RA with one barrier per tile. Also (below) the own rows of x for the
+// state term are loaded into registers in the prologue (P <= 64), and the own rows of x and dy
+// for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no synchronous
+// global load is left on the block's path there.
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
@@ -1725,13 +1703,13 @@ __device__ __forceinline__ void BwdDxRegBody(
     LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
     CpAsyncCommit();
   };
-  // kEarly, P <= 64: the own rows of x for the state term's dl go into registers here, so that
-  // their round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128
-  // the 32 extra registers spilled 160 bytes, so wider heads read x after the product as before).
-  constexpr bool kPreX = kEarly && kP <= 64;
-  const float dsk_pre = kEarly && Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
+  // P <= 64: the own rows of x for the state term's dl go into registers here, so that their
+  // round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128 the 32
+  // extra registers spilled 160 bytes, so wider heads read x after the product).
+  constexpr bool kPreX = kP <= 64;
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
   __nv_bfloat162 xpre0[kPreX ? NP : 1], xpre1[kPreX ? NP : 1];
-  if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
+  issue(st, RB);  // RB is unused until the pair loop
   if constexpr (kPreX) {
     const int q0 = r0 < sv ? r0 : 0, q1 = r0 + 8 < sv ? r0 + 8 : 0;
     const bf16* p0 = xb + (ts0 + q0) * x_stride + 2 * tq;
@@ -1754,11 +1732,7 @@ __device__ __forceinline__ void BwdDxRegBody(
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  if constexpr (kEarly) {
-    CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
-  } else {
-    CpAsyncWait<0>();
-  }
+  CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
@@ -1771,7 +1745,7 @@ __device__ __forceinline__ void BwdDxRegBody(
   const bf16* yr1 = dyb + (ts0 + (ok1 ? r0 + 8 : 0)) * y_stride;
 
   // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s (x of the
-  // own rows straight from global memory: two rows per thread, read again for x·dX̄ below).
+  // own rows from the prologue's registers, or at P > 64 from global memory).
   float acc[NP][4];
   ZeroAcc(acc);
   WarpMmaSS<NP, true>(acc, Bs + warp * 16 * ldn, ldn, Gs, ldn, d.N);
@@ -1803,59 +1777,47 @@ __device__ __forceinline__ void BwdDxRegBody(
     dl1 = ok1 ? dl1 : 0.f;
   }
   __syncthreads();  // RA retired (B_s, G read by every warp)
-  // kEarly at P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
+  // P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
   // part of RA that the pair loop never uses (RA + tbuf: 2·64·64 bf16 fit exactly there at N128),
   // unpadded with 16-byte chunks XOR-swizzled by row (conflict-free reads of the accumulator
   // layout's columns); they join tile st+1's group (or form their own), so the epilogue reads
   // shared memory instead of waiting for a global round trip.
   bf16* own_x = RA + tbuf;
   bf16* own_dy = own_x + kTile * kP;
-  const bool own_smem = kEarly && kP == 64 && region - tbuf >= 2 * kTile * kP;
-  if constexpr (kEarly) {
-    if (own_smem) {
-      for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
-        const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
-        const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
-        const bool ok = r < sv;
-        const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
-        bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
-        const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
-                     "r"(ok ? 16 : 0));
-      }
+  const bool own_smem = kP == 64 && region - tbuf >= 2 * kTile * kP;
+  if (own_smem) {
+    for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
+      const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
+      const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
+      const bool ok = r < sv;
+      const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
+      bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
+      const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
+                   "r"(ok ? 16 : 0));
     }
-    if (st + 1 < nT) {
-      issue(st + 1, RA);
-    } else {
-      CpAsyncCommit();
-    }
+  }
+  if (st + 1 < nT) {
+    issue(st + 1, RA);
   } else {
-    issue(st, RA);
+    CpAsyncCommit();
   }
 
-  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd); kEarly: RB (even)
-  // and RA (odd). One barrier per tile: publishes tile lt, retires the other buffer (tile lt−1;
-  // unused before the loop), which then receives tile lt+1 (kEarly: tile st+1 is already in
-  // flight at the first step, so that step waits for all but the newest group and issues none).
+  // Pair loop over l-tiles st..nT−1, buffers RB (even steps) and RA (odd). One barrier per
+  // tile: publishes tile lt, retires the other buffer (tile lt−1), which then receives tile
+  // lt+1 (tile st+1 is already in flight at the first step, so that step waits for all but the
+  // newest group and issues none).
   for (int lt = st; lt < nT; ++lt) {
-    bf16* cur;
-    if constexpr (kEarly) {
-      cur = ((lt - st) & 1) ? RA : RB;
-      // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
-      // stay in flight; the last tile's step waits for everything, the own rows included.
-      if (lt == st && st + 1 < nT) {
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      __syncthreads();
-      if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
+    bf16* cur = ((lt - st) & 1) ? RA : RB;
+    // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
+    // stay in flight; the last tile's step waits for everything, the own rows included.
+    if (lt == st && st + 1 < nT) {
+      CpAsyncWait<1>();
     } else {
-      cur = ((lt - st) & 1) ? RB : RA;
       CpAsyncWait<0>();
-      __syncthreads();
-      if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
     }
+    __syncthreads();
+    if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
     const bf16* dYl = cur + kTile * kLdCb;
     const int l0 = lt * kTile;
     float s1[8][4];
@@ -1893,12 +1855,6 @@ __device__ __forceinline__ void BwdDxRegBody(
   }
 
   // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
-  float dsk;
-  if constexpr (kEarly) {
-    dsk = dsk_pre;
-  } else {
-    dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  }
   float dot_d = 0.f;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
@@ -1955,25 +1911,9 @@ __device__ __forceinline__ void BwdDxRegBody(
   }
 }
 
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
-    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
-    float* ddtx, double* dd_part) {
-  BwdDxRegBody<kP, false>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
-}
-
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
-    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
-    float* ddtx, double* dd_part) {
-  BwdDxRegBody<kP, true>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
-}
-
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
-// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from ssd_bwd_dbc_reg's dC
+// own-row terms from ssd_chunk_scan_bwd_dx_early, the inter terms from ssd_bwd_dbc_smem's dC
 // blocks — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
@@ -1996,7 +1936,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_bwd_dbc_reg (inter_parts 64-column slices of N): +v at l,
+  // The inter terms from ssd_bwd_dbc_smem (inter_parts 64-column slices of N): +v at l,
   // A·∂A share v·Acs_l.
   double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
@@ -2075,7 +2015,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-// cp.async pipeline depth of the head loop of ssd_bwd_dbc_reg: 2 with four blocks per SM
+// cp.async pipeline depth of the head loop of ssd_bwd_dbc_smem: 2 with four blocks per SM
 // (128 registers, 84 bytes spilled, 47 KB) beat 3 at three blocks per SM (168 registers, 66 KB):
 // H200, session 8, fwd+bwd 2.133 → 2.113 ms at B8 S2048, 2.245 → 2.205 ms at B2 S8192 (1024
 // blocks: 1.9 waves of 528 instead of 2.6 of 396).
@@ -2098,7 +2038,7 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
 // double-buffered through cp.async. Two results from the same v:
 //  - the head-summed dCB[l, s] = Σ_h v of the 64×64 tile (for dB and dC), written fp32 to
 //    dcb [split, B, NC, G, Q, Q] (one partial sum per head split, added in order by
-//    ssd_bwd_dbc_reg; tiles above the diagonal are not written and never read);
+//    ssd_bwd_dbc_smem; tiles above the diagonal are not written and never read);
 //  - the intra-chunk ∂Acs terms m2[l, s] = v·(C_l·B_s) of head h (C Bᵀ from `saved`, the same
 //    tile for every head of the group): +m2 at l, −m2 at s. Per (b, h, c, pair) their row sums
 //    (l side) and column sums (s side) go to dacs_pair [B, H, NC, pairs, 2, 64], and Σ
@@ -2331,7 +2271,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
 
 // grid (NC·pairs, G, B): one 64×64 tile pair of dCB: the head splits' fp32 partials summed in
 // order and rounded to bf16 (the dB/dC products' operand precision), written as dCB[l, s] and
-// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_reg loads A fragments of either as 4-byte pairs.
+// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_smem copies either's 64×64 tile as plain rows.
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float* dcb, int split,
                                                             bf16* dcb_bf) {
   __shared__ bf16 tile[kTile][kTile + 2];
@@ -2373,12 +2313,13 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~47 KB at P64: four blocks per SM): kStages stages, each
+// Shared memory of ssd_bwd_dbc_smem (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
-// other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
+// other tile's C_l/B_s slice [64][72] in the same place and the dCB tile [64][72] after it (at
+// least 2·64·72 elements per stage, more than P < 64 needs otherwise); each head's Acs and dt of the own rows,
 // and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
 int DbcStageElems(const Dims& d) {
-  return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
+  return std::max(kTile * (d.P + 8) + d.P * 72, 2 * kTile * 72);
 }
 template <typename Carver>
 void CarveDbcReg(Carver& cv, const Dims& d) {
@@ -2430,14 +2371,12 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
 //
-// kSmemA (GYRE_SSD_BWD_DBC=smem, the default since session 8, see Choose): the dCB steps' A
-// fragments (the 64×64 dCB tile) travel by cp.async in the step's own group into the half of
-// the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice; P >= 64 only, the
-// host runs the default form elsewhere), and are
-// read with ldmatrix, instead of 16 synchronous 4-byte global loads per thread after the
-// barrier (one exposed round trip per dCB step, 1-4 per block). Same values (bitwise).
-template <bool kSmemA>
-__device__ __forceinline__ void DbcRegBody(
+// The dCB steps' A fragments (the 64×64 dCB tile) travel by cp.async in the step's own group
+// into the half of the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice;
+// DbcStageElems makes the stage that large at P < 64), and are read with ldmatrix (helper
+// ssd10; session 8's form loaded them with 16 synchronous 4-byte global loads per thread after
+// the barrier, one exposed round trip per dCB step).
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
@@ -2453,7 +2392,7 @@ __device__ __forceinline__ void DbcRegBody(
   const int o0 = ot * kTile, ov = min(kTile, len - o0);
   const int ldp = d.P + 8, ldv = 72;
   Carve cv{smem};
-  const int stage_elems = max(kTile * ldp + d.P * ldv, kTile * ldv);
+  const int stage_elems = max(kTile * ldp + d.P * ldv, 2 * kTile * ldv);
   bf16* stages = cv.take<bf16>(kStages * stage_elems);
   float* acsb = cv.take<float>(2 * kStages * kTile + 8);
   float* dtb = acsb + kStages * kTile;
@@ -2469,10 +2408,6 @@ __device__ __forceinline__ void DbcRegBody(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
-  // kSmemA: a stage has room for the dCB tile after the C_l / B_s slice where P >= 64 (the host
-  // launches this form only there): kTile·(P+8) + P·72 >= 2·kTile·72.
-  constexpr bool tile_smem = kSmemA;
-
   auto issue = [&](int step, int buf) {
     if (step < n1) {
       const int o = kDB ? ot + step : step;
@@ -2480,15 +2415,13 @@ __device__ __forceinline__ void DbcRegBody(
       LoadRowsAsync(A_of(buf), ldv,
                     (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
-      if constexpr (kSmemA) {
-        {
-          // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
-          const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
-          const bf16* t = dcb_bf + (kDB ? n_all : 0) +
-                          ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
-                          static_cast<int64_t>(o0) * d.Q + o * kTile;
-          CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
-        }
+      {
+        // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
+        const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+        const bf16* t = dcb_bf + (kDB ? n_all : 0) +
+                        ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
+                        static_cast<int64_t>(o0) * d.Q + o * kTile;
+        CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
       }
     } else {
       const int h = g * d.hpg + (step - n1);
@@ -2515,10 +2448,6 @@ __device__ __forceinline__ void DbcRegBody(
     CpAsyncCommit();
   };
 
-  // dcb_bf holds dCB [B, NC, G, Q, Q] and then its per-chunk transpose (ssd_bwd_dcb_sum).
-  const int64_t dcb_n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
-  const bf16* dcb_t = dcb_bf + (kDB ? dcb_n : 0) +
-                      ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
@@ -2544,23 +2473,10 @@ __device__ __forceinline__ void DbcRegBody(
       CpAsyncCommit();
     }
     if (step < n1) {
-      // A fragments of the dCB tile straight from global memory (bf16 pairs, 4-byte loads):
-      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
-      const int o = kDB ? ot + step : step;
+      // A fragments of the dCB tile (dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] =
+      // dCBᵀ[s, l], the transposed copy) from the stage's second half.
       unsigned fa[4][4];
-      if constexpr (tile_smem) {
-        LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
-      } else {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
-            const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-            fa[ks][i] =
-                *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
-          }
-      }
+      LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
       const float* ab = acsb + buf * kTile;
@@ -2615,18 +2531,6 @@ __device__ __forceinline__ void DbcRegBody(
             __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
   }
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
-  DbcRegBody<false>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
-  DbcRegBody<true>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
 }
 
 
@@ -2907,7 +2811,7 @@ constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
-// dx implies dbc: ssd_bwd_dbc_reg's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
+// dx implies dbc: ssd_bwd_dbc_smem's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
 // path needs (ssd_bwd_dacs_finish runs after it).
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
@@ -2955,49 +2859,45 @@ bool UseFusedStatePass(const Dims& d) {
   return blocks >= kFusedStateWaves * sms;
 }
 
-// Helper ssd10's kernel forms (each computes bitwise the same results as the earlier form). The
-// lead's session-8 device call (H100) measured all three together at fwd+bwd 2.177 -> 2.033 ms
-// (B8 S2048) and 2.314 -> 2.216 ms (B2 S8192), each alone a gain too, all test paths PASS and
-// bitwise; they are the defaults since. Each is chosen by an environment variable read once per
-// process — unset or the new form's name: the new kernel; the earlier form's name: the earlier one
-// (kept selectable until deleted); anything else is an error from the launching call — unless a
-// testing override (0 the environment, 1 the earlier form, 2 the new form) says otherwise:
-//   GYRE_SSD_BWD_DX  = reg | early  (ssd_chunk_scan_bwd_dx_reg / _early)
-//   GYRE_SSD_FWD     = pair | xs    (ssd_chunk_scan_fwd_pair / _xs)
-//   GYRE_SSD_BWD_DBC = reg | smem   (ssd_bwd_dbc_reg<false> / <true>)
-struct OptIn {
-  bool on = false;
+// Environment switches, read once per process (two threads reading at once store the same
+// value). names[0] is the default form, also when the variable is unset; any value not in
+// `names` is an error from the launching call that lists the accepted values. Helper ssd10's
+// forms (early dx loads, D·x from the scan's ring, dCB tiles through shared memory) became the
+// defaults after the lead's session-8 call and the forms they replaced were deleted after the
+// 2026-11-27 confirmation, so their switches accept only the remaining name:
+//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted)
+//   GYRE_SSD_FWD     = xs     (ssd_chunk_scan_fwd_pair_xs; "pair" was deleted)
+//   GYRE_SSD_BWD_DBC = smem   (ssd_bwd_dbc_smem; "reg" was deleted)
+struct EnvSwitch {
+  const char* env;
+  const char* names[4];              // null-terminated
+  std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
+};
+struct Form {
+  int index = 0;
   std::string bad;  // the error message for an unknown environment value
 };
-struct OptInSwitch {
-  const char* env;
-  const char* off;
-  const char* on;
-  std::atomic<int> forced{0};
-  std::atomic<int> from_env{-1};  // -1 not read yet, 0 default form, 1 opt-in form, 2 unknown
-};
-OptInSwitch g_dx_switch{"GYRE_SSD_BWD_DX", "reg", "early"};
-OptInSwitch g_fwd_switch{"GYRE_SSD_FWD", "pair", "xs"};
-OptInSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", "reg", "smem"};
-OptIn Choose(OptInSwitch& sw) {
-  const int forced = sw.forced.load();
-  if (forced == 1) return {};
-  if (forced == 2) return {true, {}};
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
+EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
+Form Choose(EnvSwitch& sw) {
   int state = sw.from_env.load();
-  if (state < 0) {  // (two threads reading it at once store the same value)
+  if (state == -2) {
     const char* e = std::getenv(sw.env);
-    state = e == nullptr || std::strcmp(e, sw.on) == 0 ? 1 : std::strcmp(e, sw.off) == 0 ? 0 : 2;
+    state = e == nullptr ? 0 : -1;
+    for (int i = 0; e != nullptr && sw.names[i] != nullptr; ++i) {
+      if (std::strcmp(e, sw.names[i]) == 0) state = i;
+    }
     sw.from_env.store(state);
   }
-  if (state == 2) {
-    const char* e = std::getenv(sw.env);
-    return {false, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
-                       "\" (expected " + sw.off + " or " + sw.on + ")"};
+  if (state >= 0) return {state, {}};
+  const char* e = std::getenv(sw.env);
+  std::string accepted;
+  for (int i = 0; sw.names[i] != nullptr; ++i) {
+    accepted += std::string(i > 0 ? " or " : "") + sw.names[i];
   }
-  return {state == 1, {}};
-}
-void ForceOptIn(OptInSwitch& sw, int variant) {
-  sw.forced.store(variant == 1 || variant == 2 ? variant : 0);
+  return {0, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
+                 "\" (accepted: " + accepted + ")"};
 }
 
 template <int kP>
@@ -3005,19 +2905,12 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
                          cudaStream_t stream) {
   const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
   const int T = d.Q / kTile;
-  const OptIn choice = Choose(g_fwd_switch);
-  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
-  if (choice.on) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
-    ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
-                                     stream>>>(d, a.x, a.c, a.d, saved, a.y);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
-    return {};
-  }
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
-  ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
-      d, a.x, a.c, a.d, saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
+  const Form form = Choose(g_fwd_switch);
+  if (!form.bad.empty()) return InvalidArgument(form.bad);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
+  ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
+                                   stream>>>(d, a.x, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
   return {};
 }
 
@@ -3118,23 +3011,14 @@ template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
-  const OptIn choice = Choose(g_dx_switch);
-  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
-  if (choice.on) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
-    ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                      stream>>>(d, a.x, a.b, a.d,
-                                                static_cast<const float*>(a.saved), a.dy,
-                                                sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
-    return {};
-  }
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
-  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                  stream>>>(d, a.x, a.b, a.d, static_cast<const float*>(a.saved),
-                                            a.dy, sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
-                                            sc.dd_part);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
+  const Form form = Choose(g_dx_switch);
+  if (!form.bad.empty()) return InvalidArgument(form.bad);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
+  ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                    stream>>>(d, a.x, a.b, a.d,
+                                              static_cast<const float*>(a.saved), a.dy,
+                                              sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
   return {};
 }
 
@@ -3210,21 +3094,13 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-    const OptIn dbc_form = Choose(g_dbc_switch);
+    const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
-    if (dbc_form.on && d.P >= 64) {  // (smaller P: no room for the tile; the default form)
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
-      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                         stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                   plan.dx ? sc.inter_part : nullptr);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
-    } else {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
-      ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                        stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                  plan.dx ? sc.inter_part : nullptr);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
-    }
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                       stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                 plan.dx ? sc.inter_part : nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
     if (plan.dx) {
       ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
           d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
@@ -3271,9 +3147,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
-void SsdSetBwdDxVariantForTesting(int variant) { ForceOptIn(g_dx_switch, variant); }
-void SsdSetScanFwdVariantForTesting(int variant) { ForceOptIn(g_fwd_switch, variant); }
-void SsdSetBwdDbcVariantForTesting(int variant) { ForceOptIn(g_dbc_switch, variant); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetDcbSplitForTesting(int split) {
@@ -3387,7 +3260,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int dcb_split = DcbSplit(d);
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
-  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_reg's column slices (plan.dx: N % 64 == 0)
+  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_smem's column slices (plan.dx: N % 64 == 0)
   const int64_t n_inter = plan.dx ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;

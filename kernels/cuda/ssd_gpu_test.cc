@@ -9,11 +9,8 @@
 // Paths 7-9 force the fused chunk-state / state-pass kernels (ssd_chunk_state_scan), which the
 // default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
-// Paths 11-15 (session 10) rerun each case and compare every output bitwise: path 11 the default
-// kernel forms against themselves and against all three opt-in forms, paths 12-14 each opt-in
-// form alone (GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs, GYRE_SSD_BWD_DBC=smem), path 15 all
-// three, each against itself and against the default forms. Paths 0-10 leave the forms to the
-// environment (the default forms when unset).
+// Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
+// sums, no float atomics: the kernels are deterministic).
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -87,23 +84,10 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
   return true;
 }
 
-// The session-10 kernel forms (ssd.h): 0 the environment, 1 the default form, 2 the opt-in form.
-struct Forms {
-  int dx = 0, fwd = 0, dbc = 0;
-};
-void SetForms(const Forms& f) {
-  SsdSetBwdDxVariantForTesting(f.dx);
-  SsdSetScanFwdVariantForTesting(f.fwd);
-  SsdSetBwdDbcVariantForTesting(f.dbc);
-}
-
-// rerun (not null): after the float64 checks, the forward + backward runs again on the same
-// inputs (accumulated gradients reset) with the same kernels, and once more with the forms
-// *rerun; all three must agree bitwise (fixed-order ∂Acs sums, no float atomics; the opt-in
-// forms change only where and when operands are loaded). The caller's forms are restored.
-bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
-             const Forms* rerun = nullptr) {
-  SetForms(forms);
+// rerun: after the float64 checks, the forward + backward runs again on the same inputs
+// (accumulated gradients reset) with the same kernels; both runs must agree bitwise
+// (fixed-order ∂Acs sums, no float atomics).
+bool RunCase(const Case& k, uint64_t seed, bool rerun = false) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -323,7 +307,7 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
     for (int64_t i = 0; i < k.H; ++i) same &= after[i] == dd0[i];
     ok &= Report("ssd " + k.label + " dD untouched", shape, same ? 0.0 : 1.0, 0.0);
   }
-  if (rerun != nullptr) {
+  if (rerun) {
     auto run_again = [&](Outputs* out) {
       reset_outputs();
       CudaResult r2 = SsdForward(f, nullptr);
@@ -335,15 +319,9 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
       return true;
     };
     const Outputs first_run = download_outputs();
-    Outputs second_run, other_form;
-    bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
+    Outputs second_run;
+    const bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
     ok &= Report("ssd " + k.label + " rerun bitwise", shape, same ? 0.0 : 1.0, 0.0);
-    SetForms(*rerun);
-    same = run_again(&other_form) && BitwiseEqual(first_run, other_form);
-    SetForms(forms);
-    ok &= Report("ssd " + k.label + " = forms " + std::to_string(rerun->dx) +
-                     std::to_string(rerun->fwd) + std::to_string(rerun->dbc) + " bitwise",
-                 shape, same ? 0.0 : 1.0, 0.0);
   }
   return ok;
 }
@@ -397,9 +375,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
-    Forms forms{};        // session-10 forms: {0, 0, 0} = the environment (default: unset)
-    bool rerun = false;   // rerun-bitwise checks (RunCase) against `other`
-    Forms other{};
+    bool rerun = false;   // rerun-bitwise checks (RunCase)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -412,16 +388,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
                         {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
-                        // Session 10: the default forms with rerun-bitwise checks (and
-                        // bitwise against all opt-in forms), then each opt-in form alone and
-                        // all three, bitwise against the default forms.
-                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, {1, 1, 1}, true, {2, 2, 2}},
-                        {"[v3 all, bwd dx early] ", kSsdRegAll, 0, 0, 0, {2, 1, 1}, true,
-                         {1, 1, 1}},
-                        {"[v3 all, fwd xs] ", kSsdRegAll, 0, 0, 0, {1, 2, 1}, true, {1, 1, 1}},
-                        {"[v3 all, dbc smem] ", kSsdRegAll, 0, 0, 0, {1, 1, 2}, true, {1, 1, 1}},
-                        {"[v3 all, session-10 forms] ", kSsdRegAll, 0, 0, 0, {2, 2, 2}, true,
-                         {1, 1, 1}}};
+                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -441,7 +408,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++, p.forms, p.rerun ? &p.other : nullptr) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
@@ -451,7 +418,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
-  SetForms({});
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
