@@ -1,6 +1,7 @@
 // Mamba-2 SSD chunked forward and forward+backward timings (kernels/cuda/ssd.h; issue 8).
 //
 // Shapes (the anchor's, bench/anchor_ssd.py): H64 P64 N128 G1 chunk 256, B8 S2048 and B2 S8192;
+// and mamba2-130m's training step (B16 S2048 H24, the same P, N, G, chunk; --shapes=4 or 5);
 // dt_softplus with dt_bias, D skip, no initial state (as mamba_chunk_scan_combined is called in
 // the anchor). Inputs are dense random data on the device (never zeros). Each line: median of
 // `reps` runs timed with CUDA events, a 256 MiB memset before each run to flush L2 (the anchor's
@@ -12,11 +13,12 @@
 //             [--path=TEXT]
 // MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
-// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192. --path: only the
-// variants whose name contains TEXT (e.g. "un]" for one ncu profile of that variant).
-// GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs, GYRE_SSD_BWD_DBC=smem (session 10's opt-in forms,
-// ssd.h) apply to "[v3 all]" and every path but the four that force forms ("dxE", "fxs", "dbS",
-// "s10"), for alternating timings of one binary.
+// between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192, 4 only B16 S2048 H24
+// (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --path: only the variants whose name
+// contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all]" and the paths that
+// do not force a form follow the environment (GYRE_SSD_DCB_SUM, GYRE_SSD_DACS_FINISH,
+// GYRE_SSD_FUSED_STATE), so one binary times default vs opt-in alternately; "dSL", "dpf", "fs2",
+// "s11" force helper ssd11's forms.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -62,9 +64,9 @@ Counts Count(const SsdShape& s, const SsdOptions& o) {
   return c;
 }
 
-void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_mask,
-         bool default_only, const std::string& path_filter) {
-  SsdShape s{batch, seq, 64, 64, 1, 128};
+void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t heads,
+         int only_mask, bool default_only, const std::string& path_filter) {
+  SsdShape s{batch, seq, heads, 64, 1, 128};
   SsdOptions o;
   o.chunk_size = 256;
   const int64_t nx = s.batch * s.seq_len * s.num_heads * s.head_dim;
@@ -134,8 +136,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   g.dd = dd.as<float>();
 
   const Counts c = Count(s, o);
-  const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) +
-                            " H64 P64 N128 G1 Q256";
+  const std::string shape = "B" + std::to_string(batch) + " S" + std::to_string(seq) + " H" +
+                            std::to_string(heads) + " P64 N128 G1 Q256";
   // Every kernel variant, each timed alone (so that a slower v3 kernel still leaves the best
   // combination measured): v2 mma.sync, then each v3 kernel on its own, then all v3 kernels.
   struct Path {
@@ -143,9 +145,10 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
-    // Session-10 forms (ssd.h SsdSet*VariantForTesting): 0 the environment (the default form
-    // when unset), 1 the default form, 2 the opt-in form.
-    int dx = 0, fwd_form = 0, dbc = 0;
+    // Helper ssd11's forms (0 the environment, 1 the default, 2 the opt-in form):
+    int dcb_sum = 0;     // SsdSetDcbSumVariantForTesting (2: last block sums, GYRE_SSD_DCB_SUM=last)
+    int state_rule = 0;  // SsdSetFusedStateRuleForTesting (2: GYRE_SSD_FUSED_STATE=2)
+    int dacs = 0;        // SsdSetDacsFinishVariantForTesting (2: GYRE_SSD_DACS_FINISH=pf)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -157,11 +160,11 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        // Session 10's opt-in forms (each alone, then all three).
-                        {"[v3 all dxE]", kSsdRegAll, 0, 0, 2, 1, 1},   // bwd dx early
-                        {"[v3 all fxs]", kSsdRegAll, 0, 0, 1, 2, 1},   // scan fwd x from smem
-                        {"[v3 all dbS]", kSsdRegAll, 0, 0, 1, 1, 2},   // dB/dC dCB via smem
-                        {"[v3 all s10]", kSsdRegAll, 0, 0, 2, 2, 2}};  // all three
+                        // Session 11's opt-in forms (each alone, then all three).
+                        {"[v3 all dSL]", kSsdRegAll, 0, 0, 2, 1, 1},   // dCB sum in the last block
+                        {"[v3 all dpf]", kSsdRegAll, 0, 0, 1, 1, 2},   // dacs_finish pf
+                        {"[v3 all fs2]", kSsdRegAll, 0, 0, 1, 2, 1},   // fused state rule 2/SM
+                        {"[v3 all s11]", kSsdRegAll, 0, 0, 2, 2, 2}};  // all three
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
@@ -169,15 +172,15 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
       continue;
     }
     if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
-                         p.dx != 0 || p.fwd_form != 0 || p.dbc != 0)) {
+                         p.dcb_sum != 0 || p.state_rule != 0 || p.dacs != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
-    SsdSetBwdDxVariantForTesting(p.dx);
-    SsdSetScanFwdVariantForTesting(p.fwd_form);
-    SsdSetBwdDbcVariantForTesting(p.dbc);
+    SsdSetDcbSumVariantForTesting(p.dcb_sum);
+    SsdSetFusedStateRuleForTesting(p.state_rule);
+    SsdSetDacsFinishVariantForTesting(p.dacs);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -197,9 +200,9 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int only_
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
-  SsdSetBwdDxVariantForTesting(0);
-  SsdSetScanFwdVariantForTesting(0);
-  SsdSetBwdDbcVariantForTesting(0);
+  SsdSetDcbSumVariantForTesting(0);
+  SsdSetFusedStateRuleForTesting(0);
+  SsdSetDacsFinishVariantForTesting(0);
 }
 
 }  // namespace
@@ -222,7 +225,10 @@ int main(int argc, char** argv) {
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   t.Init(&alloc);
-  if (shapes != 3) Run(t, alloc, 8, 2048, only_mask, default_only, path_filter);
-  if (shapes > 1) Run(t, alloc, 2, 8192, only_mask, default_only, path_filter);
+  if (shapes == 1 || shapes == 2 || shapes == 5) {
+    Run(t, alloc, 8, 2048, 64, only_mask, default_only, path_filter);
+  }
+  if (shapes == 2 || shapes == 3) Run(t, alloc, 2, 8192, 64, only_mask, default_only, path_filter);
+  if (shapes == 4 || shapes == 5) Run(t, alloc, 16, 2048, 24, only_mask, default_only, path_filter);
   return 0;
 }

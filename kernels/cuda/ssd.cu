@@ -100,7 +100,7 @@
 //   later session-5 code (ssd_bwd_dcb_sum, the shuffle fix; H100): 2.47-2.49 ms with the inter
 //   ∂Acs terms formed in the chunk-state backward (now the only variant), 2.53-2.55 ms with them
 //   in bwd dx (removed), 0.62-0.66x the anchor in that call. Session 6 (H100, two calls): the
-//   inter ∂Acs terms moved again, into ssd_bwd_dbc_reg's dC blocks (chunk-state backward 338 →
+//   inter ∂Acs terms moved again, into ssd_bwd_dbc_smem's dC blocks (chunk-state backward 338 →
 //   183 µs, dB/dC 421 → 509 µs), and the chunk states fused with the state passes where the
 //   (slice, h, b) blocks fill the device (ssd_chunk_state_scan: forward 308 → 234 µs, backward
 //   339 → 228 µs at B8 S2048): 2.22-2.24 ms at B8 S2048 (main before: 2.46-2.49), 2.43 ms at
@@ -108,7 +108,7 @@
 //   at B2 S8192 (2-4x the blocks) lost to the unfused kernels (2.52-2.55 vs 2.43 ms) and were
 //   removed; the unfused chunk states became ssd_chunk_state_scan's one-chunk form (same time);
 //   median of 5 alternating rounds: 0.58x (B8 S2048) / 0.60x (B2 S8192) the anchor. Session 8
-//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair,
+//   (H200, three calls): the forward scan as one block per l-tile pair (ssd_chunk_scan_fwd_pair_xs,
 //   forward 0.631 → 0.611 ms), dCB head split 4, dB/dC at four blocks per SM: fwd+bwd 2.193 →
 //   2.113 ms (B8 S2048), 2.292 → 2.205 ms (B2 S8192); two heads per block sharing the C_l / B_s
 //   / C Bᵀ tiles (−25% L2 bytes) and the tile pairing in bwd dx did not win and are gone. The
@@ -120,12 +120,12 @@
 // shared memory) stay selectable per kernel; the v3 replacements (section "register-resident
 // path" below, the default) are: ssd_chunk_state_scan (chunk states, cp.async double-buffered;
 // fused with the state pass where its blocks fill the device, else one chunk per block),
-// ssd_chunk_scan_fwd_pair (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
+// ssd_chunk_scan_fwd_pair_xs (one block per pair of l-tiles), ssd_bwd_dcb_reg (x·dyᵀ per head,
 // once for two consumers: the
 // head-summed dCB per (b, c, g) tile pair, in head-split fp32 partials that ssd_bwd_dcb_sum adds
 // into bf16 dCB and dCBᵀ, and since session 5 the intra-chunk ∂Acs pair terms per head),
-// ssd_chunk_scan_bwd_dx_reg (one block per 64-row s-tile: dx and the state ∂Acs terms of its
-// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_reg (dB and dC in one launch, state
+// ssd_chunk_scan_bwd_dx_early (one block per 64-row s-tile: dx and the state ∂Acs terms of its
+// own rows; one 64×64 product per tile pair), ssd_bwd_dbc_smem (dB and dC in one launch, state
 // terms as a GEMM over (head, p); its dC blocks also form the inter-chunk ∂Acs terms) +
 // ssd_bwd_dacs_finish (all ∂Acs partials summed in a fixed order). The v3 bwd dx path therefore
 // always runs with the v3 dB/dC kernel.
@@ -1436,7 +1436,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, c
     }
 }
 
-// ssd_chunk_scan_fwd_pair: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
+// ssd_chunk_scan_fwd_pair_xs: y for the l-tiles p and T−1−p (T = Q/64 tiles per chunk; one tile
 // where they coincide) of one (b, c, h), so every block has the same work (at Q = 256: 2 inter
 // products and 5 tile pairs) and one cp.async pipeline runs through all of it. Session 8
 // replaced the per-l-tile kernel (ssd_chunk_scan_fwd_reg, one block per 64-row l-tile walking
@@ -1460,12 +1460,11 @@ void CarveScanFwdPair(Carver& cv, const Dims& d) {
 }
 
 // grid (NC·ceil(T/2), H, B). 128 registers and 55 KB at P64 N128: four blocks per SM.
-// kXs (GYRE_SSD_FWD=xs, the default since session 8, see Choose): the D·x term of each l-tile's
-// rows reads x from the ring slot of the diagonal item S(a, a), whose x_s tile holds exactly
-// those rows, instead of from global memory after the last product (a synchronous round trip
-// per l-tile, two per block). Same values (bitwise the same y).
-template <int kP, bool kXs>
-__device__ __forceinline__ void ScanFwdPairBody(
+// The D·x term of each l-tile's rows reads x from the ring slot of the diagonal item S(a, a),
+// whose x_s tile holds exactly those rows (helper ssd10; session 8's form read it from global
+// memory after the last product, one synchronous round trip per l-tile).
+template <int kP>
+__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
     Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
   extern __shared__ __align__(128) char smem[];
   constexpr int NP = kP / 8;
@@ -1604,16 +1603,11 @@ __device__ __forceinline__ void ScanFwdPairBody(
       for (int e2 = 0; e2 < 2; ++e2) {
         const int row = r0 + 8 * e2;
         if (row < lv) {
-          const int64_t off = (tl0 + row) * x_stride, yoff = (tl0 + row) * d.ldy;
+          const int64_t yoff = (tl0 + row) * d.ldy;
 #pragma unroll
           for (int j = 0; j < NP; ++j) {
             const int p = 8 * j + 2 * tq;
-            float2 xv;
-            if constexpr (kXs) {
-              xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): rows of l-tile a
-            } else {
-              xv = Bf2(xb + off + p);
-            }
+            const float2 xv = Bf2(sl + kTile * kLdCb + row * ldp + p);  // x_s of S(a, a): l-tile a
             *reinterpret_cast<__nv_bfloat162*>(yb + yoff + p) = __floats2bfloat162_rn(
                 acc[j][2 * e2] + dsk * xv.x, acc[j][2 * e2 + 1] + dsk * xv.y);
           }
@@ -1623,23 +1617,11 @@ __device__ __forceinline__ void ScanFwdPairBody(
   }
 }
 
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair(
-    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
-  ScanFwdPairBody<kP, false>(d, x, Cm, Dskip, saved, y);
-}
-
-template <int kP>
-__global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd_pair_xs(
-    Dims d, const bf16* x, const bf16* Cm, const float* Dskip, const float* saved, bf16* y) {
-  ScanFwdPairBody<kP, true>(d, x, Cm, Dskip, saved, y);
-}
-
-// Shared memory of ssd_chunk_scan_bwd_dx_reg (~56 KB at P64 N128: four blocks per SM by shared
+// Shared memory of ssd_chunk_scan_bwd_dx_early (~56 KB at P64 N128: four blocks per SM by shared
 // memory): region RA first holds the state product's operands B_s and G_{c+1} (bf16), then one
 // l-tile buffer of the pair loop (C Bᵀ tile, dy_l); RB is the other l-tile buffer; Acs of the
 // chunk, its tile-relative decays, dt of the own rows. (The inter term comes from
-// ssd_bwd_dbc_reg, so no C_l or H_c here.)
+// ssd_bwd_dbc_smem, so no C_l or H_c here.)
 template <typename Carver>
 void CarveDxReg(Carver& cv, const Dims& d) {
   const int buf = kTile * kLdCb + kTile * (d.P + 8);
@@ -1659,22 +1641,18 @@ void CarveDxReg(Carver& cv, const Dims& d) {
 // dd_part[3][B, NC, H, Q/64]: Σ dy·x (∂D), A·∂A of those terms (difference form), Σ dl (the +dl
 // of the decay to the chunk's last token). The pair terms (x_s·dy_l)·M come from
 // ssd_bwd_dcb_reg, which forms x·dyᵀ per head anyway; the inter terms (the row as l) from
-// ssd_bwd_dbc_reg's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
+// ssd_bwd_dbc_smem's dC blocks, which form e^{Acs_l} dy_l H_c per head anyway (session 5:
 // forming them here cost C_l and H_c loads, 72 KB and 3 blocks/SM: fwd+bwd 2-3.5% slower; in
 // the chunk-state backward, +160 µs there).
-// Phases: RA is loaded; state product (RA); RA then receives l-tile st; the pair loop
-// alternates RA, RB with one barrier per tile.
-//
-// kEarly (GYRE_SSD_BWD_DX=early, the default since session 8, see Choose): the first l-tile's
-// cp.async group (C Bᵀ tile st, dy_st) is issued into RB together with B_s / G_{c+1} in the
-// prologue, so its round trip overlaps the state product instead of following it; l-tile st+1
-// then goes into RA once the state product has retired it. Also (below) the own rows of x for
-// the state term are loaded into registers in the prologue (P <= 64), and the own rows of x and
-// dy for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no
-// synchronous global load is left on the block's path. Same shared memory, same buffers, same
-// arithmetic in the same order (bitwise the same outputs as kEarly = false).
-template <int kP, bool kEarly>
-__device__ __forceinline__ void BwdDxRegBody(
+// Phases: RA is loaded with B_s and G_{c+1} while RB receives the first l-tile's cp.async group
+// (C Bᵀ tile st, dy_st), so its round trip overlaps the state product (helper ssd10; session
+// 8's form issued it after the product); state product (RA); RA then receives l-tile st+1; the
+// pair loop alternates RB, RA with one barrier per tile. Also (below) the own rows of x for the
+// state term are loaded into registers in the prologue (P <= 64), and the own rows of x and dy
+// for the epilogue travel by cp.async into RA's unused tail (P64, N >= 128), so no synchronous
+// global load is left on the block's path there.
+template <int kP>
+__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
     const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
     float* ddtx, double* dd_part) {
@@ -1725,13 +1703,13 @@ __device__ __forceinline__ void BwdDxRegBody(
     LoadRowsAsync(buf + kTile * kLdCb, ldp, dyb + tl0 * y_stride, y_stride, lv, kP);
     CpAsyncCommit();
   };
-  // kEarly, P <= 64: the own rows of x for the state term's dl go into registers here, so that
-  // their round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128
-  // the 32 extra registers spilled 160 bytes, so wider heads read x after the product as before).
-  constexpr bool kPreX = kEarly && kP <= 64;
-  const float dsk_pre = kEarly && Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
+  // P <= 64: the own rows of x for the state term's dl go into registers here, so that their
+  // round trip overlaps B_s / G_{c+1}'s instead of following the state product (at P128 the 32
+  // extra registers spilled 160 bytes, so wider heads read x after the product).
+  constexpr bool kPreX = kP <= 64;
+  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;  // (D for the epilogue)
   __nv_bfloat162 xpre0[kPreX ? NP : 1], xpre1[kPreX ? NP : 1];
-  if constexpr (kEarly) issue(st, RB);  // RB is unused until the pair loop
+  issue(st, RB);  // RB is unused until the pair loop
   if constexpr (kPreX) {
     const int q0 = r0 < sv ? r0 : 0, q1 = r0 + 8 < sv ? r0 + 8 : 0;
     const bf16* p0 = xb + (ts0 + q0) * x_stride + 2 * tq;
@@ -1754,11 +1732,7 @@ __device__ __forceinline__ void BwdDxRegBody(
     const int r = threadIdx.x;
     dts[r] = r < sv ? dt_g[static_cast<int64_t>(ts0 + r) * d.H + h] : 0.f;
   }
-  if constexpr (kEarly) {
-    CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
-  } else {
-    CpAsyncWait<0>();
-  }
+  CpAsyncWait<1>();  // B_s, G_{c+1} (l-tile st may still be in flight)
   __syncthreads();
 
   const float acs_last = acs[d.Q - 1];
@@ -1771,7 +1745,7 @@ __device__ __forceinline__ void BwdDxRegBody(
   const bf16* yr1 = dyb + (ts0 + (ok1 ? r0 + 8 : 0)) * y_stride;
 
   // State term: dX̄ = w_s (B_s Gᵀ), w_s = e^{Acs_last − Acs_s}; dl_s = dt_s x_s·dX̄_s (x of the
-  // own rows straight from global memory: two rows per thread, read again for x·dX̄ below).
+  // own rows from the prologue's registers, or at P > 64 from global memory).
   float acc[NP][4];
   ZeroAcc(acc);
   WarpMmaSS<NP, true>(acc, Bs + warp * 16 * ldn, ldn, Gs, ldn, d.N);
@@ -1803,59 +1777,47 @@ __device__ __forceinline__ void BwdDxRegBody(
     dl1 = ok1 ? dl1 : 0.f;
   }
   __syncthreads();  // RA retired (B_s, G read by every warp)
-  // kEarly at P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
+  // P64, N >= 128: the own rows of x and dy for the epilogue go by cp.async into the
   // part of RA that the pair loop never uses (RA + tbuf: 2·64·64 bf16 fit exactly there at N128),
   // unpadded with 16-byte chunks XOR-swizzled by row (conflict-free reads of the accumulator
   // layout's columns); they join tile st+1's group (or form their own), so the epilogue reads
   // shared memory instead of waiting for a global round trip.
   bf16* own_x = RA + tbuf;
   bf16* own_dy = own_x + kTile * kP;
-  const bool own_smem = kEarly && kP == 64 && region - tbuf >= 2 * kTile * kP;
-  if constexpr (kEarly) {
-    if (own_smem) {
-      for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
-        const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
-        const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
-        const bool ok = r < sv;
-        const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
-        bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
-        const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
-                     "r"(ok ? 16 : 0));
-      }
+  const bool own_smem = kP == 64 && region - tbuf >= 2 * kTile * kP;
+  if (own_smem) {
+    for (int i = threadIdx.x; i < 2 * kTile * (kP / 8); i += kThreads) {
+      const int which = i / (kTile * (kP / 8)), k2 = i % (kTile * (kP / 8));
+      const int r = k2 / (kP / 8), ch = k2 % (kP / 8);
+      const bool ok = r < sv;
+      const bf16* src = (which ? dyb : xb) + (ts0 + (ok ? r : 0)) * (which ? y_stride : x_stride) + 8 * ch;
+      bf16* dst = (which ? own_dy : own_x) + r * kP + 8 * (ch ^ (r & 7));
+      const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(src),
+                   "r"(ok ? 16 : 0));
     }
-    if (st + 1 < nT) {
-      issue(st + 1, RA);
-    } else {
-      CpAsyncCommit();
-    }
+  }
+  if (st + 1 < nT) {
+    issue(st + 1, RA);
   } else {
-    issue(st, RA);
+    CpAsyncCommit();
   }
 
-  // Pair loop over l-tiles st..nT−1, buffers RA (even steps) and RB (odd); kEarly: RB (even)
-  // and RA (odd). One barrier per tile: publishes tile lt, retires the other buffer (tile lt−1;
-  // unused before the loop), which then receives tile lt+1 (kEarly: tile st+1 is already in
-  // flight at the first step, so that step waits for all but the newest group and issues none).
+  // Pair loop over l-tiles st..nT−1, buffers RB (even steps) and RA (odd). One barrier per
+  // tile: publishes tile lt, retires the other buffer (tile lt−1), which then receives tile
+  // lt+1 (tile st+1 is already in flight at the first step, so that step waits for all but the
+  // newest group and issues none).
   for (int lt = st; lt < nT; ++lt) {
-    bf16* cur;
-    if constexpr (kEarly) {
-      cur = ((lt - st) & 1) ? RA : RB;
-      // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
-      // stay in flight; the last tile's step waits for everything, the own rows included.
-      if (lt == st && st + 1 < nT) {
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      __syncthreads();
-      if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
+    bf16* cur = ((lt - st) & 1) ? RA : RB;
+    // At lt == st the newest group (tile st+1 and the own rows, or the own rows alone) may
+    // stay in flight; the last tile's step waits for everything, the own rows included.
+    if (lt == st && st + 1 < nT) {
+      CpAsyncWait<1>();
     } else {
-      cur = ((lt - st) & 1) ? RB : RA;
       CpAsyncWait<0>();
-      __syncthreads();
-      if (lt + 1 < nT) issue(lt + 1, ((lt - st) & 1) ? RA : RB);
     }
+    __syncthreads();
+    if (lt + 1 < nT && lt != st) issue(lt + 1, ((lt - st) & 1) ? RB : RA);
     const bf16* dYl = cur + kTile * kLdCb;
     const int l0 = lt * kTile;
     float s1[8][4];
@@ -1893,12 +1855,6 @@ __device__ __forceinline__ void BwdDxRegBody(
   }
 
   // dx = dt dX̄ + D dy; x·dX̄ per row; Σ x·dy.
-  float dsk;
-  if constexpr (kEarly) {
-    dsk = dsk_pre;
-  } else {
-    dsk = Dskip != nullptr ? Dskip[h] : 0.f;
-  }
   float dot_d = 0.f;
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
@@ -1955,25 +1911,9 @@ __device__ __forceinline__ void BwdDxRegBody(
   }
 }
 
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_reg(
-    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
-    float* ddtx, double* dd_part) {
-  BwdDxRegBody<kP, false>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
-}
-
-template <int kP>
-__global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
-    Dims d, const bf16* x, const bf16* Bm, const float* Dskip,
-    const float* saved, const bf16* dy, const bf16* g_bf, bf16* dx, float* dacs_own,
-    float* ddtx, double* dd_part) {
-  BwdDxRegBody<kP, true>(d, x, Bm, Dskip, saved, dy, g_bf, dx, dacs_own, ddtx, dd_part);
-}
-
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
-// own-row terms from ssd_chunk_scan_bwd_dx_reg, the inter terms from ssd_bwd_dbc_reg's dC
+// own-row terms from ssd_chunk_scan_bwd_dx_early, the inter terms from ssd_bwd_dbc_smem's dC
 // blocks — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
@@ -1996,7 +1936,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   const float* acs_g = AcsPtr(d, saved, b, h) + c0;
   const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
   const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_bwd_dbc_reg (inter_parts 64-column slices of N): +v at l,
+  // The inter terms from ssd_bwd_dbc_smem (inter_parts 64-column slices of N): +v at l,
   // A·∂A share v·Acs_l.
   double inter_da = 0.0;
   for (int t = threadIdx.x; t < d.Q; t += kThreads) {
@@ -2075,7 +2015,167 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
   }
 }
 
-// cp.async pipeline depth of the head loop of ssd_bwd_dbc_reg: 2 with four blocks per SM
+// GYRE_SSD_DACS_FINISH=pf (opt-in, helper ssd11): ssd_bwd_dacs_finish with its global loads
+// issued together instead of one dependent round trip at a time: the scalars thread 0 used to
+// sum in serial loops (Σ dl, the <G, H_c> partials, the ∂D / A·∂A s-tile partials, the tile
+// pairs' A·∂A, Acs_last; up to 4 + 32 + 4 + 4 + 10 + 1 values) go to shared memory from
+// threads 0..64 at the start, overlapping the ∂Acs gathering; each token's pair / inter partials
+// are loaded by fully unrolled, predicated loops (Q <= 256: at most 4 tiles, N <= 256: at most 4
+// slices) before they are added; dt_raw and x·dX̄ of the thread's two tokens are loaded at the
+// start. Every sum keeps its order and precision: bitwise the same outputs.
+__global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish_pf(
+    Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
+    const float* dacs_pair, const float* dacs_own, const float* ddtx, const double* dd_part,
+    const double* dpair, const float* inter_part, int inter_parts, const float* ddecay,
+    int ddecay_parts, float* ddt, double* part) {
+  constexpr int kMaxT = 4, kMaxQ = 32;  // tiles per chunk (Q <= 256), prefetched ddecay parts
+  static_assert(2 * kThreads >= 256, "two tokens per thread cover a chunk of Q <= 256");
+  __shared__ float dacs[256];
+  __shared__ double red[3 * kWarps];
+  __shared__ float dacs_decay;  // e^{Acs_last} <G_{c+1}, H_c> (thread 0 writes, thread 0 reads)
+  __shared__ double pre_dl[kMaxT], pre_sd[kMaxT], pre_sa[kMaxT], pre_pair[kMaxT * (kMaxT + 1) / 2];
+  __shared__ float pre_q[kMaxQ], pre_alast;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTile - 1) / kTile;
+  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
+  const int64_t bch = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
+  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
+  const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
+  const float* own = dacs_own + bh * d.NC * d.Q + c0;
+  const float* q = ddecay + (bh * d.NC + c) * ddecay_parts;
+  {
+    const int i = threadIdx.x;
+    if (i < kMaxT) {
+      if (i < nT) pre_dl[i] = dd_part[2 * n * tiles + bch * tiles + i];
+    } else if (i < 2 * kMaxT) {
+      if (i - kMaxT < nT) pre_sd[i - kMaxT] = dd_part[bch * tiles + i - kMaxT];
+    } else if (i < 3 * kMaxT) {
+      if (i - 2 * kMaxT < nT) pre_sa[i - 2 * kMaxT] = dd_part[n * tiles + bch * tiles + i - 2 * kMaxT];
+    } else if (i < 3 * kMaxT + kMaxT * (kMaxT + 1) / 2) {
+      const int p = i - 3 * kMaxT;
+      if (p < nT * (nT + 1) / 2) pre_pair[p] = dpair[bch * pairs + p];
+    } else if (i >= 32 && i < 32 + kMaxQ) {
+      if (i - 32 < ddecay_parts) pre_q[i - 32] = q[i - 32];
+    } else if (i == 32 + kMaxQ) {
+      pre_alast = acs_g[d.Q - 1];
+    }
+  }
+  // The thread's tokens of the ddt pass (t = threadIdx.x, threadIdx.x + kThreads), loaded now.
+  const float* dx_dot = ddtx + bh * d.NC * d.Q + c0;
+  float raw_v[2] = {0.f, 0.f}, dot_v[2] = {0.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int t = threadIdx.x + k * kThreads;
+    if (t < len) {
+      raw_v[k] = dt_raw[(static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h];
+      dot_v[k] = dx_dot[t];
+    }
+  }
+  double inter_da = 0.0;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int t = threadIdx.x + k * kThreads;
+    if (t >= d.Q) break;
+    const int T = t / kTile, r = t % kTile;
+    float v = 0.f;
+    if (T < nT) {
+      float iv[4], pr[kMaxT], pc[kMaxT];
+#pragma unroll
+      for (int sl = 0; sl < 4; ++sl) {
+        iv[sl] = sl < inter_parts
+                     ? inter_part[((static_cast<int64_t>(sl) * d.B + b) * d.H + h) * d.NC * d.Q + c0 + t]
+                     : 0.f;
+      }
+#pragma unroll
+      for (int s2 = 0; s2 < kMaxT; ++s2) {
+        pr[s2] = s2 <= T ? pp[(T * (T + 1) / 2 + s2) * 2 * kTile + r] : 0.f;
+        pc[s2] = s2 >= T && s2 < nT ? pp[(s2 * (s2 + 1) / 2 + T) * 2 * kTile + kTile + r] : 0.f;
+      }
+      const float at = acs_g[t], ow = own[t];
+      float inter = 0.f;
+#pragma unroll
+      for (int sl = 0; sl < 4; ++sl) {
+        if (sl < inter_parts) inter += iv[sl];
+      }
+      inter_da += static_cast<double>(inter) * at;
+      v = ow + inter;
+#pragma unroll
+      for (int s2 = 0; s2 < kMaxT; ++s2) {
+        if (s2 <= T) v += pr[s2];
+      }
+#pragma unroll
+      for (int l = 0; l < kMaxT; ++l) {
+        if (l >= T && l < nT) v -= pc[l];
+      }
+    }
+    dacs[t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double dl = 0.0;  // Σ dl of the chunk: each state term's +dl at the last token
+    for (int s2 = 0; s2 < nT; ++s2) dl += pre_dl[s2];
+    float s = 0.f;
+    for (int i = 0; i < ddecay_parts; ++i) s += i < kMaxQ ? pre_q[i] : q[i];
+    dacs[d.Q - 1] += static_cast<float>(dl) + expf(pre_alast) * s;
+    dacs_decay = expf(pre_alast) * s;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, seg = d.Q / 32;
+    float s = 0.f;
+    for (int i = 0; i < seg; ++i) s += dacs[lane * seg + i];
+    float suffix = s;
+    for (int off = 1; off < 32; off <<= 1) {
+      const float o = __shfl_down_sync(0xffffffffu, suffix, off);
+      if (lane + off < 32) suffix += o;
+    }
+    float run = suffix - s;
+    for (int i = seg - 1; i >= 0; --i) {
+      run += dacs[lane * seg + i];
+      dacs[lane * seg + i] = run;
+    }
+  }
+  __syncthreads();
+  const float A = -expf(a_log[h]);
+  const float bias = dt_bias[h];
+  double db_acc = 0.0;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int t = threadIdx.x + k * kThreads;
+    if (t < len) {
+      const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
+      const float dda = dacs[t];
+      const float total = dot_v[k] + A * dda;
+      const float raw = raw_v[k] + bias;
+      const float sp = Softplus(raw);
+      const bool passes = sp >= d.dt_min && sp <= d.dt_max;
+      const float draw = passes ? total * Sigmoid(raw) : 0.f;
+      ddt[idx] = draw;
+      db_acc += draw;
+    }
+  }
+  const double s_b = BlockSumDouble(db_acc, red + kWarps);
+  const double s_i = BlockSumDouble(inter_da, red + 2 * kWarps);
+  if (threadIdx.x == 0) {
+    const int64_t i = bch;
+    double s_d = 0.0, s_a = 0.0;
+    for (int s2 = 0; s2 < nT; ++s2) s_d += pre_sd[s2];
+    for (int s2 = 0; s2 < nT; ++s2) s_a += pre_sa[s2];
+    for (int p = 0; p < nT * (nT + 1) / 2; ++p) s_a += pre_pair[p];
+    s_a += s_i;
+    s_a += static_cast<double>(dacs_decay) * pre_alast;
+    s_a /= static_cast<double>(A);
+    part[i] = s_a;
+    part[n + i] = s_b;
+    part[2 * n + i] = s_d;
+  }
+}
+
+// cp.async pipeline depth of the head loop of ssd_bwd_dbc_smem: 2 with four blocks per SM
 // (128 registers, 84 bytes spilled, 47 KB) beat 3 at three blocks per SM (168 registers, 66 KB):
 // H200, session 8, fwd+bwd 2.133 → 2.113 ms at B8 S2048, 2.245 → 2.205 ms at B2 S8192 (1024
 // blocks: 1.9 waves of 528 instead of 2.6 of 396).
@@ -2098,17 +2198,66 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
 // double-buffered through cp.async. Two results from the same v:
 //  - the head-summed dCB[l, s] = Σ_h v of the 64×64 tile (for dB and dC), written fp32 to
 //    dcb [split, B, NC, G, Q, Q] (one partial sum per head split, added in order by
-//    ssd_bwd_dbc_reg; tiles above the diagonal are not written and never read);
+//    ssd_bwd_dbc_smem; tiles above the diagonal are not written and never read);
 //  - the intra-chunk ∂Acs terms m2[l, s] = v·(C_l·B_s) of head h (C Bᵀ from `saved`, the same
 //    tile for every head of the group): +m2 at l, −m2 at s. Per (b, h, c, pair) their row sums
 //    (l side) and column sums (s side) go to dacs_pair [B, H, NC, pairs, 2, 64], and Σ
 //    m2·(Acs_l − Acs_s) (A·∂A in the difference form) to dpair [B, NC, H, pairs] (double);
 //    ssd_bwd_dacs_finish sums them in a fixed order. (Until session 5 bwd dx recomputed x·dyᵀ
 //    per head for these terms and held it beside its P-wide accumulator: 195 registers.)
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
-                                                               const bf16* dy, const float* saved,
-                                                               float* dcb, float* dacs_pair,
-                                                               double* dpair, int split) {
+// ssd_bwd_dcb_sum's work for this block's tile pair (its indices from blockIdx as in
+// ssd_bwd_dcb_reg), run by the last head-split block of ssd_bwd_dcb_last: the partials read
+// through L2, summed in the same order, rounded the same way. Not inlined, so that its
+// addresses are not kept live through the head loop (inlined: 12-32 bytes of spills; with the
+// dimensions passed as scalars the caller spilled 28 bytes around the call).
+__device__ __noinline__ void DcbSumTileLast(const Dims& d, const float* dcb, int split,
+                                            bf16* dcb_bf, char* smem) {
+  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
+  const int cp = blockIdx.x / split, c = cp / pairs, g = blockIdx.y, b = blockIdx.z;
+  int pi = cp % pairs, lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  const int l0 = lt * kTile, s0 = pi * kTile;
+  bf16(*tile)[kTile + 2] = reinterpret_cast<bf16(*)[kTile + 2]>(smem);
+  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+  const int64_t base = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;
+    const int64_t off = base + static_cast<int64_t>(l0 + r) * d.Q + s0 + cc;
+    float2 v = __ldcg(reinterpret_cast<const float2*>(dcb + off));
+    for (int p = 1; p < split; ++p) {
+      const float2 w = __ldcg(reinterpret_cast<const float2*>(dcb + p * n + off));
+      v.x += w.x;
+      v.y += w.y;
+    }
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + off) = h;
+    tile[r][cc] = h.x;
+    tile[r][cc + 1] = h.y;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
+    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;  // row s0 + r, columns l0 + cc
+    __nv_bfloat162 h;
+    h.x = tile[cc][r];
+    h.y = tile[cc + 1][r];
+    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + n + base + static_cast<int64_t>(s0 + r) * d.Q +
+                                       l0 + cc) = h;
+  }
+}
+
+// kSumLast (GYRE_SSD_DCB_SUM=last, opt-in, helper ssd11; ssd_bwd_dcb_last): after its partial
+// is stored, each block counts itself in tile_count[(b, c, g, pair)] (zeroed by the host before
+// the launch); the last of the tile's `split` blocks sums the partials and writes dcb_bf as
+// ssd_bwd_dcb_sum does (same order, same rounding: bitwise the same dCB), so that kernel and its
+// launch go away and the partials are re-read from L2 right after they were written.
+template <bool kSumLast>
+__device__ __forceinline__ void DcbRegBody(Dims d, const bf16* x, const bf16* dy,
+                                           const float* saved, float* dcb, float* dacs_pair,
+                                           double* dpair, int split, unsigned* tile_count,
+                                           bf16* dcb_bf) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int part = blockIdx.x % split, cp = blockIdx.x / split;
@@ -2327,11 +2476,39 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
       *reinterpret_cast<float2*>(out + static_cast<int64_t>(l0 + row) * d.Q + s0 + col) =
           make_float2(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
+  if constexpr (kSumLast) {
+    // Release: this block's partial is visible device-wide before it is counted.
+    __shared__ unsigned is_last;
+    __threadfence();
+    __syncthreads();  // (also retires every read of colbuf / pairbuf before smem is reused)
+    if (threadIdx.x == 0) {
+      const int64_t tile_id = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * pairs + pair;
+      is_last = atomicAdd(tile_count + tile_id, 1u) == static_cast<unsigned>(split) - 1u ? 1u : 0u;
+    }
+    __syncthreads();
+    if (is_last == 0u) return;
+    __threadfence();  // acquire: the other blocks' partials, read through L2 (__ldcg)
+    const Dims dl = d;  // (the copy the call takes the address of, made here, not at entry)
+    DcbSumTileLast(dl, dcb, split, dcb_bf, smem);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
+                                                               const bf16* dy, const float* saved,
+                                                               float* dcb, float* dacs_pair,
+                                                               double* dpair, int split) {
+  DcbRegBody<false>(d, x, dy, saved, dcb, dacs_pair, dpair, split, nullptr, nullptr);
+}
+
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_last(
+    Dims d, const bf16* x, const bf16* dy, const float* saved, float* dcb, float* dacs_pair,
+    double* dpair, int split, unsigned* tile_count, bf16* dcb_bf) {
+  DcbRegBody<true>(d, x, dy, saved, dcb, dacs_pair, dpair, split, tile_count, dcb_bf);
 }
 
 // grid (NC·pairs, G, B): one 64×64 tile pair of dCB: the head splits' fp32 partials summed in
 // order and rounded to bf16 (the dB/dC products' operand precision), written as dCB[l, s] and
-// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_reg loads A fragments of either as 4-byte pairs.
+// transposed, dCBᵀ[s, l], so that ssd_bwd_dbc_smem copies either's 64×64 tile as plain rows.
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float* dcb, int split,
                                                             bf16* dcb_bf) {
   __shared__ bf16 tile[kTile][kTile + 2];
@@ -2373,12 +2550,13 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-// Shared memory of ssd_bwd_dbc_reg (~47 KB at P64: four blocks per SM): kStages stages, each
+// Shared memory of ssd_bwd_dbc_smem (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
-// other tile's C_l/B_s slice [64][72] in the same place; each head's Acs and dt of the own rows,
+// other tile's C_l/B_s slice [64][72] in the same place and the dCB tile [64][72] after it (at
+// least 2·64·72 elements per stage, more than P < 64 needs otherwise); each head's Acs and dt of the own rows,
 // and Acs_last; the own rows' C slice [64][72] (dC blocks, for the inter ∂Acs terms).
 int DbcStageElems(const Dims& d) {
-  return std::max(kTile * (d.P + 8) + d.P * 72, kTile * 72);
+  return std::max(kTile * (d.P + 8) + d.P * 72, 2 * kTile * 72);
 }
 template <typename Carver>
 void CarveDbcReg(Carver& cv, const Dims& d) {
@@ -2430,14 +2608,12 @@ __device__ __forceinline__ void WarpMmaSSRowScaled(float (&acc)[NT][4], const bf
 // is dotted with C_l and then added to the running one (no difference of running sums, so a
 // fast-decaying head's small term is not lost under the others').
 //
-// kSmemA (GYRE_SSD_BWD_DBC=smem, the default since session 8, see Choose): the dCB steps' A
-// fragments (the 64×64 dCB tile) travel by cp.async in the step's own group into the half of
-// the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice; P >= 64 only, the
-// host runs the default form elsewhere), and are
-// read with ldmatrix, instead of 16 synchronous 4-byte global loads per thread after the
-// barrier (one exposed round trip per dCB step, 1-4 per block). Same values (bitwise).
-template <bool kSmemA>
-__device__ __forceinline__ void DbcRegBody(
+// The dCB steps' A fragments (the 64×64 dCB tile) travel by cp.async in the step's own group
+// into the half of the stage that a dCB step leaves unused (after the 64×72 C_l / B_s slice;
+// DbcStageElems makes the stage that large at P < 64), and are read with ldmatrix (helper
+// ssd10; session 8's form loaded them with 16 synchronous 4-byte global loads per thread after
+// the barrier, one exposed round trip per dCB step).
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
     Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
     const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
   extern __shared__ __align__(128) char smem[];
@@ -2453,7 +2629,7 @@ __device__ __forceinline__ void DbcRegBody(
   const int o0 = ot * kTile, ov = min(kTile, len - o0);
   const int ldp = d.P + 8, ldv = 72;
   Carve cv{smem};
-  const int stage_elems = max(kTile * ldp + d.P * ldv, kTile * ldv);
+  const int stage_elems = max(kTile * ldp + d.P * ldv, 2 * kTile * ldv);
   bf16* stages = cv.take<bf16>(kStages * stage_elems);
   float* acsb = cv.take<float>(2 * kStages * kTile + 8);
   float* dtb = acsb + kStages * kTile;
@@ -2469,10 +2645,6 @@ __device__ __forceinline__ void DbcRegBody(
   const int r0 = warp * 16 + gq;
   const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
   const int nsteps = n1 + d.hpg;
-  // kSmemA: a stage has room for the dCB tile after the C_l / B_s slice where P >= 64 (the host
-  // launches this form only there): kTile·(P+8) + P·72 >= 2·kTile·72.
-  constexpr bool tile_smem = kSmemA;
-
   auto issue = [&](int step, int buf) {
     if (step < n1) {
       const int o = kDB ? ot + step : step;
@@ -2480,15 +2652,13 @@ __device__ __forceinline__ void DbcRegBody(
       LoadRowsAsync(A_of(buf), ldv,
                     (kDB ? Cm : Bm) + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
                     bc_stride, valid, 64);
-      if constexpr (kSmemA) {
-        {
-          // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
-          const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
-          const bf16* t = dcb_bf + (kDB ? n_all : 0) +
-                          ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
-                          static_cast<int64_t>(o0) * d.Q + o * kTile;
-          CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
-        }
+      {
+        // dCB rows o0.. (own), columns o·64.. (other) of this chunk's (transposed) copy.
+        const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+        const bf16* t = dcb_bf + (kDB ? n_all : 0) +
+                        ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
+                        static_cast<int64_t>(o0) * d.Q + o * kTile;
+        CpRows(A_of(buf) + kTile * ldv, kLdCb, t, d.Q, kTile, kTile, kTile);
       }
     } else {
       const int h = g * d.hpg + (step - n1);
@@ -2515,10 +2685,6 @@ __device__ __forceinline__ void DbcRegBody(
     CpAsyncCommit();
   };
 
-  // dcb_bf holds dCB [B, NC, G, Q, Q] and then its per-chunk transpose (ssd_bwd_dcb_sum).
-  const int64_t dcb_n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
-  const bf16* dcb_t = dcb_bf + (kDB ? dcb_n : 0) +
-                      ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
   float acc[8][4];
   ZeroAcc(acc);
   // The pipeline of ssd_bwd_dcb_reg (kStages deep, one barrier per step).
@@ -2544,23 +2710,10 @@ __device__ __forceinline__ void DbcRegBody(
       CpAsyncCommit();
     }
     if (step < n1) {
-      // A fragments of the dCB tile straight from global memory (bf16 pairs, 4-byte loads):
-      // dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] = dCBᵀ[s, l] (the transposed copy).
-      const int o = kDB ? ot + step : step;
+      // A fragments of the dCB tile (dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] =
+      // dCBᵀ[s, l], the transposed copy) from the stage's second half.
       unsigned fa[4][4];
-      if constexpr (tile_smem) {
-        LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
-      } else {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = o0 + r0 + 8 * (i & 1);                      // own index in the chunk
-            const int k = o * kTile + 16 * ks + 8 * (i >> 1) + 2 * tq;  // other index
-            fa[ks][i] =
-                *reinterpret_cast<const unsigned*>(dcb_t + static_cast<int64_t>(row) * d.Q + k);
-          }
-      }
+      LoadTileA<false>(fa, A_of(buf) + kTile * ldv);
       WarpMmaRS<8, 4, false>(acc, fa, A_of(buf), ldv);
     } else {
       const float* ab = acsb + buf * kTile;
@@ -2615,18 +2768,6 @@ __device__ __forceinline__ void DbcRegBody(
             __floats2bfloat162_rn(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
   }
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_reg(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
-  DbcRegBody<false>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
-    Dims d, const bf16* x, const bf16* Bm, const bf16* Cm, const float* saved, const bf16* dy,
-    const bf16* st_g, const bf16* dcb_bf, bf16* db, bf16* dc, float* inter_out) {
-  DbcRegBody<true>(d, x, Bm, Cm, saved, dy, st_g, dcb_bf, db, dc, inter_out);
 }
 
 
@@ -2907,7 +3048,7 @@ constexpr int kDefaultRegMask = kSsdRegAll;
 std::atomic<int> g_reg_mask{kDefaultRegMask};
 
 // Which v3 kernels this call uses: the selected ones whose tiles fit the device.
-// dx implies dbc: ssd_bwd_dbc_reg's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
+// dx implies dbc: ssd_bwd_dbc_smem's dC blocks form the inter-chunk ∂Acs terms that the v3 bwd dx
 // path needs (ssd_bwd_dacs_finish runs after it).
 struct RegPlan {
   bool fwd = false, dx = false, dbc = false, state = false;
@@ -2936,15 +3077,76 @@ int SmCount() {
   return sms;
 }
 
+// Environment switches, read once per process (two threads reading at once store the same
+// value). names[0] is the default form, also when the variable is unset; any value not in
+// `names` is an error from the launching call that lists the accepted values. Helper ssd10's
+// forms (early dx loads, D·x from the scan's ring, dCB tiles through shared memory) became the
+// defaults after the lead's session-8 call and the forms they replaced were deleted after the
+// 2026-11-27 confirmation, so their switches accept only the remaining name:
+//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted)
+//   GYRE_SSD_FWD     = xs     (ssd_chunk_scan_fwd_pair_xs; "pair" was deleted)
+//   GYRE_SSD_BWD_DBC = smem   (ssd_bwd_dbc_smem; "reg" was deleted)
+// Helper ssd11's opt-in forms (not measured yet; ssd_notes.md "Session 11"):
+//   GYRE_SSD_FUSED_STATE = 3 | 2      (UseFusedStatePass's rule: fused chunk states + state pass
+//                                      where the (slice, h, b) blocks are >= 3 resp. 2 per SM)
+//   GYRE_SSD_DCB_SUM     = kernel | last  (ssd_bwd_dcb_sum after ssd_bwd_dcb_reg, or the last
+//                                      head-split block of each tile sums: ssd_bwd_dcb_last)
+//   GYRE_SSD_DACS_FINISH = plain | pf (ssd_bwd_dacs_finish, or ssd_bwd_dacs_finish_pf: its
+//                                      loads issued together, not in dependent serial loops)
+// A testing override (SsdSet*VariantForTesting: 0 the environment, i > 0 names[i − 1]) wins.
+struct EnvSwitch {
+  const char* env;
+  const char* names[4];              // null-terminated
+  std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
+  std::atomic<int> forced{-1};       // testing: >= 0 the form index
+};
+struct Form {
+  int index = 0;
+  std::string bad;  // the error message for an unknown environment value
+};
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
+EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
+EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"3", "2", nullptr}};
+EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", "last", nullptr}};
+EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"plain", "pf", nullptr}};
+Form Choose(EnvSwitch& sw) {
+  const int forced = sw.forced.load();
+  if (forced >= 0) return {forced, {}};
+  int state = sw.from_env.load();
+  if (state == -2) {
+    const char* e = std::getenv(sw.env);
+    state = e == nullptr ? 0 : -1;
+    for (int i = 0; e != nullptr && sw.names[i] != nullptr; ++i) {
+      if (std::strcmp(e, sw.names[i]) == 0) state = i;
+    }
+    sw.from_env.store(state);
+  }
+  if (state >= 0) return {state, {}};
+  const char* e = std::getenv(sw.env);
+  std::string accepted;
+  for (int i = 0; sw.names[i] != nullptr; ++i) {
+    accepted += std::string(i > 0 ? " or " : "") + sw.names[i];
+  }
+  return {0, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
+                 "\" (accepted: " + accepted + ")"};
+}
+
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
 // than its one-chunk form + ssd_state_pass: where its ntn·H·B blocks fill the device at least
 // kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
 // so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
 std::atomic<int> g_fused_state_pass{0};
 constexpr double kFusedStateWaves = 3.0;
+// GYRE_SSD_FUSED_STATE=2 (opt-in, helper ssd11) lowers the rule to 2 blocks per SM: mamba2-130m's
+// training shape B16 H24 has 384 (slice, h, b) blocks, 2.9 per SM on an H100 (132 SMs), all
+// resident at once at 4 per SM, with a chain of only NC = 8 chunks per block (the B2 S8192 shape
+// where fusing lost has 128 blocks, < 1 per SM, and 32 chunks); the rule kept it unfused.
+// An unknown value makes the rule the default (the launching call reports the error).
 bool UseFusedStatePass(const Dims& d) {
   const int mode = g_fused_state_pass.load();
   if (mode != 0) return mode == 1;
+  const double waves = Choose(g_fused_rule_switch).index == 1 ? 2.0 : kFusedStateWaves;
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
@@ -2952,52 +3154,7 @@ bool UseFusedStatePass(const Dims& d) {
   }
   const int slice = StateSlice(d);
   const double blocks = static_cast<double>((d.N + slice - 1) / slice) * d.H * d.B;
-  return blocks >= kFusedStateWaves * sms;
-}
-
-// Helper ssd10's kernel forms (each computes bitwise the same results as the earlier form). The
-// lead's session-8 device call (H100) measured all three together at fwd+bwd 2.177 -> 2.033 ms
-// (B8 S2048) and 2.314 -> 2.216 ms (B2 S8192), each alone a gain too, all test paths PASS and
-// bitwise; they are the defaults since. Each is chosen by an environment variable read once per
-// process — unset or the new form's name: the new kernel; the earlier form's name: the earlier one
-// (kept selectable until deleted); anything else is an error from the launching call — unless a
-// testing override (0 the environment, 1 the earlier form, 2 the new form) says otherwise:
-//   GYRE_SSD_BWD_DX  = reg | early  (ssd_chunk_scan_bwd_dx_reg / _early)
-//   GYRE_SSD_FWD     = pair | xs    (ssd_chunk_scan_fwd_pair / _xs)
-//   GYRE_SSD_BWD_DBC = reg | smem   (ssd_bwd_dbc_reg<false> / <true>)
-struct OptIn {
-  bool on = false;
-  std::string bad;  // the error message for an unknown environment value
-};
-struct OptInSwitch {
-  const char* env;
-  const char* off;
-  const char* on;
-  std::atomic<int> forced{0};
-  std::atomic<int> from_env{-1};  // -1 not read yet, 0 default form, 1 opt-in form, 2 unknown
-};
-OptInSwitch g_dx_switch{"GYRE_SSD_BWD_DX", "reg", "early"};
-OptInSwitch g_fwd_switch{"GYRE_SSD_FWD", "pair", "xs"};
-OptInSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", "reg", "smem"};
-OptIn Choose(OptInSwitch& sw) {
-  const int forced = sw.forced.load();
-  if (forced == 1) return {};
-  if (forced == 2) return {true, {}};
-  int state = sw.from_env.load();
-  if (state < 0) {  // (two threads reading it at once store the same value)
-    const char* e = std::getenv(sw.env);
-    state = e == nullptr || std::strcmp(e, sw.on) == 0 ? 1 : std::strcmp(e, sw.off) == 0 ? 0 : 2;
-    sw.from_env.store(state);
-  }
-  if (state == 2) {
-    const char* e = std::getenv(sw.env);
-    return {false, std::string(sw.env) + ": unknown value \"" + (e != nullptr ? e : "") +
-                       "\" (expected " + sw.off + " or " + sw.on + ")"};
-  }
-  return {state == 1, {}};
-}
-void ForceOptIn(OptInSwitch& sw, int variant) {
-  sw.forced.store(variant == 1 || variant == 2 ? variant : 0);
+  return blocks >= waves * sms;
 }
 
 template <int kP>
@@ -3005,19 +3162,12 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
                          cudaStream_t stream) {
   const size_t smem = SmemOf<CarveScanFwdPair<CarveSize>>(d);
   const int T = d.Q / kTile;
-  const OptIn choice = Choose(g_fwd_switch);
-  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
-  if (choice.on) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
-    ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
-                                     stream>>>(d, a.x, a.c, a.d, saved, a.y);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
-    return {};
-  }
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair<kP>, smem));
-  ssd_chunk_scan_fwd_pair<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem, stream>>>(
-      d, a.x, a.c, a.d, saved, a.y);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair");
+  const Form form = Choose(g_fwd_switch);
+  if (!form.bad.empty()) return InvalidArgument(form.bad);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
+  ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
+                                   stream>>>(d, a.x, a.c, a.d, saved, a.y);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_pair_xs");
   return {};
 }
 
@@ -3112,29 +3262,21 @@ struct BwdScratch {
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
   bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
   float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
+  unsigned* dcb_count;  // GYRE_SSD_DCB_SUM=last: [B, NC, G, pairs] finished head-split blocks
 };
 
 template <int kP>
 CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch& sc,
                        cudaStream_t stream) {
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
-  const OptIn choice = Choose(g_dx_switch);
-  if (!choice.bad.empty()) return InvalidArgument(choice.bad);
-  if (choice.on) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
-    ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                      stream>>>(d, a.x, a.b, a.d,
-                                                static_cast<const float*>(a.saved), a.dy,
-                                                sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
-    return {};
-  }
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_reg<kP>, smem));
-  ssd_chunk_scan_bwd_dx_reg<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
-                                  stream>>>(d, a.x, a.b, a.d, static_cast<const float*>(a.saved),
-                                            a.dy, sc.g_bf, a.dx, sc.dacs_own, sc.ddtx,
-                                            sc.dd_part);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_reg");
+  const Form form = Choose(g_dx_switch);
+  if (!form.bad.empty()) return InvalidArgument(form.bad);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
+  ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
+                                    stream>>>(d, a.x, a.b, a.d,
+                                              static_cast<const float*>(a.saved), a.dy,
+                                              sc.g_bf, a.dx, sc.dacs_own, sc.ddtx, sc.dd_part);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx_early");
   return {};
 }
 
@@ -3181,7 +3323,16 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
   const int tiles = d.Q / kTile;
-  if (plan.dx || plan.dbc) {
+  if (sc.dcb_count != nullptr) {  // GYRE_SSD_DCB_SUM=last (plan.dbc)
+    const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+        sc.dcb_count, 0, sizeof(unsigned) * d.B * d.NC * d.G * (tiles * (tiles + 1) / 2), stream));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_last, dcb_smem));
+    ssd_bwd_dcb_last<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
+                       dcb_smem, stream>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
+                                           sc.dcb_split, sc.dcb_count, sc.dcb_bf);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_last");
+  } else if (plan.dx || plan.dbc) {
     const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
@@ -3205,31 +3356,34 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
   }
 
-  if (plan.dbc) {
+  if (plan.dbc && sc.dcb_count == nullptr) {
     ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
+  }
+  if (plan.dbc) {
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
-    const OptIn dbc_form = Choose(g_dbc_switch);
+    const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
-    if (dbc_form.on && d.P >= 64) {  // (smaller P: no room for the tile; the default form)
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
-      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                         stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                   plan.dx ? sc.inter_part : nullptr);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
-    } else {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_reg, bc_smem));
-      ssd_bwd_dbc_reg<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                        stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                  plan.dx ? sc.inter_part : nullptr);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_reg");
-    }
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                       stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                 plan.dx ? sc.inter_part : nullptr);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
     if (plan.dx) {
-      ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-          d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
+      const Form finish = Choose(g_dacs_finish_switch);
+      if (!finish.bad.empty()) return InvalidArgument(finish.bad);
+      if (finish.index == 1) {
+        ssd_bwd_dacs_finish_pf<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+            d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+            sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
+        CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish_pf");
+      } else {
+        ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+            d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+            sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
+        CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
+      }
     }
     return {};
   }
@@ -3271,15 +3425,21 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 }  // namespace
 
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
-void SsdSetBwdDxVariantForTesting(int variant) { ForceOptIn(g_dx_switch, variant); }
-void SsdSetScanFwdVariantForTesting(int variant) { ForceOptIn(g_fwd_switch, variant); }
-void SsdSetBwdDbcVariantForTesting(int variant) { ForceOptIn(g_dbc_switch, variant); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
+void SsdSetDcbSumVariantForTesting(int variant) {
+  g_dcb_sum_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
+}
+void SsdSetDacsFinishVariantForTesting(int variant) {
+  g_dacs_finish_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
+}
+void SsdSetFusedStateRuleForTesting(int variant) {
+  g_fused_rule_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
+}
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
@@ -3322,6 +3482,9 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
   Dims d = MakeDims(a.shape, a.options);
   CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
+  if (const Form rule = Choose(g_fused_rule_switch); !rule.bad.empty()) {
+    return InvalidArgument(rule.bad);
+  }
   float* saved = static_cast<float*>(a.saved);
 
   ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
@@ -3356,6 +3519,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   Dims d = MakeDims(a.shape, a.options);
   CUDA_RETURN_IF_NOT_OK(ApplyRowStrides(a.x_row_stride, a.bc_row_stride, &d));
   CUDA_RETURN_IF_NOT_OK(CheckSmem(d));
+  if (const Form rule = Choose(g_fused_rule_switch); !rule.bad.empty()) {
+    return InvalidArgument(rule.bad);
+  }
 
   // Head splits for the v2 dB/dC kernels: enough blocks to cover the chip about twice.
   const int64_t base = static_cast<int64_t>(d.B) * d.NC * (d.Q / kTile) * d.G;
@@ -3387,7 +3553,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int dcb_split = DcbSplit(d);
   const int64_t n_dcb =
       run_dcb ? static_cast<int64_t>(dcb_split) * d.B * d.NC * d.G * d.Q * d.Q : 0;
-  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_reg's column slices (plan.dx: N % 64 == 0)
+  const int inter_parts = d.N / 64;  // ssd_bwd_dbc_smem's column slices (plan.dx: N % 64 == 0)
   const int64_t n_inter = plan.dx ? inter_parts * static_cast<int64_t>(d.B) * d.H * ncq : 0;
   const int64_t n_dcb_bf = plan.dbc ? 2LL * d.B * d.NC * d.G * d.Q * d.Q : 0;
   const int64_t n_pair = run_dcb ? static_cast<int64_t>(d.B) * d.H * d.NC * pairs * 2 * kTile : 0;
@@ -3406,7 +3572,12 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t off_dpair = off_pair + up(n_pair * 4);
   const int64_t off_dcb_bf = off_dpair + up(n_dpair * 8);
   const int64_t off_inter = off_dcb_bf + up(n_dcb_bf * 2);
-  const int64_t total = off_inter + up(n_inter * 4);
+  const Form dcb_sum = Choose(g_dcb_sum_switch);
+  if (!dcb_sum.bad.empty()) return InvalidArgument(dcb_sum.bad);
+  const bool dcb_last = dcb_sum.index == 1 && plan.dbc;
+  const int64_t n_count = dcb_last ? static_cast<int64_t>(d.B) * d.NC * d.G * pairs : 0;
+  const int64_t off_count = off_inter + up(n_inter * 4);
+  const int64_t total = off_count + up(n_count * 4);
   DeviceBuffer buf;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
   char* base_ptr = buf.as<char>();
@@ -3435,6 +3606,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   }
   if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
+  if (dcb_last) sc.dcb_count = reinterpret_cast<unsigned*>(base_ptr + off_count);
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));

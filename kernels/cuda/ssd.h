@@ -148,16 +148,23 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
-// Helper ssd10's kernel forms (process-wide; bitwise the same results as the earlier forms; the
-// defaults since the lead's session-8 measurement, ssd_notes.md "Session 10"): 0 = the
-// environment, 1 = the earlier form, 2 = the new form. Environment: GYRE_SSD_BWD_DX=reg|early
-// (early: bwd dx issues its first l-tile's loads in the prologue and keeps its own x / dy rows in
-// shared memory), GYRE_SSD_FWD=pair|xs (xs: the scan's D·x term reads x from shared memory),
-// GYRE_SSD_BWD_DBC=reg|smem (smem: dB/dC takes the dCB tiles through cp.async and shared memory);
-// unset = the new form, any other value = an error from SsdForward / SsdBackward.
-void SsdSetBwdDxVariantForTesting(int variant);
-void SsdSetScanFwdVariantForTesting(int variant);
-void SsdSetBwdDbcVariantForTesting(int variant);
+// Environment (read once per process): GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs and
+// GYRE_SSD_BWD_DBC=smem name the only kernel forms left (helper ssd10's; the earlier forms were
+// deleted after the 2026-11-27 confirmation); unset is the same, any other value is an error
+// from SsdForward / SsdBackward.
+// Helper ssd11's opt-in forms (not measured; ssd_notes.md "Session 11"), each an environment
+// variable read once per process (unset = the first name; another value = an error from
+// SsdForward / SsdBackward) unless the testing override (0 the environment, 1 the first name,
+// 2 the second) says otherwise:
+//   GYRE_SSD_DCB_SUM=kernel|last: last = the last head-split block of each dCB tile pair sums the
+//     partials (no ssd_bwd_dcb_sum launch); bitwise the same results.
+//   GYRE_SSD_FUSED_STATE=3|2: the fused chunk-state / state-pass kernels where their blocks are
+//     at least 3 (default) or 2 per SM (2: mamba2-130m's B16 H24 fuses); same function.
+//   GYRE_SSD_DACS_FINISH=plain|pf: pf = the ∂Acs finishing kernel with its loads issued together
+//     (prefetched scalars, unrolled predicated gathers); bitwise the same results.
+void SsdSetDcbSumVariantForTesting(int variant);
+void SsdSetDacsFinishVariantForTesting(int variant);
+void SsdSetFusedStateRuleForTesting(int variant);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -9,11 +9,12 @@
 // Paths 7-9 force the fused chunk-state / state-pass kernels (ssd_chunk_state_scan), which the
 // default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
-// Paths 11-15 (session 10) rerun each case and compare every output bitwise: path 11 the default
-// kernel forms against themselves and against all three opt-in forms, paths 12-14 each opt-in
-// form alone (GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs, GYRE_SSD_BWD_DBC=smem), path 15 all
-// three, each against itself and against the default forms. Paths 0-10 leave the forms to the
-// environment (the default forms when unset).
+// Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
+// sums, no float atomics: the kernels are deterministic). Paths 12-15 (session 11) run helper
+// ssd11's opt-in forms: 12 GYRE_SSD_DCB_SUM=last (the dCB head-split partials summed by the last
+// block of each tile pair), 13 the same at dCB split 4, 14 GYRE_SSD_DACS_FINISH=pf, 15 both:
+// float64 checks, rerun bitwise, and bitwise against the default forms on the same inputs.
+// SSD_TEST_PATH=11,13,15 runs several paths.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -87,22 +88,23 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
   return true;
 }
 
-// The session-10 kernel forms (ssd.h): 0 the environment, 1 the default form, 2 the opt-in form.
+// Helper ssd11's kernel forms (ssd.h): 0 the environment, 1 the default form, 2 the opt-in form.
 struct Forms {
-  int dx = 0, fwd = 0, dbc = 0;
+  int dcb_sum = 0, dacs_finish = 0;
+  bool any() const { return dcb_sum != 0 || dacs_finish != 0; }
 };
 void SetForms(const Forms& f) {
-  SsdSetBwdDxVariantForTesting(f.dx);
-  SsdSetScanFwdVariantForTesting(f.fwd);
-  SsdSetBwdDbcVariantForTesting(f.dbc);
+  SsdSetDcbSumVariantForTesting(f.dcb_sum);
+  SsdSetDacsFinishVariantForTesting(f.dacs_finish);
 }
 
-// rerun (not null): after the float64 checks, the forward + backward runs again on the same
-// inputs (accumulated gradients reset) with the same kernels, and once more with the forms
-// *rerun; all three must agree bitwise (fixed-order ∂Acs sums, no float atomics; the opt-in
-// forms change only where and when operands are loaded). The caller's forms are restored.
-bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
-             const Forms* rerun = nullptr) {
+// rerun: after the float64 checks, the forward + backward runs again on the same inputs
+// (accumulated gradients reset) with the same kernels; both runs must agree bitwise
+// (fixed-order ∂Acs sums, no float atomics). forms select the case's kernel forms; other (set,
+// with rerun): one more run with those forms, bitwise against the first. The environment's
+// forms are restored.
+bool RunCase(const Case& k, uint64_t seed, bool rerun = false, const Forms& forms = {},
+             const Forms& other = {}) {
   SetForms(forms);
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
@@ -323,7 +325,7 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
     for (int64_t i = 0; i < k.H; ++i) same &= after[i] == dd0[i];
     ok &= Report("ssd " + k.label + " dD untouched", shape, same ? 0.0 : 1.0, 0.0);
   }
-  if (rerun != nullptr) {
+  if (rerun) {
     auto run_again = [&](Outputs* out) {
       reset_outputs();
       CudaResult r2 = SsdForward(f, nullptr);
@@ -335,16 +337,19 @@ bool RunCase(const Case& k, uint64_t seed, const Forms& forms = {},
       return true;
     };
     const Outputs first_run = download_outputs();
-    Outputs second_run, other_form;
+    Outputs second_run;
     bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
     ok &= Report("ssd " + k.label + " rerun bitwise", shape, same ? 0.0 : 1.0, 0.0);
-    SetForms(*rerun);
-    same = run_again(&other_form) && BitwiseEqual(first_run, other_form);
-    SetForms(forms);
-    ok &= Report("ssd " + k.label + " = forms " + std::to_string(rerun->dx) +
-                     std::to_string(rerun->fwd) + std::to_string(rerun->dbc) + " bitwise",
-                 shape, same ? 0.0 : 1.0, 0.0);
+    if (other.any()) {
+      Outputs other_form;
+      SetForms(other);
+      same = run_again(&other_form) && BitwiseEqual(first_run, other_form);
+      ok &= Report("ssd " + k.label + " = forms " + std::to_string(other.dcb_sum) +
+                       std::to_string(other.dacs_finish) + " bitwise",
+                   shape, same ? 0.0 : 1.0, 0.0);
+    }
   }
+  SetForms({});
   return ok;
 }
 
@@ -397,9 +402,9 @@ TEST(SsdGpu, MatchesCpuReference) {
     int state_slice = 0;  // SsdSetStateSliceForTesting: 0 default, 64 forces the narrow blocks
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
-    Forms forms{};        // session-10 forms: {0, 0, 0} = the environment (default: unset)
-    bool rerun = false;   // rerun-bitwise checks (RunCase) against `other`
-    Forms other{};
+    bool rerun = false;   // rerun-bitwise checks (RunCase)
+    Forms forms{};        // helper ssd11's forms ({0, 0}: the environment)
+    Forms other{};        // with rerun: bitwise against these forms too
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -412,28 +417,31 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
                         {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
-                        // Session 10: the default forms with rerun-bitwise checks (and
-                        // bitwise against all opt-in forms), then each opt-in form alone and
-                        // all three, bitwise against the default forms.
-                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, {1, 1, 1}, true, {2, 2, 2}},
-                        {"[v3 all, bwd dx early] ", kSsdRegAll, 0, 0, 0, {2, 1, 1}, true,
-                         {1, 1, 1}},
-                        {"[v3 all, fwd xs] ", kSsdRegAll, 0, 0, 0, {1, 2, 1}, true, {1, 1, 1}},
-                        {"[v3 all, dbc smem] ", kSsdRegAll, 0, 0, 0, {1, 1, 2}, true, {1, 1, 1}},
-                        {"[v3 all, session-10 forms] ", kSsdRegAll, 0, 0, 0, {2, 2, 2}, true,
-                         {1, 1, 1}}};
+                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true},
+                        // Session 11's opt-in forms, bitwise against the default forms.
+                        {"[v3 all, dCB sum last] ", kSsdRegAll, 0, 0, 0, true, {2, 1}, {1, 1}},
+                        {"[v3 all, dCB sum last, split 4] ", kSsdRegAll, 0, 0, 4, true, {2, 1},
+                         {1, 1}},
+                        {"[v3 all, dacs_finish pf] ", kSsdRegAll, 0, 0, 0, true, {1, 2}, {1, 1}},
+                        {"[v3 all, session-11 forms] ", kSsdRegAll, 0, 0, 0, true, {2, 2},
+                         {1, 1}}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
   const char* seed_env = std::getenv("SSD_TEST_SEED");
   uint64_t seed = seed_env != nullptr ? std::strtoull(seed_env, nullptr, 10) : 1234;
   // SSD_TEST_PATH=i runs only paths[i] (the device script runs each path in its own process,
-  // so that a faulting kernel cannot hide the results of the others).
+  // so that a faulting kernel cannot hide the results of the others); "i,j,k" runs those.
   const char* only = std::getenv("SSD_TEST_PATH");
+  auto selected = [&](int index) {
+    if (only == nullptr) return true;
+    const std::string list = std::string(",") + only + ",";
+    return list.find("," + std::to_string(index) + ",") != std::string::npos;
+  };
   int index = -1;
   for (const Path& p : paths) {
     ++index;
-    if (only != nullptr && std::atoi(only) != index) continue;
+    if (!selected(index)) continue;
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
@@ -441,7 +449,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++, p.forms, p.rerun ? &p.other : nullptr) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun, p.forms, p.other) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
@@ -451,7 +459,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
-  SetForms({});
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
