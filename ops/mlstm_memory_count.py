@@ -112,8 +112,6 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
     # Backward transient of one block at the cell backward (the peak inside a block's backward):
     # the incoming dy [rows, d], recomputed tensors (all of keep_all again), dh, dz, dx_c, dq, dk,
     # dv, dig, dfg, the cell's scratch; dout [rows, p] too unless freed early (new modes).
-    bwd = act(d) + (forward_all - keep_all["x (block input; norm_ keeps it)"] - per_layer +
-                    keep_all["x (block input; norm_ keeps it)"]) * 0
     grads = 6 * act(p) + 2 * cls(rows * NH * 4) + scratch
     dout = act(p) if mode == "none" else 0
     recomputed_here = sum(v for k, v in keep_all.items() if k in recomputed[mode])
@@ -145,6 +143,40 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
                 peak=peak, saved=saved, scratch=scratch, misc=misc)
 
 
+def step_time(B, mode, keep=0, n_m=48, n_s=0, cell_tflops=(163.0, 250.0), gemm_tflops=650.0, tbps=2.2, d=2048,
+              p=4096, NH=4, L=128, S=2048):
+    """Per-step time saved against model.recompute_blocks (ms; low, high), from counts.
+
+    recompute_blocks runs every block's forward twice; the modes run again only part of the mLSTM
+    block's forward and never the sLSTM block's. Per mLSTM layer forward (rows R = B·S):
+      GEMMs: up (x_m, z) 4·R·d·p + down 2·R·p·d FLOP at gemm_tflops;
+      glue (bytes read + written, bf16, at tbps): LN 4·R·d, conv 4·R·p, q/k/v + gates 10·R·p,
+            out-norm 8·R·p;
+      cell: 2·MACs, MACs per (head, chunk) = L·dk·dv (state) + (dv/128)·L²·dk/2 (QKᵀ per h slab)
+            + 2·L²·dv/2 (P·V, hi + lo) + 2·L·dk·dv (Q̂·C_k, hi + lo), at cell_tflops (low: the
+            125m cell's measured 0.91 ms for 148 GFLOP, H100; high: a guess for dk 1024's larger tiles).
+    sLSTM layer forward at 1.3b B8: cell 5.3 ms (bench/RESULTS.md, helper slstm), FFN GEMMs
+    6·R·d·ffn, scaled linearly in B."""
+    R = B * S
+    dk = p // NH
+    gemm = 6 * R * d * p / (gemm_tflops * 1e12) * 1e3
+    ln, conv, qkv, onorm = (4 * R * d / (tbps * 1e12) * 1e3, 4 * R * p / (tbps * 1e12) * 1e3,
+                            10 * R * p / (tbps * 1e12) * 1e3, 8 * R * p / (tbps * 1e12) * 1e3)
+    nc = (S + L - 1) // L
+    macs = L * dk * dk + (dk // 128) * L * L * dk / 2 + L * L * dk + 2 * L * dk * dk
+    cell_flop = 2 * macs * B * NH * nc
+    ffn = 64 * math.ceil(1.3 * d / 64)
+    slstm = 5.3 * B / 8 + 6 * R * d * ffn / (gemm_tflops * 1e12) * 1e3
+    out = []
+    for rate in cell_tflops:
+        cell = cell_flop / (rate * 1e12) * 1e3
+        full = gemm + ln + conv + qkv + onorm + cell
+        redo = {"block": full, "glue": ln + conv + qkv + onorm + cell, "cell": onorm + cell}[mode]
+        saved = (n_m - keep) * (full - redo) + keep * full + (n_s * slstm if mode != "block" else 0)
+        out.append(saved)
+    return out, cell_flop
+
+
 def main():
     usable = 79.1 * GiB  # H100 80GB HBM3: ~79.6 GiB total, ~0.5 GiB CUDA context
     print("## Per-layer tensors kept from forward to backward, xlstm-1.3b mLSTM block (class-rounded MiB)\n")
@@ -152,7 +184,7 @@ def main():
         a = account("xlstm[1:0]-1.3b", B, "none")
         print(f"B{B}: saved parts: " + ", ".join(f"{k} {v / MiB:.0f}" for k, v in a["saved"].items()))
         print(f"B{B}: backward scratch {a['scratch'] / MiB:.0f} MiB")
-        print("| tensor | MiB |\n|---|---|")
+        print("\n| tensor | MiB |\n|---|---|")
         for k, v in a["kept"].items():
             print(f"| {k} | {v / MiB:.1f} |")
         print()
@@ -169,6 +201,20 @@ def main():
                       f"{'yes' if a['peak'] < usable else 'NO'} |")
     a = account("xlstm[1:0]-1.3b", 8, "none")
     print(f"\nparameters (padded): {a['total_params'] / 1e9:.3f} B")
+    print("\n## Predicted step time (ms; low-high by the cell's rate) vs model.recompute_blocks, H100\n")
+    print("| preset | B | recompute_blocks (measured) | mode | saved per step | predicted step | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    measured = {("xlstm[1:0]-1.3b", 4): 415.8, ("xlstm[1:0]-1.3b", 8): 800.2, ("xlstm[7:1]-1.3b", 8): 822.8}
+    for (preset, B), base in measured.items():
+        n_s = 6 if preset.startswith("xlstm[7:1]") else 0
+        for mode, keep in (("glue", 0), ("cell", 0), ("glue", 16 if B == 4 else 6)):
+            (lo, hi), flop = step_time(B, mode, keep, n_m=48 - n_s, n_s=n_s)
+            tok = B * 2048
+            label = mode + (f":{keep}" if keep else "")
+            print(f"| {preset} | {B} | {base} | {label} | {min(lo, hi):.0f}-{max(lo, hi):.0f} | "
+                  f"{base - max(lo, hi):.0f}-{base - min(lo, hi):.0f} | "
+                  f"{tok / (base - min(lo, hi)) * 1e3 / 1e3:.1f}K-{tok / (base - max(lo, hi)) * 1e3 / 1e3:.1f}K |")
+    print(f"\n(cell forward FLOP per layer at B8: {step_time(8, 'glue')[1] / 1e9:.0f} G)")
 
 
 if __name__ == "__main__":
