@@ -20,10 +20,11 @@
 // gradient norm, so the stream is drained); warm-up steps first; median of the rest.
 // mLSTM recomputation (ops/recurrent_blocks.h MlstmRecompute, helper mem11): --mlstm_recompute
 // sets the mode per preset ("none", "cell", "glue", "block", optionally ":N" = keep_last N;
-// empty = GYRE_MLSTM_RECOMPUTE / _KEEP); --alternate block glue runs each preset's steps on ONE
-// model cycling through the listed modes (warm-up per mode first, then timed steps round-robin)
-// and prints the median per mode, the ratio to the first, and the allocator's peak after each
-// mode's warm-up (the first mode's peak is its own; later ones are the running maximum).
+// empty = GYRE_MLSTM_RECOMPUTE / _KEEP); --alternate glue@8 block@8 glue:16@4 runs each preset's
+// steps on ONE model (one initialisation) cycling through the entries (mode[:keep][@batch];
+// warm-up per entry first, then timed steps round-robin) and prints the median per entry, the
+// ratio to the first entry of the same batch, and the allocator's peak after each entry's
+// warm-up (the first entry's peak is its own; later ones are the running maximum).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -93,51 +94,61 @@ std::string RecomputeLabel(const MlstmRecomputeConfig& c) {
 
 double GiB(uint64_t b) { return static_cast<double>(b) / (1u << 30); }
 
-// --alternate: warm-up per mode, then `steps` rounds of one step per mode; prints per-mode medians.
-int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t batch, int64_t seq, int warmup,
-                   int steps, const std::vector<MlstmRecomputeConfig>& modes, double flops_step, double peak_tflops) {
+// One --alternate entry: a recomputation mode and the batch its steps use.
+struct AltEntry {
+  MlstmRecomputeConfig mode;
+  int64_t batch = 0;  // 0: the preset's
+  std::string label;
+};
+
+// --alternate: warm-up per entry (in the order given), then `steps` rounds of one step per entry;
+// prints per-entry medians and the ratio to the first entry of the same batch.
+int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t seq, int warmup, int steps,
+                   const std::vector<AltEntry>& entries, double flops_token, double peak_tflops) {
   int step = 0;
-  for (const MlstmRecomputeConfig& m : modes) {
-    SetMlstmRecompute(m);
+  for (const AltEntry& e : entries) {
+    SetMlstmRecompute(e.mode);
     gyre::bench::StepTimes w;
-    if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, batch, seq, step, warmup, &w)) return 1;
+    if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, e.batch, seq, step, warmup, &w)) return 1;
     step += warmup;
     const CudaBackend::MemoryStats mem = Cuda().Memory();
-    std::printf("  mode %-8s warm-up %d steps (last %.2f ms, loss %.4f); allocator peak in use %.2f GiB, in use now "
-                "%.2f GiB, cached %.2f GiB\n",
-                RecomputeLabel(m).c_str(), warmup, w.seconds.empty() ? 0.0 : 1e3 * w.seconds.back(), w.loss_last,
-                GiB(mem.peak_bytes_in_use), GiB(mem.bytes_in_use), GiB(mem.bytes_cached));
+    std::printf("  mode %s B%lld warm-up %d steps (last %.2f ms, loss %.4f); allocator peak in use %.2f GiB (running "
+                "max), in use now %.2f GiB, cached %.2f GiB\n",
+                e.label.c_str(), (long long)e.batch, warmup, w.seconds.empty() ? 0.0 : 1e3 * w.seconds.back(),
+                w.loss_last, GiB(mem.peak_bytes_in_use), GiB(mem.bytes_in_use), GiB(mem.bytes_cached));
     std::fflush(stdout);
   }
-  std::vector<std::vector<double>> times(modes.size());
+  std::vector<std::vector<double>> times(entries.size());
   for (int r = 0; r < steps; ++r) {
-    for (size_t i = 0; i < modes.size(); ++i) {
-      SetMlstmRecompute(modes[i]);
+    for (size_t i = 0; i < entries.size(); ++i) {
+      SetMlstmRecompute(entries[i].mode);
       gyre::bench::StepTimes t;
-      if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, batch, seq, step++, 1, &t)) return 1;
+      if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step++, 1, &t)) return 1;
       times[i].push_back(t.seconds[0]);
-      std::printf("  round %d mode %-8s %.2f ms loss %.4f\n", r, RecomputeLabel(modes[i]).c_str(), 1e3 * t.seconds[0],
-                  t.loss_last);
+      std::printf("  round %d mode %s B%lld %.2f ms loss %.4f\n", r, entries[i].label.c_str(),
+                  (long long)entries[i].batch, 1e3 * t.seconds[0], t.loss_last);
       std::fflush(stdout);
     }
   }
-  const double base = gyre::bench::MedianOf(times[0]);
-  for (size_t i = 0; i < modes.size(); ++i) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    size_t ref = 0;
+    while (entries[ref].batch != entries[i].batch) ++ref;
     const double med = gyre::bench::MedianOf(times[i]);
-    std::printf("ALT %s batch %lld x %lld mode %s: median %.2f ms (%d steps), %.0f tokens/s, MFU %.1f%%, "
-                "ratio to %s %.3f\n",
-                spec.preset.c_str(), (long long)batch, (long long)seq, RecomputeLabel(modes[i]).c_str(), 1e3 * med,
-                static_cast<int>(times[i].size()), batch * seq / med, 100 * flops_step / med / (peak_tflops * 1e12),
-                RecomputeLabel(modes[0]).c_str(), med / base);
+    const double tokens = static_cast<double>(entries[i].batch * seq);
+    std::printf("ALT %s B%lld x %lld mode %s: median %.2f ms (%d steps), %.0f tokens/s, MFU %.1f%%, ratio to %s "
+                "%.3f\n",
+                spec.preset.c_str(), (long long)entries[i].batch, (long long)seq, entries[i].label.c_str(), 1e3 * med,
+                static_cast<int>(times[i].size()), tokens / med, 100 * flops_token * tokens / med / (peak_tflops * 1e12),
+                entries[ref].label.c_str(), med / gyre::bench::MedianOf(times[ref]));
   }
   std::fflush(stdout);
-  SetMlstmRecompute(modes[0]);
+  SetMlstmRecompute(entries[0].mode);
   return 0;
 }
 
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
-        const std::vector<MlstmRecomputeConfig>& alternate, Result* out) {
+        std::vector<AltEntry> alternate, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -162,8 +173,11 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   if (!alternate.empty()) {
     const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
     if (!per_token.ok()) return 1;
-    const int rc = RunAlternating(trainer, rng, *spec, batch, seq, warmup, steps, alternate,
-                                  per_token->without_head() * static_cast<double>(batch * seq), peak_tflops);
+    for (AltEntry& e : alternate) {
+      if (e.batch == 0) e.batch = batch;
+    }
+    const int rc = RunAlternating(trainer, rng, *spec, seq, warmup, steps, alternate, per_token->without_head(),
+                                  peak_tflops);
     model->reset();
     return rc == 0 ? 2 : 1;  // 2: done, no Result row
   }
@@ -272,20 +286,24 @@ int main(int argc, char** argv) {
   app.add_option("--mlstm_recompute", mlstm_recompute,
                  "mLSTM recomputation per preset: none|cell|glue|block[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
   app.add_option("--alternate", alternate_text,
-                 "modes (as --mlstm_recompute) to cycle through on one model per preset, e.g. block glue");
+                 "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. glue@8 block@8 glue:16@4");
   CLI11_PARSE(app, argc, argv);
   if (!mlstm_recompute.empty() && mlstm_recompute.size() != presets.size()) {
     std::fprintf(stderr, "--mlstm_recompute needs one value per preset\n");
     return 2;
   }
-  std::vector<MlstmRecomputeConfig> alternate;
+  std::vector<AltEntry> alternate;
   for (const std::string& t : alternate_text) {
-    MlstmRecomputeConfig c;
-    if (!ParseRecompute(t, &c)) {
-      std::fprintf(stderr, "--alternate: bad mode '%s' (none|cell|glue|block[:N])\n", t.c_str());
+    AltEntry e;
+    const size_t at = t.find('@');
+    char* end = nullptr;
+    if (at != std::string::npos) e.batch = std::strtoll(t.c_str() + at + 1, &end, 10);
+    if (!ParseRecompute(t.substr(0, at), &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
+      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block[:N][@batch])\n", t.c_str());
       return 2;
     }
-    alternate.push_back(c);
+    e.label = t.substr(0, at);
+    alternate.push_back(e);
   }
   if (CudaBackendOrNull() == nullptr) {
     std::fprintf(stderr, "built without CUDA\n");

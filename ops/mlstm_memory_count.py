@@ -76,7 +76,7 @@ def block_tensors(d, p, heads):
     return [d, 2 * p * d, p * 4, p, p * 4, p * 4, p * 4, 3 * p * heads, heads, 3 * p * heads, heads, p, p, d * p]
 
 
-def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, vocab=50304, L=128):
+def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, vocab=50304, L=128, keep=0):
     rows = B * S
     dk = p // NH
     act = lambda cols, size=2: cls(rows * cols * size)
@@ -120,12 +120,14 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
     if mode != "none":
         recomputed_here -= keep_all["out = (GN(h) + s*x_c)*SiLU(z) (down_ keeps it)"]  # freed after down's backward
     bwd_peak = act(d) + recomputed_here + grads + dout
-    # sLSTM layers (xlstm[7:1]): small; counted as their default path keeps (x, u, x_c, gx 4d,
-    # h, saved ~ states per token, FFN activations) ~ rows * 2 * (d + d + d + 4d + d + d + 3 ffn).
+    # sLSTM layers (xlstm[7:1]) at their default path, roughly: x, u, x_c, h, x1, the FFN norm's
+    # output and the group norm's [rows, d] bf16; gx [rows, 4d] bf16; the cell's saved fp32
+    # [rows, 7, d] (kernels/cuda/slstm.cu kSavedRows: i, f, z, o, c, n, m); the FFN's
+    # [gate | up] and act [rows, ffn] bf16.
     ffn = 64 * math.ceil(1.3 * d / 64)
-    slstm_layer = act(d) * 6 + act(4 * d) + act(ffn) * 3 + cls(rows * d * 4 * 4)
+    slstm_layer = act(d) * 7 + act(4 * d) + cls(rows * 7 * d * 4) + act(ffn) * 3
     n_m = layers - slstm
-    acts = n_m * per_layer + slstm * slstm_layer
+    acts = (n_m - keep) * per_layer + keep * sum(keep_all.values()) + slstm * slstm_layer
     P = params(d, p, NH, layers, slstm, vocab, ffn)
     tensors = block_tensors(d, p, NH) * n_m + [vocab * d, vocab * d, d]
     if slstm:
@@ -136,7 +138,7 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
     head = act(d) * 3 + cls(16384 * ((vocab + 7) // 8 * 8) * 2) + 3 * cls(rows * 4)
     misc = 32 * MiB + 64 * MiB  # cuBLASLt workspace; grad-clip / partial sums / gate scratch
     fwd_end_peak = acts + head
-    bwd_first = acts + act(d) + bwd_peak  # backward of the last block: everything still kept
+    bwd_first = acts + act(d) + (bwd_peak if keep == 0 else act(d) + grads + act(p))  # the last block's backward
     peak = flat + adam + misc + max(fwd_end_peak, bwd_first, acts + forward_all - per_layer)
     return dict(preset=preset, B=B, mode=mode, kept=kept, per_layer=per_layer, forward_all=forward_all,
                 bwd_peak=bwd_peak, acts=acts, flat=flat, adam=adam, total_params=total, head=head,
@@ -202,18 +204,21 @@ def main():
     a = account("xlstm[1:0]-1.3b", 8, "none")
     print(f"\nparameters (padded): {a['total_params'] / 1e9:.3f} B")
     print("\n## Predicted step time (ms; low-high by the cell's rate) vs model.recompute_blocks, H100\n")
-    print("| preset | B | recompute_blocks (measured) | mode | saved per step | predicted step | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | B | recompute_blocks (measured) | mode | saved per step | predicted step | tokens/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     measured = {("xlstm[1:0]-1.3b", 4): 415.8, ("xlstm[1:0]-1.3b", 8): 800.2, ("xlstm[7:1]-1.3b", 8): 822.8}
     for (preset, B), base in measured.items():
         n_s = 6 if preset.startswith("xlstm[7:1]") else 0
-        for mode, keep in (("glue", 0), ("cell", 0), ("glue", 16 if B == 4 else 6)):
+        keeps = (12, 20) if B == 4 else (4, 7)
+        for mode, keep in (("glue", 0), ("cell", 0), ("glue", keeps[0]), ("glue", keeps[1])):
+            peak = account(preset, B, mode, slstm=n_s, keep=keep)["peak"] / GiB
             (lo, hi), flop = step_time(B, mode, keep, n_m=48 - n_s, n_s=n_s)
             tok = B * 2048
             label = mode + (f":{keep}" if keep else "")
             print(f"| {preset} | {B} | {base} | {label} | {min(lo, hi):.0f}-{max(lo, hi):.0f} | "
                   f"{base - max(lo, hi):.0f}-{base - min(lo, hi):.0f} | "
-                  f"{tok / (base - min(lo, hi)) * 1e3 / 1e3:.1f}K-{tok / (base - max(lo, hi)) * 1e3 / 1e3:.1f}K |")
+                  f"{tok / (base - min(lo, hi)) * 1e3 / 1e3:.1f}K-{tok / (base - max(lo, hi)) * 1e3 / 1e3:.1f}K | "
+                  f"{peak:.1f}{'' if peak < 79.1 else ' (does not fit)'} |")
     print(f"\n(cell forward FLOP per layer at B8: {step_time(8, 'glue')[1] / 1e9:.0f} G)")
 
 
