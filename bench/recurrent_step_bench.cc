@@ -138,7 +138,8 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
     std::printf("ALT %s B%lld x %lld mode %s: median %.2f ms (%d steps), %.0f tokens/s, MFU %.1f%%, ratio to %s "
                 "%.3f\n",
                 spec.preset.c_str(), (long long)entries[i].batch, (long long)seq, entries[i].label.c_str(), 1e3 * med,
-                static_cast<int>(times[i].size()), tokens / med, 100 * flops_token * tokens / med / (peak_tflops * 1e12),
+                static_cast<int>(times[i].size()), tokens / med,
+                100 * flops_token * tokens / med / (peak_tflops * 1e12),
                 entries[ref].label.c_str(), med / gyre::bench::MedianOf(times[ref]));
   }
   std::fflush(stdout);
@@ -327,7 +328,8 @@ int main(int argc, char** argv) {
     if (!mlstm_recompute.empty() && !mlstm_recompute[i].empty()) {
       MlstmRecomputeConfig c;
       if (!ParseRecompute(mlstm_recompute[i], &c)) {
-        std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block[:N])\n", mlstm_recompute[i].c_str());
+        std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block[:N])\n",
+                     mlstm_recompute[i].c_str());
         return 2;
       }
       SetMlstmRecompute(c);

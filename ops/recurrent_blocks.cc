@@ -274,12 +274,14 @@ MlstmRecomputeConfig& RecomputeConfig() {
       if (mode == "cell") c->mode = MlstmRecompute::kCell;
       else if (mode == "glue") c->mode = MlstmRecompute::kGlue;
       else if (mode == "block") c->mode = MlstmRecompute::kBlock;
-      else GYRE_CHECK(mode.empty() || mode == "none", "GYRE_MLSTM_RECOMPUTE must be none, cell, glue or block, got '%s'", v);
+      else GYRE_CHECK(mode.empty() || mode == "none",
+                      "GYRE_MLSTM_RECOMPUTE must be none, cell, glue or block, got '%s'", v);
     }
     if (const char* v = std::getenv("GYRE_MLSTM_RECOMPUTE_KEEP")) {
       char* end = nullptr;
       const long long n = std::strtoll(v, &end, 10);
-      GYRE_CHECK(*v != '\0' && *end == '\0' && n >= 0, "GYRE_MLSTM_RECOMPUTE_KEEP must be an integer >= 0, got '%s'", v);
+      GYRE_CHECK(*v != '\0' && *end == '\0' && n >= 0, "GYRE_MLSTM_RECOMPUTE_KEEP must be an integer >= 0, got '%s'",
+                 v);
       c->keep_last = n;
     }
     return c;
