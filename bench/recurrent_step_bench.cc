@@ -18,6 +18,13 @@
 //   figure PERFORMANCE.md's anchors use); "with head" adds 6 · V · d · tokens.
 // Timing: host wall clock per step (each step ends with device-to-host reads of the loss and the
 // gradient norm, so the stream is drained); warm-up steps first; median of the rest.
+// mLSTM recomputation (ops/recurrent_blocks.h MlstmRecompute, helper mem11): --mlstm_recompute
+// sets the mode per preset ("none", "cell", "glue", "block", optionally ":N" = keep_last N;
+// empty = GYRE_MLSTM_RECOMPUTE / _KEEP); --alternate glue@8 block@8 glue:16@4 runs each preset's
+// steps on ONE model (one initialisation) cycling through the entries (mode[:keep][@batch];
+// warm-up per entry first, then timed steps round-robin) and prints the median per entry, the
+// ratio to the first entry of the same batch, and the allocator's peak after each entry's
+// warm-up (the first entry's peak is its own; later ones are the running maximum).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -43,6 +50,7 @@ struct Result {
   bool recompute = false;
   double median_s = 0, tokens_per_s = 0, mfu = 0, mfu_head = 0, init_s = 0, cell_share = 0;
   double loss_first = 0, loss_last = 0;
+  std::string mlstm_mode;
 };
 
 
@@ -59,8 +67,89 @@ void PrintOpProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<doub
   gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 
+// "none" | "cell" | "glue" | "block", optionally ":N" (keep_last); false on anything else.
+bool ParseRecompute(const std::string& text, MlstmRecomputeConfig* out) {
+  const size_t colon = text.find(':');
+  const std::string mode = text.substr(0, colon);
+  MlstmRecomputeConfig c;
+  if (mode == "cell") c.mode = MlstmRecompute::kCell;
+  else if (mode == "glue") c.mode = MlstmRecompute::kGlue;
+  else if (mode == "block") c.mode = MlstmRecompute::kBlock;
+  else if (mode != "none") return false;
+  if (colon != std::string::npos) {
+    char* end = nullptr;
+    const std::string n = text.substr(colon + 1);
+    c.keep_last = std::strtoll(n.c_str(), &end, 10);
+    if (n.empty() || *end != '\0' || c.keep_last < 0) return false;
+  }
+  *out = c;
+  return true;
+}
+
+std::string RecomputeLabel(const MlstmRecomputeConfig& c) {
+  std::string s = MlstmRecomputeName(c.mode);
+  if (c.keep_last > 0) s += ":" + std::to_string(c.keep_last);
+  return s;
+}
+
+double GiB(uint64_t b) { return static_cast<double>(b) / (1u << 30); }
+
+// One --alternate entry: a recomputation mode and the batch its steps use.
+struct AltEntry {
+  MlstmRecomputeConfig mode;
+  int64_t batch = 0;  // 0: the preset's
+  std::string label;
+};
+
+// --alternate: warm-up per entry (in the order given), then `steps` rounds of one step per entry;
+// prints per-entry medians and the ratio to the first entry of the same batch.
+int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t seq, int warmup, int steps,
+                   const std::vector<AltEntry>& entries, double flops_token, double peak_tflops) {
+  int step = 0;
+  for (const AltEntry& e : entries) {
+    SetMlstmRecompute(e.mode);
+    gyre::bench::StepTimes w;
+    if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, e.batch, seq, step, warmup, &w)) return 1;
+    step += warmup;
+    const CudaBackend::MemoryStats mem = Cuda().Memory();
+    std::printf("  mode %s B%lld warm-up %d steps (last %.2f ms, loss %.4f); allocator peak in use %.2f GiB (running "
+                "max), in use now %.2f GiB, cached %.2f GiB\n",
+                e.label.c_str(), (long long)e.batch, warmup, w.seconds.empty() ? 0.0 : 1e3 * w.seconds.back(),
+                w.loss_last, GiB(mem.peak_bytes_in_use), GiB(mem.bytes_in_use), GiB(mem.bytes_cached));
+    std::fflush(stdout);
+  }
+  std::vector<std::vector<double>> times(entries.size());
+  for (int r = 0; r < steps; ++r) {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      SetMlstmRecompute(entries[i].mode);
+      gyre::bench::StepTimes t;
+      if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step++, 1, &t)) return 1;
+      times[i].push_back(t.seconds[0]);
+      std::printf("  round %d mode %s B%lld %.2f ms loss %.4f\n", r, entries[i].label.c_str(),
+                  (long long)entries[i].batch, 1e3 * t.seconds[0], t.loss_last);
+      std::fflush(stdout);
+    }
+  }
+  for (size_t i = 0; i < entries.size(); ++i) {
+    size_t ref = 0;
+    while (entries[ref].batch != entries[i].batch) ++ref;
+    const double med = gyre::bench::MedianOf(times[i]);
+    const double tokens = static_cast<double>(entries[i].batch * seq);
+    std::printf("ALT %s B%lld x %lld mode %s: median %.2f ms (%d steps), %.0f tokens/s, MFU %.1f%%, ratio to %s "
+                "%.3f\n",
+                spec.preset.c_str(), (long long)entries[i].batch, (long long)seq, entries[i].label.c_str(), 1e3 * med,
+                static_cast<int>(times[i].size()), tokens / med,
+                100 * flops_token * tokens / med / (peak_tflops * 1e12),
+                entries[ref].label.c_str(), med / gyre::bench::MedianOf(times[ref]));
+  }
+  std::fflush(stdout);
+  SetMlstmRecompute(entries[0].mode);
+  return 0;
+}
+
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
-        int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops, Result* out) {
+        int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
+        std::vector<AltEntry> alternate, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -82,6 +171,17 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   opt.grad_clip = 1.0;
   Trainer trainer(model->get(), opt);
   Rng rng(2);
+  if (!alternate.empty()) {
+    const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
+    if (!per_token.ok()) return 1;
+    for (AltEntry& e : alternate) {
+      if (e.batch == 0) e.batch = batch;
+    }
+    const int rc = RunAlternating(trainer, rng, *spec, seq, warmup, steps, alternate, per_token->without_head(),
+                                  peak_tflops);
+    model->reset();
+    return rc == 0 ? 2 : 1;  // 2: done, no Result row
+  }
   gyre::bench::StepTimes run;
   if (!gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, 0, warmup + steps, &run)) return 1;
   out->loss_first = run.loss_first;
@@ -143,12 +243,15 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   out->mfu = flops / med / (peak_tflops * 1e12);
   out->mfu_head = flops_head / med / (peak_tflops * 1e12);
   out->recompute = recompute;
-  std::printf("%s batch %lld x %lld%s: N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, max %.2f, %d steps), "
-              "%.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), loss %.3f -> %.3f, "
-              "init %.1f s\n",
-              out->preset.c_str(), (long long)batch, (long long)seq, recompute ? " (recompute)" : "", n_dense / 1e6,
-              med * 1e3, times.front() * 1e3, times.back() * 1e3, steps, out->tokens_per_s, 100 * out->mfu,
-              100 * out->mfu_head, 100 * out->cell_share, out->loss_first, out->loss_last, out->init_s);
+  out->mlstm_mode = RecomputeLabel(GetMlstmRecompute());
+  const CudaBackend::MemoryStats mem = Cuda().Memory();
+  std::printf("%s batch %lld x %lld%s (mLSTM recompute %s): N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, "
+              "max %.2f, %d steps), %.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), "
+              "loss %.3f -> %.3f, init %.1f s, allocator peak in use %.2f GiB\n",
+              out->preset.c_str(), (long long)batch, (long long)seq, recompute ? " (recompute)" : "",
+              out->mlstm_mode.c_str(), n_dense / 1e6, med * 1e3, times.front() * 1e3, times.back() * 1e3, steps,
+              out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, 100 * out->cell_share, out->loss_first,
+              out->loss_last, out->init_s, GiB(mem.peak_bytes_in_use));
   std::fflush(stdout);
   model->reset();
   return 0;
@@ -179,7 +282,30 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--mlstm_chunk", mlstm_chunk, "override the presets' mLSTM chunk (0: keep)")->capture_default_str();
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
+  std::vector<std::string> mlstm_recompute;
+  std::vector<std::string> alternate_text;
+  app.add_option("--mlstm_recompute", mlstm_recompute,
+                 "mLSTM recomputation per preset: none|cell|glue|block[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
+  app.add_option("--alternate", alternate_text,
+                 "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. glue@8 block@8 glue:16@4");
   CLI11_PARSE(app, argc, argv);
+  if (!mlstm_recompute.empty() && mlstm_recompute.size() != presets.size()) {
+    std::fprintf(stderr, "--mlstm_recompute needs one value per preset\n");
+    return 2;
+  }
+  std::vector<AltEntry> alternate;
+  for (const std::string& t : alternate_text) {
+    AltEntry e;
+    const size_t at = t.find('@');
+    char* end = nullptr;
+    if (at != std::string::npos) e.batch = std::strtoll(t.c_str() + at + 1, &end, 10);
+    if (!ParseRecompute(t.substr(0, at), &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
+      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block[:N][@batch])\n", t.c_str());
+      return 2;
+    }
+    e.label = t.substr(0, at);
+    alternate.push_back(e);
+  }
   if (CudaBackendOrNull() == nullptr) {
     std::fprintf(stderr, "built without CUDA\n");
     return 1;
@@ -199,10 +325,21 @@ int main(int argc, char** argv) {
   int rc = 0;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
+    if (!mlstm_recompute.empty() && !mlstm_recompute[i].empty()) {
+      MlstmRecomputeConfig c;
+      if (!ParseRecompute(mlstm_recompute[i], &c)) {
+        std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block[:N])\n",
+                     mlstm_recompute[i].c_str());
+        return 2;
+      }
+      SetMlstmRecompute(c);
+    }
     // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
     // the others.
-    if (Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps, mlstm_chunk,
-            peak, &r) != 0) {
+    const int run = Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps,
+                        mlstm_chunk, peak, alternate, &r);
+    if (run == 2) continue;
+    if (run != 0) {
       rc = 1;
       continue;
     }
@@ -210,9 +347,10 @@ int main(int argc, char** argv) {
   }
   std::printf("\n| model | batch x ctx | step ms | tokens/s | MFU (6N + cells) | MFU with head |\n|---|---|---|---|---|---|\n");
   for (const Result& r : results) {
-    std::printf("| %s%s | %lld x %lld | %.1f | %.0f | %.1f%% | %.1f%% |\n", r.preset.c_str(),
-                r.recompute ? " (recompute)" : "", (long long)r.batch, (long long)r.seq, r.median_s * 1e3,
-                r.tokens_per_s, 100 * r.mfu, 100 * r.mfu_head);
+    const std::string mode = r.mlstm_mode == "none" ? "" : " (mLSTM recompute " + r.mlstm_mode + ")";
+    std::printf("| %s%s%s | %lld x %lld | %.1f | %.0f | %.1f%% | %.1f%% |\n", r.preset.c_str(),
+                r.recompute ? " (recompute)" : "", mode.c_str(), (long long)r.batch, (long long)r.seq,
+                r.median_s * 1e3, r.tokens_per_s, 100 * r.mfu, 100 * r.mfu_head);
   }
   return rc;
 }

@@ -13,7 +13,7 @@ absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildCont
       if (!spec.attn_mlp) return std::unique_ptr<Block>(new AttentionMixerBlock(ctx, spec, n_layers));
       return std::unique_ptr<Block>(new LlamaBlock(ctx, spec, n_layers));
     case BlockType::kMlstm:
-      return std::unique_ptr<Block>(new MlstmBlock(ctx, spec, n_layers));
+      return std::unique_ptr<Block>(new MlstmBlock(ctx, spec, n_layers, layer));
     case BlockType::kSlstm:
       return std::unique_ptr<Block>(new SlstmBlock(ctx, spec, layer, n_layers));
     case BlockType::kMamba2:

@@ -180,6 +180,13 @@ class CudaBackend {
   };
   virtual void SetOpProfiling(bool on) = 0;
   virtual std::vector<OpTime> TakeOpProfile() = 0;
+
+  // The caching allocator's byte counts (class-rounded; kernels/cuda/device_allocator.h), for
+  // benchmarks and memory tests: held by tensors now, on free lists now, and the most ever held.
+  struct MemoryStats {
+    uint64_t bytes_in_use = 0, bytes_cached = 0, peak_bytes_in_use = 0;
+  };
+  virtual MemoryStats Memory() = 0;
 };
 
 // The registered backend, or null in a binary built without //ops:cuda_backend.

@@ -743,6 +743,12 @@ class Backend final : public CudaBackend {
     return prof_.Take();
   }
 
+  MemoryStats Memory() override {
+    Init();
+    const kc::AllocatorStats a = alloc_->stats();
+    return {a.bytes_in_use, a.bytes_cached, a.peak_bytes_in_use};
+  }
+
  private:
   // "gemm M x N x K NT -> f32 (+=)": the row-major shape, transposes, output type, accumulation.
   static std::string GemmLabel(const CudaGemm& g) {

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <map>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -260,11 +262,52 @@ Tensor CausalConv1d::Backward(const Tensor& dy) {
   return dx;
 }
 
+// ---------------------------------------------------------------- mLSTM recomputation modes
+
+namespace {
+
+MlstmRecomputeConfig& RecomputeConfig() {
+  static MlstmRecomputeConfig* config = [] {
+    auto* c = new MlstmRecomputeConfig();
+    if (const char* v = std::getenv("GYRE_MLSTM_RECOMPUTE")) {
+      const std::string mode(v);
+      if (mode == "cell") c->mode = MlstmRecompute::kCell;
+      else if (mode == "glue") c->mode = MlstmRecompute::kGlue;
+      else if (mode == "block") c->mode = MlstmRecompute::kBlock;
+      else GYRE_CHECK(mode.empty() || mode == "none",
+                      "GYRE_MLSTM_RECOMPUTE must be none, cell, glue or block, got '%s'", v);
+    }
+    if (const char* v = std::getenv("GYRE_MLSTM_RECOMPUTE_KEEP")) {
+      char* end = nullptr;
+      const long long n = std::strtoll(v, &end, 10);
+      GYRE_CHECK(*v != '\0' && *end == '\0' && n >= 0, "GYRE_MLSTM_RECOMPUTE_KEEP must be an integer >= 0, got '%s'",
+                 v);
+      c->keep_last = n;
+    }
+    return c;
+  }();
+  return *config;
+}
+
+}  // namespace
+
+MlstmRecomputeConfig GetMlstmRecompute() { return RecomputeConfig(); }
+void SetMlstmRecompute(MlstmRecomputeConfig config) { RecomputeConfig() = config; }
+
+const char* MlstmRecomputeName(MlstmRecompute mode) {
+  switch (mode) {
+    case MlstmRecompute::kCell: return "cell";
+    case MlstmRecompute::kGlue: return "glue";
+    case MlstmRecompute::kBlock: return "block";
+    default: return "none";
+  }
+}
+
 // ---------------------------------------------------------------- MlstmBlock
 
-MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
-    : d_(s.d_model), p_(s.mlstm_inner), heads_(s.mlstm_heads), chunk_(s.mlstm_chunk),
-      sigmoid_forget_(s.mlstm_sigmoid_forget),
+MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers, int64_t layer)
+    : d_(s.d_model), p_(s.mlstm_inner), heads_(s.mlstm_heads), chunk_(s.mlstm_chunk), n_layers_(n_layers),
+      layer_(layer), sigmoid_forget_(s.mlstm_sigmoid_forget),
       norm_(ctx.Sub("norm"), s.d_model, XlstmLayerNorm()),
       up_(ctx.Sub("proj_up"), s.d_model, 2 * s.mlstm_inner, false),
       conv_(ctx.Sub("conv1d"), s.mlstm_inner, s.conv_kernel, /*silu=*/true),
@@ -377,7 +420,7 @@ Tensor MlstmBlock::Backward(const Tensor& dy) {
 
 void MlstmBlock::ReleaseActivations() {
   z_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = h_ = saved_ = hs_ = sz_ = Tensor();
-  u_ = xm_ = mean_ = rstd_ = Tensor();
+  u_ = xm_ = mean_ = rstd_ = x_in_ = Tensor();
   norm_.ReleaseActivations();
   up_.ReleaseActivations();
   conv_.ReleaseActivations();
@@ -868,7 +911,51 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
 }
 
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const MlstmRecomputeConfig config = GetMlstmRecompute();
+  const bool keep = config.keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - config.keep_last;
+  const MlstmRecompute mode = keep ? MlstmRecompute::kNone : config.mode;
+  Tensor y = ForwardCudaAll(x, batch, seq);
+  mode_ = mode;
+  if (mode == MlstmRecompute::kBlock) {
+    // RecomputeBlock::Forward's release: only the input stays.
+    ReleaseActivations();
+    x_in_ = x;
+  } else if (mode != MlstmRecompute::kNone) {
+    if (mode == MlstmRecompute::kGlue) x_in_ = x;
+    DropRecomputableCuda();
+  }
+  return y;
+}
+
+void MlstmBlock::DropRecomputableCuda() {
+  saved_ = h_ = mean_ = rstd_ = Tensor();
+  down_.ReleaseActivations();  // out, recomputed by the output norm
+  if (mode_ == MlstmRecompute::kGlue) u_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = Tensor();
+}
+
+Tensor MlstmBlock::RecomputeCellCuda() {
+  const int64_t rows = batch_ * seq_, dk = p_ / heads_;
+  if (mode_ == MlstmRecompute::kGlue) {
+    xc_ = conv_.Forward(xm_, batch_, seq_);
+    QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
+  }
+  MlstmCellArgs c;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
+  c.sigmoid_forget = sigmoid_forget_;
+  saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
+  h_ = CudaEmpty({rows, p_});
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  Cuda().Mlstm(false, c);
+  mean_ = CudaEmpty({rows * heads_}, DType::kF32);
+  rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
+  return OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
+}
+
+Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, p = p_, dk = p_ / heads_;
+  mode_ = MlstmRecompute::kNone;
   ProfileStart();
   u_ = norm_.Forward(x);
   ProfileMark("mlstm.fwd.norm");
@@ -901,8 +988,24 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, p = p_, dk = p_ / heads_;
+  // kCell / kGlue: recompute what the forward dropped, and free every tensor once used.
+  const bool lean = mode_ == MlstmRecompute::kCell || mode_ == MlstmRecompute::kGlue;
+  const MlstmRecompute mode = mode_;
   ProfileStart();
-  Tensor dout = down_.Backward(dy.Reshape({rows, d_}));
+  Tensor out;
+  if (mode == MlstmRecompute::kBlock) {
+    const Tensor x = x_in_;
+    ForwardCudaAll(x, batch_, seq_);  // RecomputeBlock::Backward's forward
+    ProfileMark("mlstm.bwd.recompute_block");
+  } else if (lean) {
+    out = RecomputeCellCuda();
+    ProfileMark("mlstm.bwd.recompute_cell_outnorm");
+  }
+  // Linear::Backward's CUDA path on the recomputed input (same GEMMs, same first-write rule).
+  Tensor dout = lean ? LinearBackward(out, down_.weight()->compute, dy.Reshape({rows, d_}), &down_.weight()->grad,
+                                      FirstGradWrite(down_.weight()))
+                     : down_.Backward(dy.Reshape({rows, d_}));
+  out = Tensor();
   ProfileMark("mlstm.bwd.down_proj");
   Tensor dh = CudaEmpty({rows, p}), dz = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
   GroupNormArgs n;
@@ -925,6 +1028,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   n.overwrite_dparams = FirstWriteOverRows(rows, {outnorm_.weight(), skip_});
   Cuda().GroupNorm(true, n);
   ProfileMark("mlstm.bwd.outnorm_skip_gate");
+  if (lean) dout = Tensor();
   Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;
@@ -938,6 +1042,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
   ProfileMark("mlstm.bwd.cell");
+  if (lean) saved_ = h_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = mean_ = rstd_ = dh = Tensor();
   // The gates' backward rides on the q/k/v block-diagonal backward (which reads dq, dk, dv
   // anyway): dq/dk/dv get dgate·W on the fly, never stored; the bias sums on the second launch.
   MlstmGateArgs g;
@@ -982,15 +1087,23 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
   qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
   ProfileMark("mlstm.bwd.qk_blockdiag_gates");
+  if (lean) dq = dkk = Tensor();
   Tensor dxm = conv_.Backward(dxc);
   ProfileMark("mlstm.bwd.conv");
+  if (lean) dxc = xc_ = Tensor();
   qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
   ProfileMark("mlstm.bwd.v_blockdiag_gates");
+  if (lean) dv = dig = dfg = Tensor();
+  if (mode == MlstmRecompute::kGlue) {
+    u_ = norm_.Forward(x_in_);  // the norm's saved input and statistics are replaced by equal ones
+    ProfileMark("mlstm.bwd.recompute_norm");
+  }
   Tensor du;
   const bool up_first = FirstWriteOverRows(rows, {up_.weight()});  // rows [0, p) and [p, 2p): all of dW
   LinearRowsBackward(u_, up_, 0, dxm, &du, false, up_first);
   LinearRowsBackward(u_, up_, p, dz, &du, true, up_first);
   ProfileMark("mlstm.bwd.up_proj");
+  if (lean) dxm = dz = u_ = xm_ = z_ = Tensor();
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mlstm.bwd.norm_residual");
   ReleaseActivations();

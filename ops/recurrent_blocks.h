@@ -70,6 +70,37 @@ class CausalConv1d {
 void SetRecurrentProfiling(bool on);
 std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 
+// What the CUDA mLSTM block keeps between its forward and its backward (helper mem11; memory
+// table and time prediction: ops/MLSTM_MEMORY.md). Every mode runs the same kernels on the same
+// inputs as kNone, so the step's results are bit-identical; the modes only move work from
+// memory to time. The cell's saved chunk states dominate at 1.3b (C_k hi + lo planes: 1.2 GiB a
+// layer at B4 x 2048, 2.4 GiB at B8), so model.recompute_blocks (whole block again) was needed.
+//   kNone   keep everything (the default).
+//   kCell   drop the cell's saved states, h and the down projection's input; the backward runs
+//           the cell forward and the output norm again (kept: u, x_m, z, x_c, q, k, v, gates).
+//   kGlue   kCell and also drop u = LN(x), x_c, q, k, v and the gates: the backward recomputes
+//           everything but the three GEMMs (kept: the block input, x_m, z).
+//   kBlock  benchmarks only: what model.recompute_blocks does (RecomputeBlock), inside the block
+//           (keep x; the backward runs the whole forward again), so one model can alternate it
+//           with the others.
+// `keep_last` > 0: blocks built for layer >= n_layers - keep_last run kNone whatever the mode
+// (memory left over after recomputation buys back time).
+// The backward frees each tensor once used in the modes other than kNone.
+// Use with model.recompute_blocks off (under RecomputeBlock a mode other than kNone recomputes
+// the cell twice).
+enum class MlstmRecompute { kNone, kCell, kGlue, kBlock };
+struct MlstmRecomputeConfig {
+  MlstmRecompute mode = MlstmRecompute::kNone;
+  int64_t keep_last = 0;
+};
+// The process-wide setting each MlstmBlock::Forward reads (the backward uses the forward's).
+// Starts from GYRE_MLSTM_RECOMPUTE (unset, "none", "cell", "glue", "block"; anything else stops
+// the process with a message naming it) and GYRE_MLSTM_RECOMPUTE_KEEP (an integer >= 0), read
+// once on first use; SetMlstmRecompute overrides them (tests, benchmarks). Not thread-safe.
+MlstmRecomputeConfig GetMlstmRecompute();
+void SetMlstmRecompute(MlstmRecomputeConfig config);
+const char* MlstmRecomputeName(MlstmRecompute mode);
+
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
 struct MlstmState : BlockState {
@@ -87,7 +118,8 @@ struct Mamba2State : BlockState {
 
 class MlstmBlock : public Block {
  public:
-  MlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
+  // `layer` (0-based; -1 unknown) only decides MlstmRecomputeConfig::keep_last.
+  MlstmBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers, int64_t layer = -1);
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
   Tensor Backward(const Tensor& dy) override;
   void ReleaseActivations() override;
@@ -98,6 +130,7 @@ class MlstmBlock : public Block {
 
  private:
   int64_t d_, p_, heads_, chunk_;
+  int64_t n_layers_, layer_;
   bool sigmoid_forget_;
   Norm norm_;
   Linear up_;
@@ -110,9 +143,17 @@ class MlstmBlock : public Block {
   int64_t batch_ = 0, seq_ = 0;
   Tensor z_, xc_, q_out_, k_out_, v_out_, ig_, fg_, h_, saved_, hs_, sz_;
   // CUDA path (recurrent_blocks.cc): u = LN(x), xm, out-norm statistics.
-  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);  // ForwardCudaAll, then the mode's drops
+  Tensor ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq);  // keeps everything
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, xm_, mean_, rstd_;
+  // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock and kGlue.
+  MlstmRecompute mode_ = MlstmRecompute::kNone;
+  Tensor x_in_;
+  // The cell, its saved states and the output norm (out = down's input) from the kept tensors.
+  Tensor RecomputeCellCuda();
+  // kCell / kGlue: drop what the backward recomputes.
+  void DropRecomputableCuda();
   // CUDA decoding (ops/recurrent_step_cuda.cc); the CPU-made state tensors move to the device
   // on the first step.
   Tensor StepCuda(const Tensor& x, int64_t chunk, struct MlstmState* st, bool rewindable);

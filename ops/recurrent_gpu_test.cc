@@ -23,6 +23,10 @@
 //            sLSTM: the fused q/k/v gates, the out-norm, the grouped LayerNorms, the sLSTM bias
 //            column sum) and Mamba-2 (gated RMSNorm, SSD), at shapes with several column and row
 //            blocks per reduction (where float atomics made the order, and the bits, vary);
+//   recompute: the mLSTM block's recomputation modes (GYRE_MLSTM_RECOMPUTE: cell, glue, block,
+//            glue with keep_last 1) against float64 (block and model) and BITWISE against the
+//            default path (three AdamW steps; also at the 125M widths), and the bytes a block
+//            holds between forward and backward per mode;
 //   deferred zero: after an earlier step the recurrent blocks' gradients are left stale (NaN
 //            written into them) and two micro-batches must reproduce a fresh model's gradients.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
@@ -733,6 +737,131 @@ TEST_F(RecurrentGpuTest, PresetWidthsTrainBitwiseReproducibly) {
   ModelSpec m = *PresetSpec("mamba2-130m");
   m.blocks = {BlockType::kMamba2, BlockType::kMamba2};
   ExpectBitwiseReproducible(m, 4, 1024);
+}
+
+// ---------------------------------------------------------------- mLSTM recomputation modes
+
+// MlstmRecompute (ops/recurrent_blocks.h): each mode moves the cell (and, for glue, the norm, conv
+// and q/k/v maps) from the forward's saved tensors to the backward, running the same kernels on
+// the same inputs — so the results must be BITWISE those of the default path, and against float64
+// the same bands as MlstmBlock. Select just these with --gtest_filter='*MlstmRecompute*'.
+class MlstmRecomputeScope {
+ public:
+  explicit MlstmRecomputeScope(MlstmRecomputeConfig c) : saved_(GetMlstmRecompute()) { SetMlstmRecompute(c); }
+  ~MlstmRecomputeScope() { SetMlstmRecompute(saved_); }
+
+ private:
+  MlstmRecomputeConfig saved_;
+};
+
+const std::vector<MlstmRecomputeConfig>& RecomputeModes() {
+  static const std::vector<MlstmRecomputeConfig> modes = {
+      {MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}, {MlstmRecompute::kBlock, 0}, {MlstmRecompute::kGlue, 1}};
+  return modes;
+}
+
+std::string ModeLabel(const MlstmRecomputeConfig& c) {
+  return std::string(MlstmRecomputeName(c.mode)) + (c.keep_last > 0 ? ":" + std::to_string(c.keep_last) : "");
+}
+
+TEST_F(RecurrentGpuTest, MlstmRecomputeBlockMatchesFloat64) {
+  const ModelSpec s = SmallXlstm();
+  for (const MlstmRecomputeConfig& m : RecomputeModes()) {
+    if (m.keep_last > 0) continue;  // a lone block has no layer index
+    MlstmRecomputeScope scope(m);
+    CheckBlock("mlstm recompute=" + ModeLabel(m), s,
+               [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 100);
+  }
+}
+
+TEST_F(RecurrentGpuTest, MlstmRecomputeModelMatchesFloat64) {
+  for (const MlstmRecomputeConfig& m : RecomputeModes()) {
+    MlstmRecomputeScope scope(m);
+    ModelSpec s = SmallXlstm();
+    s.preset = "xlstm-gpu-test recompute=" + ModeLabel(m);
+    CheckModel(s);
+  }
+}
+
+// Device bytes a block holds from its forward to its backward: kCell and kGlue must hold less than
+// kNone by at least the cell's saved states, and kGlue less than kCell.
+TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
+  const ModelSpec s = SmallXlstm();
+  const int64_t B = 4, T = 256;
+  ParamStore store(DType::kF32, Device::kCpu);
+  Rng r(7);
+  MlstmBlock block({&store, &r, "l"}, s, 3);
+  store.MoveToDevice(Device::kCuda);
+  Rng rng(5);
+  const Tensor x = ToCudaBf16(RandomBf16Host({B, T, s.d_model}, 1.0, &rng));
+  const Tensor dy = ToCudaBf16(RandomBf16Host({B, T, s.d_model}, 1.0, &rng));
+  auto held = [&](MlstmRecompute mode) {
+    MlstmRecomputeScope scope({mode, 0});
+    Cuda().Synchronize();
+    const uint64_t before = Cuda().Memory().bytes_in_use;
+    Tensor y = block.Forward(x, B, T);
+    const uint64_t after = Cuda().Memory().bytes_in_use;
+    block.Backward(dy);
+    return static_cast<int64_t>(after - before);
+  };
+  MlstmCellArgs c;
+  c.batch = B; c.seq = T; c.heads = s.mlstm_heads; c.dk = c.dv = s.mlstm_inner / s.mlstm_heads; c.chunk = s.mlstm_chunk;
+  const int64_t saved = static_cast<int64_t>(Cuda().MlstmSavedBytes(c));
+  const int64_t none = held(MlstmRecompute::kNone), cell = held(MlstmRecompute::kCell);
+  const int64_t glue = held(MlstmRecompute::kGlue), whole = held(MlstmRecompute::kBlock);
+  const bool ok = cell <= none - saved && glue < cell && whole < glue;
+  std::printf("[%s] mlstm recompute held bytes B %ld T %ld: none %ld cell %ld glue %ld block %ld (cell saved %ld)\n",
+              ok ? "PASS" : "FAIL", (long)B, (long)T, (long)none, (long)cell, (long)glue, (long)whole, (long)saved);
+  EXPECT_TRUE(ok);
+}
+
+// Three AdamW steps of the xLSTM model (mLSTM, sLSTM, mLSTM) per mode against the default path:
+// identical losses, gradient norms, parameters and gradients. Also at the 125M widths (mLSTM inner
+// 1536, chunk 128) for glue.
+void ExpectRecomputeBitwiseEqualsDefault(const ModelSpec& spec, int64_t B, int64_t T,
+                                         const std::vector<MlstmRecomputeConfig>& modes) {
+  RunBits base;
+  {
+    MlstmRecomputeScope scope({MlstmRecompute::kNone, 0});
+    base = TrainThreeSteps(spec, B, T);
+  }
+  ASSERT_EQ(base.losses.size(), 3u);
+  for (const MlstmRecomputeConfig& m : modes) {
+    MlstmRecomputeScope scope(m);
+    const RunBits b = TrainThreeSteps(spec, B, T);
+    ASSERT_EQ(base.names, b.names);
+    ASSERT_EQ(b.losses.size(), 3u);
+    int loss_diff = 0, value_diff = 0, grad_diff = 0;
+    std::string first;
+    for (size_t i = 0; i < 3; ++i) {
+      loss_diff += std::memcmp(&base.losses[i], &b.losses[i], sizeof(double)) != 0 ||
+                   std::memcmp(&base.grad_norms[i], &b.grad_norms[i], sizeof(double)) != 0;
+    }
+    for (size_t i = 0; i < base.names.size(); ++i) {
+      const bool v = base.values[i] != b.values[i], g = base.grads[i] != b.grads[i];
+      value_diff += v;
+      grad_diff += g;
+      if ((v || g) && first.size() < 400) first += " " + base.names[i] + (g ? "(grad)" : "(value)");
+    }
+    const bool ok = loss_diff == 0 && value_diff == 0 && grad_diff == 0;
+    std::printf("[%s] mlstm recompute=%s bitwise vs default, %s B %ld T %ld, 3 steps: steps differing %d/3 (last loss "
+                "%.17g / %.17g), parameters %d/%zu, gradients %d/%zu%s%s\n",
+                ok ? "PASS" : "FAIL", ModeLabel(m).c_str(), spec.preset.c_str(), (long)B, (long)T, loss_diff,
+                base.losses[2], b.losses[2], value_diff, base.names.size(), grad_diff, base.names.size(),
+                first.empty() ? "" : "; first:", first.c_str());
+    EXPECT_TRUE(ok);
+  }
+}
+
+TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefault) {
+  ExpectRecomputeBitwiseEqualsDefault(SmallXlstm(), 8, 256, RecomputeModes());
+}
+
+TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefaultAtPresetWidths) {
+  ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
+  x.blocks = {BlockType::kMlstm, BlockType::kSlstm, BlockType::kMlstm};
+  x.vocab_size = 1024;  // the blocks are under test; a small head keeps the three inits short
+  ExpectRecomputeBitwiseEqualsDefault(x, 4, 1024, {{MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}});
 }
 
 // ---------------------------------------------------------------- deferred zero
