@@ -112,6 +112,17 @@ enum class MlstmBwdDvKernel {
                    // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
+// Which kernel computes dq and dk (backward step 7, bwd_dqk) at chunk 128 with 128-column dq/dk
+// slabs (dk a multiple of 128); other shapes always run the mma.sync kernel. Same products in the
+// same order on both: dq, dk and the row dots agree bit for bit.
+enum class MlstmBwdDqkKernel {
+  kAuto,        // GYRE_MLSTM_BWD_DQK (read once per process): unset or "ws" = kPerSlab, "fused" =
+                // kFusedSlabs; any other value makes MlstmChunkwiseBackward return an error naming it
+  kPerSlab,     // mlstm_bwd_dqk_ws: one block per (head, chunk, 128-column slab) (the default)
+  kFusedSlabs,  // mlstm_bwd_dqk_fused (helper mlstm11; opt-in, not measured yet): one block per
+                // (head, chunk) for all slabs; dP = dH Vᵀ and dS' once instead of once per slab
+};
+
 // At chunk 128 with 128-column h slabs fwd_out runs mlstm_fwd_out_ws3 (three TMA dk stages), and
 // with 128×128 state tiles the two state recurrences run mlstm_state_fwd_ws / mlstm_state_bwd_ws
 // (TMA producer warpgroup, TMA box stores); there is no choice left. The earlier kernels (the
@@ -143,6 +154,8 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
+  // Backward only (see MlstmBwdDqkKernel; kAuto follows GYRE_MLSTM_BWD_DQK, default kPerSlab).
+  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
