@@ -132,9 +132,7 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;  // kAuto: GYRE_MLSTM_FWD_OUT (unset: ws3)
-  MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;  // kAuto: GYRE_MLSTM_STATE_FWD
-  MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;  // kAuto: GYRE_MLSTM_STATE_BWD
+  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DQK (unset: ws)
 };
 
 struct Problem {
@@ -159,9 +157,7 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
-  opt.fwd_out = pr.variant.fwd_out;
-  opt.state_fwd = pr.variant.state_fwd;
-  opt.state_bwd = pr.variant.state_bwd;
+  opt.bwd_dqk = pr.variant.bwd_dqk;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -434,24 +430,15 @@ int main(int argc, char** argv) {
   };
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
-  // fwd_out forced at chunk 128 with 128-column h slabs (else = v2): the TMA kernel with two dk
-  // stages beside a V slab ("out-ws") or three stages ("out-ws3", helper mlstm10; the default
-  // since session 8).
-  const auto out_variant = [&](const char* name, gyre::cuda::MlstmFwdOutKernel kernel) {
+  // bwd_dqk forced at chunk 128 with 128-column dq/dk slabs (else = v2): one block per head-chunk
+  // for all dk slabs ("dqk-fused", helper mlstm11) or the per-slab default ("dqk-ws").
+  const auto dqk_variant = [&](const char* name, gyre::cuda::MlstmBwdDqkKernel kernel) {
     return gyre::cuda::Variant{name, MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
                                MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto, kernel};
   };
-  const gyre::cuda::Variant out_ws =
-      out_variant("out-ws", gyre::cuda::MlstmFwdOutKernel::kTwoStages);
-  const gyre::cuda::Variant out_ws3 =
-      out_variant("out-ws3", gyre::cuda::MlstmFwdOutKernel::kThreeStages);
-  // The TMA-producer state_fwd and state_bwd (chunk 128, 128×128 state tiles, else = v2; helper
-  // mlstm10).
-  const gyre::cuda::Variant state_ws{"state-ws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
-                                     0, MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
-                                     gyre::cuda::MlstmFwdOutKernel::kAuto,
-                                     gyre::cuda::MlstmStateKernel::kWarpSpecialized,
-                                     gyre::cuda::MlstmStateKernel::kWarpSpecialized};
+  const gyre::cuda::Variant dqk_fused =
+      dqk_variant("dqk-fused", gyre::cuda::MlstmBwdDqkKernel::kFusedSlabs);
+  const gyre::cuda::Variant dqk_ws = dqk_variant("dqk-ws", gyre::cuda::MlstmBwdDqkKernel::kPerSlab);
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -466,11 +453,9 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_whi},
       {"xlstm-125m-cell", s125, 128, dv_mma},  {"xlstm-125m-cell", s125, 128, dv_wgf},
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
-      {"xlstm-125m-cell", s125, 128, out_ws},  {"xlstm-125m-cell", s125, 128, out_ws3},
-      {"xlstm-125m-cell", s125, 128, state_ws},
-      {"xlstm-1.3b-like", s13, 128, state_ws}, {"xlstm-7b-heads", s7, 128, state_ws},
-      {"xlstm-1.3b-like", s13, 128, out_ws},   {"xlstm-1.3b-like", s13, 128, out_ws3},
-      {"xlstm-7b-heads", s7, 128, out_ws},     {"xlstm-7b-heads", s7, 128, out_ws3},
+      {"xlstm-125m-cell", s125, 128, dqk_ws},  {"xlstm-125m-cell", s125, 128, dqk_fused},
+      {"xlstm-1.3b-like", s13, 128, dqk_ws},   {"xlstm-1.3b-like", s13, 128, dqk_fused},
+      {"xlstm-7b-heads", s7, 128, dqk_ws},     {"xlstm-7b-heads", s7, 128, dqk_fused},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

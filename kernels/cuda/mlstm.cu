@@ -52,21 +52,24 @@
 //                      differences (deterministic, no atomics); df̃ = dlf·σ(−f̃) (sigmoid gate).
 //
 // Tensor cores: at chunk 128 the main loops run on Hopper's warpgroup MMA (wgmma, sm_90a;
-// primitives in hopper_mma.cuh): mlstm_fwd_out_ws and mlstm_bwd_dqk_ws (128-column slabs; a TMA
-// producer warpgroup and mbarrier stages since session 9), and
-// state_fwd / state_bwd with WG = true (128×128 tiles); operands in 128-byte-swizzled shared
-// memory, three stages in bwd_dqk's phase 1. bwd_dv at chunk 128 with 128-column dv slabs runs
+// primitives in hopper_mma.cuh): mlstm_fwd_out_ws3 and mlstm_bwd_dqk_ws (128-column slabs; a TMA
+// producer warpgroup and mbarrier stages since session 9), and mlstm_state_fwd_ws /
+// mlstm_state_bwd_ws (128×128 tiles); operands in 128-byte-swizzled shared memory, three stages
+// in bwd_dqk's phase 1. bwd_dv at chunk 128 with 128-column dv slabs runs
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
 // 0.542 -> 0.335 ms at the 125m cell on an H100; MlstmBwdDvKernel / GYRE_MLSTM_BWD_DV select the
 // others). Everything else (chunk 16-64,
-// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. Opt-in (helper
+// mlstm11, not measured yet): GYRE_MLSTM_BWD_DQK=fused runs bwd_dqk as mlstm_bwd_dqk_fused, one
+// block per head-chunk for all dk slabs (MlstmBwdDqkKernel). xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
 // Defaults since the lead's session-8 device call (helper mlstm10's kernels; H100, 125m cell):
 // mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
 // mlstm_state_bwd_ws (TMA producer, TMA box stores; 0.449 -> 0.383 and 0.453 -> 0.334 ms), all
-// byte-identical to the kernels they replace. The earlier ones stay selectable until deleted
-// (GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_FWD / _BWD=wg; MlstmFwdOutKernel, MlstmStateKernel);
-// mlstm_fwd_out_wsf (the two-stage kernel without C7515, 0.599 ms) lost to ws3 and was deleted.
+// byte-identical to the kernels they replaced. The replaced ones (the two-stage mlstm_fwd_out_ws,
+// the warpgroup mlstm_state_fwd / _bwd<128, 128, 128, true>) were deleted after losing in the
+// lead's 2026-11-27 whole-step confirmation; mlstm_fwd_out_wsf (the two-stage kernel without
+// C7515, 0.599 ms) lost to ws3 and was deleted before.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -267,8 +270,8 @@ struct Dims {
   int dqk_slab;    // DKT of bwd_dqk (resolved MlstmOptions::io_slab)
   // Warpgroup-MMA (wgmma) kernels where the shape allows them; the mma.sync kernels elsewhere.
   bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_ws (L 128, 128-column dq/dk slabs)
-  bool wg_out;     // fwd_out: mlstm_fwd_out_ws (L 128, 128-column h slabs)
-  bool wg_state;   // state_fwd / state_bwd with WG (L 128, 128×128 tiles)
+  bool wg_out;     // fwd_out: mlstm_fwd_out_ws3 (L 128, 128-column h slabs)
+  bool wg_state;   // state_fwd / state_bwd: mlstm_state_fwd_ws / _bwd_ws (L 128, 128×128 tiles)
 };
 
 struct FwdPtrs {
@@ -806,11 +809,9 @@ struct StateSmem {
   static constexpr bool kStagedAny = kStaged || kStaged2;
   static constexpr size_t kBytes = kStages * (kTileA + kTileB) * 2  // bf16 tiles
                                    + 2 * L * 4                      // per-token coefficients
-                                   + 1024;  // WG: base aligned to 1024 (swizzled B tiles)
-  // WG (the warpgroup-MMA kernels, TM = TN = 128 at L 128): the V / dH tiles are stored in the
-  // 128-byte swizzle (two [L][64] column blocks) inside their padded slots, which are multiples
-  // of 1024 bytes (L·(TN+8)·2 = 34816).
-  static_assert(kTileB * 2 % 1024 == 0 || TN != 128 || L != 128, "swizzled B slots");
+                                   + 1024;  // unused: the alignment slack of the deleted
+                                                     // warpgroup variant, kept so the launch sizes
+                                                     // stay as measured
 };
 
 // An A fragment (16 m × 16 k from LoadA / LoadAT at k0) with column k scaled by w[k0 + k], as
@@ -856,13 +857,10 @@ __device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], in
   dst[g + 8] = nacc[2];
 }
 
-template <int L, int TM, int TN, bool WG = false>
+template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
-  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]
   bf16* vs = ks + kSt * SM::kTileA;              // [3][L][TN+8]
@@ -889,13 +887,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     if (k < d.NC) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(ks + stage * SM::kTileA, SM::kSA, kbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      if constexpr (WG) {
-        unsigned char* vb = reinterpret_cast<unsigned char*>(vs + stage * SM::kTileB);
-        LoadTileSw<L>(vb, vbase + t0 * ldv, ldv, len, tid, kThreads);
-        LoadTileSw<L>(vb + L * 128, vbase + t0 * ldv + 64, ldv, len, tid, kThreads);
-      } else {
-        LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
-      }
+      LoadTile<L, TN>(vs + stage * SM::kTileB, SM::kSB, vbase + t0 * ldv, ldv, len, tid, kThreads);
     }
     CpAsyncCommit();
   };
@@ -929,7 +921,6 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
       CpAsyncWait<2>();
     }
     if (tid < L) es[tid] = e_reg;
-    if constexpr (WG) hopper::FenceProxyAsync();  // the V tile is read by wgmma
     __syncthreads();  // tile k and es visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
@@ -944,61 +935,23 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
-    if constexpr (WG) {
-      // Warpgroup MMA: the scaled Kᵀ fragments (hi, lo) of all 8 k-steps in registers (the
-      // m16n8k16 A layout is wgmma's register-A layout; warp w's 16 rows are rows 16(w % 4) of
-      // its warpgroup's 64), V N-major in shared memory; n by mma.sync with the ones operand.
-      uint32_t ae[L / 16][4], elo[L / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        uint32_t a[4];
-        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
-        ScaleAKSplit(ae[kk], elo[kk], a, es, 16 * kk, lane);
-        if (n_block) {
-          Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
-          Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
-        }
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4], ae[4], elo[4];
+      LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
+      if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
+      // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
+      // follows 4 MMAs later instead of 2 (see MmaPairs).
+#pragma unroll
+      for (int np = 0; np < TN / 16; np += 2) {
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ae, b0, b1);
+        if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
       }
-      const uint64_t v_d = hopper::SmemDescSw128(SmemAddr(vst), L * 128, 1024);
-      // The lo products are issued unconditionally (zero fragments without d.fwd_wlo): a
-      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
-      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
-      if (!d.fwd_wlo) {
-#pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
-      }
-      hopper::FenceRegs(ae);
-      hopper::FenceRegs(elo);
-      hopper::WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        hopper::WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
-        hopper::WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
-      }
-      hopper::WgmmaCommit();
-      hopper::WgmmaWait<0>();
-      hopper::FenceRegs(acc);
-      hopper::FenceRegs(ae);
-      hopper::FenceRegs(elo);
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        uint32_t a[4], ae[4], elo[4];
-        LoadAT(a, kst, SM::kSA, 16 * w, 16 * kk, lane);
-        ScaleAKSplit(ae, elo, a, es, 16 * kk, lane);
-        if (n_block) Mma(nacc, ae, kOnesBf16x2, kOnesBf16x2);
-        // Two column tiles at a time, hi products before lo: an MMA into the same accumulator
-        // follows 4 MMAs later instead of 2 (see MmaPairs).
-#pragma unroll
-        for (int np = 0; np < TN / 16; np += 2) {
-          uint32_t b0[4], b1[4];
-          LoadBKN(b0, vst, SM::kSB, 16 * np, 16 * kk, lane);
-          LoadBKN(b1, vst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-          MmaPairs(acc, 2 * np, ae, b0, b1);
-          if (d.fwd_wlo) MmaPairs(acc, 2 * np, elo, b0, b1);  // lo half of E_t k_t: exact to ~2^-17
-        }
-        if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
-      }
+      if (n_block) Mma(nacc, elo, kOnesBf16x2, kOnesBf16x2);
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
@@ -1016,9 +969,9 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
 }
 
 
-// state_fwd with a TMA producer (helper mlstm10; opt-in: MlstmStateKernel::kWarpSpecialized,
-// GYRE_MLSTM_STATE_FWD=ws; L 128, 128×128 state tiles, where mlstm_state_fwd<128, 128, 128, true>
-// runs by default). The same recurrence and products (Kᵀ diag(E) as hi + lo register-A
+// state_fwd with a TMA producer (helper mlstm10; the default since session 8, the only kernel at
+// L 128 with 128×128 state tiles since the warpgroup cp.async kernel it replaced was deleted
+// after losing, 0.449 -> 0.383 ms at the 125m cell on an H100). The same recurrence and products (Kᵀ diag(E) as hi + lo register-A
 // fragments, V N-major in shared memory, 16 RS wgmma per chunk; n by mma.sync with the ones
 // operand), with:
 //  - 384 threads: warpgroup 0 produces (one thread issues K and V of chunk k as four TMA boxes
@@ -1504,13 +1457,10 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 5. state_bwd
 
-template <int L, int TM, int TN, bool WG = false>
+template <int L, int TM, int TN>
 __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
-  extern __shared__ __align__(16) unsigned char smem_raw_unaligned[];
-  unsigned char* smem_raw = WG ? reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw_unaligned) + 1023) & ~uintptr_t{1023}) : smem_raw_unaligned;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = StateSmem<L, TM, TN>;
-  static_assert(!WG || (L == 128 && TM == 128 && TN == 128), "WG: L 128, 128×128 tiles");
   constexpr int kNT = TN / 8, kThreads = SM::kThreads, kSt = SM::kStages;
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [3][L][TM+8]  q (dk cols a0..)
   bf16* hs = qs + kSt * SM::kTileA;              // [3][L][TN+8]  dh (dv cols j0..)
@@ -1551,13 +1501,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     if (k >= 0) {
       const int t0 = k * L, len = min(L, d.S - t0);
       LoadTile<L, TM>(qs + stage * SM::kTileA, SM::kSA, qbase + t0 * ldqk, ldqk, len, tid, kThreads);
-      if constexpr (WG) {
-        unsigned char* hb = reinterpret_cast<unsigned char*>(hs + stage * SM::kTileB);
-        LoadTileSw<L>(hb, hbase + t0 * ldv, ldv, len, tid, kThreads);
-        LoadTileSw<L>(hb + L * 128, hbase + t0 * ldv + 64, ldv, len, tid, kThreads);
-      } else {
-        LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
-      }
+      LoadTile<L, TN>(hs + stage * SM::kTileB, SM::kSB, hbase + t0 * ldv, ldv, len, tid, kThreads);
     }
     CpAsyncCommit();
   };
@@ -1592,7 +1536,6 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
       coef[tid] = cf;
       ddc[tid] = dd;
     }
-    if constexpr (WG) hopper::FenceProxyAsync();  // the dH tile is read by wgmma
     __syncthreads();  // tile k and the coefficients visible; every warp's staging reads done
     if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
@@ -1607,61 +1550,24 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
-    if constexpr (WG) {  // as in state_fwd
-      uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        uint32_t a[4];
-        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
-        ScaleAKSplit(ac[kk], aclo[kk], a, coef, 16 * kk, lane);
-        if (kk % parts == part) {
-          uint32_t ad[4], adlo[4];
-          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
-          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-        }
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4], ac[4], aclo[4];
+      LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
+      if (kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
       }
-      const uint64_t h_d = hopper::SmemDescSw128(SmemAddr(hst), L * 128, 1024);
-      // The lo products are issued unconditionally (zero fragments without d.bwd_wlo): a
-      // wgmma under a run-time condition made ptxas inject a warpgroup.arrive before every
-      // wgmma (warning C7519). Materialise the fragments before the fence for the same reason.
-      if (!d.bwd_wlo) {
 #pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
-      }
-      hopper::FenceRegs(ac);
-      hopper::FenceRegs(aclo);
-      hopper::WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        hopper::WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
-        hopper::WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
-      }
-      hopper::WgmmaCommit();
-      hopper::WgmmaWait<0>();
-      hopper::FenceRegs(acc);
-      hopper::FenceRegs(ac);
-      hopper::FenceRegs(aclo);
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        uint32_t a[4], ac[4], aclo[4];
-        LoadAT(a, qst, SM::kSA, 16 * w, 16 * kk, lane);
-        ScaleAKSplit(ac, aclo, a, coef, 16 * kk, lane);
-        if (kk % parts == part) {
-          uint32_t ad[4], adlo[4];
-          ScaleAKSplit(ad, adlo, a, ddc, 16 * kk, lane);
-          Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-          Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-        }
-#pragma unroll
-        for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
-          uint32_t b0[4], b1[4];
-          LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
-          LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
-          MmaPairs(acc, 2 * np, ac, b0, b1);
-          if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
-        }
+      for (int np = 0; np < TN / 16; np += 2) {  // as in state_fwd
+        uint32_t b0[4], b1[4];
+        LoadBKN(b0, hst, SM::kSB, 16 * np, 16 * kk, lane);
+        LoadBKN(b1, hst, SM::kSB, 16 * np + 16, 16 * kk, lane);
+        MmaPairs(acc, 2 * np, ac, b0, b1);
+        if (d.bwd_wlo) MmaPairs(acc, 2 * np, aclo, b0, b1);
       }
     }
     __syncthreads();
@@ -1673,10 +1579,10 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 }
 
 
-// state_bwd with a TMA producer (helper mlstm10; opt-in: MlstmStateKernel::kWarpSpecialized in
-// MlstmOptions::state_bwd, GYRE_MLSTM_STATE_BWD=ws; L 128, 128×128 tiles): mlstm_state_fwd_ws's
-// structure (StateWsSmem, StateWsMaps with q / dh for k / v and dC / dC lo for the stores) on
-// mlstm_state_bwd<128, 128, 128, true>'s recurrence: step s handles chunk k = NC − 1 − s, dC_{k+1}
+// state_bwd with a TMA producer (helper mlstm10; the default since session 8, the only kernel at
+// L 128 with 128×128 tiles since the warpgroup kernel it replaced was deleted after losing, 0.453
+// -> 0.334 ms): mlstm_state_fwd_ws's structure (StateWsSmem, StateWsMaps with q / dh for k / v and
+// dC / dC lo for the stores) on mlstm_state_bwd's recurrence: step s handles chunk k = NC − 1 − s, dC_{k+1}
 // leaves by TMA box stores before the update dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, and this
 // column block's part of dn (16-token steps kk with kk % parts == part) by mma.sync. coef and ddc
 // of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
@@ -1991,7 +1897,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
 // bwd_dv on warpgroup MMA (sm_90a wgmma), L 128 and dv a multiple of 128: the math of
 // mlstm_bwd_dv above (K dC_{k+1} with dC's hi plane only and Pᵀ as single bf16, as there), one
 // block per (head, chunk) for all 128-column dv slabs (helper mlstm8). Warpgroup wg owns the key
-// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_ws / fwd_out_ws). Per 64-wide dk stage
+// rows s = 64wg..64wg+63 (identity map, as bwd_dqk_ws / fwd_out_ws3). Per 64-wide dk stage
 // (swizzled K, Q tiles [128][64], dC_{k+1} rows [64 dk][128 dv]): slab 0 computes Sᵀ = K Qᵀ
 // (m64n128, both K-major) once with dV_0 += K dC (dC N-major); Pᵀ = Sᵀ·scale ⊙ W / den then stays
 // in registers (bf16 A fragments, bwd_dqk_ws's dS' mapping) while the block walks the slabs:
@@ -2904,67 +2810,102 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws below,
-// the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
-// bwd_dqk). Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128
-// dv]): S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per
-// warpgroup, one commit; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each).
-// Then P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
-// Executed MACs per block at the 125m cell (dk 384): S 6.3M (the full square: no per-warpgroup
-// causal skip, see the note on divergence at bwd_dqk), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
-// 3.5M + 12.6M + 2.4M = 18.5M).
+// bwd_dqk fused over the dk slabs (helper mlstm11; opt-in: MlstmBwdDqkKernel::kFusedSlabs,
+// GYRE_MLSTM_BWD_DQK=fused): one block per (head, chunk) for all DK/128 slabs, where
+// mlstm_bwd_dqk_ws runs one block per (head, chunk, slab). The per-slab kernel computes
+// dP = dH Vᵀ and dS' — which do not depend on the slab — once per slab (3x at the 125m cell: 6.3M
+// of its 35.7M MACs per block, and dh / V streamed for it each time) and drains its pipeline at
+// every block boundary (one 192 KB block per SM: nothing overlaps the next block's first loads).
+// Here:
+//   - phase 1a: dP over dv (dh, V steps), then dS' once: to shared memory (for every slab's
+//     dK += dS'ᵀ Q) and as bf16 A fragments in registers (pa, for every slab's dQ += dS' K);
+//   - per slab a: phase 1b Y = dH C_k[a]ᵀ (hi + lo) over dv, Q[a] / K[a] (their own region),
+//     dQ, the dq store and q·dq; phase 3 V dC_{k+1}[a]ᵀ (hi + lo) over dv, dK += dS'ᵀ Q, the dk
+//     store and k·dk;
+//   - one ring of two 48 KB stages carries every step of the block in order (P1a: dh, V; P1b: dh,
+//     C hi, C lo; P3: dC lo, V, dC hi), so the producer loads the next slab's first steps while
+//     the consumers finish the current slab; Q[a] / K[a] load once the consumers released slab
+//     a − 1's (an "empty" mbarrier, one arrival per consumer warp).
+// Every accumulator gets the same wgmma products in the same order as in mlstm_bwd_dqk_ws, so
+// dq, dk, q·dq and k·dk are meant to be bitwise identical to it (the test checks that).
+// Shared memory: dS' 32 KB, Q 32 KB, K 32 KB, ring 2 × 48 KB (a third stage does not fit in 227
+// KB), vectors (b, ĩ, m, 1/den, dden: L each; n_k, dn_{k+1}: DK each), 6 mbarriers.
 template <bool SPLIT>
-struct OutWgSmem {
+struct DqkFusedSmem {
   static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
-  static constexpr int kV = 0;               // [128 s][128 dv]
-  static constexpr int kStages = 2 * kTile64;
-  // Stage: Q [128 t][64], K [128 s][64], C hi [64 dk][128 dv], C lo [64 dk][128 dv].
-  static constexpr int kOffK = kTile64, kOffC = 2 * kTile64, kOffClo = 3 * kTile64;
-  static constexpr int kStage = (SPLIT ? 4 : 3) * kTile64;
-  static constexpr int kFloats = kStages + 2 * kStage;
-  static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 1024; }
+  static constexpr int kDS = 0;              // [128 t][128 s] dS' (two column blocks)
+  static constexpr int kQ = 2 * kTile64;     // [128 t][128 dk of slab a]
+  static constexpr int kK = 4 * kTile64;     // [128 s][128 dk of slab a]
+  static constexpr int kRing = 6 * kTile64;
+  static constexpr int kSlot = 3 * kTile64;
+  static constexpr int kSlots = 2;
+  static constexpr int kFloats = kRing + kSlots * kSlot;
+  // full[2], empty[2], full_qk, empty_qk after the vectors.
+  static size_t Bytes(int dk) { return kFloats + (5 * 128 + 2 * dk) * 4 + 6 * 8 + 1024; }
 };
 
-// fwd_out with a TMA producer (helper mlstm9): the products above, with warpgroup 0 issuing
-// the V slab and the two dk stages (Q, K [128][64], C hi / lo [64 dk][128 dv] as two [64][64]
-// boxes each) as TMA copies onto mbarriers (full / empty per stage, as mlstm_bwd_dqk_ws), no
-// block barrier in the dk loop, one wgmma group in flight while the next stage is awaited (its
-// stage is released after the following group is issued). 384 threads (consumers: 232 registers
-// after setmaxnreg; the cp.async version it replaced used 255 and spilled 124 bytes).
-// Measured against that version (H200, session 9): 0.573 -> 0.556 ms at the 125m cell, 0.313 ->
-// 0.284 ms at the 1.3b layout. Only two stages fit beside the V slab (227 KB).
-struct OutWsMaps {
-  CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
-  CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 64
-};
+// LoadDqkVectors for all dk rows (n_k, dn_{k+1} of every slab) instead of one slab's.
+template <int L>
+__device__ __forceinline__ void LoadDqkVectorsAllSlabs(const Dims& d, const BwdPtrs& p, int tid,
+                                                       int threads, int len, int64_t so,
+                                                       int64_t tok0, int bh, int k, float* bs,
+                                                       float* igs, float* ms, float* ivs,
+                                                       float* dds, float* nks, float* dnks) {
+  if (tid < L) {
+    const bool ok = tid < len;
+    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
+    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
+    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
+    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
+    dds[tid] = ok ? p.dden[so + tid] : 0.f;
+  }
+  for (int i = tid; i < d.DK; i += threads) {
+    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + i];
+    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + i;
+    float dn = 0.f;
+    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
+    dnks[i] = dn;
+    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
+      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + i;
+      float s0 = 0.f;
+      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
+      p.dn0[static_cast<int64_t>(bh) * d.DK + i] = s0;
+    }
+  }
+}
 
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_ws(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+    mlstm_bwd_dqk_fused(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
   using namespace hopper;
-  using SM = OutWgSmem<SPLIT>;
-  constexpr int L = 128, DVT = 128, kConsumers = 256;
+  using SM = DqkFusedSmem<SPLIT>;
+  constexpr int L = 128, kConsumers = 256, kSlots = SM::kSlots;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t sa = SmemAddr(sm);
+  unsigned char *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
   float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
   float* igs = bs + L;
   float* ms = igs + L;
-  float* nks = ms + L;  // [DK] n_k
-  // mbarriers after the vectors: full V, full[2], empty[2].
-  const uint32_t bars = sa + SM::kFloats + (3 * L + d.DK) * 4;
-  const uint32_t full_v = bars, full = bars + 8, empty = bars + 24;
-  const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  float* ivs = ms + L;
+  float* dds = ivs + L;
+  float* nks = dds + L;      // [DK] n_k
+  float* dnks = nks + d.DK;  // [DK] dn_{k+1}
+  const uint32_t bars = sa + SM::kFloats + (5 * L + 2 * d.DK) * 4;
+  const uint32_t full = bars, empty = bars + 8 * kSlots;
+  const uint32_t full_qk = bars + 16 * kSlots, empty_qk = full_qk + 8;
+  const int k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
-  const int ndt = d.DK / 64;
+  const int njt = d.DV / 64, nslab = d.DK / 128;
   if (threadIdx.x == 0) {
-    MbInit(full_v, 1);
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSlots; ++i) {
       MbInit(full + 8 * i, 1);
       MbInit(empty + 8 * i, 8);
     }
+    MbInit(full_qk, 1);
+    MbInit(empty_qk, 8);
     MbInitFence();
   }
   __syncthreads();
@@ -2972,191 +2913,315 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
-      for (int dt = 0; dt < ndt; ++dt) {
-        const int slot = dt & 1, use = dt >> 1;
+      constexpr uint32_t kP1aBytes = 2 * SM::kTile64;
+      constexpr uint32_t kP1bBytes = (SPLIT ? 3 : 2) * SM::kTile64;
+      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
+      int step = 0;  // ring step: slot step % 2, use step / 2
+      // Waits for the slot of `step` and returns its address (full barrier armed by the caller).
+      auto acquire = [&](int s) {
+        const int slot = s % kSlots, use = s / kSlots;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-        const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full + 8 * slot;
-        MbArriveExpectTx(fb, kStageBytes);
-        TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
-        TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
-        TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
-        TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
-        if constexpr (SPLIT) {
-          TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
-          TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+        return sa + SM::kRing + slot * SM::kSlot;
+      };
+      for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 1a: dh, V
+        const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
+        MbArriveExpectTx(fb, kP1aBytes);
+        TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
+        TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
+      }
+      for (int a = 0; a < nslab; ++a) {
+        const int a0 = a * 128;
+        const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
+        const int dc_row = (bh * d.NC + k) * d.DK + a0;
+        for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 1b: dh, C hi, C lo
+          const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
+          MbArriveExpectTx(fb, kP1bBytes);
+          TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
+          TmaTile2d(st + SM::kTile64, &maps.c, fb, jt * 64, c_row);
+          if constexpr (SPLIT) TmaTile2d(st + 2 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
         }
-        if (dt == 0) {  // V after the first stage (needed only after the dk loop)
-          MbArriveExpectTx(full_v, 2 * SM::kTile64);
-          TmaTile4d(sa + SM::kV, &maps.v, full_v, j0, hd, t0, b);
-          TmaTile4d(sa + SM::kV + SM::kTile64, &maps.v, full_v, j0 + 64, hd, t0, b);
+        // Q[a], K[a] once slab a − 1's consumers are done with theirs.
+        if (a > 0) MbWait(empty_qk, (a - 1) & 1);
+        MbArriveExpectTx(full_qk, 4 * SM::kTile64);
+        TmaTile4d(sa + SM::kQ, &maps.q, full_qk, a0, hd, t0, b);
+        TmaTile4d(sa + SM::kQ + SM::kTile64, &maps.q, full_qk, a0 + 64, hd, t0, b);
+        TmaTile4d(sa + SM::kK, &maps.k, full_qk, a0, hd, t0, b);
+        TmaTile4d(sa + SM::kK + SM::kTile64, &maps.k, full_qk, a0 + 64, hd, t0, b);
+        for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 3: dC lo, V, dC hi
+          const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
+          MbArriveExpectTx(fb, kP3Bytes);
+          TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
+          TmaTile2d(st + 2 * SM::kTile64, &maps.dc, fb, jt * 64, dc_row);
+          if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
         }
       }
     }
     return;
   }
 
+  // Consumers: warps 4-11 (consumer thread index tid 0..255), warpgroup wg owns rows
+  // 64wg..64wg+63.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  if (tid < L) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[o] : 0.f;
-    ms[tid] = ok ? p.m_tok[o] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-  }
-  for (int i = tid; i < d.DK; i += kConsumers) nks[i] = nbase[i];
-  NamedBarrierSync(1, kConsumers);  // n_k is read in the loop
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  LoadDqkVectorsAllSlabs<L>(d, p, tid, kConsumers, len, so, tok0, bh, k, bs, igs, ms, ivs, dds,
+                            nks, dnks);
+  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
+  int step = 0;                        // ring step, as the producer's
 
-  float sacc[64], hacc[64];
+  // Phase 1a: dP = dH Vᵀ over dv in 64-wide tiles; one wgmma group in flight while the next
+  // stage's mbarrier is awaited.
+  float pacc[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  float qn0 = 0.f, qn1 = 0.f;
-  const uint32_t own = wg * 64 * 128;
-  for (int dt = 0; dt < ndt; ++dt) {
-    const int slot = dt & 1;
-    MbWait(full + 8 * slot, (dt >> 1) & 1);
-    const uint32_t st = sa + SM::kStages + slot * SM::kStage;
-    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
+  for (int i = 0; i < 64; ++i) pacc[i] = 0.f;
+  for (int jt = 0; jt < njt; ++jt, ++step) {
+    const int slot = step % kSlots;
+    MbWait(full + 8 * slot, (step / kSlots) & 1);
+    const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
+    const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+      const uint64_t kstep = (kk * 32) >> 4;
+      WgmmaSS128<0, 0>(pacc, dh_d + kstep, v_d + kstep, 1);
     }
     WgmmaCommit();
-    {  // q̂·n_k under the wgmma
-      const unsigned char* qt = sm + SM::kStages + slot * SM::kStage;
-      const float* nk = nks + dt * 64 + 16 * c;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
-        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
-        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
-          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
-          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
-          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
-        }
-      }
-    }
-    if (dt > 0) {
-      WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
-      if (lane == 0) MbArrive(empty + 8 * ((dt - 1) & 1));
+    if (jt > 0) {
+      WgmmaWait<1>();  // step − 1's group retired: its stage is free
+      if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
     }
   }
   WgmmaWait<0>();
-  FenceRegs(sacc);
-  FenceRegs(hacc);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
-
-  // Gating: P = S·scale ⊙ W (causal), row sums.
+  FenceRegs(pacc);
+  if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
+  NamedBarrierSync(1, kConsumers);  // the vectors landed
+  // Phase 2 (once): dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared
+  // memory (swizzled [t][s]) for every slab's dK and packed to bf16 A fragments for every dQ.
+  const int r0 = 16 * w + g, r1 = r0 + 8;
   const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  float rs0 = 0.f, rs1 = 0.f;
+  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int s = nt * 8 + 2 * c + (e & 1);
       const int r = e < 2 ? r0 : r1;
-      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-      float pv = 0.f;
-      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
-      sacc[4 * nt + e] = pv;
-      if (e < 2) rs0 += pv; else rs1 += pv;
+      float v = 0.f;
+      if (s <= r && r < len) {
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
+      }
+      pacc[4 * nt + e] = v;
     }
   }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
-  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    hacc[4 * i + 0] *= d.scale * G0;
-    hacc[4 * i + 1] *= d.scale * G0;
-    hacc[4 * i + 2] *= d.scale * G1;
-    hacc[4 * i + 3] *= d.scale * G1;
-  }
-  uint32_t pa[8][4], palo[8][4];
+  uint32_t pa[8][4];
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
   }
-  MbWait(full_v, 0);
-  {
-    const uint64_t v_d = SmemDescSw128(sa + SM::kV, SM::kTile64, 1024);
-    WgmmaFence();
+  FenceProxyAsync();                // dS' is read by the dK wgmma
+  NamedBarrierSync(1, kConsumers);  // dS' from both warpgroups written (and fenced)
+  const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+  const float gl = bs[len - 1];
+  const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+  const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+
+  for (int a = 0; a < nslab; ++a) {
+    const int a0 = a * 128;
+    // Phase 1b: Y = dH C_k[a]ᵀ (hi + lo).
+    float qacc[64];
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    for (int i = 0; i < 64; ++i) qacc[i] = 0.f;
+    for (int jt = 0; jt < njt; ++jt, ++step) {
+      const int slot = step % kSlots;
+      MbWait(full + 8 * slot, (step / kSlots) & 1);
+      const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
+      const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
+      const uint64_t c_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
+      const uint64_t clo_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t kstep = (kk * 32) >> 4;
+        WgmmaSS128<0, 0>(qacc, dh_d + kstep, c_d + kstep, 1);
+        if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + kstep, clo_d + kstep, 1);
+      }
+      WgmmaCommit();
+      if (jt > 0) {
+        WgmmaWait<1>();
+        if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
+      }
     }
-    WgmmaCommit();
     WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pa);
-    FenceRegs(palo);
-  }
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-  float h4[16][4];
+    FenceRegs(qacc);
+    if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
-  // h (and its lo part) leave through the stage buffers (no wgmma reads them once both
-  // warpgroups passed the barrier; every TMA load into them has completed: all were awaited
-  // above) in 16-byte pieces: warp w stages its 16 rows at rows 16w of two padded [128][DVT + 8]
-  // buffers (34 KB each) in the stage region.
-  NamedBarrierSync(1, kConsumers);
-  constexpr int kSH = DVT + kPad;
-  bf16* hi_s = reinterpret_cast<bf16*>(sm + SM::kStages);
-  bf16* lo_s = hi_s + L * kSH;
-  StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
-                 SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
-                 ldv, h4, hi_s + 16 * w * kSH, lo_s + 16 * w * kSH, lane, len - 16 * w);
-  if (blockIdx.x == 0 && c == 0) {
-    const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
-    if (r0 < len) p.den_tok[o + r0] = den0;
-    if (r1 < len) p.den_tok[o + r1] = den1;
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = a0 + nt * 8 + 2 * c;
+      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
+      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
+      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
+      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
+    }
+    MbWait(full_qk, a & 1);
+    // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
+    {
+      const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(qacc);
+      FenceRegs(pa);
+    }
+    {
+      bf16* dqbase = p.dq + tok0 * d.DK + a0;
+      float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
+        const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
+        dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
+        dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
+        if (r0 < len)
+          *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
+        if (r1 < len)
+          *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
+      }
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+      if (c == 0) {
+        if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + a] = dot0;
+        if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + a] = dot1;
+      }
+    }
+    // Phase 3: dK = diag(E)(V dC_{k+1}[a]ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
+    float kacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
+    for (int jt = 0; jt < njt; ++jt, ++step) {
+      const int slot = step % kSlots;
+      MbWait(full + 8 * slot, (step / kSlots) & 1);
+      const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
+      const uint64_t v_d = SmemDescSw128(st + SM::kTile64 + own, 16, 1024);
+      const uint64_t dc_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
+      const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t kstep = (kk * 32) >> 4;
+        WgmmaSS128<0, 0>(kacc, v_d + kstep, dc_d + kstep, 1);
+        if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + kstep, dclo_d + kstep, 1);
+      }
+      WgmmaCommit();
+      if (jt > 0) {
+        WgmmaWait<1>();
+        if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
+      }
+    }
+    WgmmaWait<0>();
+    FenceRegs(kacc);
+    if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = a0 + nt * 8 + 2 * c;
+      kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
+      kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
+      kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
+      kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
+    }
+    // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
+    // N-major B.
+    {
+      const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
+      const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint64_t kstep = (kk * 16 * 128) >> 4;
+        WgmmaSS128<1, 1>(kacc, ds_d + kstep, q_d + kstep, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(kacc);
+    }
+    {
+      bf16* dkbase = p.dk + tok0 * d.DK + a0;
+      float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
+        const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
+        dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
+        dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
+        if (r0 < len)
+          *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
+        if (r1 < len)
+          *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
+      }
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+      if (c == 0) {
+        if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + a] = dot0;
+        if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + a] = dot1;
+      }
+    }
+    // This warp is done with Q[a] (dq dot, dK wgmma retired) and K[a] (dQ wgmma, dk dot).
+    __syncwarp();
+    if (lane == 0) MbArrive(empty_qk);
   }
 }
 
+// fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws3 below,
+// the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
+// bwd_dqk). Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128
+// dv]): S = Q̂Kᵀ (m64n128, both K-major), h += Q̂ C_k hi + lo (C N-major), 12 wgmma per
+// warpgroup, one commit; q̂·n_k by FMAs from the swizzled Q tile (4 lanes per row, 16 dk each).
+// Then P = S ⊙ W (hi + lo bf16 pairs in registers) and h += P V (register A, V N-major).
+// Executed MACs per block at the 125m cell (dk 384): S 6.3M (the full square: no per-warpgroup
+// causal skip, see the note on divergence at bwd_dqk), Q̂C 12.6M, PV 4.2M = 23.1M (mma.sync:
+// 3.5M + 12.6M + 2.4M = 18.5M). A TMA producer warpgroup (helper mlstm9) issues every tile onto
+// mbarriers (full / empty per stage, as mlstm_bwd_dqk_ws); no block barrier in the dk loop; one
+// wgmma group in flight while the next stage is awaited. 384 threads (consumers: 232 registers
+// after setmaxnreg).
+struct OutWsMaps {
+  CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 64
+};
 
-// fwd_out on three dk stages (helper mlstm10; opt-in: MlstmFwdOutKernel::kThreeStages,
-// GYRE_MLSTM_FWD_OUT=ws3). mlstm_fwd_out_ws keeps two 64 KB stages beside a 32 KB V slab (a
-// third stage does not fit in 227 KB), so the load of step dt + 2 waits until step dt's wgmma
-// group retired, i.e. about when step dt + 1 is issued: the ring is one step deep. Here V has no
-// region of its own: it is the ring's step ndt (after the last dk step), loaded into that step's
-// slot (ndt % 3) once step ndt − 3 released it, so three dk stages fit (3 × 64 KB + vectors;
-// 48 KB stages without the lo planes) and the producer runs two steps ahead. Everything else —
-// products, q̂·n_k, gating, P V, the staged h store — is mlstm_fwd_out_ws's, line for line.
+// fwd_out on three dk stages (helper mlstm10; the default since session 8, the only wgmma
+// fwd_out since the two-stage mlstm_fwd_out_ws was deleted after losing, 0.624 -> 0.495 ms at the
+// 125m cell on an H100). The two-stage kernel kept two 64 KB stages beside a 32 KB V slab (a
+// third stage does not fit in 227 KB), so the load of step dt + 2 waited until step dt's wgmma
+// group retired: the ring was one step deep. Here V has no region of its own: it is the ring's
+// step ndt (after the last dk step), loaded into that step's slot (ndt % 3) once step ndt − 3
+// released it, so three dk stages fit (3 × 64 KB + vectors; 48 KB stages without the lo planes)
+// and the producer runs two steps ahead. The dk loop is a do-while (ndt >= 1): a zero-trip branch
+// made ptxas serialise every wgmma of the two-stage kernel (warning C7515).
 // With ndt < 3 (dk 64 / 128) V's slot was never used and loads at once.
 template <bool SPLIT>
 struct OutWs3Smem {
@@ -3256,7 +3321,7 @@ __global__ void __launch_bounds__(384, 1)
   // keeps a zero-trip path on which the accumulators are defined by moves and merged into the
   // wgmma pipeline, and ptxas then serialises every wgmma of the kernel (C7515: "wgmma.mma_async
   // instructions are serialized due to non wgmma instructions defining accumulator registers of a
-  // wgmma between start and end of the pipeline stage"), as it does in mlstm_fwd_out_ws. Found by
+  // wgmma between start and end of the pipeline stage"), as it did in the deleted two-stage kernel. Found by
   // editing the PTX: removing that branch alone removes the warning.
   int dt = 0;
   do {
@@ -3352,8 +3417,8 @@ __global__ void __launch_bounds__(384, 1)
     const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage, SM::kTile64, 1024);
     // The scaled hacc must be final before the fence: pure register math, so without this the
     // compiler may sink the multiplies between wgmma.fence and the wgmma that reads them, and
-    // ptxas then serialises every wgmma of the kernel (warning C7515, which mlstm_fwd_out_ws
-    // gets: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
+    // ptxas then serialises every wgmma of the kernel (warning C7515, which the deleted two-stage
+    // kernel got: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
     FenceRegs(hacc);
     WgmmaFence();
 #pragma unroll
@@ -3378,7 +3443,7 @@ __global__ void __launch_bounds__(384, 1)
     h4[nt][3] = hacc[4 * nt + 3] * inv1;
   }
   // h (and its lo part) leave through the ring's first 68 KB (two padded [128][DVT + 8]
-  // buffers), as in mlstm_fwd_out_ws: after the barrier no wgmma reads the ring and every TMA
+  // buffers): after the barrier no wgmma reads the ring and every TMA
   // load into it has completed (all ndt + 1 steps were awaited above).
   NamedBarrierSync(1, kConsumers);
   constexpr int kSH = DVT + kPad;
@@ -4200,9 +4265,12 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 struct BwdDvChoice {
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
-  // MlstmOptions::state_bwd resolved (GYRE_MLSTM_STATE_BWD; applies where d.wg_state).
-  bool state_ws = false;                // mlstm_state_bwd_ws
-  const char* bad_state_env = nullptr;  // the unknown GYRE_MLSTM_STATE_BWD value
+  // MlstmOptions::bwd_dqk resolved (GYRE_MLSTM_BWD_DQK; applies where d.wg_dqk).
+  bool dqk_fused = false;             // mlstm_bwd_dqk_fused (one block per head-chunk)
+  const char* bad_dqk_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DQK value
+  // GYRE_MLSTM_STATE_BWD: only "ws" (mlstm_state_bwd_ws) is left; "wg" (deleted) and any other
+  // value make the backward return an error naming the value.
+  const char* bad_state_env = nullptr;
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -4213,19 +4281,28 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     } else if (std::strcmp(e, "mma") != 0) {
       c.bad_env = e;
     }
-    // Default ws since session 8 (H100, 125m cell: state_bwd 0.453 -> 0.334 ms, same bytes).
     const char* st = std::getenv("GYRE_MLSTM_STATE_BWD");
-    if (st == nullptr || std::strcmp(st, "ws") == 0) {
-      c.state_ws = true;
-    } else if (std::strcmp(st, "wg") != 0) {
-      c.bad_state_env = st;
+    if (st != nullptr && std::strcmp(st, "ws") != 0) c.bad_state_env = st;
+    // Opt-in (helper mlstm11, not measured yet): "fused" = mlstm_bwd_dqk_fused; unset or "ws" =
+    // the per-slab mlstm_bwd_dqk_ws (the default).
+    const char* dq = std::getenv("GYRE_MLSTM_BWD_DQK");
+    if (dq != nullptr && std::strcmp(dq, "fused") == 0) {
+      c.dqk_fused = true;
+    } else if (dq != nullptr && std::strcmp(dq, "ws") != 0) {
+      c.bad_dqk_env = dq;
     }
     return c;
   }();
   BwdDvChoice c;
-  c.state_ws = o.state_bwd == MlstmStateKernel::kAuto ? from_env.state_ws
-                                                      : o.state_bwd == MlstmStateKernel::kWarpSpecialized;
-  c.bad_state_env = o.state_bwd == MlstmStateKernel::kAuto ? from_env.bad_state_env : nullptr;
+  c.bad_state_env = from_env.bad_state_env;
+  switch (o.bwd_dqk) {
+    case MlstmBwdDqkKernel::kAuto:
+      c.dqk_fused = from_env.dqk_fused;
+      c.bad_dqk_env = from_env.bad_dqk_env;
+      break;
+    case MlstmBwdDqkKernel::kPerSlab: break;
+    case MlstmBwdDqkKernel::kFusedSlabs: c.dqk_fused = true; break;
+  }
   switch (o.bwd_dv) {
     case MlstmBwdDvKernel::kAuto:
       c.fused = from_env.fused;
@@ -4238,52 +4315,23 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   return c;
 }
 
-// MlstmFwdOutKernel resolved (applies where d.wg_out: chunk 128, 128-column h slabs).
-// GYRE_MLSTM_FWD_OUT is read once per process (the kAuto choice); an unknown value is an error.
-struct FwdOutChoice {
-  bool three_stages = false;      // mlstm_fwd_out_ws3
-  const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_FWD_OUT value
-  // MlstmStateKernel resolved the same way (GYRE_MLSTM_STATE_FWD; applies where d.wg_state).
-  bool state_ws = false;                // mlstm_state_fwd_ws
+// GYRE_MLSTM_FWD_OUT and GYRE_MLSTM_STATE_FWD, read once per process: each names the one kernel
+// left ("ws3": mlstm_fwd_out_ws3; "ws": mlstm_state_fwd_ws). The deleted "ws" / "wg" (and any
+// other value) make the forward return an error naming the value.
+struct FwdEnvCheck {
+  const char* bad_env = nullptr;        // the unknown GYRE_MLSTM_FWD_OUT value
   const char* bad_state_env = nullptr;  // the unknown GYRE_MLSTM_STATE_FWD value
 };
-FwdOutChoice FwdOutKernel(const MlstmOptions& o) {
-  static const FwdOutChoice from_env = [] {
-    FwdOutChoice c;
-    // Defaults ws3 and ws since session 8 (H100, 125m cell: fwd_out 0.624 -> 0.495 ms, state_fwd
-    // 0.449 -> 0.383; outputs byte-identical to the two-stage / warpgroup kernels).
+FwdEnvCheck FwdEnv() {
+  static const FwdEnvCheck from_env = [] {
+    FwdEnvCheck c;
     const char* e = std::getenv("GYRE_MLSTM_FWD_OUT");
-    if (e == nullptr || std::strcmp(e, "ws3") == 0) {
-      c.three_stages = true;
-    } else if (std::strcmp(e, "ws") != 0) {
-      c.bad_env = e;
-    }
+    if (e != nullptr && std::strcmp(e, "ws3") != 0) c.bad_env = e;
     const char* st = std::getenv("GYRE_MLSTM_STATE_FWD");
-    if (st == nullptr || std::strcmp(st, "ws") == 0) {
-      c.state_ws = true;
-    } else if (std::strcmp(st, "wg") != 0) {
-      c.bad_state_env = st;
-    }
+    if (st != nullptr && std::strcmp(st, "ws") != 0) c.bad_state_env = st;
     return c;
   }();
-  FwdOutChoice c;
-  switch (o.state_fwd) {
-    case MlstmStateKernel::kAuto:
-      c.state_ws = from_env.state_ws;
-      c.bad_state_env = from_env.bad_state_env;
-      break;
-    case MlstmStateKernel::kWarpgroup: break;
-    case MlstmStateKernel::kWarpSpecialized: c.state_ws = true; break;
-  }
-  switch (o.fwd_out) {
-    case MlstmFwdOutKernel::kAuto:
-      c.three_stages = from_env.three_stages;
-      c.bad_env = from_env.bad_env;
-      break;
-    case MlstmFwdOutKernel::kTwoStages: break;
-    case MlstmFwdOutKernel::kThreeStages: c.three_stages = true; break;
-  }
-  return c;
+  return from_env;
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -4394,7 +4442,7 @@ CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
   return {};
 }
 
-// The five maps of mlstm_fwd_out_ws (c_lo aliases c when the states are single bf16).
+// The five maps of mlstm_fwd_out_ws3 (c_lo aliases c when the states are single bf16).
 CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
   const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
     const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
@@ -4415,7 +4463,6 @@ CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
   return {};
 }
 
-// out_choice: FwdOutKernel's choice (used where d.wg_out).
 // The four maps of mlstm_state_fwd_ws (c_lo aliases c when the states are single bf16; it is
 // then not stored).
 CudaResult EncodeStateFwdMaps(const Dims& d, const FwdPtrs& p, StateWsMaps* m) {
@@ -4459,8 +4506,7 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 }
 
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& out_choice,
-                         cudaStream_t stream) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -4489,19 +4535,12 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& ou
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
       if constexpr (L == 128 && kT == 128) {
-        if (d.wg_state && out_choice.state_ws) {
+        if (d.wg_state) {
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
           mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
-          Hook("mlstm_state_fwd", stream);
-          return {};
-        }
-        if (d.wg_state) {
-          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd<L, kT, kT, true>, smem));
-          mlstm_state_fwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
           Hook("mlstm_state_fwd", stream);
           return {};
@@ -4529,7 +4568,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& ou
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
-    if (d.wg_out && out_choice.three_stages) {
+    if (d.wg_out) {
       auto out_ws3_launch = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
         const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
@@ -4542,20 +4581,6 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, const FwdOutChoice& ou
         return {};
       };
       return d.split ? out_ws3_launch(T{}) : out_ws3_launch(F{});
-    }
-    if (d.wg_out) {
-      auto out_ws_launch = [&](auto split_tag) -> CudaResult {
-        constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = OutWgSmem<SPLIT>::Bytes(d.DK) + 5 * 8;  // + the mbarriers
-        OutWsMaps maps{};
-        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws<SPLIT>, smem));
-        mlstm_fwd_out_ws<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
-        Hook("mlstm_fwd_out", stream);
-        return {};
-      };
-      return d.split ? out_ws_launch(T{}) : out_ws_launch(F{});
     }
   }
   if (d.out_slab == 128) {
@@ -4606,19 +4631,12 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
       constexpr int kT = decltype(tile_tag)::value;
       const size_t smem = StateSmem<L, kT, kT>::kBytes;
       if constexpr (L == 128 && kT == 128) {
-        if (d.wg_state && dv_choice.state_ws) {
+        if (d.wg_state) {
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
           mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
-          Hook("mlstm_state_bwd", stream);
-          return {};
-        }
-        if (d.wg_state) {
-          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd<L, kT, kT, true>, smem));
-          mlstm_state_bwd<L, kT, kT, true><<<dim3(d.DV / kT, d.DK / kT, bh), 2 * kT, smem, stream>>>(d, p);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
           Hook("mlstm_state_bwd", stream);
           return {};
@@ -4667,6 +4685,21 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
+    if (d.wg_dqk && dv_choice.dqk_fused) {  // wg_dqk: chunk 128, dk a multiple of 128
+      auto dqk_fused = [&](auto split_tag) -> CudaResult {
+        constexpr bool SPLIT = decltype(split_tag)::value;
+        const size_t smem = DqkFusedSmem<SPLIT>::Bytes(d.DK);
+        DqkTmaMaps maps{};
+        CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_fused<SPLIT>, smem));
+        mlstm_bwd_dqk_fused<SPLIT><<<dim3(1, d.NC, bh), 384, smem, stream>>>(d, p, maps);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+        Hook("mlstm_bwd_dqk", stream);
+        return {};
+      };
+      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_fused(T{}) : dqk_fused(F{}));
+      return LaunchGatesBwd(d, p, stream);
+    }
     if (d.wg_dqk) {
       auto dqk_ws = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
@@ -4751,14 +4784,16 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v) || !Aligned16(h)) {
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
-  const FwdOutChoice out_choice = FwdOutKernel(options);
-  if (out_choice.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws or ws3, got '") +
-                           out_choice.bad_env + "'");
+  const FwdEnvCheck env = FwdEnv();
+  if (env.bad_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws3 (or unset; "
+                                       "ws was deleted), got '") +
+                           env.bad_env + "'");
   }
-  if (out_choice.bad_state_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_STATE_FWD must be wg or ws, got '") +
-                           out_choice.bad_state_env + "'");
+  if (env.bad_state_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_STATE_FWD must be ws (or unset; "
+                                       "wg was deleted), got '") +
+                           env.bad_state_env + "'");
   }
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
@@ -4789,10 +4824,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   p.n_out = final_state.n;
   p.m_out = final_state.m;
   switch (d.L) {
-    case 16: return LaunchForward<16>(d, p, out_choice, stream);
-    case 32: return LaunchForward<32>(d, p, out_choice, stream);
-    case 64: return LaunchForward<64>(d, p, out_choice, stream);
-    default: return LaunchForward<128>(d, p, out_choice, stream);
+    case 16: return LaunchForward<16>(d, p, stream);
+    case 32: return LaunchForward<32>(d, p, stream);
+    case 64: return LaunchForward<64>(d, p, stream);
+    default: return LaunchForward<128>(d, p, stream);
   }
 }
 
@@ -4820,8 +4855,13 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");
   }
+  if (dv_choice.bad_dqk_env != nullptr) {
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DQK must be ws or fused, got '") +
+                           dv_choice.bad_dqk_env + "'");
+  }
   if (dv_choice.bad_state_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_STATE_BWD must be wg or ws, got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_STATE_BWD must be ws (or unset; "
+                                       "wg was deleted), got '") +
                            dv_choice.bad_state_env + "'");
   }
   Dims d = MakeDims(shape, options);

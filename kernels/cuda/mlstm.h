@@ -112,34 +112,25 @@ enum class MlstmBwdDvKernel {
                    // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
-// Which kernel computes h at chunk 128 with 128-column h slabs (forward step 3, fwd_out); other
-// shapes always run the mma.sync kernel. Same math and operands; results agree bit for bit
-// (same products in the same order).
-enum class MlstmFwdOutKernel {
-  kAuto,         // GYRE_MLSTM_FWD_OUT (read once per process): unset or "ws3" = kThreeStages,
-                 // "ws" = kTwoStages; any other value (the deleted "wsf" too) makes
-                 // MlstmChunkwiseForward return an error naming it
-  kTwoStages,    // mlstm_fwd_out_ws: TMA producer, two dk stages beside a V slab (ptxas
-                 // serialises its wgmmas, warning C7515); H100 125m cell 0.624 ms
-  kThreeStages,  // mlstm_fwd_out_ws3 (helper mlstm10; the default since session 8): three dk
-                 // stages, V loaded into the ring slot that frees first after the dk loop (and
-                 // the do-while); 0.495 ms
+// Which kernel computes dq and dk (backward step 7, bwd_dqk) at chunk 128 with 128-column dq/dk
+// slabs (dk a multiple of 128); other shapes always run the mma.sync kernel. Same products in the
+// same order on both: dq, dk and the row dots agree bit for bit.
+enum class MlstmBwdDqkKernel {
+  kAuto,        // GYRE_MLSTM_BWD_DQK (read once per process): unset or "ws" = kPerSlab, "fused" =
+                // kFusedSlabs; any other value makes MlstmChunkwiseBackward return an error naming it
+  kPerSlab,     // mlstm_bwd_dqk_ws: one block per (head, chunk, 128-column slab) (the default)
+  kFusedSlabs,  // mlstm_bwd_dqk_fused (helper mlstm11; opt-in, not measured yet): one block per
+                // (head, chunk) for all slabs; dP = dH Vᵀ and dS' once instead of once per slab
 };
 
-// Which kernel runs a state recurrence (forward step 2 state_fwd: MlstmOptions::state_fwd;
-// backward step 5 state_bwd: MlstmOptions::state_bwd) at chunk 128 with 128×128 state tiles;
-// other shapes always run the mma.sync kernels. Same math, operands and order of products.
-enum class MlstmStateKernel {
-  kAuto,             // GYRE_MLSTM_STATE_FWD / GYRE_MLSTM_STATE_BWD (read once per process):
-                     // unset or "ws" = kWarpSpecialized, "wg" = kWarpgroup; any other value makes
-                     // MlstmChunkwiseForward / Backward return an error naming it
-  kWarpgroup,        // mlstm_state_fwd / _bwd<128, 128, 128, true>: cp.async stages, block
-                     // barriers, C_k / dC_k stored through shared memory by every thread (H100,
-                     // 125m cell: 0.449 / 0.453 ms)
-  kWarpSpecialized,  // mlstm_state_fwd_ws / mlstm_state_bwd_ws (helper mlstm10; the default since
-                     // session 8): TMA producer warpgroup + mbarriers, C_k / dC_k out by TMA box
-                     // stores (0.383 / 0.334 ms)
-};
+// At chunk 128 with 128-column h slabs fwd_out runs mlstm_fwd_out_ws3 (three TMA dk stages), and
+// with 128×128 state tiles the two state recurrences run mlstm_state_fwd_ws / mlstm_state_bwd_ws
+// (TMA producer warpgroup, TMA box stores); there is no choice left. The earlier kernels (the
+// two-stage fwd_out, the warpgroup cp.async state kernels; MlstmFwdOutKernel and
+// MlstmStateKernel, GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_FWD / _BWD=wg) were deleted after
+// losing in the lead's 2026-11-27 whole-step confirmation. GYRE_MLSTM_FWD_OUT accepts only
+// "ws3", GYRE_MLSTM_STATE_FWD / GYRE_MLSTM_STATE_BWD only "ws" (or unset); any other value makes
+// MlstmChunkwiseForward / Backward return an error naming it.
 
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
@@ -163,12 +154,8 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  // Forward only (see MlstmFwdOutKernel; kAuto follows GYRE_MLSTM_FWD_OUT, default kThreeStages).
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
-  // Forward only / backward only (see MlstmStateKernel; kAuto follows GYRE_MLSTM_STATE_FWD /
-  // GYRE_MLSTM_STATE_BWD, default kWarpSpecialized).
-  MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;
-  MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;
+  // Backward only (see MlstmBwdDqkKernel; kAuto follows GYRE_MLSTM_BWD_DQK, default kPerSlab).
+  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

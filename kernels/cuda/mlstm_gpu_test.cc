@@ -112,7 +112,10 @@ bool Check(const std::string& name, const std::string& shape, const std::vector<
 // of 128); added by helper mlstm8, first run in session 8 (all PASS).
 // (Session 9's TMA-producer fwd_out / bwd_dqk ran as variants v2-outws, v2-dqkws, v1-ws once
 // (all PASS; v1-ws = v1's known gaps) and then replaced the cp.async kernels on the v2, v2-t128
-// and v1-t128 paths at chunk 128.) v2 itself follows GYRE_MLSTM_BWD_DV (unset: the fused
+// and v1-t128 paths at chunk 128. Session 10's three-stage fwd_out and TMA-producer state kernels
+// ran as v2-out3 / v1-out3 / v2-stws / v1-stws (all PASS), became the defaults and, once the
+// kernels they replaced were deleted (2026-11-27), the plain v2 / v1-t128 paths; "v2-st128"
+// below is v2-stws's option set.) v2 itself follows GYRE_MLSTM_BWD_DV (unset: the fused
 // warpgroup kernel, as v2-dvwgf); "v2-dvmma" keeps the mma.sync bwd_dv tested at chunk 128.
 struct Variant {
   const char* name;
@@ -121,23 +124,12 @@ struct Variant {
   int64_t state_tile;
   int64_t io_slab;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  MlstmFwdOutKernel fwd_out = MlstmFwdOutKernel::kAuto;
-  MlstmStateKernel state_fwd = MlstmStateKernel::kAuto;
-  MlstmStateKernel state_bwd = MlstmStateKernel::kAuto;
+  bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
+  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
   return v.bwd_dv != MlstmBwdDvKernel::kAuto;
-}
-// "v2-out3" / "v1-out3" (helper mlstm10, first run in session 8: all PASS): v2 / v1-t128 with the
-// three-stage TMA fwd_out forced (MlstmFwdOutKernel::kThreeStages: split and single-bf16
-// instantiations). Run only where they apply (chunk 128, dv a multiple of 128).
-// "v2-stws" / "v1-stws": split / single-bf16 states on 128×128 state tiles with both TMA-producer
-// state kernels forced (MlstmOptions::state_fwd and state_bwd = MlstmStateKernel::
-// kWarpSpecialized, helper mlstm10, first run in session 8: all PASS); chunk 128 only.
-bool UsesFwdOutChoice(const Variant& v) {
-  return v.fwd_out != MlstmFwdOutKernel::kAuto || v.state_fwd != MlstmStateKernel::kAuto ||
-         v.state_bwd != MlstmStateKernel::kAuto;
 }
 constexpr Variant kVariants[] = {
     {"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0},
@@ -150,23 +142,20 @@ constexpr Variant kVariants[] = {
      MlstmBwdDvKernel::kWgmmaFused},
     {"v2-dvmma", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
      MlstmBwdDvKernel::kMmaSync},
-    {"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
-    {"v1-out3", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kThreeStages},
-    {"v2-stws", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
-     MlstmStateKernel::kWarpSpecialized},
-    {"v1-stws", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpSpecialized,
-     MlstmStateKernel::kWarpSpecialized},
-    // Since session 8 v2's defaults are ws3 and the TMA-producer state kernels; these keep the
-    // earlier kernels (still selectable: GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_*=wg) tested.
-    {"v2-outws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kTwoStages},
-    {"v2-stwg", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, MlstmFwdOutKernel::kAuto, MlstmStateKernel::kWarpgroup,
-     MlstmStateKernel::kWarpgroup},
+    // Split states on 128×128 state tiles with the automatic io slab: at chunk 128 the
+    // TMA-producer state kernels beside fwd_out_ws3 / bwd_dqk_ws (v2-t128 runs the state kernels
+    // with the mma.sync io kernels); chunk 128 only.
+    {"v2-st128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, true},
+    // The backward's dq / dk on one block per head-chunk for all dk slabs (MlstmBwdDqkKernel::
+    // kFusedSlabs, helper mlstm11; opt-in, GYRE_MLSTM_BWD_DQK=fused; not yet run on a device):
+    // split states with the automatic state tile (64×64 at these sizes: dn in DV/64 parts) and
+    // single bf16 states on 128×128 tiles (the SPLIT = false instantiation; gradients [INFO] as
+    // for v1). Chunk 128 only (it applies where dk is a multiple of 128; elsewhere = v2).
+    {"v2-dqkf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0,
+     MlstmBwdDvKernel::kAuto, true, MlstmBwdDqkKernel::kFusedSlabs},
+    {"v1-dqkf", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, true, MlstmBwdDqkKernel::kFusedSlabs},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -281,7 +270,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
   for (const Variant& var : kVariants) {
     if (var.state_tile == 128 && (c.DK % 128 != 0 || c.DV % 128 != 0)) continue;
     if (UsesWgmmaBwdDv(var) && (c.L != 128 || c.DV % 128 != 0)) continue;  // = v2 there
-    if (UsesFwdOutChoice(var) && (c.L != 128 || c.DV % 128 != 0)) continue;
+    if (var.chunk128_only && (c.L != 128 || c.DV % 128 != 0)) continue;
     if (!VariantSelected(var)) continue;
     // The forward runs once per convention: what it saves depends on the effective precision,
     // and the backward must get the forward's options.
@@ -296,9 +285,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
-      opt.fwd_out = var.fwd_out;
-      opt.state_fwd = var.state_fwd;
-      opt.state_bwd = var.state_bwd;
+      opt.bwd_dqk = var.bwd_dqk;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -517,140 +504,106 @@ TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
   EXPECT_TRUE(ok);
 }
 
-// The three-stage fwd_out (MlstmFwdOutKernel::kThreeStages) and the TMA-producer state_fwd
-// (MlstmStateKernel::kWarpSpecialized; both helper mlstm10) issue the same products in the same
-// order as the two-stage / warpgroup kernels, so h and everything the forward saves (C_k, n_k,
-// h_lo, den_tok, ...) must agree byte for byte: split and single-bf16 states, full and partial
-// last chunks, dk 384 (ndt 6: ws3's V waits for a ring slot) and dk 128 (ndt 2: V's slot is free
-// at once). Skipped when MLSTM_TEST_VARIANTS is set and names neither v2-out3 nor v2-stws.
-TEST(MlstmGpuTest, FwdOutVariantsMatchDefaultBytewise) {
-  if (!VariantSelected({"v2-out3", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0}) &&
-      !VariantSelected({"v2-stws", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
-    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-out3 and v2-stws";
+// The fused bwd_dqk (MlstmBwdDqkKernel::kFusedSlabs) issues every product of the per-slab kernel
+// in the same order, so dq, dk, dv, dĩ, df̃ and d_initial must agree with the default backward bit
+// for bit (NaN patterns too): split and single-bf16 states, 1-3 dk slabs, full and partial last
+// chunks, with and without an initial state / final-state gradient (dn0 is written by the dq/dk
+// kernel). Run when MLSTM_TEST_VARIANTS is unset or names v2-dqkf.
+TEST(MlstmGpuTest, BwdDqkFusedMatchesDefaultBytewise) {
+  if (!VariantSelected({"v2-dqkf", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes v2-dqkf";
   }
-  // Runs: 0 two-stage ws, 1 ws3 (compared with 0); 2 the warpgroup state_fwd on 128×128 state
-  // tiles, 3 the TMA-producer state_fwd on them (compared with 2).
-  struct Run {
-    const char* name;
-    MlstmFwdOutKernel out;
-    MlstmStateKernel state;
-    int64_t state_tile;
-    int base;
-  };
-  const Run runs[4] = {
-      {"ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 0, 0},
-      {"fwd_out ws3", MlstmFwdOutKernel::kThreeStages, MlstmStateKernel::kWarpgroup, 0, 0},
-      {"wg", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpgroup, 128, 2},
-      {"state_fwd ws", MlstmFwdOutKernel::kTwoStages, MlstmStateKernel::kWarpSpecialized, 128, 2},
-  };
-  // Runs 2 and 3 also run the backward (3 with the TMA-producer state_bwd) and compare dq, dk,
-  // dv, dĩ, df̃ byte for byte.
-  std::mt19937_64 rng(11);
+  std::mt19937_64 rng(12);
   DeviceAllocator alloc;
   struct Shape {
     int64_t B, S, NH, DK, DV;
+    bool with_states;
   };
   int mismatches = 0;
-  for (const Shape& sh : {Shape{2, 333, 2, 384, 384}, Shape{1, 256, 3, 128, 256}}) {
+  for (const Shape& sh : {Shape{2, 333, 2, 384, 384, true}, Shape{1, 256, 3, 128, 256, false},
+                          Shape{1, 300, 2, 256, 512, true}}) {
     for (const MlstmStatePrecision prec :
          {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
-      const int64_t T = sh.B * sh.S * sh.NH;
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
       DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
-          gh(&alloc, T * sh.DV);
-      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T);
+          gh(&alloc, T * sh.DV), gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK),
+          gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gdig(&alloc, T), gdfg(&alloc, T),
+          gc0(&alloc, BH * sh.DK * sh.DV), gn0(&alloc, BH * sh.DK), gm0(&alloc, BH),
+          gdcf(&alloc, BH * sh.DK * sh.DV), gdnf(&alloc, BH * sh.DK), gdmf(&alloc, BH),
+          gdc0(&alloc, BH * sh.DK * sh.DV), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
       gq.Upload(RandomBf16Values(rng, T * sh.DK));
       gk.Upload(RandomBf16Values(rng, T * sh.DK));
       gv.Upload(RandomBf16Values(rng, T * sh.DV));
       gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
       gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
-      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
-      DeviceArray<bf16> gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK),
-          gdv(&alloc, T * sh.DV);
-      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T);
       gdh.Upload(RandomBf16Values(rng, T * sh.DV));
-      std::vector<float> grads[2];  // runs 2, 3: dq dk dv dĩ df̃ concatenated
-      std::vector<unsigned char> out[4];
-      for (int which = 0; which < 4; ++which) {
-        MlstmOptions opt;
-        opt.chunk_size = 128;
-        opt.state_precision = prec;
-        opt.fwd_out = runs[which].out;
-        opt.state_fwd = runs[which].state;
-        opt.state_tile = runs[which].state_tile;
-        const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
-        DeviceBuffer saved_buf;
-        CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved_buf));
-        CUDA_CHECK_OR_DIE(cudaMemset(saved_buf.get(), 0xFF, saved_bytes));
-        gh.Poison();
-        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, {}, gh.get(), saved_buf.get(), {},
-                                             nullptr));
+      gc0.Upload(RandomFloats(rng, BH * sh.DK * sh.DV, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      gdcf.Upload(RandomFloats(rng, BH * sh.DK * sh.DV, 0.1f));
+      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.1f));
+      gdmf.Upload(RandomFloats(rng, BH, 0.1f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init, dfin;
+      if (sh.with_states) {
+        init = {gc0.get(), gn0.get(), gm0.get()};
+        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
+      }
+      MlstmOptions opt;
+      opt.chunk_size = 128;
+      opt.state_precision = prec;
+      DeviceBuffer saved_buf, scratch_buf;
+      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
+      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
+      CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved_buf.get(), {},
+                                           nullptr));
+      std::vector<float> grads[2];  // default, fused: dq dk dv dĩ df̃ (dC0 dn0 dm0) concatenated
+      for (int which = 0; which < 2; ++which) {
+        opt.bwd_dqk = which == 0 ? MlstmBwdDqkKernel::kPerSlab : MlstmBwdDqkKernel::kFusedSlabs;
+        for (auto* a : {&gdq, &gdk, &gdv}) a->Poison();
+        for (auto* a : {&gdig, &gdfg, &gdc0, &gdn0, &gdm0}) a->Poison();
+        MlstmDeviceState<float> dinit;
+        if (sh.with_states) dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+            shape, opt, in, init, gh.get(), saved_buf.get(), gdh.get(), dfin,
+            {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit, scratch_buf.get(),
+            nullptr));
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        const size_t h_bytes = T * sh.DV * sizeof(bf16);
-        out[which].resize(h_bytes + saved_bytes);
-        CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data(), gh.get(), h_bytes, cudaMemcpyDeviceToHost));
-        CUDA_CHECK_OR_DIE(cudaMemcpy(out[which].data() + h_bytes, saved_buf.get(), saved_bytes,
-                                     cudaMemcpyDeviceToHost));
-        if (which >= 2) {
-          opt.state_bwd = runs[which].state;
-          DeviceBuffer scratch_buf;
-          CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
-          for (auto* a : {&gdq, &gdk, &gdv}) a->Poison();
-          gdig.Poison();
-          gdfg.Poison();
-          CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
-              shape, opt, in, {}, gh.get(), saved_buf.get(), gdh.get(), {},
-              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, {}, scratch_buf.get(),
-              nullptr));
-          CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-          std::vector<float>& gr = grads[which - 2];
-          for (const auto* a : {&gdq, &gdk, &gdv}) {
-            const auto x = a->Download();
-            gr.insert(gr.end(), x.begin(), x.end());
-          }
-          for (const auto* a : {&gdig, &gdfg}) {
+        std::vector<float>& gr = grads[which];
+        for (const auto* a : {&gdq, &gdk, &gdv}) {
+          const auto x = a->Download();
+          gr.insert(gr.end(), x.begin(), x.end());
+        }
+        for (const auto* a : {&gdig, &gdfg}) {
+          const auto x = a->Download();
+          gr.insert(gr.end(), x.begin(), x.end());
+        }
+        if (sh.with_states) {
+          for (const auto* a : {&gdc0, &gdn0, &gdm0}) {
             const auto x = a->Download();
             gr.insert(gr.end(), x.begin(), x.end());
           }
         }
       }
-      {  // the backward with the TMA-producer state_bwd vs the default (bit patterns, NaN too)
-        size_t diff = 0;  // (a size mismatch counts as every value differing)
-        if (grads[0].size() != grads[1].size()) {
-          diff = grads[0].size();
-        } else {
-          for (size_t i = 0; i < grads[0].size(); ++i) {
-            diff += std::memcmp(&grads[0][i], &grads[1][i], sizeof(float)) != 0;
-          }
+      size_t diff = 0;  // (a size mismatch counts as every value differing)
+      if (grads[0].size() != grads[1].size()) {
+        diff = grads[0].size();
+      } else {
+        for (size_t i = 0; i < grads[0].size(); ++i) {
+          diff += std::memcmp(&grads[0][i], &grads[1][i], sizeof(float)) != 0;
         }
-        const bool ok = diff == 0 && !grads[0].empty();
-        std::printf("[%s] mlstm state_bwd ws vs default bytewise grads B%lld S%lld NH%lld dk%lld dv%lld "
-                    "L128 %s: %zu of %zu values differ\n",
-                    ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
-                    static_cast<long long>(sh.NH), static_cast<long long>(sh.DK),
-                    static_cast<long long>(sh.DV),
-                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", diff,
-                    grads[0].size());
-        mismatches += ok ? 0 : 1;
       }
-      for (const int which : {1, 3}) {
-        const std::vector<unsigned char>& ref = out[runs[which].base];
-        size_t diff = 0;  // (a size mismatch counts as every byte differing)
-        if (ref.size() != out[which].size()) {
-          diff = ref.size();
-        } else {
-          for (size_t i = 0; i < ref.size(); ++i) diff += ref[i] != out[which][i];
-        }
-        const bool ok = diff == 0;
-        std::printf("[%s] mlstm %s vs default bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s: "
-                    "%zu of %zu bytes differ\n",
-                    ok ? "PASS" : "FAIL", runs[which].name, static_cast<long long>(sh.B),
-                    static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
-                    static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", diff,
-                    ref.size());
-        mismatches += ok ? 0 : 1;
-      }
+      const bool ok = diff == 0 && !grads[0].empty();
+      std::printf("[%s] mlstm bwd_dqk fused vs default bytewise grads B%lld S%lld NH%lld dk%lld "
+                  "dv%lld L128 %s%s: %zu of %zu values differ\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK),
+                  static_cast<long long>(sh.DV),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
+                  sh.with_states ? " +init +dfinal" : "", diff, grads[0].size());
+      mismatches += ok ? 0 : 1;
     }
   }
   EXPECT_EQ(mismatches, 0);
