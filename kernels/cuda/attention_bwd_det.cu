@@ -37,6 +37,9 @@ namespace {
 using namespace hopper;
 using bf16 = __nv_bfloat16;
 
+// From here to attn_bwd_det_kernel: copies of attention_wgmma.cu's helpers (its anonymous
+// namespace; moving them to a shared header would touch the default kernels' translation unit).
+
 constexpr float kLog2eF = 1.4426950408889634f;
 
 // 2^x with denormal results flushed to zero (ex2.approx.ftz: one MUFU op, no denormal fix-up;
@@ -124,7 +127,8 @@ __device__ __forceinline__ void TmaLoad4d(uint32_t dst, const CUtensorMap* map, 
 // last head's long blocks for the end of the grid (tail); one grid-wide longest-first order
 // spreads every wave over all heads, so K / V no longer stay in L2 (RESULTS.md attn4: 1.3x
 // slower forward at S2048). Groups sized to L2 keep the reuse and cut the tail.
-// Returns the length rank (0 = longest) and the (batch, head) index of linear block `linear`.
+// Returns the length rank (0 = longest) and the (batch, head) index of linear block `linear`
+// (attn_bwd_det_kernel runs rank r as n_block = last − r: shortest first).
 __device__ __forceinline__ void GroupedBlockOrder(int linear, int blocks_per_head, int pairs,
                                                   int head_group, int& rank, int& pair) {
   const int per_group = head_group * blocks_per_head;
@@ -183,6 +187,7 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
   }
   return {};
 }
+
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
   asm volatile(
       "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
