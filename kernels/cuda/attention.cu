@@ -939,6 +939,20 @@ BwdPath BackwardPath() {
   return kDefaultBackward;
 }
 
+// GYRE_ATTN_DETERMINISTIC (read once per process): unset / "0" = off (the default: dQ's key
+// blocks are added in whatever order they finish), "1" = the ws backward adds them in a fixed
+// order (attention_bwd_det.cu), so dq is bitwise reproducible; anything else is an error.
+enum class DetMode { kOff, kOn, kUnknown };
+DetMode DeterministicMode() {
+  static const DetMode mode = [] {
+    const char* env = std::getenv("GYRE_ATTN_DETERMINISTIC");
+    if (env == nullptr || std::strcmp(env, "0") == 0) return DetMode::kOff;
+    if (std::strcmp(env, "1") == 0) return DetMode::kOn;
+    return DetMode::kUnknown;
+  }();
+  return mode;
+}
+
 // Bytes of the fp32 dQ accumulator: [B·T, H, D], or for the warp-specialised kernel the blocked
 // layout with T padded to a multiple of 64.
 size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim) {
@@ -948,7 +962,8 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, bf16* dq, const InvRope& rope, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, const InvRope& rope, int* dq_turns,
+                          cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -979,7 +994,12 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.rope_cos = rope.cos;
     w.rope_sin = rope.sin;
     w.rope_half = rope.half;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    if (dq_turns != nullptr) {
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
+                                                                      dq_turns, stream));
+    } else {
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    }
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -1140,8 +1160,23 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
                           static_cast<const void*>(args.dk), static_cast<const void*>(args.dv)}) {
     if (!Aligned16(ptr)) return InvalidArgument("AttentionBackward: tensors must be 16-byte aligned");
   }
+  const DetMode det = DeterministicMode();
+  if (det == DetMode::kUnknown) {
+    return InvalidArgument(std::string("GYRE_ATTN_DETERMINISTIC must be 0 or 1, got '") +
+                           std::getenv("GYRE_ATTN_DETERMINISTIC") + "'");
+  }
+  if (det == DetMode::kOn && !IsWsPath(BackwardPath())) {
+    return InvalidArgument(
+        "AttentionBackward: GYRE_ATTN_DETERMINISTIC=1 needs the ws backward (GYRE_ATTN_BWD=mma "
+        "adds dQ with atomics in no fixed order)");
+  }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
-  DeviceBuffer dq_acc, dvec;
+  DeviceBuffer dq_acc, dvec, dq_turns;
+  if (det == DetMode::kOn) {
+    const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
+    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));
+  }
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
       &dq_acc));
@@ -1169,9 +1204,11 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
   if (s.head_dim == 64) {
-    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
+    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
+                              stream);
   }
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
+                             stream);
 }
 
 }  // namespace gyre::cuda

@@ -29,7 +29,11 @@
 // [B, H, T]) from `alloc` and returns it to the cache before returning (stream-ordered reuse, see
 // device_allocator.h; under CUDA-graph capture the scratch would have to outlive the graph).
 // Determinism: forward, dk and dv are bitwise reproducible; dq sums key blocks with fp32 atomics
-// (bulk shared-to-global reductions on Hopper), so its low bits vary between runs.
+// (bulk shared-to-global reductions on Hopper), so its low bits vary between runs, unless
+// GYRE_ATTN_DETERMINISTIC=1 (read once per process; "0" / unset = off, other values make
+// AttentionBackward fail): then the Hopper backward adds each query tile's key blocks in a fixed
+// order (attention_bwd_det.cu) and dq is bitwise reproducible too (not with GYRE_ATTN_BWD=mma,
+// which is then an error). Extra scratch: one int per (batch, head, 64-row tile, half).
 //
 // CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
 // adding fields with defaults.
