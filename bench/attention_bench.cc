@@ -9,17 +9,15 @@
 // 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read once, each output written
 // once.
 //
-//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--rope_bwd_only]
-//                   [--bwd_only=B,S,H,D]
+//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--bwd_only=B,S,H,D]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
-//   plain and SelfExtend forwards; --rope_bwd_only: the backward with the fused RoPE alone,
-//   3 rounds, for A/B runs of GYRE_ATTN_ROPE_EARLY; --bwd_only: the plain and the fused-RoPE
-//   backward alone at that one shape (H = Hk), 3 rounds each, then whether two more backwards
-//   give bitwise the same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC)
-// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma},
-// GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the backward's dK epilogue
-// with the fused RoPE, attention_wgmma.cu) select the others, and GYRE_ATTN_DETERMINISTIC=1
-// the backward with dQ added in a fixed order (attention_bwd_det.cu) (read once per process).
+//   plain and SelfExtend forwards; --bwd_only: the plain and the fused-RoPE backward alone at
+//   that one shape (H = Hk), 3 rounds each, then whether two more backwards give bitwise the
+//   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC)
+// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
+// GYRE_ATTN_BWD ∈ {ws, mma} select the others, GYRE_ATTN_DETERMINISTIC=1 the backward with dQ
+// added in a fixed order (attention_bwd_det.cu), and with it GYRE_ATTN_DET_FORM=presum that
+// backward's D 64 variant (attention_bwd_det_presum.cu) (read once per process).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -91,7 +89,7 @@ int64_t BitDiffs(const bf16* a, const bf16* b, int64_t count) {
 }
 
 void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, bool fwd_only,
-         bool rope_bwd_only, bool bwd_only = false) {
+         bool bwd_only = false) {
   const int64_t n = s.batch * s.seq * s.heads * s.dim;
   std::vector<DeviceBuffer> keep;
   uint64_t seed = 1;
@@ -178,25 +176,6 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
     std::fflush(stdout);
     return;
   }
-  if (rope_bwd_only) {
-    RopeTable table;
-    CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
-    AttentionBackwardArgs ba_rope = ba;
-    ba_rope.rope = &table;
-    const char* mode = std::getenv("GYRE_ATTN_ROPE_EARLY");
-    std::vector<float> ms;
-    for (int round = 0; round < 3; ++round) {
-      ms.push_back(TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba_rope, stream); }));
-    }
-    std::printf("ours bwd rope (GYRE_ATTN_ROPE_EARLY=%s) B%lld S%lld H%lld D%lld: %.4f ms "
-                "(median of 3 rounds of %d; min %.4f max %.4f)\n",
-                mode != nullptr ? mode : "unset", static_cast<long long>(s.batch),
-                static_cast<long long>(s.seq), static_cast<long long>(s.heads),
-                static_cast<long long>(s.dim), Median(ms), reps,
-                *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
-    std::fflush(stdout);
-    return;
-  }
   const double fwd = TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); });
   Print("fwd", s, fwd, fwd_flops, fwd_bytes);
   // The same with the fused RoPE of q (AttentionForwardArgs::rope, R = D; rotated rows into a
@@ -253,14 +232,13 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
 
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3, from_shape = 1;
-  bool fwd_only = false, rope_bwd_only = false;
+  bool fwd_only = false;
   Shape bwd_shape{0, 0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--from_shape=", 13) == 0) from_shape = std::atoi(argv[i] + 13);
     if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
-    if (std::strcmp(argv[i], "--rope_bwd_only") == 0) rope_bwd_only = true;
     if (std::strncmp(argv[i], "--bwd_only=", 11) == 0) {
       long long b = 0, t = 0, h = 0, d = 0;
       if (std::sscanf(argv[i] + 11, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
@@ -278,12 +256,12 @@ int Main(int argc, char** argv) {
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   if (bwd_shape.batch > 0) {
-    Run(alloc, stream, bwd_shape, reps, false, false, /*bwd_only=*/true);
+    Run(alloc, stream, bwd_shape, reps, false, /*bwd_only=*/true);
     CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
     return 0;
   }
   const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
-  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only, rope_bwd_only);
+  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

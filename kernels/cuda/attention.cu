@@ -939,14 +939,16 @@ BwdPath BackwardPath() {
   return kDefaultBackward;
 }
 
-// GYRE_ATTN_DETERMINISTIC (read once per process): unset / "0" = off (the default: dQ's key
-// blocks are added in whatever order they finish), "1" = the ws backward adds them in a fixed
-// order (attention_bwd_det.cu), so dq is bitwise reproducible; anything else is an error.
-enum class DetMode { kOff, kOn, kUnknown };
-DetMode DeterministicMode() {
+// GYRE_ATTN_DETERMINISTIC (read once per process), an override of
+// AttentionBackwardArgs::deterministic for benches and tests: unset = the args decide, "1" = on
+// for every call (the ws backward adds dQ's key blocks in a fixed order, attention_bwd_det.cu),
+// "0" = off for every call; anything else is an error.
+enum class DetMode { kArgs, kOff, kOn, kUnknown };
+DetMode DeterministicOverride() {
   static const DetMode mode = [] {
     const char* env = std::getenv("GYRE_ATTN_DETERMINISTIC");
-    if (env == nullptr || std::strcmp(env, "0") == 0) return DetMode::kOff;
+    if (env == nullptr) return DetMode::kArgs;
+    if (std::strcmp(env, "0") == 0) return DetMode::kOff;
     if (std::strcmp(env, "1") == 0) return DetMode::kOn;
     return DetMode::kUnknown;
   }();
@@ -1160,19 +1162,21 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
                           static_cast<const void*>(args.dk), static_cast<const void*>(args.dv)}) {
     if (!Aligned16(ptr)) return InvalidArgument("AttentionBackward: tensors must be 16-byte aligned");
   }
-  const DetMode det = DeterministicMode();
-  if (det == DetMode::kUnknown) {
+  const DetMode det_override = DeterministicOverride();
+  if (det_override == DetMode::kUnknown) {
     return InvalidArgument(std::string("GYRE_ATTN_DETERMINISTIC must be 0 or 1, got '") +
                            std::getenv("GYRE_ATTN_DETERMINISTIC") + "'");
   }
-  if (det == DetMode::kOn && !IsWsPath(BackwardPath())) {
+  const bool deterministic =
+      det_override == DetMode::kArgs ? args.deterministic : det_override == DetMode::kOn;
+  if (deterministic && !IsWsPath(BackwardPath())) {
     return InvalidArgument(
-        "AttentionBackward: GYRE_ATTN_DETERMINISTIC=1 needs the ws backward (GYRE_ATTN_BWD=mma "
+        "AttentionBackward: the deterministic backward needs the ws backward (GYRE_ATTN_BWD=mma "
         "adds dQ with atomics in no fixed order)");
   }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
   DeviceBuffer dq_acc, dvec, dq_turns;
-  if (det == DetMode::kOn) {
+  if (deterministic) {
     const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
     CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));

@@ -11,6 +11,9 @@
 // blocks run last (grid tail); waiting where a key block catches up with the next one.
 #include "kernels/cuda/attention_wgmma.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace gyre::cuda {
 namespace {
 
@@ -18,12 +21,36 @@ template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_det_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                         const int head_group, int* const dq_turns) {
-  BwdWsBody<kD, kRopeRegs, /*kDet=*/true>(p, maps, head_group, dq_turns);
+  BwdWsBody<kD, /*kRope=*/true, /*kDet=*/true>(p, maps, head_group, dq_turns);
+}
+
+// GYRE_ATTN_DET_FORM (read once per process): unset / "pair" = attn_bwd_det_kernel (at D 64 each
+// warpgroup's partial tile is its own turn), "presum" = attention_bwd_det_presum.cu's kernel at
+// D 64 (at D 128 "pair"'s kernel, whose column halves have a turn counter each); anything else
+// is an error.
+enum class DetForm { kPair, kPresum, kUnknown };
+DetForm DetFormFromEnv() {
+  static const DetForm form = [] {
+    const char* env = std::getenv("GYRE_ATTN_DET_FORM");
+    if (env == nullptr || std::strcmp(env, "pair") == 0) return DetForm::kPair;
+    if (std::strcmp(env, "presum") == 0) return DetForm::kPresum;
+    return DetForm::kUnknown;
+  }();
+  return form;
 }
 
 template <int kD>
 CudaResult LaunchBwdDet(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads, int* dq_turns,
                         cudaStream_t stream) {
+  const DetForm form = DetFormFromEnv();
+  if (form == DetForm::kUnknown) {
+    return {static_cast<int>(cudaErrorInvalidValue),
+            std::string("GYRE_ATTN_DET_FORM must be pair or presum, got '") +
+                std::getenv("GYRE_ATTN_DET_FORM") + "'"};
+  }
+  if (kD == 64 && form == DetForm::kPresum) {
+    return LaunchAttentionBackwardWgmmaDetPresum(p, batch, kv_heads, dq_turns, stream);
+  }
   BwdTmaMaps maps{};
   CUDA_RETURN_IF_NOT_OK(EncodeBwdMaps(p, batch, kv_heads, kD, &maps));
   const dim3 grid = BwdGrid(p, batch, kv_heads);

@@ -11,10 +11,12 @@
 // back, dq and dk inverse-rotated): rotary dims R = D and R < D (16, 32, 64) at D 64 / 128, GQA,
 // in place in a fused buffer and into a separate array, T up to 1000 (positions in many tiles).
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, mma}, GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the RoPE test
-// alone: --gtest_filter='*Rope*') to check the other paths, and with GYRE_ATTN_DETERMINISTIC=1
-// (the backward with dQ added in a fixed order, attention_bwd_det.cu): every float64 check then
-// runs on it, and BackwardBitwiseRepeatable requires dq too to come back bitwise the same.
+// {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} (the RoPE test alone: --gtest_filter='*Rope*') to
+// check the other paths, and with GYRE_ATTN_DETERMINISTIC=1
+// (the backward with dQ added in a fixed order, attention_bwd_det.cu; with GYRE_ATTN_DET_FORM=presum
+// its D 64 variant, attention_bwd_det_presum.cu): every float64 check then runs on it, and
+// BackwardBitwiseRepeatable requires dq too to come back bitwise the same (the variant alone,
+// fast: --gtest_filter='*RopeFused*:*BackwardBitwise*').
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
@@ -236,6 +238,20 @@ constexpr double kTolOut = 1e-2;   // bf16 output (one rounding ~2e-3) + bf16 P 
 constexpr double kTolGrad = 1e-2;  // bf16 P and dS in the gradient GEMMs, bf16 outputs
 constexpr double kTolLse = 1e-4;   // fp32 statistics
 
+// Forward arguments of problem p on the inputs x (no RoPE, no SelfExtend).
+AttentionForwardArgs ForwardArgs(const Problem& p, const DeviceQkv& x, bf16* out, float* lse) {
+  AttentionForwardArgs fa;
+  fa.shape = {p.batch, p.seq, p.heads, p.kv_heads, p.dim};
+  fa.q = x.dev_q;
+  fa.k = x.dev_k;
+  fa.v = x.dev_v;
+  fa.q_row_stride = x.q_stride;
+  fa.kv_row_stride = x.kv_stride;
+  fa.out = out;
+  fa.lse = lse;
+  return fa;
+}
+
 bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
   const std::string shape = ShapeName(p);
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
@@ -248,15 +264,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   d_out.Poison();
   d_lse.Poison();
 
-  AttentionForwardArgs fa;
-  fa.shape = {p.batch, p.seq, H, Hk, D};
-  fa.q = x.dev_q;
-  fa.k = x.dev_k;
-  fa.v = x.dev_v;
-  fa.q_row_stride = x.q_stride;
-  fa.kv_row_stride = x.kv_stride;
-  fa.out = d_out.get();
-  fa.lse = d_lse.get();
+  AttentionForwardArgs fa = ForwardArgs(p, x, d_out.get(), d_lse.get());
   // Fused RoPE (the training path): q is un-rotated and the forward rotates it on load, writing
   // the rotated rows to q_rotated (in place in the fused buffer; a poisoned array otherwise),
   // which the backward then reads; k stands for already-rotated keys. The backward returns dq,
@@ -491,9 +499,8 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// The fused RoPE problems on their own, so that both forms of the backward's dK epilogue
-// (GYRE_ATTN_ROPE_EARLY unset / 1: table values loaded before the last wait; 0: after it) can be
-// checked fast: --gtest_filter='*Rope*'.
+// The fused RoPE problems on their own, so that a backward variant's dK epilogue with the fused
+// RoPE can be checked fast: --gtest_filter='*Rope*'.
 TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;
@@ -512,9 +519,9 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
     ++checks;
     if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
-  const char* mode = std::getenv("GYRE_ATTN_ROPE_EARLY");
-  std::printf("attention_gpu_test rope (GYRE_ATTN_ROPE_EARLY=%s): %d of %d problems passed\n",
-              mode != nullptr ? mode : "unset", checks - failures, checks);
+  const char* det = std::getenv("GYRE_ATTN_DETERMINISTIC");
+  std::printf("attention_gpu_test rope (GYRE_ATTN_DETERMINISTIC=%s): %d of %d problems passed\n",
+              det != nullptr ? det : "unset", checks - failures, checks);
   EXPECT_EQ(failures, 0);
 }
 
@@ -523,22 +530,15 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
 struct RepeatDiffs {
   int64_t dq = 0, dk = 0, dv = 0;
 };
-RepeatDiffs RepeatBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
+RepeatDiffs RepeatBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p,
+                           bool deterministic = false) {
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
   DeviceQkv x;
   MakeQkv(alloc, rng, p, &x);
   DeviceArray<bf16> d_out(alloc, rows * H * D), d_dout(alloc, rows * H * D);
   DeviceArray<float> d_lse(alloc, p.batch * H * p.seq);
   d_dout.Upload(RandomBf16Values(rng, rows * H * D));
-  AttentionForwardArgs fa;
-  fa.shape = {p.batch, p.seq, H, Hk, D};
-  fa.q = x.dev_q;
-  fa.k = x.dev_k;
-  fa.v = x.dev_v;
-  fa.q_row_stride = x.q_stride;
-  fa.kv_row_stride = x.kv_stride;
-  fa.out = d_out.get();
-  fa.lse = d_lse.get();
+  AttentionForwardArgs fa = ForwardArgs(p, x, d_out.get(), d_lse.get());
   RopeTable table;
   std::unique_ptr<DeviceArray<bf16>> q_rot;
   if (p.rope > 0) {
@@ -584,6 +584,7 @@ RepeatDiffs RepeatBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const P
     ba.dk = dk.get();
     ba.dv = dv.get();
     if (p.rope > 0) ba.rope = &table;
+    ba.deterministic = deterministic;
     CUDA_OK_OR_DIE(AttentionBackward(alloc, ba, nullptr));
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     const std::vector<uint32_t> got[3] = {bits(dq.Download()), bits(dk.Download()),
@@ -634,6 +635,28 @@ TEST(AttentionGpuTest, BackwardBitwiseRepeatable) {
   }
   std::printf("attention_gpu_test repeat (GYRE_ATTN_DETERMINISTIC=%s): %d of %d passed\n",
               env != nullptr ? env : "unset", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
+// AttentionBackwardArgs::deterministic (the setting train.deterministic reaches) without the
+// environment override: dq, dk, dv bitwise the same over three runs, D 64 and D 128 (GQA, RoPE).
+TEST(AttentionGpuTest, DeterministicArgumentIsBitwiseRepeatable) {
+  if (std::getenv("GYRE_ATTN_DETERMINISTIC") != nullptr) {
+    GTEST_SKIP() << "GYRE_ATTN_DETERMINISTIC overrides the argument";
+  }
+  std::mt19937_64 rng(17);
+  DeviceAllocator alloc;
+  int failures = 0;
+  for (const Problem& p : {Problem{2, 2048, 8, 4, 64, false, 0, 0, 64},
+                           Problem{1, 1000, 8, 2, 128, false}}) {
+    const RepeatDiffs d = RepeatBackward(&alloc, rng, p, /*deterministic=*/true);
+    const bool ok = d.dq == 0 && d.dk == 0 && d.dv == 0;
+    std::printf("[%s] attention bwd bitwise repeat (deterministic argument) %s%s: dq %lld dk %lld "
+                "dv %lld\n", ok ? "PASS" : "FAIL", ShapeName(p).c_str(), p.rope > 0 ? " rope" : "",
+                static_cast<long long>(d.dq), static_cast<long long>(d.dk),
+                static_cast<long long>(d.dv));
+    if (!ok) ++failures;
+  }
   EXPECT_EQ(failures, 0);
 }
 

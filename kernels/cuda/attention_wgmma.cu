@@ -2,7 +2,8 @@
 // kernel-choice table there). API and math: attention.h. Two kernels, both FlashAttention-3
 // structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
 //   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
-//   attn_bwd_ws_kernel      backward main kernel (described above it)
+//   attn_bwd_ws_kernel      backward main kernel (described in attention_wgmma.cuh, with its
+//                           body, shared with attention_bwd_det.cu's deterministic kernel)
 // Measured on an H100 (bench/RESULTS.md, sessions 5-6, attn5 / attn6): forward 490-630 TFLOP/s
 // at D 128 (SDPA cuDNN 450-600); whole backward incl. prep and dQ conversion 360 / 450 TFLOP/s
 // at B8 S2048 / B2 S8192 D128; SelfExtend forward 1.02-1.05x the plain one.
@@ -20,7 +21,6 @@
 #include "kernels/cuda/attention_wgmma.cuh"
 
 #include <cmath>
-#include <cstdlib>
 
 namespace gyre::cuda {
 namespace {
@@ -95,7 +95,7 @@ __device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned c
       sn[j][4] = s1.x; sn[j][5] = s1.y; sn[j][6] = s1.z; sn[j][7] = s1.w;
     }
   }
-  MbarWait(q_full, 0);
+  MbWait(q_full, 0);
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int i = wtid + 128 * j, r = i / pairs, c = i % pairs, pos = pos0 + r;
@@ -132,7 +132,7 @@ __device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned c
     }
   }
   FenceProxyAsync();            // the generic-proxy stores before the wgmmas (async proxy) read them
-  NamedBarSync(3 + cwg, 128);   // this warpgroup's 64 rows rotated
+  NamedBarrierSync(3 + cwg, 128);   // this warpgroup's 64 rows rotated
 }
 
 // Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
@@ -174,13 +174,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {  // full: one arrive.expect_tx per fill; empty: both consumer warpgroups
     for (int s = 0; s < 2; ++s) {
-      MbarInit(k_full(s), 1);
-      MbarInit(v_full(s), 1);
-      MbarInit(k_empty(s), 256);
-      MbarInit(v_empty(s), 256);
+      MbInit(k_full(s), 1);
+      MbInit(v_full(s), 1);
+      MbInit(k_empty(s), 256);
+      MbInit(v_empty(s), 256);
     }
-    MbarInit(q_full, 1);
-    MbarInit(qg_full, 1);
+    MbInit(q_full, 1);
+    MbInit(qg_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -234,26 +234,26 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     auto tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int head, int row0) {
 #pragma unroll
       for (int cb = 0; cb < kD / 64; ++cb) {
-        TmaLoad4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
+        TmaTile4d(dst + cb * kWgN * 128, map, bar, 64 * cb, head, row0, b);
       }
     };
     auto load_k = [&](int u) {
       const int s = u & 1, t = tile_of(u);
-      MbarWait(k_empty(s), ((u >> 1) & 1) ^ 1);
+      MbWait(k_empty(s), ((u >> 1) & 1) ^ 1);
       const bool band = is_band(t);
       if (band && u > 0 && is_band(tile_of(u - 1))) {  // the K_g band buffer: S_g(u − 1) done
-        MbarWait(k_empty(s ^ 1), ((u - 1) >> 1) & 1);
+        MbWait(k_empty(s ^ 1), ((u - 1) >> 1) & 1);
       }
-      MbarArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
+      MbArriveExpectTx(k_full(s), kKVBytes * (band ? 2 : 1));
       tile(sK(s), is_far_only(t) ? &maps.kg : &maps.k, k_full(s), hk, t * kWgN);
       if (band) tile(sKgBand, &maps.kg, k_full(s), hk, t * kWgN);
     };
     auto load_q = [&] {
-      MbarArriveExpectTx(q_full, kQBytes);
+      MbArriveExpectTx(q_full, kQBytes);
       tile(sQ, &maps.q, q_full, h, m0);
     };
     auto load_qg = [&] {
-      MbarArriveExpectTx(qg_full, kQBytes);
+      MbArriveExpectTx(qg_full, kQBytes);
       tile(sQg, &maps.qg, qg_full, h, m0);
     };
     if (is_far_only(tile_of(0))) {
@@ -268,8 +268,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int u = 0; u < total; ++u) {
       if (u + 1 < total) load_k(u + 1);
       const int s = u & 1;
-      MbarWait(v_empty(s), ((u >> 1) & 1) ^ 1);
-      MbarArriveExpectTx(v_full(s), kKVBytes);
+      MbWait(v_empty(s), ((u >> 1) & 1) ^ 1);
+      MbArriveExpectTx(v_full(s), kKVBytes);
       tile(sV(s), &maps.v, v_full(s), hk, tile_of(u) * kWgN);
     }
     return;
@@ -402,20 +402,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int t = tile_of(0);
     const bool far = is_far_only(t), band = is_band(t);
     if constexpr (kSE) {
-      if (far || band) MbarWait(qg_full, 0);
+      if (far || band) MbWait(qg_full, 0);
     }
     if constexpr (!kSE) {
       if (p.rope_half > 0) {
         RopeOwnQRows<kD>(p, base_ptr + (sQ - base), cwg, m0 + 64 * cwg, row_base, h, wtid,
                          q_full);
       } else {
-        MbarWait(q_full, 0);
+        MbWait(q_full, 0);
       }
     } else if (!far) {
-      MbarWait(q_full, 0);
+      MbWait(q_full, 0);
     }
-    MbarWait(k_full(0), 0);
-    NamedBarSync(my_turn, 256);
+    MbWait(k_full(0), 0);
+    NamedBarrierSync(my_turn, 256);
     WgmmaFence();
     issue_scores(s, (far ? sQg : sQ) + own_rows, sK(0));
     if (!(cwg == 1 && total == 1)) NamedBarArrive(other_turn, 256);
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       FenceRegs(sg);
       band_merge(t, sg);
     }
-    MbarArrive(k_empty(0));
+    MbArrive(k_empty(0));
     float corr[2];
     softmax(t, corr);
     pack_p();
@@ -441,26 +441,26 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // runs under P V and the other warpgroup's GEMMs.
   int u = 1;
   if constexpr (kSE) {
-    if (n_plain_steps > 1) MbarWait(q_full, 0);
+    if (n_plain_steps > 1) MbWait(q_full, 0);
   }
   for (; u < n_plain_steps; ++u) {
     const int t = tile_of(u);
-    MbarWait(k_full(u & 1), (u >> 1) & 1);
-    MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
-    NamedBarSync(my_turn, 256);
+    MbWait(k_full(u & 1), (u >> 1) & 1);
+    MbWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+    NamedBarrierSync(my_turn, 256);
     WgmmaFence();
     issue_scores(s, (is_far_only(t) ? sQg : sQ) + own_rows, sK(u & 1));
     issue_pv(u - 1);
     if (!(cwg == 1 && u == total - 1)) NamedBarArrive(other_turn, 256);
     WgmmaWait<1>();  // S(u) done; P(u − 1)V(u − 1) may still run
     FenceRegs(s);
-    MbarArrive(k_empty(u & 1));
+    MbArrive(k_empty(u & 1));
     float corr[2];
     softmax(t, corr);
     WgmmaWait<0>();
     FenceRegs(o);
     FenceRegs(pa);
-    MbarArrive(v_empty((u - 1) & 1));
+    MbArrive(v_empty((u - 1) & 1));
     rescale_o(corr);
     pack_p();
   }
@@ -471,20 +471,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // the same way, measured no faster at D 128 and 2% slower at D 64: RESULTS.md, attn6.)
   if constexpr (kSE) {
     if (u < total) {  // (step 0 may have been a grouped-only tile and the only plain step)
-      MbarWait(q_full, 0);
-      MbarWait(qg_full, 0);
+      MbWait(q_full, 0);
+      MbWait(qg_full, 0);
     }
     for (; u < total; ++u) {
       const int t = tile_of(u);
-      MbarWait(k_full(u & 1), (u >> 1) & 1);
-      MbarWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
-      NamedBarSync(my_turn, 256);
+      MbWait(k_full(u & 1), (u >> 1) & 1);
+      MbWait(v_full((u - 1) & 1), ((u - 1) >> 1) & 1);
+      NamedBarrierSync(my_turn, 256);
       WgmmaFence();
       issue_pv(u - 1);
       WgmmaWait<0>();
       FenceRegs(o);
       FenceRegs(pa);
-      MbarArrive(v_empty((u - 1) & 1));
+      MbArrive(v_empty((u - 1) & 1));
       const uint32_t kb = sK(u & 1);
       WgmmaFence();
       float sg[64];
@@ -495,14 +495,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       FenceRegs(s);
       FenceRegs(sg);
       band_merge(t, sg);
-      MbarArrive(k_empty(u & 1));
+      MbArrive(k_empty(u & 1));
       float corr[2];
       softmax(t, corr);
       rescale_o(corr);
       pack_p();
     }
   }
-  MbarWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
+  MbWait(v_full((total - 1) & 1), ((total - 1) >> 1) & 1);
   WgmmaFence();
   issue_pv(total - 1);
   WgmmaWait<0>();
@@ -528,7 +528,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
   // Stage O through this warpgroup's own Q rows (no wgmma reads them any more), then 16-byte
   // stores. Barrier ids 3 + c, 128 threads.
-  NamedBarSync(3 + cwg, 128);
+  NamedBarrierSync(3 + cwg, 128);
 #pragma unroll
   for (int c = 0; c < kDT; ++c)
 #pragma unroll
@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       *reinterpret_cast<uint32_t*>(base_ptr + Sw128Offset<kWgM>(r, 8 * c + 2 * tq)) =
           PackBf16(o[4 * c + 2 * hr], o[4 * c + 2 * hr + 1]);
     }
-  NamedBarSync(3 + cwg, 128);
+  NamedBarrierSync(3 + cwg, 128);
   constexpr int kChunks = 64 * kD / 8;
 #pragma unroll
   for (int i = 0; i < kChunks / 128; ++i) {
@@ -577,42 +577,26 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-
 template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                        const int head_group) {
-  BwdWsBody<kD, kRopeLate>(p, maps, head_group);
+  BwdWsBody<kD, /*kRope=*/false>(p, maps, head_group);
 }
 
-// GYRE_ATTN_ROPE_EARLY unset / "1" / "regs" (the default with the fused RoPE): the dK
-// epilogue's table values from registers loaded before the last wait (kRopeRegs).
-template <int kD, int kRopeMode>
+// With the fused RoPE (WgmmaBwdParams::rope_half > 0): the dK epilogue's table values from
+// registers loaded before the last wait.
+template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_ws_rope_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                             const int head_group) {
-  BwdWsBody<kD, kRopeMode>(p, maps, head_group);
+  BwdWsBody<kD, /*kRope=*/true>(p, maps, head_group);
 }
 
-// GYRE_ATTN_ROPE_EARLY: unset / "1" / "regs" = kRopeRegs, "0" / "late" = kRopeLate, anything
-// else kRopeUnknown (an error). Read once per process.
-int RopeModeFromEnv() {
-  static const int mode = [] {
-    const char* env = std::getenv("GYRE_ATTN_ROPE_EARLY");
-    if (env == nullptr) return kRopeRegs;
-    const std::string v(env);
-    if (v == "1" || v == "regs") return kRopeRegs;
-    if (v == "0" || v == "late") return kRopeLate;
-    return kRopeUnknown;
-  }();
-  return mode;
-}
-
-// The kRopeRegs kernels' launches (GYRE_ATTN_ROPE_EARLY), at the end of this file. With them in
-// this translation unit nvcc orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ
-// buffer) differently: one more add.s32 per tile in its PTX; any second kernel here does that,
-// even a verbatim copy of it (attention_notes.md, attn10). The other kernels' PTX is
-// unchanged.
+// The RoPE kernels' launches, at the end of this file. With them in this translation unit nvcc
+// orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ buffer) differently: one
+// more add.s32 per tile in its PTX; any second kernel here does that, even a verbatim copy of it
+// (attention_notes.md, attn10). The other kernels' PTX is unchanged.
 CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
                                dim3 grid, int head_group, cudaStream_t stream);
 
@@ -623,13 +607,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
   CUDA_RETURN_IF_NOT_OK(EncodeBwdMaps(p, batch, kv_heads, kD, &maps));
   const dim3 grid = BwdGrid(p, batch, kv_heads);
   const int head_group = BwdHeadGroup(p, batch, kv_heads, kD);
-  const int mode = p.rope_half > 0 ? RopeModeFromEnv() : kRopeLate;
-  if (mode == kRopeUnknown) {
-    return {static_cast<int>(cudaErrorInvalidValue),
-            std::string("GYRE_ATTN_ROPE_EARLY must be 1 / regs or 0 / late, got '") +
-                std::getenv("GYRE_ATTN_ROPE_EARLY") + "'"};
-  }
-  if (mode == kRopeRegs) return LaunchBwdWsRopeRegs(p, maps, kD, grid, head_group, stream);
+  if (p.rope_half > 0) return LaunchBwdWsRopeRegs(p, maps, kD, grid, head_group, stream);
   constexpr int smem = BwdWsLayout<kD>::kBytes;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -662,7 +640,7 @@ template <int kD>
 CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3 grid,
                            int head_group, cudaStream_t stream) {
   constexpr int smem = BwdWsLayout<kD>::kBytes;
-  auto* kernel = attn_bwd_ws_rope_kernel<kD, kRopeRegs>;
+  auto* kernel = attn_bwd_ws_rope_kernel<kD>;
   CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);

@@ -1,6 +1,7 @@
 // Device helpers of the Hopper attention kernels and the warp-specialised backward's body,
-// shared by attention_wgmma.cu (forward, default backward) and attention_bwd_det.cu (the
-// deterministic backward, GYRE_ATTN_DETERMINISTIC / AttentionBackwardArgs::deterministic).
+// shared by attention_wgmma.cu (forward, default backward), attention_bwd_det.cu (the
+// deterministic backward, AttentionBackwardArgs::deterministic) and attention_bwd_det_presum.cu
+// (its D 64 variant).
 // Include from those .cu files only (sm_90a). Everything here sits in an unnamed namespace on
 // purpose: each kernel translation unit gets its own internal copy, so the kernels' mangled
 // names (their parameter types BwdTmaMaps etc. included) and PTX are what they were when all of
@@ -76,45 +77,10 @@ __device__ __forceinline__ void WgmmaRS64(float (&d)[32], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
 }
 
-
-__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
-}
-__device__ __forceinline__ void NamedBarSync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
+// Arrives on named barrier `id` among `threads` threads without waiting (mbarriers, bar.sync,
+// TMA loads and bulk waits are hopper_mma.cuh's).
 __device__ __forceinline__ void NamedBarArrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-// One TMA tile load (4-d map: columns, heads, rows, batch) into shared memory; completes `bar`'s
-// transaction bytes. `map` is the address of a __grid_constant__ kernel parameter.
-__device__ __forceinline__ void TmaLoad4d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                          int col, int head, int row, int batch) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(head), "r"(row), "r"(batch)
-      : "memory");
 }
 
 // Block order of the causal kernels: longest blocks first inside groups of `head_group`
@@ -212,27 +178,9 @@ __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uin
       "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
       "r"(ssrc), "r"(bytes)
       : "memory");
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  BulkCommit();
 }
-__device__ __forceinline__ void BulkWaitRead0() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void BulkWait0() {
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-
 constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
-
-// Where the dK epilogue's fused inverse RoPE takes its cos / sin table values from
-// (GYRE_ATTN_ROPE_EARLY, read once in LaunchAttentionBackwardWgmmaMain):
-//   kRopeLate ("0" / "late"): global loads after the last dQ reduction's wait, on every block's
-//     exit path (attn9: main kernel 415.0 -> 426.2 us at B8 S2048 H12 D64);
-//   kRopeRegs (unset, "1" / "regs"; the default since the lead's session-8 call on an H100:
-//     backward at B8 S2048 H12 D64 491.4 -> 486.6 us, llama-125m step 64.30 -> 64.03 ms): the
-//     same loads issued into registers before that wait (the reducer thread's wait and its loads
-//     overlap instead of adding up).
-//   Any other value: an error from AttentionBackward naming it.
-constexpr int kRopeLate = 0, kRopeRegs = 1, kRopeUnknown = -1;
 
 // Shared memory of the backward main kernel. kDet (the deterministic kernel,
 // attention_bwd_det.cu) adds kDqStages dQ staging tiles per consumer warpgroup (2 at D 64, where
@@ -247,6 +195,9 @@ struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kDqStages = kDet && kKeySplit ? 2 : 1;
   static constexpr int kDqEmptyBar = 5;  // ids 3, 4: the consumers' own barriers
+  // kPresum (D 64): named barrier kDqPartialBar + t, warpgroup 1's partial dQ tile is in staging
+  // tile (0, t).
+  static constexpr int kDqPartialBar = kDqEmptyBar + 2 * kDqStages;
   static constexpr int kDqFullBars = kDet ? 2 * kDqStages : 0;
   static constexpr int kKVBytes = 128 * kD * 2, kQBytes = 64 * kD * 2;
   static constexpr int kDSBytes = 128 * 64 * 2;
@@ -276,41 +227,10 @@ __device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
 // Fused inverse RoPE of the dK epilogue: the thread's features 8c + 2tq + e (c < kD/8, e < 2)
 // of key row hr sit at acc[4c + 2hr + e]; feature f < R/2 pairs with f + R/2, i.e. chunk c with
 // chunk c + kPairs (kPairs = R/16), the same thread. Rotation by −angle (rope.cu's backward):
-// x1 = g1 cos + g2 sin, x2 = g2 cos − g1 sin; cos / sin point at the key's table row + 2tq.
+// x1 = g1 cos + g2 sin, x2 = g2 cos − g1 sin, from table values loaded beforehand: cs[c], sn[c]
+// = cos / sin of features 8c + 2tq (+1) of the key.
 template <int kD, int kPairs>
-__device__ __forceinline__ void InverseRopeRow(float (&acc)[kD / 2], int hr, const float* cos_p,
-                                               const float* sin_p) {
-#pragma unroll
-  for (int c = 0; c < kPairs; ++c) {
-    const float2 cs = *reinterpret_cast<const float2*>(cos_p + 8 * c);
-    const float2 sn = *reinterpret_cast<const float2*>(sin_p + 8 * c);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float co = e ? cs.y : cs.x, si = e ? sn.y : sn.x;
-      float& g1 = acc[4 * c + 2 * hr + e];
-      float& g2 = acc[4 * (c + kPairs) + 2 * hr + e];
-      const float x1 = g1 * co + g2 * si, x2 = g2 * co - g1 * si;
-      g1 = x1;
-      g2 = x2;
-    }
-  }
-}
-// Picks the compile-time pairing for pairs = R/16 in [1, kD/16] (register indices must be
-// static).
-template <int kD, int kPairs = kD / 16>
-__device__ __forceinline__ void InverseRopeDispatch(int pairs, float (&acc)[kD / 2], int hr,
-                                                    const float* cos_p, const float* sin_p) {
-  if (pairs == kPairs) {
-    InverseRopeRow<kD, kPairs>(acc, hr, cos_p, sin_p);
-  } else if constexpr (kPairs > 1) {
-    InverseRopeDispatch<kD, kPairs - 1>(pairs, acc, hr, cos_p, sin_p);
-  }
-}
-
-// kRopeRegs: the same rotation from table values already loaded: cs[c], sn[c] =
-// cos / sin of features 8c + 2tq (+1) of the key.
-template <int kD, int kPairs>
-__device__ __forceinline__ void InverseRopeRowPre(float (&acc)[kD / 2], int hr,
+__device__ __forceinline__ void InverseRopeRow(float (&acc)[kD / 2], int hr,
                                                   const float2 (&cs)[kD / 16],
                                                   const float2 (&sn)[kD / 16]) {
 #pragma unroll
@@ -326,14 +246,16 @@ __device__ __forceinline__ void InverseRopeRowPre(float (&acc)[kD / 2], int hr,
     }
   }
 }
+// Picks the compile-time pairing for pairs = R/16 in [1, kD/16] (register indices must be
+// static).
 template <int kD, int kPairs = kD / 16>
-__device__ __forceinline__ void InverseRopePreDispatch(int pairs, float (&acc)[kD / 2], int hr,
+__device__ __forceinline__ void InverseRopeDispatch(int pairs, float (&acc)[kD / 2], int hr,
                                                        const float2 (&cs)[kD / 16],
                                                        const float2 (&sn)[kD / 16]) {
   if (pairs == kPairs) {
-    InverseRopeRowPre<kD, kPairs>(acc, hr, cs, sn);
+    InverseRopeRow<kD, kPairs>(acc, hr, cs, sn);
   } else if constexpr (kPairs > 1) {
-    InverseRopePreDispatch<kD, kPairs - 1>(pairs, acc, hr, cs, sn);
+    InverseRopeDispatch<kD, kPairs - 1>(pairs, acc, hr, cs, sn);
   }
 }
 
@@ -401,10 +323,10 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 // One warp per consumer warpgroup c; lane 0 does the work, the warp arrives on the staging
 // tile's named barrier. stage_base: shared address of staging tile [0][0]; full: of
 // dq_full[0][0].
-template <int kD>
+template <int kD, bool kPresum = false>
 __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, int c, int n_block,
                                          int hk, int b, int m_first, int m_tiles, int total,
-                                         uint32_t stage_base, uint32_t full) {
+                                         uint32_t stage_base, uint32_t full, int w = 0) {
   using L = BwdWsLayout<kD, true>;
   constexpr int kTileFloats = kD / L::kDqN * 64 * L::kDqN;  // one query tile of dq_acc
   // The producer warps have 24 registers: one running tile index (the pointers are formed from
@@ -416,14 +338,20 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
   const uint32_t full_c = full + 8 * c * L::kDqStages;
   const int bar_c = L::kDqEmptyBar + c * L::kDqStages;
   // Contributions to tile m that come before this one: key blocks n_block + 1 .. m/2 (D 64: two
-  // each, warpgroup 1 first): turn = (m/2 − n_block) at D 128, 2(m/2 − n_block) + 1 − c at D 64.
-  const int turn_off = L::kKeySplit ? 1 - c - 2 * n_block : -n_block;
+  // each, warpgroup 1 first): turn = (m/2 − n_block) at D 128 and with kPresum (one per key
+  // block: both warpgroups' partial tiles summed in shared memory, c = 0), 2(m/2 − n_block) +
+  // 1 − c at D 64.
+  constexpr bool kTwoPerBlock = L::kKeySplit && !kPresum;
+  const int turn_off = kTwoPerBlock ? 1 - c - 2 * n_block : -n_block;
   int m_tile = m_first;
   for (int n = 0; n < total; ++n) {
     const int t = n % L::kDqStages;
-    if (lane0) {
+    // kPresum: two writers (c = 0 for both), writer w takes the tiles staged in slot w, so each
+    // has two tiles of the consumers' time for one contribution's poll, bulk add and release.
+    const bool mine = !kPresum || t == w;
+    if (lane0 && mine) {
       int* turn_ptr = turns + 2 * static_cast<int64_t>(tile) + slot;
-      const int turn = (L::kKeySplit ? (m_tile & ~1) : (m_tile >> 1)) + turn_off;
+      const int turn = (kTwoPerBlock ? (m_tile & ~1) : (m_tile >> 1)) + turn_off;
       if (LdRelaxedGpu(turn_ptr) != turn) {
         const uint64_t t0 = GlobalTimerNs();
         while (LdRelaxedGpu(turn_ptr) != turn) {
@@ -431,18 +359,18 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
         }
       }
       FenceAcqRelGpu();  // the earlier contributions happen before this one
-      MbarWait(full_c + 8 * t, (n / L::kDqStages) & 1);
+      MbWait(full_c + 8 * t, (n / L::kDqStages) & 1);
       FenceProxyAsyncGlobal();
       BulkReduceAddF32(p.dq_acc + static_cast<int64_t>(tile) * kTileFloats + slot * 64 * L::kDqN,
                        stage_c + t * L::kDqBytes, L::kDqBytes);
-      BulkWaitRead0();
+      BulkWaitRead<0>();
     }
     __syncwarp();
     // The consumer syncs on this before it writes staging tile t again (its n + kDqStages-th
     // tile), so arrive only where that comes.
-    if (n + L::kDqStages < total) NamedBarArrive(bar_c + t, 160);
-    if (lane0) {
-      BulkWait0();  // the additions have been performed
+    if (mine && n + L::kDqStages < total) NamedBarArrive(bar_c + t, 160);
+    if (lane0 && mine) {
+      BulkWait<0>();  // the additions have been performed
       FenceProxyAsyncGlobal();
       RedReleaseGpuAddOne(turns + 2 * static_cast<int64_t>(tile) + slot);
     }
@@ -454,9 +382,9 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
   }
 }
 
-// The kernel body, shared by attn_bwd_ws_kernel (kRopeLate: without the fused RoPE, or
-// GYRE_ATTN_ROPE_EARLY=0; its name and code as before), attn_bwd_ws_rope_kernel (kRopeRegs) and
-// attention_bwd_det.cu's attn_bwd_det_kernel (kDet, kRopeRegs; dq_turns: its turn counters).
+// The kernel body, shared by attn_bwd_ws_kernel (without the fused RoPE), attn_bwd_ws_rope_kernel
+// (kRope) and attention_bwd_det.cu's attn_bwd_det_kernel (kDet, kRope, with or without the RoPE;
+// dq_turns: its turn counters).
 // kDet, the deterministic backward, differs only in how dQ reaches dq_acc:
 //   - order: per (batch, head, 64-row query tile) an int turn counter in global memory
 //     ([B, H, ceil(T/64), 2], zeroed by the caller; slot = column half at D 128, 0 at D 64); the
@@ -469,10 +397,11 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 //     first), so a block waits only for blocks launched before it (FlashAttention-3's
 //     deterministic backward makes the same choice); this assumes blocks are dispatched in
 //     launch order, as FA3 does. A writer that waits 20 s traps (a bug, not a wait).
-template <int kD, int kRopeMode, bool kDet = false>
+template <int kD, bool kRope, bool kDet = false, bool kPresum = false>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                           const int head_group, int* const dq_turns = nullptr) {
-  static_assert(!kDet || kRopeMode == kRopeRegs, "the deterministic kernel has one epilogue");
+  static_assert(!kDet || kRope, "the deterministic kernel has one epilogue");
+  static_assert(!kPresum || (kDet && kD == 64), "kPresum: the deterministic key split (D 64)");
   using L = BwdWsLayout<kD, kDet>;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
@@ -506,14 +435,14 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {
     for (int s = 0; s < kBwdStages; ++s) {
-      MbarInit(full_bar(s), kDet ? 64 : 128);  // kDet: warps 0-1 of the producer copy lse / D
-      MbarInit(empty_bar(s), 256);
+      MbInit(full_bar(s), kDet ? 64 : 128);  // kDet: warps 0-1 of the producer copy lse / D
+      MbInit(empty_bar(s), 256);
     }
     for (int i = 0; i < 2; ++i) {
-      MbarInit(ds_full(i), 256);
-      MbarInit(ds_empty(i), 256);
+      MbInit(ds_full(i), 256);
+      MbInit(ds_empty(i), 256);
       if constexpr (kDet) {
-        for (int t = 0; t < L::kDqStages; ++t) MbarInit(dq_full(i, t), 128);
+        for (int t = 0; t < L::kDqStages; ++t) MbInit(dq_full(i, t), 128);
       }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -546,9 +475,11 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     if constexpr (kDet) {
       const int pwarp = wtid / 32;
       if (pwarp >= 2) {
-        // Warps 2 and 3: the dQ writers of consumer warpgroups 0 and 1.
-        DqWriter<kD>(p, dq_turns, pwarp - 2, n_block, hk, b, m_first, m_tiles, total,
-                     base + L::kDQ, base + L::kBars + 8 * (2 * kBwdStages + 4));
+        // Warps 2 and 3: the dQ writers of consumer warpgroups 0 and 1 (kPresum: of the summed
+        // tiles in staging slots 0 and 1, i.e. of alternate query tiles).
+        DqWriter<kD, kPresum>(p, dq_turns, kPresum ? 0 : pwarp - 2, n_block, hk, b, m_first,
+                              m_tiles, total, base + L::kDQ,
+                              base + L::kBars + 8 * (2 * kBwdStages + 4), pwarp - 2);
         return;
       }
     }
@@ -560,12 +491,12 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
                     int rows) {
 #pragma unroll
       for (int cb = 0; cb < kD / 64; ++cb) {
-        TmaLoad4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
+        TmaTile4d(dst + cb * rows * 128, map, bar, 64 * cb, head, row0, b);
       }
     };
     for (int it = 0; it < total; ++it) {
       const int s = it % kBwdStages;
-      MbarWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
+      MbWait(empty_bar(s), ((it / kBwdStages) & 1) ^ 1);
       const int h = hk * p.group + it / per_head;
       const int m0 = (m_first + it % per_head) * kBM;
       if (wtid == 0) {
@@ -630,38 +561,73 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
   // dq_acc's block of query tile m_tile of head h. kDet: the warpgroup's reduction number n (its
   // n-th query tile) goes to staging tile n % kDqStages, and the writer thread (DqWriter) adds
-  // it to dq_acc in its turn.
+  // it to dq_acc in its turn. kPresum: both warpgroups' partial tiles of query tile n meet in
+  // staging tile (0, n % kDqStages): warpgroup 1 writes its own, then warpgroup 0 adds its own to
+  // it (one fp32 addition per element, so the order is fixed) and hands the sum to the writer:
+  // one bulk reduction per key block and query tile instead of two, and no turn passed between
+  // the block's own two writers.
   auto reduce_dq = [&](const float (&dq)[kDqN / 2], int n, int h, int m_tile) {
-    unsigned char* stage = dq_stage;
-    if constexpr (kDet) {
+    if constexpr (kPresum) {
       const int t = n % L::kDqStages;
-      if (n >= L::kDqStages) NamedBarSync(L::kDqEmptyBar + cwg * L::kDqStages + t, 160);
-      stage = base_ptr + (dq_stage_addr(cwg, t) - base);
-    } else {
-      if (reducer) BulkWaitRead0();  // the previous tile's reduction has read the staging tile
-      NamedBarSync(3 + cwg, 128);
-    }
-#pragma unroll
-    for (int c = 0; c < kDqN / 8; ++c)
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = 16 * warp_in_wg + g + 8 * hr;
-        const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
-        *reinterpret_cast<float2*>(stage + (r * kDqN + col) * 4) =
-            make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+      if (cwg == 1) {
+        if (n >= L::kDqStages) NamedBarrierSync(L::kDqEmptyBar + t, 160);
+      } else {
+        NamedBarrierSync(L::kDqPartialBar + t, 256);  // warpgroup 1's partial tile n is staged
       }
-    FenceProxyAsync();
-    if constexpr (kDet) {
-      MbarArrive(dq_full(cwg, n % L::kDqStages));
+      unsigned char* sum = base_ptr + (dq_stage_addr(0, t) - base);
+#pragma unroll
+      for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          // The element positions of warpgroup 1's thread wtid: its own store is read here.
+          const int r = 16 * warp_in_wg + g + 8 * hr;
+          const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+          float2* e = reinterpret_cast<float2*>(sum + (r * kDqN + col) * 4);
+          float2 v = make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+          if (cwg == 0) {
+            const float2 w1 = *e;
+            v = make_float2(w1.x + v.x, w1.y + v.y);
+          }
+          *e = v;
+        }
+      if (cwg == 1) {
+        NamedBarArrive(L::kDqPartialBar + t, 256);
+      } else {
+        FenceProxyAsync();  // the sums before the writer's bulk reduction (async proxy) reads them
+        MbArrive(dq_full(0, t));
+      }
     } else {
-      NamedBarSync(3 + cwg, 128);
-      if (reducer) {
-        constexpr int kParts = kD / kDqN;
-        const int part = kKeySplit ? 0 : cwg;
-        float* dst = p.dq_acc +
-                     (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
-                      part) * (64 * kDqN);
-        BulkReduceAddF32(dst, sDQ, L::kDqBytes);
+      unsigned char* stage = dq_stage;
+      if constexpr (kDet) {
+        const int t = n % L::kDqStages;
+        if (n >= L::kDqStages) NamedBarrierSync(L::kDqEmptyBar + cwg * L::kDqStages + t, 160);
+        stage = base_ptr + (dq_stage_addr(cwg, t) - base);
+      } else {
+        if (reducer) BulkWaitRead<0>();  // the previous tile's reduction has read the staging tile
+        NamedBarrierSync(3 + cwg, 128);
+      }
+#pragma unroll
+      for (int c = 0; c < kDqN / 8; ++c)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = 16 * warp_in_wg + g + 8 * hr;
+          const int col = (8 * c + 2 * tq) ^ (8 * (r & 3));
+          *reinterpret_cast<float2*>(stage + (r * kDqN + col) * 4) =
+              make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
+        }
+      FenceProxyAsync();
+      if constexpr (kDet) {
+        MbArrive(dq_full(cwg, n % L::kDqStages));
+      } else {
+        NamedBarrierSync(3 + cwg, 128);
+        if (reducer) {
+          constexpr int kParts = kD / kDqN;
+          const int part = kKeySplit ? 0 : cwg;
+          float* dst = p.dq_acc +
+                       (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
+                        part) * (64 * kDqN);
+          BulkReduceAddF32(dst, sDQ, L::kDqBytes);
+        }
       }
     }
   };
@@ -677,7 +643,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     const uint32_t sdS = base + L::kDS + (it & 1) * L::kDSBytes;
     const float* lse_s = reinterpret_cast<const float*>(base_ptr + L::kStats + s * 512);
     const float* d_s = lse_s + 64;
-    MbarWait(full_bar(s), (it / kBwdStages) & 1);
+    MbWait(full_bar(s), (it / kBwdStages) & 1);
     // Laundered per tile so that the compiler rebuilds the K / V descriptors from these bases
     // instead of hoisting 32 loop-invariant 64-bit descriptors into registers (spills).
     uint32_t kb = sK, vb = sV;
@@ -782,7 +748,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     WgmmaCommit();
     // Column split: both warpgroups read dSᵀ(it − 2) (same buffer) in their dQ GEMMs.
     if constexpr (!kKeySplit) {
-      if (it >= 2) MbarWait(ds_empty(it & 1), ((it >> 1) + 1) & 1);
+      if (it >= 2) MbWait(ds_empty(it & 1), ((it >> 1) + 1) & 1);
     }
     // dSᵀ to shared memory (rows = keys 64c + 16·warp + g (+8), columns = queries).
 #pragma unroll
@@ -796,7 +762,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     FenceProxyAsync();
     if constexpr (kKeySplit) {
-      NamedBarSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
+      NamedBarrierSync(3 + cwg, 128);  // this warpgroup's 64 rows of dSᵀ written
       // dQ (partial over this warpgroup's keys) = dS_c K_c; A = dS (M-major: dSᵀ rows are
       // keys), B = K rows (N-major).
       float dq[kDqN / 2];
@@ -814,23 +780,23 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       FenceRegs(da);
       FenceRegs(dv);
       FenceRegs(dk);
-      MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+      MbArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
       reduce_dq(dq, it, h, m_tile);
     } else {
-      MbarArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
+      MbArrive(ds_full(it & 1));  // this warpgroup's half of dSᵀ(it) is written
       if (it == 0) {
         WgmmaWait<0>();
         FenceRegs(pa);
         FenceRegs(da);
         FenceRegs(dv);
         FenceRegs(dk);
-        MbarArrive(empty_bar(s));
+        MbArrive(empty_bar(s));
       } else {
         // dQ of the previous tile: its dSᵀ halves were both written an iteration ago unless
         // the other warpgroup lags by that much, so the two warpgroups drift freely (one's
         // exponentials under the other's GEMMs) instead of meeting once per tile.
         const int pit = it - 1;
-        MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+        MbWait(ds_full(pit & 1), (pit >> 1) & 1);
         float dq[kDqN / 2];
         WgmmaFence();
         issue_dq_cols(dq, kb, pit & 1);
@@ -840,10 +806,10 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         FenceRegs(da);
         FenceRegs(dv);
         FenceRegs(dk);
-        MbarArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
+        MbArrive(empty_bar(s));  // Q, dO, lse, D of this stage are no longer read
         WgmmaWait<0>();
         FenceRegs(dq);
-        MbarArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
+        MbArrive(ds_empty(pit & 1));  // dSᵀ(pit) is no longer read
         reduce_dq(dq, pit, hk * p.group + pit / per_head, m_first + pit % per_head);
       }
     }
@@ -852,7 +818,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     const int pit = total - 1;
     uint32_t kb = sK;
     asm volatile("" : "+r"(kb));
-    MbarWait(ds_full(pit & 1), (pit >> 1) & 1);
+    MbWait(ds_full(pit & 1), (pit >> 1) & 1);
     float dq[kDqN / 2];
     WgmmaFence();
     issue_dq_cols(dq, kb, pit & 1);
@@ -861,11 +827,14 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     FenceRegs(dq);
     reduce_dq(dq, pit, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if constexpr (kRopeMode == kRopeRegs) {
-    // This thread's table values (2 keys x R/16 pairs x cos, sin float2: 32 registers at D 64,
-    // 64 at D 128, with only dK, dV live), loaded before the reducer's wait so that the two
-    // overlap instead of adding up on the block's exit path. (kDet: with no RoPE, pairs = 0 and
-    // nothing is loaded; no consumer thread issues bulk operations, the writers wait for theirs.)
+  if constexpr (kRope) {
+    // The dK epilogue's fused inverse RoPE. This thread's table values (2 keys x R/16 pairs x
+    // cos, sin float2: 32 registers at D 64, 64 at D 128, with only dK, dV live), loaded before
+    // the reducer's wait so that the two overlap instead of adding up on the block's exit path
+    // (the session-8 H100 call: backward at B8 S2048 H12 D64 491.4 -> 486.6 us, llama-125m step
+    // 64.30 -> 64.03 ms against loads after the wait, a form since deleted). kDet: with no RoPE,
+    // pairs = 0 and nothing is loaded; no consumer thread issues bulk operations (the writers
+    // wait for theirs).
     float2 rcs[2][kD / 16], rsn[2][kD / 16];
     const int pairs = p.rope_half / 8;
 #pragma unroll
@@ -884,33 +853,21 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     }
     if constexpr (!kDet) {
-      if (reducer) BulkWait0();
+      if (reducer) BulkWait<0>();
     }
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       if (key_lo + 8 * hr < seq) {
-        InverseRopePreDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
+        InverseRopeDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
       }
     }
   } else {
-    if (reducer) BulkWait0();
-
-    // dK·scale and dV (keys key_lo (+8), features 8c + 2tq).
+    if (reducer) BulkWait<0>();
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-    if (p.rope_half > 0) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int key = key_lo + 8 * hr;
-        if (key < seq) {
-          InverseRopeDispatch<kD>(p.rope_half / 8, dk, hr, p.rope_cos + static_cast<int64_t>(key) * p.rope_half + 2 * tq,
-                                  p.rope_sin + static_cast<int64_t>(key) * p.rope_half + 2 * tq);
-        }
-      }
-    }
-  }  // kRopeMode != kRopeRegs
+  }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int key = key_lo + 8 * hr;

@@ -80,5 +80,10 @@ inline int64_t BwdDetTurnCount(int64_t batch, int64_t heads, int64_t seq) {
 CudaResult LaunchAttentionBackwardWgmmaDeterministic(const WgmmaBwdParams& p, int64_t batch,
                                                      int64_t kv_heads, int head_dim,
                                                      int* dq_turns, cudaStream_t stream);
+// Its D 64 form with the two warpgroups' partial dQ tiles summed in shared memory first
+// (attention_bwd_det_presum.cu; chosen inside the above by GYRE_ATTN_DET_FORM=presum).
+CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_t batch,
+                                                 int64_t kv_heads, int* dq_turns,
+                                                 cudaStream_t stream);
 
 }  // namespace gyre::cuda
