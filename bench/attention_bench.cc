@@ -9,13 +9,15 @@
 // 4·B·H·T²·D/2 (causal), backward 2.5x that; bytes: each input read once, each output written
 // once.
 //
-//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--rope_bwd_only]
+//   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--bwd_only=B,S,H,D]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
-//   plain and SelfExtend forwards; --rope_bwd_only: the backward with the fused RoPE alone,
-//   3 rounds, for A/B runs of GYRE_ATTN_ROPE_EARLY)
-// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma},
-// GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the backward's dK epilogue
-// with the fused RoPE, attention_wgmma.cu) select the others (read once per process).
+//   plain and SelfExtend forwards; --bwd_only: the plain and the fused-RoPE backward alone at
+//   that one shape (H = Hk), 3 rounds each, then whether two more backwards give bitwise the
+//   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC)
+// The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
+// GYRE_ATTN_BWD ∈ {ws, mma} select the others, GYRE_ATTN_DETERMINISTIC=1 the backward with dQ
+// added in a fixed order (attention_bwd_det.cu), and with it GYRE_ATTN_DET_FORM=presum that
+// backward's D 64 variant (attention_bwd_det_presum.cu) (read once per process).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -76,8 +78,18 @@ void Print(const char* what, const Shape& s, double ms, double flops, double byt
   std::fflush(stdout);
 }
 
+// Number of differing 16-bit patterns between two bf16 device arrays of `count` elements.
+int64_t BitDiffs(const bf16* a, const bf16* b, int64_t count) {
+  std::vector<uint16_t> ha(count), hb(count);
+  CUDA_CHECK_OR_DIE(cudaMemcpy(ha.data(), a, count * 2, cudaMemcpyDeviceToHost));
+  CUDA_CHECK_OR_DIE(cudaMemcpy(hb.data(), b, count * 2, cudaMemcpyDeviceToHost));
+  int64_t diffs = 0;
+  for (int64_t i = 0; i < count; ++i) diffs += ha[i] != hb[i];
+  return diffs;
+}
+
 void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, bool fwd_only,
-         bool rope_bwd_only) {
+         bool bwd_only = false) {
   const int64_t n = s.batch * s.seq * s.heads * s.dim;
   std::vector<DeviceBuffer> keep;
   uint64_t seed = 1;
@@ -124,22 +136,43 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
   const double bwd_bytes = (5.0 * n + 3.0 * n) * 2 + s.batch * s.heads * s.seq * 4.0;
 
   CUDA_OK_OR_DIE(AttentionForward(fa, stream));  // lse for the backward timings
-  if (rope_bwd_only) {
+  if (bwd_only) {
+    const char* det = std::getenv("GYRE_ATTN_DETERMINISTIC");
     RopeTable table;
     CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
     AttentionBackwardArgs ba_rope = ba;
     ba_rope.rope = &table;
-    const char* mode = std::getenv("GYRE_ATTN_ROPE_EARLY");
-    std::vector<float> ms;
-    for (int round = 0; round < 3; ++round) {
-      ms.push_back(TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, ba_rope, stream); }));
+    for (const AttentionBackwardArgs* args : {&ba, &ba_rope}) {
+      std::vector<float> ms;
+      for (int round = 0; round < 3; ++round) {
+        ms.push_back(TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, *args, stream); }));
+      }
+      const double med = Median(ms);
+      std::printf("ours bwd%s (GYRE_ATTN_DETERMINISTIC=%s) B%lld S%lld H%lld D%lld: %.4f ms "
+                  "%.1f TFLOP/s (median of 3 rounds of %d; min %.4f max %.4f)\n",
+                  args == &ba ? "" : " rope", det != nullptr ? det : "unset",
+                  static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+                  static_cast<long long>(s.heads), static_cast<long long>(s.dim), med,
+                  bwd_flops / (med * 1e-3) / 1e12, reps,
+                  *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
     }
-    std::printf("ours bwd rope (GYRE_ATTN_ROPE_EARLY=%s) B%lld S%lld H%lld D%lld: %.4f ms "
-                "(median of 3 rounds of %d; min %.4f max %.4f)\n",
-                mode != nullptr ? mode : "unset", static_cast<long long>(s.batch),
+    // Reproducibility at this shape: the fused-RoPE backward twice, outputs compared bitwise
+    // (the first run's outputs copied aside into q_grouped / k_grouped / out-sized buffers).
+    bf16 *dq2 = qg, *dk2 = kg, *dv2 = rb(n);
+    CUDA_OK_OR_DIE(AttentionBackward(&alloc, ba_rope, stream));
+    CUDA_CHECK_OR_DIE(cudaMemcpyAsync(dq2, dq, n * 2, cudaMemcpyDeviceToDevice, stream));
+    CUDA_CHECK_OR_DIE(cudaMemcpyAsync(dk2, dk, n * 2, cudaMemcpyDeviceToDevice, stream));
+    CUDA_CHECK_OR_DIE(cudaMemcpyAsync(dv2, dv, n * 2, cudaMemcpyDeviceToDevice, stream));
+    CUDA_OK_OR_DIE(AttentionBackward(&alloc, ba_rope, stream));
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+    std::printf("ours bwd rope repeat (GYRE_ATTN_DETERMINISTIC=%s) B%lld S%lld H%lld D%lld: "
+                "differing bf16 values of %lld: dq %lld dk %lld dv %lld\n",
+                det != nullptr ? det : "unset", static_cast<long long>(s.batch),
                 static_cast<long long>(s.seq), static_cast<long long>(s.heads),
-                static_cast<long long>(s.dim), Median(ms), reps,
-                *std::min_element(ms.begin(), ms.end()), *std::max_element(ms.begin(), ms.end()));
+                static_cast<long long>(s.dim), static_cast<long long>(n),
+                static_cast<long long>(BitDiffs(dq, dq2, n)),
+                static_cast<long long>(BitDiffs(dk, dk2, n)),
+                static_cast<long long>(BitDiffs(dv, dv2, n)));
     std::fflush(stdout);
     return;
   }
@@ -199,13 +232,22 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
 
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3, from_shape = 1;
-  bool fwd_only = false, rope_bwd_only = false;
+  bool fwd_only = false;
+  Shape bwd_shape{0, 0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--from_shape=", 13) == 0) from_shape = std::atoi(argv[i] + 13);
     if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
-    if (std::strcmp(argv[i], "--rope_bwd_only") == 0) rope_bwd_only = true;
+    if (std::strncmp(argv[i], "--bwd_only=", 11) == 0) {
+      long long b = 0, t = 0, h = 0, d = 0;
+      if (std::sscanf(argv[i] + 11, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
+          t <= 0 || h <= 0 || (d != 64 && d != 128)) {
+        std::fprintf(stderr, "--bwd_only wants B,S,H,D with D 64 or 128, got '%s'\n", argv[i] + 11);
+        return 2;
+      }
+      bwd_shape = {b, t, h, d};
+    }
   }
   cudaDeviceProp prop{};
   CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
@@ -213,8 +255,13 @@ int Main(int argc, char** argv) {
   DeviceAllocator alloc;
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  if (bwd_shape.batch > 0) {
+    Run(alloc, stream, bwd_shape, reps, false, /*bwd_only=*/true);
+    CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
+    return 0;
+  }
   const Shape all[] = {{8, 2048, 16, 128}, {2, 8192, 16, 128}, {8, 2048, 12, 64}};
-  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only, rope_bwd_only);
+  for (int i = std::max(from_shape, 1) - 1; i < std::min(shapes, 3); ++i) Run(alloc, stream, all[i], reps, fwd_only);
   CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
   return 0;
 }

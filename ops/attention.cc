@@ -300,6 +300,7 @@ CudaAttention CudaArgs(const AttentionSaved& s, const AttentionOptions& o, const
   a.q_row_stride = width; a.kv_row_stride = width;
   a.out = s.out.raw();
   a.lse = static_cast<float*>(s.lse.raw());
+  a.deterministic = o.deterministic;
   return a;
 }
 
@@ -612,6 +613,7 @@ Tensor SelfAttention::BackwardCuda(const Tensor& dy) {
   a.lse = saved_.lse.data<float>();
   a.dout = da.raw();
   a.dq = dbase; a.dk = dbase + qd * 2; a.dv = dbase + (qd + kvd) * 2;
+  a.deterministic = o.deterministic;
   CudaBackend& cuda = Cuda();
   if (rope_in_bwd_) {
     a.rope_theta = o.rope_theta;  // inverse RoPE of dq, dk fused into the attention backward

@@ -29,6 +29,11 @@ struct AttentionOptions {
   int64_t self_extend_group = 0;   // G; 0 = off
   int64_t self_extend_window = 0;  // W
   int64_t rotary_dim = 0;          // rotate the first rotary_dim features of each head; 0 = all
+  // CUDA backward: dQ summed in a fixed order, so that it is bitwise repeatable (slower;
+  // kernels/cuda/attention.h, AttentionBackwardArgs::deterministic). Head dims 64 / 128 only: the
+  // plain fallback kernel of other head dims (ops/cuda_ops.cu) adds dK / dV with atomics either
+  // way. CPU: always repeatable.
+  bool deterministic = false;
 };
 
 struct AttentionSaved {

@@ -61,6 +61,8 @@ struct CudaAttention {
   // backward); k must already be rotated. Backward: q and k hold the rotated values and dq, dk
   // come back w.r.t. the un-rotated ones. 0: q, k rotated by the caller, dq, dk w.r.t. them.
   double rope_theta = 0;
+  // Backward: dQ summed in a fixed order (bitwise repeatable; kernels/cuda/attention.h).
+  bool deterministic = false;
 };
 
 struct CudaAdamWTensor {

@@ -466,6 +466,7 @@ class Backend final : public CudaBackend {
     b.dk = static_cast<bf16*>(a.dk);
     b.dv = static_cast<bf16*>(a.dv);
     if (a.rope_theta > 0) b.rope = &RopeTableFor(a.seq, a.head_dim, a.rope_theta);
+    b.deterministic = a.deterministic;
     OK_OR_DIE(kc::AttentionBackward(alloc_, b, stream_));
   }
 

@@ -8,7 +8,8 @@ namespace gyre::ops {
 namespace {
 
 AttentionOptions OptionsFrom(const ModelSpec& s) {
-  return {s.attn_heads, s.attn_kv_heads, s.attn_head_dim, s.rope_theta, 0, 0, s.attn_rotary_dim};
+  return {s.attn_heads,      s.attn_kv_heads, s.attn_head_dim, s.rope_theta, 0, 0,
+          s.attn_rotary_dim, s.deterministic};
 }
 
 }  // namespace

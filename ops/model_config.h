@@ -63,6 +63,10 @@ struct ModelSpec {
   int64_t attn_qkv_conv = 0;   // conv width over qkv; 0 = none
   int64_t attn_rotary_dim = 0; // 0 = the whole head
 
+  // Not part of the model's shape: TrainConfig.deterministic, set by the worker (replica.cc).
+  // CUDA attention then sums dQ in a fixed order (bitwise-repeatable steps, slower backward).
+  bool deterministic = false;
+
   int64_t n_layers() const { return static_cast<int64_t>(blocks.size()); }
   // The ordinary model has n_layers blocks. With multi-token prediction the first n_layers - 1
   // form the shared trunk and each of the mtp_heads heads is one more block of the last layer's

@@ -68,6 +68,7 @@ absl::StatusOr<std::unique_ptr<ModelReplica>> ModelReplica::Create(const gyre::v
                                          "(build with --config=cuda)");
   }
   ASSIGN_OR_RETURN(ops::ModelSpec spec, ops::ResolveModelConfig(config.model()));
+  spec.deterministic = config.train().deterministic();
   ASSIGN_OR_RETURN(ops::TrainOptions options, ops::TrainOptionsFromConfig(config.optimizer(), config.schedule()));
   ASSIGN_OR_RETURN(std::unique_ptr<ops::LanguageModel> model,
                    ops::LanguageModel::Create(spec, ops::DType::kF32, device, config.seed()));

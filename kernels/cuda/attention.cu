@@ -939,6 +939,22 @@ BwdPath BackwardPath() {
   return kDefaultBackward;
 }
 
+// GYRE_ATTN_DETERMINISTIC (read once per process), an override of
+// AttentionBackwardArgs::deterministic for benches and tests: unset = the args decide, "1" = on
+// for every call (the ws backward adds dQ's key blocks in a fixed order, attention_bwd_det.cu),
+// "0" = off for every call; anything else is an error.
+enum class DetMode { kArgs, kOff, kOn, kUnknown };
+DetMode DeterministicOverride() {
+  static const DetMode mode = [] {
+    const char* env = std::getenv("GYRE_ATTN_DETERMINISTIC");
+    if (env == nullptr) return DetMode::kArgs;
+    if (std::strcmp(env, "0") == 0) return DetMode::kOff;
+    if (std::strcmp(env, "1") == 0) return DetMode::kOn;
+    return DetMode::kUnknown;
+  }();
+  return mode;
+}
+
 // Bytes of the fp32 dQ accumulator: [B·T, H, D], or for the warp-specialised kernel the blocked
 // layout with T padded to a multiple of 64.
 size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim) {
@@ -948,7 +964,8 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
-                          int64_t kv_heads, bf16* dq, const InvRope& rope, cudaStream_t stream) {
+                          int64_t kv_heads, bf16* dq, const InvRope& rope, int* dq_turns,
+                          cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -979,7 +996,12 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     w.rope_cos = rope.cos;
     w.rope_sin = rope.sin;
     w.rope_half = rope.half;
-    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    if (dq_turns != nullptr) {
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
+                                                                      dq_turns, stream));
+    } else {
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+    }
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
     const dim3 grid((p.seq + kBwdN - 1) / kBwdN, static_cast<unsigned>(kv_heads),
@@ -1140,8 +1162,25 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
                           static_cast<const void*>(args.dk), static_cast<const void*>(args.dv)}) {
     if (!Aligned16(ptr)) return InvalidArgument("AttentionBackward: tensors must be 16-byte aligned");
   }
+  const DetMode det_override = DeterministicOverride();
+  if (det_override == DetMode::kUnknown) {
+    return InvalidArgument(std::string("GYRE_ATTN_DETERMINISTIC must be 0 or 1, got '") +
+                           std::getenv("GYRE_ATTN_DETERMINISTIC") + "'");
+  }
+  const bool deterministic =
+      det_override == DetMode::kArgs ? args.deterministic : det_override == DetMode::kOn;
+  if (deterministic && !IsWsPath(BackwardPath())) {
+    return InvalidArgument(
+        "AttentionBackward: the deterministic backward needs the ws backward (GYRE_ATTN_BWD=mma "
+        "adds dQ with atomics in no fixed order)");
+  }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
-  DeviceBuffer dq_acc, dvec;
+  DeviceBuffer dq_acc, dvec, dq_turns;
+  if (deterministic) {
+    const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
+    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));
+  }
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
       &dq_acc));
@@ -1169,9 +1208,11 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   // Scratch returns to the allocator when this function returns; the kernels that use it are
   // ordered before any later user of the block on the same stream (allocator contract).
   if (s.head_dim == 64) {
-    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
+    return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
+                              stream);
   }
-  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, stream);
+  return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
+                             stream);
 }
 
 }  // namespace gyre::cuda

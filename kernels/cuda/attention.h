@@ -29,7 +29,13 @@
 // [B, H, T]) from `alloc` and returns it to the cache before returning (stream-ordered reuse, see
 // device_allocator.h; under CUDA-graph capture the scratch would have to outlive the graph).
 // Determinism: forward, dk and dv are bitwise reproducible; dq sums key blocks with fp32 atomics
-// (bulk shared-to-global reductions on Hopper), so its low bits vary between runs.
+// (bulk shared-to-global reductions on Hopper), so its low bits vary between runs, unless
+// AttentionBackwardArgs::deterministic: then the Hopper backward adds each query tile's key
+// blocks in a fixed order (attention_bwd_det.cu) and dq is bitwise reproducible too (slower:
+// +7-12% at D 128, +29% at D 64, H100; not with GYRE_ATTN_BWD=mma, which is then an error).
+// Extra scratch: one int per (batch, head, 64-row tile, half). GYRE_ATTN_DETERMINISTIC (read
+// once per process) overrides the field for benches and tests: "1" on, "0" off, unset = the
+// field; other values make AttentionBackward fail.
 //
 // CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
 // adding fields with defaults.
@@ -104,6 +110,8 @@ struct AttentionBackwardArgs {
   // epilogue rotate by −angle in fp32 before the one rounding to bf16 (the separate pass rounded
   // twice). Null: dq, dk are w.r.t. q, k as given.
   const RopeTable* rope = nullptr;
+  // dQ summed in a fixed order, so that dq is bitwise reproducible (see Determinism above).
+  bool deterministic = false;
 };
 // Scratch (e.g. fp32 dq accumulators, row dot(dout, out)) comes from `alloc`.
 CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs& args,

@@ -11,15 +11,21 @@
 // back, dq and dk inverse-rotated): rotary dims R = D and R < D (16, 32, 64) at D 64 / 128, GQA,
 // in place in a fused buffer and into a separate array, T up to 1000 (positions in many tiles).
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
-// {ws, mma}, GYRE_ATTN_BWD ∈ {ws, mma} and GYRE_ATTN_ROPE_EARLY=0 (unset: 1) (the RoPE test
-// alone: --gtest_filter='*Rope*') to check the other paths.
+// {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} (the RoPE test alone: --gtest_filter='*Rope*') to
+// check the other paths, and with GYRE_ATTN_DETERMINISTIC=1
+// (the backward with dQ added in a fixed order, attention_bwd_det.cu; with GYRE_ATTN_DET_FORM=presum
+// its D 64 variant, attention_bwd_det_presum.cu): every float64 check then runs on it, and
+// BackwardBitwiseRepeatable requires dq too to come back bitwise the same (the variant alone,
+// fast: --gtest_filter='*RopeFused*:*BackwardBitwise*').
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -232,6 +238,20 @@ constexpr double kTolOut = 1e-2;   // bf16 output (one rounding ~2e-3) + bf16 P 
 constexpr double kTolGrad = 1e-2;  // bf16 P and dS in the gradient GEMMs, bf16 outputs
 constexpr double kTolLse = 1e-4;   // fp32 statistics
 
+// Forward arguments of problem p on the inputs x (no RoPE, no SelfExtend).
+AttentionForwardArgs ForwardArgs(const Problem& p, const DeviceQkv& x, bf16* out, float* lse) {
+  AttentionForwardArgs fa;
+  fa.shape = {p.batch, p.seq, p.heads, p.kv_heads, p.dim};
+  fa.q = x.dev_q;
+  fa.k = x.dev_k;
+  fa.v = x.dev_v;
+  fa.q_row_stride = x.q_stride;
+  fa.kv_row_stride = x.kv_stride;
+  fa.out = out;
+  fa.lse = lse;
+  return fa;
+}
+
 bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
   const std::string shape = ShapeName(p);
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
@@ -244,15 +264,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   d_out.Poison();
   d_lse.Poison();
 
-  AttentionForwardArgs fa;
-  fa.shape = {p.batch, p.seq, H, Hk, D};
-  fa.q = x.dev_q;
-  fa.k = x.dev_k;
-  fa.v = x.dev_v;
-  fa.q_row_stride = x.q_stride;
-  fa.kv_row_stride = x.kv_stride;
-  fa.out = d_out.get();
-  fa.lse = d_lse.get();
+  AttentionForwardArgs fa = ForwardArgs(p, x, d_out.get(), d_lse.get());
   // Fused RoPE (the training path): q is un-rotated and the forward rotates it on load, writing
   // the rotated rows to q_rotated (in place in the fused buffer; a poisoned array otherwise),
   // which the backward then reads; k stands for already-rotated keys. The backward returns dq,
@@ -487,9 +499,8 @@ TEST(AttentionGpuTest, ForwardBackwardMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// The fused RoPE problems on their own, so that both forms of the backward's dK epilogue
-// (GYRE_ATTN_ROPE_EARLY unset / 1: table values loaded before the last wait; 0: after it) can be
-// checked fast: --gtest_filter='*Rope*'.
+// The fused RoPE problems on their own, so that a backward variant's dK epilogue with the fused
+// RoPE can be checked fast: --gtest_filter='*Rope*'.
 TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   std::mt19937_64 rng(11);
   DeviceAllocator alloc;
@@ -508,9 +519,144 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
     ++checks;
     if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
-  const char* mode = std::getenv("GYRE_ATTN_ROPE_EARLY");
-  std::printf("attention_gpu_test rope (GYRE_ATTN_ROPE_EARLY=%s): %d of %d problems passed\n",
-              mode != nullptr ? mode : "unset", checks - failures, checks);
+  const char* det = std::getenv("GYRE_ATTN_DETERMINISTIC");
+  std::printf("attention_gpu_test rope (GYRE_ATTN_DETERMINISTIC=%s): %d of %d problems passed\n",
+              det != nullptr ? det : "unset", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
+// Runs the forward once and the backward three times on the same inputs (fresh poisoned
+// outputs each time) and counts the bf16 values of dq, dk, dv that differ from the first run's.
+struct RepeatDiffs {
+  int64_t dq = 0, dk = 0, dv = 0;
+};
+RepeatDiffs RepeatBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p,
+                           bool deterministic = false) {
+  const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
+  DeviceQkv x;
+  MakeQkv(alloc, rng, p, &x);
+  DeviceArray<bf16> d_out(alloc, rows * H * D), d_dout(alloc, rows * H * D);
+  DeviceArray<float> d_lse(alloc, p.batch * H * p.seq);
+  d_dout.Upload(RandomBf16Values(rng, rows * H * D));
+  AttentionForwardArgs fa = ForwardArgs(p, x, d_out.get(), d_lse.get());
+  RopeTable table;
+  std::unique_ptr<DeviceArray<bf16>> q_rot;
+  if (p.rope > 0) {
+    CUDA_OK_OR_DIE(BuildRopeTable(p.seq, p.rope, 10000.0, alloc, &table));
+    fa.rope = &table;
+    q_rot = std::make_unique<DeviceArray<bf16>>(alloc, rows * H * D);
+    fa.q_rotated = q_rot->get();
+  }
+  CUDA_OK_OR_DIE(AttentionForward(fa, nullptr));
+  auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> b(v.size());
+    std::memcpy(b.data(), v.data(), v.size() * sizeof(float));  // bf16 -> float keeps the bits
+    return b;
+  };
+  auto count = [](const std::vector<uint32_t>& a, const std::vector<uint32_t>& b) {
+    int64_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+    return n;
+  };
+  std::vector<uint32_t> first[3];
+  RepeatDiffs diffs;
+  for (int run = 0; run < 3; ++run) {
+    // dq, dk, dv take q's and k's row strides (fused: rows of the padded qkv width; the
+    // untouched columns keep the poison, the same bits every run).
+    const int64_t q_stride = p.rope > 0 || x.q_stride == 0 ? H * D : x.q_stride;
+    const int64_t kv_stride = x.kv_stride == 0 ? Hk * D : x.kv_stride;
+    DeviceArray<bf16> dq(alloc, rows * q_stride), dk(alloc, rows * kv_stride),
+        dv(alloc, rows * kv_stride);
+    dq.Poison();
+    dk.Poison();
+    dv.Poison();
+    AttentionBackwardArgs ba;
+    ba.shape = fa.shape;
+    ba.q = p.rope > 0 ? fa.q_rotated : fa.q;
+    ba.k = fa.k;
+    ba.v = fa.v;
+    ba.q_row_stride = q_stride;  // q_rotated is packed
+    ba.kv_row_stride = x.kv_stride;
+    ba.out = d_out.get();
+    ba.dout = d_dout.get();
+    ba.lse = d_lse.get();
+    ba.dq = dq.get();
+    ba.dk = dk.get();
+    ba.dv = dv.get();
+    if (p.rope > 0) ba.rope = &table;
+    ba.deterministic = deterministic;
+    CUDA_OK_OR_DIE(AttentionBackward(alloc, ba, nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    const std::vector<uint32_t> got[3] = {bits(dq.Download()), bits(dk.Download()),
+                                          bits(dv.Download())};
+    if (run == 0) {
+      for (int i = 0; i < 3; ++i) first[i] = got[i];
+      continue;
+    }
+    diffs.dq += count(first[0], got[0]);
+    diffs.dk += count(first[1], got[1]);
+    diffs.dv += count(first[2], got[2]);
+  }
+  return diffs;
+}
+
+// dk and dv are always bitwise repeatable (each key block sums its own terms in a fixed order);
+// dq only with GYRE_ATTN_DETERMINISTIC=1 (without it the count of differing dq values is printed,
+// not checked: it depends on timing). The same problems also get the float64 checks, so that
+// under the switch the deterministic kernel is checked on its own here too. Shapes: D 64 (the
+// two warpgroups of a block add to the same tile) and D 128 (column halves), GQA, up to 16 key
+// blocks per query tile (T 2048), the fused RoPE.
+TEST(AttentionGpuTest, BackwardBitwiseRepeatable) {
+  const char* env = std::getenv("GYRE_ATTN_DETERMINISTIC");
+  const bool deterministic = env != nullptr && std::string(env) == "1";
+  std::mt19937_64 rng(13);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{2, 1000, 8, 2, 64, false}, Problem{1, 1000, 8, 2, 128, true},
+                           Problem{2, 700, 4, 4, 128, false, 0, 0, 128},
+                           Problem{1, 1000, 4, 4, 64, false, 0, 0, 64}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
+  }
+  for (const Problem& p : {Problem{2, 1000, 8, 2, 64, false}, Problem{1, 1000, 8, 2, 128, true},
+                           Problem{2, 2048, 8, 8, 64, false}, Problem{2, 2048, 8, 4, 128, false},
+                           Problem{2, 700, 4, 4, 128, false, 0, 0, 128},
+                           Problem{2, 2048, 4, 4, 64, false, 0, 0, 64}}) {
+    const RepeatDiffs d = RepeatBackward(&alloc, rng, p);
+    const std::string shape = ShapeName(p) + (p.rope > 0 ? " rope" : "");
+    std::printf("attention bwd repeat %s (GYRE_ATTN_DETERMINISTIC=%s): differing values over "
+                "2 repeats: dq %lld dk %lld dv %lld\n",
+                shape.c_str(), env != nullptr ? env : "unset", static_cast<long long>(d.dq),
+                static_cast<long long>(d.dk), static_cast<long long>(d.dv));
+    ++checks;
+    const bool ok = d.dk == 0 && d.dv == 0 && (!deterministic || d.dq == 0);
+    std::printf("[%s] attention bwd bitwise repeat %s\n", ok ? "PASS" : "FAIL", shape.c_str());
+    if (!ok) ++failures;
+  }
+  std::printf("attention_gpu_test repeat (GYRE_ATTN_DETERMINISTIC=%s): %d of %d passed\n",
+              env != nullptr ? env : "unset", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
+// AttentionBackwardArgs::deterministic (the setting train.deterministic reaches) without the
+// environment override: dq, dk, dv bitwise the same over three runs, D 64 and D 128 (GQA, RoPE).
+TEST(AttentionGpuTest, DeterministicArgumentIsBitwiseRepeatable) {
+  if (std::getenv("GYRE_ATTN_DETERMINISTIC") != nullptr) {
+    GTEST_SKIP() << "GYRE_ATTN_DETERMINISTIC overrides the argument";
+  }
+  std::mt19937_64 rng(17);
+  DeviceAllocator alloc;
+  int failures = 0;
+  for (const Problem& p : {Problem{2, 2048, 8, 4, 64, false, 0, 0, 64},
+                           Problem{1, 1000, 8, 2, 128, false}}) {
+    const RepeatDiffs d = RepeatBackward(&alloc, rng, p, /*deterministic=*/true);
+    const bool ok = d.dq == 0 && d.dk == 0 && d.dv == 0;
+    std::printf("[%s] attention bwd bitwise repeat (deterministic argument) %s%s: dq %lld dk %lld "
+                "dv %lld\n", ok ? "PASS" : "FAIL", ShapeName(p).c_str(), p.rope > 0 ? " rope" : "",
+                static_cast<long long>(d.dq), static_cast<long long>(d.dk),
+                static_cast<long long>(d.dv));
+    if (!ok) ++failures;
+  }
   EXPECT_EQ(failures, 0);
 }
 

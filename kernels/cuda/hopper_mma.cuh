@@ -128,8 +128,7 @@ __device__ __forceinline__ void FenceRegs(float (&r)[N][4]) {
 }
 
 // mbarriers, named barriers and TMA tile loads (sm_90), for producer / consumer pipelines. `bar`
-// is the shared-memory address of an 8-byte mbarrier. (The attention kernels keep their own
-// copies under other names.)
+// is the shared-memory address of an 8-byte mbarrier.
 __device__ __forceinline__ void MbInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
