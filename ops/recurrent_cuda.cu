@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -1374,7 +1375,7 @@ __device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
                ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src));
 }
 
-// GYRE_NORM_FWD=pf (the default since session 8; see NormFwdPrefetch): Mamba-2's gated norm forward (mode 1) for groups
+// GYRE_NORM_FWD=pf (the default since session 8; see PfOrUnset): Mamba-2's gated norm forward (mode 1) for groups
 // of exactly kChunks x 256 columns (130m: one group of 1536, 6 chunks a lane). A warp per (row,
 // group) as group_norm_fwd_vec, but each lane first cp.asyncs all its chunks of x and z (2 x
 // kChunks x 16 B) into its own shared-memory stash, waits once, and takes the statistics and the
@@ -1439,7 +1440,7 @@ __global__ void __launch_bounds__(256) group_norm_fwd_gated_pf(GroupNormArgs a) 
   }
 }
 
-// GYRE_NORM_BWD=pf (the default since session 8; see NormBwdPrefetch): the mLSTM output norm's backward (mode 2) for
+// GYRE_NORM_BWD=pf (the default since session 8; see PfOrUnset): the mLSTM output norm's backward (mode 2) for
 // groups of exactly kPasses 128-column passes at 16 lanes (the 125m / 1.3b layouts: 4 x 384, 3
 // passes). Each lane first issues cp.async copies of all its chunks of x, dy, z, x_c (4 x kPasses
 // x 16 B) into its own stash in shared memory, waits once, and runs both passes from there.
@@ -1671,20 +1672,23 @@ CudaResult MakeFusedGates(const BlockDiagArgs& a, bool backward, FusedGates* g) 
 
 }  // namespace
 
-// GYRE_NORM_FWD (read once): unset or "pf" = group_norm_fwd_gated_pf for Mamba-2's gated norm at
-// 6 x 256 columns a group (the default since the lead's session-8 call on an H100: gated norm
-// forward 3.87 -> 2.59 ms a mamba2-130m step); "reg" = the register-resident kernel before it.
-bool NormFwdPrefetch() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_NORM_FWD");
-    return e == nullptr || std::string_view(e) != "reg";
-  }();
-  return on;
+// GYRE_NORM_FWD and GYRE_NORM_BWD (each read once): unset or "pf", the only value left (the
+// prefetch kernels, defaults since the lead's session-8 call on an H100: gated norm forward 3.87
+// -> 2.59 ms a mamba2-130m step, mLSTM output-norm backward 7.53 -> 6.77 ms an xlstm[1:0]-125m
+// step). The kernels they replaced ("reg", "vec") were deleted after losing again in the
+// 2026-11-27 confirmation; any other value is an error from GroupNormForward / GroupNormBackward.
+namespace {
+bool PfOrUnset(const char* e) { return e == nullptr || std::string_view(e) == "pf"; }
+CudaResult NormSwitchError(const char* name) {
+  return gyre::cuda::InvalidArgument(std::string(name) + " must be pf (or unset), got '" + std::getenv(name) + "'");
 }
+}  // namespace
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormForward: dim not divisible by groups, or missing statistics");
+  static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_FWD"));
+  if (!switch_ok) return NormSwitchError("GYRE_NORM_FWD");
   if (a.rows == 0) return {};
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
@@ -1703,7 +1707,7 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
     });
     return Launched("group_norm_fwd_reg");
   }
-  if (vec && NormFwdPrefetch() && a.mode == NormMode::kGatedInput && a.dim / a.groups == 6 * 256) {
+  if (vec && a.mode == NormMode::kGatedInput && a.dim / a.groups == 6 * 256) {
     group_norm_fwd_gated_pf<6><<<blocks, 256, 0, stream>>>(a);
     return Launched("group_norm_fwd_gated_pf");
   }
@@ -1724,22 +1728,13 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   return Launched("group_norm_fwd");
 }
 
-// GYRE_NORM_BWD (read once): unset or "pf" = group_norm_bwd_mlstm_pf for the mLSTM output norm
-// at 3 x 128 columns a group (the default since the lead's session-8 call on an H100: 7.53 ->
-// 6.77 ms an xlstm[1:0]-125m step); "vec" = the vectorised kernel before it.
-bool NormBwdPrefetch() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_NORM_BWD");
-    return e == nullptr || std::string_view(e) != "vec";
-  }();
-  return on;
-}
-
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.dresidual != nullptr && a.mode != NormMode::kPlain)
     return gyre::cuda::InvalidArgument("GroupNormBackward: dresidual is for the plain mode only");
+  static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_BWD"));
+  if (!switch_ok) return NormSwitchError("GYRE_NORM_BWD");
   if (a.rows == 0) return {};
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
@@ -1764,7 +1759,7 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
     if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
-    } else if (NormBwdPrefetch() && a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
+    } else if (a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
                a.dim / a.groups == 3 * 128) {
       const int64_t pf_smem = kNormPfStashBytes<3> + smem;
       if (pf_smem > 48 * 1024)
