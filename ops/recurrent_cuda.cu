@@ -554,6 +554,12 @@ constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer 
 // 48 KiB of static shared memory beside the gate weights (<= 4 heads); 1 with 16 gates.
 template <int kG>
 constexpr int kBdBwdStages = kG <= 8 ? 4 : 2;
+// Dynamic shared bytes of block_diag4_bwd's ring at kS rows (its instantiations with a
+// non-default depth): the Ring struct, or the column-sum scratch that reuses it if larger.
+template <int kG, int kS>
+constexpr int kBdBwdDynRingBytes = 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4) > 8 * (32 * 16 + 8) * 4
+                                       ? 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4)
+                                       : 8 * (32 * 16 + 8) * 4;
 constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
@@ -752,11 +758,14 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-template <bool kTwo, int kG>
+// kStages: the ring's rows (default kBdBwdStages<kG>, the ring in static shared memory). Any other
+// depth (GYRE_BD_BWD=ring8: 8, kG <= 8) puts the ring in dynamic shared memory (opt-in, glue11).
+template <bool kTwo, int kG, int kStages = kBdBwdStages<kG>>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  constexpr int kS = kBdBwdStages<kG>;
+  constexpr int kS = kStages;
+  constexpr bool kDynRing = kStages != kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -766,11 +775,15 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     float dg[8][kS][kGs];
   };
   constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
-  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
+  __shared__ __align__(16) unsigned char raw[kDynRing ? 16 : (sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes)];
   __shared__ float4 wg[kMaps * kGs][32];
   __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
-  Ring& ring = *reinterpret_cast<Ring*>(raw);
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
+  extern __shared__ __align__(16) unsigned char bd_ring_dyn[];  // kDynRing: BdBwdDynRingBytes
+  unsigned char* mem;
+  if constexpr (kDynRing) mem = bd_ring_dyn;
+  else mem = raw;
+  Ring& ring = *reinterpret_cast<Ring*>(mem);
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(mem);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
@@ -1861,8 +1874,33 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
+// GYRE_BD_BWD (read once; opt-in, glue11): the vectorised backward's cp.async ring at 0 or 8
+// gates (heads <= 4). Unset or "ring4" = the default 4 rows (3 ahead, static shared memory);
+// "ring8" = 8 rows (7 ahead) in dynamic shared memory, same arithmetic and order (expected: the
+// same bits). 0 for any other value (an error from BlockDiagBackward).
+// Counts (xlstm[1:0]-125m B16 x 2048, H100, from the lead's 2026-11-27 profile): the 2-map
+// backward (q, k at 8 gates) moves 302 MB a call (x, dy, dy2 read; dx written; +13 MB of gate
+// partials) in 290 µs (1.1 TB/s, 46% of 3 TB/s); the 1-map (v) 201 MB in 197 µs. Issue: ~185
+// instructions a thread-row, ~80 µs a call at 4 schedulers x 132 SMs. So a warp spends ~1.6 µs a
+// row with 3 rows in flight: stalled on its loads, not on issue or DRAM bandwidth. 7 rows ahead
+// doubles the bytes in flight a SM (38 -> 90 KB at 16 warps; 78 KB of shared memory a block, 2
+// blocks a SM as before).
+namespace {
+int BdBwdRing() {
+  static const int stages = [] {
+    const char* e = std::getenv("GYRE_BD_BWD");
+    if (e == nullptr || std::string_view(e) == "ring4") return 4;
+    return std::string_view(e) == "ring8" ? 8 : 0;
+  }();
+  return stages;
+}
+}  // namespace
+
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if (BdBwdRing() == 0)
+    return gyre::cuda::InvalidArgument(std::string("BlockDiagBackward: GYRE_BD_BWD must be ring4 or ring8, got '") +
+                                       std::getenv("GYRE_BD_BWD") + "'");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
@@ -1893,7 +1931,20 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
   if (vec) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
-    if (g.heads == 0) {
+    // GYRE_BD_BWD=ring8 (opt-in): an 8-row ring (7 rows ahead) at 0 or 8 gates.
+    auto ring8 = [&](auto kernel, int bytes) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kernel<<<grid, block, static_cast<size_t>(bytes), stream>>>(a, g, p);
+    };
+    if (BdBwdRing() == 8 && g.heads <= 4) {
+      if (g.heads == 0) {
+        if (a.w2) ring8(block_diag4_bwd<true, 0, 8>, kBdBwdDynRingBytes<0, 8>);
+        else ring8(block_diag4_bwd<false, 0, 8>, kBdBwdDynRingBytes<0, 8>);
+      } else {
+        if (a.w2) ring8(block_diag4_bwd<true, 8, 8>, kBdBwdDynRingBytes<8, 8>);
+        else ring8(block_diag4_bwd<false, 8, 8>, kBdBwdDynRingBytes<8, 8>);
+      }
+    } else if (g.heads == 0) {
       if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
     } else if (g.heads <= 4) {
