@@ -650,7 +650,14 @@ struct BdFwdSmem {
   uint2 tile[8][kMaps][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
   uint4 afrag[kMaps][8][kG / 8][32];             // [map][k step][gate half][lane]: hi a0a1, a4a5, lo a0a1, a4a5
 };
+// kPf (GYRE_BD_FWD=pf, opt-in, glue11): each warp's x tiles by cp.async through two slots, the
+// next tile's copies issued before the current tile's arithmetic (the default loads a tile, waits,
+// computes: one tile of 8 rows in flight a warp, 4 tiles a warp a block).
 template <bool kTwo, int kG>
+struct BdFwdPfSmem : BdFwdSmem<kTwo, kG> {
+  uint2 xbuf[8][2][kBdTileRows][32];  // [warp][slot][row][block]: x, bf16 (each lane its own entries)
+};
+template <bool kTwo, int kG, bool kPf = false>
 __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(BlockDiagArgs a, FusedGates g, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -692,13 +699,36 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   }
   const int gq = tx / 4, qq = tx % 4;  // the lane's fragment coordinates
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+  // kPf: tile rt's copies into slot `slot` (one commit group per tile, empty past the end).
+  auto issue_tile = [&](int slot, int64_t rt) {
+    if constexpr (kPf) {
+      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
+#pragma unroll
+      for (int k = 0; k < kBdTileRows; ++k) {
+        const int64_t r = rt + k;
+        if (live && r < r1) CpAsync8(&xbuf[ty][slot][k][tx], static_cast<const bf16*>(a.x) + r * a.ldx + b * 4);
+      }
+      CpAsyncCommit();
+    }
+  };
+  int slot = 0;
+  if constexpr (kPf) issue_tile(0, r0 + ty * kBdTileRows);
   for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
     uint2 raw[kBdTileRows];
+    if constexpr (kPf) {
+      issue_tile(slot ^ 1, rt + 8 * kBdTileRows);
+      CpAsyncWait<1>();  // this lane's own copies of tile rt
+      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
 #pragma unroll
-    for (int k = 0; k < kBdTileRows; ++k) {
-      const int64_t r = rt + k;
-      raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                              : make_uint2(0u, 0u);
+      for (int k = 0; k < kBdTileRows; ++k) raw[k] = live && rt + k < r1 ? xbuf[ty][slot][k][tx] : make_uint2(0u, 0u);
+      slot ^= 1;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kBdTileRows; ++k) {
+        const int64_t r = rt + k;
+        raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                                : make_uint2(0u, 0u);
+      }
     }
 #pragma unroll
     for (int k = 0; k < kBdTileRows; ++k) {
@@ -744,6 +774,7 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
       }
     }
   }
+  if constexpr (kPf) CpAsyncWait<0>();  // (the last, empty group)
 }
 
 // dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
@@ -1814,8 +1845,29 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   return LaunchReduce(jobs, stream);
 }
 
+// GYRE_BD_FWD (read once; opt-in, glue11): the 4x4 maps with fused gates (heads <= 4). Unset or
+// "tile" = the default (a warp loads a tile of 8 rows, waits, computes); "pf" = the next tile's x
+// by cp.async during the current tile's arithmetic (BdFwdPfSmem: +32 KiB a block, 76 / 54 KiB for
+// 2 / 1 maps, the same 2 / 3 blocks a SM). -1 for any other value (an error from BlockDiagForward).
+// Counts (xlstm[1:0]-125m B16 x 2048, H100, the lead's 2026-11-27 profile): 2 maps 302 MB a call
+// in 140 µs, 1 map 201 MB in 94 µs (71% of 3 TB/s); a warp takes 4 tiles a block with one tile
+// (2 KB) in flight and the first tile's latency exposed in every block (6 waves of blocks).
+namespace {
+int BdFwdMode() {
+  static const int mode = [] {
+    const char* e = std::getenv("GYRE_BD_FWD");
+    if (e == nullptr || std::string_view(e) == "tile") return 0;
+    return std::string_view(e) == "pf" ? 1 : -1;
+  }();
+  return mode;
+}
+}  // namespace
+
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if (BdFwdMode() < 0)
+    return gyre::cuda::InvalidArgument(std::string("BlockDiagForward: GYRE_BD_FWD must be tile or pf, got '") +
+                                       std::getenv("GYRE_BD_FWD") + "'");
   if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, false, &g); !r.ok()) return r;
@@ -1837,6 +1889,9 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
     if (g.heads == 0) {
       if (a.w2) block_diag4_fwd<true><<<grid, block, 0, stream>>>(a);
       else block_diag4_fwd<false><<<grid, block, 0, stream>>>(a);
+    } else if (g.heads <= 4 && BdFwdMode() == 1) {
+      if (a.w2) gated(block_diag4_fwd_gates<true, 8, true>, sizeof(BdFwdPfSmem<true, 8>));
+      else gated(block_diag4_fwd_gates<false, 8, true>, sizeof(BdFwdPfSmem<false, 8>));
     } else if (g.heads <= 4) {
       if (a.w2) gated(block_diag4_fwd_gates<true, 8>, sizeof(BdFwdSmem<true, 8>));
       else gated(block_diag4_fwd_gates<false, 8>, sizeof(BdFwdSmem<false, 8>));

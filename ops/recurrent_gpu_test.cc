@@ -156,11 +156,12 @@ double Sig(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 double SiluD(double z) { return z * Sig(z); }
 double DSiluD(double z) { return Sig(z) * (1.0 + z * (1.0 - Sig(z))); }
 
-// The 4x4 block-diagonal backward's ring in this process (ops/recurrent_cuda.cu: GYRE_BD_BWD,
-// read once; unset = ring4), for the result lines.
+// The 4x4 block-diagonal kernels' variants in this process (ops/recurrent_cuda.cu, read once:
+// GYRE_BD_FWD, unset = tile; GYRE_BD_BWD, unset = ring4), for the result lines.
 std::string BdVariant() {
-  const char* v = std::getenv("GYRE_BD_BWD");
-  return std::string(" [bd_bwd ") + (v != nullptr ? v : "ring4") + "]";
+  const char* f = std::getenv("GYRE_BD_FWD");
+  const char* b = std::getenv("GYRE_BD_BWD");
+  return std::string(" [bd_fwd ") + (f != nullptr ? f : "tile") + "] [bd_bwd " + (b != nullptr ? b : "ring4") + "]";
 }
 
 // `overwrite`: dw / dw2 start as NaN and are overwritten (the deferred-zero rule's first write).
