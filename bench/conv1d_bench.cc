@@ -11,7 +11,7 @@
 // --shapes=step: only the training-step presets' convs at B16 S2048 (xlstm[1:0]-125m: 1536
 // channels; mamba2-130m: 1792), with the backward alone timed too (forward run once before, not
 // timed). The backward's variant is the environment's GYRE_CONV_BWD (conv1d.cu: split when
-// unset, default or r128; any other value is an error), read once a process: A/B runs alternate
+// unset, or r128; any other value is an error), read once a process: A/B runs alternate
 // it on one binary.
 //
 //   conv1d_bench [--reps=N] [--shapes=step]

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -553,6 +554,12 @@ constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer 
 // 48 KiB of static shared memory beside the gate weights (<= 4 heads); 1 with 16 gates.
 template <int kG>
 constexpr int kBdBwdStages = kG <= 8 ? 4 : 2;
+// Dynamic shared bytes of block_diag4_bwd's ring at kS rows (its instantiations with a
+// non-default depth): the Ring struct, or the column-sum scratch that reuses it if larger.
+template <int kG, int kS>
+constexpr int kBdBwdDynRingBytes = 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4) > 8 * (32 * 16 + 8) * 4
+                                       ? 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4)
+                                       : 8 * (32 * 16 + 8) * 4;
 constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
@@ -643,7 +650,14 @@ struct BdFwdSmem {
   uint2 tile[8][kMaps][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
   uint4 afrag[kMaps][8][kG / 8][32];             // [map][k step][gate half][lane]: hi a0a1, a4a5, lo a0a1, a4a5
 };
+// kPf (GYRE_BD_FWD=pf, opt-in, glue11): each warp's x tiles by cp.async through two slots, the
+// next tile's copies issued before the current tile's arithmetic (the default loads a tile, waits,
+// computes: one tile of 8 rows in flight a warp, 4 tiles a warp a block).
 template <bool kTwo, int kG>
+struct BdFwdPfSmem : BdFwdSmem<kTwo, kG> {
+  uint2 xbuf[8][2][kBdTileRows][32];  // [warp][slot][row][block]: x, bf16 (each lane its own entries)
+};
+template <bool kTwo, int kG, bool kPf = false>
 __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(BlockDiagArgs a, FusedGates g, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -685,13 +699,36 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   }
   const int gq = tx / 4, qq = tx % 4;  // the lane's fragment coordinates
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+  // kPf: tile rt's copies into slot `slot` (one commit group per tile, empty past the end).
+  auto issue_tile = [&](int slot, int64_t rt) {
+    if constexpr (kPf) {
+      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
+#pragma unroll
+      for (int k = 0; k < kBdTileRows; ++k) {
+        const int64_t r = rt + k;
+        if (live && r < r1) CpAsync8(&xbuf[ty][slot][k][tx], static_cast<const bf16*>(a.x) + r * a.ldx + b * 4);
+      }
+      CpAsyncCommit();
+    }
+  };
+  int slot = 0;
+  if constexpr (kPf) issue_tile(0, r0 + ty * kBdTileRows);
   for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
     uint2 raw[kBdTileRows];
+    if constexpr (kPf) {
+      issue_tile(slot ^ 1, rt + 8 * kBdTileRows);
+      CpAsyncWait<1>();  // this lane's own copies of tile rt
+      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
 #pragma unroll
-    for (int k = 0; k < kBdTileRows; ++k) {
-      const int64_t r = rt + k;
-      raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                              : make_uint2(0u, 0u);
+      for (int k = 0; k < kBdTileRows; ++k) raw[k] = live && rt + k < r1 ? xbuf[ty][slot][k][tx] : make_uint2(0u, 0u);
+      slot ^= 1;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kBdTileRows; ++k) {
+        const int64_t r = rt + k;
+        raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                                : make_uint2(0u, 0u);
+      }
     }
 #pragma unroll
     for (int k = 0; k < kBdTileRows; ++k) {
@@ -737,6 +774,7 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
       }
     }
   }
+  if constexpr (kPf) CpAsyncWait<0>();  // (the last, empty group)
 }
 
 // dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
@@ -751,11 +789,14 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-template <bool kTwo, int kG>
+// kStages: the ring's rows (default kBdBwdStages<kG>, the ring in static shared memory). Any other
+// depth (GYRE_BD_BWD=ring8: 8, kG <= 8) puts the ring in dynamic shared memory (opt-in, glue11).
+template <bool kTwo, int kG, int kStages = kBdBwdStages<kG>>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  constexpr int kS = kBdBwdStages<kG>;
+  constexpr int kS = kStages;
+  constexpr bool kDynRing = kStages != kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -765,11 +806,15 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     float dg[8][kS][kGs];
   };
   constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
-  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
+  __shared__ __align__(16) unsigned char raw[kDynRing ? 16 : (sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes)];
   __shared__ float4 wg[kMaps * kGs][32];
   __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
-  Ring& ring = *reinterpret_cast<Ring*>(raw);
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
+  extern __shared__ __align__(16) unsigned char bd_ring_dyn[];  // kDynRing: BdBwdDynRingBytes
+  unsigned char* mem;
+  if constexpr (kDynRing) mem = bd_ring_dyn;
+  else mem = raw;
+  Ring& ring = *reinterpret_cast<Ring*>(mem);
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(mem);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
@@ -1374,7 +1419,7 @@ __device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
                ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src));
 }
 
-// GYRE_NORM_FWD=pf (the default since session 8; see NormFwdPrefetch): Mamba-2's gated norm forward (mode 1) for groups
+// GYRE_NORM_FWD=pf (the default since session 8; see PfOrUnset): Mamba-2's gated norm forward (mode 1) for groups
 // of exactly kChunks x 256 columns (130m: one group of 1536, 6 chunks a lane). A warp per (row,
 // group) as group_norm_fwd_vec, but each lane first cp.asyncs all its chunks of x and z (2 x
 // kChunks x 16 B) into its own shared-memory stash, waits once, and takes the statistics and the
@@ -1439,7 +1484,7 @@ __global__ void __launch_bounds__(256) group_norm_fwd_gated_pf(GroupNormArgs a) 
   }
 }
 
-// GYRE_NORM_BWD=pf (the default since session 8; see NormBwdPrefetch): the mLSTM output norm's backward (mode 2) for
+// GYRE_NORM_BWD=pf (the default since session 8; see PfOrUnset): the mLSTM output norm's backward (mode 2) for
 // groups of exactly kPasses 128-column passes at 16 lanes (the 125m / 1.3b layouts: 4 x 384, 3
 // passes). Each lane first issues cp.async copies of all its chunks of x, dy, z, x_c (4 x kPasses
 // x 16 B) into its own stash in shared memory, waits once, and runs both passes from there.
@@ -1671,20 +1716,23 @@ CudaResult MakeFusedGates(const BlockDiagArgs& a, bool backward, FusedGates* g) 
 
 }  // namespace
 
-// GYRE_NORM_FWD (read once): unset or "pf" = group_norm_fwd_gated_pf for Mamba-2's gated norm at
-// 6 x 256 columns a group (the default since the lead's session-8 call on an H100: gated norm
-// forward 3.87 -> 2.59 ms a mamba2-130m step); "reg" = the register-resident kernel before it.
-bool NormFwdPrefetch() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_NORM_FWD");
-    return e == nullptr || std::string_view(e) != "reg";
-  }();
-  return on;
+// GYRE_NORM_FWD and GYRE_NORM_BWD (each read once): unset or "pf", the only value left (the
+// prefetch kernels, defaults since the lead's session-8 call on an H100: gated norm forward 3.87
+// -> 2.59 ms a mamba2-130m step, mLSTM output-norm backward 7.53 -> 6.77 ms an xlstm[1:0]-125m
+// step). The kernels they replaced ("reg", "vec") were deleted after losing again in the
+// 2026-11-27 confirmation; any other value is an error from GroupNormForward / GroupNormBackward.
+namespace {
+bool PfOrUnset(const char* e) { return e == nullptr || std::string_view(e) == "pf"; }
+CudaResult NormSwitchError(const char* name) {
+  return gyre::cuda::InvalidArgument(std::string(name) + " must be pf (or unset), got '" + std::getenv(name) + "'");
 }
+}  // namespace
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormForward: dim not divisible by groups, or missing statistics");
+  static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_FWD"));
+  if (!switch_ok) return NormSwitchError("GYRE_NORM_FWD");
   if (a.rows == 0) return {};
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
@@ -1703,7 +1751,7 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
     });
     return Launched("group_norm_fwd_reg");
   }
-  if (vec && NormFwdPrefetch() && a.mode == NormMode::kGatedInput && a.dim / a.groups == 6 * 256) {
+  if (vec && a.mode == NormMode::kGatedInput && a.dim / a.groups == 6 * 256) {
     group_norm_fwd_gated_pf<6><<<blocks, 256, 0, stream>>>(a);
     return Launched("group_norm_fwd_gated_pf");
   }
@@ -1724,22 +1772,13 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   return Launched("group_norm_fwd");
 }
 
-// GYRE_NORM_BWD (read once): unset or "pf" = group_norm_bwd_mlstm_pf for the mLSTM output norm
-// at 3 x 128 columns a group (the default since the lead's session-8 call on an H100: 7.53 ->
-// 6.77 ms an xlstm[1:0]-125m step); "vec" = the vectorised kernel before it.
-bool NormBwdPrefetch() {
-  static const bool on = [] {
-    const char* e = std::getenv("GYRE_NORM_BWD");
-    return e == nullptr || std::string_view(e) != "vec";
-  }();
-  return on;
-}
-
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.dresidual != nullptr && a.mode != NormMode::kPlain)
     return gyre::cuda::InvalidArgument("GroupNormBackward: dresidual is for the plain mode only");
+  static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_BWD"));
+  if (!switch_ok) return NormSwitchError("GYRE_NORM_BWD");
   if (a.rows == 0) return {};
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
@@ -1764,7 +1803,7 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
     if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
-    } else if (NormBwdPrefetch() && a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
+    } else if (a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
                a.dim / a.groups == 3 * 128) {
       const int64_t pf_smem = kNormPfStashBytes<3> + smem;
       if (pf_smem > 48 * 1024)
@@ -1806,8 +1845,29 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   return LaunchReduce(jobs, stream);
 }
 
+// GYRE_BD_FWD (read once; opt-in, glue11): the 4x4 maps with fused gates (heads <= 4). Unset or
+// "tile" = the default (a warp loads a tile of 8 rows, waits, computes); "pf" = the next tile's x
+// by cp.async during the current tile's arithmetic (BdFwdPfSmem: +32 KiB a block, 76 / 54 KiB for
+// 2 / 1 maps, the same 2 / 3 blocks a SM). -1 for any other value (an error from BlockDiagForward).
+// Counts (xlstm[1:0]-125m B16 x 2048, H100, the lead's 2026-11-27 profile): 2 maps 302 MB a call
+// in 140 µs, 1 map 201 MB in 94 µs (71% of 3 TB/s); a warp takes 4 tiles a block with one tile
+// (2 KB) in flight and the first tile's latency exposed in every block (6 waves of blocks).
+namespace {
+int BdFwdMode() {
+  static const int mode = [] {
+    const char* e = std::getenv("GYRE_BD_FWD");
+    if (e == nullptr || std::string_view(e) == "tile") return 0;
+    return std::string_view(e) == "pf" ? 1 : -1;
+  }();
+  return mode;
+}
+}  // namespace
+
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if (BdFwdMode() < 0)
+    return gyre::cuda::InvalidArgument(std::string("BlockDiagForward: GYRE_BD_FWD must be tile or pf, got '") +
+                                       std::getenv("GYRE_BD_FWD") + "'");
   if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, false, &g); !r.ok()) return r;
@@ -1829,6 +1889,9 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
     if (g.heads == 0) {
       if (a.w2) block_diag4_fwd<true><<<grid, block, 0, stream>>>(a);
       else block_diag4_fwd<false><<<grid, block, 0, stream>>>(a);
+    } else if (g.heads <= 4 && BdFwdMode() == 1) {
+      if (a.w2) gated(block_diag4_fwd_gates<true, 8, true>, sizeof(BdFwdPfSmem<true, 8>));
+      else gated(block_diag4_fwd_gates<false, 8, true>, sizeof(BdFwdPfSmem<false, 8>));
     } else if (g.heads <= 4) {
       if (a.w2) gated(block_diag4_fwd_gates<true, 8>, sizeof(BdFwdSmem<true, 8>));
       else gated(block_diag4_fwd_gates<false, 8>, sizeof(BdFwdSmem<false, 8>));
@@ -1866,8 +1929,33 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
+// GYRE_BD_BWD (read once; opt-in, glue11): the vectorised backward's cp.async ring at 0 or 8
+// gates (heads <= 4). Unset or "ring4" = the default 4 rows (3 ahead, static shared memory);
+// "ring8" = 8 rows (7 ahead) in dynamic shared memory, same arithmetic and order (expected: the
+// same bits). 0 for any other value (an error from BlockDiagBackward).
+// Counts (xlstm[1:0]-125m B16 x 2048, H100, from the lead's 2026-11-27 profile): the 2-map
+// backward (q, k at 8 gates) moves 302 MB a call (x, dy, dy2 read; dx written; +13 MB of gate
+// partials) in 290 µs (1.1 TB/s, 46% of 3 TB/s); the 1-map (v) 201 MB in 197 µs. Issue: ~185
+// instructions a thread-row, ~80 µs a call at 4 schedulers x 132 SMs. So a warp spends ~1.6 µs a
+// row with 3 rows in flight: stalled on its loads, not on issue or DRAM bandwidth. 7 rows ahead
+// doubles the bytes in flight a SM (38 -> 90 KB at 16 warps; 78 KB of shared memory a block, 2
+// blocks a SM as before).
+namespace {
+int BdBwdRing() {
+  static const int stages = [] {
+    const char* e = std::getenv("GYRE_BD_BWD");
+    if (e == nullptr || std::string_view(e) == "ring4") return 4;
+    return std::string_view(e) == "ring8" ? 8 : 0;
+  }();
+  return stages;
+}
+}  // namespace
+
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
+  if (BdBwdRing() == 0)
+    return gyre::cuda::InvalidArgument(std::string("BlockDiagBackward: GYRE_BD_BWD must be ring4 or ring8, got '") +
+                                       std::getenv("GYRE_BD_BWD") + "'");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
@@ -1898,7 +1986,20 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
   if (vec) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
-    if (g.heads == 0) {
+    // GYRE_BD_BWD=ring8 (opt-in): an 8-row ring (7 rows ahead) at 0 or 8 gates.
+    auto ring8 = [&](auto kernel, int bytes) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kernel<<<grid, block, static_cast<size_t>(bytes), stream>>>(a, g, p);
+    };
+    if (BdBwdRing() == 8 && g.heads <= 4) {
+      if (g.heads == 0) {
+        if (a.w2) ring8(block_diag4_bwd<true, 0, 8>, kBdBwdDynRingBytes<0, 8>);
+        else ring8(block_diag4_bwd<false, 0, 8>, kBdBwdDynRingBytes<0, 8>);
+      } else {
+        if (a.w2) ring8(block_diag4_bwd<true, 8, 8>, kBdBwdDynRingBytes<8, 8>);
+        else ring8(block_diag4_bwd<false, 8, 8>, kBdBwdDynRingBytes<8, 8>);
+      }
+    } else if (g.heads == 0) {
       if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
     } else if (g.heads <= 4) {

@@ -134,9 +134,18 @@ TEST_F(RecurrentGpuTest, SlstmBlock) {
   CheckBlock("slstm", s, [&](const BuildContext& c) { return std::make_unique<SlstmBlock>(c, s, 1, 3); }, 2, 67);
 }
 
+// The Mamba-2 in-projection backward's order in this process (ops/recurrent_blocks.cc:
+// GYRE_MAMBA_DT_BWD, read once; unset = last), for the result lines.
+std::string DtBwdVariant() {
+  const char* v = std::getenv("GYRE_MAMBA_DT_BWD");
+  return std::string(" [dt_bwd ") + (v != nullptr ? v : "last") + "]";
+}
+
 TEST_F(RecurrentGpuTest, Mamba2Block) {
   const ModelSpec s = SmallMamba2();
-  CheckBlock("mamba2", s, [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2, 100);
+  CheckBlock(
+      "mamba2" + DtBwdVariant(), s, [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2,
+      100);
 }
 
 // ---------------------------------------------------------------- glue kernels, one by one
@@ -151,12 +160,21 @@ double Sig(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 double SiluD(double z) { return z * Sig(z); }
 double DSiluD(double z) { return Sig(z) * (1.0 + z * (1.0 - Sig(z))); }
 
+// The 4x4 block-diagonal kernels' variants in this process (ops/recurrent_cuda.cu, read once:
+// GYRE_BD_FWD, unset = tile; GYRE_BD_BWD, unset = ring4), for the result lines.
+std::string BdVariant() {
+  const char* f = std::getenv("GYRE_BD_FWD");
+  const char* b = std::getenv("GYRE_BD_BWD");
+  return std::string(" [bd_fwd ") + (f != nullptr ? f : "tile") + "] [bd_bwd " + (b != nullptr ? b : "ring4") + "]";
+}
+
 // `overwrite`: dw / dw2 start as NaN and are overwritten (the deferred-zero rule's first write).
 void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool two, bool overwrite = false) {
   Rng rng(31);
   const int64_t cols = blocks * bs;
   const std::string name = "blockdiag rows " + std::to_string(rows) + " bs " + std::to_string(bs) + " ld " +
-                           std::to_string(ld) + (two ? " +second map" : "") + (overwrite ? " overwrite" : "");
+                           std::to_string(ld) + (two ? " +second map" : "") + (overwrite ? " overwrite" : "") +
+                           BdVariant();
   const Tensor x = RandomBf16Host({rows, ld}, 1.0, &rng), w = RandomBf16Host({blocks, bs, bs}, 0.5, &rng),
                w2 = RandomBf16Host({blocks, bs, bs}, 0.5, &rng), dy = RandomBf16Host({rows, ld}, 1.0, &rng),
                dy2 = RandomBf16Host({rows, ld}, 1.0, &rng), dx0 = RandomBf16Host({rows, ld}, 1.0, &rng),
@@ -227,7 +245,8 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
+                           BdVariant();
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
@@ -390,18 +409,11 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
 // residual (kPlain only): dx += dresidual inside the backward (GroupNormArgs::dresidual).
-// The group norms' variants in this process (ops/recurrent_cuda.cu, read once: GYRE_NORM_BWD=pf,
-// the mLSTM output norm's backward at 3 x 128 columns a group; GYRE_NORM_FWD=pf, the gated
-// forward at 6 x 256), for the result lines.
-std::string NormVariant() {
-  const char* bwd = std::getenv("GYRE_NORM_BWD");
-  const char* fwd = std::getenv("GYRE_NORM_FWD");
-  std::string v;
-  // (unset = pf for both since session 8; "vec" / "reg" select the earlier kernels)
-  v += bwd != nullptr && std::string(bwd) == "vec" ? " [norm_bwd vec]" : " [norm_bwd pf]";
-  v += fwd != nullptr && std::string(fwd) == "reg" ? " [norm_fwd reg]" : " [norm_fwd pf]";
-  return v;
-}
+// The group norms' kernels in this process (ops/recurrent_cuda.cu: the prefetch kernels for the
+// mLSTM output norm's backward at 3 x 128 columns a group and the gated forward at 6 x 256; their
+// switches GYRE_NORM_BWD / GYRE_NORM_FWD accept only pf since the 2026-11-27 deletions), for the
+// result lines.
+std::string NormVariant() { return " [norm_bwd pf] [norm_fwd pf]"; }
 
 void CheckNorm(NormMode mode, bool layer, int64_t rows, int64_t groups, int64_t gs, int64_t ldz,
                bool overwrite = false, bool residual = false) {
@@ -511,7 +523,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // warp): rows x groups odd, so the last warp of the forward and the last row pair of the
   // backward have a half without a row; 3 passes with a partial last one (264 = 2 x 128 + 8).
   CheckNorm(NormMode::kMlstmOutput, true, 37, 3, 384, 1152, true);
-  CheckNorm(NormMode::kMlstmOutput, false, 65, 4, 384, 1536);  // RMS (GYRE_NORM_BWD=pf: mean 0)
+  CheckNorm(NormMode::kMlstmOutput, false, 65, 4, 384, 1536);  // RMS (the prefetch backward: mean 0)
   CheckNorm(NormMode::kPlain, true, 65, 1, 264, 264, true, true);
   // Scalar (group size 12).
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30);
@@ -520,7 +532,7 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   // (1536: 48 KiB of per-warp sums) and a larger one (2048: the opt-in above 48 KiB).
   CheckNorm(NormMode::kMlstmOutput, true, 200, 4, 384, 1536, true);
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true);
-  CheckNorm(NormMode::kGatedInput, true, 37, 2, 1536, 3200);  // LayerNorm, 2 groups, odd rows (GYRE_NORM_FWD=pf)
+  CheckNorm(NormMode::kGatedInput, true, 37, 2, 1536, 3200);  // LayerNorm, 2 groups, odd rows (prefetch forward)
   CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true);
   CheckNorm(NormMode::kMlstmOutput, true, 300, 3, 12, 36, true);
   // The register-resident backward (groups of 1025..1536 columns) with a partial last chunk
@@ -532,6 +544,37 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   CheckNorm(NormMode::kPlain, true, 130, 1, 768, 768, true, true);
   CheckNorm(NormMode::kPlain, true, 70, 1, 1288, 1288, false, true);
   CheckNorm(NormMode::kPlain, true, 37, 2, 12, 24, false, true);
+}
+
+// A group norm forward and backward under GYRE_NORM_FWD=fwd, GYRE_NORM_BWD=bwd in this process
+// (each switch is read once a process): aborts through the backend's error (CUDA backend: ...
+// failed: <message>) if a value is rejected, else exits 0.
+[[noreturn]] void GroupNormUnderSwitches(const char* fwd, const char* bwd) {
+  setenv("GYRE_NORM_FWD", fwd, /*overwrite=*/1);
+  setenv("GYRE_NORM_BWD", bwd, /*overwrite=*/1);
+  Rng rng(7);
+  const Tensor x = ToCudaBf16(RandomBf16Host({2, 16}, 1.0, &rng)), dy = x.Clone();
+  Tensor y = Poison({2, 16}), dx = Poison({2, 16});
+  Tensor mean = Tensor::Full({2}, DType::kF32, 0.0, Device::kCuda), rstd = mean.Clone();
+  Tensor w = Tensor::Full({16}, DType::kF32, 0.0, Device::kCuda), dw = w.Clone();
+  GroupNormArgs n;
+  n.mode = NormMode::kPlain; n.layer = true; n.rows = 2; n.dim = 16; n.groups = 1; n.eps = 1e-5f;
+  n.x = x.raw(); n.weight = w.data<float>(); n.y = y.raw(); n.mean = mean.data<float>(); n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  n.dy = dy.raw(); n.dx = dx.raw(); n.dweight = dw.data<float>();
+  Cuda().GroupNorm(true, n);
+  Cuda().Synchronize();
+  std::exit(0);
+}
+
+// The deleted kernels' switch values (GYRE_NORM_BWD=vec, GYRE_NORM_FWD=reg: slower than pf in the
+// 2026-11-27 confirmation) are errors naming the accepted value; pf is accepted. Each case in a
+// fresh process (the "threadsafe" death-test style re-executes this binary).
+TEST_F(RecurrentGpuTest, DeletedNormSwitchValuesAreErrors) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(GroupNormUnderSwitches("pf", "vec"), "GYRE_NORM_BWD must be pf \\(or unset\\), got 'vec'");
+  EXPECT_DEATH(GroupNormUnderSwitches("reg", "pf"), "GYRE_NORM_FWD must be pf \\(or unset\\), got 'reg'");
+  EXPECT_EXIT(GroupNormUnderSwitches("pf", "pf"), ::testing::ExitedWithCode(0), "");
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.

@@ -589,27 +589,22 @@ CudaResult Conv1dForward(const Conv1dForwardArgs& a, cudaStream_t stream) {
   return {};
 }
 
-// GYRE_CONV_BWD (read once): variants of conv1d_bwd at K = 4, V = 4 (the Mamba-2 and xLSTM
+// GYRE_CONV_BWD (read once): the conv1d_bwd variant at K = 4, V = 4 (the Mamba-2 and xLSTM
 // layouts). Unset or "split" = split (the default since the lead's session-8 call on an H100:
 // conv1d_bench backward at the step shapes B16 S2048 C1536 / C1792 0.178 -> 0.141 / 0.199 ->
-// 0.163 ms, same bits); "default" = the (kBlock, 5) kernel before it; "r128" = a candidate (0.136
-// / 0.160 there, but it changes the dw grouping). Any other value is an error (Conv1dBackward).
-//   split  (kBlock, 4) launch bounds (109 registers, no spill; the (kBlock, 5) default: 96
-//          registers, 16 B spill stores, 44 B spill loads) + the first / last run's interior
+// 0.163 ms, same bits); "r128" = a candidate (0.136 / 0.160 there, but it changes the dw
+// grouping). Any other value is an error (Conv1dBackward).
+//   split  (kBlock, 4) launch bounds (109 registers, no spill) + the first / last run's interior
 //          tokens through the ring (kSplit)
 //   r128   split + runs of 128 tokens and a 16-token ring (half the halo re-reads and dw
 //          partials, twice the bytes in flight per thread; 32 KiB a block)
-// Prediction (counts, H200): the default runs at ~1.9 TB/s of a 4.3 floor; split removes run 0's
-// dependent-load tokens (1/33 of a row at ~3x the ring's time: ~0.2 ms of 3.8 per xlstm step);
-// r128 halves the dw partials (16 MB of ~320 a layer, written + read) and the K−1 halo re-reads
-// (3/64 -> 3/128), but 1.2 waves of blocks instead of 2.4 (a longer tail).
-enum class ConvBwdVariant { kDefault, kSplit, kRun128, kUnknown };
+// Other shapes (K < 4 or fewer than 4 channels a thread) take the (kBlock, 5) kernel.
+enum class ConvBwdVariant { kSplit, kRun128, kUnknown };
 ConvBwdVariant ConvBwdVariantFromEnv() {
   static const ConvBwdVariant v = [] {
     const char* e = std::getenv("GYRE_CONV_BWD");
     const std::string s = e != nullptr ? e : "split";
     if (s == "split") return ConvBwdVariant::kSplit;
-    if (s == "default") return ConvBwdVariant::kDefault;
     if (s == "r128") return ConvBwdVariant::kRun128;
     return ConvBwdVariant::kUnknown;
   }();
@@ -627,11 +622,13 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   bf16* di = d.K > 1 ? a.d_initial_state : nullptr;
   const int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
   if (ConvBwdVariantFromEnv() == ConvBwdVariant::kUnknown) {
-    return InvalidArgument(std::string("conv1d backward: GYRE_CONV_BWD must be split, default or r128, got '") +
+    return InvalidArgument(std::string("conv1d backward: GYRE_CONV_BWD must be split or r128, got '") +
                            std::getenv("GYRE_CONV_BWD") + "'");
   }
-  const ConvBwdVariant variant = d.K == 4 && vec == 4 ? ConvBwdVariantFromEnv() : ConvBwdVariant::kDefault;
-  const int run_len = variant == ConvBwdVariant::kRun128 ? 128 : kRun;
+  // The variants serve K = 4 with 4 channels a thread; other shapes take the (kBlock, 5) kernel.
+  const bool k4v4 = d.K == 4 && vec == 4;
+  const ConvBwdVariant variant = ConvBwdVariantFromEnv();
+  const int run_len = k4v4 && variant == ConvBwdVariant::kRun128 ? 128 : kRun;
   const int runs = static_cast<int>(CeilDiv(d.S + d.K - 1, run_len));
   DeviceBuffer part;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(
@@ -644,16 +641,21 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
     kernel<<<grid, threads, 0, stream>>>(d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di,
                                          pp);
   };
-  switch (variant) {
-    case ConvBwdVariant::kDefault:
-    case ConvBwdVariant::kUnknown: break;  // (rejected above)
-    case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;
-    case ConvBwdVariant::kRun128: args(conv1d_bwd<4, 4, 4, 16, 128, true>); break;
+  if (k4v4) {
+    switch (variant) {
+      case ConvBwdVariant::kUnknown: break;  // (rejected above)
+      case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;
+      case ConvBwdVariant::kRun128: args(conv1d_bwd<4, 4, 4, 16, 128, true>); break;
+    }
+  } else {
+    LaunchByWidth(d.K, vec, [&](auto k, auto v) {
+      constexpr int kK = decltype(k)::value, kV = decltype(v)::value;
+      if constexpr (kK != 4 || kV != 4) {  // (K = 4, V = 4 took a variant above)
+        conv1d_bwd<kK, kV><<<grid, threads, 0, stream>>>(d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy,
+                                                        df, a.dx, di, pp);
+      }
+    });
   }
-  if (variant == ConvBwdVariant::kDefault) LaunchByWidth(d.K, vec, [&](auto k, auto v) {
-    conv1d_bwd<decltype(k)::value, decltype(v)::value><<<grid, threads, 0, stream>>>(
-        d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di, pp);
-  });
   CUDA_RETURN_IF_LAUNCH_ERROR("conv1d_bwd");
   const int64_t n = static_cast<int64_t>(d.C) * (d.K + 1);
   conv1d_param_reduce<<<static_cast<unsigned>(CeilDiv(n, 32)), 32 * kReduceWarps, 0, stream>>>(
