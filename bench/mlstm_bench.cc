@@ -20,8 +20,11 @@
 //
 // --only=SUBSTR[,SUBSTR...]: only the problems whose "name Lchunk [variant]" label contains one
 // of the SUBSTRs (and no step lines). --once: one forward + backward per selected problem, no timing (for ncu).
+// --states: also time the states-only recomputation (MlstmChunkwiseCopyTokens after the forward +
+// MlstmChunkwiseRecomputeStates, helper mem12; ops GYRE_MLSTM_RECOMPUTE=states) against the
+// forward it replaces in the backward (line "STATES name Lchunk variant fwd_ms= states_ms=").
 //
-//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once]
+//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once] [--states]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -146,6 +149,8 @@ std::string Label(const Problem& pr) {
   return std::string(pr.name) + " L" + std::to_string(pr.chunk) + " [" + pr.variant.name + "]";
 }
 
+bool g_time_states = false;  // --states
+
 void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   DeviceAllocator alloc;
   const MlstmShape& s = pr.shape;
@@ -234,6 +239,24 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   std::printf("  ours fwd+bwd      %8.3f ms  (stop_normaliser_gradient, TFLA's convention)\n",
               fb_tfla_ms);
   opt.stop_normaliser_gradient = false;
+  if (g_time_states) {
+    DeviceBuffer tokens, saved2;
+    CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseTokenBytes(s, opt), &tokens));
+    CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(s, opt), &saved2));
+    fwd();
+    const double copy_ms = TimeMs(
+        [&] { CUDA_OK_OR_DIE(MlstmChunkwiseCopyTokens(s, opt, saved.get(), tokens.get(), stream)); }, reps, stream);
+    const double states_ms = TimeMs(
+        [&] { CUDA_OK_OR_DIE(MlstmChunkwiseRecomputeStates(s, opt, in, {}, tokens.get(), saved2.get(), stream)); },
+        reps, stream);
+    const double state_flop = 2 * L * DK * DV * heads_chunks;
+    std::printf("  states only       %8.3f ms  %6.1f TFLOP/s (gate scan + state_fwd + token copy in; copy out "
+                "%.3f ms; saved %.1f MiB, tokens %.1f MiB)\n",
+                states_ms, state_flop / states_ms / 1e9, copy_ms, MlstmChunkwiseSavedBytes(s, opt) / 1048576.0,
+                MlstmChunkwiseTokenBytes(s, opt) / 1048576.0);
+    std::printf("STATES %s L%lld %s fwd_ms=%.4f states_ms=%.4f copy_out_ms=%.4f\n", pr.name,
+                static_cast<long long>(pr.chunk), pr.variant.name, fwd_ms, states_ms, copy_ms);
+  }
   Breakdown([&] { fwd(); bwd(); }, reps, stream);
   std::printf("RESULT %s L%lld %s fwd_ms=%.4f fwdbwd_ms=%.4f fwdbwd_tfla_ms=%.4f\n", pr.name,
               static_cast<long long>(pr.chunk), pr.variant.name, fwd_ms, fb_ms, fb_tfla_ms);
@@ -398,6 +421,7 @@ int main(int argc, char** argv) {
     if (a.rfind("--compare_dir=", 0) == 0) compare_dir = a.substr(14);
     if (a.rfind("--only=", 0) == 0) only = a.substr(7);
     if (a == "--once") once = true;
+    if (a == "--states") gyre::cuda::g_time_states = true;
   }
   if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
   cudaStream_t stream;
@@ -456,6 +480,8 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, dqk_ws},  {"xlstm-125m-cell", s125, 128, dqk_fused},
       {"xlstm-1.3b-like", s13, 128, dqk_ws},   {"xlstm-1.3b-like", s13, 128, dqk_fused},
       {"xlstm-7b-heads", s7, 128, dqk_ws},     {"xlstm-7b-heads", s7, 128, dqk_fused},
+      // The ops/ xlstm[1:0]-1.3b cell (4 heads of 1024, B4): only with --states (helper mem12).
+      {"xlstm-1.3b-model", {4, 2048, 4, 1024, 1024}, 128, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
@@ -471,6 +497,7 @@ int main(int argc, char** argv) {
   }
   for (const auto& p : problems) {
     const std::string label = gyre::cuda::Label(p);
+    if (!gyre::cuda::g_time_states && std::string(p.name) == "xlstm-1.3b-model") continue;
     if (!only_any.empty() &&
         std::none_of(only_any.begin(), only_any.end(),
                      [&](const std::string& o) { return label.find(o) != std::string::npos; })) {

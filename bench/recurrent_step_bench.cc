@@ -19,7 +19,7 @@
 // Timing: host wall clock per step (each step ends with device-to-host reads of the loss and the
 // gradient norm, so the stream is drained); warm-up steps first; median of the rest.
 // mLSTM recomputation (ops/recurrent_blocks.h MlstmRecompute, helper mem11): --mlstm_recompute
-// sets the mode per preset ("none", "cell", "glue", "block", optionally ":N" = keep_last N;
+// sets the mode per preset ("none", "cell", "glue", "block", "states", optionally ":N" = keep_last N;
 // empty = GYRE_MLSTM_RECOMPUTE / _KEEP); --alternate glue@8 block@8 glue:16@4 runs each preset's
 // steps on ONE model (one initialisation) cycling through the entries (mode[:keep][@batch];
 // warm-up per entry first, then timed steps round-robin) and prints the median per entry, the
@@ -67,7 +67,7 @@ void PrintOpProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<doub
   gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 
-// "none" | "cell" | "glue" | "block", optionally ":N" (keep_last); false on anything else.
+// "none" | "cell" | "glue" | "block" | "states", optionally ":N" (keep_last); false on anything else.
 bool ParseRecompute(const std::string& text, MlstmRecomputeConfig* out) {
   const size_t colon = text.find(':');
   const std::string mode = text.substr(0, colon);
@@ -75,6 +75,7 @@ bool ParseRecompute(const std::string& text, MlstmRecomputeConfig* out) {
   if (mode == "cell") c.mode = MlstmRecompute::kCell;
   else if (mode == "glue") c.mode = MlstmRecompute::kGlue;
   else if (mode == "block") c.mode = MlstmRecompute::kBlock;
+  else if (mode == "states") c.mode = MlstmRecompute::kStates;
   else if (mode != "none") return false;
   if (colon != std::string::npos) {
     char* end = nullptr;
@@ -285,7 +286,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> mlstm_recompute;
   std::vector<std::string> alternate_text;
   app.add_option("--mlstm_recompute", mlstm_recompute,
-                 "mLSTM recomputation per preset: none|cell|glue|block[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
+                 "mLSTM recomputation per preset: none|cell|glue|block|states[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
   app.add_option("--alternate", alternate_text,
                  "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. glue@8 block@8 glue:16@4");
   CLI11_PARSE(app, argc, argv);
@@ -300,7 +301,7 @@ int main(int argc, char** argv) {
     char* end = nullptr;
     if (at != std::string::npos) e.batch = std::strtoll(t.c_str() + at + 1, &end, 10);
     if (!ParseRecompute(t.substr(0, at), &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
-      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block[:N][@batch])\n", t.c_str());
+      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block|states[:N][@batch])\n", t.c_str());
       return 2;
     }
     e.label = t.substr(0, at);
@@ -329,7 +330,7 @@ int main(int argc, char** argv) {
     if (!mlstm_recompute.empty() && !mlstm_recompute[i].empty()) {
       MlstmRecomputeConfig c;
       if (!ParseRecompute(mlstm_recompute[i], &c)) {
-        std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block[:N])\n",
+        std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block|states[:N])\n",
                      mlstm_recompute[i].c_str());
         return 2;
       }

@@ -161,6 +161,12 @@ class CudaBackend {
   virtual void Conv1d(bool backward, const Conv1dArgs& a) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
+  // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens
+  // (MlstmTokenBytes) <- the per-token part of a forward's a.saved; a.saved <- the forward's bytes
+  // from q, k, v, gates and a.tokens (gate scan + state_fwd; h is not rerun).
+  virtual size_t MlstmTokenBytes(const MlstmCellArgs& a) = 0;
+  virtual void MlstmKeepTokens(const MlstmCellArgs& a) = 0;
+  virtual void MlstmRecomputeStates(const MlstmCellArgs& a) = 0;
   virtual size_t SlstmSavedBytes(const SlstmCellArgs& a) = 0;
   virtual void Slstm(bool backward, const SlstmCellArgs& a) = 0;
   virtual size_t SsdSavedBytes(const SsdCellArgs& a) = 0;

@@ -617,6 +617,37 @@ class Backend final : public CudaBackend {
                                          static_cast<const bf16*>(a.dh), {}, g, {}, scratch.get(), stream_));
   }
 
+  size_t MlstmTokenBytes(const MlstmCellArgs& a) override {
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    OK_OR_DIE(kc::MlstmCheck(shape, options));
+    return kc::MlstmChunkwiseTokenBytes(shape, options);
+  }
+
+  void MlstmKeepTokens(const MlstmCellArgs& a) override {
+    Init();
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    OK_OR_DIE(kc::MlstmChunkwiseCopyTokens(shape, options, a.saved, a.tokens, stream_));
+  }
+
+  void MlstmRecomputeStates(const MlstmCellArgs& a) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, "Mlstm recompute states");
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    kc::MlstmDeviceInputs in;
+    in.q = static_cast<const bf16*>(a.q);
+    in.k = static_cast<const bf16*>(a.k);
+    in.v = static_cast<const bf16*>(a.v);
+    in.igate = a.ig;
+    in.fgate = a.fg;
+    OK_OR_DIE(kc::MlstmChunkwiseRecomputeStates(shape, options, in, {}, a.tokens, a.saved, stream_));
+  }
+
   static kc::SlstmShape SlstmShapeOf(const SlstmCellArgs& a) {
     kc::SlstmShape shape;
     shape.batch = a.batch;

@@ -134,6 +134,7 @@ struct MlstmCellArgs {
   const float* fg = nullptr;
   void* h = nullptr;
   void* saved = nullptr;
+  void* tokens = nullptr;  // MlstmTokenBytes: saved's per-token part (GYRE_MLSTM_RECOMPUTE=states)
   const void* dh = nullptr;
   void* dq = nullptr;
   void* dk_out = nullptr;

@@ -44,6 +44,12 @@ def mlstm_saved(B, S, NH, dk, dv, L, split=True):
     return parts
 
 
+def mlstm_tokens(B, S, NH, dv, split=True):
+    """kernels/cuda/mlstm.cu MakeTokens: the per-token part of saved that only fwd_out writes
+    (den_t f32 [BH, S], h lo bf16 [B, S, NH, dv]), kept by GYRE_MLSTM_RECOMPUTE=states."""
+    return align(B * NH * S * 4) + (align(B * S * NH * dv * 2) if split else 0)
+
+
 def mlstm_scratch(B, S, NH, dk, dv, L, split=True):
     """kernels/cuda/mlstm.cu MakeScratch (state tile 128, dqk slab 128 at this shape)."""
     bh, nc = B * NH, (S + L - 1) // L
@@ -106,7 +112,12 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
     }
     recomputed["glue"] = recomputed["cell"] | {"u = LN(x)", "x_c = SiLU(conv(x_m))", "q, k, v",
                                                "ig, fg f32 [rows, NH]"}
+    # states (helper mem12): glue, but h and the saved's per-token part (den_t, h lo) stay; the
+    # backward rebuilds only the chunk states (gate scan + state_fwd).
+    recomputed["states"] = recomputed["glue"] - {"h"}
     kept = {k: v for k, v in keep_all.items() if k not in recomputed[mode]}
+    if mode == "states":
+        kept["cell tokens (den_t f32, h lo bf16)"] = cls(mlstm_tokens(B, S, NH, dk))
     per_layer = sum(kept.values())
     forward_all = sum(keep_all.values())  # everything of one block alive at its forward's end
     # Backward transient of one block at the cell backward (the peak inside a block's backward):
@@ -115,7 +126,7 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
     grads = 6 * act(p) + 2 * cls(rows * NH * 4) + scratch
     dout = act(p) if mode == "none" else 0
     recomputed_here = sum(v for k, v in keep_all.items() if k in recomputed[mode])
-    if mode == "glue":
+    if mode in ("glue", "states"):
         recomputed_here -= keep_all["u = LN(x)"]  # recomputed after the cell backward
     if mode != "none":
         recomputed_here -= keep_all["out = (GN(h) + s*x_c)*SiLU(z) (down_ keeps it)"]  # freed after down's backward
@@ -146,7 +157,7 @@ def account(preset, B, mode, S=2048, d=2048, p=4096, NH=4, layers=48, slstm=0, v
 
 
 def step_time(B, mode, keep=0, n_m=48, n_s=0, cell_tflops=(163.0, 250.0), gemm_tflops=650.0, tbps=2.2, d=2048,
-              p=4096, NH=4, L=128, S=2048):
+              p=4096, NH=4, L=128, S=2048, state_share=(0.28, 0.45)):
     """Per-step time saved against model.recompute_blocks (ms; low, high), from counts.
 
     recompute_blocks runs every block's forward twice; the modes run again only part of the mLSTM
@@ -158,7 +169,12 @@ def step_time(B, mode, keep=0, n_m=48, n_s=0, cell_tflops=(163.0, 250.0), gemm_t
             + 2·L²·dv/2 (P·V, hi + lo) + 2·L·dk·dv (Q̂·C_k, hi + lo), at cell_tflops (low: the
             125m cell's measured 0.91 ms for 148 GFLOP, H100; high: a guess for dk 1024's larger tiles).
     sLSTM layer forward at 1.3b B8: cell 5.3 ms (bench/RESULTS.md, helper slstm), FFN GEMMs
-    6·R·d·ffn, scaled linearly in B."""
+    6·R·d·ffn, scaled linearly in B.
+    states: glue's redo with the cell replaced by its gate scan + state_fwd, a share of the cell's
+    time between the state kernel's MAC share at dk 1024 (0.28: L·dk·dv of the MACs above) and the
+    125m cell's measured time share (0.45: gates 0.03 + state_fwd 0.38 of 0.91 ms, H100), plus the
+    per-token copies (den_t + h lo out after the forward and back before the backward: 2 reads +
+    2 writes of mlstm_tokens at tbps)."""
     R = B * S
     dk = p // NH
     gemm = 6 * R * d * p / (gemm_tflops * 1e12) * 1e3
@@ -169,14 +185,17 @@ def step_time(B, mode, keep=0, n_m=48, n_s=0, cell_tflops=(163.0, 250.0), gemm_t
     cell_flop = 2 * macs * B * NH * nc
     ffn = 64 * math.ceil(1.3 * d / 64)
     slstm = 5.3 * B / 8 + 6 * R * d * ffn / (gemm_tflops * 1e12) * 1e3
+    copies = 4 * mlstm_tokens(B, S, NH, dk) / (tbps * 1e12) * 1e3
     out = []
     for rate in cell_tflops:
-        cell = cell_flop / (rate * 1e12) * 1e3
-        full = gemm + ln + conv + qkv + onorm + cell
-        redo = {"block": full, "glue": ln + conv + qkv + onorm + cell, "cell": onorm + cell}[mode]
-        saved = (n_m - keep) * (full - redo) + keep * full + (n_s * slstm if mode != "block" else 0)
-        out.append(saved)
-    return out, cell_flop
+        for share in state_share:
+            cell = cell_flop / (rate * 1e12) * 1e3
+            full = gemm + ln + conv + qkv + onorm + cell
+            redo = {"block": full, "glue": ln + conv + qkv + onorm + cell, "cell": onorm + cell,
+                    "states": ln + conv + qkv + onorm + share * cell + copies}[mode]
+            saved = (n_m - keep) * (full - redo) + keep * full + (n_s * slstm if mode != "block" else 0)
+            out.append(saved)
+    return (min(out), max(out)), cell_flop
 
 
 def main():
@@ -196,7 +215,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for preset, slstm in (("xlstm[1:0]-1.3b", 0), ("xlstm[7:1]-1.3b", 6)):
         for B in (4, 8, 16):
-            for mode in ("none", "block", "cell", "glue"):
+            for mode in ("none", "block", "cell", "glue", "states"):
                 a = account(preset, B, mode, slstm=slstm)
                 print(f"| {preset} | {B} | {mode} | {(a['flat'] + a['adam']) / GiB:.1f} | {a['per_layer'] / MiB:.0f} | "
                       f"{a['acts'] / GiB:.1f} | {a['bwd_peak'] / GiB:.2f} | {a['peak'] / GiB:.1f} | "
@@ -210,7 +229,8 @@ def main():
     for (preset, B), base in measured.items():
         n_s = 6 if preset.startswith("xlstm[7:1]") else 0
         keeps = (12, 20) if B == 4 else (4, 7)
-        for mode, keep in (("glue", 0), ("cell", 0), ("glue", keeps[0]), ("glue", keeps[1])):
+        for mode, keep in (("glue", 0), ("cell", 0), ("glue", keeps[0]), ("glue", keeps[1]), ("states", 0),
+                           ("states", keeps[0])):
             peak = account(preset, B, mode, slstm=n_s, keep=keep)["peak"] / GiB
             (lo, hi), flop = step_time(B, mode, keep, n_m=48 - n_s, n_s=n_s)
             tok = B * 2048

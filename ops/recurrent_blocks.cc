@@ -275,8 +275,9 @@ MlstmRecomputeConfig& RecomputeConfig() {
       if (mode == "cell") c->mode = MlstmRecompute::kCell;
       else if (mode == "glue") c->mode = MlstmRecompute::kGlue;
       else if (mode == "block") c->mode = MlstmRecompute::kBlock;
+      else if (mode == "states") c->mode = MlstmRecompute::kStates;
       else GYRE_CHECK(mode.empty() || mode == "none",
-                      "GYRE_MLSTM_RECOMPUTE must be none, cell, glue or block, got '%s'", v);
+                      "GYRE_MLSTM_RECOMPUTE must be none, cell, glue, block or states, got '%s'", v);
     }
     if (const char* v = std::getenv("GYRE_MLSTM_RECOMPUTE_KEEP")) {
       char* end = nullptr;
@@ -300,6 +301,7 @@ const char* MlstmRecomputeName(MlstmRecompute mode) {
     case MlstmRecompute::kCell: return "cell";
     case MlstmRecompute::kGlue: return "glue";
     case MlstmRecompute::kBlock: return "block";
+    case MlstmRecompute::kStates: return "states";
     default: return "none";
   }
 }
@@ -421,7 +423,7 @@ Tensor MlstmBlock::Backward(const Tensor& dy) {
 
 void MlstmBlock::ReleaseActivations() {
   z_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = h_ = saved_ = hs_ = sz_ = Tensor();
-  u_ = xm_ = mean_ = rstd_ = x_in_ = Tensor();
+  u_ = xm_ = mean_ = rstd_ = x_in_ = tokens_ = Tensor();
   norm_.ReleaseActivations();
   up_.ReleaseActivations();
   conv_.ReleaseActivations();
@@ -922,21 +924,33 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
     ReleaseActivations();
     x_in_ = x;
   } else if (mode != MlstmRecompute::kNone) {
-    if (mode == MlstmRecompute::kGlue) x_in_ = x;
+    if (mode == MlstmRecompute::kGlue || mode == MlstmRecompute::kStates) x_in_ = x;
+    if (mode == MlstmRecompute::kStates) {
+      // The per-token part of saved the state recomputation cannot rebuild (den_t, h lo).
+      MlstmCellArgs c;
+      c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = p_ / heads_; c.dv = p_ / heads_; c.chunk = chunk_;
+      c.sigmoid_forget = sigmoid_forget_;
+      tokens_ = CudaBytes(Cuda().MlstmTokenBytes(c));
+      c.saved = saved_.raw(); c.tokens = tokens_.raw();
+      Cuda().MlstmKeepTokens(c);
+    }
     DropRecomputableCuda();
   }
   return y;
 }
 
 void MlstmBlock::DropRecomputableCuda() {
-  saved_ = h_ = mean_ = rstd_ = Tensor();
+  saved_ = mean_ = rstd_ = Tensor();
+  if (mode_ != MlstmRecompute::kStates) h_ = Tensor();  // kStates keeps h (and tokens_)
   down_.ReleaseActivations();  // out, recomputed by the output norm
-  if (mode_ == MlstmRecompute::kGlue) u_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = Tensor();
+  if (mode_ == MlstmRecompute::kGlue || mode_ == MlstmRecompute::kStates) {
+    u_ = xc_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = Tensor();
+  }
 }
 
 Tensor MlstmBlock::RecomputeCellCuda() {
   const int64_t rows = batch_ * seq_, dk = p_ / heads_;
-  if (mode_ == MlstmRecompute::kGlue) {
+  if (mode_ == MlstmRecompute::kGlue || mode_ == MlstmRecompute::kStates) {
     xc_ = conv_.Forward(xm_, batch_, seq_);
     QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
   }
@@ -944,11 +958,19 @@ Tensor MlstmBlock::RecomputeCellCuda() {
   c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
   c.sigmoid_forget = sigmoid_forget_;
   saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
-  h_ = CudaEmpty({rows, p_});
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
-  c.h = h_.raw(); c.saved = saved_.raw();
-  Cuda().Mlstm(false, c);
+  c.saved = saved_.raw();
+  if (mode_ == MlstmRecompute::kStates) {
+    // h kept; the gate scan and state_fwd rebuild the forward's saved bytes (fwd_out not rerun).
+    c.tokens = tokens_.raw();
+    Cuda().MlstmRecomputeStates(c);
+    tokens_ = Tensor();
+  } else {
+    h_ = CudaEmpty({rows, p_});
+    c.h = h_.raw();
+    Cuda().Mlstm(false, c);
+  }
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);
   rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
   return OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
@@ -990,7 +1012,8 @@ Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
 Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, p = p_, dk = p_ / heads_;
   // kCell / kGlue: recompute what the forward dropped, and free every tensor once used.
-  const bool lean = mode_ == MlstmRecompute::kCell || mode_ == MlstmRecompute::kGlue;
+  const bool lean =
+      mode_ == MlstmRecompute::kCell || mode_ == MlstmRecompute::kGlue || mode_ == MlstmRecompute::kStates;
   const MlstmRecompute mode = mode_;
   ProfileStart();
   Tensor out;
@@ -1095,7 +1118,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
   ProfileMark("mlstm.bwd.v_blockdiag_gates");
   if (lean) dv = dig = dfg = Tensor();
-  if (mode == MlstmRecompute::kGlue) {
+  if (mode == MlstmRecompute::kGlue || mode == MlstmRecompute::kStates) {
     u_ = norm_.Forward(x_in_);  // the norm's saved input and statistics are replaced by equal ones
     ProfileMark("mlstm.bwd.recompute_norm");
   }

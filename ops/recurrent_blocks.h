@@ -80,6 +80,9 @@ std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 //           the cell forward and the output norm again (kept: u, x_m, z, x_c, q, k, v, gates).
 //   kGlue   kCell and also drop u = LN(x), x_c, q, k, v and the gates: the backward recomputes
 //           everything but the three GEMMs (kept: the block input, x_m, z).
+//   kStates kGlue, but the cell's output h (and the per-token part of `saved`: den_t, h lo) stay
+//           and the backward rebuilds only the chunk states (gate scan + state_fwd,
+//           kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates), not h (helper mem12; opt-in).
 //   kBlock  benchmarks only: what model.recompute_blocks does (RecomputeBlock), inside the block
 //           (keep x; the backward runs the whole forward again), so one model can alternate it
 //           with the others.
@@ -88,13 +91,13 @@ std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 // The backward frees each tensor once used in the modes other than kNone.
 // Use with model.recompute_blocks off (under RecomputeBlock a mode other than kNone recomputes
 // the cell twice).
-enum class MlstmRecompute { kNone, kCell, kGlue, kBlock };
+enum class MlstmRecompute { kNone, kCell, kGlue, kBlock, kStates };
 struct MlstmRecomputeConfig {
   MlstmRecompute mode = MlstmRecompute::kNone;
   int64_t keep_last = 0;
 };
 // The process-wide setting each MlstmBlock::Forward reads (the backward uses the forward's).
-// Starts from GYRE_MLSTM_RECOMPUTE (unset, "none", "cell", "glue", "block"; anything else stops
+// Starts from GYRE_MLSTM_RECOMPUTE (unset, "none", "cell", "glue", "block", "states"; anything else stops
 // the process with a message naming it) and GYRE_MLSTM_RECOMPUTE_KEEP (an integer >= 0), read
 // once on first use; SetMlstmRecompute overrides them (tests, benchmarks). Not thread-safe.
 MlstmRecomputeConfig GetMlstmRecompute();
@@ -147,12 +150,13 @@ class MlstmBlock : public Block {
   Tensor ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq);  // keeps everything
   Tensor BackwardCuda(const Tensor& dy);
   Tensor u_, xm_, mean_, rstd_;
-  // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock and kGlue.
+  // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock, kGlue and kStates;
+  // kStates' copy of the per-token part of the cell's saved (MlstmTokenBytes).
   MlstmRecompute mode_ = MlstmRecompute::kNone;
-  Tensor x_in_;
+  Tensor x_in_, tokens_;
   // The cell, its saved states and the output norm (out = down's input) from the kept tensors.
   Tensor RecomputeCellCuda();
-  // kCell / kGlue: drop what the backward recomputes.
+  // kCell / kGlue / kStates: drop what the backward recomputes.
   void DropRecomputableCuda();
   // CUDA decoding (ops/recurrent_step_cuda.cc); the CPU-made state tensors move to the device
   // on the first step.

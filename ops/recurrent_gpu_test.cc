@@ -797,14 +797,31 @@ class MlstmRecomputeScope {
   MlstmRecomputeConfig saved_;
 };
 
-const std::vector<MlstmRecomputeConfig>& RecomputeModes() {
-  static const std::vector<MlstmRecomputeConfig> modes = {
-      {MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}, {MlstmRecompute::kBlock, 0}, {MlstmRecompute::kGlue, 1}};
-  return modes;
-}
-
 std::string ModeLabel(const MlstmRecomputeConfig& c) {
   return std::string(MlstmRecomputeName(c.mode)) + (c.keep_last > 0 ? ":" + std::to_string(c.keep_last) : "");
+}
+
+// MLSTM_RECOMPUTE_TEST_MODES="states,states:1": only the modes of `all` with those labels (e.g.
+// the part script runs just the new states mode against the default); unset or empty: all.
+std::vector<MlstmRecomputeConfig> SelectModes(const std::vector<MlstmRecomputeConfig>& all) {
+  const char* e = std::getenv("MLSTM_RECOMPUTE_TEST_MODES");
+  if (e == nullptr || *e == '\0') return all;
+  const std::string list = std::string(",") + e + ",";
+  std::vector<MlstmRecomputeConfig> out;
+  for (const MlstmRecomputeConfig& m : all) {
+    if (list.find("," + ModeLabel(m) + ",") != std::string::npos) out.push_back(m);
+  }
+  return out;
+}
+
+// kStates (helper mem12): glue with h kept and only the chunk states rebuilt.
+std::vector<MlstmRecomputeConfig> RecomputeModes() {
+  return SelectModes({{MlstmRecompute::kCell, 0},
+                      {MlstmRecompute::kGlue, 0},
+                      {MlstmRecompute::kBlock, 0},
+                      {MlstmRecompute::kGlue, 1},
+                      {MlstmRecompute::kStates, 0},
+                      {MlstmRecompute::kStates, 1}});
 }
 
 TEST_F(RecurrentGpuTest, MlstmRecomputeBlockMatchesFloat64) {
@@ -827,7 +844,9 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeModelMatchesFloat64) {
 }
 
 // Device bytes a block holds from its forward to its backward: kCell and kGlue must hold less than
-// kNone by at least the cell's saved states, and kGlue less than kCell.
+// kNone by at least the cell's saved states, and kGlue less than kCell; kStates holds glue's bytes
+// plus h and the saved's per-token part (MlstmTokenBytes): more than glue, less than cell, and at
+// most none - saved + tokens.
 TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
   const ModelSpec s = SmallXlstm();
   const int64_t B = 4, T = 256;
@@ -852,9 +871,14 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
   const int64_t saved = static_cast<int64_t>(Cuda().MlstmSavedBytes(c));
   const int64_t none = held(MlstmRecompute::kNone), cell = held(MlstmRecompute::kCell);
   const int64_t glue = held(MlstmRecompute::kGlue), whole = held(MlstmRecompute::kBlock);
-  const bool ok = cell <= none - saved && glue < cell && whole < glue;
-  std::printf("[%s] mlstm recompute held bytes B %ld T %ld: none %ld cell %ld glue %ld block %ld (cell saved %ld)\n",
-              ok ? "PASS" : "FAIL", (long)B, (long)T, (long)none, (long)cell, (long)glue, (long)whole, (long)saved);
+  const int64_t states = held(MlstmRecompute::kStates);
+  const int64_t tokens = static_cast<int64_t>(Cuda().MlstmTokenBytes(c));
+  const bool ok = cell <= none - saved && glue < cell && whole < glue && glue < states && states < cell &&
+                  states <= none - saved + tokens;
+  std::printf("[%s] mlstm recompute held bytes B %ld T %ld: none %ld cell %ld glue %ld block %ld states %ld (cell "
+              "saved %ld, tokens %ld)\n",
+              ok ? "PASS" : "FAIL", (long)B, (long)T, (long)none, (long)cell, (long)glue, (long)whole, (long)states,
+              (long)saved, (long)tokens);
   EXPECT_TRUE(ok);
 }
 
@@ -904,7 +928,8 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefaultAtPresetWidths
   ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
   x.blocks = {BlockType::kMlstm, BlockType::kSlstm, BlockType::kMlstm};
   x.vocab_size = 1024;  // the blocks are under test; a small head keeps the three inits short
-  ExpectRecomputeBitwiseEqualsDefault(x, 4, 1024, {{MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}});
+  ExpectRecomputeBitwiseEqualsDefault(
+      x, 4, 1024, SelectModes({{MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}, {MlstmRecompute::kStates, 0}}));
 }
 
 // ---------------------------------------------------------------- deferred zero

@@ -4505,8 +4505,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
   return {};
 }
 
+// `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
+// launches with the same arguments as the full forward's first two.
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -4555,6 +4557,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream) {
     CUDA_RETURN_IF_NOT_OK(d.state_tile == 128 ? state(std::integral_constant<int, 128>{})
                                               : state(std::integral_constant<int, 64>{}));
   }
+  if (!with_out) return {};
   auto out = [&](auto dvt_tag, auto split_tag) -> CudaResult {
     constexpr int DVT = decltype(dvt_tag)::value;
     constexpr bool SPLIT = decltype(split_tag)::value;
@@ -4828,6 +4831,105 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     default: return LaunchForward<128>(d, p, stream);
+  }
+}
+
+// The per-token rows of `saved` only mlstm_fwd_out writes: den_t, then h lo (split precision).
+struct TokenLayout {
+  size_t den = 0;   // f32  [BH][S]       = SavedLayout::den_tok
+  size_t h_lo = 0;  // bf16 [B][S][NH][dv] = SavedLayout::h_lo (split only)
+  size_t den_bytes = 0, h_lo_bytes = 0;
+  size_t total = 0;
+};
+
+TokenLayout MakeTokens(const MlstmShape& s, const MlstmOptions& o) {
+  TokenLayout t;
+  t.den_bytes = static_cast<size_t>(s.batch * s.num_heads * s.seq_len) * 4;
+  t.h_lo_bytes = UseSplit(o) ? static_cast<size_t>(s.batch * s.seq_len * s.num_heads * s.dv) * 2 : 0;
+  t.h_lo = AlignUp(t.den_bytes);
+  t.total = t.h_lo + AlignUp(t.h_lo_bytes);
+  return t;
+}
+
+size_t MlstmChunkwiseTokenBytes(const MlstmShape& shape, const MlstmOptions& options) {
+  return MakeTokens(shape, options).total;
+}
+
+CudaResult MlstmChunkwiseCopyTokens(const MlstmShape& shape, const MlstmOptions& options,
+                                    const void* saved, void* tokens, cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(MlstmCheck(shape, options));
+  if (saved == nullptr || tokens == nullptr) {
+    return InvalidArgument("mlstm copy tokens: saved and tokens are required");
+  }
+  const SavedLayout l = MakeSaved(shape, options);
+  const TokenLayout t = MakeTokens(shape, options);
+  const char* from = static_cast<const char*>(saved);
+  char* to = static_cast<char*>(tokens);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(to + t.den, from + l.den_tok, t.den_bytes, cudaMemcpyDeviceToDevice, stream));
+  if (t.h_lo_bytes > 0) {
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(to + t.h_lo, from + l.h_lo, t.h_lo_bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  return {};
+}
+
+CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOptions& options,
+                                         const MlstmDeviceInputs& in,
+                                         MlstmDeviceState<const float> initial,
+                                         const void* tokens, void* saved, cudaStream_t stream) {
+  CUDA_RETURN_IF_NOT_OK(MlstmCheck(shape, options));
+  if (in.q == nullptr || in.k == nullptr || in.v == nullptr || in.igate == nullptr ||
+      in.fgate == nullptr || tokens == nullptr || saved == nullptr) {
+    return InvalidArgument("mlstm recompute states: q, k, v, igate, fgate, tokens and saved are required");
+  }
+  if (!Aligned16(in.q) || !Aligned16(in.k) || !Aligned16(in.v)) {
+    return InvalidArgument("mlstm recompute states: q, k, v must be 16-byte aligned");
+  }
+  const FwdEnvCheck env = FwdEnv();
+  if (env.bad_state_env != nullptr) {
+    return InvalidArgument(std::string("mlstm recompute states: GYRE_MLSTM_STATE_FWD must be ws (or "
+                                       "unset; wg was deleted), got '") +
+                           env.bad_state_env + "'");
+  }
+  // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
+  // first two launches; the final state is not wanted, as in the ops forward).
+  Dims d = MakeDims(shape, options);
+  d.gate_cluster = GateCluster(shape, options);
+  const SavedLayout l = MakeSaved(shape, options);
+  const TokenLayout t = MakeTokens(shape, options);
+  char* base = static_cast<char*>(saved);
+  const char* tok = static_cast<const char*>(tokens);
+  FwdPtrs p{};
+  p.q = in.q;
+  p.k = in.k;
+  p.v = in.v;
+  p.ig = in.igate;
+  p.fg = in.fgate;
+  p.c0 = initial.c;
+  p.n0 = initial.n;
+  p.m0 = initial.m;
+  p.h = nullptr;
+  p.sc = reinterpret_cast<bf16*>(base + l.c);
+  p.sc_lo = reinterpret_cast<bf16*>(base + l.c_lo);
+  p.h_lo = reinterpret_cast<bf16*>(base + l.h_lo);
+  p.sc_last = reinterpret_cast<float*>(base + l.c_last);
+  p.sn = reinterpret_cast<float*>(base + l.n);
+  p.smk = reinterpret_cast<float*>(base + l.mk);
+  p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
+  p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
+  p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<float*>(base + l.decay);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + l.den_tok, tok + t.den, t.den_bytes, cudaMemcpyDeviceToDevice, stream));
+  if (t.h_lo_bytes > 0) {
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(base + l.h_lo, tok + t.h_lo, t.h_lo_bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  switch (d.L) {
+    case 16: return LaunchForward<16>(d, p, stream, false);
+    case 32: return LaunchForward<32>(d, p, stream, false);
+    case 64: return LaunchForward<64>(d, p, stream, false);
+    default: return LaunchForward<128>(d, p, stream, false);
   }
 }
 

@@ -196,6 +196,27 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
                                  void* saved, MlstmDeviceState<float> final_state,
                                  cudaStream_t stream);
 
+// States-only recomputation (helper mem12; ops GYRE_MLSTM_RECOMPUTE=states). `saved` holds two
+// kinds of bytes: the chunk states (C_k hi / lo, C_S, n_k, m_k and the gate scan's per-token rows
+// b_t, m_t, E_t and decays), which the gate scan + state_fwd rebuild from q, k, v, gates and
+// `initial` alone, and the per-token rows only the output pass writes (den_t = n_tᵀq̂_t and, split
+// precision, h lo). A caller that wants to drop `saved` between forward and backward keeps the
+// latter (MlstmChunkwiseTokenBytes: 1/20 of `saved` at the 1.3b shape) with
+// MlstmChunkwiseCopyTokens after the forward, and before the backward rebuilds `saved` with
+// MlstmChunkwiseRecomputeStates: the same launches of the same kernels on the same inputs as the
+// forward's first two, plus two device copies, so `saved` is byte for byte the forward's (the
+// backward reads nothing else of it). The output pass (h, ~70% of the forward's MACs) is not rerun.
+size_t MlstmChunkwiseTokenBytes(const MlstmShape& shape, const MlstmOptions& options);
+// tokens (MlstmChunkwiseTokenBytes) <- the per-token part of a forward's `saved`.
+CudaResult MlstmChunkwiseCopyTokens(const MlstmShape& shape, const MlstmOptions& options,
+                                    const void* saved, void* tokens, cudaStream_t stream);
+// saved (MlstmChunkwiseSavedBytes) overwritten: the chunk states from `in` and `initial` (as the
+// forward's), the per-token part from `tokens`. h is not written (the caller keeps the forward's).
+CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOptions& options,
+                                         const MlstmDeviceInputs& in,
+                                         MlstmDeviceState<const float> initial,
+                                         const void* tokens, void* saved, cudaStream_t stream);
+
 // Needs the forward's inputs, `initial`, h and saved unchanged. dh [B, S, NH, dv]; d_final
 // (null c = zero) is the gradient w.r.t. the forward's final state.
 CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& options,

@@ -609,6 +609,111 @@ TEST(MlstmGpuTest, BwdDqkFusedMatchesDefaultBytewise) {
   EXPECT_EQ(mismatches, 0);
 }
 
+// States-only recomputation (MlstmChunkwiseRecomputeStates, helper mem12; ops
+// GYRE_MLSTM_RECOMPUTE=states): the forward's `saved`, its per-token part copied out
+// (MlstmChunkwiseCopyTokens), then the states rebuilt into a second buffer poisoned with 0xFF
+// bytes must equal the forward's `saved` byte for byte (both buffers start from the same poison,
+// so alignment padding compares too), and the backward from the rebuilt buffer must give the same
+// gradient bytes as from the forward's (so the float64 checks of ChunkwiseMatchesCpuFloat64 hold
+// for it unchanged). Split and single-bf16 states, chunks 64 / 128, 64×64 and 128×128 state
+// tiles (the TMA state_fwd_ws at chunk 128), odd lengths, with and without an initial state.
+// Run when MLSTM_TEST_VARIANTS is unset or names "states".
+TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
+  if (!VariantSelected({"states", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes states";
+  }
+  std::mt19937_64 rng(812);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV, chunk, state_tile;
+    bool with_states;
+  };
+  int failures = 0;
+  for (const Shape& sh : {Shape{2, 333, 2, 384, 384, 128, 0, true}, Shape{1, 256, 3, 128, 256, 128, 128, false},
+                          Shape{1, 300, 2, 256, 512, 128, 0, false}, Shape{2, 37, 2, 64, 128, 64, 0, true},
+                          Shape{1, 530, 2, 64, 64, 16, 64, false}}) {
+    for (const MlstmStatePrecision prec :
+         {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
+          gh(&alloc, T * sh.DV), gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK),
+          gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gdig(&alloc, T), gdfg(&alloc, T),
+          gc0(&alloc, BH * sh.DK * sh.DV), gn0(&alloc, BH * sh.DK), gm0(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+      gc0.Upload(RandomFloats(rng, BH * sh.DK * sh.DV, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init;
+      if (sh.with_states) init = {gc0.get(), gn0.get(), gm0.get()};
+      MlstmOptions opt;
+      opt.chunk_size = sh.chunk;
+      opt.state_precision = prec;
+      opt.state_tile = sh.state_tile;
+      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+      const size_t token_bytes = MlstmChunkwiseTokenBytes(shape, opt);
+      DeviceBuffer saved_fwd, saved_re, tokens, scratch_buf;
+      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved_fwd));
+      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved_re));
+      CUDA_OK_OR_DIE(alloc.Allocate(token_bytes, &tokens));
+      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
+      CUDA_CHECK_OR_DIE(cudaMemset(saved_fwd.get(), 0xFF, saved_bytes));
+      CUDA_CHECK_OR_DIE(cudaMemset(saved_re.get(), 0xFF, saved_bytes));
+      CUDA_CHECK_OR_DIE(cudaMemset(tokens.get(), 0xFF, token_bytes));
+      CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved_fwd.get(), {}, nullptr));
+      CUDA_OK_OR_DIE(MlstmChunkwiseCopyTokens(shape, opt, saved_fwd.get(), tokens.get(), nullptr));
+      CUDA_OK_OR_DIE(MlstmChunkwiseRecomputeStates(shape, opt, in, init, tokens.get(), saved_re.get(), nullptr));
+      CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+      std::vector<unsigned char> a(saved_bytes), b(saved_bytes);
+      CUDA_CHECK_OR_DIE(cudaMemcpy(a.data(), saved_fwd.get(), saved_bytes, cudaMemcpyDeviceToHost));
+      CUDA_CHECK_OR_DIE(cudaMemcpy(b.data(), saved_re.get(), saved_bytes, cudaMemcpyDeviceToHost));
+      size_t saved_diff = 0;
+      for (size_t i = 0; i < saved_bytes; ++i) saved_diff += a[i] != b[i];
+      std::vector<float> grads[2];  // from the forward's saved, from the rebuilt one
+      for (int which = 0; which < 2; ++which) {
+        for (auto* x : {&gdq, &gdk, &gdv}) x->Poison();
+        for (auto* x : {&gdig, &gdfg}) x->Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+            shape, opt, in, init, gh.get(), which == 0 ? saved_fwd.get() : saved_re.get(), gdh.get(), {},
+            {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, {}, scratch_buf.get(), nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        for (const auto* x : {&gdq, &gdk, &gdv}) {
+          const auto y = x->Download();
+          grads[which].insert(grads[which].end(), y.begin(), y.end());
+        }
+        for (const auto* x : {&gdig, &gdfg}) {
+          const auto y = x->Download();
+          grads[which].insert(grads[which].end(), y.begin(), y.end());
+        }
+      }
+      size_t grad_diff = grads[0].size() != grads[1].size() ? grads[0].size() : 0;
+      for (size_t i = 0; grad_diff == 0 && i < grads[0].size(); ++i) {
+        grad_diff += std::memcmp(&grads[0][i], &grads[1][i], sizeof(float)) != 0;
+      }
+      // The rebuilt states must not be the poison: the forward wrote at least the C_k planes.
+      const bool written = a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
+      const bool ok = saved_diff == 0 && grad_diff == 0 && written && !grads[0].empty();
+      std::printf("[%s] mlstm recompute states vs forward bytewise B%lld S%lld NH%lld dk%lld dv%lld "
+                  "L%lld tile%lld %s%s: saved %zu of %zu bytes differ (tokens %zu bytes), grads %zu of "
+                  "%zu values differ\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                  static_cast<long long>(sh.chunk), static_cast<long long>(sh.state_tile),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +init" : "",
+                  saved_diff, saved_bytes, token_bytes, grad_diff, grads[0].size());
+      failures += ok ? 0 : 1;
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
 TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
   MlstmOptions o;
   o.chunk_size = 48;
