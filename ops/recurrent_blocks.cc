@@ -378,8 +378,13 @@ Tensor MlstmBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 }
 
 Tensor MlstmBlock::Backward(const Tensor& dy) {
+  if (IsCuda(dy)) {
+    // The recomputation modes drop h_ after the forward; the up-projection output (or, for
+    // kBlock, the block input) is what every CUDA mode keeps.
+    GYRE_CHECK(xm_.defined() || x_in_.defined(), "MlstmBlock::Backward without Forward");
+    return BackwardCuda(dy);
+  }
   GYRE_CHECK(h_.defined(), "MlstmBlock::Backward without Forward");
-  if (IsCuda(dy)) return BackwardCuda(dy);
   const int64_t dk = p_ / heads_;
   Tensor dhh = down_.Backward(dy);
   Tensor dhs = Mul(dhh, sz_);
