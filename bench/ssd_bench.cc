@@ -15,10 +15,7 @@
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192, 4 only B16 S2048 H24
 // (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --path: only the variants whose name
-// contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all]" and the paths that
-// do not force a form follow the environment (GYRE_SSD_DCB_SUM, GYRE_SSD_DACS_FINISH,
-// GYRE_SSD_FUSED_STATE), so one binary times default vs opt-in alternately; "dSL", "dpf", "fs2",
-// "s11" force helper ssd11's forms.
+// contains TEXT (e.g. "un]" for one ncu profile of that variant).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -145,10 +142,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
-    // Helper ssd11's forms (0 the environment, 1 the default, 2 the opt-in form):
-    int dcb_sum = 0;     // SsdSetDcbSumVariantForTesting (2: last block sums, GYRE_SSD_DCB_SUM=last)
-    int state_rule = 0;  // SsdSetFusedStateRuleForTesting (2: GYRE_SSD_FUSED_STATE=2)
-    int dacs = 0;        // SsdSetDacsFinishVariantForTesting (2: GYRE_SSD_DACS_FINISH=pf)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -159,28 +152,19 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
-                        {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        // Session 11's opt-in forms (each alone, then all three).
-                        {"[v3 all dSL]", kSsdRegAll, 0, 0, 2, 1, 1},   // dCB sum in the last block
-                        {"[v3 all dpf]", kSsdRegAll, 0, 0, 1, 1, 2},   // dacs_finish pf
-                        {"[v3 all fs2]", kSsdRegAll, 0, 0, 1, 2, 1},   // fused state rule 2/SM
-                        {"[v3 all s11]", kSsdRegAll, 0, 0, 2, 2, 2}};  // all three
+                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
-                         p.dcb_sum != 0 || p.state_rule != 0 || p.dacs != 0)) {
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
-    SsdSetDcbSumVariantForTesting(p.dcb_sum);
-    SsdSetFusedStateRuleForTesting(p.state_rule);
-    SsdSetDacsFinishVariantForTesting(p.dacs);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -200,9 +184,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
-  SsdSetDcbSumVariantForTesting(0);
-  SsdSetFusedStateRuleForTesting(0);
-  SsdSetDacsFinishVariantForTesting(0);
 }
 
 }  // namespace

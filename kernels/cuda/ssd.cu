@@ -114,6 +114,12 @@
 //   / C Bᵀ tiles (−25% L2 bytes) and the tile pairing in bwd dx did not win and are gone. The
 //   anchor's GPU kernels alone (torch.profiler) take 2.48 ms per fwd+bwd call on the H200,
 //   against 3.4-5.4 ms between its events: the rest is host-side launch time.
+//   Session 11 (helper ssd11's three forms, the lead's session-9 call, H100): all three on,
+//   fwd+bwd 1.689-1.695 → 1.559-1.576 ms at mamba2-130m's B16 S2048 H24, 2.039-2.041 →
+//   2.013-2.025 ms at B8 S2048 H64; alone at B16 H24 (default 1.695): the fused state rule at 2
+//   blocks per SM 1.579, the ∂Acs finish with its loads issued together 1.683 (both now the only
+//   forms), the dCB sum in the last head-split block 1.706 (deleted). This combination without
+//   the deleted form was not timed as such.
 //   Per-kernel times, the reasoning and the next steps are in ssd_notes.md.
 //
 // Kernel versions: the v2 kernels described above (mma.sync, block-level GEMMs through
@@ -1917,113 +1923,16 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
 // blocks — adds the state-passing decay term,
 // reverse-cumsums into ∂a, and writes d dt_raw and the per-(b, c, h) partials of ∂A, ∂dt_bias,
 // ∂D (the tail of ssd_chunk_scan_bwd_dx, unchanged).
+// Its global loads are issued together, not one dependent round trip at a time: the scalars
+// thread 0 sums (Σ dl, the <G, H_c> partials, the ∂D / A·∂A s-tile partials, the tile pairs'
+// A·∂A, Acs_last; up to 4 + 32 + 4 + 4 + 10 + 1 values) go to shared memory from threads 0..64
+// at the start, overlapping the ∂Acs gathering; each token's pair / inter partials are loaded by
+// fully unrolled, predicated loops (Q <= 256: at most 4 tiles, N <= 256: at most 4 slices)
+// before they are added; dt_raw and x·dX̄ of the thread's two tokens are loaded at the start.
+// (Helper ssd11's GYRE_SSD_DACS_FINISH=pf, the only form since session 9's call: bitwise the same
+// as the serial-load kernel it replaced; H100 fwd+bwd 1.695 → 1.683 ms at B16 S2048 H24, 2.026 →
+// 2.024 ms at B8 S2048 H64, alone.)
 __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
-    Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
-    const float* dacs_pair, const float* dacs_own, const float* ddtx, const double* dd_part,
-    const double* dpair, const float* inter_part, int inter_parts, const float* ddecay,
-    int ddecay_parts, float* ddt, double* part) {
-  __shared__ float dacs[256];
-  __shared__ double red[3 * kWarps];
-  __shared__ float dacs_decay;  // e^{Acs_last} <G_{c+1}, H_c> (thread 0 writes, thread 0 reads)
-  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
-  const int c0 = c * d.Q;
-  const int len = min(d.Q, d.S - c0);
-  const int nT = (len + kTile - 1) / kTile;
-  const int64_t bh = static_cast<int64_t>(b) * d.H + h;
-  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.H;
-  const int64_t bch = (static_cast<int64_t>(b) * d.NC + c) * d.H + h;
-  const float* acs_g = AcsPtr(d, saved, b, h) + c0;
-  const float* pp = dacs_pair + (bh * d.NC + c) * pairs * 2 * kTile;
-  const float* own = dacs_own + bh * d.NC * d.Q + c0;
-  // The inter terms from ssd_bwd_dbc_smem (inter_parts 64-column slices of N): +v at l,
-  // A·∂A share v·Acs_l.
-  double inter_da = 0.0;
-  for (int t = threadIdx.x; t < d.Q; t += kThreads) {
-    const int T = t / kTile, r = t % kTile;
-    float v = 0.f;
-    if (T < nT) {
-      float inter = 0.f;
-      for (int sl = 0; sl < inter_parts; ++sl)
-        inter += inter_part[((static_cast<int64_t>(sl) * d.B + b) * d.H + h) * d.NC * d.Q + c0 + t];
-      inter_da += static_cast<double>(inter) * acs_g[t];
-      v = own[t] + inter;
-      for (int s = 0; s <= T; ++s) v += pp[(T * (T + 1) / 2 + s) * 2 * kTile + r];
-      for (int l = T; l < nT; ++l) v -= pp[(l * (l + 1) / 2 + T) * 2 * kTile + kTile + r];
-    }
-    dacs[t] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double dl = 0.0;  // Σ dl of the chunk: each state term's +dl at the last token
-    for (int s = 0; s < nT; ++s) dl += dd_part[2 * n * tiles + bch * tiles + s];
-    const float* q = ddecay + (bh * d.NC + c) * ddecay_parts;
-    float s = 0.f;
-    for (int i = 0; i < ddecay_parts; ++i) s += q[i];
-    dacs[d.Q - 1] += static_cast<float>(dl) + expf(acs_g[d.Q - 1]) * s;
-    dacs_decay = expf(acs_g[d.Q - 1]) * s;
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x, seg = d.Q / 32;
-    float s = 0.f;
-    for (int i = 0; i < seg; ++i) s += dacs[lane * seg + i];
-    float suffix = s;
-    for (int off = 1; off < 32; off <<= 1) {
-      const float o = __shfl_down_sync(0xffffffffu, suffix, off);
-      if (lane + off < 32) suffix += o;
-    }
-    float run = suffix - s;
-    for (int i = seg - 1; i >= 0; --i) {
-      run += dacs[lane * seg + i];
-      dacs[lane * seg + i] = run;
-    }
-  }
-  __syncthreads();
-  const float A = -expf(a_log[h]);
-  const float bias = dt_bias[h];
-  const float* dx_dot = ddtx + bh * d.NC * d.Q + c0;
-  double db_acc = 0.0;
-  for (int t = threadIdx.x; t < len; t += kThreads) {
-    const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
-    const float dda = dacs[t];
-    const float total = dx_dot[t] + A * dda;
-    const float raw = dt_raw[idx] + bias;
-    const float sp = Softplus(raw);
-    const bool passes = sp >= d.dt_min && sp <= d.dt_max;
-    const float draw = passes ? total * Sigmoid(raw) : 0.f;
-    ddt[idx] = draw;
-    db_acc += draw;
-  }
-  const double s_b = BlockSumDouble(db_acc, red + kWarps);
-  const double s_i = BlockSumDouble(inter_da, red + 2 * kWarps);
-  if (threadIdx.x == 0) {
-    const int64_t i = bch;
-    double s_d = 0.0, s_a = 0.0;
-    for (int s = 0; s < nT; ++s) s_d += dd_part[i * tiles + s];
-    // A·∂A in the difference form: the s-tile partials of the own-row terms, the tile pairs'
-    // sums, and the state-passing decay term (weight Acs_last), divided by A
-    // (ssd_param_reduce multiplies by A again for ∂A_log).
-    for (int s = 0; s < nT; ++s) s_a += dd_part[n * tiles + i * tiles + s];
-    for (int p = 0; p < nT * (nT + 1) / 2; ++p) s_a += dpair[i * pairs + p];
-    s_a += s_i;
-    s_a += static_cast<double>(dacs_decay) * acs_g[d.Q - 1];
-    s_a /= static_cast<double>(A);
-    part[i] = s_a;
-    part[n + i] = s_b;
-    part[2 * n + i] = s_d;
-  }
-}
-
-// GYRE_SSD_DACS_FINISH=pf (opt-in, helper ssd11): ssd_bwd_dacs_finish with its global loads
-// issued together instead of one dependent round trip at a time: the scalars thread 0 used to
-// sum in serial loops (Σ dl, the <G, H_c> partials, the ∂D / A·∂A s-tile partials, the tile
-// pairs' A·∂A, Acs_last; up to 4 + 32 + 4 + 4 + 10 + 1 values) go to shared memory from
-// threads 0..64 at the start, overlapping the ∂Acs gathering; each token's pair / inter partials
-// are loaded by fully unrolled, predicated loops (Q <= 256: at most 4 tiles, N <= 256: at most 4
-// slices) before they are added; dt_raw and x·dX̄ of the thread's two tokens are loaded at the
-// start. Every sum keeps its order and precision: bitwise the same outputs.
-__global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish_pf(
     Dims d, const float* dt_raw, const float* a_log, const float* dt_bias, const float* saved,
     const float* dacs_pair, const float* dacs_own, const float* ddtx, const double* dd_part,
     const double* dpair, const float* inter_part, int inter_parts, const float* ddecay,
@@ -2205,59 +2114,10 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
 //    m2·(Acs_l − Acs_s) (A·∂A in the difference form) to dpair [B, NC, H, pairs] (double);
 //    ssd_bwd_dacs_finish sums them in a fixed order. (Until session 5 bwd dx recomputed x·dyᵀ
 //    per head for these terms and held it beside its P-wide accumulator: 195 registers.)
-// ssd_bwd_dcb_sum's work for this block's tile pair (its indices from blockIdx as in
-// ssd_bwd_dcb_reg), run by the last head-split block of ssd_bwd_dcb_last: the partials read
-// through L2, summed in the same order, rounded the same way. Not inlined, so that its
-// addresses are not kept live through the head loop (inlined: 12-32 bytes of spills; with the
-// dimensions passed as scalars the caller spilled 28 bytes around the call).
-__device__ __noinline__ void DcbSumTileLast(const Dims& d, const float* dcb, int split,
-                                            bf16* dcb_bf, char* smem) {
-  const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
-  const int cp = blockIdx.x / split, c = cp / pairs, g = blockIdx.y, b = blockIdx.z;
-  int pi = cp % pairs, lt = 0;
-  while (pi > lt) {
-    pi -= lt + 1;
-    ++lt;
-  }
-  const int l0 = lt * kTile, s0 = pi * kTile;
-  bf16(*tile)[kTile + 2] = reinterpret_cast<bf16(*)[kTile + 2]>(smem);
-  const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
-  const int64_t base = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
-  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
-    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;
-    const int64_t off = base + static_cast<int64_t>(l0 + r) * d.Q + s0 + cc;
-    float2 v = __ldcg(reinterpret_cast<const float2*>(dcb + off));
-    for (int p = 1; p < split; ++p) {
-      const float2 w = __ldcg(reinterpret_cast<const float2*>(dcb + p * n + off));
-      v.x += w.x;
-      v.y += w.y;
-    }
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
-    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + off) = h;
-    tile[r][cc] = h.x;
-    tile[r][cc + 1] = h.y;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTile * kTile / 2; i += kThreads) {
-    const int r = i / (kTile / 2), cc = (i % (kTile / 2)) * 2;  // row s0 + r, columns l0 + cc
-    __nv_bfloat162 h;
-    h.x = tile[cc][r];
-    h.y = tile[cc + 1][r];
-    *reinterpret_cast<__nv_bfloat162*>(dcb_bf + n + base + static_cast<int64_t>(s0 + r) * d.Q +
-                                       l0 + cc) = h;
-  }
-}
-
-// kSumLast (GYRE_SSD_DCB_SUM=last, opt-in, helper ssd11; ssd_bwd_dcb_last): after its partial
-// is stored, each block counts itself in tile_count[(b, c, g, pair)] (zeroed by the host before
-// the launch); the last of the tile's `split` blocks sums the partials and writes dcb_bf as
-// ssd_bwd_dcb_sum does (same order, same rounding: bitwise the same dCB), so that kernel and its
-// launch go away and the partials are re-read from L2 right after they were written.
-template <bool kSumLast>
-__device__ __forceinline__ void DcbRegBody(Dims d, const bf16* x, const bf16* dy,
-                                           const float* saved, float* dcb, float* dacs_pair,
-                                           double* dpair, int split, unsigned* tile_count,
-                                           bf16* dcb_bf) {
+__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
+                                                               const bf16* dy, const float* saved,
+                                                               float* dcb, float* dacs_pair,
+                                                               double* dpair, int split) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int part = blockIdx.x % split, cp = blockIdx.x / split;
@@ -2476,34 +2336,6 @@ __device__ __forceinline__ void DcbRegBody(Dims d, const bf16* x, const bf16* dy
       *reinterpret_cast<float2*>(out + static_cast<int64_t>(l0 + row) * d.Q + s0 + col) =
           make_float2(acc[j][2 * e2], acc[j][2 * e2 + 1]);
     }
-  if constexpr (kSumLast) {
-    // Release: this block's partial is visible device-wide before it is counted.
-    __shared__ unsigned is_last;
-    __threadfence();
-    __syncthreads();  // (also retires every read of colbuf / pairbuf before smem is reused)
-    if (threadIdx.x == 0) {
-      const int64_t tile_id = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * pairs + pair;
-      is_last = atomicAdd(tile_count + tile_id, 1u) == static_cast<unsigned>(split) - 1u ? 1u : 0u;
-    }
-    __syncthreads();
-    if (is_last == 0u) return;
-    __threadfence();  // acquire: the other blocks' partials, read through L2 (__ldcg)
-    const Dims dl = d;  // (the copy the call takes the address of, made here, not at entry)
-    DcbSumTileLast(dl, dcb, split, dcb_bf, smem);
-  }
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf16* x,
-                                                               const bf16* dy, const float* saved,
-                                                               float* dcb, float* dacs_pair,
-                                                               double* dpair, int split) {
-  DcbRegBody<false>(d, x, dy, saved, dcb, dacs_pair, dpair, split, nullptr, nullptr);
-}
-
-__global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_last(
-    Dims d, const bf16* x, const bf16* dy, const float* saved, float* dcb, float* dacs_pair,
-    double* dpair, int split, unsigned* tile_count, bf16* dcb_bf) {
-  DcbRegBody<true>(d, x, dy, saved, dcb, dacs_pair, dpair, split, tile_count, dcb_bf);
 }
 
 // grid (NC·pairs, G, B): one 64×64 tile pair of dCB: the head splits' fp32 partials summed in
@@ -3086,19 +2918,17 @@ int SmCount() {
 //   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted)
 //   GYRE_SSD_FWD     = xs     (ssd_chunk_scan_fwd_pair_xs; "pair" was deleted)
 //   GYRE_SSD_BWD_DBC = smem   (ssd_bwd_dbc_smem; "reg" was deleted)
-// Helper ssd11's opt-in forms (not measured yet; ssd_notes.md "Session 11"):
-//   GYRE_SSD_FUSED_STATE = 3 | 2      (UseFusedStatePass's rule: fused chunk states + state pass
-//                                      where the (slice, h, b) blocks are >= 3 resp. 2 per SM)
-//   GYRE_SSD_DCB_SUM     = kernel | last  (ssd_bwd_dcb_sum after ssd_bwd_dcb_reg, or the last
-//                                      head-split block of each tile sums: ssd_bwd_dcb_last)
-//   GYRE_SSD_DACS_FINISH = plain | pf (ssd_bwd_dacs_finish, or ssd_bwd_dacs_finish_pf: its
-//                                      loads issued together, not in dependent serial loops)
-// A testing override (SsdSet*VariantForTesting: 0 the environment, i > 0 names[i − 1]) wins.
+// Helper ssd11's forms after the lead's session-9 call (H100; ssd_notes.md "Session 11"): two
+// won and are the only forms, one lost and was deleted:
+//   GYRE_SSD_FUSED_STATE = 2       (UseFusedStatePass's rule: 2 blocks per SM; "3" was deleted)
+//   GYRE_SSD_DACS_FINISH = pf      (ssd_bwd_dacs_finish, loads issued together; "plain" was
+//                                   deleted)
+//   GYRE_SSD_DCB_SUM     = kernel  (ssd_bwd_dcb_sum after ssd_bwd_dcb_reg; "last", the last
+//                                   head-split block summing, was deleted)
 struct EnvSwitch {
   const char* env;
   const char* names[4];              // null-terminated
   std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
-  std::atomic<int> forced{-1};       // testing: >= 0 the form index
 };
 struct Form {
   int index = 0;
@@ -3107,12 +2937,10 @@ struct Form {
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
-EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"3", "2", nullptr}};
-EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", "last", nullptr}};
-EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"plain", "pf", nullptr}};
+EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
+EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
+EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
 Form Choose(EnvSwitch& sw) {
-  const int forced = sw.forced.load();
-  if (forced >= 0) return {forced, {}};
   int state = sw.from_env.load();
   if (state == -2) {
     const char* e = std::getenv(sw.env);
@@ -3137,16 +2965,15 @@ Form Choose(EnvSwitch& sw) {
 // kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
 // so it has NC times fewer blocks). g_fused_state_pass (testing): 0 that rule, 1 always, 2 never.
 std::atomic<int> g_fused_state_pass{0};
-constexpr double kFusedStateWaves = 3.0;
-// GYRE_SSD_FUSED_STATE=2 (opt-in, helper ssd11) lowers the rule to 2 blocks per SM: mamba2-130m's
-// training shape B16 H24 has 384 (slice, h, b) blocks, 2.9 per SM on an H100 (132 SMs), all
-// resident at once at 4 per SM, with a chain of only NC = 8 chunks per block (the B2 S8192 shape
-// where fusing lost has 128 blocks, < 1 per SM, and 32 chunks); the rule kept it unfused.
-// An unknown value makes the rule the default (the launching call reports the error).
+// 2 blocks per SM since the lead's session-9 call (helper ssd11's GYRE_SSD_FUSED_STATE=2; the
+// rule was 3): mamba2-130m's training shape B16 H24 has 384 (slice, h, b) blocks, 2.9 per SM on
+// an H100 (132 SMs), all resident at once at 4 per SM, with a chain of only NC = 8 chunks per
+// block; fused, H100 fwd 0.505 → 0.453 ms, fwd+bwd 1.695 → 1.579 ms there. The B2 S8192 shape
+// where fusing lost (session 7) has 128 blocks, < 1 per SM, and 32 chunks: still unfused.
+constexpr double kFusedStateWaves = 2.0;
 bool UseFusedStatePass(const Dims& d) {
   const int mode = g_fused_state_pass.load();
   if (mode != 0) return mode == 1;
-  const double waves = Choose(g_fused_rule_switch).index == 1 ? 2.0 : kFusedStateWaves;
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
@@ -3154,7 +2981,7 @@ bool UseFusedStatePass(const Dims& d) {
   }
   const int slice = StateSlice(d);
   const double blocks = static_cast<double>((d.N + slice - 1) / slice) * d.H * d.B;
-  return blocks >= waves * sms;
+  return blocks >= kFusedStateWaves * sms;
 }
 
 template <int kP>
@@ -3262,7 +3089,6 @@ struct BwdScratch {
   int dcb_split;      // head split of ssd_bwd_dcb_reg (dcb holds that many partial sums)
   bf16* dcb_bf;       // [2][B, NC, G, Q, Q] their sum as bf16, then its per-chunk transpose
   float* inter_part;  // [N/64, B, H, NC·Q] inter ∂Acs terms per 64-column slice of N
-  unsigned* dcb_count;  // GYRE_SSD_DCB_SUM=last: [B, NC, G, pairs] finished head-split blocks
 };
 
 template <int kP>
@@ -3323,16 +3149,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
   const int tiles = d.Q / kTile;
-  if (sc.dcb_count != nullptr) {  // GYRE_SSD_DCB_SUM=last (plan.dbc)
-    const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-        sc.dcb_count, 0, sizeof(unsigned) * d.B * d.NC * d.G * (tiles * (tiles + 1) / 2), stream));
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_last, dcb_smem));
-    ssd_bwd_dcb_last<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
-                       dcb_smem, stream>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
-                                           sc.dcb_split, sc.dcb_count, sc.dcb_bf);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_last");
-  } else if (plan.dx || plan.dbc) {
+  if (plan.dx || plan.dbc) {
     const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
@@ -3356,7 +3173,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
   }
 
-  if (plan.dbc && sc.dcb_count == nullptr) {
+  if (plan.dbc) {
     ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
@@ -3373,17 +3190,10 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     if (plan.dx) {
       const Form finish = Choose(g_dacs_finish_switch);
       if (!finish.bad.empty()) return InvalidArgument(finish.bad);
-      if (finish.index == 1) {
-        ssd_bwd_dacs_finish_pf<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-            d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-            sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
-        CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish_pf");
-      } else {
-        ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
-            d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
-            sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
-        CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
-      }
+      ssd_bwd_dacs_finish<<<dim3(d.NC, d.H, d.B), kThreads, 0, stream>>>(
+          d, a.dt, a.a_log, a.dt_bias, saved, sc.dacs_pair, sc.dacs_own, sc.ddtx, sc.dd_part,
+          sc.dpair, sc.inter_part, d.N / 64, sc.ddecay, sc.ddecay_parts, a.ddt, sc.part);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dacs_finish");
     }
     return {};
   }
@@ -3431,15 +3241,6 @@ void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
-void SsdSetDcbSumVariantForTesting(int variant) {
-  g_dcb_sum_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
-}
-void SsdSetDacsFinishVariantForTesting(int variant) {
-  g_dacs_finish_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
-}
-void SsdSetFusedStateRuleForTesting(int variant) {
-  g_fused_rule_switch.forced.store(variant == 1 || variant == 2 ? variant - 1 : -1);
-}
 
 CudaResult SsdCheck(const SsdShape& s, const SsdOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.head_dim < 1 || s.num_groups < 1 ||
@@ -3574,10 +3375,7 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   const int64_t off_inter = off_dcb_bf + up(n_dcb_bf * 2);
   const Form dcb_sum = Choose(g_dcb_sum_switch);
   if (!dcb_sum.bad.empty()) return InvalidArgument(dcb_sum.bad);
-  const bool dcb_last = dcb_sum.index == 1 && plan.dbc;
-  const int64_t n_count = dcb_last ? static_cast<int64_t>(d.B) * d.NC * d.G * pairs : 0;
-  const int64_t off_count = off_inter + up(n_inter * 4);
-  const int64_t total = off_count + up(n_count * 4);
+  const int64_t total = off_inter + up(n_inter * 4);
   DeviceBuffer buf;
   CUDA_RETURN_IF_NOT_OK(scratch->Allocate(static_cast<size_t>(total), &buf));
   char* base_ptr = buf.as<char>();
@@ -3606,7 +3404,6 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   }
   if (plan.dbc) sc.dcb_bf = reinterpret_cast<bf16*>(base_ptr + off_dcb_bf);
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
-  if (dcb_last) sc.dcb_count = reinterpret_cast<unsigned*>(base_ptr + off_count);
   double* part = sc.part;
 
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));

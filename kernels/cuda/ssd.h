@@ -152,19 +152,12 @@ void SsdSetDcbSplitForTesting(int split);
 // GYRE_SSD_BWD_DBC=smem name the only kernel forms left (helper ssd10's; the earlier forms were
 // deleted after the 2026-11-27 confirmation); unset is the same, any other value is an error
 // from SsdForward / SsdBackward.
-// Helper ssd11's opt-in forms (not measured; ssd_notes.md "Session 11"), each an environment
-// variable read once per process (unset = the first name; another value = an error from
-// SsdForward / SsdBackward) unless the testing override (0 the environment, 1 the first name,
-// 2 the second) says otherwise:
-//   GYRE_SSD_DCB_SUM=kernel|last: last = the last head-split block of each dCB tile pair sums the
-//     partials (no ssd_bwd_dcb_sum launch); bitwise the same results.
-//   GYRE_SSD_FUSED_STATE=3|2: the fused chunk-state / state-pass kernels where their blocks are
-//     at least 3 (default) or 2 per SM (2: mamba2-130m's B16 H24 fuses); same function.
-//   GYRE_SSD_DACS_FINISH=plain|pf: pf = the ∂Acs finishing kernel with its loads issued together
-//     (prefetched scalars, unrolled predicated gathers); bitwise the same results.
-void SsdSetDcbSumVariantForTesting(int variant);
-void SsdSetDacsFinishVariantForTesting(int variant);
-void SsdSetFusedStateRuleForTesting(int variant);
+// Helper ssd11's forms after the lead's session-9 call: GYRE_SSD_FUSED_STATE=2 (the fused
+// chunk-state / state-pass kernels where their blocks are at least 2 per SM) and
+// GYRE_SSD_DACS_FINISH=pf (the ∂Acs finishing kernel with its loads issued together) are the
+// only forms; GYRE_SSD_DCB_SUM=kernel names the only dCB sum left ("last" was deleted). Unset is
+// the same; any other value (the deleted "3", "plain", "last" included) is an error from
+// SsdForward / SsdBackward.
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

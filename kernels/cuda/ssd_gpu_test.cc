@@ -10,11 +10,8 @@
 // default picks only for many (slice, head, batch row) blocks, never at these sizes.
 // Outputs are NaN-poisoned first; a NaN fails the check.
 // Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
-// sums, no float atomics: the kernels are deterministic). Paths 12-15 (session 11) run helper
-// ssd11's opt-in forms: 12 GYRE_SSD_DCB_SUM=last (the dCB head-split partials summed by the last
-// block of each tile pair), 13 the same at dCB split 4, 14 GYRE_SSD_DACS_FINISH=pf, 15 both:
-// float64 checks, rerun bitwise, and bitwise against the default forms on the same inputs.
-// SSD_TEST_PATH=11,13,15 runs several paths.
+// sums, no float atomics: the kernels are deterministic). SSD_TEST_PATH=9,10,11 runs several
+// paths.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -88,24 +85,10 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
   return true;
 }
 
-// Helper ssd11's kernel forms (ssd.h): 0 the environment, 1 the default form, 2 the opt-in form.
-struct Forms {
-  int dcb_sum = 0, dacs_finish = 0;
-  bool any() const { return dcb_sum != 0 || dacs_finish != 0; }
-};
-void SetForms(const Forms& f) {
-  SsdSetDcbSumVariantForTesting(f.dcb_sum);
-  SsdSetDacsFinishVariantForTesting(f.dacs_finish);
-}
-
 // rerun: after the float64 checks, the forward + backward runs again on the same inputs
 // (accumulated gradients reset) with the same kernels; both runs must agree bitwise
-// (fixed-order ∂Acs sums, no float atomics). forms select the case's kernel forms; other (set,
-// with rerun): one more run with those forms, bitwise against the first. The environment's
-// forms are restored.
-bool RunCase(const Case& k, uint64_t seed, bool rerun = false, const Forms& forms = {},
-             const Forms& other = {}) {
-  SetForms(forms);
+// (fixed-order ∂Acs sums, no float atomics).
+bool RunCase(const Case& k, uint64_t seed, bool rerun = false) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -338,18 +321,9 @@ bool RunCase(const Case& k, uint64_t seed, bool rerun = false, const Forms& form
     };
     const Outputs first_run = download_outputs();
     Outputs second_run;
-    bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
+    const bool same = run_again(&second_run) && BitwiseEqual(first_run, second_run);
     ok &= Report("ssd " + k.label + " rerun bitwise", shape, same ? 0.0 : 1.0, 0.0);
-    if (other.any()) {
-      Outputs other_form;
-      SetForms(other);
-      same = run_again(&other_form) && BitwiseEqual(first_run, other_form);
-      ok &= Report("ssd " + k.label + " = forms " + std::to_string(other.dcb_sum) +
-                       std::to_string(other.dacs_finish) + " bitwise",
-                   shape, same ? 0.0 : 1.0, 0.0);
-    }
   }
-  SetForms({});
   return ok;
 }
 
@@ -403,8 +377,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
     bool rerun = false;   // rerun-bitwise checks (RunCase)
-    Forms forms{};        // helper ssd11's forms ({0, 0}: the environment)
-    Forms other{};        // with rerun: bitwise against these forms too
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -417,14 +389,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
                         {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
-                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true},
-                        // Session 11's opt-in forms, bitwise against the default forms.
-                        {"[v3 all, dCB sum last] ", kSsdRegAll, 0, 0, 0, true, {2, 1}, {1, 1}},
-                        {"[v3 all, dCB sum last, split 4] ", kSsdRegAll, 0, 0, 4, true, {2, 1},
-                         {1, 1}},
-                        {"[v3 all, dacs_finish pf] ", kSsdRegAll, 0, 0, 0, true, {1, 2}, {1, 1}},
-                        {"[v3 all, session-11 forms] ", kSsdRegAll, 0, 0, 0, true, {2, 2},
-                         {1, 1}}};
+                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -449,7 +414,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++, p.rerun, p.forms, p.other) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
