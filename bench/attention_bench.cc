@@ -16,8 +16,7 @@
 //   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others, GYRE_ATTN_DETERMINISTIC=1 the backward with dQ
-// added in a fixed order (attention_bwd_det.cu), and with it GYRE_ATTN_DET_FORM=presum that
-// backward's D 64 variant (attention_bwd_det_presum.cu) (read once per process).
+// added in a fixed order (attention_bwd_det{,_presum}.cu) (read once per process).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

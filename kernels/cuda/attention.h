@@ -32,7 +32,7 @@
 // (bulk shared-to-global reductions on Hopper), so its low bits vary between runs, unless
 // AttentionBackwardArgs::deterministic: then the Hopper backward adds each query tile's key
 // blocks in a fixed order (attention_bwd_det.cu) and dq is bitwise reproducible too (slower:
-// +7-12% at D 128, +29% at D 64, H100; not with GYRE_ATTN_BWD=mma, which is then an error).
+// +7-12% at D 128, +5-7% at D 64, H100; not with GYRE_ATTN_BWD=mma, which is then an error).
 // Extra scratch: one int per (batch, head, 64-row tile, half). GYRE_ATTN_DETERMINISTIC (read
 // once per process) overrides the field for benches and tests: "1" on, "0" off, unset = the
 // field; other values make AttentionBackward fail.

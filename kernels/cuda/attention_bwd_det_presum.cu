@@ -1,10 +1,11 @@
-// The deterministic backward at D 64 with the two consumer warpgroups' partial dQ tiles summed
-// in shared memory before they join the fixed order (opt-in: GYRE_ATTN_DET_FORM=presum with the
-// deterministic backward; attention_notes.md, "attn11"). BwdWsBody<64, kRope, kDet, kPresum>
-// (attention_wgmma.cuh): one bulk reduction and one turn per key block and query tile instead of
-// two, and no turn passed between a block's own two writers. In its own translation unit: a
-// second kernel beside attn_bwd_det_kernel<64> changes one address expression of that kernel's
-// PTX (the attn10 effect, attention_notes.md).
+// The deterministic backward at D 64 (AttentionBackwardArgs::deterministic; called by
+// attention_bwd_det.cu's LaunchAttentionBackwardWgmmaDeterministic; attention_notes.md, "attn11"
+// and "cattn"): the two consumer warpgroups' partial dQ tiles are summed in shared memory before
+// they join the fixed order. BwdWsBody<64, kRope, kDet> (attention_wgmma.cuh): one bulk reduction
+// and one turn per key block and query tile, two writers taking alternate tiles. It replaced the
+// form with one turn per warpgroup (H100, B16 S2048 H12 D64 backward: 1.01 vs 1.21 ms, default
+// 0.94-0.97). In its own translation unit: a second kernel beside another backward kernel
+// changes one address expression of that kernel's PTX (the attn10 effect, attention_notes.md).
 #include "kernels/cuda/attention_wgmma.cuh"
 
 namespace gyre::cuda {
@@ -13,7 +14,7 @@ namespace {
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_det_presum_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                                const int head_group, int* const dq_turns) {
-  BwdWsBody<64, /*kRope=*/true, /*kDet=*/true, /*kPresum=*/true>(p, maps, head_group, dq_turns);
+  BwdWsBody<64, /*kRope=*/true, /*kDet=*/true>(p, maps, head_group, dq_turns);
 }
 
 }  // namespace

@@ -5,9 +5,12 @@
 # bulk read + completion + release) and starts when the tile is staged, the writer is free and
 # the previous contribution in the tile's order is done; a consumer reuses a staging slot only
 # after its writer finished the contribution staged there `stages` tiles ago.
-#   pair:    detdq at D 64: two contributions per block and tile (wg1, then wg0), one writer each
-#   presum1: one contribution per block and tile, one writer
-#   presum2: one contribution per block and tile, two writers taking alternate tiles
+#   pair:    detdq's D 64 form, deleted in session 9 (cattn): two contributions per block and
+#            tile (wg1, then wg0), one writer each; kept here as the model's calibration (its
+#            measured +29% gives delta ~ 1.4 us)
+#   presum1: one contribution per block and tile, one writer (never built)
+#   presum2: one contribution per block and tile, two writers taking alternate tiles: the D 64
+#            kernel (attention_bwd_det_presum.cu; whole backward measured +5-7%, H100)
 #   none:    the default kernel (no chain; longest first)
 import heapq
 def run(mode, tau, delta, T=2048, pairs=192, head_group=16, P=132, stages=2):

@@ -13,8 +13,8 @@
 // The kernels are the library defaults; run it again with GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈
 // {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} (the RoPE test alone: --gtest_filter='*Rope*') to
 // check the other paths, and with GYRE_ATTN_DETERMINISTIC=1
-// (the backward with dQ added in a fixed order, attention_bwd_det.cu; with GYRE_ATTN_DET_FORM=presum
-// its D 64 variant, attention_bwd_det_presum.cu): every float64 check then runs on it, and
+// (the backward with dQ added in a fixed order: attention_bwd_det.cu at D 128,
+// attention_bwd_det_presum.cu at D 64): every float64 check then runs on it, and
 // BackwardBitwiseRepeatable requires dq too to come back bitwise the same (the variant alone,
 // fast: --gtest_filter='*RopeFused*:*BackwardBitwise*').
 #include "kernels/cuda/attention.h"
@@ -604,8 +604,9 @@ RepeatDiffs RepeatBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const P
 // dq only with GYRE_ATTN_DETERMINISTIC=1 (without it the count of differing dq values is printed,
 // not checked: it depends on timing). The same problems also get the float64 checks, so that
 // under the switch the deterministic kernel is checked on its own here too. Shapes: D 64 (the
-// two warpgroups of a block add to the same tile) and D 128 (column halves), GQA, up to 16 key
-// blocks per query tile (T 2048), the fused RoPE.
+// two warpgroups of a block add to the same tile; the deterministic kernel sums them in shared
+// memory first) and D 128 (column halves), GQA, up to 16 key blocks per query tile (T 2048), the
+// fused RoPE.
 TEST(AttentionGpuTest, BackwardBitwiseRepeatable) {
   const char* env = std::getenv("GYRE_ATTN_DETERMINISTIC");
   const bool deterministic = env != nullptr && std::string(env) == "1";

@@ -1,7 +1,7 @@
 // Device helpers of the Hopper attention kernels and the warp-specialised backward's body,
 // shared by attention_wgmma.cu (forward, default backward), attention_bwd_det.cu (the
-// deterministic backward, AttentionBackwardArgs::deterministic) and attention_bwd_det_presum.cu
-// (its D 64 variant).
+// deterministic backward, AttentionBackwardArgs::deterministic, at D 128) and
+// attention_bwd_det_presum.cu (the deterministic backward at D 64).
 // Include from those .cu files only (sm_90a). Everything here sits in an unnamed namespace on
 // purpose: each kernel translation unit gets its own internal copy, so the kernels' mangled
 // names (their parameter types BwdTmaMaps etc. included) and PTX are what they were when all of
@@ -182,11 +182,13 @@ __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uin
 }
 constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
 
-// Shared memory of the backward main kernel. kDet (the deterministic kernel,
-// attention_bwd_det.cu) adds kDqStages dQ staging tiles per consumer warpgroup (2 at D 64, where
-// the two warpgroups of a block add to the same query tile one after the other; 1 at D 128,
-// whose layout has no room for a second: 226.6 of 227 KB) and the staging mbarriers
-// dq_full[2][kDqStages] (count 128: the consumer warpgroup wrote the tile). "The writer's bulk
+// Shared memory of the backward main kernel. kDet (the deterministic kernels,
+// attention_bwd_det{,_presum}.cu) adds kDqStages dQ staging tiles per consumer warpgroup (2 at
+// D 64, where the two warpgroups' partial tiles are summed in tile (0, t) and the writers take
+// alternate tiles; 1 at D 128, whose layout has no room for a second: 226.6 of 227 KB) and the
+// staging mbarriers dq_full[2][kDqStages] (count 128: the consumer warpgroup wrote the tile). At
+// D 64 tiles (1, t) and dq_full[1][t] are unused (32 KB): they are kept so that the kernel is
+// the one measured (a smaller layout moves every offset after kDQ). "The writer's bulk
 // reduction has read it" is named barrier kDqEmptyBar + c·kDqStages + t (the consumer
 // warpgroup's 128 threads sync, the writer warp's 32 arrive): a bar.sync costs the consumers no
 // registers, where an mbarrier wait loop there spilled (ptxas: 4-8 bytes).
@@ -195,7 +197,7 @@ struct BwdWsLayout {
   static constexpr bool kKeySplit = kD == 64;
   static constexpr int kDqStages = kDet && kKeySplit ? 2 : 1;
   static constexpr int kDqEmptyBar = 5;  // ids 3, 4: the consumers' own barriers
-  // kPresum (D 64): named barrier kDqPartialBar + t, warpgroup 1's partial dQ tile is in staging
+  // kDet at D 64: named barrier kDqPartialBar + t, warpgroup 1's partial dQ tile is in staging
   // tile (0, t).
   static constexpr int kDqPartialBar = kDqEmptyBar + 2 * kDqStages;
   static constexpr int kDqFullBars = kDet ? 2 * kDqStages : 0;
@@ -320,14 +322,18 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-// One warp per consumer warpgroup c; lane 0 does the work, the warp arrives on the staging
-// tile's named barrier. stage_base: shared address of staging tile [0][0]; full: of
+// The dQ writers of the deterministic kernels: lane 0 of a producer warp does the work, the warp
+// arrives on the staging tile's named barrier. D 128: one writer per consumer warpgroup c (its
+// column half, its own turn counter). D 64: the two warpgroups' partial tiles are summed in
+// staging slot (0, t) (BwdWsBody's reduce_dq), c = 0, and writer w takes the tiles staged in slot
+// w (alternate query tiles). stage_base: shared address of staging tile [0][0]; full: of
 // dq_full[0][0].
-template <int kD, bool kPresum = false>
+template <int kD>
 __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, int c, int n_block,
                                          int hk, int b, int m_first, int m_tiles, int total,
-                                         uint32_t stage_base, uint32_t full, int w = 0) {
+                                         uint32_t stage_base, uint32_t full, int w) {
   using L = BwdWsLayout<kD, true>;
+  constexpr bool kPresum = L::kKeySplit;
   constexpr int kTileFloats = kD / L::kDqN * 64 * L::kDqN;  // one query tile of dq_acc
   // The producer warps have 24 registers: one running tile index (the pointers are formed from
   // the kernel parameters at each use), per-c bases computed once.
@@ -337,21 +343,18 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
   const uint32_t stage_c = stage_base + c * L::kDqStages * L::kDqBytes;
   const uint32_t full_c = full + 8 * c * L::kDqStages;
   const int bar_c = L::kDqEmptyBar + c * L::kDqStages;
-  // Contributions to tile m that come before this one: key blocks n_block + 1 .. m/2 (D 64: two
-  // each, warpgroup 1 first): turn = (m/2 − n_block) at D 128 and with kPresum (one per key
-  // block: both warpgroups' partial tiles summed in shared memory, c = 0), 2(m/2 − n_block) +
-  // 1 − c at D 64.
-  constexpr bool kTwoPerBlock = L::kKeySplit && !kPresum;
-  const int turn_off = kTwoPerBlock ? 1 - c - 2 * n_block : -n_block;
+  // Contributions to tile m that come before this one: key blocks n_block + 1 .. m/2, one per
+  // key block (per column half at D 128): turn = m/2 − n_block.
+  const int turn_off = -n_block;
   int m_tile = m_first;
   for (int n = 0; n < total; ++n) {
     const int t = n % L::kDqStages;
-    // kPresum: two writers (c = 0 for both), writer w takes the tiles staged in slot w, so each
-    // has two tiles of the consumers' time for one contribution's poll, bulk add and release.
+    // D 64: two writers (c = 0 for both), writer w takes the tiles staged in slot w, so each has
+    // two tiles of the consumers' time for one contribution's poll, bulk add and release.
     const bool mine = !kPresum || t == w;
     if (lane0 && mine) {
       int* turn_ptr = turns + 2 * static_cast<int64_t>(tile) + slot;
-      const int turn = (kTwoPerBlock ? (m_tile & ~1) : (m_tile >> 1)) + turn_off;
+      const int turn = (m_tile >> 1) + turn_off;
       if (LdRelaxedGpu(turn_ptr) != turn) {
         const uint64_t t0 = GlobalTimerNs();
         while (LdRelaxedGpu(turn_ptr) != turn) {
@@ -383,12 +386,15 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 }
 
 // The kernel body, shared by attn_bwd_ws_kernel (without the fused RoPE), attn_bwd_ws_rope_kernel
-// (kRope) and attention_bwd_det.cu's attn_bwd_det_kernel (kDet, kRope, with or without the RoPE;
-// dq_turns: its turn counters).
+// (kRope) and the deterministic kernels, attention_bwd_det.cu's attn_bwd_det_kernel<128> and
+// attention_bwd_det_presum.cu's attn_bwd_det_presum_kernel (D 64) (kDet, kRope, with or without
+// the RoPE; dq_turns: their turn counters).
 // kDet, the deterministic backward, differs only in how dQ reaches dq_acc:
 //   - order: per (batch, head, 64-row query tile) an int turn counter in global memory
 //     ([B, H, ceil(T/64), 2], zeroed by the caller; slot = column half at D 128, 0 at D 64); the
 //     contributions of key blocks j <= m/2 to query tile m are added in a fixed order (DqWriter);
+//   - D 64 (kPresum): the two consumer warpgroups' partial dQ tiles of a key block are summed in
+//     shared memory first (reduce_dq), so one contribution per key block and query tile;
 //   - the bulk reductions are issued by two writer threads in the producer warpgroup (lane 0 of
 //     warps 2 and 3; warps 0-1 keep the loads, each thread copying one lse and one D value),
 //     so a consumer warpgroup never waits on a counter: it stages its dQ tile and moves on, and
@@ -397,12 +403,13 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 //     first), so a block waits only for blocks launched before it (FlashAttention-3's
 //     deterministic backward makes the same choice); this assumes blocks are dispatched in
 //     launch order, as FA3 does. A writer that waits 20 s traps (a bug, not a wait).
-template <int kD, bool kRope, bool kDet = false, bool kPresum = false>
+template <int kD, bool kRope, bool kDet = false>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                           const int head_group, int* const dq_turns = nullptr) {
   static_assert(!kDet || kRope, "the deterministic kernel has one epilogue");
-  static_assert(!kPresum || (kDet && kD == 64), "kPresum: the deterministic key split (D 64)");
   using L = BwdWsLayout<kD, kDet>;
+  // The deterministic form at D 64: partial dQ tiles summed in shared memory before the order.
+  constexpr bool kPresum = kDet && L::kKeySplit;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
   // the wgmmas serialise for lack of registers).
   constexpr bool kKeySplit = L::kKeySplit;
@@ -477,9 +484,9 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       if (pwarp >= 2) {
         // Warps 2 and 3: the dQ writers of consumer warpgroups 0 and 1 (kPresum: of the summed
         // tiles in staging slots 0 and 1, i.e. of alternate query tiles).
-        DqWriter<kD, kPresum>(p, dq_turns, kPresum ? 0 : pwarp - 2, n_block, hk, b, m_first,
-                              m_tiles, total, base + L::kDQ,
-                              base + L::kBars + 8 * (2 * kBwdStages + 4), pwarp - 2);
+        DqWriter<kD>(p, dq_turns, kPresum ? 0 : pwarp - 2, n_block, hk, b, m_first, m_tiles,
+                     total, base + L::kDQ, base + L::kBars + 8 * (2 * kBwdStages + 4),
+                     pwarp - 2);
         return;
       }
     }
@@ -559,13 +566,12 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     }
   };
   // dQ tile -> staging tile (fp32, row r column c at c ^ 8(r % 4)) -> one bulk reduction into
-  // dq_acc's block of query tile m_tile of head h. kDet: the warpgroup's reduction number n (its
-  // n-th query tile) goes to staging tile n % kDqStages, and the writer thread (DqWriter) adds
-  // it to dq_acc in its turn. kPresum: both warpgroups' partial tiles of query tile n meet in
-  // staging tile (0, n % kDqStages): warpgroup 1 writes its own, then warpgroup 0 adds its own to
-  // it (one fp32 addition per element, so the order is fixed) and hands the sum to the writer:
-  // one bulk reduction per key block and query tile instead of two, and no turn passed between
-  // the block's own two writers.
+  // dq_acc's block of query tile m_tile of head h. kDet at D 128: the warpgroup's reduction
+  // number n (its n-th query tile) goes to its staging tile, and its writer thread (DqWriter)
+  // adds it to dq_acc in its turn. kPresum (kDet at D 64): both warpgroups' partial tiles of
+  // query tile n meet in staging tile (0, n % kDqStages): warpgroup 1 writes its own, then
+  // warpgroup 0 adds its own to it (one fp32 addition per element, so the order is fixed) and
+  // hands the sum to the writer of that slot: one bulk reduction per key block and query tile.
   auto reduce_dq = [&](const float (&dq)[kDqN / 2], int n, int h, int m_tile) {
     if constexpr (kPresum) {
       const int t = n % L::kDqStages;

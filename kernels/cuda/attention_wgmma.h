@@ -73,15 +73,15 @@ CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t bat
 
 // Deterministic variant (attention_bwd_det.cu; GYRE_ATTN_DETERMINISTIC=1): the same main kernel
 // with dQ added in a fixed order per query tile. dq_turns: BwdDetTurnCount ints, zeroed on
-// `stream` before the launch.
+// `stream` before the launch (2 per query tile: one per column half at D 128, slot 0 at D 64).
 inline int64_t BwdDetTurnCount(int64_t batch, int64_t heads, int64_t seq) {
   return batch * heads * ((seq + 63) / 64) * 2;
 }
 CudaResult LaunchAttentionBackwardWgmmaDeterministic(const WgmmaBwdParams& p, int64_t batch,
                                                      int64_t kv_heads, int head_dim,
                                                      int* dq_turns, cudaStream_t stream);
-// Its D 64 form with the two warpgroups' partial dQ tiles summed in shared memory first
-// (attention_bwd_det_presum.cu; chosen inside the above by GYRE_ATTN_DET_FORM=presum).
+// Its D 64 kernel, the two warpgroups' partial dQ tiles summed in shared memory first
+// (attention_bwd_det_presum.cu; called by the above at head_dim 64).
 CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_t batch,
                                                  int64_t kv_heads, int* dq_turns,
                                                  cudaStream_t stream);
