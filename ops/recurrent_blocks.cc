@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -1311,26 +1310,11 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
   const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
-  // GYRE_MAMBA_DT_BWD (read once): unset or "last" = du from the z rows (=), then += the xBC and
-  // the dt rows; "first" (opt-in, glue11) = the dt rows' product first (=), then += z and xBC.
-  // The dt product (K = 24, N = d_model) is a store-bound GEMM: as the last `+=` it reads and
-  // writes all of du (100 MB at 130m B16 x 2048: 1.39 ms a step in 24 calls, ~1.7 TB/s); first,
-  // it only writes du and the z GEMM (K = d_inner, compute-bound) reads it as its C instead.
-  static const bool dt_first = [] {
-    const char* e = std::getenv("GYRE_MAMBA_DT_BWD");
-    const std::string_view v = e != nullptr ? e : "last";
-    GYRE_CHECK(v == "last" || v == "first", "GYRE_MAMBA_DT_BWD must be last or first, got '%s'", e);
-    return v == "first";
-  }();
-  if (dt_first) {
-    LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, false, in_first);
-    LinearRowsBackward(u_, in_proj_, 0, dz, &du, true, in_first);
-    LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
-  } else {
-    LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
-    LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
-    LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
-  }
+  // (The dt rows first, GYRE_MAMBA_DT_BWD=first: dt GEMM 1.37 -> 0.65 but z GEMM 2.84 -> 3.00 ms a
+  // mamba2-130m step on an H100 in 2026-11-27, and dt_bias's gradient check failed; deleted.)
+  LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
+  LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
+  LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mamba2.bwd.norm_residual");

@@ -552,14 +552,10 @@ constexpr int kBdBwdRows = 512;      // rows per block of their backward (fewer 
 // Rows of their backward in flight per thread (a cp.async ring of kStages rows, kStages - 1
 // ahead): 3 rows ahead (48 KiB of loads in flight per SM at 2 blocks) where the ring fits the
 // 48 KiB of static shared memory beside the gate weights (<= 4 heads); 1 with 16 gates.
+// (An 8-row ring in dynamic shared memory, GYRE_BD_BWD=ring8, was no faster on an H100 in 2026-11-27:
+// 2 maps 6.83 / 6.74 -> 6.69 / 7.03, 1 map 4.57 / 4.50 -> 4.76 / 5.01 ms an xlstm[1:0]-125m step; deleted.)
 template <int kG>
 constexpr int kBdBwdStages = kG <= 8 ? 4 : 2;
-// Dynamic shared bytes of block_diag4_bwd's ring at kS rows (its instantiations with a
-// non-default depth): the Ring struct, or the column-sum scratch that reuses it if larger.
-template <int kG, int kS>
-constexpr int kBdBwdDynRingBytes = 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4) > 8 * (32 * 16 + 8) * 4
-                                       ? 8 * kS * (4 * 32 * 8 + (kG > 0 ? kG : 1) * 4)
-                                       : 8 * (32 * 16 + 8) * 4;
 constexpr int kNormBwdRows = 64;     // rows per block of the group-norm backward (8 per warp)
 
 // 4x4 blocks: thread (tx, ty) owns block b = 32·blockIdx.x + tx, its weights in registers, and
@@ -650,14 +646,9 @@ struct BdFwdSmem {
   uint2 tile[8][kMaps][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
   uint4 afrag[kMaps][8][kG / 8][32];             // [map][k step][gate half][lane]: hi a0a1, a4a5, lo a0a1, a4a5
 };
-// kPf (GYRE_BD_FWD=pf, opt-in, glue11): each warp's x tiles by cp.async through two slots, the
-// next tile's copies issued before the current tile's arithmetic (the default loads a tile, waits,
-// computes: one tile of 8 rows in flight a warp, 4 tiles a warp a block).
+// (Prefetching each warp's next x tile by cp.async, GYRE_BD_FWD=pf, gained too little on an H100 in
+// 2026-11-27: 2 maps 3.31 -> 3.13, 1 map 2.22 -> 2.23 ms an xlstm[1:0]-125m step; deleted.)
 template <bool kTwo, int kG>
-struct BdFwdPfSmem : BdFwdSmem<kTwo, kG> {
-  uint2 xbuf[8][2][kBdTileRows][32];  // [warp][slot][row][block]: x, bf16 (each lane its own entries)
-};
-template <bool kTwo, int kG, bool kPf = false>
 __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(BlockDiagArgs a, FusedGates g, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -699,36 +690,13 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   }
   const int gq = tx / 4, qq = tx % 4;  // the lane's fragment coordinates
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
-  // kPf: tile rt's copies into slot `slot` (one commit group per tile, empty past the end).
-  auto issue_tile = [&](int slot, int64_t rt) {
-    if constexpr (kPf) {
-      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
-#pragma unroll
-      for (int k = 0; k < kBdTileRows; ++k) {
-        const int64_t r = rt + k;
-        if (live && r < r1) CpAsync8(&xbuf[ty][slot][k][tx], static_cast<const bf16*>(a.x) + r * a.ldx + b * 4);
-      }
-      CpAsyncCommit();
-    }
-  };
-  int slot = 0;
-  if constexpr (kPf) issue_tile(0, r0 + ty * kBdTileRows);
   for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
     uint2 raw[kBdTileRows];
-    if constexpr (kPf) {
-      issue_tile(slot ^ 1, rt + 8 * kBdTileRows);
-      CpAsyncWait<1>();  // this lane's own copies of tile rt
-      auto& xbuf = reinterpret_cast<BdFwdPfSmem<kTwo, kG>*>(smem_raw)->xbuf;
 #pragma unroll
-      for (int k = 0; k < kBdTileRows; ++k) raw[k] = live && rt + k < r1 ? xbuf[ty][slot][k][tx] : make_uint2(0u, 0u);
-      slot ^= 1;
-    } else {
-#pragma unroll
-      for (int k = 0; k < kBdTileRows; ++k) {
-        const int64_t r = rt + k;
-        raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                                : make_uint2(0u, 0u);
-      }
+    for (int k = 0; k < kBdTileRows; ++k) {
+      const int64_t r = rt + k;
+      raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                              : make_uint2(0u, 0u);
     }
 #pragma unroll
     for (int k = 0; k < kBdTileRows; ++k) {
@@ -774,7 +742,6 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
       }
     }
   }
-  if constexpr (kPf) CpAsyncWait<0>();  // (the last, empty group)
 }
 
 // dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
@@ -789,14 +756,11 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 // kernel was issue/latency-bound at ~215 instructions per thread-row (1.8-2.0 TB/s on an H200).
 // That is for two maps (q, k); with one (v) the fold saves nothing, so dy gets the gate term
 // directly (dy += Σ_t dgate wg, then dx and dw from it) and S only feeds the gate weights.
-// kStages: the ring's rows (default kBdBwdStages<kG>, the ring in static shared memory). Any other
-// depth (GYRE_BD_BWD=ring8: 8, kG <= 8) puts the ring in dynamic shared memory (opt-in, glue11).
-template <bool kTwo, int kG, int kStages = kBdBwdStages<kG>>
+template <bool kTwo, int kG>
 __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDiagArgs a, FusedGates g, BdPartials p) {
   constexpr int kMaps = kTwo ? 2 : 1;
   constexpr int kGs = kG > 0 ? kG : 1;
-  constexpr int kS = kStages;
-  constexpr bool kDynRing = kStages != kBdBwdStages<kG>;
+  constexpr int kS = kBdBwdStages<kG>;
   // The row inputs (x, dy, dy2, old dx: 4 bf16 each) and the row's gate gradients travel by
   // cp.async through a per-warp ring of kS rows, kS - 1 rows ahead of the arithmetic: bytes in
   // flight without registers (the accumulators leave none). After the loop the ring's memory
@@ -806,15 +770,11 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
     float dg[8][kS][kGs];
   };
   constexpr int kRedBytes = 8 * (32 * 16 + 8) * 4;
-  __shared__ __align__(16) unsigned char raw[kDynRing ? 16 : (sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes)];
+  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
   __shared__ float4 wg[kMaps * kGs][32];
   __shared__ float4 U[kTwo ? kGs : 1][32];  // each thread's own block's U[t, 0..3] (two maps)
-  extern __shared__ __align__(16) unsigned char bd_ring_dyn[];  // kDynRing: BdBwdDynRingBytes
-  unsigned char* mem;
-  if constexpr (kDynRing) mem = bd_ring_dyn;
-  else mem = raw;
-  Ring& ring = *reinterpret_cast<Ring*>(mem);
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(mem);
+  Ring& ring = *reinterpret_cast<Ring*>(raw);
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(raw);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
@@ -1845,29 +1805,8 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   return LaunchReduce(jobs, stream);
 }
 
-// GYRE_BD_FWD (read once; opt-in, glue11): the 4x4 maps with fused gates (heads <= 4). Unset or
-// "tile" = the default (a warp loads a tile of 8 rows, waits, computes); "pf" = the next tile's x
-// by cp.async during the current tile's arithmetic (BdFwdPfSmem: +32 KiB a block, 76 / 54 KiB for
-// 2 / 1 maps, the same 2 / 3 blocks a SM). -1 for any other value (an error from BlockDiagForward).
-// Counts (xlstm[1:0]-125m B16 x 2048, H100, the lead's 2026-11-27 profile): 2 maps 302 MB a call
-// in 140 µs, 1 map 201 MB in 94 µs (71% of 3 TB/s); a warp takes 4 tiles a block with one tile
-// (2 KB) in flight and the first tile's latency exposed in every block (6 waves of blocks).
-namespace {
-int BdFwdMode() {
-  static const int mode = [] {
-    const char* e = std::getenv("GYRE_BD_FWD");
-    if (e == nullptr || std::string_view(e) == "tile") return 0;
-    return std::string_view(e) == "pf" ? 1 : -1;
-  }();
-  return mode;
-}
-}  // namespace
-
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
-  if (BdFwdMode() < 0)
-    return gyre::cuda::InvalidArgument(std::string("BlockDiagForward: GYRE_BD_FWD must be tile or pf, got '") +
-                                       std::getenv("GYRE_BD_FWD") + "'");
   if ((a.w2 == nullptr) != (a.y2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without y2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, false, &g); !r.ok()) return r;
@@ -1889,9 +1828,6 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
     if (g.heads == 0) {
       if (a.w2) block_diag4_fwd<true><<<grid, block, 0, stream>>>(a);
       else block_diag4_fwd<false><<<grid, block, 0, stream>>>(a);
-    } else if (g.heads <= 4 && BdFwdMode() == 1) {
-      if (a.w2) gated(block_diag4_fwd_gates<true, 8, true>, sizeof(BdFwdPfSmem<true, 8>));
-      else gated(block_diag4_fwd_gates<false, 8, true>, sizeof(BdFwdPfSmem<false, 8>));
     } else if (g.heads <= 4) {
       if (a.w2) gated(block_diag4_fwd_gates<true, 8>, sizeof(BdFwdSmem<true, 8>));
       else gated(block_diag4_fwd_gates<false, 8>, sizeof(BdFwdSmem<false, 8>));
@@ -1929,33 +1865,8 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
   return Launched("block_diag_fwd");
 }
 
-// GYRE_BD_BWD (read once; opt-in, glue11): the vectorised backward's cp.async ring at 0 or 8
-// gates (heads <= 4). Unset or "ring4" = the default 4 rows (3 ahead, static shared memory);
-// "ring8" = 8 rows (7 ahead) in dynamic shared memory, same arithmetic and order (expected: the
-// same bits). 0 for any other value (an error from BlockDiagBackward).
-// Counts (xlstm[1:0]-125m B16 x 2048, H100, from the lead's 2026-11-27 profile): the 2-map
-// backward (q, k at 8 gates) moves 302 MB a call (x, dy, dy2 read; dx written; +13 MB of gate
-// partials) in 290 µs (1.1 TB/s, 46% of 3 TB/s); the 1-map (v) 201 MB in 197 µs. Issue: ~185
-// instructions a thread-row, ~80 µs a call at 4 schedulers x 132 SMs. So a warp spends ~1.6 µs a
-// row with 3 rows in flight: stalled on its loads, not on issue or DRAM bandwidth. 7 rows ahead
-// doubles the bytes in flight a SM (38 -> 90 KB at 16 warps; 78 KB of shared memory a block, 2
-// blocks a SM as before).
-namespace {
-int BdBwdRing() {
-  static const int stages = [] {
-    const char* e = std::getenv("GYRE_BD_BWD");
-    if (e == nullptr || std::string_view(e) == "ring4") return 4;
-    return std::string_view(e) == "ring8" ? 8 : 0;
-  }();
-  return stages;
-}
-}  // namespace
-
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
-  if (BdBwdRing() == 0)
-    return gyre::cuda::InvalidArgument(std::string("BlockDiagBackward: GYRE_BD_BWD must be ring4 or ring8, got '") +
-                                       std::getenv("GYRE_BD_BWD") + "'");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
@@ -1986,20 +1897,7 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
   if (vec) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
-    // GYRE_BD_BWD=ring8 (opt-in): an 8-row ring (7 rows ahead) at 0 or 8 gates.
-    auto ring8 = [&](auto kernel, int bytes) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-      kernel<<<grid, block, static_cast<size_t>(bytes), stream>>>(a, g, p);
-    };
-    if (BdBwdRing() == 8 && g.heads <= 4) {
-      if (g.heads == 0) {
-        if (a.w2) ring8(block_diag4_bwd<true, 0, 8>, kBdBwdDynRingBytes<0, 8>);
-        else ring8(block_diag4_bwd<false, 0, 8>, kBdBwdDynRingBytes<0, 8>);
-      } else {
-        if (a.w2) ring8(block_diag4_bwd<true, 8, 8>, kBdBwdDynRingBytes<8, 8>);
-        else ring8(block_diag4_bwd<false, 8, 8>, kBdBwdDynRingBytes<8, 8>);
-      }
-    } else if (g.heads == 0) {
+    if (g.heads == 0) {
       if (a.w2) block_diag4_bwd<true, 0><<<grid, block, 0, stream>>>(a, g, p);
       else block_diag4_bwd<false, 0><<<grid, block, 0, stream>>>(a, g, p);
     } else if (g.heads <= 4) {

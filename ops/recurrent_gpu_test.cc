@@ -134,18 +134,9 @@ TEST_F(RecurrentGpuTest, SlstmBlock) {
   CheckBlock("slstm", s, [&](const BuildContext& c) { return std::make_unique<SlstmBlock>(c, s, 1, 3); }, 2, 67);
 }
 
-// The Mamba-2 in-projection backward's order in this process (ops/recurrent_blocks.cc:
-// GYRE_MAMBA_DT_BWD, read once; unset = last), for the result lines.
-std::string DtBwdVariant() {
-  const char* v = std::getenv("GYRE_MAMBA_DT_BWD");
-  return std::string(" [dt_bwd ") + (v != nullptr ? v : "last") + "]";
-}
-
 TEST_F(RecurrentGpuTest, Mamba2Block) {
   const ModelSpec s = SmallMamba2();
-  CheckBlock(
-      "mamba2" + DtBwdVariant(), s, [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2,
-      100);
+  CheckBlock("mamba2", s, [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2, 100);
 }
 
 // ---------------------------------------------------------------- glue kernels, one by one
@@ -160,21 +151,12 @@ double Sig(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 double SiluD(double z) { return z * Sig(z); }
 double DSiluD(double z) { return Sig(z) * (1.0 + z * (1.0 - Sig(z))); }
 
-// The 4x4 block-diagonal kernels' variants in this process (ops/recurrent_cuda.cu, read once:
-// GYRE_BD_FWD, unset = tile; GYRE_BD_BWD, unset = ring4), for the result lines.
-std::string BdVariant() {
-  const char* f = std::getenv("GYRE_BD_FWD");
-  const char* b = std::getenv("GYRE_BD_BWD");
-  return std::string(" [bd_fwd ") + (f != nullptr ? f : "tile") + "] [bd_bwd " + (b != nullptr ? b : "ring4") + "]";
-}
-
 // `overwrite`: dw / dw2 start as NaN and are overwritten (the deferred-zero rule's first write).
 void CheckBlockDiag(int64_t rows, int64_t blocks, int64_t bs, int64_t ld, bool two, bool overwrite = false) {
   Rng rng(31);
   const int64_t cols = blocks * bs;
   const std::string name = "blockdiag rows " + std::to_string(rows) + " bs " + std::to_string(bs) + " ld " +
-                           std::to_string(ld) + (two ? " +second map" : "") + (overwrite ? " overwrite" : "") +
-                           BdVariant();
+                           std::to_string(ld) + (two ? " +second map" : "") + (overwrite ? " overwrite" : "");
   const Tensor x = RandomBf16Host({rows, ld}, 1.0, &rng), w = RandomBf16Host({blocks, bs, bs}, 0.5, &rng),
                w2 = RandomBf16Host({blocks, bs, bs}, 0.5, &rng), dy = RandomBf16Host({rows, ld}, 1.0, &rng),
                dy2 = RandomBf16Host({rows, ld}, 1.0, &rng), dx0 = RandomBf16Host({rows, ld}, 1.0, &rng),
@@ -245,8 +227,7 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
   Rng rng(41);
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
-                           BdVariant();
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
