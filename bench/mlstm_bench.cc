@@ -135,7 +135,6 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
-  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DQK (unset: ws)
 };
 
 struct Problem {
@@ -162,7 +161,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
-  opt.bwd_dqk = pr.variant.bwd_dqk;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -454,15 +452,6 @@ int main(int argc, char** argv) {
   };
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
-  // bwd_dqk forced at chunk 128 with 128-column dq/dk slabs (else = v2): one block per head-chunk
-  // for all dk slabs ("dqk-fused", helper mlstm11) or the per-slab default ("dqk-ws").
-  const auto dqk_variant = [&](const char* name, gyre::cuda::MlstmBwdDqkKernel kernel) {
-    return gyre::cuda::Variant{name, MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
-                               MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto, kernel};
-  };
-  const gyre::cuda::Variant dqk_fused =
-      dqk_variant("dqk-fused", gyre::cuda::MlstmBwdDqkKernel::kFusedSlabs);
-  const gyre::cuda::Variant dqk_ws = dqk_variant("dqk-ws", gyre::cuda::MlstmBwdDqkKernel::kPerSlab);
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -477,9 +466,6 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_whi},
       {"xlstm-125m-cell", s125, 128, dv_mma},  {"xlstm-125m-cell", s125, 128, dv_wgf},
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
-      {"xlstm-125m-cell", s125, 128, dqk_ws},  {"xlstm-125m-cell", s125, 128, dqk_fused},
-      {"xlstm-1.3b-like", s13, 128, dqk_ws},   {"xlstm-1.3b-like", s13, 128, dqk_fused},
-      {"xlstm-7b-heads", s7, 128, dqk_ws},     {"xlstm-7b-heads", s7, 128, dqk_fused},
       // The ops/ xlstm[1:0]-1.3b cell (4 heads of 1024, B4): only with --states (helper mem12).
       {"xlstm-1.3b-model", {4, 2048, 4, 1024, 1024}, 128, v2},
   };

@@ -59,9 +59,7 @@
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
 // 0.542 -> 0.335 ms at the 125m cell on an H100; MlstmBwdDvKernel / GYRE_MLSTM_BWD_DV select the
 // others). Everything else (chunk 16-64,
-// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. Opt-in (helper
-// mlstm11, not measured yet): GYRE_MLSTM_BWD_DQK=fused runs bwd_dqk as mlstm_bwd_dqk_fused, one
-// block per head-chunk for all dk slabs (MlstmBwdDqkKernel). xlstm-125m cell
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
 // Defaults since the lead's session-8 device call (helper mlstm10's kernels; H100, 125m cell):
 // mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
@@ -69,7 +67,9 @@
 // byte-identical to the kernels they replaced. The replaced ones (the two-stage mlstm_fwd_out_ws,
 // the warpgroup mlstm_state_fwd / _bwd<128, 128, 128, true>) were deleted after losing in the
 // lead's 2026-11-27 whole-step confirmation; mlstm_fwd_out_wsf (the two-stage kernel without
-// C7515, 0.599 ms) lost to ws3 and was deleted before.
+// C7515, 0.599 ms) lost to ws3 and was deleted before. mlstm_bwd_dqk_fused (helper mlstm11: one
+// block per head-chunk for all dk slabs) lost to the per-slab mlstm_bwd_dqk_ws (H100, 125m cell
+// 0.867-0.869 vs 0.759-0.762 ms) and was deleted (2026-11-27).
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -2810,392 +2810,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// bwd_dqk fused over the dk slabs (helper mlstm11; opt-in: MlstmBwdDqkKernel::kFusedSlabs,
-// GYRE_MLSTM_BWD_DQK=fused): one block per (head, chunk) for all DK/128 slabs, where
-// mlstm_bwd_dqk_ws runs one block per (head, chunk, slab). The per-slab kernel computes
-// dP = dH Vᵀ and dS' — which do not depend on the slab — once per slab (3x at the 125m cell: 6.3M
-// of its 35.7M MACs per block, and dh / V streamed for it each time) and drains its pipeline at
-// every block boundary (one 192 KB block per SM: nothing overlaps the next block's first loads).
-// Here:
-//   - phase 1a: dP over dv (dh, V steps), then dS' once: to shared memory (for every slab's
-//     dK += dS'ᵀ Q) and as bf16 A fragments in registers (pa, for every slab's dQ += dS' K);
-//   - per slab a: phase 1b Y = dH C_k[a]ᵀ (hi + lo) over dv, Q[a] / K[a] (their own region),
-//     dQ, the dq store and q·dq; phase 3 V dC_{k+1}[a]ᵀ (hi + lo) over dv, dK += dS'ᵀ Q, the dk
-//     store and k·dk;
-//   - one ring of two 48 KB stages carries every step of the block in order (P1a: dh, V; P1b: dh,
-//     C hi, C lo; P3: dC lo, V, dC hi), so the producer loads the next slab's first steps while
-//     the consumers finish the current slab; Q[a] / K[a] load once the consumers released slab
-//     a − 1's (an "empty" mbarrier, one arrival per consumer warp).
-// Every accumulator gets the same wgmma products in the same order as in mlstm_bwd_dqk_ws, so
-// dq, dk, q·dq and k·dk are meant to be bitwise identical to it (the test checks that).
-// Shared memory: dS' 32 KB, Q 32 KB, K 32 KB, ring 2 × 48 KB (a third stage does not fit in 227
-// KB), vectors (b, ĩ, m, 1/den, dden: L each; n_k, dn_{k+1}: DK each), 6 mbarriers.
-template <bool SPLIT>
-struct DqkFusedSmem {
-  static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
-  static constexpr int kDS = 0;              // [128 t][128 s] dS' (two column blocks)
-  static constexpr int kQ = 2 * kTile64;     // [128 t][128 dk of slab a]
-  static constexpr int kK = 4 * kTile64;     // [128 s][128 dk of slab a]
-  static constexpr int kRing = 6 * kTile64;
-  static constexpr int kSlot = 3 * kTile64;
-  static constexpr int kSlots = 2;
-  static constexpr int kFloats = kRing + kSlots * kSlot;
-  // full[2], empty[2], full_qk, empty_qk after the vectors.
-  static size_t Bytes(int dk) { return kFloats + (5 * 128 + 2 * dk) * 4 + 6 * 8 + 1024; }
-};
-
-// LoadDqkVectors for all dk rows (n_k, dn_{k+1} of every slab) instead of one slab's.
-template <int L>
-__device__ __forceinline__ void LoadDqkVectorsAllSlabs(const Dims& d, const BwdPtrs& p, int tid,
-                                                       int threads, int len, int64_t so,
-                                                       int64_t tok0, int bh, int k, float* bs,
-                                                       float* igs, float* ms, float* ivs,
-                                                       float* dds, float* nks, float* dnks) {
-  if (tid < L) {
-    const bool ok = tid < len;
-    bs[tid] = ok ? p.b_tok[so + tid] : 0.f;
-    ms[tid] = ok ? p.m_tok[so + tid] : 0.f;
-    igs[tid] = ok ? p.ig[tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-    ivs[tid] = ok ? p.inv_d[so + tid] : 0.f;
-    dds[tid] = ok ? p.dden[so + tid] : 0.f;
-  }
-  for (int i = tid; i < d.DK; i += threads) {
-    nks[i] = p.sn[(static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + i];
-    const float* dn_parts = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.dn_parts * d.DK + i;
-    float dn = 0.f;
-    for (int j = 0; j < d.dn_parts; ++j) dn += dn_parts[static_cast<int64_t>(j) * d.DK];
-    dnks[i] = dn;
-    if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0: state_bwd's dn_0 parts (slot NC)
-      const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + i;
-      float s0 = 0.f;
-      for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK];
-      p.dn0[static_cast<int64_t>(bh) * d.DK + i] = s0;
-    }
-  }
-}
-
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_bwd_dqk_fused(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
-  using namespace hopper;
-  using SM = DqkFusedSmem<SPLIT>;
-  constexpr int L = 128, kConsumers = 256, kSlots = SM::kSlots;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  unsigned char *qs = sm + SM::kQ, *ks = sm + SM::kK, *dss = sm + SM::kDS;
-  float* bs = reinterpret_cast<float*>(sm + SM::kFloats);
-  float* igs = bs + L;
-  float* ms = igs + L;
-  float* ivs = ms + L;
-  float* dds = ivs + L;
-  float* nks = dds + L;      // [DK] n_k
-  float* dnks = nks + d.DK;  // [DK] dn_{k+1}
-  const uint32_t bars = sa + SM::kFloats + (5 * L + 2 * d.DK) * 4;
-  const uint32_t full = bars, empty = bars + 8 * kSlots;
-  const uint32_t full_qk = bars + 16 * kSlots, empty_qk = full_qk + 8;
-  const int k = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int t0 = k * L, len = min(L, d.S - t0);
-  const int njt = d.DV / 64, nslab = d.DK / 128;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kSlots; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInit(full_qk, 1);
-    MbInit(empty_qk, 8);
-    MbInitFence();
-  }
-  __syncthreads();
-
-  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (threadIdx.x == 0) {
-      constexpr uint32_t kP1aBytes = 2 * SM::kTile64;
-      constexpr uint32_t kP1bBytes = (SPLIT ? 3 : 2) * SM::kTile64;
-      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
-      int step = 0;  // ring step: slot step % 2, use step / 2
-      // Waits for the slot of `step` and returns its address (full barrier armed by the caller).
-      auto acquire = [&](int s) {
-        const int slot = s % kSlots, use = s / kSlots;
-        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-        return sa + SM::kRing + slot * SM::kSlot;
-      };
-      for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 1a: dh, V
-        const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
-        MbArriveExpectTx(fb, kP1aBytes);
-        TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
-        TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
-      }
-      for (int a = 0; a < nslab; ++a) {
-        const int a0 = a * 128;
-        const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
-        const int dc_row = (bh * d.NC + k) * d.DK + a0;
-        for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 1b: dh, C hi, C lo
-          const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
-          MbArriveExpectTx(fb, kP1bBytes);
-          TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
-          TmaTile2d(st + SM::kTile64, &maps.c, fb, jt * 64, c_row);
-          if constexpr (SPLIT) TmaTile2d(st + 2 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
-        }
-        // Q[a], K[a] once slab a − 1's consumers are done with theirs.
-        if (a > 0) MbWait(empty_qk, (a - 1) & 1);
-        MbArriveExpectTx(full_qk, 4 * SM::kTile64);
-        TmaTile4d(sa + SM::kQ, &maps.q, full_qk, a0, hd, t0, b);
-        TmaTile4d(sa + SM::kQ + SM::kTile64, &maps.q, full_qk, a0 + 64, hd, t0, b);
-        TmaTile4d(sa + SM::kK, &maps.k, full_qk, a0, hd, t0, b);
-        TmaTile4d(sa + SM::kK + SM::kTile64, &maps.k, full_qk, a0 + 64, hd, t0, b);
-        for (int jt = 0; jt < njt; ++jt, ++step) {  // phase 3: dC lo, V, dC hi
-          const uint32_t st = acquire(step), fb = full + 8 * (step % kSlots);
-          MbArriveExpectTx(fb, kP3Bytes);
-          TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
-          TmaTile2d(st + 2 * SM::kTile64, &maps.dc, fb, jt * 64, dc_row);
-          if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
-        }
-      }
-    }
-    return;
-  }
-
-  // Consumers: warps 4-11 (consumer thread index tid 0..255), warpgroup wg owns rows
-  // 64wg..64wg+63.
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
-  const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-  LoadDqkVectorsAllSlabs<L>(d, p, tid, kConsumers, len, so, tok0, bh, k, bs, igs, ms, ivs, dds,
-                            nks, dnks);
-  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  int step = 0;                        // ring step, as the producer's
-
-  // Phase 1a: dP = dH Vᵀ over dv in 64-wide tiles; one wgmma group in flight while the next
-  // stage's mbarrier is awaited.
-  float pacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) pacc[i] = 0.f;
-  for (int jt = 0; jt < njt; ++jt, ++step) {
-    const int slot = step % kSlots;
-    MbWait(full + 8 * slot, (step / kSlots) & 1);
-    const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
-    const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t kstep = (kk * 32) >> 4;
-      WgmmaSS128<0, 0>(pacc, dh_d + kstep, v_d + kstep, 1);
-    }
-    WgmmaCommit();
-    if (jt > 0) {
-      WgmmaWait<1>();  // step − 1's group retired: its stage is free
-      if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-    }
-  }
-  WgmmaWait<0>();
-  FenceRegs(pacc);
-  if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-  NamedBarrierSync(1, kConsumers);  // the vectors landed
-  // Phase 2 (once): dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared
-  // memory (swizzled [t][s]) for every slab's dK and packed to bf16 A fragments for every dQ.
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      float v = 0.f;
-      if (s <= r && r < len) {
-        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
-        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
-      }
-      pacc[4 * nt + e] = v;
-    }
-  }
-  uint32_t pa[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-    const int col = 16 * kk + 2 * c;
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
-  }
-  FenceProxyAsync();                // dS' is read by the dK wgmma
-  NamedBarrierSync(1, kConsumers);  // dS' from both warpgroups written (and fenced)
-  const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
-  const float gl = bs[len - 1];
-  const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
-  const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
-
-  for (int a = 0; a < nslab; ++a) {
-    const int a0 = a * 128;
-    // Phase 1b: Y = dH C_k[a]ᵀ (hi + lo).
-    float qacc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) qacc[i] = 0.f;
-    for (int jt = 0; jt < njt; ++jt, ++step) {
-      const int slot = step % kSlots;
-      MbWait(full + 8 * slot, (step / kSlots) & 1);
-      const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
-      const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
-      const uint64_t c_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
-      const uint64_t clo_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t kstep = (kk * 32) >> 4;
-        WgmmaSS128<0, 0>(qacc, dh_d + kstep, c_d + kstep, 1);
-        if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + kstep, clo_d + kstep, 1);
-      }
-      WgmmaCommit();
-      if (jt > 0) {
-        WgmmaWait<1>();
-        if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-      }
-    }
-    WgmmaWait<0>();
-    FenceRegs(qacc);
-    if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = a0 + nt * 8 + 2 * c;
-      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
-      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
-      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
-      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
-    }
-    MbWait(full_qk, a & 1);
-    // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
-    {
-      const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(qacc);
-      FenceRegs(pa);
-    }
-    {
-      bf16* dqbase = p.dq + tok0 * d.DK + a0;
-      float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const int col = nt * 8 + 2 * c;
-        const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
-        const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
-        dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
-        dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
-        if (r0 < len)
-          *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
-        if (r1 < len)
-          *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
-      }
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-      if (c == 0) {
-        if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + a] = dot0;
-        if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + a] = dot1;
-      }
-    }
-    // Phase 3: dK = diag(E)(V dC_{k+1}[a]ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
-    float kacc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
-    for (int jt = 0; jt < njt; ++jt, ++step) {
-      const int slot = step % kSlots;
-      MbWait(full + 8 * slot, (step / kSlots) & 1);
-      const uint32_t st = sa + SM::kRing + slot * SM::kSlot;
-      const uint64_t v_d = SmemDescSw128(st + SM::kTile64 + own, 16, 1024);
-      const uint64_t dc_d = SmemDescSw128(st + 2 * SM::kTile64, 16, 1024);
-      const uint64_t dclo_d = SmemDescSw128(st, 16, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t kstep = (kk * 32) >> 4;
-        WgmmaSS128<0, 0>(kacc, v_d + kstep, dc_d + kstep, 1);
-        if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + kstep, dclo_d + kstep, 1);
-      }
-      WgmmaCommit();
-      if (jt > 0) {
-        WgmmaWait<1>();
-        if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-      }
-    }
-    WgmmaWait<0>();
-    FenceRegs(kacc);
-    if (lane == 0) MbArrive(empty + 8 * ((step - 1) % kSlots));
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = a0 + nt * 8 + 2 * c;
-      kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
-      kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
-      kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
-      kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
-    }
-    // dK += dS'ᵀ Q: dS' [t][s] is an M-major A (this warpgroup's column block of s), Q [t][dk]
-    // N-major B.
-    {
-      const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
-      const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const uint64_t kstep = (kk * 16 * 128) >> 4;
-        WgmmaSS128<1, 1>(kacc, ds_d + kstep, q_d + kstep, 1);
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(kacc);
-    }
-    {
-      bf16* dkbase = p.dk + tok0 * d.DK + a0;
-      float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const int col = nt * 8 + 2 * c;
-        const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
-        const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
-        dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
-        dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
-        if (r0 < len)
-          *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
-        if (r1 < len)
-          *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
-      }
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-      if (c == 0) {
-        if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + a] = dot0;
-        if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + a] = dot1;
-      }
-    }
-    // This warp is done with Q[a] (dq dot, dK wgmma retired) and K[a] (dQ wgmma, dk dot).
-    __syncwarp();
-    if (lane == 0) MbArrive(empty_qk);
-  }
-}
-
 // fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws3 below,
 // the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
 // bwd_dqk). Per 64-wide dk stage (swizzled Q, K tiles [128][64], C_k hi / lo rows [64 dk][128
@@ -4265,12 +3879,12 @@ int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
 struct BwdDvChoice {
   bool fused = false;             // mlstm_bwd_dv_wg_fused (one block per head-chunk)
   const char* bad_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DV value
-  // MlstmOptions::bwd_dqk resolved (GYRE_MLSTM_BWD_DQK; applies where d.wg_dqk).
-  bool dqk_fused = false;             // mlstm_bwd_dqk_fused (one block per head-chunk)
-  const char* bad_dqk_env = nullptr;  // the unknown GYRE_MLSTM_BWD_DQK value
   // GYRE_MLSTM_STATE_BWD: only "ws" (mlstm_state_bwd_ws) is left; "wg" (deleted) and any other
   // value make the backward return an error naming the value.
   const char* bad_state_env = nullptr;
+  // GYRE_MLSTM_BWD_DQK: only "ws" (mlstm_bwd_dqk_ws) is left; "fused" (deleted) and any other
+  // value make the backward return an error naming the value.
+  const char* bad_dqk_env = nullptr;
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -4283,26 +3897,13 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     }
     const char* st = std::getenv("GYRE_MLSTM_STATE_BWD");
     if (st != nullptr && std::strcmp(st, "ws") != 0) c.bad_state_env = st;
-    // Opt-in (helper mlstm11, not measured yet): "fused" = mlstm_bwd_dqk_fused; unset or "ws" =
-    // the per-slab mlstm_bwd_dqk_ws (the default).
     const char* dq = std::getenv("GYRE_MLSTM_BWD_DQK");
-    if (dq != nullptr && std::strcmp(dq, "fused") == 0) {
-      c.dqk_fused = true;
-    } else if (dq != nullptr && std::strcmp(dq, "ws") != 0) {
-      c.bad_dqk_env = dq;
-    }
+    if (dq != nullptr && std::strcmp(dq, "ws") != 0) c.bad_dqk_env = dq;
     return c;
   }();
   BwdDvChoice c;
   c.bad_state_env = from_env.bad_state_env;
-  switch (o.bwd_dqk) {
-    case MlstmBwdDqkKernel::kAuto:
-      c.dqk_fused = from_env.dqk_fused;
-      c.bad_dqk_env = from_env.bad_dqk_env;
-      break;
-    case MlstmBwdDqkKernel::kPerSlab: break;
-    case MlstmBwdDqkKernel::kFusedSlabs: c.dqk_fused = true; break;
-  }
+  c.bad_dqk_env = from_env.bad_dqk_env;
   switch (o.bwd_dv) {
     case MlstmBwdDvKernel::kAuto:
       c.fused = from_env.fused;
@@ -4688,21 +4289,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   using T = std::true_type;
   using F = std::false_type;
   if constexpr (L == 128) {
-    if (d.wg_dqk && dv_choice.dqk_fused) {  // wg_dqk: chunk 128, dk a multiple of 128
-      auto dqk_fused = [&](auto split_tag) -> CudaResult {
-        constexpr bool SPLIT = decltype(split_tag)::value;
-        const size_t smem = DqkFusedSmem<SPLIT>::Bytes(d.DK);
-        DqkTmaMaps maps{};
-        CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_fused<SPLIT>, smem));
-        mlstm_bwd_dqk_fused<SPLIT><<<dim3(1, d.NC, bh), 384, smem, stream>>>(d, p, maps);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
-        Hook("mlstm_bwd_dqk", stream);
-        return {};
-      };
-      CUDA_RETURN_IF_NOT_OK(d.split ? dqk_fused(T{}) : dqk_fused(F{}));
-      return LaunchGatesBwd(d, p, stream);
-    }
     if (d.wg_dqk) {
       auto dqk_ws = [&](auto split_tag) -> CudaResult {
         constexpr bool SPLIT = decltype(split_tag)::value;
@@ -4958,7 +4544,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
                            dv_choice.bad_env + "'");
   }
   if (dv_choice.bad_dqk_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DQK must be ws or fused, got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DQK must be ws (or unset; "
+                                       "fused was deleted), got '") +
                            dv_choice.bad_dqk_env + "'");
   }
   if (dv_choice.bad_state_env != nullptr) {

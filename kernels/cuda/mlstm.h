@@ -112,24 +112,16 @@ enum class MlstmBwdDvKernel {
                    // cell, 0.288 -> 0.164 ms at the 1.3b layout (H100, bench/RESULTS.md)
 };
 
-// Which kernel computes dq and dk (backward step 7, bwd_dqk) at chunk 128 with 128-column dq/dk
-// slabs (dk a multiple of 128); other shapes always run the mma.sync kernel. Same products in the
-// same order on both: dq, dk and the row dots agree bit for bit.
-enum class MlstmBwdDqkKernel {
-  kAuto,        // GYRE_MLSTM_BWD_DQK (read once per process): unset or "ws" = kPerSlab, "fused" =
-                // kFusedSlabs; any other value makes MlstmChunkwiseBackward return an error naming it
-  kPerSlab,     // mlstm_bwd_dqk_ws: one block per (head, chunk, 128-column slab) (the default)
-  kFusedSlabs,  // mlstm_bwd_dqk_fused (helper mlstm11; opt-in, not measured yet): one block per
-                // (head, chunk) for all slabs; dP = dH Vᵀ and dS' once instead of once per slab
-};
-
 // At chunk 128 with 128-column h slabs fwd_out runs mlstm_fwd_out_ws3 (three TMA dk stages), and
 // with 128×128 state tiles the two state recurrences run mlstm_state_fwd_ws / mlstm_state_bwd_ws
 // (TMA producer warpgroup, TMA box stores); there is no choice left. The earlier kernels (the
 // two-stage fwd_out, the warpgroup cp.async state kernels; MlstmFwdOutKernel and
 // MlstmStateKernel, GYRE_MLSTM_FWD_OUT=ws, GYRE_MLSTM_STATE_FWD / _BWD=wg) were deleted after
-// losing in the lead's 2026-11-27 whole-step confirmation. GYRE_MLSTM_FWD_OUT accepts only
-// "ws3", GYRE_MLSTM_STATE_FWD / GYRE_MLSTM_STATE_BWD only "ws" (or unset); any other value makes
+// losing in the lead's 2026-11-27 whole-step confirmation. bwd_dqk at chunk 128 with 128-column
+// dq/dk slabs runs mlstm_bwd_dqk_ws (one block per head, chunk and slab); the fused one
+// (MlstmBwdDqkKernel::kFusedSlabs, GYRE_MLSTM_BWD_DQK=fused) lost (H100, 125m cell 0.868 vs 0.761
+// ms) and was deleted. GYRE_MLSTM_FWD_OUT accepts only "ws3", GYRE_MLSTM_STATE_FWD /
+// GYRE_MLSTM_STATE_BWD / GYRE_MLSTM_BWD_DQK only "ws" (or unset); any other value makes
 // MlstmChunkwiseForward / Backward return an error naming it.
 
 // The forward and the backward of one step must get the same options: what the forward saves
@@ -154,8 +146,6 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  // Backward only (see MlstmBwdDqkKernel; kAuto follows GYRE_MLSTM_BWD_DQK, default kPerSlab).
-  MlstmBwdDqkKernel bwd_dqk = MlstmBwdDqkKernel::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
