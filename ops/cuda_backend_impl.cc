@@ -44,7 +44,7 @@ void Die(const kc::CudaResult& r, const char* what) {
   std::fprintf(stderr, "CUDA backend: %s failed: %s\n", what, r.message.c_str());
   if (r.message.find("out of memory") != std::string::npos) {
     std::fprintf(stderr, "CUDA backend: the device memory is full: lower train.micro_batch (gradient accumulation "
-                         "keeps the global batch) or set model.recompute_blocks\n");
+                         "keeps the global batch), or set model.xlstm.mlstm_recompute (xLSTM) or model.recompute_blocks\n");
   }
   std::abort();
 }

@@ -260,6 +260,16 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
   if (x.qkv_block_size() != 0) s.qkv_block_size = x.qkv_block_size();
   if (x.slstm_heads() != 0) s.slstm_heads = x.slstm_heads();
   if (x.chunk_size() != 0) s.mlstm_chunk = x.chunk_size();
+  if (!x.mlstm_recompute().empty()) {
+    const std::string& m = x.mlstm_recompute();
+    if (m != "none" && m != "states" && m != "glue" && m != "cell")
+      return Invalid("xlstm.mlstm_recompute", absl::StrCat("'", m, "' (known: none, states, glue, cell)"));
+    if (m != "none" && s.recompute_blocks)
+      return Invalid("xlstm.mlstm_recompute",
+                     absl::StrCat("'", m, "' together with model.recompute_blocks (choose one: under a "
+                                  "recomputed block the mLSTM cell would run three times)"));
+    s.mlstm_recompute = m;
+  }
   // sigmoid_forget_gate: proto3 cannot tell "unset" from false, and the documented default is
   // true, so only the sigmoid gate is reachable from a config (see the report: the field should be
   // `optional` or inverted). The exponential gate stays available to code through ModelSpec.

@@ -494,6 +494,17 @@ TEST(ModelConfigTest, RejectsBadFieldsByName) {
   c.set_preset("mamba2-tiny");
   c.mutable_mamba2()->set_head_dim(48);
   expect_error(c, "model.mamba2.head_dim");
+  c.clear_mamba2();
+  c.set_preset("xlstm-tiny");
+  c.mutable_xlstm()->set_mlstm_recompute("sometimes");
+  expect_error(c, "model.xlstm.mlstm_recompute");
+  c.mutable_xlstm()->set_mlstm_recompute("states");
+  c.set_recompute_blocks(true);  // both at once: the cell would run three times
+  expect_error(c, "model.xlstm.mlstm_recompute");
+  c.set_recompute_blocks(false);
+  auto ok = ResolveModelConfig(c);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->mlstm_recompute, "states");
 }
 
 TEST(ModelConfigTest, OverridesAndHybrids) {

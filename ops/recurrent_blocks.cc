@@ -323,6 +323,10 @@ MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_la
       down_(ctx.Sub("proj_down"), s.mlstm_inner, s.d_model, false) {
   const int64_t dk = p_ / heads_;
   GYRE_CHECK(cpu::mlstm_check({1, 1, heads_, dk, dk}, {chunk_}).ok(), "mLSTM shape");
+  // model_config.cc validated the name.
+  if (s.mlstm_recompute == "states") configured_ = MlstmRecompute::kStates;
+  else if (s.mlstm_recompute == "glue") configured_ = MlstmRecompute::kGlue;
+  else if (s.mlstm_recompute == "cell") configured_ = MlstmRecompute::kCell;
   Rng* rng = ctx.rng;
   InitNormal(&up_.weight()->value, SmallInitStd(d_), rng);
   for (BlockDiagonalLinear* l : {&q_, &k_, &v_}) InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
@@ -920,7 +924,8 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const MlstmRecomputeConfig config = GetMlstmRecompute();
   const bool keep = config.keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - config.keep_last;
-  const MlstmRecompute mode = keep ? MlstmRecompute::kNone : config.mode;
+  const MlstmRecompute chosen = config.mode != MlstmRecompute::kNone ? config.mode : configured_;
+  const MlstmRecompute mode = keep ? MlstmRecompute::kNone : chosen;
   Tensor y = ForwardCudaAll(x, batch, seq);
   mode_ = mode;
   if (mode == MlstmRecompute::kBlock) {

@@ -96,6 +96,8 @@ struct MlstmRecomputeConfig {
   MlstmRecompute mode = MlstmRecompute::kNone;
   int64_t keep_last = 0;
 };
+// The model's setting is ModelSpec::mlstm_recompute (config: model.xlstm.mlstm_recompute). The
+// process-wide setting below overrides it when its mode is not kNone (tests, benchmarks).
 // The process-wide setting each MlstmBlock::Forward reads (the backward uses the forward's).
 // Starts from GYRE_MLSTM_RECOMPUTE (unset, "none", "cell", "glue", "block", "states"; anything else stops
 // the process with a message naming it) and GYRE_MLSTM_RECOMPUTE_KEEP (an integer >= 0), read
@@ -153,6 +155,7 @@ class MlstmBlock : public Block {
   // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock, kGlue and kStates;
   // kStates' copy of the per-token part of the cell's saved (MlstmTokenBytes).
   MlstmRecompute mode_ = MlstmRecompute::kNone;
+  MlstmRecompute configured_ = MlstmRecompute::kNone;  // ModelSpec::mlstm_recompute
   Tensor x_in_, tokens_;
   // The cell, its saved states and the output norm (out = down's input) from the kept tensors.
   Tensor RecomputeCellCuda();

@@ -861,6 +861,24 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
               ok ? "PASS" : "FAIL", (long)B, (long)T, (long)none, (long)cell, (long)glue, (long)whole, (long)states,
               (long)saved, (long)tokens);
   EXPECT_TRUE(ok);
+
+  // The model's setting (model.xlstm.mlstm_recompute -> ModelSpec) selects the same mode when the
+  // process-wide override is kNone.
+  ModelSpec configured = s;
+  configured.mlstm_recompute = "states";
+  ParamStore store2(DType::kF32, Device::kCpu);
+  Rng r2(7);
+  MlstmBlock block2({&store2, &r2, "l"}, configured, 3);
+  store2.MoveToDevice(Device::kCuda);
+  MlstmRecomputeScope scope({MlstmRecompute::kNone, 0});
+  Cuda().Synchronize();
+  const uint64_t before = Cuda().Memory().bytes_in_use;
+  Tensor y = block2.Forward(x, B, T);
+  const int64_t from_spec = static_cast<int64_t>(Cuda().Memory().bytes_in_use - before);
+  block2.Backward(dy);
+  std::printf("[%s] mlstm recompute from the model config: states holds %ld (override: %ld)\n",
+              from_spec == states ? "PASS" : "FAIL", (long)from_spec, (long)states);
+  EXPECT_EQ(from_spec, states);
 }
 
 // Three AdamW steps of the xLSTM model (mLSTM, sLSTM, mLSTM) per mode against the default path:

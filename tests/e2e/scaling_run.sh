@@ -5,8 +5,9 @@
 #
 #   bash tests/e2e/scaling_run.sh <gyre binary> <index dir> <out dir> [preset ...]
 #
-# Presets default to "xlstm[7:1]-1.3b mamba2-1.3b" (xLSTM with per-block recomputation: without
-# it the 1.3B model does not fit at 8 x 2048 per GPU). Environment:
+# Presets default to "xlstm[7:1]-1.3b mamba2-1.3b" (xLSTM with model.xlstm.mlstm_recompute "states":
+# without it the 1.3B model does not fit at 8 x 2048 per GPU; session 9 measured the 4-GPU run with
+# recompute_blocks instead, 16% slower a step). Environment:
 #   SIZES   worker counts (default: 1 2 4 8, those <= the GPU count)
 #   STEPS   steps per size (default 200)        SEQ    context (default 2048)
 #   ROWS    sequences per GPU per step (default 8: weak scaling, global batch = ROWS x workers)
@@ -63,12 +64,12 @@ if [ -z "${SIZES:-}" ]; then SIZES=""; for n in 1 2 4 8; do [ "$n" -le "$ngpu" ]
 say "== scaling_run $(date -u +%FT%TZ) on $cards; sizes:$SIZES; $STEPS steps; $ROWS x $SEQ per GPU (micro-batch $MICRO)"
 
 config_for() {  # preset workers -> config path
-  local preset="$1" workers="$2" path="$runs/${1//[^a-zA-Z0-9.-]/_}-$2.textproto" recompute=false
-  [[ "$preset" == xlstm*1.3b ]] && recompute=true
+  local preset="$1" workers="$2" path="$runs/${1//[^a-zA-Z0-9.-]/_}-$2.textproto" memory=""
+  [[ "$preset" == xlstm*1.3b ]] && memory='xlstm { mlstm_recompute: "states" }'
   cat > "$path" <<EOF
 name: "scale"
 seed: 1
-model { preset: "$preset" vocab_size: 50257 recompute_blocks: $recompute }
+model { preset: "$preset" vocab_size: 50257 $memory }
 data { index_dir: "$index" seq_len: $SEQ global_batch: $((ROWS * workers)) }
 optimizer { lr: 0.0003 }
 schedule { warmup_steps: 20 total_steps: $STEPS }
