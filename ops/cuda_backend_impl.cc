@@ -589,18 +589,23 @@ class Backend final : public CudaBackend {
     return kc::MlstmChunkwiseSavedBytes(shape, options);
   }
 
-  void Mlstm(bool backward, const MlstmCellArgs& a) override {
-    Init();
-    OpProfiler::Scope scope(&prof_, backward ? "Mlstm backward" : "Mlstm forward");
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+  static kc::MlstmDeviceInputs MlstmInputsOf(const MlstmCellArgs& a) {
     kc::MlstmDeviceInputs in;
     in.q = static_cast<const bf16*>(a.q);
     in.k = static_cast<const bf16*>(a.k);
     in.v = static_cast<const bf16*>(a.v);
     in.igate = a.ig;
     in.fgate = a.fg;
+    return in;
+  }
+
+  void Mlstm(bool backward, const MlstmCellArgs& a) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, backward ? "Mlstm backward" : "Mlstm forward");
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    const kc::MlstmDeviceInputs in = MlstmInputsOf(a);
     if (!backward) {
       OK_OR_DIE(kc::MlstmChunkwiseForward(shape, options, in, {}, static_cast<bf16*>(a.h), a.saved, {}, stream_));
       return;
@@ -639,12 +644,7 @@ class Backend final : public CudaBackend {
     kc::MlstmShape shape;
     kc::MlstmOptions options;
     MlstmShapeOf(a, &shape, &options);
-    kc::MlstmDeviceInputs in;
-    in.q = static_cast<const bf16*>(a.q);
-    in.k = static_cast<const bf16*>(a.k);
-    in.v = static_cast<const bf16*>(a.v);
-    in.igate = a.ig;
-    in.fgate = a.fg;
+    const kc::MlstmDeviceInputs in = MlstmInputsOf(a);
     OK_OR_DIE(kc::MlstmChunkwiseRecomputeStates(shape, options, in, {}, a.tokens, a.saved, stream_));
   }
 

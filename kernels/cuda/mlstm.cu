@@ -4360,6 +4360,36 @@ size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOp
   return MakeScratch(shape, options).total;
 }
 
+namespace {
+// The forward kernels' pointers into the inputs and the saved buffer (the forward and the
+// states-only recomputation use the same layout; the final state is set by the caller).
+FwdPtrs ForwardPointers(const MlstmDeviceInputs& in, MlstmDeviceState<const float> initial, bf16* h, char* base,
+                        const SavedLayout& l) {
+  FwdPtrs p{};
+  p.q = in.q;
+  p.k = in.k;
+  p.v = in.v;
+  p.ig = in.igate;
+  p.fg = in.fgate;
+  p.c0 = initial.c;
+  p.n0 = initial.n;
+  p.m0 = initial.m;
+  p.h = h;
+  p.sc = reinterpret_cast<bf16*>(base + l.c);
+  p.sc_lo = reinterpret_cast<bf16*>(base + l.c_lo);
+  p.h_lo = reinterpret_cast<bf16*>(base + l.h_lo);
+  p.sc_last = reinterpret_cast<float*>(base + l.c_last);
+  p.sn = reinterpret_cast<float*>(base + l.n);
+  p.smk = reinterpret_cast<float*>(base + l.mk);
+  p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
+  p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
+  p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
+  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
+  p.decay = reinterpret_cast<float*>(base + l.decay);
+  return p;
+}
+}  // namespace
+
 CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& options,
                                  const MlstmDeviceInputs& in,
                                  MlstmDeviceState<const float> initial, __nv_bfloat16* h,
@@ -4387,28 +4417,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
-  char* base = static_cast<char*>(saved);
-  FwdPtrs p{};
-  p.q = in.q;
-  p.k = in.k;
-  p.v = in.v;
-  p.ig = in.igate;
-  p.fg = in.fgate;
-  p.c0 = initial.c;
-  p.n0 = initial.n;
-  p.m0 = initial.m;
-  p.h = h;
-  p.sc = reinterpret_cast<bf16*>(base + l.c);
-  p.sc_lo = reinterpret_cast<bf16*>(base + l.c_lo);
-  p.h_lo = reinterpret_cast<bf16*>(base + l.h_lo);
-  p.sc_last = reinterpret_cast<float*>(base + l.c_last);
-  p.sn = reinterpret_cast<float*>(base + l.n);
-  p.smk = reinterpret_cast<float*>(base + l.mk);
-  p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
-  p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
-  p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
-  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
-  p.decay = reinterpret_cast<float*>(base + l.decay);
+  FwdPtrs p = ForwardPointers(in, initial, h, static_cast<char*>(saved), l);
   p.c_out = final_state.c;
   p.n_out = final_state.n;
   p.m_out = final_state.m;
@@ -4485,27 +4494,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
   const TokenLayout t = MakeTokens(shape, options);
   char* base = static_cast<char*>(saved);
   const char* tok = static_cast<const char*>(tokens);
-  FwdPtrs p{};
-  p.q = in.q;
-  p.k = in.k;
-  p.v = in.v;
-  p.ig = in.igate;
-  p.fg = in.fgate;
-  p.c0 = initial.c;
-  p.n0 = initial.n;
-  p.m0 = initial.m;
-  p.h = nullptr;
-  p.sc = reinterpret_cast<bf16*>(base + l.c);
-  p.sc_lo = reinterpret_cast<bf16*>(base + l.c_lo);
-  p.h_lo = reinterpret_cast<bf16*>(base + l.h_lo);
-  p.sc_last = reinterpret_cast<float*>(base + l.c_last);
-  p.sn = reinterpret_cast<float*>(base + l.n);
-  p.smk = reinterpret_cast<float*>(base + l.mk);
-  p.b_tok = reinterpret_cast<float*>(base + l.b_tok);
-  p.m_tok = reinterpret_cast<float*>(base + l.m_tok);
-  p.den_tok = reinterpret_cast<float*>(base + l.den_tok);
-  p.e_tok = reinterpret_cast<float*>(base + l.e_tok);
-  p.decay = reinterpret_cast<float*>(base + l.decay);
+  const FwdPtrs p = ForwardPointers(in, initial, /*h=*/nullptr, base, l);
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + l.den_tok, tok + t.den, t.den_bytes, cudaMemcpyDeviceToDevice, stream));
   if (t.h_lo_bytes > 0) {
     CUDA_RETURN_IF_ERROR(
