@@ -4016,93 +4016,66 @@ CudaResult EncodeSwizzledMap(CUtensorMap* map, const bf16* base, int rank, const
   return {};
 }
 
+// A [B][S][NH][cols] bf16 tensor (q, k, v, dh) as rank-4 rows, 128-row boxes.
+CudaResult EncodeTokenRows(const Dims& d, CUtensorMap* map, const bf16* base, int cols) {
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
+                              static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2, static_cast<cuuint64_t>(d.NH) * cols * 2,
+                                 static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
+  return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
+}
+
+// `rows` state rows of dv bf16 columns (C_k, dC_k hi / lo) as a rank-2 map with `box_rows` boxes.
+CudaResult EncodeStateRows(const Dims& d, CUtensorMap* map, const bf16* base, int64_t rows, int box_rows) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
+  return EncodeSwizzledMap(map, base, 2, dims, strides, box_rows);
+}
+
 // The eight maps of mlstm_bwd_dqk_ws (lo maps alias the hi ones when the states are single bf16).
 CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
-  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
-                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
-                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
-                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
-    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
-  };
-  const auto rows2 = [&](CUtensorMap* map, const bf16* base, int64_t rows) {
-    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
-    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
-    return EncodeSwizzledMap(map, base, 2, dims, strides, 128);
-  };
   const int64_t bh = static_cast<int64_t>(d.B) * d.NH;
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->dh, p.dh, d.DV));
-  CUDA_RETURN_IF_NOT_OK(rows2(&m->c, p.sc, bh * (d.NC + 1) * d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows2(&m->c_lo, d.split ? p.sc_lo : p.sc, bh * (d.NC + 1) * d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc, p.dc, bh * d.NC * d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows2(&m->dc_lo, d.split ? p.dc_lo : p.dc, bh * d.NC * d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->dh, p.dh, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, bh * (d.NC + 1) * d.DK, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, bh * (d.NC + 1) * d.DK, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->dc, p.dc, bh * d.NC * d.DK, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->dc_lo, d.split ? p.dc_lo : p.dc, bh * d.NC * d.DK, 128));
   return {};
 }
 
 // The five maps of mlstm_fwd_out_ws3 (c_lo aliases c when the states are single bf16).
 CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
-  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
-                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
-                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
-                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
-    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
-  };
   const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->q, p.q, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.sc, 2, dims, strides, 64));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.sc_lo : p.sc, 2, dims, strides, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, rows, 64));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, rows, 64));
   return {};
 }
 
 // The four maps of mlstm_state_fwd_ws (c_lo aliases c when the states are single bf16; it is
 // then not stored).
 CudaResult EncodeStateFwdMaps(const Dims& d, const FwdPtrs& p, StateWsMaps* m) {
-  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
-                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
-                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
-                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
-    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
-  };
   const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.k, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.v, d.DV));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.sc, 2, dims, strides, 16));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.sc_lo : p.sc, 2, dims, strides, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, rows, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, rows, 16));
   return {};
 }
 
 // The four maps of mlstm_state_bwd_ws: q and dh in StateWsMaps::k / v, dC_{k+1} (scratch,
 // [BH][NC][dk] rows) hi / lo in c / c_lo (c_lo aliases c when the states are single bf16).
 CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
-  const auto rows4 = [&](CUtensorMap* map, const bf16* base, int cols) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(d.NH),
-                                static_cast<cuuint64_t>(d.S), static_cast<cuuint64_t>(d.B)};
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(cols) * 2,
-                                   static_cast<cuuint64_t>(d.NH) * cols * 2,
-                                   static_cast<cuuint64_t>(d.S) * d.NH * cols * 2};
-    return EncodeSwizzledMap(map, base, 4, dims, strides, 128);
-  };
   const int64_t rows = static_cast<int64_t>(d.B) * d.NH * d.NC * d.DK;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV) * 2};
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->k, p.q, d.DK));
-  CUDA_RETURN_IF_NOT_OK(rows4(&m->v, p.dh, d.DV));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c, p.dc, 2, dims, strides, 16));
-  CUDA_RETURN_IF_NOT_OK(EncodeSwizzledMap(&m->c_lo, d.split ? p.dc_lo : p.dc, 2, dims, strides, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.dh, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.dc, rows, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.dc_lo : p.dc, rows, 16));
   return {};
 }
 
