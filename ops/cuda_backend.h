@@ -94,6 +94,11 @@ class CudaBackend {
   // Memory. Copies between host and device synchronise the stream; device-to-device copies and
   // memsets are ordered on it.
   virtual std::shared_ptr<void> Allocate(size_t bytes) = 0;
+  // Page-locked host memory (cudaHostAlloc), or null when the driver refuses it. Device-to-host
+  // copies into it run at link speed without the driver's pageable staging (checkpoint snapshots:
+  // ~1 s instead of ~12 s for a 1.3B model's 16 GB of fp32 state). Pinning costs time once per
+  // allocation, so callers keep and reuse such buffers.
+  virtual std::shared_ptr<void> AllocatePinnedHost(size_t bytes) = 0;
   virtual void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) = 0;
   // Device-to-device strided copy of `height` rows of `width` bytes.
   virtual void Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,

@@ -177,6 +177,16 @@ class Backend final : public CudaBackend {
     return std::shared_ptr<void>(holder, p);
   }
 
+  std::shared_ptr<void> AllocatePinnedHost(size_t bytes) override {
+    Init();
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocDefault) != cudaSuccess) {
+      cudaGetLastError();  // a failed allocation is not sticky: clear it so later checks do not see it
+      return nullptr;
+    }
+    return std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+  }
+
   void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) override {
     Init();
     OpProfiler::Scope scope(&prof_, dst_device == Device::kCuda && src_device == Device::kCuda ? "CopyBytes d2d"

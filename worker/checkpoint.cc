@@ -77,15 +77,16 @@ absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final
     return absl::OkStatus();
   };
   for (const TensorSnapshot& t : state.tensors) {
-    if (!buffer.empty() && buffer.size() + t.bytes.size() > max_file_bytes) RETURN_IF_ERROR(flush());
+    const std::string_view bytes = t.data();
+    if (!buffer.empty() && buffer.size() + bytes.size() > max_file_bytes) RETURN_IF_ERROR(flush());
     gyre::v1::TensorEntry* e = manifest.add_tensors();
     e->set_name(t.name);
     e->set_dtype(t.dtype);
     for (uint64_t d : t.shape) e->add_shape(d);
     e->set_file(absl::StrCat("state-", file_index, ".bin"));
     e->set_offset(buffer.size());
-    e->set_bytes(t.bytes.size());
-    buffer.append(t.bytes);
+    e->set_bytes(bytes.size());
+    buffer.append(bytes);
   }
   RETURN_IF_ERROR(flush());
 
@@ -226,6 +227,7 @@ void CheckpointWriter::Run() {
       if (!pruned.ok()) dir = pruned;
     }
     if (on_done_) on_done_(state.step, std::move(dir));
+    state = CheckpointState();  // drop the snapshot (and its staging buffer) before Flush() returns
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_ = false;

@@ -17,9 +17,11 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -30,12 +32,20 @@
 
 namespace gyre {
 
-// One tensor's bytes, owned (a snapshot: training may go on while it is written).
+// One tensor's bytes (a snapshot: training may go on while it is written). They are either owned
+// (`bytes`: read checkpoints, exports, tests) or a range of a staging buffer that `staging` keeps
+// alive (a training replica's snapshot: one reused pinned buffer instead of a fresh string per
+// tensor, ModelReplica::Snapshot). Readers use data().
 struct TensorSnapshot {
   std::string name;
   gyre::v1::DType dtype = gyre::v1::DTYPE_F32;
   std::vector<uint64_t> shape;
   std::string bytes;
+  std::shared_ptr<const void> staging;
+  const char* staged = nullptr;
+  size_t staged_size = 0;
+
+  std::string_view data() const { return staging ? std::string_view(staged, staged_size) : std::string_view(bytes); }
 };
 
 struct CheckpointState {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -27,29 +28,17 @@ gyre::v1::DType ToProtoDType(ops::DType d) {
   return gyre::v1::DTYPE_UNSPECIFIED;
 }
 
-TensorSnapshot SnapshotOf(const std::string& name, const ops::Tensor& device_tensor) {
-  // Checkpoints copy device state to the host first.
-  const ops::Tensor t = device_tensor.device() == ops::Device::kCpu ? device_tensor : device_tensor.ToDevice(ops::Device::kCpu);
-  TensorSnapshot s;
-  s.name = name;
-  s.dtype = ToProtoDType(t.dtype());
-  for (int64_t d : t.shape()) s.shape.push_back(static_cast<uint64_t>(d));
-  s.bytes.assign(static_cast<const char*>(t.raw()), t.nbytes());
-  return s;
-}
-
 absl::Status CopyInto(const TensorSnapshot& s, ops::Tensor* t) {
-  if (s.bytes.size() != t->nbytes() || s.dtype != ToProtoDType(t->dtype())) {
-    return absl::DataLossError(absl::StrCat("checkpoint tensor ", s.name, " has ", s.bytes.size(),
+  const std::string_view bytes = s.data();
+  if (bytes.size() != t->nbytes() || s.dtype != ToProtoDType(t->dtype())) {
+    return absl::DataLossError(absl::StrCat("checkpoint tensor ", s.name, " has ", bytes.size(),
                                             " bytes of dtype ", s.dtype, "; the model expects ", t->nbytes(),
                                             " bytes of dtype ", ToProtoDType(t->dtype())));
   }
   if (t->device() == ops::Device::kCpu) {
-    std::memcpy(t->raw(), s.bytes.data(), s.bytes.size());
+    std::memcpy(t->raw(), bytes.data(), bytes.size());
   } else {
-    ops::Tensor host = ops::Tensor::Empty(t->shape(), t->dtype(), ops::Device::kCpu);
-    std::memcpy(host.raw(), s.bytes.data(), s.bytes.size());
-    t->CopyFrom(host);
+    ops::Cuda().CopyBytes(t->raw(), ops::Device::kCuda, bytes.data(), ops::Device::kCpu, bytes.size());
   }
   return absl::OkStatus();
 }
@@ -243,13 +232,59 @@ absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
   return absl::OkStatus();
 }
 
-std::vector<TensorSnapshot> ModelReplica::Snapshot() const {
-  std::vector<TensorSnapshot> out;
-  for (ops::Parameter* p : model_->params().All()) {
-    out.push_back(SnapshotOf(kParamPrefix + p->name, p->value));
+absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot() const {
+  std::vector<ops::NamedTensor> tensors;
+  for (ops::Parameter* p : model_->params().All()) tensors.push_back({kParamPrefix + p->name, p->value});
+  for (ops::NamedTensor& t : trainer_->optimizer().State()) tensors.push_back(std::move(t));
+  // One staging buffer for all tensors, 256-byte aligned slots. The training thread waits only
+  // for the device-to-host copies (pinned: link speed); the writer thread reads the buffer while
+  // training goes on, and it is reused once the writer has dropped the previous snapshot.
+  constexpr size_t kAlign = 256;
+  size_t total = 0;
+  for (const ops::NamedTensor& t : tensors) total += (t.tensor.nbytes() + kAlign - 1) / kAlign * kAlign;
+  const std::shared_ptr<void> buffer = StagingBuffer(total);
+  if (buffer == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat("checkpoint snapshot: cannot allocate ", total, " bytes of host memory"));
   }
-  for (const ops::NamedTensor& t : trainer_->optimizer().State()) out.push_back(SnapshotOf(t.name, t.tensor));
+  char* base = static_cast<char*>(buffer.get());
+  std::vector<TensorSnapshot> out;
+  size_t offset = 0;
+  for (const ops::NamedTensor& t : tensors) {
+    TensorSnapshot s;
+    s.name = t.name;
+    s.dtype = ToProtoDType(t.tensor.dtype());
+    for (int64_t d : t.tensor.shape()) s.shape.push_back(static_cast<uint64_t>(d));
+    const size_t n = t.tensor.nbytes();
+    if (n > 0) {
+      if (t.tensor.device() == ops::Device::kCuda) {
+        ops::Cuda().CopyBytes(base + offset, ops::Device::kCpu, t.tensor.raw(), ops::Device::kCuda, n);
+      } else {
+        std::memcpy(base + offset, t.tensor.raw(), n);
+      }
+    }
+    s.staging = buffer;
+    s.staged = base + offset;
+    s.staged_size = n;
+    out.push_back(std::move(s));
+    offset += (n + kAlign - 1) / kAlign * kAlign;
+  }
   return out;
+}
+
+std::shared_ptr<void> ModelReplica::StagingBuffer(size_t bytes) const {
+  // use_count() == 1: no snapshot handed out earlier still holds it (the worker flushes the
+  // checkpoint writer before taking a snapshot, so this is the common case).
+  if (staging_ != nullptr && staging_.use_count() == 1 && staging_bytes_ >= bytes) return staging_;
+  staging_.reset();
+  staging_bytes_ = 0;
+  if (on_cuda()) staging_ = ops::Cuda().AllocatePinnedHost(bytes);
+  if (staging_ == nullptr) {  // CPU replicas, or the driver refused to pin this much
+    void* p = std::malloc(bytes == 0 ? 1 : bytes);
+    if (p == nullptr) return nullptr;
+    staging_ = std::shared_ptr<void>(p, std::free);
+  }
+  staging_bytes_ = bytes;
+  return staging_;
 }
 
 absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {

@@ -73,14 +73,18 @@ std::vector<std::unique_ptr<ModelReplica>> RunTwoRanks(
 
 // Largest |difference| between the parameters of two replicas' snapshots.
 double MaxParamDiff(const ModelReplica& a, const ModelReplica& b) {
-  std::vector<TensorSnapshot> x = a.Snapshot(), y = b.Snapshot();
+  absl::StatusOr<std::vector<TensorSnapshot>> xs = a.Snapshot(), ys = b.Snapshot();
+  EXPECT_TRUE(xs.ok() && ys.ok());
+  if (!xs.ok() || !ys.ok()) return 1e30;
+  const std::vector<TensorSnapshot>& x = *xs;
+  const std::vector<TensorSnapshot>& y = *ys;
   EXPECT_EQ(x.size(), y.size());
   double max_diff = 0;
   for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
     if (x[i].name.rfind("param.", 0) != 0) continue;
-    const float* u = reinterpret_cast<const float*>(x[i].bytes.data());
-    const float* v = reinterpret_cast<const float*>(y[i].bytes.data());
-    for (size_t j = 0; j < x[i].bytes.size() / 4; ++j) max_diff = std::max(max_diff, double(std::abs(u[j] - v[j])));
+    const float* u = reinterpret_cast<const float*>(x[i].data().data());
+    const float* v = reinterpret_cast<const float*>(y[i].data().data());
+    for (size_t j = 0; j < x[i].data().size() / 4; ++j) max_diff = std::max(max_diff, double(std::abs(u[j] - v[j])));
   }
   return max_diff;
 }
@@ -168,11 +172,59 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
 
   auto restored = ModelReplica::Create(TinyConfig(5));
   ASSERT_TRUE(restored.ok());
-  ASSERT_TRUE((*restored)->Restore((*trained)->Snapshot()).ok());
+  absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot();
+  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
+  ASSERT_TRUE((*restored)->Restore(*snapshot).ok());
   EXPECT_EQ((*restored)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
-  std::vector<TensorSnapshot> broken = (*trained)->Snapshot();
+  std::vector<TensorSnapshot> broken = *std::move(snapshot);
   broken.pop_back();
   EXPECT_TRUE(absl::IsDataLoss((*restored)->Restore(broken)));
+}
+
+// Snapshots share one staging buffer: a snapshot still held (the checkpoint writer is writing
+// it) keeps its bytes while training goes on, and the buffer is reused once every snapshot of it
+// is dropped.
+TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
+  auto replica = ModelReplica::Create(TinyConfig());
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  const int vocab = static_cast<int>((*replica)->spec().vocab_size);
+  SingleRank single;
+  auto step = [&](uint64_t t) {
+    ReplicaLoss l = (*replica)->ComputeGradients(RandomTokens(2, 8, vocab, static_cast<uint32_t>(600 + t)), 2, 8, 16);
+    ASSERT_TRUE((*replica)->ReduceGradients(&single, &l).ok());
+    ASSERT_TRUE((*replica)->ApplyUpdate(t).ok());
+  };
+  step(0);
+  absl::StatusOr<std::vector<TensorSnapshot>> held = (*replica)->Snapshot();
+  ASSERT_TRUE(held.ok()) << held.status();
+  ASSERT_FALSE(held->empty());
+  std::vector<std::string> copy;
+  for (const TensorSnapshot& t : *held) copy.emplace_back(t.data());
+  const char* first_buffer = held->front().staged;
+
+  step(1);
+  absl::StatusOr<std::vector<TensorSnapshot>> next = (*replica)->Snapshot();
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_NE(next->front().staged, first_buffer) << "a held snapshot's buffer was reused";
+  size_t changed = 0;
+  for (size_t i = 0; i < held->size(); ++i) {
+    EXPECT_EQ(std::string((*held)[i].data()), copy[i]) << (*held)[i].name << " changed while held";
+    changed += std::string((*next)[i].data()) != copy[i];
+  }
+  EXPECT_GT(changed, 0u) << "the update changed nothing the snapshot sees";
+
+  // Dropped: the next snapshot reuses a buffer instead of allocating a third.
+  const char* second_buffer = next->front().staged;
+  held = absl::StatusOr<std::vector<TensorSnapshot>>(std::vector<TensorSnapshot>());
+  next = absl::StatusOr<std::vector<TensorSnapshot>>(std::vector<TensorSnapshot>());
+  absl::StatusOr<std::vector<TensorSnapshot>> again = (*replica)->Snapshot();
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->front().staged, second_buffer);
+
+  auto restored = ModelReplica::Create(TinyConfig(5));
+  ASSERT_TRUE(restored.ok());
+  ASSERT_TRUE((*restored)->Restore(*again).ok());
+  EXPECT_EQ((*restored)->ParameterFingerprint(), (*replica)->ParameterFingerprint());
 }
 
 }  // namespace
