@@ -19,7 +19,6 @@
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
