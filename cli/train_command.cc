@@ -12,6 +12,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "cli/train_flags.h"
 #include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
 #include "ops/parallel.h"
@@ -97,30 +98,18 @@ int RunTrain(int argc, char** argv) {
     ops::ReexecWithBestBlasCore(full.data());
   }
   CLI::App app{"Train a model from a preset on this CPU or one GPU (synthetic tokens or a uint16 token file)", "gyre train"};
-  std::string preset = "llama-tiny", tokens_path, device = "cpu";
-  uint64_t steps = 100, seed = 0, warmup = 0;
+  TrainFlags flags;
+  std::string tokens_path, device = "cpu";
+  uint64_t seed = 0;
   int64_t seq = 128, batch = 8;
-  int threads = 0, mtp_heads = 1;
-  double lr = 3e-3, weight_decay = 0.1, grad_clip = 1.0;
-  bool recompute = false;
-  app.add_option("--preset", preset, "model preset (" + [] {
-    std::string s;
-    for (const auto& n : ops::PresetNames()) s += (s.empty() ? "" : ", ") + n;
-    return s;
-  }() + ")")->capture_default_str();
-  app.add_option("--steps", steps, "optimizer steps")->capture_default_str();
+  int threads = 0;
+  AddTrainFlags(&app, &flags);
   app.add_option("--seq-len", seq, "tokens per sequence")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--batch", batch, "sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_option("--tokens", tokens_path, "flat little-endian uint16 token file (default: synthetic tokens)");
-  app.add_option("--lr", lr, "peak learning rate")->capture_default_str();
-  app.add_option("--warmup", warmup, "linear warm-up steps (cosine to 10% of peak at --steps)")->capture_default_str();
-  app.add_option("--weight-decay", weight_decay, "AdamW decoupled weight decay")->capture_default_str();
-  app.add_option("--grad-clip", grad_clip, "global gradient-norm clip (<= 0: off)")->capture_default_str();
-  app.add_option("--mtp-heads", mtp_heads, "multi-token prediction heads (1 = next token only)")->capture_default_str();
-  app.add_flag("--recompute", recompute, "recompute block activations in backward");
   app.add_option("--seed", seed, "initialisation and data seed")->capture_default_str();
-  app.add_option("--device", device, "cpu or cuda (Llama presets; needs a --config=cuda build)")
+  app.add_option("--device", device, "cpu or cuda (needs a --config=cuda build)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
   try {
@@ -129,49 +118,38 @@ int RunTrain(int argc, char** argv) {
     return app.exit(e);
   }
 
-  gyre::v1::ModelConfig model_config;
-  model_config.set_preset(preset);
-  model_config.set_mtp_heads(mtp_heads);
-  model_config.set_recompute_blocks(recompute);
-  auto spec = ops::ResolveModelConfig(model_config);
-  if (!spec.ok()) {
-    std::fprintf(stderr, "gyre train: %s\n", std::string(spec.status().message()).c_str());
+  // The flags become the run-config messages a config file would hold, resolved by the same
+  // functions as the launch path (cli/train_flags.h), so their errors are the config's.
+  auto resolved = ResolveTrainConfig(TrainFlagsToConfig(flags));
+  if (!resolved.ok()) {
+    std::fprintf(stderr, "gyre train: %s\n", std::string(resolved.status().message()).c_str());
     return 2;
   }
-  gyre::v1::OptimizerConfig opt_config;
-  opt_config.set_lr(lr);
-  opt_config.set_weight_decay(weight_decay);
-  opt_config.set_grad_clip(grad_clip <= 0 ? -1 : grad_clip);
-  gyre::v1::ScheduleConfig schedule;
-  schedule.set_warmup_steps(warmup);
-  schedule.set_total_steps(steps);
-  auto options = ops::TrainOptionsFromConfig(opt_config, schedule);
-  if (!options.ok()) {
-    std::fprintf(stderr, "gyre train: %s\n", std::string(options.status().message()).c_str());
-    return 2;
-  }
+  const ops::ModelSpec& spec = resolved->spec;
+  const ops::TrainOptions& options = resolved->options;
+  const uint64_t steps = flags.steps;
   ops::SetNumThreads(threads);
   const bool cuda = device == "cuda";
-  auto model = ops::LanguageModel::Create(*spec, ops::DType::kF32, cuda ? ops::Device::kCuda : ops::Device::kCpu, seed);
+  auto model = ops::LanguageModel::Create(spec, ops::DType::kF32, cuda ? ops::Device::kCuda : ops::Device::kCpu, seed);
   if (!model.ok()) {
     std::fprintf(stderr, "gyre train: %s\n", std::string(model.status().message()).c_str());
     return 2;
   }
   if (cuda) {
     std::printf("%s\n%lld parameters, device %s (fp32 masters, bf16 compute), batch %lld x %lld tokens\n",
-                ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(),
+                ops::DescribeSpec(spec).c_str(), (long long)(*model)->NumParameters(),
                 ops::Cuda().DeviceDescription().c_str(), (long long)batch, (long long)seq);
   } else {
     std::printf("%s\n%lld parameters, %d threads, OpenBLAS core %s, batch %lld x %lld tokens\n",
-                ops::DescribeSpec(*spec).c_str(), (long long)(*model)->NumParameters(), ops::NumThreads(),
+                ops::DescribeSpec(spec).c_str(), (long long)(*model)->NumParameters(), ops::NumThreads(),
                 ops::BlasCoreName().c_str(), (long long)batch, (long long)seq);
   }
 
   std::vector<int32_t> tokens(batch * (seq + 1));
-  SyntheticTokens synthetic(spec->vocab_size, seed);
+  SyntheticTokens synthetic(spec.vocab_size, seed);
   std::unique_ptr<FileTokens> file;
   if (!tokens_path.empty()) {
-    auto f = FileTokens::Open(tokens_path, spec->vocab_size, seq, seed);
+    auto f = FileTokens::Open(tokens_path, spec.vocab_size, seq, seed);
     if (!f.ok()) {
       std::fprintf(stderr, "gyre train: %s\n", std::string(f.status().message()).c_str());
       return 2;
@@ -182,7 +160,7 @@ int RunTrain(int argc, char** argv) {
     std::printf("tokens: synthetic Markov chain (learnable down to ln 4 = 1.386 nats)\n");
   }
 
-  ops::Trainer trainer(model->get(), *options);
+  ops::Trainer trainer(model->get(), options);
   const auto start = std::chrono::steady_clock::now();
   for (uint64_t step = 0; step < steps; ++step) {
     if (file) file->Fill(step, batch, &tokens);

@@ -1,19 +1,26 @@
 // Helpers shared by the ops/ GPU tests (llama_gpu_test, recurrent_gpu_test, decode_gpu_test): compare a CUDA
 // result with a float64 CPU reference and print one `[PASS|FAIL] name shape rel_err tol` line
 // (the format of kernels/cuda/gpu_test_util.h), and make bf16-representable random inputs so the
-// same numbers feed both backends.
+// same numbers feed both backends; and the bitwise-repeat runs (a few AdamW steps on a fresh
+// model, every loss, gradient norm, parameter and gradient kept as bytes, two runs compared).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "gtest/gtest.h"
 
 #include "ops/elementwise.h"
 #include "ops/model.h"
 #include "ops/module.h"
 #include "ops/rng.h"
 #include "ops/tensor.h"
+#include "ops/train_step.h"
 
 namespace gyre::ops {
 
@@ -96,6 +103,91 @@ inline bool DeferredZeroMatchesZeroed(const ModelSpec& spec, const std::string& 
   (*fresh)->params().ZeroGrad();
   two_passes(**fresh);
   return CheckGrads((*reused)->params(), (*fresh)->params(), label, 1e-5) && ok;
+}
+
+// ---------------------------------------------------------------- bitwise repeatability
+
+// What one training run leaves, bit for bit: each step's loss and gradient norm, and every
+// parameter's value and gradient as bytes (in the store's order).
+struct TrainBits {
+  std::vector<double> losses, grad_norms;
+  std::vector<std::string> names;
+  std::vector<std::vector<char>> values, grads;
+};
+
+inline std::vector<char> HostBytes(const Tensor& t) {
+  const Tensor h = t.ToDevice(Device::kCpu);
+  std::vector<char> bytes(h.nbytes());
+  if (!bytes.empty()) std::memcpy(bytes.data(), h.raw(), bytes.size());
+  return bytes;
+}
+
+// `steps` AdamW steps (peak lr 3e-3, warm-up 1, clip 1.0; the deferred-zero step path of
+// Trainer) from a fresh CUDA model of seed 11, step s on RandomTokens(B * (T + 1), vocab, 100 + s).
+// A failure is a gtest failure and returns what was collected so far.
+inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, int steps = 3) {
+  TrainBits out;
+  auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return out;
+  TrainOptions opt;
+  opt.schedule.peak_lr = 3e-3;
+  opt.schedule.warmup_steps = 1;
+  opt.grad_clip = 1.0;
+  Trainer trainer(m->get(), opt);
+  for (int step = 0; step < steps; ++step) {
+    const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 100 + step);
+    auto st = trainer.Step(tokens, B, T, step);
+    EXPECT_TRUE(st.ok()) << st.status();
+    if (!st.ok()) return out;
+    out.losses.push_back(st->loss.loss);
+    out.grad_norms.push_back(st->update.grad_norm);
+  }
+  for (const Parameter* p : (*m)->params().All()) {
+    out.names.push_back(p->name);
+    out.values.push_back(HostBytes(p->value));
+    out.grads.push_back(HostBytes(p->grad));
+  }
+  return out;
+}
+
+// How two runs differ bit for bit (over the steps and parameters both have).
+struct BitsDiff {
+  int losses = 0;  // steps whose loss differs
+  int steps = 0;   // steps whose loss or gradient norm differs
+  int values = 0, grads = 0;
+  size_t params = 0;
+  std::vector<std::pair<std::string, bool>> differing;  // (parameter, its gradient differs)
+
+  bool Same() const { return steps == 0 && values == 0 && grads == 0; }
+  // " name name ..." (tagged: " name(grad)" / " name(value)"), appended while shorter than `limit`.
+  std::string Names(size_t limit, bool tagged) const {
+    std::string out;
+    for (const auto& [name, grad] : differing) {
+      if (out.size() >= limit) break;
+      out += " " + name + (tagged ? (grad ? "(grad)" : "(value)") : "");
+    }
+    return out;
+  }
+};
+
+inline bool SameBits(double x, double y) { return std::memcmp(&x, &y, sizeof(double)) == 0; }
+
+inline BitsDiff CompareBits(const TrainBits& a, const TrainBits& b) {
+  BitsDiff d;
+  for (size_t i = 0; i < std::min(a.losses.size(), b.losses.size()); ++i) {
+    const bool loss = !SameBits(a.losses[i], b.losses[i]);
+    d.losses += loss;
+    d.steps += loss || !SameBits(a.grad_norms[i], b.grad_norms[i]);
+  }
+  d.params = std::min(a.names.size(), b.names.size());
+  for (size_t i = 0; i < d.params; ++i) {
+    const bool v = a.values[i] != b.values[i], g = a.grads[i] != b.grads[i];
+    d.values += v;
+    d.grads += g;
+    if (v || g) d.differing.emplace_back(a.names[i], g);
+  }
+  return d;
 }
 
 }  // namespace gyre::ops

@@ -19,7 +19,6 @@
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -211,62 +210,19 @@ TEST_F(LlamaGpuTest, TwentyAdamWStepsTrackTheCpuInFp32) {
 
 // ---------------------------------------------------------------- bitwise repeatability
 
-// How many of a step's losses, parameters and gradients differ bit for bit between two runs of
-// the same three AdamW steps (fresh model of seed 11, the same token batches).
-struct RepeatCount {
-  int steps = 0, values = 0, grads = 0;
-  size_t params = 0;
-  std::string first;  // names of the first differing tensors
-};
-
-std::vector<char> DeviceBytes(const Tensor& t) {
-  const Tensor h = t.ToDevice(Device::kCpu);
-  const char* p = static_cast<const char*>(h.raw());
-  return std::vector<char>(p, p + h.nbytes());
-}
-
-RepeatCount RepeatThreeSteps(const ModelSpec& spec, int64_t B, int64_t T) {
-  RepeatCount count;
-  std::vector<std::vector<char>> ref_values, ref_grads;
-  std::vector<double> ref_losses;
+// Three AdamW steps run twice (ops/gpu_check.h TrainStepsForBits: fresh model of seed 11, the
+// same token batches), each step's loss and gradient norm printed; how many losses, parameters
+// and gradients differ bit for bit.
+BitsDiff RepeatThreeSteps(const ModelSpec& spec, int64_t B, int64_t T) {
+  TrainBits runs[2];
   for (int run = 0; run < 2; ++run) {
-    auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return count;
-    TrainOptions opt;
-    opt.schedule.peak_lr = 3e-3;
-    opt.schedule.warmup_steps = 1;
-    opt.grad_clip = 1.0;
-    Trainer trainer(m->get(), opt);
-    for (int step = 0; step < 3; ++step) {
-      auto st = trainer.Step(RandomTokens(B * (T + 1), spec.vocab_size, 100 + step), B, T, step);
-      EXPECT_TRUE(st.ok()) << st.status();
-      if (!st.ok()) return count;
-      const double loss = st->loss.loss;
-      std::printf("  %s run %d step %d loss %.17g grad_norm %.17g\n", spec.preset.c_str(), run, step, loss,
-                  st->update.grad_norm);
-      if (run == 0) {
-        ref_losses.push_back(loss);
-      } else {
-        count.steps += std::memcmp(&loss, &ref_losses[step], sizeof(double)) != 0;
-      }
+    runs[run] = TrainStepsForBits(spec, B, T);
+    for (size_t step = 0; step < runs[run].losses.size(); ++step) {
+      std::printf("  %s run %d step %zu loss %.17g grad_norm %.17g\n", spec.preset.c_str(), run, step,
+                  runs[run].losses[step], runs[run].grad_norms[step]);
     }
-    size_t i = 0;
-    for (const Parameter* p : (*m)->params().All()) {
-      if (run == 0) {
-        ref_values.push_back(DeviceBytes(p->value));
-        ref_grads.push_back(DeviceBytes(p->grad));
-        continue;
-      }
-      const bool v = DeviceBytes(p->value) != ref_values[i], g = DeviceBytes(p->grad) != ref_grads[i];
-      count.values += v;
-      count.grads += g;
-      if ((v || g) && count.first.size() < 300) count.first += " " + p->name;
-      ++i;
-    }
-    count.params = i;
   }
-  return count;
+  return CompareBits(runs[0], runs[1]);
 }
 
 // train.deterministic (ModelSpec::deterministic -> the attention backward that sums dQ in a fixed
@@ -289,13 +245,14 @@ TEST_F(LlamaGpuTest, DeterministicTrainingIsBitwiseRepeatable) {
       ModelSpec spec = base;
       spec.deterministic = det;
       const int64_t B = 4, T = 1024;
-      const RepeatCount c = RepeatThreeSteps(spec, B, T);
-      const bool same = c.steps == 0 && c.values == 0 && c.grads == 0;
+      const BitsDiff c = RepeatThreeSteps(spec, B, T);
+      // As before the move to gpu_check.h: a step counts by its loss, the names are untagged.
+      const bool same = c.losses == 0 && c.values == 0 && c.grads == 0;
+      const std::string first = c.Names(300, /*tagged=*/false);
       std::printf("[%s] llama bitwise repeat %s deterministic=%d B %ld T %ld, 3 steps twice: steps differing "
                   "%d/3, parameters %d/%zu, gradients %d/%zu%s%s\n",
                   det ? (same ? "PASS" : "FAIL") : "INFO", spec.preset.c_str(), det ? 1 : 0, (long)B, (long)T,
-                  c.steps, c.values, c.params, c.grads, c.params, c.first.empty() ? "" : "; first:",
-                  c.first.c_str());
+                  c.losses, c.values, c.params, c.grads, c.params, first.empty() ? "" : "; first:", first.c_str());
       if (det) {
         EXPECT_TRUE(same) << spec.preset;
       }

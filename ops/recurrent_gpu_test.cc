@@ -33,7 +33,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -679,70 +678,24 @@ TEST_F(RecurrentGpuTest, AdamWLoadStateRestoresTheStepOnCuda) {
 
 // ---------------------------------------------------------------- bitwise reproducibility
 
-struct RunBits {
-  std::vector<double> losses, grad_norms;
-  std::vector<std::string> names;
-  std::vector<std::vector<char>> values, grads;
-};
-
-std::vector<char> HostBytes(const Tensor& t) {
-  const Tensor h = t.ToDevice(Device::kCpu);
-  std::vector<char> bytes(h.nbytes());
-  if (!bytes.empty()) std::memcpy(bytes.data(), h.raw(), bytes.size());
-  return bytes;
-}
-
-// Three AdamW steps (the deferred-zero step path of Trainer) from a fresh model of seed 11.
-RunBits TrainThreeSteps(const ModelSpec& spec, int64_t B, int64_t T) {
-  RunBits out;
-  auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return out;
-  TrainOptions opt;
-  opt.schedule.peak_lr = 3e-3;
-  opt.schedule.warmup_steps = 1;
-  opt.grad_clip = 1.0;
-  Trainer trainer(m->get(), opt);
-  for (int step = 0; step < 3; ++step) {
-    const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 100 + step);
-    auto st = trainer.Step(tokens, B, T, step);
-    EXPECT_TRUE(st.ok()) << st.status();
-    if (!st.ok()) return out;
-    out.losses.push_back(st->loss.loss);
-    out.grad_norms.push_back(st->update.grad_norm);
-  }
-  for (const Parameter* p : (*m)->params().All()) {
-    out.names.push_back(p->name);
-    out.values.push_back(HostBytes(p->value));
-    out.grads.push_back(HostBytes(p->grad));
-  }
-  return out;
-}
-
+// TrainStepsForBits / CompareBits (ops/gpu_check.h): three AdamW steps (the deferred-zero step
+// path of Trainer) from a fresh model of seed 11, kept bit for bit, and two runs compared.
 void ExpectBitwiseReproducible(const ModelSpec& spec, int64_t B, int64_t T) {
-  const RunBits a = TrainThreeSteps(spec, B, T), b = TrainThreeSteps(spec, B, T);
+  const TrainBits a = TrainStepsForBits(spec, B, T), b = TrainStepsForBits(spec, B, T);
   ASSERT_EQ(a.names, b.names);
   ASSERT_EQ(a.losses.size(), 3u);
-  int loss_diff = 0, value_diff = 0, grad_diff = 0;
-  std::string first;
+  ASSERT_EQ(b.losses.size(), 3u);
   for (size_t i = 0; i < a.losses.size(); ++i) {
-    const bool same = std::memcmp(&a.losses[i], &b.losses[i], sizeof(double)) == 0 &&
-                      std::memcmp(&a.grad_norms[i], &b.grad_norms[i], sizeof(double)) == 0;
-    loss_diff += !same;
     std::printf("%s step %zu loss %.17g / %.17g grad_norm %.17g / %.17g\n", spec.preset.c_str(), i, a.losses[i],
                 b.losses[i], a.grad_norms[i], b.grad_norms[i]);
   }
-  for (size_t i = 0; i < a.names.size(); ++i) {
-    const bool v = a.values[i] != b.values[i], g = a.grads[i] != b.grads[i];
-    value_diff += v;
-    grad_diff += g;
-    if ((v || g) && first.size() < 400) first += " " + a.names[i] + (g ? "(grad)" : "(value)");
-  }
-  const bool ok = loss_diff == 0 && value_diff == 0 && grad_diff == 0;
+  const BitsDiff d = CompareBits(a, b);
+  const std::string first = d.Names(400, /*tagged=*/true);
+  const bool ok = d.Same();
   std::printf("[%s] bitwise %s B %ld T %ld, 3 steps twice: steps differing %d/3, parameters %d/%zu, gradients "
               "%d/%zu%s%s\n",
-              ok ? "PASS" : "FAIL", spec.preset.c_str(), (long)B, (long)T, loss_diff, value_diff, a.names.size(),
-              grad_diff, a.names.size(), first.empty() ? "" : "; first:", first.c_str());
+              ok ? "PASS" : "FAIL", spec.preset.c_str(), (long)B, (long)T, d.steps, d.values, a.names.size(),
+              d.grads, a.names.size(), first.empty() ? "" : "; first:", first.c_str());
   EXPECT_TRUE(ok);
 }
 
@@ -886,34 +839,24 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
 // 1536, chunk 128) for glue.
 void ExpectRecomputeBitwiseEqualsDefault(const ModelSpec& spec, int64_t B, int64_t T,
                                          const std::vector<MlstmRecomputeConfig>& modes) {
-  RunBits base;
+  TrainBits base;
   {
     MlstmRecomputeScope scope({MlstmRecompute::kNone, 0});
-    base = TrainThreeSteps(spec, B, T);
+    base = TrainStepsForBits(spec, B, T);
   }
   ASSERT_EQ(base.losses.size(), 3u);
   for (const MlstmRecomputeConfig& m : modes) {
     MlstmRecomputeScope scope(m);
-    const RunBits b = TrainThreeSteps(spec, B, T);
+    const TrainBits b = TrainStepsForBits(spec, B, T);
     ASSERT_EQ(base.names, b.names);
     ASSERT_EQ(b.losses.size(), 3u);
-    int loss_diff = 0, value_diff = 0, grad_diff = 0;
-    std::string first;
-    for (size_t i = 0; i < 3; ++i) {
-      loss_diff += std::memcmp(&base.losses[i], &b.losses[i], sizeof(double)) != 0 ||
-                   std::memcmp(&base.grad_norms[i], &b.grad_norms[i], sizeof(double)) != 0;
-    }
-    for (size_t i = 0; i < base.names.size(); ++i) {
-      const bool v = base.values[i] != b.values[i], g = base.grads[i] != b.grads[i];
-      value_diff += v;
-      grad_diff += g;
-      if ((v || g) && first.size() < 400) first += " " + base.names[i] + (g ? "(grad)" : "(value)");
-    }
-    const bool ok = loss_diff == 0 && value_diff == 0 && grad_diff == 0;
+    const BitsDiff d = CompareBits(base, b);
+    const std::string first = d.Names(400, /*tagged=*/true);
+    const bool ok = d.Same();
     std::printf("[%s] mlstm recompute=%s bitwise vs default, %s B %ld T %ld, 3 steps: steps differing %d/3 (last loss "
                 "%.17g / %.17g), parameters %d/%zu, gradients %d/%zu%s%s\n",
-                ok ? "PASS" : "FAIL", ModeLabel(m).c_str(), spec.preset.c_str(), (long)B, (long)T, loss_diff,
-                base.losses[2], b.losses[2], value_diff, base.names.size(), grad_diff, base.names.size(),
+                ok ? "PASS" : "FAIL", ModeLabel(m).c_str(), spec.preset.c_str(), (long)B, (long)T, d.steps,
+                base.losses[2], b.losses[2], d.values, base.names.size(), d.grads, base.names.size(),
                 first.empty() ? "" : "; first:", first.c_str());
     EXPECT_TRUE(ok);
   }
