@@ -154,6 +154,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -2960,6 +2961,103 @@ Form Choose(EnvSwitch& sw) {
                  "\" (accepted: " + accepted + ")"};
 }
 
+// GYRE_SSD_SIDE_STREAM (helper ssd12; opt-in, not measured yet): off (default) | on | hi.
+// Why: at mamba2-130m's step shape (B16 S2048 H24) the fused state kernels have 384 blocks for
+// 528 block slots (132 SMs × 4): one slot per SM stays empty for the whole kernel (~0.2 ms in the
+// backward), and every kernel boundary of the backward's six kernels drains a wave. The dCB
+// kernel (its 40.5 KB fits beside three 53 KB state blocks), its sum and dB/dC need nothing from
+// the state pass but G (dB/dC only), so they run on a second stream: dCB fills the empty slots
+// during the state pass and the chains' tails overlap. Same kernels: the values cannot change.
+EnvSwitch g_side_switch{"GYRE_SSD_SIDE_STREAM", {"off", "on", "hi", nullptr}};
+std::atomic<int> g_side_override{0};  // SsdSetSideStreamForTesting: 0 environment, 1 off, 2 on, 3 hi
+
+// The second stream and its events, per device and priority, created on first use and never
+// destroyed (they live as long as the CUDA context; a static destructor could run after the
+// driver's own teardown).
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, mid = nullptr, join = nullptr;
+};
+constexpr int kMaxSideDevices = 64;
+std::mutex g_side_mu;  // guards g_side and each call's fork → join sequence (shared events)
+SideStream g_side[kMaxSideDevices][2];
+
+// One call's fork of work onto the side stream and its join back. Begin locks g_side_mu until
+// the join, so two host threads cannot interleave records of the shared events
+// (cudaStreamWaitEvent waits for the record that precedes it in host order). The destructor
+// joins if the call returned early (a failed launch), so no side work outlives the call's scratch
+// (the DeviceAllocator reuses blocks in the caller stream's order). Inactive (mode off): side()
+// is the caller's stream and every method does nothing, so the default path enqueues exactly
+// what it did before.
+class SideFork {
+ public:
+  explicit SideFork(cudaStream_t main) : main_(main) {}
+  SideFork(const SideFork&) = delete;
+  SideFork& operator=(const SideFork&) = delete;
+  ~SideFork() { (void)Join(); }
+
+  // mode: 1 off, 2 on, 3 hi (SideMode()).
+  CudaResult Begin(int mode) {
+    if (mode < 2) return {};
+    int dev = 0;
+    CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= kMaxSideDevices) return InvalidArgument("ssd: side stream: device id");
+    lock_ = std::unique_lock<std::mutex>(g_side_mu);
+    SideStream& s = g_side[dev][mode == 3 ? 1 : 0];
+    if (s.stream == nullptr) {
+      int least = 0, greatest = 0;
+      CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      cudaStream_t st = nullptr;
+      CUDA_RETURN_IF_ERROR(
+          cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, mode == 3 ? greatest : least));
+      cudaEvent_t ev[3] = {};
+      for (cudaEvent_t& e : ev) {
+        CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      }
+      s = SideStream{st, ev[0], ev[1], ev[2]};
+    }
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(s.fork, main_));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.stream, s.fork, 0));
+    side_ = &s;
+    return {};
+  }
+  cudaStream_t side() const { return side_ != nullptr ? side_->stream : main_; }
+  // Mark: the caller's stream has reached a point the side stream must wait for (WaitMark).
+  CudaResult Mark() {
+    if (side_ != nullptr) CUDA_RETURN_IF_ERROR(cudaEventRecord(side_->mid, main_));
+    return {};
+  }
+  CudaResult WaitMark() {
+    if (side_ != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_->stream, side_->mid, 0));
+    return {};
+  }
+  // The caller's stream waits for everything enqueued on the side stream so far; then inactive.
+  CudaResult Join() {
+    if (side_ == nullptr) return {};
+    SideStream* s = side_;
+    side_ = nullptr;
+    const cudaError_t e1 = cudaEventRecord(s->join, s->stream);
+    const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(main_, s->join, 0) : e1;
+    if (lock_.owns_lock()) lock_.unlock();
+    CUDA_RETURN_IF_ERROR(e2);
+    return {};
+  }
+
+ private:
+  const cudaStream_t main_;
+  SideStream* side_ = nullptr;
+  std::unique_lock<std::mutex> lock_;
+};
+
+// 1 off, 2 on, 3 hi; or the switch's error.
+Form SideMode() {
+  const int forced = g_side_override.load();
+  if (forced >= 1 && forced <= 3) return {forced, {}};
+  Form f = Choose(g_side_switch);
+  f.index += 1;
+  return f;
+}
+
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
 // than its one-chunk form + ssd_state_pass: where its ntn·H·B blocks fill the device at least
 // kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
@@ -3001,7 +3099,7 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
 // The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
 template <class MM>
 CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, SideFork* fork) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
   if (plan.state && UseFusedStatePass(d)) {
@@ -3032,6 +3130,7 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                      stream>>>(d, a.initial_state, saved, a.final_state);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
   }
+  CUDA_RETURN_IF_NOT_OK(fork->Join());  // the scan reads ssd_bmm_cb's C Bᵀ (side stream)
 
   if (plan.fwd) {
     switch (d.P) {
@@ -3108,7 +3207,7 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
 
 template <class MM>
 CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
-                           const BwdScratch& sc, cudaStream_t stream) {
+                           const BwdScratch& sc, cudaStream_t stream, SideFork* fork) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
@@ -3145,6 +3244,9 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
         d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
   }
+  CUDA_RETURN_IF_NOT_OK(fork->Mark());  // G (bf16) is written: dB/dC may start (side stream)
+  // Side stream (when active): ssd_bwd_dcb_reg, ssd_bwd_dcb_sum, ssd_bwd_dbc_smem.
+  const cudaStream_t side = fork->side();
 
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
@@ -3153,7 +3255,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
-                      dcb_smem, stream>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
+                      dcb_smem, side>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
                                           sc.dcb_split);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
   }
@@ -3174,7 +3276,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   if (plan.dbc) {
-    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
+    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, side>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
   }
@@ -3183,10 +3285,12 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
     ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                       stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                       side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
                                  plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    CUDA_RETURN_IF_NOT_OK(fork->Join());
     if (plan.dx) {
       const Form finish = Choose(g_dacs_finish_switch);
       if (!finish.bad.empty()) return InvalidArgument(finish.bad);
@@ -3237,6 +3341,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetSideStreamForTesting(int mode) {
+  g_side_override.store(mode >= 1 && mode <= 3 ? mode : 0);
+}
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
@@ -3287,6 +3394,11 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     return InvalidArgument(rule.bad);
   }
   float* saved = static_cast<float*>(a.saved);
+  const Form side_mode = SideMode();
+  if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
+  // GYRE_SSD_SIDE_STREAM: ssd_bmm_cb on the side stream, joined before the forward scan.
+  SideFork fork(stream);
+  CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
 
   ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
@@ -3296,12 +3408,12 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     const int tiles = d.Q / kTile;
     const size_t smem = SmemOf<CarveBmmCb<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bmm_cb, smem));
-    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem, stream>>>(
-        d, a.b, a.c, saved);
+    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem,
+                 fork.side()>>>(d, a.b, a.c, saved);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
   }
 
-  return ForwardKernels<MmaPtx>(a, d, saved, stream);
+  return ForwardKernels<MmaPtx>(a, d, saved, stream, &fork);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -3406,7 +3518,15 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
   double* part = sc.part;
 
-  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
+  // GYRE_SSD_SIDE_STREAM: the dCB → dB/dC chain on the side stream (v3 dB/dC only), joined
+  // before ssd_bwd_dacs_finish. Declared after `buf`, so an early return joins before the
+  // scratch goes back to the allocator.
+  const Form side_mode = SideMode();
+  if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
+  SideFork fork(stream);
+  if (plan.dbc) CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
+  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream, &fork));
+  CUDA_RETURN_IF_NOT_OK(fork.Join());
 
   ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
                                             a.d != nullptr ? a.dd : nullptr);
