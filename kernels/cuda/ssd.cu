@@ -2968,30 +2968,38 @@ Form Choose(EnvSwitch& sw) {
 // kernel (its 40.5 KB fits beside three 53 KB state blocks), its sum and dB/dC need nothing from
 // the state pass but G (dB/dC only), so they run on a second stream: dCB fills the empty slots
 // during the state pass and the chains' tails overlap. Same kernels: the values cannot change.
+// on: that second stream at the default (least) priority; the state passes stay on the caller's
+// stream. hi: the state passes (the critical chain: everything after them waits for them) go to
+// a third stream at the device's greatest priority, so their blocks are dispatched first and the
+// others fill the slots they leave; the dCB → dB/dC chain (and the forward's C Bᵀ) to a stream
+// of middle priority, so that dB/dC's long blocks are dispatched before bwd dx's short ones on
+// the caller's stream, which then fill dB/dC's last wave.
 EnvSwitch g_side_switch{"GYRE_SSD_SIDE_STREAM", {"off", "on", "hi", nullptr}};
-std::atomic<int> g_side_override{0};  // SsdSetSideStreamForTesting: 0 environment, 1 off, 2 on, 3 hi
+// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 on, 3 hi.
+std::atomic<int> g_side_override{0};
 
-// The second stream and its events, per device and priority, created on first use and never
-// destroyed (they live as long as the CUDA context; a static destructor could run after the
-// driver's own teardown).
-struct SideStream {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t fork = nullptr, mid = nullptr, join = nullptr;
+// The extra streams and events of one device, created on first use and never destroyed (they
+// live as long as the CUDA context; a static destructor could run after the driver's teardown).
+struct SideStreams {
+  cudaStream_t least = nullptr, middle = nullptr, greatest = nullptr;  // by priority
+  cudaEvent_t fork = nullptr, mid = nullptr, join = nullptr, join_crit = nullptr;
 };
 constexpr int kMaxSideDevices = 64;
 std::mutex g_side_mu;  // guards g_side and each call's fork → join sequence (shared events)
-SideStream g_side[kMaxSideDevices][2];
+SideStreams g_side[kMaxSideDevices];
 
-// One call's fork of work onto the side stream and its join back. Begin locks g_side_mu until
-// the join, so two host threads cannot interleave records of the shared events
-// (cudaStreamWaitEvent waits for the record that precedes it in host order). The destructor
-// joins if the call returned early (a failed launch), so no side work outlives the call's scratch
-// (the DeviceAllocator reuses blocks in the caller stream's order). Inactive (mode off): side()
-// is the caller's stream and every method does nothing, so the default path enqueues exactly
-// what it did before.
+// One call's fork of work onto the side streams and its join back. Three roles: main (the
+// caller's stream), crit (the state passes: main for on, the greatest-priority stream for hi)
+// and side (the work that does not need the state passes: least priority for on, middle for hi).
+// Begin locks g_side_mu until the join, so two host threads cannot interleave records of the
+// shared events (cudaStreamWaitEvent waits for the record that precedes it in host order). The
+// destructor joins if the call returned early (a failed launch), so no side work outlives the
+// call's scratch (the DeviceAllocator reuses blocks in the caller stream's order). Inactive (mode
+// off): side() and crit() are the caller's stream and every method does nothing, so the default
+// path enqueues exactly what it did before.
 class SideFork {
  public:
-  explicit SideFork(cudaStream_t main) : main_(main) {}
+  explicit SideFork(cudaStream_t main) : main_(main), side_(main), crit_(main) {}
   SideFork(const SideFork&) = delete;
   SideFork& operator=(const SideFork&) = delete;
   ~SideFork() { (void)Join(); }
@@ -3003,49 +3011,68 @@ class SideFork {
     CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
     if (dev < 0 || dev >= kMaxSideDevices) return InvalidArgument("ssd: side stream: device id");
     lock_ = std::unique_lock<std::mutex>(g_side_mu);
-    SideStream& s = g_side[dev][mode == 3 ? 1 : 0];
-    if (s.stream == nullptr) {
+    SideStreams& s = g_side[dev];
+    if (s.least == nullptr) {
       int least = 0, greatest = 0;
       CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-      cudaStream_t st = nullptr;
-      CUDA_RETURN_IF_ERROR(
-          cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, mode == 3 ? greatest : least));
-      cudaEvent_t ev[3] = {};
-      for (cudaEvent_t& e : ev) {
-        CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      SideStreams n;
+      cudaStream_t* st[3] = {&n.least, &n.middle, &n.greatest};
+      const int prio[3] = {least, (least + greatest) / 2, greatest};
+      for (int i = 0; i < 3; ++i) {
+        CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(st[i], cudaStreamNonBlocking, prio[i]));
       }
-      s = SideStream{st, ev[0], ev[1], ev[2]};
+      for (cudaEvent_t* e : {&n.fork, &n.mid, &n.join, &n.join_crit}) {
+        CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+      }
+      s = n;
     }
     CUDA_RETURN_IF_ERROR(cudaEventRecord(s.fork, main_));
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.stream, s.fork, 0));
-    side_ = &s;
+    s_ = &s;
+    side_ = mode == 3 ? s.middle : s.least;
+    crit_ = mode == 3 ? s.greatest : main_;
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_, s.fork, 0));
+    if (crit_ != main_) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(crit_, s.fork, 0));
     return {};
   }
-  cudaStream_t side() const { return side_ != nullptr ? side_->stream : main_; }
-  // Mark: the caller's stream has reached a point the side stream must wait for (WaitMark).
+  cudaStream_t side() const { return side_; }
+  cudaStream_t crit() const { return crit_; }
+  // After the state passes (on crit): the side stream may start dB/dC (WaitMark) and the
+  // caller's stream may start what reads the states (MainWaitsMark).
   CudaResult Mark() {
-    if (side_ != nullptr) CUDA_RETURN_IF_ERROR(cudaEventRecord(side_->mid, main_));
+    if (s_ != nullptr) CUDA_RETURN_IF_ERROR(cudaEventRecord(s_->mid, crit_));
     return {};
   }
   CudaResult WaitMark() {
-    if (side_ != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_->stream, side_->mid, 0));
+    if (s_ != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_, s_->mid, 0));
     return {};
   }
-  // The caller's stream waits for everything enqueued on the side stream so far; then inactive.
+  CudaResult MainWaitsMark() {
+    if (s_ != nullptr && crit_ != main_) {
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(main_, s_->mid, 0));
+    }
+    return {};
+  }
+  // The caller's stream waits for everything enqueued on the side and crit streams so far; then
+  // inactive (side() and crit() are the caller's stream again).
   CudaResult Join() {
-    if (side_ == nullptr) return {};
-    SideStream* s = side_;
-    side_ = nullptr;
-    const cudaError_t e1 = cudaEventRecord(s->join, s->stream);
-    const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(main_, s->join, 0) : e1;
+    if (s_ == nullptr) return {};
+    SideStreams* s = s_;
+    const cudaStream_t side = side_, crit = crit_;
+    s_ = nullptr;
+    side_ = crit_ = main_;
+    cudaError_t e = cudaEventRecord(s->join, side);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(main_, s->join, 0);
+    if (e == cudaSuccess && crit != main_) e = cudaEventRecord(s->join_crit, crit);
+    if (e == cudaSuccess && crit != main_) e = cudaStreamWaitEvent(main_, s->join_crit, 0);
     if (lock_.owns_lock()) lock_.unlock();
-    CUDA_RETURN_IF_ERROR(e2);
+    CUDA_RETURN_IF_ERROR(e);
     return {};
   }
 
  private:
   const cudaStream_t main_;
-  SideStream* side_ = nullptr;
+  cudaStream_t side_, crit_;
+  SideStreams* s_ = nullptr;
   std::unique_lock<std::mutex> lock_;
 };
 
@@ -3102,35 +3129,37 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
                           cudaStream_t stream, SideFork* fork) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
+  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
   if (plan.state && UseFusedStatePass(d)) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
     ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
-                                             a.final_state, nullptr, nullptr, nullptr);
+                                   crit>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
+                                           a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
     ssd_chunk_state_scan<false, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
             d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
-    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, crit>>>(
         d, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
   }
   if (!(plan.state && UseFusedStatePass(d))) {
     ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0,
-                     stream>>>(d, a.initial_state, saved, a.final_state);
+                     crit>>>(d, a.initial_state, saved, a.final_state);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
   }
-  CUDA_RETURN_IF_NOT_OK(fork->Join());  // the scan reads ssd_bmm_cb's C Bᵀ (side stream)
+  // The scan reads the states (crit stream) and ssd_bmm_cb's C Bᵀ (side stream).
+  CUDA_RETURN_IF_NOT_OK(fork->Join());
 
   if (plan.fwd) {
     switch (d.P) {
@@ -3211,40 +3240,41 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
+  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
   if (fused) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
     ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  stream>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
-                                            const_cast<float*>(saved), a.d_initial_state,
-                                            plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
-                                            sc.ddecay);
+                                  crit>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
+                                          const_cast<float*>(saved), a.d_initial_state,
+                                          plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
+                                          sc.ddecay);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
   } else if (plan.state) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
     ssd_chunk_state_scan<true, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
             d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
             nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
-    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, crit>>>(
         d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
   }
 
   if (!fused) {
-    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
+    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, crit>>>(
         d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
   }
-  CUDA_RETURN_IF_NOT_OK(fork->Mark());  // G (bf16) is written: dB/dC may start (side stream)
+  CUDA_RETURN_IF_NOT_OK(fork->Mark());  // G (bf16) is written: dB/dC and dx may start
   // Side stream (when active): ssd_bwd_dcb_reg, ssd_bwd_dcb_sum, ssd_bwd_dbc_smem.
   const cudaStream_t side = fork->side();
 
@@ -3256,9 +3286,10 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
                       dcb_smem, side>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
-                                          sc.dcb_split);
+                                        sc.dcb_split);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
   }
+  CUDA_RETURN_IF_NOT_OK(fork->MainWaitsMark());  // dx reads G (hi: from the crit stream)
   if (plan.dx) {
     switch (d.P) {
       case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
@@ -3288,7 +3319,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
     ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
                        side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                 plan.dx ? sc.inter_part : nullptr);
+                               plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
     CUDA_RETURN_IF_NOT_OK(fork->Join());
     if (plan.dx) {
@@ -3396,11 +3427,13 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
   float* saved = static_cast<float*>(a.saved);
   const Form side_mode = SideMode();
   if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
-  // GYRE_SSD_SIDE_STREAM: ssd_bmm_cb on the side stream, joined before the forward scan.
+  // GYRE_SSD_SIDE_STREAM: ssd_bmm_cb on the side stream (and for hi ssd_dt_cumsum and the state
+  // passes on the crit stream), joined before the forward scan.
   SideFork fork(stream);
   CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
 
-  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
+  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, fork.crit()>>>(d, a.dt, a.a_log, a.dt_bias,
+                                                                saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
   // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
   // backward dx kernels read it; the backward may run a different kernel selection).
@@ -3518,9 +3551,9 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
   double* part = sc.part;
 
-  // GYRE_SSD_SIDE_STREAM: the dCB → dB/dC chain on the side stream (v3 dB/dC only), joined
-  // before ssd_bwd_dacs_finish. Declared after `buf`, so an early return joins before the
-  // scratch goes back to the allocator.
+  // GYRE_SSD_SIDE_STREAM: the dCB → dB/dC chain on the side stream (v3 dB/dC only; for hi the
+  // state passes on the crit stream), joined before ssd_bwd_dacs_finish. Declared after `buf`,
+  // so an early return joins before the scratch goes back to the allocator.
   const Form side_mode = SideMode();
   if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
   SideFork fork(stream);

@@ -165,8 +165,10 @@ void SsdSetDcbSplitForTesting(int split);
 // the backward's dCB → dCB sum → dB/dC chain beside the backward state pass and bwd dx (dB/dC
 // waits for the state pass's G only). Both streams join the caller's stream before the call
 // returns its last kernels (the forward scan, the ∂Acs finish), so the caller sees stream order
-// as before. hi creates that stream at the device's greatest priority (its blocks are dispatched
-// before the caller stream's pending ones). Same kernels, same values: bitwise the same outputs.
+// as before. hi also moves the state passes (and ssd_dt_cumsum) to a third stream at the device's
+// greatest priority and gives the side stream a middle priority, so the critical chain's blocks
+// are dispatched first, then dB/dC's long ones, and bwd dx's short blocks (on the caller's
+// stream) fill the rest. Same kernels, same values: bitwise the same outputs.
 // Calls from several host threads serialise their enqueueing (one mutex; the events are shared).
 // SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 on, 3 hi (process-wide).
 void SsdSetSideStreamForTesting(int mode);

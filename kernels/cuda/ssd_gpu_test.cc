@@ -11,9 +11,10 @@
 // Outputs are NaN-poisoned first; a NaN fails the check.
 // Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
 // sums, no float atomics: the kernels are deterministic). SSD_TEST_PATH=9,10,11 runs several
-// paths. Paths 12-14 run the side-stream form (GYRE_SSD_SIDE_STREAM=on / hi, helper ssd12): the
-// float64 checks, then a rerun compared bitwise against the one-stream default (12, 14) or against
-// itself (13, with the fused state kernels the step shape uses).
+// paths. Paths 12-15 run the side-stream form (GYRE_SSD_SIDE_STREAM=on / hi, helper ssd12): the
+// float64 checks, then a rerun compared bitwise against the one-stream default (12, 14, 15) or
+// against itself (13, with the fused state kernels the step shape uses); 15 with the v2 dx and
+// chunk-state kernels beside the side stream's v3 dCB → dB/dC chain.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -404,7 +405,11 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, side stream hi, fused state pass, rerun] ", kSsdRegAll, 0, 1, 0,
                          true, 3},
                         {"[v3 all, side stream hi, rerun one-stream] ", kSsdRegAll, 0, 0, 0, true,
-                         3, 1}};
+                         3, 1},
+                        // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
+                        // then reads the v2 dx kernel's partials, from the caller's stream).
+                        {"[v3 dbc, side stream, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true, 2,
+                         1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
