@@ -15,7 +15,11 @@
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192, 4 only B16 S2048 H24
 // (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --path: only the variants whose name
-// contains TEXT (e.g. "un]" for one ncu profile of that variant).
+// contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all ss]" / "[v3 all sh]":
+// the default kernels with GYRE_SSD_SIDE_STREAM=on / hi (helper ssd12; the dCB → dB/dC chain and
+// C Bᵀ on a second stream), forced by SsdSetSideStreamForTesting whatever the environment;
+// "[v3 all ss1]": side stream on with the dCB head split 1 (B16 H24: 1280 long dCB blocks whose
+// last partial wave the dx blocks fill; 21 MB less fp32 dCB partials written and read).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -142,6 +146,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int mask;
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
+    int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -152,19 +157,24 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all fu]", kSsdRegAll, 1},    // fused state pass
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
-                        {"[v3 all s8]", kSsdRegAll, 0, 8}};  // 8
+                        {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
+                        {"[v3 all ss]", kSsdRegAll, 0, 0, 2},  // side stream
+                        {"[v3 all sh]", kSsdRegAll, 0, 0, 3},   // side stream, greatest priority
+                        {"[v3 all ss1]", kSsdRegAll, 0, 1, 2}};  // side stream, dCB split 1
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0)) {
+    if (default_only &&
+        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
+    SsdSetSideStreamForTesting(p.side);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -184,6 +194,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetRegisterPathForTesting(saved_mask);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
+  SsdSetSideStreamForTesting(0);
 }
 
 }  // namespace

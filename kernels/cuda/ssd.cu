@@ -154,6 +154,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -2960,6 +2961,130 @@ Form Choose(EnvSwitch& sw) {
                  "\" (accepted: " + accepted + ")"};
 }
 
+// GYRE_SSD_SIDE_STREAM (helper ssd12; opt-in, not measured yet): off (default) | on | hi.
+// Why: at mamba2-130m's step shape (B16 S2048 H24) the fused state kernels have 384 blocks for
+// 528 block slots (132 SMs × 4): one slot per SM stays empty for the whole kernel (~0.2 ms in the
+// backward), and every kernel boundary of the backward's six kernels drains a wave. The dCB
+// kernel (its 40.5 KB fits beside three 53 KB state blocks), its sum and dB/dC need nothing from
+// the state pass but G (dB/dC only), so they run on a second stream: dCB fills the empty slots
+// during the state pass and the chains' tails overlap. Same kernels: the values cannot change.
+// on: that second stream at the default (least) priority; the state passes stay on the caller's
+// stream. hi: the state passes (the critical chain: everything after them waits for them) go to
+// a third stream at the device's greatest priority, so their blocks are dispatched first and the
+// others fill the slots they leave; the dCB → dB/dC chain (and the forward's C Bᵀ) to a stream
+// of middle priority, so that dB/dC's long blocks are dispatched before bwd dx's short ones on
+// the caller's stream, which then fill dB/dC's last wave.
+EnvSwitch g_side_switch{"GYRE_SSD_SIDE_STREAM", {"off", "on", "hi", nullptr}};
+// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 on, 3 hi.
+std::atomic<int> g_side_override{0};
+
+// The extra streams and events of one device, created on first use and never destroyed (they
+// live as long as the CUDA context; a static destructor could run after the driver's teardown).
+struct SideStreams {
+  cudaStream_t least = nullptr, middle = nullptr, greatest = nullptr;  // by priority
+  cudaEvent_t fork = nullptr, mid = nullptr, join = nullptr, join_crit = nullptr;
+};
+constexpr int kMaxSideDevices = 64;
+std::mutex g_side_mu;  // guards g_side and each call's fork → join sequence (shared events)
+SideStreams g_side[kMaxSideDevices];
+
+// One call's fork of work onto the side streams and its join back. Three roles: main (the
+// caller's stream), crit (the state passes: main for on, the greatest-priority stream for hi)
+// and side (the work that does not need the state passes: least priority for on, middle for hi).
+// Begin locks g_side_mu until the join, so two host threads cannot interleave records of the
+// shared events (cudaStreamWaitEvent waits for the record that precedes it in host order). The
+// destructor joins if the call returned early (a failed launch), so no side work outlives the
+// call's scratch (the DeviceAllocator reuses blocks in the caller stream's order). Inactive (mode
+// off): side() and crit() are the caller's stream and every method does nothing, so the default
+// path enqueues exactly what it did before.
+class SideFork {
+ public:
+  explicit SideFork(cudaStream_t main) : main_(main), side_(main), crit_(main) {}
+  SideFork(const SideFork&) = delete;
+  SideFork& operator=(const SideFork&) = delete;
+  ~SideFork() { (void)Join(); }
+
+  // mode: 1 off, 2 on, 3 hi (SideMode()).
+  CudaResult Begin(int mode) {
+    if (mode < 2) return {};
+    int dev = 0;
+    CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= kMaxSideDevices) return InvalidArgument("ssd: side stream: device id");
+    lock_ = std::unique_lock<std::mutex>(g_side_mu);
+    SideStreams& s = g_side[dev];
+    if (s.least == nullptr) {
+      int least = 0, greatest = 0;
+      CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      SideStreams n;
+      cudaStream_t* st[3] = {&n.least, &n.middle, &n.greatest};
+      const int prio[3] = {least, (least + greatest) / 2, greatest};
+      for (int i = 0; i < 3; ++i) {
+        CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(st[i], cudaStreamNonBlocking, prio[i]));
+      }
+      for (cudaEvent_t* e : {&n.fork, &n.mid, &n.join, &n.join_crit}) {
+        CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+      }
+      s = n;
+    }
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(s.fork, main_));
+    s_ = &s;
+    side_ = mode == 3 ? s.middle : s.least;
+    crit_ = mode == 3 ? s.greatest : main_;
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_, s.fork, 0));
+    if (crit_ != main_) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(crit_, s.fork, 0));
+    return {};
+  }
+  cudaStream_t side() const { return side_; }
+  cudaStream_t crit() const { return crit_; }
+  // After the state passes (on crit): the side stream may start dB/dC (WaitMark) and the
+  // caller's stream may start what reads the states (MainWaitsMark).
+  CudaResult Mark() {
+    if (s_ != nullptr) CUDA_RETURN_IF_ERROR(cudaEventRecord(s_->mid, crit_));
+    return {};
+  }
+  CudaResult WaitMark() {
+    if (s_ != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_, s_->mid, 0));
+    return {};
+  }
+  CudaResult MainWaitsMark() {
+    if (s_ != nullptr && crit_ != main_) {
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(main_, s_->mid, 0));
+    }
+    return {};
+  }
+  // The caller's stream waits for everything enqueued on the side and crit streams so far; then
+  // inactive (side() and crit() are the caller's stream again).
+  CudaResult Join() {
+    if (s_ == nullptr) return {};
+    SideStreams* s = s_;
+    const cudaStream_t side = side_, crit = crit_;
+    s_ = nullptr;
+    side_ = crit_ = main_;
+    cudaError_t e = cudaEventRecord(s->join, side);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(main_, s->join, 0);
+    if (e == cudaSuccess && crit != main_) e = cudaEventRecord(s->join_crit, crit);
+    if (e == cudaSuccess && crit != main_) e = cudaStreamWaitEvent(main_, s->join_crit, 0);
+    if (lock_.owns_lock()) lock_.unlock();
+    CUDA_RETURN_IF_ERROR(e);
+    return {};
+  }
+
+ private:
+  const cudaStream_t main_;
+  cudaStream_t side_, crit_;
+  SideStreams* s_ = nullptr;
+  std::unique_lock<std::mutex> lock_;
+};
+
+// 1 off, 2 on, 3 hi; or the switch's error.
+Form SideMode() {
+  const int forced = g_side_override.load();
+  if (forced >= 1 && forced <= 3) return {forced, {}};
+  Form f = Choose(g_side_switch);
+  f.index += 1;
+  return f;
+}
+
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
 // than its one-chunk form + ssd_state_pass: where its ntn·H·B blocks fill the device at least
 // kFusedStateWaves times over (the fused kernel walks the chunks of one (slice, h, b) in order,
@@ -3001,37 +3126,40 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
 // The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
 template <class MM>
 CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, SideFork* fork) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
+  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
   if (plan.state && UseFusedStatePass(d)) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
     ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
-                                             a.final_state, nullptr, nullptr, nullptr);
+                                   crit>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
+                                           a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
     ssd_chunk_state_scan<false, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
             d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
-    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, crit>>>(
         d, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
   }
   if (!(plan.state && UseFusedStatePass(d))) {
     ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0,
-                     stream>>>(d, a.initial_state, saved, a.final_state);
+                     crit>>>(d, a.initial_state, saved, a.final_state);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
   }
+  // The scan reads the states (crit stream) and ssd_bmm_cb's C Bᵀ (side stream).
+  CUDA_RETURN_IF_NOT_OK(fork->Join());
 
   if (plan.fwd) {
     switch (d.P) {
@@ -3108,43 +3236,47 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
 
 template <class MM>
 CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPlan& plan,
-                           const BwdScratch& sc, cudaStream_t stream) {
+                           const BwdScratch& sc, cudaStream_t stream, SideFork* fork) {
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
+  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
   if (fused) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
     ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  stream>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
-                                            const_cast<float*>(saved), a.d_initial_state,
-                                            plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
-                                            sc.ddecay);
+                                  crit>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
+                                          const_cast<float*>(saved), a.d_initial_state,
+                                          plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
+                                          sc.ddecay);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
   } else if (plan.state) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
     ssd_chunk_state_scan<true, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
             d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
             nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
-    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
+    ssd_chunk_state<MM, true><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, crit>>>(
         d, a.dy, a.c, const_cast<float*>(saved), sc.dsg);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state<bwd>");
   }
 
   if (!fused) {
-    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, stream>>>(
+    ssd_state_pass_bwd<<<dim3(sc.pass_blocks, d.H, d.B), 256, 0, crit>>>(
         d, saved, a.d_final_state, sc.dsg, sc.ddecay, a.d_initial_state, sc.g_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass_bwd");
   }
+  CUDA_RETURN_IF_NOT_OK(fork->Mark());  // G (bf16) is written: dB/dC and dx may start
+  // Side stream (when active): ssd_bwd_dcb_reg, ssd_bwd_dcb_sum, ssd_bwd_dbc_smem.
+  const cudaStream_t side = fork->side();
 
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
@@ -3153,10 +3285,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
-                      dcb_smem, stream>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
-                                          sc.dcb_split);
+                      dcb_smem, side>>>(d, a.x, a.dy, saved, sc.dcb, sc.dacs_pair, sc.dpair,
+                                        sc.dcb_split);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_reg");
   }
+  CUDA_RETURN_IF_NOT_OK(fork->MainWaitsMark());  // dx reads G (hi: from the crit stream)
   if (plan.dx) {
     switch (d.P) {
       case 32: CUDA_RETURN_IF_NOT_OK(LaunchDxReg<32>(a, d, sc, stream)); break;
@@ -3174,7 +3307,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   }
 
   if (plan.dbc) {
-    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, stream>>>(
+    ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, side>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");
   }
@@ -3183,10 +3316,12 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
     ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                       stream>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                                 plan.dx ? sc.inter_part : nullptr);
+                       side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                               plan.dx ? sc.inter_part : nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    CUDA_RETURN_IF_NOT_OK(fork->Join());
     if (plan.dx) {
       const Form finish = Choose(g_dacs_finish_switch);
       if (!finish.bad.empty()) return InvalidArgument(finish.bad);
@@ -3237,6 +3372,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetSideStreamForTesting(int mode) {
+  g_side_override.store(mode >= 1 && mode <= 3 ? mode : 0);
+}
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
@@ -3287,8 +3425,15 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     return InvalidArgument(rule.bad);
   }
   float* saved = static_cast<float*>(a.saved);
+  const Form side_mode = SideMode();
+  if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
+  // GYRE_SSD_SIDE_STREAM: ssd_bmm_cb on the side stream (and for hi ssd_dt_cumsum and the state
+  // passes on the crit stream), joined before the forward scan.
+  SideFork fork(stream);
+  CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
 
-  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
+  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, fork.crit()>>>(d, a.dt, a.a_log, a.dt_bias,
+                                                                saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
   // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
   // backward dx kernels read it; the backward may run a different kernel selection).
@@ -3296,12 +3441,12 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     const int tiles = d.Q / kTile;
     const size_t smem = SmemOf<CarveBmmCb<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bmm_cb, smem));
-    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem, stream>>>(
-        d, a.b, a.c, saved);
+    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem,
+                 fork.side()>>>(d, a.b, a.c, saved);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
   }
 
-  return ForwardKernels<MmaPtx>(a, d, saved, stream);
+  return ForwardKernels<MmaPtx>(a, d, saved, stream, &fork);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -3406,7 +3551,15 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
   double* part = sc.part;
 
-  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream));
+  // GYRE_SSD_SIDE_STREAM: the dCB → dB/dC chain on the side stream (v3 dB/dC only; for hi the
+  // state passes on the crit stream), joined before ssd_bwd_dacs_finish. Declared after `buf`,
+  // so an early return joins before the scratch goes back to the allocator.
+  const Form side_mode = SideMode();
+  if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
+  SideFork fork(stream);
+  if (plan.dbc) CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
+  CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream, &fork));
+  CUDA_RETURN_IF_NOT_OK(fork.Join());
 
   ssd_param_reduce<<<d.H, 256, 0, stream>>>(d, part, a.a_log, a.da_log, a.ddt_bias,
                                             a.d != nullptr ? a.dd : nullptr);

@@ -11,7 +11,10 @@
 // Outputs are NaN-poisoned first; a NaN fails the check.
 // Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
 // sums, no float atomics: the kernels are deterministic). SSD_TEST_PATH=9,10,11 runs several
-// paths.
+// paths. Paths 12-15 run the side-stream form (GYRE_SSD_SIDE_STREAM=on / hi, helper ssd12): the
+// float64 checks, then a rerun compared bitwise against the one-stream default (12, 14, 15) or
+// against itself (13, with the fused state kernels the step shape uses); 15 with the v2 dx and
+// chunk-state kernels beside the side stream's v3 dCB → dB/dC chain.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -87,8 +90,11 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
 
 // rerun: after the float64 checks, the forward + backward runs again on the same inputs
 // (accumulated gradients reset) with the same kernels; both runs must agree bitwise
-// (fixed-order ∂Acs sums, no float atomics).
-bool RunCase(const Case& k, uint64_t seed, bool rerun = false) {
+// (fixed-order ∂Acs sums, no float atomics). rerun_side (SsdSetSideStreamForTesting; 0 = as
+// the first run) switches the side-stream form for the rerun only, so the two forms are compared
+// bitwise with each other.
+bool RunCase(const Case& k, uint64_t seed, bool rerun = false, int first_side = 0,
+             int rerun_side = 0) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -311,8 +317,10 @@ bool RunCase(const Case& k, uint64_t seed, bool rerun = false) {
   if (rerun) {
     auto run_again = [&](Outputs* out) {
       reset_outputs();
+      if (rerun_side != 0) SsdSetSideStreamForTesting(rerun_side);
       CudaResult r2 = SsdForward(f, nullptr);
       if (r2.ok()) r2 = SsdBackward(g, &alloc, nullptr);
+      if (rerun_side != 0) SsdSetSideStreamForTesting(first_side);
       EXPECT_TRUE(r2.ok()) << r2.message;
       if (!r2.ok()) return false;
       CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
@@ -377,6 +385,8 @@ TEST(SsdGpu, MatchesCpuReference) {
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
     bool rerun = false;   // rerun-bitwise checks (RunCase)
+    int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default off), 2 on, 3 hi
+    int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -389,7 +399,17 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, fused state pass, slice 64] ", kSsdRegAll, 64, 1},
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
                         {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
-                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true}};
+                        {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true},
+                        {"[v3 all, side stream, rerun one-stream] ", kSsdRegAll, 0, 0, 0, true,
+                         2, 1},
+                        {"[v3 all, side stream hi, fused state pass, rerun] ", kSsdRegAll, 0, 1, 0,
+                         true, 3},
+                        {"[v3 all, side stream hi, rerun one-stream] ", kSsdRegAll, 0, 0, 0, true,
+                         3, 1},
+                        // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
+                        // then reads the v2 dx kernel's partials, from the caller's stream).
+                        {"[v3 dbc, side stream, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true, 2,
+                         1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -411,10 +431,11 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetStateSliceForTesting(p.state_slice);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
+    SsdSetSideStreamForTesting(p.side);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++, p.rerun) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun, p.side, p.rerun_side) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
@@ -424,6 +445,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetStateSliceForTesting(0);
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
+  SsdSetSideStreamForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
