@@ -95,6 +95,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -964,7 +965,7 @@ DetMode DeterministicOverride() {
 // as well as in the benchmark. A call's line ("attn_phases bwd B.. S.. H../.. D.. q_stride ..
 // kv_stride .. rope .. det ..: prep X main Y dq Z total W ms") goes to stderr once its last event
 // has completed, checked without blocking at a later call (the last calls of a process are not
-// printed). Unset or any other value: no events, nothing printed (the default path is untouched).
+// printed; with many calls in flight the lines come in bursts). Unset or any other value: no events, nothing printed (the default path is untouched).
 bool PhasesOn() {
   static const bool on = [] {
     const char* env = std::getenv("GYRE_ATTN_PHASES");
@@ -1004,13 +1005,13 @@ class PhaseRecorder {
     } else {  // a failed record: the events go back to the pool, the call is not printed
       for (cudaEvent_t e : call_.events) log.free_events.push_back(e);
     }
-    std::vector<Call> still;
-    for (Call& c : log.pending) {
+    // Calls complete in order on one stream: print from the front up to the first call still in
+    // flight (a call on another stream may wait for a later call to print it).
+    size_t done = 0;
+    for (; done < log.pending.size(); ++done) {
+      Call& c = log.pending[done];
       const cudaError_t q = cudaEventQuery(c.events.back());
-      if (q == cudaErrorNotReady) {
-        still.push_back(std::move(c));
-        continue;
-      }
+      if (q == cudaErrorNotReady) break;
       if (q == cudaSuccess) {
         std::string line = c.label;
         float total = 0.f;
@@ -1029,7 +1030,7 @@ class PhaseRecorder {
       }
       for (cudaEvent_t e : c.events) log.free_events.push_back(e);
     }
-    log.pending = std::move(still);
+    log.pending.erase(log.pending.begin(), log.pending.begin() + static_cast<std::ptrdiff_t>(done));
   }
   PhaseRecorder(const PhaseRecorder&) = delete;
   PhaseRecorder& operator=(const PhaseRecorder&) = delete;
