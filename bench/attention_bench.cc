@@ -10,10 +10,12 @@
 // once.
 //
 //   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--bwd_only=B,S,H,D]
+//                   [--step_layout=B,S,H,D [--sustain=N] [--once]]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
 //   plain and SelfExtend forwards; --bwd_only: the plain and the fused-RoPE backward alone at
 //   that one shape (H = Hk), 3 rounds each, then whether two more backwards give bitwise the
-//   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC)
+//   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC; --step_layout: the llama
+//   step's call layout against the packed one, see RunStepLayout)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others, GYRE_ATTN_DETERMINISTIC=1 the backward with dQ
 // added in a fixed order (attention_bwd_det{,_presum}.cu) (read once per process).
@@ -229,15 +231,164 @@ void Run(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps, 
   std::fflush(stdout);
 }
 
+// --step_layout=B,S,H,D (H = Hk): the llama training step's exact calls (ops/attention.cc,
+// SelfAttention::ForwardCuda / BackwardCuda; issue 7, attention_notes.md session 12) next to the
+// packed layout of --bwd_only. "step": q|k|v are views of one fused [B·S, 3·H·D] buffer (row
+// stride 3·H·D, k at +H·D, v at +2·H·D: the fused qkv GEMM's output), the forward rotates q in
+// place (q_rotated = q) with the fused RoPE, out and dout are packed, dq|dk|dv are views of a
+// second fused buffer of the same layout, the backward has the fused inverse RoPE. "packed": the
+// same calls on separate packed q, k, v, dq, dk, dv arrays (q rotated in place too).
+// Timings: (1) burst: forward and backward alone, the two layouts alternating, 3 rounds each
+// (median of `reps` CUDA-event timings per round, a host sync after each; --bwd_only's method);
+// (2) sustained: `sustain` forward + backward pairs queued back to back without a host sync (as
+// in the step, the device never waits), the layouts alternating pair by pair, events around
+// every op, medians of the second half. With GYRE_ATTN_PHASES=1 the library also prints each
+// call's per-kernel times to stderr. --once: one forward + backward per layout and exit (for ncu:
+// the backward main kernel's launches 1 and 2 are packed, then step).
+void RunStepLayout(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps,
+                   int sustain, bool once) {
+  const int64_t rows = s.batch * s.seq, hd = s.heads * s.dim, width = 3 * hd;
+  const int64_t n = rows * hd;
+  std::vector<DeviceBuffer> keep;
+  uint64_t seed = 101;
+  auto rb = [&](int64_t count) {
+    keep.emplace_back();
+    CUDA_OK_OR_DIE(alloc.Allocate(count * sizeof(bf16), &keep.back()));
+    CUDA_OK_OR_DIE(FillRandomBf16(keep.back().as<bf16>(), count, 0.f, 1.f, seed++, stream));
+    return keep.back().as<bf16>();
+  };
+  bf16 *qkv = rb(rows * width), *dqkv = rb(rows * width);
+  bf16 *q = rb(n), *k = rb(n), *v = rb(n), *dq = rb(n), *dk = rb(n), *dv = rb(n);
+  bf16 *out = rb(n), *dout = rb(n);
+  DeviceBuffer lse_buf;
+  CUDA_OK_OR_DIE(alloc.Allocate(s.batch * s.heads * s.seq * sizeof(float), &lse_buf));
+  RopeTable table;
+  CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
+  const AttentionShape shape{s.batch, s.seq, s.heads, s.heads, s.dim};
+
+  struct Layout {
+    const char* name;
+    AttentionForwardArgs fa;
+    AttentionBackwardArgs ba;
+  };
+  Layout layouts[2];
+  for (int i = 0; i < 2; ++i) {
+    const bool step = i == 1;
+    AttentionForwardArgs& fa = layouts[i].fa;
+    AttentionBackwardArgs& ba = layouts[i].ba;
+    layouts[i].name = step ? "step" : "packed";
+    fa.shape = ba.shape = shape;
+    fa.q = ba.q = step ? qkv : q;
+    fa.k = ba.k = step ? qkv + hd : k;
+    fa.v = ba.v = step ? qkv + 2 * hd : v;
+    fa.q_row_stride = fa.kv_row_stride = ba.q_row_stride = ba.kv_row_stride = step ? width : 0;
+    fa.out = out;
+    fa.lse = lse_buf.as<float>();
+    fa.rope = &table;
+    fa.q_rotated = const_cast<bf16*>(fa.q);  // in place, as the step (the backward reads it)
+    ba.out = out;
+    ba.dout = dout;
+    ba.lse = lse_buf.as<float>();
+    ba.dq = step ? dqkv : dq;
+    ba.dk = step ? dqkv + hd : dk;
+    ba.dv = step ? dqkv + 2 * hd : dv;
+    ba.rope = &table;
+  }
+  const double pairs = static_cast<double>(s.seq) * s.seq / 2;
+  const double fwd_flops = 4.0 * s.batch * s.heads * pairs * s.dim, bwd_flops = 2.5 * fwd_flops;
+  std::printf("step_layout B%lld S%lld H%lld D%lld: row stride packed %lld, step %lld elements\n",
+              static_cast<long long>(s.batch), static_cast<long long>(s.seq),
+              static_cast<long long>(s.heads), static_cast<long long>(s.dim),
+              static_cast<long long>(hd), static_cast<long long>(width));
+  if (once) {
+    for (const Layout& l : layouts) {
+      CUDA_OK_OR_DIE(AttentionForward(l.fa, stream));
+      CUDA_OK_OR_DIE(AttentionBackward(&alloc, l.ba, stream));
+    }
+    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+    std::printf("step_layout once: packed then step, one forward + backward each\n");
+    return;
+  }
+  // (1) burst, alternating.
+  std::vector<float> ms[2][2];  // [layout][fwd, bwd]
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < 2; ++i) {
+      const Layout& l = layouts[i];
+      CUDA_OK_OR_DIE(AttentionForward(l.fa, stream));  // this layout's lse, rotated q
+      ms[i][0].push_back(TimeMs(stream, reps, [&] { return AttentionForward(l.fa, stream); }));
+      ms[i][1].push_back(
+          TimeMs(stream, reps, [&] { return AttentionBackward(&alloc, l.ba, stream); }));
+    }
+  }
+  double burst[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) burst[i][j] = Median(ms[i][j]);
+  for (int j = 0; j < 2; ++j) {
+    std::printf("step_layout burst %s: packed %.4f ms (%.1f TFLOP/s; rounds %.4f %.4f %.4f), step "
+                "%.4f ms (rounds %.4f %.4f %.4f), step/packed %.3f\n",
+                j == 0 ? "fwd" : "bwd", burst[0][j],
+                (j == 0 ? fwd_flops : bwd_flops) / (burst[0][j] * 1e-3) / 1e12, ms[0][j][0],
+                ms[0][j][1], ms[0][j][2], burst[1][j], ms[1][j][0], ms[1][j][1], ms[1][j][2],
+                burst[1][j] / burst[0][j]);
+  }
+  // (2) sustained: pairs queued back to back, events around every op, one sync at the end.
+  if (sustain < 4) return;
+  std::vector<cudaEvent_t> ev(3 * sustain);
+  for (cudaEvent_t& e : ev) CUDA_CHECK_OR_DIE(cudaEventCreate(&e));
+  for (int it = 0; it < sustain; ++it) {
+    const Layout& l = layouts[it % 2];
+    CUDA_CHECK_OR_DIE(cudaEventRecord(ev[3 * it], stream));
+    CUDA_OK_OR_DIE(AttentionForward(l.fa, stream));
+    CUDA_CHECK_OR_DIE(cudaEventRecord(ev[3 * it + 1], stream));
+    CUDA_OK_OR_DIE(AttentionBackward(&alloc, l.ba, stream));
+    CUDA_CHECK_OR_DIE(cudaEventRecord(ev[3 * it + 2], stream));
+  }
+  CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+  std::vector<float> sus[2][2];
+  float all_ms = 0.f;
+  for (int it = sustain / 2; it < sustain; ++it) {
+    float f = 0.f, b = 0.f;
+    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&f, ev[3 * it], ev[3 * it + 1]));
+    CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&b, ev[3 * it + 1], ev[3 * it + 2]));
+    sus[it % 2][0].push_back(f);
+    sus[it % 2][1].push_back(b);
+  }
+  CUDA_CHECK_OR_DIE(cudaEventElapsedTime(&all_ms, ev[0], ev[3 * sustain - 1]));
+  for (int j = 0; j < 2; ++j) {
+    std::printf("step_layout sustained %s: packed %.4f ms, step %.4f ms, step/packed %.3f "
+                "(medians of %d pairs each after %d; %.1f ms of work in all)\n",
+                j == 0 ? "fwd" : "bwd", Median(sus[0][j]), Median(sus[1][j]),
+                Median(sus[1][j]) / Median(sus[0][j]), static_cast<int>(sus[0][j].size()),
+                sustain / 2, all_ms);
+  }
+  std::printf("step_layout sustained/burst bwd: packed %.3f step %.3f\n",
+              Median(sus[0][1]) / burst[0][1], Median(sus[1][1]) / burst[1][1]);
+  for (cudaEvent_t e : ev) CUDA_CHECK_OR_DIE(cudaEventDestroy(e));
+  std::fflush(stdout);
+}
+
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3, from_shape = 1;
-  bool fwd_only = false;
-  Shape bwd_shape{0, 0, 0, 0};
+  bool fwd_only = false, once = false;
+  int sustain = 200;
+  Shape bwd_shape{0, 0, 0, 0}, step_shape{0, 0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--from_shape=", 13) == 0) from_shape = std::atoi(argv[i] + 13);
     if (std::strcmp(argv[i], "--fwd_only") == 0) fwd_only = true;
+    if (std::strcmp(argv[i], "--once") == 0) once = true;
+    if (std::strncmp(argv[i], "--sustain=", 10) == 0) sustain = std::atoi(argv[i] + 10);
+    if (std::strncmp(argv[i], "--step_layout=", 14) == 0) {
+      long long b = 0, t = 0, h = 0, d = 0;
+      if (std::sscanf(argv[i] + 14, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
+          t <= 0 || h <= 0 || (d != 64 && d != 128)) {
+        std::fprintf(stderr, "--step_layout wants B,S,H,D with D 64 or 128, got '%s'\n",
+                     argv[i] + 14);
+        return 2;
+      }
+      step_shape = {b, t, h, d};
+    }
     if (std::strncmp(argv[i], "--bwd_only=", 11) == 0) {
       long long b = 0, t = 0, h = 0, d = 0;
       if (std::sscanf(argv[i] + 11, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
@@ -254,6 +405,11 @@ int Main(int argc, char** argv) {
   DeviceAllocator alloc;
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  if (step_shape.batch > 0) {
+    RunStepLayout(alloc, stream, step_shape, reps, sustain, once);
+    CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
+    return 0;
+  }
   if (bwd_shape.batch > 0) {
     Run(alloc, stream, bwd_shape, reps, false, /*bwd_only=*/true);
     CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));

@@ -95,8 +95,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstddef>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/attention_wgmma.h"
 #include "kernels/cuda/cuda_check.h"
@@ -955,6 +959,124 @@ DetMode DeterministicOverride() {
   return mode;
 }
 
+// GYRE_ATTN_PHASES=1 (read once per process; a diagnostic, attention_notes.md session 12): CUDA
+// events around every kernel of AttentionForward / AttentionBackward on the caller's stream, so
+// that the time of each kernel (prep, main, dq conversion) can be read inside a training step
+// as well as in the benchmark. A call's line ("attn_phases bwd B.. S.. H../.. D.. q_stride ..
+// kv_stride .. rope .. det ..: prep X main Y dq Z total W ms") goes to stderr once its last event
+// has completed, checked without blocking at a later call (the last calls of a process are not
+// printed; with many calls in flight the lines come in bursts). Unset or any other value: no events, nothing printed (the default path is untouched).
+bool PhasesOn() {
+  static const bool on = [] {
+    const char* env = std::getenv("GYRE_ATTN_PHASES");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return on;
+}
+
+class PhaseRecorder {
+ public:
+  // Records the call's first event (nothing when GYRE_ATTN_PHASES is off).
+  PhaseRecorder(const char* kind, const AttentionShape& s, int64_t q_stride, int64_t kv_stride,
+                bool rope, bool det, cudaStream_t stream)
+      : on_(PhasesOn()), stream_(stream) {
+    if (!on_) return;
+    char label[192];
+    std::snprintf(label, sizeof(label), "attn_phases %s B%lld S%lld H%lld/%lld D%lld q_stride %lld "
+                  "kv_stride %lld rope %d det %d:", kind, static_cast<long long>(s.batch),
+                  static_cast<long long>(s.seq), static_cast<long long>(s.heads),
+                  static_cast<long long>(s.kv_heads), static_cast<long long>(s.head_dim),
+                  static_cast<long long>(q_stride), static_cast<long long>(kv_stride),
+                  rope ? 1 : 0, det ? 1 : 0);
+    call_.label = label;
+    Record(nullptr);
+  }
+  // Records an event after the phase `name` (the kernels launched since the previous event).
+  void Mark(const char* name) {
+    if (on_) Record(name);
+  }
+  // Hands the call to the log and prints every logged call whose events have completed.
+  ~PhaseRecorder() {
+    if (call_.events.empty()) return;
+    Log& log = GetLog();
+    std::lock_guard<std::mutex> lock(log.mu);
+    if (on_ && call_.events.size() > 1) {
+      log.pending.push_back(std::move(call_));
+    } else {  // a failed record: the events go back to the pool, the call is not printed
+      for (cudaEvent_t e : call_.events) log.free_events.push_back(e);
+    }
+    // Calls complete in order on one stream: print from the front up to the first call still in
+    // flight (a call on another stream may wait for a later call to print it).
+    size_t done = 0;
+    for (; done < log.pending.size(); ++done) {
+      Call& c = log.pending[done];
+      const cudaError_t q = cudaEventQuery(c.events.back());
+      if (q == cudaErrorNotReady) break;
+      if (q == cudaSuccess) {
+        std::string line = c.label;
+        float total = 0.f;
+        for (size_t i = 1; i < c.events.size(); ++i) {
+          float ms = 0.f;
+          if (cudaEventElapsedTime(&ms, c.events[i - 1], c.events[i]) != cudaSuccess) ms = -1.f;
+          total += ms;
+          char part[64];
+          std::snprintf(part, sizeof(part), " %s %.4f", c.names[i].c_str(), ms);
+          line += part;
+        }
+        char tail[48];
+        std::snprintf(tail, sizeof(tail), " total %.4f ms\n", total);
+        line += tail;
+        std::fputs(line.c_str(), stderr);
+      }
+      for (cudaEvent_t e : c.events) log.free_events.push_back(e);
+    }
+    log.pending.erase(log.pending.begin(), log.pending.begin() + static_cast<std::ptrdiff_t>(done));
+  }
+  PhaseRecorder(const PhaseRecorder&) = delete;
+  PhaseRecorder& operator=(const PhaseRecorder&) = delete;
+
+ private:
+  struct Call {
+    std::string label;
+    std::vector<cudaEvent_t> events;
+    std::vector<std::string> names;
+  };
+  struct Log {
+    std::mutex mu;
+    std::vector<Call> pending;
+    std::vector<cudaEvent_t> free_events;  // reused; never destroyed (process lifetime)
+  };
+  static Log& GetLog() {
+    static Log log;
+    return log;
+  }
+  void Record(const char* name) {
+    cudaEvent_t e = nullptr;
+    {
+      Log& log = GetLog();
+      std::lock_guard<std::mutex> lock(log.mu);
+      if (!log.free_events.empty()) {
+        e = log.free_events.back();
+        log.free_events.pop_back();
+      }
+    }
+    if (e == nullptr && cudaEventCreate(&e) != cudaSuccess) {
+      on_ = false;  // a diagnostic only: give up on this call, never fail the op
+      return;
+    }
+    call_.events.push_back(e);
+    if (cudaEventRecord(e, stream_) != cudaSuccess) {
+      on_ = false;
+      return;
+    }
+    call_.names.push_back(name != nullptr ? name : "");
+  }
+
+  bool on_;
+  cudaStream_t stream_;
+  Call call_;
+};
+
 // Bytes of the fp32 dQ accumulator: [B·T, H, D], or for the warp-specialised kernel the blocked
 // layout with T padded to a multiple of 64.
 size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim) {
@@ -965,7 +1087,7 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, const InvRope& rope, int* dq_turns,
-                          cudaStream_t stream) {
+                          PhaseRecorder* phases, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
@@ -975,6 +1097,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
           a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
           blocked ? BwdWsDqBlockCols(kD) : 0);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
+  phases->Mark("prep");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
     w.q = p.q;
@@ -1010,11 +1133,14 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     attn_bwd_kernel<kD><<<grid, kThreads, smem, stream>>>(p);
     CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_kernel");
     if (rope.half > 0) {
+      phases->Mark("main");
       CUDA_RETURN_IF_NOT_OK(LaunchRopeRows<kD>(p.dk, p.dk, p.kv_stride, batch * p.seq,
                                                static_cast<int>(kv_heads), p.seq, rope, -1.f,
                                                stream));
+      phases->Mark("dk_rope");
     }
   }
+  if (path == BwdPath::kWs || rope.half == 0) phases->Mark("main");
   const int items_per_rh = rope.half / 8 + (kD - 2 * rope.half) / 8;
   const int64_t items = rows_heads * items_per_rh;
   attn_bwd_dq_kernel<kD>
@@ -1022,6 +1148,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
           p.dq_acc, dq, p.q_stride, p.heads, p.seq, blocked ? BwdWsDqBlockCols(kD) : 0, items,
           items_per_rh, p.scale, rope);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_dq_kernel");
+  phases->Mark("dq");
   return {};
 }
 
@@ -1097,6 +1224,8 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
   const bool use_se = se && args.self_extend_window < s.seq;
   p.se_window = static_cast<int>(use_se ? args.self_extend_window : 0);
   const FwdPath path = ForwardPath(use_se);
+  PhaseRecorder phases(use_se ? "fwd_se" : "fwd", s, q_stride, kv_stride, rope.half > 0, false,
+                       stream);
   if (path != FwdPath::kMma) {
     WgmmaFwdParams w{};
     w.q = p.q;
@@ -1119,7 +1248,10 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
     w.rope_half = rope.half;
     w.q_rot = args.q_rotated;
     w.q_rot_copy_rest = rope.half > 0 && 2 * rope.half < s.head_dim && args.q_rotated != args.q;
-    return LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
+    const CudaResult r =
+        LaunchAttentionForwardWgmma(w, s.batch, static_cast<int>(s.head_dim), use_se, stream);
+    phases.Mark("main");
+    return r;
   }
   if (rope.half > 0) {  // the mma.sync kernel reads q_rotated, rotated by a separate pass
     const int64_t rows = s.batch * s.seq;
@@ -1136,13 +1268,15 @@ CudaResult AttentionForward(const AttentionForwardArgs& args, cudaStream_t strea
             : LaunchRopeRows<128>(args.q, args.q_rotated, q_stride, rows, p.heads, p.seq, rope,
                                   1.f, stream));
     p.q = args.q_rotated;
+    phases.Mark("q_rope");
   }
-  if (s.head_dim == 64) {
-    return use_se ? LaunchForward<64, true>(p, s.batch, stream)
-                  : LaunchForward<64, false>(p, s.batch, stream);
-  }
-  return use_se ? LaunchForward<128, true>(p, s.batch, stream)
-                : LaunchForward<128, false>(p, s.batch, stream);
+  const CudaResult r = s.head_dim == 64
+                           ? (use_se ? LaunchForward<64, true>(p, s.batch, stream)
+                                     : LaunchForward<64, false>(p, s.batch, stream))
+                           : (use_se ? LaunchForward<128, true>(p, s.batch, stream)
+                                     : LaunchForward<128, false>(p, s.batch, stream));
+  phases.Mark("main");
+  return r;
 }
 
 CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs& args,
@@ -1175,6 +1309,7 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
         "adds dQ with atomics in no fixed order)");
   }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
+  PhaseRecorder phases("bwd", s, q_stride, kv_stride, args.rope != nullptr, deterministic, stream);
   DeviceBuffer dq_acc, dvec, dq_turns;
   if (deterministic) {
     const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
@@ -1209,10 +1344,10 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   // ordered before any later user of the block on the same stream (allocator contract).
   if (s.head_dim == 64) {
     return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                              stream);
+                              &phases, stream);
   }
   return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                             stream);
+                             &phases, stream);
 }
 
 }  // namespace gyre::cuda

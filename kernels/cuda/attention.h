@@ -35,7 +35,9 @@
 // +7-12% at D 128, +5-7% at D 64, H100; not with GYRE_ATTN_BWD=mma, which is then an error).
 // Extra scratch: one int per (batch, head, 64-row tile, half). GYRE_ATTN_DETERMINISTIC (read
 // once per process) overrides the field for benches and tests: "1" on, "0" off, unset = the
-// field; other values make AttentionBackward fail.
+// field; other values make AttentionBackward fail. GYRE_ATTN_PHASES=1 (read once per process; a
+// diagnostic) records CUDA events around each kernel of both calls and prints one line per call
+// to stderr ("attn_phases ...": prep / main / dq times), e.g. inside a training step.
 //
 // CONTRACT (owner: the `attn` helper; the `gpuops` helper codes against it). Changes only by
 // adding fields with defaults.

@@ -16,7 +16,8 @@
 // (the backward with dQ added in a fixed order: attention_bwd_det.cu at D 128,
 // attention_bwd_det_presum.cu at D 64): every float64 check then runs on it, and
 // BackwardBitwiseRepeatable requires dq too to come back bitwise the same (the variant alone,
-// fast: --gtest_filter='*RopeFused*:*BackwardBitwise*').
+// fast: --gtest_filter='*RopeFused*:*BackwardBitwise*'). StepLayoutMatchFloat64Reference: the
+// llama step's exact layout (fused qkv without padding, q rotated in place, R = D).
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
@@ -56,13 +57,14 @@ struct Problem {
   bool fused;                  // q/k/v (and dq/dk/dv) are views of one padded qkv buffer
   int64_t group = 0, window = 0;  // SelfExtend
   int64_t rope = 0;  // fused RoPE, rotary dim R (0 = off; see RunForwardBackward)
+  int64_t fused_pad = 8;  // fused: padding columns after q|k|v in each row (0: the step's layout)
 };
 
 std::string ShapeName(const Problem& p) {
   std::string s = "B" + std::to_string(p.batch) + " T" + std::to_string(p.seq) + " H" +
                   std::to_string(p.heads) + "/" + std::to_string(p.kv_heads) + " D" +
                   std::to_string(p.dim);
-  if (p.fused) s += " fused";
+  if (p.fused) s += p.fused_pad > 0 ? " fused" : " fused-nopad";
   if (p.group > 0) s += " SE" + std::to_string(p.group) + "," + std::to_string(p.window);
   if (p.rope > 0) s += " rope" + std::to_string(p.rope);
   return s;
@@ -195,7 +197,7 @@ struct DeviceQkv {
 void MakeQkv(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p, DeviceQkv* x) {
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
   if (p.fused) {
-    const int64_t stride = (H + 2 * Hk) * D + 8;  // 8 padding columns, never touched
+    const int64_t stride = (H + 2 * Hk) * D + p.fused_pad;  // padding columns, never touched
     x->q_stride = x->kv_stride = stride;
     x->host = RandomBf16Values(rng, rows * stride);
     x->q = {x->host.data(), stride};
@@ -522,6 +524,29 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   const char* det = std::getenv("GYRE_ATTN_DETERMINISTIC");
   std::printf("attention_gpu_test rope (GYRE_ATTN_DETERMINISTIC=%s): %d of %d problems passed\n",
               det != nullptr ? det : "unset", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
+// The llama training step's exact call layout (ops/attention.cc SelfAttention::ForwardCuda /
+// BackwardCuda; attention_bench --step_layout): q|k|v views of one fused buffer without padding
+// (row stride (H + 2Hk)·D, the fused qkv GEMM's output), q rotated in place by the forward's
+// fused RoPE (R = D), out / dout packed, dq|dk|dv views of a second buffer of the same layout,
+// the fused inverse RoPE. Fast alone: --gtest_filter='*StepLayout*' (with GYRE_ATTN_PHASES=1 the
+// same checks run with the per-kernel events of the diagnostic switch on).
+TEST(AttentionGpuTest, StepLayoutMatchFloat64Reference) {
+  std::mt19937_64 rng(13);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{2, 300, 12, 12, 64, true, 0, 0, 64, 0},
+                           Problem{1, 1000, 4, 4, 64, true, 0, 0, 64, 0},
+                           Problem{2, 257, 4, 2, 128, true, 0, 0, 128, 0},
+                           Problem{1, 129, 2, 2, 64, true, 0, 0, 64, 0}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
+  }
+  const char* phases = std::getenv("GYRE_ATTN_PHASES");
+  std::printf("attention_gpu_test step layout (GYRE_ATTN_PHASES=%s): %d of %d problems passed\n",
+              phases != nullptr ? phases : "unset", checks - failures, checks);
   EXPECT_EQ(failures, 0);
 }
 
