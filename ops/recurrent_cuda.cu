@@ -1174,8 +1174,9 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 // for groups of an odd number of 128-column passes: at 384 columns (the xLSTM-125m mLSTM output
 // norm, 4 heads of 384) 32 lanes take 1.5 chunks each, so lanes 16-31 idled on the second pass
 // of every row; 16 lanes take exactly 3.
-template <int kMode, int kLanes>
-__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+// (The body is GroupNormBwdVecRun, shared with group_norm_bwd_vec_lddz below.)
+template <int kMode, int kLanes, bool kLdDz>
+__device__ __forceinline__ void GroupNormBwdVecRun(const GroupNormArgs& a, float* pw, float* ps) {
   constexpr int kRows = 32 / kLanes;  // rows a warp takes at a time
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
@@ -1215,11 +1216,22 @@ __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(Gr
         Scale8(a, c, sc);
         Load8(a.dy, r * a.dim + c, dy);
         if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+        GroupNormBwdChunkDx<kMode, kLdDz>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
       }
     }
   }
   if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
+}
+
+template <int kMode, int kLanes>
+__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdVecRun<kMode, kLanes, false>(a, pw, ps);
+}
+
+// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz; GYRE_MAMBA_IN_BWD=fused).
+template <int kLanes>
+__global__ void __launch_bounds__(256, 3) group_norm_bwd_vec_lddz(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdVecRun<1, kLanes, true>(a, pw, ps);
 }
 
 // Register-resident variants for groups of at most 256·kIters columns (kIters 16-byte chunks per
@@ -1759,9 +1771,9 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
   const bool vec = NormVectorizable(a, true);
-  // dz rows of lddz: the register-resident kernel's twin writes them in place (16-byte stores:
-  // lddz % 8 == 0); every other path writes a packed dz to scratch, then one strided copy.
-  const bool lddz_kernel = strided_dz && vec && a.lddz % 8 == 0 && NormRegIters(a, true) == 6;
+  // dz rows of lddz: the vectorised kernels' twins write them in place (16-byte stores: lddz % 8
+  // == 0); the scalar path writes a packed dz to scratch, then one strided copy.
+  const bool lddz_kernel = strided_dz && vec && a.lddz % 8 == 0;
   if (strided_dz && !lddz_kernel) {
     gyre::cuda::DeviceBuffer packed;
     if (CudaResult r = Scratch(scratch, (a.rows * a.dim + 1) / 2, &packed); !r.ok()) return r;
@@ -1792,7 +1804,9 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
     if (lddz_kernel) {
-      launch(group_norm_bwd_reg_lddz<6>);
+      if (NormRegIters(a, true) == 6) launch(group_norm_bwd_reg_lddz<6>);
+      else if (NormLanes(a, true) == 16) launch(group_norm_bwd_vec_lddz<16>);
+      else launch(group_norm_bwd_vec_lddz<32>);
     } else if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);

@@ -546,13 +546,16 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
 }
 
 // The gated norm's dz with a row stride (GYRE_MAMBA_IN_BWD=fused writes dz into the first d_inner
-// columns of the whole in_proj gradient [rows, d_inner + conv channels + heads]): the register-
-// resident kernel's twin (groups of 1025..1536, lddz % 8 == 0: mamba2-130m's 1536 of 3352; two
-// groups of 1288) and the packed-then-copied fallback (groups of 264 vectorised, 12 scalar; the
-// test model's 128 of 324, lddz % 8 != 0).
+// columns of the whole in_proj gradient [rows, d_inner + conv channels + heads]): the vectorised
+// kernels' twins (lddz % 8 == 0): register-resident (groups of 1025..1536: mamba2-130m's 1536 of
+// 3352; two groups of 1288), _vec with 16 lanes (264: 3 passes) and 32 (2048, mamba2-1.3b-like:
+// 16 passes, > 48 KiB of column sums); the packed-then-copied fallback (lddz % 8 != 0: the test
+// model's 128 of 324, 264 of 284; scalar groups of 12).
 TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 1536, 1536, true, false, 3352);
   CheckNorm(NormMode::kGatedInput, false, 70, 2, 1288, 2600, false, false, 2600 + 1824 + 24);
+  CheckNorm(NormMode::kGatedInput, false, 300, 1, 264, 280, true, false, 264 + 24);
+  CheckNorm(NormMode::kGatedInput, false, 150, 1, 2048, 2112, true, false, 2048 + 2112 + 32);
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 264, 280, true, false, 264 + 20);
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30, false, false, 31);
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 128, 128, true, false, 324);
