@@ -811,6 +811,13 @@ TEST_F(RecurrentGpuTest, Mamba2FusedInProjModelLossAndEveryGradient) {
   s.preset = "mamba2-gpu-test[in_bwd fused]";
   CheckModel(s);
 }
+// The hybrid's Mamba-2 layers (d_inner 256 of 584-wide rows: dz through the _vec twin).
+TEST_F(RecurrentGpuTest, Mamba2FusedInProjHybridModelLossAndEveryGradient) {
+  FusedInProjScope fused;
+  ModelSpec s = SmallHybrid();
+  s.preset = "hybrid-gpu-test[in_bwd fused]";
+  CheckModel(s);
+}
 TEST_F(RecurrentGpuTest, Mamba2FusedInProjTrainingIsBitwiseReproducible) {
   FusedInProjScope fused;
   ModelSpec s = SmallMamba2();
