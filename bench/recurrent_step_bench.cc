@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -98,17 +99,21 @@ double GiB(uint64_t b) { return static_cast<double>(b) / (1u << 30); }
 // One --alternate entry: a recomputation mode and the batch its steps use.
 struct AltEntry {
   MlstmRecomputeConfig mode;
+  int mamba_in_bwd = -1;  // "+in_fused" / "+in_split": the Mamba-2 in_proj backward (-1: GYRE_MAMBA_IN_BWD)
   int64_t batch = 0;  // 0: the preset's
   std::string label;
 };
 
 // --alternate: warm-up per entry (in the order given), then `steps` rounds of one step per entry;
 // prints per-entry medians and the ratio to the first entry of the same batch.
+// With op_profile_steps > 0, then that many steps per entry under the per-op profile.
 int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t seq, int warmup, int steps,
-                   const std::vector<AltEntry>& entries, double flops_token, double peak_tflops) {
+                   const std::vector<AltEntry>& entries, double flops_token, double peak_tflops,
+                   int op_profile_steps) {
   int step = 0;
   for (const AltEntry& e : entries) {
     SetMlstmRecompute(e.mode);
+    SetMamba2FusedInProjBackward(e.mamba_in_bwd);
     gyre::bench::StepTimes w;
     if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, e.batch, seq, step, warmup, &w)) return 1;
     step += warmup;
@@ -123,6 +128,7 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   for (int r = 0; r < steps; ++r) {
     for (size_t i = 0; i < entries.size(); ++i) {
       SetMlstmRecompute(entries[i].mode);
+      SetMamba2FusedInProjBackward(entries[i].mamba_in_bwd);
       gyre::bench::StepTimes t;
       if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step++, 1, &t)) return 1;
       times[i].push_back(t.seconds[0]);
@@ -144,7 +150,21 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
                 entries[ref].label.c_str(), med / gyre::bench::MedianOf(times[ref]));
   }
   std::fflush(stdout);
+  for (size_t i = 0; op_profile_steps > 0 && i < entries.size(); ++i) {
+    SetMlstmRecompute(entries[i].mode);
+    SetMamba2FusedInProjBackward(entries[i].mamba_in_bwd);
+    Cuda().SetOpProfiling(true);
+    gyre::bench::StepTimes prof;
+    const bool ok = gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step, op_profile_steps,
+                                           &prof);
+    Cuda().SetOpProfiling(false);
+    if (!ok) return 1;
+    step += op_profile_steps;
+    std::printf("  mode %s B%lld:\n", entries[i].label.c_str(), (long long)entries[i].batch);
+    PrintOpProfile(Cuda().TakeOpProfile(), prof.seconds);
+  }
   SetMlstmRecompute(entries[0].mode);
+  SetMamba2FusedInProjBackward(-1);
   return 0;
 }
 
@@ -179,7 +199,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
       if (e.batch == 0) e.batch = batch;
     }
     const int rc = RunAlternating(trainer, rng, *spec, seq, warmup, steps, alternate, per_token->without_head(),
-                                  peak_tflops);
+                                  peak_tflops, op_profile_steps);
     model->reset();
     return rc == 0 ? 2 : 1;  // 2: done, no Result row
   }
@@ -288,7 +308,8 @@ int main(int argc, char** argv) {
   app.add_option("--mlstm_recompute", mlstm_recompute,
                  "mLSTM recomputation per preset: none|cell|glue|block|states[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
   app.add_option("--alternate", alternate_text,
-                 "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. glue@8 block@8 glue:16@4");
+                 "mode[:keep][+in_fused|+in_split][@batch] entries to cycle through on one model per preset, e.g. "
+                 "glue@8 block@8 glue:16@4; +in_fused / +in_split: the Mamba-2 in_proj backward (GYRE_MAMBA_IN_BWD)");
   CLI11_PARSE(app, argc, argv);
   if (!mlstm_recompute.empty() && mlstm_recompute.size() != presets.size()) {
     std::fprintf(stderr, "--mlstm_recompute needs one value per preset\n");
@@ -300,11 +321,20 @@ int main(int argc, char** argv) {
     const size_t at = t.find('@');
     char* end = nullptr;
     if (at != std::string::npos) e.batch = std::strtoll(t.c_str() + at + 1, &end, 10);
-    if (!ParseRecompute(t.substr(0, at), &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
-      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block|states[:N][@batch])\n", t.c_str());
+    std::string mode = t.substr(0, at);
+    e.label = mode;
+    for (const auto& [suffix, value] : {std::pair<std::string, int>{"+in_fused", 1}, {"+in_split", 0}}) {
+      if (mode.size() > suffix.size() && mode.compare(mode.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        e.mamba_in_bwd = value;
+        mode.resize(mode.size() - suffix.size());
+        break;
+      }
+    }
+    if (!ParseRecompute(mode, &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
+      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block|states[:N][+in_fused|+in_split][@batch])\n",
+                   t.c_str());
       return 2;
     }
-    e.label = t.substr(0, at);
     alternate.push_back(e);
   }
   if (CudaBackendOrNull() == nullptr) {
@@ -319,7 +349,7 @@ int main(int argc, char** argv) {
   std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
   // The opt-in kernel variants (environment switches read once by the kernels' host code), so a
   // log says which path it timed: A/B runs alternate them on one binary.
-  for (const char* name : {"GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD"}) {
+  for (const char* name : {"GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD", "GYRE_MAMBA_IN_BWD"}) {
     if (const char* v = std::getenv(name)) std::printf("variant: %s=%s\n", name, v);
   }
   std::vector<Result> results;

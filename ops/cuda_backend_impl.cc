@@ -574,6 +574,7 @@ class Backend final : public CudaBackend {
     b.bias = a.bias;
     b.dy = static_cast<const bf16*>(a.dy);
     b.dx = static_cast<bf16*>(a.dx);
+    b.dx_row_stride = a.dx_row_stride;
     b.dw = a.dw;
     b.dbias = a.dbias;
     b.overwrite_dparams = a.overwrite_dparams;

@@ -34,7 +34,7 @@ struct GroupNormArgs {
   // Backward.
   const void* dy = nullptr;
   void* dx = nullptr;
-  void* dz = nullptr;    // [rows, dim] packed
+  void* dz = nullptr;    // [rows, dim], rows of lddz (below) when set
   void* dxc = nullptr;   // [rows, dim]
   // Optional [rows, dim], kPlain only: added to dx (a residual branch's gradient: no separate add pass).
   const void* dresidual = nullptr;
@@ -42,6 +42,9 @@ struct GroupNormArgs {
   float* dskip = nullptr;
   // dweight / dskip = Σ instead of += Σ: the deferred-zero rule's first write (ops/module.h).
   bool overwrite_dparams = false;
+  // Gated mode (1) backward: dz's row stride in elements; 0 = dim (packed). (Last, in the tail
+  // padding after the bool: the kernels' by-value parameter block keeps its size and layout.)
+  int32_t lddz = 0;
 };
 
 // mLSTM gate pre-activations from concat(q, k, v) without the concat (heads <= 8):
@@ -116,6 +119,7 @@ struct Conv1dArgs {
   void* y = nullptr;
   const void* dy = nullptr;
   void* dx = nullptr;
+  int64_t dx_row_stride = 0;  // backward: dx's row stride in elements, 0 = channels (packed)
   float* dw = nullptr;
   float* dbias = nullptr;
   bool overwrite_dparams = false;  // dw, dbias = Σ: the deferred-zero rule's first write (ops/module.h)

@@ -44,6 +44,9 @@ class CausalConv1d {
   CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t width, bool silu);
   Tensor Forward(const Tensor& x, int64_t batch, int64_t seq);
   Tensor Backward(const Tensor& dy);
+  // CUDA only: Backward with dx written into `dx` (bf16, rows of `dx_row_stride` elements, the
+  // first `channels` of each set): one gradient buffer holding several projections' columns.
+  void BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_stride);
   void ReleaseActivations() { x_ = Tensor(); }
   // Inference: x [B, C]; `state` [B, K-1, C] (zeros at the start) is advanced.
   Tensor Step(const Tensor& x, Tensor* state);
@@ -68,6 +71,11 @@ class CausalConv1d {
 // every phase and add its host time to a named bucket ("mamba2.fwd.ssd", ...). Off by default
 // (no cost). TakeRecurrentProfile returns the buckets (seconds) and clears them. Not thread-safe.
 void SetRecurrentProfiling(bool on);
+// Whether Mamba2Block's CUDA backward takes the fused in_proj path (GYRE_MAMBA_IN_BWD=fused, read
+// once a process; see ops/recurrent_blocks.cc), for tests and benchmarks to say which path ran.
+bool Mamba2FusedInProjBackward();
+// Tests: 1 fused, 0 split, -1 back to the environment's choice (not thread-safe; set it between steps).
+void SetMamba2FusedInProjBackward(int fused);
 std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 
 // What the CUDA mLSTM block keeps between its forward and its backward (helper mem11; memory

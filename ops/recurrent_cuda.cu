@@ -1057,7 +1057,8 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
 }
 
 // Backward, second pass over one chunk (xv = x as stored): dx (and dz in mode 1).
-template <int kMode>
+// kLdDz: dz rows of a.lddz (the Mamba-2 fused in_proj backward's dz columns), else of a.dim.
+template <int kMode, bool kLdDz = false>
 __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int64_t r, int64_t c, const float* xv,
                                                     const float* sc, const float* dy, const float* z, float mean,
                                                     float rstd, float m1, float s2) {
@@ -1082,7 +1083,7 @@ __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int6
     for (int k = 0; k < 8; ++k) dx[k] += res[k];
   }
   Store8(a.dx, r * a.dim + c, dx);
-  if (kMode == 1) Store8(a.dz, r * a.dim + c, dz);
+  if (kMode == 1) Store8(a.dz, r * (kLdDz ? static_cast<int64_t>(a.lddz) : a.dim) + c, dz);
 }
 
 // The block's column sums ([kMode == 2 ? 2 : 1][8 warps][span] in shared memory): zeroed before
@@ -1173,8 +1174,9 @@ __global__ void group_norm_fwd_vec(GroupNormArgs a) {
 // for groups of an odd number of 128-column passes: at 384 columns (the xLSTM-125m mLSTM output
 // norm, 4 heads of 384) 32 lanes take 1.5 chunks each, so lanes 16-31 idled on the second pass
 // of every row; 16 lanes take exactly 3.
-template <int kMode, int kLanes>
-__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+// (The body is GroupNormBwdVecRun, shared with group_norm_bwd_vec_lddz below.)
+template <int kMode, int kLanes, bool kLdDz>
+__device__ __forceinline__ void GroupNormBwdVecRun(const GroupNormArgs& a, float* pw, float* ps) {
   constexpr int kRows = 32 / kLanes;  // rows a warp takes at a time
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
@@ -1214,11 +1216,22 @@ __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(Gr
         Scale8(a, c, sc);
         Load8(a.dy, r * a.dim + c, dy);
         if (kMode != 0) Load8(a.z, r * a.ldz + c, z);
-        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+        GroupNormBwdChunkDx<kMode, kLdDz>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
       }
     }
   }
   if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
+}
+
+template <int kMode, int kLanes>
+__global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdVecRun<kMode, kLanes, false>(a, pw, ps);
+}
+
+// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz; GYRE_MAMBA_IN_BWD=fused).
+template <int kLanes>
+__global__ void __launch_bounds__(256, 3) group_norm_bwd_vec_lddz(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdVecRun<1, kLanes, true>(a, pw, ps);
 }
 
 // Register-resident variants for groups of at most 256·kIters columns (kIters 16-byte chunks per
@@ -1314,8 +1327,9 @@ __global__ void __launch_bounds__(256) group_norm_fwd_reg(GroupNormArgs a) {
 
 // group_norm_bwd_vec with the row in registers (see above); column sums as there. Two blocks
 // per SM (16 warps, 2 x 48 KiB of column sums at d_inner 1536).
-template <int kMode, int kIters>
-__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, float* pw, float* ps) {
+// (The body is GroupNormBwdRegRun, shared with group_norm_bwd_reg_lddz below.)
+template <int kMode, int kIters, bool kLdDz>
+__device__ __forceinline__ void GroupNormBwdRegRun(const GroupNormArgs& a, float* pw, float* ps) {
   extern __shared__ float psum[];  // [kMode == 2 ? 2 : 1][8 warps][span]
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
@@ -1368,10 +1382,21 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
       Scale8(a, c, sc);
       Unpack8(dyr[it], dy);
       if (kMode != 0) Unpack8(zr[it], z);
-      GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+      GroupNormBwdChunkDx<kMode, kLdDz>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
     }
   }
   if (params) WriteColumnSums<kMode>(a, psum, span, gs, c0, pw, ps);
+}
+
+template <int kMode, int kIters>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdRegRun<kMode, kIters, false>(a, pw, ps);
+}
+
+// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz; GYRE_MAMBA_IN_BWD=fused).
+template <int kIters>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_reg_lddz(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdRegRun<1, kIters, true>(a, pw, ps);
 }
 
 __device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
@@ -1740,9 +1765,27 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_BWD"));
   if (!switch_ok) return NormSwitchError("GYRE_NORM_BWD");
   if (a.rows == 0) return {};
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  if (strided_dz && (a.mode != NormMode::kGatedInput || a.lddz < a.dim))
+    return gyre::cuda::InvalidArgument("GroupNormBackward: lddz is for the gated mode, 0 or >= dim");
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
   const bool vec = NormVectorizable(a, true);
+  // dz rows of lddz: the vectorised kernels' twins write them in place (16-byte stores: lddz % 8
+  // == 0); the scalar path writes a packed dz to scratch, then one strided copy.
+  const bool lddz_kernel = strided_dz && vec && a.lddz % 8 == 0;
+  if (strided_dz && !lddz_kernel) {
+    gyre::cuda::DeviceBuffer packed;
+    if (CudaResult r = Scratch(scratch, (a.rows * a.dim + 1) / 2, &packed); !r.ok()) return r;
+    GroupNormArgs b = a;
+    b.dz = packed.as<float>();
+    b.lddz = 0;
+    if (CudaResult r = GroupNormBackward(b, scratch, stream); !r.ok()) return r;
+    const size_t row_bytes = static_cast<size_t>(a.dim) * sizeof(bf16);
+    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.dz, static_cast<size_t>(a.lddz) * sizeof(bf16), b.dz, row_bytes,
+                                           row_bytes, static_cast<size_t>(a.rows), cudaMemcpyDeviceToDevice, stream));
+    return {};
+  }
   // Partial column sums [chunks, dim] (dweight, then dskip), chunk = the kernel's row block.
   const int64_t chunks = vec ? (a.rows + kNormBwdRows - 1) / kNormBwdRows : (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   gyre::cuda::DeviceBuffer part;
@@ -1760,7 +1803,11 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       kernel<<<grid, 256, static_cast<size_t>(smem), stream>>>(a, pw, ps);
     };
-    if (NormRegIters(a, true) == 6) {
+    if (lddz_kernel) {
+      if (NormRegIters(a, true) == 6) launch(group_norm_bwd_reg_lddz<6>);
+      else if (NormLanes(a, true) == 16) launch(group_norm_bwd_vec_lddz<16>);
+      else launch(group_norm_bwd_vec_lddz<32>);
+    } else if (NormRegIters(a, true) == 6) {
       if (a.mode == NormMode::kPlain) launch(group_norm_bwd_reg<0, 6>);
       else launch(group_norm_bwd_reg<1, 6>);
     } else if (a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&

@@ -262,14 +262,24 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // the first and last run of a row send their interior tokens (K−1 <= t < S) through the ring
 // too and only the state / final-state tokens through `step` (without it a row's run 0 takes
 // all 64 tokens through step's dependent loads, the slowest part).
-template <int K, int V, int kMinBlocks = 5, int kAhead = kBwdAhead, int kRunLen = kRun, bool kSplit = false>
-__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
-    ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
+// The body is Conv1dBwdRun, shared by conv1d_bwd (dx rows of C) and conv1d_bwd_ldx (dx rows of
+// ldx >= C: the Mamba-2 fused in_proj backward writes dxBC into its columns of one [rows, ldx]
+// gradient, GYRE_MAMBA_IN_BWD=fused); the kernels declare the cp.async ring (V >= 2) and pass it.
+// (The split left the PTX of both conv1d_bwd<4, 4, ...> kernels — every Mamba-2 / xLSTM preset's
+// conv backward — and of 5 of the 11 other widths / vector sizes identical; in 6 (1 or 2 channels
+// a thread at K 1, 3, 4) a few integer instructions moved, the same machine-code size.)
+template <int V>
+using BwdRaw = std::conditional_t<V == 4, uint2, uint32_t>;
+
+template <int K, int V, int kAhead, int kRunLen, bool kSplit, bool kLdx>
+__device__ __forceinline__ void Conv1dBwdRun(
+    ConvDims d, int ld_arg, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
     const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
-    float* __restrict__ part) {
+    float* __restrict__ part, BwdRaw<V> (*ring)[2][kBlock]) {
   const int ch = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (ch >= d.C) return;
+  const int ldx = kLdx ? ld_arg : d.C;  // (d.C itself in conv1d_bwd)
   const int b = blockIdx.z;
   const int ext = d.S + K - 1;
   const int e0 = blockIdx.y * kRunLen, e1 = min(ext, e0 + kRunLen);
@@ -370,7 +380,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
         return;
       }
     }
-    StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * d.C + ch, o);
+    StoreV<V>(dx + (static_cast<int64_t>(b) * d.S + (e - (K - 1))) * ldx + ch, o);
   };
   // kSplit: [e0, ia) state tokens (run 0 only), [ia, ib) interior, [ib, e1) final-state tokens.
   // The interior loop's tokens are [ia, ib): the whole run by default (interior runs only).
@@ -387,7 +397,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
   if ((e0 >= K - 1 && e1 <= d.S) || (kSplit && ia < ib)) {
     // Interior run: X_{t+K−1} is x row t and every dy row is valid.
     const bf16* __restrict__ xrow = x + (static_cast<int64_t>(b) * d.S) * d.C + ch;
-    bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * d.C + ch;  // row t − (K−1)
+    bf16* __restrict__ dxrow = dx + static_cast<int64_t>(b) * d.S * ldx + ch;  // row t − (K−1)
     // One token from its x row (X_{t+K−1}) and dy row.
     auto token = [&](int t, const float (&xn)[V], const float (&gy)[V]) {
 #pragma unroll
@@ -418,7 +428,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
 #pragma unroll
         for (int j = 0; j < K; ++j) o[v] += wk[j][v] * du[K - 1 - j][v];
       }
-      StoreV<V>(dxrow + static_cast<int64_t>(t - (K - 1)) * d.C, o);
+      StoreV<V>(dxrow + static_cast<int64_t>(t - (K - 1)) * ldx, o);
     };
     int t = ia;
     if constexpr (V >= 2) {
@@ -426,8 +436,6 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
       // tokens ahead of the arithmetic: bytes in flight without registers. (Register batches of
       // 4 tokens — 124 registers, 16 warps per SM, no overlap between batches — ran at 1.7 TB/s
       // on an H200; batches of 8 slower still.)
-      using Raw = std::conditional_t<V == 4, uint2, uint32_t>;
-      __shared__ Raw ring[kAhead][2][kBlock];
       const int tid = threadIdx.x;
       auto issue = [&](int tt) {  // one commit group per token (empty past the run)
         if (tt < ib) {
@@ -476,6 +484,37 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
 #pragma unroll
     for (int j = 0; j < K; ++j) pp[j] = dw_acc[j][v];
     pp[K] = db_acc[v];
+  }
+}
+
+template <int K, int V, int kMinBlocks = 5, int kAhead = kBwdAhead, int kRunLen = kRun, bool kSplit = false>
+__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd(
+    ConvDims d, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
+    const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
+    const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
+    float* __restrict__ part) {
+  if constexpr (V >= 2) {
+    __shared__ BwdRaw<V> ring[kAhead][2][kBlock];
+    Conv1dBwdRun<K, V, kAhead, kRunLen, kSplit, false>(d, 0, silu, x, w, bias, init, dy, d_final, dx, d_init, part, ring);
+  } else {
+    Conv1dBwdRun<K, V, kAhead, kRunLen, kSplit, false>(d, 0, silu, x, w, bias, init, dy, d_final, dx, d_init, part,
+                                                nullptr);
+  }
+}
+
+// conv1d_bwd with dx rows of ldx elements (Conv1dBackwardArgs::dx_row_stride).
+template <int K, int V, int kMinBlocks = 5, int kAhead = kBwdAhead, int kRunLen = kRun, bool kSplit = false>
+__global__ void __launch_bounds__(kBlock, kMinBlocks) conv1d_bwd_ldx(
+    ConvDims d, int ldx, bool silu, const bf16* __restrict__ x, const float* __restrict__ w,
+    const float* __restrict__ bias, const bf16* __restrict__ init, const bf16* __restrict__ dy,
+    const bf16* __restrict__ d_final, bf16* __restrict__ dx, bf16* __restrict__ d_init,
+    float* __restrict__ part) {
+  if constexpr (V >= 2) {
+    __shared__ BwdRaw<V> ring[kAhead][2][kBlock];
+    Conv1dBwdRun<K, V, kAhead, kRunLen, kSplit, true>(d, ldx, silu, x, w, bias, init, dy, d_final, dx, d_init, part, ring);
+  } else {
+    Conv1dBwdRun<K, V, kAhead, kRunLen, kSplit, true>(d, ldx, silu, x, w, bias, init, dy, d_final, dx, d_init, part,
+                                                nullptr);
   }
 }
 
@@ -620,7 +659,13 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
   const ConvDims d = MakeConvDims(a.shape);
   const bf16* df = d.K > 1 ? a.d_final_state : nullptr;
   bf16* di = d.K > 1 ? a.d_initial_state : nullptr;
-  const int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
+  const int64_t ldx = a.dx_row_stride == 0 ? a.shape.channels : a.dx_row_stride;
+  if (ldx < a.shape.channels || ldx > (1 << 30)) {
+    return InvalidArgument("conv1d backward: dx_row_stride must be 0 or channels..2^30");
+  }
+  const bool strided = ldx != a.shape.channels;
+  int vec = Conv1dVec(d, {a.x, a.initial_state, a.dy, df, a.dx, di});
+  if (ldx % vec != 0) vec = ldx % 2 == 0 ? 2 : 1;  // (vec 2 then passes Conv1dVec's checks too)
   if (ConvBwdVariantFromEnv() == ConvBwdVariant::kUnknown) {
     return InvalidArgument(std::string("conv1d backward: GYRE_CONV_BWD must be split or r128, got '") +
                            std::getenv("GYRE_CONV_BWD") + "'");
@@ -641,7 +686,22 @@ CudaResult Conv1dBackward(const Conv1dBackwardArgs& a, DeviceAllocator* scratch,
     kernel<<<grid, threads, 0, stream>>>(d, a.options.silu, a.x, a.w, a.bias, a.initial_state, a.dy, df, a.dx, di,
                                          pp);
   };
-  if (k4v4) {
+  // dx rows of ldx: the same kernels' conv1d_bwd_ldx twins (the default launches stay as they were).
+  auto args_ldx = [&](auto kernel) {
+    kernel<<<grid, threads, 0, stream>>>(d, static_cast<int>(ldx), a.options.silu, a.x, a.w, a.bias, a.initial_state,
+                                         a.dy, df, a.dx, di, pp);
+  };
+  if (strided) {
+    if (k4v4) {
+      if (variant == ConvBwdVariant::kRun128) args_ldx(conv1d_bwd_ldx<4, 4, 4, 16, 128, true>);
+      else args_ldx(conv1d_bwd_ldx<4, 4, 4, kBwdAhead, kRun, true>);
+    } else {
+      LaunchByWidth(d.K, vec, [&](auto k, auto v) {
+        constexpr int kK = decltype(k)::value, kV = decltype(v)::value;
+        if constexpr (kK != 4 || kV != 4) args_ldx(conv1d_bwd_ldx<kK, kV>);
+      });
+    }
+  } else if (k4v4) {
     switch (variant) {
       case ConvBwdVariant::kUnknown: break;  // (rejected above)
       case ConvBwdVariant::kSplit: args(conv1d_bwd<4, 4, 4, kBwdAhead, kRun, true>); break;

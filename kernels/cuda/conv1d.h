@@ -58,7 +58,10 @@ struct Conv1dBackwardArgs {
   const __nv_bfloat16* initial_state = nullptr;
   const __nv_bfloat16* dy = nullptr;             // [B, S, C]
   const __nv_bfloat16* d_final_state = nullptr;  // [B, K−1, C] or null (zero)
-  __nv_bfloat16* dx = nullptr;                   // [B, S, C] overwritten
+  __nv_bfloat16* dx = nullptr;                   // [B, S, C] overwritten (rows of dx_row_stride)
+  // dx's row stride in elements: 0 = C (packed), else >= C (dx is then the C leading columns of
+  // wider rows, e.g. one gradient [B·S, ldx] holding several projections' columns).
+  int64_t dx_row_stride = 0;
   float* dw = nullptr;                           // [C, K] accumulated (or overwritten)
   float* dbias = nullptr;                        // [C] accumulated (or overwritten), or null
   __nv_bfloat16* d_initial_state = nullptr;      // [B, K−1, C] overwritten, or null

@@ -5,9 +5,11 @@
 // SiLU / bias / states. Outputs NaN-poisoned first.
 #include "kernels/cuda/conv1d.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -28,6 +30,9 @@ struct Case {
   int64_t B, S, C, K;
   bool silu, bias, states;
   bool overwrite = false;  // dw, dbias overwritten (NaN-poisoned before) instead of accumulated
+  // dx rows of ldx elements (Conv1dBackwardArgs::dx_row_stride; 0 = C): dx is the first C
+  // columns of a NaN-poisoned [B·S, ldx] buffer whose other columns must stay poisoned.
+  int64_t ldx = 0;
 };
 
 std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
@@ -61,7 +66,7 @@ bool RunCase(const Case& k, uint64_t seed) {
                               k.bias ? db_ref.data() : nullptr, k.K > 1 ? di_ref.data() : nullptr);
 
   DeviceArray<bf16> d_x(&alloc, n), d_y(&alloc, n), d_init(&alloc, ns), d_fin(&alloc, ns),
-      d_dy(&alloc, n), d_dfin(&alloc, ns), d_dx(&alloc, n), d_di(&alloc, ns);
+      d_dy(&alloc, n), d_dfin(&alloc, ns), d_dx(&alloc, k.ldx > 0 ? k.B * k.S * k.ldx : n), d_di(&alloc, ns);
   DeviceArray<float> d_w(&alloc, k.C * k.K), d_b(&alloc, k.C), d_dw(&alloc, k.C * k.K),
       d_db(&alloc, k.C);
   d_x.Upload(x);
@@ -105,6 +110,7 @@ bool RunCase(const Case& k, uint64_t seed) {
   g.dy = d_dy.get();
   g.d_final_state = has_state ? d_dfin.get() : nullptr;
   g.dx = d_dx.get();
+  g.dx_row_stride = k.ldx;
   g.dw = d_dw.get();
   g.dbias = k.bias ? d_db.get() : nullptr;
   g.d_initial_state = k.K > 1 ? d_di.get() : nullptr;
@@ -119,7 +125,8 @@ bool RunCase(const Case& k, uint64_t seed) {
   const char* variant = std::getenv("GYRE_CONV_BWD");  // unset = split since session 8
   const std::string name = std::string("conv1d") + "[" + (variant != nullptr ? variant : "split") + "]" +
                            (k.silu ? "+silu" : "") +
-                           (k.bias ? "+bias" : "") + (has_state ? "+state" : "") + (k.overwrite ? "+overwrite" : "");
+                           (k.bias ? "+bias" : "") + (has_state ? "+state" : "") + (k.overwrite ? "+overwrite" : "") +
+                           (k.ldx > 0 ? "+ldx" + std::to_string(k.ldx) : "");
   const std::string shape = "B" + std::to_string(k.B) + " S" + std::to_string(k.S) + " C" +
                             std::to_string(k.C) + " K" + std::to_string(k.K);
   bool ok = true;
@@ -130,7 +137,21 @@ bool RunCase(const Case& k, uint64_t seed) {
     // Copies of bf16 inputs: exact.
     ok &= Report(name + " fwd final_state", shape, RelError(d_fin.Download(), fin_ref), 1e-7);
   }
-  ok &= Report(name + " bwd dx", shape, RelError(d_dx.Download(), dx_ref), testing::kTolBf16);
+  std::vector<float> dx = d_dx.Download();
+  if (k.ldx > 0) {
+    std::vector<float> packed(n);
+    int64_t touched = 0;  // columns >= C that are not the poison any more
+    for (int64_t r = 0; r < k.B * k.S; ++r) {
+      for (int64_t c = 0; c < k.ldx; ++c) {
+        const float v = dx[r * k.ldx + c];
+        if (c < k.C) packed[r * k.C + c] = v;
+        else touched += !std::isnan(v);
+      }
+    }
+    ok &= Report(name + " bwd dx columns >= C untouched", shape, static_cast<double>(touched), 0.0);
+    dx = std::move(packed);
+  }
+  ok &= Report(name + " bwd dx", shape, RelError(dx, dx_ref), testing::kTolBf16);
   if (k.K > 1) {
     ok &= Report(name + " bwd d_initial", shape, RelError(d_di.Download(), di_ref),
                  testing::kTolBf16);
@@ -164,6 +185,12 @@ TEST(Conv1dGpu, MatchesCpuReference) {
       // S a multiple of 64 and 128 (the step presets' 2048): the last run is only the K−1
       // final-state tokens; run 0 and it are where GYRE_CONV_BWD=split / r128 differ.
       {2, 256, 96, 4, true, true, true, true}, {1, 2048, 64, 4, true, true, true},
+      // dx rows wider than C (the Mamba-2 fused in_proj backward's dxBC columns, d_inner + 2GN of
+      // d_inner + conv + heads): the split kernel's twin (K 4, 4 channels a thread, and 64-thread
+      // blocks at 1792), 2 and 1 channels a thread (ldx 130 + 6, 33 + 3), K 3.
+      {2, 300, 192, 4, true, true, false, true, 324}, {2, 200, 1792, 4, true, false, false, true, 3352},
+      {2, 300, 130, 4, true, true, true, false, 136}, {1, 65, 33, 2, true, true, true, false, 36},
+      {2, 300, 257, 3, true, false, true, true, 300},
   };
   uint64_t seed = 99;
   int failed = 0;
