@@ -113,6 +113,10 @@ class CudaBackend {
   // Pointwise (device arrays of n elements): dtype conversion (f32 <-> bf16), y += alpha x
   // (fp32 math), out = a + b, y *= s, Σ x² (double).
   virtual void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) = 0;
+  // f32 <-> bf16 of a rows x cols block whose rows are src_ld / dst_ld elements apart (e.g. into
+  // a column block of a wider gradient: Mamba-2's ddt into din, no separate strided copy).
+  virtual void ConvertRows(const void* src, DType src_dtype, int64_t src_ld, void* dst, DType dst_dtype,
+                           int64_t dst_ld, int64_t rows, int64_t cols) = 0;
   virtual void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) = 0;
   virtual void Add(void* out, const void* a, const void* b, DType dtype, int64_t n) = 0;
   virtual void Scale(void* y, DType dtype, double s, int64_t n) = 0;

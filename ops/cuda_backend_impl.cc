@@ -167,6 +167,15 @@ class Adam final : public CudaAdamW {
   kc::FusedAdamW adam_;
 };
 
+// cuda_ops' conversion kind: 0 f32 -> bf16, 1 bf16 -> f32.
+int ConvertKind(DType src, DType dst) {
+  int kind = -1;
+  if (src == DType::kF32 && dst == DType::kBF16) kind = 0;
+  if (src == DType::kBF16 && dst == DType::kF32) kind = 1;
+  GYRE_CHECK(kind >= 0, "CUDA conversion %s -> %s", DTypeName(src), DTypeName(dst));
+  return kind;
+}
+
 class Backend final : public CudaBackend {
  public:
   std::shared_ptr<void> Allocate(size_t bytes) override {
@@ -229,11 +238,16 @@ class Backend final : public CudaBackend {
   void Convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) override {
     Init();
     OpProfiler::Scope scope(&prof_, "Convert");
-    int kind = -1;
-    if (src_dtype == DType::kF32 && dst_dtype == DType::kBF16) kind = 0;
-    if (src_dtype == DType::kBF16 && dst_dtype == DType::kF32) kind = 1;
-    GYRE_CHECK(kind >= 0, "CUDA conversion %s -> %s", DTypeName(src_dtype), DTypeName(dst_dtype));
-    OK_OR_DIE(cuda_ops::Convert(src, dst, n, kind, stream_));
+    OK_OR_DIE(cuda_ops::Convert(src, dst, n, ConvertKind(src_dtype, dst_dtype), stream_));
+  }
+
+  void ConvertRows(const void* src, DType src_dtype, int64_t src_ld, void* dst, DType dst_dtype, int64_t dst_ld,
+                   int64_t rows, int64_t cols) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, "ConvertRows");
+    GYRE_CHECK(src_ld >= cols && dst_ld >= cols, "ConvertRows: row strides %ld, %ld below %ld columns", (long)src_ld,
+               (long)dst_ld, (long)cols);
+    OK_OR_DIE(cuda_ops::ConvertRows(src, src_ld, dst, dst_ld, rows, cols, ConvertKind(src_dtype, dst_dtype), stream_));
   }
 
   void Axpy(void* y, const void* x, DType dtype, double alpha, int64_t n) override {

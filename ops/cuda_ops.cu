@@ -29,6 +29,17 @@ __global__ void convert_kernel(const void* src, void* dst, int64_t n, int kind) 
   }
 }
 
+// Row-strided form (a column block of a wider matrix on either side): i runs over rows x cols.
+__global__ void convert_rows_kernel(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t rows,
+                                    int64_t cols, int kind) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    if (kind == 0) static_cast<bf16*>(dst)[r * dst_ld + c] = __float2bfloat16(static_cast<const float*>(src)[r * src_ld + c]);
+    else static_cast<float*>(dst)[r * dst_ld + c] = __bfloat162float(static_cast<const bf16*>(src)[r * src_ld + c]);
+  }
+}
+
 __global__ void axpy_kernel(void* y, const void* x, bool is_bf16, float alpha, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     Store(y, is_bf16, i, Load(y, is_bf16, i) + alpha * Load(x, is_bf16, i));
@@ -194,6 +205,14 @@ CudaResult Convert(const void* src, void* dst, int64_t n, int kind, cudaStream_t
   if (n == 0) return {};
   convert_kernel<<<Blocks(n), 256, 0, stream>>>(src, dst, n, kind);
   CUDA_RETURN_IF_LAUNCH_ERROR("convert_kernel");
+  return {};
+}
+
+CudaResult ConvertRows(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                       int kind, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return {};
+  convert_rows_kernel<<<Blocks(rows * cols), 256, 0, stream>>>(src, src_ld, dst, dst_ld, rows, cols, kind);
+  CUDA_RETURN_IF_LAUNCH_ERROR("convert_rows_kernel");
   return {};
 }
 

@@ -18,6 +18,9 @@ using gyre::cuda::CudaResult;
 
 // kind: 0 f32 -> bf16, 1 bf16 -> f32.
 CudaResult Convert(const void* src, void* dst, int64_t n, int kind, cudaStream_t stream);
+// The same on rows x cols elements, rows `src_ld` / `dst_ld` elements apart.
+CudaResult ConvertRows(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                       int kind, cudaStream_t stream);
 // y += alpha x (f32 or bf16 arrays; fp32 math).
 CudaResult Axpy(void* y, const void* x, bool bf16, float alpha, int64_t n, cudaStream_t stream);
 // out = a + b (f32 or bf16; fp32 math).
