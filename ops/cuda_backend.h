@@ -97,7 +97,8 @@ class CudaBackend {
   // Page-locked host memory (cudaHostAlloc), or null when the driver refuses it. Device-to-host
   // copies into it run at link speed without the driver's pageable staging (checkpoint snapshots:
   // ~1 s instead of ~12 s for a 1.3B model's 16 GB of fp32 state). Pinning costs time once per
-  // allocation, so callers keep and reuse such buffers.
+  // allocation, so callers keep and reuse such buffers. Thread-safe (binds the calling thread to
+  // the backend's device).
   virtual std::shared_ptr<void> AllocatePinnedHost(size_t bytes) = 0;
   virtual void CopyBytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) = 0;
   // Device-to-device strided copy of `height` rows of `width` bytes.

@@ -188,8 +188,12 @@ class Backend final : public CudaBackend {
 
   std::shared_ptr<void> AllocatePinnedHost(size_t bytes) override {
     Init();
+    // Any thread may call this (SnapshotStaging pins on a background thread): bind it to the
+    // backend's device first, so no other context is created; portable, so pinned for every
+    // context.
+    CUDA_OR_DIE(cudaSetDevice(0));
     void* p = nullptr;
-    if (cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocDefault) != cudaSuccess) {
+    if (cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocPortable) != cudaSuccess) {
       cudaGetLastError();  // a failed allocation is not sticky: clear it so later checks do not see it
       return nullptr;
     }

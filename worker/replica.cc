@@ -232,17 +232,31 @@ absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot() const {
+namespace {
+constexpr size_t kSnapshotAlign = 256;  // each tensor's slot in the staging buffer
+size_t SlotBytes(size_t n) { return (n + kSnapshotAlign - 1) / kSnapshotAlign * kSnapshotAlign; }
+}  // namespace
+
+std::vector<ops::NamedTensor> ModelReplica::SnapshotTensors() const {
   std::vector<ops::NamedTensor> tensors;
   for (ops::Parameter* p : model_->params().All()) tensors.push_back({kParamPrefix + p->name, p->value});
   for (ops::NamedTensor& t : trainer_->optimizer().State()) tensors.push_back(std::move(t));
-  // One staging buffer for all tensors, 256-byte aligned slots. The training thread waits only
-  // for the device-to-host copies (pinned: link speed); the writer thread reads the buffer while
-  // training goes on, and it is reused once the writer has dropped the previous snapshot.
-  constexpr size_t kAlign = 256;
+  return tensors;
+}
+
+size_t ModelReplica::SnapshotBytes() const {
   size_t total = 0;
-  for (const ops::NamedTensor& t : tensors) total += (t.tensor.nbytes() + kAlign - 1) / kAlign * kAlign;
-  const std::shared_ptr<void> buffer = StagingBuffer(total);
+  for (const ops::NamedTensor& t : SnapshotTensors()) total += SlotBytes(t.tensor.nbytes());
+  return total;
+}
+
+absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot(SnapshotStaging* staging) const {
+  // The training thread waits only for the device-to-host copies into the staging buffer (pinned:
+  // link speed); the writer thread reads the buffer while training goes on.
+  const std::vector<ops::NamedTensor> tensors = SnapshotTensors();
+  size_t total = 0;
+  for (const ops::NamedTensor& t : tensors) total += SlotBytes(t.tensor.nbytes());
+  const std::shared_ptr<void> buffer = staging->Acquire(total);
   if (buffer == nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat("checkpoint snapshot: cannot allocate ", total, " bytes of host memory"));
   }
@@ -266,25 +280,9 @@ absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot() const {
     s.staged = base + offset;
     s.staged_size = n;
     out.push_back(std::move(s));
-    offset += (n + kAlign - 1) / kAlign * kAlign;
+    offset += SlotBytes(n);
   }
   return out;
-}
-
-std::shared_ptr<void> ModelReplica::StagingBuffer(size_t bytes) const {
-  // use_count() == 1: no snapshot handed out earlier still holds it (the worker flushes the
-  // checkpoint writer before taking a snapshot, so this is the common case).
-  if (staging_ != nullptr && staging_.use_count() == 1 && staging_bytes_ >= bytes) return staging_;
-  staging_.reset();
-  staging_bytes_ = 0;
-  if (on_cuda()) staging_ = ops::Cuda().AllocatePinnedHost(bytes);
-  if (staging_ == nullptr) {  // CPU replicas, or the driver refused to pin this much
-    void* p = std::malloc(bytes == 0 ? 1 : bytes);
-    if (p == nullptr) return nullptr;
-    staging_ = std::shared_ptr<void>(p, std::free);
-  }
-  staging_bytes_ = bytes;
-  return staging_;
 }
 
 absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {

@@ -27,6 +27,7 @@
 #include "worker/collective.h"
 #include "worker/gpu_runtime.h"
 #include "worker/grad_reducer.h"
+#include "worker/snapshot_staging.h"
 
 namespace gyre {
 
@@ -87,10 +88,11 @@ class ModelReplica {
   // optimizer state.
   absl::Status BroadcastState(Collective* collective, int root);
 
-  // The parameters and optimizer state as they are now. The bytes live in one staging buffer
-  // this replica keeps and reuses (pinned on CUDA); the snapshots share it until dropped.
-  // ResourceExhausted when host memory for it cannot be had.
-  absl::StatusOr<std::vector<TensorSnapshot>> Snapshot() const;
+  // The parameters and optimizer state as they are now, copied into one buffer from `staging`
+  // (the snapshots share it until dropped). ResourceExhausted when host memory cannot be had.
+  absl::StatusOr<std::vector<TensorSnapshot>> Snapshot(SnapshotStaging* staging) const;
+  // The staging bytes Snapshot needs (for SnapshotStaging::Prepare).
+  size_t SnapshotBytes() const;
   absl::Status Restore(const std::vector<TensorSnapshot>& tensors);
   // True while the parameters and optimizer state are still the seeded initialisation this
   // replica was built with (no update applied, nothing restored or received): a fresh run's
@@ -139,11 +141,8 @@ class ModelReplica {
   bool in_last_micro_batch_ = true;  // gradient-ready events pass to the reducers only then
   PassTimes pass_times_;
   ops::TrainingFlops flops_;
-  // Snapshot()'s staging buffer of at least `bytes` (a cache: const methods may replace it); null
-  // when host memory cannot be had.
-  std::shared_ptr<void> StagingBuffer(size_t bytes) const;
-  mutable std::shared_ptr<void> staging_;
-  mutable size_t staging_bytes_ = 0;
+  // Snapshot's tensors: the parameters ("param." + name), then the optimizer state.
+  std::vector<ops::NamedTensor> SnapshotTensors() const;
 };
 
 }  // namespace gyre

@@ -73,7 +73,8 @@ std::vector<std::unique_ptr<ModelReplica>> RunTwoRanks(
 
 // Largest |difference| between the parameters of two replicas' snapshots.
 double MaxParamDiff(const ModelReplica& a, const ModelReplica& b) {
-  absl::StatusOr<std::vector<TensorSnapshot>> xs = a.Snapshot(), ys = b.Snapshot();
+  SnapshotStaging staging(/*pinned=*/false);
+  absl::StatusOr<std::vector<TensorSnapshot>> xs = a.Snapshot(&staging), ys = b.Snapshot(&staging);
   EXPECT_TRUE(xs.ok() && ys.ok());
   if (!xs.ok() || !ys.ok()) return 1e30;
   const std::vector<TensorSnapshot>& x = *xs;
@@ -172,7 +173,8 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
 
   auto restored = ModelReplica::Create(TinyConfig(5));
   ASSERT_TRUE(restored.ok());
-  absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot();
+  SnapshotStaging staging(/*pinned=*/false);
+  absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot(&staging);
   ASSERT_TRUE(snapshot.ok()) << snapshot.status();
   ASSERT_TRUE((*restored)->Restore(*snapshot).ok());
   EXPECT_EQ((*restored)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
@@ -195,7 +197,9 @@ TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
     ASSERT_TRUE((*replica)->ApplyUpdate(t).ok());
   };
   step(0);
-  absl::StatusOr<std::vector<TensorSnapshot>> held = (*replica)->Snapshot();
+  SnapshotStaging staging(/*pinned=*/false);
+  staging.Prepare((*replica)->SnapshotBytes());
+  absl::StatusOr<std::vector<TensorSnapshot>> held = (*replica)->Snapshot(&staging);
   ASSERT_TRUE(held.ok()) << held.status();
   ASSERT_FALSE(held->empty());
   std::vector<std::string> copy;
@@ -203,7 +207,7 @@ TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
   const char* first_buffer = held->front().staged;
 
   step(1);
-  absl::StatusOr<std::vector<TensorSnapshot>> next = (*replica)->Snapshot();
+  absl::StatusOr<std::vector<TensorSnapshot>> next = (*replica)->Snapshot(&staging);
   ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_NE(next->front().staged, first_buffer) << "a held snapshot's buffer was reused";
   size_t changed = 0;
@@ -217,7 +221,7 @@ TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
   const char* second_buffer = next->front().staged;
   held = absl::StatusOr<std::vector<TensorSnapshot>>(std::vector<TensorSnapshot>());
   next = absl::StatusOr<std::vector<TensorSnapshot>>(std::vector<TensorSnapshot>());
-  absl::StatusOr<std::vector<TensorSnapshot>> again = (*replica)->Snapshot();
+  absl::StatusOr<std::vector<TensorSnapshot>> again = (*replica)->Snapshot(&staging);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->front().staged, second_buffer);
 

@@ -172,6 +172,10 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
   }
   applied_steps_.store(g.start_step());
+  // Rank 0 writes the checkpoints: their staging buffer is pinned now, in the background, so the
+  // first checkpoint does not stall training for it (16 GB: 8.5 s on an H100 host).
+  if (!staging_) staging_ = std::make_unique<SnapshotStaging>(on_cuda());
+  if (rank_ == 0 && config_.checkpoint().every_steps() > 0) staging_->Prepare(replica_->SnapshotBytes());
   std::fprintf(stderr, "worker: generation %llu: rank %d of %d, communicator in %.1f s, state in %.1f s\n",
                static_cast<unsigned long long>(g.id()), rank_, g.members_size(), (connected - join_start) / 1e6,
                (clock_->NowMicros() - connected) / 1e6);
@@ -232,8 +236,9 @@ void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
   // Wait for the previous write first: its snapshot holds the replica's staging buffer, which
   // this one then reuses instead of pinning another (Submit would wait for it anyway).
   checkpoints_->Flush();
+  if (!staging_) staging_ = std::make_unique<SnapshotStaging>(on_cuda());
   const int64_t start_us = clock_->NowMicros();
-  absl::StatusOr<std::vector<TensorSnapshot>> tensors = replica_->Snapshot();  // training goes on while it is written
+  absl::StatusOr<std::vector<TensorSnapshot>> tensors = replica_->Snapshot(staging_.get());  // written while training goes on
   if (!tensors.ok()) {
     std::fprintf(stderr, "worker: checkpoint of step %llu skipped: %s\n", (unsigned long long)lease.step(),
                  std::string(tensors.status().message()).c_str());

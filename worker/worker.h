@@ -35,6 +35,7 @@
 #include "worker/collective.h"
 #include "worker/gloo_collective.h"
 #include "worker/replica.h"
+#include "worker/snapshot_staging.h"
 
 namespace gyre {
 
@@ -108,6 +109,7 @@ class Worker {
   std::mutex collective_mu_;
   std::unique_ptr<Collective> collective_;  // written by the training thread under collective_mu_
   std::unique_ptr<CheckpointWriter> checkpoints_;
+  std::unique_ptr<SnapshotStaging> staging_;  // the checkpoint snapshots' host buffer (rank 0's)
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
   // Step-time bookkeeping of the training loop (its thread only).
