@@ -1281,46 +1281,39 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
 
 namespace {
 
-// GYRE_MAMBA_IN_BWD (read once): unset or "split" = the in_proj backward as three row blocks
-// (z, xBC, dt: three du GEMMs, the 2nd and 3rd re-reading du with beta 1, and three dW GEMMs);
-// "fused" = the gated norm, the conv and the dt conversion write dz | dxBC | ddt into one bf16
-// [rows, d_inner + conv channels + heads] gradient, then ONE du GEMM (K = all in_proj rows) and
-// ONE dW GEMM over the whole weight. Any other value is an error.
-// Prediction from counts (mamba2-130m, B16 x 2048, 24 layers; nothing measured yet): the fused
-// GEMMs do the split GEMMs' FLOPs (168.7 GFLOP each a layer, K / M 3352 instead of 1536 + 1792
-// + 24), so what goes is the two skinny GEMMs (du += ddt·W_dt 1.39 ms a step: 50 MB of du read and
-// written again; dW_dt 0.80 ms: u read again) and the xBC du GEMM's re-read of du (beta 1), less
-// the ddt copy (32768 rows x 48 B, ~0.1-0.2 ms a step) and 3352's partial tiles (~1% of du, ~3% of
-// dW: ~0.2 ms): about -1.8 ms a step (102 -> ~100 ms, 321K -> ~327K tokens/s).
-int g_mamba2_in_bwd_override = -1;  // SetMamba2FusedInProjBackward (tests)
-
-bool Mamba2InProjBackwardFused() {
-  if (g_mamba2_in_bwd_override >= 0) return g_mamba2_in_bwd_override == 1;
-  static const bool fused = [] {
+// The in_proj backward: the gated norm, the conv and the dt conversion write dz | dxBC | ddt into
+// one bf16 [rows, d_inner + conv channels + heads] gradient, then ONE du GEMM (K = all in_proj
+// rows) and ONE dW GEMM over the whole weight (helper mproj12). It replaced the split backward
+// (three row blocks z, xBC, dt: three du GEMMs, the 2nd and 3rd re-reading du with beta 1, and
+// three dW GEMMs), deleted after losing on 2026-11-27: mamba2-130m B16 x 2048 on one H100 80GB
+// HBM3, alternating in one process, split 102.44 ms vs fused 100.79 ms a step (-1.6%; predicted
+// -1.8%). in_proj GEMMs a step: fused du 6.014 + dW 5.521 ms vs split 3.483 + 3.216 + 2.884 +
+// 2.758 + 1.379 + 0.805 ms; what the writers cost instead: gated norm bwd 4.94 -> 5.09, conv bwd
+// 3.76 -> 3.94, + the ddt copy (Copy2D) 0.57 ms.
+// GYRE_MAMBA_IN_BWD (read once): unset or "fused"; any other value ("split" included) is an error.
+void CheckMamba2InProjSwitch() {
+  static const bool checked = [] {
     const char* v = std::getenv("GYRE_MAMBA_IN_BWD");
     const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(s.empty() || s == "split" || s == "fused", "GYRE_MAMBA_IN_BWD must be split or fused, got '%s'",
-               s.c_str());
-    return s == "fused";
+    GYRE_CHECK(s.empty() || s == "fused",
+               "GYRE_MAMBA_IN_BWD must be fused (or unset; split was deleted), got '%s'", s.c_str());
+    return true;
   }();
-  return fused;
+  (void)checked;
 }
 
 }  // namespace
-
-bool Mamba2FusedInProjBackward() { return Mamba2InProjBackwardFused(); }
-void SetMamba2FusedInProjBackward(int fused) { g_mamba2_in_bwd_override = fused < 0 ? -1 : fused != 0; }
 
 Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, gn = groups_ * state_, cx = di_ + 2 * gn;
   ProfileStart();
   Tensor dg = out_proj_.Backward(dy.Reshape({rows, d_}));
   ProfileMark("mamba2.bwd.out_proj");
-  // Fused: din [rows, di + cx + H] = dz | dxBC | ddt (bf16), the whole in_proj output's gradient.
-  const bool fused = Mamba2InProjBackwardFused();
+  // din [rows, di + cx + H] = dz | dxBC | ddt (bf16), the whole in_proj output's gradient.
+  CheckMamba2InProjSwitch();
   const int64_t kin = di_ + cx + heads_;
-  Tensor din = fused ? CudaEmpty({rows, kin}) : Tensor();
-  Tensor dyy = CudaEmpty({rows, di_}), dz = fused ? Tensor() : CudaEmpty({rows, di_});
+  Tensor din = CudaEmpty({rows, kin});
+  Tensor dyy = CudaEmpty({rows, di_});
   GroupNormArgs n;
   n.mode = NormMode::kGatedInput;
   n.layer = false;
@@ -1332,12 +1325,8 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.rstd = rstd_.data<float>();
   n.dy = dg.raw();
   n.dx = dyy.raw();
-  if (fused) {
-    n.dz = din.raw();
-    n.lddz = static_cast<int32_t>(kin);
-  } else {
-    n.dz = dz.raw();
-  }
+  n.dz = din.raw();
+  n.lddz = static_cast<int32_t>(kin);
   n.dweight = gated_norm_.weight()->grad.data<float>();
   n.overwrite_dparams = FirstWriteOverRows(rows, {gated_norm_.weight()});
   Cuda().GroupNorm(true, n);
@@ -1360,29 +1349,19 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ZeroStaleGradsTogether({a_log_, dt_bias_, d_skip_});  // the SSD kernel accumulates (one memset: adjacent)
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
-  Tensor dxbc;
-  if (fused) conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), kin);
-  else dxbc = conv_.Backward(dxbc_out);
+  conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), kin);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
   const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
-  if (fused) {
-    // ddt (f32) -> bf16 as the split path rounds it, then into its H columns of din (one strided
-    // copy of rows x 2H bytes); then one du GEMM over K = kin and one dW GEMM over all kin rows of
-    // W (dW = dinᵀ u sets every element: the deferred-zero first write overwrites).
-    const Tensor ddt16 = ddt.To(DType::kBF16);
-    if (rows > 0) {
-      const size_t el = DTypeSize(DType::kBF16);
-      Cuda().Copy2D(MutBytePtr(din, di_ + cx), kin * el, ddt16.raw(), heads_ * el, heads_ * el, rows);
-    }
-    LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
-  } else {
-    // (The dt rows first, GYRE_MAMBA_DT_BWD=first: dt GEMM 1.37 -> 0.65 but z GEMM 2.84 -> 3.00 ms a
-    // mamba2-130m step on an H100 in 2026-11-27, and dt_bias's gradient check failed; deleted.)
-    LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
-    LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
-    LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
+  // ddt (f32) -> bf16, then into its H columns of din (one strided copy of rows x 2H bytes); then
+  // one du GEMM over K = kin and one dW GEMM over all kin rows of W (dW = dinᵀ u sets every
+  // element: the deferred-zero first write overwrites).
+  const Tensor ddt16 = ddt.To(DType::kBF16);
+  if (rows > 0) {
+    const size_t el = DTypeSize(DType::kBF16);
+    Cuda().Copy2D(MutBytePtr(din, di_ + cx), kin * el, ddt16.raw(), heads_ * el, heads_ * el, rows);
   }
+  LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mamba2.bwd.norm_residual");

@@ -71,11 +71,6 @@ class CausalConv1d {
 // every phase and add its host time to a named bucket ("mamba2.fwd.ssd", ...). Off by default
 // (no cost). TakeRecurrentProfile returns the buckets (seconds) and clears them. Not thread-safe.
 void SetRecurrentProfiling(bool on);
-// Whether Mamba2Block's CUDA backward takes the fused in_proj path (GYRE_MAMBA_IN_BWD=fused, read
-// once a process; see ops/recurrent_blocks.cc), for tests and benchmarks to say which path ran.
-bool Mamba2FusedInProjBackward();
-// Tests: 1 fused, 0 split, -1 back to the environment's choice (not thread-safe; set it between steps).
-void SetMamba2FusedInProjBackward(int fused);
 std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
 
 // What the CUDA mLSTM block keeps between its forward and its backward (helper mem11; memory
