@@ -5,6 +5,7 @@
 #include <map>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "kernels/cpu/slstm.h"
 #include "kernels/cpu/ssd.h"
 #include "ops/cuda_backend.h"
+#include "ops/elementwise.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -574,6 +576,98 @@ void SlstmBlock::ReleaseActivations() {
   ffn_.ReleaseActivations();
 }
 
+// ---------------------------------------------------------------- gradient terms (reference checks)
+
+namespace {
+
+bool g_record_grad_terms = false;
+std::mutex g_grad_terms_mu;
+std::vector<Mamba2GradTerms> g_grad_terms;
+
+// The per-token terms of the dt_bias, A_log and D gradients of Mamba2Block's CPU backward (the
+// header says what each is). x, dx, dy [rows, heads x head_dim]; dt_raw, ddt_raw [rows, heads].
+// Mirrors kernels/cpu/ssd.cc: there d dt = rev A + sum_p x dx̄ and dx = dt dx̄ + D dy, dA = sum of
+// rev dt, d dt_raw = d dt · sigmoid(dt_raw + dt_bias); so dt·A·rev = dt·d dt − sum_p x (dx − D dy).
+void RecordMamba2GradTerms(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, const Parameter& a_log,
+                           const Parameter& dt_bias, const Parameter& d_skip, const Tensor& x, const Tensor& dt_raw,
+                           const Tensor& dx, const Tensor& ddt_raw, const Tensor& dy) {
+  const int64_t rows = batch * seq, width = heads * head_dim;
+  auto record = [&](const Parameter& p) {
+    return Mamba2GradTerms{p.name, batch, seq, heads, std::vector<double>(static_cast<size_t>(rows * heads))};
+  };
+  Mamba2GradTerms t_dt = record(dt_bias), t_a = record(a_log), t_d = record(d_skip);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t i = r * heads + h;
+      const double v = dt_raw.At(i) + dt_bias.value.At(h);
+      const double dt = v > 20 ? v : std::log1p(std::exp(v));
+      const double sigmoid = v >= 0 ? 1 / (1 + std::exp(-v)) : std::exp(v) / (1 + std::exp(v));
+      const double d = d_skip.value.At(h);
+      double xdy = 0, xdxbar = 0;
+      for (int64_t p = 0; p < head_dim; ++p) {
+        const int64_t j = r * width + h * head_dim + p;
+        xdy += x.At(j) * dy.At(j);
+        xdxbar += x.At(j) * (dx.At(j) - d * dy.At(j));
+      }
+      t_dt.terms[i] = ddt_raw.At(i);
+      t_d.terms[i] = xdy;
+      t_a.terms[i] = dt * (ddt_raw.At(i) / sigmoid) - xdxbar;
+    }
+  }
+  std::lock_guard<std::mutex> lock(g_grad_terms_mu);
+  for (Mamba2GradTerms* t : {&t_dt, &t_a, &t_d}) g_grad_terms.push_back(std::move(*t));
+}
+
+double Norm2(const std::vector<double>& v) {
+  double s = 0;
+  for (double e : v) s += e * e;
+  return std::sqrt(s);
+}
+
+}  // namespace
+
+void SetMamba2GradTermRecording(bool on) { g_record_grad_terms = on; }
+
+std::vector<Mamba2GradTerms> TakeMamba2GradTerms() {
+  std::lock_guard<std::mutex> lock(g_grad_terms_mu);
+  std::vector<Mamba2GradTerms> out;
+  out.swap(g_grad_terms);
+  return out;
+}
+
+std::vector<double> SumAbsTerms(const std::vector<Mamba2GradTerms>& records, const std::string& param) {
+  std::vector<double> sums;
+  for (const Mamba2GradTerms& r : records) {
+    if (r.param != param) continue;
+    if (sums.empty()) sums.assign(static_cast<size_t>(r.heads), 0.0);
+    GYRE_CHECK(static_cast<int64_t>(sums.size()) == r.heads, "%s: records of %zu and %ld heads", param.c_str(),
+               sums.size(), (long)r.heads);
+    for (size_t i = 0; i < r.terms.size(); ++i) sums[i % sums.size()] += std::fabs(r.terms[i]);
+  }
+  return sums;
+}
+
+SumOfTermsCheck CheckSumOfTerms(const Tensor& got, const Tensor& want, const std::vector<double>& abs_sums,
+                                double rel_tol, double terms_tol) {
+  const Tensor g = got.ToDevice(Device::kCpu).To(DType::kF64), w = want.ToDevice(Device::kCpu).To(DType::kF64);
+  GYRE_CHECK(g.numel() == w.numel() && g.numel() == static_cast<int64_t>(abs_sums.size()),
+             "CheckSumOfTerms: %ld, %ld and %zu heads", (long)g.numel(), (long)w.numel(), abs_sums.size());
+  std::vector<double> diff(abs_sums.size()), wv(abs_sums.size());
+  bool finite = true;
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    finite = finite && std::isfinite(g.At(i));
+    diff[i] = g.At(i) - w.At(i);
+    wv[i] = w.At(i);
+  }
+  SumOfTermsCheck c;
+  const double scale = Norm2(abs_sums), err = Norm2(diff);
+  c.rel_err = finite ? RelativeError(g, w) : INFINITY;
+  c.terms_err = !finite ? INFINITY : scale > 0 ? err / scale : (err == 0 ? 0.0 : INFINITY);
+  c.cancel = scale > 0 ? Norm2(wv) / scale : 0.0;
+  c.pass = finite && (c.rel_err <= rel_tol || c.terms_err <= terms_tol);
+  return c;
+}
+
 // ---------------------------------------------------------------- Mamba2Block
 
 Mamba2Block::Mamba2Block(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
@@ -677,6 +771,9 @@ Tensor Mamba2Block::Backward(const Tensor& dy) {
       AddInPlace(&d_skip_->grad, extra[3 * i + 2]);
     }
   });
+  if (g_record_grad_terms) {
+    RecordMamba2GradTerms(batch_, seq_, heads_, head_dim_, *a_log_, *dt_bias_, *d_skip_, xs_, dt_, dxs, ddt, dyy);
+  }
   Tensor dxbc = conv_.Backward(ConcatColumns({dxs, db, dc}));
   Tensor du = in_proj_.Backward(ConcatColumns({dz, dxbc, ddt}));
   Tensor dx = Add(dy, norm_.Backward(du));
