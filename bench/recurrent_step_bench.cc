@@ -99,7 +99,6 @@ double GiB(uint64_t b) { return static_cast<double>(b) / (1u << 30); }
 // One --alternate entry: a recomputation mode and the batch its steps use.
 struct AltEntry {
   MlstmRecomputeConfig mode;
-  int mamba_in_bwd = -1;  // "+in_fused" / "+in_split": the Mamba-2 in_proj backward (-1: GYRE_MAMBA_IN_BWD)
   int64_t batch = 0;  // 0: the preset's
   std::string label;
 };
@@ -113,7 +112,6 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   int step = 0;
   for (const AltEntry& e : entries) {
     SetMlstmRecompute(e.mode);
-    SetMamba2FusedInProjBackward(e.mamba_in_bwd);
     gyre::bench::StepTimes w;
     if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, e.batch, seq, step, warmup, &w)) return 1;
     step += warmup;
@@ -128,7 +126,6 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   for (int r = 0; r < steps; ++r) {
     for (size_t i = 0; i < entries.size(); ++i) {
       SetMlstmRecompute(entries[i].mode);
-      SetMamba2FusedInProjBackward(entries[i].mamba_in_bwd);
       gyre::bench::StepTimes t;
       if (!gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step++, 1, &t)) return 1;
       times[i].push_back(t.seconds[0]);
@@ -152,7 +149,6 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   std::fflush(stdout);
   for (size_t i = 0; op_profile_steps > 0 && i < entries.size(); ++i) {
     SetMlstmRecompute(entries[i].mode);
-    SetMamba2FusedInProjBackward(entries[i].mamba_in_bwd);
     Cuda().SetOpProfiling(true);
     gyre::bench::StepTimes prof;
     const bool ok = gyre::bench::TimeSteps(trainer, rng, spec.vocab_size, entries[i].batch, seq, step, op_profile_steps,
@@ -164,7 +160,6 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
     PrintOpProfile(Cuda().TakeOpProfile(), prof.seconds);
   }
   SetMlstmRecompute(entries[0].mode);
-  SetMamba2FusedInProjBackward(-1);
   return 0;
 }
 
@@ -308,8 +303,8 @@ int main(int argc, char** argv) {
   app.add_option("--mlstm_recompute", mlstm_recompute,
                  "mLSTM recomputation per preset: none|cell|glue|block|states[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
   app.add_option("--alternate", alternate_text,
-                 "mode[:keep][+in_fused|+in_split][@batch] entries to cycle through on one model per preset, e.g. "
-                 "glue@8 block@8 glue:16@4; +in_fused / +in_split: the Mamba-2 in_proj backward (GYRE_MAMBA_IN_BWD)");
+                 "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. "
+                 "glue@8 block@8 glue:16@4");
   CLI11_PARSE(app, argc, argv);
   if (!mlstm_recompute.empty() && mlstm_recompute.size() != presets.size()) {
     std::fprintf(stderr, "--mlstm_recompute needs one value per preset\n");
@@ -321,17 +316,10 @@ int main(int argc, char** argv) {
     const size_t at = t.find('@');
     char* end = nullptr;
     if (at != std::string::npos) e.batch = std::strtoll(t.c_str() + at + 1, &end, 10);
-    std::string mode = t.substr(0, at);
+    const std::string mode = t.substr(0, at);
     e.label = mode;
-    for (const auto& [suffix, value] : {std::pair<std::string, int>{"+in_fused", 1}, {"+in_split", 0}}) {
-      if (mode.size() > suffix.size() && mode.compare(mode.size() - suffix.size(), suffix.size(), suffix) == 0) {
-        e.mamba_in_bwd = value;
-        mode.resize(mode.size() - suffix.size());
-        break;
-      }
-    }
     if (!ParseRecompute(mode, &e.mode) || (at != std::string::npos && (*end != '\0' || e.batch <= 0))) {
-      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block|states[:N][+in_fused|+in_split][@batch])\n",
+      std::fprintf(stderr, "--alternate: bad entry '%s' (none|cell|glue|block|states[:N][@batch])\n",
                    t.c_str());
       return 2;
     }

@@ -5,6 +5,7 @@
 #include <map>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "kernels/cpu/slstm.h"
 #include "kernels/cpu/ssd.h"
 #include "ops/cuda_backend.h"
+#include "ops/elementwise.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -574,6 +576,98 @@ void SlstmBlock::ReleaseActivations() {
   ffn_.ReleaseActivations();
 }
 
+// ---------------------------------------------------------------- gradient terms (reference checks)
+
+namespace {
+
+bool g_record_grad_terms = false;
+std::mutex g_grad_terms_mu;
+std::vector<Mamba2GradTerms> g_grad_terms;
+
+// The per-token terms of the dt_bias, A_log and D gradients of Mamba2Block's CPU backward (the
+// header says what each is). x, dx, dy [rows, heads x head_dim]; dt_raw, ddt_raw [rows, heads].
+// Mirrors kernels/cpu/ssd.cc: there d dt = rev A + sum_p x dx̄ and dx = dt dx̄ + D dy, dA = sum of
+// rev dt, d dt_raw = d dt · sigmoid(dt_raw + dt_bias); so dt·A·rev = dt·d dt − sum_p x (dx − D dy).
+void RecordMamba2GradTerms(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, const Parameter& a_log,
+                           const Parameter& dt_bias, const Parameter& d_skip, const Tensor& x, const Tensor& dt_raw,
+                           const Tensor& dx, const Tensor& ddt_raw, const Tensor& dy) {
+  const int64_t rows = batch * seq, width = heads * head_dim;
+  auto record = [&](const Parameter& p) {
+    return Mamba2GradTerms{p.name, batch, seq, heads, std::vector<double>(static_cast<size_t>(rows * heads))};
+  };
+  Mamba2GradTerms t_dt = record(dt_bias), t_a = record(a_log), t_d = record(d_skip);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t i = r * heads + h;
+      const double v = dt_raw.At(i) + dt_bias.value.At(h);
+      const double dt = v > 20 ? v : std::log1p(std::exp(v));
+      const double sigmoid = v >= 0 ? 1 / (1 + std::exp(-v)) : std::exp(v) / (1 + std::exp(v));
+      const double d = d_skip.value.At(h);
+      double xdy = 0, xdxbar = 0;
+      for (int64_t p = 0; p < head_dim; ++p) {
+        const int64_t j = r * width + h * head_dim + p;
+        xdy += x.At(j) * dy.At(j);
+        xdxbar += x.At(j) * (dx.At(j) - d * dy.At(j));
+      }
+      t_dt.terms[i] = ddt_raw.At(i);
+      t_d.terms[i] = xdy;
+      t_a.terms[i] = dt * (ddt_raw.At(i) / sigmoid) - xdxbar;
+    }
+  }
+  std::lock_guard<std::mutex> lock(g_grad_terms_mu);
+  for (Mamba2GradTerms* t : {&t_dt, &t_a, &t_d}) g_grad_terms.push_back(std::move(*t));
+}
+
+double Norm2(const std::vector<double>& v) {
+  double s = 0;
+  for (double e : v) s += e * e;
+  return std::sqrt(s);
+}
+
+}  // namespace
+
+void SetMamba2GradTermRecording(bool on) { g_record_grad_terms = on; }
+
+std::vector<Mamba2GradTerms> TakeMamba2GradTerms() {
+  std::lock_guard<std::mutex> lock(g_grad_terms_mu);
+  std::vector<Mamba2GradTerms> out;
+  out.swap(g_grad_terms);
+  return out;
+}
+
+std::vector<double> SumAbsTerms(const std::vector<Mamba2GradTerms>& records, const std::string& param) {
+  std::vector<double> sums;
+  for (const Mamba2GradTerms& r : records) {
+    if (r.param != param) continue;
+    if (sums.empty()) sums.assign(static_cast<size_t>(r.heads), 0.0);
+    GYRE_CHECK(static_cast<int64_t>(sums.size()) == r.heads, "%s: records of %zu and %ld heads", param.c_str(),
+               sums.size(), (long)r.heads);
+    for (size_t i = 0; i < r.terms.size(); ++i) sums[i % sums.size()] += std::fabs(r.terms[i]);
+  }
+  return sums;
+}
+
+SumOfTermsCheck CheckSumOfTerms(const Tensor& got, const Tensor& want, const std::vector<double>& abs_sums,
+                                double rel_tol, double terms_tol) {
+  const Tensor g = got.ToDevice(Device::kCpu).To(DType::kF64), w = want.ToDevice(Device::kCpu).To(DType::kF64);
+  GYRE_CHECK(g.numel() == w.numel() && g.numel() == static_cast<int64_t>(abs_sums.size()),
+             "CheckSumOfTerms: %ld, %ld and %zu heads", (long)g.numel(), (long)w.numel(), abs_sums.size());
+  std::vector<double> diff(abs_sums.size()), wv(abs_sums.size());
+  bool finite = true;
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    finite = finite && std::isfinite(g.At(i));
+    diff[i] = g.At(i) - w.At(i);
+    wv[i] = w.At(i);
+  }
+  SumOfTermsCheck c;
+  const double scale = Norm2(abs_sums), err = Norm2(diff);
+  c.rel_err = finite ? RelativeError(g, w) : INFINITY;
+  c.terms_err = !finite ? INFINITY : scale > 0 ? err / scale : (err == 0 ? 0.0 : INFINITY);
+  c.cancel = scale > 0 ? Norm2(wv) / scale : 0.0;
+  c.pass = finite && (c.rel_err <= rel_tol || c.terms_err <= terms_tol);
+  return c;
+}
+
 // ---------------------------------------------------------------- Mamba2Block
 
 Mamba2Block::Mamba2Block(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
@@ -677,6 +771,9 @@ Tensor Mamba2Block::Backward(const Tensor& dy) {
       AddInPlace(&d_skip_->grad, extra[3 * i + 2]);
     }
   });
+  if (g_record_grad_terms) {
+    RecordMamba2GradTerms(batch_, seq_, heads_, head_dim_, *a_log_, *dt_bias_, *d_skip_, xs_, dt_, dxs, ddt, dyy);
+  }
   Tensor dxbc = conv_.Backward(ConcatColumns({dxs, db, dc}));
   Tensor du = in_proj_.Backward(ConcatColumns({dz, dxbc, ddt}));
   Tensor dx = Add(dy, norm_.Backward(du));
@@ -1281,46 +1378,39 @@ Tensor Mamba2Block::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
 
 namespace {
 
-// GYRE_MAMBA_IN_BWD (read once): unset or "split" = the in_proj backward as three row blocks
-// (z, xBC, dt: three du GEMMs, the 2nd and 3rd re-reading du with beta 1, and three dW GEMMs);
-// "fused" = the gated norm, the conv and the dt conversion write dz | dxBC | ddt into one bf16
-// [rows, d_inner + conv channels + heads] gradient, then ONE du GEMM (K = all in_proj rows) and
-// ONE dW GEMM over the whole weight. Any other value is an error.
-// Prediction from counts (mamba2-130m, B16 x 2048, 24 layers; nothing measured yet): the fused
-// GEMMs do the split GEMMs' FLOPs (168.7 GFLOP each a layer, K / M 3352 instead of 1536 + 1792
-// + 24), so what goes is the two skinny GEMMs (du += ddt·W_dt 1.39 ms a step: 50 MB of du read and
-// written again; dW_dt 0.80 ms: u read again) and the xBC du GEMM's re-read of du (beta 1), less
-// the ddt copy (32768 rows x 48 B, ~0.1-0.2 ms a step) and 3352's partial tiles (~1% of du, ~3% of
-// dW: ~0.2 ms): about -1.8 ms a step (102 -> ~100 ms, 321K -> ~327K tokens/s).
-int g_mamba2_in_bwd_override = -1;  // SetMamba2FusedInProjBackward (tests)
-
-bool Mamba2InProjBackwardFused() {
-  if (g_mamba2_in_bwd_override >= 0) return g_mamba2_in_bwd_override == 1;
-  static const bool fused = [] {
+// The in_proj backward: the gated norm, the conv and the dt conversion write dz | dxBC | ddt into
+// one bf16 [rows, d_inner + conv channels + heads] gradient, then ONE du GEMM (K = all in_proj
+// rows) and ONE dW GEMM over the whole weight (helper mproj12). It replaced the split backward
+// (three row blocks z, xBC, dt: three du GEMMs, the 2nd and 3rd re-reading du with beta 1, and
+// three dW GEMMs), deleted after losing on 2026-11-27: mamba2-130m B16 x 2048 on one H100 80GB
+// HBM3, alternating in one process, split 102.44 ms vs fused 100.79 ms a step (-1.6%; predicted
+// -1.8%). in_proj GEMMs a step: fused du 6.014 + dW 5.521 ms vs split 3.483 + 3.216 + 2.884 +
+// 2.758 + 1.379 + 0.805 ms; what the writers cost instead: gated norm bwd 4.94 -> 5.09, conv bwd
+// 3.76 -> 3.94, + the ddt copy (Copy2D) 0.57 ms.
+// GYRE_MAMBA_IN_BWD (read once): unset or "fused"; any other value ("split" included) is an error.
+void CheckMamba2InProjSwitch() {
+  static const bool checked = [] {
     const char* v = std::getenv("GYRE_MAMBA_IN_BWD");
     const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(s.empty() || s == "split" || s == "fused", "GYRE_MAMBA_IN_BWD must be split or fused, got '%s'",
-               s.c_str());
-    return s == "fused";
+    GYRE_CHECK(s.empty() || s == "fused",
+               "GYRE_MAMBA_IN_BWD must be fused (or unset; split was deleted), got '%s'", s.c_str());
+    return true;
   }();
-  return fused;
+  (void)checked;
 }
 
 }  // namespace
-
-bool Mamba2FusedInProjBackward() { return Mamba2InProjBackwardFused(); }
-void SetMamba2FusedInProjBackward(int fused) { g_mamba2_in_bwd_override = fused < 0 ? -1 : fused != 0; }
 
 Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, gn = groups_ * state_, cx = di_ + 2 * gn;
   ProfileStart();
   Tensor dg = out_proj_.Backward(dy.Reshape({rows, d_}));
   ProfileMark("mamba2.bwd.out_proj");
-  // Fused: din [rows, di + cx + H] = dz | dxBC | ddt (bf16), the whole in_proj output's gradient.
-  const bool fused = Mamba2InProjBackwardFused();
+  // din [rows, di + cx + H] = dz | dxBC | ddt (bf16), the whole in_proj output's gradient.
+  CheckMamba2InProjSwitch();
   const int64_t kin = di_ + cx + heads_;
-  Tensor din = fused ? CudaEmpty({rows, kin}) : Tensor();
-  Tensor dyy = CudaEmpty({rows, di_}), dz = fused ? Tensor() : CudaEmpty({rows, di_});
+  Tensor din = CudaEmpty({rows, kin});
+  Tensor dyy = CudaEmpty({rows, di_});
   GroupNormArgs n;
   n.mode = NormMode::kGatedInput;
   n.layer = false;
@@ -1332,12 +1422,8 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.rstd = rstd_.data<float>();
   n.dy = dg.raw();
   n.dx = dyy.raw();
-  if (fused) {
-    n.dz = din.raw();
-    n.lddz = static_cast<int32_t>(kin);
-  } else {
-    n.dz = dz.raw();
-  }
+  n.dz = din.raw();
+  n.lddz = static_cast<int32_t>(kin);
   n.dweight = gated_norm_.weight()->grad.data<float>();
   n.overwrite_dparams = FirstWriteOverRows(rows, {gated_norm_.weight()});
   Cuda().GroupNorm(true, n);
@@ -1360,29 +1446,19 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ZeroStaleGradsTogether({a_log_, dt_bias_, d_skip_});  // the SSD kernel accumulates (one memset: adjacent)
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
-  Tensor dxbc;
-  if (fused) conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), kin);
-  else dxbc = conv_.Backward(dxbc_out);
+  conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), kin);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
   const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
-  if (fused) {
-    // ddt (f32) -> bf16 as the split path rounds it, then into its H columns of din (one strided
-    // copy of rows x 2H bytes); then one du GEMM over K = kin and one dW GEMM over all kin rows of
-    // W (dW = dinᵀ u sets every element: the deferred-zero first write overwrites).
-    const Tensor ddt16 = ddt.To(DType::kBF16);
-    if (rows > 0) {
-      const size_t el = DTypeSize(DType::kBF16);
-      Cuda().Copy2D(MutBytePtr(din, di_ + cx), kin * el, ddt16.raw(), heads_ * el, heads_ * el, rows);
-    }
-    LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
-  } else {
-    // (The dt rows first, GYRE_MAMBA_DT_BWD=first: dt GEMM 1.37 -> 0.65 but z GEMM 2.84 -> 3.00 ms a
-    // mamba2-130m step on an H100 in 2026-11-27, and dt_bias's gradient check failed; deleted.)
-    LinearRowsBackward(u_, in_proj_, 0, dz, &du, false, in_first);
-    LinearRowsBackward(u_, in_proj_, di_, dxbc, &du, true, in_first);
-    LinearRowsBackward(u_, in_proj_, di_ + cx, ddt.To(DType::kBF16), &du, true, in_first);
+  // ddt (f32) -> bf16, then into its H columns of din (one strided copy of rows x 2H bytes); then
+  // one du GEMM over K = kin and one dW GEMM over all kin rows of W (dW = dinᵀ u sets every
+  // element: the deferred-zero first write overwrites).
+  const Tensor ddt16 = ddt.To(DType::kBF16);
+  if (rows > 0) {
+    const size_t el = DTypeSize(DType::kBF16);
+    Cuda().Copy2D(MutBytePtr(din, di_ + cx), kin * el, ddt16.raw(), heads_ * el, heads_ * el, rows);
   }
+  LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mamba2.bwd.norm_residual");

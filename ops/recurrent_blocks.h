@@ -71,12 +71,41 @@ class CausalConv1d {
 // every phase and add its host time to a named bucket ("mamba2.fwd.ssd", ...). Off by default
 // (no cost). TakeRecurrentProfile returns the buckets (seconds) and clears them. Not thread-safe.
 void SetRecurrentProfiling(bool on);
-// Whether Mamba2Block's CUDA backward takes the fused in_proj path (GYRE_MAMBA_IN_BWD=fused, read
-// once a process; see ops/recurrent_blocks.cc), for tests and benchmarks to say which path ran.
-bool Mamba2FusedInProjBackward();
-// Tests: 1 fused, 0 split, -1 back to the environment's choice (not thread-safe; set it between steps).
-void SetMamba2FusedInProjBackward(int fused);
 std::vector<std::pair<std::string, double>> TakeRecurrentProfile();
+
+// Float64 reference checks only (ops/DT_BIAS_CHECK.md). The gradients of a Mamba-2 block's per-head
+// parameters dt_bias, A_log and D are each a sum over tokens of one term per token and head; where
+// that sum cancels (blocks.1.dt_bias of the GPU model test: 0.036 of its terms' magnitude), bf16
+// inputs alone move it by more than 5e-2 relative. While recording is on, the CPU backward of
+// every Mamba2Block appends those terms (the CUDA backward records nothing):
+//   dt_bias  d dt_raw[token, h]                              (dt = softplus(dt_raw + dt_bias))
+//   D        sum over the head's P channels of dy·x           (y = ... + D x)
+//   A_log    dt·g_dt − sum over the head's channels of x·(dx − D dy), g_dt = d dt_raw / sigmoid(
+//            dt_raw + dt_bias): the gradient of the token's log-decay dt·A times dt·A, by the chain
+//            rule through the SSD's two uses of dt (decay e^{dt A} and input dt·x).
+// (Valid without the dt clamp, which Mamba2Block never sets.) Off by default (no cost); not
+// thread-safe: switch it and take the records between steps.
+struct Mamba2GradTerms {
+  std::string param;         // the parameter's name, e.g. "blocks.1.dt_bias"
+  int64_t batch = 0, seq = 0, heads = 0;
+  std::vector<double> terms;  // [batch, seq, heads]; the sum over tokens is the gradient
+};
+void SetMamba2GradTermRecording(bool on);
+std::vector<Mamba2GradTerms> TakeMamba2GradTerms();
+
+// Per head, the sum of |term| over every record of `param` (empty when there is none).
+std::vector<double> SumAbsTerms(const std::vector<Mamba2GradTerms>& records, const std::string& param);
+
+// The check for such a sum (ops/DT_BIAS_CHECK.md): rel_err = RelativeError(got, want) as for every
+// other gradient; terms_err = ||got − want|| / ||abs_sums|| (norms over heads; abs_sums from
+// SumAbsTerms); cancel = ||want|| / ||abs_sums||. Passes when rel_err <= rel_tol OR terms_err <=
+// terms_tol; a non-finite `got` fails.
+struct SumOfTermsCheck {
+  double rel_err = 0, terms_err = 0, cancel = 0;
+  bool pass = false;
+};
+SumOfTermsCheck CheckSumOfTerms(const Tensor& got, const Tensor& want, const std::vector<double>& abs_sums,
+                                double rel_tol, double terms_tol);
 
 // What the CUDA mLSTM block keeps between its forward and its backward (helper mem11; memory
 // table and time prediction: ops/MLSTM_MEMORY.md). Every mode runs the same kernels on the same
