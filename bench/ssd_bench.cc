@@ -15,11 +15,10 @@
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192, 4 only B16 S2048 H24
 // (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --path: only the variants whose name
-// contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all ss]" / "[v3 all sh]":
-// the default kernels with GYRE_SSD_SIDE_STREAM=on / hi (helper ssd12; the dCB → dB/dC chain and
-// C Bᵀ on a second stream), forced by SsdSetSideStreamForTesting whatever the environment;
-// "[v3 all ss1]": side stream on with the dCB head split 1 (B16 H24: 1280 long dCB blocks whose
-// last partial wave the dx blocks fill; 21 MB less fp32 dCB partials written and read).
+// contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all so]": the default
+// kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
+// whatever the environment; the others run the environment's form (hi by default: the backward's
+// dCB → dB/dC chain on a second stream, helper ssd12).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -158,9 +157,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        {"[v3 all ss]", kSsdRegAll, 0, 0, 2},  // side stream
-                        {"[v3 all sh]", kSsdRegAll, 0, 0, 3},   // side stream, greatest priority
-                        {"[v3 all ss1]", kSsdRegAll, 0, 1, 2}};  // side stream, dCB split 1
+                        {"[v3 all so]", kSsdRegAll, 0, 0, 1}};  // side stream off
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;

@@ -2961,42 +2961,47 @@ Form Choose(EnvSwitch& sw) {
                  "\" (accepted: " + accepted + ")"};
 }
 
-// GYRE_SSD_SIDE_STREAM (helper ssd12; opt-in, not measured yet): off (default) | on | hi.
-// Why: at mamba2-130m's step shape (B16 S2048 H24) the fused state kernels have 384 blocks for
-// 528 block slots (132 SMs × 4): one slot per SM stays empty for the whole kernel (~0.2 ms in the
-// backward), and every kernel boundary of the backward's six kernels drains a wave. The dCB
-// kernel (its 40.5 KB fits beside three 53 KB state blocks), its sum and dB/dC need nothing from
-// the state pass but G (dB/dC only), so they run on a second stream: dCB fills the empty slots
-// during the state pass and the chains' tails overlap. Same kernels: the values cannot change.
-// on: that second stream at the default (least) priority; the state passes stay on the caller's
-// stream. hi: the state passes (the critical chain: everything after them waits for them) go to
-// a third stream at the device's greatest priority, so their blocks are dispatched first and the
-// others fill the slots they leave; the dCB → dB/dC chain (and the forward's C Bᵀ) to a stream
-// of middle priority, so that dB/dC's long blocks are dispatched before bwd dx's short ones on
-// the caller's stream, which then fill dB/dC's last wave.
-EnvSwitch g_side_switch{"GYRE_SSD_SIDE_STREAM", {"off", "on", "hi", nullptr}};
-// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 on, 3 hi.
+// GYRE_SSD_SIDE_STREAM (helper ssd12; default since the lead's 2026-11-27 call, ssd_notes.md
+// "Session 12 measured"): hi (default; unset is the same) | off. Backward only: hi forks the
+// backward's v3 dCB → dCB sum → dB/dC chain onto a second stream. Why: at mamba2-130m's step
+// shape (B16 S2048 H24) the fused state kernels have 384 blocks for 528 block slots (132 SMs ×
+// 4): one slot per SM stays empty for the whole kernel, and every kernel boundary of the
+// backward's six kernels drains a wave. The dCB kernel (its 40.5 KB fits beside three 53 KB state
+// blocks), its sum and dB/dC need nothing from the state pass but G (dB/dC only), so they run
+// beside it: dCB fills the empty slots during the state pass and the chains' tails overlap. The
+// state passes (the critical chain: everything after them waits for them) go to a stream at the
+// device's greatest priority, so their blocks are dispatched first; the side chain to a stream of
+// middle priority, so dB/dC's long blocks are dispatched before bwd dx's short ones on the
+// caller's stream, which then fill dB/dC's last wave. Same kernels: the values cannot change
+// (bitwise the same as off). Measured (H100, B16 S2048 H24 fwd+bwd): off 1.550, hi 1.526-1.539
+// ms. The forward never forks: C Bᵀ beside the forward state pass lost 5-6% at that shape (0.450
+// → 0.472-0.479 ms), so its launches are on the caller's stream as before helper ssd12.
+// off: one stream (the bitwise reference of ssd_gpu_test, and an escape hatch). "on" (the side
+// chain at the least priority, state passes on the caller's stream) was deleted after losing to
+// hi on 2026-11-27; it is now an unknown value.
+EnvSwitch g_side_switch{"GYRE_SSD_SIDE_STREAM", {"hi", "off", nullptr}};
+// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 hi.
 std::atomic<int> g_side_override{0};
 
 // The extra streams and events of one device, created on first use and never destroyed (they
 // live as long as the CUDA context; a static destructor could run after the driver's teardown).
 struct SideStreams {
-  cudaStream_t least = nullptr, middle = nullptr, greatest = nullptr;  // by priority
+  cudaStream_t middle = nullptr, greatest = nullptr;  // by priority
   cudaEvent_t fork = nullptr, mid = nullptr, join = nullptr, join_crit = nullptr;
 };
 constexpr int kMaxSideDevices = 64;
 std::mutex g_side_mu;  // guards g_side and each call's fork → join sequence (shared events)
 SideStreams g_side[kMaxSideDevices];
 
-// One call's fork of work onto the side streams and its join back. Three roles: main (the
-// caller's stream), crit (the state passes: main for on, the greatest-priority stream for hi)
-// and side (the work that does not need the state passes: least priority for on, middle for hi).
-// Begin locks g_side_mu until the join, so two host threads cannot interleave records of the
-// shared events (cudaStreamWaitEvent waits for the record that precedes it in host order). The
-// destructor joins if the call returned early (a failed launch), so no side work outlives the
-// call's scratch (the DeviceAllocator reuses blocks in the caller stream's order). Inactive (mode
-// off): side() and crit() are the caller's stream and every method does nothing, so the default
-// path enqueues exactly what it did before.
+// One backward call's fork of work onto the side streams and its join back. Three roles: main
+// (the caller's stream: bwd dx and everything after the join), crit (the state passes: the
+// greatest-priority stream) and side (the dCB → dB/dC chain: middle priority). Begin locks
+// g_side_mu until the join, so two host threads cannot interleave records of the shared events
+// (cudaStreamWaitEvent waits for the record that precedes it in host order). The destructor joins
+// if the call returned early (a failed launch), so no side work outlives the call's scratch (the
+// DeviceAllocator reuses blocks in the caller stream's order). Inactive (off, or no Begin):
+// side() and crit() are the caller's stream and every method does nothing, so that path enqueues
+// exactly what it did before helper ssd12.
 class SideFork {
  public:
   explicit SideFork(cudaStream_t main) : main_(main), side_(main), crit_(main) {}
@@ -3004,23 +3009,20 @@ class SideFork {
   SideFork& operator=(const SideFork&) = delete;
   ~SideFork() { (void)Join(); }
 
-  // mode: 1 off, 2 on, 3 hi (SideMode()).
-  CudaResult Begin(int mode) {
-    if (mode < 2) return {};
+  CudaResult Begin() {
     int dev = 0;
     CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
     if (dev < 0 || dev >= kMaxSideDevices) return InvalidArgument("ssd: side stream: device id");
     lock_ = std::unique_lock<std::mutex>(g_side_mu);
     SideStreams& s = g_side[dev];
-    if (s.least == nullptr) {
+    if (s.middle == nullptr) {
       int least = 0, greatest = 0;
       CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
       SideStreams n;
-      cudaStream_t* st[3] = {&n.least, &n.middle, &n.greatest};
-      const int prio[3] = {least, (least + greatest) / 2, greatest};
-      for (int i = 0; i < 3; ++i) {
-        CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(st[i], cudaStreamNonBlocking, prio[i]));
-      }
+      CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&n.middle, cudaStreamNonBlocking,
+                                                        (least + greatest) / 2));
+      CUDA_RETURN_IF_ERROR(
+          cudaStreamCreateWithPriority(&n.greatest, cudaStreamNonBlocking, greatest));
       for (cudaEvent_t* e : {&n.fork, &n.mid, &n.join, &n.join_crit}) {
         CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
       }
@@ -3028,10 +3030,10 @@ class SideFork {
     }
     CUDA_RETURN_IF_ERROR(cudaEventRecord(s.fork, main_));
     s_ = &s;
-    side_ = mode == 3 ? s.middle : s.least;
-    crit_ = mode == 3 ? s.greatest : main_;
+    side_ = s.middle;
+    crit_ = s.greatest;
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_, s.fork, 0));
-    if (crit_ != main_) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(crit_, s.fork, 0));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(crit_, s.fork, 0));
     return {};
   }
   cudaStream_t side() const { return side_; }
@@ -3047,9 +3049,7 @@ class SideFork {
     return {};
   }
   CudaResult MainWaitsMark() {
-    if (s_ != nullptr && crit_ != main_) {
-      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(main_, s_->mid, 0));
-    }
+    if (s_ != nullptr) CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(main_, s_->mid, 0));
     return {};
   }
   // The caller's stream waits for everything enqueued on the side and crit streams so far; then
@@ -3062,8 +3062,8 @@ class SideFork {
     side_ = crit_ = main_;
     cudaError_t e = cudaEventRecord(s->join, side);
     if (e == cudaSuccess) e = cudaStreamWaitEvent(main_, s->join, 0);
-    if (e == cudaSuccess && crit != main_) e = cudaEventRecord(s->join_crit, crit);
-    if (e == cudaSuccess && crit != main_) e = cudaStreamWaitEvent(main_, s->join_crit, 0);
+    if (e == cudaSuccess) e = cudaEventRecord(s->join_crit, crit);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(main_, s->join_crit, 0);
     if (lock_.owns_lock()) lock_.unlock();
     CUDA_RETURN_IF_ERROR(e);
     return {};
@@ -3076,13 +3076,16 @@ class SideFork {
   std::unique_lock<std::mutex> lock_;
 };
 
-// 1 off, 2 on, 3 hi; or the switch's error.
-Form SideMode() {
+// Whether the backward forks (hi), or the switch's error.
+struct SideChoice {
+  bool fork = true;
+  std::string bad;
+};
+SideChoice SideMode() {
   const int forced = g_side_override.load();
-  if (forced >= 1 && forced <= 3) return {forced, {}};
-  Form f = Choose(g_side_switch);
-  f.index += 1;
-  return f;
+  if (forced == 1 || forced == 2) return {forced == 2, {}};
+  const Form f = Choose(g_side_switch);
+  return {f.index == 0, f.bad};
 }
 
 // Whether the v3 state path runs ssd_chunk_state_scan (chunk states and state pass fused) rather
@@ -3126,40 +3129,37 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
 // The forward's matrix kernels (after ssd_dt_cumsum), for one GEMM implementation.
 template <class MM>
 CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
-                          cudaStream_t stream, SideFork* fork) {
+                          cudaStream_t stream) {
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
-  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
   if (plan.state && UseFusedStatePass(d)) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
     ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   crit>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
-                                           a.final_state, nullptr, nullptr, nullptr);
+                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
+                                             a.final_state, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
   } else if (plan.state) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
     ssd_chunk_state_scan<false, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
+        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
             d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
-    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, crit>>>(
+    ssd_chunk_state<MM, false><<<dim3(d.NC, d.H * ntn, d.B), kThreads, st_smem, stream>>>(
         d, a.x, a.b, saved, nullptr);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state");
   }
   if (!(plan.state && UseFusedStatePass(d))) {
     ssd_state_pass<<<dim3(static_cast<unsigned>(CeilDiv(d.PN, 1024)), d.H, d.B), 256, 0,
-                     crit>>>(d, a.initial_state, saved, a.final_state);
+                     stream>>>(d, a.initial_state, saved, a.final_state);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_pass");
   }
-  // The scan reads the states (crit stream) and ssd_bmm_cb's C Bᵀ (side stream).
-  CUDA_RETURN_IF_NOT_OK(fork->Join());
 
   if (plan.fwd) {
     switch (d.P) {
@@ -3240,7 +3240,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const float* saved = static_cast<const float*>(a.saved);
   const int ntn = (d.N + 63) / 64;
   const bool fused = plan.state && UseFusedStatePass(d);
-  const cudaStream_t crit = fork->crit();  // GYRE_SSD_SIDE_STREAM=hi: the state passes' stream
+  const cudaStream_t crit = fork->crit();  // the state passes' stream (hi: greatest priority)
   if (fused) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
@@ -3373,7 +3373,7 @@ void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetSideStreamForTesting(int mode) {
-  g_side_override.store(mode >= 1 && mode <= 3 ? mode : 0);
+  g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
@@ -3425,15 +3425,8 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     return InvalidArgument(rule.bad);
   }
   float* saved = static_cast<float*>(a.saved);
-  const Form side_mode = SideMode();
-  if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
-  // GYRE_SSD_SIDE_STREAM: ssd_bmm_cb on the side stream (and for hi ssd_dt_cumsum and the state
-  // passes on the crit stream), joined before the forward scan.
-  SideFork fork(stream);
-  CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
 
-  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, fork.crit()>>>(d, a.dt, a.a_log, a.dt_bias,
-                                                                saved);
+  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
   // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
   // backward dx kernels read it; the backward may run a different kernel selection).
@@ -3441,12 +3434,12 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
     const int tiles = d.Q / kTile;
     const size_t smem = SmemOf<CarveBmmCb<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bmm_cb, smem));
-    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem,
-                 fork.side()>>>(d, a.b, a.c, saved);
+    ssd_bmm_cb<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, smem, stream>>>(
+        d, a.b, a.c, saved);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bmm_cb");
   }
 
-  return ForwardKernels<MmaPtx>(a, d, saved, stream, &fork);
+  return ForwardKernels<MmaPtx>(a, d, saved, stream);
 }
 
 CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -3551,13 +3544,13 @@ CudaResult SsdBackward(const SsdBackwardArgs& a, DeviceAllocator* scratch, cudaS
   if (plan.dx) sc.inter_part = reinterpret_cast<float*>(base_ptr + off_inter);
   double* part = sc.part;
 
-  // GYRE_SSD_SIDE_STREAM: the dCB → dB/dC chain on the side stream (v3 dB/dC only; for hi the
-  // state passes on the crit stream), joined before ssd_bwd_dacs_finish. Declared after `buf`,
-  // so an early return joins before the scratch goes back to the allocator.
-  const Form side_mode = SideMode();
+  // GYRE_SSD_SIDE_STREAM=hi (default): the dCB → dB/dC chain on the side stream and the state
+  // passes on the crit stream (v3 dB/dC only), joined before ssd_bwd_dacs_finish. Declared after
+  // `buf`, so an early return joins before the scratch goes back to the allocator.
+  const SideChoice side_mode = SideMode();
   if (!side_mode.bad.empty()) return InvalidArgument(side_mode.bad);
   SideFork fork(stream);
-  if (plan.dbc) CUDA_RETURN_IF_NOT_OK(fork.Begin(side_mode.index));
+  if (plan.dbc && side_mode.fork) CUDA_RETURN_IF_NOT_OK(fork.Begin());
   CUDA_RETURN_IF_NOT_OK(BackwardKernels<MmaPtx>(a, d, plan, sc, stream, &fork));
   CUDA_RETURN_IF_NOT_OK(fork.Join());
 

@@ -158,19 +158,19 @@ void SsdSetDcbSplitForTesting(int split);
 // only forms; GYRE_SSD_DCB_SUM=kernel names the only dCB sum left ("last" was deleted). Unset is
 // the same; any other value (the deleted "3", "plain", "last" included) is an error from
 // SsdForward / SsdBackward.
-// Helper ssd12's opt-in form (not measured yet; ssd_notes.md "Session 12"):
-// GYRE_SSD_SIDE_STREAM=off (default; unset is the same) | on | hi. on / hi run the kernels that
-// do not depend on the state passes on a second stream of the calling device (created on first
-// use, never destroyed): the forward's C Bᵀ kernel beside ssd_dt_cumsum and the chunk states;
-// the backward's dCB → dCB sum → dB/dC chain beside the backward state pass and bwd dx (dB/dC
-// waits for the state pass's G only). Both streams join the caller's stream before the call
-// returns its last kernels (the forward scan, the ∂Acs finish), so the caller sees stream order
-// as before. hi also moves the state passes (and ssd_dt_cumsum) to a third stream at the device's
-// greatest priority and gives the side stream a middle priority, so the critical chain's blocks
-// are dispatched first, then dB/dC's long ones, and bwd dx's short blocks (on the caller's
-// stream) fill the rest. Same kernels, same values: bitwise the same outputs.
-// Calls from several host threads serialise their enqueueing (one mutex; the events are shared).
-// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 on, 3 hi (process-wide).
+// Helper ssd12's side stream (default since the lead's 2026-11-27 call; ssd_notes.md "Session 12
+// measured"): GYRE_SSD_SIDE_STREAM=hi (default; unset is the same) | off. Backward only (the
+// forward never forks: its launches are all on the caller's stream). hi runs the backward's
+// dCB → dCB sum → dB/dC chain on a second stream of the calling device at a middle priority
+// (dB/dC waits for the state pass's G only) and the backward state passes on a third at the
+// device's greatest priority (both created on first use, never destroyed); bwd dx stays on the
+// caller's stream. Both join the caller's stream before ssd_bwd_dacs_finish, so the caller sees
+// stream order as before. Same kernels, same values: bitwise the same outputs as off. off: one
+// stream (the tests' bitwise reference; an escape hatch). "on" was deleted (it lost to hi) and is
+// now an error from SsdBackward naming the accepted values, like any other value.
+// Backward calls from several host threads serialise their enqueueing (one mutex; the events
+// are shared).
+// SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 hi (process-wide).
 void SsdSetSideStreamForTesting(int mode);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,

@@ -11,10 +11,12 @@
 // Outputs are NaN-poisoned first; a NaN fails the check.
 // Path 11 reruns each case and compares every output bitwise against the first run (fixed-order
 // sums, no float atomics: the kernels are deterministic). SSD_TEST_PATH=9,10,11 runs several
-// paths. Paths 12-15 run the side-stream form (GYRE_SSD_SIDE_STREAM=on / hi, helper ssd12): the
-// float64 checks, then a rerun compared bitwise against the one-stream default (12, 14, 15) or
-// against itself (13, with the fused state kernels the step shape uses); 15 with the v2 dx and
-// chunk-state kernels beside the side stream's v3 dCB → dB/dC chain.
+// paths. Paths 0-11 run the environment's GYRE_SSD_SIDE_STREAM form (hi by default: the
+// backward's dCB → dB/dC chain on a second stream, helper ssd12). Path 12 forces off (one
+// stream) through the float64 checks; 13-15 force hi, then rerun with off and compare every
+// output bitwise (the same kernels on one stream): 14 with the fused state kernels the step
+// shape uses, 15 with the v2 dx and chunk-state kernels beside the side stream's v3 dCB → dB/dC
+// chain.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -385,7 +387,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int fused_state = 0;  // SsdSetFusedStatePassForTesting: 0 by shape (unfused at these sizes)
     int dcb_split = 0;    // SsdSetDcbSplitForTesting: 0 by shape (2 or 1 at these sizes)
     bool rerun = false;   // rerun-bitwise checks (RunCase)
-    int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default off), 2 on, 3 hi
+    int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default hi), 1 off, 2 hi
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
   };
   const Path paths[] = {{"[mma] ", 0},
@@ -400,16 +402,15 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 state, fused state pass] ", kSsdRegState, 0, 1},
                         {"[v3 all, dCB split 4] ", kSsdRegAll, 0, 0, 4},
                         {"[v3 all, rerun] ", kSsdRegAll, 0, 0, 0, true},
-                        {"[v3 all, side stream, rerun one-stream] ", kSsdRegAll, 0, 0, 0, true,
-                         2, 1},
-                        {"[v3 all, side stream hi, fused state pass, rerun] ", kSsdRegAll, 0, 1, 0,
-                         true, 3},
+                        {"[v3 all, side stream off] ", kSsdRegAll, 0, 0, 0, false, 1},
                         {"[v3 all, side stream hi, rerun one-stream] ", kSsdRegAll, 0, 0, 0, true,
-                         3, 1},
+                         2, 1},
+                        {"[v3 all, side stream hi, fused state pass, rerun one-stream] ",
+                         kSsdRegAll, 0, 1, 0, true, 2, 1},
                         // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
                         // then reads the v2 dx kernel's partials, from the caller's stream).
-                        {"[v3 dbc, side stream, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true, 2,
-                         1}};
+                        {"[v3 dbc, side stream hi, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true,
+                         2, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
