@@ -1450,14 +1450,11 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
   const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
-  // ddt (f32) -> bf16, then into its H columns of din (one strided copy of rows x 2H bytes); then
-  // one du GEMM over K = kin and one dW GEMM over all kin rows of W (dW = dinᵀ u sets every
-  // element: the deferred-zero first write overwrites).
-  const Tensor ddt16 = ddt.To(DType::kBF16);
-  if (rows > 0) {
-    const size_t el = DTypeSize(DType::kBF16);
-    Cuda().Copy2D(MutBytePtr(din, di_ + cx), kin * el, ddt16.raw(), heads_ * el, heads_ * el, rows);
-  }
+  // ddt (f32) rounded to bf16 straight into its H columns of din (ConvertRows; it replaced a
+  // Convert plus a Copy2D of 48-byte rows that cost 0.57 ms a mamba2-130m step); then one du GEMM
+  // over K = kin and one dW GEMM over all kin rows of W (dW = dinᵀ u sets every element: the
+  // deferred-zero first write overwrites).
+  Cuda().ConvertRows(ddt.raw(), DType::kF32, heads_, MutBytePtr(din, di_ + cx), DType::kBF16, kin, rows, heads_);
   LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);

@@ -1228,7 +1228,7 @@ __global__ void __launch_bounds__(256, kMode == 0 ? 5 : 3) group_norm_bwd_vec(Gr
   GroupNormBwdVecRun<kMode, kLanes, false>(a, pw, ps);
 }
 
-// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz; GYRE_MAMBA_IN_BWD=fused).
+// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz: Mamba-2's fused in_proj backward).
 template <int kLanes>
 __global__ void __launch_bounds__(256, 3) group_norm_bwd_vec_lddz(GroupNormArgs a, float* pw, float* ps) {
   GroupNormBwdVecRun<1, kLanes, true>(a, pw, ps);
@@ -1393,7 +1393,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg(GroupNormArgs a, fl
   GroupNormBwdRegRun<kMode, kIters, false>(a, pw, ps);
 }
 
-// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz; GYRE_MAMBA_IN_BWD=fused).
+// The gated mode with dz rows of a.lddz (GroupNormArgs::lddz: Mamba-2's fused in_proj backward).
 template <int kIters>
 __global__ void __launch_bounds__(256, 2) group_norm_bwd_reg_lddz(GroupNormArgs a, float* pw, float* ps) {
   GroupNormBwdRegRun<1, kIters, true>(a, pw, ps);

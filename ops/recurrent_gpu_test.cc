@@ -588,6 +588,48 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 128, 128, true, false, 324);
 }
 
+// CudaBackend::ConvertRows (Mamba-2's ddt into its columns of din): a rows x cols f32 block with a
+// wider source row writes round-to-nearest-even bf16 into a column block of a wider destination,
+// and nothing outside the block; and back.
+TEST_F(RecurrentGpuTest, ConvertRowsWritesOnlyItsColumnBlock) {
+  Rng rng(11);
+  const int64_t rows = 37, cols = 24, src_ld = 30, dst_ld = 3352, col0 = 3328;
+  Tensor src = Tensor::Empty({rows, src_ld}, DType::kF32);
+  for (int64_t i = 0; i < src.numel(); ++i) src.data<float>()[i] = static_cast<float>(rng.Normal() * 3.0);
+  Tensor dst = Poison({rows, dst_ld});
+  Cuda().ConvertRows(src.ToDevice(Device::kCuda).raw(), DType::kF32, src_ld, static_cast<char*>(dst.raw()) + col0 * 2, DType::kBF16,
+                     dst_ld, rows, cols);
+  const Tensor host = dst.ToDevice(Device::kCpu);
+  int64_t wrong = 0, touched = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < dst_ld; ++c) {
+      const double got = host.At(r * dst_ld + c);
+      if (c >= col0 && c < col0 + cols) {
+        wrong += got != Bf16ToFloat(FloatToBf16(src.data<float>()[r * src_ld + c - col0]));
+      } else {
+        touched += !std::isnan(got);
+      }
+    }
+  }
+  EXPECT_EQ(wrong, 0) << "values not rounded to nearest bf16";
+  EXPECT_EQ(touched, 0) << "elements outside the column block written";
+  // And back to f32 (exact), into a strided block.
+  Tensor back = Tensor::Full({rows, src_ld}, DType::kF32, NAN, Device::kCuda);
+  Cuda().ConvertRows(static_cast<const char*>(dst.raw()) + col0 * 2, DType::kBF16, dst_ld, back.raw(), DType::kF32, src_ld, rows, cols);
+  const Tensor b = back.ToDevice(Device::kCpu);
+  int64_t back_wrong = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < src_ld; ++c) {
+      const double got = b.At(r * src_ld + c);
+      back_wrong += c < cols ? got != host.At(r * dst_ld + col0 + c) : !std::isnan(got);
+    }
+  }
+  EXPECT_EQ(back_wrong, 0);
+  std::printf("[%s] convert-rows f32->bf16->f32 %ldx%ld, ld %ld / %ld: %ld wrong, %ld outside written, %ld back wrong\n",
+              wrong + touched + back_wrong == 0 ? "PASS" : "FAIL", (long)rows, (long)cols, (long)src_ld, (long)dst_ld,
+              (long)wrong, (long)touched, (long)back_wrong);
+}
+
 // A group norm forward and backward under GYRE_NORM_FWD=fwd, GYRE_NORM_BWD=bwd in this process
 // (each switch is read once a process): aborts through the backend's error (CUDA backend: ...
 // failed: <message>) if a value is rejected, else exits 0.
