@@ -264,7 +264,7 @@ __device__ __forceinline__ void XExtClamped(const ConvDims& d, const bf16* __res
 // all 64 tokens through step's dependent loads, the slowest part).
 // The body is Conv1dBwdRun, shared by conv1d_bwd (dx rows of C) and conv1d_bwd_ldx (dx rows of
 // ldx >= C: the Mamba-2 fused in_proj backward writes dxBC into its columns of one [rows, ldx]
-// gradient: Mamba-2's fused in_proj backward); the kernels declare the cp.async ring (V >= 2) and pass it.
+// gradient); the kernels declare the cp.async ring (V >= 2) and pass it.
 // (The split left the PTX of both conv1d_bwd<4, 4, ...> kernels — every Mamba-2 / xLSTM preset's
 // conv backward — and of 5 of the 11 other widths / vector sizes identical; in 6 (1 or 2 channels
 // a thread at K 1, 3, 4) a few integer instructions moved, the same machine-code size.)
