@@ -368,6 +368,17 @@ class CoordinatorCore {
   // member leaves, and the others still ask for it.
   std::optional<gyre::v1::StepLease> final_stop_;
   std::map<uint64_t, gyre::v1::CheckpointRecord> checkpoints_;
+  // Checkpoint writes reported as failed (ReportCheckpointRequest.error). Not journaled, kept
+  // simple on purpose: a failure changes no run state (the run goes on from the older checkpoint),
+  // so a restarted coordinator counts from 0 and the next failure shows again.
+  struct FailedCheckpoint {
+    uint64_t session = 0;
+    uint64_t step = 0;
+    std::string error;
+    bool operator==(const FailedCheckpoint&) const = default;
+  };
+  uint64_t checkpoint_failures_ = 0;
+  std::optional<FailedCheckpoint> last_checkpoint_failure_;
   gyre::v1::StepMetrics last_metrics_;
   // In-run evaluation (not journaled here: the committed steps carry it). The saturation watch
   // starts over after a coordinator restart.
