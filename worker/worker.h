@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -108,7 +109,12 @@ class Worker {
   std::unique_ptr<RendezvousStore> store_;
   std::mutex collective_mu_;
   std::unique_ptr<Collective> collective_;  // written by the training thread under collective_mu_
-  std::unique_ptr<CheckpointWriter> checkpoints_;
+  // The lease's checkpoint_dir (relative) of each write in flight, by step: a failed write's
+  // report names it (the writer's on_done only has the step). Written by the training thread,
+  // taken by the writer thread.
+  std::mutex checkpoint_dirs_mu_;
+  std::map<uint64_t, std::string> checkpoint_dirs_;
+  std::unique_ptr<CheckpointWriter> checkpoints_;  // declared after what its on_done uses
   std::unique_ptr<SnapshotStaging> staging_;  // the checkpoint snapshots' host buffer (rank 0's)
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
