@@ -95,6 +95,12 @@ void PrintStatus(const gyre::v1::RunStatus& s) {
   if (!s.last_checkpoint().empty()) {
     std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
   }
+  if (s.checkpoint_failures() > 0) {
+    // The run goes on from the checkpoint above; these writes did not happen (disk full?).
+    std::printf("CKPT FAILED  %llu write%s since the coordinator started; last: %s\n",
+                (unsigned long long)s.checkpoint_failures(), s.checkpoint_failures() == 1 ? "" : "s",
+                s.last_checkpoint_error().c_str());
+  }
 }
 
 int ExitCodeFor(const absl::Status& s) {

@@ -50,6 +50,8 @@ TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
   ASSERT_TRUE(page);
   EXPECT_EQ(page->status, 200);
   EXPECT_NE(page->body.find("<title>Gyre run</title>"), std::string::npos);
+  // The status view shows failed checkpoint writes.
+  EXPECT_NE(page->body.find("status.last_checkpoint_error"), std::string::npos);
 
   auto status = client.Get("/api/status");
   ASSERT_TRUE(status);
