@@ -3,8 +3,6 @@
 // that fails one file operation of the first checkpoint (step 2). The coordinator's
 // RunStatus must count the failure and name the step and the file, and the later checkpoints
 // (written fine) must still be recorded, never the failed one.
-#include "worker/worker.h"
-
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
@@ -20,6 +18,7 @@
 #include "dataloader/token_index.h"
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
+#include "worker/worker.h"
 
 namespace gyre {
 namespace {
@@ -78,10 +77,12 @@ TEST(CheckpointFailureTest, FailedWriteIsReportedAndNeverRecorded) {
   ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
       "name: \"ckfail\" seed: 3 "
       "model { preset: \"llama-tiny\" vocab_size: 256 } "
-      "data { index_dir: \"" + root + "/index\" seq_len: 16 global_batch: 2 } "
-      "optimizer { lr: 0.003 } schedule { warmup_steps: 1 total_steps: 100 } "
-      "train { max_steps: 7 } checkpoint { every_steps: 2 keep_last: 5 } "
-      "cluster { desired_workers: 1 heartbeat_interval_ms: 100 heartbeat_timeout_ms: 5000 }",
+      "data { index_dir: \"" +
+          root +
+          "/index\" seq_len: 16 global_batch: 2 } "
+          "optimizer { lr: 0.003 } schedule { warmup_steps: 1 total_steps: 100 } "
+          "train { max_steps: 7 } checkpoint { every_steps: 2 keep_last: 5 } "
+          "cluster { desired_workers: 1 heartbeat_interval_ms: 100 heartbeat_timeout_ms: 5000 }",
       &config));
 
   std::unique_ptr<coordinator::Journal> journal = coordinator::NewMemJournal();
