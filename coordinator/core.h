@@ -46,7 +46,8 @@
 //        gradients and AcquireStep(G, t) again (it will say RECONFIGURE). Retry CompleteStep
 //        with the same (G, t) on timeouts; never give up a pending CompleteStep.
 //      CHECKPOINT t: rank 0 saves the state after t steps at checkpoint_dir (asynchronously),
-//        ReportCheckpoint when it is complete; every rank then runs t as for RUN.
+//        ReportCheckpoint when it is complete, or with `error` set when the write failed (counted
+//        in RunStatus.checkpoint_failures, never recorded); every rank then runs t as for RUN.
 //      PAUSE / STANDBY: ask again after retry_after_ms.
 //      RECONFIGURE: join `generation` (abort the old communicator). If every rank is in
 //        needs_state, load checkpoint_dir (empty: the initial parameters) at step `step`;

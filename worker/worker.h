@@ -4,8 +4,8 @@
 //   RUN          read its slice of the step's global sample range, forward + backward with the
 //                SUM all-reduce of gradient buckets overlapped (GradientReducer), CompleteStep
 //                with the step-time breakdown; apply the optimizer only on COMMIT
-//   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background),
-//                then run the step
+//   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background and
+//                reports it, or the write's error, with ReportCheckpoint), then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
 //                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
