@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "cli/control_client.h"
+#include "cli/status_text.h"
 #include "google/protobuf/util/json_util.h"
 
 namespace gyre::cli {
@@ -28,19 +29,6 @@ std::string Json(const google::protobuf::Message& m) {
   return out;
 }
 
-const char* StateName(gyre::v1::RunState s) {
-  switch (s) {
-    case gyre::v1::RUN_STATE_WAITING: return "waiting for workers";
-    case gyre::v1::RUN_STATE_RUNNING: return "running";
-    case gyre::v1::RUN_STATE_PAUSED: return "paused";
-    case gyre::v1::RUN_STATE_RECONFIGURING: return "reconfiguring";
-    case gyre::v1::RUN_STATE_STOPPING: return "stopping";
-    case gyre::v1::RUN_STATE_STOPPED: return "stopped";
-    case gyre::v1::RUN_STATE_FINISHED: return "finished";
-    default: return "unknown";
-  }
-}
-
 const char* WorkerStateName(gyre::v1::WorkerState s) {
   switch (s) {
     case gyre::v1::WORKER_STATE_ACTIVE: return "active";
@@ -52,50 +40,6 @@ const char* WorkerStateName(gyre::v1::WorkerState s) {
   }
 }
 
-void PrintStatus(const gyre::v1::RunStatus& s) {
-  std::printf("run          %s\n", s.run_name().c_str());
-  std::printf("state        %s\n", StateName(s.state()));
-  std::printf("steps        %llu / %llu committed\n", (unsigned long long)s.committed_steps(),
-              (unsigned long long)s.max_steps());
-  std::printf("generation   %llu\n", (unsigned long long)s.generation());
-  std::printf("workers      %u active, %u standby, %u desired\n", s.workers_active(), s.workers_standby(),
-              s.desired_workers());
-  if (s.has_last_metrics()) {
-    const auto& m = s.last_metrics();
-    std::printf("last step    %llu: loss %.4f, grad norm %.3f, lr %.3g\n", (unsigned long long)m.step(), m.loss(),
-                m.grad_norm(), m.lr());
-  }
-  if (s.has_last_metrics() && s.last_metrics().has_times()) {
-    // Slowest rank per phase (the coordinator's aggregate); optimizer: the previous step's.
-    const auto& t = s.last_metrics().times();
-    std::printf("step time    %.1f ms: data %.1f, forward %.1f, backward %.1f, exposed comm %.1f, optimizer %.1f\n",
-                t.total_ms(), t.data_wait_ms(), t.forward_ms(), t.backward_ms(), t.exposed_comm_ms(), t.optimizer_ms());
-  }
-  if (s.tokens_per_s() > 0) std::printf("throughput   %.0f tokens/s\n", s.tokens_per_s());
-  if (s.has_last_metrics() && s.last_metrics().model_flops_per_s() > 0) {
-    const auto& m = s.last_metrics();
-    std::printf("model FLOPs  %.1f TFLOP/s", m.model_flops_per_s() / 1e12);
-    if (m.peak_flops_per_s() > 0) std::printf(" (MFU %.1f%%)", 100 * m.model_flops_per_s() / m.peak_flops_per_s());
-    std::printf("\n");
-  }
-  if (s.has_last_eval()) {
-    const auto& e = s.last_eval();
-    std::printf("eval         after step %llu: held-out loss %.4f over %llu tokens\n", (unsigned long long)e.step(),
-                e.loss(), (unsigned long long)e.tokens());
-    for (const auto& src : e.sources()) {
-      std::printf("               %-24s %.4f (ppl %.2f, %llu tokens)\n", src.source().c_str(), src.loss(),
-                  std::exp(src.loss()), (unsigned long long)src.tokens());
-    }
-    if (e.has_head()) {
-      std::printf("LM head      d %u: effective rank %.1f, stable rank %.2f, W-error(%u) %.4f\n", e.head().dim(),
-                  e.head().effective_rank(), e.head().stable_rank(), e.head().w_error_rank(), e.head().w_error());
-    }
-  }
-  for (const auto& alarm : s.alarms()) std::printf("ALARM        %s\n", alarm.c_str());
-  if (!s.last_checkpoint().empty()) {
-    std::printf("checkpoint   step %llu at %s\n", (unsigned long long)s.last_checkpoint_step(), s.last_checkpoint().c_str());
-  }
-}
 
 int ExitCodeFor(const absl::Status& s) {
   switch (s.code()) {
@@ -169,7 +113,7 @@ int GyrectlMain(int argc, char** argv) {
     if (json) {
       std::printf("%s\n", Json(*s).c_str());
     } else {
-      PrintStatus(*s);
+      std::fputs(RunStatusText(*s).c_str(), stdout);
     }
     return 0;
   };

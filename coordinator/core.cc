@@ -676,6 +676,17 @@ void CoordinatorCore::OnReportCheckpoint(const ReportCheckpointEvent& e, Context
                        req.step(), committed_)));
     return;
   }
+  if (!req.error().empty()) {
+    // A failed write: counted and shown, never recorded (no restore may name it). A retry of the
+    // same report (the response was lost) is counted once.
+    const FailedCheckpoint failure{req.session(), req.step(), req.error()};
+    if (!last_checkpoint_failure_.has_value() || !(*last_checkpoint_failure_ == failure)) {
+      ++checkpoint_failures_;
+      last_checkpoint_failure_ = failure;
+    }
+    ctx.Send(e.id, gyre::v1::ReportCheckpointResponse());
+    return;
+  }
   if (checkpoints_.count(req.step()) != 0 ||
       (!checkpoints_.empty() && req.step() < checkpoints_.rbegin()->first)) {
     // A retry, or a late report of a checkpoint older than the newest one (keep-last-K may
@@ -918,6 +929,11 @@ gyre::v1::RunStatus CoordinatorCore::Status() const {
   if (!checkpoints_.empty()) {
     status.set_last_checkpoint(checkpoints_.rbegin()->second.path());
     status.set_last_checkpoint_step(checkpoints_.rbegin()->first);
+  }
+  status.set_checkpoint_failures(checkpoint_failures_);
+  if (last_checkpoint_failure_.has_value()) {
+    status.set_last_checkpoint_error(
+        absl::StrFormat("step %d: %s", last_checkpoint_failure_->step, last_checkpoint_failure_->error));
   }
   *status.mutable_last_metrics() = last_metrics_;
   status.set_tokens_per_s(last_metrics_.tokens_per_s());

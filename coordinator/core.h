@@ -46,7 +46,8 @@
 //        gradients and AcquireStep(G, t) again (it will say RECONFIGURE). Retry CompleteStep
 //        with the same (G, t) on timeouts; never give up a pending CompleteStep.
 //      CHECKPOINT t: rank 0 saves the state after t steps at checkpoint_dir (asynchronously),
-//        ReportCheckpoint when it is complete; every rank then runs t as for RUN.
+//        ReportCheckpoint when it is complete, or with `error` set when the write failed (counted
+//        in RunStatus.checkpoint_failures, never recorded); every rank then runs t as for RUN.
 //      PAUSE / STANDBY: ask again after retry_after_ms.
 //      RECONFIGURE: join `generation` (abort the old communicator). If every rank is in
 //        needs_state, load checkpoint_dir (empty: the initial parameters) at step `step`;
@@ -368,6 +369,17 @@ class CoordinatorCore {
   // member leaves, and the others still ask for it.
   std::optional<gyre::v1::StepLease> final_stop_;
   std::map<uint64_t, gyre::v1::CheckpointRecord> checkpoints_;
+  // Checkpoint writes reported as failed (ReportCheckpointRequest.error). Not journaled, kept
+  // simple on purpose: a failure changes no run state (the run goes on from the older checkpoint),
+  // so a restarted coordinator counts from 0 and the next failure shows again.
+  struct FailedCheckpoint {
+    uint64_t session = 0;
+    uint64_t step = 0;
+    std::string error;
+    bool operator==(const FailedCheckpoint&) const = default;
+  };
+  uint64_t checkpoint_failures_ = 0;
+  std::optional<FailedCheckpoint> last_checkpoint_failure_;
   gyre::v1::StepMetrics last_metrics_;
   // In-run evaluation (not journaled here: the committed steps carry it). The saturation watch
   // starts over after a coordinator restart.

@@ -715,3 +715,74 @@ TEST(CoreTest, StaleBadCheckpointReportIsIgnored) {
 
 }  // namespace
 }  // namespace gyre::coordinator
+
+namespace gyre::coordinator {
+namespace {
+
+// A failed checkpoint write (ReportCheckpointRequest.error) is counted and shown, never recorded:
+// the restore after losing every state holder still names the older checkpoint.
+TEST(CoreTest, FailedCheckpointWriteIsCountedButNeverRestored) {
+  gyre::v1::RunConfig config = TestConfig(1);
+  config.mutable_train()->set_max_steps(20);
+  Harness h(config);
+  h.Register(11, 1);
+  auto report = [&](uint64_t step, const std::string& error) {
+    gyre::v1::ReportCheckpointRequest r;
+    r.set_session(11);
+    r.set_step(step);
+    r.set_path("checkpoints/step-" + std::to_string(step));
+    r.set_error(error);
+    ReportCheckpointEvent e{++h.next_id_, r};
+    h.Send(e);
+    EXPECT_TRUE(h.replies_.at(e.id).status.ok()) << h.replies_.at(e.id).status;
+  };
+  for (uint64_t t = 0; t < 7; ++t) {
+    h.Acquire(11, 1, t);
+    h.Complete(11, 1, t);
+  }
+  EXPECT_EQ(h.core_->Status().checkpoint_failures(), 0u);
+  EXPECT_EQ(h.core_->Status().last_checkpoint_error(), "");
+  report(2, "");  // a plain report works as before
+  ASSERT_EQ(h.journal_.checkpoints.size(), 1u);
+  EXPECT_EQ(h.core_->Status().last_checkpoint_step(), 2u);
+
+  const std::string enospc = "write /run/checkpoints/step-4/state-3.bin: No space left on device";
+  report(4, enospc);
+  gyre::v1::RunStatus status = h.core_->Status();
+  EXPECT_EQ(status.checkpoint_failures(), 1u);
+  EXPECT_EQ(status.last_checkpoint_error(), "step 4: " + enospc);
+  EXPECT_EQ(status.last_checkpoint(), "checkpoints/step-2");
+  EXPECT_EQ(status.last_checkpoint_step(), 2u);
+  EXPECT_EQ(h.journal_.checkpoints.size(), 1u);  // nothing journaled for the failure
+  EXPECT_TRUE(h.deleted_.empty());
+
+  report(4, enospc);  // the client's retry of the same report
+  EXPECT_EQ(h.core_->Status().checkpoint_failures(), 1u);
+  report(6, "rename /run/checkpoints/step-6.tmp: Input/output error");
+  status = h.core_->Status();
+  EXPECT_EQ(status.checkpoint_failures(), 2u);
+  EXPECT_EQ(status.last_checkpoint_error(), "step 6: rename /run/checkpoints/step-6.tmp: Input/output error");
+  EXPECT_EQ(status.last_checkpoint_step(), 2u);
+
+  // Every state holder lost: the restore names step 2, not a failed write.
+  h.Register(33, 3);
+  h.Send(LeaveEvent{++h.next_id_, [] {
+                      gyre::v1::LeaveRequest l;
+                      l.set_session(11);
+                      return l;
+                    }()});
+  EXPECT_EQ(h.generations_.back().reason(), "restore");
+  EXPECT_EQ(h.core_->committed_steps(), 2u);
+  StepLease lease = h.Acquire(33, 1, 0);
+  ASSERT_EQ(lease.decision(), gyre::v1::STEP_DECISION_RECONFIGURE);
+  EXPECT_EQ(lease.step(), 2u);
+  EXPECT_EQ(lease.checkpoint_dir(), "checkpoints/step-2");
+
+  // Not journaled (core.h says why): a restarted coordinator counts from 0.
+  h.Restart();
+  EXPECT_EQ(h.core_->Status().checkpoint_failures(), 0u);
+  EXPECT_EQ(h.core_->Status().last_checkpoint_step(), 2u);
+}
+
+}  // namespace
+}  // namespace gyre::coordinator

@@ -213,20 +213,33 @@ void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
     const uint32_t keep = config_.checkpoint().keep_last() == 0 ? 3 : config_.checkpoint().keep_last();
     checkpoints_ = std::make_unique<CheckpointWriter>(
         env_, JoinPath(options_.run_dir, "checkpoints"), keep, [this](uint64_t step, absl::StatusOr<std::string> dir) {
-          if (!dir.ok()) {
-            std::fprintf(stderr, "worker: checkpoint of step %llu failed: %s\n", (unsigned long long)step,
-                         std::string(dir.status().message()).c_str());
-            return;
+          std::string relative;
+          {
+            std::lock_guard<std::mutex> lock(checkpoint_dirs_mu_);
+            auto it = checkpoint_dirs_.find(step);
+            if (it != checkpoint_dirs_.end()) {
+              relative = std::move(it->second);
+              checkpoint_dirs_.erase(it);
+            }
           }
           gyre::v1::ReportCheckpointRequest report;
           report.set_session(session_.load());
           report.set_step(step);
-          std::string relative = dir->substr(options_.run_dir.size() + (options_.run_dir.empty() ? 0 : 1));
+          if (dir.ok()) {
+            relative = dir->substr(options_.run_dir.size() + (options_.run_dir.empty() ? 0 : 1));
+          } else {
+            // The run goes on from the previous checkpoint; the coordinator shows the failure
+            // (gyrectl status, dashboard, gyre_checkpoint_failures_total) and never restores it.
+            std::fprintf(stderr, "worker: checkpoint of step %llu failed: %s; reporting it to the coordinator\n",
+                         (unsigned long long)step, std::string(dir.status().message()).c_str());
+            report.set_error(std::string(dir.status().message()));
+          }
+          if (relative.empty()) relative = JoinPath("checkpoints", CheckpointDirName(step));  // not expected
           report.set_path(relative);
           absl::Status s = client_->ReportCheckpoint(report);
           if (!s.ok()) {
             std::fprintf(stderr, "worker: ReportCheckpoint: %s\n", std::string(s.message()).c_str());
-          } else {
+          } else if (dir.ok()) {
             // The step a restart can restore from: worth a line when reading a failure's log.
             std::fprintf(stderr, "worker: checkpoint of step %llu committed (%s)\n", (unsigned long long)step,
                          relative.c_str());
@@ -254,6 +267,10 @@ void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
   // The training thread's share of a checkpoint: worth a line next to the step times.
   std::fprintf(stderr, "worker: checkpoint of step %llu: snapshot of %.2f GB in %.2f s, writing in the background\n",
                (unsigned long long)lease.step(), bytes / 1e9, (clock_->NowMicros() - start_us) / 1e6);
+  {
+    std::lock_guard<std::mutex> lock(checkpoint_dirs_mu_);
+    checkpoint_dirs_[lease.step()] = lease.checkpoint_dir();
+  }
   checkpoints_->Submit(std::move(state), JoinPath(options_.run_dir, lease.checkpoint_dir()));
 }
 

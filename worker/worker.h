@@ -4,8 +4,8 @@
 //   RUN          read its slice of the step's global sample range, forward + backward with the
 //                SUM all-reduce of gradient buckets overlapped (GradientReducer), CompleteStep
 //                with the step-time breakdown; apply the optimizer only on COMMIT
-//   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background),
-//                then run the step
+//   CHECKPOINT   snapshot the state of this boundary (rank 0 writes it in the background and
+//                reports it, or the write's error, with ReportCheckpoint), then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
 //                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -108,7 +109,12 @@ class Worker {
   std::unique_ptr<RendezvousStore> store_;
   std::mutex collective_mu_;
   std::unique_ptr<Collective> collective_;  // written by the training thread under collective_mu_
-  std::unique_ptr<CheckpointWriter> checkpoints_;
+  // The lease's checkpoint_dir (relative) of each write in flight, by step: a failed write's
+  // report names it (the writer's on_done only has the step). Written by the training thread,
+  // taken by the writer thread.
+  std::mutex checkpoint_dirs_mu_;
+  std::map<uint64_t, std::string> checkpoint_dirs_;
+  std::unique_ptr<CheckpointWriter> checkpoints_;  // declared after what its on_done uses
   std::unique_ptr<SnapshotStaging> staging_;  // the checkpoint snapshots' host buffer (rank 0's)
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};

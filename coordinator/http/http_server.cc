@@ -23,6 +23,11 @@ void Gauge(std::string* out, const char* name, const char* help, double value, c
   absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, labels, " ", value, "\n");
 }
 
+// A monotonic count (Prometheus counters end in _total).
+void Counter(std::string* out, const char* name, const char* help, double value, const std::string& labels = "") {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, labels, " ", value, "\n");
+}
+
 }  // namespace
 
 std::string PrometheusText(const gyre::v1::RunStatus& s) {
@@ -52,6 +57,9 @@ std::string PrometheusText(const gyre::v1::RunStatus& s) {
   }
   Gauge(&out, "gyre_saturation_alarms", "Sources whose held-out loss stays above its minimum (saturation).",
         s.alarms_size(), run);
+  Counter(&out, "gyre_checkpoint_failures_total",
+          "Checkpoint writes that failed since the coordinator started (the newest is in /api/status).",
+          s.checkpoint_failures(), run);
   if (s.has_last_metrics()) {
     const auto& m = s.last_metrics();
     Gauge(&out, "gyre_loss", "Training loss of the last committed step.", m.loss(), run);

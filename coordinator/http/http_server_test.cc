@@ -23,6 +23,8 @@ class CannedSource final : public DashboardSource {
     src->set_source("pile-val");
     src->set_loss(3.25);
     s.add_alarms("saturation: pile-val");
+    s.set_checkpoint_failures(2);
+    s.set_last_checkpoint_error("step 60: write checkpoints/step-60/state-3.bin: No space left on device");
     return s;
   }
   std::vector<gyre::v1::StepMetrics> MetricsSince(uint64_t since, size_t limit) override {
@@ -48,11 +50,15 @@ TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
   ASSERT_TRUE(page);
   EXPECT_EQ(page->status, 200);
   EXPECT_NE(page->body.find("<title>Gyre run</title>"), std::string::npos);
+  // The status view shows failed checkpoint writes.
+  EXPECT_NE(page->body.find("status.last_checkpoint_error"), std::string::npos);
 
   auto status = client.Get("/api/status");
   ASSERT_TRUE(status);
   EXPECT_NE(status->body.find("\"run_name\":\"unit\""), std::string::npos) << status->body;
   EXPECT_NE(status->body.find("\"committed_steps\""), std::string::npos);
+  EXPECT_NE(status->body.find("\"checkpoint_failures\":\"2\""), std::string::npos) << status->body;
+  EXPECT_NE(status->body.find("\"last_checkpoint_error\":\"step 60: write"), std::string::npos) << status->body;
 
   auto metrics = client.Get("/api/metrics?since=3");
   ASSERT_TRUE(metrics);
@@ -71,6 +77,9 @@ TEST(HttpServerTest, ServesPageJsonAndPrometheus) {
   EXPECT_NE(prom->body.find("gyre_mfu{run=\"unit\"} 0.4"), std::string::npos) << prom->body;
   EXPECT_NE(prom->body.find("gyre_validation_loss{run=\"unit\",source=\"pile-val\"} 3.25"), std::string::npos);
   EXPECT_NE(prom->body.find("gyre_saturation_alarms{run=\"unit\"} 1"), std::string::npos);
+  EXPECT_NE(prom->body.find("# TYPE gyre_checkpoint_failures_total counter\ngyre_checkpoint_failures_total{run=\"unit\"} 2\n"),
+            std::string::npos)
+      << prom->body;
   EXPECT_NE(prom->body.find("gyre_model_flops_per_second{run=\"unit\"} 4e+14"), std::string::npos) << prom->body;
 }
 

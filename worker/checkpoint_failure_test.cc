@@ -1,0 +1,141 @@
+// A checkpoint write that fails on the worker's disk reaches the user: one real Worker (CPU, one
+// rank) trains against a real coordinator (CoreLoop + gRPC server) through a FaultInjectionEnv
+// that fails one file operation of the first checkpoint (step 2). The coordinator's
+// RunStatus must count the failure and name the step and the file, and the later checkpoints
+// (written fine) must still be recorded, never the failed one.
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/env.h"
+#include "base/fault_injection_env.h"
+#include "coordinator/core_loop.h"
+#include "coordinator/journal.h"
+#include "coordinator/services.h"
+#include "dataloader/shard.h"
+#include "dataloader/token_index.h"
+#include "google/protobuf/text_format.h"
+#include "gtest/gtest.h"
+#include "worker/worker.h"
+
+namespace gyre {
+namespace {
+
+constexpr char kToken[] = "checkpoint-failure-token";
+constexpr uint32_t kVocab = 256;
+
+std::string TestDir(const std::string& name) {
+  const char* base = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(base ? base : "/tmp") + "/" + name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// One source of pseudo-random token ids below kVocab, one shard.
+void WriteIndex(const std::string& dir) {
+  auto index = data::TokenIndex::Open(dir, data::TokenIndex::Mode::kReadWrite);
+  ASSERT_TRUE(index.ok()) << index.status();
+  gyre::v1::IndexMeta meta;
+  meta.set_tokenizer_fingerprint(7);
+  ASSERT_TRUE((*index)->WriteMeta(meta).ok());
+  const std::string rel = "shards/synthetic/0.tok";
+  auto writer = data::ShardWriter::Create(Env::Default(), dir + "/" + rel, 2, 7);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  std::vector<uint32_t> ids;
+  uint64_t x = 12345;
+  for (int i = 0; i < 20000; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    ids.push_back(static_cast<uint32_t>((x >> 33) % kVocab));
+  }
+  ASSERT_TRUE((*writer)->AppendDocument(ids).ok());
+  auto header = (*writer)->Finish();
+  ASSERT_TRUE(header.ok()) << header.status();
+  data::TokenIndex::InputCommit commit;
+  commit.input.set_path("synthetic");
+  data::TokenIndex::NewShard shard;
+  shard.source = "synthetic";
+  shard.split = "train";
+  shard.path = rel;
+  shard.tokens = header->tokens;
+  shard.documents = 1;
+  shard.payload_checksum = header->payload_checksum;
+  shard.dtype_bytes = 2;
+  commit.shards.push_back(shard);
+  ASSERT_TRUE((*index)->CommitInput(commit).ok());
+}
+
+TEST(CheckpointFailureTest, FailedWriteIsReportedAndNeverRecorded) {
+  const std::string root = TestDir("checkpoint_failure");
+  ASSERT_NO_FATAL_FAILURE(WriteIndex(root + "/index"));
+  const std::string run_dir = root + "/run";
+  std::filesystem::create_directories(run_dir);
+
+  gyre::v1::RunConfig config;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+      "name: \"ckfail\" seed: 3 "
+      "model { preset: \"llama-tiny\" vocab_size: 256 } "
+      "data { index_dir: \"" +
+          root +
+          "/index\" seq_len: 16 global_batch: 2 } "
+          "optimizer { lr: 0.003 } schedule { warmup_steps: 1 total_steps: 100 } "
+          "train { max_steps: 7 } checkpoint { every_steps: 2 keep_last: 5 } "
+          "cluster { desired_workers: 1 heartbeat_interval_ms: 100 heartbeat_timeout_ms: 5000 }",
+      &config));
+
+  std::unique_ptr<coordinator::Journal> journal = coordinator::NewMemJournal();
+  coordinator::GlooRendezvous rendezvous("coordinator", config.name());
+  coordinator::CoreLoop::Options loop_options;
+  loop_options.config = config;
+  loop_options.journal = journal.get();
+  loop_options.rendezvous = &rendezvous;
+  auto loop = coordinator::CoreLoop::Start(loop_options);
+  ASSERT_TRUE(loop.ok()) << loop.status();
+  coordinator::ServerOptions server_options;
+  server_options.token = kToken;
+  auto server = coordinator::CoordinatorServer::Start(loop->get(), server_options);
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  // The worker's disk: one mutation of the first checkpoint fails (the fourth: creating step-2's
+  // first tensor file, after the directories are made). Later writes succeed.
+  FaultInjectionEnv env(Env::Default());
+  env.FailNthMutation(4);
+  ClusterClientOptions client_options;
+  client_options.address = "127.0.0.1:" + std::to_string((*server)->port());
+  client_options.token = kToken;
+  ClusterClient client(client_options, Clock::Real());
+  WorkerOptions worker_options;
+  worker_options.run_dir = run_dir;
+  worker_options.log_steps = false;
+  absl::Status ran;
+  {
+    Worker worker(&client, &env, Clock::Real(), worker_options);
+    ran = worker.Run();
+    EXPECT_EQ(worker.applied_steps(), 7u);
+  }
+  EXPECT_TRUE(ran.ok()) << ran;
+
+  gyre::v1::RunStatus status = (*loop)->Status();
+  (*loop)->Stop();
+  server->reset();
+  EXPECT_EQ(status.committed_steps(), 7u);
+  EXPECT_EQ(status.checkpoint_failures(), 1u) << status.DebugString();
+  // "step 2: <op> <run_dir>/checkpoints/step-2...: injected I/O error"
+  EXPECT_EQ(status.last_checkpoint_error().rfind("step 2: ", 0), 0u) << status.last_checkpoint_error();
+  EXPECT_NE(status.last_checkpoint_error().find("step-2"), std::string::npos) << status.last_checkpoint_error();
+  EXPECT_NE(status.last_checkpoint_error().find("injected I/O error"), std::string::npos)
+      << status.last_checkpoint_error();
+  // The writes after it went through and were recorded (the final one at the STOP boundary).
+  EXPECT_EQ(status.last_checkpoint_step(), 7u) << status.DebugString();
+  EXPECT_EQ(status.last_checkpoint(), "checkpoints/step-7");
+  absl::StatusOr<coordinator::JournalContents> contents = journal->Load();
+  ASSERT_TRUE(contents.ok()) << contents.status();
+  std::vector<uint64_t> recorded;
+  for (const gyre::v1::CheckpointRecord& record : contents->checkpoints) recorded.push_back(record.step());
+  EXPECT_EQ(recorded, (std::vector<uint64_t>{4, 6, 7}));
+}
+
+}  // namespace
+}  // namespace gyre
