@@ -3,6 +3,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cstdio>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -223,8 +224,12 @@ void CheckpointWriter::Run() {
     }
     absl::StatusOr<std::string> dir = WriteCheckpointTo(env_, final_dir, state);
     if (dir.ok()) {
-      absl::Status pruned = PruneCheckpoints(env_, dir_, keep_last_);
-      if (!pruned.ok()) dir = pruned;
+      // The new checkpoint is durable: failing to delete older ones must not hide it (unreported,
+      // no restore would ever use it). The failure is logged; the next checkpoint prunes again.
+      if (absl::Status pruned = PruneCheckpoints(env_, dir_, keep_last_); !pruned.ok()) {
+        std::fprintf(stderr, "checkpoint: step %llu written; removing older checkpoints failed: %s\n",
+                     (unsigned long long)state.step, std::string(pruned.message()).c_str());
+      }
     }
     if (on_done_) on_done_(state.step, std::move(dir));
     state = CheckpointState();  // drop the snapshot (and its staging buffer) before Flush() returns

@@ -1,5 +1,7 @@
 #include "worker/checkpoint.h"
 
+#include <algorithm>
+#include <optional>
 #include <random>
 
 #include "base/fault_injection_env.h"
@@ -136,6 +138,44 @@ TEST(CheckpointTest, AsyncWriterReportsCompletionAndPrunes) {
   }
   EXPECT_EQ(done, std::vector<uint64_t>({1, 2, 3, 4}));
   EXPECT_EQ(*env->ListDir("/c"), std::vector<std::string>({"step-3", "step-4"}));
+}
+
+// A failure at any point of a checkpoint's write and the pruning after it: the writer reports
+// success exactly when the new checkpoint is durable (still the latest after a crash). A durable
+// one whose pruning of older checkpoints failed is still reported (the coordinator must learn of
+// it, or no restore would ever use it); one that is partial or not yet durable is an error.
+TEST(CheckpointTest, WriterReportsSuccessExactlyWhenTheCheckpointIsDurable) {
+  int pruning_failures = 0;
+  bool covered = false;
+  for (int n = 1; n <= 200 && !covered; ++n) {
+    auto mem = NewMemEnv();
+    FaultInjectionEnv env(mem.get());
+    std::optional<absl::StatusOr<std::string>> second;
+    {
+      CheckpointWriter writer(&env, "/c", 1, [&](uint64_t step, absl::StatusOr<std::string> dir) {
+        if (step == 2) second = std::move(dir);
+      });
+      writer.Submit(MakeState(1, 1));
+      writer.Flush();
+      env.FailNthMutation(n);
+      writer.Submit(MakeState(2, 2));
+      writer.Flush();
+    }
+    ASSERT_TRUE(second.has_value());
+    const std::vector<std::string> names = *env.ListDir("/c");
+    const bool old_kept = std::count(names.begin(), names.end(), "step-1") == 1;
+    pruning_failures += second->ok() && old_kept;
+    covered = second->ok() && !old_kept;  // n lies past the last mutation: every point was hit
+    env.SimulateCrash();
+    absl::StatusOr<LatestCheckpoint> latest = LoadLatestCheckpoint(&env, "/c");
+    ASSERT_TRUE(latest.ok()) << "n " << n << ": " << latest.status();
+    EXPECT_EQ(second->ok(), latest->state.step == 2)
+        << "n " << n << ": the writer said " << second->status() << "; after a crash the latest is step "
+        << latest->state.step;
+    if (latest->state.step == 2) ExpectSame(MakeState(2, 2), latest->state);
+  }
+  EXPECT_TRUE(covered) << "200 injected failures did not get past the write and the pruning";
+  EXPECT_GT(pruning_failures, 0) << "no failure hit the pruning: the test did not exercise it";
 }
 
 }  // namespace
