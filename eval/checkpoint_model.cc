@@ -36,11 +36,12 @@ absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const st
       return absl::DataLossError(absl::StrCat(where, ": tensor ", s.name, " has shape [", absl::StrJoin(s.shape, ","),
                                               "], the model config expects [", absl::StrJoin(want, ","), "]"));
     }
-    if (s.dtype != gyre::v1::DTYPE_F32 || s.bytes.size() != p->value.nbytes()) {
+    const std::string_view bytes = s.data();
+    if (s.dtype != gyre::v1::DTYPE_F32 || bytes.size() != p->value.nbytes()) {
       return absl::DataLossError(absl::StrCat(where, ": tensor ", s.name, " is not f32 of ", p->value.nbytes(),
-                                              " bytes (dtype ", s.dtype, ", ", s.bytes.size(), " bytes)"));
+                                              " bytes (dtype ", s.dtype, ", ", bytes.size(), " bytes)"));
     }
-    std::memcpy(p->value.raw(), s.bytes.data(), s.bytes.size());
+    std::memcpy(p->value.raw(), bytes.data(), bytes.size());
   }
   return absl::OkStatus();
 }

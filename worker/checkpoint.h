@@ -33,9 +33,10 @@
 namespace gyre {
 
 // One tensor's bytes (a snapshot: training may go on while it is written). They are either owned
-// (`bytes`: read checkpoints, exports, tests) or a range of a staging buffer that `staging` keeps
-// alive (a training replica's snapshot: one reused pinned buffer instead of a fresh string per
-// tensor, ModelReplica::Snapshot). Readers use data().
+// (`bytes`: exports, tests) or a range of a buffer that `staging` keeps alive: a training
+// replica's snapshot (one reused pinned buffer instead of a fresh string per tensor,
+// ModelReplica::Snapshot) or a read checkpoint (views into its files' bytes, ReadCheckpoint).
+// Readers use data().
 struct TensorSnapshot {
   std::string name;
   gyre::v1::DType dtype = gyre::v1::DTYPE_F32;

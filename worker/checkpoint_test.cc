@@ -38,7 +38,7 @@ void ExpectSame(const CheckpointState& a, const CheckpointState& b) {
   for (size_t i = 0; i < a.tensors.size(); ++i) {
     EXPECT_EQ(a.tensors[i].name, b.tensors[i].name);
     EXPECT_EQ(a.tensors[i].shape, b.tensors[i].shape);
-    EXPECT_EQ(a.tensors[i].bytes, b.tensors[i].bytes);
+    EXPECT_EQ(a.tensors[i].data(), b.tensors[i].data());
   }
 }
 
