@@ -235,6 +235,11 @@ absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
 namespace {
 constexpr size_t kSnapshotAlign = 256;  // each tensor's slot in the staging buffer
 size_t SlotBytes(size_t n) { return (n + kSnapshotAlign - 1) / kSnapshotAlign * kSnapshotAlign; }
+size_t StagingBytes(const std::vector<ops::NamedTensor>& tensors) {
+  size_t total = 0;
+  for (const ops::NamedTensor& t : tensors) total += SlotBytes(t.tensor.nbytes());
+  return total;
+}
 }  // namespace
 
 std::vector<ops::NamedTensor> ModelReplica::SnapshotTensors() const {
@@ -244,18 +249,13 @@ std::vector<ops::NamedTensor> ModelReplica::SnapshotTensors() const {
   return tensors;
 }
 
-size_t ModelReplica::SnapshotBytes() const {
-  size_t total = 0;
-  for (const ops::NamedTensor& t : SnapshotTensors()) total += SlotBytes(t.tensor.nbytes());
-  return total;
-}
+size_t ModelReplica::SnapshotBytes() const { return StagingBytes(SnapshotTensors()); }
 
 absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot(SnapshotStaging* staging) const {
   // The training thread waits only for the device-to-host copies into the staging buffer (pinned:
   // link speed); the writer thread reads the buffer while training goes on.
   const std::vector<ops::NamedTensor> tensors = SnapshotTensors();
-  size_t total = 0;
-  for (const ops::NamedTensor& t : tensors) total += SlotBytes(t.tensor.nbytes());
+  const size_t total = StagingBytes(tensors);
   const std::shared_ptr<void> buffer = staging->Acquire(total);
   if (buffer == nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat("checkpoint snapshot: cannot allocate ", total, " bytes of host memory"));

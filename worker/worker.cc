@@ -63,6 +63,8 @@ absl::Status Worker::EnsureReplica() {
   // Start-up phases are logged with their cost: at 1.3B they take most of a short run's first minute.
   std::fprintf(stderr, "worker: replica built in %.1f s (%lld parameters, %s)\n", (clock_->NowMicros() - start) / 1e6,
                static_cast<long long>(replica_->NumParameters()), on_cuda() ? "cuda" : "cpu");
+  // Kept across replica rebuilds (JoinGeneration): a pinned buffer is worth keeping.
+  staging_ = std::make_unique<SnapshotStaging>(on_cuda());
   return OpenData(config_);
 }
 
@@ -174,7 +176,6 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   applied_steps_.store(g.start_step());
   // Rank 0 writes the checkpoints: their staging buffer is pinned now, in the background, so the
   // first checkpoint does not stall training for it (16 GB: 8.5 s on an H100 host).
-  if (!staging_) staging_ = std::make_unique<SnapshotStaging>(on_cuda());
   if (rank_ == 0 && config_.checkpoint().every_steps() > 0) staging_->Prepare(replica_->SnapshotBytes());
   std::fprintf(stderr, "worker: generation %llu: rank %d of %d, communicator in %.1f s, state in %.1f s\n",
                static_cast<unsigned long long>(g.id()), rank_, g.members_size(), (connected - join_start) / 1e6,
@@ -249,7 +250,6 @@ void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
   // Wait for the previous write first: its snapshot holds the replica's staging buffer, which
   // this one then reuses instead of pinning another (Submit would wait for it anyway).
   checkpoints_->Flush();
-  if (!staging_) staging_ = std::make_unique<SnapshotStaging>(on_cuda());
   const int64_t start_us = clock_->NowMicros();
   absl::StatusOr<std::vector<TensorSnapshot>> tensors = replica_->Snapshot(staging_.get());  // written while training goes on
   if (!tensors.ok()) {
@@ -263,7 +263,7 @@ void Worker::StartCheckpoint(const gyre::v1::StepLease& lease) {
   state.config = config_;
   state.tensors = *std::move(tensors);
   uint64_t bytes = 0;
-  for (const TensorSnapshot& t : state.tensors) bytes += t.staged_size + t.bytes.size();
+  for (const TensorSnapshot& t : state.tensors) bytes += t.data().size();
   // The training thread's share of a checkpoint: worth a line next to the step times.
   std::fprintf(stderr, "worker: checkpoint of step %llu: snapshot of %.2f GB in %.2f s, writing in the background\n",
                (unsigned long long)lease.step(), bytes / 1e9, (clock_->NowMicros() - start_us) / 1e6);

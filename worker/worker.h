@@ -115,7 +115,7 @@ class Worker {
   std::mutex checkpoint_dirs_mu_;
   std::map<uint64_t, std::string> checkpoint_dirs_;
   std::unique_ptr<CheckpointWriter> checkpoints_;  // declared after what its on_done uses
-  std::unique_ptr<SnapshotStaging> staging_;  // the checkpoint snapshots' host buffer (rank 0's)
+  std::unique_ptr<SnapshotStaging> staging_;  // the checkpoint snapshots' host buffer; made with the first replica
   int rank_ = -1;
   std::atomic<uint64_t> applied_steps_{0};
   // Step-time bookkeeping of the training loop (its thread only).
