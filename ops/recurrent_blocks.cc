@@ -206,6 +206,15 @@ CausalConv1d::CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t wi
   InitUniform(&bias_->value, -bound, bound, ctx.rng);
 }
 
+Conv1dArgs CausalConv1d::CudaArgs(const Tensor& x, int64_t batch, int64_t seq) const {
+  Conv1dArgs a;
+  a.batch = batch; a.seq = seq; a.channels = channels_; a.width = width_; a.silu = silu_;
+  a.x = x.raw();
+  a.w = weight_->value.data<float>();
+  a.bias = bias_->value.data<float>();
+  return a;
+}
+
 Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
   x_ = x;
@@ -214,11 +223,7 @@ Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   if (IsCuda(x)) {
     GYRE_CHECK(x.dtype() == DType::kBF16, "conv1d: CUDA x must be bf16");
     Tensor y = Tensor::EmptyLike(x);
-    Conv1dArgs a;
-    a.batch = batch; a.seq = seq; a.channels = channels_; a.width = width_; a.silu = silu_;
-    a.x = x.raw();
-    a.w = weight_->value.data<float>();
-    a.bias = bias_->value.data<float>();
+    Conv1dArgs a = CudaArgs(x, batch, seq);
     a.y = y.raw();
     if (y.numel() > 0) Cuda().Conv1d(false, a);
     return y;
@@ -254,11 +259,7 @@ Tensor CausalConv1d::Backward(const Tensor& dy) {
 void CausalConv1d::BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_stride) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
   GYRE_CHECK(IsCuda(x_) && IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
-  Conv1dArgs a;
-  a.batch = batch_; a.seq = seq_; a.channels = channels_; a.width = width_; a.silu = silu_;
-  a.x = x_.raw();
-  a.w = weight_->value.data<float>();
-  a.bias = bias_->value.data<float>();
+  Conv1dArgs a = CudaArgs(x_, batch_, seq_);
   a.dy = dy.raw();
   a.dx = dx;
   a.dx_row_stride = dx_row_stride;

@@ -39,6 +39,8 @@
 namespace gyre::ops {
 
 // Causal depthwise conv1d (+ optional fused SiLU) over [B, S, C], weight [C, K], bias [C].
+struct Conv1dArgs;  // ops/cuda_recurrent.h
+
 class CausalConv1d {
  public:
   CausalConv1d(const BuildContext& ctx, int64_t channels, int64_t width, bool silu);
@@ -63,6 +65,8 @@ class CausalConv1d {
   Parameter* bias_;
   Tensor x_;
   int64_t batch_ = 0, seq_ = 0;
+  // The CUDA kernel's arguments both directions share: shape, x, weight and bias.
+  Conv1dArgs CudaArgs(const Tensor& x, int64_t batch, int64_t seq) const;
   // ops/recurrent_step_cuda.cc; writes into *y (rows of a chunk's output) when given.
   Tensor StepCuda(const Tensor& x, Tensor* state, Tensor* y = nullptr);
 };
