@@ -159,6 +159,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/hopper_mma.cuh"
 #include "kernels/cuda/vec_util.cuh"
 
 namespace gyre::cuda {
@@ -1918,6 +1919,9 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
   }
 }
 
+// ssd_bwd_dx_wgc (helper ssdx13; GYRE_SSD_BWD_DX=wgc): bwd dx on wgmma, one block per chunk.
+#include "kernels/cuda/ssd_bwd_wgmma.cuh"
+
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
 // own-row terms from ssd_chunk_scan_bwd_dx_early, the inter terms from ssd_bwd_dbc_smem's dC
@@ -2935,7 +2939,10 @@ struct Form {
   int index = 0;
   std::string bad;  // the error message for an unknown environment value
 };
-EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
+// GYRE_SSD_BWD_DX=wgc (helper ssdx13, opt-in): ssd_bwd_dx_wgc where its shapes allow (P64,
+// N 64 or 128, Q <= 256), else early. SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc.
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", "wgc", nullptr}};
+std::atomic<int> g_dx_override{0};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
@@ -3225,6 +3232,19 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
   const Form form = Choose(g_dx_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
+  const int dx_form = g_dx_override.load() != 0 ? g_dx_override.load() - 1 : form.index;
+  if constexpr (kP == 64) {
+    const DxcLayout lay = MakeDxcLayout(kP, d.N, d.Q);
+    if (dx_form == 1 && (d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
+      auto* kernel = d.N == 64 ? ssd_bwd_dx_wgc<kP, 64> : ssd_bwd_dx_wgc<kP, 128>;
+      CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, lay.total));
+      kernel<<<dim3(d.NC, d.H, d.B), kDxcThreads, lay.total, stream>>>(
+          d, a.x, a.b, a.d, static_cast<const float*>(a.saved), a.dy, sc.g_bf, a.dx, sc.dacs_own,
+          sc.ddtx, sc.dd_part);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dx_wgc");
+      return {};
+    }
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
   ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                     stream>>>(d, a.x, a.b, a.d,
@@ -3377,6 +3397,9 @@ void SsdSetSideStreamForTesting(int mode) {
 }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
+}
+void SsdSetBwdDxVariantForTesting(int variant) {
+  g_dx_override.store(variant == 1 || variant == 2 ? variant : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 
