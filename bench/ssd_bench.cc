@@ -147,7 +147,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
-    int dx = 0;         // SsdSetBwdDxVariantForTesting (0: the environment's form, 1 early, 2 wgc)
+    int dx = 0;  // SsdSetBwdDxVariantForTesting (0: the environment's form, 1 early, 2 wgc, 3 wgc2)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -161,7 +161,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
                         {"[v3 all so]", kSsdRegAll, 0, 0, 1},   // side stream off
                         {"[v3 all dxE]", kSsdRegAll, 0, 0, 0, 1},  // bwd dx early (forced)
-                        {"[v3 all wgc]", kSsdRegAll, 0, 0, 0, 2}};  // bwd dx wgc (ssdx13)
+                        {"[v3 all wgc]", kSsdRegAll, 0, 0, 0, 2},   // bwd dx wgc (ssdx13)
+                        {"[v3 all wgc2]", kSsdRegAll, 0, 0, 0, 3}};  // wgc2
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;

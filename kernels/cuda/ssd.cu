@@ -2939,9 +2939,10 @@ struct Form {
   int index = 0;
   std::string bad;  // the error message for an unknown environment value
 };
-// GYRE_SSD_BWD_DX=wgc (helper ssdx13, opt-in): ssd_bwd_dx_wgc where its shapes allow (P64,
-// N 64 or 128, Q <= 256), else early. SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc.
-EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", "wgc", nullptr}};
+// GYRE_SSD_BWD_DX=wgc|wgc2 (helper ssdx13, opt-in): ssd_bwd_dx_wgc (wgc2: its copies issued
+// earlier, kOpt) where its shapes allow (P64, N 64 or 128, Q <= 256), else early.
+// SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc, 3 wgc2.
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", "wgc", "wgc2", nullptr}};
 std::atomic<int> g_dx_override{0};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
@@ -3235,8 +3236,11 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   const int dx_form = g_dx_override.load() != 0 ? g_dx_override.load() - 1 : form.index;
   if constexpr (kP == 64) {
     const DxcLayout lay = MakeDxcLayout(kP, d.N, d.Q);
-    if (dx_form == 1 && (d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
-      auto* kernel = d.N == 64 ? ssd_bwd_dx_wgc<kP, 64> : ssd_bwd_dx_wgc<kP, 128>;
+    if ((dx_form == 1 || dx_form == 2) && (d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
+      auto* kernel = dx_form == 2 ? (d.N == 64 ? ssd_bwd_dx_wgc<kP, 64, true>
+                                               : ssd_bwd_dx_wgc<kP, 128, true>)
+                                  : (d.N == 64 ? ssd_bwd_dx_wgc<kP, 64, false>
+                                               : ssd_bwd_dx_wgc<kP, 128, false>);
       CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, lay.total));
       kernel<<<dim3(d.NC, d.H, d.B), kDxcThreads, lay.total, stream>>>(
           d, a.x, a.b, a.d, static_cast<const float*>(a.saved), a.dy, sc.g_bf, a.dx, sc.dacs_own,
@@ -3399,7 +3403,7 @@ void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
 void SsdSetBwdDxVariantForTesting(int variant) {
-  g_dx_override.store(variant == 1 || variant == 2 ? variant : 0);
+  g_dx_override.store(variant >= 1 && variant <= 3 ? variant : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 

@@ -173,9 +173,10 @@ void SsdSetDcbSplitForTesting(int split);
 // SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 hi (process-wide).
 void SsdSetSideStreamForTesting(int mode);
 // The bwd dx kernel (process-wide): 0 the environment (GYRE_SSD_BWD_DX: early, the default, or
-// wgc, helper ssdx13's one-block-per-chunk wgmma kernel where P = 64, N is 64 or 128 and the
-// chunk is at most 256; other shapes run early), 1 early, 2 wgc. Same function; wgc is not
-// bitwise equal to early (its MMAs accumulate in another fp32 order).
+// wgc / wgc2, helper ssdx13's one-block-per-chunk wgmma kernel where P = 64, N is 64 or 128 and
+// the chunk is at most 256; other shapes run early), 1 early, 2 wgc, 3 wgc2. Same function; wgc
+// is not bitwise equal to early (its MMAs accumulate in another fp32 order); wgc2 computes what
+// wgc computes in the same order (bitwise equal).
 void SsdSetBwdDxVariantForTesting(int variant);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,

@@ -111,8 +111,13 @@ __device__ __forceinline__ void DxcLoadTileAT(unsigned (&fa)[4][4], const bf16* 
 }
 
 // grid (NC, H, B), block kDxcThreads (see the top of this file and ssd_chunk_scan_bwd_dx_early);
-// kN = d.N.
-template <int kP, int kN>
+// kN = d.N. kOpt (GYRE_SSD_BWD_DX=wgc2): x of the own rows for the epilogue travels by cp.async
+// into the C Bᵀ slot that the last pair step leaves free (issued after that step's barrier, so
+// it lands under the step's work), instead of a second synchronous read from global memory after
+// the pair loop (one exposed round trip per s-tile). (Also tried, both spilled 16-68 bytes at
+// 128 registers: the prologue in two cp.async groups, dy last, so that the state product runs
+// while the dy tiles land; the first s-tile's x for dl loaded before the prologue's wait.)
+template <int kP, int kN, bool kOpt>
 __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip, const float* saved, const bf16* dy,
     const bf16* g_bf, bf16* dx, float* dacs_own, float* ddtx, double* dd_part) {
@@ -177,6 +182,18 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
   DxcCpSw128<kP>(g_s, g_bf + (bh * d.NC + c) * d.PN, kN, kP, kN, threadIdx.x, kDxcThreads);
   if (valid_st(0)) issue_first(st_a);
   CpAsyncCommit();
+  // The own rows of x of s-tile st for dl (registers; rows past the end read row 0).
+  __nv_bfloat162 xr0[NP], xr1[NP];
+  auto load_x = [&](int st) {
+    const int ts0 = c0 + st * kTile, sv = min(kTile, d.S - ts0);
+    const bf16* p0 = xb + (ts0 + (r0 < sv ? r0 : 0)) * x_stride + 2 * tq;
+    const bf16* p1 = xb + (ts0 + (r0 + 8 < sv ? r0 + 8 : 0)) * x_stride + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      xr0[j] = *reinterpret_cast<const __nv_bfloat162*>(p0 + 8 * j);
+      xr1[j] = *reinterpret_cast<const __nv_bfloat162*>(p1 + 8 * j);
+    }
+  };
   for (int i = threadIdx.x; i < d.Q; i += kDxcThreads) {
     const float a = acs_g[i];
     acs[i] = a;
@@ -187,7 +204,6 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
   hopper::FenceProxyAsync();  // cp.async writes → the wgmma (async proxy) reads
   __syncthreads();
   const float acs_last = acs[d.Q - 1];
-  const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
 
   for (int i = 0; i < 2; ++i) {
     if (!valid_st(i)) break;
@@ -201,17 +217,12 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
       CpAsyncCommit();
     }
     // The own rows of x for dl (registers, loaded before the state product's wait; rows past
-    // the end read row 0). The epilogue reads them again (L2), so that they hold no registers
-    // through the pair loop.
+    // the end read row 0). The epilogue reads them again (!kOpt: from L2; kOpt: from the free
+    // C Bᵀ slot), so that they hold no registers through the pair loop.
     const bool ok0 = r0 < sv, ok1 = r0 + 8 < sv;
     const bf16* xp0 = xb + (ts0 + (ok0 ? r0 : 0)) * x_stride + 2 * tq;
     const bf16* xp1 = xb + (ts0 + (ok1 ? r0 + 8 : 0)) * x_stride + 2 * tq;
-    __nv_bfloat162 xr0[NP], xr1[NP];
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      xr0[j] = *reinterpret_cast<const __nv_bfloat162*>(xp0 + 8 * j);
-      xr1[j] = *reinterpret_cast<const __nv_bfloat162*>(xp1 + 8 * j);
-    }
+    load_x(st);
     if (i > 0) {
       CpAsyncWait<0>();
       hopper::FenceProxyAsync();
@@ -289,6 +300,17 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
         CpAsyncCommit();
         issued = k + 1;
       }
+      if constexpr (kOpt) {
+        // The last step: the other slot is free; x of the own rows for the epilogue goes there.
+        if (k == n - 1) {
+          // (The same row-0 pointer formed two ways: ptxas spilled 8 bytes at N64 with the
+          // first form and 20 at N128 with the second; each instance gets the one without.)
+          const bf16* xrow = kN == 64 ? xp0 - (ok0 ? r0 : 0) * x_stride - 2 * tq
+                                      : xb + ts0 * x_stride;
+          DxcCpSw128<kTile>(SmemAddr(n % 2 ? slot1 : slot0), xrow, x_stride, sv, kP, wt, 128);
+          CpAsyncCommit();
+        }
+      }
       const bf16* cur = k % 2 ? slot1 : slot0;
       const int l0 = (st + k) * kTile;
       unsigned cbf[4][4];
@@ -339,6 +361,12 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
     // dx = dt dX̄ + D dy (dy of the own rows from the resident swizzled tile st); x·dX̄ per row;
     // Σ x·dy.
     const char* dyt = base + L.dy + st * kDyTile;
+    const char* xst = reinterpret_cast<const char*>(n % 2 ? slot1 : slot0);  // kOpt: x rows
+    if constexpr (kOpt) {
+      CpAsyncWait<0>();
+      hopper::NamedBarrierSync(bar_id, 128);
+    }
+    const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
     float dot_d = 0.f;
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
@@ -350,7 +378,9 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
 #pragma unroll
         for (int j = 0; j < NP; ++j) {
           const int p = 8 * j + 2 * tq;
-          const float2 xv = Bf2((e2 ? xp1 : xp0) + 8 * j);
+          const float2 xv =
+              kOpt ? Bf2(reinterpret_cast<const bf16*>(xst + hopper::Sw128Offset<kTile>(row, p)))
+                   : Bf2((e2 ? xp1 : xp0) + 8 * j);
           const float2 dyv =
               Bf2(reinterpret_cast<const bf16*>(dyt + hopper::Sw128Offset<kTile>(row, p)));
           const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];

@@ -16,7 +16,7 @@
 // stream) through the float64 checks; 13-15 force hi, then rerun with off and compare every
 // output bitwise (the same kernels on one stream): 14 with the fused state kernels the step
 // shape uses, 15 with the v2 dx and chunk-state kernels beside the side stream's v3 dCB → dB/dC
-// chain. Paths 16-17 run helper ssdx13's bwd dx kernel on wgmma (GYRE_SSD_BWD_DX=wgc's
+// chain. Paths 16-19 run helper ssdx13's bwd dx kernel on wgmma (GYRE_SSD_BWD_DX=wgc / wgc2's
 // ssd_bwd_dx_wgc, forced by SsdSetBwdDxVariantForTesting) with the rerun-bitwise check.
 #include "kernels/cuda/ssd.h"
 
@@ -95,9 +95,10 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
 // (accumulated gradients reset) with the same kernels; both runs must agree bitwise
 // (fixed-order ∂Acs sums, no float atomics). rerun_side (SsdSetSideStreamForTesting; 0 = as
 // the first run) switches the side-stream form for the rerun only, so the two forms are compared
-// bitwise with each other.
+// bitwise with each other; rerun_dx (SsdSetBwdDxVariantForTesting) likewise for the bwd dx
+// kernel.
 bool RunCase(const Case& k, uint64_t seed, bool rerun = false, int first_side = 0,
-             int rerun_side = 0) {
+             int rerun_side = 0, int first_dx = 0, int rerun_dx = 0) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -321,9 +322,11 @@ bool RunCase(const Case& k, uint64_t seed, bool rerun = false, int first_side = 
     auto run_again = [&](Outputs* out) {
       reset_outputs();
       if (rerun_side != 0) SsdSetSideStreamForTesting(rerun_side);
+      if (rerun_dx != 0) SsdSetBwdDxVariantForTesting(rerun_dx);
       CudaResult r2 = SsdForward(f, nullptr);
       if (r2.ok()) r2 = SsdBackward(g, &alloc, nullptr);
       if (rerun_side != 0) SsdSetSideStreamForTesting(first_side);
+      if (rerun_dx != 0) SsdSetBwdDxVariantForTesting(first_dx);
       EXPECT_TRUE(r2.ok()) << r2.message;
       if (!r2.ok()) return false;
       CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
@@ -390,7 +393,8 @@ TEST(SsdGpu, MatchesCpuReference) {
     bool rerun = false;   // rerun-bitwise checks (RunCase)
     int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default hi), 1 off, 2 hi
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
-    int dx = 0;           // SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc
+    int dx = 0;           // SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc, 3 wgc2
+    int rerun_dx = 0;     // the rerun's bwd dx kernel (0: the same as the first run)
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -418,7 +422,12 @@ TEST(SsdGpu, MatchesCpuReference) {
                         // 17 with the fused state kernels and the side stream off.
                         {"[v3 all, dx wgc, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 2},
                         {"[v3 all, dx wgc, fused state pass, side stream off, rerun] ", kSsdRegAll,
-                         0, 1, 0, true, 1, 0, 2}};
+                         0, 1, 0, true, 1, 0, 2},
+                        // 18-19: the same with its epilogue's x by cp.async (wgc2); 18 reruns
+                        // with wgc and compares bitwise (the same values in the same order).
+                        {"[v3 all, dx wgc2, rerun wgc] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 3, 2},
+                        {"[v3 all, dx wgc2, fused state pass, side stream off, rerun] ",
+                         kSsdRegAll, 0, 1, 0, true, 1, 0, 3}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -445,7 +454,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed += RunCase(k, seed++, p.rerun, p.side, p.rerun_side) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun, p.side, p.rerun_side, p.dx, p.rerun_dx) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
