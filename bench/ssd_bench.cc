@@ -18,8 +18,7 @@
 // contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all so]": the default
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
-// dCB → dB/dC chain on a second stream, helper ssd12). "[v3 all dxE]" / "[v3 all wgc]": the
-// default kernels with bwd dx forced to early / to helper ssdx13's wgmma kernel (wgc).
+// dCB → dB/dC chain on a second stream, helper ssd12).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -147,7 +146,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
-    int dx = 0;  // SsdSetBwdDxVariantForTesting (0: the environment's form, 1 early, 2 wgc, 3 wgc2)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -159,10 +157,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        {"[v3 all so]", kSsdRegAll, 0, 0, 1},   // side stream off
-                        {"[v3 all dxE]", kSsdRegAll, 0, 0, 0, 1},  // bwd dx early (forced)
-                        {"[v3 all wgc]", kSsdRegAll, 0, 0, 0, 2},   // bwd dx wgc (ssdx13)
-                        {"[v3 all wgc2]", kSsdRegAll, 0, 0, 0, 3}};  // wgc2
+                        {"[v3 all so]", kSsdRegAll, 0, 0, 1}};  // side stream off
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
@@ -170,15 +165,13 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
       continue;
     }
     if (default_only &&
-        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0 ||
-         p.dx != 0)) {
+        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
-    SsdSetBwdDxVariantForTesting(p.dx);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -199,7 +192,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
-  SsdSetBwdDxVariantForTesting(0);
 }
 
 }  // namespace

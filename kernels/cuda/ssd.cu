@@ -1919,7 +1919,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
   }
 }
 
-// ssd_bwd_dx_wgc (helper ssdx13; GYRE_SSD_BWD_DX=wgc): bwd dx on wgmma, one block per chunk.
+// ssd_bwd_dx_wgc (helper ssdx13): bwd dx on wgmma, one block per chunk; the default at P64,
+// N 64 / 128, Q <= 256 (LaunchDxReg), the early kernel above everywhere else.
 #include "kernels/cuda/ssd_bwd_wgmma.cuh"
 
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
@@ -2939,11 +2940,12 @@ struct Form {
   int index = 0;
   std::string bad;  // the error message for an unknown environment value
 };
-// GYRE_SSD_BWD_DX=wgc|wgc2 (helper ssdx13, opt-in): ssd_bwd_dx_wgc (wgc2: its copies issued
-// earlier, kOpt) where its shapes allow (P64, N 64 or 128, Q <= 256), else early.
-// SsdSetBwdDxVariantForTesting: 0 environment, 1 early, 2 wgc, 3 wgc2.
-EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", "wgc", "wgc2", nullptr}};
-std::atomic<int> g_dx_override{0};
+// Helper ssdx13's bwd dx on wgmma (session 13, two device calls on an H200; ssd_notes.md
+// "Session 13"): the default where its shapes allow (P64, N 64 or 128, Q <= 256; other shapes run
+// ssd_chunk_scan_bwd_dx_early, no longer selectable):
+//   GYRE_SSD_BWD_DX = wgc    (ssd_bwd_dx_wgc; "early" is an error now, as the unmerged
+//                             "wgc2", its measured form, which this is)
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"wgc", nullptr}};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
@@ -3233,14 +3235,11 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
   const Form form = Choose(g_dx_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
-  const int dx_form = g_dx_override.load() != 0 ? g_dx_override.load() - 1 : form.index;
+  // ssd_bwd_dx_wgc where its shapes allow (helper ssdx13; ssd_bwd_wgmma.cuh), else early.
   if constexpr (kP == 64) {
     const DxcLayout lay = MakeDxcLayout(kP, d.N, d.Q);
-    if ((dx_form == 1 || dx_form == 2) && (d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
-      auto* kernel = dx_form == 2 ? (d.N == 64 ? ssd_bwd_dx_wgc<kP, 64, true>
-                                               : ssd_bwd_dx_wgc<kP, 128, true>)
-                                  : (d.N == 64 ? ssd_bwd_dx_wgc<kP, 64, false>
-                                               : ssd_bwd_dx_wgc<kP, 128, false>);
+    if ((d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
+      auto* kernel = d.N == 64 ? ssd_bwd_dx_wgc<kP, 64> : ssd_bwd_dx_wgc<kP, 128>;
       CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, lay.total));
       kernel<<<dim3(d.NC, d.H, d.B), kDxcThreads, lay.total, stream>>>(
           d, a.x, a.b, a.d, static_cast<const float*>(a.saved), a.dy, sc.g_bf, a.dx, sc.dacs_own,
@@ -3401,9 +3400,6 @@ void SsdSetSideStreamForTesting(int mode) {
 }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
-}
-void SsdSetBwdDxVariantForTesting(int variant) {
-  g_dx_override.store(variant >= 1 && variant <= 3 ? variant : 0);
 }
 int SsdRegisterPath() { return g_reg_mask.load(); }
 

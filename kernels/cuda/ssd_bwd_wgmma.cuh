@@ -111,13 +111,14 @@ __device__ __forceinline__ void DxcLoadTileAT(unsigned (&fa)[4][4], const bf16* 
 }
 
 // grid (NC, H, B), block kDxcThreads (see the top of this file and ssd_chunk_scan_bwd_dx_early);
-// kN = d.N. kOpt (GYRE_SSD_BWD_DX=wgc2): x of the own rows for the epilogue travels by cp.async
-// into the C Bᵀ slot that the last pair step leaves free (issued after that step's barrier, so
-// it lands under the step's work), instead of a second synchronous read from global memory after
-// the pair loop (one exposed round trip per s-tile). (Also tried, both spilled 16-68 bytes at
-// 128 registers: the prologue in two cp.async groups, dy last, so that the state product runs
-// while the dy tiles land; the first s-tile's x for dl loaded before the prologue's wait.)
-template <int kP, int kN, bool kOpt>
+// kN = d.N. x of the own rows for the epilogue travels by cp.async into the C Bᵀ slot that the
+// last pair step leaves free (issued after that step's barrier, so it lands under the step's
+// work); the first measured form (`wgc` in session 13's first device call) read it again from
+// global memory after the pair loop, one exposed round trip per s-tile: 4-6% slower kernel.
+// (Also tried, both spilled 16-68 bytes at 128 registers: the prologue in two cp.async groups,
+// dy last, so that the state product runs while the dy tiles land; the first s-tile's x for dl
+// loaded before the prologue's wait.)
+template <int kP, int kN>
 __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
     Dims d, const bf16* x, const bf16* Bm, const float* Dskip, const float* saved, const bf16* dy,
     const bf16* g_bf, bf16* dx, float* dacs_own, float* ddtx, double* dd_part) {
@@ -217,11 +218,10 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
       CpAsyncCommit();
     }
     // The own rows of x for dl (registers, loaded before the state product's wait; rows past
-    // the end read row 0). The epilogue reads them again (!kOpt: from L2; kOpt: from the free
-    // C Bᵀ slot), so that they hold no registers through the pair loop.
+    // the end read row 0). The epilogue reads them again from the free C Bᵀ slot, so that they
+    // hold no registers through the pair loop.
     const bool ok0 = r0 < sv, ok1 = r0 + 8 < sv;
     const bf16* xp0 = xb + (ts0 + (ok0 ? r0 : 0)) * x_stride + 2 * tq;
-    const bf16* xp1 = xb + (ts0 + (ok1 ? r0 + 8 : 0)) * x_stride + 2 * tq;
     load_x(st);
     if (i > 0) {
       CpAsyncWait<0>();
@@ -300,16 +300,14 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
         CpAsyncCommit();
         issued = k + 1;
       }
-      if constexpr (kOpt) {
-        // The last step: the other slot is free; x of the own rows for the epilogue goes there.
-        if (k == n - 1) {
-          // (The same row-0 pointer formed two ways: ptxas spilled 8 bytes at N64 with the
-          // first form and 20 at N128 with the second; each instance gets the one without.)
-          const bf16* xrow = kN == 64 ? xp0 - (ok0 ? r0 : 0) * x_stride - 2 * tq
-                                      : xb + ts0 * x_stride;
-          DxcCpSw128<kTile>(SmemAddr(n % 2 ? slot1 : slot0), xrow, x_stride, sv, kP, wt, 128);
-          CpAsyncCommit();
-        }
+      // The last step: the other slot is free; x of the own rows for the epilogue goes there.
+      if (k == n - 1) {
+        // (The same row-0 pointer formed two ways: ptxas spilled 8 bytes at N64 with the first
+        // form and 20 at N128 with the second; each instance gets the one without.)
+        const bf16* xrow = kN == 64 ? xp0 - (ok0 ? r0 : 0) * x_stride - 2 * tq
+                                    : xb + ts0 * x_stride;
+        DxcCpSw128<kTile>(SmemAddr(n % 2 ? slot1 : slot0), xrow, x_stride, sv, kP, wt, 128);
+        CpAsyncCommit();
       }
       const bf16* cur = k % 2 ? slot1 : slot0;
       const int l0 = (st + k) * kTile;
@@ -361,11 +359,9 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
     // dx = dt dX̄ + D dy (dy of the own rows from the resident swizzled tile st); x·dX̄ per row;
     // Σ x·dy.
     const char* dyt = base + L.dy + st * kDyTile;
-    const char* xst = reinterpret_cast<const char*>(n % 2 ? slot1 : slot0);  // kOpt: x rows
-    if constexpr (kOpt) {
-      CpAsyncWait<0>();
-      hopper::NamedBarrierSync(bar_id, 128);
-    }
+    const char* xst = reinterpret_cast<const char*>(n % 2 ? slot1 : slot0);  // x rows
+    CpAsyncWait<0>();
+    hopper::NamedBarrierSync(bar_id, 128);
     const float dsk = Dskip != nullptr ? Dskip[h] : 0.f;
     float dot_d = 0.f;
 #pragma unroll
@@ -379,8 +375,7 @@ __global__ void __launch_bounds__(kDxcThreads, 2) ssd_bwd_dx_wgc(
         for (int j = 0; j < NP; ++j) {
           const int p = 8 * j + 2 * tq;
           const float2 xv =
-              kOpt ? Bf2(reinterpret_cast<const bf16*>(xst + hopper::Sw128Offset<kTile>(row, p)))
-                   : Bf2((e2 ? xp1 : xp0) + 8 * j);
+              Bf2(reinterpret_cast<const bf16*>(xst + hopper::Sw128Offset<kTile>(row, p)));
           const float2 dyv =
               Bf2(reinterpret_cast<const bf16*>(dyt + hopper::Sw128Offset<kTile>(row, p)));
           const float g0 = acc[j][2 * e2], g1 = acc[j][2 * e2 + 1];
