@@ -1,7 +1,7 @@
 // SSD backward dx on warpgroup MMA, one block per (b, c, h) chunk (helper ssdx13, session 13):
-// `ssd_bwd_dx_wgc`, opt-in through GYRE_SSD_BWD_DX=wgc (ssd.cu, LaunchDxReg) or
-// SsdSetBwdDxVariantForTesting(2). Included by ssd.cu inside its anonymous namespace, after
-// ssd_chunk_scan_bwd_dx_early (whose comment documents the math and the outputs: this kernel
+// `ssd_bwd_dx_wgc`, the default bwd dx (ssd.cu, LaunchDxReg; GYRE_SSD_BWD_DX=wgc, the only
+// accepted value) wherever its shapes allow. Included by ssd.cu inside its anonymous namespace,
+// after ssd_chunk_scan_bwd_dx_early (whose comment documents the math and the outputs: this kernel
 // writes the same dx, ddtx, dacs_own and dd_part, with the same per-s-tile partial layout, so
 // ssd_bwd_dacs_finish and ssd_param_reduce are unchanged). Shapes: P = 64, N in {64, 128},
 // Q <= 256; other shapes run the early kernel.
@@ -24,7 +24,8 @@
 // Each warpgroup streams its C Bᵀ tiles through two slots (one tile ahead, cp.async) and syncs
 // on its own named barrier, never the other's. Shared memory at P64 N128 Q256: ~101 KB, two
 // blocks (16 warps) per SM. No atomics; all sums in a fixed order: bitwise reproducible run to
-// run (not bitwise equal to the early kernel: the MMAs' fp32 accumulation order differs).
+// run (ssd_gpu_test's rerun lines). Measured (H200, ncu): 496.6 → 362.2 µs at B8 S2048 H64,
+// 376.7 → 280.6 µs at B16 S2048 H24 against the early kernel (bench/RESULTS.md, session 13).
 
 constexpr int kDxcThreads = 256;  // two consumer warpgroups
 
@@ -33,7 +34,8 @@ constexpr int kDxcThreads = 256;  // two consumer warpgroups
 // of kLdCb for ldmatrix) and the B_s region (B_s swizzled for the state product; after it, C Bᵀ
 // slot 1).
 struct DxcLayout {
-  int dy, g, wg, wg_bytes, cb_bytes, acs, dts, red, total;  // warpgroup w's slot 0 at wg + w·wg_bytes
+  // Warpgroup w's slot 0 at wg + w·wg_bytes, its B_s region cb_bytes after that.
+  int dy, g, wg, wg_bytes, cb_bytes, acs, dts, red, total;
 };
 __host__ __device__ inline int DxcAlign(int v, int a) { return (v + a - 1) / a * a; }
 __host__ __device__ inline DxcLayout MakeDxcLayout(int P, int N, int Q) {
