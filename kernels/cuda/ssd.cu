@@ -2921,7 +2921,8 @@ int SmCount() {
 // forms (early dx loads, D·x from the scan's ring, dCB tiles through shared memory) became the
 // defaults after the lead's session-8 call and the forms they replaced were deleted after the
 // 2026-11-27 confirmation, so their switches accept only the remaining name:
-//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted)
+//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted; since session
+//                              13 the value is wgc, below)
 //   GYRE_SSD_FWD     = xs     (ssd_chunk_scan_fwd_pair_xs; "pair" was deleted)
 //   GYRE_SSD_BWD_DBC = smem   (ssd_bwd_dbc_smem; "reg" was deleted)
 // Helper ssd11's forms after the lead's session-9 call (H100; ssd_notes.md "Session 11"): two
@@ -2943,8 +2944,8 @@ struct Form {
 // Helper ssdx13's bwd dx on wgmma (session 13, two device calls on an H200; ssd_notes.md
 // "Session 13"): the default where its shapes allow (P64, N 64 or 128, Q <= 256; other shapes run
 // ssd_chunk_scan_bwd_dx_early, no longer selectable):
-//   GYRE_SSD_BWD_DX = wgc    (ssd_bwd_dx_wgc; "early" is an error now, as the unmerged
-//                             "wgc2", its measured form, which this is)
+//   GYRE_SSD_BWD_DX = wgc    (ssd_bwd_dx_wgc, measured as "wgc2"; "early" and "wgc2" are
+//                             errors now)
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"wgc", nullptr}};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
