@@ -159,6 +159,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/hopper_mma.cuh"
 #include "kernels/cuda/vec_util.cuh"
 
 namespace gyre::cuda {
@@ -1918,6 +1919,10 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_scan_bwd_dx_early(
   }
 }
 
+// ssd_bwd_dx_wgc (helper ssdx13): bwd dx on wgmma, one block per chunk; the default at P64,
+// N 64 / 128, Q <= 256 (LaunchDxReg), the early kernel above everywhere else.
+#include "kernels/cuda/ssd_bwd_wgmma.cuh"
+
 // grid (NC, H, B), block kThreads: sums the ∂Acs terms of a chunk in a fixed order — the tile
 // pairs' row sums (+, tokens as l) and column sums (−, tokens as s) from ssd_bwd_dcb_reg, the
 // own-row terms from ssd_chunk_scan_bwd_dx_early, the inter terms from ssd_bwd_dbc_smem's dC
@@ -2916,7 +2921,8 @@ int SmCount() {
 // forms (early dx loads, D·x from the scan's ring, dCB tiles through shared memory) became the
 // defaults after the lead's session-8 call and the forms they replaced were deleted after the
 // 2026-11-27 confirmation, so their switches accept only the remaining name:
-//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted)
+//   GYRE_SSD_BWD_DX  = early  (ssd_chunk_scan_bwd_dx_early; "reg" was deleted; since session
+//                              13 the value is wgc, below)
 //   GYRE_SSD_FWD     = xs     (ssd_chunk_scan_fwd_pair_xs; "pair" was deleted)
 //   GYRE_SSD_BWD_DBC = smem   (ssd_bwd_dbc_smem; "reg" was deleted)
 // Helper ssd11's forms after the lead's session-9 call (H100; ssd_notes.md "Session 11"): two
@@ -2935,7 +2941,12 @@ struct Form {
   int index = 0;
   std::string bad;  // the error message for an unknown environment value
 };
-EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
+// Helper ssdx13's bwd dx on wgmma (session 13, two device calls on an H200; ssd_notes.md
+// "Session 13"): the default where its shapes allow (P64, N 64 or 128, Q <= 256; other shapes run
+// ssd_chunk_scan_bwd_dx_early, no longer selectable):
+//   GYRE_SSD_BWD_DX = wgc    (ssd_bwd_dx_wgc, measured as "wgc2"; "early" and "wgc2" are
+//                             errors now)
+EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"wgc", nullptr}};
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
@@ -3225,6 +3236,19 @@ CudaResult LaunchDxReg(const SsdBackwardArgs& a, const Dims& d, const BwdScratch
   const size_t smem = SmemOf<CarveDxReg<CarveSize>>(d);
   const Form form = Choose(g_dx_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
+  // ssd_bwd_dx_wgc where its shapes allow (helper ssdx13; ssd_bwd_wgmma.cuh), else early.
+  if constexpr (kP == 64) {
+    const DxcLayout lay = MakeDxcLayout(kP, d.N, d.Q);
+    if ((d.N == 64 || d.N == 128) && d.Q <= 256 && lay.total <= MaxSmemOptin()) {
+      auto* kernel = d.N == 64 ? ssd_bwd_dx_wgc<kP, 64> : ssd_bwd_dx_wgc<kP, 128>;
+      CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, lay.total));
+      kernel<<<dim3(d.NC, d.H, d.B), kDxcThreads, lay.total, stream>>>(
+          d, a.x, a.b, a.d, static_cast<const float*>(a.saved), a.dy, sc.g_bf, a.dx, sc.dacs_own,
+          sc.ddtx, sc.dd_part);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dx_wgc");
+      return {};
+    }
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_bwd_dx_early<kP>, smem));
   ssd_chunk_scan_bwd_dx_early<kP><<<dim3(d.NC * (d.Q / kTile), d.H, d.B), kThreads, smem,
                                     stream>>>(d, a.x, a.b, a.d,

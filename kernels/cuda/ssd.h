@@ -148,7 +148,7 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
-// Environment (read once per process): GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs and
+// Environment (read once per process): GYRE_SSD_BWD_DX (see below), GYRE_SSD_FWD=xs and
 // GYRE_SSD_BWD_DBC=smem name the only kernel forms left (helper ssd10's; the earlier forms were
 // deleted after the 2026-11-27 confirmation); unset is the same, any other value is an error
 // from SsdForward / SsdBackward.
@@ -172,6 +172,10 @@ void SsdSetDcbSplitForTesting(int split);
 // are shared).
 // SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 hi (process-wide).
 void SsdSetSideStreamForTesting(int mode);
+// Helper ssdx13's bwd dx (session 13): GYRE_SSD_BWD_DX=wgc names the only selectable form (unset
+// is the same; "early" and any other value are an error from SsdBackward): the one-block-per-chunk
+// wgmma kernel where P = 64, N is 64 or 128 and the chunk is at most 256, the per-s-tile
+// mma.sync kernel (early) for every other shape.
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -16,7 +16,10 @@
 // stream) through the float64 checks; 13-15 force hi, then rerun with off and compare every
 // output bitwise (the same kernels on one stream): 14 with the fused state kernels the step
 // shape uses, 15 with the v2 dx and chunk-state kernels beside the side stream's v3 dCB → dB/dC
-// chain.
+// chain. Since helper ssdx13 (session 13) the v3 paths run the wgmma bwd dx kernel
+// (ssd_bwd_dx_wgc) on the P64 cases with N 64 / 128 and chunk <= 256 (S300 G2, S300 Q256,
+// bench-like, large dt*A Q256, tiny dt, S333 Q128 G2, H5 S200 and both strided cases) and the
+// early kernel on the others (P32, P96, P128, N32, N96).
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
