@@ -159,6 +159,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ssd_fwd_wgmma.h"
 #include "kernels/cuda/vec_util.cuh"
 
 namespace gyre::cuda {
@@ -2936,7 +2937,10 @@ struct Form {
   std::string bad;  // the error message for an unknown environment value
 };
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
-EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
+// Helper ssdf13 (session 13): GYRE_SSD_FWD=wg | wg4 run ssd_chunk_scan_fwd_wg (ssd_fwd_wgmma.cu,
+// wgmma; 3 or 4 ring slots) where it supports the shape (P 64, N % 64 == 0), else xs.
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", "wg", "wg4", nullptr}};
+std::atomic<int> g_fwd_form_testing{0};  // SsdSetScanFwdFormForTesting: 0 environment, else form + 1
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
@@ -3119,6 +3123,16 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
   const int T = d.Q / kTile;
   const Form form = Choose(g_fwd_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
+  const int forced = g_fwd_form_testing.load();
+  const int fwd_form = forced > 0 ? forced - 1 : form.index;
+  if (fwd_form != 0 && SsdScanFwdWgSupports(d.P, d.N, d.Q)) {
+    SsdScanFwdWgArgs w;
+    w.B = d.B, w.S = d.S, w.H = d.H, w.P = d.P, w.N = d.N, w.Q = d.Q, w.NC = d.NC, w.hpg = d.hpg;
+    w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
+    w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.cb_off = d.cb_off, w.hbf_off = d.hbf_off;
+    w.x = a.x, w.c = a.c, w.dskip = a.d, w.saved = saved, w.y = a.y;
+    return LaunchSsdScanFwdWg(w, fwd_form == 2 ? 4 : 3, stream);
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
   ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
                                    stream>>>(d, a.x, a.c, a.d, saved, a.y);
@@ -3372,6 +3386,9 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetScanFwdFormForTesting(int form) {
+  g_fwd_form_testing.store(form >= 1 && form <= 3 ? form : 0);
+}
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }

@@ -16,7 +16,8 @@
 // stream) through the float64 checks; 13-15 force hi, then rerun with off and compare every
 // output bitwise (the same kernels on one stream): 14 with the fused state kernels the step
 // shape uses, 15 with the v2 dx and chunk-state kernels beside the side stream's v3 dCB → dB/dC
-// chain.
+// chain. Paths 16 and 17: helper ssdf13's wgmma forward scan (GYRE_SSD_FWD=wg / wg4, forced by
+// SsdSetScanFwdFormForTesting) on every P64 case, rerun bitwise against itself.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -389,6 +390,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     bool rerun = false;   // rerun-bitwise checks (RunCase)
     int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default hi), 1 off, 2 hi
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
+    int fwd_form = 0;     // SsdSetScanFwdFormForTesting: 0 environment (xs), 2 wg, 3 wg4
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -410,7 +412,11 @@ TEST(SsdGpu, MatchesCpuReference) {
                         // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
                         // then reads the v2 dx kernel's partials, from the caller's stream).
                         {"[v3 dbc, side stream hi, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true,
-                         2, 1}};
+                         2, 1},
+                        // Helper ssdf13's wgmma forward scan (P64 cases; the others run xs),
+                        // rerun bitwise against itself (deterministic).
+                        {"[v3 all, fwd wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 2},
+                        {"[v3 all, fwd wg4, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 3}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -433,6 +439,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
+    SsdSetScanFwdFormForTesting(p.fwd_form);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -447,6 +454,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
+  SsdSetScanFwdFormForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);

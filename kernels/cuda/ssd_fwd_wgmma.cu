@@ -1,0 +1,336 @@
+// ssd_chunk_scan_fwd_wg: the SSD forward's chunk scan (y = e^{Acs_l} C_l H_cᵀ + Σ_{s≤l} M_ls x_s
+// + D x_l; ssd.cu's header has the math) on Hopper warpgroup MMA. Helper ssdf13, session 13;
+// ssd_notes.md "Session 13 (helper ssdf13)" has the counts and the outcome.
+//
+// The work split is ssd_chunk_scan_fwd_pair_xs's: one 128-thread block (one warpgroup) per
+// (b, c, h) and pair of 64-row l-tiles (p, T−1−p), so every block has the same work. What
+// differs:
+//  - Every product is one wgmma m64n64k16 chain with A from registers (the warp's 16 rows, as
+//    the mma.sync code holds them) and B from shared memory in the 128-byte swizzle layout:
+//    the B tile is read once per warpgroup by the tensor cores instead of once per warp through
+//    ldmatrix, and one instruction replaces 8 mma.sync + 4 ldmatrix per k16 step.
+//  - The inter-chunk product is two (N/64) K = 64 items whose A operand is C_l with its rows
+//    scaled by e^{Acs_l} in registers (rounded to bf16, as the masked C Bᵀ already is), so that
+//    every item of an l-tile accumulates into the same registers with nothing in between: no
+//    wait for the tensor cores until the l-tile's last item. (pair_xs scaled its fp32 C_l H_cᵀ
+//    after the product.) H_c's halves travel with the C_l halves in the same ring slots.
+//  - Items are uniform 16 KB slots (A tile 8 KB + B tile 8 KB): C_l half + H_c half, or the
+//    C Bᵀ tile + x_s. The ring has kSlots slots; the wgmma of item k stays in flight through
+//    item k+1's barrier, load issue, ldmatrix and scaling (wgmma.wait_group 0 only right before
+//    item k+1's A registers are written: waiting there, not after the commit with wait_group 1,
+//    is what keeps ptxas from serialising the wgmmas, warning C7513), so a slot is refilled two
+//    items after its use and the load lookahead is kSlots − 2 items.
+//
+// Items of an l-tile lt: NH = N/64 inter halves, then s-tiles 0..lt (diagonal last, whose x_s
+// tile holds the l-tile's own rows: the D·x term reads it). Every sum is in a fixed order
+// (deterministic), but not pair_xs's order: not bitwise the same as the default.
+#include "kernels/cuda/ssd_fwd_wgmma.h"
+
+#include <algorithm>
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/hopper_mma.cuh"
+
+namespace gyre::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using namespace hopper;
+
+constexpr int kWgThreads = 128;
+constexpr int kTileRows = 64;
+constexpr uint32_t kTileBytes = 64 * 128;        // 64 rows × 64 bf16, swizzled
+constexpr uint32_t kSlotBytes = 2 * kTileBytes;  // A tile + B tile
+
+__device__ __forceinline__ void CpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+__device__ __forceinline__ void Cp4(uint32_t dst, const float* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(ok ? 4 : 0));
+}
+
+// 64 rows × 64 bf16 (row stride `stride` elements) into the swizzled tile at dst (shared
+// address, 1024-aligned) through cp.async; rows >= valid zero-filled.
+__device__ __forceinline__ void CopyTileSw(uint32_t dst, const bf16* src, int64_t stride,
+                                           int valid) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int i = threadIdx.x + u * kWgThreads;
+    const int r = i >> 3, ch = i & 7;
+    const bool ok = r < valid;
+    const bf16* g = ok ? src + r * stride + ch * 8 : src;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     dst + r * 128 + ((ch ^ (r & 7)) << 4)),
+                 "l"(g), "r"(ok ? 16 : 0));
+  }
+}
+
+// The warp's 16 rows of the swizzled 64×64 tile at `tile` as m16n8k16 A fragments (K = 64).
+__device__ __forceinline__ void LoadTileASw(uint32_t (&fa)[4][4], uint32_t tile) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, q = lane / 8, r = lane % 8;
+  const int row = warp * 16 + 8 * (q % 2) + r;  // row % 8 == r
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int ch = 2 * k + q / 2;
+    const uint32_t addr = tile + row * 128 + ((ch ^ r) << 4);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(fa[k][0]), "=r"(fa[k][1]), "=r"(fa[k][2]), "=r"(fa[k][3])
+                 : "r"(addr));
+  }
+}
+
+__device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+// A fragments ↔ accumulator layout s[8][4] (n8 tile j, element e: row g + 8·(e/2), column
+// 8j + 2t + e%2), as ssd.cu's AToAcc / AccToA.
+__device__ __forceinline__ void FragToAcc(const uint32_t (&fa)[4][4], float (&s)[8][4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fa[k][q]));
+      s[2 * k + q / 2][2 * (q % 2)] = v.x;
+      s[2 * k + q / 2][2 * (q % 2) + 1] = v.y;
+    }
+}
+__device__ __forceinline__ void AccToFrag(const float (&s)[8][4], uint32_t (&fa)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    fa[k][0] = Pack(s[2 * k][0], s[2 * k][1]);
+    fa[k][1] = Pack(s[2 * k][2], s[2 * k][3]);
+    fa[k][2] = Pack(s[2 * k + 1][0], s[2 * k + 1][1]);
+    fa[k][3] = Pack(s[2 * k + 1][2], s[2 * k + 1][3]);
+  }
+}
+
+// grid (NC·ceil(T/2), H, B), 128 threads; dynamic shared memory: 1024 (alignment) + kSlots ·
+// 16 KB + 8·Q bytes (the chunk's Acs and dt).
+template <int kSlots>
+__global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
+    ssd_chunk_scan_fwd_wg(SsdScanFwdWgArgs d) {
+  static_assert(kSlots >= 3, "the wgmma in flight holds one slot beyond the lookahead");
+  constexpr int kLook = kSlots - 2;  // items loaded ahead of the one being multiplied
+  extern __shared__ __align__(1024) char smem_raw[];
+  const uint32_t raw_addr = SmemAddr(smem_raw);
+  const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+  char* smem = smem_raw + pad;
+  const uint32_t ring = raw_addr + pad;
+  float* acs_c = reinterpret_cast<float*>(smem + kSlots * kSlotBytes);
+  float* dt_c = acs_c + d.Q;
+
+  const int T = d.Q / kTileRows, pairs = (T + 1) / 2;
+  const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
+  const int g = h / d.hpg;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTileRows - 1) / kTileRows;
+  const int ta = pr, tb = (T - 1 - pr > pr && T - 1 - pr < nT) ? T - 1 - pr : -1;
+  if (ta >= nT) return;
+  const int NH = d.N / 64;
+  const int Ka = NH + ta + 1;
+  const int K = Ka + (tb >= 0 ? NH + tb + 1 : 0);
+
+  const float* sb = d.saved + b * d.per_batch;
+  const float* acs_g = sb + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q + c0;
+  const float* dts = sb + d.dt_off;
+  const bf16* cbc = reinterpret_cast<const bf16*>(sb + d.cb_off) +
+                    static_cast<int64_t>(g) * d.NC * d.Q * d.Q + static_cast<int64_t>(c0) * d.Q;
+  const bf16* hc = reinterpret_cast<const bf16*>(sb + d.hbf_off) +
+                   (static_cast<int64_t>(h) * d.NC + c) * (64 * d.N);
+  const bf16* Cb = d.c + static_cast<int64_t>(b) * d.S * d.ldbc + static_cast<int64_t>(g) * d.N;
+  const bf16* xb = d.x + static_cast<int64_t>(b) * d.S * d.ldx + static_cast<int64_t>(h) * 64;
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tq = lane % 4;
+  const int r0 = warp * 16 + lane / 4;  // this thread's rows of the l-tile: r0, r0 + 8
+
+  auto issue = [&](int k) {
+    if (k < K) {
+      const int lt = k < Ka ? ta : tb;
+      const int j = k < Ka ? k : k - Ka;
+      const uint32_t a_dst = ring + (k % kSlots) * kSlotBytes, b_dst = a_dst + kTileBytes;
+      const int tl0 = c0 + lt * kTileRows;
+      if (j < NH) {
+        CopyTileSw(a_dst, Cb + tl0 * d.ldbc + 64 * j, d.ldbc, min(kTileRows, d.S - tl0));
+        CopyTileSw(b_dst, hc + 64 * j, d.N, kTileRows);
+      } else {
+        const int st = j - NH, ts0 = c0 + st * kTileRows;
+        CopyTileSw(a_dst, cbc + static_cast<int64_t>(lt * kTileRows) * d.Q + st * kTileRows, d.Q,
+                   kTileRows);
+        CopyTileSw(b_dst, xb + ts0 * d.ldx, d.ldx, min(kTileRows, d.S - ts0));
+      }
+    }
+    CpCommit();
+  };
+
+  // Prologue: the chunk's Acs (padded tokens carry the last value) and dt (0 past the end),
+  // joining item 0's group; items 0..kLook−1.
+  for (int i = threadIdx.x; i < d.Q; i += kWgThreads) {
+    Cp4(SmemAddr(acs_c + i), acs_g + i, true);
+    Cp4(SmemAddr(dt_c + i), dts + static_cast<int64_t>(c0 + min(i, len - 1)) * d.H + h, i < len);
+  }
+#pragma unroll
+  for (int k = 0; k < kLook; ++k) issue(k);
+
+  // Item k's data visible to the block, the slot of item k − 2 (whose wgmma was retired in
+  // item k − 1, before its A registers were written) refilled with item k + kLook.
+  auto begin = [&](int k) {
+    CpWait<kLook - 1>();
+    FenceProxyAsync();
+    __syncthreads();
+    issue(k + kLook);
+  };
+
+  float acc[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+  int k = 0;
+  for (int li = 0; li < 2; ++li) {
+    const int lt = li == 0 ? ta : tb;
+    if (lt < 0) break;
+    const int l0 = lt * kTileRows;
+    float al0 = 0.f, al1 = 0.f, aref = 0.f;
+    // Inter-chunk halves: A = C_l[:, 64j..] rows scaled by e^{Acs_l}, B = H_c[:, 64j..] (K-major).
+    int j = 0;
+    do {
+      begin(k);
+      if (j == 0) {
+        al0 = acs_c[l0 + r0];
+        al1 = acs_c[l0 + r0 + 8];
+        aref = acs_c[l0];
+      }
+      const uint32_t a_tile = ring + (k % kSlots) * kSlotBytes;
+      uint32_t fa[4][4];
+      {
+        uint32_t raw[4][4];
+        LoadTileASw(raw, a_tile);
+        float s[8][4];
+        FragToAcc(raw, s);
+        const float e0 = expf(al0), e1 = expf(al1);
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          s[jj][0] *= e0;
+          s[jj][1] *= e0;
+          s[jj][2] *= e1;
+          s[jj][3] *= e1;
+        }
+        WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
+        AccToFrag(s, fa);
+      }
+      const uint64_t db = SmemDescSw128(a_tile + kTileBytes, 16, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<0>(acc, fa[ks], db + 2 * ks, j > 0 || ks > 0);
+      WgmmaCommit();
+      ++k;
+      ++j;
+    } while (j < NH);
+    // Intra-chunk s-tiles 0..lt: A = the masked, decayed C Bᵀ tile, B = x_s (N-major).
+    const float rf0 = __expf(al0 - aref), rf1 = __expf(al1 - aref);
+    int st = 0;
+    do {
+      begin(k);
+      const uint32_t a_tile = ring + (k % kSlots) * kSlotBytes;
+      const float* as = acs_c + st * kTileRows;
+      const float* ds = dt_c + st * kTileRows;
+      uint32_t fa[4][4];
+      {
+        uint32_t raw[4][4];
+        LoadTileASw(raw, a_tile);
+        float s[8][4];
+        FragToAcc(raw, s);
+        if (st < lt) {
+          // e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both factors <= 1.
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+            for (int c2 = 0; c2 < 2; ++c2) {
+              const int col = 8 * jj + 2 * tq + c2;
+              const float cf = ds[col] * __expf(aref - as[col]);
+              s[jj][c2] *= cf * rf0;
+              s[jj][2 + c2] *= cf * rf1;
+            }
+        } else {
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = 8 * jj + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
+              const float al = e < 2 ? al0 : al1;
+              const float v = s[jj][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
+              s[jj][e] = col <= row ? v : 0.f;
+            }
+        }
+        WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
+        AccToFrag(s, fa);
+      }
+      const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
+      WgmmaCommit();
+      ++k;
+      ++st;
+    } while (st <= lt);
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    // y = acc + D x for the rows inside the sequence; x_l is the diagonal item's B tile.
+    const char* xs = smem + ((k - 1) % kSlots) * kSlotBytes + kTileBytes;
+    const int tl0 = c0 + l0, lv = min(kTileRows, d.S - tl0);
+    const float dsk = d.dskip != nullptr ? d.dskip[h] : 0.f;
+    bf16* yb = d.y + static_cast<int64_t>(b) * d.S * d.ldy + static_cast<int64_t>(h) * 64;
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int row = r0 + 8 * e2;
+      if (row < lv) {
+        const int64_t yoff = (tl0 + row) * d.ldy;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+              xs + row * 128 + ((jj ^ (row & 7)) << 4) + tq * 4));
+          *reinterpret_cast<__nv_bfloat162*>(yb + yoff + 8 * jj + 2 * tq) =
+              __floats2bfloat162_rn(acc[4 * jj + 2 * e2] + dsk * xv.x,
+                                    acc[4 * jj + 2 * e2 + 1] + dsk * xv.y);
+        }
+      }
+    }
+  }
+}
+
+size_t WgSmem(int slots, int Q) { return 1024 + slots * kSlotBytes + 2 * sizeof(float) * Q; }
+
+template <int kSlots>
+CudaResult Launch(const SsdScanFwdWgArgs& a, cudaStream_t stream) {
+  const size_t smem = WgSmem(kSlots, a.Q);
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_chunk_scan_fwd_wg<kSlots>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  const int T = a.Q / kTileRows;
+  ssd_chunk_scan_fwd_wg<kSlots><<<dim3(a.NC * ((T + 1) / 2), a.H, a.B), kWgThreads, smem,
+                                  stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_wg");
+  return {};
+}
+
+}  // namespace
+
+bool SsdScanFwdWgSupports(int P, int N, int Q) {
+  return P == 64 && N % 64 == 0 && N >= 64 && N <= 256 && Q % 64 == 0 && Q <= 1024;
+}
+
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int slots, cudaStream_t stream) {
+  if (!SsdScanFwdWgSupports(a.P, a.N, a.Q)) {
+    return InvalidArgument("ssd_chunk_scan_fwd_wg: unsupported head_dim " + std::to_string(a.P) +
+                           " / state_dim " + std::to_string(a.N) + " / chunk " +
+                           std::to_string(a.Q));
+  }
+  if (slots == 4) return Launch<4>(a, stream);
+  return Launch<3>(a, stream);
+}
+
+}  // namespace gyre::cuda

@@ -1,0 +1,37 @@
+// The SSD forward's chunk scan on Hopper warpgroup MMA (helper ssdf13, session 13): an opt-in
+// form of ssd.cu's ssd_chunk_scan_fwd_pair_xs (GYRE_SSD_FWD=wg or wg4; ssd.h), same inputs and
+// outputs, for head_dim 64 and state_dim a multiple of 64. Called only from ssd.cu; the layout
+// of `saved` (offsets below) is ssd.cu's MakeDims.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/device_info.h"
+
+namespace gyre::cuda {
+
+struct SsdScanFwdWgArgs {
+  int B = 0, S = 0, H = 0, P = 0, N = 0, Q = 0, NC = 0, hpg = 0;
+  // Row strides (elements) of x, of B / C and of y; `saved`'s per-batch-row size and offsets
+  // (floats; ssd.cu Dims).
+  int64_t ldx = 0, ldbc = 0, ldy = 0, per_batch = 0, dt_off = 0, acs_off = 0, cb_off = 0,
+          hbf_off = 0;
+  const __nv_bfloat16* x = nullptr;
+  const __nv_bfloat16* c = nullptr;
+  const float* dskip = nullptr;  // [H] or null
+  const float* saved = nullptr;
+  __nv_bfloat16* y = nullptr;
+};
+
+// Whether the wgmma scan handles this shape (P = 64, N a multiple of 64 up to 256, Q a multiple
+// of 64 up to 1024).
+bool SsdScanFwdWgSupports(int P, int N, int Q);
+
+// slots: 3 (four blocks per SM at P64 N128 Q256; one item of load lookahead) or 4 (three blocks
+// per SM; two items of lookahead).
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int slots, cudaStream_t stream);
+
+}  // namespace gyre::cuda
