@@ -18,8 +18,8 @@
 // contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all so]": the default
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
-// dCB → dB/dC chain on a second stream, helper ssd12). "[v3 all wg]" / "[v3 all wg4]": the
-// default with helper ssdf13's wgmma forward scan (GYRE_SSD_FWD=wg / wg4 forced).
+// dCB → dB/dC chain on a second stream, helper ssd12). "[v3 all wg]" / "[v3 all wgc]" /
+// "[v3 all wgs]": the default with helper ssdf13's wgmma forward scan (GYRE_SSD_FWD forced).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -161,7 +161,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
                         {"[v3 all so]", kSsdRegAll, 0, 0, 1},  // side stream off
                         {"[v3 all wg]", kSsdRegAll, 0, 0, 0, 2},    // wgmma fwd scan (ssdf13)
-                        {"[v3 all wg4]", kSsdRegAll, 0, 0, 0, 3}};  // the same, 4 slots
+                        {"[v3 all wgc]", kSsdRegAll, 0, 0, 0, 3},   // + shared column factors
+                        {"[v3 all wgs]", kSsdRegAll, 0, 0, 0, 4}};  // + inter from smem
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;

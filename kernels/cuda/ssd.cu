@@ -2929,7 +2929,7 @@ int SmCount() {
 //                                   head-split block summing, was deleted)
 struct EnvSwitch {
   const char* env;
-  const char* names[4];              // null-terminated
+  const char* names[5];              // null-terminated
   std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
 };
 struct Form {
@@ -2937,9 +2937,10 @@ struct Form {
   std::string bad;  // the error message for an unknown environment value
 };
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
-// Helper ssdf13 (session 13): GYRE_SSD_FWD=wg | wg4 run ssd_chunk_scan_fwd_wg (ssd_fwd_wgmma.cu,
-// wgmma; 3 or 4 ring slots) where it supports the shape (P 64, N % 64 == 0), else xs.
-EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", "wg", "wg4", nullptr}};
+// Helper ssdf13 (session 13): GYRE_SSD_FWD=wg | wgc | wgs run ssd_chunk_scan_fwd_wg
+// (ssd_fwd_wgmma.cu, wgmma; wgc with shared column factors, wgs also the inter product from
+// shared memory) where it supports the shape (P 64, N % 64 == 0), else xs.
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", "wg", "wgc", "wgs", nullptr}};
 std::atomic<int> g_fwd_form_testing{0};  // SsdSetScanFwdFormForTesting: 0 environment, else form + 1
 EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
@@ -3131,7 +3132,7 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
     w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
     w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.cb_off = d.cb_off, w.hbf_off = d.hbf_off;
     w.x = a.x, w.c = a.c, w.dskip = a.d, w.saved = saved, w.y = a.y;
-    return LaunchSsdScanFwdWg(w, fwd_form == 2 ? 4 : 3, stream);
+    return LaunchSsdScanFwdWg(w, fwd_form - 1, stream);
   }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
   ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
@@ -3387,7 +3388,7 @@ void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetScanFwdFormForTesting(int form) {
-  g_fwd_form_testing.store(form >= 1 && form <= 3 ? form : 0);
+  g_fwd_form_testing.store(form >= 1 && form <= 4 ? form : 0);
 }
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);

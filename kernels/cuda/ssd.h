@@ -174,10 +174,12 @@ void SsdSetDcbSplitForTesting(int split);
 void SsdSetSideStreamForTesting(int mode);
 // Helper ssdf13's forward scan on warpgroup MMA (session 13; opt-in, ssd_notes.md "Session 13"):
 // GYRE_SSD_FWD=wg (ssd_chunk_scan_fwd_wg, 3 ring slots, four blocks per SM at P64 N128 Q256)
-// or wg4 (4 slots, three per SM), where head_dim is 64 and state_dim a multiple of 64 (other
+// or wgc (the same with the column factors formed once per l-tile in shared memory; bitwise the
+// same output as wg) or wgs (wgc with the inter product C_l H_cᵀ as shared-memory wgmmas scaled
+// by e^{Acs_l} in fp32 afterwards), where head_dim is 64 and state_dim a multiple of 64 (other
 // shapes keep xs). Not bitwise the same as xs (another fp32 order in the products, and e^{Acs_l}
 // applied to C_l's bf16 operand instead of the fp32 product); deterministic.
-// SsdSetScanFwdFormForTesting: 0 the environment, 1 xs, 2 wg, 3 wg4 (process-wide).
+// SsdSetScanFwdFormForTesting: 0 the environment, 1 xs, 2 wg, 3 wgc, 4 wgs (process-wide).
 void SsdSetScanFwdFormForTesting(int form);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,

@@ -57,15 +57,16 @@ __device__ __forceinline__ void Cp4(uint32_t dst, const float* src, bool ok) {
 // address, 1024-aligned) through cp.async; rows >= valid zero-filled.
 __device__ __forceinline__ void CopyTileSw(uint32_t dst, const bf16* src, int64_t stride,
                                            int valid) {
+  // Thread t copies chunk t % 8 of rows t / 8 + 16u (u = 0..3): one swizzle phase per thread.
+  const int r0 = threadIdx.x >> 3, ch = threadIdx.x & 7;
+  const uint32_t d0 = dst + r0 * 128 + ((ch ^ (r0 & 7)) << 4);
+  const bf16* s0 = src + r0 * stride + ch * 8;
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
-    const int i = threadIdx.x + u * kWgThreads;
-    const int r = i >> 3, ch = i & 7;
-    const bool ok = r < valid;
-    const bf16* g = ok ? src + r * stride + ch * 8 : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                     dst + r * 128 + ((ch ^ (r & 7)) << 4)),
-                 "l"(g), "r"(ok ? 16 : 0));
+    const bool ok = r0 + 16 * u < valid;
+    const bf16* g = ok ? s0 + 16 * u * stride : src;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d0 + 2048 * u), "l"(g),
+                 "r"(ok ? 16 : 0));
   }
 }
 
@@ -110,8 +111,15 @@ __device__ __forceinline__ void AccToFrag(const float (&s)[8][4], uint32_t (&fa)
 }
 
 // grid (NC·ceil(T/2), H, B), 128 threads; dynamic shared memory: 1024 (alignment) + kSlots ·
-// 16 KB + 8·Q bytes (the chunk's Acs and dt).
-template <int kSlots>
+// 16 KB + 8·Q bytes (the chunk's Acs and dt) + with kColFactors 4·Q more.
+// kColFactors (form wgc): the off-diagonal tiles' column factors dt_s·e^{Acs_l0 − Acs_s} are
+// formed once per l-tile into shared memory (one exponential per column per block) instead of
+// by each of the 32 threads that hold a column (16 exponentials per thread per tile); the same
+// operations on the same values, so bitwise the same output as without.
+// kSsInter (form wgs, with kColFactors): the inter product as shared-memory wgmmas (A = C_l, no
+// register pass over the 64×N operand) into the accumulator, scaled by e^{Acs_l} in fp32 once
+// it is complete (pair_xs's numerics for that term).
+template <int kSlots, bool kColFactors, bool kSsInter>
 __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
     ssd_chunk_scan_fwd_wg(SsdScanFwdWgArgs d) {
   static_assert(kSlots >= 3, "the wgmma in flight holds one slot beyond the lookahead");
@@ -123,6 +131,7 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
   const uint32_t ring = raw_addr + pad;
   float* acs_c = reinterpret_cast<float*>(smem + kSlots * kSlotBytes);
   float* dt_c = acs_c + d.Q;
+  float* cf_c = dt_c + d.Q;  // kColFactors: column factors of the current l-tile's s < l0
 
   const int T = d.Q / kTileRows, pairs = (T + 1) / 2;
   const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
@@ -203,8 +212,29 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
         al0 = acs_c[l0 + r0];
         al1 = acs_c[l0 + r0 + 8];
         aref = acs_c[l0];
+        if constexpr (kColFactors) {
+          // Read from the first s-tile item on (after its barrier); the previous l-tile's
+          // readers all passed this item's barrier.
+          for (int i = threadIdx.x; i < l0; i += kWgThreads) {
+            cf_c[i] = dt_c[i] * __expf(aref - acs_c[i]);
+          }
+        }
       }
       const uint32_t a_tile = ring + (k % kSlots) * kSlotBytes;
+      if constexpr (kSsInter) {
+        // acc (=) C_l H_cᵀ over this half, both operands K-major in shared memory; e^{Acs_l}
+        // is applied to the fp32 sum before the first s-tile's product (as pair_xs does).
+        const uint64_t da = SmemDescSw128(a_tile, 16, 1024);
+        const uint64_t db = SmemDescSw128(a_tile + kTileBytes, 16, 1024);
+        WgmmaFence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) WgmmaSS64<0, 0>(acc, da + 2 * ks, db + 2 * ks, j > 0 || ks > 0);
+        WgmmaCommit();
+        WgmmaWait<1>();  // the previous half's wgmma: its slot is refilled at the next barrier
+        ++k;
+        ++j;
+        continue;
+      }
       uint32_t fa[4][4];
       {
         uint32_t raw[4][4];
@@ -244,7 +274,18 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
         LoadTileASw(raw, a_tile);
         float s[8][4];
         FragToAcc(raw, s);
-        if (st < lt) {
+        if (kColFactors && st < lt) {
+          // e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both factors <= 1.
+          const float* cs = cf_c + st * kTileRows;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const float2 cf = *reinterpret_cast<const float2*>(cs + 8 * jj + 2 * tq);
+            s[jj][0] *= cf.x * rf0;
+            s[jj][1] *= cf.y * rf0;
+            s[jj][2] *= cf.x * rf1;
+            s[jj][3] *= cf.y * rf1;
+          }
+        } else if (st < lt) {
           // e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both factors <= 1.
 #pragma unroll
           for (int jj = 0; jj < 8; ++jj)
@@ -267,6 +308,18 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
             }
         }
         WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
+        if (kSsInter && st == 0) {
+          // The inter product is complete (wait above): y starts as e^{Acs_l} C_l H_cᵀ.
+          FenceRegs(acc);
+          const float e0 = expf(al0), e1 = expf(al1);
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            acc[4 * jj] *= e0;
+            acc[4 * jj + 1] *= e0;
+            acc[4 * jj + 2] *= e1;
+            acc[4 * jj + 3] *= e1;
+          }
+        }
         AccToFrag(s, fa);
       }
       const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
@@ -302,17 +355,19 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
   }
 }
 
-size_t WgSmem(int slots, int Q) { return 1024 + slots * kSlotBytes + 2 * sizeof(float) * Q; }
+size_t WgSmem(int slots, bool col_factors, int Q) {
+  return 1024 + slots * kSlotBytes + (col_factors ? 3 : 2) * sizeof(float) * Q;
+}
 
-template <int kSlots>
+template <int kSlots, bool kColFactors, bool kSsInter>
 CudaResult Launch(const SsdScanFwdWgArgs& a, cudaStream_t stream) {
-  const size_t smem = WgSmem(kSlots, a.Q);
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_chunk_scan_fwd_wg<kSlots>,
+  const size_t smem = WgSmem(kSlots, kColFactors, a.Q);
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_chunk_scan_fwd_wg<kSlots, kColFactors, kSsInter>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
   const int T = a.Q / kTileRows;
-  ssd_chunk_scan_fwd_wg<kSlots><<<dim3(a.NC * ((T + 1) / 2), a.H, a.B), kWgThreads, smem,
-                                  stream>>>(a);
+  ssd_chunk_scan_fwd_wg<kSlots, kColFactors, kSsInter>
+      <<<dim3(a.NC * ((T + 1) / 2), a.H, a.B), kWgThreads, smem, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_wg");
   return {};
 }
@@ -323,14 +378,15 @@ bool SsdScanFwdWgSupports(int P, int N, int Q) {
   return P == 64 && N % 64 == 0 && N >= 64 && N <= 256 && Q % 64 == 0 && Q <= 1024;
 }
 
-CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int slots, cudaStream_t stream) {
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream_t stream) {
   if (!SsdScanFwdWgSupports(a.P, a.N, a.Q)) {
     return InvalidArgument("ssd_chunk_scan_fwd_wg: unsupported head_dim " + std::to_string(a.P) +
                            " / state_dim " + std::to_string(a.N) + " / chunk " +
                            std::to_string(a.Q));
   }
-  if (slots == 4) return Launch<4>(a, stream);
-  return Launch<3>(a, stream);
+  if (variant == 2) return Launch<3, true, true>(a, stream);
+  if (variant == 1) return Launch<3, true, false>(a, stream);
+  return Launch<3, false, false>(a, stream);
 }
 
 }  // namespace gyre::cuda

@@ -1,5 +1,5 @@
 // The SSD forward's chunk scan on Hopper warpgroup MMA (helper ssdf13, session 13): an opt-in
-// form of ssd.cu's ssd_chunk_scan_fwd_pair_xs (GYRE_SSD_FWD=wg or wg4; ssd.h), same inputs and
+// form of ssd.cu's ssd_chunk_scan_fwd_pair_xs (GYRE_SSD_FWD=wg, wgc or wgs; ssd.h), same inputs and
 // outputs, for head_dim 64 and state_dim a multiple of 64. Called only from ssd.cu; the layout
 // of `saved` (offsets below) is ssd.cu's MakeDims.
 #pragma once
@@ -30,8 +30,9 @@ struct SsdScanFwdWgArgs {
 // of 64 up to 1024).
 bool SsdScanFwdWgSupports(int P, int N, int Q);
 
-// slots: 3 (four blocks per SM at P64 N128 Q256; one item of load lookahead) or 4 (three blocks
-// per SM; two items of lookahead).
-CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int slots, cudaStream_t stream);
+// variant 0 (form wg): three ring slots, four blocks per SM at P64 N128 Q256; 1 (form wgc): the
+// same with the off-diagonal column factors formed once per l-tile in shared memory (bitwise the
+// same output); 2 (form wgs): wgc with the inter product as shared-memory wgmmas.
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream_t stream);
 
 }  // namespace gyre::cuda
