@@ -2942,7 +2942,10 @@ EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
 // shared memory) where it supports the shape (P 64, N % 64 == 0), else xs.
 EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", "wg", "wgc", "wgs", nullptr}};
 std::atomic<int> g_fwd_form_testing{0};  // SsdSetScanFwdFormForTesting: 0 environment, else form + 1
-EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
+// Helper ssdf13 (session 13): GYRE_SSD_BWD_DBC=wg runs ssd_bwd_dbc_wg (ssd_fwd_wgmma.cu) where it
+// supports the shape (P 64, N % 64 == 0), else smem.
+EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", "wg", nullptr}};
+std::atomic<int> g_dbc_form_testing{0};  // SsdSetDbcFormForTesting: 0 environment, else form + 1
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
@@ -3330,12 +3333,25 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    const int dbc_forced = g_dbc_form_testing.load();
+    const bool dbc_wg = (dbc_forced > 0 ? dbc_forced - 1 : dbc_form.index) == 1 &&
+                        SsdDbcWgSupports(d.P, d.N, d.Q);
+    if (!dbc_wg) CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
     CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
-    ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                       side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                               plan.dx ? sc.inter_part : nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    if (dbc_wg) {
+      SsdDbcWgArgs w;
+      w.B = d.B, w.S = d.S, w.H = d.H, w.P = d.P, w.N = d.N, w.Q = d.Q, w.NC = d.NC, w.G = d.G;
+      w.hpg = d.hpg, w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
+      w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.hbf_off = d.hbf_off;
+      w.x = a.x, w.b = a.b, w.c = a.c, w.saved = saved, w.dy = a.dy, w.st_g = sc.g_bf;
+      w.dcb_bf = sc.dcb_bf, w.db = a.db, w.dc = a.dc, w.inter_out = plan.dx ? sc.inter_part : nullptr;
+      CUDA_RETURN_IF_NOT_OK(LaunchSsdDbcWg(w, side));
+    } else {
+      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                         side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                 plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    }
     CUDA_RETURN_IF_NOT_OK(fork->Join());
     if (plan.dx) {
       const Form finish = Choose(g_dacs_finish_switch);
@@ -3387,6 +3403,7 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
+void SsdSetDbcFormForTesting(int form) { g_dbc_form_testing.store(form == 1 || form == 2 ? form : 0); }
 void SsdSetScanFwdFormForTesting(int form) {
   g_fwd_form_testing.store(form >= 1 && form <= 4 ? form : 0);
 }

@@ -181,6 +181,11 @@ void SsdSetSideStreamForTesting(int mode);
 // applied to C_l's bf16 operand instead of the fp32 product); deterministic.
 // SsdSetScanFwdFormForTesting: 0 the environment, 1 xs, 2 wg, 3 wgc, 4 wgs (process-wide).
 void SsdSetScanFwdFormForTesting(int form);
+// Helper ssdf13's dB/dC on warpgroup MMA (session 13; opt-in): GYRE_SSD_BWD_DBC=wg
+// (ssd_bwd_dbc_wg, two launches: dC blocks, then dB blocks) where head_dim is 64 and state_dim a
+// multiple of 64 (other shapes keep smem). Not bitwise the same as smem (the products' fp32
+// order); deterministic. SsdSetDbcFormForTesting: 0 the environment, 1 smem, 2 wg.
+void SsdSetDbcFormForTesting(int form);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -372,6 +372,234 @@ CudaResult Launch(const SsdScanFwdWgArgs& a, cudaStream_t stream) {
   return {};
 }
 
+
+// ------------------------------------------------------------------ dB / dC (backward)
+//
+// ssd_bwd_dbc_wg<kDB, kInter>: ssd.cu's ssd_bwd_dbc_smem (which documents the math) on wgmma,
+// for P = 64 and N % 64 == 0: one 128-thread block per (own 64-row tile, 64 columns of N, g,
+// b) of dC (kDB false) or dB. Steps: the other tiles' dCB products (A = the dCB tile, B = the
+// C_l / B_s slice), then the group's heads (A = the head's dy / x own rows scaled by e^{Acs_l}
+// or e^{Acs_last − Acs_s} dt_s, rounded to bf16 as ssd_bwd_dbc_smem does; B = the H_c / G_{c+1}
+// slice): all wgmma m64n64k16 with A from registers and B N-major from swizzled shared memory
+// (one instruction form, so ptxas keeps the chain asynchronous). The ring is the forward scan's
+// (three 16 KB slots, one step of lookahead, the step's wgmma running under the next step's
+// barrier and A-fragment preparation). kInter (dC blocks of the v3 dx path): each head's product
+// goes to its own accumulator t, waited for, dotted with the own rows' C slice (held in
+// registers) into inter_out, and added to the running one, as ssd_bwd_dbc_smem does. dC and dB
+// are two launches (a wgmma chain under a block-uniform branch between two accumulator sets
+// would be serialised by ptxas).
+template <bool kDB, bool kInter>
+__global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) {
+  constexpr int kSlots = 3, kLook = 1;
+  constexpr int kScal = 136;  // floats per slot: own rows' Acs [64], dt [64], Acs_last
+  extern __shared__ __align__(1024) char smem_raw[];
+  const uint32_t raw_addr = SmemAddr(smem_raw);
+  const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+  char* smem = smem_raw + pad;
+  const uint32_t ring = raw_addr + pad;
+  float* scal = reinterpret_cast<float*>(smem + kSlots * kSlotBytes);
+
+  const int tiles = d.Q / kTileRows, nsl = d.N / 64;
+  const int c = blockIdx.x / tiles, ot = blockIdx.x % tiles, b = blockIdx.z;
+  const int g = blockIdx.y / nsl, n0 = (blockIdx.y % nsl) * 64;
+  const int c0 = c * d.Q;
+  const int len = min(d.Q, d.S - c0);
+  const int nT = (len + kTileRows - 1) / kTileRows;
+  if (ot >= nT) return;
+  const int o0 = ot * kTileRows, ov = min(kTileRows, len - o0);
+  const float* sb = d.saved + b * d.per_batch;
+  const float* dt_g = sb + d.dt_off;
+  const int n1 = kDB ? nT - ot : ot + 1;  // other tiles
+  const int nsteps = n1 + d.hpg;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tq = lane % 4;
+  const int r0 = warp * 16 + lane / 4;
+  const int64_t bc_base = static_cast<int64_t>(b) * d.S * d.ldbc + static_cast<int64_t>(g) * d.N;
+
+  auto issue = [&](int step) {
+    if (step < nsteps) {
+      const int sl = step % kSlots;
+      const uint32_t a_dst = ring + sl * kSlotBytes, b_dst = a_dst + kTileBytes;
+      if (step < n1) {
+        const int o = kDB ? ot + step : step;
+        const int t0 = c0 + o * kTileRows;
+        const int64_t n_all = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
+        const bf16* t = d.dcb_bf + (kDB ? n_all : 0) +
+                        ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
+                        static_cast<int64_t>(o0) * d.Q + o * kTileRows;
+        CopyTileSw(a_dst, t, d.Q, kTileRows);
+        CopyTileSw(b_dst, (kDB ? d.c : d.b) + bc_base + t0 * d.ldbc + n0, d.ldbc,
+                   min(kTileRows, d.S - t0));
+      } else {
+        const int h = g * d.hpg + (step - n1);
+        const int64_t row0 = static_cast<int64_t>(b) * d.S + c0 + o0;
+        const bf16* a_src = kDB ? d.x + row0 * d.ldx + static_cast<int64_t>(h) * 64
+                                : d.dy + row0 * d.ldy + static_cast<int64_t>(h) * 64;
+        CopyTileSw(a_dst, a_src, kDB ? d.ldx : d.ldy, ov);
+        const bf16* st = kDB ? d.st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * (64 * d.N)
+                             : reinterpret_cast<const bf16*>(sb + d.hbf_off) +
+                                   (static_cast<int64_t>(h) * d.NC + c) * (64 * d.N);
+        CopyTileSw(b_dst, st + n0, d.N, 64);
+        if (threadIdx.x < kTileRows) {
+          const int r = threadIdx.x;
+          const float* acs_h = sb + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q + c0;
+          float* sc = scal + sl * kScal;
+          Cp4(SmemAddr(sc + r), acs_h + o0 + r, true);
+          if (kDB) {
+            Cp4(SmemAddr(sc + 64 + r), dt_g + static_cast<int64_t>(c0 + o0 + min(r, ov - 1)) * d.H + h,
+                r < ov);
+            if (r == 0) Cp4(SmemAddr(sc + 128), acs_h + d.Q - 1, true);
+          }
+        }
+      }
+    }
+    CpCommit();
+  };
+
+  // The own rows' C slice (kInter), as bf16 pairs in this thread's accumulator layout.
+  uint32_t cown[8][2];
+  if constexpr (kInter) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int row = r0 + 8 * e2;
+      const bf16* cr = d.c + bc_base + static_cast<int64_t>(c0 + o0 + row) * d.ldbc + n0;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        cown[jj][e2] = row < ov ? *reinterpret_cast<const uint32_t*>(cr + 8 * jj + 2 * tq) : 0u;
+      }
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < kLook; ++k) issue(k);
+  float acc[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+  float t[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) t[i] = 0.f;
+  int step = 0;
+  // dCB steps (n1 >= 1 always: the own tile itself).
+  do {
+    CpWait<kLook - 1>();
+    FenceProxyAsync();
+    __syncthreads();
+    issue(step + kLook);
+    const uint32_t a_tile = ring + (step % kSlots) * kSlotBytes;
+    uint32_t fa[4][4];
+    WgmmaWait<0>();  // the previous step's wgmma (its A registers, its slot)
+    LoadTileASw(fa, a_tile);
+    const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
+    WgmmaCommit();
+    ++step;
+  } while (step < n1);
+  if constexpr (kInter) {
+    // The head steps add t into acc with ordinary instructions: the dCB chain retires here
+    // (without this wait ptxas serialised the kernel's wgmmas, C7515).
+    WgmmaWait<0>();
+    FenceRegs(acc);
+  }
+  // Head steps (hpg >= 1: a do-while, so that no path skips the loop with the dCB steps' wgmma
+  // still in flight; a zero-trip path drew ptxas C7515 in the mLSTM kernels).
+  do {
+    CpWait<kLook - 1>();
+    FenceProxyAsync();
+    __syncthreads();
+    issue(step + kLook);
+    const int sl = step % kSlots;
+    const uint32_t a_tile = ring + sl * kSlotBytes;
+    const float* sc = scal + sl * kScal;
+    float sc0, sc1;
+    if (kDB) {
+      const float last = sc[128];
+      sc0 = expf(last - sc[r0]) * sc[64 + r0];
+      sc1 = expf(last - sc[r0 + 8]) * sc[64 + r0 + 8];
+    } else {
+      sc0 = expf(sc[r0]);
+      sc1 = expf(sc[r0 + 8]);
+    }
+    uint32_t fa[4][4];
+    {
+      uint32_t raw[4][4];
+      LoadTileASw(raw, a_tile);
+      float s[8][4];
+      FragToAcc(raw, s);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        s[jj][0] *= sc0;
+        s[jj][1] *= sc0;
+        s[jj][2] *= sc1;
+        s[jj][3] *= sc1;
+      }
+      WgmmaWait<0>();
+      AccToFrag(s, fa);
+    }
+    const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
+    WgmmaFence();
+    if constexpr (kInter) {
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(t, fa[ks], db + 128 * ks, ks > 0);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(t);
+      float i0 = 0.f, i1 = 0.f;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const float2 u0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cown[jj][0]));
+        const float2 u1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&cown[jj][1]));
+        i0 += t[4 * jj] * u0.x + t[4 * jj + 1] * u0.y;
+        i1 += t[4 * jj + 2] * u1.x + t[4 * jj + 3] * u1.y;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[4 * jj + e] += t[4 * jj + e];
+      }
+      i0 += __shfl_xor_sync(0xffffffffu, i0, 1);
+      i0 += __shfl_xor_sync(0xffffffffu, i0, 2);
+      i1 += __shfl_xor_sync(0xffffffffu, i1, 1);
+      i1 += __shfl_xor_sync(0xffffffffu, i1, 2);
+      if (tq == 0) {
+        const int h = g * d.hpg + (step - n1);
+        float* io = d.inter_out + ((static_cast<int64_t>(n0 / 64) * d.B + b) * d.H + h) * d.NC * d.Q +
+                    c0 + o0;
+        io[r0] = i0;
+        io[r0 + 8] = i1;
+      }
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
+      WgmmaCommit();
+    }
+    ++step;
+  } while (step < nsteps);
+  WgmmaWait<0>();
+  FenceRegs(acc);
+  bf16* out = kDB ? d.db : d.dc;
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int row = r0 + 8 * e2;
+    if (row < ov) {
+      bf16* orow = out + bc_base + static_cast<int64_t>(c0 + o0 + row) * d.ldbc + n0;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj + 2 * tq) =
+            __floats2bfloat162_rn(acc[4 * jj + 2 * e2], acc[4 * jj + 2 * e2 + 1]);
+    }
+  }
+}
+
+template <bool kDB, bool kInter>
+CudaResult LaunchDbc(const SsdDbcWgArgs& a, cudaStream_t stream) {
+  const size_t smem = 1024 + 3 * kSlotBytes + 3 * 136 * sizeof(float);
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_bwd_dbc_wg<kDB, kInter>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  ssd_bwd_dbc_wg<kDB, kInter><<<dim3(a.NC * (a.Q / kTileRows), a.G * (a.N / 64), a.B), kWgThreads,
+                                smem, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_wg");
+  return {};
+}
+
 }  // namespace
 
 bool SsdScanFwdWgSupports(int P, int N, int Q) {
@@ -387,6 +615,28 @@ CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream
   if (variant == 2) return Launch<3, true, true>(a, stream);
   if (variant == 1) return Launch<3, true, false>(a, stream);
   return Launch<3, false, false>(a, stream);
+}
+
+}  // namespace gyre::cuda
+
+namespace gyre::cuda {
+
+bool SsdDbcWgSupports(int P, int N, int Q) {
+  return P == 64 && N % 64 == 0 && N >= 64 && Q % 64 == 0 && Q <= 1024;
+}
+
+CudaResult LaunchSsdDbcWg(const SsdDbcWgArgs& a, cudaStream_t stream) {
+  if (!SsdDbcWgSupports(a.P, a.N, a.Q)) {
+    return InvalidArgument("ssd_bwd_dbc_wg: unsupported head_dim " + std::to_string(a.P) +
+                           " / state_dim " + std::to_string(a.N) + " / chunk " +
+                           std::to_string(a.Q));
+  }
+  if (a.inter_out != nullptr) {
+    CUDA_RETURN_IF_NOT_OK((LaunchDbc<false, true>(a, stream)));
+  } else {
+    CUDA_RETURN_IF_NOT_OK((LaunchDbc<false, false>(a, stream)));
+  }
+  return LaunchDbc<true, false>(a, stream);
 }
 
 }  // namespace gyre::cuda

@@ -35,4 +35,24 @@ bool SsdScanFwdWgSupports(int P, int N, int Q);
 // same output); 2 (form wgs): wgc with the inter product as shared-memory wgmmas.
 CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream_t stream);
 
+// The backward's dB and dC (ssd.cu's ssd_bwd_dbc_smem) on wgmma: helper ssdf13, session 13,
+// opt-in (GYRE_SSD_BWD_DBC=wg; ssd.h). Same inputs and outputs as ssd_bwd_dbc_smem; two launches
+// (dC blocks, then dB blocks) on `stream`.
+struct SsdDbcWgArgs {
+  int B = 0, S = 0, H = 0, P = 0, N = 0, Q = 0, NC = 0, G = 0, hpg = 0;
+  int64_t ldx = 0, ldbc = 0, ldy = 0, per_batch = 0, dt_off = 0, acs_off = 0, hbf_off = 0;
+  const __nv_bfloat16* x = nullptr;
+  const __nv_bfloat16* b = nullptr;
+  const __nv_bfloat16* c = nullptr;
+  const float* saved = nullptr;
+  const __nv_bfloat16* dy = nullptr;
+  const __nv_bfloat16* st_g = nullptr;    // bf16 G_{c+1}, [B, H, NC, P, N]
+  const __nv_bfloat16* dcb_bf = nullptr;  // bf16 dCB and its transposed copy (ssd_bwd_dcb_sum)
+  __nv_bfloat16* db = nullptr;
+  __nv_bfloat16* dc = nullptr;
+  float* inter_out = nullptr;  // the dC blocks' inter-chunk ∂Acs terms, or null
+};
+bool SsdDbcWgSupports(int P, int N, int Q);
+CudaResult LaunchSsdDbcWg(const SsdDbcWgArgs& a, cudaStream_t stream);
+
 }  // namespace gyre::cuda

@@ -19,7 +19,8 @@
 // chain. Paths 16 and 17: helper ssdf13's wgmma forward scan (GYRE_SSD_FWD=wg / wgc, forced by
 // SsdSetScanFwdFormForTesting) on every P64 case; 16 reruns bitwise against itself, 17 (wgc)
 // reruns with wg and compares bitwise (the same operations on the same values); 18 (wgs) reruns
-// bitwise against itself.
+// bitwise against itself. Paths 19 and 20: helper ssdf13's wgmma dB/dC (GYRE_SSD_BWD_DBC=wg) with
+// all v3 kernels (rerun bitwise) and beside the v2 dx kernel (no inter ∂Acs terms).
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -396,6 +397,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
     int fwd_form = 0;     // SsdSetScanFwdFormForTesting: 0 environment (xs), 2 wg, 3 wgc, 4 wgs
     int rerun_fwd_form = 0;  // the rerun's forward-scan form (0: the same as the first run)
+    int dbc_form = 0;     // SsdSetDbcFormForTesting: 0 environment (smem), 2 wg
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -422,7 +424,11 @@ TEST(SsdGpu, MatchesCpuReference) {
                         // rerun bitwise against itself (deterministic).
                         {"[v3 all, fwd wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 2},
                         {"[v3 all, fwd wgc, rerun wg] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 3, 2},
-                        {"[v3 all, fwd wgs, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 4}};
+                        {"[v3 all, fwd wgs, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 4},
+                        // Helper ssdf13's wgmma dB/dC (GYRE_SSD_BWD_DBC=wg; with the v3 dx path,
+                        // so its dC blocks also form the inter ∂Acs terms), and alone with v2 dx.
+                        {"[v3 all, dbc wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 0, 0, 2},
+                        {"[v3 dbc, dbc wg] ", kSsdRegDbc, 0, 0, 0, false, 0, 0, 0, 0, 2}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -446,6 +452,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
     SsdSetScanFwdFormForTesting(p.fwd_form);
+    SsdSetDbcFormForTesting(p.dbc_form);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
@@ -462,6 +469,7 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
   SsdSetScanFwdFormForTesting(0);
+  SsdSetDbcFormForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
