@@ -18,9 +18,8 @@
 // contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all so]": the default
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
-// dCB → dB/dC chain on a second stream, helper ssd12). "[v3 all wg]" / "[v3 all wgc]" /
-// "[v3 all wgs]": the default with helper ssdf13's wgmma forward scan (GYRE_SSD_FWD forced);
-// "[v3 all dbw]": with its wgmma dB/dC (GYRE_SSD_BWD_DBC=wg), "[v3 all wgs dbw]" both.
+// dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
+// shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -148,8 +147,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
-    int fwd_form = 0;   // SsdSetScanFwdFormForTesting (0: the environment's form)
-    int dbc_form = 0;   // SsdSetDbcFormForTesting (0: the environment's form)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -161,12 +158,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        {"[v3 all so]", kSsdRegAll, 0, 0, 1},  // side stream off
-                        {"[v3 all wg]", kSsdRegAll, 0, 0, 0, 2},    // wgmma fwd scan (ssdf13)
-                        {"[v3 all wgc]", kSsdRegAll, 0, 0, 0, 3},   // + shared column factors
-                        {"[v3 all wgs]", kSsdRegAll, 0, 0, 0, 4},   // + inter from smem
-                        {"[v3 all dbw]", kSsdRegAll, 0, 0, 0, 0, 2},  // wgmma dB/dC (ssdf13)
-                        {"[v3 all wgs dbw]", kSsdRegAll, 0, 0, 0, 4, 2}};  // both
+                        {"[v3 all so]", kSsdRegAll, 0, 0, 1}};  // side stream off
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
@@ -174,16 +166,13 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
       continue;
     }
     if (default_only &&
-        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0 ||
-         p.fwd_form != 0 || p.dbc_form != 0)) {
+        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
-    SsdSetScanFwdFormForTesting(p.fwd_form);
-    SsdSetDbcFormForTesting(p.dbc_form);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -204,8 +193,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
-  SsdSetScanFwdFormForTesting(0);
-  SsdSetDbcFormForTesting(0);
 }
 
 }  // namespace

@@ -159,7 +159,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
-#include "kernels/cuda/ssd_fwd_wgmma.h"
+#include "kernels/cuda/ssd_fwd_wgmma.h"  // session 13: forward scan and dB/dC at P64 on wgmma
 #include "kernels/cuda/vec_util.cuh"
 
 namespace gyre::cuda {
@@ -2927,9 +2927,15 @@ int SmCount() {
 //                                   deleted)
 //   GYRE_SSD_DCB_SUM     = kernel  (ssd_bwd_dcb_sum after ssd_bwd_dcb_reg; "last", the last
 //                                   head-split block summing, was deleted)
+// Helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; H200, session 13, ssd_notes.md "Session 13")
+// are the defaults where they take the shape (head_dim 64, state_dim % 64 == 0; the kernels
+// above run the other shapes), and their switches accept only their names:
+//   GYRE_SSD_FWD     = wgs  (ssd_chunk_scan_fwd_wg; "xs", which named pair_xs, and the session's
+//                            other forms "wg", "wgc", "wg4" are errors)
+//   GYRE_SSD_BWD_DBC = wg   (ssd_bwd_dbc_wg; "smem", which named ssd_bwd_dbc_smem, is an error)
 struct EnvSwitch {
   const char* env;
-  const char* names[5];              // null-terminated
+  const char* names[4];              // null-terminated
   std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
 };
 struct Form {
@@ -2937,15 +2943,8 @@ struct Form {
   std::string bad;  // the error message for an unknown environment value
 };
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"early", nullptr}};
-// Helper ssdf13 (session 13): GYRE_SSD_FWD=wg | wgc | wgs run ssd_chunk_scan_fwd_wg
-// (ssd_fwd_wgmma.cu, wgmma; wgc with shared column factors, wgs also the inter product from
-// shared memory) where it supports the shape (P 64, N % 64 == 0), else xs.
-EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", "wg", "wgc", "wgs", nullptr}};
-std::atomic<int> g_fwd_form_testing{0};  // SsdSetScanFwdFormForTesting: 0 environment, else form + 1
-// Helper ssdf13 (session 13): GYRE_SSD_BWD_DBC=wg runs ssd_bwd_dbc_wg (ssd_fwd_wgmma.cu) where it
-// supports the shape (P 64, N % 64 == 0), else smem.
-EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", "wg", nullptr}};
-std::atomic<int> g_dbc_form_testing{0};  // SsdSetDbcFormForTesting: 0 environment, else form + 1
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"wgs", nullptr}};
+EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"wg", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
@@ -3127,15 +3126,13 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
   const int T = d.Q / kTile;
   const Form form = Choose(g_fwd_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
-  const int forced = g_fwd_form_testing.load();
-  const int fwd_form = forced > 0 ? forced - 1 : form.index;
-  if (fwd_form != 0 && SsdScanFwdWgSupports(d.P, d.N, d.Q)) {
+  if (SsdScanFwdWgSupports(d.P, d.N, d.Q)) {  // helper ssdf13's wgmma scan (ssd_fwd_wgmma.cu)
     SsdScanFwdWgArgs w;
     w.B = d.B, w.S = d.S, w.H = d.H, w.P = d.P, w.N = d.N, w.Q = d.Q, w.NC = d.NC, w.hpg = d.hpg;
     w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
     w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.cb_off = d.cb_off, w.hbf_off = d.hbf_off;
     w.x = a.x, w.c = a.c, w.dskip = a.d, w.saved = saved, w.y = a.y;
-    return LaunchSsdScanFwdWg(w, fwd_form - 1, stream);
+    return LaunchSsdScanFwdWg(w, stream);
   }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
   ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
@@ -3333,9 +3330,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
-    const int dbc_forced = g_dbc_form_testing.load();
-    const bool dbc_wg = (dbc_forced > 0 ? dbc_forced - 1 : dbc_form.index) == 1 &&
-                        SsdDbcWgSupports(d.P, d.N, d.Q);
+    const bool dbc_wg = SsdDbcWgSupports(d.P, d.N, d.Q);  // helper ssdf13's wgmma dB/dC
     if (!dbc_wg) CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
     CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
     if (dbc_wg) {
@@ -3403,10 +3398,6 @@ CudaResult ApplyRowStrides(int64_t x_row_stride, int64_t bc_row_stride, Dims* d)
 void SsdSetRegisterPathForTesting(int mask) { g_reg_mask.store(mask & kSsdRegAll); }
 void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(columns == 64 ? 64 : 0); }
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
-void SsdSetDbcFormForTesting(int form) { g_dbc_form_testing.store(form == 1 || form == 2 ? form : 0); }
-void SsdSetScanFwdFormForTesting(int form) {
-  g_fwd_form_testing.store(form >= 1 && form <= 4 ? form : 0);
-}
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }

@@ -148,10 +148,10 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
-// Environment (read once per process): GYRE_SSD_BWD_DX=early, GYRE_SSD_FWD=xs and
-// GYRE_SSD_BWD_DBC=smem name the only kernel forms left (helper ssd10's; the earlier forms were
-// deleted after the 2026-11-27 confirmation); unset is the same, any other value is an error
-// from SsdForward / SsdBackward.
+// Environment (read once per process): GYRE_SSD_BWD_DX=early names the only kernel form left
+// (helper ssd10's; the earlier forms were deleted after the 2026-11-27 confirmation);
+// GYRE_SSD_FWD=wgs and GYRE_SSD_BWD_DBC=wg (below) likewise; unset is the same, any other value
+// is an error from SsdForward / SsdBackward.
 // Helper ssd11's forms after the lead's session-9 call: GYRE_SSD_FUSED_STATE=2 (the fused
 // chunk-state / state-pass kernels where their blocks are at least 2 per SM) and
 // GYRE_SSD_DACS_FINISH=pf (the ∂Acs finishing kernel with its loads issued together) are the
@@ -172,20 +172,12 @@ void SsdSetDcbSplitForTesting(int split);
 // are shared).
 // SsdSetSideStreamForTesting: 0 the environment, 1 off, 2 hi (process-wide).
 void SsdSetSideStreamForTesting(int mode);
-// Helper ssdf13's forward scan on warpgroup MMA (session 13; opt-in, ssd_notes.md "Session 13"):
-// GYRE_SSD_FWD=wg (ssd_chunk_scan_fwd_wg, 3 ring slots, four blocks per SM at P64 N128 Q256)
-// or wgc (the same with the column factors formed once per l-tile in shared memory; bitwise the
-// same output as wg) or wgs (wgc with the inter product C_l H_cᵀ as shared-memory wgmmas scaled
-// by e^{Acs_l} in fp32 afterwards), where head_dim is 64 and state_dim a multiple of 64 (other
-// shapes keep xs). Not bitwise the same as xs (another fp32 order in the products, and e^{Acs_l}
-// applied to C_l's bf16 operand instead of the fp32 product); deterministic.
-// SsdSetScanFwdFormForTesting: 0 the environment, 1 xs, 2 wg, 3 wgc, 4 wgs (process-wide).
-void SsdSetScanFwdFormForTesting(int form);
-// Helper ssdf13's dB/dC on warpgroup MMA (session 13; opt-in): GYRE_SSD_BWD_DBC=wg
-// (ssd_bwd_dbc_wg, two launches: dC blocks, then dB blocks) where head_dim is 64 and state_dim a
-// multiple of 64 (other shapes keep smem). Not bitwise the same as smem (the products' fp32
-// order); deterministic. SsdSetDbcFormForTesting: 0 the environment, 1 smem, 2 wg.
-void SsdSetDbcFormForTesting(int form);
+// Helper ssdf13's wgmma kernels (session 13; ssd_notes.md "Session 13"): where head_dim is 64
+// and state_dim a multiple of 64 the forward scan is ssd_chunk_scan_fwd_wg (GYRE_SSD_FWD=wgs, the
+// only accepted value; "xs" is an error) and dB / dC are ssd_bwd_dbc_wg (GYRE_SSD_BWD_DBC=wg, the
+// only accepted value; "smem" is an error); other shapes run the mma.sync kernels those names
+// used to select. Not bitwise the same as the mma.sync kernels (the products' fp32 order);
+// deterministic.
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

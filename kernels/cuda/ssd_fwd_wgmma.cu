@@ -9,21 +9,26 @@
 //    the mma.sync code holds them) and B from shared memory in the 128-byte swizzle layout:
 //    the B tile is read once per warpgroup by the tensor cores instead of once per warp through
 //    ldmatrix, and one instruction replaces 8 mma.sync + 4 ldmatrix per k16 step.
-//  - The inter-chunk product is two (N/64) K = 64 items whose A operand is C_l with its rows
-//    scaled by e^{Acs_l} in registers (rounded to bf16, as the masked C Bᵀ already is), so that
-//    every item of an l-tile accumulates into the same registers with nothing in between: no
-//    wait for the tensor cores until the l-tile's last item. (pair_xs scaled its fp32 C_l H_cᵀ
-//    after the product.) H_c's halves travel with the C_l halves in the same ring slots.
+//  - The inter-chunk product is N/64 K = 64 items of shared-memory wgmmas (A = C_l's 64-column
+//    half, B = H_c's, both K-major) into the accumulator, scaled by e^{Acs_l} in fp32 once
+//    complete (while the first s-tile's A fragments are prepared); the s-tile items then
+//    accumulate into the same registers. H_c's halves travel with the C_l halves in the same
+//    ring slots (H_c is read once per l-tile: +12.5% L2 bytes over pair_xs).
+//  - The off-diagonal column factors are formed once per l-tile in shared memory.
 //  - Items are uniform 16 KB slots (A tile 8 KB + B tile 8 KB): C_l half + H_c half, or the
-//    C Bᵀ tile + x_s. The ring has kSlots slots; the wgmma of item k stays in flight through
+//    C Bᵀ tile + x_s. The ring has 3 slots; the wgmma of item k stays in flight through
 //    item k+1's barrier, load issue, ldmatrix and scaling (wgmma.wait_group 0 only right before
 //    item k+1's A registers are written: waiting there, not after the commit with wait_group 1,
 //    is what keeps ptxas from serialising the wgmmas, warning C7513), so a slot is refilled two
-//    items after its use and the load lookahead is kSlots − 2 items.
+//    items after its use and the load lookahead is one item (as in pair_xs).
 //
 // Items of an l-tile lt: NH = N/64 inter halves, then s-tiles 0..lt (diagonal last, whose x_s
 // tile holds the l-tile's own rows: the D·x term reads it). Every sum is in a fixed order
-// (deterministic), but not pair_xs's order: not bitwise the same as the default.
+// (deterministic), but not pair_xs's order: not bitwise the same as pair_xs (which still runs
+// the shapes this kernel does not take: P != 64, N % 64 != 0).
+//
+// Measured (H200, session 13, ssd_notes.md / bench/RESULTS.md): kernel 337 → 244 µs at B8 S2048
+// H64 (−28%), 256 → 187 µs at B16 S2048 H24; with ssd_bwd_dbc_wg below, fwd+bwd −11% at both.
 #include "kernels/cuda/ssd_fwd_wgmma.h"
 
 #include <algorithm>
@@ -110,19 +115,18 @@ __device__ __forceinline__ void AccToFrag(const float (&s)[8][4], uint32_t (&fa)
   }
 }
 
-// grid (NC·ceil(T/2), H, B), 128 threads; dynamic shared memory: 1024 (alignment) + kSlots ·
-// 16 KB + 8·Q bytes (the chunk's Acs and dt) + with kColFactors 4·Q more.
-// kColFactors (form wgc): the off-diagonal tiles' column factors dt_s·e^{Acs_l0 − Acs_s} are
-// formed once per l-tile into shared memory (one exponential per column per block) instead of
-// by each of the 32 threads that hold a column (16 exponentials per thread per tile); the same
-// operations on the same values, so bitwise the same output as without.
-// kSsInter (form wgs, with kColFactors): the inter product as shared-memory wgmmas (A = C_l, no
-// register pass over the 64×N operand) into the accumulator, scaled by e^{Acs_l} in fp32 once
-// it is complete (pair_xs's numerics for that term).
-template <int kSlots, bool kColFactors, bool kSsInter>
-__global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
-    ssd_chunk_scan_fwd_wg(SsdScanFwdWgArgs d) {
-  static_assert(kSlots >= 3, "the wgmma in flight holds one slot beyond the lookahead");
+// grid (NC·ceil(T/2), H, B), 128 threads; dynamic shared memory: 1024 (alignment) + 3 · 16 KB +
+// 12·Q bytes (the chunk's Acs and dt, the l-tile's column factors). Four blocks per SM at
+// P64 N128 Q256 (123 registers, 53 KB).
+// The off-diagonal tiles' column factors dt_s·e^{Acs_l0 − Acs_s} are formed once per l-tile
+// into shared memory (one exponential per column per block, not one in each of the 32 threads
+// that hold the column; session 13's form wgc, bitwise the same as without). The inter product
+// is shared-memory wgmmas (A = C_l straight from the slot) into the accumulator, scaled by
+// e^{Acs_l} in fp32 once complete (pair_xs's numerics for that term; form wgs; the first form,
+// wg, scaled C_l's rows in registers before a register-A product: more instructions, and one
+// more bf16 rounding).
+__global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFwdWgArgs d) {
+  constexpr int kSlots = 3;
   constexpr int kLook = kSlots - 2;  // items loaded ahead of the one being multiplied
   extern __shared__ __align__(1024) char smem_raw[];
   const uint32_t raw_addr = SmemAddr(smem_raw);
@@ -131,7 +135,7 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
   const uint32_t ring = raw_addr + pad;
   float* acs_c = reinterpret_cast<float*>(smem + kSlots * kSlotBytes);
   float* dt_c = acs_c + d.Q;
-  float* cf_c = dt_c + d.Q;  // kColFactors: column factors of the current l-tile's s < l0
+  float* cf_c = dt_c + d.Q;  // column factors of the current l-tile's s < l0
 
   const int T = d.Q / kTileRows, pairs = (T + 1) / 2;
   const int c = blockIdx.x / pairs, pr = blockIdx.x % pairs, h = blockIdx.y, b = blockIdx.z;
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
     if (lt < 0) break;
     const int l0 = lt * kTileRows;
     float al0 = 0.f, al1 = 0.f, aref = 0.f;
-    // Inter-chunk halves: A = C_l[:, 64j..] rows scaled by e^{Acs_l}, B = H_c[:, 64j..] (K-major).
+    // Inter-chunk halves: A = C_l[:, 64j..], B = H_c[:, 64j..] (both K-major).
     int j = 0;
     do {
       begin(k);
@@ -212,51 +216,21 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
         al0 = acs_c[l0 + r0];
         al1 = acs_c[l0 + r0 + 8];
         aref = acs_c[l0];
-        if constexpr (kColFactors) {
-          // Read from the first s-tile item on (after its barrier); the previous l-tile's
-          // readers all passed this item's barrier.
-          for (int i = threadIdx.x; i < l0; i += kWgThreads) {
-            cf_c[i] = dt_c[i] * __expf(aref - acs_c[i]);
-          }
+        // Read from the first s-tile item on (after its barrier); the previous l-tile's
+        // readers all passed this item's barrier.
+        for (int i = threadIdx.x; i < l0; i += kWgThreads) {
+          cf_c[i] = dt_c[i] * __expf(aref - acs_c[i]);
         }
       }
       const uint32_t a_tile = ring + (k % kSlots) * kSlotBytes;
-      if constexpr (kSsInter) {
-        // acc (=) C_l H_cᵀ over this half, both operands K-major in shared memory; e^{Acs_l}
-        // is applied to the fp32 sum before the first s-tile's product (as pair_xs does).
-        const uint64_t da = SmemDescSw128(a_tile, 16, 1024);
-        const uint64_t db = SmemDescSw128(a_tile + kTileBytes, 16, 1024);
-        WgmmaFence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) WgmmaSS64<0, 0>(acc, da + 2 * ks, db + 2 * ks, j > 0 || ks > 0);
-        WgmmaCommit();
-        WgmmaWait<1>();  // the previous half's wgmma: its slot is refilled at the next barrier
-        ++k;
-        ++j;
-        continue;
-      }
-      uint32_t fa[4][4];
-      {
-        uint32_t raw[4][4];
-        LoadTileASw(raw, a_tile);
-        float s[8][4];
-        FragToAcc(raw, s);
-        const float e0 = expf(al0), e1 = expf(al1);
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          s[jj][0] *= e0;
-          s[jj][1] *= e0;
-          s[jj][2] *= e1;
-          s[jj][3] *= e1;
-        }
-        WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
-        AccToFrag(s, fa);
-      }
+      // acc (=) C_l H_cᵀ over this half, both operands K-major in shared memory.
+      const uint64_t da = SmemDescSw128(a_tile, 16, 1024);
       const uint64_t db = SmemDescSw128(a_tile + kTileBytes, 16, 1024);
       WgmmaFence();
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<0>(acc, fa[ks], db + 2 * ks, j > 0 || ks > 0);
+      for (int ks = 0; ks < 4; ++ks) WgmmaSS64<0, 0>(acc, da + 2 * ks, db + 2 * ks, j > 0 || ks > 0);
       WgmmaCommit();
+      WgmmaWait<1>();  // the previous half's wgmma: its slot is refilled at the next barrier
       ++k;
       ++j;
     } while (j < NH);
@@ -268,15 +242,15 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
       const uint32_t a_tile = ring + (k % kSlots) * kSlotBytes;
       const float* as = acs_c + st * kTileRows;
       const float* ds = dt_c + st * kTileRows;
+      const float* cs = cf_c + st * kTileRows;
       uint32_t fa[4][4];
       {
         uint32_t raw[4][4];
         LoadTileASw(raw, a_tile);
         float s[8][4];
         FragToAcc(raw, s);
-        if (kColFactors && st < lt) {
+        if (st < lt) {
           // e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both factors <= 1.
-          const float* cs = cf_c + st * kTileRows;
 #pragma unroll
           for (int jj = 0; jj < 8; ++jj) {
             const float2 cf = *reinterpret_cast<const float2*>(cs + 8 * jj + 2 * tq);
@@ -285,17 +259,6 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
             s[jj][2] *= cf.x * rf1;
             s[jj][3] *= cf.y * rf1;
           }
-        } else if (st < lt) {
-          // e^{Acs_l − Acs_s} = e^{Acs_l − Acs_l0} · e^{Acs_l0 − Acs_s}, both factors <= 1.
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-            for (int c2 = 0; c2 < 2; ++c2) {
-              const int col = 8 * jj + 2 * tq + c2;
-              const float cf = ds[col] * __expf(aref - as[col]);
-              s[jj][c2] *= cf * rf0;
-              s[jj][2 + c2] *= cf * rf1;
-            }
         } else {
 #pragma unroll
           for (int jj = 0; jj < 8; ++jj)
@@ -308,7 +271,7 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
             }
         }
         WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
-        if (kSsInter && st == 0) {
+        if (st == 0) {
           // The inter product is complete (wait above): y starts as e^{Acs_l} C_l H_cᵀ.
           FenceRegs(acc);
           const float e0 = expf(al0), e1 = expf(al1);
@@ -355,22 +318,6 @@ __global__ void __launch_bounds__(kWgThreads, kSlots <= 3 ? 4 : 3)
   }
 }
 
-size_t WgSmem(int slots, bool col_factors, int Q) {
-  return 1024 + slots * kSlotBytes + (col_factors ? 3 : 2) * sizeof(float) * Q;
-}
-
-template <int kSlots, bool kColFactors, bool kSsInter>
-CudaResult Launch(const SsdScanFwdWgArgs& a, cudaStream_t stream) {
-  const size_t smem = WgSmem(kSlots, kColFactors, a.Q);
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_chunk_scan_fwd_wg<kSlots, kColFactors, kSsInter>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-  const int T = a.Q / kTileRows;
-  ssd_chunk_scan_fwd_wg<kSlots, kColFactors, kSsInter>
-      <<<dim3(a.NC * ((T + 1) / 2), a.H, a.B), kWgThreads, smem, stream>>>(a);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_wg");
-  return {};
-}
 
 
 // ------------------------------------------------------------------ dB / dC (backward)
@@ -606,15 +553,20 @@ bool SsdScanFwdWgSupports(int P, int N, int Q) {
   return P == 64 && N % 64 == 0 && N >= 64 && N <= 256 && Q % 64 == 0 && Q <= 1024;
 }
 
-CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream_t stream) {
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, cudaStream_t stream) {
   if (!SsdScanFwdWgSupports(a.P, a.N, a.Q)) {
     return InvalidArgument("ssd_chunk_scan_fwd_wg: unsupported head_dim " + std::to_string(a.P) +
                            " / state_dim " + std::to_string(a.N) + " / chunk " +
                            std::to_string(a.Q));
   }
-  if (variant == 2) return Launch<3, true, true>(a, stream);
-  if (variant == 1) return Launch<3, true, false>(a, stream);
-  return Launch<3, false, false>(a, stream);
+  const size_t smem = 1024 + 3 * kSlotBytes + 3 * sizeof(float) * a.Q;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ssd_chunk_scan_fwd_wg,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  const int T = a.Q / kTileRows;
+  ssd_chunk_scan_fwd_wg<<<dim3(a.NC * ((T + 1) / 2), a.H, a.B), kWgThreads, smem, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_fwd_wg");
+  return {};
 }
 
 }  // namespace gyre::cuda

@@ -1,7 +1,7 @@
-// The SSD forward's chunk scan on Hopper warpgroup MMA (helper ssdf13, session 13): an opt-in
-// form of ssd.cu's ssd_chunk_scan_fwd_pair_xs (GYRE_SSD_FWD=wg, wgc or wgs; ssd.h), same inputs and
-// outputs, for head_dim 64 and state_dim a multiple of 64. Called only from ssd.cu; the layout
-// of `saved` (offsets below) is ssd.cu's MakeDims.
+// The SSD forward's chunk scan and the backward's dB / dC on Hopper warpgroup MMA (helper ssdf13,
+// session 13): the default kernels for head_dim 64 and state_dim a multiple of 64 (ssd.cu keeps
+// ssd_chunk_scan_fwd_pair_xs / ssd_bwd_dbc_smem for the other shapes); same inputs and outputs.
+// Called only from ssd.cu; the layout of `saved` (offsets below) is ssd.cu's MakeDims.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,14 +30,12 @@ struct SsdScanFwdWgArgs {
 // of 64 up to 1024).
 bool SsdScanFwdWgSupports(int P, int N, int Q);
 
-// variant 0 (form wg): three ring slots, four blocks per SM at P64 N128 Q256; 1 (form wgc): the
-// same with the off-diagonal column factors formed once per l-tile in shared memory (bitwise the
-// same output); 2 (form wgs): wgc with the inter product as shared-memory wgmmas.
-CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, int variant, cudaStream_t stream);
+// ssd_chunk_scan_fwd_wg: three ring slots, four blocks per SM at P64 N128 Q256.
+CudaResult LaunchSsdScanFwdWg(const SsdScanFwdWgArgs& a, cudaStream_t stream);
 
-// The backward's dB and dC (ssd.cu's ssd_bwd_dbc_smem) on wgmma: helper ssdf13, session 13,
-// opt-in (GYRE_SSD_BWD_DBC=wg; ssd.h). Same inputs and outputs as ssd_bwd_dbc_smem; two launches
-// (dC blocks, then dB blocks) on `stream`.
+// The backward's dB and dC (ssd.cu's ssd_bwd_dbc_smem) on wgmma (GYRE_SSD_BWD_DBC=wg; ssd.h).
+// Same inputs and outputs as ssd_bwd_dbc_smem; two launches (dC blocks, then dB blocks) on
+// `stream`.
 struct SsdDbcWgArgs {
   int B = 0, S = 0, H = 0, P = 0, N = 0, Q = 0, NC = 0, G = 0, hpg = 0;
   int64_t ldx = 0, ldbc = 0, ldy = 0, per_batch = 0, dt_off = 0, acs_off = 0, hbf_off = 0;

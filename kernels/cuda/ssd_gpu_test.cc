@@ -16,11 +16,9 @@
 // stream) through the float64 checks; 13-15 force hi, then rerun with off and compare every
 // output bitwise (the same kernels on one stream): 14 with the fused state kernels the step
 // shape uses, 15 with the v2 dx and chunk-state kernels beside the side stream's v3 dCB → dB/dC
-// chain. Paths 16 and 17: helper ssdf13's wgmma forward scan (GYRE_SSD_FWD=wg / wgc, forced by
-// SsdSetScanFwdFormForTesting) on every P64 case; 16 reruns bitwise against itself, 17 (wgc)
-// reruns with wg and compares bitwise (the same operations on the same values); 18 (wgs) reruns
-// bitwise against itself. Paths 19 and 20: helper ssdf13's wgmma dB/dC (GYRE_SSD_BWD_DBC=wg) with
-// all v3 kernels (rerun bitwise) and beside the v2 dx kernel (no inter ∂Acs terms).
+// chain. Since session 13 the v3 forward scan and dB/dC are helper ssdf13's wgmma kernels
+// (ssd_fwd_wgmma.cu) on the P64 cases with N % 64 == 0 (the others run the mma.sync kernels), so
+// every path that selects them checks those against float64, and path 11 reruns them bitwise.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
@@ -100,7 +98,7 @@ bool BitwiseEqual(const Outputs& a, const Outputs& b) {
 // the first run) switches the side-stream form for the rerun only, so the two forms are compared
 // bitwise with each other.
 bool RunCase(const Case& k, uint64_t seed, bool rerun = false, int first_side = 0,
-             int rerun_side = 0, int first_fwd_form = 0, int rerun_fwd_form = 0) {
+             int rerun_side = 0) {
   std::mt19937_64 rng(seed);
   DeviceAllocator alloc;
   const int64_t nx = k.B * k.S * k.H * k.P, ndt = k.B * k.S * k.H, nbc = k.B * k.S * k.G * k.N;
@@ -324,11 +322,9 @@ bool RunCase(const Case& k, uint64_t seed, bool rerun = false, int first_side = 
     auto run_again = [&](Outputs* out) {
       reset_outputs();
       if (rerun_side != 0) SsdSetSideStreamForTesting(rerun_side);
-      if (rerun_fwd_form != 0) SsdSetScanFwdFormForTesting(rerun_fwd_form);
       CudaResult r2 = SsdForward(f, nullptr);
       if (r2.ok()) r2 = SsdBackward(g, &alloc, nullptr);
       if (rerun_side != 0) SsdSetSideStreamForTesting(first_side);
-      if (rerun_fwd_form != 0) SsdSetScanFwdFormForTesting(first_fwd_form);
       EXPECT_TRUE(r2.ok()) << r2.message;
       if (!r2.ok()) return false;
       CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
@@ -395,9 +391,6 @@ TEST(SsdGpu, MatchesCpuReference) {
     bool rerun = false;   // rerun-bitwise checks (RunCase)
     int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default hi), 1 off, 2 hi
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
-    int fwd_form = 0;     // SsdSetScanFwdFormForTesting: 0 environment (xs), 2 wg, 3 wgc, 4 wgs
-    int rerun_fwd_form = 0;  // the rerun's forward-scan form (0: the same as the first run)
-    int dbc_form = 0;     // SsdSetDbcFormForTesting: 0 environment (smem), 2 wg
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -419,16 +412,7 @@ TEST(SsdGpu, MatchesCpuReference) {
                         // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
                         // then reads the v2 dx kernel's partials, from the caller's stream).
                         {"[v3 dbc, side stream hi, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true,
-                         2, 1},
-                        // Helper ssdf13's wgmma forward scan (P64 cases; the others run xs),
-                        // rerun bitwise against itself (deterministic).
-                        {"[v3 all, fwd wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 2},
-                        {"[v3 all, fwd wgc, rerun wg] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 3, 2},
-                        {"[v3 all, fwd wgs, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 4},
-                        // Helper ssdf13's wgmma dB/dC (GYRE_SSD_BWD_DBC=wg; with the v3 dx path,
-                        // so its dC blocks also form the inter ∂Acs terms), and alone with v2 dx.
-                        {"[v3 all, dbc wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 0, 0, 2},
-                        {"[v3 dbc, dbc wg] ", kSsdRegDbc, 0, 0, 0, false, 0, 0, 0, 0, 2}};
+                         2, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
@@ -451,13 +435,10 @@ TEST(SsdGpu, MatchesCpuReference) {
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
-    SsdSetScanFwdFormForTesting(p.fwd_form);
-    SsdSetDbcFormForTesting(p.dbc_form);
     int path_failed = 0;
     for (Case k : cases) {
       k.label = std::string(p.name) + k.label;
-      path_failed +=
-          RunCase(k, seed++, p.rerun, p.side, p.rerun_side, p.fwd_form, p.rerun_fwd_form) ? 0 : 1;
+      path_failed += RunCase(k, seed++, p.rerun, p.side, p.rerun_side) ? 0 : 1;
     }
     std::printf("ssd_gpu_test path %s: %d of %zu cases failed\n", p.name, path_failed,
                 cases.size());
@@ -468,8 +449,6 @@ TEST(SsdGpu, MatchesCpuReference) {
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
-  SsdSetScanFwdFormForTesting(0);
-  SsdSetDbcFormForTesting(0);
   std::printf("ssd_gpu_test: %zu cases x %zu paths, %d failed\n", cases.size(),
               sizeof(paths) / sizeof(paths[0]), failed);
   EXPECT_EQ(failed, 0);
