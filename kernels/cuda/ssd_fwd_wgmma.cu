@@ -5,8 +5,9 @@
 // The work split is ssd_chunk_scan_fwd_pair_xs's: one 128-thread block (one warpgroup) per
 // (b, c, h) and pair of 64-row l-tiles (p, T−1−p), so every block has the same work. What
 // differs:
-//  - Every product is one wgmma m64n64k16 chain with A from registers (the warp's 16 rows, as
-//    the mma.sync code holds them) and B from shared memory in the 128-byte swizzle layout:
+//  - Every s-tile product is one wgmma m64n64k16 chain with A from registers (the warp's 16
+//    rows of the masked, decayed C Bᵀ tile, exactly as the mma.sync code forms them) and B (x_s)
+//    from shared memory in the 128-byte swizzle layout:
 //    the B tile is read once per warpgroup by the tensor cores instead of once per warp through
 //    ldmatrix, and one instruction replaces 8 mma.sync + 4 ldmatrix per k16 step.
 //  - The inter-chunk product is N/64 K = 64 items of shared-memory wgmmas (A = C_l's 64-column
