@@ -111,6 +111,21 @@ __device__ __forceinline__ void WgmmaRS128(float (&d)[kAcc], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(kTransB));
 }
 
+// d[0..32) (+)= A·B, m64n64k16, A (bf16 pairs, the m16n8k16 A-fragment layout of this warp's
+// 16 rows) in registers, B in shared memory; kTransB: B N-major (else K-major). accumulate 0:
+// d = A·B (a predicate, not a branch: the wgmma stays unconditional). Added by helper ssdf13 for
+// the SSD forward scan (ssd_fwd_wgmma.cu).
+template <int kTransB, int kAcc>
+__device__ __forceinline__ void WgmmaRS64Pred(float (&d)[kAcc], const uint32_t (&a)[4],
+                                              uint64_t desc_b, int accumulate) {
+  static_assert(kAcc >= 32);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+}
+
 // The same on an accumulator stored as [n/8][4] (the m16n8 tile layout of mma.sync code).
 template <int kTransB>
 __device__ __forceinline__ void WgmmaRS128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {

@@ -160,6 +160,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/ssd_fwd_wgmma.h"  // session 13: forward scan and dB/dC at P64 on wgmma
 #include "kernels/cuda/vec_util.cuh"
 
 namespace gyre::cuda {
@@ -2932,6 +2933,12 @@ int SmCount() {
 //                                   deleted)
 //   GYRE_SSD_DCB_SUM     = kernel  (ssd_bwd_dcb_sum after ssd_bwd_dcb_reg; "last", the last
 //                                   head-split block summing, was deleted)
+// Helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; H200, session 13, ssd_notes.md "Session 13")
+// are the defaults where they take the shape (head_dim 64, state_dim % 64 == 0; the kernels
+// above run the other shapes), and their switches accept only their names:
+//   GYRE_SSD_FWD     = wgs  (ssd_chunk_scan_fwd_wg; "xs", which named pair_xs, and the session's
+//                            other forms "wg", "wgc", "wg4" are errors)
+//   GYRE_SSD_BWD_DBC = wg   (ssd_bwd_dbc_wg; "smem", which named ssd_bwd_dbc_smem, is an error)
 struct EnvSwitch {
   const char* env;
   const char* names[4];              // null-terminated
@@ -2947,8 +2954,8 @@ struct Form {
 //   GYRE_SSD_BWD_DX = wgc    (ssd_bwd_dx_wgc, measured as "wgc2"; "early" and "wgc2" are
 //                             errors now)
 EnvSwitch g_dx_switch{"GYRE_SSD_BWD_DX", {"wgc", nullptr}};
-EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"xs", nullptr}};
-EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"smem", nullptr}};
+EnvSwitch g_fwd_switch{"GYRE_SSD_FWD", {"wgs", nullptr}};
+EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"wg", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
@@ -3130,6 +3137,14 @@ CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* sa
   const int T = d.Q / kTile;
   const Form form = Choose(g_fwd_switch);
   if (!form.bad.empty()) return InvalidArgument(form.bad);
+  if (SsdScanFwdWgSupports(d.P, d.N, d.Q)) {  // helper ssdf13's wgmma scan (ssd_fwd_wgmma.cu)
+    SsdScanFwdWgArgs w;
+    w.B = d.B, w.S = d.S, w.H = d.H, w.P = d.P, w.N = d.N, w.Q = d.Q, w.NC = d.NC, w.hpg = d.hpg;
+    w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
+    w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.cb_off = d.cb_off, w.hbf_off = d.hbf_off;
+    w.x = a.x, w.c = a.c, w.dskip = a.d, w.saved = saved, w.y = a.y;
+    return LaunchSsdScanFwdWg(w, stream);
+  }
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_scan_fwd_pair_xs<kP>, smem));
   ssd_chunk_scan_fwd_pair_xs<kP><<<dim3(d.NC * ((T + 1) / 2), d.H, d.B), kThreads, smem,
                                    stream>>>(d, a.x, a.c, a.d, saved, a.y);
@@ -3339,12 +3354,23 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     const size_t bc_smem = SmemOf<CarveDbcReg<CarveSize>>(d);
     const Form dbc_form = Choose(g_dbc_switch);
     if (!dbc_form.bad.empty()) return InvalidArgument(dbc_form.bad);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
+    const bool dbc_wg = SsdDbcWgSupports(d.P, d.N, d.Q);  // helper ssdf13's wgmma dB/dC
+    if (!dbc_wg) CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dbc_smem, bc_smem));
     CUDA_RETURN_IF_NOT_OK(fork->WaitMark());
-    ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
-                       side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
-                               plan.dx ? sc.inter_part : nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    if (dbc_wg) {
+      SsdDbcWgArgs w;
+      w.B = d.B, w.S = d.S, w.H = d.H, w.P = d.P, w.N = d.N, w.Q = d.Q, w.NC = d.NC, w.G = d.G;
+      w.hpg = d.hpg, w.ldx = d.ldx, w.ldbc = d.ldbc, w.ldy = d.ldy, w.per_batch = d.per_batch;
+      w.dt_off = d.dt_off, w.acs_off = d.acs_off, w.hbf_off = d.hbf_off;
+      w.x = a.x, w.b = a.b, w.c = a.c, w.saved = saved, w.dy = a.dy, w.st_g = sc.g_bf;
+      w.dcb_bf = sc.dcb_bf, w.db = a.db, w.dc = a.dc, w.inter_out = plan.dx ? sc.inter_part : nullptr;
+      CUDA_RETURN_IF_NOT_OK(LaunchSsdDbcWg(w, side));
+    } else {
+      ssd_bwd_dbc_smem<<<dim3(d.NC * tiles, 2 * d.G * (d.N / 64), d.B), kThreads, bc_smem,
+                         side>>>(d, a.x, a.b, a.c, saved, a.dy, sc.g_bf, sc.dcb_bf, a.db, a.dc,
+                                 plan.dx ? sc.inter_part : nullptr);
+      CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dbc_smem");
+    }
     CUDA_RETURN_IF_NOT_OK(fork->Join());
     if (plan.dx) {
       const Form finish = Choose(g_dacs_finish_switch);

@@ -148,10 +148,9 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
-// Environment (read once per process): GYRE_SSD_BWD_DX (see below), GYRE_SSD_FWD=xs and
-// GYRE_SSD_BWD_DBC=smem name the only kernel forms left (helper ssd10's; the earlier forms were
-// deleted after the 2026-11-27 confirmation); unset is the same, any other value is an error
-// from SsdForward / SsdBackward.
+// Environment (read once per process): GYRE_SSD_BWD_DX=wgc, GYRE_SSD_FWD=wgs and
+// GYRE_SSD_BWD_DBC=wg (below) name the only kernel forms left; unset is the same, any other value
+// is an error from SsdForward / SsdBackward.
 // Helper ssd11's forms after the lead's session-9 call: GYRE_SSD_FUSED_STATE=2 (the fused
 // chunk-state / state-pass kernels where their blocks are at least 2 per SM) and
 // GYRE_SSD_DACS_FINISH=pf (the ∂Acs finishing kernel with its loads issued together) are the
@@ -176,6 +175,12 @@ void SsdSetSideStreamForTesting(int mode);
 // is the same; "early" and any other value are an error from SsdBackward): the one-block-per-chunk
 // wgmma kernel where P = 64, N is 64 or 128 and the chunk is at most 256, the per-s-tile
 // mma.sync kernel (early) for every other shape.
+// Helper ssdf13's wgmma kernels (session 13; ssd_notes.md "Session 13"): where head_dim is 64
+// and state_dim a multiple of 64 the forward scan is ssd_chunk_scan_fwd_wg (GYRE_SSD_FWD=wgs, the
+// only accepted value; "xs" is an error) and dB / dC are ssd_bwd_dbc_wg (GYRE_SSD_BWD_DBC=wg, the
+// only accepted value; "smem" is an error); other shapes run the mma.sync kernels those names
+// used to select. Not bitwise the same as the mma.sync kernels (the products' fp32 order);
+// deterministic.
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -20,6 +20,9 @@
 // (ssd_bwd_dx_wgc) on the P64 cases with N 64 / 128 and chunk <= 256 (S300 G2, S300 Q256,
 // bench-like, large dt*A Q256, tiny dt, S333 Q128 G2, H5 S200 and both strided cases) and the
 // early kernel on the others (P32, P96, P128, N32, N96).
+// Since session 13 the v3 forward scan and dB/dC are helper ssdf13's wgmma kernels
+// (ssd_fwd_wgmma.cu) on the P64 cases with N % 64 == 0 (the others run the mma.sync kernels), so
+// every path that selects them checks those against float64, and path 11 reruns them bitwise.
 #include "kernels/cuda/ssd.h"
 
 #include <cmath>
