@@ -9,6 +9,9 @@
 // checkpoint only when its MANIFEST parses and every file matches its size and checksum, so a
 // crash at any point leaves either the previous checkpoint or the new one, never a torn one.
 // A corrupt newest checkpoint is reported (with the file that failed) and the previous one used.
+// A worker's restore streams (StreamCheckpoint) instead of holding a 16 GB checkpoint in memory:
+// it verifies each file while copying it in, so a corrupt file found late leaves the replica
+// partly written; the replica then refuses all use until a good restore (replica.h).
 //
 // Thread-safety: the functions are thread-safe for different directories; CheckpointWriter
 // runs one write at a time on its own thread.
