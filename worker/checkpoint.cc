@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
@@ -133,40 +134,6 @@ absl::StatusOr<gyre::v1::CheckpointManifest> ReadCheckpointManifest(Env* env, co
     }
   }
   return manifest;
-}
-
-absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir) {
-  ASSIGN_OR_RETURN(gyre::v1::CheckpointManifest manifest, ReadCheckpointManifest(env, dir));
-  // The tensors are views into the files' bytes (TensorSnapshot::staging keeps each file alive), not
-  // copies: a checkpoint is held once while it is read, not twice.
-  std::map<std::string, std::shared_ptr<const std::string>> files;
-  for (const gyre::v1::FileEntry& f : manifest.files()) {
-    const std::string path = JoinPath(dir, f.path());
-    absl::StatusOr<std::string> bytes = env->ReadFile(path);
-    if (!bytes.ok()) return absl::DataLossError(absl::StrCat("checkpoint file ", path, ": ", bytes.status().message()));
-    if (bytes->size() != f.bytes()) {
-      return absl::DataLossError(absl::StrCat("checkpoint file ", path, " has ", bytes->size(), " bytes, manifest says ", f.bytes()));
-    }
-    if (Xxh64(*bytes) != f.xxh64()) return absl::DataLossError(absl::StrCat("checkpoint file ", path, " fails its checksum"));
-    files[f.path()] = std::make_shared<const std::string>(std::move(*bytes));
-  }
-  CheckpointState state;
-  state.step = manifest.step();
-  state.generation = manifest.generation();
-  state.config = manifest.config();
-  state.rng_state = manifest.rng_state();
-  for (const gyre::v1::TensorEntry& e : manifest.tensors()) {
-    const std::shared_ptr<const std::string>& file = files.at(e.file());  // ReadCheckpointManifest checked
-    TensorSnapshot t;
-    t.name = e.name();
-    t.dtype = e.dtype();
-    t.shape.assign(e.shape().begin(), e.shape().end());
-    t.staging = file;
-    t.staged = file->data() + e.offset();
-    t.staged_size = e.bytes();
-    state.tensors.push_back(std::move(t));
-  }
-  return state;
 }
 
 namespace {
@@ -389,6 +356,47 @@ absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, c
   stats.sink_s = sink_us / 1e6;
   stats.sink_wait_s = wait_us / 1e6;
   return stats;
+}
+
+absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir) {
+  ASSIGN_OR_RETURN(gyre::v1::CheckpointManifest manifest, ReadCheckpointManifest(env, dir));
+  // Every tensor's bytes land in one buffer (TensorSnapshot::staging keeps it alive; no zero-fill,
+  // no string growth), streamed and verified like a worker's restore. Nothing is returned unless
+  // every file passed its checksum.
+  std::vector<uint64_t> at(manifest.tensors_size());
+  uint64_t total = 0;
+  for (int t = 0; t < manifest.tensors_size(); ++t) {
+    at[t] = total;
+    total += manifest.tensors(t).bytes();
+  }
+  void* raw = std::malloc(total == 0 ? 1 : total);
+  if (raw == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat("checkpoint ", dir, ": cannot allocate ", total, " bytes of host memory"));
+  }
+  const std::shared_ptr<char> buffer(static_cast<char*>(raw), std::free);
+  RETURN_IF_ERROR(StreamCheckpoint(env, Clock::Real(), dir, manifest, CheckpointStreamOptions(),
+                                   [&](int t, uint64_t offset, std::string_view bytes) {
+                                     std::memcpy(buffer.get() + at[t] + offset, bytes.data(), bytes.size());
+                                     return absl::OkStatus();
+                                   })
+                      .status());
+  CheckpointState state;
+  state.step = manifest.step();
+  state.generation = manifest.generation();
+  state.config = manifest.config();
+  state.rng_state = manifest.rng_state();
+  for (int i = 0; i < manifest.tensors_size(); ++i) {
+    const gyre::v1::TensorEntry& e = manifest.tensors(i);
+    TensorSnapshot t;
+    t.name = e.name();
+    t.dtype = e.dtype();
+    t.shape.assign(e.shape().begin(), e.shape().end());
+    t.staging = buffer;
+    t.staged = buffer.get() + at[i];
+    t.staged_size = e.bytes();
+    state.tensors.push_back(std::move(t));
+  }
+  return state;
 }
 
 absl::StatusOr<LatestCheckpoint> LoadLatestCheckpoint(Env* env, const std::string& checkpoints_dir) {

@@ -74,8 +74,10 @@ absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final
 absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpoints_dir, const CheckpointState& state,
                                             uint64_t max_file_bytes = uint64_t{1} << 30);
 
-// Reads and fully verifies one checkpoint directory into host memory (eval, tools, tests; a
-// worker's restore streams instead, StreamCheckpoint). DataLoss naming the file on any mismatch.
+// Reads and fully verifies one checkpoint directory into host memory, one buffer for all tensors
+// (eval, tools, tests; streamed through StreamCheckpoint, so several files are read at once; a
+// worker's restore streams straight into its replica instead). DataLoss naming the file on any
+// mismatch; nothing is returned unless every file passed its checksum.
 absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir);
 
 // The MANIFEST of checkpoint `dir`, parsed and checked for consistency without reading the tensor
