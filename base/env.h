@@ -33,6 +33,16 @@ class ReadOnlyRegion {
   virtual std::string_view data() const = 0;
 };
 
+// A file read by byte ranges: a checkpoint restore streams each file through a few reused
+// (pinned) buffers instead of holding it whole. Used by one thread at a time.
+class RandomAccessFile {
+ public:
+  virtual ~RandomAccessFile() = default;
+  // Reads up to `n` bytes at `offset` into `scratch`: exactly `n` unless the file ends first (0 at
+  // or past its end).
+  virtual absl::StatusOr<size_t> Read(uint64_t offset, size_t n, char* scratch) = 0;
+};
+
 class Env {
  public:
   virtual ~Env() = default;
@@ -44,6 +54,8 @@ class Env {
   virtual absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) = 0;
   // Reads the whole file. NotFound when it does not exist.
   virtual absl::StatusOr<std::string> ReadFile(const std::string& path) = 0;
+  // Opens `path` for reads by range. NotFound when it does not exist.
+  virtual absl::StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) = 0;
   // Maps the whole file read-only (shards). NotFound when it does not exist.
   virtual absl::StatusOr<std::unique_ptr<ReadOnlyRegion>> MapFile(const std::string& path) = 0;
   // Atomically replaces `to` (file or empty directory) with `from`. Durable only after

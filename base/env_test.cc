@@ -63,7 +63,31 @@ TEST_P(EnvContractTest, WriteReadMapRenameList) {
   EXPECT_FALSE(env_->Exists(P("sub/b.bin")));
 }
 
+TEST_P(EnvContractTest, RangedReadsStopAtTheEndOfTheFile) {
+  std::string content;
+  for (int i = 0; i < 1000; ++i) content.push_back(static_cast<char>('a' + i % 26));
+  ASSERT_TRUE(WriteFileAtomically(env_, P("r.bin"), content).ok());
+  auto file = env_->NewRandomAccessFile(P("r.bin"));
+  ASSERT_TRUE(file.ok()) << file.status();
+  std::string scratch(400, '\0');
+  auto n = (*file)->Read(0, 400, scratch.data());
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(*n, 400u);
+  EXPECT_EQ(scratch, content.substr(0, 400));
+  n = (*file)->Read(700, 400, scratch.data());  // the last 300 bytes
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 300u);
+  EXPECT_EQ(scratch.substr(0, 300), content.substr(700));
+  n = (*file)->Read(1000, 10, scratch.data());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 0u);
+  n = (*file)->Read(5000, 10, scratch.data());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 0u);
+}
+
 TEST_P(EnvContractTest, MissingFilesAreNotFound) {
+  EXPECT_TRUE(absl::IsNotFound(env_->NewRandomAccessFile(P("nope")).status()));
   EXPECT_TRUE(absl::IsNotFound(env_->ReadFile(P("nope")).status()));
   EXPECT_TRUE(absl::IsNotFound(env_->MapFile(P("nope")).status()));
   EXPECT_TRUE(absl::IsNotFound(env_->ListDir(P("nodir")).status()));
@@ -142,6 +166,32 @@ TEST(FaultInjectionEnvTest, FailNthMutationAndFlipByte) {
   ASSERT_TRUE(env.FlipByte("/d/x", 1, 0x20).ok());
   EXPECT_EQ(*env.ReadFile("/d/x"), "aBc");
   EXPECT_TRUE(absl::IsOutOfRange(env.FlipByte("/d/x", 3)));
+}
+
+TEST(FaultInjectionEnvTest, RangedReadsSeeFlippedBytesAndInjectedReadErrors) {
+  auto mem = NewMemEnv();
+  FaultInjectionEnv env(mem.get());
+  ASSERT_TRUE(env.CreateDirs("/d").ok());
+  ASSERT_TRUE(WriteFileAtomically(&env, "/d/x", "abcdef").ok());
+  ASSERT_TRUE(env.FlipByte("/d/x", 4, 0x20).ok());
+  auto file = env.NewRandomAccessFile("/d/x");
+  ASSERT_TRUE(file.ok()) << file.status();
+  char buf[8] = {0};
+  auto n = (*file)->Read(3, 8, buf);
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(std::string(buf, *n), "dEf");
+  // The second read from now fails (naming the file), the ones around it do not.
+  env.FailNthRead(2);
+  EXPECT_TRUE((*file)->Read(0, 2, buf).ok());
+  absl::StatusOr<size_t> failed = (*file)->Read(2, 2, buf);
+  EXPECT_TRUE(absl::IsUnavailable(failed.status()));
+  EXPECT_NE(failed.status().message().find("/d/x"), std::string_view::npos);
+  EXPECT_TRUE((*file)->Read(2, 2, buf).ok());
+  const int before = env.read_count();
+  env.FailNthRead(1);
+  EXPECT_TRUE(absl::IsUnavailable(env.ReadFile("/d/x").status()));
+  EXPECT_EQ(env.read_count(), before + 1);
+  EXPECT_TRUE(env.ReadFile("/d/x").ok());
 }
 
 }  // namespace

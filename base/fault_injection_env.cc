@@ -32,7 +32,53 @@ class FaultWritableFile final : public WritableFile {
   uint64_t size_ = 0;
 };
 
+class FaultRandomAccessFile final : public RandomAccessFile {
+ public:
+  FaultRandomAccessFile(FaultInjectionEnv* env, std::string path, std::unique_ptr<RandomAccessFile> file)
+      : env_(env), path_(std::move(path)), file_(std::move(file)) {}
+
+  absl::StatusOr<size_t> Read(uint64_t offset, size_t n, char* scratch) override {
+    RETURN_IF_ERROR(env_->CheckRead(absl::StrCat("read ", path_, " at ", offset)));
+    return file_->Read(offset, n, scratch);
+  }
+
+ private:
+  FaultInjectionEnv* env_;
+  std::string path_;
+  std::unique_ptr<RandomAccessFile> file_;
+};
+
 }  // namespace
+
+absl::Status FaultInjectionEnv::CheckRead(const std::string& what) {
+  absl::MutexLock lock(&mu_);
+  ++reads_;
+  if (fail_read_at_ > 0 && reads_ == fail_read_at_) {
+    fail_read_at_ = 0;
+    return absl::UnavailableError(absl::StrCat(what, ": injected I/O error"));
+  }
+  return absl::OkStatus();
+}
+
+void FaultInjectionEnv::FailNthRead(int n) {
+  absl::MutexLock lock(&mu_);
+  fail_read_at_ = n > 0 ? reads_ + n : 0;
+}
+
+int FaultInjectionEnv::read_count() const {
+  absl::MutexLock lock(&mu_);
+  return reads_;
+}
+
+absl::StatusOr<std::string> FaultInjectionEnv::ReadFile(const std::string& path) {
+  RETURN_IF_ERROR(CheckRead(absl::StrCat("read ", path)));
+  return target_->ReadFile(path);
+}
+
+absl::StatusOr<std::unique_ptr<RandomAccessFile>> FaultInjectionEnv::NewRandomAccessFile(const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<RandomAccessFile> file, target_->NewRandomAccessFile(path));
+  return std::unique_ptr<RandomAccessFile>(std::make_unique<FaultRandomAccessFile>(this, path, std::move(file)));
+}
 
 absl::Status FaultInjectionEnv::CheckMutation(const std::string& what) {
   absl::MutexLock lock(&mu_);

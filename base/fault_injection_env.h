@@ -5,6 +5,8 @@
 //  - FailNthMutation(n): the n-th mutating call from now (write, sync, rename, mkdir, remove)
 //    returns an error, as does every later one when `sticky` (a dead disk).
 //  - FlipByte(): silent corruption of a stored byte (what checksums must catch).
+//  - FailNthRead(n): the n-th read from now (ReadFile, or one RandomAccessFile::Read) returns an
+//    error (a bad sector: restores must fail cleanly, naming the file).
 // Thread-safe.
 #pragma once
 
@@ -24,7 +26,8 @@ class FaultInjectionEnv final : public Env {
   explicit FaultInjectionEnv(Env* target) : target_(target) {}
 
   absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override;
-  absl::StatusOr<std::string> ReadFile(const std::string& path) override { return target_->ReadFile(path); }
+  absl::StatusOr<std::string> ReadFile(const std::string& path) override;
+  absl::StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) override;
   absl::StatusOr<std::unique_ptr<ReadOnlyRegion>> MapFile(const std::string& path) override {
     return target_->MapFile(path);
   }
@@ -45,6 +48,11 @@ class FaultInjectionEnv final : public Env {
   // Number of mutating calls seen so far (to pick n for a sweep over every crash point).
   int mutation_count() const;
 
+  // The n-th (1-based) read from now fails with an IO-style error; n = 0 disarms.
+  void FailNthRead(int n);
+  // Number of reads seen so far.
+  int read_count() const;
+
   // Drops everything that was not made durable (see the header comment).
   absl::Status SimulateCrash();
 
@@ -54,6 +62,8 @@ class FaultInjectionEnv final : public Env {
   // Called by FaultWritableFile.
   absl::Status CheckMutation(const std::string& what);
   void RecordSynced(const std::string& path, uint64_t size);
+  // Called by every read (FaultRandomAccessFile too).
+  absl::Status CheckRead(const std::string& what);
 
  private:
   struct PendingRename {
@@ -68,6 +78,8 @@ class FaultInjectionEnv final : public Env {
   int fail_at_ ABSL_GUARDED_BY(mu_) = 0;
   bool sticky_ ABSL_GUARDED_BY(mu_) = false;
   bool failing_ ABSL_GUARDED_BY(mu_) = false;
+  int reads_ ABSL_GUARDED_BY(mu_) = 0;
+  int fail_read_at_ ABSL_GUARDED_BY(mu_) = 0;
   // Durable size of every file written through this Env.
   std::map<std::string, uint64_t> synced_size_ ABSL_GUARDED_BY(mu_);
   // Files created since the last SyncDir of their directory.

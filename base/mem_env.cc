@@ -1,5 +1,7 @@
 #include "base/mem_env.h"
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <set>
 
@@ -39,6 +41,22 @@ class StringRegion final : public ReadOnlyRegion {
   std::string bytes_;
 };
 
+// Reads the file's bytes as they were when it was opened (an open POSIX file also survives its
+// unlink or replacement by rename).
+class StringRandomAccessFile final : public RandomAccessFile {
+ public:
+  explicit StringRandomAccessFile(std::string bytes) : bytes_(std::move(bytes)) {}
+  absl::StatusOr<size_t> Read(uint64_t offset, size_t n, char* scratch) override {
+    if (offset >= bytes_.size()) return size_t{0};
+    const size_t count = std::min<uint64_t>(n, bytes_.size() - offset);
+    std::memcpy(scratch, bytes_.data() + offset, count);
+    return count;
+  }
+
+ private:
+  std::string bytes_;
+};
+
 class MemEnv final : public Env {
  public:
   MemEnv() { dirs_.insert("/"); dirs_.insert("."); }
@@ -64,6 +82,12 @@ class MemEnv final : public Env {
     auto it = files_.find(Normalize(path));
     if (it == files_.end()) return absl::NotFoundError(absl::StrCat("open ", path, ": no such file"));
     return it->second;
+  }
+
+  absl::StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) override {
+    auto bytes = ReadFile(path);
+    if (!bytes.ok()) return bytes.status();
+    return std::make_unique<StringRandomAccessFile>(std::move(*bytes));
   }
 
   absl::StatusOr<std::unique_ptr<ReadOnlyRegion>> MapFile(const std::string& path) override {

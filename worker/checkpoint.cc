@@ -3,7 +3,12 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 
 #include "absl/strings/match.h"
@@ -102,46 +107,292 @@ absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final
   return final_dir;
 }
 
-absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir) {
+absl::StatusOr<gyre::v1::CheckpointManifest> ReadCheckpointManifest(Env* env, const std::string& dir) {
   const std::string manifest_path = JoinPath(dir, kManifest);
-  ASSIGN_OR_RETURN(std::string manifest_bytes, env->ReadFile(manifest_path));
+  absl::StatusOr<std::string> manifest_bytes = env->ReadFile(manifest_path);
+  if (!manifest_bytes.ok()) {
+    return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, ": ", manifest_bytes.status().message()));
+  }
   gyre::v1::CheckpointManifest manifest;
-  if (!manifest.ParseFromString(manifest_bytes)) {
+  if (!manifest.ParseFromString(*manifest_bytes)) {
     return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, " does not parse"));
   }
   if (manifest.format_version() != kFormatVersion) {
     return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, ": format version ",
                                             manifest.format_version(), ", expected ", kFormatVersion));
   }
-  // The tensors are views into the files' bytes (TensorSnapshot::staging keeps each file alive), not
-  // copies: a 1.3B model's 16 GB checkpoint is held once while it is restored, not twice.
-  std::map<std::string, std::shared_ptr<const std::string>> files;
+  std::map<std::string, uint64_t> file_bytes;
   for (const gyre::v1::FileEntry& f : manifest.files()) {
-    const std::string path = JoinPath(dir, f.path());
-    absl::StatusOr<std::string> bytes = env->ReadFile(path);
-    if (!bytes.ok()) return absl::DataLossError(absl::StrCat("checkpoint file ", path, ": ", bytes.status().message()));
-    if (bytes->size() != f.bytes()) {
-      return absl::DataLossError(absl::StrCat("checkpoint file ", path, " has ", bytes->size(), " bytes, manifest says ", f.bytes()));
+    if (!file_bytes.emplace(f.path(), f.bytes()).second) {
+      return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, " lists ", f.path(), " twice"));
     }
-    if (Xxh64(*bytes) != f.xxh64()) return absl::DataLossError(absl::StrCat("checkpoint file ", path, " fails its checksum"));
-    files[f.path()] = std::make_shared<const std::string>(std::move(*bytes));
   }
+  for (const gyre::v1::TensorEntry& e : manifest.tensors()) {
+    auto it = file_bytes.find(e.file());
+    if (it == file_bytes.end() || e.offset() > it->second || e.bytes() > it->second - e.offset()) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
+    }
+  }
+  return manifest;
+}
+
+namespace {
+
+// The pipeline between StreamCheckpoint's reader threads and its calling thread.
+class ChunkPipeline {
+ public:
+  struct Chunk {
+    int file = 0;          // index in manifest.files()
+    uint64_t offset = 0;   // in the file
+    size_t size = 0;
+    int buffer = 0;
+  };
+
+  ChunkPipeline(int readers, int buffers_per_reader) : free_(readers) {
+    for (int r = 0; r < readers; ++r) {
+      for (int b = 0; b < buffers_per_reader; ++b) free_[r].push_back(r * buffers_per_reader + b);
+    }
+    active_readers_ = readers;
+  }
+
+  // Reader `reader`: one of its free buffers, or nullopt once the stream failed.
+  std::optional<int> TakeFree(int reader) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !error_.ok() || !free_[reader].empty(); });
+    if (!error_.ok()) return std::nullopt;
+    const int b = free_[reader].front();
+    free_[reader].pop_front();
+    return b;
+  }
+  void Push(const Chunk& c) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_.push_back(c);
+    cv_.notify_all();
+  }
+  void Release(int reader, int buffer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_[reader].push_back(buffer);
+    cv_.notify_all();
+  }
+  void ReaderDone() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --active_readers_;
+    cv_.notify_all();
+  }
+  // The first error wins; every waiter wakes up and stops.
+  void Fail(absl::Status s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_.ok()) error_ = std::move(s);
+    cv_.notify_all();
+  }
+  bool failed() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !error_.ok();
+  }
+  absl::Status error() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return error_;
+  }
+  // The next chunk, or nullopt when the stream failed or every reader is done.
+  std::optional<Chunk> Next() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !error_.ok() || !ready_.empty() || active_readers_ == 0; });
+    if (!error_.ok() || ready_.empty()) return std::nullopt;
+    Chunk c = ready_.front();
+    ready_.pop_front();
+    return c;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::deque<int>> free_;
+  std::deque<Chunk> ready_;
+  int active_readers_ = 0;
+  absl::Status error_;
+};
+
+}  // namespace
+
+absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, const std::string& dir,
+                                                       const gyre::v1::CheckpointManifest& manifest,
+                                                       const CheckpointStreamOptions& options,
+                                                       const TensorChunkSink& sink) {
+  const int num_files = manifest.files_size();
+  // Everything that can be checked without reading a tensor byte is checked before the sink sees
+  // one: a torn checkpoint (a file missing, short or long) leaves the destination untouched.
+  std::map<std::string, int> file_index;
+  for (int f = 0; f < num_files; ++f) {
+    const gyre::v1::FileEntry& entry = manifest.files(f);
+    const std::string path = JoinPath(dir, entry.path());
+    absl::StatusOr<uint64_t> size = env->FileSize(path);
+    if (!size.ok()) return absl::DataLossError(absl::StrCat("checkpoint file ", path, ": ", size.status().message()));
+    if (*size != entry.bytes()) {
+      return absl::DataLossError(absl::StrCat("checkpoint file ", path, " has ", *size, " bytes, manifest says ", entry.bytes()));
+    }
+    file_index[entry.path()] = f;
+  }
+  // Each file's tensors (manifest index, offset, bytes).
+  struct Slot {
+    int tensor;
+    uint64_t offset;
+    uint64_t bytes;
+  };
+  std::vector<std::vector<Slot>> slots(num_files);
+  for (int t = 0; t < manifest.tensors_size(); ++t) {
+    const gyre::v1::TensorEntry& e = manifest.tensors(t);
+    auto it = file_index.find(e.file());
+    if (it == file_index.end()) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
+    }
+    if (e.bytes() > 0) slots[it->second].push_back({t, e.offset(), e.bytes()});
+  }
+
+  const size_t chunk = std::max<size_t>(options.chunk_bytes, 1);
+  const int readers = std::max(1, std::min(options.reader_threads, num_files));
+  const int per_reader = std::max(1, options.buffers_per_reader);
+  std::vector<std::shared_ptr<void>> buffers;
+  for (int b = 0; b < readers * per_reader; ++b) {
+    std::shared_ptr<void> p;
+    if (options.allocate) {
+      p = options.allocate(chunk);
+    } else if (void* raw = std::malloc(chunk); raw != nullptr) {
+      p = std::shared_ptr<void>(raw, std::free);
+    }
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("checkpoint restore: cannot allocate a ", chunk, "-byte read buffer"));
+    }
+    buffers.push_back(std::move(p));
+  }
+  auto buffer_data = [&](int b) { return static_cast<char*>(buffers[b].get()); };
+
+  CheckpointStreamStats stats;
+  stats.reader_threads = readers;
+  const int64_t start = clock->NowMicros();
+  ChunkPipeline pipeline(readers, per_reader);
+  std::atomic<int> next_file{0};
+  std::mutex stats_mu;
+  auto read_files = [&](int reader) {
+    int64_t read_us = 0, verify_us = 0;
+    uint64_t bytes_read = 0;
+    XXH64_state_t* hash = XXH64_createState();
+    for (int f = next_file++; f < num_files && !pipeline.failed(); f = next_file++) {
+      const gyre::v1::FileEntry& entry = manifest.files(f);
+      const std::string path = JoinPath(dir, entry.path());
+      absl::StatusOr<std::unique_ptr<RandomAccessFile>> file = env->NewRandomAccessFile(path);
+      if (!file.ok()) {
+        pipeline.Fail(absl::DataLossError(absl::StrCat("checkpoint file ", path, ": ", file.status().message())));
+        break;
+      }
+      XXH64_reset(hash, 0);
+      for (uint64_t offset = 0; offset < entry.bytes();) {
+        const std::optional<int> b = pipeline.TakeFree(reader);
+        if (!b.has_value()) break;
+        const size_t want = static_cast<size_t>(std::min<uint64_t>(chunk, entry.bytes() - offset));
+        const int64_t t0 = clock->NowMicros();
+        absl::StatusOr<size_t> got = (*file)->Read(offset, want, buffer_data(*b));
+        const int64_t t1 = clock->NowMicros();
+        read_us += t1 - t0;
+        if (!got.ok()) {
+          pipeline.Fail(absl::DataLossError(absl::StrCat("checkpoint file ", path, ": ", got.status().message())));
+          break;
+        }
+        if (*got != want) {
+          pipeline.Fail(absl::DataLossError(absl::StrCat("checkpoint file ", path, " ends at byte ", offset + *got,
+                                                         ", manifest says ", entry.bytes())));
+          break;
+        }
+        bytes_read += want;
+        XXH64_update(hash, buffer_data(*b), want);
+        const bool last = offset + want == entry.bytes();
+        if (last && XXH64_digest(hash) != entry.xxh64()) {
+          pipeline.Fail(absl::DataLossError(absl::StrCat("checkpoint file ", path, " fails its checksum")));
+        }
+        verify_us += clock->NowMicros() - t1;
+        if (pipeline.failed()) break;
+        pipeline.Push({f, offset, want, *b});
+        offset += want;
+      }
+    }
+    XXH64_freeState(hash);
+    {
+      std::lock_guard<std::mutex> lock(stats_mu);
+      stats.read_s += read_us / 1e6;
+      stats.verify_s += verify_us / 1e6;
+      stats.bytes += bytes_read;
+    }
+    pipeline.ReaderDone();
+  };
+  std::vector<std::thread> threads;
+  for (int r = 0; r < readers; ++r) threads.emplace_back(read_files, r);
+
+  int64_t sink_us = 0, wait_us = 0;
+  while (true) {
+    const int64_t w0 = clock->NowMicros();
+    std::optional<ChunkPipeline::Chunk> c = pipeline.Next();
+    const int64_t w1 = clock->NowMicros();
+    wait_us += w1 - w0;
+    if (!c.has_value()) break;
+    const char* data = buffer_data(c->buffer);
+    absl::Status delivered;
+    for (const Slot& s : slots[c->file]) {
+      // The overlap of the tensor's range [s.offset, s.offset + s.bytes) with the chunk's.
+      const uint64_t begin = std::max(s.offset, c->offset);
+      const uint64_t end = std::min(s.offset + s.bytes, c->offset + c->size);
+      if (begin >= end) continue;
+      delivered = sink(s.tensor, begin - s.offset, std::string_view(data + (begin - c->offset), end - begin));
+      if (!delivered.ok()) break;
+    }
+    sink_us += clock->NowMicros() - w1;
+    pipeline.Release(c->buffer / per_reader, c->buffer);
+    if (!delivered.ok()) {
+      pipeline.Fail(delivered);
+      break;
+    }
+  }
+  for (std::thread& t : threads) t.join();
+  RETURN_IF_ERROR(pipeline.error());
+  stats.wall_s = (clock->NowMicros() - start) / 1e6;
+  stats.sink_s = sink_us / 1e6;
+  stats.sink_wait_s = wait_us / 1e6;
+  return stats;
+}
+
+absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir) {
+  ASSIGN_OR_RETURN(gyre::v1::CheckpointManifest manifest, ReadCheckpointManifest(env, dir));
+  // Every tensor's bytes land in one buffer (TensorSnapshot::staging keeps it alive; no zero-fill,
+  // no string growth), streamed and verified like a worker's restore. Nothing is returned unless
+  // every file passed its checksum.
+  std::vector<uint64_t> at(manifest.tensors_size());
+  uint64_t total = 0;
+  for (int t = 0; t < manifest.tensors_size(); ++t) {
+    at[t] = total;
+    total += manifest.tensors(t).bytes();
+  }
+  void* raw = std::malloc(total == 0 ? 1 : total);
+  if (raw == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat("checkpoint ", dir, ": cannot allocate ", total, " bytes of host memory"));
+  }
+  const std::shared_ptr<char> buffer(static_cast<char*>(raw), std::free);
+  RETURN_IF_ERROR(StreamCheckpoint(env, Clock::Real(), dir, manifest, CheckpointStreamOptions(),
+                                   [&](int t, uint64_t offset, std::string_view bytes) {
+                                     std::memcpy(buffer.get() + at[t] + offset, bytes.data(), bytes.size());
+                                     return absl::OkStatus();
+                                   })
+                      .status());
   CheckpointState state;
   state.step = manifest.step();
   state.generation = manifest.generation();
   state.config = manifest.config();
   state.rng_state = manifest.rng_state();
-  for (const gyre::v1::TensorEntry& e : manifest.tensors()) {
-    auto it = files.find(e.file());
-    if (it == files.end() || e.offset() + e.bytes() > it->second->size()) {
-      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
-    }
+  for (int i = 0; i < manifest.tensors_size(); ++i) {
+    const gyre::v1::TensorEntry& e = manifest.tensors(i);
     TensorSnapshot t;
     t.name = e.name();
     t.dtype = e.dtype();
     t.shape.assign(e.shape().begin(), e.shape().end());
-    t.staging = it->second;
-    t.staged = it->second->data() + e.offset();
+    t.staging = buffer;
+    t.staged = buffer.get() + at[i];
     t.staged_size = e.bytes();
     state.tensors.push_back(std::move(t));
   }

@@ -9,6 +9,9 @@
 // checkpoint only when its MANIFEST parses and every file matches its size and checksum, so a
 // crash at any point leaves either the previous checkpoint or the new one, never a torn one.
 // A corrupt newest checkpoint is reported (with the file that failed) and the previous one used.
+// A worker's restore streams (StreamCheckpoint) instead of holding a 16 GB checkpoint in memory:
+// it verifies each file while copying it in, so a corrupt file found late leaves the replica
+// partly written; the replica then refuses all use until a good restore (replica.h).
 //
 // Thread-safety: the functions are thread-safe for different directories; CheckpointWriter
 // runs one write at a time on its own thread.
@@ -27,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "base/clock.h"
 #include "base/env.h"
 #include "gyre/v1/checkpoint.pb.h"
 
@@ -70,8 +74,60 @@ absl::StatusOr<std::string> WriteCheckpointTo(Env* env, const std::string& final
 absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpoints_dir, const CheckpointState& state,
                                             uint64_t max_file_bytes = uint64_t{1} << 30);
 
-// Reads and fully verifies one checkpoint directory. DataLoss naming the file on any mismatch.
+// Reads and fully verifies one checkpoint directory into host memory, one buffer for all tensors
+// (eval, tools, tests; streamed through StreamCheckpoint, so several files are read at once; a
+// worker's restore streams straight into its replica instead). DataLoss naming the file on any
+// mismatch; nothing is returned unless every file passed its checksum.
 absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir);
+
+// The MANIFEST of checkpoint `dir`, parsed and checked for consistency without reading the tensor
+// files: the format version, and every tensor's byte range inside a file the manifest lists.
+// DataLoss naming the manifest (or the tensor) otherwise; NotFound-derived DataLoss when it is
+// missing.
+absl::StatusOr<gyre::v1::CheckpointManifest> ReadCheckpointManifest(Env* env, const std::string& dir);
+
+// Streaming restore (ModelReplica::RestoreFrom). Reader threads read the tensor files in chunks
+// into a few reused buffers (pinned for a CUDA replica, so the copy to the device runs at link
+// speed) and checksum each chunk as it is read; the calling thread hands each chunk's tensor
+// bytes to the sink (the copy to the device) while the readers fill the other buffers. A buffer
+// is reused only after the sink returned for it (a synchronous copy has finished with it).
+struct CheckpointStreamOptions {
+  size_t chunk_bytes = size_t{32} << 20;
+  // Files are read in parallel, one reader per file at a time: a single thread reading from the
+  // page cache (memcpy) and hashing (xxh64, ~10 GB/s a core) tops out at a few GB/s, and NVMe
+  // disks want several requests in flight.
+  int reader_threads = 4;
+  int buffers_per_reader = 2;
+  // Allocates one chunk buffer (null: out of memory). Unset: malloc.
+  std::function<std::shared_ptr<void>(size_t bytes)> allocate;
+};
+
+struct CheckpointStreamStats {
+  uint64_t bytes = 0;     // tensor-file bytes read
+  int reader_threads = 0;
+  double wall_s = 0;      // first read to last sink call
+  double read_s = 0;      // in Env reads, summed over the reader threads
+  double verify_s = 0;    // in xxh64, summed over the reader threads
+  double sink_s = 0;      // in the sink (the calling thread)
+  double sink_wait_s = 0; // the calling thread waiting for a chunk
+};
+
+// Receives bytes [offset, offset + bytes.size()) of manifest tensor `tensor` (its index in
+// manifest.tensors()). Called on StreamCheckpoint's calling thread; each file's chunks in order.
+using TensorChunkSink = std::function<absl::Status(int tensor, uint64_t offset, std::string_view bytes)>;
+
+// Streams every tensor file of checkpoint `dir` (`manifest`: ReadCheckpointManifest's) through
+// `sink`; every byte of every tensor is delivered exactly once when it returns OK. Before the
+// first byte reaches the sink, every file must exist with the size its manifest entry says
+// (DataLoss naming the file otherwise: the sink's destination is untouched). A failure found while
+// streaming — a checksum that does not match (checked before a file's last chunk is delivered),
+// a read error, a file that shrank, an error from the sink — comes back as DataLoss naming the
+// file (or the sink's error) after earlier chunks may have reached the sink: the destination then
+// holds a mix of old and new bytes, and the caller must treat it as such.
+absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, const std::string& dir,
+                                                       const gyre::v1::CheckpointManifest& manifest,
+                                                       const CheckpointStreamOptions& options,
+                                                       const TensorChunkSink& sink);
 
 // The newest checkpoint that verifies, skipping (and reporting through `skipped`) corrupt or
 // torn ones. NotFound when none is valid.

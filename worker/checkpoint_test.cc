@@ -178,5 +178,157 @@ TEST(CheckpointTest, WriterReportsSuccessExactlyWhenTheCheckpointIsDurable) {
   EXPECT_GT(pruning_failures, 0) << "no failure hit the pruning: the test did not exercise it";
 }
 
+// What StreamCheckpoint delivered: each tensor's bytes as assembled by the sink, and how many
+// times each byte arrived.
+struct Assembled {
+  std::vector<std::string> bytes;
+  std::vector<std::vector<int>> hits;
+  int calls = 0;
+};
+
+TensorChunkSink AssembleInto(const gyre::v1::CheckpointManifest& manifest, Assembled* out) {
+  out->bytes.assign(manifest.tensors_size(), std::string());
+  out->hits.assign(manifest.tensors_size(), std::vector<int>());
+  for (int t = 0; t < manifest.tensors_size(); ++t) {
+    out->bytes[t].assign(manifest.tensors(t).bytes(), '\0');
+    out->hits[t].assign(manifest.tensors(t).bytes(), 0);
+  }
+  return [out](int t, uint64_t offset, std::string_view bytes) -> absl::Status {
+    ++out->calls;
+    if (offset + bytes.size() > out->bytes[t].size()) return absl::InternalError("slice outside its tensor");
+    std::copy(bytes.begin(), bytes.end(), out->bytes[t].begin() + static_cast<std::ptrdiff_t>(offset));
+    for (size_t i = 0; i < bytes.size(); ++i) ++out->hits[t][offset + i];
+    return absl::OkStatus();
+  };
+}
+
+// Several files, chunks smaller than a tensor and not aligned to any (a chunk ends inside a
+// tensor, another holds the end of one tensor and the start of the next), 1-4 reader threads:
+// every byte arrives exactly once and equals what was written.
+TEST(CheckpointStreamTest, DeliversEveryTensorByteOnceAcrossFilesChunksAndThreads) {
+  auto env = NewMemEnv();
+  CheckpointState s = MakeState(7, 3);
+  // 204 + 272 bytes in state-0.bin, 340 in state-1.bin.
+  ASSERT_TRUE(WriteCheckpoint(env.get(), "/c", s, /*max_file_bytes=*/600).ok());
+  auto manifest = ReadCheckpointManifest(env.get(), "/c/step-7");
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  ASSERT_EQ(manifest->files_size(), 2);
+  for (int threads : {1, 2, 4}) {
+    for (size_t chunk : {size_t{13}, size_t{100}, size_t{1} << 20}) {
+      Assembled got;
+      CheckpointStreamOptions options;
+      options.chunk_bytes = chunk;
+      options.reader_threads = threads;
+      int allocations = 0;
+      options.allocate = [&](size_t bytes) {
+        ++allocations;
+        return std::shared_ptr<void>(std::malloc(bytes), std::free);
+      };
+      auto stats = StreamCheckpoint(env.get(), Clock::Real(), "/c/step-7", *manifest, options, AssembleInto(*manifest, &got));
+      ASSERT_TRUE(stats.ok()) << stats.status();
+      EXPECT_EQ(allocations, std::min(threads, manifest->files_size()) * options.buffers_per_reader);
+      uint64_t total = 0;
+      for (size_t t = 0; t < s.tensors.size(); ++t) {
+        EXPECT_EQ(got.bytes[t], s.tensors[t].data()) << "tensor " << t << " threads " << threads << " chunk " << chunk;
+        EXPECT_EQ(std::count(got.hits[t].begin(), got.hits[t].end(), 1), static_cast<long>(got.hits[t].size()));
+        total += s.tensors[t].data().size();
+      }
+      EXPECT_EQ(stats->bytes, total);
+      EXPECT_EQ(stats->reader_threads, std::min(threads, manifest->files_size()));
+      if (chunk == 13) EXPECT_GT(got.calls, static_cast<int>(s.tensors.size()));  // split tensors
+    }
+  }
+}
+
+// A flipped byte in the LAST file is found only after the earlier files were delivered: the
+// error names that file, and the caller is told (DataLoss) that the destination is a mix.
+TEST(CheckpointStreamTest, FlippedByteInTheLastFileFailsNamingItAfterEarlierFilesArrived) {
+  auto mem = NewMemEnv();
+  FaultInjectionEnv env(mem.get());
+  CheckpointState s = MakeState(7, 3);
+  ASSERT_TRUE(WriteCheckpoint(&env, "/c", s, /*max_file_bytes=*/300).ok());
+  auto manifest = ReadCheckpointManifest(&env, "/c/step-7");
+  ASSERT_TRUE(manifest.ok());
+  const std::string last = manifest->files(manifest->files_size() - 1).path();
+  ASSERT_TRUE(env.FlipByte("/c/step-7/" + last, manifest->files(manifest->files_size() - 1).bytes() - 1).ok());
+  Assembled got;
+  CheckpointStreamOptions options;
+  options.reader_threads = 1;  // files in order: the earlier ones are delivered first
+  options.chunk_bytes = 64;
+  auto stats = StreamCheckpoint(&env, Clock::Real(), "/c/step-7", *manifest, options, AssembleInto(*manifest, &got));
+  ASSERT_TRUE(absl::IsDataLoss(stats.status())) << stats.status();
+  EXPECT_NE(stats.status().message().find(last), std::string_view::npos) << stats.status();
+  EXPECT_NE(stats.status().message().find("checksum"), std::string_view::npos) << stats.status();
+  EXPECT_EQ(got.bytes[0], s.tensors[0].data());  // the first file's tensor arrived before the failure
+}
+
+// A file that is short or missing is found before any byte is delivered; so is a read error in
+// the manifest. A read error in the middle of a file stops the stream naming the file.
+TEST(CheckpointStreamTest, ShortOrMissingFilesFailBeforeAnyByteIsDelivered) {
+  for (const std::string fault : {"short", "missing", "long"}) {
+    auto mem = NewMemEnv();
+    FaultInjectionEnv env(mem.get());
+    ASSERT_TRUE(WriteCheckpoint(&env, "/c", MakeState(7, 3), /*max_file_bytes=*/300).ok());
+    auto manifest = ReadCheckpointManifest(&env, "/c/step-7");
+    ASSERT_TRUE(manifest.ok());
+    const std::string last = "/c/step-7/" + manifest->files(manifest->files_size() - 1).path();
+    std::string content = *mem->ReadFile(last);
+    if (fault == "missing") {
+      ASSERT_TRUE(env.RemoveFile(last).ok());
+    } else {
+      content = fault == "short" ? content.substr(0, content.size() - 1) : content + "x";
+      ASSERT_TRUE(WriteFileAtomically(&env, last, content).ok());
+    }
+    Assembled got;
+    auto stats = StreamCheckpoint(&env, Clock::Real(), "/c/step-7", *manifest, CheckpointStreamOptions(),
+                                  AssembleInto(*manifest, &got));
+    ASSERT_TRUE(absl::IsDataLoss(stats.status())) << fault << ": " << stats.status();
+    EXPECT_NE(stats.status().message().find(last), std::string_view::npos) << stats.status();
+    EXPECT_EQ(got.calls, 0) << fault;
+  }
+}
+
+TEST(CheckpointStreamTest, AReadErrorOrASinkErrorStopsTheStream) {
+  auto mem = NewMemEnv();
+  FaultInjectionEnv env(mem.get());
+  ASSERT_TRUE(WriteCheckpoint(&env, "/c", MakeState(7, 3), /*max_file_bytes=*/300).ok());
+  auto manifest = ReadCheckpointManifest(&env, "/c/step-7");
+  ASSERT_TRUE(manifest.ok());
+  CheckpointStreamOptions options;
+  options.reader_threads = 1;
+  options.chunk_bytes = 64;
+  env.FailNthRead(3);
+  Assembled got;
+  auto stats = StreamCheckpoint(&env, Clock::Real(), "/c/step-7", *manifest, options, AssembleInto(*manifest, &got));
+  ASSERT_TRUE(absl::IsDataLoss(stats.status())) << stats.status();
+  EXPECT_NE(stats.status().message().find("/c/step-7/state-0.bin"), std::string_view::npos) << stats.status();
+  EXPECT_NE(stats.status().message().find("injected"), std::string_view::npos) << stats.status();
+
+  int calls = 0;
+  stats = StreamCheckpoint(&env, Clock::Real(), "/c/step-7", *manifest, options,
+                           [&](int, uint64_t, std::string_view) {
+                             return ++calls == 2 ? absl::InternalError("device copy failed") : absl::OkStatus();
+                           });
+  EXPECT_EQ(stats.status(), absl::InternalError("device copy failed"));
+  EXPECT_EQ(calls, 2);
+}
+
+TEST(CheckpointStreamTest, ManifestChecks) {
+  auto env = NewMemEnv();
+  EXPECT_TRUE(absl::IsDataLoss(ReadCheckpointManifest(env.get(), "/c/step-1").status()));
+  ASSERT_TRUE(WriteCheckpoint(env.get(), "/c", MakeState(1, 1)).ok());
+  auto manifest = ReadCheckpointManifest(env.get(), "/c/step-1");
+  ASSERT_TRUE(manifest.ok());
+  EXPECT_EQ(manifest->step(), 1u);
+  // A tensor that points past the end of its file.
+  manifest->mutable_tensors(2)->set_offset(manifest->files(0).bytes());
+  std::string bytes;
+  ASSERT_TRUE(manifest->SerializeToString(&bytes));
+  ASSERT_TRUE(WriteFileAtomically(env.get(), "/c/step-1/MANIFEST", bytes).ok());
+  auto bad = ReadCheckpointManifest(env.get(), "/c/step-1");
+  ASSERT_TRUE(absl::IsDataLoss(bad.status()));
+  EXPECT_NE(bad.status().message().find("blocks.2.weight"), std::string_view::npos) << bad.status();
+}
+
 }  // namespace
 }  // namespace gyre

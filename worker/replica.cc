@@ -28,19 +28,25 @@ gyre::v1::DType ToProtoDType(ops::DType d) {
   return gyre::v1::DTYPE_UNSPECIFIED;
 }
 
-absl::Status CopyInto(const TensorSnapshot& s, ops::Tensor* t) {
-  const std::string_view bytes = s.data();
-  if (bytes.size() != t->nbytes() || s.dtype != ToProtoDType(t->dtype())) {
-    return absl::DataLossError(absl::StrCat("checkpoint tensor ", s.name, " has ", bytes.size(),
-                                            " bytes of dtype ", s.dtype, "; the model expects ", t->nbytes(),
-                                            " bytes of dtype ", ToProtoDType(t->dtype())));
-  }
-  if (t->device() == ops::Device::kCpu) {
-    std::memcpy(t->raw(), bytes.data(), bytes.size());
-  } else {
-    ops::Cuda().CopyBytes(t->raw(), ops::Device::kCuda, bytes.data(), ops::Device::kCpu, bytes.size());
+absl::Status CheckFits(const std::string& name, uint64_t bytes, gyre::v1::DType dtype, const ops::Tensor& t) {
+  if (bytes != t.nbytes() || dtype != ToProtoDType(t.dtype())) {
+    return absl::DataLossError(absl::StrCat("checkpoint tensor ", name, " has ", bytes, " bytes of dtype ", dtype,
+                                            "; the model expects ", t.nbytes(), " bytes of dtype ",
+                                            ToProtoDType(t.dtype())));
   }
   return absl::OkStatus();
+}
+
+// Host bytes into [offset, offset + bytes.size()) of `t`. On CUDA the copy is synchronous (the
+// host buffer may be reused when it returns); from pinned memory it runs at link speed.
+void CopyInto(std::string_view bytes, ops::Tensor* t, uint64_t offset = 0) {
+  if (bytes.empty()) return;
+  char* dst = static_cast<char*>(t->raw()) + offset;
+  if (t->device() == ops::Device::kCpu) {
+    std::memcpy(dst, bytes.data(), bytes.size());
+  } else {
+    ops::Cuda().CopyBytes(dst, ops::Device::kCuda, bytes.data(), ops::Device::kCpu, bytes.size());
+  }
 }
 
 constexpr char kParamPrefix[] = "param.";
@@ -184,6 +190,9 @@ absl::Status ModelReplica::ReduceGradients(Collective* collective, ReplicaLoss* 
 }
 
 absl::StatusOr<ops::UpdateStats> ModelReplica::ApplyUpdate(uint64_t step) {
+  if (partially_restored_) {
+    return absl::FailedPreconditionError("the replica holds a partially restored checkpoint: no update on it");
+  }
   // A rejected update (non-finite norm) changes nothing; a failed one may have changed some tensors.
   absl::StatusOr<ops::UpdateStats> stats = trainer_->ApplyUpdate(step);
   if (!absl::IsDataLoss(stats.status())) at_initial_state_ = false;
@@ -219,7 +228,12 @@ absl::Status ModelReplica::BroadcastTensor(Collective* collective, ops::Tensor* 
 }
 
 absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
+  if (collective->rank() == root && partially_restored_) {
+    return absl::FailedPreconditionError("the replica holds a partially restored checkpoint: it cannot be the state source");
+  }
   at_initial_state_ = false;
+  // A receiver holds a mix until every tensor has arrived.
+  if (collective->rank() != root) partially_restored_ = true;
   // The root's last update must have landed before NCCL (another stream) reads its buffers.
   if (on_cuda()) ops::Cuda().Synchronize();
   for (ops::Parameter* p : model_->params().All()) RETURN_IF_ERROR(BroadcastTensor(collective, &p->value, root));
@@ -229,6 +243,7 @@ absl::Status ModelReplica::BroadcastState(Collective* collective, int root) {
   for (ops::NamedTensor& t : state) RETURN_IF_ERROR(BroadcastTensor(collective, &t.tensor, root));
   RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
   model_->params().SyncCompute();  // the bf16 copies the kernels read (no-op on the CPU)
+  partially_restored_ = false;
   return absl::OkStatus();
 }
 
@@ -254,6 +269,9 @@ size_t ModelReplica::SnapshotBytes() const { return StagingBytes(SnapshotTensors
 absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot(SnapshotStaging* staging) const {
   // The training thread waits only for the device-to-host copies into the staging buffer (pinned:
   // link speed); the writer thread reads the buffer while training goes on.
+  if (partially_restored_) {
+    return absl::FailedPreconditionError("the replica holds a partially restored checkpoint: no snapshot of it");
+  }
   const std::vector<ops::NamedTensor> tensors = SnapshotTensors();
   const size_t total = StagingBytes(tensors);
   const std::shared_ptr<void> buffer = staging->Acquire(total);
@@ -286,23 +304,88 @@ absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot(SnapshotStagi
 }
 
 absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {
-  at_initial_state_ = false;
   std::map<std::string, const TensorSnapshot*> by_name;
   for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
+  // The optimizer's tensors: m and v share storage with it; LoadState installs the step count.
+  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
+  std::vector<std::pair<const TensorSnapshot*, ops::Tensor*>> copies;
   for (ops::Parameter* p : model_->params().All()) {
     auto it = by_name.find(kParamPrefix + p->name);
     if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks parameter ", p->name));
-    RETURN_IF_ERROR(CopyInto(*it->second, &p->value));
+    copies.emplace_back(it->second, &p->value);
   }
-  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
   for (ops::NamedTensor& t : state) {
     auto it = by_name.find(t.name);
     if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks optimizer tensor ", t.name));
-    RETURN_IF_ERROR(CopyInto(*it->second, &t.tensor));
+    copies.emplace_back(it->second, &t.tensor);
   }
+  for (const auto& [from, to] : copies) RETURN_IF_ERROR(CheckFits(from->name, from->data().size(), from->dtype, *to));
+  at_initial_state_ = false;
+  for (const auto& [from, to] : copies) CopyInto(from->data(), to);
   RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
   model_->params().SyncCompute();
+  partially_restored_ = false;
   return absl::OkStatus();
+}
+
+absl::StatusOr<ModelReplica::RestoreStats> ModelReplica::RestoreFrom(Env* env, Clock* clock, const std::string& dir,
+                                                                     uint64_t expected_step,
+                                                                     CheckpointStreamOptions options) {
+  ASSIGN_OR_RETURN(const gyre::v1::CheckpointManifest manifest, ReadCheckpointManifest(env, dir));
+  if (manifest.step() != expected_step) {
+    return absl::DataLossError(absl::StrCat("checkpoint ", dir, " holds step ", manifest.step(), ", expected step ",
+                                            expected_step));
+  }
+  // Where each manifest tensor goes (null: a tensor this replica does not have, skipped), all
+  // checked before the first byte is written.
+  std::map<std::string, int> by_name;
+  for (int i = 0; i < manifest.tensors_size(); ++i) by_name[manifest.tensors(i).name()] = i;
+  std::vector<ops::Tensor*> destination(manifest.tensors_size(), nullptr);
+  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
+  auto route = [&](const std::string& name, ops::Tensor* t, const char* what) -> absl::Status {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint ", dir, " lacks ", what, " ", name));
+    const gyre::v1::TensorEntry& e = manifest.tensors(it->second);
+    RETURN_IF_ERROR(CheckFits(e.name(), e.bytes(), e.dtype(), *t));
+    destination[it->second] = t;
+    return absl::OkStatus();
+  };
+  for (ops::Parameter* p : model_->params().All()) RETURN_IF_ERROR(route(kParamPrefix + p->name, &p->value, "parameter"));
+  for (ops::NamedTensor& t : state) RETURN_IF_ERROR(route(t.name, &t.tensor, "optimizer tensor"));
+
+  RestoreStats stats;
+  if (!options.allocate) {
+    const bool pinned = on_cuda();
+    options.allocate = [pinned, clock, &stats](size_t bytes) {
+      const int64_t t0 = clock->NowMicros();
+      std::shared_ptr<void> p = AllocateHostBuffer(bytes, pinned);
+      stats.alloc_s += (clock->NowMicros() - t0) / 1e6;
+      return p;
+    };
+  }
+  // From the first byte written until the last one, the replica is a mix of old and new state.
+  bool writing = false;
+  absl::StatusOr<CheckpointStreamStats> streamed = StreamCheckpoint(
+      env, clock, dir, manifest, options, [&](int tensor, uint64_t offset, std::string_view bytes) -> absl::Status {
+        ops::Tensor* t = destination[tensor];
+        if (t == nullptr) return absl::OkStatus();
+        if (!writing) {
+          writing = true;
+          partially_restored_ = true;
+          at_initial_state_ = false;
+        }
+        CopyInto(bytes, t, offset);
+        return absl::OkStatus();
+      });
+  if (!streamed.ok()) return streamed.status();
+  stats.stream = *streamed;
+  const int64_t t0 = clock->NowMicros();
+  at_initial_state_ = false;
+  RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
+  model_->params().SyncCompute();
+  stats.finish_s = (clock->NowMicros() - t0) / 1e6;
+  partially_restored_ = false;
+  return stats;
 }
 
 uint64_t ModelReplica::ParameterFingerprint() const {

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -24,6 +25,7 @@
 #include "ops/train_step.h"
 #include "worker/checkpoint.h"
 #include "base/clock.h"
+#include "base/env.h"
 #include "worker/collective.h"
 #include "worker/gpu_runtime.h"
 #include "worker/grad_reducer.h"
@@ -78,22 +80,47 @@ class ModelReplica {
     double comm_ms = -1;
   };
   const PassTimes& last_pass_times() const { return pass_times_; }
-  // Clip + AdamW for step `step` (0-based). DataLoss for a non-finite gradient norm (no update).
+  // Clip + AdamW for step `step` (0-based). DataLoss for a non-finite gradient norm (no update);
+  // FailedPrecondition while partially_restored().
   absl::StatusOr<ops::UpdateStats> ApplyUpdate(uint64_t step);
   void DropGradients();
   // Global L2 norm of the (reduced) gradients, before clipping.
   double GradNorm();
 
   // Every member calls this with the same root: afterwards all hold root's parameters and
-  // optimizer state.
+  // optimizer state. A partially restored root refuses (FailedPrecondition, before sending); a
+  // receiver is partially restored until it has received everything.
   absl::Status BroadcastState(Collective* collective, int root);
 
   // The parameters and optimizer state as they are now, copied into one buffer from `staging`
-  // (the snapshots share it until dropped). ResourceExhausted when host memory cannot be had.
+  // (the snapshots share it until dropped). ResourceExhausted when host memory cannot be had;
+  // FailedPrecondition while partially_restored().
   absl::StatusOr<std::vector<TensorSnapshot>> Snapshot(SnapshotStaging* staging) const;
   // The staging bytes Snapshot needs (for SnapshotStaging::Prepare).
   size_t SnapshotBytes() const;
+  // From snapshots in memory (tests, tools). Every tensor is checked (present, dtype, size) before
+  // any is written: on an error the replica is untouched.
   absl::Status Restore(const std::vector<TensorSnapshot>& tensors);
+
+  // Restores checkpoint directory `dir` (the worker's restore) by streaming its files
+  // (StreamCheckpoint): read in chunks into a few reused buffers, pinned on CUDA, each chunk
+  // checksummed as it is read and copied to its tensors while the next chunks are read.
+  // Checked before anything is written, leaving the replica untouched on failure: the manifest
+  // (its step must be `expected_step`), every tensor of this replica in it with its dtype and
+  // size, every file present with its manifest size. A failure found while streaming (a checksum,
+  // a read error; DataLoss naming the file) leaves the replica partially restored (below).
+  struct RestoreStats {
+    CheckpointStreamStats stream;
+    double alloc_s = 0;   // the read buffers (pinning them on CUDA)
+    double finish_s = 0;  // installing the optimizer state and the compute (bf16) copies
+  };
+  absl::StatusOr<RestoreStats> RestoreFrom(Env* env, Clock* clock, const std::string& dir, uint64_t expected_step,
+                                           CheckpointStreamOptions options = CheckpointStreamOptions());
+  // True after a restore that failed part-way (some tensors hold the checkpoint's bytes, others
+  // not): this state must never be trained, checkpointed or handed to another member. ApplyUpdate,
+  // Snapshot and BroadcastState as the root refuse it; a later successful Restore / RestoreFrom
+  // or a received BroadcastState clears it (the worker rebuilds the replica for a fresh start).
+  bool partially_restored() const { return partially_restored_; }
   // True while the parameters and optimizer state are still the seeded initialisation this
   // replica was built with (no update applied, nothing restored or received): a fresh run's
   // generation can keep it instead of building another (worker.cc).
@@ -138,6 +165,7 @@ class ModelReplica {
   int64_t backward_start_micros_ = 0;
   int64_t micro_batch_ = 0;         // rows per forward/backward; 0 = all
   bool at_initial_state_ = true;
+  bool partially_restored_ = false;
   bool in_last_micro_batch_ = true;  // gradient-ready events pass to the reducers only then
   PassTimes pass_times_;
   ops::TrainingFlops flops_;

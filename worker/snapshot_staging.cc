@@ -7,13 +7,9 @@
 
 namespace gyre {
 
-SnapshotStaging::~SnapshotStaging() {
-  if (pending_.valid()) pending_.wait();
-}
-
-std::shared_ptr<void> SnapshotStaging::Allocate(size_t bytes) const {
+std::shared_ptr<void> AllocateHostBuffer(size_t bytes, bool pinned) {
   const size_t n = bytes == 0 ? 1 : bytes;
-  if (pinned_) {
+  if (pinned) {
     if (ops::CudaBackend* cuda = ops::CudaBackendOrNull(); cuda != nullptr) {
       if (std::shared_ptr<void> p = cuda->AllocatePinnedHost(n)) return p;
     }
@@ -21,6 +17,10 @@ std::shared_ptr<void> SnapshotStaging::Allocate(size_t bytes) const {
   void* p = std::malloc(n);
   if (p == nullptr) return nullptr;
   return std::shared_ptr<void>(p, std::free);
+}
+
+SnapshotStaging::~SnapshotStaging() {
+  if (pending_.valid()) pending_.wait();
 }
 
 void SnapshotStaging::TakePending() {
@@ -36,10 +36,10 @@ void SnapshotStaging::TakePending() {
 
 void SnapshotStaging::Prepare(size_t bytes) {
   if (pending_.valid() && pending_bytes_ >= bytes) return;
-  if (buffer_ != nullptr && bytes_ >= bytes && buffer_.use_count() == 1) return;
+  if (buffer_ != nullptr && bytes_ >= bytes) return;
   TakePending();
   pending_bytes_ = bytes;
-  pending_ = std::async(std::launch::async, [this, bytes] { return Allocate(bytes); });
+  pending_ = std::async(std::launch::async, [this, bytes] { return AllocateHostBuffer(bytes, pinned_); });
 }
 
 std::shared_ptr<void> SnapshotStaging::Acquire(size_t bytes) {
@@ -47,7 +47,7 @@ std::shared_ptr<void> SnapshotStaging::Acquire(size_t bytes) {
   if (buffer_ != nullptr && buffer_.use_count() == 1 && bytes_ >= bytes) return buffer_;
   buffer_.reset();
   bytes_ = 0;
-  std::shared_ptr<void> p = Allocate(bytes);
+  std::shared_ptr<void> p = AllocateHostBuffer(bytes, pinned_);
   if (p == nullptr) return nullptr;
   buffer_ = p;
   bytes_ = bytes;

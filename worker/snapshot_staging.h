@@ -17,6 +17,10 @@
 
 namespace gyre {
 
+// `bytes` of host memory, page-locked through the CUDA backend when `pinned` and the backend
+// agrees (else malloc); null when none can be had. Also the read buffers of a streaming restore.
+std::shared_ptr<void> AllocateHostBuffer(size_t bytes, bool pinned);
+
 class SnapshotStaging {
  public:
   // pinned: page-locked through the CUDA backend (falls back to malloc when it refuses).
@@ -26,8 +30,9 @@ class SnapshotStaging {
   SnapshotStaging(const SnapshotStaging&) = delete;
   SnapshotStaging& operator=(const SnapshotStaging&) = delete;
 
-  // Starts allocating `bytes` in the background, unless a free buffer that large is kept or one
-  // is already coming.
+  // Starts allocating `bytes` in the background, unless a buffer that large is kept (even one a
+  // snapshot still holds: the worker waits for the write in flight before it acquires, so a
+  // second buffer, 16 GB pinned at 1.3B, would never be used) or one is already coming.
   void Prepare(size_t bytes);
   // A buffer of at least `bytes` that no snapshot holds: the kept or prepared one when it fits,
   // else a new one (kept for next time). Null when host memory cannot be had.
@@ -36,7 +41,6 @@ class SnapshotStaging {
   bool pinned() const { return pinned_; }
 
  private:
-  std::shared_ptr<void> Allocate(size_t bytes) const;
   void TakePending();
 
   const bool pinned_;

@@ -34,13 +34,30 @@ TEST(SnapshotStagingTest, PreparedBufferIsHandedOutAndReusedOnlyWhenFree) {
   EXPECT_EQ(staging.Acquire(1 << 20).get(), big_ptr);
 }
 
-TEST(SnapshotStagingTest, PrepareWhileHeldReplacesTheKeptBuffer) {
+// The worker flushes the previous write before it takes a snapshot, so a kept buffer that a
+// write still holds at Prepare time is free again by Acquire: Prepare must not pin a second one
+// (16 GB at 1.3B). Only a buffer too small is replaced.
+TEST(SnapshotStagingTest, PrepareKeepsABigEnoughBufferEvenWhileItIsHeld) {
   SnapshotStaging staging(/*pinned=*/false);
   std::shared_ptr<void> held = staging.Acquire(1000);
-  staging.Prepare(1000);  // the kept one is held: a new one is allocated in the background
-  std::shared_ptr<void> next = staging.Acquire(1000);
-  ASSERT_NE(next, nullptr);
-  EXPECT_NE(next.get(), held.get());
+  void* kept = held.get();
+  staging.Prepare(1000);  // held by a write in flight: nothing new is allocated
+  held.reset();           // the write finished (the worker's Flush)
+  EXPECT_EQ(staging.Acquire(1000).get(), kept);
+  held = staging.Acquire(1000);
+  staging.Prepare(4000);  // too small: a larger one comes in the background
+  std::shared_ptr<void> larger = staging.Acquire(4000);
+  ASSERT_NE(larger, nullptr);
+  EXPECT_NE(larger.get(), kept);
+  std::memset(larger.get(), 1, 4000);
+}
+
+TEST(SnapshotStagingTest, HostBuffersWithoutTheCudaBackendArePlainMemory) {
+  for (bool pinned : {false, true}) {
+    std::shared_ptr<void> p = AllocateHostBuffer(1 << 16, pinned);
+    ASSERT_NE(p, nullptr);
+    std::memset(p.get(), 7, 1 << 16);
+  }
 }
 
 }  // namespace

@@ -95,6 +95,9 @@ absl::Status Worker::RunStep(const gyre::v1::StepLease& lease) {
     clock_->SleepMicros(options_.broken_collective_wait_ms * 1000);
     return absl::OkStatus();
   }
+  if (replica_->partially_restored()) {  // JoinGeneration refuses this; never produce a step from it
+    return absl::InternalError("step on a partially restored replica refused");
+  }
   // In-run evaluation of the parameters after lease.step() steps, before this step runs (its time
   // is reported apart: StepTimes.eval_ms). Only rank 0; the others wait in the step's collective.
   const bool eval_due = rank_ == 0 && !eval_disabled_ && EvalDueBefore(config_.train(), lease.step());

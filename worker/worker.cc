@@ -173,6 +173,12 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   } else if (g.needs_state_size() > 0) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
   }
+  if (replica_->partially_restored()) {
+    // Told to keep parameters that a failed restore left half-written. The coordinator trusts
+    // no claim of state after a restore (core.cc), so this is not expected; never train on it.
+    return absl::InternalError(absl::StrCat("generation ", g.id(), " keeps this worker's parameters, but they hold a "
+                                            "partially restored checkpoint; exiting rather than training on them"));
+  }
   applied_steps_.store(g.start_step());
   // Rank 0 writes the checkpoints: their staging buffer is pinned now, in the background, so the
   // first checkpoint does not stall training for it (16 GB: 8.5 s on an H100 host).
@@ -185,13 +191,33 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
 
 absl::Status Worker::RestoreCheckpoint(const gyre::v1::StepLease& lease) {
   const std::string dir = JoinPath(options_.run_dir, lease.checkpoint_dir());
-  absl::StatusOr<CheckpointState> state = ReadCheckpoint(env_, dir);
-  absl::Status restored = state.ok() ? replica_->Restore(state->tensors) : state.status();
-  if (restored.ok() && state->step != lease.step()) {
-    restored = absl::DataLossError(absl::StrCat("checkpoint ", dir, " holds step ", state->step, ", the lease restores step ",
-                                                lease.step()));
+  // Streamed: read in chunks through a few (pinned) buffers, checksummed while read, each chunk
+  // copied to the device while the next ones are read. A failure found part-way leaves the
+  // replica partially_restored(): it is never trained, checkpointed or used as a state source
+  // (ModelReplica refuses, RunStep and JoinGeneration check), only restored again or rebuilt.
+  const int64_t start = clock_->NowMicros();
+  absl::StatusOr<ModelReplica::RestoreStats> stats = replica_->RestoreFrom(env_, clock_, dir, lease.step(), options_.restore);
+  if (stats.ok()) {
+    const CheckpointStreamStats& s = stats->stream;
+    const double gb = s.bytes / 1e9;
+    const double total_s = (clock_->NowMicros() - start) / 1e6;
+    auto rate = [&](double seconds) { return seconds > 0 ? gb / seconds : 0.0; };
+    // Where the time went (the busy seconds of the reader threads add up over threads).
+    std::fprintf(stderr,
+                 "worker: restored step %llu from %s: %.2f GB in %.1f s (%.2f GB/s): read %.1f s (%.2f GB/s a thread, "
+                 "%d threads), verify %.1f s, to %s %.1f s (%.2f GB/s), waiting for reads %.1f s, buffers %.2f s, "
+                 "install %.2f s\n",
+                 static_cast<unsigned long long>(lease.step()), dir.c_str(), gb, total_s, rate(total_s), s.read_s,
+                 rate(s.read_s), s.reader_threads, s.verify_s, on_cuda() ? "device" : "host", s.sink_s, rate(s.sink_s),
+                 s.sink_wait_s, stats->alloc_s, stats->finish_s);
+    return absl::OkStatus();
   }
-  if (restored.ok()) return absl::OkStatus();
+  const absl::Status restored = stats.status();
+  if (!absl::IsDataLoss(restored)) {
+    // Not the files' fault (no host memory for the read buffers): reporting the checkpoint bad
+    // would lose it for good.
+    return absl::Status(restored.code(), absl::StrCat("restoring ", dir, ": ", restored.message()));
+  }
   // Corrupt or torn (a file missing, a checksum that fails, a manifest that does not parse): tell
   // the coordinator, which marks it bad and names the previous one; then ask again.
   std::fprintf(stderr, "worker: cannot restore %s: %s; reporting it to the coordinator\n", dir.c_str(),

@@ -53,6 +53,8 @@ struct WorkerOptions {
   // All-reduce gradient buckets during backward (false: all of them after backward).
   bool overlap_grad_reduce = true;
   size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
+  // How a restore streams checkpoint files (chunk size, reader threads; tests use small chunks).
+  CheckpointStreamOptions restore;
   // The pid of the worker process on this host that this one replaces (its launcher saw it
   // exit); 0 if none. Sent with the first registration so the coordinator need not wait out
   // that worker's heartbeat timeout.
