@@ -20,7 +20,8 @@
 // whatever the environment; the others run the environment's form (hi by default: the backward's
 // dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
 // shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13).
-// "[v3 all dwg]": the default kernels with helper ssdc13's dCB (GYRE_SSD_DCB=wg, forced).
+// "[v3 all dwg]" / "[v3 all dwgc]": the default kernels with helper ssdc13's dCB
+// (GYRE_SSD_DCB=wg / wgc, forced).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -148,7 +149,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
-    int dcb = 0;        // SsdSetDcbVariantForTesting (0: the environment's form, 2: wg)
+    int dcb = 0;        // SsdSetDcbVariantForTesting (0: the environment's form, 2 wg, 3 wgc)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -162,7 +163,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
                         {"[v3 all so]", kSsdRegAll, 0, 0, 1},   // side stream off
                         // helper ssdc13: dCB on wgmma, head-split sum folded in a cluster
-                        {"[v3 all dwg]", kSsdRegAll, 0, 0, 0, 2}};
+                        {"[v3 all dwg]", kSsdRegAll, 0, 0, 0, 2},
+                        {"[v3 all dwgc]", kSsdRegAll, 0, 0, 0, 3}};  // + column factors once
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;

@@ -2963,9 +2963,10 @@ EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
 // Helper ssdc13 (session 13): GYRE_SSD_DCB = reg (ssd_bwd_dcb_reg + ssd_bwd_dcb_sum) | wg
 // (ssd_bwd_dcb_wg, kernels/cuda/ssd_dcb_wgmma.cuh: wgmma products, the head-split sum folded in
-// a cluster; P 64 only, other head dims run reg). g_dcb_variant (testing): 0 the environment,
-// 1 reg, 2 wg.
-EnvSwitch g_dcb_switch{"GYRE_SSD_DCB", {"reg", "wg", nullptr}};
+// a cluster; P 64 only, other head dims run reg) | wgc (wg with the off-diagonal column factors
+// formed once per head per block in shared memory). g_dcb_variant (testing): 0 the environment,
+// 1 reg, 2 wg, 3 wgc.
+EnvSwitch g_dcb_switch{"GYRE_SSD_DCB", {"reg", "wg", "wgc", nullptr}};
 std::atomic<int> g_dcb_variant{0};
 Form Choose(EnvSwitch& sw) {
   int state = sw.from_env.load();
@@ -3329,15 +3330,17 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
   const int tiles = d.Q / kTile;
   // GYRE_SSD_DCB=wg (helper ssdc13): ssd_bwd_dcb_wg writes dCB / dCBᵀ itself (no dcb_sum).
-  bool dcb_wg = false;
+  bool dcb_wg = false, dcb_cf = false;
   if (plan.dx || plan.dbc) {
     const int forced = g_dcb_variant.load();
     const Form dcb_form = forced > 0 ? Form{forced - 1, {}} : Choose(g_dcb_switch);
     if (!dcb_form.bad.empty()) return InvalidArgument(dcb_form.bad);
-    dcb_wg = dcb_form.index == 1 && d.P == 64;
+    dcb_wg = dcb_form.index >= 1 && d.P == 64;
+    dcb_cf = dcb_form.index == 2;
   }
   if ((plan.dx || plan.dbc) && dcb_wg) {
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_wg, DcbWgSmem()));
+    auto* kernel = dcb_cf ? ssd_bwd_dcb_wg<true> : ssd_bwd_dcb_wg<false>;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, DcbWgSmem()));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B);
     cfg.blockDim = dim3(kThreads);
@@ -3350,7 +3353,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, ssd_bwd_dcb_wg, d, a.x, a.dy, saved,
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, d, a.x, a.dy, saved,
                                             sc.dacs_pair, sc.dpair, sc.dcb_split, sc.dcb_bf));
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_wg");
   } else if (plan.dx || plan.dbc) {
@@ -3459,7 +3462,7 @@ void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }
 void SsdSetDcbVariantForTesting(int variant) {
-  g_dcb_variant.store(variant == 1 || variant == 2 ? variant : 0);
+  g_dcb_variant.store(variant >= 1 && variant <= 3 ? variant : 0);
 }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);

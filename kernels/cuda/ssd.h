@@ -150,8 +150,9 @@ void SsdSetFusedStatePassForTesting(int mode);
 void SsdSetDcbSplitForTesting(int split);
 // Helper ssdc13 (session 13): GYRE_SSD_DCB = reg (default; unset is the same: ssd_bwd_dcb_reg +
 // ssd_bwd_dcb_sum) | wg (ssd_bwd_dcb_wg: the per-head products on wgmma, the head-split sum
-// folded into a thread-block cluster; head_dim 64 only, other head dims run reg); any other value
-// is an error from SsdBackward. SsdSetDcbVariantForTesting: 0 the environment, 1 reg, 2 wg
+// folded into a thread-block cluster; head_dim 64 only, other head dims run reg) | wgc (wg with
+// the off-diagonal column factors formed once per head per block); any other value is an error
+// from SsdBackward. SsdSetDcbVariantForTesting: 0 the environment, 1 reg, 2 wg, 3 wgc
 // (process-wide).
 void SsdSetDcbVariantForTesting(int variant);
 // Environment (read once per process): GYRE_SSD_BWD_DX=wgc, GYRE_SSD_FWD=wgs and

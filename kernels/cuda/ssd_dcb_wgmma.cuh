@@ -142,6 +142,7 @@ __device__ __forceinline__ void DcbFold(const Dims& d, int split, bf16* dcb_bf, 
 // grid (NC·pairs·split, G, B), cluster (split, 1, 1), 128 threads, DcbWgSmem() bytes. Outputs as
 // ssd_bwd_dcb_reg (dacs_pair, dpair) plus, when dcb_bf is not null, ssd_bwd_dcb_sum's (dcb_bf:
 // dCB [B, NC, G, Q, Q] then dCBᵀ n elements later).
+template <bool kCf>
 __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16* x,
                                                               const bf16* dy, const float* saved,
                                                               float* dacs_pair, double* dpair,
@@ -170,18 +171,25 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
   // The small per-head arrays in static shared memory: constant addresses, no pointer registers
   // (generic pointers to them, held across the head loop, spilled at 128 registers).
-  __shared__ float al[kDcbWgStages * kTile], as[kDcbWgStages * kTile], ds[kDcbWgStages * kTile];
+  // kCf: three slots (the small arrays travel one head ahead of the tiles) and the column factors
+  // of two heads.
+  constexpr int kSmall = kCf ? 3 : kDcbWgStages;
+  __shared__ float al[kSmall * kTile], as[kSmall * kTile], ds[kSmall * kTile];
   __shared__ float colbuf[2 * kWarps * kTile], pairbuf[2 * kWarps];
+  __shared__ float cfbuf[kCf ? 2 * kTile : 1];
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
 
-  auto issue = [&](int hh, int buf) {
+  auto issue_tiles = [&](int hh, int buf) {
     const int h = h_first + hh;
     const uint32_t stage = ring + buf * kDcbWgStageBytes;
     DcbCpTileSw(stage, dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv);
     DcbCpTileSw(stage + kDcbWgTileBytes, x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P,
                 d.ldx, sv);
+  };
+  auto issue_small = [&](int hh, int buf) {
+    const int h = h_first + hh;
     if (threadIdx.x < kTile) {
       const int r = threadIdx.x;
       const float* acs_h = AcsPtr(d, saved, b, h) + c0;
@@ -190,7 +198,20 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
       CpAsync4(ds + buf * kTile + r,
                dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
     }
+  };
+  auto issue = [&](int hh, int buf) {
+    issue_tiles(hh, buf);
+    issue_small(hh, buf);
     CpAsyncCommit();
+  };
+  // Off-diagonal tiles (kCf): head hh's column factors dt_s·e^{Acs_l0 − Acs_s} (the expression the
+  // epilogue forms per element otherwise, so the same values), one column per thread 0..63.
+  auto column_factors = [&](int hh) {
+    if (threadIdx.x < kTile) {
+      const int sl = (hh % kSmall) * kTile;
+      cfbuf[(hh & 1) * kTile + threadIdx.x] =
+          ds[sl + threadIdx.x] * __expf(al[sl] - as[sl + threadIdx.x]);
+    }
   };
 
   // The C Bᵀ tile (l-tile lt, s-tile st; the same for every head) in shared memory, read per head
@@ -226,16 +247,31 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
 
   float acc[8][4];
   ZeroAcc(acc);
-  // kDcbWgStages-deep ring, one barrier per head (groups committed even when empty, so that
-  // wait_group<kDcbWgStages − 2> means "head hh has landed"). The barrier of head hh also retires
-  // the stage of head hh − 1 (its wgmmas were waited for before its epilogue), which receives head
-  // hh + kDcbWgStages − 1.
+  // kDcbWgStages-deep ring of tiles, one barrier per head (groups committed even when empty, so
+  // that wait_group<kDcbWgStages − 2> means "head hh has landed"). The barrier of head hh also
+  // retires the stage of head hh − 1 (its wgmmas were waited for before its epilogue), which
+  // receives head hh + kDcbWgStages − 1. kCf (kDcbWgStages = 2): the small arrays of head hh + 2
+  // travel with the tiles of head hh + 1, so that head hh + 1's column factors are formed during
+  // head hh (under its wgmmas) and published by the next barrier.
+  static_assert(!kCf || kDcbWgStages == 2, "the kCf schedule assumes two tile stages");
+  if constexpr (kCf) {
+    issue_tiles(0, 0);
+    issue_small(0, 0);
+    if (nh > 1) issue_small(1, 1);
+    CpAsyncCommit();
+    if (lt > st) {
+      CpAsyncWait<0>();
+      __syncthreads();
+      column_factors(0);
+    }
+  } else {
 #pragma unroll
-  for (int i = 0; i < kDcbWgStages - 1; ++i) {
-    if (i < nh) {
-      issue(i, i);
-    } else {
-      CpAsyncCommit();
+    for (int i = 0; i < kDcbWgStages - 1; ++i) {
+      if (i < nh) {
+        issue(i, i);
+      } else {
+        CpAsyncCommit();
+      }
     }
   }
   for (int hh = 0; hh < nh; ++hh) {
@@ -243,7 +279,11 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
     CpAsyncWait<kDcbWgStages - 2>();
     hopper::FenceProxyAsync();  // this thread's cp.async writes before the wgmmas read them
     __syncthreads();
-    if (hh + kDcbWgStages - 1 < nh) {
+    if constexpr (kCf) {
+      if (hh + 1 < nh) issue_tiles(hh + 1, (hh + 1) % kDcbWgStages);
+      if (hh + 2 < nh) issue_small(hh + 2, (hh + 2) % kSmall);
+      CpAsyncCommit();
+    } else if (hh + kDcbWgStages - 1 < nh) {
       issue(hh + kDcbWgStages - 1, (hh + kDcbWgStages - 1) % kDcbWgStages);
     } else {
       CpAsyncCommit();
@@ -259,12 +299,15 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
       hopper::WgmmaCommit();
     }
     if (hh > 0) flush(hh - 1);  // under the wgmmas
+    if (kCf && lt > st && hh + 1 < nh) column_factors(hh + 1);
     hopper::WgmmaWait<0>();
     hopper::FenceRegs(s2f);
     const auto& s2 = *reinterpret_cast<const float(*)[8][4]>(s2f);
-    const float* alb = al + buf * kTile;
-    const float* asb = as + buf * kTile;
-    const float* dsb = ds + buf * kTile;
+    const int sb = (kCf ? hh % kSmall : buf) * kTile;
+    const float* alb = al + sb;
+    const float* asb = as + sb;
+    const float* dsb = ds + sb;
+    const float* cfb = cfbuf + (kCf ? (hh & 1) * kTile : 0);
     const float al0 = alb[r0], al1 = alb[r0 + 8];
     const float ref = alb[0];
     // ssd_bwd_dcb_reg's epilogue (see its comments), with the column sums reduced per half of
@@ -286,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
 #pragma unroll
           for (int c2 = 0; c2 < 2; ++c2) {
             const int col = 8 * j + 2 * tq + c2;
-            const float cf = dsb[col] * __expf(ref - asb[col]);
+            const float cf = kCf ? cfb[col] : dsb[col] * __expf(ref - asb[col]);
             const float v0 = s2[j][c2] * cf * rf0, v1 = s2[j][2 + c2] * cf * rf1;
             acc[j][c2] += v0;
             acc[j][2 + c2] += v1;

@@ -395,7 +395,7 @@ TEST(SsdGpu, MatchesCpuReference) {
     bool rerun = false;   // rerun-bitwise checks (RunCase)
     int side = 0;         // SsdSetSideStreamForTesting: 0 environment (default hi), 1 off, 2 hi
     int rerun_side = 0;   // the rerun's side-stream form (0: the same as the first run)
-    int dcb = 0;          // SsdSetDcbVariantForTesting: 0 environment (default reg), 2 wg
+    int dcb = 0;  // SsdSetDcbVariantForTesting: 0 environment (default reg), 2 wg, 3 wgc
   };
   const Path paths[] = {{"[mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -424,7 +424,11 @@ TEST(SsdGpu, MatchesCpuReference) {
                         {"[v3 all, dCB wg, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 2},
                         {"[v3 all, dCB wg split 4, side stream hi, rerun one-stream] ",
                          kSsdRegAll, 0, 0, 4, true, 2, 1, 2},
-                        {"[v3 all, dCB wg split 1] ", kSsdRegAll, 0, 0, 1, false, 0, 0, 2}};
+                        {"[v3 all, dCB wg split 1] ", kSsdRegAll, 0, 0, 1, false, 0, 0, 2},
+                        // wgc: the column factors once per head per block (variant 3).
+                        {"[v3 all, dCB wgc, rerun] ", kSsdRegAll, 0, 0, 0, true, 0, 0, 3},
+                        {"[v3 all, dCB wgc split 4, side stream hi, rerun one-stream] ",
+                         kSsdRegAll, 0, 0, 4, true, 2, 1, 3}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
