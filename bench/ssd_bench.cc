@@ -19,9 +19,8 @@
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
 // dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
-// shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13).
-// "[v3 all dwg]" / "[v3 all dwgc]": the default kernels with helper ssdc13's dCB
-// (GYRE_SSD_DCB=wg / wgc, forced).
+// shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13), dCB helper
+// ssdc13's (ssd_dcb_wgmma.cuh; session 13).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -149,7 +148,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
-    int dcb = 0;        // SsdSetDcbVariantForTesting (0: the environment's form, 2 wg, 3 wgc)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -161,10 +159,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        {"[v3 all so]", kSsdRegAll, 0, 0, 1},   // side stream off
-                        // helper ssdc13: dCB on wgmma, head-split sum folded in a cluster
-                        {"[v3 all dwg]", kSsdRegAll, 0, 0, 0, 2},
-                        {"[v3 all dwgc]", kSsdRegAll, 0, 0, 0, 3}};  // + column factors once
+                        {"[v3 all so]", kSsdRegAll, 0, 0, 1}};  // side stream off
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
@@ -172,15 +167,13 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
       continue;
     }
     if (default_only &&
-        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0 ||
-         p.dcb != 0)) {
+        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
-    SsdSetDcbVariantForTesting(p.dcb);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -201,7 +194,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
-  SsdSetDcbVariantForTesting(0);
 }
 
 }  // namespace

@@ -2389,7 +2389,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
-#include "kernels/cuda/ssd_dcb_wgmma.cuh"  // GYRE_SSD_DCB=wg (helper ssdc13)
+#include "kernels/cuda/ssd_dcb_wgmma.cuh"  // dCB at P 64 (helper ssdc13, session 13)
 
 // Shared memory of ssd_bwd_dbc_smem (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
@@ -2961,13 +2961,13 @@ EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"wg", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
-// Helper ssdc13 (session 13): GYRE_SSD_DCB = reg (ssd_bwd_dcb_reg + ssd_bwd_dcb_sum) | wg
-// (ssd_bwd_dcb_wg, kernels/cuda/ssd_dcb_wgmma.cuh: wgmma products, the head-split sum folded in
-// a cluster; P 64 only, other head dims run reg) | wgc (wg with the off-diagonal column factors
-// formed once per head per block in shared memory). g_dcb_variant (testing): 0 the environment,
-// 1 reg, 2 wg, 3 wgc.
-EnvSwitch g_dcb_switch{"GYRE_SSD_DCB", {"reg", "wg", "wgc", nullptr}};
-std::atomic<int> g_dcb_variant{0};
+// Helper ssdc13's dCB (session 13, two device calls on an H200; ssd_notes.md "Session 13 (helper
+// ssdc13)"): the default at head_dim 64 (other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum,
+// no longer selectable there):
+//   GYRE_SSD_DCB = wgc  (ssd_bwd_dcb_wg, kernels/cuda/ssd_dcb_wgmma.cuh: wgmma products, column
+//                        factors once per head, the head-split sum folded in a cluster; "reg"
+//                        and the session's first form "wg" are errors)
+EnvSwitch g_dcb_switch{"GYRE_SSD_DCB", {"wgc", nullptr}};
 Form Choose(EnvSwitch& sw) {
   int state = sw.from_env.load();
   if (state == -2) {
@@ -3329,18 +3329,16 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
   const int tiles = d.Q / kTile;
-  // GYRE_SSD_DCB=wg (helper ssdc13): ssd_bwd_dcb_wg writes dCB / dCBᵀ itself (no dcb_sum).
-  bool dcb_wg = false, dcb_cf = false;
+  // Helper ssdc13's ssd_bwd_dcb_wg at P 64 (GYRE_SSD_DCB=wgc): it writes dCB / dCBᵀ itself (no
+  // ssd_bwd_dcb_sum); other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum.
+  bool dcb_wg = false;
   if (plan.dx || plan.dbc) {
-    const int forced = g_dcb_variant.load();
-    const Form dcb_form = forced > 0 ? Form{forced - 1, {}} : Choose(g_dcb_switch);
+    const Form dcb_form = Choose(g_dcb_switch);
     if (!dcb_form.bad.empty()) return InvalidArgument(dcb_form.bad);
-    dcb_wg = dcb_form.index >= 1 && d.P == 64;
-    dcb_cf = dcb_form.index == 2;
+    dcb_wg = d.P == 64;
   }
   if ((plan.dx || plan.dbc) && dcb_wg) {
-    auto* kernel = dcb_cf ? ssd_bwd_dcb_wg<true> : ssd_bwd_dcb_wg<false>;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, DcbWgSmem()));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_wg, DcbWgSmem()));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B);
     cfg.blockDim = dim3(kThreads);
@@ -3353,7 +3351,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, d, a.x, a.dy, saved,
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, ssd_bwd_dcb_wg, d, a.x, a.dy, saved,
                                             sc.dacs_pair, sc.dpair, sc.dcb_split, sc.dcb_bf));
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_wg");
   } else if (plan.dx || plan.dbc) {
@@ -3460,9 +3458,6 @@ void SsdSetStateSliceForTesting(int columns) { g_state_slice_override.store(colu
 void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode == 1 || mode == 2 ? mode : 0); }
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
-}
-void SsdSetDcbVariantForTesting(int variant) {
-  g_dcb_variant.store(variant >= 1 && variant <= 3 ? variant : 0);
 }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);

@@ -1,26 +1,30 @@
 // dCB on warpgroup MMA with the head-split sum folded into a thread-block cluster (helper ssdc13,
-// session 13): `ssd_bwd_dcb_wg`, selected by GYRE_SSD_DCB=wg (ssd.cu; the default is
-// ssd_bwd_dcb_reg + ssd_bwd_dcb_sum). Included by ssd.cu inside its anonymous namespace, after
-// ssd_bwd_dcb_sum (whose comments, and ssd_bwd_dcb_reg's, document the math and the outputs).
-// Shapes: P = 64 (other head dims run ssd_bwd_dcb_reg).
+// session 13): `ssd_bwd_dcb_wg`, the default dCB kernel at head_dim 64 (ssd.cu; GYRE_SSD_DCB=wgc
+// is the only accepted value; other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum). Included by
+// ssd.cu inside its anonymous namespace, after ssd_bwd_dcb_sum (whose comments, and
+// ssd_bwd_dcb_reg's, document the math and the outputs).
 //
 // Same grid and work split as ssd_bwd_dcb_reg (one 128-thread block = one warpgroup per (b, c, g)
 // 64×64 tile pair and head split `part`, looping over its heads), the same ∂Acs outputs
-// (dacs_pair, dpair: the epilogue is ssd_bwd_dcb_reg's, line for line). What differs:
+// (dacs_pair, dpair). What differs:
 //  - the per-head product dy_l x_sᵀ (K = P = 64) is 4 wgmma m64n64k16 with both operands K-major
 //    from 128-byte-swizzled shared memory (one instruction per k16 step per warpgroup instead of
-//    per warp 1 + 4 ldmatrix.x4 + 8 mma.sync); the accumulator layout of m64n64 is the m16n8
-//    layout the epilogue already reads, so the epilogue is unchanged;
-//  - three ring stages (two heads of load lookahead instead of one), and each head's wgmmas run
-//    under the next loads' issue and the previous head's column-sum flush;
+//    per warp 1 + 4 ldmatrix.x4 + 8 mma.sync); the m64n64 accumulator is the m16n8 layout the
+//    epilogue reads; the previous head's column-sum flush runs under the wgmmas;
+//  - the off-diagonal column factors dt_s·e^{Acs_l0 − Acs_s} are formed once per head per block
+//    (threads 0..63, one column each, during the previous head's wgmmas) instead of in each of the
+//    32 threads that hold a column (16 exponentials + 32 loads per thread per head);
+//  - the C Bᵀ tile lives in shared memory and the column sums are reduced per half of the tile:
+//    123 registers, 0 spills at four blocks per SM (the reg kernel: 128 registers, 4 bytes spilled);
 //  - the head split's partial sums never reach global memory: the `split` blocks of one tile
 //    pair form a cluster (blockIdx.x = pair·split + part, cluster rank = part); each stores its
 //    fp32 partial in its own shared memory, and block `part` adds rows [part·64/split, ...)
-//    of all partials in rank order 0, 1, ... (ssd_bwd_dcb_sum's order: the bf16 dCB and dCBᵀ
-//    are bitwise what dcb_sum would make of these partials) through distributed shared memory,
-//    then writes dCB and dCBᵀ in bf16. No ssd_bwd_dcb_sum launch, no fp32 partial round trip
-//    (at B8 S2048 H64, split 4: 42 MB written and read back).
-// No atomics; all sums in a fixed order: bitwise reproducible run to run.
+//    of all partials in rank order 0, 1, ... (ssd_bwd_dcb_sum's order) through distributed shared
+//    memory, then writes dCB and dCBᵀ in bf16. No ssd_bwd_dcb_sum launch, no fp32 partial round
+//    trip (at B8 S2048 H64, split 4: 42 MB written and read back).
+// No atomics; all sums in a fixed order: bitwise reproducible run to run (ssd_gpu_test's rerun
+// paths). Measured (H200, ncu, bench/RESULTS.md session 13 ssdc13): dCB + sum 366 → 304 µs at B8
+// S2048 H64 (−17%), 284 → 221 µs at B16 S2048 H24 (−22%); fwd+bwd −4.6% at both.
 
 constexpr int kDcbWgStages = 2;
 constexpr int kDcbCbLd = kTile + 8;  // bf16 row stride of the C Bᵀ tile in shared memory
@@ -29,9 +33,9 @@ constexpr uint32_t kDcbWgStageBytes = 2 * kDcbWgTileBytes;  // dy_l tile, x_s ti
 constexpr int kDcbFoldLd = kTile + 8;                         // fp32 row stride of the fold tile
 
 // Dynamic shared memory of ssd_bwd_dcb_wg (P = 64): 1024 (alignment slack) + the ring (2 × 16
-// KB); static: Acs_l, Acs_s, dt_s per stage, the column sums (2 heads × 4 warps), pair sums and
-// the C Bᵀ tile (12.5 KB). ~45.5 KB: four blocks per SM. The fold after the head loop reuses the ring (fp32 partial [64][72] = 18 KB and
-// the bf16 transpose tile [64][R + 2]).
+// KB); static: Acs_l, Acs_s, dt_s (3 slots), the column factors (2 heads), the column sums (2
+// heads × 4 warps), pair sums and the C Bᵀ tile (13.9 KB). ~47 KB: four blocks per SM. The fold
+// after the head loop reuses the ring (fp32 partial [64][72] = 18 KB, bf16 transpose [64][R + 2]).
 inline size_t DcbWgSmem() { return 1024 + kDcbWgStages * kDcbWgStageBytes; }
 
 // Thread-block cluster primitives (PTX; cooperative_groups cannot be included inside ssd.cu's
@@ -142,7 +146,6 @@ __device__ __forceinline__ void DcbFold(const Dims& d, int split, bf16* dcb_bf, 
 // grid (NC·pairs·split, G, B), cluster (split, 1, 1), 128 threads, DcbWgSmem() bytes. Outputs as
 // ssd_bwd_dcb_reg (dacs_pair, dpair) plus, when dcb_bf is not null, ssd_bwd_dcb_sum's (dcb_bf:
 // dCB [B, NC, G, Q, Q] then dCBᵀ n elements later).
-template <bool kCf>
 __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16* x,
                                                               const bf16* dy, const float* saved,
                                                               float* dacs_pair, double* dpair,
@@ -171,12 +174,12 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   const int lv = min(kTile, len - l0), sv = min(kTile, len - s0);
   // The small per-head arrays in static shared memory: constant addresses, no pointer registers
   // (generic pointers to them, held across the head loop, spilled at 128 registers).
-  // kCf: three slots (the small arrays travel one head ahead of the tiles) and the column factors
-  // of two heads.
-  constexpr int kSmall = kCf ? 3 : kDcbWgStages;
+  // Three slots (the small arrays travel one head ahead of the tiles) and the column factors of
+  // two heads.
+  constexpr int kSmall = 3;
   __shared__ float al[kSmall * kTile], as[kSmall * kTile], ds[kSmall * kTile];
   __shared__ float colbuf[2 * kWarps * kTile], pairbuf[2 * kWarps];
-  __shared__ float cfbuf[kCf ? 2 * kTile : 1];
+  __shared__ float cfbuf[2 * kTile];
   const float* dt_g = DtPtr(d, saved, b);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, tq = lane % 4;
   const int r0 = warp * 16 + gq;
@@ -199,13 +202,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
                dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
     }
   };
-  auto issue = [&](int hh, int buf) {
-    issue_tiles(hh, buf);
-    issue_small(hh, buf);
-    CpAsyncCommit();
-  };
-  // Off-diagonal tiles (kCf): head hh's column factors dt_s·e^{Acs_l0 − Acs_s} (the expression the
-  // epilogue forms per element otherwise, so the same values), one column per thread 0..63.
+  // Off-diagonal tiles: head hh's column factors dt_s·e^{Acs_l0 − Acs_s} (the expression the
+  // reg kernel forms per element in each thread, so the same values), one column per thread 0..63.
   auto column_factors = [&](int hh) {
     if (threadIdx.x < kTile) {
       const int sl = (hh % kSmall) * kTile;
@@ -247,47 +245,30 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
 
   float acc[8][4];
   ZeroAcc(acc);
-  // kDcbWgStages-deep ring of tiles, one barrier per head (groups committed even when empty, so
-  // that wait_group<kDcbWgStages − 2> means "head hh has landed"). The barrier of head hh also
-  // retires the stage of head hh − 1 (its wgmmas were waited for before its epilogue), which
-  // receives head hh + kDcbWgStages − 1. kCf (kDcbWgStages = 2): the small arrays of head hh + 2
-  // travel with the tiles of head hh + 1, so that head hh + 1's column factors are formed during
-  // head hh (under its wgmmas) and published by the next barrier.
-  static_assert(!kCf || kDcbWgStages == 2, "the kCf schedule assumes two tile stages");
-  if constexpr (kCf) {
-    issue_tiles(0, 0);
-    issue_small(0, 0);
-    if (nh > 1) issue_small(1, 1);
-    CpAsyncCommit();
-    if (lt > st) {
-      CpAsyncWait<0>();
-      __syncthreads();
-      column_factors(0);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kDcbWgStages - 1; ++i) {
-      if (i < nh) {
-        issue(i, i);
-      } else {
-        CpAsyncCommit();
-      }
-    }
+  // A two-stage ring of tiles, one barrier per head (wait_group 0: head hh has landed). The
+  // barrier of head hh also retires the stage of head hh − 1 (its wgmmas were waited for before
+  // its epilogue), which receives head hh + 1. The small arrays of head hh + 2 travel with the
+  // tiles of head hh + 1, so that head hh + 1's column factors are formed during head hh (under
+  // its wgmmas) and published by the next barrier. (The session's first form, wg, formed them
+  // per element in the epilogue with the small arrays beside their own head's tiles: 4-7% slower.)
+  static_assert(kDcbWgStages == 2, "the schedule assumes two tile stages");
+  issue_tiles(0, 0);
+  issue_small(0, 0);
+  if (nh > 1) issue_small(1, 1);
+  CpAsyncCommit();
+  if (lt > st) {
+    CpAsyncWait<0>();
+    __syncthreads();
+    column_factors(0);
   }
   for (int hh = 0; hh < nh; ++hh) {
     const int buf = hh % kDcbWgStages;
     CpAsyncWait<kDcbWgStages - 2>();
     hopper::FenceProxyAsync();  // this thread's cp.async writes before the wgmmas read them
     __syncthreads();
-    if constexpr (kCf) {
-      if (hh + 1 < nh) issue_tiles(hh + 1, (hh + 1) % kDcbWgStages);
-      if (hh + 2 < nh) issue_small(hh + 2, (hh + 2) % kSmall);
-      CpAsyncCommit();
-    } else if (hh + kDcbWgStages - 1 < nh) {
-      issue(hh + kDcbWgStages - 1, (hh + kDcbWgStages - 1) % kDcbWgStages);
-    } else {
-      CpAsyncCommit();
-    }
+    if (hh + 1 < nh) issue_tiles(hh + 1, (hh + 1) % kDcbWgStages);
+    if (hh + 2 < nh) issue_small(hh + 2, (hh + 2) % kSmall);
+    CpAsyncCommit();
     float s2f[32];
     {
       const uint32_t stage = ring + buf * kDcbWgStageBytes;
@@ -299,15 +280,15 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
       hopper::WgmmaCommit();
     }
     if (hh > 0) flush(hh - 1);  // under the wgmmas
-    if (kCf && lt > st && hh + 1 < nh) column_factors(hh + 1);
+    if (lt > st && hh + 1 < nh) column_factors(hh + 1);
     hopper::WgmmaWait<0>();
     hopper::FenceRegs(s2f);
     const auto& s2 = *reinterpret_cast<const float(*)[8][4]>(s2f);
-    const int sb = (kCf ? hh % kSmall : buf) * kTile;
+    const int sb = (hh % kSmall) * kTile;
     const float* alb = al + sb;
     const float* asb = as + sb;
     const float* dsb = ds + sb;
-    const float* cfb = cfbuf + (kCf ? (hh & 1) * kTile : 0);
+    const float* cfb = cfbuf + (hh & 1) * kTile;
     const float al0 = alb[r0], al1 = alb[r0 + 8];
     const float ref = alb[0];
     // ssd_bwd_dcb_reg's epilogue (see its comments), with the column sums reduced per half of
@@ -329,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
 #pragma unroll
           for (int c2 = 0; c2 < 2; ++c2) {
             const int col = 8 * j + 2 * tq + c2;
-            const float cf = kCf ? cfb[col] : dsb[col] * __expf(ref - asb[col]);
+            const float cf = cfb[col];
             const float v0 = s2[j][c2] * cf * rf0, v1 = s2[j][2 + c2] * cf * rf1;
             acc[j][c2] += v0;
             acc[j][2 + c2] += v1;
