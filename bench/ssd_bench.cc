@@ -19,7 +19,8 @@
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
 // dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
-// shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13).
+// shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13), dCB helper
+// ssdc13's (ssd_dcb_wgmma.cuh; session 13).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

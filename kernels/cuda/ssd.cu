@@ -2389,6 +2389,8 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   }
 }
 
+#include "kernels/cuda/ssd_dcb_wgmma.cuh"  // dCB at P 64 (helper ssdc13, session 13)
+
 // Shared memory of ssd_bwd_dbc_smem (~47 KB at P64: four blocks per SM): kStages stages, each
 // either one head's own rows of dy/x [64][P+8] + its state slice [P][72], or (dCB steps) the
 // other tile's C_l/B_s slice [64][72] in the same place and the dCB tile [64][72] after it (at
@@ -2959,6 +2961,13 @@ EnvSwitch g_dbc_switch{"GYRE_SSD_BWD_DBC", {"wg", nullptr}};
 EnvSwitch g_fused_rule_switch{"GYRE_SSD_FUSED_STATE", {"2", nullptr}};
 EnvSwitch g_dcb_sum_switch{"GYRE_SSD_DCB_SUM", {"kernel", nullptr}};
 EnvSwitch g_dacs_finish_switch{"GYRE_SSD_DACS_FINISH", {"pf", nullptr}};
+// Helper ssdc13's dCB (session 13, two device calls on an H200; ssd_notes.md "Session 13 (helper
+// ssdc13)"): the default at head_dim 64 (other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum,
+// no longer selectable there):
+//   GYRE_SSD_DCB = wgc  (ssd_bwd_dcb_wg, kernels/cuda/ssd_dcb_wgmma.cuh: wgmma products, column
+//                        factors once per head, the head-split sum folded in a cluster; "reg"
+//                        and the session's first form "wg" are errors)
+EnvSwitch g_dcb_switch{"GYRE_SSD_DCB", {"wgc", nullptr}};
 Form Choose(EnvSwitch& sw) {
   int state = sw.from_env.load();
   if (state == -2) {
@@ -3320,7 +3329,32 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   // ssd_bwd_dcb_reg forms x·dyᵀ per head once for both consumers: the head-summed dCB of the
   // dB/dC kernel and the pair ∂Acs terms of the v3 dx path.
   const int tiles = d.Q / kTile;
+  // Helper ssdc13's ssd_bwd_dcb_wg at P 64 (GYRE_SSD_DCB=wgc): it writes dCB / dCBᵀ itself (no
+  // ssd_bwd_dcb_sum); other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum.
+  bool dcb_wg = false;
   if (plan.dx || plan.dbc) {
+    const Form dcb_form = Choose(g_dcb_switch);
+    if (!dcb_form.bad.empty()) return InvalidArgument(dcb_form.bad);
+    dcb_wg = d.P == 64;
+  }
+  if ((plan.dx || plan.dbc) && dcb_wg) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_wg, DcbWgSmem()));
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = DcbWgSmem();
+    cfg.stream = side;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = sc.dcb_split;  // the head split of one tile pair
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, ssd_bwd_dcb_wg, d, a.x, a.dy, saved,
+                                            sc.dacs_pair, sc.dpair, sc.dcb_split, sc.dcb_bf));
+    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_wg");
+  } else if (plan.dx || plan.dbc) {
     const size_t dcb_smem = SmemOf<CarveDcbReg<CarveSize>>(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_bwd_dcb_reg, dcb_smem));
     ssd_bwd_dcb_reg<<<dim3(d.NC * tiles * (tiles + 1) / 2 * sc.dcb_split, d.G, d.B), kThreads,
@@ -3345,7 +3379,7 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_scan_bwd_dx");
   }
 
-  if (plan.dbc) {
+  if (plan.dbc && !dcb_wg) {
     ssd_bwd_dcb_sum<<<dim3(d.NC * tiles * (tiles + 1) / 2, d.G, d.B), kThreads, 0, side>>>(
         d, sc.dcb, sc.dcb_split, sc.dcb_bf);
     CUDA_RETURN_IF_LAUNCH_ERROR("ssd_bwd_dcb_sum");

@@ -148,6 +148,10 @@ void SsdSetFusedStatePassForTesting(int mode);
 // head sums): 0 = by shape (ssd.cu DcbSplit), 1 / 2 / 4 / 8 = that split where it divides the
 // heads per group.
 void SsdSetDcbSplitForTesting(int split);
+// Helper ssdc13 (session 13): GYRE_SSD_DCB=wgc names the only dCB form (unset is the same;
+// "reg", "wg" and any other value are an error from SsdBackward): at head_dim 64 ssd_bwd_dcb_wg
+// (the per-head products on wgmma, the head-split sum folded into a thread-block cluster, no
+// separate sum kernel); other head dims run ssd_bwd_dcb_reg + ssd_bwd_dcb_sum.
 // Environment (read once per process): GYRE_SSD_BWD_DX=wgc, GYRE_SSD_FWD=wgs and
 // GYRE_SSD_BWD_DBC=wg (below) name the only kernel forms left; unset is the same, any other value
 // is an error from SsdForward / SsdBackward.

@@ -416,7 +416,9 @@ TEST(SsdGpu, MatchesCpuReference) {
                         // The side chain beside the v2 dx / chunk-state kernels (ssd_param_reduce
                         // then reads the v2 dx kernel's partials, from the caller's stream).
                         {"[v3 dbc, side stream hi, rerun one-stream] ", kSsdRegDbc, 0, 0, 0, true,
-                         2, 1}};
+                         2, 1},
+                        // dCB head split 1 (helper ssdc13's kernel at P64: clusters of one).
+                        {"[v3 all, dCB split 1] ", kSsdRegAll, 0, 0, 1}};
   const int default_mask = SsdRegisterPath();
   int failed = 0;
   // SSD_TEST_SEED=n replays other inputs (case i of path j gets seed n + 13 j + i in a full run).
