@@ -2996,7 +2996,7 @@ int SmCount() {
 //   GYRE_SSD_BWD_DBC = wg   (ssd_bwd_dbc_wg; "smem", which named ssd_bwd_dbc_smem, is an error)
 struct EnvSwitch {
   const char* env;
-  const char* names[4];              // null-terminated
+  const char* names[6];              // null-terminated
   std::atomic<int> from_env{-2};     // -2 not read yet, -1 unknown value, else the form index
 };
 struct Form {
@@ -3186,51 +3186,74 @@ bool UseFusedStatePass(const Dims& d) {
 }
 
 // GYRE_SSD_STATE (helper ssdr13, session 13; opt-in): the fused chunk-state / state-pass kernels
-// with several heads per block, ssd_state_scan_mh (ssd_state_mh.cuh): one (default; unset is the
-// same) = ssd_chunk_state_scan | mh2 = 2 heads per block, 3 ring slots | mh4 = 4 heads, 4 slots.
-// Bitwise the same outputs. Where the form's heads do not divide the heads per group or its
-// shared memory does not fit, ssd_chunk_state_scan runs. g_state_heads (testing): 0 the
-// environment, 1 one, 2 mh2, 4 mh4.
-EnvSwitch g_state_switch{"GYRE_SSD_STATE", {"one", "mh2", "mh4", nullptr}};
+// as ssd_state_scan_mh (ssd_state_mh.cuh): one (default; unset is the same) = ssd_chunk_state_scan
+// | mh2 = 2 heads per block, 3 ring slots | mh4 = 4 heads, 4 slots (both measured in call 2: no
+// faster, see ssd_notes.md) | ct1 = one head per block, 2 slots, P 64 and the 128-column slice
+// at compile time | ct2 = the same with 2 heads, 3 slots (ct1 / ct2 not measured). Bitwise the
+// same outputs. Where the form's heads do not divide the heads per group, its shape (ct: P 64,
+// N % 128 == 0) does not match or its shared memory does not fit, ssd_chunk_state_scan runs.
+// g_state_form (testing): 0 the environment, else 1 + the index of the name above.
+EnvSwitch g_state_switch{"GYRE_SSD_STATE", {"one", "mh2", "mh4", "ct1", "ct2", nullptr}};
 // GYRE_SSD_DT_CUMSUM (helper ssdr13, session 13; opt-in): plain (default; unset is the same) =
 // ssd_dt_cumsum | co = ssd_dt_cumsum_co (coalesced, bitwise the same). g_dt_cumsum_form
 // (testing): 0 the environment, 1 plain, 2 co.
 EnvSwitch g_dt_cumsum_switch{"GYRE_SSD_DT_CUMSUM", {"plain", "co", nullptr}};
 std::atomic<int> g_dt_cumsum_form{0};
-std::atomic<int> g_state_heads{0};
-// Heads per block of the fused state kernels for this shape (1: ssd_chunk_state_scan).
-int StateHeads(const Dims& d, std::string* bad) {
-  int heads = g_state_heads.load();
-  if (heads == 0) {
+std::atomic<int> g_state_form{0};
+enum class StateForm { kOne, kMh2, kMh4, kCt1, kCt2 };
+// The fused state kernels' form for this shape (kOne: ssd_chunk_state_scan).
+StateForm ChooseStateForm(const Dims& d, std::string* bad) {
+  int index = g_state_form.load() - 1;
+  if (index < 0) {
     const Form f = Choose(g_state_switch);
     if (!f.bad.empty()) *bad = f.bad;
-    heads = f.index == 2 ? 4 : f.index == 1 ? 2 : 1;
+    index = f.index;
   }
-  if (heads <= 1 || d.hpg % heads != 0 || d.P % 32 != 0) return 1;
-  const int stages = heads == 2 ? StateMhForm<2>::kStages : StateMhForm<4>::kStages;
+  const StateForm form = static_cast<StateForm>(index);
+  const bool ct = form == StateForm::kCt1 || form == StateForm::kCt2;
+  const int heads = form == StateForm::kMh4 ? 4 : form == StateForm::kMh2 || form == StateForm::kCt2 ? 2 : 1;
+  if (form == StateForm::kOne || d.hpg % heads != 0 || d.P % 32 != 0) return StateForm::kOne;
+  if (ct && !(d.P == 64 && StateSlice(d) == 128 && d.N % 128 == 0)) return StateForm::kOne;
+  const int stages = heads == 1 ? StateMhForm<1>::kStages
+                     : heads == 2 ? StateMhForm<2>::kStages
+                                  : StateMhForm<4>::kStages;
   const size_t smem = StateScanMhSmem(d.P, StateSlice(d), heads, stages);
-  return smem <= static_cast<size_t>(MaxSmemOptin()) ? heads : 1;
+  return smem <= static_cast<size_t>(MaxSmemOptin()) ? form : StateForm::kOne;
 }
-// Launches ssd_state_scan_mh<kBwd, heads> (arguments as the fused ssd_chunk_state_scan's).
-template <bool kBwd>
-CudaResult LaunchStateMh(const Dims& d, int heads, const bf16* u, const bf16* v,
-                         const float* start, float* saved, float* end_state, float* dsg,
-                         bf16* g_bf, float* ddecay, cudaStream_t stream) {
+// Launches ssd_state_scan_mh in `form` (not kOne; arguments as the fused ssd_chunk_state_scan's).
+template <bool kBwd, int kHeads, int kP, int kSlice>
+CudaResult LaunchStateMhAs(const Dims& d, const bf16* u, const bf16* v, const float* start,
+                           float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
+                           cudaStream_t stream) {
   const int slice = StateSlice(d);
-  const dim3 grid((d.N + slice - 1) / slice, d.H / heads, d.B);
-  if (heads == 2) {
-    const size_t smem = StateScanMhSmem(d.P, slice, 2, StateMhForm<2>::kStages);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_mh<kBwd, 2>, smem));
-    ssd_state_scan_mh<kBwd, 2><<<grid, 2 * kThreads, smem, stream>>>(
-        d, slice, u, v, start, saved, end_state, dsg, g_bf, ddecay);
-  } else {
-    const size_t smem = StateScanMhSmem(d.P, slice, 4, StateMhForm<4>::kStages);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_mh<kBwd, 4>, smem));
-    ssd_state_scan_mh<kBwd, 4><<<grid, 4 * kThreads, smem, stream>>>(
-        d, slice, u, v, start, saved, end_state, dsg, g_bf, ddecay);
-  }
+  const dim3 grid((d.N + slice - 1) / slice, d.H / kHeads, d.B);
+  const size_t smem = StateScanMhSmem(d.P, slice, kHeads, StateMhForm<kHeads>::kStages);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_mh<kBwd, kHeads, kP, kSlice>, smem));
+  ssd_state_scan_mh<kBwd, kHeads, kP, kSlice><<<grid, kHeads * kThreads, smem, stream>>>(
+      d, slice, u, v, start, saved, end_state, dsg, g_bf, ddecay);
   CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_scan_mh");
   return {};
+}
+template <bool kBwd>
+CudaResult LaunchStateMh(const Dims& d, StateForm form, const bf16* u, const bf16* v,
+                         const float* start, float* saved, float* end_state, float* dsg,
+                         bf16* g_bf, float* ddecay, cudaStream_t stream) {
+  switch (form) {
+    case StateForm::kMh2:
+      return LaunchStateMhAs<kBwd, 2, 0, 0>(d, u, v, start, saved, end_state, dsg, g_bf, ddecay,
+                                            stream);
+    case StateForm::kMh4:
+      return LaunchStateMhAs<kBwd, 4, 0, 0>(d, u, v, start, saved, end_state, dsg, g_bf, ddecay,
+                                            stream);
+    case StateForm::kCt1:
+      return LaunchStateMhAs<kBwd, 1, 64, 128>(d, u, v, start, saved, end_state, dsg, g_bf,
+                                               ddecay, stream);
+    case StateForm::kCt2:
+      return LaunchStateMhAs<kBwd, 2, 64, 128>(d, u, v, start, saved, end_state, dsg, g_bf,
+                                               ddecay, stream);
+    default:
+      return InvalidArgument("ssd: LaunchStateMh needs an ssd_state_scan_mh form");
+  }
 }
 
 template <int kP>
@@ -3262,10 +3285,11 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const RegPlan plan = PlanReg(d);
   const int ntn = (d.N + 63) / 64;
   std::string state_bad;
-  const int state_heads = plan.state && UseFusedStatePass(d) ? StateHeads(d, &state_bad) : 1;
+  const StateForm state_form =
+      plan.state && UseFusedStatePass(d) ? ChooseStateForm(d, &state_bad) : StateForm::kOne;
   if (!state_bad.empty()) return InvalidArgument(state_bad);
-  if (state_heads > 1) {
-    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<false>(d, state_heads, a.x, a.b, a.initial_state, saved,
+  if (state_form != StateForm::kOne) {
+    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<false>(d, state_form, a.x, a.b, a.initial_state, saved,
                                                a.final_state, nullptr, nullptr, nullptr, stream));
   } else if (plan.state && UseFusedStatePass(d)) {
     const int slice = StateSlice(d);
@@ -3390,10 +3414,10 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   const bool fused = plan.state && UseFusedStatePass(d);
   const cudaStream_t crit = fork->crit();  // the state passes' stream (hi: greatest priority)
   std::string state_bad;
-  const int state_heads = fused ? StateHeads(d, &state_bad) : 1;
+  const StateForm state_form = fused ? ChooseStateForm(d, &state_bad) : StateForm::kOne;
   if (!state_bad.empty()) return InvalidArgument(state_bad);
-  if (state_heads > 1) {
-    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<true>(d, state_heads, a.dy, a.c, a.d_final_state,
+  if (state_form != StateForm::kOne) {
+    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<true>(d, state_form, a.dy, a.c, a.d_final_state,
                                               const_cast<float*>(saved), a.d_initial_state,
                                               plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                               sc.ddecay, crit));
@@ -3543,9 +3567,7 @@ void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }
 void SsdSetDtCumsumForTesting(int form) { g_dt_cumsum_form.store(form == 1 || form == 2 ? form : 0); }
-void SsdSetStateHeadsForTesting(int heads) {
-  g_state_heads.store(heads == 1 || heads == 2 || heads == 4 ? heads : 0);
-}
+void SsdSetStateFormForTesting(int form) { g_state_form.store(form >= 1 && form <= 5 ? form : 0); }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }

@@ -98,9 +98,33 @@ __device__ __forceinline__ void StLoadRowsAsync(bf16* dst, int ld, const bf16* s
   }
 }
 
-// Heads per block and ring slots of the two forms.
+// The same with the width and the thread count known at compile time (row / vector index by
+// shifts, the loop unrolled): the lean forms below.
+template <int kWidth, int kN>
+__device__ __forceinline__ void StLoadRowsAsyncCt(bf16* dst, int ld, const bf16* src,
+                                                  int64_t stride, int valid, int tid) {
+  constexpr int kVpr = kWidth / 8;
+  static_assert((kTile * kVpr) % kN == 0, "whole vectors per thread");
+  // Not unrolled: the unrolled copies' hoisted addresses spilled (20-216 bytes at 128 registers).
+#pragma unroll 1
+  for (int m = 0; m < kTile * kVpr / kN; ++m) {
+    const int i = tid + m * kN;
+    const int r = i / kVpr, v = (i % kVpr) * 8;
+    const bool ok = r < valid;
+    const bf16* g = ok ? src + r * stride + v : src;
+    const unsigned sm = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + v));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sm), "l"(g),
+                 "r"(ok ? 16 : 0));
+  }
+}
+
+// Heads per block and ring slots of the forms.
 template <int kHeads>
 struct StateMhForm;
+template <>
+struct StateMhForm<1> {
+  static constexpr int kStages = 2, kMinBlocks = 4;
+};
 template <>
 struct StateMhForm<2> {
   static constexpr int kStages = 3, kMinBlocks = 2;
@@ -124,20 +148,27 @@ size_t StateScanMhSmem(int P, int slice, int heads, int stages) {
 // Grid (ntn, H / kHeads, B); block kHeads × 128 threads; warpgroup w runs head
 // blockIdx.y · kHeads + w (all of one group: hpg % kHeads == 0, checked by the host). Arguments
 // as ssd_chunk_state_scan's fused form (pw = P).
-template <bool kBwd, int kHeads>
+// kP, kSlice: 0 (mh2, mh4: P and the slice at run time, the forms measured in call 2) or the
+// compile-time head dim and slice of the lean forms ct1 / ct2 (helper ssdr13, after call 2; not
+// measured): P 64, slice 128 (N % 128 == 0), so that the copy, scale and MMA loops index with
+// shifts instead of ~16 run-time integer divisions per thread and step (call 2's count: ~1480
+// issued instructions per warp per 64-token step, the kernel issue-bound at ~0.48 per scheduler).
+template <bool kBwd, int kHeads, int kP = 0, int kSlice = 0>
 __global__ void __launch_bounds__(kHeads * kThreads, StateMhForm<kHeads>::kMinBlocks)
     ssd_state_scan_mh(Dims d, int slice, const bf16* u, const bf16* v, const float* start,
                       float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay) {
   constexpr int kStages = StateMhForm<kHeads>::kStages;
   constexpr int kBlockThreads = kHeads * kThreads;
+  constexpr bool kCt = kP > 0;
   extern __shared__ __align__(128) char smem[];
   __shared__ float red[2 * kHeads * kWarps];
-  const int pw = d.P;
+  if constexpr (kCt) slice = kSlice;
+  const int pw = kCt ? kP : d.P;
   const int n0 = blockIdx.x * slice;
   const int wg = threadIdx.x / kThreads, lt = threadIdx.x % kThreads;
   const int lane = lt % 32, warp = lt / 32;
   const int h = blockIdx.y * kHeads + wg, b = blockIdx.z;
-  const int nw = min(slice, d.N - n0);
+  const int nw = kCt ? kSlice : min(slice, d.N - n0);
   const int g = (blockIdx.y * kHeads) / d.hpg;
   const int ldu = pw + 8, ldv = slice + 8;
   const int64_t pn0 = n0;
@@ -169,12 +200,23 @@ __global__ void __launch_bounds__(kHeads * kThreads, StateMhForm<kHeads>::kMinBl
     int c, tt;
     locate(k, c, tt);
     const int t0 = c * d.Q + tt * kTile, valid = min(kTile, d.S - t0);
-    StLoadRowsAsync(V0 + s * kTile * ldv, ldv,
-                    v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid, nw,
-                    threadIdx.x, kBlockThreads);
-    StLoadRowsAsync(U0 + (s * kHeads + wg) * kTile * ldu, ldu,
-                    u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * d.P,
-                    kBwd ? d.ldy : d.ldx, valid, pw, lt, kThreads);
+    if constexpr (kCt) {
+      StLoadRowsAsyncCt<kSlice, kBlockThreads>(
+          V0 + s * kTile * ldv, ldv, v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0,
+          d.ldbc, valid, threadIdx.x);
+      StLoadRowsAsyncCt<kP, kThreads>(
+          U0 + (s * kHeads + wg) * kTile * ldu, ldu,
+          u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) + static_cast<int64_t>(h) * kP,
+          kBwd ? d.ldy : d.ldx, valid, lt);
+    } else {
+      StLoadRowsAsync(V0 + s * kTile * ldv, ldv,
+                      v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc, valid,
+                      nw, threadIdx.x, kBlockThreads);
+      StLoadRowsAsync(U0 + (s * kHeads + wg) * kTile * ldu, ldu,
+                      u + (kBwd ? YRow(d, b, t0) : XRow(d, b, t0)) +
+                          static_cast<int64_t>(h) * d.P,
+                      kBwd ? d.ldy : d.ldx, valid, pw, lt, kThreads);
+    }
     if (lt < kTile) {
       const int r = lt, o = (s * kHeads + wg) * kTile + r;
       CpAsync4(acs_b + o, acs + t0 + r, r < valid);
@@ -276,15 +318,26 @@ __global__ void __launch_bounds__(kHeads * kThreads, StateMhForm<kHeads>::kMinBl
     bf16* Us = U0 + (buf * kHeads + wg) * kTile * ldu;  // this head's tile, scaled in place
     const float* ab = acs_b + (buf * kHeads + wg) * kTile;
     const float* db = dt_b + (buf * kHeads + wg) * kTile;
-    const int vpr = pw / 8;
-    for (int i = lt; i < kTile * vpr; i += kThreads) {
-      const int r = i / vpr, cidx = (i % vpr) * 8;
+    auto scale_vector = [&](int r, int cidx) {
       float f[8];
       LoadBf16<8>(Us + r * ldu + cidx, f);
       const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
 #pragma unroll
       for (int j = 0; j < 8; ++j) f[j] *= sc;
       StoreBf16<8>(Us + r * ldu + cidx, f);
+    };
+    if constexpr (kCt) {
+      constexpr int kVpr = kP / 8;
+#pragma unroll
+      for (int m = 0; m < kTile * kVpr / kThreads; ++m) {
+        const int i = lt + m * kThreads;
+        scale_vector(i / kVpr, (i % kVpr) * 8);
+      }
+    } else {
+      const int vpr = pw / 8;
+      for (int i = lt; i < kTile * vpr; i += kThreads) {
+        scale_vector(i / vpr, (i % vpr) * 8);
+      }
     }
     hopper::NamedBarrierSync(1 + wg, kThreads);  // this head's scaled tile is complete
     StMma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile, lane, warp);
