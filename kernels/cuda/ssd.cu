@@ -3211,7 +3211,9 @@ StateForm ChooseStateForm(const Dims& d, std::string* bad) {
   }
   const StateForm form = static_cast<StateForm>(index);
   const bool ct = form == StateForm::kCt1 || form == StateForm::kCt2;
-  const int heads = form == StateForm::kMh4 ? 4 : form == StateForm::kMh2 || form == StateForm::kCt2 ? 2 : 1;
+  const int heads = form == StateForm::kMh4                               ? 4
+                    : form == StateForm::kMh2 || form == StateForm::kCt2 ? 2
+                                                                         : 1;
   if (form == StateForm::kOne || d.hpg % heads != 0 || d.P % 32 != 0) return StateForm::kOne;
   if (ct && !(d.P == 64 && StateSlice(d) == 128 && d.N % 128 == 0)) return StateForm::kOne;
   const int stages = heads == 1 ? StateMhForm<1>::kStages
@@ -3566,7 +3568,9 @@ void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode ==
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }
-void SsdSetDtCumsumForTesting(int form) { g_dt_cumsum_form.store(form == 1 || form == 2 ? form : 0); }
+void SsdSetDtCumsumForTesting(int form) {
+  g_dt_cumsum_form.store(form == 1 || form == 2 ? form : 0);
+}
 void SsdSetStateFormForTesting(int form) { g_state_form.store(form >= 1 && form <= 5 ? form : 0); }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);

@@ -1,7 +1,7 @@
 // The fused chunk-state / state-pass kernel with several heads per block (helper ssdr13, session
-// 13; opt-in: GYRE_SSD_STATE=mh2 | mh4, ssd.cu). Included by ssd.cu inside its anonymous
-// namespace, after ssd_chunk_state_scan (whose recurrence, numerics and outputs this kernel
-// repeats exactly: see the comment there).
+// 13; opt-in: GYRE_SSD_STATE=mh2 | mh4 | ct1 | ct2, ssd.cu). Included by ssd.cu inside its
+// anonymous namespace, after ssd_chunk_state_scan (whose recurrence, numerics and outputs this
+// kernel repeats exactly: see the comment there).
 //
 // Why: ssd_chunk_state_scan is one wave (512 (h, b) blocks of 528 slots at B8 S2048 H64, 384 at
 // B16 S2048 H24), so its time is one block's chain of NC·Q/64 = 32 token-tile steps, ~6.2 µs
@@ -18,6 +18,13 @@
 // Each head's outputs are bitwise those of ssd_chunk_state_scan: the same fragments in the same
 // k order per element, the same scale expression, the same <G, H_c> partial order (warp sums,
 // then warps 0..3 of the head's warpgroup).
+// Measured (call 2, H200; ssd_notes.md "Session 13 (helper ssdr13)"): no faster — mh2 196.7 /
+// 193.2 µs, mh4 208.8 / 219.5 against 199.1 / 193.8 at B8 H64 (fwd / bwd), and 15-28% slower at
+// B16 H24. The kernel is issue-bound (~1500 instructions per warp per step), not waiting on its
+// loads: sharing the tile saved 14-19% of the instructions, and coupling 2 / 4 heads at every
+// block barrier cost as much. ct1 / ct2 (kP = 64, kSlice = 128 at compile time; one or two heads)
+// remove the run-time integer divisions of the copy and scale index arithmetic instead (~300 of
+// the ~1500); not measured. All forms stay opt-in.
 
 // MmaPtx::Mma / ForEachPair for a warp of one warpgroup (lane, warp within the warpgroup given),
 // MAXI tiles of 32×32 over the warpgroup's 4 warps, as there.
@@ -235,7 +242,8 @@ __global__ void __launch_bounds__(kHeads * kThreads, StateMhForm<kHeads>::kMinBl
   if (start != nullptr) {
     const float* st = start + bh * d.PN + pn0;
     StForEachPair(acc, pw, nw, lane, warp, [&](float& x, float& y, int row, int col) {
-      const float2 v2 = *reinterpret_cast<const float2*>(st + static_cast<int64_t>(row) * d.N + col);
+      const float2 v2 =
+          *reinterpret_cast<const float2*>(st + static_cast<int64_t>(row) * d.N + col);
       x = v2.x;
       y = v2.y;
     });
