@@ -21,6 +21,10 @@
 // dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
 // shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13), dCB helper
 // ssdc13's (ssd_dcb_wgmma.cuh; session 13).
+// "[v3 all mh2]" / "[v3 all mh4]" (helper ssdr13): the fused chunk-state / state-pass kernels
+// with 2 / 4 heads per block (GYRE_SSD_STATE=mh2 / mh4, forced by SsdSetStateFormForTesting),
+// "[v3 all ct1]" / "[v3 all ct2]" their compile-time-shape forms (GYRE_SSD_STATE=ct1 / ct2);
+// "co" in a name: the coalesced dt cumsum (GYRE_SSD_DT_CUMSUM=co, SsdSetDtCumsumForTesting).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -148,6 +152,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int fused_state = 0;  // SsdSetFusedStatePassForTesting
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
+    int state_form = 0;   // SsdSetStateFormForTesting (0: the environment's GYRE_SSD_STATE)
+    int dt_form = 0;      // SsdSetDtCumsumForTesting (0: the environment's GYRE_SSD_DT_CUMSUM)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -159,21 +165,31 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all un]", kSsdRegAll, 2},      // unfused
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
-                        {"[v3 all so]", kSsdRegAll, 0, 0, 1}};  // side stream off
+                        {"[v3 all so]", kSsdRegAll, 0, 0, 1},  // side stream off
+                        // helper ssdr13: fused state kernels with 2 / 4 heads per block
+                        {"[v3 all mh2]", kSsdRegAll, 0, 0, 0, 2},
+                        {"[v3 all mh4]", kSsdRegAll, 0, 0, 0, 3},
+                        {"[v3 all co]", kSsdRegAll, 0, 0, 0, 0, 2},  // coalesced dt cumsum
+                        {"[v3 all mh4 co]", kSsdRegAll, 0, 0, 0, 3, 2},
+                        {"[v3 all mh2 co]", kSsdRegAll, 0, 0, 0, 2, 2},
+                        {"[v3 all ct1]", kSsdRegAll, 0, 0, 0, 4},  // compile-time P / slice
+                        {"[v3 all ct2]", kSsdRegAll, 0, 0, 0, 5}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
     if (!path_filter.empty() && std::string(p.name).find(path_filter) == std::string::npos) {
       continue;
     }
-    if (default_only &&
-        (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 || p.side != 0)) {
+    if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
+                         p.side != 0 || p.state_form != 0 || p.dt_form != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
     SsdSetFusedStatePassForTesting(p.fused_state);
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
+    SsdSetStateFormForTesting(p.state_form);
+    SsdSetDtCumsumForTesting(p.dt_form);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -194,6 +210,8 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetFusedStatePassForTesting(0);
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
+  SsdSetStateFormForTesting(0);
+  SsdSetDtCumsumForTesting(0);
 }
 
 }  // namespace

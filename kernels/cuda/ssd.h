@@ -185,6 +185,20 @@ void SsdSetSideStreamForTesting(int mode);
 // only accepted value; "smem" is an error); other shapes run the mma.sync kernels those names
 // used to select. Not bitwise the same as the mma.sync kernels (the products' fp32 order);
 // deterministic.
+// Helper ssdr13 (session 13, opt-in): GYRE_SSD_STATE=one (default; unset is the same) | mh2 |
+// mh4 | ct1 | ct2: the fused chunk-state / state-pass kernels (where UseFusedStatePass picks them)
+// with 2 or 4 heads of one group per block sharing the B / C tile and a 3- / 4-slot load ring
+// (mh2, mh4; measured: no faster), or with P 64 and the 128-column slice fixed at compile time,
+// one head (ct1) or two (ct2) per block (not measured); bitwise the same outputs; shapes a form
+// does not take run the one-head kernel. Any other value is an error from SsdForward /
+// SsdBackward. SsdSetStateFormForTesting: 0 the environment, 1 one, 2 mh2, 3 mh4, 4 ct1, 5 ct2
+// (process-wide).
+void SsdSetStateFormForTesting(int form);
+// Helper ssdr13 (session 13, opt-in): GYRE_SSD_DT_CUMSUM=plain (default; unset is the same) | co:
+// the forward's dt softplus / cumsum kernel reading and writing whole rows of up to 16 heads
+// (coalesced) instead of one head's column; bitwise the same. Any other value is an error from
+// SsdForward. SsdSetDtCumsumForTesting: 0 the environment, 1 plain, 2 co (process-wide).
+void SsdSetDtCumsumForTesting(int form);
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);
