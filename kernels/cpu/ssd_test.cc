@@ -438,9 +438,9 @@ TEST(SsdGradTermsTest, TermsSumToTheParameterGradients) {
     const GpuTestInput in = LargeDtAQ256(seed);
     const RecordedGrads r = BackwardWithTerms(in);
     const auto all = [](int64_t, int64_t, int64_t) { return true; };
-    for (const auto& [terms, grad, name] :
-         {std::tuple{&r.da_terms, &r.da_log, "dA_log"}, std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
-          std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
+    for (const auto& [terms, grad, name] : {std::tuple{&r.da_terms, &r.da_log, "dA_log"},
+                                            std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
+                                            std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
       const Vec sums = SumTerms(*terms, in.shape, all);
       for (int64_t h = 0; h < in.shape.num_heads; ++h) {
         EXPECT_NEAR(sums[h], (*grad)[h], 1e-10 * std::max(1.0, std::abs((*grad)[h])))
@@ -467,9 +467,9 @@ TEST(SsdGradTermsTest, SumRuleRejectsStructuralErrorsOnTheGpuTestInput) {
     const SsdShape& s = in.shape;
     const int64_t H = s.num_heads, Q = in.options.chunk_size;
     const RecordedGrads r = BackwardWithTerms(in);
-    for (const auto& [terms, grad, name] :
-         {std::tuple{&r.da_terms, &r.da_log, "dA_log"}, std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
-          std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
+    for (const auto& [terms, grad, name] : {std::tuple{&r.da_terms, &r.da_log, "dA_log"},
+                                            std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
+                                            std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
       Vec abs_sums(H);
       ssd_sum_abs_terms(terms->data(), s.batch * s.seq_len, H, abs_sums.data());
       const Vec& want = *grad;
@@ -479,7 +479,8 @@ TEST(SsdGradTermsTest, SumRuleRejectsStructuralErrorsOnTheGpuTestInput) {
       };
       Vec rounded_terms = *terms;
       for (double& t : rounded_terms) t = RoundToBf16(static_cast<float>(t));
-      const auto bf16 = check(SumTerms(rounded_terms, s, [](int64_t, int64_t, int64_t) { return true; }));
+      const auto bf16 =
+          check(SumTerms(rounded_terms, s, [](int64_t, int64_t, int64_t) { return true; }));
       EXPECT_TRUE(bf16.pass) << name << " seed " << seed << " terms rounded to bf16: terms_err "
                              << bf16.terms_err;
       EXPECT_LE(bf16.terms_err, std::ldexp(1.0, -9));
@@ -494,15 +495,18 @@ TEST(SsdGradTermsTest, SumRuleRejectsStructuralErrorsOnTheGpuTestInput) {
         twice[h] = 2 * want[h];
       }
       const Wrong wrongs[] = {
-          {"partial chunk dropped", SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t < Q; })},
-          {"first chunk dropped", SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t >= Q; })},
+          {"partial chunk dropped",
+           SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t < Q; })},
+          {"first chunk dropped",
+           SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t >= Q; })},
           {"sign flipped", negated},
           {"heads rotated", rotated},
           {"never accumulated", Vec(H, 0.0)},
           {"counted twice", twice},
       };
       std::printf("seed %lu %-8s cancel %.3f  bf16 terms: rel_err %.2e terms_err %.2e\n",
-                  static_cast<unsigned long>(seed), name, bf16.cancel, bf16.rel_err, bf16.terms_err);
+                  static_cast<unsigned long>(seed), name, bf16.cancel, bf16.rel_err,
+                  bf16.terms_err);
       for (const Wrong& w : wrongs) {
         const auto c = check(w.got);
         thinnest = std::min(thinnest, c.terms_err / kTermsTol);

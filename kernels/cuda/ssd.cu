@@ -3148,7 +3148,8 @@ bool UseFusedStatePass(const Dims& d) {
 //        helper ssdr13: one head per block, two ring slots, P 64 and the 128-column slice at
 //        compile time) where P == 64, the slice is 128 columns (N % 128 == 0) and its shared
 //        memory fits; elsewhere ssd_chunk_state_scan. Made the default by helper cssdr13
-//        (session 13, one H200: fwd+bwd −3.7% at B16 S2048 H24, −2.3% at B8 S2048 H64; ssd_notes.md)
+//        (session 13, one H200: fwd+bwd −3.7% at B16 S2048 H24, −2.3% at B8 S2048 H64;
+//        ssd_notes.md)
 //   one  = ssd_chunk_state_scan everywhere (the general kernel; bitwise the same outputs).
 // mh2, mh4 (2 / 4 heads per block) and ct2 (ct1 with 2 heads) were measured slower and are gone:
 // errors now. g_state_form (testing): 0 the environment, 1 ct1, 2 one.
