@@ -21,10 +21,9 @@
 // dCB → dB/dC chain on a second stream, helper ssd12). The v3 forward scan and dB/dC at these
 // shapes (P64 N128) are helper ssdf13's wgmma kernels (ssd_fwd_wgmma.cu; session 13), dCB helper
 // ssdc13's (ssd_dcb_wgmma.cuh; session 13).
-// "[v3 all mh2]" / "[v3 all mh4]" (helper ssdr13): the fused chunk-state / state-pass kernels
-// with 2 / 4 heads per block (GYRE_SSD_STATE=mh2 / mh4, forced by SsdSetStateFormForTesting),
-// "[v3 all ct1]" / "[v3 all ct2]" their compile-time-shape forms (GYRE_SSD_STATE=ct1 / ct2);
-// "co" in a name: the coalesced dt cumsum (GYRE_SSD_DT_CUMSUM=co, SsdSetDtCumsumForTesting).
+// "[v3 all one]": the general one-head fused state kernel (GYRE_SSD_STATE=one, forced by
+// SsdSetStateFormForTesting) instead of the default ct1 (helper ssdr13's compile-time form, the
+// default at these shapes since helper cssdr13's call; mh2 / mh4 / ct2 / co are gone).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -153,7 +152,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     int dcb_split = 0;  // SsdSetDcbSplitForTesting
     int side = 0;       // SsdSetSideStreamForTesting (0: the environment's form)
     int state_form = 0;   // SsdSetStateFormForTesting (0: the environment's GYRE_SSD_STATE)
-    int dt_form = 0;      // SsdSetDtCumsumForTesting (0: the environment's GYRE_SSD_DT_CUMSUM)
   };
   const Path paths[] = {{"[v2 mma] ", 0},
                         {"[v3 fwd] ", kSsdRegScanFwd},
@@ -166,14 +164,9 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
                         {"[v3 all s2]", kSsdRegAll, 0, 2},   // dCB head split 2
                         {"[v3 all s8]", kSsdRegAll, 0, 8},   // 8
                         {"[v3 all so]", kSsdRegAll, 0, 0, 1},  // side stream off
-                        // helper ssdr13: fused state kernels with 2 / 4 heads per block
-                        {"[v3 all mh2]", kSsdRegAll, 0, 0, 0, 2},
-                        {"[v3 all mh4]", kSsdRegAll, 0, 0, 0, 3},
-                        {"[v3 all co]", kSsdRegAll, 0, 0, 0, 0, 2},  // coalesced dt cumsum
-                        {"[v3 all mh4 co]", kSsdRegAll, 0, 0, 0, 3, 2},
-                        {"[v3 all mh2 co]", kSsdRegAll, 0, 0, 0, 2, 2},
-                        {"[v3 all ct1]", kSsdRegAll, 0, 0, 0, 4},  // compile-time P / slice
-                        {"[v3 all ct2]", kSsdRegAll, 0, 0, 0, 5}};
+                        // the general one-head fused state kernel (the default is helper
+                        // ssdr13's ct1 where P 64 / slice 128; GYRE_SSD_STATE=one)
+                        {"[v3 all one]", kSsdRegAll, 0, 0, 0, 2}};
   const int saved_mask = SsdRegisterPath();
   for (const Path& p : paths) {
     if (only_mask >= 0 && p.mask != only_mask) continue;
@@ -181,7 +174,7 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
       continue;
     }
     if (default_only && (p.mask != kSsdRegAll || p.fused_state != 0 || p.dcb_split != 0 ||
-                         p.side != 0 || p.state_form != 0 || p.dt_form != 0)) {
+                         p.side != 0 || p.state_form != 0)) {
       continue;
     }
     SsdSetRegisterPathForTesting(p.mask);
@@ -189,7 +182,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
     SsdSetDcbSplitForTesting(p.dcb_split);
     SsdSetSideStreamForTesting(p.side);
     SsdSetStateFormForTesting(p.state_form);
-    SsdSetDtCumsumForTesting(p.dt_form);
     const double fwd = TimeMs(t, [&] { return SsdForward(f, nullptr); });
     const double fb = TimeMs(t, [&] {
       CUDA_RETURN_IF_NOT_OK(SsdForward(f, nullptr));
@@ -211,7 +203,6 @@ void Run(Timer& t, DeviceAllocator& alloc, int64_t batch, int64_t seq, int64_t h
   SsdSetDcbSplitForTesting(0);
   SsdSetSideStreamForTesting(0);
   SsdSetStateFormForTesting(0);
-  SsdSetDtCumsumForTesting(0);
 }
 
 }  // namespace

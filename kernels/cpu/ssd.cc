@@ -306,7 +306,13 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
         const T e_last = DecayExp(last);
 
         // D skip.
-        for (int64_t l = 0; l < len; ++l) dD += Dot(dyc + l * ldx, xh + (t0 + l) * ldx, P);
+        for (int64_t l = 0; l < len; ++l) {
+          const double term = Dot(dyc + l * ldx, xh + (t0 + l) * ldx, P);
+          dD += term;
+          if (grads.dd_terms != nullptr && in.d != nullptr) {
+            grads.dd_terms[(bb * S + t0 + l) * H + hd] = T(term);
+          }
+        }
 
         // State: H_c = e_last·H_{c−1} + Zᵀ B, Z = diag(w) X̄.
         //   dH_{c−1} = e_last·dH;  dZ = B dHᵀ;  dB += Z dH;  dX̄ += w ⊙ dZ;
@@ -377,6 +383,10 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
           T* dxt = dxh + tok * ldx;
           T ddt = T(rev * A);
           dA += rev * double(dtv);
+          if (grads.da_log_terms != nullptr) {
+            grads.da_log_terms[(bb * S + tok) * H + hd] =
+                T(rev * double(dtv) * -std::exp(double(in.a_log[hd])));
+          }
           for (int64_t p = 0; p < P; ++p) {
             ddt += xt[p] * dxbar[t * P + p];
             dxt[p] = dtv * dxbar[t * P + p] + dskip * dyt[p];
@@ -421,5 +431,37 @@ void ssd_chunked_bwd_ref(const SsdShape& shape, const SsdOptions& options, const
 GYRE_SSD_INSTANTIATE(float)
 GYRE_SSD_INSTANTIATE(double)
 #undef GYRE_SSD_INSTANTIATE
+
+SsdSumOfTermsCheck ssd_check_sum_of_terms(const double* got, const double* want,
+                                          const double* abs_sums, int64_t heads, double rel_tol,
+                                          double terms_tol) {
+  double diff = 0, norm_want = 0, norm_abs = 0;
+  bool finite = true;
+  for (int64_t h = 0; h < heads; ++h) {
+    finite = finite && std::isfinite(got[h]);
+    diff += (got[h] - want[h]) * (got[h] - want[h]);
+    norm_want += want[h] * want[h];
+    norm_abs += abs_sums[h] * abs_sums[h];
+  }
+  diff = std::sqrt(diff);
+  norm_want = std::sqrt(norm_want);
+  norm_abs = std::sqrt(norm_abs);
+  auto ratio = [](double num, double den) {
+    return den > 0 ? num / den : (num == 0 ? 0.0 : std::numeric_limits<double>::infinity());
+  };
+  SsdSumOfTermsCheck c;
+  const double inf = std::numeric_limits<double>::infinity();
+  c.rel_err = finite ? ratio(diff, norm_want) : inf;
+  c.terms_err = finite ? ratio(diff, norm_abs) : inf;
+  c.cancel = norm_abs > 0 ? norm_want / norm_abs : 0.0;
+  c.pass = finite && (c.rel_err <= rel_tol || c.terms_err <= terms_tol);
+  return c;
+}
+
+void ssd_sum_abs_terms(const double* terms, int64_t tokens, int64_t heads, double* abs_sums) {
+  for (int64_t h = 0; h < heads; ++h) abs_sums[h] = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < heads; ++h) abs_sums[h] += std::abs(terms[t * heads + h]);
+}
 
 }  // namespace gyre::cpu

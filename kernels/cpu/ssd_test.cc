@@ -6,8 +6,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <functional>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -335,6 +339,196 @@ TEST(SsdBatchSliceTest, SliceCallEqualsRowsOfFullCall) {
     ASSERT_EQ(sub[k].size(), 2 * per_row);
     for (size_t i = 0; i < sub[k].size(); ++i) ASSERT_EQ(sub[k][i], full[k][per_row + i]);
   }
+}
+
+// ---- The per-head parameter gradients as sums of recorded terms, and the check rule for them
+// (ssd_check_sum_of_terms; kernels/cuda/ssd_gpu_test.cc applies it to the GPU's dA_log, d dt_bias
+// and dD).
+
+// The GPU test's input draw (kernels/cuda/ssd_gpu_test.cc RunCase with gpu_test_util.h's
+// RandomBf16Values / RandomFloats), replicated draw for draw so that a seed gives the same input.
+float RoundToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+Vec GpuTestDraw(std::mt19937_64& rng, size_t n, bool bf16, float stddev = 1.f, float mean = 0.f) {
+  std::normal_distribution<float> dist(mean, stddev);
+  Vec v(n);
+  for (double& x : v) x = bf16 ? RoundToBf16(dist(rng)) : dist(rng);
+  return v;
+}
+
+struct GpuTestInput {
+  SsdShape shape;
+  SsdOptions options;
+  Vec x, dt, a_log, dt_bias, b, c, d, init, dy, dfin;
+};
+// The case "large dt*A Q256" of ssd_gpu_test (B1 S300 H4 P64 G1 N64, chunk 256, dt_raw mean 3,
+// A_log ~ U[0, 3.4]) at a given seed.
+GpuTestInput LargeDtAQ256(uint64_t seed) {
+  GpuTestInput in;
+  in.shape = {1, 300, 4, 64, 1, 64};
+  in.options.chunk_size = 256;
+  const SsdShape& s = in.shape;
+  const size_t nx = s.batch * s.seq_len * s.num_heads * s.head_dim,
+               ndt = s.batch * s.seq_len * s.num_heads,
+               nbc = s.batch * s.seq_len * s.num_groups * s.state_dim,
+               nst = s.batch * s.num_heads * s.head_dim * s.state_dim, H = s.num_heads;
+  std::mt19937_64 rng(seed);
+  in.x = GpuTestDraw(rng, nx, true);
+  in.dt = GpuTestDraw(rng, ndt, false, 1.0f, 3.0f);
+  std::uniform_real_distribution<float> ua(0.f, 3.4f);
+  for (size_t h = 0; h < H; ++h) in.a_log.push_back(ua(rng));
+  in.dt_bias = GpuTestDraw(rng, H, false, 0.5f);
+  in.b = GpuTestDraw(rng, nbc, true, 0.5f);
+  in.c = GpuTestDraw(rng, nbc, true, 0.5f);
+  in.d = GpuTestDraw(rng, H, false);
+  in.init = GpuTestDraw(rng, nst, false, 0.5f);
+  in.dy = GpuTestDraw(rng, nx, true);
+  in.dfin = GpuTestDraw(rng, nst, false, 0.5f);
+  return in;
+}
+
+struct RecordedGrads {
+  Vec da_log, ddt_bias, dd;           // [H], accumulated from zero
+  Vec da_terms, ddt_terms, dd_terms;  // [B, S, H]
+};
+RecordedGrads BackwardWithTerms(const GpuTestInput& in) {
+  const SsdShape& s = in.shape;
+  const int64_t nx = s.batch * s.seq_len * s.num_heads * s.head_dim,
+                ndt = s.batch * s.seq_len * s.num_heads,
+                nbc = s.batch * s.seq_len * s.num_groups * s.state_dim,
+                nst = s.batch * s.num_heads * s.head_dim * s.state_dim, H = s.num_heads;
+  const SsdInputs<double> ins{in.x.data(), in.dt.data(), in.a_log.data(), in.dt_bias.data(),
+                              in.b.data(), in.c.data(), in.d.data()};
+  Vec y(nx), fin(nst), saved(ssd_chunked_saved_size(s, in.options));
+  ssd_chunked_fwd_ref<double>(s, in.options, ins, in.init.data(), y.data(), saved.data(),
+                              fin.data());
+  RecordedGrads r;
+  r.da_log.assign(H, 0.0);
+  r.ddt_bias.assign(H, 0.0);
+  r.dd.assign(H, 0.0);
+  r.da_terms.assign(ndt, std::nan(""));
+  r.ddt_terms.assign(ndt, std::nan(""));
+  r.dd_terms.assign(ndt, std::nan(""));
+  Vec dx(nx), db(nbc), dc(nbc), dinit(nst);
+  SsdGrads<double> g{dx.data(), r.ddt_terms.data(), r.da_log.data(), r.ddt_bias.data(),
+                     db.data(), dc.data(), r.dd.data(), r.da_terms.data(), r.dd_terms.data()};
+  ssd_chunked_bwd_ref<double>(s, in.options, ins, in.init.data(), saved.data(), in.dy.data(),
+                              in.dfin.data(), g, dinit.data());
+  return r;
+}
+
+// Per head, the sum over tokens of terms[b, t, h] for which keep(b, t, h).
+Vec SumTerms(const Vec& terms, const SsdShape& s,
+             const std::function<bool(int64_t, int64_t, int64_t)>& keep) {
+  Vec sums(s.num_heads, 0.0);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t t = 0; t < s.seq_len; ++t)
+      for (int64_t h = 0; h < s.num_heads; ++h)
+        if (keep(b, t, h)) sums[h] += terms[(b * s.seq_len + t) * s.num_heads + h];
+  return sums;
+}
+
+TEST(SsdGradTermsTest, TermsSumToTheParameterGradients) {
+  for (uint64_t seed : {1514u, 1234u}) {
+    const GpuTestInput in = LargeDtAQ256(seed);
+    const RecordedGrads r = BackwardWithTerms(in);
+    const auto all = [](int64_t, int64_t, int64_t) { return true; };
+    for (const auto& [terms, grad, name] : {std::tuple{&r.da_terms, &r.da_log, "dA_log"},
+                                            std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
+                                            std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
+      const Vec sums = SumTerms(*terms, in.shape, all);
+      for (int64_t h = 0; h < in.shape.num_heads; ++h) {
+        EXPECT_NEAR(sums[h], (*grad)[h], 1e-10 * std::max(1.0, std::abs((*grad)[h])))
+            << name << " head " << h << " seed " << seed;
+      }
+    }
+  }
+}
+
+// On the GPU test's own input (this case's draw in each of the 18 paths of a full run: seed
+// 1234 + 16 j + 8; j = 17 draws 1514, whose dA_log rel_err was 1.244e-2 on every kernel), the
+// rule ssd_gpu_test applies (rel_err <= 1e-2 OR terms_err <= kSsdKernelTestTermsTol) accepts
+// every term rounded to bf16 and rejects each structural error of the sum: the partial second
+// chunk (t >= 256) or the first chunk dropped, the sign flipped, heads rotated (h <- h + 1),
+// never accumulated (zero), counted twice. (With the model test's 1e-2 on terms_err, seed 1514's
+// dA_log, whose sum is 0.008 of its terms' magnitude, would accept a zero, rotated or doubled
+// gradient: terms_err 7.6e-3 / 9.5e-3 / 7.6e-3.)
+TEST(SsdGradTermsTest, SumRuleRejectsStructuralErrorsOnTheGpuTestInput) {
+  constexpr double kRelTol = 1e-2, kTermsTol = kSsdKernelTestTermsTol;
+  double thinnest = 1e300;
+  for (uint64_t j = 0; j < 18; ++j) {
+    const uint64_t seed = 1234 + 16 * j + 8;
+    const GpuTestInput in = LargeDtAQ256(seed);
+    const SsdShape& s = in.shape;
+    const int64_t H = s.num_heads, Q = in.options.chunk_size;
+    const RecordedGrads r = BackwardWithTerms(in);
+    for (const auto& [terms, grad, name] : {std::tuple{&r.da_terms, &r.da_log, "dA_log"},
+                                            std::tuple{&r.ddt_terms, &r.ddt_bias, "ddt_bias"},
+                                            std::tuple{&r.dd_terms, &r.dd, "dD"}}) {
+      Vec abs_sums(H);
+      ssd_sum_abs_terms(terms->data(), s.batch * s.seq_len, H, abs_sums.data());
+      const Vec& want = *grad;
+      auto check = [&](const Vec& got) {
+        return ssd_check_sum_of_terms(got.data(), want.data(), abs_sums.data(), H, kRelTol,
+                                      kTermsTol);
+      };
+      Vec rounded_terms = *terms;
+      for (double& t : rounded_terms) t = RoundToBf16(static_cast<float>(t));
+      const auto bf16 =
+          check(SumTerms(rounded_terms, s, [](int64_t, int64_t, int64_t) { return true; }));
+      EXPECT_TRUE(bf16.pass) << name << " seed " << seed << " terms rounded to bf16: terms_err "
+                             << bf16.terms_err;
+      EXPECT_LE(bf16.terms_err, std::ldexp(1.0, -9));
+      struct Wrong {
+        const char* what;
+        Vec got;
+      };
+      Vec rotated(H), negated(H), twice(H);
+      for (int64_t h = 0; h < H; ++h) {
+        rotated[h] = want[(h + 1) % H];
+        negated[h] = -want[h];
+        twice[h] = 2 * want[h];
+      }
+      const Wrong wrongs[] = {
+          {"partial chunk dropped",
+           SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t < Q; })},
+          {"first chunk dropped",
+           SumTerms(*terms, s, [&](int64_t, int64_t t, int64_t) { return t >= Q; })},
+          {"sign flipped", negated},
+          {"heads rotated", rotated},
+          {"never accumulated", Vec(H, 0.0)},
+          {"counted twice", twice},
+      };
+      std::printf("seed %lu %-8s cancel %.3f  bf16 terms: rel_err %.2e terms_err %.2e\n",
+                  static_cast<unsigned long>(seed), name, bf16.cancel, bf16.rel_err,
+                  bf16.terms_err);
+      for (const Wrong& w : wrongs) {
+        const auto c = check(w.got);
+        thinnest = std::min(thinnest, c.terms_err / kTermsTol);
+        std::printf("  %-22s rel_err %.2e terms_err %.2e %s\n", w.what, c.rel_err, c.terms_err,
+                    c.pass ? "ACCEPTED" : "rejected");
+        EXPECT_FALSE(c.pass) << name << " seed " << seed << ": " << w.what << " accepted (rel_err "
+                             << c.rel_err << ", terms_err " << c.terms_err << ")";
+      }
+    }
+  }
+  std::printf("thinnest rejection: terms_err %.1fx the tolerance\n", thinnest);
+}
+
+TEST(SsdGradTermsTest, SumRuleFailsNonFinite) {
+  const double want[2] = {1.0, -1.0}, abs_sums[2] = {10.0, 10.0};
+  const double got[2] = {1.0, std::nan("")};
+  EXPECT_FALSE(ssd_check_sum_of_terms(got, want, abs_sums, 2, 1e-2, 1e-2).pass);
+  const double close[2] = {1.05, -1.0};  // rel 3.5e-2, terms 3.5e-3
+  const auto c = ssd_check_sum_of_terms(close, want, abs_sums, 2, 1e-2, 1e-2);
+  EXPECT_TRUE(c.pass);
+  EXPECT_NEAR(c.terms_err, 0.05 / std::sqrt(200.0), 1e-12);
+  EXPECT_NEAR(c.cancel, std::sqrt(2.0) / std::sqrt(200.0), 1e-12);
 }
 
 }  // namespace

@@ -546,58 +546,6 @@ __global__ void ssd_dt_cumsum(Dims d, const float* dt_raw, const float* a_log,
       v + prefix;
 }
 
-// ssd_dt_cumsum with coalesced loads and stores (helper ssdr13, session 13; opt-in:
-// GYRE_SSD_DT_CUMSUM=co). ssd_dt_cumsum's block reads one head's column of dt_raw [B, S, H] and
-// writes one column of the saved dt [S, H]: a 4-byte element per 32-byte sector, 8x the bytes
-// (25 µs at B8 S2048 H64 on the H200, ncu, for 4 MB of input). Here a block owns up to
-// kDtHeads heads of one chunk: the rows' kDtHeads consecutive floats are read and written
-// together, dt·A is transposed through shared memory, and each head's cumsum is formed exactly
-// as there (per 32 tokens the same shuffle scan, then the earlier 32-token totals added in order
-// from 0): bitwise the same Acs and dt. Grid (NC, ceil(H / kDtHeads), B), 256 threads.
-constexpr int kDtHeads = 16;
-__global__ void __launch_bounds__(256) ssd_dt_cumsum_co(Dims d, const float* dt_raw,
-                                                        const float* a_log, const float* dt_bias,
-                                                        float* saved) {
-  __shared__ float sv[kDtHeads][256];
-  __shared__ float tot[kDtHeads][8];
-  const int c = blockIdx.x, h0 = blockIdx.y * kDtHeads, b = blockIdx.z, tid = threadIdx.x;
-  const int hb = min(kDtHeads, d.H - h0);
-  const int groups = d.Q / 32;
-  for (int i = tid; i < d.Q * hb; i += 256) {
-    const int tl = i / hb, j = i % hb, h = h0 + j, t = c * d.Q + tl;
-    float dtv = 0.f;
-    if (t < d.S) {
-      const float sp =
-          Softplus(dt_raw[(static_cast<int64_t>(b) * d.S + t) * d.H + h] + dt_bias[h]);
-      dtv = fminf(fmaxf(sp, d.dt_min), d.dt_max);
-      saved[b * d.per_batch + d.dt_off + static_cast<int64_t>(t) * d.H + h] = dtv;
-    }
-    const float A = -expf(a_log[h]);
-    sv[j][tl] = dtv * A;
-  }
-  __syncthreads();
-  const int lane = tid % 32, warp = tid / 32;
-  for (int p = warp; p < hb * groups; p += 8) {
-    const int j = p / groups, w = p % groups;
-    float v = sv[j][32 * w + lane];
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const float o = __shfl_up_sync(0xffffffffu, v, off);
-      if (lane >= off) v += o;
-    }
-    sv[j][32 * w + lane] = v;
-    if (lane == 31) tot[j][w] = v;
-  }
-  __syncthreads();
-  for (int i = tid; i < hb * d.Q; i += 256) {
-    const int j = i / d.Q, tl = i % d.Q, w = tl / 32;
-    float prefix = 0.f;
-    for (int u = 0; u < w; ++u) prefix += tot[j][u];
-    saved[b * d.per_batch + d.acs_off + (static_cast<int64_t>(h0 + j) * d.NC + c) * d.Q + tl] =
-        sv[j][tl] + prefix;
-  }
-}
-
 // Forward: out = Σ_s (e^{Acs_last − Acs_s} dt_s x_s)ᵀ B_s into the saved state slot c+1.
 // Backward: out = Σ_l (e^{Acs_l} dy_l)ᵀ C_l into dS[b, h, c].
 // grid (NC, H·ceil(N/64), B); dynamic smem: U [64][P+8], V [64][72] bf16, scale [64].
@@ -2889,7 +2837,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
   if (end_state != nullptr) MmaPtx::Store(acc, end_state + bh * d.PN + pn0, d.N, pw, nw);
 }
 
-// Helper ssdr13 (session 13): the same kernel with 2 or 4 heads per block (opt-in, GYRE_SSD_STATE).
+// Helper ssdr13 (session 13): the same kernel with P 64 and the 128-column slice at compile time
+// (ct1, the default where those shapes hold since helper cssdr13's call; GYRE_SSD_STATE).
 #include "kernels/cuda/ssd_state_mh.cuh"
 
 // ------------------------------------------------------------------ host side
@@ -3194,22 +3143,22 @@ bool UseFusedStatePass(const Dims& d) {
   return blocks >= kFusedStateWaves * sms;
 }
 
-// GYRE_SSD_STATE (helper ssdr13, session 13; opt-in): the fused chunk-state / state-pass kernels
-// as ssd_state_scan_mh (ssd_state_mh.cuh): one (default; unset is the same) = ssd_chunk_state_scan
-// | mh2 = 2 heads per block, 3 ring slots | mh4 = 4 heads, 4 slots (both measured in call 2: no
-// faster, see ssd_notes.md) | ct1 = one head per block, 2 slots, P 64 and the 128-column slice
-// at compile time | ct2 = the same with 2 heads, 3 slots (ct1 / ct2 not measured). Bitwise the
-// same outputs. Where the form's heads do not divide the heads per group, its shape (ct: P 64,
-// N % 128 == 0) does not match or its shared memory does not fit, ssd_chunk_state_scan runs.
-// g_state_form (testing): 0 the environment, else 1 + the index of the name above.
-EnvSwitch g_state_switch{"GYRE_SSD_STATE", {"one", "mh2", "mh4", "ct1", "ct2", nullptr}};
-// GYRE_SSD_DT_CUMSUM (helper ssdr13, session 13; opt-in): plain (default; unset is the same) =
-// ssd_dt_cumsum | co = ssd_dt_cumsum_co (coalesced, bitwise the same). g_dt_cumsum_form
-// (testing): 0 the environment, 1 plain, 2 co.
-EnvSwitch g_dt_cumsum_switch{"GYRE_SSD_DT_CUMSUM", {"plain", "co", nullptr}};
-std::atomic<int> g_dt_cumsum_form{0};
+// GYRE_SSD_STATE: the fused chunk-state / state-pass kernels (where UseFusedStatePass picks them).
+//   ct1 (default; unset is the same) = ssd_state_scan_mh<kBwd, 1, 64, 128> (ssd_state_mh.cuh,
+//        helper ssdr13: one head per block, two ring slots, P 64 and the 128-column slice at
+//        compile time) where P == 64, the slice is 128 columns (N % 128 == 0) and its shared
+//        memory fits; elsewhere ssd_chunk_state_scan. Made the default by helper cssdr13
+//        (session 13, one H200: fwd+bwd −3.7% at B16 S2048 H24, −2.3% at B8 S2048 H64;
+//        ssd_notes.md)
+//   one  = ssd_chunk_state_scan everywhere (the general kernel; bitwise the same outputs).
+// mh2, mh4 (2 / 4 heads per block) and ct2 (ct1 with 2 heads) were measured slower and are gone:
+// errors now. g_state_form (testing): 0 the environment, 1 ct1, 2 one.
+EnvSwitch g_state_switch{"GYRE_SSD_STATE", {"ct1", "one", nullptr}};
+// GYRE_SSD_DT_CUMSUM: plain (ssd_dt_cumsum) only; the coalesced form "co" (helper ssdr13) was
+// measured no faster and is gone (an error now).
+EnvSwitch g_dt_cumsum_switch{"GYRE_SSD_DT_CUMSUM", {"plain", nullptr}};
 std::atomic<int> g_state_form{0};
-enum class StateForm { kOne, kMh2, kMh4, kCt1, kCt2 };
+enum class StateForm { kOne, kCt1 };
 // The fused state kernels' form for this shape (kOne: ssd_chunk_state_scan).
 StateForm ChooseStateForm(const Dims& d, std::string* bad) {
   int index = g_state_form.load() - 1;
@@ -3218,53 +3167,25 @@ StateForm ChooseStateForm(const Dims& d, std::string* bad) {
     if (!f.bad.empty()) *bad = f.bad;
     index = f.index;
   }
-  const StateForm form = static_cast<StateForm>(index);
-  const bool ct = form == StateForm::kCt1 || form == StateForm::kCt2;
-  const int heads = form == StateForm::kMh4                               ? 4
-                    : form == StateForm::kMh2 || form == StateForm::kCt2 ? 2
-                                                                         : 1;
-  if (form == StateForm::kOne || d.hpg % heads != 0 || d.P % 32 != 0) return StateForm::kOne;
-  if (ct && !(d.P == 64 && StateSlice(d) == 128 && d.N % 128 == 0)) return StateForm::kOne;
-  const int stages = heads == 1 ? StateMhForm<1>::kStages
-                     : heads == 2 ? StateMhForm<2>::kStages
-                                  : StateMhForm<4>::kStages;
-  const size_t smem = StateScanMhSmem(d.P, StateSlice(d), heads, stages);
-  return smem <= static_cast<size_t>(MaxSmemOptin()) ? form : StateForm::kOne;
+  if (index != 0) return StateForm::kOne;
+  if (!(d.P == 64 && StateSlice(d) == 128 && d.N % 128 == 0)) return StateForm::kOne;
+  const size_t smem = StateScanMhSmem(d.P, StateSlice(d), 1, StateMhForm<1>::kStages);
+  return smem <= static_cast<size_t>(MaxSmemOptin()) ? StateForm::kCt1 : StateForm::kOne;
 }
-// Launches ssd_state_scan_mh in `form` (not kOne; arguments as the fused ssd_chunk_state_scan's).
-template <bool kBwd, int kHeads, int kP, int kSlice>
-CudaResult LaunchStateMhAs(const Dims& d, const bf16* u, const bf16* v, const float* start,
-                           float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
-                           cudaStream_t stream) {
+// Launches ssd_state_scan_mh in its ct1 form (arguments as the fused ssd_chunk_state_scan's).
+template <bool kBwd>
+CudaResult LaunchStateCt1(const Dims& d, const bf16* u, const bf16* v, const float* start,
+                          float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
+                          cudaStream_t stream) {
+  constexpr int kHeads = 1, kP = 64, kSlice = 128;
   const int slice = StateSlice(d);
   const dim3 grid((d.N + slice - 1) / slice, d.H / kHeads, d.B);
   const size_t smem = StateScanMhSmem(d.P, slice, kHeads, StateMhForm<kHeads>::kStages);
   CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_mh<kBwd, kHeads, kP, kSlice>, smem));
   ssd_state_scan_mh<kBwd, kHeads, kP, kSlice><<<grid, kHeads * kThreads, smem, stream>>>(
       d, slice, u, v, start, saved, end_state, dsg, g_bf, ddecay);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_scan_mh");
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_scan_mh<ct1>");
   return {};
-}
-template <bool kBwd>
-CudaResult LaunchStateMh(const Dims& d, StateForm form, const bf16* u, const bf16* v,
-                         const float* start, float* saved, float* end_state, float* dsg,
-                         bf16* g_bf, float* ddecay, cudaStream_t stream) {
-  switch (form) {
-    case StateForm::kMh2:
-      return LaunchStateMhAs<kBwd, 2, 0, 0>(d, u, v, start, saved, end_state, dsg, g_bf, ddecay,
-                                            stream);
-    case StateForm::kMh4:
-      return LaunchStateMhAs<kBwd, 4, 0, 0>(d, u, v, start, saved, end_state, dsg, g_bf, ddecay,
-                                            stream);
-    case StateForm::kCt1:
-      return LaunchStateMhAs<kBwd, 1, 64, 128>(d, u, v, start, saved, end_state, dsg, g_bf,
-                                               ddecay, stream);
-    case StateForm::kCt2:
-      return LaunchStateMhAs<kBwd, 2, 64, 128>(d, u, v, start, saved, end_state, dsg, g_bf,
-                                               ddecay, stream);
-    default:
-      return InvalidArgument("ssd: LaunchStateMh needs an ssd_state_scan_mh form");
-  }
 }
 
 template <int kP>
@@ -3299,9 +3220,9 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
   const StateForm state_form =
       plan.state && UseFusedStatePass(d) ? ChooseStateForm(d, &state_bad) : StateForm::kOne;
   if (!state_bad.empty()) return InvalidArgument(state_bad);
-  if (state_form != StateForm::kOne) {
-    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<false>(d, state_form, a.x, a.b, a.initial_state, saved,
-                                               a.final_state, nullptr, nullptr, nullptr, stream));
+  if (state_form == StateForm::kCt1) {
+    CUDA_RETURN_IF_NOT_OK(LaunchStateCt1<false>(d, a.x, a.b, a.initial_state, saved,
+                                                a.final_state, nullptr, nullptr, nullptr, stream));
   } else if (plan.state && UseFusedStatePass(d)) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
@@ -3427,11 +3348,11 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
   std::string state_bad;
   const StateForm state_form = fused ? ChooseStateForm(d, &state_bad) : StateForm::kOne;
   if (!state_bad.empty()) return InvalidArgument(state_bad);
-  if (state_form != StateForm::kOne) {
-    CUDA_RETURN_IF_NOT_OK(LaunchStateMh<true>(d, state_form, a.dy, a.c, a.d_final_state,
-                                              const_cast<float*>(saved), a.d_initial_state,
-                                              plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
-                                              sc.ddecay, crit));
+  if (state_form == StateForm::kCt1) {
+    CUDA_RETURN_IF_NOT_OK(LaunchStateCt1<true>(d, a.dy, a.c, a.d_final_state,
+                                               const_cast<float*>(saved), a.d_initial_state,
+                                               plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
+                                               sc.ddecay, crit));
   } else if (fused) {
     const int slice = StateSlice(d);
     const size_t smem = StateScanSmem(d);
@@ -3602,10 +3523,7 @@ void SsdSetFusedStatePassForTesting(int mode) { g_fused_state_pass.store(mode ==
 void SsdSetSideStreamForTesting(int mode) {
   g_side_override.store(mode == 1 || mode == 2 ? mode : 0);
 }
-void SsdSetDtCumsumForTesting(int form) {
-  g_dt_cumsum_form.store(form == 1 || form == 2 ? form : 0);
-}
-void SsdSetStateFormForTesting(int form) { g_state_form.store(form >= 1 && form <= 5 ? form : 0); }
+void SsdSetStateFormForTesting(int form) { g_state_form.store(form == 1 || form == 2 ? form : 0); }
 void SsdSetDcbSplitForTesting(int split) {
   g_dcb_split.store(split == 1 || split == 2 || split == 4 || split == 8 ? split : 0);
 }
@@ -3657,18 +3575,11 @@ CudaResult SsdForward(const SsdForwardArgs& a, cudaStream_t stream) {
   }
   float* saved = static_cast<float*>(a.saved);
 
-  const Form dt_form = Choose(g_dt_cumsum_switch);
-  if (!dt_form.bad.empty()) return InvalidArgument(dt_form.bad);
-  const int dt_forced = g_dt_cumsum_form.load();
-  if (dt_forced == 2 || (dt_forced == 0 && dt_form.index == 1)) {
-    ssd_dt_cumsum_co<<<dim3(d.NC, (d.H + kDtHeads - 1) / kDtHeads, d.B), 256, 0, stream>>>(
-        d, a.dt, a.a_log, a.dt_bias, saved);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum_co");
-  } else {
-    ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias,
-                                                            saved);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
+  if (const Form dt_form = Choose(g_dt_cumsum_switch); !dt_form.bad.empty()) {
+    return InvalidArgument(dt_form.bad);
   }
+  ssd_dt_cumsum<<<dim3(d.NC, d.H, d.B), d.Q, 0, stream>>>(d, a.dt, a.a_log, a.dt_bias, saved);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_dt_cumsum");
   // C Bᵀ once per (b, c, g) into the saved buffer, on every path (the v3 forward scan and
   // backward dx kernels read it; the backward may run a different kernel selection).
   {

@@ -185,20 +185,17 @@ void SsdSetSideStreamForTesting(int mode);
 // only accepted value; "smem" is an error); other shapes run the mma.sync kernels those names
 // used to select. Not bitwise the same as the mma.sync kernels (the products' fp32 order);
 // deterministic.
-// Helper ssdr13 (session 13, opt-in): GYRE_SSD_STATE=one (default; unset is the same) | mh2 |
-// mh4 | ct1 | ct2: the fused chunk-state / state-pass kernels (where UseFusedStatePass picks them)
-// with 2 or 4 heads of one group per block sharing the B / C tile and a 3- / 4-slot load ring
-// (mh2, mh4; measured: no faster), or with P 64 and the 128-column slice fixed at compile time,
-// one head (ct1) or two (ct2) per block (not measured); bitwise the same outputs; shapes a form
-// does not take run the one-head kernel. Any other value is an error from SsdForward /
-// SsdBackward. SsdSetStateFormForTesting: 0 the environment, 1 one, 2 mh2, 3 mh4, 4 ct1, 5 ct2
+// GYRE_SSD_STATE=ct1 (default; unset is the same) | one: the fused chunk-state / state-pass
+// kernels (where UseFusedStatePass picks them). ct1 = helper ssdr13's kernel with P 64 and the
+// 128-column slice fixed at compile time (one head per block), where P is 64 and the slice 128
+// columns (N % 128 == 0); other shapes, and every shape under "one", run the general one-head
+// kernel ssd_chunk_state_scan. Bitwise the same outputs. The default since helper cssdr13's call
+// (session 13, one H200; ssd_notes.md). mh2, mh4, ct2 (and any other value) are errors from
+// SsdForward / SsdBackward. SsdSetStateFormForTesting: 0 the environment, 1 ct1, 2 one
 // (process-wide).
 void SsdSetStateFormForTesting(int form);
-// Helper ssdr13 (session 13, opt-in): GYRE_SSD_DT_CUMSUM=plain (default; unset is the same) | co:
-// the forward's dt softplus / cumsum kernel reading and writing whole rows of up to 16 heads
-// (coalesced) instead of one head's column; bitwise the same. Any other value is an error from
-// SsdForward. SsdSetDtCumsumForTesting: 0 the environment, 1 plain, 2 co (process-wide).
-void SsdSetDtCumsumForTesting(int form);
+// GYRE_SSD_DT_CUMSUM=plain is the only accepted value (unset is the same); helper ssdr13's
+// coalesced "co" form was measured no faster and is gone (an error from SsdForward).
 int SsdRegisterPath();
 CudaResult SsdBackward(const SsdBackwardArgs& args, DeviceAllocator* scratch,
                        cudaStream_t stream);

@@ -1,30 +1,24 @@
-// The fused chunk-state / state-pass kernel with several heads per block (helper ssdr13, session
-// 13; opt-in: GYRE_SSD_STATE=mh2 | mh4 | ct1 | ct2, ssd.cu). Included by ssd.cu inside its
-// anonymous namespace, after ssd_chunk_state_scan (whose recurrence, numerics and outputs this
-// kernel repeats exactly: see the comment there).
+// The fused chunk-state / state-pass kernel of helper ssdr13 (session 13), in the one form that
+// stayed: ct1 = ssd_state_scan_mh<kBwd, 1, 64, 128>, one head per block, two ring slots, P 64 and
+// the 128-column slice at compile time. The default where those shapes hold (GYRE_SSD_STATE=ct1,
+// ssd.cu; helper cssdr13's call, one H200: state kernels 200.7 / 192.0 → 187.3 / 169.4 µs at B8
+// S2048 H64 and 157.5 / 164.1 → 135.9 / 135.8 at B16 S2048 H24, fwd / bwd, ncu). Included by
+// ssd.cu inside its anonymous namespace, after ssd_chunk_state_scan (whose recurrence, numerics
+// and outputs this kernel repeats exactly: see the comment there).
 //
-// Why: ssd_chunk_state_scan is one wave (512 (h, b) blocks of 528 slots at B8 S2048 H64, 384 at
-// B16 S2048 H24), so its time is one block's chain of NC·Q/64 = 32 token-tile steps, ~6.2 µs
-// each (H200, call 1: 200 µs forward, 193 µs backward at B8 H64; L2 72% / 63%, 0.48 issued warps
-// per scheduler, no eligible warp 52% of the cycles). A step waits for a tile that was issued
-// only one step earlier (two ring slots: 55 KB per block is all that four blocks per SM allow),
-// and every head's block loads the same B (or C) tile, 16 of its 24 KB per step.
-// Here one block owns kHeads heads of one group (one 128-thread warpgroup each, the same warp
-// tiles and mma.sync sequence per head as the one-head kernel), loads the shared B / C tile once
-// for all of them, and runs a kStages-slot cp.async ring (tile k + kStages − 1 is issued at step
-// k): mh2 = 2 heads, 3 slots (108 KB, two blocks per SM); mh4 = 4 heads, 4 slots (220 KB, one
-// block per SM). The same 16 warps per SM as four one-head blocks; L2 → SM bytes per head-step
-// 24 → 16 KB (mh2) / 12 KB (mh4).
+// History: the template takes kHeads heads of one group per block (one 128-thread warpgroup
+// each, loading the shared B / C tile once for all, a kStages-slot cp.async ring) and kP = kSlice
+// = 0 for P and the slice at run time; the forms mh2 / mh4 (2 / 4 heads, run-time P) and ct2 (ct1
+// with 2 heads) were measured slower (ssd_notes.md "Session 13 (helper ssdr13)" and "(helper
+// cssdr13)") and are no longer instantiated; the template keeps their code paths, which the
+// instantiation at kHeads 1, kP 64, kSlice 128 folds away (its PTX is that of the measured ct1).
+// Why ct1 wins: the one-head kernel is issue-bound (~1500 instructions per warp per 64-token
+// step, ~0.48 issued warps per scheduler), and the compile-time P / slice remove the run-time
+// integer divisions of the copy and scale index arithmetic (~300 of them); sharing a tile across
+// heads (mh2 / mh4) saved instructions but coupled the heads at every block barrier.
 // Each head's outputs are bitwise those of ssd_chunk_state_scan: the same fragments in the same
 // k order per element, the same scale expression, the same <G, H_c> partial order (warp sums,
 // then warps 0..3 of the head's warpgroup).
-// Measured (call 2, H200; ssd_notes.md "Session 13 (helper ssdr13)"): no faster — mh2 196.7 /
-// 193.2 µs, mh4 208.8 / 219.5 against 199.1 / 193.8 at B8 H64 (fwd / bwd), and 15-28% slower at
-// B16 H24. The kernel is issue-bound (~1500 instructions per warp per step), not waiting on its
-// loads: sharing the tile saved 14-19% of the instructions, and coupling 2 / 4 heads at every
-// block barrier cost as much. ct1 / ct2 (kP = 64, kSlice = 128 at compile time; one or two heads)
-// remove the run-time integer divisions of the copy and scale index arithmetic instead (~300 of
-// the ~1500); not measured. All forms stay opt-in.
 
 // MmaPtx::Mma / ForEachPair for a warp of one warpgroup (lane, warp within the warpgroup given),
 // MAXI tiles of 32×32 over the warpgroup's 4 warps, as there.
@@ -125,20 +119,12 @@ __device__ __forceinline__ void StLoadRowsAsyncCt(bf16* dst, int ld, const bf16*
   }
 }
 
-// Heads per block and ring slots of the forms.
+// Heads per block and ring slots (ct1: one head, two slots, four blocks per SM).
 template <int kHeads>
 struct StateMhForm;
 template <>
 struct StateMhForm<1> {
   static constexpr int kStages = 2, kMinBlocks = 4;
-};
-template <>
-struct StateMhForm<2> {
-  static constexpr int kStages = 3, kMinBlocks = 2;
-};
-template <>
-struct StateMhForm<4> {
-  static constexpr int kStages = 4, kMinBlocks = 1;
 };
 
 // Dynamic shared memory of ssd_state_scan_mh: per slot the V tile [64][slice+8], kHeads U tiles
@@ -155,11 +141,11 @@ size_t StateScanMhSmem(int P, int slice, int heads, int stages) {
 // Grid (ntn, H / kHeads, B); block kHeads × 128 threads; warpgroup w runs head
 // blockIdx.y · kHeads + w (all of one group: hpg % kHeads == 0, checked by the host). Arguments
 // as ssd_chunk_state_scan's fused form (pw = P).
-// kP, kSlice: 0 (mh2, mh4: P and the slice at run time, the forms measured in call 2) or the
-// compile-time head dim and slice of the lean forms ct1 / ct2 (helper ssdr13, after call 2; not
-// measured): P 64, slice 128 (N % 128 == 0), so that the copy, scale and MMA loops index with
-// shifts instead of ~16 run-time integer divisions per thread and step (call 2's count: ~1480
-// issued instructions per warp per 64-token step, the kernel issue-bound at ~0.48 per scheduler).
+// kP, kSlice: 0 (P and the slice at run time; no longer instantiated) or ct1's compile-time
+// head dim and slice, P 64 and slice 128 (N % 128 == 0), so that the copy, scale and MMA loops
+// index with shifts instead of ~16 run-time integer divisions per thread and step (helper
+// ssdr13's count: ~1480 issued instructions per warp per 64-token step, issue-bound at ~0.48 per
+// scheduler).
 template <bool kBwd, int kHeads, int kP = 0, int kSlice = 0>
 __global__ void __launch_bounds__(kHeads * kThreads, StateMhForm<kHeads>::kMinBlocks)
     ssd_state_scan_mh(Dims d, int slice, const bf16* u, const bf16* v, const float* start,
