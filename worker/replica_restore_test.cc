@@ -12,43 +12,16 @@
 #include "base/mem_env.h"
 #include "gtest/gtest.h"
 #include "worker/replica.h"
+#include "worker/worker_test_util.h"
 
 namespace gyre {
 namespace {
 
-gyre::v1::RunConfig TinyConfig(uint64_t seed = 3) {
-  gyre::v1::RunConfig c;
-  c.set_seed(seed);
-  c.mutable_model()->set_preset("llama-tiny");
-  c.mutable_optimizer()->set_lr(1e-2);
-  c.mutable_schedule()->set_warmup_steps(2);
-  c.mutable_schedule()->set_total_steps(100);
-  return c;
-}
-
-std::vector<int32_t> RandomTokens(int64_t batch, int64_t seq, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(batch * (seq + 1));
-  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
-  return t;
-}
-
-class SingleRank final : public Collective {
- public:
-  int rank() const override { return 0; }
-  int world_size() const override { return 1; }
-  uint64_t generation() const override { return 1; }
-  absl::Status AllReduceSum(float*, size_t) override { return absl::OkStatus(); }
-  absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
-  absl::Status Broadcast(void*, size_t, int) override { return absl::OkStatus(); }
-  void Abort() override {}
-};
-
 void Train(ModelReplica* replica, uint64_t first_step, uint64_t steps) {
-  SingleRank single;
+  testing::SingleRankCollective single;
   const int vocab = static_cast<int>(replica->spec().vocab_size);
   for (uint64_t t = first_step; t < first_step + steps; ++t) {
-    ReplicaLoss l = replica->ComputeGradients(RandomTokens(2, 8, vocab, static_cast<uint32_t>(700 + t)), 2, 8, 16);
+    ReplicaLoss l = replica->ComputeGradients(testing::RandomTokens(2, 8, vocab, static_cast<uint32_t>(700 + t)), 2, 8, 16);
     ASSERT_TRUE(replica->ReduceGradients(&single, &l).ok());
     ASSERT_TRUE(replica->ApplyUpdate(t).ok());
   }
@@ -88,14 +61,14 @@ CheckpointStreamOptions SmallChunks(int threads) {
 
 TEST(ReplicaRestoreTest, StreamedRestoreIsByteExactAndTrainsOnIdentically) {
   auto env = NewMemEnv();
-  auto trained = ModelReplica::Create(TinyConfig());
+  auto trained = ModelReplica::Create(testing::TinyReplicaConfig());
   ASSERT_TRUE(trained.ok()) << trained.status();
   Train(trained->get(), 0, 3);
   const std::string dir = WriteState(env.get(), **trained, 3);
   ASSERT_GE(env->ListDir(dir)->size(), 4u) << "expected several tensor files";
   const auto expected = Bytes(**trained);
   for (int threads : {1, 3}) {
-    auto restored = ModelReplica::Create(TinyConfig(/*seed=*/5));  // different initial weights
+    auto restored = ModelReplica::Create(testing::TinyReplicaConfig(/*seed=*/5));  // different initial weights
     ASSERT_TRUE(restored.ok());
     ASSERT_NE(Bytes(**restored), expected);
     absl::StatusOr<ModelReplica::RestoreStats> stats =
@@ -113,7 +86,7 @@ TEST(ReplicaRestoreTest, StreamedRestoreIsByteExactAndTrainsOnIdentically) {
     for (const auto& [name, bytes] : expected) total += bytes.size();
     EXPECT_EQ(stats->stream.bytes, total);
     // The optimizer's step count and moments came back too: the next step is the same.
-    auto reference = ModelReplica::Create(TinyConfig());
+    auto reference = ModelReplica::Create(testing::TinyReplicaConfig());
     ASSERT_TRUE(reference.ok());
     Train(reference->get(), 0, 4);
     Train(restored->get(), 3, 1);
@@ -124,7 +97,7 @@ TEST(ReplicaRestoreTest, StreamedRestoreIsByteExactAndTrainsOnIdentically) {
 TEST(ReplicaRestoreTest, AFlippedByteInTheLastFileLeavesTheReplicaUnusableUntilAGoodRestore) {
   auto mem = NewMemEnv();
   FaultInjectionEnv env(mem.get());
-  auto trained = ModelReplica::Create(TinyConfig());
+  auto trained = ModelReplica::Create(testing::TinyReplicaConfig());
   ASSERT_TRUE(trained.ok());
   Train(trained->get(), 0, 2);
   const std::string good = WriteState(&env, **trained, 2);
@@ -137,7 +110,7 @@ TEST(ReplicaRestoreTest, AFlippedByteInTheLastFileLeavesTheReplicaUnusableUntilA
   ASSERT_GE(manifest->files_size(), 3);
   ASSERT_TRUE(env.FlipByte(JoinPath(bad, last.path()), last.bytes() / 2).ok());
 
-  auto replica = ModelReplica::Create(TinyConfig(/*seed=*/5));
+  auto replica = ModelReplica::Create(testing::TinyReplicaConfig(/*seed=*/5));
   ASSERT_TRUE(replica.ok());
   const uint64_t initial = (*replica)->ParameterFingerprint();
   absl::StatusOr<ModelReplica::RestoreStats> restored = (*replica)->RestoreFrom(&env, Clock::Real(), bad, 4, SmallChunks(1));
@@ -152,7 +125,7 @@ TEST(ReplicaRestoreTest, AFlippedByteInTheLastFileLeavesTheReplicaUnusableUntilA
   SnapshotStaging staging(/*pinned=*/false);
   EXPECT_TRUE(absl::IsFailedPrecondition((*replica)->Snapshot(&staging).status()));
   EXPECT_TRUE(absl::IsFailedPrecondition((*replica)->ApplyUpdate(4).status()));
-  SingleRank root;
+  testing::SingleRankCollective root;
   EXPECT_TRUE(absl::IsFailedPrecondition((*replica)->BroadcastState(&root, /*root=*/0)));
 
   // The previous good checkpoint (what the coordinator names after ReportBadCheckpoint) makes it
@@ -167,7 +140,7 @@ TEST(ReplicaRestoreTest, ATornCheckpointFailsBeforeAnythingIsWritten) {
   for (const std::string fault : {"short", "missing", "read-error", "wrong-step", "missing-manifest"}) {
     auto mem = NewMemEnv();
     FaultInjectionEnv env(mem.get());
-    auto trained = ModelReplica::Create(TinyConfig());
+    auto trained = ModelReplica::Create(testing::TinyReplicaConfig());
     ASSERT_TRUE(trained.ok());
     Train(trained->get(), 0, 2);
     const std::string dir = WriteState(&env, **trained, 2);
@@ -190,7 +163,7 @@ TEST(ReplicaRestoreTest, ATornCheckpointFailsBeforeAnythingIsWritten) {
       ASSERT_TRUE(env.RemoveFile(JoinPath(dir, "MANIFEST")).ok());
       expect_in_error = JoinPath(dir, "MANIFEST");
     }
-    auto replica = ModelReplica::Create(TinyConfig(/*seed=*/5));
+    auto replica = ModelReplica::Create(testing::TinyReplicaConfig(/*seed=*/5));
     ASSERT_TRUE(replica.ok());
     const auto before = Bytes(**replica);
     absl::StatusOr<ModelReplica::RestoreStats> restored = (*replica)->RestoreFrom(&env, Clock::Real(), dir, step);
@@ -206,7 +179,7 @@ TEST(ReplicaRestoreTest, ATornCheckpointFailsBeforeAnythingIsWritten) {
 // written, by both restore paths.
 TEST(ReplicaRestoreTest, AMismatchedTensorIsRefusedBeforeAnythingIsWritten) {
   auto env = NewMemEnv();
-  auto trained = ModelReplica::Create(TinyConfig());
+  auto trained = ModelReplica::Create(testing::TinyReplicaConfig());
   ASSERT_TRUE(trained.ok());
   SnapshotStaging staging(/*pinned=*/false);
   absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot(&staging);
@@ -226,7 +199,7 @@ TEST(ReplicaRestoreTest, AMismatchedTensorIsRefusedBeforeAnythingIsWritten) {
   state.tensors = tensors;
   absl::StatusOr<std::string> dir = WriteCheckpoint(env.get(), "/c", state, 64 << 10);
   ASSERT_TRUE(dir.ok());
-  auto replica = ModelReplica::Create(TinyConfig(/*seed=*/5));
+  auto replica = ModelReplica::Create(testing::TinyReplicaConfig(/*seed=*/5));
   ASSERT_TRUE(replica.ok());
   const auto before = Bytes(**replica);
   absl::StatusOr<ModelReplica::RestoreStats> restored = (*replica)->RestoreFrom(env.get(), Clock::Real(), *dir, 0);

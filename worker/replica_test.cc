@@ -2,6 +2,7 @@
 // update one replica computes on the whole batch (up to summation order), stay bitwise equal
 // to each other, hand their state to a joiner, and round-trip through a checkpoint.
 #include "worker/replica.h"
+#include "worker/worker_test_util.h"
 
 #include <functional>
 #include <random>
@@ -13,34 +14,6 @@
 
 namespace gyre {
 namespace {
-
-gyre::v1::RunConfig TinyConfig(uint64_t seed = 3) {
-  gyre::v1::RunConfig c;
-  c.set_seed(seed);
-  c.mutable_model()->set_preset("llama-tiny");
-  c.mutable_optimizer()->set_lr(1e-2);
-  c.mutable_schedule()->set_warmup_steps(2);
-  c.mutable_schedule()->set_total_steps(100);
-  return c;
-}
-
-std::vector<int32_t> RandomTokens(int64_t batch, int64_t seq, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(batch * (seq + 1));
-  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
-  return t;
-}
-
-class SingleRank final : public Collective {
- public:
-  int rank() const override { return 0; }
-  int world_size() const override { return 1; }
-  uint64_t generation() const override { return 1; }
-  absl::Status AllReduceSum(float*, size_t) override { return absl::OkStatus(); }
-  absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
-  absl::Status Broadcast(void*, size_t, int) override { return absl::OkStatus(); }
-  void Abort() override {}
-};
 
 // Runs `body(rank, replica, collective)` on two threads, each with its own replica of `config`
 // and one Gloo communicator between them; the first error of either rank fails the test. Returns
@@ -94,28 +67,28 @@ double MaxParamDiff(const ModelReplica& a, const ModelReplica& b) {
 // refuses it with a message that says how to get one, instead of failing later in a kernel.
 TEST(ReplicaTest, CudaReplicaNeedsTheGpuRuntime) {
   if (GpuRuntimeOrNull() != nullptr) GTEST_SKIP() << "CUDA build";
-  auto replica = ModelReplica::Create(TinyConfig(), ops::Device::kCuda);
+  auto replica = ModelReplica::Create(testing::TinyReplicaConfig(), ops::Device::kCuda);
   ASSERT_FALSE(replica.ok());
   EXPECT_EQ(replica.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(replica.status().message().find("--config=cuda"), absl::string_view::npos) << replica.status();
-  EXPECT_FALSE(ModelReplica::Create(TinyConfig(), ops::Device::kMeta).ok());
+  EXPECT_FALSE(ModelReplica::Create(testing::TinyReplicaConfig(), ops::Device::kMeta).ok());
 }
 
 TEST(ReplicaTest, TwoRanksMatchOneRankOnTheWholeBatch) {
   constexpr int64_t kBatch = 5, kSeq = 16;  // odd batch: ranks get 3 and 2 samples
-  auto reference = ModelReplica::Create(TinyConfig());
+  auto reference = ModelReplica::Create(testing::TinyReplicaConfig());
   ASSERT_TRUE(reference.ok()) << reference.status();
   const int vocab = static_cast<int>((*reference)->spec().vocab_size);
-  std::vector<int32_t> tokens = RandomTokens(kBatch, kSeq, vocab, 9);
+  std::vector<int32_t> tokens = testing::RandomTokens(kBatch, kSeq, vocab, 9);
   const uint64_t global_tokens = kBatch * kSeq;
 
-  SingleRank single;
+  testing::SingleRankCollective single;
   ReplicaLoss ref_loss = (*reference)->ComputeGradients(tokens, kBatch, kSeq, global_tokens);
   ASSERT_TRUE((*reference)->ReduceGradients(&single, &ref_loss).ok());
   ASSERT_TRUE((*reference)->ApplyUpdate(0).ok());
 
   std::vector<ReplicaLoss> losses(2);
-  auto replicas = RunTwoRanks(TinyConfig(), [&](int r, ModelReplica* replica, Collective* c) {
+  auto replicas = RunTwoRanks(testing::TinyReplicaConfig(), [&](int r, ModelReplica* replica, Collective* c) {
     const int64_t first = r == 0 ? 0 : 3, count = r == 0 ? 3 : 2;
     std::span<const int32_t> mine(tokens.data() + first * (kSeq + 1), count * (kSeq + 1));
     losses[r] = replica->ComputeGradients(mine, count, kSeq, global_tokens);
@@ -132,17 +105,17 @@ TEST(ReplicaTest, TwoRanksMatchOneRankOnTheWholeBatch) {
 }
 
 TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
-  auto trained = ModelReplica::Create(TinyConfig(3));
+  auto trained = ModelReplica::Create(testing::TinyReplicaConfig(3));
   ASSERT_TRUE(trained.ok());
   const int vocab = static_cast<int>((*trained)->spec().vocab_size);
-  SingleRank single;
+  testing::SingleRankCollective single;
   for (uint64_t step = 0; step < 3; ++step) {
-    auto tokens = RandomTokens(2, 8, vocab, 100 + step);
+    auto tokens = testing::RandomTokens(2, 8, vocab, 100 + step);
     ReplicaLoss l = (*trained)->ComputeGradients(tokens, 2, 8, 16);
     ASSERT_TRUE((*trained)->ReduceGradients(&single, &l).ok());
     ASSERT_TRUE((*trained)->ApplyUpdate(step).ok());
   }
-  auto joiner = ModelReplica::Create(TinyConfig(77));  // different init: must be overwritten
+  auto joiner = ModelReplica::Create(testing::TinyReplicaConfig(77));  // different init: must be overwritten
   ASSERT_TRUE(joiner.ok());
   ASSERT_NE((*joiner)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
 
@@ -163,7 +136,7 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
   EXPECT_EQ((*joiner)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
 
   // Both now take the same next step and stay equal (optimizer moments and step count came too).
-  auto tokens = RandomTokens(2, 8, vocab, 500);
+  auto tokens = testing::RandomTokens(2, 8, vocab, 500);
   for (auto* r : {trained->get(), joiner->get()}) {
     ReplicaLoss l = r->ComputeGradients(tokens, 2, 8, 16);
     ASSERT_TRUE(r->ReduceGradients(&single, &l).ok());
@@ -171,7 +144,7 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
   }
   EXPECT_EQ((*joiner)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
 
-  auto restored = ModelReplica::Create(TinyConfig(5));
+  auto restored = ModelReplica::Create(testing::TinyReplicaConfig(5));
   ASSERT_TRUE(restored.ok());
   SnapshotStaging staging(/*pinned=*/false);
   absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot(&staging);
@@ -187,12 +160,12 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
 // it) keeps its bytes while training goes on, and the buffer is reused once every snapshot of it
 // is dropped.
 TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
-  auto replica = ModelReplica::Create(TinyConfig());
+  auto replica = ModelReplica::Create(testing::TinyReplicaConfig());
   ASSERT_TRUE(replica.ok()) << replica.status();
   const int vocab = static_cast<int>((*replica)->spec().vocab_size);
-  SingleRank single;
+  testing::SingleRankCollective single;
   auto step = [&](uint64_t t) {
-    ReplicaLoss l = (*replica)->ComputeGradients(RandomTokens(2, 8, vocab, static_cast<uint32_t>(600 + t)), 2, 8, 16);
+    ReplicaLoss l = (*replica)->ComputeGradients(testing::RandomTokens(2, 8, vocab, static_cast<uint32_t>(600 + t)), 2, 8, 16);
     ASSERT_TRUE((*replica)->ReduceGradients(&single, &l).ok());
     ASSERT_TRUE((*replica)->ApplyUpdate(t).ok());
   };
@@ -225,7 +198,7 @@ TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->front().staged, second_buffer);
 
-  auto restored = ModelReplica::Create(TinyConfig(5));
+  auto restored = ModelReplica::Create(testing::TinyReplicaConfig(5));
   ASSERT_TRUE(restored.ok());
   ASSERT_TRUE((*restored)->Restore(*again).ok());
   EXPECT_EQ((*restored)->ParameterFingerprint(), (*replica)->ParameterFingerprint());
@@ -245,10 +218,10 @@ TEST(ReplicaTest, OverlappedReduceIsBitIdenticalToReduceAfterBackward) {
   std::vector<uint64_t> fingerprints[2];
   std::vector<double> reduced_loss[2];
   for (int overlap = 0; overlap < 2; ++overlap) {
-    auto replicas = RunTwoRanks(TinyConfig(5), [&](int r, ModelReplica* replica, Collective* c) -> absl::Status {
+    auto replicas = RunTwoRanks(testing::TinyReplicaConfig(5), [&](int r, ModelReplica* replica, Collective* c) -> absl::Status {
       const int vocab = static_cast<int>(replica->spec().vocab_size);
       for (uint64_t step = 0; step < 2; ++step) {
-        std::vector<int32_t> tokens = RandomTokens(4, kSeq, vocab, 40 + 10 * step + r);
+        std::vector<int32_t> tokens = testing::RandomTokens(4, kSeq, vocab, 40 + 10 * step + r);
         if (overlap) replica->BeginOverlappedReduce(c, kBucketBytes);
         ReplicaLoss loss = replica->ComputeGradients(tokens, 4, kSeq, 8 * kSeq);
         EXPECT_GT(replica->last_pass_times().forward_ms, 0);
@@ -274,17 +247,17 @@ TEST(ReplicaTest, OverlappedReduceIsBitIdenticalToReduceAfterBackward) {
 TEST(ReplicaTest, MicroBatchesWithOverlapMatchOnePassOverTheWholeBatch) {
   constexpr int64_t kRowsPerRank = 5, kSeq = 16;
   constexpr size_t kBucketBytes = 64 << 10;
-  auto reference = ModelReplica::Create(TinyConfig(7));
+  auto reference = ModelReplica::Create(testing::TinyReplicaConfig(7));
   ASSERT_TRUE(reference.ok()) << reference.status();
   const int vocab = static_cast<int>((*reference)->spec().vocab_size);
-  std::vector<int32_t> tokens = RandomTokens(2 * kRowsPerRank, kSeq, vocab, 21);
+  std::vector<int32_t> tokens = testing::RandomTokens(2 * kRowsPerRank, kSeq, vocab, 21);
   const uint64_t global_tokens = 2 * kRowsPerRank * kSeq;
-  SingleRank single;
+  testing::SingleRankCollective single;
   ReplicaLoss ref_loss = (*reference)->ComputeGradients(tokens, 2 * kRowsPerRank, kSeq, global_tokens);
   ASSERT_TRUE((*reference)->ReduceGradients(&single, &ref_loss).ok());
   ASSERT_TRUE((*reference)->ApplyUpdate(0).ok());
 
-  gyre::v1::RunConfig config = TinyConfig(7);
+  gyre::v1::RunConfig config = testing::TinyReplicaConfig(7);
   config.mutable_train()->set_micro_batch(2);
   std::vector<ReplicaLoss> losses(2);
   auto replicas = RunTwoRanks(config, [&](int r, ModelReplica* replica, Collective* c) {
@@ -299,7 +272,7 @@ TEST(ReplicaTest, MicroBatchesWithOverlapMatchOnePassOverTheWholeBatch) {
   EXPECT_EQ(losses[0].tokens, ref_loss.tokens);
   EXPECT_EQ(replicas[0]->ParameterFingerprint(), replicas[1]->ParameterFingerprint());
   EXPECT_GT(replicas[0]->last_pass_times().backward_ms, 0);
-  auto initial = ModelReplica::Create(TinyConfig(7));
+  auto initial = ModelReplica::Create(testing::TinyReplicaConfig(7));
   ASSERT_TRUE(initial.ok());
   EXPECT_GT(MaxParamDiff(**initial, **reference), 1e-3);  // the update moved the weights
   EXPECT_LT(MaxParamDiff(*replicas[0], **reference), 1e-5);

@@ -25,58 +25,16 @@
 #include "coordinator/core_loop.h"
 #include "coordinator/journal.h"
 #include "coordinator/services.h"
-#include "dataloader/shard.h"
-#include "dataloader/token_index.h"
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "worker/worker.h"
+#include "worker/worker_test_util.h"
 
 namespace gyre {
 namespace {
 
 constexpr char kToken[] = "restore-failure-token";
 constexpr uint32_t kVocab = 256;
-
-std::string TestDir(const std::string& name) {
-  const char* base = std::getenv("TEST_TMPDIR");
-  const std::string dir = std::string(base ? base : "/tmp") + "/" + name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
-
-// One source of pseudo-random token ids below kVocab, one shard.
-void WriteIndex(const std::string& dir) {
-  auto index = data::TokenIndex::Open(dir, data::TokenIndex::Mode::kReadWrite);
-  ASSERT_TRUE(index.ok()) << index.status();
-  gyre::v1::IndexMeta meta;
-  meta.set_tokenizer_fingerprint(7);
-  ASSERT_TRUE((*index)->WriteMeta(meta).ok());
-  const std::string rel = "shards/synthetic/0.tok";
-  auto writer = data::ShardWriter::Create(Env::Default(), dir + "/" + rel, 2, 7);
-  ASSERT_TRUE(writer.ok()) << writer.status();
-  std::vector<uint32_t> ids;
-  uint64_t x = 12345;
-  for (int i = 0; i < 20000; ++i) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    ids.push_back(static_cast<uint32_t>((x >> 33) % kVocab));
-  }
-  ASSERT_TRUE((*writer)->AppendDocument(ids).ok());
-  auto header = (*writer)->Finish();
-  ASSERT_TRUE(header.ok()) << header.status();
-  data::TokenIndex::InputCommit commit;
-  commit.input.set_path("synthetic");
-  data::TokenIndex::NewShard shard;
-  shard.source = "synthetic";
-  shard.split = "train";
-  shard.path = rel;
-  shard.tokens = header->tokens;
-  shard.documents = 1;
-  shard.payload_checksum = header->payload_checksum;
-  shard.dtype_bytes = 2;
-  commit.shards.push_back(shard);
-  ASSERT_TRUE((*index)->CommitInput(commit).ok());
-}
 
 // The in-memory journal, keeping every checkpoint record marked bad (a later valid write of the
 // same step replaces the record in the journal itself).
@@ -145,8 +103,8 @@ enum class Damage { kFlipNearEnd, kTruncate, kRemove };
 // corrupt_all: every checkpoint is damaged, so the run falls back to step 0 (the worker rebuilds
 // its half-restored replica from the seed) instead of the previous checkpoint.
 void RunRestoreAfterCorruption(Damage damage, bool corrupt_all) {
-  const std::string root = TestDir(absl::StrCat("restore_failure_", static_cast<int>(damage), corrupt_all ? "_all" : ""));
-  ASSERT_NO_FATAL_FAILURE(WriteIndex(root + "/index"));
+  const std::string root = testing::FreshTestDir(absl::StrCat("restore_failure_", static_cast<int>(damage), corrupt_all ? "_all" : ""));
+  ASSERT_NO_FATAL_FAILURE(testing::WriteSyntheticIndex(root + "/index", kVocab));
   const std::string run_dir = root + "/run";
   std::filesystem::create_directories(run_dir);
   gyre::v1::RunConfig config;
