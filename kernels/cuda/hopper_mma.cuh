@@ -62,6 +62,24 @@ __device__ __forceinline__ uint64_t SmemDescSw128(uint32_t addr, uint32_t lbo, u
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
 }
 
+// A 64-row x 64-column bf16 tile (row stride `stride` elements) into the 128-byte-swizzled tile at
+// shared address `dst` (1024-byte aligned) through cp.async, by the block's threads 0..127: thread
+// t copies 16-byte chunk t % 8 of rows t / 8 + 16u (u = 0..3), so each thread keeps one swizzle
+// phase. Rows >= valid are zero-filled (their source is not read). No commit.
+__device__ __forceinline__ void CpAsyncTile64Sw128(uint32_t dst, const __nv_bfloat16* src, int64_t stride,
+                                                   int valid) {
+  const int r0 = threadIdx.x >> 3, ch = threadIdx.x & 7;
+  const uint32_t d0 = dst + r0 * 128 + ((ch ^ (r0 & 7)) << 4);
+  const __nv_bfloat16* s0 = src + r0 * stride + ch * 8;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const bool ok = r0 + 16 * u < valid;
+    const __nv_bfloat16* g = ok ? s0 + 16 * u * stride : src;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d0 + 2048 * u), "l"(g),
+                 "r"(ok ? 16 : 0));
+  }
+}
+
 // Byte offset of element (r, c) in a swizzled tile of kRows rows (see the top of this file).
 template <int kRows>
 __device__ __forceinline__ uint32_t Sw128Offset(int r, int c) {

@@ -68,23 +68,6 @@ __device__ __forceinline__ float2 DcbCbPair(uint32_t addr) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-// 64 rows × 64 bf16 (row stride `stride`) into the swizzled tile at shared address dst
-// (1024-aligned) through cp.async; rows >= valid zero-filled. Thread t copies 16-byte chunk t % 8
-// of rows t / 8 + 16u (u = 0..3). No commit.
-__device__ __forceinline__ void DcbCpTileSw(uint32_t dst, const bf16* src, int64_t stride,
-                                            int valid) {
-  const int r0 = threadIdx.x >> 3, ch = threadIdx.x & 7;
-  const uint32_t d0 = dst + r0 * 128 + ((ch ^ (r0 & 7)) << 4);
-  const bf16* s0 = src + r0 * stride + ch * 8;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const bool ok = r0 + 16 * u < valid;
-    const bf16* gp = ok ? s0 + 16 * u * stride : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d0 + 2048 * u), "l"(gp),
-                 "r"(ok ? 16 : 0));
-  }
-}
-
 // The fold's second half (after the first cluster barrier), in a function of its own whose
 // indices are re-read from the special registers (asm volatile: not hoisted above the head loop,
 // where holding them spilled 84 bytes at 128 registers).
@@ -187,8 +170,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   auto issue_tiles = [&](int hh, int buf) {
     const int h = h_first + hh;
     const uint32_t stage = ring + buf * kDcbWgStageBytes;
-    DcbCpTileSw(stage, dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv);
-    DcbCpTileSw(stage + kDcbWgTileBytes, x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P,
+    hopper::CpAsyncTile64Sw128(stage, dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv);
+    hopper::CpAsyncTile64Sw128(stage + kDcbWgTileBytes, x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P,
                 d.ldx, sv);
   };
   auto issue_small = [&](int hh, int buf) {

@@ -59,23 +59,6 @@ __device__ __forceinline__ void Cp4(uint32_t dst, const float* src, bool ok) {
                "r"(ok ? 4 : 0));
 }
 
-// 64 rows × 64 bf16 (row stride `stride` elements) into the swizzled tile at dst (shared
-// address, 1024-aligned) through cp.async; rows >= valid zero-filled.
-__device__ __forceinline__ void CopyTileSw(uint32_t dst, const bf16* src, int64_t stride,
-                                           int valid) {
-  // Thread t copies chunk t % 8 of rows t / 8 + 16u (u = 0..3): one swizzle phase per thread.
-  const int r0 = threadIdx.x >> 3, ch = threadIdx.x & 7;
-  const uint32_t d0 = dst + r0 * 128 + ((ch ^ (r0 & 7)) << 4);
-  const bf16* s0 = src + r0 * stride + ch * 8;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const bool ok = r0 + 16 * u < valid;
-    const bf16* g = ok ? s0 + 16 * u * stride : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d0 + 2048 * u), "l"(g),
-                 "r"(ok ? 16 : 0));
-  }
-}
-
 // The warp's 16 rows of the swizzled 64×64 tile at `tile` as m16n8k16 A fragments (K = 64).
 __device__ __forceinline__ void LoadTileASw(uint32_t (&fa)[4][4], uint32_t tile) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, q = lane / 8, r = lane % 8;
@@ -170,13 +153,13 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
       const uint32_t a_dst = ring + (k % kSlots) * kSlotBytes, b_dst = a_dst + kTileBytes;
       const int tl0 = c0 + lt * kTileRows;
       if (j < NH) {
-        CopyTileSw(a_dst, Cb + tl0 * d.ldbc + 64 * j, d.ldbc, min(kTileRows, d.S - tl0));
-        CopyTileSw(b_dst, hc + 64 * j, d.N, kTileRows);
+        CpAsyncTile64Sw128(a_dst, Cb + tl0 * d.ldbc + 64 * j, d.ldbc, min(kTileRows, d.S - tl0));
+        CpAsyncTile64Sw128(b_dst, hc + 64 * j, d.N, kTileRows);
       } else {
         const int st = j - NH, ts0 = c0 + st * kTileRows;
-        CopyTileSw(a_dst, cbc + static_cast<int64_t>(lt * kTileRows) * d.Q + st * kTileRows, d.Q,
+        CpAsyncTile64Sw128(a_dst, cbc + static_cast<int64_t>(lt * kTileRows) * d.Q + st * kTileRows, d.Q,
                    kTileRows);
-        CopyTileSw(b_dst, xb + ts0 * d.ldx, d.ldx, min(kTileRows, d.S - ts0));
+        CpAsyncTile64Sw128(b_dst, xb + ts0 * d.ldx, d.ldx, min(kTileRows, d.S - ts0));
       }
     }
     CpCommit();
@@ -374,19 +357,19 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
         const bf16* t = d.dcb_bf + (kDB ? n_all : 0) +
                         ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q +
                         static_cast<int64_t>(o0) * d.Q + o * kTileRows;
-        CopyTileSw(a_dst, t, d.Q, kTileRows);
-        CopyTileSw(b_dst, (kDB ? d.c : d.b) + bc_base + t0 * d.ldbc + n0, d.ldbc,
+        CpAsyncTile64Sw128(a_dst, t, d.Q, kTileRows);
+        CpAsyncTile64Sw128(b_dst, (kDB ? d.c : d.b) + bc_base + t0 * d.ldbc + n0, d.ldbc,
                    min(kTileRows, d.S - t0));
       } else {
         const int h = g * d.hpg + (step - n1);
         const int64_t row0 = static_cast<int64_t>(b) * d.S + c0 + o0;
         const bf16* a_src = kDB ? d.x + row0 * d.ldx + static_cast<int64_t>(h) * 64
                                 : d.dy + row0 * d.ldy + static_cast<int64_t>(h) * 64;
-        CopyTileSw(a_dst, a_src, kDB ? d.ldx : d.ldy, ov);
+        CpAsyncTile64Sw128(a_dst, a_src, kDB ? d.ldx : d.ldy, ov);
         const bf16* st = kDB ? d.st_g + ((static_cast<int64_t>(b) * d.H + h) * d.NC + c) * (64 * d.N)
                              : reinterpret_cast<const bf16*>(sb + d.hbf_off) +
                                    (static_cast<int64_t>(h) * d.NC + c) * (64 * d.N);
-        CopyTileSw(b_dst, st + n0, d.N, 64);
+        CpAsyncTile64Sw128(b_dst, st + n0, d.N, 64);
         if (threadIdx.x < kTileRows) {
           const int r = threadIdx.x;
           const float* acs_h = sb + d.acs_off + static_cast<int64_t>(h) * d.NC * d.Q + c0;
