@@ -235,7 +235,9 @@ TEST(CheckpointStreamTest, DeliversEveryTensorByteOnceAcrossFilesChunksAndThread
       }
       EXPECT_EQ(stats->bytes, total);
       EXPECT_EQ(stats->reader_threads, std::min(threads, manifest->files_size()));
-      if (chunk == 13) EXPECT_GT(got.calls, static_cast<int>(s.tensors.size()));  // split tensors
+      if (chunk == 13) {
+        EXPECT_GT(got.calls, static_cast<int>(s.tensors.size()));  // split tensors
+      }
     }
   }
 }
