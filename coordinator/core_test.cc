@@ -100,6 +100,19 @@ class Harness {
     Send(e);
     return e.id;
   }
+  // A ReportCheckpoint of `step` written at `path` (default checkpoints/step-<step>); a non-empty
+  // `error` reports a failed write.
+  RequestId ReportCheckpoint(uint64_t session, uint64_t step, const std::string& path = "",
+                             const std::string& error = "") {
+    ReportCheckpointEvent e;
+    e.id = ++next_id_;
+    e.request.set_session(session);
+    e.request.set_step(step);
+    e.request.set_path(path.empty() ? "checkpoints/step-" + std::to_string(step) : path);
+    e.request.set_error(error);
+    Send(e);
+    return e.id;
+  }
   absl::Status Control(ControlRequest r) {
     ControlEvent e;
     e.id = ++next_id_;
@@ -550,13 +563,7 @@ TEST(CoreTest, CheckpointDecisionAndKeepLast) {
     EXPECT_EQ(lease.decision(), due ? gyre::v1::STEP_DECISION_CHECKPOINT
                                     : gyre::v1::STEP_DECISION_RUN)
         << t;
-    if (due) {
-      gyre::v1::ReportCheckpointRequest r;
-      r.set_session(11);
-      r.set_step(t);
-      r.set_path(lease.checkpoint_dir());
-      h.Send(ReportCheckpointEvent{++h.next_id_, r});
-    }
+    if (due) h.ReportCheckpoint(11, t, lease.checkpoint_dir());
     h.Complete(11, 1, t);
   }
   ASSERT_EQ(h.journal_.checkpoints.size(), 2u);  // keep_last = 2 of steps 2, 4, 6
@@ -573,11 +580,7 @@ TEST(CoreTest, LosingEveryStateHolderRestoresFromCheckpoint) {
     h.Acquire(11, 1, t);
     h.Complete(11, 1, t);
   }
-  gyre::v1::ReportCheckpointRequest r;
-  r.set_session(11);
-  r.set_step(2);
-  r.set_path("checkpoints/step-2");
-  h.Send(ReportCheckpointEvent{++h.next_id_, r});
+  h.ReportCheckpoint(11, 2);
   h.Register(33, 3);  // a standby without state
   h.Send(LeaveEvent{++h.next_id_, [] {
                       gyre::v1::LeaveRequest l;
@@ -610,13 +613,7 @@ TEST(CoreTest, BadCheckpointFallsBackToThePreviousOneThenToStepZero) {
   h.Register(11, 1);
   for (uint64_t t = 0; t < 5; ++t) {
     h.Acquire(11, 1, t);
-    if (t == 2 || t == 4) {
-      gyre::v1::ReportCheckpointRequest r;
-      r.set_session(11);
-      r.set_step(t);
-      r.set_path("checkpoints/step-" + std::to_string(t));
-      h.Send(ReportCheckpointEvent{++h.next_id_, r});
-    }
+    if (t == 2 || t == 4) h.ReportCheckpoint(11, t);
     h.Complete(11, 1, t);
   }
   h.Register(33, 3);  // no state
@@ -695,11 +692,7 @@ TEST(CoreTest, StaleBadCheckpointReportIsIgnored) {
     h.Acquire(11, 1, t);
     h.Complete(11, 1, t);
   }
-  gyre::v1::ReportCheckpointRequest r;
-  r.set_session(11);
-  r.set_step(2);
-  r.set_path("checkpoints/step-2");
-  h.Send(ReportCheckpointEvent{++h.next_id_, r});
+  h.ReportCheckpoint(11, 2);
   ASSERT_EQ(h.journal_.checkpoints.size(), 1u);
   EXPECT_EQ(h.journal_.checkpoints[0].recorded_generation(), 1u);
   gyre::v1::ReportBadCheckpointRequest bad;
@@ -727,14 +720,8 @@ TEST(CoreTest, FailedCheckpointWriteIsCountedButNeverRestored) {
   Harness h(config);
   h.Register(11, 1);
   auto report = [&](uint64_t step, const std::string& error) {
-    gyre::v1::ReportCheckpointRequest r;
-    r.set_session(11);
-    r.set_step(step);
-    r.set_path("checkpoints/step-" + std::to_string(step));
-    r.set_error(error);
-    ReportCheckpointEvent e{++h.next_id_, r};
-    h.Send(e);
-    EXPECT_TRUE(h.replies_.at(e.id).status.ok()) << h.replies_.at(e.id).status;
+    const RequestId id = h.ReportCheckpoint(11, step, "", error);
+    EXPECT_TRUE(h.replies_.at(id).status.ok()) << h.replies_.at(id).status;
   };
   for (uint64_t t = 0; t < 7; ++t) {
     h.Acquire(11, 1, t);
