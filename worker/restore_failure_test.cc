@@ -25,7 +25,6 @@
 #include "coordinator/core_loop.h"
 #include "coordinator/journal.h"
 #include "coordinator/services.h"
-#include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "worker/worker.h"
 #include "worker/worker_test_util.h"
@@ -107,17 +106,7 @@ void RunRestoreAfterCorruption(Damage damage, bool corrupt_all) {
   ASSERT_NO_FATAL_FAILURE(testing::WriteSyntheticIndex(root + "/index", kVocab));
   const std::string run_dir = root + "/run";
   std::filesystem::create_directories(run_dir);
-  gyre::v1::RunConfig config;
-  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
-      "name: \"restorefail\" seed: 3 "
-      "model { preset: \"llama-tiny\" vocab_size: 256 } "
-      "data { index_dir: \"" +
-          root +
-          "/index\" seq_len: 16 global_batch: 2 } "
-          "optimizer { lr: 0.003 } schedule { warmup_steps: 1 total_steps: 100 } "
-          "train { max_steps: 100000 } checkpoint { every_steps: 2 keep_last: 5 } "
-          "cluster { desired_workers: 1 heartbeat_interval_ms: 100 heartbeat_timeout_ms: 5000 }",
-      &config));
+  const gyre::v1::RunConfig config = testing::TinyClusterRunConfig("restorefail", root + "/index", 100000);
   auto journal = std::make_unique<RecordingJournal>();
   coordinator::GlooRendezvous rendezvous("coordinator", config.name());
   FaultInjectionEnv env(Env::Default());

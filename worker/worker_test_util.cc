@@ -51,6 +51,28 @@ void WriteSyntheticIndex(const std::string& dir, uint32_t vocab) {
   ASSERT_TRUE((*index)->CommitInput(commit).ok());
 }
 
+gyre::v1::RunConfig TinyClusterRunConfig(const std::string& name, const std::string& index_dir,
+                                         uint64_t max_steps) {
+  gyre::v1::RunConfig c;
+  c.set_name(name);
+  c.set_seed(3);
+  c.mutable_model()->set_preset("llama-tiny");
+  c.mutable_model()->set_vocab_size(256);
+  c.mutable_data()->set_index_dir(index_dir);
+  c.mutable_data()->set_seq_len(16);
+  c.mutable_data()->set_global_batch(2);
+  c.mutable_optimizer()->set_lr(0.003);
+  c.mutable_schedule()->set_warmup_steps(1);
+  c.mutable_schedule()->set_total_steps(100);
+  c.mutable_train()->set_max_steps(max_steps);
+  c.mutable_checkpoint()->set_every_steps(2);
+  c.mutable_checkpoint()->set_keep_last(5);
+  c.mutable_cluster()->set_desired_workers(1);
+  c.mutable_cluster()->set_heartbeat_interval_ms(100);
+  c.mutable_cluster()->set_heartbeat_timeout_ms(5000);
+  return c;
+}
+
 gyre::v1::RunConfig TinyReplicaConfig(uint64_t seed) {
   gyre::v1::RunConfig c;
   c.set_seed(seed);

@@ -19,6 +19,12 @@ std::string FreshTestDir(const std::string& name);
 // ids below `vocab` (2-byte tokens), tokenizer fingerprint 7. Fails the calling test on error.
 void WriteSyntheticIndex(const std::string& dir, uint32_t vocab);
 
+// A one-worker run of llama-tiny (vocab 256, seq 16, global batch 2, lr 0.003) on the index at
+// `index_dir`, a checkpoint every 2 steps (keep 5), heartbeats every 100 ms (timeout 5 s), for the
+// tests that run a real worker against a real coordinator.
+gyre::v1::RunConfig TinyClusterRunConfig(const std::string& name, const std::string& index_dir,
+                                         uint64_t max_steps);
+
 // llama-tiny, lr 1e-2, warm-up 2 of 100 steps.
 gyre::v1::RunConfig TinyReplicaConfig(uint64_t seed = 3);
 
