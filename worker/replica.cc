@@ -303,31 +303,6 @@ absl::StatusOr<std::vector<TensorSnapshot>> ModelReplica::Snapshot(SnapshotStagi
   return out;
 }
 
-absl::Status ModelReplica::Restore(const std::vector<TensorSnapshot>& tensors) {
-  std::map<std::string, const TensorSnapshot*> by_name;
-  for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
-  // The optimizer's tensors: m and v share storage with it; LoadState installs the step count.
-  std::vector<ops::NamedTensor> state = trainer_->optimizer().State();
-  std::vector<std::pair<const TensorSnapshot*, ops::Tensor*>> copies;
-  for (ops::Parameter* p : model_->params().All()) {
-    auto it = by_name.find(kParamPrefix + p->name);
-    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks parameter ", p->name));
-    copies.emplace_back(it->second, &p->value);
-  }
-  for (ops::NamedTensor& t : state) {
-    auto it = by_name.find(t.name);
-    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("checkpoint lacks optimizer tensor ", t.name));
-    copies.emplace_back(it->second, &t.tensor);
-  }
-  for (const auto& [from, to] : copies) RETURN_IF_ERROR(CheckFits(from->name, from->data().size(), from->dtype, *to));
-  at_initial_state_ = false;
-  for (const auto& [from, to] : copies) CopyInto(from->data(), to);
-  RETURN_IF_ERROR(trainer_->optimizer().LoadState(state));
-  model_->params().SyncCompute();
-  partially_restored_ = false;
-  return absl::OkStatus();
-}
-
 absl::StatusOr<ModelReplica::RestoreStats> ModelReplica::RestoreFrom(Env* env, Clock* clock, const std::string& dir,
                                                                      uint64_t expected_step,
                                                                      CheckpointStreamOptions options) {

@@ -6,7 +6,7 @@
 //   ReduceGradients    SUM all-reduce of every gradient (packed into buckets) and of the loss
 //   ApplyUpdate        only after the coordinator's COMMIT: clip + AdamW at the step's lr
 //   BroadcastState     live hand-over to joining members (parameters + optimizer state)
-//   Snapshot/Restore   checkpoint contents
+//   Snapshot/RestoreFrom   checkpoint contents
 //
 // Replicas of one run hold bitwise-identical parameters: they start from the same seed or the
 // same broadcast, and apply identical reduced gradients. Not thread-safe.
@@ -98,10 +98,6 @@ class ModelReplica {
   absl::StatusOr<std::vector<TensorSnapshot>> Snapshot(SnapshotStaging* staging) const;
   // The staging bytes Snapshot needs (for SnapshotStaging::Prepare).
   size_t SnapshotBytes() const;
-  // From snapshots in memory (tests, tools). Every tensor is checked (present, dtype, size) before
-  // any is written: on an error the replica is untouched.
-  absl::Status Restore(const std::vector<TensorSnapshot>& tensors);
-
   // Restores checkpoint directory `dir` (the worker's restore) by streaming its files
   // (StreamCheckpoint): read in chunks into a few reused buffers, pinned on CUDA, each chunk
   // checksummed as it is read and copied to its tensors while the next chunks are read.
@@ -118,7 +114,7 @@ class ModelReplica {
                                            CheckpointStreamOptions options = CheckpointStreamOptions());
   // True after a restore that failed part-way (some tensors hold the checkpoint's bytes, others
   // not): this state must never be trained, checkpointed or handed to another member. ApplyUpdate,
-  // Snapshot and BroadcastState as the root refuse it; a later successful Restore / RestoreFrom
+  // Snapshot and BroadcastState as the root refuse it; a later successful RestoreFrom
   // or a received BroadcastState clears it (the worker rebuilds the replica for a fresh start).
   bool partially_restored() const { return partially_restored_; }
   // True while the parameters and optimizer state are still the seeded initialisation this

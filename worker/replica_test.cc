@@ -8,12 +8,24 @@
 #include <random>
 #include <thread>
 
+#include "base/clock.h"
+#include "base/mem_env.h"
 #include "base/status_macros.h"
 #include "gtest/gtest.h"
 #include "worker/gloo_collective.h"
 
 namespace gyre {
 namespace {
+
+// Writes `tensors` as a checkpoint into an in-memory Env and restores `into` from it (the
+// worker's restore path).
+absl::Status RestoreThroughCheckpoint(ModelReplica* into, const std::vector<TensorSnapshot>& tensors) {
+  std::unique_ptr<Env> env = NewMemEnv();
+  CheckpointState state;
+  state.tensors = tensors;
+  ASSIGN_OR_RETURN(const std::string dir, WriteCheckpoint(env.get(), "/checkpoints", state));
+  return into->RestoreFrom(env.get(), Clock::Real(), dir, state.step).status();
+}
 
 // Runs `body(rank, replica, collective)` on two threads, each with its own replica of `config`
 // and one Gloo communicator between them; the first error of either rank fails the test. Returns
@@ -149,11 +161,11 @@ TEST(ReplicaTest, JoinerReceivesStateByBroadcastAndCheckpointRoundTrips) {
   SnapshotStaging staging(/*pinned=*/false);
   absl::StatusOr<std::vector<TensorSnapshot>> snapshot = (*trained)->Snapshot(&staging);
   ASSERT_TRUE(snapshot.ok()) << snapshot.status();
-  ASSERT_TRUE((*restored)->Restore(*snapshot).ok());
+  ASSERT_TRUE(RestoreThroughCheckpoint(restored->get(), *snapshot).ok());
   EXPECT_EQ((*restored)->ParameterFingerprint(), (*trained)->ParameterFingerprint());
   std::vector<TensorSnapshot> broken = *std::move(snapshot);
   broken.pop_back();
-  EXPECT_TRUE(absl::IsDataLoss((*restored)->Restore(broken)));
+  EXPECT_TRUE(absl::IsDataLoss(RestoreThroughCheckpoint(restored->get(), broken)));
 }
 
 // Snapshots share one staging buffer: a snapshot still held (the checkpoint writer is writing
@@ -200,7 +212,7 @@ TEST(ReplicaTest, SnapshotKeepsItsBytesWhileHeldAndReusesTheBufferOnceDropped) {
 
   auto restored = ModelReplica::Create(testing::TinyReplicaConfig(5));
   ASSERT_TRUE(restored.ok());
-  ASSERT_TRUE((*restored)->Restore(*again).ok());
+  ASSERT_TRUE(RestoreThroughCheckpoint(restored->get(), *again).ok());
   EXPECT_EQ((*restored)->ParameterFingerprint(), (*replica)->ParameterFingerprint());
 }
 
