@@ -1,6 +1,7 @@
 // Real Gloo over loopback TCP, one thread per rank.
 #include "worker/gloo_collective.h"
 
+#include <future>
 #include <random>
 #include <thread>
 #include <vector>
@@ -78,13 +79,20 @@ TEST(GlooCollectiveTest, MissingMemberTimesOutInRendezvous) {
 TEST(GlooCollectiveTest, PeerThatDiesMidRunFailsTheSurvivorsOperation) {
   InProcessStore store;
   absl::Status survivor_status;
+  // The peer dies only once both sides have connected: Connect returning on
+  // one rank does not mean the other's handshake is done, and a death inside
+  // the handshake is a different case (the survivor's Connect fails).
+  std::promise<void> survivor_connected;
+  std::shared_future<void> both_connected = survivor_connected.get_future().share();
   std::thread dying([&] {
     auto c = GlooCollective::Connect(&store, 3, 1, 2, FastOptions());
+    both_connected.wait();
     ASSERT_TRUE(c.ok()) << c.status();
     (*c)->Abort();  // closes its connections, as a killed process would
   });
   std::thread survivor([&] {
     auto c = GlooCollective::Connect(&store, 3, 0, 2, FastOptions());
+    survivor_connected.set_value();
     ASSERT_TRUE(c.ok()) << c.status();
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     std::vector<float> grads(1 << 16, 1.0f);
