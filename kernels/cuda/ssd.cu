@@ -330,6 +330,14 @@ struct MmaPtx {
   static __device__ __forceinline__ void Mma(Tile (&acc)[MAXI], const bf16* a, int lda,
                                              const bf16* b, int ldb, int m, int n, int k) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    MmaAt<AT, BT>(acc, a, lda, b, ldb, m, n, k, lane, warp);
+  }
+  // Mma for a block whose warps are numbered otherwise (lane, warp given): the fused state
+  // kernel of ssd_state_ct.cuh.
+  template <bool AT, bool BT, int MAXI>
+  static __device__ __forceinline__ void MmaAt(Tile (&acc)[MAXI], const bf16* a, int lda,
+                                               const bf16* b, int ldb, int m, int n, int k,
+                                               int lane, int warp) {
     const int q = lane / 8, r = lane % 8;
     const int tn = n / 32, nt = (m / 32) * tn;
 #pragma unroll
@@ -373,6 +381,11 @@ struct MmaPtx {
   template <int MAXI, class T, class F>
   static __device__ __forceinline__ void ForEachPair(T (&acc)[MAXI], int m, int n, F&& f) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    ForEachPairAt(acc, m, n, lane, warp, static_cast<F&&>(f));
+  }
+  template <int MAXI, class T, class F>
+  static __device__ __forceinline__ void ForEachPairAt(T (&acc)[MAXI], int m, int n, int lane,
+                                                       int warp, F&& f) {
     const int g = lane / 4, t = lane % 4;
     const int tn = n / 32, nt = (m / 32) * tn;
 #pragma unroll
@@ -2839,7 +2852,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
 
 // Helper ssdr13 (session 13): the same kernel with P 64 and the 128-column slice at compile time
 // (ct1, the default where those shapes hold since helper cssdr13's call; GYRE_SSD_STATE).
-#include "kernels/cuda/ssd_state_mh.cuh"
+#include "kernels/cuda/ssd_state_ct.cuh"
 
 // ------------------------------------------------------------------ host side
 
@@ -3144,9 +3157,9 @@ bool UseFusedStatePass(const Dims& d) {
 }
 
 // GYRE_SSD_STATE: the fused chunk-state / state-pass kernels (where UseFusedStatePass picks them).
-//   ct1 (default; unset is the same) = ssd_state_scan_mh<kBwd, 1, 64, 128> (ssd_state_mh.cuh,
-//        helper ssdr13: one head per block, two ring slots, P 64 and the 128-column slice at
-//        compile time) where P == 64, the slice is 128 columns (N % 128 == 0) and its shared
+//   ct1 (default; unset is the same) = ssd_state_scan_ct<kBwd> (ssd_state_ct.cuh, helper
+//        ssdr13: one head per block, two ring slots, P 64 and the 128-column slice at compile
+//        time) where P == 64, the slice is 128 columns (N % 128 == 0) and its shared
 //        memory fits; elsewhere ssd_chunk_state_scan. Made the default by helper cssdr13
 //        (session 13, one H200: fwd+bwd −3.7% at B16 S2048 H24, −2.3% at B8 S2048 H64;
 //        ssd_notes.md)
@@ -3169,22 +3182,21 @@ StateForm ChooseStateForm(const Dims& d, std::string* bad) {
   }
   if (index != 0) return StateForm::kOne;
   if (!(d.P == 64 && StateSlice(d) == 128 && d.N % 128 == 0)) return StateForm::kOne;
-  const size_t smem = StateScanMhSmem(d.P, StateSlice(d), 1, StateMhForm<1>::kStages);
-  return smem <= static_cast<size_t>(MaxSmemOptin()) ? StateForm::kCt1 : StateForm::kOne;
+  return StateScanCtSmem() <= static_cast<size_t>(MaxSmemOptin()) ? StateForm::kCt1
+                                                                   : StateForm::kOne;
 }
-// Launches ssd_state_scan_mh in its ct1 form (arguments as the fused ssd_chunk_state_scan's).
+// Launches ssd_state_scan_ct (arguments as the fused ssd_chunk_state_scan's; ChooseStateForm
+// checked P 64 and the 128-column slice).
 template <bool kBwd>
 CudaResult LaunchStateCt1(const Dims& d, const bf16* u, const bf16* v, const float* start,
                           float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
                           cudaStream_t stream) {
-  constexpr int kHeads = 1, kP = 64, kSlice = 128;
-  const int slice = StateSlice(d);
-  const dim3 grid((d.N + slice - 1) / slice, d.H / kHeads, d.B);
-  const size_t smem = StateScanMhSmem(d.P, slice, kHeads, StateMhForm<kHeads>::kStages);
-  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_mh<kBwd, kHeads, kP, kSlice>, smem));
-  ssd_state_scan_mh<kBwd, kHeads, kP, kSlice><<<grid, kHeads * kThreads, smem, stream>>>(
-      d, slice, u, v, start, saved, end_state, dsg, g_bf, ddecay);
-  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_scan_mh<ct1>");
+  const dim3 grid(d.N / kStateCtSlice, d.H, d.B);
+  const size_t smem = StateScanCtSmem();
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_state_scan_ct<kBwd>, smem));
+  ssd_state_scan_ct<kBwd><<<grid, kThreads, smem, stream>>>(d, u, v, start, saved, end_state,
+                                                            dsg, g_bf, ddecay);
+  CUDA_RETURN_IF_LAUNCH_ERROR("ssd_state_scan_ct");
   return {};
 }
 
