@@ -316,8 +316,8 @@ bool& ConvQkvFused() {
   static bool fused = [] {
     const char* v = std::getenv("GYRE_MLSTM_CONV_QKV");
     const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused", "GYRE_MLSTM_CONV_QKV must be separate or fused, got '%s'",
-               s.c_str());
+    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
+               "GYRE_MLSTM_CONV_QKV must be separate or fused, got '%s'", s.c_str());
     return s == "fused";
   }();
   return fused;
