@@ -337,7 +337,8 @@ int main(int argc, char** argv) {
   std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
   // The opt-in kernel variants (environment switches read once by the kernels' host code), so a
   // log says which path it timed: A/B runs alternate them on one binary.
-  for (const char* name : {"GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD", "GYRE_MAMBA_IN_BWD"}) {
+  for (const char* name :
+       {"GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD", "GYRE_MAMBA_IN_BWD", "GYRE_MLSTM_CONV_QKV"}) {
     if (const char* v = std::getenv(name)) std::printf("variant: %s=%s\n", name, v);
   }
   std::vector<Result> results;

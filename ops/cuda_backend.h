@@ -169,6 +169,11 @@ class CudaBackend {
   virtual void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) = 0;
   virtual void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) = 0;
   virtual void Conv1d(bool backward, const Conv1dArgs& a) = 0;
+  // The mLSTM block's conv1d forward and the q/k/v block-diagonal maps with the fused gates that
+  // read its input and output, in one pass (ops/recurrent_cuda.h MlstmConvQkvForward): the
+  // arguments of Conv1d(false, conv), BlockDiag(false, qk), BlockDiag(false, v); where the fused
+  // kernel does not cover them, exactly those three calls.
+  virtual void MlstmConvQkv(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
   // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens

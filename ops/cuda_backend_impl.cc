@@ -599,6 +599,18 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(kc::Conv1dBackward(b, alloc_, stream_));
   }
 
+  void MlstmConvQkv(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v) override {
+    Init();
+    if (!cuda_ops::MlstmConvQkvFusable(conv, qk, v)) {
+      Conv1d(false, conv);
+      BlockDiag(false, qk);
+      BlockDiag(false, v);
+      return;
+    }
+    OpProfiler::Scope scope(&prof_, "Conv1d + BlockDiag q, k, v forward (fused)");
+    OK_OR_DIE(cuda_ops::MlstmConvQkvForward(conv, qk, v, alloc_, stream_));
+  }
+
   static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
     shape->batch = a.batch;
     shape->seq_len = a.seq;

@@ -215,6 +215,18 @@ Conv1dArgs CausalConv1d::CudaArgs(const Tensor& x, int64_t batch, int64_t seq) c
   return a;
 }
 
+Conv1dArgs CausalConv1d::ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y) {
+  GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
+  GYRE_CHECK(IsCuda(x) && x.dtype() == DType::kBF16, "conv1d: CUDA x must be bf16");
+  x_ = x;
+  batch_ = batch;
+  seq_ = seq;
+  *y = Tensor::EmptyLike(x);
+  Conv1dArgs a = CudaArgs(x, batch, seq);
+  a.y = y->raw();
+  return a;
+}
+
 Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
   x_ = x;
@@ -300,7 +312,21 @@ MlstmRecomputeConfig& RecomputeConfig() {
   return *config;
 }
 
+bool& ConvQkvFused() {
+  static bool fused = [] {
+    const char* v = std::getenv("GYRE_MLSTM_CONV_QKV");
+    const std::string s = v != nullptr ? v : "";
+    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
+               "GYRE_MLSTM_CONV_QKV must be separate or fused, got '%s'", s.c_str());
+    return s == "fused";
+  }();
+  return fused;
+}
+
 }  // namespace
+
+bool MlstmConvQkvFused() { return ConvQkvFused(); }
+void SetMlstmConvQkvFused(bool fused) { ConvQkvFused() = fused; }
 
 MlstmRecomputeConfig GetMlstmRecompute() { return RecomputeConfig(); }
 void SetMlstmRecompute(MlstmRecomputeConfig config) { RecomputeConfig() = config; }
@@ -987,7 +1013,7 @@ Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor
 }
 
 void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v,
-                              Tensor& ig, Tensor& fg) {
+                              Tensor& ig, Tensor& fg, const Conv1dArgs* conv) {
   const int64_t p = p_;
   q = CudaEmpty({rows, p});
   k = CudaEmpty({rows, p});
@@ -1007,6 +1033,8 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
   g_bias.bf = fgate_.bias()->value.data<float>();
   const int64_t bs = q_.weight()->value.dim(1);
   // q and k in one pass over x_c (the kernel's second map), then v from x_m.
+  BlockDiagArgs maps[2];
+  int m = 0;
   for (auto [src, layer, dst, layer2, dst2, gates, col] :
        {std::tuple{&xc, &q_, &q, &k_, &k, &g_bias, int64_t{0}},
         std::tuple{&xm, &v_, &v, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &g, 2 * p}}) {
@@ -1022,8 +1050,28 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
       a.y2 = dst2->raw();
       a.gate_col2 = p;
     }
-    Cuda().BlockDiag(false, a);
+    maps[m++] = a;
   }
+  if (conv != nullptr) {
+    Cuda().MlstmConvQkv(*conv, maps[0], maps[1]);
+    return;
+  }
+  Cuda().BlockDiag(false, maps[0]);
+  Cuda().BlockDiag(false, maps[1]);
+}
+
+void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {
+  const int64_t rows = batch * seq;
+  if (MlstmConvQkvFused()) {
+    const Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_);
+    QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_, &conv);
+    if (marks) ProfileMark("mlstm.fwd.conv_qkv_blockdiag_gates (fused)");
+    return;
+  }
+  xc_ = conv_.Forward(xm_, batch, seq);
+  if (marks) ProfileMark("mlstm.fwd.conv");
+  QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
+  if (marks) ProfileMark("mlstm.fwd.qkv_blockdiag_gates");
 }
 
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
@@ -1065,8 +1113,7 @@ void MlstmBlock::DropRecomputableCuda() {
 Tensor MlstmBlock::RecomputeCellCuda() {
   const int64_t rows = batch_ * seq_, dk = p_ / heads_;
   if (mode_ == MlstmRecompute::kGlue || mode_ == MlstmRecompute::kStates) {
-    xc_ = conv_.Forward(xm_, batch_, seq_);
-    QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
+    ConvQkvGatesCuda(batch_, seq_, /*marks=*/false);
   }
   MlstmCellArgs c;
   c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
@@ -1099,10 +1146,7 @@ Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
   xm_ = LinearRowsForward(u_, up_, 0, p);
   z_ = LinearRowsForward(u_, up_, p, p);
   ProfileMark("mlstm.fwd.up_proj");
-  xc_ = conv_.Forward(xm_, batch, seq);
-  ProfileMark("mlstm.fwd.conv");
-  QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
-  ProfileMark("mlstm.fwd.qkv_blockdiag_gates");
+  ConvQkvGatesCuda(batch, seq);
   MlstmCellArgs c;
   c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
   c.sigmoid_forget = sigmoid_forget_;

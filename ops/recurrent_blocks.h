@@ -50,6 +50,9 @@ class CausalConv1d {
   // first `channels` of each set): one gradient buffer holding several projections' columns.
   void BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_stride);
   void ReleaseActivations() { x_ = Tensor(); }
+  // CUDA: what Forward records and allocates (y), and the kernel arguments it would launch
+  // with, without launching them (a fused launch takes them: CudaBackend::MlstmConvQkv).
+  Conv1dArgs ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y);
   // Inference: x [B, C]; `state` [B, K-1, C] (zeros at the start) is advanced.
   Tensor Step(const Tensor& x, Tensor* state);
   // `chunk` positions, x [chunk * B, C] position-major; with a history, the window after every
@@ -147,6 +150,14 @@ MlstmRecomputeConfig GetMlstmRecompute();
 void SetMlstmRecompute(MlstmRecomputeConfig config);
 const char* MlstmRecomputeName(MlstmRecompute mode);
 
+// The mLSTM block's conv1d forward + q/k/v block-diagonal maps + gate sums in one kernel instead
+// of three (CudaBackend::MlstmConvQkv; counts and measurements in ops/XLSTM_GLUE.md). Opt-in:
+// GYRE_MLSTM_CONV_QKV unset or "separate" (the three launches) or "fused", read once on first use;
+// anything else stops the process with a message naming the accepted values.
+// SetMlstmConvQkvFused overrides it (tests, benchmarks). Not thread-safe. CUDA training only.
+bool MlstmConvQkvFused();
+void SetMlstmConvQkvFused(bool fused);
+
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
 struct MlstmState : BlockState {
@@ -211,9 +222,14 @@ class MlstmBlock : public Block {
                         Tensor& rstd);
   // q, k = blockdiag(x_c), v = blockdiag(x_m) (bf16 [rows, p]) and the gate pre-activations
   // ig, fg (fp32 [rows, heads]) in two launches, the gates fused into the maps (training and
-  // decoding). Allocates the five outputs.
+  // decoding). Allocates the five outputs. With `conv` (the conv forward's arguments that write
+  // x_c from x_m: CausalConv1d::ForwardArgsCuda), that conv runs first, and all three in one
+  // launch (CudaBackend::MlstmConvQkv).
   void QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v, Tensor& ig,
-                    Tensor& fg);
+                    Tensor& fg, const Conv1dArgs* conv = nullptr);
+  // x_c = conv(x_m) and QkvGatesCuda on the block's tensors, fused or not (MlstmConvQkvFused);
+  // allocates x_c. `marks`: the profiling marks (SetRecurrentProfiling) after each part.
+  void ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks = true);
 };
 
 class SlstmBlock : public Block {

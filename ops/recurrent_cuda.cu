@@ -744,6 +744,157 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   }
 }
 
+// The mLSTM block's conv1d forward, its three 4x4 block-diagonal maps and the gate sums in one
+// pass (MlstmConvQkvForward, opt-in GYRE_MLSTM_CONV_QKV=fused; ops/XLSTM_GLUE.md). The default
+// path runs conv1d_fwd (xm -> xc), block_diag4_fwd_gates<true> (xc -> q, k) and <false> (xm -> v):
+// xc is written and read back, and xm is read twice. Here each warp takes 8 consecutive rows of
+// 4 channels a lane (one 4x4 block, as block_diag4_fwd_gates) and loads the K - 1 rows before them
+// too (the conv's causal window; mostly L1 / L2 hits: the neighbouring warp loads them as its
+// own rows); per row: xc = SiLU(bias + Σ_j w_j xm_{r-(K-1)+j}) (taps before the row's sequence
+// start are zero, as conv1d_fwd with no state), rounded to bf16 and stored; q, k from the rounded
+// xc, v from xm (the arithmetic of the separate kernels, so xc, q, k, v are the same bits); the
+// gate sums as block_diag4_fwd_gates over the three maps' bf16 tiles (one accumulator, so the
+// partials [column blocks, 2, rows, heads] hold q + k + v; the separate path sums q + k and v in
+// two launches: same terms, another fp32 order). Heads <= 4 (8 gates).
+struct ConvQkvParams {
+  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xm, xc, q, k, v (= channels)
+  int64_t seq = 0;
+  bool silu = false;
+  const bf16* xm = nullptr;
+  bf16* xc = nullptr;
+  bf16* y0 = nullptr;  // q
+  bf16* y1 = nullptr;  // k
+  bf16* y2 = nullptr;  // v
+  const float* cw = nullptr;  // [channels, K]
+  const float* cb = nullptr;  // [channels] or null
+  const float* w0 = nullptr;  // [blocks, 4, 4]: q, k, v
+  const float* w1 = nullptr;
+  const float* w2 = nullptr;
+  const float* wi[3] = {nullptr, nullptr, nullptr};  // map m's gate weight columns (rows of ldg)
+  const float* wf[3] = {nullptr, nullptr, nullptr};
+  int64_t ldg = 0;
+  int heads = 0;
+};
+struct ConvQkvSmem {
+  uint2 tile[8][3][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's q / k / v, bf16
+  uint4 afrag[3][8][32];                     // [map][k step][lane]: hi a0a1, a4a5, lo a0a1, a4a5
+};
+template <int K>
+__global__ void __launch_bounds__(256, 2) mlstm_conv_qkv_fwd(ConvQkvParams a, float* part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ConvQkvSmem& sm = *reinterpret_cast<ConvQkvSmem*>(smem_raw);
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int G = 2 * a.heads;
+  for (int e = tid; e < 3 * 8 * 32; e += 256) {
+    const int lane = e % 32, j = (e / 32) % 8, m = e / (32 * 8);
+    const int t = lane / 4;
+    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (bb < a.blocks && t < G) {
+      const float* base = t < a.heads ? (m == 0 ? a.wi[0] : m == 1 ? a.wi[1] : a.wi[2]) + t * a.ldg
+                                      : (m == 0 ? a.wf[0] : m == 1 ? a.wf[1] : a.wf[2]) + (t - a.heads) * a.ldg;
+      const float4 f = __ldg(reinterpret_cast<const float4*>(base + bb * 4));
+      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    }
+    float hi[4], lo[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      hi[c] = __bfloat162float(__float2bfloat16_rn(v[c]));
+      lo[c] = v[c] - hi[c];
+    }
+    sm.afrag[m][j][lane] = make_uint4(PackBf16(hi[0], hi[1]), PackBf16(hi[2], hi[3]), PackBf16(lo[0], lo[1]),
+                                      PackBf16(lo[2], lo[3]));
+  }
+  __syncthreads();
+  float w[3][16], ck[K][4], cb[4];
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    if (live) {
+      LoadF8(a.w0 + b * 16 + k, w[0] + k);
+      LoadF8(a.w1 + b * 16 + k, w[1] + k);
+      LoadF8(a.w2 + b * 16 + k, w[2] + k);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) w[0][k + c] = w[1][k + c] = w[2][k + c] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) ck[j][v] = live ? a.cw[(b * 4 + v) * K + j] : 0.f;
+    cb[v] = live && a.cb != nullptr ? a.cb[b * 4 + v] : 0.f;
+  }
+  const int gq = tx / 4, qq = tx % 4;
+  const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
+  constexpr int kIn = kBdTileRows + K - 1;  // the tile's rows and the K - 1 before them
+  for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
+    uint2 raw[kIn];
+#pragma unroll
+    for (int i = 0; i < kIn; ++i) {
+      const int64_t r = rt - (K - 1) + i;
+      raw[i] = live && r >= 0 && r < r1 ? *reinterpret_cast<const uint2*>(a.xm + r * a.ld + b * 4) : make_uint2(0u, 0u);
+    }
+    int pos = static_cast<int>(rt % a.seq);  // row rt's position in its sequence
+#pragma unroll
+    for (int k = 0; k < kBdTileRows; ++k) {
+      const int64_t r = rt + k;
+      // xc: taps j with pos - (K - 1) + j < 0 lie before the sequence start (zeros).
+      float u[4] = {cb[0], cb[1], cb[2], cb[3]};
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        float xv[4];
+        Bf16x4ToFloat(raw[k + j], xv);
+        const bool in_seq = pos + j >= K - 1;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) u[v] += ck[j][v] * (in_seq ? xv[v] : 0.f);
+      }
+      float xc[4];
+#pragma unroll
+      for (int v = 0; v < 4; ++v) xc[v] = a.silu ? u[v] * Sigmoid(u[v]) : u[v];
+      const uint2 xcp = make_uint2(PackBf16(xc[0], xc[1]), PackBf16(xc[2], xc[3]));
+      const bool store = live && r < r1;
+      if (store) *reinterpret_cast<uint2*>(a.xc + r * a.ld + b * 4) = xcp;
+      float xr[4], xm[4];
+      Bf16x4ToFloat(xcp, xr);  // q and k read the stored (rounded) xc, as the separate kernels
+      Bf16x4ToFloat(raw[k + K - 1], xm);
+#pragma unroll
+      for (int m = 0; m < 3; ++m) {
+        const float* x = m == 2 ? xm : xr;
+        float y[4];
+#pragma unroll
+        for (int o = 0; o < 4; ++o)
+          y[o] = w[m][o * 4] * x[0] + w[m][o * 4 + 1] * x[1] + w[m][o * 4 + 2] * x[2] + w[m][o * 4 + 3] * x[3];
+        const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
+        if (store) *reinterpret_cast<uint2*>((m == 0 ? a.y0 : m == 1 ? a.y1 : a.y2) + r * a.ld + b * 4) = packed;
+        sm.tile[ty][m][k][tx] = packed;
+      }
+      pos = pos + 1 == static_cast<int>(a.seq) ? 0 : pos + 1;
+    }
+    __syncwarp();
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // gate gq, rows rt + 2qq, + 1 (acc[2..3]: zero padding)
+#pragma unroll
+    for (int m = 0; m < 3; ++m)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint2 bf = sm.tile[ty][m][gq][4 * j + qq];
+        const uint4 a0 = sm.afrag[m][j][tx];
+        MmaBf16(acc, a0.x, 0u, a0.y, 0u, bf.x, bf.y);  // hi
+        MmaBf16(acc, a0.z, 0u, a0.w, 0u, bf.x, bf.y);  // lo
+      }
+    __syncwarp();  // the tile is rewritten by the next iteration
+    if (gq < G) {
+      const int f = gq < a.heads ? 0 : 1;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t r = rt + 2 * qq + c;
+        if (r < r1) part[((blockIdx.x * 2 + f) * a.rows + r) * a.heads + gq - f * a.heads] = acc[c];
+      }
+    }
+  }
+}
+
 // dx = dy·w (+ dy2·w2) (+ dx), and the partial dw (dw2) of row chunk blockIdx.y: a shared-memory
 // sum over the 8 row lanes in order, one partial row per block (BdPartials).
 // kG > 0 (>= 2·heads): the mLSTM gate backward fused in (FusedGates). The maps' dy get
@@ -1910,6 +2061,76 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
     if (g.heads > 0) gate_fwd<<<Blocks(a.rows * 32, 256), 256, 0, stream>>>(b, g, m, b.y);
   }
   return Launched("block_diag_fwd");
+}
+
+bool MlstmConvQkvFusable(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v) {
+  if (qk.gates == nullptr || v.gates == nullptr || qk.w2 == nullptr || v.w2 != nullptr) return false;
+  const int64_t p = c.channels;
+  const MlstmGateArgs& g = *qk.gates;
+  const bool same = qk.rows == c.batch * c.seq && v.rows == qk.rows && qk.blocks * 4 == p && v.blocks == qk.blocks &&
+                    qk.x == c.y && v.x == c.x && qk.ldx == p && qk.ldy == p && v.ldx == p && v.ldy == p &&
+                    v.gates->wi == g.wi && v.gates->wf == g.wf && v.gates->ig == g.ig && v.gates->fg == g.fg &&
+                    v.gates->bi == nullptr && v.gates->heads == g.heads && c.dx_row_stride == 0;
+  FusedGates fg;
+  return same && c.width >= 1 && c.width <= 4 && c.seq > 0 && g.heads >= 1 && g.heads <= 4 &&
+         BlockDiagVectorizable(qk, false) && BlockDiagVectorizable(v, false) && MakeFusedGates(qk, false, &fg).ok() &&
+         FusedGatesVectorizable(fg, true) && MakeFusedGates(v, false, &fg).ok() && FusedGatesVectorizable(fg, false) &&
+         Aligned(c.y, 8) && qk.rows < (int64_t{1} << 31);
+}
+
+CudaResult MlstmConvQkvForward(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v,
+                               DeviceAllocator* scratch, cudaStream_t stream) {
+  if (!MlstmConvQkvFusable(c, qk, v))
+    return gyre::cuda::InvalidArgument("MlstmConvQkvForward: arguments outside the fused kernel (MlstmConvQkvFusable)");
+  if (qk.rows == 0) return {};
+  ConvQkvParams k;
+  k.rows = qk.rows; k.blocks = qk.blocks; k.ld = c.channels; k.seq = c.seq; k.silu = c.silu;
+  k.xm = static_cast<const bf16*>(c.x);
+  k.xc = static_cast<bf16*>(c.y);
+  k.y0 = static_cast<bf16*>(qk.y);
+  k.y1 = static_cast<bf16*>(qk.y2);
+  k.y2 = static_cast<bf16*>(v.y);
+  k.cw = c.w; k.cb = c.bias;
+  k.w0 = qk.w; k.w1 = qk.w2; k.w2 = v.w;
+  const MlstmGateArgs& g = *qk.gates;
+  const int64_t col[3] = {qk.gate_col, qk.gate_col2, v.gate_col};
+  for (int m = 0; m < 3; ++m) {
+    k.wi[m] = g.wi + col[m];
+    k.wf[m] = g.wf + col[m];
+  }
+  k.ldg = 3 * g.inner;
+  k.heads = static_cast<int>(g.heads);
+  const dim3 grid(static_cast<unsigned>((qk.blocks + 31) / 32), static_cast<unsigned>((qk.rows + kBdRows - 1) / kBdRows));
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, grid.x * 2 * qk.rows * g.heads, &part); !r.ok()) return r;
+  float* pf = part.as<float>();
+  const size_t smem = sizeof(ConvQkvSmem);
+  auto launch = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    kernel<<<grid, dim3(32, 8), smem, stream>>>(k, pf);
+  };
+  switch (c.width) {
+    case 1: launch(mlstm_conv_qkv_fwd<1>); break;
+    case 2: launch(mlstm_conv_qkv_fwd<2>); break;
+    case 3: launch(mlstm_conv_qkv_fwd<3>); break;
+    default: launch(mlstm_conv_qkv_fwd<4>); break;
+  }
+  if (CudaResult r = Launched("mlstm_conv_qkv_fwd"); !r.ok()) return r;
+  const int64_t n = qk.rows * g.heads;
+  ReduceJobs jobs;
+  for (int f = 0; f < 2; ++f) {
+    ReduceJob j = Job(pf + f * n, grid.x, 2 * n, n, f == 0 ? g.ig : g.fg, false);
+    const float* bias = f == 0 ? g.bi : g.bf;
+    if (bias != nullptr) {
+      j.mode = kReduceSetBias;
+      j.bias = bias;
+      j.bias_period = g.heads;
+    } else {
+      j.mode = kReduceSet;  // the one launch writes the whole sum
+    }
+    jobs.Add(j);
+  }
+  return LaunchReduce(jobs, stream);
 }
 
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {

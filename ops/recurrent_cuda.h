@@ -28,6 +28,7 @@ using gyre::cuda::CudaResult;
 using gyre::cuda::DeviceAllocator;
 
 using ::gyre::ops::BlockDiagArgs;
+using ::gyre::ops::Conv1dArgs;
 using ::gyre::ops::GroupNormArgs;
 using ::gyre::ops::MlstmGateArgs;
 using ::gyre::ops::NormMode;
@@ -36,6 +37,17 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
+
+// The mLSTM block's causal conv1d forward (`conv`: x = xm -> y = xc) and the three block-diagonal
+// maps with the fused gate sums that follow it (`qk`: xc -> q, k with the gate bias; `v`: xm -> v)
+// in one pass over xm: the same arguments the three separate launches take (Conv1dForward,
+// BlockDiagForward twice), the same outputs (xc, q, k, v bit-identical; ig / fg the same sum in
+// another fp32 order). MlstmConvQkvFusable: whether the fused kernel covers them (4x4 blocks,
+// heads <= 4, width <= 4, packed rows of `channels`, qk.x == conv.y, v.x == conv.x, aligned);
+// MlstmConvQkvForward returns InvalidArgument for any other.
+bool MlstmConvQkvFusable(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v);
+CudaResult MlstmConvQkvForward(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v,
+                               DeviceAllocator* scratch, cudaStream_t stream);
 
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);

@@ -688,6 +688,186 @@ TEST_F(RecurrentGpuTest, DeletedMamba2InProjSwitchValueIsAnError) {
   EXPECT_EXIT(Mamba2BackwardUnderInProjSwitch("fused"), ::testing::ExitedWithCode(0), "");
 }
 
+// ---------------------------------------------------------------- fused conv + q/k/v forward
+
+// The mLSTM block's conv1d forward + q/k/v block-diagonal maps + gates in one launch
+// (CudaBackend::MlstmConvQkv; GYRE_MLSTM_CONV_QKV=fused in the blocks) against float64, and
+// against the three separate launches on the same inputs: x_c, q, k, v the same bits, ig / fg the
+// same sums in another fp32 order; a second fused call gives the same bits. B x S rows with
+// sequences shorter than the conv window (S 2), not multiples of the 8-row tiles, and channel
+// counts with a partly live second column block (p 200: 50 of 64 lanes).
+void CheckConvQkv(int64_t B, int64_t S, int64_t p, int64_t heads, int64_t K, bool silu) {
+  Rng rng(53 + B * 7 + S);
+  const int64_t rows = B * S, blocks = p / 4, width = 3 * p;
+  const std::string name = "mlstm conv+qkv fused B " + std::to_string(B) + " S " + std::to_string(S) + " p " +
+                           std::to_string(p) + " heads " + std::to_string(heads) + " K " + std::to_string(K) +
+                           (silu ? " silu" : "");
+  const Tensor xm = RandomBf16Host({rows, p}, 1.0, &rng), cw = RandomBf16Host({p, K}, 0.5, &rng),
+               cb = RandomBf16Host({p}, 0.5, &rng), wi = RandomBf16Host({heads, width}, 0.2, &rng),
+               wf = RandomBf16Host({heads, width}, 0.2, &rng), bi = RandomBf16Host({heads}, 1.0, &rng),
+               bf = RandomBf16Host({heads}, 1.0, &rng);
+  Tensor wm[3];
+  for (int m = 0; m < 3; ++m) wm[m] = RandomBf16Host({blocks, 4, 4}, 0.5, &rng);
+  // float64 reference: xc = [SiLU](bias + Σ_j w_j xm_{t-(K-1)+j}) within each sequence; q, k from
+  // xc, v from xm; ig, fg = bias + [q | k | v]·w.
+  Tensor xc_ref = Tensor::Zeros({rows, p}, DType::kF64), y_ref[3], ig_ref = Tensor::Zeros({rows, heads}, DType::kF64),
+         fg_ref = ig_ref.Clone();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < p; ++c) {
+      double u = cb.At(c);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t t = r % S - (K - 1) + j;
+        if (t >= 0) u += cw.At(c * K + j) * xm.At((r - (K - 1) + j) * p + c);
+      }
+      xc_ref.Set(r * p + c, silu ? SiluD(u) : u);
+    }
+  for (int m = 0; m < 3; ++m) {
+    y_ref[m] = Tensor::Zeros({rows, p}, DType::kF64);
+    const Tensor& x = m == 2 ? xm : xc_ref;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < p; ++c) {
+        const int64_t b = c / 4, o = c % 4;
+        double y = 0;
+        for (int64_t i = 0; i < 4; ++i) y += wm[m].At((b * 4 + o) * 4 + i) * x.At(r * p + b * 4 + i);
+        y_ref[m].Set(r * p + c, y);
+      }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      double si = bi.At(h), sf = bf.At(h);
+      for (int64_t j = 0; j < width; ++j) {
+        const double y = y_ref[j / p].At(r * p + j % p);
+        si += y * wi.At(h * width + j);
+        sf += y * wf.At(h * width + j);
+      }
+      ig_ref.Set(r * heads + h, si);
+      fg_ref.Set(r * heads + h, sf);
+    }
+  const Tensor xmd = ToCudaBf16(xm), cwd = DevF32(cw), cbd = DevF32(cb), wid = DevF32(wi), wfd = DevF32(wf),
+               bid = DevF32(bi), bfd = DevF32(bf);
+  Tensor wmd[3];
+  for (int m = 0; m < 3; ++m) wmd[m] = DevF32(wm[m]);
+  // Outputs of run 0 (fused), 1 (fused again), 2 (separate launches), NaN-poisoned.
+  struct Out {
+    Tensor xc, y[3], ig, fg;
+  } out[3];
+  for (int run = 0; run < 3; ++run) {
+    Out& o = out[run];
+    o.xc = Poison({rows, p});
+    for (Tensor& y : o.y) y = Poison({rows, p});
+    o.ig = Tensor::Full({rows, heads}, DType::kF32, NAN, Device::kCuda);
+    o.fg = o.ig.Clone();
+    Conv1dArgs conv;
+    conv.batch = B; conv.seq = S; conv.channels = p; conv.width = K; conv.silu = silu;
+    conv.x = xmd.raw(); conv.w = cwd.data<float>(); conv.bias = cbd.data<float>(); conv.y = o.xc.raw();
+    MlstmGateArgs g;
+    g.rows = rows; g.inner = p; g.heads = heads;
+    g.wi = wid.data<float>(); g.wf = wfd.data<float>();
+    g.ig = o.ig.data<float>(); g.fg = o.fg.data<float>();
+    MlstmGateArgs g_bias = g;
+    g_bias.bi = bid.data<float>(); g_bias.bf = bfd.data<float>();
+    BlockDiagArgs maps[2];
+    for (int pass = 0; pass < 2; ++pass) {
+      BlockDiagArgs& a = maps[pass];
+      a.rows = rows; a.blocks = blocks; a.block_in = 4; a.block_out = 4;
+      a.x = (pass == 0 ? o.xc : xmd).raw(); a.ldx = p; a.ldy = p;
+      a.w = wmd[pass == 0 ? 0 : 2].data<float>(); a.y = o.y[pass == 0 ? 0 : 2].raw();
+      a.gates = pass == 0 ? &g_bias : &g;
+      a.gate_col = pass == 0 ? 0 : 2 * p;
+      if (pass == 0) { a.w2 = wmd[1].data<float>(); a.y2 = o.y[1].raw(); a.gate_col2 = p; }
+    }
+    if (run < 2) {
+      Cuda().SetOpProfiling(true);
+      Cuda().MlstmConvQkv(conv, maps[0], maps[1]);
+      bool fused_ran = false;
+      for (const auto& t : Cuda().TakeOpProfile()) fused_ran |= t.label.find("(fused)") != std::string::npos;
+      Cuda().SetOpProfiling(false);
+      EXPECT_TRUE(fused_ran) << name << ": the fused kernel did not take these arguments";
+    } else {
+      Cuda().Conv1d(false, conv);
+      Cuda().BlockDiag(false, maps[0]);
+      Cuda().BlockDiag(false, maps[1]);
+    }
+  }
+  const Out& f = out[0];
+  EXPECT_TRUE(Check(name + " xc", f.xc, xc_ref, 1e-2));
+  EXPECT_TRUE(Check(name + " q", f.y[0], y_ref[0], 1e-2));
+  EXPECT_TRUE(Check(name + " k", f.y[1], y_ref[1], 1e-2));
+  EXPECT_TRUE(Check(name + " v", f.y[2], y_ref[2], 1e-2));
+  EXPECT_TRUE(Check(name + " ig", f.ig, ig_ref, 1e-2));
+  EXPECT_TRUE(Check(name + " fg", f.fg, fg_ref, 1e-2));
+  // Against the separate launches: the gates from the same bf16 q, k, v, summed in another order.
+  EXPECT_TRUE(Check(name + " ig vs separate", f.ig, out[2].ig, 1e-5));
+  EXPECT_TRUE(Check(name + " fg vs separate", f.fg, out[2].fg, 1e-5));
+  const char* names[4] = {"xc", "q", "k", "v"};
+  for (int i = 0; i < 4; ++i) {
+    const Tensor& a = i == 0 ? f.xc : f.y[i - 1];
+    const Tensor& s = i == 0 ? out[2].xc : out[2].y[i - 1];
+    const Tensor& again = i == 0 ? out[1].xc : out[1].y[i - 1];
+    const bool same = HostBytes(a) == HostBytes(s), repeat = HostBytes(a) == HostBytes(again);
+    std::printf("[%s] %s %s: bitwise equal to the separate launches %d, to a second fused call %d\n",
+                same && repeat ? "PASS" : "FAIL", name.c_str(), names[i], same, repeat);
+    EXPECT_TRUE(same && repeat);
+  }
+  const bool gates_repeat = HostBytes(f.ig) == HostBytes(out[1].ig) && HostBytes(f.fg) == HostBytes(out[1].fg);
+  std::printf("[%s] %s ig, fg: bitwise equal to a second fused call %d\n", gates_repeat ? "PASS" : "FAIL",
+              name.c_str(), gates_repeat);
+  EXPECT_TRUE(gates_repeat);
+}
+
+TEST_F(RecurrentGpuTest, MlstmConvQkvFusedKernel) {
+  CheckConvQkv(3, 13, 200, 3, 4, true);    // 39 rows; second column block 18 of 32 lanes live
+  CheckConvQkv(5, 2, 128, 4, 4, true);     // sequences shorter than the window: every tile crosses 4 starts
+  CheckConvQkv(1, 37, 256, 1, 3, true);    // width 3, one head
+  CheckConvQkv(2, 300, 512, 4, 4, false);  // 600 rows: 3 row chunks of 256; no SiLU
+  CheckConvQkv(4, 512, 1536, 4, 4, true);  // the 125M block's width: 12 column blocks, 8 row chunks
+}
+
+// The blocks and a model with the fused forward (SetMlstmConvQkvFused; the backward is the same
+// code): float64 checks of the output and every gradient, and training bitwise reproducible.
+class FusedConvQkv {
+ public:
+  FusedConvQkv() : was_(MlstmConvQkvFused()) { SetMlstmConvQkvFused(true); }
+  ~FusedConvQkv() { SetMlstmConvQkvFused(was_); }
+
+ private:
+  bool was_;
+};
+
+TEST_F(RecurrentGpuTest, MlstmBlockWithFusedConvQkv) {
+  FusedConvQkv fused;
+  const ModelSpec s = SmallXlstm();
+  CheckBlock("mlstm [conv_qkv fused]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); },
+             2, 100);
+  CheckBlock("mlstm [conv_qkv fused] B 3 T 37", s,
+             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
+}
+
+// GYRE_MLSTM_CONV_QKV=value (read once a process) through an mLSTM block's forward and backward:
+// aborts naming the accepted values if it is rejected, else exits 0.
+[[noreturn]] void MlstmBlockUnderConvQkvSwitch(const char* value) {
+  setenv("GYRE_MLSTM_CONV_QKV", value, /*overwrite=*/1);
+  const ModelSpec s = SmallXlstm();
+  ParamStore store(DType::kF32, Device::kCpu);
+  Rng init(7), rng(8);
+  MlstmBlock block({&store, &init, "l"}, s, 3);
+  store.MoveToDevice(Device::kCuda);
+  store.SyncCompute();
+  store.ZeroGrad();
+  const Tensor x = ToCudaBf16(RandomBf16Host({1, 16, s.d_model}, 1.0, &rng));
+  block.Forward(x, 1, 16);
+  block.Backward(x.Clone());
+  Cuda().Synchronize();
+  std::exit(MlstmConvQkvFused() == (std::string(value) == "fused") ? 0 : 3);
+}
+
+TEST_F(RecurrentGpuTest, MlstmConvQkvSwitchValues) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(MlstmBlockUnderConvQkvSwitch("on"), "GYRE_MLSTM_CONV_QKV must be separate or fused, got 'on'");
+  EXPECT_EXIT(MlstmBlockUnderConvQkvSwitch("fused"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderConvQkvSwitch("separate"), ::testing::ExitedWithCode(0), "");
+}
+
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
 TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   ModelSpec s = SmallXlstm();
@@ -722,6 +902,10 @@ void CheckModel(const ModelSpec& spec) {
 }
 
 TEST_F(RecurrentGpuTest, XlstmModelLossAndEveryGradient) { CheckModel(SmallXlstm()); }
+TEST_F(RecurrentGpuTest, XlstmModelWithFusedConvQkv) {
+  FusedConvQkv fused;
+  CheckModel(SmallXlstm());
+}
 TEST_F(RecurrentGpuTest, Mamba2ModelLossAndEveryGradient) { CheckModel(SmallMamba2()); }
 TEST_F(RecurrentGpuTest, HybridModelLossAndEveryGradient) { CheckModel(SmallHybrid()); }
 
@@ -836,6 +1020,10 @@ void ExpectBitwiseReproducible(const ModelSpec& spec, int64_t B, int64_t T) {
 // 8 x 256 = 2048 rows: 2 column blocks of the q/k/v gate sums per launch, 4 row chunks of the
 // block-diagonal backward, 32 row blocks of each group-norm backward.
 TEST_F(RecurrentGpuTest, XlstmTrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallXlstm(), 8, 256); }
+TEST_F(RecurrentGpuTest, XlstmTrainingWithFusedConvQkvIsBitwiseReproducible) {
+  FusedConvQkv fused;
+  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
+}
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
 
 // The 125M presets' widths (mLSTM inner 1536: 12 column blocks of gate sums, out-norm groups of
