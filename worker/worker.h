@@ -54,6 +54,8 @@ struct WorkerOptions {
   bool overlap_grad_reduce = true;
   size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
   // How a restore streams checkpoint files (chunk size, reader threads; tests use small chunks).
+  // The run config's checkpoint.restore_* fields, where set, replace these when the worker
+  // receives it (StreamOptionsFromConfig; an invalid one makes Run fail naming the field).
   CheckpointStreamOptions restore;
   // The pid of the worker process on this host that this one replaces (its launcher saw it
   // exit); 0 if none. Sent with the first registration so the coordinator need not wait out
@@ -70,6 +72,9 @@ class Worker {
   absl::Status Run();
 
   uint64_t applied_steps() const { return applied_steps_; }
+  // The stream statistics of the last successful checkpoint restore (also logged); nullopt
+  // before one. Read after Run returned.
+  const std::optional<ModelReplica::RestoreStats>& last_restore() const { return last_restore_; }
 
  private:
   absl::Status RegisterSession();
@@ -127,6 +132,7 @@ class Worker {
   std::optional<gyre::v1::EvalResult> eval_;
   double eval_ms_ = 0;
   bool eval_disabled_ = false;
+  std::optional<ModelReplica::RestoreStats> last_restore_;
 };
 
 }  // namespace gyre
