@@ -76,8 +76,9 @@ absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpo
                                             uint64_t max_file_bytes = uint64_t{1} << 30);
 
 // Reads and fully verifies one checkpoint directory into host memory, one buffer for all tensors
-// (eval, tools, tests; streamed through StreamCheckpoint, so several files are read at once; a
-// worker's restore streams straight into its replica instead). DataLoss naming the file on any
+// (LoadLatestCheckpoint, `gyre eval --all_checkpoints`, tests; streamed through StreamCheckpoint,
+// so several files are read at once; a worker's restore and eval's LoadModelFromRun stream
+// straight into the model instead). DataLoss naming the file on any
 // mismatch; nothing is returned unless every file passed its checksum.
 absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir);
 
@@ -134,11 +135,12 @@ using TensorChunkSink = std::function<absl::Status(int tensor, uint64_t offset, 
 // delivered exactly once when it returns OK. Before the first byte reaches the sink, the manifest
 // must list every file once and put every tensor inside a listed file (DataLoss naming the tensor)
 // and every file must exist with the size its manifest entry says (DataLoss naming the file):
-// otherwise the sink's destination is untouched. A failure found while
-// streaming — a checksum that does not match (checked before a file's last chunk is delivered),
-// a read error, a file that shrank, an error from the sink — comes back as DataLoss naming the
-// file (or the sink's error) after earlier chunks may have reached the sink: the destination then
-// holds a mix of old and new bytes, and the caller must treat it as such.
+// otherwise the sink's destination is untouched. A failure found while streaming — a checksum
+// that does not match (checked before a file's last chunk is delivered), a read error, a file
+// that shrank, an error from the sink — comes back as DataLoss naming the file (or the sink's
+// error) after earlier chunks may have reached the sink: the destination then holds a mix of old
+// and new bytes, and the caller must treat it as such. Only the files `manifest` lists are read
+// (eval passes one cut down to the files holding parameters).
 absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, const std::string& dir,
                                                        const gyre::v1::CheckpointManifest& manifest,
                                                        const CheckpointStreamOptions& options,
