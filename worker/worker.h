@@ -8,7 +8,10 @@
 //                reports it, or the write's error, with ReportCheckpoint), then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
-//                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                fails verification is reported with ReportBadCheckpoint; one that failed
+//                part-way leaves the replica partially restored: no step or checkpoint comes of
+//                it, a generation that would keep or send it makes the worker exit, and only a
+//                later restore or a received state clears it). Gloo rendezvous keys
 //                and the NCCL unique id (rank 0 publishes it; GPU workers, worker/gpu_runtime.h)
 //                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
