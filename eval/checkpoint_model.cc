@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/clock.h"
 #include "base/status_macros.h"
 #include "cli/run_config.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -17,7 +19,95 @@ namespace {
 
 constexpr char kParamPrefix[] = "param.";
 
+std::vector<uint64_t> ShapeOf(const ops::Tensor& t) {
+  std::vector<uint64_t> shape;
+  for (int64_t d : t.shape()) shape.push_back(static_cast<uint64_t>(d));
+  return shape;
+}
+
+absl::Status MissingParameter(const std::string& where, const ops::Parameter& p) {
+  return absl::DataLossError(absl::StrCat(where, " has no tensor ", kParamPrefix, p.name, " (the model config expects it)"));
+}
+
+// A checkpoint tensor `name` meant for parameter `p`: its shape, dtype and size must be the model's.
+absl::Status CheckParameter(const std::string& where, const std::string& name, const std::vector<uint64_t>& shape,
+                            gyre::v1::DType dtype, uint64_t bytes, const ops::Parameter& p) {
+  const std::vector<uint64_t> want = ShapeOf(p.value);
+  if (shape != want) {
+    return absl::DataLossError(absl::StrCat(where, ": tensor ", name, " has shape [", absl::StrJoin(shape, ","),
+                                            "], the model config expects [", absl::StrJoin(want, ","), "]"));
+  }
+  if (dtype != gyre::v1::DTYPE_F32 || bytes != p.value.nbytes()) {
+    return absl::DataLossError(absl::StrCat(where, ": tensor ", name, " is not f32 of ", p.value.nbytes(), " bytes (dtype ",
+                                            dtype, ", ", bytes, " bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+// What LoadParameters streams: the manifest cut down to the files that hold a parameter (and
+// their tensors), and where each of its tensors goes (null: not a parameter, skipped).
+struct ParameterPlan {
+  gyre::v1::CheckpointManifest manifest;
+  std::vector<ops::Parameter*> destination;
+};
+
+absl::StatusOr<ParameterPlan> PlanParameters(const std::string& dir, const gyre::v1::CheckpointManifest& manifest,
+                                             ops::LanguageModel* model) {
+  std::map<std::string, int> by_name;
+  for (int t = 0; t < manifest.tensors_size(); ++t) by_name[manifest.tensors(t).name()] = t;
+  std::map<int, ops::Parameter*> parameter_of;  // manifest tensor -> parameter
+  std::set<std::string> files;                  // the files holding a parameter
+  for (ops::Parameter* p : model->params().All()) {
+    if (p->value.device() != ops::Device::kCpu) {
+      return absl::InvalidArgumentError(absl::StrCat("loading ", dir, ": parameter ", p->name, " is not on the CPU"));
+    }
+    auto it = by_name.find(kParamPrefix + p->name);
+    if (it == by_name.end()) return MissingParameter(dir, *p);
+    const gyre::v1::TensorEntry& e = manifest.tensors(it->second);
+    RETURN_IF_ERROR(CheckParameter(dir, e.name(), std::vector<uint64_t>(e.shape().begin(), e.shape().end()), e.dtype(),
+                                   e.bytes(), *p));
+    parameter_of[it->second] = p;
+    files.insert(e.file());
+  }
+  ParameterPlan plan;
+  plan.manifest = manifest;
+  plan.manifest.clear_files();
+  plan.manifest.clear_tensors();
+  for (const gyre::v1::FileEntry& f : manifest.files()) {
+    if (files.count(f.path()) > 0) *plan.manifest.add_files() = f;
+  }
+  for (int t = 0; t < manifest.tensors_size(); ++t) {
+    if (files.count(manifest.tensors(t).file()) == 0) continue;
+    *plan.manifest.add_tensors() = manifest.tensors(t);
+    auto p = parameter_of.find(t);
+    plan.destination.push_back(p == parameter_of.end() ? nullptr : p->second);
+  }
+  return plan;
+}
+
+absl::StatusOr<CheckpointStreamStats> StreamPlanned(Env* env, const std::string& dir, const ParameterPlan& plan,
+                                                    const CheckpointStreamOptions& options, ops::LanguageModel* model) {
+  ASSIGN_OR_RETURN(CheckpointStreamStats stats,
+                   StreamCheckpoint(env, Clock::Real(), dir, plan.manifest, options,
+                                    [&](int tensor, uint64_t offset, std::string_view bytes) {
+                                      ops::Parameter* p = plan.destination[tensor];
+                                      if (p == nullptr) return absl::OkStatus();
+                                      char* into = static_cast<char*>(p->value.raw()) + offset;
+                                      std::memcpy(into, bytes.data(), bytes.size());
+                                      return absl::OkStatus();
+                                    }));
+  model->params().SyncCompute();
+  return stats;
+}
+
 }  // namespace
+
+absl::StatusOr<CheckpointStreamStats> LoadParameters(Env* env, const std::string& dir,
+                                                     const gyre::v1::CheckpointManifest& manifest,
+                                                     ops::LanguageModel* model, const CheckpointStreamOptions& options) {
+  ASSIGN_OR_RETURN(const ParameterPlan plan, PlanParameters(dir, manifest, model));
+  return StreamPlanned(env, dir, plan, options, model);
+}
 
 absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const std::string& where,
                             ops::LanguageModel* model) {
@@ -25,22 +115,10 @@ absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const st
   for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
   for (ops::Parameter* p : model->params().All()) {
     auto it = by_name.find(kParamPrefix + p->name);
-    if (it == by_name.end()) {
-      return absl::DataLossError(absl::StrCat(where, " has no tensor ", kParamPrefix, p->name,
-                                              " (the model config expects it)"));
-    }
+    if (it == by_name.end()) return MissingParameter(where, *p);
     const TensorSnapshot& s = *it->second;
-    std::vector<uint64_t> want;
-    for (int64_t d : p->value.shape()) want.push_back(static_cast<uint64_t>(d));
-    if (s.shape != want) {
-      return absl::DataLossError(absl::StrCat(where, ": tensor ", s.name, " has shape [", absl::StrJoin(s.shape, ","),
-                                              "], the model config expects [", absl::StrJoin(want, ","), "]"));
-    }
     const std::string_view bytes = s.data();
-    if (s.dtype != gyre::v1::DTYPE_F32 || bytes.size() != p->value.nbytes()) {
-      return absl::DataLossError(absl::StrCat(where, ": tensor ", s.name, " is not f32 of ", p->value.nbytes(),
-                                              " bytes (dtype ", s.dtype, ", ", bytes.size(), " bytes)"));
-    }
+    RETURN_IF_ERROR(CheckParameter(where, s.name, s.shape, s.dtype, bytes.size(), *p));
     std::memcpy(p->value.raw(), bytes.data(), bytes.size());
   }
   return absl::OkStatus();
@@ -69,37 +147,59 @@ absl::StatusOr<LoadedModel> LoadModelFromRun(Env* env, const LoadOptions& option
   if (!spec.ok()) return absl::InvalidArgumentError(absl::StrCat("config file ", config_path, ": ", spec.status().message()));
   out.spec = *spec;
 
+  absl::StatusOr<CheckpointStreamOptions> stream_options = StreamOptionsFromConfig(out.config.checkpoint());
+  if (!stream_options.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("config file ", config_path, ": ", stream_options.status().message()));
+  }
+
+  // The named step, or every step newest first: a checkpoint whose manifest or parameter files
+  // fail verification is passed over (and reported) for the previous one.
   const std::string checkpoints = options.run_dir + "/checkpoints";
-  CheckpointState state;
-  if (options.step >= 0) {
-    out.checkpoint_dir = checkpoints + "/" + CheckpointDirName(static_cast<uint64_t>(options.step));
-    absl::StatusOr<CheckpointState> read = ReadCheckpoint(env, out.checkpoint_dir);
-    if (!read.ok()) {
-      return absl::Status(read.status().code(), absl::StrCat("checkpoint of step ", options.step, " (",
-                                                             out.checkpoint_dir, "): ", read.status().message()));
-    }
-    state = std::move(*read);
-  } else {
-    absl::StatusOr<LatestCheckpoint> latest = LoadLatestCheckpoint(env, checkpoints);
-    if (!latest.ok()) {
-      return absl::Status(latest.status().code(),
-                          absl::StrCat("no valid checkpoint in ", checkpoints, ": ", latest.status().message()));
-    }
-    out.checkpoint_dir = latest->dir;
-    out.skipped = latest->skipped;
-    state = std::move(latest->state);
+  const bool named = options.step >= 0;
+  std::vector<uint64_t> steps;
+  if (named) {
+    steps.push_back(static_cast<uint64_t>(options.step));
+  } else if (env->Exists(checkpoints)) {
+    ASSIGN_OR_RETURN(const std::vector<uint64_t> listed, ListCheckpointSteps(env, options.run_dir));
+    steps.assign(listed.rbegin(), listed.rend());
   }
-  out.step = state.step;
-  if (state.config.has_model() &&
-      !google::protobuf::util::MessageDifferencer::Equals(state.config.model(), out.config.model())) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the model section of ", config_path, " differs from the one checkpoint ", out.checkpoint_dir,
-        " was written with (", state.config.model().ShortDebugString(), " vs ", out.config.model().ShortDebugString(),
-        ")"));
+  for (uint64_t step : steps) {
+    const std::string dir = checkpoints + "/" + CheckpointDirName(step);
+    auto failed = [&](const absl::Status& s) {
+      return absl::Status(s.code(), absl::StrCat("checkpoint of step ", step, " (", dir, "): ", s.message()));
+    };
+    absl::StatusOr<gyre::v1::CheckpointManifest> manifest = ReadCheckpointManifest(env, dir);
+    if (!manifest.ok()) {
+      if (named) return failed(manifest.status());
+      out.skipped.push_back(absl::StrCat(CheckpointDirName(step), ": ", manifest.status().message()));
+      continue;
+    }
+    if (manifest->config().has_model() &&
+        !google::protobuf::util::MessageDifferencer::Equals(manifest->config().model(), out.config.model())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the model section of ", config_path, " differs from the one checkpoint ", dir, " was written with (",
+          manifest->config().model().ShortDebugString(), " vs ", out.config.model().ShortDebugString(), ")"));
+    }
+    if (out.model == nullptr) {
+      ASSIGN_OR_RETURN(out.model, ops::LanguageModel::Create(out.spec, ops::DType::kF32, ops::Device::kCpu, out.config.seed()));
+    }
+    // A missing or mismatched parameter is the model's problem, not a torn file: no fallback.
+    ASSIGN_OR_RETURN(const ParameterPlan plan, PlanParameters(dir, *manifest, out.model.get()));
+    absl::StatusOr<CheckpointStreamStats> streamed = StreamPlanned(env, dir, plan, *stream_options, out.model.get());
+    if (!streamed.ok()) {
+      // A file that failed part-way left a mix in the model; the next candidate overwrites every
+      // parameter, and no model is returned without one that verified.
+      if (named || !absl::IsDataLoss(streamed.status())) return failed(streamed.status());
+      out.skipped.push_back(absl::StrCat(CheckpointDirName(step), ": ", streamed.status().message()));
+      continue;
+    }
+    out.step = manifest->step();
+    out.checkpoint_dir = dir;
+    out.stream = *streamed;
+    return out;
   }
-  ASSIGN_OR_RETURN(out.model, ops::LanguageModel::Create(out.spec, ops::DType::kF32, ops::Device::kCpu, out.config.seed()));
-  RETURN_IF_ERROR(LoadParameters(state.tensors, out.checkpoint_dir, out.model.get()));
-  return out;
+  const std::string why = out.skipped.empty() ? "none written" : absl::StrCat("all invalid: ", out.skipped.front());
+  return absl::NotFoundError(absl::StrCat("no valid checkpoint in ", checkpoints, " (", why, ")"));
 }
 
 }  // namespace gyre::eval

@@ -43,6 +43,23 @@ std::optional<uint64_t> ParseStepDir(const std::string& name) {
   return step;
 }
 
+// Every file listed once, every tensor's byte range inside a listed file (no overflow).
+absl::Status CheckManifestLayout(const std::string& dir, const gyre::v1::CheckpointManifest& manifest) {
+  std::map<std::string, uint64_t> file_bytes;
+  for (const gyre::v1::FileEntry& f : manifest.files()) {
+    if (!file_bytes.emplace(f.path(), f.bytes()).second) {
+      return absl::DataLossError(absl::StrCat("checkpoint manifest ", JoinPath(dir, kManifest), " lists ", f.path(), " twice"));
+    }
+  }
+  for (const gyre::v1::TensorEntry& e : manifest.tensors()) {
+    auto it = file_bytes.find(e.file());
+    if (it == file_bytes.end() || e.offset() > it->second || e.bytes() > it->second - e.offset()) {
+      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 std::string CheckpointDirName(uint64_t step) {
@@ -121,19 +138,47 @@ absl::StatusOr<gyre::v1::CheckpointManifest> ReadCheckpointManifest(Env* env, co
     return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, ": format version ",
                                             manifest.format_version(), ", expected ", kFormatVersion));
   }
-  std::map<std::string, uint64_t> file_bytes;
-  for (const gyre::v1::FileEntry& f : manifest.files()) {
-    if (!file_bytes.emplace(f.path(), f.bytes()).second) {
-      return absl::DataLossError(absl::StrCat("checkpoint manifest ", manifest_path, " lists ", f.path(), " twice"));
-    }
-  }
-  for (const gyre::v1::TensorEntry& e : manifest.tensors()) {
-    auto it = file_bytes.find(e.file());
-    if (it == file_bytes.end() || e.offset() > it->second || e.bytes() > it->second - e.offset()) {
-      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
-    }
-  }
+  RETURN_IF_ERROR(CheckManifestLayout(dir, manifest));
   return manifest;
+}
+
+absl::StatusOr<CheckpointStreamOptions> StreamOptionsFromConfig(const gyre::v1::CheckpointConfig& config,
+                                                                CheckpointStreamOptions base) {
+  constexpr uint64_t kMiB = uint64_t{1} << 20;
+  constexpr uint64_t kMaxChunkBytes = uint64_t{1} << 30;
+  constexpr uint64_t kMaxBufferBytes = uint64_t{8} << 30;
+  if (config.restore_reader_threads() != 0) {
+    if (config.restore_reader_threads() > 64) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint.restore_reader_threads: ", config.restore_reader_threads(),
+                                                     " is out of range 1..64 (0: the default, 4)"));
+    }
+    base.reader_threads = static_cast<int>(config.restore_reader_threads());
+  }
+  if (config.restore_chunk_bytes() != 0) {
+    if (config.restore_chunk_bytes() < kMiB || config.restore_chunk_bytes() > kMaxChunkBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint.restore_chunk_bytes: ", config.restore_chunk_bytes(),
+                                                     " is out of range 1048576 (1 MiB)..1073741824 (1 GiB) (0: the "
+                                                     "default, 32 MiB)"));
+    }
+    base.chunk_bytes = static_cast<size_t>(config.restore_chunk_bytes());
+  }
+  if (config.restore_buffers_per_reader() != 0) {
+    if (config.restore_buffers_per_reader() > 16) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint.restore_buffers_per_reader: ",
+                                                     config.restore_buffers_per_reader(),
+                                                     " is out of range 1..16 (0: the default, 2)"));
+    }
+    base.buffers_per_reader = static_cast<int>(config.restore_buffers_per_reader());
+  }
+  const uint64_t buffer_bytes = static_cast<uint64_t>(std::max(base.reader_threads, 1)) *
+                                static_cast<uint64_t>(std::max(base.buffers_per_reader, 1)) * base.chunk_bytes;
+  if (buffer_bytes > kMaxBufferBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "checkpoint.restore_reader_threads x checkpoint.restore_buffers_per_reader x checkpoint.restore_chunk_bytes: ",
+        base.reader_threads, " x ", base.buffers_per_reader, " x ", base.chunk_bytes, " = ", buffer_bytes,
+        " bytes of read buffers, more than the 8 GiB allowed"));
+  }
+  return base;
 }
 
 namespace {
@@ -221,6 +266,12 @@ absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, c
   const int num_files = manifest.files_size();
   // Everything that can be checked without reading a tensor byte is checked before the sink sees
   // one: a torn checkpoint (a file missing, short or long) leaves the destination untouched.
+  // The layout check repeats ReadCheckpointManifest's on purpose (a few map lookups a tensor):
+  // this function takes any manifest, and what it promises (every tensor byte delivered exactly
+  // once, the destination untouched on a bad manifest) rests on it. Without it, a tensor naming
+  // an unlisted file would dereference file_index.end(), and one reaching past its file's end
+  // would be delivered short while the call returned OK.
+  RETURN_IF_ERROR(CheckManifestLayout(dir, manifest));
   std::map<std::string, int> file_index;
   for (int f = 0; f < num_files; ++f) {
     const gyre::v1::FileEntry& entry = manifest.files(f);
@@ -241,11 +292,7 @@ absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, c
   std::vector<std::vector<Slot>> slots(num_files);
   for (int t = 0; t < manifest.tensors_size(); ++t) {
     const gyre::v1::TensorEntry& e = manifest.tensors(t);
-    auto it = file_index.find(e.file());
-    if (it == file_index.end()) {
-      return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": tensor ", e.name(), " points outside ", e.file()));
-    }
-    if (e.bytes() > 0) slots[it->second].push_back({t, e.offset(), e.bytes()});
+    if (e.bytes() > 0) slots[file_index.find(e.file())->second].push_back({t, e.offset(), e.bytes()});  // listed: checked above
   }
 
   const size_t chunk = std::max<size_t>(options.chunk_bytes, 1);
@@ -268,6 +315,8 @@ absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, c
 
   CheckpointStreamStats stats;
   stats.reader_threads = readers;
+  stats.buffers = static_cast<int>(buffers.size());
+  stats.chunk_bytes = chunk;
   const int64_t start = clock->NowMicros();
   ChunkPipeline pipeline(readers, per_reader);
   std::atomic<int> next_file{0};

@@ -33,6 +33,7 @@
 #include "base/clock.h"
 #include "base/env.h"
 #include "gyre/v1/checkpoint.pb.h"
+#include "gyre/v1/config.pb.h"
 
 namespace gyre {
 
@@ -75,8 +76,9 @@ absl::StatusOr<std::string> WriteCheckpoint(Env* env, const std::string& checkpo
                                             uint64_t max_file_bytes = uint64_t{1} << 30);
 
 // Reads and fully verifies one checkpoint directory into host memory, one buffer for all tensors
-// (eval, tools, tests; streamed through StreamCheckpoint, so several files are read at once; a
-// worker's restore streams straight into its replica instead). DataLoss naming the file on any
+// (LoadLatestCheckpoint, `gyre eval --all_checkpoints`, tests; streamed through StreamCheckpoint,
+// so several files are read at once; a worker's restore and eval's LoadModelFromRun stream
+// straight into the model instead). DataLoss naming the file on any
 // mismatch; nothing is returned unless every file passed its checksum.
 absl::StatusOr<CheckpointState> ReadCheckpoint(Env* env, const std::string& dir);
 
@@ -91,6 +93,8 @@ absl::StatusOr<gyre::v1::CheckpointManifest> ReadCheckpointManifest(Env* env, co
 // speed) and checksum each chunk as it is read; the calling thread hands each chunk's tensor
 // bytes to the sink (the copy to the device) while the readers fill the other buffers. A buffer
 // is reused only after the sink returned for it (a synchronous copy has finished with it).
+// The defaults are those of the run config's checkpoint.restore_* fields left unset
+// (StreamOptionsFromConfig).
 struct CheckpointStreamOptions {
   size_t chunk_bytes = size_t{32} << 20;
   // Files are read in parallel, one reader per file at a time: a single thread reading from the
@@ -102,9 +106,19 @@ struct CheckpointStreamOptions {
   std::function<std::shared_ptr<void>(size_t bytes)> allocate;
 };
 
+// `base` with the run config's checkpoint.restore_reader_threads / restore_chunk_bytes /
+// restore_buffers_per_reader applied (a field left 0 keeps base's value). InvalidArgument naming
+// the field when one is out of range: threads 1..64, chunk 1 MiB..1 GiB, buffers 1..16, and the
+// buffers' host memory (threads x buffers x chunk) at most 8 GiB. `base` itself is not checked
+// (tests stream in chunks of a few KB).
+absl::StatusOr<CheckpointStreamOptions> StreamOptionsFromConfig(const gyre::v1::CheckpointConfig& config,
+                                                                CheckpointStreamOptions base = CheckpointStreamOptions());
+
 struct CheckpointStreamStats {
   uint64_t bytes = 0;     // tensor-file bytes read
-  int reader_threads = 0;
+  int reader_threads = 0; // used: the option, at most one per file
+  int buffers = 0;        // chunk buffers allocated (reader_threads x buffers_per_reader)
+  size_t chunk_bytes = 0; // each buffer's size
   double wall_s = 0;      // first read to last sink call
   double read_s = 0;      // in Env reads, summed over the reader threads
   double verify_s = 0;    // in xxh64, summed over the reader threads
@@ -116,14 +130,17 @@ struct CheckpointStreamStats {
 // manifest.tensors()). Called on StreamCheckpoint's calling thread; each file's chunks in order.
 using TensorChunkSink = std::function<absl::Status(int tensor, uint64_t offset, std::string_view bytes)>;
 
-// Streams every tensor file of checkpoint `dir` (`manifest`: ReadCheckpointManifest's) through
-// `sink`; every byte of every tensor is delivered exactly once when it returns OK. Before the
-// first byte reaches the sink, every file must exist with the size its manifest entry says
-// (DataLoss naming the file otherwise: the sink's destination is untouched). A failure found while
-// streaming — a checksum that does not match (checked before a file's last chunk is delivered),
-// a read error, a file that shrank, an error from the sink — comes back as DataLoss naming the
-// file (or the sink's error) after earlier chunks may have reached the sink: the destination then
-// holds a mix of old and new bytes, and the caller must treat it as such.
+// Streams every tensor file of checkpoint `dir` (`manifest`: ReadCheckpointManifest's, or any
+// other: its layout is checked again, see below) through `sink`; every byte of every tensor is
+// delivered exactly once when it returns OK. Before the first byte reaches the sink, the manifest
+// must list every file once and put every tensor inside a listed file (DataLoss naming the tensor)
+// and every file must exist with the size its manifest entry says (DataLoss naming the file):
+// otherwise the sink's destination is untouched. A failure found while streaming — a checksum
+// that does not match (checked before a file's last chunk is delivered), a read error, a file
+// that shrank, an error from the sink — comes back as DataLoss naming the file (or the sink's
+// error) after earlier chunks may have reached the sink: the destination then holds a mix of old
+// and new bytes, and the caller must treat it as such. Only the files `manifest` lists are read
+// (eval passes one cut down to the files holding parameters).
 absl::StatusOr<CheckpointStreamStats> StreamCheckpoint(Env* env, Clock* clock, const std::string& dir,
                                                        const gyre::v1::CheckpointManifest& manifest,
                                                        const CheckpointStreamOptions& options,

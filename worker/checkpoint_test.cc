@@ -1,6 +1,7 @@
 #include "worker/checkpoint.h"
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <random>
 
@@ -235,6 +236,8 @@ TEST(CheckpointStreamTest, DeliversEveryTensorByteOnceAcrossFilesChunksAndThread
       }
       EXPECT_EQ(stats->bytes, total);
       EXPECT_EQ(stats->reader_threads, std::min(threads, manifest->files_size()));
+      EXPECT_EQ(stats->buffers, allocations);
+      EXPECT_EQ(stats->chunk_bytes, chunk);
       if (chunk == 13) {
         EXPECT_GT(got.calls, static_cast<int>(s.tensors.size()));  // split tensors
       }
@@ -330,6 +333,88 @@ TEST(CheckpointStreamTest, ManifestChecks) {
   auto bad = ReadCheckpointManifest(env.get(), "/c/step-1");
   ASSERT_TRUE(absl::IsDataLoss(bad.status()));
   EXPECT_NE(bad.status().message().find("blocks.2.weight"), std::string_view::npos) << bad.status();
+}
+
+// StreamCheckpoint takes any manifest, not only ReadCheckpointManifest's: one that puts a tensor
+// in an unlisted file, or past its file's end, is refused before the sink sees a byte (without the
+// check the first would dereference a missing map entry, the second would be delivered short
+// while the call returned OK).
+TEST(CheckpointStreamTest, AnUncheckedManifestWithABadLayoutIsRefusedBeforeAnyByteIsDelivered) {
+  auto env = NewMemEnv();
+  ASSERT_TRUE(WriteCheckpoint(env.get(), "/c", MakeState(7, 3), /*max_file_bytes=*/300).ok());
+  auto manifest = ReadCheckpointManifest(env.get(), "/c/step-7");
+  ASSERT_TRUE(manifest.ok());
+  for (const std::string fault : {"unlisted-file", "past-the-end", "listed-twice"}) {
+    gyre::v1::CheckpointManifest bad = *manifest;
+    std::string expect = "blocks.1.weight";
+    if (fault == "unlisted-file") {
+      bad.mutable_tensors(1)->set_file("state-9.bin");
+    } else if (fault == "past-the-end") {
+      bad.mutable_tensors(1)->set_bytes(bad.tensors(1).bytes() + 1 + bad.files(1).bytes());
+    } else {
+      *bad.add_files() = bad.files(0);
+      expect = "lists " + bad.files(0).path() + " twice";
+    }
+    Assembled got;
+    auto stats = StreamCheckpoint(env.get(), Clock::Real(), "/c/step-7", bad, CheckpointStreamOptions(),
+                                  AssembleInto(bad, &got));
+    ASSERT_TRUE(absl::IsDataLoss(stats.status())) << fault << ": " << stats.status();
+    EXPECT_NE(stats.status().message().find(expect), std::string_view::npos) << fault << ": " << stats.status();
+    EXPECT_EQ(got.calls, 0) << fault;
+  }
+}
+
+// The run config's checkpoint.restore_* fields: unset keeps the given options, set ones replace
+// them, out-of-range ones are refused naming the field.
+TEST(CheckpointStreamTest, StreamOptionsFromTheRunConfig) {
+  gyre::v1::CheckpointConfig config;
+  CheckpointStreamOptions base;
+  base.chunk_bytes = 4096;  // a test's small chunks survive an unset field
+  base.reader_threads = 3;
+  auto unset = StreamOptionsFromConfig(config, base);
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  EXPECT_EQ(unset->chunk_bytes, 4096u);
+  EXPECT_EQ(unset->reader_threads, 3);
+  EXPECT_EQ(unset->buffers_per_reader, 2);
+  auto defaults = StreamOptionsFromConfig(config);
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(defaults->chunk_bytes, size_t{32} << 20);
+  EXPECT_EQ(defaults->reader_threads, 4);
+  EXPECT_EQ(defaults->buffers_per_reader, 2);
+
+  config.set_restore_reader_threads(64);
+  config.set_restore_chunk_bytes(uint64_t{1} << 20);
+  config.set_restore_buffers_per_reader(16);
+  auto set = StreamOptionsFromConfig(config, base);
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->reader_threads, 64);
+  EXPECT_EQ(set->chunk_bytes, size_t{1} << 20);
+  EXPECT_EQ(set->buffers_per_reader, 16);
+
+  struct Bad {
+    std::function<void(gyre::v1::CheckpointConfig*)> set;
+    std::string field;
+  };
+  const std::vector<Bad> bad = {
+      {[](auto* c) { c->set_restore_reader_threads(65); }, "checkpoint.restore_reader_threads: 65"},
+      {[](auto* c) { c->set_restore_chunk_bytes((uint64_t{1} << 20) - 1); }, "checkpoint.restore_chunk_bytes: 1048575"},
+      {[](auto* c) { c->set_restore_chunk_bytes((uint64_t{1} << 30) + 1); }, "checkpoint.restore_chunk_bytes: 1073741825"},
+      {[](auto* c) { c->set_restore_buffers_per_reader(17); }, "checkpoint.restore_buffers_per_reader: 17"},
+      // 64 x 16 x 16 MiB = 16 GiB of buffers.
+      {[](auto* c) {
+         c->set_restore_reader_threads(64);
+         c->set_restore_buffers_per_reader(16);
+         c->set_restore_chunk_bytes(uint64_t{16} << 20);
+       },
+       "checkpoint.restore_reader_threads x checkpoint.restore_buffers_per_reader x checkpoint.restore_chunk_bytes"},
+  };
+  for (const Bad& b : bad) {
+    gyre::v1::CheckpointConfig c;
+    b.set(&c);
+    auto refused = StreamOptionsFromConfig(c);
+    ASSERT_TRUE(absl::IsInvalidArgument(refused.status())) << b.field << ": " << refused.status();
+    EXPECT_EQ(refused.status().message().rfind(b.field, 0), 0u) << refused.status();
+  }
 }
 
 }  // namespace

@@ -45,6 +45,11 @@ absl::Status Worker::RegisterSession() {
   if (!replica_ && !config_received_) {
     config_received_ = true;
     config_ = response.config();
+    absl::StatusOr<CheckpointStreamOptions> restore = StreamOptionsFromConfig(config_.checkpoint(), options_.restore);
+    if (!restore.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("the run config from the coordinator: ", restore.status().message()));
+    }
+    options_.restore = *std::move(restore);
     if (config_.cluster().collective_timeout_ms() > 0) {
       options_.gloo.op_timeout_ms = config_.cluster().collective_timeout_ms();
       options_.gloo.connect_timeout_ms = config_.cluster().collective_timeout_ms();
@@ -160,6 +165,19 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
   // (nobody has it and no checkpoint: a fresh run) everyone's identical seeded initialisation.
   const bool i_need_state = std::find(g.needs_state().begin(), g.needs_state().end(), uint32_t(rank_)) != g.needs_state().end();
   const bool everyone_needs = g.needs_state_size() == g.members_size();
+  if (replica_->partially_restored() && !i_need_state) {
+    // A restore failed part-way and this generation would keep these parameters: train on them,
+    // or send them to the members that need state (this rank the state source). Every rank that
+    // needs no state is one of those. The coordinator trusts no claim of state after a restore
+    // (core.cc), so this is not expected; exit rather than spread the mix. Aborting the
+    // communicator first fails the other members' broadcast at once instead of at its timeout.
+    DropCollective();
+    return absl::InternalError(absl::StrCat(
+        "generation ", g.id(), " ",
+        g.needs_state_size() > 0 && g.state_source_rank() == uint32_t(rank_) ? "names this worker the state source"
+                                                                              : "keeps this worker's parameters",
+        ", but they hold a partially restored checkpoint; exiting rather than training on them or sending them"));
+  }
   if (!lease.checkpoint_dir().empty() && i_need_state) {
     RETURN_IF_ERROR(RestoreCheckpoint(lease));
   } else if (everyone_needs && lease.checkpoint_dir().empty()) {
@@ -172,12 +190,6 @@ absl::Status Worker::JoinGeneration(const gyre::v1::StepLease& lease) {
     }
   } else if (g.needs_state_size() > 0) {
     RETURN_IF_ERROR(replica_->BroadcastState(collective_.get(), static_cast<int>(g.state_source_rank())));
-  }
-  if (replica_->partially_restored()) {
-    // Told to keep parameters that a failed restore left half-written. The coordinator trusts
-    // no claim of state after a restore (core.cc), so this is not expected; never train on it.
-    return absl::InternalError(absl::StrCat("generation ", g.id(), " keeps this worker's parameters, but they hold a "
-                                            "partially restored checkpoint; exiting rather than training on them"));
   }
   applied_steps_.store(g.start_step());
   // Rank 0 writes the checkpoints: their staging buffer is pinned now, in the background, so the
@@ -198,6 +210,7 @@ absl::Status Worker::RestoreCheckpoint(const gyre::v1::StepLease& lease) {
   const int64_t start = clock_->NowMicros();
   absl::StatusOr<ModelReplica::RestoreStats> stats = replica_->RestoreFrom(env_, clock_, dir, lease.step(), options_.restore);
   if (stats.ok()) {
+    last_restore_ = *stats;
     const CheckpointStreamStats& s = stats->stream;
     const double gb = s.bytes / 1e9;
     const double total_s = (clock_->NowMicros() - start) / 1e6;
@@ -205,11 +218,12 @@ absl::Status Worker::RestoreCheckpoint(const gyre::v1::StepLease& lease) {
     // Where the time went (the busy seconds of the reader threads add up over threads).
     std::fprintf(stderr,
                  "worker: restored step %llu from %s: %.2f GB in %.1f s (%.2f GB/s): read %.1f s (%.2f GB/s a thread, "
-                 "%d threads), verify %.1f s, to %s %.1f s (%.2f GB/s), waiting for reads %.1f s, buffers %.2f s, "
-                 "install %.2f s\n",
+                 "%d threads, %d buffers of %.1f MiB), verify %.1f s, to %s %.1f s (%.2f GB/s), waiting for reads "
+                 "%.1f s, buffers %.2f s, install %.2f s\n",
                  static_cast<unsigned long long>(lease.step()), dir.c_str(), gb, total_s, rate(total_s), s.read_s,
-                 rate(s.read_s), s.reader_threads, s.verify_s, on_cuda() ? "device" : "host", s.sink_s, rate(s.sink_s),
-                 s.sink_wait_s, stats->alloc_s, stats->finish_s);
+                 rate(s.read_s), s.reader_threads, s.buffers, s.chunk_bytes / 1048576.0, s.verify_s,
+                 on_cuda() ? "device" : "host", s.sink_s, rate(s.sink_s), s.sink_wait_s, stats->alloc_s,
+                 stats->finish_s);
     return absl::OkStatus();
   }
   const absl::Status restored = stats.status();

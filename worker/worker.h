@@ -8,7 +8,10 @@
 //                reports it, or the write's error, with ReportCheckpoint), then run the step
 //   RECONFIGURE  drop the old communicator, join generation G+1, receive state if it lacks it
 //                (broadcast from a member, or the checkpoint the coordinator names; one that
-//                fails verification is reported with ReportBadCheckpoint). Gloo rendezvous keys
+//                fails verification is reported with ReportBadCheckpoint; one that failed
+//                part-way leaves the replica partially restored: no step or checkpoint comes of
+//                it, a generation that would keep or send it makes the worker exit, and only a
+//                later restore or a received state clears it). Gloo rendezvous keys
 //                and the NCCL unique id (rank 0 publishes it; GPU workers, worker/gpu_runtime.h)
 //                go through the coordinator's store ("coordinator") or a directory ("dir:")
 //   PAUSE / STANDBY  wait and ask again;  STOP  leave
@@ -54,6 +57,8 @@ struct WorkerOptions {
   bool overlap_grad_reduce = true;
   size_t grad_bucket_bytes = ModelReplica::kBucketBytes;  // all-reduce bucket cap
   // How a restore streams checkpoint files (chunk size, reader threads; tests use small chunks).
+  // The run config's checkpoint.restore_* fields, where set, replace these when the worker
+  // receives it (StreamOptionsFromConfig; an invalid one makes Run fail naming the field).
   CheckpointStreamOptions restore;
   // The pid of the worker process on this host that this one replaces (its launcher saw it
   // exit); 0 if none. Sent with the first registration so the coordinator need not wait out
@@ -70,6 +75,9 @@ class Worker {
   absl::Status Run();
 
   uint64_t applied_steps() const { return applied_steps_; }
+  // The stream statistics of the last successful checkpoint restore (also logged); nullopt
+  // before one. Read after Run returned.
+  const std::optional<ModelReplica::RestoreStats>& last_restore() const { return last_restore_; }
 
  private:
   absl::Status RegisterSession();
@@ -127,6 +135,7 @@ class Worker {
   std::optional<gyre::v1::EvalResult> eval_;
   double eval_ms_ = 0;
   bool eval_disabled_ = false;
+  std::optional<ModelReplica::RestoreStats> last_restore_;
 };
 
 }  // namespace gyre
