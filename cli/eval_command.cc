@@ -418,14 +418,22 @@ int RunEval(int argc, char** argv) {
   auto steps = eval::ListCheckpointSteps(Env::Default(), run_dir);
   if (!steps.ok()) return Fail(mode, steps.status());
   nlohmann::json rows = nlohmann::json::array();
+  // Each checkpoint's parameters stream into the model (eval::LoadParameters). One whose manifest
+  // cannot be read, or whose parameters do not verify (DataLoss: a torn file, or a parameter
+  // missing or reshaped), is skipped and named; after a failure part-way the next checkpoint
+  // overwrites every parameter before it is measured.
+  auto stream = StreamOptionsFromConfig(run->config.checkpoint());
+  if (!stream.ok()) return Fail(mode, stream.status());
   for (uint64_t t : *steps) {
     const std::string dir = run_dir + "/checkpoints/" + CheckpointDirName(t);
-    auto state = ReadCheckpoint(Env::Default(), dir);
-    if (!state.ok()) {
-      std::fprintf(stderr, "gyre %s: skipped %s: %s\n", mode.c_str(), dir.c_str(), std::string(state.status().message()).c_str());
+    absl::StatusOr<gyre::v1::CheckpointManifest> manifest = ReadCheckpointManifest(Env::Default(), dir);
+    absl::Status loaded = manifest.status();
+    if (manifest.ok()) loaded = eval::LoadParameters(Env::Default(), dir, *manifest, model, *stream).status();
+    if (!manifest.ok() || absl::IsDataLoss(loaded)) {
+      std::fprintf(stderr, "gyre %s: skipped %s: %s\n", mode.c_str(), dir.c_str(), std::string(loaded.message()).c_str());
       continue;
     }
-    if (absl::Status st = eval::LoadParameters(state->tensors, dir, model); !st.ok()) return Fail(mode, st);
+    if (!loaded.ok()) return Fail(mode, loaded);
     nlohmann::json row = {{"step", t}, {"checkpoint", dir}};
     absl::StrAppend(&text, "step ", t, ": ");
     if (absl::Status st = measure(&row, &text); !st.ok()) return Fail(mode, st);

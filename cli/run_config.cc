@@ -10,6 +10,7 @@
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/json_util.h"
 #include "ops/model_config.h"
+#include "worker/checkpoint.h"
 #include "ops/train_step.h"
 
 namespace gyre::cli {
@@ -70,6 +71,7 @@ absl::Status ValidateRunConfig(const gyre::v1::RunConfig& c) {
   }
   if (absl::StatusOr<ops::ModelSpec> spec = ops::ResolveModelConfig(c.model()); !spec.ok()) return spec.status();
   if (auto t = ops::TrainOptionsFromConfig(c.optimizer(), c.schedule()); !t.ok()) return t.status();
+  if (auto r = StreamOptionsFromConfig(c.checkpoint()); !r.ok()) return r.status();
   if (c.data().index_dir().empty()) return absl::InvalidArgumentError("data.index_dir: required (an index written by `gyre prepare`)");
   if (c.data().global_batch() == 0) return absl::InvalidArgumentError("data.global_batch: must be >= 1");
   if (c.train().max_steps() == 0) return absl::InvalidArgumentError("train.max_steps: must be >= 1");

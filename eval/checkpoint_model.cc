@@ -109,21 +109,6 @@ absl::StatusOr<CheckpointStreamStats> LoadParameters(Env* env, const std::string
   return StreamPlanned(env, dir, plan, options, model);
 }
 
-absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const std::string& where,
-                            ops::LanguageModel* model) {
-  std::map<std::string, const TensorSnapshot*> by_name;
-  for (const TensorSnapshot& t : tensors) by_name[t.name] = &t;
-  for (ops::Parameter* p : model->params().All()) {
-    auto it = by_name.find(kParamPrefix + p->name);
-    if (it == by_name.end()) return MissingParameter(where, *p);
-    const TensorSnapshot& s = *it->second;
-    const std::string_view bytes = s.data();
-    RETURN_IF_ERROR(CheckParameter(where, s.name, s.shape, s.dtype, bytes.size(), *p));
-    std::memcpy(p->value.raw(), bytes.data(), bytes.size());
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<uint64_t>> ListCheckpointSteps(Env* env, const std::string& run_dir) {
   const std::string dir = run_dir + "/checkpoints";
   absl::StatusOr<std::vector<std::string>> names = env->ListDir(dir);

@@ -64,10 +64,4 @@ absl::StatusOr<CheckpointStreamStats> LoadParameters(Env* env, const std::string
                                                      ops::LanguageModel* model,
                                                      const CheckpointStreamOptions& options = CheckpointStreamOptions());
 
-// Copies "param.<name>" tensors already in memory into `model`, with the same checks and errors
-// (`where` in place of the directory). For callers holding a CheckpointState (ReadCheckpoint);
-// a checkpoint on disk is better streamed with the overload above.
-absl::Status LoadParameters(const std::vector<TensorSnapshot>& tensors, const std::string& where,
-                            ops::LanguageModel* model);
-
 }  // namespace gyre::eval
