@@ -692,30 +692,59 @@ __device__ __forceinline__ void StoreAccSplit(bf16* dst, bf16* lo_dst, int64_t l
 }
 // The int8 lo plane (MlstmStateLo::kInt8, helper mlstm14). hi = bf16(x) with biased exponent eb;
 // ulp(hi) = 2^(eb − 134); lo = x − hi (exact in fp32, |lo| <= ulp(hi) / 2) is stored as
-// q = round(lo · 256 / ulp(hi)) = round(lo · 2^(142 − eb)), clamped to [−127, 127], and rebuilt
-// as q · 2^(eb − 142) (at most 7 significant bits: exact in bf16). |rebuilt − lo| <= ulp(hi) / 512
-// (ulp(hi) / 256 at the clamp), the bf16 lo plane's own rounding bound. hi with eb < 16 (|x| <
-// 2^-111), zero, inf or NaN: q = 0.
-__device__ __forceinline__ int LoToI8(float x, float hf, uint32_t hbits16) {
+// q = round(lo · 256 / ulp(hi)) = round(lo · 2^(142 − eb)) in [−128, 127] and rebuilt as
+// q · 2^(eb − 142) (at most 8 significant bits: exact in bf16), so |x − hi − rebuilt| <= ulp(hi) /
+// 512; the bf16 lo plane's rounding is <= ulp(hi) / 1024 (both measured on the CPU with these
+// functions: kernels/cuda/mlstm_lo_i8_check.cu). q = +128 (lo >= 127.5/256 ulp: x within ulp/512
+// of the midpoint between hi and its upper neighbour) does not fit: there hi is stored as that
+// neighbour instead (lo then ≈ −ulp/2, q = −128 or −127), which is as close to x as hi was to
+// within ulp/256 (the hi-only reader, bwd_dv's dC, loses nothing). hi with eb < 16 (|x| < 2^-111),
+// zero, inf or NaN: q = 0.
+// (Host and device: kernels/cuda/mlstm_lo_i8_check.cu checks these on the CPU.)
+__host__ __device__ __forceinline__ float BitsToFloat(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+__host__ __device__ __forceinline__ uint32_t FloatToBits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+// round(lo · 256 / ulp(hi)) for hi's bf16 bits and value hf, clamped to [−128, 128] (+128 is
+// resolved by SplitI8); 0 where hi's exponent is outside [16, 254].
+__host__ __device__ __forceinline__ int LoToI8(float x, float hf, uint32_t hbits16) {
   const int eb = static_cast<int>((hbits16 >> 7) & 0xFFu);
   if (eb < 16 || eb > 254) return 0;
-  const float q = rintf((x - hf) * __int_as_float((269 - eb) << 23));
-  return static_cast<int>(fminf(fmaxf(q, -127.f), 127.f));
+  const float q = rintf((x - hf) * BitsToFloat(static_cast<uint32_t>(269 - eb) << 23));
+  return static_cast<int>(fminf(fmaxf(q, -128.f), 128.f));
 }
 // The bf16 bits of q · ulp(hi) / 256 for hi's bf16 bits.
-__device__ __forceinline__ uint32_t I8ToLoBits(int q, uint32_t hbits16) {
+__host__ __device__ __forceinline__ uint32_t I8ToLoBits(int q, uint32_t hbits16) {
   const int eb = static_cast<int>((hbits16 >> 7) & 0xFFu);
   if (eb < 16 || eb > 254 || q == 0) return 0u;
-  const float lo = static_cast<float>(q) * __int_as_float((eb - 15) << 23);
-  return __float_as_uint(lo) >> 16;  // exact: q has <= 7 significant bits
+  const float lo = static_cast<float>(q) * BitsToFloat(static_cast<uint32_t>(eb - 15) << 23);
+  return FloatToBits(lo) >> 16;  // exact: |q| <= 128 has <= 8 significant bits
+}
+// One element: hi's bf16 bits (in: bf16(x) as rounded by the caller; out: the stored hi) and q.
+__host__ __device__ __forceinline__ uint32_t SplitI8(float x, uint32_t& hb) {
+  int q = LoToI8(x, BitsToFloat(hb << 16), hb);
+  if (q == 128 && (hb & 0x7FFFu) < 0x7F7Fu) {
+    // lo > 0 here, so the neighbour toward +inf: one more in magnitude for hi > 0, one less for hi
+    // < 0 (hi = −2^E cannot get here: x then lies in the lower binade, |lo| <= ulp(hi) / 4).
+    hb = (hb & 0x8000u) != 0 ? hb - 1u : hb + 1u;
+    q = LoToI8(x, BitsToFloat(hb << 16), hb);
+  }
+  return static_cast<uint32_t>(q < 127 ? q : 127) & 0xFFu;  // (a second +128 cannot occur)
 }
 // hi = bf16 pair of (x, y) and their int8 lo parts packed in 16 bits (x in the low byte).
-__device__ __forceinline__ void SplitPackI8(float x, float y, uint32_t& hi, uint32_t& q2) {
+__host__ __device__ __forceinline__ void SplitPackI8(float x, float y, uint32_t& hi, uint32_t& q2) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  const float2 hf = __bfloat1622float2(h);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  const int q0 = LoToI8(x, hf.x, hi & 0xFFFFu), q1 = LoToI8(y, hf.y, hi >> 16);
-  q2 = (static_cast<uint32_t>(q0) & 0xFFu) | ((static_cast<uint32_t>(q1) & 0xFFu) << 8);
+  const uint32_t hh = *reinterpret_cast<const uint32_t*>(&h);
+  uint32_t h0 = hh & 0xFFFFu, h1 = hh >> 16;
+  const uint32_t q0 = SplitI8(x, h0), q1 = SplitI8(y, h1);
+  hi = h0 | (h1 << 16);
+  q2 = q0 | (q1 << 8);
 }
 // StoreAccSplit with the int8 lo plane (lo_dst: int8 elements, same indexing as dst).
 template <int NT>
@@ -738,7 +767,7 @@ __device__ __forceinline__ void StoreAccSplitI8(bf16* dst, int8_t* lo_dst, int64
 // the 128-byte swizzle (hi at hi_s, lo written at lo_s, the same offsets; 1024-byte aligned) and
 // the int8 parts unswizzled with row stride `q_ld` bytes. Threads `t` of `nt` split the 16-byte
 // pieces. The caller fences (fence.proxy.async) before the wgmma that reads lo_s is released.
-__device__ __forceinline__ void RebuildLoTile(unsigned char* lo_s, const unsigned char* hi_s,
+__host__ __device__ __forceinline__ void RebuildLoTile(unsigned char* lo_s, const unsigned char* hi_s,
                                               const unsigned char* q_s, int q_ld, int rows, int t,
                                               int nt) {
   for (int i = t; i < rows * 8; i += nt) {
@@ -1074,7 +1103,7 @@ struct StateWsSmem {
 // MlstmStateLo::kInt8 staging of a warp's 16 × 128 state rows: hi as the bf16 path ([16][64]
 // boxes, 128-byte swizzle, at stg and stg + 2048), the int8 lo parts as one unswizzled [16][128]
 // int8 box at stg + 4096.
-__device__ __forceinline__ void StageAccI8(unsigned char* stg, const float (&acc)[16][4], int g,
+__host__ __device__ __forceinline__ void StageAccI8(unsigned char* stg, const float (&acc)[16][4], int g,
                                            int c) {
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
@@ -4186,7 +4215,8 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.wg_dqk = d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
   d.wg_out = d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
   d.wg_state = d.L == 128 && d.state_tile == 128;
-  d.lo_i8 = d.split && d.wg_state && d.wg_out && d.wg_dqk && StateLo(o).i8;
+  // (fwd_out's int8 side area: 3 × 8 KB more shared memory, which fits up to dk 1024)
+  d.lo_i8 = d.split && d.wg_state && d.wg_out && d.wg_dqk && d.DK <= 1024 && StateLo(o).i8;
   return d;
 }
 
