@@ -1138,6 +1138,8 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
+// I8: MlstmStateLo::kInt8 (the lo parts leave as int8 [16][128] boxes; see StageAccI8).
+template <bool I8 = false>
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   using namespace hopper;
@@ -1210,7 +1212,7 @@ __global__ void __launch_bounds__(384, 1)
     // plane: [16][128] int8 unswizzled, one box).
     if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
     __syncwarp();
-    if (d.lo_i8) {
+    if constexpr (I8) {
       StageAccI8(stg, acc, g, c);
     } else {
 #pragma unroll
@@ -1233,7 +1235,7 @@ __global__ void __launch_bounds__(384, 1)
       const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, crow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-      if (d.lo_i8) {
+      if constexpr (I8) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
       } else if (d.split) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
@@ -1294,7 +1296,7 @@ __global__ void __launch_bounds__(384, 1)
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
   const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  if (d.lo_i8) {
+  if constexpr (I8) {
     StoreAccSplitI8(p.sc + clast, reinterpret_cast<int8_t*>(p.sc_lo) + clast, d.DV, acc, lane);
   } else {
     StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
@@ -1718,6 +1720,8 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 // of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
 // each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
 // the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
+// I8: MlstmStateLo::kInt8 (the lo parts leave as int8 [16][128] boxes; see StageAccI8).
+template <bool I8 = false>
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   using namespace hopper;
@@ -1793,7 +1797,7 @@ __global__ void __launch_bounds__(384, 1)
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
     __syncwarp();
-    if (d.lo_i8) {
+    if constexpr (I8) {
       StageAccI8(stg, acc, g, c);
     } else {
 #pragma unroll
@@ -1816,7 +1820,7 @@ __global__ void __launch_bounds__(384, 1)
       const int drow = (bh * d.NC + k) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, drow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-      if (d.lo_i8) {
+      if constexpr (I8) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
       } else if (d.split) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
@@ -4392,8 +4396,13 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
-          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
-          mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          if (d.lo_i8) {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws<true>, ws_smem));
+            mlstm_state_fwd_ws<true><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          } else {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws<false>, ws_smem));
+            mlstm_state_fwd_ws<false><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          }
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
           Hook("mlstm_state_fwd", stream);
           return {};
@@ -4499,8 +4508,13 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
-          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
-          mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          if (d.lo_i8) {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws<true>, ws_smem));
+            mlstm_state_bwd_ws<true><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          } else {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws<false>, ws_smem));
+            mlstm_state_bwd_ws<false><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          }
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
           Hook("mlstm_state_bwd", stream);
           return {};
