@@ -97,6 +97,9 @@
 // tokens (one s dominates, h_t ≈ v_s), and df̃ = F + Σ_{t≥r} (q·dq − k·dk) cancels over long
 // suffixes in both conventions; bf16 states / h moved those gradients by up to 4e-2 (CPU float64
 // experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
+// Opt-in (helper mlstm14, not yet measured): MlstmStateLo::kInt8 / GYRE_MLSTM_STATE_LO=i8 stores
+// the lo planes of C_k and dC_{k+1} as int8 scaled by hi's ulp (|x − hi − lo| <= ulp(hi)/512)
+// where the four chunk-128 warpgroup kernels run: −0.76 GB of ~5.6 GB a layer at the 125m cell.
 #include "kernels/cuda/mlstm.h"
 
 #include <cooperative_groups.h>
