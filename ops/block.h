@@ -23,7 +23,9 @@ struct BlockState {
 // Copies of some state tensors after each position of a chunk but its last (Block::StepChunk
 // with `rewindable`), so Block::Rewind can restore the state after position keep - 1 by swapping
 // tensor handles (no recomputation). Works on CPU and CUDA tensors (Clone is a device copy,
-// ordered on the compute stream).
+// ordered on the compute stream). Adopt records tensors the caller already filled instead of
+// cloning: the CUDA chunk kernels write every position's state into one buffer in the same
+// launch (kernels/cuda/ssm_step.h), and the history holds views of it.
 class StateHistory {
  public:
   void Clear() { after_.clear(); }
@@ -32,6 +34,7 @@ class StateHistory {
     after_.emplace_back();
     for (const Tensor* t : state) after_.back().push_back(t->Clone());
   }
+  void Adopt(std::vector<Tensor> state_after) { after_.push_back(std::move(state_after)); }
   // keep in [1, size() + 1]; keep == size() + 1 is the live state (nothing to do).
   void Restore(int64_t keep, std::initializer_list<Tensor*> state) {
     GYRE_CHECK(keep >= 1 && keep <= size() + 1, "rewind to %ld of a %ld-position history", (long)keep,
