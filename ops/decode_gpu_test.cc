@@ -10,15 +10,17 @@
 //             whole-head, partial rotary and SelfExtend variants), xLSTM (mLSTM + sLSTM steps),
 //             Mamba-2 (conv window + SSD state) and the mixer hybrid — every step's logits of
 //             every head vs the CPU decode, and the GPU decode vs the GPU full forward.
-//   chunk:    DecodeChunk (multi-token step) in mixed chunk lengths vs the CPU's float64 steps, and
-//             Rewind of a chunk's suffix vs a fresh CPU run over the kept prefix, for Llama,
-//             xLSTM, Mamba-2 and the mixer hybrid.
+//   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
+//             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
+//             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
+//             for Llama, xLSTM, Mamba-2 and the mixer hybrid.
 // Bands: METHOD.md's bf16 ones (activations rounded to bf16 at every layer boundary; fp32
 // accumulation): 1e-2 for a layer output, 3e-2 for logits after several layers, 5e-2 for
 // gradients (as recurrent_gpu_test).
 // DecodeThroughput (only with GYRE_DECODE_BENCH=1): decode tokens/s of llama-125m at batch 1
 // and 8 (random weights; 16 warm-up steps, median step time of 64); ChunkVersusStepCost: one
-// speculative round's DecodeChunk + Rewind + DraftLogits against one greedy step.
+// speculative round's DecodeChunk + Rewind + DraftLogits (k = 2..5) against one greedy step, and
+// the speculative / greedy ratio those costs predict at 25 % and 50 % per-head acceptance.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
