@@ -274,8 +274,9 @@ std::vector<int32_t> Columns(const std::vector<int32_t>& seqs, int64_t B, int64_
   return out;
 }
 
-// 24 tokens (batch 3 unless given, 3 heads) fed to the GPU in chunks {1, 4, 3, 5, 2, 4, 5} (every
-// k in 1..5; odd ones rewindable), every head's logits at every position against the CPU's
+// 44 tokens (batch 3 unless given, 3 heads) fed to the GPU in chunks {1, 4, 3, 5, 2, 4, 5, 20}
+// (every k in 1..5, and 20: a prefill-sized chunk past the SSD kernel's 16-position window; odd
+// ones rewindable), every head's logits at every position against the CPU's
 // float64 DecodeStep; then Rewind on the device: prefix of 5, a rewindable chunk of k = 2..5,
 // Rewind(keep) for every keep in 1..k, 3 more steps, against a fresh CPU run over prefix + kept +
 // the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
@@ -288,7 +289,7 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 3, in
     m.gpu->SetSelfExtend(se_group, se_window);
     m.cpu->SetSelfExtend(se_group, se_window);
   }
-  const int64_t T = 24, H = 3, V = spec.vocab_size;
+  const int64_t T = 44, H = 3, V = spec.vocab_size;
   const auto seqs = RandomTokens(B * T, V, 19);
   std::vector<std::vector<Tensor>> ref;
   auto sc = m.cpu->NewDecodeState(B);
@@ -296,7 +297,7 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 3, in
   auto sg = m.gpu->NewDecodeState(B);
   double worst = 0;
   int64_t t = 0, i = 0;
-  for (int64_t chunk : {1, 4, 3, 5, 2, 4, 5}) {
+  for (int64_t chunk : {1, 4, 3, 5, 2, 4, 5, 20}) {
     LanguageModel::DecodeOptions o;
     o.rewindable = (i++ % 2) == 1;
     const std::vector<Tensor> lg = m.gpu->DecodeChunk(Columns(seqs, B, T, t, chunk), chunk, sg.get(), o);
@@ -308,7 +309,7 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 3, in
     t += chunk;
   }
   const bool chunks_ok = std::isfinite(worst) && worst <= 3e-2;
-  std::printf("[%s] %s DecodeChunk 24 tokens B%ld 3 heads chunks 1,4,3,5,2,4,5: worst rel_err vs CPU f64 steps %.3e "
+  std::printf("[%s] %s DecodeChunk 44 tokens B%ld 3 heads chunks 1,4,3,5,2,4,5,20: worst rel_err vs CPU f64 steps %.3e "
               "tol 3e-2\n", chunks_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst);
   EXPECT_TRUE(chunks_ok);
   const int64_t prefix = 5, after = 3;

@@ -78,76 +78,92 @@ __global__ void conv1d_step_wide_kernel(Conv1dStepArgs a) {
 constexpr int kSsdWarps = 4;
 constexpr int kSsdRowsPerWarp = 2;
 constexpr int kSsdRowsPerBlock = kSsdWarps * kSsdRowsPerWarp;
+constexpr int kSsdWindow = 16;  // positions staged in shared memory at a time (chunks of any length)
 
-// Grid (B·H, ceil(P / 8)); warp w owns rows p0 + w, p0 + w + 4 of its block's 8. A lane holds
-// NPL = ceil(N / 32) state values of a row (n = lane + 32 i) in registers across the chunk; the
-// chunk's per-position dt, decay, B and C of the head's group are staged in shared memory once.
+// Grid (B·H, ceil(P / 8)); warp w owns rows p0 + w and p0 + w + 4 of its block's 8. A lane holds
+// NPL = ceil(N / 32) state values of each of its two rows (n = lane + 32 i) in registers across
+// the whole chunk; the per-position dt, decay, B and C of the head's group are staged in shared
+// memory kSsdWindow positions at a time (a prefill chunk of 256 positions takes 16 windows).
 template <int NPL>
 __global__ void __launch_bounds__(kSsdWarps * 32) ssd_step_kernel(SsdStepArgs a) {
   extern __shared__ float ssd_sm[];
   const int64_t H = a.heads, P = a.head_dim, N = a.state_dim, B = a.batch, T = a.positions;
   const int64_t b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.groups);
-  float* dts = ssd_sm;           // [T]
-  float* decays = dts + T;       // [T]
-  float* bs = decays + T;        // [T, N]
-  float* cs = bs + T * N;        // [T, N]
-  for (int64_t i = threadIdx.x; i < T; i += blockDim.x) {
-    const float raw = a.dt[(i * B + b) * H + h] + a.dt_bias[h];
-    const float dt = raw > 20.f ? raw : log1pf(expf(raw));
-    const float arg = -dt * expf(a.a_log[h]);
-    dts[i] = dt;
-    decays[i] = arg < -60.f ? 0.f : expf(arg);
-  }
-  for (int64_t i = threadIdx.x; i < T * N; i += blockDim.x) {
-    const int64_t t = i / N, n = i % N;
-    const int64_t row = (t * B + b) * a.ld_xbc + g * N + n;
-    bs[i] = __bfloat162float(a.b[row]);
-    cs[i] = __bfloat162float(a.c[row]);
-  }
-  __syncthreads();
+  float* dts = ssd_sm;              // [W]
+  float* decays = dts + kSsdWindow;  // [W]
+  float* bs = decays + kSsdWindow;   // [W, N]
+  float* cs = bs + kSsdWindow * N;   // [W, N]
   const float dskip = a.d ? a.d[h] : 0.f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t p[kSsdRowsPerWarp];
+  float sv[kSsdRowsPerWarp][NPL];
+#pragma unroll
   for (int r = 0; r < kSsdRowsPerWarp; ++r) {
-    const int64_t p = blockIdx.y * static_cast<int64_t>(kSsdRowsPerBlock) + r * kSsdWarps + warp;
-    if (p >= P) break;
-    float* st = a.state + ((b * H + h) * P + p) * N;
-    float sv[NPL];
+    p[r] = blockIdx.y * static_cast<int64_t>(kSsdRowsPerBlock) + r * kSsdWarps + warp;
+    const float* st = a.state + ((b * H + h) * P + p[r]) * N;
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
       const int64_t n = lane + 32 * i;
-      sv[i] = n < N ? st[n] : 0.f;
+      sv[r][i] = p[r] < P && n < N ? st[n] : 0.f;
     }
-    // Lane t < T fetches x of position t; shuffled to all lanes per position.
-    float xl = 0.f;
-    if (lane < T) xl = __bfloat162float(a.x[(lane * B + b) * a.ld_xbc + h * P + p]);
-    for (int64_t t = 0; t < T; ++t) {
-      const float x = t < 32 ? __shfl_sync(0xffffffffu, xl, static_cast<int>(t))
-                             : __bfloat162float(a.x[(t * B + b) * a.ld_xbc + h * P + p]);
-      const float dx = dts[t] * x, decay = decays[t];
-      float acc = 0.f;
+  }
+  for (int64_t t0 = 0; t0 < T; t0 += kSsdWindow) {
+    const int64_t len = T - t0 < kSsdWindow ? T - t0 : kSsdWindow;
+    __syncthreads();  // the previous window's readers are done
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      const float raw = a.dt[((t0 + i) * B + b) * H + h] + a.dt_bias[h];
+      const float dt = raw > 20.f ? raw : log1pf(expf(raw));
+      const float arg = -dt * expf(a.a_log[h]);
+      dts[i] = dt;
+      decays[i] = arg < -60.f ? 0.f : expf(arg);
+    }
+    for (int64_t i = threadIdx.x; i < len * N; i += blockDim.x) {
+      const int64_t t = i / N, n = i % N;
+      const int64_t row = ((t0 + t) * B + b) * a.ld_xbc + g * N + n;
+      bs[i] = __bfloat162float(a.b[row]);
+      cs[i] = __bfloat162float(a.c[row]);
+    }
+    __syncthreads();
 #pragma unroll
-      for (int i = 0; i < NPL; ++i) {
-        const int64_t n = lane + 32 * i;
-        if (n < N) {
-          sv[i] = decay * sv[i] + dx * bs[t * N + n];
-          acc += sv[i] * cs[t * N + n];
-        }
-      }
-      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (lane == 0) a.y[(t * B + b) * H * P + h * P + p] = __float2bfloat16(acc + dskip * x);
-      if (a.history != nullptr && t + 1 < T) {
-        float* hs = a.history + (((t * B + b) * H + h) * P + p) * N;
+    for (int r = 0; r < kSsdRowsPerWarp; ++r) {
+      if (p[r] >= P) continue;  // warp-uniform
+      // Lane t < len fetches x of position t0 + t; shuffled to all lanes per position.
+      float xl = 0.f;
+      if (lane < len) xl = __bfloat162float(a.x[((t0 + lane) * B + b) * a.ld_xbc + h * P + p[r]]);
+      for (int t = 0; t < len; ++t) {
+        const float x = __shfl_sync(0xffffffffu, xl, t);
+        const float dx = dts[t] * x, decay = decays[t];
+        float acc = 0.f;
 #pragma unroll
         for (int i = 0; i < NPL; ++i) {
           const int64_t n = lane + 32 * i;
-          if (n < N) hs[n] = sv[i];
+          if (n < N) {
+            sv[r][i] = decay * sv[r][i] + dx * bs[t * N + n];
+            acc += sv[r][i] * cs[t * N + n];
+          }
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const int64_t tt = t0 + t;
+        if (lane == 0) a.y[(tt * B + b) * H * P + h * P + p[r]] = __float2bfloat16(acc + dskip * x);
+        if (a.history != nullptr && tt + 1 < T) {
+          float* hs = a.history + (((tt * B + b) * H + h) * P + p[r]) * N;
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            const int64_t n = lane + 32 * i;
+            if (n < N) hs[n] = sv[r][i];
+          }
         }
       }
     }
+  }
+#pragma unroll
+  for (int r = 0; r < kSsdRowsPerWarp; ++r) {
+    if (p[r] >= P) continue;
+    float* st = a.state + ((b * H + h) * P + p[r]) * N;
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
       const int64_t n = lane + 32 * i;
-      if (n < N) st[n] = sv[i];
+      if (n < N) st[n] = sv[r][i];
     }
   }
 }
@@ -303,8 +319,7 @@ CudaResult SsdStep(const SsdStepArgs& a, cudaStream_t stream) {
     return InvalidArgument("ssd_step: bad arguments");
   }
   if (a.state_dim > 256) return InvalidArgument("ssd_step: state_dim > 256");
-  const size_t smem = static_cast<size_t>(a.positions) * (2 + 2 * a.state_dim) * sizeof(float);
-  if (smem > 48 * 1024) return InvalidArgument("ssd_step: positions x state_dim too large for one launch");
+  const size_t smem = static_cast<size_t>(kSsdWindow) * (2 + 2 * a.state_dim) * sizeof(float);  // <= 33 KB
   const dim3 grid(static_cast<unsigned>(a.batch * a.heads),
                   static_cast<unsigned>((a.head_dim + kSsdRowsPerBlock - 1) / kSsdRowsPerBlock));
   const int npl = static_cast<int>((a.state_dim + 31) / 32);

@@ -76,7 +76,8 @@ struct SsdStepArgs {
   const float* d = nullptr;          // [H] or null
   float* state = nullptr;            // [B, H, P, N]
   __nv_bfloat16* y = nullptr;        // [k·B, H·P] packed
-  // Chunk positions k: x, b, c rows j·B + b (stride ld_xbc), dt [k·B, H]. N <= 256.
+  // Chunk positions k (any number: a prefill chunk too): x, b, c rows j·B + b (stride ld_xbc),
+  // dt [k·B, H]. N <= 256.
   int64_t positions = 1;
   float* history = nullptr;          // [k-1, B, H, P, N]: the state after positions 0..k-2, or null
 };

@@ -1,9 +1,10 @@
 // Needs a GPU: the one-token step kernels of kernels/cuda/ssm_step.h against the kernels/cpu
 // step references in float64, on random bf16-representable inputs (outputs NaN-poisoned first),
 // several steps in a row so the carried state is checked too. Odd sizes where the kernels allow.
-// Chunks (conv1d, SSD, mLSTM): chunks of k = 1..5 positions in one launch, one after another on
-// the same state, against k CPU steps: every position's output, the final state, and the history
-// (state after positions 0..k-2) the kernel writes for Rewind.
+// Chunks (conv1d, SSD, mLSTM): chunks of k = 1..5 positions in one launch (and 37: a prefill
+// chunk; the SSD stages 16 positions at a time, so 16, 17 and 37 cross its windows), one after
+// another on the same state, against k CPU steps: every position's output, the final state, and
+// the history (state after positions 0..k-2) the kernel writes for Rewind.
 // Bands: outputs are bf16 (kTolBf16); states are fp32 arithmetic on exact inputs (1e-4).
 #include <algorithm>
 #include <cmath>
@@ -137,7 +138,7 @@ TEST(SlstmStepGpuTest, SlstmStepMatchesCpu) {
   EXPECT_TRUE(ok);
 }
 
-// Chunks of k = 1..5 positions (B 3, C 37, K 4, silu): y at every position, the window after the
+// Chunks of k = 1..5 and 37 positions (B 3, C 37, K 4, silu): y at every position, the window after the
 // chunk and the windows after positions 0..k-2 (history).
 TEST(SsmStepGpuTest, Conv1dChunkMatchesCpuSteps) {
   std::mt19937_64 rng(11);
@@ -150,7 +151,7 @@ TEST(SsmStepGpuTest, Conv1dChunkMatchesCpuSteps) {
   dstate.Upload(std::vector<float>(S, 0.f));
   std::vector<double> state(S, 0.0), wd = D(w), bd = D(bias);
   bool ok = true;
-  for (int64_t k = 1; k <= 5; ++k) {
+  for (int64_t k : {1, 2, 3, 4, 5, 37}) {
     const auto x = RandomBf16Values(rng, k * B * C);
     DeviceArray<bf16> dx(&alloc, k * B * C), dy(&alloc, k * B * C);
     DeviceArray<float> dhist(&alloc, std::max<int64_t>(1, (k - 1) * S));
@@ -180,7 +181,7 @@ TEST(SsmStepGpuTest, Conv1dChunkMatchesCpuSteps) {
   EXPECT_TRUE(ok);
 }
 
-// Chunks of k = 1..5 (B 3, H 6, P 44 — a partial block of rows —, G 2, N 40), x/B/C strided views.
+// Chunks of k = 1..5, 16, 17, 37 (B 3, H 6, P 44 — a partial block of rows —, G 2, N 40), x/B/C strided views.
 TEST(SsdStepGpuTest, SsdChunkMatchesCpuSteps) {
   std::mt19937_64 rng(12);
   DeviceAllocator alloc;
@@ -195,7 +196,7 @@ TEST(SsdStepGpuTest, SsdChunkMatchesCpuSteps) {
   std::vector<double> state(S, 0.0);
   const std::vector<double> ad = D(a_log), dbd = D(dt_bias), sd = D(dskip);
   bool ok = true;
-  for (int64_t k = 1; k <= 5; ++k) {
+  for (int64_t k : {1, 2, 3, 4, 5, 16, 17, 37}) {
     const auto xbc = RandomBf16Values(rng, k * B * ld), dt = RandomBf16Values(rng, k * B * H);
     DeviceArray<bf16> dxbc(&alloc, k * B * ld), dy(&alloc, k * B * H * P);
     DeviceArray<float> ddt(&alloc, k * B * H), dhist(&alloc, std::max<int64_t>(1, (k - 1) * S));
@@ -237,7 +238,7 @@ TEST(SsdStepGpuTest, SsdChunkMatchesCpuSteps) {
   EXPECT_TRUE(ok);
 }
 
-// Chunks of k = 1..5 on the same state for two shapes (the first takes 8-column slices, the second
+// Chunks of k = 1..5 and 37 on the same state for two shapes (the first takes 8-column slices, the second
 // 32) and both forget gates: h at every position, (C, n, m) after the chunk, and the history.
 TEST(MlstmStepGpuTest, MlstmChunkMatchesCpuSteps) {
   struct Case {
@@ -260,7 +261,7 @@ TEST(MlstmStepGpuTest, MlstmChunkMatchesCpuSteps) {
     bool ok = true;
     const std::string name = "B" + std::to_string(B) + " NH" + std::to_string(NH) + " dk" + std::to_string(dk) + " dv" +
                              std::to_string(dv) + (cs.sigmoid ? " sigmoid" : " exp");
-    for (int64_t k = 1; k <= 5; ++k) {
+    for (int64_t k : {1, 2, 3, 4, 5, 37}) {
       const auto q = RandomBf16Values(rng, k * B * NH * dk), kk = RandomBf16Values(rng, k * B * NH * dk),
                  v = RandomBf16Values(rng, k * B * NH * dv), ig = RandomBf16Values(rng, k * B * NH, 2.f);
       auto fg = RandomBf16Values(rng, k * B * NH, 1.f);
