@@ -84,6 +84,8 @@ struct CudaSlstmStepArgs {
   const void* r = nullptr;   // [NH, 4, dh, dh] bf16
   float *h = nullptr, *c = nullptr, *n = nullptr, *m = nullptr;
   void* h_out = nullptr;
+  int64_t positions = 1;  // gx / h_out rows j·B + b
+  float *h_history = nullptr, *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;  // [k-1, B, d]
 };
 struct CudaMlstmStepArgs {
   int64_t batch = 0, heads = 0, dk = 0, dv = 0;

@@ -88,6 +88,8 @@ class CudaInferenceImpl final : public CudaInference {
     k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim;
     k.gx = static_cast<const bf16*>(a.gx); k.r = static_cast<const bf16*>(a.r);
     k.h = a.h; k.c = a.c; k.n = a.n; k.m = a.m; k.h_out = static_cast<bf16*>(a.h_out);
+    k.positions = a.positions;
+    k.h_history = a.h_history; k.c_history = a.c_history; k.n_history = a.n_history; k.m_history = a.m_history;
     OkOrDie(kc::SlstmStep(k, Stream()), "slstm step");
   }
 

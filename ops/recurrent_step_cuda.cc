@@ -5,10 +5,11 @@
 // moved there on the first step (fp32, exact). Stepping equals the full forward up to bf16
 // rounding (decode_gpu_test checks both against the CPU in float64).
 // A chunk of k positions (DecodeChunk) runs every weight once over all k·B rows and the conv
-// window, SSD and mLSTM cells in ONE launch each for all k positions (kernels/cuda/ssm_step.h);
+// window, SSD, mLSTM and sLSTM cells in ONE launch each for all k positions (kernels/cuda/ssm_step.h);
 // a rewindable chunk has the kernels also write the state after positions 0..k-2 into one
 // buffer whose views the StateHistory adopts, so Rewind swaps handles (no copy, no launch).
-// The sLSTM cell still steps position by position (its recurrent matmul is not yet chunked).
+// The sLSTM chunk loops over its positions inside one launch as well (one block per sequence and
+// head: the recurrent matmul needs the whole head's h of the previous position).
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/recurrent_blocks.h"
@@ -210,14 +211,28 @@ Tensor SlstmBlock::StepCuda(const Tensor& x, int64_t chunk, SlstmState* st, bool
   }
   Cuda().AddColumnBias(gx.raw(), B, 4 * d, 4 * d, bias_->value.data<float>());
   Tensor hb = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
-  for (int64_t j = 0; j < chunk; ++j) {
-    CudaSlstmStepArgs s;
-    s.batch = per; s.heads = heads_; s.head_dim = dh;
-    s.gx = Bytes(gx, j * per * 4 * d); s.r = recurrent_->compute.raw();
-    s.h = h->data<float>(); s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
-    s.h_out = const_cast<void*>(Bytes(hb, j * per * d));
-    CudaInfer().SlstmStep(s);
-    if (rewindable && j + 1 < chunk) st->cell_history.Record({h, c, n, m});
+  // All `chunk` positions in one launch.
+  Tensor hist[4];
+  if (rewindable && chunk > 1) {
+    for (Tensor& t : hist) t = Tensor::Empty({(chunk - 1) * h->numel()}, DType::kF32, Device::kCuda);
+  }
+  CudaSlstmStepArgs s;
+  s.batch = per; s.heads = heads_; s.head_dim = dh;
+  s.gx = gx.raw(); s.r = recurrent_->compute.raw();
+  s.h = h->data<float>(); s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
+  s.h_out = hb.raw();
+  s.positions = chunk;
+  if (hist[0].defined()) {
+    s.h_history = hist[0].data<float>(); s.c_history = hist[1].data<float>();
+    s.n_history = hist[2].data<float>(); s.m_history = hist[3].data<float>();
+  }
+  CudaInfer().SlstmStep(s);
+  if (hist[0].defined()) {
+    for (int64_t j = 0; j + 1 < chunk; ++j) {
+      const int64_t off = j * h->numel();
+      st->cell_history.Adopt({hist[0].Slice(off, h->shape()), hist[1].Slice(off, c->shape()),
+                              hist[2].Slice(off, n->shape()), hist[3].Slice(off, m->shape())});
+    }
   }
   Tensor x1 = Add(x, group_norm_.Forward(hb).Reshape(x.shape()));
   Tensor y = Add(x1, ffn_.Forward(ffn_norm_.Forward(x1)));

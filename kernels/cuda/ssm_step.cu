@@ -170,42 +170,55 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_step_kernel(SsdStepArgs a)
 
 __device__ float LogSigmoid(float x) { return x < 0.f ? x - log1pf(expf(x)) : -log1pf(expf(-x)); }
 
-// One block per (b, head); dynamic shared memory: h_prev [dh] then pre [4, dh].
+// One block per (b, head); dynamic shared memory: h_prev [dh] then pre [4, dh]. A chunk loops over
+// its positions in the block (h stays in shared memory between them; c, n, m elements belong to
+// one thread throughout).
 __global__ void slstm_step_kernel(SlstmStepArgs a) {
   extern __shared__ float sm[];
-  const int64_t NH = a.heads, dh = a.head_dim, d = NH * dh;
+  const int64_t NH = a.heads, dh = a.head_dim, d = NH * dh, B = a.batch, T = a.positions;
   const int64_t b = blockIdx.x / NH, hd = blockIdx.x % NH;
   float* hp = sm;
   float* pre = sm + dh;
   for (int64_t j = threadIdx.x; j < dh; j += blockDim.x) hp[j] = a.h[b * d + hd * dh + j];
-  __syncthreads();
-  for (int64_t gj = threadIdx.x; gj < 4 * dh; gj += blockDim.x) {
-    const int64_t gate = gj / dh, j = gj % dh;
-    const bf16* row = a.r + ((hd * 4 + gate) * dh + j) * dh;
-    float acc = __bfloat162float(a.gx[b * 4 * d + gate * d + hd * dh + j]);
-    for (int64_t l = 0; l < dh; ++l) acc += __bfloat162float(row[l]) * hp[l];
-    pre[gj] = acc;
-  }
-  __syncthreads();
-  for (int64_t j = threadIdx.x; j < dh; j += blockDim.x) {
-    const int64_t i = b * d + hd * dh + j;
-    const float i_raw = pre[j], f_raw = pre[dh + j], z_raw = pre[2 * dh + j], o_raw = pre[3 * dh + j];
-    const float n_prev = a.n[i], lf = LogSigmoid(f_raw) + a.m[i];
-    const bool from_input = n_prev == 0.f || i_raw >= lf;
-    const float m_new = from_input ? i_raw : lf;
-    const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
-    const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
-    const float c = fp * a.c[i] + ip * tanhf(z_raw);
-    const float n = fp * n_prev + ip;
-    const float h = c / n / (1.f + expf(-o_raw));
-    a.c[i] = c;
-    a.n[i] = n;
-    a.m[i] = m_new;
-    a.h[i] = h;
-    a.h_out[i] = __float2bfloat16(h);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = t * B + b;
+    __syncthreads();  // hp holds h of the previous position; pre is free
+    for (int64_t gj = threadIdx.x; gj < 4 * dh; gj += blockDim.x) {
+      const int64_t gate = gj / dh, j = gj % dh;
+      const bf16* rr = a.r + ((hd * 4 + gate) * dh + j) * dh;
+      float acc = __bfloat162float(a.gx[row * 4 * d + gate * d + hd * dh + j]);
+      for (int64_t l = 0; l < dh; ++l) acc += __bfloat162float(rr[l]) * hp[l];
+      pre[gj] = acc;
+    }
+    __syncthreads();
+    const bool record = a.h_history != nullptr && t + 1 < T;
+    for (int64_t j = threadIdx.x; j < dh; j += blockDim.x) {
+      const int64_t i = b * d + hd * dh + j;
+      const float i_raw = pre[j], f_raw = pre[dh + j], z_raw = pre[2 * dh + j], o_raw = pre[3 * dh + j];
+      const float n_prev = a.n[i], lf = LogSigmoid(f_raw) + a.m[i];
+      const bool from_input = n_prev == 0.f || i_raw >= lf;
+      const float m_new = from_input ? i_raw : lf;
+      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
+      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
+      const float c = fp * a.c[i] + ip * tanhf(z_raw);
+      const float n = fp * n_prev + ip;
+      const float h = c / n / (1.f + expf(-o_raw));
+      a.c[i] = c;
+      a.n[i] = n;
+      a.m[i] = m_new;
+      a.h[i] = h;
+      hp[j] = h;
+      a.h_out[row * d + hd * dh + j] = __float2bfloat16(h);
+      if (record) {
+        const int64_t hi = t * B * d + i;
+        a.h_history[hi] = h;
+        a.c_history[hi] = c;
+        a.n_history[hi] = n;
+        a.m_history[hi] = m_new;
+      }
+    }
   }
 }
-
 
 // ---------------------------------------------------------------- mLSTM chunk
 
@@ -332,9 +345,13 @@ CudaResult SsdStep(const SsdStepArgs& a, cudaStream_t stream) {
 }
 
 CudaResult SlstmStep(const SlstmStepArgs& a, cudaStream_t stream) {
-  if (a.batch <= 0 || a.heads <= 0 || a.head_dim <= 0 || a.head_dim > 2048 || !a.gx || !a.r || !a.h || !a.c ||
-      !a.n || !a.m || !a.h_out) {
+  if (a.batch <= 0 || a.heads <= 0 || a.head_dim <= 0 || a.head_dim > 2048 || a.positions < 1 || !a.gx || !a.r ||
+      !a.h || !a.c || !a.n || !a.m || !a.h_out) {
     return InvalidArgument("slstm_step: bad arguments");
+  }
+  const bool any_history = a.h_history || a.c_history || a.n_history || a.m_history;
+  if (any_history && !(a.h_history && a.c_history && a.n_history && a.m_history)) {
+    return InvalidArgument("slstm_step: give all four histories or none");
   }
   const size_t smem = 5 * a.head_dim * sizeof(float);
   slstm_step_kernel<<<static_cast<unsigned>(a.batch * a.heads), 256, smem, stream>>>(a);

@@ -15,10 +15,12 @@
 // MlstmStepChunk  StepHead of kernels/cpu/mlstm.cc per position: m' = max(lf + m, ĩ),
 //             C = e^{lf+m−m'} C + e^{ĩ−m'} k vᵀ, n likewise with 1 for v, h = q̂ᵀC / (max(|q̂ᵀn|, e^{−m'}) + ε).
 //
-// Chunks (Conv1dStep, SsdStep, MlstmStepChunk with `positions` k > 1; speculative decoding's
-// DecodeChunk): operand rows are position-major (row j·B + b is sequence b at chunk position j)
-// and ONE launch steps all k positions, each thread block holding its slice of the state on chip
-// (registers for conv / SSD, shared memory for the mLSTM) from the first position to the last:
+// Chunks (Conv1dStep, SsdStep, SlstmStep, MlstmStepChunk with `positions` k > 1; speculative
+// decoding's DecodeChunk): operand rows are position-major (row j·B + b is sequence b at chunk
+// position j) and ONE launch steps all k positions, each thread block holding its slice of the
+// state on chip (registers for conv / SSD, shared memory for the mLSTM's C slice and the sLSTM's
+// h; the sLSTM's c, n, m — d floats each — are re-read by their owning thread from L2) from the
+// first position to the last:
 // the state is read once and written once per chunk, instead of k times each with k launches.
 // With `history` (a rewindable chunk) the kernel also writes the state after positions
 // 0..k-2 into history[j] (layout of the state, j-major), so Rewind(keep) takes history[keep-1]
@@ -91,7 +93,11 @@ struct SlstmStepArgs {
   float* c = nullptr;
   float* n = nullptr;
   float* m = nullptr;
-  __nv_bfloat16* h_out = nullptr;     // [B, d]
+  __nv_bfloat16* h_out = nullptr;     // [k·B, d]
+  // Chunk positions k: gx rows j·B + b. The state after positions 0..k-2 (all four or none):
+  // [k-1, B, d] each.
+  int64_t positions = 1;
+  float *h_history = nullptr, *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;
 };
 CudaResult SlstmStep(const SlstmStepArgs& a, cudaStream_t stream);
 

@@ -1,7 +1,7 @@
 // Needs a GPU: the one-token step kernels of kernels/cuda/ssm_step.h against the kernels/cpu
 // step references in float64, on random bf16-representable inputs (outputs NaN-poisoned first),
 // several steps in a row so the carried state is checked too. Odd sizes where the kernels allow.
-// Chunks (conv1d, SSD, mLSTM): chunks of k = 1..5 positions in one launch (and 37: a prefill
+// Chunks (conv1d, SSD, sLSTM, mLSTM): chunks of k = 1..5 positions in one launch (and 37: a prefill
 // chunk; the SSD stages 16 positions at a time, so 16, 17 and 37 cross its windows), one after
 // another on the same state, against k CPU steps: every position's output, the final state, and
 // the history (state after positions 0..k-2) the kernel writes for Rewind.
@@ -10,6 +10,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -233,6 +234,63 @@ TEST(SsdStepGpuTest, SsdChunkMatchesCpuSteps) {
       auto h = dhist.Download();
       h.resize((k - 1) * S);
       ok &= Report("ssd_chunk history", shape, RelError(h, hist), 1e-4);
+    }
+  }
+  EXPECT_TRUE(ok);
+}
+
+// Chunks of k = 1..5 and 37 positions (B 3, NH 3, dh 40) on the same state: h at every position,
+// (h, c, n, m) after the chunk, and the four histories.
+TEST(SlstmStepGpuTest, SlstmChunkMatchesCpuSteps) {
+  std::mt19937_64 rng(14);
+  DeviceAllocator alloc;
+  const int64_t B = 3, NH = 3, dh = 40, d = NH * dh, S = B * d;
+  const auto r = RandomBf16Values(rng, NH * 4 * dh * dh, 0.1f);
+  DeviceArray<bf16> dr(&alloc, r.size());
+  dr.Upload(r);
+  DeviceArray<float> dhs(&alloc, S), dc(&alloc, S), dn(&alloc, S), dm(&alloc, S);
+  for (auto* t : {&dhs, &dc, &dn, &dm}) t->Upload(std::vector<float>(S, 0.f));
+  std::vector<double> h(S, 0.0), c(S, 0.0), n(S, 0.0), m(S, 0.0), rd = D(r);
+  bool ok = true;
+  for (int64_t k : {1, 2, 3, 4, 5, 37}) {
+    const auto gx = RandomBf16Values(rng, k * B * 4 * d);
+    DeviceArray<bf16> dgx(&alloc, gx.size()), dout(&alloc, k * S);
+    const int64_t hs = std::max<int64_t>(1, (k - 1) * S);
+    DeviceArray<float> hh(&alloc, hs), hc(&alloc, hs), hn(&alloc, hs), hm(&alloc, hs);
+    dgx.Upload(gx);
+    dout.Poison();
+    SlstmStepArgs a;
+    a.batch = B; a.heads = NH; a.head_dim = dh;
+    a.gx = dgx.get(); a.r = dr.get(); a.h = dhs.get(); a.c = dc.get(); a.n = dn.get(); a.m = dm.get();
+    a.h_out = dout.get();
+    a.positions = k;
+    if (k > 1) {
+      a.h_history = hh.get(); a.c_history = hc.get(); a.n_history = hn.get(); a.m_history = hm.get();
+    }
+    ASSERT_TRUE(SlstmStep(a, nullptr).ok());
+    std::vector<double> out(k * S), h1, c1, n1, m1, gxd = D(gx);
+    for (int64_t j = 0; j < k; ++j) {
+      cpu::slstm_step_fwd_ref<double>({B, 1, NH, dh}, gxd.data() + j * B * 4 * d, rd.data(),
+                                      {h.data(), c.data(), n.data(), m.data()}, out.data() + j * S);
+      if (j + 1 < k) {
+        h1.insert(h1.end(), h.begin(), h.end());
+        c1.insert(c1.end(), c.begin(), c.end());
+        n1.insert(n1.end(), n.begin(), n.end());
+        m1.insert(m1.end(), m.begin(), m.end());
+      }
+    }
+    const std::string shape = "B3 NH3 dh40 chunk " + std::to_string(k);
+    ok &= Report("slstm_chunk h", shape, RelError(dout.Download(), out), testing::kTolBf16);
+    ok &= Report("slstm_chunk c", shape, RelError(dc.Download(), c), 1e-4);
+    ok &= Report("slstm_chunk n", shape, RelError(dn.Download(), n), 1e-4);
+    ok &= Report("slstm_chunk m", shape, RelError(dm.Download(), m), 1e-4);
+    if (k > 1) {
+      for (auto [dev, ref, name] : {std::tuple{&hh, &h1, "h"}, std::tuple{&hc, &c1, "c"}, std::tuple{&hn, &n1, "n"},
+                                    std::tuple{&hm, &m1, "m"}}) {
+        auto got = dev->Download();
+        got.resize((k - 1) * S);
+        ok &= Report(std::string("slstm_chunk history ") + name, shape, RelError(got, *ref), 1e-4);
+      }
     }
   }
   EXPECT_TRUE(ok);
