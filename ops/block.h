@@ -65,7 +65,8 @@ class Block {
   // sequence b at chunk position j) -> [chunk * B, d], advancing the state by `chunk` positions;
   // equals `chunk` Step calls. Row-wise layers (norms, projections, MLPs, LM head) run once over
   // all rows (one GEMM per weight); the cells (mLSTM, sLSTM, SSD, conv window, attention over the
-  // KV cache) run position by position inside. With `rewindable`, the per-position recurrent
+  // KV cache) run position by position inside (on CUDA the recurrent cells step all positions in
+  // one launch each: kernels/cuda/ssm_step.h). With `rewindable`, the per-position recurrent
   // states are kept until the next StepChunk so that Rewind can undo a suffix of this chunk.
   virtual Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) = 0;
   // After a rewindable StepChunk of `chunk` positions: keep only the first `keep` (1..chunk), as if
