@@ -23,7 +23,9 @@ struct BlockState {
 // Copies of some state tensors after each position of a chunk but its last (Block::StepChunk
 // with `rewindable`), so Block::Rewind can restore the state after position keep - 1 by swapping
 // tensor handles (no recomputation). Works on CPU and CUDA tensors (Clone is a device copy,
-// ordered on the compute stream).
+// ordered on the compute stream). Adopt records tensors the caller already filled instead of
+// cloning: the CUDA chunk kernels write every position's state into one buffer in the same
+// launch (kernels/cuda/ssm_step.h), and the history holds views of it.
 class StateHistory {
  public:
   void Clear() { after_.clear(); }
@@ -32,6 +34,7 @@ class StateHistory {
     after_.emplace_back();
     for (const Tensor* t : state) after_.back().push_back(t->Clone());
   }
+  void Adopt(std::vector<Tensor> state_after) { after_.push_back(std::move(state_after)); }
   // keep in [1, size() + 1]; keep == size() + 1 is the live state (nothing to do).
   void Restore(int64_t keep, std::initializer_list<Tensor*> state) {
     GYRE_CHECK(keep >= 1 && keep <= size() + 1, "rewind to %ld of a %ld-position history", (long)keep,
@@ -62,7 +65,8 @@ class Block {
   // sequence b at chunk position j) -> [chunk * B, d], advancing the state by `chunk` positions;
   // equals `chunk` Step calls. Row-wise layers (norms, projections, MLPs, LM head) run once over
   // all rows (one GEMM per weight); the cells (mLSTM, sLSTM, SSD, conv window, attention over the
-  // KV cache) run position by position inside. With `rewindable`, the per-position recurrent
+  // KV cache) run position by position inside (on CUDA the recurrent cells step all positions in
+  // one launch each: kernels/cuda/ssm_step.h). With `rewindable`, the per-position recurrent
   // states are kept until the next StepChunk so that Rewind can undo a suffix of this chunk.
   virtual Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) = 0;
   // After a rewindable StepChunk of `chunk` positions: keep only the first `keep` (1..chunk), as if

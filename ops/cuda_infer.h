@@ -46,8 +46,11 @@ struct CudaAttentionDecodeArgs {
   void* out = nullptr;  // [B, H*D] bf16, overwritten
 };
 
-// One-token recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward):
-// bf16 activations, fp32 states and parameters (masters), as the training kernels.
+// Recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward): bf16
+// activations, fp32 states and parameters (masters), as the training kernels. `positions` k > 1
+// steps a whole chunk in one launch (operand rows j·B + b, position-major; B = batch), and a
+// non-null history receives the state after positions 0..k-2 (kernels/cuda/ssm_step.h says why
+// per-position history rather than recomputation on Rewind).
 struct CudaConv1dStepArgs {
   int64_t batch = 0, channels = 0, width = 4;
   bool silu = false;
@@ -56,7 +59,9 @@ struct CudaConv1dStepArgs {
   const float* w = nullptr;
   const float* bias = nullptr;
   float* state = nullptr;   // [B, K-1, C]
-  void* y = nullptr;        // [B, C] bf16
+  void* y = nullptr;        // [k·B, C] bf16
+  int64_t positions = 1;
+  float* history = nullptr;  // [k-1, B, K-1, C] or null
 };
 struct CudaSsdStepArgs {
   int64_t batch = 0, heads = 0, head_dim = 0, groups = 1, state_dim = 0;
@@ -70,6 +75,8 @@ struct CudaSsdStepArgs {
   const float* d = nullptr;
   float* state = nullptr;
   void* y = nullptr;
+  int64_t positions = 1;
+  float* history = nullptr;  // [k-1, B, H, P, N] or null
 };
 struct CudaSlstmStepArgs {
   int64_t batch = 0, heads = 0, head_dim = 0;
@@ -77,6 +84,8 @@ struct CudaSlstmStepArgs {
   const void* r = nullptr;   // [NH, 4, dh, dh] bf16
   float *h = nullptr, *c = nullptr, *n = nullptr, *m = nullptr;
   void* h_out = nullptr;
+  int64_t positions = 1;  // gx / h_out rows j·B + b
+  float *h_history = nullptr, *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;  // [k-1, B, d]
 };
 struct CudaMlstmStepArgs {
   int64_t batch = 0, heads = 0, dk = 0, dv = 0;
@@ -89,6 +98,12 @@ struct CudaMlstmStepArgs {
   const float* fg = nullptr;
   float *c = nullptr, *n = nullptr, *m = nullptr;
   void* h = nullptr;  // [B, NH, dv] bf16
+  // k > 1: one launch of kernels/cuda/ssm_step.h MlstmStepChunk (k = 1 keeps the cluster kernel
+  // MlstmStepForward), which writes n and m after the chunk to n_out, m_out (required then, not
+  // n / m; c stays in place). Histories: all three or none.
+  int64_t positions = 1;
+  float *n_out = nullptr, *m_out = nullptr;
+  float *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;
 };
 
 class CudaInference {

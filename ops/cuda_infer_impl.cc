@@ -69,6 +69,7 @@ class CudaInferenceImpl final : public CudaInference {
     k.batch = a.batch; k.channels = a.channels; k.width = a.width; k.silu = a.silu;
     k.x = static_cast<const bf16*>(a.x); k.ldx = a.ldx; k.w = a.w; k.bias = a.bias; k.state = a.state;
     k.y = static_cast<bf16*>(a.y);
+    k.positions = a.positions; k.history = a.history;
     OkOrDie(kc::Conv1dStep(k, Stream()), "conv1d step");
   }
 
@@ -78,6 +79,7 @@ class CudaInferenceImpl final : public CudaInference {
     k.x = static_cast<const bf16*>(a.x); k.b = static_cast<const bf16*>(a.b); k.c = static_cast<const bf16*>(a.c);
     k.ld_xbc = a.ld_xbc; k.dt = a.dt; k.a_log = a.a_log; k.dt_bias = a.dt_bias; k.d = a.d; k.state = a.state;
     k.y = static_cast<bf16*>(a.y);
+    k.positions = a.positions; k.history = a.history;
     OkOrDie(kc::SsdStep(k, Stream()), "ssd step");
   }
 
@@ -86,10 +88,23 @@ class CudaInferenceImpl final : public CudaInference {
     k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim;
     k.gx = static_cast<const bf16*>(a.gx); k.r = static_cast<const bf16*>(a.r);
     k.h = a.h; k.c = a.c; k.n = a.n; k.m = a.m; k.h_out = static_cast<bf16*>(a.h_out);
+    k.positions = a.positions;
+    k.h_history = a.h_history; k.c_history = a.c_history; k.n_history = a.n_history; k.m_history = a.m_history;
     OkOrDie(kc::SlstmStep(k, Stream()), "slstm step");
   }
 
   void MlstmStep(const CudaMlstmStepArgs& a) override {
+    if (a.positions > 1) {
+      kc::MlstmStepChunkArgs k;
+      k.batch = a.batch; k.heads = a.heads; k.dk = a.dk; k.dv = a.dv; k.positions = a.positions;
+      k.sigmoid_forget = a.sigmoid_forget; k.eps = a.eps;
+      k.q = static_cast<const bf16*>(a.q); k.k = static_cast<const bf16*>(a.k); k.v = static_cast<const bf16*>(a.v);
+      k.ig = a.ig; k.fg = a.fg; k.c = a.c; k.n = a.n; k.m = a.m; k.n_out = a.n_out; k.m_out = a.m_out;
+      k.h = static_cast<bf16*>(a.h);
+      k.c_history = a.c_history; k.n_history = a.n_history; k.m_history = a.m_history;
+      OkOrDie(kc::MlstmStepChunk(k, Stream()), "mlstm step chunk");
+      return;
+    }
     kc::MlstmShape shape;
     shape.batch = a.batch; shape.seq_len = 1; shape.num_heads = a.heads; shape.dk = a.dk; shape.dv = a.dv;
     kc::MlstmOptions options;

@@ -10,15 +10,17 @@
 //             whole-head, partial rotary and SelfExtend variants), xLSTM (mLSTM + sLSTM steps),
 //             Mamba-2 (conv window + SSD state) and the mixer hybrid — every step's logits of
 //             every head vs the CPU decode, and the GPU decode vs the GPU full forward.
-//   chunk:    DecodeChunk (multi-token step) in mixed chunk lengths vs the CPU's float64 steps, and
-//             Rewind of a chunk's suffix vs a fresh CPU run over the kept prefix, for Llama,
-//             xLSTM, Mamba-2 and the mixer hybrid.
+//   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
+//             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
+//             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
+//             for Llama, xLSTM, Mamba-2 and the mixer hybrid.
 // Bands: METHOD.md's bf16 ones (activations rounded to bf16 at every layer boundary; fp32
 // accumulation): 1e-2 for a layer output, 3e-2 for logits after several layers, 5e-2 for
 // gradients (as recurrent_gpu_test).
 // DecodeThroughput (only with GYRE_DECODE_BENCH=1): decode tokens/s of llama-125m at batch 1
 // and 8 (random weights; 16 warm-up steps, median step time of 64); ChunkVersusStepCost: one
-// speculative round's DecodeChunk + Rewind + DraftLogits against one greedy step.
+// speculative round's DecodeChunk + Rewind + DraftLogits (k = 2..5) against one greedy step, and
+// the speculative / greedy ratio those costs predict at 25 % and 50 % per-head acceptance.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -272,11 +274,13 @@ std::vector<int32_t> Columns(const std::vector<int32_t>& seqs, int64_t B, int64_
   return out;
 }
 
-// 24 tokens (batch 2, 3 heads) fed to the GPU in chunks {1, 4, 3, 4, 2, 4, 4, 2}, every head's
-// logits at every position against the CPU's float64 DecodeStep; then Rewind on the device:
-// prefix of 5, a rewindable chunk of 4, Rewind(keep) for keep 1..4, 3 more steps, against a fresh
-// CPU run over prefix + kept + the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
-void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, int64_t se_group = 0,
+// 44 tokens (batch 3 unless given, 3 heads) fed to the GPU in chunks {1, 4, 3, 5, 2, 4, 5, 20}
+// (every k in 1..5, and 20: a prefill-sized chunk past the SSD kernel's 16-position window; odd
+// ones rewindable), every head's logits at every position against the CPU's
+// float64 DecodeStep; then Rewind on the device: prefix of 5, a rewindable chunk of k = 2..5,
+// Rewind(keep) for every keep in 1..k, 3 more steps, against a fresh CPU run over prefix + kept +
+// the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
+void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 3, int64_t se_group = 0,
                       int64_t se_window = 0) {
   spec.mtp_heads = 3;
   Pair m = MakePair(spec, 8);
@@ -285,7 +289,7 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, in
     m.gpu->SetSelfExtend(se_group, se_window);
     m.cpu->SetSelfExtend(se_group, se_window);
   }
-  const int64_t T = 24, H = 3, V = spec.vocab_size;
+  const int64_t T = 44, H = 3, V = spec.vocab_size;
   const auto seqs = RandomTokens(B * T, V, 19);
   std::vector<std::vector<Tensor>> ref;
   auto sc = m.cpu->NewDecodeState(B);
@@ -293,7 +297,7 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, in
   auto sg = m.gpu->NewDecodeState(B);
   double worst = 0;
   int64_t t = 0, i = 0;
-  for (int64_t chunk : {1, 4, 3, 4, 2, 4, 4, 2}) {
+  for (int64_t chunk : {1, 4, 3, 5, 2, 4, 5, 20}) {
     LanguageModel::DecodeOptions o;
     o.rewindable = (i++ % 2) == 1;
     const std::vector<Tensor> lg = m.gpu->DecodeChunk(Columns(seqs, B, T, t, chunk), chunk, sg.get(), o);
@@ -305,31 +309,33 @@ void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 2, in
     t += chunk;
   }
   const bool chunks_ok = std::isfinite(worst) && worst <= 3e-2;
-  std::printf("[%s] %s DecodeChunk 24 tokens B%ld 3 heads chunks 1,4,3,4,2,4,4,2: worst rel_err vs CPU f64 steps %.3e "
+  std::printf("[%s] %s DecodeChunk 44 tokens B%ld 3 heads chunks 1,4,3,5,2,4,5,20: worst rel_err vs CPU f64 steps %.3e "
               "tol 3e-2\n", chunks_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst);
   EXPECT_TRUE(chunks_ok);
-  const int64_t prefix = 5, chunk = 4, after = 3;
+  const int64_t prefix = 5, after = 3;
   const auto cont = RandomTokens(B * after, V, 20);
   double worst_rewind = 0;
-  for (int64_t keep = 1; keep <= chunk; ++keep) {
-    auto rc = m.cpu->NewDecodeState(B);
-    for (int64_t u = 0; u < prefix + keep; ++u) m.cpu->DecodeStep(Columns(seqs, B, T, u, 1), rc.get());
-    auto rg = m.gpu->NewDecodeState(B);
-    m.gpu->DecodeChunk(Columns(seqs, B, T, 0, prefix), prefix, rg.get(), {});
-    LanguageModel::DecodeOptions o;
-    o.rewindable = true;
-    m.gpu->DecodeChunk(Columns(seqs, B, T, prefix, chunk), chunk, rg.get(), o);
-    ASSERT_TRUE(m.gpu->Rewind(rg.get(), keep).ok());
-    for (int64_t j = 0; j < after; ++j) {
-      const std::vector<int32_t> tok = Columns(cont, B, after, j, 1);
-      const std::vector<Tensor> lc = m.cpu->DecodeStep(tok, rc.get());
-      const std::vector<Tensor> lg = m.gpu->DecodeStep(tok, rg.get());
-      for (int64_t k = 0; k < H; ++k)
-        worst_rewind = std::max(worst_rewind, RelativeError(lg[k].ToDevice(Device::kCpu).To(DType::kF64), lc[k]));
+  for (int64_t chunk = 2; chunk <= 5; ++chunk) {
+    for (int64_t keep = 1; keep <= chunk; ++keep) {
+      auto rc = m.cpu->NewDecodeState(B);
+      for (int64_t u = 0; u < prefix + keep; ++u) m.cpu->DecodeStep(Columns(seqs, B, T, u, 1), rc.get());
+      auto rg = m.gpu->NewDecodeState(B);
+      m.gpu->DecodeChunk(Columns(seqs, B, T, 0, prefix), prefix, rg.get(), {});
+      LanguageModel::DecodeOptions o;
+      o.rewindable = true;
+      m.gpu->DecodeChunk(Columns(seqs, B, T, prefix, chunk), chunk, rg.get(), o);
+      ASSERT_TRUE(m.gpu->Rewind(rg.get(), keep).ok());
+      for (int64_t j = 0; j < after; ++j) {
+        const std::vector<int32_t> tok = Columns(cont, B, after, j, 1);
+        const std::vector<Tensor> lc = m.cpu->DecodeStep(tok, rc.get());
+        const std::vector<Tensor> lg = m.gpu->DecodeStep(tok, rg.get());
+        for (int64_t k = 0; k < H; ++k)
+          worst_rewind = std::max(worst_rewind, RelativeError(lg[k].ToDevice(Device::kCpu).To(DType::kF64), lc[k]));
+      }
     }
   }
   const bool rewind_ok = std::isfinite(worst_rewind) && worst_rewind <= 3e-2;
-  std::printf("[%s] %s B%ld Rewind(keep 1..4) of a 4-token chunk then 3 steps: worst rel_err vs fresh CPU f64 run "
+  std::printf("[%s] %s B%ld Rewind(every keep) of chunks of 2..5 then 3 steps: worst rel_err vs fresh CPU f64 run "
               "%.3e tol 3e-2\n", rewind_ok ? "PASS" : "FAIL", name.c_str(), (long)B, worst_rewind);
   EXPECT_TRUE(rewind_ok);
 }
@@ -346,26 +352,50 @@ TEST_F(DecodeGpuTest, MixerHybridBatch1ChunkAttentionMatchesTheCpu) {
   CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid(), 1);
 }
 TEST_F(DecodeGpuTest, XlstmDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("xlstm mLSTM+sLSTM", SmallXlstm()); }
+TEST_F(DecodeGpuTest, XlstmBatch1DecodeChunkAndRewindMatchTheCpu) {
+  CheckDecodeChunk("xlstm mLSTM+sLSTM", SmallXlstm(), 1);
+}
 TEST_F(DecodeGpuTest, Mamba2DecodeChunkAndRewindMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
   s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
   CheckDecodeChunk("mamba2", s);
 }
+TEST_F(DecodeGpuTest, Mamba2Batch1DecodeChunkAndRewindMatchTheCpu) {
+  ModelSpec s = SmallMixerHybrid();
+  s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
+  CheckDecodeChunk("mamba2", s, 1);
+}
 TEST_F(DecodeGpuTest, MixerHybridDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid()); }
 
-// Cost of one DecodeChunk of k tokens against one DecodeStep (batch 1, random weights, 4 MTP
-// heads; the speculative round's real call: heads 1..4, rewindable, deferred draft logits, then
-// Rewind(1) and DraftLogits), median of 64 after 16 warm-up: the speed-up ceiling
-// k * step / chunk that full acceptance would give (only with GYRE_DECODE_BENCH=1).
+// Cost of one speculative round against one greedy step (batch 1, random weights, 4 MTP heads),
+// median of 64 after 16 warm-up, host-timed with a device sync on each side (decode at batch 1 is
+// bound by launches, so the host clock is the honest one). The round is generate.cc's: one
+// DecodeChunk of k tokens (heads 1..k, rewindable, deferred draft logits), Rewind(keep), then
+// DraftLogits at the last kept position; timed at keep = 1 (every draft rejected: the common
+// case at 25 % acceptance) and keep = k (all accepted, no rewind). The predicted
+// speculative / greedy tokens/s at a per-head acceptance a (drafts independent, a round stops at
+// the first rejection): tokens per round E = 1 + a + ... + a^(k-1), ratio = E · step / round,
+// with the round at keep 1 (the rewinding round; the cost is the same within noise at keep k).
+// Only with GYRE_DECODE_BENCH=1; GYRE_DECODE_BENCH_PRESETS (comma-separated) picks the models.
 TEST_F(DecodeGpuTest, ChunkVersusStepCost) {
   const char* on = std::getenv("GYRE_DECODE_BENCH");
   if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set GYRE_DECODE_BENCH=1";
-  for (const char* preset : {"llama-125m", "mamba2-130m", "xlstm[1:0]-125m"}) {
+  std::vector<std::string> presets = {"llama-125m", "mamba2-130m", "xlstm[1:0]-125m"};
+  if (const char* p = std::getenv("GYRE_DECODE_BENCH_PRESETS"); p != nullptr && *p != 0) {
+    presets.clear();
+    std::string all = p;
+    for (size_t b = 0; b <= all.size();) {
+      const size_t e = std::min(all.find(',', b), all.size());
+      if (e > b) presets.push_back(all.substr(b, e - b));
+      b = e + 1;
+    }
+  }
+  for (const std::string& preset : presets) {
     ModelSpec spec = *PresetSpec(preset);
-    spec.mtp_heads = 4;
+    spec.mtp_heads = 5;
     auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 1);
     if (!m.ok()) {
-      std::printf("chunk bench %s: %s\n", preset, m.status().ToString().c_str());
+      std::printf("chunk bench %s: %s\n", preset.c_str(), m.status().ToString().c_str());
       continue;
     }
     auto time_ms = [&](auto&& fn) {
@@ -383,20 +413,32 @@ TEST_F(DecodeGpuTest, ChunkVersusStepCost) {
     auto greedy_state = (*m)->NewDecodeState(1);
     const std::vector<int32_t> one = {1};
     const double step = time_ms([&] { (*m)->DecodeStep(one, greedy_state.get(), 1); });
-    for (int64_t k : {2, 4}) {
-      auto st = (*m)->NewDecodeState(1);
-      std::vector<int32_t> tok(k, 1);
-      LanguageModel::DecodeOptions o;
-      o.heads = k;
-      o.rewindable = true;
-      o.defer_draft_logits = true;
-      const double chunk = time_ms([&] {
-        (*m)->DecodeChunk(tok, k, st.get(), o);
-        GYRE_CHECK((*m)->Rewind(st.get(), k).ok(), "rewind");
-        (*m)->DraftLogits(*st, k - 1);
-      });
-      std::printf("chunk bench %s B1: greedy step (head 1) %.3f ms; speculative round k=%ld (chunk + rewind + draft "
-                  "logits) %.3f ms; full-acceptance ceiling x%.2f\n", preset, step, (long)k, chunk, k * step / chunk);
+    for (int64_t k = 2; k <= 5; ++k) {
+      double round[2] = {0, 0};
+      for (int which = 0; which < 2; ++which) {
+        const int64_t keep = which == 0 ? 1 : k;
+        auto st = (*m)->NewDecodeState(1);
+        std::vector<int32_t> tok(k, 1);
+        LanguageModel::DecodeOptions o;
+        o.heads = k;
+        o.rewindable = true;
+        o.defer_draft_logits = true;
+        round[which] = time_ms([&] {
+          (*m)->DecodeChunk(tok, k, st.get(), o);
+          GYRE_CHECK((*m)->Rewind(st.get(), keep).ok(), "rewind");
+          (*m)->DraftLogits(*st, keep - 1);
+        });
+      }
+      auto ratio = [&](double a) {
+        double e = 0, p = 1;
+        for (int64_t i = 0; i < k; ++i, p *= a) e += p;
+        return e * step / round[0];
+      };
+      std::printf("chunk bench %s B1: greedy step (head 1) %.3f ms; round k=%ld (chunk + rewind + draft logits) "
+                  "keep 1 %.3f ms, keep %ld %.3f ms (%.2f steps); ceiling x%.2f; predicted speculative/greedy at "
+                  "acceptance 0.25 x%.2f, 0.50 x%.2f\n",
+                  preset.c_str(), step, (long)k, round[0], (long)k, round[1], round[0] / step, k * step / round[1],
+                  ratio(0.25), ratio(0.5));
     }
   }
 }

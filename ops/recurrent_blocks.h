@@ -58,6 +58,10 @@ class CausalConv1d {
   // `chunk` positions, x [chunk * B, C] position-major; with a history, the window after every
   // position but the last is recorded (Block::StepChunk).
   Tensor StepChunk(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
+  // The same on CUDA in one launch for all positions (ops/recurrent_step_cuda.cc): with a
+  // history, the kernel writes the window after each position but the last into one buffer and
+  // the history holds views of it.
+  Tensor StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
   int64_t channels() const { return channels_; }
   int64_t width() const { return width_; }
 
