@@ -135,7 +135,6 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
-  MlstmStateLo state_lo = MlstmStateLo::kAuto;        // kAuto: GYRE_MLSTM_STATE_LO (unset: bf16)
 };
 
 struct Problem {
@@ -162,7 +161,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
-  opt.state_lo = pr.variant.state_lo;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -222,15 +220,7 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
                          + 3 * L * DK * DV;       // K dC, dH C_kᵀ, V dCᵀ
   const double fwd_flop = 2 * fwd_mac * heads_chunks, bwd_flop = 2 * bwd_mac * heads_chunks;
   const double nc1 = std::ceil(double(s.seq_len) / L) + 1;
-  // hi (+ lo: bf16, or int8 with MlstmStateLo::kInt8, which applies at chunk 128 with dk and dv
-  // multiples of 128 and the automatic tile / slab choices of these problems).
-  const char* lo_env = std::getenv("GYRE_MLSTM_STATE_LO");
-  const bool lo_i8 = pr.chunk == 128 && s.dk % 128 == 0 && s.dv % 128 == 0 &&
-                     (opt.state_lo == MlstmStateLo::kInt8 ||
-                      (opt.state_lo == MlstmStateLo::kAuto && lo_env != nullptr &&
-                       std::string(lo_env) == "i8"));
-  const double state_bytes =
-      opt.state_precision == MlstmStatePrecision::kBf16 ? 2 : lo_i8 ? 3 : 4;
+  const double state_bytes = opt.state_precision == MlstmStatePrecision::kBf16 ? 2 : 4;  // hi (+lo)
   const double states = double(s.batch * s.num_heads) * nc1 * DK * DV * state_bytes;  // C_k
   const double qkv = double(T) * (2 * DK + DV) * 2, hbytes = double(T) * DV * 2;
   const double fwd_bytes = qkv + hbytes + states;
@@ -462,11 +452,6 @@ int main(int argc, char** argv) {
   };
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
-  // The int8 lo planes of C_k / dC_{k+1} forced (helper mlstm14; GYRE_MLSTM_STATE_LO=i8 does the
-  // same on the v2 lines).
-  const gyre::cuda::Variant lo_i8{"lo-i8", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
-                                  MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
-                                  gyre::cuda::MlstmStateLo::kInt8};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -481,7 +466,6 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_whi},
       {"xlstm-125m-cell", s125, 128, dv_mma},  {"xlstm-125m-cell", s125, 128, dv_wgf},
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
-      {"xlstm-125m-cell", s125, 128, lo_i8},   {"xlstm-1.3b-like", s13, 128, lo_i8},
       // The ops/ xlstm[1:0]-1.3b cell (4 heads of 1024, B4): only with --states (helper mem12).
       {"xlstm-1.3b-model", {4, 2048, 4, 1024, 1024}, 128, v2},
   };

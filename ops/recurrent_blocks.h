@@ -155,8 +155,10 @@ void SetMlstmRecompute(MlstmRecomputeConfig config);
 const char* MlstmRecomputeName(MlstmRecompute mode);
 
 // The mLSTM block's conv1d forward + q/k/v block-diagonal maps + gate sums in one kernel instead
-// of three (CudaBackend::MlstmConvQkv; counts and measurements in ops/XLSTM_GLUE.md). Opt-in:
-// GYRE_MLSTM_CONV_QKV unset or "separate" (the three launches) or "fused", read once on first use;
+// of three (CudaBackend::MlstmConvQkv; counts and measurements in ops/XLSTM_GLUE.md). The
+// default since the lead's session-14 call (xlstm[1:0]-125m step 135.3-135.4 -> 133.5-134.1 ms on
+// an H100): GYRE_MLSTM_CONV_QKV unset or "fused"; "separate" = the three launches (also what
+// shapes the fused kernel does not cover take); read once on first use;
 // anything else stops the process with a message naming the accepted values.
 // SetMlstmConvQkvFused overrides it (tests, benchmarks). Not thread-safe. CUDA training only.
 bool MlstmConvQkvFused();

@@ -30,8 +30,9 @@ BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //be
   //bench:slstm_bench //bench:mlstm_bench)
 XZ_BENCHES=(//bench:llama_step_bench //bench:recurrent_step_bench)
 # Programs (not run by run.sh's test/bench loops): the multi-call `gyre` binary (OpenBLAS-linked)
-# for GPU-worker runs: tests/e2e/gpu_run_test.sh .bundle/bin/gyre <index dir> <out dir>.
-PROGRAMS=(//cli:gyre //cli:gyrectl)
+# for GPU-worker runs: tests/e2e/gpu_run_test.sh .bundle/bin/gyre <index dir> <out dir>; generate_bench
+# (greedy vs MTP speculative decoding on a briefly trained model: eval/generate_bench.cc).
+PROGRAMS=(//cli:gyre //cli:gyrectl //eval:generate_bench)
 # Every binary travels xz-compressed (statically linked, 2-30 MB each; 3-10x smaller) so the
 # bundle stays under the device tool's 64 MiB carry limit; run.sh unpacks them with python3's lzma.
 

@@ -97,9 +97,6 @@
 // tokens (one s dominates, h_t ≈ v_s), and df̃ = F + Σ_{t≥r} (q·dq − k·dk) cancels over long
 // suffixes in both conventions; bf16 states / h moved those gradients by up to 4e-2 (CPU float64
 // experiment with only C_k and h rounded) and 2.4e-2 / 1.3e-1 / 2.0e-2 on GPU test cases.
-// Opt-in (helper mlstm14, not yet measured): MlstmStateLo::kInt8 / GYRE_MLSTM_STATE_LO=i8 stores
-// the lo planes of C_k and dC_{k+1} as int8 scaled by hi's ulp (|x − hi − lo| <= ulp(hi)/512)
-// where the four chunk-128 warpgroup kernels run: −0.76 GB of ~5.6 GB a layer at the 125m cell.
 #include "kernels/cuda/mlstm.h"
 
 #include <cooperative_groups.h>
@@ -275,9 +272,6 @@ struct Dims {
   bool wg_dqk;     // bwd_dqk: mlstm_bwd_dqk_ws (L 128, 128-column dq/dk slabs)
   bool wg_out;     // fwd_out: mlstm_fwd_out_ws3 (L 128, 128-column h slabs)
   bool wg_state;   // state_fwd / state_bwd: mlstm_state_fwd_ws / _bwd_ws (L 128, 128×128 tiles)
-  // MlstmStateLo::kInt8 in effect: split states and all four warpgroup kernels (wg_state, wg_out,
-  // wg_dqk); the C_k / dC_{k+1} lo planes hold int8 (same element indexing, half the bytes).
-  bool lo_i8;
 };
 
 struct FwdPtrs {
@@ -693,103 +687,6 @@ __device__ __forceinline__ void StoreAccSplit(bf16* dst, bf16* lo_dst, int64_t l
     *reinterpret_cast<uint32_t*>(lo_dst + (g + 8) * ld + col) = lo;
   }
 }
-// The int8 lo plane (MlstmStateLo::kInt8, helper mlstm14). hi = bf16(x) with biased exponent eb;
-// ulp(hi) = 2^(eb − 134); lo = x − hi (exact in fp32, |lo| <= ulp(hi) / 2) is stored as
-// q = round(lo · 256 / ulp(hi)) = round(lo · 2^(142 − eb)) in [−128, 127] and rebuilt as
-// q · 2^(eb − 142) (at most 8 significant bits: exact in bf16), so |x − hi − rebuilt| <= ulp(hi) /
-// 512; the bf16 lo plane's rounding is <= ulp(hi) / 1024 (both measured on the CPU with these
-// functions: kernels/cuda/mlstm_lo_i8_check.cu). q = +128 (lo >= 127.5/256 ulp: x within ulp/512
-// of the midpoint between hi and its upper neighbour) does not fit: there hi is stored as that
-// neighbour instead (lo then ≈ −ulp/2, q = −128 or −127), which is as close to x as hi was to
-// within ulp/256 (the hi-only reader, bwd_dv's dC, loses nothing). hi with eb < 16 (|x| < 2^-111),
-// zero, inf or NaN: q = 0.
-// (Host and device: kernels/cuda/mlstm_lo_i8_check.cu checks these on the CPU.)
-__host__ __device__ __forceinline__ float BitsToFloat(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-__host__ __device__ __forceinline__ uint32_t FloatToBits(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
-// round(lo · 256 / ulp(hi)) for hi's bf16 bits and value hf, clamped to [−128, 128] (+128 is
-// resolved by SplitI8); 0 where hi's exponent is outside [16, 254].
-__host__ __device__ __forceinline__ int LoToI8(float x, float hf, uint32_t hbits16) {
-  const int eb = static_cast<int>((hbits16 >> 7) & 0xFFu);
-  if (eb < 16 || eb > 254) return 0;
-  const float q = rintf((x - hf) * BitsToFloat(static_cast<uint32_t>(269 - eb) << 23));
-  return static_cast<int>(fminf(fmaxf(q, -128.f), 128.f));
-}
-// The bf16 bits of q · ulp(hi) / 256 for hi's bf16 bits.
-__host__ __device__ __forceinline__ uint32_t I8ToLoBits(int q, uint32_t hbits16) {
-  const int eb = static_cast<int>((hbits16 >> 7) & 0xFFu);
-  if (eb < 16 || eb > 254 || q == 0) return 0u;
-  const float lo = static_cast<float>(q) * BitsToFloat(static_cast<uint32_t>(eb - 15) << 23);
-  return FloatToBits(lo) >> 16;  // exact: |q| <= 128 has <= 8 significant bits
-}
-// One element: hi's bf16 bits (in: bf16(x) as rounded by the caller; out: the stored hi) and q.
-__host__ __device__ __forceinline__ uint32_t SplitI8(float x, uint32_t& hb) {
-  int q = LoToI8(x, BitsToFloat(hb << 16), hb);
-  if (q == 128 && (hb & 0x7FFFu) < 0x7F7Fu) {
-    // lo > 0 here, so the neighbour toward +inf: one more in magnitude for hi > 0, one less for hi
-    // < 0 (hi = −2^E cannot get here: x then lies in the lower binade, |lo| <= ulp(hi) / 4).
-    hb = (hb & 0x8000u) != 0 ? hb - 1u : hb + 1u;
-    q = LoToI8(x, BitsToFloat(hb << 16), hb);
-  }
-  return static_cast<uint32_t>(q < 127 ? q : 127) & 0xFFu;  // (a second +128 cannot occur)
-}
-// hi = bf16 pair of (x, y) and their int8 lo parts packed in 16 bits (x in the low byte).
-__host__ __device__ __forceinline__ void SplitPackI8(float x, float y, uint32_t& hi, uint32_t& q2) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  const uint32_t hh = *reinterpret_cast<const uint32_t*>(&h);
-  uint32_t h0 = hh & 0xFFFFu, h1 = hh >> 16;
-  const uint32_t q0 = SplitI8(x, h0), q1 = SplitI8(y, h1);
-  hi = h0 | (h1 << 16);
-  q2 = q0 | (q1 << 8);
-}
-// StoreAccSplit with the int8 lo plane (lo_dst: int8 elements, same indexing as dst).
-template <int NT>
-__device__ __forceinline__ void StoreAccSplitI8(bf16* dst, int8_t* lo_dst, int64_t ld,
-                                                const float (&acc)[NT][4], int lane) {
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    uint32_t hi, q2;
-    SplitPackI8(acc[nt][0], acc[nt][1], hi, q2);
-    *reinterpret_cast<uint32_t*>(dst + g * ld + col) = hi;
-    *reinterpret_cast<uint16_t*>(lo_dst + g * ld + col) = static_cast<uint16_t>(q2);
-    SplitPackI8(acc[nt][2], acc[nt][3], hi, q2);
-    *reinterpret_cast<uint32_t*>(dst + (g + 8) * ld + col) = hi;
-    *reinterpret_cast<uint16_t*>(lo_dst + (g + 8) * ld + col) = static_cast<uint16_t>(q2);
-  }
-}
-// Rebuilds a bf16 lo tile from its hi tile and int8 lo parts: `rows` rows of 64 bf16 columns in
-// the 128-byte swizzle (hi at hi_s, lo written at lo_s, the same offsets; 1024-byte aligned) and
-// the int8 parts unswizzled with row stride `q_ld` bytes. Threads `t` of `nt` split the 16-byte
-// pieces. The caller fences (fence.proxy.async) before the wgmma that reads lo_s is released.
-__host__ __device__ __forceinline__ void RebuildLoTile(unsigned char* lo_s, const unsigned char* hi_s,
-                                              const unsigned char* q_s, int q_ld, int rows, int t,
-                                              int nt) {
-  for (int i = t; i < rows * 8; i += nt) {
-    const int r = i >> 3, pc = i & 7, lc = pc ^ (r & 7);
-    const uint4 h = *reinterpret_cast<const uint4*>(hi_s + r * 128 + pc * 16);
-    const uint2 q = *reinterpret_cast<const uint2*>(q_s + r * q_ld + lc * 8);
-    const uint32_t hw[4] = {h.x, h.y, h.z, h.w};
-    const uint32_t qw[2] = {q.x, q.y};
-    uint32_t out[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t qq = qw[j >> 1] >> (16 * (j & 1));
-      const int q0 = static_cast<int>(static_cast<int8_t>(qq & 0xFFu));
-      const int q1 = static_cast<int>(static_cast<int8_t>((qq >> 8) & 0xFFu));
-      out[j] = I8ToLoBits(q0, hw[j] & 0xFFFFu) | (I8ToLoBits(q1, hw[j] >> 16) << 16);
-    }
-    *reinterpret_cast<uint4*>(lo_s + r * 128 + pc * 16) = make_uint4(out[0], out[1], out[2], out[3]);
-  }
-}
 template <int NT>
 __device__ __forceinline__ void StoreAccF32(float* dst, int64_t ld, const float (&acc)[NT][4],
                                             int lane) {
@@ -1103,25 +1000,6 @@ struct StateWsSmem {
   static constexpr size_t kBytes = kBars + 64 + 4 * 128 * 4 + 1024;
 };
 
-// MlstmStateLo::kInt8 staging of a warp's 16 × 128 state rows: hi as the bf16 path ([16][64]
-// boxes, 128-byte swizzle, at stg and stg + 2048), the int8 lo parts as one unswizzled [16][128]
-// int8 box at stg + 4096.
-__host__ __device__ __forceinline__ void StageAccI8(unsigned char* stg, const float (&acc)[16][4], int g,
-                                           int c) {
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    uint32_t hi0, q0, hi1, q1;
-    SplitPackI8(acc[nt][0], acc[nt][1], hi0, q0);
-    SplitPackI8(acc[nt][2], acc[nt][3], hi1, q1);
-    const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-    const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-    *reinterpret_cast<uint16_t*>(stg + 4096 + g * 128 + col) = static_cast<uint16_t>(q0);
-    *reinterpret_cast<uint16_t*>(stg + 4096 + (g + 8) * 128 + col) = static_cast<uint16_t>(q1);
-  }
-}
 // Kᵀ's A fragment (16 m = dk rows × 16 k = tokens at (m0, k0)) from a swizzled [128 t][128 dk]
 // tile (two [128][64] column blocks): LoadAT's addresses through Sw128ChunkOffset.
 __device__ __forceinline__ void LoadATSw(uint32_t (&a)[4], const unsigned char* s, int m0, int k0,
@@ -1141,8 +1019,6 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
-// I8: MlstmStateLo::kInt8 (the lo parts leave as int8 [16][128] boxes; see StageAccI8).
-template <bool I8 = false>
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   using namespace hopper;
@@ -1211,26 +1087,21 @@ __global__ void __launch_bounds__(384, 1)
         ew[kk][i] = t < len ? e_tok[t] : 0.f;
       }
     }
-    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores (int8 lo
-    // plane: [16][128] int8 unswizzled, one box).
+    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
     if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
     __syncwarp();
-    if constexpr (I8) {
-      StageAccI8(stg, acc, g, c);
-    } else {
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        uint32_t hi0, lo0, hi1, lo1;
-        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-        const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
-        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-      }
+    for (int nt = 0; nt < kNT; ++nt) {
+      uint32_t hi0, lo0, hi1, lo1;
+      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+      const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
+      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
     }
     FenceProxyAsync();
     __syncwarp();
@@ -1238,9 +1109,7 @@ __global__ void __launch_bounds__(384, 1)
       const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, crow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-      if constexpr (I8) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
-      } else if (d.split) {
+      if (d.split) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
         TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
       }
@@ -1299,11 +1168,7 @@ __global__ void __launch_bounds__(384, 1)
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
   const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  if constexpr (I8) {
-    StoreAccSplitI8(p.sc + clast, reinterpret_cast<int8_t*>(p.sc_lo) + clast, d.DV, acc, lane);
-  } else {
-    StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  }
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
   StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   if (p.c_out != nullptr) {
     StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
@@ -1723,8 +1588,6 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 // of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
 // each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
 // the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
-// I8: MlstmStateLo::kInt8 (the lo parts leave as int8 [16][128] boxes; see StageAccI8).
-template <bool I8 = false>
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   using namespace hopper;
@@ -1800,22 +1663,18 @@ __global__ void __launch_bounds__(384, 1)
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
     __syncwarp();
-    if constexpr (I8) {
-      StageAccI8(stg, acc, g, c);
-    } else {
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        uint32_t hi0, lo0, hi1, lo1;
-        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-        const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-      }
+    for (int nt = 0; nt < kNT; ++nt) {
+      uint32_t hi0, lo0, hi1, lo1;
+      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+      const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
     }
     FenceProxyAsync();
     __syncwarp();
@@ -1823,9 +1682,7 @@ __global__ void __launch_bounds__(384, 1)
       const int drow = (bh * d.NC + k) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, drow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-      if constexpr (I8) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
-      } else if (d.split) {
+      if (d.split) {
         TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
         TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
       }
@@ -2653,11 +2510,6 @@ struct DqkWgSmem {
 struct DqkWsBars {  // mbarrier byte offsets after DqkWgSmem's tiles and vectors
   static constexpr int kFull1 = 0, kEmpty1 = 24, kFullQK = 48, kFull3 = 56, kEmpty3 = 72;
   static constexpr int kBytes = 88;
-  // MlstmStateLo::kInt8: ready1[3], ready3[2] (the rebuilt lo tiles), then the int8 side area
-  // (3 × 8 KB: phase 1's C lo [128 dk][64 dv] per stage; phase 3's dC lo in side slots 1, 2,
-  // free once phase 1's stages 1 and 2 were released).
-  static constexpr int kReady1 = 88, kReady3 = 112, kSide = 128;
-  static constexpr int kBytesI8 = kSide + 3 * 8192;
 };
 
 struct DqkTmaMaps {
@@ -2666,12 +2518,11 @@ struct DqkTmaMaps {
   CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
 };
 
-template <bool SPLIT, bool I8 = false>
+template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
     mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
   using namespace hopper;
   using SM = DqkWgSmem<SPLIT>;
-  static_assert(SPLIT || !I8, "the int8 lo plane needs split states");
   constexpr int L = 128, DKT = 128, kConsumers = 256;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
@@ -2689,9 +2540,6 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t full1 = bars + DqkWsBars::kFull1, empty1 = bars + DqkWsBars::kEmpty1;
   const uint32_t full_qk = bars + DqkWsBars::kFullQK;
   const uint32_t full3 = bars + DqkWsBars::kFull3, empty3 = bars + DqkWsBars::kEmpty3;
-  const uint32_t ready1 = bars + DqkWsBars::kReady1, ready3 = bars + DqkWsBars::kReady3;  // I8
-  const uint32_t side_a = bars + DqkWsBars::kSide;                                       // I8
-  unsigned char* side = sm + SM::kFloats + (5 * L + 2 * DKT) * 4 + DqkWsBars::kSide;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -2706,45 +2554,17 @@ __global__ void __launch_bounds__(384, 1)
       MbInit(full3 + 8 * i, 1);
       MbInit(empty3 + 8 * i, 8);
     }
-    if constexpr (I8) {
-      for (int i = 0; i < 3; ++i) MbInit(ready1 + 8 * i, 3);
-      for (int i = 0; i < 2; ++i) MbInit(ready3 + 8 * i, 3);
-    }
     MbInitFence();
   }
   __syncthreads();
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if constexpr (I8) {
-      if (threadIdx.x >= 32) {  // warps 1-3: rebuild the C lo (phase 1) and dC lo (phase 3) tiles
-        const int t = threadIdx.x - 32;
-        for (int jt = 0; jt < njt; ++jt) {
-          const int slot = jt % 3;
-          MbWait(full1 + 8 * slot, (jt / 3) & 1);
-          unsigned char* st = sm + slot * SM::kP1Stage;
-          RebuildLoTile(st + 3 * SM::kTile64, st + 2 * SM::kTile64, side + slot * 8192, 64, 128, t, 96);
-          FenceProxyAsync();
-          __syncwarp();
-          if ((threadIdx.x & 31) == 0) MbArrive(ready1 + 8 * slot);
-        }
-        for (int jt = 0; jt < njt; ++jt) {
-          const int slot = jt & 1;
-          MbWait(full3 + 8 * slot, (jt >> 1) & 1);
-          unsigned char* st = sm + SM::kStages + slot * SM::kStage;
-          RebuildLoTile(st, st + SM::kOffC, side + (slot + 1) * 8192, 64, 128, t, 96);
-          FenceProxyAsync();
-          __syncwarp();
-          if ((threadIdx.x & 31) == 0) MbArrive(ready3 + 8 * slot);
-        }
-        return;
-      }
-    }
     if (threadIdx.x == 0) {
       const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
       const int dc_row = (bh * d.NC + k) * d.DK + a0;
-      constexpr uint32_t kP1Bytes = I8 ? 3 * SM::kTile64 + 8192 : (SPLIT ? 4 : 3) * SM::kTile64;
-      constexpr uint32_t kP3Bytes = I8 ? 2 * SM::kTile64 + 8192 : (SPLIT ? 3 : 2) * SM::kTile64;
+      constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * SM::kTile64;
+      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
       for (int jt = 0; jt < njt; ++jt) {
         const int slot = jt % 3, use = jt / 3;
         if (use > 0) MbWait(empty1 + 8 * slot, (use - 1) & 1);
@@ -2753,11 +2573,7 @@ __global__ void __launch_bounds__(384, 1)
         TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
         TmaTile4d(st + SM::kTile64, &maps.v, fb, jt * 64, hd, t0, b);
         TmaTile2d(st + 2 * SM::kTile64, &maps.c, fb, jt * 64, c_row);
-        if constexpr (I8) {  // int8 [128 dk][64 dv] into the side area (maps.c_lo: int8 map)
-          TmaTile2d(side_a + slot * 8192, &maps.c_lo, fb, jt * 64, c_row);
-        } else if constexpr (SPLIT) {
-          TmaTile2d(st + 3 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
-        }
+        if constexpr (SPLIT) TmaTile2d(st + 3 * SM::kTile64, &maps.c_lo, fb, jt * 64, c_row);
       }
       // Q, K into stage 0's region after its last phase-1 use.
       const int last0 = (njt - 1) / 3;  // uses of stage 0: 0..last0
@@ -2778,11 +2594,7 @@ __global__ void __launch_bounds__(384, 1)
         MbArriveExpectTx(fb, kP3Bytes);
         TmaTile4d(st + SM::kOffV, &maps.v, fb, jt * 64, hd, t0, b);
         TmaTile2d(st + SM::kOffC, &maps.dc, fb, jt * 64, dc_row);
-        if constexpr (I8) {
-          TmaTile2d(side_a + (slot + 1) * 8192, &maps.dc_lo, fb, jt * 64, dc_row);
-        } else if constexpr (SPLIT) {
-          TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
-        }
+        if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
       }
     }
     return;
@@ -2809,7 +2621,6 @@ __global__ void __launch_bounds__(384, 1)
   for (int jt = 0; jt < njt; ++jt) {
     const int slot = jt % 3;
     MbWait(full1 + 8 * slot, (jt / 3) & 1);
-    if constexpr (I8) MbWait(ready1 + 8 * slot, (jt / 3) & 1);
     const uint32_t st = sa + slot * SM::kP1Stage;
     const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
     const uint64_t v_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
@@ -2925,7 +2736,6 @@ __global__ void __launch_bounds__(384, 1)
   for (int jt = 0; jt < njt; ++jt) {
     const int slot = jt & 1;
     MbWait(full3 + 8 * slot, (jt >> 1) & 1);
-    if constexpr (I8) MbWait(ready3 + 8 * slot, (jt >> 1) & 1);
     const uint32_t st = sa + SM::kStages + slot * SM::kStage;
     const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
     const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
@@ -3027,11 +2837,7 @@ struct OutWsMaps {
 // and the producer runs two steps ahead. The dk loop is a do-while (ndt >= 1): a zero-trip branch
 // made ptxas serialise every wgmma of the two-stage kernel (warning C7515).
 // With ndt < 3 (dk 64 / 128) V's slot was never used and loads at once.
-// I8 (MlstmStateLo::kInt8, SPLIT only): the C lo tile arrives as int8 ([64 dk][128 dv], 8 KB per
-// stage, in a side area after the ring); producer warps 1-3 rebuild the bf16 lo tile in the
-// stage's lo slot (RebuildLoTile) and arrive on the stage's "ready" mbarrier, which the consumers
-// wait for after "full".
-template <bool SPLIT, bool I8 = false>
+template <bool SPLIT>
 struct OutWs3Smem {
   static constexpr int kTile64 = 128 * 128;  // bytes of a [128 rows][64 cols] bf16 tile
   static constexpr int kRing = 3;
@@ -3039,21 +2845,16 @@ struct OutWs3Smem {
   // uses the first two tiles of its slot ([128 s][128 dv] as two 64-column blocks).
   static constexpr int kOffK = kTile64, kOffC = 2 * kTile64, kOffClo = 3 * kTile64;
   static constexpr int kStage = (SPLIT ? 4 : 3) * kTile64;
-  static constexpr int kSide = kRing * kStage;  // I8: int8 C lo tiles [slot][64][128]
-  static constexpr int kFloats = kSide + (I8 ? kRing * 8192 : 0);
-  // b, ĩ, m (L each) and n_k (dk) floats, then full[3], empty[3] (I8: ready[3]) mbarriers, 1024
-  // of alignment.
-  static size_t Bytes(int dk) {
-    return kFloats + (3 * 128 + dk) * 4 + (I8 ? 3 : 2) * kRing * 8 + 1024;
-  }
+  static constexpr int kFloats = kRing * kStage;
+  // b, ĩ, m (L each) and n_k (dk) floats, then full[3], empty[3] mbarriers, 1024 of alignment.
+  static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
-template <bool SPLIT, bool I8 = false>
+template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   using namespace hopper;
-  using SM = OutWs3Smem<SPLIT, I8>;
-  static_assert(SPLIT || !I8, "the int8 lo plane needs split states");
+  using SM = OutWs3Smem<SPLIT>;
   constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
@@ -3064,7 +2865,6 @@ __global__ void __launch_bounds__(384, 1)
   float* ms = igs + L;
   float* nks = ms + L;  // [DK] n_k
   const uint32_t full = sa + SM::kFloats + (3 * L + d.DK) * 4, empty = full + 8 * kRing;
-  const uint32_t ready = empty + 8 * kRing;  // I8 only
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
@@ -3073,7 +2873,6 @@ __global__ void __launch_bounds__(384, 1)
     for (int i = 0; i < kRing; ++i) {
       MbInit(full + 8 * i, 1);
       MbInit(empty + 8 * i, 8);
-      if constexpr (I8) MbInit(ready + 8 * i, 3);
     }
     MbInitFence();
   }
@@ -3081,25 +2880,8 @@ __global__ void __launch_bounds__(384, 1)
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if constexpr (I8) {
-      if (threadIdx.x >= 32) {  // warps 1-3: rebuild each dk step's C lo tile
-        for (int dt = 0; dt < ndt; ++dt) {
-          const int slot = dt % kRing;
-          MbWait(full + 8 * slot, (dt / kRing) & 1);
-          unsigned char* st = sm + slot * SM::kStage;
-          const unsigned char* qs8 = sm + SM::kSide + slot * 8192;
-          RebuildLoTile(st + SM::kOffClo, st + SM::kOffC, qs8, 128, 64, threadIdx.x - 32, 96);
-          RebuildLoTile(st + SM::kOffClo + 64 * 128, st + SM::kOffC + 64 * 128, qs8 + 64, 128, 64,
-                        threadIdx.x - 32, 96);
-          FenceProxyAsync();  // the lo tile is read by wgmma (async proxy)
-          __syncwarp();
-          if ((threadIdx.x & 31) == 0) MbArrive(ready + 8 * slot);
-        }
-        return;
-      }
-    }
     if (threadIdx.x == 0) {
-      constexpr uint32_t kStageBytes = I8 ? 3 * SM::kTile64 + 8192 : (SPLIT ? 4 : 3) * SM::kTile64;
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
       const int c_row = (bh * (d.NC + 1) + k) * d.DK;
       for (int dt = 0; dt <= ndt; ++dt) {  // step ndt = the V slab
         const int slot = dt % kRing, use = dt / kRing;
@@ -3116,9 +2898,7 @@ __global__ void __launch_bounds__(384, 1)
         TmaTile4d(st + SM::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
         TmaTile2d(st + SM::kOffC, &maps.c, fb, j0, c_row + dt * 64);
         TmaTile2d(st + SM::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
-        if constexpr (I8) {  // int8 [64 dk][128 dv] (maps.c_lo is the int8 map)
-          TmaTile2d(sa + SM::kSide + slot * 8192, &maps.c_lo, fb, j0, c_row + dt * 64);
-        } else if constexpr (SPLIT) {
+        if constexpr (SPLIT) {
           TmaTile2d(st + SM::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
           TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
         }
@@ -3160,7 +2940,6 @@ __global__ void __launch_bounds__(384, 1)
   int dt = 0;
   do {
     MbWait(full + 8 * slot, phase);
-    if constexpr (I8) MbWait(ready + 8 * slot, phase);  // the lo tile is rebuilt
     const uint32_t st = sa + slot * SM::kStage;
     const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
     const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
@@ -4156,36 +3935,6 @@ FwdEnvCheck FwdEnv() {
   return from_env;
 }
 
-// MlstmStateLo resolved: kAuto reads GYRE_MLSTM_STATE_LO once per process (unset / "bf16": the
-// bf16 lo planes, "i8": int8); any other value makes the forward and the backward return an error
-// naming it.
-struct StateLoChoice {
-  bool i8 = false;
-  const char* bad_env = nullptr;
-};
-StateLoChoice StateLo(const MlstmOptions& o) {
-  static const StateLoChoice from_env = [] {
-    StateLoChoice c;
-    const char* e = std::getenv("GYRE_MLSTM_STATE_LO");
-    if (e != nullptr && std::strcmp(e, "i8") == 0) {
-      c.i8 = true;
-    } else if (e != nullptr && std::strcmp(e, "bf16") != 0) {
-      c.bad_env = e;
-    }
-    return c;
-  }();
-  switch (o.state_lo) {
-    case MlstmStateLo::kAuto: return from_env;
-    case MlstmStateLo::kBf16: return {};
-    case MlstmStateLo::kInt8: return {true, nullptr};
-  }
-  return from_env;
-}
-CudaResult StateLoError(const char* who, const StateLoChoice& c) {
-  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_LO must be bf16 or i8 (or unset), got '" +
-                         c.bad_env + "'");
-}
-
 // ---------------------------------------------------------------- host helpers
 
 MlstmLaunchHook g_launch_hook = nullptr;
@@ -4222,8 +3971,6 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.wg_dqk = d.L == 128 && d.dqk_slab == 128 && d.DV % 64 == 0;
   d.wg_out = d.L == 128 && d.out_slab == 128 && d.DK % 64 == 0;
   d.wg_state = d.L == 128 && d.state_tile == 128;
-  // (fwd_out's int8 side area: 3 × 8 KB more shared memory, which fits up to dk 1024)
-  d.lo_i8 = d.split && d.wg_state && d.wg_out && d.wg_dqk && d.DK <= 1024 && StateLo(o).i8;
   return d;
 }
 
@@ -4285,30 +4032,7 @@ CudaResult EncodeStateRows(const Dims& d, CUtensorMap* map, const bf16* base, in
   return EncodeSwizzledMap(map, base, 2, dims, strides, box_rows);
 }
 
-// MlstmStateLo::kInt8: `rows` rows of dv int8 lo parts (same element indexing as the bf16 planes)
-// as a rank-2 map with box_cols × box_rows boxes, no swizzle (the producer warps rebuild the bf16
-// tiles from them; the state kernels store [16][128] boxes).
-CudaResult EncodeLoI8Rows(const Dims& d, CUtensorMap* map, const void* base, int64_t rows,
-                          int box_cols, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
-  if (encode == nullptr) return {1, "cuTensorMapEncodeTiled: not found in the driver"};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.DV), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d.DV)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims,
-                            strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    return {static_cast<int>(r),
-            "mlstm int8 lo plane: cuTensorMapEncodeTiled failed (error " + std::to_string(r) + ")"};
-  }
-  return {};
-}
-
-// The eight maps of mlstm_bwd_dqk_ws (lo maps alias the hi ones when the states are single bf16;
-// int8 maps with [128 dk][64 dv] boxes when d.lo_i8).
+// The eight maps of mlstm_bwd_dqk_ws (lo maps alias the hi ones when the states are single bf16).
 CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
   const int64_t bh = static_cast<int64_t>(d.B) * d.NH;
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->q, p.q, d.DK));
@@ -4316,13 +4040,8 @@ CudaResult EncodeDqkMaps(const Dims& d, const BwdPtrs& p, DqkTmaMaps* m) {
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->dh, p.dh, d.DV));
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, bh * (d.NC + 1) * d.DK, 128));
-  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->dc, p.dc, bh * d.NC * d.DK, 128));
-  if (d.lo_i8) {
-    CUDA_RETURN_IF_NOT_OK(EncodeLoI8Rows(d, &m->c_lo, p.sc_lo, bh * (d.NC + 1) * d.DK, 64, 128));
-    CUDA_RETURN_IF_NOT_OK(EncodeLoI8Rows(d, &m->dc_lo, p.dc_lo, bh * d.NC * d.DK, 64, 128));
-    return {};
-  }
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, bh * (d.NC + 1) * d.DK, 128));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->dc, p.dc, bh * d.NC * d.DK, 128));
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->dc_lo, d.split ? p.dc_lo : p.dc, bh * d.NC * d.DK, 128));
   return {};
 }
@@ -4334,7 +4053,6 @@ CudaResult EncodeOutMaps(const Dims& d, const FwdPtrs& p, OutWsMaps* m) {
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.k, d.DK));
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, rows, 64));
-  if (d.lo_i8) return EncodeLoI8Rows(d, &m->c_lo, p.sc_lo, rows, 128, 64);  // [64 dk][128 dv]
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, rows, 64));
   return {};
 }
@@ -4346,7 +4064,6 @@ CudaResult EncodeStateFwdMaps(const Dims& d, const FwdPtrs& p, StateWsMaps* m) {
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.k, d.DK));
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.v, d.DV));
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.sc, rows, 16));
-  if (d.lo_i8) return EncodeLoI8Rows(d, &m->c_lo, p.sc_lo, rows, 128, 16);  // [16][128] stores
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.sc_lo : p.sc, rows, 16));
   return {};
 }
@@ -4358,7 +4075,6 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->k, p.q, d.DK));
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &m->v, p.dh, d.DV));
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c, p.dc, rows, 16));
-  if (d.lo_i8) return EncodeLoI8Rows(d, &m->c_lo, p.dc_lo, rows, 128, 16);
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &m->c_lo, d.split ? p.dc_lo : p.dc, rows, 16));
   return {};
 }
@@ -4399,13 +4115,8 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
-          if (d.lo_i8) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws<true>, ws_smem));
-            mlstm_state_fwd_ws<true><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          } else {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws<false>, ws_smem));
-            mlstm_state_fwd_ws<false><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          }
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
+          mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
           Hook("mlstm_state_fwd", stream);
           return {};
@@ -4446,16 +4157,6 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
         Hook("mlstm_fwd_out", stream);
         return {};
       };
-      if (d.lo_i8) {  // MlstmStateLo::kInt8 (d.split is implied)
-        const size_t smem = OutWs3Smem<true, true>::Bytes(d.DK);
-        OutWsMaps maps{};
-        CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3<true, true>, smem));
-        mlstm_fwd_out_ws3<true, true><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
-        Hook("mlstm_fwd_out", stream);
-        return {};
-      }
       return d.split ? out_ws3_launch(T{}) : out_ws3_launch(F{});
     }
   }
@@ -4511,13 +4212,8 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
-          if (d.lo_i8) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws<true>, ws_smem));
-            mlstm_state_bwd_ws<true><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          } else {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws<false>, ws_smem));
-            mlstm_state_bwd_ws<false><<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-          }
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
+          mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
           Hook("mlstm_state_bwd", stream);
           return {};
@@ -4578,16 +4274,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
         Hook("mlstm_bwd_dqk", stream);
         return {};
       };
-      if (d.lo_i8) {  // MlstmStateLo::kInt8 (d.split is implied)
-        const size_t smem = DqkWgSmem<true>::kBytes + DqkWsBars::kBytesI8;
-        DqkTmaMaps maps{};
-        CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws<true, true>, smem));
-        mlstm_bwd_dqk_ws<true, true><<<dim3(d.DK / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
-        Hook("mlstm_bwd_dqk", stream);
-        return LaunchGatesBwd(d, p, stream);
-      }
       CUDA_RETURN_IF_NOT_OK(d.split ? dqk_ws(T{}) : dqk_ws(F{}));
       return LaunchGatesBwd(d, p, stream);
     }
@@ -4691,9 +4377,6 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     return InvalidArgument("mlstm forward: q, k, v, h must be 16-byte aligned");
   }
   const FwdEnvCheck env = FwdEnv();
-  if (const StateLoChoice lo = StateLo(options); lo.bad_env != nullptr) {
-    return StateLoError("mlstm forward", lo);
-  }
   if (env.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws3 (or unset; "
                                        "ws was deleted), got '") +
@@ -4771,9 +4454,6 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     return InvalidArgument("mlstm recompute states: q, k, v must be 16-byte aligned");
   }
   const FwdEnvCheck env = FwdEnv();
-  if (const StateLoChoice lo = StateLo(options); lo.bad_env != nullptr) {
-    return StateLoError("mlstm recompute", lo);
-  }
   if (env.bad_state_env != nullptr) {
     return InvalidArgument(std::string("mlstm recompute states: GYRE_MLSTM_STATE_FWD must be ws (or "
                                        "unset; wg was deleted), got '") +
@@ -4821,9 +4501,6 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     return InvalidArgument("mlstm backward: bf16 tensors must be 16-byte aligned");
   }
   const BwdDvChoice dv_choice = BwdDvKernel(shape, options);
-  if (const StateLoChoice lo = StateLo(options); lo.bad_env != nullptr) {
-    return StateLoError("mlstm backward", lo);
-  }
   if (dv_choice.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_BWD_DV must be mma or wgf, got '") +
                            dv_choice.bad_env + "'");

@@ -124,26 +124,6 @@ enum class MlstmBwdDvKernel {
 // GYRE_MLSTM_STATE_BWD / GYRE_MLSTM_BWD_DQK only "ws" (or unset); any other value makes
 // MlstmChunkwiseForward / Backward return an error naming it.
 
-// How the lo planes of the split chunk-boundary states (C_k lo, dC_{k+1} lo) are stored (helper
-// mlstm14). The boundary states are most of the cell's DRAM bytes (C_k hi + lo written by
-// state_fwd and read by fwd_out and bwd_dqk, dC_{k+1} hi + lo written by state_bwd and read by
-// bwd_dqk; bwd_dv reads dC hi only), so one byte less per lo element cuts ~0.75 GB of ~5.6 GB a
-// layer at the xlstm-125m cell. kInt8 stores lo = x − hi as q = round(lo · 256 / ulp(hi)) in
-// [−128, 127] (hi's exponent is the scale, so no extra bytes; where q would be +128, hi is stored
-// as its upper bf16 neighbour, as close to x within ulp / 256): hi + the rebuilt lo = q · ulp(hi) /
-// 256 is within ulp(hi) / 512 of x, against ulp(hi) / 1024 with the bf16 lo plane: worst relative
-// error 1.5e-5 vs 7.6e-6 (hi only: 2e-3); 384-term products 1.1e-5 vs 5.0e-6 of Σ|a·C| (hi only
-// 3.2e-3), measured on the CPU with the kernels' own functions (kernels/cuda/mlstm_lo_i8_check.cu).
-// The consumers' producer warps rebuild the bf16 lo tile in shared memory before the wgmma reads it.
-// Applies only where all four warpgroup kernels run (chunk 128, 128×128 state tiles,
-// 128-column slabs) with split states; elsewhere it changes nothing.
-enum class MlstmStateLo {
-  kAuto,  // GYRE_MLSTM_STATE_LO (read once per process): unset or "bf16" = kBf16, "i8" = kInt8;
-          // any other value makes MlstmChunkwiseForward / Backward return an error naming it
-  kBf16,  // lo planes as bf16 (the default)
-  kInt8,  // lo planes as int8 scaled by hi's ulp (opt-in until measured)
-};
-
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -166,9 +146,6 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
-  // Storage of the split states' lo planes (see MlstmStateLo); the forward and the backward (and
-  // MlstmChunkwiseRecomputeStates) of one step must resolve it alike.
-  MlstmStateLo state_lo = MlstmStateLo::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

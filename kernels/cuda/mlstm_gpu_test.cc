@@ -127,7 +127,6 @@ struct Variant {
   int64_t io_slab;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
-  MlstmStateLo state_lo = MlstmStateLo::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -149,10 +148,6 @@ constexpr Variant kVariants[] = {
     // with the mma.sync io kernels); chunk 128 only.
     {"v2-st128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, true},
-    // v2-st128 with the int8 lo planes of C_k / dC_{k+1} (MlstmStateLo::kInt8, helper mlstm14):
-    // the same four warpgroup kernels with the lo tiles rebuilt from int8 by the producer warps.
-    {"v2-i8", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, true, MlstmStateLo::kInt8},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -282,7 +277,6 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
-      opt.state_lo = var.state_lo;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -413,7 +407,7 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // convention's df̃ at 9e-4: the suffix sums of q·dq − k·dk cancel more with 384-long rows.
       {1, 300, 2, 384, 384, 128, false, true, Gates::kExtreme, MlstmForgetGate::kSigmoid, true},
       // S 8200 at chunk 128 with dk = dv = 128 (case 12 has dk 64, so its 64×64 state tiles
-      // never run the warpgroup state kernels or the int8 lo planes of v2-i8).
+      // never run the warpgroup state kernels; helper mlstm14, session 14).
       {1, 8200, 1, 128, 128, 128, true, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
@@ -527,11 +521,8 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
   for (const Shape& sh : {Shape{2, 333, 2, 384, 384, 128, 0, true}, Shape{1, 256, 3, 128, 256, 128, 128, false},
                           Shape{1, 300, 2, 256, 512, 128, 0, false}, Shape{2, 37, 2, 64, 128, 64, 0, true},
                           Shape{1, 530, 2, 64, 64, 16, 64, false}}) {
-    // mode 2: split states with the int8 lo planes (MlstmStateLo::kInt8) on 128×128 state tiles
-    // (where dk and dv allow them; chunk 128 only).
-    for (const int mode : {0, 1, 2}) {
-      const MlstmStatePrecision prec = mode == 1 ? MlstmStatePrecision::kBf16 : MlstmStatePrecision::kSplitBf16;
-      if (mode == 2 && (sh.chunk != 128 || sh.DK % 128 != 0 || sh.DV % 128 != 0)) continue;
+    for (const MlstmStatePrecision prec :
+         {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
       const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
       DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
@@ -554,8 +545,7 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
       MlstmOptions opt;
       opt.chunk_size = sh.chunk;
       opt.state_precision = prec;
-      opt.state_tile = mode == 2 ? 128 : sh.state_tile;
-      opt.state_lo = mode == 2 ? MlstmStateLo::kInt8 : MlstmStateLo::kBf16;
+      opt.state_tile = sh.state_tile;
       const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
       const size_t token_bytes = MlstmChunkwiseTokenBytes(shape, opt);
       DeviceBuffer saved_fwd, saved_re, tokens, scratch_buf;
@@ -604,8 +594,8 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
                   "%zu values differ\n",
                   ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
                   static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                  static_cast<long long>(sh.chunk), static_cast<long long>(opt.state_tile),
-                  mode == 1 ? "bf16-states" : mode == 2 ? "split-i8" : "split", sh.with_states ? " +init" : "",
+                  static_cast<long long>(sh.chunk), static_cast<long long>(sh.state_tile),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +init" : "",
                   saved_diff, saved_bytes, token_bytes, grad_diff, grads[0].size());
       failures += ok ? 0 : 1;
     }
