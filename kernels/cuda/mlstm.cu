@@ -108,7 +108,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
@@ -4595,13 +4598,12 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
   const Dims d = MakeDims(s1, o1);
   // Cluster size: 16 CTAs per head (non-portable, H100 / H200) while that still leaves SMs
   // idle (B·NH·16 <= #SMs: the 7B layout at B1 streams its 4 MB of state from 128 SMs), else 8;
-  // 8 again where the device cannot place 16 (cudaOccupancyMaxActiveClusters).
-  int device = 0, sms = 0;
+  // 8 again where the device cannot place 16 (cudaOccupancyMaxActiveClusters). The choice and the
+  // function attributes are made once per (device, B·NH, dk, dv), not at every decoded token:
+  // they took five driver calls a layer a token, the occupancy query among them.
+  int device = 0;
   CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t bh = shape.batch * shape.num_heads;
-  int csize = bh * 16 <= sms ? 16 : 8;
-  csize = static_cast<int>(std::min<int64_t>(csize, shape.dk));
   auto smem_of = [&](int cs) {
     const int64_t rows = (shape.dk + cs - 1) / cs;
     return static_cast<size_t>((shape.dv + 2 * rows + kStepThreads / 32) * sizeof(float));
@@ -4621,19 +4623,46 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
     cfg.dynamicSmemBytes = smem_of(cs);
   };
   if (smem_of(1) > 200 * 1024) return InvalidArgument("mlstm step: dv too large");
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem_of(1))));
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  configure(csize);
-  int max_clusters = 0;
-  if (csize > 8 && (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_step, &cfg) != cudaSuccess ||
-                    max_clusters < 1)) {
-    (void)cudaGetLastError();  // clear the query's error; 8 is portable
-    csize = static_cast<int>(std::min<int64_t>(8, shape.dk));
-    configure(csize);
+  int csize = 0;
+  {
+    struct DeviceStepState {
+      int sms = 0;
+      size_t smem_set = 0;                                       // the attribute's value so far
+      std::map<std::tuple<int64_t, int64_t, int64_t>, int> csize;  // (B·NH, dk, dv) -> cluster size
+    };
+    static std::mutex mu;
+    static std::map<int, DeviceStepState> per_device;
+    std::lock_guard<std::mutex> lock(mu);
+    DeviceStepState& st = per_device[device];
+    if (st.sms == 0) {  // (set only once both calls succeeded)
+      int sms = 0;
+      CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      st.sms = sms;
+    }
+    if (smem_of(1) > st.smem_set) {  // only ever raised: a smaller shape keeps the larger limit
+      CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(mlstm_step, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem_of(1))));
+      st.smem_set = smem_of(1);
+    }
+    const auto key = std::make_tuple(bh, shape.dk, shape.dv);
+    if (auto it = st.csize.find(key); it != st.csize.end()) {
+      csize = it->second;
+    } else {
+      csize = static_cast<int>(std::min<int64_t>(bh * 16 <= st.sms ? 16 : 8, shape.dk));
+      configure(csize);
+      int max_clusters = 0;
+      if (csize > 8 && (cudaOccupancyMaxActiveClusters(&max_clusters, mlstm_step, &cfg) != cudaSuccess ||
+                        max_clusters < 1)) {
+        (void)cudaGetLastError();  // clear the query's error; 8 is portable
+        csize = static_cast<int>(std::min<int64_t>(8, shape.dk));
+      }
+      st.csize[key] = csize;
+    }
   }
+  configure(csize);
   const int rows = static_cast<int>((shape.dk + csize - 1) / csize);
   CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_step, d, rows, q, k, v, igate, fgate,
                                           state.c, state.n, state.m, h));
