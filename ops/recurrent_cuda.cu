@@ -745,8 +745,9 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 }
 
 // The mLSTM block's conv1d forward, its three 4x4 block-diagonal maps and the gate sums in one
-// pass (MlstmConvQkvForward, opt-in GYRE_MLSTM_CONV_QKV=fused; ops/XLSTM_GLUE.md). The default
-// path runs conv1d_fwd (xm -> xc), block_diag4_fwd_gates<true> (xc -> q, k) and <false> (xm -> v):
+// pass (MlstmConvQkvForward; the default since session 14, GYRE_MLSTM_CONV_QKV=separate for the
+// three launches; ops/XLSTM_GLUE.md). The separate path runs conv1d_fwd (xm -> xc),
+// block_diag4_fwd_gates<true> (xc -> q, k) and <false> (xm -> v):
 // xc is written and read back, and xm is read twice. Here each warp takes 8 consecutive rows of
 // 4 channels a lane (one 4x4 block, as block_diag4_fwd_gates) and loads the K - 1 rows before them
 // too (the conv's causal window; mostly L1 / L2 hits: the neighbouring warp loads them as its
