@@ -61,6 +61,14 @@ TEST(RunConfigTest, ValidationNamesTheField) {
   broken = *c;
   broken.set_name("a/b");
   EXPECT_NE(ValidateRunConfig(broken).message().find("name"), std::string_view::npos);
+  broken = *c;
+  broken.mutable_checkpoint()->set_restore_reader_threads(65);
+  EXPECT_NE(ValidateRunConfig(broken).message().find("checkpoint.restore_reader_threads"), std::string_view::npos)
+      << ValidateRunConfig(broken);
+  broken = *c;
+  broken.mutable_checkpoint()->set_restore_chunk_bytes(1000);
+  EXPECT_NE(ValidateRunConfig(broken).message().find("checkpoint.restore_chunk_bytes"), std::string_view::npos)
+      << ValidateRunConfig(broken);
 }
 
 }  // namespace
