@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Compares the kernels of two PTX files entry by entry, ignoring what a refactor may rename:
+virtual register numbers, labels, the anonymous-namespace hash, local-variable numbering.
+
+  compare_entries.py BEFORE.ptx AFTER.ptx [--show N]
+
+Prints how many entries are identical, which differ, which are gone or new; with --show N, the
+first N lines of each differing entry's diff. Exit status 0 when every entry of BEFORE is in AFTER
+unchanged (new entries allowed), 1 otherwise. Used by tools/ptx/diff_rev.sh: a device-code
+refactor whose PTX is identical needs no device run (kernels/cuda/README.md).
+"""
+import argparse
+import difflib
+import re
+import sys
+
+
+def entries(path):
+    text = open(path).read()
+    out = {}
+    for m in re.finditer(r"\.entry\s+(\S+)\((.*?)\n\}\n", text, re.S):
+        name, body = m.group(1), m.group(0)
+        body = re.sub(r"%(r|rd|f|fd|p|rs|h|hh|b)\d+", r"%\1", body)
+        body = re.sub(r"\$L__\w+", "L", body)
+        # The anonymous namespace's name (a hash of the file and its build) in mangled names:
+        # "<length>_GLOBAL__N__<hash>_<n>_<file>_<hash>".
+        body = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", body)
+        body = re.sub(r"__cuda_local_var_\d+_\d+_", "LV", body)
+        key = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", name)
+        body = body.replace(name, "NAME")
+        out[key] = body
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--show", type=int, default=0)
+    a = ap.parse_args()
+    before, after = entries(a.before), entries(a.after)
+    same = [k for k in before if k in after and before[k] == after[k]]
+    diff = [k for k in before if k in after and before[k] != after[k]]
+    gone = [k for k in before if k not in after]
+    new = [k for k in after if k not in before]
+    print(f"{len(before)} entries before, {len(after)} after: {len(same)} identical, {len(diff)} differ, "
+          f"{len(gone)} gone, {len(new)} new")
+    for k in diff:
+        print("DIFF", k)
+        if a.show:
+            lines = list(difflib.unified_diff(before[k].splitlines(), after[k].splitlines(), lineterm="", n=1))
+            print("\n".join(lines[: a.show]))
+    for k in gone:
+        print("GONE", k)
+    for k in new:
+        print("NEW ", k)
+    return 0 if not diff and not gone else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
