@@ -615,6 +615,17 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
+// Four fp32 gate weights as an A fragment of hi + lo bf16 planes: x = hi + lo, hi = bf16(x),
+// lo = bf16(x - hi); (hi0 hi1, hi2 hi3, lo0 lo1, lo2 lo3).
+__device__ __forceinline__ uint4 SplitHiLoBf16(const float (&v)[4]) {
+  float hi[4], lo[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    hi[c] = __bfloat162float(__float2bfloat16_rn(v[c]));
+    lo[c] = v[c] - hi[c];
+  }
+  return make_uint4(PackBf16(hi[0], hi[1]), PackBf16(hi[2], hi[3]), PackBf16(lo[0], lo[1]), PackBf16(lo[2], lo[3]));
+}
 // D += A·B, m16n8k16, bf16 inputs, fp32 accumulators (mma.sync: every lane takes part).
 __device__ __forceinline__ void MmaBf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
@@ -667,14 +678,7 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
       const float4 f = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
       v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
     }
-    float hi[4], lo[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      hi[c] = __bfloat162float(__float2bfloat16_rn(v[c]));
-      lo[c] = v[c] - hi[c];
-    }
-    sm.afrag[m][j][h][lane] = make_uint4(PackBf16(hi[0], hi[1]), PackBf16(hi[2], hi[3]), PackBf16(lo[0], lo[1]),
-                                         PackBf16(lo[2], lo[3]));
+    sm.afrag[m][j][h][lane] = SplitHiLoBf16(v);
   }
   __syncthreads();
   float w[16], w2[16];
@@ -799,14 +803,7 @@ __global__ void __launch_bounds__(256, 2) mlstm_conv_qkv_fwd(ConvQkvParams a, fl
       const float4 f = __ldg(reinterpret_cast<const float4*>(base + bb * 4));
       v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
     }
-    float hi[4], lo[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      hi[c] = __bfloat162float(__float2bfloat16_rn(v[c]));
-      lo[c] = v[c] - hi[c];
-    }
-    sm.afrag[m][j][lane] = make_uint4(PackBf16(hi[0], hi[1]), PackBf16(hi[2], hi[3]), PackBf16(lo[0], lo[1]),
-                                      PackBf16(lo[2], lo[3]));
+    sm.afrag[m][j][lane] = SplitHiLoBf16(v);
   }
   __syncthreads();
   float w[3][16], ck[K][4], cb[4];
