@@ -32,6 +32,15 @@ using bf16 = __nv_bfloat16;
 
 std::vector<double> D(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
+// A chunk kernel's history (the state after each position but the last: `values` = (k - 1) x
+// the state's size, at the front of a buffer that may be longer) against the CPU's.
+bool ReportHistory(const std::string& name, const std::string& shape, const DeviceArray<float>& history,
+                   int64_t values, const std::vector<double>& ref, double tol) {
+  std::vector<float> got = history.Download();
+  got.resize(values);
+  return Report(name, shape, RelError(got, ref), tol);
+}
+
 TEST(SsmStepGpuTest, Conv1dStepMatchesCpu) {
   std::mt19937_64 rng(1);
   DeviceAllocator alloc;
@@ -173,11 +182,7 @@ TEST(SsmStepGpuTest, Conv1dChunkMatchesCpuSteps) {
     const std::string shape = "B3 C37 K4 chunk " + std::to_string(k);
     ok &= Report("conv1d_chunk y", shape, RelError(dy.Download(), y), testing::kTolBf16);
     ok &= Report("conv1d_chunk state", shape, RelError(dstate.Download(), state), 1e-6);
-    if (k > 1) {
-      auto h = dhist.Download();
-      h.resize((k - 1) * S);
-      ok &= Report("conv1d_chunk history", shape, RelError(h, hist), 1e-6);
-    }
+    if (k > 1) ok &= ReportHistory("conv1d_chunk history", shape, dhist, (k - 1) * S, hist, 1e-6);
   }
   EXPECT_TRUE(ok);
 }
@@ -230,11 +235,7 @@ TEST(SsdStepGpuTest, SsdChunkMatchesCpuSteps) {
     const std::string shape = "B3 H6 P44 G2 N40 chunk " + std::to_string(k);
     ok &= Report("ssd_chunk y", shape, RelError(dy.Download(), y), testing::kTolBf16);
     ok &= Report("ssd_chunk state", shape, RelError(dstate.Download(), state), 1e-4);
-    if (k > 1) {
-      auto h = dhist.Download();
-      h.resize((k - 1) * S);
-      ok &= Report("ssd_chunk history", shape, RelError(h, hist), 1e-4);
-    }
+    if (k > 1) ok &= ReportHistory("ssd_chunk history", shape, dhist, (k - 1) * S, hist, 1e-4);
   }
   EXPECT_TRUE(ok);
 }
@@ -287,9 +288,7 @@ TEST(SlstmStepGpuTest, SlstmChunkMatchesCpuSteps) {
     if (k > 1) {
       for (auto [dev, ref, name] : {std::tuple{&hh, &h1, "h"}, std::tuple{&hc, &c1, "c"}, std::tuple{&hn, &n1, "n"},
                                     std::tuple{&hm, &m1, "m"}}) {
-        auto got = dev->Download();
-        got.resize((k - 1) * S);
-        ok &= Report(std::string("slstm_chunk history ") + name, shape, RelError(got, *ref), 1e-4);
+        ok &= ReportHistory(std::string("slstm_chunk history ") + name, shape, *dev, (k - 1) * S, *ref, 1e-4);
       }
     }
   }
@@ -366,13 +365,9 @@ TEST(MlstmStepGpuTest, MlstmChunkMatchesCpuSteps) {
       ok &= Report("mlstm_chunk n", shape, RelError(dn->Download(), n), 1e-4);
       ok &= Report("mlstm_chunk m", shape, RelError(dm->Download(), m), 1e-5);
       if (k > 1) {
-        auto gc = hc.Download(), gn = hn.Download(), gm = hm.Download();
-        gc.resize((k - 1) * SC);
-        gn.resize((k - 1) * SN);
-        gm.resize((k - 1) * SM);
-        ok &= Report("mlstm_chunk history C", shape, RelError(gc, histc), 1e-4);
-        ok &= Report("mlstm_chunk history n", shape, RelError(gn, histn), 1e-4);
-        ok &= Report("mlstm_chunk history m", shape, RelError(gm, histm), 1e-5);
+        ok &= ReportHistory("mlstm_chunk history C", shape, hc, (k - 1) * SC, histc, 1e-4);
+        ok &= ReportHistory("mlstm_chunk history n", shape, hn, (k - 1) * SN, histn, 1e-4);
+        ok &= ReportHistory("mlstm_chunk history m", shape, hm, (k - 1) * SM, histm, 1e-5);
       }
     }
     EXPECT_TRUE(ok) << name;
