@@ -661,14 +661,13 @@ TEST_F(RecurrentGpuTest, DeletedNormSwitchValuesAreErrors) {
   EXPECT_EXIT(GroupNormUnderSwitches("pf", "pf"), ::testing::ExitedWithCode(0), "");
 }
 
-// A Mamba-2 block's forward and backward on CUDA under GYRE_MAMBA_IN_BWD=value (read once a
-// process): aborts naming the accepted value if it is rejected, else exits 0.
-[[noreturn]] void Mamba2BackwardUnderInProjSwitch(const char* value) {
-  setenv("GYRE_MAMBA_IN_BWD", value, /*overwrite=*/1);
-  const ModelSpec s = SmallMamba2();
+// One forward and backward of a `BlockT` (layer 3 of `s`, 1 x 16 tokens) on CUDA, synchronised:
+// what runs the kernels' host code, where the environment switches are read (once a process).
+template <class BlockT>
+void BlockForwardBackwardOnCuda(const ModelSpec& s) {
   ParamStore store(DType::kF32, Device::kCpu);
   Rng init(7), rng(8);
-  Mamba2Block block({&store, &init, "l"}, s, 3);
+  BlockT block({&store, &init, "l"}, s, 3);
   store.MoveToDevice(Device::kCuda);
   store.SyncCompute();
   store.ZeroGrad();
@@ -676,6 +675,13 @@ TEST_F(RecurrentGpuTest, DeletedNormSwitchValuesAreErrors) {
   block.Forward(x, 1, 16);
   block.Backward(x.Clone());
   Cuda().Synchronize();
+}
+
+// A Mamba-2 block's forward and backward on CUDA under GYRE_MAMBA_IN_BWD=value (read once a
+// process): aborts naming the accepted value if it is rejected, else exits 0.
+[[noreturn]] void Mamba2BackwardUnderInProjSwitch(const char* value) {
+  setenv("GYRE_MAMBA_IN_BWD", value, /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<Mamba2Block>(SmallMamba2());
   std::exit(0);
 }
 
@@ -849,17 +855,7 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithSeparateConvQkv) {
 // aborts naming the accepted values if it is rejected, else exits 0.
 [[noreturn]] void MlstmBlockUnderConvQkvSwitch(const char* value) {
   setenv("GYRE_MLSTM_CONV_QKV", value, /*overwrite=*/1);
-  const ModelSpec s = SmallXlstm();
-  ParamStore store(DType::kF32, Device::kCpu);
-  Rng init(7), rng(8);
-  MlstmBlock block({&store, &init, "l"}, s, 3);
-  store.MoveToDevice(Device::kCuda);
-  store.SyncCompute();
-  store.ZeroGrad();
-  const Tensor x = ToCudaBf16(RandomBf16Host({1, 16, s.d_model}, 1.0, &rng));
-  block.Forward(x, 1, 16);
-  block.Backward(x.Clone());
-  Cuda().Synchronize();
+  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
   std::exit(MlstmConvQkvFused() == (std::string(value) == "fused") ? 0 : 3);
 }
 
