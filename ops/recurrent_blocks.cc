@@ -820,7 +820,7 @@ void Mamba2Block::ReleaseActivations() {
 // ---------------------------------------------------------------- incremental decoding
 
 Tensor CausalConv1d::Step(const Tensor& x, Tensor* state) {
-  if (IsCuda(x)) return StepCuda(x, state);
+  if (IsCuda(x)) return StepChunkCuda(x, 1, state, nullptr);
   CheckCpu(x, "conv1d_step");
   GYRE_CHECK(x.cols() == channels_ && state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step shapes");
   Tensor y = Tensor::EmptyLike(x);
@@ -832,18 +832,14 @@ Tensor CausalConv1d::Step(const Tensor& x, Tensor* state) {
 }
 
 Tensor CausalConv1d::StepChunk(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history) {
+  if (IsCuda(x)) return StepChunkCuda(x, chunk, state, history);  // all positions in one launch
   if (history != nullptr) history->Clear();
   if (chunk == 1) return Step(x, state);
   GYRE_CHECK(chunk > 0 && x.rows() % chunk == 0, "conv1d chunk %ld of %ld rows", (long)chunk, (long)x.rows());
   const int64_t B = x.rows() / chunk;
-  Tensor y = Tensor::Empty({x.rows(), channels_}, IsCuda(x) ? DType::kBF16 : x.dtype(), x.device());
+  Tensor y = Tensor::Empty({x.rows(), channels_}, x.dtype(), x.device());
   for (int64_t j = 0; j < chunk; ++j) {
-    if (IsCuda(x)) {
-      Tensor rows = y.Rows(j * B, (j + 1) * B);
-      StepCuda(x.Rows(j * B, (j + 1) * B), state, &rows);  // straight into the output rows
-    } else {
-      y.Rows(j * B, (j + 1) * B).CopyFrom(Step(x.Rows(j * B, (j + 1) * B), state));
-    }
+    y.Rows(j * B, (j + 1) * B).CopyFrom(Step(x.Rows(j * B, (j + 1) * B), state));
     if (history != nullptr && j + 1 < chunk) history->Record({state});
   }
   return y;

@@ -57,11 +57,8 @@ class CausalConv1d {
   Tensor Step(const Tensor& x, Tensor* state);
   // `chunk` positions, x [chunk * B, C] position-major; with a history, the window after every
   // position but the last is recorded (Block::StepChunk).
+  // On CUDA (Step too) one launch for all positions (StepChunkCuda).
   Tensor StepChunk(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
-  // The same on CUDA in one launch for all positions (ops/recurrent_step_cuda.cc): with a
-  // history, the kernel writes the window after each position but the last into one buffer and
-  // the history holds views of it.
-  Tensor StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
   int64_t channels() const { return channels_; }
   int64_t width() const { return width_; }
 
@@ -74,8 +71,9 @@ class CausalConv1d {
   int64_t batch_ = 0, seq_ = 0;
   // The CUDA kernel's arguments both directions share: shape, x, weight and bias.
   Conv1dArgs CudaArgs(const Tensor& x, int64_t batch, int64_t seq) const;
-  // ops/recurrent_step_cuda.cc; writes into *y (rows of a chunk's output) when given.
-  Tensor StepCuda(const Tensor& x, Tensor* state, Tensor* y = nullptr);
+  // StepChunk on CUDA (ops/recurrent_step_cuda.cc): with a history, the kernel writes the
+  // window after each position but the last into one buffer and the history holds views of it.
+  Tensor StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history);
 };
 
 // Benchmarks only: while on, the CUDA paths of the blocks below synchronise the stream after

@@ -41,23 +41,6 @@ Tensor RowsGemm(const Tensor& x, const Parameter& w, int64_t r0, int64_t n, bool
 
 }  // namespace
 
-Tensor CausalConv1d::StepCuda(const Tensor& x, Tensor* state, Tensor* y_out) {
-  GYRE_CHECK(x.dtype() == DType::kBF16 && x.cols() == channels_, "conv1d step: CUDA x %s", ShapeString(x.shape()).c_str());
-  OnDevice(state);
-  GYRE_CHECK(state->numel() == x.rows() * (width_ - 1) * channels_, "conv1d step: state %s",
-             ShapeString(state->shape()).c_str());
-  Tensor y = y_out != nullptr ? *y_out : Tensor::Empty({x.rows(), channels_}, DType::kBF16, Device::kCuda);
-  CudaConv1dStepArgs a;
-  a.batch = x.rows(); a.channels = channels_; a.width = width_; a.silu = silu_;
-  a.x = x.raw(); a.ldx = channels_;
-  a.w = weight_->value.data<float>();
-  a.bias = bias_->value.data<float>();
-  a.state = state->data<float>();
-  a.y = y.raw();
-  if (a.batch > 0) CudaInfer().Conv1dStep(a);
-  return y;
-}
-
 Tensor CausalConv1d::StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state, StateHistory* history) {
   if (history != nullptr) history->Clear();
   GYRE_CHECK(x.dtype() == DType::kBF16 && x.cols() == channels_ && chunk > 0 && x.rows() % chunk == 0,
@@ -95,7 +78,7 @@ Tensor Mamba2Block::StepCuda(const Tensor& x, int64_t chunk, Mamba2State* st, bo
   Tensor z = RowsGemm(u, *in_proj_.weight(), 0, di_, false);
   Tensor xbc_in = RowsGemm(u, *in_proj_.weight(), di_, cx, false);
   Tensor dt = RowsGemm(u, *in_proj_.weight(), di_ + cx, heads_, /*f32=*/true);
-  Tensor xbc = conv_.StepChunkCuda(xbc_in, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
+  Tensor xbc = conv_.StepChunk(xbc_in, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   Tensor y = Tensor::Empty({rows, di_}, DType::kBF16, Device::kCuda);
   // All `chunk` positions in one launch; rows j*B .. (j+1)*B of every operand are position j.
   Tensor hist;
@@ -139,7 +122,7 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
   Tensor u = norm_.Forward(x);
   Tensor xm = RowsGemm(u, *up_.weight(), 0, p, false);
   Tensor z = RowsGemm(u, *up_.weight(), p, p, false);
-  Tensor xc = conv_.StepChunkCuda(xm, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
+  Tensor xc = conv_.StepChunk(xm, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   Tensor q, k, v, ig, fg;
   QkvGatesCuda(xc, xm, B, q, k, v, ig, fg);
   Tensor h = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
@@ -193,7 +176,7 @@ Tensor SlstmBlock::StepCuda(const Tensor& x, int64_t chunk, SlstmState* st, bool
   Tensor *h = &st->h, *c = &st->c, *n = &st->n, *m = &st->m;
   for (Tensor* t : {h, c, n, m}) OnDevice(t);
   Tensor u = norm_.Forward(x);
-  Tensor xc = conv_.StepChunkCuda(u, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
+  Tensor xc = conv_.StepChunk(u, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   // The four gate projections per (gate, head) into [B, 4, d], as ForwardCuda.
   Tensor gx = Tensor::Empty({B, 4 * d}, DType::kBF16, Device::kCuda);
   BlockDiagonalLinear* w[4] = {&wi_, &wf_, &wz_, &wo_};
