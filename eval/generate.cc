@@ -157,7 +157,8 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   while (!done()) {
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};
-    for (const ops::Tensor& d : drafts) chunk.push_back(ops::ArgmaxRows(d)[0]);
+    const std::vector<int32_t> drafted = ops::ArgmaxFirstRows(drafts);
+    chunk.insert(chunk.end(), drafted.begin(), drafted.end());
     ++result.forwards;
     result.tokens.push_back(chunk[0]);
     if (done()) break;

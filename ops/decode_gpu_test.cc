@@ -79,6 +79,29 @@ void CheckLayer(const std::string& name, int64_t in, int64_t out, Make make) {
   EXPECT_TRUE(CheckGrads(gpu_store, cpu_store, name, 1e-2));
 }
 
+// ArgmaxFirstRows (speculative decoding's drafts: one read-back for all heads) against the CPU
+// argmax of the same bf16 values, row 0 of each tensor; tensors of 1 and 3 rows, vocab 50277
+// (not a multiple of any block width), and a planted maximum in the last column and a tie (the
+// lowest index wins) so an off-by-one in the tail or the tie rule fails.
+TEST_F(DecodeGpuTest, ArgmaxFirstRowsMatchesTheCpu) {
+  Rng rng(31);
+  std::vector<Tensor> host, dev;
+  for (int64_t i = 0; i < 5; ++i) {
+    Tensor t = RandomBf16Host({i % 2 == 0 ? 1 : 3, 50277}, 1.0, &rng);
+    if (i == 1) t.Set(50276, 64.0);                      // maximum in the last column
+    if (i == 2) { t.Set(1000, 64.0); t.Set(40000, 64.0); }  // tie: 1000 wins
+    host.push_back(t);
+    dev.push_back(ToCudaBf16(t));
+  }
+  const std::vector<int32_t> got = ArgmaxFirstRows(dev), want = ArgmaxFirstRows(host);
+  ASSERT_EQ(got.size(), 5u);
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << "tensor " << i;
+  EXPECT_EQ(want[1], 50276);
+  EXPECT_EQ(want[2], 1000);
+  std::printf("[%s] ArgmaxFirstRows 5 tensors vocab 50277: %d %d %d %d %d\n",
+              got == want ? "PASS" : "FAIL", got[0], got[1], got[2], got[3], got[4]);
+}
+
 TEST_F(DecodeGpuTest, LinearWithBias) {
   CheckLayer<Linear>("linear+bias", 96, 80, [](const BuildContext& c) { return Linear(c, 96, 80, true); });
 }

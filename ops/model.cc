@@ -409,6 +409,25 @@ std::vector<int32_t> ArgmaxRows(const Tensor& logits) {
   return out;
 }
 
+std::vector<int32_t> ArgmaxFirstRows(std::span<const Tensor> logits) {
+  const int64_t n = static_cast<int64_t>(logits.size());
+  std::vector<int32_t> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  if (!IsCuda(logits[0])) {
+    for (int64_t i = 0; i < n; ++i) out[i] = ArgmaxRows(logits[i].Rows(0, 1))[0];
+    return out;
+  }
+  Tensor ids = Tensor::Empty({n}, DType::kI32, Device::kCuda);
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& t = logits[i];
+    GYRE_CHECK(IsCuda(t) && t.dtype() == DType::kBF16, "ArgmaxFirstRows: all logits must be bf16 on one device");
+    CudaInfer().ArgmaxRows(t.raw(), 1, t.cols(), t.cols(), ids.data<int32_t>() + i);
+  }
+  Tensor host = ids.ToDevice(Device::kCpu);
+  std::copy(host.data<int32_t>(), host.data<int32_t>() + n, out.begin());
+  return out;
+}
+
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec) {
   ASSIGN_OR_RETURN(auto model, LanguageModel::Create(spec, DType::kF32, Device::kMeta, 0));
   return model->NumParameters();

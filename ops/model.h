@@ -148,6 +148,10 @@ absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildCont
 // Per-row argmax of logits [rows, V] (the lowest index on ties) on any device: CUDA logits are
 // reduced on the device and only the ids are copied back (greedy / speculative decoding).
 std::vector<int32_t> ArgmaxRows(const Tensor& logits);
+// The argmax of row 0 of each of `logits` (e.g. the draft heads' logits at one position), in
+// order. CUDA logits: one launch per tensor into one id buffer and ONE copy back, so k draft
+// heads cost one host synchronisation instead of k.
+std::vector<int32_t> ArgmaxFirstRows(std::span<const Tensor> logits);
 
 // Parameter count of a spec, computed by building it on the meta device (no memory).
 absl::StatusOr<int64_t> CountParameters(const ModelSpec& spec);
