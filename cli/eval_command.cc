@@ -421,14 +421,13 @@ int RunEval(int argc, char** argv) {
   // Each checkpoint's parameters stream into the model (eval::LoadParameters). One whose manifest
   // cannot be read, or whose parameters do not verify (DataLoss: a torn file, or a parameter
   // missing or reshaped), is skipped and named; after a failure part-way the next checkpoint
-  // overwrites every parameter before it is measured.
-  auto stream = StreamOptionsFromConfig(run->config.checkpoint());
-  if (!stream.ok()) return Fail(mode, stream.status());
+  // overwrites every parameter before it is measured. The reader settings are the ones
+  // LoadModelFromRun validated.
   for (uint64_t t : *steps) {
     const std::string dir = run_dir + "/checkpoints/" + CheckpointDirName(t);
     absl::StatusOr<gyre::v1::CheckpointManifest> manifest = ReadCheckpointManifest(Env::Default(), dir);
     absl::Status loaded = manifest.status();
-    if (manifest.ok()) loaded = eval::LoadParameters(Env::Default(), dir, *manifest, model, *stream).status();
+    if (manifest.ok()) loaded = eval::LoadParameters(Env::Default(), dir, *manifest, model, run->stream_options).status();
     if (!manifest.ok() || absl::IsDataLoss(loaded)) {
       std::fprintf(stderr, "gyre %s: skipped %s: %s\n", mode.c_str(), dir.c_str(), std::string(loaded.message()).c_str());
       continue;

@@ -136,6 +136,7 @@ absl::StatusOr<LoadedModel> LoadModelFromRun(Env* env, const LoadOptions& option
   if (!stream_options.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("config file ", config_path, ": ", stream_options.status().message()));
   }
+  out.stream_options = *stream_options;
 
   // The named step, or every step newest first: a checkpoint whose manifest or parameter files
   // fail verification is passed over (and reported) for the previous one.

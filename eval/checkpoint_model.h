@@ -41,6 +41,7 @@ struct LoadedModel {
   std::vector<std::string> skipped;  // corrupt newer checkpoints passed over ("step-...: why")
   std::unique_ptr<ops::LanguageModel> model;  // CPU, f32
   CheckpointStreamStats stream;      // how the parameters were read
+  CheckpointStreamOptions stream_options;  // the reader settings (config's checkpoint.restore_*)
 };
 
 // The read buffers follow the config's checkpoint.restore_* settings (an invalid one is refused
