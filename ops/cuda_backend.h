@@ -174,6 +174,11 @@ class CudaBackend {
   // arguments of Conv1d(false, conv), BlockDiag(false, qk), BlockDiag(false, v); where the fused
   // kernel does not cover them, exactly those three calls.
   virtual void MlstmConvQkv(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v) = 0;
+  // The mLSTM block's conv1d backward and the v map's backward with its fused gates, in one pass
+  // (ops/recurrent_cuda.h MlstmConvVBackward): the arguments of Conv1d(true, conv) and
+  // BlockDiag(true, v) with v.dx == conv.dx accumulated; where the fused kernel does not cover
+  // them, exactly those two calls.
+  virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
   // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens

@@ -611,6 +611,17 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvQkvForward(conv, qk, v, alloc_, stream_));
   }
 
+  void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) override {
+    Init();
+    if (!cuda_ops::MlstmConvVFusable(conv, v)) {
+      Conv1d(true, conv);
+      BlockDiag(true, v);
+      return;
+    }
+    OpProfiler::Scope scope(&prof_, "Conv1d + BlockDiag v backward (fused)");
+    OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
+  }
+
   static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
     shape->batch = a.batch;
     shape->seq_len = a.seq;

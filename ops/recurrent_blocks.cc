@@ -269,6 +269,12 @@ Tensor CausalConv1d::Backward(const Tensor& dy) {
 }
 
 void CausalConv1d::BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_stride) {
+  const bool rows = x_.defined() && x_.numel() > 0;
+  const Conv1dArgs a = BackwardArgsCuda(dy, dx, dx_row_stride);
+  if (rows) Cuda().Conv1d(true, a);
+}
+
+Conv1dArgs CausalConv1d::BackwardArgsCuda(const Tensor& dy, void* dx, int64_t dx_row_stride) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
   GYRE_CHECK(IsCuda(x_) && IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
   Conv1dArgs a = CudaArgs(x_, batch_, seq_);
@@ -280,8 +286,8 @@ void CausalConv1d::BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_strid
   // The kernel sets every element of dw, dbias when it has rows (channels >= 1).
   const int64_t rows = x_.numel() > 0 ? batch_ * seq_ : 0;
   a.overwrite_dparams = FirstWriteOverRows(rows, {weight_, bias_});
-  if (rows > 0) Cuda().Conv1d(true, a);
   x_ = Tensor();
+  return a;
 }
 
 // ---------------------------------------------------------------- mLSTM recomputation modes
@@ -323,10 +329,23 @@ bool& ConvQkvFused() {
   return fused;
 }
 
+bool& ConvVBwdFused() {
+  static bool fused = [] {
+    const char* v = std::getenv("GYRE_MLSTM_CONV_V_BWD");
+    const std::string s = v != nullptr ? v : "";
+    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
+               "GYRE_MLSTM_CONV_V_BWD must be separate or fused, got '%s'", s.c_str());
+    return s == "fused";
+  }();
+  return fused;
+}
+
 }  // namespace
 
 bool MlstmConvQkvFused() { return ConvQkvFused(); }
 void SetMlstmConvQkvFused(bool fused) { ConvQkvFused() = fused; }
+bool MlstmConvVBwdFused() { return ConvVBwdFused(); }
+void SetMlstmConvVBwdFused(bool fused) { ConvVBwdFused() = fused; }
 
 MlstmRecomputeConfig GetMlstmRecompute() { return RecomputeConfig(); }
 void SetMlstmRecompute(MlstmRecomputeConfig config) { RecomputeConfig() = config; }
@@ -1238,8 +1257,9 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g_bias.dbf = fgate_.bias()->grad.data<float>();
   g_bias.overwrite_db = FirstWriteOverRows(rows, {igate_.bias(), fgate_.bias()});
   const int64_t bs = q_.weight()->value.dim(1);
-  auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
-                          const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
+  auto qkv_backward_args = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d,
+                               BlockDiagonalLinear* layer2, const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates,
+                               int64_t col) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
     a.x = src.raw(); a.ldx = p;
@@ -1259,18 +1279,32 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
       a.overwrite_dw2 = FirstWriteOverRows(rows, {layer2->weight()});
       a.gate_col2 = p;
     }
-    Cuda().BlockDiag(true, a);
+    return a;
+  };
+  auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
+                          const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
+    Cuda().BlockDiag(true, qkv_backward_args(src, layer, d, layer2, d2, dst, gates, col));
   };
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
   qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
   ProfileMark("mlstm.bwd.qk_blockdiag_gates");
   if (lean) dq = dkk = Tensor();
-  Tensor dxm = conv_.Backward(dxc);
-  ProfileMark("mlstm.bwd.conv");
-  if (lean) dxc = xc_ = Tensor();
-  qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
-  ProfileMark("mlstm.bwd.v_blockdiag_gates");
+  Tensor dxm;
+  if (MlstmConvVBwdFused()) {
+    // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
+    dxm = CudaEmpty({rows, p});
+    const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
+    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
+    if (lean) dxc = xc_ = Tensor();
+  } else {
+    dxm = conv_.Backward(dxc);
+    ProfileMark("mlstm.bwd.conv");
+    if (lean) dxc = xc_ = Tensor();
+    qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
+    ProfileMark("mlstm.bwd.v_blockdiag_gates");
+  }
   if (lean) dv = dig = dfg = Tensor();
   if (mode == MlstmRecompute::kGlue || mode == MlstmRecompute::kStates) {
     u_ = norm_.Forward(x_in_);  // the norm's saved input and statistics are replaced by equal ones

@@ -53,6 +53,9 @@ class CausalConv1d {
   // CUDA: what Forward records and allocates (y), and the kernel arguments it would launch
   // with, without launching them (a fused launch takes them: CudaBackend::MlstmConvQkv).
   Conv1dArgs ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y);
+  // CUDA: BackwardInto's bookkeeping (the first-write rule of dw, dbias; x released) and its
+  // kernel arguments, without the launch (CudaBackend::MlstmConvVBackward takes them).
+  Conv1dArgs BackwardArgsCuda(const Tensor& dy, void* dx, int64_t dx_row_stride);
   // Inference: x [B, C]; `state` [B, K-1, C] (zeros at the start) is advanced.
   Tensor Step(const Tensor& x, Tensor* state);
   // `chunk` positions, x [chunk * B, C] position-major; with a history, the window after every
@@ -161,6 +164,15 @@ const char* MlstmRecomputeName(MlstmRecompute mode);
 // SetMlstmConvQkvFused overrides it (tests, benchmarks). Not thread-safe. CUDA training only.
 bool MlstmConvQkvFused();
 void SetMlstmConvQkvFused(bool fused);
+
+// The mLSTM block's conv1d backward + v block-diagonal backward (with the gates' v columns) in
+// one kernel instead of two (CudaBackend::MlstmConvVBackward; fusion C of ops/XLSTM_GLUE.md).
+// Opt-in: GYRE_MLSTM_CONV_V_BWD=fused; unset or "separate" = the two launches (also what shapes
+// the fused kernel does not cover take); read once on first use; anything else stops the process
+// with a message naming the accepted values. SetMlstmConvVBwdFused overrides it (tests,
+// benchmarks). Not thread-safe. CUDA training only.
+bool MlstmConvVBwdFused();
+void SetMlstmConvVBwdFused(bool fused);
 
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.

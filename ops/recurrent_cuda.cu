@@ -1125,6 +1125,283 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   }
 }
 
+// The mLSTM block's conv1d backward and its v map's backward (with the gate backward of v's
+// columns) in one pass (MlstmConvVBackward; fusion C of ops/XLSTM_GLUE.md, opt-in
+// GYRE_MLSTM_CONV_V_BWD=fused). The separate path runs conv1d_bwd (xm, dxc -> dxm) and then
+// block_diag4_bwd<false> (xm, dv, dgate, old dxm -> dxm += dv·Wv): dxm is written, read back and
+// written again, and xm is read twice — 7 passes of [rows, p] bf16 where this kernel makes 4
+// (reads xm, dxc, dv; writes dxm once).
+// Layout: a lane owns one 4x4 block of v = 4 channels, which are also 4 channels of the
+// depthwise conv, so both backward maps of a row are the lane's own arithmetic; a warp owns a run
+// of kCvRun consecutive rows of one sequence (the conv's sliding window, as conv1d_bwd), a block
+// kCvWarps consecutive runs of one sequence and 32 column blocks. Per token t (s0 <= t < s1 + K - 1):
+//   u_t = cb + Σ_j cw_j xm[t - (K-1) + j] (zero before the sequence start),  du_t = dxc[t]·SiLU'(u_t)
+//   (zero at t >= S: the lookahead of the run's last K - 1 rows), conv dw += du_t·window for
+//   t < s1 (each token once over the runs); then row r = t - (K - 1) >= s0 is complete:
+//   dxm[r] = Σ_j cw_j du_{r+K-1-j} + (dv[r] + Σ_g dgate[r, g] wg[g])·Wv     (one bf16 rounding)
+//   dWv += (dv + gate term) ⊗ xm[r],  S[g] += dgate[r, g]·xm[r]           (xm[r] = window[0])
+// and at the end the v gate weight gradients dwg[g, o] = Σ_i Wv[o, i] S[g, i] (as block_diag4_bwd).
+// xm[t], dxc[t], dv[r] and dgate[r] travel by cp.async through a per-warp ring kCvAhead - 1 tokens
+// ahead (zero-filled past the sequence end), so loads are in flight without registers: the
+// accumulators (conv dw 16 + db 4, dWv 16, S 32) and weights (conv 16 + 4, Wv 16) hold ~120.
+// Partial sums per block (the kCvWarps runs summed in warp order through shared memory) to
+// [chunks = batch x row blocks, ...], reduced by reduce_partials in a fixed order.
+constexpr int kCvRun = 64;    // rows per warp
+constexpr int kCvWarps = 4;   // runs per block
+constexpr int kCvAhead = 8;   // ring slots per warp
+struct ConvVBwdParams {
+  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xm, dxc, dv, dxm (= channels)
+  int seq = 0, heads = 0;
+  bool silu = false;
+  const bf16* xm = nullptr;
+  const bf16* dxc = nullptr;
+  const bf16* dv = nullptr;
+  bf16* dxm = nullptr;
+  const float* cw = nullptr;  // [channels, K]
+  const float* cb = nullptr;  // [channels] or null
+  const float* wv = nullptr;  // [blocks, 4, 4]
+  const float* wi = nullptr;  // v's gate weight columns (rows of ldg)
+  const float* wf = nullptr;
+  int64_t ldg = 0;
+  const float* dig = nullptr;  // [rows, heads]
+  const float* dfg = nullptr;
+  float* pcw = nullptr;    // [chunks, channels · K]
+  float* pcb = nullptr;    // [chunks, channels]
+  float* pdw = nullptr;    // [chunks, blocks · 16]
+  float* pgate = nullptr;  // [chunks, 2 heads, channels]
+  float* pdb = nullptr;    // [chunks, 2 heads] or null
+};
+// cp.async of 8 (4) bytes with zero fill: src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void CpAsync8Z(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void CpAsync4Z(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(valid ? 4 : 0));
+}
+template <int K>
+__global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdParams a) {
+  struct Ring {
+    uint2 in[kCvWarps][kCvAhead][3][32];  // xm[t], dxc[t], dv[t - (K - 1)]
+    float dg[kCvWarps][kCvAhead][8];      // dgate[t - (K - 1), 0..7] (zeros past 2 heads)
+  };
+  constexpr int kRedLd = 32 * 16 + 8;
+  constexpr int kRedBytes = kCvWarps * kRedLd * 4;
+  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
+  __shared__ float4 wg[8][32];
+  Ring& ring = *reinterpret_cast<Ring*>(raw);
+  auto red = reinterpret_cast<float (*)[kRedLd]>(raw);
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int G = 2 * a.heads;
+  for (int e = tid; e < 8 * 32; e += 32 * kCvWarps) {
+    const int t = e / 32, bx = e % 32;
+    const int64_t bb = blockIdx.x * 32 + bx;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (bb < a.blocks && t < G)
+      v = __ldg(reinterpret_cast<const float4*>((t < a.heads ? a.wi + t * a.ldg : a.wf + (t - a.heads) * a.ldg) + bb * 4));
+    wg[t][bx] = v;
+  }
+  float w[16], cw[K][4], cb[4];
+  if (live) {
+    LoadF8(a.wv + b * 16, w);
+    LoadF8(a.wv + b * 16 + 8, w + 8);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) w[k] = 0.f;
+  }
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) cw[j][v] = live ? a.cw[(b * 4 + v) * K + j] : 0.f;
+    cb[v] = live && a.cb != nullptr ? a.cb[b * 4 + v] : 0.f;
+  }
+  float acc[16], S[8][4], cdw[K][4], cdb[4], dbs = 0.f;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) acc[k] = 0.f;
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    cdb[v] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) cdw[j][v] = 0.f;
+  }
+  __syncthreads();  // wg
+  const int S_len = a.seq;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * S_len;  // the sequence's first row
+  const int s0 = (blockIdx.y * kCvWarps + ty) * kCvRun, s1 = min(s0 + kCvRun, S_len);
+  if (s0 < s1) {  // uniform over the warp
+    float win[K][4], du[K][4];  // win[j] = xm[t - (K-1) + j], du[j] = du_{t - (K-1) + j}
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) win[j][v] = du[j][v] = 0.f;
+    if (live) {
+#pragma unroll
+      for (int j = 1; j < K; ++j) {  // the K - 1 rows before s0 (zeros before the sequence start)
+        const int pos = s0 - K + j;
+        if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ld + b * 4, win[j]);
+      }
+    }
+    const int n = s1 - s0 + K - 1;  // tokens of the run: its rows and K - 1 rows of lookahead
+    // Token i's copies into slot i % kCvAhead (one commit group per token, empty past the run).
+    auto issue = [&](int i) {
+      if (i < n) {
+        const int slot = i % kCvAhead;
+        const int t = s0 + i, r = t - (K - 1);
+        const bool tok = t < S_len, out = i >= K - 1;
+        const int64_t trow = row0 + min(t, S_len - 1), rrow = row0 + max(r, 0);
+        if (live) {
+          CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + trow * a.ld + b * 4, tok);
+          CpAsync8Z(&ring.in[ty][slot][1][tx], a.dxc + trow * a.ld + b * 4, tok);
+          CpAsync8Z(&ring.in[ty][slot][2][tx], a.dv + rrow * a.ld + b * 4, out);
+        }
+        if (tx < 8) {
+          const float* src = tx < a.heads ? a.dig + rrow * a.heads + tx
+                                          : a.dfg + rrow * a.heads + min(tx - a.heads, a.heads - 1);
+          CpAsync4Z(&ring.dg[ty][slot][tx], src, out && tx < G);
+        }
+      }
+      CpAsyncCommit();
+    };
+#pragma unroll
+    for (int i = 0; i < kCvAhead - 1; ++i) issue(i);
+#pragma unroll 4
+    for (int i = 0; i < n; ++i) {
+      __syncwarp();  // every lane is done with the slot the next copy overwrites
+      issue(i + kCvAhead - 1);
+      CpAsyncWait<kCvAhead - 1>();
+      __syncwarp();  // the gate gradients came by other lanes' copies
+      const int slot = i % kCvAhead;
+      const int t = s0 + i;
+      float xn[4], gy[4];
+      Bf16x4ToFloat(ring.in[ty][slot][0][tx], xn);
+      Bf16x4ToFloat(ring.in[ty][slot][1][tx], gy);
+#pragma unroll
+      for (int j = 0; j + 1 < K; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          win[j][v] = win[j + 1][v];
+          du[j][v] = du[j + 1][v];
+        }
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        win[K - 1][v] = xn[v];
+        float g = gy[v];
+        if (a.silu) {
+          float u = cb[v];
+#pragma unroll
+          for (int j = 0; j < K; ++j) u += cw[j][v] * win[j][v];
+          g *= DSilu(u);
+        }
+        du[K - 1][v] = g;
+      }
+      if (t < s1) {  // uniform: token t's conv weight gradient terms (once over the runs)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+#pragma unroll
+          for (int j = 0; j < K; ++j) cdw[j][v] += du[K - 1][v] * win[j][v];
+          cdb[v] += du[K - 1][v];
+        }
+      }
+      if (i >= K - 1) {  // uniform: row r = t - (K - 1) is complete
+        const int r = t - (K - 1);
+        float d[4], dgs[8], dx[4];
+        Bf16x4ToFloat(ring.in[ty][slot][2][tx], d);
+        const float4 g0 = *reinterpret_cast<const float4*>(&ring.dg[ty][slot][0]);
+        const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[ty][slot][4]);
+        dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
+        dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
+        dbs += ring.dg[ty][slot][tx & 7];
+#pragma unroll
+        for (int gt = 0; gt < 8; ++gt) {
+          const float4 u = wg[gt][tx];
+          d[0] += dgs[gt] * u.x; d[1] += dgs[gt] * u.y; d[2] += dgs[gt] * u.z; d[3] += dgs[gt] * u.w;
+#pragma unroll
+          for (int i2 = 0; i2 < 4; ++i2) S[gt][i2] += dgs[gt] * win[0][i2];
+        }
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          float o = 0.f;
+#pragma unroll
+          for (int j = 0; j < K; ++j) o += cw[j][v] * du[K - 1 - j][v];
+          dx[v] = o + (d[0] * w[v] + d[1] * w[4 + v] + d[2] * w[8 + v] + d[3] * w[12 + v]);
+        }
+#pragma unroll
+        for (int o = 0; o < 4; ++o)
+#pragma unroll
+          for (int i2 = 0; i2 < 4; ++i2) acc[o * 4 + i2] += d[o] * win[0][i2];
+        if (live) Store4(a.dxm, (row0 + r) * a.ld + b * 4, dx);
+      }
+    }
+    CpAsyncWait<0>();
+  }
+  __syncthreads();  // the ring's memory becomes `red`
+  const int64_t chunk = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+  // 16 values a lane, summed over the kCvWarps runs in warp order; write(lane, k, sum).
+  auto reduce16 = [&](const float (&v)[16], auto&& write) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = v[k];
+    __syncthreads();
+    for (int e = tid; e < 32 * 16; e += 32 * kCvWarps) {
+      float s = 0.f;
+#pragma unroll
+      for (int y = 0; y < kCvWarps; ++y) s += red[y][e];
+      write(e / 16, e % 16, s);
+    }
+    __syncthreads();
+  };
+  reduce16(acc, [&](int bx, int k, float s) {
+    const int64_t bb = blockIdx.x * 32 + bx;
+    if (bb < a.blocks) a.pdw[chunk * a.blocks * 16 + bb * 16 + k] = s;
+  });
+#pragma unroll
+  for (int t0 = 0; t0 < 8; t0 += 4) {
+    if (t0 >= G) break;  // uniform over the block
+    float v[16];
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt)
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        v[tt * 4 + o] = w[o * 4] * S[t0 + tt][0] + w[o * 4 + 1] * S[t0 + tt][1] + w[o * 4 + 2] * S[t0 + tt][2] +
+                        w[o * 4 + 3] * S[t0 + tt][3];
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      const int t = t0 + k / 4;
+      if (bb < a.blocks && t < G) a.pgate[(chunk * G + t) * a.ld + bb * 4 + k % 4] = s;
+    });
+  }
+  {
+    float v[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c * 4 + j] = cdw[j][c];
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      if (bb < a.blocks && k % 4 < K) a.pcw[chunk * a.ld * K + (bb * 4 + k / 4) * K + k % 4] = s;
+    });
+  }
+  {
+    float v[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = k < 4 ? cdb[k] : 0.f;
+    v[4] = dbs;  // lane tx < 8: the sums of gate tx over the warp's rows
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      if (k < 4 && bb < a.blocks) a.pcb[chunk * a.ld + bb * 4 + k] = s;
+      if (k == 4 && bx < G && a.pdb != nullptr && blockIdx.x == 0) a.pdb[chunk * G + bx] = s;
+    });
+  }
+}
+
 // Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
 // above with 16-byte loads; passes re-read the (L1-resident) row.
 template <int kMode>
@@ -2127,6 +2404,76 @@ CudaResult MlstmConvQkvForward(const Conv1dArgs& c, const BlockDiagArgs& qk, con
       j.mode = kReduceSet;  // the one launch writes the whole sum
     }
     jobs.Add(j);
+  }
+  return LaunchReduce(jobs, stream);
+}
+
+bool MlstmConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& v) {
+  if (v.gates == nullptr || v.w2 != nullptr || v.dw == nullptr || c.dw == nullptr || c.dbias == nullptr) return false;
+  const int64_t p = c.channels;
+  const MlstmGateArgs& g = *v.gates;
+  const bool same = v.rows == c.batch * c.seq && v.blocks * 4 == p && v.block_in == 4 && v.block_out == 4 &&
+                    v.x == c.x && v.dx == c.dx && v.accumulate_dx && v.ldx == p && v.ldy == p && c.dx_row_stride == 0;
+  FusedGates fg;
+  return same && c.width >= 1 && c.width <= 4 && c.seq > 0 && c.seq < (int64_t{1} << 30) && g.heads >= 1 &&
+         g.heads <= 4 && BlockDiagVectorizable(v, true) && MakeFusedGates(v, true, &fg).ok() &&
+         FusedGatesVectorizable(fg, false) && Aligned(c.dy, 8) && v.rows < (int64_t{1} << 31);
+}
+
+CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, DeviceAllocator* scratch,
+                              cudaStream_t stream) {
+  if (!MlstmConvVFusable(c, v))
+    return gyre::cuda::InvalidArgument("MlstmConvVBackward: arguments outside the fused kernel (MlstmConvVFusable)");
+  if (v.rows == 0) return {};
+  FusedGates g;
+  if (CudaResult r = MakeFusedGates(v, true, &g); !r.ok()) return r;
+  const int K = static_cast<int>(c.width);
+  const int64_t p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
+  const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
+                  static_cast<unsigned>((c.seq + kCvRun * kCvWarps - 1) / (kCvRun * kCvWarps)),
+                  static_cast<unsigned>(c.batch));
+  const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
+  const bool db = g.dbi != nullptr;
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), &part); !r.ok()) return r;
+  ConvVBwdParams k;
+  k.rows = v.rows; k.blocks = v.blocks; k.ld = p;
+  k.seq = static_cast<int>(c.seq); k.heads = g.heads; k.silu = c.silu;
+  k.xm = static_cast<const bf16*>(c.x);
+  k.dxc = static_cast<const bf16*>(c.dy);
+  k.dv = static_cast<const bf16*>(v.dy);
+  k.dxm = static_cast<bf16*>(c.dx);
+  k.cw = c.w; k.cb = c.bias; k.wv = v.w;
+  k.wi = g.wi[0]; k.wf = g.wf[0]; k.ldg = g.ldg;
+  k.dig = g.dig; k.dfg = g.dfg;
+  k.pcw = part.as<float>();
+  k.pcb = k.pcw + chunks * p * K;
+  k.pdw = k.pcb + chunks * p;
+  k.pgate = k.pdw + chunks * nw;
+  k.pdb = db ? k.pgate + chunks * G * p : nullptr;
+  const dim3 block(32, kCvWarps);
+  switch (K) {
+    case 1: mlstm_conv_v_bwd<1><<<grid, block, 0, stream>>>(k); break;
+    case 2: mlstm_conv_v_bwd<2><<<grid, block, 0, stream>>>(k); break;
+    case 3: mlstm_conv_v_bwd<3><<<grid, block, 0, stream>>>(k); break;
+    default: mlstm_conv_v_bwd<4><<<grid, block, 0, stream>>>(k); break;
+  }
+  if (CudaResult r = Launched("mlstm_conv_v_bwd"); !r.ok()) return r;
+  ReduceJobs jobs;
+  jobs.Add(Job(k.pcw, chunks, p * K, p * K, c.dw, c.overwrite_dparams));
+  jobs.Add(Job(k.pcb, chunks, p, p, c.dbias, c.overwrite_dparams));
+  jobs.Add(Job(k.pdw, chunks, nw, nw, v.dw, v.overwrite_dw));
+  // Gate t's v columns land in row t of dwi (dwf for the forget gates), as BlockDiagBackward.
+  for (int f = 0; f < 2; ++f) {
+    ReduceJob j = Job(k.pgate + f * g.heads * p, chunks, G * p, g.heads * p, f == 0 ? g.dwi[0] : g.dwf[0],
+                      v.gates->overwrite_dw);
+    j.seg = p;
+    j.out_stride = g.ldg;
+    jobs.Add(j);
+  }
+  if (db) {
+    jobs.Add(Job(k.pdb, chunks, G, g.heads, g.dbi, g.overwrite_db));
+    jobs.Add(Job(k.pdb + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
   }
   return LaunchReduce(jobs, stream);
 }

@@ -49,6 +49,19 @@ bool MlstmConvQkvFusable(const Conv1dArgs& conv, const BlockDiagArgs& qk, const 
 CudaResult MlstmConvQkvForward(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v,
                                DeviceAllocator* scratch, cudaStream_t stream);
 
+// The mLSTM block's conv1d backward (`conv`: x = xm, dy = dxc -> dx = dxm, dw, dbias) and the
+// backward of its v map with the fused gates (`v`: x = xm, dy = dv, dx = the same dxm accumulated
+// onto the conv's, dw, the gate weight gradients of v's columns and, with gates->dbi, the gate
+// bias sums) in one pass (fusion C of ops/XLSTM_GLUE.md): the arguments of Conv1dBackward and
+// BlockDiagBackward that the separate path takes, the same outputs up to rounding (dxm rounded to
+// bf16 once instead of twice; the parameter sums in another fp32 order). MlstmConvVFusable:
+// whether the fused kernel covers them (4x4 blocks, heads <= 4, width <= 4, packed rows of
+// `channels`, v.x == conv.x, v.dx == conv.dx with accumulate_dx, every gradient pointer set,
+// aligned); MlstmConvVBackward returns InvalidArgument for any other.
+bool MlstmConvVFusable(const Conv1dArgs& conv, const BlockDiagArgs& v);
+CudaResult MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v, DeviceAllocator* scratch,
+                              cudaStream_t stream);
+
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
 // out[c] += Σ_r x[r, c] (bf16 x with row stride ld; fp32 out).

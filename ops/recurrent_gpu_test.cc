@@ -866,6 +866,197 @@ TEST_F(RecurrentGpuTest, MlstmConvQkvSwitchValues) {
   EXPECT_EXIT(MlstmBlockUnderConvQkvSwitch("separate"), ::testing::ExitedWithCode(0), "");
 }
 
+// ---------------------------------------------------------------- fused conv + v backward
+
+// The mLSTM block's conv1d backward + v block-diagonal backward with its gates in one launch
+// (CudaBackend::MlstmConvVBackward; GYRE_MLSTM_CONV_V_BWD=fused in the blocks) against float64:
+// dxm (= the conv's dx + the v map's dx), conv dw / dbias, dWv, the gate weight gradients of v's
+// columns (the q / k columns untouched), the gate bias sums; accumulating onto random gradients
+// and overwriting them (the first-write rule), the separate launches on the same inputs, and a
+// second fused call (bitwise). B x S rows with the conv's causal boundary at every sequence start,
+// sequences shorter than the window (S 2), odd row counts, runs not filling the 64-row warps or
+// the 256-row blocks (S 300, 517), and a partly live second column block (p 200: 50 of 64 lanes).
+void CheckConvVBwd(int64_t B, int64_t S, int64_t p, int64_t heads, int64_t K, bool silu) {
+  Rng rng(71 + B * 5 + S + K);
+  const int64_t rows = B * S, blocks = p / 4, width = 3 * p, G = 2 * heads;
+  const std::string name = "mlstm conv+v bwd fused B " + std::to_string(B) + " S " + std::to_string(S) + " p " +
+                           std::to_string(p) + " heads " + std::to_string(heads) + " K " + std::to_string(K) +
+                           (silu ? " silu" : "");
+  const Tensor xm = RandomBf16Host({rows, p}, 1.0, &rng), dxc = RandomBf16Host({rows, p}, 1.0, &rng),
+               dv = RandomBf16Host({rows, p}, 1.0, &rng), cw = RandomBf16Host({p, K}, 0.5, &rng),
+               cb = RandomBf16Host({p}, 0.5, &rng), wv = RandomBf16Host({blocks, 4, 4}, 0.5, &rng),
+               wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng);
+  Tensor dig = RandomBf16Host({rows, heads}, 1.0, &rng), dfg = RandomBf16Host({rows, heads}, 1.0, &rng);
+  for (Tensor* t : {&dig, &dfg})  // fp32 in training: low mantissa bits set
+    for (int64_t i = 0; i < t->numel(); ++i) t->Set(i, static_cast<double>(static_cast<float>(t->At(i) * 1.3719)));
+  // The gradients' previous values (accumulated onto unless overwriting).
+  const Tensor cdw0 = RandomBf16Host({p, K}, 1.0, &rng), cdb0 = RandomBf16Host({p}, 1.0, &rng),
+               dwv0 = RandomBf16Host({blocks, 4, 4}, 1.0, &rng), dwi0 = RandomBf16Host({heads, width}, 1.0, &rng),
+               dwf0 = RandomBf16Host({heads, width}, 1.0, &rng), dbi0 = RandomBf16Host({heads}, 1.0, &rng),
+               dbf0 = RandomBf16Host({heads}, 1.0, &rng);
+  auto dgate = [&](int64_t r, int64_t t) { return t < heads ? dig.At(r * heads + t) : dfg.At(r * heads + t - heads); };
+  // float64 reference of the sums alone (the previous values added per run below).
+  Tensor dxm_ref = Tensor::Zeros({rows, p}, DType::kF64), cdw = Tensor::Zeros({p, K}, DType::kF64),
+         cdb = Tensor::Zeros({p}, DType::kF64), dwv = Tensor::Zeros({blocks, 4, 4}, DType::kF64),
+         dwi = Tensor::Zeros({heads, width}, DType::kF64), dwf = dwi.Clone(), dbi = Tensor::Zeros({heads}, DType::kF64),
+         dbf = dbi.Clone();
+  std::vector<double> du(rows * p);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < p; ++c) {
+      double u = cb.At(c);
+      for (int64_t j = 0; j < K; ++j)
+        if (r % S - (K - 1) + j >= 0) u += cw.At(c * K + j) * xm.At((r - (K - 1) + j) * p + c);
+      const double g = dxc.At(r * p + c) * (silu ? DSiluD(u) : 1.0);
+      du[r * p + c] = g;
+      for (int64_t j = 0; j < K; ++j)
+        if (r % S - (K - 1) + j >= 0) cdw.Set(c * K + j, cdw.At(c * K + j) + g * xm.At((r - (K - 1) + j) * p + c));
+      cdb.Set(c, cdb.At(c) + g);
+    }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t < G; ++t) (t < heads ? dbi : dbf).Set(t % heads, (t < heads ? dbi : dbf).At(t % heads) + dgate(r, t));
+    for (int64_t b = 0; b < blocks; ++b) {
+      double d[4], x[4];
+      for (int64_t i = 0; i < 4; ++i) x[i] = xm.At(r * p + b * 4 + i);
+      for (int64_t o = 0; o < 4; ++o) {
+        const int64_t c = b * 4 + o, gc = 2 * p + c;
+        d[o] = dv.At(r * p + c);
+        double y = 0;
+        for (int64_t i = 0; i < 4; ++i) y += wv.At((b * 4 + o) * 4 + i) * x[i];
+        for (int64_t h = 0; h < heads; ++h) {
+          d[o] += dig.At(r * heads + h) * wi.At(h * width + gc) + dfg.At(r * heads + h) * wf.At(h * width + gc);
+          dwi.Set(h * width + gc, dwi.At(h * width + gc) + dig.At(r * heads + h) * y);
+          dwf.Set(h * width + gc, dwf.At(h * width + gc) + dfg.At(r * heads + h) * y);
+        }
+        for (int64_t i = 0; i < 4; ++i) dwv.Set((b * 4 + o) * 4 + i, dwv.At((b * 4 + o) * 4 + i) + d[o] * x[i]);
+      }
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t c = b * 4 + i;
+        double dx = 0;
+        for (int64_t o = 0; o < 4; ++o) dx += d[o] * wv.At((b * 4 + o) * 4 + i);
+        // The conv's dx: Σ_j w_j du_{r+K-1-j} over the tokens of r's own sequence.
+        for (int64_t j = 0; j < K; ++j)
+          if (r % S + K - 1 - j < S) dx += cw.At(c * K + j) * du[(r + K - 1 - j) * p + c];
+        dxm_ref.Set(r * p + c, dx);
+      }
+    }
+  }
+  const Tensor xmd = ToCudaBf16(xm), dxcd = ToCudaBf16(dxc), dvd = ToCudaBf16(dv), cwd = DevF32(cw), cbd = DevF32(cb),
+               wvd = DevF32(wv), wid = DevF32(wi), wfd = DevF32(wf), digd = DevF32(dig), dfgd = DevF32(dfg);
+  // Runs: 0 fused accumulating, 1 fused overwriting, 2 the separate launches overwriting.
+  struct Out {
+    Tensor dxm, cdw, cdb, dwv, dwi, dwf, dbi, dbf;
+  } out[3];
+  for (int run = 0; run < 3; ++run) {
+    Out& o = out[run];
+    const bool overwrite = run > 0;
+    o.dxm = Poison({rows, p});
+    o.cdw = DevF32(cdw0); o.cdb = DevF32(cdb0); o.dwv = DevF32(dwv0);
+    o.dwi = DevF32(dwi0); o.dwf = DevF32(dwf0); o.dbi = DevF32(dbi0); o.dbf = DevF32(dbf0);
+    Conv1dArgs conv;
+    conv.batch = B; conv.seq = S; conv.channels = p; conv.width = K; conv.silu = silu;
+    conv.x = xmd.raw(); conv.w = cwd.data<float>(); conv.bias = cbd.data<float>();
+    conv.dy = dxcd.raw(); conv.dx = o.dxm.raw();
+    conv.dw = o.cdw.data<float>(); conv.dbias = o.cdb.data<float>(); conv.overwrite_dparams = overwrite;
+    MlstmGateArgs g;
+    g.rows = rows; g.inner = p; g.heads = heads;
+    g.wi = wid.data<float>(); g.wf = wfd.data<float>();
+    g.dig = digd.data<float>(); g.dfg = dfgd.data<float>();
+    g.dwi = o.dwi.data<float>(); g.dwf = o.dwf.data<float>();
+    g.dbi = o.dbi.data<float>(); g.dbf = o.dbf.data<float>();
+    g.overwrite_dw = g.overwrite_db = overwrite;
+    BlockDiagArgs v;
+    v.rows = rows; v.blocks = blocks; v.block_in = 4; v.block_out = 4;
+    v.x = xmd.raw(); v.ldx = p; v.ldy = p;
+    v.w = wvd.data<float>(); v.dy = dvd.raw(); v.dx = o.dxm.raw(); v.accumulate_dx = true;
+    v.dw = o.dwv.data<float>(); v.overwrite_dw = overwrite;
+    v.gates = &g; v.gate_col = 2 * p;
+    if (run < 2) {
+      Cuda().SetOpProfiling(true);
+      Cuda().MlstmConvVBackward(conv, v);
+      bool fused_ran = false;
+      for (const auto& t : Cuda().TakeOpProfile()) fused_ran |= t.label.find("(fused)") != std::string::npos;
+      Cuda().SetOpProfiling(false);
+      EXPECT_TRUE(fused_ran) << name << ": the fused kernel did not take these arguments";
+    } else {
+      Cuda().Conv1d(true, conv);
+      Cuda().BlockDiag(true, v);
+    }
+  }
+  auto plus = [](const Tensor& a, const Tensor& b) {  // a + b in float64
+    Tensor s = a.To(DType::kF64);
+    for (int64_t i = 0; i < s.numel(); ++i) s.Set(i, s.At(i) + b.At(i));
+    return s;
+  };
+  // The q / k columns of dwi / dwf keep their previous values (overwrite or not).
+  auto v_cols = [&](const Tensor& sums, const Tensor& prev, bool overwrite) {
+    Tensor s = prev.To(DType::kF64);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t c = 2 * p; c < width; ++c)
+        s.Set(h * width + c, (overwrite ? 0.0 : prev.At(h * width + c)) + sums.At(h * width + c));
+    return s;
+  };
+  for (int run = 0; run < 3; ++run) {
+    const Out& o = out[run];
+    const bool overwrite = run > 0;
+    const std::string n = name + (run == 0 ? " [accumulate]" : run == 1 ? " [overwrite]" : " [separate launches]");
+    EXPECT_TRUE(Check(n + " dxm", o.dxm, dxm_ref, 1e-2));
+    EXPECT_TRUE(Check(n + " conv dw", o.cdw, overwrite ? cdw : plus(cdw0, cdw), 1e-4));
+    EXPECT_TRUE(Check(n + " conv dbias", o.cdb, overwrite ? cdb : plus(cdb0, cdb), 1e-4));
+    EXPECT_TRUE(Check(n + " dWv", o.dwv, overwrite ? dwv : plus(dwv0, dwv), 1e-4));
+    EXPECT_TRUE(Check(n + " dwi", o.dwi, v_cols(dwi, dwi0, overwrite), 1e-4));
+    EXPECT_TRUE(Check(n + " dwf", o.dwf, v_cols(dwf, dwf0, overwrite), 1e-4));
+    EXPECT_TRUE(Check(n + " dbi", o.dbi, overwrite ? dbi : plus(dbi0, dbi), 1e-4));
+    EXPECT_TRUE(Check(n + " dbf", o.dbf, overwrite ? dbf : plus(dbf0, dbf), 1e-4));
+  }
+  const bool repeat = HostBytes(out[0].dxm) == HostBytes(out[1].dxm);
+  std::printf("[%s] %s dxm: bitwise equal in a second fused call %d\n", repeat ? "PASS" : "FAIL", name.c_str(), repeat);
+  EXPECT_TRUE(repeat);
+}
+
+TEST_F(RecurrentGpuTest, MlstmConvVBwdFusedKernel) {
+  CheckConvVBwd(3, 13, 200, 3, 4, true);    // 39 rows; second column block 18 of 32 lanes live
+  CheckConvVBwd(5, 2, 128, 2, 4, true);     // sequences shorter than the window
+  CheckConvVBwd(1, 37, 256, 1, 3, true);    // width 3, one head
+  CheckConvVBwd(2, 300, 128, 4, 4, true);   // 2 row blocks a sequence, the second with one 44-row run
+  CheckConvVBwd(2, 517, 64, 4, 2, false);   // width 2, odd rows, no SiLU
+  CheckConvVBwd(2, 1024, 1536, 4, 4, true);  // the 125M block's width: 12 column blocks, 4 row blocks
+}
+
+// The blocks, a model and training with the fused backward (GYRE_MLSTM_CONV_V_BWD=fused; the
+// default is the separate launches, which the other xLSTM tests run).
+class FusedConvVBwd {
+ public:
+  FusedConvVBwd() : was_(MlstmConvVBwdFused()) { SetMlstmConvVBwdFused(true); }
+  ~FusedConvVBwd() { SetMlstmConvVBwdFused(was_); }
+
+ private:
+  bool was_;
+};
+
+TEST_F(RecurrentGpuTest, MlstmBlockWithFusedConvVBwd) {
+  FusedConvVBwd fused;
+  const ModelSpec s = SmallXlstm();
+  CheckBlock("mlstm [conv_v_bwd fused]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); },
+             2, 100);
+  CheckBlock("mlstm [conv_v_bwd fused] B 3 T 37", s,
+             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
+}
+
+// GYRE_MLSTM_CONV_V_BWD=value (read once a process) through an mLSTM block's forward and backward:
+// aborts naming the accepted values if it is rejected, else exits 0.
+[[noreturn]] void MlstmBlockUnderConvVBwdSwitch(const char* value) {
+  setenv("GYRE_MLSTM_CONV_V_BWD", value, /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
+  std::exit(MlstmConvVBwdFused() == (std::string(value) == "fused") ? 0 : 3);
+}
+
+TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(MlstmBlockUnderConvVBwdSwitch("on"), "GYRE_MLSTM_CONV_V_BWD must be separate or fused, got 'on'");
+  EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("fused"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("separate"), ::testing::ExitedWithCode(0), "");
+}
+
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
 TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   ModelSpec s = SmallXlstm();
@@ -902,6 +1093,10 @@ void CheckModel(const ModelSpec& spec) {
 TEST_F(RecurrentGpuTest, XlstmModelLossAndEveryGradient) { CheckModel(SmallXlstm()); }
 TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvQkv) {
   SeparateConvQkv separate;
+  CheckModel(SmallXlstm());
+}
+TEST_F(RecurrentGpuTest, XlstmModelWithFusedConvVBwd) {
+  FusedConvVBwd fused;
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, Mamba2ModelLossAndEveryGradient) { CheckModel(SmallMamba2()); }
@@ -1020,6 +1215,10 @@ void ExpectBitwiseReproducible(const ModelSpec& spec, int64_t B, int64_t T) {
 TEST_F(RecurrentGpuTest, XlstmTrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallXlstm(), 8, 256); }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvQkvIsBitwiseReproducible) {
   SeparateConvQkv separate;
+  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
+}
+TEST_F(RecurrentGpuTest, XlstmTrainingWithFusedConvVBwdIsBitwiseReproducible) {
+  FusedConvVBwd fused;
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
