@@ -1148,7 +1148,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 // [chunks = batch x row blocks, ...], reduced by reduce_partials in a fixed order.
 constexpr int kCvRun = 64;    // rows per warp
 constexpr int kCvWarps = 4;   // runs per block
-constexpr int kCvAhead = 8;   // ring slots per warp
+constexpr int kCvAhead = 16;  // ring slots per warp (a power of 2)
 struct ConvVBwdParams {
   int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xm, dxc, dv, dxm (= channels)
   int seq = 0, heads = 0;
@@ -1184,17 +1184,18 @@ template <int K>
 __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdParams a) {
   struct Ring {
     uint2 in[kCvWarps][kCvAhead][3][32];  // xm[t], dxc[t], dv[t - (K - 1)]
-    float dg[kCvWarps][kCvAhead][8];      // dgate[t - (K - 1), 0..7] (zeros past 2 heads)
+    float dg[kCvWarps][kCvAhead][32];     // lane g < 2 heads: dgate[t - (K - 1), g]; zeros above
   };
   constexpr int kRedLd = 32 * 16 + 8;
-  constexpr int kRedBytes = kCvWarps * kRedLd * 4;
-  __shared__ __align__(16) unsigned char raw[sizeof(Ring) > kRedBytes ? sizeof(Ring) : kRedBytes];
+  static_assert(sizeof(Ring) >= kCvWarps * kRedLd * 4, "the reduction scratch reuses the ring");
+  extern __shared__ __align__(16) unsigned char cv_smem[];
   __shared__ float4 wg[8][32];
-  Ring& ring = *reinterpret_cast<Ring*>(raw);
-  auto red = reinterpret_cast<float (*)[kRedLd]>(raw);
+  Ring& ring = *reinterpret_cast<Ring*>(cv_smem);
+  auto red = reinterpret_cast<float (*)[kRedLd]>(cv_smem);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
+  const int64_t bc = live ? b : 0;  // dead lanes copy nothing (size 0) from a valid address
   const int G = 2 * a.heads;
   for (int e = tid; e < 8 * 32; e += 32 * kCvWarps) {
     const int t = e / 32, bx = e % 32;
@@ -1248,37 +1249,35 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
         if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ld + b * 4, win[j]);
       }
     }
-    const int n = s1 - s0 + K - 1;  // tokens of the run: its rows and K - 1 rows of lookahead
-    // Token i's copies into slot i % kCvAhead (one commit group per token, empty past the run).
-    auto issue = [&](int i) {
+    // Token i (row t = s0 + i) reads xm, dxc at t and dv, dgate at r = t - (K - 1): pointers at
+    // row s0, offsets bumped per token; rows past the sequence and r < s0 copy zeros.
+    const int n = s1 - s0 + K - 1, last = S_len - 1 - s0;
+    const int64_t base = (row0 + s0) * a.ld + bc * 4;  // (the tensors' pointers stay kernel parameters)
+    const int gsel = min(tx, G - 1);
+    const int64_t gbase = (row0 + s0) * a.heads + (gsel < a.heads ? gsel : gsel - a.heads);
+    auto issue = [&](int i) {  // one commit group per token (empty past the run)
       if (i < n) {
-        const int slot = i % kCvAhead;
-        const int t = s0 + i, r = t - (K - 1);
-        const bool tok = t < S_len, out = i >= K - 1;
-        const int64_t trow = row0 + min(t, S_len - 1), rrow = row0 + max(r, 0);
-        if (live) {
-          CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + trow * a.ld + b * 4, tok);
-          CpAsync8Z(&ring.in[ty][slot][1][tx], a.dxc + trow * a.ld + b * 4, tok);
-          CpAsync8Z(&ring.in[ty][slot][2][tx], a.dv + rrow * a.ld + b * 4, out);
-        }
-        if (tx < 8) {
-          const float* src = tx < a.heads ? a.dig + rrow * a.heads + tx
-                                          : a.dfg + rrow * a.heads + min(tx - a.heads, a.heads - 1);
-          CpAsync4Z(&ring.dg[ty][slot][tx], src, out && tx < G);
-        }
+        const int slot = i & (kCvAhead - 1);
+        const int64_t to = static_cast<int64_t>(min(i, last)) * a.ld;
+        const int ro = max(i - (K - 1), 0);
+        const bool tok = i <= last, out = i >= K - 1;
+        CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + base + to, live && tok);
+        CpAsync8Z(&ring.in[ty][slot][1][tx], a.dxc + base + to, live && tok);
+        CpAsync8Z(&ring.in[ty][slot][2][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
+        CpAsync4Z(&ring.dg[ty][slot][tx], (gsel < a.heads ? a.dig : a.dfg) + gbase + static_cast<int64_t>(ro) * a.heads,
+                  out && tx < G);
       }
       CpAsyncCommit();
     };
-#pragma unroll
-    for (int i = 0; i < kCvAhead - 1; ++i) issue(i);
-#pragma unroll 4
-    for (int i = 0; i < n; ++i) {
+    // One token: slide the window, du_t, the conv weight terms of tokens t < s1 (each token once
+    // over the runs), and with kOut row r = t - (K - 1) >= s0 (complete now).
+    auto token = [&](int i, auto out_c) {
+      constexpr bool kOut = decltype(out_c)::value;
       __syncwarp();  // every lane is done with the slot the next copy overwrites
       issue(i + kCvAhead - 1);
       CpAsyncWait<kCvAhead - 1>();
       __syncwarp();  // the gate gradients came by other lanes' copies
-      const int slot = i % kCvAhead;
-      const int t = s0 + i;
+      const int slot = i & (kCvAhead - 1);
       float xn[4], gy[4];
       Bf16x4ToFloat(ring.in[ty][slot][0][tx], xn);
       Bf16x4ToFloat(ring.in[ty][slot][1][tx], gy);
@@ -1289,35 +1288,31 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
           win[j][v] = win[j + 1][v];
           du[j][v] = du[j + 1][v];
         }
+      const bool own = s0 + i < s1;
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
         win[K - 1][v] = xn[v];
-        float g = gy[v];
-        if (a.silu) {
-          float u = cb[v];
+        // SiLU' always computed and selected: a branch here (uniform as it is) splits the token
+        // into one basic block per channel, and the four channels' MUFU chains no longer overlap.
+        float u = cb[v];
 #pragma unroll
-          for (int j = 0; j < K; ++j) u += cw[j][v] * win[j][v];
-          g *= DSilu(u);
-        }
+        for (int j = 0; j < K; ++j) u += cw[j][v] * win[j][v];
+        const float ds = DSilu(u);
+        const float g = gy[v] * (a.silu ? ds : 1.f);
         du[K - 1][v] = g;
-      }
-      if (t < s1) {  // uniform: token t's conv weight gradient terms (once over the runs)
+        const float gm = own ? g : 0.f;
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-#pragma unroll
-          for (int j = 0; j < K; ++j) cdw[j][v] += du[K - 1][v] * win[j][v];
-          cdb[v] += du[K - 1][v];
-        }
+        for (int j = 0; j < K; ++j) cdw[j][v] += gm * win[j][v];
+        cdb[v] += gm;
       }
-      if (i >= K - 1) {  // uniform: row r = t - (K - 1) is complete
-        const int r = t - (K - 1);
+      if constexpr (kOut) {
         float d[4], dgs[8], dx[4];
         Bf16x4ToFloat(ring.in[ty][slot][2][tx], d);
         const float4 g0 = *reinterpret_cast<const float4*>(&ring.dg[ty][slot][0]);
         const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[ty][slot][4]);
         dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
         dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
-        dbs += ring.dg[ty][slot][tx & 7];
+        dbs += ring.dg[ty][slot][tx];
 #pragma unroll
         for (int gt = 0; gt < 8; ++gt) {
           const float4 u = wg[gt][tx];
@@ -1336,9 +1331,17 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
         for (int o = 0; o < 4; ++o)
 #pragma unroll
           for (int i2 = 0; i2 < 4; ++i2) acc[o * 4 + i2] += d[o] * win[0][i2];
-        if (live) Store4(a.dxm, (row0 + r) * a.ld + b * 4, dx);
+        if (live) Store4(a.dxm, base + static_cast<int64_t>(i - (K - 1)) * a.ld, dx);
       }
-    }
+    };
+#pragma unroll
+    for (int i = 0; i < kCvAhead - 1; ++i) issue(i);
+#pragma unroll
+    for (int i = 0; i < K - 1; ++i) token(i, std::false_type{});  // the window's first rows: no output yet
+    // (Not unrolled: 4x, which renames the window instead of moving it, spilled 64 B at 168
+    // registers; one iteration is ~330 PTX instructions, 25 of them the window's moves.)
+#pragma unroll 1
+    for (int i = K - 1; i < n; ++i) token(i, std::true_type{});
     CpAsyncWait<0>();
   }
   __syncthreads();  // the ring's memory becomes `red`
@@ -2452,11 +2455,18 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   k.pgate = k.pdw + chunks * nw;
   k.pdb = db ? k.pgate + chunks * G * p : nullptr;
   const dim3 block(32, kCvWarps);
+  // The ring (kCvAhead slots of xm, dxc, dv rows and gate gradients per warp): 56 KiB, above the
+  // 48 KiB of a launch without the opt-in.
+  const size_t smem = static_cast<size_t>(kCvWarps) * kCvAhead * (3 * 32 * sizeof(uint2) + 32 * sizeof(float));
+  auto launch = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    kernel<<<grid, block, smem, stream>>>(k);
+  };
   switch (K) {
-    case 1: mlstm_conv_v_bwd<1><<<grid, block, 0, stream>>>(k); break;
-    case 2: mlstm_conv_v_bwd<2><<<grid, block, 0, stream>>>(k); break;
-    case 3: mlstm_conv_v_bwd<3><<<grid, block, 0, stream>>>(k); break;
-    default: mlstm_conv_v_bwd<4><<<grid, block, 0, stream>>>(k); break;
+    case 1: launch(mlstm_conv_v_bwd<1>); break;
+    case 2: launch(mlstm_conv_v_bwd<2>); break;
+    case 3: launch(mlstm_conv_v_bwd<3>); break;
+    default: launch(mlstm_conv_v_bwd<4>); break;
   }
   if (CudaResult r = Launched("mlstm_conv_v_bwd"); !r.ok()) return r;
   ReduceJobs jobs;
