@@ -1146,6 +1146,10 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 // accumulators (conv dw 16 + db 4, dWv 16, S 32) and weights (conv 16 + 4, Wv 16) hold ~120.
 // Partial sums per block (the kCvWarps runs summed in warp order through shared memory) to
 // [chunks = batch x row blocks, ...], reduced by reduce_partials in a fixed order.
+// Measured on an H100 (xglue15 call 2, xlstm[1:0]-125m B16 x 2048): 6.29 ms a step against
+// conv1d_bwd + block_diag4_bwd<false> 3.34 + 4.51; step 134.7-134.9 -> 133.3-133.6 ms. 232 µs a
+// layer at 72% of the issue slots (ncu): issue-limited; 64 of the ~144 FMA a thread-row are the
+// gates (dv's term and S), which tensor cores could take (ops/XLSTM_GLUE.md).
 constexpr int kCvRun = 64;    // rows per warp
 constexpr int kCvWarps = 4;   // runs per block
 constexpr int kCvAhead = 16;  // ring slots per warp (a power of 2)
