@@ -335,7 +335,7 @@ bool& ConvVBwdFused() {
     const std::string s = v != nullptr ? v : "";
     GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
                "GYRE_MLSTM_CONV_V_BWD must be separate or fused, got '%s'", s.c_str());
-    return s == "fused";
+    return s != "separate";
   }();
   return fused;
 }

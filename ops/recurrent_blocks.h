@@ -167,10 +167,10 @@ void SetMlstmConvQkvFused(bool fused);
 
 // The mLSTM block's conv1d backward + v block-diagonal backward (with the gates' v columns) in
 // one kernel instead of two (CudaBackend::MlstmConvVBackward; fusion C of ops/XLSTM_GLUE.md).
-// Measured on an H100 (xglue15, session 15): xlstm[1:0]-125m step 134.7-134.9 -> 133.3-133.6 ms.
-// Opt-in: GYRE_MLSTM_CONV_V_BWD=fused; unset or "separate" = the two launches (also what shapes
-// the fused kernel does not cover take); read once on first use; anything else stops the process
-// with a message naming the accepted values. SetMlstmConvVBwdFused overrides it (tests,
+// Measured on an H100 (xglue15, session 15): xlstm[1:0]-125m step 134.7-134.9 -> 133.3-133.6 ms,
+// so the default since then: GYRE_MLSTM_CONV_V_BWD unset or "fused"; "separate" = the two
+// launches (also what shapes the fused kernel does not cover take); read once on first use;
+// anything else stops the process with a message naming the accepted values. SetMlstmConvVBwdFused overrides it (tests,
 // benchmarks). Not thread-safe. CUDA training only.
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);

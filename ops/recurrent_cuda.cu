@@ -1126,8 +1126,8 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 }
 
 // The mLSTM block's conv1d backward and its v map's backward (with the gate backward of v's
-// columns) in one pass (MlstmConvVBackward; fusion C of ops/XLSTM_GLUE.md, opt-in
-// GYRE_MLSTM_CONV_V_BWD=fused). The separate path runs conv1d_bwd (xm, dxc -> dxm) and then
+// columns) in one pass (MlstmConvVBackward; fusion C of ops/XLSTM_GLUE.md, the default since
+// session 15; GYRE_MLSTM_CONV_V_BWD=separate keeps the two launches). The separate path runs conv1d_bwd (xm, dxc -> dxm) and then
 // block_diag4_bwd<false> (xm, dv, dgate, old dxm -> dxm += dv·Wv): dxm is written, read back and
 // written again, and xm is read twice — 7 passes of [rows, p] bf16 where this kernel makes 4
 // (reads xm, dxc, dv; writes dxm once).
