@@ -458,23 +458,27 @@ __device__ __forceinline__ T WarpSumT(T v) {
 // One chunk's gate quantities, computed by one warp (lane j owns tokens j·per .. j·per+per−1):
 // chunk-local cumsum b_t, the local prefix max of ĩ_s − b_s, and the totals g = b_last,
 // r = max_s (ĩ_s − b_s). Independent of m_k, so every chunk can do this at once.
-struct ChunkGateLocal {
-  float bl[4], rl[4], igl[4];
+template <int kPer>
+struct ChunkGateLocalT {
+  float bl[kPer], rl[kPer], igl[kPer];
   float exclm;  // max of ĩ_s − b_s over the tokens of lower lanes
   float g, r;   // chunk totals (every lane)
   int t0, len, per;
 };
+using ChunkGateLocal = ChunkGateLocalT<4>;
 
-__device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtrs& p, int b, int hd,
-                                                     int k, int lane) {
-  ChunkGateLocal c;
-  c.per = (d.L + 31) / 32;  // tokens per lane (<= 4)
+// kPer: the largest tokens per lane (4 up to L 128, 8 at L 256).
+template <int kPer = 4>
+__device__ __forceinline__ ChunkGateLocalT<kPer> ChunkGates(const Dims& d, const FwdPtrs& p, int b,
+                                                            int hd, int k, int lane) {
+  ChunkGateLocalT<kPer> c;
+  c.per = (d.L + 31) / 32;  // tokens per lane (<= kPer)
   c.t0 = k * d.L;
   c.len = min(d.L, d.S - c.t0);
-  float lfl[4];
+  float lfl[kPer];
   float sum = 0.f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int j = lane * c.per + i;
     lfl[i] = 0.f;
     c.igl[i] = -INFINITY;
@@ -494,7 +498,7 @@ __device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtr
   const float excl = incl - sum;
   float run = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     c.bl[i] = excl + lfl[i];
     run = fmaxf(run, c.igl[i] - c.bl[i]);
     c.rl[i] = run;
@@ -513,11 +517,12 @@ __device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtr
 }
 
 // Writes b_t, m_t, E_t of one chunk once its boundary stabilisers m_k, m_{k+1} are known.
+template <int kPer>
 __device__ __forceinline__ void ChunkGatesWrite(const Dims& d, const FwdPtrs& p, int bh,
-                                                const ChunkGateLocal& c, float m_prev,
+                                                const ChunkGateLocalT<kPer>& c, float m_prev,
                                                 float m_next, int lane) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int j = lane * c.per + i;
     if (i < c.per && j < c.len) {
       const int64_t o = static_cast<int64_t>(bh) * d.S + c.t0 + j;
@@ -644,6 +649,97 @@ __global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(
   cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
   for (int i = w; i < n; i += kGateFwdClWarps) {
     const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
+  }
+}
+
+// Chunk 256 (8 tokens per lane): the two kernels above with kPer-token lane arrays (the chunk
+// <= 128 kernels stay as they are, so their code is unchanged). kSequential is not offered at
+// chunk 256 (MlstmCheck).
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(Dims d, FwdPtrs p) {
+  __shared__ float gs[kGateFwdWarps], rs[kGateFwdWarps], mprev[kGateFwdWarps + 1];
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+  float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+  if (threadIdx.x == 0) mk[0] = m_carry;
+  for (int kg = 0; kg < d.NC; kg += nw) {
+    const int k = kg + w;
+    const bool active = k < d.NC;  // warp-uniform
+    ChunkGateLocalT<kPer> c;
+    if (active) {
+      c = ChunkGates<kPer>(d, p, b, hd, k, lane);
+      if (lane == 0) {
+        gs[w] = c.g;
+        rs[w] = c.r;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float m = m_carry;
+      const int n = min(nw, d.NC - kg);
+      for (int i = 0; i < n; ++i) {
+        mprev[i] = m;
+        const float mn = gs[i] + fmaxf(m, rs[i]);
+        mk[kg + i + 1] = mn;
+        p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
+        m = mn;
+      }
+      mprev[n] = m;
+    }
+    __syncthreads();
+    if (active) ChunkGatesWrite(d, p, bh, c, mprev[w], mprev[w + 1], lane);
+    m_carry = mprev[min(nw, d.NC - kg)];
+    __syncthreads();  // mprev / gs / rs are rewritten by the next group
+  }
+  if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_wide(Dims d, FwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
+  __shared__ float mprev[kGateFwdClMaxChunks + 1];
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int per = (d.NC + CL - 1) / CL;
+  const int k0 = min(d.NC, rank * per), k1 = min(d.NC, k0 + per), n = k1 - k0;
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocalT<kPer> c = ChunkGates<kPer>(d, p, b, hd, k0 + i, lane);
+    if (lane == 0) {
+      gall[k0 + i] = c.g;
+      rall[k0 + i] = c.r;
+    }
+  }
+  cluster.sync();
+  for (int k = threadIdx.x; k < k0; k += blockDim.x) {  // the lower ranks' totals
+    const int owner = k / per;
+    gall[k] = *cluster.map_shared_rank(&gall[k], owner);
+    rall[k] = *cluster.map_shared_rank(&rall[k], owner);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+    float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+    if (rank == 0) mk[0] = m;
+    for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
+    for (int i = 0; i < n; ++i) {
+      mprev[i] = m;
+      const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
+      mk[k0 + i + 1] = mn;
+      p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
+      m = mn;
+    }
+    mprev[n] = m;
+    if (n > 0 && k1 == d.NC && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m;
+  }
+  cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocalT<kPer> c = ChunkGates<kPer>(d, p, b, hd, k0 + i, lane);
     ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
   }
 }
@@ -1022,11 +1118,17 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+// kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
+// (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
+// the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
+// chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
+// the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
+template <int kSub>
+__device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -1046,7 +1148,7 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      for (int k = 0; k < d.NC; ++k) {
+      for (int k = 0; k < nsteps; ++k) {
         const int slot = k & 1, use = k >> 1;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
         const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
@@ -1076,9 +1178,11 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
-  for (int k = 0; k < d.NC; ++k) {
+  for (int k = 0; k < nsteps; ++k) {
     const int t0 = k * L, len = min(L, d.S - t0);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 0;  // the chunk's first step: C_kc out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
     // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
     float ew[L / 16][4];
     const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
@@ -1091,6 +1195,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
     // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
+    if (first) {
     if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
     __syncwarp();
 #pragma unroll
@@ -1109,7 +1214,7 @@ __global__ void __launch_bounds__(384, 1)
     FenceProxyAsync();
     __syncwarp();
     if (lane == 0) {
-      const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
+      const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, crow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
       if (d.split) {
@@ -1118,10 +1223,12 @@ __global__ void __launch_bounds__(384, 1)
       }
       BulkCommit();
     }
-    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
+    }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* kst = sm + slot * SM::kStage;
+    if (first) {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -1131,6 +1238,7 @@ __global__ void __launch_bounds__(384, 1)
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    }
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
     uint32_t ae[L / 16][4], elo[L / 16][4];
 #pragma unroll
@@ -1181,6 +1289,14 @@ __global__ void __launch_bounds__(384, 1)
     if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
   }
   if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_l256(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 3. fwd_out
 
@@ -1591,11 +1707,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 // of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
 // each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
 // the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+// kSub as in StateFwdWs: 2 = chunk 256 (mlstm_state_bwd_ws_l256), reverse 128-token steps;
+// dC_{k+1} / dn_{k+1} leave and the decay applies at a chunk's first step in reverse order (its
+// second half, or its only half at a short last chunk).
+template <int kSub>
+__device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -1620,8 +1740,8 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int t = threadIdx.x;
     const int64_t so = static_cast<int64_t>(bh) * d.S;
-    for (int s = 0; s < d.NC; ++s) {
-      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+    for (int s = 0; s < nsteps; ++s) {
+      const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
       const int t0 = k * L, len = min(L, d.S - t0);
       const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
       const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
@@ -1661,9 +1781,12 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* stg = sm + SM::kStaging + w * 8192;
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
-  for (int s = 0; s < d.NC; ++s) {
-    const int k = d.NC - 1 - s;
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+  for (int s = 0; s < nsteps; ++s) {
+    const int k = nsteps - 1 - s;
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
+    if (first) {
     if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
     __syncwarp();
 #pragma unroll
@@ -1682,7 +1805,7 @@ __global__ void __launch_bounds__(384, 1)
     FenceProxyAsync();
     __syncwarp();
     if (lane == 0) {
-      const int drow = (bh * d.NC + k) * d.DK + row0;
+      const int drow = (bh * d.NC + kc) * d.DK + row0;
       TmaStore2d(&maps.c, stg_a, j0, drow);
       TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
       if (d.split) {
@@ -1691,10 +1814,12 @@ __global__ void __launch_bounds__(384, 1)
       }
       BulkCommit();
     }
-    StoreNAcc(dn_slot(k), dnacc, lane);
+    StoreNAcc(dn_slot(kc), dnacc, lane);
+    }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* qst = sm + slot * SM::kStage;
+    if (first) {
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -1704,6 +1829,7 @@ __global__ void __launch_bounds__(384, 1)
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    }
     uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
@@ -1748,6 +1874,14 @@ __global__ void __launch_bounds__(384, 1)
     StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   }
   if (lane == 0) BulkWait<0>();
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 6. bwd_dv
 
@@ -1927,8 +2061,12 @@ struct DvWgFusedSmem {
   static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
 };
 
-template <int kStages>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
+// kSub 2 (chunk 256, mlstm_bwd_dv_wg_fused_l256): a block is one 128-token half k of chunk
+// k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan (relative to
+// the 256-token chunk's end, which the half may not contain); the first half's keys against the
+// second half's queries are added by mlstm_bwd_offdiag_l256 afterwards.
+template <int kStages, int kSub>
+__device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   using namespace hopper;
   using SM = DvWgFusedSmem<kStages>;
   constexpr int L = 128, DVT = 128, kThreads = 256, kSH = DVT + kPad;
@@ -1944,6 +2082,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_ws)
   const int k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
@@ -1952,8 +2091,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   const bf16* kbase = p.k + tok0 * d.DK;
   const bf16* qbase = p.q + tok0 * d.DK;
   const bf16* dhbase = p.dh + tok0 * d.DV;
-  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV;
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + kc) * d.DK * d.DV;
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc + 1];
   const int ndt = d.DK / 64, nslab = d.DV / DVT, nsteps = ndt * nslab;
 
   auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
@@ -2030,9 +2169,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
       }
       // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s, to bf16 A
       // fragments kept for every slab.
-      const float gl = bs[len - 1];
-      E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
-      E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
+      if constexpr (kSub == 1) {
+        const float gl = bs[len - 1];
+        E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
+        E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
+      } else {
+        E0 = r0 < len ? p.e_tok[so + r0] : 0.f;
+        E1 = r1 < len ? p.e_tok[so + r1] : 0.f;
+      }
       const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
 #pragma unroll
       for (int nt = 0; nt < 16; ++nt) {
@@ -2106,6 +2250,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
                    static_cast<bf16*>(nullptr), ldv, dv4, staging + 16 * w * kSH,
                    static_cast<bf16*>(nullptr), lane, len - 16 * w);
   }
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
+  BwdDvWgFused<kStages, 1>(d, p);
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_l256(Dims d, BwdPtrs p) {
+  BwdDvWgFused<kStages, 2>(d, p);
 }
 
 // ---------------------------------------------------------------- 7. bwd_dqk
@@ -2521,9 +2673,13 @@ struct DqkTmaMaps {
   CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
 };
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+// kSub 2 (chunk 256, mlstm_bwd_dqk_ws_l256): a block is one 128-token half k of chunk k / 2:
+// its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t from the gate scan;
+// the off-diagonal block's dQ (second half) and dK (first half) terms are added by
+// mlstm_bwd_offdiag_l256 afterwards. (Both halves of chunk 0 write d_initial's dn0: the same
+// values from the same inputs.)
+template <bool SPLIT, int kSub>
+__device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const DqkTmaMaps& maps) {
   using namespace hopper;
   using SM = DqkWgSmem<SPLIT>;
   constexpr int L = 128, DKT = 128, kConsumers = 256;
@@ -2544,6 +2700,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t full_qk = bars + DqkWsBars::kFullQK;
   const uint32_t full3 = bars + DqkWsBars::kFull3, empty3 = bars + DqkWsBars::kEmpty3;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int njt = d.DV / 64;
@@ -2564,8 +2721,8 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
-      const int dc_row = (bh * d.NC + k) * d.DK + a0;
+      const int c_row = (bh * (d.NC + 1) + kc) * d.DK + a0;
+      const int dc_row = (bh * d.NC + kc) * d.DK + a0;
       constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * SM::kTile64;
       constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
       for (int jt = 0; jt < njt; ++jt) {
@@ -2611,9 +2768,9 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
   const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc];
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc + 1];
+  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, kc, a0, bs, igs, ms, ivs, dds, nks, dnks);
 
   // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles; one wgmma group in flight
   // while the next stage's mbarrier is awaited.
@@ -2759,9 +2916,15 @@ __global__ void __launch_bounds__(384, 1)
   WgmmaWait<0>();
   FenceRegs(kacc);
   {
-    const float gl = bs[len - 1];
-    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
-    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+    float E0, E1;
+    if constexpr (kSub == 1) {
+      const float gl = bs[len - 1];
+      E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+      E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+    } else {
+      E0 = r0 < len ? p.e_tok[so + r0] : 0.f;
+      E1 = r1 < len ? p.e_tok[so + r1] : 0.f;
+    }
 #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
       const int col = nt * 8 + 2 * c;
@@ -2812,6 +2975,16 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 }
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+  BwdDqkWs<SPLIT, 1>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+  BwdDqkWs<SPLIT, 2>(d, p, maps);
+}
 
 // fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws3 below,
 // the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
@@ -2853,9 +3026,12 @@ struct OutWs3Smem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+// kSub 2 (chunk 256, mlstm_fwd_out_ws3_l256): a block is one 128-token half k of chunk k / 2 and
+// computes that half's diagonal block against the chunk's state C_{k/2}, n_{k/2}, m_{k/2} (b_t is
+// the 256-token chunk's cumsum, so W and G keep their formulas); the second half's queries against
+// the first half's keys are added by mlstm_fwd_offdiag_l256 afterwards.
+template <bool SPLIT, int kSub>
+__device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const OutWsMaps& maps) {
   using namespace hopper;
   using SM = OutWs3Smem<SPLIT>;
   constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
@@ -2869,6 +3045,7 @@ __global__ void __launch_bounds__(384, 1)
   float* nks = ms + L;  // [DK] n_k
   const uint32_t full = sa + SM::kFloats + (3 * L + d.DK) * 4, empty = full + 8 * kRing;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int ndt = d.DK / 64;
@@ -2885,7 +3062,7 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      const int c_row = (bh * (d.NC + 1) + kc) * d.DK;
       for (int dt = 0; dt <= ndt; ++dt) {  // step ndt = the V slab
         const int slot = dt % kRing, use = dt / kRing;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
@@ -2915,8 +3092,8 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc];
   if (tid < L) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
     const bool ok = tid < len;
@@ -3074,6 +3251,16 @@ __global__ void __launch_bounds__(384, 1)
     if (r0 < len) p.den_tok[o + r0] = den0;
     if (r1 < len) p.den_tok[o + r1] = den1;
   }
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  FwdOutWs3<SPLIT, 1>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_l256(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  FwdOutWs3<SPLIT, 2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 8. gates_bwd
 
