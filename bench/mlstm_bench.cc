@@ -468,6 +468,11 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
       // The ops/ xlstm[1:0]-1.3b cell (4 heads of 1024, B4): only with --states (helper mem12).
       {"xlstm-1.3b-model", {4, 2048, 4, 1024, 1024}, 128, v2},
+      // Chunk 256 beside 128 (session 15, helper mlstm256): the 125m cell, the 1.3b-like layout
+      // and the ops/ 1.3b cell (4 heads of 1024, B4; without --states, unlike xlstm-1.3b-model).
+      {"xlstm-125m-cell", s125, 256, v2},      {"xlstm-1.3b-like", s13, 256, v2},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

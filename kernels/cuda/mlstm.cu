@@ -197,6 +197,7 @@ int DqkSlab(const MlstmShape& s, const MlstmOptions& o);
 // 0.35 + 0.40 vs 0.21 + 0.26 ms). Threshold: about one block per SM.
 int StateTile(const MlstmShape& s, const MlstmOptions& o) {
   if (o.state_tile != 0) return static_cast<int>(o.state_tile);
+  if (o.chunk_size == 256) return 128;  // the only tile at chunk 256 (MlstmCheck)
   const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
   return s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128 : 64;
 }
@@ -3262,6 +3263,385 @@ __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3_l256(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   FwdOutWs3<SPLIT, 2>(d, p, maps);
 }
+// ---------------------------------------------------------------- chunk 256: the off-diagonal block
+//
+// At chunk 256 every consumer kernel above runs one block per 128-token half of a chunk (the
+// _l256 instantiations) and computes the half's diagonal (causal) 128 × 128 block and its state
+// terms with the chunk's C_k / dC_{k+1}; what a 128-token half does not see is the off-diagonal
+// block of the chunk's causal square: the second half's queries t against the first half's keys s
+// (all s < t, no mask, only decay: W_ts = e^{b_t − b_s + ĩ_s − m_t} with b the 256-token chunk's
+// cumsum, the same formula as on the diagonal). These two kernels add it, one block (256 threads,
+// two warpgroups, wgmma on 128-byte-swizzled cp.async tiles, two stages) per chunk that has a
+// second half, after the diagonal kernels have written their outputs:
+//   fwd: S = Q̂₁K₀ᵀ (over dk), P = S·scale ⊙ W (hi + lo as fwd_out's), den₁ += P·1,
+//        h₁ = (h₁·D_old + P V₀) / D_new with D = max(|den|, e^{−m}) + ε (h₁ = h + h lo, so the
+//        diagonal's numerator is recovered to ~2^-17; single bf16 h to its own rounding).
+//   bwd: Sᵀ = K₀Q₁ᵀ (over dk) and dPᵀ = V₀dH₁ᵀ (over dv), rows s per warpgroup; P̃ᵀ = Sᵀ·scale ⊙
+//        W / den (single bf16 as bwd_dv's), dS'ᵀ = scale ⊙ W (dPᵀ/den + dden) (bf16 as bwd_dqk's);
+//        dV₀ += P̃ᵀ dH₁, dK₀ += dS'ᵀ Q₁, dQ₁ += dS' K₀ (dS' from shared memory M-major), each a
+//        read-modify-write of the bf16 output (one extra rounding), and the row dots k·dK', q·dQ'
+//        added to the diagonal kernel's per-slab kdk / qdq entries (gates_bwd reads them next).
+// This is the simplest correct form (the "simplest consumers" of kernels/cuda/mlstm_notes.md,
+// session 15): a second pass over Q₁, K₀, V₀, dH₁ and the bf16 outputs instead of a 2 × 2 tile
+// loop inside the TMA kernels.
+struct OffdiagSmem {
+  static constexpr int kTile64 = 128 * 128;         // [128 rows][64 cols] bf16
+  static constexpr int kStage = 2 * kTile64;        // two [128][64] tiles
+  static constexpr int kSlabA = 0, kSlabB = 2 * kTile64;  // [128][128] slabs after the loops
+  static constexpr int kDS = 4 * kTile64;           // dS'ᵀ [128 s][128 t] (bwd)
+  static constexpr int kFloats = 6 * kTile64;
+  static constexpr size_t kBytes = kFloats + 6 * 128 * 4 + 1024;
+};
+
+// acc (the m64n128 accumulator of this warpgroup's 64 rows) += A·B over `nsteps` 64-wide k steps;
+// step x loads A rows (valid a_rows) from a + x·64 and B rows (valid b_rows) from bsrc + x·64
+// (row strides lda, ldb), two stages. All 256 threads call it.
+__device__ __forceinline__ void OffdiagProduct(float (&acc)[64], unsigned char* sm, uint32_t sa, int nsteps,
+                                               const bf16* a, int64_t lda, int a_rows, const bf16* bsrc,
+                                               int64_t ldb, int b_rows, int tid, uint32_t own) {
+  using namespace hopper;
+  auto load = [&](int x) {
+    unsigned char* st = sm + (x & 1) * OffdiagSmem::kStage;
+    LoadTileSw<128>(st, a + x * 64, lda, a_rows, tid, 256);
+    LoadTileSw<128>(st + OffdiagSmem::kTile64, bsrc + x * 64, ldb, b_rows, tid, 256);
+  };
+  load(0);
+  CpAsyncCommit();
+  for (int x = 0; x < nsteps; ++x) {
+    if (x + 1 < nsteps) load(x + 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t st = sa + (x & 1) * OffdiagSmem::kStage;
+    const uint64_t a_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t b_d = SmemDescSw128(st + OffdiagSmem::kTile64, 16, 1024);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) WgmmaSS128<0, 0>(acc, a_d + ((kk * 32) >> 4), b_d + ((kk * 32) >> 4), 1);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    __syncthreads();  // stage x & 1 is refilled by step x + 2's loads
+  }
+}
+
+// A [128 rows][128 cols] slab (valid rows) into two swizzled [128][64] blocks at dst.
+__device__ __forceinline__ void OffdiagLoadSlab(unsigned char* dst, const bf16* src, int64_t ld, int rows,
+                                                int tid) {
+  LoadTileSw<128>(dst, src, ld, rows, tid, 256);
+  LoadTileSw<128>(dst + OffdiagSmem::kTile64, src + 64, ld, rows, tid, 256);
+}
+
+// out[r][col] = bf16(out + acc) for this warp's rows r0, r1 (valid below `rows`), 128 columns;
+// returns the row dots Σ x[r][col]·acc (x: q or k; null = none) reduced over the quad.
+__device__ __forceinline__ float2 OffdiagAddOut(bf16* out, const bf16* x, int64_t ld, const float (&acc)[64],
+                                                int r0, int r1, int rows, int c) {
+  float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = h == 0 ? r0 : r1;
+      if (r >= rows) continue;
+      const float a0 = acc[4 * nt + 2 * h], a1 = acc[4 * nt + 2 * h + 1];
+      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + r * ld + col);
+      const float2 old = __bfloat1622float2(*o);
+      *o = __floats2bfloat162_rn(old.x + a0, old.y + a1);
+      if (x != nullptr) {
+        const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + r * ld + col));
+        (h == 0 ? dot0 : dot1) += xv.x * a0 + xv.y * a1;
+      }
+    }
+  }
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+  return make_float2(dot0, dot1);
+}
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs p) {
+  using namespace hopper;
+  using SM = OffdiagSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, den_t
+  float* mq = bq + L;
+  float* den_t = mq + L;
+  float* bk = den_t + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    den_t[tid] = ok ? p.den_tok[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  float sacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid, own);
+  // (the vectors were written before the product's first barrier)
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bq[r0], b1v = bq[r1], m0v = mq[r0], m1v = mq[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bk[s] + igk[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  const float den0 = den_t[r0], den1 = den_t[r1];
+  const float fl0 = __expf(-m0v), fl1 = __expf(-m1v);
+  const float dold0 = fmaxf(fabsf(den0), fl0) + d.eps, dold1 = fmaxf(fabsf(den1), fl1) + d.eps;
+  const float dnew0 = den0 + rs0, dnew1 = den1 + rs1;
+  const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps), inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
+  for (int j = 0; j < d.DV / 128; ++j) {
+    OffdiagLoadSlab(sm, p.v + tok_s * d.DV + j * 128, ldv, L, tid);
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+    float hacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) hacc[i] = 0.f;
+    const uint64_t v_d = SmemDescSw128(sa, SM::kTile64, 1024);
+    FenceRegs(hacc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+    bf16* hb = p.h + tok_t * d.DV + j * 128;
+    bf16* hl = SPLIT ? p.h_lo + tok_t * d.DV + j * 128 : nullptr;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h == 0 ? r0 : r1;
+        if (r >= len) continue;
+        const float dold = h == 0 ? dold0 : dold1, inv = h == 0 ? inv0 : inv1;
+        __nv_bfloat162* ho = reinterpret_cast<__nv_bfloat162*>(hb + r * ldv + col);
+        float2 x = __bfloat1622float2(*ho);
+        if constexpr (SPLIT) {
+          const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(hl + r * ldv + col));
+          x.x += lo.x;
+          x.y += lo.y;
+        }
+        const float y0 = (x.x * dold + hacc[4 * nt + 2 * h]) * inv;
+        const float y1 = (x.y * dold + hacc[4 * nt + 2 * h + 1]) * inv;
+        uint32_t hi, lo;
+        SplitPack(y0, y1, hi, lo);
+        *reinterpret_cast<uint32_t*>(ho) = hi;
+        if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hl + r * ldv + col) = lo;
+      }
+    }
+    __syncthreads();  // the V slab is refilled by the next j
+  }
+  if (c == 0) {
+    if (r0 < len) p.den_tok[so_t + r0] = dnew0;
+    if (r1 < len) p.den_tok[so_t + r1] = dnew1;
+  }
+}
+
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs p) {
+  using namespace hopper;
+  using SM = OffdiagSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, 1/den_t, dden_t
+  float* mq = bq + L;
+  float* ivq = mq + L;
+  float* ddq = ivq + L;
+  float* bk = ddq + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    ivq[tid] = ok ? p.inv_d[so_t + tid] : 0.f;
+    ddq[tid] = ok ? p.dden[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  // Rows s (this warp: r0, r1), columns t.
+  float sacc[64], pacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = pacc[i] = 0.f;
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid, own);
+  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid, own);
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
+  uint32_t pa[8][4], dsa[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = nt * 8 + 2 * c + (e & 1);
+      const float xs = e < 2 ? x0 : x1;
+      float pv = 0.f, dsv = 0.f;
+      if (t < len) {
+        const float wt = __expf(bq[t] + xs - mq[t]);
+        pv = sacc[4 * nt + e] * d.scale * ivq[t] * wt;
+        dsv = d.scale * wt * (pacc[4 * nt + e] * ivq[t] + ddq[t]);
+      }
+      sacc[4 * nt + e] = pv;
+      pacc[4 * nt + e] = dsv;
+    }
+  }
+  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+    dsa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    dsa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    dsa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    dsa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = dsa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = dsa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = dsa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = dsa[kk][3];
+  }
+  FenceProxyAsync();  // dS'ᵀ is read by the dQ wgmma after the next barrier
+  float acc[64];
+  // dV₀ += P̃ᵀ dH₁ per 128-column slab (rows s, all valid).
+  for (int j = 0; j < d.DV / 128; ++j) {
+    OffdiagLoadSlab(sm + SM::kSlabA, p.dh + tok_t * d.DV + j * 128, ldv, len, tid);
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    const uint64_t dh_d = SmemDescSw128(sa + SM::kSlabA, SM::kTile64, 1024);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(pa);
+    OffdiagAddOut(p.dv + tok_s * d.DV + j * 128, nullptr, ldv, acc, r0, r1, L, c);
+    __syncthreads();
+  }
+  // Per 128-column dk slab a: dK₀ += dS'ᵀ Q₁ (rows s), dQ₁ += dS' K₀ (rows t).
+  for (int a = 0; a < d.DK / 128; ++a) {
+    OffdiagLoadSlab(sm + SM::kSlabA, p.q + tok_t * d.DK + a * 128, ldqk, len, tid);
+    OffdiagLoadSlab(sm + SM::kSlabB, p.k + tok_s * d.DK + a * 128, ldqk, L, tid);
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    {
+      const uint64_t q_d = SmemDescSw128(sa + SM::kSlabA, SM::kTile64, 1024);
+      FenceRegs(acc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, dsa[kk], q_d + ((kk * 16 * 128) >> 4));
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(acc);
+      FenceRegs(dsa);
+    }
+    const float2 kd = OffdiagAddOut(p.dk + tok_s * d.DK + a * 128, p.k + tok_s * d.DK + a * 128, ldqk, acc,
+                                    r0, r1, L, c);
+    if (c == 0) {
+      p.kdk[(so_s + r0) * p.n_dk_slabs + a] += kd.x;
+      p.kdk[(so_s + r1) * p.n_dk_slabs + a] += kd.y;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    {
+      // A = dS' [t][s]: this warpgroup's t columns of the stored dS'ᵀ, M-major; B = K₀ N-major.
+      const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
+      const uint64_t k_d = SmemDescSw128(sa + SM::kSlabB, SM::kTile64, 1024);
+      FenceRegs(acc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint64_t step = (kk * 16 * 128) >> 4;
+        WgmmaSS128<1, 1>(acc, ds_d + step, k_d + step, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(acc);
+    }
+    const float2 qd = OffdiagAddOut(p.dq + tok_t * d.DK + a * 128, p.q + tok_t * d.DK + a * 128, ldqk, acc,
+                                    r0, r1, len, c);
+    if (c == 0) {
+      if (r0 < len) p.qdq[(so_t + r0) * p.n_dk_slabs + a] += qd.x;
+      if (r1 < len) p.qdq[(so_t + r1) * p.n_dk_slabs + a] += qd.y;
+    }
+    __syncthreads();  // the slabs are refilled by the next a
+  }
+}
+
 // ---------------------------------------------------------------- 8. gates_bwd
 
 constexpr int kGateThreads = 256;
@@ -4027,6 +4407,7 @@ size_t DqkBytesL(int L, int slab, bool split) {
 }
 int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
   if (s.dv % 128 != 0) return 64;
+  if (o.chunk_size == 256) return 128;  // the only slab at chunk 256 (MlstmCheck)
   if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
@@ -4036,6 +4417,7 @@ int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
 }
 int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
   if (s.dk % 128 != 0) return 64;
+  if (o.chunk_size == 256) return 128;
   if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
@@ -4102,7 +4484,7 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     case MlstmBwdDvKernel::kMmaSync: break;
     case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
+  if ((o.chunk_size != 128 && o.chunk_size != 256) || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
   return c;
 }
 
@@ -4478,6 +4860,114 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   return LaunchGatesBwd(d, p, stream);
 }
 
+// Chunk 256 (MlstmOptions::chunk_size 256; kernels/cuda/mlstm_notes.md, session 15): the chunk
+// 128 warpgroup-MMA family on 128-token halves. Gate scans with 8 tokens per lane; the state
+// recurrences over 128-token steps, storing C_k / dC_{k+1} at the 256-token boundaries only (half
+// the state bytes of chunk 128); fwd_out / bwd_dv / bwd_dqk one block per half (its diagonal block
+// and the chunk's state terms), then one off-diagonal pass per chunk. MlstmCheck admits only the
+// shapes and options all of these take (dk, dv multiples of 128, 128×128 tiles, 128-column slabs,
+// parallel gate scans, the fused bwd_dv).
+CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true) {
+  const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
+  if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(32 * kGateFwdClWarps);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster_wide<8>, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster_wide<8>, d, p));
+  } else {
+    const int warps = std::min(d.NC, kGateFwdWarps);
+    mlstm_gates_fwd_par_wide<8><<<bh, 32 * warps, 0, stream>>>(d, p);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
+  Hook("mlstm_gates_fwd", stream);
+  {
+    const size_t smem = StateWsSmem::kBytes;
+    StateWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_l256, smem));
+    mlstm_state_fwd_ws_l256<<<dim3(d.DV / 128, d.DK / 128, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+    Hook("mlstm_state_fwd", stream);
+  }
+  if (!with_out) return {};
+  auto out = [&](auto split_tag) -> CudaResult {
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
+    OutWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256<SPLIT>, smem));
+    mlstm_fwd_out_ws3_l256<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+    Hook("mlstm_fwd_out", stream);
+    if (d.S > 128) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_l256<SPLIT>, OffdiagSmem::kBytes));
+      mlstm_fwd_offdiag_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag");
+      Hook("mlstm_fwd_offdiag", stream);
+    }
+    return {};
+  };
+  return d.split ? out(std::true_type{}) : out(std::false_type{});
+}
+
+CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
+                             cudaStream_t stream) {
+  if (!dv_choice.fused) {
+    return InvalidArgument("mlstm backward: chunk 256 runs only the fused warpgroup bwd_dv "
+                           "(GYRE_MLSTM_BWD_DV=mma / MlstmBwdDvKernel::kMmaSync are chunk <= 128 only)");
+  }
+  const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
+  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
+  mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
+  Hook("mlstm_bwd_prep", stream);
+  {
+    const size_t smem = StateWsSmem::kBytes;
+    StateWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_l256, smem));
+    mlstm_state_bwd_ws_l256<<<dim3(d.DV / 128, d.DK / 128, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+    Hook("mlstm_state_bwd", stream);
+  }
+  {
+    constexpr int kStages = 3;
+    const size_t smem = DvWgFusedSmem<kStages>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256<kStages>, smem));
+    mlstm_bwd_dv_wg_fused_l256<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
+    Hook("mlstm_bwd_dv", stream);
+  }
+  auto dqk = [&](auto split_tag) -> CudaResult {
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
+    DqkTmaMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256<SPLIT>, smem));
+    mlstm_bwd_dqk_ws_l256<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+    Hook("mlstm_bwd_dqk", stream);
+    return {};
+  };
+  CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::true_type{}) : dqk(std::false_type{}));
+  if (d.S > 128) {  // after bwd_dv / bwd_dqk (it adds to their outputs), before gates_bwd (qdq, kdk)
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_l256, OffdiagSmem::kBytes));
+    mlstm_bwd_offdiag_l256<<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag");
+    Hook("mlstm_bwd_offdiag", stream);
+  }
+  return LaunchGatesBwd(d, p, stream);
+}
+
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
@@ -4488,9 +4978,29 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.dk < 1 || s.dv < 1) {
     return InvalidArgument("mlstm: batch, seq_len, num_heads, dk, dv must be >= 1");
   }
-  if (o.chunk_size != 16 && o.chunk_size != 32 && o.chunk_size != 64 && o.chunk_size != 128) {
-    return InvalidArgument("mlstm (cuda): chunk_size must be 16, 32, 64 or 128, got " +
+  if (o.chunk_size != 16 && o.chunk_size != 32 && o.chunk_size != 64 && o.chunk_size != 128 &&
+      o.chunk_size != 256) {
+    return InvalidArgument("mlstm (cuda): chunk_size must be 16, 32, 64, 128 or 256, got " +
                            std::to_string(o.chunk_size));
+  }
+  // Chunk 256 exists only on the warpgroup-MMA kernels (LaunchForward256 / LaunchBackward256).
+  if (o.chunk_size == 256) {
+    if (s.dk % 128 != 0 || s.dv % 128 != 0) {
+      return InvalidArgument("mlstm (cuda): chunk 256 needs dk and dv multiples of 128 (only the "
+                             "warpgroup-MMA kernels run it), got dk=" + std::to_string(s.dk) +
+                             " dv=" + std::to_string(s.dv));
+    }
+    if (o.state_tile == 64 || o.io_slab == 64) {
+      return InvalidArgument("mlstm (cuda): chunk 256 runs only 128x128 state tiles and 128-column "
+                             "io slabs (state_tile / io_slab 0 or 128)");
+    }
+    if (o.gate_schedule == MlstmGateSchedule::kSequential) {
+      return InvalidArgument("mlstm (cuda): chunk 256 has no sequential gate scan (kAuto, "
+                             "kChunkParallel or kCluster)");
+    }
+    if (o.bwd_dv == MlstmBwdDvKernel::kMmaSync) {
+      return InvalidArgument("mlstm (cuda): chunk 256 runs only the fused warpgroup bwd_dv");
+    }
   }
   if (s.dk % 64 != 0 || s.dv % 64 != 0) {
     return InvalidArgument("mlstm (cuda): dk and dv must be multiples of 64, got dk=" +
@@ -4588,6 +5098,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 16: return LaunchForward<16>(d, p, stream);
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
+    case 256: return LaunchForward256(d, p, stream);
     default: return LaunchForward<128>(d, p, stream);
   }
 }
@@ -4667,6 +5178,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 16: return LaunchForward<16>(d, p, stream, false);
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
+    case 256: return LaunchForward256(d, p, stream, false);
     default: return LaunchForward<128>(d, p, stream, false);
   }
 }
@@ -4762,6 +5274,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, stream);
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
+    case 256: return LaunchBackward256(d, p, dv_choice, stream);
     default: return LaunchBackward<128>(d, p, dv_choice, stream);
   }
 }
