@@ -3287,9 +3287,12 @@ __global__ void __launch_bounds__(384, 1)
 struct OffdiagSmem {
   static constexpr int kTile64 = 128 * 128;         // [128 rows][64 cols] bf16
   static constexpr int kStage = 2 * kTile64;        // two [128][64] tiles
-  static constexpr int kSlabA = 0, kSlabB = 2 * kTile64;  // [128][128] slabs after the loops
+  // [128][128] operand slabs after the loops, two sets (A, B) and (C, D) so the next slab loads
+  // while this one multiplies.
+  static constexpr int kSlabA = 0, kSlabB = 2 * kTile64;
   static constexpr int kDS = 4 * kTile64;           // dS'ᵀ [128 s][128 t] (bwd)
-  static constexpr int kFloats = 6 * kTile64;
+  static constexpr int kSlabC = 6 * kTile64, kSlabD = 8 * kTile64;
+  static constexpr int kFloats = 10 * kTile64;
   static constexpr size_t kBytes = kFloats + 6 * 128 * 4 + 1024;
 };
 
@@ -3334,10 +3337,31 @@ __device__ __forceinline__ void OffdiagLoadSlab(unsigned char* dst, const bf16* 
   LoadTileSw<128>(dst + OffdiagSmem::kTile64, src + 64, ld, rows, tid, 256);
 }
 
-// out[r][col] = bf16(out + acc) for this warp's rows r0, r1 (valid below `rows`), 128 columns;
-// returns the row dots Σ x[r][col]·acc (x: q or k; null = none) reduced over the quad.
-__device__ __forceinline__ float2 OffdiagAddOut(bf16* out, const bf16* x, int64_t ld, const float (&acc)[64],
-                                                int r0, int r1, int rows, int c) {
+// The read-modify-writes of the bf16 outputs in two halves: OffdiagLoadOut reads this warp's
+// rows r0, r1 (valid below `rows`; 16 column pairs each) of `out` and, when x is not null, of x
+// (q or k, for the row dots) into registers, issued before the wgmma whose result they meet, so
+// the 64 independent loads overlap it (a first version loaded, added and stored element by element:
+// the stores between the loads serialised every load's latency); OffdiagStoreOut writes
+// bf16(out + acc) and returns the quad-reduced row dots Σ x·acc.
+struct OffdiagOld {
+  uint32_t out[16][2], x[16][2];
+};
+__device__ __forceinline__ void OffdiagLoadOut(OffdiagOld& o, const bf16* out, const bf16* x, int64_t ld,
+                                               int r0, int r1, int rows, int c) {
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = h == 0 ? r0 : r1;
+      const bool ok = r < rows;
+      o.out[nt][h] = ok ? *reinterpret_cast<const uint32_t*>(out + r * ld + col) : 0u;
+      o.x[nt][h] = ok && x != nullptr ? *reinterpret_cast<const uint32_t*>(x + r * ld + col) : 0u;
+    }
+  }
+}
+__device__ __forceinline__ float2 OffdiagStoreOut(const OffdiagOld& o, bf16* out, int64_t ld,
+                                                  const float (&acc)[64], int r0, int r1, int rows, int c) {
   float dot0 = 0.f, dot1 = 0.f;
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
@@ -3345,15 +3369,11 @@ __device__ __forceinline__ float2 OffdiagAddOut(bf16* out, const bf16* x, int64_
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = h == 0 ? r0 : r1;
-      if (r >= rows) continue;
       const float a0 = acc[4 * nt + 2 * h], a1 = acc[4 * nt + 2 * h + 1];
-      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + r * ld + col);
-      const float2 old = __bfloat1622float2(*o);
-      *o = __floats2bfloat162_rn(old.x + a0, old.y + a1);
-      if (x != nullptr) {
-        const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + r * ld + col));
-        (h == 0 ? dot0 : dot1) += xv.x * a0 + xv.y * a1;
-      }
+      const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.out[nt][h]));
+      const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.x[nt][h]));
+      (h == 0 ? dot0 : dot1) += xv.x * a0 + xv.y * a1;
+      if (r < rows) *reinterpret_cast<uint32_t*>(out + r * ld + col) = PackBf16(old.x + a0, old.y + a1);
     }
   }
   dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
@@ -3434,16 +3454,26 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
   const float dold0 = fmaxf(fabsf(den0), fl0) + d.eps, dold1 = fmaxf(fabsf(den1), fl1) + d.eps;
   const float dnew0 = den0 + rs0, dnew1 = den1 + rs1;
   const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps), inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
-  for (int j = 0; j < d.DV / 128; ++j) {
-    OffdiagLoadSlab(sm, p.v + tok_s * d.DV + j * 128, ldv, L, tid);
+  const int nvs = d.DV / 128;
+  OffdiagLoadSlab(sm + SM::kSlabA, p.v + tok_s * d.DV, ldv, L, tid);
+  CpAsyncCommit();
+  for (int j = 0; j < nvs; ++j) {
+    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
+    if (j + 1 < nvs) {
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.v + tok_s * d.DV + (j + 1) * 128, ldv, L, tid);
+    }
     CpAsyncCommit();
-    CpAsyncWait<0>();
+    CpAsyncWait<1>();  // slab j landed (slab j + 1 may still be in flight)
     FenceProxyAsync();
     __syncthreads();
+    bf16* hb = p.h + tok_t * d.DV + j * 128;
+    bf16* hl = SPLIT ? p.h_lo + tok_t * d.DV + j * 128 : nullptr;
+    OffdiagOld old;  // h hi in .out, h lo in .x (loaded under the wgmma below)
+    OffdiagLoadOut(old, hb, hl, ldv, r0, r1, len, c);
     float hacc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) hacc[i] = 0.f;
-    const uint64_t v_d = SmemDescSw128(sa, SM::kTile64, 1024);
+    const uint64_t v_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
     FenceRegs(hacc);
     WgmmaFence();
 #pragma unroll
@@ -3456,8 +3486,6 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
     FenceRegs(hacc);
     FenceRegs(pa);
     FenceRegs(palo);
-    bf16* hb = p.h + tok_t * d.DV + j * 128;
-    bf16* hl = SPLIT ? p.h_lo + tok_t * d.DV + j * 128 : nullptr;
 #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
       const int col = nt * 8 + 2 * c;
@@ -3467,9 +3495,9 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
         if (r >= len) continue;
         const float dold = h == 0 ? dold0 : dold1, inv = h == 0 ? inv0 : inv1;
         __nv_bfloat162* ho = reinterpret_cast<__nv_bfloat162*>(hb + r * ldv + col);
-        float2 x = __bfloat1622float2(*ho);
+        float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.out[nt][h]));
         if constexpr (SPLIT) {
-          const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(hl + r * ldv + col));
+          const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.x[nt][h]));
           x.x += lo.x;
           x.y += lo.y;
         }
@@ -3481,7 +3509,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
         if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hl + r * ldv + col) = lo;
       }
     }
-    __syncthreads();  // the V slab is refilled by the next j
+    __syncthreads();  // this slab's buffer is refilled by slab j + 2 (issued in the next j)
   }
   if (c == 0) {
     if (r0 < len) p.den_tok[so_t + r0] = dnew0;
@@ -3568,15 +3596,28 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
   FenceProxyAsync();  // dS'ᵀ is read by the dQ wgmma after the next barrier
   float acc[64];
   // dV₀ += P̃ᵀ dH₁ per 128-column slab (rows s, all valid).
-  for (int j = 0; j < d.DV / 128; ++j) {
-    OffdiagLoadSlab(sm + SM::kSlabA, p.dh + tok_t * d.DV + j * 128, ldv, len, tid);
+  const int nvs = d.DV / 128, nks = d.DK / 128;
+  OffdiagLoadSlab(sm + SM::kSlabA, p.dh + tok_t * d.DV, ldv, len, tid);
+  CpAsyncCommit();
+  for (int j = 0; j < nvs; ++j) {
+    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
+    if (j + 1 < nvs) {
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.dh + tok_t * d.DV + (j + 1) * 128, ldv, len,
+                      tid);
+    } else {  // the first dk slab pair (Q₁, K₀) into the set slab j does not use
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK, ldqk, len, tid);
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK, ldqk, L, tid);
+    }
     CpAsyncCommit();
-    CpAsyncWait<0>();
+    CpAsyncWait<1>();
     FenceProxyAsync();
     __syncthreads();
+    bf16* dvb = p.dv + tok_s * d.DV + j * 128;
+    OffdiagOld old;
+    OffdiagLoadOut(old, dvb, nullptr, ldv, r0, r1, L, c);
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    const uint64_t dh_d = SmemDescSw128(sa + SM::kSlabA, SM::kTile64, 1024);
+    const uint64_t dh_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
     FenceRegs(acc);
     WgmmaFence();
 #pragma unroll
@@ -3585,21 +3626,31 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
     WgmmaWait<0>();
     FenceRegs(acc);
     FenceRegs(pa);
-    OffdiagAddOut(p.dv + tok_s * d.DV + j * 128, nullptr, ldv, acc, r0, r1, L, c);
-    __syncthreads();
+    OffdiagStoreOut(old, dvb, ldv, acc, r0, r1, L, c);
+    __syncthreads();  // this buffer is refilled two loads later
   }
   // Per 128-column dk slab a: dK₀ += dS'ᵀ Q₁ (rows s), dQ₁ += dS' K₀ (rows t).
-  for (int a = 0; a < d.DK / 128; ++a) {
-    OffdiagLoadSlab(sm + SM::kSlabA, p.q + tok_t * d.DK + a * 128, ldqk, len, tid);
-    OffdiagLoadSlab(sm + SM::kSlabB, p.k + tok_s * d.DK + a * 128, ldqk, L, tid);
+  // dk slab a uses the set (A, B) when nvs + a is even, else (C, D): slab 0's pair was issued
+  // with the last dV slab, slab a + 1's is issued here before slab a multiplies.
+  for (int a = 0; a < nks; ++a) {
+    const bool cd = ((nvs + a) & 1) != 0;
+    const int qbuf = cd ? SM::kSlabC : SM::kSlabA, kbuf = cd ? SM::kSlabD : SM::kSlabB;
+    if (a + 1 < nks) {
+      OffdiagLoadSlab(sm + (cd ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK + (a + 1) * 128, ldqk, len, tid);
+      OffdiagLoadSlab(sm + (cd ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK + (a + 1) * 128, ldqk, L, tid);
+    }
     CpAsyncCommit();
-    CpAsyncWait<0>();
+    CpAsyncWait<1>();
     FenceProxyAsync();
     __syncthreads();
+    bf16* dkb = p.dk + tok_s * d.DK + a * 128;
+    bf16* dqb = p.dq + tok_t * d.DK + a * 128;
+    OffdiagOld old;
+    OffdiagLoadOut(old, dkb, p.k + tok_s * d.DK + a * 128, ldqk, r0, r1, L, c);
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
     {
-      const uint64_t q_d = SmemDescSw128(sa + SM::kSlabA, SM::kTile64, 1024);
+      const uint64_t q_d = SmemDescSw128(sa + qbuf, SM::kTile64, 1024);
       FenceRegs(acc);
       WgmmaFence();
 #pragma unroll
@@ -3609,8 +3660,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
       FenceRegs(acc);
       FenceRegs(dsa);
     }
-    const float2 kd = OffdiagAddOut(p.dk + tok_s * d.DK + a * 128, p.k + tok_s * d.DK + a * 128, ldqk, acc,
-                                    r0, r1, L, c);
+    const float2 kd = OffdiagStoreOut(old, dkb, ldqk, acc, r0, r1, L, c);
+    OffdiagLoadOut(old, dqb, p.q + tok_t * d.DK + a * 128, ldqk, r0, r1, len, c);
     if (c == 0) {
       p.kdk[(so_s + r0) * p.n_dk_slabs + a] += kd.x;
       p.kdk[(so_s + r1) * p.n_dk_slabs + a] += kd.y;
@@ -3620,7 +3671,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
     {
       // A = dS' [t][s]: this warpgroup's t columns of the stored dS'ᵀ, M-major; B = K₀ N-major.
       const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
-      const uint64_t k_d = SmemDescSw128(sa + SM::kSlabB, SM::kTile64, 1024);
+      const uint64_t k_d = SmemDescSw128(sa + kbuf, SM::kTile64, 1024);
       FenceRegs(acc);
       WgmmaFence();
 #pragma unroll
@@ -3632,8 +3683,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
       WgmmaWait<0>();
       FenceRegs(acc);
     }
-    const float2 qd = OffdiagAddOut(p.dq + tok_t * d.DK + a * 128, p.q + tok_t * d.DK + a * 128, ldqk, acc,
-                                    r0, r1, len, c);
+    const float2 qd = OffdiagStoreOut(old, dqb, ldqk, acc, r0, r1, len, c);
     if (c == 0) {
       if (r0 < len) p.qdq[(so_t + r0) * p.n_dk_slabs + a] += qd.x;
       if (r1 < len) p.qdq[(so_t + r1) * p.n_dk_slabs + a] += qd.y;
