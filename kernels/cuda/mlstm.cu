@@ -144,8 +144,8 @@ struct SavedLayout {
   size_t h_lo = 0;     // bf16 [B][S][NH][dv]      h_fp32 − h (split only)
   size_t c_last = 0;   // f32  [BH][dk][dv]        C_S in fp32 (for <dC_S, C_S>)
   size_t n = 0;        // f32  [BH][NC+1][dk]
-  size_t mk = 0;       // f32  [BH][NC+1]
-  size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf
+  size_t mk = 0;       // f32  [BH][NC+1]  (chunk 256: m_k + g0_k, see ChunkGates)
+  size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf (chunk 256: minus g0_k)
   size_t m_tok = 0;    // f32  [BH][S]
   size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
   size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
@@ -459,8 +459,18 @@ __device__ __forceinline__ T WarpSumT(T v) {
 // One chunk's gate quantities, computed by one warp (lane j owns tokens j·per .. j·per+per−1):
 // chunk-local cumsum b_t, the local prefix max of ĩ_s − b_s, and the totals g = b_last,
 // r = max_s (ĩ_s − b_s). Independent of m_k, so every chunk can do this at once.
+// kPer 8 (chunk 256) only: b_t − g0, b relative to the boundary between the chunk's 128-token
+// halves (g0 = b at the first half's last token), from two half-local scans, and g0. (An empty
+// base below chunk 256, so those kernels' code does not change.)
 template <int kPer>
-struct ChunkGateLocalT {
+struct ChunkGateHalves {};
+template <>
+struct ChunkGateHalves<8> {
+  float bh[8];
+  float g0;
+};
+template <int kPer>
+struct ChunkGateLocalT : ChunkGateHalves<kPer> {
   float bl[kPer], rl[kPer], igl[kPer];
   float exclm;  // max of ĩ_s − b_s over the tokens of lower lanes
   float g, r;   // chunk totals (every lane)
@@ -514,6 +524,28 @@ __device__ __forceinline__ ChunkGateLocalT<kPer> ChunkGates(const Dims& d, const
   if (lane == 0) c.exclm = -INFINITY;
   c.g = __shfl_sync(0xffffffffu, incl, 31);
   c.r = __shfl_sync(0xffffffffu, inclm, 31);
+  if constexpr (kPer == 8) {
+    // Chunk 256: the consumers' weights e^{b_t − b_s + ...} need b_t − b_s to chunk 128's
+    // precision, but the chunk-local b spans 256 tokens of log-forget (|b| ~ 2000 at gates ±30:
+    // twice chunk 128's absolute rounding). So b is stored relative to the halves' boundary,
+    // b_t − g0, each half scanned on its own (lanes 0-15 and 16-31 hold the two halves): a
+    // half-local prefix for the second half, prefix − half total for the first; both at most one
+    // half's magnitude. (The stored m_k becomes m_k + g0 so that b + m_k is unchanged; see
+    // ChunkGatesWrite.)
+    float inclh = sum;
+#pragma unroll
+    for (int o = 1; o < 16; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, inclh, o);
+      if ((lane & 15) >= o) inclh += y;
+    }
+    const float exclh = inclh - sum;
+    c.g0 = __shfl_sync(0xffffffffu, inclh, 15);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const float blh = exclh + lfl[i];
+      c.bh[i] = lane < 16 ? blh - c.g0 : blh;
+    }
+  }
   return c;
 }
 
@@ -527,10 +559,17 @@ __device__ __forceinline__ void ChunkGatesWrite(const Dims& d, const FwdPtrs& p,
     const int j = lane * c.per + i;
     if (i < c.per && j < c.len) {
       const int64_t o = static_cast<int64_t>(bh) * d.S + c.t0 + j;
-      p.b_tok[o] = c.bl[i];
+      if constexpr (kPer == 8) {
+        p.b_tok[o] = c.bh[i];
+      } else {
+        p.b_tok[o] = c.bl[i];
+      }
       p.m_tok[o] = c.bl[i] + fmaxf(m_prev, fmaxf(c.exclm, c.rl[i]));
       p.e_tok[o] = __expf(c.g - c.bl[i] + c.igl[i] - m_next);
     }
+  }
+  if constexpr (kPer == 8) {  // chunk 256: the stored m_k is m_k + g0 (b is stored as b − g0)
+    if (lane == 0) p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + c.t0 / d.L] = m_prev + c.g0;
   }
 }
 
@@ -664,7 +703,6 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(D
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
   float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
-  if (threadIdx.x == 0) mk[0] = m_carry;
   for (int kg = 0; kg < d.NC; kg += nw) {
     const int k = kg + w;
     const bool active = k < d.NC;  // warp-uniform
@@ -683,7 +721,7 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(D
       for (int i = 0; i < n; ++i) {
         mprev[i] = m;
         const float mn = gs[i] + fmaxf(m, rs[i]);
-        mk[kg + i + 1] = mn;
+        if (kg + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
         p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
         m = mn;
       }
@@ -726,12 +764,11 @@ __global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_
   if (threadIdx.x == 0) {
     float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
     float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
-    if (rank == 0) mk[0] = m;
     for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
     for (int i = 0; i < n; ++i) {
       mprev[i] = m;
       const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
-      mk[k0 + i + 1] = mn;
+      if (k0 + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
       p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
       m = mn;
     }
