@@ -71,6 +71,16 @@
 // block per head-chunk for all dk slabs) lost to the per-slab mlstm_bwd_dqk_ws (H100, 125m cell
 // 0.867-0.869 vs 0.759-0.762 ms) and was deleted (2026-11-27).
 //
+// Chunk 256 (opt-in; helper mlstm256, session 15; LaunchForward256 / LaunchBackward256): the
+// chunk-128 warpgroup-MMA family on 128-token halves. The gate scans (_wide<8>) store b relative
+// to the boundary between a chunk's halves and m_k + g0 for m_k (ChunkGates: chunk 128's rounding
+// of b_t − b_s); the state kernels (_l256) walk 128-token steps and store C_k / dC_{k+1} only at
+// chunk boundaries (half the states' bytes); fwd_out / bwd_dv / bwd_dqk (_l256) run one block per
+// half (its causal diagonal block and the chunk's state terms); mlstm_fwd_offdiag_l256 /
+// mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
+// first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
+// chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
+//
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
 //   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
@@ -1234,48 +1244,48 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
     }
     // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
     if (first) {
-    if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
-    __syncwarp();
+      if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
+      __syncwarp();
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, crow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
       }
-      BulkCommit();
-    }
-    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, crow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+        }
+        BulkCommit();
+      }
+      if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
     }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* kst = sm + slot * SM::kStage;
     if (first) {
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     }
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
     uint32_t ae[L / 16][4], elo[L / 16][4];
@@ -1825,48 +1835,48 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
     const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
     if (first) {
-    if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
-    __syncwarp();
+      if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
+      __syncwarp();
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int drow = (bh * d.NC + kc) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, drow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
       }
-      BulkCommit();
-    }
-    StoreNAcc(dn_slot(kc), dnacc, lane);
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int drow = (bh * d.NC + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, drow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+        }
+        BulkCommit();
+      }
+      StoreNAcc(dn_slot(kc), dnacc, lane);
     }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* qst = sm + slot * SM::kStage;
     if (first) {
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+      for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     }
     uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
@@ -3456,7 +3466,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
   float sacc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
-  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid, own);
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid,
+                 own);
   // (the vectors were written before the product's first barrier)
   const int r0 = 16 * w + g, r1 = r0 + 8;
   const float b0v = bq[r0], b1v = bq[r1], m0v = mq[r0], m1v = mq[r1];
@@ -3490,14 +3501,16 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
   const float fl0 = __expf(-m0v), fl1 = __expf(-m1v);
   const float dold0 = fmaxf(fabsf(den0), fl0) + d.eps, dold1 = fmaxf(fabsf(den1), fl1) + d.eps;
   const float dnew0 = den0 + rs0, dnew1 = den1 + rs1;
-  const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps), inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
+  const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
   const int nvs = d.DV / 128;
   OffdiagLoadSlab(sm + SM::kSlabA, p.v + tok_s * d.DV, ldv, L, tid);
   CpAsyncCommit();
   for (int j = 0; j < nvs; ++j) {
     const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
     if (j + 1 < nvs) {
-      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.v + tok_s * d.DV + (j + 1) * 128, ldv, L, tid);
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.v + tok_s * d.DV + (j + 1) * 128, ldv, L,
+                      tid);
     }
     CpAsyncCommit();
     CpAsyncWait<1>();  // slab j landed (slab j + 1 may still be in flight)
@@ -3592,8 +3605,10 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
   float sacc[64], pacc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) sacc[i] = pacc[i] = 0.f;
-  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid, own);
-  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid, own);
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid,
+                 own);
+  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid,
+                 own);
   const int r0 = 16 * w + g, r1 = r0 + 8;
   const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
   uint32_t pa[8][4], dsa[8][4];
@@ -3673,7 +3688,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
     const bool cd = ((nvs + a) & 1) != 0;
     const int qbuf = cd ? SM::kSlabC : SM::kSlabA, kbuf = cd ? SM::kSlabD : SM::kSlabB;
     if (a + 1 < nks) {
-      OffdiagLoadSlab(sm + (cd ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK + (a + 1) * 128, ldqk, len, tid);
+      OffdiagLoadSlab(sm + (cd ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK + (a + 1) * 128, ldqk, len,
+                      tid);
       OffdiagLoadSlab(sm + (cd ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK + (a + 1) * 128, ldqk, L, tid);
     }
     CpAsyncCommit();
@@ -4571,7 +4587,8 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     case MlstmBwdDvKernel::kMmaSync: break;
     case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
-  if ((o.chunk_size != 128 && o.chunk_size != 256) || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
+  // (a bad env value stays)
+  if ((o.chunk_size != 128 && o.chunk_size != 256) || DvSlab(s.dv) != 128) c.fused = false;
   return c;
 }
 

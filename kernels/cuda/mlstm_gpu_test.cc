@@ -1,7 +1,7 @@
 // Needs a GPU: the mLSTM chunkwise forward (h, final state) and backward (dq, dk, dv, dĩ, df̃,
 // d initial state) and the step kernel against the CPU reference kernels/cpu/mlstm.h in float64
 // on the same bf16 (q, k, v, dh) / fp32 (gates, states) inputs. Both gradient conventions, odd
-// lengths (S = 1, 37, 300 with chunks 16/32/64/128), dk != dv, initial and final states, the
+// lengths (S = 1, 37, 300 with chunks 16/32/64/128/256), dk != dv, initial and final states, the
 // exponential forget gate, and extreme gate pre-activations (uniform in ±30). Outputs are
 // NaN-poisoned before each run.
 //
