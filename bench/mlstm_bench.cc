@@ -5,6 +5,8 @@
 //   xLSTM-7B heads:  B1 S8192 NH8 dk256 dv512 chunk 128 (8,192 tokens, MODELS.md §1.5 layout;
 //                    the same number of head-tokens as the first shape)
 //   xlstm-125m cell: B16 S2048 NH4 dk384 dv384, chunk 64 (the ops/ presets' default) and 128
+//   chunk 256 (opt-in, session 15) beside 128 at the 125m cell, the 1.3b-like layout and the ops/
+//   xlstm[1:0]-1.3b cell B4 S2048 NH4 dk = dv = 1024 ("xlstm-1.3b-cell"; no TFLA anchor)
 // Inputs: q, k, v, dh bf16 N(0, 1); ĩ N(0, 1), f̃ N(3, 1) fp32 (TFLA's benchmark draws randn for
 // all; a positive forget bias is the realistic regime and does not change the work). Each line:
 // median of `reps` CUDA-event timings after warm-up, FLOPs (the causal half of the intra-chunk
@@ -468,6 +470,11 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-like", s13, 128, dv_wgf},   {"xlstm-7b-heads", s7, 128, dv_wgf},
       // The ops/ xlstm[1:0]-1.3b cell (4 heads of 1024, B4): only with --states (helper mem12).
       {"xlstm-1.3b-model", {4, 2048, 4, 1024, 1024}, 128, v2},
+      // Chunk 256 beside 128 (session 15, helper mlstm256): the 125m cell, the 1.3b-like layout
+      // and the ops/ 1.3b cell (4 heads of 1024, B4; without --states, unlike xlstm-1.3b-model).
+      {"xlstm-125m-cell", s125, 256, v2},      {"xlstm-1.3b-like", s13, 256, v2},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -37,8 +37,11 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
   if (mlstm) {
     const int64_t dk = spec.mlstm_inner / spec.mlstm_heads;
     if (dk % 64 != 0) return unsupported(absl::StrCat("mLSTM head dim ", dk, " (CUDA: a multiple of 64)"));
-    if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128)
-      return unsupported(absl::StrCat("mLSTM chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64 or 128)"));
+    if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128 &&
+        spec.mlstm_chunk != 256)
+      return unsupported(absl::StrCat("mLSTM chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64, 128 or 256)"));
+    if (spec.mlstm_chunk == 256 && dk % 128 != 0)
+      return unsupported(absl::StrCat("mLSTM chunk 256 with head dim ", dk, " (CUDA: a multiple of 128)"));
     if (spec.mlstm_heads > 8) return unsupported(absl::StrCat("mLSTM with ", spec.mlstm_heads, " heads (CUDA: <= 8)"));
     if (spec.qkv_block_size > 8 || spec.mlstm_inner % spec.qkv_block_size != 0)
       return unsupported(absl::StrCat("mLSTM qkv_block_size ", spec.qkv_block_size, " (CUDA: <= 8)"));

@@ -71,6 +71,16 @@
 // block per head-chunk for all dk slabs) lost to the per-slab mlstm_bwd_dqk_ws (H100, 125m cell
 // 0.867-0.869 vs 0.759-0.762 ms) and was deleted (2026-11-27).
 //
+// Chunk 256 (opt-in; helper mlstm256, session 15; LaunchForward256 / LaunchBackward256): the
+// chunk-128 warpgroup-MMA family on 128-token halves. The gate scans (_wide<8>) store b relative
+// to the boundary between a chunk's halves and m_k + g0 for m_k (ChunkGates: chunk 128's rounding
+// of b_t − b_s); the state kernels (_l256) walk 128-token steps and store C_k / dC_{k+1} only at
+// chunk boundaries (half the states' bytes); fwd_out / bwd_dv / bwd_dqk (_l256) run one block per
+// half (its causal diagonal block and the chunk's state terms); mlstm_fwd_offdiag_l256 /
+// mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
+// first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
+// chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
+//
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
 //   once per DVT slab (4 × 2.1M) + causal half of P·V (4.2M) + Q̂C_k (16.8M) ≈ 46M → 47 GFLOP;
@@ -144,8 +154,8 @@ struct SavedLayout {
   size_t h_lo = 0;     // bf16 [B][S][NH][dv]      h_fp32 − h (split only)
   size_t c_last = 0;   // f32  [BH][dk][dv]        C_S in fp32 (for <dC_S, C_S>)
   size_t n = 0;        // f32  [BH][NC+1][dk]
-  size_t mk = 0;       // f32  [BH][NC+1]
-  size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf
+  size_t mk = 0;       // f32  [BH][NC+1]  (chunk 256: m_k + g0_k, see ChunkGates)
+  size_t b_tok = 0;    // f32  [BH][S]  chunk-local cumsum of lf (chunk 256: minus g0_k)
   size_t m_tok = 0;    // f32  [BH][S]
   size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
   size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
@@ -197,6 +207,7 @@ int DqkSlab(const MlstmShape& s, const MlstmOptions& o);
 // 0.35 + 0.40 vs 0.21 + 0.26 ms). Threshold: about one block per SM.
 int StateTile(const MlstmShape& s, const MlstmOptions& o) {
   if (o.state_tile != 0) return static_cast<int>(o.state_tile);
+  if (o.chunk_size == 256) return 128;  // the only tile at chunk 256 (MlstmCheck)
   const int64_t big_tile_blocks = s.batch * s.num_heads * (s.dk / 128) * (s.dv / 128);
   return s.dk % 128 == 0 && s.dv % 128 == 0 && big_tile_blocks >= 128 ? 128 : 64;
 }
@@ -458,23 +469,37 @@ __device__ __forceinline__ T WarpSumT(T v) {
 // One chunk's gate quantities, computed by one warp (lane j owns tokens j·per .. j·per+per−1):
 // chunk-local cumsum b_t, the local prefix max of ĩ_s − b_s, and the totals g = b_last,
 // r = max_s (ĩ_s − b_s). Independent of m_k, so every chunk can do this at once.
-struct ChunkGateLocal {
-  float bl[4], rl[4], igl[4];
+// kPer 8 (chunk 256) only: b_t − g0, b relative to the boundary between the chunk's 128-token
+// halves (g0 = b at the first half's last token), from two half-local scans, and g0. (An empty
+// base below chunk 256, so those kernels' code does not change.)
+template <int kPer>
+struct ChunkGateHalves {};
+template <>
+struct ChunkGateHalves<8> {
+  float bh[8];
+  float g0;
+};
+template <int kPer>
+struct ChunkGateLocalT : ChunkGateHalves<kPer> {
+  float bl[kPer], rl[kPer], igl[kPer];
   float exclm;  // max of ĩ_s − b_s over the tokens of lower lanes
   float g, r;   // chunk totals (every lane)
   int t0, len, per;
 };
+using ChunkGateLocal = ChunkGateLocalT<4>;
 
-__device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtrs& p, int b, int hd,
-                                                     int k, int lane) {
-  ChunkGateLocal c;
-  c.per = (d.L + 31) / 32;  // tokens per lane (<= 4)
+// kPer: the largest tokens per lane (4 up to L 128, 8 at L 256).
+template <int kPer = 4>
+__device__ __forceinline__ ChunkGateLocalT<kPer> ChunkGates(const Dims& d, const FwdPtrs& p, int b,
+                                                            int hd, int k, int lane) {
+  ChunkGateLocalT<kPer> c;
+  c.per = (d.L + 31) / 32;  // tokens per lane (<= kPer)
   c.t0 = k * d.L;
   c.len = min(d.L, d.S - c.t0);
-  float lfl[4];
+  float lfl[kPer];
   float sum = 0.f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int j = lane * c.per + i;
     lfl[i] = 0.f;
     c.igl[i] = -INFINITY;
@@ -494,7 +519,7 @@ __device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtr
   const float excl = incl - sum;
   float run = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     c.bl[i] = excl + lfl[i];
     run = fmaxf(run, c.igl[i] - c.bl[i]);
     c.rl[i] = run;
@@ -509,22 +534,52 @@ __device__ __forceinline__ ChunkGateLocal ChunkGates(const Dims& d, const FwdPtr
   if (lane == 0) c.exclm = -INFINITY;
   c.g = __shfl_sync(0xffffffffu, incl, 31);
   c.r = __shfl_sync(0xffffffffu, inclm, 31);
+  if constexpr (kPer == 8) {
+    // Chunk 256: the consumers' weights e^{b_t − b_s + ...} need b_t − b_s to chunk 128's
+    // precision, but the chunk-local b spans 256 tokens of log-forget (|b| ~ 2000 at gates ±30:
+    // twice chunk 128's absolute rounding). So b is stored relative to the halves' boundary,
+    // b_t − g0, each half scanned on its own (lanes 0-15 and 16-31 hold the two halves): a
+    // half-local prefix for the second half, prefix − half total for the first; both at most one
+    // half's magnitude. (The stored m_k becomes m_k + g0 so that b + m_k is unchanged; see
+    // ChunkGatesWrite.)
+    float inclh = sum;
+#pragma unroll
+    for (int o = 1; o < 16; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, inclh, o);
+      if ((lane & 15) >= o) inclh += y;
+    }
+    const float exclh = inclh - sum;
+    c.g0 = __shfl_sync(0xffffffffu, inclh, 15);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const float blh = exclh + lfl[i];
+      c.bh[i] = lane < 16 ? blh - c.g0 : blh;
+    }
+  }
   return c;
 }
 
 // Writes b_t, m_t, E_t of one chunk once its boundary stabilisers m_k, m_{k+1} are known.
+template <int kPer>
 __device__ __forceinline__ void ChunkGatesWrite(const Dims& d, const FwdPtrs& p, int bh,
-                                                const ChunkGateLocal& c, float m_prev,
+                                                const ChunkGateLocalT<kPer>& c, float m_prev,
                                                 float m_next, int lane) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int j = lane * c.per + i;
     if (i < c.per && j < c.len) {
       const int64_t o = static_cast<int64_t>(bh) * d.S + c.t0 + j;
-      p.b_tok[o] = c.bl[i];
+      if constexpr (kPer == 8) {
+        p.b_tok[o] = c.bh[i];
+      } else {
+        p.b_tok[o] = c.bl[i];
+      }
       p.m_tok[o] = c.bl[i] + fmaxf(m_prev, fmaxf(c.exclm, c.rl[i]));
       p.e_tok[o] = __expf(c.g - c.bl[i] + c.igl[i] - m_next);
     }
+  }
+  if constexpr (kPer == 8) {  // chunk 256: the stored m_k is m_k + g0 (b is stored as b − g0)
+    if (lane == 0) p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + c.t0 / d.L] = m_prev + c.g0;
   }
 }
 
@@ -644,6 +699,95 @@ __global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(
   cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
   for (int i = w; i < n; i += kGateFwdClWarps) {
     const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
+    ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
+  }
+}
+
+// Chunk 256 (8 tokens per lane): the two kernels above with kPer-token lane arrays (the chunk
+// <= 128 kernels stay as they are, so their code is unchanged). kSequential is not offered at
+// chunk 256 (MlstmCheck).
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(Dims d, FwdPtrs p) {
+  __shared__ float gs[kGateFwdWarps], rs[kGateFwdWarps], mprev[kGateFwdWarps + 1];
+  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+  float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+  for (int kg = 0; kg < d.NC; kg += nw) {
+    const int k = kg + w;
+    const bool active = k < d.NC;  // warp-uniform
+    ChunkGateLocalT<kPer> c;
+    if (active) {
+      c = ChunkGates<kPer>(d, p, b, hd, k, lane);
+      if (lane == 0) {
+        gs[w] = c.g;
+        rs[w] = c.r;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float m = m_carry;
+      const int n = min(nw, d.NC - kg);
+      for (int i = 0; i < n; ++i) {
+        mprev[i] = m;
+        const float mn = gs[i] + fmaxf(m, rs[i]);
+        if (kg + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+        p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
+        m = mn;
+      }
+      mprev[n] = m;
+    }
+    __syncthreads();
+    if (active) ChunkGatesWrite(d, p, bh, c, mprev[w], mprev[w + 1], lane);
+    m_carry = mprev[min(nw, d.NC - kg)];
+    __syncthreads();  // mprev / gs / rs are rewritten by the next group
+  }
+  if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_wide(Dims d, FwdPtrs p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
+  __shared__ float mprev[kGateFwdClMaxChunks + 1];
+  const int CL = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int per = (d.NC + CL - 1) / CL;
+  const int k0 = min(d.NC, rank * per), k1 = min(d.NC, k0 + per), n = k1 - k0;
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocalT<kPer> c = ChunkGates<kPer>(d, p, b, hd, k0 + i, lane);
+    if (lane == 0) {
+      gall[k0 + i] = c.g;
+      rall[k0 + i] = c.r;
+    }
+  }
+  cluster.sync();
+  for (int k = threadIdx.x; k < k0; k += blockDim.x) {  // the lower ranks' totals
+    const int owner = k / per;
+    gall[k] = *cluster.map_shared_rank(&gall[k], owner);
+    rall[k] = *cluster.map_shared_rank(&rall[k], owner);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+    float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+    for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
+    for (int i = 0; i < n; ++i) {
+      mprev[i] = m;
+      const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
+      if (k0 + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+      p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
+      m = mn;
+    }
+    mprev[n] = m;
+    if (n > 0 && k1 == d.NC && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m;
+  }
+  cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
+  for (int i = w; i < n; i += kGateFwdClWarps) {
+    const ChunkGateLocalT<kPer> c = ChunkGates<kPer>(d, p, b, hd, k0 + i, lane);
     ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
   }
 }
@@ -1022,11 +1166,17 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+// kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
+// (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
+// the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
+// chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
+// the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
+template <int kSub>
+__device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -1046,7 +1196,7 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      for (int k = 0; k < d.NC; ++k) {
+      for (int k = 0; k < nsteps; ++k) {
         const int slot = k & 1, use = k >> 1;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
         const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
@@ -1076,9 +1226,11 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
-  for (int k = 0; k < d.NC; ++k) {
+  for (int k = 0; k < nsteps; ++k) {
     const int t0 = k * L, len = min(L, d.S - t0);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 0;  // the chunk's first step: C_kc out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
     // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
     float ew[L / 16][4];
     const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
@@ -1091,46 +1243,50 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
     // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
-    if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
-    __syncwarp();
+    if (first) {
+      if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
+      __syncwarp();
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, crow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
       }
-      BulkCommit();
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, crow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+        }
+        BulkCommit();
+      }
+      if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
     }
-    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* kst = sm + slot * SM::kStage;
+    if (first) {
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
     uint32_t ae[L / 16][4], elo[L / 16][4];
 #pragma unroll
@@ -1181,6 +1337,14 @@ __global__ void __launch_bounds__(384, 1)
     if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
   }
   if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_l256(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 3. fwd_out
 
@@ -1591,11 +1755,15 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 // of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
 // each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
 // the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+// kSub as in StateFwdWs: 2 = chunk 256 (mlstm_state_bwd_ws_l256), reverse 128-token steps;
+// dC_{k+1} / dn_{k+1} leave and the decay applies at a chunk's first step in reverse order (its
+// second half, or its only half at a short last chunk).
+template <int kSub>
+__device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -1620,8 +1788,8 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int t = threadIdx.x;
     const int64_t so = static_cast<int64_t>(bh) * d.S;
-    for (int s = 0; s < d.NC; ++s) {
-      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+    for (int s = 0; s < nsteps; ++s) {
+      const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
       const int t0 = k * L, len = min(L, d.S - t0);
       const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
       const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
@@ -1661,49 +1829,55 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* stg = sm + SM::kStaging + w * 8192;
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
-  for (int s = 0; s < d.NC; ++s) {
-    const int k = d.NC - 1 - s;
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
-    __syncwarp();
+  for (int s = 0; s < nsteps; ++s) {
+    const int k = nsteps - 1 - s;
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
+    if (first) {
+      if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
+      __syncwarp();
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int drow = (bh * d.NC + k) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, drow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
       }
-      BulkCommit();
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int drow = (bh * d.NC + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, drow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+        }
+        BulkCommit();
+      }
+      StoreNAcc(dn_slot(kc), dnacc, lane);
     }
-    StoreNAcc(dn_slot(k), dnacc, lane);
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* qst = sm + slot * SM::kStage;
+    if (first) {
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
     uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
@@ -1748,6 +1922,14 @@ __global__ void __launch_bounds__(384, 1)
     StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
   }
   if (lane == 0) BulkWait<0>();
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 6. bwd_dv
 
@@ -1927,8 +2109,12 @@ struct DvWgFusedSmem {
   static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
 };
 
-template <int kStages>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
+// kSub 2 (chunk 256, mlstm_bwd_dv_wg_fused_l256): a block is one 128-token half k of chunk
+// k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan (relative to
+// the 256-token chunk's end, which the half may not contain); the first half's keys against the
+// second half's queries are added by mlstm_bwd_offdiag_l256 afterwards.
+template <int kStages, int kSub>
+__device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   using namespace hopper;
   using SM = DvWgFusedSmem<kStages>;
   constexpr int L = 128, DVT = 128, kThreads = 256, kSH = DVT + kPad;
@@ -1944,6 +2130,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_ws)
   const int k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
@@ -1952,8 +2139,8 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
   const bf16* kbase = p.k + tok0 * d.DK;
   const bf16* qbase = p.q + tok0 * d.DK;
   const bf16* dhbase = p.dh + tok0 * d.DV;
-  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + k) * d.DK * d.DV;
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
+  const bf16* dcbase = p.dc + (static_cast<int64_t>(bh) * d.NC + kc) * d.DK * d.DV;
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc + 1];
   const int ndt = d.DK / 64, nslab = d.DV / DVT, nsteps = ndt * nslab;
 
   auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
@@ -2030,9 +2217,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
       }
       // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s, to bf16 A
       // fragments kept for every slab.
-      const float gl = bs[len - 1];
-      E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
-      E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
+      if constexpr (kSub == 1) {
+        const float gl = bs[len - 1];
+        E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
+        E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
+      } else {
+        E0 = r0 < len ? p.e_tok[so + r0] : 0.f;
+        E1 = r1 < len ? p.e_tok[so + r1] : 0.f;
+      }
       const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
 #pragma unroll
       for (int nt = 0; nt < 16; ++nt) {
@@ -2106,6 +2298,14 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
                    static_cast<bf16*>(nullptr), ldv, dv4, staging + 16 * w * kSH,
                    static_cast<bf16*>(nullptr), lane, len - 16 * w);
   }
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
+  BwdDvWgFused<kStages, 1>(d, p);
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_l256(Dims d, BwdPtrs p) {
+  BwdDvWgFused<kStages, 2>(d, p);
 }
 
 // ---------------------------------------------------------------- 7. bwd_dqk
@@ -2521,9 +2721,13 @@ struct DqkTmaMaps {
   CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
 };
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+// kSub 2 (chunk 256, mlstm_bwd_dqk_ws_l256): a block is one 128-token half k of chunk k / 2:
+// its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t from the gate scan;
+// the off-diagonal block's dQ (second half) and dK (first half) terms are added by
+// mlstm_bwd_offdiag_l256 afterwards. (Both halves of chunk 0 write d_initial's dn0: the same
+// values from the same inputs.)
+template <bool SPLIT, int kSub>
+__device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const DqkTmaMaps& maps) {
   using namespace hopper;
   using SM = DqkWgSmem<SPLIT>;
   constexpr int L = 128, DKT = 128, kConsumers = 256;
@@ -2544,6 +2748,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t full_qk = bars + DqkWsBars::kFullQK;
   const uint32_t full3 = bars + DqkWsBars::kFull3, empty3 = bars + DqkWsBars::kEmpty3;
   const int a0 = blockIdx.x * DKT, k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int njt = d.DV / 64;
@@ -2564,8 +2769,8 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
-      const int dc_row = (bh * d.NC + k) * d.DK + a0;
+      const int c_row = (bh * (d.NC + 1) + kc) * d.DK + a0;
+      const int dc_row = (bh * d.NC + kc) * d.DK + a0;
       constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * SM::kTile64;
       constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * SM::kTile64;
       for (int jt = 0; jt < njt; ++jt) {
@@ -2611,9 +2816,9 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
   const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
-  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
-  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, k, a0, bs, igs, ms, ivs, dds, nks, dnks);
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc];
+  const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc + 1];
+  LoadDqkVectors<L, DKT>(d, p, tid, kConsumers, len, so, tok0, bh, kc, a0, bs, igs, ms, ivs, dds, nks, dnks);
 
   // Phase 1: dP = dH Vᵀ and Y = dH C_kᵀ over dv in 64-wide tiles; one wgmma group in flight
   // while the next stage's mbarrier is awaited.
@@ -2759,9 +2964,15 @@ __global__ void __launch_bounds__(384, 1)
   WgmmaWait<0>();
   FenceRegs(kacc);
   {
-    const float gl = bs[len - 1];
-    const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
-    const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+    float E0, E1;
+    if constexpr (kSub == 1) {
+      const float gl = bs[len - 1];
+      E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+      E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+    } else {
+      E0 = r0 < len ? p.e_tok[so + r0] : 0.f;
+      E1 = r1 < len ? p.e_tok[so + r1] : 0.f;
+    }
 #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
       const int col = nt * 8 + 2 * c;
@@ -2812,6 +3023,16 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 }
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+  BwdDqkWs<SPLIT, 1>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
+  BwdDqkWs<SPLIT, 2>(d, p, maps);
+}
 
 // fwd_out on warpgroup MMA (sm_90a wgmma), L 128 and 128-column h slabs: mlstm_fwd_out_ws3 below,
 // the math of mlstm_fwd_out above. Warpgroup wg owns rows 64wg..64wg+63 (identity map, as
@@ -2853,9 +3074,12 @@ struct OutWs3Smem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+// kSub 2 (chunk 256, mlstm_fwd_out_ws3_l256): a block is one 128-token half k of chunk k / 2 and
+// computes that half's diagonal block against the chunk's state C_{k/2}, n_{k/2}, m_{k/2} (b_t is
+// the 256-token chunk's cumsum, so W and G keep their formulas); the second half's queries against
+// the first half's keys are added by mlstm_fwd_offdiag_l256 afterwards.
+template <bool SPLIT, int kSub>
+__device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const OutWsMaps& maps) {
   using namespace hopper;
   using SM = OutWs3Smem<SPLIT>;
   constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
@@ -2869,6 +3093,7 @@ __global__ void __launch_bounds__(384, 1)
   float* nks = ms + L;  // [DK] n_k
   const uint32_t full = sa + SM::kFloats + (3 * L + d.DK) * 4, empty = full + 8 * kRing;
   const int j0 = blockIdx.x * DVT, k = blockIdx.y, bh = blockIdx.z;
+  const int kc = kSub == 1 ? k : k >> 1;  // chunk (state index) of this block
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int ndt = d.DK / 64;
@@ -2885,7 +3110,7 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::kTile64;
-      const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+      const int c_row = (bh * (d.NC + 1) + kc) * d.DK;
       for (int dt = 0; dt <= ndt; ++dt) {  // step ndt = the V slab
         const int slot = dt % kRing, use = dt / kRing;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
@@ -2915,8 +3140,8 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
   const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
-  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+  const float* nbase = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK;
+  const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + kc];
   if (tid < L) {
     const int64_t o = static_cast<int64_t>(bh) * d.S + t0 + tid;
     const bool ok = tid < len;
@@ -3075,6 +3300,451 @@ __global__ void __launch_bounds__(384, 1)
     if (r1 < len) p.den_tok[o + r1] = den1;
   }
 }
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  FwdOutWs3<SPLIT, 1>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_l256(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  FwdOutWs3<SPLIT, 2>(d, p, maps);
+}
+// ---------------------------------------------------------------- chunk 256: the off-diagonal block
+//
+// At chunk 256 every consumer kernel above runs one block per 128-token half of a chunk (the
+// _l256 instantiations) and computes the half's diagonal (causal) 128 × 128 block and its state
+// terms with the chunk's C_k / dC_{k+1}; what a 128-token half does not see is the off-diagonal
+// block of the chunk's causal square: the second half's queries t against the first half's keys s
+// (all s < t, no mask, only decay: W_ts = e^{b_t − b_s + ĩ_s − m_t} with b the 256-token chunk's
+// cumsum, the same formula as on the diagonal). These two kernels add it, one block (256 threads,
+// two warpgroups, wgmma on 128-byte-swizzled cp.async tiles, two stages) per chunk that has a
+// second half, after the diagonal kernels have written their outputs:
+//   fwd: S = Q̂₁K₀ᵀ (over dk), P = S·scale ⊙ W (hi + lo as fwd_out's), den₁ += P·1,
+//        h₁ = (h₁·D_old + P V₀) / D_new with D = max(|den|, e^{−m}) + ε (h₁ = h + h lo, so the
+//        diagonal's numerator is recovered to ~2^-17; single bf16 h to its own rounding).
+//   bwd: Sᵀ = K₀Q₁ᵀ (over dk) and dPᵀ = V₀dH₁ᵀ (over dv), rows s per warpgroup; P̃ᵀ = Sᵀ·scale ⊙
+//        W / den (single bf16 as bwd_dv's), dS'ᵀ = scale ⊙ W (dPᵀ/den + dden) (bf16 as bwd_dqk's);
+//        dV₀ += P̃ᵀ dH₁, dK₀ += dS'ᵀ Q₁, dQ₁ += dS' K₀ (dS' from shared memory M-major), each a
+//        read-modify-write of the bf16 output (one extra rounding), and the row dots k·dK', q·dQ'
+//        added to the diagonal kernel's per-slab kdk / qdq entries (gates_bwd reads them next).
+// This is the simplest correct form (the "simplest consumers" of kernels/cuda/mlstm_notes.md,
+// session 15): a second pass over Q₁, K₀, V₀, dH₁ and the bf16 outputs instead of a 2 × 2 tile
+// loop inside the TMA kernels.
+struct OffdiagSmem {
+  static constexpr int kTile64 = 128 * 128;         // [128 rows][64 cols] bf16
+  static constexpr int kStage = 2 * kTile64;        // two [128][64] tiles
+  // [128][128] operand slabs after the loops, two sets (A, B) and (C, D) so the next slab loads
+  // while this one multiplies.
+  static constexpr int kSlabA = 0, kSlabB = 2 * kTile64;
+  static constexpr int kDS = 4 * kTile64;           // dS'ᵀ [128 s][128 t] (bwd)
+  static constexpr int kSlabC = 6 * kTile64, kSlabD = 8 * kTile64;
+  static constexpr int kFloats = 10 * kTile64;
+  static constexpr size_t kBytes = kFloats + 6 * 128 * 4 + 1024;
+};
+
+// acc (the m64n128 accumulator of this warpgroup's 64 rows) += A·B over `nsteps` 64-wide k steps;
+// step x loads A rows (valid a_rows) from a + x·64 and B rows (valid b_rows) from bsrc + x·64
+// (row strides lda, ldb), two stages. All 256 threads call it.
+__device__ __forceinline__ void OffdiagProduct(float (&acc)[64], unsigned char* sm, uint32_t sa, int nsteps,
+                                               const bf16* a, int64_t lda, int a_rows, const bf16* bsrc,
+                                               int64_t ldb, int b_rows, int tid, uint32_t own) {
+  using namespace hopper;
+  auto load = [&](int x) {
+    unsigned char* st = sm + (x & 1) * OffdiagSmem::kStage;
+    LoadTileSw<128>(st, a + x * 64, lda, a_rows, tid, 256);
+    LoadTileSw<128>(st + OffdiagSmem::kTile64, bsrc + x * 64, ldb, b_rows, tid, 256);
+  };
+  load(0);
+  CpAsyncCommit();
+  for (int x = 0; x < nsteps; ++x) {
+    if (x + 1 < nsteps) load(x + 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t st = sa + (x & 1) * OffdiagSmem::kStage;
+    const uint64_t a_d = SmemDescSw128(st + own, 16, 1024);
+    const uint64_t b_d = SmemDescSw128(st + OffdiagSmem::kTile64, 16, 1024);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) WgmmaSS128<0, 0>(acc, a_d + ((kk * 32) >> 4), b_d + ((kk * 32) >> 4), 1);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    __syncthreads();  // stage x & 1 is refilled by step x + 2's loads
+  }
+}
+
+// A [128 rows][128 cols] slab (valid rows) into two swizzled [128][64] blocks at dst.
+__device__ __forceinline__ void OffdiagLoadSlab(unsigned char* dst, const bf16* src, int64_t ld, int rows,
+                                                int tid) {
+  LoadTileSw<128>(dst, src, ld, rows, tid, 256);
+  LoadTileSw<128>(dst + OffdiagSmem::kTile64, src + 64, ld, rows, tid, 256);
+}
+
+// The read-modify-writes of the bf16 outputs in two halves: OffdiagLoadOut reads this warp's
+// rows r0, r1 (valid below `rows`; 16 column pairs each) of `out` and, when x is not null, of x
+// (q or k, for the row dots) into registers, issued before the wgmma whose result they meet, so
+// the 64 independent loads overlap it (a first version loaded, added and stored element by element:
+// the stores between the loads serialised every load's latency); OffdiagStoreOut writes
+// bf16(out + acc) and returns the quad-reduced row dots Σ x·acc.
+struct OffdiagOld {
+  uint32_t out[16][2], x[16][2];
+};
+__device__ __forceinline__ void OffdiagLoadOut(OffdiagOld& o, const bf16* out, const bf16* x, int64_t ld,
+                                               int r0, int r1, int rows, int c) {
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = h == 0 ? r0 : r1;
+      const bool ok = r < rows;
+      o.out[nt][h] = ok ? *reinterpret_cast<const uint32_t*>(out + r * ld + col) : 0u;
+      o.x[nt][h] = ok && x != nullptr ? *reinterpret_cast<const uint32_t*>(x + r * ld + col) : 0u;
+    }
+  }
+}
+__device__ __forceinline__ float2 OffdiagStoreOut(const OffdiagOld& o, bf16* out, int64_t ld,
+                                                  const float (&acc)[64], int r0, int r1, int rows, int c) {
+  float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = h == 0 ? r0 : r1;
+      const float a0 = acc[4 * nt + 2 * h], a1 = acc[4 * nt + 2 * h + 1];
+      const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.out[nt][h]));
+      const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.x[nt][h]));
+      (h == 0 ? dot0 : dot1) += xv.x * a0 + xv.y * a1;
+      if (r < rows) *reinterpret_cast<uint32_t*>(out + r * ld + col) = PackBf16(old.x + a0, old.y + a1);
+    }
+  }
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+  return make_float2(dot0, dot1);
+}
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs p) {
+  using namespace hopper;
+  using SM = OffdiagSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, den_t
+  float* mq = bq + L;
+  float* den_t = mq + L;
+  float* bk = den_t + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    den_t[tid] = ok ? p.den_tok[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  float sacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid,
+                 own);
+  // (the vectors were written before the product's first barrier)
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bq[r0], b1v = bq[r1], m0v = mq[r0], m1v = mq[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bk[s] + igk[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  const float den0 = den_t[r0], den1 = den_t[r1];
+  const float fl0 = __expf(-m0v), fl1 = __expf(-m1v);
+  const float dold0 = fmaxf(fabsf(den0), fl0) + d.eps, dold1 = fmaxf(fabsf(den1), fl1) + d.eps;
+  const float dnew0 = den0 + rs0, dnew1 = den1 + rs1;
+  const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
+  const int nvs = d.DV / 128;
+  OffdiagLoadSlab(sm + SM::kSlabA, p.v + tok_s * d.DV, ldv, L, tid);
+  CpAsyncCommit();
+  for (int j = 0; j < nvs; ++j) {
+    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
+    if (j + 1 < nvs) {
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.v + tok_s * d.DV + (j + 1) * 128, ldv, L,
+                      tid);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // slab j landed (slab j + 1 may still be in flight)
+    FenceProxyAsync();
+    __syncthreads();
+    bf16* hb = p.h + tok_t * d.DV + j * 128;
+    bf16* hl = SPLIT ? p.h_lo + tok_t * d.DV + j * 128 : nullptr;
+    OffdiagOld old;  // h hi in .out, h lo in .x (loaded under the wgmma below)
+    OffdiagLoadOut(old, hb, hl, ldv, r0, r1, len, c);
+    float hacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) hacc[i] = 0.f;
+    const uint64_t v_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
+    FenceRegs(hacc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pa);
+    FenceRegs(palo);
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const int col = nt * 8 + 2 * c;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h == 0 ? r0 : r1;
+        if (r >= len) continue;
+        const float dold = h == 0 ? dold0 : dold1, inv = h == 0 ? inv0 : inv1;
+        __nv_bfloat162* ho = reinterpret_cast<__nv_bfloat162*>(hb + r * ldv + col);
+        float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.out[nt][h]));
+        if constexpr (SPLIT) {
+          const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.x[nt][h]));
+          x.x += lo.x;
+          x.y += lo.y;
+        }
+        const float y0 = (x.x * dold + hacc[4 * nt + 2 * h]) * inv;
+        const float y1 = (x.y * dold + hacc[4 * nt + 2 * h + 1]) * inv;
+        uint32_t hi, lo;
+        SplitPack(y0, y1, hi, lo);
+        *reinterpret_cast<uint32_t*>(ho) = hi;
+        if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hl + r * ldv + col) = lo;
+      }
+    }
+    __syncthreads();  // this slab's buffer is refilled by slab j + 2 (issued in the next j)
+  }
+  if (c == 0) {
+    if (r0 < len) p.den_tok[so_t + r0] = dnew0;
+    if (r1 < len) p.den_tok[so_t + r1] = dnew1;
+  }
+}
+
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs p) {
+  using namespace hopper;
+  using SM = OffdiagSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, 1/den_t, dden_t
+  float* mq = bq + L;
+  float* ivq = mq + L;
+  float* ddq = ivq + L;
+  float* bk = ddq + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    ivq[tid] = ok ? p.inv_d[so_t + tid] : 0.f;
+    ddq[tid] = ok ? p.dden[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  // Rows s (this warp: r0, r1), columns t.
+  float sacc[64], pacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = pacc[i] = 0.f;
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid,
+                 own);
+  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid,
+                 own);
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
+  uint32_t pa[8][4], dsa[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = nt * 8 + 2 * c + (e & 1);
+      const float xs = e < 2 ? x0 : x1;
+      float pv = 0.f, dsv = 0.f;
+      if (t < len) {
+        const float wt = __expf(bq[t] + xs - mq[t]);
+        pv = sacc[4 * nt + e] * d.scale * ivq[t] * wt;
+        dsv = d.scale * wt * (pacc[4 * nt + e] * ivq[t] + ddq[t]);
+      }
+      sacc[4 * nt + e] = pv;
+      pacc[4 * nt + e] = dsv;
+    }
+  }
+  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+    dsa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    dsa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    dsa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    dsa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = dsa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = dsa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = dsa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = dsa[kk][3];
+  }
+  FenceProxyAsync();  // dS'ᵀ is read by the dQ wgmma after the next barrier
+  float acc[64];
+  // dV₀ += P̃ᵀ dH₁ per 128-column slab (rows s, all valid).
+  const int nvs = d.DV / 128, nks = d.DK / 128;
+  OffdiagLoadSlab(sm + SM::kSlabA, p.dh + tok_t * d.DV, ldv, len, tid);
+  CpAsyncCommit();
+  for (int j = 0; j < nvs; ++j) {
+    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
+    if (j + 1 < nvs) {
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.dh + tok_t * d.DV + (j + 1) * 128, ldv, len,
+                      tid);
+    } else {  // the first dk slab pair (Q₁, K₀) into the set slab j does not use
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK, ldqk, len, tid);
+      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK, ldqk, L, tid);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();
+    bf16* dvb = p.dv + tok_s * d.DV + j * 128;
+    OffdiagOld old;
+    OffdiagLoadOut(old, dvb, nullptr, ldv, r0, r1, L, c);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    const uint64_t dh_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(pa);
+    OffdiagStoreOut(old, dvb, ldv, acc, r0, r1, L, c);
+    __syncthreads();  // this buffer is refilled two loads later
+  }
+  // Per 128-column dk slab a: dK₀ += dS'ᵀ Q₁ (rows s), dQ₁ += dS' K₀ (rows t).
+  // dk slab a uses the set (A, B) when nvs + a is even, else (C, D): slab 0's pair was issued
+  // with the last dV slab, slab a + 1's is issued here before slab a multiplies.
+  for (int a = 0; a < nks; ++a) {
+    const bool cd = ((nvs + a) & 1) != 0;
+    const int qbuf = cd ? SM::kSlabC : SM::kSlabA, kbuf = cd ? SM::kSlabD : SM::kSlabB;
+    if (a + 1 < nks) {
+      OffdiagLoadSlab(sm + (cd ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK + (a + 1) * 128, ldqk, len,
+                      tid);
+      OffdiagLoadSlab(sm + (cd ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK + (a + 1) * 128, ldqk, L, tid);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    FenceProxyAsync();
+    __syncthreads();
+    bf16* dkb = p.dk + tok_s * d.DK + a * 128;
+    bf16* dqb = p.dq + tok_t * d.DK + a * 128;
+    OffdiagOld old;
+    OffdiagLoadOut(old, dkb, p.k + tok_s * d.DK + a * 128, ldqk, r0, r1, L, c);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    {
+      const uint64_t q_d = SmemDescSw128(sa + qbuf, SM::kTile64, 1024);
+      FenceRegs(acc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, dsa[kk], q_d + ((kk * 16 * 128) >> 4));
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(acc);
+      FenceRegs(dsa);
+    }
+    const float2 kd = OffdiagStoreOut(old, dkb, ldqk, acc, r0, r1, L, c);
+    OffdiagLoadOut(old, dqb, p.q + tok_t * d.DK + a * 128, ldqk, r0, r1, len, c);
+    if (c == 0) {
+      p.kdk[(so_s + r0) * p.n_dk_slabs + a] += kd.x;
+      p.kdk[(so_s + r1) * p.n_dk_slabs + a] += kd.y;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    {
+      // A = dS' [t][s]: this warpgroup's t columns of the stored dS'ᵀ, M-major; B = K₀ N-major.
+      const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
+      const uint64_t k_d = SmemDescSw128(sa + kbuf, SM::kTile64, 1024);
+      FenceRegs(acc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint64_t step = (kk * 16 * 128) >> 4;
+        WgmmaSS128<1, 1>(acc, ds_d + step, k_d + step, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(acc);
+    }
+    const float2 qd = OffdiagStoreOut(old, dqb, ldqk, acc, r0, r1, len, c);
+    if (c == 0) {
+      if (r0 < len) p.qdq[(so_t + r0) * p.n_dk_slabs + a] += qd.x;
+      if (r1 < len) p.qdq[(so_t + r1) * p.n_dk_slabs + a] += qd.y;
+    }
+    __syncthreads();  // the slabs are refilled by the next a
+  }
+}
+
 // ---------------------------------------------------------------- 8. gates_bwd
 
 constexpr int kGateThreads = 256;
@@ -3840,6 +4510,7 @@ size_t DqkBytesL(int L, int slab, bool split) {
 }
 int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
   if (s.dv % 128 != 0) return 64;
+  if (o.chunk_size == 256) return 128;  // the only slab at chunk 256 (MlstmCheck)
   if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
@@ -3849,6 +4520,7 @@ int OutSlab(const MlstmShape& s, const MlstmOptions& o) {
 }
 int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
   if (s.dk % 128 != 0) return 64;
+  if (o.chunk_size == 256) return 128;
   if (o.io_slab == 64 || o.io_slab == 128) return static_cast<int>(o.io_slab);
   const int L = static_cast<int>(o.chunk_size), threads = 2 * L;
   const bool split = UseSplit(o);
@@ -3915,7 +4587,8 @@ BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
     case MlstmBwdDvKernel::kMmaSync: break;
     case MlstmBwdDvKernel::kWgmmaFused: c.fused = true; break;
   }
-  if (o.chunk_size != 128 || DvSlab(s.dv) != 128) c.fused = false;  // (a bad env value stays)
+  // (a bad env value stays)
+  if ((o.chunk_size != 128 && o.chunk_size != 256) || DvSlab(s.dv) != 128) c.fused = false;
   return c;
 }
 
@@ -4291,6 +4964,114 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   return LaunchGatesBwd(d, p, stream);
 }
 
+// Chunk 256 (MlstmOptions::chunk_size 256; kernels/cuda/mlstm_notes.md, session 15): the chunk
+// 128 warpgroup-MMA family on 128-token halves. Gate scans with 8 tokens per lane; the state
+// recurrences over 128-token steps, storing C_k / dC_{k+1} at the 256-token boundaries only (half
+// the state bytes of chunk 128); fwd_out / bwd_dv / bwd_dqk one block per half (its diagonal block
+// and the chunk's state terms), then one off-diagonal pass per chunk. MlstmCheck admits only the
+// shapes and options all of these take (dk, dv multiples of 128, 128×128 tiles, 128-column slabs,
+// parallel gate scans, the fused bwd_dv).
+CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true) {
+  const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
+  if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
+    cfg.blockDim = dim3(32 * kGateFwdClWarps);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster_wide<8>, &cfg, attr));
+    CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster_wide<8>, d, p));
+  } else {
+    const int warps = std::min(d.NC, kGateFwdWarps);
+    mlstm_gates_fwd_par_wide<8><<<bh, 32 * warps, 0, stream>>>(d, p);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
+  Hook("mlstm_gates_fwd", stream);
+  {
+    const size_t smem = StateWsSmem::kBytes;
+    StateWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_l256, smem));
+    mlstm_state_fwd_ws_l256<<<dim3(d.DV / 128, d.DK / 128, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
+    Hook("mlstm_state_fwd", stream);
+  }
+  if (!with_out) return {};
+  auto out = [&](auto split_tag) -> CudaResult {
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
+    OutWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256<SPLIT>, smem));
+    mlstm_fwd_out_ws3_l256<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+    Hook("mlstm_fwd_out", stream);
+    if (d.S > 128) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_l256<SPLIT>, OffdiagSmem::kBytes));
+      mlstm_fwd_offdiag_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag");
+      Hook("mlstm_fwd_offdiag", stream);
+    }
+    return {};
+  };
+  return d.split ? out(std::true_type{}) : out(std::false_type{});
+}
+
+CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
+                             cudaStream_t stream) {
+  if (!dv_choice.fused) {
+    return InvalidArgument("mlstm backward: chunk 256 runs only the fused warpgroup bwd_dv "
+                           "(GYRE_MLSTM_BWD_DV=mma / MlstmBwdDvKernel::kMmaSync are chunk <= 128 only)");
+  }
+  const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
+  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
+  mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
+  Hook("mlstm_bwd_prep", stream);
+  {
+    const size_t smem = StateWsSmem::kBytes;
+    StateWsMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_l256, smem));
+    mlstm_state_bwd_ws_l256<<<dim3(d.DV / 128, d.DK / 128, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
+    Hook("mlstm_state_bwd", stream);
+  }
+  {
+    constexpr int kStages = 3;
+    const size_t smem = DvWgFusedSmem<kStages>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256<kStages>, smem));
+    mlstm_bwd_dv_wg_fused_l256<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
+    Hook("mlstm_bwd_dv", stream);
+  }
+  auto dqk = [&](auto split_tag) -> CudaResult {
+    constexpr bool SPLIT = decltype(split_tag)::value;
+    const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
+    DqkTmaMaps maps{};
+    CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256<SPLIT>, smem));
+    mlstm_bwd_dqk_ws_l256<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+    Hook("mlstm_bwd_dqk", stream);
+    return {};
+  };
+  CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::true_type{}) : dqk(std::false_type{}));
+  if (d.S > 128) {  // after bwd_dv / bwd_dqk (it adds to their outputs), before gates_bwd (qdq, kdk)
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_l256, OffdiagSmem::kBytes));
+    mlstm_bwd_offdiag_l256<<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag");
+    Hook("mlstm_bwd_offdiag", stream);
+  }
+  return LaunchGatesBwd(d, p, stream);
+}
+
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
@@ -4301,9 +5082,29 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.dk < 1 || s.dv < 1) {
     return InvalidArgument("mlstm: batch, seq_len, num_heads, dk, dv must be >= 1");
   }
-  if (o.chunk_size != 16 && o.chunk_size != 32 && o.chunk_size != 64 && o.chunk_size != 128) {
-    return InvalidArgument("mlstm (cuda): chunk_size must be 16, 32, 64 or 128, got " +
+  if (o.chunk_size != 16 && o.chunk_size != 32 && o.chunk_size != 64 && o.chunk_size != 128 &&
+      o.chunk_size != 256) {
+    return InvalidArgument("mlstm (cuda): chunk_size must be 16, 32, 64, 128 or 256, got " +
                            std::to_string(o.chunk_size));
+  }
+  // Chunk 256 exists only on the warpgroup-MMA kernels (LaunchForward256 / LaunchBackward256).
+  if (o.chunk_size == 256) {
+    if (s.dk % 128 != 0 || s.dv % 128 != 0) {
+      return InvalidArgument("mlstm (cuda): chunk 256 needs dk and dv multiples of 128 (only the "
+                             "warpgroup-MMA kernels run it), got dk=" + std::to_string(s.dk) +
+                             " dv=" + std::to_string(s.dv));
+    }
+    if (o.state_tile == 64 || o.io_slab == 64) {
+      return InvalidArgument("mlstm (cuda): chunk 256 runs only 128x128 state tiles and 128-column "
+                             "io slabs (state_tile / io_slab 0 or 128)");
+    }
+    if (o.gate_schedule == MlstmGateSchedule::kSequential) {
+      return InvalidArgument("mlstm (cuda): chunk 256 has no sequential gate scan (kAuto, "
+                             "kChunkParallel or kCluster)");
+    }
+    if (o.bwd_dv == MlstmBwdDvKernel::kMmaSync) {
+      return InvalidArgument("mlstm (cuda): chunk 256 runs only the fused warpgroup bwd_dv");
+    }
   }
   if (s.dk % 64 != 0 || s.dv % 64 != 0) {
     return InvalidArgument("mlstm (cuda): dk and dv must be multiples of 64, got dk=" +
@@ -4401,6 +5202,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 16: return LaunchForward<16>(d, p, stream);
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
+    case 256: return LaunchForward256(d, p, stream);
     default: return LaunchForward<128>(d, p, stream);
   }
 }
@@ -4480,6 +5282,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 16: return LaunchForward<16>(d, p, stream, false);
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
+    case 256: return LaunchForward256(d, p, stream, false);
     default: return LaunchForward<128>(d, p, stream, false);
   }
 }
@@ -4575,6 +5378,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, stream);
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
+    case 256: return LaunchBackward256(d, p, dv_choice, stream);
     default: return LaunchBackward<128>(d, p, dv_choice, stream);
   }
 }

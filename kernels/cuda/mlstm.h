@@ -13,10 +13,15 @@
 // Layouts (token-major, as on the CPU): q, k [B, S, NH, dk]; v, h [B, S, NH, dv];
 // ĩ, f̃ [B, S, NH]; state C [B, NH, dk, dv], n [B, NH, dk], m [B, NH].
 //
-// Supported sizes (MlstmCheck says why not): chunk_size ∈ {16, 32, 64, 128}; dk and dv
+// Supported sizes (MlstmCheck says why not): chunk_size ∈ {16, 32, 64, 128, 256}; dk and dv
 // multiples of 64; any S >= 1 (the last chunk may be shorter); pointers of q, k, v, h, dh, dq,
-// dk, dv 16-byte aligned. The CPU allows any chunk size; these four cover every configuration
-// in MODELS.md (TFLA uses 64 or 128).
+// dk, dv 16-byte aligned. The CPU allows any chunk size; 16-128 cover every configuration in
+// MODELS.md (TFLA uses 64 or 128). Chunk 256 (opt-in, session 15) runs only on the chunk-128
+// warpgroup-MMA kernels over 128-token halves plus an off-diagonal pass per chunk: it needs dk
+// and dv multiples of 128, state_tile and io_slab 0 or 128, a gate schedule other than
+// kSequential and a bwd_dv other than kMmaSync. It stores half the chunk-boundary states (the
+// xlstm[1:0]-125m step's allocator peak 43.1 -> 37.1 GiB) but is slower at the 125m cell
+// (kernels/cuda/mlstm_notes.md, session 15).
 //
 // Gradient convention: MlstmOptions::stop_normaliser_gradient as on the CPU. false (default):
 // the true gradient of this forward (part (a) with m frozen + the exact m correction);
@@ -128,7 +133,7 @@ enum class MlstmBwdDvKernel {
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
 struct MlstmOptions {
-  int64_t chunk_size = 64;  // 16, 32, 64 or 128
+  int64_t chunk_size = 64;  // 16, 32, 64, 128 or 256 (see "Supported sizes" above)
   MlstmForgetGate forget_gate = MlstmForgetGate::kSigmoid;
   double eps = 1e-6;
   bool stop_normaliser_gradient = false;  // see the top of this file

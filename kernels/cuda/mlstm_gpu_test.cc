@@ -1,7 +1,7 @@
 // Needs a GPU: the mLSTM chunkwise forward (h, final state) and backward (dq, dk, dv, dĩ, df̃,
 // d initial state) and the step kernel against the CPU reference kernels/cpu/mlstm.h in float64
 // on the same bf16 (q, k, v, dh) / fp32 (gates, states) inputs. Both gradient conventions, odd
-// lengths (S = 1, 37, 300 with chunks 16/32/64/128), dk != dv, initial and final states, the
+// lengths (S = 1, 37, 300 with chunks 16/32/64/128/256), dk != dv, initial and final states, the
 // exponential forget gate, and extreme gate pre-activations (uniform in ±30). Outputs are
 // NaN-poisoned before each run.
 //
@@ -127,6 +127,7 @@ struct Variant {
   int64_t io_slab;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
+  bool chunk256_only = false;  // run only at chunk 256
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -148,6 +149,11 @@ constexpr Variant kVariants[] = {
     // with the mma.sync io kernels); chunk 128 only.
     {"v2-st128", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, true},
+    // Chunk 256 (session 15): the one-block-per-head gate scan (mlstm_gates_fwd_par_wide); v2 runs
+    // the clustered one on these few heads. At chunk 256 only the variants MlstmCheck admits run
+    // (v2, v1-t128, v2-dvwgf, v2-par256): the others name kernels chunk 256 does not have.
+    {"v2-par256", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0, 0,
+     MlstmBwdDvKernel::kAuto, false, true},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -263,7 +269,18 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
     if (var.state_tile == 128 && (c.DK % 128 != 0 || c.DV % 128 != 0)) continue;
     if (UsesWgmmaBwdDv(var) && (c.L != 128 || c.DV % 128 != 0)) continue;  // = v2 there
     if (var.chunk128_only && (c.L != 128 || c.DV % 128 != 0)) continue;
+    if (var.chunk256_only && c.L != 256) continue;
     if (!VariantSelected(var)) continue;
+    if (c.L == 256) {
+      MlstmOptions probe;
+      probe.chunk_size = 256;
+      probe.state_precision = var.precision;
+      probe.gate_schedule = var.gates;
+      probe.state_tile = var.state_tile;
+      probe.io_slab = var.io_slab;
+      probe.bwd_dv = var.bwd_dv;
+      if (!MlstmCheck(shape, probe).ok()) continue;  // (the rejection is tested below)
+    }
     // The forward runs once per convention: what it saves depends on the effective precision,
     // and the backward must get the forward's options.
     for (const bool stop : {false, true}) {
@@ -409,6 +426,34 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // S 8200 at chunk 128 with dk = dv = 128 (case 12 has dk 64, so its 64×64 state tiles
       // never run the warpgroup state kernels; helper mlstm14, session 14).
       {1, 8200, 1, 128, 128, 128, true, true},
+      // Chunk 256 (session 15): S = 1, S < 128, 128 < S < 256, a short last chunk with only its
+      // first half (300 = 256 + 44) and with a short second half (400 = 256 + 128 + 16), whole
+      // chunks, extreme gates, the exponential gate, the 125m head (dk = dv = 384; its extreme-gate
+      // true df̃ is the known gap of chunk 128), dk 256 / dv 512, S 8200, and more heads than
+      // kAuto clusters (B·NH 68: the parallel gate scan).
+      {1, 1, 2, 128, 128, 256, false, false},
+      {2, 37, 2, 128, 256, 256, true, true},
+      {1, 200, 2, 128, 128, 256, true, true},
+      {1, 300, 2, 128, 256, 256, true, true},
+      {1, 400, 2, 128, 128, 256, false, true},
+      {1, 512, 2, 128, 128, 256, true, false},
+      {1, 300, 2, 128, 128, 256, false, false, Gates::kExtreme},
+      // Case 27: in select mode (seed 1027) an ill-conditioned draw: at t 167-175 of head 1 den_t
+      // is a small difference of large terms (|h| ~ 800). The CPU reference's own chunkwise form
+      // run in fp32 (a scratch probe, session 15) misses the forward band against float64 there
+      // (h 9.1e-3 at chunk 128, 1.55e-2 at 256: its 256-token cumsum b reaches |b| ~ 2000), and so
+      // did the first chunk-256 kernels (h 3.3e-2, dq 6.3e-2; chunk 128 on the same draw, run with
+      // MLSTM_TEST_CHUNK=128: h 9.5e-3, dq 2.02e-2 FAIL). Since the gate scan stores b relative
+      // to the halves' boundary (ChunkGates): h 3.4e-3, dq 5.8e-3, df̃ 3.4e-3 (H100). Case 34: the
+      // same shape on a draw fp32 resolves (CPU fp32 h 3.1e-3 at both chunks in select mode).
+      {1, 300, 2, 128, 128, 256, true, true, Gates::kExtreme},
+      {1, 300, 2, 128, 128, 256, true, true, Gates::kNormal, MlstmForgetGate::kExponential},
+      {2, 333, 2, 384, 384, 256, true, true},
+      {1, 300, 2, 384, 384, 256, false, true, Gates::kExtreme, MlstmForgetGate::kSigmoid, true},
+      {1, 300, 1, 256, 512, 256, true, true},
+      {1, 8200, 1, 128, 128, 256, true, true},
+      {34, 260, 2, 128, 128, 256, true, true},
+      {1, 300, 2, 128, 128, 256, true, true, Gates::kExtreme},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
@@ -432,7 +477,11 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       failed += RunCase(cases[i], rng) ? 0 : 1;
     } else if (selected[i]) {
       std::mt19937_64 case_rng(1000 + i);
-      failed += RunCase(cases[i], case_rng) ? 0 : 1;
+      // MLSTM_TEST_CHUNK=L (select mode only): the same draw at another chunk size, e.g. to tell
+      // an ill-conditioned draw (fails at every chunk) from a chunk-specific error.
+      Case c = cases[i];
+      if (const char* ch = std::getenv("MLSTM_TEST_CHUNK"); ch != nullptr && *ch != '\0') c.L = std::atoi(ch);
+      failed += RunCase(c, case_rng) ? 0 : 1;
     }
   }
   std::printf("mlstm chunkwise: %d of %zu cases failed\n", failed, sizeof(cases) / sizeof(cases[0]));
@@ -520,7 +569,8 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
   int failures = 0;
   for (const Shape& sh : {Shape{2, 333, 2, 384, 384, 128, 0, true}, Shape{1, 256, 3, 128, 256, 128, 128, false},
                           Shape{1, 300, 2, 256, 512, 128, 0, false}, Shape{2, 37, 2, 64, 128, 64, 0, true},
-                          Shape{1, 530, 2, 64, 64, 16, 64, false}}) {
+                          Shape{1, 530, 2, 64, 64, 16, 64, false}, Shape{2, 333, 2, 384, 384, 256, 0, true},
+                          Shape{1, 300, 2, 256, 512, 256, 0, false}}) {
     for (const MlstmStatePrecision prec :
          {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
       const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH;
@@ -610,6 +660,25 @@ TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
   o.chunk_size = 64;
   EXPECT_FALSE(MlstmCheck({1, 8, 1, 96, 64}, o).ok());
   EXPECT_TRUE(MlstmCheck({1, 8, 1, 64, 128}, o).ok());
+  // Chunk 256 runs only on the warpgroup-MMA kernels: everything else is rejected, naming why.
+  o.chunk_size = 256;
+  EXPECT_TRUE(MlstmCheck({1, 8, 1, 128, 256}, o).ok());
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 64, 128}, o).ok());
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 192}, o).ok());
+  MlstmOptions t = o;
+  t.state_tile = 64;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 128}, t).ok());
+  t = o;
+  t.io_slab = 64;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 128}, t).ok());
+  t = o;
+  t.gate_schedule = MlstmGateSchedule::kSequential;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 128}, t).ok());
+  t = o;
+  t.bwd_dv = MlstmBwdDvKernel::kMmaSync;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 128}, t).ok());
+  o.chunk_size = 512;
+  EXPECT_FALSE(MlstmCheck({1, 8, 1, 128, 128}, o).ok());
 }
 
 }  // namespace
