@@ -44,8 +44,12 @@ void Xlstm(ModelSpec* s, int64_t d, int64_t layers, std::vector<int64_t> slstm_a
   s->slstm_heads = 4;
   s->slstm_ffn = RoundUp64(1.3 * d);  // MODELS.md §2: 1.3 reproduces the published counts
   // A compute knob, not part of the model: chunk 128 was 1.17x faster than 64 for the 125m cell
-  // on the GPU and halves the saved chunk states (bench/RESULTS.md, helper mlstm5).
-  s->mlstm_chunk = 128;
+  // on the GPU and halves the saved chunk states (bench/RESULTS.md, helper mlstm5). Chunk 256
+  // halves them again but adds an off-diagonal pass per chunk (kernels/cuda/mlstm_notes.md,
+  // session 15): it loses where the states are small (head dim 384: cell +9%, step +4%; dk 256 /
+  // dv 512: +9%) and wins where they dominate (head dim 1024, the 1.3B: cell −6%, step −3% on an
+  // H100), so heads of 1024 and wider (1.3B, 2.7B) take 256.
+  s->mlstm_chunk = s->mlstm_inner / s->mlstm_heads >= 1024 ? 256 : 128;
   s->vocab_size = vocab;
   s->tie_embeddings = false;
 }

@@ -454,6 +454,10 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       {1, 8200, 1, 128, 128, 256, true, true},
       {34, 260, 2, 128, 128, 256, true, true},
       {1, 300, 2, 128, 128, 256, true, true, Gates::kExtreme},
+      // The xLSTM 1.3B head (dk = dv = 1024, MODELS.md §3; lead, session 15): no case had it, and
+      // its presets run chunk 256 (ops/model_config.cc) — at 256 and at 128, a short last half.
+      {1, 300, 1, 1024, 1024, 256, true, true},
+      {1, 300, 1, 1024, 1024, 128, true, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
