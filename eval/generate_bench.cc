@@ -10,6 +10,7 @@
 //       --train_steps 300 --device cpu
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <span>
@@ -27,6 +28,43 @@
 
 namespace gyre::eval {
 namespace {
+
+// Where greedy and speculative outputs part: the first differing position, the two tokens, and
+// head 1's logits for both at that position, recomputed over the common context in one chunked
+// forward (bf16 logits, as both modes compare them). Speculative decoding verifies with a chunked
+// forward and greedy decoding steps one token at a time; their bf16 activations can differ in
+// the last bit (another GEMM shape, another summation order), so where the two best logits are
+// within a rounding step of each other the argmax may differ. This line says whether that is the
+// case (a gap of <= 2 bf16 ulps at that magnitude) or the paths really disagree.
+void ReportDivergence(ops::LanguageModel* model, const std::vector<int32_t>& prompt, const std::vector<int32_t>& greedy,
+                      const std::vector<int32_t>& speculative) {
+  size_t i = 0;
+  while (i < greedy.size() && i < speculative.size() && greedy[i] == speculative[i]) ++i;
+  if (i == greedy.size() || i == speculative.size()) {
+    std::printf("  diverged: lengths %zu vs %zu (one output is a prefix of the other)\n", greedy.size(), speculative.size());
+    return;
+  }
+  std::vector<int32_t> context(prompt);
+  context.insert(context.end(), greedy.begin(), greedy.begin() + static_cast<std::ptrdiff_t>(i));
+  auto state = model->NewDecodeState(1);
+  ops::LanguageModel::DecodeOptions options;
+  options.heads = 1;
+  const std::vector<ops::Tensor> logits =
+      model->DecodeChunk(context, static_cast<int64_t>(context.size()), state.get(), options);
+  const int64_t rows = logits[0].rows();
+  const ops::Tensor row = logits[0].Rows(rows - 1, rows).To(ops::DType::kF32).ToDevice(ops::Device::kCpu);
+  const float* v = row.data<float>();
+  const int64_t vocab = row.cols();
+  int64_t best = 0;
+  for (int64_t c = 1; c < vocab; ++c) if (v[c] > v[best]) best = c;
+  const float lg = v[greedy[i]], ls = v[speculative[i]];
+  // bf16 keeps 8 significant bits: one step at |x| is 2^(floor(log2|x|) - 7).
+  const float ulp = std::ldexp(1.0f, std::ilogb(std::max(std::fabs(lg), 1e-30f)) - 7);
+  std::printf("  diverged at new token %zu: greedy %d (logit %.4f), speculative %d (logit %.4f), best %ld (%.4f); "
+              "gap %.4f = %.1f bf16 steps at that magnitude: %s\n",
+              i, greedy[i], lg, speculative[i], ls, static_cast<long>(best), v[best], std::fabs(lg - ls),
+              std::fabs(lg - ls) / ulp, std::fabs(lg - ls) <= 2 * ulp ? "a near-tie" : "NOT a near-tie");
+}
 
 int Main(int argc, char** argv) {
   CLI::App app{"greedy vs MTP self-speculative decoding tokens/s on a briefly trained model"};
@@ -221,6 +259,7 @@ int Main(int argc, char** argv) {
                 "%ld checked / %ld proposed, equal %s\n",
                 (long)p, g.tokens.size() / mg, s.tokens.size() / ms, mg / ms, s.tokens_per_forward(), (long)s.accepted,
                 (long)s.drafted, (long)s.proposed, equal ? "yes" : "NO");
+    if (!equal) ReportDivergence(model->get(), prompt, g.tokens, s.tokens);
     greedy_s += mg;
     spec_s += ms;
     tokens += static_cast<int64_t>(s.tokens.size());
