@@ -622,6 +622,19 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
+  bool BlockDiagBackwardTc(const BlockDiagArgs& a, bool deep) override {
+    Init();
+    if (!cuda_ops::BlockDiagBackwardTcCovers(a)) {
+      BlockDiag(true, a);
+      return false;
+    }
+    OpProfiler::Scope scope(&prof_, deep ? "BlockDiag backward (2 maps, tensor cores, tc8)"
+                                         : "BlockDiag backward (2 maps, tensor cores, tc)");
+    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, deep ? cuda_ops::BdTcVariant::kTc8 : cuda_ops::BdTcVariant::kTc, alloc_,
+                                            stream_));
+    return true;
+  }
+
   static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
     shape->batch = a.batch;
     shape->seq_len = a.seq;

@@ -175,6 +175,16 @@ void SetMlstmConvQkvFused(bool fused);
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);
 
+// The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kFma =
+// CudaBackend::BlockDiag (block_diag4_bwd, the row sums on the FMA pipe; the default); kTc / kTc8 =
+// CudaBackend::BlockDiagBackwardTc (the row sums dWq, dWk and the gates' S on tensor cores; 12 or
+// 8 warps an SM, ops/XLSTM_GLUE.md "tensor-core row sums"). GYRE_MLSTM_QK_BWD unset or "fma",
+// "tc", "tc8"; read once on first use; anything else stops the process with a message naming the
+// accepted values. SetMlstmQkBwd overrides it (tests, benchmarks). Not thread-safe. CUDA only.
+enum class MlstmQkBwd { kFma, kTc, kTc8 };
+MlstmQkBwd GetMlstmQkBwd();
+void SetMlstmQkBwd(MlstmQkBwd mode);
+
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
 struct MlstmState : BlockState {
