@@ -1440,7 +1440,9 @@ constexpr int kBtXLd = 32 * 4 + 8;  // bf16 a ring row of x (+16 B: ldmatrix row
 constexpr int kBtDLd = 32 * 8 + 8;  // bf16 a ring row of dq|dk
 // One warp's ring: kAhead rows in flight ahead of the arithmetic (<= ring - tile), the tile's rows
 // kept until its mma.
-template <int kAhead>
+// kSmemS: the gates' S accumulates in shared memory ([128 columns][8 gates] a warp: one LDS.64
+// pair and STS.64 pair per mma pair) instead of 32 registers a lane.
+template <int kAhead, bool kSmemS>
 struct BtRing {
   static constexpr int kRing = kBtTile + kAhead;  // slots of x, dq|dk, dgate
   static constexpr int kOld = kAhead + 1;         // slots of the old dx
@@ -1448,13 +1450,15 @@ struct BtRing {
   bf16 dqk[kRing][kBtDLd];
   float dg[kRing][8];
   uint2 old[kOld][32];
+  float s[kSmemS ? 128 * 8 : 1];
 };
 constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S and dW of the warps, summed S
-static_assert(kBtWarps * sizeof(BtRing<4>) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-// The two builds (GYRE_MLSTM_QK_BWD): tc = 3 blocks an SM (12 warps, <= 168 registers), 4 rows
-// ahead; tc8 = 2 blocks an SM (8 warps, no register cap that matters), 8 rows ahead.
-template <int kAhead>
-constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing<kAhead>);
+static_assert(kBtWarps * sizeof(BtRing<4, false>) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
+// The two builds (GYRE_MLSTM_QK_BWD): tc = 3 blocks an SM (12 warps, <= 168 registers: S in
+// shared memory), 4 rows ahead; tc8 = 2 blocks an SM (8 warps, no register cap that matters), 8
+// rows ahead.
+template <int kAhead, bool kSmemS>
+constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing<kAhead, kSmemS>);
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -1474,9 +1478,9 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <int kAhead, int kMinBlocks>
+template <int kAhead, int kMinBlocks, bool kSmemS>
 __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
-  using Ring = BtRing<kAhead>;
+  using Ring = BtRing<kAhead, kSmemS>;
   constexpr int kBtRing = Ring::kRing, kBtOld = Ring::kOld, kBtAhead = kAhead;
   extern __shared__ __align__(16) unsigned char bt_smem[];
   __shared__ float4 U[8][32];  // each thread's own block's U[t, 0..3]
@@ -1552,6 +1556,16 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
     for (int e = 0; e < 4; ++e) acc_s[c][e] = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) acc_w[j][0] = acc_w[j][1] = 0.f;
+  // kSmemS: lane (gq, qq)'s S fragment of column group c at s_frag + 128 c (columns 16c + gq and
+  // 16c + 8 + gq, gates 2qq, 2qq + 1).
+  float* s_frag = &ring.s[gq * 8 + 2 * qq];
+  if constexpr (kSmemS) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
+      *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
+    }
+  }
   const bool upper = qq >= 2;  // this lane keeps the block-(2j'+1) half of each dW product
   int slot = 0, oslot = 0;
   int off = off0;  // row u's element offset
@@ -1606,10 +1620,20 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
         LdMatrixX4Trans(xa + 64 * cc, xf);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float (&s)[4] = acc_s[2 * cc + h];
           float e[4];
-          MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, s[0], s[1], s[2], s[3]);
-          MmaBf16K8(s, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          if constexpr (kSmemS) {
+            float* sp = s_frag + 128 * (2 * cc + h);
+            const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
+            float d[4];
+            MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
+            MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+            *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
+            *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
+          } else {
+            float (&s)[4] = acc_s[2 * cc + h];
+            MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, s[0], s[1], s[2], s[3]);
+            MmaBf16K8(s, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          }
         }
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
@@ -1632,6 +1656,15 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
     oslot = oslot + 1 == kBtOld ? 0 : oslot + 1;
   }
   CpAsyncWait<0>();
+  if constexpr (kSmemS) {
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
+                   c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
+      acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
+    }
+  }
   __syncthreads();  // the rings' memory becomes the reduction scratch
   float* sw = reinterpret_cast<float*>(bt_smem);  // [warps][8 gates][128 columns]
   float* dw = sw + kBtWarps * 8 * 128;            // [warps][2 maps][32 blocks][16]
@@ -2933,8 +2966,8 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, BdTcVariant variant, Devi
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, dim3(32, kBtWarps), smem, stream>>>(a, g, p);
   };
-  if (variant == BdTcVariant::kTc8) launch(block_diag4_bwd_tc<8, 2>, kBtSmem<8>);
-  else launch(block_diag4_bwd_tc<4, 3>, kBtSmem<4>);
+  if (variant == BdTcVariant::kTc8) launch(block_diag4_bwd_tc<8, 2, false>, kBtSmem<8, false>);
+  else launch(block_diag4_bwd_tc<4, 3, true>, kBtSmem<4, true>);
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
 }
