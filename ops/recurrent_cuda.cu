@@ -1443,7 +1443,7 @@ constexpr int kBtDLd = 32 * 8 + 8;  // bf16 a ring row of dq|dk
 // kSmemS: the gates' S accumulates in shared memory ([128 columns][8 gates] a warp: one LDS.64
 // pair and STS.64 pair per mma pair) instead of 32 registers a lane.
 template <int kAhead, bool kSmemS>
-struct BtRing {
+struct alignas(16) BtRing {
   static constexpr int kRing = kBtTile + kAhead;  // slots of x, dq|dk, dgate
   static constexpr int kOld = kAhead + 1;         // slots of the old dx
   bf16 x[kRing][kBtXLd];
@@ -1454,9 +1454,9 @@ struct BtRing {
 };
 constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S and dW of the warps, summed S
 static_assert(kBtWarps * sizeof(BtRing<4, false>) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-// The two builds (GYRE_MLSTM_QK_BWD): tc = 3 blocks an SM (12 warps, <= 168 registers: S in
-// shared memory), 4 rows ahead; tc8 = 2 blocks an SM (8 warps, no register cap that matters), 8
-// rows ahead.
+// The builds (GYRE_MLSTM_QK_BWD): tc, tc6 = 3 blocks an SM (12 warps, <= 168 registers: S in
+// shared memory), 4 or 6 rows ahead; tc8, tc12 = 2 blocks an SM (8 warps, no register cap that
+// matters), 8 or 12 rows ahead.
 template <int kAhead, bool kSmemS>
 constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing<kAhead, kSmemS>);
 
@@ -2932,8 +2932,9 @@ bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a) {
   return MakeFusedGates(a, true, &g).ok() && g.heads >= 1 && g.heads <= 4 && FusedGatesVectorizable(g, true);
 }
 
-CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, BdTcVariant variant, DeviceAllocator* scratch,
-                               cudaStream_t stream) {
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead, DeviceAllocator* scratch, cudaStream_t stream) {
+  if (ahead != 4 && ahead != 6 && ahead != 8 && ahead != 12)
+    return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: rows ahead must be 4, 6, 8 or 12");
   if (!BlockDiagBackwardTcCovers(a))
     return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: arguments outside the kernel (BlockDiagBackwardTcCovers)");
   FusedGates g;
@@ -2959,15 +2960,19 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, BdTcVariant variant, Devi
   p.gate1 = take(G * cols);
   if (db) p.db = take(G);
   const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
-  // The rings (per warp: tile + ahead rows of x, dq|dk and the gates, ahead + 1 of the old dx):
-  // 44 KiB (tc) or 61 KiB (tc8) of dynamic shared memory, with the static U at or above the 48 KiB
-  // of a launch without the opt-in.
+  // The rings (per warp: tile + ahead rows of x, dq|dk and the gates, ahead + 1 of the old dx; S
+  // for 4 and 6 ahead): 60, 68.5, 61 or 78 KiB of dynamic shared memory, above the 48 KiB of a
+  // launch without the opt-in.
   auto launch = [&](auto kernel, size_t smem) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, dim3(32, kBtWarps), smem, stream>>>(a, g, p);
   };
-  if (variant == BdTcVariant::kTc8) launch(block_diag4_bwd_tc<8, 2, false>, kBtSmem<8, false>);
-  else launch(block_diag4_bwd_tc<4, 3, true>, kBtSmem<4, true>);
+  switch (ahead) {
+    case 4: launch(block_diag4_bwd_tc<4, 3, true>, kBtSmem<4, true>); break;
+    case 6: launch(block_diag4_bwd_tc<6, 3, true>, kBtSmem<6, true>); break;
+    case 8: launch(block_diag4_bwd_tc<8, 2, false>, kBtSmem<8, false>); break;
+    default: launch(block_diag4_bwd_tc<12, 2, false>, kBtSmem<12, false>); break;
+  }
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
 }

@@ -251,13 +251,14 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
-// qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc / kTc8 =
+// qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc* =
 // BlockDiagBackwardTc, which must cover the shape when heads <= 4 and bs == 4, and whose dx must
 // equal the FMA kernel's bit for bit).
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false,
                 MlstmQkBwd qk = MlstmQkBwd::kFma) {
   Rng rng(41);
-  const char* qk_label = qk == MlstmQkBwd::kTc ? " [qk_bwd tc]" : qk == MlstmQkBwd::kTc8 ? " [qk_bwd tc8]" : "";
+  const std::string qk_label =
+      qk == MlstmQkBwd::kFma ? "" : " [qk_bwd tc" + std::to_string(MlstmQkBwdAhead(qk)) + " ahead]";
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
                            std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
                            qk_label;
@@ -399,7 +400,7 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
       BlockDiagArgs f = a;
       f.dx = dxc_fma.raw(); f.dw = dwq_fma.data<float>(); f.dw2 = dwk_fma.data<float>(); f.gates = &gf;
       Cuda().BlockDiag(true, f);
-      const bool ran = Cuda().BlockDiagBackwardTc(a, qk == MlstmQkBwd::kTc8);
+      const bool ran = Cuda().BlockDiagBackwardTc(a, MlstmQkBwdAhead(qk));
       EXPECT_EQ(ran, heads <= 4 && bs == 4) << name;
       const Tensor want = dxc_fma.ToDevice(Device::kCpu).To(DType::kF64), got = dxc.ToDevice(Device::kCpu).To(DType::kF64);
       int64_t differ = 0;
@@ -443,9 +444,9 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
 }
 
 // The 2-map backward with its row sums on tensor cores (BlockDiagBackwardTc, GYRE_MLSTM_QK_BWD=tc /
-// tc8) against float64, every output, and its dx bitwise against the FMA kernel's.
+// tc6 / tc8 / tc12) against float64, every output, and its dx bitwise against the FMA kernel's.
 TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc8}) {
+  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
     CheckGates(1500, 96, 3, 4, false, qk);    // 3 row chunks, odd tail; 24 of 32 lanes live
     CheckGates(37, 96, 4, 4, false, qk);      // fewer rows than a tile a warp; all 8 gates live
     CheckGates(1024, 136, 2, 4, true, qk);    // 2 column blocks (2 live lanes), gates 4..7 padding, = instead of +=
@@ -1098,7 +1099,7 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
   EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("separate"), ::testing::ExitedWithCode(0), "");
 }
 
-// The q/k backward's tensor-core kernel (GYRE_MLSTM_QK_BWD=tc / tc8) in the blocks, a model and
+// The q/k backward's tensor-core kernel (GYRE_MLSTM_QK_BWD=tc / tc6 / tc8 / tc12) in the blocks, a model and
 // training.
 class QkBwdMode {
  public:
@@ -1111,9 +1112,9 @@ class QkBwdMode {
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithTensorCoreQkBwd) {
   const ModelSpec s = SmallXlstm();
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc8}) {
+  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
     QkBwdMode mode(qk);
-    const std::string label = qk == MlstmQkBwd::kTc ? "mlstm [qk_bwd tc]" : "mlstm [qk_bwd tc8]";
+    const std::string label = "mlstm [qk_bwd tc, " + std::to_string(MlstmQkBwdAhead(qk)) + " ahead]";
     CheckBlock(label, s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 100);
     CheckBlock(label + " B 3 T 37", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3,
                37);
@@ -1126,16 +1127,18 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithTensorCoreQkBwd) {
   setenv("GYRE_MLSTM_QK_BWD", value, /*overwrite=*/1);
   BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
   const std::string v(value);
-  const MlstmQkBwd want = v == "tc" ? MlstmQkBwd::kTc : v == "tc8" ? MlstmQkBwd::kTc8 : MlstmQkBwd::kFma;
-  std::exit(GetMlstmQkBwd() == want ? 0 : 3);
+  const int want = v == "tc" ? 4 : v == "tc6" ? 6 : v == "tc8" ? 8 : v == "tc12" ? 12 : 0;
+  std::exit(MlstmQkBwdAhead(GetMlstmQkBwd()) == want ? 0 : 3);
 }
 
 TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma, tc or tc8, got 'on'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma, tc, tc6, tc8 or tc12, got 'on'");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("fma"), ::testing::ExitedWithCode(0), "");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc6"), ::testing::ExitedWithCode(0), "");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc8"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc12"), ::testing::ExitedWithCode(0), "");
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
@@ -1181,7 +1184,7 @@ TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvVBwd) {
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithTensorCoreQkBwd) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc8}) {
+  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
     QkBwdMode mode(qk);
     CheckModel(SmallXlstm());
   }
@@ -1309,7 +1312,7 @@ TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvVBwdIsBitwiseReproducible)
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithTensorCoreQkBwdIsBitwiseReproducible) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc8}) {
+  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
     QkBwdMode mode(qk);
     ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
   }
