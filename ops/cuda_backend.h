@@ -180,10 +180,9 @@ class CudaBackend {
   // them, exactly those two calls.
   virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
   // BlockDiag(true, a) of two 4x4 maps with the mLSTM gates, the row sums on tensor cores
-  // (ops/recurrent_cuda.h BlockDiagBackwardTc; `ahead` = its rows in flight a warp, 4, 6, 8 or 12):
-  // the same outputs. Returns whether that kernel ran; where it does not cover `a`, exactly
-  // BlockDiag(true, a) and false.
-  virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead) = 0;
+  // (ops/recurrent_cuda.h BlockDiagBackwardTc): the same outputs. Returns whether that kernel ran;
+  // where it does not cover `a`, exactly BlockDiag(true, a) and false.
+  virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
   // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens

@@ -622,17 +622,14 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
-  bool BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead) override {
+  bool BlockDiagBackwardTc(const BlockDiagArgs& a) override {
     Init();
     if (!cuda_ops::BlockDiagBackwardTcCovers(a)) {
       BlockDiag(true, a);
       return false;
     }
-    OpProfiler::Scope scope(&prof_, ahead == 4   ? "BlockDiag backward (2 maps, tensor cores, tc)"
-                                    : ahead == 6 ? "BlockDiag backward (2 maps, tensor cores, tc6)"
-                                    : ahead == 8 ? "BlockDiag backward (2 maps, tensor cores, tc8)"
-                                                 : "BlockDiag backward (2 maps, tensor cores, tc12)");
-    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, ahead, alloc_, stream_));
+    OpProfiler::Scope scope(&prof_, "BlockDiag backward (2 maps, tensor cores)");
+    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, alloc_, stream_));
     return true;
   }
 

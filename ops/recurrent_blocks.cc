@@ -344,28 +344,14 @@ MlstmQkBwd& QkBwdMode() {
   static MlstmQkBwd mode = [] {
     const char* v = std::getenv("GYRE_MLSTM_QK_BWD");
     const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "fma" || s == "tc" || s == "tc6" || s == "tc8" || s == "tc12",
-               "GYRE_MLSTM_QK_BWD must be fma, tc, tc6, tc8 or tc12, got '%s'", s.c_str());
-    return s == "tc"     ? MlstmQkBwd::kTc
-           : s == "tc6"  ? MlstmQkBwd::kTc6
-           : s == "tc8"  ? MlstmQkBwd::kTc8
-           : s == "tc12" ? MlstmQkBwd::kTc12
-                         : MlstmQkBwd::kFma;
+    GYRE_CHECK(v == nullptr || s == "fma" || s == "tc", "GYRE_MLSTM_QK_BWD must be fma or tc, got '%s'", s.c_str());
+    return s == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma;
   }();
   return mode;
 }
 
 }  // namespace
 
-int MlstmQkBwdAhead(MlstmQkBwd mode) {
-  switch (mode) {
-    case MlstmQkBwd::kTc: return 4;
-    case MlstmQkBwd::kTc6: return 6;
-    case MlstmQkBwd::kTc8: return 8;
-    case MlstmQkBwd::kTc12: return 12;
-    default: return 0;
-  }
-}
 MlstmQkBwd GetMlstmQkBwd() { return QkBwdMode(); }
 void SetMlstmQkBwd(MlstmQkBwd mode) { QkBwdMode() = mode; }
 bool MlstmConvQkvFused() { return ConvQkvFused(); }
@@ -1313,8 +1299,8 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   };
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
-  if (const MlstmQkBwd qk_mode = GetMlstmQkBwd(); qk_mode != MlstmQkBwd::kFma) {
-    Cuda().BlockDiagBackwardTc(qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0), MlstmQkBwdAhead(qk_mode));
+  if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
+    Cuda().BlockDiagBackwardTc(qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0));
   } else {
     qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
   }

@@ -1438,27 +1438,25 @@ constexpr int kBtTile = 8;        // rows a tile (the mma K)
 constexpr int kBtWarps = 4;       // warps a block
 constexpr int kBtXLd = 32 * 4 + 8;  // bf16 a ring row of x (+16 B: ldmatrix rows on distinct banks)
 constexpr int kBtDLd = 32 * 8 + 8;  // bf16 a ring row of dq|dk
-// One warp's ring: kAhead rows in flight ahead of the arithmetic (<= ring - tile), the tile's rows
-// kept until its mma.
-// kSmemS: the gates' S accumulates in shared memory ([128 columns][8 gates] a warp: one LDS.64
-// pair and STS.64 pair per mma pair) instead of 32 registers a lane.
-template <int kAhead, bool kSmemS>
+constexpr int kBtAhead = 4;                   // rows in flight ahead of the arithmetic (<= ring - tile)
+constexpr int kBtRing = kBtTile + kBtAhead;   // ring slots of x, dq|dk, dgate
+constexpr int kBtOld = kBtAhead + 1;          // ring slots of the old dx
+// One warp's ring (the tile's rows kept until its mma) and its S: the gates' S accumulates in
+// shared memory ([128 columns][8 gates]: one LDS.64 pair and STS.64 pair per mma pair), not in 32
+// registers a lane — with them in registers ptxas needs ~200 and spilled 124 B at the 168 of 3
+// blocks an SM; so 168 registers, 8 B spilled. 15 KiB a warp, 64 KiB a block with U: 3 blocks of 4
+// warps an SM. (Builds with 6 ahead at 12 warps, 8 or 12 ahead at 8 warps with S in registers were
+// compiled, never measured: ops/XLSTM_GLUE.md.)
 struct alignas(16) BtRing {
-  static constexpr int kRing = kBtTile + kAhead;  // slots of x, dq|dk, dgate
-  static constexpr int kOld = kAhead + 1;         // slots of the old dx
-  bf16 x[kRing][kBtXLd];
-  bf16 dqk[kRing][kBtDLd];
-  float dg[kRing][8];
-  uint2 old[kOld][32];
-  float s[kSmemS ? 128 * 8 : 1];
+  bf16 x[kBtRing][kBtXLd];
+  bf16 dqk[kBtRing][kBtDLd];
+  float dg[kBtRing][8];
+  uint2 old[kBtOld][32];
+  float s[128 * 8];
 };
 constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S and dW of the warps, summed S
-static_assert(kBtWarps * sizeof(BtRing<4, false>) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-// The builds (GYRE_MLSTM_QK_BWD): tc, tc6 = 3 blocks an SM (12 warps, <= 168 registers: S in
-// shared memory), 4 or 6 rows ahead; tc8, tc12 = 2 blocks an SM (8 warps, no register cap that
-// matters), 8 or 12 rows ahead.
-template <int kAhead, bool kSmemS>
-constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing<kAhead, kSmemS>);
+static_assert(kBtWarps * sizeof(BtRing) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
+constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing);
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -1478,13 +1476,10 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <int kAhead, int kMinBlocks, bool kSmemS>
-__global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
-  using Ring = BtRing<kAhead, kSmemS>;
-  constexpr int kBtRing = Ring::kRing, kBtOld = Ring::kOld, kBtAhead = kAhead;
+__global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
   extern __shared__ __align__(16) unsigned char bt_smem[];
   __shared__ float4 U[8][32];  // each thread's own block's U[t, 0..3]
-  Ring& ring = reinterpret_cast<Ring*>(bt_smem)[threadIdx.y];
+  BtRing& ring = reinterpret_cast<BtRing*>(bt_smem)[threadIdx.y];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int gq = tx / 4, qq = tx % 4;  // the lane's mma fragment coordinates
   const int64_t b = blockIdx.x * 32 + tx;
@@ -1549,22 +1544,16 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
   };
 #pragma unroll
   for (int u = 0; u < kBtAhead; ++u) issue(u, u, u);
-  float acc_s[8][4], acc_w[16][2];  // S[col group][D fragment]; dW[block pair][kept pair]
-#pragma unroll
-  for (int c = 0; c < 8; ++c)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_s[c][e] = 0.f;
+  float acc_w[16][2];  // dW[block pair][kept pair]
 #pragma unroll
   for (int j = 0; j < 16; ++j) acc_w[j][0] = acc_w[j][1] = 0.f;
-  // kSmemS: lane (gq, qq)'s S fragment of column group c at s_frag + 128 c (columns 16c + gq and
+  // Lane (gq, qq)'s S fragment of column group c at s_frag + 128 c (columns 16c + gq and
   // 16c + 8 + gq, gates 2qq, 2qq + 1).
   float* s_frag = &ring.s[gq * 8 + 2 * qq];
-  if constexpr (kSmemS) {
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
-      *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
-    }
+  for (int c = 0; c < 8; ++c) {
+    *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
+    *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
   }
   const bool upper = qq >= 2;  // this lane keeps the block-(2j'+1) half of each dW product
   int slot = 0, oslot = 0;
@@ -1620,20 +1609,13 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
         LdMatrixX4Trans(xa + 64 * cc, xf);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float e[4];
-          if constexpr (kSmemS) {
-            float* sp = s_frag + 128 * (2 * cc + h);
-            const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
-            float d[4];
-            MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
-            MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
-            *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
-            *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
-          } else {
-            float (&s)[4] = acc_s[2 * cc + h];
-            MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, s[0], s[1], s[2], s[3]);
-            MmaBf16K8(s, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
-          }
+          float e[4], d[4];
+          float* sp = s_frag + 128 * (2 * cc + h);
+          const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
+          MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
+          MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
         }
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
@@ -1656,14 +1638,13 @@ __global__ void __launch_bounds__(32 * kBtWarps, kMinBlocks) block_diag4_bwd_tc(
     oslot = oslot + 1 == kBtOld ? 0 : oslot + 1;
   }
   CpAsyncWait<0>();
-  if constexpr (kSmemS) {
-    __syncwarp();
+  float acc_s[8][4];  // this lane's S fragments, out of the ring before it becomes the scratch
+  __syncwarp();
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
-                   c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
-      acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
-    }
+  for (int c = 0; c < 8; ++c) {
+    const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
+                 c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
+    acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
   }
   __syncthreads();  // the rings' memory becomes the reduction scratch
   float* sw = reinterpret_cast<float*>(bt_smem);  // [warps][8 gates][128 columns]
@@ -2932,9 +2913,7 @@ bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a) {
   return MakeFusedGates(a, true, &g).ok() && g.heads >= 1 && g.heads <= 4 && FusedGatesVectorizable(g, true);
 }
 
-CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead, DeviceAllocator* scratch, cudaStream_t stream) {
-  if (ahead != 4 && ahead != 6 && ahead != 8 && ahead != 12)
-    return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: rows ahead must be 4, 6, 8 or 12");
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (!BlockDiagBackwardTcCovers(a))
     return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: arguments outside the kernel (BlockDiagBackwardTcCovers)");
   FusedGates g;
@@ -2960,19 +2939,9 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead, DeviceAllocato
   p.gate1 = take(G * cols);
   if (db) p.db = take(G);
   const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
-  // The rings (per warp: tile + ahead rows of x, dq|dk and the gates, ahead + 1 of the old dx; S
-  // for 4 and 6 ahead): 60, 68.5, 61 or 78 KiB of dynamic shared memory, above the 48 KiB of a
-  // launch without the opt-in.
-  auto launch = [&](auto kernel, size_t smem) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    kernel<<<grid, dim3(32, kBtWarps), smem, stream>>>(a, g, p);
-  };
-  switch (ahead) {
-    case 4: launch(block_diag4_bwd_tc<4, 3, true>, kBtSmem<4, true>); break;
-    case 6: launch(block_diag4_bwd_tc<6, 3, true>, kBtSmem<6, true>); break;
-    case 8: launch(block_diag4_bwd_tc<8, 2, false>, kBtSmem<8, false>); break;
-    default: launch(block_diag4_bwd_tc<12, 2, false>, kBtSmem<12, false>); break;
-  }
+  // The rings (60 KiB a block): above the 48 KiB of a launch without the opt-in.
+  cudaFuncSetAttribute(block_diag4_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBtSmem));
+  block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
 }

@@ -43,10 +43,8 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
 // gate sums: ~2^-17 relative a term). BlockDiagBackwardTcCovers: whether the kernel covers `a`
 // (two maps, 4x4 blocks, ldx == ldy, 1..4 heads, aligned); BlockDiagBackwardTc returns
 // InvalidArgument for any other.
-// `ahead`: rows in flight a warp, 4 or 6 (3 blocks of 4 warps an SM, <= 168 registers) or 8 or
-// 12 (2 blocks an SM); any other is InvalidArgument.
 bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a);
-CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, int ahead, DeviceAllocator* scratch, cudaStream_t stream);
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 
 // The mLSTM block's causal conv1d forward (`conv`: x = xm -> y = xc) and the three block-diagonal
 // maps with the fused gate sums that follow it (`qk`: xc -> q, k with the gate bias; `v`: xm -> v)

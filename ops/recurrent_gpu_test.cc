@@ -251,14 +251,13 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
-// qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc* =
+// qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc =
 // BlockDiagBackwardTc, which must cover the shape when heads <= 4 and bs == 4, and whose dx must
 // equal the FMA kernel's bit for bit).
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false,
                 MlstmQkBwd qk = MlstmQkBwd::kFma) {
   Rng rng(41);
-  const std::string qk_label =
-      qk == MlstmQkBwd::kFma ? "" : " [qk_bwd tc" + std::to_string(MlstmQkBwdAhead(qk)) + " ahead]";
+  const std::string qk_label = qk == MlstmQkBwd::kTc ? " [qk_bwd tc]" : "";
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
                            std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
                            qk_label;
@@ -400,7 +399,7 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
       BlockDiagArgs f = a;
       f.dx = dxc_fma.raw(); f.dw = dwq_fma.data<float>(); f.dw2 = dwk_fma.data<float>(); f.gates = &gf;
       Cuda().BlockDiag(true, f);
-      const bool ran = Cuda().BlockDiagBackwardTc(a, MlstmQkBwdAhead(qk));
+      const bool ran = Cuda().BlockDiagBackwardTc(a);
       EXPECT_EQ(ran, heads <= 4 && bs == 4) << name;
       const Tensor want = dxc_fma.ToDevice(Device::kCpu).To(DType::kF64), got = dxc.ToDevice(Device::kCpu).To(DType::kF64);
       int64_t differ = 0;
@@ -443,17 +442,16 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(300, 12, 3, 3, /*overwrite=*/true);  // scalar, 2 row chunks
 }
 
-// The 2-map backward with its row sums on tensor cores (BlockDiagBackwardTc, GYRE_MLSTM_QK_BWD=tc /
-// tc6 / tc8 / tc12) against float64, every output, and its dx bitwise against the FMA kernel's.
+// The 2-map backward with its row sums on tensor cores (BlockDiagBackwardTc, GYRE_MLSTM_QK_BWD=tc)
+// against float64, every output, and its dx bitwise against the FMA kernel's.
 TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
-    CheckGates(1500, 96, 3, 4, false, qk);    // 3 row chunks, odd tail; 24 of 32 lanes live
-    CheckGates(37, 96, 4, 4, false, qk);      // fewer rows than a tile a warp; all 8 gates live
-    CheckGates(1024, 136, 2, 4, true, qk);    // 2 column blocks (2 live lanes), gates 4..7 padding, = instead of +=
-    CheckGates(777, 128, 1, 4, false, qk);    // one head, odd rows
-    CheckGates(2051, 1536, 4, 4, true, qk);   // the 125M width: 12 column blocks, 5 row chunks
-    CheckGates(37, 320, 8, 4, false, qk);     // 8 heads: not covered, BlockDiag's 16-gate kernel
-  }
+  const MlstmQkBwd tc = MlstmQkBwd::kTc;
+  CheckGates(1500, 96, 3, 4, false, tc);    // 3 row chunks, odd tail; 24 of 32 lanes live
+  CheckGates(37, 96, 4, 4, false, tc);      // fewer rows than a tile a warp; all 8 gates live
+  CheckGates(1024, 136, 2, 4, true, tc);    // 2 column blocks (2 live lanes), gates 4..7 padding, = instead of +=
+  CheckGates(777, 128, 1, 4, false, tc);    // one head, odd rows
+  CheckGates(2051, 1536, 4, 4, true, tc);   // the 125M width: 12 column blocks, 5 row chunks
+  CheckGates(37, 320, 8, 4, false, tc);     // 8 heads: not covered, BlockDiag's 16-gate kernel
 }
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
@@ -1099,8 +1097,7 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
   EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("separate"), ::testing::ExitedWithCode(0), "");
 }
 
-// The q/k backward's tensor-core kernel (GYRE_MLSTM_QK_BWD=tc / tc6 / tc8 / tc12) in the blocks, a model and
-// training.
+// The q/k backward's tensor-core kernel (GYRE_MLSTM_QK_BWD=tc) in the blocks, a model and training.
 class QkBwdMode {
  public:
   explicit QkBwdMode(MlstmQkBwd mode) : was_(GetMlstmQkBwd()) { SetMlstmQkBwd(mode); }
@@ -1112,13 +1109,11 @@ class QkBwdMode {
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithTensorCoreQkBwd) {
   const ModelSpec s = SmallXlstm();
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
-    QkBwdMode mode(qk);
-    const std::string label = "mlstm [qk_bwd tc, " + std::to_string(MlstmQkBwdAhead(qk)) + " ahead]";
-    CheckBlock(label, s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 100);
-    CheckBlock(label + " B 3 T 37", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3,
-               37);
-  }
+  QkBwdMode mode(MlstmQkBwd::kTc);
+  CheckBlock("mlstm [qk_bwd tc]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2,
+             100);
+  CheckBlock("mlstm [qk_bwd tc] B 3 T 37", s,
+             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
 }
 
 // GYRE_MLSTM_QK_BWD=value (read once a process) through an mLSTM block's forward and backward:
@@ -1127,18 +1122,16 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithTensorCoreQkBwd) {
   setenv("GYRE_MLSTM_QK_BWD", value, /*overwrite=*/1);
   BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
   const std::string v(value);
-  const int want = v == "tc" ? 4 : v == "tc6" ? 6 : v == "tc8" ? 8 : v == "tc12" ? 12 : 0;
-  std::exit(MlstmQkBwdAhead(GetMlstmQkBwd()) == want ? 0 : 3);
+  std::exit(GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma) ? 0 : 3);
 }
 
 TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma, tc, tc6, tc8 or tc12, got 'on'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'on'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("tc8"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'tc8'");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("fma"), ::testing::ExitedWithCode(0), "");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc6"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc8"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc12"), ::testing::ExitedWithCode(0), "");
+
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
@@ -1184,10 +1177,8 @@ TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvVBwd) {
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithTensorCoreQkBwd) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
-    QkBwdMode mode(qk);
-    CheckModel(SmallXlstm());
-  }
+  QkBwdMode mode(MlstmQkBwd::kTc);
+  CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, Mamba2ModelLossAndEveryGradient) { CheckModel(SmallMamba2()); }
 TEST_F(RecurrentGpuTest, HybridModelLossAndEveryGradient) { CheckModel(SmallHybrid()); }
@@ -1312,10 +1303,8 @@ TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvVBwdIsBitwiseReproducible)
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithTensorCoreQkBwdIsBitwiseReproducible) {
-  for (const MlstmQkBwd qk : {MlstmQkBwd::kTc, MlstmQkBwd::kTc6, MlstmQkBwd::kTc8, MlstmQkBwd::kTc12}) {
-    QkBwdMode mode(qk);
-    ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
-  }
+  QkBwdMode mode(MlstmQkBwd::kTc);
+  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
 
