@@ -179,6 +179,10 @@ class CudaBackend {
   // BlockDiag(true, v) with v.dx == conv.dx accumulated; where the fused kernel does not cover
   // them, exactly those two calls.
   virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
+  // BlockDiag(true, a) of two 4x4 maps with the mLSTM gates, the row sums on tensor cores
+  // (ops/recurrent_cuda.h BlockDiagBackwardTc): the same outputs. Returns whether that kernel ran;
+  // where it does not cover `a`, exactly BlockDiag(true, a) and false.
+  virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
   // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens

@@ -622,6 +622,17 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
+  bool BlockDiagBackwardTc(const BlockDiagArgs& a) override {
+    Init();
+    if (!cuda_ops::BlockDiagBackwardTcCovers(a)) {
+      BlockDiag(true, a);
+      return false;
+    }
+    OpProfiler::Scope scope(&prof_, "BlockDiag backward (2 maps, tensor cores)");
+    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, alloc_, stream_));
+    return true;
+  }
+
   static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
     shape->batch = a.batch;
     shape->seq_len = a.seq;

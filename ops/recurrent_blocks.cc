@@ -340,8 +340,20 @@ bool& ConvVBwdFused() {
   return fused;
 }
 
+MlstmQkBwd& QkBwdMode() {
+  static MlstmQkBwd mode = [] {
+    const char* v = std::getenv("GYRE_MLSTM_QK_BWD");
+    const std::string s = v != nullptr ? v : "";
+    GYRE_CHECK(v == nullptr || s == "fma" || s == "tc", "GYRE_MLSTM_QK_BWD must be fma or tc, got '%s'", s.c_str());
+    return s == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma;
+  }();
+  return mode;
+}
+
 }  // namespace
 
+MlstmQkBwd GetMlstmQkBwd() { return QkBwdMode(); }
+void SetMlstmQkBwd(MlstmQkBwd mode) { QkBwdMode() = mode; }
 bool MlstmConvQkvFused() { return ConvQkvFused(); }
 void SetMlstmConvQkvFused(bool fused) { ConvQkvFused() = fused; }
 bool MlstmConvVBwdFused() { return ConvVBwdFused(); }
@@ -1287,7 +1299,11 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   };
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
-  qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
+  if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
+    Cuda().BlockDiagBackwardTc(qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0));
+  } else {
+    qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
+  }
   ProfileMark("mlstm.bwd.qk_blockdiag_gates");
   if (lean) dq = dkk = Tensor();
   Tensor dxm;

@@ -175,6 +175,17 @@ void SetMlstmConvQkvFused(bool fused);
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);
 
+// The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kFma =
+// CudaBackend::BlockDiag (block_diag4_bwd, the row sums on the FMA pipe; the default); kTc =
+// CudaBackend::BlockDiagBackwardTc (the row sums dWq, dWk and the gates' S on tensor cores;
+// ops/XLSTM_GLUE.md "Tensor-core row sums": on an H100 the op 6.62 -> 5.70 ms, the xlstm[1:0]-125m
+// step -0.5 to -0.7 ms). GYRE_MLSTM_QK_BWD unset or "fma", "tc"; read once on first use; anything
+// else stops the process with a message naming the accepted values. SetMlstmQkBwd overrides it
+// (tests, benchmarks). Not thread-safe. CUDA only.
+enum class MlstmQkBwd { kFma, kTc };
+MlstmQkBwd GetMlstmQkBwd();
+void SetMlstmQkBwd(MlstmQkBwd mode);
+
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
 struct MlstmState : BlockState {

@@ -1409,6 +1409,322 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
   }
 }
 
+// The 2-map (q, k) block-diagonal backward with the mLSTM gates (heads <= 4), its row sums on
+// tensor cores (BlockDiagBackwardTc; opt-in GYRE_MLSTM_QK_BWD=tc, ops/XLSTM_GLUE.md "Tensor-core
+// row sums"). Same outputs as block_diag4_bwd<true, 8>: per row
+//   dx[r, i] = Σ_o (dq w + dk w2)[o, i] + Σ_t dgate[r, t] U[t, i] (+ old dx)    (the same fp32
+//   expression, so the same bits), and over the rows
+//   dWq[b] = Σ_r dq[r, b]ᵀ x[r, b] + Σ_t wgq[t, b]ᵀ S[t, b],  dWk likewise,  S[t, i] = Σ_r dgate[r, t] x[r, i]
+//   dwg[t, (b, o)] = Σ_i W[b, o, i] S[t, (b, i)]                                  (as block_diag4_bwd).
+// block_diag4_bwd spends 96 of its ~128 FMA a thread-row on those row sums (dWq, dWk: 32; S: 32;
+// and the gate term of dx: 32) and ~40 PTX instructions on per-gate branches; it runs at ~59%
+// of the issue slots and ~1.8 TB/s. Here the two row sums are m16n8k8 bf16 mma over tiles of 8
+// of the warp's rows, fed by ldmatrix.trans straight from the cp.async ring (the ring is the
+// tile: it holds kBtTile + kBtAhead rows):
+//   S   (per 16-column group c): A = xᵀ [16 columns x 8 rows], B = dgate [8 rows x 8 gates] split
+//       hi + lo bf16 (x is bf16, so the products are exact; dgate to ~2^-17), D = S[col, gate];
+//   dW  (per pair of 4x4 blocks j = 2b', 2b'+1): A = [dq_b | dk_b | dq_b+1 | dk_b+1]ᵀ [16 x 8 rows]
+//       (the ring stores each lane's dq and dk 4-column pieces side by side, so these 16 are 32
+//       contiguous bytes of a ring row), B = x of the two blocks [8 rows x 8 columns]; of the
+//       16 x 8 products the diagonal blocks are wanted: lane (g, q) keeps (c0, c1) if q < 2 (block
+//       2j', rows g) and (c2, c3) otherwise (block 2j'+1, rows g + 8) — two a lane a pair, the
+//       32 registers of the FMA kernel's two dW accumulators, in another order.
+// The x fragments serve both products (the S A-fragment of columns 16c.. is the dW B-fragment of
+// blocks 4c.. and 4c+2..). Per tile of 8 rows a warp issues 4 + 8 ldmatrix.x4 and 16 + 16 mma.
+// At the end the warps' S and dW go through shared memory (summed over the block's 4 warps in warp
+// order), the gate terms of dW and dwg come from the summed S once a block, and the partials land
+// in the layout of block_diag4_bwd (BdPartials), reduced by the same jobs.
+// Measured on an H100 (xglue15b call 1, xlstm[1:0]-125m B16 x 2048): 5.70 ms a step against
+// block_diag4_bwd<true, 8>'s 6.62 (237 µs a call, 2.1 TB/s), step −0.5 to −0.7 ms. ~231 PTX
+// instructions a thread-row (was ~331) leave the issue slots ~40% busy: it waits on memory with
+// ~50 KB in flight an SM, so more rows in flight, not fewer instructions, is the next lever.
+constexpr int kBtTile = 8;        // rows a tile (the mma K)
+constexpr int kBtWarps = 4;       // warps a block
+constexpr int kBtXLd = 32 * 4 + 8;  // bf16 a ring row of x (+16 B: ldmatrix rows on distinct banks)
+constexpr int kBtDLd = 32 * 8 + 8;  // bf16 a ring row of dq|dk
+constexpr int kBtAhead = 4;                   // rows in flight ahead of the arithmetic (<= ring - tile)
+constexpr int kBtRing = kBtTile + kBtAhead;   // ring slots of x, dq|dk, dgate
+constexpr int kBtOld = kBtAhead + 1;          // ring slots of the old dx
+// One warp's ring (the tile's rows kept until its mma) and its S: the gates' S accumulates in
+// shared memory ([128 columns][8 gates]: one LDS.64 pair and STS.64 pair per mma pair), not in 32
+// registers a lane — with them in registers ptxas needs ~200 and spilled 124 B at the 168 of 3
+// blocks an SM; so 168 registers, 8 B spilled. 15 KiB a warp, 64 KiB a block with U: 3 blocks of 4
+// warps an SM. (Builds with 6 ahead at 12 warps, 8 or 12 ahead at 8 warps with S in registers were
+// compiled, never measured: ops/XLSTM_GLUE.md.)
+struct alignas(16) BtRing {
+  bf16 x[kBtRing][kBtXLd];
+  bf16 dqk[kBtRing][kBtDLd];
+  float dg[kBtRing][8];
+  uint2 old[kBtOld][32];
+  float s[128 * 8];
+};
+constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S and dW of the warps, summed S
+static_assert(kBtWarps * sizeof(BtRing) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
+constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing);
+
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+// D = A·B + C, m16n8k8, bf16 inputs, fp32 accumulators (C and D separate registers).
+__device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0, float c0, float c1,
+                                          float c2, float c3) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+}
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
+  extern __shared__ __align__(16) unsigned char bt_smem[];
+  __shared__ float4 U[8][32];  // each thread's own block's U[t, 0..3]
+  BtRing& ring = reinterpret_cast<BtRing*>(bt_smem)[threadIdx.y];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int gq = tx / 4, qq = tx % 4;  // the lane's mma fragment coordinates
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int G = 2 * g.heads;
+  float w[16], w2[16];
+  if (live) {
+#pragma unroll
+    for (int k = 0; k < 16; k += 8) {
+      LoadF8(a.w + b * 16 + k, w + k);
+      LoadF8(a.w2 + b * 16 + k, w2 + k);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) w[k] = w2[k] = 0.f;
+  }
+  // U as block_diag4_bwd (the same expression: the same bits).
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    float4 u = make_float4(0.f, 0.f, 0.f, 0.f), u2 = u;
+    if (live && t < G) {
+      u = __ldg(reinterpret_cast<const float4*>(GateW(g, 0, t) + b * 4));
+      u2 = __ldg(reinterpret_cast<const float4*>(GateW(g, 1, t) + b * 4));
+    }
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
+             u2.z * w2[8 + i] + u2.w * w2[12 + i];
+    }
+    U[t][tx] = make_float4(v[0], v[1], v[2], v[3]);  // read back by this thread only
+  }
+  const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
+  // The warp's rows r0 + ty + kBtWarps·u, u < n; the loop runs whole tiles (the rows past r1 zero-filled).
+  const int64_t first = r0 + ty;
+  const int n = first < r1 ? static_cast<int>((r1 - first + kBtWarps - 1) / kBtWarps) : 0;
+  const int tiles_u = (n + kBtTile - 1) / kBtTile * kBtTile;
+  // 32-bit element offsets (BlockDiagBackwardTcCovers: rows · ldx < 2^31).
+  const int step = kBtWarps * static_cast<int>(a.ldx);  // elements between the warp's rows (ldx == ldy)
+  const int off0 = static_cast<int>(first * a.ldx + b * 4);
+  const int gstep = kBtWarps * g.heads, goff0 = static_cast<int>(first * g.heads);
+  const bf16* x = static_cast<const bf16*>(a.x);
+  const bf16* dq = static_cast<const bf16*>(a.dy);
+  const bf16* dk = static_cast<const bf16*>(a.dy2);
+  // Lane t < G copies gate t's gradient: ig's heads, then fg's.
+  const float* gsrc = tx < g.heads ? g.dig + tx : g.dfg + (tx - g.heads);
+  // Row u's copies into ring slot s (old dx into slot os): zero-filled past the warp's rows, on
+  // dead lanes, and for gates t >= G, so the mma never meets stale bits.
+  auto issue = [&](int s, int os, int u) {
+    const bool in = u < n;
+    const bool v = in && live;
+    const int off = v ? off0 + u * step : 0;
+    CpAsync8Z(&ring.x[s][4 * tx], x + off, v);
+    CpAsync8Z(&ring.dqk[s][8 * tx], dq + off, v);
+    CpAsync8Z(&ring.dqk[s][8 * tx + 4], dk + off, v);
+    if (a.accumulate_dx && v) CpAsync8(&ring.old[os][tx], static_cast<const bf16*>(a.dx) + off);
+    if (tx < 8) {
+      const bool gv = in && tx < G;
+      CpAsync4Z(&ring.dg[s][tx], gv ? gsrc + goff0 + u * gstep : g.dig, gv);
+    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int u = 0; u < kBtAhead; ++u) issue(u, u, u);
+  float acc_w[16][2];  // dW[block pair][kept pair]
+#pragma unroll
+  for (int j = 0; j < 16; ++j) acc_w[j][0] = acc_w[j][1] = 0.f;
+  // Lane (gq, qq)'s S fragment of column group c at s_frag + 128 c (columns 16c + gq and
+  // 16c + 8 + gq, gates 2qq, 2qq + 1).
+  float* s_frag = &ring.s[gq * 8 + 2 * qq];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
+    *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
+  }
+  const bool upper = qq >= 2;  // this lane keeps the block-(2j'+1) half of each dW product
+  int slot = 0, oslot = 0;
+  int off = off0;  // row u's element offset
+  for (int u = 0; u < tiles_u; ++u) {  // uniform over the warp
+    __syncwarp();  // every lane is done with the slots the next copies overwrite
+    issue(slot + kBtAhead >= kBtRing ? slot + kBtAhead - kBtRing : slot + kBtAhead,
+          oslot + kBtAhead >= kBtOld ? oslot + kBtAhead - kBtOld : oslot + kBtAhead, u + kBtAhead);
+    CpAsyncWait<kBtAhead>();
+    __syncwarp();  // the zero-filled and gate slots came by other lanes' copies
+    if (u < n && live) {
+      const uint4 dd = *reinterpret_cast<const uint4*>(&ring.dqk[slot][8 * tx]);
+      float d[4], d2[4], dx[4];
+      Bf16x4ToFloat(make_uint2(dd.x, dd.y), d);
+      Bf16x4ToFloat(make_uint2(dd.z, dd.w), d2);
+      const float4 ga = *reinterpret_cast<const float4*>(&ring.dg[slot][0]);
+      const float4 gb = *reinterpret_cast<const float4*>(&ring.dg[slot][4]);
+      const float dg[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dx[i] = d[0] * w[i] + d[1] * w[4 + i] + d[2] * w[8 + i] + d[3] * w[12 + i];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const float4 uu = U[t][tx];
+        dx[0] += dg[t] * uu.x; dx[1] += dg[t] * uu.y; dx[2] += dg[t] * uu.z; dx[3] += dg[t] * uu.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dx[i] += d2[0] * w2[i] + d2[1] * w2[4 + i] + d2[2] * w2[8 + i] + d2[3] * w2[12 + i];
+      if (a.accumulate_dx) {
+        float old[4];
+        Bf16x4ToFloat(ring.old[oslot][tx], old);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dx[i] += old[i];
+      }
+      Store4(a.dx, off, dx);
+    }
+    if (u % kBtTile == kBtTile - 1) {
+      // The tile: rows u - 7 .. u in slots slot - 7 .. slot (mod kBtRing). ldmatrix lane l gives
+      // the address of row l % 8 of 8x8 matrix l / 8.
+      int rs = slot - (kBtTile - 1) + tx % 8;
+      rs = rs < 0 ? rs + kBtRing : rs;
+      const uint32_t xa = SmemAddr(&ring.x[rs][8 * (tx / 8)]);
+      const uint32_t da = SmemAddr(&ring.dqk[rs][8 * (tx / 8)]);
+      // B of S: dgate rows 2qq, 2qq + 1 (tile order), gate gq; hi + lo bf16.
+      int s0 = slot - (kBtTile - 1) + 2 * qq, s1 = s0 + 1;
+      s0 = s0 < 0 ? s0 + kBtRing : s0;
+      s1 = s1 < 0 ? s1 + kBtRing : s1;
+      const float g0 = ring.dg[s0][gq], g1 = ring.dg[s1][gq];
+      const float h0 = __bfloat162float(__float2bfloat16_rn(g0)), h1 = __bfloat162float(__float2bfloat16_rn(g1));
+      const uint32_t bhi = PackBf16(h0, h1), blo = PackBf16(g0 - h0, g1 - h1);
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        uint32_t xf[4];  // columns 32cc + 0..7, 8..15 (group 2cc), 16..23, 24..31 (group 2cc + 1)
+        LdMatrixX4Trans(xa + 64 * cc, xf);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float e[4], d[4];
+          float* sp = s_frag + 128 * (2 * cc + h);
+          const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
+          MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
+          MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
+        }
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          uint32_t df[4];  // dq|dk of blocks 8cc + 4jj .. + 3: pairs j = 4cc + 2jj, + 1
+          LdMatrixX4Trans(da + 64 * (2 * cc + jj), df);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 4 * cc + 2 * jj + h;
+            float (&k)[2] = acc_w[j];
+            float e[4];
+            MmaBf16K8(e, df[2 * h], df[2 * h + 1], xf[j % 4], k[0], k[1], k[0], k[1]);
+            k[0] = upper ? e[2] : e[0];
+            k[1] = upper ? e[3] : e[1];
+          }
+        }
+      }
+    }
+    off += step;
+    slot = slot + 1 == kBtRing ? 0 : slot + 1;
+    oslot = oslot + 1 == kBtOld ? 0 : oslot + 1;
+  }
+  CpAsyncWait<0>();
+  float acc_s[8][4];  // this lane's S fragments, out of the ring before it becomes the scratch
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
+                 c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
+    acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
+  }
+  __syncthreads();  // the rings' memory becomes the reduction scratch
+  float* sw = reinterpret_cast<float*>(bt_smem);  // [warps][8 gates][128 columns]
+  float* dw = sw + kBtWarps * 8 * 128;            // [warps][2 maps][32 blocks][16]
+  float* ssum = dw + kBtWarps * 2 * 32 * 16;      // [8 gates][128 columns]
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    float* o = sw + ty * 1024 + 16 * c + gq;
+    o[(2 * qq) * 128] = acc_s[c][0];
+    o[(2 * qq + 1) * 128] = acc_s[c][1];
+    o[(2 * qq) * 128 + 8] = acc_s[c][2];
+    o[(2 * qq + 1) * 128 + 8] = acc_s[c][3];
+  }
+  // dW pair j: map gq / 4 (q, k), output row gq % 4, block 2j + upper, inputs 2(qq % 2), + 1.
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    float* o = dw + ty * 1024 + (gq / 4) * 512 + (2 * j + (upper ? 1 : 0)) * 16 + (gq % 4) * 4 + 2 * (qq % 2);
+    o[0] = acc_w[j][0];
+    o[1] = acc_w[j][1];
+  }
+  __syncthreads();
+  constexpr int kPer = 1024 / (32 * kBtWarps);
+  float dws[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int v = tid + 32 * kBtWarps * k;
+    float s = 0.f, t = 0.f;
+#pragma unroll
+    for (int y = 0; y < kBtWarps; ++y) {
+      s += sw[y * 1024 + v];
+      t += dw[y * 1024 + v];
+    }
+    ssum[v] = s;
+    dws[k] = t;
+  }
+  __syncthreads();
+  // dW's gate term from the block's S: dW[m][b, o, i] += Σ_t wg_m[t, (b, o)] S[t, (b, i)].
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int v = tid + 32 * kBtWarps * k, m = v / 512, blk = (v / 16) % 32, o = (v % 16) / 4, i = v % 4;
+    const int64_t bb = blockIdx.x * 32 + blk;
+    float* out = m == 0 ? p.dw : p.dw2;
+    if (bb >= a.blocks || out == nullptr) continue;
+    float t = dws[k];
+    for (int gt = 0; gt < G; ++gt) t += __ldg(GateW(g, m, gt) + bb * 4 + o) * ssum[gt * 128 + blk * 4 + i];
+    out[blockIdx.y * a.blocks * 16 + bb * 16 + o * 4 + i] = t;
+  }
+  // Gate weight gradients: column (b, o) of gate t gets Σ_i w[b, o, i] S[t, (b, i)].
+  for (int v = tid; v < 2 * 8 * 128; v += 32 * kBtWarps) {
+    const int m = v / 1024, gt = (v / 128) % 8, c = v % 128, blk = c / 4, o = c % 4;
+    const int64_t bb = blockIdx.x * 32 + blk;
+    if (bb >= a.blocks || gt >= G) continue;
+    const float* wm = (m == 0 ? a.w : a.w2) + bb * 16 + o * 4;
+    const float* sv = ssum + gt * 128 + blk * 4;
+    const float s = __ldg(wm) * sv[0] + __ldg(wm + 1) * sv[1] + __ldg(wm + 2) * sv[2] + __ldg(wm + 3) * sv[3];
+    (m == 0 ? p.gate0 : p.gate1)[(blockIdx.y * (int64_t)G + gt) * (a.blocks * 4) + bb * 4 + o] = s;
+  }
+  // Bias gradients Σ_r dgate over this block's rows (first column block), as block_diag4_bwd.
+  if (p.db != nullptr && blockIdx.x == 0) {
+    __syncthreads();  // ssum's readers are done (bsum reuses the scratch's start)
+    constexpr int kLanes = 32 * kBtWarps / 16;
+    float* bsum = sw;  // [kLanes row lanes][16 gates]
+    const int t = tid % 16, lane = tid / 16;
+    float s = 0.f;
+    if (t < G)
+      for (int64_t r = r0 + lane; r < r1; r += kLanes) s += GateGrad(g, r, t);
+    bsum[lane * 16 + t] = s;
+    __syncthreads();
+    if (tid < G) {
+      float tot = 0.f;
+      for (int l = 0; l < kLanes; ++l) tot += bsum[l * 16 + tid];
+      p.db[blockIdx.y * (int64_t)G + tid] = tot;
+    }
+  }
+}
+
 // Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
 // above with 16-byte loads; passes re-read the (L1-resident) row.
 template <int kMode>
@@ -2492,6 +2808,11 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   return LaunchReduce(jobs, stream);
 }
 
+namespace {
+CudaResult BdReduce(const BlockDiagArgs& a, const FusedGates& g, const BdPartials& p, int64_t chunks,
+                    cudaStream_t stream);
+}  // namespace
+
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");
   if ((a.w2 == nullptr) != (a.dy2 == nullptr)) return gyre::cuda::InvalidArgument("BlockDiag: w2 without dy2");
@@ -2556,6 +2877,15 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
     if (db) gate_bwd_db<<<G, 256, 0, stream>>>(g, a.rows);
     if (CudaResult r = Launched("block_diag_bwd"); !r.ok()) return r;
   }
+  return BdReduce(a, g, p, chunks, stream);
+}
+
+namespace {
+// The fixed-order sums of BlockDiagBackward's partials (BdPartials, `chunks` row chunks) into the
+// gradients.
+CudaResult BdReduce(const BlockDiagArgs& a, const FusedGates& g, const BdPartials& p, int64_t chunks,
+                    cudaStream_t stream) {
+  const int64_t cols = a.blocks * a.block_out, nw = cols * a.block_in, G = 2 * g.heads, maps = a.w2 ? 2 : 1;
   ReduceJobs jobs;
   if (p.dw) jobs.Add(Job(p.dw, chunks, nw, nw, a.dw, a.overwrite_dw));
   if (p.dw2) jobs.Add(Job(p.dw2, chunks, nw, nw, a.dw2, a.overwrite_dw2));
@@ -2576,6 +2906,48 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
     jobs.Add(Job(p.db + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
   }
   return LaunchReduce(jobs, stream);
+}
+}  // namespace
+
+bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a) {
+  if (a.w2 == nullptr || a.dy2 == nullptr || a.gates == nullptr || a.block_in != 4 || a.block_out != 4 ||
+      a.ldx != a.ldy || a.rows * a.ldx >= (int64_t{1} << 31) || !BlockDiagVectorizable(a, true))
+    return false;
+  FusedGates g;
+  return MakeFusedGates(a, true, &g).ok() && g.heads >= 1 && g.heads <= 4 && FusedGatesVectorizable(g, true);
+}
+
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  if (!BlockDiagBackwardTcCovers(a))
+    return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: arguments outside the kernel (BlockDiagBackwardTcCovers)");
+  FusedGates g;
+  if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
+  if (a.rows == 0) return {};
+  // block_diag4_bwd's partial layout: dw, dw2 [chunks, nw]; per map [chunks, G, cols]; [chunks, G].
+  const int64_t chunks = (a.rows + kBdBwdRows - 1) / kBdBwdRows;
+  const int64_t cols = a.blocks * 4, nw = cols * 4, G = 2 * g.heads;
+  const bool db = g.dbi != nullptr;
+  const int64_t per_chunk = (a.dw ? nw : 0) + (a.dw2 ? nw : 0) + 2 * G * cols + (db ? G : 0);
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, chunks * per_chunk, &part); !r.ok()) return r;
+  BdPartials p;
+  float* next = part.as<float>();
+  auto take = [&](int64_t row) {
+    float* t = next;
+    next += chunks * row;
+    return t;
+  };
+  if (a.dw) p.dw = take(nw);
+  if (a.dw2) p.dw2 = take(nw);
+  p.gate0 = take(G * cols);
+  p.gate1 = take(G * cols);
+  if (db) p.db = take(G);
+  const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
+  // The rings (60 KiB a block): above the 48 KiB of a launch without the opt-in.
+  cudaFuncSetAttribute(block_diag4_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBtSmem));
+  block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
+  if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
+  return BdReduce(a, g, p, chunks, stream);
 }
 
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {

@@ -37,6 +37,14 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
+// BlockDiagBackward of two 4x4 maps (q, k) with the mLSTM gates (heads <= 4), the row sums (dW,
+// dW2, the gates' S) on tensor cores (GYRE_MLSTM_QK_BWD=tc; ops/XLSTM_GLUE.md): the same outputs,
+// dx the same bits, the parameter gradients in another fp32 order (dgate split hi + lo bf16 in the
+// gate sums: ~2^-17 relative a term). BlockDiagBackwardTcCovers: whether the kernel covers `a`
+// (two maps, 4x4 blocks, ldx == ldy, 1..4 heads, aligned); BlockDiagBackwardTc returns
+// InvalidArgument for any other.
+bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a);
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 
 // The mLSTM block's causal conv1d forward (`conv`: x = xm -> y = xc) and the three block-diagonal
 // maps with the fused gate sums that follow it (`qk`: xc -> q, k with the gate bias; `v`: xm -> v)

@@ -251,10 +251,16 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // q, k, v; backward the two block-diagonal launches with the gate gradient fused in (BlockDiagArgs::gates: q, k at columns 0 and p of the
 // gate weights, v at 2p; bias sums on the v launch), against float64 with exact q, k, v.
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
-void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false) {
+// qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc =
+// BlockDiagBackwardTc, which must cover the shape when heads <= 4 and bs == 4, and whose dx must
+// equal the FMA kernel's bit for bit).
+void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false,
+                MlstmQkBwd qk = MlstmQkBwd::kFma) {
   Rng rng(41);
+  const std::string qk_label = qk == MlstmQkBwd::kTc ? " [qk_bwd tc]" : "";
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
-                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "");
+                           std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
+                           qk_label;
   const int64_t width = 3 * p, blocks = p / bs;
   const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng),
                wi = RandomBf16Host({heads, width}, 0.2, &rng), wf = RandomBf16Host({heads, width}, 0.2, &rng),
@@ -376,11 +382,32 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
     a.w = wmd[m].data<float>(); a.dy = d0d[m].raw(); a.dw = dwmd[m].data<float>();
     a.overwrite_dw = a.overwrite_dw2 = overwrite;
     a.dx = (pass == 0 ? dxc : dxm).raw(); a.accumulate_dx = pass == 0;
-    a.gates = pass == 0 ? &gb : &gb_bias;
+    // The bias sums ride with the v map, or with the q/k map when the tensor-core kernel takes it.
+    a.gates = (pass == 0) == (qk != MlstmQkBwd::kFma) ? &gb_bias : &gb;
     a.gate_col = m * p;
     if (pass == 0) {
       a.w2 = wmd[1].data<float>(); a.dy2 = d0d[1].raw(); a.dw2 = dwmd[1].data<float>();
       a.gate_col2 = p;
+    }
+    if (pass == 0 && qk != MlstmQkBwd::kFma) {
+      // The FMA kernel on copies first: its dx is the reference for the bits.
+      Tensor dxc_fma = dxc.Clone(), dwq_fma = dwmd[0].Clone(), dwk_fma = dwmd[1].Clone(), dwi_fma = dwi.Clone(),
+             dwf_fma = dwf.Clone(), dbi_fma = dbi.Clone(), dbf_fma = dbf.Clone();
+      MlstmGateArgs gf = *a.gates;
+      gf.dwi = dwi_fma.data<float>(); gf.dwf = dwf_fma.data<float>();
+      gf.dbi = dbi_fma.data<float>(); gf.dbf = dbf_fma.data<float>();
+      BlockDiagArgs f = a;
+      f.dx = dxc_fma.raw(); f.dw = dwq_fma.data<float>(); f.dw2 = dwk_fma.data<float>(); f.gates = &gf;
+      Cuda().BlockDiag(true, f);
+      const bool ran = Cuda().BlockDiagBackwardTc(a);
+      EXPECT_EQ(ran, heads <= 4 && bs == 4) << name;
+      const Tensor want = dxc_fma.ToDevice(Device::kCpu).To(DType::kF64), got = dxc.ToDevice(Device::kCpu).To(DType::kF64);
+      int64_t differ = 0;
+      for (int64_t i = 0; i < got.numel(); ++i) differ += got.At(i) != want.At(i) ? 1 : 0;
+      std::printf("[%s] %s dxc bitwise vs the FMA kernel: %ld of %ld differ\n", differ == 0 ? "PASS" : "FAIL",
+                  name.c_str(), (long)differ, (long)got.numel());
+      EXPECT_EQ(differ, 0);
+      continue;
     }
     Cuda().BlockDiag(true, a);
   }
@@ -413,6 +440,18 @@ TEST_F(RecurrentGpuTest, MlstmGateKernels) {
   CheckGates(1500, 96, 3, 4, /*overwrite=*/true);
   CheckGates(37, 320, 8, 4, /*overwrite=*/true);
   CheckGates(300, 12, 3, 3, /*overwrite=*/true);  // scalar, 2 row chunks
+}
+
+// The 2-map backward with its row sums on tensor cores (BlockDiagBackwardTc, GYRE_MLSTM_QK_BWD=tc)
+// against float64, every output, and its dx bitwise against the FMA kernel's.
+TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
+  const MlstmQkBwd tc = MlstmQkBwd::kTc;
+  CheckGates(1500, 96, 3, 4, false, tc);    // 3 row chunks, odd tail; 24 of 32 lanes live
+  CheckGates(37, 96, 4, 4, false, tc);      // fewer rows than a tile a warp; all 8 gates live
+  CheckGates(1024, 136, 2, 4, true, tc);    // 2 column blocks (2 live lanes), gates 4..7 padding, = instead of +=
+  CheckGates(777, 128, 1, 4, false, tc);    // one head, odd rows
+  CheckGates(2051, 1536, 4, 4, true, tc);   // the 125M width: 12 column blocks, 5 row chunks
+  CheckGates(37, 320, 8, 4, false, tc);     // 8 heads: not covered, BlockDiag's 16-gate kernel
 }
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
@@ -1058,6 +1097,43 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
   EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("separate"), ::testing::ExitedWithCode(0), "");
 }
 
+// The q/k backward's tensor-core kernel (GYRE_MLSTM_QK_BWD=tc) in the blocks, a model and training.
+class QkBwdMode {
+ public:
+  explicit QkBwdMode(MlstmQkBwd mode) : was_(GetMlstmQkBwd()) { SetMlstmQkBwd(mode); }
+  ~QkBwdMode() { SetMlstmQkBwd(was_); }
+
+ private:
+  MlstmQkBwd was_;
+};
+
+TEST_F(RecurrentGpuTest, MlstmBlockWithTensorCoreQkBwd) {
+  const ModelSpec s = SmallXlstm();
+  QkBwdMode mode(MlstmQkBwd::kTc);
+  CheckBlock("mlstm [qk_bwd tc]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2,
+             100);
+  CheckBlock("mlstm [qk_bwd tc] B 3 T 37", s,
+             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
+}
+
+// GYRE_MLSTM_QK_BWD=value (read once a process) through an mLSTM block's forward and backward:
+// aborts naming the accepted values if it is rejected, else exits 0.
+[[noreturn]] void MlstmBlockUnderQkBwdSwitch(const char* value) {
+  setenv("GYRE_MLSTM_QK_BWD", value, /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
+  const std::string v(value);
+  std::exit(GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma) ? 0 : 3);
+}
+
+TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'on'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("tc8"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'tc8'");
+  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("fma"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc"), ::testing::ExitedWithCode(0), "");
+
+}
+
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
 TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   ModelSpec s = SmallXlstm();
@@ -1098,6 +1174,10 @@ TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvQkv) {
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvVBwd) {
   SeparateConvVBwd separate;
+  CheckModel(SmallXlstm());
+}
+TEST_F(RecurrentGpuTest, XlstmModelWithTensorCoreQkBwd) {
+  QkBwdMode mode(MlstmQkBwd::kTc);
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, Mamba2ModelLossAndEveryGradient) { CheckModel(SmallMamba2()); }
@@ -1220,6 +1300,10 @@ TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvQkvIsBitwiseReproducible) 
 }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvVBwdIsBitwiseReproducible) {
   SeparateConvVBwd separate;
+  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
+}
+TEST_F(RecurrentGpuTest, XlstmTrainingWithTensorCoreQkBwdIsBitwiseReproducible) {
+  QkBwdMode mode(MlstmQkBwd::kTc);
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
