@@ -345,7 +345,7 @@ MlstmQkBwd& QkBwdMode() {
     const char* v = std::getenv("GYRE_MLSTM_QK_BWD");
     const std::string s = v != nullptr ? v : "";
     GYRE_CHECK(v == nullptr || s == "fma" || s == "tc", "GYRE_MLSTM_QK_BWD must be fma or tc, got '%s'", s.c_str());
-    return s == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma;
+    return s == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
   }();
   return mode;
 }

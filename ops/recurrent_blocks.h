@@ -175,11 +175,12 @@ void SetMlstmConvQkvFused(bool fused);
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);
 
-// The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kFma =
-// CudaBackend::BlockDiag (block_diag4_bwd, the row sums on the FMA pipe; the default); kTc =
+// The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kTc =
 // CudaBackend::BlockDiagBackwardTc (the row sums dWq, dWk and the gates' S on tensor cores;
 // ops/XLSTM_GLUE.md "Tensor-core row sums": on an H100 the op 6.62 -> 5.70 ms, the xlstm[1:0]-125m
-// step -0.5 to -0.7 ms). GYRE_MLSTM_QK_BWD unset or "fma", "tc"; read once on first use; anything
+// step -0.5 to -0.7 ms; the default since session 15); kFma = CudaBackend::BlockDiag
+// (block_diag4_bwd, the row sums on the FMA pipe; also what shapes the tensor-core kernel does
+// not cover take). GYRE_MLSTM_QK_BWD unset or "tc", "fma"; read once on first use; anything
 // else stops the process with a message naming the accepted values. SetMlstmQkBwd overrides it
 // (tests, benchmarks). Not thread-safe. CUDA only.
 enum class MlstmQkBwd { kFma, kTc };

@@ -1410,8 +1410,8 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
 }
 
 // The 2-map (q, k) block-diagonal backward with the mLSTM gates (heads <= 4), its row sums on
-// tensor cores (BlockDiagBackwardTc; opt-in GYRE_MLSTM_QK_BWD=tc, ops/XLSTM_GLUE.md "Tensor-core
-// row sums"). Same outputs as block_diag4_bwd<true, 8>: per row
+// tensor cores (BlockDiagBackwardTc; the default since session 15, GYRE_MLSTM_QK_BWD=fma keeps
+// block_diag4_bwd; ops/XLSTM_GLUE.md "Tensor-core row sums"). Same outputs as block_diag4_bwd<true, 8>: per row
 //   dx[r, i] = Σ_o (dq w + dk w2)[o, i] + Σ_t dgate[r, t] U[t, i] (+ old dx)    (the same fp32
 //   expression, so the same bits), and over the rows
 //   dWq[b] = Σ_r dq[r, b]ᵀ x[r, b] + Σ_t wgq[t, b]ᵀ S[t, b],  dWk likewise,  S[t, i] = Σ_r dgate[r, t] x[r, i]
