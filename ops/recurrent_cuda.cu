@@ -2811,6 +2811,31 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
 namespace {
 CudaResult BdReduce(const BlockDiagArgs& a, const FusedGates& g, const BdPartials& p, int64_t chunks,
                     cudaStream_t stream);
+
+// The block-diagonal backward's partial sums per row chunk, in one scratch block (BdReduce sums
+// them): dw, dw2 [chunks, nw]; per map the gate weight columns [chunks, G, cols]; with
+// `bias_sums` (the vectorised and tensor-core kernels) the gate bias sums [chunks, G].
+CudaResult TakeBdPartials(const BlockDiagArgs& a, const FusedGates& g, int64_t chunks, bool bias_sums,
+                          DeviceAllocator* scratch, gyre::cuda::DeviceBuffer* part, BdPartials* p) {
+  const int64_t cols = a.blocks * a.block_out, nw = cols * a.block_in, G = 2 * g.heads, maps = a.w2 ? 2 : 1;
+  const bool db = bias_sums && g.heads > 0 && g.dbi != nullptr;
+  const int64_t per_chunk = (a.dw ? nw : 0) + (a.w2 && a.dw2 ? nw : 0) + maps * G * cols + (db ? G : 0);
+  if (CudaResult r = Scratch(scratch, chunks * per_chunk, part); !r.ok()) return r;
+  float* next = part->as<float>();
+  auto take = [&](int64_t row) {
+    float* t = next;
+    next += chunks * row;
+    return t;
+  };
+  if (a.dw) p->dw = take(nw);
+  if (a.w2 && a.dw2) p->dw2 = take(nw);
+  if (g.heads > 0) {
+    p->gate0 = take(G * cols);
+    if (a.w2) p->gate1 = take(G * cols);
+  }
+  if (db) p->db = take(G);
+  return {};
+}
 }  // namespace
 
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
@@ -2820,28 +2845,12 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
   const bool vec = BlockDiagVectorizable(a, true) && FusedGatesVectorizable(g, a.w2 != nullptr);
-  // Partial sums per row chunk: dw, dw2 [chunks, nw]; per map the gate weight columns
-  // [chunks, G, cols]; the vectorised path's bias sums [chunks, G].
   const int64_t chunks = (a.rows + (vec ? kBdBwdRows : kRowsPerBlock) - 1) / (vec ? kBdBwdRows : kRowsPerBlock);
-  const int64_t cols = a.blocks * a.block_out, nw = cols * a.block_in, G = 2 * g.heads, maps = a.w2 ? 2 : 1;
+  const int64_t cols = a.blocks * a.block_out, G = 2 * g.heads, maps = a.w2 ? 2 : 1;
   const bool db = g.heads > 0 && g.dbi != nullptr;
-  const int64_t per_chunk = (a.dw ? nw : 0) + (a.w2 && a.dw2 ? nw : 0) + maps * G * cols + (vec && db ? G : 0);
   gyre::cuda::DeviceBuffer part;
-  if (CudaResult r = Scratch(scratch, chunks * per_chunk, &part); !r.ok()) return r;
   BdPartials p;
-  float* next = part.as<float>();
-  auto take = [&](int64_t row) {
-    float* t = next;
-    next += chunks * row;
-    return t;
-  };
-  if (a.dw) p.dw = take(nw);
-  if (a.w2 && a.dw2) p.dw2 = take(nw);
-  if (g.heads > 0) {
-    p.gate0 = take(G * cols);
-    if (a.w2) p.gate1 = take(G * cols);
-  }
-  if (vec && db) p.db = take(G);
+  if (CudaResult r = TakeBdPartials(a, g, chunks, /*bias_sums=*/vec, scratch, &part, &p); !r.ok()) return r;
   if (vec) {
     const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
     const dim3 block(32, 8);
@@ -2923,25 +2932,11 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch,
   FusedGates g;
   if (CudaResult r = MakeFusedGates(a, true, &g); !r.ok()) return r;
   if (a.rows == 0) return {};
-  // block_diag4_bwd's partial layout: dw, dw2 [chunks, nw]; per map [chunks, G, cols]; [chunks, G].
+  // block_diag4_bwd's partial layout (both maps, gates, bias sums).
   const int64_t chunks = (a.rows + kBdBwdRows - 1) / kBdBwdRows;
-  const int64_t cols = a.blocks * 4, nw = cols * 4, G = 2 * g.heads;
-  const bool db = g.dbi != nullptr;
-  const int64_t per_chunk = (a.dw ? nw : 0) + (a.dw2 ? nw : 0) + 2 * G * cols + (db ? G : 0);
   gyre::cuda::DeviceBuffer part;
-  if (CudaResult r = Scratch(scratch, chunks * per_chunk, &part); !r.ok()) return r;
   BdPartials p;
-  float* next = part.as<float>();
-  auto take = [&](int64_t row) {
-    float* t = next;
-    next += chunks * row;
-    return t;
-  };
-  if (a.dw) p.dw = take(nw);
-  if (a.dw2) p.dw2 = take(nw);
-  p.gate0 = take(G * cols);
-  p.gate1 = take(G * cols);
-  if (db) p.db = take(G);
+  if (CudaResult r = TakeBdPartials(a, g, chunks, /*bias_sums=*/true, scratch, &part, &p); !r.ok()) return r;
   const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
   // The rings (60 KiB a block): above the 48 KiB of a launch without the opt-in.
   cudaFuncSetAttribute(block_diag4_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBtSmem));
