@@ -166,22 +166,28 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRows
   const int64_t j = blockIdx.x * static_cast<int64_t>(kGemmRowsWarps) + warp;
   if (j >= a.n) return;
   const bf16* w = static_cast<const bf16*>(a.b) + j * a.ldb;
-  const bf16* x = static_cast<const bf16*>(a.a);
+  // Rows past m (MR pads m up) re-read row m - 1 and are not stored: no branch in the loop body,
+  // so every row's loads of a group are in flight together (a branch per row serialised them:
+  // 0.3-0.5 ms more per speculative round at k = 4-5 in the first call).
+  const bf16* xr[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) xr[r] = static_cast<const bf16*>(a.a) + (r < a.m ? r : a.m - 1) * a.lda;
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.f;
   const int64_t groups = (a.k + 7) / 8;
-#pragma unroll 4
+#pragma unroll 2
   for (int64_t g = lane; g < groups; g += 32) {
     const Eight we = LoadEight(w, g, a.k, vec);
+    Eight xe[MR];
+#pragma unroll
+    for (int r = 0; r < MR; ++r) xe[r] = LoadEight(xr[r], g, a.k, vec);
     const int valid = a.k - g * 8 >= 8 ? 8 : static_cast<int>(a.k - g * 8);
 #pragma unroll
     for (int r = 0; r < MR; ++r) {
-      if (r >= a.m) break;
-      const Eight xe = LoadEight(x + r * a.lda, g, a.k, vec);
 #pragma unroll
       for (int i = 0; i < 8; ++i)
-        if (i < valid) acc[r] = __fmaf_rn(xe.v[i], we.v[i], acc[r]);
+        if (i < valid) acc[r] = __fmaf_rn(xe[r].v[i], we.v[i], acc[r]);
     }
   }
 #pragma unroll
@@ -259,16 +265,20 @@ CudaResult GemmRows(const GemmRowsArgs& a, cudaStream_t stream) {
   const bool vec = aligned(a.a, a.lda) && aligned(a.b, a.ldb);
   const unsigned blocks = static_cast<unsigned>((a.n + kGemmRowsWarps - 1) / kGemmRowsWarps);
   const unsigned threads = kGemmRowsWarps * 32;
-  if (a.m <= 1) {
-    gemm_rows_kernel<1><<<blocks, threads, 0, stream>>>(a, vec);
-  } else if (a.m <= 2) {
-    gemm_rows_kernel<2><<<blocks, threads, 0, stream>>>(a, vec);
-  } else if (a.m <= 4) {
-    gemm_rows_kernel<4><<<blocks, threads, 0, stream>>>(a, vec);
-  } else if (a.m <= 8) {
-    gemm_rows_kernel<8><<<blocks, threads, 0, stream>>>(a, vec);
-  } else {
-    gemm_rows_kernel<16><<<blocks, threads, 0, stream>>>(a, vec);
+  switch (a.m) {  // exact row counts up to 8 (a speculative chunk is 2-5 rows), then 12 and 16
+#define GYRE_GEMM_ROWS_CASE(R) \
+  case R:                      \
+    gemm_rows_kernel<R><<<blocks, threads, 0, stream>>>(a, vec); \
+    break;
+    GYRE_GEMM_ROWS_CASE(1) GYRE_GEMM_ROWS_CASE(2) GYRE_GEMM_ROWS_CASE(3) GYRE_GEMM_ROWS_CASE(4)
+    GYRE_GEMM_ROWS_CASE(5) GYRE_GEMM_ROWS_CASE(6) GYRE_GEMM_ROWS_CASE(7) GYRE_GEMM_ROWS_CASE(8)
+#undef GYRE_GEMM_ROWS_CASE
+    default:
+      if (a.m <= 12) {
+        gemm_rows_kernel<12><<<blocks, threads, 0, stream>>>(a, vec);
+      } else {
+        gemm_rows_kernel<16><<<blocks, threads, 0, stream>>>(a, vec);
+      }
   }
   CUDA_RETURN_IF_LAUNCH_ERROR("gemm_rows_kernel");
   return {};

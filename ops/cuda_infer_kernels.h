@@ -57,7 +57,7 @@ CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int
 //   per element (explicit __fmaf_rn, so no contraction choice differs between instantiations),
 //   then a fixed xor butterfly over the 32 lanes; nothing of that depends on m, on the other
 //   rows, on alignment (16-byte vector loads when aligned, scalar loads otherwise, same values
-//   in the same order) or on which instantiation (rows padded to 1, 2, 4, 8, 16) runs.
+//   in the same order) or on which instantiation (exact rows 1..8, then padded to 12 or 16) runs.
 //   Bound by reading B once (2·n·k bytes; A's m·k·2 bytes stay in L1/L2): one warp per column,
 //   4 columns per 128-thread block.
 constexpr int64_t kGemmRowsMax = 16;
