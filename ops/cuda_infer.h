@@ -98,9 +98,9 @@ struct CudaMlstmStepArgs {
   const float* fg = nullptr;
   float *c = nullptr, *n = nullptr, *m = nullptr;
   void* h = nullptr;  // [B, NH, dv] bf16
-  // k > 1: one launch of kernels/cuda/ssm_step.h MlstmStepChunk (k = 1 keeps the cluster kernel
-  // MlstmStepForward), which writes n and m after the chunk to n_out, m_out (required then, not
-  // n / m; c stays in place). Histories: all three or none.
+  // k > 1, or any k with n_out set: one launch of kernels/cuda/ssm_step.h MlstmStepChunk (k = 1
+  // without n_out keeps the cluster kernel MlstmStepForward), which writes n and m after the chunk
+  // to n_out, m_out (required then, not n / m; c stays in place). Histories: all three or none.
   int64_t positions = 1;
   float *n_out = nullptr, *m_out = nullptr;
   float *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;
@@ -123,6 +123,15 @@ class CudaInference {
   // index on ties).
   virtual void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) = 0;
 };
+
+// Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, read once): the
+// products of at most kGemmRowsMax rows (X · Wᵀ, the decode path at batch 1) take the fixed-order
+// GemmRows kernel (ops/cuda_infer_kernels.h) instead of cuBLASLt, and the one-token mLSTM step
+// takes the chunk kernel (MlstmStepChunk at positions 1) instead of the cluster kernel, so a
+// DecodeChunk of k positions gives every position the bits of k DecodeStep calls and speculative
+// decoding gives greedy decoding's tokens. Off: cuBLASLt's choice per row count (another
+// summation order at another m) and the cluster step kernel, as before 2026-11-27.
+bool RowInvariantDecode();
 
 // The registered implementation, or null in a binary built without CUDA.
 CudaInference* CudaInferenceOrNull();

@@ -94,7 +94,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void MlstmStep(const CudaMlstmStepArgs& a) override {
-    if (a.positions > 1) {
+    if (a.positions > 1 || a.n_out != nullptr) {
       kc::MlstmStepChunkArgs k;
       k.batch = a.batch; k.heads = a.heads; k.dk = a.dk; k.dv = a.dv; k.positions = a.positions;
       k.sigmoid_forget = a.sigmoid_forget; k.eps = a.eps;

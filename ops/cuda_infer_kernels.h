@@ -47,4 +47,32 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
 // block per row; greedy decoding reads back `rows` ids instead of the logits.
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream);
 
+// GemmRows: row-major C [m, n] = alpha · A [m, k] · B [n, k]ᵀ + beta · C_in (C_in = c_in, or C
+// itself when c_in is null; read only when beta != 0), A and B bf16, fp32 accumulation, C bf16 or
+// fp32; m <= kGemmRowsMax. The decoding GEMM (X · Wᵀ at a few rows): every row's arithmetic is
+// the same whatever m is, so a DecodeChunk of k positions and k DecodeStep calls give the same
+// bits (cuBLASLt picks another algorithm, i.e. another summation order, for another m).
+//   Per output (r, j): lane l of the warp that owns column j sums the 8-element groups
+//   g = l, l + 32, l + 64, ... of the reduction in ascending order with one fused multiply-add
+//   per element (explicit __fmaf_rn, so no contraction choice differs between instantiations),
+//   then a fixed xor butterfly over the 32 lanes; nothing of that depends on m, on the other
+//   rows, on alignment (16-byte vector loads when aligned, scalar loads otherwise, same values
+//   in the same order) or on which instantiation (exact rows 1..8, then padded to 12 or 16) runs.
+//   Bound by reading B once (2·n·k bytes; A's m·k·2 bytes stay in L1/L2): one warp per column,
+//   4 columns per 128-thread block.
+constexpr int64_t kGemmRowsMax = 16;
+struct GemmRowsArgs {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  bool c_f32 = false;
+  float alpha = 1.f, beta = 0.f;
+  const void* c_in = nullptr;
+};
+CudaResult GemmRows(const GemmRowsArgs& a, cudaStream_t stream);
+
 }  // namespace gyre::ops::cuda_infer

@@ -10,6 +10,9 @@
 //             whole-head, partial rotary and SelfExtend variants), xLSTM (mLSTM + sLSTM steps),
 //             Mamba-2 (conv window + SSD state) and the mixer hybrid — every step's logits of
 //             every head vs the CPU decode, and the GPU decode vs the GPU full forward.
+//   bitwise:  speculative decoding's head-1 logits (DecodeChunk of k = 2..5, Rewind, batch 1)
+//             against greedy decoding's DecodeStep calls, every bit, for every family and the
+//             125m presets (ops/cuda_infer.h RowInvariantDecode);
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
@@ -389,6 +392,93 @@ TEST_F(DecodeGpuTest, Mamba2Batch1DecodeChunkAndRewindMatchTheCpu) {
   CheckDecodeChunk("mamba2", s, 1);
 }
 TEST_F(DecodeGpuTest, MixerHybridDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid()); }
+
+// ---------------------------------------------------------------- speculative = greedy, bitwise
+
+// Speculative decoding (eval/generate.cc GenerateSpeculative) is lossless only if head 1's logits
+// of a DecodeChunk over k positions carry the same bits as k DecodeStep calls (the greedy path):
+// one bf16 step of difference flips a near-tie argmax. Batch 1, as speculative decoding runs. Two
+// states walk the same tokens: S as GenerateSpeculative (prefill with all heads, then rounds of a
+// rewindable DecodeChunk with deferred draft logits, Rewind(keep), DraftLogits), G as Generate
+// (prefill with head 1 only, then one DecodeStep per token, head 1). Rounds of k = 2..5; a round
+// keeps all k (every row compared) or rewinds to keep < k (the kept rows compared; G steps only
+// those, so later rounds also check that the rewound state equals the stepped one). Every
+// element of head 1's logits must be equal (bf16 values compared exactly).
+void CheckChunkBitwiseEqualsSteps(const std::string& name, ModelSpec spec, bool randomise) {
+  spec.mtp_heads = 5;
+  auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<LanguageModel> m = std::move(*made);
+  if (randomise) Randomise(m->params(), 108);
+  const int64_t V = spec.vocab_size, heads = 5, prompt_len = 7;
+  const auto prompt = RandomTokens(prompt_len, V, 41);
+  const auto stream = RandomTokens(64, V, 42);
+  auto spec_state = m->NewDecodeState(1), greedy_state = m->NewDecodeState(1);
+  LanguageModel::DecodeOptions prefill;
+  prefill.last_position_only = true;
+  prefill.heads = heads;
+  const Tensor s0 = m->DecodeChunk(prompt, prompt_len, spec_state.get(), prefill)[0].ToDevice(Device::kCpu);
+  prefill.heads = 1;
+  const Tensor g0 = m->DecodeChunk(prompt, prompt_len, greedy_state.get(), prefill)[0].ToDevice(Device::kCpu);
+  int64_t rows = 0, differing = 0, elements = 0;
+  double worst = 0;
+  std::string first;
+  auto compare = [&](const Tensor& a, const Tensor& b, const std::string& where) {
+    ++rows;
+    bool same = true;
+    for (int64_t i = 0; i < V; ++i) {
+      const double x = a.At(i), y = b.At(i);
+      if (x != y) {
+        same = false;
+        ++elements;
+        worst = std::max(worst, std::fabs(x - y));
+      }
+    }
+    if (!same) {
+      ++differing;
+      if (first.empty()) first = where;
+    }
+  };
+  compare(s0, g0, "prefill (heads 5 vs 1)");
+  int64_t used = 0, round = 0;
+  for (int64_t k : {2, 3, 4, 5, 5, 4, 3, 2, 5, 3}) {
+    const int64_t keep = round % 2 == 0 ? k : 1 + round % (k - 1);
+    std::vector<int32_t> chunk(stream.begin() + used, stream.begin() + used + k);
+    LanguageModel::DecodeOptions o;
+    o.heads = heads;
+    o.rewindable = true;
+    o.defer_draft_logits = true;
+    const Tensor s = m->DecodeChunk(chunk, k, spec_state.get(), o)[0].ToDevice(Device::kCpu);
+    ASSERT_TRUE(m->Rewind(spec_state.get(), keep).ok());
+    m->DraftLogits(*spec_state, keep - 1);
+    for (int64_t j = 0; j < keep; ++j) {
+      const Tensor g = m->DecodeStep(std::span<const int32_t>(&chunk[j], 1), greedy_state.get(), 1)[0];
+      compare(s.Rows(j, j + 1), g.ToDevice(Device::kCpu),
+              "round " + std::to_string(round) + " (k " + std::to_string(k) + ") position " + std::to_string(j));
+    }
+    used += keep;
+    ++round;
+  }
+  std::printf("[%s] %s speculative chunk vs greedy steps B1 head-1 logits bitwise: %ld rows, %ld differ (%ld "
+              "elements, max |diff| %.4g)%s%s\n", differing == 0 ? "PASS" : "FAIL", name.c_str(), (long)rows,
+              (long)differing, (long)elements, worst, first.empty() ? "" : "; first: ", first.c_str());
+  EXPECT_EQ(differing, 0) << name << " first differing row: " << first;
+}
+
+TEST_F(DecodeGpuTest, SpeculativeChunkBitwiseEqualsGreedySteps) {
+  CheckChunkBitwiseEqualsSteps("llama GQA", SmallLlama(), true);
+  ModelSpec partial = SmallLlama();
+  partial.attn_rotary_dim = 32;
+  CheckChunkBitwiseEqualsSteps("llama partial-rotary 32/64", partial, true);
+  CheckChunkBitwiseEqualsSteps("xlstm mLSTM+sLSTM", SmallXlstm(), true);
+  ModelSpec mamba = SmallMixerHybrid();
+  mamba.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
+  CheckChunkBitwiseEqualsSteps("mamba2", mamba, true);
+  CheckChunkBitwiseEqualsSteps("mamba2+mixer", SmallMixerHybrid(), true);
+  // The benchmark's sizes (their own initialisation): the products' shapes of generate_bench.
+  for (const char* preset : {"llama-125m", "mamba2-130m", "xlstm[1:0]-125m"})
+    CheckChunkBitwiseEqualsSteps(preset, *PresetSpec(preset), false);
+}
 
 // Cost of one speculative round against one greedy step (batch 1, random weights, 4 MTP heads),
 // median of 64 after 16 warm-up, host-timed with a device sync on each side (decode at batch 1 is

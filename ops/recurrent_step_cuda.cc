@@ -142,8 +142,11 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
   s.positions = chunk;
   // n and m after a chunk go to fresh tensors (the kernel's blocks of a head all read the old
   // ones); the state then takes them by handle.
+  // Row-invariant decoding (cuda_infer.h) steps one token with the chunk kernel as well, so a
+  // position's arithmetic is the same at k = 1 and k > 1.
+  const bool chunk_kernel = chunk > 1 || RowInvariantDecode();
   Tensor n_out, m_out;
-  if (chunk > 1) {
+  if (chunk_kernel) {
     n_out = Tensor::Empty(n->shape(), DType::kF32, Device::kCuda);
     m_out = Tensor::Empty(m->shape(), DType::kF32, Device::kCuda);
     s.n_out = n_out.data<float>();
@@ -153,7 +156,7 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
     s.c_history = hc.data<float>(); s.n_history = hn.data<float>(); s.m_history = hm.data<float>();
   }
   CudaInfer().MlstmStep(s);
-  if (chunk > 1) {
+  if (chunk_kernel) {
     *n = n_out;
     *m = m_out;
   }
