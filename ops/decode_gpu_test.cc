@@ -29,11 +29,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer_kernels.h"
 #include "ops/elementwise.h"
 #include "ops/gpu_check.h"
 #include "ops/layers.h"
@@ -103,6 +105,74 @@ TEST_F(DecodeGpuTest, ArgmaxFirstRowsMatchesTheCpu) {
   EXPECT_EQ(want[2], 1000);
   std::printf("[%s] ArgmaxFirstRows 5 tensors vocab 50277: %d %d %d %d %d\n",
               got == want ? "PASS" : "FAIL", got[0], got[1], got[2], got[3], got[4]);
+}
+
+// cuda_infer::GemmRows (the row-invariant decode product) against float64: m = 1..16 rows (the
+// exact instantiations and the padded 12 / 16), k not a multiple of 8 (the scalar tail) and an
+// odd row stride (the unaligned loads), bf16 and fp32 C, alpha / beta with a separate c_in and
+// in place; and its contract: every row's bits are the same whatever m is (each row alone).
+TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
+  Rng rng(41);
+  struct Shape {
+    int64_t m, n, k, lda;
+    bool c_f32;
+    float alpha, beta;
+    bool separate_cin;
+  };
+  const Shape shapes[] = {{1, 37, 768, 768, false, 1.f, 0.f, false},     {5, 301, 770, 770, false, 1.f, 0.f, false},
+                          {8, 64, 13, 13, true, 0.5f, 1.f, true},         {11, 130, 1000, 1003, true, 1.f, 1.f, false},
+                          {16, 50277 / 97, 2048, 2048, false, 1.f, 1.f, true}, {3, 96, 257, 264, false, -2.f, 0.5f, false}};
+  cudaStream_t stream = static_cast<cudaStream_t>(Cuda().ComputeStream());
+  for (const Shape& sh : shapes) {
+    const Tensor a = RandomBf16Host({sh.m, sh.lda}, 1.0, &rng), b = RandomBf16Host({sh.n, sh.k}, 1.0, &rng);
+    const Tensor cin = RandomBf16Host({sh.m, sh.n}, 1.0, &rng);
+    const DType cdt = sh.c_f32 ? DType::kF32 : DType::kBF16;
+    const Tensor a_dev = ToCudaBf16(a), b_dev = ToCudaBf16(b);
+    const Tensor cin_dev = cin.To(DType::kF32).ToDevice(Device::kCuda).To(cdt);
+    // One launch over all m rows, then each row alone (m = 1) from the same inputs.
+    auto run = [&](int64_t row0, int64_t rows) {
+      Tensor c = sh.separate_cin ? Tensor::Empty({rows, sh.n}, cdt, Device::kCuda) : cin_dev.Rows(row0, row0 + rows).Clone();
+      if (sh.separate_cin) c.Fill(std::nan(""));
+      cuda_infer::GemmRowsArgs g;
+      g.m = rows;
+      g.n = sh.n;
+      g.k = sh.k;
+      g.a = static_cast<const char*>(a_dev.raw()) + row0 * sh.lda * 2;
+      g.lda = sh.lda;
+      g.b = b_dev.raw();
+      g.ldb = sh.k;
+      g.c = c.raw();
+      g.ldc = sh.n;
+      g.c_f32 = sh.c_f32;
+      g.alpha = sh.alpha;
+      g.beta = sh.beta;
+      if (sh.separate_cin) g.c_in = static_cast<const char*>(cin_dev.raw()) + row0 * sh.n * (sh.c_f32 ? 4 : 2);
+      EXPECT_TRUE(cuda_infer::GemmRows(g, stream).ok());
+      return c.To(DType::kF32).ToDevice(Device::kCpu);
+    };
+    const Tensor all = run(0, sh.m);
+    Tensor ref = Tensor::Empty({sh.m, sh.n}, DType::kF64, Device::kCpu);
+    for (int64_t r = 0; r < sh.m; ++r)
+      for (int64_t j = 0; j < sh.n; ++j) {
+        double dot = 0;
+        for (int64_t i = 0; i < sh.k; ++i) dot += a.At(r * sh.lda + i) * b.At(j * sh.k + i);
+        ref.Set(r * sh.n + j, sh.alpha * dot + (sh.beta != 0 ? sh.beta * cin.At(r * sh.n + j) : 0.0));
+      }
+    const std::string name = "gemm_rows m" + std::to_string(sh.m) + " n" + std::to_string(sh.n) + " k" +
+                             std::to_string(sh.k) + (sh.c_f32 ? " f32" : " bf16") + (sh.beta != 0 ? " beta" : "");
+    EXPECT_TRUE(Check(name, all, ref, sh.c_f32 ? 1e-5 : 1e-2));
+    int64_t differ = 0;
+    for (int64_t r = 0; r < sh.m; ++r) {
+      const Tensor one = run(r, 1);
+      for (int64_t j = 0; j < sh.n; ++j) {
+        const float x = all.data<float>()[r * sh.n + j], y = one.data<float>()[j];
+        differ += std::memcmp(&x, &y, sizeof(float)) != 0;
+      }
+    }
+    EXPECT_EQ(differ, 0);
+    std::printf("[%s] %s: rows alone vs together, %ld of %ld values differ\n", differ == 0 ? "PASS" : "FAIL",
+                name.c_str(), static_cast<long>(differ), static_cast<long>(sh.m * sh.n));
+  }
 }
 
 TEST_F(DecodeGpuTest, LinearWithBias) {
