@@ -5,9 +5,12 @@
 // model's cost) and speculative (one DecodeChunk of k tokens per round + Rewind), checks that
 // the outputs are equal, and prints tokens/s of both, the speed-up, tokens per forward and the
 // acceptance rate. Every prompt is decoded `--repeats` times per mode; the median time counts.
+// Where the outputs part, it prints the position and head 1's logit gap there (ReportDivergence).
 //
-//   generate_bench --tokens data/english_neox.u16 --preset llama-tiny --mtp_heads 4 \
-//       --train_steps 300 --device cpu
+//   generate_bench --tokens data/english_neox.u16 --preset llama-tiny --mtp_heads 4 --train_steps 300 --device cpu
+//
+// data/english_neox.u16: the golden corpus' English subset (moby-dick, python-doc, perl-doc,
+// c-headers) tokenized with gpt-neox-20b, as uint16 (bench/RESULTS.md, session 3, says how).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
