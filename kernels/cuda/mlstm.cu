@@ -607,112 +607,17 @@ __global__ void __launch_bounds__(32) mlstm_gates_fwd(Dims d, FwdPtrs p) {
 // max(m_k, r_k) runs over the group's (g, r) pairs (32 scalar steps, one thread); then each warp
 // writes its tokens with its m_k, m_{k+1}.
 constexpr int kGateFwdWarps = 32;
-__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par(Dims d, FwdPtrs p) {
-  __shared__ float gs[kGateFwdWarps], rs[kGateFwdWarps], mprev[kGateFwdWarps + 1];
-  const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH;
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
-  float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
-  if (threadIdx.x == 0) mk[0] = m_carry;
-  for (int kg = 0; kg < d.NC; kg += nw) {
-    const int k = kg + w;
-    const bool active = k < d.NC;  // warp-uniform
-    ChunkGateLocal c;
-    if (active) {
-      c = ChunkGates(d, p, b, hd, k, lane);
-      if (lane == 0) {
-        gs[w] = c.g;
-        rs[w] = c.r;
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float m = m_carry;
-      const int n = min(nw, d.NC - kg);
-      for (int i = 0; i < n; ++i) {
-        mprev[i] = m;
-        const float mn = gs[i] + fmaxf(m, rs[i]);
-        mk[kg + i + 1] = mn;
-        p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
-        m = mn;
-      }
-      mprev[n] = m;
-    }
-    __syncthreads();
-    if (active) ChunkGatesWrite(d, p, bh, c, mprev[w], mprev[w + 1], lane);
-    m_carry = mprev[min(nw, d.NC - kg)];
-    __syncthreads();  // mprev / gs / rs are rewritten by the next group
-  }
-  if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
-}
-
-// kCluster (and kAuto with few heads): gates_fwd over a cluster of CL CTAs per head, CTA r owning
-// chunks [r·per, (r+1)·per). Sweep 1: its warps compute those chunks' totals (g, r) into its
-// shared copy of the per-chunk arrays; after a cluster barrier every CTA copies the lower ranks'
-// totals (distributed shared memory, all threads at once) and thread 0 runs the max-plus
-// recurrence from chunk 0 (the same float operations in the same order as mlstm_gates_fwd_par,
-// so m_k are bit-identical); sweep 2 recomputes its chunks (a few KB of loads) and writes b_t,
-// m_t, E_t as the par kernel does. The 7B layout (8 heads) ran on 8 SMs for 0.028 ms (H200).
-constexpr int kGateFwdClWarps = 8;
-constexpr int kGateFwdClMaxChunks = 1024;  // NC above this: the par kernel
-
-__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(Dims d, FwdPtrs p) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
-  __shared__ float mprev[kGateFwdClMaxChunks + 1];
-  const int CL = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int bh = blockIdx.y, b = bh / d.NH, hd = bh % d.NH;
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int per = (d.NC + CL - 1) / CL;
-  const int k0 = min(d.NC, rank * per), k1 = min(d.NC, k0 + per), n = k1 - k0;
-  for (int i = w; i < n; i += kGateFwdClWarps) {
-    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
-    if (lane == 0) {
-      gall[k0 + i] = c.g;
-      rall[k0 + i] = c.r;
-    }
-  }
-  cluster.sync();
-  for (int k = threadIdx.x; k < k0; k += blockDim.x) {  // the lower ranks' totals
-    const int owner = k / per;
-    gall[k] = *cluster.map_shared_rank(&gall[k], owner);
-    rall[k] = *cluster.map_shared_rank(&rall[k], owner);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
-    float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
-    if (rank == 0) mk[0] = m;
-    for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
-    for (int i = 0; i < n; ++i) {
-      mprev[i] = m;
-      const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
-      mk[k0 + i + 1] = mn;
-      p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
-      m = mn;
-    }
-    mprev[n] = m;
-    if (n > 0 && k1 == d.NC && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m;
-  }
-  cluster.sync();  // mprev visible; no CTA leaves while another still reads its totals
-  for (int i = w; i < n; i += kGateFwdClWarps) {
-    const ChunkGateLocal c = ChunkGates(d, p, b, hd, k0 + i, lane);
-    ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
-  }
-}
-
-// Chunk 256 (8 tokens per lane): the two kernels above with kPer-token lane arrays (the chunk
-// <= 128 kernels stay as they are, so their code is unchanged). kSequential is not offered at
-// chunk 256 (MlstmCheck).
+// kPer as ChunkGates (4 up to chunk 128; 8 at chunk 256, whose b is stored relative to the halves'
+// boundary and whose m_k + g0 ChunkGatesWrite stores, so only m_NC is written here).
 template <int kPer>
-__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(Dims d, FwdPtrs p) {
+__device__ __forceinline__ void GatesFwdPar(Dims d, FwdPtrs p) {
+  constexpr bool kHalves = kPer == 8;
   __shared__ float gs[kGateFwdWarps], rs[kGateFwdWarps], mprev[kGateFwdWarps + 1];
   const int bh = blockIdx.x, b = bh / d.NH, hd = bh % d.NH;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
   float m_carry = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
+  if (!kHalves && threadIdx.x == 0) mk[0] = m_carry;
   for (int kg = 0; kg < d.NC; kg += nw) {
     const int k = kg + w;
     const bool active = k < d.NC;  // warp-uniform
@@ -731,7 +636,11 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(D
       for (int i = 0; i < n; ++i) {
         mprev[i] = m;
         const float mn = gs[i] + fmaxf(m, rs[i]);
-        if (kg + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+        if constexpr (kHalves) {
+          if (kg + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+        } else {
+          mk[kg + i + 1] = mn;
+        }
         p.decay[static_cast<int64_t>(bh) * d.NC + kg + i] = __expf(gs[i] + m - mn);
         m = mn;
       }
@@ -744,9 +653,23 @@ __global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(D
   }
   if (threadIdx.x == 0 && p.m_out != nullptr && p.c_out != nullptr) p.m_out[bh] = m_carry;
 }
+__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par(Dims d, FwdPtrs p) {
+  GatesFwdPar<4>(d, p);
+}
+
+// kCluster (and kAuto with few heads): gates_fwd over a cluster of CL CTAs per head, CTA r owning
+// chunks [r·per, (r+1)·per). Sweep 1: its warps compute those chunks' totals (g, r) into its
+// shared copy of the per-chunk arrays; after a cluster barrier every CTA copies the lower ranks'
+// totals (distributed shared memory, all threads at once) and thread 0 runs the max-plus
+// recurrence from chunk 0 (the same float operations in the same order as mlstm_gates_fwd_par,
+// so m_k are bit-identical); sweep 2 recomputes its chunks (a few KB of loads) and writes b_t,
+// m_t, E_t as the par kernel does. The 7B layout (8 heads) ran on 8 SMs for 0.028 ms (H200).
+constexpr int kGateFwdClWarps = 8;
+constexpr int kGateFwdClMaxChunks = 1024;  // NC above this: the par kernel
 
 template <int kPer>
-__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_wide(Dims d, FwdPtrs p) {
+__device__ __forceinline__ void GatesFwdCluster(Dims d, FwdPtrs p) {
+  constexpr bool kHalves = kPer == 8;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   __shared__ float gall[kGateFwdClMaxChunks], rall[kGateFwdClMaxChunks];
@@ -774,11 +697,16 @@ __global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_
   if (threadIdx.x == 0) {
     float m = p.m0 != nullptr && p.c0 != nullptr ? p.m0[bh] : 0.f;
     float* mk = p.smk + static_cast<int64_t>(bh) * (d.NC + 1);
+    if (!kHalves && rank == 0) mk[0] = m;
     for (int k = 0; k < k0; ++k) m = gall[k] + fmaxf(m, rall[k]);
     for (int i = 0; i < n; ++i) {
       mprev[i] = m;
       const float mn = gall[k0 + i] + fmaxf(m, rall[k0 + i]);
-      if (k0 + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+      if constexpr (kHalves) {
+        if (k0 + i + 1 == d.NC) mk[d.NC] = mn;  // (m_k + g0 of every chunk: ChunkGatesWrite)
+      } else {
+        mk[k0 + i + 1] = mn;
+      }
       p.decay[static_cast<int64_t>(bh) * d.NC + k0 + i] = __expf(gall[k0 + i] + m - mn);
       m = mn;
     }
@@ -790,6 +718,20 @@ __global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_
     const ChunkGateLocalT<kPer> c = ChunkGates<kPer>(d, p, b, hd, k0 + i, lane);
     ChunkGatesWrite(d, p, bh, c, mprev[i], mprev[i + 1], lane);
   }
+}
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster(Dims d, FwdPtrs p) {
+  GatesFwdCluster<4>(d, p);
+}
+
+// Chunk 256 (8 tokens per lane): the same bodies with kPer-token lane arrays. kSequential is not
+// offered at chunk 256 (MlstmCheck).
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdWarps) mlstm_gates_fwd_par_wide(Dims d, FwdPtrs p) {
+  GatesFwdPar<kPer>(d, p);
+}
+template <int kPer>
+__global__ void __launch_bounds__(32 * kGateFwdClWarps) mlstm_gates_fwd_cluster_wide(Dims d, FwdPtrs p) {
+  GatesFwdCluster<kPer>(d, p);
 }
 
 // ---------------------------------------------------------------- 2. state_fwd

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Compares the kernels of two PTX files entry by entry, ignoring what a refactor may rename:
-virtual register numbers, labels, the anonymous-namespace hash, local-variable numbering.
+virtual register numbers, labels, the anonymous-namespace hash, local-variable numbering, and the
+enclosing-function part of a function-local static's mangled name.
 
   compare_entries.py BEFORE.ptx AFTER.ptx [--show N]
 
@@ -26,6 +27,10 @@ def entries(path):
         # "<length>_GLOBAL__N__<hash>_<n>_<file>_<hash>".
         body = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", body)
         body = re.sub(r"__cuda_local_var_\d+_\d+_", "LV", body)
+        # A function-local static (e.g. a __shared__ array) is named after its enclosing function:
+        # "_ZZ<function>E<length><name>". Moving the code into a device function renames the scope,
+        # not the variable: keep only the variable's own name.
+        body = re.sub(r"_ZZ\w+?E(\d+)([A-Za-z_]\w*)", lambda m: "LOCAL_" + m.group(2)[: int(m.group(1))], body)
         key = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", name)
         body = body.replace(name, "NAME")
         out[key] = body
