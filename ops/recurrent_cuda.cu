@@ -536,6 +536,17 @@ __device__ __forceinline__ void CpAsync4(void* dst, const void* src) {
                "l"(src));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+// A gate row folded through both maps' 4x4 blocks: u·W + u2·W2 (w, w2 row-major [in][out]), the
+// gate terms' dx contribution of one lane's block, precomputed once per lane.
+__device__ __forceinline__ float4 FoldGateRow(float4 u, float4 u2, const float (&w)[16], const float (&w2)[16]) {
+  float v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
+           u2.z * w2[8 + i] + u2.w * w2[12 + i];
+  }
+  return make_float4(v[0], v[1], v[2], v[3]);
+}
 template <int kPending>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
@@ -959,14 +970,7 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
   if constexpr (kG > 0 && kTwo) {
 #pragma unroll
     for (int t = 0; t < kG; ++t) {
-      const float4 u = wg[t][tx], u2 = wg[kG + t][tx];
-      float v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
-               u2.z * w2[8 + i] + u2.w * w2[12 + i];
-      }
-      U[t][tx] = make_float4(v[0], v[1], v[2], v[3]);  // read back by this thread only
+      U[t][tx] = FoldGateRow(wg[t][tx], wg[kG + t][tx], w, w2);  // read back by this thread only
     }
   }
   // Row r's copies into slot `slot` (one commit group per row, empty past the end).
@@ -1508,13 +1512,7 @@ __global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiag
       u = __ldg(reinterpret_cast<const float4*>(GateW(g, 0, t) + b * 4));
       u2 = __ldg(reinterpret_cast<const float4*>(GateW(g, 1, t) + b * 4));
     }
-    float v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = u.x * w[i] + u.y * w[4 + i] + u.z * w[8 + i] + u.w * w[12 + i] + u2.x * w2[i] + u2.y * w2[4 + i] +
-             u2.z * w2[8 + i] + u2.w * w2[12 + i];
-    }
-    U[t][tx] = make_float4(v[0], v[1], v[2], v[3]);  // read back by this thread only
+    U[t][tx] = FoldGateRow(u, u2, w, w2);  // read back by this thread only
   }
   const int64_t r0 = blockIdx.y * (int64_t)kBdBwdRows, r1 = min(r0 + kBdBwdRows, a.rows);
   // The warp's rows r0 + ty + kBtWarps·u, u < n; the loop runs whole tiles (the rows past r1 zero-filled).
