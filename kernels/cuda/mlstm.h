@@ -16,12 +16,14 @@
 // Supported sizes (MlstmCheck says why not): chunk_size ∈ {16, 32, 64, 128, 256}; dk and dv
 // multiples of 64; any S >= 1 (the last chunk may be shorter); pointers of q, k, v, h, dh, dq,
 // dk, dv 16-byte aligned. The CPU allows any chunk size; 16-128 cover every configuration in
-// MODELS.md (TFLA uses 64 or 128). Chunk 256 (opt-in, session 15) runs only on the chunk-128
+// MODELS.md (TFLA uses 64 or 128). Chunk 256 (session 15; the xLSTM presets with heads of 1024
+// and wider use it, ops/model_config.cc) runs only on the chunk-128
 // warpgroup-MMA kernels over 128-token halves plus an off-diagonal pass per chunk: it needs dk
 // and dv multiples of 128, state_tile and io_slab 0 or 128, a gate schedule other than
 // kSequential and a bwd_dv other than kMmaSync. It stores half the chunk-boundary states (the
-// xlstm[1:0]-125m step's allocator peak 43.1 -> 37.1 GiB) but is slower at the 125m cell
-// (kernels/cuda/mlstm_notes.md, session 15).
+// xlstm[1:0]-125m step's allocator peak 43.1 -> 37.1 GiB) but is slower at the 125m cell (+9%)
+// and faster at the 1.3B head, dk = dv = 1024 (cell −6%, step −3 to −4%; kernels/cuda/mlstm_notes.md,
+// session 15).
 //
 // Gradient convention: MlstmOptions::stop_normaliser_gradient as on the CPU. false (default):
 // the true gradient of this forward (part (a) with m frozen + the exact m correction);
