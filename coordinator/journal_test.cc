@@ -229,7 +229,9 @@ TEST(JournalTest, CoreRestartsFromRocksJournal) {
     ASSERT_TRUE(core.ok());
     auto run = [&](std::vector<Action> list) {
       for (const auto& a : list) {
-        if (auto* w = std::get_if<JournalWrite>(&a)) ASSERT_TRUE((*journal)->Write(w->batch).ok());
+        if (auto* w = std::get_if<JournalWrite>(&a)) {
+          ASSERT_TRUE((*journal)->Write(w->batch).ok());
+        }
       }
     };
     run(actions);

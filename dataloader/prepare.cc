@@ -39,17 +39,14 @@ bool IsCorpusFileName(const std::string& name) {
 // A source name as a directory name: [A-Za-z0-9._-] kept, the rest '_', plus a hash suffix
 // when anything changed (so "a b" and "a_b" never share a folder).
 std::string PathSafe(const std::string& source) {
-  std::string out;
-  bool changed = false;
+  // A name that is empty or starts with '.' (".", "..", hidden) gets a leading '_'.
+  bool changed = source.empty() || source[0] == '.';
+  std::string out = changed ? "_" : "";
   for (char c : source) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                     c == '.' || c == '_' || c == '-';
     out.push_back(ok ? c : '_');
     changed |= !ok;
-  }
-  if (out.empty() || out[0] == '.') {
-    out.insert(0, "_");
-    changed = true;
   }
   if (changed) absl::StrAppendFormat(&out, "-%08x", static_cast<uint32_t>(XXH64(source.data(), source.size(), 0)));
   return out;

@@ -167,7 +167,7 @@ TEST(CheckpointTest, WriterReportsSuccessExactlyWhenTheCheckpointIsDurable) {
     const bool old_kept = std::count(names.begin(), names.end(), "step-1") == 1;
     pruning_failures += second->ok() && old_kept;
     covered = second->ok() && !old_kept;  // n lies past the last mutation: every point was hit
-    env.SimulateCrash();
+    ASSERT_TRUE(env.SimulateCrash().ok());
     absl::StatusOr<LatestCheckpoint> latest = LoadLatestCheckpoint(&env, "/c");
     ASSERT_TRUE(latest.ok()) << "n " << n << ": " << latest.status();
     EXPECT_EQ(second->ok(), latest->state.step == 2)

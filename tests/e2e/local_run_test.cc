@@ -99,7 +99,9 @@ TEST(LocalRunTest, SurvivesWorkerAndCoordinatorKillsPauseAndScaleWithAnExactLedg
     EXPECT_EQ(s.sample_end, 6 * t + 6);
     EXPECT_TRUE(s.problem.empty()) << "step " << t << ": " << s.problem;
     EXPECT_GT(s.model_flops_per_s, 0) << "step " << t << ": no model FLOP/s in the step metrics";
-    if (t > 0) EXPECT_GE(s.committed_unix_ms, ledger.steps[t - 1].committed_unix_ms) << "step " << t;
+    if (t > 0) {
+      EXPECT_GE(s.committed_unix_ms, ledger.steps[t - 1].committed_unix_ms) << "step " << t;
+    }
     saw_world_3 |= s.world == 3;
   }
   EXPECT_TRUE(saw_world_3) << dump() << "no step ran at world size 3";
