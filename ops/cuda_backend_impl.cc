@@ -293,17 +293,6 @@ class Backend final : public CudaBackend {
   void Gemm(const CudaGemm& g) override {
     Init();
     OpProfiler::Scope scope(&prof_, prof_.on() ? GemmLabel(g) : std::string(), 2.0 * g.m * g.n * g.k);
-    if (!g.trans_a && g.trans_b && g.m > 0 && g.m <= cuda_infer::kGemmRowsMax && RowInvariantDecode()) {
-      // Decoding's few-row products: a summation order that does not depend on m (cuda_infer.h).
-      cuda_infer::GemmRowsArgs r;
-      r.m = g.m; r.n = g.n; r.k = g.k;
-      r.a = g.a; r.lda = g.lda;
-      r.b = g.b; r.ldb = g.ldb;
-      r.c = g.c; r.ldc = g.ldc; r.c_f32 = g.c_f32;
-      r.alpha = g.alpha; r.beta = g.beta; r.c_in = g.c_in;
-      OK_OR_DIE(cuda_infer::GemmRows(r, stream_));
-      return;
-    }
     kc::GemmArgs a;
     a.trans_a = g.trans_a;
     a.trans_b = g.trans_b;
@@ -320,6 +309,11 @@ class Backend final : public CudaBackend {
     a.alpha = g.alpha;
     a.beta = g.beta;
     a.c_in = g.c_in;
+    if (!g.trans_a && g.trans_b && g.m > 0 && g.m <= cuda_infer::kGemmRowsMax && RowInvariantDecode()) {
+      // Decoding's few-row products: a summation order that does not depend on m (cuda_infer.h).
+      OK_OR_DIE(cuda_infer::GemmRows(a, stream_));
+      return;
+    }
     OK_OR_DIE(gemm_->Gemm(a, stream_));
   }
 

@@ -8,6 +8,21 @@
 #include "ops/cuda_infer_kernels.h"
 
 namespace gyre::ops::cuda_infer {
+
+// gemm_rows_kernel's parameters (GemmRows takes the GEMM's own GemmArgs and checks the form).
+struct GemmRowsArgs {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  bool c_f32 = false;
+  float alpha = 1.f, beta = 0.f;
+  const void* c_in = nullptr;
+};
+
 namespace {
 
 using bf16 = __nv_bfloat16;
@@ -255,7 +270,16 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   return {};
 }
 
-CudaResult GemmRows(const GemmRowsArgs& a, cudaStream_t stream) {
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream) {
+  if (g.trans_a || !g.trans_b || g.epilogue != gyre::cuda::GemmEpilogue::kNone) {
+    return InvalidArgument("gemm_rows: only C = alpha A Bᵀ + beta C_in (no transposed A, no epilogue)");
+  }
+  GemmRowsArgs a;
+  a.m = g.m; a.n = g.n; a.k = g.k;
+  a.a = g.a; a.lda = g.lda;
+  a.b = g.b; a.ldb = g.ldb;
+  a.c = g.c; a.ldc = g.ldc; a.c_f32 = g.c_dtype == gyre::cuda::DType::kF32;
+  a.alpha = g.alpha; a.beta = g.beta; a.c_in = g.c_in;
   if (a.m < 0 || a.m > kGemmRowsMax || a.n < 0 || a.k < 0 || (a.m > 0 && a.n > 0 && (!a.a || !a.b || !a.c)) ||
       a.lda < a.k || a.ldb < a.k || a.ldc < a.n) {
     return InvalidArgument("gemm_rows: bad arguments");

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/device_info.h"
+#include "kernels/cuda/gemm.h"
 
 namespace gyre::ops::cuda_infer {
 
@@ -60,19 +61,8 @@ CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int
 //   in the same order) or on which instantiation (exact rows 1..8, then padded to 12 or 16) runs.
 //   Bound by reading B once (2·n·k bytes; A's m·k·2 bytes stay in L1/L2): one warp per column,
 //   4 columns per 128-thread block.
+//   Takes the GEMM's own arguments (kernels/cuda/gemm.h): only !trans_a, trans_b, no epilogue.
 constexpr int64_t kGemmRowsMax = 16;
-struct GemmRowsArgs {
-  int64_t m = 0, n = 0, k = 0;
-  const void* a = nullptr;
-  int64_t lda = 0;
-  const void* b = nullptr;
-  int64_t ldb = 0;
-  void* c = nullptr;
-  int64_t ldc = 0;
-  bool c_f32 = false;
-  float alpha = 1.f, beta = 0.f;
-  const void* c_in = nullptr;
-};
-CudaResult GemmRows(const GemmRowsArgs& a, cudaStream_t stream);
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream);
 
 }  // namespace gyre::ops::cuda_infer

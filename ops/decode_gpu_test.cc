@@ -133,7 +133,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
     auto run = [&](int64_t row0, int64_t rows) {
       Tensor c = sh.separate_cin ? Tensor::Empty({rows, sh.n}, cdt, Device::kCuda) : cin_dev.Rows(row0, row0 + rows).Clone();
       if (sh.separate_cin) c.Fill(std::nan(""));
-      cuda_infer::GemmRowsArgs g;
+      gyre::cuda::GemmArgs g;
+      g.trans_b = true;
       g.m = rows;
       g.n = sh.n;
       g.k = sh.k;
@@ -143,7 +144,7 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
       g.ldb = sh.k;
       g.c = c.raw();
       g.ldc = sh.n;
-      g.c_f32 = sh.c_f32;
+      g.c_dtype = sh.c_f32 ? gyre::cuda::DType::kF32 : gyre::cuda::DType::kBf16;
       g.alpha = sh.alpha;
       g.beta = sh.beta;
       if (sh.separate_cin) g.c_in = static_cast<const char*>(cin_dev.raw()) + row0 * sh.n * (sh.c_f32 ? 4 : 2);
@@ -172,7 +173,13 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
     EXPECT_EQ(differ, 0);
     std::printf("[%s] %s: rows alone vs together, %ld of %ld values differ\n", differ == 0 ? "PASS" : "FAIL",
                 name.c_str(), static_cast<long>(differ), static_cast<long>(sh.m * sh.n));
-  }
+  }  // Only C = alpha A Bᵀ + beta C_in: another form is refused, not computed wrongly.
+  gyre::cuda::GemmArgs other;
+  other.m = other.n = other.k = other.lda = other.ldb = other.ldc = 8;
+  EXPECT_FALSE(cuda_infer::GemmRows(other, stream).ok());  // trans_b false
+  other.trans_b = true;
+  other.epilogue = gyre::cuda::GemmEpilogue::kBias;
+  EXPECT_FALSE(cuda_infer::GemmRows(other, stream).ok());
 }
 
 TEST_F(DecodeGpuTest, LinearWithBias) {
