@@ -318,35 +318,27 @@ MlstmRecomputeConfig& RecomputeConfig() {
   return *config;
 }
 
+// A two-way switch from the environment, read by its caller once: the value, empty when unset;
+// a set value other than `a` or `b` stops the process naming both.
+std::string EnvChoice(const char* name, const char* a, const char* b) {
+  const char* v = std::getenv(name);
+  const std::string s = v != nullptr ? v : "";
+  GYRE_CHECK(v == nullptr || s == a || s == b, "%s must be %s or %s, got '%s'", name, a, b, s.c_str());
+  return s;
+}
+
 bool& ConvQkvFused() {
-  static bool fused = [] {
-    const char* v = std::getenv("GYRE_MLSTM_CONV_QKV");
-    const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
-               "GYRE_MLSTM_CONV_QKV must be separate or fused, got '%s'", s.c_str());
-    return s != "separate";
-  }();
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_QKV", "separate", "fused") != "separate";
   return fused;
 }
 
 bool& ConvVBwdFused() {
-  static bool fused = [] {
-    const char* v = std::getenv("GYRE_MLSTM_CONV_V_BWD");
-    const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "separate" || s == "fused",
-               "GYRE_MLSTM_CONV_V_BWD must be separate or fused, got '%s'", s.c_str());
-    return s != "separate";
-  }();
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_V_BWD", "separate", "fused") != "separate";
   return fused;
 }
 
 MlstmQkBwd& QkBwdMode() {
-  static MlstmQkBwd mode = [] {
-    const char* v = std::getenv("GYRE_MLSTM_QK_BWD");
-    const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "fma" || s == "tc", "GYRE_MLSTM_QK_BWD must be fma or tc, got '%s'", s.c_str());
-    return s == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
-  }();
+  static MlstmQkBwd mode = EnvChoice("GYRE_MLSTM_QK_BWD", "fma", "tc") == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
   return mode;
 }
 
