@@ -1285,16 +1285,13 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     }
     return a;
   };
-  auto qkv_backward = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d, BlockDiagonalLinear* layer2,
-                          const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates, int64_t col) {
-    Cuda().BlockDiag(true, qkv_backward_args(src, layer, d, layer2, d2, dst, gates, col));
-  };
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
+  const BlockDiagArgs qk = qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
   if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
-    Cuda().BlockDiagBackwardTc(qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0));
+    Cuda().BlockDiagBackwardTc(qk);
   } else {
-    qkv_backward(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
+    Cuda().BlockDiag(true, qk);
   }
   ProfileMark("mlstm.bwd.qk_blockdiag_gates");
   if (lean) dq = dkk = Tensor();
@@ -1310,7 +1307,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     dxm = conv_.Backward(dxc);
     ProfileMark("mlstm.bwd.conv");
     if (lean) dxc = xc_ = Tensor();
-    qkv_backward(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p);
+    Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
     ProfileMark("mlstm.bwd.v_blockdiag_gates");
   }
   if (lean) dv = dig = dfg = Tensor();
