@@ -58,8 +58,7 @@ void ReportDivergence(ops::LanguageModel* model, const std::vector<int32_t>& pro
   const ops::Tensor row = logits[0].Rows(rows - 1, rows).To(ops::DType::kF32).ToDevice(ops::Device::kCpu);
   const float* v = row.data<float>();
   const int64_t vocab = row.cols();
-  int64_t best = 0;
-  for (int64_t c = 1; c < vocab; ++c) if (v[c] > v[best]) best = c;
+  const int32_t best = Argmax(std::span<const float>(v, static_cast<size_t>(vocab)));
   const float lg = v[greedy[i]], ls = v[speculative[i]];
   // bf16 keeps 8 significant bits: one step at |x| is 2^(floor(log2|x|) - 7).
   const float ulp = std::ldexp(1.0f, std::ilogb(std::max(std::fabs(lg), 1e-30f)) - 7);
