@@ -11,6 +11,21 @@ absl::Status NeedSession(uint64_t session, const char* message) {
   return absl::InvalidArgumentError(absl::StrCat(message, ".session is required"));
 }
 
+// The checkpoint reports also need the checkpoint's path.
+absl::Status NeedSessionAndPath(uint64_t session, const std::string& path, const char* message) {
+  absl::Status s = NeedSession(session, message);
+  if (s.ok() && path.empty()) s = absl::InvalidArgumentError(absl::StrCat(message, ".path is required"));
+  return s;
+}
+
+// The core event of one worker call: the request, copied.
+template <typename Request>
+RequestEvent<Request> EventOf(const Request& request) {
+  RequestEvent<Request> event;
+  event.request = request;
+  return event;
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* ClusterService::Register(grpc::CallbackServerContext* ctx,
@@ -28,63 +43,45 @@ grpc::ServerUnaryReactor* ClusterService::Register(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* ClusterService::Heartbeat(grpc::CallbackServerContext* ctx,
                                                     const gyre::v1::HeartbeatRequest* request,
                                                     gyre::v1::HeartbeatResponse* response) {
-  HeartbeatEvent event;
-  event.request = *request;
-  return internal::Dispatch(ctx, loop_, token_,
-                            NeedSession(request->session(), "HeartbeatRequest"), event, response);
+  return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "HeartbeatRequest"),
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::AcquireStep(grpc::CallbackServerContext* ctx,
                                                       const gyre::v1::AcquireStepRequest* request,
                                                       gyre::v1::StepLease* response) {
-  AcquireStepEvent event;
-  event.request = *request;
-  return internal::Dispatch(ctx, loop_, token_,
-                            NeedSession(request->session(), "AcquireStepRequest"), event,
-                            response);
+  return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "AcquireStepRequest"),
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::CompleteStep(
     grpc::CallbackServerContext* ctx, const gyre::v1::CompleteStepRequest* request,
     gyre::v1::CompleteStepResponse* response) {
-  CompleteStepEvent event;
-  event.request = *request;
-  return internal::Dispatch(ctx, loop_, token_,
-                            NeedSession(request->session(), "CompleteStepRequest"), event,
-                            response);
+  return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "CompleteStepRequest"),
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::ReportCheckpoint(
     grpc::CallbackServerContext* ctx, const gyre::v1::ReportCheckpointRequest* request,
     gyre::v1::ReportCheckpointResponse* response) {
-  absl::Status validation = NeedSession(request->session(), "ReportCheckpointRequest");
-  if (validation.ok() && request->path().empty()) {
-    validation = absl::InvalidArgumentError("ReportCheckpointRequest.path is required");
-  }
-  ReportCheckpointEvent event;
-  event.request = *request;
-  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+  return internal::Dispatch(ctx, loop_, token_,
+                            NeedSessionAndPath(request->session(), request->path(), "ReportCheckpointRequest"),
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::ReportBadCheckpoint(
     grpc::CallbackServerContext* ctx, const gyre::v1::ReportBadCheckpointRequest* request,
     gyre::v1::ReportBadCheckpointResponse* response) {
-  absl::Status validation = NeedSession(request->session(), "ReportBadCheckpointRequest");
-  if (validation.ok() && request->path().empty()) {
-    validation = absl::InvalidArgumentError("ReportBadCheckpointRequest.path is required");
-  }
-  ReportBadCheckpointEvent event;
-  event.request = *request;
-  return internal::Dispatch(ctx, loop_, token_, validation, event, response);
+  return internal::Dispatch(ctx, loop_, token_,
+                            NeedSessionAndPath(request->session(), request->path(), "ReportBadCheckpointRequest"),
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::Leave(grpc::CallbackServerContext* ctx,
                                                 const gyre::v1::LeaveRequest* request,
                                                 gyre::v1::LeaveResponse* response) {
-  LeaveEvent event;
-  event.request = *request;
   return internal::Dispatch(ctx, loop_, token_, NeedSession(request->session(), "LeaveRequest"),
-                            event, response);
+                            EventOf(*request), response);
 }
 
 grpc::ServerUnaryReactor* ClusterService::StoreSet(grpc::CallbackServerContext* ctx,

@@ -94,30 +94,19 @@ struct RegisterEvent {
   // Random session id drawn by the host for a new session (non-zero). Unused on re-attach.
   uint64_t fresh_session = 0;
 };
-struct HeartbeatEvent {
+// One worker call as the core sees it: the host's request id and the request itself. Each
+// alias is its own type, so `Event`'s alternatives stay distinct.
+template <typename Request>
+struct RequestEvent {
   RequestId id = 0;
-  gyre::v1::HeartbeatRequest request;
+  Request request;
 };
-struct AcquireStepEvent {
-  RequestId id = 0;
-  gyre::v1::AcquireStepRequest request;
-};
-struct CompleteStepEvent {
-  RequestId id = 0;
-  gyre::v1::CompleteStepRequest request;
-};
-struct ReportCheckpointEvent {
-  RequestId id = 0;
-  gyre::v1::ReportCheckpointRequest request;
-};
-struct ReportBadCheckpointEvent {
-  RequestId id = 0;
-  gyre::v1::ReportBadCheckpointRequest request;
-};
-struct LeaveEvent {
-  RequestId id = 0;
-  gyre::v1::LeaveRequest request;
-};
+using HeartbeatEvent = RequestEvent<gyre::v1::HeartbeatRequest>;
+using AcquireStepEvent = RequestEvent<gyre::v1::AcquireStepRequest>;
+using CompleteStepEvent = RequestEvent<gyre::v1::CompleteStepRequest>;
+using ReportCheckpointEvent = RequestEvent<gyre::v1::ReportCheckpointRequest>;
+using ReportBadCheckpointEvent = RequestEvent<gyre::v1::ReportBadCheckpointRequest>;
+using LeaveEvent = RequestEvent<gyre::v1::LeaveRequest>;
 // Timers: checks heartbeat deadlines.
 struct TickEvent {};
 
