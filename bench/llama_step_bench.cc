@@ -121,19 +121,10 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
     return 1;
   }
-  const auto t0 = std::chrono::steady_clock::now();
-  auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCuda, 1);
-  if (!model.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
-    return 1;
-  }
-  Cuda().Synchronize();
-  out->init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  TrainOptions opt;
-  opt.schedule.peak_lr = 3e-4;
-  opt.schedule.warmup_steps = 0;
-  opt.grad_clip = 1.0;
-  Trainer trainer(model->get(), opt);
+  gyre::bench::BenchModel bench_model;
+  if (!gyre::bench::CreateBenchModel(*spec, &bench_model)) return 1;
+  out->init_s = bench_model.init_s;
+  Trainer& trainer = *bench_model.trainer;
   Rng rng(2);
   gyre::bench::StepTimes run;
   if (!gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, 0, warmup + steps, &run)) return 1;
@@ -223,7 +214,7 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
   // (bitwise-reproducible training); the line above rounds to 3 decimals.
   std::printf("  losses first/last %.9g %.9g\n", out->loss_first, out->loss_last);
   std::fflush(stdout);
-  model->reset();
+  bench_model.Release();
   TimeAttention(*spec, batch, seq);
   return 0;
 }

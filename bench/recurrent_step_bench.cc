@@ -173,19 +173,10 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   }
   spec->recompute_blocks = recompute;
   if (mlstm_chunk > 0) spec->mlstm_chunk = mlstm_chunk;
-  const auto t0 = std::chrono::steady_clock::now();
-  auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCuda, 1);
-  if (!model.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
-    return 1;
-  }
-  Cuda().Synchronize();
-  out->init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  TrainOptions opt;
-  opt.schedule.peak_lr = 3e-4;
-  opt.schedule.warmup_steps = 0;
-  opt.grad_clip = 1.0;
-  Trainer trainer(model->get(), opt);
+  gyre::bench::BenchModel bench_model;
+  if (!gyre::bench::CreateBenchModel(*spec, &bench_model)) return 1;
+  out->init_s = bench_model.init_s;
+  Trainer& trainer = *bench_model.trainer;
   Rng rng(2);
   if (!alternate.empty()) {
     const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
@@ -195,7 +186,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
     }
     const int rc = RunAlternating(trainer, rng, *spec, seq, warmup, steps, alternate, per_token->without_head(),
                                   peak_tflops, op_profile_steps);
-    model->reset();
+    bench_model.Release();
     return rc == 0 ? 2 : 1;  // 2: done, no Result row
   }
   gyre::bench::StepTimes run;
@@ -269,7 +260,7 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
               out->tokens_per_s, 100 * out->mfu, 100 * out->mfu_head, 100 * out->cell_share, out->loss_first,
               out->loss_last, out->init_s, GiB(mem.peak_bytes_in_use));
   std::fflush(stdout);
-  model->reset();
+  bench_model.Release();
   return 0;
 }
 
