@@ -186,8 +186,8 @@ class CudaBackend {
   virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
   // BlockDiag(true, a) of two 4x4 maps with the mLSTM gates, the row sums on tensor cores
   // (ops/recurrent_cuda.h BlockDiagBackwardTc): the same outputs. Returns whether that kernel ran;
-  // where it does not cover `a`, exactly BlockDiag(true, a) and false. rows_ahead: 4 (tc) or 6 (tc6).
-  virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a, int rows_ahead = 4) = 0;
+  // where it does not cover `a`, exactly BlockDiag(true, a) and false.
+  virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
   // Where the forward's a.saved keeps h's lo part (kernels/cuda/mlstm.h MlstmChunkwiseSavedHLo),

@@ -640,14 +640,14 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
-  bool BlockDiagBackwardTc(const BlockDiagArgs& a, int rows_ahead) override {
+  bool BlockDiagBackwardTc(const BlockDiagArgs& a) override {
     Init();
     if (!cuda_ops::BlockDiagBackwardTcCovers(a)) {
       BlockDiag(true, a);
       return false;
     }
     OpProfiler::Scope scope(&prof_, "BlockDiag backward (2 maps, tensor cores)");
-    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, alloc_, stream_, rows_ahead));
+    OK_OR_DIE(cuda_ops::BlockDiagBackwardTc(a, alloc_, stream_));
     return true;
   }
 

@@ -5,7 +5,6 @@
 #include <map>
 #include <cmath>
 #include <cstdlib>
-#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -319,43 +318,32 @@ MlstmRecomputeConfig& RecomputeConfig() {
   return *config;
 }
 
-// A switch from the environment, read by its caller once: the value, empty when unset; a set
-// value not among `values` stops the process naming them ("a or b", "a, b or c").
-std::string EnvChoice(const char* name, std::initializer_list<const char*> values) {
+// A two-way switch from the environment, read by its caller once: the value, empty when unset;
+// a set value other than `a` or `b` stops the process naming both.
+std::string EnvChoice(const char* name, const char* a, const char* b) {
   const char* v = std::getenv(name);
   const std::string s = v != nullptr ? v : "";
-  std::string accepted;
-  bool ok = v == nullptr;
-  int i = 0;
-  for (const char* a : values) {
-    ok = ok || s == a;
-    accepted += (i == 0 ? "" : i + 1 == static_cast<int>(values.size()) ? " or " : ", ") + std::string(a);
-    ++i;
-  }
-  GYRE_CHECK(ok, "%s must be %s, got '%s'", name, accepted.c_str(), s.c_str());
+  GYRE_CHECK(v == nullptr || s == a || s == b, "%s must be %s or %s, got '%s'", name, a, b, s.c_str());
   return s;
 }
 
 bool& ConvQkvFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_CONV_QKV", {"separate", "fused"}) != "separate";
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_QKV", "separate", "fused") != "separate";
   return fused;
 }
 
 bool& ConvVBwdFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_CONV_V_BWD", {"separate", "fused"}) != "separate";
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_V_BWD", "separate", "fused") != "separate";
   return fused;
 }
 
 MlstmQkBwd& QkBwdMode() {
-  static MlstmQkBwd mode = [] {
-    const std::string v = EnvChoice("GYRE_MLSTM_QK_BWD", {"fma", "tc", "tc6"});
-    return v == "fma" ? MlstmQkBwd::kFma : v == "tc6" ? MlstmQkBwd::kTc6 : MlstmQkBwd::kTc;
-  }();
+  static MlstmQkBwd mode = EnvChoice("GYRE_MLSTM_QK_BWD", "fma", "tc") == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
   return mode;
 }
 
 bool& DhDotInNorm() {
-  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", {"cell", "norm"}) == "norm";
+  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") == "norm";
   return norm;
 }
 
@@ -1317,8 +1305,8 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
   const BlockDiagArgs qk = qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
-  if (GetMlstmQkBwd() != MlstmQkBwd::kFma) {
-    Cuda().BlockDiagBackwardTc(qk, GetMlstmQkBwd() == MlstmQkBwd::kTc6 ? 6 : 4);
+  if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
+    Cuda().BlockDiagBackwardTc(qk);
   } else {
     Cuda().BlockDiag(true, qk);
   }

@@ -180,11 +180,10 @@ void SetMlstmConvVBwdFused(bool fused);
 // ops/XLSTM_GLUE.md "Tensor-core row sums": on an H100 the op 6.62 -> 5.70 ms, the xlstm[1:0]-125m
 // step -0.5 to -0.7 ms; the default since session 15); kFma = CudaBackend::BlockDiag
 // (block_diag4_bwd, the row sums on the FMA pipe; also what shapes the tensor-core kernel does
-// not cover take); kTc6 (opt-in, session 16) = kTc with 6 rows in flight a warp instead of 4
-// (block_diag4_bwd_tc6: the same bits; ops/XLSTM_GLUE.md). GYRE_MLSTM_QK_BWD unset or "tc",
-// "fma", "tc6"; read once on first use; anything else stops the process with a message naming
-// the accepted values. SetMlstmQkBwd overrides it (tests, benchmarks). Not thread-safe. CUDA only.
-enum class MlstmQkBwd { kFma, kTc, kTc6 };
+// not cover take). GYRE_MLSTM_QK_BWD unset or "tc", "fma"; read once on first use; anything
+// else stops the process with a message naming the accepted values. SetMlstmQkBwd overrides it
+// (tests, benchmarks). Not thread-safe. CUDA only.
+enum class MlstmQkBwd { kFma, kTc };
 MlstmQkBwd GetMlstmQkBwd();
 void SetMlstmQkBwd(MlstmQkBwd mode);
 

@@ -1447,30 +1447,24 @@ constexpr int kBtWarps = 4;       // warps a block
 constexpr int kBtXLd = 32 * 4 + 8;  // bf16 a ring row of x (+16 B: ldmatrix rows on distinct banks)
 constexpr int kBtDLd = 32 * 8 + 8;  // bf16 a ring row of dq|dk
 constexpr int kBtAhead = 4;                   // rows in flight ahead of the arithmetic (<= ring - tile)
+constexpr int kBtRing = kBtTile + kBtAhead;   // ring slots of x, dq|dk, dgate
+constexpr int kBtOld = kBtAhead + 1;          // ring slots of the old dx
 // One warp's ring (the tile's rows kept until its mma) and its S: the gates' S accumulates in
 // shared memory ([128 columns][8 gates]: one LDS.64 pair and STS.64 pair per mma pair), not in 32
 // registers a lane — with them in registers ptxas needs ~200 and spilled 124 B at the 168 of 3
 // blocks an SM; so 168 registers, 8 B spilled. 15 KiB a warp, 64 KiB a block with U: 3 blocks of 4
-// warps an SM. kAhead rows in flight ahead of the arithmetic: 4 (the default, `tc`) or 6
-// (GYRE_MLSTM_QK_BWD=tc6, session 16: 17.1 KiB a warp, 72.5 KiB a block with U, still 3 blocks
-// an SM; ops/XLSTM_GLUE.md). (Builds with 8 or 12 ahead at 8 warps with S in registers were
-// compiled in session 15, never measured.)
-template <int kAhead>
-struct alignas(16) BtRingT {
-  static constexpr int kRing = kBtTile + kAhead;  // ring slots of x, dq|dk, dgate
-  static constexpr int kOld = kAhead + 1;         // ring slots of the old dx
-  bf16 x[kRing][kBtXLd];
-  bf16 dqk[kRing][kBtDLd];
-  float dg[kRing][8];
-  uint2 old[kOld][32];
+// warps an SM. (Builds with 6 ahead at 12 warps, 8 or 12 ahead at 8 warps with S in registers were
+// compiled, never measured: ops/XLSTM_GLUE.md.)
+struct alignas(16) BtRing {
+  bf16 x[kBtRing][kBtXLd];
+  bf16 dqk[kBtRing][kBtDLd];
+  float dg[kBtRing][8];
+  uint2 old[kBtOld][32];
   float s[128 * 8];
 };
-using BtRing = BtRingT<kBtAhead>;
 constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S and dW of the warps, summed S
 static_assert(kBtWarps * sizeof(BtRing) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-template <int kAhead>
-constexpr size_t kBtSmemT = kBtWarps * sizeof(BtRingT<kAhead>);
-constexpr size_t kBtSmem = kBtSmemT<kBtAhead>;
+constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing);
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -1490,14 +1484,10 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// The body of block_diag4_bwd_tc (kAhead 4) and block_diag4_bwd_tc6 (6); U: the kernel's
-// __shared__ [8][32], each thread's own block's U[t, 0..3].
-template <int kAhead>
-__device__ __forceinline__ void BlockDiag4BwdTcRun(const BlockDiagArgs& a, const FusedGates& g, const BdPartials& p,
-                                                   float4 (*U)[32]) {
-  constexpr int kBtRing = BtRingT<kAhead>::kRing, kBtOld = BtRingT<kAhead>::kOld, kBtAhead = kAhead;
+__global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
   extern __shared__ __align__(16) unsigned char bt_smem[];
-  BtRingT<kAhead>& ring = reinterpret_cast<BtRingT<kAhead>*>(bt_smem)[threadIdx.y];
+  __shared__ float4 U[8][32];  // each thread's own block's U[t, 0..3]
+  BtRing& ring = reinterpret_cast<BtRing*>(bt_smem)[threadIdx.y];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int gq = tx / 4, qq = tx % 4;  // the lane's mma fragment coordinates
   const int64_t b = blockIdx.x * 32 + tx;
@@ -1731,15 +1721,6 @@ __device__ __forceinline__ void BlockDiag4BwdTcRun(const BlockDiagArgs& a, const
       p.db[blockIdx.y * (int64_t)G + tid] = tot;
     }
   }
-}
-__global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
-  __shared__ float4 U[8][32];
-  BlockDiag4BwdTcRun<kBtAhead>(a, g, p, U);
-}
-// GYRE_MLSTM_QK_BWD=tc6: 6 rows in flight a warp (ops/XLSTM_GLUE.md, session 16).
-__global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc6(BlockDiagArgs a, FusedGates g, BdPartials p) {
-  __shared__ float4 U[8][32];
-  BlockDiag4BwdTcRun<6>(a, g, p, U);
 }
 
 // Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
@@ -3026,10 +3007,7 @@ bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a) {
   return MakeFusedGates(a, true, &g).ok() && g.heads >= 1 && g.heads <= 4 && FusedGatesVectorizable(g, true);
 }
 
-CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream,
-                               int rows_ahead) {
-  if (rows_ahead != 4 && rows_ahead != 6)
-    return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: rows_ahead must be 4 or 6");
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (!BlockDiagBackwardTcCovers(a))
     return gyre::cuda::InvalidArgument("BlockDiagBackwardTc: arguments outside the kernel (BlockDiagBackwardTcCovers)");
   FusedGates g;
@@ -3042,14 +3020,8 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch,
   if (CudaResult r = TakeBdPartials(a, g, chunks, /*bias_sums=*/true, scratch, &part, &p); !r.ok()) return r;
   const dim3 grid(static_cast<unsigned>((a.blocks + 31) / 32), static_cast<unsigned>(chunks));
   // The rings (60 KiB a block): above the 48 KiB of a launch without the opt-in.
-  if (rows_ahead == 6) {
-    cudaFuncSetAttribute(block_diag4_bwd_tc6, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(kBtSmemT<6>));
-    block_diag4_bwd_tc6<<<grid, dim3(32, kBtWarps), kBtSmemT<6>, stream>>>(a, g, p);
-  } else {
-    cudaFuncSetAttribute(block_diag4_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBtSmem));
-    block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
-  }
+  cudaFuncSetAttribute(block_diag4_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBtSmem));
+  block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
 }

@@ -53,11 +53,8 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
 // gate sums: ~2^-17 relative a term). BlockDiagBackwardTcCovers: whether the kernel covers `a`
 // (two maps, 4x4 blocks, ldx == ldy, 1..4 heads, aligned); BlockDiagBackwardTc returns
 // InvalidArgument for any other.
-// rows_ahead: rows in flight a warp, 4 (block_diag4_bwd_tc, the default) or 6 (block_diag4_bwd_tc6,
-// GYRE_MLSTM_QK_BWD=tc6: the same arithmetic, the same bits, a deeper cp.async ring).
 bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a);
-CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream,
-                               int rows_ahead = 4);
+CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 
 // The mLSTM block's causal conv1d forward (`conv`: x = xm -> y = xc) and the three block-diagonal
 // maps with the fused gate sums that follow it (`qk`: xc -> q, k with the gate bias; `v`: xm -> v)

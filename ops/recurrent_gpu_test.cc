@@ -253,12 +253,11 @@ TEST_F(RecurrentGpuTest, BlockDiagKernels) {
 // `overwrite`: every weight / bias gradient starts as NaN and is overwritten.
 // qk: the 2-map backward's kernel (MlstmQkBwd: kFma = CudaBackend::BlockDiag; kTc =
 // BlockDiagBackwardTc, which must cover the shape when heads <= 4 and bs == 4, and whose dx must
-// equal the FMA kernel's bit for bit; kTc6 = the same with 6 rows ahead, every output bit for bit
-// the 4-ahead kernel's).
+// equal the FMA kernel's bit for bit).
 void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwrite = false,
                 MlstmQkBwd qk = MlstmQkBwd::kFma) {
   Rng rng(41);
-  const std::string qk_label = qk == MlstmQkBwd::kTc ? " [qk_bwd tc]" : qk == MlstmQkBwd::kTc6 ? " [qk_bwd tc6]" : "";
+  const std::string qk_label = qk == MlstmQkBwd::kTc ? " [qk_bwd tc]" : "";
   const std::string name = "mlstm gates rows " + std::to_string(rows) + " p " + std::to_string(p) + " heads " +
                            std::to_string(heads) + " bs " + std::to_string(bs) + (overwrite ? " overwrite" : "") +
                            qk_label;
@@ -400,27 +399,7 @@ void CheckGates(int64_t rows, int64_t p, int64_t heads, int64_t bs, bool overwri
       BlockDiagArgs f = a;
       f.dx = dxc_fma.raw(); f.dw = dwq_fma.data<float>(); f.dw2 = dwk_fma.data<float>(); f.gates = &gf;
       Cuda().BlockDiag(true, f);
-      if (qk == MlstmQkBwd::kTc6) {
-        // The 4-ahead kernel on copies (after the FMA one, as a's own call below): tc6 must give
-        // its bits in every output.
-        Tensor dxc4 = dxc.Clone(), dwq4 = dwmd[0].Clone(), dwk4 = dwmd[1].Clone(), dwi4 = dwi.Clone(),
-               dwf4 = dwf.Clone(), dbi4 = dbi.Clone(), dbf4 = dbf.Clone();
-        MlstmGateArgs g4 = *a.gates;
-        g4.dwi = dwi4.data<float>(); g4.dwf = dwf4.data<float>(); g4.dbi = dbi4.data<float>(); g4.dbf = dbf4.data<float>();
-        BlockDiagArgs f4 = a;
-        f4.dx = dxc4.raw(); f4.dw = dwq4.data<float>(); f4.dw2 = dwk4.data<float>(); f4.gates = &g4;
-        Cuda().BlockDiagBackwardTc(f4, 4);
-        Cuda().BlockDiagBackwardTc(a, 6);
-        bool same = true;
-        for (const auto& [x, y] : {std::pair{&dxc4, &dxc}, {&dwq4, &dwmd[0]}, {&dwk4, &dwmd[1]}, {&dwi4, &dwi},
-                                   {&dwf4, &dwf}, {&dbi4, &dbi}, {&dbf4, &dbf}}) {
-          same = same && HostBytes(*x) == HostBytes(*y);
-        }
-        std::printf("[%s] %s dxc dwq dwk dwi dwf dbi dbf bitwise vs 4 rows ahead: %d\n", same ? "PASS" : "FAIL",
-                    name.c_str(), same);
-        EXPECT_TRUE(same);
-      }
-      const bool ran = qk == MlstmQkBwd::kTc6 ? true : Cuda().BlockDiagBackwardTc(a, 4);
+      const bool ran = Cuda().BlockDiagBackwardTc(a);
       EXPECT_EQ(ran, heads <= 4 && bs == 4) << name;
       const Tensor want = dxc_fma.ToDevice(Device::kCpu).To(DType::kF64), got = dxc.ToDevice(Device::kCpu).To(DType::kF64);
       int64_t differ = 0;
@@ -473,17 +452,6 @@ TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
   CheckGates(777, 128, 1, 4, false, tc);    // one head, odd rows
   CheckGates(2051, 1536, 4, 4, true, tc);   // the 125M width: 12 column blocks, 5 row chunks
   CheckGates(37, 320, 8, 4, false, tc);     // 8 heads: not covered, BlockDiag's 16-gate kernel
-}
-
-// The 6-rows-ahead build (GYRE_MLSTM_QK_BWD=tc6): the same shapes, against float64 and bitwise
-// against the 4-ahead kernel in every output.
-TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernelSixAhead) {
-  const MlstmQkBwd tc6 = MlstmQkBwd::kTc6;
-  CheckGates(1500, 96, 3, 4, false, tc6);
-  CheckGates(37, 96, 4, 4, false, tc6);
-  CheckGates(1024, 136, 2, 4, true, tc6);
-  CheckGates(777, 128, 1, 4, false, tc6);
-  CheckGates(2051, 1536, 4, 4, true, tc6);
 }
 
 // `overwrite`: dweight / dskip start as NaN and are overwritten.
@@ -1250,15 +1218,6 @@ class QkBwdMode {
   MlstmQkBwd was_;
 };
 
-TEST_F(RecurrentGpuTest, MlstmBlockWithTc6QkBwd) {
-  const ModelSpec s = SmallXlstm();
-  QkBwdMode mode(MlstmQkBwd::kTc6);
-  CheckBlock("mlstm [qk_bwd tc6]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2,
-             100);
-  CheckBlock("mlstm [qk_bwd tc6] B 3 T 37", s,
-             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
-}
-
 TEST_F(RecurrentGpuTest, MlstmBlockWithFmaQkBwd) {
   const ModelSpec s = SmallXlstm();
   QkBwdMode mode(MlstmQkBwd::kFma);
@@ -1274,16 +1233,15 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithFmaQkBwd) {
   setenv("GYRE_MLSTM_QK_BWD", value, /*overwrite=*/1);
   BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
   const std::string v(value);
-  std::exit(GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : v == "tc6" ? MlstmQkBwd::kTc6 : MlstmQkBwd::kFma) ? 0 : 3);
+  std::exit(GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma) ? 0 : 3);
 }
 
 TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma, tc or tc6, got 'on'");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("tc8"), "GYRE_MLSTM_QK_BWD must be fma, tc or tc6, got 'tc8'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'on'");
+  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("tc8"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'tc8'");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("fma"), ::testing::ExitedWithCode(0), "");
   EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc6"), ::testing::ExitedWithCode(0), "");
 
 }
 
@@ -1372,10 +1330,6 @@ TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvQkv) {
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvVBwd) {
   SeparateConvVBwd separate;
-  CheckModel(SmallXlstm());
-}
-TEST_F(RecurrentGpuTest, XlstmModelWithTc6QkBwd) {
-  QkBwdMode mode(MlstmQkBwd::kTc6);
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithFmaQkBwd) {
@@ -1502,10 +1456,6 @@ TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvQkvIsBitwiseReproducible) 
 }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithSeparateConvVBwdIsBitwiseReproducible) {
   SeparateConvVBwd separate;
-  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
-}
-TEST_F(RecurrentGpuTest, XlstmTrainingWithTc6QkBwdIsBitwiseReproducible) {
-  QkBwdMode mode(MlstmQkBwd::kTc6);
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
 TEST_F(RecurrentGpuTest, XlstmTrainingWithFmaQkBwdIsBitwiseReproducible) {
