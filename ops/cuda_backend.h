@@ -183,8 +183,7 @@ class CudaBackend {
   // (ops/recurrent_cuda.h MlstmConvVBackward): the arguments of Conv1d(true, conv) and
   // BlockDiag(true, v) with v.dx == conv.dx accumulated; where the fused kernel does not cover
   // them, exactly those two calls.
-  // s_on_tensor_cores: the gates' S on tensor cores (GYRE_MLSTM_CONV_V_BWD_S=tc, opt-in).
-  virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v, bool s_on_tensor_cores = false) = 0;
+  virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
   // BlockDiag(true, a) of two 4x4 maps with the mLSTM gates, the row sums on tensor cores
   // (ops/recurrent_cuda.h BlockDiagBackwardTc): the same outputs. Returns whether that kernel ran;
   // where it does not cover `a`, exactly BlockDiag(true, a) and false.

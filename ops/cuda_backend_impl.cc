@@ -629,16 +629,15 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvQkvForward(conv, qk, v, alloc_, stream_));
   }
 
-  void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v, bool s_on_tensor_cores) override {
+  void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) override {
     Init();
     if (!cuda_ops::MlstmConvVFusable(conv, v)) {
       Conv1d(true, conv);
       BlockDiag(true, v);
       return;
     }
-    OpProfiler::Scope scope(&prof_, s_on_tensor_cores ? "Conv1d + BlockDiag v backward (fused, S on tensor cores)"
-                                                      : "Conv1d + BlockDiag v backward (fused)");
-    OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_, s_on_tensor_cores));
+    OpProfiler::Scope scope(&prof_, "Conv1d + BlockDiag v backward (fused)");
+    OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
   bool BlockDiagBackwardTc(const BlockDiagArgs& a) override {

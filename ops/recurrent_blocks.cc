@@ -342,11 +342,6 @@ MlstmQkBwd& QkBwdMode() {
   return mode;
 }
 
-bool& ConvVBwdSTc() {
-  static bool tc = EnvChoice("GYRE_MLSTM_CONV_V_BWD_S", "fma", "tc") == "tc";
-  return tc;
-}
-
 bool& DhDotInNorm() {
   static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") == "norm";
   return norm;
@@ -354,8 +349,6 @@ bool& DhDotInNorm() {
 
 }  // namespace
 
-bool MlstmConvVBwdSOnTensorCores() { return ConvVBwdSTc(); }
-void SetMlstmConvVBwdSOnTensorCores(bool tc) { ConvVBwdSTc() = tc; }
 bool MlstmDhDotInNorm() { return DhDotInNorm(); }
 void SetMlstmDhDotInNorm(bool in_norm) { DhDotInNorm() = in_norm; }
 MlstmQkBwd GetMlstmQkBwd() { return QkBwdMode(); }
@@ -1324,8 +1317,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
     dxm = CudaEmpty({rows, p});
     const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
-    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p),
-                              MlstmConvVBwdSOnTensorCores());
+    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
     ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
     if (lean) dxc = xc_ = Tensor();
   } else {

@@ -174,13 +174,6 @@ void SetMlstmConvQkvFused(bool fused);
 // benchmarks). Not thread-safe. CUDA training only.
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);
-// In that fused kernel, the gates' S = Σ_r dgateᵀ xm on tensor cores (mlstm_conv_v_bwd_tc, opt-in,
-// session 16; ops/XLSTM_GLUE.md) instead of 32 FMA a thread-row: GYRE_MLSTM_CONV_V_BWD_S unset or
-// "fma", "tc"; read once on first use; anything else stops the process with a message naming
-// the accepted values. SetMlstmConvVBwdSOnTensorCores overrides it (tests, benchmarks). Not
-// thread-safe. CUDA training only.
-bool MlstmConvVBwdSOnTensorCores();
-void SetMlstmConvVBwdSOnTensorCores(bool tc);
 
 // The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kTc =
 // CudaBackend::BlockDiagBackwardTc (the row sums dWq, dWk and the gates' S on tensor cores;

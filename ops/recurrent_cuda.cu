@@ -1179,15 +1179,6 @@ struct ConvVBwdParams {
   float* pgate = nullptr;  // [chunks, 2 heads, channels]
   float* pdb = nullptr;    // [chunks, 2 heads] or null
 };
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // cp.async of 8 (4) bytes with zero fill: src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void CpAsync8Z(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
@@ -1197,37 +1188,17 @@ __device__ __forceinline__ void CpAsync4Z(void* dst, const void* src, bool valid
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
                "l"(src), "r"(valid ? 4 : 0));
 }
-// kTcS (GYRE_MLSTM_CONV_V_BWD_S=tc, session 16): the gates' S = Σ_r dgate[r]ᵀ xm[r] on tensor cores
-// instead of 32 FMA a thread-row. Each output row also goes into a per-warp tile (xm[r] as bf16 —
-// exact, it came from bf16 — one STS.64 a lane; its 8 gate gradients, lanes < 8); every 16 rows
-// (and at the run's end, the tile's unused gate rows zeroed) one m16n8k16 per 16-column group
-// and hi / lo plane: A = xmᵀ (16 columns x 16 rows, ldmatrix.x4.trans from the row-major tile),
-// B = dgate (16 rows x 8 gates) split hi + lo bf16 (~2^-17 a term, as block_diag4_bwd_tc's S),
-// D[column][gate] in 32 registers a lane (S's 32, in another order: through the tile's memory
-// to the owner lanes' S[g][0..3] after the loop). 16 mma + 8 ldmatrix.x4 + ~25 a tile instead of
-// 512 FMA (32 a row). The ring's gate slots are 8 floats a token (lanes >= 8 copy nothing) so the
-// tiles (17 KiB a block with padding against ldmatrix bank conflicts) fit beside it at 3 blocks
-// an SM (73 KiB a block with wg).
-template <int K, bool kTcS>
-struct ConvVRing {
-  uint2 in[kCvWarps][kCvAhead][3][32];       // xm[t], dxc[t], dv[t - (K - 1)]
-  float dg[kCvWarps][kCvAhead][kTcS ? 8 : 32];  // lane g < 2 heads: dgate[t - (K - 1), g]; zeros above
-};
-constexpr int kCvTileLd = 128 + 8;  // bf16 a tile row (+16 B: ldmatrix rows on distinct banks)
-struct ConvVTiles {
-  bf16 x[kCvWarps][16][kCvTileLd];  // after the loop: the warp's S as [8 gates][128 columns] fp32
-  float g[kCvWarps][16][8];
-};
-static_assert(sizeof(bf16) * 16 * kCvTileLd >= 8 * 128 * sizeof(float), "S fits the warp's x tile");
-template <int K, bool kTcS>
-__device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
-  using Ring = ConvVRing<K, kTcS>;
+template <int K>
+__global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdParams a) {
+  struct Ring {
+    uint2 in[kCvWarps][kCvAhead][3][32];  // xm[t], dxc[t], dv[t - (K - 1)]
+    float dg[kCvWarps][kCvAhead][32];     // lane g < 2 heads: dgate[t - (K - 1), g]; zeros above
+  };
   constexpr int kRedLd = 32 * 16 + 8;
   static_assert(sizeof(Ring) >= kCvWarps * kRedLd * 4, "the reduction scratch reuses the ring");
   extern __shared__ __align__(16) unsigned char cv_smem[];
   __shared__ float4 wg[8][32];
   Ring& ring = *reinterpret_cast<Ring*>(cv_smem);
-  ConvVTiles& tiles = *reinterpret_cast<ConvVTiles*>(cv_smem + sizeof(Ring));  // kTcS only
   auto red = reinterpret_cast<float (*)[kRedLd]>(cv_smem);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int64_t b = blockIdx.x * 32 + tx;
@@ -1269,17 +1240,7 @@ __device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
 #pragma unroll
     for (int j = 0; j < K; ++j) cdw[j][v] = 0.f;
   }
-  // kTcS: S as mma accumulators, column group c: (16c + g, 16c + 8 + g) x gates (2q, 2q + 1).
-  float D[kTcS ? 8 : 1][4];
-  if constexpr (kTcS) {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) D[c][0] = D[c][1] = D[c][2] = D[c][3] = 0.f;
-    // Zero tiles: the partial last tile's unused rows then hold finite values (x) and zeros (gates).
-    uint4* xt = reinterpret_cast<uint4*>(&tiles.x[ty][0][0]);
-    for (int e = tx; e < 16 * kCvTileLd / 8; e += 32) xt[e] = make_uint4(0, 0, 0, 0);
-    for (int e = tx; e < 16 * 8; e += 32) (&tiles.g[ty][0][0])[e] = 0.f;
-  }
-  __syncthreads();  // wg (and the tiles)
+  __syncthreads();  // wg
   const int S_len = a.seq;
   const int64_t row0 = static_cast<int64_t>(blockIdx.z) * S_len;  // the sequence's first row
   const int s0 = (blockIdx.y * kCvWarps + ty) * kCvRun, s1 = min(s0 + kCvRun, S_len);
@@ -1311,9 +1272,8 @@ __device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
         CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + base + to, live && tok);
         CpAsync8Z(&ring.in[ty][slot][1][tx], a.dxc + base + to, live && tok);
         CpAsync8Z(&ring.in[ty][slot][2][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
-        if (!kTcS || tx < 8)
-          CpAsync4Z(&ring.dg[ty][slot][tx], (gsel < a.heads ? a.dig : a.dfg) + gbase + static_cast<int64_t>(ro) * a.heads,
-                    out && tx < G);
+        CpAsync4Z(&ring.dg[ty][slot][tx], (gsel < a.heads ? a.dig : a.dfg) + gbase + static_cast<int64_t>(ro) * a.heads,
+                  out && tx < G);
       }
       CpAsyncCommit();
     };
@@ -1360,48 +1320,13 @@ __device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
         const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[ty][slot][4]);
         dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
         dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
-        dbs += ring.dg[ty][slot][kTcS ? (tx & 7) : tx];
+        dbs += ring.dg[ty][slot][tx];
 #pragma unroll
         for (int gt = 0; gt < 8; ++gt) {
           const float4 u = wg[gt][tx];
           d[0] += dgs[gt] * u.x; d[1] += dgs[gt] * u.y; d[2] += dgs[gt] * u.z; d[3] += dgs[gt] * u.w;
-          if constexpr (!kTcS) {
 #pragma unroll
-            for (int i2 = 0; i2 < 4; ++i2) S[gt][i2] += dgs[gt] * win[0][i2];
-          }
-        }
-        if constexpr (kTcS) {
-          const int tr = (i - (K - 1)) & 15;  // the row's place in its tile (runs start at multiples of 16)
-          *reinterpret_cast<uint2*>(&tiles.x[ty][tr][4 * tx]) =
-              make_uint2(PackBf16(win[0][0], win[0][1]), PackBf16(win[0][2], win[0][3]));
-          if (tx < 8) tiles.g[ty][tr][tx] = ring.dg[ty][slot][tx];
-          if (tr == 15 || i == n - 1) {  // uniform: the tile is full, or the run's last row
-            if (tr != 15) {
-              for (int rr = tr + 1 + tx / 8; rr < 16; rr += 4) tiles.g[ty][rr][tx & 7] = 0.f;
-            }
-            __syncwarp();
-            const int gq = tx / 4, qq = tx % 4;
-            float bv[4] = {tiles.g[ty][2 * qq][gq], tiles.g[ty][2 * qq + 1][gq], tiles.g[ty][2 * qq + 8][gq],
-                           tiles.g[ty][2 * qq + 9][gq]};
-            float bh[4], bl[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              bh[e] = __bfloat162float(__float2bfloat16_rn(bv[e]));
-              bl[e] = bv[e] - bh[e];
-            }
-            const uint32_t bh0 = PackBf16(bh[0], bh[1]), bh1 = PackBf16(bh[2], bh[3]);
-            const uint32_t bl0 = PackBf16(bl[0], bl[1]), bl1 = PackBf16(bl[2], bl[3]);
-            // ldmatrix lane l: tile row (l % 8) + 8 (l / 16), columns 16c + 8 ((l / 8) % 2).
-            const uint32_t xa = SmemAddr(&tiles.x[ty][(tx % 8) + 8 * (tx / 16)][8 * ((tx / 8) % 2)]);
-#pragma unroll
-            for (int c = 0; c < 8; ++c) {
-              uint32_t af[4];
-              LdMatrixX4Trans(xa + 32 * c, af);
-              MmaBf16(D[c], af[0], af[1], af[2], af[3], bh0, bh1);
-              MmaBf16(D[c], af[0], af[1], af[2], af[3], bl0, bl1);
-            }
-            __syncwarp();  // the tile is read before the next row overwrites it
-          }
+          for (int i2 = 0; i2 < 4; ++i2) S[gt][i2] += dgs[gt] * win[0][i2];
         }
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
@@ -1426,25 +1351,6 @@ __device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
 #pragma unroll 1
     for (int i = K - 1; i < n; ++i) token(i, std::true_type{});
     CpAsyncWait<0>();
-  }
-  if constexpr (kTcS) {
-    // D -> the owner lanes' S[g][0..3] through the warp's x tile ([8 gates][128 columns] fp32).
-    float* st = reinterpret_cast<float*>(&tiles.x[ty][0][0]);
-    const int gq = tx / 4, qq = tx % 4;
-    __syncwarp();
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      st[(2 * qq) * 128 + 16 * c + gq] = D[c][0];
-      st[(2 * qq + 1) * 128 + 16 * c + gq] = D[c][1];
-      st[(2 * qq) * 128 + 16 * c + 8 + gq] = D[c][2];
-      st[(2 * qq + 1) * 128 + 16 * c + 8 + gq] = D[c][3];
-    }
-    __syncwarp();
-#pragma unroll
-    for (int gt = 0; gt < 8; ++gt) {
-      const float4 v = *reinterpret_cast<const float4*>(&st[gt * 128 + 4 * tx]);
-      S[gt][0] = v.x; S[gt][1] = v.y; S[gt][2] = v.z; S[gt][3] = v.w;
-    }
   }
   __syncthreads();  // the ring's memory becomes `red`
   const int64_t chunk = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
@@ -1506,14 +1412,6 @@ __device__ __forceinline__ void MlstmConvVBwdRun(const ConvVBwdParams& a) {
     });
   }
 }
-template <int K>
-__global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdParams a) {
-  MlstmConvVBwdRun<K, false>(a);
-}
-template <int K>
-__global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd_tc(ConvVBwdParams a) {
-  MlstmConvVBwdRun<K, true>(a);
-}
 
 // The 2-map (q, k) block-diagonal backward with the mLSTM gates (heads <= 4), its row sums on
 // tensor cores (BlockDiagBackwardTc; the default since session 15, GYRE_MLSTM_QK_BWD=fma keeps
@@ -1568,6 +1466,12 @@ constexpr int kBtRedFloats = kBtWarps * (8 * 128 + 2 * 32 * 16) + 8 * 128;  // S
 static_assert(kBtWarps * sizeof(BtRing) >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
 constexpr size_t kBtSmem = kBtWarps * sizeof(BtRing);
 
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
 // D = A·B + C, m16n8k8, bf16 inputs, fp32 accumulators (C and D separate registers).
 __device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0, float c0, float c1,
                                           float c2, float c3) {
@@ -1575,6 +1479,9 @@ __device__ __forceinline__ void MmaBf16K8(float (&d)[4], uint32_t a0, uint32_t a
       "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a0), "r"(a1), "r"(b0), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+}
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 __global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiagArgs a, FusedGates g, BdPartials p) {
@@ -2918,7 +2825,7 @@ bool MlstmConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& v) {
 }
 
 CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, DeviceAllocator* scratch,
-                              cudaStream_t stream, bool s_on_tensor_cores) {
+                              cudaStream_t stream) {
   if (!MlstmConvVFusable(c, v))
     return gyre::cuda::InvalidArgument("MlstmConvVBackward: arguments outside the fused kernel (MlstmConvVFusable)");
   if (v.rows == 0) return {};
@@ -2951,27 +2858,16 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   const dim3 block(32, kCvWarps);
   // The ring (kCvAhead slots of xm, dxc, dv rows and gate gradients per warp): 56 KiB, above the
   // 48 KiB of a launch without the opt-in.
-  // With the S tiles (s_on_tensor_cores): the ring's gate slots 8 floats a token, the tiles after it.
-  const size_t smem = s_on_tensor_cores ? sizeof(ConvVRing<4, true>) + sizeof(ConvVTiles)
-                                        : static_cast<size_t>(kCvWarps) * kCvAhead * (3 * 32 * sizeof(uint2) + 32 * sizeof(float));
+  const size_t smem = static_cast<size_t>(kCvWarps) * kCvAhead * (3 * 32 * sizeof(uint2) + 32 * sizeof(float));
   auto launch = [&](auto kernel) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, block, smem, stream>>>(k);
   };
-  if (s_on_tensor_cores) {
-    switch (K) {
-      case 1: launch(mlstm_conv_v_bwd_tc<1>); break;
-      case 2: launch(mlstm_conv_v_bwd_tc<2>); break;
-      case 3: launch(mlstm_conv_v_bwd_tc<3>); break;
-      default: launch(mlstm_conv_v_bwd_tc<4>); break;
-    }
-  } else {
-    switch (K) {
-      case 1: launch(mlstm_conv_v_bwd<1>); break;
-      case 2: launch(mlstm_conv_v_bwd<2>); break;
-      case 3: launch(mlstm_conv_v_bwd<3>); break;
-      default: launch(mlstm_conv_v_bwd<4>); break;
-    }
+  switch (K) {
+    case 1: launch(mlstm_conv_v_bwd<1>); break;
+    case 2: launch(mlstm_conv_v_bwd<2>); break;
+    case 3: launch(mlstm_conv_v_bwd<3>); break;
+    default: launch(mlstm_conv_v_bwd<4>); break;
   }
   if (CudaResult r = Launched("mlstm_conv_v_bwd"); !r.ok()) return r;
   ReduceJobs jobs;

@@ -77,11 +77,8 @@ CudaResult MlstmConvQkvForward(const Conv1dArgs& conv, const BlockDiagArgs& qk, 
 // `channels`, v.x == conv.x, v.dx == conv.dx with accumulate_dx, every gradient pointer set,
 // aligned); MlstmConvVBackward returns InvalidArgument for any other.
 bool MlstmConvVFusable(const Conv1dArgs& conv, const BlockDiagArgs& v);
-// s_on_tensor_cores (GYRE_MLSTM_CONV_V_BWD_S=tc, opt-in): the gates' S = Σ_r dgateᵀ xm on tensor
-// cores (mlstm_conv_v_bwd_tc; dgate split hi + lo bf16: the v gate weight gradients in another fp32
-// order, ~2^-17 relative a term; every other output the same bits).
 CudaResult MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v, DeviceAllocator* scratch,
-                              cudaStream_t stream, bool s_on_tensor_cores = false);
+                              cudaStream_t stream);
 
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
