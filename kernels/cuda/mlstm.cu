@@ -30,7 +30,10 @@
 // Backward (m frozen = "part (a)", then the exact m correction = "part (b)"):
 //   4. bwd_prep        per token: 1/denom, dden = ±(−dh·h/denom) where |den| won the max (0 with
 //                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
-//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
+//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t. (With the
+//                      dots given, MlstmChunkwiseBackwardWithDots: mlstm_bwd_prep_dots, one
+//                      thread a token, the scalars only; ops forms dh·(h + h_lo) in its out-norm
+//                      backward, GYRE_MLSTM_DH_DOT=norm, ops/XLSTM_GLUE.md session 16.)
 //   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
 //                      dden), fp32 tile in registers, organised as state_fwd (weights on the Q̂ᵀ
 //                      fragments as hi + lo, three stages); stores every dC_{k+1} as bf16
