@@ -165,6 +165,11 @@ class CudaBackend {
   // Recurrent blocks (ops/cuda_recurrent.h): glue kernels of ops/recurrent_cuda.h and the cells
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.
   virtual void GroupNorm(bool backward, const GroupNormArgs& a) = 0;
+  // The mLSTM output norm's backward (a.mode kMlstmOutput) that also writes the cell's dots
+  // [rows, groups] fp32 = Σ_group bf16(dh)·(h + h_lo) (ops/recurrent_cuda.h
+  // MlstmOutNormBackwardWithDots; h_lo: MlstmSavedHLo, null = 0). Returns whether it did; where
+  // its kernel does not cover `a`, exactly GroupNorm(true, a), dots untouched, and false.
+  virtual bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) = 0;
   virtual void BlockDiag(bool backward, const BlockDiagArgs& a) = 0;
   virtual void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) = 0;
   virtual void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) = 0;
@@ -185,6 +190,9 @@ class CudaBackend {
   virtual bool BlockDiagBackwardTc(const BlockDiagArgs& a) = 0;
   virtual size_t MlstmSavedBytes(const MlstmCellArgs& a) = 0;
   virtual void Mlstm(bool backward, const MlstmCellArgs& a) = 0;
+  // Where the forward's a.saved keeps h's lo part (kernels/cuda/mlstm.h MlstmChunkwiseSavedHLo),
+  // or null (no lo part at this precision).
+  virtual const void* MlstmSavedHLo(const MlstmCellArgs& a) = 0;
   // States-only recomputation (kernels/cuda/mlstm.h MlstmChunkwiseRecomputeStates): a.tokens
   // (MlstmTokenBytes) <- the per-token part of a forward's a.saved; a.saved <- the forward's bytes
   // from q, k, v, gates and a.tokens (gate scan + state_fwd; h is not rerun).

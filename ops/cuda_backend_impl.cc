@@ -551,6 +551,17 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, alloc_, stream_) : cuda_ops::GroupNormForward(a, stream_));
   }
 
+  bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) override {
+    Init();
+    if (!cuda_ops::MlstmOutNormDotsCovers(a, h_lo)) {
+      GroupNorm(true, a);
+      return false;
+    }
+    OpProfiler::Scope scope(&prof_, "GroupNorm backward (mLSTM out) + cell dots");
+    OK_OR_DIE(cuda_ops::MlstmOutNormBackwardWithDots(a, h_lo, dots, alloc_, stream_));
+    return true;
+  }
+
   void BlockDiag(bool backward, const BlockDiagArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, a.w2 != nullptr ? (backward ? "BlockDiag backward (2 maps)" : "BlockDiag forward (2 maps)")
@@ -688,8 +699,21 @@ class Backend final : public CudaBackend {
     g.dv = static_cast<bf16*>(a.dv_out);
     g.digate = a.dig;
     g.dfgate = a.dfg;
+    if (a.dh_dots != nullptr) {
+      OK_OR_DIE(kc::MlstmChunkwiseBackwardWithDots(shape, options, in, {}, static_cast<const bf16*>(a.h), a.saved,
+                                                   static_cast<const bf16*>(a.dh), a.dh_dots, {}, g, {},
+                                                   scratch.get(), stream_));
+      return;
+    }
     OK_OR_DIE(kc::MlstmChunkwiseBackward(shape, options, in, {}, static_cast<const bf16*>(a.h), a.saved,
                                          static_cast<const bf16*>(a.dh), {}, g, {}, scratch.get(), stream_));
+  }
+
+  const void* MlstmSavedHLo(const MlstmCellArgs& a) override {
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+    MlstmShapeOf(a, &shape, &options);
+    return kc::MlstmChunkwiseSavedHLo(shape, options, a.saved);
   }
 
   size_t MlstmTokenBytes(const MlstmCellArgs& a) override {

@@ -140,6 +140,9 @@ struct MlstmCellArgs {
   void* saved = nullptr;
   void* tokens = nullptr;  // MlstmTokenBytes: saved's per-token part (GYRE_MLSTM_RECOMPUTE=states)
   const void* dh = nullptr;
+  // Backward, optional: [B, S, NH] fp32 dh·(h + h_lo) per token and head, formed by the caller
+  // (kernels/cuda/mlstm.h MlstmChunkwiseBackwardWithDots); null = the cell forms them.
+  const float* dh_dots = nullptr;
   void* dq = nullptr;
   void* dk_out = nullptr;
   void* dv_out = nullptr;

@@ -342,8 +342,15 @@ MlstmQkBwd& QkBwdMode() {
   return mode;
 }
 
+bool& DhDotInNorm() {
+  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") == "norm";
+  return norm;
+}
+
 }  // namespace
 
+bool MlstmDhDotInNorm() { return DhDotInNorm(); }
+void SetMlstmDhDotInNorm(bool in_norm) { DhDotInNorm() = in_norm; }
 MlstmQkBwd GetMlstmQkBwd() { return QkBwdMode(); }
 void SetMlstmQkBwd(MlstmQkBwd mode) { QkBwdMode() = mode; }
 bool MlstmConvQkvFused() { return ConvQkvFused(); }
@@ -1227,11 +1234,6 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   n.dweight = outnorm_.weight()->grad.data<float>();
   n.dskip = skip_->grad.data<float>();
   n.overwrite_dparams = FirstWriteOverRows(rows, {outnorm_.weight(), skip_});
-  Cuda().GroupNorm(true, n);
-  ProfileMark("mlstm.bwd.outnorm_skip_gate");
-  if (lean) dout = Tensor();
-  Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
-  Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;
   c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dk; c.chunk = chunk_;
   c.sigmoid_forget = sigmoid_forget_;
@@ -1239,11 +1241,26 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
   c.dh = dh.raw();
+  // GYRE_MLSTM_DH_DOT=norm: the norm backward, which writes dh and reads h, also forms the cell's
+  // per-token dh·(h + h_lo), so the cell's bwd_prep does not read dh, h, h_lo again.
+  Tensor dh_dots;
+  if (MlstmDhDotInNorm()) {
+    dh_dots = CudaEmpty({rows, heads_}, DType::kF32);
+    if (Cuda().MlstmOutNormBackwardWithDots(n, Cuda().MlstmSavedHLo(c), dh_dots.data<float>())) {
+      c.dh_dots = dh_dots.data<float>();
+    }
+  } else {
+    Cuda().GroupNorm(true, n);
+  }
+  ProfileMark("mlstm.bwd.outnorm_skip_gate");
+  if (lean) dout = Tensor();
+  Tensor dq = CudaEmpty({rows, p}), dkk = CudaEmpty({rows, p}), dv = CudaEmpty({rows, p});
+  Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   c.dq = dq.raw(); c.dk_out = dkk.raw(); c.dv_out = dv.raw();
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
   ProfileMark("mlstm.bwd.cell");
-  if (lean) saved_ = h_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = mean_ = rstd_ = dh = Tensor();
+  if (lean) saved_ = h_ = q_out_ = k_out_ = v_out_ = ig_ = fg_ = mean_ = rstd_ = dh = dh_dots = Tensor();
   // The gates' backward rides on the q/k/v block-diagonal backward (which reads dq, dk, dv
   // anyway): dq/dk/dv get dgate·W on the fly, never stored; the bias sums on the second launch.
   MlstmGateArgs g;

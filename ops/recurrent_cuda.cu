@@ -1805,10 +1805,11 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
 
 // Backward, second pass over one chunk (xv = x as stored): dx (and dz in mode 1).
 // kLdDz: dz rows of a.lddz (the Mamba-2 fused in_proj backward's dz columns), else of a.dim.
+// dx_out (optional): the chunk's dx in fp32 as well, before the bf16 store rounds it.
 template <int kMode, bool kLdDz = false>
 __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int64_t r, int64_t c, const float* xv,
                                                     const float* sc, const float* dy, const float* z, float mean,
-                                                    float rstd, float m1, float s2) {
+                                                    float rstd, float m1, float s2, float* dx_out = nullptr) {
   float dx[8], dz[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
@@ -1831,6 +1832,10 @@ __device__ __forceinline__ void GroupNormBwdChunkDx(const GroupNormArgs& a, int6
   }
   Store8(a.dx, r * a.dim + c, dx);
   if (kMode == 1) Store8(a.dz, r * (kLdDz ? static_cast<int64_t>(a.lddz) : a.dim) + c, dz);
+  if (dx_out != nullptr) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dx_out[k] = dx[k];
+  }
 }
 
 // The block's column sums ([kMode == 2 ? 2 : 1][8 warps][span] in shared memory): zeroed before
@@ -2255,19 +2260,28 @@ __device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int
   Store8(a.dz, r * a.dim + c, dz);
   Store8(a.dxc, r * a.dim + c, dxc);
 }
-// [8 warps][2 halves][x_c, z, dy, x][kPasses][16 lanes] x 16 B
-template <int kPasses>
-constexpr int kNormPfStashBytes = 8 * 2 * 4 * kPasses * 16 * 16;
-template <int kPasses>
-__global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
-  constexpr int kMode = 2, kLanes = 16, kRows = 2;
+// [8 warps][2 halves][x_c, z, dy, x (, h lo)][kPasses][16 lanes] x 16 B
+template <int kPasses, bool kDots = false>
+constexpr int kNormPfStashBytes = 8 * 2 * (kDots ? 5 : 4) * kPasses * 16 * 16;
+// The body of group_norm_bwd_mlstm_pf and, with kDots, of group_norm_bwd_mlstm_pf_dots: the latter
+// also copies the row's h lo (h_lo, [rows, dim] bf16, the mLSTM cell's saved lo part of its output
+// x = h; null = 0) into a fifth stash array and writes, per (row, group),
+//   dots[r·groups + g] = Σ_c float(bf16(dx[r, c])) · (x[r, c] + h_lo[r, c])
+// (dx = the cell's dh as stored; kernels/cuda/mlstm.h MlstmChunkwiseBackwardWithDots): each lane
+// sums its 8-column chunks in pass order in the second pass, then the 16 lanes' sums by
+// LaneGroupSum (a fixed butterfly), so the bits are the same run to run.
+template <int kPasses, bool kDots>
+__device__ __forceinline__ void GroupNormBwdMlstmPfRun(const GroupNormArgs& a, float* pw, float* ps, const bf16* h_lo,
+                                                       float* dots) {
+  constexpr int kMode = 2, kLanes = 16, kRows = 2, kArrays = kDots ? 5 : 4;
   extern __shared__ __align__(16) float pf_dyn[];  // the stash, then [2][8 warps][span] column sums
-  float* const psum = pf_dyn + kNormPfStashBytes<kPasses> / 4;
+  float* const psum = pf_dyn + kNormPfStashBytes<kPasses, kDots> / 4;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h = lane / kLanes, hl = lane % kLanes;
-  uint4* const stash = reinterpret_cast<uint4*>(pf_dyn) + (wid * 2 + h) * 4 * kPasses * kLanes + hl;  // x_c + 16 j
-  uint4* const zstash = stash + kPasses * kLanes;                                                     // z + 16 j
-  uint4* const dystash = zstash + kPasses * kLanes;                                                   // dy + 16 j
-  uint4* const xstash = dystash + kPasses * kLanes;                                                   // x + 16 j
+  uint4* const stash = reinterpret_cast<uint4*>(pf_dyn) + (wid * 2 + h) * kArrays * kPasses * kLanes + hl;  // x_c + 16 j
+  uint4* const zstash = stash + kPasses * kLanes;                                                           // z + 16 j
+  uint4* const dystash = zstash + kPasses * kLanes;                                                         // dy + 16 j
+  uint4* const xstash = dystash + kPasses * kLanes;                                                         // x + 16 j
+  uint4* const lostash = xstash + kPasses * kLanes;  // h lo + 16 j (kDots only)
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
   const int span = NormSpan(gs, kLanes);
   const bool params = a.dweight != nullptr || a.dskip != nullptr;
@@ -2287,6 +2301,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs 
         CpAsync16(zstash + j * kLanes, static_cast<const bf16*>(a.z) + oz + j * 8 * kLanes);
         CpAsync16(dystash + j * kLanes, static_cast<const bf16*>(a.dy) + o + j * 8 * kLanes);
         CpAsync16(xstash + j * kLanes, static_cast<const bf16*>(a.x) + o + j * 8 * kLanes);
+        if (kDots && h_lo != nullptr) CpAsync16(lostash + j * kLanes, h_lo + o + j * 8 * kLanes);
       }
     }
     CpAsyncCommit();
@@ -2310,6 +2325,7 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs 
     s1 = LaneGroupSum<kLanes>(s1) / gs;
     s2 = LaneGroupSum<kLanes>(s2) / gs;
     const float m1 = a.layer ? s1 : 0.f;
+    float dot = 0.f;
     if (ok) {
 #pragma unroll 1
       for (int j = 0; j < kPasses; ++j) {
@@ -2319,11 +2335,40 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs 
         Scale8(a, c, sc);
         Unpack8(dystash[j * kLanes], dy);
         Unpack8(zstash[j * kLanes], z);
-        GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+        if constexpr (kDots) {
+          float dx[8], lo[8];
+          GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2, dx);
+          if (h_lo != nullptr) {
+            Unpack8(lostash[j * kLanes], lo);
+          } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) lo[k] = 0.f;
+          }
+#pragma unroll
+          for (int k = 0; k < 8; ++k) dot += __bfloat162float(__float2bfloat16_rn(dx[k])) * (xv[k] + lo[k]);
+        } else {
+          GroupNormBwdChunkDx<kMode>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+        }
       }
+    }
+    if constexpr (kDots) {
+      dot = LaneGroupSum<kLanes>(dot);
+      if (ok && hl == 0) dots[st] = dot;
     }
   }
   if (params) WriteColumnSums<kMode, kLanes>(a, psum, span, gs, c0, pw, ps);
+}
+template <int kPasses>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf(GroupNormArgs a, float* pw, float* ps) {
+  GroupNormBwdMlstmPfRun<kPasses, false>(a, pw, ps, nullptr, nullptr);
+}
+// GYRE_MLSTM_DH_DOT=norm (ops/recurrent_blocks.h; MlstmOutNormBackwardWithDots): + one [rows, dim]
+// read (h lo) and [rows, groups] fp32 written, so the cell's bwd_prep need not read dh, h, h lo
+// again (ops/XLSTM_GLUE.md). 60 KiB of stash + 50 KiB of column sums: still 2 blocks an SM.
+template <int kPasses>
+__global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf_dots(GroupNormArgs a, float* pw, float* ps,
+                                                                       const bf16* h_lo, float* dots) {
+  GroupNormBwdMlstmPfRun<kPasses, true>(a, pw, ps, h_lo, dots);
 }
 
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
@@ -2504,7 +2549,36 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
   return Launched("group_norm_fwd");
 }
 
+namespace {
+// The mLSTM output norm backward's prefetch kernel (group_norm_bwd_mlstm_pf<3>) runs for `a`.
+bool MlstmOutNormPf(const GroupNormArgs& a) {
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  return a.mode == NormMode::kMlstmOutput && !strided_dz && a.dim % a.groups == 0 && NormVectorizable(a, true) &&
+         NormLanes(a, true) == 16 && a.dim / a.groups == 3 * 128;
+}
+CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream,
+                                 const bf16* h_lo, float* dots);
+}  // namespace
+
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  return GroupNormBackwardImpl(a, scratch, stream, nullptr, nullptr);
+}
+
+bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo) {
+  return MlstmOutNormPf(a) && a.rstd != nullptr && (!a.layer || a.mean != nullptr) && Aligned(h_lo, 16);
+}
+
+CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
+                                        DeviceAllocator* scratch, cudaStream_t stream) {
+  if (!MlstmOutNormDotsCovers(a, h_lo) || dots == nullptr)
+    return gyre::cuda::InvalidArgument("MlstmOutNormBackwardWithDots: not the prefetch kernel's shape, or no dots");
+  return GroupNormBackwardImpl(a, scratch, stream, static_cast<const bf16*>(h_lo), dots);
+}
+
+namespace {
+// dots != null: the prefetch kernel with the cell's dots (MlstmOutNormBackwardWithDots checked it runs).
+CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream,
+                                 const bf16* h_lo, float* dots) {
   if (a.dim % a.groups != 0 || a.rstd == nullptr || (a.layer && a.mean == nullptr))
     return gyre::cuda::InvalidArgument("GroupNormBackward: dim not divisible by groups, or missing statistics");
   if (a.dresidual != nullptr && a.mode != NormMode::kPlain)
@@ -2559,11 +2633,19 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
       else launch(group_norm_bwd_reg<1, 6>);
     } else if (a.mode == NormMode::kMlstmOutput && NormLanes(a, true) == 16 &&
                a.dim / a.groups == 3 * 128) {
-      const int64_t pf_smem = kNormPfStashBytes<3> + smem;
-      if (pf_smem > 48 * 1024)
-        cudaFuncSetAttribute(group_norm_bwd_mlstm_pf<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(pf_smem));
-      group_norm_bwd_mlstm_pf<3><<<grid, 256, static_cast<size_t>(pf_smem), stream>>>(a, pw, ps);
+      if (dots != nullptr) {
+        const int64_t pf_smem = kNormPfStashBytes<3, true> + smem;
+        if (pf_smem > 48 * 1024)
+          cudaFuncSetAttribute(group_norm_bwd_mlstm_pf_dots<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(pf_smem));
+        group_norm_bwd_mlstm_pf_dots<3><<<grid, 256, static_cast<size_t>(pf_smem), stream>>>(a, pw, ps, h_lo, dots);
+      } else {
+        const int64_t pf_smem = kNormPfStashBytes<3> + smem;
+        if (pf_smem > 48 * 1024)
+          cudaFuncSetAttribute(group_norm_bwd_mlstm_pf<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(pf_smem));
+        group_norm_bwd_mlstm_pf<3><<<grid, 256, static_cast<size_t>(pf_smem), stream>>>(a, pw, ps);
+      }
     } else {
       const bool half = NormLanes(a, true) == 16;
       switch (a.mode) {
@@ -2598,6 +2680,7 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   if (dskip) jobs.Add(Job(ps, chunks, a.dim, a.dim, dskip, a.overwrite_dparams));
   return LaunchReduce(jobs, stream);
 }
+}  // namespace
 
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
   if (a.block_in > 8 || a.block_out > 8) return gyre::cuda::InvalidArgument("BlockDiag: blocks larger than 8");

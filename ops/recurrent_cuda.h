@@ -35,6 +35,16 @@ using ::gyre::ops::NormMode;
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream);
 CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
+// The mLSTM output norm's backward (mode 2) that also writes the cell's per-token dots
+// (GYRE_MLSTM_DH_DOT=norm; kernels/cuda/mlstm.h MlstmChunkwiseBackwardWithDots):
+//   dots[r·groups + g] = Σ_{c in group g} float(bf16(dx[r, c])) · (x[r, c] + h_lo[r, c])
+// with x = the cell's h and h_lo its saved lo part ([rows, dim] bf16; null = 0), fp32 products and
+// sums in a fixed order (bitwise the same run to run). Every other output is GroupNormBackward's,
+// bit for bit (the same kernel body). Only for the prefetch kernel's shapes: groups of 384 columns,
+// vectorisable, dz packed; MlstmOutNormDotsCovers says whether; otherwise InvalidArgument.
+bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo);
+CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
+                                        DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 // BlockDiagBackward of two 4x4 maps (q, k) with the mLSTM gates (heads <= 4), the row sums (dW,

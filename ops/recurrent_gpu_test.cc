@@ -611,6 +611,134 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
   CheckNorm(NormMode::kPlain, true, 37, 2, 12, 24, false, true);
 }
 
+// The mLSTM output norm's backward that also writes the cell's dots (GYRE_MLSTM_DH_DOT=norm;
+// CudaBackend::MlstmOutNormBackwardWithDots): every other output bitwise the plain backward's (the
+// same kernel body; the plain outputs are checked against float64 by GroupNormKernels), and
+//   dots[r, g] = Σ_{c in g} dh[r, c]·(h[r, c] + h_lo[r, c])
+// against float64 on the kernel's own bf16 dh (its rounding is part of the contract: the cell sees
+// that dh); a second call gives the same bits. The error is measured against the terms, as
+// ||dots − ref|| / ||Σ_c |dh·(h + lo)|||, tol 1e-6 (fp32 sums of 384 products: ~u/√2 a row):
+// a norm's dx is orthogonal to its own input (Σ_c dx = 0, Σ_c dx·x̂ = 0 per group, exactly), so
+// dh·h is only what the bf16 rounding of dh and h lo leave, ~1e-3 of the terms, and a plain
+// relative error would measure fp32 rounding against that residue (call 1: 2-3e-5, printed as
+// [INFO]; the cell's own bwd_prep sums the same terms in fp32 as well). h_lo small
+// (~2^-8 of h, as a lo part) or null (bf16 cell states). Odd rows (a half-warp without a row, a
+// partial last row block of 64), 1-4 heads, RMS / LayerNorm, overwritten parameter gradients.
+void CheckNormDots(bool layer, int64_t rows, int64_t groups, bool overwrite, bool with_lo) {
+  Rng rng(77);
+  const int64_t gs = 384, dim = groups * gs;
+  const std::string name = "mlstm out-norm + dots" + std::string(layer ? " layer" : " rms") + " rows " +
+                           std::to_string(rows) + " heads " + std::to_string(groups) +
+                           (overwrite ? " overwrite" : "") + (with_lo ? "" : " no h_lo");
+  const Tensor x = RandomBf16Host({rows, dim}, 1.0, &rng), z = RandomBf16Host({rows, dim}, 1.0, &rng),
+               xc = RandomBf16Host({rows, dim}, 1.0, &rng), w = RandomBf16Host({dim}, 0.3, &rng),
+               skip = RandomBf16Host({dim}, 1.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng),
+               dw0 = RandomBf16Host({dim}, 1.0, &rng), ds0 = RandomBf16Host({dim}, 1.0, &rng),
+               lo = RandomBf16Host({rows, dim}, 0.004, &rng);
+  const Tensor xd = ToCudaBf16(x), zd = ToCudaBf16(z), xcd = ToCudaBf16(xc), wd = DevF32(w), sd = DevF32(skip),
+               dyd = ToCudaBf16(dy), lod = ToCudaBf16(lo);
+  Tensor y = Poison({rows, dim});
+  Tensor mean = Tensor::Full({rows * groups}, DType::kF32, NAN, Device::kCuda), rstd = mean.Clone();
+  GroupNormArgs n;
+  n.mode = NormMode::kMlstmOutput; n.layer = layer; n.rows = rows; n.dim = dim; n.groups = groups; n.eps = 1e-5f;
+  n.weight_offset = 1.f;
+  n.x = xd.raw(); n.weight = wd.data<float>(); n.z = zd.raw(); n.ldz = dim; n.skip = sd.data<float>();
+  n.xc = xcd.raw();
+  n.y = y.raw(); n.mean = layer ? mean.data<float>() : nullptr; n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  n.dy = dyd.raw();
+  n.overwrite_dparams = overwrite;
+  struct Out {
+    Tensor dx, dz, dxc, dw, ds, dots;
+  } out[3];  // plain, with dots, with dots again
+  bool covered[3] = {false, false, false};
+  for (int run = 0; run < 3; ++run) {
+    Out& o = out[run];
+    o.dx = Poison({rows, dim}); o.dz = Poison({rows, dim}); o.dxc = Poison({rows, dim});
+    o.dw = DevF32(dw0); o.ds = DevF32(ds0);
+    if (overwrite) {
+      o.dw.Fill(std::nan(""));
+      o.ds.Fill(std::nan(""));
+    }
+    o.dots = Tensor::Full({rows, groups}, DType::kF32, NAN, Device::kCuda);
+    GroupNormArgs b = n;
+    b.dx = o.dx.raw(); b.dz = o.dz.raw(); b.dxc = o.dxc.raw(); b.dweight = o.dw.data<float>();
+    b.dskip = o.ds.data<float>();
+    if (run == 0) {
+      Cuda().GroupNorm(true, b);
+    } else {
+      covered[run] = Cuda().MlstmOutNormBackwardWithDots(b, with_lo ? lod.raw() : nullptr, o.dots.data<float>());
+    }
+  }
+  bool same = covered[1] && covered[2];
+  for (const auto& [a, b] : {std::pair{&out[0].dx, &out[1].dx}, {&out[0].dz, &out[1].dz}, {&out[0].dxc, &out[1].dxc},
+                             {&out[0].dw, &out[1].dw}, {&out[0].ds, &out[1].ds}}) {
+    same = same && HostBytes(*a) == HostBytes(*b);
+  }
+  const bool repeat = HostBytes(out[1].dots) == HostBytes(out[2].dots) && HostBytes(out[1].dx) == HostBytes(out[2].dx);
+  std::printf("[%s] %s: covered %d, dh dz dxc dweight dskip bitwise the plain backward's %d, a second call the same "
+              "bits %d\n",
+              same && repeat ? "PASS" : "FAIL", name.c_str(), covered[1] && covered[2], same, repeat);
+  EXPECT_TRUE(same);
+  EXPECT_TRUE(repeat);
+  const Tensor dh = out[1].dx.ToDevice(Device::kCpu).To(DType::kF64);
+  const Tensor got = out[1].dots.ToDevice(Device::kCpu).To(DType::kF64);
+  double diff2 = 0, ref2 = 0, abs2 = 0;
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      double sum = 0, abs_sum = 0;
+      for (int64_t c = g * gs; c < (g + 1) * gs; ++c) {
+        const int64_t e = r * dim + c;
+        const double t = dh.At(e) * (x.At(e) + (with_lo ? lo.At(e) : 0.0));
+        sum += t;
+        abs_sum += std::fabs(t);
+      }
+      const double v = got.At(r * groups + g);
+      finite = finite && std::isfinite(v);
+      diff2 += (v - sum) * (v - sum);
+      ref2 += sum * sum;
+      abs2 += abs_sum * abs_sum;
+    }
+  const double terms_err = finite ? std::sqrt(diff2 / abs2) : INFINITY;
+  const bool ok = terms_err <= 1e-6;
+  std::printf("[%s] %s dots [%ld, %ld] terms_err %.3e tol 1e-06 (||dots|| / ||sum |terms||| %.2e; [INFO] plain "
+              "rel_err %.3e)\n",
+              ok ? "PASS" : "FAIL", name.c_str(), (long)rows, (long)groups, terms_err, std::sqrt(ref2 / abs2),
+              std::sqrt(diff2 / ref2));
+  EXPECT_TRUE(ok);
+}
+
+TEST_F(RecurrentGpuTest, MlstmOutNormDotsKernel) {
+  CheckNormDots(true, 37, 3, false, true);     // odd rows: the last row pair has a half without a row
+  CheckNormDots(true, 1001, 4, true, true);    // 16 row blocks of 64 with a partial last one; 125m heads
+  CheckNormDots(false, 130, 1, false, true);   // RMS, one head
+  CheckNormDots(true, 65, 2, false, false);    // no lo part (bf16 cell states)
+  // Shapes the kernel does not cover (groups of 64): the plain backward runs, dots untouched.
+  Rng rng(3);
+  const int64_t rows = 9, dim = 128;
+  const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng));
+  Tensor buf = Poison({rows, dim}), dots = Tensor::Full({rows, 2}, DType::kF32, NAN, Device::kCuda);
+  Tensor mean = Tensor::Full({rows * 2}, DType::kF32, 0.0, Device::kCuda), rstd = Tensor::Full({rows * 2}, DType::kF32, 1.0, Device::kCuda);
+  Tensor wt = Tensor::Full({dim}, DType::kF32, 0.0, Device::kCuda);
+  GroupNormArgs n;
+  n.mode = NormMode::kMlstmOutput; n.layer = true; n.rows = rows; n.dim = dim; n.groups = 2; n.weight_offset = 1.f;
+  n.x = x.raw(); n.z = x.raw(); n.ldz = dim; n.xc = x.raw(); n.skip = wt.data<float>(); n.weight = wt.data<float>();
+  n.mean = mean.data<float>(); n.rstd = rstd.data<float>();
+  Tensor dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
+  n.dy = x.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
+  const bool ran = Cuda().MlstmOutNormBackwardWithDots(n, x.raw(), dots.data<float>());
+  const Tensor d = dots.ToDevice(Device::kCpu).To(DType::kF64), h = dx.ToDevice(Device::kCpu).To(DType::kF64);
+  bool untouched = true, written = true;
+  for (int64_t i = 0; i < d.numel(); ++i) untouched = untouched && std::isnan(d.At(i));
+  for (int64_t i = 0; i < h.numel(); ++i) written = written && std::isfinite(h.At(i));
+  std::printf("[%s] mlstm out-norm + dots, groups of 64: not covered (returned %d), dots untouched %d, dh written %d\n",
+              !ran && untouched && written ? "PASS" : "FAIL", ran, untouched, written);
+  EXPECT_FALSE(ran);
+  EXPECT_TRUE(untouched);
+  EXPECT_TRUE(written);
+}
+
 // The gated norm's dz with a row stride (the Mamba-2 in_proj backward writes dz into the first d_inner
 // columns of the whole in_proj gradient [rows, d_inner + conv channels + heads]): the vectorised
 // kernels' twins (lddz % 8 == 0): register-resident (groups of 1025..1536: mamba2-130m's 1536 of
@@ -1136,6 +1264,121 @@ TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
 
 }
 
+// GYRE_MLSTM_DH_DOT=norm: the output norm's backward forms the cell's dots (its kernel covers heads
+// of 384 columns only, so these run 125m-wide heads: inner 768 = 2 x 384 or 1536 = 4 x 384).
+class DhDotInNorm {
+ public:
+  explicit DhDotInNorm(bool in_norm) : was_(MlstmDhDotInNorm()) { SetMlstmDhDotInNorm(in_norm); }
+  ~DhDotInNorm() { SetMlstmDhDotInNorm(was_); }
+
+ private:
+  bool was_;
+};
+
+ModelSpec WideHeadXlstm(int64_t heads) {
+  ModelSpec s = SmallXlstm();
+  s.mlstm_heads = heads;
+  s.mlstm_inner = 384 * heads;
+  return s;
+}
+
+// One mLSTM block's y, dx and parameter gradients (host float64), built as CheckBlock builds its
+// GPU block (same seeds: the same bf16 weights every call) and run on the GPU with the dots where
+// `dh_dot_in_norm` says, or (cpu) its float64 twin on the CPU.
+struct BlockRun {
+  Tensor y, dx;
+  std::vector<std::pair<std::string, Tensor>> grads;
+  bool dots_in_norm = false;  // GPU: the backward ran the out-norm kernel that forms the cell's dots
+};
+BlockRun RunMlstmBlock(const ModelSpec& spec, int64_t B, int64_t T, bool cpu, bool dh_dot_in_norm) {
+  DhDotInNorm mode(dh_dot_in_norm);
+  ParamStore gpu_store(DType::kF32, Device::kCpu), cpu_store(DType::kF64, Device::kCpu);
+  Rng r1(7), r2(7);
+  auto gpu = std::make_unique<MlstmBlock>(BuildContext{&gpu_store, &r1, "l"}, spec, 3);
+  auto host = std::make_unique<MlstmBlock>(BuildContext{&cpu_store, &r2, "l"}, spec, 3);
+  gpu_store.MoveToDevice(Device::kCuda);
+  Rng rng(21);
+  for (Parameter* p : gpu_store.All()) {
+    if (p->kind == ParamKind::kNorm) p->value.CopyFrom(RandomBf16Host(p->value.shape(), 0.3, &rng).To(DType::kF32));
+  }
+  gpu_store.SyncCompute();
+  RoundMastersToBf16(gpu_store);
+  EXPECT_TRUE(cpu_store.LoadState(AsF64State(gpu_store)).ok());
+  const Tensor x = RandomBf16Host({B, T, spec.d_model}, 1.0, &rng), dy = RandomBf16Host({B, T, spec.d_model}, 1.0, &rng);
+  BlockRun out;
+  Block& block = cpu ? static_cast<Block&>(*host) : static_cast<Block&>(*gpu);
+  ParamStore& store = cpu ? cpu_store : gpu_store;
+  out.y = block.Forward(cpu ? x : ToCudaBf16(x), B, T).ToDevice(Device::kCpu).To(DType::kF64);
+  if (!cpu) Cuda().SetOpProfiling(true);
+  out.dx = block.Backward(cpu ? dy : ToCudaBf16(dy)).ToDevice(Device::kCpu).To(DType::kF64);
+  if (!cpu) {
+    for (const auto& t : Cuda().TakeOpProfile()) out.dots_in_norm |= t.label.find("+ cell dots") != std::string::npos;
+    Cuda().SetOpProfiling(false);
+  }
+  for (const Parameter* p : store.All()) out.grads.emplace_back(p->name, p->grad.ToDevice(Device::kCpu).To(DType::kF64));
+  return out;
+}
+
+// The block with the dots in the norm against the block with the cell's own (the default) and
+// both against float64: every output of the norm path within 0.1 x the default path's own
+// distance from float64 of the default path's value (the two differ only in the dots' fp32
+// summation order), and within CheckBlock's float64 bands (1e-2 y, 3e-2 dx, 5e-2 gradients)
+// wherever the default path is; where the default path is outside its band too (a cancelling
+// sum: B 3 T 37, 2 heads, fgate bias: 0.22 on both paths, session 16 call 2), the line says so
+// and only the first check counts.
+void CheckDhDotInNormBlock(int64_t heads, int64_t B, int64_t T) {
+  const ModelSpec s = WideHeadXlstm(heads);
+  const std::string name = "mlstm [dh_dot norm vs cell] heads " + std::to_string(heads) + "x384 B " + std::to_string(B) +
+                           " T " + std::to_string(T);
+  const BlockRun ref = RunMlstmBlock(s, B, T, /*cpu=*/true, false), cell = RunMlstmBlock(s, B, T, false, false),
+                 norm = RunMlstmBlock(s, B, T, false, true);
+  // (Session 16's call 2 found the two GPU paths bitwise equal in every output at these sizes,
+  // before this check existed: the dots' last bits did not reach a rounding.)
+  const bool took = norm.dots_in_norm && !cell.dots_in_norm;
+  std::printf("[%s] %s: the out-norm kernel with the cell's dots ran under the switch %d, not without it %d\n",
+              took ? "PASS" : "FAIL", name.c_str(), norm.dots_in_norm, !cell.dots_in_norm);
+  EXPECT_TRUE(took);
+  auto one = [&](const std::string& what, const Tensor& n, const Tensor& c, const Tensor& r, double band) {
+    bool finite = true;
+    for (int64_t i = 0; i < n.numel(); ++i) finite = finite && std::isfinite(n.At(i));
+    const double nc = finite ? RelativeError(n, c) : INFINITY, cr = RelativeError(c, r), nr = finite ? RelativeError(n, r) : INFINITY;
+    const bool close = nc <= std::max(0.1 * cr, 1e-6);
+    const bool band_ok = nr <= band || cr > band;
+    std::printf("[%s] %s %s: norm vs cell %.3e (<= 0.1 x cell vs f64 %.3e), norm vs f64 %.3e%s (band %.0e)\n",
+                close && band_ok ? "PASS" : "FAIL", name.c_str(), what.c_str(), nc, cr, nr,
+                cr > band ? " [the default path is outside the band too]" : "", band);
+    EXPECT_TRUE(close && band_ok) << what;
+  };
+  one("y", norm.y, cell.y, ref.y, 1e-2);
+  one("dx", norm.dx, cell.dx, ref.dx, 3e-2);
+  ASSERT_EQ(norm.grads.size(), ref.grads.size());
+  for (size_t i = 0; i < norm.grads.size(); ++i) {
+    one("d" + norm.grads[i].first, norm.grads[i].second, cell.grads[i].second, ref.grads[i].second, 5e-2);
+  }
+}
+
+TEST_F(RecurrentGpuTest, MlstmBlockWithDhDotInNorm) {
+  for (const int64_t heads : {2, 4}) {
+    CheckDhDotInNormBlock(heads, 2, 100);
+    CheckDhDotInNormBlock(heads, 3, 37);
+  }
+}
+
+// GYRE_MLSTM_DH_DOT=value (read once a process) through an mLSTM block (heads of 384) forward and
+// backward: aborts naming the accepted values if rejected, else exits 0.
+[[noreturn]] void MlstmBlockUnderDhDotSwitch(const char* value) {
+  setenv("GYRE_MLSTM_DH_DOT", value, /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<MlstmBlock>(WideHeadXlstm(2));
+  std::exit(MlstmDhDotInNorm() == (std::string(value) == "norm") ? 0 : 3);
+}
+
+TEST_F(RecurrentGpuTest, MlstmDhDotSwitchValues) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(MlstmBlockUnderDhDotSwitch("on"), "GYRE_MLSTM_DH_DOT must be cell or norm, got 'on'");
+  EXPECT_EXIT(MlstmBlockUnderDhDotSwitch("norm"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(MlstmBlockUnderDhDotSwitch("cell"), ::testing::ExitedWithCode(0), "");
+}
+
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
 TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   ModelSpec s = SmallXlstm();
@@ -1308,6 +1551,17 @@ TEST_F(RecurrentGpuTest, XlstmTrainingWithFmaQkBwdIsBitwiseReproducible) {
   QkBwdMode mode(MlstmQkBwd::kFma);
   ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
 }
+// (The model against float64 with the dots in the norm: here, after CheckModel.)
+TEST_F(RecurrentGpuTest, XlstmModelWithDhDotInNorm) {
+  DhDotInNorm in_norm(true);
+  CheckModel(WideHeadXlstm(2));
+}
+
+TEST_F(RecurrentGpuTest, XlstmTrainingWithDhDotInNormIsBitwiseReproducible) {
+  DhDotInNorm in_norm(true);
+  ExpectBitwiseReproducible(WideHeadXlstm(2), 8, 256);
+}
+
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
 
 // The 125M presets' widths (mLSTM inner 1536: 12 column blocks of gate sums, out-norm groups of

@@ -30,7 +30,10 @@
 // Backward (m frozen = "part (a)", then the exact m correction = "part (b)"):
 //   4. bwd_prep        per token: 1/denom, dden = ±(−dh·h/denom) where |den| won the max (0 with
 //                      stop_normaliser_gradient), dm = −ε·dh·h/denom (0 likewise), and the
-//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t.
+//                      dC/dn recurrence weights scale·G_t/denom_t, scale·G_t·dden_t. (With the
+//                      dots given, MlstmChunkwiseBackwardWithDots: mlstm_bwd_prep_dots, one
+//                      thread a token, the scalars only; ops forms dh·(h + h_lo) in its out-norm
+//                      backward, GYRE_MLSTM_DH_DOT=norm, ops/XLSTM_GLUE.md session 16.)
 //   5. state_bwd       reverse recurrence dC_k = decay·dC_{k+1} + Q̂ᵀ diag(G/denom) dH (dn: with
 //                      dden), fp32 tile in registers, organised as state_fwd (weights on the Q̂ᵀ
 //                      fragments as hi + lo, three stages); stores every dC_{k+1} as bf16
@@ -1513,6 +1516,28 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
 
 // ---------------------------------------------------------------- 4. bwd_prep
 
+// The per-token scalars of bwd_prep from dot = dh·(h + h_lo) over dv (0 with stop_grad) at
+// (head-major) o = (b·NH + hd)·S + t.
+__device__ __forceinline__ void BwdPrepScalars(const Dims& d, const BwdPtrs& p, int b, int hd, int t, int64_t o,
+                                               float dot) {
+  const float m = p.m_tok[o], den = p.den_tok[o];
+  const float floor_v = __expf(-m);
+  const float inv = 1.f / (fmaxf(fabsf(den), floor_v) + d.eps);
+  const int k = t / d.L;
+  const float G = d.scale * __expf(p.b_tok[o] + p.smk[(static_cast<int64_t>(b) * d.NH + hd) * (d.NC + 1) + k] - m);
+  float dden = 0.f, dm = 0.f;
+  if (!d.stop_grad) {
+    const float dd = -dot * inv;
+    dden = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
+    dm = -dot * d.eps * inv;
+  }
+  p.inv_d[o] = inv;
+  p.dden[o] = dden;
+  p.dm[o] = dm;
+  p.coef[o] = G * inv;
+  p.ddc[o] = G * dden;
+}
+
 __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
   const int64_t tok = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -1544,24 +1569,22 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
     }
     dot = WarpSumT(dot);
   }
-  if (lane == 0) {
-    const float m = p.m_tok[o], den = p.den_tok[o];
-    const float floor_v = __expf(-m);
-    const float inv = 1.f / (fmaxf(fabsf(den), floor_v) + d.eps);
-    const int k = t / d.L;
-    const float G = d.scale * __expf(p.b_tok[o] + p.smk[(static_cast<int64_t>(b) * d.NH + hd) * (d.NC + 1) + k] - m);
-    float dden = 0.f, dm = 0.f;
-    if (!d.stop_grad) {
-      const float dd = -dot * inv;
-      dden = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
-      dm = -dot * d.eps * inv;
-    }
-    p.inv_d[o] = inv;
-    p.dden[o] = dden;
-    p.dm[o] = dm;
-    p.coef[o] = G * inv;
-    p.ddc[o] = G * dden;
-  }
+  if (lane == 0) BwdPrepScalars(d, p, b, hd, t, o, dot);
+}
+
+// bwd_prep with the dots given (MlstmChunkwiseBackwardWithDots: dots[tok] = dh·(h + h_lo) of
+// token-major tok = (b·S + t)·NH + hd, computed by the caller, e.g. the output norm's backward
+// that writes dh and reads h anyway). One thread per (head, token), head-major, so the five
+// scalar rows are written coalesced; it reads 5 floats and writes 5 a token (~10 MB at the
+// 125m shape, against the warp kernel's three [tokens, dv] bf16 passes, ~300 MB).
+__global__ void __launch_bounds__(256) mlstm_bwd_prep_dots(Dims d, BwdPtrs p, const float* dots) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (o >= static_cast<int64_t>(d.B) * d.NH * d.S) return;
+  const int t = o % d.S;
+  const int64_t bh = o / d.S;
+  const int hd = bh % d.NH, b = bh / d.NH;
+  const float dot = d.stop_grad ? 0.f : dots[(static_cast<int64_t>(b) * d.S + t) * d.NH + hd];
+  BwdPrepScalars(d, p, b, hd, t, o, dot);
 }
 
 // ---------------------------------------------------------------- 5. state_bwd
@@ -4812,15 +4835,27 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
-// dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync).
+// Step 4: the warp-per-token kernel that forms dh·(h + h_lo) itself, or with `dots` (not null;
+// MlstmChunkwiseBackwardWithDots) the thread-per-token one that reads them.
+CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cudaStream_t stream) {
+  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
+  if (dots != nullptr) {
+    mlstm_bwd_prep_dots<<<static_cast<unsigned>((tokens + 255) / 256), 256, 0, stream>>>(d, p, dots);
+  } else {
+    mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
+  Hook("mlstm_bwd_prep", stream);
+  return {};
+}
+
+// dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync); dots: see
+// LaunchBwdPrep.
 template <int L>
-CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
+CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
                           cudaStream_t stream) {
   const int bh = d.B * d.NH;
-  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
-  mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
-    Hook("mlstm_bwd_prep", stream);
+  CUDA_RETURN_IF_NOT_OK(LaunchBwdPrep(d, p, dots, stream));
   {
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
@@ -4965,17 +5000,14 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
   return d.split ? out(std::true_type{}) : out(std::false_type{});
 }
 
-CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
+CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
                              cudaStream_t stream) {
   if (!dv_choice.fused) {
     return InvalidArgument("mlstm backward: chunk 256 runs only the fused warpgroup bwd_dv "
                            "(GYRE_MLSTM_BWD_DV=mma / MlstmBwdDvKernel::kMmaSync are chunk <= 128 only)");
   }
   const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
-  const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
-  mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
-  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_prep");
-  Hook("mlstm_bwd_prep", stream);
+  CUDA_RETURN_IF_NOT_OK(LaunchBwdPrep(d, p, dots, stream));
   {
     const size_t smem = StateWsSmem::kBytes;
     StateWsMaps maps{};
@@ -5229,14 +5261,19 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
   }
 }
 
-CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& options,
-                                  const MlstmDeviceInputs& in,
-                                  MlstmDeviceState<const float> initial, const __nv_bfloat16* h,
-                                  const void* saved, const __nv_bfloat16* dh,
-                                  MlstmDeviceState<const float> d_final,
-                                  const MlstmDeviceGrads& grads,
-                                  MlstmDeviceState<float> d_initial, void* scratch,
-                                  cudaStream_t stream) {
+const __nv_bfloat16* MlstmChunkwiseSavedHLo(const MlstmShape& shape, const MlstmOptions& options,
+                                            const void* saved) {
+  if (saved == nullptr || !UseSplit(options)) return nullptr;
+  return reinterpret_cast<const bf16*>(static_cast<const char*>(saved) + MakeSaved(shape, options).h_lo);
+}
+
+namespace {
+// MlstmChunkwiseBackward (dh_dots null) and MlstmChunkwiseBackwardWithDots.
+CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const MlstmDeviceInputs& in,
+                    MlstmDeviceState<const float> initial, const __nv_bfloat16* h, const void* saved,
+                    const __nv_bfloat16* dh, const float* dh_dots, MlstmDeviceState<const float> d_final,
+                    const MlstmDeviceGrads& grads, MlstmDeviceState<float> d_initial, void* scratch,
+                    cudaStream_t stream) {
   CUDA_RETURN_IF_NOT_OK(MlstmCheck(shape, options));
   if (in.q == nullptr || in.k == nullptr || in.v == nullptr || in.igate == nullptr ||
       in.fgate == nullptr || h == nullptr || saved == nullptr || dh == nullptr ||
@@ -5317,12 +5354,40 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   p.seg = reinterpret_cast<double*>(sb + sl.seg);
   p.n_dk_slabs = static_cast<int>(shape.dk / d.dqk_slab);
   switch (d.L) {
-    case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, stream);
-    case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
-    case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
-    case 256: return LaunchBackward256(d, p, dv_choice, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, stream);
+    case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, dh_dots, stream);
+    case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
+    case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
+    case 256: return LaunchBackward256(d, p, dv_choice, dh_dots, stream);
+    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream);
   }
+}
+}  // namespace
+
+CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& options,
+                                  const MlstmDeviceInputs& in,
+                                  MlstmDeviceState<const float> initial, const __nv_bfloat16* h,
+                                  const void* saved, const __nv_bfloat16* dh,
+                                  MlstmDeviceState<const float> d_final,
+                                  const MlstmDeviceGrads& grads,
+                                  MlstmDeviceState<float> d_initial, void* scratch,
+                                  cudaStream_t stream) {
+  return Backward(shape, options, in, initial, h, saved, dh, nullptr, d_final, grads, d_initial, scratch, stream);
+}
+
+CudaResult MlstmChunkwiseBackwardWithDots(const MlstmShape& shape, const MlstmOptions& options,
+                                          const MlstmDeviceInputs& in,
+                                          MlstmDeviceState<const float> initial,
+                                          const __nv_bfloat16* h, const void* saved,
+                                          const __nv_bfloat16* dh, const float* dh_dots,
+                                          MlstmDeviceState<const float> d_final,
+                                          const MlstmDeviceGrads& grads,
+                                          MlstmDeviceState<float> d_initial, void* scratch,
+                                          cudaStream_t stream) {
+  if (dh_dots == nullptr && !options.stop_normaliser_gradient) {
+    return InvalidArgument("mlstm backward with dots: dh_dots is required (unless stop_normaliser_gradient)");
+  }
+  if (options.stop_normaliser_gradient) dh_dots = nullptr;  // unused: the warp kernel skips the dot too
+  return Backward(shape, options, in, initial, h, saved, dh, dh_dots, d_final, grads, d_initial, scratch, stream);
 }
 
 CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options,

@@ -225,6 +225,34 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
                                   MlstmDeviceState<float> d_initial, void* scratch,
                                   cudaStream_t stream);
 
+// The backward with the per-token dots given instead of formed from dh, h and h lo (ops: the
+// mLSTM block's output norm backward writes dh and reads h anyway, so it forms them and the
+// cell's bwd_prep reads 5 floats a token instead of three [tokens, dv] bf16 rows;
+// GYRE_MLSTM_DH_DOT=norm, ops/XLSTM_GLUE.md). dh_dots [B, S, NH] fp32 (token-major, as ĩ, f̃):
+//   dh_dots[b, t, hd] = Σ_j float(dh[b, t, hd, j]) · (float(h[b, t, hd, j]) + float(h_lo[b, t, hd, j]))
+// over j < dv, with dh the bf16 values passed here, h the forward's output and h_lo the forward's
+// lo part of h (MlstmChunkwiseSavedHLo; none, i.e. 0, with MlstmStatePrecision::kBf16), the
+// products and sums in fp32 (any fixed order: the true gradient relies on h + h_lo, not h —
+// dh·h cancels against dh·v_s). Everything else as MlstmChunkwiseBackward; the results equal its
+// own up to the dots' fp32 summation order (bitwise when the dots are its bits: its warp sums
+// 8-element runs of lane l at columns 8l + 256i, then a butterfly over the 32 lanes).
+// With stop_normaliser_gradient the dots are not used (may be null); otherwise required.
+CudaResult MlstmChunkwiseBackwardWithDots(const MlstmShape& shape, const MlstmOptions& options,
+                                          const MlstmDeviceInputs& in,
+                                          MlstmDeviceState<const float> initial,
+                                          const __nv_bfloat16* h, const void* saved,
+                                          const __nv_bfloat16* dh, const float* dh_dots,
+                                          MlstmDeviceState<const float> d_final,
+                                          const MlstmDeviceGrads& grads,
+                                          MlstmDeviceState<float> d_initial, void* scratch,
+                                          cudaStream_t stream);
+
+// Where a forward's `saved` keeps h's lo part (bf16 [B, S, NH, dv], h_fp32 − h), or null when the
+// state precision keeps none (kBf16) or saved is null. Read-only for callers; valid while `saved`
+// holds that forward's bytes (or MlstmChunkwiseRecomputeStates' rebuild of them).
+const __nv_bfloat16* MlstmChunkwiseSavedHLo(const MlstmShape& shape, const MlstmOptions& options,
+                                            const void* saved);
+
 // One time step for all B×NH heads (generation). q, k [B, NH, dk]; v [B, NH, dv]; ĩ, f̃ [B, NH]
 // fp32; `state` (required, fp32) read and overwritten with (C_t, n_t, m_t); h [B, NH, dv]
 // overwritten. Only dk, dv, batch, num_heads of `shape` are used (any sizes). A cluster of 16

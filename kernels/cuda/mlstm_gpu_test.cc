@@ -657,6 +657,134 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
   EXPECT_EQ(failures, 0);
 }
 
+// MlstmChunkwiseBackwardWithDots (the per-token dh·(h + h_lo) given by the caller: ops' output-norm
+// backward under GYRE_MLSTM_DH_DOT=norm) against MlstmChunkwiseBackward (its bwd_prep forms them):
+// the dots from the downloaded dh, h and the saved h lo (MlstmChunkwiseSavedHLo; null at bf16
+// states) summed in float64 and rounded to fp32, so the two paths differ by the dots' fp32
+// rounding order only: every gradient within 2e-3 of the other (a 1-ulp dot moves dden, dm and
+// through them at most a bf16 rounding of dq / dk / dv here and there; extreme gates amplify it
+// where dh·h cancels against dh·v_s, hence not bitwise). Also: the float64 dots from h alone
+// differ from the cell's (h lo matters: the test would see a contract that dropped it), and with
+// stop_normaliser_gradient the dots are unused: null dots give the old path's bits.
+// Shapes: B > 1, odd lengths, 1-4 heads, chunks 64 / 128 / 256, split and bf16 states, extreme gates.
+TEST(MlstmGpuTest, BackwardWithDotsMatchesBackward) {
+  std::mt19937_64 rng(1616);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV, chunk;
+    bool extreme;
+  };
+  int failures = 0;
+  for (const Shape& sh : {Shape{2, 333, 4, 384, 384, 128, false}, Shape{1, 300, 2, 384, 384, 128, true},
+                          Shape{3, 37, 1, 64, 128, 64, false}, Shape{2, 517, 3, 128, 256, 256, true},
+                          Shape{1, 200, 2, 128, 128, 64, true}}) {
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      for (const bool stop_grad : {false, true}) {
+        const int64_t T = sh.B * sh.S * sh.NH;
+        MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+        DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV), gh(&alloc, T * sh.DV),
+            gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
+        DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gdig(&alloc, T), gdfg(&alloc, T), gdots(&alloc, T);
+        gq.Upload(RandomBf16Values(rng, T * sh.DK));
+        gk.Upload(RandomBf16Values(rng, T * sh.DK));
+        gv.Upload(RandomBf16Values(rng, T * sh.DV));
+        gig.Upload(sh.extreme ? UniformFloats(rng, T, -30.f, 30.f) : RandomFloats(rng, T, 1.f, 0.f));
+        gfg.Upload(sh.extreme ? UniformFloats(rng, T, -30.f, 30.f) : RandomFloats(rng, T, 1.f, 2.f));
+        gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+        MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+        MlstmOptions opt;
+        opt.chunk_size = sh.chunk;
+        opt.state_precision = prec;
+        opt.stop_normaliser_gradient = stop_grad;
+        DeviceBuffer saved, scratch;
+        CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved));
+        CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, {}, gh.get(), saved.get(), {}, nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        const bf16* hlo_ptr = MlstmChunkwiseSavedHLo(shape, opt, saved.get());
+        const bool split = prec != MlstmStatePrecision::kBf16;
+        bool lo_ok = (hlo_ptr != nullptr) == split;
+        const std::vector<float> h = gh.Download(), dh = gdh.Download();
+        std::vector<float> hlo(T * sh.DV, 0.f);
+        if (hlo_ptr != nullptr) {
+          DeviceArray<bf16> tmp(&alloc, T * sh.DV);
+          CUDA_CHECK_OR_DIE(cudaMemcpy(tmp.get(), hlo_ptr, T * sh.DV * sizeof(bf16), cudaMemcpyDeviceToDevice));
+          hlo = tmp.Download();
+        }
+        std::vector<float> dots(T);
+        double lo_effect = 0;  // max |dot(h + lo) − dot(h)| / max(1, |dot|): h lo must reach the dots
+        for (int64_t t = 0; t < T; ++t) {
+          double full = 0, hi = 0;
+          for (int64_t j = 0; j < sh.DV; ++j) {
+            const size_t i = t * sh.DV + j;
+            full += static_cast<double>(dh[i]) * (static_cast<double>(h[i]) + hlo[i]);
+            hi += static_cast<double>(dh[i]) * h[i];
+          }
+          dots[t] = static_cast<float>(full);
+          lo_effect = std::max(lo_effect, std::abs(full - hi) / std::max(1.0, std::abs(full)));
+        }
+        if (split) lo_ok = lo_ok && lo_effect > 0;
+        gdots.Upload(dots);
+        std::vector<float> grads[2];
+        for (int which = 0; which < 2; ++which) {
+          for (auto* x : {&gdq, &gdk, &gdv}) x->Poison();
+          for (auto* x : {&gdig, &gdfg}) x->Poison();
+          const MlstmDeviceGrads g{gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()};
+          if (which == 0) {
+            CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, {}, gh.get(), saved.get(), gdh.get(), {}, g, {},
+                                                  scratch.get(), nullptr));
+          } else {
+            CUDA_OK_OR_DIE(MlstmChunkwiseBackwardWithDots(shape, opt, in, {}, gh.get(), saved.get(), gdh.get(),
+                                                          stop_grad ? nullptr : gdots.get(), {}, g, {},
+                                                          scratch.get(), nullptr));
+          }
+          CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+          for (const auto* x : {&gdq, &gdk, &gdv}) {
+            const auto y = x->Download();
+            grads[which].insert(grads[which].end(), y.begin(), y.end());
+          }
+          for (const auto* x : {&gdig, &gdfg}) {
+            const auto y = x->Download();
+            grads[which].insert(grads[which].end(), y.begin(), y.end());
+          }
+        }
+        // Per gradient tensor: rel error of the dots path against the cell's own.
+        const int64_t sizes[5] = {T * sh.DK, T * sh.DK, T * sh.DV, T, T};
+        const char* names[5] = {"dq", "dk", "dv", "dig", "dfg"};
+        size_t off = 0, bit_diff = 0;
+        bool ok = lo_ok;
+        std::string errs;
+        for (int e = 0; e < 5; ++e) {
+          std::vector<float> a(grads[1].begin() + off, grads[1].begin() + off + sizes[e]);
+          std::vector<double> b(grads[0].begin() + off, grads[0].begin() + off + sizes[e]);
+          const double err = RelError(a, b);
+          ok = ok && err <= 2e-3;  // NaN fails
+          char buf[64];
+          std::snprintf(buf, sizeof(buf), " %s %.2e", names[e], err);
+          errs += buf;
+          off += sizes[e];
+        }
+        for (size_t i = 0; i < grads[0].size(); ++i) bit_diff += std::memcmp(&grads[0][i], &grads[1][i], 4) != 0;
+        if (stop_grad) ok = ok && bit_diff == 0;
+        std::printf("[%s] mlstm backward with dots vs without B%lld S%lld NH%lld dk%lld dv%lld L%lld %s%s%s:%s "
+                    "(tol 2e-3%s); %zu of %zu values differ bitwise; h lo in the dots %.2e\n",
+                    ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                    static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                    static_cast<long long>(sh.chunk), split ? "split" : "bf16-states", sh.extreme ? " gates±30" : "",
+                    stop_grad ? " stop-grad" : "", errs.c_str(), stop_grad ? ", bitwise with null dots" : "",
+                    bit_diff, grads[0].size(), lo_effect);
+        failures += ok ? 0 : 1;
+      }
+    }
+  }
+  EXPECT_EQ(failures, 0);
+  // Without stop_normaliser_gradient the dots are required.
+  MlstmOptions opt;
+  EXPECT_FALSE(MlstmChunkwiseBackwardWithDots({1, 8, 1, 64, 64}, opt, {}, {}, nullptr, nullptr, nullptr, nullptr, {},
+                                              {}, {}, nullptr, nullptr)
+                   .ok());
+}
+
 TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
   MlstmOptions o;
   o.chunk_size = 48;
