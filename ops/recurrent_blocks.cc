@@ -343,7 +343,7 @@ MlstmQkBwd& QkBwdMode() {
 }
 
 bool& DhDotInNorm() {
-  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") == "norm";
+  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") != "cell";
   return norm;
 }
 

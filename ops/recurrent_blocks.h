@@ -187,14 +187,15 @@ enum class MlstmQkBwd { kFma, kTc };
 MlstmQkBwd GetMlstmQkBwd();
 void SetMlstmQkBwd(MlstmQkBwd mode);
 
-// Where the mLSTM cell backward's per-token dots dh·(h + h_lo) are formed: in the cell's bwd_prep
-// (default; it reads dh, h and h's saved lo part again: three [tokens, p] bf16 passes), or in the
-// block's output-norm backward, which writes dh and reads h anyway (+ one pass for h lo; then
-// CudaBackend::MlstmOutNormBackwardWithDots and the cell's entry that takes the dots; shapes its
-// kernel does not cover, i.e. heads other than 384 wide, keep the cell's). ops/XLSTM_GLUE.md
-// "lever 1". GYRE_MLSTM_DH_DOT unset or "cell", "norm"; read once on first use; anything else
-// stops the process with a message naming the accepted values. SetMlstmDhDotInNorm overrides it
-// (tests, benchmarks). Not thread-safe. CUDA only.
+// Where the mLSTM cell backward's per-token dots dh·(h + h_lo) are formed: in the block's
+// output-norm backward, which writes dh and reads h anyway (default since session 16: + one pass
+// for h lo, then CudaBackend::MlstmOutNormBackwardWithDots and the cell's entry that takes the
+// dots; xlstm[1:0]-125m step −1.5 to −2.6 ms on an H100), or in the cell's bwd_prep ("cell": it
+// reads dh, h and h's saved lo part again, three [tokens, p] bf16 passes). Shapes the norm kernel
+// does not cover (heads other than 384 wide) keep the cell's. ops/XLSTM_GLUE.md "lever 1".
+// GYRE_MLSTM_DH_DOT unset or "norm", "cell"; read once on first use; anything else stops the
+// process with a message naming the accepted values. SetMlstmDhDotInNorm overrides it (tests,
+// benchmarks). Not thread-safe. CUDA only.
 bool MlstmDhDotInNorm();
 void SetMlstmDhDotInNorm(bool in_norm);
 
