@@ -122,6 +122,11 @@ class CudaInference {
   // out[r] (device int32) = argmax of bf16 row r of x [rows, ld] over its first `cols` (lowest
   // index on ties).
   virtual void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) = 0;
+  // out [rows, dim] (bf16) = rows `ids` of the bf16 table [vocab, dim], the ids in device memory
+  // (kernels/cuda/embedding.h; CudaBackend::EmbeddingForward copies host ids first, which a
+  // captured decode graph cannot: ops/decode_graph.h).
+  virtual void EmbeddingRows(const int32_t* ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
+                             void* out) = 0;
 };
 
 // Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, read once): the
