@@ -94,6 +94,10 @@ int Main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads (0: all)");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   std::string decode_graph = "off";
+  int64_t op_profile = 0;
+  app.add_option("--op_profile", op_profile,
+                 "CUDA: N > 0 profiles N eager greedy steps per op (GPU time of each op, CudaBackend::SetOpProfiling) "
+                 "and prints the busiest ops");
   app.add_option("--decode_graph", decode_graph,
                  "CUDA greedy decoding: off (eager steps), on (ops/decode_graph.h replays), both (eager and graph "
                  "alternating in every repeat, outputs compared)")
@@ -229,6 +233,31 @@ int Main(int argc, char** argv) {
     const double step = median_ms(step_ms), rnd = median_ms(round_ms);
     std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
                 "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
+    if (cuda && op_profile > 0) {
+      // Where a greedy step's GPU time goes (eager; events around every op): the sum is the time
+      // a graph replay cannot go below (less the gaps between kernels).
+      ops::Cuda().SetOpProfiling(true);
+      for (int64_t r = 0; r < op_profile; ++r) {
+        const int32_t tok = data[split + 100 + r];
+        (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+      }
+      std::vector<ops::CudaBackend::OpTime> prof = ops::Cuda().TakeOpProfile();
+      ops::Cuda().SetOpProfiling(false);
+      std::sort(prof.begin(), prof.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+      double busy = 0;
+      int64_t calls = 0;
+      for (const auto& o : prof) busy += o.seconds, calls += o.calls;
+      std::printf("OPS %s: %ld eager greedy steps: GPU busy %.1f us a step in %.1f ops a step\n", preset.c_str(),
+                  (long)op_profile, busy * 1e6 / op_profile, double(calls) / op_profile);
+      for (size_t i = 0; i < prof.size() && i < 14; ++i) {
+        std::printf("OPS   %-44s %6.1f calls  %7.1f us a step  (%5.2f us a call)\n", prof[i].label.c_str(),
+                    double(prof[i].calls) / op_profile, prof[i].seconds * 1e6 / op_profile,
+                    prof[i].seconds * 1e6 / std::max<int64_t>(prof[i].calls, 1));
+      }
+      // The profiled steps moved gs; one more eager step is the graph's warm-up.
+      const int32_t tok = data[split + 99];
+      (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+    }
     if (cuda && decode_graph != "off") {
       // The same greedy step replayed from a graph captured on the warmed state gs (the last
       // eager step above was its warm-up).

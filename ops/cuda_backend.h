@@ -206,8 +206,11 @@ class CudaBackend {
   // capture rather than calling cudaMalloc), and a failing CUDA call fails the capture (its
   // message kept) instead of stopping the process. EndCapture stops it and returns the
   // instantiated graph, or null and *error saying why (the first failure inside, or the
-  // driver's). Destroying the graph waits for the stream, then returns the pool's blocks. One
-  // capture at a time; the ops between the two calls must not synchronise with the host.
+  // driver's). When the only failures were allocator cache misses, EndCapture allocates the
+  // missed sizes once the capture is over, leaves them on the free lists and sets *retry: the
+  // same capture again finds them. Destroying the graph waits for the stream, then returns the
+  // pool's blocks. One capture at a time; the ops between the two calls must not synchronise
+  // with the host.
   class Graph {
    public:
     virtual ~Graph() = default;
@@ -216,7 +219,7 @@ class CudaBackend {
     virtual int64_t nodes() const = 0;
   };
   virtual void BeginCapture() = 0;
-  virtual std::unique_ptr<Graph> EndCapture(std::string* error) = 0;
+  virtual std::unique_ptr<Graph> EndCapture(std::string* error, bool* retry) = 0;
   // Whether a capture is open (ops switch handle swaps to in-place copies while it is:
   // MlstmBlock::StepCuda).
   virtual bool Capturing() = 0;

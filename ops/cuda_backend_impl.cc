@@ -196,8 +196,9 @@ class Backend final : public CudaBackend {
     if (!r.ok() && capturing_) {
       // The capture has failed (a cache miss); the host code before EndCapture still needs an
       // address. A block outside the allocator (cudaMalloc is legal in a relaxed capture), freed
-      // after the capture has ended.
+      // after the capture has ended; EndCapture then caches a block of this size for a retry.
       OK_OR_DIE(r);
+      capture_misses_.push_back(bytes == 0 ? 1 : bytes);
       void* p = nullptr;
       CUDA_OR_DIE(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
       return std::shared_ptr<void>(p, [this](void* q) {
@@ -235,6 +236,7 @@ class Backend final : public CudaBackend {
     Init();
     GYRE_CHECK(!capturing_, "CUDA graph capture: one capture at a time");
     capture_error_.clear();
+    capture_misses_.clear();
     g_capture_error = &capture_error_;
     capturing_ = true;
     pool_ = alloc_->BeginPoolCapture();
@@ -243,7 +245,7 @@ class Backend final : public CudaBackend {
     CUDA_OR_DIE(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
   }
 
-  std::unique_ptr<Graph> EndCapture(std::string* error) override {
+  std::unique_ptr<Graph> EndCapture(std::string* error, bool* retry) override {
     GYRE_CHECK(capturing_, "CUDA graph EndCapture without BeginCapture");
     cudaGraph_t graph = nullptr;
     const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
@@ -253,6 +255,15 @@ class Backend final : public CudaBackend {
     g_capture_error = nullptr;
     for (void* p : capture_spill_) cudaFree(p);
     capture_spill_.clear();
+    // Only cache misses (the first failure was one): cache the missed sizes (allocated together,
+    // then freed), so that the same capture again hits.
+    const bool only_misses = !capture_misses_.empty() && capture_error_.find("missed the cache") != std::string::npos;
+    if (retry != nullptr) *retry = only_misses;
+    if (only_misses) {
+      std::vector<kc::DeviceBuffer> warm(capture_misses_.size());
+      for (size_t i = 0; i < warm.size(); ++i) OK_OR_DIE(alloc_->Allocate(capture_misses_[i], &warm[i]));
+    }
+    capture_misses_.clear();
     std::string why = capture_error_;
     if (why.empty() && end != cudaSuccess) why = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
     cudaGraphExec_t exec = nullptr;
@@ -1018,6 +1029,7 @@ class Backend final : public CudaBackend {
   uint64_t pool_ = 0;
   std::string capture_error_;
   std::vector<void*> capture_spill_;
+  std::vector<size_t> capture_misses_;  // bytes of the allocations that missed the cache
   bool plain_attention_ = false;
   cudaStream_t stream_ = nullptr;
   kc::DeviceAllocator* alloc_ = nullptr;

@@ -79,24 +79,32 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   // The host-side bookkeeping of DecodeChunk is redone by each Step; the capture must not move it.
   const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
   CudaBackend& cuda = Cuda();
-  cuda.BeginCapture();
-  cuda.CopyAsync(graph->ids_.raw(), graph->host_in_.get(), B * sizeof(int32_t));
-  Tensor z = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
-  CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), B, table.raw(), V, d, z.raw());
-  if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
-  LanguageModel::DecodeOptions step;
-  step.heads = 1;
-  state->live_heads = 1;
-  graph->logits_ = model->DecodeEmbedded(z, 1, state, step)[0];
-  z = Tensor();
-  CudaInfer().ArgmaxRows(graph->logits_.raw(), B, V, V, graph->argmax_.data<int32_t>());
-  cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), B * sizeof(int32_t));
   std::string why;
-  graph->graph_ = cuda.EndCapture(&why);
-  state->position = position;
-  state->live_heads = live_heads;
-  state->rewind_chunk = rewind;
-  state->draft_hidden.clear();
+  // A second attempt only after a capture that failed on allocator cache misses alone (the
+  // warm-up's free blocks were short, e.g. of the few the graph's own buffers took): EndCapture
+  // has cached the missed sizes, so the same recording now finds them. Nothing ran either time.
+  bool retry = true;
+  for (int attempt = 0; attempt < 2 && retry && graph->graph_ == nullptr; ++attempt) {
+    retry = false;
+    cuda.BeginCapture();
+    cuda.CopyAsync(graph->ids_.raw(), graph->host_in_.get(), B * sizeof(int32_t));
+    Tensor z = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
+    CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), B, table.raw(), V, d, z.raw());
+    if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
+    LanguageModel::DecodeOptions step;
+    step.heads = 1;
+    state->live_heads = 1;
+    graph->logits_ = model->DecodeEmbedded(z, 1, state, step)[0];
+    z = Tensor();
+    CudaInfer().ArgmaxRows(graph->logits_.raw(), B, V, V, graph->argmax_.data<int32_t>());
+    cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), B * sizeof(int32_t));
+    graph->graph_ = cuda.EndCapture(&why, &retry);
+    state->position = position;
+    state->live_heads = live_heads;
+    state->rewind_chunk = rewind;
+    state->draft_hidden.clear();
+    if (graph->graph_ == nullptr) graph->logits_ = Tensor();
+  }
   if (graph->graph_ == nullptr) return absl::InternalError(absl::StrCat("decode graph: capture failed: ", why));
   if (absl::Status s = graph->CheckState(); !s.ok()) {
     return absl::InternalError(absl::StrCat("decode graph: a block moved its state during the capture: ", s.message()));
