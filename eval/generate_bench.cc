@@ -94,7 +94,10 @@ int Main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads (0: all)");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   std::string decode_graph = "off";
-  int64_t op_profile = 0;
+  int64_t op_profile = 0, profile_graph_steps = 0;
+  app.add_option("--profile_graph_steps", profile_graph_steps,
+                 "CUDA: N > 0 brackets N more graph replays with cudaProfilerStart / Stop (run under "
+                 "ncu --profile-from-start off for each node's kernel time)");
   app.add_option("--op_profile", op_profile,
                  "CUDA: N > 0 profiles N eager greedy steps per op (GPU time of each op, CudaBackend::SetOpProfiling) "
                  "and prints the busiest ops");
@@ -271,6 +274,15 @@ int Main(int argc, char** argv) {
           const auto t0 = now();
           if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
           if (r >= 2) graph_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        if (profile_graph_steps > 0) {
+          ops::Cuda().Synchronize();
+          ops::Cuda().ProfilerRange(true);
+          for (int64_t r = 0; r < profile_graph_steps; ++r) {
+            const int32_t tok = data[split + 200 + r];
+            if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+          }
+          ops::Cuda().ProfilerRange(false);
         }
         const double g = median_ms(graph_ms);
         std::printf("COST_GRAPH %s: greedy step %.3f ms eager, %.3f ms graph (%ld nodes), x%.2f\n", preset.c_str(),

@@ -244,6 +244,10 @@ class CudaBackend {
     int64_t calls = 0;
   };
   virtual void SetOpProfiling(bool on) = 0;
+  // cudaProfilerStart / Stop: brackets what an external profiler started with
+  // `--profile-from-start off` records (Nsight Compute on the device machine; generate_bench
+  // --profile_graph_steps). No effect without one.
+  virtual void ProfilerRange(bool start) = 0;
   virtual std::vector<OpTime> TakeOpProfile() = 0;
 
   // The caching allocator's byte counts (class-rounded; kernels/cuda/device_allocator.h), for

@@ -3,6 +3,7 @@
 // created on first use and never destroyed (blocks may be released during static destruction).
 // Registered by a static initialiser; the library is alwayslink so a dependency is enough.
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -291,6 +292,11 @@ class Backend final : public CudaBackend {
     if (!capturing_) return false;
     if (capture_error_.empty()) capture_error_ = message;
     return true;
+  }
+
+  void ProfilerRange(bool start) override {
+    Init();
+    CUDA_OR_DIE(start ? cudaProfilerStart() : cudaProfilerStop());
   }
 
   void CopyAsync(void* dst, const void* src, size_t bytes) override {
