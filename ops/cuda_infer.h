@@ -138,6 +138,14 @@ class CudaInference {
 // summation order at another m) and the cluster step kernel, as before 2026-11-27.
 bool RowInvariantDecode();
 
+// Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "1" (one
+// warp a column, the summation order since session 15), "2" or "4" (the column's reduction dealt
+// to that many warps, combined in a fixed order: other bits, still row-invariant; opt-in while
+// measured). Read once; other values stop the process naming the accepted ones.
+// SetGemmRowsWarps overrides it (tests, benchmarks; 1, 2 or 4).
+int GemmRowsWarps();
+void SetGemmRowsWarps(int warps);
+
 // The registered implementation, or null in a binary built without CUDA.
 CudaInference* CudaInferenceOrNull();
 // Aborts with a clear message when there is none.

@@ -130,6 +130,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
                           {8, 64, 13, 13, true, 0.5f, 1.f, true},         {11, 130, 1000, 1003, true, 1.f, 1.f, false},
                           {16, 50277 / 97, 2048, 2048, false, 1.f, 1.f, true}, {3, 96, 257, 264, false, -2.f, 0.5f, false}};
   cudaStream_t stream = static_cast<cudaStream_t>(Cuda().ComputeStream());
+  // 1 warp a column (the default) and the split kernel's 2 and 4 (GYRE_GEMM_ROWS_WARPS).
+  for (int warps : {1, 2, 4})
   for (const Shape& sh : shapes) {
     const Tensor a = RandomBf16Host({sh.m, sh.lda}, 1.0, &rng), b = RandomBf16Host({sh.n, sh.k}, 1.0, &rng);
     const Tensor cin = RandomBf16Host({sh.m, sh.n}, 1.0, &rng);
@@ -155,7 +157,7 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
       g.alpha = sh.alpha;
       g.beta = sh.beta;
       if (sh.separate_cin) g.c_in = static_cast<const char*>(cin_dev.raw()) + row0 * sh.n * (sh.c_f32 ? 4 : 2);
-      EXPECT_TRUE(cuda_infer::GemmRows(g, stream).ok());
+      EXPECT_TRUE(cuda_infer::GemmRows(g, stream, warps).ok());
       return c.To(DType::kF32).ToDevice(Device::kCpu);
     };
     const Tensor all = run(0, sh.m);
@@ -166,7 +168,7 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
         for (int64_t i = 0; i < sh.k; ++i) dot += a.At(r * sh.lda + i) * b.At(j * sh.k + i);
         ref.Set(r * sh.n + j, sh.alpha * dot + (sh.beta != 0 ? sh.beta * cin.At(r * sh.n + j) : 0.0));
       }
-    const std::string name = "gemm_rows m" + std::to_string(sh.m) + " n" + std::to_string(sh.n) + " k" +
+    const std::string name = "gemm_rows w" + std::to_string(warps) + " m" + std::to_string(sh.m) + " n" + std::to_string(sh.n) + " k" +
                              std::to_string(sh.k) + (sh.c_f32 ? " f32" : " bf16") + (sh.beta != 0 ? " beta" : "");
     EXPECT_TRUE(Check(name, all, ref, sh.c_f32 ? 1e-5 : 1e-2));
     int64_t differ = 0;
@@ -187,6 +189,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
   other.trans_b = true;
   other.epilogue = gyre::cuda::GemmEpilogue::kBias;
   EXPECT_FALSE(cuda_infer::GemmRows(other, stream).ok());
+  other.epilogue = gyre::cuda::GemmEpilogue::kNone;
+  EXPECT_FALSE(cuda_infer::GemmRows(other, stream, 3).ok());  // 1, 2 or 4 warps a column
 }
 
 TEST_F(DecodeGpuTest, LinearWithBias) {
