@@ -63,8 +63,8 @@ class DecodeGraph {
  public:
   // Captures the one-token head-1 step of `state` (CUDA model, batch = state->batch). The state
   // must have been stepped by one eager DecodeStep (heads 1) just before (the warm-up; without it
-  // the capture may miss the allocator's cache and fail). Nothing runs and the state is not
-  // advanced. Errors: Unimplemented (attention blocks, a CPU model), FailedPrecondition (an
+  // the capture may miss the allocator's cache; a capture that failed on cache misses alone is
+  // retried once with the missed sizes cached). Nothing runs and the state is not advanced. Errors: Unimplemented (attention blocks, a CPU model), FailedPrecondition (an
   // unwarmed state), Internal with the CUDA reason (the capture failed; eager stays usable).
   static absl::StatusOr<std::unique_ptr<DecodeGraph>> Capture(LanguageModel* model, LanguageModel::DecodeState* state,
                                                               const DecodeGraphOptions& options = {});
