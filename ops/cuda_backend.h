@@ -9,7 +9,8 @@
 // cuBLASLt GemmContext. The methods are pointer-level (bf16 = 2-byte storage, fp32 statistics
 // and gradients); ops/*.cc allocate outputs as Tensors and call them from their CUDA branches.
 // Failures of CUDA calls abort with the CUDA message (ops' layer API has no Status; an
-// out-of-memory in a step is not recoverable there).
+// out-of-memory in a step is not recoverable there), except inside a CUDA graph capture, where
+// they fail the capture instead (BeginCapture / EndCapture below; nothing has run yet).
 //
 // Thread-safety: one thread drives the backend (the training loop), like the CPU layers.
 #pragma once
