@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <memory>
 #include <numeric>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "base/clock.h"
+#include "ops/decode_graph.h"
 
 namespace gyre::eval {
 namespace {
@@ -110,15 +113,42 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
   std::vector<ops::Tensor> logits = Prefill(model, prompt, 1, state.get());
   result.prefill_seconds = Seconds(prefill_begin);
   const int64_t begin = Clock::Real()->NowMicros();
-  while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens) {
-    // Greedy: the argmax on the logits' device (CUDA: only the id comes back).
-    const int32_t next = options.sampling.temperature > 0 ? SampleToken(Row(logits[0]), options.sampling, uniform(rng))
-                                                          : ops::ArgmaxRows(logits[0])[0];
+  const bool sampled = options.sampling.temperature > 0;
+  // CUDA with GYRE_DECODE_GRAPH=1: the first step runs eagerly (the warm-up), then the step is
+  // captured once and replayed (ops/decode_graph.h); a failed capture leaves the eager step.
+  bool capture = ops::DecodeGraphEnabled() && !logits.empty() && ops::IsCuda(logits[0]);
+  std::unique_ptr<ops::DecodeGraph> graph;
+  if (options.max_new_tokens == 0) {
+    result.seconds = Seconds(begin);
+    return result;
+  }
+  int32_t next = sampled ? SampleToken(Row(logits[0]), options.sampling, uniform(rng)) : ops::ArgmaxRows(logits[0])[0];
+  while (true) {
     result.tokens.push_back(next);
     ++result.forwards;
-    if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
-    logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get(), 1);
+    if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
     ++result.decode_steps;
+    if (graph != nullptr) {
+      absl::StatusOr<std::span<const int32_t>> ids = graph->Step(std::span<const int32_t>(&next, 1));
+      if (!ids.ok()) return ids.status();
+      // Greedy: the argmax the graph computed on the device (only the id came back).
+      next = sampled ? SampleToken(Row(graph->logits()), options.sampling, uniform(rng)) : (*ids)[0];
+      continue;
+    }
+    logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get(), 1);
+    next = sampled ? SampleToken(Row(logits[0]), options.sampling, uniform(rng)) : ops::ArgmaxRows(logits[0])[0];
+    if (capture) {
+      capture = false;
+      logits.clear();  // the warm-up's logits go back to the cache before the capture
+      absl::StatusOr<std::unique_ptr<ops::DecodeGraph>> made = ops::DecodeGraph::Capture(model, state.get());
+      if (made.ok()) {
+        graph = std::move(*made);
+        result.decode_graph = "graph";
+      } else {
+        result.decode_graph = absl::StrCat("eager: ", made.status().message());
+        std::fprintf(stderr, "Generate: %s; decoding eagerly\n", std::string(made.status().message()).c_str());
+      }
+    }
   }
   result.seconds = Seconds(begin);
   return result;

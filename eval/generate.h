@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -50,6 +51,10 @@ struct GenerateResult {
   int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
   int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
+  // Greedy / sampled Generate on CUDA with GYRE_DECODE_GRAPH=1 (ops/decode_graph.h): "graph"
+  // (steps after the first replayed a captured graph), "eager" (off, or not CUDA), or
+  // "eager: <why the capture failed>" (the eager step took over; also printed to stderr).
+  std::string decode_graph = "eager";
   double seconds = 0;             // wall time of the generation loop (prompt prefill excluded)
   double prefill_seconds = 0;
   double tokens_per_forward() const { return forwards > 0 ? double(tokens.size()) / forwards : 0; }

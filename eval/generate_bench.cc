@@ -24,6 +24,7 @@
 #include "eval/generate.h"
 #include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
+#include "ops/decode_graph.h"
 #include "ops/model.h"
 #include "ops/parallel.h"
 #include "ops/rng.h"
@@ -92,6 +93,18 @@ int Main(int argc, char** argv) {
                  "keep their rank, every other id becomes N-1 (a small LM head for CPU runs)");
   app.add_option("--threads", threads, "CPU threads (0: all)");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  std::string decode_graph = "off";
+  int64_t op_profile = 0, profile_graph_steps = 0;
+  app.add_option("--profile_graph_steps", profile_graph_steps,
+                 "CUDA: N > 0 brackets N more graph replays with cudaProfilerStart / Stop (run under "
+                 "ncu --profile-from-start off for each node's kernel time)");
+  app.add_option("--op_profile", op_profile,
+                 "CUDA: N > 0 profiles N eager greedy steps per op (GPU time of each op, CudaBackend::SetOpProfiling) "
+                 "and prints the busiest ops");
+  app.add_option("--decode_graph", decode_graph,
+                 "CUDA greedy decoding: off (eager steps), on (ops/decode_graph.h replays), both (eager and graph "
+                 "alternating in every repeat, outputs compared)")
+      ->check(CLI::IsMember({"off", "on", "both"}));
   CLI11_PARSE(app, argc, argv);
 
   std::ifstream in(tokens_path, std::ios::binary);
@@ -223,12 +236,66 @@ int Main(int argc, char** argv) {
     const double step = median_ms(step_ms), rnd = median_ms(round_ms);
     std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
                 "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
+    if (cuda && op_profile > 0) {
+      // Where a greedy step's GPU time goes (eager; events around every op): the sum is the time
+      // a graph replay cannot go below (less the gaps between kernels).
+      ops::Cuda().SetOpProfiling(true);
+      for (int64_t r = 0; r < op_profile; ++r) {
+        const int32_t tok = data[split + 100 + r];
+        (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+      }
+      std::vector<ops::CudaBackend::OpTime> prof = ops::Cuda().TakeOpProfile();
+      ops::Cuda().SetOpProfiling(false);
+      std::sort(prof.begin(), prof.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+      double busy = 0;
+      int64_t calls = 0;
+      for (const auto& o : prof) busy += o.seconds, calls += o.calls;
+      std::printf("OPS %s: %ld eager greedy steps: GPU busy %.1f us a step in %.1f ops a step\n", preset.c_str(),
+                  (long)op_profile, busy * 1e6 / op_profile, double(calls) / op_profile);
+      for (size_t i = 0; i < prof.size() && i < 14; ++i) {
+        std::printf("OPS   %-44s %6.1f calls  %7.1f us a step  (%5.2f us a call)\n", prof[i].label.c_str(),
+                    double(prof[i].calls) / op_profile, prof[i].seconds * 1e6 / op_profile,
+                    prof[i].seconds * 1e6 / std::max<int64_t>(prof[i].calls, 1));
+      }
+      // The profiled steps moved gs; one more eager step is the graph's warm-up.
+      const int32_t tok = data[split + 99];
+      (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+    }
+    if (cuda && decode_graph != "off") {
+      // The same greedy step replayed from a graph captured on the warmed state gs (the last
+      // eager step above was its warm-up).
+      auto graph = ops::DecodeGraph::Capture(model->get(), gs.get());
+      if (!graph.ok()) {
+        std::printf("COST_GRAPH %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
+      } else {
+        std::vector<double> graph_ms;
+        for (int64_t r = 0; r < reps + 2; ++r) {
+          const int32_t tok = data[split + 32 + reps + 2 + r];
+          const auto t0 = now();
+          if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+          if (r >= 2) graph_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        if (profile_graph_steps > 0) {
+          ops::Cuda().Synchronize();
+          ops::Cuda().ProfilerRange(true);
+          for (int64_t r = 0; r < profile_graph_steps; ++r) {
+            const int32_t tok = data[split + 200 + r];
+            if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+          }
+          ops::Cuda().ProfilerRange(false);
+        }
+        const double g = median_ms(graph_ms);
+        std::printf("COST_GRAPH %s: greedy step %.3f ms eager, %.3f ms graph (%ld nodes), x%.2f\n", preset.c_str(),
+                    step, g, (long)(*graph)->nodes(), step / g);
+      }
+    }
   }
 
   // Decoding on held-out prompts.
   GenerateOptions gen;
   gen.max_new_tokens = new_tokens;
-  double greedy_s = 0, spec_s = 0;
+  double greedy_s = 0, spec_s = 0, graph_s = 0;
+  const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
   bool all_equal = true;
   auto median = [](std::vector<double> v) {
@@ -238,23 +305,49 @@ int Main(int argc, char** argv) {
   for (int64_t p = 0; p < prompts; ++p) {
     const size_t off = split + static_cast<size_t>(p) * (data.size() - split - prompt_len) / std::max<int64_t>(prompts, 1);
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
-    std::vector<double> tg, ts;
-    GenerateResult g, s;
+    std::vector<double> tg, ts, tgg;
+    GenerateResult g, s, gg;
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
-      auto gr = Generate(model->get(), prompt, gen);
+      // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
+      if (eager_runs) {
+        ops::SetDecodeGraph(false);
+        auto gr = Generate(model->get(), prompt, gen);
+        if (!gr.ok()) {
+          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tg.push_back(gr->seconds);
+        g = *gr;
+      }
+      if (graph_runs) {
+        ops::SetDecodeGraph(true);
+        auto gr = Generate(model->get(), prompt, gen);
+        ops::SetDecodeGraph(false);
+        if (!gr.ok()) {
+          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tgg.push_back(gr->seconds);
+        gg = *gr;
+        if (!eager_runs) g = gg, tg = tgg;
+      }
       auto sr = GenerateSpeculative(model->get(), prompt, gen);
-      if (!gr.ok() || !sr.ok()) {
-        std::fprintf(stderr, "%s %s\n", gr.status().ToString().c_str(), sr.status().ToString().c_str());
+      if (!sr.ok()) {
+        std::fprintf(stderr, "%s\n", sr.status().ToString().c_str());
         return 1;
       }
-      if (r > 0) {
-        tg.push_back(gr->seconds);
-        ts.push_back(sr->seconds);
-      }
-      g = *gr;
+      if (r > 0) ts.push_back(sr->seconds);
       s = *sr;
     }
-    const bool equal = g.tokens == s.tokens;
+    bool equal = g.tokens == s.tokens;
+    if (graph_runs) {
+      const double mgg = median(tgg);
+      const bool graph_equal = gg.tokens == g.tokens;
+      std::printf("prompt %ld: greedy with decode graph (%s) %.1f tok/s, equal to eager %s\n", (long)p,
+                  gg.decode_graph.c_str(), gg.tokens.size() / mgg, graph_equal ? "yes" : "NO");
+      equal &= graph_equal;
+      graph_s += mgg;
+    }
     all_equal &= equal;
     const double mg = median(tg), ms = median(ts);
     std::printf("prompt %ld: greedy %.1f tok/s, speculative %.1f tok/s (x%.2f), %.2f tokens/forward, accepted %ld of "
@@ -275,6 +368,11 @@ int Main(int argc, char** argv) {
               preset.c_str(), (long)mtp_heads, device.c_str(), tokens / greedy_s, tokens / spec_s, greedy_s / spec_s,
               double(tokens) / forwards, drafted ? double(accepted) / drafted : 0.0,
               proposed ? double(accepted) / proposed : 0.0, all_equal ? "yes" : "NO");
+  if (graph_runs) {
+    std::printf("SUMMARY_GRAPH %s mtp%ld: greedy eager %.1f tok/s, greedy graph %.1f tok/s (x%.2f), speculative "
+                "%.1f tok/s, outputs equal: %s\n", preset.c_str(), (long)mtp_heads, tokens / greedy_s, tokens / graph_s,
+                greedy_s / graph_s, tokens / spec_s, all_equal ? "yes" : "NO");
+  }
   return all_equal ? 0 : 3;
 }
 

@@ -18,6 +18,10 @@ namespace gyre::ops {
 // windows, key/value cache). Owned by the caller; one per block.
 struct BlockState {
   virtual ~BlockState() = default;
+  // The tensors a step advances (recurrent states, conv windows), for a decode graph's check
+  // that nothing swapped them since its capture (ops/decode_graph.h). Empty: a state a graph
+  // cannot replay (a KV cache grows with the position).
+  virtual std::vector<const Tensor*> StepTensors() const { return {}; }
 };
 
 // Copies of some state tensors after each position of a chunk but its last (Block::StepChunk

@@ -9,7 +9,8 @@
 // cuBLASLt GemmContext. The methods are pointer-level (bf16 = 2-byte storage, fp32 statistics
 // and gradients); ops/*.cc allocate outputs as Tensors and call them from their CUDA branches.
 // Failures of CUDA calls abort with the CUDA message (ops' layer API has no Status; an
-// out-of-memory in a step is not recoverable there).
+// out-of-memory in a step is not recoverable there), except inside a CUDA graph capture, where
+// they fail the capture instead (BeginCapture / EndCapture below; nothing has run yet).
 //
 // Thread-safety: one thread drives the backend (the training loop), like the CPU layers.
 #pragma once
@@ -207,6 +208,39 @@ class CudaBackend {
   virtual std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1,
                                               double beta2, double eps, double weight_decay) = 0;
 
+  // CUDA graphs (ops/decode_graph.h). BeginCapture starts capturing the compute stream
+  // (cudaStreamCaptureModeRelaxed) into a new graph with its own memory pool (the caching
+  // allocator's graph pool, kernels/cuda/device_allocator.h): until EndCapture nothing runs,
+  // every op above is recorded instead, allocations come from the free lists (a miss fails the
+  // capture rather than calling cudaMalloc), and a failing CUDA call fails the capture (its
+  // message kept) instead of stopping the process. EndCapture stops it and returns the
+  // instantiated graph, or null and *error saying why (the first failure inside, or the
+  // driver's). When the only failures were allocator cache misses, EndCapture allocates the
+  // missed sizes once the capture is over, leaves them on the free lists and sets *retry: the
+  // same capture again finds them. Destroying the graph waits for the stream, then returns the
+  // pool's blocks. One capture at a time; the ops between the two calls must not synchronise
+  // with the host.
+  class Graph {
+   public:
+    virtual ~Graph() = default;
+    // Runs the recorded work once on the compute stream (asynchronous).
+    virtual void Launch() = 0;
+    virtual int64_t nodes() const = 0;
+  };
+  virtual void BeginCapture() = 0;
+  virtual std::unique_ptr<Graph> EndCapture(std::string* error, bool* retry) = 0;
+  // Whether a capture is open (ops switch handle swaps to in-place copies while it is:
+  // MlstmBlock::StepCuda).
+  virtual bool Capturing() = 0;
+  // Called by code outside this backend (ops/cuda_infer_impl.cc) when one of its CUDA calls
+  // failed: during a capture, records `message` as the capture's failure and returns true (the
+  // caller carries on; nothing runs until EndCapture discards the graph); otherwise false.
+  virtual bool FailCapture(const std::string& message) = 0;
+  // cudaMemcpyAsync on the compute stream without a synchronisation, between device memory and
+  // page-locked host memory (AllocatePinnedHost) or within the device; capturable. The caller
+  // keeps a host buffer untouched until the stream has passed the copy.
+  virtual void CopyAsync(void* dst, const void* src, size_t bytes) = 0;
+
   // Per-op GPU time, for benchmarks. While on, every op above (and CudaAdamW::Step) is bracketed
   // by two CUDA events on the compute stream; GEMMs are labelled by shape and carry their FLOPs.
   // Nothing synchronises until TakeOpProfile, which waits for the stream and returns the sums
@@ -219,6 +253,10 @@ class CudaBackend {
     int64_t calls = 0;
   };
   virtual void SetOpProfiling(bool on) = 0;
+  // cudaProfilerStart / Stop: brackets what an external profiler started with
+  // `--profile-from-start off` records (Nsight Compute on the device machine; generate_bench
+  // --profile_graph_steps). No effect without one.
+  virtual void ProfilerRange(bool start) = 0;
   virtual std::vector<OpTime> TakeOpProfile() = 0;
 
   // The caching allocator's byte counts (class-rounded; kernels/cuda/device_allocator.h), for

@@ -3,6 +3,7 @@
 // created on first use and never destroyed (blocks may be released during static destruction).
 // Registered by a static initialiser; the library is alwayslink so a dependency is enough.
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -41,8 +42,17 @@ namespace {
 using bf16 = __nv_bfloat16;
 namespace kc = ::gyre::cuda;
 
+// While a graph capture is open (Backend::BeginCapture), the first failure's message; null
+// otherwise. A failure inside a capture fails the capture, not the process: nothing has run yet,
+// and EndCapture discards the graph. One thread drives the backend.
+std::string* g_capture_error = nullptr;
+
 void Die(const kc::CudaResult& r, const char* what) {
   if (r.ok()) return;
+  if (g_capture_error != nullptr) {
+    if (g_capture_error->empty()) *g_capture_error = std::string(what) + ": " + r.message;
+    return;
+  }
   std::fprintf(stderr, "CUDA backend: %s failed: %s\n", what, r.message.c_str());
   if (r.message.find("out of memory") != std::string::npos) {
     std::fprintf(stderr, "CUDA backend: the device memory is full: lower train.micro_batch (gradient accumulation "
@@ -183,9 +193,116 @@ class Backend final : public CudaBackend {
   std::shared_ptr<void> Allocate(size_t bytes) override {
     Init();
     auto holder = std::make_shared<kc::DeviceBuffer>();
-    OK_OR_DIE(alloc_->Allocate(bytes == 0 ? 1 : bytes, holder.get()));
+    const kc::CudaResult r = alloc_->Allocate(bytes == 0 ? 1 : bytes, holder.get());
+    if (!r.ok() && capturing_) {
+      // The capture has failed (a cache miss); the host code before EndCapture still needs an
+      // address. A block outside the allocator (cudaMalloc is legal in a relaxed capture), freed
+      // after the capture has ended; EndCapture then caches a block of this size for a retry.
+      OK_OR_DIE(r);
+      capture_misses_.push_back(bytes == 0 ? 1 : bytes);
+      void* p = nullptr;
+      CUDA_OR_DIE(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+      return std::shared_ptr<void>(p, [this](void* q) {
+        if (capturing_) capture_spill_.push_back(q);
+        else cudaFree(q);
+      });
+    }
+    OK_OR_DIE(r);
     void* p = holder->get();
     return std::shared_ptr<void>(holder, p);
+  }
+
+  class CapturedGraph final : public Graph {
+   public:
+    CapturedGraph(cudaGraphExec_t exec, int64_t nodes, cudaStream_t stream, kc::DeviceAllocator* alloc, uint64_t pool)
+        : exec_(exec), nodes_(nodes), stream_(stream), alloc_(alloc), pool_(pool) {}
+    ~CapturedGraph() override {
+      // The last replay must be over before the pool's blocks can go to anyone else.
+      cudaStreamSynchronize(stream_);
+      cudaGraphExecDestroy(exec_);
+      alloc_->ReleasePool(pool_);
+    }
+    void Launch() override { CUDA_OR_DIE(cudaGraphLaunch(exec_, stream_)); }
+    int64_t nodes() const override { return nodes_; }
+
+   private:
+    cudaGraphExec_t exec_;
+    int64_t nodes_;
+    cudaStream_t stream_;
+    kc::DeviceAllocator* alloc_;
+    uint64_t pool_;
+  };
+
+  void BeginCapture() override {
+    Init();
+    GYRE_CHECK(!capturing_, "CUDA graph capture: one capture at a time");
+    capture_error_.clear();
+    capture_misses_.clear();
+    g_capture_error = &capture_error_;
+    capturing_ = true;
+    pool_ = alloc_->BeginPoolCapture();
+    if (pool_ == 0) capture_error_ = "the allocator has another graph pool capturing";
+    if (prof_.on()) capture_error_ = "op profiling is on (its events would be captured)";
+    CUDA_OR_DIE(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+  }
+
+  std::unique_ptr<Graph> EndCapture(std::string* error, bool* retry) override {
+    GYRE_CHECK(capturing_, "CUDA graph EndCapture without BeginCapture");
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+    if (end != cudaSuccess) cudaGetLastError();
+    alloc_->EndPoolCapture();
+    capturing_ = false;
+    g_capture_error = nullptr;
+    for (void* p : capture_spill_) cudaFree(p);
+    capture_spill_.clear();
+    // Only cache misses (the first failure was one): cache the missed sizes (allocated together,
+    // then freed), so that the same capture again hits.
+    const bool only_misses = !capture_misses_.empty() && capture_error_.find("missed the cache") != std::string::npos;
+    if (retry != nullptr) *retry = only_misses;
+    if (only_misses) {
+      std::vector<kc::DeviceBuffer> warm(capture_misses_.size());
+      for (size_t i = 0; i < warm.size(); ++i) OK_OR_DIE(alloc_->Allocate(capture_misses_[i], &warm[i]));
+    }
+    capture_misses_.clear();
+    std::string why = capture_error_;
+    if (why.empty() && end != cudaSuccess) why = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
+    cudaGraphExec_t exec = nullptr;
+    size_t nodes = 0;
+    if (why.empty()) {
+      cudaGraphGetNodes(graph, nullptr, &nodes);
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      if (inst != cudaSuccess) {
+        cudaGetLastError();
+        why = std::string("cudaGraphInstantiate: ") + cudaGetErrorString(inst);
+      }
+    }
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    if (!why.empty()) {
+      alloc_->ReleasePool(pool_);
+      if (error != nullptr) *error = why;
+      return nullptr;
+    }
+    return std::make_unique<CapturedGraph>(exec, static_cast<int64_t>(nodes), stream_, alloc_, pool_);
+  }
+
+  bool Capturing() override { return capturing_; }
+
+  bool FailCapture(const std::string& message) override {
+    if (!capturing_) return false;
+    if (capture_error_.empty()) capture_error_ = message;
+    return true;
+  }
+
+  void ProfilerRange(bool start) override {
+    Init();
+    CUDA_OR_DIE(start ? cudaProfilerStart() : cudaProfilerStop());
+  }
+
+  void CopyAsync(void* dst, const void* src, size_t bytes) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, "CopyAsync");
+    CUDA_OR_DIE(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
   }
 
   std::shared_ptr<void> AllocatePinnedHost(size_t bytes) override {
@@ -311,7 +428,7 @@ class Backend final : public CudaBackend {
     a.c_in = g.c_in;
     if (!g.trans_a && g.trans_b && g.m > 0 && g.m <= cuda_infer::kGemmRowsMax && RowInvariantDecode()) {
       // Decoding's few-row products: a summation order that does not depend on m (cuda_infer.h).
-      OK_OR_DIE(cuda_infer::GemmRows(a, stream_));
+      OK_OR_DIE(cuda_infer::GemmRows(a, stream_, GemmRowsWarps()));
       return;
     }
     OK_OR_DIE(gemm_->Gemm(a, stream_));
@@ -936,6 +1053,13 @@ class Backend final : public CudaBackend {
 
   std::once_flag once_;
   OpProfiler prof_;
+  // Graph capture (BeginCapture .. EndCapture): the open capture's pool, failure and the blocks
+  // allocated outside the allocator after a capture miss.
+  bool capturing_ = false;
+  uint64_t pool_ = 0;
+  std::string capture_error_;
+  std::vector<void*> capture_spill_;
+  std::vector<size_t> capture_misses_;  // bytes of the allocations that missed the cache
   bool plain_attention_ = false;
   cudaStream_t stream_ = nullptr;
   kc::DeviceAllocator* alloc_ = nullptr;

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "ops/check.h"
 
@@ -27,6 +28,27 @@ bool RowInvariantDecode() {
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return on;
+}
+
+namespace {
+
+int& GemmRowsWarpsSwitch() {
+  static int warps = [] {
+    const char* v = std::getenv("GYRE_GEMM_ROWS_WARPS");
+    const std::string s = v != nullptr ? v : "1";
+    GYRE_CHECK(s == "1" || s == "2" || s == "4", "GYRE_GEMM_ROWS_WARPS must be 1, 2 or 4, got '%s'", s.c_str());
+    return std::stoi(s);
+  }();
+  return warps;
+}
+
+}  // namespace
+
+int GemmRowsWarps() { return GemmRowsWarpsSwitch(); }
+
+void SetGemmRowsWarps(int warps) {
+  GYRE_CHECK(warps == 1 || warps == 2 || warps == 4, "GemmRows warps a column: 1, 2 or 4, got %d", warps);
+  GemmRowsWarpsSwitch() = warps;
 }
 
 void RegisterCudaInference(CudaInference* impl) { g_infer.store(impl, std::memory_order_release); }

@@ -227,6 +227,83 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRows
   }
 }
 
+
+// GemmRows with S = 2 or 4 warps a column (GYRE_GEMM_ROWS_WARPS; ops/cuda_infer.h): the one-warp
+// kernel above keeps only ~12 warps an SM at n = 1536 and walks a lane's 3-6 groups in 2-3 rounds
+// of loads (5-6.6 µs a product at k = 768-1536 on an H100 in a decode graph, ops/DECODE_GRAPHS.md,
+// for 2.4 MB that stream in ~1 µs). Here warp s of column j's S warps sums the groups
+// g = 32 s + l, 32 s + l + 32 S, ... (lane l) in ascending order, one __fmaf_rn an element, then
+// the warp's xor butterfly; warp 0 of the column adds the S warp sums in the order 0, 1, ..., S - 1
+// (__fadd_rn, through shared memory). Another summation order than the one-warp kernel's, but as
+// fixed: nothing depends on m, alignment or instantiation, so rows stay bit-identical alone and
+// together (speculative == greedy). 4 / S columns a 128-thread block; S x the loads in flight.
+template <int MR, int S>
+__global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(GemmRowsArgs a, bool vec) {
+  static_assert(S == 2 || S == 4, "2 or 4 warps a column");
+  constexpr int kCols = kGemmRowsWarps / S;
+  __shared__ float partial[kGemmRowsWarps][MR];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col = warp / S, part = warp % S;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(kCols) + col;
+  const bool live = j < a.n;  // no early return: the block meets at __syncthreads
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+  if (live) {
+    const bf16* w = static_cast<const bf16*>(a.b) + j * a.ldb;
+    const bf16* xr[MR];
+#pragma unroll
+    for (int r = 0; r < MR; ++r) xr[r] = static_cast<const bf16*>(a.a) + (r < a.m ? r : a.m - 1) * a.lda;
+    const int64_t groups = (a.k + 7) / 8;
+#pragma unroll 2
+    for (int64_t g = part * 32 + lane; g < groups; g += 32 * S) {
+      const Eight we = LoadEight(w, g, a.k, vec);
+      Eight xe[MR];
+#pragma unroll
+      for (int r = 0; r < MR; ++r) xe[r] = LoadEight(xr[r], g, a.k, vec);
+      const int valid = a.k - g * 8 >= 8 ? 8 : static_cast<int>(a.k - g * 8);
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < valid) acc[r] = __fmaf_rn(xe[r].v[i], we.v[i], acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < MR; ++r)
+      for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < MR; ++r) partial[warp][r] = acc[r];
+    }
+  }
+  __syncthreads();
+  if (!live || part != 0 || lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    float sum = partial[warp][r];
+#pragma unroll
+    for (int s = 1; s < S; ++s) sum = __fadd_rn(sum, partial[warp + s][r]);
+    acc[r] = sum;
+  }
+  const void* cin = a.c_in != nullptr ? a.c_in : a.c;
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    if (r >= a.m) break;
+    float v = __fmul_rn(a.alpha, acc[r]);
+    const int64_t o = r * a.ldc + j;
+    if (a.beta != 0.f) {
+      const float old = a.c_f32 ? static_cast<const float*>(cin)[o] : __bfloat162float(static_cast<const bf16*>(cin)[o]);
+      v = __fadd_rn(v, __fmul_rn(a.beta, old));
+    }
+    if (a.c_f32) {
+      static_cast<float*>(a.c)[o] = v;
+    } else {
+      static_cast<bf16*>(a.c)[o] = __float2bfloat16(v);
+    }
+  }
+}
+
 }  // namespace
 
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream) {
@@ -270,7 +347,7 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   return {};
 }
 
-CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream) {
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column) {
   if (g.trans_a || !g.trans_b || g.epilogue != gyre::cuda::GemmEpilogue::kNone) {
     return InvalidArgument("gemm_rows: only C = alpha A Bᵀ + beta C_in (no transposed A, no epilogue)");
   }
@@ -287,8 +364,29 @@ CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return {};
   const auto aligned = [](const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; };
   const bool vec = aligned(a.a, a.lda) && aligned(a.b, a.ldb);
-  const unsigned blocks = static_cast<unsigned>((a.n + kGemmRowsWarps - 1) / kGemmRowsWarps);
+  if (warps_per_column != 1 && warps_per_column != 2 && warps_per_column != 4) {
+    return InvalidArgument("gemm_rows: 1, 2 or 4 warps a column");
+  }
   const unsigned threads = kGemmRowsWarps * 32;
+  if (warps_per_column > 1) {
+    const int64_t cols = kGemmRowsWarps / warps_per_column;
+    const unsigned split_blocks = static_cast<unsigned>((a.n + cols - 1) / cols);
+    const int mr = a.m <= 8 ? static_cast<int>(a.m) : a.m <= 12 ? 12 : 16;
+#define GYRE_GEMM_ROWS_SPLIT(R)                                                                       \
+  case R:                                                                                             \
+    if (warps_per_column == 2) gemm_rows_split_kernel<R, 2><<<split_blocks, threads, 0, stream>>>(a, vec); \
+    else gemm_rows_split_kernel<R, 4><<<split_blocks, threads, 0, stream>>>(a, vec);                   \
+    break;
+    switch (mr) {
+      GYRE_GEMM_ROWS_SPLIT(1) GYRE_GEMM_ROWS_SPLIT(2) GYRE_GEMM_ROWS_SPLIT(3) GYRE_GEMM_ROWS_SPLIT(4)
+      GYRE_GEMM_ROWS_SPLIT(5) GYRE_GEMM_ROWS_SPLIT(6) GYRE_GEMM_ROWS_SPLIT(7) GYRE_GEMM_ROWS_SPLIT(8)
+      GYRE_GEMM_ROWS_SPLIT(12) GYRE_GEMM_ROWS_SPLIT(16)
+    }
+#undef GYRE_GEMM_ROWS_SPLIT
+    CUDA_RETURN_IF_LAUNCH_ERROR("gemm_rows_split_kernel");
+    return {};
+  }
+  const unsigned blocks = static_cast<unsigned>((a.n + kGemmRowsWarps - 1) / kGemmRowsWarps);
   switch (a.m) {  // exact row counts up to 8 (a speculative chunk is 2-5 rows), then 12 and 16
 #define GYRE_GEMM_ROWS_CASE(R) \
   case R:                      \

@@ -122,6 +122,11 @@ class CudaInference {
   // out[r] (device int32) = argmax of bf16 row r of x [rows, ld] over its first `cols` (lowest
   // index on ties).
   virtual void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) = 0;
+  // out [rows, dim] (bf16) = rows `ids` of the bf16 table [vocab, dim], the ids in device memory
+  // (kernels/cuda/embedding.h; CudaBackend::EmbeddingForward copies host ids first, which a
+  // captured decode graph cannot: ops/decode_graph.h).
+  virtual void EmbeddingRows(const int32_t* ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
+                             void* out) = 0;
 };
 
 // Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, read once): the
@@ -132,6 +137,14 @@ class CudaInference {
 // decoding gives greedy decoding's tokens. Off: cuBLASLt's choice per row count (another
 // summation order at another m) and the cluster step kernel, as before 2026-11-27.
 bool RowInvariantDecode();
+
+// Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "1" (one
+// warp a column, the summation order since session 15), "2" or "4" (the column's reduction dealt
+// to that many warps, combined in a fixed order: other bits, still row-invariant; opt-in while
+// measured). Read once; other values stop the process naming the accepted ones.
+// SetGemmRowsWarps overrides it (tests, benchmarks; 1, 2 or 4).
+int GemmRowsWarps();
+void SetGemmRowsWarps(int warps);
 
 // The registered implementation, or null in a binary built without CUDA.
 CudaInference* CudaInferenceOrNull();

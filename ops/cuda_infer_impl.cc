@@ -1,8 +1,10 @@
 // Implements and registers ops/cuda_infer.h on the CUDA backend's stream.
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/embedding.h"
 #include "kernels/cuda/mlstm.h"
 #include "kernels/cuda/ssm_step.h"
 #include "ops/cuda_backend.h"
@@ -17,6 +19,8 @@ using bf16 = __nv_bfloat16;
 
 void OkOrDie(const kc::CudaResult& r, const char* what) {
   if (r.ok()) return;
+  // Inside a graph capture the capture fails instead (CudaBackend::BeginCapture).
+  if (Cuda().FailCapture(std::string("CUDA inference op ") + what + ": " + r.message)) return;
   std::fprintf(stderr, "CUDA inference op %s failed: %s\n", what, r.message.c_str());
   std::abort();
 }
@@ -62,6 +66,13 @@ class CudaInferenceImpl final : public CudaInference {
 
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {
     OkOrDie(cuda_infer::ArgmaxRows(x, rows, cols, ld, out, Stream()), "argmax rows");
+  }
+
+  void EmbeddingRows(const int32_t* ids, int64_t rows, const void* table, int64_t vocab, int64_t dim,
+                     void* out) override {
+    OkOrDie(kc::EmbeddingForward(ids, static_cast<const bf16*>(table), static_cast<bf16*>(out), rows, vocab, dim,
+                                 nullptr, Stream()),
+            "embedding rows");
   }
 
   void Conv1dStep(const CudaConv1dStepArgs& a) override {

@@ -62,7 +62,10 @@ CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int
 //   Bound by reading B once (2·n·k bytes; A's m·k·2 bytes stay in L1/L2): one warp per column,
 //   4 columns per 128-thread block.
 //   Takes the GEMM's own arguments (kernels/cuda/gemm.h): only !trans_a, trans_b, no epilogue.
+//   warps_per_column 2 or 4 (GYRE_GEMM_ROWS_WARPS, ops/cuda_infer.h): each column's groups dealt
+//   to that many warps (warp s: groups 32 s + l, 32 s + l + 32 S, ...), their sums added in warp
+//   order; another fixed order (other bits than 1), equally row-invariant, more loads in flight.
 constexpr int64_t kGemmRowsMax = 16;
-CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream);
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column = 1);
 
 }  // namespace gyre::ops::cuda_infer

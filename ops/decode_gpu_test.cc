@@ -13,6 +13,10 @@
 //   bitwise:  speculative decoding's head-1 logits (DecodeChunk of k = 2..5, Rewind, batch 1)
 //             against greedy decoding's DecodeStep calls, every bit, for every family and the
 //             125m presets (ops/cuda_infer.h RowInvariantDecode);
+//   graphs:   DecodeGraph replays (ops/decode_graph.h) against eager DecodeStep calls, every bit,
+//             batch 1 / 3 / 20, small models and the 125m presets; its refusals (attention, a
+//             cold state), an injected capture failure and the eager fallback; Generate with and
+//             without the graph and GenerateSpeculative give the same tokens;
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
@@ -33,9 +37,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "eval/generate.h"
 #include "gtest/gtest.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer_kernels.h"
+#include "ops/decode_graph.h"
 #include "ops/elementwise.h"
 #include "ops/gpu_check.h"
 #include "ops/layers.h"
@@ -123,6 +130,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
                           {8, 64, 13, 13, true, 0.5f, 1.f, true},         {11, 130, 1000, 1003, true, 1.f, 1.f, false},
                           {16, 50277 / 97, 2048, 2048, false, 1.f, 1.f, true}, {3, 96, 257, 264, false, -2.f, 0.5f, false}};
   cudaStream_t stream = static_cast<cudaStream_t>(Cuda().ComputeStream());
+  // 1 warp a column (the default) and the split kernel's 2 and 4 (GYRE_GEMM_ROWS_WARPS).
+  for (int warps : {1, 2, 4})
   for (const Shape& sh : shapes) {
     const Tensor a = RandomBf16Host({sh.m, sh.lda}, 1.0, &rng), b = RandomBf16Host({sh.n, sh.k}, 1.0, &rng);
     const Tensor cin = RandomBf16Host({sh.m, sh.n}, 1.0, &rng);
@@ -148,7 +157,7 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
       g.alpha = sh.alpha;
       g.beta = sh.beta;
       if (sh.separate_cin) g.c_in = static_cast<const char*>(cin_dev.raw()) + row0 * sh.n * (sh.c_f32 ? 4 : 2);
-      EXPECT_TRUE(cuda_infer::GemmRows(g, stream).ok());
+      EXPECT_TRUE(cuda_infer::GemmRows(g, stream, warps).ok());
       return c.To(DType::kF32).ToDevice(Device::kCpu);
     };
     const Tensor all = run(0, sh.m);
@@ -159,7 +168,7 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
         for (int64_t i = 0; i < sh.k; ++i) dot += a.At(r * sh.lda + i) * b.At(j * sh.k + i);
         ref.Set(r * sh.n + j, sh.alpha * dot + (sh.beta != 0 ? sh.beta * cin.At(r * sh.n + j) : 0.0));
       }
-    const std::string name = "gemm_rows m" + std::to_string(sh.m) + " n" + std::to_string(sh.n) + " k" +
+    const std::string name = "gemm_rows w" + std::to_string(warps) + " m" + std::to_string(sh.m) + " n" + std::to_string(sh.n) + " k" +
                              std::to_string(sh.k) + (sh.c_f32 ? " f32" : " bf16") + (sh.beta != 0 ? " beta" : "");
     EXPECT_TRUE(Check(name, all, ref, sh.c_f32 ? 1e-5 : 1e-2));
     int64_t differ = 0;
@@ -180,6 +189,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
   other.trans_b = true;
   other.epilogue = gyre::cuda::GemmEpilogue::kBias;
   EXPECT_FALSE(cuda_infer::GemmRows(other, stream).ok());
+  other.epilogue = gyre::cuda::GemmEpilogue::kNone;
+  EXPECT_FALSE(cuda_infer::GemmRows(other, stream, 3).ok());  // 1, 2 or 4 warps a column
 }
 
 TEST_F(DecodeGpuTest, LinearWithBias) {
@@ -631,6 +642,201 @@ TEST_F(DecodeGpuTest, ChunkVersusStepCost) {
                   ratio(0.25), ratio(0.5));
     }
   }
+}
+
+// ---------------------------------------------------------------- decode graphs (ops/decode_graph.h)
+
+// Whether two bf16 tensors (any device) carry the same bits; counts differing rows.
+int64_t DifferingRows(const Tensor& a, const Tensor& b) {
+  const Tensor x = a.ToDevice(Device::kCpu), y = b.ToDevice(Device::kCpu);
+  EXPECT_EQ(x.numel(), y.numel());
+  const int64_t rows = x.rows(), bytes = x.cols() * static_cast<int64_t>(DTypeSize(x.dtype()));
+  int64_t differ = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    differ += std::memcmp(static_cast<const char*>(x.raw()) + r * bytes, static_cast<const char*>(y.raw()) + r * bytes,
+                          static_cast<size_t>(bytes)) != 0;
+  return differ;
+}
+
+// Two states walk the same prompt and tokens: E steps eagerly (DecodeStep, head 1), G replays a
+// DecodeGraph captured after one eager warm-up step. Steps interleave (E, then G), so a block of
+// the graph's pool handed to E's tensors (or the other way round) would corrupt one of them.
+// Every step's head-1 logits must be equal bit for bit, the graph's device argmax must equal
+// ArgmaxRows of E's logits, and after the graph is destroyed the allocator holds what it held
+// before the capture (the pool's blocks went back).
+void CheckGraphBitwiseEqualsEager(const std::string& name, ModelSpec spec, int64_t B, bool randomise,
+                                  int64_t steps = 32) {
+  spec.mtp_heads = 2;
+  auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<LanguageModel> m = std::move(*made);
+  if (randomise) Randomise(m->params(), 108);
+  const int64_t V = spec.vocab_size, prompt_len = 5;
+  const auto prompt = RandomTokens(prompt_len * B, V, 51);  // position-major
+  const auto stream = RandomTokens((steps + 1) * B, V, 52);
+  auto eager = m->NewDecodeState(B), graphed = m->NewDecodeState(B);
+  LanguageModel::DecodeOptions prefill;
+  prefill.heads = 1;
+  prefill.last_position_only = true;
+  m->DecodeChunk(prompt, prompt_len, eager.get(), prefill);
+  m->DecodeChunk(prompt, prompt_len, graphed.get(), prefill);
+  const std::span<const int32_t> first(stream.data(), static_cast<size_t>(B));
+  m->DecodeStep(first, eager.get(), 1);
+  m->DecodeStep(first, graphed.get(), 1);  // the warm-up
+  Cuda().Synchronize();
+  const uint64_t in_use_before = Cuda().Memory().bytes_in_use;
+  int64_t differing = 0, argmax_differ = 0, nodes = 0;
+  {
+    auto graph = DecodeGraph::Capture(m.get(), graphed.get());
+    ASSERT_TRUE(graph.ok()) << name << ": " << graph.status();
+    nodes = (*graph)->nodes();
+    for (int64_t t = 1; t <= steps; ++t) {
+      const std::span<const int32_t> tok(stream.data() + t * B, static_cast<size_t>(B));
+      const Tensor e = m->DecodeStep(tok, eager.get(), 1)[0];
+      absl::StatusOr<std::span<const int32_t>> ids = (*graph)->Step(tok);
+      ASSERT_TRUE(ids.ok()) << ids.status();
+      const std::vector<int32_t> want = ArgmaxRows(e);
+      argmax_differ += !std::equal(want.begin(), want.end(), ids->begin(), ids->end());
+      differing += DifferingRows(e, (*graph)->logits());
+    }
+    EXPECT_EQ(graphed->position, eager->position);
+    // An eager step on the graph's state: the next replay refuses.
+    m->DecodeStep(first, graphed.get(), 1);
+    const auto refused = (*graph)->Step(first);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  }
+  Cuda().Synchronize();
+  const uint64_t in_use_after = Cuda().Memory().bytes_in_use;
+  const bool ok = differing == 0 && argmax_differ == 0 && in_use_after == in_use_before;
+  std::printf("[%s] %s decode graph vs eager steps B%ld, %ld steps, %ld nodes: %ld logits rows differ, %ld argmax "
+              "differ; bytes in use before capture %lu, after the graph died %lu\n",
+              ok ? "PASS" : "FAIL", name.c_str(), (long)B, (long)steps, (long)nodes, (long)differing,
+              (long)argmax_differ, (unsigned long)in_use_before, (unsigned long)in_use_after);
+  EXPECT_TRUE(ok) << name;
+}
+
+ModelSpec SmallMamba2() {
+  ModelSpec s = SmallMixerHybrid();
+  s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
+  return s;
+}
+
+TEST_F(DecodeGpuTest, DecodeGraphBitwiseEqualsEagerSteps) {
+  for (int64_t B : {1, 3, 20}) {  // 20: past GemmRows' 16 rows, cuBLASLt products in the graph
+    CheckGraphBitwiseEqualsEager("xlstm mLSTM+sLSTM", SmallXlstm(), B, true);
+    CheckGraphBitwiseEqualsEager("mamba2", SmallMamba2(), B, true);
+  }
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "xlstm[7:1]-125m"})
+    CheckGraphBitwiseEqualsEager(preset, *PresetSpec(preset), 1, false);
+}
+
+TEST_F(DecodeGpuTest, DecodeGraphRefusesAttentionAndFailsCleanly) {
+  for (const ModelSpec& spec : {SmallLlama(), SmallMixerHybrid()}) {
+    auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
+    ASSERT_TRUE(m.ok());
+    auto st = (*m)->NewDecodeState(1);
+    const std::vector<int32_t> tok = {3};
+    (*m)->DecodeStep(tok, st.get(), 1);
+    const auto g = DecodeGraph::Capture(m->get(), st.get());
+    std::printf("[%s] %s capture: %s\n", g.status().code() == absl::StatusCode::kUnimplemented ? "PASS" : "FAIL",
+                spec.preset.c_str(), g.status().ToString().c_str());
+    EXPECT_EQ(g.status().code(), absl::StatusCode::kUnimplemented);
+  }
+  // An unwarmed state is refused; an injected host synchronisation inside the capture fails it
+  // with the driver's reason, and the state steps on eagerly, unharmed.
+  auto made = LanguageModel::Create(SmallXlstm(), DType::kF32, Device::kCuda, 8);
+  ASSERT_TRUE(made.ok());
+  LanguageModel* m = made->get();
+  auto cold = m->NewDecodeState(1);
+  EXPECT_EQ(DecodeGraph::Capture(m, cold.get()).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto a = m->NewDecodeState(1), b = m->NewDecodeState(1);
+  const auto tokens = RandomTokens(8, SmallXlstm().vocab_size, 61);
+  for (int i = 0; i < 2; ++i) {
+    m->DecodeStep(std::span<const int32_t>(&tokens[i], 1), a.get(), 1);
+    m->DecodeStep(std::span<const int32_t>(&tokens[i], 1), b.get(), 1);
+  }
+  DecodeGraphOptions inject;
+  inject.inject_host_sync = true;
+  const auto failed = DecodeGraph::Capture(m, b.get(), inject);
+  const bool named = !failed.ok() && absl::StrContains(failed.status().message(), "Synchronize");
+  std::printf("[%s] injected host sync inside the capture: %s\n", named ? "PASS" : "FAIL",
+              failed.status().ToString().c_str());
+  EXPECT_TRUE(named);
+  int64_t differ = 0;
+  for (int i = 2; i < 8; ++i) {
+    differ += DifferingRows(m->DecodeStep(std::span<const int32_t>(&tokens[i], 1), a.get(), 1)[0],
+                            m->DecodeStep(std::span<const int32_t>(&tokens[i], 1), b.get(), 1)[0]);
+  }
+  std::printf("[%s] eager steps after the failed capture: %ld rows differ from an untouched state\n",
+              differ == 0 ? "PASS" : "FAIL", (long)differ);
+  EXPECT_EQ(differ, 0);
+  // The failed capture's pool is gone: a fresh capture on the same state works.
+  EXPECT_TRUE(DecodeGraph::Capture(m, b.get()).ok());
+  // A capture whose warm-up left too few free blocks (every cached 256-byte block taken) misses
+  // the cache, is retried once with the missed sizes cached, and replays bitwise like eager.
+  {
+    std::vector<Tensor> hog;
+    for (int i = 0; i < 4000; ++i) hog.push_back(Tensor::Empty({64}, DType::kF32, Device::kCuda));
+    auto retried = DecodeGraph::Capture(m, b.get());
+    hog.clear();
+    int64_t rows = 0;
+    if (retried.ok()) {
+      for (int i = 0; i < 4; ++i) {
+        const int32_t t = tokens[i];
+        const Tensor e = m->DecodeStep(std::span<const int32_t>(&t, 1), a.get(), 1)[0];
+        ASSERT_TRUE((*retried)->Step(std::span<const int32_t>(&t, 1)).ok());
+        rows += DifferingRows(e, (*retried)->logits());
+      }
+    }
+    const bool ok = retried.ok() && rows == 0;
+    std::printf("[%s] capture with the small blocks taken: %s, %ld rows differ from eager\n", ok ? "PASS" : "FAIL",
+                retried.ok() ? "captured (after a retry)" : retried.status().ToString().c_str(), (long)rows);
+    EXPECT_TRUE(ok);
+  }
+}
+
+// Greedy Generate with and without the graph gives the same tokens, and so does speculative
+// decoding with the graph switched on; an injected capture failure falls back to the eager step
+// with the reason in GenerateResult::decode_graph; attention models stay eager.
+TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
+  struct Case {
+    std::string name;
+    ModelSpec spec;
+  };
+  std::vector<Case> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()}, {"mamba2", SmallMamba2()}, {"llama", SmallLlama()}};
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m"}) cases.push_back({preset, *PresetSpec(preset)});
+  const bool was = DecodeGraphEnabled();
+  for (Case& c : cases) {
+    c.spec.mtp_heads = 4;
+    auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
+    ASSERT_TRUE(made.ok());
+    LanguageModel* m = made->get();
+    const auto prompt = RandomTokens(9, c.spec.vocab_size, 71);
+    eval::GenerateOptions o;
+    o.max_new_tokens = 40;
+    SetDecodeGraph(false);
+    const auto eager = eval::Generate(m, prompt, o);
+    SetDecodeGraph(true);
+    const auto graphed = eval::Generate(m, prompt, o);
+    const auto spec_dec = eval::GenerateSpeculative(m, prompt, o);
+    InjectDecodeGraphFailure(true);
+    const auto fallback = eval::Generate(m, prompt, o);
+    InjectDecodeGraphFailure(false);
+    ASSERT_TRUE(eager.ok() && graphed.ok() && spec_dec.ok() && fallback.ok());
+    const bool attention = c.name == "llama";
+    const bool mode_ok = attention ? absl::StrContains(graphed->decode_graph, "attention")
+                                   : graphed->decode_graph == "graph";
+    const bool fallback_ok = absl::StartsWith(fallback->decode_graph, "eager: ");
+    const bool ok = eager->tokens == graphed->tokens && spec_dec->tokens == graphed->tokens &&
+                    fallback->tokens == eager->tokens && mode_ok && fallback_ok && eager->decode_graph == "eager";
+    std::printf("[%s] %s Generate 40 tokens: eager == graph %s, speculative == graph %s, fallback == eager %s; "
+                "with graph: '%s'; injected failure: '%s'\n",
+                ok ? "PASS" : "FAIL", c.name.c_str(), eager->tokens == graphed->tokens ? "yes" : "NO",
+                spec_dec->tokens == graphed->tokens ? "yes" : "NO", fallback->tokens == eager->tokens ? "yes" : "NO",
+                graphed->decode_graph.c_str(), fallback->decode_graph.c_str());
+    EXPECT_TRUE(ok) << c.name;
+  }
+  SetDecodeGraph(was);
 }
 
 // ---------------------------------------------------------------- throughput

@@ -313,6 +313,13 @@ std::vector<Tensor> LanguageModel::DecodeChunk(std::span<const int32_t> tokens, 
   state->live_heads = n;
   Tensor z = embedding_->Forward(tokens);
   embedding_->ReleaseActivations();
+  return DecodeEmbedded(z, chunk, state, options);
+}
+
+std::vector<Tensor> LanguageModel::DecodeEmbedded(Tensor z, int64_t chunk, DecodeState* state,
+                                                  const DecodeOptions& options) {
+  const int64_t B = state->batch, rows = chunk * B;
+  const int64_t n = state->live_heads;
   for (size_t i = 0; i < trunk_.size(); ++i) z = trunk_[i]->StepChunk(z, chunk, state->trunk[i].get(), options.rewindable);
   // Every head's normed output in one [n * out_rows, d] matrix, so the LM head weight is read once.
   const int64_t out_rows = options.last_position_only ? B : rows;

@@ -114,7 +114,11 @@ class LanguageModel {
   std::function<void(const std::string& group)> grad_ready_hook;
 
  private:
+  friend class DecodeGraph;  // captures DecodeEmbedded (ops/decode_graph.h)
   LanguageModel(const ModelSpec& spec, DType dtype, Device device);
+  // DecodeChunk after the embedding: z [chunk * batch, d] the embedded tokens, heads 1..
+  // state->live_heads (DecodeChunk has set it from options.heads).
+  std::vector<Tensor> DecodeEmbedded(Tensor z, int64_t chunk, DecodeState* state, const DecodeOptions& options);
   absl::Status Build(uint64_t seed);
   Tensor TrunkForward(std::span<const int32_t> tokens, int64_t batch, int64_t seq);
   std::vector<int32_t> HeadTargets(std::span<const int32_t> tokens, int64_t batch, int64_t seq, int k) const;

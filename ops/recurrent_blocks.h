@@ -204,14 +204,17 @@ void SetMlstmDhDotInNorm(bool in_norm);
 struct MlstmState : BlockState {
   Tensor conv, c, n, m;
   StateHistory conv_history, cell_history;
+  std::vector<const Tensor*> StepTensors() const override { return {&conv, &c, &n, &m}; }
 };
 struct SlstmState : BlockState {
   Tensor conv, h, c, n, m;
   StateHistory conv_history, cell_history;
+  std::vector<const Tensor*> StepTensors() const override { return {&conv, &h, &c, &n, &m}; }
 };
 struct Mamba2State : BlockState {
   Tensor conv, ssm;
   StateHistory conv_history, cell_history;
+  std::vector<const Tensor*> StepTensors() const override { return {&conv, &ssm}; }
 };
 
 class MlstmBlock : public Block {

@@ -156,7 +156,12 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
     s.c_history = hc.data<float>(); s.n_history = hn.data<float>(); s.m_history = hm.data<float>();
   }
   CudaInfer().MlstmStep(s);
-  if (chunk_kernel) {
+  if (chunk_kernel && Cuda().Capturing()) {
+    // A decode graph (ops/decode_graph.h) replays fixed addresses: the state must stay where it
+    // is, so n and m are copied back (two device copies) instead of taking the new handles.
+    n->CopyFrom(n_out);
+    m->CopyFrom(m_out);
+  } else if (chunk_kernel) {
     *n = n_out;
     *m = m_out;
   }

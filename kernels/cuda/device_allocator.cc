@@ -39,9 +39,21 @@ DeviceAllocator::~DeviceAllocator() {
   std::lock_guard<std::mutex> lock(mu_);
   // Blocks still held by callers are a bug in the caller; free them anyway so the device memory
   // goes back (their handles must not be used afterwards).
-  for (auto& [ptr, bytes] : live_) cudaFree(ptr);
+  for (auto& [ptr, live] : live_) cudaFree(ptr);
   live_.clear();
+  for (auto& [id, lists] : pools_)
+    for (auto& [cls, blocks] : lists)
+      for (void* ptr : blocks) cudaFree(ptr);
+  pools_.clear();
   ReleaseCachedLocked();
+}
+
+void* DeviceAllocator::Pop(FreeLists& lists, size_t cls) {
+  auto it = lists.find(cls);
+  if (it == lists.end() || it->second.empty()) return nullptr;
+  void* ptr = it->second.back();
+  it->second.pop_back();
+  return ptr;
 }
 
 CudaResult DeviceAllocator::Allocate(size_t bytes, DeviceBuffer* out) {
@@ -50,12 +62,20 @@ CudaResult DeviceAllocator::Allocate(size_t bytes, DeviceBuffer* out) {
   const size_t cls = ClassBytes(bytes);
   std::lock_guard<std::mutex> lock(mu_);
   void* ptr = nullptr;
-  auto it = free_.find(cls);
-  if (it != free_.end() && !it->second.empty()) {
-    ptr = it->second.back();
-    it->second.pop_back();
+  if (capturing_ != 0 && (ptr = Pop(pools_[capturing_], cls)) != nullptr) {
+    stats_.bytes_pooled -= cls;
+    ++stats_.cache_hits;
+  } else if ((ptr = Pop(free_, cls)) != nullptr) {
     stats_.bytes_cached -= cls;
     ++stats_.cache_hits;
+  } else if (capturing_ != 0) {
+    // A graph capture must not allocate from the driver (cudaMalloc is not a graph node and may
+    // synchronise); the caller fails the capture and runs eagerly.
+    ++stats_.capture_misses;
+    return CudaError(cudaErrorMemoryAllocation,
+                     ("allocation of " + std::to_string(cls) + " bytes missed the cache during a graph capture")
+                         .c_str(),
+                     __FILE__, __LINE__);
   } else {
     cudaError_t err = cudaMalloc(&ptr, cls);
     if (err == cudaErrorMemoryAllocation) {
@@ -70,7 +90,7 @@ CudaResult DeviceAllocator::Allocate(size_t bytes, DeviceBuffer* out) {
     }
     ++stats_.device_mallocs;
   }
-  live_[ptr] = cls;
+  live_[ptr] = Live{cls, capturing_};
   ++stats_.allocations;
   stats_.bytes_in_use += cls;
   stats_.bytes_requested += bytes;
@@ -85,12 +105,55 @@ void DeviceAllocator::Free(void* ptr, size_t requested) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = live_.find(ptr);
   if (it == live_.end()) return;  // not ours (cannot happen through DeviceBuffer)
-  const size_t cls = it->second;
+  const size_t cls = it->second.cls;
+  // A pool's block returns to its pool; an ordinary one freed during a capture is adopted by the
+  // capturing pool (the graph may read it on every replay).
+  const uint64_t pool = it->second.pool != 0 ? it->second.pool : capturing_;
   live_.erase(it);
-  free_[cls].push_back(ptr);
   stats_.bytes_in_use -= cls;
   stats_.bytes_requested -= requested;
-  stats_.bytes_cached += cls;
+  if (pool != 0) {
+    pools_[pool][cls].push_back(ptr);
+    stats_.bytes_pooled += cls;
+  } else {
+    free_[cls].push_back(ptr);
+    stats_.bytes_cached += cls;
+  }
+}
+
+uint64_t DeviceAllocator::BeginPoolCapture() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (capturing_ != 0) return 0;
+  capturing_ = next_pool_++;
+  pools_[capturing_];
+  return capturing_;
+}
+
+void DeviceAllocator::EndPoolCapture() {
+  std::lock_guard<std::mutex> lock(mu_);
+  capturing_ = 0;
+}
+
+uint64_t DeviceAllocator::capturing_pool() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return capturing_;
+}
+
+void DeviceAllocator::ReleasePool(uint64_t pool) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (pool == 0) return;
+  if (capturing_ == pool) capturing_ = 0;
+  auto it = pools_.find(pool);
+  if (it != pools_.end()) {
+    for (auto& [cls, blocks] : it->second) {
+      for (void* ptr : blocks) free_[cls].push_back(ptr);
+      stats_.bytes_pooled -= cls * blocks.size();
+      stats_.bytes_cached += cls * blocks.size();
+    }
+    pools_.erase(it);
+  }
+  for (auto& [ptr, live] : live_)
+    if (live.pool == pool) live.pool = 0;
 }
 
 CudaResult DeviceAllocator::ReleaseCached() {

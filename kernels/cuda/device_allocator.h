@@ -13,6 +13,18 @@
 // loop's); a block used on another stream must be released only after that stream has finished
 // with it (event or synchronise). Allocate/Free never synchronise.
 //
+// Graph pools (CUDA graphs, ops/decode_graph.h; PyTorch's private graph pools do the same): a
+// captured graph bakes the addresses of every block its kernels touch, so those blocks must keep
+// their addresses for the graph's life and must not be handed to anyone else meanwhile. While a
+// pool captures (BeginPoolCapture .. EndPoolCapture), Allocate serves from the pool's own free
+// blocks, then from the ordinary free lists (the block then belongs to the pool), and never
+// calls cudaMalloc: a miss is an error (a capture must not allocate from the driver; the warm-up
+// step before it leaves the working set on the free lists). A pool's block, freed at any time
+// before ReleasePool, goes back to that pool, not to the ordinary lists; an ordinary block freed
+// during the capture is adopted by the pool (the graph may read it on every replay). ReleasePool
+// (after the graph is destroyed and its last replay has finished) returns the pool's free blocks
+// to the ordinary lists and turns its live ones into ordinary blocks.
+//
 // Thread-safety: all methods are thread-safe (one mutex). The allocator owns every block it ever
 // cudaMalloc'ed and frees them all in its destructor; DeviceBuffer handles must not outlive it.
 #pragma once
@@ -36,6 +48,8 @@ struct AllocatorStats {
   uint64_t bytes_cached = 0;      // class bytes on free lists now
   uint64_t peak_bytes_in_use = 0;
   uint64_t bytes_requested = 0;   // requested (unrounded) bytes held by callers now
+  uint64_t bytes_pooled = 0;      // class bytes free in graph pools now (not in bytes_cached)
+  uint64_t capture_misses = 0;    // Allocate calls refused during a pool's capture (cache miss)
 };
 
 class DeviceAllocator;
@@ -75,8 +89,17 @@ class DeviceAllocator {
   // A block of at least `bytes` (256-byte aligned; contents undefined). bytes == 0 gives an empty
   // buffer and success.
   CudaResult Allocate(size_t bytes, DeviceBuffer* out);
-  // Returns every cached (free) block to the driver. Blocks in use are untouched.
+  // Returns every cached (free) block to the driver. Blocks in use and graph pools are untouched.
   CudaResult ReleaseCached();
+
+  // Graph pools (see the file comment). BeginPoolCapture opens a new pool and makes it the
+  // capturing one (one at a time: returns 0 when another is capturing); EndPoolCapture stops the
+  // capture (the pool lives on); ReleasePool(id) dissolves it. Ids are never reused.
+  uint64_t BeginPoolCapture();
+  void EndPoolCapture();
+  void ReleasePool(uint64_t pool);
+  // The capturing pool's id, 0 when none.
+  uint64_t capturing_pool() const;
   AllocatorStats stats() const;
 
   // The class size a request of `bytes` is served with (exposed for tests).
@@ -87,9 +110,18 @@ class DeviceAllocator {
   void Free(void* ptr, size_t requested);
   CudaResult ReleaseCachedLocked();
 
+  struct Live {
+    size_t cls = 0;     // class bytes
+    uint64_t pool = 0;  // owning graph pool, 0: ordinary
+  };
+  using FreeLists = std::unordered_map<size_t, std::vector<void*>>;  // class bytes -> free blocks
+  static void* Pop(FreeLists& lists, size_t cls);
+
   mutable std::mutex mu_;
-  std::unordered_map<size_t, std::vector<void*>> free_;  // class bytes -> free blocks
-  std::unordered_map<void*, size_t> live_;               // block -> class bytes (in use)
+  FreeLists free_;
+  std::unordered_map<void*, Live> live_;     // blocks in use
+  std::unordered_map<uint64_t, FreeLists> pools_;  // live graph pools' free blocks
+  uint64_t capturing_ = 0, next_pool_ = 1;
   AllocatorStats stats_;
 };
 

@@ -1,9 +1,11 @@
 // Needs a GPU: the caching allocator serves a repeated step's working set without cudaMalloc,
-// keeps live blocks disjoint, trims its cache and survives an impossible request.
+// keeps live blocks disjoint, trims its cache and survives an impossible request; a graph pool
+// keeps its blocks from everyone else until it is released, and refuses to cudaMalloc.
 #include "kernels/cuda/device_allocator.h"
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -104,6 +106,78 @@ TEST(DeviceAllocatorTest, MoveTransfersOwnership) {
   DeviceBuffer c;
   ASSERT_TRUE(alloc.Allocate(900, &c).ok());  // same class: the cached block comes back
   EXPECT_EQ(c.get(), p);
+}
+
+// A graph pool (ops/decode_graph.h): during its capture, allocations come from the free lists,
+// a miss is an error (no cudaMalloc); the pool's blocks, freed during or after the capture, and
+// ordinary blocks freed during it, are handed to no one else until ReleasePool returns them.
+TEST(DeviceAllocatorTest, GraphPoolKeepsItsBlocksUntilReleased) {
+  DeviceAllocator alloc;
+  // Warm the free lists with two 1 KiB blocks and one 64 KiB block.
+  {
+    DeviceBuffer a, b, c;
+    ASSERT_TRUE(alloc.Allocate(1024, &a).ok());
+    ASSERT_TRUE(alloc.Allocate(1024, &b).ok());
+    ASSERT_TRUE(alloc.Allocate(65536, &c).ok());
+  }
+  DeviceBuffer outside;  // allocated before the capture, freed during it: adopted by the pool
+  ASSERT_TRUE(alloc.Allocate(65536, &outside).ok());
+  void* outside_ptr = outside.get();
+  const uint64_t mallocs = alloc.stats().device_mallocs;
+
+  const uint64_t pool = alloc.BeginPoolCapture();
+  ASSERT_NE(pool, 0u);
+  EXPECT_EQ(alloc.BeginPoolCapture(), 0u) << "a second pool while one captures";
+  EXPECT_EQ(alloc.capturing_pool(), pool);
+  DeviceBuffer kept, temp;
+  ASSERT_TRUE(alloc.Allocate(1000, &kept).ok());  // lives past the capture (the graph's output)
+  ASSERT_TRUE(alloc.Allocate(1000, &temp).ok());
+  void* temp_ptr = temp.get();
+  temp.reset();  // freed during the capture: back to the pool
+  DeviceBuffer again;
+  ASSERT_TRUE(alloc.Allocate(1000, &again).ok());
+  EXPECT_EQ(again.get(), temp_ptr) << "the capture reuses its own freed block";
+  again.reset();
+  outside.reset();
+  DeviceBuffer miss;
+  const CudaResult r = alloc.Allocate(3 << 20, &miss);  // nothing of this class is cached
+  EXPECT_FALSE(r.ok());
+  std::printf("[INFO] capture miss: %s\n", r.message.c_str());
+  EXPECT_EQ(alloc.stats().capture_misses, 1u);
+  EXPECT_EQ(alloc.stats().device_mallocs, mallocs) << "cudaMalloc during a capture";
+  alloc.EndPoolCapture();
+  EXPECT_EQ(alloc.capturing_pool(), 0u);
+  EXPECT_EQ(alloc.stats().bytes_pooled, 1024u + 65536u);
+
+  // While the pool lives, nobody else gets its blocks, not even a freed one.
+  void* kept_ptr = kept.get();
+  kept.reset();
+  std::vector<DeviceBuffer> others(4);
+  for (auto& o : others) {
+    ASSERT_TRUE(alloc.Allocate(1000, &o).ok());
+    EXPECT_NE(o.get(), temp_ptr);
+    EXPECT_NE(o.get(), kept_ptr);
+  }
+  DeviceBuffer big;
+  ASSERT_TRUE(alloc.Allocate(65536, &big).ok());
+  EXPECT_NE(big.get(), outside_ptr);
+  others.clear();
+  big.reset();
+
+  // Released: the pool's blocks are ordinary cached blocks again.
+  const uint64_t cached = alloc.stats().bytes_cached;
+  alloc.ReleasePool(pool);
+  EXPECT_EQ(alloc.stats().bytes_pooled, 0u);
+  EXPECT_EQ(alloc.stats().bytes_cached, cached + 2 * 1024u + 65536u);
+  std::vector<void*> got;
+  std::vector<DeviceBuffer> after(8);
+  for (auto& o : after) {
+    ASSERT_TRUE(alloc.Allocate(1000, &o).ok());
+    got.push_back(o.get());
+  }
+  EXPECT_NE(std::find(got.begin(), got.end(), temp_ptr), got.end());
+  EXPECT_NE(std::find(got.begin(), got.end(), kept_ptr), got.end());
+  ASSERT_TRUE(alloc.ReleaseCached().ok());
 }
 
 }  // namespace

@@ -1,0 +1,155 @@
+#include "ops/decode_graph.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "ops/cuda_infer.h"
+
+namespace gyre::ops {
+namespace {
+
+bool& GraphSwitch() {
+  static bool on = [] {
+    const char* v = std::getenv("GYRE_DECODE_GRAPH");
+    const std::string s = v != nullptr ? v : "";
+    GYRE_CHECK(v == nullptr || s == "0" || s == "1", "GYRE_DECODE_GRAPH must be 0 or 1, got '%s'", s.c_str());
+    return s == "1";
+  }();
+  return on;
+}
+
+bool& InjectFailure() {
+  static bool on = false;
+  return on;
+}
+
+const void* Address(const Tensor* t) { return t->defined() && t->numel() > 0 ? t->raw() : nullptr; }
+
+}  // namespace
+
+bool DecodeGraphEnabled() { return GraphSwitch(); }
+void SetDecodeGraph(bool on) { GraphSwitch() = on; }
+void InjectDecodeGraphFailure(bool on) { InjectFailure() = on; }
+
+absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel* model,
+                                                                  LanguageModel::DecodeState* state,
+                                                                  const DecodeGraphOptions& options) {
+  const Tensor& table = model->embedding_->weight()->compute;
+  if (!table.defined() || !IsCuda(table)) return absl::UnimplementedError("decode graph: the model is not on CUDA");
+  // The blocks head 1's step runs: the trunk and head 1. A state without step tensors (a KV
+  // cache) cannot be replayed at a fixed position.
+  std::vector<const BlockState*> blocks;
+  for (const auto& s : state->trunk) blocks.push_back(s.get());
+  blocks.push_back(state->heads[0].get());
+  auto graph = std::unique_ptr<DecodeGraph>(new DecodeGraph());
+  for (const BlockState* b : blocks) {
+    const std::vector<const Tensor*> tensors = b->StepTensors();
+    if (tensors.empty()) {
+      return absl::UnimplementedError(
+          "decode graph: attention blocks step eagerly (their KV length and RoPE position change every token)");
+    }
+    for (const Tensor* t : tensors) {
+      if (t->numel() > 0 && !IsCuda(*t)) {
+        return absl::FailedPreconditionError(
+            "decode graph: the state has not been stepped on the device yet (warm it with one eager DecodeStep)");
+      }
+      graph->state_tensors_.push_back(t);
+      graph->state_addresses_.push_back(Address(t));
+    }
+  }
+  if (state->position < 1) {
+    return absl::FailedPreconditionError("decode graph: warm the state with one eager DecodeStep before the capture");
+  }
+  const int64_t B = state->batch, V = model->spec().vocab_size, d = model->spec().d_model;
+  graph->state_ = state;
+  graph->batch_ = B;
+  graph->vocab_ = V;
+  graph->position_ = state->position;
+  graph->host_in_ = Cuda().AllocatePinnedHost(B * sizeof(int32_t));
+  graph->host_out_ = Cuda().AllocatePinnedHost(B * sizeof(int32_t));
+  if (graph->host_in_ == nullptr || graph->host_out_ == nullptr) {
+    return absl::ResourceExhaustedError("decode graph: no page-locked host memory for the token ids");
+  }
+  graph->ids_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
+  graph->argmax_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
+  graph->out_.resize(static_cast<size_t>(B));
+
+  // The host-side bookkeeping of DecodeChunk is redone by each Step; the capture must not move it.
+  const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
+  CudaBackend& cuda = Cuda();
+  std::string why;
+  // A second attempt only after a capture that failed on allocator cache misses alone (the
+  // warm-up's free blocks were short, e.g. of the few the graph's own buffers took): EndCapture
+  // has cached the missed sizes, so the same recording now finds them. Nothing ran either time.
+  bool retry = true;
+  for (int attempt = 0; attempt < 2 && retry && graph->graph_ == nullptr; ++attempt) {
+    retry = false;
+    cuda.BeginCapture();
+    cuda.CopyAsync(graph->ids_.raw(), graph->host_in_.get(), B * sizeof(int32_t));
+    Tensor z = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
+    CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), B, table.raw(), V, d, z.raw());
+    if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
+    LanguageModel::DecodeOptions step;
+    step.heads = 1;
+    state->live_heads = 1;
+    graph->logits_ = model->DecodeEmbedded(z, 1, state, step)[0];
+    z = Tensor();
+    CudaInfer().ArgmaxRows(graph->logits_.raw(), B, V, V, graph->argmax_.data<int32_t>());
+    cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), B * sizeof(int32_t));
+    graph->graph_ = cuda.EndCapture(&why, &retry);
+    state->position = position;
+    state->live_heads = live_heads;
+    state->rewind_chunk = rewind;
+    state->draft_hidden.clear();
+    if (graph->graph_ == nullptr) graph->logits_ = Tensor();
+  }
+  if (graph->graph_ == nullptr) return absl::InternalError(absl::StrCat("decode graph: capture failed: ", why));
+  if (absl::Status s = graph->CheckState(); !s.ok()) {
+    return absl::InternalError(absl::StrCat("decode graph: a block moved its state during the capture: ", s.message()));
+  }
+  return graph;
+}
+
+DecodeGraph::~DecodeGraph() = default;
+
+absl::Status DecodeGraph::CheckState() const {
+  if (state_->position != position_) {
+    return absl::FailedPreconditionError(absl::StrCat("decode graph: the state is at position ", state_->position,
+                                                      ", the graph left it at ", position_,
+                                                      " (stepped or rewound outside the graph)"));
+  }
+  for (size_t i = 0; i < state_tensors_.size(); ++i) {
+    if (Address(state_tensors_[i]) != state_addresses_[i]) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("decode graph: state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::span<const int32_t>> DecodeGraph::Step(std::span<const int32_t> tokens) {
+  if (static_cast<int64_t>(tokens.size()) != batch_) {
+    return absl::InvalidArgumentError(absl::StrCat("decode graph: ", tokens.size(), " tokens for batch ", batch_));
+  }
+  for (int32_t id : tokens) {
+    if (id < 0 || id >= vocab_) {
+      return absl::InvalidArgumentError(absl::StrCat("decode graph: token id ", id, " outside vocabulary ", vocab_));
+    }
+  }
+  if (absl::Status s = CheckState(); !s.ok()) return s;
+  // The previous replay has finished (Step synchronises), so the pinned input is free.
+  std::memcpy(host_in_.get(), tokens.data(), tokens.size() * sizeof(int32_t));
+  graph_->Launch();
+  Cuda().Synchronize();
+  std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
+  state_->position += 1;
+  position_ = state_->position;
+  state_->live_heads = 1;
+  state_->rewind_chunk = 0;
+  state_->draft_hidden.clear();
+  return std::span<const int32_t>(out_);
+}
+
+}  // namespace gyre::ops

@@ -1,0 +1,96 @@
+// DecodeGraph: greedy decoding's one-token step on CUDA captured once into a CUDA graph and
+// replayed per token (ops/DECODE_GRAPHS.md has the counts and the measurements).
+//
+// Why: at batch 1 a decode step of a 125M-parameter model reads ~250 MB of weights (~85 µs at
+// 3 TB/s) but launches a few hundred small kernels, each paying the host's launch cost; the
+// step is launch-bound (~1.1-1.5 ms). A graph launches them all with one call.
+//
+// What is captured, for a decode state of batch B (LanguageModel::DecodeStep with heads = 1):
+//   pinned host ids [B] -> device ids (a copy node), the embedding of those device ids, the
+//   trunk's and head 1's block steps, the final norm, the LM head, the argmax of each row on the
+//   device, device ids -> pinned host (a copy node).
+// Replay therefore needs no host work but writing B ids into the pinned input and reading B ids
+// from the pinned output after one stream synchronisation.
+//
+// What capture needs, and how it gets it:
+//   - fixed addresses: the input / output ids and the logits are buffers the graph owns; every
+//     temporary allocated during the capture comes from a graph-private pool of the caching
+//     allocator (kernels/cuda/device_allocator.h) that nobody else is given while the graph
+//     lives and that returns to the ordinary free lists when it dies;
+//   - states updated in place: the recurrent states and conv windows are written in place by
+//     their step kernels; the mLSTM step's n / m (written to fresh buffers by the chunk kernel)
+//     are copied back while capturing (MlstmBlock::StepCuda). Each replay checks that the state
+//     tensors still have the addresses of the capture and that the state's position is the one
+//     the last replay left (an eager step or a Rewind on the state in between is an error);
+//   - nothing host-side inside: no synchronisation, no pageable copy, no cudaMalloc (a cache
+//     miss fails the capture). The caller warms the state with one eager one-token step first,
+//     so cuBLASLt plans, the states' move to the device and the step's working set exist
+//     before the capture. Any CUDA failure inside the capture fails the capture (a Status) and
+//     the caller keeps the eager step.
+//   - attention blocks (Llama, the hybrids' mixer) are not covered: their KV length and RoPE
+//     position are host values that change every token (Capture: Unimplemented).
+//
+// Thread-safety: none; the thread that drives the CUDA backend.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "ops/cuda_backend.h"
+#include "ops/model.h"
+
+namespace gyre::ops {
+
+// GYRE_DECODE_GRAPH: unset or "0": greedy decoding steps eagerly; "1": eval::Generate replays a
+// DecodeGraph on CUDA (greedy and sampled; models without attention blocks). Read once; any
+// other value stops the process with a message naming the accepted ones. SetDecodeGraph
+// overrides it (tests, benchmarks).
+bool DecodeGraphEnabled();
+void SetDecodeGraph(bool on);
+
+struct DecodeGraphOptions {
+  // Tests of the failure path: a stream synchronisation inside the captured region (illegal in a
+  // capture), so the capture fails with the driver's message.
+  bool inject_host_sync = false;
+};
+// Makes every following Capture inject a host synchronisation (tests of callers' fallback).
+void InjectDecodeGraphFailure(bool on);
+
+class DecodeGraph {
+ public:
+  // Captures the one-token head-1 step of `state` (CUDA model, batch = state->batch). The state
+  // must have been stepped by one eager DecodeStep (heads 1) just before (the warm-up; without it
+  // the capture may miss the allocator's cache; a capture that failed on cache misses alone is
+  // retried once with the missed sizes cached). Nothing runs and the state is not advanced. Errors: Unimplemented (attention blocks, a CPU model), FailedPrecondition (an
+  // unwarmed state), Internal with the CUDA reason (the capture failed; eager stays usable).
+  static absl::StatusOr<std::unique_ptr<DecodeGraph>> Capture(LanguageModel* model, LanguageModel::DecodeState* state,
+                                                              const DecodeGraphOptions& options = {});
+  ~DecodeGraph();
+
+  // One replay: feeds `tokens` [batch] (ids < vocab) and returns head 1's argmax per sequence
+  // (valid until the next Step); logits() then holds head 1's logits [batch, vocab] (bf16). As
+  // LanguageModel::DecodeStep(tokens, state, 1), bit for bit. FailedPrecondition when the state
+  // was stepped, rewound or swapped outside this graph since the last replay.
+  absl::StatusOr<std::span<const int32_t>> Step(std::span<const int32_t> tokens);
+  const Tensor& logits() const { return logits_; }
+  // Nodes of the captured graph (kernels and copies).
+  int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
+
+ private:
+  DecodeGraph() = default;
+  absl::Status CheckState() const;
+
+  LanguageModel::DecodeState* state_ = nullptr;
+  int64_t batch_ = 0, vocab_ = 0, position_ = 0;
+  std::vector<const Tensor*> state_tensors_;
+  std::vector<const void*> state_addresses_;
+  std::shared_ptr<void> host_in_, host_out_;  // pinned [batch] int32
+  Tensor ids_, argmax_, logits_;               // device, fixed for the graph's life
+  std::vector<int32_t> out_;
+  std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
+};
+
+}  // namespace gyre::ops
