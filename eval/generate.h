@@ -51,7 +51,7 @@ struct GenerateResult {
   int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
   int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
-  // Greedy / sampled Generate on CUDA with GYRE_DECODE_GRAPH=1 (ops/decode_graph.h): "graph"
+  // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
   // (steps after the first replayed a captured graph), "eager" (off, or not CUDA), or
   // "eager: <why the capture failed>" (the eager step took over; also printed to stderr).
   std::string decode_graph = "eager";

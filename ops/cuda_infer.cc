@@ -35,7 +35,7 @@ namespace {
 int& GemmRowsWarpsSwitch() {
   static int warps = [] {
     const char* v = std::getenv("GYRE_GEMM_ROWS_WARPS");
-    const std::string s = v != nullptr ? v : "1";
+    const std::string s = v != nullptr ? v : "2";
     GYRE_CHECK(s == "1" || s == "2" || s == "4", "GYRE_GEMM_ROWS_WARPS must be 1, 2 or 4, got '%s'", s.c_str());
     return std::stoi(s);
   }();

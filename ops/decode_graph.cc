@@ -15,7 +15,7 @@ bool& GraphSwitch() {
     const char* v = std::getenv("GYRE_DECODE_GRAPH");
     const std::string s = v != nullptr ? v : "";
     GYRE_CHECK(v == nullptr || s == "0" || s == "1", "GYRE_DECODE_GRAPH must be 0 or 1, got '%s'", s.c_str());
-    return s == "1";
+    return s != "0";
   }();
   return on;
 }
