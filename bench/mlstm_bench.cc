@@ -475,6 +475,10 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 256, v2},      {"xlstm-1.3b-like", s13, 256, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2},
+      // The 125m cell at B11 (session 16, helper state16): 3·3·44 = 396 state tiles = exactly 3
+      // waves on 132 SMs, against B16's 576 = 4.36: per-kernel time / B tells what the partial
+      // last wave costs (GYRE_MLSTM_STATE_TAIL=split is the attempt to recover it).
+      {"xlstm-125m-b11", {11, 2048, 4, 384, 384}, 128, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
