@@ -1895,12 +1895,12 @@ __global__ void __launch_bounds__(384, 1)
 // mlstm_gpu_test StateTailSplitMatchesFullBytewise). The K (Q̂) tile is loaded by both halves
 // (L2 hits); n (state_fwd) and this tile's dn part (state_bwd) are summed by the first half only.
 //
-// Shared-memory layouts (TailLayout): full blocks keep StateWsSmem's (two 64 KB stages, 8 KB of
-// staging a warp). A half block's stage is 48 KB (K 32 KB, one 16 KB V block) and its staging 4 KB
-// a warp, so it fits three stages (loads two chunks ahead) in the same 192 KB: kHalfStages 3
-// (MlstmStateTail::kSplit) or 2 with the full layout (kSplit2, the first version, measured in
-// session 16's first call: the halves of state_bwd gained little there, a load-latency chain is
-// the suspect; kept for the comparison in the second call, the loser goes).
+// Measured (session 16, one H100, 125m cell; kernels/cuda/mlstm_notes.md): state_fwd 0.383-0.388
+// -> 0.366-0.372 ms, state_bwd 0.334 -> 0.331-0.332, the xlstm[1:0]-125m step −0.5 ms (median of
+// six rounds). A block alone on its SM (B1) runs a chunk in ~3.9 µs (half: ~2.8 µs) against ~5.3
+// µs in a full wave: the blocks are bound by their own serial chain more than by DRAM. Three
+// load stages for the half blocks (48 KB stages fit three in 192 KB) timed the same and were
+// deleted.
 struct StateTailTile {
   int j0, a0, bh;
   int part;    // the 128-column dv tile (state_bwd's dn part)
@@ -1919,63 +1919,31 @@ __device__ __forceinline__ StateTailTile StateTailTileOf(const Dims& d, int nful
   return t;
 }
 
-// Byte offsets in the 1 KB-aligned dynamic shared memory; barriers: kStages "full" then kStages
-// "empty" mbarriers at kBars, then state_bwd's coef / ddc ([kStages][128] floats each) at kBars + 64.
-template <int kStagesT, int kStageBytes, int kStagingAt, int kStgWarpBytes>
-struct TailLayout {
-  static constexpr int kStages = kStagesT;
-  static constexpr int kStage = kStageBytes;         // stage s at s · kStage: K (2 blocks), V
-  static constexpr int kOffV = 2 * StateWsSmem::kTile64;
-  static constexpr int kStaging = kStagingAt;        // warp w's at kStaging + w · kStgWarp
-  static constexpr int kStgWarp = kStgWarpBytes;     // hi blocks at +0 (+2048), lo at + kStgWarp / 2
-  static constexpr int kBars = kStaging + 8 * kStgWarp;
-  static constexpr int kEnd = kBars + 64 + 2 * kStages * 128 * 4;
-};
-using TailFullLayout = TailLayout<2, StateWsSmem::kStage, StateWsSmem::kStaging, 8192>;
-using TailHalf3Layout = TailLayout<3, 3 * StateWsSmem::kTile64, 9 * StateWsSmem::kTile64, 4096>;
-static_assert(TailFullLayout::kBars == StateWsSmem::kBars &&
-              TailFullLayout::kEnd + 1023 <= static_cast<int>(StateWsSmem::kBytes));
-static_assert(TailHalf3Layout::kEnd + 1023 <= static_cast<int>(StateWsSmem::kBytes));
-
-// mbarrier init of a layout's ring (thread 0): full (count full_count), empty (8 consumer warps).
-template <class Lay>
-__device__ __forceinline__ void TailInitBars(uint32_t sa, uint32_t full_count) {
-  using namespace hopper;
-  for (int i = 0; i < Lay::kStages; ++i) {
-    MbInit(sa + Lay::kBars + 8 * i, full_count);
-    MbInit(sa + Lay::kBars + 8 * (Lay::kStages + i), 8);
-  }
-  MbInitFence();
-}
-
 // state_fwd's producer (thread 0): the K tile's two column blocks and kNT / 8 column blocks of
 // V for each chunk, onto the stage's "full" mbarrier.
-template <int kNT, class Lay>
+template <int kNT>
 __device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMaps& maps,
-                                                  const StateTailTile& t, uint32_t sa) {
+                                                  const StateTailTile& t, uint32_t sa,
+                                                  uint32_t full, uint32_t empty) {
   using namespace hopper;
-  constexpr int L = 128, kTile = StateWsSmem::kTile64;
-  const uint32_t full = sa + Lay::kBars, empty = full + 8 * Lay::kStages;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
   const int b = t.bh / d.NH, hd = t.bh % d.NH;
-  int slot = 0, use = 0;
   for (int k = 0; k < d.NC; ++k) {
+    const int slot = k & 1, use = k >> 1;
     if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-    const uint32_t st = sa + slot * Lay::kStage, fb = full + 8 * slot;
-    MbArriveExpectTx(fb, (2 + kNT / 8) * kTile);
+    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+    MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
     TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
-    TmaTile4d(st + kTile, &maps.k, fb, t.a0 + 64, hd, k * L, b);
-    TmaTile4d(st + Lay::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
-    if (kNT == 16) TmaTile4d(st + Lay::kOffV + kTile, &maps.v, fb, t.j0 + 64, hd, k * L, b);
-    if (++slot == Lay::kStages) {
-      slot = 0;
-      ++use;
-    }
+    TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+    TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
+    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
   }
 }
 
 // This warp's 16 rows of the state (kNT n-tiles) as hi / lo into its swizzled staging area
-// (hi: column blocks at +0, +2048; lo at +kLo, +kLo + 2048), then one lane stores the boxes.
-template <int kNT, int kLo>
+// (hi: column blocks at +0, +2048; lo at +4096, +6144), then one lane stores the boxes.
+template <int kNT>
 __device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], unsigned char* stg,
                                                   uint32_t stg_a, const StateWsMaps& maps,
                                                   bool split, int j0, int row, int lane) {
@@ -1993,8 +1961,8 @@ __device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], un
     const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
     *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
     *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-    *reinterpret_cast<uint32_t*>(stg + kLo + o0) = lo0;
-    *reinterpret_cast<uint32_t*>(stg + kLo + o1) = lo1;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
   }
   FenceProxyAsync();
   __syncwarp();
@@ -2002,8 +1970,8 @@ __device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], un
     TmaStore2d(&maps.c, stg_a, j0, row);
     if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
     if (split) {
-      TmaStore2d(&maps.c_lo, stg_a + kLo, j0, row);
-      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + kLo + 2048, j0 + 64, row);
+      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
+      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
     }
     BulkCommit();
   }
@@ -2021,13 +1989,14 @@ __device__ __forceinline__ void StateTailMma(float (&acc)[kNT][4], const uint32_
 }
 
 // state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
-template <int kNT, class Lay>
+template <int kNT>
 __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
                                                     const StateWsMaps& maps, const StateTailTile& t,
-                                                    unsigned char* sm, uint32_t sa) {
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty) {
   using namespace hopper;
+  using SM = StateWsSmem;
   constexpr int L = 128;
-  const uint32_t full = sa + Lay::kBars, empty = full + 8 * Lay::kStages;
   const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
   const int j0 = t.j0, a0 = t.a0, bh = t.bh;
   const bool n_block = t.first && t.part == 0;
@@ -2041,7 +2010,7 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
   }
   float nacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + Lay::kStaging + w * Lay::kStgWarp;
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
   for (int k = 0; k < d.NC; ++k) {
@@ -2057,11 +2026,11 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
         ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
       }
     }
-    StateTailStageOut<kNT, Lay::kStgWarp / 2>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
     if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
 
     MbWait(full + 8 * slot, phase);
-    const unsigned char* kst = sm + slot * Lay::kStage;
+    const unsigned char* kst = sm + slot * SM::kStage;
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -2082,7 +2051,7 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
         Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
       }
     }
-    const uint64_t v_d = SmemDescSw128(sa + slot * Lay::kStage + Lay::kOffV, StateWsSmem::kTile64, 1024);
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
     if (!d.fwd_wlo) {
 #pragma unroll
       for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
@@ -2103,7 +2072,7 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
     FenceRegs(elo);
     __syncwarp();
     if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == Lay::kStages) {
+    if (++slot == 2) {
       slot = 0;
       phase ^= 1;
     }
@@ -2122,57 +2091,56 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
   if (lane == 0) BulkWait<0>();
 }
 
-// Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves, on kHalfStages
-// stages (3: TailHalf3Layout; 2: the full blocks' layout).
-template <int kHalfStages>
+// Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves.
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws_tail(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
   using namespace hopper;
-  using HalfLay = std::conditional_t<kHalfStages == 3, TailHalf3Layout, TailFullLayout>;
+  using SM = StateWsSmem;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
   const bool half = static_cast<int>(blockIdx.x) >= nfull;
   const StateTailTile t = StateTailTileOf(d, nfull, half);
   if (threadIdx.x == 0) {
-    if (half) {
-      TailInitBars<HalfLay>(sa, 1);
-    } else {
-      TailInitBars<TailFullLayout>(sa, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
     }
+    MbInitFence();
   }
   __syncthreads();
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       if (half) {
-        StateFwdTailLoads<8, HalfLay>(d, maps, t, sa);
+        StateFwdTailLoads<8>(d, maps, t, sa, full, empty);
       } else {
-        StateFwdTailLoads<16, TailFullLayout>(d, maps, t, sa);
+        StateFwdTailLoads<16>(d, maps, t, sa, full, empty);
       }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateFwdTailConsume<8, HalfLay>(d, p, maps, t, sm, sa);
+    StateFwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty);
   } else {
-    StateFwdTailConsume<16, TailFullLayout>(d, p, maps, t, sm, sa);
+    StateFwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty);
   }
 }
 
 // state_bwd consumer warpgroups (mlstm_state_bwd_ws's, chunk 128) on kNT n-tiles; coef / ddc of
 // each stage come from the producer warpgroup through shared memory, as there.
-template <int kNT, class Lay>
+template <int kNT>
 __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs& p,
                                                     const StateWsMaps& maps, const StateTailTile& t,
-                                                    unsigned char* sm, uint32_t sa) {
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty, const float* cws,
+                                                    const float* dws) {
   using namespace hopper;
+  using SM = StateWsSmem;
   constexpr int L = 128;
-  const uint32_t full = sa + Lay::kBars, empty = full + 8 * Lay::kStages;
-  const float* cws = reinterpret_cast<const float*>(sm + Lay::kBars + 64);
-  const float* dws = cws + Lay::kStages * L;
   const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
   const int j0 = t.j0, a0 = t.a0, bh = t.bh, part = t.part, parts = d.DV / 128;
   const bool dn_block = t.first;  // the tile's dn part: summed and stored by its first half only
@@ -2190,17 +2158,17 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
   float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (dn_block && part == 0 && p.dc_fin != nullptr)
     LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + Lay::kStaging + w * Lay::kStgWarp;
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
   const uint32_t stg_a = SmemAddr(stg);
   int slot = 0, phase = 0;
   for (int s = 0; s < d.NC; ++s) {
     const int k = d.NC - 1 - s;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    StateTailStageOut<kNT, Lay::kStgWarp / 2>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
     if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
 
     MbWait(full + 8 * slot, phase);
-    const unsigned char* qst = sm + slot * Lay::kStage;
+    const unsigned char* qst = sm + slot * SM::kStage;
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       acc[i][0] *= decay;
@@ -2223,7 +2191,7 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
         Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
       }
     }
-    const uint64_t h_d = SmemDescSw128(sa + slot * Lay::kStage + Lay::kOffV, StateWsSmem::kTile64, 1024);
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
     if (!d.bwd_wlo) {
 #pragma unroll
       for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
@@ -2244,7 +2212,7 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
     FenceRegs(aclo);
     __syncwarp();
     if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == Lay::kStages) {
+    if (++slot == 2) {
       slot = 0;
       phase ^= 1;
     }
@@ -2256,82 +2224,61 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
   if (lane == 0) BulkWait<0>();
 }
 
-// state_bwd's producer warpgroup: every thread writes its token's coef / ddc into the stage's
-// slots, thread 0 (after its own) issues the Q̂ tile's two blocks and kNT / 8 blocks of dH.
-template <int kNT, class Lay>
-__device__ __forceinline__ void StateBwdTailLoads(const Dims& d, const BwdPtrs& p,
-                                                  const StateWsMaps& maps, const StateTailTile& t,
-                                                  unsigned char* sm, uint32_t sa) {
-  using namespace hopper;
-  constexpr int L = 128, kTile = StateWsSmem::kTile64;
-  const uint32_t full = sa + Lay::kBars, empty = full + 8 * Lay::kStages;
-  float* cws = reinterpret_cast<float*>(sm + Lay::kBars + 64);
-  float* dws = cws + Lay::kStages * L;
-  const int tt = threadIdx.x;
-  const int b = t.bh / d.NH, hd = t.bh % d.NH;
-  const int64_t so = static_cast<int64_t>(t.bh) * d.S;
-  int slot = 0, use = 0;
-  for (int s = 0; s < d.NC; ++s) {
-    const int k = d.NC - 1 - s;
-    const int t0 = k * L, len = min(L, d.S - t0);
-    const float cf = tt < len ? p.coef[so + t0 + tt] : 0.f;
-    const float dd = tt < len ? p.ddc[so + t0 + tt] : 0.f;
-    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-    cws[slot * L + tt] = cf;
-    dws[slot * L + tt] = dd;
-    const uint32_t st = sa + slot * Lay::kStage, fb = full + 8 * slot;
-    if (tt == 0) {
-      MbArriveExpectTx(fb, (2 + kNT / 8) * kTile);  // (release: the stores above are visible)
-      TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
-      TmaTile4d(st + kTile, &maps.k, fb, t.a0 + 64, hd, k * L, b);
-      TmaTile4d(st + Lay::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
-      if (kNT == 16) TmaTile4d(st + Lay::kOffV + kTile, &maps.v, fb, t.j0 + 64, hd, k * L, b);
-    } else {
-      MbArrive(fb);
-    }
-    if (++slot == Lay::kStages) {
-      slot = 0;
-      ++use;
-    }
-  }
-}
-
-template <int kHalfStages>
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
   using namespace hopper;
-  using HalfLay = std::conditional_t<kHalfStages == 3, TailHalf3Layout, TailFullLayout>;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
+  float* dws = cws + 2 * L;
   const bool half = static_cast<int>(blockIdx.x) >= nfull;
   const StateTailTile t = StateTailTileOf(d, nfull, half);
-  if (threadIdx.x == 0) {  // full: every producer thread arrives (thread 0's with the bytes)
-    if (half) {
-      TailInitBars<HalfLay>(sa, 128);
-    } else {
-      TailInitBars<TailFullLayout>(sa, 128);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
+      MbInit(empty + 8 * i, 8);
     }
+    MbInitFence();
   }
   __syncthreads();
-  if (threadIdx.x < 128) {
+  if (threadIdx.x < 128) {  // thread 0 issues the tiles (after its coef / ddc), all write coef / ddc
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (half) {
-      StateBwdTailLoads<8, HalfLay>(d, p, maps, t, sm, sa);
-    } else {
-      StateBwdTailLoads<16, TailFullLayout>(d, p, maps, t, sm, sa);
+    const int tt = threadIdx.x;
+    const int b = t.bh / d.NH, hd = t.bh % d.NH;
+    const int64_t so = static_cast<int64_t>(t.bh) * d.S;
+    for (int s = 0; s < d.NC; ++s) {
+      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+      const int t0 = k * L, len = min(L, d.S - t0);
+      const float cf = tt < len ? p.coef[so + t0 + tt] : 0.f;
+      const float dd = tt < len ? p.ddc[so + t0 + tt] : 0.f;
+      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+      cws[slot * L + tt] = cf;
+      dws[slot * L + tt] = dd;
+      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+      if (tt == 0) {
+        MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);
+        TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
+        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
+      } else {
+        MbArrive(fb);
+      }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateBwdTailConsume<8, HalfLay>(d, p, maps, t, sm, sa);
+    StateBwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty, cws, dws);
   } else {
-    StateBwdTailConsume<16, TailFullLayout>(d, p, maps, t, sm, sa);
+    StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
   }
 }
-
 // ---------------------------------------------------------------- 6. bwd_dv
 
 // Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
@@ -5012,26 +4959,25 @@ FwdEnvCheck FwdEnv() {
   return from_env;
 }
 
-// MlstmOptions::state_tail resolved to the half blocks' stage count: 0 = not split, 3 (kSplit), 2
-// (kSplit2). kAuto: GYRE_MLSTM_STATE_TAIL, read once per process: unset or "full" = 0, "split" = 3,
-// "split2" = 2; any other value is an error naming the accepted ones. `who` names the entry point
-// in the message.
-CudaResult StateTailSplit(const MlstmOptions& o, const char* who, int* half_stages) {
+// MlstmOptions::state_tail resolved (kAuto: GYRE_MLSTM_STATE_TAIL, read once per process: unset or
+// "full" = the one-block-per-tile state kernels, "split" = mlstm_state_fwd_ws_tail /
+// mlstm_state_bwd_ws_tail; any other value is an error naming the accepted ones). `who` names the
+// entry point in the message.
+CudaResult StateTailSplit(const MlstmOptions& o, const char* who, bool* split) {
   static const char* const env = std::getenv("GYRE_MLSTM_STATE_TAIL");
-  *half_stages = 0;
+  *split = false;
   switch (o.state_tail) {
     case MlstmStateTail::kFull: return {};
-    case MlstmStateTail::kSplit: *half_stages = 3; return {};
-    case MlstmStateTail::kSplit2: *half_stages = 2; return {};
+    case MlstmStateTail::kSplit: *split = true; return {};
     case MlstmStateTail::kAuto: break;
   }
   if (env == nullptr || std::strcmp(env, "full") == 0) return {};
-  if (std::strcmp(env, "split") == 0 || std::strcmp(env, "split2") == 0) {
-    *half_stages = env[5] == '2' ? 2 : 3;
+  if (std::strcmp(env, "split") == 0) {
+    *split = true;
     return {};
   }
-  return InvalidArgument(std::string(who) +
-                         ": GYRE_MLSTM_STATE_TAIL must be full, split or split2 (or unset), got '" + env + "'");
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_TAIL must be full or split (or unset), got '" +
+                         env + "'");
 }
 
 // The split grid of the state kernels (see mlstm_state_fwd_ws_tail): the tiles of the last wave,
@@ -5203,10 +5149,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
-// tail_stages: StateTailSplit's choice (chunk 128's TMA state kernel only).
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         int tail_stages = 0) {
+                         bool tail_split = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5239,11 +5185,10 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
-          const StateTailGrid tg = tail_stages > 0 ? StateTailPlan(d) : StateTailGrid{};
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
-            const auto kernel = tail_stages == 3 ? mlstm_state_fwd_ws_tail<3> : mlstm_state_fwd_ws_tail<2>;
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_tail, ws_smem));
+            mlstm_state_fwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_tail");
             Hook("mlstm_state_fwd_tail", stream);  // (its own name: the test checks it ran)
             return {};
@@ -5328,10 +5273,10 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
 }
 
 // dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync).
-// tail_stages: StateTailSplit's choice (chunk 128's TMA state kernel only).
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
-                          cudaStream_t stream, int tail_stages = 0) {
+                          cudaStream_t stream, bool tail_split = false) {
   const int bh = d.B * d.NH;
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
@@ -5346,11 +5291,10 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
-          const StateTailGrid tg = tail_stages > 0 ? StateTailPlan(d) : StateTailGrid{};
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
-            const auto kernel = tail_stages == 3 ? mlstm_state_bwd_ws_tail<3> : mlstm_state_bwd_ws_tail<2>;
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_tail, ws_smem));
+            mlstm_state_bwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_tail");
             Hook("mlstm_state_bwd_tail", stream);  // (its own name: the test checks it ran)
             return {};
@@ -5658,8 +5602,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
                                        "wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
-  int tail_stages = 0;
-  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_stages));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -5672,7 +5616,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail_stages);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split);
   }
 }
 
@@ -5733,8 +5677,8 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
                                        "unset; wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
-  int tail_stages = 0;
-  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_stages));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
   Dims d = MakeDims(shape, options);
@@ -5754,7 +5698,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
     case 256: return LaunchForward256(d, p, stream, false);
-    default: return LaunchForward<128>(d, p, stream, false, tail_stages);
+    default: return LaunchForward<128>(d, p, stream, false, tail_split);
   }
 }
 
@@ -5792,8 +5736,8 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
                                        "wg was deleted), got '") +
                            dv_choice.bad_state_env + "'");
   }
-  int tail_stages = 0;
-  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_stages));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -5852,7 +5796,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
     case 256: return LaunchBackward256(d, p, dv_choice, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, stream, tail_stages);
+    default: return LaunchBackward<128>(d, p, dv_choice, stream, tail_split);
   }
 }
 

@@ -136,15 +136,14 @@ enum class MlstmBwdDvKernel {
 // wave (helper state16, session 16; kernels/cuda/mlstm_notes.md). The bytes are the same either way
 // (every state element gets the same products in the same order; tested bytewise).
 enum class MlstmStateTail {
-  kAuto,    // GYRE_MLSTM_STATE_TAIL (read once per process): "full" or unset = kFull, "split" =
-            // kSplit, "split2" = kSplit2; any other value makes forward, recompute and backward
-            // return an error naming it
-  kFull,    // one block per tile (the default)
-  kSplit,   // the tiles of the last wave (tiles % #SMs) as two 64-column blocks each, where that
-            // wave is partial and its halves fit into one wave (125m cell: 576 tiles on 132 SMs ->
-            // 528 full blocks + 96 halves), the halves on three load stages; elsewhere, at other
-            // chunk sizes and with 64×64 state tiles the kFull kernels run
-  kSplit2,  // kSplit with the halves on two stages (the first version; measured against kSplit)
+  kAuto,   // GYRE_MLSTM_STATE_TAIL (read once per process): "full" or unset = kFull, "split" =
+           // kSplit; any other value makes forward, recompute and backward return an error
+           // naming it
+  kFull,   // one block per tile (the default)
+  kSplit,  // the tiles of the last wave (tiles % #SMs) as two 64-column blocks each, where that
+           // wave is partial and its halves fit into one wave (125m cell: 576 tiles on 132 SMs ->
+           // 528 full blocks + 96 halves); elsewhere, at other chunk sizes and with 64×64 state
+           // tiles the kFull kernels run
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
