@@ -1918,8 +1918,14 @@ __device__ __forceinline__ void WgmmaWaitLeft(int n) {  // n constant after unro
   }
 }
 
+// kMode (diagnostic variants, session 16 call 2): 0 = as described; 1 = the n / dn mma.syncs
+// (and the n / dn stores and decay) after the last wait_group instead of inside the slices (an
+// mma.sync may wait for the tensor pipe's in-flight wgmmas); 2 = the same barriers, groups and
+// slices but no overlap (one wait_group 0, then all four slices): the structure's own cost.
+template <int kMode>
 __device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
+  constexpr bool kOverlap = kMode != 2, kNAfter = kMode == 1;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
   const int nsteps = d.NC;
@@ -1992,7 +1998,7 @@ __device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, 
   auto prep_slice = [&](int k, int j) {
     const int slot = k & 1;
     if (j == 0) {
-      if (n_block) {
+      if (n_block && !kNAfter) {
         StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
         const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
 #pragma unroll
@@ -2007,19 +2013,38 @@ __device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, 
       uint32_t a[4];
       LoadATSw(a, kst, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ah[j][q], al[j][q], a, es + slot * L, 16 * kk, lane);
-      if (n_block) {
+      if (n_block && !kNAfter) {
         Mma(nacc, ah[j][q], kOnesBf16x2, kOnesBf16x2);
         Mma(nacc, al[j][q], kOnesBf16x2, kOnesBf16x2);
       }
-      if (!d.fwd_wlo) al[j][q][0] = al[j][q][1] = al[j][q][2] = al[j][q][3] = 0u;  // (see mlstm_state_fwd)
+      if (!d.fwd_wlo && !kNAfter) al[j][q][0] = al[j][q][1] = al[j][q][2] = al[j][q][3] = 0u;  // (see mlstm_state_fwd)
     }
     if (j == 3) {
       __syncwarp();
       if (lane == 0) MbArrive(kempty + 8 * slot);  // K (ldmatrix) and E_t reads are done
     }
   };
+  // kMode 1: the n stream's chunk k after A(k) is complete and no wgmma is in flight.
+  auto n_after = [&](int k) {
+    if (n_block) {
+      StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+      const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) {
+        Mma(nacc, ah[kk / 2][kk % 2], kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, al[kk / 2][kk % 2], kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    if (!d.fwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) al[kk / 2][kk % 2][0] = al[kk / 2][kk % 2][1] = al[kk / 2][kk % 2][2] = al[kk / 2][kk % 2][3] = 0u;
+    }
+  };
 #pragma unroll
   for (int j = 0; j < 4; ++j) prep_slice(0, j);
+  if (kNAfter) n_after(0);
   for (int k = 0; k < nsteps; ++k) {
     const int slot = k & 1;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
@@ -2082,16 +2107,17 @@ __device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, 
     // A(k + 1), slice j as soon as chunk k's group j retired.
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      WgmmaWaitLeft(3 - j);
+      WgmmaWaitLeft(kOverlap ? 3 - j : 0);
       FenceRegs(ah[j]);
       FenceRegs(al[j]);
-      if (j == 3) {
-        FenceRegs(acc);
+      if (j == 3 || !kOverlap) FenceRegs(acc);
+      if ((kOverlap && j == 3) || (!kOverlap && j == 0)) {
         __syncwarp();
         if (lane == 0) MbArrive(vempty + 8 * slot);  // V (wgmma) reads are done
       }
       if (next) prep_slice(k + 1, j);
     }
+    if (kNAfter && next) n_after(k + 1);
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
   const int64_t clast = (last * d.DK + row0) * d.DV + j0;
@@ -2108,15 +2134,25 @@ __device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, 
 }
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws_pipe(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateFwdWsPipe(d, p, maps);
+  StateFwdWsPipe<0>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_pipe_nafter(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWsPipe<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_pipe_seq(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWsPipe<2>(d, p, maps);
 }
 
 // The backward's pipelined chain: mlstm_state_bwd_ws's recurrence (step s handles chunk
 // k = NC − 1 − s: dC_{k+1} out, decay, + (Q̂ᵀ diag(coef)) dH) with StateFwdWsPipe's structure;
 // the dn stream (this column block's part: 16-token steps kk with kk % parts == part) runs while
 // A of step s is prepared, one step ahead of dC, as n does in the forward.
+template <int kMode>
 __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
+  constexpr bool kOverlap = kMode != 2, kNAfter = kMode == 1;
   using SM = StateWsSmem;
   constexpr int L = 128, kNT = 16;
   const int nsteps = d.NC;
@@ -2196,10 +2232,12 @@ __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, 
   auto prep_slice = [&](int s, int j) {
     const int k = nsteps - 1 - s, slot = s & 1;
     if (j == 0) {
-      StoreNAcc(dn_slot(k), dnacc, lane);
-      const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+      if (!kNAfter) {
+        StoreNAcc(dn_slot(k), dnacc, lane);
+        const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+        for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+      }
       MbWait(qfull + 8 * slot, (s >> 1) & 1);
     }
     const unsigned char* qst = sm + slot * SM::kStage;
@@ -2209,7 +2247,7 @@ __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, 
       uint32_t a[4];
       LoadATSw(a, qst, 16 * w, 16 * kk, lane);
       ScaleAKSplit(ah[j][q], al[j][q], a, cws + slot * L, 16 * kk, lane);
-      if (kk % parts == part) {
+      if (!kNAfter && kk % parts == part) {
         uint32_t ad[4], adlo[4];
         ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
         Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
@@ -2217,13 +2255,36 @@ __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, 
       }
       if (!d.bwd_wlo) al[j][q][0] = al[j][q][1] = al[j][q][2] = al[j][q][3] = 0u;
     }
-    if (j == 3) {
+    if (j == 3 && !kNAfter) {
       __syncwarp();
       if (lane == 0) MbArrive(qempty + 8 * slot);  // Q̂ (ldmatrix), coef, ddc reads are done
     }
   };
+  // kMode 1: the dn stream's chunk k once step s's A is complete and no wgmma is in flight (the
+  // ddc-scaled fragments read again from the Q̂ slot, released after).
+  auto n_after = [&](int s) {
+    const int k = nsteps - 1 - s, slot = s & 1;
+    StoreNAcc(dn_slot(k), dnacc, lane);
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    const unsigned char* qst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      if (kk % parts == part) {
+        uint32_t a[4], ad[4], adlo[4];
+        LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) MbArrive(qempty + 8 * slot);
+  };
 #pragma unroll
   for (int j = 0; j < 4; ++j) prep_slice(0, j);
+  if (kNAfter) n_after(0);
   for (int s = 0; s < nsteps; ++s) {
     const int k = nsteps - 1 - s, slot = s & 1;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
@@ -2283,16 +2344,17 @@ __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, 
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      WgmmaWaitLeft(3 - j);
+      WgmmaWaitLeft(kOverlap ? 3 - j : 0);
       FenceRegs(ah[j]);
       FenceRegs(al[j]);
-      if (j == 3) {
-        FenceRegs(acc);
+      if (j == 3 || !kOverlap) FenceRegs(acc);
+      if ((kOverlap && j == 3) || (!kOverlap && j == 0)) {
         __syncwarp();
         if (lane == 0) MbArrive(hempty + 8 * slot);  // dH (wgmma) reads are done
       }
       if (next) prep_slice(s + 1, j);
     }
+    if (kNAfter && next) n_after(s + 1);
   }
   StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
   if (p.dc0 != nullptr) {
@@ -2302,7 +2364,15 @@ __device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, 
 }
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws_pipe(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateBwdWsPipe(d, p, maps);
+  StateBwdWsPipe<0>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_pipe_nafter(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWsPipe<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_pipe_seq(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWsPipe<2>(d, p, maps);
 }
 
 // ------------------------------------------------ 4b/5b. state kernels with the last wave split
@@ -5411,23 +5481,30 @@ CudaResult StateTailSplit(const MlstmOptions& o, const char* who, bool* split) {
                          env + "'");
 }
 
-// MlstmOptions::state_chain resolved (kAuto: GYRE_MLSTM_STATE_CHAIN, read once per process: unset
-// or "serial" = mlstm_state_fwd_ws / _bwd_ws, "pipe" = mlstm_state_fwd_ws_pipe / _bwd_ws_pipe; any
-// other value is an error naming the accepted ones). `who` names the entry point in the message.
-CudaResult StateChainPipe(const MlstmOptions& o, const char* who, bool* pipe) {
+// MlstmOptions::state_chain resolved to a kernel choice: 0 = serial (mlstm_state_fwd_ws / _bwd_ws),
+// 1 = pipe (mlstm_state_*_ws_pipe), 2 = pipe-nafter, 3 = pipe-seq (diagnostic variants); kAuto:
+// GYRE_MLSTM_STATE_CHAIN, read once per process (unset = serial; any other value than the four
+// names is an error naming them). `who` names the entry point in the message.
+CudaResult StateChainPipe(const MlstmOptions& o, const char* who, int* pipe) {
   static const char* const env = std::getenv("GYRE_MLSTM_STATE_CHAIN");
-  *pipe = false;
+  *pipe = 0;
   switch (o.state_chain) {
     case MlstmStateChain::kSerial: return {};
-    case MlstmStateChain::kPipe: *pipe = true; return {};
+    case MlstmStateChain::kPipe: *pipe = 1; return {};
+    case MlstmStateChain::kPipeNAfter: *pipe = 2; return {};
+    case MlstmStateChain::kPipeSeq: *pipe = 3; return {};
     case MlstmStateChain::kAuto: break;
   }
   if (env == nullptr || std::strcmp(env, "serial") == 0) return {};
-  if (std::strcmp(env, "pipe") == 0) {
-    *pipe = true;
-    return {};
+  static const char* const kNames[] = {"pipe", "pipe-nafter", "pipe-seq"};
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(env, kNames[i]) == 0) {
+      *pipe = i + 1;
+      return {};
+    }
   }
-  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_CHAIN must be serial or pipe (or unset), got '" +
+  return InvalidArgument(std::string(who) +
+                         ": GYRE_MLSTM_STATE_CHAIN must be serial, pipe, pipe-nafter or pipe-seq (or unset), got '" +
                          env + "'");
 }
 
@@ -5604,7 +5681,7 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 // only; a split grid runs the split kernels).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool chain_pipe = false) {
+                         bool tail_split = false, int chain_pipe = 0) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5646,8 +5723,11 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
             return {};
           }
           if (chain_pipe) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_pipe, ws_smem));
-            mlstm_state_fwd_ws_pipe<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+            auto kernel = chain_pipe == 1   ? mlstm_state_fwd_ws_pipe
+                          : chain_pipe == 2 ? mlstm_state_fwd_ws_pipe_nafter
+                                            : mlstm_state_fwd_ws_pipe_seq;
+            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
+            kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_pipe");
             Hook("mlstm_state_fwd_pipe", stream);  // (its own name: the test checks it ran)
             return {};
@@ -5735,7 +5815,7 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
 // tail_split / chain_pipe: as in LaunchForward.
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
-                          cudaStream_t stream, bool tail_split = false, bool chain_pipe = false) {
+                          cudaStream_t stream, bool tail_split = false, int chain_pipe = 0) {
   const int bh = d.B * d.NH;
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
@@ -5759,8 +5839,11 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
             return {};
           }
           if (chain_pipe) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_pipe, ws_smem));
-            mlstm_state_bwd_ws_pipe<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+            auto kernel = chain_pipe == 1   ? mlstm_state_bwd_ws_pipe
+                          : chain_pipe == 2 ? mlstm_state_bwd_ws_pipe_nafter
+                                            : mlstm_state_bwd_ws_pipe_seq;
+            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
+            kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_pipe");
             Hook("mlstm_state_bwd_pipe", stream);  // (its own name: the test checks it ran)
             return {};
@@ -6070,7 +6153,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
-  bool chain_pipe = false;
+  int chain_pipe = 0;
   CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm forward", &chain_pipe));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
@@ -6147,7 +6230,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
-  bool chain_pipe = false;
+  int chain_pipe = 0;
   CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm recompute states", &chain_pipe));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
@@ -6208,7 +6291,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
-  bool chain_pipe = false;
+  int chain_pipe = 0;
   CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm backward", &chain_pipe));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);

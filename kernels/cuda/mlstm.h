@@ -157,6 +157,8 @@ enum class MlstmStateChain {
   kPipe,    // mlstm_state_fwd_ws_pipe / _bwd_ws_pipe: chunk k + 1's A fragments are prepared while
             // chunk k's wgmmas run. Where MlstmStateTail::kSplit splits the grid, the split kernels
             // run instead (they are not pipelined)
+  kPipeNAfter,  // diagnostic ("pipe-nafter"): kPipe with the n / dn mma.syncs after the last wait
+  kPipeSeq,     // diagnostic ("pipe-seq"): kPipe's structure without the overlap
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves

@@ -771,11 +771,15 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       const size_t scratch_bytes = MlstmChunkwiseBackwardScratchBytes(shape, opt);
       // [0] kFull, [1] kSplit, [2] kFull with MlstmStateChain::kPipe (helper state16b): every
       // output's bytes.
-      std::vector<std::vector<unsigned char>> out[3];
-      size_t tail_launches = 0, pipe_launches = 0;
-      for (int which = 0; which < 3; ++which) {
+      // [3], [4]: the diagnostic pipe variants kPipeNAfter, kPipeSeq.
+      std::vector<std::vector<unsigned char>> out[5];
+      size_t tail_launches = 0, pipe_launches[5] = {};
+      static const MlstmStateChain kChains[5] = {MlstmStateChain::kSerial, MlstmStateChain::kSerial,
+                                                 MlstmStateChain::kPipe, MlstmStateChain::kPipeNAfter,
+                                                 MlstmStateChain::kPipeSeq};
+      for (int which = 0; which < 5; ++which) {
         opt.state_tail = which == 1 ? MlstmStateTail::kSplit : MlstmStateTail::kFull;
-        opt.state_chain = which == 2 ? MlstmStateChain::kPipe : MlstmStateChain::kSerial;
+        opt.state_chain = kChains[which];
         DeviceBuffer saved, scratch;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
         CUDA_OK_OR_DIE(alloc.Allocate(scratch_bytes, &scratch));
@@ -802,8 +806,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
         for (int x : g_tail_names) tails += x;
         if (which == 1) tail_launches = tails;
         if (which != 1 && tails != 0) tail_launches = 100;  // kFull must not run them
-        if (which == 2) pipe_launches = g_pipe_launches;
-        if (which != 2 && g_pipe_launches != 0) pipe_launches = 100;  // kSerial must not run them
+        pipe_launches[which] = g_pipe_launches;  // 2 from [2] on, 0 before
         out[which].push_back(DeviceBytes(saved.get(), saved_bytes));
         out[which].push_back(DeviceBytes(scratch.get(), scratch_bytes));
         for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out[which].push_back(DeviceBytes(x->get(), x->size() * 2));
@@ -814,17 +817,22 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       static const char* const kNames[] = {"saved", "scratch", "h", "dq", "dk", "dv", "C_S", "n_S",
                                            "m_S", "digate", "dfgate", "dC0", "dn0", "dm0"};
       std::string diffs, pipe_diffs;
-      bool ok = tail_launches == 2, pipe_ok = pipe_launches == 2;
+      bool ok = tail_launches == 2;
+      bool pipe_ok = pipe_launches[0] == 0 && pipe_launches[1] == 0 && pipe_launches[2] == 2 &&
+                     pipe_launches[3] == 2 && pipe_launches[4] == 2;
       for (size_t i = 0; i < out[0].size(); ++i) {
         const size_t n = BytesDiffer(out[0][i], out[1][i]);
         if (n != 0) {
           ok = false;
           diffs += std::string(" ") + kNames[i] + " " + std::to_string(n) + "/" + std::to_string(out[0][i].size());
         }
-        const size_t np = BytesDiffer(out[0][i], out[2][i]);
-        if (np != 0) {
-          pipe_ok = false;
-          pipe_diffs += std::string(" ") + kNames[i] + " " + std::to_string(np) + "/" + std::to_string(out[0][i].size());
+        for (int v = 2; v < 5; ++v) {
+          const size_t np = BytesDiffer(out[0][i], out[v][i]);
+          if (np != 0) {
+            pipe_ok = false;
+            pipe_diffs += " [" + std::to_string(v) + "] " + kNames[i] + " " + std::to_string(np) + "/" +
+                          std::to_string(out[0][i].size());
+          }
         }
       }
       // The C_k planes were written (the first bytes of `saved` are C_0's hi plane).
@@ -841,11 +849,11 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
                   static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
                   diffs.empty() ? " none" : diffs.c_str());
       std::printf("[%s] mlstm state chain pipe vs serial bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
-                  "pipelined kernels ran %zu of 2; bytes differing:%s\n",
+                  "pipelined kernels ran %zu / %zu / %zu of 2 (pipe, pipe-nafter, pipe-seq); bytes differing:%s\n",
                   pipe_ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
                   static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                   prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
-                  sh.with_states ? " +init +dfinal" : "", pipe_launches,
+                  sh.with_states ? " +init +dfinal" : "", pipe_launches[2], pipe_launches[3], pipe_launches[4],
                   pipe_diffs.empty() ? " none" : pipe_diffs.c_str());
       failures += ok ? 0 : 1;
       failures += pipe_ok ? 0 : 1;
