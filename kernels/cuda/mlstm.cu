@@ -1874,507 +1874,6 @@ __global__ void __launch_bounds__(384, 1)
   StateBwdWs<2>(d, p, maps);
 }
 
-// ---------------------------------------- 4c/5c. state kernels with the next chunk's A prepared
-// under this chunk's wgmmas (helper state16b, session 16; opt-in: MlstmOptions::state_chain =
-// kPipe or GYRE_MLSTM_STATE_CHAIN=pipe; chunk 128 with 128×128 state tiles only.)
-//
-// mlstm_state_fwd_ws / _bwd_ws are bound by each block's serial per-chunk chain (session 16,
-// helper state16: a block alone on its SM needs 3.9 µs a chunk, 1.1 µs of it tensor time): per
-// consumer warp, C_k out (32 SplitPacks, st.shared, TMA store) -> wait for the stage -> decay ->
-// 8 × (ldmatrix.trans of Kᵀ, E / coef scaling, hi / lo split) -> 16 RS wgmmas -> wait -> release.
-// The A fragments of chunk k + 1 do not depend on the state, so these kernels prepare them (and
-// run the n / dn part of chunk k + 1, which needs nothing else) while chunk k's wgmmas run.
-//
-// Registers: a second 64-register A set does not fit (a first version with two sets, the loop
-// unrolled by two, spilled ~900 bytes under the 232 registers a consumer thread gets). So A is
-// held as four slices of two 16-token steps (16 registers each, hi and lo) and chunk k's 16
-// wgmmas are committed as four groups, one per slice: after wgmma.wait_group 3 slice 0 is free
-// and gets chunk k + 1's slice 0 while groups 1-3 run, and so on; slice 3's preparation follows
-// the last wait. The chain per chunk becomes C_k out -> decay -> issue 16 wgmmas -> [slices 0-2
-// of A(k + 1) ‖ tensor] -> wait -> slice 3: a quarter of the preparation stays on it.
-//
-// Because A(k + 1) is read during chunk k, the stage's K (Q̂ in the backward) and V (dH) halves
-// get their own mbarriers: K(k + 1) is released as soon as its fragments are in registers (end of
-// chunk k), V(k) after chunk k's wgmmas retired; the producer's order K(k), V(k), K(k + 1), ...
-// keeps each half about one chunk ahead of its use, as the serial kernels' stages were. E_t
-// (forward) and coef / ddc (backward) travel with the K / Q̂ half: the producer warpgroup's 128
-// threads write them to shared memory and arrive (the serial forward's 32 E_t registers a thread
-// made this one spill 100 bytes).
-//
-// The n stream (dn in the backward) runs one chunk ahead of the C stream: n_k leaves, is decayed
-// and gets chunk k's Σ_t E_t k_t while A(k) is prepared, with the same values in the same order
-// as the serial kernels; C_k / dC_{k+1} get the same decay, the same 16 wgmmas on the same
-// fragments in the same order. So every output is bitwise that of mlstm_state_fwd_ws / _bwd_ws
-// (tested: mlstm_gpu_test StateTailSplitMatchesFullBytewise, its "chain pipe" lines). Shared
-// memory as StateWsSmem; its 64 bytes of mbarriers hold the eight (full / empty × K / V × two
-// stages).
-__device__ __forceinline__ void WgmmaWaitLeft(int n) {  // n constant after unrolling
-  using namespace hopper;
-  switch (n) {
-    case 3: WgmmaWait<3>(); break;
-    case 2: WgmmaWait<2>(); break;
-    case 1: WgmmaWait<1>(); break;
-    default: WgmmaWait<0>(); break;
-  }
-}
-
-// kMode (diagnostic variants, session 16 call 2): 0 = as described; 1 = the n / dn mma.syncs
-// (and the n / dn stores and decay) after the last wait_group instead of inside the slices (an
-// mma.sync may wait for the tensor pipe's in-flight wgmmas); 2 = the same barriers, groups and
-// slices but no overlap (one wait_group 0, then all four slices): the structure's own cost.
-template <int kMode>
-__device__ __forceinline__ void StateFwdWsPipe(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
-  using namespace hopper;
-  constexpr bool kOverlap = kMode != 2, kNAfter = kMode == 1;
-  using SM = StateWsSmem;
-  constexpr int L = 128, kNT = 16;
-  const int nsteps = d.NC;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  const uint32_t kfull = sa + SM::kBars, vfull = kfull + 16, kempty = vfull + 16, vempty = kempty + 16;
-  // E_t of the two stages ([slot][128], zero past the sequence end), written by the producer
-  // warpgroup (in registers, as the serial kernel holds them, they cost 32 registers and spilled).
-  float* es = reinterpret_cast<float*>(sm + SM::kBars + 64);
-  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(kfull + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
-      MbInit(vfull + 8 * i, 1);
-      MbInit(kempty + 8 * i, 8);
-      MbInit(vempty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
-
-  if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write E_t
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int t = threadIdx.x;
-    for (int k = 0; k < nsteps; ++k) {
-      const int slot = k & 1, use = k >> 1;
-      const int t0 = k * L, len = min(L, d.S - t0);
-      const float e = t < len ? p.e_tok[static_cast<int64_t>(bh) * d.S + t0 + t] : 0.f;
-      const uint32_t st = sa + slot * SM::kStage;
-      if (use > 0) MbWait(kempty + 8 * slot, (use - 1) & 1);
-      es[slot * L + t] = e;
-      if (t == 0) {
-        MbArriveExpectTx(kfull + 8 * slot, 2 * SM::kTile64);  // (release: E_t visible)
-        TmaTile4d(st, &maps.k, kfull + 8 * slot, a0, hd, k * L, b);
-        TmaTile4d(st + SM::kTile64, &maps.k, kfull + 8 * slot, a0 + 64, hd, k * L, b);
-        if (use > 0) MbWait(vempty + 8 * slot, (use - 1) & 1);
-        MbArriveExpectTx(vfull + 8 * slot, 2 * SM::kTile64);
-        TmaTile4d(st + SM::kOffV, &maps.v, vfull + 8 * slot, j0, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, vfull + 8 * slot, j0 + 64, hd, k * L, b);
-      } else {
-        MbArrive(kfull + 8 * slot);
-      }
-    }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const bool n_block = blockIdx.x == 0;
-  const int row0 = a0 + 16 * w;  // this warp's first row of C / n
-  float acc[kNT][4];
-  if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
-  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
-  const uint32_t stg_a = SmemAddr(stg);
-  // A(k) = Kᵀ diag(E) of chunk k, hi / lo: slice j holds 16-token steps 2j and 2j + 1.
-  uint32_t ah[4][2][4], al[4][2][4];
-  // Slice j of A(k) from K slot k % 2 (slice 0 first waits for it and runs the n stream's
-  // chunk k: n_k out, decay; every slice adds its (Kᵀ diag(E)) 1, hi then lo per step; slice 3
-  // releases the K half).
-  auto prep_slice = [&](int k, int j) {
-    const int slot = k & 1;
-    if (j == 0) {
-      if (n_block && !kNAfter) {
-        StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
-        const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) nacc[i] *= decay;
-      }
-      MbWait(kfull + 8 * slot, (k >> 1) & 1);
-    }
-    const unsigned char* kst = sm + slot * SM::kStage;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int kk = 2 * j + q;
-      uint32_t a[4];
-      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ah[j][q], al[j][q], a, es + slot * L, 16 * kk, lane);
-      if (n_block && !kNAfter) {
-        Mma(nacc, ah[j][q], kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, al[j][q], kOnesBf16x2, kOnesBf16x2);
-      }
-      if (!d.fwd_wlo && !kNAfter) al[j][q][0] = al[j][q][1] = al[j][q][2] = al[j][q][3] = 0u;  // (see mlstm_state_fwd)
-    }
-    if (j == 3) {
-      __syncwarp();
-      if (lane == 0) MbArrive(kempty + 8 * slot);  // K (ldmatrix) and E_t reads are done
-    }
-  };
-  // kMode 1: the n stream's chunk k after A(k) is complete and no wgmma is in flight.
-  auto n_after = [&](int k) {
-    if (n_block) {
-      StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
-      const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) {
-        Mma(nacc, ah[kk / 2][kk % 2], kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, al[kk / 2][kk % 2], kOnesBf16x2, kOnesBf16x2);
-      }
-    }
-    if (!d.fwd_wlo) {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) al[kk / 2][kk % 2][0] = al[kk / 2][kk % 2][1] = al[kk / 2][kk % 2][2] = al[kk / 2][kk % 2][3] = 0u;
-    }
-  };
-#pragma unroll
-  for (int j = 0; j < 4; ++j) prep_slice(0, j);
-  if (kNAfter) n_after(0);
-  for (int k = 0; k < nsteps; ++k) {
-    const int slot = k & 1;
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    const bool next = k + 1 < nsteps;
-    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
-    if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
-    __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int crow = (bh * (d.NC + 1) + k) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, crow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
-      }
-      BulkCommit();
-    }
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-    // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V: 16 wgmmas in four commit groups (one per A slice).
-    MbWait(vfull + 8 * slot, (k >> 1) & 1);
-    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      FenceRegs(ah[j]);
-      FenceRegs(al[j]);
-    }
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int kk = 2 * j + q;
-        WgmmaRS128<1>(acc, ah[j][q], v_d + ((kk * 16 * 128) >> 4));
-        WgmmaRS128<1>(acc, al[j][q], v_d + ((kk * 16 * 128) >> 4));
-      }
-      WgmmaCommit();
-    }
-    // A(k + 1), slice j as soon as chunk k's group j retired.
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      WgmmaWaitLeft(kOverlap ? 3 - j : 0);
-      FenceRegs(ah[j]);
-      FenceRegs(al[j]);
-      if (j == 3 || !kOverlap) FenceRegs(acc);
-      if ((kOverlap && j == 3) || (!kOverlap && j == 0)) {
-        __syncwarp();
-        if (lane == 0) MbArrive(vempty + 8 * slot);  // V (wgmma) reads are done
-      }
-      if (next) prep_slice(k + 1, j);
-    }
-    if (kNAfter && next) n_after(k + 1);
-  }
-  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (n_block) {
-    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
-    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
-  }
-  if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_pipe(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateFwdWsPipe<0>(d, p, maps);
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_pipe_nafter(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateFwdWsPipe<1>(d, p, maps);
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_pipe_seq(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateFwdWsPipe<2>(d, p, maps);
-}
-
-// The backward's pipelined chain: mlstm_state_bwd_ws's recurrence (step s handles chunk
-// k = NC − 1 − s: dC_{k+1} out, decay, + (Q̂ᵀ diag(coef)) dH) with StateFwdWsPipe's structure;
-// the dn stream (this column block's part: 16-token steps kk with kk % parts == part) runs while
-// A of step s is prepared, one step ahead of dC, as n does in the forward.
-template <int kMode>
-__device__ __forceinline__ void StateBwdWsPipe(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
-  using namespace hopper;
-  constexpr bool kOverlap = kMode != 2, kNAfter = kMode == 1;
-  using SM = StateWsSmem;
-  constexpr int L = 128, kNT = 16;
-  const int nsteps = d.NC;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  const uint32_t qfull = sa + SM::kBars, hfull = qfull + 16, qempty = hfull + 16, hempty = qempty + 16;
-  // coef and ddc of the two stages ([slot][128] each), written by the producer warpgroup.
-  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
-  float* dws = cws + 2 * L;
-  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  const int part = blockIdx.x, parts = gridDim.x;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(qfull + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
-      MbInit(hfull + 8 * i, 1);
-      MbInit(qempty + 8 * i, 8);
-      MbInit(hempty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
-
-  if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write coef / ddc
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int t = threadIdx.x;
-    const int64_t so = static_cast<int64_t>(bh) * d.S;
-    for (int s = 0; s < nsteps; ++s) {
-      const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
-      const int t0 = k * L, len = min(L, d.S - t0);
-      const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
-      const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
-      if (use > 0) MbWait(qempty + 8 * slot, (use - 1) & 1);
-      cws[slot * L + t] = cf;
-      dws[slot * L + t] = dd;
-      const uint32_t st = sa + slot * SM::kStage;
-      if (t == 0) {
-        MbArriveExpectTx(qfull + 8 * slot, 2 * SM::kTile64);  // (release: coef / ddc visible)
-        TmaTile4d(st, &maps.k, qfull + 8 * slot, a0, hd, k * L, b);  // q
-        TmaTile4d(st + SM::kTile64, &maps.k, qfull + 8 * slot, a0 + 64, hd, k * L, b);
-        if (use > 0) MbWait(hempty + 8 * slot, (use - 1) & 1);
-        MbArriveExpectTx(hfull + 8 * slot, 2 * SM::kTile64);
-        TmaTile4d(st + SM::kOffV, &maps.v, hfull + 8 * slot, j0, hd, k * L, b);  // dh
-        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, hfull + 8 * slot, j0 + 64, hd, k * L, b);
-      } else {
-        MbArrive(qfull + 8 * slot);
-      }
-    }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3, g = lane >> 2;
-  const int row0 = a0 + 16 * w;
-  auto dn_slot = [&](int slot) {
-    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
-  };
-  float acc[kNT][4];
-  if (p.dc_fin != nullptr) {
-    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
-  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (part == 0 && p.dc_fin != nullptr)
-    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + SM::kStaging + w * 8192;
-  const uint32_t stg_a = SmemAddr(stg);
-  // A of step s = Q̂ᵀ diag(coef), hi / lo: slice j holds 16-token steps 2j and 2j + 1.
-  uint32_t ah[4][2][4], al[4][2][4];
-  // Slice j of step s's A from Q̂ slot s % 2 (slice 0 first waits for it and runs the dn stream's
-  // chunk k: the dn part out, decay; every slice adds its ddc part; slice 3 releases the Q̂ half
-  // with its coef / ddc).
-  auto prep_slice = [&](int s, int j) {
-    const int k = nsteps - 1 - s, slot = s & 1;
-    if (j == 0) {
-      if (!kNAfter) {
-        StoreNAcc(dn_slot(k), dnacc, lane);
-        const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
-      }
-      MbWait(qfull + 8 * slot, (s >> 1) & 1);
-    }
-    const unsigned char* qst = sm + slot * SM::kStage;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int kk = 2 * j + q;
-      uint32_t a[4];
-      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ah[j][q], al[j][q], a, cws + slot * L, 16 * kk, lane);
-      if (!kNAfter && kk % parts == part) {
-        uint32_t ad[4], adlo[4];
-        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-      }
-      if (!d.bwd_wlo) al[j][q][0] = al[j][q][1] = al[j][q][2] = al[j][q][3] = 0u;
-    }
-    if (j == 3 && !kNAfter) {
-      __syncwarp();
-      if (lane == 0) MbArrive(qempty + 8 * slot);  // Q̂ (ldmatrix), coef, ddc reads are done
-    }
-  };
-  // kMode 1: the dn stream's chunk k once step s's A is complete and no wgmma is in flight (the
-  // ddc-scaled fragments read again from the Q̂ slot, released after).
-  auto n_after = [&](int s) {
-    const int k = nsteps - 1 - s, slot = s & 1;
-    StoreNAcc(dn_slot(k), dnacc, lane);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
-    const unsigned char* qst = sm + slot * SM::kStage;
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      if (kk % parts == part) {
-        uint32_t a[4], ad[4], adlo[4];
-        LoadATSw(a, qst, 16 * w, 16 * kk, lane);
-        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-      }
-    }
-    __syncwarp();
-    if (lane == 0) MbArrive(qempty + 8 * slot);
-  };
-#pragma unroll
-  for (int j = 0; j < 4; ++j) prep_slice(0, j);
-  if (kNAfter) n_after(0);
-  for (int s = 0; s < nsteps; ++s) {
-    const int k = nsteps - 1 - s, slot = s & 1;
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    const bool next = s + 1 < nsteps;
-    if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
-    __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      uint32_t hi0, lo0, hi1, lo1;
-      SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-      SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-      const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-      const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-      const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-      *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-      *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-      *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-    }
-    FenceProxyAsync();
-    __syncwarp();
-    if (lane == 0) {
-      const int drow = (bh * d.NC + k) * d.DK + row0;
-      TmaStore2d(&maps.c, stg_a, j0, drow);
-      TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-      if (d.split) {
-        TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
-        TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
-      }
-      BulkCommit();
-    }
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-    MbWait(hfull + 8 * slot, (s >> 1) & 1);
-    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      FenceRegs(ah[j]);
-      FenceRegs(al[j]);
-    }
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int kk = 2 * j + q;
-        WgmmaRS128<1>(acc, ah[j][q], h_d + ((kk * 16 * 128) >> 4));
-        WgmmaRS128<1>(acc, al[j][q], h_d + ((kk * 16 * 128) >> 4));
-      }
-      WgmmaCommit();
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      WgmmaWaitLeft(kOverlap ? 3 - j : 0);
-      FenceRegs(ah[j]);
-      FenceRegs(al[j]);
-      if (j == 3 || !kOverlap) FenceRegs(acc);
-      if ((kOverlap && j == 3) || (!kOverlap && j == 0)) {
-        __syncwarp();
-        if (lane == 0) MbArrive(hempty + 8 * slot);  // dH (wgmma) reads are done
-      }
-      if (next) prep_slice(s + 1, j);
-    }
-    if (kNAfter && next) n_after(s + 1);
-  }
-  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
-  if (p.dc0 != nullptr) {
-    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (lane == 0) BulkWait<0>();
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_pipe(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateBwdWsPipe<0>(d, p, maps);
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_pipe_nafter(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateBwdWsPipe<1>(d, p, maps);
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_pipe_seq(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateBwdWsPipe<2>(d, p, maps);
-}
-
 // ------------------------------------------------ 4b/5b. state kernels with the last wave split
 // (helper state16, session 16; opt-in: MlstmOptions::state_tail = kSplit or
 // GYRE_MLSTM_STATE_TAIL=split; chunk 128 with 128×128 state tiles only.)
@@ -5481,33 +4980,6 @@ CudaResult StateTailSplit(const MlstmOptions& o, const char* who, bool* split) {
                          env + "'");
 }
 
-// MlstmOptions::state_chain resolved to a kernel choice: 0 = serial (mlstm_state_fwd_ws / _bwd_ws),
-// 1 = pipe (mlstm_state_*_ws_pipe), 2 = pipe-nafter, 3 = pipe-seq (diagnostic variants); kAuto:
-// GYRE_MLSTM_STATE_CHAIN, read once per process (unset = serial; any other value than the four
-// names is an error naming them). `who` names the entry point in the message.
-CudaResult StateChainPipe(const MlstmOptions& o, const char* who, int* pipe) {
-  static const char* const env = std::getenv("GYRE_MLSTM_STATE_CHAIN");
-  *pipe = 0;
-  switch (o.state_chain) {
-    case MlstmStateChain::kSerial: return {};
-    case MlstmStateChain::kPipe: *pipe = 1; return {};
-    case MlstmStateChain::kPipeNAfter: *pipe = 2; return {};
-    case MlstmStateChain::kPipeSeq: *pipe = 3; return {};
-    case MlstmStateChain::kAuto: break;
-  }
-  if (env == nullptr || std::strcmp(env, "serial") == 0) return {};
-  static const char* const kNames[] = {"pipe", "pipe-nafter", "pipe-seq"};
-  for (int i = 0; i < 3; ++i) {
-    if (std::strcmp(env, kNames[i]) == 0) {
-      *pipe = i + 1;
-      return {};
-    }
-  }
-  return InvalidArgument(std::string(who) +
-                         ": GYRE_MLSTM_STATE_CHAIN must be serial, pipe, pipe-nafter or pipe-seq (or unset), got '" +
-                         env + "'");
-}
-
 // The split grid of the state kernels (see mlstm_state_fwd_ws_tail): the tiles of the last wave,
 // tiles % #SMs, run as two 64-column halves each where there is a partial wave and its halves fit
 // into one wave; elsewhere (blocks 0) the full kernels run, with the same bytes.
@@ -5677,11 +5149,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
-// tail_split: StateTailSplit's choice; chain_pipe: StateChainPipe's (chunk 128's TMA state kernel
-// only; a split grid runs the split kernels).
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, int chain_pipe = 0) {
+                         bool tail_split = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5720,16 +5191,6 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
             mlstm_state_fwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_tail");
             Hook("mlstm_state_fwd_tail", stream);  // (its own name: the test checks it ran)
-            return {};
-          }
-          if (chain_pipe) {
-            auto kernel = chain_pipe == 1   ? mlstm_state_fwd_ws_pipe
-                          : chain_pipe == 2 ? mlstm_state_fwd_ws_pipe_nafter
-                                            : mlstm_state_fwd_ws_pipe_seq;
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_pipe");
-            Hook("mlstm_state_fwd_pipe", stream);  // (its own name: the test checks it ran)
             return {};
           }
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
@@ -5812,10 +5273,10 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
 }
 
 // dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync).
-// tail_split / chain_pipe: as in LaunchForward.
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice,
-                          cudaStream_t stream, bool tail_split = false, int chain_pipe = 0) {
+                          cudaStream_t stream, bool tail_split = false) {
   const int bh = d.B * d.NH;
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
@@ -5836,16 +5297,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
             mlstm_state_bwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_tail");
             Hook("mlstm_state_bwd_tail", stream);  // (its own name: the test checks it ran)
-            return {};
-          }
-          if (chain_pipe) {
-            auto kernel = chain_pipe == 1   ? mlstm_state_bwd_ws_pipe
-                          : chain_pipe == 2 ? mlstm_state_bwd_ws_pipe_nafter
-                                            : mlstm_state_bwd_ws_pipe_seq;
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
-            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_pipe");
-            Hook("mlstm_state_bwd_pipe", stream);  // (its own name: the test checks it ran)
             return {};
           }
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
@@ -6153,8 +5604,6 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
-  int chain_pipe = 0;
-  CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm forward", &chain_pipe));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -6167,7 +5616,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail_split, chain_pipe);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split);
   }
 }
 
@@ -6230,8 +5679,6 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
-  int chain_pipe = 0;
-  CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm recompute states", &chain_pipe));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
   Dims d = MakeDims(shape, options);
@@ -6251,7 +5698,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
     case 256: return LaunchForward256(d, p, stream, false);
-    default: return LaunchForward<128>(d, p, stream, false, tail_split, chain_pipe);
+    default: return LaunchForward<128>(d, p, stream, false, tail_split);
   }
 }
 
@@ -6291,8 +5738,6 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
-  int chain_pipe = 0;
-  CUDA_RETURN_IF_NOT_OK(StateChainPipe(options, "mlstm backward", &chain_pipe));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -6351,7 +5796,7 @@ CudaResult MlstmChunkwiseBackward(const MlstmShape& shape, const MlstmOptions& o
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, stream);
     case 256: return LaunchBackward256(d, p, dv_choice, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, stream, tail_split, chain_pipe);
+    default: return LaunchBackward<128>(d, p, dv_choice, stream, tail_split);
   }
 }
 

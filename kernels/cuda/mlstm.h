@@ -146,21 +146,6 @@ enum class MlstmStateTail {
            // tiles the kFull kernels run
 };
 
-// How the two chunk-128 TMA state kernels order each chunk's work (helper state16b, session 16;
-// kernels/cuda/mlstm_notes.md). The bytes are the same either way (the same products in the same
-// order into the same accumulators; tested bytewise).
-enum class MlstmStateChain {
-  kAuto,    // GYRE_MLSTM_STATE_CHAIN (read once per process): "serial" or unset = kSerial, "pipe" =
-            // kPipe; any other value makes forward, recompute and backward return an error naming it
-  kSerial,  // mlstm_state_fwd_ws / _bwd_ws: a chunk's A fragments are prepared after the stage
-            // arrives and before its wgmmas (the default)
-  kPipe,    // mlstm_state_fwd_ws_pipe / _bwd_ws_pipe: chunk k + 1's A fragments are prepared while
-            // chunk k's wgmmas run. Where MlstmStateTail::kSplit splits the grid, the split kernels
-            // run instead (they are not pipelined)
-  kPipeNAfter,  // diagnostic ("pipe-nafter"): kPipe with the n / dn mma.syncs after the last wait
-  kPipeSeq,     // diagnostic ("pipe-seq"): kPipe's structure without the overlap
-};
-
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -185,8 +170,6 @@ struct MlstmOptions {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   // Chunk 128's TMA state kernels: the last wave whole or split (see MlstmStateTail).
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
-  // Chunk 128's TMA state kernels: serial or pipelined per-chunk chain (see MlstmStateChain).
-  MlstmStateChain state_chain = MlstmStateChain::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -129,7 +129,6 @@ struct Variant {
   bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
   bool chunk256_only = false;  // run only at chunk 256
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
-  MlstmStateChain state_chain = MlstmStateChain::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -162,11 +161,6 @@ constexpr Variant kVariants[] = {
     // is checked bytewise in StateTailSplitMatchesFullBytewise. Chunk 128 only.
     {"v2-tail", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kSplit},
-    // v2-st128 with the pipelined state kernels (session 16, helper state16b: chunk k + 1's A
-    // fragments prepared under chunk k's wgmmas); bytewise against the serial ones in
-    // StateTailSplitMatchesFullBytewise. Chunk 128 only.
-    {"v2-pipe", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kFull, MlstmStateChain::kPipe},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -308,7 +302,6 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
       opt.state_tail = var.state_tail;
-      opt.state_chain = var.state_chain;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -679,14 +672,10 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
 // picked from this device's SM count so that the split grid has full blocks and halves (tiles %
 // #SMs in (0, #SMs / 2]) or only halves (tiles <= #SMs / 2); odd lengths, B > 1, with and without
 // an initial state and d_final, the 125m head (dk = dv = 384) and the 1.3B head (1024). The launch
-// hook must see the split kernels run. A third run (helper state16b) takes the pipelined state
-// kernels (MlstmStateChain::kPipe, full grid) and is compared with the first the same way (its
-// own PASS / FAIL line per shape). Run when MLSTM_TEST_VARIANTS is unset or names "tail".
+// hook must see the split kernels run. Run when MLSTM_TEST_VARIANTS is unset or names "tail".
 std::vector<int> g_tail_names;  // 1 per launch of mlstm_state_*_tail, 0 per other launch
-size_t g_pipe_launches = 0;  // launches of mlstm_state_*_pipe
 void CountTailLaunch(const char* name, cudaStream_t) {
   g_tail_names.push_back(std::strstr(name, "_tail") != nullptr ? 1 : 0);
-  g_pipe_launches += std::strstr(name, "_pipe") != nullptr ? 1 : 0;
 }
 
 std::vector<unsigned char> DeviceBytes(const void* p, size_t n) {
@@ -769,17 +758,11 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       opt.state_tile = 128;
       const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
       const size_t scratch_bytes = MlstmChunkwiseBackwardScratchBytes(shape, opt);
-      // [0] kFull, [1] kSplit, [2] kFull with MlstmStateChain::kPipe (helper state16b): every
-      // output's bytes.
-      // [3], [4]: the diagnostic pipe variants kPipeNAfter, kPipeSeq.
-      std::vector<std::vector<unsigned char>> out[5];
-      size_t tail_launches = 0, pipe_launches[5] = {};
-      static const MlstmStateChain kChains[5] = {MlstmStateChain::kSerial, MlstmStateChain::kSerial,
-                                                 MlstmStateChain::kPipe, MlstmStateChain::kPipeNAfter,
-                                                 MlstmStateChain::kPipeSeq};
-      for (int which = 0; which < 5; ++which) {
-        opt.state_tail = which == 1 ? MlstmStateTail::kSplit : MlstmStateTail::kFull;
-        opt.state_chain = kChains[which];
+      // [0] kFull, [1] kSplit: every output's bytes.
+      std::vector<std::vector<unsigned char>> out[2];
+      size_t tail_launches = 0;
+      for (int which = 0; which < 2; ++which) {
+        opt.state_tail = which == 0 ? MlstmStateTail::kFull : MlstmStateTail::kSplit;
         DeviceBuffer saved, scratch;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
         CUDA_OK_OR_DIE(alloc.Allocate(scratch_bytes, &scratch));
@@ -792,7 +775,6 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
         for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
         for (auto* x : {&gcf, &gnf, &gmf, &gdig, &gdfg, &gdc0, &gdn0, &gdm0}) x->Poison();
         g_tail_names.clear();
-        g_pipe_launches = 0;
         MlstmSetLaunchHook(&CountTailLaunch);
         CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(),
                                              {gcf.get(), gnf.get(), gmf.get()}, nullptr));
@@ -805,8 +787,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
         size_t tails = 0;
         for (int x : g_tail_names) tails += x;
         if (which == 1) tail_launches = tails;
-        if (which != 1 && tails != 0) tail_launches = 100;  // kFull must not run them
-        pipe_launches[which] = g_pipe_launches;  // 2 from [2] on, 0 before
+        if (which == 0 && tails != 0) tail_launches = 100;  // kFull must not run them
         out[which].push_back(DeviceBytes(saved.get(), saved_bytes));
         out[which].push_back(DeviceBytes(scratch.get(), scratch_bytes));
         for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out[which].push_back(DeviceBytes(x->get(), x->size() * 2));
@@ -816,23 +797,13 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       }
       static const char* const kNames[] = {"saved", "scratch", "h", "dq", "dk", "dv", "C_S", "n_S",
                                            "m_S", "digate", "dfgate", "dC0", "dn0", "dm0"};
-      std::string diffs, pipe_diffs;
+      std::string diffs;
       bool ok = tail_launches == 2;
-      bool pipe_ok = pipe_launches[0] == 0 && pipe_launches[1] == 0 && pipe_launches[2] == 2 &&
-                     pipe_launches[3] == 2 && pipe_launches[4] == 2;
       for (size_t i = 0; i < out[0].size(); ++i) {
         const size_t n = BytesDiffer(out[0][i], out[1][i]);
         if (n != 0) {
           ok = false;
           diffs += std::string(" ") + kNames[i] + " " + std::to_string(n) + "/" + std::to_string(out[0][i].size());
-        }
-        for (int v = 2; v < 5; ++v) {
-          const size_t np = BytesDiffer(out[0][i], out[v][i]);
-          if (np != 0) {
-            pipe_ok = false;
-            pipe_diffs += " [" + std::to_string(v) + "] " + kNames[i] + " " + std::to_string(np) + "/" +
-                          std::to_string(out[0][i].size());
-          }
         }
       }
       // The C_k planes were written (the first bytes of `saved` are C_0's hi plane).
@@ -848,15 +819,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
                   sh.with_states ? " +init +dfinal" : "", static_cast<long long>(tiles), sms,
                   static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
                   diffs.empty() ? " none" : diffs.c_str());
-      std::printf("[%s] mlstm state chain pipe vs serial bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
-                  "pipelined kernels ran %zu / %zu / %zu of 2 (pipe, pipe-nafter, pipe-seq); bytes differing:%s\n",
-                  pipe_ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
-                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
-                  sh.with_states ? " +init +dfinal" : "", pipe_launches[2], pipe_launches[3], pipe_launches[4],
-                  pipe_diffs.empty() ? " none" : pipe_diffs.c_str());
       failures += ok ? 0 : 1;
-      failures += pipe_ok ? 0 : 1;
     }
   }
   EXPECT_EQ(failures, 0);
