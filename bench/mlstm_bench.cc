@@ -440,6 +440,7 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_io64{"v2-io64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                     0, MlstmStateWeights::kAuto, 64};
   const gyre::cuda::Variant v2_t64{"v2-tile64", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 64};
+  const gyre::cuda::Variant v2_t128{"v2-tile128", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 128};
   // Single bf16 states (what dropping the lo planes would gain; its true gradient leaves the
   // test bands at ill-conditioned tokens, mlstm.h) and hi-only state-update weights.
   const gyre::cuda::Variant v2_bf16{"bf16-states", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 0};
@@ -475,6 +476,13 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 256, v2},      {"xlstm-1.3b-like", s13, 256, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2},
+      // The 125m cell at B11 (session 16, helper state16): 3·3·44 = 396 state tiles = exactly 3
+      // waves on 132 SMs, against B16's 576 = 4.36: per-kernel time / B tells what the partial
+      // last wave costs (GYRE_MLSTM_STATE_TAIL=split is the attempt to recover it).
+      {"xlstm-125m-b11", {11, 2048, 4, 384, 384}, 128, v2},
+      // ... and at B1 with 128×128 state tiles forced (auto picks 64×64 below 128 tiles): 36 tiles,
+      // every block alone on its SM (the isolated per-block time; split: 72 halves).
+      {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_t128},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

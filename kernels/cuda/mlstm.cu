@@ -1896,6 +1896,412 @@ __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   StateBwdWs<2>(d, p, maps);
 }
+
+// ------------------------------------------------ 4b/5b. state kernels with the last wave split
+// (helper state16, session 16; the default since its merge: MlstmOptions::state_tail kAuto / kSplit,
+// GYRE_MLSTM_STATE_TAIL unset or split; chunk 128 with 128×128 state tiles only.)
+//
+// The two kernels above give every (head, 128-row dk tile, 128-column dv tile) one block of 384
+// threads and 192 KB of shared memory, so one block an SM: at the 125m cell (B16 NH4 dk = dv =
+// 384) that is 3·3·64 = 576 blocks on 132 SMs, 4.36 waves, and the fifth wave runs 48 blocks while
+// 84 SMs wait. These kernels take the same tiles on a one-dimensional grid in the same order
+// (x = dv tile fastest, then the dk tile, then the head), but the tiles of the last wave
+// (tiles % #SMs of them, the host decides; only when they fit twice into one wave) run as two
+// blocks each, one per 64-column half of the dv tile: nfull full blocks first, then
+// 2·(tiles − nfull) half blocks. Blocks are dispatched in index order, so the halves fill the
+// last wave on twice as many SMs with half the products and stores each.
+//
+// A half block is the full block's loop with 8 accumulator n-tiles instead of 16 (m64n64k16
+// instead of m64n128k16 wgmmas on the same swizzled V / dH rows, one V box instead of two, two C
+// boxes instead of four). Every element of C_k / dC_k gets the same products in the same order as
+// in the full kernels, so the states are bitwise those of mlstm_state_fwd_ws / _bwd_ws (tested:
+// mlstm_gpu_test StateTailSplitMatchesFullBytewise). The K (Q̂) tile is loaded by both halves
+// (L2 hits); n (state_fwd) and this tile's dn part (state_bwd) are summed by the first half only.
+//
+// Measured (session 16, one H100, 125m cell; kernels/cuda/mlstm_notes.md): state_fwd 0.383-0.388
+// -> 0.366-0.372 ms, state_bwd 0.334 -> 0.331-0.332, the xlstm[1:0]-125m step −0.5 ms (median of
+// six rounds). A block alone on its SM (B1) runs a chunk in ~3.9 µs (half: ~2.8 µs) against ~5.3
+// µs in a full wave: the blocks are bound by their own serial chain more than by DRAM. Three
+// load stages for the half blocks (48 KB stages fit three in 192 KB) timed the same and were
+// deleted.
+struct StateTailTile {
+  int j0, a0, bh;
+  int part;    // the 128-column dv tile (state_bwd's dn part)
+  bool first;  // a full block or a tile's first half: it carries n / its dn part
+};
+__device__ __forceinline__ StateTailTile StateTailTileOf(const Dims& d, int nfull, bool half) {
+  const int tx = d.DV / 128, ty = d.DK / 128, i = static_cast<int>(blockIdx.x);
+  const int u = half ? nfull + ((i - nfull) >> 1) : i;
+  const int hs = half ? ((i - nfull) & 1) : 0;
+  StateTailTile t;
+  t.part = u % tx;
+  t.j0 = t.part * 128 + 64 * hs;
+  t.a0 = ((u / tx) % ty) * 128;
+  t.bh = u / (tx * ty);
+  t.first = hs == 0;
+  return t;
+}
+
+// state_fwd's producer (thread 0): the K tile's two column blocks and kNT / 8 column blocks of
+// V for each chunk, onto the stage's "full" mbarrier.
+template <int kNT>
+__device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMaps& maps,
+                                                  const StateTailTile& t, uint32_t sa,
+                                                  uint32_t full, uint32_t empty) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int b = t.bh / d.NH, hd = t.bh % d.NH;
+  for (int k = 0; k < d.NC; ++k) {
+    const int slot = k & 1, use = k >> 1;
+    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+    MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
+    TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
+    TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+    TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
+    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
+  }
+}
+
+// This warp's 16 rows of the state (kNT n-tiles) as hi / lo into its swizzled staging area
+// (hi: column blocks at +0, +2048; lo at +4096, +6144), then one lane stores the boxes.
+template <int kNT>
+__device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], unsigned char* stg,
+                                                  uint32_t stg_a, const StateWsMaps& maps,
+                                                  bool split, int j0, int row, int lane) {
+  using namespace hopper;
+  const int g = lane >> 2, c = lane & 3;
+  if (lane == 0) BulkWaitRead<0>();  // the previous step's boxes have been read
+  __syncwarp();
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    uint32_t hi0, lo0, hi1, lo1;
+    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+    const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+    const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+  }
+  FenceProxyAsync();
+  __syncwarp();
+  if (lane == 0) {
+    TmaStore2d(&maps.c, stg_a, j0, row);
+    if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
+    if (split) {
+      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
+      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
+    }
+    BulkCommit();
+  }
+}
+
+template <int kNT>
+__device__ __forceinline__ void StateTailMma(float (&acc)[kNT][4], const uint32_t (&a)[4],
+                                             uint64_t desc_b) {
+  using namespace hopper;
+  if constexpr (kNT == 16) {
+    WgmmaRS128<1>(acc, a, desc_b);
+  } else {
+    WgmmaRS64<1>(acc, a, desc_b);
+  }
+}
+
+// state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
+template <int kNT>
+__device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
+                                                    const StateWsMaps& maps, const StateTailTile& t,
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
+  const int j0 = t.j0, a0 = t.a0, bh = t.bh;
+  const bool n_block = t.first && t.part == 0;
+  const int row0 = a0 + 16 * w;
+  float acc[kNT][4];
+  if (p.c0 != nullptr) {
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int k = 0; k < d.NC; ++k) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    float ew[L / 16][4];
+    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tt = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
+        ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
+      }
+    }
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* kst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
+      if (n_block) {
+        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.fwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+    }
+    FenceRegs(ae);
+    FenceRegs(elo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      StateTailMma<kNT>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+      StateTailMma<kNT>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ae);
+    FenceRegs(elo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+
+// Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves.
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_tail(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  const bool half = static_cast<int>(blockIdx.x) >= nfull;
+  const StateTailTile t = StateTailTileOf(d, nfull, half);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      if (half) {
+        StateFwdTailLoads<8>(d, maps, t, sa, full, empty);
+      } else {
+        StateFwdTailLoads<16>(d, maps, t, sa, full, empty);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if (half) {
+    StateFwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty);
+  } else {
+    StateFwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty);
+  }
+}
+
+// state_bwd consumer warpgroups (mlstm_state_bwd_ws's, chunk 128) on kNT n-tiles; coef / ddc of
+// each stage come from the producer warpgroup through shared memory, as there.
+template <int kNT>
+__device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs& p,
+                                                    const StateWsMaps& maps, const StateTailTile& t,
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty, const float* cws,
+                                                    const float* dws) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
+  const int j0 = t.j0, a0 = t.a0, bh = t.bh, part = t.part, parts = d.DV / 128;
+  const bool dn_block = t.first;  // the tile's dn part: summed and stored by its first half only
+  const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int s) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + s) * parts + part) * d.DK + row0;
+  };
+  float acc[kNT][4];
+  if (p.dc_fin != nullptr) {
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (dn_block && part == 0 && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int s = 0; s < d.NC; ++s) {
+    const int k = d.NC - 1 - s;
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
+    if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* qst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
+      if (dn_block && kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.bwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+    }
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      StateTailMma<kNT>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+      StateTailMma<kNT>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  if (dn_block) StoreNAcc(dn_slot(d.NC), dnacc, lane);
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
+  float* dws = cws + 2 * L;
+  const bool half = static_cast<int>(blockIdx.x) >= nfull;
+  const StateTailTile t = StateTailTileOf(d, nfull, half);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {  // thread 0 issues the tiles (after its coef / ddc), all write coef / ddc
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int tt = threadIdx.x;
+    const int b = t.bh / d.NH, hd = t.bh % d.NH;
+    const int64_t so = static_cast<int64_t>(t.bh) * d.S;
+    for (int s = 0; s < d.NC; ++s) {
+      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+      const int t0 = k * L, len = min(L, d.S - t0);
+      const float cf = tt < len ? p.coef[so + t0 + tt] : 0.f;
+      const float dd = tt < len ? p.ddc[so + t0 + tt] : 0.f;
+      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+      cws[slot * L + tt] = cf;
+      dws[slot * L + tt] = dd;
+      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+      if (tt == 0) {
+        MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);
+        TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
+        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
+      } else {
+        MbArrive(fb);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if (half) {
+    StateBwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+  } else {
+    StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+  }
+}
 // ---------------------------------------------------------------- 6. bwd_dv
 
 // Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
@@ -4576,6 +4982,51 @@ FwdEnvCheck FwdEnv() {
   return from_env;
 }
 
+// MlstmOptions::state_tail resolved (kAuto: GYRE_MLSTM_STATE_TAIL, read once per process: unset or
+// "split" = mlstm_state_fwd_ws_tail / mlstm_state_bwd_ws_tail (the default since session 16; the
+// same bytes), "full" = the one-block-per-tile state kernels; any other value is an error naming
+// the accepted ones). `who` names the
+// entry point in the message.
+CudaResult StateTailSplit(const MlstmOptions& o, const char* who, bool* split) {
+  static const char* const env = std::getenv("GYRE_MLSTM_STATE_TAIL");
+  *split = false;
+  switch (o.state_tail) {
+    case MlstmStateTail::kFull: return {};
+    case MlstmStateTail::kSplit: *split = true; return {};
+    case MlstmStateTail::kAuto: break;
+  }
+  if (env != nullptr && std::strcmp(env, "full") == 0) return {};
+  if (env == nullptr || std::strcmp(env, "split") == 0) {
+    *split = true;
+    return {};
+  }
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_TAIL must be full or split (or unset), got '" +
+                         env + "'");
+}
+
+// The split grid of the state kernels (see mlstm_state_fwd_ws_tail): the tiles of the last wave,
+// tiles % #SMs, run as two 64-column halves each where there is a partial wave and its halves fit
+// into one wave; elsewhere (blocks 0) the full kernels run, with the same bytes.
+struct StateTailGrid {
+  int nfull = 0;   // full blocks, then 2·(tiles − nfull) half blocks
+  int blocks = 0;  // 0: not split
+};
+StateTailGrid StateTailPlan(const Dims& d) {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();
+    return {};
+  }
+  const int64_t tiles = static_cast<int64_t>(d.DV / 128) * (d.DK / 128) * d.B * d.NH;
+  const int64_t tail = tiles % sms;
+  if (tail == 0 || 2 * tail > sms) return {};
+  StateTailGrid g;
+  g.nfull = static_cast<int>(tiles - tail);
+  g.blocks = static_cast<int>(tiles + tail);
+  return g;
+}
+
 // ---------------------------------------------------------------- host helpers
 
 MlstmLaunchHook g_launch_hook = nullptr;
@@ -4722,8 +5173,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
-CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true) {
+CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
+                         bool tail_split = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -4756,6 +5209,14 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
+          if (tg.blocks > 0) {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_tail, ws_smem));
+            mlstm_state_fwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_tail");
+            Hook("mlstm_state_fwd_tail", stream);  // (its own name: the test checks it ran)
+            return {};
+          }
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
           mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
@@ -4850,10 +5311,10 @@ CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cud
 }
 
 // dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync); dots: see
-// LaunchBwdPrep.
+// LaunchBwdPrep. tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, bool tail_split = false) {
   const int bh = d.B * d.NH;
   CUDA_RETURN_IF_NOT_OK(LaunchBwdPrep(d, p, dots, stream));
   {
@@ -4865,6 +5326,14 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
+          if (tg.blocks > 0) {
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_tail, ws_smem));
+            mlstm_state_bwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_tail");
+            Hook("mlstm_state_bwd_tail", stream);  // (its own name: the test checks it ran)
+            return {};
+          }
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
           mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
@@ -5165,6 +5634,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
                                        "wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -5177,7 +5648,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split);
   }
 }
 
@@ -5238,6 +5709,8 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
                                        "unset; wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
   Dims d = MakeDims(shape, options);
@@ -5257,7 +5730,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
     case 256: return LaunchForward256(d, p, stream, false);
-    default: return LaunchForward<128>(d, p, stream, false);
+    default: return LaunchForward<128>(d, p, stream, false, tail_split);
   }
 }
 
@@ -5300,6 +5773,8 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
                                        "wg was deleted), got '") +
                            dv_choice.bad_state_env + "'");
   }
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -5358,7 +5833,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 256: return LaunchBackward256(d, p, dv_choice, dh_dots, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream);
+    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split);
   }
 }
 }  // namespace

@@ -131,6 +131,22 @@ enum class MlstmBwdDvKernel {
 // GYRE_MLSTM_STATE_BWD / GYRE_MLSTM_BWD_DQK only "ws" (or unset); any other value makes
 // MlstmChunkwiseForward / Backward return an error naming it.
 
+// How the two chunk-128 TMA state kernels (mlstm_state_fwd_ws / _bwd_ws: 128×128 state tiles,
+// one 384-thread block of 192 KB shared memory per tile, so one block an SM) meet a partial last
+// wave (helper state16, session 16; kernels/cuda/mlstm_notes.md). The bytes are the same either way
+// (every state element gets the same products in the same order; tested bytewise).
+enum class MlstmStateTail {
+  kAuto,   // GYRE_MLSTM_STATE_TAIL (read once per process): "split" or unset = kSplit (the
+           // default since session 16: state_fwd −4%, state_bwd −1% at the 125m cell on an
+           // H100), "full" = kFull; any other value makes forward, recompute and backward return
+           // an error naming it
+  kFull,   // one block per tile
+  kSplit,  // the tiles of the last wave (tiles % #SMs) as two 64-column blocks each, where that
+           // wave is partial and its halves fit into one wave (125m cell: 576 tiles on 132 SMs ->
+           // 528 full blocks + 96 halves); elsewhere, at other chunk sizes and with 64×64 state
+           // tiles the kFull kernels run
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -153,6 +169,8 @@ struct MlstmOptions {
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
+  // Chunk 128's TMA state kernels: the last wave whole or split (see MlstmStateTail).
+  MlstmStateTail state_tail = MlstmStateTail::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -128,6 +128,7 @@ struct Variant {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
   bool chunk256_only = false;  // run only at chunk 256
+  MlstmStateTail state_tail = MlstmStateTail::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -154,6 +155,13 @@ constexpr Variant kVariants[] = {
     // (v2, v1-t128, v2-dvwgf, v2-par256): the others name kernels chunk 256 does not have.
     {"v2-par256", MlstmStatePrecision::kAuto, MlstmGateSchedule::kChunkParallel, 0, 0,
      MlstmBwdDvKernel::kAuto, false, true},
+    // The state kernels' last wave split is the default since session 16 (helper state16; at
+    // these small head counts every tile is in the partial last wave, so v2 / v2-st128 run the
+    // state kernels entirely as 64-column half blocks, mlstm_state_*_ws_tail; the mixed grid is
+    // checked bytewise in StateTailSplitMatchesFullBytewise). v2-full: v2-st128 with one block per
+    // tile (MlstmStateTail::kFull, GYRE_MLSTM_STATE_TAIL=full). Chunk 128 only.
+    {"v2-full", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
+     MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kFull},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -294,6 +302,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.io_slab = var.io_slab;
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
+      opt.state_tail = var.state_tail;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -783,6 +792,166 @@ TEST(MlstmGpuTest, BackwardWithDotsMatchesBackward) {
   EXPECT_FALSE(MlstmChunkwiseBackwardWithDots({1, 8, 1, 64, 64}, opt, {}, {}, nullptr, nullptr, nullptr, nullptr, {},
                                               {}, {}, nullptr, nullptr)
                    .ok());
+}
+
+// The state kernels with the last wave split (MlstmStateTail::kSplit, helper state16) against the
+// default ones (kFull), byte for byte: `saved` (C_k hi / lo, n_k and everything else the forward
+// writes), h, the final state, the backward's scratch (dC_{k+1} hi / lo and the dn parts among
+// it), dq, dk, dv, dĩ, df̃ and d_initial. All outputs start as 0xFF bytes in both runs. Shapes are
+// picked from this device's SM count so that the split grid has full blocks and halves (tiles %
+// #SMs in (0, #SMs / 2]) or only halves (tiles <= #SMs / 2); odd lengths, B > 1, with and without
+// an initial state and d_final, the 125m head (dk = dv = 384) and the 1.3B head (1024). The launch
+// hook must see the split kernels run. Run when MLSTM_TEST_VARIANTS is unset or names "tail".
+std::vector<int> g_tail_names;  // 1 per launch of mlstm_state_*_tail, 0 per other launch
+void CountTailLaunch(const char* name, cudaStream_t) {
+  g_tail_names.push_back(std::strstr(name, "_tail") != nullptr ? 1 : 0);
+}
+
+std::vector<unsigned char> DeviceBytes(const void* p, size_t n) {
+  std::vector<unsigned char> out(n);
+  CUDA_CHECK_OR_DIE(cudaMemcpy(out.data(), p, n, cudaMemcpyDeviceToHost));
+  return out;
+}
+size_t BytesDiffer(const std::vector<unsigned char>& a, const std::vector<unsigned char>& b) {
+  if (a.size() != b.size()) return std::max(a.size(), b.size());
+  size_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+  return n;
+}
+
+TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
+  if (!VariantSelected({"tail", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes tail";
+  }
+  int device = 0, sms = 0;
+  CUDA_CHECK_OR_DIE(cudaGetDevice(&device));
+  CUDA_CHECK_OR_DIE(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // The smallest batch >= b0 whose tile count puts a partial wave of at most #SMs / 2 tiles after
+  // at least one full wave (mixed = true), or b0 itself if its tiles fit in #SMs / 2 (halves only).
+  auto batch_for = [&](int64_t b0, int64_t tiles_per_batch, bool mixed) -> int64_t {
+    for (int64_t b = b0; b < b0 + 4 * sms; ++b) {
+      const int64_t tiles = b * tiles_per_batch, tail = tiles % sms;
+      if (tail == 0 || 2 * tail > sms) continue;
+      if (mixed == (tiles > sms)) return b;
+    }
+    return -1;
+  };
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+    bool with_states;
+  };
+  std::vector<Shape> shapes;
+  // dk = dv = 384 (9 tiles a head), 2 heads: B·18 tiles; full blocks + halves, odd S.
+  shapes.push_back({batch_for(8, 18, true), 333, 2, 384, 384, true});
+  shapes.push_back({batch_for(8, 18, true), 200, 2, 384, 384, false});
+  // halves only, B > 1.
+  shapes.push_back({batch_for(2, 18, false), 257, 2, 384, 384, true});
+  // dk 128 / dv 256 (2 tiles a head), 3 heads: mixed, short S (one partial chunk).
+  shapes.push_back({batch_for(23, 6, true), 37, 3, 128, 256, true});
+  // the 1.3B head, dk = dv = 1024 (64 tiles a head), one head: mixed and halves only.
+  shapes.push_back({batch_for(2, 64, true), 300, 1, 1024, 1024, true});
+  shapes.push_back({batch_for(1, 64, false), 130, 1, 1024, 1024, false});
+  std::mt19937_64 rng(1627);
+  DeviceAllocator alloc;
+  int failures = 0;
+  for (const Shape& sh : shapes) {
+    ASSERT_GT(sh.B, 0) << "no batch size gives a split grid on " << sms << " SMs";
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
+          gdh(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * sh.DK),
+          gm0(&alloc, BH), gdcf(&alloc, CS), gdnf(&alloc, BH * sh.DK), gdmf(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+      gc0.Upload(RandomFloats(rng, CS, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      gdcf.Upload(RandomFloats(rng, CS, 0.1f));
+      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.1f));
+      gdmf.Upload(RandomFloats(rng, BH, 0.1f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init, dfin;
+      if (sh.with_states) {
+        init = {gc0.get(), gn0.get(), gm0.get()};
+        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
+      }
+      MlstmOptions opt;
+      opt.chunk_size = 128;
+      opt.state_precision = prec;
+      opt.state_tile = 128;
+      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+      const size_t scratch_bytes = MlstmChunkwiseBackwardScratchBytes(shape, opt);
+      // [0] kFull, [1] kSplit: every output's bytes.
+      std::vector<std::vector<unsigned char>> out[2];
+      size_t tail_launches = 0;
+      for (int which = 0; which < 2; ++which) {
+        opt.state_tail = which == 0 ? MlstmStateTail::kFull : MlstmStateTail::kSplit;
+        DeviceBuffer saved, scratch;
+        CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
+        CUDA_OK_OR_DIE(alloc.Allocate(scratch_bytes, &scratch));
+        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+        CUDA_CHECK_OR_DIE(cudaMemset(scratch.get(), 0xFF, scratch_bytes));
+        DeviceArray<bf16> gh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK),
+            gdv(&alloc, T * sh.DV);
+        DeviceArray<float> gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH), gdig(&alloc, T),
+            gdfg(&alloc, T), gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
+        for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
+        for (auto* x : {&gcf, &gnf, &gmf, &gdig, &gdfg, &gdc0, &gdn0, &gdm0}) x->Poison();
+        g_tail_names.clear();
+        MlstmSetLaunchHook(&CountTailLaunch);
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(),
+                                             {gcf.get(), gnf.get(), gmf.get()}, nullptr));
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
+            shape, opt, in, init, gh.get(), saved.get(), gdh.get(), dfin,
+            {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()},
+            {gdc0.get(), gdn0.get(), gdm0.get()}, scratch.get(), nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        MlstmSetLaunchHook(nullptr);
+        size_t tails = 0;
+        for (int x : g_tail_names) tails += x;
+        if (which == 1) tail_launches = tails;
+        if (which == 0 && tails != 0) tail_launches = 100;  // kFull must not run them
+        out[which].push_back(DeviceBytes(saved.get(), saved_bytes));
+        out[which].push_back(DeviceBytes(scratch.get(), scratch_bytes));
+        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out[which].push_back(DeviceBytes(x->get(), x->size() * 2));
+        for (const auto* x : {&gcf, &gnf, &gmf, &gdig, &gdfg, &gdc0, &gdn0, &gdm0}) {
+          out[which].push_back(DeviceBytes(x->get(), x->size() * 4));
+        }
+      }
+      static const char* const kNames[] = {"saved", "scratch", "h", "dq", "dk", "dv", "C_S", "n_S",
+                                           "m_S", "digate", "dfgate", "dC0", "dn0", "dm0"};
+      std::string diffs;
+      bool ok = tail_launches == 2;
+      for (size_t i = 0; i < out[0].size(); ++i) {
+        const size_t n = BytesDiffer(out[0][i], out[1][i]);
+        if (n != 0) {
+          ok = false;
+          diffs += std::string(" ") + kNames[i] + " " + std::to_string(n) + "/" + std::to_string(out[0][i].size());
+        }
+      }
+      // The C_k planes were written (the first bytes of `saved` are C_0's hi plane).
+      const auto& a = out[0][0];
+      ok = ok && a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
+      const int64_t tiles = BH * (sh.DK / 128) * (sh.DV / 128), tail = tiles % sms;
+      std::printf("[%s] mlstm state tail split vs full bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
+                  "%lld tiles on %d SMs -> %lld full + %lld half blocks; split kernels ran %zu of 2; "
+                  "bytes differing:%s\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
+                  sh.with_states ? " +init +dfinal" : "", static_cast<long long>(tiles), sms,
+                  static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
+                  diffs.empty() ? " none" : diffs.c_str());
+      failures += ok ? 0 : 1;
+    }
+  }
+  EXPECT_EQ(failures, 0);
 }
 
 TEST(MlstmGpuTest, RejectsUnsupportedShapes) {
