@@ -475,6 +475,11 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 256, v2},      {"xlstm-1.3b-like", s13, 256, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2},
+      // Session 16 (helper dqk16): the 125m cell's blocks alone and in whole waves. B1 S1024:
+      // fwd_out / bwd_dv / bwd_dqk 96 blocks (3 slabs x 8 chunks x 4 heads < 132 SMs: every
+      // block alone on its SM); B11 S2048: 2112 blocks = exactly 16 waves of 132.
+      {"xlstm-125m-b1s1k", {1, 1024, 4, 384, 384}, 128, v2},
+      {"xlstm-125m-b11", {11, 2048, 4, 384, 384}, 128, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);
