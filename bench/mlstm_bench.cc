@@ -483,6 +483,10 @@ int main(int argc, char** argv) {
       // ... and at B1 with 128×128 state tiles forced (auto picks 64×64 below 128 tiles): 36 tiles,
       // every block alone on its SM (the isolated per-block time; split: 72 halves).
       {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_t128},
+      // Session 16 (helper dqk16): the 125m cell's blocks alone and in whole waves. B1 S1024:
+      // fwd_out / bwd_dv / bwd_dqk 96 blocks (3 slabs x 8 chunks x 4 heads < 132 SMs: every
+      // block alone on its SM); B11 S2048 (above): 2112 blocks = exactly 16 waves of 132.
+      {"xlstm-125m-b1s1k", {1, 1024, 4, 384, 384}, 128, v2},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

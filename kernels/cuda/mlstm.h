@@ -147,6 +147,19 @@ enum class MlstmStateTail {
            // tiles the kFull kernels run
 };
 
+// When the consumers of the chunk-128 TMA kernels fwd_out (mlstm_fwd_out_ws3) and bwd_dqk
+// (mlstm_bwd_dqk_ws) hand a shared-memory stage back to their producer (helper dqk16, session 16;
+// kernels/cuda/mlstm_notes.md). The outputs are the same bytes either way (the same products in the
+// same order; tested bytewise).
+enum class MlstmRingRelease {
+  kAuto,   // GYRE_MLSTM_RING (read once per process): "eager" or unset = kEager (the default
+           // since session 16: fwd_out −5.6%, bwd_dqk −5.8% at the 125m cell on an H100), "lag" =
+           // kLag; any other value makes forward and backward return an error naming it
+  kLag,    // a stage is released once the next stage has arrived (wgmma wait depth 1)
+  kEager,  // a stage is released as soon as its own wgmma group retired (wait depth 0), so the
+           // producer refills it one stage earlier
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -171,6 +184,8 @@ struct MlstmOptions {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;
   // Chunk 128's TMA state kernels: the last wave whole or split (see MlstmStateTail).
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
+  // Chunk 128's fwd_out / bwd_dqk TMA kernels: when a stage is released (see MlstmRingRelease).
+  MlstmRingRelease ring = MlstmRingRelease::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

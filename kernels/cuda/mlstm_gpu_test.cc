@@ -666,6 +666,115 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
   EXPECT_EQ(failures, 0);
 }
 
+// MlstmRingRelease::kEager (fwd_out / bwd_dqk stages released once their own wgmma group retired;
+// helper dqk16, session 16) against kLag (the kernels before; eager is the default since the merge): the same products in the same order, so h,
+// saved (den, h lo, states), final state and every gradient (d_initial included) must be the same
+// bytes. Outputs poisoned before each run. Shapes at chunk 128 with 128-column slabs (where the
+// TMA kernels run): the 125m head (dk = dv = 384: 6 stages a phase, slots reused twice), dk 128 /
+// dv 256 (2 and 4 stages: fewer stages than slots), dk 256 / dv 512, odd lengths and a short
+// last chunk, B > 1, with and without initial state / d_final, split and bf16 states.
+TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
+  if (!VariantSelected({"ring", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes ring";
+  }
+  std::mt19937_64 rng(1616016);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+    bool with_states;
+  };
+  int failures = 0;
+  for (const Shape& sh : {Shape{2, 333, 2, 384, 384, true}, Shape{3, 200, 2, 384, 384, false},
+                          Shape{1, 37, 3, 128, 256, true}, Shape{2, 300, 1, 256, 512, false},
+                          Shape{1, 1000, 4, 384, 384, false}}) {
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
+          gh(&alloc, T * sh.DV), gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK),
+          gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gdig(&alloc, T), gdfg(&alloc, T), gc0(&alloc, CS),
+          gn0(&alloc, BH * sh.DK), gm0(&alloc, BH), gdcf(&alloc, CS), gdnf(&alloc, BH * sh.DK),
+          gdmf(&alloc, BH), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH), gdc0(&alloc, CS),
+          gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+      gc0.Upload(RandomFloats(rng, CS, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      gdcf.Upload(RandomFloats(rng, CS, 0.1f));
+      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.1f));
+      gdmf.Upload(RandomFloats(rng, BH, 0.1f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init, dfin;
+      MlstmDeviceState<float> fin, dinit;
+      if (sh.with_states) {
+        init = {gc0.get(), gn0.get(), gm0.get()};
+        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
+        fin = {gcf.get(), gnf.get(), gmf.get()};
+        dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
+      }
+      MlstmOptions opt;
+      opt.chunk_size = 128;
+      opt.io_slab = 128;
+      opt.state_precision = prec;
+      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+      DeviceBuffer saved, scratch;
+      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
+      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
+      std::vector<unsigned char> saved_bytes_of[2];
+      std::vector<float> outs[2];
+      for (int which = 0; which < 2; ++which) {
+        opt.ring = which == 0 ? MlstmRingRelease::kLag : MlstmRingRelease::kEager;
+        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+        for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
+        for (auto* x : {&gdig, &gdfg, &gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) x->Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        saved_bytes_of[which].resize(saved_bytes);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_bytes_of[which].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), gdh.get(), dfin,
+                                              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit,
+                                              scratch.get(), nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) {
+          const auto y = x->Download();
+          outs[which].insert(outs[which].end(), y.begin(), y.end());
+        }
+        for (const auto* x : {&gdig, &gdfg}) {
+          const auto y = x->Download();
+          outs[which].insert(outs[which].end(), y.begin(), y.end());
+        }
+        if (sh.with_states) {
+          for (const auto* x : {&gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) {
+            const auto y = x->Download();
+            outs[which].insert(outs[which].end(), y.begin(), y.end());
+          }
+        }
+      }
+      size_t saved_diff = 0, out_diff = outs[0].size() != outs[1].size() ? outs[0].size() : 0, non_finite = 0;
+      for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_bytes_of[0][i] != saved_bytes_of[1][i];
+      for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
+        out_diff += std::memcmp(&outs[0][i], &outs[1][i], sizeof(float)) != 0;
+        non_finite += !std::isfinite(outs[0][i]);  // an unwritten poison value would show here
+      }
+      const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
+      std::printf("[%s] mlstm ring eager vs lag bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of "
+                  "%zu bytes differ, outputs %zu of %zu values differ (%zu non-finite)\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
+                  saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
+      failures += ok ? 0 : 1;
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
 // MlstmChunkwiseBackwardWithDots (the per-token dh·(h + h_lo) given by the caller: ops' output-norm
 // backward under GYRE_MLSTM_DH_DOT=norm) against MlstmChunkwiseBackward (its bwd_prep forms them):
 // the dots from the downloaded dh, h and the saved h lo (MlstmChunkwiseSavedHLo; null at bf16
