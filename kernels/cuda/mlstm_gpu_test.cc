@@ -667,7 +667,8 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
 }
 
 // MlstmRingRelease::kEager (fwd_out / bwd_dqk stages released once their own wgmma group retired;
-// helper dqk16, session 16) against kLag (the kernels before; eager is the default since the merge): the same products in the same order, so h,
+// helper dqk16, session 16; the default since its merge) against kLag (the kernels before): the
+// same products in the same order, so h,
 // saved (den, h lo, states), final state and every gradient (d_initial included) must be the same
 // bytes. Outputs poisoned before each run. Shapes at chunk 128 with 128-column slabs (where the
 // TMA kernels run): the 125m head (dk = dv = 384: 6 stages a phase, slots reused twice), dk 128 /
