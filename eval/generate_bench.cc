@@ -272,7 +272,22 @@ int Main(int argc, char** argv) {
     if (cuda && decode_graph != "off" && qkv_ab) {
       // Graph steps with the q, k, v maps in two launches (0) and in one (1): a fresh capture on
       // gs for each, alternating three times; the medians of each setting's replays.
-      std::vector<double> ms[2];
+      std::vector<double> ms[2], eager_ms[2];
+      for (int round = 0; round < 3; ++round)  // eager steps first: two launches / one, alternating
+        for (int one = 0; one < 2; ++one) {
+          ops::SetDecodeQkvOneLaunch(one == 1);
+          for (int64_t r = 0; r < reps / 2 + 1; ++r) {
+            const int32_t tok = data[split + 400 + r];
+            sync();
+            const auto t0 = now();
+            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+            sync();
+            if (r >= 1) eager_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+        }
+      std::printf("COST_EAGER_QKV %s: eager greedy step %.3f ms with q, k, v in two launches, %.3f ms in one, x%.3f\n",
+                  preset.c_str(), median_ms(eager_ms[0]), median_ms(eager_ms[1]),
+                  median_ms(eager_ms[0]) / median_ms(eager_ms[1]));
       int64_t nodes[2] = {0, 0};
       bool ok = true;
       for (int round = 0; round < 3 && ok; ++round)

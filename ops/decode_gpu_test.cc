@@ -200,7 +200,8 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
 // ops/recurrent_cuda.h BlockDiagQkvRowsForward) against the two BlockDiagForward launches, every
 // bit of q, k, v, ig and fg, and against float64: rows 1..16 (one and two row tiles), 4 heads
 // (8 gates; 12 column blocks: the one-lane reduction), 8 heads with 528 4x4 blocks (16 gates;
-// 17 column blocks, the last one partial: the 8-lane reduction) and 2 heads; outputs poisoned
+// 17 column blocks, the last one partial: the 8-lane reduction), 2 heads, and p = 4096 with 8
+// heads (at 9..16 rows the partials do not fit the shared-memory staging: the direct path); outputs poisoned
 // before every run; and the shapes it refuses (17 rows) take the two launches.
 TEST_F(DecodeGpuTest, QkvGatesOneLaunchBitwiseEqualsTwoLaunchesAndFloat64) {
   Rng rng(57);
@@ -208,7 +209,7 @@ TEST_F(DecodeGpuTest, QkvGatesOneLaunchBitwiseEqualsTwoLaunchesAndFloat64) {
     int64_t p, heads;
   };
   const bool saved = DecodeQkvOneLaunch();
-  for (const Shape sh : {Shape{1536, 4}, Shape{2112, 8}, Shape{384, 2}}) {
+  for (const Shape sh : {Shape{1536, 4}, Shape{2112, 8}, Shape{384, 2}, Shape{4096, 8}}) {
     const int64_t p = sh.p, H = sh.heads, blocks = p / 4;
     const Tensor wq = RandomBf16Host({blocks, 4, 4}, 0.5, &rng), wk = RandomBf16Host({blocks, 4, 4}, 0.5, &rng),
                  wv = RandomBf16Host({blocks, 4, 4}, 0.5, &rng);

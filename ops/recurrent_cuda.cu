@@ -769,12 +769,14 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 //     4 warps a block: warp (pass, tile) = (ty & 1, ty >> 1) runs pass 0 (q, k from x_c, both
 //     maps in one accumulator) or pass 1 (v from x_m) over row tile rt = 8·tile, which is what
 //     warp `tile` of the old q/k launch (of the v launch) did: the same row loads, the same 4x4
-//     products and bf16 stores, the same mma sequence over the same A fragments and B tiles, so
+//     products and bf16 stores, the same mma sequence over the same A fragments and B tiles (its
+//     weight and row loads issued before the block-wide fragment phase, to overlap it), so
 //     every y and every per-column-block gate partial has the old bits (the partial of a row does
 //     not depend on the other rows of its tile: the mma forms each output from its own column).
 //   - the partials go to scratch [pass, column block, 2 (i, f), rows, heads]; each block then
-//     fences and takes a ticket; the last block to arrive sums the column blocks of each pass in
-//     reduce_partials' order (FixedOrderPartialSum below) and writes
+//     fences and takes a ticket; the last block to arrive loads them all into shared memory at
+//     once (where they fit; else it reads them from L2 in the loop), sums the column blocks of
+//     each pass in reduce_partials' order (FixedOrderPartialSum below) and writes
 //       ig = (bi + Σ_qk) + Σ_v,   fg = (bf + Σ_qk) + Σ_v
 //     which is the old pair of reductions (= bias + Σ, then += Σ) in the same fp32 order. So the
 //     outputs carry the bits of the two-launch path at every row count (greedy == speculative and
@@ -789,10 +791,37 @@ struct QkvRowsSmem {
 };
 __device__ unsigned int g_qkv_rows_ticket = 0;
 
-// One warp's row tile of one pass: block_diag4_fwd_gates' loop body at r0 = 0, r1 = rows.
+// One warp's row tile of one pass: block_diag4_fwd_gates' loop body at r0 = 0, r1 = rows, in two
+// halves: QkvRowsLoad issues the tile's weight and row loads (before the block waits for the gate
+// fragments, so their latency overlaps that phase), QkvRowsTile does the arithmetic.
+struct QkvRowsRegs {
+  float w[16], w2[16];
+  uint2 raw[kBdTileRows];
+};
+template <bool kTwo>
+__device__ __forceinline__ void QkvRowsLoad(const BlockDiagArgs& a, int64_t rt, QkvRowsRegs& q) {
+  const int64_t b = blockIdx.x * 32 + threadIdx.x;
+  const bool live = b < a.blocks;
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    if (live) {
+      LoadF8(a.w + b * 16 + k, q.w + k);
+      if (kTwo) LoadF8(a.w2 + b * 16 + k, q.w2 + k);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) q.w[k + c] = q.w2[k + c] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kBdTileRows; ++k) {
+    const int64_t r = rt + k;
+    q.raw[k] = live && r < a.rows ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                                  : make_uint2(0u, 0u);
+  }
+}
 // `afrag` points at the pass's first map; `part` at the pass's column block: [2, rows, heads].
 template <bool kTwo, int kG>
-__device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedGates& g,
+__device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedGates& g, const QkvRowsRegs& q,
                                             uint2 (&tile)[2][kBdTileRows][kBdTileLd],
                                             const uint4 (*afrag)[8][kG / 8][32], int64_t rt, float* part) {
   constexpr int kMaps = kTwo ? 2 : 1;
@@ -800,34 +829,16 @@ __device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedG
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
   const int G = 2 * g.heads;
-  float w[16], w2[16];
-#pragma unroll
-  for (int k = 0; k < 16; k += 8) {
-    if (live) {
-      LoadF8(a.w + b * 16 + k, w + k);
-      if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
-    } else {
-#pragma unroll
-      for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
-    }
-  }
   const int gq = tx / 4, qq = tx % 4;
   const int64_t r1 = a.rows;
-  uint2 raw[kBdTileRows];
-#pragma unroll
-  for (int k = 0; k < kBdTileRows; ++k) {
-    const int64_t r = rt + k;
-    raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                            : make_uint2(0u, 0u);
-  }
 #pragma unroll
   for (int k = 0; k < kBdTileRows; ++k) {
     const int64_t r = rt + k;
     float x[4];
-    Bf16x4ToFloat(raw[k], x);
+    Bf16x4ToFloat(q.raw[k], x);
 #pragma unroll
     for (int m = 0; m < kMaps; ++m) {
-      const float* wm = m == 0 ? w : w2;
+      const float* wm = m == 0 ? q.w : q.w2;
       float y[4];
 #pragma unroll
       for (int o = 0; o < 4; ++o)
@@ -865,16 +876,17 @@ __device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedG
 
 // Σ_k p[k · stride], k < chunks, in reduce_partials' order for that chunk count (LaunchReduce's
 // lane choice; lane y sums k ≡ y mod lanes in order from 0, then the lanes in order from 0).
-__device__ inline float FixedOrderPartialSum(const float* p, int64_t chunks, int64_t stride) {
+template <typename Read>
+__device__ inline float FixedOrderPartialSum(Read read, int64_t chunks) {
   const int lanes = chunks >= 128 ? 32 : chunks >= 16 ? 8 : 1;
   float t = 0.f;
   if (lanes == 1) {
-    for (int64_t k = 0; k < chunks; ++k) t += __ldcg(p + k * stride);
+    for (int64_t k = 0; k < chunks; ++k) t += read(k);
     return t;
   }
   for (int y = 0; y < lanes; ++y) {
     float s = 0.f;
-    for (int64_t k = y; k < chunks; k += lanes) s += __ldcg(p + k * stride);
+    for (int64_t k = y; k < chunks; k += lanes) s += read(k);
     t += s;
   }
   return t;
@@ -889,6 +901,13 @@ __global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, Bl
   __shared__ unsigned int ticket;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
   const int G = 2 * gqk.heads;
+  const int64_t rows = qk.rows, n = rows * gqk.heads, rt = (ty >> 1) * kBdTileRows;
+  const bool active = rt < rows, pass_qk = (ty & 1) == 0;  // uniform over the warp
+  QkvRowsRegs regs;
+  if (active) {
+    if (pass_qk) QkvRowsLoad<true>(qk, rt, regs);
+    else QkvRowsLoad<false>(v, rt, regs);
+  }
   // A fragments of the three maps' gate weights (block_diag4_fwd_gates' loop over maps 0..2).
   for (int e = tid; e < 3 * 8 * (kG / 8) * 32; e += 128) {
     const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
@@ -903,13 +922,9 @@ __global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, Bl
     sm.afrag[m][j][h][lane] = SplitHiLoBf16(w);
   }
   __syncthreads();
-  const int64_t rows = qk.rows, n = rows * gqk.heads, rt = (ty >> 1) * kBdTileRows;
-  if (rt < rows) {  // uniform over the warp
-    if ((ty & 1) == 0) {
-      QkvRowsTile<true, kG>(qk, gqk, sm.tile[ty], &sm.afrag[0], rt, part + blockIdx.x * 2 * n);
-    } else {
-      QkvRowsTile<false, kG>(v, gv, sm.tile[ty], &sm.afrag[2], rt, part + (gridDim.x + blockIdx.x) * 2 * n);
-    }
+  if (active) {
+    if (pass_qk) QkvRowsTile<true, kG>(qk, gqk, regs, sm.tile[ty], &sm.afrag[0], rt, part + blockIdx.x * 2 * n);
+    else QkvRowsTile<false, kG>(v, gv, regs, sm.tile[ty], &sm.afrag[2], rt, part + (gridDim.x + blockIdx.x) * 2 * n);
   }
   // The last block to finish sums every block's partials (the threadFenceReduction pattern).
   __threadfence();
@@ -918,11 +933,25 @@ __global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, Bl
   __syncthreads();
   if (ticket != gridDim.x - 1) return;
   __threadfence();
+  // The partials [2 passes, chunks, 2n] into shared memory first (all loads in flight at once;
+  // the tiles and fragments are dead by now) where they fit, then the fixed-order sums.
+  const int64_t chunks = gridDim.x, total = 2 * chunks * 2 * n;
+  float* staged = reinterpret_cast<float*>(smem_raw);
+  const bool stage = total * static_cast<int64_t>(sizeof(float)) <= static_cast<int64_t>(sizeof(QkvRowsSmem<kG>));
+  if (stage) {
+    for (int64_t e = tid; e < total; e += 128) staged[e] = __ldcg(part + e);
+    __syncthreads();
+  }
+  const float* src = stage ? staged : part;
   for (int64_t e = tid; e < 2 * n; e += 128) {
     const int f = static_cast<int>(e / n);
     const int64_t c = e % n;
-    const float s_qk = FixedOrderPartialSum(part + f * n + c, gridDim.x, 2 * n);
-    const float s_v = FixedOrderPartialSum(part + gridDim.x * 2 * n + f * n + c, gridDim.x, 2 * n);
+    const float* p0 = src + f * n + c;
+    const float* p1 = src + chunks * 2 * n + f * n + c;
+    const float s_qk = stage ? FixedOrderPartialSum([&](int64_t k) { return p0[k * 2 * n]; }, chunks)
+                             : FixedOrderPartialSum([&](int64_t k) { return __ldcg(p0 + k * 2 * n); }, chunks);
+    const float s_v = stage ? FixedOrderPartialSum([&](int64_t k) { return p1[k * 2 * n]; }, chunks)
+                            : FixedOrderPartialSum([&](int64_t k) { return __ldcg(p1 + k * 2 * n); }, chunks);
     float o = (f == 0 ? bi : bf)[c % gqk.heads] + s_qk;  // reduce_partials' kReduceSetBias, stored
     o += s_v;                                             // then its kReduceAdd
     (f == 0 ? gqk.ig : gqk.fg)[c] = o;
