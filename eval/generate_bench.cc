@@ -24,6 +24,7 @@
 #include "eval/generate.h"
 #include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/decode_graph.h"
 #include "ops/model.h"
 #include "ops/parallel.h"
@@ -105,7 +106,14 @@ int Main(int argc, char** argv) {
                  "CUDA greedy decoding: off (eager steps), on (ops/decode_graph.h replays), both (eager and graph "
                  "alternating in every repeat, outputs compared)")
       ->check(CLI::IsMember({"off", "on", "both"}));
+  std::string decode_qkv = "env";
+  app.add_option("--decode_qkv", decode_qkv,
+                 "CUDA: the mLSTM decode step's q, k, v maps + gates: env (GYRE_DECODE_QKV), 1 (one launch), 0 "
+                 "(two launches), both (graph steps and graph greedy runs alternate 0 / 1, outputs compared)")
+      ->check(CLI::IsMember({"env", "0", "1", "both"}));
   CLI11_PARSE(app, argc, argv);
+  if (decode_qkv == "0" || decode_qkv == "1") ops::SetDecodeQkvOneLaunch(decode_qkv == "1");
+  const bool qkv_ab = decode_qkv == "both";
 
   std::ifstream in(tokens_path, std::ios::binary);
   const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -261,6 +269,51 @@ int Main(int argc, char** argv) {
       const int32_t tok = data[split + 99];
       (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
     }
+    if (cuda && decode_graph != "off" && qkv_ab) {
+      // Graph steps with the q, k, v maps in two launches (0) and in one (1): a fresh capture on
+      // gs for each, alternating three times; the medians of each setting's replays.
+      std::vector<double> ms[2], eager_ms[2];
+      for (int round = 0; round < 3; ++round)  // eager steps first: two launches / one, alternating
+        for (int one = 0; one < 2; ++one) {
+          ops::SetDecodeQkvOneLaunch(one == 1);
+          for (int64_t r = 0; r < reps / 2 + 1; ++r) {
+            const int32_t tok = data[split + 400 + r];
+            sync();
+            const auto t0 = now();
+            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+            sync();
+            if (r >= 1) eager_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+        }
+      std::printf("COST_EAGER_QKV %s: eager greedy step %.3f ms with q, k, v in two launches, %.3f ms in one, x%.3f\n",
+                  preset.c_str(), median_ms(eager_ms[0]), median_ms(eager_ms[1]),
+                  median_ms(eager_ms[0]) / median_ms(eager_ms[1]));
+      int64_t nodes[2] = {0, 0};
+      bool ok = true;
+      for (int round = 0; round < 3 && ok; ++round)
+        for (int one = 0; one < 2 && ok; ++one) {
+          ops::SetDecodeQkvOneLaunch(one == 1);
+          auto graph = ops::DecodeGraph::Capture(model->get(), gs.get());
+          if (!graph.ok()) {
+            std::printf("COST_GRAPH_QKV %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
+            ok = false;
+            break;
+          }
+          nodes[one] = (*graph)->nodes();
+          for (int64_t r = 0; r < reps + 2; ++r) {
+            const int32_t tok = data[split + 300 + r];
+            const auto t0 = now();
+            if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+            if (r >= 2) ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+        }
+      ops::SetDecodeQkvOneLaunch(true);
+      if (ok) {
+        std::printf("COST_GRAPH_QKV %s: graph step %.3f ms with q, k, v in two launches (%ld nodes), %.3f ms in one "
+                    "(%ld nodes), x%.3f\n", preset.c_str(), median_ms(ms[0]), (long)nodes[0], median_ms(ms[1]),
+                    (long)nodes[1], median_ms(ms[0]) / median_ms(ms[1]));
+      }
+    }
     if (cuda && decode_graph != "off") {
       // The same greedy step replayed from a graph captured on the warmed state gs (the last
       // eager step above was its warm-up).
@@ -294,7 +347,8 @@ int Main(int argc, char** argv) {
   // Decoding on held-out prompts.
   GenerateOptions gen;
   gen.max_new_tokens = new_tokens;
-  double greedy_s = 0, spec_s = 0, graph_s = 0;
+  double greedy_s = 0, spec_s = 0, graph_s = 0, graph_two_s = 0;
+  bool qkv_equal = true;
   const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
   bool all_equal = true;
@@ -305,8 +359,8 @@ int Main(int argc, char** argv) {
   for (int64_t p = 0; p < prompts; ++p) {
     const size_t off = split + static_cast<size_t>(p) * (data.size() - split - prompt_len) / std::max<int64_t>(prompts, 1);
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
-    std::vector<double> tg, ts, tgg;
-    GenerateResult g, s, gg;
+    std::vector<double> tg, ts, tgg, tgg_two;
+    GenerateResult g, s, gg, gg_two;
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -318,6 +372,19 @@ int Main(int argc, char** argv) {
         }
         if (r > 0) tg.push_back(gr->seconds);
         g = *gr;
+      }
+      if (graph_runs && qkv_ab) {  // graph greedy with the q, k, v maps in two launches
+        ops::SetDecodeGraph(true);
+        ops::SetDecodeQkvOneLaunch(false);
+        auto gr = Generate(model->get(), prompt, gen);
+        ops::SetDecodeQkvOneLaunch(true);
+        ops::SetDecodeGraph(false);
+        if (!gr.ok()) {
+          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tgg_two.push_back(gr->seconds);
+        gg_two = *gr;
       }
       if (graph_runs) {
         ops::SetDecodeGraph(true);
@@ -347,6 +414,15 @@ int Main(int argc, char** argv) {
                   gg.decode_graph.c_str(), gg.tokens.size() / mgg, graph_equal ? "yes" : "NO");
       equal &= graph_equal;
       graph_s += mgg;
+      if (qkv_ab) {
+        const bool same = gg_two.tokens == gg.tokens;
+        std::printf("prompt %ld: greedy graph with q, k, v in two launches %.1f tok/s, in one %.1f tok/s, tokens "
+                    "equal %s\n", (long)p, gg_two.tokens.size() / median(tgg_two), gg.tokens.size() / mgg,
+                    same ? "yes" : "NO");
+        qkv_equal &= same;
+        equal &= same;
+        graph_two_s += median(tgg_two);
+      }
     }
     all_equal &= equal;
     const double mg = median(tg), ms = median(ts);
@@ -372,6 +448,11 @@ int Main(int argc, char** argv) {
     std::printf("SUMMARY_GRAPH %s mtp%ld: greedy eager %.1f tok/s, greedy graph %.1f tok/s (x%.2f), speculative "
                 "%.1f tok/s, outputs equal: %s\n", preset.c_str(), (long)mtp_heads, tokens / greedy_s, tokens / graph_s,
                 greedy_s / graph_s, tokens / spec_s, all_equal ? "yes" : "NO");
+  }
+  if (graph_runs && qkv_ab) {
+    std::printf("SUMMARY_QKV %s: greedy graph %.1f tok/s with q, k, v in two launches, %.1f tok/s in one (x%.3f), "
+                "tokens equal: %s\n", preset.c_str(), tokens / graph_two_s, tokens / graph_s, graph_two_s / graph_s,
+                qkv_equal ? "yes" : "NO");
   }
   return all_equal ? 0 : 3;
 }

@@ -172,6 +172,11 @@ class CudaBackend {
   // its kernel does not cover `a`, exactly GroupNorm(true, a), dots untouched, and false.
   virtual bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) = 0;
   virtual void BlockDiag(bool backward, const BlockDiagArgs& a) = 0;
+  // BlockDiag(false, qk) then BlockDiag(false, v) for the mLSTM q, k, v maps with the gates (the
+  // decode step's QkvGatesCuda): in one launch (ops/recurrent_cuda.h BlockDiagQkvRowsForward, the
+  // same bits) when DecodeQkvOneLaunch() (ops/cuda_infer.h) is on and its kernel covers them (at
+  // most 16 rows); otherwise exactly those two calls. Returns whether the one launch ran.
+  virtual bool BlockDiagQkv(const BlockDiagArgs& qk, const BlockDiagArgs& v) = 0;
   virtual void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) = 0;
   virtual void ColumnSum(const void* x, int64_t rows, int64_t cols, int64_t ld, float* out) = 0;
   virtual void Conv1d(bool backward, const Conv1dArgs& a) = 0;

@@ -686,6 +686,18 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(backward ? cuda_ops::BlockDiagBackward(a, alloc_, stream_) : cuda_ops::BlockDiagForward(a, alloc_, stream_));
   }
 
+  bool BlockDiagQkv(const BlockDiagArgs& qk, const BlockDiagArgs& v) override {
+    Init();
+    if (!DecodeQkvOneLaunch() || !cuda_ops::BlockDiagQkvRowsCovers(qk, v)) {
+      BlockDiag(false, qk);
+      BlockDiag(false, v);
+      return false;
+    }
+    OpProfiler::Scope scope(&prof_, "BlockDiag q, k, v forward (one launch, <= 16 rows)");
+    OK_OR_DIE(cuda_ops::BlockDiagQkvRowsForward(qk, v, alloc_, stream_));
+    return true;
+  }
+
   void AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) override {
     Init();
     OpProfiler::Scope scope(&prof_, "AddColumnBias");

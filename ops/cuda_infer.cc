@@ -32,6 +32,23 @@ bool RowInvariantDecode() {
 
 namespace {
 
+bool& DecodeQkvSwitch() {
+  static bool on = [] {
+    const char* v = std::getenv("GYRE_DECODE_QKV");
+    const std::string s = v != nullptr ? v : "1";
+    GYRE_CHECK(s == "0" || s == "1", "GYRE_DECODE_QKV must be 0 or 1, got '%s'", s.c_str());
+    return s == "1";
+  }();
+  return on;
+}
+
+}  // namespace
+
+bool DecodeQkvOneLaunch() { return DecodeQkvSwitch(); }
+void SetDecodeQkvOneLaunch(bool on) { DecodeQkvSwitch() = on; }
+
+namespace {
+
 int& GemmRowsWarpsSwitch() {
   static int warps = [] {
     const char* v = std::getenv("GYRE_GEMM_ROWS_WARPS");

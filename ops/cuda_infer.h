@@ -138,6 +138,14 @@ class CudaInference {
 // summation order at another m) and the cluster step kernel, as before 2026-11-27.
 bool RowInvariantDecode();
 
+// The mLSTM decode step's q, k, v maps and gates (MlstmBlock::QkvGatesCuda at <= 16 rows):
+// GYRE_DECODE_QKV unset or "1" (the default since session 16: one launch,
+// ops/recurrent_cuda.h BlockDiagQkvRowsForward, the same bits as the two), "0" (two
+// BlockDiagForward launches, each a kernel and a reduction, as before). Read once; other values
+// stop the process naming the accepted ones. SetDecodeQkvOneLaunch overrides it (tests, benchmarks).
+bool DecodeQkvOneLaunch();
+void SetDecodeQkvOneLaunch(bool on);
+
 // Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "2" (the
 // default since session 16: the column's reduction dealt to 2 warps, combined in a fixed order;
 // row-invariant; graph decode steps −3.5% xLSTM / −5.5% Mamba-2 against 1 on an H100), "4", or

@@ -1,6 +1,8 @@
 // Needs a GPU: what the CUDA backend adds for the hybrids and for inference, against the CPU
 // backend in float64 on the same (bf16-rounded) weights, each check printing
 // `[PASS|FAIL] name shape rel_err tol`:
+//   qkv:      the mLSTM decode step's q, k, v maps + gates in one launch against the two
+//             launches (every bit) and float64, 1..16 rows;
 //   layers:   Linear with bias, grouped 1+w LayerNorm with bias (output, dx, every gradient);
 //   hybrid:   Mamba-2 + the attention mixer block (qkv conv, no MLP, partial rotary) — loss and
 //             every gradient;
@@ -41,6 +43,7 @@
 #include "eval/generate.h"
 #include "gtest/gtest.h"
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/cuda_infer_kernels.h"
 #include "ops/decode_graph.h"
 #include "ops/elementwise.h"
@@ -191,6 +194,110 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
   EXPECT_FALSE(cuda_infer::GemmRows(other, stream).ok());
   other.epilogue = gyre::cuda::GemmEpilogue::kNone;
   EXPECT_FALSE(cuda_infer::GemmRows(other, stream, 3).ok());  // 1, 2 or 4 warps a column
+}
+
+// The mLSTM decode step's q, k, v maps with the gates in one launch (Cuda().BlockDiagQkv,
+// ops/recurrent_cuda.h BlockDiagQkvRowsForward) against the two BlockDiagForward launches, every
+// bit of q, k, v, ig and fg, and against float64: rows 1..16 (one and two row tiles), 4 heads
+// (8 gates; 12 column blocks: the one-lane reduction), 8 heads with 528 4x4 blocks (16 gates;
+// 17 column blocks, the last one partial: the 8-lane reduction), 2 heads, and p = 4096 with 8
+// heads (at 9..16 rows the partials do not fit the shared-memory staging: the direct path); outputs poisoned
+// before every run; and the shapes it refuses (17 rows) take the two launches.
+TEST_F(DecodeGpuTest, QkvGatesOneLaunchBitwiseEqualsTwoLaunchesAndFloat64) {
+  Rng rng(57);
+  struct Shape {
+    int64_t p, heads;
+  };
+  const bool saved = DecodeQkvOneLaunch();
+  for (const Shape sh : {Shape{1536, 4}, Shape{2112, 8}, Shape{384, 2}, Shape{4096, 8}}) {
+    const int64_t p = sh.p, H = sh.heads, blocks = p / 4;
+    const Tensor wq = RandomBf16Host({blocks, 4, 4}, 0.5, &rng), wk = RandomBf16Host({blocks, 4, 4}, 0.5, &rng),
+                 wv = RandomBf16Host({blocks, 4, 4}, 0.5, &rng);
+    const Tensor wi = RandomBf16Host({H, 3 * p}, 0.05, &rng), wf = RandomBf16Host({H, 3 * p}, 0.05, &rng);
+    const Tensor bi = RandomBf16Host({H}, 1.0, &rng), bf = RandomBf16Host({H}, 1.0, &rng);
+    auto dev32 = [](const Tensor& t) { return t.To(DType::kF32).ToDevice(Device::kCuda); };
+    const Tensor wq_d = dev32(wq), wk_d = dev32(wk), wv_d = dev32(wv), wi_d = dev32(wi), wf_d = dev32(wf),
+                 bi_d = dev32(bi), bf_d = dev32(bf);
+    for (int64_t rows : {1, 2, 3, 5, 8, 9, 16, 17}) {
+      const Tensor xc = RandomBf16Host({rows, p}, 1.0, &rng), xm = RandomBf16Host({rows, p}, 1.0, &rng);
+      const Tensor xc_d = ToCudaBf16(xc), xm_d = ToCudaBf16(xm);
+      // One run: outputs poisoned first; returns q, k, v, ig, fg on the host and whether one launch ran.
+      auto run = [&](bool one, std::vector<Tensor>* out) {
+        SetDecodeQkvOneLaunch(one);
+        Tensor q = Tensor::Empty({rows, p}, DType::kBF16, Device::kCuda), k = Tensor::Empty({rows, p}, DType::kBF16, Device::kCuda),
+               v = Tensor::Empty({rows, p}, DType::kBF16, Device::kCuda);
+        Tensor ig = Tensor::Empty({rows, H}, DType::kF32, Device::kCuda), fg = Tensor::Empty({rows, H}, DType::kF32, Device::kCuda);
+        for (Tensor* t : {&q, &k, &v, &ig, &fg}) t->Fill(std::nan(""));
+        MlstmGateArgs g;
+        g.rows = rows; g.inner = p; g.heads = H;
+        g.wi = wi_d.data<float>(); g.wf = wf_d.data<float>();
+        g.ig = ig.data<float>(); g.fg = fg.data<float>();
+        MlstmGateArgs g_bias = g;
+        g_bias.bi = bi_d.data<float>(); g_bias.bf = bf_d.data<float>();
+        BlockDiagArgs qk, va;
+        qk.rows = va.rows = rows;
+        qk.blocks = va.blocks = blocks;
+        qk.block_in = qk.block_out = va.block_in = va.block_out = 4;
+        qk.x = xc_d.raw(); va.x = xm_d.raw();
+        qk.ldx = qk.ldy = va.ldx = va.ldy = p;
+        qk.w = wq_d.data<float>(); qk.w2 = wk_d.data<float>(); va.w = wv_d.data<float>();
+        qk.y = q.raw(); qk.y2 = k.raw(); va.y = v.raw();
+        qk.gates = &g_bias; qk.gate_col = 0; qk.gate_col2 = p;
+        va.gates = &g; va.gate_col = 2 * p;
+        const bool ran = Cuda().BlockDiagQkv(qk, va);
+        out->clear();
+        for (Tensor* t : {&q, &k, &v, &ig, &fg}) out->push_back(t->ToDevice(Device::kCpu));
+        return ran;
+      };
+      std::vector<Tensor> two, one;
+      const bool ran_two = run(false, &two), ran_one = run(true, &one);
+      EXPECT_FALSE(ran_two);
+      EXPECT_EQ(ran_one, rows <= 16) << "rows " << rows;
+      int64_t differ = 0, total = 0;
+      for (size_t i = 0; i < two.size(); ++i) {
+        const std::vector<char> a = HostBytes(two[i]), b = HostBytes(one[i]);
+        const int64_t es = static_cast<int64_t>(DTypeSize(two[i].dtype()));
+        for (size_t e = 0; e < a.size(); e += es) differ += std::memcmp(&a[e], &b[e], es) != 0;
+        total += static_cast<int64_t>(a.size()) / es;
+      }
+      EXPECT_EQ(differ, 0);
+      const std::string name = "qkv gates p" + std::to_string(p) + " heads" + std::to_string(H) + " rows" + std::to_string(rows);
+      std::printf("[%s] %s: one launch (%s) vs two, %ld of %ld values differ\n", differ == 0 ? "PASS" : "FAIL",
+                  name.c_str(), ran_one ? "ran" : "refused: two launches", (long)differ, (long)total);
+      // float64: y = the 4x4 maps of the bf16 inputs; the gates = bias + Σ w · (the kernel's bf16 y),
+      // so the gate check sees the sums' own error, not the y rounding the design accepts.
+      const Tensor* ws[3] = {&wq, &wk, &wv};
+      const Tensor* xs[3] = {&xc, &xc, &xm};
+      const char* yn[3] = {" q", " k", " v"};
+      for (int m = 0; m < 3; ++m) {
+        Tensor ref = Tensor::Empty({rows, p}, DType::kF64, Device::kCpu);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t b = 0; b < blocks; ++b)
+            for (int o = 0; o < 4; ++o) {
+              double s = 0;
+              for (int i = 0; i < 4; ++i) s += ws[m]->At(b * 16 + o * 4 + i) * xs[m]->At(r * p + b * 4 + i);
+              ref.Set(r * p + b * 4 + o, s);
+            }
+        EXPECT_TRUE(Check(name + yn[m], one[m], ref, 1e-2));
+      }
+      const Tensor q64 = one[0].To(DType::kF64), k64 = one[1].To(DType::kF64), v64 = one[2].To(DType::kF64);
+      const Tensor* ys[3] = {&q64, &k64, &v64};
+      for (int f = 0; f < 2; ++f) {
+        const Tensor& w = f == 0 ? wi : wf;
+        const Tensor& bias = f == 0 ? bi : bf;
+        Tensor ref = Tensor::Empty({rows, H}, DType::kF64, Device::kCpu);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t h = 0; h < H; ++h) {
+            double s = bias.At(h);
+            for (int m = 0; m < 3; ++m)
+              for (int64_t c = 0; c < p; ++c) s += w.At(h * 3 * p + m * p + c) * ys[m]->At(r * p + c);
+            ref.Set(r * H + h, s);
+          }
+        EXPECT_TRUE(Check(name + (f == 0 ? " ig" : " fg"), one[3 + f], ref, 1e-5));
+      }
+    }
+  }
+  SetDecodeQkvOneLaunch(saved);
 }
 
 TEST_F(DecodeGpuTest, LinearWithBias) {

@@ -1082,8 +1082,9 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
     Cuda().MlstmConvQkv(*conv, maps[0], maps[1]);
     return;
   }
-  Cuda().BlockDiag(false, maps[0]);
-  Cuda().BlockDiag(false, maps[1]);
+  // Decode rows (<= 16): one launch for both maps and the gates, the same bits (cuda_infer.h
+  // DecodeQkvOneLaunch); otherwise the two launches.
+  Cuda().BlockDiagQkv(maps[0], maps[1]);
 }
 
 void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {

@@ -759,6 +759,206 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   }
 }
 
+// ---------------------------------------------------------------- decode: q, k, v and the gates in one launch
+// The mLSTM decode step (m <= kQkvRowsMax rows: one token, or a speculative chunk of k tokens, at
+// small batch) used to run BlockDiagForward twice (q, k from x_c; v from x_m), each launch a
+// block_diag4_fwd_gates and a reduce_partials: four kernels of ~2-5 µs whose work at one row is a
+// few KB (DECODE_GRAPHS.md: 16.9 µs a layer under the decode graph). block_diag4_qkv_rows does
+// the same arithmetic in one launch, bit for bit:
+//   - grid: the column blocks of block_diag4_fwd_gates (32 4x4 blocks = 128 channels each);
+//     4 warps a block: warp (pass, tile) = (ty & 1, ty >> 1) runs pass 0 (q, k from x_c, both
+//     maps in one accumulator) or pass 1 (v from x_m) over row tile rt = 8·tile, which is what
+//     warp `tile` of the old q/k launch (of the v launch) did: the same row loads, the same 4x4
+//     products and bf16 stores, the same mma sequence over the same A fragments and B tiles (its
+//     weight and row loads issued before the block-wide fragment phase, to overlap it), so
+//     every y and every per-column-block gate partial has the old bits (the partial of a row does
+//     not depend on the other rows of its tile: the mma forms each output from its own column).
+//   - the partials go to scratch [pass, column block, 2 (i, f), rows, heads]; each block then
+//     fences and takes a ticket; the last block to arrive loads them all into shared memory at
+//     once (where they fit; else it reads them from L2 in the loop), sums the column blocks of
+//     each pass in reduce_partials' order (FixedOrderPartialSum below) and writes
+//       ig = (bi + Σ_qk) + Σ_v,   fg = (bf + Σ_qk) + Σ_v
+//     which is the old pair of reductions (= bias + Σ, then += Σ) in the same fp32 order. So the
+//     outputs carry the bits of the two-launch path at every row count (greedy == speculative and
+//     graph == eager keep holding); decode_gpu_test compares them bit for bit and to float64.
+//   - the ticket counter is one device word, reset by the last block: launches of this kernel must
+//     not overlap (they do not: every caller enqueues on the backend's one compute stream).
+constexpr int kQkvRowsMax = 16;
+template <int kG>
+struct QkvRowsSmem {
+  uint2 tile[4][2][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
+  uint4 afrag[3][8][kG / 8][32];             // [q, k, v][k step][gate half][lane], as BdFwdSmem
+};
+__device__ unsigned int g_qkv_rows_ticket = 0;
+
+// One warp's row tile of one pass: block_diag4_fwd_gates' loop body at r0 = 0, r1 = rows, in two
+// halves: QkvRowsLoad issues the tile's weight and row loads (before the block waits for the gate
+// fragments, so their latency overlaps that phase), QkvRowsTile does the arithmetic.
+struct QkvRowsRegs {
+  float w[16], w2[16];
+  uint2 raw[kBdTileRows];
+};
+template <bool kTwo>
+__device__ __forceinline__ void QkvRowsLoad(const BlockDiagArgs& a, int64_t rt, QkvRowsRegs& q) {
+  const int64_t b = blockIdx.x * 32 + threadIdx.x;
+  const bool live = b < a.blocks;
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    if (live) {
+      LoadF8(a.w + b * 16 + k, q.w + k);
+      if (kTwo) LoadF8(a.w2 + b * 16 + k, q.w2 + k);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) q.w[k + c] = q.w2[k + c] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kBdTileRows; ++k) {
+    const int64_t r = rt + k;
+    q.raw[k] = live && r < a.rows ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                                  : make_uint2(0u, 0u);
+  }
+}
+// `afrag` points at the pass's first map; `part` at the pass's column block: [2, rows, heads].
+template <bool kTwo, int kG>
+__device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedGates& g, const QkvRowsRegs& q,
+                                            uint2 (&tile)[2][kBdTileRows][kBdTileLd],
+                                            const uint4 (*afrag)[8][kG / 8][32], int64_t rt, float* part) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  const int tx = threadIdx.x;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int G = 2 * g.heads;
+  const int gq = tx / 4, qq = tx % 4;
+  const int64_t r1 = a.rows;
+#pragma unroll
+  for (int k = 0; k < kBdTileRows; ++k) {
+    const int64_t r = rt + k;
+    float x[4];
+    Bf16x4ToFloat(q.raw[k], x);
+#pragma unroll
+    for (int m = 0; m < kMaps; ++m) {
+      const float* wm = m == 0 ? q.w : q.w2;
+      float y[4];
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        y[o] = wm[o * 4] * x[0] + wm[o * 4 + 1] * x[1] + wm[o * 4 + 2] * x[2] + wm[o * 4 + 3] * x[3];
+      const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
+      if (live && r < r1) *reinterpret_cast<uint2*>(static_cast<bf16*>(m == 0 ? a.y : a.y2) + r * a.ldy + b * 4) = packed;
+      tile[m][k][tx] = packed;
+    }
+  }
+  __syncwarp();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int m = 0; m < kMaps; ++m)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint2 bf = tile[m][gq][4 * j + qq];
+      const uint4 a0 = afrag[m][j][0][tx];
+      uint4 a1 = make_uint4(0u, 0u, 0u, 0u);
+      if constexpr (kG > 8) a1 = afrag[m][j][kG / 8 - 1][tx];
+      MmaBf16(acc, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);  // hi
+      MmaBf16(acc, a0.z, a1.z, a0.w, a1.w, bf.x, bf.y);  // lo
+    }
+#pragma unroll
+  for (int half = 0; half < (kG > 8 ? 2 : 1); ++half) {
+    const int t = gq + 8 * half;
+    if (t >= G) continue;
+    const int f = t < g.heads ? 0 : 1;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t r = rt + 2 * qq + c;
+      if (r < r1) part[(f * a.rows + r) * g.heads + t - f * g.heads] = acc[2 * half + c];
+    }
+  }
+}
+
+// Σ_k p[k · stride], k < chunks, in reduce_partials' order for that chunk count (LaunchReduce's
+// lane choice; lane y sums k ≡ y mod lanes in order from 0, then the lanes in order from 0).
+template <typename Read>
+__device__ inline float FixedOrderPartialSum(Read read, int64_t chunks) {
+  const int lanes = chunks >= 128 ? 32 : chunks >= 16 ? 8 : 1;
+  float t = 0.f;
+  if (lanes == 1) {
+    for (int64_t k = 0; k < chunks; ++k) t += read(k);
+    return t;
+  }
+  for (int y = 0; y < lanes; ++y) {
+    float s = 0.f;
+    for (int64_t k = y; k < chunks; k += lanes) s += read(k);
+    t += s;
+  }
+  return t;
+}
+
+template <int kG>
+__global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, BlockDiagArgs v, FusedGates gqk,
+                                                            FusedGates gv, const float* bi, const float* bf,
+                                                            float* part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  QkvRowsSmem<kG>& sm = *reinterpret_cast<QkvRowsSmem<kG>*>(smem_raw);
+  __shared__ unsigned int ticket;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int G = 2 * gqk.heads;
+  const int64_t rows = qk.rows, n = rows * gqk.heads, rt = (ty >> 1) * kBdTileRows;
+  const bool active = rt < rows, pass_qk = (ty & 1) == 0;  // uniform over the warp
+  QkvRowsRegs regs;
+  if (active) {
+    if (pass_qk) QkvRowsLoad<true>(qk, rt, regs);
+    else QkvRowsLoad<false>(v, rt, regs);
+  }
+  // A fragments of the three maps' gate weights (block_diag4_fwd_gates' loop over maps 0..2).
+  for (int e = tid; e < 3 * 8 * (kG / 8) * 32; e += 128) {
+    const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
+    const int t = lane / 4 + 8 * h;
+    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
+    float w[4] = {0.f, 0.f, 0.f, 0.f};
+    if (bb < qk.blocks && t < G) {
+      const float* gw = m == 2 ? GateW(gv, 0, t) : GateW(gqk, m, t);
+      const float4 f = __ldg(reinterpret_cast<const float4*>(gw + bb * 4));
+      w[0] = f.x; w[1] = f.y; w[2] = f.z; w[3] = f.w;
+    }
+    sm.afrag[m][j][h][lane] = SplitHiLoBf16(w);
+  }
+  __syncthreads();
+  if (active) {
+    if (pass_qk) QkvRowsTile<true, kG>(qk, gqk, regs, sm.tile[ty], &sm.afrag[0], rt, part + blockIdx.x * 2 * n);
+    else QkvRowsTile<false, kG>(v, gv, regs, sm.tile[ty], &sm.afrag[2], rt, part + (gridDim.x + blockIdx.x) * 2 * n);
+  }
+  // The last block to finish sums every block's partials (the threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) ticket = atomicAdd(&g_qkv_rows_ticket, 1u);
+  __syncthreads();
+  if (ticket != gridDim.x - 1) return;
+  __threadfence();
+  // The partials [2 passes, chunks, 2n] into shared memory first (all loads in flight at once;
+  // the tiles and fragments are dead by now) where they fit, then the fixed-order sums.
+  const int64_t chunks = gridDim.x, total = 2 * chunks * 2 * n;
+  float* staged = reinterpret_cast<float*>(smem_raw);
+  const bool stage = total * static_cast<int64_t>(sizeof(float)) <= static_cast<int64_t>(sizeof(QkvRowsSmem<kG>));
+  if (stage) {
+    for (int64_t e = tid; e < total; e += 128) staged[e] = __ldcg(part + e);
+    __syncthreads();
+  }
+  const float* src = stage ? staged : part;
+  for (int64_t e = tid; e < 2 * n; e += 128) {
+    const int f = static_cast<int>(e / n);
+    const int64_t c = e % n;
+    const float* p0 = src + f * n + c;
+    const float* p1 = src + chunks * 2 * n + f * n + c;
+    const float s_qk = stage ? FixedOrderPartialSum([&](int64_t k) { return p0[k * 2 * n]; }, chunks)
+                             : FixedOrderPartialSum([&](int64_t k) { return __ldcg(p0 + k * 2 * n); }, chunks);
+    const float s_v = stage ? FixedOrderPartialSum([&](int64_t k) { return p1[k * 2 * n]; }, chunks)
+                            : FixedOrderPartialSum([&](int64_t k) { return __ldcg(p1 + k * 2 * n); }, chunks);
+    float o = (f == 0 ? bi : bf)[c % gqk.heads] + s_qk;  // reduce_partials' kReduceSetBias, stored
+    o += s_v;                                             // then its kReduceAdd
+    (f == 0 ? gqk.ig : gqk.fg)[c] = o;
+  }
+  if (tid == 0) g_qkv_rows_ticket = 0;
+}
+
 // The mLSTM block's conv1d forward, its three 4x4 block-diagonal maps and the gate sums in one
 // pass (MlstmConvQkvForward; the default since session 14, GYRE_MLSTM_CONV_QKV=separate for the
 // three launches; ops/XLSTM_GLUE.md). The separate path runs conv1d_fwd (xm -> xc),
@@ -2740,6 +2940,36 @@ CudaResult BlockDiagForward(const BlockDiagArgs& a, DeviceAllocator* scratch, cu
     if (g.heads > 0) gate_fwd<<<Blocks(a.rows * 32, 256), 256, 0, stream>>>(b, g, m, b.y);
   }
   return Launched("block_diag_fwd");
+}
+
+bool BlockDiagQkvRowsCovers(const BlockDiagArgs& qk, const BlockDiagArgs& v) {
+  if (qk.gates == nullptr || v.gates == nullptr || qk.w2 == nullptr || v.w2 != nullptr) return false;
+  const MlstmGateArgs& g = *qk.gates;
+  FusedGates fqk, fv;
+  return qk.rows >= 1 && qk.rows <= kQkvRowsMax && v.rows == qk.rows && v.blocks == qk.blocks && g.bi != nullptr &&
+         g.bf != nullptr && v.gates->bi == nullptr && v.gates->bf == nullptr && v.gates->heads == g.heads &&
+         v.gates->ig == g.ig && v.gates->fg == g.fg && BlockDiagVectorizable(qk, false) &&
+         BlockDiagVectorizable(v, false) && MakeFusedGates(qk, false, &fqk).ok() && FusedGatesVectorizable(fqk, true) &&
+         MakeFusedGates(v, false, &fv).ok() && FusedGatesVectorizable(fv, false);
+}
+
+CudaResult BlockDiagQkvRowsForward(const BlockDiagArgs& qk, const BlockDiagArgs& v, DeviceAllocator* scratch,
+                                   cudaStream_t stream) {
+  if (!BlockDiagQkvRowsCovers(qk, v))
+    return gyre::cuda::InvalidArgument("BlockDiagQkvRowsForward: arguments outside the kernel (BlockDiagQkvRowsCovers)");
+  FusedGates gqk, gv;
+  if (CudaResult r = MakeFusedGates(qk, false, &gqk); !r.ok()) return r;
+  if (CudaResult r = MakeFusedGates(v, false, &gv); !r.ok()) return r;
+  const dim3 grid(static_cast<unsigned>((qk.blocks + 31) / 32)), block(32, 4);
+  gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, 2 * grid.x * 2 * qk.rows * gqk.heads, &part); !r.ok()) return r;
+  const float *bi = qk.gates->bi, *bf = qk.gates->bf;
+  if (gqk.heads <= 4) {
+    block_diag4_qkv_rows<8><<<grid, block, sizeof(QkvRowsSmem<8>), stream>>>(qk, v, gqk, gv, bi, bf, part.as<float>());
+  } else {
+    block_diag4_qkv_rows<16><<<grid, block, sizeof(QkvRowsSmem<16>), stream>>>(qk, v, gqk, gv, bi, bf, part.as<float>());
+  }
+  return Launched("block_diag4_qkv_rows");
 }
 
 bool MlstmConvQkvFusable(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v) {

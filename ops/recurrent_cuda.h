@@ -56,6 +56,17 @@ CudaResult BlockDiagBackward(const BlockDiagArgs& a, DeviceAllocator* scratch, c
 bool BlockDiagBackwardTcCovers(const BlockDiagArgs& a);
 CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch, cudaStream_t stream);
 
+// The mLSTM decode step's q, k, v maps with the gates in ONE launch (`qk`: xc -> q, k with the
+// gate bias; `v`: xm -> v; the arguments of BlockDiagForward(qk) then BlockDiagForward(v)), for at
+// most 16 rows (one token or a speculative chunk at small batch): the same outputs bit for bit
+// (q, k, v and ig / fg in the two launches' fp32 order; ops/DECODE_GRAPHS.md). Launches must not
+// overlap (one device ticket counter; callers enqueue on one stream). BlockDiagQkvRowsCovers:
+// whether the kernel covers the pair (4x4 blocks, 1..16 rows, the gate bias on qk only, the same
+// ig / fg, aligned); BlockDiagQkvRowsForward returns InvalidArgument for any other.
+bool BlockDiagQkvRowsCovers(const BlockDiagArgs& qk, const BlockDiagArgs& v);
+CudaResult BlockDiagQkvRowsForward(const BlockDiagArgs& qk, const BlockDiagArgs& v, DeviceAllocator* scratch,
+                                   cudaStream_t stream);
+
 // The mLSTM block's causal conv1d forward (`conv`: x = xm -> y = xc) and the three block-diagonal
 // maps with the fused gate sums that follow it (`qk`: xc -> q, k with the gate bias; `v`: xm -> v)
 // in one pass over xm: the same arguments the three separate launches take (Conv1dForward,
