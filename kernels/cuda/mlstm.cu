@@ -118,6 +118,8 @@
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -4934,16 +4936,34 @@ int DqkSlab(const MlstmShape& s, const MlstmOptions& o) {
 // Cluster size of gates_fwd / gates_bwd (MlstmGateSchedule): the largest power of two <= 16 that keeps
 // B·NH·CL within two CTAs per SM; 0 (one block per head) for kChunkParallel / kSequential and,
 // under kAuto, when B·NH > #SMs / 2 (then the heads alone fill the GPU).
+// The current device's SM count, queried once per device ordinal (0 when the query fails) instead
+// of on every launch by the launchers that size grids with it (GateCluster, StateTailPlan). (The
+// session-16 suspicion that the query cost ~16 µs of host time between the gate scan and the state
+// kernel was wrong: mlstm_bench's gates_fwd split moves between 0.013 and 0.031 ms in both
+// settings with the cache too; bench/RESULTS.md, session 16 lead call 3.)
+int CurrentDeviceSms() {
+  static std::array<std::atomic<int>, 64> cached{};
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const bool cacheable = device >= 0 && device < static_cast<int>(cached.size());
+  if (cacheable && (sms = cached[device].load(std::memory_order_relaxed)) > 0) return sms;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (cacheable) cached[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
 int GateCluster(const MlstmShape& s, const MlstmOptions& o) {
   if (o.gate_schedule != MlstmGateSchedule::kAuto && o.gate_schedule != MlstmGateSchedule::kCluster) {
     return 0;
   }
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    sms = 132;
-  }
+  int sms = CurrentDeviceSms();
+  if (sms == 0) sms = 132;
   const int64_t bh = s.batch * s.num_heads;
   if (o.gate_schedule == MlstmGateSchedule::kAuto && 2 * bh > sms) return 0;
   int cl = kGateClMax;
@@ -5048,12 +5068,8 @@ struct StateTailGrid {
   int blocks = 0;  // 0: not split
 };
 StateTailGrid StateTailPlan(const Dims& d) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    (void)cudaGetLastError();
-    return {};
-  }
+  const int sms = CurrentDeviceSms();
+  if (sms == 0) return {};
   const int64_t tiles = static_cast<int64_t>(d.DV / 128) * (d.DK / 128) * d.B * d.NH;
   const int64_t tail = tiles % sms;
   if (tail == 0 || 2 * tail > sms) return {};
