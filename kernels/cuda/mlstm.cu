@@ -2486,7 +2486,17 @@ struct DvWgFusedSmem {
 // k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan (relative to
 // the 256-token chunk's end, which the half may not contain); the first half's keys against the
 // second half's queries are added by mlstm_bwd_offdiag_l256 afterwards.
-template <int kStages, int kSub>
+//
+// kEager (GYRE_MLSTM_RING=eager-dv, helper ring16b, session 16; opt-in): the lagged release of
+// bwd_dqk_ws / fwd_out_ws3 (helper dqk16) has a cp.async twin here. The default advance(it) waits
+// for step it's group, then a block barrier, and only then issues step it + kStages − 1 into the
+// stage step it − 1 used, although every thread was done with that stage (wgmma wait 0 at the end
+// of step it − 1) before it started waiting: while a block waits for step it, kStages − 1 stages
+// are in flight. The eager advance puts a barrier first (step it − 1's stage and, at a slab's first
+// step, the previous slab's dh are free), issues the refill and commits, and then waits for step
+// it (wait depth kStages − 1, the same group): kStages stages in flight during the wait, one
+// barrier more a step. The same products in the same order: the same bytes.
+template <int kStages, int kSub, bool kEager = false>
 __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   using namespace hopper;
   using SM = DvWgFusedSmem<kStages>;
@@ -2549,12 +2559,22 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   // Step it's tiles visible, every thread done with step it − 1's stage and (it = j · ndt) with
   // slab j − 1's dh; then the loads of step it + kStages − 1 (and slab j's dh).
   auto advance = [&](int it) {
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsync();
-    __syncthreads();
-    if (it + kStages - 1 < nsteps) load_step(it + kStages - 1);
-    if (it > 0 && it % ndt == 0) load_dh(it / ndt);
-    CpAsyncCommit();
+    if constexpr (kEager) {
+      __syncthreads();  // every thread is done with step it − 1's stage (and slab j − 1's dh)
+      if (it + kStages - 1 < nsteps) load_step(it + kStages - 1);
+      if (it > 0 && it % ndt == 0) load_dh(it / ndt);
+      CpAsyncCommit();
+      CpAsyncWait<kStages - 1>();  // groups <= it complete, as the default's wait below
+      FenceProxyAsync();
+      __syncthreads();
+    } else {
+      CpAsyncWait<kStages - 2>();
+      FenceProxyAsync();
+      __syncthreads();
+      if (it + kStages - 1 < nsteps) load_step(it + kStages - 1);
+      if (it > 0 && it % ndt == 0) load_dh(it / ndt);
+      CpAsyncCommit();
+    }
   };
 
   const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
@@ -2675,6 +2695,10 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
 template <int kStages>
 __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
   BwdDvWgFused<kStages, 1>(d, p);
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_eager(Dims d, BwdPtrs p) {
+  BwdDvWgFused<kStages, 1, true>(d, p);
 }
 template <int kStages>
 __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_l256(Dims d, BwdPtrs p) {
@@ -4986,6 +5010,7 @@ struct BwdDvChoice {
   // MlstmRingRelease resolved (RingRelease): bwd_dqk as mlstm_bwd_dqk_ws_eager; a bad
   // GYRE_MLSTM_RING value.
   bool ring_eager = false;
+  bool ring_dv_eager = false;  // kEagerDv: bwd_dv as mlstm_bwd_dv_wg_fused_eager too
   const char* bad_ring_env = nullptr;
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
@@ -5084,8 +5109,11 @@ StateTailGrid StateTailPlan(const Dims& d) {
 // mlstm_bwd_dqk_ws_eager (stages released as soon as their wgmma group retired; bitwise the same
 // outputs) at chunk 128; "lag" the kernels before (mlstm_fwd_out_ws3 / mlstm_bwd_dqk_ws); any
 // other value makes forward and backward return an error naming it.
+// "eager-dv" (helper ring16b; opt-in) is eager plus mlstm_bwd_dv_wg_fused_eager (the cp.async
+// pipeline's refill issued before the wait; bitwise the same outputs).
 struct RingEnv {
   bool eager = false;
+  bool dv_eager = false;
   const char* bad_env = nullptr;
 };
 RingEnv RingRelease(const MlstmOptions& o) {
@@ -5093,13 +5121,18 @@ RingEnv RingRelease(const MlstmOptions& o) {
     RingEnv r;
     const char* e = std::getenv("GYRE_MLSTM_RING");
     r.eager = e == nullptr || std::strcmp(e, "lag") != 0;
-    if (e != nullptr && std::strcmp(e, "eager") != 0 && std::strcmp(e, "lag") != 0) r.bad_env = e;
+    r.dv_eager = e != nullptr && std::strcmp(e, "eager-dv") == 0;
+    if (e != nullptr && std::strcmp(e, "eager") != 0 && std::strcmp(e, "lag") != 0 &&
+        std::strcmp(e, "eager-dv") != 0) {
+      r.bad_env = e;
+    }
     return r;
   }();
   switch (o.ring) {
     case MlstmRingRelease::kAuto: return from_env;
-    case MlstmRingRelease::kLag: return {false, from_env.bad_env};
-    case MlstmRingRelease::kEager: return {true, from_env.bad_env};
+    case MlstmRingRelease::kLag: return {false, false, from_env.bad_env};
+    case MlstmRingRelease::kEager: return {true, false, from_env.bad_env};
+    case MlstmRingRelease::kEagerDv: return {true, true, from_env.bad_env};
   }
   return from_env;
 }
@@ -5444,8 +5477,13 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   if (L == 128 && dv_choice.fused) {  // BwdDvKernel checked chunk 128 and 128-column slabs
     constexpr int kStages = 3;
     const size_t smem = DvWgFusedSmem<kStages>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused<kStages>, smem));
-    mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
+    if (dv_choice.ring_dv_eager) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_eager<kStages>, smem));
+      mlstm_bwd_dv_wg_fused_eager<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused<kStages>, smem));
+      mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
   } else if (DvSlab(d.DV) == 128) {
@@ -5713,7 +5751,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   const FwdEnvCheck env = FwdEnv();
   const RingEnv ring = RingRelease(options);
   if (ring.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_RING must be eager or lag (or unset), got '") +
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_RING must be eager, lag or eager-dv (or unset), got '") +
                            ring.bad_env + "'");
   }
   if (env.bad_env != nullptr) {
@@ -5854,10 +5892,11 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   {
     const RingEnv ring = RingRelease(options);
     dv_choice.ring_eager = ring.eager;
+    dv_choice.ring_dv_eager = ring.dv_eager;
     dv_choice.bad_ring_env = ring.bad_env;
   }
   if (dv_choice.bad_ring_env != nullptr) {
-    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_RING must be eager or lag (or unset), got '") +
+    return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_RING must be eager, lag or eager-dv (or unset), got '") +
                            dv_choice.bad_ring_env + "'");
   }
   if (dv_choice.bad_env != nullptr) {

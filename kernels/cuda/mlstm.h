@@ -158,6 +158,9 @@ enum class MlstmRingRelease {
   kLag,    // a stage is released once the next stage has arrived (wgmma wait depth 1)
   kEager,  // a stage is released as soon as its own wgmma group retired (wait depth 0), so the
            // producer refills it one stage earlier
+  kEagerDv,  // kEager, and bwd_dv's cp.async pipeline (mlstm_bwd_dv_wg_fused) issues a step's
+             // refill before waiting for the step instead of after (helper ring16b, session 16;
+             // opt-in: GYRE_MLSTM_RING=eager-dv)
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves

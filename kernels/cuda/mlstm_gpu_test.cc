@@ -667,7 +667,8 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
 }
 
 // MlstmRingRelease::kEager (fwd_out / bwd_dqk stages released once their own wgmma group retired;
-// helper dqk16, session 16; the default since its merge) against kLag (the kernels before): the
+// helper dqk16, session 16; the default since its merge) and kEagerDv (that, and bwd_dv's cp.async
+// refill issued before its wait; helper ring16b, opt-in) against kLag (the kernels before): the
 // same products in the same order, so h,
 // saved (den, h lo, states), final state and every gradient (d_initial included) must be the same
 // bytes. Outputs poisoned before each run. Shapes at chunk 128 with 128-column slabs (where the
@@ -727,10 +728,12 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
       DeviceBuffer saved, scratch;
       CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
-      std::vector<unsigned char> saved_bytes_of[2];
-      std::vector<float> outs[2];
-      for (int which = 0; which < 2; ++which) {
-        opt.ring = which == 0 ? MlstmRingRelease::kLag : MlstmRingRelease::kEager;
+      std::vector<unsigned char> saved_bytes_of[3];
+      std::vector<float> outs[3];
+      constexpr MlstmRingRelease kRings[3] = {MlstmRingRelease::kLag, MlstmRingRelease::kEager,
+                                              MlstmRingRelease::kEagerDv};
+      for (int which = 0; which < 3; ++which) {
+        opt.ring = kRings[which];
         CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
         for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
         for (auto* x : {&gdig, &gdfg, &gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) x->Poison();
@@ -757,20 +760,23 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
           }
         }
       }
-      size_t saved_diff = 0, out_diff = outs[0].size() != outs[1].size() ? outs[0].size() : 0, non_finite = 0;
-      for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_bytes_of[0][i] != saved_bytes_of[1][i];
-      for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
-        out_diff += std::memcmp(&outs[0][i], &outs[1][i], sizeof(float)) != 0;
-        non_finite += !std::isfinite(outs[0][i]);  // an unwritten poison value would show here
+      for (int which = 1; which < 3; ++which) {  // eager, eager-dv (helper ring16b) against lag
+        size_t saved_diff = 0, out_diff = outs[0].size() != outs[which].size() ? outs[0].size() : 0;
+        size_t non_finite = 0;
+        for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_bytes_of[0][i] != saved_bytes_of[which][i];
+        for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
+          out_diff += std::memcmp(&outs[0][i], &outs[which][i], sizeof(float)) != 0;
+          non_finite += !std::isfinite(outs[0][i]);  // an unwritten poison value would show here
+        }
+        const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
+        std::printf("[%s] mlstm ring %s vs lag bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of "
+                    "%zu bytes differ, outputs %zu of %zu values differ (%zu non-finite)\n",
+                    ok ? "PASS" : "FAIL", which == 1 ? "eager" : "eager-dv", static_cast<long long>(sh.B),
+                    static_cast<long long>(sh.S), static_cast<long long>(sh.NH), static_cast<long long>(sh.DK),
+                    static_cast<long long>(sh.DV), prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
+                    sh.with_states ? " +states" : "", saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
+        failures += ok ? 0 : 1;
       }
-      const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
-      std::printf("[%s] mlstm ring eager vs lag bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of "
-                  "%zu bytes differ, outputs %zu of %zu values differ (%zu non-finite)\n",
-                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
-                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
-                  saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
-      failures += ok ? 0 : 1;
     }
   }
   EXPECT_EQ(failures, 0);
