@@ -65,8 +65,10 @@ class DecodeGraph {
   // Captures the one-token head-1 step of `state` (CUDA model, batch = state->batch). The state
   // must have been stepped by one eager DecodeStep (heads 1) just before (the warm-up; without it
   // the capture may miss the allocator's cache; a capture that failed on cache misses alone is
-  // retried once with the missed sizes cached). Nothing runs and the state is not advanced. Errors: Unimplemented (attention blocks, a CPU model), FailedPrecondition (an
-  // unwarmed state), Internal with the CUDA reason (the capture failed; eager stays usable).
+  // retried once with the missed sizes cached). Nothing runs and the state is not advanced.
+  // Errors: Unimplemented (a CPU model, a block state without step tensors, KV caches of
+  // different lengths), FailedPrecondition (an unwarmed state; a full KV cache: step eagerly,
+  // then capture), Internal with the CUDA reason (the capture failed; eager stays usable).
   static absl::StatusOr<std::unique_ptr<DecodeGraph>> Capture(LanguageModel* model, LanguageModel::DecodeState* state,
                                                               const DecodeGraphOptions& options = {});
   ~DecodeGraph();
@@ -79,6 +81,11 @@ class DecodeGraph {
   const Tensor& logits() const { return logits_; }
   // Nodes of the captured graph (kernels and copies).
   int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
+  // True when the next step must grow a KV cache (its length reached its capacity): Step would
+  // refuse; step eagerly once, then capture again.
+  bool MustGrow() const { return KvCacheFull(state_); }
+  // The same test on any decode state (false without attention blocks).
+  static bool KvCacheFull(LanguageModel::DecodeState* state);
 
  private:
   DecodeGraph() = default;
@@ -90,6 +97,12 @@ class DecodeGraph {
   std::vector<const void*> state_addresses_;
   std::shared_ptr<void> host_in_, host_out_;  // pinned [batch] int32
   Tensor ids_, argmax_, logits_;               // device, fixed for the graph's life
+  // Attention blocks: their caches, the length every cache has before the next replay, and the
+  // pinned / device int32 the recorded kernels read it from (a copy node moves it each replay).
+  std::vector<KvCache*> caches_;
+  int64_t cache_length_ = 0;
+  std::shared_ptr<void> host_position_;
+  Tensor cache_position_;
   std::vector<int32_t> out_;
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };
