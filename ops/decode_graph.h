@@ -27,8 +27,17 @@
 //     so cuBLASLt plans, the states' move to the device and the step's working set exist
 //     before the capture. Any CUDA failure inside the capture fails the capture (a Status) and
 //     the caller keeps the eager step.
-//   - attention blocks (Llama, the hybrids' mixer) are not covered: their KV length and RoPE
-//     position are host values that change every token (Capture: Unimplemented).
+//   - attention blocks (Llama, the hybrids' mixer; session 16, helper attngraph16): the KV length
+//     and RoPE position change every token, so the recorded append, RoPE and decode attention
+//     kernels read the cache length t from a device int32 the graph owns (a copy node fills it
+//     from pinned memory at the start of each replay; Step writes t there and advances every
+//     cache's host length after the replay). The attention kernel's grid does not depend on t
+//     and its shared memory is sized for the cache's capacity, so one graph serves every length
+//     below the capacity with the eager step's arithmetic (the same bits). A step that must grow
+//     a cache (length == capacity: new buffers) cannot replay: MustGrow() says so, Step and
+//     Capture refuse it (FailedPrecondition), and the caller steps eagerly once (the cache
+//     doubles) and captures again: log2 of the tokens captures a generation. All caches of the
+//     state must have one length (they do: every attention block sees every token).
 //
 // Thread-safety: none; the thread that drives the CUDA backend.
 #pragma once
@@ -46,7 +55,8 @@ namespace gyre::ops {
 
 // GYRE_DECODE_GRAPH: unset or "1" (the default since session 16: x1.24-1.26 greedy tok/s on an
 // H100, bitwise the eager tokens): eval::Generate replays a DecodeGraph on CUDA (greedy and
-// sampled; models without attention blocks, which keep the eager step); "0": every step eager.
+// sampled; attention models too since helper attngraph16, x1.22 for llama-125m; a step that grows
+// a KV cache runs eagerly and the graph is captured again); "0": every step eager.
 // Read once; any other value stops the process with a message naming the accepted ones.
 // SetDecodeGraph overrides it (tests, benchmarks).
 bool DecodeGraphEnabled();
