@@ -129,6 +129,12 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
     ++result.forwards;
     if (next == options.stop_token || static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
     ++result.decode_steps;
+    // A KV cache at its capacity grows in the next step (new buffers): that step runs eagerly
+    // and the graph is captured again after it (ops/decode_graph.h).
+    if (graph != nullptr && graph->MustGrow()) {
+      graph.reset();
+      capture = true;
+    }
     if (graph != nullptr) {
       absl::StatusOr<std::span<const int32_t>> ids = graph->Step(std::span<const int32_t>(&next, 1));
       if (!ids.ok()) return ids.status();
@@ -138,7 +144,7 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
     }
     logits = model->DecodeStep(std::span<const int32_t>(&next, 1), state.get(), 1);
     next = sampled ? SampleToken(Row(logits[0]), options.sampling, uniform(rng)) : ops::ArgmaxRows(logits[0])[0];
-    if (capture) {
+    if (capture && !ops::DecodeGraph::KvCacheFull(state.get())) {
       capture = false;
       logits.clear();  // the warm-up's logits go back to the cache before the capture
       absl::StatusOr<std::unique_ptr<ops::DecodeGraph>> made = ops::DecodeGraph::Capture(model, state.get());

@@ -52,7 +52,8 @@ struct GenerateResult {
   int64_t accepted = 0;           // speculative: drafts accepted
   int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
   // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
-  // (steps after the first replayed a captured graph), "eager" (off, or not CUDA), or
+  // (steps after the first replayed a captured graph; with attention blocks the steps that grow
+  // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or
   // "eager: <why the capture failed>" (the eager step took over; also printed to stderr).
   std::string decode_graph = "eager";
   double seconds = 0;             // wall time of the generation loop (prompt prefill excluded)

@@ -278,8 +278,10 @@ void* MutByteAt(const Tensor& t, int64_t elements) {
 // Rotates `heads` heads starting at element `col` of each row of x [rows, row_stride] (bf16, in
 // place) at positions offset + r % seq, grouped (p / group + shift) when group > 0.
 void RopeCuda(const Tensor& x, int64_t col, int64_t rows, int64_t seq, int64_t heads, int64_t row_stride,
-              const AttentionOptions& o, int64_t offset, int64_t group, int64_t shift, bool inverse) {
+              const AttentionOptions& o, int64_t offset, int64_t group, int64_t shift, bool inverse,
+              const int32_t* position_dev = nullptr, int64_t position_stride = 0) {
   CudaRopeArgs r;
+  r.position_dev = position_dev; r.position_stride = position_stride;
   r.x = MutByteAt(x, col);
   r.rows = rows; r.seq = seq; r.heads = heads; r.head_dim = o.head_dim;
   r.rotary_dim = o.rotary_dim > 0 ? o.rotary_dim : o.head_dim;
@@ -389,6 +391,7 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
                  v.rows() == chunk, "attention decode chunk shapes q %s k %s", ShapeString(q.shape()).c_str(),
              ShapeString(k.shape()).c_str());
   GYRE_CHECK(cache->v.empty(), "attention decode: a CPU cache fed CUDA tensors");
+  GYRE_CHECK(cache->graph_position == nullptr, "a decode graph records one-token steps, not chunks");
   const bool se = o.self_extend_group > 0;
   const int64_t t = cache->cuda_length;
   GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == 1, "attention decode: batch changed from %ld to 1",
@@ -437,6 +440,11 @@ Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const Atten
   GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == B, "attention decode: batch changed from %ld to %ld",
              (long)cache->cuda_k.dim(0), (long)B);
   GYRE_CHECK(t == 0 || se == cache->cuda_k_grouped.defined(), "SelfExtend switched in the middle of decoding");
+  // Under a decode graph's capture the position t is a device value (the kernels below read it
+  // at replay time) and the cache must have room: a Grow would be recorded with this t's copy.
+  const int32_t* pos = cache->graph_position;
+  GYRE_CHECK(pos == nullptr || (cache->cuda_k.defined() && t < cache->cuda_k.dim(1)),
+             "decode graph capture with a full KV cache (length %ld)", (long)t);
   if (!cache->cuda_k.defined() || t == cache->cuda_k.dim(1)) {
     const int64_t cap = std::max<int64_t>(64, 2 * t);
     cache->cuda_k = Grow(cache->cuda_k, B, kvd, t, cap);
@@ -444,21 +452,32 @@ Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const Atten
     if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, B, kvd, t, cap);
   }
   const int64_t cap = cache->cuda_k.dim(1);
-  AppendRow(cache->cuda_k, t, k);
-  RopeCuda(cache->cuda_k, t * kvd, B, 1, Hk, cap * kvd, o, t, 0, 0, false);
-  AppendRow(cache->cuda_v, t, v);
+  // Appends row t of each cache and rotates it there (the row's address depends on t: the
+  // graph's kernels compute it from the device t).
+  const auto append = [&](const Tensor& buf, const Tensor& src) {
+    if (pos != nullptr) {
+      CudaInfer().AppendRows(buf.raw(), cap * kvd, src.raw(), B, kvd, pos);
+    } else {
+      AppendRow(buf, t, src);
+    }
+  };
+  const int64_t row_col = pos != nullptr ? 0 : t * kvd;
+  append(cache->cuda_k, k);
+  RopeCuda(cache->cuda_k, row_col, B, 1, Hk, cap * kvd, o, t, 0, 0, false, pos, kvd);
+  append(cache->cuda_v, v);
   Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false);
+  RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false, pos, 0);
   if (se) {
-    AppendRow(cache->cuda_k_grouped, t, k);
-    RopeCuda(cache->cuda_k_grouped, t * kvd, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false);
+    append(cache->cuda_k_grouped, k);
+    RopeCuda(cache->cuda_k_grouped, row_col, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
     qg = q.Clone();
-    RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false);
+    RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
   }
   cache->cuda_length = t + 1;
   Tensor out = Tensor::Empty({B, qd}, DType::kBF16, Device::kCuda);
   CudaAttentionDecodeArgs a;
-  a.batch = B; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = t + 1;
+  a.batch = B; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = pos != nullptr ? cap : t + 1;
+  a.position_dev = pos;
   a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
   a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
   a.cache_batch_stride = cap * kvd;

@@ -67,6 +67,11 @@ struct KvCache {
   std::vector<Tensor> k_neighbour, k_grouped, v;
   Tensor cuda_k, cuda_k_grouped, cuda_v;
   int64_t cuda_length = 0;
+  // Set only while a DecodeGraph records a step (ops/decode_graph.h): a device int32 holding
+  // cuda_length, which the recorded append, RoPE and attention kernels read at replay time
+  // instead of the host value of the capture. The capture needs room for the step (no Grow).
+  const int32_t* graph_position = nullptr;
+  int64_t cuda_capacity() const { return cuda_k.defined() ? cuda_k.dim(1) : 0; }
   int64_t length() const { return cuda_k.defined() ? cuda_length : static_cast<int64_t>(v.size()); }
 };
 

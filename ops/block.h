@@ -14,6 +14,8 @@
 
 namespace gyre::ops {
 
+struct KvCache;  // ops/attention.h
+
 // Incremental-decoding state of one block for a batch of sequences (recurrent states, conv
 // windows, key/value cache). Owned by the caller; one per block.
 struct BlockState {
@@ -22,6 +24,9 @@ struct BlockState {
   // that nothing swapped them since its capture (ops/decode_graph.h). Empty: a state a graph
   // cannot replay (a KV cache grows with the position).
   virtual std::vector<const Tensor*> StepTensors() const { return {}; }
+  // The KV cache of an attention block's state (a decode graph reads and advances its length
+  // on the device, ops/decode_graph.h); null for every other state.
+  virtual KvCache* AttentionCache() { return nullptr; }
 };
 
 // Copies of some state tensors after each position of a chunk but its last (Block::StepChunk

@@ -36,13 +36,17 @@ __global__ void rope_partial_kernel(RopePartialArgs a) {
     const int64_t i = idx % half;
     const int64_t h = (idx / half) % a.heads;
     const int64_t r = idx / (half * a.heads);
-    int64_t p = a.offset + r % a.seq;
+    // A decode graph's launch reads the position from device memory (the same integer, the same
+    // angles); the eager launch passes it by value.
+    const int64_t offset = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) : a.offset;
+    int64_t p = offset + r % a.seq;
     if (a.group > 0) p = p / a.group + a.shift;
     const double inv_freq = pow(a.theta, -2.0 * static_cast<double>(i) / static_cast<double>(a.rotary_dim));
     double s, c;
     sincos(static_cast<double>(p) * inv_freq, &s, &c);
     if (a.inverse) s = -s;
-    bf16* base = static_cast<bf16*>(a.x) + r * a.row_stride + h * a.head_dim;
+    bf16* base = static_cast<bf16*>(a.x) + (a.position_dev != nullptr ? offset * a.position_stride : 0) +
+                 r * a.row_stride + h * a.head_dim;
     const double x1 = __bfloat162float(base[i]), x2 = __bfloat162float(base[i + half]);
     base[i] = __float2bfloat16(static_cast<float>(x1 * c - x2 * s));
     base[i + half] = __float2bfloat16(static_cast<float>(x2 * c + x1 * s));
@@ -72,7 +76,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   const int64_t qi = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t b = qi % a.batch, j_query = qi / a.batch;
   const int64_t hk = h / (a.heads / a.kv_heads);
-  const int64_t D = a.head_dim, T = a.length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  // Under a decode graph the length comes from device memory (the grid does not depend on it;
+  // the shared memory was sized for the cache's capacity), so one graph serves every length.
+  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
+  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
   const float scale = rsqrtf(static_cast<float>(D));
   const bf16* qn = static_cast<const bf16*>(a.q) + (qi * a.heads + h) * D;
   const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (qi * a.heads + h) * D : nullptr;
@@ -108,6 +115,19 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
     float acc = 0.f;
     for (int64_t j = 0; j < T; ++j) acc += scores[j] * __bfloat162float(v[j * kvd + d]);
     out[d] = __float2bfloat16(acc * inv);
+  }
+}
+
+// The KV-cache append of a decode graph: B rows of `cols` bf16 to cache row *position_dev (a
+// plain copy, so the bytes of the eager path's Copy2D).
+__global__ void append_rows_kernel(bf16* dst, int64_t dst_batch_stride, const bf16* src, int64_t batch,
+                                   int64_t cols, const int32_t* position_dev) {
+  const int64_t t = *position_dev;
+  const int64_t total = batch * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / cols, c = i % cols;
+    dst[b * dst_batch_stride + t * cols + c] = src[i];
   }
 }
 
@@ -344,6 +364,22 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   }
   attention_decode_kernel<<<static_cast<unsigned>(a.batch * a.queries * a.heads), kDecodeThreads, smem, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("attention_decode_kernel");
+  return {};
+}
+
+CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int64_t batch, int64_t cols,
+                      const int32_t* position_dev, cudaStream_t stream) {
+  if (dst == nullptr || src == nullptr || position_dev == nullptr || batch < 0 || cols < 0 ||
+      (batch > 1 && dst_batch_stride < cols)) {
+    return InvalidArgument("append_rows: bad arguments");
+  }
+  const int64_t total = batch * cols;
+  if (total == 0) return {};
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
+  append_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      static_cast<bf16*>(dst), dst_batch_stride, static_cast<const bf16*>(src), batch, cols, position_dev);
+  CUDA_RETURN_IF_LAUNCH_ERROR("append_rows_kernel");
   return {};
 }
 

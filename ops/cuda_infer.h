@@ -25,6 +25,11 @@ struct CudaRopeArgs {
   int64_t offset = 0, group = 0, shift = 0;
   double theta = 10000.0;
   bool inverse = false;
+  // A decode graph's launch (ops/decode_graph.h): the cache length before the step, t, read from
+  // this device int32 at run time instead of `offset` (p = t + r % seq), and x advanced by
+  // t · position_stride elements (the cache row the step appends). Same bits as offset = t.
+  const int32_t* position_dev = nullptr;
+  int64_t position_stride = 0;
 };
 
 // One query token per sequence against a cache of `length` keys (the last one is the query's
@@ -44,6 +49,10 @@ struct CudaAttentionDecodeArgs {
   int64_t cache_batch_stride = 0;
   int64_t window = 0;
   void* out = nullptr;  // [B, H*D] bf16, overwritten
+  // A decode graph's launch: the kernel's length is *position_dev + queries, read at run time
+  // (the cache length before the step lives in device memory), and `length` is the cache's
+  // capacity (it sizes the shared memory). Same bits as length = *position_dev + queries.
+  const int32_t* position_dev = nullptr;
 };
 
 // Recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward): bf16
@@ -115,6 +124,10 @@ class CudaInference {
   virtual void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped,
                                           int64_t group, int64_t window) = 0;
   virtual void AttentionDecode(const CudaAttentionDecodeArgs& a) = 0;
+  // cache [B, capacity, cols] row *position_dev (device int32) of sequence b = src [B, cols] row
+  // b (bf16): a decode graph's KV append (an eager step's Copy2D has the row in its address).
+  virtual void AppendRows(void* cache, int64_t cache_batch_stride, const void* src, int64_t batch, int64_t cols,
+                          const int32_t* position_dev) = 0;
   virtual void Conv1dStep(const CudaConv1dStepArgs& a) = 0;
   virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
   virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;

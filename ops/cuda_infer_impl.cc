@@ -33,6 +33,7 @@ class CudaInferenceImpl final : public CudaInference {
     r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
     r.row_stride = a.row_stride; r.offset = a.offset; r.group = a.group; r.shift = a.shift;
     r.theta = a.theta; r.inverse = a.inverse;
+    r.position_dev = a.position_dev; r.position_stride = a.position_stride;
     OkOrDie(cuda_infer::RopePartial(r, Stream()), "rope");
   }
 
@@ -61,7 +62,14 @@ class CudaInferenceImpl final : public CudaInference {
     d.queries = a.queries;
     d.q = a.q; d.q_grouped = a.q_grouped; d.k = a.k; d.k_grouped = a.k_grouped; d.v = a.v;
     d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
+    d.position_dev = a.position_dev;
     OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
+  }
+
+  void AppendRows(void* cache, int64_t cache_batch_stride, const void* src, int64_t batch, int64_t cols,
+                  const int32_t* position_dev) override {
+    OkOrDie(cuda_infer::AppendRows(cache, cache_batch_stride, src, batch, cols, position_dev, Stream()),
+            "append rows");
   }
 
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {

@@ -8,6 +8,12 @@
 //   fp32. Reads the whole cache once per step: decode is bound by these bytes,
 //   B·length·2·Hk·D·2 bytes (the GQA group re-reads hit L2). With queries > 1 (a chunk of
 //   speculative tokens, DecodeChunk) one block per (query, head), causal within the chunk.
+// Decode graphs (ops/decode_graph.h): with `position_dev` set, RopePartial and AttentionDecode
+//   read the cache length before the step, t, from that device int32 instead of the host
+//   argument (RoPE: p = t + r % seq and x advanced by t·position_stride elements, the cache row
+//   the step appends; attention: length = t + queries, the shared memory sized for `length`,
+//   which the caller then sets to the cache's capacity). The same arithmetic for the same t, so
+//   the same bits as the host-argument launch; AppendRows copies B rows into cache row t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +33,8 @@ struct RopePartialArgs {
   int64_t offset = 0, group = 0, shift = 0;
   double theta = 10000.0;
   bool inverse = false;
+  const int32_t* position_dev = nullptr;  // replaces `offset` when set (see above)
+  int64_t position_stride = 0;
 };
 CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream);
 
@@ -41,8 +49,17 @@ struct DecodeArgs {
   int64_t cache_batch_stride = 0;
   int64_t window = 0;
   void* out = nullptr;
+  // Set: the kernel's length is *position_dev + queries and `length` only bounds it (the cache's
+  // capacity: shared memory and argument checks).
+  const int32_t* position_dev = nullptr;
 };
 CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
+
+// dst[b * dst_batch_stride + (*position_dev) * cols + c] = src[b * cols + c] (bf16, B rows of
+// `cols`): a KV-cache append at a position held in device memory (a Copy2D's address is fixed
+// when a graph records it).
+CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int64_t batch, int64_t cols,
+                      const int32_t* position_dev, cudaStream_t stream);
 
 // ArgmaxRows: out[r] = argmax_c x[r * ld + c] over bf16 rows (the lowest index on ties), one
 // block per row; greedy decoding reads back `rows` ids instead of the logits.

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "ops/attention.h"
 #include "ops/cuda_infer.h"
 
 namespace gyre::ops {
@@ -40,18 +41,27 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   if (!table.defined() || !IsCuda(table)) return absl::UnimplementedError("decode graph: the model is not on CUDA");
   // The blocks head 1's step runs: the trunk and head 1. A state without step tensors (a KV
   // cache) cannot be replayed at a fixed position.
-  std::vector<const BlockState*> blocks;
+  std::vector<BlockState*> blocks;
   for (const auto& s : state->trunk) blocks.push_back(s.get());
   blocks.push_back(state->heads[0].get());
   auto graph = std::unique_ptr<DecodeGraph>(new DecodeGraph());
-  for (const BlockState* b : blocks) {
+  for (BlockState* b : blocks) {
     const std::vector<const Tensor*> tensors = b->StepTensors();
-    if (tensors.empty()) {
-      return absl::UnimplementedError(
-          "decode graph: attention blocks step eagerly (their KV length and RoPE position change every token)");
+    if (tensors.empty()) return absl::UnimplementedError("decode graph: a block state without step tensors");
+    if (KvCache* cache = b->AttentionCache(); cache != nullptr) {
+      if (!cache->cuda_k.defined()) {
+        return absl::FailedPreconditionError(
+            "decode graph: a KV cache is not on the device yet (warm it with one eager DecodeStep)");
+      }
+      if (!graph->caches_.empty() && cache->cuda_length != graph->cache_length_) {
+        return absl::UnimplementedError(absl::StrCat("decode graph: KV caches of different lengths (",
+                                                     graph->cache_length_, " and ", cache->cuda_length, ")"));
+      }
+      graph->cache_length_ = cache->cuda_length;
+      graph->caches_.push_back(cache);
     }
     for (const Tensor* t : tensors) {
-      if (t->numel() > 0 && !IsCuda(*t)) {
+      if (t->defined() && t->numel() > 0 && !IsCuda(*t)) {
         return absl::FailedPreconditionError(
             "decode graph: the state has not been stepped on the device yet (warm it with one eager DecodeStep)");
       }
@@ -61,6 +71,10 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   }
   if (state->position < 1) {
     return absl::FailedPreconditionError("decode graph: warm the state with one eager DecodeStep before the capture");
+  }
+  if (KvCacheFull(state)) {
+    return absl::FailedPreconditionError(absl::StrCat("decode graph: a KV cache is full (length ", graph->cache_length_,
+                                                      "): one eager step grows it, then capture again"));
   }
   const int64_t B = state->batch, V = model->spec().vocab_size, d = model->spec().d_model;
   graph->state_ = state;
@@ -75,6 +89,14 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   graph->ids_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
   graph->argmax_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
   graph->out_.resize(static_cast<size_t>(B));
+  if (!graph->caches_.empty()) {
+    graph->host_position_ = Cuda().AllocatePinnedHost(sizeof(int32_t));
+    if (graph->host_position_ == nullptr) {
+      return absl::ResourceExhaustedError("decode graph: no page-locked host memory for the cache length");
+    }
+    graph->cache_position_ = Tensor::Empty({1}, DType::kI32, Device::kCuda);
+  }
+  const int32_t* position_dev = graph->caches_.empty() ? nullptr : graph->cache_position_.data<int32_t>();
 
   // The host-side bookkeeping of DecodeChunk is redone by each Step; the capture must not move it.
   const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
@@ -88,6 +110,10 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
     retry = false;
     cuda.BeginCapture();
     cuda.CopyAsync(graph->ids_.raw(), graph->host_in_.get(), B * sizeof(int32_t));
+    if (position_dev != nullptr) {
+      cuda.CopyAsync(graph->cache_position_.raw(), graph->host_position_.get(), sizeof(int32_t));
+    }
+    for (KvCache* cache : graph->caches_) cache->graph_position = position_dev;
     Tensor z = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
     CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), B, table.raw(), V, d, z.raw());
     if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
@@ -99,6 +125,10 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
     CudaInfer().ArgmaxRows(graph->logits_.raw(), B, V, V, graph->argmax_.data<int32_t>());
     cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), B * sizeof(int32_t));
     graph->graph_ = cuda.EndCapture(&why, &retry);
+    for (KvCache* cache : graph->caches_) {
+      cache->graph_position = nullptr;
+      cache->cuda_length = graph->cache_length_;  // the recording advanced the host length
+    }
     state->position = position;
     state->live_heads = live_heads;
     state->rewind_chunk = rewind;
@@ -114,6 +144,17 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
 
 DecodeGraph::~DecodeGraph() = default;
 
+bool DecodeGraph::KvCacheFull(LanguageModel::DecodeState* state) {
+  std::vector<BlockState*> blocks;
+  for (const auto& s : state->trunk) blocks.push_back(s.get());
+  if (!state->heads.empty()) blocks.push_back(state->heads[0].get());
+  for (BlockState* b : blocks) {
+    const KvCache* cache = b->AttentionCache();
+    if (cache != nullptr && cache->cuda_k.defined() && cache->cuda_length >= cache->cuda_capacity()) return true;
+  }
+  return false;
+}
+
 absl::Status DecodeGraph::CheckState() const {
   if (state_->position != position_) {
     return absl::FailedPreconditionError(absl::StrCat("decode graph: the state is at position ", state_->position,
@@ -124,6 +165,17 @@ absl::Status DecodeGraph::CheckState() const {
     if (Address(state_tensors_[i]) != state_addresses_[i]) {
       return absl::FailedPreconditionError(
           absl::StrCat("decode graph: state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
+    }
+  }
+  for (const KvCache* cache : caches_) {
+    if (cache->cuda_length != cache_length_) {
+      return absl::FailedPreconditionError(absl::StrCat("decode graph: a KV cache has length ", cache->cuda_length,
+                                                        ", the graph left it at ", cache_length_));
+    }
+    if (cache->cuda_length >= cache->cuda_capacity()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("decode graph: the KV cache is full (length ", cache->cuda_length,
+                       "): the next step grows it; step eagerly once and capture again (MustGrow)"));
     }
   }
   return absl::OkStatus();
@@ -141,9 +193,12 @@ absl::StatusOr<std::span<const int32_t>> DecodeGraph::Step(std::span<const int32
   if (absl::Status s = CheckState(); !s.ok()) return s;
   // The previous replay has finished (Step synchronises), so the pinned input is free.
   std::memcpy(host_in_.get(), tokens.data(), tokens.size() * sizeof(int32_t));
+  if (!caches_.empty()) *static_cast<int32_t*>(host_position_.get()) = static_cast<int32_t>(cache_length_);
   graph_->Launch();
   Cuda().Synchronize();
   std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
+  cache_length_ += 1;
+  for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
   state_->position += 1;
   position_ = state_->position;
   state_->live_heads = 1;

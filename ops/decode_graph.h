@@ -27,8 +27,17 @@
 //     so cuBLASLt plans, the states' move to the device and the step's working set exist
 //     before the capture. Any CUDA failure inside the capture fails the capture (a Status) and
 //     the caller keeps the eager step.
-//   - attention blocks (Llama, the hybrids' mixer) are not covered: their KV length and RoPE
-//     position are host values that change every token (Capture: Unimplemented).
+//   - attention blocks (Llama, the hybrids' mixer; session 16, helper attngraph16): the KV length
+//     and RoPE position change every token, so the recorded append, RoPE and decode attention
+//     kernels read the cache length t from a device int32 the graph owns (a copy node fills it
+//     from pinned memory at the start of each replay; Step writes t there and advances every
+//     cache's host length after the replay). The attention kernel's grid does not depend on t
+//     and its shared memory is sized for the cache's capacity, so one graph serves every length
+//     below the capacity with the eager step's arithmetic (the same bits). A step that must grow
+//     a cache (length == capacity: new buffers) cannot replay: MustGrow() says so, Step and
+//     Capture refuse it (FailedPrecondition), and the caller steps eagerly once (the cache
+//     doubles) and captures again: log2 of the tokens captures a generation. All caches of the
+//     state must have one length (they do: every attention block sees every token).
 //
 // Thread-safety: none; the thread that drives the CUDA backend.
 #pragma once
@@ -46,7 +55,8 @@ namespace gyre::ops {
 
 // GYRE_DECODE_GRAPH: unset or "1" (the default since session 16: x1.24-1.26 greedy tok/s on an
 // H100, bitwise the eager tokens): eval::Generate replays a DecodeGraph on CUDA (greedy and
-// sampled; models without attention blocks, which keep the eager step); "0": every step eager.
+// sampled; attention models too since helper attngraph16, x1.22 for llama-125m; a step that grows
+// a KV cache runs eagerly and the graph is captured again); "0": every step eager.
 // Read once; any other value stops the process with a message naming the accepted ones.
 // SetDecodeGraph overrides it (tests, benchmarks).
 bool DecodeGraphEnabled();
@@ -65,8 +75,10 @@ class DecodeGraph {
   // Captures the one-token head-1 step of `state` (CUDA model, batch = state->batch). The state
   // must have been stepped by one eager DecodeStep (heads 1) just before (the warm-up; without it
   // the capture may miss the allocator's cache; a capture that failed on cache misses alone is
-  // retried once with the missed sizes cached). Nothing runs and the state is not advanced. Errors: Unimplemented (attention blocks, a CPU model), FailedPrecondition (an
-  // unwarmed state), Internal with the CUDA reason (the capture failed; eager stays usable).
+  // retried once with the missed sizes cached). Nothing runs and the state is not advanced.
+  // Errors: Unimplemented (a CPU model, a block state without step tensors, KV caches of
+  // different lengths), FailedPrecondition (an unwarmed state; a full KV cache: step eagerly,
+  // then capture), Internal with the CUDA reason (the capture failed; eager stays usable).
   static absl::StatusOr<std::unique_ptr<DecodeGraph>> Capture(LanguageModel* model, LanguageModel::DecodeState* state,
                                                               const DecodeGraphOptions& options = {});
   ~DecodeGraph();
@@ -79,6 +91,11 @@ class DecodeGraph {
   const Tensor& logits() const { return logits_; }
   // Nodes of the captured graph (kernels and copies).
   int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
+  // True when the next step must grow a KV cache (its length reached its capacity): Step would
+  // refuse; step eagerly once, then capture again.
+  bool MustGrow() const { return KvCacheFull(state_); }
+  // The same test on any decode state (false without attention blocks).
+  static bool KvCacheFull(LanguageModel::DecodeState* state);
 
  private:
   DecodeGraph() = default;
@@ -90,6 +107,12 @@ class DecodeGraph {
   std::vector<const void*> state_addresses_;
   std::shared_ptr<void> host_in_, host_out_;  // pinned [batch] int32
   Tensor ids_, argmax_, logits_;               // device, fixed for the graph's life
+  // Attention blocks: their caches, the length every cache has before the next replay, and the
+  // pinned / device int32 the recorded kernels read it from (a copy node moves it each replay).
+  std::vector<KvCache*> caches_;
+  int64_t cache_length_ = 0;
+  std::shared_ptr<void> host_position_;
+  Tensor cache_position_;
   std::vector<int32_t> out_;
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };

@@ -112,6 +112,12 @@ struct KvState : BlockState {
   Tensor conv;  // [B, K-1, q+2kv] for the mixer's qkv conv
   int64_t length_before_chunk = -1;  // cache length before the last rewindable chunk
   StateHistory conv_history;
+  // A decode graph replays a step at a device-held position (ops/decode_graph.h): the cache
+  // buffers and the conv window are what it checks for moves (a Grow makes new buffers).
+  std::vector<const Tensor*> StepTensors() const override {
+    return {&cache.cuda_k, &cache.cuda_v, &cache.cuda_k_grouped, &conv};
+  }
+  KvCache* AttentionCache() override { return &cache; }
 };
 
 void RewindKv(KvState* st, int64_t keep) {
