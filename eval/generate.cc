@@ -153,7 +153,8 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
         result.decode_graph = "graph";
       } else {
         result.decode_graph = absl::StrCat("eager: ", made.status().message());
-        // A model the graph does not cover (attention blocks) is expected, not news.
+        // A state the graph does not cover (Unimplemented: e.g. KV caches of different lengths) is
+        // expected, not news.
         if (!absl::IsUnimplemented(made.status())) {
           std::fprintf(stderr, "Generate: %s; decoding eagerly\n", std::string(made.status().message()).c_str());
         }
