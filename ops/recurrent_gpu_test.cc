@@ -1000,13 +1000,23 @@ TEST_F(RecurrentGpuTest, MlstmConvQkvFusedKernel) {
 // model with the three separate launches (GYRE_MLSTM_CONV_QKV=separate, and what shapes the fused
 // kernel does not cover take): float64 checks of the output and every gradient, and training
 // bitwise reproducible.
-class SeparateConvQkv {
+// One of ops' process-wide switches (recurrent_blocks.h: a getter and a setter) set for a test's
+// scope and restored after it.
+template <typename T>
+class ScopedSwitch {
  public:
-  SeparateConvQkv() : was_(MlstmConvQkvFused()) { SetMlstmConvQkvFused(false); }
-  ~SeparateConvQkv() { SetMlstmConvQkvFused(was_); }
+  ScopedSwitch(T (*get)(), void (*set)(T), T value) : set_(set), was_(get()) { set(value); }
+  ~ScopedSwitch() { set_(was_); }
+  ScopedSwitch(const ScopedSwitch&) = delete;
+  ScopedSwitch& operator=(const ScopedSwitch&) = delete;
 
  private:
-  bool was_;
+  void (*set_)(T);
+  T was_;
+};
+
+struct SeparateConvQkv : ScopedSwitch<bool> {
+  SeparateConvQkv() : ScopedSwitch(MlstmConvQkvFused, SetMlstmConvQkvFused, false) {}
 };
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithSeparateConvQkv) {
@@ -1192,13 +1202,8 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdFusedKernel) {
 // The fused backward is the default (the other xLSTM tests run it); these run the blocks, a model
 // and training with the two separate launches (GYRE_MLSTM_CONV_V_BWD=separate, and what shapes the
 // fused kernel does not cover take).
-class SeparateConvVBwd {
- public:
-  SeparateConvVBwd() : was_(MlstmConvVBwdFused()) { SetMlstmConvVBwdFused(false); }
-  ~SeparateConvVBwd() { SetMlstmConvVBwdFused(was_); }
-
- private:
-  bool was_;
+struct SeparateConvVBwd : ScopedSwitch<bool> {
+  SeparateConvVBwd() : ScopedSwitch(MlstmConvVBwdFused, SetMlstmConvVBwdFused, false) {}
 };
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithSeparateConvVBwd) {
@@ -1228,13 +1233,8 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
 // The q/k backward's row sums: the tensor-core kernel is the default (the other xLSTM tests run it);
 // these run the blocks, a model and training with the FMA kernel (GYRE_MLSTM_QK_BWD=fma, and
 // what shapes the tensor-core kernel does not cover take).
-class QkBwdMode {
- public:
-  explicit QkBwdMode(MlstmQkBwd mode) : was_(GetMlstmQkBwd()) { SetMlstmQkBwd(mode); }
-  ~QkBwdMode() { SetMlstmQkBwd(was_); }
-
- private:
-  MlstmQkBwd was_;
+struct QkBwdMode : ScopedSwitch<MlstmQkBwd> {
+  explicit QkBwdMode(MlstmQkBwd mode) : ScopedSwitch(GetMlstmQkBwd, SetMlstmQkBwd, mode) {}
 };
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithFmaQkBwd) {
@@ -1266,13 +1266,8 @@ TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
 
 // GYRE_MLSTM_DH_DOT=norm: the output norm's backward forms the cell's dots (its kernel covers heads
 // of 384 columns only, so these run 125m-wide heads: inner 768 = 2 x 384 or 1536 = 4 x 384).
-class DhDotInNorm {
- public:
-  explicit DhDotInNorm(bool in_norm) : was_(MlstmDhDotInNorm()) { SetMlstmDhDotInNorm(in_norm); }
-  ~DhDotInNorm() { SetMlstmDhDotInNorm(was_); }
-
- private:
-  bool was_;
+struct DhDotInNorm : ScopedSwitch<bool> {
+  explicit DhDotInNorm(bool in_norm) : ScopedSwitch(MlstmDhDotInNorm, SetMlstmDhDotInNorm, in_norm) {}
 };
 
 ModelSpec WideHeadXlstm(int64_t heads) {
