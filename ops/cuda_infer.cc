@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ops/check.h"
+#include "ops/env_switch.h"
 
 namespace gyre::ops {
 namespace {
@@ -33,12 +34,7 @@ bool RowInvariantDecode() {
 namespace {
 
 bool& DecodeQkvSwitch() {
-  static bool on = [] {
-    const char* v = std::getenv("GYRE_DECODE_QKV");
-    const std::string s = v != nullptr ? v : "1";
-    GYRE_CHECK(s == "0" || s == "1", "GYRE_DECODE_QKV must be 0 or 1, got '%s'", s.c_str());
-    return s == "1";
-  }();
+  static bool on = EnvChoice("GYRE_DECODE_QKV", {"0", "1"}, "1") == "1";
   return on;
 }
 
@@ -50,12 +46,7 @@ void SetDecodeQkvOneLaunch(bool on) { DecodeQkvSwitch() = on; }
 namespace {
 
 int& GemmRowsWarpsSwitch() {
-  static int warps = [] {
-    const char* v = std::getenv("GYRE_GEMM_ROWS_WARPS");
-    const std::string s = v != nullptr ? v : "2";
-    GYRE_CHECK(s == "1" || s == "2" || s == "4", "GYRE_GEMM_ROWS_WARPS must be 1, 2 or 4, got '%s'", s.c_str());
-    return std::stoi(s);
-  }();
+  static int warps = std::stoi(EnvChoice("GYRE_GEMM_ROWS_WARPS", {"1", "2", "4"}, "2"));
   return warps;
 }
 

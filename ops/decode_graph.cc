@@ -1,23 +1,17 @@
 #include "ops/decode_graph.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "ops/attention.h"
 #include "ops/cuda_infer.h"
+#include "ops/env_switch.h"
 
 namespace gyre::ops {
 namespace {
 
 bool& GraphSwitch() {
-  static bool on = [] {
-    const char* v = std::getenv("GYRE_DECODE_GRAPH");
-    const std::string s = v != nullptr ? v : "";
-    GYRE_CHECK(v == nullptr || s == "0" || s == "1", "GYRE_DECODE_GRAPH must be 0 or 1, got '%s'", s.c_str());
-    return s != "0";
-  }();
+  static bool on = EnvChoice("GYRE_DECODE_GRAPH", {"0", "1"}, "1") == "1";
   return on;
 }
 

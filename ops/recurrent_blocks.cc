@@ -17,6 +17,7 @@
 #include "kernels/cpu/ssd.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
+#include "ops/env_switch.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -318,32 +319,25 @@ MlstmRecomputeConfig& RecomputeConfig() {
   return *config;
 }
 
-// A two-way switch from the environment, read by its caller once: the value, empty when unset;
-// a set value other than `a` or `b` stops the process naming both.
-std::string EnvChoice(const char* name, const char* a, const char* b) {
-  const char* v = std::getenv(name);
-  const std::string s = v != nullptr ? v : "";
-  GYRE_CHECK(v == nullptr || s == a || s == b, "%s must be %s or %s, got '%s'", name, a, b, s.c_str());
-  return s;
-}
 
 bool& ConvQkvFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_CONV_QKV", "separate", "fused") != "separate";
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_QKV", {"separate", "fused"}, "fused") == "fused";
   return fused;
 }
 
 bool& ConvVBwdFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_CONV_V_BWD", "separate", "fused") != "separate";
+  static bool fused = EnvChoice("GYRE_MLSTM_CONV_V_BWD", {"separate", "fused"}, "fused") == "fused";
   return fused;
 }
 
 MlstmQkBwd& QkBwdMode() {
-  static MlstmQkBwd mode = EnvChoice("GYRE_MLSTM_QK_BWD", "fma", "tc") == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
+  static MlstmQkBwd mode =
+      EnvChoice("GYRE_MLSTM_QK_BWD", {"fma", "tc"}, "tc") == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
   return mode;
 }
 
 bool& DhDotInNorm() {
-  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", "cell", "norm") != "cell";
+  static bool norm = EnvChoice("GYRE_MLSTM_DH_DOT", {"cell", "norm"}, "norm") == "norm";
   return norm;
 }
 
