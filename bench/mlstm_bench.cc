@@ -137,6 +137,7 @@ struct Variant {
   MlstmStateWeights weights = MlstmStateWeights::kAuto;
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
+  MlstmPersist persist = MlstmPersist::kOff;          // chunk 128's fwd_out on a persistent grid
 };
 
 struct Problem {
@@ -163,6 +164,7 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.state_weights = pr.variant.weights;
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
+  opt.persist = pr.variant.persist;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -430,6 +432,7 @@ int main(int argc, char** argv) {
   using gyre::cuda::MlstmStatePrecision;
   using gyre::cuda::MlstmStateWeights;
   using gyre::cuda::MlstmBwdDvKernel;
+  using gyre::cuda::MlstmPersist;
   const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0};
   // The previous session's defaults: one block per head in gates_bwd.
   const gyre::cuda::Variant v2_gpar{"v2-gates-par", MlstmStatePrecision::kAuto,
@@ -455,6 +458,11 @@ int main(int argc, char** argv) {
   };
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
+  // fwd_out on a persistent grid (session 17, helper persist17; GYRE_MLSTM_PERSIST=fwd_out in ops):
+  // "[v2]" and "[v2-persist]" in one process give the old and the new fwd_out side by side.
+  const gyre::cuda::Variant v2_persist{"v2-persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
+                                       MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
+                                       MlstmPersist::kFwdOut};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -487,6 +495,9 @@ int main(int argc, char** argv) {
       // fwd_out / bwd_dv / bwd_dqk 96 blocks (3 slabs x 8 chunks x 4 heads < 132 SMs: every
       // block alone on its SM); B11 S2048 (above): 2112 blocks = exactly 16 waves of 132.
       {"xlstm-125m-b1s1k", {1, 1024, 4, 384, 384}, 128, v2},
+      {"xlstm-125m-cell", s125, 128, v2_persist},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist},
+      {"xlstm-125m-b1s1k", {1, 1024, 4, 384, 384}, 128, v2_persist},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

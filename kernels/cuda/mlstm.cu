@@ -3715,6 +3715,314 @@ __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   FwdOutWs3<SPLIT, 1, true>(d, p, maps);
 }
+
+// ---------------------------------------------------------------- fwd_out, persistent grid
+//
+// mlstm_fwd_out_ws3_persist (helper persist17, session 17; opt-in: MlstmOptions::persist =
+// MlstmPersist::kFwdOut, which ops sets from GYRE_MLSTM_PERSIST=fwd_out): the eager three-stage
+// fwd_out above with one block per SM that loops over the (slab, chunk, head) tiles instead of
+// one block per tile. A tile is the same work as a block of mlstm_fwd_out_ws3_eager (the same
+// wgmmas on the same tiles in the same order, the same gating, normalisation and stores), so the
+// outputs are the same bytes; what changes is the turnover between tiles. A fwd_out block waits
+// on its own load latency (session 16, dqk16: a block alone on its SM takes as long as in a full
+// wave), and each new block started with an empty ring: mbarrier init, the per-tile vectors
+// fetched by the consumers, and all three first stages ~L away, while the finished block's
+// epilogue (h, h lo through shared memory to global) loaded nothing.
+//
+// Here the ring position runs on across tiles (tile i's seven steps — six dk stages and V — are
+// ring positions 7i .. 7i+6, so tile i+1's first two stages fall into the slots tile i's dk steps
+// 4 and 5 released, and its third into tile i's V slot): the producer thread loads the next
+// tile's first two stages under this tile's gating, PV and epilogue. The epilogue stages h (and
+// h lo) in the V step's own slot (it must not touch the slots being refilled); the split-state
+// staging needs 16 warp buffers of 16 × (128 + kPad) bf16 = 68 KB and a slot holds 64 KB, so the
+// last buffer (warp 7's lo rows) lies in 4.25 KB after the ring. Each consumer warp hands the V
+// slot back (empty barrier, as a dk stage) once its staged rows are stored. The per-tile vectors
+// (b, ĩ, m: L each, n_k: dk, m_k) are double-buffered and filled by producer warp 1 up to two
+// tiles ahead (vfull / vempty mbarriers), so no consumer waits on a global load at a tile start.
+// Tiles go round-robin (tile = blockIdx.x + i·gridDim.x, slab fastest, then chunk, then head:
+// the launch order of the one-block-per-tile grid, so a head-chunk's three slabs still run side
+// by side and share Q / K through L2); a fixed order keeps every run the same.
+template <bool SPLIT>
+struct OutWs3PersistSmem {
+  using Base = OutWs3Smem<SPLIT>;
+  static constexpr int kRing = Base::kRing, kStage = Base::kStage;
+  static constexpr int kStageRows = 16 * (128 + kPad) * 2;  // bytes of one warp's 16 staging rows
+  static constexpr int kBufs = SPLIT ? 16 : 8;              // (hi, lo) per consumer warp
+  static constexpr int kInSlot = kStage / kStageRows;       // 15 (split) / 11 fit into the V slot
+  static constexpr int kOverflow = (kBufs > kInSlot ? kBufs - kInSlot : 0) * kStageRows;
+  static constexpr int kOffOverflow = kRing * kStage;
+  static constexpr int kOffVec = kOffOverflow + kOverflow;
+  // b, ĩ, m (L each), n_k (dk), m_k, padded to 16 bytes; two buffers.
+  static __host__ __device__ int VecFloats(int dk) { return 3 * 128 + dk + 4; }
+  // Then full[3], empty[3], vfull[2], vempty[2] mbarriers, 1024 of alignment.
+  static size_t Bytes(int dk) { return kOffVec + 2 * VecFloats(dk) * 4 + (2 * kRing + 4) * 8 + 1024; }
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_persist(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+  using namespace hopper;
+  using SM = OutWs3PersistSmem<SPLIT>;
+  constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const int vec_floats = SM::VecFloats(d.DK);
+  float* vec = reinterpret_cast<float*>(sm + SM::kOffVec);  // [2][vec_floats]
+  const uint32_t full = sa + SM::kOffVec + 2 * vec_floats * 4, empty = full + 8 * kRing,
+                 vfull = empty + 8 * kRing, vempty = vfull + 16;
+  const int nslab = d.DV / DVT, ntiles = nslab * d.NC * d.B * d.NH;
+  const int ndt = d.DK / 64;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kRing; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    for (int i = 0; i < 2; ++i) {
+      MbInit(vfull + 8 * i, 32);
+      MbInit(vempty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {  // TMA issue: every tile's 7 steps, the ring position running on
+      constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::Base::kTile64;
+      int slot = 0, use = 0;
+      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+        const int j0 = slab * DVT, b = bh / d.NH, hd = bh % d.NH, t0 = k * L;
+        const int c_row = (bh * (d.NC + 1) + k) * d.DK;
+        for (int dt = 0; dt <= ndt; ++dt) {  // step ndt = the V slab
+          if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+          const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+          if (dt == ndt) {
+            MbArriveExpectTx(fb, 2 * SM::Base::kTile64);
+            TmaTile4d(st, &maps.v, fb, j0, hd, t0, b);
+            TmaTile4d(st + SM::Base::kTile64, &maps.v, fb, j0 + 64, hd, t0, b);
+          } else {
+            MbArriveExpectTx(fb, kStageBytes);
+            TmaTile4d(st, &maps.q, fb, dt * 64, hd, t0, b);
+            TmaTile4d(st + SM::Base::kOffK, &maps.k, fb, dt * 64, hd, t0, b);
+            TmaTile2d(st + SM::Base::kOffC, &maps.c, fb, j0, c_row + dt * 64);
+            TmaTile2d(st + SM::Base::kOffC + 64 * 128, &maps.c, fb, j0 + 64, c_row + dt * 64);
+            if constexpr (SPLIT) {
+              TmaTile2d(st + SM::Base::kOffClo, &maps.c_lo, fb, j0, c_row + dt * 64);
+              TmaTile2d(st + SM::Base::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
+            }
+          }
+          if (++slot == kRing) {
+            slot = 0;
+            ++use;
+          }
+        }
+      }
+    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {  // warp 1: the per-tile vectors
+      const int lane = threadIdx.x - 32;
+      int it = 0;
+      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+        const int rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+        const int b = bh / d.NH, hd = bh % d.NH, t0 = k * L, len = min(L, d.S - t0);
+        const int vb = it & 1;
+        if (it >= 2) MbWait(vempty + 8 * vb, ((it >> 1) - 1) & 1);
+        float* bs = vec + vb * vec_floats;
+        float* igs = bs + L;
+        float* ms = igs + L;
+        float* nks = ms + L;
+        const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+        const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+        for (int i = lane; i < L; i += 32) {
+          const bool ok = i < len;
+          bs[i] = ok ? p.b_tok[o + i] : 0.f;
+          ms[i] = ok ? p.m_tok[o + i] : 0.f;
+          igs[i] = ok ? p.ig[tok0 + static_cast<int64_t>(i) * d.NH] : -INFINITY;
+        }
+        const int64_t kst = static_cast<int64_t>(bh) * (d.NC + 1) + k;
+        const float* nbase = p.sn + kst * d.DK;
+        for (int i = lane; i < d.DK; i += 32) nks[i] = nbase[i];
+        if (lane == 0) nks[d.DK] = p.smk[kst];
+        MbArrive(vfull + 8 * vb);  // (count 32: each lane's stores released by its own arrival)
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const uint32_t own = wg * 64 * 128;
+  int slot = 0, phase = 0;  // ring position of the current step, running on across tiles
+  int it = 0;
+  for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+    const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+    const int j0 = slab * DVT, b = bh / d.NH, hd = bh % d.NH;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+    const int vb = it & 1;
+    const float* bs = vec + vb * vec_floats;
+    const float* igs = bs + L;
+    const float* ms = igs + L;
+    const float* nks = ms + L;
+    MbWait(vfull + 8 * vb, (it >> 1) & 1);
+    const float m_k = nks[d.DK];
+
+    float sacc[64], hacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sacc[i] = hacc[i] = 0.f;
+    float qn0 = 0.f, qn1 = 0.f;
+    int dt = 0;
+    do {  // (a do-while for the reason given in FwdOutWs3)
+      MbWait(full + 8 * slot, phase);
+      const uint32_t st = sa + slot * SM::kStage;
+      const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+      const uint64_t k_d = SmemDescSw128(st + SM::Base::kOffK, 16, 1024);
+      const uint64_t c_d = SmemDescSw128(st + SM::Base::kOffC, 64 * 128, 1024);
+      const uint64_t clo_d = SmemDescSw128(st + SM::Base::kOffClo, 64 * 128, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+        WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+        WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+        if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+      }
+      WgmmaCommit();
+      {  // q̂·n_k under the wgmma
+        const unsigned char* qt = sm + slot * SM::kStage;
+        const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+          const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+          const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+          const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+            const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+            qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+            qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+          }
+        }
+      }
+      WgmmaWait<0>();  // this step's group retired: its stage is free now
+      if (lane == 0) MbArrive(empty + 8 * slot);
+      if (++slot == kRing) {
+        slot = 0;
+        phase ^= 1;
+      }
+    } while (++dt < ndt);
+    WgmmaWait<0>();
+    FenceRegs(sacc);
+    FenceRegs(hacc);
+    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+    // Gating: P = S·scale ⊙ W (causal), row sums.
+    const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = nt * 8 + 2 * c + (e & 1);
+        const int r = e < 2 ? r0 : r1;
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        float pv = 0.f;
+        if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+        sacc[4 * nt + e] = pv;
+        if (e < 2) rs0 += pv; else rs1 += pv;
+      }
+    }
+    // The last read of this tile's vectors: hand the buffer back to warp 1.
+    __syncwarp();
+    if (lane == 0) MbArrive(vempty + 8 * vb);
+    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+    const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+    const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      hacc[4 * i + 0] *= d.scale * G0;
+      hacc[4 * i + 1] *= d.scale * G0;
+      hacc[4 * i + 2] *= d.scale * G1;
+      hacc[4 * i + 3] *= d.scale * G1;
+    }
+    uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+      SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+      SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+      SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+    }
+    MbWait(full + 8 * slot, phase);  // the V step
+    {
+      const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage, SM::Base::kTile64, 1024);
+      FenceRegs(hacc);  // (see FwdOutWs3: keeps the scaling out of the wgmma pipeline stage)
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+        if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(hacc);
+      FenceRegs(pa);
+      FenceRegs(palo);
+    }
+    const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+    const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+    float h4[16][4];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      h4[nt][0] = hacc[4 * nt + 0] * inv0;
+      h4[nt][1] = hacc[4 * nt + 1] * inv0;
+      h4[nt][2] = hacc[4 * nt + 2] * inv1;
+      h4[nt][3] = hacc[4 * nt + 3] * inv1;
+    }
+    // h (and h lo) leave through the V step's slot (plus the overflow rows after the ring): after
+    // the barrier no wgmma reads V any more. The other two slots may already hold the next tile's
+    // first stages.
+    NamedBarrierSync(1, kConsumers);
+    {
+      unsigned char* vslot = sm + slot * SM::kStage;
+      auto buf = [&](int i) {
+        return reinterpret_cast<bf16*>(i < SM::kInSlot ? vslot + i * SM::kStageRows
+                                                       : sm + SM::kOffOverflow + (i - SM::kInSlot) * SM::kStageRows);
+      };
+      bf16* hi_s = buf(SPLIT ? 2 * w : w);
+      bf16* lo_s = SPLIT ? buf(2 * w + 1) : hi_s;
+      StoreAccStaged(p.h + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0,
+                     SPLIT ? p.h_lo + (tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j0 : nullptr,
+                     ldv, h4, hi_s, lo_s, lane, len - 16 * w);
+    }
+    // This warp's staging rows are stored: the slot goes back to the producer like a dk stage
+    // (the proxy fence orders the generic accesses before the TMA that refills it).
+    FenceProxyAsync();
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == kRing) {
+      slot = 0;
+      phase ^= 1;
+    }
+    if (slab == 0 && c == 0) {
+      const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+      if (r0 < len) p.den_tok[o + r0] = den0;
+      if (r1 < len) p.den_tok[o + r1] = den1;
+    }
+  }
+}
 // ---------------------------------------------------------------- chunk 256: the off-diagonal block
 //
 // At chunk 256 every consumer kernel above runs one block per 128-token half of a chunk (the
@@ -5104,6 +5412,20 @@ RingEnv RingRelease(const MlstmOptions& o) {
   return from_env;
 }
 
+// MlstmOptions::persist resolved for the forward: the persistent fwd_out's grid (one block per SM,
+// or persist_blocks, never more than the tiles), 0 where it does not run (off, or not the
+// chunk-128 128-column-slab kernel: LaunchForward decides that by d.wg_out).
+int PersistBlocks(const Dims& d, const MlstmOptions& o) {
+  if (o.persist != MlstmPersist::kFwdOut) return 0;
+  const int64_t tiles = static_cast<int64_t>(d.DV / 128) * d.NC * d.B * d.NH;
+  int64_t blocks = o.persist_blocks;
+  if (blocks <= 0) {
+    const int sms = CurrentDeviceSms();
+    blocks = sms > 0 ? sms : 132;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, tiles)));
+}
+
 // ---------------------------------------------------------------- host helpers
 
 MlstmLaunchHook g_launch_hook = nullptr;
@@ -5251,9 +5573,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
 // tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
+// persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks.
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool ring_eager = false) {
+                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5330,7 +5653,11 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
         const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
         OutWsMaps maps{};
         CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
-        if (ring_eager) {
+        if (persist_blocks > 0) {
+          const size_t psmem = OutWs3PersistSmem<SPLIT>::Bytes(d.DK);
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_persist<SPLIT>, psmem));
+          mlstm_fwd_out_ws3_persist<SPLIT><<<persist_blocks, 384, psmem, stream>>>(d, p, maps);
+        } else if (ring_eager) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_eager<SPLIT>, smem));
           mlstm_fwd_out_ws3_eager<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
         } else {
@@ -5740,7 +6067,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
   }
 }
 

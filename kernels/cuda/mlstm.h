@@ -160,6 +160,17 @@ enum class MlstmRingRelease {
            // producer refills it one stage earlier
 };
 
+// Whether chunk 128's fwd_out runs on a persistent grid (helper persist17, session 17;
+// kernels/cuda/mlstm_notes.md): one block per SM looping over the (slab, chunk, head) tiles, the
+// next tile's first stages loaded under this tile's epilogue. The same bytes as the default
+// (tested bytewise). Opt-in: ops sets it from GYRE_MLSTM_PERSIST (off | fwd_out, read once through
+// ops/env_switch.h); the kernels read no environment for it.
+enum class MlstmPersist {
+  kOff,     // one block per tile (mlstm_fwd_out_ws3_eager / mlstm_fwd_out_ws3 under kLag)
+  kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says); other chunk
+            // sizes and 64-column slabs run as kOff
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -186,6 +197,10 @@ struct MlstmOptions {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   // Chunk 128's fwd_out / bwd_dqk TMA kernels: when a stage is released (see MlstmRingRelease).
   MlstmRingRelease ring = MlstmRingRelease::kAuto;
+  // Chunk 128's fwd_out on a persistent grid (see MlstmPersist), and that grid's blocks: 0 = one
+  // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
+  MlstmPersist persist = MlstmPersist::kOff;
+  int64_t persist_blocks = 0;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

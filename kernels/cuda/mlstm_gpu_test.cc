@@ -129,6 +129,8 @@ struct Variant {
   bool chunk128_only = false;  // run only at chunk 128 with dv a multiple of 128
   bool chunk256_only = false;  // run only at chunk 256
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
+  MlstmPersist persist = MlstmPersist::kOff;
+  int64_t persist_blocks = 0;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -162,6 +164,12 @@ constexpr Variant kVariants[] = {
     // tile (MlstmStateTail::kFull, GYRE_MLSTM_STATE_TAIL=full). Chunk 128 only.
     {"v2-full", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kFull},
+    // fwd_out on a persistent grid (MlstmPersist::kFwdOut, GYRE_MLSTM_PERSIST=fwd_out; helper
+    // persist17, session 17) of 3 blocks, so that at these small shapes every block loops over
+    // several tiles (the ring and the vector buffers wrap); one block per SM is checked bytewise
+    // in PersistFwdOutMatchesDefaultBytewise. Chunk 128 only.
+    {"v2-persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
+     true, false, MlstmStateTail::kAuto, MlstmPersist::kFwdOut, 3},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -303,6 +311,8 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_weights = TestStateWeights();
       opt.bwd_dv = var.bwd_dv;
       opt.state_tail = var.state_tail;
+      opt.persist = var.persist;
+      opt.persist_blocks = var.persist_blocks;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -771,6 +781,103 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
                   prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
                   saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
       failures += ok ? 0 : 1;
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+// MlstmPersist::kFwdOut (mlstm_fwd_out_ws3_persist: one block per SM looping over the tiles, the
+// ring and the vector buffers running on across tiles; helper persist17, session 17) against the
+// default one-block-per-tile fwd_out: the same products in the same order, so h, saved (den, h lo,
+// states) and the final state must be the same bytes. Outputs poisoned before each run. Grids:
+// one block per SM (0: the launcher's choice, capped at the tiles), 1 block (every tile in one
+// block: 7 ring positions a tile, so the slot of a tile's first stage cycles), 5 and 7 blocks
+// (tiles not a multiple of the grid: some blocks one tile more). Shapes at chunk 128 with
+// 128-column slabs: the 125m cell itself (B16 S2048 NH4 dk = dv = 384: 3072 tiles, 23-24 a block
+// at 132 SMs), odd lengths and a short last chunk, a grid smaller than one wave (B1 S300: 27
+// tiles), dk 128 / dv 256 (2 dk stages: fewer than the ring's slots), dk 256 / dv 512, with and
+// without initial state, split and bf16 states.
+TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
+  if (!VariantSelected({"persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes persist";
+  }
+  std::mt19937_64 rng(1717017);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+    bool with_states;
+  };
+  int failures = 0;
+  for (const Shape& sh : {Shape{16, 2048, 4, 384, 384, false}, Shape{2, 333, 2, 384, 384, true},
+                          Shape{1, 300, 3, 384, 384, false}, Shape{3, 1000, 4, 384, 384, false},
+                          Shape{1, 37, 3, 128, 256, true}, Shape{2, 517, 1, 256, 512, false}}) {
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      if (sh.B == 16 && prec == MlstmStatePrecision::kBf16) continue;  // (the large shape once)
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV), gh(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * sh.DK), gm0(&alloc, BH),
+          gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      gc0.Upload(RandomFloats(rng, CS, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init;
+      MlstmDeviceState<float> fin{gcf.get(), gnf.get(), gmf.get()};
+      if (sh.with_states) init = {gc0.get(), gn0.get(), gm0.get()};
+      MlstmOptions opt;
+      opt.chunk_size = 128;
+      opt.io_slab = 128;
+      opt.state_precision = prec;
+      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+      DeviceBuffer saved;
+      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
+      const int64_t tiles = (sh.DV / 128) * ((sh.S + 127) / 128) * BH;
+      // run 0: the default (one block per tile); then persistent grids.
+      const int64_t grids[] = {-1, 0, 1, 5, 7};
+      std::vector<unsigned char> saved_of[5];
+      std::vector<float> outs[5];
+      for (int run = 0; run < 5; ++run) {
+        opt.persist = grids[run] < 0 ? MlstmPersist::kOff : MlstmPersist::kFwdOut;
+        opt.persist_blocks = std::max<int64_t>(0, grids[run]);
+        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+        gh.Poison();
+        for (auto* x : {&gcf, &gnf, &gmf}) x->Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        saved_of[run].resize(saved_bytes);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
+        const auto y = gh.Download();
+        outs[run].insert(outs[run].end(), y.begin(), y.end());
+        for (const auto* x : {&gcf, &gnf, &gmf}) {
+          const auto z = x->Download();
+          outs[run].insert(outs[run].end(), z.begin(), z.end());
+        }
+      }
+      size_t non_finite = 0;
+      for (const float x : outs[0]) non_finite += !std::isfinite(x);  // an unwritten poison value
+      for (int run = 1; run < 5; ++run) {
+        size_t saved_diff = 0, out_diff = outs[0].size() != outs[run].size() ? outs[0].size() : 0;
+        for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_of[0][i] != saved_of[run][i];
+        for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
+          out_diff += std::memcmp(&outs[0][i], &outs[run][i], sizeof(float)) != 0;
+        }
+        const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
+        std::printf("[%s] mlstm fwd_out persist (grid %lld of %lld tiles) vs one block a tile bytewise B%lld S%lld "
+                    "NH%lld dk%lld dv%lld L128 %s%s: saved %zu of %zu bytes differ, outputs %zu of %zu values "
+                    "differ (%zu non-finite)\n",
+                    ok ? "PASS" : "FAIL", static_cast<long long>(grids[run]), static_cast<long long>(tiles),
+                    static_cast<long long>(sh.B), static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
+                    static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
+                    saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
+        failures += ok ? 0 : 1;
+      }
     }
   }
   EXPECT_EQ(failures, 0);
