@@ -3737,11 +3737,13 @@ __global__ void __launch_bounds__(384, 1)
 // staging needs 16 warp buffers of 16 × (128 + kPad) bf16 = 68 KB and a slot holds 64 KB, so the
 // last buffer (warp 7's lo rows) lies in 4.25 KB after the ring. Each consumer warp hands the V
 // slot back (empty barrier, as a dk stage) once its staged rows are stored. The per-tile vectors
-// (b, ĩ, m: L each, n_k: dk, m_k) are double-buffered and filled by producer warp 1 up to two
-// tiles ahead (vfull / vempty mbarriers), so no consumer waits on a global load at a tile start.
+// (b, ĩ, m: L each, n_k: dk, m_k) are double-buffered and filled by producer warp 1 with 4-byte
+// cp.asyncs up to two tiles ahead (vfull / vempty mbarriers), so no consumer waits on a global
+// load at a tile start. (The first build filled them with plain loads and stores: they
+// serialised, ~16 global round trips a tile, and a lone tile took 0.025 instead of 0.021 ms.)
 // Tiles go round-robin (tile = blockIdx.x + i·gridDim.x, slab fastest, then chunk, then head:
 // the launch order of the one-block-per-tile grid, so a head-chunk's three slabs still run side
-// by side and share Q / K through L2); a fixed order keeps every run the same.
+// by side and share Q / K through L2), or (kFwdOutDynamic) are drawn from a device counter.
 template <bool SPLIT>
 struct OutWs3PersistSmem {
   using Base = OutWs3Smem<SPLIT>;
@@ -3758,9 +3760,27 @@ struct OutWs3PersistSmem {
   static size_t Bytes(int dk) { return kOffVec + 2 * VecFloats(dk) * 4 + (2 * kRing + 4) * 8 + 1024; }
 };
 
+// 4-byte cp.async into shared memory, and an arrival on `bar` once this thread's earlier cp.asyncs
+// have landed (counted against the barrier's initial count: .noinc).
+__device__ __forceinline__ void CpAsync4Shared(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void CpAsyncMbArriveNoinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// tile_counter null: the static order (tile = blockIdx.x + i·gridDim.x); else (kFwdOutDynamic) a
+// block's first tile is blockIdx.x and each next one gridDim.x + atomicAdd(tile_counter, 1) (the
+// launcher zeroes it before each launch): the SMs that finish first take the next tiles, as the
+// hardware block scheduler does for a one-block-per-tile grid. Which block computes a tile does
+// not change its bytes. Warp 1 draws the tiles and publishes each in its vector buffer (the int
+// after m_k); the TMA thread and the consumers read it there (tile >= ntiles: stop).
+__device__ unsigned g_fwd_out_persist_tiles;  // kFwdOutDynamic's tile counter (zeroed per launch)
+
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_ws3_persist(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
+    mlstm_fwd_out_ws3_persist(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps,
+                              unsigned* tile_counter) {
   using namespace hopper;
   using SM = OutWs3PersistSmem<SPLIT>;
   constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
@@ -3780,7 +3800,7 @@ __global__ void __launch_bounds__(384, 1)
       MbInit(empty + 8 * i, 8);
     }
     for (int i = 0; i < 2; ++i) {
-      MbInit(vfull + 8 * i, 32);
+      MbInit(vfull + 8 * i, 64);  // warp 1: 32 arrivals + 32 cp.async completions
       MbInit(vempty + 8 * i, 8);
     }
     MbInitFence();
@@ -3792,7 +3812,16 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {  // TMA issue: every tile's 7 steps, the ring position running on
       constexpr uint32_t kStageBytes = (SPLIT ? 4 : 3) * SM::Base::kTile64;
       int slot = 0, use = 0;
-      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+      for (int it = 0;; ++it) {
+        // The first tile is blockIdx.x (< ntiles: the grid is at most the tiles); the others are
+        // published with the vectors (buffer it & 1 cannot be refilled before the consumers
+        // finished tile it, which needs the loads below, so the parity wait is safe).
+        int tile = blockIdx.x;
+        if (it > 0) {
+          MbWait(vfull + 8 * (it & 1), (it >> 1) & 1);
+          tile = reinterpret_cast<const int*>(vec + (it & 1) * vec_floats)[3 * L + d.DK + 1];
+        }
+        if (tile >= ntiles) break;
         const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
         const int j0 = slab * DVT, b = bh / d.NH, hd = bh % d.NH, t0 = k * L;
         const int c_row = (bh * (d.NC + 1) + k) * d.DK;
@@ -3820,31 +3849,49 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
       }
-    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {  // warp 1: the per-tile vectors
+    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {  // warp 1: tiles and their vectors
+      // Every vector element is its own 4-byte cp.async, all in flight at once (one global latency
+      // a tile; plain loads and stores here serialise on the unknown aliasing); the padding rows
+      // of a short last chunk are plain stores, released by the lane's ordinary arrival.
       const int lane = threadIdx.x - 32;
-      int it = 0;
-      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
-        const int rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
-        const int b = bh / d.NH, hd = bh % d.NH, t0 = k * L, len = min(L, d.S - t0);
+      int tile = blockIdx.x;
+      for (int it = 0;; ++it) {
         const int vb = it & 1;
         if (it >= 2) MbWait(vempty + 8 * vb, ((it >> 1) - 1) & 1);
         float* bs = vec + vb * vec_floats;
-        float* igs = bs + L;
-        float* ms = igs + L;
-        float* nks = ms + L;
-        const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
-        const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-        for (int i = lane; i < L; i += 32) {
-          const bool ok = i < len;
-          bs[i] = ok ? p.b_tok[o + i] : 0.f;
-          ms[i] = ok ? p.m_tok[o + i] : 0.f;
-          igs[i] = ok ? p.ig[tok0 + static_cast<int64_t>(i) * d.NH] : -INFINITY;
+        const uint32_t bsa = SmemAddr(bs);
+        float* nks = bs + 3 * L;
+        if (tile < ntiles) {
+          const int rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+          const int b = bh / d.NH, hd = bh % d.NH, t0 = k * L, len = min(L, d.S - t0);
+          const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
+          const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+          for (int i = lane; i < L; i += 32) {  // b, ĩ, m at bs, bs + L, bs + 2L
+            if (i < len) {
+              CpAsync4Shared(bsa + 4 * i, p.b_tok + o + i);
+              CpAsync4Shared(bsa + 4 * (L + i), p.ig + tok0 + static_cast<int64_t>(i) * d.NH);
+              CpAsync4Shared(bsa + 4 * (2 * L + i), p.m_tok + o + i);
+            } else {
+              bs[i] = 0.f;
+              bs[L + i] = -INFINITY;
+              bs[2 * L + i] = 0.f;
+            }
+          }
+          const int64_t kst = static_cast<int64_t>(bh) * (d.NC + 1) + k;
+          const float* nbase = p.sn + kst * d.DK;
+          for (int i = lane; i < d.DK; i += 32) CpAsync4Shared(bsa + 4 * (3 * L + i), nbase + i);
+          if (lane == 0) CpAsync4Shared(bsa + 4 * (3 * L + d.DK), p.smk + kst);
         }
-        const int64_t kst = static_cast<int64_t>(bh) * (d.NC + 1) + k;
-        const float* nbase = p.sn + kst * d.DK;
-        for (int i = lane; i < d.DK; i += 32) nks[i] = nbase[i];
-        if (lane == 0) nks[d.DK] = p.smk[kst];
-        MbArrive(vfull + 8 * vb);  // (count 32: each lane's stores released by its own arrival)
+        if (lane == 0) reinterpret_cast<int*>(nks)[d.DK + 1] = min(tile, ntiles);
+        MbArrive(vfull + 8 * vb);
+        CpAsyncMbArriveNoinc(vfull + 8 * vb);
+        if (tile >= ntiles) break;
+        int next = tile + gridDim.x;
+        if (tile_counter != nullptr) {
+          if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
+          next = __shfl_sync(0xffffffffu, next, 0);
+        }
+        tile = next;
       }
     }
     return;
@@ -3857,18 +3904,19 @@ __global__ void __launch_bounds__(384, 1)
   const int r0 = 16 * w + g, r1 = r0 + 8;
   const uint32_t own = wg * 64 * 128;
   int slot = 0, phase = 0;  // ring position of the current step, running on across tiles
-  int it = 0;
-  for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
-    const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
-    const int j0 = slab * DVT, b = bh / d.NH, hd = bh % d.NH;
-    const int t0 = k * L, len = min(L, d.S - t0);
-    const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+  for (int it = 0;; ++it) {
     const int vb = it & 1;
     const float* bs = vec + vb * vec_floats;
     const float* igs = bs + L;
     const float* ms = igs + L;
     const float* nks = ms + L;
     MbWait(vfull + 8 * vb, (it >> 1) & 1);
+    const int tile = reinterpret_cast<const int*>(nks)[d.DK + 1];
+    if (tile >= ntiles) break;
+    const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+    const int j0 = slab * DVT, b = bh / d.NH, hd = bh % d.NH;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
     const float m_k = nks[d.DK];
 
     float sacc[64], hacc[64];
@@ -5416,7 +5464,7 @@ RingEnv RingRelease(const MlstmOptions& o) {
 // or persist_blocks, never more than the tiles), 0 where it does not run (off, or not the
 // chunk-128 128-column-slab kernel: LaunchForward decides that by d.wg_out).
 int PersistBlocks(const Dims& d, const MlstmOptions& o) {
-  if (o.persist != MlstmPersist::kFwdOut) return 0;
+  if (o.persist == MlstmPersist::kOff) return 0;
   const int64_t tiles = static_cast<int64_t>(d.DV / 128) * d.NC * d.B * d.NH;
   int64_t blocks = o.persist_blocks;
   if (blocks <= 0) {
@@ -5573,10 +5621,12 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
 // tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
-// persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks.
+// persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks
+// (persist_dynamic: tiles drawn from a counter instead of the static order).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0) {
+                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0,
+                         bool persist_dynamic = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5656,7 +5706,12 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
         if (persist_blocks > 0) {
           const size_t psmem = OutWs3PersistSmem<SPLIT>::Bytes(d.DK);
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_persist<SPLIT>, psmem));
-          mlstm_fwd_out_ws3_persist<SPLIT><<<persist_blocks, 384, psmem, stream>>>(d, p, maps);
+          unsigned* counter = nullptr;
+          if (persist_dynamic) {
+            CUDA_RETURN_IF_ERROR(cudaGetSymbolAddress(reinterpret_cast<void**>(&counter), g_fwd_out_persist_tiles));
+            CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream));
+          }
+          mlstm_fwd_out_ws3_persist<SPLIT><<<persist_blocks, 384, psmem, stream>>>(d, p, maps, counter);
         } else if (ring_eager) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_eager<SPLIT>, smem));
           mlstm_fwd_out_ws3_eager<SPLIT><<<dim3(d.DV / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
@@ -6067,7 +6122,9 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
+    default:
+      return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options),
+                                options.persist == MlstmPersist::kFwdOutDynamic);
   }
 }
 

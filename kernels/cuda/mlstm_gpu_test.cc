@@ -170,6 +170,9 @@ constexpr Variant kVariants[] = {
     // in PersistFwdOutMatchesDefaultBytewise. Chunk 128 only.
     {"v2-persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
      true, false, MlstmStateTail::kAuto, MlstmPersist::kFwdOut, 3},
+    // ... with the tiles drawn from the device counter (MlstmPersist::kFwdOutDynamic).
+    {"v2-persist-dyn", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
+     true, false, MlstmStateTail::kAuto, MlstmPersist::kFwdOutDynamic, 3},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -792,7 +795,8 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
 // states) and the final state must be the same bytes. Outputs poisoned before each run. Grids:
 // one block per SM (0: the launcher's choice, capped at the tiles), 1 block (every tile in one
 // block: 7 ring positions a tile, so the slot of a tile's first stage cycles), 5 and 7 blocks
-// (tiles not a multiple of the grid: some blocks one tile more). Shapes at chunk 128 with
+// (tiles not a multiple of the grid: some blocks one tile more); the same with the tiles drawn from
+// the device counter (kFwdOutDynamic: 0, 5 and 1 blocks). Shapes at chunk 128 with
 // 128-column slabs: the 125m cell itself (B16 S2048 NH4 dk = dv = 384: 3072 tiles, 23-24 a block
 // at 132 SMs), odd lengths and a short last chunk, a grid smaller than one wave (B1 S300: 27
 // tiles), dk 128 / dv 256 (2 dk stages: fewer than the ring's slots), dk 256 / dv 512, with and
@@ -838,13 +842,21 @@ TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
       DeviceBuffer saved;
       CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
       const int64_t tiles = (sh.DV / 128) * ((sh.S + 127) / 128) * BH;
-      // run 0: the default (one block per tile); then persistent grids.
-      const int64_t grids[] = {-1, 0, 1, 5, 7};
-      std::vector<unsigned char> saved_of[5];
-      std::vector<float> outs[5];
-      for (int run = 0; run < 5; ++run) {
-        opt.persist = grids[run] < 0 ? MlstmPersist::kOff : MlstmPersist::kFwdOut;
-        opt.persist_blocks = std::max<int64_t>(0, grids[run]);
+      // run 0: the default (one block per tile); then persistent grids, static and dynamic order.
+      struct Run {
+        MlstmPersist mode;
+        int64_t blocks;
+      };
+      constexpr int kRuns = 8;
+      const Run runs[kRuns] = {{MlstmPersist::kOff, 0},           {MlstmPersist::kFwdOut, 0},
+                               {MlstmPersist::kFwdOut, 1},        {MlstmPersist::kFwdOut, 5},
+                               {MlstmPersist::kFwdOut, 7},        {MlstmPersist::kFwdOutDynamic, 0},
+                               {MlstmPersist::kFwdOutDynamic, 5}, {MlstmPersist::kFwdOutDynamic, 1}};
+      std::vector<unsigned char> saved_of[kRuns];
+      std::vector<float> outs[kRuns];
+      for (int run = 0; run < kRuns; ++run) {
+        opt.persist = runs[run].mode;
+        opt.persist_blocks = runs[run].blocks;
         CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
         gh.Poison();
         for (auto* x : {&gcf, &gnf, &gmf}) x->Poison();
@@ -861,17 +873,18 @@ TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
       }
       size_t non_finite = 0;
       for (const float x : outs[0]) non_finite += !std::isfinite(x);  // an unwritten poison value
-      for (int run = 1; run < 5; ++run) {
+      for (int run = 1; run < kRuns; ++run) {
         size_t saved_diff = 0, out_diff = outs[0].size() != outs[run].size() ? outs[0].size() : 0;
         for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_of[0][i] != saved_of[run][i];
         for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
           out_diff += std::memcmp(&outs[0][i], &outs[run][i], sizeof(float)) != 0;
         }
         const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
-        std::printf("[%s] mlstm fwd_out persist (grid %lld of %lld tiles) vs one block a tile bytewise B%lld S%lld "
-                    "NH%lld dk%lld dv%lld L128 %s%s: saved %zu of %zu bytes differ, outputs %zu of %zu values "
+        std::printf("[%s] mlstm fwd_out persist %s (grid %lld of %lld tiles) vs one block a tile bytewise B%lld "
+                    "S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of %zu bytes differ, outputs %zu of %zu values "
                     "differ (%zu non-finite)\n",
-                    ok ? "PASS" : "FAIL", static_cast<long long>(grids[run]), static_cast<long long>(tiles),
+                    ok ? "PASS" : "FAIL", runs[run].mode == MlstmPersist::kFwdOut ? "static" : "dynamic",
+                    static_cast<long long>(runs[run].blocks), static_cast<long long>(tiles),
                     static_cast<long long>(sh.B), static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
                     static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                     prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
