@@ -459,14 +459,11 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant dv_wgf = dv_variant("dv-wgf", MlstmBwdDvKernel::kWgmmaFused);
   const gyre::cuda::Variant dv_mma = dv_variant("dv-mma", MlstmBwdDvKernel::kMmaSync);
   // fwd_out on a persistent grid (session 17, helper persist17; GYRE_MLSTM_PERSIST=fwd_out in ops):
-  // "[v2]", "[v2-persist]" (static tile order) and "[v2-persist-dyn]" (tiles from a counter) in one
-  // process give the old and the new fwd_out side by side.
+  // "[v2]" and "[v2-persist]" in one process give the old and the new fwd_out side by side.
+  // (Session 17's "[v2-persist-dyn]" is this one now; the static tile order was deleted.)
   const gyre::cuda::Variant v2_persist{"v2-persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
                                        MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
                                        MlstmPersist::kFwdOut};
-  const gyre::cuda::Variant v2_persist_dyn{"v2-persist-dyn", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
-                                           0, MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
-                                           MlstmPersist::kFwdOutDynamic};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -502,8 +499,6 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_persist},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist},
       {"xlstm-125m-b1s1k", {1, 1024, 4, 384, 384}, 128, v2_persist},
-      {"xlstm-125m-cell", s125, 128, v2_persist_dyn},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_dyn},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -790,13 +790,10 @@ class Backend final : public CudaBackend {
     options->chunk_size = a.chunk;
     options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     options->eps = a.eps;
-    // GYRE_MLSTM_PERSIST=fwd_out | fwd_out_dyn: chunk 128's fwd_out on a persistent grid, tiles in a
-    // static order or drawn from a counter (kernels/cuda/mlstm.h, MlstmPersist; opt-in, helper
-    // persist17). The forward and backward of a step get the same value.
-    static const std::string persist = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "fwd_out_dyn"}, "off");
-    options->persist = persist == "fwd_out"       ? kc::MlstmPersist::kFwdOut
-                       : persist == "fwd_out_dyn" ? kc::MlstmPersist::kFwdOutDynamic
-                                                  : kc::MlstmPersist::kOff;
+    // GYRE_MLSTM_PERSIST=fwd_out: chunk 128's fwd_out on a persistent grid (kernels/cuda/mlstm.h,
+    // MlstmPersist; opt-in, helper persist17). The forward and backward of a step get the same value.
+    static const bool persist_fwd_out = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out"}, "off") == "fwd_out";
+    options->persist = persist_fwd_out ? kc::MlstmPersist::kFwdOut : kc::MlstmPersist::kOff;
   }
 
   size_t MlstmSavedBytes(const MlstmCellArgs& a) override {

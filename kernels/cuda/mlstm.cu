@@ -3741,9 +3741,14 @@ __global__ void __launch_bounds__(384, 1)
 // cp.asyncs up to two tiles ahead (vfull / vempty mbarriers), so no consumer waits on a global
 // load at a tile start. (The first build filled them with plain loads and stores: they
 // serialised, ~16 global round trips a tile, and a lone tile took 0.025 instead of 0.021 ms.)
-// Tiles go round-robin (tile = blockIdx.x + i·gridDim.x, slab fastest, then chunk, then head:
-// the launch order of the one-block-per-tile grid, so a head-chunk's three slabs still run side
-// by side and share Q / K through L2), or (kFwdOutDynamic) are drawn from a device counter.
+// Tiles are numbered slab fastest, then chunk, then head (the launch order of the one-block-per-
+// tile grid, so a head-chunk's three slabs run side by side and share Q / K through L2); a
+// block's first tile is blockIdx.x, each next one gridDim.x + atomicAdd(counter, 1): the SM that
+// finishes first takes the next tile, as the hardware block scheduler does for a one-block-per-
+// tile grid. Which block computes a tile does not change its bytes. (A static order, tile =
+// blockIdx.x + i·gridDim.x, was measured beside it: 125m cell 0.405 against 0.390 ms, 1.3b cell
+// no gain at all, 0.555 against 0.515, and its fwd+bwd mean 3.30-3.41 against 3.14 ms: the
+// slowest SM's fixed share of tiles sets the end. Deleted.)
 template <bool SPLIT>
 struct OutWs3PersistSmem {
   using Base = OutWs3Smem<SPLIT>;
@@ -3769,13 +3774,14 @@ __device__ __forceinline__ void CpAsyncMbArriveNoinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-// tile_counter null: the static order (tile = blockIdx.x + i·gridDim.x); else (kFwdOutDynamic) a
-// block's first tile is blockIdx.x and each next one gridDim.x + atomicAdd(tile_counter, 1) (the
-// launcher zeroes it before each launch): the SMs that finish first take the next tiles, as the
-// hardware block scheduler does for a one-block-per-tile grid. Which block computes a tile does
-// not change its bytes. Warp 1 draws the tiles and publishes each in its vector buffer (the int
-// after m_k); the TMA thread and the consumers read it there (tile >= ntiles: stop).
-__device__ unsigned g_fwd_out_persist_tiles;  // kFwdOutDynamic's tile counter (zeroed per launch)
+// tile_counter: zeroed by the launcher before each launch. Warp 1 draws the tiles and publishes
+// each in its vector buffer (the int after m_k); the TMA thread and the consumers read it there
+// (tile >= ntiles: stop).
+// The persistent fwd_out's tile counters: each launch takes the next of them (host round robin)
+// and zeroes it on its stream, so launches in flight at once on different streams (up to 64) do
+// not share one.
+constexpr int kPersistCounters = 64;
+__device__ unsigned g_fwd_out_persist_tiles[kPersistCounters];
 
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
@@ -3886,12 +3892,9 @@ __global__ void __launch_bounds__(384, 1)
         MbArrive(vfull + 8 * vb);
         CpAsyncMbArriveNoinc(vfull + 8 * vb);
         if (tile >= ntiles) break;
-        int next = tile + gridDim.x;
-        if (tile_counter != nullptr) {
-          if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
-          next = __shfl_sync(0xffffffffu, next, 0);
-        }
-        tile = next;
+        int next = 0;
+        if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
+        tile = __shfl_sync(0xffffffffu, next, 0);
       }
     }
     return;
@@ -5621,12 +5624,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
 // tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
-// persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks
-// (persist_dynamic: tiles drawn from a counter instead of the static order).
+// persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks.
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0,
-                         bool persist_dynamic = false) {
+                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5706,11 +5707,12 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
         if (persist_blocks > 0) {
           const size_t psmem = OutWs3PersistSmem<SPLIT>::Bytes(d.DK);
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_persist<SPLIT>, psmem));
-          unsigned* counter = nullptr;
-          if (persist_dynamic) {
-            CUDA_RETURN_IF_ERROR(cudaGetSymbolAddress(reinterpret_cast<void**>(&counter), g_fwd_out_persist_tiles));
-            CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream));
-          }
+          static std::atomic<unsigned> next_counter{0};
+          void* counters = nullptr;
+          CUDA_RETURN_IF_ERROR(cudaGetSymbolAddress(&counters, g_fwd_out_persist_tiles));
+          unsigned* counter = static_cast<unsigned*>(counters) +
+                              next_counter.fetch_add(1, std::memory_order_relaxed) % kPersistCounters;
+          CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream));
           mlstm_fwd_out_ws3_persist<SPLIT><<<persist_blocks, 384, psmem, stream>>>(d, p, maps, counter);
         } else if (ring_eager) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_eager<SPLIT>, smem));
@@ -6122,9 +6124,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default:
-      return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options),
-                                options.persist == MlstmPersist::kFwdOutDynamic);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
   }
 }
 

@@ -161,17 +161,16 @@ enum class MlstmRingRelease {
 };
 
 // Whether chunk 128's fwd_out runs on a persistent grid (helper persist17, session 17;
-// kernels/cuda/mlstm_notes.md): one block per SM looping over the (slab, chunk, head) tiles, the
-// next tile's first stages loaded under this tile's epilogue. The same bytes as the default
-// (tested bytewise). Opt-in: ops sets it from GYRE_MLSTM_PERSIST (off | fwd_out | fwd_out_dyn, read
-// once through ops/env_switch.h); the kernels read no environment for it.
+// kernels/cuda/mlstm_notes.md): one block per SM, each drawing (slab, chunk, head) tiles from a
+// device counter, the next tile's first stages loaded under this tile's epilogue. The same bytes as
+// the default (tested bytewise). H100, medians of 3: 125m cell fwd_out 0.465 -> 0.390 ms, 1.3b
+// cell (L128) 0.554 -> 0.515, step xlstm[1:0]-125m B16 127.3 -> 125.5 ms. Opt-in: ops sets it from
+// GYRE_MLSTM_PERSIST (off | fwd_out, read once through ops/env_switch.h); the kernels read no
+// environment for it.
 enum class MlstmPersist {
   kOff,     // one block per tile (mlstm_fwd_out_ws3_eager / mlstm_fwd_out_ws3 under kLag)
-  kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says), tiles in a
-            // static order (tile = block + i·grid); other chunk sizes and 64-column slabs run as kOff
-  kFwdOutDynamic,  // the same kernel, each block's next tile drawn from a device counter (the SM
-                   // that finishes first takes the next tile; same bytes). One such launch at a time
-                   // per device (the counter is a device global).
+  kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says); other chunk
+            // sizes and 64-column slabs run as kOff
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
