@@ -840,8 +840,9 @@ TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
       DeviceBuffer saved;
       CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
       const int64_t tiles = (sh.DV / 128) * ((sh.S + 127) / 128) * BH;
-      // run 0: the default (one block per tile); then persistent grids of 0 (one per SM), 1, 5, 7
-      // blocks, and one per SM again (a second launch: the counter must start from zero again).
+      // run 0: the default (one block per tile); then persistent grids of 0 (one per SM; where the
+      // tiles fit into one wave that is the default kernel again), 1, 5, 7 blocks, and the first
+      // again (a second launch: the tile counter must start from zero again).
       struct Run {
         MlstmPersist mode;
         int64_t blocks;
