@@ -3872,6 +3872,9 @@ __global__ void __launch_bounds__(384, 1)
           const int b = bh / d.NH, hd = bh % d.NH, t0 = k * L, len = min(L, d.S - t0);
           const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
           const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+          // (not unrolled: the copies are asynchronous anyway, and unrolled the 64-bit addresses
+          // spilled under the producer warpgroup's 40 registers)
+#pragma unroll 1
           for (int i = lane; i < L; i += 32) {  // b, ĩ, m at bs, bs + L, bs + 2L
             if (i < len) {
               CpAsync4Shared(bsa + 4 * i, p.b_tok + o + i);
@@ -3885,6 +3888,7 @@ __global__ void __launch_bounds__(384, 1)
           }
           const int64_t kst = static_cast<int64_t>(bh) * (d.NC + 1) + k;
           const float* nbase = p.sn + kst * d.DK;
+#pragma unroll 1
           for (int i = lane; i < d.DK; i += 32) CpAsync4Shared(bsa + 4 * (3 * L + i), nbase + i);
           if (lane == 0) CpAsync4Shared(bsa + 4 * (3 * L + d.DK), p.smk + kst);
         }
