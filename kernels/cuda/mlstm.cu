@@ -5474,6 +5474,9 @@ RingEnv RingRelease(const MlstmOptions& o) {
 // (B1 S1024, 96 tiles: 0.021 ms against the persistent kernel's 0.022).
 int PersistBlocks(const Dims& d, const MlstmOptions& o) {
   if (o.persist == MlstmPersist::kOff) return 0;
+  // (its two vector buffers make it 6.2 KB larger than the default at dk 384: past dk ~4000 only
+  // the default fits into an SM's 227 KB)
+  if (OutWs3PersistSmem<true>::Bytes(d.DK) > 227 * 1024) return 0;
   const int64_t tiles = static_cast<int64_t>(d.DV / 128) * d.NC * d.B * d.NH;
   int64_t blocks = o.persist_blocks;
   if (blocks <= 0) {
