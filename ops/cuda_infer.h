@@ -142,7 +142,8 @@ class CudaInference {
                              void* out) = 0;
 };
 
-// Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, read once): the
+// Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, unset or 1 keeps it,
+// any other value stops the process as every ops switch does (ops/env_switch.h); read once): the
 // products of at most kGemmRowsMax rows (X · Wᵀ, the decode path at batch 1) take the fixed-order
 // GemmRows kernel (ops/cuda_infer_kernels.h) instead of cuBLASLt, and the one-token mLSTM step
 // takes the chunk kernel (MlstmStepChunk at positions 1) instead of the cluster kernel, so a
