@@ -2304,399 +2304,6 @@ __global__ void __launch_bounds__(384, 1)
     StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
   }
 }
-
-// ------------------------------------------- 4c/5c. state kernels, two half blocks an SM (opt-in)
-// (helper state17, session 17: MlstmStateTail::kHalves2, GYRE_MLSTM_STATE_TAIL=halves2; chunk 128
-// with 128×128 state tiles only.)
-//
-// Session 16 found the TMA state kernels bound by each block's serial per-chunk chain (stage C_k
-// out, wait for the stage, decay, A-fragment preparation, 16 RS wgmmas, wait, release): a block
-// alone on its SM needs ~3.9 µs a chunk, ~5.3 µs in a full wave, while the SM's tensor time is
-// ~1.1 µs and DRAM runs at 2.2-2.4 TB/s. Both consumer warpgroups of a full block wait on the same
-// stage and so run the chain in step: while they prepare A the tensor pipe idles, while their
-// wgmmas run the ALUs idle. These kernels give the SM two independent chains instead: every
-// (head, 128-row dk tile, 128-column dv tile) runs as two 64-column half blocks (the state16
-// halves' tile map with nfull = 0: blocks 2u and 2u + 1 are tile u's halves), each small enough
-// that two are resident an SM:
-//  - 128 threads, one warpgroup, no producer warp: thread 0 issues the loads of the first two
-//    chunks, then refills a stage (the K / Q̂ tile's two column blocks and the V / dH half, 48 KB,
-//    onto its "full" mbarrier) once the four warps released it on its "empty" one. A producer
-//    warp would make 5 warps a block, 10 an SM, 3 on some SM sub-partition: its 16K-register file
-//    then caps a thread at 168 registers, and the kernels spilled ~0.5 KB at 168;
-//  - the warpgroup owns all 128 dk rows as two m64 products (m-half mh: rows 64·mh + 16·w of warp
-//    w, exactly the rows warp w + 4·mh of the full block owns): 2 × 8 accumulator n-tiles (64
-//    registers) and one m-half's A fragments at a time (64 registers). Per chunk: stage m-half
-//    0's C_k out, wait for the stage, decay, prepare m-half 0's A, stage m-half 1's C_k out,
-//    m-half 0's 16 m64n64k16 wgmmas (waited for), decay, prepare m-half 1's A, its 16 wgmmas,
-//    release. Nothing runs under a warp's own wgmmas (StateH2Wgmmas says why): the overlap is the
-//    other block's;
-//  - shared memory 2 stages × 48 KB + 4 warps × 4 KB staging (one m-half's hi and lo [16][64]
-//    boxes; the m-halves leave one after the other) + mbarriers = 114,720 bytes, allocated as
-//    115,712 (two blocks plus their 1 KB reserve fill the SM's 228 KB); E_t (state_fwd) and coef
-//    (state_bwd) come from global into registers per warp (shared vectors would not fit), ddc
-//    (state_bwd's dn part) as one register per 32 tokens and lane, fetched by shuffles;
-//  - __launch_bounds__(128, 2): 8 warps an SM, 2 an SM sub-partition, up to 255 registers.
-// Every element of C_k / dC_k gets the same products in the same order as in the full kernels
-// (the rows of warp w + 4·mh, m64n64 against m64n128 wgmmas as in the tail halves), and n / dn
-// the same mma.syncs, so the outputs are bitwise those of mlstm_state_fwd_ws / _bwd_ws (tested:
-// mlstm_gpu_test StateTailSplitMatchesFullBytewise, third run). n (state_fwd) and the tile's dn
-// part (state_bwd) are summed by the tile's first half.
-// Costs against the full block: the A fragments of a tile are prepared twice (once per half
-// block: 1.5x the ALU work per product) and the K / Q̂ tile is loaded twice (L2).
-struct StateH2Smem {
-  static constexpr int kTile64 = 128 * 128;    // [128 rows][64 cols] bf16
-  static constexpr int kStage = 3 * kTile64;   // K (two column blocks), V half (one)
-  static constexpr int kOffV = 2 * kTile64;
-  static constexpr int kStaging = 2 * kStage;  // 4 warps × 4 KB: hi, lo [16][64] of one m-half
-  static constexpr int kBars = kStaging + 4 * 4096;
-  static constexpr int kUsed = kBars + 32;     // 4 mbarriers
-  // (228 KB − 2 × 1 KB reserve) / 2: the rest is slack for aligning the base to 1024 bytes.
-  static constexpr size_t kBytes = 115712;
-  static_assert(kUsed <= kBytes, "two blocks an SM");
-};
-
-// The aligned base of StateH2Smem's layout; traps if the slack does not reach (never seen: the
-// dynamic shared memory window starts 1024-aligned).
-__device__ __forceinline__ unsigned char* StateH2Base() {
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  if (sm - smem_raw > static_cast<ptrdiff_t>(StateH2Smem::kBytes - StateH2Smem::kUsed)) __trap();
-  return sm;
-}
-
-// One m-half's 16 rows × 64 columns of this warp (hi at +0, lo at +2048, swizzled) into its
-// staging area, then one lane stores the boxes.
-__device__ __forceinline__ void StateH2StageOut(const float (&acc)[8][4], unsigned char* stg,
-                                                uint32_t stg_a, const StateWsMaps& maps, bool split,
-                                                int j0, int row, int lane) {
-  using namespace hopper;
-  const int g = lane >> 2, c = lane & 3;
-  if (lane == 0) BulkWaitRead<0>();  // the previous boxes of this area have been read
-  __syncwarp();
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    uint32_t hi0, lo0, hi1, lo1;
-    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-    const int col = nt * 8 + 2 * c, ch = col / 8;
-    const int o0 = g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-    *reinterpret_cast<uint32_t*>(stg + 2048 + o0) = lo0;
-    *reinterpret_cast<uint32_t*>(stg + 2048 + o1) = lo1;
-  }
-  FenceProxyAsync();
-  __syncwarp();
-  if (lane == 0) {
-    TmaStore2d(&maps.c, stg_a, j0, row);
-    if (split) TmaStore2d(&maps.c_lo, stg_a + 2048, j0, row);
-    BulkCommit();
-  }
-}
-
-__device__ __forceinline__ void StateH2Decay(float (&acc)[8][4], float (&nacc)[4], float decay) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    acc[i][0] *= decay;
-    acc[i][1] *= decay;
-    acc[i][2] *= decay;
-    acc[i][3] *= decay;
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) nacc[i] *= decay;
-}
-
-// Thread 0's loads of loop step s (chunk NC − 1 − s when `reverse`, state_bwd) into stage s % 2:
-// the K / Q̂ tile's two column blocks and the V / dH half, 48 KB, onto the stage's "full" mbarrier.
-__device__ __forceinline__ void StateH2Issue(const Dims& d, const StateWsMaps& maps,
-                                             const StateTailTile& t, uint32_t sa, uint32_t full,
-                                             int s, bool reverse) {
-  using namespace hopper;
-  using SM = StateH2Smem;
-  constexpr int L = 128;
-  const int b = t.bh / d.NH, hd = t.bh % d.NH;
-  const int k = reverse ? d.NC - 1 - s : s, slot = s & 1;
-  const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
-  MbArriveExpectTx(fb, SM::kStage);
-  TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
-  TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
-  TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
-}
-// The stages' start (both loaded ahead) and refill: once all four warps released stage `slot`
-// after loop step s (its "empty" phase `phase`), thread 0 loads step s + 2 into it. The warps run
-// in step (every wgmma is warpgroup-wide), so the wait is short.
-__device__ __forceinline__ void StateH2Prologue(const Dims& d, const StateWsMaps& maps,
-                                                const StateTailTile& t, uint32_t sa, uint32_t full,
-                                                uint32_t empty, bool reverse) {
-  using namespace hopper;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 4);
-    }
-    MbInitFence();
-    for (int s = 0; s < 2 && s < d.NC; ++s) StateH2Issue(d, maps, t, sa, full, s, reverse);
-  }
-  __syncthreads();
-}
-__device__ __forceinline__ void StateH2Refill(const Dims& d, const StateWsMaps& maps,
-                                              const StateTailTile& t, uint32_t sa, uint32_t full,
-                                              uint32_t empty, int s, int slot, int phase,
-                                              bool reverse) {
-  using namespace hopper;
-  if (threadIdx.x == 0 && s + 2 < d.NC) {
-    MbWait(empty + 8 * slot, phase);
-    StateH2Issue(d, maps, t, sa, full, s + 2, reverse);
-  }
-}
-
-// One m-half's A fragments of a chunk (rows m0 + 0..15 of the K / Q̂ tile's transpose, scaled by
-// the four token weights of each 16-token step, hi / lo) and n's mma.syncs when `with_n`.
-__device__ __forceinline__ void StateH2PrepA(float (&nacc)[4], uint32_t (&ah)[8][4], uint32_t (&al)[8][4],
-                                             const unsigned char* kst, const float (&wt)[8][4], int m0,
-                                             bool with_n, bool wlo, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    uint32_t a[4];
-    LoadATSw(a, kst, m0, 16 * kk, lane);
-    ScaleAKSplitW(ah[kk], al[kk], a, wt[kk]);
-    if (with_n) {
-      Mma(nacc, ah[kk], kOnesBf16x2, kOnesBf16x2);
-      Mma(nacc, al[kk], kOnesBf16x2, kOnesBf16x2);
-    }
-  }
-  if (!wlo) {  // (unconditional lo wgmmas, see mlstm_state_fwd)
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) al[kk][0] = al[kk][1] = al[kk][2] = al[kk][3] = 0u;
-  }
-}
-// The m-half's 16 wgmmas (hi, lo of each 16-token step, as the full kernels) into acc, waited
-// for: while wgmmas run, ptxas lets no instruction touch a register any wgmma defines (it injects
-// a wait before such an access: C7517), so there is nothing useful to put under them in this
-// warp; the other block on the SM fills the gap.
-__device__ __forceinline__ void StateH2Wgmmas(float (&acc)[8][4], uint32_t (&ah)[8][4],
-                                              uint32_t (&al)[8][4], uint64_t v_d) {
-  using namespace hopper;
-  FenceRegs(ah);
-  FenceRegs(al);
-  FenceRegs(acc);
-  WgmmaFence();
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    WgmmaRS64<1>(acc, ah[kk], v_d + ((kk * 16 * 128) >> 4));
-    WgmmaRS64<1>(acc, al[kk], v_d + ((kk * 16 * 128) >> 4));
-  }
-  WgmmaCommit();
-  WgmmaWait<0>();
-  FenceRegs(acc);
-  FenceRegs(ah);
-  FenceRegs(al);
-}
-
-__global__ void __launch_bounds__(128, 2)
-    mlstm_state_fwd_h2(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  using namespace hopper;
-  using SM = StateH2Smem;
-  constexpr int L = 128;
-  unsigned char* sm = StateH2Base();
-  const uint32_t sa = SmemAddr(sm);
-  const uint32_t full = sa + SM::kBars, empty = full + 16;
-  const StateTailTile t = StateTailTileOf(d, 0, true);
-  StateH2Prologue(d, maps, t, sa, full, empty, false);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, c = lane & 3;
-  const int j0 = t.j0, bh = t.bh;
-  const bool n_block = t.first && t.part == 0;
-  float acc[2][8][4];
-  float nacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-  for (int mh = 0; mh < 2; ++mh) {
-    const int row0 = t.a0 + 64 * mh + 16 * w;
-    if (p.c0 != nullptr) {
-      LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc[mh], lane);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[mh][i][0] = acc[mh][i][1] = acc[mh][i][2] = acc[mh][i][3] = 0.f;
-    }
-    if (n_block && p.c0 != nullptr) LoadNAcc(nacc[mh], p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  }
-  unsigned char* stg = sm + SM::kStaging + w * 4096;
-  const uint32_t stg_a = SmemAddr(stg);
-  int slot = 0, phase = 0;
-  for (int k = 0; k < d.NC; ++k) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    float ew[L / 16][4];
-    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tt = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
-        ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
-      }
-    }
-    const int64_t crow = (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + t.a0 + 16 * w;
-    StateH2StageOut(acc[0], stg, stg_a, maps, d.split, j0, static_cast<int>(crow), lane);
-    if (n_block) {
-      StoreNAcc(p.sn + crow, nacc[0], lane);
-      StoreNAcc(p.sn + crow + 64, nacc[1], lane);
-    }
-    MbWait(full + 8 * slot, phase);
-    const unsigned char* kst = sm + slot * SM::kStage;
-    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    uint32_t ah[L / 16][4], al[L / 16][4];
-    StateH2Decay(acc[0], nacc[0], decay);
-    StateH2PrepA(nacc[0], ah, al, kst, ew, 16 * w, n_block, d.fwd_wlo, lane);
-    // m-half 1's C_k leaves (its staging area is m-half 0's, read by now) before any wgmma runs.
-    StateH2StageOut(acc[1], stg, stg_a, maps, d.split, j0, static_cast<int>(crow + 64), lane);
-    StateH2Wgmmas(acc[0], ah, al, v_d);
-    StateH2Decay(acc[1], nacc[1], decay);
-    StateH2PrepA(nacc[1], ah, al, kst, ew, 64 + 16 * w, n_block, d.fwd_wlo, lane);
-    StateH2Wgmmas(acc[1], ah, al, v_d);
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);  // K (ldmatrix) and V (wgmma) reads are done
-    StateH2Refill(d, maps, t, sa, full, empty, k, slot, phase, false);
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
-  }
-#pragma unroll
-  for (int mh = 0; mh < 2; ++mh) {
-    const int row0 = t.a0 + 64 * mh + 16 * w;
-    const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-    const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-    StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc[mh], lane);
-    StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc[mh], lane);
-    if (p.c_out != nullptr) {
-      StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc[mh], lane);
-    }
-    if (n_block) {
-      StoreNAcc(p.sn + last * d.DK + row0, nacc[mh], lane);
-      if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc[mh], lane);
-    }
-  }
-  if (lane == 0) BulkWait<0>();  // the staging area stays valid until every box was stored
-}
-
-// state_bwd's dn part of one m-half and 16-token step kk: Q̂ᵀ's fragment scaled by ddc (lane
-// (16·(kk & 1) + token) % 32 holds token 32·(kk / 2) + that in dd[kk / 2]), hi and lo summed
-// by mma.sync with the ones operand (as mlstm_state_bwd_ws).
-__device__ __forceinline__ void StateH2Dn(float (&dnacc)[4], const unsigned char* qst, const float (&dd)[4],
-                                          int m0, int kk, int lane) {
-  const int c = lane & 3;
-  float wd[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    // (kk is a compile-time constant in the unrolled caller: dd's index is static)
-    wd[i] = __shfl_sync(0xffffffffu, dd[kk >> 1], 16 * (kk & 1) + 2 * c + (i & 1) + 8 * (i >> 1));
-  }
-  uint32_t a[4], ad[4], adlo[4];
-  LoadATSw(a, qst, m0, 16 * kk, lane);
-  ScaleAKSplitW(ad, adlo, a, wd);
-  Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-  Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-}
-
-__global__ void __launch_bounds__(128, 2)
-    mlstm_state_bwd_h2(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  using namespace hopper;
-  using SM = StateH2Smem;
-  constexpr int L = 128;
-  unsigned char* sm = StateH2Base();
-  const uint32_t sa = SmemAddr(sm);
-  const uint32_t full = sa + SM::kBars, empty = full + 16;
-  const StateTailTile t = StateTailTileOf(d, 0, true);
-  StateH2Prologue(d, maps, t, sa, full, empty, true);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, c = lane & 3;
-  const int j0 = t.j0, bh = t.bh, part = t.part, parts = d.DV / 128;
-  const bool dn_block = t.first;  // the tile's dn part: summed and stored by its first half only
-  auto dn_slot = [&](int s, int mh) {
-    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + s) * parts + part) * d.DK + t.a0 +
-           64 * mh + 16 * w;
-  };
-  float acc[2][8][4];
-  float dnacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-  for (int mh = 0; mh < 2; ++mh) {
-    const int row0 = t.a0 + 64 * mh + 16 * w;
-    if (p.dc_fin != nullptr) {
-      LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc[mh], lane);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[mh][i][0] = acc[mh][i][1] = acc[mh][i][2] = acc[mh][i][3] = 0.f;
-    }
-    if (dn_block && part == 0 && p.dc_fin != nullptr)
-      LoadNAcc(dnacc[mh], p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  }
-  unsigned char* stg = sm + SM::kStaging + w * 4096;
-  const uint32_t stg_a = SmemAddr(stg);
-  const int64_t so = static_cast<int64_t>(bh) * d.S;
-  int slot = 0, phase = 0;
-  for (int s = 0; s < d.NC; ++s) {
-    const int k = d.NC - 1 - s;
-    const int t0 = k * L, len = min(L, d.S - t0);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    float cw[L / 16][4], dd[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tt = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
-        cw[kk][i] = tt < len ? p.coef[so + t0 + tt] : 0.f;
-      }
-    }
-    if (dn_block) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) dd[j] = 32 * j + lane < len ? p.ddc[so + t0 + 32 * j + lane] : 0.f;
-    }
-    const int64_t drow = (static_cast<int64_t>(bh) * d.NC + k) * d.DK + t.a0 + 16 * w;
-    StateH2StageOut(acc[0], stg, stg_a, maps, d.split, j0, static_cast<int>(drow), lane);
-    if (dn_block) {
-      StoreNAcc(dn_slot(k, 0), dnacc[0], lane);
-      StoreNAcc(dn_slot(k, 1), dnacc[1], lane);
-    }
-    MbWait(full + 8 * slot, phase);
-    const unsigned char* qst = sm + slot * SM::kStage;
-    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    uint32_t ah[L / 16][4], al[L / 16][4];
-#pragma unroll
-    for (int mh = 0; mh < 2; ++mh) {
-      StateH2Decay(acc[mh], dnacc[mh], decay);
-      // dn's mma.syncs outside any wgmma window (as in mlstm_state_bwd_ws, in the A loop).
-      if (dn_block) {
-#pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) {
-          if (kk % parts == part) StateH2Dn(dnacc[mh], qst, dd, 64 * mh + 16 * w, kk, lane);
-        }
-      }
-      StateH2PrepA(dnacc[mh], ah, al, qst, cw, 64 * mh + 16 * w, false, d.bwd_wlo, lane);
-      if (mh == 0) {  // m-half 1's dC_{k+1} leaves (m-half 0's boxes are read by now)
-        StateH2StageOut(acc[1], stg, stg_a, maps, d.split, j0, static_cast<int>(drow + 64), lane);
-      }
-      StateH2Wgmmas(acc[mh], ah, al, h_d);
-    }
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);
-    StateH2Refill(d, maps, t, sa, full, empty, s, slot, phase, true);
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
-  }
-#pragma unroll
-  for (int mh = 0; mh < 2; ++mh) {
-    const int row0 = t.a0 + 64 * mh + 16 * w;
-    if (dn_block) StoreNAcc(dn_slot(d.NC, mh), dnacc[mh], lane);
-    if (p.dc0 != nullptr) {
-      StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc[mh], lane);
-    }
-  }
-  if (lane == 0) BulkWait<0>();
-}
-
 // ---------------------------------------------------------------- 6. bwd_dv
 
 // Two stages of (K, Q, dC_{k+1}) dk-tiles, one dh slab.
@@ -5431,28 +5038,26 @@ FwdEnvCheck FwdEnv() {
   return from_env;
 }
 
-// MlstmOptions::state_tail resolved to kFull, kSplit or kHalves2 (kAuto: GYRE_MLSTM_STATE_TAIL,
-// read once per process: unset or "split" = mlstm_state_fwd_ws_tail / mlstm_state_bwd_ws_tail (the
-// default since session 16; the same bytes), "full" = the one-block-per-tile state kernels,
-// "halves2" = mlstm_state_fwd_h2 / _bwd_h2 (opt-in, session 17); any other value is an error
-// naming the accepted ones). `who` names the entry point in the message.
-CudaResult StateTailMode(const MlstmOptions& o, const char* who, MlstmStateTail* mode) {
+// MlstmOptions::state_tail resolved (kAuto: GYRE_MLSTM_STATE_TAIL, read once per process: unset or
+// "split" = mlstm_state_fwd_ws_tail / mlstm_state_bwd_ws_tail (the default since session 16; the
+// same bytes), "full" = the one-block-per-tile state kernels; any other value is an error naming
+// the accepted ones). `who` names the
+// entry point in the message.
+CudaResult StateTailSplit(const MlstmOptions& o, const char* who, bool* split) {
   static const char* const env = std::getenv("GYRE_MLSTM_STATE_TAIL");
-  *mode = o.state_tail;
-  if (o.state_tail != MlstmStateTail::kAuto) return {};
-  *mode = MlstmStateTail::kSplit;
-  if (env == nullptr || std::strcmp(env, "split") == 0) return {};
-  if (std::strcmp(env, "full") == 0) {
-    *mode = MlstmStateTail::kFull;
+  *split = false;
+  switch (o.state_tail) {
+    case MlstmStateTail::kFull: return {};
+    case MlstmStateTail::kSplit: *split = true; return {};
+    case MlstmStateTail::kAuto: break;
+  }
+  if (env != nullptr && std::strcmp(env, "full") == 0) return {};
+  if (env == nullptr || std::strcmp(env, "split") == 0) {
+    *split = true;
     return {};
   }
-  if (std::strcmp(env, "halves2") == 0) {
-    *mode = MlstmStateTail::kHalves2;
-    return {};
-  }
-  return InvalidArgument(std::string(who) +
-                         ": GYRE_MLSTM_STATE_TAIL must be full, split or halves2 (or unset), got '" + env +
-                         "'");
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_TAIL must be full or split (or unset), got '" +
+                         env + "'");
 }
 
 // The split grid of the state kernels (see mlstm_state_fwd_ws_tail): the tiles of the last wave,
@@ -5645,10 +5250,10 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
-// tail: StateTailMode's choice (chunk 128's TMA state kernel only).
+// tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         MlstmStateTail tail = MlstmStateTail::kFull, bool ring_eager = false) {
+                         bool tail_split = false, bool ring_eager = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5681,15 +5286,7 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
-          if (tail == MlstmStateTail::kHalves2) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_h2, StateH2Smem::kBytes));
-            mlstm_state_fwd_h2<<<2 * (d.DV / 128) * (d.DK / 128) * bh, 128, StateH2Smem::kBytes, stream>>>(
-                d, p, maps);
-            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_h2");
-            Hook("mlstm_state_fwd_h2", stream);  // (its own name: the test checks it ran)
-            return {};
-          }
-          const StateTailGrid tg = tail == MlstmStateTail::kSplit ? StateTailPlan(d) : StateTailGrid{};
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
             CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_tail, ws_smem));
             mlstm_state_fwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
@@ -5796,10 +5393,10 @@ CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cud
 }
 
 // dv_choice: BwdDvKernel's choice (fused = the warpgroup-MMA bwd_dv, else mma.sync); dots: see
-// LaunchBwdPrep. tail: StateTailMode's choice (chunk 128's TMA state kernel only).
+// LaunchBwdPrep. tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
-                          cudaStream_t stream, MlstmStateTail tail = MlstmStateTail::kFull) {
+                          cudaStream_t stream, bool tail_split = false) {
   const int bh = d.B * d.NH;
   CUDA_RETURN_IF_NOT_OK(LaunchBwdPrep(d, p, dots, stream));
   {
@@ -5811,15 +5408,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           const size_t ws_smem = StateWsSmem::kBytes;
           StateWsMaps maps{};
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
-          if (tail == MlstmStateTail::kHalves2) {
-            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_h2, StateH2Smem::kBytes));
-            mlstm_state_bwd_h2<<<2 * (d.DV / 128) * (d.DK / 128) * bh, 128, StateH2Smem::kBytes, stream>>>(
-                d, p, maps);
-            CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_h2");
-            Hook("mlstm_state_bwd_h2", stream);  // (its own name: the test checks it ran)
-            return {};
-          }
-          const StateTailGrid tg = tail == MlstmStateTail::kSplit ? StateTailPlan(d) : StateTailGrid{};
+          const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
             CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_tail, ws_smem));
             mlstm_state_bwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
@@ -6019,16 +5608,6 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 void MlstmSetLaunchHook(MlstmLaunchHook hook) { g_launch_hook = hook; }
 
-CudaResult MlstmStateHalves2Occupancy(int* fwd_blocks, int* bwd_blocks) {
-  CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_h2, StateH2Smem::kBytes));
-  CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_h2, StateH2Smem::kBytes));
-  CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(fwd_blocks, mlstm_state_fwd_h2, 128, StateH2Smem::kBytes));
-  CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(bwd_blocks, mlstm_state_bwd_h2, 128, StateH2Smem::kBytes));
-  return {};
-}
-
 CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
   if (s.batch < 1 || s.seq_len < 1 || s.num_heads < 1 || s.dk < 1 || s.dv < 1) {
     return InvalidArgument("mlstm: batch, seq_len, num_heads, dk, dv must be >= 1");
@@ -6147,8 +5726,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
                                        "wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
-  MlstmStateTail tail = MlstmStateTail::kFull;
-  CUDA_RETURN_IF_NOT_OK(StateTailMode(options, "mlstm forward", &tail));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -6161,7 +5740,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail, ring.eager);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager);
   }
 }
 
@@ -6222,8 +5801,8 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
                                        "unset; wg was deleted), got '") +
                            env.bad_state_env + "'");
   }
-  MlstmStateTail tail = MlstmStateTail::kFull;
-  CUDA_RETURN_IF_NOT_OK(StateTailMode(options, "mlstm recompute states", &tail));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
   Dims d = MakeDims(shape, options);
@@ -6243,7 +5822,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
     case 256: return LaunchForward256(d, p, stream, false);
-    default: return LaunchForward<128>(d, p, stream, false, tail);
+    default: return LaunchForward<128>(d, p, stream, false, tail_split);
   }
 }
 
@@ -6295,8 +5874,8 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
                                        "wg was deleted), got '") +
                            dv_choice.bad_state_env + "'");
   }
-  MlstmStateTail tail = MlstmStateTail::kFull;
-  CUDA_RETURN_IF_NOT_OK(StateTailMode(options, "mlstm backward", &tail));
+  bool tail_split = false;
+  CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -6355,7 +5934,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 256: return LaunchBackward256(d, p, dv_choice, dh_dots, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail);
+    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split);
   }
 }
 }  // namespace

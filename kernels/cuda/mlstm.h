@@ -145,9 +145,6 @@ enum class MlstmStateTail {
            // wave is partial and its halves fit into one wave (125m cell: 576 tiles on 132 SMs ->
            // 528 full blocks + 96 halves); elsewhere, at other chunk sizes and with 64×64 state
            // tiles the kFull kernels run
-  kHalves2,  // opt-in (helper state17, session 17; GYRE_MLSTM_STATE_TAIL=halves2): every tile as
-             // two 64-column half blocks of 160 threads and 113 KB, two resident an SM
-             // (mlstm_state_fwd_h2 / _bwd_h2; 125m cell: 1152 half blocks); same bytes
 };
 
 // When the consumers of the chunk-128 TMA kernels fwd_out (mlstm_fwd_out_ws3) and bwd_dqk
@@ -304,10 +301,5 @@ CudaResult MlstmStepForward(const MlstmShape& shape, const MlstmOptions& options
 // default (no cost). Not thread-safe: set it before any other thread launches mLSTM work.
 using MlstmLaunchHook = void (*)(const char* kernel_name, cudaStream_t stream);
 void MlstmSetLaunchHook(MlstmLaunchHook hook);
-
-// Blocks an SM that the MlstmStateTail::kHalves2 state kernels (state_fwd, state_bwd) get on the
-// current device with their shared memory (cudaOccupancyMaxActiveBlocksPerMultiprocessor): the
-// design needs 2 each. For tests and benches.
-CudaResult MlstmStateHalves2Occupancy(int* fwd_blocks, int* bwd_blocks);
 
 }  // namespace gyre::cuda

@@ -162,10 +162,6 @@ constexpr Variant kVariants[] = {
     // tile (MlstmStateTail::kFull, GYRE_MLSTM_STATE_TAIL=full). Chunk 128 only.
     {"v2-full", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
      MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kFull},
-    // v2-h2: v2-st128 with every tile as two half blocks an SM (MlstmStateTail::kHalves2,
-    // GYRE_MLSTM_STATE_TAIL=halves2, helper state17; opt-in). Chunk 128 only.
-    {"v2-h2", MlstmStatePrecision::kSplitBf16, MlstmGateSchedule::kAuto, 128, 0,
-     MlstmBwdDvKernel::kAuto, true, false, MlstmStateTail::kHalves2},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -916,12 +912,9 @@ TEST(MlstmGpuTest, BackwardWithDotsMatchesBackward) {
 // #SMs in (0, #SMs / 2]) or only halves (tiles <= #SMs / 2); odd lengths, B > 1, with and without
 // an initial state and d_final, the 125m head (dk = dv = 384) and the 1.3B head (1024). The launch
 // hook must see the split kernels run. Run when MLSTM_TEST_VARIANTS is unset or names "tail".
-// A third run per shape takes every tile as two half blocks an SM (MlstmStateTail::kHalves2,
-// mlstm_state_*_h2, helper state17) against the same kFull bytes; the test first prints how many
-// of those blocks an SM holds (the design: 2).
-std::vector<int> g_tail_names;  // 1 per launch of mlstm_state_*_tail, 2 per mlstm_state_*_h2
+std::vector<int> g_tail_names;  // 1 per launch of mlstm_state_*_tail, 0 per other launch
 void CountTailLaunch(const char* name, cudaStream_t) {
-  g_tail_names.push_back(std::strstr(name, "_tail") != nullptr ? 1 : std::strstr(name, "_h2") != nullptr ? 2 : 0);
+  g_tail_names.push_back(std::strstr(name, "_tail") != nullptr ? 1 : 0);
 }
 
 std::vector<unsigned char> DeviceBytes(const void* p, size_t n) {
@@ -943,12 +936,6 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
   int device = 0, sms = 0;
   CUDA_CHECK_OR_DIE(cudaGetDevice(&device));
   CUDA_CHECK_OR_DIE(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  int h2_fwd = 0, h2_bwd = 0;
-  CUDA_OK_OR_DIE(MlstmStateHalves2Occupancy(&h2_fwd, &h2_bwd));
-  std::printf("[%s] mlstm state halves2 occupancy: state_fwd_h2 %d, state_bwd_h2 %d blocks an SM (want 2)\n",
-              h2_fwd == 2 && h2_bwd == 2 ? "PASS" : "FAIL", h2_fwd, h2_bwd);
-  EXPECT_EQ(h2_fwd, 2);
-  EXPECT_EQ(h2_bwd, 2);
   // The smallest batch >= b0 whose tile count puts a partial wave of at most #SMs / 2 tiles after
   // at least one full wave (mixed = true), or b0 itself if its tiles fit in #SMs / 2 (halves only).
   auto batch_for = [&](int64_t b0, int64_t tiles_per_batch, bool mixed) -> int64_t {
@@ -1010,12 +997,11 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       opt.state_tile = 128;
       const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
       const size_t scratch_bytes = MlstmChunkwiseBackwardScratchBytes(shape, opt);
-      // [0] kFull, [1] kSplit, [2] kHalves2: every output's bytes.
-      std::vector<std::vector<unsigned char>> out[3];
-      size_t tail_launches = 0, h2_launches = 0;
-      for (int which = 0; which < 3; ++which) {
-        opt.state_tail = which == 0 ? MlstmStateTail::kFull : which == 1 ? MlstmStateTail::kSplit
-                                                                         : MlstmStateTail::kHalves2;
+      // [0] kFull, [1] kSplit: every output's bytes.
+      std::vector<std::vector<unsigned char>> out[2];
+      size_t tail_launches = 0;
+      for (int which = 0; which < 2; ++which) {
+        opt.state_tail = which == 0 ? MlstmStateTail::kFull : MlstmStateTail::kSplit;
         DeviceBuffer saved, scratch;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
         CUDA_OK_OR_DIE(alloc.Allocate(scratch_bytes, &scratch));
@@ -1037,14 +1023,10 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
             {gdc0.get(), gdn0.get(), gdm0.get()}, scratch.get(), nullptr));
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
         MlstmSetLaunchHook(nullptr);
-        size_t tails = 0, h2s = 0;
-        for (int x : g_tail_names) {
-          tails += x == 1;
-          h2s += x == 2;
-        }
-        if (which == 1) tail_launches = tails + 100 * h2s;
-        if (which == 2) h2_launches = h2s + 100 * tails;
-        if (which == 0 && tails + h2s != 0) tail_launches = 100;  // kFull must not run them
+        size_t tails = 0;
+        for (int x : g_tail_names) tails += x;
+        if (which == 1) tail_launches = tails;
+        if (which == 0 && tails != 0) tail_launches = 100;  // kFull must not run them
         out[which].push_back(DeviceBytes(saved.get(), saved_bytes));
         out[which].push_back(DeviceBytes(scratch.get(), scratch_bytes));
         for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out[which].push_back(DeviceBytes(x->get(), x->size() * 2));
@@ -1065,17 +1047,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       }
       // The C_k planes were written (the first bytes of `saved` are C_0's hi plane).
       const auto& a = out[0][0];
-      const bool written = a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
-      ok = ok && written;
-      std::string h2_diffs;
-      bool h2_ok = h2_launches == 2 && written;
-      for (size_t i = 0; i < out[0].size(); ++i) {
-        const size_t n = BytesDiffer(out[0][i], out[2][i]);
-        if (n != 0) {
-          h2_ok = false;
-          h2_diffs += std::string(" ") + kNames[i] + " " + std::to_string(n) + "/" + std::to_string(out[0][i].size());
-        }
-      }
+      ok = ok && a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
       const int64_t tiles = BH * (sh.DK / 128) * (sh.DV / 128), tail = tiles % sms;
       std::printf("[%s] mlstm state tail split vs full bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
                   "%lld tiles on %d SMs -> %lld full + %lld half blocks; split kernels ran %zu of 2; "
@@ -1086,15 +1058,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
                   sh.with_states ? " +init +dfinal" : "", static_cast<long long>(tiles), sms,
                   static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
                   diffs.empty() ? " none" : diffs.c_str());
-      std::printf("[%s] mlstm state halves2 vs full bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
-                  "%lld half blocks, two an SM; h2 kernels ran %zu of 2; bytes differing:%s\n",
-                  h2_ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
-                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
-                  sh.with_states ? " +init +dfinal" : "", static_cast<long long>(2 * tiles), h2_launches,
-                  h2_diffs.empty() ? " none" : h2_diffs.c_str());
       failures += ok ? 0 : 1;
-      failures += h2_ok ? 0 : 1;
     }
   }
   EXPECT_EQ(failures, 0);
