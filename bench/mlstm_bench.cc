@@ -26,7 +26,13 @@
 // MlstmChunkwiseRecomputeStates, helper mem12; ops GYRE_MLSTM_RECOMPUTE=states) against the
 // forward it replaces in the backward (line "STATES name Lchunk variant fwd_ms= states_ms=").
 //
-//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once] [--states]
+// --dram: first the plain DRAM streams the state kernels' traffic is measured against (session
+// 17, helper state17): cudaMemsetAsync of 661 MiB (~ state_fwd's C_k writes at the 125m cell) and
+// a device-to-device cudaMemcpyAsync of 430 MiB (1:1; state_fwd writes 77% of its 0.86 GB),
+// "DRAM memset ... TB/s" / "DRAM memcpy ... TB/s" lines (MB = 10^6 bytes there). H100 (session 17):
+// 3.18-3.20 TB/s write only, 2.96-2.97 TB/s copy; the state kernels reach ~2.35-2.45.
+//
+//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once] [--states] [--dram]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -408,12 +414,33 @@ void CompareWithTfla(const std::string& dir) {
   std::fflush(stdout);
 }
 
+// --dram: the write-only and the 1:1 copy stream of the state kernels' size (medians of `reps`).
+void RunDram(int reps, cudaStream_t stream) {
+  const size_t write_bytes = 661ull << 20, copy_bytes = 430ull << 20;
+  DeviceAllocator alloc;
+  DeviceBuffer dst, src;
+  CUDA_OK_OR_DIE(alloc.Allocate(write_bytes, &dst));
+  CUDA_OK_OR_DIE(alloc.Allocate(copy_bytes, &src));
+  CUDA_CHECK_OR_DIE(cudaMemsetAsync(src.get(), 1, copy_bytes, stream));
+  int i = 0;
+  const double set_ms = TimeMs([&] { CUDA_CHECK_OR_DIE(cudaMemsetAsync(dst.get(), ++i & 0xff, write_bytes, stream)); },
+                               reps, stream);
+  const double copy_ms = TimeMs(
+      [&] { CUDA_CHECK_OR_DIE(cudaMemcpyAsync(dst.get(), src.get(), copy_bytes, cudaMemcpyDeviceToDevice, stream)); },
+      reps, stream);
+  std::printf("DRAM memset %.0f MB: %.4f ms, %.2f TB/s (write only)\n", write_bytes / 1e6, set_ms,
+              write_bytes / set_ms / 1e9);
+  std::printf("DRAM memcpy %.0f MB: %.4f ms, %.2f TB/s (read + write, 1:1)\n", copy_bytes / 1e6, copy_ms,
+              2.0 * copy_bytes / copy_ms / 1e9);
+  std::fflush(stdout);
+}
+
 }  // namespace
 }  // namespace gyre::cuda
 
 int main(int argc, char** argv) {
   int reps = 30;
-  bool once = false;
+  bool once = false, dram = false;
   std::string compare_dir, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -422,10 +449,12 @@ int main(int argc, char** argv) {
     if (a.rfind("--only=", 0) == 0) only = a.substr(7);
     if (a == "--once") once = true;
     if (a == "--states") gyre::cuda::g_time_states = true;
+    if (a == "--dram") dram = true;
   }
   if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  if (dram) gyre::cuda::RunDram(reps, stream);
   using gyre::cuda::MlstmGateSchedule;
   using gyre::cuda::MlstmStatePrecision;
   using gyre::cuda::MlstmStateWeights;
