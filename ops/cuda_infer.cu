@@ -166,6 +166,24 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const bf16*
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int32_t>(best_i[0]);
 }
 
+// CopySpans: block (x, y) copies every gridDim.x-th word of span y from word x · blockDim.x on.
+constexpr int kCopySpanThreads = 256;
+__global__ void __launch_bounds__(kCopySpanThreads) copy_spans_kernel(const CopySpan* spans) {
+  const CopySpan s = spans[blockIdx.y];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kCopySpanThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCopySpanThreads + threadIdx.x;
+  if (((reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src) | static_cast<uintptr_t>(s.bytes)) &
+       15) == 0) {
+    uint4* d = static_cast<uint4*>(s.dst);
+    const uint4* x = static_cast<const uint4*>(s.src);
+    for (int64_t i = first; i < s.bytes / 16; i += stride) d[i] = x[i];
+  } else {
+    uint32_t* d = static_cast<uint32_t*>(s.dst);
+    const uint32_t* x = static_cast<const uint32_t*>(s.src);
+    for (int64_t i = first; i < s.bytes / 4; i += stride) d[i] = x[i];
+  }
+}
+
 // GemmRows (the header states the math and why its order is fixed): warp w of block x owns
 // column j = 4x + w; lane l walks the reduction's 8-element groups l, l + 32, ... and keeps one
 // fp32 accumulator per row; B's row j is read once for all rows.
@@ -380,6 +398,19 @@ CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int6
   append_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       static_cast<bf16*>(dst), dst_batch_stride, static_cast<const bf16*>(src), batch, cols, position_dev);
   CUDA_RETURN_IF_LAUNCH_ERROR("append_rows_kernel");
+  return {};
+}
+
+CudaResult CopySpans(const CopySpan* spans_dev, int64_t n, int64_t max_bytes, cudaStream_t stream) {
+  if (n < 0 || n > 65535 || max_bytes < 0 || (n > 0 && spans_dev == nullptr)) {
+    return InvalidArgument("copy_spans: bad arguments");
+  }
+  if (n == 0 || max_bytes == 0) return {};
+  const int64_t per_block = 16 * kCopySpanThreads;
+  const int64_t blocks = std::min<int64_t>((max_bytes + per_block - 1) / per_block, 64);
+  copy_spans_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(n)), kCopySpanThreads, 0, stream>>>(
+      spans_dev);
+  CUDA_RETURN_IF_LAUNCH_ERROR("copy_spans_kernel");
   return {};
 }
 

@@ -115,6 +115,13 @@ struct CudaMlstmStepArgs {
   float *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;
 };
 
+// One record of CudaInference::CopySpans (the layout of ops/cuda_infer_kernels.h CopySpan).
+struct CudaCopySpan {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  int64_t bytes = 0;
+};
+
 class CudaInference {
  public:
   virtual ~CudaInference() = default;
@@ -128,6 +135,10 @@ class CudaInference {
   // b (bf16): a decode graph's KV append (an eager step's Copy2D has the row in its address).
   virtual void AppendRows(void* cache, int64_t cache_batch_stride, const void* src, int64_t batch, int64_t cols,
                           const int32_t* position_dev) = 0;
+  // spans_dev: `n` CudaCopySpan records in device memory; copies each src to its dst in one
+  // launch (a speculative decode graph's in-place commit, ops/decode_graph.h). max_bytes bounds
+  // every span's bytes (multiples of 4).
+  virtual void CopySpans(const void* spans_dev, int64_t n, int64_t max_bytes) = 0;
   virtual void Conv1dStep(const CudaConv1dStepArgs& a) = 0;
   virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
   virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;

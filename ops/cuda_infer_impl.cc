@@ -1,4 +1,5 @@
 // Implements and registers ops/cuda_infer.h on the CUDA backend's stream.
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -24,6 +25,11 @@ void OkOrDie(const kc::CudaResult& r, const char* what) {
   std::fprintf(stderr, "CUDA inference op %s failed: %s\n", what, r.message.c_str());
   std::abort();
 }
+
+static_assert(sizeof(CudaCopySpan) == sizeof(cuda_infer::CopySpan) &&
+                  offsetof(CudaCopySpan, src) == offsetof(cuda_infer::CopySpan, src) &&
+                  offsetof(CudaCopySpan, bytes) == offsetof(cuda_infer::CopySpan, bytes),
+              "CudaCopySpan and cuda_infer::CopySpan must share a layout");
 
 class CudaInferenceImpl final : public CudaInference {
  public:
@@ -70,6 +76,11 @@ class CudaInferenceImpl final : public CudaInference {
                   const int32_t* position_dev) override {
     OkOrDie(cuda_infer::AppendRows(cache, cache_batch_stride, src, batch, cols, position_dev, Stream()),
             "append rows");
+  }
+
+  void CopySpans(const void* spans_dev, int64_t n, int64_t max_bytes) override {
+    OkOrDie(cuda_infer::CopySpans(static_cast<const cuda_infer::CopySpan*>(spans_dev), n, max_bytes, Stream()),
+            "copy spans");
   }
 
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {

@@ -117,4 +117,85 @@ class DecodeGraph {
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };
 
+// GYRE_SPEC_GRAPH: "1" replays a SpeculativeGraph for eval::GenerateSpeculative's rounds on CUDA;
+// unset or "0" (the default while it is measured, session 17): every round eager. Read once;
+// other values stop the process naming the accepted ones. SetSpeculativeGraph overrides it.
+bool SpeculativeGraphEnabled();
+void SetSpeculativeGraph(bool on);
+
+// SpeculativeGraph: one round of self-speculative decoding (eval/generate.h) at a fixed k,
+// captured once and replayed per round (session 17, helper specgraph17; ops/DECODE_GRAPHS.md).
+//
+// The eager round is DecodeChunk(k tokens, heads 1..k, rewindable, deferred draft logits), head
+// 1's argmax of the k rows (a sync), Rewind(keep) (handle swaps), DraftLogits at the last kept
+// position and the drafts' argmax (a second sync). What varies between rounds is the k tokens,
+// the position (the KV caches' length) and keep; the shapes do not (k is fixed; the last rounds
+// of a generation, shorter than k, run eagerly). So:
+//   - Round (the graph): pinned [k] ids -> device ids, the embedding, the trunk's and heads
+//     1..k's StepChunk over k rows, rewindable (the cells' kernels write the state after every
+//     position into buffers of the graph's pool: fixed addresses), the final norm, ONE LM-head
+//     product over all k heads x k positions (k·k <= 16 rows: GemmRows, whose rows have the bits
+//     of the eager round's k-row head-1 product and (k-1)-row draft product), the argmax of
+//     every row on the device, k·k ids -> pinned; attention blocks read the cache length from a
+//     device int32 (as DecodeGraph). One synchronisation a round, not two: the drafts of every
+//     possible keep come back with head 1's ids.
+//   - Commit(keep) (eager, after the host counted the accepted drafts): keep < k puts the
+//     state after position keep - 1 back into the live state tensors IN PLACE with one
+//     CopySpans launch (ops/cuda_infer.h; the graph's addresses must not move, so no handle
+//     swap), and truncates the KV caches' host length; keep = k does nothing.
+// Refused (Unimplemented; the caller keeps the eager round): batch != 1, k·k > 16 (the LM head's
+// rows would leave GemmRows and change the bits), row-invariant decoding off, KV caches of
+// different lengths, a block whose chunk keeps no per-position states. FailedPrecondition: an
+// unwarmed state (run one eager round first), a KV cache without room for k more rows (an eager
+// round grows it; capture again).
+class SpeculativeGraph {
+ public:
+  // Captures the round of `state` (after one eager round of the same k: the warm-up). Nothing
+  // runs; the state is not advanced.
+  static absl::StatusOr<std::unique_ptr<SpeculativeGraph>> Capture(LanguageModel* model,
+                                                                   LanguageModel::DecodeState* state, int64_t k,
+                                                                   const DecodeGraphOptions& options = {});
+  ~SpeculativeGraph();
+
+  // One verification round over `chunk` [k] (the kept token, then the drafts), as the eager
+  // round's DecodeChunk. Returns ids [k·k]: ids[h·k + j] = head h+1's argmax at chunk position j
+  // (valid until the next Round); logits()[h] holds head h+1's logits [k, vocab] (bf16).
+  // The state then stands after all k positions; call Commit before the next Round.
+  absl::StatusOr<std::span<const int32_t>> Round(std::span<const int32_t> chunk);
+  // Keeps the first `keep` (1..k) positions of the last Round, as LanguageModel::Rewind would.
+  absl::Status Commit(int64_t keep);
+  const std::vector<Tensor>& logits() const { return logits_; }
+  int64_t k() const { return k_; }
+  int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
+  // Bytes one Commit below k copies (every state tensor once).
+  int64_t commit_bytes() const { return commit_bytes_; }
+  // True when the next round would grow a KV cache (length + k > capacity): Round refuses; run
+  // one eager round, then capture again.
+  bool MustGrow() const { return CacheTooShort(state_, k_); }
+  static bool CacheTooShort(LanguageModel::DecodeState* state, int64_t k);
+
+ private:
+  SpeculativeGraph() = default;
+  absl::Status CheckState() const;
+
+  LanguageModel::DecodeState* state_ = nullptr;
+  int64_t k_ = 0, vocab_ = 0, position_ = 0, commit_bytes_ = 0, max_span_bytes_ = 0, spans_ = 0;
+  bool committed_ = true;
+  std::vector<const Tensor*> state_tensors_;
+  std::vector<const void*> state_addresses_;
+  std::shared_ptr<void> host_in_, host_out_;  // pinned [k] / [k·k] int32
+  Tensor ids_, argmax_;
+  std::vector<Tensor> logits_;
+  std::vector<KvCache*> caches_;
+  int64_t cache_length_ = 0;
+  std::shared_ptr<void> host_position_;
+  Tensor cache_position_;
+  // The per-position state copies the replays write (views into the graph's pool) and, per keep
+  // 1..k-1, the device table of CopySpans records that restores them.
+  std::vector<RewindSlot> slots_;
+  std::vector<Tensor> commit_tables_;
+  std::vector<int32_t> out_;
+  std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
+};
+
 }  // namespace gyre::ops
