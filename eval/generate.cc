@@ -223,7 +223,8 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     if (graph != nullptr && full) {
       absl::StatusOr<std::span<const int32_t>> ids = graph->Round(chunk);
       if (!ids.ok()) return ids.status();
-      // ids[h * k + j]: head h + 1's argmax at chunk position j.
+      // ids: head 1's argmax at the k positions, the next drafts (at the keep the device found
+      // by the same rule as below), that keep.
       head1.assign(ids->begin(), ids->begin() + k);
       int64_t accepted = 0;
       while (accepted + 1 < k && !done()) {
@@ -235,8 +236,12 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
       result.accepted += accepted;
       result.proposed += k - 1;
       if (done()) break;
+      if ((*ids)[2 * k - 1] != accepted + 1) {
+        return absl::InternalError(absl::StrCat("speculative graph: the device kept ", (*ids)[2 * k - 1],
+                                                " positions, the host ", accepted + 1));
+      }
       if (absl::Status s = graph->Commit(accepted + 1); !s.ok()) return s;
-      for (int64_t h = 1; h < k; ++h) drafted[h - 1] = (*ids)[h * k + accepted];
+      drafted.assign(ids->begin() + k, ids->begin() + 2 * k - 1);
       row = accepted;
       continue;
     }

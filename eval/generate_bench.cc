@@ -279,7 +279,7 @@ int Main(int argc, char** argv) {
           }
           sync();
           const auto t0 = now();
-          if (!(*graph)->Round(chunk).ok() || !(*graph)->Commit(keep).ok()) return 1;
+          if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
           sync();
           if (r >= 4) (keep == k ? keep_all_ms : keep_one_ms).push_back(
               std::chrono::duration<double, std::milli>(now() - t0).count());

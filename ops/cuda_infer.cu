@@ -184,6 +184,19 @@ __global__ void __launch_bounds__(kCopySpanThreads) copy_spans_kernel(const Copy
   }
 }
 
+// DraftRows: every block recomputes keep (k <= 16 compares) and copies its head's row.
+__global__ void draft_rows_kernel(DraftRowsArgs a) {
+  int64_t keep = *a.forced_keep;
+  if (keep <= 0) {
+    keep = 1;
+    while (keep < a.k && a.chunk[keep] == a.head1[keep - 1]) ++keep;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.keep_out = static_cast<int32_t>(keep);
+  const bf16* src = static_cast<const bf16*>(a.src[blockIdx.x]) + (keep - 1) * a.cols;
+  bf16* dst = static_cast<bf16*>(a.dst) + blockIdx.x * a.cols;
+  for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) dst[c] = src[c];
+}
+
 // GemmRows (the header states the math and why its order is fixed): warp w of block x owns
 // column j = 4x + w; lane l walks the reduction's 8-element groups l, l + 32, ... and keeps one
 // fp32 accumulator per row; B's row j is read once for all rows.
@@ -411,6 +424,19 @@ CudaResult CopySpans(const CopySpan* spans_dev, int64_t n, int64_t max_bytes, cu
   copy_spans_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(n)), kCopySpanThreads, 0, stream>>>(
       spans_dev);
   CUDA_RETURN_IF_LAUNCH_ERROR("copy_spans_kernel");
+  return {};
+}
+
+CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream) {
+  if (a.chunk == nullptr || a.head1 == nullptr || a.forced_keep == nullptr || a.keep_out == nullptr ||
+      a.dst == nullptr || a.k < 1 || a.heads < 1 || a.heads > kDraftRowsMaxHeads || a.cols < 1) {
+    return InvalidArgument("draft_rows: bad arguments");
+  }
+  for (int64_t h = 0; h < a.heads; ++h) {
+    if (a.src[h] == nullptr) return InvalidArgument("draft_rows: a null source");
+  }
+  draft_rows_kernel<<<static_cast<unsigned>(a.heads), 256, 0, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("draft_rows_kernel");
   return {};
 }
 

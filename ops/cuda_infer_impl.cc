@@ -83,6 +83,16 @@ class CudaInferenceImpl final : public CudaInference {
             "copy spans");
   }
 
+  void DraftRows(const int32_t* chunk, const int32_t* head1, const int32_t* forced_keep, int32_t* keep_out, int64_t k,
+                 const std::vector<const void*>& srcs, int64_t cols, void* dst) override {
+    cuda_infer::DraftRowsArgs a;
+    a.chunk = chunk; a.head1 = head1; a.forced_keep = forced_keep; a.keep_out = keep_out;
+    a.k = k; a.heads = static_cast<int64_t>(srcs.size()); a.cols = cols; a.dst = dst;
+    // More heads than the kernel's table: DraftRows refuses them (a.heads stays the true count).
+    for (size_t h = 0; h < srcs.size() && h < static_cast<size_t>(cuda_infer::kDraftRowsMaxHeads); ++h) a.src[h] = srcs[h];
+    OkOrDie(cuda_infer::DraftRows(a, Stream()), "draft rows");
+  }
+
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {
     OkOrDie(cuda_infer::ArgmaxRows(x, rows, cols, ld, out, Stream()), "argmax rows");
   }

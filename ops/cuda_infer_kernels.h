@@ -81,6 +81,24 @@ struct CopySpan {
 };
 CudaResult CopySpans(const CopySpan* spans_dev, int64_t n, int64_t max_bytes, cudaStream_t stream);
 
+// DraftRows: a speculative decode graph's draft gather (ops/decode_graph.h SpeculativeGraph).
+//   keep = *forced_keep when > 0, else 1 + the number of leading j < k - 1 with chunk[j + 1] ==
+//   head1[j] (GenerateSpeculative's acceptance rule, on the device ids of the round's chunk and
+//   of head 1's argmax); then dst row h = row keep - 1 of src[h] (bf16, `cols` each), h <
+//   heads: the rows eager DraftLogits copies, at the position the host will keep, without a
+//   round trip to the host. *keep_out = keep. One block a head; a copy, so exact.
+constexpr int kDraftRowsMaxHeads = 15;
+struct DraftRowsArgs {
+  const int32_t* chunk = nullptr;  // [k] device
+  const int32_t* head1 = nullptr;  // [k] device
+  const int32_t* forced_keep = nullptr;
+  int32_t* keep_out = nullptr;
+  int64_t k = 0, heads = 0, cols = 0;
+  const void* src[kDraftRowsMaxHeads] = {};
+  void* dst = nullptr;  // [heads, cols]
+};
+CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream);
+
 // GemmRows: row-major C [m, n] = alpha · A [m, k] · B [n, k]ᵀ + beta · C_in (C_in = c_in, or C
 // itself when c_in is null; read only when beta != 0), A and B bf16, fp32 accumulation, C bf16 or
 // fp32; m <= kGemmRowsMax. The decoding GEMM (X · Wᵀ at a few rows): every row's arithmetic is

@@ -1034,15 +1034,15 @@ TEST_F(DecodeGpuTest, DecodeGraphRefusesAFullCacheAndFailsCleanly) {
 }
 
 // Speculative rounds under a SpeculativeGraph (ops/decode_graph.h) against GenerateSpeculative's
-// eager rounds, every bit (batch 1, k = 4 heads: the LM head's 16 rows stay in GemmRows). Two
+// eager rounds, every bit (batch 1, k = 4 heads). Two
 // states walk the same prompt and chunks: E runs the eager round (rewindable DecodeChunk of k
 // with deferred draft logits, Rewind(keep), DraftLogits at keep - 1), G replays the graph
 // (Round, Commit(keep)) captured after one eager round (the warm-up) and again after every eager
 // round that grows a KV cache (MustGrow: Round refuses it). Rounds interleave (E, then G), so a
 // block of the graph's pool handed to E (or the other way round) would corrupt one of them.
 // Compared every round: head 1's logits at all k positions, heads 2..k's logits at the last kept
-// position (the next round's drafts), and the graph's device argmaxes against ArgmaxRows /
-// ArgmaxFirstRows of E's. Keeps cycle k, 1, k, 2, k, 3, ... so the in-place commit of every
+// position (the next round's drafts, gathered on the device at the forced keep), and the graph's
+// device argmaxes and keep against ArgmaxRows / ArgmaxFirstRows of E's. Keeps cycle k, 1, k, 2, k, 3, ... so the in-place commit of every
 // keep is checked by the logits of the rounds after it. Attention models run long enough to grow
 // their caches at 64 and 128 keys. At the end an eager round on G's state makes the next Round
 // refuse (its position moved outside the graph).
@@ -1104,15 +1104,18 @@ void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomi
       used += keep;
       continue;
     }
-    absl::StatusOr<std::span<const int32_t>> ids = graph->Round(chunk);
+    // The keep is forced (random chunks would keep 1 almost always); GenerateSpeculative's test
+    // below runs the device's acceptance rule against the host's.
+    absl::StatusOr<std::span<const int32_t>> ids = graph->Round(chunk, keep);
     ASSERT_TRUE(ids.ok()) << ids.status();
     ++replays;
     differing += DifferingRows(e, graph->logits()[0]);
     const std::vector<int32_t> want_head1 = ArgmaxRows(e), want_drafts = ArgmaxFirstRows(e_drafts);
     argmax_differ += !std::equal(want_head1.begin(), want_head1.end(), ids->begin(), ids->begin() + k);
+    argmax_differ += (*ids)[2 * k - 1] != keep;
     for (int64_t h = 1; h < k; ++h) {
-      draft_differing += DifferingRows(e_drafts[h - 1], graph->logits()[h].Rows(keep - 1, keep));
-      argmax_differ += want_drafts[h - 1] != (*ids)[h * k + keep - 1];
+      draft_differing += DifferingRows(e_drafts[h - 1], graph->logits()[1].Rows(h - 1, h));
+      argmax_differ += want_drafts[h - 1] != (*ids)[k + h - 1];
     }
     ASSERT_TRUE(graph->Commit(keep).ok());
     used += keep;

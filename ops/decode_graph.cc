@@ -24,9 +24,6 @@ bool& InjectFailure() {
 
 const void* Address(const Tensor* t) { return t->defined() && t->numel() > 0 ? t->raw() : nullptr; }
 
-const void* Bytes(const Tensor& t, int64_t elements) {
-  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
-}
 
 }  // namespace
 
@@ -248,12 +245,7 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
     return absl::InvalidArgumentError(absl::StrCat("speculative graph: k ", k, " outside [2, live heads ",
                                                    state->live_heads, "]"));
   }
-  // One LM-head product over every head's rows: its rows keep the eager round's bits only while
-  // GemmRows takes it (row-invariant, at most kGemmRowsMax rows).
-  if (k * k > 16 || !RowInvariantDecode()) {
-    return absl::UnimplementedError(absl::StrCat("speculative graph: ", k * k,
-                                                 " LM-head rows need GemmRows (<= 16 rows, row-invariant decoding on)"));
-  }
+  if (k > 16) return absl::UnimplementedError(absl::StrCat("speculative graph: k ", k, " > 16 (the draft gather's table)"));
   auto graph = std::unique_ptr<SpeculativeGraph>(new SpeculativeGraph());
   for (BlockState* b : RoundBlocks(state, k)) {
     const std::vector<const Tensor*> tensors = b->StepTensors();
@@ -288,22 +280,19 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
   graph->k_ = k;
   graph->vocab_ = V;
   graph->position_ = state->position;
-  graph->host_in_ = Cuda().AllocatePinnedHost(k * sizeof(int32_t));
-  graph->host_out_ = Cuda().AllocatePinnedHost(k * k * sizeof(int32_t));
+  // In: [k tokens, forced keep, cache length]; out: [head 1's k ids, the k - 1 drafts, keep].
+  graph->host_in_ = Cuda().AllocatePinnedHost((k + 2) * sizeof(int32_t));
+  graph->host_out_ = Cuda().AllocatePinnedHost(2 * k * sizeof(int32_t));
   if (graph->host_in_ == nullptr || graph->host_out_ == nullptr) {
     return absl::ResourceExhaustedError("speculative graph: no page-locked host memory for the token ids");
   }
-  graph->ids_ = Tensor::Empty({k}, DType::kI32, Device::kCuda);
-  graph->argmax_ = Tensor::Empty({k * k}, DType::kI32, Device::kCuda);
-  graph->out_.resize(static_cast<size_t>(k * k));
-  if (!graph->caches_.empty()) {
-    graph->host_position_ = Cuda().AllocatePinnedHost(sizeof(int32_t));
-    if (graph->host_position_ == nullptr) {
-      return absl::ResourceExhaustedError("speculative graph: no page-locked host memory for the cache length");
-    }
-    graph->cache_position_ = Tensor::Empty({1}, DType::kI32, Device::kCuda);
-  }
-  const int32_t* position_dev = graph->caches_.empty() ? nullptr : graph->cache_position_.data<int32_t>();
+  std::memset(graph->host_in_.get(), 0, (k + 2) * sizeof(int32_t));
+  graph->ids_ = Tensor::Empty({k + 2}, DType::kI32, Device::kCuda);
+  graph->argmax_ = Tensor::Empty({2 * k}, DType::kI32, Device::kCuda);
+  graph->out_.resize(static_cast<size_t>(2 * k));
+  int32_t* in_dev = graph->ids_.data<int32_t>();
+  int32_t* out_dev = graph->argmax_.data<int32_t>();
+  const int32_t* position_dev = graph->caches_.empty() ? nullptr : in_dev + k + 1;
   const std::vector<BlockState*> blocks = RoundBlocks(state, k);
 
   const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
@@ -313,27 +302,32 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
   for (int attempt = 0; attempt < 2 && retry && graph->graph_ == nullptr; ++attempt) {
     retry = false;
     cuda.BeginCapture();
-    cuda.CopyAsync(graph->ids_.raw(), graph->host_in_.get(), k * sizeof(int32_t));
-    if (position_dev != nullptr) cuda.CopyAsync(graph->cache_position_.raw(), graph->host_position_.get(), sizeof(int32_t));
+    cuda.CopyAsync(in_dev, graph->host_in_.get(), (k + 2) * sizeof(int32_t));
     for (KvCache* cache : graph->caches_) cache->graph_position = position_dev;
     Tensor z = Tensor::Empty({k, d}, DType::kBF16, Device::kCuda);
-    CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), k, table.raw(), V, d, z.raw());
+    CudaInfer().EmbeddingRows(in_dev, k, table.raw(), V, d, z.raw());
     if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
+    // The eager round's DecodeChunk: head 1's logits [k, V], heads 2..k's normed rows deferred.
     LanguageModel::DecodeOptions round;
     round.heads = k;
     round.rewindable = true;
+    round.defer_draft_logits = true;
     state->live_heads = k;
-    // Heads 1..k's logits: row blocks [k, V] of one [k·k, V] product (DecodeEmbedded), so one
-    // argmax launch covers them all.
     graph->logits_ = model->DecodeEmbedded(z, k, state, round);
     z = Tensor();
-    bool contiguous = static_cast<int64_t>(graph->logits_.size()) == k;
-    for (int64_t h = 0; contiguous && h < k; ++h) {
-      contiguous = graph->logits_[h].rows() == k && graph->logits_[h].raw() == Bytes(graph->logits_[0], h * k * V);
-    }
-    if (!contiguous) cuda.FailCapture("speculative graph: the heads' logits are not one [k·k, V] product");
-    CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k * k, V, V, graph->argmax_.data<int32_t>());
-    cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), k * k * sizeof(int32_t));
+    graph->draft_hidden_ = state->draft_hidden;
+    CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k, V, V, out_dev);
+    // DraftLogits at the position the host will keep, found on the device: the gather, one
+    // LM-head product over k - 1 rows (the eager one's shape, so its bits), their argmax.
+    std::vector<const void*> srcs;
+    for (const Tensor& h : graph->draft_hidden_) srcs.push_back(h.raw());
+    Tensor rows = Tensor::Empty({k - 1, d}, DType::kBF16, Device::kCuda);
+    if (static_cast<int64_t>(srcs.size()) != k - 1) cuda.FailCapture("speculative graph: no deferred draft rows");
+    CudaInfer().DraftRows(in_dev, out_dev, in_dev + k, out_dev + 2 * k - 1, k, srcs, d, rows.raw());
+    graph->logits_.push_back(LinearForward(rows, model->HeadWeight()));
+    rows = Tensor();
+    CudaInfer().ArgmaxRows(graph->logits_[1].raw(), k - 1, V, V, out_dev + k);
+    cuda.CopyAsync(graph->host_out_.get(), out_dev, 2 * k * sizeof(int32_t));
     graph->graph_ = cuda.EndCapture(&why, &retry);
     for (KvCache* cache : graph->caches_) {
       cache->graph_position = nullptr;
@@ -349,7 +343,7 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
     for (BlockState* b : blocks) {
       for (RewindSlot& s : b->TakeRewindSlots()) graph->slots_.push_back(std::move(s));
     }
-    if (graph->graph_ == nullptr) graph->logits_.clear(), graph->slots_.clear();
+    if (graph->graph_ == nullptr) graph->logits_.clear(), graph->slots_.clear(), graph->draft_hidden_.clear();
   }
   if (graph->graph_ == nullptr) return absl::InternalError(absl::StrCat("speculative graph: capture failed: ", why));
   if (absl::Status s = graph->CheckState(); !s.ok()) {
@@ -412,7 +406,7 @@ absl::Status SpeculativeGraph::CheckState() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const int32_t> chunk) {
+absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const int32_t> chunk, int64_t forced_keep) {
   if (static_cast<int64_t>(chunk.size()) != k_) {
     return absl::InvalidArgumentError(absl::StrCat("speculative graph: ", chunk.size(), " tokens for k ", k_));
   }
@@ -421,14 +415,19 @@ absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const
       return absl::InvalidArgumentError(absl::StrCat("speculative graph: token id ", id, " outside vocabulary ", vocab_));
     }
   }
+  if (forced_keep < 0 || forced_keep > k_) {
+    return absl::InvalidArgumentError(absl::StrCat("speculative graph: forced keep ", forced_keep, " outside [0, ", k_, "]"));
+  }
   if (!committed_) return absl::FailedPreconditionError("speculative graph: Round before the last round's Commit");
   if (absl::Status s = CheckState(); !s.ok()) return s;
   if (MustGrow()) {
     return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache (length ", cache_length_,
                                                       ") has no room for ", k_, " rows: run an eager round (MustGrow)"));
   }
-  std::memcpy(host_in_.get(), chunk.data(), chunk.size() * sizeof(int32_t));
-  if (!caches_.empty()) *static_cast<int32_t*>(host_position_.get()) = static_cast<int32_t>(cache_length_);
+  int32_t* in = static_cast<int32_t*>(host_in_.get());
+  std::memcpy(in, chunk.data(), chunk.size() * sizeof(int32_t));
+  in[k_] = static_cast<int32_t>(forced_keep);
+  in[k_ + 1] = static_cast<int32_t>(cache_length_);
   graph_->Launch();
   Cuda().Synchronize();
   std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));

@@ -131,20 +131,22 @@ void SetSpeculativeGraph(bool on);
 // position and the drafts' argmax (a second sync). What varies between rounds is the k tokens,
 // the position (the KV caches' length) and keep; the shapes do not (k is fixed; the last rounds
 // of a generation, shorter than k, run eagerly). So:
-//   - Round (the graph): pinned [k] ids -> device ids, the embedding, the trunk's and heads
-//     1..k's StepChunk over k rows, rewindable (the cells' kernels write the state after every
-//     position into buffers of the graph's pool: fixed addresses), the final norm, ONE LM-head
-//     product over all k heads x k positions (k·k <= 16 rows: GemmRows, whose rows have the bits
-//     of the eager round's k-row head-1 product and (k-1)-row draft product), the argmax of
-//     every row on the device, k·k ids -> pinned; attention blocks read the cache length from a
-//     device int32 (as DecodeGraph). One synchronisation a round, not two: the drafts of every
-//     possible keep come back with head 1's ids.
+//   - Round (the graph): pinned [k ids, 0, t] -> device (one copy node), the embedding, the
+//     trunk's and heads 1..k's StepChunk over k rows, rewindable (the cells' kernels write the
+//     state after every position into buffers of the graph's pool: fixed addresses), the final
+//     norms, head 1's LM head over k rows and its argmax (the eager DecodeChunk with deferred
+//     drafts); then keep on the DEVICE (DraftRows: 1 + the drafts equal to head 1's argmax
+//     before them, the host's acceptance rule), the gather of heads 2..k's rows at keep - 1,
+//     the LM head over those k - 1 rows and their argmax (eager DraftLogits: the same shapes,
+//     the same bits), and [head 1's k ids, k - 1 drafts, keep] -> pinned. Attention blocks read
+//     the cache length t from the device (as DecodeGraph). One synchronisation a round, not two.
+//     (Call 1 computed every head at every position in one 16-row LM-head product instead: the
+//     same bits, but ~0.4 ms slower a round, DECODE_GRAPHS.md.)
 //   - Commit(keep) (eager, after the host counted the accepted drafts): keep < k puts the
 //     state after position keep - 1 back into the live state tensors IN PLACE with one
 //     CopySpans launch (ops/cuda_infer.h; the graph's addresses must not move, so no handle
 //     swap), and truncates the KV caches' host length; keep = k does nothing.
-// Refused (Unimplemented; the caller keeps the eager round): batch != 1, k·k > 16 (the LM head's
-// rows would leave GemmRows and change the bits), row-invariant decoding off, KV caches of
+// Refused (Unimplemented; the caller keeps the eager round): batch != 1, k > 16, KV caches of
 // different lengths, a block whose chunk keeps no per-position states. FailedPrecondition: an
 // unwarmed state (run one eager round first), a KV cache without room for k more rows (an eager
 // round grows it; capture again).
@@ -158,10 +160,13 @@ class SpeculativeGraph {
   ~SpeculativeGraph();
 
   // One verification round over `chunk` [k] (the kept token, then the drafts), as the eager
-  // round's DecodeChunk. Returns ids [k·k]: ids[h·k + j] = head h+1's argmax at chunk position j
-  // (valid until the next Round); logits()[h] holds head h+1's logits [k, vocab] (bf16).
-  // The state then stands after all k positions; call Commit before the next Round.
-  absl::StatusOr<std::span<const int32_t>> Round(std::span<const int32_t> chunk);
+  // round's DecodeChunk + DraftLogits. Returns ids [2k] (valid until the next Round): [0, k) head
+  // 1's argmax at each chunk position, [k, 2k - 1) heads 2..k's argmax at position keep - 1 (the
+  // next round's drafts), [2k - 1] keep: forced_keep when > 0 (tests), else 1 + the drafts
+  // accepted by the acceptance rule. logits()[0] is head 1's logits [k, vocab], logits()[1]
+  // heads 2..k's at keep - 1 [k - 1, vocab] (bf16). The state then stands after all k
+  // positions; call Commit (with that keep, unless the generation ends) before the next Round.
+  absl::StatusOr<std::span<const int32_t>> Round(std::span<const int32_t> chunk, int64_t forced_keep = 0);
   // Keeps the first `keep` (1..k) positions of the last Round, as LanguageModel::Rewind would.
   absl::Status Commit(int64_t keep);
   const std::vector<Tensor>& logits() const { return logits_; }
@@ -183,13 +188,11 @@ class SpeculativeGraph {
   bool committed_ = true;
   std::vector<const Tensor*> state_tensors_;
   std::vector<const void*> state_addresses_;
-  std::shared_ptr<void> host_in_, host_out_;  // pinned [k] / [k·k] int32
+  std::shared_ptr<void> host_in_, host_out_;  // pinned [k + 2] / [2k] int32
   Tensor ids_, argmax_;
-  std::vector<Tensor> logits_;
+  std::vector<Tensor> logits_, draft_hidden_;
   std::vector<KvCache*> caches_;
   int64_t cache_length_ = 0;
-  std::shared_ptr<void> host_position_;
-  Tensor cache_position_;
   // The per-position state copies the replays write (views into the graph's pool) and, per keep
   // 1..k-1, the device table of CopySpans records that restores them.
   std::vector<RewindSlot> slots_;
