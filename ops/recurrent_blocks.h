@@ -202,20 +202,29 @@ void SetMlstmDhDotInNorm(bool in_norm);
 
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
+inline std::vector<RewindSlot> JoinSlots(std::vector<RewindSlot> a, std::vector<RewindSlot> b) {
+  for (RewindSlot& s : b) a.push_back(std::move(s));
+  return a;
+}
 struct MlstmState : BlockState {
   Tensor conv, c, n, m;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &c, &n, &m}; }
+  std::vector<RewindSlot> TakeRewindSlots() override { return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&c, &n, &m})); }
 };
 struct SlstmState : BlockState {
   Tensor conv, h, c, n, m;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &h, &c, &n, &m}; }
+  std::vector<RewindSlot> TakeRewindSlots() override {
+    return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&h, &c, &n, &m}));
+  }
 };
 struct Mamba2State : BlockState {
   Tensor conv, ssm;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &ssm}; }
+  std::vector<RewindSlot> TakeRewindSlots() override { return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&ssm})); }
 };
 
 class MlstmBlock : public Block {
