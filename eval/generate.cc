@@ -198,7 +198,7 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   std::vector<int32_t> drafted =
       ops::ArgmaxFirstRows(std::vector<ops::Tensor>(logits.begin() + 1, logits.end()));
   logits.clear();
-  // CUDA with GYRE_SPEC_GRAPH=1: after one eager round (the warm-up) the round of k tokens is
+  // CUDA (unless GYRE_SPEC_GRAPH=0): after one eager round (the warm-up) the round of k tokens is
   // captured once and replayed (ops/decode_graph.h SpeculativeGraph); rounds shorter than k (the
   // last ones) and rounds that must grow a KV cache run eagerly (then the graph is captured
   // again); a failed capture leaves the eager rounds. result.decode_graph says which.

@@ -210,7 +210,7 @@ absl::StatusOr<std::span<const int32_t>> DecodeGraph::Step(std::span<const int32
 namespace {
 
 bool& SpecGraphSwitch() {
-  static bool on = EnvChoice("GYRE_SPEC_GRAPH", {"0", "1"}, "0") == "1";
+  static bool on = EnvChoice("GYRE_SPEC_GRAPH", {"0", "1"}, "1") == "1";
   return on;
 }
 

@@ -117,8 +117,9 @@ class DecodeGraph {
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };
 
-// GYRE_SPEC_GRAPH: "1" replays a SpeculativeGraph for eval::GenerateSpeculative's rounds on CUDA;
-// unset or "0" (the default while it is measured, session 17): every round eager. Read once;
+// GYRE_SPEC_GRAPH: unset or "1" (the default since session 17's merge: bitwise the eager rounds,
+// x1.12-1.13 speculative tok/s on the recurrent 125m models) replays a SpeculativeGraph for
+// eval::GenerateSpeculative's rounds on CUDA; "0": every round eager. Read once;
 // other values stop the process naming the accepted ones. SetSpeculativeGraph overrides it.
 bool SpeculativeGraphEnabled();
 void SetSpeculativeGraph(bool on);
