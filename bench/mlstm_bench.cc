@@ -26,7 +26,19 @@
 // MlstmChunkwiseRecomputeStates, helper mem12; ops GYRE_MLSTM_RECOMPUTE=states) against the
 // forward it replaces in the backward (line "STATES name Lchunk variant fwd_ms= states_ms=").
 //
-//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once] [--states]
+// --dram: first the plain DRAM streams the state kernels' traffic is measured against (session
+// 17, helper state17): cudaMemsetAsync of 661 MiB (~ state_fwd's C_k writes at the 125m cell) and
+// a device-to-device cudaMemcpyAsync of 430 MiB (1:1; state_fwd writes 77% of its 0.86 GB),
+// "DRAM memset ... TB/s" / "DRAM memcpy ... TB/s" lines (MB = 10^6 bytes there). H100 (session 17):
+// 3.18-3.20 TB/s write only, 2.96-2.97 TB/s copy; the state kernels reach ~2.35-2.45.
+//
+// --store_probe: mlstm_state_fwd_ws_tail's stores (and K / V loads) at the 125m cell without its
+// math (bench/mlstm_store_probe.cu; session 17, helper stateio17): "PROBE name ms TB/s" lines,
+// bytes counted exactly (writes: C_k hi + lo for k = 0..NC, the fp32 last state, n_k; reads: K and
+// V once), and how many 16-byte output words a launch left unwritten (must be 0).
+//
+//   mlstm_bench [--reps=N] [--compare_dir=DIR] [--only=SUBSTR] [--once] [--states] [--dram]
+//               [--store_probe]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -40,6 +52,7 @@
 #include <vector>
 
 #include "bench/gpu_timing.h"
+#include "bench/mlstm_store_probe.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/mlstm.h"
@@ -410,12 +423,62 @@ void CompareWithTfla(const std::string& dir) {
   std::fflush(stdout);
 }
 
+// --dram: the write-only and the 1:1 copy stream of the state kernels' size (medians of `reps`).
+void RunDram(int reps, cudaStream_t stream) {
+  const size_t write_bytes = 661ull << 20, copy_bytes = 430ull << 20;
+  DeviceAllocator alloc;
+  DeviceBuffer dst, src;
+  CUDA_OK_OR_DIE(alloc.Allocate(write_bytes, &dst));
+  CUDA_OK_OR_DIE(alloc.Allocate(copy_bytes, &src));
+  CUDA_CHECK_OR_DIE(cudaMemsetAsync(src.get(), 1, copy_bytes, stream));
+  int i = 0;
+  const double set_ms = TimeMs([&] { CUDA_CHECK_OR_DIE(cudaMemsetAsync(dst.get(), ++i & 0xff, write_bytes, stream)); },
+                               reps, stream);
+  const double copy_ms = TimeMs(
+      [&] { CUDA_CHECK_OR_DIE(cudaMemcpyAsync(dst.get(), src.get(), copy_bytes, cudaMemcpyDeviceToDevice, stream)); },
+      reps, stream);
+  std::printf("DRAM memset %.0f MB: %.4f ms, %.2f TB/s (write only)\n", write_bytes / 1e6, set_ms,
+              write_bytes / set_ms / 1e9);
+  std::printf("DRAM memcpy %.0f MB: %.4f ms, %.2f TB/s (read + write, 1:1)\n", copy_bytes / 1e6, copy_ms,
+              2.0 * copy_bytes / copy_ms / 1e9);
+  std::fflush(stdout);
+}
+
+// --store_probe at the 125m cell (B16 S2048 NH4 dk = dv = 384, chunk 128).
+void RunStoreProbe(int reps, cudaStream_t stream) {
+  const StoreProbeShape s{16, 2048, 4, 384, 384};
+  const StoreProbeSizes z = StoreProbeBytes(s);
+  DeviceAllocator alloc;
+  DeviceBuffer k, v, c, c_lo, c_last, sn;
+  CUDA_OK_OR_DIE(alloc.Allocate(z.tokens_k, &k));
+  CUDA_OK_OR_DIE(alloc.Allocate(z.tokens_v, &v));
+  CUDA_OK_OR_DIE(alloc.Allocate(z.plane, &c));
+  CUDA_OK_OR_DIE(alloc.Allocate(z.plane, &c_lo));
+  CUDA_OK_OR_DIE(alloc.Allocate(z.c_last, &c_last));
+  CUDA_OK_OR_DIE(alloc.Allocate(z.sn, &sn));
+  CUDA_OK_OR_DIE(FillRandomBf16(k.as<bf16>(), z.tokens_k / 2, 0.f, 1.f, 21, stream));
+  CUDA_OK_OR_DIE(FillRandomBf16(v.as<bf16>(), z.tokens_v / 2, 0.f, 1.f, 22, stream));
+  std::vector<StoreProbeLine> lines;
+  CUDA_OK_OR_DIE(RunMlstmStoreProbe(s, {k.as<bf16>(), v.as<bf16>(), c.as<bf16>(), c_lo.as<bf16>(),
+                                        c_last.as<float>(), sn.as<float>()},
+                                    reps, stream, &lines));
+  std::printf("store probe, xlstm-125m-cell L128 (state_fwd_tail's grid, no math): writes %.0f B "
+              "(C_k hi+lo 2 x %zu, last state %zu, n %zu), reads K+V %zu B\n",
+              double(2 * z.plane + z.c_last + z.sn), z.plane, z.c_last, z.sn, z.tokens_k + z.tokens_v);
+  for (const StoreProbeLine& l : lines) {
+    std::printf("PROBE %-40s %8.4f ms  %5.2f TB/s  (writes %.3f GB, reads %.3f GB; unwritten words %llu)\n",
+                l.name.c_str(), l.ms, (l.write_bytes + l.read_bytes) / l.ms / 1e9, l.write_bytes / 1e9,
+                l.read_bytes / 1e9, l.unwritten_words);
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace
 }  // namespace gyre::cuda
 
 int main(int argc, char** argv) {
   int reps = 30;
-  bool once = false;
+  bool once = false, dram = false, store_probe = false;
   std::string compare_dir, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -424,10 +487,14 @@ int main(int argc, char** argv) {
     if (a.rfind("--only=", 0) == 0) only = a.substr(7);
     if (a == "--once") once = true;
     if (a == "--states") gyre::cuda::g_time_states = true;
+    if (a == "--dram") dram = true;
+    if (a == "--store_probe") store_probe = true;
   }
   if (!compare_dir.empty()) gyre::cuda::CompareWithTfla(compare_dir);
   cudaStream_t stream;
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
+  if (dram) gyre::cuda::RunDram(reps, stream);
+  if (store_probe) gyre::cuda::RunStoreProbe(reps, stream);
   using gyre::cuda::MlstmGateSchedule;
   using gyre::cuda::MlstmStatePrecision;
   using gyre::cuda::MlstmStateWeights;

@@ -191,14 +191,22 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
            (!result.tokens.empty() && result.tokens.back() == options.stop_token);
   };
   // Head 1's argmax at every position of the last chunk (row `row` is the last accepted one) and
-  // heads 2..k's logits there.
+  // heads 2..k's argmax there (the drafts of the next round).
+  const bool on_cuda = ops::IsCuda(logits[0]);
   std::vector<int32_t> head1 = ops::ArgmaxRows(logits[0]);
   int64_t row = 0;
-  std::vector<ops::Tensor> drafts(logits.begin() + 1, logits.end());
+  std::vector<int32_t> drafted =
+      ops::ArgmaxFirstRows(std::vector<ops::Tensor>(logits.begin() + 1, logits.end()));
+  logits.clear();
+  // CUDA (unless GYRE_SPEC_GRAPH=0): after one eager round (the warm-up) the round of k tokens is
+  // captured once and replayed (ops/decode_graph.h SpeculativeGraph); rounds shorter than k (the
+  // last ones) and rounds that must grow a KV cache run eagerly (then the graph is captured
+  // again); a failed capture leaves the eager rounds. result.decode_graph says which.
+  bool capture = ops::SpeculativeGraphEnabled() && on_cuda;
+  std::unique_ptr<ops::SpeculativeGraph> graph;
   while (!done()) {
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};
-    const std::vector<int32_t> drafted = ops::ArgmaxFirstRows(drafts);
     chunk.insert(chunk.end(), drafted.begin(), drafted.end());
     ++result.forwards;
     result.tokens.push_back(chunk[0]);
@@ -206,6 +214,37 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     // Drafts past max_new_tokens would be thrown away: do not feed them.
     const int64_t room = options.max_new_tokens - static_cast<int64_t>(result.tokens.size());
     chunk.resize(static_cast<size_t>(std::min<int64_t>(k, room + 1)));
+    const bool full = static_cast<int64_t>(chunk.size()) == k;
+    if (graph != nullptr && full && graph->MustGrow()) {
+      graph.reset();  // this round grows a KV cache eagerly; capture again after it
+      capture = true;
+    }
+    ++result.decode_steps;
+    if (graph != nullptr && full) {
+      absl::StatusOr<std::span<const int32_t>> ids = graph->Round(chunk);
+      if (!ids.ok()) return ids.status();
+      // ids: head 1's argmax at the k positions, the next drafts (at the keep the device found
+      // by the same rule as below), that keep.
+      head1.assign(ids->begin(), ids->begin() + k);
+      int64_t accepted = 0;
+      while (accepted + 1 < k && !done()) {
+        ++result.drafted;
+        if (chunk[accepted + 1] != head1[accepted]) break;
+        ++accepted;
+        result.tokens.push_back(chunk[accepted]);
+      }
+      result.accepted += accepted;
+      result.proposed += k - 1;
+      if (done()) break;
+      if ((*ids)[2 * k - 1] != accepted + 1) {
+        return absl::InternalError(absl::StrCat("speculative graph: the device kept ", (*ids)[2 * k - 1],
+                                                " positions, the host ", accepted + 1));
+      }
+      if (absl::Status s = graph->Commit(accepted + 1); !s.ok()) return s;
+      drafted.assign(ids->begin() + k, ids->begin() + 2 * k - 1);
+      row = accepted;
+      continue;
+    }
     // Verification: one forward over [kept, drafts...]; draft i is accepted while it equals
     // head 1's argmax at the position before it.
     ops::LanguageModel::DecodeOptions decode;
@@ -213,7 +252,6 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     decode.rewindable = true;
     decode.defer_draft_logits = true;
     head1 = ops::ArgmaxRows(model->DecodeChunk(chunk, static_cast<int64_t>(chunk.size()), state.get(), decode)[0]);
-    ++result.decode_steps;
     int64_t accepted = 0;
     while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
@@ -227,8 +265,21 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     // Undo the rejected suffix (the state then holds kept + accepted drafts); the drafts for the
     // next round come from that position only.
     if (absl::Status s = model->Rewind(state.get(), accepted + 1); !s.ok()) return s;
-    drafts = model->DraftLogits(*state, accepted);
+    drafted = ops::ArgmaxFirstRows(model->DraftLogits(*state, accepted));
     row = accepted;
+    if (capture && full && !ops::SpeculativeGraph::CacheTooShort(state.get(), k)) {
+      capture = false;
+      absl::StatusOr<std::unique_ptr<ops::SpeculativeGraph>> made = ops::SpeculativeGraph::Capture(model, state.get(), k);
+      if (made.ok()) {
+        graph = std::move(*made);
+        result.decode_graph = "graph";
+      } else {
+        result.decode_graph = absl::StrCat("eager: ", made.status().message());
+        if (!absl::IsUnimplemented(made.status())) {
+          std::fprintf(stderr, "GenerateSpeculative: %s; eager rounds\n", std::string(made.status().message()).c_str());
+        }
+      }
+    }
   }
   result.seconds = Seconds(begin);
   return result;

@@ -55,6 +55,9 @@ struct GenerateResult {
   // (steps after the first replayed a captured graph; with attention blocks the steps that grow
   // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or
   // "eager: <why the capture failed>" (the eager step took over; also printed to stderr).
+  // GenerateSpeculative the same for its rounds unless GYRE_SPEC_GRAPH=0 (ops/decode_graph.h
+  // SpeculativeGraph): "graph" once a round was captured (rounds shorter than k and rounds that
+  // grow a KV cache still run eagerly), "eager", or "eager: <why>".
   std::string decode_graph = "eager";
   double seconds = 0;             // wall time of the generation loop (prompt prefill excluded)
   double prefill_seconds = 0;

@@ -111,6 +111,11 @@ int Main(int argc, char** argv) {
                  "CUDA: the mLSTM decode step's q, k, v maps + gates: env (GYRE_DECODE_QKV), 1 (one launch), 0 "
                  "(two launches), both (graph steps and graph greedy runs alternate 0 / 1, outputs compared)")
       ->check(CLI::IsMember({"env", "0", "1", "both"}));
+  std::string spec_graph = "off";
+  app.add_option("--spec_graph", spec_graph,
+                 "CUDA speculative decoding: off (eager rounds), both (eager rounds and SpeculativeGraph replays, "
+                 "ops/decode_graph.h, alternating in every repeat, outputs compared; a COST_SPEC_GRAPH line)")
+      ->check(CLI::IsMember({"off", "both"}));
   CLI11_PARSE(app, argc, argv);
   if (decode_qkv == "0" || decode_qkv == "1") ops::SetDecodeQkvOneLaunch(decode_qkv == "1");
   const bool qkv_ab = decode_qkv == "both";
@@ -245,6 +250,47 @@ int Main(int argc, char** argv) {
     const double step = median_ms(step_ms), rnd = median_ms(round_ms);
     std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
                 "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
+    if (cuda && spec_graph == "both") {
+      // The same round replayed from a SpeculativeGraph captured on ss (the last eager round above
+      // was its warm-up): Round + Commit(k) (all accepted) and Round + Commit(1) (every draft
+      // rejected: the in-place commit copies the state after position 0), alternating.
+      auto graph = ops::SpeculativeGraph::Capture(model->get(), ss.get(), k);
+      if (!graph.ok()) {
+        std::printf("COST_SPEC_GRAPH %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
+      } else {
+        std::vector<double> keep_all_ms, keep_one_ms, eager_one_ms;
+        int64_t recaptures = 0;
+        for (int64_t r = 0; r < 2 * reps + 4; ++r) {
+          const size_t at = split + 32 + (reps + 2) * k + r * k;
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + k);
+          const int64_t keep = r % 2 == 0 ? k : 1;
+          if ((*graph)->MustGrow()) {  // attention: an eager round grows the caches (untimed), recapture
+            graph->reset();
+            (*model)->DecodeChunk(chunk, k, ss.get(), round);
+            if (!(*model)->Rewind(ss.get(), keep).ok()) return 1;
+            (*model)->DraftLogits(*ss, keep - 1);
+            graph = ops::SpeculativeGraph::Capture(model->get(), ss.get(), k);
+            if (!graph.ok()) {
+              std::printf("COST_SPEC_GRAPH %s: recapture: %s\n", preset.c_str(), graph.status().ToString().c_str());
+              return 1;
+            }
+            ++recaptures;
+            continue;
+          }
+          sync();
+          const auto t0 = now();
+          if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
+          sync();
+          if (r >= 4) (keep == k ? keep_all_ms : keep_one_ms).push_back(
+              std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        const double all = median_ms(keep_all_ms), one = median_ms(keep_one_ms);
+        std::printf("COST_SPEC_GRAPH %s: speculative round of k=%ld %.3f ms eager (keep k), graph %.3f ms keep k, "
+                    "%.3f ms keep 1 (commit %.1f MB), %ld nodes, %ld recaptures, x%.2f; full-acceptance ceiling "
+                    "x%.2f\n", preset.c_str(), (long)k, rnd, all, one, (*graph)->commit_bytes() / 1e6,
+                    (long)(*graph)->nodes(), (long)recaptures, rnd / all, k * step / all);
+      }
+    }
     if (cuda && op_profile > 0) {
       // Where a greedy step's GPU time goes (eager; events around every op): the sum is the time
       // a graph replay cannot go below (less the gaps between kernels).
@@ -364,7 +410,10 @@ int Main(int argc, char** argv) {
   // Decoding on held-out prompts.
   GenerateOptions gen;
   gen.max_new_tokens = new_tokens;
-  double greedy_s = 0, spec_s = 0, graph_s = 0, graph_two_s = 0;
+  double greedy_s = 0, spec_s = 0, graph_s = 0, graph_two_s = 0, spec_graph_s = 0;
+  const bool spec_graph_runs = cuda && spec_graph == "both";
+  bool spec_graph_equal = true;
+  std::string spec_graph_mode;
   bool qkv_equal = true;
   const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
@@ -376,8 +425,8 @@ int Main(int argc, char** argv) {
   for (int64_t p = 0; p < prompts; ++p) {
     const size_t off = split + static_cast<size_t>(p) * (data.size() - split - prompt_len) / std::max<int64_t>(prompts, 1);
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
-    std::vector<double> tg, ts, tgg, tgg_two;
-    GenerateResult g, s, gg, gg_two;
+    std::vector<double> tg, ts, tgg, tgg_two, tsg;
+    GenerateResult g, s, gg, gg_two, sg;
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -415,6 +464,7 @@ int Main(int argc, char** argv) {
         gg = *gr;
         if (!eager_runs) g = gg, tg = tgg;
       }
+      if (spec_graph_runs) ops::SetSpeculativeGraph(false);
       auto sr = GenerateSpeculative(model->get(), prompt, gen);
       if (!sr.ok()) {
         std::fprintf(stderr, "%s\n", sr.status().ToString().c_str());
@@ -422,6 +472,17 @@ int Main(int argc, char** argv) {
       }
       if (r > 0) ts.push_back(sr->seconds);
       s = *sr;
+      if (spec_graph_runs) {  // speculative rounds replayed (ops/decode_graph.h SpeculativeGraph)
+        ops::SetSpeculativeGraph(true);
+        auto sgr = GenerateSpeculative(model->get(), prompt, gen);
+        ops::SetSpeculativeGraph(false);
+        if (!sgr.ok()) {
+          std::fprintf(stderr, "%s\n", sgr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tsg.push_back(sgr->seconds);
+        sg = *sgr;
+      }
     }
     bool equal = g.tokens == s.tokens;
     if (graph_runs) {
@@ -440,6 +501,16 @@ int Main(int argc, char** argv) {
         equal &= same;
         graph_two_s += median(tgg_two);
       }
+    }
+    if (spec_graph_runs) {
+      const bool same = sg.tokens == s.tokens && sg.accepted == s.accepted && sg.forwards == s.forwards;
+      std::printf("prompt %ld: speculative eager %.1f tok/s, speculative graph (%s) %.1f tok/s (x%.2f), tokens and "
+                  "rounds equal %s\n", (long)p, s.tokens.size() / median(ts), sg.decode_graph.c_str(),
+                  sg.tokens.size() / median(tsg), median(ts) / median(tsg), same ? "yes" : "NO");
+      spec_graph_equal &= same;
+      equal &= same;
+      spec_graph_s += median(tsg);
+      spec_graph_mode = sg.decode_graph;
     }
     all_equal &= equal;
     const double mg = median(tg), ms = median(ts);
@@ -465,6 +536,13 @@ int Main(int argc, char** argv) {
     std::printf("SUMMARY_GRAPH %s mtp%ld: greedy eager %.1f tok/s, greedy graph %.1f tok/s (x%.2f), speculative "
                 "%.1f tok/s, outputs equal: %s\n", preset.c_str(), (long)mtp_heads, tokens / greedy_s, tokens / graph_s,
                 greedy_s / graph_s, tokens / spec_s, all_equal ? "yes" : "NO");
+  }
+  if (spec_graph_runs) {
+    std::printf("SUMMARY_SPEC_GRAPH %s mtp%ld: speculative eager %.1f tok/s, speculative graph %.1f tok/s (x%.2f, "
+                "'%s'), greedy %.1f tok/s%s, %.2f tokens/forward, tokens equal: %s\n", preset.c_str(), (long)mtp_heads,
+                tokens / spec_s, tokens / spec_graph_s, spec_s / spec_graph_s, spec_graph_mode.c_str(),
+                tokens / (graph_runs ? graph_s : greedy_s), graph_runs ? " (graph)" : " (eager)",
+                double(tokens) / forwards, spec_graph_equal ? "yes" : "NO");
   }
   if (graph_runs && qkv_ab) {
     std::printf("SUMMARY_QKV %s: greedy graph %.1f tok/s with q, k, v in two launches, %.1f tok/s in one (x%.3f), "

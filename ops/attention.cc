@@ -382,6 +382,11 @@ Tensor Grow(const Tensor& buf, int64_t B, int64_t cols, int64_t t, int64_t cap_n
 // A chunk of `chunk` tokens of one sequence (B = 1, rows = positions): the keys/values appended
 // with one copy each, one RoPE launch for the new keys and one for the queries, one decode launch
 // with `chunk` queries (causal inside the chunk). Same numbers as `chunk` DecodeCuda calls.
+// Under a speculative decode graph's capture (cache->graph_position set, ops/decode_graph.h
+// SpeculativeGraph) t is read from the device as in DecodeCuda: the appends are AppendRows with
+// the chunk's rows as its "batch" (row stride kvd: rows t .. t + chunk - 1), RoPE advances by
+// t·kvd and rotates at t + r, the decode kernel's length is t + chunk; the same copies and the
+// same arithmetic, so the same bits. The cache must have room for the chunk (no Grow recorded).
 Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk, const AttentionOptions& o,
                        KvCache* cache) {
   const int64_t H = o.heads, Hk = o.kv_heads, D = o.head_dim, qd = H * D, kvd = Hk * D;
@@ -391,9 +396,11 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
                  v.rows() == chunk, "attention decode chunk shapes q %s k %s", ShapeString(q.shape()).c_str(),
              ShapeString(k.shape()).c_str());
   GYRE_CHECK(cache->v.empty(), "attention decode: a CPU cache fed CUDA tensors");
-  GYRE_CHECK(cache->graph_position == nullptr, "a decode graph records one-token steps, not chunks");
   const bool se = o.self_extend_group > 0;
   const int64_t t = cache->cuda_length;
+  const int32_t* pos = cache->graph_position;
+  GYRE_CHECK(pos == nullptr || (cache->cuda_k.defined() && t + chunk <= cache->cuda_k.dim(1)),
+             "speculative decode graph capture without room for a chunk of %ld (length %ld)", (long)chunk, (long)t);
   GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == 1, "attention decode: batch changed from %ld to 1",
              (long)cache->cuda_k.dim(0));
   GYRE_CHECK(t == 0 || se == cache->cuda_k_grouped.defined(), "SelfExtend switched in the middle of decoding");
@@ -404,21 +411,31 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
     if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, 1, kvd, t, cap);
   }
   const int64_t cap = cache->cuda_k.dim(1);
-  Cuda().CopyBytes(MutByteAt(cache->cuda_k, t * kvd), Device::kCuda, k.raw(), Device::kCuda, chunk * kvd * 2);
-  RopeCuda(cache->cuda_k, t * kvd, chunk, chunk, Hk, kvd, o, t, 0, 0, false);
-  Cuda().CopyBytes(MutByteAt(cache->cuda_v, t * kvd), Device::kCuda, v.raw(), Device::kCuda, chunk * kvd * 2);
+  const auto append = [&](const Tensor& buf, const Tensor& src) {
+    if (pos != nullptr) {
+      CudaInfer().AppendRows(buf.raw(), kvd, src.raw(), chunk, kvd, pos);
+    } else {
+      Cuda().CopyBytes(MutByteAt(buf, t * kvd), Device::kCuda, src.raw(), Device::kCuda, chunk * kvd * 2);
+    }
+  };
+  const int64_t row_col = pos != nullptr ? 0 : t * kvd;
+  append(cache->cuda_k, k);
+  RopeCuda(cache->cuda_k, row_col, chunk, chunk, Hk, kvd, o, t, 0, 0, false, pos, kvd);
+  append(cache->cuda_v, v);
   Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false);
+  RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false, pos, 0);
   if (se) {
-    Cuda().CopyBytes(MutByteAt(cache->cuda_k_grouped, t * kvd), Device::kCuda, k.raw(), Device::kCuda, chunk * kvd * 2);
-    RopeCuda(cache->cuda_k_grouped, t * kvd, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false);
+    append(cache->cuda_k_grouped, k);
+    RopeCuda(cache->cuda_k_grouped, row_col, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
     qg = q.Clone();
-    RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false);
+    RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
   }
   cache->cuda_length = t + chunk;
   Tensor out = Tensor::Empty({chunk, qd}, DType::kBF16, Device::kCuda);
   CudaAttentionDecodeArgs a;
-  a.batch = 1; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = t + chunk; a.queries = chunk;
+  a.batch = 1; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = pos != nullptr ? cap : t + chunk;
+  a.queries = chunk;
+  a.position_dev = pos;
   a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
   a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
   a.cache_batch_stride = cap * kvd;

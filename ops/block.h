@@ -16,6 +16,16 @@ namespace gyre::ops {
 
 struct KvCache;  // ops/attention.h
 
+// One state tensor of a block and its copies after each position of the last rewindable chunk
+// but its last (after[j]: the state after chunk position j). A speculative decode graph
+// (ops/decode_graph.h SpeculativeGraph) takes them after its capture: the replays write those
+// copies to the same addresses every round, and its commit copies after[keep - 1] into *live in
+// place instead of swapping handles as Block::Rewind does.
+struct RewindSlot {
+  Tensor* live = nullptr;
+  std::vector<Tensor> after;
+};
+
 // Incremental-decoding state of one block for a batch of sequences (recurrent states, conv
 // windows, key/value cache). Owned by the caller; one per block.
 struct BlockState {
@@ -27,6 +37,11 @@ struct BlockState {
   // The KV cache of an attention block's state (a decode graph reads and advances its length
   // on the device, ops/decode_graph.h); null for every other state.
   virtual KvCache* AttentionCache() { return nullptr; }
+  // After a rewindable StepChunk: every state tensor a Rewind restores, with its per-position
+  // copies, moved out of the state (its histories are empty afterwards, so Block::Rewind cannot
+  // swap the live tensors any more). Empty: nothing to restore (a KV cache without a conv window:
+  // a rewind only truncates its length).
+  virtual std::vector<RewindSlot> TakeRewindSlots() { return {}; }
 };
 
 // Copies of some state tensors after each position of a chunk but its last (Block::StepChunk
@@ -44,6 +59,24 @@ class StateHistory {
     for (const Tensor* t : state) after_.back().push_back(t->Clone());
   }
   void Adopt(std::vector<Tensor> state_after) { after_.push_back(std::move(state_after)); }
+  // One slot per tensor of `state` (the order Record / Adopt used) holding its copies after each
+  // recorded position; the history is empty afterwards.
+  std::vector<RewindSlot> Take(std::initializer_list<Tensor*> state) {
+    std::vector<RewindSlot> slots;
+    size_t i = 0;
+    for (Tensor* t : state) {
+      RewindSlot slot;
+      slot.live = t;
+      for (std::vector<Tensor>& position : after_) {
+        GYRE_CHECK(i < position.size(), "state history of %zu tensors, asked for %zu", position.size(), i + 1);
+        slot.after.push_back(std::move(position[i]));
+      }
+      slots.push_back(std::move(slot));
+      ++i;
+    }
+    Clear();
+    return slots;
+  }
   // keep in [1, size() + 1]; keep == size() + 1 is the live state (nothing to do).
   void Restore(int64_t keep, std::initializer_list<Tensor*> state) {
     GYRE_CHECK(keep >= 1 && keep <= size() + 1, "rewind to %ld of a %ld-position history", (long)keep,

@@ -1,8 +1,6 @@
 #include "ops/cuda_infer.h"
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "ops/check.h"
@@ -24,10 +22,7 @@ CudaInference& CudaInfer() {
 }
 
 bool RowInvariantDecode() {
-  static const bool on = [] {
-    const char* v = std::getenv("GYRE_ROW_INVARIANT_DECODE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = EnvChoice("GYRE_ROW_INVARIANT_DECODE", {"0", "1"}, "1") == "1";
   return on;
 }
 

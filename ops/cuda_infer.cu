@@ -166,6 +166,37 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const bf16*
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int32_t>(best_i[0]);
 }
 
+// CopySpans: block (x, y) copies every gridDim.x-th word of span y from word x · blockDim.x on.
+constexpr int kCopySpanThreads = 256;
+__global__ void __launch_bounds__(kCopySpanThreads) copy_spans_kernel(const CopySpan* spans) {
+  const CopySpan s = spans[blockIdx.y];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kCopySpanThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCopySpanThreads + threadIdx.x;
+  if (((reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src) | static_cast<uintptr_t>(s.bytes)) &
+       15) == 0) {
+    uint4* d = static_cast<uint4*>(s.dst);
+    const uint4* x = static_cast<const uint4*>(s.src);
+    for (int64_t i = first; i < s.bytes / 16; i += stride) d[i] = x[i];
+  } else {
+    uint32_t* d = static_cast<uint32_t*>(s.dst);
+    const uint32_t* x = static_cast<const uint32_t*>(s.src);
+    for (int64_t i = first; i < s.bytes / 4; i += stride) d[i] = x[i];
+  }
+}
+
+// DraftRows: every block recomputes keep (k <= 16 compares) and copies its head's row.
+__global__ void draft_rows_kernel(DraftRowsArgs a) {
+  int64_t keep = *a.forced_keep;
+  if (keep <= 0) {
+    keep = 1;
+    while (keep < a.k && a.chunk[keep] == a.head1[keep - 1]) ++keep;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.keep_out = static_cast<int32_t>(keep);
+  const bf16* src = static_cast<const bf16*>(a.src[blockIdx.x]) + (keep - 1) * a.cols;
+  bf16* dst = static_cast<bf16*>(a.dst) + blockIdx.x * a.cols;
+  for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) dst[c] = src[c];
+}
+
 // GemmRows (the header states the math and why its order is fixed): warp w of block x owns
 // column j = 4x + w; lane l walks the reduction's 8-element groups l, l + 32, ... and keeps one
 // fp32 accumulator per row; B's row j is read once for all rows.
@@ -380,6 +411,32 @@ CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int6
   append_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       static_cast<bf16*>(dst), dst_batch_stride, static_cast<const bf16*>(src), batch, cols, position_dev);
   CUDA_RETURN_IF_LAUNCH_ERROR("append_rows_kernel");
+  return {};
+}
+
+CudaResult CopySpans(const CopySpan* spans_dev, int64_t n, int64_t max_bytes, cudaStream_t stream) {
+  if (n < 0 || n > 65535 || max_bytes < 0 || (n > 0 && spans_dev == nullptr)) {
+    return InvalidArgument("copy_spans: bad arguments");
+  }
+  if (n == 0 || max_bytes == 0) return {};
+  const int64_t per_block = 16 * kCopySpanThreads;
+  const int64_t blocks = std::min<int64_t>((max_bytes + per_block - 1) / per_block, 64);
+  copy_spans_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(n)), kCopySpanThreads, 0, stream>>>(
+      spans_dev);
+  CUDA_RETURN_IF_LAUNCH_ERROR("copy_spans_kernel");
+  return {};
+}
+
+CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream) {
+  if (a.chunk == nullptr || a.head1 == nullptr || a.forced_keep == nullptr || a.keep_out == nullptr ||
+      a.dst == nullptr || a.k < 1 || a.heads < 1 || a.heads > kDraftRowsMaxHeads || a.cols < 1) {
+    return InvalidArgument("draft_rows: bad arguments");
+  }
+  for (int64_t h = 0; h < a.heads; ++h) {
+    if (a.src[h] == nullptr) return InvalidArgument("draft_rows: a null source");
+  }
+  draft_rows_kernel<<<static_cast<unsigned>(a.heads), 256, 0, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("draft_rows_kernel");
   return {};
 }
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "ops/cuda_backend.h"
 
@@ -115,6 +116,13 @@ struct CudaMlstmStepArgs {
   float *c_history = nullptr, *n_history = nullptr, *m_history = nullptr;
 };
 
+// One record of CudaInference::CopySpans (the layout of ops/cuda_infer_kernels.h CopySpan).
+struct CudaCopySpan {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  int64_t bytes = 0;
+};
+
 class CudaInference {
  public:
   virtual ~CudaInference() = default;
@@ -128,6 +136,15 @@ class CudaInference {
   // b (bf16): a decode graph's KV append (an eager step's Copy2D has the row in its address).
   virtual void AppendRows(void* cache, int64_t cache_batch_stride, const void* src, int64_t batch, int64_t cols,
                           const int32_t* position_dev) = 0;
+  // spans_dev: `n` CudaCopySpan records in device memory; copies each src to its dst in one
+  // launch (a speculative decode graph's in-place commit, ops/decode_graph.h). max_bytes bounds
+  // every span's bytes (multiples of 4).
+  virtual void CopySpans(const void* spans_dev, int64_t n, int64_t max_bytes) = 0;
+  // A speculative decode graph's draft gather (ops/cuda_infer_kernels.h DraftRows): keep =
+  // *forced_keep if > 0, else 1 + the accepted drafts of chunk [k] against head1 [k] (device
+  // ids); dst [heads, cols] row h = row keep - 1 of srcs[h] (bf16); *keep_out = keep. heads <= 15.
+  virtual void DraftRows(const int32_t* chunk, const int32_t* head1, const int32_t* forced_keep, int32_t* keep_out,
+                         int64_t k, const std::vector<const void*>& srcs, int64_t cols, void* dst) = 0;
   virtual void Conv1dStep(const CudaConv1dStepArgs& a) = 0;
   virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
   virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;
@@ -142,7 +159,8 @@ class CudaInference {
                              void* out) = 0;
 };
 
-// Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, read once): the
+// Row-invariant decoding (default on; GYRE_ROW_INVARIANT_DECODE=0 turns it off, unset or 1 keeps it,
+// any other value stops the process as every ops switch does (ops/env_switch.h); read once): the
 // products of at most kGemmRowsMax rows (X · Wᵀ, the decode path at batch 1) take the fixed-order
 // GemmRows kernel (ops/cuda_infer_kernels.h) instead of cuBLASLt, and the one-token mLSTM step
 // takes the chunk kernel (MlstmStepChunk at positions 1) instead of the cluster kernel, so a

@@ -1,4 +1,5 @@
 // Implements and registers ops/cuda_infer.h on the CUDA backend's stream.
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -24,6 +25,11 @@ void OkOrDie(const kc::CudaResult& r, const char* what) {
   std::fprintf(stderr, "CUDA inference op %s failed: %s\n", what, r.message.c_str());
   std::abort();
 }
+
+static_assert(sizeof(CudaCopySpan) == sizeof(cuda_infer::CopySpan) &&
+                  offsetof(CudaCopySpan, src) == offsetof(cuda_infer::CopySpan, src) &&
+                  offsetof(CudaCopySpan, bytes) == offsetof(cuda_infer::CopySpan, bytes),
+              "CudaCopySpan and cuda_infer::CopySpan must share a layout");
 
 class CudaInferenceImpl final : public CudaInference {
  public:
@@ -70,6 +76,21 @@ class CudaInferenceImpl final : public CudaInference {
                   const int32_t* position_dev) override {
     OkOrDie(cuda_infer::AppendRows(cache, cache_batch_stride, src, batch, cols, position_dev, Stream()),
             "append rows");
+  }
+
+  void CopySpans(const void* spans_dev, int64_t n, int64_t max_bytes) override {
+    OkOrDie(cuda_infer::CopySpans(static_cast<const cuda_infer::CopySpan*>(spans_dev), n, max_bytes, Stream()),
+            "copy spans");
+  }
+
+  void DraftRows(const int32_t* chunk, const int32_t* head1, const int32_t* forced_keep, int32_t* keep_out, int64_t k,
+                 const std::vector<const void*>& srcs, int64_t cols, void* dst) override {
+    cuda_infer::DraftRowsArgs a;
+    a.chunk = chunk; a.head1 = head1; a.forced_keep = forced_keep; a.keep_out = keep_out;
+    a.k = k; a.heads = static_cast<int64_t>(srcs.size()); a.cols = cols; a.dst = dst;
+    // More heads than the kernel's table: DraftRows refuses them (a.heads stays the true count).
+    for (size_t h = 0; h < srcs.size() && h < static_cast<size_t>(cuda_infer::kDraftRowsMaxHeads); ++h) a.src[h] = srcs[h];
+    OkOrDie(cuda_infer::DraftRows(a, Stream()), "draft rows");
   }
 
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {

@@ -65,6 +65,40 @@ CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int6
 // block per row; greedy decoding reads back `rows` ids instead of the logits.
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream);
 
+// CopySpans: for each of `n` spans {dst, src, bytes} (the array in device memory), dst[0, bytes) =
+//   src[0, bytes). A speculative decode graph's commit (ops/decode_graph.h SpeculativeGraph):
+//   after a round that kept `keep` of its k positions, every state tensor of every block takes
+//   the copy the round's kernels made after position keep - 1, in place (the graph replays fixed
+//   addresses, so the eager Rewind's handle swap is not an option), in ONE launch instead of one
+//   copy a tensor (~100 for a 24-layer xLSTM). Grid: y = the span, x = up to 64 blocks striding
+//   over it; 16-byte words when dst, src and bytes allow, 4-byte words otherwise (bytes must be a
+//   multiple of 4: fp32 states). Bound by the bytes (xlstm[1:0]-125m: ~57 MB of mLSTM c at keep <
+//   k, ~20 µs); a plain copy, so exact.
+struct CopySpan {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  int64_t bytes = 0;
+};
+CudaResult CopySpans(const CopySpan* spans_dev, int64_t n, int64_t max_bytes, cudaStream_t stream);
+
+// DraftRows: a speculative decode graph's draft gather (ops/decode_graph.h SpeculativeGraph).
+//   keep = *forced_keep when > 0, else 1 + the number of leading j < k - 1 with chunk[j + 1] ==
+//   head1[j] (GenerateSpeculative's acceptance rule, on the device ids of the round's chunk and
+//   of head 1's argmax); then dst row h = row keep - 1 of src[h] (bf16, `cols` each), h <
+//   heads: the rows eager DraftLogits copies, at the position the host will keep, without a
+//   round trip to the host. *keep_out = keep. One block a head; a copy, so exact.
+constexpr int kDraftRowsMaxHeads = 15;
+struct DraftRowsArgs {
+  const int32_t* chunk = nullptr;  // [k] device
+  const int32_t* head1 = nullptr;  // [k] device
+  const int32_t* forced_keep = nullptr;
+  int32_t* keep_out = nullptr;
+  int64_t k = 0, heads = 0, cols = 0;
+  const void* src[kDraftRowsMaxHeads] = {};
+  void* dst = nullptr;  // [heads, cols]
+};
+CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream);
+
 // GemmRows: row-major C [m, n] = alpha · A [m, k] · B [n, k]ᵀ + beta · C_in (C_in = c_in, or C
 // itself when c_in is null; read only when beta != 0), A and B bf16, fp32 accumulation, C bf16 or
 // fp32; m <= kGemmRowsMax. The decoding GEMM (X · Wᵀ at a few rows): every row's arithmetic is

@@ -22,6 +22,11 @@
 //             the host-position ones (every byte); its refusals (a full KV cache, a cold state),
 //             an injected capture failure and the eager fallback; Generate with and without the
 //             graph and GenerateSpeculative give the same tokens;
+//   speculative graphs: SpeculativeGraph rounds (ops/decode_graph.h; Round + the in-place
+//             Commit) against eager rounds (DecodeChunk + Rewind + DraftLogits), every head-1 and
+//             every draft logits row bitwise, every keep, for every family and the 125m presets,
+//             the attention caches grown at 64 and 128 keys; CopySpans (the commit's one launch)
+//             exact; GenerateSpeculative with the graph == without == greedy, same rounds;
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
@@ -1028,6 +1033,164 @@ TEST_F(DecodeGpuTest, DecodeGraphRefusesAFullCacheAndFailsCleanly) {
   }
 }
 
+// Speculative rounds under a SpeculativeGraph (ops/decode_graph.h) against GenerateSpeculative's
+// eager rounds, every bit (batch 1, k = 4 heads). Two
+// states walk the same prompt and chunks: E runs the eager round (rewindable DecodeChunk of k
+// with deferred draft logits, Rewind(keep), DraftLogits at keep - 1), G replays the graph
+// (Round, Commit(keep)) captured after one eager round (the warm-up) and again after every eager
+// round that grows a KV cache (MustGrow: Round refuses it). Rounds interleave (E, then G), so a
+// block of the graph's pool handed to E (or the other way round) would corrupt one of them.
+// Compared every round: head 1's logits at all k positions, heads 2..k's logits at the last kept
+// position (the next round's drafts, gathered on the device at the forced keep), and the graph's
+// device argmaxes and keep against ArgmaxRows / ArgmaxFirstRows of E's. Keeps cycle k, 1, k, 2, k, 3, ... so the in-place commit of every
+// keep is checked by the logits of the rounds after it. Attention models run long enough to grow
+// their caches at 64 and 128 keys. At the end an eager round on G's state makes the next Round
+// refuse (its position moved outside the graph).
+void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomise, int64_t rounds,
+                           int64_t se_group = 0, int64_t se_window = 0) {
+  const int64_t k = 4;
+  spec.mtp_heads = k;
+  auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<LanguageModel> m = std::move(*made);
+  if (randomise) Randomise(m->params(), 108);
+  if (se_group > 0) m->SetSelfExtend(se_group, se_window);
+  const int64_t V = spec.vocab_size, prompt_len = 7;
+  const auto prompt = RandomTokens(prompt_len, V, 61);
+  const auto stream = RandomTokens((rounds + 2) * k, V, 62);
+  auto eager = m->NewDecodeState(1), graphed = m->NewDecodeState(1);
+  LanguageModel::DecodeOptions prefill;
+  prefill.heads = k;
+  prefill.last_position_only = true;
+  m->DecodeChunk(prompt, prompt_len, eager.get(), prefill);
+  m->DecodeChunk(prompt, prompt_len, graphed.get(), prefill);
+  // The eager round; returns head 1's logits [k, V] and heads 2..k's at keep - 1.
+  const auto eager_round = [&](LanguageModel::DecodeState* st, std::span<const int32_t> chunk, int64_t keep,
+                               std::vector<Tensor>* drafts) {
+    LanguageModel::DecodeOptions o;
+    o.heads = k;
+    o.rewindable = true;
+    o.defer_draft_logits = true;
+    Tensor head1 = m->DecodeChunk(chunk, k, st, o)[0];
+    EXPECT_TRUE(m->Rewind(st, keep).ok());
+    *drafts = m->DraftLogits(*st, keep - 1);
+    return head1;
+  };
+  int64_t used = 0, differing = 0, draft_differing = 0, argmax_differ = 0, replays = 0, captures = 0, grown = 0;
+  int64_t nodes = 0, commit_bytes = 0;
+  std::unique_ptr<SpeculativeGraph> graph;
+  for (int64_t r = 0; r < rounds; ++r) {
+    const int64_t keep = r % 2 == 0 ? k : 1 + (r / 2) % (k - 1);
+    const std::span<const int32_t> chunk(stream.data() + used, static_cast<size_t>(k));
+    std::vector<Tensor> e_drafts;
+    const Tensor e = eager_round(eager.get(), chunk, keep, &e_drafts);
+    if (graph == nullptr || graph->MustGrow()) {
+      if (graph != nullptr) {
+        const auto refused = graph->Round(chunk);
+        EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+        graph.reset();
+        ++grown;
+      }
+      // The warm-up / growth round runs eagerly on G too, then the capture.
+      std::vector<Tensor> g_drafts;
+      differing += DifferingRows(e, eager_round(graphed.get(), chunk, keep, &g_drafts));
+      for (int64_t h = 0; h + 1 < k; ++h) draft_differing += DifferingRows(e_drafts[h], g_drafts[h]);
+      absl::StatusOr<std::unique_ptr<SpeculativeGraph>> made_graph = SpeculativeGraph::Capture(m.get(), graphed.get(), k);
+      ASSERT_TRUE(made_graph.ok()) << name << ": " << made_graph.status();
+      graph = std::move(*made_graph);
+      ++captures;
+      nodes = graph->nodes();
+      commit_bytes = graph->commit_bytes();
+      used += keep;
+      continue;
+    }
+    // The keep is forced (random chunks would keep 1 almost always); GenerateSpeculative's test
+    // below runs the device's acceptance rule against the host's.
+    absl::StatusOr<std::span<const int32_t>> ids = graph->Round(chunk, keep);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    ++replays;
+    differing += DifferingRows(e, graph->logits()[0]);
+    const std::vector<int32_t> want_head1 = ArgmaxRows(e), want_drafts = ArgmaxFirstRows(e_drafts);
+    argmax_differ += !std::equal(want_head1.begin(), want_head1.end(), ids->begin(), ids->begin() + k);
+    argmax_differ += (*ids)[2 * k - 1] != keep;
+    for (int64_t h = 1; h < k; ++h) {
+      draft_differing += DifferingRows(e_drafts[h - 1], graph->logits()[1].Rows(h - 1, h));
+      argmax_differ += want_drafts[h - 1] != (*ids)[k + h - 1];
+    }
+    ASSERT_TRUE(graph->Commit(keep).ok());
+    used += keep;
+  }
+  EXPECT_EQ(graphed->position, eager->position);
+  bool refuses = false;
+  if (graph != nullptr) {
+    std::vector<Tensor> unused;
+    eager_round(graphed.get(), std::span<const int32_t>(stream.data(), static_cast<size_t>(k)), k, &unused);
+    refuses = graph->Round(std::span<const int32_t>(stream.data(), static_cast<size_t>(k))).status().code() ==
+              absl::StatusCode::kFailedPrecondition;
+  }
+  const bool ok = differing == 0 && draft_differing == 0 && argmax_differ == 0 && replays > 0 && refuses;
+  std::printf("[%s] %s speculative graph vs eager rounds B1 k%ld, %ld rounds (%ld replays, %ld captures, %ld eager "
+              "growth rounds), %ld nodes, commit %.1f MB: %ld head-1 rows differ, %ld draft rows differ, %ld argmax "
+              "differ; refuses after an eager round %s\n",
+              ok ? "PASS" : "FAIL", name.c_str(), (long)k, (long)rounds, (long)replays, (long)captures, (long)grown,
+              (long)nodes, commit_bytes / 1e6, (long)differing, (long)draft_differing, (long)argmax_differ,
+              refuses ? "yes" : "NO");
+  EXPECT_TRUE(ok) << name;
+}
+
+TEST_F(DecodeGpuTest, SpeculativeGraphBitwiseEqualsEagerRounds) {
+  ModelSpec partial = SmallLlama();
+  partial.attn_rotary_dim = 32;
+  CheckSpeculativeGraph("xlstm mLSTM+sLSTM", SmallXlstm(), true, 40);
+  CheckSpeculativeGraph("mamba2", SmallMamba2(), true, 40);
+  CheckSpeculativeGraph("llama", SmallLlama(), true, 60);
+  CheckSpeculativeGraph("llama partial-rotary 32/64", partial, true, 60);
+  CheckSpeculativeGraph("llama SelfExtend G4 W8", SmallLlama(), true, 60, 4, 8);
+  CheckSpeculativeGraph("mamba2+mixer", SmallMixerHybrid(), true, 60);
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"})
+    CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 30);
+}
+
+// The one-launch commit copies every span exactly (16-byte and 4-byte word paths, spans of
+// different sizes in one launch), and leaves the bytes around each span alone.
+TEST_F(DecodeGpuTest, CopySpansCopiesEverySpanExactly) {
+  const std::vector<int64_t> words = {1, 3, 4, 17, 1000, 70001};  // 4-byte words a span
+  int64_t total = 0;
+  for (int64_t w : words) total += w + 8;
+  Tensor src = Tensor::Empty({total}, DType::kI32), dst = Tensor::Empty({total}, DType::kI32);
+  for (int64_t i = 0; i < total; ++i) {
+    src.data<int32_t>()[i] = static_cast<int32_t>(i * 2654435761u);
+    dst.data<int32_t>()[i] = -1;
+  }
+  const Tensor src_d = src.ToDevice(Device::kCuda), dst_d = dst.ToDevice(Device::kCuda);
+  std::vector<CudaCopySpan> spans;
+  int64_t at = 0, max_bytes = 0;
+  for (int64_t w : words) {
+    // Offsets 1 word apart from 16-byte alignment for odd spans: both word paths run.
+    const int64_t off = at + (w % 2);
+    spans.push_back({static_cast<char*>(dst_d.raw()) + off * 4, static_cast<const char*>(src_d.raw()) + off * 4, w * 4});
+    max_bytes = std::max(max_bytes, w * 4);
+    at += w + 8;
+  }
+  Tensor table = Tensor::Empty({static_cast<int64_t>(spans.size() * sizeof(CudaCopySpan) / 4)}, DType::kI32, Device::kCuda);
+  Cuda().CopyBytes(table.raw(), Device::kCuda, spans.data(), Device::kCpu, spans.size() * sizeof(CudaCopySpan));
+  CudaInfer().CopySpans(table.raw(), static_cast<int64_t>(spans.size()), max_bytes);
+  const Tensor out = dst_d.ToDevice(Device::kCpu);
+  int64_t wrong = 0;
+  at = 0;
+  for (int64_t w : words) {
+    const int64_t off = at + (w % 2);
+    for (int64_t i = at; i < at + w + 8; ++i) {
+      const bool inside = i >= off && i < off + w;
+      wrong += out.data<int32_t>()[i] != (inside ? src.data<int32_t>()[i] : -1);
+    }
+    at += w + 8;
+  }
+  std::printf("[%s] CopySpans %zu spans of 1..70001 words: %ld words wrong\n", wrong == 0 ? "PASS" : "FAIL",
+              spans.size(), (long)wrong);
+  EXPECT_EQ(wrong, 0);
+}
+
 // Greedy Generate with and without the graph gives the same tokens, and so does speculative
 // decoding with the graph switched on; an injected capture failure falls back to the eager step
 // with the reason in GenerateResult::decode_graph. Attention models replay too (their steps that
@@ -1042,7 +1205,7 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
                              {"llama", SmallLlama()},
                              {"mamba2+mixer", SmallMixerHybrid()}};
   for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
-  const bool was = DecodeGraphEnabled();
+  const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled();
   for (Case& c : cases) {
     c.spec.mtp_heads = 4;
     auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
@@ -1055,20 +1218,34 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
     const auto eager = eval::Generate(m, prompt, o);
     SetDecodeGraph(true);
     const auto graphed = eval::Generate(m, prompt, o);
+    SetSpeculativeGraph(false);
     const auto spec_dec = eval::GenerateSpeculative(m, prompt, o);
+    SetSpeculativeGraph(true);  // speculative rounds replayed (ops/decode_graph.h SpeculativeGraph)
+    const auto spec_graph = eval::GenerateSpeculative(m, prompt, o);
     InjectDecodeGraphFailure(true);
     const auto fallback = eval::Generate(m, prompt, o);
+    const auto spec_fallback = eval::GenerateSpeculative(m, prompt, o);
     InjectDecodeGraphFailure(false);
-    ASSERT_TRUE(eager.ok() && graphed.ok() && spec_dec.ok() && fallback.ok());
-    const bool mode_ok = graphed->decode_graph == "graph";
-    const bool fallback_ok = absl::StartsWith(fallback->decode_graph, "eager: ");
+    SetSpeculativeGraph(spec_was);
+    ASSERT_TRUE(eager.ok() && graphed.ok() && spec_dec.ok() && fallback.ok() && spec_graph.ok() && spec_fallback.ok());
+    const bool mode_ok = graphed->decode_graph == "graph" && spec_graph->decode_graph == "graph";
+    const bool fallback_ok = absl::StartsWith(fallback->decode_graph, "eager: ") &&
+                             absl::StartsWith(spec_fallback->decode_graph, "eager: ");
+    // The graph's rounds see the same drafts as the eager ones: the same counts too.
+    const bool same_rounds = spec_graph->forwards == spec_dec->forwards && spec_graph->accepted == spec_dec->accepted &&
+                             spec_graph->drafted == spec_dec->drafted && spec_graph->proposed == spec_dec->proposed;
     const bool ok = eager->tokens == graphed->tokens && spec_dec->tokens == graphed->tokens &&
-                    fallback->tokens == eager->tokens && mode_ok && fallback_ok && eager->decode_graph == "eager";
-    std::printf("[%s] %s Generate 80 tokens: eager == graph %s, speculative == graph %s, fallback == eager %s; "
-                "with graph: '%s'; injected failure: '%s'\n",
+                    spec_graph->tokens == graphed->tokens && spec_fallback->tokens == graphed->tokens &&
+                    fallback->tokens == eager->tokens && mode_ok && fallback_ok && same_rounds &&
+                    eager->decode_graph == "eager" && spec_dec->decode_graph == "eager";
+    std::printf("[%s] %s Generate 80 tokens: eager == graph %s, speculative == graph %s, speculative graph == graph "
+                "%s (same rounds %s, %.2f tokens a forward), fallback == eager %s; with graph: '%s' / '%s'; injected "
+                "failure: '%s' / '%s'\n",
                 ok ? "PASS" : "FAIL", c.name.c_str(), eager->tokens == graphed->tokens ? "yes" : "NO",
-                spec_dec->tokens == graphed->tokens ? "yes" : "NO", fallback->tokens == eager->tokens ? "yes" : "NO",
-                graphed->decode_graph.c_str(), fallback->decode_graph.c_str());
+                spec_dec->tokens == graphed->tokens ? "yes" : "NO", spec_graph->tokens == graphed->tokens ? "yes" : "NO",
+                same_rounds ? "yes" : "NO", spec_graph->tokens_per_forward(),
+                fallback->tokens == eager->tokens ? "yes" : "NO", graphed->decode_graph.c_str(),
+                spec_graph->decode_graph.c_str(), fallback->decode_graph.c_str(), spec_fallback->decode_graph.c_str());
     EXPECT_TRUE(ok) << c.name;
   }
   SetDecodeGraph(was);

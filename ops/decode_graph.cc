@@ -1,5 +1,7 @@
 #include "ops/decode_graph.h"
 
+#include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +23,7 @@ bool& InjectFailure() {
 }
 
 const void* Address(const Tensor* t) { return t->defined() && t->numel() > 0 ? t->raw() : nullptr; }
+
 
 }  // namespace
 
@@ -199,6 +202,263 @@ absl::StatusOr<std::span<const int32_t>> DecodeGraph::Step(std::span<const int32
   state_->rewind_chunk = 0;
   state_->draft_hidden.clear();
   return std::span<const int32_t>(out_);
+}
+
+
+// ---------------------------------------------------------------- speculative rounds
+
+namespace {
+
+bool& SpecGraphSwitch() {
+  static bool on = EnvChoice("GYRE_SPEC_GRAPH", {"0", "1"}, "1") == "1";
+  return on;
+}
+
+// The blocks a speculative round of k heads runs: the trunk and heads 1..k.
+std::vector<BlockState*> RoundBlocks(LanguageModel::DecodeState* state, int64_t k) {
+  std::vector<BlockState*> blocks;
+  for (const auto& s : state->trunk) blocks.push_back(s.get());
+  for (int64_t h = 0; h < k && h < static_cast<int64_t>(state->heads.size()); ++h) blocks.push_back(state->heads[h].get());
+  return blocks;
+}
+
+}  // namespace
+
+bool SpeculativeGraphEnabled() { return SpecGraphSwitch(); }
+void SetSpeculativeGraph(bool on) { SpecGraphSwitch() = on; }
+
+bool SpeculativeGraph::CacheTooShort(LanguageModel::DecodeState* state, int64_t k) {
+  for (BlockState* b : RoundBlocks(state, k)) {
+    const KvCache* cache = b->AttentionCache();
+    if (cache != nullptr && cache->cuda_k.defined() && cache->cuda_length + k > cache->cuda_capacity()) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(LanguageModel* model,
+                                                                             LanguageModel::DecodeState* state, int64_t k,
+                                                                             const DecodeGraphOptions& options) {
+  const Tensor& table = model->embedding_->weight()->compute;
+  if (!table.defined() || !IsCuda(table)) return absl::UnimplementedError("speculative graph: the model is not on CUDA");
+  if (state->batch != 1) return absl::UnimplementedError("speculative graph: batch 1 only (speculative decoding's)");
+  if (k < 2 || k > static_cast<int64_t>(state->heads.size()) || k > state->live_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("speculative graph: k ", k, " outside [2, live heads ",
+                                                   state->live_heads, "]"));
+  }
+  if (k > 16) return absl::UnimplementedError(absl::StrCat("speculative graph: k ", k, " > 16 (the draft gather's table)"));
+  auto graph = std::unique_ptr<SpeculativeGraph>(new SpeculativeGraph());
+  for (BlockState* b : RoundBlocks(state, k)) {
+    const std::vector<const Tensor*> tensors = b->StepTensors();
+    if (tensors.empty()) return absl::UnimplementedError("speculative graph: a block state without step tensors");
+    if (KvCache* cache = b->AttentionCache(); cache != nullptr) {
+      if (!cache->cuda_k.defined()) {
+        return absl::FailedPreconditionError("speculative graph: a KV cache is not on the device yet (run one eager round)");
+      }
+      if (!graph->caches_.empty() && cache->cuda_length != graph->cache_length_) {
+        return absl::UnimplementedError(absl::StrCat("speculative graph: KV caches of different lengths (",
+                                                     graph->cache_length_, " and ", cache->cuda_length, ")"));
+      }
+      graph->cache_length_ = cache->cuda_length;
+      graph->caches_.push_back(cache);
+    }
+    for (const Tensor* t : tensors) {
+      if (t->defined() && t->numel() > 0 && !IsCuda(*t)) {
+        return absl::FailedPreconditionError("speculative graph: the state is not on the device yet (run one eager round)");
+      }
+      graph->state_tensors_.push_back(t);
+      graph->state_addresses_.push_back(Address(t));
+    }
+  }
+  if (state->position < 1) return absl::FailedPreconditionError("speculative graph: run one eager round before the capture");
+  if (CacheTooShort(state, k)) {
+    return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache has no room for ", k,
+                                                      " more rows (length ", graph->cache_length_,
+                                                      "): one eager round grows it, then capture again"));
+  }
+  const int64_t V = model->spec().vocab_size, d = model->spec().d_model;
+  graph->state_ = state;
+  graph->k_ = k;
+  graph->vocab_ = V;
+  graph->position_ = state->position;
+  // In: [k tokens, forced keep, cache length]; out: [head 1's k ids, the k - 1 drafts, keep].
+  graph->host_in_ = Cuda().AllocatePinnedHost((k + 2) * sizeof(int32_t));
+  graph->host_out_ = Cuda().AllocatePinnedHost(2 * k * sizeof(int32_t));
+  if (graph->host_in_ == nullptr || graph->host_out_ == nullptr) {
+    return absl::ResourceExhaustedError("speculative graph: no page-locked host memory for the token ids");
+  }
+  std::memset(graph->host_in_.get(), 0, (k + 2) * sizeof(int32_t));
+  graph->ids_ = Tensor::Empty({k + 2}, DType::kI32, Device::kCuda);
+  graph->argmax_ = Tensor::Empty({2 * k}, DType::kI32, Device::kCuda);
+  graph->out_.resize(static_cast<size_t>(2 * k));
+  int32_t* in_dev = graph->ids_.data<int32_t>();
+  int32_t* out_dev = graph->argmax_.data<int32_t>();
+  const int32_t* position_dev = graph->caches_.empty() ? nullptr : in_dev + k + 1;
+  const std::vector<BlockState*> blocks = RoundBlocks(state, k);
+
+  const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
+  CudaBackend& cuda = Cuda();
+  std::string why;
+  bool retry = true;
+  for (int attempt = 0; attempt < 2 && retry && graph->graph_ == nullptr; ++attempt) {
+    retry = false;
+    cuda.BeginCapture();
+    cuda.CopyAsync(in_dev, graph->host_in_.get(), (k + 2) * sizeof(int32_t));
+    for (KvCache* cache : graph->caches_) cache->graph_position = position_dev;
+    Tensor z = Tensor::Empty({k, d}, DType::kBF16, Device::kCuda);
+    CudaInfer().EmbeddingRows(in_dev, k, table.raw(), V, d, z.raw());
+    if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
+    // The eager round's DecodeChunk: head 1's logits [k, V], heads 2..k's normed rows deferred.
+    LanguageModel::DecodeOptions round;
+    round.heads = k;
+    round.rewindable = true;
+    round.defer_draft_logits = true;
+    state->live_heads = k;
+    graph->logits_ = model->DecodeEmbedded(z, k, state, round);
+    z = Tensor();
+    graph->draft_hidden_ = state->draft_hidden;
+    CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k, V, V, out_dev);
+    // DraftLogits at the position the host will keep, found on the device: the gather, one
+    // LM-head product over k - 1 rows (the eager one's shape, so its bits), their argmax.
+    std::vector<const void*> srcs;
+    for (const Tensor& h : graph->draft_hidden_) srcs.push_back(h.raw());
+    Tensor rows = Tensor::Empty({k - 1, d}, DType::kBF16, Device::kCuda);
+    if (static_cast<int64_t>(srcs.size()) != k - 1) cuda.FailCapture("speculative graph: no deferred draft rows");
+    CudaInfer().DraftRows(in_dev, out_dev, in_dev + k, out_dev + 2 * k - 1, k, srcs, d, rows.raw());
+    graph->logits_.push_back(LinearForward(rows, model->HeadWeight()));
+    rows = Tensor();
+    CudaInfer().ArgmaxRows(graph->logits_[1].raw(), k - 1, V, V, out_dev + k);
+    cuda.CopyAsync(graph->host_out_.get(), out_dev, 2 * k * sizeof(int32_t));
+    graph->graph_ = cuda.EndCapture(&why, &retry);
+    for (KvCache* cache : graph->caches_) {
+      cache->graph_position = nullptr;
+      cache->cuda_length = graph->cache_length_;
+    }
+    state->position = position;
+    state->live_heads = live_heads;
+    state->rewind_chunk = rewind;
+    state->draft_hidden.clear();
+    // The recorded per-position copies: kept for the commit when the capture worked, dropped
+    // otherwise (the blocks' histories are emptied either way).
+    graph->slots_.clear();
+    for (BlockState* b : blocks) {
+      for (RewindSlot& s : b->TakeRewindSlots()) graph->slots_.push_back(std::move(s));
+    }
+    if (graph->graph_ == nullptr) graph->logits_.clear(), graph->slots_.clear(), graph->draft_hidden_.clear();
+  }
+  if (graph->graph_ == nullptr) return absl::InternalError(absl::StrCat("speculative graph: capture failed: ", why));
+  if (absl::Status s = graph->CheckState(); !s.ok()) {
+    return absl::InternalError(absl::StrCat("speculative graph: a block moved its state during the capture: ", s.message()));
+  }
+  // Per keep 1..k-1: one CopySpans record a state tensor (after[keep - 1] -> live).
+  std::vector<std::vector<CudaCopySpan>> tables(static_cast<size_t>(k - 1));
+  for (const RewindSlot& s : graph->slots_) {
+    if (static_cast<int64_t>(s.after.size()) != k - 1) {
+      return absl::UnimplementedError(absl::StrCat("speculative graph: a state tensor kept ", s.after.size(),
+                                                   " per-position copies of a chunk of ", k));
+    }
+    const int64_t bytes = s.live->numel() * static_cast<int64_t>(DTypeSize(s.live->dtype()));
+    if (!IsCuda(*s.live) || bytes % 4 != 0) {
+      return absl::UnimplementedError("speculative graph: a state tensor is not a device array of 4-byte words");
+    }
+    for (int64_t keep = 1; keep < k; ++keep) {
+      const Tensor& src = s.after[keep - 1];
+      if (src.numel() != s.live->numel() || src.dtype() != s.live->dtype()) {
+        return absl::InternalError("speculative graph: a per-position copy differs from its state tensor");
+      }
+      if (src.raw() == s.live->raw()) continue;  // a width-1 conv window: the state itself
+      tables[keep - 1].push_back({s.live->raw(), src.raw(), bytes});
+      if (keep == 1) graph->commit_bytes_ += bytes;
+      graph->max_span_bytes_ = std::max(graph->max_span_bytes_, bytes);
+    }
+  }
+  for (auto& t : tables) {
+    const int64_t words = static_cast<int64_t>(t.size() * sizeof(CudaCopySpan) / sizeof(int32_t));
+    Tensor dev = Tensor::Empty({std::max<int64_t>(words, 1)}, DType::kI32, Device::kCuda);
+    if (!t.empty()) {
+      Cuda().CopyBytes(dev.raw(), Device::kCuda, t.data(), Device::kCpu, t.size() * sizeof(CudaCopySpan));
+    }
+    graph->spans_ = std::max<int64_t>(graph->spans_, static_cast<int64_t>(t.size()));
+    graph->commit_tables_.push_back(std::move(dev));
+  }
+  return graph;
+}
+
+SpeculativeGraph::~SpeculativeGraph() = default;
+
+absl::Status SpeculativeGraph::CheckState() const {
+  if (state_->position != position_) {
+    return absl::FailedPreconditionError(absl::StrCat("speculative graph: the state is at position ", state_->position,
+                                                      ", the graph left it at ", position_,
+                                                      " (stepped or rewound outside the graph)"));
+  }
+  for (size_t i = 0; i < state_tensors_.size(); ++i) {
+    if (Address(state_tensors_[i]) != state_addresses_[i]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "speculative graph: state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
+    }
+  }
+  for (const KvCache* cache : caches_) {
+    if (cache->cuda_length != cache_length_) {
+      return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache has length ", cache->cuda_length,
+                                                        ", the graph left it at ", cache_length_));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const int32_t> chunk, int64_t forced_keep) {
+  if (static_cast<int64_t>(chunk.size()) != k_) {
+    return absl::InvalidArgumentError(absl::StrCat("speculative graph: ", chunk.size(), " tokens for k ", k_));
+  }
+  for (int32_t id : chunk) {
+    if (id < 0 || id >= vocab_) {
+      return absl::InvalidArgumentError(absl::StrCat("speculative graph: token id ", id, " outside vocabulary ", vocab_));
+    }
+  }
+  if (forced_keep < 0 || forced_keep > k_) {
+    return absl::InvalidArgumentError(absl::StrCat("speculative graph: forced keep ", forced_keep, " outside [0, ", k_, "]"));
+  }
+  if (!committed_) return absl::FailedPreconditionError("speculative graph: Round before the last round's Commit");
+  if (absl::Status s = CheckState(); !s.ok()) return s;
+  if (MustGrow()) {
+    return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache (length ", cache_length_,
+                                                      ") has no room for ", k_, " rows: run an eager round (MustGrow)"));
+  }
+  int32_t* in = static_cast<int32_t*>(host_in_.get());
+  std::memcpy(in, chunk.data(), chunk.size() * sizeof(int32_t));
+  in[k_] = static_cast<int32_t>(forced_keep);
+  in[k_ + 1] = static_cast<int32_t>(cache_length_);
+  graph_->Launch();
+  Cuda().Synchronize();
+  std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
+  cache_length_ += k_;
+  for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
+  state_->position += k_;
+  position_ = state_->position;
+  state_->live_heads = k_;
+  state_->rewind_chunk = 0;  // LanguageModel::Rewind must not swap the graph's states: Commit does it
+  state_->draft_hidden.clear();
+  committed_ = false;
+  return std::span<const int32_t>(out_);
+}
+
+absl::Status SpeculativeGraph::Commit(int64_t keep) {
+  if (committed_) return absl::FailedPreconditionError("speculative graph: Commit without a Round");
+  if (keep < 1 || keep > k_) {
+    return absl::InvalidArgumentError(absl::StrCat("speculative graph: keep ", keep, " outside [1, ", k_, "]"));
+  }
+  if (absl::Status s = CheckState(); !s.ok()) return s;
+  if (keep < k_) {
+    const Tensor& table = commit_tables_[static_cast<size_t>(keep - 1)];
+    const int64_t n = static_cast<int64_t>(table.numel() * sizeof(int32_t) / sizeof(CudaCopySpan));
+    if (n > 0) CudaInfer().CopySpans(table.raw(), n, max_span_bytes_);
+    cache_length_ -= k_ - keep;
+    for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
+    state_->position -= k_ - keep;
+    position_ = state_->position;
+  }
+  committed_ = true;
+  return absl::OkStatus();
 }
 
 }  // namespace gyre::ops

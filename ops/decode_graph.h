@@ -117,4 +117,89 @@ class DecodeGraph {
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };
 
+// GYRE_SPEC_GRAPH: unset or "1" (the default since session 17's merge: bitwise the eager rounds,
+// x1.12-1.13 speculative tok/s on the recurrent 125m models) replays a SpeculativeGraph for
+// eval::GenerateSpeculative's rounds on CUDA; "0": every round eager. Read once;
+// other values stop the process naming the accepted ones. SetSpeculativeGraph overrides it.
+bool SpeculativeGraphEnabled();
+void SetSpeculativeGraph(bool on);
+
+// SpeculativeGraph: one round of self-speculative decoding (eval/generate.h) at a fixed k,
+// captured once and replayed per round (session 17, helper specgraph17; ops/DECODE_GRAPHS.md).
+//
+// The eager round is DecodeChunk(k tokens, heads 1..k, rewindable, deferred draft logits), head
+// 1's argmax of the k rows (a sync), Rewind(keep) (handle swaps), DraftLogits at the last kept
+// position and the drafts' argmax (a second sync). What varies between rounds is the k tokens,
+// the position (the KV caches' length) and keep; the shapes do not (k is fixed; the last rounds
+// of a generation, shorter than k, run eagerly). So:
+//   - Round (the graph): pinned [k ids, 0, t] -> device (one copy node), the embedding, the
+//     trunk's and heads 1..k's StepChunk over k rows, rewindable (the cells' kernels write the
+//     state after every position into buffers of the graph's pool: fixed addresses), the final
+//     norms, head 1's LM head over k rows and its argmax (the eager DecodeChunk with deferred
+//     drafts); then keep on the DEVICE (DraftRows: 1 + the drafts equal to head 1's argmax
+//     before them, the host's acceptance rule), the gather of heads 2..k's rows at keep - 1,
+//     the LM head over those k - 1 rows and their argmax (eager DraftLogits: the same shapes,
+//     the same bits), and [head 1's k ids, k - 1 drafts, keep] -> pinned. Attention blocks read
+//     the cache length t from the device (as DecodeGraph). One synchronisation a round, not two.
+//     (Call 1 computed every head at every position in one 16-row LM-head product instead: the
+//     same bits, but ~0.4 ms slower a round, DECODE_GRAPHS.md.)
+//   - Commit(keep) (eager, after the host counted the accepted drafts): keep < k puts the
+//     state after position keep - 1 back into the live state tensors IN PLACE with one
+//     CopySpans launch (ops/cuda_infer.h; the graph's addresses must not move, so no handle
+//     swap), and truncates the KV caches' host length; keep = k does nothing.
+// Refused (Unimplemented; the caller keeps the eager round): batch != 1, k > 16, KV caches of
+// different lengths, a block whose chunk keeps no per-position states. FailedPrecondition: an
+// unwarmed state (run one eager round first), a KV cache without room for k more rows (an eager
+// round grows it; capture again).
+class SpeculativeGraph {
+ public:
+  // Captures the round of `state` (after one eager round of the same k: the warm-up). Nothing
+  // runs; the state is not advanced.
+  static absl::StatusOr<std::unique_ptr<SpeculativeGraph>> Capture(LanguageModel* model,
+                                                                   LanguageModel::DecodeState* state, int64_t k,
+                                                                   const DecodeGraphOptions& options = {});
+  ~SpeculativeGraph();
+
+  // One verification round over `chunk` [k] (the kept token, then the drafts), as the eager
+  // round's DecodeChunk + DraftLogits. Returns ids [2k] (valid until the next Round): [0, k) head
+  // 1's argmax at each chunk position, [k, 2k - 1) heads 2..k's argmax at position keep - 1 (the
+  // next round's drafts), [2k - 1] keep: forced_keep when > 0 (tests), else 1 + the drafts
+  // accepted by the acceptance rule. logits()[0] is head 1's logits [k, vocab], logits()[1]
+  // heads 2..k's at keep - 1 [k - 1, vocab] (bf16). The state then stands after all k
+  // positions; call Commit (with that keep, unless the generation ends) before the next Round.
+  absl::StatusOr<std::span<const int32_t>> Round(std::span<const int32_t> chunk, int64_t forced_keep = 0);
+  // Keeps the first `keep` (1..k) positions of the last Round, as LanguageModel::Rewind would.
+  absl::Status Commit(int64_t keep);
+  const std::vector<Tensor>& logits() const { return logits_; }
+  int64_t k() const { return k_; }
+  int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
+  // Bytes one Commit below k copies (every state tensor once).
+  int64_t commit_bytes() const { return commit_bytes_; }
+  // True when the next round would grow a KV cache (length + k > capacity): Round refuses; run
+  // one eager round, then capture again.
+  bool MustGrow() const { return CacheTooShort(state_, k_); }
+  static bool CacheTooShort(LanguageModel::DecodeState* state, int64_t k);
+
+ private:
+  SpeculativeGraph() = default;
+  absl::Status CheckState() const;
+
+  LanguageModel::DecodeState* state_ = nullptr;
+  int64_t k_ = 0, vocab_ = 0, position_ = 0, commit_bytes_ = 0, max_span_bytes_ = 0, spans_ = 0;
+  bool committed_ = true;
+  std::vector<const Tensor*> state_tensors_;
+  std::vector<const void*> state_addresses_;
+  std::shared_ptr<void> host_in_, host_out_;  // pinned [k + 2] / [2k] int32
+  Tensor ids_, argmax_;
+  std::vector<Tensor> logits_, draft_hidden_;
+  std::vector<KvCache*> caches_;
+  int64_t cache_length_ = 0;
+  // The per-position state copies the replays write (views into the graph's pool) and, per keep
+  // 1..k-1, the device table of CopySpans records that restores them.
+  std::vector<RewindSlot> slots_;
+  std::vector<Tensor> commit_tables_;
+  std::vector<int32_t> out_;
+  std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
+};
+
 }  // namespace gyre::ops

@@ -118,6 +118,11 @@ struct KvState : BlockState {
     return {&cache.cuda_k, &cache.cuda_v, &cache.cuda_k_grouped, &conv};
   }
   KvCache* AttentionCache() override { return &cache; }
+  // The mixer's conv window (a Llama block has none); the cache itself rewinds by its length.
+  std::vector<RewindSlot> TakeRewindSlots() override {
+    if (!conv.defined()) return {};
+    return conv_history.Take({&conv});
+  }
 };
 
 void RewindKv(KvState* st, int64_t keep) {

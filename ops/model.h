@@ -114,7 +114,8 @@ class LanguageModel {
   std::function<void(const std::string& group)> grad_ready_hook;
 
  private:
-  friend class DecodeGraph;  // captures DecodeEmbedded (ops/decode_graph.h)
+  friend class DecodeGraph;        // captures DecodeEmbedded (ops/decode_graph.h)
+  friend class SpeculativeGraph;  // captures a speculative round's DecodeEmbedded (ditto)
   LanguageModel(const ModelSpec& spec, DType dtype, Device device);
   // DecodeChunk after the embedding: z [chunk * batch, d] the embedded tokens, heads 1..
   // state->live_heads (DecodeChunk has set it from options.heads).

@@ -1011,9 +1011,8 @@ void Mamba2Block::Rewind(BlockState* state, int64_t keep) {
 
 // ---------------------------------------------------------------- CUDA paths
 
-Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
-                                  Tensor& rstd) {
-  Tensor out = CudaEmpty({rows, p_});
+GroupNormArgs MlstmBlock::OutputNormArgs(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows,
+                                          Tensor& mean, Tensor& rstd) {
   GroupNormArgs n;
   n.mode = NormMode::kMlstmOutput;
   n.layer = true;
@@ -1025,9 +1024,16 @@ Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor
   n.z = z.raw(); n.ldz = p_;
   n.skip = skip_->value.data<float>();
   n.xc = xc.raw();
-  n.y = out.raw();
   n.mean = mean.data<float>();
   n.rstd = rstd.data<float>();
+  return n;
+}
+
+Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
+                                  Tensor& rstd) {
+  Tensor out = CudaEmpty({rows, p_});
+  GroupNormArgs n = OutputNormArgs(h, z, xc, rows, mean, rstd);
+  n.y = out.raw();
   Cuda().GroupNorm(false, n);
   return out;
 }
@@ -1211,19 +1217,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   out = Tensor();
   ProfileMark("mlstm.bwd.down_proj");
   Tensor dh = CudaEmpty({rows, p}), dz = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
-  GroupNormArgs n;
-  n.mode = NormMode::kMlstmOutput;
-  n.layer = true;
-  n.rows = rows; n.dim = p; n.groups = heads_;
-  n.eps = 1e-5f;
-  n.weight_offset = 1.f;
-  n.x = h_.raw();
-  n.weight = outnorm_.weight()->value.data<float>();
-  n.z = z_.raw(); n.ldz = p;
-  n.skip = skip_->value.data<float>();
-  n.xc = xc_.raw();
-  n.mean = mean_.data<float>();
-  n.rstd = rstd_.data<float>();
+  GroupNormArgs n = OutputNormArgs(h_, z_, xc_, rows, mean_, rstd_);
   n.dy = dout.raw();
   n.dx = dh.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
   n.dweight = outnorm_.weight()->grad.data<float>();

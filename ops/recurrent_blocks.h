@@ -39,7 +39,8 @@
 namespace gyre::ops {
 
 // Causal depthwise conv1d (+ optional fused SiLU) over [B, S, C], weight [C, K], bias [C].
-struct Conv1dArgs;  // ops/cuda_recurrent.h
+struct Conv1dArgs;     // ops/cuda_recurrent.h
+struct GroupNormArgs;  // ops/cuda_recurrent.h
 
 class CausalConv1d {
  public:
@@ -201,20 +202,29 @@ void SetMlstmDhDotInNorm(bool in_norm);
 
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
+inline std::vector<RewindSlot> JoinSlots(std::vector<RewindSlot> a, std::vector<RewindSlot> b) {
+  for (RewindSlot& s : b) a.push_back(std::move(s));
+  return a;
+}
 struct MlstmState : BlockState {
   Tensor conv, c, n, m;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &c, &n, &m}; }
+  std::vector<RewindSlot> TakeRewindSlots() override { return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&c, &n, &m})); }
 };
 struct SlstmState : BlockState {
   Tensor conv, h, c, n, m;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &h, &c, &n, &m}; }
+  std::vector<RewindSlot> TakeRewindSlots() override {
+    return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&h, &c, &n, &m}));
+  }
 };
 struct Mamba2State : BlockState {
   Tensor conv, ssm;
   StateHistory conv_history, cell_history;
   std::vector<const Tensor*> StepTensors() const override { return {&conv, &ssm}; }
+  std::vector<RewindSlot> TakeRewindSlots() override { return JoinSlots(conv_history.Take({&conv}), cell_history.Take({&ssm})); }
 };
 
 class MlstmBlock : public Block {
@@ -264,6 +274,10 @@ class MlstmBlock : public Block {
   // decoding); writes the per-(row, head) statistics into mean / rstd (fp32, rows x heads).
   Tensor OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
                         Tensor& rstd);
+  // The out-norm's arguments shared by that forward and the training backward (which adds dy and
+  // the gradients): h, the gate z and the skip input x_c, the statistics mean / rstd.
+  GroupNormArgs OutputNormArgs(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
+                               Tensor& rstd);
   // q, k = blockdiag(x_c), v = blockdiag(x_m) (bf16 [rows, p]) and the gate pre-activations
   // ig, fg (fp32 [rows, heads]) in two launches, the gates fused into the maps (training and
   // decoding). Allocates the five outputs. With `conv` (the conv forward's arguments that write

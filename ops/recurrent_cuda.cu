@@ -668,6 +668,119 @@ struct BdFwdSmem {
   uint2 tile[8][kMaps][kBdTileRows][kBdTileLd];  // [warp][map][row][block]: the row's y, bf16
   uint4 afrag[kMaps][8][kG / 8][32];             // [map][k step][gate half][lane]: hi a0a1, a4a5, lo a0a1, a4a5
 };
+// The kernel's pieces, which block_diag4_qkv_rows (the decode step's one launch, below) runs too,
+// so that the two have the same arithmetic, and so the same bits, by construction:
+//   - BdGateFragments: the A fragments of kMaps maps' gate weights (gate_w(m, t): map m's weight
+//     column of gate t, offset to the block's first column), built by the block's kThreads threads;
+//   - BdLoadWeights / BdLoadTileRows: a lane's 4x4 weights, and its 8 bytes of each of a tile's rows;
+//   - BdGatesTile: one warp's tile of kBdTileRows rows: the 4x4 products, their bf16 stores and
+//     the shared tile, the gate mma over it, and the partials of column-block chunk `chunk`
+//     ([chunk, 2 (i, f), rows, heads] of `part`).
+// The kernel computes the lane's coordinates and the gate count where it did before they were
+// pieces and hands them in (BdLane, G): recomputed inside, they moved in its PTX; as they are, the
+// four block_diag4_fwd_gates entries have the PTX of b316d98 (tools/ptx/diff_rev.sh).
+struct BdLane {
+  int64_t b;   // the lane's 4x4 block, 32·blockIdx.x + threadIdx.x
+  bool live;   // b < blocks: a dead lane loads zeros and stores nothing, but takes part in the mma
+  int gq, qq;  // its mma fragment coordinates, lane / 4 and lane % 4
+};
+template <int kMaps, int kG, int kThreads, typename GateWeights>
+__device__ __forceinline__ void BdGateFragments(uint4 (*afrag)[8][kG / 8][32], int64_t blocks, int G, int tid,
+                                                GateWeights gate_w) {
+  for (int e = tid; e < kMaps * 8 * (kG / 8) * 32; e += kThreads) {
+    const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
+    const int t = lane / 4 + 8 * h;
+    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (bb < blocks && t < G) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(gate_w(m, t) + bb * 4));
+      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    }
+    afrag[m][j][h][lane] = SplitHiLoBf16(v);
+  }
+}
+template <bool kTwo>
+__device__ __forceinline__ void BdLoadWeights(const BlockDiagArgs& a, int64_t b, bool live, float (&w)[16],
+                                              float (&w2)[16]) {
+#pragma unroll
+  for (int k = 0; k < 16; k += 8) {
+    if (live) {
+      LoadF8(a.w + b * 16 + k, w + k);
+      if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
+    }
+  }
+}
+// Rows rt .. rt + kBdTileRows - 1 of x (those >= r1 as zeros).
+__device__ __forceinline__ void BdLoadTileRows(const BlockDiagArgs& a, const BdLane& lane, int64_t rt, int64_t r1,
+                                               uint2 (&raw)[kBdTileRows]) {
+  const int64_t b = lane.b;
+  const bool live = lane.live;
+#pragma unroll
+  for (int k = 0; k < kBdTileRows; ++k) {
+    const int64_t r = rt + k;
+    raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
+                            : make_uint2(0u, 0u);
+  }
+}
+// `tile`: the warp's [map][row][block] tile; `afrag`: the first map's fragments [map][k step][gate
+// half][lane]. Ends with a __syncwarp, so the caller may rewrite the tile next.
+template <bool kTwo, int kG>
+__device__ __forceinline__ void BdGatesTile(const BlockDiagArgs& a, const FusedGates& g, int G, const BdLane& lane,
+                                            const float (&w)[16], const float (&w2)[16],
+                                            const uint2 (&raw)[kBdTileRows], uint2 (*tile)[kBdTileRows][kBdTileLd],
+                                            const uint4 (*afrag)[8][kG / 8][32], int64_t rt, int64_t r1,
+                                            unsigned chunk, float* part) {
+  constexpr int kMaps = kTwo ? 2 : 1;
+  const int tx = threadIdx.x, gq = lane.gq, qq = lane.qq;
+  const int64_t b = lane.b;
+  const bool live = lane.live;
+#pragma unroll
+  for (int k = 0; k < kBdTileRows; ++k) {
+    const int64_t r = rt + k;
+    float x[4];
+    Bf16x4ToFloat(raw[k], x);
+#pragma unroll
+    for (int m = 0; m < kMaps; ++m) {
+      const float* wm = m == 0 ? w : w2;
+      float y[4];
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        y[o] = wm[o * 4] * x[0] + wm[o * 4 + 1] * x[1] + wm[o * 4 + 2] * x[2] + wm[o * 4 + 3] * x[3];
+      const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
+      if (live && r < r1) *reinterpret_cast<uint2*>(static_cast<bf16*>(m == 0 ? a.y : a.y2) + r * a.ldy + b * 4) = packed;
+      tile[m][k][tx] = packed;
+    }
+  }
+  __syncwarp();
+  // acc[0..1]: gate gq, rows rt + 2qq, + 1; acc[2..3]: gate gq + 8 (kG 16; zero padding at 8).
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int m = 0; m < kMaps; ++m)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint2 bf = tile[m][gq][4 * j + qq];
+      const uint4 a0 = afrag[m][j][0][tx];
+      uint4 a1 = make_uint4(0u, 0u, 0u, 0u);
+      if constexpr (kG > 8) a1 = afrag[m][j][kG / 8 - 1][tx];
+      MmaBf16(acc, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);  // hi
+      MmaBf16(acc, a0.z, a1.z, a0.w, a1.w, bf.x, bf.y);  // lo
+    }
+  __syncwarp();  // the tile may be rewritten after this
+#pragma unroll
+  for (int half = 0; half < (kG > 8 ? 2 : 1); ++half) {
+    const int t = gq + 8 * half;
+    if (t >= G) continue;
+    const int f = t < g.heads ? 0 : 1;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t r = rt + 2 * qq + c;
+      if (r < r1) part[((chunk * 2 + f) * a.rows + r) * g.heads + t - f * g.heads] = acc[2 * half + c];
+    }
+  }
+}
 // (Prefetching each warp's next x tile by cp.async, GYRE_BD_FWD=pf, gained too little on an H100 in
 // 2026-11-27: 2 maps 3.31 -> 3.13, 1 map 2.22 -> 2.23 ms an xlstm[1:0]-125m step; deleted.)
 template <bool kTwo, int kG>
@@ -680,82 +793,16 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
   const bool live = b < a.blocks;
   const int G = 2 * g.heads;
   // A fragments of the gate weights, shared by the block's 8 warps (same 128 columns).
-  for (int e = tid; e < kMaps * 8 * (kG / 8) * 32; e += 256) {
-    const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
-    const int t = lane / 4 + 8 * h;
-    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    if (bb < a.blocks && t < G) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(GateW(g, m, t) + bb * 4));
-      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
-    }
-    sm.afrag[m][j][h][lane] = SplitHiLoBf16(v);
-  }
+  BdGateFragments<kMaps, kG, 256>(sm.afrag, a.blocks, G, tid, [&](int m, int t) { return GateW(g, m, t); });
   __syncthreads();
   float w[16], w2[16];
-#pragma unroll
-  for (int k = 0; k < 16; k += 8) {
-    if (live) {
-      LoadF8(a.w + b * 16 + k, w + k);
-      if (kTwo) LoadF8(a.w2 + b * 16 + k, w2 + k);
-    } else {
-#pragma unroll
-      for (int c = 0; c < 8; ++c) w[k + c] = w2[k + c] = 0.f;
-    }
-  }
-  const int gq = tx / 4, qq = tx % 4;  // the lane's fragment coordinates
+  BdLoadWeights<kTwo>(a, b, live, w, w2);
+  const BdLane lane{b, live, tx / 4, tx % 4};
   const int64_t r0 = blockIdx.y * (int64_t)kBdRows, r1 = min(r0 + kBdRows, a.rows);
   for (int64_t rt = r0 + ty * kBdTileRows; rt < r1; rt += 8 * kBdTileRows) {  // uniform over the warp
     uint2 raw[kBdTileRows];
-#pragma unroll
-    for (int k = 0; k < kBdTileRows; ++k) {
-      const int64_t r = rt + k;
-      raw[k] = live && r < r1 ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                              : make_uint2(0u, 0u);
-    }
-#pragma unroll
-    for (int k = 0; k < kBdTileRows; ++k) {
-      const int64_t r = rt + k;
-      float x[4];
-      Bf16x4ToFloat(raw[k], x);
-#pragma unroll
-      for (int m = 0; m < kMaps; ++m) {
-        const float* wm = m == 0 ? w : w2;
-        float y[4];
-#pragma unroll
-        for (int o = 0; o < 4; ++o)
-          y[o] = wm[o * 4] * x[0] + wm[o * 4 + 1] * x[1] + wm[o * 4 + 2] * x[2] + wm[o * 4 + 3] * x[3];
-        const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
-        if (live && r < r1) *reinterpret_cast<uint2*>(static_cast<bf16*>(m == 0 ? a.y : a.y2) + r * a.ldy + b * 4) = packed;
-        sm.tile[ty][m][k][tx] = packed;
-      }
-    }
-    __syncwarp();
-    // acc[0..1]: gate gq, rows rt + 2qq, + 1; acc[2..3]: gate gq + 8 (kG 16; zero padding at 8).
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int m = 0; m < kMaps; ++m)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const uint2 bf = sm.tile[ty][m][gq][4 * j + qq];
-        const uint4 a0 = sm.afrag[m][j][0][tx];
-        uint4 a1 = make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (kG > 8) a1 = sm.afrag[m][j][kG / 8 - 1][tx];
-        MmaBf16(acc, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);  // hi
-        MmaBf16(acc, a0.z, a1.z, a0.w, a1.w, bf.x, bf.y);  // lo
-      }
-    __syncwarp();  // the tile is rewritten by the next iteration
-#pragma unroll
-    for (int half = 0; half < (kG > 8 ? 2 : 1); ++half) {
-      const int t = gq + 8 * half;
-      if (t >= G) continue;
-      const int f = t < g.heads ? 0 : 1;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int64_t r = rt + 2 * qq + c;
-        if (r < r1) part[((blockIdx.x * 2 + f) * a.rows + r) * g.heads + t - f * g.heads] = acc[2 * half + c];
-      }
-    }
+    BdLoadTileRows(a, lane, rt, r1, raw);
+    BdGatesTile<kTwo, kG>(a, g, G, lane, w, w2, raw, sm.tile[ty], sm.afrag, rt, r1, blockIdx.x, part);
   }
 }
 
@@ -768,9 +815,10 @@ __global__ void __launch_bounds__(256, kTwo ? 2 : 3) block_diag4_fwd_gates(Block
 //   - grid: the column blocks of block_diag4_fwd_gates (32 4x4 blocks = 128 channels each);
 //     4 warps a block: warp (pass, tile) = (ty & 1, ty >> 1) runs pass 0 (q, k from x_c, both
 //     maps in one accumulator) or pass 1 (v from x_m) over row tile rt = 8·tile, which is what
-//     warp `tile` of the old q/k launch (of the v launch) did: the same row loads, the same 4x4
-//     products and bf16 stores, the same mma sequence over the same A fragments and B tiles (its
-//     weight and row loads issued before the block-wide fragment phase, to overlap it), so
+//     warp `tile` of the old q/k launch (of the v launch) did, through the same pieces
+//     (BdLoadWeights, BdLoadTileRows, BdGateFragments, BdGatesTile): the same row loads, the same
+//     4x4 products and bf16 stores, the same mma sequence over the same A fragments and B tiles
+//     (its weight and row loads issued before the block-wide fragment phase, to overlap it), so
 //     every y and every per-column-block gate partial has the old bits (the partial of a row does
 //     not depend on the other rows of its tile: the mma forms each output from its own column).
 //   - the partials go to scratch [pass, column block, 2 (i, f), rows, heads]; each block then
@@ -790,89 +838,6 @@ struct QkvRowsSmem {
   uint4 afrag[3][8][kG / 8][32];             // [q, k, v][k step][gate half][lane], as BdFwdSmem
 };
 __device__ unsigned int g_qkv_rows_ticket = 0;
-
-// One warp's row tile of one pass: block_diag4_fwd_gates' loop body at r0 = 0, r1 = rows, in two
-// halves: QkvRowsLoad issues the tile's weight and row loads (before the block waits for the gate
-// fragments, so their latency overlaps that phase), QkvRowsTile does the arithmetic.
-struct QkvRowsRegs {
-  float w[16], w2[16];
-  uint2 raw[kBdTileRows];
-};
-template <bool kTwo>
-__device__ __forceinline__ void QkvRowsLoad(const BlockDiagArgs& a, int64_t rt, QkvRowsRegs& q) {
-  const int64_t b = blockIdx.x * 32 + threadIdx.x;
-  const bool live = b < a.blocks;
-#pragma unroll
-  for (int k = 0; k < 16; k += 8) {
-    if (live) {
-      LoadF8(a.w + b * 16 + k, q.w + k);
-      if (kTwo) LoadF8(a.w2 + b * 16 + k, q.w2 + k);
-    } else {
-#pragma unroll
-      for (int c = 0; c < 8; ++c) q.w[k + c] = q.w2[k + c] = 0.f;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kBdTileRows; ++k) {
-    const int64_t r = rt + k;
-    q.raw[k] = live && r < a.rows ? *reinterpret_cast<const uint2*>(static_cast<const bf16*>(a.x) + r * a.ldx + b * 4)
-                                  : make_uint2(0u, 0u);
-  }
-}
-// `afrag` points at the pass's first map; `part` at the pass's column block: [2, rows, heads].
-template <bool kTwo, int kG>
-__device__ __forceinline__ void QkvRowsTile(const BlockDiagArgs& a, const FusedGates& g, const QkvRowsRegs& q,
-                                            uint2 (&tile)[2][kBdTileRows][kBdTileLd],
-                                            const uint4 (*afrag)[8][kG / 8][32], int64_t rt, float* part) {
-  constexpr int kMaps = kTwo ? 2 : 1;
-  const int tx = threadIdx.x;
-  const int64_t b = blockIdx.x * 32 + tx;
-  const bool live = b < a.blocks;
-  const int G = 2 * g.heads;
-  const int gq = tx / 4, qq = tx % 4;
-  const int64_t r1 = a.rows;
-#pragma unroll
-  for (int k = 0; k < kBdTileRows; ++k) {
-    const int64_t r = rt + k;
-    float x[4];
-    Bf16x4ToFloat(q.raw[k], x);
-#pragma unroll
-    for (int m = 0; m < kMaps; ++m) {
-      const float* wm = m == 0 ? q.w : q.w2;
-      float y[4];
-#pragma unroll
-      for (int o = 0; o < 4; ++o)
-        y[o] = wm[o * 4] * x[0] + wm[o * 4 + 1] * x[1] + wm[o * 4 + 2] * x[2] + wm[o * 4 + 3] * x[3];
-      const uint2 packed = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
-      if (live && r < r1) *reinterpret_cast<uint2*>(static_cast<bf16*>(m == 0 ? a.y : a.y2) + r * a.ldy + b * 4) = packed;
-      tile[m][k][tx] = packed;
-    }
-  }
-  __syncwarp();
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int m = 0; m < kMaps; ++m)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint2 bf = tile[m][gq][4 * j + qq];
-      const uint4 a0 = afrag[m][j][0][tx];
-      uint4 a1 = make_uint4(0u, 0u, 0u, 0u);
-      if constexpr (kG > 8) a1 = afrag[m][j][kG / 8 - 1][tx];
-      MmaBf16(acc, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);  // hi
-      MmaBf16(acc, a0.z, a1.z, a0.w, a1.w, bf.x, bf.y);  // lo
-    }
-#pragma unroll
-  for (int half = 0; half < (kG > 8 ? 2 : 1); ++half) {
-    const int t = gq + 8 * half;
-    if (t >= G) continue;
-    const int f = t < g.heads ? 0 : 1;
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int64_t r = rt + 2 * qq + c;
-      if (r < r1) part[(f * a.rows + r) * g.heads + t - f * g.heads] = acc[2 * half + c];
-    }
-  }
-}
 
 // Σ_k p[k · stride], k < chunks, in reduce_partials' order for that chunk count (LaunchReduce's
 // lane choice; lane y sums k ≡ y mod lanes in order from 0, then the lanes in order from 0).
@@ -900,31 +865,38 @@ __global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, Bl
   QkvRowsSmem<kG>& sm = *reinterpret_cast<QkvRowsSmem<kG>*>(smem_raw);
   __shared__ unsigned int ticket;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const BdLane lane_qk{b, b < qk.blocks, tx / 4, tx % 4}, lane_v{b, b < v.blocks, tx / 4, tx % 4};
   const int G = 2 * gqk.heads;
   const int64_t rows = qk.rows, n = rows * gqk.heads, rt = (ty >> 1) * kBdTileRows;
   const bool active = rt < rows, pass_qk = (ty & 1) == 0;  // uniform over the warp
-  QkvRowsRegs regs;
+  // The warp's weights and rows first (block_diag4_fwd_gates' loads at r0 = 0, r1 = rows), so
+  // their latency overlaps the fragment phase.
+  float w[16], w2[16];
+  uint2 raw[kBdTileRows];
   if (active) {
-    if (pass_qk) QkvRowsLoad<true>(qk, rt, regs);
-    else QkvRowsLoad<false>(v, rt, regs);
+    if (pass_qk) {
+      BdLoadWeights<true>(qk, lane_qk.b, lane_qk.live, w, w2);
+      BdLoadTileRows(qk, lane_qk, rt, rows, raw);
+    } else {
+      BdLoadWeights<false>(v, lane_v.b, lane_v.live, w, w2);
+      BdLoadTileRows(v, lane_v, rt, rows, raw);
+    }
   }
   // A fragments of the three maps' gate weights (block_diag4_fwd_gates' loop over maps 0..2).
-  for (int e = tid; e < 3 * 8 * (kG / 8) * 32; e += 128) {
-    const int lane = e % 32, h = (e / 32) % (kG / 8), j = (e / (32 * (kG / 8))) % 8, m = e / (32 * (kG / 8) * 8);
-    const int t = lane / 4 + 8 * h;
-    const int64_t bb = blockIdx.x * 32 + 4 * j + lane % 4;
-    float w[4] = {0.f, 0.f, 0.f, 0.f};
-    if (bb < qk.blocks && t < G) {
-      const float* gw = m == 2 ? GateW(gv, 0, t) : GateW(gqk, m, t);
-      const float4 f = __ldg(reinterpret_cast<const float4*>(gw + bb * 4));
-      w[0] = f.x; w[1] = f.y; w[2] = f.z; w[3] = f.w;
-    }
-    sm.afrag[m][j][h][lane] = SplitHiLoBf16(w);
-  }
+  BdGateFragments<3, kG, 128>(sm.afrag, qk.blocks, G, tid,
+                              [&](int m, int t) { return m == 2 ? GateW(gv, 0, t) : GateW(gqk, m, t); });
   __syncthreads();
+  // The partials as chunks [pass, column block] of [2, rows, heads]: chunk blockIdx.x of pass 0 is
+  // at blockIdx.x · 2n, of pass 1 at (gridDim.x + blockIdx.x) · 2n.
   if (active) {
-    if (pass_qk) QkvRowsTile<true, kG>(qk, gqk, regs, sm.tile[ty], &sm.afrag[0], rt, part + blockIdx.x * 2 * n);
-    else QkvRowsTile<false, kG>(v, gv, regs, sm.tile[ty], &sm.afrag[2], rt, part + (gridDim.x + blockIdx.x) * 2 * n);
+    if (pass_qk) {
+      BdGatesTile<true, kG>(qk, gqk, G, lane_qk, w, w2, raw, sm.tile[ty], &sm.afrag[0], rt, rows, blockIdx.x,
+                            part);
+    } else {
+      BdGatesTile<false, kG>(v, gv, 2 * gv.heads, lane_v, w, w2, raw, sm.tile[ty], &sm.afrag[2], rt, rows,
+                             gridDim.x + blockIdx.x, part);
+    }
   }
   // The last block to finish sums every block's partials (the threadFenceReduction pattern).
   __threadfence();

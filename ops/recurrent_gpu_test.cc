@@ -1015,32 +1015,61 @@ class ScopedSwitch {
   T was_;
 };
 
+// An mLSTM block (layer 3 of SmallXlstm) against float64 at B 2 T 100 and B 3 T 37 under the switch
+// the caller holds (`label` names it in the lines: "mlstm [<label>] ...").
+void CheckMlstmBlockUnder(const std::string& label) {
+  const ModelSpec s = SmallXlstm();
+  const auto make = [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); };
+  CheckBlock("mlstm [" + label + "]", s, make, 2, 100);
+  CheckBlock("mlstm [" + label + "] B 3 T 37", s, make, 3, 37);
+}
+
+// One of the mLSTM block's environment switches as its death tests see it: the variable (read
+// once a process), the values it accepts (in its error message's order), the block's spec, and
+// whether the switch's getter says it took `value`.
+struct MlstmSwitch {
+  const char* env;
+  std::vector<std::string> accepted;
+  ModelSpec spec;
+  bool (*took)(const std::string& value);
+};
+
+// env=value through an mLSTM block's forward and backward: aborts naming the accepted values if
+// the value is rejected, else exits 0 if the switch took it (3 if not).
+[[noreturn]] void MlstmBlockUnderSwitch(const MlstmSwitch& sw, const std::string& value) {
+  setenv(sw.env, value.c_str(), /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<MlstmBlock>(sw.spec);
+  std::exit(sw.took(value) ? 0 : 3);
+}
+
+// Each `rejected` value dies with "<env> must be <a> or <b>, got '<value>'"; each accepted value
+// exits 0, taken. Each case in a fresh process (the "threadsafe" death-test style re-executes
+// this binary).
+void ExpectSwitchValues(const MlstmSwitch& sw, const std::vector<std::string>& rejected) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  std::string listed;
+  for (const std::string& v : sw.accepted) listed += (listed.empty() ? "" : " or ") + v;
+  for (const std::string& v : rejected) {
+    EXPECT_DEATH(MlstmBlockUnderSwitch(sw, v), std::string(sw.env) + " must be " + listed + ", got '" + v + "'");
+  }
+  for (const std::string& v : sw.accepted) {
+    EXPECT_EXIT(MlstmBlockUnderSwitch(sw, v), ::testing::ExitedWithCode(0), "") << sw.env << "=" << v;
+  }
+}
+
 struct SeparateConvQkv : ScopedSwitch<bool> {
   SeparateConvQkv() : ScopedSwitch(MlstmConvQkvFused, SetMlstmConvQkvFused, false) {}
 };
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithSeparateConvQkv) {
   SeparateConvQkv separate;
-  const ModelSpec s = SmallXlstm();
-  CheckBlock("mlstm [conv_qkv separate]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); },
-             2, 100);
-  CheckBlock("mlstm [conv_qkv separate] B 3 T 37", s,
-             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
-}
-
-// GYRE_MLSTM_CONV_QKV=value (read once a process) through an mLSTM block's forward and backward:
-// aborts naming the accepted values if it is rejected, else exits 0.
-[[noreturn]] void MlstmBlockUnderConvQkvSwitch(const char* value) {
-  setenv("GYRE_MLSTM_CONV_QKV", value, /*overwrite=*/1);
-  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
-  std::exit(MlstmConvQkvFused() == (std::string(value) == "fused") ? 0 : 3);
+  CheckMlstmBlockUnder("conv_qkv separate");
 }
 
 TEST_F(RecurrentGpuTest, MlstmConvQkvSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderConvQkvSwitch("on"), "GYRE_MLSTM_CONV_QKV must be separate or fused, got 'on'");
-  EXPECT_EXIT(MlstmBlockUnderConvQkvSwitch("fused"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderConvQkvSwitch("separate"), ::testing::ExitedWithCode(0), "");
+  ExpectSwitchValues({"GYRE_MLSTM_CONV_QKV", {"separate", "fused"}, SmallXlstm(),
+                      [](const std::string& v) { return MlstmConvQkvFused() == (v == "fused"); }},
+                     {"on"});
 }
 
 // ---------------------------------------------------------------- fused conv + v backward
@@ -1208,26 +1237,13 @@ struct SeparateConvVBwd : ScopedSwitch<bool> {
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithSeparateConvVBwd) {
   SeparateConvVBwd separate;
-  const ModelSpec s = SmallXlstm();
-  CheckBlock("mlstm [conv_v_bwd separate]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); },
-             2, 100);
-  CheckBlock("mlstm [conv_v_bwd separate] B 3 T 37", s,
-             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
-}
-
-// GYRE_MLSTM_CONV_V_BWD=value (read once a process) through an mLSTM block's forward and backward:
-// aborts naming the accepted values if it is rejected, else exits 0.
-[[noreturn]] void MlstmBlockUnderConvVBwdSwitch(const char* value) {
-  setenv("GYRE_MLSTM_CONV_V_BWD", value, /*overwrite=*/1);
-  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
-  std::exit(MlstmConvVBwdFused() == (std::string(value) == "fused") ? 0 : 3);
+  CheckMlstmBlockUnder("conv_v_bwd separate");
 }
 
 TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderConvVBwdSwitch("on"), "GYRE_MLSTM_CONV_V_BWD must be separate or fused, got 'on'");
-  EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("fused"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderConvVBwdSwitch("separate"), ::testing::ExitedWithCode(0), "");
+  ExpectSwitchValues({"GYRE_MLSTM_CONV_V_BWD", {"separate", "fused"}, SmallXlstm(),
+                      [](const std::string& v) { return MlstmConvVBwdFused() == (v == "fused"); }},
+                     {"on"});
 }
 
 // The q/k backward's row sums: the tensor-core kernel is the default (the other xLSTM tests run it);
@@ -1238,30 +1254,15 @@ struct QkBwdMode : ScopedSwitch<MlstmQkBwd> {
 };
 
 TEST_F(RecurrentGpuTest, MlstmBlockWithFmaQkBwd) {
-  const ModelSpec s = SmallXlstm();
   QkBwdMode mode(MlstmQkBwd::kFma);
-  CheckBlock("mlstm [qk_bwd fma]", s, [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2,
-             100);
-  CheckBlock("mlstm [qk_bwd fma] B 3 T 37", s,
-             [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 3, 37);
-}
-
-// GYRE_MLSTM_QK_BWD=value (read once a process) through an mLSTM block's forward and backward:
-// aborts naming the accepted values if it is rejected, else exits 0.
-[[noreturn]] void MlstmBlockUnderQkBwdSwitch(const char* value) {
-  setenv("GYRE_MLSTM_QK_BWD", value, /*overwrite=*/1);
-  BlockForwardBackwardOnCuda<MlstmBlock>(SmallXlstm());
-  const std::string v(value);
-  std::exit(GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma) ? 0 : 3);
+  CheckMlstmBlockUnder("qk_bwd fma");
 }
 
 TEST_F(RecurrentGpuTest, MlstmQkBwdSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("on"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'on'");
-  EXPECT_DEATH(MlstmBlockUnderQkBwdSwitch("tc8"), "GYRE_MLSTM_QK_BWD must be fma or tc, got 'tc8'");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("fma"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderQkBwdSwitch("tc"), ::testing::ExitedWithCode(0), "");
-
+  ExpectSwitchValues(
+      {"GYRE_MLSTM_QK_BWD", {"fma", "tc"}, SmallXlstm(),
+       [](const std::string& v) { return GetMlstmQkBwd() == (v == "tc" ? MlstmQkBwd::kTc : MlstmQkBwd::kFma); }},
+      {"on", "tc8"});
 }
 
 // GYRE_MLSTM_DH_DOT=norm: the output norm's backward forms the cell's dots (its kernel covers heads
@@ -1359,19 +1360,11 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithDhDotInNorm) {
   }
 }
 
-// GYRE_MLSTM_DH_DOT=value (read once a process) through an mLSTM block (heads of 384) forward and
-// backward: aborts naming the accepted values if rejected, else exits 0.
-[[noreturn]] void MlstmBlockUnderDhDotSwitch(const char* value) {
-  setenv("GYRE_MLSTM_DH_DOT", value, /*overwrite=*/1);
-  BlockForwardBackwardOnCuda<MlstmBlock>(WideHeadXlstm(2));
-  std::exit(MlstmDhDotInNorm() == (std::string(value) == "norm") ? 0 : 3);
-}
-
+// (The switch's death tests run an mLSTM block with heads of 384, which the norm path covers.)
 TEST_F(RecurrentGpuTest, MlstmDhDotSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmBlockUnderDhDotSwitch("on"), "GYRE_MLSTM_DH_DOT must be cell or norm, got 'on'");
-  EXPECT_EXIT(MlstmBlockUnderDhDotSwitch("norm"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmBlockUnderDhDotSwitch("cell"), ::testing::ExitedWithCode(0), "");
+  ExpectSwitchValues({"GYRE_MLSTM_DH_DOT", {"cell", "norm"}, WideHeadXlstm(2),
+                      [](const std::string& v) { return MlstmDhDotInNorm() == (v == "norm"); }},
+                     {"on"});
 }
 
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.

@@ -676,6 +676,41 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
   EXPECT_EQ(failures, 0);
 }
 
+// The bytewise tests' random inputs of one shape, drawn from `rng` in their order (q, k, v, the
+// input and forget gate pre-activations, dh, the initial state, d_final), and the views the
+// launchers take: Initial / DFinal are empty (no initial state, no d_final) unless `with_states`.
+struct MlstmRandomInputs {
+  MlstmRandomInputs(DeviceAllocator* alloc, const MlstmShape& s, std::mt19937_64& rng)
+      : T(s.batch * s.seq_len * s.num_heads), BH(s.batch * s.num_heads), CS(BH * s.dk * s.dv),
+        q(alloc, T * s.dk), k(alloc, T * s.dk), v(alloc, T * s.dv), dh(alloc, T * s.dv), ig(alloc, T), fg(alloc, T),
+        c0(alloc, CS), n0(alloc, BH * s.dk), m0(alloc, BH), dcf(alloc, CS), dnf(alloc, BH * s.dk), dmf(alloc, BH) {
+    q.Upload(RandomBf16Values(rng, T * s.dk));
+    k.Upload(RandomBf16Values(rng, T * s.dk));
+    v.Upload(RandomBf16Values(rng, T * s.dv));
+    ig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+    fg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+    dh.Upload(RandomBf16Values(rng, T * s.dv));
+    c0.Upload(RandomFloats(rng, CS, 0.5f));
+    n0.Upload(RandomFloats(rng, BH * s.dk, 0.5f));
+    m0.Upload(RandomFloats(rng, BH, 1.f));
+    dcf.Upload(RandomFloats(rng, CS, 0.1f));
+    dnf.Upload(RandomFloats(rng, BH * s.dk, 0.1f));
+    dmf.Upload(RandomFloats(rng, BH, 0.1f));
+  }
+  MlstmDeviceInputs Inputs() const { return {q.get(), k.get(), v.get(), ig.get(), fg.get()}; }
+  MlstmDeviceState<const float> Initial(bool with_states) const {
+    return with_states ? MlstmDeviceState<const float>{c0.get(), n0.get(), m0.get()} : MlstmDeviceState<const float>{};
+  }
+  MlstmDeviceState<const float> DFinal(bool with_states) const {
+    return with_states ? MlstmDeviceState<const float>{dcf.get(), dnf.get(), dmf.get()}
+                       : MlstmDeviceState<const float>{};
+  }
+
+  const int64_t T, BH, CS;  // tokens B·S·NH, B·NH, the cell states' floats
+  DeviceArray<bf16> q, k, v, dh;
+  DeviceArray<float> ig, fg, c0, n0, m0, dcf, dnf, dmf;
+};
+
 // MlstmRingRelease::kEager (fwd_out / bwd_dqk stages released once their own wgmma group retired;
 // helper dqk16, session 16; the default since its merge) against kLag (the kernels before): the
 // same products in the same order, so h,
@@ -701,31 +736,14 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
     for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
       const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
-      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
-          gh(&alloc, T * sh.DV), gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK),
-          gdv(&alloc, T * sh.DV);
-      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gdig(&alloc, T), gdfg(&alloc, T), gc0(&alloc, CS),
-          gn0(&alloc, BH * sh.DK), gm0(&alloc, BH), gdcf(&alloc, CS), gdnf(&alloc, BH * sh.DK),
-          gdmf(&alloc, BH), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH), gdc0(&alloc, CS),
-          gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
-      gq.Upload(RandomBf16Values(rng, T * sh.DK));
-      gk.Upload(RandomBf16Values(rng, T * sh.DK));
-      gv.Upload(RandomBf16Values(rng, T * sh.DV));
-      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
-      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
-      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
-      gc0.Upload(RandomFloats(rng, CS, 0.5f));
-      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
-      gm0.Upload(RandomFloats(rng, BH, 1.f));
-      gdcf.Upload(RandomFloats(rng, CS, 0.1f));
-      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.1f));
-      gdmf.Upload(RandomFloats(rng, BH, 0.1f));
-      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
-      MlstmDeviceState<const float> init, dfin;
+      const MlstmRandomInputs r(&alloc, shape, rng);
+      DeviceArray<bf16> gh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH),
+          gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
+      const MlstmDeviceInputs in = r.Inputs();
+      const MlstmDeviceState<const float> init = r.Initial(sh.with_states), dfin = r.DFinal(sh.with_states);
       MlstmDeviceState<float> fin, dinit;
       if (sh.with_states) {
-        init = {gc0.get(), gn0.get(), gm0.get()};
-        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
         fin = {gcf.get(), gnf.get(), gmf.get()};
         dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
       }
@@ -748,7 +766,7 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
         saved_bytes_of[which].resize(saved_bytes);
         CUDA_CHECK_OR_DIE(cudaMemcpy(saved_bytes_of[which].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
-        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), gdh.get(), dfin,
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), r.dh.get(), dfin,
                                               {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit,
                                               scratch.get(), nullptr));
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
@@ -1086,28 +1104,9 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
     for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
       const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
-      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV),
-          gdh(&alloc, T * sh.DV);
-      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * sh.DK),
-          gm0(&alloc, BH), gdcf(&alloc, CS), gdnf(&alloc, BH * sh.DK), gdmf(&alloc, BH);
-      gq.Upload(RandomBf16Values(rng, T * sh.DK));
-      gk.Upload(RandomBf16Values(rng, T * sh.DK));
-      gv.Upload(RandomBf16Values(rng, T * sh.DV));
-      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
-      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
-      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
-      gc0.Upload(RandomFloats(rng, CS, 0.5f));
-      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
-      gm0.Upload(RandomFloats(rng, BH, 1.f));
-      gdcf.Upload(RandomFloats(rng, CS, 0.1f));
-      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.1f));
-      gdmf.Upload(RandomFloats(rng, BH, 0.1f));
-      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
-      MlstmDeviceState<const float> init, dfin;
-      if (sh.with_states) {
-        init = {gc0.get(), gn0.get(), gm0.get()};
-        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
-      }
+      const MlstmRandomInputs r(&alloc, shape, rng);
+      const MlstmDeviceInputs in = r.Inputs();
+      const MlstmDeviceState<const float> init = r.Initial(sh.with_states), dfin = r.DFinal(sh.with_states);
       MlstmOptions opt;
       opt.chunk_size = 128;
       opt.state_precision = prec;
@@ -1135,7 +1134,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
         CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(),
                                              {gcf.get(), gnf.get(), gmf.get()}, nullptr));
         CUDA_OK_OR_DIE(MlstmChunkwiseBackward(
-            shape, opt, in, init, gh.get(), saved.get(), gdh.get(), dfin,
+            shape, opt, in, init, gh.get(), saved.get(), r.dh.get(), dfin,
             {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()},
             {gdc0.get(), gdn0.get(), gdm0.get()}, scratch.get(), nullptr));
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
