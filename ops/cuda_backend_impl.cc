@@ -790,9 +790,12 @@ class Backend final : public CudaBackend {
     options->chunk_size = a.chunk;
     options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     options->eps = a.eps;
-    // GYRE_MLSTM_PERSIST=fwd_out: chunk 128's fwd_out on a persistent grid (kernels/cuda/mlstm.h,
-    // MlstmPersist; opt-in, helper persist17). The forward and backward of a step get the same value.
-    static const bool persist_fwd_out = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out"}, "off") == "fwd_out";
+    // GYRE_MLSTM_PERSIST unset or fwd_out: chunk 128's fwd_out on a persistent grid
+    // (kernels/cuda/mlstm.h, MlstmPersist; helper persist17, the default since session 17's merge:
+    // the same bytes, the step -1.4%); off: one block a tile. The forward and backward of a step
+    // get the same value.
+    static const bool persist_fwd_out =
+        EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out"}, "fwd_out") == "fwd_out";
     options->persist = persist_fwd_out ? kc::MlstmPersist::kFwdOut : kc::MlstmPersist::kOff;
   }
 
