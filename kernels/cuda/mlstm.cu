@@ -1113,50 +1113,12 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
-// L2 cache hints of the chunk-128 TMA state kernels (helper evict17, session 17; opt-in,
-// MlstmOptions::state_l2 / GYRE_MLSTM_STATE_L2). kL2 is a bit set: kStateL2StoreFirst gives the
-// C_k / dC_k box stores an evict_first policy (the saved states, 0.64 GB a state_fwd at the 125m
-// cell, are written once and read by another kernel much later, so they need not push out the
-// K / V tiles that the other blocks of the tile's row / column read next); kStateL2LoadLast gives
-// the K / V (Q̂ / dH) tile loads evict_last (each K tile is read by the dv/128 blocks of its dk
-// tile, each V tile by the dk/128 blocks of its dv tile). kL2 = 0 is the default kernels' code. The
-// hints change which lines stay in L2, not a byte of any result.
-constexpr int kStateL2StoreFirst = 1, kStateL2LoadLast = 2;
-template <int kL2>
-__device__ __forceinline__ uint64_t StateStorePolicy() {
-  if constexpr ((kL2 & kStateL2StoreFirst) != 0) return hopper::L2PolicyEvictFirst();
-  return 0;
-}
-template <int kL2>
-__device__ __forceinline__ uint64_t StateLoadPolicy() {
-  if constexpr ((kL2 & kStateL2LoadLast) != 0) return hopper::L2PolicyEvictLast();
-  return 0;
-}
-template <int kL2>
-__device__ __forceinline__ void StateBoxStore(const void* map, uint32_t src, int c0, int c1,
-                                              uint64_t policy) {
-  if constexpr ((kL2 & kStateL2StoreFirst) != 0) {
-    hopper::TmaStore2dHint(map, src, c0, c1, policy);
-  } else {
-    hopper::TmaStore2d(map, src, c0, c1);
-  }
-}
-template <int kL2>
-__device__ __forceinline__ void StateTileLoad(uint32_t dst, const void* map, uint32_t bar, int c0,
-                                              int c1, int c2, int c3, uint64_t policy) {
-  if constexpr ((kL2 & kStateL2LoadLast) != 0) {
-    hopper::TmaTile4dHint(dst, map, bar, c0, c1, c2, c3, policy);
-  } else {
-    hopper::TmaTile4d(dst, map, bar, c0, c1, c2, c3);
-  }
-}
-
 // kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
 // (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
 // the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
 // chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
 // the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
-template <int kSub, int kL2 = 0>
+template <int kSub>
 __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
@@ -1181,16 +1143,15 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
-      const uint64_t pol = StateLoadPolicy<kL2>();
       for (int k = 0; k < nsteps; ++k) {
         const int slot = k & 1, use = k >> 1;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
         const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
         MbArriveExpectTx(fb, SM::kStage);
-        StateTileLoad<kL2>(st, &maps.k, fb, a0, hd, k * L, b, pol);
-        StateTileLoad<kL2>(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b, pol);
-        StateTileLoad<kL2>(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b, pol);
-        StateTileLoad<kL2>(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b, pol);
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
       }
     }
     return;
@@ -1249,12 +1210,11 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
       __syncwarp();
       if (lane == 0) {
         const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
-        const uint64_t pol = StateStorePolicy<kL2>();
-        StateBoxStore<kL2>(&maps.c, stg_a, j0, crow, pol);
-        StateBoxStore<kL2>(&maps.c, stg_a + 2048, j0 + 64, crow, pol);
+        TmaStore2d(&maps.c, stg_a, j0, crow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
         if (d.split) {
-          StateBoxStore<kL2>(&maps.c_lo, stg_a + 4096, j0, crow, pol);
-          StateBoxStore<kL2>(&maps.c_lo, stg_a + 6144, j0 + 64, crow, pol);
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
         }
         BulkCommit();
       }
@@ -1332,12 +1292,6 @@ __global__ void __launch_bounds__(384, 1)
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws_l256(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   StateFwdWs<2>(d, p, maps);
-}
-// mlstm_state_fwd_ws with L2 hints kL2 (kStateL2StoreFirst / kStateL2LoadLast; chunk 128 only).
-template <int kL2>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_l2(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateFwdWs<1, kL2>(d, p, maps);
 }
 // ---------------------------------------------------------------- 3. fwd_out
 
@@ -1771,7 +1725,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
 // kSub as in StateFwdWs: 2 = chunk 256 (mlstm_state_bwd_ws_l256), reverse 128-token steps;
 // dC_{k+1} / dn_{k+1} leave and the decay applies at a chunk's first step in reverse order (its
 // second half, or its only half at a short last chunk).
-template <int kSub, int kL2 = 0>
+template <int kSub>
 __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
@@ -1811,12 +1765,11 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
       dws[slot * L + t] = dd;
       const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
       if (t == 0) {
-        const uint64_t pol = StateLoadPolicy<kL2>();
         MbArriveExpectTx(fb, SM::kStage);  // (release: the stores above are visible to waiters)
-        StateTileLoad<kL2>(st, &maps.k, fb, a0, hd, k * L, b, pol);  // q
-        StateTileLoad<kL2>(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b, pol);
-        StateTileLoad<kL2>(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b, pol);  // dh
-        StateTileLoad<kL2>(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b, pol);
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);  // dh
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
       } else {
         MbArrive(fb);
       }
@@ -1868,12 +1821,11 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
       __syncwarp();
       if (lane == 0) {
         const int drow = (bh * d.NC + kc) * d.DK + row0;
-        const uint64_t pol = StateStorePolicy<kL2>();
-        StateBoxStore<kL2>(&maps.c, stg_a, j0, drow, pol);
-        StateBoxStore<kL2>(&maps.c, stg_a + 2048, j0 + 64, drow, pol);
+        TmaStore2d(&maps.c, stg_a, j0, drow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
         if (d.split) {
-          StateBoxStore<kL2>(&maps.c_lo, stg_a + 4096, j0, drow, pol);
-          StateBoxStore<kL2>(&maps.c_lo, stg_a + 6144, j0 + 64, drow, pol);
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
         }
         BulkCommit();
       }
@@ -1946,12 +1898,6 @@ __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
   StateBwdWs<2>(d, p, maps);
 }
-// mlstm_state_bwd_ws with L2 hints kL2 (as mlstm_state_fwd_ws_l2).
-template <int kL2>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_l2(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
-  StateBwdWs<1, kL2>(d, p, maps);
-}
 
 // ------------------------------------------------ 4b/5b. state kernels with the last wave split
 // (helper state16, session 16; the default since its merge: MlstmOptions::state_tail kAuto / kSplit,
@@ -2000,7 +1946,7 @@ __device__ __forceinline__ StateTailTile StateTailTileOf(const Dims& d, int nful
 
 // state_fwd's producer (thread 0): the K tile's two column blocks and kNT / 8 column blocks of
 // V for each chunk, onto the stage's "full" mbarrier.
-template <int kNT, int kL2>
+template <int kNT>
 __device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMaps& maps,
                                                   const StateTailTile& t, uint32_t sa,
                                                   uint32_t full, uint32_t empty) {
@@ -2008,22 +1954,21 @@ __device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMa
   using SM = StateWsSmem;
   constexpr int L = 128;
   const int b = t.bh / d.NH, hd = t.bh % d.NH;
-  const uint64_t pol = StateLoadPolicy<kL2>();
   for (int k = 0; k < d.NC; ++k) {
     const int slot = k & 1, use = k >> 1;
     if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
     const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
     MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
-    StateTileLoad<kL2>(st, &maps.k, fb, t.a0, hd, k * L, b, pol);
-    StateTileLoad<kL2>(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b, pol);
-    StateTileLoad<kL2>(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b, pol);
-    if (kNT == 16) StateTileLoad<kL2>(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b, pol);
+    TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
+    TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+    TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
+    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
   }
 }
 
 // This warp's 16 rows of the state (kNT n-tiles) as hi / lo into its swizzled staging area
 // (hi: column blocks at +0, +2048; lo at +4096, +6144), then one lane stores the boxes.
-template <int kNT, int kL2>
+template <int kNT>
 __device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], unsigned char* stg,
                                                   uint32_t stg_a, const StateWsMaps& maps,
                                                   bool split, int j0, int row, int lane) {
@@ -2047,12 +1992,11 @@ __device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], un
   FenceProxyAsync();
   __syncwarp();
   if (lane == 0) {
-    const uint64_t pol = StateStorePolicy<kL2>();
-    StateBoxStore<kL2>(&maps.c, stg_a, j0, row, pol);
-    if (kNT == 16) StateBoxStore<kL2>(&maps.c, stg_a + 2048, j0 + 64, row, pol);
+    TmaStore2d(&maps.c, stg_a, j0, row);
+    if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
     if (split) {
-      StateBoxStore<kL2>(&maps.c_lo, stg_a + 4096, j0, row, pol);
-      if (kNT == 16) StateBoxStore<kL2>(&maps.c_lo, stg_a + 6144, j0 + 64, row, pol);
+      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
+      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
     }
     BulkCommit();
   }
@@ -2070,7 +2014,7 @@ __device__ __forceinline__ void StateTailMma(float (&acc)[kNT][4], const uint32_
 }
 
 // state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
-template <int kNT, int kL2>
+template <int kNT>
 __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
                                                     const StateWsMaps& maps, const StateTailTile& t,
                                                     unsigned char* sm, uint32_t sa, uint32_t full,
@@ -2107,7 +2051,7 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
         ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
       }
     }
-    StateTailStageOut<kNT, kL2>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
     if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
 
     MbWait(full + 8 * slot, phase);
@@ -2173,8 +2117,8 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
 }
 
 // Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves.
-template <int kL2>
-__device__ __forceinline__ void StateFwdTail(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps, int nfull) {
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_tail(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
   using namespace hopper;
   using SM = StateWsSmem;
   extern __shared__ unsigned char smem_raw[];
@@ -2196,34 +2140,24 @@ __device__ __forceinline__ void StateFwdTail(const Dims& d, const FwdPtrs& p, co
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       if (half) {
-        StateFwdTailLoads<8, kL2>(d, maps, t, sa, full, empty);
+        StateFwdTailLoads<8>(d, maps, t, sa, full, empty);
       } else {
-        StateFwdTailLoads<16, kL2>(d, maps, t, sa, full, empty);
+        StateFwdTailLoads<16>(d, maps, t, sa, full, empty);
       }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateFwdTailConsume<8, kL2>(d, p, maps, t, sm, sa, full, empty);
+    StateFwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty);
   } else {
-    StateFwdTailConsume<16, kL2>(d, p, maps, t, sm, sa, full, empty);
+    StateFwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty);
   }
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_tail(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
-  StateFwdTail<0>(d, p, maps, nfull);
-}
-// mlstm_state_fwd_ws_tail with L2 hints kL2 (helper evict17; see StateStorePolicy).
-template <int kL2>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_fwd_ws_tail_l2(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
-  StateFwdTail<kL2>(d, p, maps, nfull);
 }
 
 // state_bwd consumer warpgroups (mlstm_state_bwd_ws's, chunk 128) on kNT n-tiles; coef / ddc of
 // each stage come from the producer warpgroup through shared memory, as there.
-template <int kNT, int kL2>
+template <int kNT>
 __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs& p,
                                                     const StateWsMaps& maps, const StateTailTile& t,
                                                     unsigned char* sm, uint32_t sa, uint32_t full,
@@ -2255,7 +2189,7 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
   for (int s = 0; s < d.NC; ++s) {
     const int k = d.NC - 1 - s;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    StateTailStageOut<kNT, kL2>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
     if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
 
     MbWait(full + 8 * slot, phase);
@@ -2315,8 +2249,8 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
   if (lane == 0) BulkWait<0>();
 }
 
-template <int kL2>
-__device__ __forceinline__ void StateBwdTail(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps, int nfull) {
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
   using namespace hopper;
   using SM = StateWsSmem;
   constexpr int L = 128;
@@ -2352,12 +2286,11 @@ __device__ __forceinline__ void StateBwdTail(const Dims& d, const BwdPtrs& p, co
       dws[slot * L + tt] = dd;
       const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
       if (tt == 0) {
-        const uint64_t pol = StateLoadPolicy<kL2>();
         MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);
-        StateTileLoad<kL2>(st, &maps.k, fb, t.a0, hd, k * L, b, pol);  // q
-        StateTileLoad<kL2>(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b, pol);
-        StateTileLoad<kL2>(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b, pol);  // dh
-        if (!half) StateTileLoad<kL2>(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b, pol);
+        TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
+        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
       } else {
         MbArrive(fb);
       }
@@ -2366,20 +2299,10 @@ __device__ __forceinline__ void StateBwdTail(const Dims& d, const BwdPtrs& p, co
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateBwdTailConsume<8, kL2>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+    StateBwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty, cws, dws);
   } else {
-    StateBwdTailConsume<16, kL2>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+    StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
   }
-}
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
-  StateBwdTail<0>(d, p, maps, nfull);
-}
-// mlstm_state_bwd_ws_tail with L2 hints kL2 (helper evict17; see StateStorePolicy).
-template <int kL2>
-__global__ void __launch_bounds__(384, 1)
-    mlstm_state_bwd_ws_tail_l2(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
-  StateBwdTail<kL2>(d, p, maps, nfull);
 }
 // ---------------------------------------------------------------- 6. bwd_dv
 
@@ -5156,43 +5079,6 @@ StateTailGrid StateTailPlan(const Dims& d) {
   return g;
 }
 
-// MlstmOptions::state_l2 resolved to kL2 bits (kStateL2StoreFirst / kStateL2LoadLast; helper
-// evict17, opt-in). kAuto: GYRE_MLSTM_STATE_L2, read once per process: unset or "none" = 0,
-// "store", "load", "both"; any other value is an error naming the accepted ones.
-CudaResult StateL2Bits(const MlstmOptions& o, const char* who, int* bits) {
-  static const char* const env = std::getenv("GYRE_MLSTM_STATE_L2");
-  *bits = 0;
-  switch (o.state_l2) {
-    case MlstmStateL2::kNone: return {};
-    case MlstmStateL2::kStoreEvictFirst: *bits = kStateL2StoreFirst; return {};
-    case MlstmStateL2::kLoadEvictLast: *bits = kStateL2LoadLast; return {};
-    case MlstmStateL2::kBoth: *bits = kStateL2StoreFirst | kStateL2LoadLast; return {};
-    case MlstmStateL2::kAuto: break;
-  }
-  if (env == nullptr || std::strcmp(env, "none") == 0) return {};
-  if (std::strcmp(env, "store") == 0) {
-    *bits = kStateL2StoreFirst;
-  } else if (std::strcmp(env, "load") == 0) {
-    *bits = kStateL2LoadLast;
-  } else if (std::strcmp(env, "both") == 0) {
-    *bits = kStateL2StoreFirst | kStateL2LoadLast;
-  } else {
-    return InvalidArgument(std::string(who) + ": GYRE_MLSTM_STATE_L2 must be none, store, load or both (or unset), got '" +
-                           env + "'");
-  }
-  return {};
-}
-// The state kernel for kL2 bits `bits` (0: the default kernel).
-template <typename Kernel>
-Kernel StateL2Kernel(int bits, Kernel none, Kernel store, Kernel load, Kernel both) {
-  switch (bits) {
-    case kStateL2StoreFirst: return store;
-    case kStateL2LoadLast: return load;
-    case kStateL2StoreFirst | kStateL2LoadLast: return both;
-  }
-  return none;
-}
-
 // MlstmRingRelease resolved; GYRE_MLSTM_RING is read once per process (helper dqk16, session 16;
 // the default since its merge): unset or "eager" runs mlstm_fwd_out_ws3_eager /
 // mlstm_bwd_dqk_ws_eager (stages released as soon as their wgmma group retired; bitwise the same
@@ -5367,7 +5253,7 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 // tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool ring_eager = false, int state_l2 = 0) {
+                         bool tail_split = false, bool ring_eager = false) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -5402,21 +5288,16 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
           CUDA_RETURN_IF_NOT_OK(EncodeStateFwdMaps(d, p, &maps));
           const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
-            const auto kernel = StateL2Kernel(state_l2, &mlstm_state_fwd_ws_tail, &mlstm_state_fwd_ws_tail_l2<1>,
-                                              &mlstm_state_fwd_ws_tail_l2<2>, &mlstm_state_fwd_ws_tail_l2<3>);
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws_tail, ws_smem));
+            mlstm_state_fwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd_tail");
-            // (its own names: the tests check which ran)
-            Hook(state_l2 != 0 ? "mlstm_state_fwd_tail_l2" : "mlstm_state_fwd_tail", stream);
+            Hook("mlstm_state_fwd_tail", stream);  // (its own name: the test checks it ran)
             return {};
           }
-          const auto kernel = StateL2Kernel(state_l2, &mlstm_state_fwd_ws, &mlstm_state_fwd_ws_l2<1>,
-                                            &mlstm_state_fwd_ws_l2<2>, &mlstm_state_fwd_ws_l2<3>);
-          CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-          kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_fwd_ws, ws_smem));
+          mlstm_state_fwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_fwd");
-          Hook(state_l2 != 0 ? "mlstm_state_fwd_l2" : "mlstm_state_fwd", stream);
+          Hook("mlstm_state_fwd", stream);
           return {};
         }
       }
@@ -5515,7 +5396,7 @@ CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cud
 // LaunchBwdPrep. tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 template <int L>
 CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
-                          cudaStream_t stream, bool tail_split = false, int state_l2 = 0) {
+                          cudaStream_t stream, bool tail_split = false) {
   const int bh = d.B * d.NH;
   CUDA_RETURN_IF_NOT_OK(LaunchBwdPrep(d, p, dots, stream));
   {
@@ -5529,21 +5410,16 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
           CUDA_RETURN_IF_NOT_OK(EncodeStateBwdMaps(d, p, &maps));
           const StateTailGrid tg = tail_split ? StateTailPlan(d) : StateTailGrid{};
           if (tg.blocks > 0) {
-            const auto kernel = StateL2Kernel(state_l2, &mlstm_state_bwd_ws_tail, &mlstm_state_bwd_ws_tail_l2<1>,
-                                              &mlstm_state_bwd_ws_tail_l2<2>, &mlstm_state_bwd_ws_tail_l2<3>);
-            CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-            kernel<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
+            CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws_tail, ws_smem));
+            mlstm_state_bwd_ws_tail<<<tg.blocks, 384, ws_smem, stream>>>(d, p, maps, tg.nfull);
             CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd_tail");
-            // (its own names: the tests check which ran)
-            Hook(state_l2 != 0 ? "mlstm_state_bwd_tail_l2" : "mlstm_state_bwd_tail", stream);
+            Hook("mlstm_state_bwd_tail", stream);  // (its own name: the test checks it ran)
             return {};
           }
-          const auto kernel = StateL2Kernel(state_l2, &mlstm_state_bwd_ws, &mlstm_state_bwd_ws_l2<1>,
-                                            &mlstm_state_bwd_ws_l2<2>, &mlstm_state_bwd_ws_l2<3>);
-          CUDA_RETURN_IF_NOT_OK(SetSmem(kernel, ws_smem));
-          kernel<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_state_bwd_ws, ws_smem));
+          mlstm_state_bwd_ws<<<dim3(d.DV / kT, d.DK / kT, bh), 384, ws_smem, stream>>>(d, p, maps);
           CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
-          Hook(state_l2 != 0 ? "mlstm_state_bwd_l2" : "mlstm_state_bwd", stream);
+          Hook("mlstm_state_bwd", stream);
           return {};
         }
       }
@@ -5852,8 +5728,6 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
-  int state_l2 = 0;
-  CUDA_RETURN_IF_NOT_OK(StateL2Bits(options, "mlstm forward", &state_l2));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -5866,7 +5740,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
     case 256: return LaunchForward256(d, p, stream);
-    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, state_l2);
+    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager);
   }
 }
 
@@ -5929,8 +5803,6 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm recompute states", &tail_split));
-  int state_l2 = 0;
-  CUDA_RETURN_IF_NOT_OK(StateL2Bits(options, "mlstm recompute states", &state_l2));
   // Exactly MlstmChunkwiseForward's Dims and pointers (h / den / h lo are not touched by the
   // first two launches; the final state is not wanted, as in the ops forward).
   Dims d = MakeDims(shape, options);
@@ -5950,7 +5822,7 @@ CudaResult MlstmChunkwiseRecomputeStates(const MlstmShape& shape, const MlstmOpt
     case 32: return LaunchForward<32>(d, p, stream, false);
     case 64: return LaunchForward<64>(d, p, stream, false);
     case 256: return LaunchForward256(d, p, stream, false);
-    default: return LaunchForward<128>(d, p, stream, false, tail_split, false, state_l2);
+    default: return LaunchForward<128>(d, p, stream, false, tail_split);
   }
 }
 
@@ -6004,8 +5876,6 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
-  int state_l2 = 0;
-  CUDA_RETURN_IF_NOT_OK(StateL2Bits(options, "mlstm backward", &state_l2));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -6064,7 +5934,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 256: return LaunchBackward256(d, p, dv_choice, dh_dots, stream);
-    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split, state_l2);
+    default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split);
   }
 }
 }  // namespace

@@ -147,20 +147,6 @@ enum class MlstmStateTail {
            // tiles the kFull kernels run
 };
 
-// L2 cache hints of the chunk-128 TMA state kernels (mlstm_state_fwd_ws / _bwd_ws and their split
-// _tail forms; helper evict17, session 17; kernels/cuda/mlstm_notes.md). Opt-in: the outputs are
-// the same bytes with any hint (tested bytewise); other chunk sizes and the 64×64 state tiles
-// ignore it.
-enum class MlstmStateL2 {
-  kAuto,             // GYRE_MLSTM_STATE_L2 (read once per process): unset or "none" = kNone,
-                     // "store" = kStoreEvictFirst, "load" = kLoadEvictLast, "both" = kBoth; any
-                     // other value makes forward, recompute and backward return an error naming it
-  kNone,             // no hint (the default kernels)
-  kStoreEvictFirst,  // the C_k / dC_k TMA box stores carry an L2 evict_first policy
-  kLoadEvictLast,    // the K / V (Q̂ / dH) TMA tile loads carry an L2 evict_last policy
-  kBoth,             // both
-};
-
 // When the consumers of the chunk-128 TMA kernels fwd_out (mlstm_fwd_out_ws3) and bwd_dqk
 // (mlstm_bwd_dqk_ws) hand a shared-memory stage back to their producer (helper dqk16, session 16;
 // kernels/cuda/mlstm_notes.md). The outputs are the same bytes either way (the same products in the
@@ -200,8 +186,6 @@ struct MlstmOptions {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   // Chunk 128's fwd_out / bwd_dqk TMA kernels: when a stage is released (see MlstmRingRelease).
   MlstmRingRelease ring = MlstmRingRelease::kAuto;
-  // Chunk 128's TMA state kernels: L2 cache hints (see MlstmStateL2).
-  MlstmStateL2 state_l2 = MlstmStateL2::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -932,11 +931,8 @@ TEST(MlstmGpuTest, BackwardWithDotsMatchesBackward) {
 // an initial state and d_final, the 125m head (dk = dv = 384) and the 1.3B head (1024). The launch
 // hook must see the split kernels run. Run when MLSTM_TEST_VARIANTS is unset or names "tail".
 std::vector<int> g_tail_names;  // 1 per launch of mlstm_state_*_tail, 0 per other launch
-std::vector<int> g_l2_names;    // 1 per launch of an L2-hinted state kernel (mlstm_state_*_l2)
 void CountTailLaunch(const char* name, cudaStream_t) {
   g_tail_names.push_back(std::strstr(name, "_tail") != nullptr ? 1 : 0);
-  const size_t n = std::strlen(name);
-  g_l2_names.push_back(n > 3 && std::strcmp(name + n - 3, "_l2") == 0 ? 1 : 0);
 }
 
 std::vector<unsigned char> DeviceBytes(const void* p, size_t n) {
@@ -1000,29 +996,11 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       opt.state_tile = 128;
       const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
       const size_t scratch_bytes = MlstmChunkwiseBackwardScratchBytes(shape, opt);
-      // Runs: kFull and kSplit, each without L2 hints and with every MlstmStateL2 hint (helper
-      // evict17): every output's bytes, compared with run 0 (kFull, no hint).
-      struct Run {
-        MlstmStateTail tail;
-        MlstmStateL2 l2;
-        const char* name;
-      };
-      static const Run kRuns[] = {
-          {MlstmStateTail::kFull, MlstmStateL2::kNone, "full"},
-          {MlstmStateTail::kSplit, MlstmStateL2::kNone, "split"},
-          {MlstmStateTail::kFull, MlstmStateL2::kStoreEvictFirst, "full+l2store"},
-          {MlstmStateTail::kSplit, MlstmStateL2::kStoreEvictFirst, "split+l2store"},
-          {MlstmStateTail::kFull, MlstmStateL2::kLoadEvictLast, "full+l2load"},
-          {MlstmStateTail::kSplit, MlstmStateL2::kLoadEvictLast, "split+l2load"},
-          {MlstmStateTail::kFull, MlstmStateL2::kBoth, "full+l2both"},
-          {MlstmStateTail::kSplit, MlstmStateL2::kBoth, "split+l2both"},
-      };
-      std::vector<std::vector<unsigned char>> out0;
-      std::string diffs, launches;
-      bool ok = true;
-      for (const Run& run : kRuns) {
-        opt.state_tail = run.tail;
-        opt.state_l2 = run.l2;
+      // [0] kFull, [1] kSplit: every output's bytes.
+      std::vector<std::vector<unsigned char>> out[2];
+      size_t tail_launches = 0;
+      for (int which = 0; which < 2; ++which) {
+        opt.state_tail = which == 0 ? MlstmStateTail::kFull : MlstmStateTail::kSplit;
         DeviceBuffer saved, scratch;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
         CUDA_OK_OR_DIE(alloc.Allocate(scratch_bytes, &scratch));
@@ -1035,7 +1013,6 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
         for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
         for (auto* x : {&gcf, &gnf, &gmf, &gdig, &gdfg, &gdc0, &gdn0, &gdm0}) x->Poison();
         g_tail_names.clear();
-        g_l2_names.clear();
         MlstmSetLaunchHook(&CountTailLaunch);
         CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(),
                                              {gcf.get(), gnf.get(), gmf.get()}, nullptr));
@@ -1045,49 +1022,40 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
             {gdc0.get(), gdn0.get(), gdm0.get()}, scratch.get(), nullptr));
         CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
         MlstmSetLaunchHook(nullptr);
-        size_t tails = 0, hinted = 0;
+        size_t tails = 0;
         for (int x : g_tail_names) tails += x;
-        for (int x : g_l2_names) hinted += x;
-        // The split runs launch both tail kernels, the full runs none; the hinted runs launch both
-        // state kernels as their _l2 forms, the others none.
-        const size_t want_tails = run.tail == MlstmStateTail::kSplit ? 2 : 0;
-        const size_t want_hinted = run.l2 == MlstmStateL2::kNone ? 0 : 2;
-        launches += std::string(" ") + run.name + " " + std::to_string(tails) + "/" + std::to_string(hinted);
-        ok = ok && tails == want_tails && hinted == want_hinted;
-        std::vector<std::vector<unsigned char>> out;
-        out.push_back(DeviceBytes(saved.get(), saved_bytes));
-        out.push_back(DeviceBytes(scratch.get(), scratch_bytes));
-        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out.push_back(DeviceBytes(x->get(), x->size() * 2));
+        if (which == 1) tail_launches = tails;
+        if (which == 0 && tails != 0) tail_launches = 100;  // kFull must not run them
+        out[which].push_back(DeviceBytes(saved.get(), saved_bytes));
+        out[which].push_back(DeviceBytes(scratch.get(), scratch_bytes));
+        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) out[which].push_back(DeviceBytes(x->get(), x->size() * 2));
         for (const auto* x : {&gcf, &gnf, &gmf, &gdig, &gdfg, &gdc0, &gdn0, &gdm0}) {
-          out.push_back(DeviceBytes(x->get(), x->size() * 4));
+          out[which].push_back(DeviceBytes(x->get(), x->size() * 4));
         }
-        if (out0.empty()) {
-          out0 = std::move(out);
-          continue;
-        }
-        static const char* const kNames[] = {"saved", "scratch", "h", "dq", "dk", "dv", "C_S", "n_S",
-                                             "m_S", "digate", "dfgate", "dC0", "dn0", "dm0"};
-        for (size_t i = 0; i < out0.size(); ++i) {
-          const size_t n = BytesDiffer(out0[i], out[i]);
-          if (n != 0) {
-            ok = false;
-            diffs += std::string(" ") + run.name + ":" + kNames[i] + " " + std::to_string(n) + "/" +
-                     std::to_string(out0[i].size());
-          }
+      }
+      static const char* const kNames[] = {"saved", "scratch", "h", "dq", "dk", "dv", "C_S", "n_S",
+                                           "m_S", "digate", "dfgate", "dC0", "dn0", "dm0"};
+      std::string diffs;
+      bool ok = tail_launches == 2;
+      for (size_t i = 0; i < out[0].size(); ++i) {
+        const size_t n = BytesDiffer(out[0][i], out[1][i]);
+        if (n != 0) {
+          ok = false;
+          diffs += std::string(" ") + kNames[i] + " " + std::to_string(n) + "/" + std::to_string(out[0][i].size());
         }
       }
       // The C_k planes were written (the first bytes of `saved` are C_0's hi plane).
-      const auto& a = out0[0];
+      const auto& a = out[0][0];
       ok = ok && a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
       const int64_t tiles = BH * (sh.DK / 128) * (sh.DV / 128), tail = tiles % sms;
-      std::printf("[%s] mlstm state tail split / L2 hints vs full bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
-                  "%lld tiles on %d SMs -> %lld full + %lld half blocks; tail/_l2 state kernels ran:%s; "
-                  "bytes differing from full:%s\n",
+      std::printf("[%s] mlstm state tail split vs full bytewise B%lld S%lld NH%lld dk%lld dv%lld L128 %s%s: "
+                  "%lld tiles on %d SMs -> %lld full + %lld half blocks; split kernels ran %zu of 2; "
+                  "bytes differing:%s\n",
                   ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
                   static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                   prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split",
                   sh.with_states ? " +init +dfinal" : "", static_cast<long long>(tiles), sms,
-                  static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), launches.c_str(),
+                  static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
                   diffs.empty() ? " none" : diffs.c_str());
       failures += ok ? 0 : 1;
     }
