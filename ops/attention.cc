@@ -379,6 +379,32 @@ Tensor Grow(const Tensor& buf, int64_t B, int64_t cols, int64_t t, int64_t cap_n
   return grown;
 }
 
+// DecodeCuda / DecodeChunkCuda with DecodeRopeAppendOneLaunch() (GYRE_DECODE_ROPE_APPEND=1):
+// cache rows t .. t + queries - 1 of every sequence take k rotated, v (and the grouped k,
+// SelfExtend), and *qn (*qg) the rotated queries, in one launch instead of the append / clone /
+// RoPE launches (5 a layer, 9 with SelfExtend); the same bits (the kernel rotates through the
+// RoPE kernel's own device functions, on the same bf16 values). Rows r = j·batch + b; t comes
+// from `pos` (device) when set, else the host t. The caches must have room (grown by the caller).
+void RopeAppendOneLaunch(const Tensor& q, const Tensor& k, const Tensor& v, int64_t batch, int64_t queries,
+                         const AttentionOptions& o, KvCache* cache, int64_t t, const int32_t* pos, Tensor* qn,
+                         Tensor* qg) {
+  const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, rows = batch * queries;
+  const bool se = o.self_extend_group > 0;
+  *qn = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  if (se) *qg = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  CudaRopeAppendArgs r;
+  r.batch = batch; r.queries = queries; r.heads = o.heads; r.kv_heads = o.kv_heads; r.head_dim = o.head_dim;
+  r.rotary_dim = o.rotary_dim; r.theta = o.rope_theta;
+  r.offset = t; r.position_dev = pos;
+  r.group = se ? o.self_extend_group : 0; r.shift = se ? GroupedQueryShift(o) : 0;
+  r.q = q.raw(); r.k = k.raw(); r.v = v.raw(); r.ldq = qd; r.ldk = kvd; r.ldv = kvd;
+  r.q_out = qn->raw(); r.q_grouped_out = se ? qg->raw() : nullptr;
+  r.k_cache = cache->cuda_k.raw(); r.v_cache = cache->cuda_v.raw();
+  r.k_grouped_cache = se ? cache->cuda_k_grouped.raw() : nullptr;
+  r.cache_batch_stride = cache->cuda_k.dim(1) * kvd;
+  CudaInfer().RopeAppend(r);
+}
+
 // A chunk of `chunk` tokens of one sequence (B = 1, rows = positions): the keys/values appended
 // with one copy each, one RoPE launch for the new keys and one for the queries, one decode launch
 // with `chunk` queries (causal inside the chunk). Same numbers as `chunk` DecodeCuda calls.
@@ -419,16 +445,21 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
     }
   };
   const int64_t row_col = pos != nullptr ? 0 : t * kvd;
-  append(cache->cuda_k, k);
-  RopeCuda(cache->cuda_k, row_col, chunk, chunk, Hk, kvd, o, t, 0, 0, false, pos, kvd);
-  append(cache->cuda_v, v);
-  Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false, pos, 0);
-  if (se) {
-    append(cache->cuda_k_grouped, k);
-    RopeCuda(cache->cuda_k_grouped, row_col, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
-    qg = q.Clone();
-    RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+  Tensor qn, qg;
+  if (DecodeRopeAppendOneLaunch()) {
+    RopeAppendOneLaunch(q, k, v, 1, chunk, o, cache, t, pos, &qn, &qg);
+  } else {
+    append(cache->cuda_k, k);
+    RopeCuda(cache->cuda_k, row_col, chunk, chunk, Hk, kvd, o, t, 0, 0, false, pos, kvd);
+    append(cache->cuda_v, v);
+    qn = q.Clone();
+    RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false, pos, 0);
+    if (se) {
+      append(cache->cuda_k_grouped, k);
+      RopeCuda(cache->cuda_k_grouped, row_col, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
+      qg = q.Clone();
+      RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+    }
   }
   cache->cuda_length = t + chunk;
   Tensor out = Tensor::Empty({chunk, qd}, DType::kBF16, Device::kCuda);
@@ -479,16 +510,21 @@ Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const Atten
     }
   };
   const int64_t row_col = pos != nullptr ? 0 : t * kvd;
-  append(cache->cuda_k, k);
-  RopeCuda(cache->cuda_k, row_col, B, 1, Hk, cap * kvd, o, t, 0, 0, false, pos, kvd);
-  append(cache->cuda_v, v);
-  Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false, pos, 0);
-  if (se) {
-    append(cache->cuda_k_grouped, k);
-    RopeCuda(cache->cuda_k_grouped, row_col, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
-    qg = q.Clone();
-    RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+  Tensor qn, qg;
+  if (DecodeRopeAppendOneLaunch()) {
+    RopeAppendOneLaunch(q, k, v, B, 1, o, cache, t, pos, &qn, &qg);
+  } else {
+    append(cache->cuda_k, k);
+    RopeCuda(cache->cuda_k, row_col, B, 1, Hk, cap * kvd, o, t, 0, 0, false, pos, kvd);
+    append(cache->cuda_v, v);
+    qn = q.Clone();
+    RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false, pos, 0);
+    if (se) {
+      append(cache->cuda_k_grouped, k);
+      RopeCuda(cache->cuda_k_grouped, row_col, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
+      qg = q.Clone();
+      RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+    }
   }
   cache->cuda_length = t + 1;
   Tensor out = Tensor::Empty({B, qd}, DType::kBF16, Device::kCuda);

@@ -43,6 +43,18 @@ class CudaInferenceImpl final : public CudaInference {
     OkOrDie(cuda_infer::RopePartial(r, Stream()), "rope");
   }
 
+  void RopeAppend(const CudaRopeAppendArgs& a) override {
+    cuda_infer::RopeAppendArgs r;
+    r.batch = a.batch; r.queries = a.queries; r.heads = a.heads; r.kv_heads = a.kv_heads; r.head_dim = a.head_dim;
+    r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
+    r.theta = a.theta; r.offset = a.offset; r.position_dev = a.position_dev; r.group = a.group; r.shift = a.shift;
+    r.q = a.q; r.k = a.k; r.v = a.v; r.ldq = a.ldq; r.ldk = a.ldk; r.ldv = a.ldv;
+    r.q_out = a.q_out; r.q_grouped_out = a.q_grouped_out;
+    r.k_cache = a.k_cache; r.k_grouped_cache = a.k_grouped_cache; r.v_cache = a.v_cache;
+    r.cache_batch_stride = a.cache_batch_stride;
+    OkOrDie(cuda_infer::RopeAppend(r, Stream()), "rope append");
+  }
+
   void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped, int64_t group,
                                   int64_t window) override {
     kc::AttentionForwardArgs f;
