@@ -382,29 +382,31 @@ int Main(int argc, char** argv) {
     }
     if (cuda && rope_ab) {
       // The attention decode appends + RoPE in separate launches (0) and in one (1), alternating
-      // three times: eager greedy steps on gs, graph replays on gs (a fresh capture each; a full
-      // KV cache first grows in an untimed eager step), and with --spec_graph both speculative
-      // graph rounds at keep k on ss (an untimed eager round first: the warm-up / growth). Medians.
+      // three times, each setting on FRESH states at the same positions and tokens (the attention
+      // kernel's cost grows with the cache length, so a shared state would time the later setting
+      // at longer caches): a greedy state prefilled with the 32 warm tokens, eager steps, then a
+      // capture and graph replays (positions 41..58, no growth); a speculative state prefilled the
+      // same way, one eager round (the warm-up), a SpeculativeGraph and rounds at keep k until its
+      // cache would grow. Medians.
       std::vector<double> eager_ms[2], graph_ms[2], round_ms[2];
       int64_t nodes[2] = {0, 0}, round_nodes[2] = {0, 0};
-      size_t at = split + 1000;
       for (int turn = 0; turn < 3; ++turn)
         for (int one = 0; one < 2; ++one) {
           ops::SetDecodeRopeAppendOneLaunch(one == 1);
+          size_t at = split + 1000 + static_cast<size_t>(turn) * 200;
+          auto st = (*model)->NewDecodeState(1);
+          warm_options.heads = 1;
+          (*model)->DecodeChunk(warm, 32, st.get(), warm_options);
           for (int64_t r = 0; r < reps / 2 + 1; ++r) {
             const int32_t tok = data[at++];
             sync();
             const auto t0 = now();
-            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
+            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), st.get(), 1);
             sync();
             if (r >= 1) eager_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
           }
-          if (ops::DecodeGraph::KvCacheFull(gs.get())) {
-            const int32_t tok = data[at++];
-            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), gs.get(), 1);
-          }
           {
-            auto graph = ops::DecodeGraph::Capture(model->get(), gs.get());
+            auto graph = ops::DecodeGraph::Capture(model->get(), st.get());
             if (!graph.ok()) {
               std::printf("COST_ROPE_APPEND %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
               return 1;
@@ -418,16 +420,17 @@ int Main(int argc, char** argv) {
             }
           }
           if (spec_graph != "both") continue;
-          absl::StatusOr<std::unique_ptr<ops::SpeculativeGraph>> sgraph;
-          for (int attempt = 0; attempt < 2; ++attempt) {  // an eager round warms up (and grows the caches)
+          auto sst = (*model)->NewDecodeState(1);
+          warm_options.heads = 0;
+          (*model)->DecodeChunk(warm, 32, sst.get(), warm_options);
+          {
             const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + k);
             at += k;
-            (*model)->DecodeChunk(chunk, k, ss.get(), round);
-            if (!(*model)->Rewind(ss.get(), k).ok()) return 1;
-            (*model)->DraftLogits(*ss, k - 1);
-            sgraph = ops::SpeculativeGraph::Capture(model->get(), ss.get(), k);
-            if (sgraph.ok()) break;
+            (*model)->DecodeChunk(chunk, k, sst.get(), round);
+            if (!(*model)->Rewind(sst.get(), k).ok()) return 1;
+            (*model)->DraftLogits(*sst, k - 1);
           }
+          auto sgraph = ops::SpeculativeGraph::Capture(model->get(), sst.get(), k);
           if (!sgraph.ok()) {
             std::printf("COST_ROPE_APPEND %s: speculative graph: %s\n", preset.c_str(),
                         sgraph.status().ToString().c_str());
@@ -441,7 +444,7 @@ int Main(int argc, char** argv) {
             const auto t0 = now();
             if (!(*sgraph)->Round(chunk, k).ok() || !(*sgraph)->Commit(k).ok()) return 1;
             sync();
-            if (r >= 2) round_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+            if (r >= 1) round_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
           }
         }
       ops::SetDecodeRopeAppendOneLaunch(true);  // the Generate loop's graph runs: 1; its A/B run: 0
