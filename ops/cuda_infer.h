@@ -203,6 +203,9 @@ void SetDecodeQkvOneLaunch(bool on);
 // CudaInference::RopeAppend launch, the same bits). Read once; other values stop the process
 // naming the accepted ones. SetDecodeRopeAppendOneLaunch overrides it (tests, benchmarks).
 bool DecodeRopeAppendOneLaunch();
+// The most rows a decoding product sends to GemmRows (= cuda_infer::kGemmRowsMax, asserted in
+// ops/cuda_infer_impl.cc), for callers that need to know which kernel computes a product.
+inline constexpr int64_t kDecodeGemmRowsMax = 16;
 void SetDecodeRopeAppendOneLaunch(bool on);
 
 // Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "2" (the

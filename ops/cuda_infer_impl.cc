@@ -31,6 +31,8 @@ static_assert(sizeof(CudaCopySpan) == sizeof(cuda_infer::CopySpan) &&
                   offsetof(CudaCopySpan, bytes) == offsetof(cuda_infer::CopySpan, bytes),
               "CudaCopySpan and cuda_infer::CopySpan must share a layout");
 
+static_assert(kDecodeGemmRowsMax == cuda_infer::kGemmRowsMax, "ops/cuda_infer.h kDecodeGemmRowsMax");
+
 class CudaInferenceImpl final : public CudaInference {
  public:
   void Rope(const CudaRopeArgs& a) override {

@@ -910,12 +910,14 @@ TEST_F(DecodeGpuTest, DecodeGraphWithAttentionBitwiseEqualsEagerSteps) {
 // RopeAppend, GYRE_DECODE_ROPE_APPEND=1) against the separate launches (append k, RoPE k in the
 // cache, append v, clone q, RoPE q; SelfExtend: the grouped k and q too), every byte:
 // (1) the op: CausalAttentionDecode (batch 1 and 3) and CausalAttentionDecodeChunk (4 rows,
-//     batch 1: the speculative round's shape) on twin caches, one per path, with the position
+//     batch 1: the speculative round's shape), and CausalAttentionDecodeChunkPacked (q, k, v as
+//     column blocks of one tensor), on triplet caches, one per path, with the position
 //     from the host (eager) and from a device int32 (the graph's kernels, launched eagerly here),
 //     70 steps / 18 chunks from an empty cache (growth at 64): every output and every cache row
 //     below the length (k, v, the grouped k), whole-head and partial rotary, GQA, SelfExtend;
-// (2) the models: DecodeGraph replays with the fused launch against eager steps with the
-//     separate launches (CheckGraphBitwiseEqualsEager), llama variants and the mixer hybrid.
+// (2) the models: DecodeGraph replays with the fused launch (and Llama's one q/k/v product over
+//     the adjacent weights, the mixer's qkv read in place) against eager steps with the separate
+//     launches and products (CheckGraphBitwiseEqualsEager), llama variants and the mixer hybrid.
 TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
   const bool saved = DecodeRopeAppendOneLaunch();
   Tensor pos = Tensor::Empty({1}, DType::kI32, Device::kCuda);
@@ -961,13 +963,13 @@ TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
       const int64_t chunk = B == 0 ? 4 : 1, rows = B == 0 ? 4 : B, calls = B == 0 ? 18 : 70;
       for (bool device_position : {false, true}) {
         int64_t case_differ = 0;
-        KvCache separate, fused;
+        KvCache separate, fused, packed;
         for (int64_t call = 0; call < calls; ++call) {
           const Tensor q = random_dev(rows, qd), k = random_dev(rows, kvd), v = random_dev(rows, kvd);
-          Tensor out[2];
-          for (int path = 0; path < 2; ++path) {
-            KvCache* cache = path == 0 ? &separate : &fused;
-            SetDecodeRopeAppendOneLaunch(path == 1);
+          Tensor out[3];
+          for (int path = 0; path < 3; ++path) {  // separate launches, one launch, one launch on packed qkv
+            KvCache* cache = path == 0 ? &separate : path == 1 ? &fused : &packed;
+            SetDecodeRopeAppendOneLaunch(path >= 1);
             const int64_t t = cache->cuda_length;
             // The device position needs a cache with room (a graph never records a Grow).
             const bool room = cache->cuda_k.defined() && t + chunk <= cache->cuda_k.dim(1);
@@ -976,21 +978,28 @@ TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
               Cuda().CopyBytes(pos.raw(), Device::kCuda, &t32, Device::kCpu, sizeof(int32_t));
               cache->graph_position = pos.data<int32_t>();
             }
-            out[path] = B == 0 ? CausalAttentionDecodeChunk(q, k, v, chunk, o, cache)
-                               : CausalAttentionDecode(q, k, v, o, cache);
+            if (path == 2) {
+              out[path] = CausalAttentionDecodeChunkPacked(ConcatColumns({q, k, v}), chunk, o, cache);
+            } else {
+              out[path] = B == 0 ? CausalAttentionDecodeChunk(q, k, v, chunk, o, cache)
+                                 : CausalAttentionDecode(q, k, v, o, cache);
+            }
             cache->graph_position = nullptr;
           }
-          const int64_t length = fused.cuda_length;
-          const bool ok = length == separate.cuda_length && same(out[0], out[1]) &&
-                          rows_equal(separate.cuda_k, fused.cuda_k, length) &&
-                          rows_equal(separate.cuda_v, fused.cuda_v, length) &&
-                          rows_equal(separate.cuda_k_grouped, fused.cuda_k_grouped, length);
+          const int64_t length = separate.cuda_length;
+          bool ok = true;
+          for (int path = 1; path < 3; ++path) {
+            const KvCache& c2 = path == 1 ? fused : packed;
+            ok = ok && c2.cuda_length == length && same(out[0], out[path]) &&
+                 rows_equal(separate.cuda_k, c2.cuda_k, length) && rows_equal(separate.cuda_v, c2.cuda_v, length) &&
+                 rows_equal(separate.cuda_k_grouped, c2.cuda_k_grouped, length);
+          }
           case_differ += !ok;
           ++checks;
         }
         differ += case_differ;
-        std::printf("[%s] rope+append one launch vs separate: %s, %s, %s position: %ld of %ld calls differ "
-                    "(outputs, k / v / grouped-k cache rows)\n", case_differ == 0 ? "PASS" : "FAIL", c.name,
+        std::printf("[%s] rope+append one launch (three tensors; packed qkv) vs separate: %s, %s, %s position: %ld "
+                    "of %ld calls differ (outputs, k / v / grouped-k cache rows)\n", case_differ == 0 ? "PASS" : "FAIL", c.name,
                     B == 0 ? "chunks of 4 at B1" : (B == 1 ? "steps at B1" : "steps at B3"),
                     device_position ? "device" : "host", (long)case_differ, (long)calls);
       }
