@@ -199,9 +199,13 @@ void SetDecodeQkvOneLaunch(bool on);
 
 // The attention decode step's appends and RoPE (ops/attention.cc DecodeCuda / DecodeChunkCuda):
 // GYRE_DECODE_ROPE_APPEND unset or "0" (the default for now: k appended then rotated in the
-// cache, v appended, q cloned then rotated: 5 launches a layer, 9 with SelfExtend), "1" (one
-// CudaInference::RopeAppend launch, the same bits). Read once; other values stop the process
-// naming the accepted ones. SetDecodeRopeAppendOneLaunch overrides it (tests, benchmarks).
+// cache, v appended, q cloned then rotated: 5 launches a layer, 9 with SelfExtend; Llama's q, k,
+// v from three products, the mixer's from three column copies), "1" (one
+// CudaInference::RopeAppend launch; Llama's q, k, v from one GemmRows product over the adjacent
+// weights at <= kDecodeGemmRowsMax rows, the mixer's qkv read in place: the same bits; llama-125m
+// graph step -18%, greedy graph x1.20, speculative graph x1.16 on an H100, ops/DECODE_GRAPHS.md
+// "Session 17 (helper attndec17)"). Read once; other values stop the process naming the accepted
+// ones. SetDecodeRopeAppendOneLaunch overrides it (tests, benchmarks).
 bool DecodeRopeAppendOneLaunch();
 // The most rows a decoding product sends to GemmRows (= cuda_infer::kGemmRowsMax, asserted in
 // ops/cuda_infer_impl.cc), for callers that need to know which kernel computes a product.

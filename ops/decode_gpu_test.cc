@@ -27,6 +27,10 @@
 //             every draft logits row bitwise, every keep, for every family and the 125m presets,
 //             the attention caches grown at 64 and 128 keys; CopySpans (the commit's one launch)
 //             exact; GenerateSpeculative with the graph == without == greedy, same rounds;
+//   rope+append: the attention step's appends + RoPE in one launch (GYRE_DECODE_ROPE_APPEND)
+//             against the separate launches, every byte (steps at B1 / B3, chunks of 4, host and
+//             device position, partial rotary, GQA, SelfExtend; the packed-qkv entry too), and
+//             graph replays with it against eager steps without it (llama variants, the mixer);
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
