@@ -116,9 +116,27 @@ int Main(int argc, char** argv) {
                  "CUDA speculative decoding: off (eager rounds), both (eager rounds and SpeculativeGraph replays, "
                  "ops/decode_graph.h, alternating in every repeat, outputs compared; a COST_SPEC_GRAPH line)")
       ->check(CLI::IsMember({"off", "both"}));
+  std::string decode_rope_append = "env";
+  app.add_option("--decode_rope_append", decode_rope_append,
+                 "CUDA: the attention decode step's KV appends + RoPE: env (GYRE_DECODE_ROPE_APPEND), 1 (one "
+                 "launch), 0 (separate launches), both (eager steps, graph steps, speculative graph rounds and the "
+                 "graph Generate runs alternate 0 / 1, outputs compared: COST_ROPE_APPEND, SUMMARY_ROPE_APPEND)")
+      ->check(CLI::IsMember({"env", "0", "1", "both"}));
   CLI11_PARSE(app, argc, argv);
   if (decode_qkv == "0" || decode_qkv == "1") ops::SetDecodeQkvOneLaunch(decode_qkv == "1");
   const bool qkv_ab = decode_qkv == "both";
+  if (decode_rope_append == "0" || decode_rope_append == "1")
+    ops::SetDecodeRopeAppendOneLaunch(decode_rope_append == "1");
+  const bool rope_ab = decode_rope_append == "both";
+  if (qkv_ab && rope_ab) {
+    std::fprintf(stderr, "--decode_qkv both and --decode_rope_append both: one A/B a run\n");
+    return 2;
+  }
+  // The A/B switch of the Generate loop's second graph run (the "before" setting: false).
+  const auto set_ab = [&](bool on) {
+    if (qkv_ab) ops::SetDecodeQkvOneLaunch(on);
+    if (rope_ab) ops::SetDecodeRopeAppendOneLaunch(on);
+  };
 
   std::ifstream in(tokens_path, std::ios::binary);
   const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -362,6 +380,84 @@ int Main(int argc, char** argv) {
                     (long)nodes[1], median_ms(ms[0]) / median_ms(ms[1]));
       }
     }
+    if (cuda && rope_ab) {
+      // The attention decode appends + RoPE in separate launches (0) and in one (1), alternating
+      // three times, each setting on FRESH states at the same positions and tokens (the attention
+      // kernel's cost grows with the cache length, so a shared state would time the later setting
+      // at longer caches): a greedy state prefilled with the 32 warm tokens, eager steps, then a
+      // capture and graph replays (positions 41..58, no growth); a speculative state prefilled the
+      // same way, one eager round (the warm-up), a SpeculativeGraph and rounds at keep k until its
+      // cache would grow. Medians.
+      std::vector<double> eager_ms[2], graph_ms[2], round_ms[2];
+      int64_t nodes[2] = {0, 0}, round_nodes[2] = {0, 0};
+      for (int turn = 0; turn < 3; ++turn)
+        for (int one = 0; one < 2; ++one) {
+          ops::SetDecodeRopeAppendOneLaunch(one == 1);
+          size_t at = split + 1000 + static_cast<size_t>(turn) * 200;
+          auto st = (*model)->NewDecodeState(1);
+          warm_options.heads = 1;
+          (*model)->DecodeChunk(warm, 32, st.get(), warm_options);
+          for (int64_t r = 0; r < reps / 2 + 1; ++r) {
+            const int32_t tok = data[at++];
+            sync();
+            const auto t0 = now();
+            (*model)->DecodeStep(std::span<const int32_t>(&tok, 1), st.get(), 1);
+            sync();
+            if (r >= 1) eager_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+          {
+            auto graph = ops::DecodeGraph::Capture(model->get(), st.get());
+            if (!graph.ok()) {
+              std::printf("COST_ROPE_APPEND %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
+              return 1;
+            }
+            nodes[one] = (*graph)->nodes();
+            for (int64_t r = 0; r < reps + 2 && !(*graph)->MustGrow(); ++r) {
+              const int32_t tok = data[at++];
+              const auto t0 = now();
+              if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+              if (r >= 2) graph_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+            }
+          }
+          if (spec_graph != "both") continue;
+          auto sst = (*model)->NewDecodeState(1);
+          warm_options.heads = 0;
+          (*model)->DecodeChunk(warm, 32, sst.get(), warm_options);
+          {
+            const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + k);
+            at += k;
+            (*model)->DecodeChunk(chunk, k, sst.get(), round);
+            if (!(*model)->Rewind(sst.get(), k).ok()) return 1;
+            (*model)->DraftLogits(*sst, k - 1);
+          }
+          auto sgraph = ops::SpeculativeGraph::Capture(model->get(), sst.get(), k);
+          if (!sgraph.ok()) {
+            std::printf("COST_ROPE_APPEND %s: speculative graph: %s\n", preset.c_str(),
+                        sgraph.status().ToString().c_str());
+            return 1;
+          }
+          round_nodes[one] = (*sgraph)->nodes();
+          for (int64_t r = 0; r < reps + 2 && !(*sgraph)->MustGrow(); ++r) {
+            const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + k);
+            at += k;
+            sync();
+            const auto t0 = now();
+            if (!(*sgraph)->Round(chunk, k).ok() || !(*sgraph)->Commit(k).ok()) return 1;
+            sync();
+            if (r >= 1) round_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+        }
+      ops::SetDecodeRopeAppendOneLaunch(true);  // the Generate loop's graph runs: 1; its A/B run: 0
+      std::printf("COST_ROPE_APPEND %s: eager greedy step %.3f ms separate, %.3f ms one launch (x%.3f); graph step "
+                  "%.3f ms (%ld nodes, %zu samples), %.3f ms (%ld nodes, %zu samples) (x%.3f); speculative graph "
+                  "round k=%ld keep k %.3f ms (%ld nodes, %zu samples), %.3f ms (%ld nodes, %zu samples) (x%.3f)\n",
+                  preset.c_str(), median_ms(eager_ms[0]), median_ms(eager_ms[1]),
+                  median_ms(eager_ms[0]) / median_ms(eager_ms[1]), median_ms(graph_ms[0]), (long)nodes[0],
+                  graph_ms[0].size(), median_ms(graph_ms[1]), (long)nodes[1], graph_ms[1].size(),
+                  median_ms(graph_ms[0]) / median_ms(graph_ms[1]), (long)k, median_ms(round_ms[0]),
+                  (long)round_nodes[0], round_ms[0].size(), median_ms(round_ms[1]), (long)round_nodes[1],
+                  round_ms[1].size(), median_ms(round_ms[0]) / median_ms(round_ms[1]));
+    }
     if (cuda && decode_graph != "off") {
       // The same greedy step replayed from a graph captured on the warmed state gs (the last
       // eager step above was its warm-up).
@@ -410,7 +506,7 @@ int Main(int argc, char** argv) {
   // Decoding on held-out prompts.
   GenerateOptions gen;
   gen.max_new_tokens = new_tokens;
-  double greedy_s = 0, spec_s = 0, graph_s = 0, graph_two_s = 0, spec_graph_s = 0;
+  double greedy_s = 0, spec_s = 0, graph_s = 0, graph_two_s = 0, spec_graph_s = 0, spec_graph_two_s = 0;
   const bool spec_graph_runs = cuda && spec_graph == "both";
   bool spec_graph_equal = true;
   std::string spec_graph_mode;
@@ -425,8 +521,8 @@ int Main(int argc, char** argv) {
   for (int64_t p = 0; p < prompts; ++p) {
     const size_t off = split + static_cast<size_t>(p) * (data.size() - split - prompt_len) / std::max<int64_t>(prompts, 1);
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
-    std::vector<double> tg, ts, tgg, tgg_two, tsg;
-    GenerateResult g, s, gg, gg_two, sg;
+    std::vector<double> tg, ts, tgg, tgg_two, tsg, tsg_two;
+    GenerateResult g, s, gg, gg_two, sg, sg_two;
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -439,11 +535,11 @@ int Main(int argc, char** argv) {
         if (r > 0) tg.push_back(gr->seconds);
         g = *gr;
       }
-      if (graph_runs && qkv_ab) {  // graph greedy with the q, k, v maps in two launches
+      if (graph_runs && (qkv_ab || rope_ab)) {  // graph greedy with the A/B switch's "before" setting
         ops::SetDecodeGraph(true);
-        ops::SetDecodeQkvOneLaunch(false);
+        set_ab(false);
         auto gr = Generate(model->get(), prompt, gen);
-        ops::SetDecodeQkvOneLaunch(true);
+        set_ab(true);
         ops::SetDecodeGraph(false);
         if (!gr.ok()) {
           std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
@@ -483,6 +579,19 @@ int Main(int argc, char** argv) {
         if (r > 0) tsg.push_back(sgr->seconds);
         sg = *sgr;
       }
+      if (spec_graph_runs && rope_ab) {  // speculative graph with the separate appends + RoPE
+        ops::SetSpeculativeGraph(true);
+        set_ab(false);
+        auto sgr = GenerateSpeculative(model->get(), prompt, gen);
+        set_ab(true);
+        ops::SetSpeculativeGraph(false);
+        if (!sgr.ok()) {
+          std::fprintf(stderr, "%s\n", sgr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tsg_two.push_back(sgr->seconds);
+        sg_two = *sgr;
+      }
     }
     bool equal = g.tokens == s.tokens;
     if (graph_runs) {
@@ -492,6 +601,15 @@ int Main(int argc, char** argv) {
                   gg.decode_graph.c_str(), gg.tokens.size() / mgg, graph_equal ? "yes" : "NO");
       equal &= graph_equal;
       graph_s += mgg;
+      if (rope_ab) {
+        const bool same = gg_two.tokens == gg.tokens;
+        std::printf("prompt %ld: greedy graph with rope+append separate %.1f tok/s, in one launch %.1f tok/s, tokens "
+                    "equal %s\n", (long)p, gg_two.tokens.size() / median(tgg_two), gg.tokens.size() / mgg,
+                    same ? "yes" : "NO");
+        qkv_equal &= same;
+        equal &= same;
+        graph_two_s += median(tgg_two);
+      }
       if (qkv_ab) {
         const bool same = gg_two.tokens == gg.tokens;
         std::printf("prompt %ld: greedy graph with q, k, v in two launches %.1f tok/s, in one %.1f tok/s, tokens "
@@ -510,6 +628,16 @@ int Main(int argc, char** argv) {
       spec_graph_equal &= same;
       equal &= same;
       spec_graph_s += median(tsg);
+      if (rope_ab) {
+        const bool same_two = sg_two.tokens == sg.tokens && sg_two.accepted == sg.accepted &&
+                              sg_two.forwards == sg.forwards;
+        std::printf("prompt %ld: speculative graph with rope+append separate %.1f tok/s, in one launch %.1f tok/s, "
+                    "tokens and rounds equal %s\n", (long)p, sg_two.tokens.size() / median(tsg_two),
+                    sg.tokens.size() / median(tsg), same_two ? "yes" : "NO");
+        qkv_equal &= same_two;
+        equal &= same_two;
+        spec_graph_two_s += median(tsg_two);
+      }
       spec_graph_mode = sg.decode_graph;
     }
     all_equal &= equal;
@@ -548,6 +676,15 @@ int Main(int argc, char** argv) {
     std::printf("SUMMARY_QKV %s: greedy graph %.1f tok/s with q, k, v in two launches, %.1f tok/s in one (x%.3f), "
                 "tokens equal: %s\n", preset.c_str(), tokens / graph_two_s, tokens / graph_s, graph_two_s / graph_s,
                 qkv_equal ? "yes" : "NO");
+  }
+  if (graph_runs && rope_ab) {
+    std::printf("SUMMARY_ROPE_APPEND %s: greedy graph %.1f tok/s with rope+append separate, %.1f tok/s in one launch "
+                "(x%.3f)", preset.c_str(), tokens / graph_two_s, tokens / graph_s, graph_two_s / graph_s);
+    if (spec_graph_runs) {
+      std::printf("; speculative graph %.1f tok/s separate, %.1f tok/s one launch (x%.3f)", tokens / spec_graph_two_s,
+                  tokens / spec_graph_s, spec_graph_two_s / spec_graph_s);
+    }
+    std::printf("; tokens equal: %s\n", qkv_equal ? "yes" : "NO");
   }
   return all_equal ? 0 : 3;
 }

@@ -379,6 +379,62 @@ Tensor Grow(const Tensor& buf, int64_t B, int64_t cols, int64_t t, int64_t cap_n
   return grown;
 }
 
+// DecodeCuda / DecodeChunkCuda with DecodeRopeAppendOneLaunch() (GYRE_DECODE_ROPE_APPEND=1):
+// cache rows t .. t + queries - 1 of every sequence take k rotated, v (and the grouped k,
+// SelfExtend), and *qn (*qg) the rotated queries, in one launch instead of the append / clone /
+// RoPE launches (5 a layer, 9 with SelfExtend); the same bits (the kernel rotates through the
+// RoPE kernel's own device functions, on the same bf16 values). Rows r = j·batch + b; t comes
+// from `pos` (device) when set, else the host t. The caches must have room (grown by the caller).
+// q, k, v: rows of ld elements (three tensors, or the column blocks of one packed qkv tensor).
+struct QkvRows {
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+};
+QkvRows Separate(const Tensor& q, const Tensor& k, const Tensor& v) {
+  return {q.raw(), k.raw(), v.raw(), q.cols(), k.cols(), v.cols()};
+}
+
+void RopeAppendOneLaunch(const QkvRows& in, int64_t batch, int64_t queries, const AttentionOptions& o,
+                         KvCache* cache, int64_t t, const int32_t* pos, Tensor* qn, Tensor* qg) {
+  const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, rows = batch * queries;
+  const bool se = o.self_extend_group > 0;
+  *qn = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  if (se) *qg = Tensor::Empty({rows, qd}, DType::kBF16, Device::kCuda);
+  CudaRopeAppendArgs r;
+  r.batch = batch; r.queries = queries; r.heads = o.heads; r.kv_heads = o.kv_heads; r.head_dim = o.head_dim;
+  r.rotary_dim = o.rotary_dim; r.theta = o.rope_theta;
+  r.offset = t; r.position_dev = pos;
+  r.group = se ? o.self_extend_group : 0; r.shift = se ? GroupedQueryShift(o) : 0;
+  r.q = in.q; r.k = in.k; r.v = in.v; r.ldq = in.ldq; r.ldk = in.ldk; r.ldv = in.ldv;
+  r.q_out = qn->raw(); r.q_grouped_out = se ? qg->raw() : nullptr;
+  r.k_cache = cache->cuda_k.raw(); r.v_cache = cache->cuda_v.raw();
+  r.k_grouped_cache = se ? cache->cuda_k_grouped.raw() : nullptr;
+  r.cache_batch_stride = cache->cuda_k.dim(1) * kvd;
+  CudaInfer().RopeAppend(r);
+}
+
+// The decode attention launch after the appends (t: the length before them): `queries` query
+// rows per sequence against the cache; under a capture (pos set) the kernel reads the length from
+// the device and its shared memory is sized for the capacity.
+Tensor DecodeAttention(const Tensor& qn, const Tensor& qg, int64_t B, int64_t queries, const AttentionOptions& o,
+                       const KvCache& cache, int64_t t, const int32_t* pos) {
+  const bool se = o.self_extend_group > 0;
+  const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, cap = cache.cuda_k.dim(1);
+  Tensor out = Tensor::Empty({B * queries, qd}, DType::kBF16, Device::kCuda);
+  CudaAttentionDecodeArgs a;
+  a.batch = B; a.heads = o.heads; a.kv_heads = o.kv_heads; a.head_dim = o.head_dim;
+  a.length = pos != nullptr ? cap : t + queries;
+  a.queries = queries;
+  a.position_dev = pos;
+  a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
+  a.k = cache.cuda_k.raw(); a.k_grouped = se ? cache.cuda_k_grouped.raw() : nullptr; a.v = cache.cuda_v.raw();
+  a.cache_batch_stride = cap * kvd;
+  a.window = se ? o.self_extend_window : 0;
+  a.out = out.raw();
+  CudaInfer().AttentionDecode(a);
+  return out;
+}
+
 // A chunk of `chunk` tokens of one sequence (B = 1, rows = positions): the keys/values appended
 // with one copy each, one RoPE launch for the new keys and one for the queries, one decode launch
 // with `chunk` queries (causal inside the chunk). Same numbers as `chunk` DecodeCuda calls.
@@ -410,7 +466,6 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
     cache->cuda_v = Grow(cache->cuda_v, 1, kvd, t, cap);
     if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, 1, kvd, t, cap);
   }
-  const int64_t cap = cache->cuda_k.dim(1);
   const auto append = [&](const Tensor& buf, const Tensor& src) {
     if (pos != nullptr) {
       CudaInfer().AppendRows(buf.raw(), kvd, src.raw(), chunk, kvd, pos);
@@ -419,30 +474,24 @@ Tensor DecodeChunkCuda(const Tensor& q, const Tensor& k, const Tensor& v, int64_
     }
   };
   const int64_t row_col = pos != nullptr ? 0 : t * kvd;
-  append(cache->cuda_k, k);
-  RopeCuda(cache->cuda_k, row_col, chunk, chunk, Hk, kvd, o, t, 0, 0, false, pos, kvd);
-  append(cache->cuda_v, v);
-  Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false, pos, 0);
-  if (se) {
-    append(cache->cuda_k_grouped, k);
-    RopeCuda(cache->cuda_k_grouped, row_col, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
-    qg = q.Clone();
-    RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+  Tensor qn, qg;
+  if (DecodeRopeAppendOneLaunch()) {
+    RopeAppendOneLaunch(Separate(q, k, v), 1, chunk, o, cache, t, pos, &qn, &qg);
+  } else {
+    append(cache->cuda_k, k);
+    RopeCuda(cache->cuda_k, row_col, chunk, chunk, Hk, kvd, o, t, 0, 0, false, pos, kvd);
+    append(cache->cuda_v, v);
+    qn = q.Clone();
+    RopeCuda(qn, 0, chunk, chunk, H, qd, o, t, 0, 0, false, pos, 0);
+    if (se) {
+      append(cache->cuda_k_grouped, k);
+      RopeCuda(cache->cuda_k_grouped, row_col, chunk, chunk, Hk, kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
+      qg = q.Clone();
+      RopeCuda(qg, 0, chunk, chunk, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+    }
   }
   cache->cuda_length = t + chunk;
-  Tensor out = Tensor::Empty({chunk, qd}, DType::kBF16, Device::kCuda);
-  CudaAttentionDecodeArgs a;
-  a.batch = 1; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = pos != nullptr ? cap : t + chunk;
-  a.queries = chunk;
-  a.position_dev = pos;
-  a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
-  a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
-  a.cache_batch_stride = cap * kvd;
-  a.window = se ? o.self_extend_window : 0;
-  a.out = out.raw();
-  CudaInfer().AttentionDecode(a);
-  return out;
+  return DecodeAttention(qn, qg, 1, chunk, o, *cache, t, pos);
 }
 
 Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& o, KvCache* cache) {
@@ -479,29 +528,60 @@ Tensor DecodeCuda(const Tensor& q, const Tensor& k, const Tensor& v, const Atten
     }
   };
   const int64_t row_col = pos != nullptr ? 0 : t * kvd;
-  append(cache->cuda_k, k);
-  RopeCuda(cache->cuda_k, row_col, B, 1, Hk, cap * kvd, o, t, 0, 0, false, pos, kvd);
-  append(cache->cuda_v, v);
-  Tensor qn = q.Clone(), qg;
-  RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false, pos, 0);
-  if (se) {
-    append(cache->cuda_k_grouped, k);
-    RopeCuda(cache->cuda_k_grouped, row_col, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
-    qg = q.Clone();
-    RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+  Tensor qn, qg;
+  if (DecodeRopeAppendOneLaunch()) {
+    RopeAppendOneLaunch(Separate(q, k, v), B, 1, o, cache, t, pos, &qn, &qg);
+  } else {
+    append(cache->cuda_k, k);
+    RopeCuda(cache->cuda_k, row_col, B, 1, Hk, cap * kvd, o, t, 0, 0, false, pos, kvd);
+    append(cache->cuda_v, v);
+    qn = q.Clone();
+    RopeCuda(qn, 0, B, 1, H, qd, o, t, 0, 0, false, pos, 0);
+    if (se) {
+      append(cache->cuda_k_grouped, k);
+      RopeCuda(cache->cuda_k_grouped, row_col, B, 1, Hk, cap * kvd, o, t, o.self_extend_group, 0, false, pos, kvd);
+      qg = q.Clone();
+      RopeCuda(qg, 0, B, 1, H, qd, o, t, o.self_extend_group, GroupedQueryShift(o), false, pos, 0);
+    }
   }
   cache->cuda_length = t + 1;
-  Tensor out = Tensor::Empty({B, qd}, DType::kBF16, Device::kCuda);
-  CudaAttentionDecodeArgs a;
-  a.batch = B; a.heads = H; a.kv_heads = Hk; a.head_dim = D; a.length = pos != nullptr ? cap : t + 1;
-  a.position_dev = pos;
-  a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
-  a.k = cache->cuda_k.raw(); a.k_grouped = se ? cache->cuda_k_grouped.raw() : nullptr; a.v = cache->cuda_v.raw();
-  a.cache_batch_stride = cap * kvd;
-  a.window = se ? o.self_extend_window : 0;
-  a.out = out.raw();
-  CudaInfer().AttentionDecode(a);
-  return out;
+  return DecodeAttention(qn, qg, B, 1, o, *cache, t, pos);
+}
+
+// A decode step (queries 1, batch B) or a chunk (queries k, batch 1) whose q, k, v are the
+// column blocks [0, qd), [qd, qd + kvd), [qd + kvd, qd + 2 kvd) of one [rows, qd + 2 kvd] tensor:
+// DecodeCuda / DecodeChunkCuda with the one-launch appends + RoPE reading them in place (no
+// column copies, no separate products). The same checks and the same growth (a step: capacity
+// max(64, 2 t) when full; a chunk: max(64, 2 (t + k)) when short), so the same cache and bits.
+Tensor DecodePackedCuda(const Tensor& qkv, int64_t B, int64_t queries, const AttentionOptions& o, KvCache* cache) {
+  const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim, width = qd + 2 * kvd;
+  GYRE_CHECK(IsCuda(qkv) && qkv.dtype() == DType::kBF16, "attention decode: CUDA qkv must be bf16");
+  GYRE_CHECK(qkv.rows() == B * queries && qkv.cols() == width && (queries == 1 || B == 1),
+             "attention decode packed qkv %s for batch %ld x %ld queries", ShapeString(qkv.shape()).c_str(), (long)B,
+             (long)queries);
+  GYRE_CHECK(DecodeRopeAppendOneLaunch(), "packed q/k/v need the one-launch appends (GYRE_DECODE_ROPE_APPEND=1)");
+  GYRE_CHECK(cache->v.empty(), "attention decode: a CPU cache fed CUDA tensors");
+  const bool se = o.self_extend_group > 0;
+  const int64_t t = cache->cuda_length;
+  const int32_t* pos = cache->graph_position;
+  GYRE_CHECK(t == 0 || cache->cuda_k.dim(0) == B, "attention decode: batch changed from %ld to %ld",
+             (long)cache->cuda_k.dim(0), (long)B);
+  GYRE_CHECK(t == 0 || se == cache->cuda_k_grouped.defined(), "SelfExtend switched in the middle of decoding");
+  GYRE_CHECK(pos == nullptr || (cache->cuda_k.defined() && t + queries <= cache->cuda_k.dim(1)),
+             "decode graph capture without room for %ld rows (length %ld)", (long)queries, (long)t);
+  if (!cache->cuda_k.defined() || t + queries > cache->cuda_k.dim(1)) {
+    const int64_t cap = queries == 1 ? std::max<int64_t>(64, 2 * t) : std::max<int64_t>(64, 2 * (t + queries));
+    cache->cuda_k = Grow(cache->cuda_k, B, kvd, t, cap);
+    cache->cuda_v = Grow(cache->cuda_v, B, kvd, t, cap);
+    if (se) cache->cuda_k_grouped = Grow(cache->cuda_k_grouped, B, kvd, t, cap);
+  }
+  QkvRows in;
+  in.q = qkv.raw(); in.k = ByteAt(qkv, qd); in.v = ByteAt(qkv, qd + kvd);
+  in.ldq = in.ldk = in.ldv = width;
+  Tensor qn, qg;
+  RopeAppendOneLaunch(in, B, queries, o, cache, t, pos, &qn, &qg);
+  cache->cuda_length = t + queries;
+  return DecodeAttention(qn, qg, B, queries, o, *cache, t, pos);
 }
 
 void CheckOptions(const AttentionOptions& o) {
@@ -759,6 +839,16 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
   return out;
 }
 
+Tensor CausalAttentionDecodeChunkPacked(const Tensor& qkv, int64_t chunk, const AttentionOptions& o, KvCache* cache) {
+  CheckOptions(o);
+  GYRE_CHECK(IsCuda(qkv) && chunk > 0 && qkv.rows() % chunk == 0, "attention decode packed: %ld rows, chunk %ld",
+             (long)qkv.rows(), (long)chunk);
+  const int64_t B = qkv.rows() / chunk, qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
+  if (chunk == 1 || B == 1) return DecodePackedCuda(qkv, B, chunk, o, cache);
+  return CausalAttentionDecodeChunk(SliceColumns(qkv, 0, qd), SliceColumns(qkv, qd, qd + kvd),
+                                    SliceColumns(qkv, qd + kvd, qd + 2 * kvd), chunk, o, cache);
+}
+
 Tensor CausalAttentionDecodeChunk(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk,
                                   const AttentionOptions& o, KvCache* cache) {
   if (chunk == 1) return CausalAttentionDecode(q, k, v, o, cache);
@@ -788,7 +878,24 @@ void TruncateKvCache(KvCache* cache, int64_t length) {
   cache->v.resize(length);
 }
 
+bool SelfAttention::PackedDecodeQkv(const Tensor& x, Tensor* qkv) {
+  // One product over the adjacent q / k / v weights gives every column the bits of its own
+  // product only where GemmRows computes both (a column's arithmetic does not depend on n there;
+  // cuBLASLt would pick another algorithm for another n): CUDA, row-invariant decoding, <= 16 rows.
+  if (!IsCuda(x) || !DecodeRopeAppendOneLaunch() || !RowInvariantDecode() || x.rows() > kDecodeGemmRowsMax) return false;
+  Tensor w, gw;
+  if (!store_->AdjacentSpan({q_proj_.weight(), k_proj_.weight(), v_proj_.weight()}, &w, &gw)) return false;
+  *qkv = LinearForward(x, w);
+  return true;
+}
+
 Tensor SelfAttention::StepChunk(const Tensor& x, int64_t chunk, KvCache* cache) {
+  Tensor qkv;
+  if (PackedDecodeQkv(x, &qkv)) {
+    Tensor y = o_proj_.Forward(CausalAttentionDecodeChunkPacked(qkv, chunk, options_, cache));
+    ReleaseActivations();
+    return y;
+  }
   Tensor a = CausalAttentionDecodeChunk(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), chunk, options_,
                                         cache);
   Tensor y = o_proj_.Forward(a);
@@ -797,6 +904,12 @@ Tensor SelfAttention::StepChunk(const Tensor& x, int64_t chunk, KvCache* cache) 
 }
 
 Tensor SelfAttention::Step(const Tensor& x, KvCache* cache) {
+  Tensor qkv;
+  if (PackedDecodeQkv(x, &qkv)) {
+    Tensor y = o_proj_.Forward(CausalAttentionDecodeChunkPacked(qkv, 1, options_, cache));
+    ReleaseActivations();
+    return y;
+  }
   Tensor a = CausalAttentionDecode(q_proj_.Forward(x), k_proj_.Forward(x), v_proj_.Forward(x), options_, cache);
   Tensor y = o_proj_.Forward(a);
   ReleaseActivations();

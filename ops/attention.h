@@ -84,6 +84,12 @@ Tensor CausalAttentionDecode(const Tensor& q, const Tensor& k, const Tensor& v, 
 // keys/values, position j attending to the cache up to itself.
 Tensor CausalAttentionDecodeChunk(const Tensor& q, const Tensor& k, const Tensor& v, int64_t chunk,
                                   const AttentionOptions& options, KvCache* cache);
+// The same with q, k, v as the column blocks [0, qd), [qd, qd + kvd), [qd + kvd, qd + 2 kvd) of
+// one CUDA tensor [chunk * B, qd + 2 kvd] (one product over adjacent weights, or a mixer's
+// in-projection): read in place by the one-launch appends + RoPE (needs
+// DecodeRopeAppendOneLaunch(), ops/cuda_infer.h); the bits of the three-tensor call.
+Tensor CausalAttentionDecodeChunkPacked(const Tensor& qkv, int64_t chunk, const AttentionOptions& options,
+                                        KvCache* cache);
 // Drops the cache's positions from `length` on (rewinding rejected speculative tokens).
 void TruncateKvCache(KvCache* cache, int64_t length);
 
@@ -116,6 +122,10 @@ class SelfAttention {
   Tensor StepChunk(const Tensor& x, int64_t chunk, KvCache* cache);
 
  private:
+  // Decoding with GYRE_DECODE_ROPE_APPEND=1: q, k, v from ONE product over the adjacent weights
+  // (*qkv [rows, qd + 2 kvd]) when that gives each column its own product's bits (GemmRows: CUDA,
+  // row-invariant decoding, <= 16 rows); false: the three products.
+  bool PackedDecodeQkv(const Tensor& x, Tensor* qkv);
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
 

@@ -40,6 +40,18 @@ void SetDecodeQkvOneLaunch(bool on) { DecodeQkvSwitch() = on; }
 
 namespace {
 
+bool& DecodeRopeAppendSwitch() {
+  static bool on = EnvChoice("GYRE_DECODE_ROPE_APPEND", {"0", "1"}, "0") == "1";
+  return on;
+}
+
+}  // namespace
+
+bool DecodeRopeAppendOneLaunch() { return DecodeRopeAppendSwitch(); }
+void SetDecodeRopeAppendOneLaunch(bool on) { DecodeRopeAppendSwitch() = on; }
+
+namespace {
+
 int& GemmRowsWarpsSwitch() {
   static int warps = std::stoi(EnvChoice("GYRE_GEMM_ROWS_WARPS", {"1", "2", "4"}, "2"));
   return warps;

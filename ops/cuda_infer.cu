@@ -28,6 +28,21 @@ namespace {
 using bf16 = __nv_bfloat16;
 using gyre::cuda::InvalidArgument;
 
+// One rotate-half pair of RoPE at integer position p (pair i of rotary_dim): the angle
+// p · θ^(-2i/rd) and its sine / cosine in float64, the rotation in float64, one rounding to bf16.
+// rope_partial_kernel and rope_append_kernel both rotate through these two functions, so a pair
+// rotated by either has the same bits (the fused decode launch's promise).
+__device__ __forceinline__ void RopeAngle(int64_t p, int64_t i, int64_t rotary_dim, double theta, bool inverse,
+                                          double* s, double* c) {
+  const double inv_freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim));
+  sincos(static_cast<double>(p) * inv_freq, s, c);
+  if (inverse) *s = -*s;
+}
+__device__ __forceinline__ void RopeRotate(double x1, double x2, double s, double c, bf16* y1, bf16* y2) {
+  *y1 = __float2bfloat16(static_cast<float>(x1 * c - x2 * s));
+  *y2 = __float2bfloat16(static_cast<float>(x2 * c + x1 * s));
+}
+
 __global__ void rope_partial_kernel(RopePartialArgs a) {
   const int64_t half = a.rotary_dim / 2;
   const int64_t total = a.rows * a.heads * half;
@@ -41,15 +56,58 @@ __global__ void rope_partial_kernel(RopePartialArgs a) {
     const int64_t offset = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) : a.offset;
     int64_t p = offset + r % a.seq;
     if (a.group > 0) p = p / a.group + a.shift;
-    const double inv_freq = pow(a.theta, -2.0 * static_cast<double>(i) / static_cast<double>(a.rotary_dim));
     double s, c;
-    sincos(static_cast<double>(p) * inv_freq, &s, &c);
-    if (a.inverse) s = -s;
+    RopeAngle(p, i, a.rotary_dim, a.theta, a.inverse, &s, &c);
     bf16* base = static_cast<bf16*>(a.x) + (a.position_dev != nullptr ? offset * a.position_stride : 0) +
                  r * a.row_stride + h * a.head_dim;
     const double x1 = __bfloat162float(base[i]), x2 = __bfloat162float(base[i + half]);
-    base[i] = __float2bfloat16(static_cast<float>(x1 * c - x2 * s));
-    base[i + half] = __float2bfloat16(static_cast<float>(x2 * c + x1 * s));
+    RopeRotate(x1, x2, s, c, &base[i], &base[i + half]);
+  }
+}
+
+// RopeAppend (ops/cuda_infer_kernels.h): items in three sections, grid-stride over all of them:
+// q (rows x heads x per_head), k (rows x kv_heads x per_head), v (rows x kvd). per_head =
+// rotary_dim / 2 pairs, then head_dim - rotary_dim copied features. The q and k sections write
+// the grouped outputs from the same loads when SelfExtend is on.
+__global__ void rope_append_kernel(RopeAppendArgs a) {
+  const int64_t D = a.head_dim, half = a.rotary_dim / 2, per_head = D - half;
+  const int64_t rows = a.batch * a.queries, qd = a.heads * D, kvd = a.kv_heads * D;
+  const int64_t q_items = rows * a.heads * per_head, k_items = rows * a.kv_heads * per_head;
+  const int64_t total = q_items + k_items + rows * kvd;
+  const int64_t t = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) : a.offset;
+  const bf16* q = static_cast<const bf16*>(a.q);
+  const bf16* k = static_cast<const bf16*>(a.k);
+  const bf16* v = static_cast<const bf16*>(a.v);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (idx >= q_items + k_items) {  // v: a copy into cache row t + j
+      const int64_t e = idx - q_items - k_items, r = e / kvd, col = e % kvd;
+      const int64_t b = r % a.batch, j = r / a.batch;
+      static_cast<bf16*>(a.v_cache)[b * a.cache_batch_stride + (t + j) * kvd + col] = v[r * a.ldv + col];
+      continue;
+    }
+    const bool is_q = idx < q_items;
+    const int64_t e = is_q ? idx : idx - q_items, nh = is_q ? a.heads : a.kv_heads;
+    const int64_t f = e % per_head, h = (e / per_head) % nh, r = e / (per_head * nh);
+    const int64_t b = r % a.batch, j = r / a.batch, p = t + j;
+    const bf16* src = (is_q ? q + r * a.ldq : k + r * a.ldk) + h * D;
+    const int64_t dst_off = is_q ? r * qd + h * D : b * a.cache_batch_stride + p * kvd + h * D;
+    bf16* dst = static_cast<bf16*>(is_q ? a.q_out : a.k_cache) + dst_off;
+    bf16* dst_g = a.group > 0 ? static_cast<bf16*>(is_q ? a.q_grouped_out : a.k_grouped_cache) + dst_off : nullptr;
+    if (f >= half) {  // a feature past the rotary part: copied
+      const int64_t col = a.rotary_dim + (f - half);
+      dst[col] = src[col];
+      if (dst_g != nullptr) dst_g[col] = src[col];
+      continue;
+    }
+    const double x1 = __bfloat162float(src[f]), x2 = __bfloat162float(src[f + half]);
+    double s, c;
+    RopeAngle(p, f, a.rotary_dim, a.theta, false, &s, &c);
+    RopeRotate(x1, x2, s, c, &dst[f], &dst[f + half]);
+    if (dst_g != nullptr) {
+      RopeAngle(p / a.group + (is_q ? a.shift : 0), f, a.rotary_dim, a.theta, false, &s, &c);
+      RopeRotate(x1, x2, s, c, &dst_g[f], &dst_g[f + half]);
+    }
   }
 }
 
@@ -377,6 +435,23 @@ CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
   rope_partial_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_partial_kernel");
+  return {};
+}
+
+CudaResult RopeAppend(const RopeAppendArgs& a, cudaStream_t stream) {
+  const int64_t qd = a.heads * a.head_dim, kvd = a.kv_heads * a.head_dim;
+  if (a.batch <= 0 || a.queries <= 0 || a.heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 || a.rotary_dim < 2 ||
+      a.rotary_dim % 2 != 0 || a.rotary_dim > a.head_dim || a.theta <= 0 || a.group < 0 || !a.q || !a.k || !a.v ||
+      !a.q_out || !a.k_cache || !a.v_cache || a.ldq < qd || a.ldk < kvd || a.ldv < kvd ||
+      (a.batch > 1 && a.cache_batch_stride < kvd) || (a.group > 0 && (!a.q_grouped_out || !a.k_grouped_cache))) {
+    return InvalidArgument("rope_append: bad arguments");
+  }
+  const int64_t rows = a.batch * a.queries, per_head = a.head_dim - a.rotary_dim / 2;
+  const int64_t total = rows * ((a.heads + a.kv_heads) * per_head + kvd);
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
+  rope_append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rope_append_kernel");
   return {};
 }
 

@@ -33,6 +33,25 @@ struct CudaRopeArgs {
   int64_t position_stride = 0;
 };
 
+// A decode step's (or speculative chunk's) RoPE and KV appends in one launch
+// (ops/cuda_infer_kernels.h RopeAppend: the bits of the separate append / clone / RoPE
+// launches). Rows r = j·batch + b at position t + j, t = *position_dev when set (a decode graph)
+// else `offset`: q_out[r] = RoPE(q[r]); k_cache / v_cache row t + j of sequence b = RoPE(k[r]) /
+// v[r]; with group > 0 (SelfExtend) also q_grouped_out (at p / group + shift) and
+// k_grouped_cache (at p / group). rotary_dim 0 = head_dim.
+struct CudaRopeAppendArgs {
+  int64_t batch = 1, queries = 1, heads = 0, kv_heads = 0, head_dim = 0, rotary_dim = 0;
+  double theta = 10000.0;
+  int64_t offset = 0;
+  const int32_t* position_dev = nullptr;
+  int64_t group = 0, shift = 0;
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  void *q_out = nullptr, *q_grouped_out = nullptr;
+  void *k_cache = nullptr, *k_grouped_cache = nullptr, *v_cache = nullptr;
+  int64_t cache_batch_stride = 0;
+};
+
 // One query token per sequence against a cache of `length` keys (the last one is the query's
 // own). q, q_grouped: [B, H*D] rotated at the neighbour / grouped position; caches
 // [B, capacity, Hk*D] with `cache_batch_stride` elements between sequences. SelfExtend
@@ -132,6 +151,7 @@ class CudaInference {
   virtual void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped,
                                           int64_t group, int64_t window) = 0;
   virtual void AttentionDecode(const CudaAttentionDecodeArgs& a) = 0;
+  virtual void RopeAppend(const CudaRopeAppendArgs& a) = 0;
   // cache [B, capacity, cols] row *position_dev (device int32) of sequence b = src [B, cols] row
   // b (bf16): a decode graph's KV append (an eager step's Copy2D has the row in its address).
   virtual void AppendRows(void* cache, int64_t cache_batch_stride, const void* src, int64_t batch, int64_t cols,
@@ -176,6 +196,21 @@ bool RowInvariantDecode();
 // stop the process naming the accepted ones. SetDecodeQkvOneLaunch overrides it (tests, benchmarks).
 bool DecodeQkvOneLaunch();
 void SetDecodeQkvOneLaunch(bool on);
+
+// The attention decode step's appends and RoPE (ops/attention.cc DecodeCuda / DecodeChunkCuda):
+// GYRE_DECODE_ROPE_APPEND unset or "0" (the default for now: k appended then rotated in the
+// cache, v appended, q cloned then rotated: 5 launches a layer, 9 with SelfExtend; Llama's q, k,
+// v from three products, the mixer's from three column copies), "1" (one
+// CudaInference::RopeAppend launch; Llama's q, k, v from one GemmRows product over the adjacent
+// weights at <= kDecodeGemmRowsMax rows, the mixer's qkv read in place: the same bits; llama-125m
+// graph step -18%, greedy graph x1.20, speculative graph x1.16 on an H100, ops/DECODE_GRAPHS.md
+// "Session 17 (helper attndec17)"). Read once; other values stop the process naming the accepted
+// ones. SetDecodeRopeAppendOneLaunch overrides it (tests, benchmarks).
+bool DecodeRopeAppendOneLaunch();
+// The most rows a decoding product sends to GemmRows (= cuda_infer::kGemmRowsMax, asserted in
+// ops/cuda_infer_impl.cc), for callers that need to know which kernel computes a product.
+inline constexpr int64_t kDecodeGemmRowsMax = 16;
+void SetDecodeRopeAppendOneLaunch(bool on);
 
 // Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "2" (the
 // default since session 16: the column's reduction dealt to 2 warps, combined in a fixed order;

@@ -31,6 +31,8 @@ static_assert(sizeof(CudaCopySpan) == sizeof(cuda_infer::CopySpan) &&
                   offsetof(CudaCopySpan, bytes) == offsetof(cuda_infer::CopySpan, bytes),
               "CudaCopySpan and cuda_infer::CopySpan must share a layout");
 
+static_assert(kDecodeGemmRowsMax == cuda_infer::kGemmRowsMax, "ops/cuda_infer.h kDecodeGemmRowsMax");
+
 class CudaInferenceImpl final : public CudaInference {
  public:
   void Rope(const CudaRopeArgs& a) override {
@@ -41,6 +43,18 @@ class CudaInferenceImpl final : public CudaInference {
     r.theta = a.theta; r.inverse = a.inverse;
     r.position_dev = a.position_dev; r.position_stride = a.position_stride;
     OkOrDie(cuda_infer::RopePartial(r, Stream()), "rope");
+  }
+
+  void RopeAppend(const CudaRopeAppendArgs& a) override {
+    cuda_infer::RopeAppendArgs r;
+    r.batch = a.batch; r.queries = a.queries; r.heads = a.heads; r.kv_heads = a.kv_heads; r.head_dim = a.head_dim;
+    r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
+    r.theta = a.theta; r.offset = a.offset; r.position_dev = a.position_dev; r.group = a.group; r.shift = a.shift;
+    r.q = a.q; r.k = a.k; r.v = a.v; r.ldq = a.ldq; r.ldk = a.ldk; r.ldv = a.ldv;
+    r.q_out = a.q_out; r.q_grouped_out = a.q_grouped_out;
+    r.k_cache = a.k_cache; r.k_grouped_cache = a.k_grouped_cache; r.v_cache = a.v_cache;
+    r.cache_batch_stride = a.cache_batch_stride;
+    OkOrDie(cuda_infer::RopeAppend(r, Stream()), "rope append");
   }
 
   void AttentionForwardSelfExtend(const CudaAttention& a, const void* q_grouped, const void* k_grouped, int64_t group,

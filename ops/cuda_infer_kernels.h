@@ -61,6 +61,39 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
 CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int64_t batch, int64_t cols,
                       const int32_t* position_dev, cudaStream_t stream);
 
+// RopeAppend: a decode step's (or chunk's) RoPE and KV-cache appends in ONE launch instead of
+//   five (k appended + rotated in the cache, v appended, q cloned + rotated; SelfExtend: the
+//   grouped k appended + rotated and the grouped q cloned + rotated, nine). Rows r = j·batch + b
+//   (position-major, as AttentionDecode): sequence b's token at position t + j, t = *position_dev
+//   when set (a decode graph) else `offset`. For row r:
+//     q_out[r]          = RoPE(q[r]) at p = t + j            (q_grouped_out: at p / group + shift)
+//     k_cache[b, t + j] = RoPE(k[r]) at p                     (k_grouped_cache: at p / group)
+//     v_cache[b, t + j] = v[r]
+//   the non-rotary features of each head (partial rotary) copied. Each rotated pair calls the
+//   same device function as RopePartial (angle θ^(-2i/rd)·p in float64, sincos in float64, the
+//   rotation in float64, one bf16 rounding), on the same bf16 inputs (the separate path's append
+//   or clone is an exact copy before its in-place RoPE), so every output has the separate
+//   launches' bits. One thread a (row, head, pair-or-passthrough feature), grid-stride; at
+//   llama-125m's 12 x 64 heads ~1.5K items at one row: latency, not bytes (~7 KB).
+struct RopeAppendArgs {
+  int64_t batch = 1, queries = 1, heads = 0, kv_heads = 0, head_dim = 0, rotary_dim = 0;
+  double theta = 10000.0;
+  int64_t offset = 0;                     // t when position_dev is null
+  const int32_t* position_dev = nullptr;  // t in device memory (a decode graph's launch)
+  int64_t group = 0, shift = 0;           // SelfExtend (group > 0): the grouped outputs below
+  const void* q = nullptr;                // [rows, ldq] bf16, heads·head_dim used
+  const void* k = nullptr;                // [rows, ldk]
+  const void* v = nullptr;                // [rows, ldv]
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  void* q_out = nullptr;                  // [rows, heads·head_dim]
+  void* q_grouped_out = nullptr;          // [rows, heads·head_dim] (group > 0)
+  void* k_cache = nullptr;                // [batch, capacity, kv_heads·head_dim]
+  void* k_grouped_cache = nullptr;        // (group > 0)
+  void* v_cache = nullptr;
+  int64_t cache_batch_stride = 0;         // elements between sequences of a cache
+};
+CudaResult RopeAppend(const RopeAppendArgs& a, cudaStream_t stream);
+
 // ArgmaxRows: out[r] = argmax_c x[r * ld + c] over bf16 rows (the lowest index on ties), one
 // block per row; greedy decoding reads back `rows` ids instead of the logits.
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream);

@@ -27,6 +27,10 @@
 //             every draft logits row bitwise, every keep, for every family and the 125m presets,
 //             the attention caches grown at 64 and 128 keys; CopySpans (the commit's one launch)
 //             exact; GenerateSpeculative with the graph == without == greedy, same rounds;
+//   rope+append: the attention step's appends + RoPE in one launch (GYRE_DECODE_ROPE_APPEND)
+//             against the separate launches, every byte (steps at B1 / B3, chunks of 4, host and
+//             device position, partial rotary, GQA, SelfExtend; the packed-qkv entry too), and
+//             graph replays with it against eager steps without it (llama variants, the mixer);
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
@@ -51,6 +55,7 @@
 #include "absl/strings/match.h"
 #include "eval/generate.h"
 #include "gtest/gtest.h"
+#include "ops/attention.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/cuda_infer_kernels.h"
@@ -782,8 +787,16 @@ int64_t DifferingRows(const Tensor& a, const Tensor& b) {
 // before the (last) capture (the pool's blocks went back). Attention models: when a KV cache is
 // full (MustGrow) G steps eagerly once (the cache doubles) and captures again, as Generate does;
 // `se_group` > 0 switches SelfExtend on (grouped positions past the window).
+// `rope_append_graph`: the graph (and the graphed state's eager growth steps) run the attention
+// appends and RoPE in one launch (ops/cuda_infer.h DecodeRopeAppendOneLaunch), the eager state
+// the separate launches: the fused launch under the graph against the separate ones, every bit.
 void CheckGraphBitwiseEqualsEager(const std::string& name, ModelSpec spec, int64_t B, bool randomise,
-                                  int64_t steps = 32, int64_t se_group = 0, int64_t se_window = 0) {
+                                  int64_t steps = 32, int64_t se_group = 0, int64_t se_window = 0,
+                                  bool rope_append_graph = false) {
+  const bool saved_rope_append = DecodeRopeAppendOneLaunch();
+  // The eager state's launches, and the graphed state's (the capture and its eager growth steps).
+  const auto eager_side = [&] { if (rope_append_graph) SetDecodeRopeAppendOneLaunch(false); };
+  const auto graph_side = [&] { if (rope_append_graph) SetDecodeRopeAppendOneLaunch(true); };
   spec.mtp_heads = 2;
   auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
   ASSERT_TRUE(made.ok()) << made.status();
@@ -797,10 +810,12 @@ void CheckGraphBitwiseEqualsEager(const std::string& name, ModelSpec spec, int64
   LanguageModel::DecodeOptions prefill;
   prefill.heads = 1;
   prefill.last_position_only = true;
+  eager_side();
   m->DecodeChunk(prompt, prompt_len, eager.get(), prefill);
-  m->DecodeChunk(prompt, prompt_len, graphed.get(), prefill);
   const std::span<const int32_t> first(stream.data(), static_cast<size_t>(B));
   m->DecodeStep(first, eager.get(), 1);
+  graph_side();
+  m->DecodeChunk(prompt, prompt_len, graphed.get(), prefill);
   m->DecodeStep(first, graphed.get(), 1);  // the warm-up
   Cuda().Synchronize();
   uint64_t in_use_before = Cuda().Memory().bytes_in_use;
@@ -813,7 +828,9 @@ void CheckGraphBitwiseEqualsEager(const std::string& name, ModelSpec spec, int64
     nodes = (*graph)->nodes();
     for (int64_t t = 1; t <= steps; ++t) {
       const std::span<const int32_t> tok(stream.data() + t * B, static_cast<size_t>(B));
+      eager_side();
       Tensor e = m->DecodeStep(tok, eager.get(), 1)[0];
+      graph_side();
       if ((*graph)->MustGrow()) {
         // The replay refuses a step that grows the cache; the eager step grows it, then a new capture.
         const auto refused = (*graph)->Step(tok);
@@ -857,6 +874,7 @@ void CheckGraphBitwiseEqualsEager(const std::string& name, ModelSpec spec, int64
               (long)nodes, (long)differing, (long)argmax_differ, (unsigned long)in_use_before,
               (unsigned long)in_use_after);
   EXPECT_TRUE(ok) << name;
+  SetDecodeRopeAppendOneLaunch(saved_rope_append);
 }
 
 ModelSpec SmallMamba2() {
@@ -890,6 +908,123 @@ TEST_F(DecodeGpuTest, DecodeGraphWithAttentionBitwiseEqualsEagerSteps) {
     CheckGraphBitwiseEqualsEager("mamba2+mixer", SmallMixerHybrid(), B, true, 140);
   }
   CheckGraphBitwiseEqualsEager("llama-125m", *PresetSpec("llama-125m"), 1, false, 70);
+}
+
+// The attention decode step's appends and RoPE in one launch (ops/cuda_infer_kernels.h
+// RopeAppend, GYRE_DECODE_ROPE_APPEND=1) against the separate launches (append k, RoPE k in the
+// cache, append v, clone q, RoPE q; SelfExtend: the grouped k and q too), every byte:
+// (1) the op: CausalAttentionDecode (batch 1 and 3) and CausalAttentionDecodeChunk (4 rows,
+//     batch 1: the speculative round's shape), and CausalAttentionDecodeChunkPacked (q, k, v as
+//     column blocks of one tensor), on triplet caches, one per path, with the position
+//     from the host (eager) and from a device int32 (the graph's kernels, launched eagerly here),
+//     70 steps / 18 chunks from an empty cache (growth at 64): every output and every cache row
+//     below the length (k, v, the grouped k), whole-head and partial rotary, GQA, SelfExtend;
+// (2) the models: DecodeGraph replays with the fused launch (and Llama's one q/k/v product over
+//     the adjacent weights, the mixer's qkv read in place) against eager steps with the separate
+//     launches and products (CheckGraphBitwiseEqualsEager), llama variants and the mixer hybrid.
+TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
+  const bool saved = DecodeRopeAppendOneLaunch();
+  Tensor pos = Tensor::Empty({1}, DType::kI32, Device::kCuda);
+  std::mt19937_64 rng(91);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const auto random_dev = [&](int64_t rows, int64_t cols) {
+    Tensor x = Tensor::Empty({rows, cols}, DType::kF32);
+    for (int64_t i = 0; i < x.numel(); ++i) x.Set(i, normal(rng));
+    return x.To(DType::kBF16).ToDevice(Device::kCuda);
+  };
+  const auto same = [](const Tensor& a, const Tensor& b) {
+    const Tensor x = a.ToDevice(Device::kCpu), y = b.ToDevice(Device::kCpu);
+    return x.numel() == y.numel() &&
+           std::memcmp(x.raw(), y.raw(), static_cast<size_t>(x.numel() * DTypeSize(x.dtype()))) == 0;
+  };
+  // The first `length` rows of every sequence of a cache [B, capacity, kvd].
+  const auto rows_equal = [](const Tensor& a, const Tensor& b, int64_t length) {
+    if (!a.defined() || !b.defined()) return a.defined() == b.defined();
+    const Tensor x = a.ToDevice(Device::kCpu), y = b.ToDevice(Device::kCpu);
+    if (x.shape() != y.shape()) return false;
+    const int64_t B = x.dim(0), cap = x.dim(1), cols = x.dim(2);
+    for (int64_t b = 0; b < B; ++b)
+      if (std::memcmp(static_cast<const char*>(x.raw()) + b * cap * cols * 2,
+                      static_cast<const char*>(y.raw()) + b * cap * cols * 2, static_cast<size_t>(length * cols * 2)))
+        return false;
+    return true;
+  };
+  struct Case {
+    const char* name;
+    int64_t heads, kv_heads, rotary, group, window;
+  };
+  const Case cases[] = {{"whole-head GQA 4/2", 4, 2, 0, 0, 0},
+                        {"partial rotary 32/64 GQA 4/2", 4, 2, 32, 0, 0},
+                        {"SelfExtend G4 W8 GQA 4/2", 4, 2, 0, 4, 8},
+                        {"partial rotary 32/64 SelfExtend G4 W8 MHA 4/4", 4, 4, 32, 4, 8}};
+  int64_t differ = 0, checks = 0;
+  for (const Case& c : cases) {
+    AttentionOptions o;
+    o.heads = c.heads; o.kv_heads = c.kv_heads; o.head_dim = 64; o.rotary_dim = c.rotary;
+    o.self_extend_group = c.group; o.self_extend_window = c.window;
+    const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
+    for (int64_t B : {1, 3, 0}) {  // 0: chunks of 4 rows at batch 1
+      const int64_t chunk = B == 0 ? 4 : 1, rows = B == 0 ? 4 : B, calls = B == 0 ? 18 : 70;
+      for (bool device_position : {false, true}) {
+        int64_t case_differ = 0;
+        KvCache separate, fused, packed;
+        for (int64_t call = 0; call < calls; ++call) {
+          const Tensor q = random_dev(rows, qd), k = random_dev(rows, kvd), v = random_dev(rows, kvd);
+          Tensor out[3];
+          for (int path = 0; path < 3; ++path) {  // separate launches, one launch, one launch on packed qkv
+            KvCache* cache = path == 0 ? &separate : path == 1 ? &fused : &packed;
+            SetDecodeRopeAppendOneLaunch(path >= 1);
+            const int64_t t = cache->cuda_length;
+            // The device position needs a cache with room (a graph never records a Grow).
+            const bool room = cache->cuda_k.defined() && t + chunk <= cache->cuda_k.dim(1);
+            if (device_position && room) {
+              const int32_t t32 = static_cast<int32_t>(t);
+              Cuda().CopyBytes(pos.raw(), Device::kCuda, &t32, Device::kCpu, sizeof(int32_t));
+              cache->graph_position = pos.data<int32_t>();
+            }
+            if (path == 2) {
+              out[path] = CausalAttentionDecodeChunkPacked(ConcatColumns({q, k, v}), chunk, o, cache);
+            } else {
+              out[path] = B == 0 ? CausalAttentionDecodeChunk(q, k, v, chunk, o, cache)
+                                 : CausalAttentionDecode(q, k, v, o, cache);
+            }
+            cache->graph_position = nullptr;
+          }
+          const int64_t length = separate.cuda_length;
+          bool ok = true;
+          for (int path = 1; path < 3; ++path) {
+            const KvCache& c2 = path == 1 ? fused : packed;
+            ok = ok && c2.cuda_length == length && same(out[0], out[path]) &&
+                 rows_equal(separate.cuda_k, c2.cuda_k, length) && rows_equal(separate.cuda_v, c2.cuda_v, length) &&
+                 rows_equal(separate.cuda_k_grouped, c2.cuda_k_grouped, length);
+          }
+          case_differ += !ok;
+          ++checks;
+        }
+        differ += case_differ;
+        std::printf("[%s] rope+append one launch (three tensors; packed qkv) vs separate: %s, %s, %s position: %ld "
+                    "of %ld calls differ (outputs, k / v / grouped-k cache rows)\n", case_differ == 0 ? "PASS" : "FAIL", c.name,
+                    B == 0 ? "chunks of 4 at B1" : (B == 1 ? "steps at B1" : "steps at B3"),
+                    device_position ? "device" : "host", (long)case_differ, (long)calls);
+      }
+    }
+  }
+  SetDecodeRopeAppendOneLaunch(saved);
+  EXPECT_EQ(differ, 0) << checks << " calls";
+  // Under the graph: replays with the fused launch against eager steps with the separate ones.
+  ModelSpec partial = SmallLlama();
+  partial.attn_rotary_dim = 32;
+  for (int64_t B : {1, 3}) {
+    CheckGraphBitwiseEqualsEager("rope+append graph vs separate eager: llama", SmallLlama(), B, true, 70, 0, 0, true);
+    CheckGraphBitwiseEqualsEager("rope+append graph vs separate eager: llama partial-rotary 32/64", partial, B, true,
+                                 70, 0, 0, true);
+    CheckGraphBitwiseEqualsEager("rope+append graph vs separate eager: llama SelfExtend G4 W8", SmallLlama(), B, true,
+                                 70, 4, 8, true);
+    CheckGraphBitwiseEqualsEager("rope+append graph vs separate eager: mamba2+mixer", SmallMixerHybrid(), B, true, 70,
+                                 0, 0, true);
+  }
+  CheckGraphBitwiseEqualsEager("rope+append graph vs separate eager: llama-125m", *PresetSpec("llama-125m"), 1, false,
+                               70, 0, 0, true);
 }
 
 // The device-position launches of RoPE and the decode attention kernel give the bytes of the

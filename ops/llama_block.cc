@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "ops/cuda_infer.h"
 #include "ops/recurrent_blocks.h"
 
 namespace gyre::ops {
@@ -161,9 +162,13 @@ Tensor AttentionMixerBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState
   st->conv_history.Clear();
   Tensor qkv = in_proj_.Forward(norm_.Forward(x));
   if (conv_) qkv = conv_->StepChunk(qkv, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
-  Tensor a = CausalAttentionDecodeChunk(SliceColumns(qkv, 0, q_dim_), SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_),
-                                        SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_), chunk, options_,
-                                        &st->cache);
+  // With the one-launch appends + RoPE (GYRE_DECODE_ROPE_APPEND=1) the kernel reads q, k, v in
+  // place: no column copies (the same bits).
+  Tensor a = IsCuda(qkv) && DecodeRopeAppendOneLaunch()
+                 ? CausalAttentionDecodeChunkPacked(qkv, chunk, options_, &st->cache)
+                 : CausalAttentionDecodeChunk(SliceColumns(qkv, 0, q_dim_), SliceColumns(qkv, q_dim_, q_dim_ + kv_dim_),
+                                              SliceColumns(qkv, q_dim_ + kv_dim_, q_dim_ + 2 * kv_dim_), chunk,
+                                              options_, &st->cache);
   Tensor y = Add(x, out_proj_.Forward(a).Reshape(x.shape()));
   ReleaseActivations();
   return y;
