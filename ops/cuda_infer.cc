@@ -41,7 +41,7 @@ void SetDecodeQkvOneLaunch(bool on) { DecodeQkvSwitch() = on; }
 namespace {
 
 bool& DecodeRopeAppendSwitch() {
-  static bool on = EnvChoice("GYRE_DECODE_ROPE_APPEND", {"0", "1"}, "0") == "1";
+  static bool on = EnvChoice("GYRE_DECODE_ROPE_APPEND", {"0", "1"}, "1") == "1";
   return on;
 }
 

@@ -198,9 +198,9 @@ bool DecodeQkvOneLaunch();
 void SetDecodeQkvOneLaunch(bool on);
 
 // The attention decode step's appends and RoPE (ops/attention.cc DecodeCuda / DecodeChunkCuda):
-// GYRE_DECODE_ROPE_APPEND unset or "0" (the default for now: k appended then rotated in the
-// cache, v appended, q cloned then rotated: 5 launches a layer, 9 with SelfExtend; Llama's q, k,
-// v from three products, the mixer's from three column copies), "1" (one
+// GYRE_DECODE_ROPE_APPEND "0" (k appended then rotated in the cache, v appended, q cloned then
+// rotated: 5 launches a layer, 9 with SelfExtend; Llama's q, k, v from three products, the
+// mixer's from three column copies), unset or "1" (the default since session 17's merge: one
 // CudaInference::RopeAppend launch; Llama's q, k, v from one GemmRows product over the adjacent
 // weights at <= kDecodeGemmRowsMax rows, the mixer's qkv read in place: the same bits; llama-125m
 // graph step -18%, greedy graph x1.20, speculative graph x1.16 on an H100, ops/DECODE_GRAPHS.md
