@@ -790,10 +790,17 @@ class Backend final : public CudaBackend {
     options->chunk_size = a.chunk;
     options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     options->eps = a.eps;
-    // GYRE_MLSTM_PERSIST=fwd_out: chunk 128's fwd_out on a persistent grid (kernels/cuda/mlstm.h,
-    // MlstmPersist; opt-in, helper persist17). The forward and backward of a step get the same value.
-    static const bool persist_fwd_out = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out"}, "off") == "fwd_out";
-    options->persist = persist_fwd_out ? kc::MlstmPersist::kFwdOut : kc::MlstmPersist::kOff;
+    // GYRE_MLSTM_PERSIST=fwd_out | dqk | both: chunk 128's fwd_out (helper persist17) / bwd_dqk
+    // (helper persistdqk17) on a persistent grid (kernels/cuda/mlstm.h, MlstmPersist; opt-in). The
+    // forward and backward of a step get the same value.
+    static const kc::MlstmPersist persist = [] {
+      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "off");
+      if (v == "fwd_out") return kc::MlstmPersist::kFwdOut;
+      if (v == "dqk") return kc::MlstmPersist::kDqk;
+      if (v == "both") return kc::MlstmPersist::kBoth;
+      return kc::MlstmPersist::kOff;
+    }();
+    options->persist = persist;
   }
 
   size_t MlstmSavedBytes(const MlstmCellArgs& a) override {

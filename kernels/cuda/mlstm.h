@@ -167,10 +167,14 @@ enum class MlstmRingRelease {
 // cell (L128) 0.554 -> 0.515, step xlstm[1:0]-125m B16 127.3 -> 125.5 ms. Opt-in: ops sets it from
 // GYRE_MLSTM_PERSIST (off | fwd_out, read once through ops/env_switch.h); the kernels read no
 // environment for it.
+// kDqk / kBoth (helper persistdqk17, session 17): chunk 128's bwd_dqk the same way
+// (mlstm_bwd_dqk_ws_persist; the same bytes as the default, tested bytewise).
 enum class MlstmPersist {
   kOff,     // one block per tile (mlstm_fwd_out_ws3_eager / mlstm_fwd_out_ws3 under kLag)
   kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says); other chunk
             // sizes and 64-column slabs run as kOff
+  kDqk,     // mlstm_bwd_dqk_ws_persist (eager release whatever `ring` says; fwd_out as kOff)
+  kBoth,    // kFwdOut and kDqk
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
@@ -199,7 +203,7 @@ struct MlstmOptions {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   // Chunk 128's fwd_out / bwd_dqk TMA kernels: when a stage is released (see MlstmRingRelease).
   MlstmRingRelease ring = MlstmRingRelease::kAuto;
-  // Chunk 128's fwd_out on a persistent grid (see MlstmPersist), and that grid's blocks: 0 = one
+  // Chunk 128's fwd_out / bwd_dqk on a persistent grid (see MlstmPersist), and that grid's blocks: 0 = one
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
