@@ -23,6 +23,8 @@
 //     its stores (no math: the stores of chunk k + 1 follow at once).
 //   - kNoStores: loads only (the read stream alone).
 //   - kEvictFirst: the TMA stores carry an L2 evict_first policy (added after the first call).
+//   - kEvictLast: the K / V TMA loads carry an L2 evict_last policy (helper evict17): each K tile
+//     is read by the 3 dv-tile blocks of its row, each V tile by the 3 dk-tile blocks.
 // Then the fp32 last state (st.global.v4, [BH][dk][dv]) and, by the tile's n block, n_k
 // ([BH][NC+1][dk] fp32). The real kernel stores C_NC with plain stores (StoreAccSplit), the probe
 // with the mode's stores: the same bytes.
@@ -43,18 +45,9 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kLoads = 1, kBlocked = 2, kPlain = 4, kNoStores = 8, kEvictFirst = 16;
+constexpr int kLoads = 1, kBlocked = 2, kPlain = 4, kNoStores = 8, kEvictFirst = 16, kEvictLast = 32;
 
-// A TMA box store carrying an L2 policy (createpolicy ... evict_first): the state lines are the
-// first to leave L2, so they do not push out the K / V tiles the tile's neighbours read next.
-__device__ __forceinline__ void TmaStore2dHint(const void* map, uint32_t src, int c0, int c1, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3}], [%1], %4;\n" ::"l"(
-          reinterpret_cast<uint64_t>(map)),
-      "r"(src), "r"(c0), "r"(c1), "l"(policy)
-      : "memory");
-}
-
+// The L2-hinted TMA forms (TmaStore2dHint, TmaTile4dHint) and policies are hopper_mma.cuh's.
 
 // mlstm.cu's StateWsSmem: 2 stages × (K two column blocks, V two) + 8 warps × 8 KB staging +
 // mbarriers and state_bwd's coef / ddc stages: the same size, so one block an SM as there.
@@ -85,7 +78,8 @@ __global__ void __launch_bounds__(384, 1)
   using namespace hopper;
   using SM = ProbeSmem;
   constexpr bool loads = kMode & kLoads, blocked = kMode & kBlocked, plain = kMode & kPlain,
-                 stores = !(kMode & kNoStores), evict_first = kMode & kEvictFirst;
+                 stores = !(kMode & kNoStores), evict_first = kMode & kEvictFirst,
+                 evict_last = kMode & kEvictLast;
   constexpr int L = 128;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
@@ -111,15 +105,24 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x < 128) {
     if (loads && threadIdx.x == 0) {
       const int b = bh / a.NH, hd = bh % a.NH;
+      uint64_t load_policy = 0;
+      if (evict_last) load_policy = L2PolicyEvictLast();
       for (int k = 0; k < a.NC; ++k) {
         const int slot = k & 1, use = k >> 1;
         if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
         const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
         MbArriveExpectTx(fb, (2 + ncb) * SM::kTile64);
-        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
-        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
-        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+        if (evict_last) {
+          TmaTile4dHint(st, &maps.k, fb, a0, hd, k * L, b, load_policy);
+          TmaTile4dHint(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b, load_policy);
+          TmaTile4dHint(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b, load_policy);
+          if (!half) TmaTile4dHint(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b, load_policy);
+        } else {
+          TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
+          TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+          TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
+          if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+        }
       }
     }
     return;
@@ -130,7 +133,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t stg_a = SmemAddr(stg);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint64_t policy = 0;
-  if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  if (evict_first) policy = L2PolicyEvictFirst();
   int slot = 0, phase = 0;
   for (int k = 0; k <= a.NC; ++k) {
     const int64_t state = static_cast<int64_t>(bh) * (a.NC + 1) + k;
@@ -252,6 +255,11 @@ constexpr ModeInfo kModes[] = {
     // Added after the first call (not yet measured): is the loads + stores gap L2 eviction of K / V?
     {"tma state-layout evict_first + K/V loads", kLoads | kEvictFirst, false},
     {"tma blocked evict_first + K/V loads", kLoads | kBlocked | kEvictFirst, false},
+    // helper evict17: which side of the mix an L2 policy helps (stores evict_first, loads evict_last).
+    {"tma state-layout stores evict_first", kEvictFirst, false},
+    {"tma state-layout + K/V loads evict_last", kLoads | kEvictLast, false},
+    {"tma state-layout evict_first + K/V loads evict_last", kLoads | kEvictFirst | kEvictLast, false},
+    {"K/V loads only evict_last", kLoads | kNoStores | kEvictLast, false},
 };
 
 // blocks == 0: only sets the kernel's shared-memory limit (once, before any timing).
@@ -279,6 +287,10 @@ CudaResult Launch(int mode, int blocks, const ProbeArgs& a, const ProbeMaps& m, 
     case kLoads | kNoStores: return LaunchMode<kLoads | kNoStores>(blocks, a, m, stream);
     case kLoads | kEvictFirst: return LaunchMode<kLoads | kEvictFirst>(blocks, a, m, stream);
     case kLoads | kBlocked | kEvictFirst: return LaunchMode<kLoads | kBlocked | kEvictFirst>(blocks, a, m, stream);
+    case kEvictFirst: return LaunchMode<kEvictFirst>(blocks, a, m, stream);
+    case kLoads | kEvictLast: return LaunchMode<kLoads | kEvictLast>(blocks, a, m, stream);
+    case kLoads | kEvictFirst | kEvictLast: return LaunchMode<kLoads | kEvictFirst | kEvictLast>(blocks, a, m, stream);
+    case kLoads | kNoStores | kEvictLast: return LaunchMode<kLoads | kNoStores | kEvictLast>(blocks, a, m, stream);
   }
   return InvalidArgument("store probe: unknown mode");
 }

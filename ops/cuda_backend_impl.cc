@@ -790,11 +790,13 @@ class Backend final : public CudaBackend {
     options->chunk_size = a.chunk;
     options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     options->eps = a.eps;
-    // GYRE_MLSTM_PERSIST=fwd_out | dqk | both: chunk 128's fwd_out (helper persist17) / bwd_dqk
-    // (helper persistdqk17) on a persistent grid (kernels/cuda/mlstm.h, MlstmPersist; opt-in). The
-    // forward and backward of a step get the same value.
+    // GYRE_MLSTM_PERSIST unset or fwd_out: chunk 128's fwd_out on a persistent grid
+    // (kernels/cuda/mlstm.h, MlstmPersist; helper persist17, the default since session 17's merge:
+    // the same bytes, the step -1.4%); off: one block a tile; dqk: chunk 128's bwd_dqk on a
+    // persistent grid instead (helper persistdqk17; opt-in), both: the two. The forward and
+    // backward of a step get the same value.
     static const kc::MlstmPersist persist = [] {
-      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "off");
+      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "fwd_out");
       if (v == "fwd_out") return kc::MlstmPersist::kFwdOut;
       if (v == "dqk") return kc::MlstmPersist::kDqk;
       if (v == "both") return kc::MlstmPersist::kBoth;

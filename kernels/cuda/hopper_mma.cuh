@@ -233,6 +233,41 @@ __device__ __forceinline__ void TmaStore2d(const void* map, uint32_t src, int c0
       "r"(src), "r"(c0), "r"(c1)
       : "memory");
 }
+
+// L2 cache hints (helper evict17, session 17): a 64-bit policy from createpolicy (fraction 1.0:
+// every line the access touches) passed to the `.L2::cache_hint` forms below. evict_first lines
+// are the first candidates when L2 needs room (data written once and not read again soon);
+// evict_last lines the last (tiles that several blocks read shortly after one another). A hint
+// changes which lines stay in L2, never the bytes moved to or from shared memory.
+__device__ __forceinline__ uint64_t L2PolicyEvictFirst() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t L2PolicyEvictLast() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// TmaTile4d with an L2 policy for the lines it reads.
+__device__ __forceinline__ void TmaTile4dHint(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                              int c1, int c2, int c3, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "l"(policy)
+      : "memory");
+}
+// TmaStore2d with an L2 policy for the lines it writes.
+__device__ __forceinline__ void TmaStore2dHint(const void* map, uint32_t src, int c0, int c1,
+                                               uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3}], [%1], %4;\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "l"(policy)
+      : "memory");
+}
 __device__ __forceinline__ void BulkCommit() {
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
