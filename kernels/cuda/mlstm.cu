@@ -4106,9 +4106,11 @@ __global__ void __launch_bounds__(384, 1)
 // per-physical-slot empty barriers as before (their parities are tracked per physical slot: one bit
 // each, flipped at every phase-1 use). The per-tile vectors (b, ĩ, m, 1/D, dden: L each; n_k and the
 // dn_parts partial sums of dn_{k+1}: dk-slab wide; m_k, m_{k+1}) are double-buffered and loaded by
-// producer warp 1 with 4-byte cp.asyncs up to two tiles ahead (as fwd_out's: vfull / vempty); the
-// consumers add the dn parts where they are used, in the order LoadDqkVectors adds them (the same
-// float sum, so the same bits). d_initial's dn0 (chunk-0 tiles) is summed and stored by warp 1.
+// producer warp 1 with 4-byte cp.asyncs up to two tiles ahead (as fwd_out's: vfull / vempty); warp
+// 1 waits for its copies and adds the dn parts in the order LoadDqkVectors adds them (the same float
+// sum, so the same bits). (The first build left that sum to the consumers at its use, on the dK
+// tail: 125m cell 0.724 -> 0.683 ms, but the 1.3b cell, 8 parts, 0.958 -> 0.984.) d_initial's dn0
+// (chunk-0 tiles) is summed and stored by warp 1.
 // Tiles are numbered slab fastest, then chunk, then head (the one-block-per-tile grid's launch
 // order); a block's first tile is blockIdx.x, the next ones gridDim.x + atomicAdd(counter, 1).
 struct DqkPersistSmem {
@@ -4116,8 +4118,9 @@ struct DqkPersistSmem {
   static constexpr int kTile64 = 128 * 128;
   static constexpr int kSlot = 4 * kTile64;
   static constexpr int kRegion = 3 * kSlot;
-  // b, ĩ, m, 1/D, dden (L each), n_k (DKT), dn parts (dn_parts × DKT), m_k, m_{k+1}, tile, pad.
-  static __host__ __device__ int VecFloats(int dn_parts) { return 5 * kL + kDKT + dn_parts * kDKT + 4; }
+  // b, ĩ, m, 1/D, dden (L each), n_k, dn_{k+1} (DKT each), dn parts (dn_parts × DKT: warp 1's
+  // staging), m_k, m_{k+1}, tile, pad.
+  static __host__ __device__ int VecFloats(int dn_parts) { return 5 * kL + 2 * kDKT + dn_parts * kDKT + 4; }
   // full1[3], empty1[3], full_qk, full3[2], empty3[2], vfull[2], vempty[2], tail[3].
   static constexpr int kBars = 18 * 8;
   static size_t Bytes(int dn_parts) { return kRegion + 2 * VecFloats(dn_parts) * 4 + kBars + 1024; }
@@ -4268,12 +4271,24 @@ __global__ void __launch_bounds__(384, 1)
             CpAsync4Shared(bsa + 4 * (5 * L + i), nbase + i);
 #pragma unroll 1
             for (int j = 0; j < d.dn_parts; ++j) {
-              CpAsync4Shared(bsa + 4 * (5 * L + DKT + j * DKT + i), dnbase + static_cast<int64_t>(j) * d.DK + i);
+              CpAsync4Shared(bsa + 4 * (5 * L + 2 * DKT + j * DKT + i), dnbase + static_cast<int64_t>(j) * d.DK + i);
             }
           }
           if (lane == 0) {
             CpAsync4Shared(bsa + 4 * (vec_floats - 4), p.smk + kst);
             CpAsync4Shared(bsa + 4 * (vec_floats - 3), p.smk + kst + 1);
+          }
+          // dn_{k+1} = the sum of the parts in LoadDqkVectors' order, here and not at the
+          // consumers' use (there it sat on the dK tail: dn_parts loads a value, 8 at the 1.3b
+          // cell). Each lane sums the parts it copied itself, after its copies landed (this warp
+          // runs up to two tiles ahead; one round trip a tile is off the consumers' path).
+          asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll 1
+          for (int i = lane; i < DKT; i += 32) {
+            float dn = 0.f;
+#pragma unroll 1
+            for (int j = 0; j < d.dn_parts; ++j) dn += bs[5 * L + 2 * DKT + j * DKT + i];
+            bs[5 * L + DKT + i] = dn;
           }
           if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0 (as LoadDqkVectors)
             const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0;
@@ -4314,7 +4329,7 @@ __global__ void __launch_bounds__(384, 1)
     const float* ivs = ms + L;
     const float* dds = ivs + L;
     const float* nks = dds + L;
-    const float* dnp = nks + DKT;
+    const float* dnks = nks + DKT;
     MbWait(vfull + 8 * vb, (it >> 1) & 1);
     const int tile = reinterpret_cast<const int*>(bs)[vec_floats - 2];
     if (tile >= ntiles) break;
@@ -4472,15 +4487,10 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int nt = 0; nt < 16; ++nt) {
         const int col = nt * 8 + 2 * c;
-        float dn0 = 0.f, dn1 = 0.f;  // dn_{k+1} as LoadDqkVectors sums it
-        for (int j = 0; j < d.dn_parts; ++j) {
-          dn0 += dnp[j * DKT + col];
-          dn1 += dnp[j * DKT + col + 1];
-        }
-        kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dn0);
-        kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dn1);
-        kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dn0);
-        kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dn1);
+        kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
+        kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
+        kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
+        kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
       }
     }
     // The last read of this tile's vectors: hand the buffer back to warp 1.
