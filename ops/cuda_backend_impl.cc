@@ -792,11 +792,17 @@ class Backend final : public CudaBackend {
     options->eps = a.eps;
     // GYRE_MLSTM_PERSIST unset or fwd_out: chunk 128's fwd_out on a persistent grid
     // (kernels/cuda/mlstm.h, MlstmPersist; helper persist17, the default since session 17's merge:
-    // the same bytes, the step -1.4%); off: one block a tile. The forward and backward of a step
-    // get the same value.
-    static const bool persist_fwd_out =
-        EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out"}, "fwd_out") == "fwd_out";
-    options->persist = persist_fwd_out ? kc::MlstmPersist::kFwdOut : kc::MlstmPersist::kOff;
+    // the same bytes, the step -1.4%); off: one block a tile; dqk: chunk 128's bwd_dqk on a
+    // persistent grid instead (helper persistdqk17; opt-in), both: the two. The forward and
+    // backward of a step get the same value.
+    static const kc::MlstmPersist persist = [] {
+      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "fwd_out");
+      if (v == "fwd_out") return kc::MlstmPersist::kFwdOut;
+      if (v == "dqk") return kc::MlstmPersist::kDqk;
+      if (v == "both") return kc::MlstmPersist::kBoth;
+      return kc::MlstmPersist::kOff;
+    }();
+    options->persist = persist;
   }
 
   size_t MlstmSavedBytes(const MlstmCellArgs& a) override {

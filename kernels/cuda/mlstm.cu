@@ -3777,11 +3777,11 @@ __device__ __forceinline__ void CpAsyncMbArriveNoinc(uint32_t bar) {
 // tile_counter: zeroed by the launcher before each launch. Warp 1 draws the tiles and publishes
 // each in its vector buffer (the int after m_k); the TMA thread and the consumers read it there
 // (tile >= ntiles: stop).
-// The persistent fwd_out's tile counters: each launch takes the next of them (host round robin)
-// and zeroes it on its stream, so launches in flight at once on different streams (up to 64) do
-// not share one.
+// The persistent kernels' tile counters (fwd_out's and bwd_dqk's share them): each launch takes
+// the next of them (host round robin, TakePersistCounter) and zeroes it on its stream, so launches
+// in flight at once on different streams (up to 64) do not share one.
 constexpr int kPersistCounters = 64;
-__device__ unsigned g_fwd_out_persist_tiles[kPersistCounters];
+__device__ unsigned g_persist_tiles[kPersistCounters];
 
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
@@ -4075,6 +4075,475 @@ __global__ void __launch_bounds__(384, 1)
       const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
       if (r0 < len) p.den_tok[o + r0] = den0;
       if (r1 < len) p.den_tok[o + r1] = den1;
+    }
+  }
+}
+// ---------------------------------------------------------------- bwd_dqk, persistent grid
+//
+// mlstm_bwd_dqk_ws_persist (helper persistdqk17, session 17; opt-in: MlstmOptions::persist =
+// MlstmPersist::kDqk or kBoth, which ops sets from GYRE_MLSTM_PERSIST=dqk / both): the eager
+// bwd_dqk above (BwdDqkWs<SPLIT, 1, true>, chunk 128) with one block per SM looping over the
+// (slab, chunk, head) tiles, as mlstm_fwd_out_ws3_persist does for fwd_out. A tile is the same
+// work as a block of mlstm_bwd_dqk_ws_eager: the same wgmmas on the same tiles in the same order,
+// the same phase-2 and epilogue arithmetic, the same stores, so every output is the same bytes
+// (PersistDqkMatchesDefaultBytewise). What changes is the turnover between tiles (dqk16: a block
+// alone on its SM takes as long as in a wave; each new block started with an empty ring, the
+// vectors fetched by the consumers, all three phase-1 stages a round trip away, while the
+// finished block's dK tail loaded nothing).
+//
+// The tile region (192 KB = three 64 KB slots, 16 KB tiles T0-T11, slot s = T4s..T4s+3) keeps
+// DqkWgSmem's two layouts: phase 1 uses slot jt % 3; phases 2-3 put Q in T0-T1, K in T2-T3 (slot
+// 0), dS' in T4-T5, phase-3 stage 0 in T6-T8 (dC lo, V, dC) and stage 1 in T9-T11. A tile frees
+// its slots in the order 2 (after its last phase-3 step), 1 (after the dK wgmma: dS', stage 0's
+// T6-T7) and 0 (after the k·dK dots: Q, K), and the next tile's phase-1 stages 0, 1, 2 want them in
+// that order. So the slots of every second tile are mirrored (logical slot s lies in physical
+// slot 2 − s when the block's tile iteration `it` is odd; the tiles inside a slot keep their order,
+// so Q, K and dS' stay two adjacent tiles): tile it+1's phase-1 stage s lands in the physical slot
+// of tile it's logical slot 2 − s. The producer issues stage 0 once tile it's phase 3 is done, ~the
+// dK tail (E-scaling, barrier, dK wgmma, dots, stores) before the tile ends; stage 1 after the dK
+// wgmma; stage 2 at the end. Three "tail" mbarriers (one per logical slot, count 8: every consumer
+// warp, once a tile) say when tile it's slot is free; within a tile the producer waits on the
+// per-physical-slot empty barriers as before (their parities are tracked per physical slot: one bit
+// each, flipped at every phase-1 use). The per-tile vectors (b, ĩ, m, 1/D, dden: L each; n_k and the
+// dn_parts partial sums of dn_{k+1}: dk-slab wide; m_k, m_{k+1}) are double-buffered and loaded by
+// producer warp 1 with 4-byte cp.asyncs up to two tiles ahead (as fwd_out's: vfull / vempty); warp
+// 1 waits for its copies and adds the dn parts in the order LoadDqkVectors adds them (the same float
+// sum, so the same bits). (The first build left that sum to the consumers at its use, on the dK
+// tail: 125m cell 0.724 -> 0.683 ms, but the 1.3b cell, 8 parts, 0.958 -> 0.984.) d_initial's dn0
+// (chunk-0 tiles) is summed and stored by warp 1.
+// Tiles are numbered slab fastest, then chunk, then head (the one-block-per-tile grid's launch
+// order); a block's first tile is blockIdx.x, the next ones gridDim.x + atomicAdd(counter, 1).
+// Measured (H100, medians of 5 / 3 rounds against mlstm_bwd_dqk_ws_eager): 125m cell 0.719 ->
+// 0.661 ms (a tile in a wave 31.0 -> 28.4 µs), 1.3b cell (L128, alone) 0.960 -> 0.931 ms; step
+// xlstm[1:0]-125m B16 125.4 -> 124.2 ms (kernels/cuda/mlstm_notes.md, session 17).
+struct DqkPersistSmem {
+  static constexpr int kL = 128, kDKT = 128;
+  static constexpr int kTile64 = 128 * 128;
+  static constexpr int kSlot = 4 * kTile64;
+  static constexpr int kRegion = 3 * kSlot;
+  // b, ĩ, m, 1/D, dden (L each), n_k, dn_{k+1} (DKT each), dn parts (dn_parts × DKT: warp 1's
+  // staging), m_k, m_{k+1}, tile, pad.
+  static __host__ __device__ int VecFloats(int dn_parts) { return 5 * kL + 2 * kDKT + dn_parts * kDKT + 4; }
+  // full1[3], empty1[3], full_qk, full3[2], empty3[2], vfull[2], vempty[2], tail[3].
+  static constexpr int kBars = 18 * 8;
+  static size_t Bytes(int dn_parts) { return kRegion + 2 * VecFloats(dn_parts) * 4 + kBars + 1024; }
+};
+
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws_persist(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps,
+                             unsigned* tile_counter) {
+  using namespace hopper;
+  using SM = DqkPersistSmem;
+  constexpr int L = 128, DKT = 128, kConsumers = 256, kTile64 = SM::kTile64;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const int vec_floats = SM::VecFloats(d.dn_parts);
+  float* vec = reinterpret_cast<float*>(sm + SM::kRegion);  // [2][vec_floats]
+  const uint32_t full1 = sa + SM::kRegion + 2 * vec_floats * 4, empty1 = full1 + 24,
+                 full_qk = empty1 + 24, full3 = full_qk + 8, empty3 = full3 + 16, vfull = empty3 + 16,
+                 vempty = vfull + 16, tail = vempty + 16;
+  const int nslab = d.DK / DKT, ntiles = nslab * d.NC * d.B * d.NH;
+  const int njt = d.DV / 64;
+  // Byte offset of logical tile T (0..11) of tile iteration `it`: odd iterations mirror the slots.
+  auto tile_at = [](int it, int T) -> uint32_t {
+    const int s = T >> 2;
+    return ((((it & 1) ? 2 - s : s) << 2) + (T & 3)) * kTile64;
+  };
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 3; ++i) {
+      MbInit(full1 + 8 * i, 1);
+      MbInit(empty1 + 8 * i, 8);
+      MbInit(tail + 8 * i, 8);
+    }
+    MbInit(full_qk, 1);
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full3 + 8 * i, 1);
+      MbInit(empty3 + 8 * i, 8);
+      MbInit(vfull + 8 * i, 64);  // warp 1: 32 arrivals + 32 cp.async completions
+      MbInit(vempty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {  // TMA issue
+      constexpr uint32_t kP1Bytes = (SPLIT ? 4 : 3) * kTile64;
+      constexpr uint32_t kP3Bytes = (SPLIT ? 3 : 2) * kTile64;
+      uint32_t par1 = 0, par3 = 0;  // bit i: parity of the next use of physical slot i / stage i
+      for (int it = 0;; ++it) {
+        int tile = blockIdx.x;
+        if (it > 0) {  // (as fwd_out's: buffer it & 1 cannot be refilled before tile it is done)
+          MbWait(vfull + 8 * (it & 1), (it >> 1) & 1);
+          tile = reinterpret_cast<const int*>(vec + (it & 1) * vec_floats)[vec_floats - 2];
+        }
+        if (tile >= ntiles) break;
+        const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+        const int a0 = slab * DKT, b = bh / d.NH, hd = bh % d.NH, t0 = k * L;
+        const int c_row = (bh * (d.NC + 1) + k) * d.DK + a0;
+        const int dc_row = (bh * d.NC + k) * d.DK + a0;
+        const int mirror = it & 1;
+        const uint32_t tail_par = (it - 1) & 1;  // the previous tile's tail barriers
+        for (int jt = 0; jt < njt; ++jt) {
+          const int s = jt % 3, ps = mirror ? 2 - s : s;
+          if (jt >= 3) {
+            MbWait(empty1 + 8 * ps, ((par1 >> ps) & 1) ^ 1);
+          } else if (it > 0) {
+            MbWait(tail + 8 * (2 - s), tail_par);  // the previous tile's logical slot 2 − s
+          }
+          par1 ^= 1u << ps;
+          const uint32_t st = sa + ps * SM::kSlot, fb = full1 + 8 * ps;
+          MbArriveExpectTx(fb, kP1Bytes);
+          TmaTile4d(st, &maps.dh, fb, jt * 64, hd, t0, b);
+          TmaTile4d(st + kTile64, &maps.v, fb, jt * 64, hd, t0, b);
+          TmaTile2d(st + 2 * kTile64, &maps.c, fb, jt * 64, c_row);
+          if constexpr (SPLIT) TmaTile2d(st + 3 * kTile64, &maps.c_lo, fb, jt * 64, c_row);
+        }
+        // Q, K into logical slot 0 after its last phase-1 use (njt >= 1: there is one).
+        {
+          const int p0 = mirror ? 2 : 0;
+          MbWait(empty1 + 8 * p0, ((par1 >> p0) & 1) ^ 1);
+          MbArriveExpectTx(full_qk, 4 * kTile64);
+          TmaTile4d(sa + tile_at(it, 0), &maps.q, full_qk, a0, hd, t0, b);
+          TmaTile4d(sa + tile_at(it, 1), &maps.q, full_qk, a0 + 64, hd, t0, b);
+          TmaTile4d(sa + tile_at(it, 2), &maps.k, full_qk, a0, hd, t0, b);
+          TmaTile4d(sa + tile_at(it, 3), &maps.k, full_qk, a0 + 64, hd, t0, b);
+        }
+        // Phase 3's stages overlap logical slots 1 and 2: their last phase-1 uses in this tile, or
+        // (dv < 192: no such use) the previous tile's release of that physical slot.
+        for (int s = 1; s < 3; ++s) {
+          const int ps = mirror ? 2 - s : s;
+          if (s < njt) {
+            MbWait(empty1 + 8 * ps, ((par1 >> ps) & 1) ^ 1);
+          } else if (it > 0) {
+            MbWait(tail + 8 * (2 - s), tail_par);
+          }
+        }
+        for (int jt = 0; jt < njt; ++jt) {
+          const int s3 = jt & 1;
+          if (jt >= 2) MbWait(empty3 + 8 * s3, ((par3 >> s3) & 1) ^ 1);
+          par3 ^= 1u << s3;
+          const uint32_t fb = full3 + 8 * s3;
+          MbArriveExpectTx(fb, kP3Bytes);
+          TmaTile4d(sa + tile_at(it, 7 + 3 * s3), &maps.v, fb, jt * 64, hd, t0, b);
+          TmaTile2d(sa + tile_at(it, 8 + 3 * s3), &maps.dc, fb, jt * 64, dc_row);
+          if constexpr (SPLIT) TmaTile2d(sa + tile_at(it, 6 + 3 * s3), &maps.dc_lo, fb, jt * 64, dc_row);
+        }
+      }
+    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {  // warp 1: tiles and their vectors
+      // Every vector element is its own 4-byte cp.async, all in flight at once (fwd_out's
+      // lesson); a short last chunk's padding rows are plain stores, released by the lane's
+      // ordinary arrival.
+      const int lane = threadIdx.x - 32;
+      int tile = blockIdx.x;
+      for (int it = 0;; ++it) {
+        const int vb = it & 1;
+        if (it >= 2) MbWait(vempty + 8 * vb, ((it >> 1) - 1) & 1);
+        float* bs = vec + vb * vec_floats;
+        const uint32_t bsa = SmemAddr(bs);
+        if (tile < ntiles) {
+          const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+          const int a0 = slab * DKT, b = bh / d.NH, hd = bh % d.NH, t0 = k * L, len = min(L, d.S - t0);
+          const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+          const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+#pragma unroll 1
+          for (int i = lane; i < L; i += 32) {  // b, ĩ, m, 1/D, dden at bs + {0, 1, 2, 3, 4}·L
+            if (i < len) {
+              CpAsync4Shared(bsa + 4 * i, p.b_tok + so + i);
+              CpAsync4Shared(bsa + 4 * (L + i), p.ig + tok0 + static_cast<int64_t>(i) * d.NH);
+              CpAsync4Shared(bsa + 4 * (2 * L + i), p.m_tok + so + i);
+              CpAsync4Shared(bsa + 4 * (3 * L + i), p.inv_d + so + i);
+              CpAsync4Shared(bsa + 4 * (4 * L + i), p.dden + so + i);
+            } else {
+              bs[i] = 0.f;
+              bs[L + i] = -INFINITY;
+              bs[2 * L + i] = 0.f;
+              bs[3 * L + i] = 0.f;
+              bs[4 * L + i] = 0.f;
+            }
+          }
+          const int64_t kst = static_cast<int64_t>(bh) * (d.NC + 1) + k;
+          const float* nbase = p.sn + kst * d.DK + a0;
+          const float* dnbase = p.dn + kst * d.dn_parts * d.DK + a0;
+#pragma unroll 1
+          for (int i = lane; i < DKT; i += 32) {
+            CpAsync4Shared(bsa + 4 * (5 * L + i), nbase + i);
+#pragma unroll 1
+            for (int j = 0; j < d.dn_parts; ++j) {
+              CpAsync4Shared(bsa + 4 * (5 * L + 2 * DKT + j * DKT + i), dnbase + static_cast<int64_t>(j) * d.DK + i);
+            }
+          }
+          if (lane == 0) {
+            CpAsync4Shared(bsa + 4 * (vec_floats - 4), p.smk + kst);
+            CpAsync4Shared(bsa + 4 * (vec_floats - 3), p.smk + kst + 1);
+          }
+          // dn_{k+1} = the sum of the parts in LoadDqkVectors' order, here and not at the
+          // consumers' use (there it sat on the dK tail: dn_parts loads a value, 8 at the 1.3b
+          // cell). Each lane sums the parts it copied itself, after its copies landed (this warp
+          // runs up to two tiles ahead; one round trip a tile is off the consumers' path).
+          asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll 1
+          for (int i = lane; i < DKT; i += 32) {
+            float dn = 0.f;
+#pragma unroll 1
+            for (int j = 0; j < d.dn_parts; ++j) dn += bs[5 * L + 2 * DKT + j * DKT + i];
+            bs[5 * L + DKT + i] = dn;
+          }
+          if (k == 0 && p.dn0 != nullptr) {  // d_initial's dn0 (as LoadDqkVectors)
+            const float* d0 = p.dn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.dn_parts * d.DK + a0;
+#pragma unroll 1
+            for (int i = lane; i < DKT; i += 32) {
+              float s0 = 0.f;
+#pragma unroll 1
+              for (int j = 0; j < d.dn_parts; ++j) s0 += d0[static_cast<int64_t>(j) * d.DK + i];
+              p.dn0[static_cast<int64_t>(bh) * d.DK + a0 + i] = s0;
+            }
+          }
+        }
+        if (lane == 0) reinterpret_cast<int*>(bs)[vec_floats - 2] = min(tile, ntiles);
+        MbArrive(vfull + 8 * vb);
+        CpAsyncMbArriveNoinc(vfull + 8 * vb);
+        if (tile >= ntiles) break;
+        int next = 0;
+        if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
+        tile = __shfl_sync(0xffffffffu, next, 0);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warps 4-11, warpgroup wg owns rows 64wg..64wg+63 (as BwdDqkWs).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
+  const uint32_t own = wg * 64 * 128;
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  uint32_t par1 = 0, par3 = 0;
+  for (int it = 0;; ++it) {
+    const int vb = it & 1;
+    const float* bs = vec + vb * vec_floats;
+    const float* igs = bs + L;
+    const float* ms = igs + L;
+    const float* ivs = ms + L;
+    const float* dds = ivs + L;
+    const float* nks = dds + L;
+    const float* dnks = nks + DKT;
+    MbWait(vfull + 8 * vb, (it >> 1) & 1);
+    const int tile = reinterpret_cast<const int*>(bs)[vec_floats - 2];
+    if (tile >= ntiles) break;
+    const int slab = tile % nslab, rest = tile / nslab, k = rest % d.NC, bh = rest / d.NC;
+    const int a0 = slab * DKT, b = bh / d.NH, hd = bh % d.NH;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+    const int64_t so = static_cast<int64_t>(bh) * d.S + t0;
+    const float m_k = bs[vec_floats - 4];
+    const float m_next = bs[vec_floats - 3];
+    const int mirror = it & 1;
+    const unsigned char* qs = sm + tile_at(it, 0);
+    const unsigned char* ks = sm + tile_at(it, 2);
+    unsigned char* dss = sm + tile_at(it, 4);
+
+    float pacc[64], qacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) pacc[i] = qacc[i] = 0.f;
+    for (int jt = 0; jt < njt; ++jt) {
+      const int s = jt % 3, ps = mirror ? 2 - s : s;
+      MbWait(full1 + 8 * ps, (par1 >> ps) & 1);
+      par1 ^= 1u << ps;
+      const uint32_t st = sa + ps * SM::kSlot;
+      const uint64_t dh_d = SmemDescSw128(st + own, 16, 1024);
+      const uint64_t v_d = SmemDescSw128(st + kTile64, 16, 1024);
+      const uint64_t c_d = SmemDescSw128(st + 2 * kTile64, 16, 1024);
+      const uint64_t clo_d = SmemDescSw128(st + 3 * kTile64, 16, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t step = (kk * 32) >> 4;
+        WgmmaSS128<0, 0>(pacc, dh_d + step, v_d + step, 1);
+        WgmmaSS128<0, 0>(qacc, dh_d + step, c_d + step, 1);
+        if constexpr (SPLIT) WgmmaSS128<0, 0>(qacc, dh_d + step, clo_d + step, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();  // this step's group retired: its stage is free now
+      if (lane == 0) MbArrive(empty1 + 8 * ps);
+    }
+    WgmmaWait<0>();
+    FenceRegs(pacc);
+    FenceRegs(qacc);
+    // Both warpgroups are done with phase 1 (dS' overwrites logical slot 1).
+    NamedBarrierSync(1, kConsumers);
+    // Phase 2 (as BwdDqkWs).
+    const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
+    const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = nt * 8 + 2 * c + (e & 1);
+        const int r = e < 2 ? r0 : r1;
+        float v = 0.f;
+        if (s <= r && r < len) {
+          const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+          const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+          v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
+        }
+        pacc[4 * nt + e] = v;
+      }
+    }
+    uint32_t pa[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+      pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+      pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+      pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+      const int col = 16 * kk + 2 * c;
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
+    }
+    FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier below)
+    {
+      const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
+        qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
+        qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
+        qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
+      }
+    }
+    MbWait(full_qk, it & 1);
+    {
+      const uint64_t k_d = SmemDescSw128(sa + tile_at(it, 2), kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(qacc);
+      FenceRegs(pa);
+    }
+    {
+      bf16* dqbase = p.dq + tok0 * d.DK + a0;
+      float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
+        const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
+        dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
+        dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
+        if (r0 < len)
+          *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
+        if (r1 < len)
+          *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
+      }
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+      if (c == 0) {
+        if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + slab] = dot0;
+        if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + slab] = dot1;
+      }
+    }
+    // Phase 3 (as BwdDqkWs).
+    float kacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
+    for (int jt = 0; jt < njt; ++jt) {
+      const int s3 = jt & 1;
+      MbWait(full3 + 8 * s3, (par3 >> s3) & 1);
+      par3 ^= 1u << s3;
+      const uint64_t v_d = SmemDescSw128(sa + tile_at(it, 7 + 3 * s3) + own, 16, 1024);
+      const uint64_t dc_d = SmemDescSw128(sa + tile_at(it, 8 + 3 * s3), 16, 1024);
+      const uint64_t dclo_d = SmemDescSw128(sa + tile_at(it, 6 + 3 * s3), 16, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t step = (kk * 32) >> 4;
+        WgmmaSS128<0, 0>(kacc, v_d + step, dc_d + step, 1);
+        if constexpr (SPLIT) WgmmaSS128<0, 0>(kacc, v_d + step, dclo_d + step, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      if (lane == 0) MbArrive(empty3 + 8 * s3);
+    }
+    WgmmaWait<0>();
+    FenceRegs(kacc);
+    // Phase 3 is done in this warp: logical slot 2 may take the next tile's first phase-1 stage.
+    if (lane == 0) MbArrive(tail + 16);
+    {
+      const float gl = bs[len - 1];
+      const float E0 = r0 < len ? __expf(gl - b0v + igs[r0] - m_next) : 0.f;
+      const float E1 = r1 < len ? __expf(gl - b1v + igs[r1] - m_next) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        kacc[4 * nt + 0] = E0 * (kacc[4 * nt + 0] + dnks[col]);
+        kacc[4 * nt + 1] = E0 * (kacc[4 * nt + 1] + dnks[col + 1]);
+        kacc[4 * nt + 2] = E1 * (kacc[4 * nt + 2] + dnks[col]);
+        kacc[4 * nt + 3] = E1 * (kacc[4 * nt + 3] + dnks[col + 1]);
+      }
+    }
+    // The last read of this tile's vectors: hand the buffer back to warp 1.
+    __syncwarp();
+    if (lane == 0) MbArrive(vempty + 8 * vb);
+    NamedBarrierSync(1, kConsumers);  // dS' from both warpgroups written (and fenced)
+    {
+      const uint64_t ds_d = SmemDescSw128(sa + tile_at(it, 4) + wg * kTile64, kTile64, 1024);
+      const uint64_t q_d = SmemDescSw128(sa + tile_at(it, 0), kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint64_t step = (kk * 16 * 128) >> 4;
+        WgmmaSS128<1, 1>(kacc, ds_d + step, q_d + step, 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(kacc);
+    }
+    // dS' and phase-3 stage 0 are read: logical slot 1 is free (the fence orders this warp's
+    // generic dS' stores before the TMA that refills the slot).
+    FenceProxyAsync();
+    __syncwarp();
+    if (lane == 0) MbArrive(tail + 8);
+    {
+      bf16* dkbase = p.dk + tok0 * d.DK + a0;
+      float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
+        const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
+        dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
+        dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
+        if (r0 < len)
+          *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
+        if (r1 < len)
+          *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
+      }
+      // Q and K are read (the dots above, the wgmmas before): logical slot 0 is free.
+      __syncwarp();
+      if (lane == 0) MbArrive(tail);
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+      if (c == 0) {
+        if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + slab] = dot0;
+        if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + slab] = dot1;
+      }
     }
   }
 }
@@ -5350,6 +5819,8 @@ struct BwdDvChoice {
   // GYRE_MLSTM_RING value.
   bool ring_eager = false;
   const char* bad_ring_env = nullptr;
+  // DqkPersistBlocks: > 0 runs chunk 128's bwd_dqk as mlstm_bwd_dqk_ws_persist on that many blocks.
+  int dqk_persist_blocks = 0;
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -5473,7 +5944,7 @@ RingEnv RingRelease(const MlstmOptions& o) {
 // grid, tiles that fit into one wave run one block per tile: there is no next tile to load ahead
 // (B1 S1024, 96 tiles: 0.021 ms against the persistent kernel's 0.022).
 int PersistBlocks(const Dims& d, const MlstmOptions& o) {
-  if (o.persist == MlstmPersist::kOff) return 0;
+  if (o.persist != MlstmPersist::kFwdOut && o.persist != MlstmPersist::kBoth) return 0;
   // (its two vector buffers make it 6.2 KB larger than the default at dk 384: past dk ~4000 only
   // the default fits into an SM's 227 KB)
   if (OutWs3PersistSmem<true>::Bytes(d.DK) > 227 * 1024) return 0;
@@ -5485,6 +5956,32 @@ int PersistBlocks(const Dims& d, const MlstmOptions& o) {
     if (tiles <= blocks) return 0;
   }
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks, tiles)));
+}
+
+// MlstmOptions::persist resolved for the backward: the persistent bwd_dqk's grid, as PersistBlocks
+// (0 = one block per tile: off / fwd_out, tiles within one wave under the automatic grid, or its
+// shared memory past an SM's: dn_parts above ~27).
+int DqkPersistBlocks(const Dims& d, const MlstmOptions& o) {
+  if (o.persist != MlstmPersist::kDqk && o.persist != MlstmPersist::kBoth) return 0;
+  if (DqkPersistSmem::Bytes(d.dn_parts) > 227 * 1024) return 0;
+  const int64_t tiles = static_cast<int64_t>(d.DK / 128) * d.NC * d.B * d.NH;
+  int64_t blocks = o.persist_blocks;
+  if (blocks <= 0) {
+    const int sms = CurrentDeviceSms();
+    blocks = sms > 0 ? sms : 132;
+    if (tiles <= blocks) return 0;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, tiles)));
+}
+
+// The next of the persistent kernels' tile counters, zeroed on `stream`.
+CudaResult TakePersistCounter(cudaStream_t stream, unsigned** counter) {
+  static std::atomic<unsigned> next_counter{0};
+  void* counters = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaGetSymbolAddress(&counters, g_persist_tiles));
+  *counter = static_cast<unsigned*>(counters) + next_counter.fetch_add(1, std::memory_order_relaxed) % kPersistCounters;
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(*counter, 0, sizeof(unsigned), stream));
+  return {};
 }
 
 // ---------------------------------------------------------------- host helpers
@@ -5717,12 +6214,8 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
         if (persist_blocks > 0) {
           const size_t psmem = OutWs3PersistSmem<SPLIT>::Bytes(d.DK);
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_persist<SPLIT>, psmem));
-          static std::atomic<unsigned> next_counter{0};
-          void* counters = nullptr;
-          CUDA_RETURN_IF_ERROR(cudaGetSymbolAddress(&counters, g_fwd_out_persist_tiles));
-          unsigned* counter = static_cast<unsigned*>(counters) +
-                              next_counter.fetch_add(1, std::memory_order_relaxed) % kPersistCounters;
-          CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream));
+          unsigned* counter = nullptr;
+          CUDA_RETURN_IF_NOT_OK(TakePersistCounter(stream, &counter));
           mlstm_fwd_out_ws3_persist<SPLIT><<<persist_blocks, 384, psmem, stream>>>(d, p, maps, counter);
         } else if (ring_eager) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_eager<SPLIT>, smem));
@@ -5866,7 +6359,13 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
         const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
         DqkTmaMaps maps{};
         CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
-        if (dv_choice.ring_eager) {
+        if (dv_choice.dqk_persist_blocks > 0) {
+          const size_t psmem = DqkPersistSmem::Bytes(d.dn_parts);
+          CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_persist<SPLIT>, psmem));
+          unsigned* counter = nullptr;
+          CUDA_RETURN_IF_NOT_OK(TakePersistCounter(stream, &counter));
+          mlstm_bwd_dqk_ws_persist<SPLIT><<<dv_choice.dqk_persist_blocks, 384, psmem, stream>>>(d, p, maps, counter);
+        } else if (dv_choice.ring_eager) {
           CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_eager<SPLIT>, smem));
           mlstm_bwd_dqk_ws_eager<SPLIT><<<dim3(d.DK / 128, d.NC, bh), 384, smem, stream>>>(d, p, maps);
         } else {
@@ -6272,6 +6771,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
+  dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
   const SavedLayout l = MakeSaved(shape, options);
   const ScratchLayout sl = MakeScratch(shape, options);
   const char* base = static_cast<const char*>(saved);

@@ -168,10 +168,16 @@ enum class MlstmRingRelease {
 // GYRE_MLSTM_PERSIST (off | fwd_out, default fwd_out since session 17; read once through
 // ops/env_switch.h); the kernels read no environment for it, and MlstmOptions' own default stays
 // kOff (the kernel-level API and its tests choose explicitly).
+// kDqk / kBoth (helper persistdqk17, session 17): chunk 128's bwd_dqk the same way
+// (mlstm_bwd_dqk_ws_persist; the same bytes as the default, tested bytewise). H100: 125m cell
+// bwd_dqk 0.719 -> 0.661 ms, 1.3b cell (L128) 0.960 -> 0.931, step xlstm[1:0]-125m B16 (fwd_out ->
+// both) 125.4 -> 124.2 ms. Opt-in: GYRE_MLSTM_PERSIST=dqk | both.
 enum class MlstmPersist {
   kOff,     // one block per tile (mlstm_fwd_out_ws3_eager / mlstm_fwd_out_ws3 under kLag)
   kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says); other chunk
             // sizes and 64-column slabs run as kOff
+  kDqk,     // mlstm_bwd_dqk_ws_persist (eager release whatever `ring` says; fwd_out as kOff)
+  kBoth,    // kFwdOut and kDqk
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves
@@ -200,7 +206,7 @@ struct MlstmOptions {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   // Chunk 128's fwd_out / bwd_dqk TMA kernels: when a stage is released (see MlstmRingRelease).
   MlstmRingRelease ring = MlstmRingRelease::kAuto;
-  // Chunk 128's fwd_out on a persistent grid (see MlstmPersist), and that grid's blocks: 0 = one
+  // Chunk 128's fwd_out / bwd_dqk on a persistent grid (see MlstmPersist), and that grid's blocks: 0 = one
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
