@@ -790,13 +790,13 @@ class Backend final : public CudaBackend {
     options->chunk_size = a.chunk;
     options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     options->eps = a.eps;
-    // GYRE_MLSTM_PERSIST unset or fwd_out: chunk 128's fwd_out on a persistent grid
-    // (kernels/cuda/mlstm.h, MlstmPersist; helper persist17, the default since session 17's merge:
-    // the same bytes, the step -1.4%); off: one block a tile; dqk: chunk 128's bwd_dqk on a
-    // persistent grid instead (helper persistdqk17; opt-in), both: the two. The forward and
-    // backward of a step get the same value.
+    // GYRE_MLSTM_PERSIST unset or both: chunk 128's fwd_out and bwd_dqk on persistent grids
+    // (kernels/cuda/mlstm.h, MlstmPersist; helpers persist17 and persistdqk17, the default since
+    // session 17's merges: the same bytes, the xlstm[1:0]-125m step -1.9 and -1.2 ms); fwd_out /
+    // dqk: one of the two; off: one block a tile. The forward and backward of a step get the same
+    // value.
     static const kc::MlstmPersist persist = [] {
-      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "fwd_out");
+      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "both");
       if (v == "fwd_out") return kc::MlstmPersist::kFwdOut;
       if (v == "dqk") return kc::MlstmPersist::kDqk;
       if (v == "both") return kc::MlstmPersist::kBoth;

@@ -165,13 +165,13 @@ enum class MlstmRingRelease {
 // device counter, the next tile's first stages loaded under this tile's epilogue. The same bytes as
 // the default (tested bytewise). H100, medians of 3: 125m cell fwd_out 0.465 -> 0.390 ms, 1.3b
 // cell (L128) 0.554 -> 0.515, step xlstm[1:0]-125m B16 127.3 -> 125.5 ms. ops sets it from
-// GYRE_MLSTM_PERSIST (off | fwd_out, default fwd_out since session 17; read once through
+// GYRE_MLSTM_PERSIST (off | fwd_out | dqk | both, default both since session 17; read once through
 // ops/env_switch.h); the kernels read no environment for it, and MlstmOptions' own default stays
 // kOff (the kernel-level API and its tests choose explicitly).
 // kDqk / kBoth (helper persistdqk17, session 17): chunk 128's bwd_dqk the same way
 // (mlstm_bwd_dqk_ws_persist; the same bytes as the default, tested bytewise). H100: 125m cell
 // bwd_dqk 0.719 -> 0.661 ms, 1.3b cell (L128) 0.960 -> 0.931, step xlstm[1:0]-125m B16 (fwd_out ->
-// both) 125.4 -> 124.2 ms. Opt-in: GYRE_MLSTM_PERSIST=dqk | both.
+// both) 125.4 -> 124.2 ms.
 enum class MlstmPersist {
   kOff,     // one block per tile (mlstm_fwd_out_ws3_eager / mlstm_fwd_out_ws3 under kLag)
   kFwdOut,  // mlstm_fwd_out_ws3_persist (eager stage release whatever `ring` says); other chunk
