@@ -10,11 +10,13 @@
 // written once, the saved buffer written once by the forward and read once by the backward).
 //
 //   ssd_bench [--reps=N] [--warmup=N] [--only=MASK] [--default_only] [--shapes=1|2|3]
-//             [--path=TEXT]
+//             [--path=TEXT] [--shape=B,S,H]
 // MASK: the kSsdReg* bits of the variants to run (for per-kernel profiles); default all.
 // --default_only: only the default path ("[v3 all]"; bench/anchor_ssd.py --alternate runs it
 // between anchor timings). --shapes: 1 B8 S2048, 2 both, 3 only B2 S8192, 4 only B16 S2048 H24
-// (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --path: only the variants whose name
+// (mamba2-130m's step), 5 B8 S2048 and B16 S2048 H24. --shape=B,S,H: only that one shape
+// (P64 N128 G1 Q256; e.g. B1 S512 H24 puts every block of the big four on its own SM, for the
+// block-alone times of helper ssdpersist17's turnover diagnosis). --path: only the variants whose name
 // contains TEXT (e.g. "un]" for one ncu profile of that variant). "[v3 all so]": the default
 // kernels with GYRE_SSD_SIDE_STREAM=off (one stream), forced by SsdSetSideStreamForTesting
 // whatever the environment; the others run the environment's form (hi by default: the backward's
@@ -214,6 +216,7 @@ int main(int argc, char** argv) {
   int only_mask = -1, shapes = 2;
   bool default_only = false;
   std::string path_filter;
+  int64_t one_b = 0, one_s = 0, one_h = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) t.reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--warmup=", 9) == 0) t.warmup = std::max(0, std::atoi(argv[i] + 9));
@@ -221,10 +224,22 @@ int main(int argc, char** argv) {
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
     if (std::strcmp(argv[i], "--default_only") == 0) default_only = true;
     if (std::strncmp(argv[i], "--path=", 7) == 0) path_filter = argv[i] + 7;
+    if (std::strncmp(argv[i], "--shape=", 8) == 0) {
+      long long b = 0, s = 0, h = 0;
+      if (std::sscanf(argv[i] + 8, "%lld,%lld,%lld", &b, &s, &h) != 3 || b < 1 || s < 1 || h < 1) {
+        std::fprintf(stderr, "ssd_bench: --shape wants B,S,H (positive), got %s\n", argv[i] + 8);
+        return 1;
+      }
+      one_b = b, one_s = s, one_h = h;
+    }
   }
   std::printf("ssd_bench: default v3 mask %d\n", SsdRegisterPath());
   DeviceAllocator alloc;
   t.Init(&alloc);
+  if (one_b > 0) {
+    Run(t, alloc, one_b, one_s, one_h, only_mask, default_only, path_filter);
+    return 0;
+  }
   if (shapes == 1 || shapes == 2 || shapes == 5) {
     Run(t, alloc, 8, 2048, 64, only_mask, default_only, path_filter);
   }
