@@ -122,7 +122,23 @@ int Main(int argc, char** argv) {
                  "launch), 0 (separate launches), both (eager steps, graph steps, speculative graph rounds and the "
                  "graph Generate runs alternate 0 / 1, outputs compared: COST_ROPE_APPEND, SUMMARY_ROPE_APPEND)")
       ->check(CLI::IsMember({"env", "0", "1", "both"}));
+  std::string decode_attn = "env";
+  app.add_option("--decode_attn", decode_attn,
+                 "CUDA: the decode attention kernel: env (GYRE_DECODE_ATTN), serial, split, both (graph steps at "
+                 "the --attn_lengths cache lengths alternate serial / split on fresh states: COST_DECODE_ATTN; the "
+                 "graph Generate runs too: SUMMARY_DECODE_ATTN, tokens compared but not required equal: the split "
+                 "kernel sums in another order)")
+      ->check(CLI::IsMember({"env", "serial", "split", "both"}));
+  std::string attn_lengths = "64,256,1024,4096";
+  app.add_option("--attn_lengths", attn_lengths, "--decode_attn both: the cache lengths timed, comma-separated");
   CLI11_PARSE(app, argc, argv);
+  if (decode_attn == "serial" || decode_attn == "split") ops::SetDecodeAttnSplit(decode_attn == "split");
+  const bool attn_ab = decode_attn == "both";
+  if (attn_ab && (decode_qkv == "both" || decode_rope_append == "both")) {
+    std::fprintf(stderr, "--decode_attn both with another A/B: one A/B a run\n");
+    return 2;
+  }
+  if (attn_ab) ops::SetDecodeAttnSplit(true);  // the "after" setting; the A/B runs switch to serial
   if (decode_qkv == "0" || decode_qkv == "1") ops::SetDecodeQkvOneLaunch(decode_qkv == "1");
   const bool qkv_ab = decode_qkv == "both";
   if (decode_rope_append == "0" || decode_rope_append == "1")
@@ -136,6 +152,7 @@ int Main(int argc, char** argv) {
   const auto set_ab = [&](bool on) {
     if (qkv_ab) ops::SetDecodeQkvOneLaunch(on);
     if (rope_ab) ops::SetDecodeRopeAppendOneLaunch(on);
+    if (attn_ab) ops::SetDecodeAttnSplit(on);
   };
 
   std::ifstream in(tokens_path, std::ios::binary);
@@ -458,6 +475,55 @@ int Main(int argc, char** argv) {
                   (long)round_nodes[0], round_ms[0].size(), median_ms(round_ms[1]), (long)round_nodes[1],
                   round_ms[1].size(), median_ms(round_ms[0]) / median_ms(round_ms[1]));
     }
+    if (cuda && attn_ab) {
+      // The decode attention kernel, serial (0) vs split (1), at several cache lengths L: three
+      // turns alternating the settings, each on a FRESH state prefilled to L in chunks of 64
+      // (untimed, always under the split kernel: only the cache's size matters for the timing),
+      // then a DecodeGraph captured with the setting under test and 20 replays timed (the
+      // positions L+2 .. L+21, no growth). Medians per (L, setting).
+      std::vector<int64_t> lengths;
+      for (size_t b = 0; b < attn_lengths.size();) {
+        size_t e = attn_lengths.find(',', b);
+        if (e == std::string::npos) e = attn_lengths.size();
+        lengths.push_back(std::stoll(attn_lengths.substr(b, e - b)));
+        b = e + 1;
+      }
+      for (const int64_t L : lengths) {
+        std::vector<double> graph_ms[2];
+        for (int turn = 0; turn < 3; ++turn)
+          for (int one = 0; one < 2; ++one) {
+            size_t at = split + 2000 + static_cast<size_t>(turn) * 64;
+            auto st = (*model)->NewDecodeState(1);
+            ops::SetDecodeAttnSplit(true);
+            warm_options.heads = 1;
+            for (int64_t t = 0; t < L; t += 64) {
+              const int64_t n = std::min<int64_t>(64, L - t);
+              const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + n);
+              at += n;
+              (*model)->DecodeChunk(chunk, n, st.get(), warm_options);
+            }
+            ops::SetDecodeAttnSplit(one == 1);
+            // One eager step (a full cache grows here, untimed), then the capture.
+            const int32_t first = data[at++];
+            (*model)->DecodeStep(std::span<const int32_t>(&first, 1), st.get(), 1);
+            auto graph = ops::DecodeGraph::Capture(model->get(), st.get());
+            if (!graph.ok()) {
+              std::printf("COST_DECODE_ATTN %s: %s\n", preset.c_str(), graph.status().ToString().c_str());
+              return 1;
+            }
+            for (int64_t r = 0; r < 22 && !(*graph)->MustGrow(); ++r) {
+              const int32_t tok = data[at++];
+              const auto t0 = now();
+              if (!(*graph)->Step(std::span<const int32_t>(&tok, 1)).ok()) return 1;
+              if (r >= 2) graph_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+            }
+          }
+        std::printf("COST_DECODE_ATTN %s L=%ld: graph step %.3f ms serial (%zu samples), %.3f ms split (%zu samples), "
+                    "x%.3f\n", preset.c_str(), (long)L, median_ms(graph_ms[0]), graph_ms[0].size(),
+                    median_ms(graph_ms[1]), graph_ms[1].size(), median_ms(graph_ms[0]) / median_ms(graph_ms[1]));
+      }
+      ops::SetDecodeAttnSplit(true);  // the Generate loop's graph runs: split; its A/B runs: serial
+    }
     if (cuda && decode_graph != "off") {
       // The same greedy step replayed from a graph captured on the warmed state gs (the last
       // eager step above was its warm-up).
@@ -510,7 +576,7 @@ int Main(int argc, char** argv) {
   const bool spec_graph_runs = cuda && spec_graph == "both";
   bool spec_graph_equal = true;
   std::string spec_graph_mode;
-  bool qkv_equal = true;
+  bool qkv_equal = true, attn_equal = true;
   const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
   bool all_equal = true;
@@ -535,7 +601,7 @@ int Main(int argc, char** argv) {
         if (r > 0) tg.push_back(gr->seconds);
         g = *gr;
       }
-      if (graph_runs && (qkv_ab || rope_ab)) {  // graph greedy with the A/B switch's "before" setting
+      if (graph_runs && (qkv_ab || rope_ab || attn_ab)) {  // graph greedy with the A/B switch's "before" setting
         ops::SetDecodeGraph(true);
         set_ab(false);
         auto gr = Generate(model->get(), prompt, gen);
@@ -579,7 +645,7 @@ int Main(int argc, char** argv) {
         if (r > 0) tsg.push_back(sgr->seconds);
         sg = *sgr;
       }
-      if (spec_graph_runs && rope_ab) {  // speculative graph with the separate appends + RoPE
+      if (spec_graph_runs && (rope_ab || attn_ab)) {  // speculative graph, the A/B's "before" setting
         ops::SetSpeculativeGraph(true);
         set_ab(false);
         auto sgr = GenerateSpeculative(model->get(), prompt, gen);
@@ -610,6 +676,13 @@ int Main(int argc, char** argv) {
         equal &= same;
         graph_two_s += median(tgg_two);
       }
+      if (attn_ab) {  // another summation order: equality reported, not required
+        std::printf("prompt %ld: greedy graph with the serial attention kernel %.1f tok/s, split %.1f tok/s, tokens "
+                    "equal %s\n", (long)p, gg_two.tokens.size() / median(tgg_two), gg.tokens.size() / mgg,
+                    gg_two.tokens == gg.tokens ? "yes" : "no");
+        attn_equal &= gg_two.tokens == gg.tokens;
+        graph_two_s += median(tgg_two);
+      }
       if (qkv_ab) {
         const bool same = gg_two.tokens == gg.tokens;
         std::printf("prompt %ld: greedy graph with q, k, v in two launches %.1f tok/s, in one %.1f tok/s, tokens "
@@ -636,6 +709,13 @@ int Main(int argc, char** argv) {
                     sg.tokens.size() / median(tsg), same_two ? "yes" : "NO");
         qkv_equal &= same_two;
         equal &= same_two;
+        spec_graph_two_s += median(tsg_two);
+      }
+      if (attn_ab) {
+        std::printf("prompt %ld: speculative graph with the serial attention kernel %.1f tok/s, split %.1f tok/s, "
+                    "tokens equal %s\n", (long)p, sg_two.tokens.size() / median(tsg_two),
+                    sg.tokens.size() / median(tsg), sg_two.tokens == sg.tokens ? "yes" : "no");
+        attn_equal &= sg_two.tokens == sg.tokens;
         spec_graph_two_s += median(tsg_two);
       }
       spec_graph_mode = sg.decode_graph;
@@ -685,6 +765,15 @@ int Main(int argc, char** argv) {
                   tokens / spec_graph_s, spec_graph_two_s / spec_graph_s);
     }
     std::printf("; tokens equal: %s\n", qkv_equal ? "yes" : "NO");
+  }
+  if (graph_runs && attn_ab) {
+    std::printf("SUMMARY_DECODE_ATTN %s: greedy graph %.1f tok/s serial, %.1f tok/s split (x%.3f)", preset.c_str(),
+                tokens / graph_two_s, tokens / graph_s, graph_two_s / graph_s);
+    if (spec_graph_runs) {
+      std::printf("; speculative graph %.1f tok/s serial, %.1f tok/s split (x%.3f)", tokens / spec_graph_two_s,
+                  tokens / spec_graph_s, spec_graph_two_s / spec_graph_s);
+    }
+    std::printf("; serial and split tokens equal: %s (not required)\n", attn_equal ? "yes" : "no");
   }
   return all_equal ? 0 : 3;
 }

@@ -52,6 +52,18 @@ void SetDecodeRopeAppendOneLaunch(bool on) { DecodeRopeAppendSwitch() = on; }
 
 namespace {
 
+bool& DecodeAttnSplitSwitch() {
+  static bool on = EnvChoice("GYRE_DECODE_ATTN", {"serial", "split"}, "serial") == "split";
+  return on;
+}
+
+}  // namespace
+
+bool DecodeAttnSplit() { return DecodeAttnSplitSwitch(); }
+void SetDecodeAttnSplit(bool on) { DecodeAttnSplitSwitch() = on; }
+
+namespace {
+
 int& GemmRowsWarpsSwitch() {
   static int warps = std::stoi(EnvChoice("GYRE_GEMM_ROWS_WARPS", {"1", "2", "4"}, "2"));
   return warps;

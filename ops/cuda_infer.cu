@@ -176,6 +176,158 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   }
 }
 
+// The split decode attention (GYRE_DECODE_ATTN=split, ops/cuda_infer_kernels.h): the same math
+// as attention_decode_kernel, with both key loops dealt over all 256 threads so no thread walks
+// the cache alone. A lane group of G lanes (G = the smallest power of two >= D / 8, at most 32)
+// covers one key's row, lane c of the group its 8 features [8c, 8c + 8) with one 16-byte load;
+// a warp holds 32 / G keys at once and the block `slots` = 8 · 32 / G of them (32 at D = 64).
+// Key j belongs to slot j % slots; a slot takes its keys in ascending order.
+//   scores: each lane's 8 products in order (fmaf), then the group's xor butterfly;
+//   softmax: as the serial kernel (per-thread strided partials, then a block reduction);
+//   values: each lane accumulates p_j · v_j[8c .. 8c + 7] over its slot's keys (fmaf, ascending
+//     j) into 8 fp32 registers; the slots' partial rows go to shared memory and thread d adds
+//     them in slot order, then scales by 1 / sum.
+// Every order above depends only on T (the row's own key count) and D, never on how many rows
+// the launch holds, so a chunk's row has the bits of the single step (greedy == speculative);
+// it differs from the serial kernel's order, so this is a numerics switch (tests: float64).
+// Latency: the serial kernel's value loop is T dependent load + FMA steps on 64 threads; here a
+// thread walks T / slots keys, 4 loads in flight, in each loop.
+constexpr int kSplitThreads = 256, kSplitWarps = kSplitThreads / 32;
+constexpr int kSplitUnroll = 4;
+// slots · D = (8 · 32 / G) · D <= 8 · 32 · 8 floats, since G >= D / 8.
+constexpr int kSplitPartials = kSplitWarps * 32 * 8;
+
+__device__ float SplitBlockReduce(float v, bool is_max, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, w) : v + w;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < kSplitWarps; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+  return r;
+}
+
+__device__ __forceinline__ void Bf16x8ToFloat(const uint4& u, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(DecodeArgs a, int group_lanes) {
+  extern __shared__ float scores[];
+  __shared__ float partial[kSplitPartials];
+  __shared__ float scratch[kSplitWarps];
+  const int64_t qi = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t b = qi % a.batch, j_query = qi / a.batch;
+  const int64_t hk = h / (a.heads / a.kv_heads);
+  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
+  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  const float scale = rsqrtf(static_cast<float>(D));
+  const int G = group_lanes, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int c = lane % G, per_warp = 32 / G, slots = kSplitWarps * per_warp;
+  const int slot = warp * per_warp + lane / G;
+  const bool active = c < D / 8;
+  const bf16* qn = static_cast<const bf16*>(a.q) + (qi * a.heads + h) * D;
+  const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (qi * a.heads + h) * D : nullptr;
+  const bf16* kn = static_cast<const bf16*>(a.k) + b * a.cache_batch_stride + hk * D + 8 * c;
+  const bf16* kg = a.k_grouped ? static_cast<const bf16*>(a.k_grouped) + b * a.cache_batch_stride + hk * D + 8 * c
+                               : nullptr;
+  const bf16* v = static_cast<const bf16*>(a.v) + b * a.cache_batch_stride + hk * D + 8 * c;
+  float qn8[8] = {}, qg8[8] = {};
+  if (active) {
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qn + 8 * c), qn8);
+    if (qg != nullptr) Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qg + 8 * c), qg8);
+  }
+  // Scores: every lane of a warp runs the same trip count (the butterflies need the whole warp).
+  const int64_t rounds = (T + slots - 1) / slots;
+  for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+    uint4 kr[kSplitUnroll];
+    bool grouped[kSplitUnroll];
+#pragma unroll
+    for (int u = 0; u < kSplitUnroll; ++u) {
+      const int64_t j = (r0 + u) * slots + slot;
+      grouped[u] = a.window > 0 && T - 1 - j >= a.window;
+      kr[u] = make_uint4(0, 0, 0, 0);
+      if (active && j < T) kr[u] = *reinterpret_cast<const uint4*>((grouped[u] ? kg : kn) + j * kvd);
+    }
+#pragma unroll
+    for (int u = 0; u < kSplitUnroll; ++u) {
+      const int64_t j = (r0 + u) * slots + slot;
+      float k8[8];
+      Bf16x8ToFloat(kr[u], k8);
+      const float* q8 = grouped[u] ? qg8 : qn8;
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = fmaf(q8[i], k8[i], dot);
+      for (int o = G / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (c == 0 && j < T) scores[j] = dot * scale;
+    }
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < T; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
+  mx = SplitBlockReduce(mx, true, scratch);
+  float sum = 0.f;
+  for (int64_t j = threadIdx.x; j < T; j += kSplitThreads) {
+    const float p = __expf(scores[j] - mx);
+    scores[j] = p;
+    sum += p;
+  }
+  sum = SplitBlockReduce(sum, false, scratch);
+  __syncthreads();
+  const float inv = 1.f / sum;
+  float acc[8] = {};
+  if (active) {
+    for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+      uint4 vr[kSplitUnroll];
+      float p[kSplitUnroll];
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        const int64_t j = (r0 + u) * slots + slot;
+        vr[u] = make_uint4(0, 0, 0, 0);
+        p[u] = 0.f;
+        if (j < T) {
+          vr[u] = *reinterpret_cast<const uint4*>(v + j * kvd);
+          p[u] = scores[j];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        if ((r0 + u) * slots + slot >= T) break;
+        float v8[8];
+        Bf16x8ToFloat(vr[u], v8);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = fmaf(p[u], v8[i], acc[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) partial[slot * D + 8 * c + i] = acc[i];
+  }
+  __syncthreads();
+  bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
+  for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
+    float s = 0.f;
+    for (int sl = 0; sl < slots; ++sl) s += partial[sl * D + d];
+    out[d] = __float2bfloat16(s * inv);
+  }
+}
+
+// The split kernel's shapes: 8-feature lanes (D % 8 == 0, D <= 256: one chunk a lane) and
+// 16-byte aligned rows and bases; anything else takes the serial kernel.
+bool SplitDecodeFits(const DecodeArgs& a) {
+  const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.head_dim % 8 == 0 && a.head_dim <= 256 && aligned(a.q) && aligned(a.q_grouped) && aligned(a.k) &&
+         aligned(a.k_grouped) && aligned(a.v) && (a.batch == 1 || a.cache_batch_stride % 8 == 0);
+}
+
 // The KV-cache append of a decode graph: B rows of `cols` bf16 to cache row *position_dev (a
 // plain copy, so the bytes of the eager path's Copy2D).
 __global__ void append_rows_kernel(bf16* dst, int64_t dst_batch_stride, const bf16* src, int64_t batch,
@@ -464,6 +616,19 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(a.length) * sizeof(float);
   constexpr size_t kMaxSmem = 200 * 1024;
   if (smem > kMaxSmem) return InvalidArgument("attention_decode: more than 51200 cached keys");
+  if (a.split && SplitDecodeFits(a)) {
+    // G: the lanes covering one key row (8 features a lane).
+    int group_lanes = 1;
+    while (group_lanes * 8 < a.head_dim) group_lanes *= 2;
+    if (smem + sizeof(float) * (kSplitPartials + kSplitWarps) > 48 * 1024) {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_split_kernel,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem)));
+    }
+    attention_decode_split_kernel<<<static_cast<unsigned>(a.batch * a.queries * a.heads), kSplitThreads, smem,
+                                    stream>>>(a, group_lanes);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attention_decode_split_kernel");
+    return {};
+  }
   if (smem > 48 * 1024) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(kMaxSmem)));

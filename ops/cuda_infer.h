@@ -73,6 +73,8 @@ struct CudaAttentionDecodeArgs {
   // (the cache length before the step lives in device memory), and `length` is the cache's
   // capacity (it sizes the shared memory). Same bits as length = *position_dev + queries.
   const int32_t* position_dev = nullptr;
+  // DecodeAttnSplit(): the split kernel (another summation order, row-invariant).
+  bool split = false;
 };
 
 // Recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward): bf16
@@ -211,6 +213,16 @@ bool DecodeRopeAppendOneLaunch();
 // ops/cuda_infer_impl.cc), for callers that need to know which kernel computes a product.
 inline constexpr int64_t kDecodeGemmRowsMax = 16;
 void SetDecodeRopeAppendOneLaunch(bool on);
+
+// The decode attention kernel (ops/cuda_infer_kernels.h AttentionDecode): GYRE_DECODE_ATTN
+// unset or "serial" (one warp a key for the scores, then 64 of 128 threads each walking all T
+// values in order: the kernel since session 14), "split" (opt-in, session 17 helper decattn17:
+// both key loops dealt over 256 threads in lane groups of 16-byte rows, the slots' partial
+// outputs added in slot order; row-invariant, another summation order than serial, checked
+// against float64: ops/DECODE_GRAPHS.md "Session 17 (helper decattn17)"). Read once; other values
+// stop the process naming the accepted ones. SetDecodeAttnSplit overrides it (tests, benchmarks).
+bool DecodeAttnSplit();
+void SetDecodeAttnSplit(bool on);
 
 // Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "2" (the
 // default since session 16: the column's reduction dealt to 2 warps, combined in a fixed order;

@@ -83,6 +83,7 @@ class CudaInferenceImpl final : public CudaInference {
     d.q = a.q; d.q_grouped = a.q_grouped; d.k = a.k; d.k_grouped = a.k_grouped; d.v = a.v;
     d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
     d.position_dev = a.position_dev;
+    d.split = a.split;
     OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
   }
 

@@ -8,6 +8,11 @@
 //   fp32. Reads the whole cache once per step: decode is bound by these bytes,
 //   B·length·2·Hk·D·2 bytes (the GQA group re-reads hit L2). With queries > 1 (a chunk of
 //   speculative tokens, DecodeChunk) one block per (query, head), causal within the chunk.
+//   split = true (GYRE_DECODE_ATTN=split): 256 threads, a lane group of G = pow2 >= D/8 lanes a
+//   key row (one 16-byte load a lane), 8 · 32 / G keys in flight per round and 4 rounds
+//   unrolled, for the scores and for Σ p_j v_j; the slots' partial outputs added in slot order
+//   (key j in slot j % slots): the order depends on T and D only (row-invariant). Shared
+//   memory length·4 + 8 KB. The serial kernel's order otherwise (and for D % 8 != 0, D > 256).
 // Decode graphs (ops/decode_graph.h): with `position_dev` set, RopePartial and AttentionDecode
 //   read the cache length before the step, t, from that device int32 instead of the host
 //   argument (RoPE: p = t + r % seq and x advanced by t·position_stride elements, the cache row
@@ -52,6 +57,9 @@ struct DecodeArgs {
   // Set: the kernel's length is *position_dev + queries and `length` only bounds it (the cache's
   // capacity: shared memory and argument checks).
   const int32_t* position_dev = nullptr;
+  // The split kernel (GYRE_DECODE_ATTN=split, see the header's note) where the shape fits
+  // (head_dim % 8 == 0, <= 256, 16-byte aligned rows); false or another shape: the serial one.
+  bool split = false;
 };
 CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
 

@@ -1027,6 +1027,93 @@ TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
                                70, 0, 0, true);
 }
 
+// The split decode attention kernel (GYRE_DECODE_ATTN=split, ops/cuda_infer_kernels.h) and the
+// serial one against the CPU's float64 decode (the same bf16-valued q, k, v) at caches up to
+// 1,088 keys (one case to 2,048): chunks of rows (DecodeChunk, causal inside the chunk: every
+// length 1..T_max is some row's key count), MHA and GQA, whole-head and partial rotary, SelfExtend
+// (window 64, so most keys are grouped at long T), head_dim 64, 96 (12 of 16 lanes of a key's
+// group active) and 128; the error of each chunk's rows (||gpu - ref|| / ||ref||) must stay
+// under 1e-2 for both kernels. Row invariance of the split kernel: the same rows fed as single
+// steps to another cache give every output bit of the chunk (greedy == speculative), and so
+// does the device-position (graph) launch, checked for the split kernel at every chunk.
+TEST_F(DecodeGpuTest, SplitDecodeAttentionMatchesFloat64AndIsRowInvariant) {
+  const bool saved = DecodeAttnSplit();
+  Tensor pos = Tensor::Empty({1}, DType::kI32, Device::kCuda);
+  const auto same = [](const Tensor& a, const Tensor& b) {
+    const Tensor x = a.ToDevice(Device::kCpu), y = b.ToDevice(Device::kCpu);
+    return x.numel() == y.numel() &&
+           std::memcmp(x.raw(), y.raw(), static_cast<size_t>(x.numel() * DTypeSize(x.dtype()))) == 0;
+  };
+  struct Case {
+    const char* name;
+    int64_t heads, kv_heads, head_dim, rotary, group, window, chunk, max_length;
+  };
+  const Case cases[] = {{"MHA 4/4 D64 whole-head", 4, 4, 64, 0, 0, 0, 64, 1088},
+                        {"GQA 4/2 D64 partial rotary 32", 4, 2, 64, 32, 0, 0, 64, 1088},
+                        {"GQA 4/2 D64 SelfExtend G4 W64", 4, 2, 64, 0, 4, 64, 64, 1088},
+                        {"GQA 4/2 D96 partial rotary 48", 4, 2, 96, 48, 0, 0, 64, 576},
+                        {"MHA 2/2 D128 whole-head", 2, 2, 128, 0, 0, 0, 64, 576},
+                        {"GQA 2/1 D64 whole-head to 2048", 2, 1, 64, 0, 0, 0, 256, 2048}};
+  int64_t failures = 0;
+  Rng rng(123);
+  for (const Case& c : cases) {
+    AttentionOptions o;
+    o.heads = c.heads; o.kv_heads = c.kv_heads; o.head_dim = c.head_dim; o.rotary_dim = c.rotary;
+    o.self_extend_group = c.group; o.self_extend_window = c.window;
+    const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
+    KvCache cpu, serial, split, split_steps, split_graph;
+    double worst[2] = {0, 0};
+    int64_t step_differ = 0, graph_differ = 0, chunks = 0;
+    for (int64_t t = 0; t < c.max_length; t += c.chunk, ++chunks) {
+      const int64_t n = c.chunk;
+      const Tensor q = RandomBf16Host({n, qd}, 1.0, &rng), k = RandomBf16Host({n, kvd}, 1.0, &rng),
+                   v = RandomBf16Host({n, kvd}, 1.0, &rng);
+      const Tensor ref = CausalAttentionDecodeChunk(q, k, v, n, o, &cpu);
+      const Tensor qd_ = ToCudaBf16(q), kd = ToCudaBf16(k), vd = ToCudaBf16(v);
+      SetDecodeAttnSplit(false);
+      const Tensor out_serial = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &serial);
+      SetDecodeAttnSplit(true);
+      const Tensor out_split = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &split);
+      // The same rows one step at a time (the greedy path).
+      Tensor out_steps = Tensor::Empty({n, qd}, DType::kBF16, Device::kCuda);
+      for (int64_t r = 0; r < n; ++r)
+        out_steps.Rows(r, r + 1).CopyFrom(
+            CausalAttentionDecode(qd_.Rows(r, r + 1), kd.Rows(r, r + 1), vd.Rows(r, r + 1), o, &split_steps));
+      step_differ += !same(out_split, out_steps);
+      // The graph's launch: the length from a device int32 (needs a cache with room).
+      const int64_t tg = split_graph.cuda_length;
+      if (split_graph.cuda_k.defined() && tg + n <= split_graph.cuda_k.dim(1)) {
+        const int32_t t32 = static_cast<int32_t>(tg);
+        Cuda().CopyBytes(pos.raw(), Device::kCuda, &t32, Device::kCpu, sizeof(int32_t));
+        split_graph.graph_position = pos.data<int32_t>();
+      }
+      const Tensor out_graph = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &split_graph);
+      split_graph.graph_position = nullptr;
+      graph_differ += !same(out_split, out_graph);
+      const Tensor want = ref.To(DType::kF64);
+      for (int s = 0; s < 2; ++s) {
+        const Tensor got = (s == 0 ? out_serial : out_split).ToDevice(Device::kCpu).To(DType::kF64);
+        worst[s] = std::max(worst[s], RelativeError(got, want));
+      }
+    }
+    const bool ok = worst[0] <= 1e-2 && worst[1] <= 1e-2 && step_differ == 0 && graph_differ == 0;
+    failures += !ok;
+    std::printf("[%s] decode attention %s, chunks of %ld to %ld keys: rel_err vs float64 serial %.3e, split %.3e "
+                "(tol 1e-2); split chunk vs single steps: %ld of %ld chunks differ, vs device position: %ld differ\n",
+                ok ? "PASS" : "FAIL", c.name, (long)c.chunk, (long)c.max_length, worst[0], worst[1],
+                (long)step_differ, (long)chunks, (long)graph_differ);
+  }
+  SetDecodeAttnSplit(saved);
+  EXPECT_EQ(failures, 0);
+  // The models under the split kernel: graph replays against eager steps, every bit.
+  if (!saved) {
+    SetDecodeAttnSplit(true);
+    CheckGraphBitwiseEqualsEager("split attention: llama", SmallLlama(), 1, true, 140);
+    CheckGraphBitwiseEqualsEager("split attention: llama SelfExtend G4 W8", SmallLlama(), 3, true, 140, 4, 8);
+    SetDecodeAttnSplit(saved);
+  }
+}
+
 // The device-position launches of RoPE and the decode attention kernel give the bytes of the
 // host-argument launches (the eager path) at the same t, for a cache of capacity 256 at lengths
 // that cross the kernel's 128-key tile, with and without SelfExtend's grouped keys.
