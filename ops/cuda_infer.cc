@@ -53,7 +53,7 @@ void SetDecodeRopeAppendOneLaunch(bool on) { DecodeRopeAppendSwitch() = on; }
 namespace {
 
 bool& DecodeAttnSplitSwitch() {
-  static bool on = EnvChoice("GYRE_DECODE_ATTN", {"serial", "split"}, "serial") == "split";
+  static bool on = EnvChoice("GYRE_DECODE_ATTN", {"serial", "split"}, "split") == "split";
   return on;
 }
 
