@@ -538,10 +538,6 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_persist_both{"v2-persist-both", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                             0, MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
                                             MlstmPersist::kBoth};
-  // ... and bwd_dv as well (helper persistdv17; GYRE_MLSTM_PERSIST=all in ops).
-  const gyre::cuda::Variant v2_persist_all{"v2-persist-all", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
-                                           0, MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
-                                           MlstmPersist::kAll};
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -581,8 +577,6 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_dqk},
       {"xlstm-125m-cell", s125, 128, v2_persist_both},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_both},
-      {"xlstm-125m-cell", s125, 128, v2_persist_all},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_all},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -793,14 +793,13 @@ class Backend final : public CudaBackend {
     // GYRE_MLSTM_PERSIST unset or both: chunk 128's fwd_out and bwd_dqk on persistent grids
     // (kernels/cuda/mlstm.h, MlstmPersist; helpers persist17 and persistdqk17, the default since
     // session 17's merges: the same bytes, the xlstm[1:0]-125m step -1.9 and -1.2 ms); fwd_out /
-    // dqk: one of the two; all: both and bwd_dv (helper persistdv17, opt-in); off: one block a
-    // tile. The forward and backward of a step get the same value.
+    // dqk: one of the two; off: one block a tile. The forward and backward of a step get the same
+    // value.
     static const kc::MlstmPersist persist = [] {
-      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both", "all"}, "both");
+      const std::string v = EnvChoice("GYRE_MLSTM_PERSIST", {"off", "fwd_out", "dqk", "both"}, "both");
       if (v == "fwd_out") return kc::MlstmPersist::kFwdOut;
       if (v == "dqk") return kc::MlstmPersist::kDqk;
       if (v == "both") return kc::MlstmPersist::kBoth;
-      if (v == "all") return kc::MlstmPersist::kAll;
       return kc::MlstmPersist::kOff;
     }();
     options->persist = persist;

@@ -4547,267 +4547,6 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 }
-// ---------------------------------------------------------------- bwd_dv, persistent grid
-
-// mlstm_bwd_dv_wg_fused on a persistent grid (helper persistdv17, session 17;
-// MlstmPersist::kAll, which ops sets from GYRE_MLSTM_PERSIST=all). The default kernel runs one
-// 256-thread block per (chunk, head) tile: at the 125m cell 1024 tiles = 7.76 waves, ~44 µs a tile,
-// and every block starts with its first stages' whole round trip (dh + step 0 land ~L after the
-// start) and ends with the last slab's E scaling, Pᵀ dH wgmma and dv store with nothing in flight.
-// Here one block per SM loops over the tiles (chunk fastest, then head: the default grid's block
-// order), the first blockIdx.x, each next gridDim.x + atomicAdd(tile_counter) (the counters of the
-// other persistent kernels, g_persist_tiles). The cp.async step sequence runs on across tiles:
-// global step x = tile i (of this block) · nsteps + slab j · ndt + dk tile dt, ring slot x % kStages,
-// one commit group a step as in the default, so tile i+1's steps 0 and 1 are issued by tile i's
-// last two advances and are in flight under tile i's last epilogue; its dh slab 0 loads at its own
-// first advance (after the barrier that follows tile i's last read of the dh buffer), as a slab's dh
-// does inside a tile. Per tile the vectors (b, ĩ, m, 1/den) alternate between two buffers: tile
-// i+1's go by 4-byte cp.asyncs into the group of its step 0 (tokens past len: plain stores of the
-// default's values), the other buffer is tile i's. The next tile index: thread 0 issues the atomic
-// after the barrier of tile i's step nsteps − kStages and stores the result (a two-entry slot, tile i
-// in slot i & 1) before the next barrier, which publishes it to the advance that issues tile i+1's
-// step 0 (the atomic's latency sits under a step; nsteps >= kStages is required, the launcher keeps
-// the default otherwise). Every wgmma, scaling and store is the default's on the same tile in the
-// same order: the same bytes (PersistDvMatchesDefaultBytewise). Chunk 128 only (kSub 1).
-template <int kStages>
-struct DvWgPersistSmem {
-  using Base = DvWgFusedSmem<kStages>;
-  static constexpr int kVec = 4 * 128;               // floats of one tile's b, ĩ, m, 1/den
-  static constexpr int kTiles = Base::kFloats + 2 * kVec * 4;  // int[2]: the block's tiles i, slot i & 1
-  static constexpr size_t kBytes = kTiles + 16 + 1024;
-  static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
-};
-
-template <int kStages>
-__global__ void __launch_bounds__(256, 1)
-    mlstm_bwd_dv_wg_fused_persist(Dims d, BwdPtrs p, unsigned* tile_counter) {
-  using namespace hopper;
-  using SM = DvWgFusedSmem<kStages>;
-  using PS = DvWgPersistSmem<kStages>;
-  constexpr int L = 128, DVT = 128, kThreads = 256, kSH = DVT + kPad, kVec = PS::kVec;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  bf16* staging = reinterpret_cast<bf16*>(sm + SM::kStaging);
-  float* vec = reinterpret_cast<float*>(sm + SM::kFloats);  // [2][b, ĩ, m, 1/den]
-  int* tile_slot = reinterpret_cast<int*>(sm + PS::kTiles);
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform (see bwd_dqk_ws)
-  const int ntiles = d.NC * d.B * d.NH;
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int ndt = d.DK / 64, nslab = d.DV / DVT, nsteps = ndt * nslab;
-
-  // Tile i of this block (slot i & 1 is valid from the barrier of advance(i · nsteps − kStages + 1)
-  // until that of advance((i + 2) · nsteps − kStages + 1)); >= ntiles: none.
-  auto tile_of = [&](int i) { return i == 0 ? static_cast<int>(blockIdx.x) : tile_slot[i & 1]; };
-  struct Tile {
-    int k, bh, len;
-    int64_t tok0, so;
-  };
-  auto geom = [&](int tile) {
-    Tile t;
-    t.k = tile % d.NC;
-    t.bh = tile / d.NC;
-    const int b = t.bh / d.NH, hd = t.bh % d.NH, t0 = t.k * L;
-    t.len = min(L, d.S - t0);
-    t.tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
-    t.so = static_cast<int64_t>(t.bh) * d.S + t0;
-    return t;
-  };
-  auto stage_ptr = [&](int stage) { return sm + SM::kStage0 + stage * SM::kStage; };
-  auto load_dh = [&](int i, int j) {
-    const int tile = tile_of(i);
-    if (tile >= ntiles) return;
-    const Tile t = geom(tile);
-    const bf16* dhbase = p.dh + t.tok0 * d.DV + j * DVT;
-    LoadTileSw<L>(sm + SM::kH, dhbase, ldv, t.len, tid, kThreads);
-    LoadTileSw<L>(sm + SM::kH + SM::kTile64, dhbase + 64, ldv, t.len, tid, kThreads);
-  };
-  // Global step x; tile i + 1's vectors ride in the group of its step 0.
-  auto load_step = [&](int x) {
-    const int i = x / nsteps, xl = x % nsteps;
-    const int tile = tile_of(i);
-    if (tile >= ntiles) return;
-    const Tile t = geom(tile);
-    const int j = xl / ndt, dt = xl % ndt;
-    unsigned char* st = stage_ptr(x % kStages);
-    const bf16* kbase = p.k + t.tok0 * d.DK;
-    LoadTileSw<L>(st, kbase + dt * 64, ldqk, t.len, tid, kThreads);
-    if (j == 0) LoadTileSw<L>(st + SM::kOffQ, p.q + t.tok0 * d.DK + dt * 64, ldqk, t.len, tid, kThreads);
-    const bf16* cb = p.dc + (static_cast<int64_t>(t.bh) * d.NC + t.k) * d.DK * d.DV +
-                     static_cast<int64_t>(dt) * 64 * d.DV + j * DVT;
-    LoadTileSw<64>(st + SM::kOffC, cb, d.DV, 64, tid, kThreads);
-    LoadTileSw<64>(st + SM::kOffC + 64 * 128, cb + 64, d.DV, 64, tid, kThreads);
-    if (xl == 0 && i > 0 && tid < L) {
-      float* v = vec + (i & 1) * kVec;
-      if (tid < t.len) {
-        CpAsync4Shared(SmemAddr(v + tid), p.b_tok + t.so + tid);
-        CpAsync4Shared(SmemAddr(v + L + tid), p.ig + t.tok0 + static_cast<int64_t>(tid) * d.NH);
-        CpAsync4Shared(SmemAddr(v + 2 * L + tid), p.m_tok + t.so + tid);
-        CpAsync4Shared(SmemAddr(v + 3 * L + tid), p.inv_d + t.so + tid);
-      } else {
-        v[tid] = 0.f;
-        v[L + tid] = -INFINITY;
-        v[2 * L + tid] = 0.f;
-        v[3 * L + tid] = 0.f;
-      }
-    }
-  };
-  // Tile 0: dh slab 0 with step 0 (group 0), the vectors by plain loads, as the default.
-  load_dh(0, 0);
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    load_step(i);
-    CpAsyncCommit();
-  }
-  {
-    const Tile t = geom(blockIdx.x);
-    if (tid < L) {
-      const bool ok = tid < t.len;
-      vec[tid] = ok ? p.b_tok[t.so + tid] : 0.f;
-      vec[2 * L + tid] = ok ? p.m_tok[t.so + tid] : 0.f;
-      vec[L + tid] = ok ? p.ig[t.tok0 + static_cast<int64_t>(tid) * d.NH] : -INFINITY;
-      vec[3 * L + tid] = ok ? p.inv_d[t.so + tid] : 0.f;
-    }
-  }
-  unsigned next_tile = 0;  // thread 0: the drawn next tile, stored at the following advance
-  // Step it's tiles visible, every thread done with step it − 1's stage and (at a slab's or tile's
-  // first step) with the previous slab's dh; then the loads of step it + kStages − 1 (and the dh).
-  auto advance = [&](int it) {
-    const int xl = it % nsteps;
-    if (tid == 0 && xl == nsteps - kStages + 1) tile_slot[(it / nsteps + 1) & 1] = static_cast<int>(next_tile);
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsync();
-    __syncthreads();
-    if (tid == 0 && xl == nsteps - kStages) next_tile = gridDim.x + atomicAdd(tile_counter, 1u);
-    load_step(it + kStages - 1);
-    if (it > 0 && xl % ndt == 0) load_dh(it / nsteps, xl / ndt);
-    CpAsyncCommit();
-  };
-
-  const uint32_t own = wg * 64 * 128;  // this warpgroup's 64 rows of a [128][64] block
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  float vacc[64];
-  uint32_t pa[8][4];
-  int it = 0;
-  for (int i = 0;; ++i) {
-    const int tile = tile_of(i);
-    if (tile >= ntiles) break;
-    const Tile t = geom(tile);
-    const int len = t.len;
-    const float m_next = p.smk[static_cast<int64_t>(t.bh) * (d.NC + 1) + t.k + 1];
-    const float* bs = vec + (i & 1) * kVec;
-    const float* igs = bs + L;
-    const float* ms = igs + L;
-    const float* ivs = ms + L;
-    float E0 = 0.f, E1 = 0.f;
-    for (int j = 0; j < nslab; ++j) {
-#pragma unroll
-      for (int q = 0; q < 64; ++q) vacc[q] = 0.f;
-      if (j == 0) {
-        float sacc[64];
-#pragma unroll
-        for (int q = 0; q < 64; ++q) sacc[q] = 0.f;
-        for (int dt = 0; dt < ndt; ++dt, ++it) {
-          advance(it);
-          const uint32_t st = sa + SM::kStage0 + (it % kStages) * SM::kStage;
-          const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
-          const uint64_t q_d = SmemDescSw128(st + SM::kOffQ, 16, 1024);
-          const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-          WgmmaFence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-            WgmmaSS128<0, 0>(sacc, k_d + ks, q_d + ks, 1);
-            WgmmaSS128<0, 1>(vacc, k_d + ks, c_d + cs, 1);
-          }
-          WgmmaCommit();
-          WgmmaWait<0>();
-          FenceRegs(sacc);
-          FenceRegs(vacc);
-        }
-        // Pᵀ_st = Sᵀ_st · scale · W_ts / denom_t, causal t >= s (the default's arithmetic).
-        const float gl = bs[len - 1];
-        E0 = r0 < len ? __expf(gl - bs[r0] + igs[r0] - m_next) : 0.f;
-        E1 = r1 < len ? __expf(gl - bs[r1] + igs[r1] - m_next) : 0.f;
-        const float x0 = igs[r0] - bs[r0], x1 = igs[r1] - bs[r1];
-#pragma unroll
-        for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int tt = nt * 8 + 2 * c + (e & 1);
-            const int s = e < 2 ? r0 : r1;
-            const float xs = e < 2 ? x0 : x1;
-            float pv = 0.f;
-            if (s <= tt && tt < len) pv = sacc[4 * nt + e] * d.scale * ivs[tt] * __expf(bs[tt] + xs - ms[tt]);
-            sacc[4 * nt + e] = pv;
-          }
-        }
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-          pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-          pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-          pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-        }
-      } else {
-        for (int dt = 0; dt < ndt; ++dt, ++it) {
-          advance(it);
-          const uint32_t st = sa + SM::kStage0 + (it % kStages) * SM::kStage;
-          const uint64_t k_d = SmemDescSw128(st + own, 16, 1024);
-          const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-          WgmmaFence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            WgmmaSS128<0, 1>(vacc, k_d + ((kk * 32) >> 4), c_d + ((kk * 16 * 128) >> 4), 1);
-          }
-          WgmmaCommit();
-          WgmmaWait<0>();
-          FenceRegs(vacc);
-        }
-      }
-      // Slab j's dh landed with the group of its first step + kStages − 1, which the waits above
-      // cover once ndt >= kStages; with fewer dk tiles, wait for everything (the next tile's
-      // stages in flight too).
-      if (ndt < kStages) {
-        CpAsyncWait<0>();
-        FenceProxyAsync();
-        __syncthreads();
-      }
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        vacc[4 * nt + 0] *= E0;
-        vacc[4 * nt + 1] *= E0;
-        vacc[4 * nt + 2] *= E1;
-        vacc[4 * nt + 3] *= E1;
-      }
-      {
-        const uint64_t dh_d = SmemDescSw128(sa + SM::kH, SM::kTile64, 1024);
-        WgmmaFence();
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          WgmmaRS128<1>(vacc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
-        }
-        WgmmaCommit();
-        WgmmaWait<0>();
-        FenceRegs(vacc);
-        FenceRegs(pa);
-      }
-      float dv4[16][4];
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dv4[nt][e] = vacc[4 * nt + e];
-      }
-      __syncwarp();  // this warp's lanes are done reading its staging rows of the previous slab
-      StoreAccStaged(p.dv + (t.tok0 + static_cast<int64_t>(16 * w) * d.NH) * d.DV + j * DVT,
-                     static_cast<bf16*>(nullptr), ldv, dv4, staging + 16 * w * kSH,
-                     static_cast<bf16*>(nullptr), lane, len - 16 * w);
-    }
-  }
-}
-
 // ---------------------------------------------------------------- chunk 256: the off-diagonal block
 //
 // At chunk 256 every consumer kernel above runs one block per 128-token half of a chunk (the
@@ -6082,8 +5821,6 @@ struct BwdDvChoice {
   const char* bad_ring_env = nullptr;
   // DqkPersistBlocks: > 0 runs chunk 128's bwd_dqk as mlstm_bwd_dqk_ws_persist on that many blocks.
   int dqk_persist_blocks = 0;
-  // DvPersistBlocks: > 0 runs chunk 128's fused bwd_dv as mlstm_bwd_dv_wg_fused_persist.
-  int dv_persist_blocks = 0;
 };
 BwdDvChoice BwdDvKernel(const MlstmShape& s, const MlstmOptions& o) {
   static const BwdDvChoice from_env = [] {
@@ -6207,9 +5944,7 @@ RingEnv RingRelease(const MlstmOptions& o) {
 // grid, tiles that fit into one wave run one block per tile: there is no next tile to load ahead
 // (B1 S1024, 96 tiles: 0.021 ms against the persistent kernel's 0.022).
 int PersistBlocks(const Dims& d, const MlstmOptions& o) {
-  if (o.persist != MlstmPersist::kFwdOut && o.persist != MlstmPersist::kBoth && o.persist != MlstmPersist::kAll) {
-    return 0;
-  }
+  if (o.persist != MlstmPersist::kFwdOut && o.persist != MlstmPersist::kBoth) return 0;
   // (its two vector buffers make it 6.2 KB larger than the default at dk 384: past dk ~4000 only
   // the default fits into an SM's 227 KB)
   if (OutWs3PersistSmem<true>::Bytes(d.DK) > 227 * 1024) return 0;
@@ -6227,28 +5962,9 @@ int PersistBlocks(const Dims& d, const MlstmOptions& o) {
 // (0 = one block per tile: off / fwd_out, tiles within one wave under the automatic grid, or its
 // shared memory past an SM's: dn_parts above ~27).
 int DqkPersistBlocks(const Dims& d, const MlstmOptions& o) {
-  if (o.persist != MlstmPersist::kDqk && o.persist != MlstmPersist::kBoth && o.persist != MlstmPersist::kAll) {
-    return 0;
-  }
+  if (o.persist != MlstmPersist::kDqk && o.persist != MlstmPersist::kBoth) return 0;
   if (DqkPersistSmem::Bytes(d.dn_parts) > 227 * 1024) return 0;
   const int64_t tiles = static_cast<int64_t>(d.DK / 128) * d.NC * d.B * d.NH;
-  int64_t blocks = o.persist_blocks;
-  if (blocks <= 0) {
-    const int sms = CurrentDeviceSms();
-    blocks = sms > 0 ? sms : 132;
-    if (tiles <= blocks) return 0;
-  }
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, tiles)));
-}
-
-// MlstmPersist::kAll resolved for bwd_dv: the persistent mlstm_bwd_dv_wg_fused's grid, as
-// PersistBlocks (0 = the default kernel: not kAll, tiles within one wave under the automatic grid,
-// or fewer than kStages steps a tile, where the next tile's draw would have no step of lead).
-// LaunchBackward runs it only where the fused kernel runs (chunk 128, 128-column dv slabs).
-int DvPersistBlocks(const Dims& d, const MlstmOptions& o, int stages) {
-  if (o.persist != MlstmPersist::kAll) return 0;
-  if ((d.DK / 64) * (d.DV / 128) < stages) return 0;
-  const int64_t tiles = static_cast<int64_t>(d.NC) * d.B * d.NH;
   int64_t blocks = o.persist_blocks;
   if (blocks <= 0) {
     const int sms = CurrentDeviceSms();
@@ -6614,17 +6330,9 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   };
   if (L == 128 && dv_choice.fused) {  // BwdDvKernel checked chunk 128 and 128-column slabs
     constexpr int kStages = 3;
-    if (dv_choice.dv_persist_blocks > 0) {
-      const size_t psmem = DvWgPersistSmem<kStages>::kBytes;
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_persist<kStages>, psmem));
-      unsigned* counter = nullptr;
-      CUDA_RETURN_IF_NOT_OK(TakePersistCounter(stream, &counter));
-      mlstm_bwd_dv_wg_fused_persist<kStages><<<dv_choice.dv_persist_blocks, 256, psmem, stream>>>(d, p, counter);
-    } else {
-      const size_t smem = DvWgFusedSmem<kStages>::kBytes;
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused<kStages>, smem));
-      mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
-    }
+    const size_t smem = DvWgFusedSmem<kStages>::kBytes;
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused<kStages>, smem));
+    mlstm_bwd_dv_wg_fused<kStages><<<dim3(1, d.NC, bh), 256, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
   } else if (DvSlab(d.DV) == 128) {
@@ -7064,7 +6772,6 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
-  dv_choice.dv_persist_blocks = DvPersistBlocks(d, options, 3);  // the fused kernel's kStages
   const SavedLayout l = MakeSaved(shape, options);
   const ScratchLayout sl = MakeScratch(shape, options);
   const char* base = static_cast<const char*>(saved);

@@ -165,7 +165,7 @@ enum class MlstmRingRelease {
 // device counter, the next tile's first stages loaded under this tile's epilogue. The same bytes as
 // the default (tested bytewise). H100, medians of 3: 125m cell fwd_out 0.465 -> 0.390 ms, 1.3b
 // cell (L128) 0.554 -> 0.515, step xlstm[1:0]-125m B16 127.3 -> 125.5 ms. ops sets it from
-// GYRE_MLSTM_PERSIST (off | fwd_out | dqk | both | all, default both since session 17; read once through
+// GYRE_MLSTM_PERSIST (off | fwd_out | dqk | both, default both since session 17; read once through
 // ops/env_switch.h); the kernels read no environment for it, and MlstmOptions' own default stays
 // kOff (the kernel-level API and its tests choose explicitly).
 // kDqk / kBoth (helper persistdqk17, session 17): chunk 128's bwd_dqk the same way
@@ -178,8 +178,6 @@ enum class MlstmPersist {
             // sizes and 64-column slabs run as kOff
   kDqk,     // mlstm_bwd_dqk_ws_persist (eager release whatever `ring` says; fwd_out as kOff)
   kBoth,    // kFwdOut and kDqk
-  kAll,     // kBoth and chunk 128's fused bwd_dv (mlstm_bwd_dv_wg_fused_persist; helper persistdv17,
-            // session 17; the same bytes, tested bytewise); GYRE_MLSTM_PERSIST=all
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves

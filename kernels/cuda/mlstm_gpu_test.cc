@@ -175,10 +175,6 @@ constexpr Variant kVariants[] = {
     // PersistDqkMatchesDefaultBytewise. Chunk 128 only.
     {"v2-persist-dqk", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
      true, false, MlstmStateTail::kAuto, MlstmPersist::kDqk, 3},
-    // ... and bwd_dv too (MlstmPersist::kAll, GYRE_MLSTM_PERSIST=all; helper persistdv17) on 3
-    // blocks; bytewise against the default in PersistDvMatchesDefaultBytewise. Chunk 128 only.
-    {"v2-persist-all", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
-     true, false, MlstmStateTail::kAuto, MlstmPersist::kAll, 3},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -1024,124 +1020,6 @@ TEST(MlstmGpuTest, PersistDqkMatchesDefaultBytewise) {
                     "S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of %zu bytes differ, outputs %zu of %zu values "
                     "differ (%zu non-finite)\n",
                     ok ? "PASS" : "FAIL", runs[run].mode == MlstmPersist::kBoth ? "both" : "dqk",
-                    static_cast<long long>(runs[run].blocks), static_cast<long long>(tiles),
-                    static_cast<long long>(sh.B), static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
-                    static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
-                    prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
-                    saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
-        failures += ok ? 0 : 1;
-      }
-    }
-  }
-  EXPECT_EQ(failures, 0);
-}
-
-// MlstmPersist::kAll (mlstm_bwd_dv_wg_fused_persist: one block per SM looping over the (chunk,
-// head) tiles, the cp.async step ring running on across tiles, the vectors double-buffered; helper
-// persistdv17, session 17; fwd_out and bwd_dqk persistent as under kBoth) against kBoth (ops'
-// default: bwd_dv one block a tile): the same products in the same order, so every gradient and the
-// forward's h / saved / final state must be the same bytes. Outputs poisoned before each run. Runs:
-// kBoth; kAll on one block per SM (the launcher's choice: the default bwd_dv where the tiles fit
-// into a wave), 1 block (every tile in one block: the vector buffers and the tile slot alternate
-// tile by tile), 5 and 7 blocks (tiles not a multiple of the grid), 3 blocks, and one per SM again
-// (the counter zeroed per launch). Shapes at chunk 128 with 128-column dv slabs: the 125m cell
-// itself (1024 tiles), odd lengths and a short last chunk, a grid below one wave, dk 128 (ndt 2 <
-// kStages: the wait-for-everything path at every slab's end), dv 128 (one slab a tile: the next
-// tile's dh at every tile's first step), dk 192 / dv 128 (3 steps a tile = kStages: the next tile is
-// drawn at the tile's first step), dk 64 / dv 384 (3 steps of one dk tile), dk 128 / dv 128 (2 steps:
-// the default kernel), dv 512, with and without initial state / d_final, split and bf16 states.
-TEST(MlstmGpuTest, PersistDvMatchesDefaultBytewise) {
-  if (!VariantSelected({"persist", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
-    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes persist";
-  }
-  std::mt19937_64 rng(1717117);
-  DeviceAllocator alloc;
-  struct Shape {
-    int64_t B, S, NH, DK, DV;
-    bool with_states;
-  };
-  int failures = 0;
-  for (const Shape& sh : {Shape{16, 2048, 4, 384, 384, false}, Shape{2, 333, 2, 384, 384, true},
-                          Shape{1, 300, 3, 384, 384, false}, Shape{3, 1000, 4, 384, 384, true},
-                          Shape{1, 37, 3, 128, 256, true}, Shape{2, 517, 1, 256, 512, false},
-                          Shape{2, 300, 2, 128, 128, true}, Shape{1, 900, 3, 256, 128, true},
-                          Shape{2, 700, 2, 192, 128, true}, Shape{1, 900, 3, 64, 384, false}}) {
-    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
-      if (sh.B == 16 && prec == MlstmStatePrecision::kBf16) continue;  // (the large shape once)
-      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
-      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
-      const MlstmRandomInputs r(&alloc, shape, rng);
-      DeviceArray<bf16> gh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
-      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH),
-          gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
-      const MlstmDeviceInputs in = r.Inputs();
-      const MlstmDeviceState<const float> init = r.Initial(sh.with_states), dfin = r.DFinal(sh.with_states);
-      MlstmDeviceState<float> fin, dinit;
-      if (sh.with_states) {
-        fin = {gcf.get(), gnf.get(), gmf.get()};
-        dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
-      }
-      MlstmOptions opt;
-      opt.chunk_size = 128;
-      opt.io_slab = 128;
-      opt.state_precision = prec;
-      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
-      DeviceBuffer saved, scratch;
-      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
-      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
-      const int64_t tiles = ((sh.S + 127) / 128) * BH;
-      struct Run {
-        MlstmPersist mode;
-        int64_t blocks;
-      };
-      constexpr int kRuns = 7;
-      const Run runs[kRuns] = {{MlstmPersist::kBoth, 0}, {MlstmPersist::kAll, 0}, {MlstmPersist::kAll, 1},
-                               {MlstmPersist::kAll, 5}, {MlstmPersist::kAll, 7}, {MlstmPersist::kAll, 3},
-                               {MlstmPersist::kAll, 0}};
-      std::vector<unsigned char> saved_of[kRuns];
-      std::vector<float> outs[kRuns];
-      for (int run = 0; run < kRuns; ++run) {
-        opt.persist = runs[run].mode;
-        opt.persist_blocks = runs[run].blocks;
-        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
-        for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
-        for (auto* x : {&gdig, &gdfg, &gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) x->Poison();
-        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        saved_of[run].resize(saved_bytes);
-        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
-        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), r.dh.get(), dfin,
-                                              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit,
-                                              scratch.get(), nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) {
-          const auto y = x->Download();
-          outs[run].insert(outs[run].end(), y.begin(), y.end());
-        }
-        for (const auto* x : {&gdig, &gdfg}) {
-          const auto y = x->Download();
-          outs[run].insert(outs[run].end(), y.begin(), y.end());
-        }
-        if (sh.with_states) {
-          for (const auto* x : {&gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) {
-            const auto y = x->Download();
-            outs[run].insert(outs[run].end(), y.begin(), y.end());
-          }
-        }
-      }
-      size_t non_finite = 0;
-      for (const float x : outs[0]) non_finite += !std::isfinite(x);  // an unwritten poison value
-      for (int run = 1; run < kRuns; ++run) {
-        size_t saved_diff = 0, out_diff = outs[0].size() != outs[run].size() ? outs[0].size() : 0;
-        for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_of[0][i] != saved_of[run][i];
-        for (size_t i = 0; out_diff == 0 && i < outs[0].size(); ++i) {
-          out_diff += std::memcmp(&outs[0][i], &outs[run][i], sizeof(float)) != 0;
-        }
-        const bool ok = saved_diff == 0 && out_diff == 0 && non_finite == 0 && !outs[0].empty();
-        std::printf("[%s] mlstm bwd_dv persist all (grid %lld of %lld tiles) vs both bytewise B%lld "
-                    "S%lld NH%lld dk%lld dv%lld L128 %s%s: saved %zu of %zu bytes differ, outputs %zu of %zu values "
-                    "differ (%zu non-finite)\n",
-                    ok ? "PASS" : "FAIL",
                     static_cast<long long>(runs[run].blocks), static_cast<long long>(tiles),
                     static_cast<long long>(sh.B), static_cast<long long>(sh.S), static_cast<long long>(sh.NH),
                     static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
