@@ -3094,6 +3094,60 @@ struct DqkTmaMaps {
   CUtensorMap dc, dc_lo;    // 2-d: (dv, rows of [BH][NC][dk]), box 64 × 128
 };
 
+// bwd_dqk's phase 2, shared by BwdDqkWs and its persistent form (mlstm_bwd_dqk_ws_persist): the
+// thread's rows r0, r1 of dS' = scale · W ⊙ (dP/denom + dden) (causal s <= t; rows past len zero)
+// from pacc = dP, stored swizzled ([t][s]) at dss for phase 3's dK and packed into pa, the bf16 A
+// fragments of dQ += dS' K; qacc (dH C_kᵀ) scaled in place to the inter-chunk part of dQ,
+// G · (dP_inter/denom + dden · n_k). b0v, b1v (the rows' gate sums) are the epilogue's too.
+template <int L>
+__device__ __forceinline__ void DqkPhase2(const Dims& d, float (&pacc)[64], float (&qacc)[64], uint32_t (&pa)[8][4],
+                                          float& b0v, float& b1v, unsigned char* dss, const float* bs,
+                                          const float* igs, const float* ms, const float* ivs, const float* dds,
+                                          const float* nks, int r0, int r1, int c, int len, float m_k) {
+  using namespace hopper;
+  b0v = bs[r0];
+  b1v = bs[r1];
+  const float m0v = ms[r0], m1v = ms[r1];
+  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      float v = 0.f;
+      if (s <= r && r < len) {
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
+        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
+      }
+      pacc[4 * nt + e] = v;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
+    const int col = 16 * kk + 2 * c;
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
+    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
+  }
+  FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier that follows)
+  const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
+    qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
+    qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
+    qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
+  }
+}
+
 // kSub 2 (chunk 256, mlstm_bwd_dqk_ws_l256): a block is one 128-token half k of chunk k / 2:
 // its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t from the gate scan;
 // the off-diagonal block's dQ (second half) and dK (first half) terms are added by
@@ -3243,48 +3297,9 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   // Phase 2: dS' = scale · W ⊙ (dP/denom + dden) (rows t, causal s <= t), to shared memory
   // (swizzled [t][s]) for phase 3 and packed to bf16 A fragments for dQ.
   const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      float v = 0.f;
-      if (s <= r && r < len) {
-        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-        const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
-        v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
-      }
-      pacc[4 * nt + e] = v;
-    }
-  }
+  float b0v, b1v;
   uint32_t pa[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-    const int col = 16 * kk + 2 * c;
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
-  }
-  FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier below)
-  {
-    const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
-      qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
-      qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
-      qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
-    }
-  }
+  DqkPhase2<L>(d, pacc, qacc, pa, b0v, b1v, dss, bs, igs, ms, ivs, dds, nks, r0, r1, c, len, m_k);
   MbWait(full_qk, 0);
   // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
   {
@@ -4378,48 +4393,9 @@ __global__ void __launch_bounds__(384, 1)
     // Both warpgroups are done with phase 1 (dS' overwrites logical slot 1).
     NamedBarrierSync(1, kConsumers);
     // Phase 2 (as BwdDqkWs).
-    const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-    const float iv0 = ivs[r0], iv1 = ivs[r1], dd0 = dds[r0], dd1 = dds[r1];
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = nt * 8 + 2 * c + (e & 1);
-        const int r = e < 2 ? r0 : r1;
-        float v = 0.f;
-        if (s <= r && r < len) {
-          const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-          const float iv = e < 2 ? iv0 : iv1, dd = e < 2 ? dd0 : dd1;
-          v = d.scale * __expf(br - bs[s] + igs[s] - mr) * (pacc[4 * nt + e] * iv + dd);
-        }
-        pacc[4 * nt + e] = v;
-      }
-    }
+    float b0v, b1v;
     uint32_t pa[8][4];
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      pa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-      pa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-      pa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-      pa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-      const int col = 16 * kk + 2 * c;
-      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = pa[kk][0];
-      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = pa[kk][1];
-      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = pa[kk][2];
-      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = pa[kk][3];
-    }
-    FenceProxyAsync();  // dS' is read by the dK wgmma (after the named barrier below)
-    {
-      const float G0 = d.scale * __expf(b0v + m_k - m0v), G1 = d.scale * __expf(b1v + m_k - m1v);
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const int col = nt * 8 + 2 * c;
-        qacc[4 * nt + 0] = G0 * (iv0 * qacc[4 * nt + 0] + dd0 * nks[col]);
-        qacc[4 * nt + 1] = G0 * (iv0 * qacc[4 * nt + 1] + dd0 * nks[col + 1]);
-        qacc[4 * nt + 2] = G1 * (iv1 * qacc[4 * nt + 2] + dd1 * nks[col]);
-        qacc[4 * nt + 3] = G1 * (iv1 * qacc[4 * nt + 3] + dd1 * nks[col + 1]);
-      }
-    }
+    DqkPhase2<L>(d, pacc, qacc, pa, b0v, b1v, dss, bs, igs, ms, ivs, dds, nks, r0, r1, c, len, m_k);
     MbWait(full_qk, it & 1);
     {
       const uint64_t k_d = SmemDescSw128(sa + tile_at(it, 2), kTile64, 1024);
