@@ -60,6 +60,10 @@ struct DecodeArgs {
   // The split kernel (GYRE_DECODE_ATTN=split, see the header's note) where the shape fits
   // (head_dim % 8 == 0, <= 256, 16-byte aligned rows); false or another shape: the serial one.
   bool split = false;
+  // With split: the cluster kernel (GYRE_DECODE_ATTN=cluster): the keys of a (query, head) over a
+  // cluster of 8 blocks, min(8, ceil(T / 128)) of them working, combined in rank order through
+  // distributed shared memory (row-invariant; the split kernel's bits at T <= 128).
+  bool cluster = false;
 };
 CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
 
