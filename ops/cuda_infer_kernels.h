@@ -13,6 +13,10 @@
 //   unrolled, for the scores and for Σ p_j v_j; the slots' partial outputs added in slot order
 //   (key j in slot j % slots): the order depends on T and D only (row-invariant). Shared
 //   memory length·4 + 8 KB. The serial kernel's order otherwise (and for D % 8 != 0, D > 256).
+//   cluster = true with split (GYRE_DECODE_ATTN=cluster, opt-in): a cluster of 8 blocks a (query,
+//   head), min(8, ceil(T / 128)) of them each running the split body on a contiguous key range,
+//   rank 0 combining their (max, sum, row) through distributed shared memory in rank order
+//   (row-invariant; the split kernel's bits at T <= 128). Shared memory max(128, ⌈length/8⌉)·4 + 9 KB.
 // Decode graphs (ops/decode_graph.h): with `position_dev` set, RopePartial and AttentionDecode
 //   read the cache length before the step, t, from that device int32 instead of the host
 //   argument (RoPE: p = t + r % seq and x advanced by t·position_stride elements, the cache row
