@@ -124,21 +124,32 @@ int Main(int argc, char** argv) {
       ->check(CLI::IsMember({"env", "0", "1", "both"}));
   std::string decode_attn = "env";
   app.add_option("--decode_attn", decode_attn,
-                 "CUDA: the decode attention kernel: env (GYRE_DECODE_ATTN), serial, split, both (graph steps at "
-                 "the --attn_lengths cache lengths alternate serial / split on fresh states: COST_DECODE_ATTN; the "
+                 "CUDA: the decode attention kernel: env (GYRE_DECODE_ATTN), serial, split, cluster, both (graph steps "
+                 "at the --attn_lengths cache lengths alternate serial / split on fresh states: COST_DECODE_ATTN; the "
                  "graph Generate runs too: SUMMARY_DECODE_ATTN, tokens compared but not required equal: the split "
-                 "kernel sums in another order)")
-      ->check(CLI::IsMember({"env", "serial", "split", "both"}));
+                 "kernel sums in another order), split_cluster (the same A/B with split before and cluster after)")
+      ->check(CLI::IsMember({"env", "serial", "split", "cluster", "both", "split_cluster"}));
   std::string attn_lengths = "64,256,1024,4096";
   app.add_option("--attn_lengths", attn_lengths, "--decode_attn both: the cache lengths timed, comma-separated");
   CLI11_PARSE(app, argc, argv);
   if (decode_attn == "serial" || decode_attn == "split") ops::SetDecodeAttnSplit(decode_attn == "split");
-  const bool attn_ab = decode_attn == "both";
+  if (decode_attn == "cluster") ops::SetDecodeAttnCluster(true);
+  const bool attn_ab = decode_attn == "both" || decode_attn == "split_cluster";
+  // The attention A/B's settings: before (false) serial or split, after (true) split or cluster.
+  const bool attn_cluster_ab = decode_attn == "split_cluster";
+  const auto set_attn = [&](bool after) {
+    if (attn_cluster_ab) {
+      ops::SetDecodeAttnCluster(after);
+    } else {
+      ops::SetDecodeAttnSplit(after);
+    }
+  };
+  const char* attn_names[2] = {attn_cluster_ab ? "split" : "serial", attn_cluster_ab ? "cluster" : "split"};
   if (attn_ab && (decode_qkv == "both" || decode_rope_append == "both")) {
     std::fprintf(stderr, "--decode_attn both with another A/B: one A/B a run\n");
     return 2;
   }
-  if (attn_ab) ops::SetDecodeAttnSplit(true);  // the "after" setting; the A/B runs switch to serial
+  if (attn_ab) set_attn(true);  // the "after" setting; the A/B runs switch to the "before" one
   if (decode_qkv == "0" || decode_qkv == "1") ops::SetDecodeQkvOneLaunch(decode_qkv == "1");
   const bool qkv_ab = decode_qkv == "both";
   if (decode_rope_append == "0" || decode_rope_append == "1")
@@ -152,7 +163,7 @@ int Main(int argc, char** argv) {
   const auto set_ab = [&](bool on) {
     if (qkv_ab) ops::SetDecodeQkvOneLaunch(on);
     if (rope_ab) ops::SetDecodeRopeAppendOneLaunch(on);
-    if (attn_ab) ops::SetDecodeAttnSplit(on);
+    if (attn_ab) set_attn(on);
   };
 
   std::ifstream in(tokens_path, std::ios::binary);
@@ -502,7 +513,7 @@ int Main(int argc, char** argv) {
               at += n;
               (*model)->DecodeChunk(chunk, n, st.get(), warm_options);
             }
-            ops::SetDecodeAttnSplit(one == 1);
+            set_attn(one == 1);
             // One eager step (a full cache grows here, untimed), then the capture.
             const int32_t first = data[at++];
             (*model)->DecodeStep(std::span<const int32_t>(&first, 1), st.get(), 1);
@@ -518,11 +529,12 @@ int Main(int argc, char** argv) {
               if (r >= 2) graph_ms[one].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
             }
           }
-        std::printf("COST_DECODE_ATTN %s L=%ld: graph step %.3f ms serial (%zu samples), %.3f ms split (%zu samples), "
-                    "x%.3f\n", preset.c_str(), (long)L, median_ms(graph_ms[0]), graph_ms[0].size(),
-                    median_ms(graph_ms[1]), graph_ms[1].size(), median_ms(graph_ms[0]) / median_ms(graph_ms[1]));
+        std::printf("COST_DECODE_ATTN %s L=%ld: graph step %.3f ms %s (%zu samples), %.3f ms %s (%zu samples), "
+                    "x%.3f\n", preset.c_str(), (long)L, median_ms(graph_ms[0]), attn_names[0], graph_ms[0].size(),
+                    median_ms(graph_ms[1]), attn_names[1], graph_ms[1].size(),
+                    median_ms(graph_ms[0]) / median_ms(graph_ms[1]));
       }
-      ops::SetDecodeAttnSplit(true);  // the Generate loop's graph runs: split; its A/B runs: serial
+      set_attn(true);  // the Generate loop's graph runs: the "after" kernel; its A/B runs: the "before" one
     }
     if (cuda && decode_graph != "off") {
       // The same greedy step replayed from a graph captured on the warmed state gs (the last
@@ -767,13 +779,14 @@ int Main(int argc, char** argv) {
     std::printf("; tokens equal: %s\n", qkv_equal ? "yes" : "NO");
   }
   if (graph_runs && attn_ab) {
-    std::printf("SUMMARY_DECODE_ATTN %s: greedy graph %.1f tok/s serial, %.1f tok/s split (x%.3f)", preset.c_str(),
-                tokens / graph_two_s, tokens / graph_s, graph_two_s / graph_s);
+    std::printf("SUMMARY_DECODE_ATTN %s: greedy graph %.1f tok/s %s, %.1f tok/s %s (x%.3f)", preset.c_str(),
+                tokens / graph_two_s, attn_names[0], tokens / graph_s, attn_names[1], graph_two_s / graph_s);
     if (spec_graph_runs) {
-      std::printf("; speculative graph %.1f tok/s serial, %.1f tok/s split (x%.3f)", tokens / spec_graph_two_s,
-                  tokens / spec_graph_s, spec_graph_two_s / spec_graph_s);
+      std::printf("; speculative graph %.1f tok/s %s, %.1f tok/s %s (x%.3f)", tokens / spec_graph_two_s, attn_names[0],
+                  tokens / spec_graph_s, attn_names[1], spec_graph_two_s / spec_graph_s);
     }
-    std::printf("; serial and split tokens equal: %s (not required)\n", attn_equal ? "yes" : "no");
+    std::printf("; %s and %s tokens equal: %s (not required)\n", attn_names[0], attn_names[1],
+                attn_equal ? "yes" : "no");
   }
   return all_equal ? 0 : 3;
 }

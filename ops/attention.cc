@@ -427,6 +427,7 @@ Tensor DecodeAttention(const Tensor& qn, const Tensor& qg, int64_t B, int64_t qu
   a.queries = queries;
   a.position_dev = pos;
   a.split = DecodeAttnSplit();
+  a.cluster = DecodeAttnCluster();
   a.q = qn.raw(); a.q_grouped = se ? qg.raw() : nullptr;
   a.k = cache.cuda_k.raw(); a.k_grouped = se ? cache.cuda_k_grouped.raw() : nullptr; a.v = cache.cuda_v.raw();
   a.cache_batch_stride = cap * kvd;

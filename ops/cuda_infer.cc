@@ -52,15 +52,21 @@ void SetDecodeRopeAppendOneLaunch(bool on) { DecodeRopeAppendSwitch() = on; }
 
 namespace {
 
-bool& DecodeAttnSplitSwitch() {
-  static bool on = EnvChoice("GYRE_DECODE_ATTN", {"serial", "split"}, "split") == "split";
-  return on;
+// 0 serial, 1 split, 2 cluster.
+int& DecodeAttnSwitch() {
+  static int kernel = [] {
+    const std::string v = EnvChoice("GYRE_DECODE_ATTN", {"serial", "split", "cluster"}, "split");
+    return v == "serial" ? 0 : v == "split" ? 1 : 2;
+  }();
+  return kernel;
 }
 
 }  // namespace
 
-bool DecodeAttnSplit() { return DecodeAttnSplitSwitch(); }
-void SetDecodeAttnSplit(bool on) { DecodeAttnSplitSwitch() = on; }
+bool DecodeAttnSplit() { return DecodeAttnSwitch() >= 1; }
+void SetDecodeAttnSplit(bool on) { DecodeAttnSwitch() = on ? 1 : 0; }
+bool DecodeAttnCluster() { return DecodeAttnSwitch() == 2; }
+void SetDecodeAttnCluster(bool on) { DecodeAttnSwitch() = on ? 2 : 1; }
 
 namespace {
 

@@ -1,4 +1,6 @@
 // Kernels of ops/cuda_infer_kernels.h (the header states the math, bytes and limits).
+#include <cooperative_groups.h>
+#include <algorithm>
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -320,6 +322,164 @@ __global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(D
   }
 }
 
+// The cluster decode attention (GYRE_DECODE_ATTN=cluster, opt-in; ops/DECODE_GRAPHS.md "Session
+// 17 (helper flashdec17)"): the split kernel's keys of one (query, head) further split over a
+// cluster of kClusterRanks blocks, so a long cache's loads are in flight on 8 SMs instead of one.
+// The launch is always a cluster of 8 (the graph captures it once for every length); the row's
+// key count T decides how many ranks work: ranks(T) = min(8, ceil(T / 128)), rank r taking the
+// contiguous keys [r · per, min(T, (r + 1) · per)), per = ceil(T / ranks); ranks past ranks(T) only
+// join the two cluster barriers. A working rank runs the split kernel's body on its range
+// (local key index jl = j - r · per dealt to slot jl % slots, local max m_r, local sum l_r, the
+// slots' partial rows added in slot order into o_r, unnormalised) and leaves (m_r, l_r, o_r) in its
+// shared memory. After the cluster barrier rank 0 reads them through distributed shared memory in
+// rank order: M = max m_r, w_r = expf(m_r - M), L = Σ_r l_r w_r, out[d] = (Σ_r o_r[d] w_r) · (1 / L).
+// Every order depends only on T and D (row-invariant, graph == eager); at ranks(T) = 1 (T <= 128)
+// w_0 = expf(0) = 1 exactly, so the output has the split kernel's bits. Longer rows sum in another
+// order than split (each rank's exponentials are taken against its own max): a numerics switch,
+// tested against float64.
+constexpr int kClusterRanks = 8;
+constexpr int64_t kClusterMinKeys = 128;
+
+__device__ __forceinline__ int ClusterRanksFor(int64_t T) {
+  const int64_t r = (T + kClusterMinKeys - 1) / kClusterMinKeys;
+  return static_cast<int>(r < kClusterRanks ? r : kClusterRanks);
+}
+
+__global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kSplitThreads)
+    attention_decode_cluster_kernel(DecodeArgs a, int group_lanes) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ float scores[];
+  __shared__ float partial[kSplitPartials];
+  __shared__ float scratch[kSplitWarps];
+  __shared__ float rank_out[256];  // o_r: the rank's unnormalised output row (D <= 256)
+  __shared__ float rank_stats[2];  // m_r, l_r
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t item = blockIdx.x / kClusterRanks;
+  const int64_t qi = item / a.heads, h = item % a.heads;
+  const int64_t b = qi % a.batch, j_query = qi / a.batch;
+  const int64_t hk = h / (a.heads / a.kv_heads);
+  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
+  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  const int ranks = ClusterRanksFor(T);
+  const int64_t per = (T + ranks - 1) / ranks;
+  const int64_t j0 = rank < ranks ? (rank * per < T ? rank * per : T) : T;
+  const int64_t n = (j0 + per < T ? j0 + per : T) - j0;  // this rank's keys (0 past ranks(T))
+  if (rank < ranks) {
+    const float scale = rsqrtf(static_cast<float>(D));
+    const int G = group_lanes, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int c = lane % G, per_warp = 32 / G, slots = kSplitWarps * per_warp;
+    const int slot = warp * per_warp + lane / G;
+    const bool active = c < D / 8;
+    const bf16* qn = static_cast<const bf16*>(a.q) + (qi * a.heads + h) * D;
+    const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (qi * a.heads + h) * D : nullptr;
+    const bf16* kn = static_cast<const bf16*>(a.k) + b * a.cache_batch_stride + hk * D + 8 * c + j0 * kvd;
+    const bf16* kg = a.k_grouped
+                         ? static_cast<const bf16*>(a.k_grouped) + b * a.cache_batch_stride + hk * D + 8 * c + j0 * kvd
+                         : nullptr;
+    const bf16* v = static_cast<const bf16*>(a.v) + b * a.cache_batch_stride + hk * D + 8 * c + j0 * kvd;
+    float qn8[8] = {}, qg8[8] = {};
+    if (active) {
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qn + 8 * c), qn8);
+      if (qg != nullptr) Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qg + 8 * c), qg8);
+    }
+    const int64_t rounds = (n + slots - 1) / slots;
+    for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+      uint4 kr[kSplitUnroll];
+      bool grouped[kSplitUnroll];
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        const int64_t jl = (r0 + u) * slots + slot;
+        grouped[u] = a.window > 0 && T - 1 - (j0 + jl) >= a.window;
+        kr[u] = make_uint4(0, 0, 0, 0);
+        if (active && jl < n) kr[u] = *reinterpret_cast<const uint4*>((grouped[u] ? kg : kn) + jl * kvd);
+      }
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        const int64_t jl = (r0 + u) * slots + slot;
+        float k8[8];
+        Bf16x8ToFloat(kr[u], k8);
+        const float* q8 = grouped[u] ? qg8 : qn8;
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = fmaf(q8[i], k8[i], dot);
+        for (int o = G / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (c == 0 && jl < n) scores[jl] = dot * scale;
+      }
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
+    mx = SplitBlockReduce(mx, true, scratch);
+    float sum = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) {
+      const float p = __expf(scores[j] - mx);
+      scores[j] = p;
+      sum += p;
+    }
+    sum = SplitBlockReduce(sum, false, scratch);
+    __syncthreads();
+    float acc[8] = {};
+    if (active) {
+      for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+        uint4 vr[kSplitUnroll];
+        float p[kSplitUnroll];
+#pragma unroll
+        for (int u = 0; u < kSplitUnroll; ++u) {
+          const int64_t jl = (r0 + u) * slots + slot;
+          vr[u] = make_uint4(0, 0, 0, 0);
+          p[u] = 0.f;
+          if (jl < n) {
+            vr[u] = *reinterpret_cast<const uint4*>(v + jl * kvd);
+            p[u] = scores[jl];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kSplitUnroll; ++u) {
+          if ((r0 + u) * slots + slot >= n) break;
+          float v8[8];
+          Bf16x8ToFloat(vr[u], v8);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = fmaf(p[u], v8[i], acc[i]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) partial[slot * D + 8 * c + i] = acc[i];
+    }
+    __syncthreads();
+    for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
+      float s = 0.f;
+      for (int sl = 0; sl < slots; ++sl) s += partial[sl * D + d];
+      rank_out[d] = s;
+    }
+    if (threadIdx.x == 0) {
+      rank_stats[0] = mx;
+      rank_stats[1] = sum;
+    }
+  }
+  cluster.sync();  // every rank's (m_r, l_r, o_r) visible to rank 0
+  if (rank == 0) {
+    float m_all = -INFINITY;
+    for (int r = 0; r < ranks; ++r) m_all = fmaxf(m_all, cluster.map_shared_rank(rank_stats, r)[0]);
+    float l_all = 0.f;
+    for (int r = 0; r < ranks; ++r) {
+      const float* st = cluster.map_shared_rank(rank_stats, r);
+      l_all += st[1] * expf(st[0] - m_all);
+    }
+    const float inv = 1.f / l_all;
+    bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
+    for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
+      float s = 0.f;
+      for (int r = 0; r < ranks; ++r) {
+        const float w = expf(cluster.map_shared_rank(rank_stats, r)[0] - m_all);
+        s += cluster.map_shared_rank(rank_out, r)[d] * w;
+      }
+      out[d] = __float2bfloat16(s * inv);
+    }
+  }
+  cluster.sync();  // no rank leaves while rank 0 still reads its shared memory
+}
+
 // The split kernel's shapes: 8-feature lanes (D % 8 == 0, D <= 256: one chunk a lane) and
 // 16-byte aligned rows and bases; anything else takes the serial kernel.
 bool SplitDecodeFits(const DecodeArgs& a) {
@@ -616,6 +776,23 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(a.length) * sizeof(float);
   constexpr size_t kMaxSmem = 200 * 1024;
   if (smem > kMaxSmem) return InvalidArgument("attention_decode: more than 51200 cached keys");
+  if (a.split && a.cluster && SplitDecodeFits(a) && (a.position_dev != nullptr || a.length > kClusterMinKeys)) {
+    // One cluster of 8 blocks a (query, head); the scores of a rank's range: at most
+    // max(128, ceil(length / 8)) keys (see ClusterRanksFor). An eager launch whose rows all have
+    // <= 128 keys takes the split kernel below: the same bits (one working rank, w_0 = 1).
+    int group_lanes = 1;
+    while (group_lanes * 8 < a.head_dim) group_lanes *= 2;
+    const int64_t rank_keys = std::max<int64_t>(kClusterMinKeys, (a.length + kClusterRanks - 1) / kClusterRanks);
+    const size_t cluster_smem = static_cast<size_t>(rank_keys) * sizeof(float);
+    if (cluster_smem + sizeof(float) * (kSplitPartials + kSplitWarps + 256 + 2) > 48 * 1024) {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_cluster_kernel,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem)));
+    }
+    attention_decode_cluster_kernel<<<static_cast<unsigned>(a.batch * a.queries * a.heads * kClusterRanks),
+                                      kSplitThreads, cluster_smem, stream>>>(a, group_lanes);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attention_decode_cluster_kernel");
+    return {};
+  }
   if (a.split && SplitDecodeFits(a)) {
     // G: the lanes covering one key row (8 features a lane).
     int group_lanes = 1;

@@ -75,6 +75,8 @@ struct CudaAttentionDecodeArgs {
   const int32_t* position_dev = nullptr;
   // DecodeAttnSplit(): the split kernel (another summation order, row-invariant).
   bool split = false;
+  // DecodeAttnCluster() (with split): the cluster kernel (GYRE_DECODE_ATTN=cluster).
+  bool cluster = false;
 };
 
 // Recurrent steps (kernels/cuda/ssm_step.h, kernels/cuda/mlstm.h MlstmStepForward): bf16
@@ -224,6 +226,13 @@ void SetDecodeRopeAppendOneLaunch(bool on);
 // stop the process naming the accepted ones. SetDecodeAttnSplit overrides it (tests, benchmarks).
 bool DecodeAttnSplit();
 void SetDecodeAttnSplit(bool on);
+// GYRE_DECODE_ATTN=cluster (opt-in, helper flashdec17: ops/DECODE_GRAPHS.md "Session 17 (helper
+// flashdec17)"): the split kernel's keys further split over a cluster of 8 blocks a (query, head),
+// combined in rank order through distributed shared memory (row-invariant; another summation
+// order than split past 128 keys). DecodeAttnSplit() is true under it too. SetDecodeAttnCluster(true)
+// selects it, (false) the split kernel; SetDecodeAttnSplit(on) leaves it (serial or split).
+bool DecodeAttnCluster();
+void SetDecodeAttnCluster(bool on);
 
 // Warps a column of GemmRows (ops/cuda_infer_kernels.h): GYRE_GEMM_ROWS_WARPS unset or "2" (the
 // default since session 16: the column's reduction dealt to 2 warps, combined in a fixed order;

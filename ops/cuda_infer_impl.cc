@@ -84,6 +84,7 @@ class CudaInferenceImpl final : public CudaInference {
     d.cache_batch_stride = a.cache_batch_stride; d.window = a.window; d.out = a.out;
     d.position_dev = a.position_dev;
     d.split = a.split;
+    d.cluster = a.cluster;
     OkOrDie(cuda_infer::AttentionDecode(d, Stream()), "attention decode");
   }
 

@@ -13,6 +13,10 @@
 //   unrolled, for the scores and for Σ p_j v_j; the slots' partial outputs added in slot order
 //   (key j in slot j % slots): the order depends on T and D only (row-invariant). Shared
 //   memory length·4 + 8 KB. The serial kernel's order otherwise (and for D % 8 != 0, D > 256).
+//   cluster = true with split (GYRE_DECODE_ATTN=cluster, opt-in): a cluster of 8 blocks a (query,
+//   head), min(8, ceil(T / 128)) of them each running the split body on a contiguous key range,
+//   rank 0 combining their (max, sum, row) through distributed shared memory in rank order
+//   (row-invariant; the split kernel's bits at T <= 128). Shared memory max(128, ⌈length/8⌉)·4 + 9 KB.
 // Decode graphs (ops/decode_graph.h): with `position_dev` set, RopePartial and AttentionDecode
 //   read the cache length before the step, t, from that device int32 instead of the host
 //   argument (RoPE: p = t + r % seq and x advanced by t·position_stride elements, the cache row
@@ -60,6 +64,10 @@ struct DecodeArgs {
   // The split kernel (GYRE_DECODE_ATTN=split, see the header's note) where the shape fits
   // (head_dim % 8 == 0, <= 256, 16-byte aligned rows); false or another shape: the serial one.
   bool split = false;
+  // With split: the cluster kernel (GYRE_DECODE_ATTN=cluster): the keys of a (query, head) over a
+  // cluster of 8 blocks, min(8, ceil(T / 128)) of them working, combined in rank order through
+  // distributed shared memory (row-invariant; the split kernel's bits at T <= 128).
+  bool cluster = false;
 };
 CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream);
 

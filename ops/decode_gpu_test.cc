@@ -1037,7 +1037,7 @@ TEST_F(DecodeGpuTest, RopeAppendOneLaunchBitwiseEqualsSeparateLaunches) {
 // steps to another cache give every output bit of the chunk (greedy == speculative), and so
 // does the device-position (graph) launch, checked for the split kernel at every chunk.
 TEST_F(DecodeGpuTest, SplitDecodeAttentionMatchesFloat64AndIsRowInvariant) {
-  const bool saved = DecodeAttnSplit();
+  const bool saved = DecodeAttnSplit(), saved_cluster = DecodeAttnCluster();
   Tensor pos = Tensor::Empty({1}, DType::kI32, Device::kCuda);
   const auto same = [](const Tensor& a, const Tensor& b) {
     const Tensor x = a.ToDevice(Device::kCpu), y = b.ToDevice(Device::kCpu);
@@ -1056,14 +1056,24 @@ TEST_F(DecodeGpuTest, SplitDecodeAttentionMatchesFloat64AndIsRowInvariant) {
                         {"GQA 2/1 D64 whole-head to 2048", 2, 1, 64, 0, 0, 0, 256, 2048}};
   int64_t failures = 0;
   Rng rng(123);
+  // The graph's launch: the length from a device int32 (needs a cache with room).
+  const auto device_position = [&](KvCache* cache, int64_t n) {
+    const int64_t tg = cache->cuda_length;
+    if (cache->cuda_k.defined() && tg + n <= cache->cuda_k.dim(1)) {
+      const int32_t t32 = static_cast<int32_t>(tg);
+      Cuda().CopyBytes(pos.raw(), Device::kCuda, &t32, Device::kCpu, sizeof(int32_t));
+      cache->graph_position = pos.data<int32_t>();
+    }
+  };
   for (const Case& c : cases) {
     AttentionOptions o;
     o.heads = c.heads; o.kv_heads = c.kv_heads; o.head_dim = c.head_dim; o.rotary_dim = c.rotary;
     o.self_extend_group = c.group; o.self_extend_window = c.window;
     const int64_t qd = o.heads * o.head_dim, kvd = o.kv_heads * o.head_dim;
-    KvCache cpu, serial, split, split_steps, split_graph;
-    double worst[2] = {0, 0};
-    int64_t step_differ = 0, graph_differ = 0, chunks = 0;
+    // [0] split, [1] cluster (GYRE_DECODE_ATTN=cluster).
+    KvCache cpu, serial, fast[2], fast_steps[2], fast_graph[2];
+    double worst[3] = {0, 0, 0};
+    int64_t step_differ[2] = {0, 0}, graph_differ[2] = {0, 0}, short_differ = 0, short_checks = 0, chunks = 0;
     for (int64_t t = 0; t < c.max_length; t += c.chunk, ++chunks) {
       const int64_t n = c.chunk;
       const Tensor q = RandomBf16Host({n, qd}, 1.0, &rng), k = RandomBf16Host({n, kvd}, 1.0, &rng),
@@ -1072,46 +1082,55 @@ TEST_F(DecodeGpuTest, SplitDecodeAttentionMatchesFloat64AndIsRowInvariant) {
       const Tensor qd_ = ToCudaBf16(q), kd = ToCudaBf16(k), vd = ToCudaBf16(v);
       SetDecodeAttnSplit(false);
       const Tensor out_serial = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &serial);
-      SetDecodeAttnSplit(true);
-      const Tensor out_split = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &split);
-      // The same rows one step at a time (the greedy path).
-      Tensor out_steps = Tensor::Empty({n, qd}, DType::kBF16, Device::kCuda);
-      for (int64_t r = 0; r < n; ++r)
-        out_steps.Rows(r, r + 1).CopyFrom(
-            CausalAttentionDecode(qd_.Rows(r, r + 1), kd.Rows(r, r + 1), vd.Rows(r, r + 1), o, &split_steps));
-      step_differ += !same(out_split, out_steps);
-      // The graph's launch: the length from a device int32 (needs a cache with room).
-      const int64_t tg = split_graph.cuda_length;
-      if (split_graph.cuda_k.defined() && tg + n <= split_graph.cuda_k.dim(1)) {
-        const int32_t t32 = static_cast<int32_t>(tg);
-        Cuda().CopyBytes(pos.raw(), Device::kCuda, &t32, Device::kCpu, sizeof(int32_t));
-        split_graph.graph_position = pos.data<int32_t>();
+      Tensor out_fast[2], out_graph[2];
+      for (int f = 0; f < 2; ++f) {
+        SetDecodeAttnCluster(f == 1);
+        out_fast[f] = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &fast[f]);
+        // The same rows one step at a time (the greedy path).
+        Tensor out_steps = Tensor::Empty({n, qd}, DType::kBF16, Device::kCuda);
+        for (int64_t r = 0; r < n; ++r)
+          out_steps.Rows(r, r + 1).CopyFrom(
+              CausalAttentionDecode(qd_.Rows(r, r + 1), kd.Rows(r, r + 1), vd.Rows(r, r + 1), o, &fast_steps[f]));
+        step_differ[f] += !same(out_fast[f], out_steps);
+        device_position(&fast_graph[f], n);
+        out_graph[f] = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &fast_graph[f]);
+        fast_graph[f].graph_position = nullptr;
+        graph_differ[f] += !same(out_fast[f], out_graph[f]);
       }
-      const Tensor out_graph = CausalAttentionDecodeChunk(qd_, kd, vd, n, o, &split_graph);
-      split_graph.graph_position = nullptr;
-      graph_differ += !same(out_split, out_graph);
+      // Rows of <= 128 keys: one working rank, the split kernel's bits (the graph launch always
+      // takes the cluster kernel).
+      if (t + n <= 128) {
+        short_differ += !same(out_fast[0], out_graph[1]);
+        ++short_checks;
+      }
       const Tensor want = ref.To(DType::kF64);
-      for (int s = 0; s < 2; ++s) {
-        const Tensor got = (s == 0 ? out_serial : out_split).ToDevice(Device::kCpu).To(DType::kF64);
+      for (int s = 0; s < 3; ++s) {
+        const Tensor got = (s == 0 ? out_serial : out_fast[s - 1]).ToDevice(Device::kCpu).To(DType::kF64);
         worst[s] = std::max(worst[s], RelativeError(got, want));
       }
     }
-    const bool ok = worst[0] <= 1e-2 && worst[1] <= 1e-2 && step_differ == 0 && graph_differ == 0;
+    const bool ok = worst[0] <= 1e-2 && worst[1] <= 1e-2 && worst[2] <= 1e-2 && step_differ[0] == 0 &&
+                    graph_differ[0] == 0 && step_differ[1] == 0 && graph_differ[1] == 0 && short_differ == 0;
     failures += !ok;
-    std::printf("[%s] decode attention %s, chunks of %ld to %ld keys: rel_err vs float64 serial %.3e, split %.3e "
-                "(tol 1e-2); split chunk vs single steps: %ld of %ld chunks differ, vs device position: %ld differ\n",
-                ok ? "PASS" : "FAIL", c.name, (long)c.chunk, (long)c.max_length, worst[0], worst[1],
-                (long)step_differ, (long)chunks, (long)graph_differ);
+    std::printf("[%s] decode attention %s, chunks of %ld to %ld keys: rel_err vs float64 serial %.3e, split %.3e, "
+                "cluster %.3e (tol 1e-2); chunk vs single steps: split %ld, cluster %ld of %ld chunks differ, vs "
+                "device position: split %ld, cluster %ld differ; cluster vs split at <= 128 keys: %ld of %ld differ\n",
+                ok ? "PASS" : "FAIL", c.name, (long)c.chunk, (long)c.max_length, worst[0], worst[1], worst[2],
+                (long)step_differ[0], (long)step_differ[1], (long)chunks, (long)graph_differ[0],
+                (long)graph_differ[1], (long)short_differ, (long)short_checks);
   }
   SetDecodeAttnSplit(saved);
+  if (saved) SetDecodeAttnCluster(saved_cluster);
   EXPECT_EQ(failures, 0);
-  // The models under the split kernel: graph replays against eager steps, every bit.
-  if (!saved) {
-    SetDecodeAttnSplit(true);
-    CheckGraphBitwiseEqualsEager("split attention: llama", SmallLlama(), 1, true, 140);
-    CheckGraphBitwiseEqualsEager("split attention: llama SelfExtend G4 W8", SmallLlama(), 3, true, 140, 4, 8);
-    SetDecodeAttnSplit(saved);
+  // The models under the split and the cluster kernels: graph replays against eager steps, every bit.
+  for (int f = 0; f < 2; ++f) {
+    SetDecodeAttnCluster(f == 1);
+    const std::string name = f == 1 ? "cluster attention: " : "split attention: ";
+    CheckGraphBitwiseEqualsEager(name + "llama", SmallLlama(), 1, true, 300);
+    CheckGraphBitwiseEqualsEager(name + "llama SelfExtend G4 W8", SmallLlama(), 3, true, 300, 4, 8);
   }
+  SetDecodeAttnSplit(saved);
+  if (saved) SetDecodeAttnCluster(saved_cluster);
 }
 
 // The device-position launches of RoPE and the decode attention kernel give the bytes of the
