@@ -3148,6 +3148,48 @@ __device__ __forceinline__ void DqkPhase2(const Dims& d, float (&pacc)[64], floa
   }
 }
 
+// bwd_dqk's dQ after phase 2, shared by BwdDqkWs and its persistent form: dQ += dS' K (K [s][dk]
+// at k_d, N-major B in two 64-column blocks; pa from DqkPhase2), dQ's rows r0, r1 stored as bf16,
+// and their q·dq dots (the gates' backward) into p.qdq's column `slab`.
+// (`slab` keeps its caller's type: blockIdx.x's unsigned in BwdDqkWs, an int in the persistent
+// kernel, so each kernel's index arithmetic is what it was before the fold.)
+template <int L, typename Slab>
+__device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, float (&qacc)[64], uint32_t (&pa)[8][4],
+                                           uint64_t k_d, const unsigned char* qs, int64_t tok0, int a0, int64_t ldqk,
+                                           int64_t so, Slab slab, int r0, int r1, int c, int len) {
+  using namespace hopper;
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(qacc);
+  FenceRegs(pa);
+  bf16* dqbase = p.dq + tok0 * d.DK + a0;
+  float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
+    const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
+    dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
+    dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
+    if (r0 < len) *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
+    if (r1 < len)
+      *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
+  }
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+  if (c == 0) {
+    if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + slab] = dot0;
+    if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + slab] = dot1;
+  }
+}
+
 // kSub 2 (chunk 256, mlstm_bwd_dqk_ws_l256): a block is one 128-token half k of chunk k / 2:
 // its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t from the gate scan;
 // the off-diagonal block's dQ (second half) and dK (first half) terms are added by
@@ -3301,43 +3343,9 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   uint32_t pa[8][4];
   DqkPhase2<L>(d, pacc, qacc, pa, b0v, b1v, dss, bs, igs, ms, ivs, dds, nks, r0, r1, c, len, m_k);
   MbWait(full_qk, 0);
-  // dQ += dS' K: K [s][dk] is N-major B (two 64-column blocks).
-  {
-    const uint64_t k_d = SmemDescSw128(sa + SM::kK, SM::kTile64, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(qacc);
-    FenceRegs(pa);
-  }
-  {
-    bf16* dqbase = p.dq + tok0 * d.DK + a0;
-    float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
-      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
-      dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
-      dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
-    }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-    if (c == 0) {
-      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
-  }
+  // dQ += dS' K, dQ stored, the q·dq dots.
+  DqkDqStore<L>(d, p, qacc, pa, SmemDescSw128(sa + SM::kK, SM::kTile64, 1024), qs, tok0, a0, ldqk, so, blockIdx.x, r0,
+                r1, c, len);
   // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
   float kacc[64];
 #pragma unroll
@@ -4397,42 +4405,8 @@ __global__ void __launch_bounds__(384, 1)
     uint32_t pa[8][4];
     DqkPhase2<L>(d, pacc, qacc, pa, b0v, b1v, dss, bs, igs, ms, ivs, dds, nks, r0, r1, c, len, m_k);
     MbWait(full_qk, it & 1);
-    {
-      const uint64_t k_d = SmemDescSw128(sa + tile_at(it, 2), kTile64, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        WgmmaRS128<1>(qacc, pa[kk], k_d + ((kk * 16 * 128) >> 4));
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(qacc);
-      FenceRegs(pa);
-    }
-    {
-      bf16* dqbase = p.dq + tok0 * d.DK + a0;
-      float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const int col = nt * 8 + 2 * c;
-        const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
-        const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
-        dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
-        dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
-        if (r0 < len)
-          *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
-        if (r1 < len)
-          *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
-      }
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-      if (c == 0) {
-        if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + slab] = dot0;
-        if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + slab] = dot1;
-      }
-    }
+    DqkDqStore<L>(d, p, qacc, pa, SmemDescSw128(sa + tile_at(it, 2), kTile64, 1024), qs, tok0, a0, ldqk, so, slab,
+                  r0, r1, c, len);
     // Phase 3 (as BwdDqkWs).
     float kacc[64];
 #pragma unroll
