@@ -3491,6 +3491,53 @@ struct OutWs3Smem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
+// fwd_out's last step, shared by FwdOutWs3 and its persistent form (mlstm_fwd_out_ws3_persist):
+// the gated scores sacc split into bf16 hi / lo A fragments, the wait for the V stage (ring slot
+// `slot`: mbarrier full + 8·slot, parity `phase`, tile at sa + slot·kStageBytes), hacc += S V
+// (hi, then lo), and the rows
+// normalised into h4 by max(|den|, exp(-m)) + eps.
+template <bool SPLIT, int kStageBytes, int kTile64>
+__device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc)[64], float (&hacc)[64], uint32_t full,
+                                               int slot, int phase, uint32_t sa, float den0, float den1, float m0v,
+                                               float m1v, float (&h4)[16][4]) {
+  using namespace hopper;
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  MbWait(full + 8 * slot, phase);
+  const uint64_t v_d = SmemDescSw128(sa + slot * kStageBytes, kTile64, 1024);
+  // The scaled hacc must be final before the fence: pure register math, so without this the
+  // compiler may sink the multiplies between wgmma.fence and the wgmma that reads them, and
+  // ptxas then serialises every wgmma of the kernel (warning C7515, which the deleted two-stage
+  // kernel got: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
+  FenceRegs(hacc);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+    if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(hacc);
+  FenceRegs(pa);
+  FenceRegs(palo);
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+}
+
 // kSub 2 (chunk 256, mlstm_fwd_out_ws3_l256): a block is one 128-token half k of chunk k / 2 and
 // computes that half's diagonal block against the chunk's state C_{k/2}, n_{k/2}, m_{k/2} (b_t is
 // the 256-token chunk's cumsum, so W and G keep their formulas); the second half's queries against
@@ -3669,44 +3716,9 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
     hacc[4 * i + 2] *= d.scale * G1;
     hacc[4 * i + 3] *= d.scale * G1;
   }
-  uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
-  MbWait(full + 8 * slot, phase);  // the V step (ring position ndt)
-  {
-    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage, SM::kTile64, 1024);
-    // The scaled hacc must be final before the fence: pure register math, so without this the
-    // compiler may sink the multiplies between wgmma.fence and the wgmma that reads them, and
-    // ptxas then serialises every wgmma of the kernel (warning C7515, which the deleted two-stage
-    // kernel got: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
-    FenceRegs(hacc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pa);
-    FenceRegs(palo);
-  }
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
   float h4[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
+  OutPvNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
+                                                 h4);  // the V step (ring position ndt)
   // h (and its lo part) leave through the ring's first 68 KB (two padded [128][DVT + 8]
   // buffers): after the barrier no wgmma reads the ring and every TMA
   // load into it has completed (all ndt + 1 steps were awaited above).
@@ -4035,40 +4047,9 @@ __global__ void __launch_bounds__(384, 1)
       hacc[4 * i + 2] *= d.scale * G1;
       hacc[4 * i + 3] *= d.scale * G1;
     }
-    uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-      SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-      SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-      SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-    }
-    MbWait(full + 8 * slot, phase);  // the V step
-    {
-      const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage, SM::Base::kTile64, 1024);
-      FenceRegs(hacc);  // (see FwdOutWs3: keeps the scaling out of the wgmma pipeline stage)
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-        if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(hacc);
-      FenceRegs(pa);
-      FenceRegs(palo);
-    }
-    const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-    const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
     float h4[16][4];
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      h4[nt][0] = hacc[4 * nt + 0] * inv0;
-      h4[nt][1] = hacc[4 * nt + 1] * inv0;
-      h4[nt][2] = hacc[4 * nt + 2] * inv1;
-      h4[nt][3] = hacc[4 * nt + 3] * inv1;
-    }
+    OutPvNormalize<SPLIT, SM::kStage, SM::Base::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
+                                                         h4);  // the V step
     // h (and h lo) leave through the V step's slot (plus the overflow rows after the ring): after
     // the barrier no wgmma reads V any more. The other two slots may already hold the next tile's
     // first stages.
