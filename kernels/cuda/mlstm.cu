@@ -3491,6 +3491,48 @@ struct OutWs3Smem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
+// One dk step of fwd_out's main loop, shared by FwdOutWs3 and the persistent fwd_out: wait for ring
+// slot `slot` (mbarrier full + 8·slot, parity `phase`), issue S += Q̂ Kᵀ and hacc += Q̂ C_k (hi, lo)
+// on its tiles as one wgmma group, and under it add this thread's rows' q̂·n_k over the step's 64
+// columns (n_k from nks). The caller waits for the group.
+template <bool SPLIT, int L, int kStageBytes, int kOffK, int kOffC, int kOffClo>
+__device__ __forceinline__ void OutDkStep(float (&sacc)[64], float (&hacc)[64], float& qn0, float& qn1,
+                                          const unsigned char* sm, uint32_t sa, uint32_t full, int slot, int phase,
+                                          uint32_t own, const float* nks, int dt, int r0, int r1, int c) {
+  using namespace hopper;
+  MbWait(full + 8 * slot, phase);
+  const uint32_t st = sa + slot * kStageBytes;
+  const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+  const uint64_t k_d = SmemDescSw128(st + kOffK, 16, 1024);
+  const uint64_t c_d = SmemDescSw128(st + kOffC, 64 * 128, 1024);
+  const uint64_t clo_d = SmemDescSw128(st + kOffClo, 64 * 128, 1024);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+    WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+    WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+    if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+  }
+  WgmmaCommit();
+  const unsigned char* qt = sm + slot * kStageBytes;  // q̂·n_k under the wgmma
+  const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+    const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+    const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+    const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+      const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+      qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+      qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+    }
+  }
+}
+
 // fwd_out's last step, shared by FwdOutWs3 and its persistent form (mlstm_fwd_out_ws3_persist):
 // the gated scores sacc split into bf16 hi / lo A fragments, the wait for the V stage (ring slot
 // `slot`: mbarrier full + 8·slot, parity `phase`, tile at sa + slot·kStageBytes), hacc += S V
@@ -3634,39 +3676,8 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   // editing the PTX: removing that branch alone removes the warning.
   int dt = 0;
   do {
-    MbWait(full + 8 * slot, phase);
-    const uint32_t st = sa + slot * SM::kStage;
-    const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
-    const uint64_t k_d = SmemDescSw128(st + SM::kOffK, 16, 1024);
-    const uint64_t c_d = SmemDescSw128(st + SM::kOffC, 64 * 128, 1024);
-    const uint64_t clo_d = SmemDescSw128(st + SM::kOffClo, 64 * 128, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-      WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-      WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-      if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
-    }
-    WgmmaCommit();
-    {  // q̂·n_k under the wgmma
-      const unsigned char* qt = sm + slot * SM::kStage;
-      const float* nk = nks + dt * 64 + 16 * c;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
-        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
-        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
-          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
-          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
-          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
-        }
-      }
-    }
+    OutDkStep<SPLIT, L, SM::kStage, SM::kOffK, SM::kOffC, SM::kOffClo>(sacc, hacc, qn0, qn1, sm, sa, full, slot, phase,
+                                                                     own, nks, dt, r0, r1, c);
     if constexpr (kEager) {
       WgmmaWait<0>();  // this step's group retired: its stage is free now
       if (lane == 0) MbArrive(empty + 8 * slot);
@@ -3967,39 +3978,8 @@ __global__ void __launch_bounds__(384, 1)
     float qn0 = 0.f, qn1 = 0.f;
     int dt = 0;
     do {  // (a do-while for the reason given in FwdOutWs3)
-      MbWait(full + 8 * slot, phase);
-      const uint32_t st = sa + slot * SM::kStage;
-      const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
-      const uint64_t k_d = SmemDescSw128(st + SM::Base::kOffK, 16, 1024);
-      const uint64_t c_d = SmemDescSw128(st + SM::Base::kOffC, 64 * 128, 1024);
-      const uint64_t clo_d = SmemDescSw128(st + SM::Base::kOffClo, 64 * 128, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-        WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-        WgmmaSS128<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-        if constexpr (SPLIT) WgmmaSS128<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
-      }
-      WgmmaCommit();
-      {  // q̂·n_k under the wgmma
-        const unsigned char* qt = sm + slot * SM::kStage;
-        const float* nk = nks + dt * 64 + 16 * c;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
-          const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
-          const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-          const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
-            const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
-            qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
-            qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
-          }
-        }
-      }
+      OutDkStep<SPLIT, L, SM::kStage, SM::Base::kOffK, SM::Base::kOffC, SM::Base::kOffClo>(
+          sacc, hacc, qn0, qn1, sm, sa, full, slot, phase, own, nks, dt, r0, r1, c);
       WgmmaWait<0>();  // this step's group retired: its stage is free now
       if (lane == 0) MbArrive(empty + 8 * slot);
       if (++slot == kRing) {

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Compares the kernels of two PTX files entry by entry, ignoring what a refactor may rename:
-virtual register numbers, labels, the anonymous-namespace hash, local-variable numbering, and the
+virtual register numbers and labels (each renamed in order of first use, so the data flow between
+instructions must still match), the `.reg` declarations (they only bound the numbers: a refactor
+can leave gaps), the anonymous-namespace hash, local-variable numbering, and the
 enclosing-function part of a function-local static's mangled name.
 
   compare_entries.py BEFORE.ptx AFTER.ptx [--show N]
@@ -16,13 +18,25 @@ import re
 import sys
 
 
+class FirstUseNames:
+    """re.sub callback: the n-th distinct name met gets the n-th canonical name of its kind."""
+
+    def __init__(self):
+        self.names = {}
+
+    def __call__(self, m):
+        kind = m.group(1) if m.re.groups else "L"
+        return self.names.setdefault(m.group(0), f"{kind}#{len(self.names)}")
+
+
 def entries(path):
     text = open(path).read()
     out = {}
     for m in re.finditer(r"\.entry\s+(\S+)\((.*?)\n\}\n", text, re.S):
         name, body = m.group(1), m.group(0)
-        body = re.sub(r"%(r|rd|f|fd|p|rs|h|hh|b)\d+", r"%\1", body)
-        body = re.sub(r"\$L__\w+", "L", body)
+        body = "\n".join(line for line in body.split("\n") if not line.lstrip().startswith(".reg"))
+        body = re.sub(r"%(r|rd|f|fd|p|rs|h|hh|b)\d+", FirstUseNames(), body)
+        body = re.sub(r"\$L__\w+", FirstUseNames(), body)
         # The anonymous namespace's name (a hash of the file and its build) in mangled names:
         # "<length>_GLOBAL__N__<hash>_<n>_<file>_<hash>".
         body = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", body)
