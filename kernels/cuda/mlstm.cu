@@ -3491,6 +3491,56 @@ struct OutWs3Smem {
   static size_t Bytes(int dk) { return kFloats + (3 * 128 + dk) * 4 + 2 * kRing * 8 + 1024; }
 };
 
+// fwd_out's gating, shared by FwdOutWs3 and the persistent fwd_out: P = S·scale ⊙ W in place
+// (causal s <= t; rows past len zero) for the thread's rows r0, r1, and its partial row sums
+// rs0, rs1 (the quad's shuffles come in OutInterScale); b0v, b1v, m0v, m1v are the rows' gate sums
+// and stabilisers, which the caller uses afterwards too.
+template <int L>
+__device__ __forceinline__ void OutGate(const Dims& d, float (&sacc)[64], const float* bs, const float* igs,
+                                        const float* ms, int r0, int r1, int c, int len, float& b0v, float& b1v,
+                                        float& m0v, float& m1v, float& rs0, float& rs1) {
+  b0v = bs[r0];
+  b1v = bs[r1];
+  m0v = ms[r0];
+  m1v = ms[r1];
+  rs0 = 0.f;
+  rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+}
+
+// Then: the row sums over the quad, the inter-chunk weight G = exp(b + m_k − m), the normaliser
+// den = Σ P + G·scale·q̂·n_k, and hacc (Q̂ C_k) scaled by scale·G in place.
+__device__ __forceinline__ void OutInterScale(const Dims& d, float (&hacc)[64], float rs0, float rs1, float qn0,
+                                              float qn1, float b0v, float b1v, float m0v, float m1v, float m_k,
+                                              float& den0, float& den1) {
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+  den0 = rs0 + G0 * d.scale * qn0;
+  den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    hacc[4 * i + 0] *= d.scale * G0;
+    hacc[4 * i + 1] *= d.scale * G0;
+    hacc[4 * i + 2] *= d.scale * G1;
+    hacc[4 * i + 3] *= d.scale * G1;
+  }
+}
+
 // One dk step of fwd_out's main loop, shared by FwdOutWs3 and the persistent fwd_out: wait for ring
 // slot `slot` (mbarrier full + 8·slot, parity `phase`), issue S += Q̂ Kᵀ and hacc += Q̂ C_k (hi, lo)
 // on its tiles as one wgmma group, and under it add this thread's rows' q̂·n_k over the step's 64
@@ -3699,34 +3749,10 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
 
   // Gating: P = S·scale ⊙ W (causal), row sums.
-  const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-  float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-      float pv = 0.f;
-      if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
-      sacc[4 * nt + e] = pv;
-      if (e < 2) rs0 += pv; else rs1 += pv;
-    }
-  }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-  const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
-  const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    hacc[4 * i + 0] *= d.scale * G0;
-    hacc[4 * i + 1] *= d.scale * G0;
-    hacc[4 * i + 2] *= d.scale * G1;
-    hacc[4 * i + 3] *= d.scale * G1;
-  }
+  float b0v, b1v, m0v, m1v, rs0, rs1;
+  OutGate<L>(d, sacc, bs, igs, ms, r0, r1, c, len, b0v, b1v, m0v, m1v, rs0, rs1);
+  float den0, den1;
+  OutInterScale(d, hacc, rs0, rs1, qn0, qn1, b0v, b1v, m0v, m1v, m_k, den0, den1);
   float h4[16][4];
   OutPvNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
                                                  h4);  // the V step (ring position ndt)
@@ -3996,37 +4022,13 @@ __global__ void __launch_bounds__(384, 1)
     qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
 
     // Gating: P = S·scale ⊙ W (causal), row sums.
-    const float b0v = bs[r0], b1v = bs[r1], m0v = ms[r0], m1v = ms[r1];
-    float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = nt * 8 + 2 * c + (e & 1);
-        const int r = e < 2 ? r0 : r1;
-        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-        float pv = 0.f;
-        if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bs[s] + igs[s] - mr);
-        sacc[4 * nt + e] = pv;
-        if (e < 2) rs0 += pv; else rs1 += pv;
-      }
-    }
+    float b0v, b1v, m0v, m1v, rs0, rs1;
+    OutGate<L>(d, sacc, bs, igs, ms, r0, r1, c, len, b0v, b1v, m0v, m1v, rs0, rs1);
     // The last read of this tile's vectors: hand the buffer back to warp 1.
     __syncwarp();
     if (lane == 0) MbArrive(vempty + 8 * vb);
-    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-    const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
-    const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      hacc[4 * i + 0] *= d.scale * G0;
-      hacc[4 * i + 1] *= d.scale * G0;
-      hacc[4 * i + 2] *= d.scale * G1;
-      hacc[4 * i + 3] *= d.scale * G1;
-    }
+    float den0, den1;
+    OutInterScale(d, hacc, rs0, rs1, qn0, qn1, b0v, b1v, m0v, m1v, m_k, den0, den1);
     float h4[16][4];
     OutPvNormalize<SPLIT, SM::kStage, SM::Base::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
                                                          h4);  // the V step
