@@ -223,6 +223,85 @@ __device__ __forceinline__ void Bf16x8ToFloat(const uint4& u, float* f) {
   }
 }
 
+// The split decode attention's work on the keys [j0, j0 + n) of a row of T keys — the split
+// kernel's whole row (j0 = 0, n = T), or one cluster rank's range (kn, kg, v already offset to
+// j0): each slot's scores (G lanes a key, kSplitUnroll loads in flight; SelfExtend's grouped keys
+// where T - 1 - j >= window) into scores[], the block's max mx and Σ exp(score - mx) = sum (the
+// scores replaced by the exponentials), then each slot's partial output row Σ p_j v_j into
+// partial[slot]. kInv: 1 / sum as well, taken before the value loop as the split kernel always
+// did (its PTX is the same with the code here).
+template <bool kInv>
+__device__ __forceinline__ void SplitKeyRange(const DecodeArgs& a, float* scores, float* partial, float* scratch,
+                                              const bf16* kn, const bf16* kg, const bf16* v, const float (&qn8)[8],
+                                              const float (&qg8)[8], int64_t j0, int64_t n, int64_t T, int64_t kvd,
+                                              int64_t D, float scale, int G, int c, int slots, int slot, bool active,
+                                              float& mx, float& sum, float& inv) {
+  const int64_t rounds = (n + slots - 1) / slots;
+  for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+    uint4 kr[kSplitUnroll];
+    bool grouped[kSplitUnroll];
+#pragma unroll
+    for (int u = 0; u < kSplitUnroll; ++u) {
+      const int64_t jl = (r0 + u) * slots + slot;
+      grouped[u] = a.window > 0 && T - 1 - (j0 + jl) >= a.window;
+      kr[u] = make_uint4(0, 0, 0, 0);
+      if (active && jl < n) kr[u] = *reinterpret_cast<const uint4*>((grouped[u] ? kg : kn) + jl * kvd);
+    }
+#pragma unroll
+    for (int u = 0; u < kSplitUnroll; ++u) {
+      const int64_t jl = (r0 + u) * slots + slot;
+      float k8[8];
+      Bf16x8ToFloat(kr[u], k8);
+      const float* q8 = grouped[u] ? qg8 : qn8;
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = fmaf(q8[i], k8[i], dot);
+      for (int o = G / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (c == 0 && jl < n) scores[jl] = dot * scale;
+    }
+  }
+  __syncthreads();
+  mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
+  mx = SplitBlockReduce(mx, true, scratch);
+  sum = 0.f;
+  for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) {
+    const float p = __expf(scores[j] - mx);
+    scores[j] = p;
+    sum += p;
+  }
+  sum = SplitBlockReduce(sum, false, scratch);
+  __syncthreads();
+  if constexpr (kInv) inv = 1.f / sum;
+  float acc[8] = {};
+  if (active) {
+    for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
+      uint4 vr[kSplitUnroll];
+      float p[kSplitUnroll];
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        const int64_t jl = (r0 + u) * slots + slot;
+        vr[u] = make_uint4(0, 0, 0, 0);
+        p[u] = 0.f;
+        if (jl < n) {
+          vr[u] = *reinterpret_cast<const uint4*>(v + jl * kvd);
+          p[u] = scores[jl];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        if ((r0 + u) * slots + slot >= n) break;
+        float v8[8];
+        Bf16x8ToFloat(vr[u], v8);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = fmaf(p[u], v8[i], acc[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) partial[slot * D + 8 * c + i] = acc[i];
+  }
+}
+
 __global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(DecodeArgs a, int group_lanes) {
   extern __shared__ float scores[];
   __shared__ float partial[kSplitPartials];
@@ -248,71 +327,10 @@ __global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(D
     Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qn + 8 * c), qn8);
     if (qg != nullptr) Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qg + 8 * c), qg8);
   }
-  // Scores: every lane of a warp runs the same trip count (the butterflies need the whole warp).
-  const int64_t rounds = (T + slots - 1) / slots;
-  for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
-    uint4 kr[kSplitUnroll];
-    bool grouped[kSplitUnroll];
-#pragma unroll
-    for (int u = 0; u < kSplitUnroll; ++u) {
-      const int64_t j = (r0 + u) * slots + slot;
-      grouped[u] = a.window > 0 && T - 1 - j >= a.window;
-      kr[u] = make_uint4(0, 0, 0, 0);
-      if (active && j < T) kr[u] = *reinterpret_cast<const uint4*>((grouped[u] ? kg : kn) + j * kvd);
-    }
-#pragma unroll
-    for (int u = 0; u < kSplitUnroll; ++u) {
-      const int64_t j = (r0 + u) * slots + slot;
-      float k8[8];
-      Bf16x8ToFloat(kr[u], k8);
-      const float* q8 = grouped[u] ? qg8 : qn8;
-      float dot = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) dot = fmaf(q8[i], k8[i], dot);
-      for (int o = G / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      if (c == 0 && j < T) scores[j] = dot * scale;
-    }
-  }
-  __syncthreads();
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < T; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
-  mx = SplitBlockReduce(mx, true, scratch);
-  float sum = 0.f;
-  for (int64_t j = threadIdx.x; j < T; j += kSplitThreads) {
-    const float p = __expf(scores[j] - mx);
-    scores[j] = p;
-    sum += p;
-  }
-  sum = SplitBlockReduce(sum, false, scratch);
-  __syncthreads();
-  const float inv = 1.f / sum;
-  float acc[8] = {};
-  if (active) {
-    for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
-      uint4 vr[kSplitUnroll];
-      float p[kSplitUnroll];
-#pragma unroll
-      for (int u = 0; u < kSplitUnroll; ++u) {
-        const int64_t j = (r0 + u) * slots + slot;
-        vr[u] = make_uint4(0, 0, 0, 0);
-        p[u] = 0.f;
-        if (j < T) {
-          vr[u] = *reinterpret_cast<const uint4*>(v + j * kvd);
-          p[u] = scores[j];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kSplitUnroll; ++u) {
-        if ((r0 + u) * slots + slot >= T) break;
-        float v8[8];
-        Bf16x8ToFloat(vr[u], v8);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = fmaf(p[u], v8[i], acc[i]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) partial[slot * D + 8 * c + i] = acc[i];
-  }
+  // Scores, softmax statistics, the slots' partial rows (the cluster kernel runs the same on a range).
+  float mx, sum, inv;
+  SplitKeyRange<true>(a, scores, partial, scratch, kn, kg, v, qn8, qg8, 0, T, T, kvd, D, scale, G, c, slots, slot, active,
+                      mx, sum, inv);
   __syncthreads();
   bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
   for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
@@ -383,69 +401,9 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kSplitTh
       Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qn + 8 * c), qn8);
       if (qg != nullptr) Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qg + 8 * c), qg8);
     }
-    const int64_t rounds = (n + slots - 1) / slots;
-    for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
-      uint4 kr[kSplitUnroll];
-      bool grouped[kSplitUnroll];
-#pragma unroll
-      for (int u = 0; u < kSplitUnroll; ++u) {
-        const int64_t jl = (r0 + u) * slots + slot;
-        grouped[u] = a.window > 0 && T - 1 - (j0 + jl) >= a.window;
-        kr[u] = make_uint4(0, 0, 0, 0);
-        if (active && jl < n) kr[u] = *reinterpret_cast<const uint4*>((grouped[u] ? kg : kn) + jl * kvd);
-      }
-#pragma unroll
-      for (int u = 0; u < kSplitUnroll; ++u) {
-        const int64_t jl = (r0 + u) * slots + slot;
-        float k8[8];
-        Bf16x8ToFloat(kr[u], k8);
-        const float* q8 = grouped[u] ? qg8 : qn8;
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(q8[i], k8[i], dot);
-        for (int o = G / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (c == 0 && jl < n) scores[jl] = dot * scale;
-      }
-    }
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
-    mx = SplitBlockReduce(mx, true, scratch);
-    float sum = 0.f;
-    for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) {
-      const float p = __expf(scores[j] - mx);
-      scores[j] = p;
-      sum += p;
-    }
-    sum = SplitBlockReduce(sum, false, scratch);
-    __syncthreads();
-    float acc[8] = {};
-    if (active) {
-      for (int64_t r0 = 0; r0 < rounds; r0 += kSplitUnroll) {
-        uint4 vr[kSplitUnroll];
-        float p[kSplitUnroll];
-#pragma unroll
-        for (int u = 0; u < kSplitUnroll; ++u) {
-          const int64_t jl = (r0 + u) * slots + slot;
-          vr[u] = make_uint4(0, 0, 0, 0);
-          p[u] = 0.f;
-          if (jl < n) {
-            vr[u] = *reinterpret_cast<const uint4*>(v + jl * kvd);
-            p[u] = scores[jl];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kSplitUnroll; ++u) {
-          if ((r0 + u) * slots + slot >= n) break;
-          float v8[8];
-          Bf16x8ToFloat(vr[u], v8);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[i] = fmaf(p[u], v8[i], acc[i]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) partial[slot * D + 8 * c + i] = acc[i];
-    }
+    float mx, sum, unused_inv;
+    SplitKeyRange<false>(a, scores, partial, scratch, kn, kg, v, qn8, qg8, j0, n, T, kvd, D, scale, G, c, slots, slot,
+                         active, mx, sum, unused_inv);
     __syncthreads();
     for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
       float s = 0.f;
