@@ -24,8 +24,54 @@ bool& InjectFailure() {
 
 const void* Address(const Tensor* t) { return t->defined() && t->numel() > 0 ? t->raw() : nullptr; }
 
-
 }  // namespace
+
+absl::Status PinnedState::Pin(const std::vector<BlockState*>& blocks, const char* what, const char* warm) {
+  for (BlockState* b : blocks) {
+    const std::vector<const Tensor*> step = b->StepTensors();
+    if (step.empty()) return absl::UnimplementedError(absl::StrCat(what, ": a block state without step tensors"));
+    if (KvCache* cache = b->AttentionCache(); cache != nullptr) {
+      if (!cache->cuda_k.defined()) {
+        return absl::FailedPreconditionError(absl::StrCat(what, ": a KV cache is not on the device yet (", warm, ")"));
+      }
+      if (!caches.empty() && cache->cuda_length != cache_length) {
+        return absl::UnimplementedError(absl::StrCat(what, ": KV caches of different lengths (", cache_length, " and ",
+                                                     cache->cuda_length, ")"));
+      }
+      cache_length = cache->cuda_length;
+      caches.push_back(cache);
+    }
+    for (const Tensor* t : step) {
+      if (t->defined() && t->numel() > 0 && !IsCuda(*t)) {
+        return absl::FailedPreconditionError(absl::StrCat(what, ": the state is not on the device yet (", warm, ")"));
+      }
+      tensors.push_back(t);
+      addresses.push_back(Address(t));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PinnedState::CheckUnmoved(const char* what) const {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (Address(tensors[i]) != addresses[i]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, ": state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
+    }
+  }
+  for (const KvCache* cache : caches) {
+    if (cache->cuda_length != cache_length) {
+      return absl::FailedPreconditionError(absl::StrCat(what, ": a KV cache has length ", cache->cuda_length,
+                                                        ", the graph left it at ", cache_length));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void PinnedState::SetCacheLength(int64_t length) {
+  cache_length = length;
+  for (KvCache* cache : caches) cache->cuda_length = length;
+}
 
 bool DecodeGraphEnabled() { return GraphSwitch(); }
 void SetDecodeGraph(bool on) { GraphSwitch() = on; }
@@ -42,35 +88,12 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   for (const auto& s : state->trunk) blocks.push_back(s.get());
   blocks.push_back(state->heads[0].get());
   auto graph = std::unique_ptr<DecodeGraph>(new DecodeGraph());
-  for (BlockState* b : blocks) {
-    const std::vector<const Tensor*> tensors = b->StepTensors();
-    if (tensors.empty()) return absl::UnimplementedError("decode graph: a block state without step tensors");
-    if (KvCache* cache = b->AttentionCache(); cache != nullptr) {
-      if (!cache->cuda_k.defined()) {
-        return absl::FailedPreconditionError(
-            "decode graph: a KV cache is not on the device yet (warm it with one eager DecodeStep)");
-      }
-      if (!graph->caches_.empty() && cache->cuda_length != graph->cache_length_) {
-        return absl::UnimplementedError(absl::StrCat("decode graph: KV caches of different lengths (",
-                                                     graph->cache_length_, " and ", cache->cuda_length, ")"));
-      }
-      graph->cache_length_ = cache->cuda_length;
-      graph->caches_.push_back(cache);
-    }
-    for (const Tensor* t : tensors) {
-      if (t->defined() && t->numel() > 0 && !IsCuda(*t)) {
-        return absl::FailedPreconditionError(
-            "decode graph: the state has not been stepped on the device yet (warm it with one eager DecodeStep)");
-      }
-      graph->state_tensors_.push_back(t);
-      graph->state_addresses_.push_back(Address(t));
-    }
-  }
+  if (absl::Status s = graph->pinned_.Pin(blocks, "decode graph", "warm it with one eager DecodeStep"); !s.ok()) return s;
   if (state->position < 1) {
     return absl::FailedPreconditionError("decode graph: warm the state with one eager DecodeStep before the capture");
   }
   if (KvCacheFull(state)) {
-    return absl::FailedPreconditionError(absl::StrCat("decode graph: a KV cache is full (length ", graph->cache_length_,
+    return absl::FailedPreconditionError(absl::StrCat("decode graph: a KV cache is full (length ", graph->pinned_.cache_length,
                                                       "): one eager step grows it, then capture again"));
   }
   const int64_t B = state->batch, V = model->spec().vocab_size, d = model->spec().d_model;
@@ -86,14 +109,14 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
   graph->ids_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
   graph->argmax_ = Tensor::Empty({B}, DType::kI32, Device::kCuda);
   graph->out_.resize(static_cast<size_t>(B));
-  if (!graph->caches_.empty()) {
+  if (!graph->pinned_.caches.empty()) {
     graph->host_position_ = Cuda().AllocatePinnedHost(sizeof(int32_t));
     if (graph->host_position_ == nullptr) {
       return absl::ResourceExhaustedError("decode graph: no page-locked host memory for the cache length");
     }
     graph->cache_position_ = Tensor::Empty({1}, DType::kI32, Device::kCuda);
   }
-  const int32_t* position_dev = graph->caches_.empty() ? nullptr : graph->cache_position_.data<int32_t>();
+  const int32_t* position_dev = graph->pinned_.caches.empty() ? nullptr : graph->cache_position_.data<int32_t>();
 
   // The host-side bookkeeping of DecodeChunk is redone by each Step; the capture must not move it.
   const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
@@ -110,7 +133,7 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
     if (position_dev != nullptr) {
       cuda.CopyAsync(graph->cache_position_.raw(), graph->host_position_.get(), sizeof(int32_t));
     }
-    for (KvCache* cache : graph->caches_) cache->graph_position = position_dev;
+    for (KvCache* cache : graph->pinned_.caches) cache->graph_position = position_dev;
     Tensor z = Tensor::Empty({B, d}, DType::kBF16, Device::kCuda);
     CudaInfer().EmbeddingRows(graph->ids_.data<int32_t>(), B, table.raw(), V, d, z.raw());
     if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
@@ -122,9 +145,9 @@ absl::StatusOr<std::unique_ptr<DecodeGraph>> DecodeGraph::Capture(LanguageModel*
     CudaInfer().ArgmaxRows(graph->logits_.raw(), B, V, V, graph->argmax_.data<int32_t>());
     cuda.CopyAsync(graph->host_out_.get(), graph->argmax_.raw(), B * sizeof(int32_t));
     graph->graph_ = cuda.EndCapture(&why, &retry);
-    for (KvCache* cache : graph->caches_) {
+    for (KvCache* cache : graph->pinned_.caches) {
       cache->graph_position = nullptr;
-      cache->cuda_length = graph->cache_length_;  // the recording advanced the host length
+      cache->cuda_length = graph->pinned_.cache_length;  // the recording advanced the host length
     }
     state->position = position;
     state->live_heads = live_heads;
@@ -158,17 +181,8 @@ absl::Status DecodeGraph::CheckState() const {
                                                       ", the graph left it at ", position_,
                                                       " (stepped or rewound outside the graph)"));
   }
-  for (size_t i = 0; i < state_tensors_.size(); ++i) {
-    if (Address(state_tensors_[i]) != state_addresses_[i]) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("decode graph: state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
-    }
-  }
-  for (const KvCache* cache : caches_) {
-    if (cache->cuda_length != cache_length_) {
-      return absl::FailedPreconditionError(absl::StrCat("decode graph: a KV cache has length ", cache->cuda_length,
-                                                        ", the graph left it at ", cache_length_));
-    }
+  if (absl::Status s = pinned_.CheckUnmoved("decode graph"); !s.ok()) return s;
+  for (const KvCache* cache : pinned_.caches) {
     if (cache->cuda_length >= cache->cuda_capacity()) {
       return absl::FailedPreconditionError(
           absl::StrCat("decode graph: the KV cache is full (length ", cache->cuda_length,
@@ -190,12 +204,11 @@ absl::StatusOr<std::span<const int32_t>> DecodeGraph::Step(std::span<const int32
   if (absl::Status s = CheckState(); !s.ok()) return s;
   // The previous replay has finished (Step synchronises), so the pinned input is free.
   std::memcpy(host_in_.get(), tokens.data(), tokens.size() * sizeof(int32_t));
-  if (!caches_.empty()) *static_cast<int32_t*>(host_position_.get()) = static_cast<int32_t>(cache_length_);
+  if (!pinned_.caches.empty()) *static_cast<int32_t*>(host_position_.get()) = static_cast<int32_t>(pinned_.cache_length);
   graph_->Launch();
   Cuda().Synchronize();
   std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
-  cache_length_ += 1;
-  for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
+  pinned_.SetCacheLength(pinned_.cache_length + 1);
   state_->position += 1;
   position_ = state_->position;
   state_->live_heads = 1;
@@ -247,32 +260,13 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
   }
   if (k > 16) return absl::UnimplementedError(absl::StrCat("speculative graph: k ", k, " > 16 (the draft gather's table)"));
   auto graph = std::unique_ptr<SpeculativeGraph>(new SpeculativeGraph());
-  for (BlockState* b : RoundBlocks(state, k)) {
-    const std::vector<const Tensor*> tensors = b->StepTensors();
-    if (tensors.empty()) return absl::UnimplementedError("speculative graph: a block state without step tensors");
-    if (KvCache* cache = b->AttentionCache(); cache != nullptr) {
-      if (!cache->cuda_k.defined()) {
-        return absl::FailedPreconditionError("speculative graph: a KV cache is not on the device yet (run one eager round)");
-      }
-      if (!graph->caches_.empty() && cache->cuda_length != graph->cache_length_) {
-        return absl::UnimplementedError(absl::StrCat("speculative graph: KV caches of different lengths (",
-                                                     graph->cache_length_, " and ", cache->cuda_length, ")"));
-      }
-      graph->cache_length_ = cache->cuda_length;
-      graph->caches_.push_back(cache);
-    }
-    for (const Tensor* t : tensors) {
-      if (t->defined() && t->numel() > 0 && !IsCuda(*t)) {
-        return absl::FailedPreconditionError("speculative graph: the state is not on the device yet (run one eager round)");
-      }
-      graph->state_tensors_.push_back(t);
-      graph->state_addresses_.push_back(Address(t));
-    }
+  if (absl::Status s = graph->pinned_.Pin(RoundBlocks(state, k), "speculative graph", "run one eager round"); !s.ok()) {
+    return s;
   }
   if (state->position < 1) return absl::FailedPreconditionError("speculative graph: run one eager round before the capture");
   if (CacheTooShort(state, k)) {
     return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache has no room for ", k,
-                                                      " more rows (length ", graph->cache_length_,
+                                                      " more rows (length ", graph->pinned_.cache_length,
                                                       "): one eager round grows it, then capture again"));
   }
   const int64_t V = model->spec().vocab_size, d = model->spec().d_model;
@@ -292,7 +286,7 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
   graph->out_.resize(static_cast<size_t>(2 * k));
   int32_t* in_dev = graph->ids_.data<int32_t>();
   int32_t* out_dev = graph->argmax_.data<int32_t>();
-  const int32_t* position_dev = graph->caches_.empty() ? nullptr : in_dev + k + 1;
+  const int32_t* position_dev = graph->pinned_.caches.empty() ? nullptr : in_dev + k + 1;
   const std::vector<BlockState*> blocks = RoundBlocks(state, k);
 
   const int64_t position = state->position, live_heads = state->live_heads, rewind = state->rewind_chunk;
@@ -303,7 +297,7 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
     retry = false;
     cuda.BeginCapture();
     cuda.CopyAsync(in_dev, graph->host_in_.get(), (k + 2) * sizeof(int32_t));
-    for (KvCache* cache : graph->caches_) cache->graph_position = position_dev;
+    for (KvCache* cache : graph->pinned_.caches) cache->graph_position = position_dev;
     Tensor z = Tensor::Empty({k, d}, DType::kBF16, Device::kCuda);
     CudaInfer().EmbeddingRows(in_dev, k, table.raw(), V, d, z.raw());
     if (options.inject_host_sync || InjectFailure()) cuda.Synchronize();
@@ -329,9 +323,9 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
     CudaInfer().ArgmaxRows(graph->logits_[1].raw(), k - 1, V, V, out_dev + k);
     cuda.CopyAsync(graph->host_out_.get(), out_dev, 2 * k * sizeof(int32_t));
     graph->graph_ = cuda.EndCapture(&why, &retry);
-    for (KvCache* cache : graph->caches_) {
+    for (KvCache* cache : graph->pinned_.caches) {
       cache->graph_position = nullptr;
-      cache->cuda_length = graph->cache_length_;
+      cache->cuda_length = graph->pinned_.cache_length;
     }
     state->position = position;
     state->live_heads = live_heads;
@@ -391,19 +385,7 @@ absl::Status SpeculativeGraph::CheckState() const {
                                                       ", the graph left it at ", position_,
                                                       " (stepped or rewound outside the graph)"));
   }
-  for (size_t i = 0; i < state_tensors_.size(); ++i) {
-    if (Address(state_tensors_[i]) != state_addresses_[i]) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "speculative graph: state tensor ", i, " no longer has the captured address (swapped outside the graph)"));
-    }
-  }
-  for (const KvCache* cache : caches_) {
-    if (cache->cuda_length != cache_length_) {
-      return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache has length ", cache->cuda_length,
-                                                        ", the graph left it at ", cache_length_));
-    }
-  }
-  return absl::OkStatus();
+  return pinned_.CheckUnmoved("speculative graph");
 }
 
 absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const int32_t> chunk, int64_t forced_keep) {
@@ -421,18 +403,17 @@ absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const
   if (!committed_) return absl::FailedPreconditionError("speculative graph: Round before the last round's Commit");
   if (absl::Status s = CheckState(); !s.ok()) return s;
   if (MustGrow()) {
-    return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache (length ", cache_length_,
+    return absl::FailedPreconditionError(absl::StrCat("speculative graph: a KV cache (length ", pinned_.cache_length,
                                                       ") has no room for ", k_, " rows: run an eager round (MustGrow)"));
   }
   int32_t* in = static_cast<int32_t*>(host_in_.get());
   std::memcpy(in, chunk.data(), chunk.size() * sizeof(int32_t));
   in[k_] = static_cast<int32_t>(forced_keep);
-  in[k_ + 1] = static_cast<int32_t>(cache_length_);
+  in[k_ + 1] = static_cast<int32_t>(pinned_.cache_length);
   graph_->Launch();
   Cuda().Synchronize();
   std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
-  cache_length_ += k_;
-  for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
+  pinned_.SetCacheLength(pinned_.cache_length + k_);
   state_->position += k_;
   position_ = state_->position;
   state_->live_heads = k_;
@@ -452,8 +433,7 @@ absl::Status SpeculativeGraph::Commit(int64_t keep) {
     const Tensor& table = commit_tables_[static_cast<size_t>(keep - 1)];
     const int64_t n = static_cast<int64_t>(table.numel() * sizeof(int32_t) / sizeof(CudaCopySpan));
     if (n > 0) CudaInfer().CopySpans(table.raw(), n, max_span_bytes_);
-    cache_length_ -= k_ - keep;
-    for (KvCache* cache : caches_) cache->cuda_length = cache_length_;
+    pinned_.SetCacheLength(pinned_.cache_length - (k_ - keep));
     state_->position -= k_ - keep;
     position_ = state_->position;
   }

@@ -70,6 +70,24 @@ struct DecodeGraphOptions {
 // Makes every following Capture inject a host synchronisation (tests of callers' fallback).
 void InjectDecodeGraphFailure(bool on);
 
+
+// What a captured graph pins of a decode state (DecodeGraph and SpeculativeGraph share it): every
+// step tensor of its blocks with the address it had at capture (a replay writes there, so a swap
+// outside the graph is an error), and the attention blocks' KV caches, all of one length.
+struct PinnedState {
+  // Collects `blocks` (refusing what a graph cannot replay); `what` prefixes the messages
+  // ("decode graph"), `warm` says how to put a state on the device ("run one eager round").
+  absl::Status Pin(const std::vector<BlockState*>& blocks, const char* what, const char* warm);
+  // Every tensor still at its captured address and every cache at cache_length.
+  absl::Status CheckUnmoved(const char* what) const;
+  // cache_length = length, and every cache's host-side length with it.
+  void SetCacheLength(int64_t length);
+
+  std::vector<const Tensor*> tensors;
+  std::vector<const void*> addresses;
+  std::vector<KvCache*> caches;
+  int64_t cache_length = 0;
+};
 class DecodeGraph {
  public:
   // Captures the one-token head-1 step of `state` (CUDA model, batch = state->batch). The state
@@ -103,14 +121,13 @@ class DecodeGraph {
 
   LanguageModel::DecodeState* state_ = nullptr;
   int64_t batch_ = 0, vocab_ = 0, position_ = 0;
-  std::vector<const Tensor*> state_tensors_;
-  std::vector<const void*> state_addresses_;
+  // The state's tensors and, for attention blocks, the caches and the length every cache has
+  // before the next replay.
+  PinnedState pinned_;
   std::shared_ptr<void> host_in_, host_out_;  // pinned [batch] int32
   Tensor ids_, argmax_, logits_;               // device, fixed for the graph's life
-  // Attention blocks: their caches, the length every cache has before the next replay, and the
-  // pinned / device int32 the recorded kernels read it from (a copy node moves it each replay).
-  std::vector<KvCache*> caches_;
-  int64_t cache_length_ = 0;
+  // The pinned / device int32 the recorded kernels read the cache length from (a copy node moves
+  // it each replay).
   std::shared_ptr<void> host_position_;
   Tensor cache_position_;
   std::vector<int32_t> out_;
@@ -187,13 +204,10 @@ class SpeculativeGraph {
   LanguageModel::DecodeState* state_ = nullptr;
   int64_t k_ = 0, vocab_ = 0, position_ = 0, commit_bytes_ = 0, max_span_bytes_ = 0, spans_ = 0;
   bool committed_ = true;
-  std::vector<const Tensor*> state_tensors_;
-  std::vector<const void*> state_addresses_;
+  PinnedState pinned_;
   std::shared_ptr<void> host_in_, host_out_;  // pinned [k + 2] / [2k] int32
   Tensor ids_, argmax_;
   std::vector<Tensor> logits_, draft_hidden_;
-  std::vector<KvCache*> caches_;
-  int64_t cache_length_ = 0;
   // The per-position state copies the replays write (views into the graph's pool) and, per keep
   // 1..k-1, the device table of CopySpans records that restores them.
   std::vector<RewindSlot> slots_;
