@@ -65,6 +65,24 @@ std::vector<ops::Tensor> Prefill(ops::LanguageModel* model, std::span<const int3
 
 double Seconds(int64_t begin_us) { return (Clock::Real()->NowMicros() - begin_us) * 1e-6; }
 
+// A decode graph's capture: the graph, with result->decode_graph = "graph"; or null (the caller
+// keeps stepping eagerly) with "eager: <why>", also printed as "<who>: <why>; <fallback>" unless
+// the graph merely does not cover this state (Unimplemented: e.g. KV caches of different lengths),
+// which is expected, not news.
+template <typename Graph>
+std::unique_ptr<Graph> AdoptCapture(absl::StatusOr<std::unique_ptr<Graph>> made, const char* who, const char* fallback,
+                                    GenerateResult* result) {
+  if (made.ok()) {
+    result->decode_graph = "graph";
+    return std::move(*made);
+  }
+  result->decode_graph = absl::StrCat("eager: ", made.status().message());
+  if (!absl::IsUnimplemented(made.status())) {
+    std::fprintf(stderr, "%s: %s; %s\n", who, std::string(made.status().message()).c_str(), fallback);
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 int32_t Argmax(std::span<const float> logits) {
@@ -147,18 +165,7 @@ absl::StatusOr<GenerateResult> Generate(ops::LanguageModel* model, std::span<con
     if (capture && !ops::DecodeGraph::KvCacheFull(state.get())) {
       capture = false;
       logits.clear();  // the warm-up's logits go back to the cache before the capture
-      absl::StatusOr<std::unique_ptr<ops::DecodeGraph>> made = ops::DecodeGraph::Capture(model, state.get());
-      if (made.ok()) {
-        graph = std::move(*made);
-        result.decode_graph = "graph";
-      } else {
-        result.decode_graph = absl::StrCat("eager: ", made.status().message());
-        // A state the graph does not cover (Unimplemented: e.g. KV caches of different lengths) is
-        // expected, not news.
-        if (!absl::IsUnimplemented(made.status())) {
-          std::fprintf(stderr, "Generate: %s; decoding eagerly\n", std::string(made.status().message()).c_str());
-        }
-      }
+      graph = AdoptCapture(ops::DecodeGraph::Capture(model, state.get()), "Generate", "decoding eagerly", &result);
     }
   }
   result.seconds = Seconds(begin);
@@ -269,16 +276,8 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     row = accepted;
     if (capture && full && !ops::SpeculativeGraph::CacheTooShort(state.get(), k)) {
       capture = false;
-      absl::StatusOr<std::unique_ptr<ops::SpeculativeGraph>> made = ops::SpeculativeGraph::Capture(model, state.get(), k);
-      if (made.ok()) {
-        graph = std::move(*made);
-        result.decode_graph = "graph";
-      } else {
-        result.decode_graph = absl::StrCat("eager: ", made.status().message());
-        if (!absl::IsUnimplemented(made.status())) {
-          std::fprintf(stderr, "GenerateSpeculative: %s; eager rounds\n", std::string(made.status().message()).c_str());
-        }
-      }
+      graph = AdoptCapture(ops::SpeculativeGraph::Capture(model, state.get(), k), "GenerateSpeculative", "eager rounds",
+                           &result);
     }
   }
   result.seconds = Seconds(begin);
