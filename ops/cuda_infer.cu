@@ -554,6 +554,32 @@ __device__ __forceinline__ Eight LoadEight(const bf16* row, int64_t g, int64_t k
   return e;
 }
 
+// One warp's share of GemmRows' column dot products (both kernels): the groups of 8 elements
+// g = first, first + kStep, ... in ascending order, one __fmaf_rn an element (the short last group
+// masked), then the warp's xor butterfly (__fadd_rn); acc[r] for each of the MR rows xr.
+template <int MR, int kStep>
+__device__ __forceinline__ void GemmRowsWarpDot(float (&acc)[MR], const bf16* w, const bf16* const (&xr)[MR],
+                                                int64_t k, bool vec, int first) {
+  const int64_t groups = (k + 7) / 8;
+#pragma unroll 2
+  for (int64_t g = first; g < groups; g += kStep) {
+    const Eight we = LoadEight(w, g, k, vec);
+    Eight xe[MR];
+#pragma unroll
+    for (int r = 0; r < MR; ++r) xe[r] = LoadEight(xr[r], g, k, vec);
+    const int valid = k - g * 8 >= 8 ? 8 : static_cast<int>(k - g * 8);
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < valid) acc[r] = __fmaf_rn(xe[r].v[i], we.v[i], acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MR; ++r)
+    for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
+}
+
 template <int MR>
 __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRowsArgs a, bool vec) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -569,24 +595,7 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRows
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.f;
-  const int64_t groups = (a.k + 7) / 8;
-#pragma unroll 2
-  for (int64_t g = lane; g < groups; g += 32) {
-    const Eight we = LoadEight(w, g, a.k, vec);
-    Eight xe[MR];
-#pragma unroll
-    for (int r = 0; r < MR; ++r) xe[r] = LoadEight(xr[r], g, a.k, vec);
-    const int valid = a.k - g * 8 >= 8 ? 8 : static_cast<int>(a.k - g * 8);
-#pragma unroll
-    for (int r = 0; r < MR; ++r) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (i < valid) acc[r] = __fmaf_rn(xe[r].v[i], we.v[i], acc[r]);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < MR; ++r)
-    for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
+  GemmRowsWarpDot<MR, 32>(acc, w, xr, a.k, vec, lane);
   if (lane != 0) return;
   const void* cin = a.c_in != nullptr ? a.c_in : a.c;
 #pragma unroll
@@ -633,24 +642,7 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(Ge
     const bf16* xr[MR];
 #pragma unroll
     for (int r = 0; r < MR; ++r) xr[r] = static_cast<const bf16*>(a.a) + (r < a.m ? r : a.m - 1) * a.lda;
-    const int64_t groups = (a.k + 7) / 8;
-#pragma unroll 2
-    for (int64_t g = part * 32 + lane; g < groups; g += 32 * S) {
-      const Eight we = LoadEight(w, g, a.k, vec);
-      Eight xe[MR];
-#pragma unroll
-      for (int r = 0; r < MR; ++r) xe[r] = LoadEight(xr[r], g, a.k, vec);
-      const int valid = a.k - g * 8 >= 8 ? 8 : static_cast<int>(a.k - g * 8);
-#pragma unroll
-      for (int r = 0; r < MR; ++r) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < valid) acc[r] = __fmaf_rn(xe[r].v[i], we.v[i], acc[r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < MR; ++r)
-      for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
+    GemmRowsWarpDot<MR, 32 * S>(acc, w, xr, a.k, vec, part * 32 + lane);
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < MR; ++r) partial[warp][r] = acc[r];
