@@ -22,6 +22,10 @@ void AddTrainFlags(CLI::App* app, TrainFlags* f) {
   app->add_option("--mlstm_recompute,--mlstm-recompute", f->mlstm_recompute,
                   "what an mLSTM block keeps for its backward on CUDA: none | states | glue | cell "
                   "(model.xlstm.mlstm_recompute; not with --recompute)");
+  app->add_option("--mlstm_keep_last,--mlstm-keep-last", f->mlstm_keep_last,
+                  "with --mlstm_recompute: the last N mLSTM layers keep everything "
+                  "(model.xlstm.mlstm_recompute_keep_last)")
+      ->check(CLI::NonNegativeNumber);
   app->add_flag("--deterministic", f->deterministic,
                 "bitwise-repeatable CUDA steps; attention's backward sums dQ in a fixed order (train.deterministic)");
 }
@@ -32,6 +36,8 @@ TrainFlagConfig TrainFlagsToConfig(const TrainFlags& f) {
   c.model.set_mtp_heads(f.mtp_heads);
   c.model.set_recompute_blocks(f.recompute);
   if (!f.mlstm_recompute.empty()) c.model.mutable_xlstm()->set_mlstm_recompute(f.mlstm_recompute);
+  if (f.mlstm_keep_last != 0)
+    c.model.mutable_xlstm()->set_mlstm_recompute_keep_last(static_cast<uint32_t>(f.mlstm_keep_last));
   c.optimizer.set_lr(f.lr);
   c.optimizer.set_weight_decay(f.weight_decay);
   c.optimizer.set_grad_clip(f.grad_clip <= 0 ? -1 : f.grad_clip);

@@ -74,6 +74,25 @@ TEST(TrainFlagsTest, MlstmRecomputeIsTheConfigField) {
   }
 }
 
+TEST(TrainFlagsTest, MlstmKeepLastIsTheConfigField) {
+  for (const std::string flag : {"--mlstm_keep_last", "--mlstm-keep-last"}) {
+    const TrainFlagConfig c =
+        ParseFlags({"--preset", "xlstm-tiny", "--mlstm_recompute", "states", flag, "1"});
+    gyre::v1::ModelConfig file;
+    ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+        "preset: \"xlstm-tiny\" mtp_heads: 1 xlstm { mlstm_recompute: \"states\" mlstm_recompute_keep_last: 1 }",
+        &file));
+    EXPECT_EQ(c.model.SerializeAsString(), file.SerializeAsString()) << c.model.ShortDebugString();
+    auto r = ResolveTrainConfig(c);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->spec.mlstm_recompute_keep_last, 1);
+  }
+  // Without a recomputation mode the config's validation names the field.
+  auto r = ResolveTrainConfig(ParseFlags({"--preset", "xlstm-tiny", "--mlstm_keep_last", "1"}));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("model.xlstm.mlstm_recompute_keep_last"), std::string_view::npos) << r.status();
+}
+
 TEST(TrainFlagsTest, BadMlstmRecomputeGivesTheConfigError) {
   auto r = ResolveTrainConfig(ParseFlags({"--preset", "xlstm-tiny", "--mlstm_recompute", "sometimes"}));
   ASSERT_FALSE(r.ok());

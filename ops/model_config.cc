@@ -274,6 +274,17 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
                                   "recomputed block the mLSTM cell would run three times)"));
     s.mlstm_recompute = m;
   }
+  if (x.mlstm_recompute_keep_last() != 0) {
+    const int64_t keep = x.mlstm_recompute_keep_last();
+    if (s.mlstm_recompute == "none")
+      return Invalid("xlstm.mlstm_recompute_keep_last",
+                     absl::StrCat(keep, " without model.xlstm.mlstm_recompute (it says how many of the last "
+                                        "layers skip the recomputation; with none every layer keeps everything)"));
+    if (keep > static_cast<int64_t>(s.blocks.size()))
+      return Invalid("xlstm.mlstm_recompute_keep_last",
+                     absl::StrCat(keep, " > n_layers ", s.blocks.size()));
+    s.mlstm_recompute_keep_last = keep;
+  }
   // sigmoid_forget_gate: proto3 cannot tell "unset" from false, and the documented default is
   // true, so only the sigmoid gate is reachable from a config (see the report: the field should be
   // `optional` or inverted). The exponential gate stays available to code through ModelSpec.

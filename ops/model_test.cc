@@ -505,6 +505,15 @@ TEST(ModelConfigTest, RejectsBadFieldsByName) {
   auto ok = ResolveModelConfig(c);
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->mlstm_recompute, "states");
+  EXPECT_EQ(ok->mlstm_recompute_keep_last, 0);
+  c.mutable_xlstm()->set_mlstm_recompute_keep_last(ok->blocks.size() + 1);  // more layers than the model has
+  expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
+  c.mutable_xlstm()->set_mlstm_recompute_keep_last(1);
+  ok = ResolveModelConfig(c);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->mlstm_recompute_keep_last, 1);
+  c.mutable_xlstm()->set_mlstm_recompute("none");  // keep_last says which layers skip a recomputation
+  expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
 }
 
 TEST(ModelConfigTest, OverridesAndHybrids) {

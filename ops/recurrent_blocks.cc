@@ -387,6 +387,7 @@ MlstmBlock::MlstmBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_la
   if (s.mlstm_recompute == "states") configured_ = MlstmRecompute::kStates;
   else if (s.mlstm_recompute == "glue") configured_ = MlstmRecompute::kGlue;
   else if (s.mlstm_recompute == "cell") configured_ = MlstmRecompute::kCell;
+  configured_keep_last_ = s.mlstm_recompute_keep_last;
   Rng* rng = ctx.rng;
   InitNormal(&up_.weight()->value, SmallInitStd(d_), rng);
   for (BlockDiagonalLinear* l : {&q_, &k_, &v_}) InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
@@ -1102,8 +1103,10 @@ void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {
 }
 
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  // The process-wide setting (environment, tests, benchmarks) overrides the model's, field by field.
   const MlstmRecomputeConfig config = GetMlstmRecompute();
-  const bool keep = config.keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - config.keep_last;
+  const int64_t keep_last = config.keep_last > 0 ? config.keep_last : configured_keep_last_;
+  const bool keep = keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - keep_last;
   const MlstmRecompute chosen = config.mode != MlstmRecompute::kNone ? config.mode : configured_;
   const MlstmRecompute mode = keep ? MlstmRecompute::kNone : chosen;
   Tensor y = ForwardCudaAll(x, batch, seq);

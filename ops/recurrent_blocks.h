@@ -146,8 +146,9 @@ struct MlstmRecomputeConfig {
   MlstmRecompute mode = MlstmRecompute::kNone;
   int64_t keep_last = 0;
 };
-// The model's setting is ModelSpec::mlstm_recompute (config: model.xlstm.mlstm_recompute). The
-// process-wide setting below overrides it when its mode is not kNone (tests, benchmarks).
+// The model's setting is ModelSpec::mlstm_recompute and ::mlstm_recompute_keep_last (config:
+// model.xlstm.mlstm_recompute, .mlstm_recompute_keep_last). The process-wide setting below
+// overrides the mode when it is not kNone, and keep_last when it is > 0 (tests, benchmarks).
 // The process-wide setting each MlstmBlock::Forward reads (the backward uses the forward's).
 // Starts from GYRE_MLSTM_RECOMPUTE (unset, "none", "cell", "glue", "block", "states"; anything else stops
 // the process with a message naming it) and GYRE_MLSTM_RECOMPUTE_KEEP (an integer >= 0), read
@@ -262,6 +263,7 @@ class MlstmBlock : public Block {
   // kStates' copy of the per-token part of the cell's saved (MlstmTokenBytes).
   MlstmRecompute mode_ = MlstmRecompute::kNone;
   MlstmRecompute configured_ = MlstmRecompute::kNone;  // ModelSpec::mlstm_recompute
+  int64_t configured_keep_last_ = 0;                    // ModelSpec::mlstm_recompute_keep_last
   Tensor x_in_, tokens_;
   // The cell, its saved states and the output norm (out = down's input) from the kept tensors.
   Tensor RecomputeCellCuda();

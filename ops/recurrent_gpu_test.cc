@@ -1680,6 +1680,25 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeHoldsLessBetweenForwardAndBackward) {
   std::printf("[%s] mlstm recompute from the model config: states holds %ld (override: %ld)\n",
               from_spec == states ? "PASS" : "FAIL", (long)from_spec, (long)states);
   EXPECT_EQ(from_spec, states);
+
+  // model.xlstm.mlstm_recompute_keep_last = 1 in a 3-layer model: layer 2 keeps everything (none's
+  // bytes), layer 1 still recomputes its states.
+  configured.mlstm_recompute_keep_last = 1;
+  for (const int64_t layer : {1, 2}) {
+    ParamStore store3(DType::kF32, Device::kCpu);
+    Rng r3(7);
+    MlstmBlock block3({&store3, &r3, "l"}, configured, 3, layer);
+    store3.MoveToDevice(Device::kCuda);
+    Cuda().Synchronize();
+    const uint64_t at = Cuda().Memory().bytes_in_use;
+    Tensor y3 = block3.Forward(x, B, T);
+    const int64_t held3 = static_cast<int64_t>(Cuda().Memory().bytes_in_use - at);
+    block3.Backward(dy);
+    const int64_t want = layer == 2 ? none : states;
+    std::printf("[%s] mlstm recompute keep_last 1 from the model config, layer %ld of 3: holds %ld (want %ld)\n",
+                held3 == want ? "PASS" : "FAIL", (long)layer, (long)held3, (long)want);
+    EXPECT_EQ(held3, want);
+  }
 }
 
 // Three AdamW steps of the xLSTM model (mLSTM, sLSTM, mLSTM) per mode against the default path:
