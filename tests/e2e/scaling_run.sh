@@ -10,6 +10,8 @@
 # recompute_blocks instead, 16% slower a step). Environment:
 #   SIZES   worker counts (default: 1 2 4 8, those <= the GPU count)
 #   STEPS   steps per size (default 200)        SEQ    context (default 2048)
+#   MLSTM_KEEP_LAST  xLSTM 1.3B: the last N mLSTM layers skip the states rebuild (default 0; one
+#           H100 at 8 x 2048 fits 6: bench/RESULTS.md session 18)
 #   ROWS    sequences per GPU per step (default 8: weak scaling, global batch = ROWS x workers)
 #   MICRO   rows per forward/backward (train.micro_batch; default 4: mamba2-1.3b at 8 x 2048 in one
 #           pass peaks at 81 GB on an 80 GB H100, and with NCCL's buffers beside it the 2-worker run
@@ -65,7 +67,8 @@ say "== scaling_run $(date -u +%FT%TZ) on $cards; sizes:$SIZES; $STEPS steps; $R
 
 config_for() {  # preset workers -> config path
   local preset="$1" workers="$2" path="$runs/${1//[^a-zA-Z0-9.-]/_}-$2.textproto" memory=""
-  [[ "$preset" == xlstm*1.3b ]] && memory='xlstm { mlstm_recompute: "states" }'
+  [[ "$preset" == xlstm*1.3b ]] &&
+    memory="xlstm { mlstm_recompute: \"states\" mlstm_recompute_keep_last: ${MLSTM_KEEP_LAST:-0} }"
   cat > "$path" <<EOF
 name: "scale"
 seed: 1
