@@ -163,9 +163,11 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   return 0;
 }
 
+// `auto_mode` (e.g. "states"; "" = off): the model's own setting model.xlstm.mlstm_recompute =
+// auto_mode with keep_last -1 (auto), the process-wide setting none.
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
-        std::vector<AltEntry> alternate, Result* out) {
+        std::vector<AltEntry> alternate, const std::string& auto_mode, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -173,6 +175,10 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   }
   spec->recompute_blocks = recompute;
   if (mlstm_chunk > 0) spec->mlstm_chunk = mlstm_chunk;
+  if (!auto_mode.empty()) {
+    spec->mlstm_recompute = auto_mode;
+    spec->mlstm_recompute_keep_last = -1;
+  }
   gyre::bench::BenchModel bench_model;
   if (!gyre::bench::CreateBenchModel(*spec, &bench_model)) return 1;
   out->init_s = bench_model.init_s;
@@ -250,7 +256,8 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   out->mfu = flops / med / (peak_tflops * 1e12);
   out->mfu_head = flops_head / med / (peak_tflops * 1e12);
   out->recompute = recompute;
-  out->mlstm_mode = RecomputeLabel(GetMlstmRecompute());
+  out->mlstm_mode = auto_mode.empty() ? RecomputeLabel(GetMlstmRecompute())
+                                      : auto_mode + ":auto(" + std::to_string(bench_model.model->auto_kept_layers()) + ")";
   const CudaBackend::MemoryStats mem = Cuda().Memory();
   std::printf("%s batch %lld x %lld%s (mLSTM recompute %s): N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, "
               "max %.2f, %d steps), %.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), "
@@ -292,7 +299,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> mlstm_recompute;
   std::vector<std::string> alternate_text;
   app.add_option("--mlstm_recompute", mlstm_recompute,
-                 "mLSTM recomputation per preset: none|cell|glue|block|states[:keep_last] (empty: GYRE_MLSTM_RECOMPUTE)");
+                 "mLSTM recomputation per preset: none|cell|glue|block|states[:keep_last], or states|glue|cell:auto "
+                 "(the model's keep_last -1) (empty: GYRE_MLSTM_RECOMPUTE)");
   app.add_option("--alternate", alternate_text,
                  "mode[:keep][@batch] entries to cycle through on one model per preset, e.g. "
                  "glue@8 block@8 glue:16@4");
@@ -337,9 +345,19 @@ int main(int argc, char** argv) {
   int rc = 0;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
+    std::string auto_mode;
     if (!mlstm_recompute.empty() && !mlstm_recompute[i].empty()) {
       MlstmRecomputeConfig c;
-      if (!ParseRecompute(mlstm_recompute[i], &c)) {
+      const std::string& text = mlstm_recompute[i];
+      const size_t colon = text.find(':');
+      if (colon != std::string::npos && text.substr(colon + 1) == "auto") {
+        auto_mode = text.substr(0, colon);  // the model's setting with keep_last -1
+        if (auto_mode == "none" || !ParseRecompute(auto_mode, &c) || c.mode == MlstmRecompute::kBlock) {
+          std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (states|glue|cell:auto)\n", text.c_str());
+          return 2;
+        }
+        c = MlstmRecomputeConfig{};
+      } else if (!ParseRecompute(mlstm_recompute[i], &c)) {
         std::fprintf(stderr, "--mlstm_recompute: bad mode '%s' (none|cell|glue|block|states[:N])\n",
                      mlstm_recompute[i].c_str());
         return 2;
@@ -349,7 +367,7 @@ int main(int argc, char** argv) {
     // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
     // the others.
     const int run = Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps,
-                        mlstm_chunk, peak, alternate, &r);
+                        mlstm_chunk, peak, alternate, auto_mode, &r);
     if (run == 2) continue;
     if (run != 0) {
       rc = 1;

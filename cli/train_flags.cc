@@ -23,9 +23,8 @@ void AddTrainFlags(CLI::App* app, TrainFlags* f) {
                   "what an mLSTM block keeps for its backward on CUDA: none | states | glue | cell "
                   "(model.xlstm.mlstm_recompute; not with --recompute)");
   app->add_option("--mlstm_keep_last,--mlstm-keep-last", f->mlstm_keep_last,
-                  "with --mlstm_recompute: the last N mLSTM layers keep everything "
-                  "(model.xlstm.mlstm_recompute_keep_last)")
-      ->check(CLI::NonNegativeNumber);
+                  "with --mlstm_recompute: the last N mLSTM layers keep everything; -1: as many as "
+                  "fit the device (model.xlstm.mlstm_recompute_keep_last)");
   app->add_flag("--deterministic", f->deterministic,
                 "bitwise-repeatable CUDA steps; attention's backward sums dQ in a fixed order (train.deterministic)");
 }
@@ -37,7 +36,7 @@ TrainFlagConfig TrainFlagsToConfig(const TrainFlags& f) {
   c.model.set_recompute_blocks(f.recompute);
   if (!f.mlstm_recompute.empty()) c.model.mutable_xlstm()->set_mlstm_recompute(f.mlstm_recompute);
   if (f.mlstm_keep_last != 0)
-    c.model.mutable_xlstm()->set_mlstm_recompute_keep_last(static_cast<uint32_t>(f.mlstm_keep_last));
+    c.model.mutable_xlstm()->set_mlstm_recompute_keep_last(static_cast<int32_t>(f.mlstm_keep_last));
   c.optimizer.set_lr(f.lr);
   c.optimizer.set_weight_decay(f.weight_decay);
   c.optimizer.set_grad_clip(f.grad_clip <= 0 ? -1 : f.grad_clip);

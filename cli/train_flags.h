@@ -27,7 +27,7 @@ struct TrainFlags {
   double grad_clip = 1.0;
   bool recompute = false;          // model.recompute_blocks
   std::string mlstm_recompute;     // model.xlstm.mlstm_recompute ("" = the config's default)
-  int64_t mlstm_keep_last = 0;     // model.xlstm.mlstm_recompute_keep_last (0 = every layer recomputes)
+  int64_t mlstm_keep_last = 0;     // model.xlstm.mlstm_recompute_keep_last (0 = every layer recomputes, -1 = auto)
   bool deterministic = false;      // train.deterministic
 };
 

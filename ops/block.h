@@ -118,6 +118,11 @@ class Block {
   // True when every op that writes this block's parameter gradients follows the deferred-zero
   // rule (ops/module.h); the model then lets ParamStore::DeferZeroGrad skip their memset.
   virtual bool FollowsDeferredZero() const { return false; }
+  // Memory for time (ops/recompute_budget.h): the device bytes this block's last training forward
+  // freed by leaving work to its backward (0 for blocks that never do), and an order to stop doing
+  // so from the next forward on (LanguageModel's keep_last "auto").
+  virtual int64_t RecomputeFreedBytes() const { return 0; }
+  virtual void KeepForBackward() {}
 };
 
 class RecomputeBlock : public Block {

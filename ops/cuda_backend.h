@@ -270,6 +270,12 @@ class CudaBackend {
     uint64_t bytes_in_use = 0, bytes_cached = 0, peak_bytes_in_use = 0;
   };
   virtual MemoryStats Memory() = 0;
+  // The driver's free and total bytes of the current device (cudaMemGetInfo): what the caching
+  // allocator could still take, counting other users (NCCL, other processes).
+  struct DeviceMemory {
+    uint64_t free_bytes = 0, total_bytes = 0;
+  };
+  virtual DeviceMemory DeviceMemoryNow() = 0;
 };
 
 // The registered backend, or null in a binary built without //ops:cuda_backend.

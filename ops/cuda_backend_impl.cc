@@ -1018,6 +1018,13 @@ class Backend final : public CudaBackend {
     return {a.bytes_in_use, a.bytes_cached, a.peak_bytes_in_use};
   }
 
+  DeviceMemory DeviceMemoryNow() override {
+    Init();
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_OR_DIE(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return {free_bytes, total_bytes};
+  }
+
  private:
   // "gemm M x N x K NT -> f32 (+=)": the row-major shape, transposes, output type, accumulation.
   static std::string GemmLabel(const CudaGemm& g) {

@@ -124,8 +124,10 @@ inline std::vector<char> HostBytes(const Tensor& t) {
 
 // `steps` AdamW steps (peak lr 3e-3, warm-up 1, clip 1.0; the deferred-zero step path of
 // Trainer) from a fresh CUDA model of seed 11, step s on RandomTokens(B * (T + 1), vocab, 100 + s).
-// A failure is a gtest failure and returns what was collected so far.
-inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, int steps = 3) {
+// A failure is a gtest failure and returns what was collected so far. `auto_kept` (optional): the
+// model's auto_kept_layers() after the last step.
+inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, int steps = 3,
+                                   int64_t* auto_kept = nullptr) {
   TrainBits out;
   auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
   EXPECT_TRUE(m.ok()) << m.status();
@@ -143,6 +145,7 @@ inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, 
     out.losses.push_back(st->loss.loss);
     out.grad_norms.push_back(st->update.grad_norm);
   }
+  if (auto_kept != nullptr) *auto_kept = (*m)->auto_kept_layers();
   for (const Parameter* p : (*m)->params().All()) {
     out.names.push_back(p->name);
     out.values.push_back(HostBytes(p->value));

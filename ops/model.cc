@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/llama_block.h"
+#include "ops/recompute_budget.h"
 
 namespace gyre::ops {
 namespace {
@@ -229,7 +231,34 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
   ready("embedding", {embedding_->weight()});
   store_->ZeroStaleGrads();  // none left unless a group above missed a parameter
   ReleaseAll();
+  if (++training_passes_ == 2) FitRecomputeToMemory();
   return result;
+}
+
+void LanguageModel::FitRecomputeToMemory() {
+  if (spec_.mlstm_recompute_keep_last != -1 || spec_.mlstm_recompute == "none" ||
+      store_->device() != Device::kCuda)
+    return;
+  const CudaBackend::MemoryStats held = Cuda().Memory();
+  const CudaBackend::DeviceMemory device = Cuda().DeviceMemoryNow();
+  MemorySnapshot m;
+  m.in_use = held.bytes_in_use; m.cached = held.bytes_cached; m.peak = held.peak_bytes_in_use;
+  m.device_free = device.free_bytes; m.device_total = device.total_bytes;
+  std::vector<int64_t> freed;
+  for (auto it = trunk_.rbegin(); it != trunk_.rend(); ++it) freed.push_back((*it)->RecomputeFreedBytes());
+  const uint64_t headroom = RecomputeHeadroomBytes(m);
+  const int64_t kept = KeptLayersFromEnd(freed, headroom);
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < kept; ++i) {
+    trunk_[trunk_.size() - 1 - i]->KeepForBackward();
+    bytes += freed[i];
+  }
+  auto_kept_layers_ = kept;
+  std::fprintf(stderr,
+               "gyre: model.xlstm.mlstm_recompute_keep_last auto: the last %lld of %zu layers keep everything from "
+               "the next step (+%.2f GiB on a measured peak of %.2f GiB; headroom %.2f GiB of %.2f GiB)\n",
+               static_cast<long long>(kept), trunk_.size(), bytes / double(1 << 30), m.peak / double(1 << 30),
+               headroom / double(1 << 30), m.device_total / double(1 << 30));
 }
 
 LossResult LanguageModel::ForwardBackwardAllHeads(std::span<const int32_t> tokens, int64_t batch, int64_t seq,

@@ -100,6 +100,12 @@ class LanguageModel {
   // position `position` (one LM-head GEMM over (n - 1) * batch rows).
   std::vector<Tensor> DraftLogits(const DecodeState& state, int64_t position);
 
+  // model.xlstm.mlstm_recompute_keep_last = -1 ("auto"): after the second ForwardBackward on CUDA
+  // (every layer recomputed; AdamW's state exists by then), the trunk's last layers that fit the
+  // device memory left above that step's peak keep everything from the next step on
+  // (ops/recompute_budget.h); -1 until then, or when auto is off.
+  int64_t auto_kept_layers() const { return auto_kept_layers_; }
+
   // The LM head's parameter [V, d] (fp32 master): lm_head.weight, or the embedding when tied.
   const Parameter& HeadParameter() const;
 
@@ -138,6 +144,9 @@ class LanguageModel {
   std::vector<std::unique_ptr<Block>> trunk_;
   std::vector<std::unique_ptr<Block>> heads_;
   std::unique_ptr<Norm> final_norm_;
+  int64_t training_passes_ = 0;    // ForwardBackward calls (keep_last auto decides after the second)
+  int64_t auto_kept_layers_ = -1;
+  void FitRecomputeToMemory();
   Parameter* head_weight_ = nullptr;  // untied head; null when tied to the embedding
   // Each block's and the final norm's parameters: the deferred-zero marks and the stale
   // gradients zeroed before a group is reported ready.

@@ -283,6 +283,9 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
     if (keep > static_cast<int64_t>(s.blocks.size()))
       return Invalid("xlstm.mlstm_recompute_keep_last",
                      absl::StrCat(keep, " > n_layers ", s.blocks.size()));
+    if (keep < -1)
+      return Invalid("xlstm.mlstm_recompute_keep_last",
+                     absl::StrCat(keep, " (a layer count >= 0, or -1 for as many as fit the device)"));
     s.mlstm_recompute_keep_last = keep;
   }
   // sigmoid_forget_gate: proto3 cannot tell "unset" from false, and the documented default is

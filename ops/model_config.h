@@ -39,7 +39,7 @@ struct ModelSpec {
   int64_t slstm_ffn = 0;            // 64 * ceil(proj_factor_slstm * d / 64)
   int64_t mlstm_chunk = 64;
   std::string mlstm_recompute = "none";  // XlstmConfig.mlstm_recompute: none, states, glue, cell
-  int64_t mlstm_recompute_keep_last = 0;  // XlstmConfig.mlstm_recompute_keep_last
+  int64_t mlstm_recompute_keep_last = 0;  // XlstmConfig.mlstm_recompute_keep_last (-1: auto)
   bool mlstm_sigmoid_forget = true;
 
   // Mamba-2 (MODELS.md §4.3).

@@ -512,6 +512,13 @@ TEST(ModelConfigTest, RejectsBadFieldsByName) {
   ok = ResolveModelConfig(c);
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->mlstm_recompute_keep_last, 1);
+  c.mutable_xlstm()->set_mlstm_recompute_keep_last(-1);  // auto
+  ok = ResolveModelConfig(c);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->mlstm_recompute_keep_last, -1);
+  c.mutable_xlstm()->set_mlstm_recompute_keep_last(-2);
+  expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
+  c.mutable_xlstm()->set_mlstm_recompute_keep_last(1);
   c.mutable_xlstm()->set_mlstm_recompute("none");  // keep_last says which layers skip a recomputation
   expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
 }

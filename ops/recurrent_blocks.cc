@@ -1105,12 +1105,14 @@ void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {
 Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   // The process-wide setting (environment, tests, benchmarks) overrides the model's, field by field.
   const MlstmRecomputeConfig config = GetMlstmRecompute();
-  const int64_t keep_last = config.keep_last > 0 ? config.keep_last : configured_keep_last_;
-  const bool keep = keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - keep_last;
+  const int64_t keep_last = config.keep_last > 0 ? config.keep_last : configured_keep_last_;  // -1: auto
+  const bool keep = keep_for_backward_ || (keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - keep_last);
   const MlstmRecompute chosen = config.mode != MlstmRecompute::kNone ? config.mode : configured_;
   const MlstmRecompute mode = keep ? MlstmRecompute::kNone : chosen;
   Tensor y = ForwardCudaAll(x, batch, seq);
   mode_ = mode;
+  freed_bytes_ = 0;
+  const uint64_t held = Cuda().Memory().bytes_in_use;
   if (mode == MlstmRecompute::kBlock) {
     // RecomputeBlock::Forward's release: only the input stays.
     ReleaseActivations();
@@ -1127,6 +1129,9 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
       Cuda().MlstmKeepTokens(c);
     }
     DropRecomputableCuda();
+    // What this layer would hold more from here to its backward if it kept everything (the
+    // tokens_ copy above counts against it): LanguageModel's keep_last "auto".
+    freed_bytes_ = static_cast<int64_t>(held) - static_cast<int64_t>(Cuda().Memory().bytes_in_use);
   }
   return y;
 }

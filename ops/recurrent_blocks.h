@@ -239,10 +239,14 @@ class MlstmBlock : public Block {
   Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
   void Rewind(BlockState* state, int64_t keep) override;
   bool FollowsDeferredZero() const override { return true; }
+  int64_t RecomputeFreedBytes() const override { return freed_bytes_; }
+  void KeepForBackward() override { keep_for_backward_ = true; }
 
  private:
   int64_t d_, p_, heads_, chunk_;
   int64_t n_layers_, layer_;
+  int64_t freed_bytes_ = 0;          // by the last CUDA forward's recomputation drops
+  bool keep_for_backward_ = false;   // KeepForBackward: run kNone whatever the mode
   bool sigmoid_forget_;
   Norm norm_;
   Linear up_;

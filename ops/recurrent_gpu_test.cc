@@ -1733,6 +1733,32 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefault) {
   ExpectRecomputeBitwiseEqualsDefault(SmallXlstm(), 8, 256, RecomputeModes());
 }
 
+// model.xlstm.mlstm_recompute_keep_last = -1: two steps recompute every layer's states, then the
+// model keeps every layer that fits (all of this small model's, on any card) — and the three steps
+// are bit for bit the default path's.
+TEST_F(RecurrentGpuTest, MlstmRecomputeAutoKeepsWhatFitsAndTrainsBitwise) {
+  const ModelSpec base_spec = SmallXlstm();
+  TrainBits base;
+  {
+    MlstmRecomputeScope scope({MlstmRecompute::kNone, 0});
+    base = TrainStepsForBits(base_spec, 8, 256);
+  }
+  ModelSpec spec = base_spec;
+  spec.mlstm_recompute = "states";
+  spec.mlstm_recompute_keep_last = -1;
+  MlstmRecomputeScope scope({MlstmRecompute::kNone, 0});  // the model's setting decides
+  int64_t kept = -2;
+  const TrainBits b = TrainStepsForBits(spec, 8, 256, 3, &kept);
+  ASSERT_EQ(base.names, b.names);
+  const BitsDiff d = CompareBits(base, b);
+  const bool ok = d.Same() && kept == static_cast<int64_t>(spec.blocks.size());
+  std::printf("[%s] mlstm recompute states + keep_last auto: kept %ld of %zu layers after step 2; bitwise vs "
+              "default over 3 steps: steps differing %d/3, parameters %d, gradients %d%s\n",
+              ok ? "PASS" : "FAIL", (long)kept, spec.blocks.size(), d.steps, d.values, d.grads,
+              d.Names(400, true).c_str());
+  EXPECT_TRUE(ok);
+}
+
 TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefaultAtPresetWidths) {
   ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
   x.blocks = {BlockType::kMlstm, BlockType::kSlstm, BlockType::kMlstm};
