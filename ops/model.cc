@@ -244,20 +244,27 @@ void LanguageModel::FitRecomputeToMemory() {
   MemorySnapshot m;
   m.in_use = held.bytes_in_use; m.cached = held.bytes_cached; m.peak = held.peak_bytes_in_use;
   m.device_free = device.free_bytes; m.device_total = device.total_bytes;
+  // The last layers first, as keep_last counts them: the MTP head blocks (head 1's block is the
+  // model's last layer; their activations live alongside the trunk's at the peak, one head at a
+  // time, so summing them over-counts when there are several), then the trunk from its end.
+  std::vector<Block*> order;
+  for (auto it = heads_.rbegin(); it != heads_.rend(); ++it) order.push_back(it->get());
+  for (auto it = trunk_.rbegin(); it != trunk_.rend(); ++it) order.push_back(it->get());
   std::vector<int64_t> freed;
-  for (auto it = trunk_.rbegin(); it != trunk_.rend(); ++it) freed.push_back((*it)->RecomputeFreedBytes());
+  for (const Block* b : order) freed.push_back(b->RecomputeFreedBytes());
   const uint64_t headroom = RecomputeHeadroomBytes(m);
   const int64_t kept = KeptLayersFromEnd(freed, headroom);
   int64_t bytes = 0;
   for (int64_t i = 0; i < kept; ++i) {
-    trunk_[trunk_.size() - 1 - i]->KeepForBackward();
+    order[i]->KeepForBackward();
     bytes += freed[i];
   }
   auto_kept_layers_ = kept;
   std::fprintf(stderr,
-               "gyre: model.xlstm.mlstm_recompute_keep_last auto: the last %lld of %zu layers keep everything from "
-               "the next step (+%.2f GiB on a measured peak of %.2f GiB; headroom %.2f GiB of %.2f GiB)\n",
-               static_cast<long long>(kept), trunk_.size(), bytes / double(1 << 30), m.peak / double(1 << 30),
+               "gyre: model.xlstm.mlstm_recompute_keep_last auto: the last %lld of %zu layers (MTP head blocks "
+               "included) keep everything from the next step (+%.2f GiB on a measured peak of %.2f GiB; headroom "
+               "%.2f GiB of %.2f GiB)\n",
+               static_cast<long long>(kept), order.size(), bytes / double(1 << 30), m.peak / double(1 << 30),
                headroom / double(1 << 30), m.device_total / double(1 << 30));
 }
 

@@ -101,9 +101,10 @@ class LanguageModel {
   std::vector<Tensor> DraftLogits(const DecodeState& state, int64_t position);
 
   // model.xlstm.mlstm_recompute_keep_last = -1 ("auto"): after the second ForwardBackward on CUDA
-  // (every layer recomputed; AdamW's state exists by then), the trunk's last layers that fit the
-  // device memory left above that step's peak keep everything from the next step on
-  // (ops/recompute_budget.h); -1 until then, or when auto is off.
+  // (every layer recomputed; AdamW's state exists by then), the last layers (MTP head blocks, then
+  // the trunk from its end, as keep_last counts them) that fit the device memory left above that
+  // step's peak keep everything from the next step on (ops/recompute_budget.h). The count; -1
+  // until then, or when auto is off.
   int64_t auto_kept_layers() const { return auto_kept_layers_; }
 
   // The LM head's parameter [V, d] (fp32 master): lm_head.weight, or the embedding when tied.
