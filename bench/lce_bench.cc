@@ -165,171 +165,10 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
-// The overlapped schedule (LinearCrossEntropyArgs::overlap_sms, kernels/cuda/cross_entropy_notes.md)
-// against the plain loop, at the model's call (overwrite dW): 1. bytewise outputs of every mode
-// against plain chunk 16384 (the default) and plain chunk 8192 (what the overlapped schedule at
-// 16384 should equal bit for bit); 2. the logits and dW products alone at 8192 rows planned for
-// every SM and for SMs − k (is the SM target honoured: ~SMs / (SMs − k) slower alone); 3. timings,
-// modes alternating within each of `rounds` rounds (each a median of timer.reps calls).
-void OverlapAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V,
-               const bf16* h, const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw,
-               int rounds, const std::vector<int>& overlap_sms) {
-  struct Mode {
-    std::string name;
-    int64_t chunk;
-    int overlap;
-  };
-  std::vector<Mode> modes = {{"plain chunk 16384 (default)", 16384, 0}, {"plain chunk 8192", 8192, 0}};
-  for (int k : overlap_sms) modes.push_back({"overlap " + std::to_string(k) + " SMs, chunk 16384", 16384, k});
-  auto args_for = [&](const Mode& m) {
-    LinearCrossEntropyArgs a;
-    a.tokens = N;
-    a.dim = d;
-    a.vocab = V;
-    a.h = h;
-    a.w = w;
-    a.targets = targets;
-    a.loss_scale = 1.f / N;
-    a.token_loss = tl;
-    a.loss_sum = loss;
-    a.dh = dh;
-    a.dw = dw;
-    a.chunk_tokens = m.chunk;
-    a.overwrite_dw = true;
-    a.overlap_sms = m.overlap;
-    return a;
-  };
-  struct Out {
-    std::vector<float> tl, dw;
-    std::vector<uint16_t> dh;
-    double loss = 0;
-  };
-  std::vector<Out> outs(modes.size());
-  for (size_t i = 0; i < modes.size(); ++i) {
-    CUDA_CHECK_OR_DIE(cudaMemset(dh, 0xFF, sizeof(bf16) * N * d));
-    CUDA_CHECK_OR_DIE(cudaMemset(dw, 0xFF, sizeof(float) * V * d));
-    CUDA_CHECK_OR_DIE(cudaMemset(tl, 0xFF, sizeof(float) * N));
-    CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, args_for(modes[i]), nullptr));
-    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-    Out& o = outs[i];
-    o.tl.resize(N);
-    o.dh.resize(N * d);
-    o.dw.resize(V * d);
-    CUDA_CHECK_OR_DIE(cudaMemcpy(o.tl.data(), tl, sizeof(float) * N, cudaMemcpyDeviceToHost));
-    CUDA_CHECK_OR_DIE(cudaMemcpy(o.dh.data(), dh, sizeof(bf16) * N * d, cudaMemcpyDeviceToHost));
-    CUDA_CHECK_OR_DIE(cudaMemcpy(o.dw.data(), dw, sizeof(float) * V * d, cudaMemcpyDeviceToHost));
-    CUDA_CHECK_OR_DIE(cudaMemcpy(&o.loss, loss, sizeof(double), cudaMemcpyDeviceToHost));
-  }
-  auto differ = [](const auto& x, const auto& y) {
-    int64_t n = 0;
-    for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(x[i])) != 0;
-    return static_cast<long>(n);
-  };
-  auto dw_rel = [](const std::vector<float>& x, const std::vector<float>& y) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < x.size(); ++i) {
-      num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
-      den += double(y[i]) * y[i];
-    }
-    return std::sqrt(num / den);
-  };
-  for (size_t i = 1; i < modes.size(); ++i) {
-    for (size_t ref : {size_t{0}, size_t{1}}) {
-      if (ref == i) continue;
-      std::printf("bits | %-30s vs %-27s | token loss %ld / %ld differ | dh %ld / %ld | dW %ld / %ld (rel %.2e) | "
-                  "loss %s (%.9f vs %.9f)\n",
-                  modes[i].name.c_str(), modes[ref].name.c_str(), differ(outs[i].tl, outs[ref].tl), (long)N,
-                  differ(outs[i].dh, outs[ref].dh), (long)(N * d), differ(outs[i].dw, outs[ref].dw), (long)(V * d),
-                  dw_rel(outs[i].dw, outs[ref].dw),
-                  std::memcmp(&outs[i].loss, &outs[ref].loss, sizeof(double)) == 0 ? "same bits" : "DIFFERS",
-                  outs[i].loss, outs[ref].loss);
-    }
-  }
-  std::fflush(stdout);
-  outs.clear();
-  // 2. The SM target alone.
-  {
-    int dev = 0, sms = 0;
-    CUDA_CHECK_OR_DIE(cudaGetDevice(&dev));
-    CUDA_CHECK_OR_DIE(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    DeviceBuffer lg;
-    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * 8192 * V, &lg));
-    std::vector<int> targets_sms = {0};
-    for (int k : overlap_sms) targets_sms.push_back(sms - k);
-    for (int t : targets_sms) {
-      GemmArgs g1;
-      g1.trans_b = true;
-      g1.m = 8192;
-      g1.n = V;
-      g1.k = d;
-      g1.a = h;
-      g1.lda = d;
-      g1.b = w;
-      g1.ldb = d;
-      g1.c = lg.get();
-      g1.ldc = V;
-      g1.sm_count_target = t;
-      const double l_ms = TimeMs(timer, [&]() { return gemm->Gemm(g1, nullptr); });
-      GemmArgs g3;
-      g3.trans_a = true;
-      g3.m = V;
-      g3.n = d;
-      g3.k = 8192;
-      g3.a = lg.get();
-      g3.lda = V;
-      g3.b = h;
-      g3.ldb = d;
-      g3.c = dw;
-      g3.ldc = d;
-      g3.c_dtype = DType::kF32;
-      g3.beta = 1.f;
-      g3.sm_count_target = t;
-      const double w_ms = TimeMs(timer, [&]() { return gemm->Gemm(g3, nullptr); });
-      GemmArgs g2;
-      g2.m = 8192;
-      g2.n = d;
-      g2.k = V;
-      g2.a = lg.get();
-      g2.lda = V;
-      g2.b = w;
-      g2.ldb = d;
-      g2.c = dh;
-      g2.ldc = d;
-      g2.sm_count_target = t;
-      const double ht_ms = TimeMs(timer, [&]() { return gemm->Gemm(g2, nullptr); });
-      std::printf("sm target | %3d of %d SMs | logits 8192 rows %.3f ms | dh 8192 rows %.3f ms | dW += G^T h, 8192 rows "
-                  "%.3f ms\n",
-                  t == 0 ? sms : t, sms, l_ms, ht_ms, w_ms);
-    }
-    std::fflush(stdout);
-  }
-  // 3. Alternating timings.
-  std::vector<std::vector<double>> ms(modes.size());
-  for (int r = 0; r < rounds; ++r) {
-    for (size_t i = 0; i < modes.size(); ++i) {
-      const LinearCrossEntropyArgs a = args_for(modes[i]);
-      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
-    }
-  }
-  const double flops = 3 * 2.0 * N * V * d;
-  for (size_t i = 0; i < modes.size(); ++i) {
-    std::vector<double> v = ms[i];
-    std::sort(v.begin(), v.end());
-    std::string rounds_s;
-    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("ab | %-30s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", modes[i].name.c_str(),
-                v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
-  }
-  std::fflush(stdout);
-}
-
 int Main(int argc, char** argv) {
   int64_t N = 32768, d = 768, V = 50304;
   int reps = 20;
   bool accuracy = true;
-  int ab_rounds = 5;
-  bool only_ab = false;
-  std::vector<int> overlap_sms = {8, 12, 16};
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
@@ -337,19 +176,8 @@ int Main(int argc, char** argv) {
     else if (s == "--vocab" && i + 1 < argc) V = std::atoll(argv[++i]);
     else if (s == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (s == "--no_accuracy") accuracy = false;
-    else if (s == "--ab_rounds" && i + 1 < argc) ab_rounds = std::atoi(argv[++i]);
-    else if (s == "--only_ab") only_ab = true;
-    else if (s == "--overlap_sms" && i + 1 < argc) {
-      overlap_sms.clear();
-      for (const char* p = argv[++i]; *p;) {
-        overlap_sms.push_back(std::atoi(p));
-        while (*p && *p != ',') ++p;
-        if (*p == ',') ++p;
-      }
-    } else {
-      std::fprintf(stderr,
-                   "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy] [--ab_rounds n] "
-                   "[--only_ab] [--overlap_sms k,k,...]\n");
+    else {
+      std::fprintf(stderr, "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy]\n");
       return 2;
     }
   }
@@ -380,9 +208,6 @@ int Main(int argc, char** argv) {
     return TimeMs(timer, op);
   };
   const double gemm_flops = 2.0 * N * V * d;
-  OverlapAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(),
-            loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds, overlap_sms);
-  if (only_ab) return 0;
   struct Variant {
     const char* name;
     int64_t chunk;

@@ -651,11 +651,6 @@ class Backend final : public CudaBackend {
     // 8192 / 16384 / 32768 took 14.76 / 13.46 / 13.80 ms (first call: within 0.25 ms); at 16384
     // the dh GEMM [chunk, 768] is 2.9 waves of 128x256 tiles on 132 SMs instead of 1.45.
     a.chunk_tokens = 16384;
-    // GYRE_LCE_OVERLAP=<SMs> (opt-in, measurement; kernels/cuda/cross_entropy_notes.md): the row
-    // pass on that many SMs beside the GEMMs on the others, sub-chunks of 8192 rows in the same
-    // buffer. "0" (the default): the plain loop.
-    static const int overlap_sms = std::stoi(EnvChoice("GYRE_LCE_OVERLAP", {"0", "6", "8", "12", "16"}, "0"));
-    a.overlap_sms = overlap_sms;
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

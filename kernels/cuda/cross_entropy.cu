@@ -7,20 +7,13 @@
 //                       loss; then G in place as bf16 from the staged row (16-byte stores).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
-//   ce_row_kernel2s     ce_row_kernel2 as a persistent kernel on a few SMs beside the GEMMs
-//                       (overlap_sms, cross_entropy.h): rows blockIdx.x, + gridDim.x, ..., two
-//                       row buffers in shared memory, the next row's cp.async copies in flight
-//                       while this one is reduced; the same per-thread elements, sums and
-//                       reduction tree as ce_row_kernel2, so the same bits.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
 #include "kernels/cuda/cross_entropy.h"
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <string>
-#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -152,86 +145,6 @@ ce_row_kernel2(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
   for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
 }
 
-// ce_row_kernel2 for the overlapped schedule (LinearCrossEntropyArgs::overlap_sms): a grid of
-// `overlap_sms` blocks, one per SM (two row buffers, 2 · V8 · 2 bytes of shared memory, leave no
-// room for a second block, so the blocks cannot crowd onto fewer SMs and take SMs the GEMM
-// beside them was planned on), each walking rows blockIdx.x, blockIdx.x + gridDim.x, ... While
-// row r is reduced and its G written, row r + gridDim.x is already on its way into the other
-// buffer (16-byte cp.async, each thread copying exactly the elements it reduces later, so a
-// thread needs only its own wait_group before reading them): a lone block per SM keeps ~100 KB
-// in flight instead of stalling between rows. The arithmetic is ce_row_kernel2's, element for
-// element and in the same order (max over the thread's q = tid + 512 i, then its tail; the sum
-// likewise; the same BlockReduce), so loss and G carry the same bits.
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__global__ void __launch_bounds__(kRowThreads2, 1)
-ce_row_kernel2s(bf16* logits, int64_t ld, int64_t rows, int64_t vocab, const int32_t* targets, float loss_scale,
-                float* token_loss) {
-  extern __shared__ uint4 sbuf_v[];  // [2][ld / 8]
-  const int tid = threadIdx.x;
-  const int64_t nv = vocab / 8, ldv = ld / 8;
-  auto prefetch = [&](int64_t r, int buf) {
-    const uint4* src = reinterpret_cast<const uint4*>(logits + r * ld);
-    uint4* dst = sbuf_v + buf * ldv;
-    for (int64_t q = tid; q < nv; q += kRowThreads2) CpAsync16(dst + q, src + q);
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-  };
-  int64_t r = blockIdx.x;
-  if (r < rows) prefetch(r, 0);
-  for (int buf = 0; r < rows; r += gridDim.x, buf ^= 1) {
-    const int64_t next = r + gridDim.x;
-    if (next < rows) {
-      prefetch(next, buf ^ 1);  // the other buffer's last row ended with a barrier
-      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    }
-    const uint4* srow_v = sbuf_v + buf * ldv;
-    bf16* srow = reinterpret_cast<bf16*>(sbuf_v + buf * ldv);
-    bf16* row = logits + r * ld;
-    float m = -INFINITY;
-    for (int64_t q = tid; q < nv; q += kRowThreads2) {
-      float f[8];
-      Unpack8(srow_v[q], f);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) m = fmaxf(m, f[i]);
-    }
-    for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
-      const bf16 l = row[j];
-      srow[j] = l;
-      m = fmaxf(m, __bfloat162float(l));
-    }
-    // The barrier inside also publishes every thread's copies for the target read below.
-    const float row_max = BlockReduce<kRowThreads2>(m, MaxOp{});
-    float s = 0.f;
-    for (int64_t q = tid; q < nv; q += kRowThreads2) {
-      float f[8];
-      Unpack8(srow_v[q], f);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s += expf(f[i] - row_max);
-    }
-    for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) s += expf(__bfloat162float(srow[j]) - row_max);
-    const float lse = row_max + logf(BlockReduce<kRowThreads2>(s, SumOp{}));
-    const int32_t target = targets[r];
-    if (tid == 0) {
-      token_loss[r] = TokenLoss(lse, target, vocab, target >= 0 && target < vocab ? __bfloat162float(srow[target]) : 0.f);
-    }
-    const GradElement grad(lse, loss_scale, target, vocab);
-    for (int64_t q = tid; q < nv; q += kRowThreads2) {
-      float f[8];
-      Unpack8(srow_v[q], f);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) f[i] = grad(f[i], 8 * q + i);
-      StoreBf16<8>(row + 8 * q, f);
-    }
-    for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
-    __syncthreads();  // thread 0's target read and the tail are done before this buffer is refilled
-  }
-}
-
 // Rows too long for shared memory (V > ~115K): max, sum and G each read the row from global
 // memory. Element j is read and written only by thread j % kRowThreads1 after the max.
 constexpr int kRowThreads1 = 512;
@@ -290,149 +203,12 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
   return {};
 }
 
-// The chunk's three products. sm_count_target > 0 plans a product for that many SMs (the others
-// hold ce_row_kernel2s).
-CudaResult LogitsGemm(GemmContext* gemm, const LinearCrossEntropyArgs& a, int64_t c0, int64_t n, bf16* logits,
-                      int64_t ld, int sm_count_target, cudaStream_t stream) {
-  // logits [n, V] = h_c Wᵀ (bf16 out, fp32 accumulation).
-  GemmArgs g1;
-  g1.trans_b = true;
-  g1.m = n;
-  g1.n = a.vocab;
-  g1.k = a.dim;
-  g1.a = a.h + c0 * a.dim;
-  g1.lda = a.dim;
-  g1.b = a.w;
-  g1.ldb = a.dim;
-  g1.c = logits;
-  g1.ldc = ld;
-  g1.c_dtype = DType::kBf16;
-  g1.sm_count_target = sm_count_target;
-  return gemm->Gemm(g1, stream);
-}
-
-CudaResult BackwardGemms(GemmContext* gemm, const LinearCrossEntropyArgs& a, int64_t c0, int64_t n,
-                         const bf16* grad, int64_t ld, int sm_count_target, cudaStream_t stream) {
-  if (a.dh != nullptr) {
-    // dh_c [n, d] = G [n, V] · W [V, d].
-    GemmArgs g2;
-    g2.m = n;
-    g2.n = a.dim;
-    g2.k = a.vocab;
-    g2.a = grad;
-    g2.lda = ld;
-    g2.b = a.w;
-    g2.ldb = a.dim;
-    g2.c = a.dh + c0 * a.dim;
-    g2.ldc = a.dim;
-    g2.c_dtype = DType::kBf16;
-    g2.sm_count_target = sm_count_target;
-    CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
-  }
-  if (a.dw != nullptr) {
-    // dW [V, d] (+)= Gᵀ [V, n] · h_c [n, d]; the first chunk overwrites under overwrite_dw.
-    GemmArgs g3;
-    g3.trans_a = true;
-    g3.m = a.vocab;
-    g3.n = a.dim;
-    g3.k = n;
-    g3.a = grad;
-    g3.lda = ld;
-    g3.b = a.h + c0 * a.dim;
-    g3.ldb = a.dim;
-    g3.c = a.dw;
-    g3.ldc = a.dim;
-    g3.c_dtype = DType::kF32;
-    g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
-    g3.sm_count_target = sm_count_target;
-    CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
-  }
-  return {};
-}
-
-// The overlapped schedule's second stream, one per device for the process (non-blocking: no
-// implicit ordering with the legacy default stream; every dependency is an event).
-CudaResult SideStream(cudaStream_t* out) {
-  static std::mutex mu;
-  static cudaStream_t streams[64] = {};
-  int dev = 0;
-  CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) return InvalidArgument("LinearCrossEntropy: device id out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  if (streams[dev] == nullptr) {
-    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&streams[dev], cudaStreamNonBlocking));
-  }
-  *out = streams[dev];
-  return {};
-}
-
-// Events of one call, destroyed at its end (destruction waits for nothing; a recorded event is
-// released once it completes).
-struct Events {
-  std::vector<cudaEvent_t> ev;
-  ~Events() {
-    for (cudaEvent_t e : ev) cudaEventDestroy(e);
-  }
-  CudaResult Add(cudaEvent_t* out) {
-    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(out, cudaEventDisableTiming));
-    ev.push_back(*out);
-    return {};
-  }
-};
-
-// The overlapped schedule (overlap_sms = k > 0; cross_entropy.h): sub-chunks of `sub` rows in two
-// buffers of the one logits allocation, i = 0, 1, ...:
-//   main stream: L0, R0 (ce_row_kernel2, every SM), L1, then per i >= 1: dh/dW(i−1) and L(i+1)
-//                planned on SMs − k, then [wait R(i)] ...; the last dh/dW on every SM;
-//   side stream: per i >= 1, [wait L(i)] R(i) = ce_row_kernel2s on k SMs.
-// R(i) runs beside dh(i−1), dW(i−1), L(i+1): the memory-bound row pass under the compute-bound
-// GEMMs. L(i+1) reuses buffer (i+1) % 2 after dh/dW(i−1), which the main stream ordered after
-// R(i−1).
-CudaResult OverlappedChunks(GemmContext* gemm, const LinearCrossEntropyArgs& a, bf16* logits, int64_t ld,
-                            int64_t sub, int sms, cudaStream_t stream) {
-  const int k = a.overlap_sms;
-  const int gemm_sms = sms - k;
-  const int64_t count = CeilDiv(a.tokens, sub);
-  bf16* buf[2] = {logits, logits + sub * ld};
-  auto rows_of = [&](int64_t i) { return std::min(sub, a.tokens - i * sub); };
-  CUDA_RETURN_IF_NOT_OK(LogitsGemm(gemm, a, 0, rows_of(0), buf[0], ld, 0, stream));
-  CUDA_RETURN_IF_NOT_OK(LaunchRows(buf[0], ld, rows_of(0), a, 0, /*grad=*/true, stream));
-  if (count == 1) return BackwardGemms(gemm, a, 0, rows_of(0), buf[0], ld, 0, stream);
-  cudaStream_t side = nullptr;
-  CUDA_RETURN_IF_NOT_OK(SideStream(&side));
-  const int64_t row_smem2 = 2 * ld * static_cast<int64_t>(sizeof(bf16));
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2s, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(row_smem2)));
-  Events events;
-  CUDA_RETURN_IF_NOT_OK(LogitsGemm(gemm, a, sub, rows_of(1), buf[1], ld, 0, stream));
-  for (int64_t i = 1; i < count; ++i) {
-    cudaEvent_t logits_done = nullptr, row_done = nullptr;
-    CUDA_RETURN_IF_NOT_OK(events.Add(&logits_done));
-    CUDA_RETURN_IF_NOT_OK(events.Add(&row_done));
-    const int64_t c0 = i * sub, n = rows_of(i);
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(logits_done, stream));
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side, logits_done, 0));
-    ce_row_kernel2s<<<static_cast<unsigned>(std::min<int64_t>(k, n)), kRowThreads2, row_smem2, side>>>(
-        buf[i % 2], ld, n, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2s");
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(row_done, side));
-    // Beside R(i): dh/dW(i−1) (its rows done: R0 on this stream, later ones waited for below),
-    // then L(i+1) into the buffer dh/dW(i−1) just read.
-    CUDA_RETURN_IF_NOT_OK(BackwardGemms(gemm, a, (i - 1) * sub, rows_of(i - 1), buf[(i - 1) % 2], ld, gemm_sms, stream));
-    if (i + 1 < count) {
-      CUDA_RETURN_IF_NOT_OK(LogitsGemm(gemm, a, (i + 1) * sub, rows_of(i + 1), buf[(i + 1) % 2], ld, gemm_sms, stream));
-    }
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, row_done, 0));
-  }
-  return BackwardGemms(gemm, a, (count - 1) * sub, rows_of(count - 1), buf[(count - 1) % 2], ld, 0, stream);
-}
-
 }  // namespace
 
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
                               const LinearCrossEntropyArgs& a, cudaStream_t stream) {
   if (a.tokens < 0 || a.dim <= 0 || a.vocab <= 0 || a.chunk_tokens <= 0 || !a.h || !a.w ||
-      !a.targets || !a.token_loss || !a.loss_sum || a.overlap_sms < 0) {
+      !a.targets || !a.token_loss || !a.loss_sum) {
     return InvalidArgument("LinearCrossEntropy: bad shape or missing pointer");
   }
   if (a.chunk_tokens > 0x7fffffff) return InvalidArgument("LinearCrossEntropy: chunk too large");
@@ -445,27 +221,56 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   DeviceBuffer logits_buf;
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(bf16) * chunk * ld, &logits_buf));
   bf16* logits = logits_buf.as<bf16>();
-  // The overlapped schedule needs the gradient, two rows in shared memory (V8 <= ~58K) and two
-  // sub-chunks of chunk / 2 rows (the same buffer); otherwise the plain loop.
-  bool overlap = false;
-  int sms = 0;
-  if (a.overlap_sms > 0 && grad && chunk >= 2 && a.tokens > chunk / 2 &&
-      2 * ld * static_cast<int64_t>(sizeof(bf16)) <= kRowSmemMax) {
-    int dev = 0;
-    CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
-    CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    if (a.overlap_sms >= sms) return InvalidArgument("LinearCrossEntropy: overlap_sms must leave SMs for the GEMMs");
-    overlap = true;
-  }
-  if (overlap) {
-    CUDA_RETURN_IF_NOT_OK(OverlappedChunks(gemm, a, logits, ld, chunk / 2, sms, stream));
-  } else {
-    for (int64_t c0 = 0; c0 < a.tokens; c0 += chunk) {
-      const int64_t n = std::min(chunk, a.tokens - c0);
-      // 1. logits, 2. loss and G (in place, bf16), 3.-4. dh and dW.
-      CUDA_RETURN_IF_NOT_OK(LogitsGemm(gemm, a, c0, n, logits, ld, 0, stream));
-      CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
-      CUDA_RETURN_IF_NOT_OK(BackwardGemms(gemm, a, c0, n, logits, ld, 0, stream));
+  for (int64_t c0 = 0; c0 < a.tokens; c0 += chunk) {
+    const int64_t n = std::min(chunk, a.tokens - c0);
+    const bf16* h_c = a.h + c0 * a.dim;
+    // 1. logits [n, V] = h_c Wᵀ (bf16 out, fp32 accumulation).
+    GemmArgs g1;
+    g1.trans_b = true;
+    g1.m = n;
+    g1.n = a.vocab;
+    g1.k = a.dim;
+    g1.a = h_c;
+    g1.lda = a.dim;
+    g1.b = a.w;
+    g1.ldb = a.dim;
+    g1.c = logits;
+    g1.ldc = ld;
+    g1.c_dtype = DType::kBf16;
+    CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
+    // 2. loss and G (in place, bf16).
+    CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
+    if (a.dh != nullptr) {
+      // 3. dh_c [n, d] = G [n, V] · W [V, d].
+      GemmArgs g2;
+      g2.m = n;
+      g2.n = a.dim;
+      g2.k = a.vocab;
+      g2.a = logits;
+      g2.lda = ld;
+      g2.b = a.w;
+      g2.ldb = a.dim;
+      g2.c = a.dh + c0 * a.dim;
+      g2.ldc = a.dim;
+      g2.c_dtype = DType::kBf16;
+      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
+    }
+    if (a.dw != nullptr) {
+      // 4. dW [V, d] (+)= Gᵀ [V, n] · h_c [n, d]; the first chunk overwrites under overwrite_dw.
+      GemmArgs g3;
+      g3.trans_a = true;
+      g3.m = a.vocab;
+      g3.n = a.dim;
+      g3.k = n;
+      g3.a = logits;
+      g3.lda = ld;
+      g3.b = h_c;
+      g3.ldb = a.dim;
+      g3.c = a.dw;
+      g3.ldc = a.dim;
+      g3.c_dtype = DType::kF32;
+      g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
+      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
     }
   }
   ce_loss_sum_kernel1<<<1, 1024, 0, stream>>>(a.token_loss, a.tokens, a.loss_scale, a.loss_sum);

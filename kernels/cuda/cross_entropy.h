@@ -34,18 +34,6 @@
 // by 2 GEMMs (4) = 10: 16.5 GB at 32K x 50304; the row kernel's 4 B/logit (6.6 GB) is the part
 // not hidden under GEMM arithmetic: ~2.2 ms at 3 TB/s.
 //
-// Overlapped schedule (overlap_sms = k > 0; cross_entropy_notes.md has the counts): the row pass
-// is memory-bound (~3.1 TB/s) and the GEMMs compute-bound (~0.9 TB/s of DRAM), but a cuBLAS CTA
-// and a row block cannot share an SM, so the plain loop runs them one after the other. Here the
-// same buffer holds two sub-chunks of chunk_tokens / 2 rows; sub-chunk i's row pass runs on a
-// second stream as a persistent kernel on k SMs (ce_row_kernel2s, one block per SM) while the main
-// stream runs dh / dW of sub-chunk i − 1 and the logits of i + 1 planned for SMs − k
-// (GemmArgs::sm_count_target); sub-chunk 0's rows and the last dh / dW use every SM. Loss and dh
-// keep their bits where the GEMMs do (the row kernels compute the same values in the same
-// order); dW is accumulated over twice as many chunks, i.e. it equals the plain loop at
-// chunk_tokens / 2 (a different fp32 rounding of the sum than at chunk_tokens).
-// A second stream (one per device, process lifetime) and two events per sub-chunk.
-//
 // Thread-safety: uses the GemmContext (one thread) and the allocator.
 #pragma once
 
@@ -74,10 +62,6 @@ struct LinearCrossEntropyArgs {
   // dW = Gᵀ h over this call's tokens: dW's old contents are ignored, never read (a stale
   // gradient under the deferred-zero rule); with no tokens dW is zeroed.
   bool overwrite_dw = false;
-  // > 0 (opt-in, GYRE_LCE_OVERLAP in ops/cuda_backend_impl.cc): the overlapped schedule below on
-  // this many SMs for the row pass; 0: the plain loop. Needs dh or dW, V8 <= ~58K (two rows in
-  // shared memory) and more than chunk_tokens / 2 tokens; otherwise the plain loop runs.
-  int overlap_sms = 0;
 };
 
 // With dh and dw both null only the loss is computed (one GEMM per chunk).

@@ -232,8 +232,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk,
-                              g.sm_count_target};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -261,11 +260,6 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
         p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ct, sizeof(ct)));
     CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
         p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
-  }
-  if (g.sm_count_target > 0) {
-    const int32_t sms = g.sm_count_target;
-    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
-                                                          &sms, sizeof(sms)));
   }
   // cuBLAS A (= our B): [n, k] after op; stored [n, k] col-major when not transposed.
   const uint64_t a_rows = g.trans_b ? g.k : g.n, a_cols = g.trans_b ? g.n : g.k;
@@ -402,9 +396,9 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     if (best >= 0 && (default_ms == 0 || best_ms < 0.97f * default_ms)) p->algo = results[best].algo;
   }
   if (log) {
-    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d sms%d: %s (of %d) %s\n", (long)g.m,
+    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d) %s\n", (long)g.m,
                  (long)g.n, (long)g.k, g.trans_a, g.trans_b, g.c_dtype == DType::kBf16 ? "bf16" : "f32", g.beta != 0.f,
-                 autotune, g.sm_count_target, AlgoConfig(p->algo).c_str(), returned,
+                 autotune, AlgoConfig(p->algo).c_str(), returned,
                  autotune ? "autotune" : pick.index >= 0 ? "pick" : choice);
   }
   *plan = p.get();

@@ -78,10 +78,6 @@ struct GemmArgs {
   // (c_in has C's dtype and ldc; it may equal c). Fuses a residual add into the product's
   // store: out = x Wᵀ + residual without a separate pass, the residual left intact.
   const void* c_in = nullptr;
-  // > 0: cuBLASLt's CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (the heuristic and the persistent
-  // kernels' grid plan for this many SMs), for a product that runs beside a kernel holding the
-  // other SMs (kernels/cuda/cross_entropy.h, overlap_sms). 0: every SM (the default).
-  int sm_count_target = 0;
 };
 
 class GemmContext {
