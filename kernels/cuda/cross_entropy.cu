@@ -154,6 +154,9 @@ ce_row_kernel2(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
 //   - the staged row is read back from shared memory as 16-byte words and unpacked with a shift
 //     or a mask per element (bf16 -> fp32 is exact: the value's bits moved up 16), not four
 //     16-bit loads and a cvt per element;
+//   - the staging max runs on bf16 pairs (__hmax2, 4 a 16-byte word instead of 8 unpacks and 8
+//     fmaxf), unpacked once at the end: max is exact, so the row max is the same;
+//   - 32-bit loop indices (a row has < 2^31 / 8 words);
 //   - the G pass branches once per row: an ignored row stores zeros, a row with a bad target
 //     runs the old formula, every other row computes loss_scale · expf(l − lse) + 0 (the old
 //     formula with the one-hot 0: x − 0 is x, the addend stays a runtime zero so the fma
@@ -180,27 +183,29 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
   const int tid = threadIdx.x;
   const int64_t nv = vocab / 8;
   const uint4* row_v = reinterpret_cast<const uint4*>(row);
-  // 1. Stage the row, running max (as ce_row_kernel2).
-  float m = -INFINITY;
-  for (int64_t q0 = tid; q0 < nv; q0 += kLoadBatch * kRowThreads2) {
+  // 1. Stage the row, running max on bf16 pairs (max is exact: the same maximum as fmaxf over
+  // the unpacked floats, NaN inputs skipped alike), unpacked once at the end.
+  const __nv_bfloat162 neg_inf2 = __floats2bfloat162_rn(-INFINITY, -INFINITY);
+  __nv_bfloat162 m2 = neg_inf2;
+  for (int q0 = tid; q0 < nv; q0 += kLoadBatch * kRowThreads2) {
     uint4 v[kLoadBatch];
 #pragma unroll
     for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t q = q0 + b * kRowThreads2;
+      const int q = q0 + b * kRowThreads2;
       if (q < nv) v[b] = row_v[q];
     }
 #pragma unroll
     for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t q = q0 + b * kRowThreads2;
+      const int q = q0 + b * kRowThreads2;
       if (q < nv) {
         srow_v[q] = v[b];
-        float f[8];
-        UnpackWords8(v[b], f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) m = fmaxf(m, f[i]);
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v[b]);
+        m2 = __hmax2(__hmax2(m2, p[0]), __hmax2(p[1], __hmax2(p[2], p[3])));
       }
     }
   }
+  const float2 m2f = __bfloat1622float2(m2);
+  float m = fmaxf(m2f.x, m2f.y);
   for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
     const bf16 l = row[j];
     srow[j] = l;
@@ -209,7 +214,7 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
   const float row_max = BlockReduce<kRowThreads2>(m, MaxOp{});
   // 2. Σ exp(l − max): the same elements in the same order as ce_row_kernel2.
   float s = 0.f;
-  for (int64_t q = tid; q < nv; q += kRowThreads2) {
+  for (int q = tid; q < nv; q += kRowThreads2) {
     float f[8];
     UnpackWords8(srow_v[q], f);
 #pragma unroll
@@ -225,9 +230,9 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
   // 3. G over the row's own bytes.
   const GradElement grad(lse, loss_scale, target, vocab);
   if (grad.ignored) {
-    for (int64_t q = tid; q < nv; q += kRowThreads2) reinterpret_cast<uint4*>(row)[q] = make_uint4(0, 0, 0, 0);
+    for (int q = tid; q < nv; q += kRowThreads2) reinterpret_cast<uint4*>(row)[q] = make_uint4(0, 0, 0, 0);
   } else if (target >= vocab) {
-    for (int64_t q = tid; q < nv; q += kRowThreads2) {
+    for (int q = tid; q < nv; q += kRowThreads2) {
       float f[8];
       UnpackWords8(srow_v[q], f);
 #pragma unroll
@@ -235,9 +240,9 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
       StoreBf16<8>(row + 8 * q, f);
     }
   } else {
-    const int64_t target_q = target / 8;
+    const int target_q = target / 8;
     const float zero = grad.bad;  // 0 here; a runtime value, as the old formula's addend
-    for (int64_t q = tid; q < nv; q += kRowThreads2) {
+    for (int q = tid; q < nv; q += kRowThreads2) {
       float f[8];
       UnpackWords8(srow_v[q], f);
       if (q == target_q) {
