@@ -171,8 +171,9 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
 // 3. the whole call, modes alternating within each of `rounds` rounds (each a median of timer.reps).
 void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
             const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
-  const char* names[2] = {"staged (default)", "lean"};
-  auto args_for = [&](bool lean) {
+  const char* names[3] = {"staged (default)", "lean", "fast (ex2.approx)"};
+  constexpr int kModes = 3;
+  auto args_for = [&](int mode) {
     LinearCrossEntropyArgs a;
     a.tokens = N;
     a.dim = d;
@@ -187,7 +188,8 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     a.dw = dw;
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
-    a.lean_rows = lean;
+    a.lean_rows = mode == 1;
+    a.fast_exp_rows = mode == 2;
     return a;
   };
   struct Out {
@@ -195,12 +197,12 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     std::vector<uint16_t> dh;
     double loss = 0;
   };
-  Out outs[2];
-  for (int i = 0; i < 2; ++i) {
+  Out outs[kModes];
+  for (int i = 0; i < kModes; ++i) {
     CUDA_CHECK_OR_DIE(cudaMemset(dh, 0xFF, sizeof(bf16) * N * d));
     CUDA_CHECK_OR_DIE(cudaMemset(dw, 0xFF, sizeof(float) * V * d));
     CUDA_CHECK_OR_DIE(cudaMemset(tl, 0xFF, sizeof(float) * N));
-    CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, args_for(i == 1), nullptr));
+    CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, args_for(i), nullptr));
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     Out& o = outs[i];
     o.tl.resize(N);
@@ -216,15 +218,33 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(x[i])) != 0;
     return static_cast<long>(n);
   };
-  std::printf("bits | lean vs staged, N=%ld chunk 16384 | token loss %ld / %ld differ | dh %ld / %ld | dW %ld / %ld | "
-              "loss %s (%.9f vs %.9f)\n",
-              (long)N, differ(outs[1].tl, outs[0].tl), (long)N, differ(outs[1].dh, outs[0].dh), (long)(N * d),
-              differ(outs[1].dw, outs[0].dw), (long)(V * d),
-              std::memcmp(&outs[1].loss, &outs[0].loss, sizeof(double)) == 0 ? "same bits" : "DIFFERS", outs[1].loss,
-              outs[0].loss);
+  auto rel = [](const auto& x, const auto& y, auto to_double) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double a = to_double(x[i]), b = to_double(y[i]);
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    return std::sqrt(num / den);
+  };
+  auto f = [](float v) { return double(v); };
+  auto b16 = [](uint16_t v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return double(x);
+  };
+  for (int i = 1; i < kModes; ++i) {
+    std::printf("bits | %s vs staged, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
+                "dW %ld / %ld (rel %.2e) | loss %s (%.9f vs %.9f)\n",
+                names[i], (long)N, differ(outs[i].tl, outs[0].tl), (long)N, rel(outs[i].tl, outs[0].tl, f),
+                differ(outs[i].dh, outs[0].dh), (long)(N * d), rel(outs[i].dh, outs[0].dh, b16),
+                differ(outs[i].dw, outs[0].dw), (long)(V * d), rel(outs[i].dw, outs[0].dw, f),
+                std::memcmp(&outs[i].loss, &outs[0].loss, sizeof(double)) == 0 ? "same bits" : "DIFFERS", outs[i].loss,
+                outs[0].loss);
+  }
   std::fflush(stdout);
-  outs[0] = Out();
-  outs[1] = Out();
+  for (Out& o : outs) o = Out();
   // 2. The row pass alone (values change after the first pass — G over G — which costs the same).
   {
     const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;
@@ -242,11 +262,11 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     g1.c = lg.get();
     g1.ldc = ld;
     CUDA_OK_OR_DIE(gemm->Gemm(g1, nullptr));
-    std::vector<double> ms[2][2];
+    std::vector<double> ms[kModes][2];
     for (int r = 0; r < rounds; ++r) {
       for (int grad = 1; grad >= 0; --grad) {
-        for (int i = 0; i < 2; ++i) {
-          const LinearCrossEntropyArgs a = args_for(i == 1);
+        for (int i = 0; i < kModes; ++i) {
+          const LinearCrossEntropyArgs a = args_for(i);
           ms[i][grad].push_back(
               TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld, rows, a, grad == 1, nullptr); }));
         }
@@ -254,7 +274,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     }
     const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
     for (int grad = 1; grad >= 0; --grad) {
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kModes; ++i) {
         std::vector<double> v = ms[i][grad];
         std::sort(v.begin(), v.end());
         std::string rounds_s;
@@ -268,15 +288,15 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     std::fflush(stdout);
   }
   // 3. The whole call.
-  std::vector<double> ms[2];
+  std::vector<double> ms[kModes];
   for (int r = 0; r < rounds; ++r) {
-    for (int i = 0; i < 2; ++i) {
-      const LinearCrossEntropyArgs a = args_for(i == 1);
+    for (int i = 0; i < kModes; ++i) {
+      const LinearCrossEntropyArgs a = args_for(i);
       ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
     }
   }
   const double flops = 3 * 2.0 * N * V * d;
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kModes; ++i) {
     std::vector<double> v = ms[i];
     std::sort(v.begin(), v.end());
     std::string rounds_s;

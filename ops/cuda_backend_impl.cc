@@ -653,8 +653,10 @@ class Backend final : public CudaBackend {
     a.chunk_tokens = 16384;
     // GYRE_LCE_ROWS=lean (opt-in until measured; kernels/cuda/cross_entropy_notes.md): the row
     // kernel with fewer instructions a logit, the same bits as "staged" (the default).
-    static const bool lean_rows = EnvChoice("GYRE_LCE_ROWS", {"staged", "lean"}, "staged") == "lean";
-    a.lean_rows = lean_rows;
+    // "fast" (measurement): exponentials by ex2.approx, other bits.
+    static const std::string rows_mode = EnvChoice("GYRE_LCE_ROWS", {"staged", "lean", "fast"}, "staged");
+    a.lean_rows = rows_mode == "lean";
+    a.fast_exp_rows = rows_mode == "fast";
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

@@ -65,6 +65,9 @@ struct LinearCrossEntropyArgs {
   // Opt-in (GYRE_LCE_ROWS=lean in ops/cuda_backend_impl.cc): the shared-memory row kernel with
   // fewer instructions a logit (ce_row_kernel2_lean); the same bits as the default one.
   bool lean_rows = false;
+  // Measurement only (GYRE_LCE_ROWS=fast): the lean kernel with both exponentials as an fma and
+  // ex2.approx (other bits, within the float64 bands; cross_entropy_notes.md).
+  bool fast_exp_rows = false;
 };
 
 // With dh and dw both null only the loss is computed (one GEMM per chunk).

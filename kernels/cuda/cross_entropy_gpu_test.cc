@@ -80,10 +80,12 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
       }
     }
     loss *= loss_scale;
-    // lean_rows: ce_row_kernel2_lean (V 50257 / 50277 / 50304 / 60013; 120011 keeps ce_row_kernel1).
-    for (const bool lean_rows : {false, true})
+    // rows 1: ce_row_kernel2_lean, 2: its ex2.approx form (fast_exp_rows) (V 50257 / 50277 / 50304
+    // / 60013; 120011 keeps ce_row_kernel1).
+    for (const int rows_mode : {0, 1, 2})
     for (const bool overwrite_dw : {false, true}) {
-      const std::string tag = shape + (overwrite_dw ? " dW overwrite" : " dW accumulate") + (lean_rows ? " lean" : "");
+      const std::string tag = shape + (overwrite_dw ? " dW overwrite" : " dW accumulate") +
+                              (rows_mode == 1 ? " lean" : rows_mode == 2 ? " fast" : "");
       if (overwrite_dw) {
         d_dw.Poison();
       } else {
@@ -106,7 +108,8 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
       a.dw = d_dw.get();
       a.chunk_tokens = c.chunk;
       a.overwrite_dw = overwrite_dw;
-      a.lean_rows = lean_rows;
+      a.lean_rows = rows_mode == 1;
+      a.fast_exp_rows = rows_mode == 2;
       CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
       ASSERT_TRUE(r.ok()) << r.message;
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
