@@ -165,10 +165,154 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
+// The lean row kernel (LinearCrossEntropyArgs::lean_rows, kernels/cuda/cross_entropy_notes.md)
+// against the default one at the model's call (chunk 16384, overwrite dW): 1. bytewise outputs;
+// 2. the row pass alone over 16384 rows of logits (G in place, and loss only), modes alternating;
+// 3. the whole call, modes alternating within each of `rounds` rounds (each a median of timer.reps).
+void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
+            const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
+  const char* names[3] = {"staged (default)", "lean", "fast (ex2.approx)"};
+  constexpr int kModes = 3;
+  auto args_for = [&](int mode) {
+    LinearCrossEntropyArgs a;
+    a.tokens = N;
+    a.dim = d;
+    a.vocab = V;
+    a.h = h;
+    a.w = w;
+    a.targets = targets;
+    a.loss_scale = 1.f / N;
+    a.token_loss = tl;
+    a.loss_sum = loss;
+    a.dh = dh;
+    a.dw = dw;
+    a.chunk_tokens = 16384;
+    a.overwrite_dw = true;
+    a.lean_rows = mode == 1;
+    a.fast_exp_rows = mode == 2;
+    return a;
+  };
+  struct Out {
+    std::vector<float> tl, dw;
+    std::vector<uint16_t> dh;
+    double loss = 0;
+  };
+  Out outs[kModes];
+  for (int i = 0; i < kModes; ++i) {
+    CUDA_CHECK_OR_DIE(cudaMemset(dh, 0xFF, sizeof(bf16) * N * d));
+    CUDA_CHECK_OR_DIE(cudaMemset(dw, 0xFF, sizeof(float) * V * d));
+    CUDA_CHECK_OR_DIE(cudaMemset(tl, 0xFF, sizeof(float) * N));
+    CUDA_OK_OR_DIE(LinearCrossEntropy(gemm, alloc, args_for(i), nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    Out& o = outs[i];
+    o.tl.resize(N);
+    o.dh.resize(N * d);
+    o.dw.resize(V * d);
+    CUDA_CHECK_OR_DIE(cudaMemcpy(o.tl.data(), tl, sizeof(float) * N, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(o.dh.data(), dh, sizeof(bf16) * N * d, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(o.dw.data(), dw, sizeof(float) * V * d, cudaMemcpyDeviceToHost));
+    CUDA_CHECK_OR_DIE(cudaMemcpy(&o.loss, loss, sizeof(double), cudaMemcpyDeviceToHost));
+  }
+  auto differ = [](const auto& x, const auto& y) {
+    int64_t n = 0;
+    for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(x[i])) != 0;
+    return static_cast<long>(n);
+  };
+  auto rel = [](const auto& x, const auto& y, auto to_double) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double a = to_double(x[i]), b = to_double(y[i]);
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    return std::sqrt(num / den);
+  };
+  auto f = [](float v) { return double(v); };
+  auto b16 = [](uint16_t v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return double(x);
+  };
+  for (int i = 1; i < kModes; ++i) {
+    std::printf("bits | %s vs staged, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
+                "dW %ld / %ld (rel %.2e) | loss %s (%.9f vs %.9f)\n",
+                names[i], (long)N, differ(outs[i].tl, outs[0].tl), (long)N, rel(outs[i].tl, outs[0].tl, f),
+                differ(outs[i].dh, outs[0].dh), (long)(N * d), rel(outs[i].dh, outs[0].dh, b16),
+                differ(outs[i].dw, outs[0].dw), (long)(V * d), rel(outs[i].dw, outs[0].dw, f),
+                std::memcmp(&outs[i].loss, &outs[0].loss, sizeof(double)) == 0 ? "same bits" : "DIFFERS", outs[i].loss,
+                outs[0].loss);
+  }
+  std::fflush(stdout);
+  for (Out& o : outs) o = Out();
+  // 2. The row pass alone (values change after the first pass — G over G — which costs the same).
+  {
+    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;
+    DeviceBuffer lg;
+    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * ld, &lg));
+    GemmArgs g1;
+    g1.trans_b = true;
+    g1.m = rows;
+    g1.n = V;
+    g1.k = d;
+    g1.a = h;
+    g1.lda = d;
+    g1.b = w;
+    g1.ldb = d;
+    g1.c = lg.get();
+    g1.ldc = ld;
+    CUDA_OK_OR_DIE(gemm->Gemm(g1, nullptr));
+    std::vector<double> ms[kModes][2];
+    for (int r = 0; r < rounds; ++r) {
+      for (int grad = 1; grad >= 0; --grad) {
+        for (int i = 0; i < kModes; ++i) {
+          const LinearCrossEntropyArgs a = args_for(i);
+          ms[i][grad].push_back(
+              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld, rows, a, grad == 1, nullptr); }));
+        }
+      }
+    }
+    const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
+    for (int grad = 1; grad >= 0; --grad) {
+      for (int i = 0; i < kModes; ++i) {
+        std::vector<double> v = ms[i][grad];
+        std::sort(v.begin(), v.end());
+        std::string rounds_s;
+        for (double x : ms[i][grad]) rounds_s += " " + std::to_string(x).substr(0, 6);
+        const double med = v[v.size() / 2];
+        std::printf("rows | %-17s | %ld rows, %s | median %7.4f ms | min %7.4f | %5.2f TB/s | rounds:%s\n", names[i],
+                    (long)rows, grad ? "G in place" : "loss only ", med, v.front(),
+                    (grad ? bytes_grad : bytes_loss) / med * 1e-9, rounds_s.c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+  // 3. The whole call.
+  std::vector<double> ms[kModes];
+  for (int r = 0; r < rounds; ++r) {
+    for (int i = 0; i < kModes; ++i) {
+      const LinearCrossEntropyArgs a = args_for(i);
+      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
+    }
+  }
+  const double flops = 3 * 2.0 * N * V * d;
+  for (int i = 0; i < kModes; ++i) {
+    std::vector<double> v = ms[i];
+    std::sort(v.begin(), v.end());
+    std::string rounds_s;
+    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
+    std::printf("ab | whole call, %-17s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", names[i],
+                v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
+  }
+  std::fflush(stdout);
+}
+
 int Main(int argc, char** argv) {
   int64_t N = 32768, d = 768, V = 50304;
   int reps = 20;
   bool accuracy = true;
+  int ab_rounds = 5;
+  bool only_ab = false;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
@@ -176,8 +320,12 @@ int Main(int argc, char** argv) {
     else if (s == "--vocab" && i + 1 < argc) V = std::atoll(argv[++i]);
     else if (s == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (s == "--no_accuracy") accuracy = false;
+    else if (s == "--ab_rounds" && i + 1 < argc) ab_rounds = std::atoi(argv[++i]);
+    else if (s == "--only_ab") only_ab = true;
     else {
-      std::fprintf(stderr, "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy]\n");
+      std::fprintf(stderr,
+                   "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy] [--ab_rounds n] "
+                   "[--only_ab]\n");
       return 2;
     }
   }
@@ -208,6 +356,9 @@ int Main(int argc, char** argv) {
     return TimeMs(timer, op);
   };
   const double gemm_flops = 2.0 * N * V * d;
+  RowsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(),
+         loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds);
+  if (only_ab) return 0;
   struct Variant {
     const char* name;
     int64_t chunk;

@@ -5,6 +5,8 @@
 //                       in batches of four with the running max, the block max; Σ exp(l − max)
 //                       from shared memory (independent exponentials), the block sum; the token
 //                       loss; then G in place as bf16 from the staged row (16-byte stores).
+//   ce_row_kernel2_lean ce_row_kernel2 with fewer instructions a logit, same bits (lean_rows);
+//                       <true>: exponentials by ex2.approx, other bits (fast_exp_rows, measurement).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
@@ -145,6 +147,166 @@ ce_row_kernel2(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
   for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
 }
 
+// ce_row_kernel2 with fewer instructions per logit, same bits (GYRE_LCE_ROWS=lean, opt-in;
+// cross_entropy_notes.md). The row pass is issue-bound, not DRAM-bound: ~38 instructions a logit
+// (two expf of ~11 each, the bf16 unpacking, and in the G pass a 64-bit index, its compare with
+// the target, two selects and a subtraction per element) make ~8.5 µs a row an SM at 4 issues a
+// clock, which is what the kernel takes (2.14 ms for 32K rows on 132 SMs). Here:
+//   - the staged row is read back from shared memory as 16-byte words and unpacked with a shift
+//     or a mask per element (bf16 -> fp32 is exact: the value's bits moved up 16), not four
+//     16-bit loads and a cvt per element;
+//   - the staging max runs on bf16 pairs (__hmax2, 4 a 16-byte word instead of 8 unpacks and 8
+//     fmaxf), unpacked once at the end: max is exact, so the row max is the same;
+//   - 32-bit loop indices (a row has < 2^31 / 8 words);
+//   - the G pass branches once per row: an ignored row stores zeros, a row with a bad target
+//     runs the old formula, every other row computes loss_scale · expf(l − lse) + 0 (the old
+//     formula with the one-hot 0: x − 0 is x, the addend stays a runtime zero so the fma
+//     rounds the same), and only the 16-byte group holding the target runs the old formula
+//     with its one-hot compare (so the target's expf − 1 compiles as before).
+// The max, the sum (same elements per thread, same order), the reductions and the token loss
+// are ce_row_kernel2's, so loss, token losses and G carry the same bits.
+__device__ __forceinline__ void UnpackWords8(const uint4& raw, float (&f)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);             // the lower-address bf16
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// kFast (GYRE_LCE_ROWS=fast, fast_exp_rows; measurement): both exponentials as one fma and one
+// ex2.approx.ftz, exp(l − c) = 2^(l·log2e − c·log2e), instead of expf's ~10 instructions. Other
+// bits: the exponent's argument carries c·log2e's rounding (|c| ~ 30: ~2.6e-6 absolute, the
+// same for the whole row) and ex2.approx ~2 ulp, against G's bf16 rounding of 2^-9.
+__device__ __forceinline__ float Ex2Approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <bool kFast>
+__global__ void __launch_bounds__(kRowThreads2, 2)
+ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+                    float* token_loss, bool write_grad) {
+  extern __shared__ uint4 srow_v[];
+  bf16* srow = reinterpret_cast<bf16*>(srow_v);
+  const int64_t r = blockIdx.x;
+  bf16* row = logits + r * ld;
+  const int tid = threadIdx.x;
+  const int64_t nv = vocab / 8;
+  const uint4* row_v = reinterpret_cast<const uint4*>(row);
+  // 1. Stage the row, running max on bf16 pairs (max is exact: the same maximum as fmaxf over
+  // the unpacked floats, NaN inputs skipped alike), unpacked once at the end.
+  const __nv_bfloat162 neg_inf2 = __floats2bfloat162_rn(-INFINITY, -INFINITY);
+  __nv_bfloat162 m2 = neg_inf2;
+  for (int q0 = tid; q0 < nv; q0 += kLoadBatch * kRowThreads2) {
+    uint4 v[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int q = q0 + b * kRowThreads2;
+      if (q < nv) v[b] = row_v[q];
+    }
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int q = q0 + b * kRowThreads2;
+      if (q < nv) {
+        srow_v[q] = v[b];
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v[b]);
+        m2 = __hmax2(__hmax2(m2, p[0]), __hmax2(p[1], __hmax2(p[2], p[3])));
+      }
+    }
+  }
+  const float2 m2f = __bfloat1622float2(m2);
+  float m = fmaxf(m2f.x, m2f.y);
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
+    const bf16 l = row[j];
+    srow[j] = l;
+    m = fmaxf(m, __bfloat162float(l));
+  }
+  const float row_max = BlockReduce<kRowThreads2>(m, MaxOp{});
+  // 2. Σ exp(l − max): the same elements in the same order as ce_row_kernel2.
+  float s = 0.f;
+  const float max2 = row_max * kLog2e;
+  for (int q = tid; q < nv; q += kRowThreads2) {
+    float f[8];
+    UnpackWords8(srow_v[q], f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (kFast) {
+        s += Ex2Approx(fmaf(f[i], kLog2e, -max2));
+      } else {
+        s += expf(f[i] - row_max);
+      }
+    }
+  }
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
+    const float l = __bfloat162float(srow[j]);
+    if constexpr (kFast) {
+      s += Ex2Approx(fmaf(l, kLog2e, -max2));
+    } else {
+      s += expf(l - row_max);
+    }
+  }
+  const float lse = row_max + logf(BlockReduce<kRowThreads2>(s, SumOp{}));
+  const int32_t target = targets[r];
+  if (tid == 0) {
+    token_loss[r] = TokenLoss(lse, target, vocab, target >= 0 && target < vocab ? __bfloat162float(srow[target]) : 0.f);
+  }
+  if (!write_grad) return;
+  // 3. G over the row's own bytes.
+  const GradElement grad(lse, loss_scale, target, vocab);
+  if constexpr (kFast) {
+    const float lse2 = lse * kLog2e;
+    auto g = [&](float l, int64_t j) {
+      return grad.ignored ? 0.f : loss_scale * (Ex2Approx(fmaf(l, kLog2e, -lse2)) - (j == target ? 1.f : 0.f)) + grad.bad;
+    };
+    const int target_q = target >= 0 && target < vocab ? target / 8 : -1;
+    for (int q = tid; q < nv; q += kRowThreads2) {
+      float f[8];
+      UnpackWords8(srow_v[q], f);
+      if (q == target_q || grad.ignored || target >= vocab) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = g(f[i], 8 * q + i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = loss_scale * Ex2Approx(fmaf(f[i], kLog2e, -lse2));
+      }
+      StoreBf16<8>(row + 8 * q, f);
+    }
+    for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(g(__bfloat162float(srow[j]), j));
+    return;
+  }
+  if (grad.ignored) {
+    for (int q = tid; q < nv; q += kRowThreads2) reinterpret_cast<uint4*>(row)[q] = make_uint4(0, 0, 0, 0);
+  } else if (target >= vocab) {
+    for (int q = tid; q < nv; q += kRowThreads2) {
+      float f[8];
+      UnpackWords8(srow_v[q], f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = grad(f[i], 8 * q + i);
+      StoreBf16<8>(row + 8 * q, f);
+    }
+  } else {
+    const int target_q = target / 8;
+    const float zero = grad.bad;  // 0 here; a runtime value, as the old formula's addend
+    for (int q = tid; q < nv; q += kRowThreads2) {
+      float f[8];
+      UnpackWords8(srow_v[q], f);
+      if (q == target_q) {
+        // The target's group: ce_row_kernel2's formula verbatim (one-hot compare included).
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = grad(f[i], 8 * q + i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = loss_scale * expf(f[i] - lse) + zero;
+      }
+      StoreBf16<8>(row + 8 * q, f);
+    }
+  }
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
+}
+
 // Rows too long for shared memory (V > ~115K): max, sum and G each read the row from global
 // memory. Element j is read and written only by thread j % kRowThreads1 after the max.
 constexpr int kRowThreads1 = 512;
@@ -189,7 +351,14 @@ __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float lo
 CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntropyArgs& a, int64_t c0,
                       bool grad, cudaStream_t stream) {
   const int64_t row_smem = ld * static_cast<int64_t>(sizeof(bf16));
-  if (row_smem <= kRowSmemMax) {
+  if (row_smem <= kRowSmemMax && (a.lean_rows || a.fast_exp_rows)) {
+    auto* kernel = a.fast_exp_rows ? ce_row_kernel2_lean<true> : ce_row_kernel2_lean<false>;
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(row_smem)));
+    kernel<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(logits, ld, a.vocab, a.targets + c0,
+                                                                         a.loss_scale, a.token_loss + c0, grad);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_lean");
+  } else if (row_smem <= kRowSmemMax) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(row_smem)));
     ce_row_kernel2<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
@@ -204,6 +373,14 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
 }
 
 }  // namespace
+
+CudaResult CrossEntropyRows(bf16* logits, int64_t ld, int64_t rows, const LinearCrossEntropyArgs& a, bool grad,
+                            cudaStream_t stream) {
+  if (rows <= 0 || ld < a.vocab || ld % 8 != 0 || !logits || !a.targets || !a.token_loss) {
+    return InvalidArgument("CrossEntropyRows: bad shape or missing pointer");
+  }
+  return LaunchRows(logits, ld, rows, a, 0, grad, stream);
+}
 
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
                               const LinearCrossEntropyArgs& a, cudaStream_t stream) {

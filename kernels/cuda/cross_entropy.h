@@ -62,10 +62,22 @@ struct LinearCrossEntropyArgs {
   // dW = Gᵀ h over this call's tokens: dW's old contents are ignored, never read (a stale
   // gradient under the deferred-zero rule); with no tokens dW is zeroed.
   bool overwrite_dw = false;
+  // Opt-in (GYRE_LCE_ROWS=lean in ops/cuda_backend_impl.cc): the shared-memory row kernel with
+  // fewer instructions a logit (ce_row_kernel2_lean); the same bits as the default one.
+  bool lean_rows = false;
+  // Measurement only (GYRE_LCE_ROWS=fast): the lean kernel with both exponentials as an fma and
+  // ex2.approx (other bits, within the float64 bands; cross_entropy_notes.md).
+  bool fast_exp_rows = false;
 };
 
 // With dh and dw both null only the loss is computed (one GEMM per chunk).
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
                               const LinearCrossEntropyArgs& args, cudaStream_t stream);
+
+// Step 2 alone (bench/lce_bench.cc): the row pass over `rows` rows of bf16 logits [rows, ld]
+// (ld % 8 == 0, ld >= vocab) with args' vocab, targets, loss_scale, token_loss and lean_rows;
+// G written in place when `grad`.
+CudaResult CrossEntropyRows(__nv_bfloat16* logits, int64_t ld, int64_t rows, const LinearCrossEntropyArgs& args,
+                            bool grad, cudaStream_t stream);
 
 }  // namespace gyre::cuda
