@@ -165,14 +165,14 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
-// The lean row kernel (LinearCrossEntropyArgs::lean_rows, kernels/cuda/cross_entropy_notes.md)
-// against the default one at the model's call (chunk 16384, overwrite dW): 1. bytewise outputs;
+// The lean row kernel (LinearCrossEntropyArgs::lean_rows, the default, kernels/cuda/
+// cross_entropy_notes.md) against its reference ce_row_kernel2 at the model's call (chunk 16384, overwrite dW): 1. bytewise outputs;
 // 2. the row pass alone over 16384 rows of logits (G in place, and loss only), modes alternating;
 // 3. the whole call, modes alternating within each of `rounds` rounds (each a median of timer.reps).
 void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
             const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
-  const char* names[3] = {"staged (default)", "lean", "fast (ex2.approx)"};
-  constexpr int kModes = 3;
+  const char* names[2] = {"staged", "lean (default)"};
+  constexpr int kModes = 2;
   auto args_for = [&](int mode) {
     LinearCrossEntropyArgs a;
     a.tokens = N;
@@ -189,7 +189,6 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
     a.lean_rows = mode == 1;
-    a.fast_exp_rows = mode == 2;
     return a;
   };
   struct Out {

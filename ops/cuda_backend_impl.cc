@@ -651,12 +651,10 @@ class Backend final : public CudaBackend {
     // 8192 / 16384 / 32768 took 14.76 / 13.46 / 13.80 ms (first call: within 0.25 ms); at 16384
     // the dh GEMM [chunk, 768] is 2.9 waves of 128x256 tiles on 132 SMs instead of 1.45.
     a.chunk_tokens = 16384;
-    // GYRE_LCE_ROWS=lean (opt-in until measured; kernels/cuda/cross_entropy_notes.md): the row
-    // kernel with fewer instructions a logit, the same bits as "staged" (the default).
-    // "fast" (measurement): exponentials by ex2.approx, other bits.
-    static const std::string rows_mode = EnvChoice("GYRE_LCE_ROWS", {"staged", "lean", "fast"}, "staged");
-    a.lean_rows = rows_mode == "lean";
-    a.fast_exp_rows = rows_mode == "fast";
+    // GYRE_LCE_ROWS (kernels/cuda/cross_entropy_notes.md): "lean" (default since session 18) the
+    // row kernel with fewer instructions a logit; "staged" its reference, the same bits.
+    static const bool lean_rows = EnvChoice("GYRE_LCE_ROWS", {"lean", "staged"}, "lean") == "lean";
+    a.lean_rows = lean_rows;
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

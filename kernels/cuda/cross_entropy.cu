@@ -5,8 +5,9 @@
 //                       in batches of four with the running max, the block max; Σ exp(l − max)
 //                       from shared memory (independent exponentials), the block sum; the token
 //                       loss; then G in place as bf16 from the staged row (16-byte stores).
-//   ce_row_kernel2_lean ce_row_kernel2 with fewer instructions a logit, same bits (lean_rows);
-//                       <true>: exponentials by ex2.approx, other bits (fast_exp_rows, measurement).
+//   ce_row_kernel2_lean ce_row_kernel2 with fewer instructions a logit, same bits (the default
+//                       since session 18; ce_row_kernel2 stays as its readable reference and
+//                       the bitwise test's other side: lean_rows = false, GYRE_LCE_ROWS=staged).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
@@ -147,8 +148,9 @@ ce_row_kernel2(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
   for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(grad(__bfloat162float(srow[j]), j));
 }
 
-// ce_row_kernel2 with fewer instructions per logit, same bits (GYRE_LCE_ROWS=lean, opt-in;
-// cross_entropy_notes.md). The row pass is issue-bound, not DRAM-bound: ~38 instructions a logit
+// ce_row_kernel2 with fewer instructions per logit, same bits (the default; GYRE_LCE_ROWS=staged
+// runs ce_row_kernel2; cross_entropy_notes.md; measured on an H100 in lce18's calls: the row pass
+// −10.7%, 0 differing values in loss, token losses, dh and dW). The row pass is issue-bound, not DRAM-bound: ~38 instructions a logit
 // (two expf of ~11 each, the bf16 unpacking, and in the G pass a 64-bit index, its compare with
 // the target, two selects and a subtraction per element) make ~8.5 µs a row an SM at 4 issues a
 // clock, which is what the kernel takes (2.14 ms for 32K rows on 132 SMs). Here:
@@ -174,18 +176,6 @@ __device__ __forceinline__ void UnpackWords8(const uint4& raw, float (&f)[8]) {
   }
 }
 
-// kFast (GYRE_LCE_ROWS=fast, fast_exp_rows; measurement): both exponentials as one fma and one
-// ex2.approx.ftz, exp(l − c) = 2^(l·log2e − c·log2e), instead of expf's ~10 instructions. Other
-// bits: the exponent's argument carries c·log2e's rounding (|c| ~ 30: ~2.6e-6 absolute, the
-// same for the whole row) and ex2.approx ~2 ulp, against G's bf16 rounding of 2^-9.
-__device__ __forceinline__ float Ex2Approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <bool kFast>
 __global__ void __launch_bounds__(kRowThreads2, 2)
 ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
                     float* token_loss, bool write_grad) {
@@ -227,27 +217,13 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
   const float row_max = BlockReduce<kRowThreads2>(m, MaxOp{});
   // 2. Σ exp(l − max): the same elements in the same order as ce_row_kernel2.
   float s = 0.f;
-  const float max2 = row_max * kLog2e;
   for (int q = tid; q < nv; q += kRowThreads2) {
     float f[8];
     UnpackWords8(srow_v[q], f);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if constexpr (kFast) {
-        s += Ex2Approx(fmaf(f[i], kLog2e, -max2));
-      } else {
-        s += expf(f[i] - row_max);
-      }
-    }
+    for (int i = 0; i < 8; ++i) s += expf(f[i] - row_max);
   }
-  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) {
-    const float l = __bfloat162float(srow[j]);
-    if constexpr (kFast) {
-      s += Ex2Approx(fmaf(l, kLog2e, -max2));
-    } else {
-      s += expf(l - row_max);
-    }
-  }
+  for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) s += expf(__bfloat162float(srow[j]) - row_max);
   const float lse = row_max + logf(BlockReduce<kRowThreads2>(s, SumOp{}));
   const int32_t target = targets[r];
   if (tid == 0) {
@@ -256,27 +232,6 @@ ce_row_kernel2_lean(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targ
   if (!write_grad) return;
   // 3. G over the row's own bytes.
   const GradElement grad(lse, loss_scale, target, vocab);
-  if constexpr (kFast) {
-    const float lse2 = lse * kLog2e;
-    auto g = [&](float l, int64_t j) {
-      return grad.ignored ? 0.f : loss_scale * (Ex2Approx(fmaf(l, kLog2e, -lse2)) - (j == target ? 1.f : 0.f)) + grad.bad;
-    };
-    const int target_q = target >= 0 && target < vocab ? target / 8 : -1;
-    for (int q = tid; q < nv; q += kRowThreads2) {
-      float f[8];
-      UnpackWords8(srow_v[q], f);
-      if (q == target_q || grad.ignored || target >= vocab) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = g(f[i], 8 * q + i);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = loss_scale * Ex2Approx(fmaf(f[i], kLog2e, -lse2));
-      }
-      StoreBf16<8>(row + 8 * q, f);
-    }
-    for (int64_t j = 8 * nv + tid; j < vocab; j += kRowThreads2) row[j] = __float2bfloat16_rn(g(__bfloat162float(srow[j]), j));
-    return;
-  }
   if (grad.ignored) {
     for (int q = tid; q < nv; q += kRowThreads2) reinterpret_cast<uint4*>(row)[q] = make_uint4(0, 0, 0, 0);
   } else if (target >= vocab) {
@@ -351,12 +306,11 @@ __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float lo
 CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntropyArgs& a, int64_t c0,
                       bool grad, cudaStream_t stream) {
   const int64_t row_smem = ld * static_cast<int64_t>(sizeof(bf16));
-  if (row_smem <= kRowSmemMax && (a.lean_rows || a.fast_exp_rows)) {
-    auto* kernel = a.fast_exp_rows ? ce_row_kernel2_lean<true> : ce_row_kernel2_lean<false>;
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (row_smem <= kRowSmemMax && a.lean_rows) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_lean, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(row_smem)));
-    kernel<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(logits, ld, a.vocab, a.targets + c0,
-                                                                         a.loss_scale, a.token_loss + c0, grad);
+    ce_row_kernel2_lean<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad);
     CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_lean");
   } else if (row_smem <= kRowSmemMax) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize,

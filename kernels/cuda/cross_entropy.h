@@ -62,12 +62,10 @@ struct LinearCrossEntropyArgs {
   // dW = Gᵀ h over this call's tokens: dW's old contents are ignored, never read (a stale
   // gradient under the deferred-zero rule); with no tokens dW is zeroed.
   bool overwrite_dw = false;
-  // Opt-in (GYRE_LCE_ROWS=lean in ops/cuda_backend_impl.cc): the shared-memory row kernel with
-  // fewer instructions a logit (ce_row_kernel2_lean); the same bits as the default one.
-  bool lean_rows = false;
-  // Measurement only (GYRE_LCE_ROWS=fast): the lean kernel with both exponentials as an fma and
-  // ex2.approx (other bits, within the float64 bands; cross_entropy_notes.md).
-  bool fast_exp_rows = false;
+  // The shared-memory row kernel with fewer instructions a logit (ce_row_kernel2_lean, the
+  // default); false: ce_row_kernel2, its reference with the same bits (GYRE_LCE_ROWS=staged in
+  // ops/cuda_backend_impl.cc; the bitwise test).
+  bool lean_rows = true;
 };
 
 // With dh and dw both null only the loss is computed (one GEMM per chunk).
