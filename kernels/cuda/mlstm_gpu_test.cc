@@ -131,6 +131,7 @@ struct Variant {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
+  MlstmOffdiag offdiag = MlstmOffdiag::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -175,6 +176,14 @@ constexpr Variant kVariants[] = {
     // PersistDqkMatchesDefaultBytewise. Chunk 128 only.
     {"v2-persist-dqk", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
      true, false, MlstmStateTail::kAuto, MlstmPersist::kDqk, 3},
+    // Chunk 256's forward off-diagonal block inside fwd_out (MlstmOffdiag::kFused,
+    // GYRE_MLSTM_OFFDIAG=fused; helper off256, session 18): the P' pre-pass and fwd_out's half-1
+    // blocks adding P' V0 before normalising, split states and (v1-t128-offfused) single bf16
+    // states (gradients [INFO] as v1-t128's). Chunk 256 only.
+    {"v2-offfused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto, false,
+     true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
+    {"v1-t128-offfused", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0, MlstmBwdDvKernel::kAuto,
+     false, true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -318,6 +327,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_tail = var.state_tail;
       opt.persist = var.persist;
       opt.persist_blocks = var.persist_blocks;
+      opt.offdiag = var.offdiag;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
