@@ -3940,6 +3940,14 @@ __global__ void __launch_bounds__(384, 1)
                                const float* rs_off) {
   FwdOutWs3<SPLIT, 2, false, true>(d, p, maps, pfrag, rs_off);
 }
+// The same with the eager stage release (MlstmRingRelease, default eager: the fused chunk-256
+// forward follows `ring` as chunk 128's fwd_out does; the chunk-256 pass path keeps the lag kernel).
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_l256_off_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps, const uint4* pfrag,
+                                     const float* rs_off) {
+  FwdOutWs3<SPLIT, 2, true, true>(d, p, maps, pfrag, rs_off);
+}
 
 // ---------------------------------------------------------------- fwd_out, persistent grid
 //
@@ -6552,7 +6560,7 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
 // pfrag / rs_off non-null: MlstmOffdiag::kFused (the P' pre-pass, then fwd_out's _off form with the
 // off-diagonal block inside its half-1 blocks; no mlstm_fwd_offdiag_l256).
 CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                            uint4* pfrag = nullptr, float* rs_off = nullptr) {
+                            uint4* pfrag = nullptr, float* rs_off = nullptr, bool ring_eager = false) {
   const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -6597,9 +6605,15 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
         CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag_p");
         Hook("mlstm_fwd_offdiag_p", stream);
       }
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off<SPLIT>, smem));
-      mlstm_fwd_out_ws3_l256_off<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps, pfrag,
-                                                                                             rs_off);
+      if (ring_eager) {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off_eager<SPLIT>, smem));
+        mlstm_fwd_out_ws3_l256_off_eager<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps,
+                                                                                                   pfrag, rs_off);
+      } else {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off<SPLIT>, smem));
+        mlstm_fwd_out_ws3_l256_off<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps, pfrag,
+                                                                                               rs_off);
+      }
       CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
       Hook("mlstm_fwd_out", stream);
       return {};
@@ -6811,7 +6825,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
       if (offdiag.fused) {
         char* base = static_cast<char*>(saved);
         return LaunchForward256(d, p, stream, true, reinterpret_cast<uint4*>(base + l.p_off),
-                                reinterpret_cast<float*>(base + l.rs_off));
+                                reinterpret_cast<float*>(base + l.rs_off), ring.eager);
       }
       return LaunchForward256(d, p, stream);
     default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));

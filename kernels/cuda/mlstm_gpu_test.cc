@@ -935,6 +935,8 @@ TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
 // before each run (a non-finite value = an unwritten one). Shapes: the 1.3B head (dk = dv = 1024)
 // with a short last half, the 125m head with initial state, a chunk whose second half is short
 // (400 = 256 + 144), dk 256 / dv 512 over several chunks, and the 125m cell's head layout at S 2048.
+// The fused fwd_out with the eager and the lag stage release: the same bytes (saved with P', h,
+// the final state).
 TEST(MlstmGpuTest, OffdiagFusedMatchesPass) {
   if (!VariantSelected({"offfused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
     GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes offfused";
@@ -967,14 +969,17 @@ TEST(MlstmGpuTest, OffdiagFusedMatchesPass) {
       MlstmDeviceState<const float> init;
       MlstmDeviceState<float> fin{gcf.get(), gnf.get(), gmf.get()};
       if (sh.with_states) init = {gc0.get(), gn0.get(), gm0.get()};
-      std::vector<unsigned char> saved_of[2];
-      std::vector<float> h_of[2], fin_of[2];
+      // run 0: the pass; 1: fused, eager stage release; 2: fused, lag release (bytewise run 1's,
+      // P' included).
+      std::vector<unsigned char> saved_of[3], full_of[3];
+      std::vector<float> h_of[3], fin_of[3];
       size_t h_lo_off = 0, common = 0;
-      for (int run = 0; run < 2; ++run) {
+      for (int run = 0; run < 3; ++run) {
         MlstmOptions opt;
         opt.chunk_size = 256;
         opt.state_precision = prec;
         opt.offdiag = run == 0 ? MlstmOffdiag::kPass : MlstmOffdiag::kFused;
+        opt.ring = run == 2 ? MlstmRingRelease::kLag : MlstmRingRelease::kEager;
         const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
         DeviceBuffer saved;
         CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
@@ -986,6 +991,8 @@ TEST(MlstmGpuTest, OffdiagFusedMatchesPass) {
         if (run == 0) common = saved_bytes;  // the pass's layout: the fused one's without P'
         saved_of[run].resize(common);
         CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), common, cudaMemcpyDeviceToHost));
+        full_of[run].resize(saved_bytes);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(full_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
         const bf16* h_lo = MlstmChunkwiseSavedHLo(shape, opt, saved.get());
         h_lo_off = h_lo == nullptr ? 0 : static_cast<size_t>(reinterpret_cast<const char*>(h_lo) -
                                                               static_cast<const char*>(saved.get()));
@@ -1016,13 +1023,18 @@ TEST(MlstmGpuTest, OffdiagFusedMatchesPass) {
       }
       const double rel = std::sqrt(num / std::max(den, 1e-300));
       const double tol = prec == MlstmStatePrecision::kBf16 ? 4e-3 : 1e-4;
-      const bool ok = saved_diff == 0 && fin_diff == 0 && non_finite == 0 && rel <= tol;
+      size_t lag_diff = full_of[1].size() != full_of[2].size() ? full_of[1].size() : 0;
+      for (size_t i = 0; lag_diff == 0 && i < full_of[1].size(); ++i) lag_diff += full_of[1][i] != full_of[2][i];
+      for (size_t i = 0; i < h_of[1].size(); ++i) lag_diff += std::memcmp(&h_of[1][i], &h_of[2][i], 4) != 0;
+      for (size_t i = 0; i < fin_of[1].size(); ++i) lag_diff += std::memcmp(&fin_of[1][i], &fin_of[2][i], 4) != 0;
+      const bool ok = saved_diff == 0 && fin_diff == 0 && non_finite == 0 && rel <= tol && lag_diff == 0;
       std::printf("[%s] mlstm fwd offdiag fused vs pass B%lld S%lld NH%lld dk%lld dv%lld L256 %s%s: saved (but h lo) "
-                  "%zu of %zu bytes differ, final state %zu values differ, h rel diff %.3e (tol %.0e), %zu non-finite\n",
+                  "%zu of %zu bytes differ, final state %zu values differ, h rel diff %.3e (tol %.0e), %zu non-finite; "
+                  "fused eager vs lag: %zu bytes / values differ\n",
                   ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
                   static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                   prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
-                  saved_diff, common, fin_diff, rel, tol, non_finite);
+                  saved_diff, common, fin_diff, rel, tol, non_finite, lag_diff);
       failures += ok ? 0 : 1;
     }
   }
