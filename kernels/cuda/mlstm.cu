@@ -83,6 +83,11 @@
 // mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
 // first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
 // chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
+// Opt-in since session 18 (helper off256; MlstmOffdiag::kFused, GYRE_MLSTM_OFFDIAG=fused): the
+// forward's off-diagonal block inside fwd_out instead of mlstm_fwd_offdiag_l256 — a pre-pass
+// (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
+// fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
+// (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
