@@ -83,6 +83,11 @@
 // mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
 // first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
 // chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
+// Opt-in since session 18 (helper off256; MlstmOffdiag::kFused, GYRE_MLSTM_OFFDIAG=fused): the
+// forward's off-diagonal block inside fwd_out instead of mlstm_fwd_offdiag_l256 — a pre-pass
+// (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
+// fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
+// (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -152,6 +157,33 @@ bool UseSplit(const MlstmOptions& o) {
   }
 }
 
+// MlstmOffdiag resolved: chunk 256's forward off-diagonal block inside fwd_out (fused, with the
+// P' pre-pass) or as the separate pass. GYRE_MLSTM_OFFDIAG is read once per process (kAuto);
+// an unknown value is kept in bad_env and the forward returns an error naming it.
+struct OffdiagEnv {
+  bool fused = false;
+  const char* bad_env = nullptr;
+};
+OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
+  static const OffdiagEnv from_env = [] {
+    OffdiagEnv r;
+    const char* e = std::getenv("GYRE_MLSTM_OFFDIAG");
+    r.fused = e != nullptr && std::strcmp(e, "fused") == 0;
+    if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0) r.bad_env = e;
+    return r;
+  }();
+  OffdiagEnv r = from_env;
+  if (o.offdiag == MlstmOffdiag::kPass) r.fused = false;
+  if (o.offdiag == MlstmOffdiag::kFused) r.fused = true;
+  if (o.chunk_size != 256) r.fused = false;
+  return r;
+}
+
+// P' of the fused off-diagonal forward, per chunk-head: 16 uint4 a consumer thread (its A
+// fragments of P' hi, then lo: the m64n128 accumulator of its warpgroup packed as fwd_out packs P),
+// stored [16][256 threads] so that a warp's load of one uint4 each is 512 contiguous bytes.
+constexpr size_t kOffdiagFragBytes = 16 * 256 * 16;
+
 struct SavedLayout {
   int64_t nc = 0;
   size_t c = 0;        // bf16 [BH][NC+1][dk][dv]  boundary C_k (hi part when split)
@@ -165,6 +197,8 @@ struct SavedLayout {
   size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
   size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
   size_t decay = 0;    // f32  [BH][NC] e^{g + m_k − m_{k+1}}
+  size_t p_off = 0;    // uint4 [BH][NC][16][256] P' fragments (chunk 256, MlstmOffdiag fused only)
+  size_t rs_off = 0;   // f32  [BH][NC][128]      P' row sums (likewise)
   size_t total = 0;
 };
 
@@ -197,6 +231,12 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   if (split) off = AlignUp(off + bh * (l.nc + 1) * s.dk * s.dv * 2);
   l.h_lo = off;
   if (split) off = AlignUp(off + bh * s.seq_len * s.dv * 2);
+  // The fused off-diagonal forward's P' (written and read inside one forward call) last.
+  const bool fused_off = OffdiagChoice(o).fused;
+  l.p_off = off;
+  if (fused_off) off = AlignUp(off + bh * l.nc * kOffdiagFragBytes);
+  l.rs_off = off;
+  if (fused_off) off = AlignUp(off + bh * l.nc * 128 * 4);
   l.total = off;
   return l;
 }
@@ -3630,6 +3670,87 @@ __device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc
   }
 }
 
+// OutPvNormalize of the fused off-diagonal forward (chunk 256, MlstmOffdiag::kFused; helper
+// off256): for a half-1 block (`off`) the chunk's P' fragments (this thread's 16 uint4 of
+// mlstm_fwd_offdiag_p_l256, at pf with a stride of 256 uint4) are loaded under the wait for V1,
+// hacc += P V1 (hi, lo) as OutPvNormalize, then the V0 step (the ring's next position after V1)
+// and hacc += P' V0 (hi, lo), so the diagonal and the off-diagonal numerators meet in fp32 and h
+// is normalised and rounded once. den0, den1 already include P''s row sums. A half-0 block runs
+// OutPvNormalize's steps.
+template <bool SPLIT, int kStageBytes, int kTile64>
+__device__ __forceinline__ void OutPvOffNormalize(const Dims& d, const float (&sacc)[64], float (&hacc)[64],
+                                                  uint32_t full, int slot, int phase, uint32_t sa, float den0,
+                                                  float den1, float m0v, float m1v, bool off, const uint4* pf,
+                                                  float (&h4)[16][4]) {
+  using namespace hopper;
+  uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+  uint32_t pb[8][4], pblo[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint4 x = make_uint4(0u, 0u, 0u, 0u), y = x;
+    if (off) {
+      x = __ldg(pf + kk * 256);
+      if constexpr (SPLIT) y = __ldg(pf + (8 + kk) * 256);
+    }
+    pb[kk][0] = x.x;
+    pb[kk][1] = x.y;
+    pb[kk][2] = x.z;
+    pb[kk][3] = x.w;
+    pblo[kk][0] = y.x;
+    pblo[kk][1] = y.y;
+    pblo[kk][2] = y.z;
+    pblo[kk][3] = y.w;
+  }
+  MbWait(full + 8 * slot, phase);
+  const uint64_t v_d = SmemDescSw128(sa + slot * kStageBytes, kTile64, 1024);
+  FenceRegs(hacc);  // (as OutPvNormalize: the scaled hacc final before the fence, C7515)
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
+    if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(hacc);
+  FenceRegs(pa);
+  FenceRegs(palo);
+  if (off) {
+    const int slot0 = slot + 1 == 3 ? 0 : slot + 1, phase0 = slot0 == 0 ? phase ^ 1 : phase;
+    MbWait(full + 8 * slot0, phase0);
+    const uint64_t v0_d = SmemDescSw128(sa + slot0 * kStageBytes, kTile64, 1024);
+    FenceRegs(pb);
+    FenceRegs(pblo);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      WgmmaRS128<1>(hacc, pb[kk], v0_d + ((kk * 16 * 128) >> 4));
+      if constexpr (SPLIT) WgmmaRS128<1>(hacc, pblo[kk], v0_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(hacc);
+    FenceRegs(pb);
+    FenceRegs(pblo);
+  }
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+}
+
 // kSub 2 (chunk 256, mlstm_fwd_out_ws3_l256): a block is one 128-token half k of chunk k / 2 and
 // computes that half's diagonal block against the chunk's state C_{k/2}, n_{k/2}, m_{k/2} (b_t is
 // the 256-token chunk's cumsum, so W and G keep their formulas); the second half's queries against
@@ -3637,8 +3758,13 @@ __device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc
 // kEager: as BwdDqkWs's (GYRE_MLSTM_RING=eager): each dk step's slot is released once its own
 // wgmma group retired (after the q̂·n_k FMAs), so the V step and the later dk steps load earlier
 // (H100, medians of 3: 125m cell 0.497 -> 0.469 ms, 1.3b cell 0.592 -> 0.563 ms).
-template <bool SPLIT, int kSub, bool kEager = false>
-__device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const OutWsMaps& maps) {
+// kOff (chunk 256, MlstmOffdiag::kFused; helper off256, session 18): a half-1 block also adds the
+// chunk's off-diagonal block: the producer loads V0 (the first half's values, this slab) as the
+// ring step after V, the consumers add the row sums of P' (mlstm_fwd_offdiag_p_l256's rs_off) to
+// den and P' V0 to hacc (OutPvOffNormalize) before normalising; no separate pass.
+template <bool SPLIT, int kSub, bool kEager = false, bool kOff = false>
+__device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const OutWsMaps& maps,
+                                          const uint4* pfrag = nullptr, const float* rs_off = nullptr) {
   using namespace hopper;
   using SM = OutWs3Smem<SPLIT>;
   constexpr int L = 128, DVT = 128, kConsumers = 256, kRing = SM::kRing;
@@ -3690,6 +3816,16 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
           TmaTile2d(st + SM::kOffClo + 64 * 128, &maps.c_lo, fb, j0 + 64, c_row + dt * 64);
         }
       }
+      if constexpr (kOff) {
+        if ((k & 1) == 1) {  // half 1: V0 at ring position ndt + 1 (its slot's last use: dk step ndt − 2)
+          const int dt = ndt + 1, slot = dt % kRing, use = dt / kRing;
+          MbWait(empty + 8 * slot, (use - 1) & 1);
+          const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+          MbArriveExpectTx(fb, 2 * SM::kTile64);
+          TmaTile4d(st, &maps.v, fb, j0, hd, t0 - L, b);
+          TmaTile4d(st + SM::kTile64, &maps.v, fb, j0 + 64, hd, t0 - L, b);
+        }
+      }
     }
     return;
   }
@@ -3718,6 +3854,15 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   float qn0 = 0.f, qn1 = 0.f;
   const uint32_t own = wg * 64 * 128;
   int slot = 0, phase = 0;  // ring position of step dt
+  [[maybe_unused]] const bool off = kOff && (k & 1) == 1;
+  [[maybe_unused]] const int64_t bhc = static_cast<int64_t>(bh) * d.NC + kc;
+  [[maybe_unused]] float rso0 = 0.f, rso1 = 0.f;  // P''s row sums (half 1)
+  if constexpr (kOff) {
+    if (off) {
+      rso0 = rs_off[bhc * L + r0];
+      rso1 = rs_off[bhc * L + r1];
+    }
+  }
   // A do-while (ndt >= 1: MlstmCheck makes dk a multiple of 64): with a for loop the compiler
   // keeps a zero-trip path on which the accumulators are defined by moves and merged into the
   // wgmma pipeline, and ptxas then serialises every wgmma of the kernel (C7515: "wgmma.mma_async
@@ -3754,8 +3899,15 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   float den0, den1;
   OutInterScale(d, hacc, rs0, rs1, qn0, qn1, b0v, b1v, m0v, m1v, m_k, den0, den1);
   float h4[16][4];
-  OutPvNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
-                                                 h4);  // the V step (ring position ndt)
+  if constexpr (kOff) {
+    den0 += rso0;  // (the separate pass's order: the diagonal's den, then + P' row sum)
+    den1 += rso1;
+    OutPvOffNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
+                                                      off, pfrag + bhc * 16 * 256 + tid, h4);
+  } else {
+    OutPvNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
+                                                   h4);  // the V step (ring position ndt)
+  }
   // h (and its lo part) leave through the ring's first 68 KB (two padded [128][DVT + 8]
   // buffers): after the barrier no wgmma reads the ring and every TMA
   // load into it has completed (all ndt + 1 steps were awaited above).
@@ -3786,6 +3938,20 @@ template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   FwdOutWs3<SPLIT, 1, true>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_l256_off(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps, const uint4* pfrag,
+                               const float* rs_off) {
+  FwdOutWs3<SPLIT, 2, false, true>(d, p, maps, pfrag, rs_off);
+}
+// The same with the eager stage release (MlstmRingRelease, default eager: the fused chunk-256
+// forward follows `ring` as chunk 128's fwd_out does; the chunk-256 pass path keeps the lag kernel).
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_out_ws3_l256_off_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps, const uint4* pfrag,
+                                     const float* rs_off) {
+  FwdOutWs3<SPLIT, 2, true, true>(d, p, maps, pfrag, rs_off);
 }
 
 // ---------------------------------------------------------------- fwd_out, persistent grid
@@ -4714,6 +4880,92 @@ __global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs
   if (c == 0) {
     if (r0 < len) p.den_tok[so_t + r0] = dnew0;
     if (r1 < len) p.den_tok[so_t + r1] = dnew1;
+  }
+}
+
+// The fused form's pre-pass (MlstmOffdiag::kFused; helper off256, session 18): the first half of
+// mlstm_fwd_offdiag_l256 (the same product S' = Q̂₁K₀ᵀ, gating and row sums, so den_t comes out as
+// the same floats) without the h read-modify-write: P' = S'·scale ⊙ W split into its bf16 hi / lo
+// A fragments exactly as fwd_out packs P, stored per consumer thread (pfrag: [BH·NC][16][256]
+// uint4: hi fragments 0-7, lo 8-15; rows past len are zeros), and the row sums into rs_off
+// ([BH·NC][128] floats, every row). Once per chunk-head, where fwd_out's half-1 blocks would
+// otherwise recompute S' for each of their dv/128 slabs. Two cp.async stages (65 KB of shared
+// memory: more than one block an SM where the registers allow).
+struct OffdiagPSmem {
+  static constexpr size_t kVecOff = 2 * OffdiagSmem::kStage;
+  static constexpr size_t kBytes = kVecOff + 4 * 128 * 4 + 1024;
+};
+template <bool SPLIT>
+__global__ void __launch_bounds__(256, 1)
+    mlstm_fwd_offdiag_p_l256(Dims d, FwdPtrs p, uint4* __restrict__ pfrag, float* __restrict__ rs_off) {
+  using namespace hopper;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + OffdiagPSmem::kVecOff);  // half 1: b_t, m_t
+  float* mq = bq + L;
+  float* bk = mq + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  float sacc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
+  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid,
+                 own);
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float b0v = bq[r0], b1v = bq[r1], m0v = mq[r0], m1v = mq[r1];
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = nt * 8 + 2 * c + (e & 1);
+      const int r = e < 2 ? r0 : r1;
+      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+      float pv = 0.f;
+      if (r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bk[s] + igk[s] - mr);
+      sacc[4 * nt + e] = pv;
+      if (e < 2) rs0 += pv; else rs1 += pv;
+    }
+  }
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  const int64_t bhc = static_cast<int64_t>(bh) * d.NC + kc;
+  uint4* dst = pfrag + bhc * 16 * 256 + tid;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t hi[4], lo[4];
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], hi[0], lo[0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], hi[1], lo[1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], hi[2], lo[2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], hi[3], lo[3]);
+    dst[kk * 256] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    if constexpr (SPLIT) dst[(8 + kk) * 256] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  }
+  if (c == 0) {
+    rs_off[bhc * L + r0] = rs0;
+    rs_off[bhc * L + r1] = rs1;
   }
 }
 
@@ -6310,7 +6562,10 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
 // and the chunk's state terms), then one off-diagonal pass per chunk. MlstmCheck admits only the
 // shapes and options all of these take (dk, dv multiples of 128, 128×128 tiles, 128-column slabs,
 // parallel gate scans, the fused bwd_dv).
-CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true) {
+// pfrag / rs_off non-null: MlstmOffdiag::kFused (the P' pre-pass, then fwd_out's _off form with the
+// off-diagonal block inside its half-1 blocks; no mlstm_fwd_offdiag_l256).
+CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
+                            uint4* pfrag = nullptr, float* rs_off = nullptr, bool ring_eager = false) {
   const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -6347,6 +6602,27 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
     const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
     OutWsMaps maps{};
     CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
+    if (pfrag != nullptr) {
+      if (d.S > 128) {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_p_l256<SPLIT>, OffdiagPSmem::kBytes));
+        mlstm_fwd_offdiag_p_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagPSmem::kBytes, stream>>>(d, p, pfrag,
+                                                                                                   rs_off);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag_p");
+        Hook("mlstm_fwd_offdiag_p", stream);
+      }
+      if (ring_eager) {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off_eager<SPLIT>, smem));
+        mlstm_fwd_out_ws3_l256_off_eager<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps,
+                                                                                                   pfrag, rs_off);
+      } else {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off<SPLIT>, smem));
+        mlstm_fwd_out_ws3_l256_off<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps, pfrag,
+                                                                                               rs_off);
+      }
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
+      Hook("mlstm_fwd_out", stream);
+      return {};
+    }
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256<SPLIT>, smem));
     mlstm_fwd_out_ws3_l256<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
@@ -6522,6 +6798,11 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_RING must be eager or lag (or unset), got '") +
                            ring.bad_env + "'");
   }
+  const OffdiagEnv offdiag = OffdiagChoice(options);
+  if (offdiag.bad_env != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_OFFDIAG must be pass or fused (or unset), got '") +
+                           offdiag.bad_env + "'");
+  }
   if (env.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws3 (or unset; "
                                        "ws was deleted), got '") +
@@ -6545,7 +6826,13 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 16: return LaunchForward<16>(d, p, stream);
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
-    case 256: return LaunchForward256(d, p, stream);
+    case 256:
+      if (offdiag.fused) {
+        char* base = static_cast<char*>(saved);
+        return LaunchForward256(d, p, stream, true, reinterpret_cast<uint4*>(base + l.p_off),
+                                reinterpret_cast<float*>(base + l.rs_off), ring.eager);
+      }
+      return LaunchForward256(d, p, stream);
     default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
   }
 }

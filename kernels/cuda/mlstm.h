@@ -180,6 +180,21 @@ enum class MlstmPersist {
   kBoth,    // kFwdOut and kDqk
 };
 
+// Chunk 256: how each chunk's off-diagonal block (second-half queries x first-half keys) reaches
+// h and den in the forward (helper off256, session 18; kernels/cuda/mlstm_notes.md). kPass: the
+// separate pass mlstm_fwd_offdiag_l256 after fwd_out, which re-reads Q1, K0, V0 and rewrites h
+// (hi + lo) as bf16. kFused: a small pre-pass (mlstm_fwd_offdiag_p_l256) computes the gated
+// scores P' = S' ⊙ W once per chunk-head (bf16 hi + lo, in the order of the wgmma A fragments)
+// and their row sums into `saved`; the half-1 blocks of fwd_out add P'·V0 to their fp32
+// accumulator before the one normalisation (h is rounded once; den_t is the same float sum).
+// `saved` grows by 64.5 KB per chunk-head under kFused. Chunk 128 and below ignore it.
+enum class MlstmOffdiag {
+  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "pass" = kPass, "fused" =
+           // kFused; any other value makes the forward return an error naming it
+  kPass,
+  kFused,
+};
+
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -210,6 +225,8 @@ struct MlstmOptions {
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
+  // Chunk 256's forward off-diagonal block: a separate pass or inside fwd_out (see MlstmOffdiag).
+  MlstmOffdiag offdiag = MlstmOffdiag::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

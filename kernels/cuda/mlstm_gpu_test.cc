@@ -131,6 +131,7 @@ struct Variant {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
+  MlstmOffdiag offdiag = MlstmOffdiag::kAuto;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -175,6 +176,14 @@ constexpr Variant kVariants[] = {
     // PersistDqkMatchesDefaultBytewise. Chunk 128 only.
     {"v2-persist-dqk", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
      true, false, MlstmStateTail::kAuto, MlstmPersist::kDqk, 3},
+    // Chunk 256's forward off-diagonal block inside fwd_out (MlstmOffdiag::kFused,
+    // GYRE_MLSTM_OFFDIAG=fused; helper off256, session 18): the P' pre-pass and fwd_out's half-1
+    // blocks adding P' V0 before normalising, split states and (v1-t128-offfused) single bf16
+    // states (gradients [INFO] as v1-t128's). Chunk 256 only.
+    {"v2-offfused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto, false,
+     true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
+    {"v1-t128-offfused", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0, MlstmBwdDvKernel::kAuto,
+     false, true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -318,6 +327,7 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_tail = var.state_tail;
       opt.persist = var.persist;
       opt.persist_blocks = var.persist_blocks;
+      opt.offdiag = var.offdiag;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -911,6 +921,121 @@ TEST(MlstmGpuTest, PersistFwdOutMatchesDefaultBytewise) {
                     saved_diff, saved_bytes, out_diff, outs[0].size(), non_finite);
         failures += ok ? 0 : 1;
       }
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+// MlstmOffdiag::kFused (helper off256, session 18: the P' pre-pass and fwd_out's half-1 blocks
+// adding P' V0 before the one normalisation) against the separate pass (kPass) at chunk 256: the
+// same gate scan, state recurrence and S' / row-sum arithmetic, so everything `saved` holds except
+// h lo — den_t included (the pass's order of the sum) — and the final state must be the same
+// bytes; h differs by the pass's second rounding only: h + h lo (split) within 1e-4 relative
+// (Frobenius) of each other, single bf16 h within 4e-3 (a bf16 step at some entries). h poisoned
+// before each run (a non-finite value = an unwritten one). Shapes: the 1.3B head (dk = dv = 1024)
+// with a short last half, the 125m head with initial state, a chunk whose second half is short
+// (400 = 256 + 144), dk 256 / dv 512 over several chunks, and the 125m cell's head layout at S 2048.
+// The fused fwd_out with the eager and the lag stage release: the same bytes (saved with P', h,
+// the final state).
+TEST(MlstmGpuTest, OffdiagFusedMatchesPass) {
+  if (!VariantSelected({"offfused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes offfused";
+  }
+  std::mt19937_64 rng(1818018);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+    bool with_states;
+  };
+  int failures = 0;
+  for (const Shape& sh : {Shape{1, 300, 1, 1024, 1024, false}, Shape{2, 333, 2, 384, 384, true},
+                          Shape{1, 400, 2, 128, 128, false}, Shape{2, 1100, 1, 256, 512, true},
+                          Shape{2, 2048, 4, 384, 384, false}}) {
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV), gh(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * sh.DK), gm0(&alloc, BH),
+          gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(RandomFloats(rng, T, 1.f, 2.f));
+      gc0.Upload(RandomFloats(rng, CS, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init;
+      MlstmDeviceState<float> fin{gcf.get(), gnf.get(), gmf.get()};
+      if (sh.with_states) init = {gc0.get(), gn0.get(), gm0.get()};
+      // run 0: the pass; 1: fused, eager stage release; 2: fused, lag release (bytewise run 1's,
+      // P' included).
+      std::vector<unsigned char> saved_of[3], full_of[3];
+      std::vector<float> h_of[3], fin_of[3];
+      size_t h_lo_off = 0, common = 0;
+      for (int run = 0; run < 3; ++run) {
+        MlstmOptions opt;
+        opt.chunk_size = 256;
+        opt.state_precision = prec;
+        opt.offdiag = run == 0 ? MlstmOffdiag::kPass : MlstmOffdiag::kFused;
+        opt.ring = run == 2 ? MlstmRingRelease::kLag : MlstmRingRelease::kEager;
+        const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+        DeviceBuffer saved;
+        CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
+        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+        gh.Poison();
+        for (auto* x : {&gcf, &gnf, &gmf}) x->Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        if (run == 0) common = saved_bytes;  // the pass's layout: the fused one's without P'
+        saved_of[run].resize(common);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), common, cudaMemcpyDeviceToHost));
+        full_of[run].resize(saved_bytes);
+        CUDA_CHECK_OR_DIE(cudaMemcpy(full_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
+        const bf16* h_lo = MlstmChunkwiseSavedHLo(shape, opt, saved.get());
+        h_lo_off = h_lo == nullptr ? 0 : static_cast<size_t>(reinterpret_cast<const char*>(h_lo) -
+                                                              static_cast<const char*>(saved.get()));
+        h_of[run] = gh.Download();
+        if (h_lo != nullptr) {
+          std::vector<bf16> lo(T * sh.DV);
+          CUDA_CHECK_OR_DIE(cudaMemcpy(lo.data(), h_lo, lo.size() * 2, cudaMemcpyDeviceToHost));
+          for (size_t i = 0; i < lo.size(); ++i) h_of[run][i] += __bfloat162float(lo[i]);
+        }
+        for (const auto* x : {&gcf, &gnf, &gmf}) {
+          const auto z = x->Download();
+          fin_of[run].insert(fin_of[run].end(), z.begin(), z.end());
+        }
+      }
+      const size_t h_lo_bytes = prec == MlstmStatePrecision::kBf16 ? 0 : static_cast<size_t>(T * sh.DV * 2);
+      size_t saved_diff = 0, fin_diff = 0, non_finite = 0;
+      for (size_t i = 0; i < common; ++i) {
+        if (h_lo_bytes > 0 && i >= h_lo_off && i < h_lo_off + h_lo_bytes) continue;
+        saved_diff += saved_of[0][i] != saved_of[1][i];
+      }
+      for (size_t i = 0; i < fin_of[0].size(); ++i) fin_diff += std::memcmp(&fin_of[0][i], &fin_of[1][i], 4) != 0;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < h_of[0].size(); ++i) {
+        non_finite += !std::isfinite(h_of[0][i]) + !std::isfinite(h_of[1][i]);
+        const double dd = double(h_of[1][i]) - h_of[0][i];
+        num += dd * dd;
+        den += double(h_of[0][i]) * h_of[0][i];
+      }
+      const double rel = std::sqrt(num / std::max(den, 1e-300));
+      const double tol = prec == MlstmStatePrecision::kBf16 ? 4e-3 : 1e-4;
+      size_t lag_diff = full_of[1].size() != full_of[2].size() ? full_of[1].size() : 0;
+      for (size_t i = 0; lag_diff == 0 && i < full_of[1].size(); ++i) lag_diff += full_of[1][i] != full_of[2][i];
+      for (size_t i = 0; i < h_of[1].size(); ++i) lag_diff += std::memcmp(&h_of[1][i], &h_of[2][i], 4) != 0;
+      for (size_t i = 0; i < fin_of[1].size(); ++i) lag_diff += std::memcmp(&fin_of[1][i], &fin_of[2][i], 4) != 0;
+      const bool ok = saved_diff == 0 && fin_diff == 0 && non_finite == 0 && rel <= tol && lag_diff == 0;
+      std::printf("[%s] mlstm fwd offdiag fused vs pass B%lld S%lld NH%lld dk%lld dv%lld L256 %s%s: saved (but h lo) "
+                  "%zu of %zu bytes differ, final state %zu values differ, h rel diff %.3e (tol %.0e), %zu non-finite; "
+                  "fused eager vs lag: %zu bytes / values differ\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
+                  saved_diff, common, fin_diff, rel, tol, non_finite, lag_diff);
+      failures += ok ? 0 : 1;
     }
   }
   EXPECT_EQ(failures, 0);
