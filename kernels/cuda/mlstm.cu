@@ -83,7 +83,8 @@
 // mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
 // first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
 // chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
-// Opt-in since session 18 (helper off256; MlstmOffdiag::kFused, GYRE_MLSTM_OFFDIAG=fused): the
+// The default since session 18 (helper off256; MlstmOffdiag::kFused; GYRE_MLSTM_OFFDIAG=pass runs
+// the separate forward pass, the reference of OffdiagFusedMatchesPass): the
 // forward's off-diagonal block inside fwd_out instead of mlstm_fwd_offdiag_l256 — a pre-pass
 // (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
 // fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
@@ -168,7 +169,7 @@ OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
   static const OffdiagEnv from_env = [] {
     OffdiagEnv r;
     const char* e = std::getenv("GYRE_MLSTM_OFFDIAG");
-    r.fused = e != nullptr && std::strcmp(e, "fused") == 0;
+    r.fused = e == nullptr || std::strcmp(e, "fused") == 0;  // fused: the default since session 18
     if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0) r.bad_env = e;
     return r;
   }();

@@ -189,8 +189,9 @@ enum class MlstmPersist {
 // accumulator before the one normalisation (h is rounded once; den_t is the same float sum).
 // `saved` grows by 64.5 KB per chunk-head under kFused. Chunk 128 and below ignore it.
 enum class MlstmOffdiag {
-  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "pass" = kPass, "fused" =
-           // kFused; any other value makes the forward return an error naming it
+  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "fused" = kFused (the default
+           // since session 18), "pass" = kPass; any other value makes the forward return an error
+           // naming it
   kPass,
   kFused,
 };
