@@ -188,6 +188,12 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     return absl::InvalidArgumentError("speculative decoding is greedy: temperature must be 0");
   }
   GenerateResult result;
+  for (auto* v : {&result.head_checked, &result.head_accepted, &result.head_hits, &result.head_guesses}) {
+    v->assign(static_cast<size_t>(k - 1), 0);
+  }
+  // Each round's fed drafts with the output index of its kept token (draft i guesses the token
+  // i + 1 after it; counted against the output at the end: head_hits / head_guesses).
+  std::vector<std::pair<size_t, std::vector<int32_t>>> guesses;
   auto state = model->NewDecodeState(1);
   const int64_t prefill_begin = Clock::Real()->NowMicros();
   std::vector<ops::Tensor> logits = Prefill(model, prompt, k, state.get());
@@ -221,6 +227,7 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     // Drafts past max_new_tokens would be thrown away: do not feed them.
     const int64_t room = options.max_new_tokens - static_cast<int64_t>(result.tokens.size());
     chunk.resize(static_cast<size_t>(std::min<int64_t>(k, room + 1)));
+    guesses.emplace_back(result.tokens.size() - 1, std::vector<int32_t>(chunk.begin() + 1, chunk.end()));
     const bool full = static_cast<int64_t>(chunk.size()) == k;
     if (graph != nullptr && full && graph->MustGrow()) {
       graph.reset();  // this round grows a KV cache eagerly; capture again after it
@@ -236,7 +243,9 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
       int64_t accepted = 0;
       while (accepted + 1 < k && !done()) {
         ++result.drafted;
+        ++result.head_checked[accepted];
         if (chunk[accepted + 1] != head1[accepted]) break;
+        ++result.head_accepted[accepted];
         ++accepted;
         result.tokens.push_back(chunk[accepted]);
       }
@@ -262,7 +271,9 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     int64_t accepted = 0;
     while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
+      ++result.head_checked[accepted];
       if (chunk[accepted + 1] != head1[accepted]) break;
+      ++result.head_accepted[accepted];
       ++accepted;
       result.tokens.push_back(chunk[accepted]);
     }
@@ -281,6 +292,13 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     }
   }
   result.seconds = Seconds(begin);
+  // Output equals greedy decoding, so a draft's hit is its guess against greedy's token there.
+  for (const auto& [first, drafts] : guesses) {
+    for (size_t i = 0; i < drafts.size() && first + 1 + i < result.tokens.size(); ++i) {
+      ++result.head_guesses[i];
+      result.head_hits[i] += drafts[i] == result.tokens[first + 1 + i];
+    }
+  }
   return result;
 }
 

@@ -51,6 +51,12 @@ struct GenerateResult {
   int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
   int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
+  // Speculative, per draft head (index i = head i + 2, k - 1 entries): drafts checked and accepted
+  // (the rule stops at a round's first rejection, so head i + 2 is checked only where heads
+  // 2..i + 1 were accepted: head_accepted[i] / head_checked[i] is its acceptance given theirs), and
+  // drafts fed whose guess equals the output token at that position (checked or not: the head's
+  // hit rate on its own, head_hits[i] / head_guesses[i]).
+  std::vector<int64_t> head_checked, head_accepted, head_hits, head_guesses;
   // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
   // (steps after the first replayed a captured graph; with attention blocks the steps that grow
   // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or

@@ -63,6 +63,21 @@ TEST_P(SpeculativeTest, EqualsGreedyTokenForToken) {
     EXPECT_EQ(spec->tokens, greedy->tokens) << family << " heads " << heads << " k " << k;
     EXPECT_EQ(spec->forwards + spec->accepted, static_cast<int64_t>(spec->tokens.size()));
     EXPECT_GT(spec->drafted, spec->accepted) << "the rejection path was not exercised";
+    // Per draft head: the checks and acceptances add up to the totals; head i + 3 is checked only
+    // where head i + 2 was accepted; an accepted draft is a hit (it equals greedy's token there).
+    ASSERT_EQ(static_cast<int64_t>(spec->head_checked.size()), k - 1);
+    int64_t checked = 0, accepted = 0;
+    for (int64_t i = 0; i + 1 < k; ++i) {
+      checked += spec->head_checked[i];
+      accepted += spec->head_accepted[i];
+      EXPECT_LE(spec->head_accepted[i], spec->head_hits[i]);
+      EXPECT_LE(spec->head_hits[i], spec->head_guesses[i]);
+      if (i > 0) {
+        EXPECT_LE(spec->head_checked[i], spec->head_accepted[i - 1]);  // less at the end / short rounds
+      }
+    }
+    EXPECT_EQ(checked, spec->drafted);
+    EXPECT_EQ(accepted, spec->accepted);
     std::printf("random %s mtp=%d k=%ld: drafted %ld accepted %ld\n", family.c_str(), heads, static_cast<long>(k),
                 static_cast<long>(spec->drafted), static_cast<long>(spec->accepted));
   }
