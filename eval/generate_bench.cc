@@ -15,12 +15,15 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "eval/generate.h"
 #include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
@@ -129,6 +132,13 @@ int Main(int argc, char** argv) {
                  "graph Generate runs too: SUMMARY_DECODE_ATTN, tokens compared but not required equal: the split "
                  "kernel sums in another order), split_cluster (the same A/B with split before and cluster after)")
       ->check(CLI::IsMember({"env", "serial", "split", "cluster", "both", "split_cluster"}));
+  std::string draft_heads_list;
+  app.add_option("--draft_heads", draft_heads_list,
+                 "speculative decoding at fewer draft heads too: comma-separated k in [2, mtp_heads) (e.g. 2,3); "
+                 "each k's rounds are timed (COST_SPEC_K, the graph round on CUDA) and its GenerateSpeculative runs "
+                 "(graph rounds on CUDA) alternate with the others in every repeat, outputs compared with greedy "
+                 "(SUMMARY_K, HEADS per-head acceptance, PICK: the k the k = mtp_heads run's acceptance and the "
+                 "timed rounds predict)");
   std::string attn_lengths = "64,256,1024,4096";
   app.add_option("--attn_lengths", attn_lengths, "--decode_attn both: the cache lengths timed, comma-separated");
   CLI11_PARSE(app, argc, argv);
@@ -165,6 +175,18 @@ int Main(int argc, char** argv) {
     if (rope_ab) ops::SetDecodeRopeAppendOneLaunch(on);
     if (attn_ab) set_attn(on);
   };
+
+  std::vector<int64_t> extra_ks;  // --draft_heads
+  for (size_t at = 0; at < draft_heads_list.size();) {
+    const size_t comma = std::min(draft_heads_list.find(',', at), draft_heads_list.size());
+    const int64_t k = std::stoll(draft_heads_list.substr(at, comma - at));
+    if (k < 2 || k >= mtp_heads) {
+      std::fprintf(stderr, "--draft_heads %ld: outside [2, mtp_heads = %ld)\n", (long)k, (long)mtp_heads);
+      return 2;
+    }
+    extra_ks.push_back(k);
+    at = comma + 1;
+  }
 
   std::ifstream in(tokens_path, std::ios::binary);
   const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -251,6 +273,8 @@ int Main(int argc, char** argv) {
   std::printf("trained %ld steps in %.1f s\n", (long)train_steps,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_train).count());
 
+  double greedy_graph_step_ms = std::nan(""), greedy_step_ms = std::nan("");
+  std::vector<double> round_k_ms(static_cast<size_t>(mtp_heads + 1), std::nan(""));  // by k: keep-k round
   // Cost of one speculative round (DecodeChunk of k = mtp_heads tokens, rewindable, deferred
   // draft logits, Rewind to all k, DraftLogits) against one greedy DecodeStep (head 1 only), at
   // positions 32.. of a fresh state: k * step / round is the speed-up full acceptance would give.
@@ -294,6 +318,8 @@ int Main(int argc, char** argv) {
       if (r >= 2) round_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
     }
     const double step = median_ms(step_ms), rnd = median_ms(round_ms);
+    greedy_step_ms = step;
+    round_k_ms[static_cast<size_t>(k)] = rnd;
     std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
                 "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
     if (cuda && spec_graph == "both") {
@@ -331,6 +357,7 @@ int Main(int argc, char** argv) {
               std::chrono::duration<double, std::milli>(now() - t0).count());
         }
         const double all = median_ms(keep_all_ms), one = median_ms(keep_one_ms);
+        round_k_ms[static_cast<size_t>(k)] = all;
         std::printf("COST_SPEC_GRAPH %s: speculative round of k=%ld %.3f ms eager (keep k), graph %.3f ms keep k, "
                     "%.3f ms keep 1 (commit %.1f MB), %ld nodes, %ld recaptures, x%.2f; full-acceptance ceiling "
                     "x%.2f\n", preset.c_str(), (long)k, rnd, all, one, (*graph)->commit_bytes() / 1e6,
@@ -575,9 +602,69 @@ int Main(int argc, char** argv) {
           ops::Cuda().ProfilerRange(false);
         }
         const double g = median_ms(graph_ms);
+        greedy_graph_step_ms = g;
         std::printf("COST_GRAPH %s: greedy step %.3f ms eager, %.3f ms graph (%ld nodes, %ld recaptures), x%.2f\n",
                     preset.c_str(), step, g, (long)(*graph)->nodes(), (long)recaptures, step / g);
       }
+    }
+    // Rounds at fewer draft heads (--draft_heads): each k on a fresh state prefilled with heads
+    // 1..k (the others fall behind, as GenerateSpeculative's at that k), one eager round (the
+    // warm-up), then on CUDA the round replayed from its SpeculativeGraph, keep k and keep 1
+    // alternating (the eager round otherwise). The same positions and tokens for every k.
+    for (const int64_t kk : extra_ks) {
+      auto st = (*model)->NewDecodeState(1);
+      ops::LanguageModel::DecodeOptions pre;
+      pre.heads = kk;
+      pre.last_position_only = true;
+      (*model)->DecodeChunk(warm, 32, st.get(), pre);
+      ops::LanguageModel::DecodeOptions rk = round;
+      rk.heads = kk;
+      size_t at = split + 32;
+      const auto eager_round = [&](int64_t keep) {
+        const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+        at += kk;
+        (*model)->DecodeChunk(chunk, kk, st.get(), rk);
+        if (!(*model)->Rewind(st.get(), keep).ok()) std::abort();
+        (*model)->DraftLogits(*st, keep - 1);
+      };
+      std::vector<double> eager_ms;
+      for (int64_t r = 0; r < reps + 2; ++r) {
+        sync();
+        const auto t0 = now();
+        eager_round(kk);
+        sync();
+        if (r >= 2) eager_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+      }
+      round_k_ms[static_cast<size_t>(kk)] = median_ms(eager_ms);
+      std::string line = absl::StrCat("COST_SPEC_K ", preset, " k=", kk, ": eager round ",
+                                      absl::StrFormat("%.3f", median_ms(eager_ms)), " ms");
+      if (cuda && spec_graph == "both") {
+        auto graph = ops::SpeculativeGraph::Capture(model->get(), st.get(), kk);
+        if (!graph.ok()) {
+          line += absl::StrCat("; graph: ", graph.status().ToString());
+        } else {
+          std::vector<double> keep_all_ms, keep_one_ms;
+          for (int64_t r = 0; r < 2 * reps + 4 && !(*graph)->MustGrow(); ++r) {
+            const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+            at += kk;
+            const int64_t keep = r % 2 == 0 ? kk : 1;
+            sync();
+            const auto t0 = now();
+            if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
+            sync();
+            if (r >= 4) (keep == kk ? keep_all_ms : keep_one_ms).push_back(
+                std::chrono::duration<double, std::milli>(now() - t0).count());
+          }
+          round_k_ms[static_cast<size_t>(kk)] = median_ms(keep_all_ms);
+          line += absl::StrFormat(", graph %.3f ms keep k, %.3f ms keep 1 (commit %.1f MB, %ld nodes)",
+                                  median_ms(keep_all_ms), median_ms(keep_one_ms), (*graph)->commit_bytes() / 1e6,
+                                  (long)(*graph)->nodes());
+        }
+      }
+      const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
+      line += absl::StrFormat(" = %.2f greedy %s steps (%.3f ms)", round_k_ms[static_cast<size_t>(kk)] / base,
+                              std::isnan(greedy_graph_step_ms) ? "eager" : "graph", base);
+      std::printf("%s\n", line.c_str());
     }
   }
 
@@ -592,6 +679,33 @@ int Main(int argc, char** argv) {
   const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
   bool all_equal = true;
+  // Per k (mtp_heads first, then --draft_heads): seconds (median a prompt, summed), tokens, rounds,
+  // per-draft-head counts summed over the prompts, outputs equal to greedy.
+  struct KRuns {
+    int64_t k = 0;
+    double seconds = 0;
+    int64_t tokens = 0, forwards = 0;
+    std::vector<int64_t> checked, accepted, hits, guesses;
+    bool equal = true;
+    std::string mode;
+    void Add(const GenerateResult& r, double s) {
+      seconds += s;
+      tokens += static_cast<int64_t>(r.tokens.size());
+      forwards += r.forwards;
+      for (auto [sum, part] : {std::pair{&checked, &r.head_checked}, std::pair{&accepted, &r.head_accepted},
+                               std::pair{&hits, &r.head_hits}, std::pair{&guesses, &r.head_guesses}}) {
+        sum->resize(part->size(), 0);
+        for (size_t i = 0; i < part->size(); ++i) (*sum)[i] += (*part)[i];
+      }
+      mode = r.decode_graph;
+    }
+  };
+  std::vector<KRuns> k_runs(1 + extra_ks.size());
+  k_runs[0].k = mtp_heads;
+  for (size_t i = 0; i < extra_ks.size(); ++i) k_runs[i + 1].k = extra_ks[i];
+  // Distinct 4-grams of the greedy outputs over all 4-grams (1: no repeated phrase; a model that
+  // loops on a phrase scores low, and its heads guess the loop).
+  int64_t grams = 0, distinct_grams = 0;
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -601,6 +715,8 @@ int Main(int argc, char** argv) {
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
     std::vector<double> tg, ts, tgg, tgg_two, tsg, tsg_two;
     GenerateResult g, s, gg, gg_two, sg, sg_two;
+    std::vector<std::vector<double>> tk(extra_ks.size());
+    std::vector<GenerateResult> sk(extra_ks.size());
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -656,6 +772,19 @@ int Main(int argc, char** argv) {
         }
         if (r > 0) tsg.push_back(sgr->seconds);
         sg = *sgr;
+      }
+      for (size_t i = 0; i < extra_ks.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
+        if (spec_graph_runs) ops::SetSpeculativeGraph(true);
+        GenerateOptions at_k = gen;
+        at_k.draft_heads = extra_ks[i];
+        auto kr = GenerateSpeculative(model->get(), prompt, at_k);
+        if (spec_graph_runs) ops::SetSpeculativeGraph(false);
+        if (!kr.ok()) {
+          std::fprintf(stderr, "k=%ld: %s\n", (long)extra_ks[i], kr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tk[i].push_back(kr->seconds);
+        sk[i] = *kr;
       }
       if (spec_graph_runs && (rope_ab || attn_ab)) {  // speculative graph, the A/B's "before" setting
         ops::SetSpeculativeGraph(true);
@@ -732,6 +861,28 @@ int Main(int argc, char** argv) {
       }
       spec_graph_mode = sg.decode_graph;
     }
+    // The k = mtp_heads rounds: the graph's when it ran (its counts equal the eager rounds'), else eager.
+    k_runs[0].Add(spec_graph_runs ? sg : s, spec_graph_runs ? median(tsg) : median(ts));
+    for (size_t i = 0; i < extra_ks.size(); ++i) {
+      const bool same = sk[i].tokens == g.tokens;
+      k_runs[i + 1].Add(sk[i], median(tk[i]));
+      k_runs[i + 1].equal &= same;
+      equal &= same;
+      std::printf("prompt %ld: speculative k=%ld (%s) %.1f tok/s, %.2f tokens/forward, equal to greedy %s\n", (long)p,
+                  (long)extra_ks[i], sk[i].decode_graph.c_str(), sk[i].tokens.size() / median(tk[i]),
+                  sk[i].tokens_per_forward(), same ? "yes" : "NO");
+    }
+    {
+      std::vector<std::vector<int32_t>> seen;
+      for (size_t i = 0; i + 4 <= g.tokens.size(); ++i) {
+        std::vector<int32_t> gram(g.tokens.begin() + i, g.tokens.begin() + i + 4);
+        ++grams;
+        if (std::find(seen.begin(), seen.end(), gram) == seen.end()) {
+          seen.push_back(gram);
+          ++distinct_grams;
+        }
+      }
+    }
     all_equal &= equal;
     const double mg = median(tg), ms = median(ts);
     std::printf("prompt %ld: greedy %.1f tok/s, speculative %.1f tok/s (x%.2f), %.2f tokens/forward, accepted %ld of "
@@ -787,6 +938,50 @@ int Main(int argc, char** argv) {
     }
     std::printf("; %s and %s tokens equal: %s (not required)\n", attn_names[0], attn_names[1],
                 attn_equal ? "yes" : "no");
+  }
+  // Per k: tok/s against greedy (graph greedy on CUDA when it ran), tokens a round, and each draft
+  // head's acceptance given the heads before it (accepted / checked) and its hit rate on its own.
+  const double greedy_tok_s = tokens / (graph_runs ? graph_s : greedy_s);
+  std::printf("HEADS %s: greedy outputs' distinct 4-grams %.2f (%ld of %ld)\n", preset.c_str(),
+              grams ? double(distinct_grams) / grams : 0.0, (long)distinct_grams, (long)grams);
+  for (const KRuns& kr : k_runs) {
+    std::string heads;
+    for (size_t i = 0; i < kr.checked.size(); ++i) {
+      heads += absl::StrFormat("; head %ld: accepted %ld of %ld checked (%.2f), hits %ld of %ld (%.2f)", (long)i + 2,
+                               (long)kr.accepted[i], (long)kr.checked[i],
+                               kr.checked[i] ? double(kr.accepted[i]) / kr.checked[i] : 0.0, (long)kr.hits[i],
+                               (long)kr.guesses[i], kr.guesses[i] ? double(kr.hits[i]) / kr.guesses[i] : 0.0);
+    }
+    std::printf("SUMMARY_K %s k=%ld (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal to "
+                "greedy: %s\n", preset.c_str(), (long)kr.k, kr.mode.c_str(), kr.tokens / kr.seconds,
+                (kr.tokens / kr.seconds) / greedy_tok_s, graph_runs ? " graph" : "", greedy_tok_s,
+                double(kr.tokens) / std::max<int64_t>(kr.forwards, 1), heads.c_str(), kr.equal ? "yes" : "NO");
+  }
+  if (!extra_ks.empty()) {
+    // The prediction from the k = mtp_heads run alone: tokens a round at k from its heads'
+    // conditional acceptances a_i, E(k) = 1 + a_2 + a_2 a_3 + ..., over the timed round at k (the
+    // graph's on CUDA), against the greedy step; then the measured ratio beside it.
+    const KRuns& full = k_runs[0];
+    const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
+    std::string line = absl::StrCat("PICK ", preset, ":");
+    int64_t best = 0;
+    double best_ratio = 0;
+    for (int64_t kk = 2; kk <= mtp_heads; ++kk) {
+      if (std::isnan(round_k_ms[static_cast<size_t>(kk)])) continue;
+      double expect = 1, run = 1;
+      for (int64_t i = 0; i + 1 < kk; ++i) {
+        run *= full.checked[i] ? double(full.accepted[i]) / full.checked[i] : 0.0;
+        expect += run;
+      }
+      const double ratio = expect * base / round_k_ms[static_cast<size_t>(kk)];
+      if (ratio > best_ratio) best_ratio = ratio, best = kk;
+      double measured = std::nan("");
+      for (const KRuns& kr : k_runs)
+        if (kr.k == kk) measured = (kr.tokens / kr.seconds) / greedy_tok_s;
+      line += absl::StrFormat(" k=%ld: E %.3f tokens a round / %.3f ms round = predicted x%.3f of greedy, measured "
+                              "x%.3f;", (long)kk, expect, round_k_ms[static_cast<size_t>(kk)], ratio, measured);
+    }
+    std::printf("%s predicted best k=%ld\n", line.c_str(), (long)best);
   }
   return all_equal ? 0 : 3;
 }

@@ -1288,9 +1288,10 @@ TEST_F(DecodeGpuTest, DecodeGraphRefusesAFullCacheAndFailsCleanly) {
 // their caches at 64 and 128 keys. At the end an eager round on G's state makes the next Round
 // refuse (its position moved outside the graph).
 void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomise, int64_t rounds,
-                           int64_t se_group = 0, int64_t se_window = 0) {
-  const int64_t k = 4;
-  spec.mtp_heads = k;
+                           int64_t se_group = 0, int64_t se_window = 0, int64_t k = 4) {
+  // k < 4: the model keeps 4 MTP heads and heads k + 1..4 fall behind (GenerateSpeculative at
+  // draft_heads = k): the graph must pin, run and commit heads 1..k only.
+  spec.mtp_heads = 4;
   auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
   ASSERT_TRUE(made.ok()) << made.status();
   std::unique_ptr<LanguageModel> m = std::move(*made);
@@ -1392,6 +1393,18 @@ TEST_F(DecodeGpuTest, SpeculativeGraphBitwiseEqualsEagerRounds) {
     CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 30);
 }
 
+// The same at k = 2 and 3 draft heads of 4 (session 18: fewer heads where acceptance is low).
+TEST_F(DecodeGpuTest, SpeculativeGraphAtFewerDraftHeadsBitwiseEqualsEagerRounds) {
+  for (int64_t k : {2, 3}) {
+    CheckSpeculativeGraph("xlstm mLSTM+sLSTM", SmallXlstm(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("mamba2", SmallMamba2(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("llama", SmallLlama(), true, 60, 0, 0, k);
+    CheckSpeculativeGraph("mamba2+mixer", SmallMixerHybrid(), true, 60, 0, 0, k);
+    for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m"})
+      CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 20, 0, 0, k);
+  }
+}
+
 // The one-launch commit copies every span exactly (16-byte and 4-byte word paths, spans of
 // different sizes in one launch), and leaves the bytes around each span alone.
 TEST_F(DecodeGpuTest, CopySpansCopiesEverySpanExactly) {
@@ -1489,6 +1502,56 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
                 spec_graph->decode_graph.c_str(), fallback->decode_graph.c_str(), spec_fallback->decode_graph.c_str());
     EXPECT_TRUE(ok) << c.name;
   }
+  SetDecodeGraph(was);
+}
+
+// GenerateSpeculative at draft_heads k = 2, 3 (of 4 MTP heads), eager rounds and graph rounds,
+// gives greedy decoding's tokens, and the graph's rounds the eager ones' counts (per draft head
+// too).
+TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
+  struct Case {
+    std::string name;
+    ModelSpec spec;
+  };
+  std::vector<Case> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
+                             {"mamba2", SmallMamba2()},
+                             {"llama", SmallLlama()},
+                             {"mamba2+mixer", SmallMixerHybrid()}};
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
+  const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled();
+  for (Case& c : cases) {
+    c.spec.mtp_heads = 4;
+    auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
+    ASSERT_TRUE(made.ok());
+    LanguageModel* m = made->get();
+    const auto prompt = RandomTokens(9, c.spec.vocab_size, 72);
+    eval::GenerateOptions o;
+    o.max_new_tokens = 80;
+    SetDecodeGraph(true);
+    const auto greedy = eval::Generate(m, prompt, o);
+    ASSERT_TRUE(greedy.ok());
+    for (int64_t k : {2, 3}) {
+      o.draft_heads = k;
+      SetSpeculativeGraph(false);
+      const auto eager = eval::GenerateSpeculative(m, prompt, o);
+      SetSpeculativeGraph(true);
+      const auto graphed = eval::GenerateSpeculative(m, prompt, o);
+      ASSERT_TRUE(eager.ok() && graphed.ok());
+      const bool same_rounds = graphed->forwards == eager->forwards && graphed->accepted == eager->accepted &&
+                               graphed->head_checked == eager->head_checked &&
+                               graphed->head_accepted == eager->head_accepted &&
+                               graphed->head_hits == eager->head_hits;
+      const bool ok = eager->tokens == greedy->tokens && graphed->tokens == greedy->tokens && same_rounds &&
+                      graphed->decode_graph == "graph";
+      std::printf("[%s] %s GenerateSpeculative k=%ld, 80 tokens: eager rounds == greedy %s, graph rounds == greedy %s "
+                  "('%s'), same rounds %s (%ld rounds, %.2f tokens a forward)\n",
+                  ok ? "PASS" : "FAIL", c.name.c_str(), (long)k, eager->tokens == greedy->tokens ? "yes" : "NO",
+                  graphed->tokens == greedy->tokens ? "yes" : "NO", graphed->decode_graph.c_str(),
+                  same_rounds ? "yes" : "NO", (long)graphed->forwards, graphed->tokens_per_forward());
+      EXPECT_TRUE(ok) << c.name << " k " << k;
+    }
+  }
+  SetSpeculativeGraph(spec_was);
   SetDecodeGraph(was);
 }
 
