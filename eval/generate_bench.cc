@@ -139,6 +139,11 @@ int Main(int argc, char** argv) {
                  "(graph rounds on CUDA) alternate with the others in every repeat, outputs compared with greedy "
                  "(SUMMARY_K, HEADS per-head acceptance, PICK: the k the k = mtp_heads run's acceptance and the "
                  "timed rounds predict)");
+  std::string spec_draft_rows = "env";
+  app.add_option("--spec_draft_rows", spec_draft_rows,
+                 "--draft_heads 2's graph rounds: env (GYRE_SPEC_DRAFT_ROWS), gather, all (ops/decode_graph.h "
+                 "SpecDraftRowsAll), both (the two as separate variants, alternating)")
+      ->check(CLI::IsMember({"env", "gather", "all", "both"}));
   std::string attn_lengths = "64,256,1024,4096";
   app.add_option("--attn_lengths", attn_lengths, "--decode_attn both: the cache lengths timed, comma-separated");
   CLI11_PARSE(app, argc, argv);
@@ -176,7 +181,15 @@ int Main(int argc, char** argv) {
     if (attn_ab) set_attn(on);
   };
 
-  std::vector<int64_t> extra_ks;  // --draft_heads
+  // --draft_heads (and at k = 2 --spec_draft_rows): the speculative variants run besides k = mtp_heads.
+  struct Variant {
+    int64_t k = 0;
+    bool all_rows = false;  // GYRE_SPEC_DRAFT_ROWS=all (k = 2 graph rounds)
+    std::string name;
+    double round_ms = std::nan("");
+  };
+  const bool env_draft_rows_all = ops::SpecDraftRowsAll();
+  std::vector<Variant> variants;
   for (size_t at = 0; at < draft_heads_list.size();) {
     const size_t comma = std::min(draft_heads_list.find(',', at), draft_heads_list.size());
     const int64_t k = std::stoll(draft_heads_list.substr(at, comma - at));
@@ -184,7 +197,13 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "--draft_heads %ld: outside [2, mtp_heads = %ld)\n", (long)k, (long)mtp_heads);
       return 2;
     }
-    extra_ks.push_back(k);
+    const bool all = spec_draft_rows == "all" || (spec_draft_rows == "env" && env_draft_rows_all);
+    if (k == 2 && spec_draft_rows == "both") {
+      variants.push_back({k, false, " (drafts gathered)"});
+      variants.push_back({k, true, " (drafts: all rows)"});
+    } else {
+      variants.push_back({k, k == 2 && all, k == 2 && all ? " (drafts: all rows)" : ""});
+    }
     at = comma + 1;
   }
 
@@ -607,64 +626,119 @@ int Main(int argc, char** argv) {
                     preset.c_str(), step, g, (long)(*graph)->nodes(), (long)recaptures, step / g);
       }
     }
-    // Rounds at fewer draft heads (--draft_heads): each k on a fresh state prefilled with heads
-    // 1..k (the others fall behind, as GenerateSpeculative's at that k), one eager round (the
-    // warm-up), then on CUDA the round replayed from its SpeculativeGraph, keep k and keep 1
-    // alternating (the eager round otherwise). The same positions and tokens for every k.
-    for (const int64_t kk : extra_ks) {
-      auto st = (*model)->NewDecodeState(1);
-      ops::LanguageModel::DecodeOptions pre;
-      pre.heads = kk;
-      pre.last_position_only = true;
-      (*model)->DecodeChunk(warm, 32, st.get(), pre);
-      ops::LanguageModel::DecodeOptions rk = round;
-      rk.heads = kk;
-      size_t at = split + 32;
-      const auto eager_round = [&](int64_t keep) {
-        const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
-        at += kk;
-        (*model)->DecodeChunk(chunk, kk, st.get(), rk);
-        if (!(*model)->Rewind(st.get(), keep).ok()) std::abort();
-        (*model)->DraftLogits(*st, keep - 1);
-      };
-      std::vector<double> eager_ms;
-      for (int64_t r = 0; r < reps + 2; ++r) {
-        sync();
-        const auto t0 = now();
-        eager_round(kk);
-        sync();
-        if (r >= 2) eager_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
-      }
-      round_k_ms[static_cast<size_t>(kk)] = median_ms(eager_ms);
-      std::string line = absl::StrCat("COST_SPEC_K ", preset, " k=", kk, ": eager round ",
-                                      absl::StrFormat("%.3f", median_ms(eager_ms)), " ms");
-      if (cuda && spec_graph == "both") {
+    // Rounds at fewer draft heads (--draft_heads): each variant on a fresh state prefilled with
+    // heads 1..k (the others fall behind, as GenerateSpeculative's at that k), eager rounds (the
+    // first two warm up), then on CUDA the round replayed from its SpeculativeGraph, keep k and
+    // keep 1 alternating. The same positions and tokens for every variant; with an A/B
+    // (--spec_draft_rows both) the variants alternate over two turns.
+    const int turns = spec_draft_rows == "both" ? 2 : 1;
+    std::vector<std::vector<double>> v_eager(variants.size()), v_all(variants.size()), v_one(variants.size());
+    std::vector<std::string> v_graph(variants.size());
+    for (int turn = 0; turn < turns; ++turn) {
+      for (size_t vi = 0; vi < variants.size(); ++vi) {
+        const int64_t kk = variants[vi].k;
+        ops::SetSpecDraftRowsAll(variants[vi].all_rows);
+        auto st = (*model)->NewDecodeState(1);
+        ops::LanguageModel::DecodeOptions pre;
+        pre.heads = kk;
+        pre.last_position_only = true;
+        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        ops::LanguageModel::DecodeOptions rk = round;
+        rk.heads = kk;
+        size_t at = split + 32;
+        for (int64_t r = 0; r < reps / 2 + 2; ++r) {
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          sync();
+          const auto t0 = now();
+          (*model)->DecodeChunk(chunk, kk, st.get(), rk);
+          if (!(*model)->Rewind(st.get(), kk).ok()) return 1;
+          (*model)->DraftLogits(*st, kk - 1);
+          sync();
+          if (r >= 2) v_eager[vi].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        if (!(cuda && spec_graph == "both")) continue;
         auto graph = ops::SpeculativeGraph::Capture(model->get(), st.get(), kk);
         if (!graph.ok()) {
-          line += absl::StrCat("; graph: ", graph.status().ToString());
-        } else {
-          std::vector<double> keep_all_ms, keep_one_ms;
-          for (int64_t r = 0; r < 2 * reps + 4 && !(*graph)->MustGrow(); ++r) {
-            const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
-            at += kk;
-            const int64_t keep = r % 2 == 0 ? kk : 1;
-            sync();
-            const auto t0 = now();
-            if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
-            sync();
-            if (r >= 4) (keep == kk ? keep_all_ms : keep_one_ms).push_back(
-                std::chrono::duration<double, std::milli>(now() - t0).count());
-          }
-          round_k_ms[static_cast<size_t>(kk)] = median_ms(keep_all_ms);
-          line += absl::StrFormat(", graph %.3f ms keep k, %.3f ms keep 1 (commit %.1f MB, %ld nodes)",
-                                  median_ms(keep_all_ms), median_ms(keep_one_ms), (*graph)->commit_bytes() / 1e6,
-                                  (long)(*graph)->nodes());
+          v_graph[vi] = absl::StrCat("; graph: ", graph.status().ToString());
+          continue;
         }
+        for (int64_t r = 0; r < 2 * reps + 4 && !(*graph)->MustGrow(); ++r) {
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          const int64_t keep = r % 2 == 0 ? kk : 1;
+          sync();
+          const auto t0 = now();
+          if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
+          sync();
+          if (r >= 4) (keep == kk ? v_all : v_one)[vi].push_back(
+              std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        v_graph[vi] = absl::StrFormat(", graph %%s ms keep k, %%s ms keep 1 (commit %.1f MB, %ld nodes, drafts %s)",
+                                      (*graph)->commit_bytes() / 1e6, (long)(*graph)->nodes(),
+                                      (*graph)->all_draft_rows() ? "all rows" : "gathered");
       }
+    }
+    ops::SetSpecDraftRowsAll(env_draft_rows_all);
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+      const int64_t kk = variants[vi].k;
+      const bool graphed = !v_all[vi].empty();
+      const double rnd_k = graphed ? median_ms(v_all[vi]) : median_ms(v_eager[vi]);
+      variants[vi].round_ms = rnd_k;
+      if (!variants[vi].all_rows || std::isnan(round_k_ms[static_cast<size_t>(kk)])) {
+        round_k_ms[static_cast<size_t>(kk)] = rnd_k;
+      }
+      std::string line = absl::StrFormat("COST_SPEC_K %s k=%ld%s: eager round %.3f ms", preset.c_str(), (long)kk,
+                                         variants[vi].name.c_str(), median_ms(v_eager[vi]));
+      std::string g = v_graph[vi];
+      if (graphed) {
+        const size_t a = g.find("%s"), b = g.find("%s", a + 2);
+        g = g.substr(0, a) + absl::StrFormat("%.3f", median_ms(v_all[vi])) + g.substr(a + 2, b - a - 2) +
+            absl::StrFormat("%.3f", median_ms(v_one[vi])) + g.substr(b + 2);
+      }
+      line += g;
       const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
-      line += absl::StrFormat(" = %.2f greedy %s steps (%.3f ms)", round_k_ms[static_cast<size_t>(kk)] / base,
+      line += absl::StrFormat(" = %.2f greedy %s steps (%.3f ms)", rnd_k / base,
                               std::isnan(greedy_graph_step_ms) ? "eager" : "graph", base);
       std::printf("%s\n", line.c_str());
+    }
+    if (cuda && op_profile > 0) {
+      // Where an eager round's GPU time goes, per k (events around every op, the decode kernels
+      // included): against the greedy step's OPS lines above.
+      std::vector<int64_t> ks = {mtp_heads};
+      for (const Variant& v : variants)
+        if (std::find(ks.begin(), ks.end(), v.k) == ks.end()) ks.push_back(v.k);
+      for (const int64_t kk : ks) {
+        auto st = (*model)->NewDecodeState(1);
+        ops::LanguageModel::DecodeOptions pre;
+        pre.heads = kk;
+        pre.last_position_only = true;
+        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        ops::LanguageModel::DecodeOptions rk = round;
+        rk.heads = kk;
+        size_t at = split + 500;
+        for (int64_t r = 0; r < op_profile + 1; ++r) {
+          if (r == 1) ops::Cuda().SetOpProfiling(true);
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          (*model)->DecodeChunk(chunk, kk, st.get(), rk);
+          if (!(*model)->Rewind(st.get(), 1).ok()) return 1;  // keep 1: the commonest round
+          (*model)->DraftLogits(*st, 0);
+        }
+        std::vector<ops::CudaBackend::OpTime> prof = ops::Cuda().TakeOpProfile();
+        ops::Cuda().SetOpProfiling(false);
+        std::sort(prof.begin(), prof.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+        double busy = 0;
+        int64_t calls = 0;
+        for (const auto& o : prof) busy += o.seconds, calls += o.calls;
+        std::printf("OPS_ROUND %s k=%ld: %ld eager rounds (keep 1): GPU busy %.1f us a round in %.1f ops a round\n",
+                    preset.c_str(), (long)kk, (long)op_profile, busy * 1e6 / op_profile, double(calls) / op_profile);
+        for (size_t i = 0; i < prof.size() && i < 18; ++i) {
+          std::printf("OPS_ROUND   k=%ld %-44s %6.1f calls  %7.1f us a round  (%5.2f us a call)\n", (long)kk,
+                      prof[i].label.c_str(), double(prof[i].calls) / op_profile,
+                      prof[i].seconds * 1e6 / op_profile, prof[i].seconds * 1e6 / std::max<int64_t>(prof[i].calls, 1));
+        }
+      }
     }
   }
 
@@ -687,7 +761,7 @@ int Main(int argc, char** argv) {
     int64_t tokens = 0, forwards = 0;
     std::vector<int64_t> checked, accepted, hits, guesses;
     bool equal = true;
-    std::string mode;
+    std::string mode, name;
     void Add(const GenerateResult& r, double s) {
       seconds += s;
       tokens += static_cast<int64_t>(r.tokens.size());
@@ -700,9 +774,9 @@ int Main(int argc, char** argv) {
       mode = r.decode_graph;
     }
   };
-  std::vector<KRuns> k_runs(1 + extra_ks.size());
+  std::vector<KRuns> k_runs(1 + variants.size());
   k_runs[0].k = mtp_heads;
-  for (size_t i = 0; i < extra_ks.size(); ++i) k_runs[i + 1].k = extra_ks[i];
+  for (size_t i = 0; i < variants.size(); ++i) k_runs[i + 1].k = variants[i].k, k_runs[i + 1].name = variants[i].name;
   // Distinct 4-grams of the greedy outputs over all 4-grams (1: no repeated phrase; a model that
   // loops on a phrase scores low, and its heads guess the loop).
   int64_t grams = 0, distinct_grams = 0;
@@ -715,8 +789,8 @@ int Main(int argc, char** argv) {
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
     std::vector<double> tg, ts, tgg, tgg_two, tsg, tsg_two;
     GenerateResult g, s, gg, gg_two, sg, sg_two;
-    std::vector<std::vector<double>> tk(extra_ks.size());
-    std::vector<GenerateResult> sk(extra_ks.size());
+    std::vector<std::vector<double>> tk(variants.size());
+    std::vector<GenerateResult> sk(variants.size());
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -773,14 +847,16 @@ int Main(int argc, char** argv) {
         if (r > 0) tsg.push_back(sgr->seconds);
         sg = *sgr;
       }
-      for (size_t i = 0; i < extra_ks.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
+      for (size_t i = 0; i < variants.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
         if (spec_graph_runs) ops::SetSpeculativeGraph(true);
+        ops::SetSpecDraftRowsAll(variants[i].all_rows);
         GenerateOptions at_k = gen;
-        at_k.draft_heads = extra_ks[i];
+        at_k.draft_heads = variants[i].k;
         auto kr = GenerateSpeculative(model->get(), prompt, at_k);
+        ops::SetSpecDraftRowsAll(env_draft_rows_all);
         if (spec_graph_runs) ops::SetSpeculativeGraph(false);
         if (!kr.ok()) {
-          std::fprintf(stderr, "k=%ld: %s\n", (long)extra_ks[i], kr.status().ToString().c_str());
+          std::fprintf(stderr, "k=%ld: %s\n", (long)variants[i].k, kr.status().ToString().c_str());
           return 1;
         }
         if (r > 0) tk[i].push_back(kr->seconds);
@@ -863,14 +939,14 @@ int Main(int argc, char** argv) {
     }
     // The k = mtp_heads rounds: the graph's when it ran (its counts equal the eager rounds'), else eager.
     k_runs[0].Add(spec_graph_runs ? sg : s, spec_graph_runs ? median(tsg) : median(ts));
-    for (size_t i = 0; i < extra_ks.size(); ++i) {
+    for (size_t i = 0; i < variants.size(); ++i) {
       const bool same = sk[i].tokens == g.tokens;
       k_runs[i + 1].Add(sk[i], median(tk[i]));
       k_runs[i + 1].equal &= same;
       equal &= same;
-      std::printf("prompt %ld: speculative k=%ld (%s) %.1f tok/s, %.2f tokens/forward, equal to greedy %s\n", (long)p,
-                  (long)extra_ks[i], sk[i].decode_graph.c_str(), sk[i].tokens.size() / median(tk[i]),
-                  sk[i].tokens_per_forward(), same ? "yes" : "NO");
+      std::printf("prompt %ld: speculative k=%ld%s (%s) %.1f tok/s, %.2f tokens/forward, equal to greedy %s\n", (long)p,
+                  (long)variants[i].k, variants[i].name.c_str(), sk[i].decode_graph.c_str(),
+                  sk[i].tokens.size() / median(tk[i]), sk[i].tokens_per_forward(), same ? "yes" : "NO");
     }
     {
       std::vector<std::vector<int32_t>> seen;
@@ -952,36 +1028,36 @@ int Main(int argc, char** argv) {
                                kr.checked[i] ? double(kr.accepted[i]) / kr.checked[i] : 0.0, (long)kr.hits[i],
                                (long)kr.guesses[i], kr.guesses[i] ? double(kr.hits[i]) / kr.guesses[i] : 0.0);
     }
-    std::printf("SUMMARY_K %s k=%ld (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal to "
-                "greedy: %s\n", preset.c_str(), (long)kr.k, kr.mode.c_str(), kr.tokens / kr.seconds,
+    std::printf("SUMMARY_K %s k=%ld%s (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal "
+                "to greedy: %s\n", preset.c_str(), (long)kr.k, kr.name.c_str(), kr.mode.c_str(), kr.tokens / kr.seconds,
                 (kr.tokens / kr.seconds) / greedy_tok_s, graph_runs ? " graph" : "", greedy_tok_s,
                 double(kr.tokens) / std::max<int64_t>(kr.forwards, 1), heads.c_str(), kr.equal ? "yes" : "NO");
   }
-  if (!extra_ks.empty()) {
+  if (!variants.empty()) {
     // The prediction from the k = mtp_heads run alone: tokens a round at k from its heads'
-    // conditional acceptances a_i, E(k) = 1 + a_2 + a_2 a_3 + ..., over the timed round at k (the
-    // graph's on CUDA), against the greedy step; then the measured ratio beside it.
+    // conditional acceptances a_i, E(k) = 1 + a_2 + a_2 a_3 + ..., over the timed round of each
+    // variant (the graph's on CUDA), against the greedy step; the measured ratio beside it.
     const KRuns& full = k_runs[0];
     const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
     std::string line = absl::StrCat("PICK ", preset, ":");
-    int64_t best = 0;
+    std::string best;
     double best_ratio = 0;
-    for (int64_t kk = 2; kk <= mtp_heads; ++kk) {
-      if (std::isnan(round_k_ms[static_cast<size_t>(kk)])) continue;
+    for (size_t i = 0; i < k_runs.size(); ++i) {
+      const int64_t kk = k_runs[i].k;
+      const double rnd = i == 0 ? round_k_ms[static_cast<size_t>(kk)] : variants[i - 1].round_ms;
+      if (std::isnan(rnd)) continue;
       double expect = 1, run = 1;
-      for (int64_t i = 0; i + 1 < kk; ++i) {
-        run *= full.checked[i] ? double(full.accepted[i]) / full.checked[i] : 0.0;
+      for (int64_t h = 0; h + 1 < kk; ++h) {
+        run *= full.checked[h] ? double(full.accepted[h]) / full.checked[h] : 0.0;
         expect += run;
       }
-      const double ratio = expect * base / round_k_ms[static_cast<size_t>(kk)];
-      if (ratio > best_ratio) best_ratio = ratio, best = kk;
-      double measured = std::nan("");
-      for (const KRuns& kr : k_runs)
-        if (kr.k == kk) measured = (kr.tokens / kr.seconds) / greedy_tok_s;
-      line += absl::StrFormat(" k=%ld: E %.3f tokens a round / %.3f ms round = predicted x%.3f of greedy, measured "
-                              "x%.3f;", (long)kk, expect, round_k_ms[static_cast<size_t>(kk)], ratio, measured);
+      const double ratio = expect * base / rnd;
+      const std::string name = absl::StrCat("k=", kk, k_runs[i].name);
+      if (ratio > best_ratio) best_ratio = ratio, best = name;
+      line += absl::StrFormat(" %s: E %.3f tokens a round / %.3f ms round = predicted x%.3f of greedy, measured x%.3f;",
+                              name.c_str(), expect, rnd, ratio, (k_runs[i].tokens / k_runs[i].seconds) / greedy_tok_s);
     }
-    std::printf("%s predicted best k=%ld\n", line.c_str(), (long)best);
+    std::printf("%s predicted best %s\n", line.c_str(), best.c_str());
   }
   return all_equal ? 0 : 3;
 }

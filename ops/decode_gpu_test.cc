@@ -1340,6 +1340,7 @@ void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomi
       absl::StatusOr<std::unique_ptr<SpeculativeGraph>> made_graph = SpeculativeGraph::Capture(m.get(), graphed.get(), k);
       ASSERT_TRUE(made_graph.ok()) << name << ": " << made_graph.status();
       graph = std::move(*made_graph);
+      EXPECT_EQ(graph->all_draft_rows(), k == 2 && SpecDraftRowsAll()) << name;
       ++captures;
       nodes = graph->nodes();
       commit_bytes = graph->commit_bytes();
@@ -1393,16 +1394,21 @@ TEST_F(DecodeGpuTest, SpeculativeGraphBitwiseEqualsEagerRounds) {
     CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 30);
 }
 
-// The same at k = 2 and 3 draft heads of 4 (session 18: fewer heads where acceptance is low).
+// The same at k = 2 and 3 draft heads of 4 (session 18: fewer heads where acceptance is low), and
+// at k = 2 with the drafts of both positions from head 1's LM-head product (GYRE_SPEC_DRAFT_ROWS=all).
 TEST_F(DecodeGpuTest, SpeculativeGraphAtFewerDraftHeadsBitwiseEqualsEagerRounds) {
-  for (int64_t k : {2, 3}) {
-    CheckSpeculativeGraph("xlstm mLSTM+sLSTM", SmallXlstm(), true, 30, 0, 0, k);
-    CheckSpeculativeGraph("mamba2", SmallMamba2(), true, 30, 0, 0, k);
-    CheckSpeculativeGraph("llama", SmallLlama(), true, 60, 0, 0, k);
-    CheckSpeculativeGraph("mamba2+mixer", SmallMixerHybrid(), true, 60, 0, 0, k);
+  const bool was = SpecDraftRowsAll();
+  for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false}}) {
+    SetSpecDraftRowsAll(all_rows);
+    const std::string mode = all_rows ? " (all draft rows)" : "";
+    CheckSpeculativeGraph("xlstm mLSTM+sLSTM" + mode, SmallXlstm(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("mamba2" + mode, SmallMamba2(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("llama" + mode, SmallLlama(), true, 60, 0, 0, k);
+    CheckSpeculativeGraph("mamba2+mixer" + mode, SmallMixerHybrid(), true, 60, 0, 0, k);
     for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m"})
-      CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 20, 0, 0, k);
+      CheckSpeculativeGraph(preset + mode, *PresetSpec(preset), false, 20, 0, 0, k);
   }
+  SetSpecDraftRowsAll(was);
 }
 
 // The one-launch commit copies every span exactly (16-byte and 4-byte word paths, spans of
@@ -1518,7 +1524,7 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
                              {"llama", SmallLlama()},
                              {"mamba2+mixer", SmallMixerHybrid()}};
   for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
-  const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled();
+  const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled(), rows_was = SpecDraftRowsAll();
   for (Case& c : cases) {
     c.spec.mtp_heads = 4;
     auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
@@ -1530,12 +1536,14 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
     SetDecodeGraph(true);
     const auto greedy = eval::Generate(m, prompt, o);
     ASSERT_TRUE(greedy.ok());
-    for (int64_t k : {2, 3}) {
+    for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false}}) {
       o.draft_heads = k;
       SetSpeculativeGraph(false);
       const auto eager = eval::GenerateSpeculative(m, prompt, o);
       SetSpeculativeGraph(true);
+      SetSpecDraftRowsAll(all_rows);
       const auto graphed = eval::GenerateSpeculative(m, prompt, o);
+      SetSpecDraftRowsAll(rows_was);
       ASSERT_TRUE(eager.ok() && graphed.ok());
       const bool same_rounds = graphed->forwards == eager->forwards && graphed->accepted == eager->accepted &&
                                graphed->head_checked == eager->head_checked &&
@@ -1543,9 +1551,10 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
                                graphed->head_hits == eager->head_hits;
       const bool ok = eager->tokens == greedy->tokens && graphed->tokens == greedy->tokens && same_rounds &&
                       graphed->decode_graph == "graph";
-      std::printf("[%s] %s GenerateSpeculative k=%ld, 80 tokens: eager rounds == greedy %s, graph rounds == greedy %s "
-                  "('%s'), same rounds %s (%ld rounds, %.2f tokens a forward)\n",
-                  ok ? "PASS" : "FAIL", c.name.c_str(), (long)k, eager->tokens == greedy->tokens ? "yes" : "NO",
+      std::printf("[%s] %s GenerateSpeculative k=%ld%s, 80 tokens: eager rounds == greedy %s, graph rounds == greedy "
+                  "%s ('%s'), same rounds %s (%ld rounds, %.2f tokens a forward)\n",
+                  ok ? "PASS" : "FAIL", c.name.c_str(), (long)k, all_rows ? " (all draft rows)" : "",
+                  eager->tokens == greedy->tokens ? "yes" : "NO",
                   graphed->tokens == greedy->tokens ? "yes" : "NO", graphed->decode_graph.c_str(),
                   same_rounds ? "yes" : "NO", (long)graphed->forwards, graphed->tokens_per_forward());
       EXPECT_TRUE(ok) << c.name << " k " << k;
