@@ -188,7 +188,8 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     return absl::InvalidArgumentError("speculative decoding is greedy: temperature must be 0");
   }
   GenerateResult result;
-  for (auto* v : {&result.head_checked, &result.head_accepted, &result.head_hits, &result.head_guesses}) {
+  for (auto* v : {&result.head_checked, &result.head_accepted, &result.head_hits, &result.head_guesses,
+                  &result.head_repeats}) {
     v->assign(static_cast<size_t>(k - 1), 0);
   }
   // Each round's fed drafts with the output index of its kept token (draft i guesses the token
@@ -298,6 +299,7 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
       ++result.head_guesses[i];
       result.head_hits[i] += drafts[i] == result.tokens[first + 1 + i];
     }
+    for (size_t i = 1; i < drafts.size(); ++i) result.head_repeats[i] += drafts[i] == drafts[i - 1];
   }
   return result;
 }

@@ -41,7 +41,13 @@ struct GenerateOptions {
   int64_t stop_token = -1;   // generation ends after this id (included); -1: none
   int64_t max_context = 0;   // prompt + new tokens must fit (0: unlimited); longer prompts refused
   SamplingOptions sampling;
-  int64_t draft_heads = 0;   // speculative: heads 2..draft_heads draft (0: all mtp_heads)
+  // Speculative: heads 2..draft_heads draft (0: all mtp_heads). Fewer heads make a round cheaper
+  // (fewer head blocks, fewer rows) and drafts further ahead are accepted less: session 18 (one
+  // H100, 300 training steps, ops/DECODE_GRAPHS.md) measured k = 2 fastest for xlstm[1:0]-125m and
+  // mamba2-130m (x1.15 / x1.13 of greedy with its graph; k = 4 x0.90 / x0.79), while llama-125m's
+  // heads are accepted 0.85-0.98 a draft (k = 4). generate_bench --draft_heads prints the pick
+  // (PICK: tokens a round from the measured acceptance over the timed round at each k).
+  int64_t draft_heads = 0;
 };
 
 struct GenerateResult {
@@ -57,6 +63,9 @@ struct GenerateResult {
   // drafts fed whose guess equals the output token at that position (checked or not: the head's
   // hit rate on its own, head_hits[i] / head_guesses[i]).
   std::vector<int64_t> head_checked, head_accepted, head_hits, head_guesses;
+  // Per draft head from head 3 on (index i as above, entry 0 stays 0): drafts equal to the previous
+  // head's draft in the same round (both can be right only where the output repeats a token).
+  std::vector<int64_t> head_repeats;
   // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
   // (steps after the first replayed a captured graph; with attention blocks the steps that grow
   // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or

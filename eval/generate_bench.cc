@@ -759,7 +759,7 @@ int Main(int argc, char** argv) {
     int64_t k = 0;
     double seconds = 0;
     int64_t tokens = 0, forwards = 0;
-    std::vector<int64_t> checked, accepted, hits, guesses;
+    std::vector<int64_t> checked, accepted, hits, guesses, repeats;
     bool equal = true;
     std::string mode, name;
     void Add(const GenerateResult& r, double s) {
@@ -767,7 +767,8 @@ int Main(int argc, char** argv) {
       tokens += static_cast<int64_t>(r.tokens.size());
       forwards += r.forwards;
       for (auto [sum, part] : {std::pair{&checked, &r.head_checked}, std::pair{&accepted, &r.head_accepted},
-                               std::pair{&hits, &r.head_hits}, std::pair{&guesses, &r.head_guesses}}) {
+                               std::pair{&hits, &r.head_hits}, std::pair{&guesses, &r.head_guesses},
+                               std::pair{&repeats, &r.head_repeats}}) {
         sum->resize(part->size(), 0);
         for (size_t i = 0; i < part->size(); ++i) (*sum)[i] += (*part)[i];
       }
@@ -1027,6 +1028,7 @@ int Main(int argc, char** argv) {
                                (long)kr.accepted[i], (long)kr.checked[i],
                                kr.checked[i] ? double(kr.accepted[i]) / kr.checked[i] : 0.0, (long)kr.hits[i],
                                (long)kr.guesses[i], kr.guesses[i] ? double(kr.hits[i]) / kr.guesses[i] : 0.0);
+      if (i > 0) heads += absl::StrFormat(", = head %ld's draft %ld times", (long)i + 1, (long)kr.repeats[i]);
     }
     std::printf("SUMMARY_K %s k=%ld%s (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal "
                 "to greedy: %s\n", preset.c_str(), (long)kr.k, kr.name.c_str(), kr.mode.c_str(), kr.tokens / kr.seconds,

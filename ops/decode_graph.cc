@@ -243,7 +243,7 @@ void SetSpeculativeGraph(bool on) { SpecGraphSwitch() = on; }
 namespace {
 
 bool& SpecDraftRowsSwitch() {
-  static bool all = EnvChoice("GYRE_SPEC_DRAFT_ROWS", {"gather", "all"}, "gather") == "all";
+  static bool all = EnvChoice("GYRE_SPEC_DRAFT_ROWS", {"gather", "all"}, "all") == "all";
   return all;
 }
 
