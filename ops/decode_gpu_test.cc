@@ -210,6 +210,73 @@ TEST_F(DecodeGpuTest, GemmRowsMatchesFloat64AndIsRowInvariant) {
   EXPECT_FALSE(cuda_infer::GemmRows(other, stream, 3).ok());  // 1, 2 or 4 warps a column
 }
 
+// GemmRows' 4-row split kernel at a register cap (GYRE_GEMM_ROWS_MR4_BLOCKS 6 / 8) gives the bytes
+// of the uncapped kernel (0) on the decode shapes of the 125m models (the LM head, the mLSTM /
+// Mamba-2 projections, Mamba-2's fp32 dt), 2 and 4 warps a column; then times each setting (200
+// back-to-back launches, three alternating turns, the median turn) beside the 1-, 2- and 3-row
+// products of the same shape.
+TEST_F(DecodeGpuTest, GemmRowsFourRowRegisterCapBitwiseAndTime) {
+  Rng rng(43);
+  struct Shape {
+    int64_t n, k;
+    bool c_f32;
+  };
+  const Shape shapes[] = {{50304, 768, false}, {1536, 768, false}, {768, 1536, false}, {1792, 768, false}, {24, 768, true}};
+  cudaStream_t stream = static_cast<cudaStream_t>(Cuda().ComputeStream());
+  for (int warps : {2, 4}) {
+    for (const Shape& sh : shapes) {
+      const Tensor a_dev = ToCudaBf16(RandomBf16Host({4, sh.k}, 1.0, &rng));
+      const Tensor b_dev = ToCudaBf16(RandomBf16Host({sh.n, sh.k}, 1.0, &rng));
+      const DType cdt = sh.c_f32 ? DType::kF32 : DType::kBF16;
+      Tensor c = Tensor::Empty({4, sh.n}, cdt, Device::kCuda);
+      auto launch = [&](int64_t m, int blocks) {
+        gyre::cuda::GemmArgs g;
+        g.trans_b = true;
+        g.m = m; g.n = sh.n; g.k = sh.k;
+        g.a = a_dev.raw(); g.lda = sh.k;
+        g.b = b_dev.raw(); g.ldb = sh.k;
+        g.c = c.raw(); g.ldc = sh.n;
+        g.c_dtype = sh.c_f32 ? gyre::cuda::DType::kF32 : gyre::cuda::DType::kBf16;
+        return cuda_infer::GemmRows(g, stream, warps, blocks).ok();
+      };
+      std::vector<std::vector<uint8_t>> bytes;
+      for (int blocks : {0, 6, 8}) {
+        c.Fill(std::nan(""));
+        EXPECT_TRUE(launch(4, blocks));
+        const Tensor host = c.ToDevice(Device::kCpu);
+        const uint8_t* p = static_cast<const uint8_t*>(host.raw());
+        bytes.emplace_back(p, p + host.numel() * DTypeSize(cdt));
+      }
+      const bool same = bytes[1] == bytes[0] && bytes[2] == bytes[0];
+      // Timings: m = 1, 2, 3 (reference) and m = 4 under each cap.
+      const std::vector<std::pair<int64_t, int>> cases = {{1, 0}, {2, 0}, {3, 0}, {4, 0}, {4, 6}, {4, 8}};
+      std::vector<std::vector<double>> us(cases.size());
+      for (int turn = 0; turn < 3; ++turn) {
+        for (size_t i = 0; i < cases.size(); ++i) {
+          Cuda().Synchronize();
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int r = 0; r < 200; ++r) launch(cases[i].first, cases[i].second);
+          Cuda().Synchronize();
+          us[i].push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 200);
+        }
+      }
+      std::string t;
+      for (size_t i = 0; i < cases.size(); ++i) {
+        std::sort(us[i].begin(), us[i].end());
+        t += " m" + std::to_string(cases[i].first) + (cases[i].first == 4 ? "/cap" + std::to_string(cases[i].second) : "") +
+             " " + std::to_string(us[i][1]).substr(0, 6) + " us";
+      }
+      std::printf("[%s] gemm_rows w%d 4 x %ld x %ld%s: capped 6 / 8 == uncapped bytes %s;%s\n", same ? "PASS" : "FAIL",
+                  warps, (long)sh.n, (long)sh.k, sh.c_f32 ? " f32" : "", same ? "yes" : "NO", t.c_str());
+      EXPECT_TRUE(same);
+    }
+  }
+  gyre::cuda::GemmArgs bad;
+  bad.trans_b = true;
+  bad.m = bad.n = bad.k = bad.lda = bad.ldb = bad.ldc = 8;
+  EXPECT_FALSE(cuda_infer::GemmRows(bad, stream, 2, 7).ok());  // 0, 6 or 8 blocks
+}
+
 // The mLSTM decode step's q, k, v maps with the gates in one launch (Cuda().BlockDiagQkv,
 // ops/recurrent_cuda.h BlockDiagQkvRowsForward) against the two BlockDiagForward launches, every
 // bit of q, k, v, ig and fg, and against float64: rows 1..16 (one and two row tiles), 4 heads
