@@ -139,10 +139,6 @@ int Main(int argc, char** argv) {
                  "(graph rounds on CUDA) alternate with the others in every repeat, outputs compared with greedy "
                  "(SUMMARY_K, HEADS per-head acceptance, PICK: the k the k = mtp_heads run's acceptance and the "
                  "timed rounds predict)");
-  std::string mr4_blocks_ab;
-  app.add_option("--mr4_blocks_ab", mr4_blocks_ab,
-                 "comma-separated GYRE_GEMM_ROWS_MR4_BLOCKS caps (6, 8): every --draft_heads variant with 4-row products "
-                 "(k = 4, k = 2 with all draft rows) runs again under each cap (ops/cuda_infer.h SetGemmRowsMr4Blocks)");
   std::string spec_draft_rows = "env";
   app.add_option("--spec_draft_rows", spec_draft_rows,
                  "--draft_heads 2's graph rounds: env (GYRE_SPEC_DRAFT_ROWS), gather, all (ops/decode_graph.h "
@@ -190,7 +186,6 @@ int Main(int argc, char** argv) {
     int64_t k = 0;
     bool all_rows = false;  // GYRE_SPEC_DRAFT_ROWS=all (k = 2 graph rounds)
     std::string name;
-    int mr4 = -1;           // GYRE_GEMM_ROWS_MR4_BLOCKS for this variant (-1: the environment's)
     double round_ms = std::nan("");
   };
   const bool env_draft_rows_all = ops::SpecDraftRowsAll();
@@ -208,24 +203,6 @@ int Main(int argc, char** argv) {
       variants.push_back({k, true, " (drafts: all rows)"});
     } else {
       variants.push_back({k, k == 2 && all, k == 2 && all ? " (drafts: all rows)" : ""});
-    }
-    at = comma + 1;
-  }
-  const int env_mr4 = ops::GemmRowsMr4Blocks();
-  for (size_t at = 0; at < mr4_blocks_ab.size();) {
-    const size_t comma = std::min(mr4_blocks_ab.find(',', at), mr4_blocks_ab.size());
-    const int cap = std::stoi(mr4_blocks_ab.substr(at, comma - at));
-    if (cap != 0 && cap != 6 && cap != 8) {
-      std::fprintf(stderr, "--mr4_blocks_ab %d: 0, 6 or 8\n", cap);
-      return 2;
-    }
-    const size_t n = variants.size();
-    for (size_t i = 0; i < n; ++i) {
-      if (variants[i].mr4 >= 0 || !(variants[i].k == 4 || (variants[i].k == 2 && variants[i].all_rows))) continue;
-      Variant v = variants[i];
-      v.mr4 = cap;
-      v.name += absl::StrCat(" (4-row cap ", cap, ")");
-      variants.push_back(v);
     }
     at = comma + 1;
   }
@@ -661,7 +638,6 @@ int Main(int argc, char** argv) {
       for (size_t vi = 0; vi < variants.size(); ++vi) {
         const int64_t kk = variants[vi].k;
         ops::SetSpecDraftRowsAll(variants[vi].all_rows);
-        ops::SetGemmRowsMr4Blocks(variants[vi].mr4 >= 0 ? variants[vi].mr4 : env_mr4);
         auto st = (*model)->NewDecodeState(1);
         ops::LanguageModel::DecodeOptions pre;
         pre.heads = kk;
@@ -704,7 +680,6 @@ int Main(int argc, char** argv) {
       }
     }
     ops::SetSpecDraftRowsAll(env_draft_rows_all);
-    ops::SetGemmRowsMr4Blocks(env_mr4);
     for (size_t vi = 0; vi < variants.size(); ++vi) {
       const int64_t kk = variants[vi].k;
       const bool graphed = !v_all[vi].empty();
@@ -874,12 +849,10 @@ int Main(int argc, char** argv) {
       for (size_t i = 0; i < variants.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
         if (spec_graph_runs) ops::SetSpeculativeGraph(true);
         ops::SetSpecDraftRowsAll(variants[i].all_rows);
-        ops::SetGemmRowsMr4Blocks(variants[i].mr4 >= 0 ? variants[i].mr4 : env_mr4);
         GenerateOptions at_k = gen;
         at_k.draft_heads = variants[i].k;
         auto kr = GenerateSpeculative(model->get(), prompt, at_k);
         ops::SetSpecDraftRowsAll(env_draft_rows_all);
-        ops::SetGemmRowsMr4Blocks(env_mr4);
         if (spec_graph_runs) ops::SetSpeculativeGraph(false);
         if (!kr.ok()) {
           std::fprintf(stderr, "k=%ld: %s\n", (long)variants[i].k, kr.status().ToString().c_str());

@@ -438,7 +438,7 @@ class Backend final : public CudaBackend {
     a.c_in = g.c_in;
     if (!g.trans_a && g.trans_b && g.m > 0 && g.m <= cuda_infer::kGemmRowsMax && RowInvariantDecode()) {
       // Decoding's few-row products: a summation order that does not depend on m (cuda_infer.h).
-      OK_OR_DIE(cuda_infer::GemmRows(a, stream_, GemmRowsWarps(), GemmRowsMr4Blocks()));
+      OK_OR_DIE(cuda_infer::GemmRows(a, stream_, GemmRowsWarps()));
       return;
     }
     OK_OR_DIE(gemm_->Gemm(a, stream_));

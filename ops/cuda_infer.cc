@@ -79,21 +79,6 @@ int& GemmRowsWarpsSwitch() {
 
 int GemmRowsWarps() { return GemmRowsWarpsSwitch(); }
 
-namespace {
-
-int& GemmRowsMr4BlocksSwitch() {
-  static int blocks = std::stoi(EnvChoice("GYRE_GEMM_ROWS_MR4_BLOCKS", {"0", "6", "8"}, "0"));
-  return blocks;
-}
-
-}  // namespace
-
-int GemmRowsMr4Blocks() { return GemmRowsMr4BlocksSwitch(); }
-void SetGemmRowsMr4Blocks(int blocks) {
-  GYRE_CHECK(blocks == 0 || blocks == 6 || blocks == 8, "SetGemmRowsMr4Blocks(%d): 0, 6 or 8", blocks);
-  GemmRowsMr4BlocksSwitch() = blocks;
-}
-
 void SetGemmRowsWarps(int warps) {
   GYRE_CHECK(warps == 1 || warps == 2 || warps == 4, "GemmRows warps a column: 1, 2 or 4, got %d", warps);
   GemmRowsWarpsSwitch() = warps;

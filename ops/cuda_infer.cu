@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRows
 // fixed: nothing depends on m, alignment or instantiation, so rows stay bit-identical alone and
 // together (speculative == greedy). 4 / S columns a 128-thread block; S x the loads in flight.
 template <int MR, int S>
-__device__ __forceinline__ void GemmRowsSplit(const GemmRowsArgs& a, bool vec) {
+__global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(GemmRowsArgs a, bool vec) {
   static_assert(S == 2 || S == 4, "2 or 4 warps a column");
   constexpr int kCols = kGemmRowsWarps / S;
   __shared__ float partial[kGemmRowsWarps][MR];
@@ -673,23 +673,6 @@ __device__ __forceinline__ void GemmRowsSplit(const GemmRowsArgs& a, bool vec) {
       static_cast<bf16*>(a.c)[o] = __float2bfloat16(v);
     }
   }
-}
-
-template <int MR, int S>
-__global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(GemmRowsArgs a, bool vec) {
-  GemmRowsSplit<MR, S>(a, vec);
-}
-
-// The same split kernel at 4 rows with at least kMinBlocks blocks an SM (GYRE_GEMM_ROWS_MR4_BLOCKS,
-// ops/cuda_infer.h; session 18, helper spec18). Left to itself ptxas gives the 4-row instantiation
-// 85 registers (3 rows: 64), so an SM holds 5 blocks of 128 threads (20 warps) instead of 8 (32)
-// and the latency-bound product streams at ~60% of the 3-row rate: the LM head at 4 rows took
-// 94 µs against 59 µs at 3 (op profile, one H100). A register cap (kMinBlocks 6: 80 registers, 8:
-// 64) trades occupancy for a few spilled bytes. The PTX body is GemmRowsSplit<4, S>'s: only
-// ptxas' allocation differs, so every output has the same bits.
-template <int S, int kMinBlocks>
-__global__ void __launch_bounds__(kGemmRowsWarps * 32, kMinBlocks) gemm_rows_split_mr4_kernel(GemmRowsArgs a, bool vec) {
-  GemmRowsSplit<4, S>(a, vec);
 }
 
 }  // namespace
@@ -824,10 +807,7 @@ CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream) {
   return {};
 }
 
-CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column, int mr4_min_blocks) {
-  if (mr4_min_blocks != 0 && mr4_min_blocks != 6 && mr4_min_blocks != 8) {
-    return InvalidArgument("gemm_rows: 4-row blocks an SM 0 (ptxas' choice), 6 or 8");
-  }
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column) {
   if (g.trans_a || !g.trans_b || g.epilogue != gyre::cuda::GemmEpilogue::kNone) {
     return InvalidArgument("gemm_rows: only C = alpha A Bᵀ + beta C_in (no transposed A, no epilogue)");
   }
@@ -852,15 +832,6 @@ CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warp
     const int64_t cols = kGemmRowsWarps / warps_per_column;
     const unsigned split_blocks = static_cast<unsigned>((a.n + cols - 1) / cols);
     const int mr = a.m <= 8 ? static_cast<int>(a.m) : a.m <= 12 ? 12 : 16;
-    if (mr == 4 && mr4_min_blocks != 0) {
-      const bool two = warps_per_column == 2, six = mr4_min_blocks == 6;
-      if (two && six) gemm_rows_split_mr4_kernel<2, 6><<<split_blocks, threads, 0, stream>>>(a, vec);
-      else if (two) gemm_rows_split_mr4_kernel<2, 8><<<split_blocks, threads, 0, stream>>>(a, vec);
-      else if (six) gemm_rows_split_mr4_kernel<4, 6><<<split_blocks, threads, 0, stream>>>(a, vec);
-      else gemm_rows_split_mr4_kernel<4, 8><<<split_blocks, threads, 0, stream>>>(a, vec);
-      CUDA_RETURN_IF_LAUNCH_ERROR("gemm_rows_split_mr4_kernel");
-      return {};
-    }
 #define GYRE_GEMM_ROWS_SPLIT(R)                                                                       \
   case R:                                                                                             \
     if (warps_per_column == 2) gemm_rows_split_kernel<R, 2><<<split_blocks, threads, 0, stream>>>(a, vec); \

@@ -243,15 +243,6 @@ void SetDecodeAttnCluster(bool on);
 int GemmRowsWarps();
 void SetGemmRowsWarps(int warps);
 
-// GemmRows' 4-row split kernel at a register cap (session 18, helper spec18; ops/DECODE_GRAPHS.md):
-// GYRE_GEMM_ROWS_MR4_BLOCKS unset or "0" (ptxas' 85 registers: 5 blocks of 128 threads an SM,
-// session 17's kernel), "6" (80 registers) or "8" (64 registers, a few bytes spilled): at least
-// that many blocks an SM for the 4-row products (k = 4 speculative rounds, the k = 2 round's
-// one LM-head product over 4 rows). The same PTX body: the same bits. Read once; other values
-// stop the process naming the accepted ones. SetGemmRowsMr4Blocks overrides it (tests, benchmarks).
-int GemmRowsMr4Blocks();
-void SetGemmRowsMr4Blocks(int blocks);
-
 // The registered implementation, or null in a binary built without CUDA.
 CudaInference* CudaInferenceOrNull();
 // Aborts with a clear message when there is none.

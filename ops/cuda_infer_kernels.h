@@ -165,11 +165,7 @@ CudaResult DraftRows(const DraftRowsArgs& a, cudaStream_t stream);
 //   warps_per_column 2 or 4 (GYRE_GEMM_ROWS_WARPS, ops/cuda_infer.h): each column's groups dealt
 //   to that many warps (warp s: groups 32 s + l, 32 s + l + 32 S, ...), their sums added in warp
 //   order; another fixed order (other bits than 1), equally row-invariant, more loads in flight.
-//   mr4_min_blocks (GYRE_GEMM_ROWS_MR4_BLOCKS, ops/cuda_infer.h; split kernels only): 0 leaves the
-//   4-row instantiation's registers to ptxas (85: 5 blocks an SM), 6 or 8 caps them for that many
-//   blocks an SM; the same PTX body, so the same bits.
 constexpr int64_t kGemmRowsMax = 16;
-CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column = 1,
-                    int mr4_min_blocks = 0);
+CudaResult GemmRows(const gyre::cuda::GemmArgs& g, cudaStream_t stream, int warps_per_column = 1);
 
 }  // namespace gyre::ops::cuda_infer
