@@ -85,6 +85,24 @@ std::unique_ptr<Graph> AdoptCapture(absl::StatusOr<std::unique_ptr<Graph>> made,
 
 }  // namespace
 
+double DefaultRoundCost(int64_t k) { return 0.68 + 0.26 * static_cast<double>(k); }
+
+int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       std::span<const double> round_cost) {
+  int64_t best = 2;
+  double best_rate = 0, expect = 1, run = 1;
+  for (int64_t k = 2; k <= max_k; ++k) {
+    const size_t i = static_cast<size_t>(k - 2);
+    const double c = i < checked.size() ? static_cast<double>(checked[i]) : 0.0;
+    const double a = i < accepted.size() ? static_cast<double>(accepted[i]) : 0.0;
+    run *= (a + 1) / (c + 2);
+    expect += run;
+    const double cost = i < round_cost.size() ? round_cost[i] : DefaultRoundCost(k);
+    if (expect / cost > best_rate) best_rate = expect / cost, best = k;
+  }
+  return best;
+}
+
 int32_t Argmax(std::span<const float> logits) {
   return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
@@ -176,14 +194,19 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
                                                    const GenerateOptions& options) {
   if (absl::Status s = CheckPrompt(*model, prompt, options); !s.ok()) return s;
   const int64_t heads = model->spec().mtp_heads;
-  const int64_t k = options.draft_heads > 0 ? options.draft_heads : heads;
+  const bool auto_k = options.draft_heads == kAutoDraftHeads;
+  int64_t k = options.draft_heads > 0 ? options.draft_heads : heads;  // auto: all heads until the pick
   if (heads < 2) {
     return absl::FailedPreconditionError(absl::StrCat("speculative decoding needs MTP heads (model.mtp_heads >= 2); this model has ",
                                                       heads));
   }
+  if (options.draft_heads < 0 && !auto_k) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_heads ", options.draft_heads, ": -1 (auto), 0 (all) or a k"));
+  }
   if (k < 2 || k > heads) {
     return absl::InvalidArgumentError(absl::StrCat("draft_heads ", k, " must be in [2, mtp_heads = ", heads, "]"));
   }
+  if (auto_k && options.auto_rounds < 1) return absl::InvalidArgumentError("auto_rounds must be >= 1");
   if (options.sampling.temperature > 0) {
     return absl::InvalidArgumentError("speculative decoding is greedy: temperature must be 0");
   }
@@ -218,7 +241,22 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   // again); a failed capture leaves the eager rounds. result.decode_graph says which.
   bool capture = ops::SpeculativeGraphEnabled() && on_cuda;
   std::unique_ptr<ops::SpeculativeGraph> graph;
+  bool picked = !auto_k;
   while (!done()) {
+    if (!picked && result.forwards >= options.auto_rounds) {
+      // Auto: k from the acceptance so far, once; heads past it stop (DecodeChunk lets them fall
+      // behind), and a graph of the old k is dropped (the next round runs eagerly, then a capture).
+      picked = true;
+      const int64_t pick = PickDraftHeads(result.head_checked, result.head_accepted, k, options.round_cost);
+      if (pick < k) {
+        k = pick;
+        drafted.resize(static_cast<size_t>(k - 1));
+        if (graph != nullptr) {
+          graph.reset();
+          capture = true;
+        }
+      }
+    }
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};
     chunk.insert(chunk.end(), drafted.begin(), drafted.end());
@@ -293,6 +331,7 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     }
   }
   result.seconds = Seconds(begin);
+  result.draft_heads = k;
   // Output equals greedy decoding, so a draft's hit is its guess against greedy's token there.
   for (const auto& [first, drafts] : guesses) {
     for (size_t i = 0; i < drafts.size() && first + 1 + i < result.tokens.size(); ++i) {

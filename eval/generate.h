@@ -47,8 +47,25 @@ struct GenerateOptions {
   // mamba2-130m (x1.15 / x1.13 of greedy with its graph; k = 4 x0.90 / x0.79), while llama-125m's
   // heads are accepted 0.85-0.98 a draft (k = 4). generate_bench --draft_heads prints the pick
   // (PICK: tokens a round from the measured acceptance over the timed round at each k).
+  // -1 (kAutoDraftHeads): the first auto_rounds rounds draft with all heads, then k is picked once
+  // by PickDraftHeads from their acceptance and round_cost (heads past k fall behind; never back up).
   int64_t draft_heads = 0;
+  int64_t auto_rounds = 6;
+  // A round's cost at k draft heads in greedy steps, for k = 2, 3, ... (empty: DefaultRoundCost).
+  std::vector<double> round_cost;
 };
+constexpr int64_t kAutoDraftHeads = -1;
+
+// A speculative round's cost at k heads in greedy decode steps, as measured with both graphs on one
+// H100 (session 18, ops/DECODE_GRAPHS.md: xlstm[1:0]-125m / mamba2-130m 1.20 / 1.38-1.40 /
+// 1.69-1.74 at k = 2 / 3 / 4, llama-125m 1.25 / 1.88): 0.68 + 0.26 k.
+double DefaultRoundCost(int64_t k);
+// The k in [2, max_k] that maximises E(k) / cost(k): E(k) = 1 + a_2 + a_2 a_3 + ... + a_2..a_k the
+// expected tokens a round, a_i = (accepted[i - 2] + 1) / (checked[i - 2] + 2) head i's acceptance
+// given the heads before it (GenerateResult::head_accepted / head_checked; the +1 / +2 keeps an
+// unchecked head at 1/2), cost(k) = round_cost[k - 2] when given, else DefaultRoundCost(k).
+int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       std::span<const double> round_cost = {});
 
 struct GenerateResult {
   std::vector<int32_t> tokens;    // the new tokens only
@@ -66,6 +83,7 @@ struct GenerateResult {
   // Per draft head from head 3 on (index i as above, entry 0 stays 0): drafts equal to the previous
   // head's draft in the same round (both can be right only where the output repeats a token).
   std::vector<int64_t> head_repeats;
+  int64_t draft_heads = 0;        // speculative: the k the rounds ended with (auto: the pick)
   // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
   // (steps after the first replayed a captured graph; with attention blocks the steps that grow
   // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or

@@ -134,7 +134,8 @@ int Main(int argc, char** argv) {
       ->check(CLI::IsMember({"env", "serial", "split", "cluster", "both", "split_cluster"}));
   std::string draft_heads_list;
   app.add_option("--draft_heads", draft_heads_list,
-                 "speculative decoding at fewer draft heads too: comma-separated k in [2, mtp_heads) (e.g. 2,3); "
+                 "speculative decoding at other draft heads too: comma-separated k in [2, mtp_heads] or auto "
+                 "(GenerateSpeculative's kAutoDraftHeads; e.g. 2,3,auto); "
                  "each k's rounds are timed (COST_SPEC_K, the graph round on CUDA) and its GenerateSpeculative runs "
                  "(graph rounds on CUDA) alternate with the others in every repeat, outputs compared with greedy "
                  "(SUMMARY_K, HEADS per-head acceptance, PICK: the k the k = mtp_heads run's acceptance and the "
@@ -192,6 +193,11 @@ int Main(int argc, char** argv) {
   std::vector<Variant> variants;
   for (size_t at = 0; at < draft_heads_list.size();) {
     const size_t comma = std::min(draft_heads_list.find(',', at), draft_heads_list.size());
+    if (draft_heads_list.substr(at, comma - at) == "auto") {  // GenerateSpeculative picks k (kAutoDraftHeads)
+      variants.push_back({kAutoDraftHeads, false, " (auto)"});
+      at = comma + 1;
+      continue;
+    }
     const int64_t k = std::stoll(draft_heads_list.substr(at, comma - at));
     if (k < 2 || k > mtp_heads) {
       std::fprintf(stderr, "--draft_heads %ld: outside [2, mtp_heads = %ld]\n", (long)k, (long)mtp_heads);
@@ -637,6 +643,7 @@ int Main(int argc, char** argv) {
     for (int turn = 0; turn < turns; ++turn) {
       for (size_t vi = 0; vi < variants.size(); ++vi) {
         const int64_t kk = variants[vi].k;
+        if (kk < 2) continue;  // auto: no fixed round to time
         ops::SetSpecDraftRowsAll(variants[vi].all_rows);
         auto st = (*model)->NewDecodeState(1);
         ops::LanguageModel::DecodeOptions pre;
@@ -682,6 +689,7 @@ int Main(int argc, char** argv) {
     ops::SetSpecDraftRowsAll(env_draft_rows_all);
     for (size_t vi = 0; vi < variants.size(); ++vi) {
       const int64_t kk = variants[vi].k;
+      if (kk < 2) continue;
       const bool graphed = !v_all[vi].empty();
       const double rnd_k = graphed ? median_ms(v_all[vi]) : median_ms(v_eager[vi]);
       variants[vi].round_ms = rnd_k;
@@ -705,7 +713,7 @@ int Main(int argc, char** argv) {
       // included): against the greedy step's OPS lines above.
       std::vector<int64_t> ks = {mtp_heads};
       for (const Variant& v : variants)
-        if (std::find(ks.begin(), ks.end(), v.k) == ks.end()) ks.push_back(v.k);
+        if (v.k >= 2 && std::find(ks.begin(), ks.end(), v.k) == ks.end()) ks.push_back(v.k);
       for (const int64_t kk : ks) {
         auto st = (*model)->NewDecodeState(1);
         ops::LanguageModel::DecodeOptions pre;
@@ -760,8 +768,10 @@ int Main(int argc, char** argv) {
     std::vector<int64_t> checked, accepted, hits, guesses, repeats;
     bool equal = true;
     std::string mode, name;
+    std::vector<int64_t> ended_k;  // per prompt: the k its rounds ended with (auto's pick)
     void Add(const GenerateResult& r, double s) {
       seconds += s;
+      ended_k.push_back(r.draft_heads);
       tokens += static_cast<int64_t>(r.tokens.size());
       forwards += r.forwards;
       for (auto [sum, part] : {std::pair{&checked, &r.head_checked}, std::pair{&accepted, &r.head_accepted},
@@ -944,7 +954,7 @@ int Main(int argc, char** argv) {
       k_runs[i + 1].equal &= same;
       equal &= same;
       std::printf("prompt %ld: speculative k=%ld%s (%s) %.1f tok/s, %.2f tokens/forward, equal to greedy %s\n", (long)p,
-                  (long)variants[i].k, variants[i].name.c_str(), sk[i].decode_graph.c_str(),
+                  (long)sk[i].draft_heads, variants[i].name.c_str(), sk[i].decode_graph.c_str(),
                   sk[i].tokens.size() / median(tk[i]), sk[i].tokens_per_forward(), same ? "yes" : "NO");
     }
     {
@@ -1028,8 +1038,15 @@ int Main(int argc, char** argv) {
                                (long)kr.guesses[i], kr.guesses[i] ? double(kr.hits[i]) / kr.guesses[i] : 0.0);
       if (i > 0) heads += absl::StrFormat(", = head %ld's draft %ld times", (long)i + 1, (long)kr.repeats[i]);
     }
-    std::printf("SUMMARY_K %s k=%ld%s (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal "
-                "to greedy: %s\n", preset.c_str(), (long)kr.k, kr.name.c_str(), kr.mode.c_str(), kr.tokens / kr.seconds,
+    std::string ended;
+    if (kr.k < 2) {
+      ended = " (picked k:";
+      for (int64_t e : kr.ended_k) ended += absl::StrCat(" ", e);
+      ended += ")";
+    }
+    std::printf("SUMMARY_K %s k=%s%s%s (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal "
+                "to greedy: %s\n", preset.c_str(), kr.k < 2 ? "auto" : std::to_string(kr.k).c_str(), kr.name.c_str(),
+                ended.c_str(), kr.mode.c_str(), kr.tokens / kr.seconds,
                 (kr.tokens / kr.seconds) / greedy_tok_s, graph_runs ? " graph" : "", greedy_tok_s,
                 double(kr.tokens) / std::max<int64_t>(kr.forwards, 1), heads.c_str(), kr.equal ? "yes" : "NO");
   }
@@ -1044,6 +1061,7 @@ int Main(int argc, char** argv) {
     double best_ratio = 0;
     for (size_t i = 0; i < k_runs.size(); ++i) {
       const int64_t kk = k_runs[i].k;
+      if (kk < 2) continue;  // auto
       const double rnd = i == 0 ? round_k_ms[static_cast<size_t>(kk)] : variants[i - 1].round_ms;
       if (std::isnan(rnd)) continue;
       double expect = 1, run = 1;

@@ -1511,9 +1511,9 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
   SetDecodeGraph(was);
 }
 
-// GenerateSpeculative at draft_heads k = 2, 3 (of 4 MTP heads), eager rounds and graph rounds,
-// gives greedy decoding's tokens, and the graph's rounds the eager ones' counts (per draft head
-// too).
+// GenerateSpeculative at draft_heads k = 2, 3 (of 4 MTP heads) and auto, eager rounds and graph
+// rounds, gives greedy decoding's tokens, and the graph's rounds the eager ones' counts (per draft
+// head too, and auto's pick).
 TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
   struct Case {
     std::string name;
@@ -1536,8 +1536,11 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
     SetDecodeGraph(true);
     const auto greedy = eval::Generate(m, prompt, o);
     ASSERT_TRUE(greedy.ok());
-    for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false}}) {
+    // k = -1: auto (4 rounds at all heads, then PickDraftHeads; the graph is captured again at the pick).
+    for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false},
+                               std::pair{eval::kAutoDraftHeads, true}}) {
       o.draft_heads = k;
+      o.auto_rounds = 4;
       SetSpeculativeGraph(false);
       const auto eager = eval::GenerateSpeculative(m, prompt, o);
       SetSpeculativeGraph(true);
@@ -1548,15 +1551,16 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
       const bool same_rounds = graphed->forwards == eager->forwards && graphed->accepted == eager->accepted &&
                                graphed->head_checked == eager->head_checked &&
                                graphed->head_accepted == eager->head_accepted &&
-                               graphed->head_hits == eager->head_hits;
+                               graphed->head_hits == eager->head_hits && graphed->draft_heads == eager->draft_heads;
       const bool ok = eager->tokens == greedy->tokens && graphed->tokens == greedy->tokens && same_rounds &&
                       graphed->decode_graph == "graph";
       std::printf("[%s] %s GenerateSpeculative k=%ld%s, 80 tokens: eager rounds == greedy %s, graph rounds == greedy "
-                  "%s ('%s'), same rounds %s (%ld rounds, %.2f tokens a forward)\n",
+                  "%s ('%s'), same rounds %s (%ld rounds, %.2f tokens a forward, ended at k %ld)\n",
                   ok ? "PASS" : "FAIL", c.name.c_str(), (long)k, all_rows ? " (all draft rows)" : "",
                   eager->tokens == greedy->tokens ? "yes" : "NO",
                   graphed->tokens == greedy->tokens ? "yes" : "NO", graphed->decode_graph.c_str(),
-                  same_rounds ? "yes" : "NO", (long)graphed->forwards, graphed->tokens_per_forward());
+                  same_rounds ? "yes" : "NO", (long)graphed->forwards, graphed->tokens_per_forward(),
+                  (long)graphed->draft_heads);
       EXPECT_TRUE(ok) << c.name << " k " << k;
     }
   }
