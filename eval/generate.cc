@@ -239,23 +239,23 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   // captured once and replayed (ops/decode_graph.h SpeculativeGraph); rounds shorter than k (the
   // last ones) and rounds that must grow a KV cache run eagerly (then the graph is captured
   // again); a failed capture leaves the eager rounds. result.decode_graph says which.
-  bool capture = ops::SpeculativeGraphEnabled() && on_cuda;
+  // Auto captures only at its pick: a graph of the warm-up rounds' k would be dropped a few rounds
+  // later (call 3: a second capture a prompt cost ~15% of a 64-token generation).
+  const bool graphs = ops::SpeculativeGraphEnabled() && on_cuda;
+  bool capture = graphs && !auto_k;
   std::unique_ptr<ops::SpeculativeGraph> graph;
   bool picked = !auto_k;
   while (!done()) {
     if (!picked && result.forwards >= options.auto_rounds) {
-      // Auto: k from the acceptance so far, once; heads past it stop (DecodeChunk lets them fall
-      // behind), and a graph of the old k is dropped (the next round runs eagerly, then a capture).
+      // Auto: k from the acceptance so far (eager rounds), once; heads past it stop (DecodeChunk
+      // lets them fall behind); the graph is captured after the next round, at that k.
       picked = true;
       const int64_t pick = PickDraftHeads(result.head_checked, result.head_accepted, k, options.round_cost);
       if (pick < k) {
         k = pick;
         drafted.resize(static_cast<size_t>(k - 1));
-        if (graph != nullptr) {
-          graph.reset();
-          capture = true;
-        }
       }
+      capture = graphs;  // the next eager round is the warm-up
     }
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};

@@ -47,10 +47,11 @@ struct GenerateOptions {
   // mamba2-130m (x1.15 / x1.13 of greedy with its graph; k = 4 x0.90 / x0.79), while llama-125m's
   // heads are accepted 0.85-0.98 a draft (k = 4). generate_bench --draft_heads prints the pick
   // (PICK: tokens a round from the measured acceptance over the timed round at each k).
-  // -1 (kAutoDraftHeads): the first auto_rounds rounds draft with all heads, then k is picked once
-  // by PickDraftHeads from their acceptance and round_cost (heads past k fall behind; never back up).
+  // -1 (kAutoDraftHeads): the first auto_rounds rounds draft with all heads (eagerly), then k is
+  // picked once by PickDraftHeads from their acceptance and round_cost (heads past k fall behind;
+  // never back up) and the rounds are captured at that k.
   int64_t draft_heads = 0;
-  int64_t auto_rounds = 6;
+  int64_t auto_rounds = 4;
   // A round's cost at k draft heads in greedy steps, for k = 2, 3, ... (empty: DefaultRoundCost).
   std::vector<double> round_cost;
 };
