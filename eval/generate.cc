@@ -85,6 +85,24 @@ std::unique_ptr<Graph> AdoptCapture(absl::StatusOr<std::unique_ptr<Graph>> made,
 
 }  // namespace
 
+double DefaultRoundCost(int64_t k) { return 0.68 + 0.26 * static_cast<double>(k); }
+
+int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       std::span<const double> round_cost) {
+  int64_t best = 2;
+  double best_rate = 0, expect = 1, run = 1;
+  for (int64_t k = 2; k <= max_k; ++k) {
+    const size_t i = static_cast<size_t>(k - 2);
+    const double c = i < checked.size() ? static_cast<double>(checked[i]) : 0.0;
+    const double a = i < accepted.size() ? static_cast<double>(accepted[i]) : 0.0;
+    run *= (a + 1) / (c + 2);
+    expect += run;
+    const double cost = i < round_cost.size() ? round_cost[i] : DefaultRoundCost(k);
+    if (expect / cost > best_rate) best_rate = expect / cost, best = k;
+  }
+  return best;
+}
+
 int32_t Argmax(std::span<const float> logits) {
   return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
@@ -176,18 +194,30 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
                                                    const GenerateOptions& options) {
   if (absl::Status s = CheckPrompt(*model, prompt, options); !s.ok()) return s;
   const int64_t heads = model->spec().mtp_heads;
-  const int64_t k = options.draft_heads > 0 ? options.draft_heads : heads;
+  const bool auto_k = options.draft_heads == kAutoDraftHeads;
+  int64_t k = options.draft_heads > 0 ? options.draft_heads : heads;  // auto: all heads until the pick
   if (heads < 2) {
     return absl::FailedPreconditionError(absl::StrCat("speculative decoding needs MTP heads (model.mtp_heads >= 2); this model has ",
                                                       heads));
   }
+  if (options.draft_heads < 0 && !auto_k) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_heads ", options.draft_heads, ": -1 (auto), 0 (all) or a k"));
+  }
   if (k < 2 || k > heads) {
     return absl::InvalidArgumentError(absl::StrCat("draft_heads ", k, " must be in [2, mtp_heads = ", heads, "]"));
   }
+  if (auto_k && options.auto_rounds < 1) return absl::InvalidArgumentError("auto_rounds must be >= 1");
   if (options.sampling.temperature > 0) {
     return absl::InvalidArgumentError("speculative decoding is greedy: temperature must be 0");
   }
   GenerateResult result;
+  for (auto* v : {&result.head_checked, &result.head_accepted, &result.head_hits, &result.head_guesses,
+                  &result.head_repeats}) {
+    v->assign(static_cast<size_t>(k - 1), 0);
+  }
+  // Each round's fed drafts with the output index of its kept token (draft i guesses the token
+  // i + 1 after it; counted against the output at the end: head_hits / head_guesses).
+  std::vector<std::pair<size_t, std::vector<int32_t>>> guesses;
   auto state = model->NewDecodeState(1);
   const int64_t prefill_begin = Clock::Real()->NowMicros();
   std::vector<ops::Tensor> logits = Prefill(model, prompt, k, state.get());
@@ -209,9 +239,24 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   // captured once and replayed (ops/decode_graph.h SpeculativeGraph); rounds shorter than k (the
   // last ones) and rounds that must grow a KV cache run eagerly (then the graph is captured
   // again); a failed capture leaves the eager rounds. result.decode_graph says which.
-  bool capture = ops::SpeculativeGraphEnabled() && on_cuda;
+  // Auto captures only at its pick: a graph of the warm-up rounds' k would be dropped a few rounds
+  // later (call 3: a second capture a prompt cost ~15% of a 64-token generation).
+  const bool graphs = ops::SpeculativeGraphEnabled() && on_cuda;
+  bool capture = graphs && !auto_k;
   std::unique_ptr<ops::SpeculativeGraph> graph;
+  bool picked = !auto_k;
   while (!done()) {
+    if (!picked && result.forwards >= options.auto_rounds) {
+      // Auto: k from the acceptance so far (eager rounds), once; heads past it stop (DecodeChunk
+      // lets them fall behind); the graph is captured after the next round, at that k.
+      picked = true;
+      const int64_t pick = PickDraftHeads(result.head_checked, result.head_accepted, k, options.round_cost);
+      if (pick < k) {
+        k = pick;
+        drafted.resize(static_cast<size_t>(k - 1));
+      }
+      capture = graphs;  // the next eager round is the warm-up
+    }
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};
     chunk.insert(chunk.end(), drafted.begin(), drafted.end());
@@ -221,6 +266,7 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     // Drafts past max_new_tokens would be thrown away: do not feed them.
     const int64_t room = options.max_new_tokens - static_cast<int64_t>(result.tokens.size());
     chunk.resize(static_cast<size_t>(std::min<int64_t>(k, room + 1)));
+    guesses.emplace_back(result.tokens.size() - 1, std::vector<int32_t>(chunk.begin() + 1, chunk.end()));
     const bool full = static_cast<int64_t>(chunk.size()) == k;
     if (graph != nullptr && full && graph->MustGrow()) {
       graph.reset();  // this round grows a KV cache eagerly; capture again after it
@@ -236,7 +282,9 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
       int64_t accepted = 0;
       while (accepted + 1 < k && !done()) {
         ++result.drafted;
+        ++result.head_checked[accepted];
         if (chunk[accepted + 1] != head1[accepted]) break;
+        ++result.head_accepted[accepted];
         ++accepted;
         result.tokens.push_back(chunk[accepted]);
       }
@@ -262,7 +310,9 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     int64_t accepted = 0;
     while (accepted + 1 < static_cast<int64_t>(chunk.size()) && !done()) {
       ++result.drafted;
+      ++result.head_checked[accepted];
       if (chunk[accepted + 1] != head1[accepted]) break;
+      ++result.head_accepted[accepted];
       ++accepted;
       result.tokens.push_back(chunk[accepted]);
     }
@@ -281,6 +331,15 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     }
   }
   result.seconds = Seconds(begin);
+  result.draft_heads = k;
+  // Output equals greedy decoding, so a draft's hit is its guess against greedy's token there.
+  for (const auto& [first, drafts] : guesses) {
+    for (size_t i = 0; i < drafts.size() && first + 1 + i < result.tokens.size(); ++i) {
+      ++result.head_guesses[i];
+      result.head_hits[i] += drafts[i] == result.tokens[first + 1 + i];
+    }
+    for (size_t i = 1; i < drafts.size(); ++i) result.head_repeats[i] += drafts[i] == drafts[i - 1];
+  }
   return result;
 }
 

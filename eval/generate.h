@@ -41,8 +41,32 @@ struct GenerateOptions {
   int64_t stop_token = -1;   // generation ends after this id (included); -1: none
   int64_t max_context = 0;   // prompt + new tokens must fit (0: unlimited); longer prompts refused
   SamplingOptions sampling;
-  int64_t draft_heads = 0;   // speculative: heads 2..draft_heads draft (0: all mtp_heads)
+  // Speculative: heads 2..draft_heads draft (0: all mtp_heads). Fewer heads make a round cheaper
+  // (fewer head blocks, fewer rows) and drafts further ahead are accepted less: session 18 (one
+  // H100, 300 training steps, ops/DECODE_GRAPHS.md) measured k = 2 fastest for xlstm[1:0]-125m and
+  // mamba2-130m (x1.15 / x1.13 of greedy with its graph; k = 4 x0.90 / x0.79), while llama-125m's
+  // heads are accepted 0.85-0.98 a draft (k = 4). generate_bench --draft_heads prints the pick
+  // (PICK: tokens a round from the measured acceptance over the timed round at each k).
+  // -1 (kAutoDraftHeads): the first auto_rounds rounds draft with all heads (eagerly), then k is
+  // picked once by PickDraftHeads from their acceptance and round_cost (heads past k fall behind;
+  // never back up) and the rounds are captured at that k.
+  int64_t draft_heads = 0;
+  int64_t auto_rounds = 4;
+  // A round's cost at k draft heads in greedy steps, for k = 2, 3, ... (empty: DefaultRoundCost).
+  std::vector<double> round_cost;
 };
+constexpr int64_t kAutoDraftHeads = -1;
+
+// A speculative round's cost at k heads in greedy decode steps, as measured with both graphs on one
+// H100 (session 18, ops/DECODE_GRAPHS.md: xlstm[1:0]-125m / mamba2-130m 1.20 / 1.38-1.40 /
+// 1.69-1.74 at k = 2 / 3 / 4, llama-125m 1.25 / 1.88): 0.68 + 0.26 k.
+double DefaultRoundCost(int64_t k);
+// The k in [2, max_k] that maximises E(k) / cost(k): E(k) = 1 + a_2 + a_2 a_3 + ... + a_2..a_k the
+// expected tokens a round, a_i = (accepted[i - 2] + 1) / (checked[i - 2] + 2) head i's acceptance
+// given the heads before it (GenerateResult::head_accepted / head_checked; the +1 / +2 keeps an
+// unchecked head at 1/2), cost(k) = round_cost[k - 2] when given, else DefaultRoundCost(k).
+int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       std::span<const double> round_cost = {});
 
 struct GenerateResult {
   std::vector<int32_t> tokens;    // the new tokens only
@@ -51,6 +75,16 @@ struct GenerateResult {
   int64_t drafted = 0;            // speculative: drafts checked (a round stops checking at its first rejection)
   int64_t accepted = 0;           // speculative: drafts accepted
   int64_t proposed = 0;           // speculative: drafts fed to the model (k - 1 per round, fewer at the end)
+  // Speculative, per draft head (index i = head i + 2, k - 1 entries): drafts checked and accepted
+  // (the rule stops at a round's first rejection, so head i + 2 is checked only where heads
+  // 2..i + 1 were accepted: head_accepted[i] / head_checked[i] is its acceptance given theirs), and
+  // drafts fed whose guess equals the output token at that position (checked or not: the head's
+  // hit rate on its own, head_hits[i] / head_guesses[i]).
+  std::vector<int64_t> head_checked, head_accepted, head_hits, head_guesses;
+  // Per draft head from head 3 on (index i as above, entry 0 stays 0): drafts equal to the previous
+  // head's draft in the same round (both can be right only where the output repeats a token).
+  std::vector<int64_t> head_repeats;
+  int64_t draft_heads = 0;        // speculative: the k the rounds ended with (auto: the pick)
   // Greedy / sampled Generate on CUDA with decode graphs on (GYRE_DECODE_GRAPH; ops/decode_graph.h): "graph"
   // (steps after the first replayed a captured graph; with attention blocks the steps that grow
   // a KV cache run eagerly and the graph is captured again), "eager" (off, or not CUDA), or

@@ -15,12 +15,15 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "eval/generate.h"
 #include "ops/blas_env.h"
 #include "ops/cuda_backend.h"
@@ -129,6 +132,19 @@ int Main(int argc, char** argv) {
                  "graph Generate runs too: SUMMARY_DECODE_ATTN, tokens compared but not required equal: the split "
                  "kernel sums in another order), split_cluster (the same A/B with split before and cluster after)")
       ->check(CLI::IsMember({"env", "serial", "split", "cluster", "both", "split_cluster"}));
+  std::string draft_heads_list;
+  app.add_option("--draft_heads", draft_heads_list,
+                 "speculative decoding at other draft heads too: comma-separated k in [2, mtp_heads] or auto "
+                 "(GenerateSpeculative's kAutoDraftHeads; e.g. 2,3,auto); "
+                 "each k's rounds are timed (COST_SPEC_K, the graph round on CUDA) and its GenerateSpeculative runs "
+                 "(graph rounds on CUDA) alternate with the others in every repeat, outputs compared with greedy "
+                 "(SUMMARY_K, HEADS per-head acceptance, PICK: the k the k = mtp_heads run's acceptance and the "
+                 "timed rounds predict)");
+  std::string spec_draft_rows = "env";
+  app.add_option("--spec_draft_rows", spec_draft_rows,
+                 "--draft_heads 2's graph rounds: env (GYRE_SPEC_DRAFT_ROWS), gather, all (ops/decode_graph.h "
+                 "SpecDraftRowsAll), both (the two as separate variants, alternating)")
+      ->check(CLI::IsMember({"env", "gather", "all", "both"}));
   std::string attn_lengths = "64,256,1024,4096";
   app.add_option("--attn_lengths", attn_lengths, "--decode_attn both: the cache lengths timed, comma-separated");
   CLI11_PARSE(app, argc, argv);
@@ -165,6 +181,37 @@ int Main(int argc, char** argv) {
     if (rope_ab) ops::SetDecodeRopeAppendOneLaunch(on);
     if (attn_ab) set_attn(on);
   };
+
+  // --draft_heads (and at k = 2 --spec_draft_rows): the speculative variants run besides k = mtp_heads.
+  struct Variant {
+    int64_t k = 0;
+    bool all_rows = false;  // GYRE_SPEC_DRAFT_ROWS=all (k = 2 graph rounds)
+    std::string name;
+    double round_ms = std::nan("");
+  };
+  const bool env_draft_rows_all = ops::SpecDraftRowsAll();
+  std::vector<Variant> variants;
+  for (size_t at = 0; at < draft_heads_list.size();) {
+    const size_t comma = std::min(draft_heads_list.find(',', at), draft_heads_list.size());
+    if (draft_heads_list.substr(at, comma - at) == "auto") {  // GenerateSpeculative picks k (kAutoDraftHeads)
+      variants.push_back({kAutoDraftHeads, false, " (auto)"});
+      at = comma + 1;
+      continue;
+    }
+    const int64_t k = std::stoll(draft_heads_list.substr(at, comma - at));
+    if (k < 2 || k > mtp_heads) {
+      std::fprintf(stderr, "--draft_heads %ld: outside [2, mtp_heads = %ld]\n", (long)k, (long)mtp_heads);
+      return 2;
+    }
+    const bool all = spec_draft_rows == "all" || (spec_draft_rows == "env" && env_draft_rows_all);
+    if (k == 2 && spec_draft_rows == "both") {
+      variants.push_back({k, false, " (drafts gathered)"});
+      variants.push_back({k, true, " (drafts: all rows)"});
+    } else {
+      variants.push_back({k, k == 2 && all, k == 2 && all ? " (drafts: all rows)" : ""});
+    }
+    at = comma + 1;
+  }
 
   std::ifstream in(tokens_path, std::ios::binary);
   const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -251,6 +298,8 @@ int Main(int argc, char** argv) {
   std::printf("trained %ld steps in %.1f s\n", (long)train_steps,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_train).count());
 
+  double greedy_graph_step_ms = std::nan(""), greedy_step_ms = std::nan("");
+  std::vector<double> round_k_ms(static_cast<size_t>(mtp_heads + 1), std::nan(""));  // by k: keep-k round
   // Cost of one speculative round (DecodeChunk of k = mtp_heads tokens, rewindable, deferred
   // draft logits, Rewind to all k, DraftLogits) against one greedy DecodeStep (head 1 only), at
   // positions 32.. of a fresh state: k * step / round is the speed-up full acceptance would give.
@@ -294,6 +343,8 @@ int Main(int argc, char** argv) {
       if (r >= 2) round_ms.push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
     }
     const double step = median_ms(step_ms), rnd = median_ms(round_ms);
+    greedy_step_ms = step;
+    round_k_ms[static_cast<size_t>(k)] = rnd;
     std::printf("COST %s: greedy step %.3f ms, speculative round of k=%ld %.3f ms (= %.2f steps); full-acceptance "
                 "ceiling x%.2f\n", preset.c_str(), step, (long)k, rnd, rnd / step, k * step / rnd);
     if (cuda && spec_graph == "both") {
@@ -331,6 +382,7 @@ int Main(int argc, char** argv) {
               std::chrono::duration<double, std::milli>(now() - t0).count());
         }
         const double all = median_ms(keep_all_ms), one = median_ms(keep_one_ms);
+        round_k_ms[static_cast<size_t>(k)] = all;
         std::printf("COST_SPEC_GRAPH %s: speculative round of k=%ld %.3f ms eager (keep k), graph %.3f ms keep k, "
                     "%.3f ms keep 1 (commit %.1f MB), %ld nodes, %ld recaptures, x%.2f; full-acceptance ceiling "
                     "x%.2f\n", preset.c_str(), (long)k, rnd, all, one, (*graph)->commit_bytes() / 1e6,
@@ -575,8 +627,123 @@ int Main(int argc, char** argv) {
           ops::Cuda().ProfilerRange(false);
         }
         const double g = median_ms(graph_ms);
+        greedy_graph_step_ms = g;
         std::printf("COST_GRAPH %s: greedy step %.3f ms eager, %.3f ms graph (%ld nodes, %ld recaptures), x%.2f\n",
                     preset.c_str(), step, g, (long)(*graph)->nodes(), (long)recaptures, step / g);
+      }
+    }
+    // Rounds at fewer draft heads (--draft_heads): each variant on a fresh state prefilled with
+    // heads 1..k (the others fall behind, as GenerateSpeculative's at that k), eager rounds (the
+    // first two warm up), then on CUDA the round replayed from its SpeculativeGraph, keep k and
+    // keep 1 alternating. The same positions and tokens for every variant; with an A/B
+    // (--spec_draft_rows both) the variants alternate over two turns.
+    const int turns = spec_draft_rows == "both" ? 2 : 1;
+    std::vector<std::vector<double>> v_eager(variants.size()), v_all(variants.size()), v_one(variants.size());
+    std::vector<std::string> v_graph(variants.size());
+    for (int turn = 0; turn < turns; ++turn) {
+      for (size_t vi = 0; vi < variants.size(); ++vi) {
+        const int64_t kk = variants[vi].k;
+        if (kk < 2) continue;  // auto: no fixed round to time
+        ops::SetSpecDraftRowsAll(variants[vi].all_rows);
+        auto st = (*model)->NewDecodeState(1);
+        ops::LanguageModel::DecodeOptions pre;
+        pre.heads = kk;
+        pre.last_position_only = true;
+        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        ops::LanguageModel::DecodeOptions rk = round;
+        rk.heads = kk;
+        size_t at = split + 32;
+        for (int64_t r = 0; r < reps / 2 + 2; ++r) {
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          sync();
+          const auto t0 = now();
+          (*model)->DecodeChunk(chunk, kk, st.get(), rk);
+          if (!(*model)->Rewind(st.get(), kk).ok()) return 1;
+          (*model)->DraftLogits(*st, kk - 1);
+          sync();
+          if (r >= 2) v_eager[vi].push_back(std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        if (!(cuda && spec_graph == "both")) continue;
+        auto graph = ops::SpeculativeGraph::Capture(model->get(), st.get(), kk);
+        if (!graph.ok()) {
+          v_graph[vi] = absl::StrCat("; graph: ", graph.status().ToString());
+          continue;
+        }
+        for (int64_t r = 0; r < 2 * reps + 4 && !(*graph)->MustGrow(); ++r) {
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          const int64_t keep = r % 2 == 0 ? kk : 1;
+          sync();
+          const auto t0 = now();
+          if (!(*graph)->Round(chunk, keep).ok() || !(*graph)->Commit(keep).ok()) return 1;
+          sync();
+          if (r >= 4) (keep == kk ? v_all : v_one)[vi].push_back(
+              std::chrono::duration<double, std::milli>(now() - t0).count());
+        }
+        v_graph[vi] = absl::StrFormat(", graph %%s ms keep k, %%s ms keep 1 (commit %.1f MB, %ld nodes, drafts %s)",
+                                      (*graph)->commit_bytes() / 1e6, (long)(*graph)->nodes(),
+                                      (*graph)->all_draft_rows() ? "all rows" : "gathered");
+      }
+    }
+    ops::SetSpecDraftRowsAll(env_draft_rows_all);
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+      const int64_t kk = variants[vi].k;
+      if (kk < 2) continue;
+      const bool graphed = !v_all[vi].empty();
+      const double rnd_k = graphed ? median_ms(v_all[vi]) : median_ms(v_eager[vi]);
+      variants[vi].round_ms = rnd_k;
+      if (std::isnan(round_k_ms[static_cast<size_t>(kk)])) round_k_ms[static_cast<size_t>(kk)] = rnd_k;  // the first
+      std::string line = absl::StrFormat("COST_SPEC_K %s k=%ld%s: eager round %.3f ms", preset.c_str(), (long)kk,
+                                         variants[vi].name.c_str(), median_ms(v_eager[vi]));
+      std::string g = v_graph[vi];
+      if (graphed) {
+        const size_t a = g.find("%s"), b = g.find("%s", a + 2);
+        g = g.substr(0, a) + absl::StrFormat("%.3f", median_ms(v_all[vi])) + g.substr(a + 2, b - a - 2) +
+            absl::StrFormat("%.3f", median_ms(v_one[vi])) + g.substr(b + 2);
+      }
+      line += g;
+      const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
+      line += absl::StrFormat(" = %.2f greedy %s steps (%.3f ms)", rnd_k / base,
+                              std::isnan(greedy_graph_step_ms) ? "eager" : "graph", base);
+      std::printf("%s\n", line.c_str());
+    }
+    if (cuda && op_profile > 0) {
+      // Where an eager round's GPU time goes, per k (events around every op, the decode kernels
+      // included): against the greedy step's OPS lines above.
+      std::vector<int64_t> ks = {mtp_heads};
+      for (const Variant& v : variants)
+        if (v.k >= 2 && std::find(ks.begin(), ks.end(), v.k) == ks.end()) ks.push_back(v.k);
+      for (const int64_t kk : ks) {
+        auto st = (*model)->NewDecodeState(1);
+        ops::LanguageModel::DecodeOptions pre;
+        pre.heads = kk;
+        pre.last_position_only = true;
+        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        ops::LanguageModel::DecodeOptions rk = round;
+        rk.heads = kk;
+        size_t at = split + 500;
+        for (int64_t r = 0; r < op_profile + 1; ++r) {
+          if (r == 1) ops::Cuda().SetOpProfiling(true);
+          const std::vector<int32_t> chunk(data.begin() + at, data.begin() + at + kk);
+          at += kk;
+          (*model)->DecodeChunk(chunk, kk, st.get(), rk);
+          if (!(*model)->Rewind(st.get(), 1).ok()) return 1;  // keep 1: the commonest round
+          (*model)->DraftLogits(*st, 0);
+        }
+        std::vector<ops::CudaBackend::OpTime> prof = ops::Cuda().TakeOpProfile();
+        ops::Cuda().SetOpProfiling(false);
+        std::sort(prof.begin(), prof.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+        double busy = 0;
+        int64_t calls = 0;
+        for (const auto& o : prof) busy += o.seconds, calls += o.calls;
+        std::printf("OPS_ROUND %s k=%ld: %ld eager rounds (keep 1): GPU busy %.1f us a round in %.1f ops a round\n",
+                    preset.c_str(), (long)kk, (long)op_profile, busy * 1e6 / op_profile, double(calls) / op_profile);
+        for (size_t i = 0; i < prof.size() && i < 18; ++i) {
+          std::printf("OPS_ROUND   k=%ld %-44s %6.1f calls  %7.1f us a round  (%5.2f us a call)\n", (long)kk,
+                      prof[i].label.c_str(), double(prof[i].calls) / op_profile,
+                      prof[i].seconds * 1e6 / op_profile, prof[i].seconds * 1e6 / std::max<int64_t>(prof[i].calls, 1));
+        }
       }
     }
   }
@@ -592,6 +759,36 @@ int Main(int argc, char** argv) {
   const bool eager_runs = !cuda || decode_graph != "on", graph_runs = cuda && decode_graph != "off";
   int64_t tokens = 0, forwards = 0, accepted = 0, drafted = 0, proposed = 0;
   bool all_equal = true;
+  // Per k (mtp_heads first, then --draft_heads): seconds (median a prompt, summed), tokens, rounds,
+  // per-draft-head counts summed over the prompts, outputs equal to greedy.
+  struct KRuns {
+    int64_t k = 0;
+    double seconds = 0;
+    int64_t tokens = 0, forwards = 0;
+    std::vector<int64_t> checked, accepted, hits, guesses, repeats;
+    bool equal = true;
+    std::string mode, name;
+    std::vector<int64_t> ended_k;  // per prompt: the k its rounds ended with (auto's pick)
+    void Add(const GenerateResult& r, double s) {
+      seconds += s;
+      ended_k.push_back(r.draft_heads);
+      tokens += static_cast<int64_t>(r.tokens.size());
+      forwards += r.forwards;
+      for (auto [sum, part] : {std::pair{&checked, &r.head_checked}, std::pair{&accepted, &r.head_accepted},
+                               std::pair{&hits, &r.head_hits}, std::pair{&guesses, &r.head_guesses},
+                               std::pair{&repeats, &r.head_repeats}}) {
+        sum->resize(part->size(), 0);
+        for (size_t i = 0; i < part->size(); ++i) (*sum)[i] += (*part)[i];
+      }
+      mode = r.decode_graph;
+    }
+  };
+  std::vector<KRuns> k_runs(1 + variants.size());
+  k_runs[0].k = mtp_heads;
+  for (size_t i = 0; i < variants.size(); ++i) k_runs[i + 1].k = variants[i].k, k_runs[i + 1].name = variants[i].name;
+  // Distinct 4-grams of the greedy outputs over all 4-grams (1: no repeated phrase; a model that
+  // loops on a phrase scores low, and its heads guess the loop).
+  int64_t grams = 0, distinct_grams = 0;
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -601,6 +798,8 @@ int Main(int argc, char** argv) {
     std::vector<int32_t> prompt(data.begin() + off, data.begin() + off + prompt_len);
     std::vector<double> tg, ts, tgg, tgg_two, tsg, tsg_two;
     GenerateResult g, s, gg, gg_two, sg, sg_two;
+    std::vector<std::vector<double>> tk(variants.size());
+    std::vector<GenerateResult> sk(variants.size());
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
@@ -656,6 +855,21 @@ int Main(int argc, char** argv) {
         }
         if (r > 0) tsg.push_back(sgr->seconds);
         sg = *sgr;
+      }
+      for (size_t i = 0; i < variants.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
+        if (spec_graph_runs) ops::SetSpeculativeGraph(true);
+        ops::SetSpecDraftRowsAll(variants[i].all_rows);
+        GenerateOptions at_k = gen;
+        at_k.draft_heads = variants[i].k;
+        auto kr = GenerateSpeculative(model->get(), prompt, at_k);
+        ops::SetSpecDraftRowsAll(env_draft_rows_all);
+        if (spec_graph_runs) ops::SetSpeculativeGraph(false);
+        if (!kr.ok()) {
+          std::fprintf(stderr, "k=%ld: %s\n", (long)variants[i].k, kr.status().ToString().c_str());
+          return 1;
+        }
+        if (r > 0) tk[i].push_back(kr->seconds);
+        sk[i] = *kr;
       }
       if (spec_graph_runs && (rope_ab || attn_ab)) {  // speculative graph, the A/B's "before" setting
         ops::SetSpeculativeGraph(true);
@@ -732,6 +946,28 @@ int Main(int argc, char** argv) {
       }
       spec_graph_mode = sg.decode_graph;
     }
+    // The k = mtp_heads rounds: the graph's when it ran (its counts equal the eager rounds'), else eager.
+    k_runs[0].Add(spec_graph_runs ? sg : s, spec_graph_runs ? median(tsg) : median(ts));
+    for (size_t i = 0; i < variants.size(); ++i) {
+      const bool same = sk[i].tokens == g.tokens;
+      k_runs[i + 1].Add(sk[i], median(tk[i]));
+      k_runs[i + 1].equal &= same;
+      equal &= same;
+      std::printf("prompt %ld: speculative k=%ld%s (%s) %.1f tok/s, %.2f tokens/forward, equal to greedy %s\n", (long)p,
+                  (long)sk[i].draft_heads, variants[i].name.c_str(), sk[i].decode_graph.c_str(),
+                  sk[i].tokens.size() / median(tk[i]), sk[i].tokens_per_forward(), same ? "yes" : "NO");
+    }
+    {
+      std::vector<std::vector<int32_t>> seen;
+      for (size_t i = 0; i + 4 <= g.tokens.size(); ++i) {
+        std::vector<int32_t> gram(g.tokens.begin() + i, g.tokens.begin() + i + 4);
+        ++grams;
+        if (std::find(seen.begin(), seen.end(), gram) == seen.end()) {
+          seen.push_back(gram);
+          ++distinct_grams;
+        }
+      }
+    }
     all_equal &= equal;
     const double mg = median(tg), ms = median(ts);
     std::printf("prompt %ld: greedy %.1f tok/s, speculative %.1f tok/s (x%.2f), %.2f tokens/forward, accepted %ld of "
@@ -787,6 +1023,59 @@ int Main(int argc, char** argv) {
     }
     std::printf("; %s and %s tokens equal: %s (not required)\n", attn_names[0], attn_names[1],
                 attn_equal ? "yes" : "no");
+  }
+  // Per k: tok/s against greedy (graph greedy on CUDA when it ran), tokens a round, and each draft
+  // head's acceptance given the heads before it (accepted / checked) and its hit rate on its own.
+  const double greedy_tok_s = tokens / (graph_runs ? graph_s : greedy_s);
+  std::printf("HEADS %s: greedy outputs' distinct 4-grams %.2f (%ld of %ld)\n", preset.c_str(),
+              grams ? double(distinct_grams) / grams : 0.0, (long)distinct_grams, (long)grams);
+  for (const KRuns& kr : k_runs) {
+    std::string heads;
+    for (size_t i = 0; i < kr.checked.size(); ++i) {
+      heads += absl::StrFormat("; head %ld: accepted %ld of %ld checked (%.2f), hits %ld of %ld (%.2f)", (long)i + 2,
+                               (long)kr.accepted[i], (long)kr.checked[i],
+                               kr.checked[i] ? double(kr.accepted[i]) / kr.checked[i] : 0.0, (long)kr.hits[i],
+                               (long)kr.guesses[i], kr.guesses[i] ? double(kr.hits[i]) / kr.guesses[i] : 0.0);
+      if (i > 0) heads += absl::StrFormat(", = head %ld's draft %ld times", (long)i + 1, (long)kr.repeats[i]);
+    }
+    std::string ended;
+    if (kr.k < 2) {
+      ended = " (picked k:";
+      for (int64_t e : kr.ended_k) ended += absl::StrCat(" ", e);
+      ended += ")";
+    }
+    std::printf("SUMMARY_K %s k=%s%s%s (%s): %.1f tok/s, x%.3f of greedy%s %.1f, %.3f tokens/forward%s; outputs equal "
+                "to greedy: %s\n", preset.c_str(), kr.k < 2 ? "auto" : std::to_string(kr.k).c_str(), kr.name.c_str(),
+                ended.c_str(), kr.mode.c_str(), kr.tokens / kr.seconds,
+                (kr.tokens / kr.seconds) / greedy_tok_s, graph_runs ? " graph" : "", greedy_tok_s,
+                double(kr.tokens) / std::max<int64_t>(kr.forwards, 1), heads.c_str(), kr.equal ? "yes" : "NO");
+  }
+  if (!variants.empty()) {
+    // The prediction from the k = mtp_heads run alone: tokens a round at k from its heads'
+    // conditional acceptances a_i, E(k) = 1 + a_2 + a_2 a_3 + ..., over the timed round of each
+    // variant (the graph's on CUDA), against the greedy step; the measured ratio beside it.
+    const KRuns& full = k_runs[0];
+    const double base = std::isnan(greedy_graph_step_ms) ? greedy_step_ms : greedy_graph_step_ms;
+    std::string line = absl::StrCat("PICK ", preset, ":");
+    std::string best;
+    double best_ratio = 0;
+    for (size_t i = 0; i < k_runs.size(); ++i) {
+      const int64_t kk = k_runs[i].k;
+      if (kk < 2) continue;  // auto
+      const double rnd = i == 0 ? round_k_ms[static_cast<size_t>(kk)] : variants[i - 1].round_ms;
+      if (std::isnan(rnd)) continue;
+      double expect = 1, run = 1;
+      for (int64_t h = 0; h + 1 < kk; ++h) {
+        run *= full.checked[h] ? double(full.accepted[h]) / full.checked[h] : 0.0;
+        expect += run;
+      }
+      const double ratio = expect * base / rnd;
+      const std::string name = absl::StrCat("k=", kk, k_runs[i].name);
+      if (ratio > best_ratio) best_ratio = ratio, best = name;
+      line += absl::StrFormat(" %s: E %.3f tokens a round / %.3f ms round = predicted x%.3f of greedy, measured x%.3f;",
+                              name.c_str(), expect, rnd, ratio, (k_runs[i].tokens / k_runs[i].seconds) / greedy_tok_s);
+    }
+    std::printf("%s predicted best %s\n", line.c_str(), best.c_str());
   }
   return all_equal ? 0 : 3;
 }

@@ -263,6 +263,11 @@ class CudaBackend {
   // --profile_graph_steps). No effect without one.
   virtual void ProfilerRange(bool start) = 0;
   virtual std::vector<OpTime> TakeOpProfile() = 0;
+  // Brackets an op launched outside the backend (ops/cuda_infer.h's decode kernels) for the op
+  // profile: Begin returns -1 when profiling is off (End(-1) does nothing). Never inside a graph
+  // capture (benchmarks profile eager steps only).
+  virtual int OpProfileBegin(const char* label) = 0;
+  virtual void OpProfileEnd(int index) = 0;
 
   // The caching allocator's byte counts (class-rounded; kernels/cuda/device_allocator.h), for
   // benchmarks and memory tests: held by tensors now, on free lists now, and the most ever held.

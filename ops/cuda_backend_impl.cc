@@ -135,6 +135,15 @@ class OpProfiler {
   }
   void End(int i) { CUDA_OR_DIE(cudaEventRecord(events_[i].second, stream_)); }
 
+ public:
+  // Begin / End for ops outside this file (CudaBackend::OpProfileBegin): -1 when off.
+  int Open(const char* label) { return on_ ? Begin(label, 0) : -1; }
+  void Close(int i) {
+    if (i >= 0) End(i);
+  }
+
+ private:
+
   bool on_ = false;
   cudaStream_t stream_ = nullptr;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;  // never destroyed (process-wide backend)
@@ -1015,6 +1024,12 @@ class Backend final : public CudaBackend {
     Init();
     return prof_.Take();
   }
+
+  int OpProfileBegin(const char* label) override {
+    Init();
+    return capturing_ ? -1 : prof_.Open(label);
+  }
+  void OpProfileEnd(int index) override { prof_.Close(index); }
 
   MemoryStats Memory() override {
     Init();

@@ -33,9 +33,22 @@ static_assert(sizeof(CudaCopySpan) == sizeof(cuda_infer::CopySpan) &&
 
 static_assert(kDecodeGemmRowsMax == cuda_infer::kGemmRowsMax, "ops/cuda_infer.h kDecodeGemmRowsMax");
 
+// The op profile's bracket (CudaBackend::SetOpProfiling) around one inference launch.
+class Timed {
+ public:
+  explicit Timed(const char* label) : index_(Cuda().OpProfileBegin(label)) {}
+  ~Timed() { Cuda().OpProfileEnd(index_); }
+  Timed(const Timed&) = delete;
+  Timed& operator=(const Timed&) = delete;
+
+ private:
+  int index_;
+};
+
 class CudaInferenceImpl final : public CudaInference {
  public:
   void Rope(const CudaRopeArgs& a) override {
+    Timed timed("infer Rope");
     cuda_infer::RopePartialArgs r;
     r.x = a.x; r.rows = a.rows; r.seq = a.seq; r.heads = a.heads; r.head_dim = a.head_dim;
     r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
@@ -46,6 +59,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void RopeAppend(const CudaRopeAppendArgs& a) override {
+    Timed timed("infer RopeAppend");
     cuda_infer::RopeAppendArgs r;
     r.batch = a.batch; r.queries = a.queries; r.heads = a.heads; r.kv_heads = a.kv_heads; r.head_dim = a.head_dim;
     r.rotary_dim = a.rotary_dim > 0 ? a.rotary_dim : a.head_dim;
@@ -77,6 +91,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void AttentionDecode(const CudaAttentionDecodeArgs& a) override {
+    Timed timed("infer AttentionDecode");
     cuda_infer::DecodeArgs d;
     d.batch = a.batch; d.heads = a.heads; d.kv_heads = a.kv_heads; d.head_dim = a.head_dim; d.length = a.length;
     d.queries = a.queries;
@@ -95,6 +110,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void CopySpans(const void* spans_dev, int64_t n, int64_t max_bytes) override {
+    Timed timed("infer CopySpans (commit)");
     OkOrDie(cuda_infer::CopySpans(static_cast<const cuda_infer::CopySpan*>(spans_dev), n, max_bytes, Stream()),
             "copy spans");
   }
@@ -110,6 +126,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {
+    Timed timed("infer ArgmaxRows");
     OkOrDie(cuda_infer::ArgmaxRows(x, rows, cols, ld, out, Stream()), "argmax rows");
   }
 
@@ -121,6 +138,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void Conv1dStep(const CudaConv1dStepArgs& a) override {
+    Timed timed("infer Conv1dStep");
     kc::Conv1dStepArgs k;
     k.batch = a.batch; k.channels = a.channels; k.width = a.width; k.silu = a.silu;
     k.x = static_cast<const bf16*>(a.x); k.ldx = a.ldx; k.w = a.w; k.bias = a.bias; k.state = a.state;
@@ -130,6 +148,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void SsdStep(const CudaSsdStepArgs& a) override {
+    Timed timed("infer SsdStep");
     kc::SsdStepArgs k;
     k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim; k.groups = a.groups; k.state_dim = a.state_dim;
     k.x = static_cast<const bf16*>(a.x); k.b = static_cast<const bf16*>(a.b); k.c = static_cast<const bf16*>(a.c);
@@ -140,6 +159,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void SlstmStep(const CudaSlstmStepArgs& a) override {
+    Timed timed("infer SlstmStep");
     kc::SlstmStepArgs k;
     k.batch = a.batch; k.heads = a.heads; k.head_dim = a.head_dim;
     k.gx = static_cast<const bf16*>(a.gx); k.r = static_cast<const bf16*>(a.r);
@@ -150,6 +170,7 @@ class CudaInferenceImpl final : public CudaInference {
   }
 
   void MlstmStep(const CudaMlstmStepArgs& a) override {
+    Timed timed("infer MlstmStep");
     if (a.positions > 1 || a.n_out != nullptr) {
       kc::MlstmStepChunkArgs k;
       k.batch = a.batch; k.heads = a.heads; k.dk = a.dk; k.dv = a.dv; k.positions = a.positions;

@@ -6,6 +6,7 @@
 //    again as a chunk and as single steps), for every keep in 1..chunk;
 //  - last_position_only returns the last position's rows, DraftLogits the deferred heads' rows;
 //    misuse of Rewind is an error.
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -162,6 +163,86 @@ TEST_P(DecodeChunkTest, RewindEqualsFreshRunOverKeptPrefix) {
         }
       }
     }
+  }
+}
+
+// Each MTP head, decoded, predicts what training taught it: head k's logits at decode position t
+// score target t + k exactly as the training forward does (LanguageModel::Evaluate's per-head
+// loss, float64). A draft row read at the wrong position (the state before or after the token, a
+// head a position behind the trunk, a stale head state after a rewind) or a head paired with
+// another head's target would move the sums. Decoded three ways: one step a token; chunks; and
+// speculative-style rewindable chunks of 4 rewound to keep 1..4 between them.
+TEST_P(DecodeChunkTest, EveryHeadScoresItsTrainingTargetsWhenDecoded) {
+  const ModelSpec spec = SmallSpec(GetParam());
+  auto model = MakeModel(spec, DType::kF64);
+  const int64_t B = 2, T = 12, H = spec.mtp_heads;
+  const std::vector<int32_t> tokens = RandomTokens(B * (T + 1), spec.vocab_size, 37);  // [B, T + 1]
+  const LossResult trained = model->Evaluate(tokens, B, T, 1.0);
+  ASSERT_EQ(static_cast<int64_t>(trained.head_losses.size()), H);
+  // Cross-entropy sum of head k's logits rows (rows j*B + b = position t0 + j of sequence b).
+  const auto add_losses = [&](const std::vector<Tensor>& logits, int64_t t0, int64_t rows_per_head,
+                              std::vector<double>* sums) {
+    const int64_t V = spec.vocab_size;
+    for (int64_t k = 0; k < H; ++k) {
+      for (int64_t r = 0; r < rows_per_head; ++r) {
+        const int64_t t = t0 + r / B, b = r % B;
+        if (t + k + 1 > T) continue;  // no target (training ignores it too)
+        const int32_t target = tokens[b * (T + 1) + t + k + 1];
+        double mx = -1e300;
+        for (int64_t v = 0; v < V; ++v) mx = std::max(mx, logits[k].At(r * V + v));
+        double z = 0;
+        for (int64_t v = 0; v < V; ++v) z += std::exp(logits[k].At(r * V + v) - mx);
+        (*sums)[k] += mx + std::log(z) - logits[k].At(r * V + target);
+      }
+    }
+  };
+  std::vector<int32_t> seqs(B * T);  // the inputs [B, T]
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) seqs[b * T + t] = tokens[b * (T + 1) + t];
+  const auto expect_equal = [&](const std::vector<double>& decoded, const char* how) {
+    for (int64_t k = 0; k < H; ++k) {
+      EXPECT_NEAR(decoded[k], trained.head_losses[k], 1e-9 * std::abs(trained.head_losses[k]))
+          << how << ": head " << k + 1;
+    }
+  };
+  {
+    std::vector<double> sums(H, 0.0);
+    auto st = model->NewDecodeState(B);
+    for (int64_t t = 0; t < T; ++t) add_losses(model->DecodeStep(Column(seqs, B, T, t, 1), st.get()), t, B, &sums);
+    expect_equal(sums, "steps");
+  }
+  {
+    std::vector<double> sums(H, 0.0);
+    auto st = model->NewDecodeState(B);
+    int64_t t = 0;
+    for (int64_t chunk : {3, 1, 4, 4}) {
+      add_losses(model->DecodeChunk(Column(seqs, B, T, t, chunk), chunk, st.get(), {}), t, chunk * B, &sums);
+      t += chunk;
+    }
+    ASSERT_EQ(t, T);
+    expect_equal(sums, "chunks");
+  }
+  {
+    // Rounds as GenerateSpeculative runs them: a rewindable chunk of 4 (its rejected suffix holds
+    // other tokens), Rewind(keep), the kept positions scored, the next round from there.
+    std::vector<double> sums(H, 0.0);
+    auto st = model->NewDecodeState(B);
+    const std::vector<int32_t> junk = RandomTokens(B * 4, spec.vocab_size, 38);
+    LanguageModel::DecodeOptions round;
+    round.rewindable = true;
+    int64_t t = 0, r = 0;
+    while (t < T) {
+      const int64_t chunk = std::min<int64_t>(4, T - t), keep = std::min<int64_t>(1 + r++ % 4, chunk);
+      std::vector<int32_t> fed = Column(seqs, B, T, t, keep);
+      for (int64_t j = keep; j < chunk; ++j)
+        for (int64_t b = 0; b < B; ++b) fed.push_back(junk[j * B + b]);
+      std::vector<Tensor> logits = model->DecodeChunk(fed, chunk, st.get(), round);
+      for (Tensor& l : logits) l = l.Rows(0, keep * B);
+      add_losses(logits, t, keep * B, &sums);
+      ASSERT_TRUE(model->Rewind(st.get(), keep).ok());
+      t += keep;
+    }
+    expect_equal(sums, "rewound rounds");
   }
 }
 

@@ -1288,9 +1288,10 @@ TEST_F(DecodeGpuTest, DecodeGraphRefusesAFullCacheAndFailsCleanly) {
 // their caches at 64 and 128 keys. At the end an eager round on G's state makes the next Round
 // refuse (its position moved outside the graph).
 void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomise, int64_t rounds,
-                           int64_t se_group = 0, int64_t se_window = 0) {
-  const int64_t k = 4;
-  spec.mtp_heads = k;
+                           int64_t se_group = 0, int64_t se_window = 0, int64_t k = 4) {
+  // k < 4: the model keeps 4 MTP heads and heads k + 1..4 fall behind (GenerateSpeculative at
+  // draft_heads = k): the graph must pin, run and commit heads 1..k only.
+  spec.mtp_heads = 4;
   auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
   ASSERT_TRUE(made.ok()) << made.status();
   std::unique_ptr<LanguageModel> m = std::move(*made);
@@ -1339,6 +1340,7 @@ void CheckSpeculativeGraph(const std::string& name, ModelSpec spec, bool randomi
       absl::StatusOr<std::unique_ptr<SpeculativeGraph>> made_graph = SpeculativeGraph::Capture(m.get(), graphed.get(), k);
       ASSERT_TRUE(made_graph.ok()) << name << ": " << made_graph.status();
       graph = std::move(*made_graph);
+      EXPECT_EQ(graph->all_draft_rows(), k == 2 && SpecDraftRowsAll()) << name;
       ++captures;
       nodes = graph->nodes();
       commit_bytes = graph->commit_bytes();
@@ -1390,6 +1392,23 @@ TEST_F(DecodeGpuTest, SpeculativeGraphBitwiseEqualsEagerRounds) {
   CheckSpeculativeGraph("mamba2+mixer", SmallMixerHybrid(), true, 60);
   for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"})
     CheckSpeculativeGraph(preset, *PresetSpec(preset), false, 30);
+}
+
+// The same at k = 2 and 3 draft heads of 4 (session 18: fewer heads where acceptance is low), and
+// at k = 2 with the drafts of both positions from head 1's LM-head product (GYRE_SPEC_DRAFT_ROWS=all).
+TEST_F(DecodeGpuTest, SpeculativeGraphAtFewerDraftHeadsBitwiseEqualsEagerRounds) {
+  const bool was = SpecDraftRowsAll();
+  for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false}}) {
+    SetSpecDraftRowsAll(all_rows);
+    const std::string mode = all_rows ? " (all draft rows)" : "";
+    CheckSpeculativeGraph("xlstm mLSTM+sLSTM" + mode, SmallXlstm(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("mamba2" + mode, SmallMamba2(), true, 30, 0, 0, k);
+    CheckSpeculativeGraph("llama" + mode, SmallLlama(), true, 60, 0, 0, k);
+    CheckSpeculativeGraph("mamba2+mixer" + mode, SmallMixerHybrid(), true, 60, 0, 0, k);
+    for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m"})
+      CheckSpeculativeGraph(preset + mode, *PresetSpec(preset), false, 20, 0, 0, k);
+  }
+  SetSpecDraftRowsAll(was);
 }
 
 // The one-launch commit copies every span exactly (16-byte and 4-byte word paths, spans of
@@ -1489,6 +1508,63 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
                 spec_graph->decode_graph.c_str(), fallback->decode_graph.c_str(), spec_fallback->decode_graph.c_str());
     EXPECT_TRUE(ok) << c.name;
   }
+  SetDecodeGraph(was);
+}
+
+// GenerateSpeculative at draft_heads k = 2, 3 (of 4 MTP heads) and auto, eager rounds and graph
+// rounds, gives greedy decoding's tokens, and the graph's rounds the eager ones' counts (per draft
+// head too, and auto's pick).
+TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
+  struct Case {
+    std::string name;
+    ModelSpec spec;
+  };
+  std::vector<Case> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
+                             {"mamba2", SmallMamba2()},
+                             {"llama", SmallLlama()},
+                             {"mamba2+mixer", SmallMixerHybrid()}};
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
+  const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled(), rows_was = SpecDraftRowsAll();
+  for (Case& c : cases) {
+    c.spec.mtp_heads = 4;
+    auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
+    ASSERT_TRUE(made.ok());
+    LanguageModel* m = made->get();
+    const auto prompt = RandomTokens(9, c.spec.vocab_size, 72);
+    eval::GenerateOptions o;
+    o.max_new_tokens = 80;
+    SetDecodeGraph(true);
+    const auto greedy = eval::Generate(m, prompt, o);
+    ASSERT_TRUE(greedy.ok());
+    // k = -1: auto (4 rounds at all heads, then PickDraftHeads; the graph is captured again at the pick).
+    for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false},
+                               std::pair{eval::kAutoDraftHeads, true}}) {
+      o.draft_heads = k;
+      o.auto_rounds = 4;
+      SetSpeculativeGraph(false);
+      const auto eager = eval::GenerateSpeculative(m, prompt, o);
+      SetSpeculativeGraph(true);
+      SetSpecDraftRowsAll(all_rows);
+      const auto graphed = eval::GenerateSpeculative(m, prompt, o);
+      SetSpecDraftRowsAll(rows_was);
+      ASSERT_TRUE(eager.ok() && graphed.ok());
+      const bool same_rounds = graphed->forwards == eager->forwards && graphed->accepted == eager->accepted &&
+                               graphed->head_checked == eager->head_checked &&
+                               graphed->head_accepted == eager->head_accepted &&
+                               graphed->head_hits == eager->head_hits && graphed->draft_heads == eager->draft_heads;
+      const bool ok = eager->tokens == greedy->tokens && graphed->tokens == greedy->tokens && same_rounds &&
+                      graphed->decode_graph == "graph";
+      std::printf("[%s] %s GenerateSpeculative k=%ld%s, 80 tokens: eager rounds == greedy %s, graph rounds == greedy "
+                  "%s ('%s'), same rounds %s (%ld rounds, %.2f tokens a forward, ended at k %ld)\n",
+                  ok ? "PASS" : "FAIL", c.name.c_str(), (long)k, all_rows ? " (all draft rows)" : "",
+                  eager->tokens == greedy->tokens ? "yes" : "NO",
+                  graphed->tokens == greedy->tokens ? "yes" : "NO", graphed->decode_graph.c_str(),
+                  same_rounds ? "yes" : "NO", (long)graphed->forwards, graphed->tokens_per_forward(),
+                  (long)graphed->draft_heads);
+      EXPECT_TRUE(ok) << c.name << " k " << k;
+    }
+  }
+  SetSpeculativeGraph(spec_was);
   SetDecodeGraph(was);
 }
 

@@ -240,6 +240,18 @@ std::vector<BlockState*> RoundBlocks(LanguageModel::DecodeState* state, int64_t 
 bool SpeculativeGraphEnabled() { return SpecGraphSwitch(); }
 void SetSpeculativeGraph(bool on) { SpecGraphSwitch() = on; }
 
+namespace {
+
+bool& SpecDraftRowsSwitch() {
+  static bool all = EnvChoice("GYRE_SPEC_DRAFT_ROWS", {"gather", "all"}, "all") == "all";
+  return all;
+}
+
+}  // namespace
+
+bool SpecDraftRowsAll() { return SpecDraftRowsSwitch(); }
+void SetSpecDraftRowsAll(bool on) { SpecDraftRowsSwitch() = on; }
+
 bool SpeculativeGraph::CacheTooShort(LanguageModel::DecodeState* state, int64_t k) {
   for (BlockState* b : RoundBlocks(state, k)) {
     const KvCache* cache = b->AttentionCache();
@@ -274,16 +286,20 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
   graph->k_ = k;
   graph->vocab_ = V;
   graph->position_ = state->position;
-  // In: [k tokens, forced keep, cache length]; out: [head 1's k ids, the k - 1 drafts, keep].
+  graph->all_rows_ = k == 2 && SpecDraftRowsAll() && RowInvariantDecode();
+  // In: [k tokens, forced keep, cache length]; out: [head 1's k ids, the k - 1 drafts, keep] (all
+  // rows: the k·k argmaxes of heads 1..k at positions 0..k-1, head-major).
+  const int64_t out_ids = graph->all_rows_ ? k * k : 2 * k;
   graph->host_in_ = Cuda().AllocatePinnedHost((k + 2) * sizeof(int32_t));
-  graph->host_out_ = Cuda().AllocatePinnedHost(2 * k * sizeof(int32_t));
+  graph->host_out_ = Cuda().AllocatePinnedHost(out_ids * sizeof(int32_t));
   if (graph->host_in_ == nullptr || graph->host_out_ == nullptr) {
     return absl::ResourceExhaustedError("speculative graph: no page-locked host memory for the token ids");
   }
   std::memset(graph->host_in_.get(), 0, (k + 2) * sizeof(int32_t));
   graph->ids_ = Tensor::Empty({k + 2}, DType::kI32, Device::kCuda);
-  graph->argmax_ = Tensor::Empty({2 * k}, DType::kI32, Device::kCuda);
+  graph->argmax_ = Tensor::Empty({out_ids}, DType::kI32, Device::kCuda);
   graph->out_.resize(static_cast<size_t>(2 * k));
+  graph->all_ids_.resize(static_cast<size_t>(out_ids));
   int32_t* in_dev = graph->ids_.data<int32_t>();
   int32_t* out_dev = graph->argmax_.data<int32_t>();
   const int32_t* position_dev = graph->pinned_.caches.empty() ? nullptr : in_dev + k + 1;
@@ -305,24 +321,37 @@ absl::StatusOr<std::unique_ptr<SpeculativeGraph>> SpeculativeGraph::Capture(Lang
     LanguageModel::DecodeOptions round;
     round.heads = k;
     round.rewindable = true;
-    round.defer_draft_logits = true;
+    round.defer_draft_logits = !graph->all_rows_;
     state->live_heads = k;
     graph->logits_ = model->DecodeEmbedded(z, k, state, round);
     z = Tensor();
-    graph->draft_hidden_ = state->draft_hidden;
-    CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k, V, V, out_dev);
-    // DraftLogits at the position the host will keep, found on the device: the gather, one
-    // LM-head product over k - 1 rows (the eager one's shape, so its bits), their argmax.
-    std::vector<const void*> srcs;
-    for (const Tensor& h : graph->draft_hidden_) srcs.push_back(h.raw());
-    Tensor rows = Tensor::Empty({k - 1, d}, DType::kBF16, Device::kCuda);
-    if (static_cast<int64_t>(srcs.size()) != k - 1) cuda.FailCapture("speculative graph: no deferred draft rows");
-    CudaInfer().DraftRows(in_dev, out_dev, in_dev + k, out_dev + 2 * k - 1, k, srcs, d, rows.raw());
-    graph->logits_.push_back(LinearForward(rows, model->HeadWeight()));
-    rows = Tensor();
-    CudaInfer().ArgmaxRows(graph->logits_[1].raw(), k - 1, V, V, out_dev + k);
-    cuda.CopyAsync(graph->host_out_.get(), out_dev, 2 * k * sizeof(int32_t));
-    graph->graph_ = cuda.EndCapture(&why, &retry);
+    if (graph->all_rows_) {
+      // Heads 1..k at every position from one product: logits_[h] are rows [h·k, (h + 1)·k) of it,
+      // consecutive, so one argmax launch covers all k·k rows.
+      if (static_cast<int64_t>(graph->logits_.size()) != k ||
+          static_cast<const char*>(graph->logits_[k - 1].raw()) !=
+              static_cast<const char*>(graph->logits_[0].raw()) + (k - 1) * k * V * DTypeSize(DType::kBF16)) {
+        cuda.FailCapture("speculative graph: the heads' logits are not one product");
+      }
+      CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k * k, V, V, out_dev);
+      cuda.CopyAsync(graph->host_out_.get(), out_dev, out_ids * sizeof(int32_t));
+      graph->graph_ = cuda.EndCapture(&why, &retry);
+    } else {
+      graph->draft_hidden_ = state->draft_hidden;
+      CudaInfer().ArgmaxRows(graph->logits_[0].raw(), k, V, V, out_dev);
+      // DraftLogits at the position the host will keep, found on the device: the gather, one
+      // LM-head product over k - 1 rows (the eager one's shape, so its bits), their argmax.
+      std::vector<const void*> srcs;
+      for (const Tensor& h : graph->draft_hidden_) srcs.push_back(h.raw());
+      Tensor rows = Tensor::Empty({k - 1, d}, DType::kBF16, Device::kCuda);
+      if (static_cast<int64_t>(srcs.size()) != k - 1) cuda.FailCapture("speculative graph: no deferred draft rows");
+      CudaInfer().DraftRows(in_dev, out_dev, in_dev + k, out_dev + 2 * k - 1, k, srcs, d, rows.raw());
+      graph->logits_.push_back(LinearForward(rows, model->HeadWeight()));
+      rows = Tensor();
+      CudaInfer().ArgmaxRows(graph->logits_[1].raw(), k - 1, V, V, out_dev + k);
+      cuda.CopyAsync(graph->host_out_.get(), out_dev, 2 * k * sizeof(int32_t));
+      graph->graph_ = cuda.EndCapture(&why, &retry);
+    }
     for (KvCache* cache : graph->pinned_.caches) {
       cache->graph_position = nullptr;
       cache->cuda_length = graph->pinned_.cache_length;
@@ -412,7 +441,21 @@ absl::StatusOr<std::span<const int32_t>> SpeculativeGraph::Round(std::span<const
   in[k_ + 1] = static_cast<int32_t>(pinned_.cache_length);
   graph_->Launch();
   Cuda().Synchronize();
-  std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
+  if (all_rows_) {
+    // The acceptance rule (DraftRows') on the host, then head h's id at keep - 1 for h = 2..k.
+    std::memcpy(all_ids_.data(), host_out_.get(), all_ids_.size() * sizeof(int32_t));
+    int64_t keep = forced_keep;
+    if (keep == 0) {
+      keep = 1;
+      while (keep < k_ && chunk[keep] == all_ids_[keep - 1]) ++keep;
+    }
+    for (int64_t j = 0; j < k_; ++j) out_[j] = all_ids_[j];
+    for (int64_t h = 1; h < k_; ++h) out_[k_ + h - 1] = all_ids_[h * k_ + keep - 1];
+    out_[2 * k_ - 1] = static_cast<int32_t>(keep);
+    round_logits_ = {logits_[0], logits_[1].Rows(keep - 1, keep)};  // k = 2: head 2 is the only draft head
+  } else {
+    std::memcpy(out_.data(), host_out_.get(), out_.size() * sizeof(int32_t));
+  }
   pinned_.SetCacheLength(pinned_.cache_length + k_);
   state_->position += k_;
   position_ = state_->position;

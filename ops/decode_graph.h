@@ -141,6 +141,21 @@ class DecodeGraph {
 bool SpeculativeGraphEnabled();
 void SetSpeculativeGraph(bool on);
 
+// GYRE_SPEC_DRAFT_ROWS: how a SpeculativeGraph round of k = 2 finds the next round's draft (session
+// 18, helper spec18; ops/DECODE_GRAPHS.md). "gather" (session 17's design, every k): keep on the
+// device, DraftRows gathers head 2's normed row at keep - 1, then a second LM-head product over
+// that row and a second argmax. "all" (unset: the default since spec18's call 1, k = 2 rounds
+// -11 to -18 µs and speculative tok/s +1.1% on xlstm[1:0]-125m and mamba2-130m, one H100): head
+// 1's and head 2's rows at both positions in ONE LM-head product of k·k = 4 rows and one argmax
+// launch; the host counts keep and picks head 2's id at keep - 1. GemmRows computes every row alone
+// (row-invariant decoding), so each row has the bits of the eager round's product (the draft row
+// those of DraftLogits' one-row product). Only at k = 2 and with row-invariant decoding (k = 3
+// would be 9 rows, k = 4 16: the product turns compute-bound, session 17's first design); other
+// rounds keep "gather". Read once; other values stop the process naming the accepted ones.
+// SetSpecDraftRowsAll overrides it (tests, benchmarks); it applies to graphs captured after it.
+bool SpecDraftRowsAll();
+void SetSpecDraftRowsAll(bool on);
+
 // SpeculativeGraph: one round of self-speculative decoding (eval/generate.h) at a fixed k,
 // captured once and replayed per round (session 17, helper specgraph17; ops/DECODE_GRAPHS.md).
 //
@@ -187,8 +202,10 @@ class SpeculativeGraph {
   absl::StatusOr<std::span<const int32_t>> Round(std::span<const int32_t> chunk, int64_t forced_keep = 0);
   // Keeps the first `keep` (1..k) positions of the last Round, as LanguageModel::Rewind would.
   absl::Status Commit(int64_t keep);
-  const std::vector<Tensor>& logits() const { return logits_; }
+  const std::vector<Tensor>& logits() const { return all_rows_ ? round_logits_ : logits_; }
   int64_t k() const { return k_; }
+  // True when this graph finds the drafts with the one all-rows product (SpecDraftRowsAll at k = 2).
+  bool all_draft_rows() const { return all_rows_; }
   int64_t nodes() const { return graph_ != nullptr ? graph_->nodes() : 0; }
   // Bytes one Commit below k copies (every state tensor once).
   int64_t commit_bytes() const { return commit_bytes_; }
@@ -204,6 +221,11 @@ class SpeculativeGraph {
   LanguageModel::DecodeState* state_ = nullptr;
   int64_t k_ = 0, vocab_ = 0, position_ = 0, commit_bytes_ = 0, max_span_bytes_ = 0, spans_ = 0;
   bool committed_ = true;
+  // SpecDraftRowsAll: logits_ holds heads 1..k's rows at every position (views of one [k·k, V]
+  // product), the device returns their k·k argmaxes, and Round picks the drafts at keep - 1 on the
+  // host; round_logits_ = {head 1's [k, V], head 2's row at keep - 1} for logits().
+  bool all_rows_ = false;
+  std::vector<Tensor> round_logits_;
   PinnedState pinned_;
   std::shared_ptr<void> host_in_, host_out_;  // pinned [k + 2] / [2k] int32
   Tensor ids_, argmax_;
@@ -212,7 +234,7 @@ class SpeculativeGraph {
   // 1..k-1, the device table of CopySpans records that restores them.
   std::vector<RewindSlot> slots_;
   std::vector<Tensor> commit_tables_;
-  std::vector<int32_t> out_;
+  std::vector<int32_t> out_, all_ids_;
   std::unique_ptr<CudaBackend::Graph> graph_;  // declared last: destroyed (and its pool released) first
 };
 
