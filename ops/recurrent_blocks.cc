@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -1312,12 +1313,15 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   Tensor dxm;
   // GYRE_MLSTM_QK_CONV_V_BWD=fused (fusion D, ops/XLSTM_GLUE.md): the three maps' and the conv's
   // backward in one pass from the norm's dxc; dxc is not written (xc recomputed, not read).
+  // BackwardArgsCuda consumes the conv's saved input: where the fused kernel does not cover the
+  // shapes, the paths below take the arguments already taken.
   bool fused_qk_conv_v = false;
+  std::optional<Conv1dArgs> conv_taken;
   if (MlstmQkConvVBwdFused()) {
     dxm = CudaEmpty({rows, p});
-    const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
-    fused_qk_conv_v =
-        Cuda().MlstmQkConvVBackward(conv, qk, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    conv_taken = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
+    fused_qk_conv_v = Cuda().MlstmQkConvVBackward(
+        *conv_taken, qk, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
     if (fused_qk_conv_v) {
       ProfileMark("mlstm.bwd.qk_conv_v_blockdiag_gates (fused)");
       if (lean) dq = dkk = dxc = xc_ = Tensor();
@@ -1333,13 +1337,17 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
     if (lean) dq = dkk = Tensor();
     if (MlstmConvVBwdFused()) {
       // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
-      dxm = CudaEmpty({rows, p});
-      const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
+      if (!conv_taken) dxm = CudaEmpty({rows, p});
+      const Conv1dArgs conv = conv_taken ? *conv_taken : conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
       Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
       ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
       if (lean) dxc = xc_ = Tensor();
     } else {
-      dxm = conv_.Backward(dxc);
+      if (conv_taken) {
+        Cuda().Conv1d(true, *conv_taken);  // into dxm (allocated above)
+      } else {
+        dxm = conv_.Backward(dxc);
+      }
       ProfileMark("mlstm.bwd.conv");
       if (lean) dxc = xc_ = Tensor();
       Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
