@@ -5318,13 +5318,15 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
 // blocks: dV₀ += P̃ᵀ dH₁), 8-15 dS'ᵀ rows s (bwd_dqk's half-0 blocks: dK₀ += dS'ᵀ Q₁), 16-23
 // dS' rows t (bwd_dqk's half-1 blocks: dQ₁ += dS' K₀; read back transposed from the swizzled
 // dS'ᵀ tile in shared memory, the tile the pass reads as an M-major A). Columns / rows t past the
-// sequence end are zeros. One block (two warpgroups) per chunk-head with a second half; the
-// consumers' extra wgmmas then need no product over dk or dv of their own.
+// sequence end are zeros. P̃ᵀ needs only Sᵀ and dS'ᵀ only dPᵀ, so each chunk-head gets two blocks
+// (blockIdx.x 0: Sᵀ → P̃ᵀ; 1: dPᵀ → dS'ᵀ, dS'), each one synchronous product chain of dk/64 or
+// dv/64 steps instead of the pass's two in a row (the chain's latency, not bytes, sets its time:
+// 128 blocks are one partial wave at the 1.3b cell), two blocks an SM (100 KB, ≤ 128 registers).
 struct OffdiagBwdPSmem {
   static constexpr size_t kVecOff = OffdiagSmem::kDS + 2 * OffdiagSmem::kTile64;
   static constexpr size_t kBytes = kVecOff + 6 * 128 * 4 + 1024;
 };
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_p_l256(Dims d, BwdPtrs p, uint4* __restrict__ bfrag) {
+__global__ void __launch_bounds__(256, 2) mlstm_bwd_offdiag_p_l256(Dims d, BwdPtrs p, uint4* __restrict__ bfrag) {
   using namespace hopper;
   using SM = OffdiagSmem;
   constexpr int L = 128;
@@ -5338,7 +5340,7 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_p_l256(Dims d, BwdPt
   float* ddq = ivq + L;
   float* bk = ddq + L;  // half 0: b_s, ĩ_s
   float* igk = bk + L;
-  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int part = blockIdx.x, kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
   const int s0 = kc * 256, t1 = s0 + L;
   if (t1 >= d.S) return;  // no second half
   const int len = min(L, d.S - t1);
@@ -5358,14 +5360,15 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_p_l256(Dims d, BwdPt
     bk[tid] = p.b_tok[so_s + tid];
     igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
   }
-  // Rows s (this warp: r0, r1), columns t.
-  float sacc[64], pacc[64];
+  // Rows s (this warp: r0, r1), columns t: part 0 Sᵀ, part 1 dPᵀ.
+  float acc[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = pacc[i] = 0.f;
-  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid,
-                 own);
-  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid,
-                 own);
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  if (part == 0) {
+    OffdiagProduct(acc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid, own);
+  } else {
+    OffdiagProduct(acc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid, own);
+  }
   const int r0 = 16 * w + g, r1 = r0 + 8;
   const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
 #pragma unroll
@@ -5374,38 +5377,34 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_p_l256(Dims d, BwdPt
     for (int e = 0; e < 4; ++e) {
       const int t = nt * 8 + 2 * c + (e & 1);
       const float xs = e < 2 ? x0 : x1;
-      float pv = 0.f, dsv = 0.f;
+      float v = 0.f;
       if (t < len) {
         const float wt = __expf(bq[t] + xs - mq[t]);
-        pv = sacc[4 * nt + e] * d.scale * ivq[t] * wt;
-        dsv = d.scale * wt * (pacc[4 * nt + e] * ivq[t] + ddq[t]);
+        v = part == 0 ? acc[4 * nt + e] * d.scale * ivq[t] * wt : d.scale * wt * (acc[4 * nt + e] * ivq[t] + ddq[t]);
       }
-      sacc[4 * nt + e] = pv;
-      pacc[4 * nt + e] = dsv;
+      acc[4 * nt + e] = v;
     }
   }
   const int64_t bhc = static_cast<int64_t>(bh) * d.NC + kc;
   uint4* dst = bfrag + bhc * 24 * 256 + tid;
-  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled
+  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled (part 1)
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    uint32_t pa[4], dsa[4];
-    pa[0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-    pa[1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-    pa[2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-    pa[3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-    dsa[0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-    dsa[1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-    dsa[2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-    dsa[3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-    const int col = 16 * kk + 2 * c;
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = dsa[0];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = dsa[1];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = dsa[2];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = dsa[3];
-    dst[kk * 256] = make_uint4(pa[0], pa[1], pa[2], pa[3]);
-    dst[(8 + kk) * 256] = make_uint4(dsa[0], dsa[1], dsa[2], dsa[3]);
+    uint32_t a[4];
+    a[0] = PackBf16(acc[8 * kk + 0], acc[8 * kk + 1]);
+    a[1] = PackBf16(acc[8 * kk + 2], acc[8 * kk + 3]);
+    a[2] = PackBf16(acc[8 * kk + 4], acc[8 * kk + 5]);
+    a[3] = PackBf16(acc[8 * kk + 6], acc[8 * kk + 7]);
+    dst[(part == 0 ? kk : 8 + kk) * 256] = make_uint4(a[0], a[1], a[2], a[3]);
+    if (part == 1) {
+      const int col = 16 * kk + 2 * c;
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = a[0];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = a[1];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = a[2];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = a[3];
+    }
   }
+  if (part == 0) return;
   __syncthreads();
   // dS' rows t (this thread's r0, r1 as t), columns s: element (t, s) is dS'ᵀ[s][t].
   auto ds_pair = [&](int t, int s) -> uint32_t {
@@ -6932,7 +6931,7 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
   }
   if (bfrag != nullptr && d.S > 128) {
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_p_l256, OffdiagBwdPSmem::kBytes));
-    mlstm_bwd_offdiag_p_l256<<<dim3(1, d.NC, bh), 256, OffdiagBwdPSmem::kBytes, stream>>>(d, p, bfrag);
+    mlstm_bwd_offdiag_p_l256<<<dim3(2, d.NC, bh), 256, OffdiagBwdPSmem::kBytes, stream>>>(d, p, bfrag);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag_p");
     Hook("mlstm_bwd_offdiag_p", stream);
   }
