@@ -89,6 +89,13 @@
 // (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
 // fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
 // (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
+// Opt-in since session 18 (helper off256b; MlstmOffdiag::kFusedAll, GYRE_MLSTM_OFFDIAG=all): the
+// backward's off-diagonal block likewise — a pre-pass (mlstm_bwd_offdiag_p_l256, two blocks per
+// chunk-head) stores P̃ᵀ, dS'ᵀ and dS' as wgmma A fragments in `scratch`, and bwd_dv's half-0
+// blocks add P̃ᵀ dH₁, bwd_dqk's half-0 blocks dS'ᵀ Q₁ and half-1 blocks dS' K₀ before their one
+// rounding (mlstm_bwd_dv_wg_fused_l256_off, mlstm_bwd_dqk_ws_l256_off) instead of
+// mlstm_bwd_offdiag_l256's read-modify-writes; 1.3b cell off-diagonal backward 0.225 → 0.119 ms,
+// 125m 0.338 → 0.156, xlstm[1:0]-1.3b B4 step −3.1 ms.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
