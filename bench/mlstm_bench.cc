@@ -554,6 +554,11 @@ int main(int argc, char** argv) {
   // ... and the fused fwd_out with the lag release (the ring of chunk 256's pass-path fwd_out).
   gyre::cuda::Variant v2_offfused_lag = off_variant("v2-offfused-lag", MlstmOffdiag::kFused);
   v2_offfused_lag.ring = gyre::cuda::MlstmRingRelease::kLag;
+  // The backward's off-diagonal block as the separate pass ("[v2-offb-pass]" = kFused, today's
+  // default) or inside bwd_dv / bwd_dqk with the backward pre-pass ("[v2-offb-fused]" = kFusedAll;
+  // helper off256b, session 18). The same forward.
+  const gyre::cuda::Variant v2_offb_pass = off_variant("v2-offb-pass", MlstmOffdiag::kFused);
+  const gyre::cuda::Variant v2_offb_fused = off_variant("v2-offb-fused", MlstmOffdiag::kFusedAll);
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -599,6 +604,10 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offfused},
       {"xlstm-125m-cell", s125, 256, v2_offfused_lag},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offfused_lag},
+      {"xlstm-125m-cell", s125, 256, v2_offb_pass},
+      {"xlstm-125m-cell", s125, 256, v2_offb_fused},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offb_pass},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offb_fused},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

@@ -89,6 +89,13 @@
 // (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
 // fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
 // (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
+// Opt-in since session 18 (helper off256b; MlstmOffdiag::kFusedAll, GYRE_MLSTM_OFFDIAG=all): the
+// backward's off-diagonal block likewise — a pre-pass (mlstm_bwd_offdiag_p_l256, two blocks per
+// chunk-head) stores P̃ᵀ, dS'ᵀ and dS' as wgmma A fragments in `scratch`, and bwd_dv's half-0
+// blocks add P̃ᵀ dH₁, bwd_dqk's half-0 blocks dS'ᵀ Q₁ and half-1 blocks dS' K₀ before their one
+// rounding (mlstm_bwd_dv_wg_fused_l256_off, mlstm_bwd_dqk_ws_l256_off) instead of
+// mlstm_bwd_offdiag_l256's read-modify-writes; 1.3b cell off-diagonal backward 0.225 → 0.119 ms,
+// 125m 0.338 → 0.156, xlstm[1:0]-1.3b B4 step −3.1 ms.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -161,22 +168,33 @@ bool UseSplit(const MlstmOptions& o) {
 // MlstmOffdiag resolved: chunk 256's forward off-diagonal block inside fwd_out (fused, with the
 // P' pre-pass) or as the separate pass. GYRE_MLSTM_OFFDIAG is read once per process (kAuto);
 // an unknown value is kept in bad_env and the forward returns an error naming it.
+// fused_bwd (kFusedAll, "all"; helper off256b): the backward's off-diagonal block inside bwd_dv /
+// bwd_dqk as well (fused_bwd implies fused).
 struct OffdiagEnv {
   bool fused = false;
+  bool fused_bwd = false;
   const char* bad_env = nullptr;
 };
 OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
   static const OffdiagEnv from_env = [] {
     OffdiagEnv r;
     const char* e = std::getenv("GYRE_MLSTM_OFFDIAG");
-    r.fused = e == nullptr || std::strcmp(e, "fused") == 0;  // fused: the default since session 18
-    if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0) r.bad_env = e;
+    r.fused_bwd = e != nullptr && std::strcmp(e, "all") == 0;
+    // fused: the default since session 18
+    r.fused = e == nullptr || std::strcmp(e, "fused") == 0 || r.fused_bwd;
+    if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0 && !r.fused_bwd) {
+      r.bad_env = e;
+    }
     return r;
   }();
   OffdiagEnv r = from_env;
-  if (o.offdiag == MlstmOffdiag::kPass) r.fused = false;
-  if (o.offdiag == MlstmOffdiag::kFused) r.fused = true;
-  if (o.chunk_size != 256) r.fused = false;
+  if (o.offdiag == MlstmOffdiag::kPass) r.fused = r.fused_bwd = false;
+  if (o.offdiag == MlstmOffdiag::kFused) {
+    r.fused = true;
+    r.fused_bwd = false;
+  }
+  if (o.offdiag == MlstmOffdiag::kFusedAll) r.fused = r.fused_bwd = true;
+  if (o.chunk_size != 256) r.fused = r.fused_bwd = false;
   return r;
 }
 
@@ -184,6 +202,10 @@ OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
 // fragments of P' hi, then lo: the m64n128 accumulator of its warpgroup packed as fwd_out packs P),
 // stored [16][256 threads] so that a warp's load of one uint4 each is 512 contiguous bytes.
 constexpr size_t kOffdiagFragBytes = 16 * 256 * 16;
+// The fused off-diagonal backward's per chunk-head fragments (mlstm_bwd_offdiag_p_l256): 24 uint4
+// a consumer thread, [24][256 threads]: 0-7 P̃ᵀ (rows s, bwd_dv's A), 8-15 dS'ᵀ (rows s, bwd_dqk's
+// dK A), 16-23 dS' (rows t, bwd_dqk's dQ A), each the packing of an m64n128 accumulator.
+constexpr size_t kOffdiagBwdFragBytes = 24 * 256 * 16;
 
 struct SavedLayout {
   int64_t nc = 0;
@@ -272,6 +294,7 @@ struct ScratchLayout {
   size_t arg = 0;     // i32  [BH][S]
   size_t ps = 0;      // f64  [BH][S]
   size_t seg = 0;     // f64  [BH][S]
+  size_t bfrag = 0;   // uint4 [BH][NC][24][256]  P̃ᵀ, dS'ᵀ, dS' fragments (MlstmOffdiag::kFusedAll)
   size_t total = 0;
 };
 
@@ -308,6 +331,9 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   off = AlignUp(off + bh * S * 8);
   l.seg = off;
   off = AlignUp(off + bh * S * 8);
+  // The fused off-diagonal backward's A fragments (written and read inside one backward call).
+  l.bfrag = off;
+  if (OffdiagChoice(o).fused_bwd) off = AlignUp(off + bh * nc * kOffdiagBwdFragBytes);
   l.total = off;
   return l;
 }
@@ -2527,8 +2553,15 @@ struct DvWgFusedSmem {
 // k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan (relative to
 // the 256-token chunk's end, which the half may not contain); the first half's keys against the
 // second half's queries are added by mlstm_bwd_offdiag_l256 afterwards.
-template <int kStages, int kSub>
-__device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
+// kOff (kSub 2, MlstmOffdiag::kFusedAll; helper off256b, session 18): a half-0 block whose chunk has
+// a second half adds that block itself: dV_j += P̃'ᵀ dH1_j, with P̃'ᵀ (this thread's rows s, 8
+// uint4 of mlstm_bwd_offdiag_p_l256's fragments, loaded once) and dH1_j (the second half's dh
+// slab j) loaded beside slab j's dh into the staging buffer (a swizzled [128][128] tile fits its
+// 34 KB; the stage ring has no room for a second dh slab). The 8 extra RS wgmmas join the slab's
+// dH group; a block barrier then keeps the staging writes of the dv store behind both warpgroups'
+// reads of dH1.
+template <int kStages, int kSub, bool kOff = false>
+__device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p, const uint4* bfrag = nullptr) {
   using namespace hopper;
   using SM = DvWgFusedSmem<kStages>;
   constexpr int L = 128, DVT = 128, kThreads = 256, kSH = DVT + kPad;
@@ -2562,6 +2595,14 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
     LoadTileSw<L>(sm + SM::kH, dhbase + j * DVT, ldv, len, tid, kThreads);
     LoadTileSw<L>(sm + SM::kH + SM::kTile64, dhbase + j * DVT + 64, ldv, len, tid, kThreads);
   };
+  // kOff: this half-0 block carries its chunk's off-diagonal block (block-uniform).
+  const bool off = kOff && (k & 1) == 0 && t0 + L < d.S;
+  const int len1 = kOff ? min(L, d.S - t0 - L) : 0;
+  const bf16* dh1base = kOff ? p.dh + (tok0 + static_cast<int64_t>(L) * d.NH) * d.DV : nullptr;
+  auto load_dh1 = [&](int j) {
+    LoadTileSw<L>(sm + SM::kStaging, dh1base + j * DVT, ldv, len1, tid, kThreads);
+    LoadTileSw<L>(sm + SM::kStaging + SM::kTile64, dh1base + j * DVT + 64, ldv, len1, tid, kThreads);
+  };
   // Step x = slab j · ndt + dk tile dt.
   auto load_step = [&](int x) {
     const int j = x / ndt, dt = x % ndt;
@@ -2575,6 +2616,9 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   // cp.async group x holds step x's tiles (group 0 also slab 0's dh; the group of step j · ndt
   // also slab j's dh); groups past nsteps − 1 hold at most a dh slab.
   load_dh(0);
+  if constexpr (kOff) {
+    if (off) load_dh1(0);
+  }
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     if (i < nsteps) load_step(i);
@@ -2595,6 +2639,9 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
     __syncthreads();
     if (it + kStages - 1 < nsteps) load_step(it + kStages - 1);
     if (it > 0 && it % ndt == 0) load_dh(it / ndt);
+    if constexpr (kOff) {
+      if (off && it > 0 && it % ndt == 0) load_dh1(it / ndt);
+    }
     CpAsyncCommit();
   };
 
@@ -2602,6 +2649,20 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
   const int r0 = 16 * w + g, r1 = r0 + 8;
   float vacc[64];
   uint32_t pa[8][4];
+  uint32_t poff[8][4];  // kOff: P̃'ᵀ, this thread's rows s
+  if constexpr (kOff) {
+    if (off) {
+      const uint4* src = bfrag + (static_cast<int64_t>(bh) * d.NC + kc) * 24 * 256 + tid;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint4 v4 = src[kk * 256];
+        poff[kk][0] = v4.x;
+        poff[kk][1] = v4.y;
+        poff[kk][2] = v4.z;
+        poff[kk][3] = v4.w;
+      }
+    }
+  }
   float E0 = 0.f, E1 = 0.f;
   int it = 0;
   for (int j = 0; j < nslab; ++j) {
@@ -2696,10 +2757,21 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p) {
       for (int kk = 0; kk < 8; ++kk) {
         WgmmaRS128<1>(vacc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
       }
+      if constexpr (kOff) {
+        if (off) {
+          const uint64_t dh1_d = SmemDescSw128(sa + SM::kStaging, SM::kTile64, 1024);
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(vacc, poff[kk], dh1_d + ((kk * 16 * 128) >> 4));
+        }
+      }
       WgmmaCommit();
       WgmmaWait<0>();
       FenceRegs(vacc);
       FenceRegs(pa);
+      if constexpr (kOff) {
+        FenceRegs(poff);
+        if (off) __syncthreads();  // both warpgroups' wgmmas are done reading dH1 in the staging buffer
+      }
     }
     float dv4[16][4];
 #pragma unroll
@@ -2720,6 +2792,11 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs 
 template <int kStages>
 __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_l256(Dims d, BwdPtrs p) {
   BwdDvWgFused<kStages, 2>(d, p);
+}
+template <int kStages>
+__global__ void __launch_bounds__(256, 1)
+    mlstm_bwd_dv_wg_fused_l256_off(Dims d, BwdPtrs p, const uint4* __restrict__ bfrag) {
+  BwdDvWgFused<kStages, 2, true>(d, p, bfrag);
 }
 
 // ---------------------------------------------------------------- 7. bwd_dqk
@@ -3246,8 +3323,17 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
 // SM takes as long as in a full wave (36 vs 33 µs) with 58% of its warp stalls on long
 // scoreboard (the mbarrier waits): the blocks wait on load latency, not on DRAM bandwidth.
 // Eager vs lag (H100, medians of 3): 125m cell 0.765 -> 0.721 ms, 1.3b cell 1.018 -> 0.966 ms.
-template <bool SPLIT, int kSub, bool kEager = false>
-__device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const DqkTmaMaps& maps) {
+// kOff (kSub 2, MlstmOffdiag::kFusedAll; helper off256b, session 18): the chunk's off-diagonal block
+// inside the blocks instead of the pass. A half-1 block (rows t) adds dS' K0: its producer loads
+// K0's [128 s][128 dk] slab as an extra phase-3 ring step in front (step 0: the dC lo and V slots,
+// contiguous, hold the two 64-column blocks as the Q / K regions do), and the consumers run 8 RS
+// wgmmas (A = dS' rows t, mlstm_bwd_offdiag_p_l256's fragments 16-23) into qacc just before the
+// dQ product. A half-0 block whose chunk has a second half (rows s) adds dS'ᵀ Q1: Q1's slab comes
+// as an extra step after phase 3 (zeros past the sequence end), the 8 RS wgmmas (fragments 8-15)
+// join the dS'ᵀ Q group. The q·dq / k·dk dots then cover the whole row; one bf16 rounding.
+template <bool SPLIT, int kSub, bool kEager = false, bool kOff = false>
+__device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const DqkTmaMaps& maps,
+                                         const uint4* bfrag = nullptr) {
   using namespace hopper;
   using SM = DqkWgSmem<SPLIT>;
   constexpr int L = 128, DKT = 128, kConsumers = 256;
@@ -3272,6 +3358,11 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int njt = d.DV / 64;
+  // kOff: off1 = a half-1 block (its K0 step first), off0 = a half-0 block with a second half (its
+  // Q1 step last); block-uniform.
+  const bool off1 = kOff && (k & 1) == 1;
+  const bool off0 = kOff && (k & 1) == 0 && t0 + L < d.S;
+  const int shift3 = off1 ? 1 : 0;  // phase-3 ring position of dv tile 0
   if (threadIdx.x == 0) {
     for (int i = 0; i < 3; ++i) {
       MbInit(full1 + 8 * i, 1);
@@ -3315,14 +3406,34 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
       for (int slot = 1; slot < 3 && slot < njt; ++slot) {
         MbWait(empty1 + 8 * slot, ((njt - 1 - slot) / 3) & 1);
       }
+      if constexpr (kOff) {
+        if (off1) {  // ring position 0: K0's slab (dC lo and V slots of stage 0)
+          const uint32_t st = sa + SM::kStages, fb = full3;
+          MbArriveExpectTx(fb, 2 * SM::kTile64);
+          TmaTile4d(st, &maps.k, fb, a0, hd, t0 - L, b);
+          TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, t0 - L, b);
+        }
+      }
       for (int jt = 0; jt < njt; ++jt) {
-        const int slot = jt & 1, use = jt >> 1;
+        int x = jt;
+        if constexpr (kOff) x += shift3;
+        const int slot = x & 1, use = x >> 1;
         if (use > 0) MbWait(empty3 + 8 * slot, (use - 1) & 1);
         const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full3 + 8 * slot;
         MbArriveExpectTx(fb, kP3Bytes);
         TmaTile4d(st + SM::kOffV, &maps.v, fb, jt * 64, hd, t0, b);
         TmaTile2d(st + SM::kOffC, &maps.dc, fb, jt * 64, dc_row);
         if constexpr (SPLIT) TmaTile2d(st, &maps.dc_lo, fb, jt * 64, dc_row);
+      }
+      if constexpr (kOff) {
+        if (off0) {  // ring position njt: Q1's slab (zeros past the sequence end)
+          const int x = njt, slot = x & 1, use = x >> 1;
+          if (use > 0) MbWait(empty3 + 8 * slot, (use - 1) & 1);
+          const uint32_t st = sa + SM::kStages + slot * SM::kStage, fb = full3 + 8 * slot;
+          MbArriveExpectTx(fb, 2 * SM::kTile64);
+          TmaTile4d(st, &maps.q, fb, a0, hd, t0 + L, b);
+          TmaTile4d(st + SM::kTile64, &maps.q, fb, a0 + 64, hd, t0 + L, b);
+        }
       }
     }
     return;
@@ -3383,17 +3494,58 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   float b0v, b1v;
   uint32_t pa[8][4];
   DqkPhase2<L>(d, pacc, qacc, pa, b0v, b1v, dss, bs, igs, ms, ivs, dds, nks, r0, r1, c, len, m_k);
+  // kOff, off1: dQ += dS'_off K0 (K0 at ring position 0), ahead of the block's own dS' K.
+  const uint4* offsrc = nullptr;
+  uint32_t dsq[8][4];  // dS'_off rows t: live until DqkDqStore's wait retired the wgmmas reading them
+  if constexpr (kOff) {
+    offsrc = bfrag + (static_cast<int64_t>(bh) * d.NC + kc) * 24 * 256 + tid;
+    if (off1) {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint4 v4 = offsrc[(16 + kk) * 256];
+        dsq[kk][0] = v4.x;
+        dsq[kk][1] = v4.y;
+        dsq[kk][2] = v4.z;
+        dsq[kk][3] = v4.w;
+      }
+      MbWait(full3, 0);
+      const uint64_t k0_d = SmemDescSw128(sa + SM::kStages, SM::kTile64, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(qacc, dsq[kk], k0_d + ((kk * 16 * 128) >> 4));
+      WgmmaCommit();
+    }
+  }
   MbWait(full_qk, 0);
   // dQ += dS' K, dQ stored, the q·dq dots.
   DqkDqStore<L>(d, p, qacc, pa, SmemDescSw128(sa + SM::kK, SM::kTile64, 1024), qs, tok0, a0, ldqk, so, blockIdx.x, r0,
                 r1, c, len);
+  if constexpr (kOff) {
+    FenceRegs(dsq);
+    if (off1 && lane == 0) MbArrive(empty3);  // K0's step retired (DqkDqStore waited for all groups)
+  }
   // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warpgroup).
   float kacc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) kacc[i] = 0.f;
+  uint32_t dsk[8][4];  // kOff, off0: dS'ᵀ_off, this thread's rows s
+  if constexpr (kOff) {
+    if (off0) {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint4 v4 = offsrc[(8 + kk) * 256];
+        dsk[kk][0] = v4.x;
+        dsk[kk][1] = v4.y;
+        dsk[kk][2] = v4.z;
+        dsk[kk][3] = v4.w;
+      }
+    }
+  }
   for (int jt = 0; jt < njt; ++jt) {
-    const int slot = jt & 1;
-    MbWait(full3 + 8 * slot, (jt >> 1) & 1);
+    int x = jt;
+    if constexpr (kOff) x += shift3;
+    const int slot = x & 1;
+    MbWait(full3 + 8 * slot, (x >> 1) & 1);
     const uint32_t st = sa + SM::kStages + slot * SM::kStage;
     const uint64_t v_d = SmemDescSw128(st + SM::kOffV + own, 16, 1024);
     const uint64_t dc_d = SmemDescSw128(st + SM::kOffC, 16, 1024);
@@ -3411,7 +3563,7 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
       if (lane == 0) MbArrive(empty3 + 8 * slot);
     } else if (jt > 0) {
       WgmmaWait<1>();
-      if (lane == 0) MbArrive(empty3 + 8 * ((jt - 1) & 1));
+      if (lane == 0) MbArrive(empty3 + 8 * ((x - 1) & 1));
     }
   }
   WgmmaWait<0>();
@@ -3441,15 +3593,26 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   {
     const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
     const uint64_t q_d = SmemDescSw128(sa + SM::kQ, SM::kTile64, 1024);
+    if constexpr (kOff) {
+      if (off0) MbWait(full3 + 8 * (njt & 1), (njt >> 1) & 1);  // Q1's step
+    }
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const uint64_t step = (kk * 16 * 128) >> 4;
       WgmmaSS128<1, 1>(kacc, ds_d + step, q_d + step, 1);
     }
+    if constexpr (kOff) {
+      if (off0) {  // dK += dS'ᵀ_off Q1 (A: this thread's rows s in registers, Q1 N-major)
+        const uint64_t q1_d = SmemDescSw128(sa + SM::kStages + (njt & 1) * SM::kStage, SM::kTile64, 1024);
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(kacc, dsk[kk], q1_d + ((kk * 16 * 128) >> 4));
+      }
+    }
     WgmmaCommit();
     WgmmaWait<0>();
     FenceRegs(kacc);
+    if constexpr (kOff) FenceRegs(dsk);
   }
   {
     bf16* dkbase = p.dk + tok0 * d.DK + a0;
@@ -3485,6 +3648,12 @@ template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
     mlstm_bwd_dqk_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
   BwdDqkWs<SPLIT, 2>(d, p, maps);
+}
+template <bool SPLIT>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_bwd_dqk_ws_l256_off(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps,
+                              const uint4* __restrict__ bfrag) {
+  BwdDqkWs<SPLIT, 2, false, true>(d, p, maps, bfrag);
 }
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
@@ -5148,6 +5317,115 @@ __global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs
   }
 }
 
+// The fused backward's pre-pass (MlstmOffdiag::kFusedAll; helper off256b, session 18): the first
+// half of mlstm_bwd_offdiag_l256 (the same products Sᵀ = K₀Q₁ᵀ over dk and dPᵀ = V₀dH₁ᵀ over dv,
+// the same gating, so P̃ᵀ and dS'ᵀ are the same bf16 values) without the read-modify-writes of
+// dv, dk, dq: the three wgmma A operands the consumers need, per consumer thread, into bfrag
+// ([BH·NC][24][256] uint4, kOffdiagBwdFragBytes a chunk-head): 0-7 P̃ᵀ rows s (bwd_dv's half-0
+// blocks: dV₀ += P̃ᵀ dH₁), 8-15 dS'ᵀ rows s (bwd_dqk's half-0 blocks: dK₀ += dS'ᵀ Q₁), 16-23
+// dS' rows t (bwd_dqk's half-1 blocks: dQ₁ += dS' K₀; read back transposed from the swizzled
+// dS'ᵀ tile in shared memory, the tile the pass reads as an M-major A). Columns / rows t past the
+// sequence end are zeros. P̃ᵀ needs only Sᵀ and dS'ᵀ only dPᵀ, so each chunk-head gets two blocks
+// (blockIdx.x 0: Sᵀ → P̃ᵀ; 1: dPᵀ → dS'ᵀ, dS'), each one synchronous product chain of dk/64 or
+// dv/64 steps instead of the pass's two in a row (the chain's latency, not bytes, sets its time:
+// 128 blocks are one partial wave at the 1.3b cell), two blocks an SM (100 KB, ≤ 128 registers).
+struct OffdiagBwdPSmem {
+  static constexpr size_t kVecOff = OffdiagSmem::kDS + 2 * OffdiagSmem::kTile64;
+  static constexpr size_t kBytes = kVecOff + 6 * 128 * 4 + 1024;
+};
+__global__ void __launch_bounds__(256, 2) mlstm_bwd_offdiag_p_l256(Dims d, BwdPtrs p, uint4* __restrict__ bfrag) {
+  using namespace hopper;
+  using SM = OffdiagSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* bq = reinterpret_cast<float*>(sm + OffdiagBwdPSmem::kVecOff);  // half 1: b_t, m_t, 1/den_t, dden_t
+  float* mq = bq + L;
+  float* ivq = mq + L;
+  float* ddq = ivq + L;
+  float* bk = ddq + L;  // half 0: b_s, ĩ_s
+  float* igk = bk + L;
+  const int part = blockIdx.x, kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
+  const int s0 = kc * 256, t1 = s0 + L;
+  if (t1 >= d.S) return;  // no second half
+  const int len = min(L, d.S - t1);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const uint32_t own = wg * 64 * 128;
+  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
+  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
+  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
+  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
+  if (tid < L) {
+    const bool ok = tid < len;
+    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
+    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
+    ivq[tid] = ok ? p.inv_d[so_t + tid] : 0.f;
+    ddq[tid] = ok ? p.dden[so_t + tid] : 0.f;
+    bk[tid] = p.b_tok[so_s + tid];
+    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
+  }
+  // Rows s (this warp: r0, r1), columns t: part 0 Sᵀ, part 1 dPᵀ.
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  if (part == 0) {
+    OffdiagProduct(acc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid, own);
+  } else {
+    OffdiagProduct(acc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid, own);
+  }
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = nt * 8 + 2 * c + (e & 1);
+      const float xs = e < 2 ? x0 : x1;
+      float v = 0.f;
+      if (t < len) {
+        const float wt = __expf(bq[t] + xs - mq[t]);
+        v = part == 0 ? acc[4 * nt + e] * d.scale * ivq[t] * wt : d.scale * wt * (acc[4 * nt + e] * ivq[t] + ddq[t]);
+      }
+      acc[4 * nt + e] = v;
+    }
+  }
+  const int64_t bhc = static_cast<int64_t>(bh) * d.NC + kc;
+  uint4* dst = bfrag + bhc * 24 * 256 + tid;
+  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled (part 1)
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t a[4];
+    a[0] = PackBf16(acc[8 * kk + 0], acc[8 * kk + 1]);
+    a[1] = PackBf16(acc[8 * kk + 2], acc[8 * kk + 3]);
+    a[2] = PackBf16(acc[8 * kk + 4], acc[8 * kk + 5]);
+    a[3] = PackBf16(acc[8 * kk + 6], acc[8 * kk + 7]);
+    dst[(part == 0 ? kk : 8 + kk) * 256] = make_uint4(a[0], a[1], a[2], a[3]);
+    if (part == 1) {
+      const int col = 16 * kk + 2 * c;
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = a[0];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = a[1];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = a[2];
+      *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = a[3];
+    }
+  }
+  if (part == 0) return;
+  __syncthreads();
+  // dS' rows t (this thread's r0, r1 as t), columns s: element (t, s) is dS'ᵀ[s][t].
+  auto ds_pair = [&](int t, int s) -> uint32_t {
+    const uint32_t lo = *reinterpret_cast<const unsigned short*>(dss + Sw128Offset<L>(s, t));
+    const uint32_t hi = *reinterpret_cast<const unsigned short*>(dss + Sw128Offset<L>(s + 1, t));
+    return lo | (hi << 16);
+  };
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const int col = 16 * kk + 2 * c;
+    dst[(16 + kk) * 256] = make_uint4(ds_pair(r0, col), ds_pair(r1, col), ds_pair(r0, col + 8), ds_pair(r1, col + 8));
+  }
+}
+
 // ---------------------------------------------------------------- 8. gates_bwd
 
 constexpr int kGateThreads = 256;
@@ -6639,8 +6917,10 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
   return d.split ? out(std::true_type{}) : out(std::false_type{});
 }
 
+// bfrag non-null: MlstmOffdiag::kFusedAll (the backward pre-pass, then bwd_dv / bwd_dqk's _off
+// forms with the off-diagonal block inside; no mlstm_bwd_offdiag_l256).
 CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, uint4* bfrag = nullptr) {
   if (!dv_choice.fused) {
     return InvalidArgument("mlstm backward: chunk 256 runs only the fused warpgroup bwd_dv "
                            "(GYRE_MLSTM_BWD_DV=mma / MlstmBwdDvKernel::kMmaSync are chunk <= 128 only)");
@@ -6656,11 +6936,22 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
     Hook("mlstm_state_bwd", stream);
   }
+  if (bfrag != nullptr && d.S > 128) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_p_l256, OffdiagBwdPSmem::kBytes));
+    mlstm_bwd_offdiag_p_l256<<<dim3(2, d.NC, bh), 256, OffdiagBwdPSmem::kBytes, stream>>>(d, p, bfrag);
+    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag_p");
+    Hook("mlstm_bwd_offdiag_p", stream);
+  }
   {
     constexpr int kStages = 3;
     const size_t smem = DvWgFusedSmem<kStages>::kBytes;
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256<kStages>, smem));
-    mlstm_bwd_dv_wg_fused_l256<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p);
+    if (bfrag != nullptr) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256_off<kStages>, smem));
+      mlstm_bwd_dv_wg_fused_l256_off<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p, bfrag);
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256<kStages>, smem));
+      mlstm_bwd_dv_wg_fused_l256<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
   }
@@ -6669,14 +6960,19 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
     const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
     DqkTmaMaps maps{};
     CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256<SPLIT>, smem));
-    mlstm_bwd_dqk_ws_l256<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    if (bfrag != nullptr) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256_off<SPLIT>, smem));
+      mlstm_bwd_dqk_ws_l256_off<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps, bfrag);
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256<SPLIT>, smem));
+      mlstm_bwd_dqk_ws_l256<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
     Hook("mlstm_bwd_dqk", stream);
     return {};
   };
   CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::true_type{}) : dqk(std::false_type{}));
-  if (d.S > 128) {  // after bwd_dv / bwd_dqk (it adds to their outputs), before gates_bwd (qdq, kdk)
+  if (bfrag == nullptr && d.S > 128) {  // after bwd_dv / bwd_dqk (it adds to their outputs), before gates_bwd
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_l256, OffdiagSmem::kBytes));
     mlstm_bwd_offdiag_l256<<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag");
@@ -6801,7 +7097,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   const OffdiagEnv offdiag = OffdiagChoice(options);
   if (offdiag.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_OFFDIAG must be pass or fused (or unset), got '") +
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_OFFDIAG must be pass, fused or all (or unset), got '") +
                            offdiag.bad_env + "'");
   }
   if (env.bad_env != nullptr) {
@@ -7028,7 +7324,16 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
     case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
-    case 256: return LaunchBackward256(d, p, dv_choice, dh_dots, stream);
+    case 256: {
+      const OffdiagEnv offdiag = OffdiagChoice(options);
+      if (offdiag.bad_env != nullptr) {
+        return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_OFFDIAG must be fused, pass or all (or "
+                                           "unset), got '") +
+                               offdiag.bad_env + "'");
+      }
+      uint4* bfrag = offdiag.fused_bwd ? reinterpret_cast<uint4*>(sb + sl.bfrag) : nullptr;
+      return LaunchBackward256(d, p, dv_choice, dh_dots, stream, bfrag);
+    }
     default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split);
   }
 }

@@ -184,6 +184,12 @@ constexpr Variant kVariants[] = {
      true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
     {"v1-t128-offfused", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0, MlstmBwdDvKernel::kAuto,
      false, true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFused},
+    // The backward's off-diagonal block inside bwd_dv / bwd_dqk as well (MlstmOffdiag::kFusedAll,
+    // GYRE_MLSTM_OFFDIAG=all; helper off256b, session 18), split and single bf16 states. Chunk 256 only.
+    {"v2-offall", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto, false,
+     true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFusedAll},
+    {"v1-t128-offall", MlstmStatePrecision::kBf16, MlstmGateSchedule::kAuto, 128, 0, MlstmBwdDvKernel::kAuto,
+     false, true, MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmOffdiag::kFusedAll},
 };
 
 // MLSTM_TEST_WEIGHTS = split | split_fwd | bf16 | auto (default): MlstmOptions::state_weights
@@ -1423,6 +1429,165 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
       failures += ok ? 0 : 1;
     }
   }
+  EXPECT_EQ(failures, 0);
+}
+
+// MlstmOffdiag::kFusedAll (helper off256b, session 18: the backward pre-pass storing P̃ᵀ, dS'ᵀ, dS'
+// fragments, bwd_dv's half-0 blocks adding P̃ᵀ dH1, bwd_dqk's half-0 blocks dS'ᵀ Q1 and half-1
+// blocks dS' K0 before their one rounding) against kFused (the same forward; the backward's
+// separate pass mlstm_bwd_offdiag_l256) at chunk 256. Bytewise: the forward (saved, h, final
+// state: the same kernels) and d_initial's C and n (state_bwd / bwd_dqk's dn0 sum, untouched).
+// Bands (Frobenius relative to the pass's): dq, dk, dv within 4e-3 — the pass rounds the diagonal
+// block's bf16 output, adds its part and rounds again, the fused form rounds once, so they differ
+// by up to a bf16 step at some entries; dĩ, df̃ and dm0 within 1e-3 (the same fp32 row dots summed
+// in another order, then through the gate scan). The launch hook must see mlstm_bwd_offdiag_p and
+// no mlstm_bwd_offdiag under kFusedAll (and the reverse under kFused) wherever S > 128. Gradients
+// poisoned before each run. Shapes: off256's five (the 1.3B head with a short second half, the
+// 125m head with initial state, 400 = 256 + 144, dk 256 / dv 512 over several chunks, the 125m
+// cell's layout at S 2048), one with gates ±30 and S 8200, one with S 100 (no second half).
+std::vector<std::string> g_offdiag_launches;
+void RecordOffdiagLaunch(const char* name, cudaStream_t) {
+  if (std::strstr(name, "offdiag") != nullptr) g_offdiag_launches.push_back(name);
+}
+TEST(MlstmGpuTest, OffdiagBwdFusedMatchesPass) {
+  if (!VariantSelected({"offall", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
+    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes offall";
+  }
+  std::mt19937_64 rng(1818019);
+  DeviceAllocator alloc;
+  struct Shape {
+    int64_t B, S, NH, DK, DV;
+    bool with_states, extreme;
+  };
+  int failures = 0;
+  MlstmSetLaunchHook(RecordOffdiagLaunch);
+  for (const Shape& sh : {Shape{1, 300, 1, 1024, 1024, false, false}, Shape{2, 333, 2, 384, 384, true, false},
+                          Shape{1, 400, 2, 128, 128, false, false}, Shape{2, 1100, 1, 256, 512, true, false},
+                          Shape{2, 2048, 4, 384, 384, false, false}, Shape{1, 8200, 1, 128, 256, true, true},
+                          Shape{1, 100, 2, 128, 128, true, false}}) {
+    for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
+      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
+      MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
+      DeviceArray<bf16> gq(&alloc, T * sh.DK), gk(&alloc, T * sh.DK), gv(&alloc, T * sh.DV), gh(&alloc, T * sh.DV),
+          gdh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
+      DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * sh.DK), gm0(&alloc, BH),
+          gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH), gdcf(&alloc, CS), gdnf(&alloc, BH * sh.DK),
+          gdmf(&alloc, BH), gdig(&alloc, T), gdfg(&alloc, T), gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK),
+          gdm0(&alloc, BH);
+      gq.Upload(RandomBf16Values(rng, T * sh.DK));
+      gk.Upload(RandomBf16Values(rng, T * sh.DK));
+      gv.Upload(RandomBf16Values(rng, T * sh.DV));
+      gdh.Upload(RandomBf16Values(rng, T * sh.DV));
+      gig.Upload(sh.extreme ? UniformFloats(rng, T, -30.f, 30.f) : RandomFloats(rng, T, 1.f, 0.f));
+      gfg.Upload(sh.extreme ? UniformFloats(rng, T, -30.f, 30.f) : RandomFloats(rng, T, 1.f, 2.f));
+      gc0.Upload(RandomFloats(rng, CS, 0.5f));
+      gn0.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gm0.Upload(RandomFloats(rng, BH, 1.f));
+      gdcf.Upload(RandomFloats(rng, CS, 0.5f));
+      gdnf.Upload(RandomFloats(rng, BH * sh.DK, 0.5f));
+      gdmf.Upload(RandomFloats(rng, BH, 0.5f));
+      MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
+      MlstmDeviceState<const float> init, dfin;
+      MlstmDeviceState<float> fin{gcf.get(), gnf.get(), gmf.get()}, dinit;
+      if (sh.with_states) {
+        init = {gc0.get(), gn0.get(), gm0.get()};
+        dfin = {gdcf.get(), gdnf.get(), gdmf.get()};
+        dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
+      }
+      // run 0: kFused (the backward's pass); run 1: kFusedAll.
+      std::vector<unsigned char> fwd_bytes[2], dinit_bytes[2];
+      std::vector<float> grads[2], dm0[2];
+      size_t hook_bad = 0;
+      for (int run = 0; run < 2; ++run) {
+        MlstmOptions opt;
+        opt.chunk_size = 256;
+        opt.state_precision = prec;
+        opt.offdiag = run == 0 ? MlstmOffdiag::kFused : MlstmOffdiag::kFusedAll;
+        const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
+        DeviceBuffer saved, scratch;
+        CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
+        CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
+        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+        gh.Poison();
+        for (auto* x : {&gcf, &gnf, &gmf}) x->Poison();
+        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        fwd_bytes[run] = DeviceBytes(saved.get(), saved_bytes);
+        const auto hb = DeviceBytes(gh.get(), T * sh.DV * 2);
+        fwd_bytes[run].insert(fwd_bytes[run].end(), hb.begin(), hb.end());
+        for (const auto* x : {&gcf, &gnf, &gmf}) {
+          const auto z = DeviceBytes(x->get(), x->size() * 4);
+          fwd_bytes[run].insert(fwd_bytes[run].end(), z.begin(), z.end());
+        }
+        for (auto* x : {&gdq, &gdk, &gdv}) x->Poison();
+        for (auto* x : {&gdig, &gdfg, &gdc0, &gdn0, &gdm0}) x->Poison();
+        g_offdiag_launches.clear();
+        const MlstmDeviceGrads g{gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()};
+        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), gdh.get(), dfin, g, dinit,
+                                              scratch.get(), nullptr));
+        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+        size_t pre = 0, pass = 0;
+        for (const std::string& n : g_offdiag_launches) {
+          pre += n == "mlstm_bwd_offdiag_p";
+          pass += n == "mlstm_bwd_offdiag";
+        }
+        const bool two_halves = sh.S > 128;
+        hook_bad += run == 0 ? (pre != 0) + (pass != (two_halves ? 1u : 0u))
+                             : (pass != 0) + (pre != (two_halves ? 1u : 0u));
+        for (const auto* x : {&gdq, &gdk, &gdv}) {
+          const auto y = x->Download();
+          grads[run].insert(grads[run].end(), y.begin(), y.end());
+        }
+        for (const auto* x : {&gdig, &gdfg}) {
+          const auto y = x->Download();
+          grads[run].insert(grads[run].end(), y.begin(), y.end());
+        }
+        if (sh.with_states) {
+          dinit_bytes[run] = DeviceBytes(gdc0.get(), CS * 4);
+          const auto z = DeviceBytes(gdn0.get(), BH * sh.DK * 4);
+          dinit_bytes[run].insert(dinit_bytes[run].end(), z.begin(), z.end());
+          dm0[run] = gdm0.Download();
+        }
+      }
+      const size_t fwd_diff = BytesDiffer(fwd_bytes[0], fwd_bytes[1]);
+      const size_t dinit_diff = BytesDiffer(dinit_bytes[0], dinit_bytes[1]);
+      const int64_t sizes[6] = {T * sh.DK, T * sh.DK, T * sh.DV, T, T, sh.with_states ? BH : 0};
+      const char* names[6] = {"dq", "dk", "dv", "dig", "dfg", "dm0"};
+      const double tols[6] = {4e-3, 4e-3, 4e-3, 1e-3, 1e-3, 1e-3};
+      bool ok = fwd_diff == 0 && dinit_diff == 0 && hook_bad == 0;
+      std::string errs;
+      size_t off = 0, non_finite = 0, bit_diff = 0;
+      for (int e = 0; e < 6; ++e) {
+        if (sizes[e] == 0) continue;
+        const std::vector<float>& fa = e < 5 ? grads[1] : dm0[1];
+        const std::vector<float>& fb = e < 5 ? grads[0] : dm0[0];
+        const size_t o = e < 5 ? off : 0;
+        std::vector<float> a(fa.begin() + o, fa.begin() + o + sizes[e]);
+        std::vector<double> b(fb.begin() + o, fb.begin() + o + sizes[e]);
+        for (int64_t i = 0; i < sizes[e]; ++i) {
+          non_finite += !std::isfinite(a[i]) + !std::isfinite(b[i]);
+          bit_diff += std::memcmp(&a[i], &fb[o + i], 4) != 0;
+        }
+        const double err = RelError(a, b);
+        ok = ok && err <= tols[e];  // NaN fails
+        char buf[64];
+        std::snprintf(buf, sizeof(buf), " %s %.2e", names[e], err);
+        errs += buf;
+        if (e < 5) off += sizes[e];
+      }
+      ok = ok && non_finite == 0;
+      std::printf("[%s] mlstm bwd offdiag fused (all) vs pass B%lld S%lld NH%lld dk%lld dv%lld L256 %s%s%s: forward "
+                  "%zu of %zu bytes differ, d_initial C/n %zu bytes differ, hook mismatches %zu;%s (tol 4e-3 dq/dk/dv, "
+                  "1e-3 gates/dm0), %zu values differ bitwise, %zu non-finite\n",
+                  ok ? "PASS" : "FAIL", static_cast<long long>(sh.B), static_cast<long long>(sh.S),
+                  static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
+                  prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +states" : "",
+                  sh.extreme ? " gates±30" : "", fwd_diff, fwd_bytes[0].size(), dinit_diff, hook_bad, errs.c_str(),
+                  bit_diff, non_finite);
+      failures += ok ? 0 : 1;
+    }
+  }
+  MlstmSetLaunchHook(nullptr);
   EXPECT_EQ(failures, 0);
 }
 
