@@ -89,7 +89,8 @@
 // (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
 // fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
 // (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
-// Opt-in since session 18 (helper off256b; MlstmOffdiag::kFusedAll, GYRE_MLSTM_OFFDIAG=all): the
+// Also the default since session 18 (helper off256b; MlstmOffdiag::kFusedAll; GYRE_MLSTM_OFFDIAG=fused
+// keeps the backward's separate pass): the
 // backward's off-diagonal block likewise — a pre-pass (mlstm_bwd_offdiag_p_l256, two blocks per
 // chunk-head) stores P̃ᵀ, dS'ᵀ and dS' as wgmma A fragments in `scratch`, and bwd_dv's half-0
 // blocks add P̃ᵀ dH₁, bwd_dqk's half-0 blocks dS'ᵀ Q₁ and half-1 blocks dS' K₀ before their one
@@ -179,9 +180,9 @@ OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
   static const OffdiagEnv from_env = [] {
     OffdiagEnv r;
     const char* e = std::getenv("GYRE_MLSTM_OFFDIAG");
-    r.fused_bwd = e != nullptr && std::strcmp(e, "all") == 0;
-    // fused: the default since session 18
-    r.fused = e == nullptr || std::strcmp(e, "fused") == 0 || r.fused_bwd;
+    // "all" (both directions fused) is the default since session 18.
+    r.fused_bwd = e == nullptr || std::strcmp(e, "all") == 0;
+    r.fused = r.fused_bwd || std::strcmp(e, "fused") == 0;
     if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0 && !r.fused_bwd) {
       r.bad_env = e;
     }

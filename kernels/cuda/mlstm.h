@@ -188,16 +188,17 @@ enum class MlstmPersist {
 // and their row sums into `saved`; the half-1 blocks of fwd_out add P'·V0 to their fp32
 // accumulator before the one normalisation (h is rounded once; den_t is the same float sum).
 // `saved` grows by 64.5 KB per chunk-head under kFused. Chunk 128 and below ignore it.
-// kFusedAll (helper off256b, session 18; opt-in): kFused, and the backward's off-diagonal block
+// kFusedAll (helper off256b, session 18; the default): kFused, and the backward's off-diagonal block
 // inside bwd_dv / bwd_dqk instead of the separate pass mlstm_bwd_offdiag_l256: a pre-pass
 // (mlstm_bwd_offdiag_p_l256) stores P̃ᵀ, dS'ᵀ and dS' once per chunk-head as wgmma A fragments
 // (96 KB per chunk-head of `scratch`, which grows by that under kFusedAll); bwd_dv's half-0 blocks
 // add P̃ᵀ dH1, bwd_dqk's half-0 blocks dS'ᵀ Q1 and its half-1 blocks dS' K0 before their one
 // bf16 rounding (no read-modify-write of dq, dk, dv).
 enum class MlstmOffdiag {
-  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "fused" = kFused (the default
-           // since session 18), "pass" = kPass, "all" = kFusedAll; any other value makes the
-           // forward and the backward return an error naming it
+  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "all" = kFusedAll (the default
+           // since session 18), "fused" = kFused, "pass" = kPass (the two kept as the references of
+           // mlstm_gpu_test's Offdiag*MatchesPass); any other value makes the forward and the
+           // backward return an error naming it
   kPass,
   kFused,
   kFusedAll,
