@@ -151,7 +151,6 @@ struct Variant {
   int64_t io_slab = 0;
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
   MlstmPersist persist = MlstmPersist::kOff;          // chunk 128's fwd_out on a persistent grid
-  MlstmOffdiag offdiag = MlstmOffdiag::kAuto;         // chunk 256's forward off-diagonal block
   MlstmRingRelease ring = MlstmRingRelease::kAuto;    // kAuto: GYRE_MLSTM_RING (unset: eager)
 };
 
@@ -180,7 +179,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.io_slab = pr.variant.io_slab;
   opt.bwd_dv = pr.variant.bwd_dv;
   opt.persist = pr.variant.persist;
-  opt.offdiag = pr.variant.offdiag;
   opt.ring = pr.variant.ring;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
@@ -504,7 +502,6 @@ int main(int argc, char** argv) {
   using gyre::cuda::MlstmStateWeights;
   using gyre::cuda::MlstmBwdDvKernel;
   using gyre::cuda::MlstmPersist;
-  using gyre::cuda::MlstmOffdiag;
   const gyre::cuda::Variant v2{"v2", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0};
   // The previous session's defaults: one block per head in gates_bwd.
   const gyre::cuda::Variant v2_gpar{"v2-gates-par", MlstmStatePrecision::kAuto,
@@ -543,22 +540,14 @@ int main(int argc, char** argv) {
   const gyre::cuda::Variant v2_persist_both{"v2-persist-both", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto,
                                             0, MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto,
                                             MlstmPersist::kBoth};
-  // Chunk 256's forward off-diagonal block as the separate pass ("[v2-offpass]") or inside fwd_out
-  // with the P' pre-pass ("[v2-offfused]"; helper off256, session 18), whatever GYRE_MLSTM_OFFDIAG says.
-  const auto off_variant = [&](const char* name, MlstmOffdiag mode) {
-    return gyre::cuda::Variant{name, MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0,
-                               MlstmStateWeights::kAuto, 0, MlstmBwdDvKernel::kAuto, MlstmPersist::kOff, mode};
-  };
-  const gyre::cuda::Variant v2_offpass = off_variant("v2-offpass", MlstmOffdiag::kPass);
-  const gyre::cuda::Variant v2_offfused = off_variant("v2-offfused", MlstmOffdiag::kFused);
-  // ... and the fused fwd_out with the lag release (the ring of chunk 256's pass-path fwd_out).
-  gyre::cuda::Variant v2_offfused_lag = off_variant("v2-offfused-lag", MlstmOffdiag::kFused);
-  v2_offfused_lag.ring = gyre::cuda::MlstmRingRelease::kLag;
-  // The backward's off-diagonal block as the separate pass ("[v2-offb-pass]" = kFused, today's
-  // default) or inside bwd_dv / bwd_dqk with the backward pre-pass ("[v2-offb-fused]" = kFusedAll;
-  // helper off256b, session 18). The same forward.
-  const gyre::cuda::Variant v2_offb_pass = off_variant("v2-offb-pass", MlstmOffdiag::kFused);
-  const gyre::cuda::Variant v2_offb_fused = off_variant("v2-offb-fused", MlstmOffdiag::kFusedAll);
+  // Chunk 256's fwd_out (the off-diagonal block inside since session 18) with the lag stage release
+  // ("[v2-lag]"; v2 follows GYRE_MLSTM_RING, unset: eager). Session 18's "[v2-offpass]",
+  // "[v2-offfused]", "[v2-offfused-lag]", "[v2-offb-pass]", "[v2-offb-fused]" selected the separate
+  // off-diagonal passes or the fused forms; the passes were deleted (helper offclean18), and v2 runs
+  // what v2-offb-fused ran.
+  gyre::cuda::Variant v2_lag = v2;
+  v2_lag.name = "v2-lag";
+  v2_lag.ring = gyre::cuda::MlstmRingRelease::kLag;
   // xlstm-1.3b-like, xLSTM-7B heads, and the xlstm-125m cell (B16 S2048, 4 heads of 384, the
   // model path's shape: ops/ runs the presets' chunk 64).
   const gyre::cuda::MlstmShape s13{8, 2048, 4, 256, 512}, s7{1, 8192, 8, 256, 512},
@@ -598,16 +587,8 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_dqk},
       {"xlstm-125m-cell", s125, 128, v2_persist_both},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_both},
-      {"xlstm-125m-cell", s125, 256, v2_offpass},
-      {"xlstm-125m-cell", s125, 256, v2_offfused},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offpass},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offfused},
-      {"xlstm-125m-cell", s125, 256, v2_offfused_lag},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offfused_lag},
-      {"xlstm-125m-cell", s125, 256, v2_offb_pass},
-      {"xlstm-125m-cell", s125, 256, v2_offb_fused},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offb_pass},
-      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_offb_fused},
+      {"xlstm-125m-cell", s125, 256, v2_lag},
+      {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_lag},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

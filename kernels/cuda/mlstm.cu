@@ -79,24 +79,21 @@
 // to the boundary between a chunk's halves and m_k + g0 for m_k (ChunkGates: chunk 128's rounding
 // of b_t − b_s); the state kernels (_l256) walk 128-token steps and store C_k / dC_{k+1} only at
 // chunk boundaries (half the states' bytes); fwd_out / bwd_dv / bwd_dqk (_l256) run one block per
-// half (its causal diagonal block and the chunk's state terms); mlstm_fwd_offdiag_l256 /
-// mlstm_bwd_offdiag_l256 then add each chunk's off-diagonal block (second-half queries x
-// first-half keys) to h, den and dq, dk, dv. Measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at
-// chunk 128, 1.3b cell (dk = dv = 1024) 3.05 vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
-// The default since session 18 (helper off256; MlstmOffdiag::kFused; GYRE_MLSTM_OFFDIAG=pass runs
-// the separate forward pass, the reference of OffdiagFusedMatchesPass): the
-// forward's off-diagonal block inside fwd_out instead of mlstm_fwd_offdiag_l256 — a pre-pass
-// (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into `saved` as fwd_out's A
-// fragments, and fwd_out's half-1 blocks add P'·V₀ before their one normalisation
-// (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%, xlstm[1:0]-1.3b B4 step −1.2%.
-// Also the default since session 18 (helper off256b; MlstmOffdiag::kFusedAll; GYRE_MLSTM_OFFDIAG=fused
-// keeps the backward's separate pass): the
-// backward's off-diagonal block likewise — a pre-pass (mlstm_bwd_offdiag_p_l256, two blocks per
+// half (its causal diagonal block and the chunk's state terms). Each chunk's off-diagonal block
+// (second-half queries x first-half keys) was first added by two separate passes afterwards;
+// measured (H100): 125m cell fwd+bwd 2.70 vs 2.49 ms at chunk 128, 1.3b cell (dk = dv = 1024) 3.05
+// vs 3.24 (kernels/cuda/mlstm_notes.md, session 15).
+// Since session 18 (helpers off256, off256b) the off-diagonal block runs inside the consumers:
+// forward, a pre-pass (mlstm_fwd_offdiag_p_l256) computes P' = S' ⊙ W once per chunk-head into
+// `saved` as fwd_out's A fragments, and fwd_out's half-1 blocks add P'·V₀ before their one
+// normalisation (mlstm_fwd_out_ws3_l256_off[_eager]); 1.3b cell forward −12 to −19%,
+// xlstm[1:0]-1.3b B4 step −1.2%. Backward, a pre-pass (mlstm_bwd_offdiag_p_l256, two blocks per
 // chunk-head) stores P̃ᵀ, dS'ᵀ and dS' as wgmma A fragments in `scratch`, and bwd_dv's half-0
 // blocks add P̃ᵀ dH₁, bwd_dqk's half-0 blocks dS'ᵀ Q₁ and half-1 blocks dS' K₀ before their one
-// rounding (mlstm_bwd_dv_wg_fused_l256_off, mlstm_bwd_dqk_ws_l256_off) instead of
-// mlstm_bwd_offdiag_l256's read-modify-writes; 1.3b cell off-diagonal backward 0.225 → 0.119 ms,
-// 125m 0.338 → 0.156, xlstm[1:0]-1.3b B4 step −3.1 ms.
+// rounding (mlstm_bwd_dv_wg_fused_l256_off, mlstm_bwd_dqk_ws_l256_off); 1.3b cell off-diagonal
+// backward 0.225 → 0.119 ms, 125m 0.338 → 0.156, xlstm[1:0]-1.3b B4 step −3.1 ms. The separate
+// passes (mlstm_fwd_offdiag_l256 / mlstm_bwd_offdiag_l256, their read-modify-writes of the bf16
+// outputs, and the diagonal-only _l256 consumers they followed) were deleted by helper offclean18.
 //
 // Work at the xLSTM-1.3b bench shape (B8 S2048 NH4 dk256 dv512 L128; 512 head-chunks):
 //   forward MACs per head-chunk as executed: state L·dk·dv (16.8M) + fwd_out: causal half of Q̂Kᵀ
@@ -166,37 +163,16 @@ bool UseSplit(const MlstmOptions& o) {
   }
 }
 
-// MlstmOffdiag resolved: chunk 256's forward off-diagonal block inside fwd_out (fused, with the
-// P' pre-pass) or as the separate pass. GYRE_MLSTM_OFFDIAG is read once per process (kAuto);
-// an unknown value is kept in bad_env and the forward returns an error naming it.
-// fused_bwd (kFusedAll, "all"; helper off256b): the backward's off-diagonal block inside bwd_dv /
-// bwd_dqk as well (fused_bwd implies fused).
-struct OffdiagEnv {
-  bool fused = false;
-  bool fused_bwd = false;
-  const char* bad_env = nullptr;
-};
-OffdiagEnv OffdiagChoice(const MlstmOptions& o) {
-  static const OffdiagEnv from_env = [] {
-    OffdiagEnv r;
+// GYRE_MLSTM_OFFDIAG, read once per process: the switch between chunk 256's fused off-diagonal
+// block and the separate passes (helpers off256 / off256b, session 18) is gone with the passes;
+// "all" (the fused form, its last default) is still accepted, any other value makes the forward
+// and the backward return an error naming it.
+const char* OffdiagBadEnv() {
+  static const char* const bad = [] {
     const char* e = std::getenv("GYRE_MLSTM_OFFDIAG");
-    // "all" (both directions fused) is the default since session 18.
-    r.fused_bwd = e == nullptr || std::strcmp(e, "all") == 0;
-    r.fused = r.fused_bwd || std::strcmp(e, "fused") == 0;
-    if (e != nullptr && std::strcmp(e, "fused") != 0 && std::strcmp(e, "pass") != 0 && !r.fused_bwd) {
-      r.bad_env = e;
-    }
-    return r;
+    return e != nullptr && std::strcmp(e, "all") != 0 ? e : nullptr;
   }();
-  OffdiagEnv r = from_env;
-  if (o.offdiag == MlstmOffdiag::kPass) r.fused = r.fused_bwd = false;
-  if (o.offdiag == MlstmOffdiag::kFused) {
-    r.fused = true;
-    r.fused_bwd = false;
-  }
-  if (o.offdiag == MlstmOffdiag::kFusedAll) r.fused = r.fused_bwd = true;
-  if (o.chunk_size != 256) r.fused = r.fused_bwd = false;
-  return r;
+  return bad;
 }
 
 // P' of the fused off-diagonal forward, per chunk-head: 16 uint4 a consumer thread (its A
@@ -221,7 +197,7 @@ struct SavedLayout {
   size_t den_tok = 0;  // f32  [BH][S]  n_tᵀq̂_t
   size_t e_tok = 0;    // f32  [BH][S]  E_t = e^{g − b_t + ĩ_t − m_{k+1}} (state-update weight)
   size_t decay = 0;    // f32  [BH][NC] e^{g + m_k − m_{k+1}}
-  size_t p_off = 0;    // uint4 [BH][NC][16][256] P' fragments (chunk 256, MlstmOffdiag fused only)
+  size_t p_off = 0;    // uint4 [BH][NC][16][256] P' fragments (chunk 256 only)
   size_t rs_off = 0;   // f32  [BH][NC][128]      P' row sums (likewise)
   size_t total = 0;
 };
@@ -255,8 +231,8 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
   if (split) off = AlignUp(off + bh * (l.nc + 1) * s.dk * s.dv * 2);
   l.h_lo = off;
   if (split) off = AlignUp(off + bh * s.seq_len * s.dv * 2);
-  // The fused off-diagonal forward's P' (written and read inside one forward call) last.
-  const bool fused_off = OffdiagChoice(o).fused;
+  // Chunk 256's off-diagonal P' (written and read inside one forward call) last.
+  const bool fused_off = o.chunk_size == 256;
   l.p_off = off;
   if (fused_off) off = AlignUp(off + bh * l.nc * kOffdiagFragBytes);
   l.rs_off = off;
@@ -295,7 +271,7 @@ struct ScratchLayout {
   size_t arg = 0;     // i32  [BH][S]
   size_t ps = 0;      // f64  [BH][S]
   size_t seg = 0;     // f64  [BH][S]
-  size_t bfrag = 0;   // uint4 [BH][NC][24][256]  P̃ᵀ, dS'ᵀ, dS' fragments (MlstmOffdiag::kFusedAll)
+  size_t bfrag = 0;   // uint4 [BH][NC][24][256]  P̃ᵀ, dS'ᵀ, dS' fragments (chunk 256 only)
   size_t total = 0;
 };
 
@@ -332,9 +308,9 @@ ScratchLayout MakeScratch(const MlstmShape& s, const MlstmOptions& o) {
   off = AlignUp(off + bh * S * 8);
   l.seg = off;
   off = AlignUp(off + bh * S * 8);
-  // The fused off-diagonal backward's A fragments (written and read inside one backward call).
+  // Chunk 256's off-diagonal A fragments (written and read inside one backward call).
   l.bfrag = off;
-  if (OffdiagChoice(o).fused_bwd) off = AlignUp(off + bh * nc * kOffdiagBwdFragBytes);
+  if (o.chunk_size == 256) off = AlignUp(off + bh * nc * kOffdiagBwdFragBytes);
   l.total = off;
   return l;
 }
@@ -2550,12 +2526,11 @@ struct DvWgFusedSmem {
   static_assert(kBytes <= 227 * 1024, "one block's opt-in shared memory on sm_90");
 };
 
-// kSub 2 (chunk 256, mlstm_bwd_dv_wg_fused_l256): a block is one 128-token half k of chunk
-// k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan (relative to
-// the 256-token chunk's end, which the half may not contain); the first half's keys against the
-// second half's queries are added by mlstm_bwd_offdiag_l256 afterwards.
-// kOff (kSub 2, MlstmOffdiag::kFusedAll; helper off256b, session 18): a half-0 block whose chunk has
-// a second half adds that block itself: dV_j += P̃'ᵀ dH1_j, with P̃'ᵀ (this thread's rows s, 8
+// kSub 2 (chunk 256, always with kOff: mlstm_bwd_dv_wg_fused_l256_off): a block is one 128-token
+// half k of chunk k / 2: its diagonal block, dC_{k/2+1} and m_{k/2+1}, E_t read from the gate scan
+// (relative to the 256-token chunk's end, which the half may not contain).
+// kOff (helper off256b, session 18): a half-0 block whose chunk has a second half also adds the
+// chunk's off-diagonal block (the first half's keys against the second half's queries): dV_j += P̃'ᵀ dH1_j, with P̃'ᵀ (this thread's rows s, 8
 // uint4 of mlstm_bwd_offdiag_p_l256's fragments, loaded once) and dH1_j (the second half's dh
 // slab j) loaded beside slab j's dh into the staging buffer (a swizzled [128][128] tile fits its
 // 34 KB; the stage ring has no room for a second dh slab). The 8 extra RS wgmmas join the slab's
@@ -2789,10 +2764,6 @@ __device__ __forceinline__ void BwdDvWgFused(const Dims& d, const BwdPtrs& p, co
 template <int kStages>
 __global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused(Dims d, BwdPtrs p) {
   BwdDvWgFused<kStages, 1>(d, p);
-}
-template <int kStages>
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_dv_wg_fused_l256(Dims d, BwdPtrs p) {
-  BwdDvWgFused<kStages, 2>(d, p);
 }
 template <int kStages>
 __global__ void __launch_bounds__(256, 1)
@@ -3309,11 +3280,10 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
   }
 }
 
-// kSub 2 (chunk 256, mlstm_bwd_dqk_ws_l256): a block is one 128-token half k of chunk k / 2:
-// its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t from the gate scan;
-// the off-diagonal block's dQ (second half) and dK (first half) terms are added by
-// mlstm_bwd_offdiag_l256 afterwards. (Both halves of chunk 0 write d_initial's dn0: the same
-// values from the same inputs.)
+// kSub 2 (chunk 256, always with kOff: mlstm_bwd_dqk_ws_l256_off): a block is one 128-token half
+// k of chunk k / 2: its diagonal block with C_{k/2}, dC_{k/2+1}, n, dn, m of that chunk and E_t
+// from the gate scan. (Both halves of chunk 0 write d_initial's dn0: the same values from the same
+// inputs.)
 // kEager (GYRE_MLSTM_RING=eager, helper dqk16, session 16; opt-in): a consumer warp releases a
 // stage as soon as its own wgmma group on it retired (wait<0> right after the commit) instead of
 // after the next stage arrived (wait<1>). The same products in the same order (bitwise the same
@@ -3324,8 +3294,8 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
 // SM takes as long as in a full wave (36 vs 33 µs) with 58% of its warp stalls on long
 // scoreboard (the mbarrier waits): the blocks wait on load latency, not on DRAM bandwidth.
 // Eager vs lag (H100, medians of 3): 125m cell 0.765 -> 0.721 ms, 1.3b cell 1.018 -> 0.966 ms.
-// kOff (kSub 2, MlstmOffdiag::kFusedAll; helper off256b, session 18): the chunk's off-diagonal block
-// inside the blocks instead of the pass. A half-1 block (rows t) adds dS' K0: its producer loads
+// kOff (kSub 2; helper off256b, session 18): the chunk's off-diagonal block inside the blocks (it
+// first ran as a separate pass afterwards, deleted). A half-1 block (rows t) adds dS' K0: its producer loads
 // K0's [128 s][128 dk] slab as an extra phase-3 ring step in front (step 0: the dC lo and V slots,
 // contiguous, hold the two 64-column blocks as the Q / K regions do), and the consumers run 8 RS
 // wgmmas (A = dS' rows t, mlstm_bwd_offdiag_p_l256's fragments 16-23) into qacc just before the
@@ -3647,11 +3617,6 @@ __global__ void __launch_bounds__(384, 1)
 }
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
-    mlstm_bwd_dqk_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps) {
-  BwdDqkWs<SPLIT, 2>(d, p, maps);
-}
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
     mlstm_bwd_dqk_ws_l256_off(Dims d, BwdPtrs p, const __grid_constant__ DqkTmaMaps maps,
                               const uint4* __restrict__ bfrag) {
   BwdDqkWs<SPLIT, 2, false, true>(d, p, maps, bfrag);
@@ -3841,8 +3806,7 @@ __device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc
   }
 }
 
-// OutPvNormalize of the fused off-diagonal forward (chunk 256, MlstmOffdiag::kFused; helper
-// off256): for a half-1 block (`off`) the chunk's P' fragments (this thread's 16 uint4 of
+// OutPvNormalize of the fused off-diagonal forward (chunk 256; helper off256, session 18): for a half-1 block (`off`) the chunk's P' fragments (this thread's 16 uint4 of
 // mlstm_fwd_offdiag_p_l256, at pf with a stride of 256 uint4) are loaded under the wait for V1,
 // hacc += P V1 (hi, lo) as OutPvNormalize, then the V0 step (the ring's next position after V1)
 // and hacc += P' V0 (hi, lo), so the diagonal and the off-diagonal numerators meet in fp32 and h
@@ -3922,15 +3886,15 @@ __device__ __forceinline__ void OutPvOffNormalize(const Dims& d, const float (&s
   }
 }
 
-// kSub 2 (chunk 256, mlstm_fwd_out_ws3_l256): a block is one 128-token half k of chunk k / 2 and
-// computes that half's diagonal block against the chunk's state C_{k/2}, n_{k/2}, m_{k/2} (b_t is
-// the 256-token chunk's cumsum, so W and G keep their formulas); the second half's queries against
-// the first half's keys are added by mlstm_fwd_offdiag_l256 afterwards.
+// kSub 2 (chunk 256, always with kOff: mlstm_fwd_out_ws3_l256_off[_eager]): a block is one
+// 128-token half k of chunk k / 2 and computes that half's diagonal block against the chunk's
+// state C_{k/2}, n_{k/2}, m_{k/2} (b_t is the 256-token chunk's cumsum, so W and G keep their
+// formulas).
 // kEager: as BwdDqkWs's (GYRE_MLSTM_RING=eager): each dk step's slot is released once its own
 // wgmma group retired (after the q̂·n_k FMAs), so the V step and the later dk steps load earlier
 // (H100, medians of 3: 125m cell 0.497 -> 0.469 ms, 1.3b cell 0.592 -> 0.563 ms).
-// kOff (chunk 256, MlstmOffdiag::kFused; helper off256, session 18): a half-1 block also adds the
-// chunk's off-diagonal block: the producer loads V0 (the first half's values, this slab) as the
+// kOff (chunk 256; helper off256, session 18): a half-1 block also adds the chunk's off-diagonal
+// block (the second half's queries against the first half's keys): the producer loads V0 (the first half's values, this slab) as the
 // ring step after V, the consumers add the row sums of P' (mlstm_fwd_offdiag_p_l256's rs_off) to
 // den and P' V0 to hacc (OutPvOffNormalize) before normalising; no separate pass.
 template <bool SPLIT, int kSub, bool kEager = false, bool kOff = false>
@@ -4071,7 +4035,7 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   OutInterScale(d, hacc, rs0, rs1, qn0, qn1, b0v, b1v, m0v, m1v, m_k, den0, den1);
   float h4[16][4];
   if constexpr (kOff) {
-    den0 += rso0;  // (the separate pass's order: the diagonal's den, then + P' row sum)
+    den0 += rso0;  // (the deleted separate pass's order: the diagonal's den, then + P' row sum)
     den1 += rso1;
     OutPvOffNormalize<SPLIT, SM::kStage, SM::kTile64>(d, sacc, hacc, full, slot, phase, sa, den0, den1, m0v, m1v,
                                                       off, pfrag + bhc * 16 * 256 + tid, h4);
@@ -4102,11 +4066,6 @@ __global__ void __launch_bounds__(384, 1)
 }
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
-    mlstm_fwd_out_ws3_l256(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
-  FwdOutWs3<SPLIT, 2>(d, p, maps);
-}
-template <bool SPLIT>
-__global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps) {
   FwdOutWs3<SPLIT, 1, true>(d, p, maps);
 }
@@ -4116,8 +4075,8 @@ __global__ void __launch_bounds__(384, 1)
                                const float* rs_off) {
   FwdOutWs3<SPLIT, 2, false, true>(d, p, maps, pfrag, rs_off);
 }
-// The same with the eager stage release (MlstmRingRelease, default eager: the fused chunk-256
-// forward follows `ring` as chunk 128's fwd_out does; the chunk-256 pass path keeps the lag kernel).
+// The same with the eager stage release (MlstmRingRelease, default eager: the chunk-256 forward
+// follows `ring` as chunk 128's fwd_out does).
 template <bool SPLIT>
 __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_out_ws3_l256_off_eager(Dims d, FwdPtrs p, const __grid_constant__ OutWsMaps maps, const uint4* pfrag,
@@ -4801,33 +4760,26 @@ __global__ void __launch_bounds__(384, 1)
 //
 // At chunk 256 every consumer kernel above runs one block per 128-token half of a chunk (the
 // _l256 instantiations) and computes the half's diagonal (causal) 128 × 128 block and its state
-// terms with the chunk's C_k / dC_{k+1}; what a 128-token half does not see is the off-diagonal
-// block of the chunk's causal square: the second half's queries t against the first half's keys s
-// (all s < t, no mask, only decay: W_ts = e^{b_t − b_s + ĩ_s − m_t} with b the 256-token chunk's
-// cumsum, the same formula as on the diagonal). These two kernels add it, one block (256 threads,
-// two warpgroups, wgmma on 128-byte-swizzled cp.async tiles, two stages) per chunk that has a
-// second half, after the diagonal kernels have written their outputs:
-//   fwd: S = Q̂₁K₀ᵀ (over dk), P = S·scale ⊙ W (hi + lo as fwd_out's), den₁ += P·1,
-//        h₁ = (h₁·D_old + P V₀) / D_new with D = max(|den|, e^{−m}) + ε (h₁ = h + h lo, so the
-//        diagonal's numerator is recovered to ~2^-17; single bf16 h to its own rounding).
-//   bwd: Sᵀ = K₀Q₁ᵀ (over dk) and dPᵀ = V₀dH₁ᵀ (over dv), rows s per warpgroup; P̃ᵀ = Sᵀ·scale ⊙
-//        W / den (single bf16 as bwd_dv's), dS'ᵀ = scale ⊙ W (dPᵀ/den + dden) (bf16 as bwd_dqk's);
-//        dV₀ += P̃ᵀ dH₁, dK₀ += dS'ᵀ Q₁, dQ₁ += dS' K₀ (dS' from shared memory M-major), each a
-//        read-modify-write of the bf16 output (one extra rounding), and the row dots k·dK', q·dQ'
-//        added to the diagonal kernel's per-slab kdk / qdq entries (gates_bwd reads them next).
-// This is the simplest correct form (the "simplest consumers" of kernels/cuda/mlstm_notes.md,
-// session 15): a second pass over Q₁, K₀, V₀, dH₁ and the bf16 outputs instead of a 2 × 2 tile
-// loop inside the TMA kernels.
+// terms with the chunk's C_k / dC_{k+1}; what a 128-token half does not see alone is the
+// off-diagonal block of the chunk's causal square: the second half's queries t against the first
+// half's keys s (all s < t, no mask, only decay: W_ts = e^{b_t − b_s + ĩ_s − m_t} with b the
+// 256-token chunk's cumsum, the same formula as on the diagonal). The consumers add it themselves
+// (kOff above) from operands these two pre-passes compute once per chunk-head (one block of 256
+// threads, two warpgroups, wgmma on 128-byte-swizzled cp.async tiles, two stages):
+//   fwd: S' = Q̂₁K₀ᵀ (over dk), P' = S'·scale ⊙ W as fwd_out's bf16 hi + lo A fragments, and
+//        P''s row sums (fwd_out's half-1 blocks add them to den and P'V₀ to h's numerator).
+//   bwd: Sᵀ = K₀Q₁ᵀ (over dk) → P̃ᵀ = Sᵀ·scale ⊙ W / den (bf16 as bwd_dv's), and dPᵀ = V₀dH₁ᵀ
+//        (over dv) → dS'ᵀ = scale ⊙ W (dPᵀ/den + dden) and its transpose dS' (bf16 as bwd_dqk's),
+//        as A fragments: bwd_dv's half-0 blocks add P̃ᵀ dH₁, bwd_dqk's half-0 blocks dS'ᵀ Q₁ and
+//        half-1 blocks dS' K₀ before their one bf16 rounding.
+// (The first form, session 15's "simplest consumers" of kernels/cuda/mlstm_notes.md, added the
+// block in two separate passes after the diagonal kernels — mlstm_fwd_offdiag_l256 /
+// mlstm_bwd_offdiag_l256, re-reading Q₁, K₀, V₀, dH₁ and read-modify-writing the bf16 outputs with
+// one extra rounding; it lost to this form in session 18 and was deleted by helper offclean18.)
 struct OffdiagSmem {
-  static constexpr int kTile64 = 128 * 128;         // [128 rows][64 cols] bf16
-  static constexpr int kStage = 2 * kTile64;        // two [128][64] tiles
-  // [128][128] operand slabs after the loops, two sets (A, B) and (C, D) so the next slab loads
-  // while this one multiplies.
-  static constexpr int kSlabA = 0, kSlabB = 2 * kTile64;
-  static constexpr int kDS = 4 * kTile64;           // dS'ᵀ [128 s][128 t] (bwd)
-  static constexpr int kSlabC = 6 * kTile64, kSlabD = 8 * kTile64;
-  static constexpr int kFloats = 10 * kTile64;
-  static constexpr size_t kBytes = kFloats + 6 * 128 * 4 + 1024;
+  static constexpr int kTile64 = 128 * 128;   // [128 rows][64 cols] bf16
+  static constexpr int kStage = 2 * kTile64;  // two [128][64] tiles
+  static constexpr int kDS = 4 * kTile64;     // dS'ᵀ [128 s][128 t] (bwd), after OffdiagProduct's two stages
 };
 
 // acc (the m64n128 accumulator of this warpgroup's 64 rows) += A·B over `nsteps` 64-wide k steps;
@@ -4864,199 +4816,9 @@ __device__ __forceinline__ void OffdiagProduct(float (&acc)[64], unsigned char* 
   }
 }
 
-// A [128 rows][128 cols] slab (valid rows) into two swizzled [128][64] blocks at dst.
-__device__ __forceinline__ void OffdiagLoadSlab(unsigned char* dst, const bf16* src, int64_t ld, int rows,
-                                                int tid) {
-  LoadTileSw<128>(dst, src, ld, rows, tid, 256);
-  LoadTileSw<128>(dst + OffdiagSmem::kTile64, src + 64, ld, rows, tid, 256);
-}
-
-// The read-modify-writes of the bf16 outputs in two halves: OffdiagLoadOut reads this warp's
-// rows r0, r1 (valid below `rows`; 16 column pairs each) of `out` and, when x is not null, of x
-// (q or k, for the row dots) into registers, issued before the wgmma whose result they meet, so
-// the 64 independent loads overlap it (a first version loaded, added and stored element by element:
-// the stores between the loads serialised every load's latency); OffdiagStoreOut writes
-// bf16(out + acc) and returns the quad-reduced row dots Σ x·acc.
-struct OffdiagOld {
-  uint32_t out[16][2], x[16][2];
-};
-__device__ __forceinline__ void OffdiagLoadOut(OffdiagOld& o, const bf16* out, const bf16* x, int64_t ld,
-                                               int r0, int r1, int rows, int c) {
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    const int col = nt * 8 + 2 * c;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = h == 0 ? r0 : r1;
-      const bool ok = r < rows;
-      o.out[nt][h] = ok ? *reinterpret_cast<const uint32_t*>(out + r * ld + col) : 0u;
-      o.x[nt][h] = ok && x != nullptr ? *reinterpret_cast<const uint32_t*>(x + r * ld + col) : 0u;
-    }
-  }
-}
-__device__ __forceinline__ float2 OffdiagStoreOut(const OffdiagOld& o, bf16* out, int64_t ld,
-                                                  const float (&acc)[64], int r0, int r1, int rows, int c) {
-  float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    const int col = nt * 8 + 2 * c;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = h == 0 ? r0 : r1;
-      const float a0 = acc[4 * nt + 2 * h], a1 = acc[4 * nt + 2 * h + 1];
-      const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.out[nt][h]));
-      const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o.x[nt][h]));
-      (h == 0 ? dot0 : dot1) += xv.x * a0 + xv.y * a1;
-      if (r < rows) *reinterpret_cast<uint32_t*>(out + r * ld + col) = PackBf16(old.x + a0, old.y + a1);
-    }
-  }
-  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-  return make_float2(dot0, dot1);
-}
-
-template <bool SPLIT>
-__global__ void __launch_bounds__(256, 1) mlstm_fwd_offdiag_l256(Dims d, FwdPtrs p) {
-  using namespace hopper;
-  using SM = OffdiagSmem;
-  constexpr int L = 128;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, den_t
-  float* mq = bq + L;
-  float* den_t = mq + L;
-  float* bk = den_t + L;  // half 0: b_s, ĩ_s
-  float* igk = bk + L;
-  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
-  const int s0 = kc * 256, t1 = s0 + L;
-  if (t1 >= d.S) return;  // no second half
-  const int len = min(L, d.S - t1);
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const uint32_t own = wg * 64 * 128;
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
-  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
-  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
-  if (tid < L) {
-    const bool ok = tid < len;
-    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
-    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
-    den_t[tid] = ok ? p.den_tok[so_t + tid] : 0.f;
-    bk[tid] = p.b_tok[so_s + tid];
-    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
-  }
-  float sacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
-  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.q + tok_t * d.DK, ldqk, len, p.k + tok_s * d.DK, ldqk, L, tid,
-                 own);
-  // (the vectors were written before the product's first barrier)
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float b0v = bq[r0], b1v = bq[r1], m0v = mq[r0], m1v = mq[r1];
-  float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int s = nt * 8 + 2 * c + (e & 1);
-      const int r = e < 2 ? r0 : r1;
-      const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
-      float pv = 0.f;
-      if (r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bk[s] + igk[s] - mr);
-      sacc[4 * nt + e] = pv;
-      if (e < 2) rs0 += pv; else rs1 += pv;
-    }
-  }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-  uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
-  const float den0 = den_t[r0], den1 = den_t[r1];
-  const float fl0 = __expf(-m0v), fl1 = __expf(-m1v);
-  const float dold0 = fmaxf(fabsf(den0), fl0) + d.eps, dold1 = fmaxf(fabsf(den1), fl1) + d.eps;
-  const float dnew0 = den0 + rs0, dnew1 = den1 + rs1;
-  const float inv0 = 1.f / (fmaxf(fabsf(dnew0), fl0) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(dnew1), fl1) + d.eps);
-  const int nvs = d.DV / 128;
-  OffdiagLoadSlab(sm + SM::kSlabA, p.v + tok_s * d.DV, ldv, L, tid);
-  CpAsyncCommit();
-  for (int j = 0; j < nvs; ++j) {
-    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
-    if (j + 1 < nvs) {
-      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.v + tok_s * d.DV + (j + 1) * 128, ldv, L,
-                      tid);
-    }
-    CpAsyncCommit();
-    CpAsyncWait<1>();  // slab j landed (slab j + 1 may still be in flight)
-    FenceProxyAsync();
-    __syncthreads();
-    bf16* hb = p.h + tok_t * d.DV + j * 128;
-    bf16* hl = SPLIT ? p.h_lo + tok_t * d.DV + j * 128 : nullptr;
-    OffdiagOld old;  // h hi in .out, h lo in .x (loaded under the wgmma below)
-    OffdiagLoadOut(old, hb, hl, ldv, r0, r1, len, c);
-    float hacc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) hacc[i] = 0.f;
-    const uint64_t v_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
-    FenceRegs(hacc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pa);
-    FenceRegs(palo);
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = h == 0 ? r0 : r1;
-        if (r >= len) continue;
-        const float dold = h == 0 ? dold0 : dold1, inv = h == 0 ? inv0 : inv1;
-        __nv_bfloat162* ho = reinterpret_cast<__nv_bfloat162*>(hb + r * ldv + col);
-        float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.out[nt][h]));
-        if constexpr (SPLIT) {
-          const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old.x[nt][h]));
-          x.x += lo.x;
-          x.y += lo.y;
-        }
-        const float y0 = (x.x * dold + hacc[4 * nt + 2 * h]) * inv;
-        const float y1 = (x.y * dold + hacc[4 * nt + 2 * h + 1]) * inv;
-        uint32_t hi, lo;
-        SplitPack(y0, y1, hi, lo);
-        *reinterpret_cast<uint32_t*>(ho) = hi;
-        if constexpr (SPLIT) *reinterpret_cast<uint32_t*>(hl + r * ldv + col) = lo;
-      }
-    }
-    __syncthreads();  // this slab's buffer is refilled by slab j + 2 (issued in the next j)
-  }
-  if (c == 0) {
-    if (r0 < len) p.den_tok[so_t + r0] = dnew0;
-    if (r1 < len) p.den_tok[so_t + r1] = dnew1;
-  }
-}
-
-// The fused form's pre-pass (MlstmOffdiag::kFused; helper off256, session 18): the first half of
-// mlstm_fwd_offdiag_l256 (the same product S' = Q̂₁K₀ᵀ, gating and row sums, so den_t comes out as
-// the same floats) without the h read-modify-write: P' = S'·scale ⊙ W split into its bf16 hi / lo
+// The forward's pre-pass (helper off256, session 18; it began as the first half of the deleted
+// separate pass, whose den_t it reproduced bytewise): S' = Q̂₁K₀ᵀ, the gating and the row sums,
+// then P' = S'·scale ⊙ W split into its bf16 hi / lo
 // A fragments exactly as fwd_out packs P, stored per consumer thread (pfrag: [BH·NC][16][256]
 // uint4: hi fragments 0-7, lo 8-15; rows past len are zeros), and the row sums into rs_off
 // ([BH·NC][128] floats, every row). Once per chunk-head, where fwd_out's half-1 blocks would
@@ -5140,195 +4902,16 @@ __global__ void __launch_bounds__(256, 1)
   }
 }
 
-__global__ void __launch_bounds__(256, 1) mlstm_bwd_offdiag_l256(Dims d, BwdPtrs p) {
-  using namespace hopper;
-  using SM = OffdiagSmem;
-  constexpr int L = 128;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  float* bq = reinterpret_cast<float*>(sm + SM::kFloats);  // half 1: b_t, m_t, 1/den_t, dden_t
-  float* mq = bq + L;
-  float* ivq = mq + L;
-  float* ddq = ivq + L;
-  float* bk = ddq + L;  // half 0: b_s, ĩ_s
-  float* igk = bk + L;
-  const int kc = blockIdx.y, bh = blockIdx.z, b = bh / d.NH, hd = bh % d.NH;
-  const int s0 = kc * 256, t1 = s0 + L;
-  if (t1 >= d.S) return;  // no second half
-  const int len = min(L, d.S - t1);
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-  const uint32_t own = wg * 64 * 128;
-  const int64_t ldqk = static_cast<int64_t>(d.NH) * d.DK, ldv = static_cast<int64_t>(d.NH) * d.DV;
-  const int64_t tok_s = (static_cast<int64_t>(b) * d.S + s0) * d.NH + hd;
-  const int64_t tok_t = (static_cast<int64_t>(b) * d.S + t1) * d.NH + hd;
-  const int64_t so_s = static_cast<int64_t>(bh) * d.S + s0, so_t = static_cast<int64_t>(bh) * d.S + t1;
-  if (tid < L) {
-    const bool ok = tid < len;
-    bq[tid] = ok ? p.b_tok[so_t + tid] : 0.f;
-    mq[tid] = ok ? p.m_tok[so_t + tid] : 0.f;
-    ivq[tid] = ok ? p.inv_d[so_t + tid] : 0.f;
-    ddq[tid] = ok ? p.dden[so_t + tid] : 0.f;
-    bk[tid] = p.b_tok[so_s + tid];
-    igk[tid] = p.ig[tok_s + static_cast<int64_t>(tid) * d.NH];
-  }
-  // Rows s (this warp: r0, r1), columns t.
-  float sacc[64], pacc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sacc[i] = pacc[i] = 0.f;
-  OffdiagProduct(sacc, sm, sa, d.DK / 64, p.k + tok_s * d.DK, ldqk, L, p.q + tok_t * d.DK, ldqk, len, tid,
-                 own);
-  OffdiagProduct(pacc, sm, sa, d.DV / 64, p.v + tok_s * d.DV, ldv, L, p.dh + tok_t * d.DV, ldv, len, tid,
-                 own);
-  const int r0 = 16 * w + g, r1 = r0 + 8;
-  const float x0 = igk[r0] - bk[r0], x1 = igk[r1] - bk[r1];
-  uint32_t pa[8][4], dsa[8][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = nt * 8 + 2 * c + (e & 1);
-      const float xs = e < 2 ? x0 : x1;
-      float pv = 0.f, dsv = 0.f;
-      if (t < len) {
-        const float wt = __expf(bq[t] + xs - mq[t]);
-        pv = sacc[4 * nt + e] * d.scale * ivq[t] * wt;
-        dsv = d.scale * wt * (pacc[4 * nt + e] * ivq[t] + ddq[t]);
-      }
-      sacc[4 * nt + e] = pv;
-      pacc[4 * nt + e] = dsv;
-    }
-  }
-  unsigned char* dss = sm + SM::kDS;  // dS'ᵀ [s][t], swizzled
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    pa[kk][0] = PackBf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-    pa[kk][1] = PackBf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-    pa[kk][2] = PackBf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-    pa[kk][3] = PackBf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-    dsa[kk][0] = PackBf16(pacc[8 * kk + 0], pacc[8 * kk + 1]);
-    dsa[kk][1] = PackBf16(pacc[8 * kk + 2], pacc[8 * kk + 3]);
-    dsa[kk][2] = PackBf16(pacc[8 * kk + 4], pacc[8 * kk + 5]);
-    dsa[kk][3] = PackBf16(pacc[8 * kk + 6], pacc[8 * kk + 7]);
-    const int col = 16 * kk + 2 * c;
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col)) = dsa[kk][0];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col)) = dsa[kk][1];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r0, col + 8)) = dsa[kk][2];
-    *reinterpret_cast<uint32_t*>(dss + Sw128Offset<L>(r1, col + 8)) = dsa[kk][3];
-  }
-  FenceProxyAsync();  // dS'ᵀ is read by the dQ wgmma after the next barrier
-  float acc[64];
-  // dV₀ += P̃ᵀ dH₁ per 128-column slab (rows s, all valid).
-  const int nvs = d.DV / 128, nks = d.DK / 128;
-  OffdiagLoadSlab(sm + SM::kSlabA, p.dh + tok_t * d.DV, ldv, len, tid);
-  CpAsyncCommit();
-  for (int j = 0; j < nvs; ++j) {
-    const int buf = (j & 1) ? SM::kSlabC : SM::kSlabA;
-    if (j + 1 < nvs) {
-      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.dh + tok_t * d.DV + (j + 1) * 128, ldv, len,
-                      tid);
-    } else {  // the first dk slab pair (Q₁, K₀) into the set slab j does not use
-      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK, ldqk, len, tid);
-      OffdiagLoadSlab(sm + ((j & 1) ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK, ldqk, L, tid);
-    }
-    CpAsyncCommit();
-    CpAsyncWait<1>();
-    FenceProxyAsync();
-    __syncthreads();
-    bf16* dvb = p.dv + tok_s * d.DV + j * 128;
-    OffdiagOld old;
-    OffdiagLoadOut(old, dvb, nullptr, ldv, r0, r1, L, c);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    const uint64_t dh_d = SmemDescSw128(sa + buf, SM::kTile64, 1024);
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, pa[kk], dh_d + ((kk * 16 * 128) >> 4));
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(acc);
-    FenceRegs(pa);
-    OffdiagStoreOut(old, dvb, ldv, acc, r0, r1, L, c);
-    __syncthreads();  // this buffer is refilled two loads later
-  }
-  // Per 128-column dk slab a: dK₀ += dS'ᵀ Q₁ (rows s), dQ₁ += dS' K₀ (rows t).
-  // dk slab a uses the set (A, B) when nvs + a is even, else (C, D): slab 0's pair was issued
-  // with the last dV slab, slab a + 1's is issued here before slab a multiplies.
-  for (int a = 0; a < nks; ++a) {
-    const bool cd = ((nvs + a) & 1) != 0;
-    const int qbuf = cd ? SM::kSlabC : SM::kSlabA, kbuf = cd ? SM::kSlabD : SM::kSlabB;
-    if (a + 1 < nks) {
-      OffdiagLoadSlab(sm + (cd ? SM::kSlabA : SM::kSlabC), p.q + tok_t * d.DK + (a + 1) * 128, ldqk, len,
-                      tid);
-      OffdiagLoadSlab(sm + (cd ? SM::kSlabB : SM::kSlabD), p.k + tok_s * d.DK + (a + 1) * 128, ldqk, L, tid);
-    }
-    CpAsyncCommit();
-    CpAsyncWait<1>();
-    FenceProxyAsync();
-    __syncthreads();
-    bf16* dkb = p.dk + tok_s * d.DK + a * 128;
-    bf16* dqb = p.dq + tok_t * d.DK + a * 128;
-    OffdiagOld old;
-    OffdiagLoadOut(old, dkb, p.k + tok_s * d.DK + a * 128, ldqk, r0, r1, L, c);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    {
-      const uint64_t q_d = SmemDescSw128(sa + qbuf, SM::kTile64, 1024);
-      FenceRegs(acc);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) WgmmaRS128<1>(acc, dsa[kk], q_d + ((kk * 16 * 128) >> 4));
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(acc);
-      FenceRegs(dsa);
-    }
-    const float2 kd = OffdiagStoreOut(old, dkb, ldqk, acc, r0, r1, L, c);
-    OffdiagLoadOut(old, dqb, p.q + tok_t * d.DK + a * 128, ldqk, r0, r1, len, c);
-    if (c == 0) {
-      p.kdk[(so_s + r0) * p.n_dk_slabs + a] += kd.x;
-      p.kdk[(so_s + r1) * p.n_dk_slabs + a] += kd.y;
-    }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    {
-      // A = dS' [t][s]: this warpgroup's t columns of the stored dS'ᵀ, M-major; B = K₀ N-major.
-      const uint64_t ds_d = SmemDescSw128(sa + SM::kDS + wg * SM::kTile64, SM::kTile64, 1024);
-      const uint64_t k_d = SmemDescSw128(sa + kbuf, SM::kTile64, 1024);
-      FenceRegs(acc);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const uint64_t step = (kk * 16 * 128) >> 4;
-        WgmmaSS128<1, 1>(acc, ds_d + step, k_d + step, 1);
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(acc);
-    }
-    const float2 qd = OffdiagStoreOut(old, dqb, ldqk, acc, r0, r1, len, c);
-    if (c == 0) {
-      if (r0 < len) p.qdq[(so_t + r0) * p.n_dk_slabs + a] += qd.x;
-      if (r1 < len) p.qdq[(so_t + r1) * p.n_dk_slabs + a] += qd.y;
-    }
-    __syncthreads();  // the slabs are refilled by the next a
-  }
-}
-
-// The fused backward's pre-pass (MlstmOffdiag::kFusedAll; helper off256b, session 18): the first
-// half of mlstm_bwd_offdiag_l256 (the same products Sᵀ = K₀Q₁ᵀ over dk and dPᵀ = V₀dH₁ᵀ over dv,
-// the same gating, so P̃ᵀ and dS'ᵀ are the same bf16 values) without the read-modify-writes of
-// dv, dk, dq: the three wgmma A operands the consumers need, per consumer thread, into bfrag
+// The backward's pre-pass (helper off256b, session 18; it began as the first half of the deleted
+// separate pass, with the same products Sᵀ = K₀Q₁ᵀ over dk and dPᵀ = V₀dH₁ᵀ over dv and the same
+// gating): the three wgmma A operands the consumers need, per consumer thread, into bfrag
 // ([BH·NC][24][256] uint4, kOffdiagBwdFragBytes a chunk-head): 0-7 P̃ᵀ rows s (bwd_dv's half-0
 // blocks: dV₀ += P̃ᵀ dH₁), 8-15 dS'ᵀ rows s (bwd_dqk's half-0 blocks: dK₀ += dS'ᵀ Q₁), 16-23
 // dS' rows t (bwd_dqk's half-1 blocks: dQ₁ += dS' K₀; read back transposed from the swizzled
-// dS'ᵀ tile in shared memory, the tile the pass reads as an M-major A). Columns / rows t past the
+// dS'ᵀ tile in shared memory, the tile the deleted pass read as an M-major A). Columns / rows t past the
 // sequence end are zeros. P̃ᵀ needs only Sᵀ and dS'ᵀ only dPᵀ, so each chunk-head gets two blocks
 // (blockIdx.x 0: Sᵀ → P̃ᵀ; 1: dPᵀ → dS'ᵀ, dS'), each one synchronous product chain of dk/64 or
-// dv/64 steps instead of the pass's two in a row (the chain's latency, not bytes, sets its time:
+// dv/64 steps instead of the deleted pass's two in a row (the chain's latency, not bytes, sets its time:
 // 128 blocks are one partial wave at the 1.3b cell), two blocks an SM (100 KB, ≤ 128 registers).
 struct OffdiagBwdPSmem {
   static constexpr size_t kVecOff = OffdiagSmem::kDS + 2 * OffdiagSmem::kTile64;
@@ -6839,11 +6422,11 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
 // 128 warpgroup-MMA family on 128-token halves. Gate scans with 8 tokens per lane; the state
 // recurrences over 128-token steps, storing C_k / dC_{k+1} at the 256-token boundaries only (half
 // the state bytes of chunk 128); fwd_out / bwd_dv / bwd_dqk one block per half (its diagonal block
-// and the chunk's state terms), then one off-diagonal pass per chunk. MlstmCheck admits only the
-// shapes and options all of these take (dk, dv multiples of 128, 128×128 tiles, 128-column slabs,
-// parallel gate scans, the fused bwd_dv).
-// pfrag / rs_off non-null: MlstmOffdiag::kFused (the P' pre-pass, then fwd_out's _off form with the
-// off-diagonal block inside its half-1 blocks; no mlstm_fwd_offdiag_l256).
+// and the chunk's state terms; the chunk's off-diagonal block inside them after one pre-pass per
+// direction: see "chunk 256: the off-diagonal block"). MlstmCheck admits only the shapes and
+// options all of these take (dk, dv multiples of 128, 128×128 tiles, 128-column slabs, parallel
+// gate scans, the fused bwd_dv).
+// pfrag / rs_off: the P' fragments and row sums in `saved` (needed with with_out).
 CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
                             uint4* pfrag = nullptr, float* rs_off = nullptr, bool ring_eager = false) {
   const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
@@ -6882,46 +6465,32 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
     const size_t smem = OutWs3Smem<SPLIT>::Bytes(d.DK);
     OutWsMaps maps{};
     CUDA_RETURN_IF_NOT_OK(EncodeOutMaps(d, p, &maps));
-    if (pfrag != nullptr) {
-      if (d.S > 128) {
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_p_l256<SPLIT>, OffdiagPSmem::kBytes));
-        mlstm_fwd_offdiag_p_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagPSmem::kBytes, stream>>>(d, p, pfrag,
-                                                                                                   rs_off);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag_p");
-        Hook("mlstm_fwd_offdiag_p", stream);
-      }
-      if (ring_eager) {
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off_eager<SPLIT>, smem));
-        mlstm_fwd_out_ws3_l256_off_eager<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps,
-                                                                                                   pfrag, rs_off);
-      } else {
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off<SPLIT>, smem));
-        mlstm_fwd_out_ws3_l256_off<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps, pfrag,
-                                                                                               rs_off);
-      }
-      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
-      Hook("mlstm_fwd_out", stream);
-      return {};
+    if (d.S > 128) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_p_l256<SPLIT>, OffdiagPSmem::kBytes));
+      mlstm_fwd_offdiag_p_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagPSmem::kBytes, stream>>>(d, p, pfrag,
+                                                                                                 rs_off);
+      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag_p");
+      Hook("mlstm_fwd_offdiag_p", stream);
     }
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256<SPLIT>, smem));
-    mlstm_fwd_out_ws3_l256<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
+    if (ring_eager) {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off_eager<SPLIT>, smem));
+      mlstm_fwd_out_ws3_l256_off_eager<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps,
+                                                                                                 pfrag, rs_off);
+    } else {
+      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_out_ws3_l256_off<SPLIT>, smem));
+      mlstm_fwd_out_ws3_l256_off<SPLIT><<<dim3(d.DV / 128, halves, bh), 384, smem, stream>>>(d, p, maps, pfrag,
+                                                                                             rs_off);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_out");
     Hook("mlstm_fwd_out", stream);
-    if (d.S > 128) {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_offdiag_l256<SPLIT>, OffdiagSmem::kBytes));
-      mlstm_fwd_offdiag_l256<SPLIT><<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
-      CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_offdiag");
-      Hook("mlstm_fwd_offdiag", stream);
-    }
     return {};
   };
   return d.split ? out(std::true_type{}) : out(std::false_type{});
 }
 
-// bfrag non-null: MlstmOffdiag::kFusedAll (the backward pre-pass, then bwd_dv / bwd_dqk's _off
-// forms with the off-diagonal block inside; no mlstm_bwd_offdiag_l256).
+// bfrag: the backward pre-pass's fragments in `scratch` (bwd_dv / bwd_dqk's _off forms read them).
 CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv_choice, const float* dots,
-                             cudaStream_t stream, uint4* bfrag = nullptr) {
+                             cudaStream_t stream, uint4* bfrag) {
   if (!dv_choice.fused) {
     return InvalidArgument("mlstm backward: chunk 256 runs only the fused warpgroup bwd_dv "
                            "(GYRE_MLSTM_BWD_DV=mma / MlstmBwdDvKernel::kMmaSync are chunk <= 128 only)");
@@ -6937,7 +6506,7 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_state_bwd");
     Hook("mlstm_state_bwd", stream);
   }
-  if (bfrag != nullptr && d.S > 128) {
+  if (d.S > 128) {
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_p_l256, OffdiagBwdPSmem::kBytes));
     mlstm_bwd_offdiag_p_l256<<<dim3(2, d.NC, bh), 256, OffdiagBwdPSmem::kBytes, stream>>>(d, p, bfrag);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag_p");
@@ -6946,13 +6515,8 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
   {
     constexpr int kStages = 3;
     const size_t smem = DvWgFusedSmem<kStages>::kBytes;
-    if (bfrag != nullptr) {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256_off<kStages>, smem));
-      mlstm_bwd_dv_wg_fused_l256_off<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p, bfrag);
-    } else {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256<kStages>, smem));
-      mlstm_bwd_dv_wg_fused_l256<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p);
-    }
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dv_wg_fused_l256_off<kStages>, smem));
+    mlstm_bwd_dv_wg_fused_l256_off<kStages><<<dim3(1, halves, bh), 256, smem, stream>>>(d, p, bfrag);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dv");
     Hook("mlstm_bwd_dv", stream);
   }
@@ -6961,24 +6525,13 @@ CudaResult LaunchBackward256(const Dims& d, const BwdPtrs& p, const BwdDvChoice&
     const size_t smem = DqkWgSmem<SPLIT>::kBytes + DqkWsBars::kBytes;
     DqkTmaMaps maps{};
     CUDA_RETURN_IF_NOT_OK(EncodeDqkMaps(d, p, &maps));
-    if (bfrag != nullptr) {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256_off<SPLIT>, smem));
-      mlstm_bwd_dqk_ws_l256_off<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps, bfrag);
-    } else {
-      CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256<SPLIT>, smem));
-      mlstm_bwd_dqk_ws_l256<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps);
-    }
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_ws_l256_off<SPLIT>, smem));
+    mlstm_bwd_dqk_ws_l256_off<SPLIT><<<dim3(d.DK / 128, halves, bh), 384, smem, stream>>>(d, p, maps, bfrag);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
     Hook("mlstm_bwd_dqk", stream);
     return {};
   };
   CUDA_RETURN_IF_NOT_OK(d.split ? dqk(std::true_type{}) : dqk(std::false_type{}));
-  if (bfrag == nullptr && d.S > 128) {  // after bwd_dv / bwd_dqk (it adds to their outputs), before gates_bwd
-    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_offdiag_l256, OffdiagSmem::kBytes));
-    mlstm_bwd_offdiag_l256<<<dim3(1, d.NC, bh), 256, OffdiagSmem::kBytes, stream>>>(d, p);
-    CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_offdiag");
-    Hook("mlstm_bwd_offdiag", stream);
-  }
   return LaunchGatesBwd(d, p, stream);
 }
 
@@ -7096,10 +6649,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_RING must be eager or lag (or unset), got '") +
                            ring.bad_env + "'");
   }
-  const OffdiagEnv offdiag = OffdiagChoice(options);
-  if (offdiag.bad_env != nullptr) {
-    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_OFFDIAG must be pass, fused or all (or unset), got '") +
-                           offdiag.bad_env + "'");
+  if (const char* bad = OffdiagBadEnv(); bad != nullptr) {
+    return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_OFFDIAG must be all (or unset; fused and pass "
+                                       "were deleted), got '") +
+                           bad + "'");
   }
   if (env.bad_env != nullptr) {
     return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD_OUT must be ws3 (or unset; "
@@ -7124,13 +6677,11 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     case 16: return LaunchForward<16>(d, p, stream);
     case 32: return LaunchForward<32>(d, p, stream);
     case 64: return LaunchForward<64>(d, p, stream);
-    case 256:
-      if (offdiag.fused) {
-        char* base = static_cast<char*>(saved);
-        return LaunchForward256(d, p, stream, true, reinterpret_cast<uint4*>(base + l.p_off),
-                                reinterpret_cast<float*>(base + l.rs_off), ring.eager);
-      }
-      return LaunchForward256(d, p, stream);
+    case 256: {
+      char* base = static_cast<char*>(saved);
+      return LaunchForward256(d, p, stream, true, reinterpret_cast<uint4*>(base + l.p_off),
+                              reinterpret_cast<float*>(base + l.rs_off), ring.eager);
+    }
     default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
   }
 }
@@ -7325,16 +6876,13 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
     case 16: return LaunchBackward<16>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 32: return LaunchBackward<32>(d, p, BwdDvChoice{}, dh_dots, stream);
     case 64: return LaunchBackward<64>(d, p, BwdDvChoice{}, dh_dots, stream);
-    case 256: {
-      const OffdiagEnv offdiag = OffdiagChoice(options);
-      if (offdiag.bad_env != nullptr) {
-        return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_OFFDIAG must be fused, pass or all (or "
-                                           "unset), got '") +
-                               offdiag.bad_env + "'");
+    case 256:
+      if (const char* bad = OffdiagBadEnv(); bad != nullptr) {
+        return InvalidArgument(std::string("mlstm backward: GYRE_MLSTM_OFFDIAG must be all (or unset; fused and "
+                                           "pass were deleted), got '") +
+                               bad + "'");
       }
-      uint4* bfrag = offdiag.fused_bwd ? reinterpret_cast<uint4*>(sb + sl.bfrag) : nullptr;
-      return LaunchBackward256(d, p, dv_choice, dh_dots, stream, bfrag);
-    }
+      return LaunchBackward256(d, p, dv_choice, dh_dots, stream, reinterpret_cast<uint4*>(sb + sl.bfrag));
     default: return LaunchBackward<128>(d, p, dv_choice, dh_dots, stream, tail_split);
   }
 }

@@ -18,7 +18,9 @@
 // dk, dv 16-byte aligned. The CPU allows any chunk size; 16-128 cover every configuration in
 // MODELS.md (TFLA uses 64 or 128). Chunk 256 (session 15; the xLSTM presets with heads of 1024
 // and wider use it, ops/model_config.cc) runs only on the chunk-128
-// warpgroup-MMA kernels over 128-token halves plus an off-diagonal pass per chunk: it needs dk
+// warpgroup-MMA kernels over 128-token halves, each chunk's off-diagonal block (second-half
+// queries x first-half keys) inside those kernels after a small pre-pass per chunk-head (helpers
+// off256 / off256b, session 18; see "Chunk 256's off-diagonal block" below): it needs dk
 // and dv multiples of 128, state_tile and io_slab 0 or 128, a gate schedule other than
 // kSequential and a bwd_dv other than kMmaSync. It stores half the chunk-boundary states (the
 // xlstm[1:0]-125m step's allocator peak 43.1 -> 37.1 GiB) but is slower at the 125m cell (+9%)
@@ -180,29 +182,18 @@ enum class MlstmPersist {
   kBoth,    // kFwdOut and kDqk
 };
 
-// Chunk 256: how each chunk's off-diagonal block (second-half queries x first-half keys) reaches
-// h and den in the forward (helper off256, session 18; kernels/cuda/mlstm_notes.md). kPass: the
-// separate pass mlstm_fwd_offdiag_l256 after fwd_out, which re-reads Q1, K0, V0 and rewrites h
-// (hi + lo) as bf16. kFused: a small pre-pass (mlstm_fwd_offdiag_p_l256) computes the gated
-// scores P' = S' ⊙ W once per chunk-head (bf16 hi + lo, in the order of the wgmma A fragments)
-// and their row sums into `saved`; the half-1 blocks of fwd_out add P'·V0 to their fp32
-// accumulator before the one normalisation (h is rounded once; den_t is the same float sum).
-// `saved` grows by 64.5 KB per chunk-head under kFused. Chunk 128 and below ignore it.
-// kFusedAll (helper off256b, session 18; the default): kFused, and the backward's off-diagonal block
-// inside bwd_dv / bwd_dqk instead of the separate pass mlstm_bwd_offdiag_l256: a pre-pass
-// (mlstm_bwd_offdiag_p_l256) stores P̃ᵀ, dS'ᵀ and dS' once per chunk-head as wgmma A fragments
-// (96 KB per chunk-head of `scratch`, which grows by that under kFusedAll); bwd_dv's half-0 blocks
-// add P̃ᵀ dH1, bwd_dqk's half-0 blocks dS'ᵀ Q1 and its half-1 blocks dS' K0 before their one
-// bf16 rounding (no read-modify-write of dq, dk, dv).
-enum class MlstmOffdiag {
-  kAuto,   // GYRE_MLSTM_OFFDIAG (read once per process): unset or "all" = kFusedAll (the default
-           // since session 18), "fused" = kFused, "pass" = kPass (the two kept as the references of
-           // mlstm_gpu_test's Offdiag*MatchesPass); any other value makes the forward and the
-           // backward return an error naming it
-  kPass,
-  kFused,
-  kFusedAll,
-};
+// Chunk 256's off-diagonal block (second-half queries x first-half keys; helpers off256 / off256b,
+// session 18; kernels/cuda/mlstm_notes.md). Forward: a small pre-pass (mlstm_fwd_offdiag_p_l256)
+// computes the gated scores P' = S' ⊙ W once per chunk-head (bf16 hi + lo, in the order of the
+// wgmma A fragments) and their row sums into `saved`; the half-1 blocks of fwd_out add P'·V0 to
+// their fp32 accumulator before the one normalisation (h is rounded once). Backward: a pre-pass
+// (mlstm_bwd_offdiag_p_l256) stores P̃ᵀ, dS'ᵀ and dS' once per chunk-head as wgmma A fragments in
+// `scratch`; bwd_dv's half-0 blocks add P̃ᵀ dH1, bwd_dqk's half-0 blocks dS'ᵀ Q1 and its half-1
+// blocks dS' K0 before their one bf16 rounding. At chunk 256 `saved` holds 64.5 KB and `scratch`
+// 96 KB more per chunk-head for these fragments. (The first form, separate passes after the
+// diagonal kernels that re-read the operands and rewrote h / dq / dk / dv as bf16 — MlstmOffdiag
+// kPass / kFused, GYRE_MLSTM_OFFDIAG — lost on time and was deleted by helper offclean18; a set
+// GYRE_MLSTM_OFFDIAG other than "all" makes the forward and the backward return an error.)
 
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
@@ -234,8 +225,6 @@ struct MlstmOptions {
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
-  // Chunk 256's forward off-diagonal block: a separate pass or inside fwd_out (see MlstmOffdiag).
-  MlstmOffdiag offdiag = MlstmOffdiag::kAuto;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
