@@ -489,8 +489,11 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // had (helper offclean18, session 18): S 100 (no second half anywhere: no pre-pass launches,
       // the _off consumers must not read the unwritten fragments) and B2 S 1100 = 4 · 256 + 76 with
       // dk 256 / dv 512 (several chunks with both halves, then a last chunk of one short half).
+      // No d_final there: the TFLA convention's dn0 is then only d_final's dn decayed over 1100
+      // tokens, ~1e-85 in float64 and 0 in fp32 (rel_err 1.0 on every path in offclean18's call;
+      // dC0 and the true gradient's dn0 also get the early tokens' terms and passed).
       {1, 100, 2, 128, 128, 256, true, true},
-      {2, 1100, 1, 256, 512, 256, true, true},
+      {2, 1100, 1, 256, 512, 256, true, false},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
@@ -647,11 +650,16 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
       CUDA_OK_OR_DIE(MlstmChunkwiseCopyTokens(shape, opt, saved_fwd.get(), tokens.get(), nullptr));
       CUDA_OK_OR_DIE(MlstmChunkwiseRecomputeStates(shape, opt, in, init, tokens.get(), saved_re.get(), nullptr));
       CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-      std::vector<unsigned char> a(saved_bytes), b(saved_bytes);
-      CUDA_CHECK_OR_DIE(cudaMemcpy(a.data(), saved_fwd.get(), saved_bytes, cudaMemcpyDeviceToHost));
-      CUDA_CHECK_OR_DIE(cudaMemcpy(b.data(), saved_re.get(), saved_bytes, cudaMemcpyDeviceToHost));
+      // What the backward reads of `saved`: all of it below chunk 256; at 256 all but the forward's
+      // P' workspace at the end, which the rebuild does not write (the whole buffer was compared
+      // until session 18, when P' made this test fail at chunk 256; helper offclean18).
+      const size_t compared = MlstmChunkwiseSavedBackwardBytes(shape, opt);
+      const bool layout_ok = sh.chunk == 256 ? compared < saved_bytes : compared == saved_bytes;
+      std::vector<unsigned char> a(compared), b(compared);
+      CUDA_CHECK_OR_DIE(cudaMemcpy(a.data(), saved_fwd.get(), compared, cudaMemcpyDeviceToHost));
+      CUDA_CHECK_OR_DIE(cudaMemcpy(b.data(), saved_re.get(), compared, cudaMemcpyDeviceToHost));
       size_t saved_diff = 0;
-      for (size_t i = 0; i < saved_bytes; ++i) saved_diff += a[i] != b[i];
+      for (size_t i = 0; i < compared; ++i) saved_diff += a[i] != b[i];
       std::vector<float> grads[2];  // from the forward's saved, from the rebuilt one
       for (int which = 0; which < 2; ++which) {
         for (auto* x : {&gdq, &gdk, &gdv}) x->Poison();
@@ -675,7 +683,7 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
       }
       // The rebuilt states must not be the poison: the forward wrote at least the C_k planes.
       const bool written = a.size() > 4 && !(a[0] == 0xFF && a[1] == 0xFF && a[2] == 0xFF && a[3] == 0xFF);
-      const bool ok = saved_diff == 0 && grad_diff == 0 && written && !grads[0].empty();
+      const bool ok = saved_diff == 0 && grad_diff == 0 && written && !grads[0].empty() && layout_ok;
       std::printf("[%s] mlstm recompute states vs forward bytewise B%lld S%lld NH%lld dk%lld dv%lld "
                   "L%lld tile%lld %s%s: saved %zu of %zu bytes differ (tokens %zu bytes), grads %zu of "
                   "%zu values differ\n",
@@ -683,7 +691,7 @@ TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
                   static_cast<long long>(sh.NH), static_cast<long long>(sh.DK), static_cast<long long>(sh.DV),
                   static_cast<long long>(sh.chunk), static_cast<long long>(sh.state_tile),
                   prec == MlstmStatePrecision::kBf16 ? "bf16-states" : "split", sh.with_states ? " +init" : "",
-                  saved_diff, saved_bytes, token_bytes, grad_diff, grads[0].size());
+                  saved_diff, compared, token_bytes, grad_diff, grads[0].size());
       failures += ok ? 0 : 1;
     }
   }
