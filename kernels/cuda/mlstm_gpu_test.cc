@@ -590,10 +590,12 @@ TEST(MlstmGpuTest, StepMatchesCpuFloat64) {
 // States-only recomputation (MlstmChunkwiseRecomputeStates, helper mem12; ops
 // GYRE_MLSTM_RECOMPUTE=states): the forward's `saved`, its per-token part copied out
 // (MlstmChunkwiseCopyTokens), then the states rebuilt into a second buffer poisoned with 0xFF
-// bytes must equal the forward's `saved` byte for byte (both buffers start from the same poison,
+// bytes must equal the forward's `saved` byte for byte over what the backward reads
+// (MlstmChunkwiseSavedBackwardBytes: all of it below chunk 256; at 256 not the forward's P'
+// workspace at the end) (both buffers start from the same poison,
 // so alignment padding compares too), and the backward from the rebuilt buffer must give the same
 // gradient bytes as from the forward's (so the float64 checks of ChunkwiseMatchesCpuFloat64 hold
-// for it unchanged). Split and single-bf16 states, chunks 64 / 128, 64×64 and 128×128 state
+// for it unchanged). Split and single-bf16 states, chunks 16 / 64 / 128 / 256, 64×64 and 128×128 state
 // tiles (the TMA state_fwd_ws at chunk 128), odd lengths, with and without an initial state.
 // Run when MLSTM_TEST_VARIANTS is unset or names "states".
 TEST(MlstmGpuTest, RecomputeStatesMatchesForwardBytewise) {
