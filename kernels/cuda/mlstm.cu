@@ -7043,6 +7043,10 @@ size_t MlstmChunkwiseSavedBytes(const MlstmShape& shape, const MlstmOptions& opt
   return MakeSaved(shape, options).total;
 }
 
+size_t MlstmChunkwiseSavedBackwardBytes(const MlstmShape& shape, const MlstmOptions& options) {
+  return MakeSaved(shape, options).p_off;  // P' and its row sums come last (MakeSaved)
+}
+
 size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOptions& options) {
   return MakeScratch(shape, options).total;
 }
