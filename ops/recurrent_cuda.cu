@@ -1895,6 +1895,440 @@ __global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiag
   }
 }
 
+// Fusion D of ops/XLSTM_GLUE.md (session 18, helper glue18; MlstmQkConvVBackward, opt-in
+// GYRE_MLSTM_QK_CONV_V_BWD=fused): the mLSTM block's glue backward from the out-norm's dxc to dxm
+// in one pass — block_diag4_bwd_tc (the q, k maps) and mlstm_conv_v_bwd (the conv and the v map)
+// in one kernel. The two-kernel path moves 9 passes of [rows, p] bf16 a layer (tc: reads xc, dq,
+// dk, the norm's dxc, writes dxc; conv + v: reads xm, dxc, dv, writes dxm); this one moves 6
+// (reads xm, the norm's dxc, dq, dk, dv; writes dxm): dxc is never stored, and xc is not read but
+// recomputed from the conv's u (xc = bf16(u·σ(u)), the forward's expression: the same bits).
+// Layout and token loop: mlstm_conv_v_bwd's (a lane = one 4x4 block = 4 channels, a warp = a run of
+// kCvRun consecutive rows of one sequence, token t = the conv's newest row, output row r = t - (K-1)).
+// Per token t of the run and the K - 1 after it (the conv's lookahead, recomputed by both runs):
+//   dxc[t] = bf16( dq·Wq + Σ_g dgate[t, g] U[g] + dk·Wk + dxc_norm[t] )   (block_diag4_bwd_tc's
+//            expression and rounding: the bits it stores), then the conv backward as mlstm_conv_v_bwd
+//            (du_t = dxc[t]·SiLU'(u_t), conv dw, db; dxm[r] = conv dx + the v map's dx; dWv, S_v);
+// per own token t (s0 <= t < s1) xc[t] replaces the norm's dxc in its ring slot, and every 8 own
+// tokens the q, k row sums (S_qk = dgateᵀ·xc, dWq, dWk) run as block_diag4_bwd_tc's tile mma over the
+// ring's 8 rows of xc and dq|dk (hence sequences a multiple of 8 long: every tile full). The tile's mma
+// sit between token loops, not inside the token body (a branch there cost mlstm_conv_v_bwd_tc 34%).
+// The ring keeps kQcRing tokens, kQcAhead of them in flight (a tile's 8 rows stay until its mma).
+// Partials: mlstm_conv_v_bwd's (conv, dWv, v gate columns, gate bias sums) and block_diag4_bwd_tc's
+// (dWq, dWk, q / k gate columns) per chunk = (sequence, 256-row block), each reduced as there.
+constexpr int kQcRing = 16;        // ring slots a warp (tokens; a power of 2)
+constexpr int kQcAhead = 8;        // tokens in flight (<= kQcRing - kBtTile)
+constexpr int kQcInLd = 32 + 2;    // uint2 a ring row of dxc|xc (+16 B: the tile's ldmatrix rows on distinct banks)
+// 25.1 KiB a warp, 100.5 KiB a block + 12 KiB static (gate rows, Wq, Wk): 2 blocks an SM (the
+// 255 registers allow no more), with 0.5 KiB to spare.
+struct alignas(16) QcRing {
+  uint2 io[2][kQcRing][32];       // xm[t], dv[t - (K - 1)]
+  uint2 dxc[kQcRing][kQcInLd];    // the norm's dxc[t], then xc[t] once used (the tile's x)
+  bf16 dqk[kQcRing][kBtDLd];      // dq[t] | dk[t], each lane's 4 + 4 side by side (block_diag4_bwd_tc's layout)
+  float dg[kQcRing][8];           // dgate[t, g]; zeros for g >= G and past the sequence
+  float pad[32];                  // where lanes >= 8 aim their empty gate copies
+  float s[128 * 8];               // S_qk (as BtRing::s)
+};
+constexpr size_t kQcSmem = kCvWarps * sizeof(QcRing);
+static_assert(kCvWarps == kBtWarps, "block_diag4_bwd_tc's end-of-block sums assume its warp count");
+static_assert(kQcSmem >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
+static_assert(kQcAhead + kBtTile <= kQcRing, "a tile's rows must stay in the ring until its mma");
+template <int K>
+__global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwdParams a, BlockDiagArgs qa, FusedGates qg,
+                                                                         BdPartials qp) {
+  extern __shared__ __align__(16) unsigned char qc_smem[];
+  __shared__ float4 wg[8][32];  // v's gate weights (mlstm_conv_v_bwd)
+  __shared__ float4 U[8][32];   // the q, k gate rows folded through Wq, Wk (block_diag4_bwd_tc)
+  __shared__ float4 WQK[2][4][32];  // the lane's Wq, Wk rows (in registers they spilled 160 B at 255)
+  QcRing& ring = reinterpret_cast<QcRing*>(qc_smem)[threadIdx.y];
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(qc_smem);
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int gq = tx / 4, qq = tx % 4;
+  const int64_t b = blockIdx.x * 32 + tx;
+  const bool live = b < a.blocks;
+  const int64_t bc = live ? b : 0;
+  const int G = 2 * a.heads;
+  for (int e = tid; e < 8 * 32; e += 32 * kCvWarps) {
+    const int t = e / 32, bx = e % 32;
+    const int64_t bb = blockIdx.x * 32 + bx;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (bb < a.blocks && t < G)
+      v = __ldg(reinterpret_cast<const float4*>((t < a.heads ? a.wi + t * a.ldg : a.wf + (t - a.heads) * a.ldg) + bb * 4));
+    wg[t][bx] = v;
+  }
+  float w[16], cw[K][4], cb[4];
+  {
+    float wq[16], wk[16];
+    if (live) {
+#pragma unroll
+      for (int k = 0; k < 16; k += 8) {
+        LoadF8(a.wv + b * 16 + k, w + k);
+        LoadF8(qa.w + b * 16 + k, wq + k);
+        LoadF8(qa.w2 + b * 16 + k, wk + k);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 16; ++k) w[k] = wq[k] = wk[k] = 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      float4 u = make_float4(0.f, 0.f, 0.f, 0.f), u2 = u;
+      if (live && t < G) {
+        u = __ldg(reinterpret_cast<const float4*>(GateW(qg, 0, t) + b * 4));
+        u2 = __ldg(reinterpret_cast<const float4*>(GateW(qg, 1, t) + b * 4));
+      }
+      U[t][tx] = FoldGateRow(u, u2, wq, wk);  // read back by this thread only
+    }
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+      WQK[0][o][tx] = make_float4(wq[4 * o], wq[4 * o + 1], wq[4 * o + 2], wq[4 * o + 3]);
+      WQK[1][o][tx] = make_float4(wk[4 * o], wk[4 * o + 1], wk[4 * o + 2], wk[4 * o + 3]);
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) cw[j][v] = live ? a.cw[(b * 4 + v) * K + j] : 0.f;
+    cb[v] = live && a.cb != nullptr ? a.cb[b * 4 + v] : 0.f;
+  }
+  float acc[16], S[8][4], cdw[K][4], cdb[4], dbs = 0.f, acc_w[16][2];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) acc[k] = acc_w[k][0] = acc_w[k][1] = 0.f;
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    cdb[v] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) cdw[j][v] = 0.f;
+  }
+  float* s_frag = &ring.s[gq * 8 + 2 * qq];  // as block_diag4_bwd_tc
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
+    *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
+  }
+  const bool upper = qq >= 2;
+  __syncthreads();  // wg, U
+  const int S_len = a.seq;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * S_len;
+  const int s0 = (blockIdx.y * kCvWarps + ty) * kCvRun, s1 = min(s0 + kCvRun, S_len);
+  if (s0 < s1) {  // uniform over the warp
+    float win[K][4], du[K][4];
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) win[j][v] = du[j][v] = 0.f;
+    if (live) {
+#pragma unroll
+      for (int j = 1; j < K; ++j) {
+        const int pos = s0 - K + j;
+        if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ld + b * 4, win[j]);
+      }
+    }
+    const int own_n = s1 - s0, n = own_n + K - 1, last = S_len - 1 - s0;
+    const int64_t base = (row0 + s0) * a.ld + bc * 4;
+    const bf16* dq = static_cast<const bf16*>(qa.dy);
+    const bf16* dk = static_cast<const bf16*>(qa.dy2);
+    const int gsel = min(tx, G - 1);
+    const float* gsrc = (gsel < a.heads ? a.dig + gsel : a.dfg + (gsel - a.heads)) + (row0 + s0) * a.heads;
+    float* gdst = tx < 8 ? &ring.dg[0][tx] : &ring.pad[tx];
+    const int gslot = tx < 8 ? 8 : 0;  // floats between ring slots of the lane's gate copy
+    auto issue = [&](int i) {  // one commit group per token (empty past the run)
+      if (i < n) {
+        const int slot = i & (kQcRing - 1);
+        const int ti = min(i, last);
+        const int64_t to = static_cast<int64_t>(ti) * a.ld;
+        const int ro = max(i - (K - 1), 0);
+        const bool tok = i <= last, out = i >= K - 1;
+        CpAsync8Z(&ring.io[0][slot][tx], a.xm + base + to, live && tok);
+        CpAsync8Z(&ring.dxc[slot][tx], a.dxc + base + to, live && tok);
+        CpAsync8Z(&ring.io[1][slot][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
+        CpAsync8Z(&ring.dqk[slot][8 * tx], dq + base + to, live && tok);
+        CpAsync8Z(&ring.dqk[slot][8 * tx + 4], dk + base + to, live && tok);
+        CpAsync4Z(gdst + slot * gslot, gsrc + static_cast<int64_t>(ti) * a.heads, tok && tx < G);
+      }
+      CpAsyncCommit();
+    };
+    auto token = [&](int i, auto out_c) {
+      constexpr bool kOut = decltype(out_c)::value;
+      __syncwarp();  // every lane is done with the slot the next copy overwrites
+      issue(i + kQcAhead);
+      CpAsyncWait<kQcAhead>();
+      __syncwarp();  // the gate gradients came by other lanes' copies
+      const int slot = i & (kQcRing - 1);
+      float xn[4], gy[4];
+      Bf16x4ToFloat(ring.io[0][slot][tx], xn);
+      {  // dxc[t]: block_diag4_bwd_tc's fp32 expression, rounded to bf16 as it stores it
+        const uint4 dd = *reinterpret_cast<const uint4*>(&ring.dqk[slot][8 * tx]);
+        float d[4], d2[4], dx[4], old[4];
+        Bf16x4ToFloat(make_uint2(dd.x, dd.y), d);
+        Bf16x4ToFloat(make_uint2(dd.z, dd.w), d2);
+        const float4 ga = *reinterpret_cast<const float4*>(&ring.dg[slot][0]);
+        const float4 gb = *reinterpret_cast<const float4*>(&ring.dg[slot][4]);
+        const float dg[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+        {
+          const float4 w0 = WQK[0][0][tx], w1 = WQK[0][1][tx], w2 = WQK[0][2][tx], w3 = WQK[0][3][tx];
+          dx[0] = d[0] * w0.x + d[1] * w1.x + d[2] * w2.x + d[3] * w3.x;
+          dx[1] = d[0] * w0.y + d[1] * w1.y + d[2] * w2.y + d[3] * w3.y;
+          dx[2] = d[0] * w0.z + d[1] * w1.z + d[2] * w2.z + d[3] * w3.z;
+          dx[3] = d[0] * w0.w + d[1] * w1.w + d[2] * w2.w + d[3] * w3.w;
+        }
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const float4 uu = U[t][tx];
+          dx[0] += dg[t] * uu.x; dx[1] += dg[t] * uu.y; dx[2] += dg[t] * uu.z; dx[3] += dg[t] * uu.w;
+        }
+        {
+          const float4 w0 = WQK[1][0][tx], w1 = WQK[1][1][tx], w2 = WQK[1][2][tx], w3 = WQK[1][3][tx];
+          dx[0] += d2[0] * w0.x + d2[1] * w1.x + d2[2] * w2.x + d2[3] * w3.x;
+          dx[1] += d2[0] * w0.y + d2[1] * w1.y + d2[2] * w2.y + d2[3] * w3.y;
+          dx[2] += d2[0] * w0.z + d2[1] * w1.z + d2[2] * w2.z + d2[3] * w3.z;
+          dx[3] += d2[0] * w0.w + d2[1] * w1.w + d2[2] * w2.w + d2[3] * w3.w;
+        }
+        Bf16x4ToFloat(ring.dxc[slot][tx], old);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dx[c] += old[c];
+        Bf16x4ToFloat(make_uint2(PackBf16(dx[0], dx[1]), PackBf16(dx[2], dx[3])), gy);
+      }
+#pragma unroll
+      for (int j = 0; j + 1 < K; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          win[j][v] = win[j + 1][v];
+          du[j][v] = du[j + 1][v];
+        }
+      const bool own = i < own_n;
+      float xc[4];
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        win[K - 1][v] = xn[v];
+        float u = cb[v];
+#pragma unroll
+        for (int j = 0; j < K; ++j) u += cw[j][v] * win[j][v];
+        const float sg = Sigmoid(u);
+        const float ds = sg * (1.f + u * (1.f - sg));  // DSilu(u)
+        xc[v] = a.silu ? u * sg : u;                   // the forward's xc (mlstm_conv_qkv_fwd)
+        const float g = gy[v] * (a.silu ? ds : 1.f);
+        du[K - 1][v] = g;
+        const float gm = own ? g : 0.f;
+#pragma unroll
+        for (int j = 0; j < K; ++j) cdw[j][v] += gm * win[j][v];
+        cdb[v] += gm;
+      }
+      // xc[t] into the tile (zeros for the lookahead tokens: never in a tile's sums).
+      ring.dxc[slot][tx] = own ? make_uint2(PackBf16(xc[0], xc[1]), PackBf16(xc[2], xc[3])) : make_uint2(0u, 0u);
+      if constexpr (kOut) {
+        const int rs = (i - (K - 1)) & (kQcRing - 1);  // row r's gate gradients (token r's slot)
+        float d[4], dgs[8], dx[4];
+        Bf16x4ToFloat(ring.io[1][slot][tx], d);
+        const float4 g0 = *reinterpret_cast<const float4*>(&ring.dg[rs][0]);
+        const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[rs][4]);
+        dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
+        dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
+        dbs += ring.dg[rs][tx & 7];  // used by lanes < G only
+#pragma unroll
+        for (int gt = 0; gt < 8; ++gt) {
+          const float4 u = wg[gt][tx];
+          d[0] += dgs[gt] * u.x; d[1] += dgs[gt] * u.y; d[2] += dgs[gt] * u.z; d[3] += dgs[gt] * u.w;
+#pragma unroll
+          for (int i2 = 0; i2 < 4; ++i2) S[gt][i2] += dgs[gt] * win[0][i2];
+        }
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          float o = 0.f;
+#pragma unroll
+          for (int j = 0; j < K; ++j) o += cw[j][v] * du[K - 1 - j][v];
+          dx[v] = o + (d[0] * w[v] + d[1] * w[4 + v] + d[2] * w[8 + v] + d[3] * w[12 + v]);
+        }
+#pragma unroll
+        for (int o = 0; o < 4; ++o)
+#pragma unroll
+          for (int i2 = 0; i2 < 4; ++i2) acc[o * 4 + i2] += d[o] * win[0][i2];
+        if (live) Store4(a.dxm, base + static_cast<int64_t>(i - (K - 1)) * a.ld, dx);
+      }
+    };
+    // The q, k row sums of the own tokens first .. first + 7 (ring slots sb .. sb + 7):
+    // block_diag4_bwd_tc's tile, x = xc.
+    auto tile = [&](int first) {
+      __syncwarp();  // every lane's xc rows are in the ring
+      const int sb = first & (kQcRing - 1);
+      const uint32_t xa = SmemAddr(&ring.dxc[sb + tx % 8][2 * (tx / 8)]);
+      const uint32_t da = SmemAddr(&ring.dqk[sb + tx % 8][8 * (tx / 8)]);
+      const float g0 = ring.dg[sb + 2 * qq][gq], g1 = ring.dg[sb + 2 * qq + 1][gq];
+      const float h0 = __bfloat162float(__float2bfloat16_rn(g0)), h1 = __bfloat162float(__float2bfloat16_rn(g1));
+      const uint32_t bhi = PackBf16(h0, h1), blo = PackBf16(g0 - h0, g1 - h1);
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        uint32_t xf[4];
+        LdMatrixX4Trans(xa + 64 * cc, xf);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float e[4], d[4];
+          float* sp = s_frag + 128 * (2 * cc + h);
+          const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
+          MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
+          MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
+        }
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          uint32_t df[4];
+          LdMatrixX4Trans(da + 64 * (2 * cc + jj), df);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 4 * cc + 2 * jj + h;
+            float (&k)[2] = acc_w[j];
+            float e[4];
+            MmaBf16K8(e, df[2 * h], df[2 * h + 1], xf[j % 4], k[0], k[1], k[0], k[1]);
+            k[0] = upper ? e[2] : e[0];
+            k[1] = upper ? e[3] : e[1];
+          }
+        }
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < kQcAhead; ++i) issue(i);
+#pragma unroll
+    for (int i = 0; i < K - 1; ++i) token(i, std::false_type{});  // the window's first rows: no output yet
+    int i = K - 1;
+#pragma unroll 1
+    for (int j = 0; j < own_n / kBtTile; ++j) {  // own_n % kBtTile == 0 (MlstmQkConvVFusable)
+#pragma unroll 1
+      for (; i < kBtTile * (j + 1); ++i) token(i, std::true_type{});
+      tile(kBtTile * j);
+    }
+#pragma unroll 1
+    for (; i < n; ++i) token(i, std::true_type{});  // the lookahead tokens
+    CpAsyncWait<0>();
+  }
+  const int64_t chunk = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+  // The q, k row sums: block_diag4_bwd_tc's end of block (chunk for its row block; no bias sums here).
+  {
+    float acc_s[8][4];
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
+                   c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
+      acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
+    }
+    __syncthreads();  // the rings' memory becomes the reduction scratch
+    float* sw = reinterpret_cast<float*>(qc_smem);
+    float* dw = sw + kBtWarps * 8 * 128;
+    float* ssum = dw + kBtWarps * 2 * 32 * 16;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      float* o = sw + ty * 1024 + 16 * c + gq;
+      o[(2 * qq) * 128] = acc_s[c][0];
+      o[(2 * qq + 1) * 128] = acc_s[c][1];
+      o[(2 * qq) * 128 + 8] = acc_s[c][2];
+      o[(2 * qq + 1) * 128 + 8] = acc_s[c][3];
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      float* o = dw + ty * 1024 + (gq / 4) * 512 + (2 * j + (upper ? 1 : 0)) * 16 + (gq % 4) * 4 + 2 * (qq % 2);
+      o[0] = acc_w[j][0];
+      o[1] = acc_w[j][1];
+    }
+    __syncthreads();
+    constexpr int kPer = 1024 / (32 * kBtWarps);
+    float dws[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int v = tid + 32 * kBtWarps * k;
+      float s = 0.f, t = 0.f;
+#pragma unroll
+      for (int y = 0; y < kBtWarps; ++y) {
+        s += sw[y * 1024 + v];
+        t += dw[y * 1024 + v];
+      }
+      ssum[v] = s;
+      dws[k] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int v = tid + 32 * kBtWarps * k, m = v / 512, blk = (v / 16) % 32, o = (v % 16) / 4, i = v % 4;
+      const int64_t bb = blockIdx.x * 32 + blk;
+      float* out = m == 0 ? qp.dw : qp.dw2;
+      if (bb >= a.blocks || out == nullptr) continue;
+      float t = dws[k];
+      for (int gt = 0; gt < G; ++gt) t += __ldg(GateW(qg, m, gt) + bb * 4 + o) * ssum[gt * 128 + blk * 4 + i];
+      out[chunk * a.blocks * 16 + bb * 16 + o * 4 + i] = t;
+    }
+    for (int v = tid; v < 2 * 8 * 128; v += 32 * kBtWarps) {
+      const int m = v / 1024, gt = (v / 128) % 8, c = v % 128, blk = c / 4, o = c % 4;
+      const int64_t bb = blockIdx.x * 32 + blk;
+      if (bb >= a.blocks || gt >= G) continue;
+      const float* wm = (m == 0 ? qa.w : qa.w2) + bb * 16 + o * 4;
+      const float* sv = ssum + gt * 128 + blk * 4;
+      const float s = __ldg(wm) * sv[0] + __ldg(wm + 1) * sv[1] + __ldg(wm + 2) * sv[2] + __ldg(wm + 3) * sv[3];
+      (m == 0 ? qp.gate0 : qp.gate1)[(chunk * G + gt) * (a.blocks * 4) + bb * 4 + o] = s;
+    }
+    __syncthreads();  // the scratch becomes `red`
+  }
+  // The conv and v sums: mlstm_conv_v_bwd's end of block.
+  auto reduce16 = [&](const float (&v)[16], auto&& write) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = v[k];
+    __syncthreads();
+    for (int e = tid; e < 32 * 16; e += 32 * kCvWarps) {
+      float s = 0.f;
+#pragma unroll
+      for (int y = 0; y < kCvWarps; ++y) s += red[y][e];
+      write(e / 16, e % 16, s);
+    }
+    __syncthreads();
+  };
+  reduce16(acc, [&](int bx, int k, float s) {
+    const int64_t bb = blockIdx.x * 32 + bx;
+    if (bb < a.blocks) a.pdw[chunk * a.blocks * 16 + bb * 16 + k] = s;
+  });
+#pragma unroll
+  for (int t0 = 0; t0 < 8; t0 += 4) {
+    if (t0 >= G) break;
+    float v[16];
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt)
+#pragma unroll
+      for (int o = 0; o < 4; ++o)
+        v[tt * 4 + o] = w[o * 4] * S[t0 + tt][0] + w[o * 4 + 1] * S[t0 + tt][1] + w[o * 4 + 2] * S[t0 + tt][2] +
+                        w[o * 4 + 3] * S[t0 + tt][3];
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      const int t = t0 + k / 4;
+      if (bb < a.blocks && t < G) a.pgate[(chunk * G + t) * a.ld + bb * 4 + k % 4] = s;
+    });
+  }
+  {
+    float v[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c * 4 + j] = cdw[j][c];
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      if (bb < a.blocks && k % 4 < K) a.pcw[chunk * a.ld * K + (bb * 4 + k / 4) * K + k % 4] = s;
+    });
+  }
+  {
+    float v[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = k < 4 ? cdb[k] : 0.f;
+    v[4] = dbs;
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      if (k < 4 && bb < a.blocks) a.pcb[chunk * a.ld + bb * 4 + k] = s;
+      if (k == 4 && bx < G && a.pdb != nullptr && blockIdx.x == 0) a.pdb[chunk * G + bx] = s;
+    });
+  }
+}
+
 // Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
 // above with 16-byte loads; passes re-read the (L1-resident) row.
 template <int kMode>
@@ -3026,6 +3460,52 @@ bool MlstmConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& v) {
          FusedGatesVectorizable(fg, false) && Aligned(c.dy, 8) && v.rows < (int64_t{1} << 31);
 }
 
+namespace {
+// mlstm_conv_v_bwd's (and mlstm_qk_conv_v_bwd's) parameters and partials (one scratch block:
+// [chunks] x conv dw, conv db, dWv, v gate columns, gate bias sums), and their fixed-order sums.
+CudaResult ConvVBwdSetup(const Conv1dArgs& c, const BlockDiagArgs& v, const FusedGates& g, int64_t chunks,
+                         DeviceAllocator* scratch, gyre::cuda::DeviceBuffer* part, ConvVBwdParams* k) {
+  const int K = static_cast<int>(c.width);
+  const int64_t p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
+  const bool db = g.dbi != nullptr;
+  if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), part); !r.ok()) return r;
+  k->rows = v.rows; k->blocks = v.blocks; k->ld = p;
+  k->seq = static_cast<int>(c.seq); k->heads = g.heads; k->silu = c.silu;
+  k->xm = static_cast<const bf16*>(c.x);
+  k->dxc = static_cast<const bf16*>(c.dy);
+  k->dv = static_cast<const bf16*>(v.dy);
+  k->dxm = static_cast<bf16*>(c.dx);
+  k->cw = c.w; k->cb = c.bias; k->wv = v.w;
+  k->wi = g.wi[0]; k->wf = g.wf[0]; k->ldg = g.ldg;
+  k->dig = g.dig; k->dfg = g.dfg;
+  k->pcw = part->as<float>();
+  k->pcb = k->pcw + chunks * p * K;
+  k->pdw = k->pcb + chunks * p;
+  k->pgate = k->pdw + chunks * nw;
+  k->pdb = db ? k->pgate + chunks * G * p : nullptr;
+  return {};
+}
+void AddConvVBwdReduceJobs(const Conv1dArgs& c, const BlockDiagArgs& v, const FusedGates& g, const ConvVBwdParams& k,
+                           int64_t chunks, ReduceJobs* jobs) {
+  const int64_t K = c.width, p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
+  jobs->Add(Job(k.pcw, chunks, p * K, p * K, c.dw, c.overwrite_dparams));
+  jobs->Add(Job(k.pcb, chunks, p, p, c.dbias, c.overwrite_dparams));
+  jobs->Add(Job(k.pdw, chunks, nw, nw, v.dw, v.overwrite_dw));
+  // Gate t's v columns land in row t of dwi (dwf for the forget gates), as BlockDiagBackward.
+  for (int f = 0; f < 2; ++f) {
+    ReduceJob j = Job(k.pgate + f * g.heads * p, chunks, G * p, g.heads * p, f == 0 ? g.dwi[0] : g.dwf[0],
+                      v.gates->overwrite_dw);
+    j.seg = p;
+    j.out_stride = g.ldg;
+    jobs->Add(j);
+  }
+  if (k.pdb != nullptr) {
+    jobs->Add(Job(k.pdb, chunks, G, g.heads, g.dbi, g.overwrite_db));
+    jobs->Add(Job(k.pdb + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
+  }
+}
+}  // namespace
+
 CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, DeviceAllocator* scratch,
                               cudaStream_t stream) {
   if (!MlstmConvVFusable(c, v))
@@ -3034,29 +3514,13 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   FusedGates g;
   if (CudaResult r = MakeFusedGates(v, true, &g); !r.ok()) return r;
   const int K = static_cast<int>(c.width);
-  const int64_t p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
   const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
                   static_cast<unsigned>((c.seq + kCvRun * kCvWarps - 1) / (kCvRun * kCvWarps)),
                   static_cast<unsigned>(c.batch));
   const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
-  const bool db = g.dbi != nullptr;
   gyre::cuda::DeviceBuffer part;
-  if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), &part); !r.ok()) return r;
   ConvVBwdParams k;
-  k.rows = v.rows; k.blocks = v.blocks; k.ld = p;
-  k.seq = static_cast<int>(c.seq); k.heads = g.heads; k.silu = c.silu;
-  k.xm = static_cast<const bf16*>(c.x);
-  k.dxc = static_cast<const bf16*>(c.dy);
-  k.dv = static_cast<const bf16*>(v.dy);
-  k.dxm = static_cast<bf16*>(c.dx);
-  k.cw = c.w; k.cb = c.bias; k.wv = v.w;
-  k.wi = g.wi[0]; k.wf = g.wf[0]; k.ldg = g.ldg;
-  k.dig = g.dig; k.dfg = g.dfg;
-  k.pcw = part.as<float>();
-  k.pcb = k.pcw + chunks * p * K;
-  k.pdw = k.pcb + chunks * p;
-  k.pgate = k.pdw + chunks * nw;
-  k.pdb = db ? k.pgate + chunks * G * p : nullptr;
+  if (CudaResult r = ConvVBwdSetup(c, v, g, chunks, scratch, &part, &k); !r.ok()) return r;
   const dim3 block(32, kCvWarps);
   // The ring (kCvAhead slots of xm, dxc, dv rows and gate gradients per warp): 56 KiB, above the
   // 48 KiB of a launch without the opt-in.
@@ -3073,21 +3537,7 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   }
   if (CudaResult r = Launched("mlstm_conv_v_bwd"); !r.ok()) return r;
   ReduceJobs jobs;
-  jobs.Add(Job(k.pcw, chunks, p * K, p * K, c.dw, c.overwrite_dparams));
-  jobs.Add(Job(k.pcb, chunks, p, p, c.dbias, c.overwrite_dparams));
-  jobs.Add(Job(k.pdw, chunks, nw, nw, v.dw, v.overwrite_dw));
-  // Gate t's v columns land in row t of dwi (dwf for the forget gates), as BlockDiagBackward.
-  for (int f = 0; f < 2; ++f) {
-    ReduceJob j = Job(k.pgate + f * g.heads * p, chunks, G * p, g.heads * p, f == 0 ? g.dwi[0] : g.dwf[0],
-                      v.gates->overwrite_dw);
-    j.seg = p;
-    j.out_stride = g.ldg;
-    jobs.Add(j);
-  }
-  if (db) {
-    jobs.Add(Job(k.pdb, chunks, G, g.heads, g.dbi, g.overwrite_db));
-    jobs.Add(Job(k.pdb + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
-  }
+  AddConvVBwdReduceJobs(c, v, g, k, chunks, &jobs);
   return LaunchReduce(jobs, stream);
 }
 
@@ -3226,6 +3676,51 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch,
   block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
+}
+
+bool MlstmQkConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v) {
+  if (!MlstmConvVFusable(c, v) || !BlockDiagBackwardTcCovers(qk)) return false;
+  const MlstmGateArgs& gq = *qk.gates;
+  const MlstmGateArgs& gv = *v.gates;
+  return qk.rows == v.rows && qk.blocks == v.blocks && qk.ldx == c.channels && qk.accumulate_dx && qk.dx == c.dy &&
+         qk.dw != nullptr && qk.dw2 != nullptr && gq.heads == gv.heads && gq.dig == gv.dig && gq.dfg == gv.dfg &&
+         gq.dbi == nullptr && Aligned(qk.dy, 8) && Aligned(qk.dy2, 8) && c.seq % kBtTile == 0;
+}
+
+CudaResult MlstmQkConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v,
+                                DeviceAllocator* scratch, cudaStream_t stream) {
+  if (!MlstmQkConvVFusable(c, qk, v))
+    return gyre::cuda::InvalidArgument("MlstmQkConvVBackward: arguments outside the fused kernel (MlstmQkConvVFusable)");
+  if (v.rows == 0) return {};
+  FusedGates g, gq;
+  if (CudaResult r = MakeFusedGates(v, true, &g); !r.ok()) return r;
+  if (CudaResult r = MakeFusedGates(qk, true, &gq); !r.ok()) return r;
+  const int K = static_cast<int>(c.width);
+  const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
+                  static_cast<unsigned>((c.seq + kCvRun * kCvWarps - 1) / (kCvRun * kCvWarps)),
+                  static_cast<unsigned>(c.batch));
+  const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
+  gyre::cuda::DeviceBuffer part, part_qk;
+  ConvVBwdParams k;
+  if (CudaResult r = ConvVBwdSetup(c, v, g, chunks, scratch, &part, &k); !r.ok()) return r;
+  BdPartials pq;
+  if (CudaResult r = TakeBdPartials(qk, gq, chunks, /*bias_sums=*/false, scratch, &part_qk, &pq); !r.ok()) return r;
+  const dim3 block(32, kCvWarps);
+  auto launch = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQcSmem));
+    kernel<<<grid, block, kQcSmem, stream>>>(k, qk, gq, pq);
+  };
+  switch (K) {
+    case 1: launch(mlstm_qk_conv_v_bwd<1>); break;
+    case 2: launch(mlstm_qk_conv_v_bwd<2>); break;
+    case 3: launch(mlstm_qk_conv_v_bwd<3>); break;
+    default: launch(mlstm_qk_conv_v_bwd<4>); break;
+  }
+  if (CudaResult r = Launched("mlstm_qk_conv_v_bwd"); !r.ok()) return r;
+  ReduceJobs jobs;
+  AddConvVBwdReduceJobs(c, v, g, k, chunks, &jobs);
+  if (CudaResult r = LaunchReduce(jobs, stream); !r.ok()) return r;
+  return BdReduce(qk, gq, pq, chunks, stream);
 }
 
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {
