@@ -1895,59 +1895,74 @@ __global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiag
   }
 }
 
-// Fusion D of ops/XLSTM_GLUE.md (session 18, helper glue18; MlstmQkConvVBackward, opt-in
+// Fusion D of ops/XLSTM_GLUE.md (sessions 18, helpers glue18 / glue18b; MlstmQkConvVBackward, opt-in
 // GYRE_MLSTM_QK_CONV_V_BWD=fused): the mLSTM block's glue backward from the out-norm's dxc to dxm
 // in one pass — block_diag4_bwd_tc (the q, k maps) and mlstm_conv_v_bwd (the conv and the v map)
 // in one kernel. The two-kernel path moves 9 passes of [rows, p] bf16 a layer (tc: reads xc, dq,
 // dk, the norm's dxc, writes dxc; conv + v: reads xm, dxc, dv, writes dxm); this one moves 6
 // (reads xm, the norm's dxc, dq, dk, dv; writes dxm): dxc is never stored, and xc is not read but
 // recomputed from the conv's u (xc = bf16(u·σ(u)), the forward's expression: the same bits).
-// Layout and token loop: mlstm_conv_v_bwd's (a lane = one 4x4 block = 4 channels, a warp = a run of
-// kCvRun consecutive rows of one sequence, token t = the conv's newest row, output row r = t - (K-1)).
+//
+// Layout (glue18b: two lanes a 4x4 block). glue18's first build gave one lane a whole 4x4 block of
+// all three maps: 255 registers, 80 B spilled, 8 warps an SM, and lost (500 µs against 448). Here a
+// block of 4 warps holds 2 warp PAIRS; a pair shares one ring and runs kQ2Run consecutive rows of
+// one sequence; lane tx of both warps of a pair owns column block b = 32·blockIdx.x + tx, and warp
+// h (= ty & 1) of the pair owns its channels 2h, 2h + 1: every per-channel state (conv window, du,
+// taps, conv dw / db, the v map's dWv and S_v columns, Wq / Wk / Wv columns) halves, so a lane
+// carries ~100 registers of loop state and 3 blocks of 4 warps (12 warps) fit an SM at <= 168.
+// What both warps of a pair repeat: the token's ring bookkeeping, the unpacking of dq, dk, dv and
+// the 8 gate gradients, and dv's gate term d = dv + Σ_g dgate·wg (all 4 outputs: dWv and the v dx
+// need them); the copies are split (warp 0: xm, dq, dv; warp 1: dxc, dk, the gates) and made
+// visible to the partner by a named barrier of the pair (bar.sync 1 + pair, 64) a token. The q, k
+// row sums (block_diag4_bwd_tc's 8-token tile mma, x = xc) are split by columns too: warp h does
+// the column groups 64h .. 64h + 63 of S_qk and the dW pairs of blocks 16h .. 16h + 15, so the mma
+// accumulators halve as well (acc_w 16 a lane).
 // Per token t of the run and the K - 1 after it (the conv's lookahead, recomputed by both runs):
-//   dxc[t] = bf16( dq·Wq + Σ_g dgate[t, g] U[g] + dk·Wk + dxc_norm[t] )   (block_diag4_bwd_tc's
-//            expression and rounding: the bits it stores), then the conv backward as mlstm_conv_v_bwd
-//            (du_t = dxc[t]·SiLU'(u_t), conv dw, db; dxm[r] = conv dx + the v map's dx; dWv, S_v);
-// per own token t (s0 <= t < s1) xc[t] replaces the norm's dxc in its ring slot, and every 8 own
-// tokens the q, k row sums (S_qk = dgateᵀ·xc, dWq, dWk) run as block_diag4_bwd_tc's tile mma over the
-// ring's 8 rows of xc and dq|dk (hence sequences a multiple of 8 long: every tile full). The tile's mma
-// sit between token loops, not inside the token body (a branch there cost mlstm_conv_v_bwd_tc 34%).
-// The ring keeps kQcRing tokens, kQcAhead of them in flight (a tile's 8 rows stay until its mma).
-// Partials: mlstm_conv_v_bwd's (conv, dWv, v gate columns, gate bias sums) and block_diag4_bwd_tc's
-// (dWq, dWk, q / k gate columns) per chunk = (sequence, 256-row block), each reduced as there.
-constexpr int kQcRing = 16;        // ring slots a warp (tokens; a power of 2)
-constexpr int kQcAhead = 8;        // tokens in flight (<= kQcRing - kBtTile)
+//   dxc[t, c] = bf16( dq·Wq + Σ_g dgate[t, g] U[g] + dk·Wk + dxc_norm[t] )[c]   (block_diag4_bwd_tc's
+//               expression and rounding), then the conv backward on channel c as mlstm_conv_v_bwd;
+// the outputs (dxm, conv dw / db, dWv, ...) are mlstm_conv_v_bwd's per-channel expressions, so dxm is
+// bitwise the default pair's; the row sums' partials are per chunk = (sequence, 256-row block) as
+// there, summed over the block's 4 warps in warp order (the other half's entries are zeros), so the
+// parameters' gradients differ from the default pair's in the summation order only.
+constexpr int kQcRing = 16;        // ring slots a pair (tokens; a power of 2)
+constexpr int kQ2Ahead = 7;        // tokens in flight: a tile's 8 rows + the partner's one token of lead
 constexpr int kQcInLd = 32 + 2;    // uint2 a ring row of dxc|xc (+16 B: the tile's ldmatrix rows on distinct banks)
-// 25.1 KiB a warp, 100.5 KiB a block + 12 KiB static (gate rows, Wq, Wk): 2 blocks an SM (the
-// 255 registers allow no more), with 0.5 KiB to spare.
+constexpr int kQ2Run = 128;        // rows a warp pair
+constexpr int kQ2Pairs = 2;        // warp pairs a block (4 warps)
+// 25.1 KiB a pair, 50.3 KiB a block + 12 KiB static (gate rows, U, spare): 3 blocks an SM (12 warps).
 struct alignas(16) QcRing {
   uint2 io[2][kQcRing][32];       // xm[t], dv[t - (K - 1)]
-  uint2 dxc[kQcRing][kQcInLd];    // the norm's dxc[t], then xc[t] once used (the tile's x)
+  uint2 dxc[kQcRing][kQcInLd];    // the norm's dxc[t], then xc[t] once used (the tile's x; warp h writes half h)
   bf16 dqk[kQcRing][kBtDLd];      // dq[t] | dk[t], each lane's 4 + 4 side by side (block_diag4_bwd_tc's layout)
   float dg[kQcRing][8];           // dgate[t, g]; zeros for g >= G and past the sequence
   float pad[32];                  // where lanes >= 8 aim their empty gate copies
   float s[128 * 8];               // S_qk (as BtRing::s)
 };
-constexpr size_t kQcSmem = kCvWarps * sizeof(QcRing);
-static_assert(kCvWarps == kBtWarps, "block_diag4_bwd_tc's end-of-block sums assume its warp count");
+constexpr size_t kQcSmem = kQ2Pairs * sizeof(QcRing);
+static_assert(2 * kQ2Pairs == kBtWarps, "block_diag4_bwd_tc's end-of-block sums assume its warp count");
 static_assert(kQcSmem >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-static_assert(kQcAhead + kBtTile <= kQcRing, "a tile's rows must stay in the ring until its mma");
+static_assert(kQcSmem >= 2 * kQ2Pairs * (32 * 16 + 8) * sizeof(float), "the conv / v scratch reuses the rings");
+static_assert(kQ2Ahead + kBtTile + 1 <= kQcRing, "a tile's rows must stay in the ring until both warps' mma");
+static_assert(kQ2Run % kBtTile == 0, "every tile inside one pair's run");
+__device__ __forceinline__ void PairBarrier(int pair) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
+}
 template <int K>
-__global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwdParams a, BlockDiagArgs qa, FusedGates qg,
-                                                                         BdPartials qp) {
+__global__ void __launch_bounds__(32 * 2 * kQ2Pairs, 3) mlstm_qk_conv_v_bwd(ConvVBwdParams a, BlockDiagArgs qa,
+                                                                            FusedGates qg, BdPartials qp) {
   extern __shared__ __align__(16) unsigned char qc_smem[];
   __shared__ float4 wg[8][32];  // v's gate weights (mlstm_conv_v_bwd)
   __shared__ float4 U[8][32];   // the q, k gate rows folded through Wq, Wk (block_diag4_bwd_tc)
-  __shared__ float4 WQK[2][4][32];  // the lane's Wq, Wk rows (in registers they spilled 160 B at 255)
-  QcRing& ring = reinterpret_cast<QcRing*>(qc_smem)[threadIdx.y];
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(qc_smem);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int h = ty & 1, pair = ty >> 1;  // channels 2h, 2h + 1 of the lane's block; the pair's run
+  QcRing& ring = reinterpret_cast<QcRing*>(qc_smem)[pair];
+  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(qc_smem);
   const int gq = tx / 4, qq = tx % 4;
   const int64_t b = blockIdx.x * 32 + tx;
   const bool live = b < a.blocks;
   const int64_t bc = live ? b : 0;
   const int G = 2 * a.heads;
-  for (int e = tid; e < 8 * 32; e += 32 * kCvWarps) {
+  for (int e = tid; e < 8 * 32; e += 32 * 2 * kQ2Pairs) {
     const int t = e / 32, bx = e % 32;
     const int64_t bb = blockIdx.x * 32 + bx;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1955,86 +1970,101 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
       v = __ldg(reinterpret_cast<const float4*>((t < a.heads ? a.wi + t * a.ldg : a.wf + (t - a.heads) * a.ldg) + bb * 4));
     wg[t][bx] = v;
   }
-  float w[16], cw[K][4], cb[4];
+  // The lane's columns 2h, 2h + 1 of Wq, Wk, Wv: w?[o][v] = W[o][2h + v].
+  float wqc[4][2], wkc[4][2], wvc[4][2], cw[K][2], cb[2];
   {
-    float wq[16], wk[16];
+    float wq[16], wk[16], wv[16];
     if (live) {
 #pragma unroll
       for (int k = 0; k < 16; k += 8) {
-        LoadF8(a.wv + b * 16 + k, w + k);
+        LoadF8(a.wv + b * 16 + k, wv + k);
         LoadF8(qa.w + b * 16 + k, wq + k);
         LoadF8(qa.w2 + b * 16 + k, wk + k);
       }
     } else {
 #pragma unroll
-      for (int k = 0; k < 16; ++k) w[k] = wq[k] = wk[k] = 0.f;
+      for (int k = 0; k < 16; ++k) wv[k] = wq[k] = wk[k] = 0.f;
     }
+    if (h == 0) {  // one warp of the pair writes U (both read it)
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      float4 u = make_float4(0.f, 0.f, 0.f, 0.f), u2 = u;
-      if (live && t < G) {
-        u = __ldg(reinterpret_cast<const float4*>(GateW(qg, 0, t) + b * 4));
-        u2 = __ldg(reinterpret_cast<const float4*>(GateW(qg, 1, t) + b * 4));
+      for (int t = 0; t < 8; ++t) {
+        float4 u = make_float4(0.f, 0.f, 0.f, 0.f), u2 = u;
+        if (live && t < G) {
+          u = __ldg(reinterpret_cast<const float4*>(GateW(qg, 0, t) + b * 4));
+          u2 = __ldg(reinterpret_cast<const float4*>(GateW(qg, 1, t) + b * 4));
+        }
+        if (pair == 0) U[t][tx] = FoldGateRow(u, u2, wq, wk);
       }
-      U[t][tx] = FoldGateRow(u, u2, wq, wk);  // read back by this thread only
     }
 #pragma unroll
-    for (int o = 0; o < 4; ++o) {
-      WQK[0][o][tx] = make_float4(wq[4 * o], wq[4 * o + 1], wq[4 * o + 2], wq[4 * o + 3]);
-      WQK[1][o][tx] = make_float4(wk[4 * o], wk[4 * o + 1], wk[4 * o + 2], wk[4 * o + 3]);
-    }
+    for (int o = 0; o < 4; ++o)
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+        wqc[o][v] = h ? wq[4 * o + 2 + v] : wq[4 * o + v];
+        wkc[o][v] = h ? wk[4 * o + 2 + v] : wk[4 * o + v];
+        wvc[o][v] = h ? wv[4 * o + 2 + v] : wv[4 * o + v];
+      }
   }
 #pragma unroll
-  for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < 2; ++v) {
+    const int64_t ch = b * 4 + 2 * h + v;
 #pragma unroll
-    for (int j = 0; j < K; ++j) cw[j][v] = live ? a.cw[(b * 4 + v) * K + j] : 0.f;
-    cb[v] = live && a.cb != nullptr ? a.cb[b * 4 + v] : 0.f;
+    for (int j = 0; j < K; ++j) cw[j][v] = live ? a.cw[ch * K + j] : 0.f;
+    cb[v] = live && a.cb != nullptr ? a.cb[ch] : 0.f;
   }
-  float acc[16], S[8][4], cdw[K][4], cdb[4], dbs = 0.f, acc_w[16][2];
+  float acc[4][2], S[8][2], cdw[K][2], cdb[2], dbs = 0.f, acc_w[8][2];
 #pragma unroll
-  for (int k = 0; k < 16; ++k) acc[k] = acc_w[k][0] = acc_w[k][1] = 0.f;
+  for (int k = 0; k < 8; ++k) acc_w[k][0] = acc_w[k][1] = 0.f;
 #pragma unroll
-  for (int t = 0; t < 8; ++t)
+  for (int o = 0; o < 4; ++o) acc[o][0] = acc[o][1] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) S[t][i] = 0.f;
+  for (int t = 0; t < 8; ++t) S[t][0] = S[t][1] = 0.f;
 #pragma unroll
-  for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < 2; ++v) {
     cdb[v] = 0.f;
 #pragma unroll
     for (int j = 0; j < K; ++j) cdw[j][v] = 0.f;
   }
-  float* s_frag = &ring.s[gq * 8 + 2 * qq];  // as block_diag4_bwd_tc
+  float* s_frag = &ring.s[gq * 8 + 2 * qq];  // as block_diag4_bwd_tc; warp h owns column groups 4h .. 4h + 3
 #pragma unroll
-  for (int c = 0; c < 8; ++c) {
-    *reinterpret_cast<float2*>(s_frag + 128 * c) = make_float2(0.f, 0.f);
-    *reinterpret_cast<float2*>(s_frag + 128 * c + 64) = make_float2(0.f, 0.f);
+  for (int c = 0; c < 4; ++c) {
+    *reinterpret_cast<float2*>(s_frag + 128 * (4 * h + c)) = make_float2(0.f, 0.f);
+    *reinterpret_cast<float2*>(s_frag + 128 * (4 * h + c) + 64) = make_float2(0.f, 0.f);
   }
   const bool upper = qq >= 2;
   __syncthreads();  // wg, U
   const int S_len = a.seq;
   const int64_t row0 = static_cast<int64_t>(blockIdx.z) * S_len;
-  const int s0 = (blockIdx.y * kCvWarps + ty) * kCvRun, s1 = min(s0 + kCvRun, S_len);
-  if (s0 < s1) {  // uniform over the warp
-    float win[K][4], du[K][4];
+  const int s0 = (blockIdx.y * kQ2Pairs + pair) * kQ2Run, s1 = min(s0 + kQ2Run, S_len);
+  if (s0 < s1) {  // uniform over the pair
+    float win[K][2], du[K][2];
 #pragma unroll
     for (int j = 0; j < K; ++j)
 #pragma unroll
-      for (int v = 0; v < 4; ++v) win[j][v] = du[j][v] = 0.f;
+      for (int v = 0; v < 2; ++v) win[j][v] = du[j][v] = 0.f;
     if (live) {
 #pragma unroll
       for (int j = 1; j < K; ++j) {
         const int pos = s0 - K + j;
-        if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ld + b * 4, win[j]);
+        if (pos >= 0) {
+          float x4[4];
+          Load4(a.xm, (row0 + pos) * a.ld + b * 4, x4);
+          win[j][0] = h ? x4[2] : x4[0];
+          win[j][1] = h ? x4[3] : x4[1];
+        }
       }
     }
     const int own_n = s1 - s0, n = own_n + K - 1, last = S_len - 1 - s0;
     const int64_t base = (row0 + s0) * a.ld + bc * 4;
-    const bf16* dq = static_cast<const bf16*>(qa.dy);
-    const bf16* dk = static_cast<const bf16*>(qa.dy2);
+    // Warp 0 copies xm, dq, dv; warp 1 the norm's dxc, dk and the gate gradients.
+    const bf16* src0 = h ? a.dxc : a.xm;
+    const bf16* src1 = static_cast<const bf16*>(h ? qa.dy2 : qa.dy);
     const int gsel = min(tx, G - 1);
     const float* gsrc = (gsel < a.heads ? a.dig + gsel : a.dfg + (gsel - a.heads)) + (row0 + s0) * a.heads;
     float* gdst = tx < 8 ? &ring.dg[0][tx] : &ring.pad[tx];
     const int gslot = tx < 8 ? 8 : 0;  // floats between ring slots of the lane's gate copy
+    uint2* dst0 = h ? &ring.dxc[0][tx] : &ring.io[0][0][tx];
+    const int dst0_slot = h ? kQcInLd : 32;  // uint2 between ring slots
     auto issue = [&](int i) {  // one commit group per token (empty past the run)
       if (i < n) {
         const int slot = i & (kQcRing - 1);
@@ -2042,67 +2072,65 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
         const int64_t to = static_cast<int64_t>(ti) * a.ld;
         const int ro = max(i - (K - 1), 0);
         const bool tok = i <= last, out = i >= K - 1;
-        CpAsync8Z(&ring.io[0][slot][tx], a.xm + base + to, live && tok);
-        CpAsync8Z(&ring.dxc[slot][tx], a.dxc + base + to, live && tok);
-        CpAsync8Z(&ring.io[1][slot][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
-        CpAsync8Z(&ring.dqk[slot][8 * tx], dq + base + to, live && tok);
-        CpAsync8Z(&ring.dqk[slot][8 * tx + 4], dk + base + to, live && tok);
-        CpAsync4Z(gdst + slot * gslot, gsrc + static_cast<int64_t>(ti) * a.heads, tok && tx < G);
+        CpAsync8Z(dst0 + slot * dst0_slot, src0 + base + to, live && tok);
+        CpAsync8Z(&ring.dqk[slot][8 * tx + 4 * h], src1 + base + to, live && tok);
+        if (h == 0)
+          CpAsync8Z(&ring.io[1][slot][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
+        else
+          CpAsync4Z(gdst + slot * gslot, gsrc + static_cast<int64_t>(ti) * a.heads, tok && tx < G);
       }
       CpAsyncCommit();
     };
     auto token = [&](int i, auto out_c) {
       constexpr bool kOut = decltype(out_c)::value;
       __syncwarp();  // every lane is done with the slot the next copy overwrites
-      issue(i + kQcAhead);
-      CpAsyncWait<kQcAhead>();
-      __syncwarp();  // the gate gradients came by other lanes' copies
+      issue(i + kQ2Ahead);
+      CpAsyncWait<kQ2Ahead>();
+      PairBarrier(pair);  // the partner's copies of this token are in too
       const int slot = i & (kQcRing - 1);
-      float xn[4], gy[4];
-      Bf16x4ToFloat(ring.io[0][slot][tx], xn);
+      float xn[2], gy[2];
+      {
+        const uint32_t xr = reinterpret_cast<const uint32_t*>(&ring.io[0][slot][tx])[h];
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr));
+        xn[0] = f.x; xn[1] = f.y;
+      }
       {  // dxc[t]: block_diag4_bwd_tc's fp32 expression, rounded to bf16 as it stores it
         const uint4 dd = *reinterpret_cast<const uint4*>(&ring.dqk[slot][8 * tx]);
-        float d[4], d2[4], dx[4], old[4];
+        float d[4], d2[4], dx[2];
         Bf16x4ToFloat(make_uint2(dd.x, dd.y), d);
         Bf16x4ToFloat(make_uint2(dd.z, dd.w), d2);
         const float4 ga = *reinterpret_cast<const float4*>(&ring.dg[slot][0]);
         const float4 gb = *reinterpret_cast<const float4*>(&ring.dg[slot][4]);
         const float dg[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
-        {
-          const float4 w0 = WQK[0][0][tx], w1 = WQK[0][1][tx], w2 = WQK[0][2][tx], w3 = WQK[0][3][tx];
-          dx[0] = d[0] * w0.x + d[1] * w1.x + d[2] * w2.x + d[3] * w3.x;
-          dx[1] = d[0] * w0.y + d[1] * w1.y + d[2] * w2.y + d[3] * w3.y;
-          dx[2] = d[0] * w0.z + d[1] * w1.z + d[2] * w2.z + d[3] * w3.z;
-          dx[3] = d[0] * w0.w + d[1] * w1.w + d[2] * w2.w + d[3] * w3.w;
-        }
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+          dx[v] = d[0] * wqc[0][v] + d[1] * wqc[1][v] + d[2] * wqc[2][v] + d[3] * wqc[3][v];
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
-          const float4 uu = U[t][tx];
-          dx[0] += dg[t] * uu.x; dx[1] += dg[t] * uu.y; dx[2] += dg[t] * uu.z; dx[3] += dg[t] * uu.w;
+          const float2 uu = reinterpret_cast<const float2*>(&U[t][tx])[h];
+          dx[0] += dg[t] * uu.x; dx[1] += dg[t] * uu.y;
         }
-        {
-          const float4 w0 = WQK[1][0][tx], w1 = WQK[1][1][tx], w2 = WQK[1][2][tx], w3 = WQK[1][3][tx];
-          dx[0] += d2[0] * w0.x + d2[1] * w1.x + d2[2] * w2.x + d2[3] * w3.x;
-          dx[1] += d2[0] * w0.y + d2[1] * w1.y + d2[2] * w2.y + d2[3] * w3.y;
-          dx[2] += d2[0] * w0.z + d2[1] * w1.z + d2[2] * w2.z + d2[3] * w3.z;
-          dx[3] += d2[0] * w0.w + d2[1] * w1.w + d2[2] * w2.w + d2[3] * w3.w;
-        }
-        Bf16x4ToFloat(ring.dxc[slot][tx], old);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) dx[c] += old[c];
-        Bf16x4ToFloat(make_uint2(PackBf16(dx[0], dx[1]), PackBf16(dx[2], dx[3])), gy);
+        for (int v = 0; v < 2; ++v)
+          dx[v] += d2[0] * wkc[0][v] + d2[1] * wkc[1][v] + d2[2] * wkc[2][v] + d2[3] * wkc[3][v];
+        const uint32_t orw = reinterpret_cast<const uint32_t*>(&ring.dxc[slot][tx])[h];
+        const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&orw));
+        dx[0] += old.x; dx[1] += old.y;
+        const __nv_bfloat162 r = __floats2bfloat162_rn(dx[0], dx[1]);
+        const float2 rf = __bfloat1622float2(r);
+        gy[0] = rf.x; gy[1] = rf.y;
       }
 #pragma unroll
       for (int j = 0; j + 1 < K; ++j)
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
+        for (int v = 0; v < 2; ++v) {
           win[j][v] = win[j + 1][v];
           du[j][v] = du[j + 1][v];
         }
       const bool own = i < own_n;
-      float xc[4];
+      float xc[2];
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
+      for (int v = 0; v < 2; ++v) {
         win[K - 1][v] = xn[v];
         float u = cb[v];
 #pragma unroll
@@ -2117,72 +2145,74 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
         for (int j = 0; j < K; ++j) cdw[j][v] += gm * win[j][v];
         cdb[v] += gm;
       }
-      // xc[t] into the tile (zeros for the lookahead tokens: never in a tile's sums).
-      ring.dxc[slot][tx] = own ? make_uint2(PackBf16(xc[0], xc[1]), PackBf16(xc[2], xc[3])) : make_uint2(0u, 0u);
+      // xc[t] into the tile, this warp's half of the lane's 8 bytes (zeros for the lookahead tokens).
+      reinterpret_cast<uint32_t*>(&ring.dxc[slot][tx])[h] = own ? PackBf16(xc[0], xc[1]) : 0u;
       if constexpr (kOut) {
         const int rs = (i - (K - 1)) & (kQcRing - 1);  // row r's gate gradients (token r's slot)
-        float d[4], dgs[8], dx[4];
+        float d[4], dgs[8], dx[2];
         Bf16x4ToFloat(ring.io[1][slot][tx], d);
         const float4 g0 = *reinterpret_cast<const float4*>(&ring.dg[rs][0]);
         const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[rs][4]);
         dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
         dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
-        dbs += ring.dg[rs][tx & 7];  // used by lanes < G only
+        dbs += ring.dg[rs][tx & 7];  // used by lanes < G of warp 0 only
 #pragma unroll
         for (int gt = 0; gt < 8; ++gt) {
           const float4 u = wg[gt][tx];
           d[0] += dgs[gt] * u.x; d[1] += dgs[gt] * u.y; d[2] += dgs[gt] * u.z; d[3] += dgs[gt] * u.w;
 #pragma unroll
-          for (int i2 = 0; i2 < 4; ++i2) S[gt][i2] += dgs[gt] * win[0][i2];
+          for (int v = 0; v < 2; ++v) S[gt][v] += dgs[gt] * win[0][v];
         }
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
+        for (int v = 0; v < 2; ++v) {
           float o = 0.f;
 #pragma unroll
           for (int j = 0; j < K; ++j) o += cw[j][v] * du[K - 1 - j][v];
-          dx[v] = o + (d[0] * w[v] + d[1] * w[4 + v] + d[2] * w[8 + v] + d[3] * w[12 + v]);
+          dx[v] = o + (d[0] * wvc[0][v] + d[1] * wvc[1][v] + d[2] * wvc[2][v] + d[3] * wvc[3][v]);
         }
 #pragma unroll
         for (int o = 0; o < 4; ++o)
 #pragma unroll
-          for (int i2 = 0; i2 < 4; ++i2) acc[o * 4 + i2] += d[o] * win[0][i2];
-        if (live) Store4(a.dxm, base + static_cast<int64_t>(i - (K - 1)) * a.ld, dx);
+          for (int v = 0; v < 2; ++v) acc[o][v] += d[o] * win[0][v];
+        if (live)
+          *reinterpret_cast<uint32_t*>(a.dxm + base + static_cast<int64_t>(i - (K - 1)) * a.ld + 2 * h) =
+              PackBf16(dx[0], dx[1]);
       }
     };
     // The q, k row sums of the own tokens first .. first + 7 (ring slots sb .. sb + 7):
-    // block_diag4_bwd_tc's tile, x = xc.
+    // block_diag4_bwd_tc's tile, x = xc; warp h takes its columns' half (cc = 2h, 2h + 1).
     auto tile = [&](int first) {
-      __syncwarp();  // every lane's xc rows are in the ring
+      PairBarrier(pair);  // both warps' xc halves of the tile's rows are in the ring
       const int sb = first & (kQcRing - 1);
-      const uint32_t xa = SmemAddr(&ring.dxc[sb + tx % 8][2 * (tx / 8)]);
-      const uint32_t da = SmemAddr(&ring.dqk[sb + tx % 8][8 * (tx / 8)]);
+      const uint32_t xa = SmemAddr(&ring.dxc[sb + tx % 8][2 * (tx / 8)]) + 128 * h;
+      const uint32_t da = SmemAddr(&ring.dqk[sb + tx % 8][8 * (tx / 8)]) + 256 * h;
       const float g0 = ring.dg[sb + 2 * qq][gq], g1 = ring.dg[sb + 2 * qq + 1][gq];
       const float h0 = __bfloat162float(__float2bfloat16_rn(g0)), h1 = __bfloat162float(__float2bfloat16_rn(g1));
       const uint32_t bhi = PackBf16(h0, h1), blo = PackBf16(g0 - h0, g1 - h1);
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
+      for (int c2 = 0; c2 < 2; ++c2) {
         uint32_t xf[4];
-        LdMatrixX4Trans(xa + 64 * cc, xf);
+        LdMatrixX4Trans(xa + 64 * c2, xf);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int hh = 0; hh < 2; ++hh) {
           float e[4], d[4];
-          float* sp = s_frag + 128 * (2 * cc + h);
+          float* sp = s_frag + 128 * (4 * h + 2 * c2 + hh);
           const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
-          MmaBf16K8(e, xf[2 * h], xf[2 * h + 1], bhi, c01.x, c01.y, c23.x, c23.y);
-          MmaBf16K8(d, xf[2 * h], xf[2 * h + 1], blo, e[0], e[1], e[2], e[3]);
+          MmaBf16K8(e, xf[2 * hh], xf[2 * hh + 1], bhi, c01.x, c01.y, c23.x, c23.y);
+          MmaBf16K8(d, xf[2 * hh], xf[2 * hh + 1], blo, e[0], e[1], e[2], e[3]);
           *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
           *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
         }
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
           uint32_t df[4];
-          LdMatrixX4Trans(da + 64 * (2 * cc + jj), df);
+          LdMatrixX4Trans(da + 64 * (2 * c2 + jj), df);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int j = 4 * cc + 2 * jj + h;
-            float (&k)[2] = acc_w[j];
+          for (int hh = 0; hh < 2; ++hh) {
+            const int jl = 4 * c2 + 2 * jj + hh;  // pair j = 8h + jl
+            float (&k)[2] = acc_w[jl];
             float e[4];
-            MmaBf16K8(e, df[2 * h], df[2 * h + 1], xf[j % 4], k[0], k[1], k[0], k[1]);
+            MmaBf16K8(e, df[2 * hh], df[2 * hh + 1], xf[jl % 4], k[0], k[1], k[0], k[1]);
             k[0] = upper ? e[2] : e[0];
             k[1] = upper ? e[3] : e[1];
           }
@@ -2190,7 +2220,7 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
       }
     };
 #pragma unroll
-    for (int i = 0; i < kQcAhead; ++i) issue(i);
+    for (int i = 0; i < kQ2Ahead; ++i) issue(i);
 #pragma unroll
     for (int i = 0; i < K - 1; ++i) token(i, std::false_type{});  // the window's first rows: no output yet
     int i = K - 1;
@@ -2206,14 +2236,18 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
   }
   const int64_t chunk = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
   // The q, k row sums: block_diag4_bwd_tc's end of block (chunk for its row block; no bias sums here).
+  // Warp 1 of a pair contributes zeros for S (its pair's S sits in the shared ring, read by warp 0)
+  // and each warp zeros for the dW pairs of the other half.
   {
     float acc_s[8][4];
     __syncwarp();
+    PairBarrier(pair);  // the partner's last tile is in ring.s
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
                    c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
-      acc_s[c][0] = c01.x; acc_s[c][1] = c01.y; acc_s[c][2] = c23.x; acc_s[c][3] = c23.y;
+      acc_s[c][0] = h ? 0.f : c01.x; acc_s[c][1] = h ? 0.f : c01.y;
+      acc_s[c][2] = h ? 0.f : c23.x; acc_s[c][3] = h ? 0.f : c23.y;
     }
     __syncthreads();  // the rings' memory becomes the reduction scratch
     float* sw = reinterpret_cast<float*>(qc_smem);
@@ -2230,8 +2264,9 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       float* o = dw + ty * 1024 + (gq / 4) * 512 + (2 * j + (upper ? 1 : 0)) * 16 + (gq % 4) * 4 + 2 * (qq % 2);
-      o[0] = acc_w[j][0];
-      o[1] = acc_w[j][1];
+      const bool mine = (j / 8) == h;
+      o[0] = mine ? acc_w[j % 8][0] : 0.f;
+      o[1] = mine ? acc_w[j % 8][1] : 0.f;
     }
     __syncthreads();
     constexpr int kPer = 1024 / (32 * kBtWarps);
@@ -2270,23 +2305,30 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
     }
     __syncthreads();  // the scratch becomes `red`
   }
-  // The conv and v sums: mlstm_conv_v_bwd's end of block.
+  // The conv and v sums: mlstm_conv_v_bwd's end of block, each warp's channels (zeros for the others).
   auto reduce16 = [&](const float (&v)[16], auto&& write) {
 #pragma unroll
     for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = v[k];
     __syncthreads();
-    for (int e = tid; e < 32 * 16; e += 32 * kCvWarps) {
+    for (int e = tid; e < 32 * 16; e += 32 * 2 * kQ2Pairs) {
       float s = 0.f;
 #pragma unroll
-      for (int y = 0; y < kCvWarps; ++y) s += red[y][e];
+      for (int y = 0; y < 2 * kQ2Pairs; ++y) s += red[y][e];
       write(e / 16, e % 16, s);
     }
     __syncthreads();
   };
-  reduce16(acc, [&](int bx, int k, float s) {
-    const int64_t bb = blockIdx.x * 32 + bx;
-    if (bb < a.blocks) a.pdw[chunk * a.blocks * 16 + bb * 16 + k] = s;
-  });
+  {
+    float v[16];
+#pragma unroll
+    for (int o = 0; o < 4; ++o)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[o * 4 + c] = (c / 2) == h ? acc[o][c % 2] : 0.f;
+    reduce16(v, [&](int bx, int k, float s) {
+      const int64_t bb = blockIdx.x * 32 + bx;
+      if (bb < a.blocks) a.pdw[chunk * a.blocks * 16 + bb * 16 + k] = s;
+    });
+  }
 #pragma unroll
   for (int t0 = 0; t0 < 8; t0 += 4) {
     if (t0 >= G) break;
@@ -2294,9 +2336,7 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
 #pragma unroll
     for (int tt = 0; tt < 4; ++tt)
 #pragma unroll
-      for (int o = 0; o < 4; ++o)
-        v[tt * 4 + o] = w[o * 4] * S[t0 + tt][0] + w[o * 4 + 1] * S[t0 + tt][1] + w[o * 4 + 2] * S[t0 + tt][2] +
-                        w[o * 4 + 3] * S[t0 + tt][3];
+      for (int o = 0; o < 4; ++o) v[tt * 4 + o] = wvc[o][0] * S[t0 + tt][0] + wvc[o][1] * S[t0 + tt][1];
     reduce16(v, [&](int bx, int k, float s) {
       const int64_t bb = blockIdx.x * 32 + bx;
       const int t = t0 + k / 4;
@@ -2310,7 +2350,7 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
 #pragma unroll
     for (int j = 0; j < K; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c * 4 + j] = cdw[j][c];
+      for (int c = 0; c < 4; ++c) v[c * 4 + j] = (c / 2) == h ? cdw[j][c % 2] : 0.f;
     reduce16(v, [&](int bx, int k, float s) {
       const int64_t bb = blockIdx.x * 32 + bx;
       if (bb < a.blocks && k % 4 < K) a.pcw[chunk * a.ld * K + (bb * 4 + k / 4) * K + k % 4] = s;
@@ -2319,8 +2359,10 @@ __global__ void __launch_bounds__(32 * kCvWarps, 2) mlstm_qk_conv_v_bwd(ConvVBwd
   {
     float v[16];
 #pragma unroll
-    for (int k = 0; k < 16; ++k) v[k] = k < 4 ? cdb[k] : 0.f;
-    v[4] = dbs;
+    for (int k = 0; k < 16; ++k) v[k] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = (c / 2) == h ? cdb[c % 2] : 0.f;
+    v[4] = h == 0 ? dbs : 0.f;
     reduce16(v, [&](int bx, int k, float s) {
       const int64_t bb = blockIdx.x * 32 + bx;
       if (k < 4 && bb < a.blocks) a.pcb[chunk * a.ld + bb * 4 + k] = s;
@@ -3697,7 +3739,7 @@ CudaResult MlstmQkConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& qk, co
   if (CudaResult r = MakeFusedGates(qk, true, &gq); !r.ok()) return r;
   const int K = static_cast<int>(c.width);
   const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
-                  static_cast<unsigned>((c.seq + kCvRun * kCvWarps - 1) / (kCvRun * kCvWarps)),
+                  static_cast<unsigned>((c.seq + kQ2Run * kQ2Pairs - 1) / (kQ2Run * kQ2Pairs)),
                   static_cast<unsigned>(c.batch));
   const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
   gyre::cuda::DeviceBuffer part, part_qk;
@@ -3705,7 +3747,7 @@ CudaResult MlstmQkConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& qk, co
   if (CudaResult r = ConvVBwdSetup(c, v, g, chunks, scratch, &part, &k); !r.ok()) return r;
   BdPartials pq;
   if (CudaResult r = TakeBdPartials(qk, gq, chunks, /*bias_sums=*/false, scratch, &part_qk, &pq); !r.ok()) return r;
-  const dim3 block(32, kCvWarps);
+  const dim3 block(32, 2 * kQ2Pairs);
   auto launch = [&](auto kernel) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQcSmem));
     kernel<<<grid, block, kQcSmem, stream>>>(k, qk, gq, pq);

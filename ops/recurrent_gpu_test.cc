@@ -1249,9 +1249,9 @@ TEST_F(RecurrentGpuTest, MlstmConvVBwdSwitchValues) {
 // Fusion D (MlstmQkConvVBackward, GYRE_MLSTM_QK_CONV_V_BWD=fused): the q, k maps' backward, the
 // conv's and the v map's in one kernel from the norm's dxc. Against float64 (every output; xc the
 // forward's bf16 xc from Conv1d, the input the kernel must recompute bit for bit), and against
-// the two-kernel default (BlockDiagBackwardTc then MlstmConvVBackward on the same inputs): dxm, the
-// conv's dw / dbias, dWv, v's gate columns and the gate bias sums bitwise, dWq / dWk / q, k's gate
-// columns within 1e-5 of it (the same sums in another fp32 order); the norm's dxc left unchanged;
+// the two-kernel default (BlockDiagBackwardTc then MlstmConvVBackward on the same inputs): dxm
+// bitwise, every row sum (dWq, dWk, dWv, conv dw / dbias, the gate columns and bias sums) within
+// 1e-5 of it (the same fp32 terms in another order); the norm's dxc left unchanged;
 // a second fused call bitwise. Sequences of 8..1024 rows (multiples of 8), runs not filling the
 // 256-row blocks, a partly live column block, widths 2..4, with and without SiLU.
 void CheckQkConvVBwd(int64_t B, int64_t S, int64_t p, int64_t heads, int64_t K, bool silu) {
@@ -1420,25 +1420,16 @@ void CheckQkConvVBwd(int64_t B, int64_t S, int64_t p, int64_t heads, int64_t K, 
     EXPECT_TRUE(eq) << name << " " << what;
   };
   bitwise("dxm", f.dxm, s.dxm);
-  bitwise("conv dw", f.cdw, s.cdw);
-  bitwise("conv dbias", f.cdb, s.cdb);
-  bitwise("dWv", f.dw[2], s.dw[2]);
-  bitwise("dbi", f.dbi, s.dbi);
-  bitwise("dbf", f.dbf, s.dbf);
   const bool dxc_kept = HostBytes(f.dxc) == HostBytes(dxcd);
   std::printf("[%s] %s the norm's dxc unchanged %d\n", dxc_kept ? "PASS" : "FAIL", name.c_str(), dxc_kept);
   EXPECT_TRUE(dxc_kept);
-  // v's gate columns bitwise, q / k's within 1e-5 of the default pair.
-  const Tensor fi = f.dwi.ToDevice(Device::kCpu), si = s.dwi.ToDevice(Device::kCpu), ff = f.dwf.ToDevice(Device::kCpu),
-               sf = s.dwf.ToDevice(Device::kCpu);
-  bool v_cols = true;
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t c = 2 * p; c < width; ++c)
-      v_cols &= fi.At(h * width + c) == si.At(h * width + c) && ff.At(h * width + c) == sf.At(h * width + c);
-  std::printf("[%s] %s dwi / dwf v columns: bitwise equal to the default pair %d\n", v_cols ? "PASS" : "FAIL",
-              name.c_str(), v_cols);
-  EXPECT_TRUE(v_cols);
-  for (int m = 0; m < 2; ++m) EXPECT_TRUE(Check(name + " dW" + "qk"[m] + " vs default pair", f.dw[m], s.dw[m].To(DType::kF64), 1e-5));
+  // The row sums: the same fp32 terms in another order (a warp pair's 128-row run, two lanes a block;
+  // block_diag4_bwd_tc's strided rows for q, k), so within 1e-5 of the default pair.
+  EXPECT_TRUE(Check(name + " conv dw vs default pair", f.cdw, s.cdw.To(DType::kF64), 1e-5));
+  EXPECT_TRUE(Check(name + " conv dbias vs default pair", f.cdb, s.cdb.To(DType::kF64), 1e-5));
+  EXPECT_TRUE(Check(name + " dbi vs default pair", f.dbi, s.dbi.To(DType::kF64), 1e-5));
+  EXPECT_TRUE(Check(name + " dbf vs default pair", f.dbf, s.dbf.To(DType::kF64), 1e-5));
+  for (int m = 0; m < 3; ++m) EXPECT_TRUE(Check(name + " dW" + "qkv"[m] + " vs default pair", f.dw[m], s.dw[m].To(DType::kF64), 1e-5));
   EXPECT_TRUE(Check(name + " dwi vs default pair", f.dwi, s.dwi.To(DType::kF64), 1e-5));
   EXPECT_TRUE(Check(name + " dwf vs default pair", f.dwf, s.dwf.To(DType::kF64), 1e-5));
   bool repeat = true;
@@ -1455,7 +1446,7 @@ TEST_F(RecurrentGpuTest, MlstmQkConvVBwdFusedKernel) {
   CheckQkConvVBwd(2, 8, 128, 2, 4, true);     // one tile a sequence, the lookahead past its end
   CheckQkConvVBwd(1, 40, 256, 1, 3, true);    // width 3, one head, a 40-row run
   CheckQkConvVBwd(2, 296, 128, 4, 4, true);   // 2 row blocks a sequence, the second with one 40-row run
-  CheckQkConvVBwd(2, 520, 64, 4, 2, false);   // width 2, no SiLU, runs of 64 and 8 rows
+  CheckQkConvVBwd(2, 520, 64, 4, 2, false);   // width 2, no SiLU, pair runs of 128 and 8 rows
   CheckQkConvVBwd(2, 1024, 1536, 4, 4, true);  // the 125M block's width: 12 column blocks, 4 row blocks
   // Not covered (sequences not a multiple of 8): no launch, false.
   Conv1dArgs conv;
