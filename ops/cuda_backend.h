@@ -190,10 +190,6 @@ class CudaBackend {
   // BlockDiag(true, v) with v.dx == conv.dx accumulated; where the fused kernel does not cover
   // them, exactly those two calls.
   virtual void MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v) = 0;
-  // BlockDiagBackwardTc(qk) then MlstmConvVBackward(conv, v) on its dx in one pass (fusion D,
-  // ops/recurrent_cuda.h MlstmQkConvVBackward; qk.dx is left as the norm's dxc). Returns whether
-  // it ran; where the kernel does not cover the arguments it does nothing and returns false.
-  virtual bool MlstmQkConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v) = 0;
   // BlockDiag(true, a) of two 4x4 maps with the mLSTM gates, the row sums on tensor cores
   // (ops/recurrent_cuda.h BlockDiagBackwardTc): the same outputs. Returns whether that kernel ran;
   // where it does not cover `a`, exactly BlockDiag(true, a) and false.

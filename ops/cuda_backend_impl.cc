@@ -783,14 +783,6 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::MlstmConvVBackward(conv, v, alloc_, stream_));
   }
 
-  bool MlstmQkConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v) override {
-    Init();
-    if (!cuda_ops::MlstmQkConvVFusable(conv, qk, v)) return false;
-    OpProfiler::Scope scope(&prof_, "BlockDiag q, k + Conv1d + BlockDiag v backward (fused)");
-    OK_OR_DIE(cuda_ops::MlstmQkConvVBackward(conv, qk, v, alloc_, stream_));
-    return true;
-  }
-
   bool BlockDiagBackwardTc(const BlockDiagArgs& a) override {
     Init();
     if (!cuda_ops::BlockDiagBackwardTcCovers(a)) {

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -331,11 +330,6 @@ bool& ConvVBwdFused() {
   return fused;
 }
 
-bool& QkConvVBwdFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_QK_CONV_V_BWD", {"separate", "fused"}, "separate") == "fused";
-  return fused;
-}
-
 MlstmQkBwd& QkBwdMode() {
   static MlstmQkBwd mode =
       EnvChoice("GYRE_MLSTM_QK_BWD", {"fma", "tc"}, "tc") == "fma" ? MlstmQkBwd::kFma : MlstmQkBwd::kTc;
@@ -355,8 +349,6 @@ MlstmQkBwd GetMlstmQkBwd() { return QkBwdMode(); }
 void SetMlstmQkBwd(MlstmQkBwd mode) { QkBwdMode() = mode; }
 bool MlstmConvQkvFused() { return ConvQkvFused(); }
 void SetMlstmConvQkvFused(bool fused) { ConvQkvFused() = fused; }
-bool MlstmQkConvVBwdFused() { return QkConvVBwdFused(); }
-void SetMlstmQkConvVBwdFused(bool fused) { QkConvVBwdFused() = fused; }
 bool MlstmConvVBwdFused() { return ConvVBwdFused(); }
 void SetMlstmConvVBwdFused(bool fused) { ConvVBwdFused() = fused; }
 
@@ -1310,49 +1302,27 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
   const BlockDiagArgs qk = qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
-  Tensor dxm;
-  // GYRE_MLSTM_QK_CONV_V_BWD=fused (fusion D, ops/XLSTM_GLUE.md): the three maps' and the conv's
-  // backward in one pass from the norm's dxc; dxc is not written (xc recomputed, not read).
-  // BackwardArgsCuda consumes the conv's saved input: where the fused kernel does not cover the
-  // shapes, the paths below take the arguments already taken.
-  bool fused_qk_conv_v = false;
-  std::optional<Conv1dArgs> conv_taken;
-  if (MlstmQkConvVBwdFused()) {
-    dxm = CudaEmpty({rows, p});
-    conv_taken = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
-    fused_qk_conv_v = Cuda().MlstmQkConvVBackward(
-        *conv_taken, qk, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
-    if (fused_qk_conv_v) {
-      ProfileMark("mlstm.bwd.qk_conv_v_blockdiag_gates (fused)");
-      if (lean) dq = dkk = dxc = xc_ = Tensor();
-    }
+  if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
+    Cuda().BlockDiagBackwardTc(qk);
+  } else {
+    Cuda().BlockDiag(true, qk);
   }
-  if (!fused_qk_conv_v) {
-    if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
-      Cuda().BlockDiagBackwardTc(qk);
-    } else {
-      Cuda().BlockDiag(true, qk);
-    }
-    ProfileMark("mlstm.bwd.qk_blockdiag_gates");
-    if (lean) dq = dkk = Tensor();
-    if (MlstmConvVBwdFused()) {
-      // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
-      if (!conv_taken) dxm = CudaEmpty({rows, p});
-      const Conv1dArgs conv = conv_taken ? *conv_taken : conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
-      Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
-      ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
-      if (lean) dxc = xc_ = Tensor();
-    } else {
-      if (conv_taken) {
-        Cuda().Conv1d(true, *conv_taken);  // into dxm (allocated above)
-      } else {
-        dxm = conv_.Backward(dxc);
-      }
-      ProfileMark("mlstm.bwd.conv");
-      if (lean) dxc = xc_ = Tensor();
-      Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
-      ProfileMark("mlstm.bwd.v_blockdiag_gates");
-    }
+  ProfileMark("mlstm.bwd.qk_blockdiag_gates");
+  if (lean) dq = dkk = Tensor();
+  Tensor dxm;
+  if (MlstmConvVBwdFused()) {
+    // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
+    dxm = CudaEmpty({rows, p});
+    const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
+    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
+    if (lean) dxc = xc_ = Tensor();
+  } else {
+    dxm = conv_.Backward(dxc);
+    ProfileMark("mlstm.bwd.conv");
+    if (lean) dxc = xc_ = Tensor();
+    Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    ProfileMark("mlstm.bwd.v_blockdiag_gates");
   }
   if (lean) dv = dig = dfg = Tensor();
   if (mode == MlstmRecompute::kGlue || mode == MlstmRecompute::kStates) {

@@ -177,15 +177,6 @@ void SetMlstmConvQkvFused(bool fused);
 bool MlstmConvVBwdFused();
 void SetMlstmConvVBwdFused(bool fused);
 
-// The mLSTM block's q, k block-diagonal backward, conv1d backward and v block-diagonal backward in
-// one kernel (CudaBackend::MlstmQkConvVBackward; fusion D of ops/XLSTM_GLUE.md, session 18): opt-in,
-// GYRE_MLSTM_QK_CONV_V_BWD=fused; unset or "separate" = the q, k kernel (GYRE_MLSTM_QK_BWD) then the
-// conv + v kernel(s) (GYRE_MLSTM_CONV_V_BWD), also what shapes the fused kernel does not cover take;
-// read once on first use; anything else stops the process naming the accepted values.
-// SetMlstmQkConvVBwdFused overrides it (tests, benchmarks). Not thread-safe. CUDA training only.
-bool MlstmQkConvVBwdFused();
-void SetMlstmQkConvVBwdFused(bool fused);
-
 // The mLSTM block's 2-map (q, k) block-diagonal backward with the fused gates: kTc =
 // CudaBackend::BlockDiagBackwardTc (the row sums dWq, dWk and the gates' S on tensor cores;
 // ops/XLSTM_GLUE.md "Tensor-core row sums": on an H100 the op 6.62 -> 5.70 ms, the xlstm[1:0]-125m

@@ -1895,482 +1895,6 @@ __global__ void __launch_bounds__(32 * kBtWarps, 3) block_diag4_bwd_tc(BlockDiag
   }
 }
 
-// Fusion D of ops/XLSTM_GLUE.md (sessions 18, helpers glue18 / glue18b; MlstmQkConvVBackward, opt-in
-// GYRE_MLSTM_QK_CONV_V_BWD=fused): the mLSTM block's glue backward from the out-norm's dxc to dxm
-// in one pass — block_diag4_bwd_tc (the q, k maps) and mlstm_conv_v_bwd (the conv and the v map)
-// in one kernel. The two-kernel path moves 9 passes of [rows, p] bf16 a layer (tc: reads xc, dq,
-// dk, the norm's dxc, writes dxc; conv + v: reads xm, dxc, dv, writes dxm); this one moves 6
-// (reads xm, the norm's dxc, dq, dk, dv; writes dxm): dxc is never stored, and xc is not read but
-// recomputed from the conv's u (xc = bf16(u·σ(u)), the forward's expression: the same bits).
-//
-// Layout (glue18b: two lanes a 4x4 block). glue18's first build gave one lane a whole 4x4 block of
-// all three maps: 255 registers, 80 B spilled, 8 warps an SM, and lost (500 µs against 448). Here a
-// block of 4 warps holds 2 warp PAIRS; a pair shares one ring and runs kQ2Run consecutive rows of
-// one sequence; lane tx of both warps of a pair owns column block b = 32·blockIdx.x + tx, and warp
-// h (= ty & 1) of the pair owns its channels 2h, 2h + 1: every per-channel state (conv window, du,
-// taps, conv dw / db, the v map's dWv and S_v columns, Wq / Wk / Wv columns) halves, so a lane
-// carries ~100 registers of loop state and 3 blocks of 4 warps (12 warps) fit an SM at <= 168.
-// What both warps of a pair repeat: the token's ring bookkeeping, the unpacking of dq, dk, dv and
-// the 8 gate gradients, and dv's gate term d = dv + Σ_g dgate·wg (all 4 outputs: dWv and the v dx
-// need them); the copies are split (warp 0: xm, dq, dv; warp 1: dxc, dk, the gates) and made
-// visible to the partner by a named barrier of the pair (bar.sync 1 + pair, 64) a token. The q, k
-// row sums (block_diag4_bwd_tc's 8-token tile mma, x = xc) are split by columns too: warp h does
-// the column groups 64h .. 64h + 63 of S_qk and the dW pairs of blocks 16h .. 16h + 15, so the mma
-// accumulators halve as well (acc_w 16 a lane).
-// Per token t of the run and the K - 1 after it (the conv's lookahead, recomputed by both runs):
-//   dxc[t, c] = bf16( dq·Wq + Σ_g dgate[t, g] U[g] + dk·Wk + dxc_norm[t] )[c]   (block_diag4_bwd_tc's
-//               expression and rounding), then the conv backward on channel c as mlstm_conv_v_bwd;
-// the outputs (dxm, conv dw / db, dWv, ...) are mlstm_conv_v_bwd's per-channel expressions, so dxm is
-// bitwise the default pair's; the row sums' partials are per chunk = (sequence, 256-row block) as
-// there, summed over the block's 4 warps in warp order (the other half's entries are zeros), so the
-// parameters' gradients differ from the default pair's in the summation order only.
-constexpr int kQcRing = 16;        // ring slots a pair (tokens; a power of 2)
-constexpr int kQ2Ahead = 7;        // tokens in flight: a tile's 8 rows + the partner's one token of lead
-constexpr int kQcInLd = 32 + 2;    // uint2 a ring row of dxc|xc (+16 B: the tile's ldmatrix rows on distinct banks)
-constexpr int kQ2Run = 128;        // rows a warp pair
-constexpr int kQ2Pairs = 2;        // warp pairs a block (4 warps)
-// 25.1 KiB a pair, 50.3 KiB a block + 12 KiB static (gate rows, U, spare): 3 blocks an SM (12 warps).
-struct alignas(16) QcRing {
-  uint2 io[2][kQcRing][32];       // xm[t], dv[t - (K - 1)]
-  uint2 dxc[kQcRing][kQcInLd];    // the norm's dxc[t], then xc[t] once used (the tile's x; warp h writes half h)
-  bf16 dqk[kQcRing][kBtDLd];      // dq[t] | dk[t], each lane's 4 + 4 side by side (block_diag4_bwd_tc's layout)
-  float dg[kQcRing][8];           // dgate[t, g]; zeros for g >= G and past the sequence
-  float pad[32];                  // where lanes >= 8 aim their empty gate copies
-  float s[128 * 8];               // S_qk (as BtRing::s)
-};
-constexpr size_t kQcSmem = kQ2Pairs * sizeof(QcRing);
-static_assert(2 * kQ2Pairs == kBtWarps, "block_diag4_bwd_tc's end-of-block sums assume its warp count");
-static_assert(kQcSmem >= kBtRedFloats * sizeof(float), "the reduction scratch reuses the rings");
-static_assert(kQcSmem >= 2 * kQ2Pairs * (32 * 16 + 8) * sizeof(float), "the conv / v scratch reuses the rings");
-static_assert(kQ2Ahead + kBtTile + 1 <= kQcRing, "a tile's rows must stay in the ring until both warps' mma");
-static_assert(kQ2Run % kBtTile == 0, "every tile inside one pair's run");
-__device__ __forceinline__ void PairBarrier(int pair) {
-  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
-}
-template <int K>
-__global__ void __launch_bounds__(32 * 2 * kQ2Pairs, 3) mlstm_qk_conv_v_bwd(ConvVBwdParams a, BlockDiagArgs qa,
-                                                                            FusedGates qg, BdPartials qp) {
-  extern __shared__ __align__(16) unsigned char qc_smem[];
-  __shared__ float4 wg[8][32];  // v's gate weights (mlstm_conv_v_bwd)
-  __shared__ float4 U[8][32];   // the q, k gate rows folded through Wq, Wk (block_diag4_bwd_tc)
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
-  const int h = ty & 1, pair = ty >> 1;  // channels 2h, 2h + 1 of the lane's block; the pair's run
-  QcRing& ring = reinterpret_cast<QcRing*>(qc_smem)[pair];
-  auto red = reinterpret_cast<float (*)[32 * 16 + 8]>(qc_smem);
-  const int gq = tx / 4, qq = tx % 4;
-  const int64_t b = blockIdx.x * 32 + tx;
-  const bool live = b < a.blocks;
-  const int64_t bc = live ? b : 0;
-  const int G = 2 * a.heads;
-  for (int e = tid; e < 8 * 32; e += 32 * 2 * kQ2Pairs) {
-    const int t = e / 32, bx = e % 32;
-    const int64_t bb = blockIdx.x * 32 + bx;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (bb < a.blocks && t < G)
-      v = __ldg(reinterpret_cast<const float4*>((t < a.heads ? a.wi + t * a.ldg : a.wf + (t - a.heads) * a.ldg) + bb * 4));
-    wg[t][bx] = v;
-  }
-  // The lane's columns 2h, 2h + 1 of Wq, Wk, Wv: w?[o][v] = W[o][2h + v].
-  float wqc[4][2], wkc[4][2], wvc[4][2], cw[K][2], cb[2];
-  {
-    float wq[16], wk[16], wv[16];
-    if (live) {
-#pragma unroll
-      for (int k = 0; k < 16; k += 8) {
-        LoadF8(a.wv + b * 16 + k, wv + k);
-        LoadF8(qa.w + b * 16 + k, wq + k);
-        LoadF8(qa.w2 + b * 16 + k, wk + k);
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 16; ++k) wv[k] = wq[k] = wk[k] = 0.f;
-    }
-    if (h == 0) {  // one warp of the pair writes U (both read it)
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        float4 u = make_float4(0.f, 0.f, 0.f, 0.f), u2 = u;
-        if (live && t < G) {
-          u = __ldg(reinterpret_cast<const float4*>(GateW(qg, 0, t) + b * 4));
-          u2 = __ldg(reinterpret_cast<const float4*>(GateW(qg, 1, t) + b * 4));
-        }
-        if (pair == 0) U[t][tx] = FoldGateRow(u, u2, wq, wk);
-      }
-    }
-#pragma unroll
-    for (int o = 0; o < 4; ++o)
-#pragma unroll
-      for (int v = 0; v < 2; ++v) {
-        wqc[o][v] = h ? wq[4 * o + 2 + v] : wq[4 * o + v];
-        wkc[o][v] = h ? wk[4 * o + 2 + v] : wk[4 * o + v];
-        wvc[o][v] = h ? wv[4 * o + 2 + v] : wv[4 * o + v];
-      }
-  }
-#pragma unroll
-  for (int v = 0; v < 2; ++v) {
-    const int64_t ch = b * 4 + 2 * h + v;
-#pragma unroll
-    for (int j = 0; j < K; ++j) cw[j][v] = live ? a.cw[ch * K + j] : 0.f;
-    cb[v] = live && a.cb != nullptr ? a.cb[ch] : 0.f;
-  }
-  float acc[4][2], S[8][2], cdw[K][2], cdb[2], dbs = 0.f, acc_w[8][2];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) acc_w[k][0] = acc_w[k][1] = 0.f;
-#pragma unroll
-  for (int o = 0; o < 4; ++o) acc[o][0] = acc[o][1] = 0.f;
-#pragma unroll
-  for (int t = 0; t < 8; ++t) S[t][0] = S[t][1] = 0.f;
-#pragma unroll
-  for (int v = 0; v < 2; ++v) {
-    cdb[v] = 0.f;
-#pragma unroll
-    for (int j = 0; j < K; ++j) cdw[j][v] = 0.f;
-  }
-  float* s_frag = &ring.s[gq * 8 + 2 * qq];  // as block_diag4_bwd_tc; warp h owns column groups 4h .. 4h + 3
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    *reinterpret_cast<float2*>(s_frag + 128 * (4 * h + c)) = make_float2(0.f, 0.f);
-    *reinterpret_cast<float2*>(s_frag + 128 * (4 * h + c) + 64) = make_float2(0.f, 0.f);
-  }
-  const bool upper = qq >= 2;
-  __syncthreads();  // wg, U
-  const int S_len = a.seq;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * S_len;
-  const int s0 = (blockIdx.y * kQ2Pairs + pair) * kQ2Run, s1 = min(s0 + kQ2Run, S_len);
-  if (s0 < s1) {  // uniform over the pair
-    float win[K][2], du[K][2];
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-#pragma unroll
-      for (int v = 0; v < 2; ++v) win[j][v] = du[j][v] = 0.f;
-    if (live) {
-#pragma unroll
-      for (int j = 1; j < K; ++j) {
-        const int pos = s0 - K + j;
-        if (pos >= 0) {
-          float x4[4];
-          Load4(a.xm, (row0 + pos) * a.ld + b * 4, x4);
-          win[j][0] = h ? x4[2] : x4[0];
-          win[j][1] = h ? x4[3] : x4[1];
-        }
-      }
-    }
-    const int own_n = s1 - s0, n = own_n + K - 1, last = S_len - 1 - s0;
-    const int64_t base = (row0 + s0) * a.ld + bc * 4;
-    // Warp 0 copies xm, dq, dv; warp 1 the norm's dxc, dk and the gate gradients.
-    const bf16* src0 = h ? a.dxc : a.xm;
-    const bf16* src1 = static_cast<const bf16*>(h ? qa.dy2 : qa.dy);
-    const int gsel = min(tx, G - 1);
-    const float* gsrc = (gsel < a.heads ? a.dig + gsel : a.dfg + (gsel - a.heads)) + (row0 + s0) * a.heads;
-    float* gdst = tx < 8 ? &ring.dg[0][tx] : &ring.pad[tx];
-    const int gslot = tx < 8 ? 8 : 0;  // floats between ring slots of the lane's gate copy
-    uint2* dst0 = h ? &ring.dxc[0][tx] : &ring.io[0][0][tx];
-    const int dst0_slot = h ? kQcInLd : 32;  // uint2 between ring slots
-    auto issue = [&](int i) {  // one commit group per token (empty past the run)
-      if (i < n) {
-        const int slot = i & (kQcRing - 1);
-        const int ti = min(i, last);
-        const int64_t to = static_cast<int64_t>(ti) * a.ld;
-        const int ro = max(i - (K - 1), 0);
-        const bool tok = i <= last, out = i >= K - 1;
-        CpAsync8Z(dst0 + slot * dst0_slot, src0 + base + to, live && tok);
-        CpAsync8Z(&ring.dqk[slot][8 * tx + 4 * h], src1 + base + to, live && tok);
-        if (h == 0)
-          CpAsync8Z(&ring.io[1][slot][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
-        else
-          CpAsync4Z(gdst + slot * gslot, gsrc + static_cast<int64_t>(ti) * a.heads, tok && tx < G);
-      }
-      CpAsyncCommit();
-    };
-    auto token = [&](int i, auto out_c) {
-      constexpr bool kOut = decltype(out_c)::value;
-      __syncwarp();  // every lane is done with the slot the next copy overwrites
-      issue(i + kQ2Ahead);
-      CpAsyncWait<kQ2Ahead>();
-      PairBarrier(pair);  // the partner's copies of this token are in too
-      const int slot = i & (kQcRing - 1);
-      float xn[2], gy[2];
-      {
-        const uint32_t xr = reinterpret_cast<const uint32_t*>(&ring.io[0][slot][tx])[h];
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr));
-        xn[0] = f.x; xn[1] = f.y;
-      }
-      {  // dxc[t]: block_diag4_bwd_tc's fp32 expression, rounded to bf16 as it stores it
-        const uint4 dd = *reinterpret_cast<const uint4*>(&ring.dqk[slot][8 * tx]);
-        float d[4], d2[4], dx[2];
-        Bf16x4ToFloat(make_uint2(dd.x, dd.y), d);
-        Bf16x4ToFloat(make_uint2(dd.z, dd.w), d2);
-        const float4 ga = *reinterpret_cast<const float4*>(&ring.dg[slot][0]);
-        const float4 gb = *reinterpret_cast<const float4*>(&ring.dg[slot][4]);
-        const float dg[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
-#pragma unroll
-        for (int v = 0; v < 2; ++v)
-          dx[v] = d[0] * wqc[0][v] + d[1] * wqc[1][v] + d[2] * wqc[2][v] + d[3] * wqc[3][v];
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const float2 uu = reinterpret_cast<const float2*>(&U[t][tx])[h];
-          dx[0] += dg[t] * uu.x; dx[1] += dg[t] * uu.y;
-        }
-#pragma unroll
-        for (int v = 0; v < 2; ++v)
-          dx[v] += d2[0] * wkc[0][v] + d2[1] * wkc[1][v] + d2[2] * wkc[2][v] + d2[3] * wkc[3][v];
-        const uint32_t orw = reinterpret_cast<const uint32_t*>(&ring.dxc[slot][tx])[h];
-        const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&orw));
-        dx[0] += old.x; dx[1] += old.y;
-        const __nv_bfloat162 r = __floats2bfloat162_rn(dx[0], dx[1]);
-        const float2 rf = __bfloat1622float2(r);
-        gy[0] = rf.x; gy[1] = rf.y;
-      }
-#pragma unroll
-      for (int j = 0; j + 1 < K; ++j)
-#pragma unroll
-        for (int v = 0; v < 2; ++v) {
-          win[j][v] = win[j + 1][v];
-          du[j][v] = du[j + 1][v];
-        }
-      const bool own = i < own_n;
-      float xc[2];
-#pragma unroll
-      for (int v = 0; v < 2; ++v) {
-        win[K - 1][v] = xn[v];
-        float u = cb[v];
-#pragma unroll
-        for (int j = 0; j < K; ++j) u += cw[j][v] * win[j][v];
-        const float sg = Sigmoid(u);
-        const float ds = sg * (1.f + u * (1.f - sg));  // DSilu(u)
-        xc[v] = a.silu ? u * sg : u;                   // the forward's xc (mlstm_conv_qkv_fwd)
-        const float g = gy[v] * (a.silu ? ds : 1.f);
-        du[K - 1][v] = g;
-        const float gm = own ? g : 0.f;
-#pragma unroll
-        for (int j = 0; j < K; ++j) cdw[j][v] += gm * win[j][v];
-        cdb[v] += gm;
-      }
-      // xc[t] into the tile, this warp's half of the lane's 8 bytes (zeros for the lookahead tokens).
-      reinterpret_cast<uint32_t*>(&ring.dxc[slot][tx])[h] = own ? PackBf16(xc[0], xc[1]) : 0u;
-      if constexpr (kOut) {
-        const int rs = (i - (K - 1)) & (kQcRing - 1);  // row r's gate gradients (token r's slot)
-        float d[4], dgs[8], dx[2];
-        Bf16x4ToFloat(ring.io[1][slot][tx], d);
-        const float4 g0 = *reinterpret_cast<const float4*>(&ring.dg[rs][0]);
-        const float4 g1 = *reinterpret_cast<const float4*>(&ring.dg[rs][4]);
-        dgs[0] = g0.x; dgs[1] = g0.y; dgs[2] = g0.z; dgs[3] = g0.w;
-        dgs[4] = g1.x; dgs[5] = g1.y; dgs[6] = g1.z; dgs[7] = g1.w;
-        dbs += ring.dg[rs][tx & 7];  // used by lanes < G of warp 0 only
-#pragma unroll
-        for (int gt = 0; gt < 8; ++gt) {
-          const float4 u = wg[gt][tx];
-          d[0] += dgs[gt] * u.x; d[1] += dgs[gt] * u.y; d[2] += dgs[gt] * u.z; d[3] += dgs[gt] * u.w;
-#pragma unroll
-          for (int v = 0; v < 2; ++v) S[gt][v] += dgs[gt] * win[0][v];
-        }
-#pragma unroll
-        for (int v = 0; v < 2; ++v) {
-          float o = 0.f;
-#pragma unroll
-          for (int j = 0; j < K; ++j) o += cw[j][v] * du[K - 1 - j][v];
-          dx[v] = o + (d[0] * wvc[0][v] + d[1] * wvc[1][v] + d[2] * wvc[2][v] + d[3] * wvc[3][v]);
-        }
-#pragma unroll
-        for (int o = 0; o < 4; ++o)
-#pragma unroll
-          for (int v = 0; v < 2; ++v) acc[o][v] += d[o] * win[0][v];
-        if (live)
-          *reinterpret_cast<uint32_t*>(a.dxm + base + static_cast<int64_t>(i - (K - 1)) * a.ld + 2 * h) =
-              PackBf16(dx[0], dx[1]);
-      }
-    };
-    // The q, k row sums of the own tokens first .. first + 7 (ring slots sb .. sb + 7):
-    // block_diag4_bwd_tc's tile, x = xc; warp h takes its columns' half (cc = 2h, 2h + 1).
-    auto tile = [&](int first) {
-      PairBarrier(pair);  // both warps' xc halves of the tile's rows are in the ring
-      const int sb = first & (kQcRing - 1);
-      const uint32_t xa = SmemAddr(&ring.dxc[sb + tx % 8][2 * (tx / 8)]) + 128 * h;
-      const uint32_t da = SmemAddr(&ring.dqk[sb + tx % 8][8 * (tx / 8)]) + 256 * h;
-      const float g0 = ring.dg[sb + 2 * qq][gq], g1 = ring.dg[sb + 2 * qq + 1][gq];
-      const float h0 = __bfloat162float(__float2bfloat16_rn(g0)), h1 = __bfloat162float(__float2bfloat16_rn(g1));
-      const uint32_t bhi = PackBf16(h0, h1), blo = PackBf16(g0 - h0, g1 - h1);
-#pragma unroll
-      for (int c2 = 0; c2 < 2; ++c2) {
-        uint32_t xf[4];
-        LdMatrixX4Trans(xa + 64 * c2, xf);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          float e[4], d[4];
-          float* sp = s_frag + 128 * (4 * h + 2 * c2 + hh);
-          const float2 c01 = *reinterpret_cast<const float2*>(sp), c23 = *reinterpret_cast<const float2*>(sp + 64);
-          MmaBf16K8(e, xf[2 * hh], xf[2 * hh + 1], bhi, c01.x, c01.y, c23.x, c23.y);
-          MmaBf16K8(d, xf[2 * hh], xf[2 * hh + 1], blo, e[0], e[1], e[2], e[3]);
-          *reinterpret_cast<float2*>(sp) = make_float2(d[0], d[1]);
-          *reinterpret_cast<float2*>(sp + 64) = make_float2(d[2], d[3]);
-        }
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          uint32_t df[4];
-          LdMatrixX4Trans(da + 64 * (2 * c2 + jj), df);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int jl = 4 * c2 + 2 * jj + hh;  // pair j = 8h + jl
-            float (&k)[2] = acc_w[jl];
-            float e[4];
-            MmaBf16K8(e, df[2 * hh], df[2 * hh + 1], xf[jl % 4], k[0], k[1], k[0], k[1]);
-            k[0] = upper ? e[2] : e[0];
-            k[1] = upper ? e[3] : e[1];
-          }
-        }
-      }
-    };
-#pragma unroll
-    for (int i = 0; i < kQ2Ahead; ++i) issue(i);
-#pragma unroll
-    for (int i = 0; i < K - 1; ++i) token(i, std::false_type{});  // the window's first rows: no output yet
-    int i = K - 1;
-#pragma unroll 1
-    for (int j = 0; j < own_n / kBtTile; ++j) {  // own_n % kBtTile == 0 (MlstmQkConvVFusable)
-#pragma unroll 1
-      for (; i < kBtTile * (j + 1); ++i) token(i, std::true_type{});
-      tile(kBtTile * j);
-    }
-#pragma unroll 1
-    for (; i < n; ++i) token(i, std::true_type{});  // the lookahead tokens
-    CpAsyncWait<0>();
-  }
-  const int64_t chunk = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
-  // The q, k row sums: block_diag4_bwd_tc's end of block (chunk for its row block; no bias sums here).
-  // Warp 1 of a pair contributes zeros for S (its pair's S sits in the shared ring, read by warp 0)
-  // and each warp zeros for the dW pairs of the other half.
-  {
-    float acc_s[8][4];
-    __syncwarp();
-    PairBarrier(pair);  // the partner's last tile is in ring.s
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const float2 c01 = *reinterpret_cast<const float2*>(s_frag + 128 * c),
-                   c23 = *reinterpret_cast<const float2*>(s_frag + 128 * c + 64);
-      acc_s[c][0] = h ? 0.f : c01.x; acc_s[c][1] = h ? 0.f : c01.y;
-      acc_s[c][2] = h ? 0.f : c23.x; acc_s[c][3] = h ? 0.f : c23.y;
-    }
-    __syncthreads();  // the rings' memory becomes the reduction scratch
-    float* sw = reinterpret_cast<float*>(qc_smem);
-    float* dw = sw + kBtWarps * 8 * 128;
-    float* ssum = dw + kBtWarps * 2 * 32 * 16;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      float* o = sw + ty * 1024 + 16 * c + gq;
-      o[(2 * qq) * 128] = acc_s[c][0];
-      o[(2 * qq + 1) * 128] = acc_s[c][1];
-      o[(2 * qq) * 128 + 8] = acc_s[c][2];
-      o[(2 * qq + 1) * 128 + 8] = acc_s[c][3];
-    }
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      float* o = dw + ty * 1024 + (gq / 4) * 512 + (2 * j + (upper ? 1 : 0)) * 16 + (gq % 4) * 4 + 2 * (qq % 2);
-      const bool mine = (j / 8) == h;
-      o[0] = mine ? acc_w[j % 8][0] : 0.f;
-      o[1] = mine ? acc_w[j % 8][1] : 0.f;
-    }
-    __syncthreads();
-    constexpr int kPer = 1024 / (32 * kBtWarps);
-    float dws[kPer];
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int v = tid + 32 * kBtWarps * k;
-      float s = 0.f, t = 0.f;
-#pragma unroll
-      for (int y = 0; y < kBtWarps; ++y) {
-        s += sw[y * 1024 + v];
-        t += dw[y * 1024 + v];
-      }
-      ssum[v] = s;
-      dws[k] = t;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int v = tid + 32 * kBtWarps * k, m = v / 512, blk = (v / 16) % 32, o = (v % 16) / 4, i = v % 4;
-      const int64_t bb = blockIdx.x * 32 + blk;
-      float* out = m == 0 ? qp.dw : qp.dw2;
-      if (bb >= a.blocks || out == nullptr) continue;
-      float t = dws[k];
-      for (int gt = 0; gt < G; ++gt) t += __ldg(GateW(qg, m, gt) + bb * 4 + o) * ssum[gt * 128 + blk * 4 + i];
-      out[chunk * a.blocks * 16 + bb * 16 + o * 4 + i] = t;
-    }
-    for (int v = tid; v < 2 * 8 * 128; v += 32 * kBtWarps) {
-      const int m = v / 1024, gt = (v / 128) % 8, c = v % 128, blk = c / 4, o = c % 4;
-      const int64_t bb = blockIdx.x * 32 + blk;
-      if (bb >= a.blocks || gt >= G) continue;
-      const float* wm = (m == 0 ? qa.w : qa.w2) + bb * 16 + o * 4;
-      const float* sv = ssum + gt * 128 + blk * 4;
-      const float s = __ldg(wm) * sv[0] + __ldg(wm + 1) * sv[1] + __ldg(wm + 2) * sv[2] + __ldg(wm + 3) * sv[3];
-      (m == 0 ? qp.gate0 : qp.gate1)[(chunk * G + gt) * (a.blocks * 4) + bb * 4 + o] = s;
-    }
-    __syncthreads();  // the scratch becomes `red`
-  }
-  // The conv and v sums: mlstm_conv_v_bwd's end of block, each warp's channels (zeros for the others).
-  auto reduce16 = [&](const float (&v)[16], auto&& write) {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) red[ty][tx * 16 + k] = v[k];
-    __syncthreads();
-    for (int e = tid; e < 32 * 16; e += 32 * 2 * kQ2Pairs) {
-      float s = 0.f;
-#pragma unroll
-      for (int y = 0; y < 2 * kQ2Pairs; ++y) s += red[y][e];
-      write(e / 16, e % 16, s);
-    }
-    __syncthreads();
-  };
-  {
-    float v[16];
-#pragma unroll
-    for (int o = 0; o < 4; ++o)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[o * 4 + c] = (c / 2) == h ? acc[o][c % 2] : 0.f;
-    reduce16(v, [&](int bx, int k, float s) {
-      const int64_t bb = blockIdx.x * 32 + bx;
-      if (bb < a.blocks) a.pdw[chunk * a.blocks * 16 + bb * 16 + k] = s;
-    });
-  }
-#pragma unroll
-  for (int t0 = 0; t0 < 8; t0 += 4) {
-    if (t0 >= G) break;
-    float v[16];
-#pragma unroll
-    for (int tt = 0; tt < 4; ++tt)
-#pragma unroll
-      for (int o = 0; o < 4; ++o) v[tt * 4 + o] = wvc[o][0] * S[t0 + tt][0] + wvc[o][1] * S[t0 + tt][1];
-    reduce16(v, [&](int bx, int k, float s) {
-      const int64_t bb = blockIdx.x * 32 + bx;
-      const int t = t0 + k / 4;
-      if (bb < a.blocks && t < G) a.pgate[(chunk * G + t) * a.ld + bb * 4 + k % 4] = s;
-    });
-  }
-  {
-    float v[16];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) v[k] = 0.f;
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c * 4 + j] = (c / 2) == h ? cdw[j][c % 2] : 0.f;
-    reduce16(v, [&](int bx, int k, float s) {
-      const int64_t bb = blockIdx.x * 32 + bx;
-      if (bb < a.blocks && k % 4 < K) a.pcw[chunk * a.ld * K + (bb * 4 + k / 4) * K + k % 4] = s;
-    });
-  }
-  {
-    float v[16];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) v[k] = 0.f;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) v[c] = (c / 2) == h ? cdb[c % 2] : 0.f;
-    v[4] = h == 0 ? dbs : 0.f;
-    reduce16(v, [&](int bx, int k, float s) {
-      const int64_t bb = blockIdx.x * 32 + bx;
-      if (k < 4 && bb < a.blocks) a.pcb[chunk * a.ld + bb * 4 + k] = s;
-      if (k == 4 && bx < G && a.pdb != nullptr && blockIdx.x == 0) a.pdb[chunk * G + bx] = s;
-    });
-  }
-}
-
 // Group norms, 8 columns per access (group size % 8 == 0): the warp-per-(row, group) kernels
 // above with 16-byte loads; passes re-read the (L1-resident) row.
 template <int kMode>
@@ -3502,52 +3026,6 @@ bool MlstmConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& v) {
          FusedGatesVectorizable(fg, false) && Aligned(c.dy, 8) && v.rows < (int64_t{1} << 31);
 }
 
-namespace {
-// mlstm_conv_v_bwd's (and mlstm_qk_conv_v_bwd's) parameters and partials (one scratch block:
-// [chunks] x conv dw, conv db, dWv, v gate columns, gate bias sums), and their fixed-order sums.
-CudaResult ConvVBwdSetup(const Conv1dArgs& c, const BlockDiagArgs& v, const FusedGates& g, int64_t chunks,
-                         DeviceAllocator* scratch, gyre::cuda::DeviceBuffer* part, ConvVBwdParams* k) {
-  const int K = static_cast<int>(c.width);
-  const int64_t p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
-  const bool db = g.dbi != nullptr;
-  if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), part); !r.ok()) return r;
-  k->rows = v.rows; k->blocks = v.blocks; k->ld = p;
-  k->seq = static_cast<int>(c.seq); k->heads = g.heads; k->silu = c.silu;
-  k->xm = static_cast<const bf16*>(c.x);
-  k->dxc = static_cast<const bf16*>(c.dy);
-  k->dv = static_cast<const bf16*>(v.dy);
-  k->dxm = static_cast<bf16*>(c.dx);
-  k->cw = c.w; k->cb = c.bias; k->wv = v.w;
-  k->wi = g.wi[0]; k->wf = g.wf[0]; k->ldg = g.ldg;
-  k->dig = g.dig; k->dfg = g.dfg;
-  k->pcw = part->as<float>();
-  k->pcb = k->pcw + chunks * p * K;
-  k->pdw = k->pcb + chunks * p;
-  k->pgate = k->pdw + chunks * nw;
-  k->pdb = db ? k->pgate + chunks * G * p : nullptr;
-  return {};
-}
-void AddConvVBwdReduceJobs(const Conv1dArgs& c, const BlockDiagArgs& v, const FusedGates& g, const ConvVBwdParams& k,
-                           int64_t chunks, ReduceJobs* jobs) {
-  const int64_t K = c.width, p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
-  jobs->Add(Job(k.pcw, chunks, p * K, p * K, c.dw, c.overwrite_dparams));
-  jobs->Add(Job(k.pcb, chunks, p, p, c.dbias, c.overwrite_dparams));
-  jobs->Add(Job(k.pdw, chunks, nw, nw, v.dw, v.overwrite_dw));
-  // Gate t's v columns land in row t of dwi (dwf for the forget gates), as BlockDiagBackward.
-  for (int f = 0; f < 2; ++f) {
-    ReduceJob j = Job(k.pgate + f * g.heads * p, chunks, G * p, g.heads * p, f == 0 ? g.dwi[0] : g.dwf[0],
-                      v.gates->overwrite_dw);
-    j.seg = p;
-    j.out_stride = g.ldg;
-    jobs->Add(j);
-  }
-  if (k.pdb != nullptr) {
-    jobs->Add(Job(k.pdb, chunks, G, g.heads, g.dbi, g.overwrite_db));
-    jobs->Add(Job(k.pdb + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
-  }
-}
-}  // namespace
-
 CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, DeviceAllocator* scratch,
                               cudaStream_t stream) {
   if (!MlstmConvVFusable(c, v))
@@ -3556,13 +3034,29 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   FusedGates g;
   if (CudaResult r = MakeFusedGates(v, true, &g); !r.ok()) return r;
   const int K = static_cast<int>(c.width);
+  const int64_t p = c.channels, G = 2 * g.heads, nw = v.blocks * 16;
   const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
                   static_cast<unsigned>((c.seq + kCvRun * kCvWarps - 1) / (kCvRun * kCvWarps)),
                   static_cast<unsigned>(c.batch));
   const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
+  const bool db = g.dbi != nullptr;
   gyre::cuda::DeviceBuffer part;
+  if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), &part); !r.ok()) return r;
   ConvVBwdParams k;
-  if (CudaResult r = ConvVBwdSetup(c, v, g, chunks, scratch, &part, &k); !r.ok()) return r;
+  k.rows = v.rows; k.blocks = v.blocks; k.ld = p;
+  k.seq = static_cast<int>(c.seq); k.heads = g.heads; k.silu = c.silu;
+  k.xm = static_cast<const bf16*>(c.x);
+  k.dxc = static_cast<const bf16*>(c.dy);
+  k.dv = static_cast<const bf16*>(v.dy);
+  k.dxm = static_cast<bf16*>(c.dx);
+  k.cw = c.w; k.cb = c.bias; k.wv = v.w;
+  k.wi = g.wi[0]; k.wf = g.wf[0]; k.ldg = g.ldg;
+  k.dig = g.dig; k.dfg = g.dfg;
+  k.pcw = part.as<float>();
+  k.pcb = k.pcw + chunks * p * K;
+  k.pdw = k.pcb + chunks * p;
+  k.pgate = k.pdw + chunks * nw;
+  k.pdb = db ? k.pgate + chunks * G * p : nullptr;
   const dim3 block(32, kCvWarps);
   // The ring (kCvAhead slots of xm, dxc, dv rows and gate gradients per warp): 56 KiB, above the
   // 48 KiB of a launch without the opt-in.
@@ -3579,7 +3073,21 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   }
   if (CudaResult r = Launched("mlstm_conv_v_bwd"); !r.ok()) return r;
   ReduceJobs jobs;
-  AddConvVBwdReduceJobs(c, v, g, k, chunks, &jobs);
+  jobs.Add(Job(k.pcw, chunks, p * K, p * K, c.dw, c.overwrite_dparams));
+  jobs.Add(Job(k.pcb, chunks, p, p, c.dbias, c.overwrite_dparams));
+  jobs.Add(Job(k.pdw, chunks, nw, nw, v.dw, v.overwrite_dw));
+  // Gate t's v columns land in row t of dwi (dwf for the forget gates), as BlockDiagBackward.
+  for (int f = 0; f < 2; ++f) {
+    ReduceJob j = Job(k.pgate + f * g.heads * p, chunks, G * p, g.heads * p, f == 0 ? g.dwi[0] : g.dwf[0],
+                      v.gates->overwrite_dw);
+    j.seg = p;
+    j.out_stride = g.ldg;
+    jobs.Add(j);
+  }
+  if (db) {
+    jobs.Add(Job(k.pdb, chunks, G, g.heads, g.dbi, g.overwrite_db));
+    jobs.Add(Job(k.pdb + g.heads, chunks, G, g.heads, g.dbf, g.overwrite_db));
+  }
   return LaunchReduce(jobs, stream);
 }
 
@@ -3718,51 +3226,6 @@ CudaResult BlockDiagBackwardTc(const BlockDiagArgs& a, DeviceAllocator* scratch,
   block_diag4_bwd_tc<<<grid, dim3(32, kBtWarps), kBtSmem, stream>>>(a, g, p);
   if (CudaResult r = Launched("block_diag4_bwd_tc"); !r.ok()) return r;
   return BdReduce(a, g, p, chunks, stream);
-}
-
-bool MlstmQkConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v) {
-  if (!MlstmConvVFusable(c, v) || !BlockDiagBackwardTcCovers(qk)) return false;
-  const MlstmGateArgs& gq = *qk.gates;
-  const MlstmGateArgs& gv = *v.gates;
-  return qk.rows == v.rows && qk.blocks == v.blocks && qk.ldx == c.channels && qk.accumulate_dx && qk.dx == c.dy &&
-         qk.dw != nullptr && qk.dw2 != nullptr && gq.heads == gv.heads && gq.dig == gv.dig && gq.dfg == gv.dfg &&
-         gq.dbi == nullptr && Aligned(qk.dy, 8) && Aligned(qk.dy2, 8) && c.seq % kBtTile == 0;
-}
-
-CudaResult MlstmQkConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& qk, const BlockDiagArgs& v,
-                                DeviceAllocator* scratch, cudaStream_t stream) {
-  if (!MlstmQkConvVFusable(c, qk, v))
-    return gyre::cuda::InvalidArgument("MlstmQkConvVBackward: arguments outside the fused kernel (MlstmQkConvVFusable)");
-  if (v.rows == 0) return {};
-  FusedGates g, gq;
-  if (CudaResult r = MakeFusedGates(v, true, &g); !r.ok()) return r;
-  if (CudaResult r = MakeFusedGates(qk, true, &gq); !r.ok()) return r;
-  const int K = static_cast<int>(c.width);
-  const dim3 grid(static_cast<unsigned>((v.blocks + 31) / 32),
-                  static_cast<unsigned>((c.seq + kQ2Run * kQ2Pairs - 1) / (kQ2Run * kQ2Pairs)),
-                  static_cast<unsigned>(c.batch));
-  const int64_t chunks = static_cast<int64_t>(grid.y) * grid.z;
-  gyre::cuda::DeviceBuffer part, part_qk;
-  ConvVBwdParams k;
-  if (CudaResult r = ConvVBwdSetup(c, v, g, chunks, scratch, &part, &k); !r.ok()) return r;
-  BdPartials pq;
-  if (CudaResult r = TakeBdPartials(qk, gq, chunks, /*bias_sums=*/false, scratch, &part_qk, &pq); !r.ok()) return r;
-  const dim3 block(32, 2 * kQ2Pairs);
-  auto launch = [&](auto kernel) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQcSmem));
-    kernel<<<grid, block, kQcSmem, stream>>>(k, qk, gq, pq);
-  };
-  switch (K) {
-    case 1: launch(mlstm_qk_conv_v_bwd<1>); break;
-    case 2: launch(mlstm_qk_conv_v_bwd<2>); break;
-    case 3: launch(mlstm_qk_conv_v_bwd<3>); break;
-    default: launch(mlstm_qk_conv_v_bwd<4>); break;
-  }
-  if (CudaResult r = Launched("mlstm_qk_conv_v_bwd"); !r.ok()) return r;
-  ReduceJobs jobs;
-  AddConvVBwdReduceJobs(c, v, g, k, chunks, &jobs);
-  if (CudaResult r = LaunchReduce(jobs, stream); !r.ok()) return r;
-  return BdReduce(qk, gq, pq, chunks, stream);
 }
 
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream) {

@@ -91,21 +91,6 @@ bool MlstmConvVFusable(const Conv1dArgs& conv, const BlockDiagArgs& v);
 CudaResult MlstmConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& v, DeviceAllocator* scratch,
                               cudaStream_t stream);
 
-// The mLSTM block's glue backward from the out-norm's dxc to dxm in one pass (fusion D of
-// ops/XLSTM_GLUE.md; opt-in GYRE_MLSTM_QK_CONV_V_BWD=fused): BlockDiagBackwardTc(qk) — the q, k maps
-// with the gates, qk.dx accumulated onto the norm's dxc — then MlstmConvVBackward(conv, v) on that
-// dxc (conv.dy == qk.dx), the arguments those two calls take. Differences: qk.dx is read (the
-// norm's dxc) and left as it was, the 2-map's dx is never stored (formed per row, rounded to bf16
-// as BlockDiagBackwardTc stores it); qk.x is not read: xc is recomputed from conv.x (= xm), so qk.x
-// must hold the forward's xc = bf16(SiLU(conv(xm))) (MlstmConvQkvForward / Conv1d's bits). Outputs:
-// dxm, the conv's dw / dbias, dWv, v's gate columns and the gate bias sums the same bits as that
-// pair; dWq, dWk and q / k's gate columns the same sums in another fp32 order. MlstmQkConvVFusable:
-// whether the kernel covers them (both kernels' conditions, the same gates, no bias sums on qk,
-// sequences a multiple of 8 long); MlstmQkConvVBackward returns InvalidArgument for any other.
-bool MlstmQkConvVFusable(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v);
-CudaResult MlstmQkConvVBackward(const Conv1dArgs& conv, const BlockDiagArgs& qk, const BlockDiagArgs& v,
-                                DeviceAllocator* scratch, cudaStream_t stream);
-
 // y[r, c] += bias[c] (bf16 y with row stride ld; fp32 bias).
 CudaResult AddColumnBias(void* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, cudaStream_t stream);
 // out[c] += Σ_r x[r, c] (bf16 x with row stride ld; fp32 out).
