@@ -332,6 +332,15 @@ int Main(int argc, char** argv) {
     ops::LanguageModel::DecodeOptions round;
     round.rewindable = true;
     round.defer_draft_logits = true;
+    // A batch-1 state prefilled with the 32 warm tokens at `heads` heads (the fewer-heads rounds).
+    auto prefilled = [&](int64_t heads) {
+      auto st = (*model)->NewDecodeState(1);
+      ops::LanguageModel::DecodeOptions pre;
+      pre.heads = heads;
+      pre.last_position_only = true;
+      (*model)->DecodeChunk(warm, 32, st.get(), pre);
+      return st;
+    };
     for (int64_t r = 0; r < reps + 2; ++r) {
       const std::vector<int32_t> chunk(data.begin() + split + 32 + r * k, data.begin() + split + 32 + (r + 1) * k);
       sync();
@@ -645,11 +654,7 @@ int Main(int argc, char** argv) {
         const int64_t kk = variants[vi].k;
         if (kk < 2) continue;  // auto: no fixed round to time
         ops::SetSpecDraftRowsAll(variants[vi].all_rows);
-        auto st = (*model)->NewDecodeState(1);
-        ops::LanguageModel::DecodeOptions pre;
-        pre.heads = kk;
-        pre.last_position_only = true;
-        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        auto st = prefilled(kk);
         ops::LanguageModel::DecodeOptions rk = round;
         rk.heads = kk;
         size_t at = split + 32;
@@ -715,11 +720,7 @@ int Main(int argc, char** argv) {
       for (const Variant& v : variants)
         if (v.k >= 2 && std::find(ks.begin(), ks.end(), v.k) == ks.end()) ks.push_back(v.k);
       for (const int64_t kk : ks) {
-        auto st = (*model)->NewDecodeState(1);
-        ops::LanguageModel::DecodeOptions pre;
-        pre.heads = kk;
-        pre.last_position_only = true;
-        (*model)->DecodeChunk(warm, 32, st.get(), pre);
+        auto st = prefilled(kk);
         ops::LanguageModel::DecodeOptions rk = round;
         rk.heads = kk;
         size_t at = split + 500;

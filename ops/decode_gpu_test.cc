@@ -1451,22 +1451,28 @@ TEST_F(DecodeGpuTest, CopySpansCopiesEverySpanExactly) {
   EXPECT_EQ(wrong, 0);
 }
 
+// The models the Generate tests decode: every family small, and three 125M presets.
+struct GenerateCase {
+  std::string name;
+  ModelSpec spec;
+};
+std::vector<GenerateCase> GenerateCases() {
+  std::vector<GenerateCase> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
+                                     {"mamba2", SmallMamba2()},
+                                     {"llama", SmallLlama()},
+                                     {"mamba2+mixer", SmallMixerHybrid()}};
+  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
+  return cases;
+}
+
 // Greedy Generate with and without the graph gives the same tokens, and so does speculative
 // decoding with the graph switched on; an injected capture failure falls back to the eager step
 // with the reason in GenerateResult::decode_graph. Attention models replay too (their steps that
 // grow a KV cache run eagerly, then the graph is captured again).
 TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
-  struct Case {
-    std::string name;
-    ModelSpec spec;
-  };
-  std::vector<Case> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
-                             {"mamba2", SmallMamba2()},
-                             {"llama", SmallLlama()},
-                             {"mamba2+mixer", SmallMixerHybrid()}};
-  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
+  std::vector<GenerateCase> cases = GenerateCases();
   const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled();
-  for (Case& c : cases) {
+  for (GenerateCase& c : cases) {
     c.spec.mtp_heads = 4;
     auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
     ASSERT_TRUE(made.ok());
@@ -1515,17 +1521,9 @@ TEST_F(DecodeGpuTest, GenerateWithDecodeGraphEqualsEager) {
 // rounds, gives greedy decoding's tokens, and the graph's rounds the eager ones' counts (per draft
 // head too, and auto's pick).
 TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
-  struct Case {
-    std::string name;
-    ModelSpec spec;
-  };
-  std::vector<Case> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
-                             {"mamba2", SmallMamba2()},
-                             {"llama", SmallLlama()},
-                             {"mamba2+mixer", SmallMixerHybrid()}};
-  for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
+  std::vector<GenerateCase> cases = GenerateCases();
   const bool was = DecodeGraphEnabled(), spec_was = SpeculativeGraphEnabled(), rows_was = SpecDraftRowsAll();
-  for (Case& c : cases) {
+  for (GenerateCase& c : cases) {
     c.spec.mtp_heads = 4;
     auto made = LanguageModel::Create(c.spec, DType::kF32, Device::kCuda, 8);
     ASSERT_TRUE(made.ok());

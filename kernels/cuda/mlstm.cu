@@ -6596,9 +6596,8 @@ size_t MlstmChunkwiseSavedBytes(const MlstmShape& shape, const MlstmOptions& opt
   return MakeSaved(shape, options).total;
 }
 
-// (MakeSaved puts chunk 256's P' / row sums, the forward's workspace, after everything else.)
 size_t MlstmChunkwiseSavedBackwardBytes(const MlstmShape& shape, const MlstmOptions& options) {
-  return MakeSaved(shape, options).p_off;
+  return MakeSaved(shape, options).p_off;  // P' and its row sums come last (MakeSaved)
 }
 
 size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOptions& options) {

@@ -256,6 +256,9 @@ struct MlstmDeviceGrads {
 CudaResult MlstmCheck(const MlstmShape& shape, const MlstmOptions& options);
 
 size_t MlstmChunkwiseSavedBytes(const MlstmShape& shape, const MlstmOptions& options);
+// The prefix of `saved` the backward reads: all of it but, at chunk 256, the fused forward's P'
+// fragments and row sums at its end (written and read inside one forward call).
+size_t MlstmChunkwiseSavedBackwardBytes(const MlstmShape& shape, const MlstmOptions& options);
 size_t MlstmChunkwiseBackwardScratchBytes(const MlstmShape& shape, const MlstmOptions& options);
 
 // h [B, S, NH, dv] overwritten; saved overwritten; final_state (null c = not wanted) overwritten.
@@ -273,13 +276,10 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
 // latter (MlstmChunkwiseTokenBytes: 1/20 of `saved` at the 1.3b shape) with
 // MlstmChunkwiseCopyTokens after the forward, and before the backward rebuilds `saved` with
 // MlstmChunkwiseRecomputeStates: the same launches of the same kernels on the same inputs as the
-// forward's first two, plus two device copies, so the first MlstmChunkwiseSavedBackwardBytes of
-// `saved` are byte for byte the forward's (the backward reads nothing else of it; the rest, at
-// chunk 256 only, is the forward's own workspace, chunk 256's P' fragments, not rebuilt). The
-// output pass (h, ~70% of the forward's MACs) is not rerun.
+// forward's first two, plus two device copies, so `saved`'s first MlstmChunkwiseSavedBackwardBytes
+// are byte for byte the forward's (the backward reads nothing else of it). The output pass (h, ~70%
+// of the forward's MACs) is not rerun.
 size_t MlstmChunkwiseTokenBytes(const MlstmShape& shape, const MlstmOptions& options);
-// The leading bytes of `saved` the backward reads (= MlstmChunkwiseSavedBytes below chunk 256).
-size_t MlstmChunkwiseSavedBackwardBytes(const MlstmShape& shape, const MlstmOptions& options);
 // tokens (MlstmChunkwiseTokenBytes) <- the per-token part of a forward's `saved`.
 CudaResult MlstmChunkwiseCopyTokens(const MlstmShape& shape, const MlstmOptions& options,
                                     const void* saved, void* tokens, cudaStream_t stream);

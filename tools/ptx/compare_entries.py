@@ -43,6 +43,10 @@ def entries(path, loose=False):
         # "<length>_GLOBAL__N__<hash>_<n>_<file>_<hash>".
         body = re.sub(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}", "ANON", body)
         body = re.sub(r"__cuda_local_var_\d+_\d+_", "LV", body)
+        # A namespace-scope internal global (e.g. an anonymous-namespace __device__ counter) is
+        # prefixed "_INTERNAL_<hash of the file's path>_": the revision's copy and the working tree
+        # are compiled from different paths.
+        body = re.sub(r"_INTERNAL_[0-9a-f]{8}_", "_INTERNAL_HASH_", body)
         # A function-local static (e.g. a __shared__ array) is named after its enclosing function:
         # "_ZZ<function>E<length><name>". Moving the code into a device function renames the scope,
         # not the variable: keep only the variable's own name.
