@@ -103,6 +103,12 @@ int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t
   return best;
 }
 
+int64_t AutoDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       int64_t rounds, int64_t auto_rounds, std::span<const double> round_cost) {
+  const int64_t pick = PickDraftHeads(checked, accepted, max_k, round_cost);
+  return pick == 2 || pick == max_k || rounds >= auto_rounds ? pick : 0;
+}
+
 int32_t Argmax(std::span<const float> logits) {
   return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
@@ -240,23 +246,14 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
   // last ones) and rounds that must grow a KV cache run eagerly (then the graph is captured
   // again); a failed capture leaves the eager rounds. result.decode_graph says which.
   // Auto captures only at its pick: a graph of the warm-up rounds' k would be dropped a few rounds
-  // later (call 3: a second capture a prompt cost ~15% of a 64-token generation).
+  // later (call 3: a second capture a prompt cost ~15% of a 64-token generation). The capture at
+  // the pick follows the last all-heads round directly (its state and buffers are warm for every
+  // k <= all heads): no eager round at the picked k first.
   const bool graphs = ops::SpeculativeGraphEnabled() && on_cuda;
   bool capture = graphs && !auto_k;
   std::unique_ptr<ops::SpeculativeGraph> graph;
   bool picked = !auto_k;
   while (!done()) {
-    if (!picked && result.forwards >= options.auto_rounds) {
-      // Auto: k from the acceptance so far (eager rounds), once; heads past it stop (DecodeChunk
-      // lets them fall behind); the graph is captured after the next round, at that k.
-      picked = true;
-      const int64_t pick = PickDraftHeads(result.head_checked, result.head_accepted, k, options.round_cost);
-      if (pick < k) {
-        k = pick;
-        drafted.resize(static_cast<size_t>(k - 1));
-      }
-      capture = graphs;  // the next eager round is the warm-up
-    }
     // The kept token (head 1) and the drafts (heads 2..k) from the last accepted position.
     std::vector<int32_t> chunk = {head1[row]};
     chunk.insert(chunk.end(), drafted.begin(), drafted.end());
@@ -324,6 +321,19 @@ absl::StatusOr<GenerateResult> GenerateSpeculative(ops::LanguageModel* model, st
     if (absl::Status s = model->Rewind(state.get(), accepted + 1); !s.ok()) return s;
     drafted = ops::ArgmaxFirstRows(model->DraftLogits(*state, accepted));
     row = accepted;
+    if (!picked) {
+      // Auto: after each eager all-heads round, k once the acceptance so far settles it
+      // (AutoDraftHeads); heads past it stop (DecodeChunk lets them fall behind). This round,
+      // eager at all heads, is the capture's warm-up: the graph is captured right here at k.
+      const int64_t pick = AutoDraftHeads(result.head_checked, result.head_accepted, k, result.forwards,
+                                          options.auto_rounds, options.round_cost);
+      if (pick > 0) {
+        picked = true;
+        k = pick;
+        drafted.resize(static_cast<size_t>(k - 1));
+        capture = graphs;
+      }
+    }
     if (capture && full && !ops::SpeculativeGraph::CacheTooShort(state.get(), k)) {
       capture = false;
       graph = AdoptCapture(ops::SpeculativeGraph::Capture(model, state.get(), k), "GenerateSpeculative", "eager rounds",

@@ -47,9 +47,10 @@ struct GenerateOptions {
   // mamba2-130m (x1.15 / x1.13 of greedy with its graph; k = 4 x0.90 / x0.79), while llama-125m's
   // heads are accepted 0.85-0.98 a draft (k = 4). generate_bench --draft_heads prints the pick
   // (PICK: tokens a round from the measured acceptance over the timed round at each k).
-  // -1 (kAutoDraftHeads): the first auto_rounds rounds draft with all heads (eagerly), then k is
-  // picked once by PickDraftHeads from their acceptance and round_cost (heads past k fall behind;
-  // never back up) and the rounds are captured at that k.
+  // -1 (kAutoDraftHeads): rounds draft with all heads (eagerly) until AutoDraftHeads settles k from
+  // their acceptance and round_cost (after the first round where the pick is 2 or all heads, else
+  // after auto_rounds rounds); heads past k then fall behind (never back up) and the rounds are
+  // captured at k right after that eager round (the warm-up the capture needs anyway).
   int64_t draft_heads = 0;
   int64_t auto_rounds = 4;
   // A round's cost at k draft heads in greedy steps, for k = 2, 3, ... (empty: DefaultRoundCost).
@@ -67,6 +68,15 @@ double DefaultRoundCost(int64_t k);
 // unchecked head at 1/2), cost(k) = round_cost[k - 2] when given, else DefaultRoundCost(k).
 int64_t PickDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
                        std::span<const double> round_cost = {});
+
+// Auto's sequential pick after `rounds` eager all-heads rounds: PickDraftHeads' k when it is 2 (the
+// cheap round; one rejection of head 2 in the first round already says so) or max_k (every head
+// pays), or any pick once rounds >= auto_rounds; 0 (run another all-heads round) when the counts
+// point between. The pick is the cheap end unless the drafts keep being accepted: where the first
+// round accepts every draft (an all-accepted round gives PickDraftHeads 3 of 4 at the default
+// cost, two give 4), one more all-heads round decides.
+int64_t AutoDraftHeads(std::span<const int64_t> checked, std::span<const int64_t> accepted, int64_t max_k,
+                       int64_t rounds, int64_t auto_rounds, std::span<const double> round_cost = {});
 
 struct GenerateResult {
   std::vector<int32_t> tokens;    // the new tokens only

@@ -122,6 +122,29 @@ TEST(PickDraftHeadsTest, ExpectedTokensOverRoundCost) {
   EXPECT_NEAR(DefaultRoundCost(4), 1.72, 1e-12);
 }
 
+// Auto's sequential rule: settle at once where the pick is an end (2 or all heads), else run
+// another all-heads round, up to auto_rounds.
+TEST(PickDraftHeadsTest, AutoSettlesAtTheEndsAndWaitsBetween) {
+  using V = std::vector<int64_t>;
+  // Round 1 rejects head 2 (the recurrent models' usual first round): 2 at once.
+  EXPECT_EQ(AutoDraftHeads(V{1, 0, 0}, V{0, 0, 0}, 4, 1, 4), 2);
+  // Head 2 accepted, head 3 rejected: PickDraftHeads says 2 (a_3 = 1/3): at once.
+  EXPECT_EQ(AutoDraftHeads(V{1, 1, 0}, V{1, 0, 0}, 4, 1, 4), 2);
+  // Every draft of one round accepted: PickDraftHeads says 3 (a = 2/3): wait ...
+  EXPECT_EQ(PickDraftHeads(V{1, 1, 1}, V{1, 1, 1}, 4), 3);
+  EXPECT_EQ(AutoDraftHeads(V{1, 1, 1}, V{1, 1, 1}, 4, 1, 4), 0);
+  // ... unless that was the last warm-up round allowed.
+  EXPECT_EQ(AutoDraftHeads(V{1, 1, 1}, V{1, 1, 1}, 4, 1, 1), 3);
+  // Two all-accepted rounds (llama-125m's loop): all heads.
+  EXPECT_EQ(AutoDraftHeads(V{2, 2, 2}, V{2, 2, 2}, 4, 2, 4), 4);
+  // The first round all accepted, the second rejecting head 2: still between (a_2 = 1/2); a third
+  // rejecting head 2 again: 2.
+  EXPECT_EQ(AutoDraftHeads(V{2, 1, 1}, V{1, 1, 1}, 4, 2, 4), 0);
+  EXPECT_EQ(AutoDraftHeads(V{3, 1, 1}, V{1, 1, 1}, 4, 3, 4), 2);
+  // Two heads only: the pick is always both, after one round.
+  EXPECT_EQ(AutoDraftHeads(V{1}, V{0}, 2, 1, 4), 2);
+}
+
 TEST_P(SpeculativeTest, TrainedHeadsAreAcceptedAndOutputStillEqualsGreedy) {
   const auto& [family, heads] = GetParam();
   auto model = MakeModel(TinySpec(family, heads), 3);

@@ -1534,7 +1534,8 @@ TEST_F(DecodeGpuTest, GenerateSpeculativeAtEveryKEqualsGreedy) {
     SetDecodeGraph(true);
     const auto greedy = eval::Generate(m, prompt, o);
     ASSERT_TRUE(greedy.ok());
-    // k = -1: auto (4 rounds at all heads, then PickDraftHeads; the graph is captured again at the pick).
+    // k = -1: auto (all-heads eager rounds until AutoDraftHeads settles k; the graph is captured at the pick
+    // right after the deciding round: random models pick 2 after one round).
     for (auto [k, all_rows] : {std::pair{int64_t{2}, false}, std::pair{int64_t{2}, true}, std::pair{int64_t{3}, false},
                                std::pair{eval::kAutoDraftHeads, true}}) {
       o.draft_heads = k;
