@@ -165,9 +165,13 @@ int RunEval(int argc, char** argv) {
   generate->add_option("--max_context", max_context, "prompt + new tokens limit (default: data.seq_len; 0 = none)");
   generate->add_option("--self_extend", self_extend_flag, "G,W: SelfExtend group size and neighbour window");
   generate->add_flag("--speculative", speculative, "MTP self-speculative greedy decoding (needs mtp_heads >= 2)");
+  // Auto by default: session 18 measured the best fixed k at 2 for the 125M xLSTM / Mamba-2 and 4
+  // for Llama (k = 4 loses 22-30% on the recurrent models, k = 2 14% on Llama); auto ran at
+  // 0.976-0.984 of the best fixed k on all three (helper autok18, bench/RESULTS.md).
+  gen.draft_heads = eval::kAutoDraftHeads;
   generate->add_option("--draft_heads", gen.draft_heads,
-                       "with --speculative: draft heads k (2..mtp_heads; 0, the default: all; -1: picked from the first "
-                       "rounds' acceptance). Session 18 measured k = 2 fastest for the 125M xLSTM / Mamba-2, 4 for Llama");
+                       "with --speculative: draft heads k (2..mtp_heads; 0: all; -1, the default: picked from the "
+                       "first rounds' acceptance, ops/DECODE_GRAPHS.md)");
   generate->add_flag("--compare_greedy", compare_greedy, "with --speculative: also decode greedily and check equality");
 
   std::string ranks_flag = "1,8,32,128";
