@@ -801,17 +801,24 @@ int Main(int argc, char** argv) {
     GenerateResult g, s, gg, gg_two, sg, sg_two;
     std::vector<std::vector<double>> tk(variants.size());
     std::vector<GenerateResult> sk(variants.size());
+    // One run of a mode: false (the error printed, prefixed by `what`) when it failed; the repeats
+    // after the first (the warm-up) keep their seconds.
+    auto keep = [](const absl::StatusOr<GenerateResult>& made, int64_t r, std::vector<double>* seconds,
+                   GenerateResult* out, const std::string& what) {
+      if (!made.ok()) {
+        std::fprintf(stderr, "%s%s\n", what.c_str(), made.status().ToString().c_str());
+        return false;
+      }
+      if (r > 0) seconds->push_back(made->seconds);
+      *out = *made;
+      return true;
+    };
     for (int64_t r = 0; r < repeats + 1; ++r) {  // the first run of each mode warms up
       // Eager greedy, graph greedy (ops/decode_graph.h), speculative: alternating in each repeat.
       if (eager_runs) {
         ops::SetDecodeGraph(false);
         auto gr = Generate(model->get(), prompt, gen);
-        if (!gr.ok()) {
-          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tg.push_back(gr->seconds);
-        g = *gr;
+        if (!keep(gr, r, &tg, &g, "")) return 1;
       }
       if (graph_runs && (qkv_ab || rope_ab || attn_ab)) {  // graph greedy with the A/B switch's "before" setting
         ops::SetDecodeGraph(true);
@@ -819,43 +826,23 @@ int Main(int argc, char** argv) {
         auto gr = Generate(model->get(), prompt, gen);
         set_ab(true);
         ops::SetDecodeGraph(false);
-        if (!gr.ok()) {
-          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tgg_two.push_back(gr->seconds);
-        gg_two = *gr;
+        if (!keep(gr, r, &tgg_two, &gg_two, "")) return 1;
       }
       if (graph_runs) {
         ops::SetDecodeGraph(true);
         auto gr = Generate(model->get(), prompt, gen);
         ops::SetDecodeGraph(false);
-        if (!gr.ok()) {
-          std::fprintf(stderr, "%s\n", gr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tgg.push_back(gr->seconds);
-        gg = *gr;
+        if (!keep(gr, r, &tgg, &gg, "")) return 1;
         if (!eager_runs) g = gg, tg = tgg;
       }
       if (spec_graph_runs) ops::SetSpeculativeGraph(false);
       auto sr = GenerateSpeculative(model->get(), prompt, gen);
-      if (!sr.ok()) {
-        std::fprintf(stderr, "%s\n", sr.status().ToString().c_str());
-        return 1;
-      }
-      if (r > 0) ts.push_back(sr->seconds);
-      s = *sr;
+      if (!keep(sr, r, &ts, &s, "")) return 1;
       if (spec_graph_runs) {  // speculative rounds replayed (ops/decode_graph.h SpeculativeGraph)
         ops::SetSpeculativeGraph(true);
         auto sgr = GenerateSpeculative(model->get(), prompt, gen);
         ops::SetSpeculativeGraph(false);
-        if (!sgr.ok()) {
-          std::fprintf(stderr, "%s\n", sgr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tsg.push_back(sgr->seconds);
-        sg = *sgr;
+        if (!keep(sgr, r, &tsg, &sg, "")) return 1;
       }
       for (size_t i = 0; i < variants.size(); ++i) {  // fewer draft heads (graph rounds on CUDA)
         if (spec_graph_runs) ops::SetSpeculativeGraph(true);
@@ -865,12 +852,7 @@ int Main(int argc, char** argv) {
         auto kr = GenerateSpeculative(model->get(), prompt, at_k);
         ops::SetSpecDraftRowsAll(env_draft_rows_all);
         if (spec_graph_runs) ops::SetSpeculativeGraph(false);
-        if (!kr.ok()) {
-          std::fprintf(stderr, "k=%ld: %s\n", (long)variants[i].k, kr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tk[i].push_back(kr->seconds);
-        sk[i] = *kr;
+        if (!keep(kr, r, &tk[i], &sk[i], "k=" + std::to_string(variants[i].k) + ": ")) return 1;
       }
       if (spec_graph_runs && (rope_ab || attn_ab)) {  // speculative graph, the A/B's "before" setting
         ops::SetSpeculativeGraph(true);
@@ -878,12 +860,7 @@ int Main(int argc, char** argv) {
         auto sgr = GenerateSpeculative(model->get(), prompt, gen);
         set_ab(true);
         ops::SetSpeculativeGraph(false);
-        if (!sgr.ok()) {
-          std::fprintf(stderr, "%s\n", sgr.status().ToString().c_str());
-          return 1;
-        }
-        if (r > 0) tsg_two.push_back(sgr->seconds);
-        sg_two = *sgr;
+        if (!keep(sgr, r, &tsg_two, &sg_two, "")) return 1;
       }
     }
     bool equal = g.tokens == s.tokens;

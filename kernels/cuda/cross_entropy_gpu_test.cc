@@ -25,6 +25,46 @@ struct Case {
   int64_t tokens, dim, vocab, chunk;
 };
 
+// One case's device buffers for LinearCrossEntropy (inputs uploaded by the test). Args poisons the
+// outputs (dW: uploads `dw0` to accumulate onto, or poisons it when the call overwrites) and returns
+// the call's arguments over the buffers.
+struct LceBuffers {
+  LceBuffers(DeviceAllocator* alloc, const Case& c)
+      : h(alloc, c.tokens * c.dim), w(alloc, c.vocab * c.dim), dh(alloc, c.tokens * c.dim),
+        dw(alloc, c.vocab * c.dim), tl(alloc, c.tokens), t(alloc, c.tokens), loss(alloc, 1) {}
+  LinearCrossEntropyArgs Args(const Case& c, const std::vector<float>& dw0, float loss_scale, bool overwrite_dw,
+                              bool lean_rows) {
+    if (overwrite_dw) {
+      dw.Poison();
+    } else {
+      dw.Upload(dw0);
+    }
+    dh.Poison();
+    tl.Poison();
+    loss.Poison();
+    LinearCrossEntropyArgs a;
+    a.tokens = c.tokens;
+    a.dim = c.dim;
+    a.vocab = c.vocab;
+    a.h = h.get();
+    a.w = w.get();
+    a.targets = t.get();
+    a.loss_scale = loss_scale;
+    a.token_loss = tl.get();
+    a.loss_sum = loss.get();
+    a.dh = dh.get();
+    a.dw = dw.get();
+    a.chunk_tokens = c.chunk;
+    a.overwrite_dw = overwrite_dw;
+    a.lean_rows = lean_rows;
+    return a;
+  }
+  DeviceArray<bf16> h, w, dh;
+  DeviceArray<float> dw, tl;
+  DeviceArray<int32_t> t;
+  DeviceArray<double> loss;
+};
+
 TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
   std::mt19937_64 rng(11);
   // All but the last take the shared-memory row kernel; V = 120011 (240 KB rows) the other one.
@@ -46,13 +86,10 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
       counted += targets[r] >= 0;
     }
     const float loss_scale = 1.f / static_cast<float>(counted);
-    DeviceArray<bf16> d_h(&alloc, h.size()), d_w(&alloc, w.size()), d_dh(&alloc, h.size());
-    DeviceArray<float> d_dw(&alloc, dw0.size()), d_tl(&alloc, c.tokens);
-    DeviceArray<int32_t> d_t(&alloc, c.tokens);
-    DeviceArray<double> d_loss(&alloc, 1);
-    d_h.Upload(h);
-    d_w.Upload(w);
-    d_t.Upload(std::vector<float>(targets.begin(), targets.end()));
+    LceBuffers b(&alloc, c);
+    b.h.Upload(h);
+    b.w.Upload(w);
+    b.t.Upload(std::vector<float>(targets.begin(), targets.end()));
     // float64 reference with all logits materialised.
     std::vector<double> tl(c.tokens, 0.0), dh(c.tokens * c.dim, 0.0), dw_inc(c.vocab * c.dim, 0.0);
     std::vector<double> logits(c.vocab);
@@ -86,44 +123,22 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
     for (const bool overwrite_dw : {false, true}) {
       const std::string tag = shape + (overwrite_dw ? " dW overwrite" : " dW accumulate") +
                               (rows_mode == 1 ? " lean" : " staged");
-      if (overwrite_dw) {
-        d_dw.Poison();
-      } else {
-        d_dw.Upload(dw0);
-      }
-      d_dh.Poison();
-      d_tl.Poison();
-      d_loss.Poison();
-      LinearCrossEntropyArgs a;
-      a.tokens = c.tokens;
-      a.dim = c.dim;
-      a.vocab = c.vocab;
-      a.h = d_h.get();
-      a.w = d_w.get();
-      a.targets = d_t.get();
-      a.loss_scale = loss_scale;
-      a.token_loss = d_tl.get();
-      a.loss_sum = d_loss.get();
-      a.dh = d_dh.get();
-      a.dw = d_dw.get();
-      a.chunk_tokens = c.chunk;
-      a.overwrite_dw = overwrite_dw;
-      a.lean_rows = rows_mode == 1;
+      LinearCrossEntropyArgs a = b.Args(c, dw0, loss_scale, overwrite_dw, rows_mode == 1);
       CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
       ASSERT_TRUE(r.ok()) << r.message;
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       // bf16 logits: each logit moves by <= 2^-9 of its size (~0.02 at 3 standard deviations),
       // so token losses (~15 here) carry ~3e-4 relative error; the bound leaves 6x room.
       const double loss_tol = 2e-3;
-      const auto got_dw = d_dw.Download();
+      const auto got_dw = b.dw.Download();
       std::vector<float> got_inc(got_dw.size());
       for (size_t i = 0; i < got_dw.size(); ++i) {
         got_inc[i] = overwrite_dw ? got_dw[i] : static_cast<float>(double(got_dw[i]) - dw0[i]);
       }
-      const double got_loss = d_loss.Download()[0];
+      const double got_loss = b.loss.Download()[0];
       EXPECT_TRUE(Report("linear+CE loss", tag, std::fabs(got_loss - loss) / std::fabs(loss), loss_tol));
-      EXPECT_TRUE(Report("linear+CE token losses", tag, RelError(d_tl.Download(), tl), loss_tol));
-      EXPECT_TRUE(Report("linear+CE dh (bf16 G)", tag, RelError(d_dh.Download(), dh), testing::kTolBf16));
+      EXPECT_TRUE(Report("linear+CE token losses", tag, RelError(b.tl.Download(), tl), loss_tol));
+      EXPECT_TRUE(Report("linear+CE dh (bf16 G)", tag, RelError(b.dh.Download(), dh), testing::kTolBf16));
       EXPECT_TRUE(Report(overwrite_dw ? "linear+CE dW (bf16 G)" : "linear+CE dW increment (bf16 G)", tag,
                          RelError(got_inc, dw_inc), testing::kTolBf16));
 
@@ -131,10 +146,10 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
       LinearCrossEntropyArgs lo = a;
       lo.dh = nullptr;
       lo.dw = nullptr;
-      d_loss.Poison();
+      b.loss.Poison();
       r = LinearCrossEntropy(gemm.get(), &alloc, lo, nullptr);
       ASSERT_TRUE(r.ok()) << r.message;
-      const double got_loss2 = d_loss.Download()[0];
+      const double got_loss2 = b.loss.Download()[0];
       EXPECT_TRUE(Report("linear+CE loss-only mode", tag, std::fabs(got_loss2 - loss) / std::fabs(loss), loss_tol));
     }
   }
@@ -158,48 +173,23 @@ TEST(CrossEntropyGpuTest, LeanRowKernelEqualsDefaultBitwise) {
     targets[1] = static_cast<float>(c.vocab - 1);                // the last column (the tail when V % 8 != 0)
     targets[2] = static_cast<float>(8 * (c.vocab / 8) - 1);      // the last full 16-byte group
     targets[4] = 0.f;
-    DeviceArray<bf16> d_h(&alloc, h.size()), d_w(&alloc, w.size()), d_dh(&alloc, h.size());
-    DeviceArray<float> d_dw(&alloc, dw0.size()), d_tl(&alloc, c.tokens);
-    DeviceArray<int32_t> d_t(&alloc, c.tokens);
-    DeviceArray<double> d_loss(&alloc, 1);
-    d_h.Upload(h);
-    d_w.Upload(w);
-    d_t.Upload(targets);
+    LceBuffers b(&alloc, c);
+    b.h.Upload(h);
+    b.w.Upload(w);
+    b.t.Upload(targets);
     struct Out {
       std::vector<float> tl, dh, dw;
       double loss = 0;
     };
     auto run = [&](bool lean_rows, bool overwrite_dw) {
-      if (overwrite_dw) {
-        d_dw.Poison();
-      } else {
-        d_dw.Upload(dw0);
-      }
-      d_dh.Poison();
-      d_tl.Poison();
-      d_loss.Poison();
-      LinearCrossEntropyArgs a;
-      a.tokens = c.tokens;
-      a.dim = c.dim;
-      a.vocab = c.vocab;
-      a.h = d_h.get();
-      a.w = d_w.get();
-      a.targets = d_t.get();
-      a.loss_scale = 1.f / static_cast<float>(c.tokens);
-      a.token_loss = d_tl.get();
-      a.loss_sum = d_loss.get();
-      a.dh = d_dh.get();
-      a.dw = d_dw.get();
-      a.chunk_tokens = c.chunk;
-      a.overwrite_dw = overwrite_dw;
-      a.lean_rows = lean_rows;
+      const LinearCrossEntropyArgs a = b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, lean_rows);
       const CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
       EXPECT_TRUE(r.ok()) << r.message;
       Out o;
-      o.tl = d_tl.Download();
-      o.dh = d_dh.Download();
-      o.dw = d_dw.Download();
-      o.loss = d_loss.Download()[0];
+      o.tl = b.tl.Download();
+      o.dh = b.dh.Download();
+      o.dw = b.dw.Download();
+      o.loss = b.loss.Download()[0];
       return o;
     };
     auto differing = [](const std::vector<float>& x, const std::vector<float>& y) {

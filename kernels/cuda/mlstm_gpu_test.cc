@@ -734,6 +734,72 @@ struct MlstmRandomInputs {
   DeviceArray<float> ig, fg, c0, n0, m0, dcf, dnf, dmf;
 };
 
+// The bytewise tests' forward + backward of one shape: the outputs (h, dq, dk, dv, the gate
+// gradients, and with `with_states` the final state and d_initial), `saved` and the backward's
+// scratch, sized for `opt` (the runs may differ in options that do not change those sizes: ring,
+// persist). Run poisons every output, runs both directions and returns saved's bytes and every
+// output value in a fixed order.
+struct MlstmBytewiseRun {
+  MlstmBytewiseRun(DeviceAllocator* alloc, const MlstmShape& s, bool with_states, const MlstmOptions& opt)
+      : shape(s), with_states(with_states), saved_bytes(MlstmChunkwiseSavedBytes(s, opt)),
+        h(alloc, s.batch * s.seq_len * s.num_heads * s.dv), dq(alloc, s.batch * s.seq_len * s.num_heads * s.dk),
+        dk(alloc, s.batch * s.seq_len * s.num_heads * s.dk), dv(alloc, s.batch * s.seq_len * s.num_heads * s.dv),
+        dig(alloc, s.batch * s.seq_len * s.num_heads), dfg(alloc, s.batch * s.seq_len * s.num_heads),
+        cf(alloc, s.batch * s.num_heads * s.dk * s.dv), nf(alloc, s.batch * s.num_heads * s.dk),
+        mf(alloc, s.batch * s.num_heads), dc0(alloc, s.batch * s.num_heads * s.dk * s.dv),
+        dn0(alloc, s.batch * s.num_heads * s.dk), dm0(alloc, s.batch * s.num_heads) {
+    CUDA_OK_OR_DIE(alloc->Allocate(saved_bytes, &saved));
+    CUDA_OK_OR_DIE(alloc->Allocate(MlstmChunkwiseBackwardScratchBytes(s, opt), &scratch));
+  }
+  struct Bytes {
+    std::vector<unsigned char> saved;
+    std::vector<float> outs;
+  };
+  Bytes Run(const MlstmRandomInputs& r, const MlstmOptions& opt) {
+    MlstmDeviceState<float> fin, dinit;
+    if (with_states) {
+      fin = {cf.get(), nf.get(), mf.get()};
+      dinit = {dc0.get(), dn0.get(), dm0.get()};
+    }
+    CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
+    for (auto* x : {&h, &dq, &dk, &dv}) x->Poison();
+    for (auto* x : {&dig, &dfg, &cf, &nf, &mf, &dc0, &dn0, &dm0}) x->Poison();
+    const MlstmDeviceState<const float> init = r.Initial(with_states);
+    CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, r.Inputs(), init, h.get(), saved.get(), fin, nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    Bytes b;
+    b.saved.resize(saved_bytes);
+    CUDA_CHECK_OR_DIE(cudaMemcpy(b.saved.data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
+    CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, r.Inputs(), init, h.get(), saved.get(), r.dh.get(),
+                                          r.DFinal(with_states),
+                                          {dq.get(), dk.get(), dv.get(), dig.get(), dfg.get()}, dinit,
+                                          scratch.get(), nullptr));
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    for (const auto* x : {&h, &dq, &dk, &dv}) {
+      const auto y = x->Download();
+      b.outs.insert(b.outs.end(), y.begin(), y.end());
+    }
+    for (const auto* x : {&dig, &dfg}) {
+      const auto y = x->Download();
+      b.outs.insert(b.outs.end(), y.begin(), y.end());
+    }
+    if (with_states) {
+      for (const auto* x : {&cf, &nf, &mf, &dc0, &dn0, &dm0}) {
+        const auto y = x->Download();
+        b.outs.insert(b.outs.end(), y.begin(), y.end());
+      }
+    }
+    return b;
+  }
+
+  const MlstmShape shape;
+  const bool with_states;
+  const size_t saved_bytes;
+  DeviceArray<bf16> h, dq, dk, dv;
+  DeviceArray<float> dig, dfg, cf, nf, mf, dc0, dn0, dm0;
+  DeviceBuffer saved, scratch;
+};
+
 // MlstmRingRelease::kEager (fwd_out / bwd_dqk stages released once their own wgmma group retired;
 // helper dqk16, session 16; the default since its merge) against kLag (the kernels before): the
 // same products in the same order, so h,
@@ -764,56 +830,21 @@ TEST(MlstmGpuTest, RingEagerMatchesLagBytewise) {
                           Shape{2, 333, 2, 384, 384, true, 256}, Shape{1, 400, 2, 128, 128, false, 256},
                           Shape{2, 1100, 1, 256, 512, true, 256}}) {
     for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
-      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
       const MlstmRandomInputs r(&alloc, shape, rng);
-      DeviceArray<bf16> gh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
-      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH),
-          gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
-      const MlstmDeviceInputs in = r.Inputs();
-      const MlstmDeviceState<const float> init = r.Initial(sh.with_states), dfin = r.DFinal(sh.with_states);
-      MlstmDeviceState<float> fin, dinit;
-      if (sh.with_states) {
-        fin = {gcf.get(), gnf.get(), gmf.get()};
-        dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
-      }
       MlstmOptions opt;
       opt.chunk_size = sh.L;
       opt.io_slab = 128;
       opt.state_precision = prec;
-      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
-      DeviceBuffer saved, scratch;
-      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
-      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
+      MlstmBytewiseRun run(&alloc, shape, sh.with_states, opt);
+      const size_t saved_bytes = run.saved_bytes;
       std::vector<unsigned char> saved_bytes_of[2];
       std::vector<float> outs[2];
       for (int which = 0; which < 2; ++which) {
         opt.ring = which == 0 ? MlstmRingRelease::kLag : MlstmRingRelease::kEager;
-        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
-        for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
-        for (auto* x : {&gdig, &gdfg, &gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) x->Poison();
-        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        saved_bytes_of[which].resize(saved_bytes);
-        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_bytes_of[which].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
-        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), r.dh.get(), dfin,
-                                              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit,
-                                              scratch.get(), nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) {
-          const auto y = x->Download();
-          outs[which].insert(outs[which].end(), y.begin(), y.end());
-        }
-        for (const auto* x : {&gdig, &gdfg}) {
-          const auto y = x->Download();
-          outs[which].insert(outs[which].end(), y.begin(), y.end());
-        }
-        if (sh.with_states) {
-          for (const auto* x : {&gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) {
-            const auto y = x->Download();
-            outs[which].insert(outs[which].end(), y.begin(), y.end());
-          }
-        }
+        MlstmBytewiseRun::Bytes b = run.Run(r, opt);
+        saved_bytes_of[which] = std::move(b.saved);
+        outs[which] = std::move(b.outs);
       }
       size_t saved_diff = 0, out_diff = outs[0].size() != outs[1].size() ? outs[0].size() : 0, non_finite = 0;
       for (size_t i = 0; i < saved_bytes; ++i) saved_diff += saved_bytes_of[0][i] != saved_bytes_of[1][i];
@@ -971,28 +1002,15 @@ TEST(MlstmGpuTest, PersistDqkMatchesDefaultBytewise) {
                           Shape{2, 300, 2, 128, 128, true}, Shape{1, 260, 3, 256, 64, true}}) {
     for (const MlstmStatePrecision prec : {MlstmStatePrecision::kSplitBf16, MlstmStatePrecision::kBf16}) {
       if (sh.B == 16 && prec == MlstmStatePrecision::kBf16) continue;  // (the large shape once)
-      const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * sh.DK * sh.DV;
       MlstmShape shape{sh.B, sh.S, sh.NH, sh.DK, sh.DV};
       const MlstmRandomInputs r(&alloc, shape, rng);
-      DeviceArray<bf16> gh(&alloc, T * sh.DV), gdq(&alloc, T * sh.DK), gdk(&alloc, T * sh.DK), gdv(&alloc, T * sh.DV);
-      DeviceArray<float> gdig(&alloc, T), gdfg(&alloc, T), gcf(&alloc, CS), gnf(&alloc, BH * sh.DK), gmf(&alloc, BH),
-          gdc0(&alloc, CS), gdn0(&alloc, BH * sh.DK), gdm0(&alloc, BH);
-      const MlstmDeviceInputs in = r.Inputs();
-      const MlstmDeviceState<const float> init = r.Initial(sh.with_states), dfin = r.DFinal(sh.with_states);
-      MlstmDeviceState<float> fin, dinit;
-      if (sh.with_states) {
-        fin = {gcf.get(), gnf.get(), gmf.get()};
-        dinit = {gdc0.get(), gdn0.get(), gdm0.get()};
-      }
       MlstmOptions opt;
       opt.chunk_size = 128;
       opt.io_slab = 128;
       opt.state_precision = prec;
-      const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
-      DeviceBuffer saved, scratch;
-      CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
-      CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch));
-      const int64_t tiles = (sh.DK / 128) * ((sh.S + 127) / 128) * BH;
+      MlstmBytewiseRun bytewise(&alloc, shape, sh.with_states, opt);
+      const size_t saved_bytes = bytewise.saved_bytes;
+      const int64_t tiles = (sh.DK / 128) * ((sh.S + 127) / 128) * sh.B * sh.NH;
       struct Run {
         MlstmPersist mode;
         int64_t blocks;
@@ -1006,31 +1024,9 @@ TEST(MlstmGpuTest, PersistDqkMatchesDefaultBytewise) {
       for (int run = 0; run < kRuns; ++run) {
         opt.persist = runs[run].mode;
         opt.persist_blocks = runs[run].blocks;
-        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
-        for (auto* x : {&gh, &gdq, &gdk, &gdv}) x->Poison();
-        for (auto* x : {&gdig, &gdfg, &gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) x->Poison();
-        CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        saved_of[run].resize(saved_bytes);
-        CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
-        CUDA_OK_OR_DIE(MlstmChunkwiseBackward(shape, opt, in, init, gh.get(), saved.get(), r.dh.get(), dfin,
-                                              {gdq.get(), gdk.get(), gdv.get(), gdig.get(), gdfg.get()}, dinit,
-                                              scratch.get(), nullptr));
-        CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-        for (const auto* x : {&gh, &gdq, &gdk, &gdv}) {
-          const auto y = x->Download();
-          outs[run].insert(outs[run].end(), y.begin(), y.end());
-        }
-        for (const auto* x : {&gdig, &gdfg}) {
-          const auto y = x->Download();
-          outs[run].insert(outs[run].end(), y.begin(), y.end());
-        }
-        if (sh.with_states) {
-          for (const auto* x : {&gcf, &gnf, &gmf, &gdc0, &gdn0, &gdm0}) {
-            const auto y = x->Download();
-            outs[run].insert(outs[run].end(), y.begin(), y.end());
-          }
-        }
+        MlstmBytewiseRun::Bytes b = bytewise.Run(r, opt);
+        saved_of[run] = std::move(b.saved);
+        outs[run] = std::move(b.outs);
       }
       size_t non_finite = 0;
       for (const float x : outs[0]) non_finite += !std::isfinite(x);  // an unwritten poison value
