@@ -1112,12 +1112,12 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor y = ForwardCudaAll(x, batch, seq);
   mode_ = mode;
   freed_bytes_ = 0;
-  const uint64_t held = Cuda().Memory().bytes_in_use;
   if (mode == MlstmRecompute::kBlock) {
     // RecomputeBlock::Forward's release: only the input stays.
     ReleaseActivations();
     x_in_ = x;
   } else if (mode != MlstmRecompute::kNone) {
+    const uint64_t held = Cuda().Memory().bytes_in_use;  // before the tokens_ copy (freed_bytes_)
     if (mode == MlstmRecompute::kGlue || mode == MlstmRecompute::kStates) x_in_ = x;
     if (mode == MlstmRecompute::kStates) {
       // The per-token part of saved the state recomputation cannot rebuild (den_t, h lo).
