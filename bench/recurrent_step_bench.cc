@@ -164,10 +164,12 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
 }
 
 // `auto_mode` (e.g. "states"; "" = off): the model's own setting model.xlstm.mlstm_recompute =
-// auto_mode with keep_last -1 (auto), the process-wide setting none.
+// auto_mode with keep_last -1 (auto), the process-wide setting none. `explicit_mode`: a
+// --mlstm_recompute MODE[:N] was given (the process-wide setting): the preset's default is cleared.
+// Neither: the preset's own setting (the 1.3B xLSTM presets: states, auto).
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
-        std::vector<AltEntry> alternate, const std::string& auto_mode, Result* out) {
+        std::vector<AltEntry> alternate, const std::string& auto_mode, bool explicit_mode, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -175,6 +177,12 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   }
   spec->recompute_blocks = recompute;
   if (mlstm_chunk > 0) spec->mlstm_chunk = mlstm_chunk;
+  if (recompute || explicit_mode) {
+    // --recompute or --mlstm_recompute MODE[:N] replace the preset's own memory default (the 1.3B
+    // xLSTM presets: states, auto), so "states" still means every layer rebuilds.
+    spec->mlstm_recompute = "none";
+    spec->mlstm_recompute_keep_last = 0;
+  }
   if (!auto_mode.empty()) {
     spec->mlstm_recompute = auto_mode;
     spec->mlstm_recompute_keep_last = -1;
@@ -256,8 +264,12 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
   out->mfu = flops / med / (peak_tflops * 1e12);
   out->mfu_head = flops_head / med / (peak_tflops * 1e12);
   out->recompute = recompute;
-  out->mlstm_mode = auto_mode.empty() ? RecomputeLabel(GetMlstmRecompute())
-                                      : auto_mode + ":auto(" + std::to_string(bench_model.model->auto_kept_layers()) + ")";
+  // The model's own setting (auto_mode, or the preset's default) or the process-wide one.
+  const bool model_setting = !explicit_mode && spec->mlstm_recompute != "none";
+  out->mlstm_mode = !model_setting ? RecomputeLabel(GetMlstmRecompute())
+                    : spec->mlstm_recompute_keep_last == -1
+                        ? spec->mlstm_recompute + ":auto(" + std::to_string(bench_model.model->auto_kept_layers()) + ")"
+                        : spec->mlstm_recompute + ":" + std::to_string(spec->mlstm_recompute_keep_last);
   const CudaBackend::MemoryStats mem = Cuda().Memory();
   std::printf("%s batch %lld x %lld%s (mLSTM recompute %s): N(no emb, no head) %.1fM, step median %.2f ms (min %.2f, "
               "max %.2f, %d steps), %.0f tokens/s, MFU %.1f%% (%.1f%% with LM head; cell terms %.0f%% of the FLOPs), "
@@ -367,7 +379,8 @@ int main(int argc, char** argv) {
     // A preset that fails (e.g. out of memory is an abort, a config error is not) does not stop
     // the others.
     const int run = Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps,
-                        mlstm_chunk, peak, alternate, auto_mode, &r);
+                        mlstm_chunk, peak, alternate, auto_mode,
+                        !mlstm_recompute.empty() && !mlstm_recompute[i].empty() && auto_mode.empty(), &r);
     if (run == 2) continue;
     if (run != 0) {
       rc = 1;

@@ -50,6 +50,17 @@ void Xlstm(ModelSpec* s, int64_t d, int64_t layers, std::vector<int64_t> slstm_a
   // dv 512: +9%) and wins where they dominate (head dim 1024, the 1.3B: cell −6%, step −3% on an
   // H100), so heads of 1024 and wider (1.3B, 2.7B) take 256.
   s->mlstm_chunk = s->mlstm_inner / s->mlstm_heads >= 1024 ? 256 : 128;
+  // A memory knob, not part of the model: with heads of 1024 (1.3B, 2.7B) every layer keeping its
+  // chunk states does not fit 4 x 2048 tokens on an 80 GB card, so these presets rebuild the states
+  // in the backward ("states") and keep as many of the last layers whole as the device's memory
+  // allows ("auto", decided after the second training pass; ops/MLSTM_MEMORY.md). Every mode is the
+  // same step bit for bit; xlstm[1:0]-1.3b B4 on one H100: 29 of 48 layers kept, 310 ms a step
+  // against 347 ms with every layer rebuilding (bench/RESULTS.md, session 18). A config's
+  // model.xlstm.mlstm_recompute or model.recompute_blocks replaces this default (ApplyConfig).
+  if (s->mlstm_inner / s->mlstm_heads >= 1024) {
+    s->mlstm_recompute = "states";
+    s->mlstm_recompute_keep_last = -1;
+  }
   s->vocab_size = vocab;
   s->tie_embeddings = false;
 }
@@ -255,6 +266,10 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
   if (c.tie_embeddings()) s.tie_embeddings = true;
   s.mtp_heads = std::max<int64_t>(1, c.mtp_heads());
   s.recompute_blocks = c.recompute_blocks();
+  if (s.recompute_blocks) {  // recomputing whole blocks replaces the preset's mLSTM memory default
+    s.mlstm_recompute = "none";
+    s.mlstm_recompute_keep_last = 0;
+  }
 
   const auto& x = c.xlstm();
   if (x.num_heads() != 0) s.mlstm_heads = x.num_heads();
@@ -273,6 +288,7 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
                      absl::StrCat("'", m, "' together with model.recompute_blocks (choose one: under a "
                                   "recomputed block the mLSTM cell would run three times)"));
     s.mlstm_recompute = m;
+    s.mlstm_recompute_keep_last = 0;  // a mode set here means every layer, unless keep_last says otherwise
   }
   if (x.mlstm_recompute_keep_last() != 0) {
     const int64_t keep = x.mlstm_recompute_keep_last();

@@ -523,6 +523,50 @@ TEST(ModelConfigTest, RejectsBadFieldsByName) {
   expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
 }
 
+// The presets with mLSTM heads of 1024 (the 1.3B xLSTMs) default to rebuilding the chunk states
+// and keeping what fits; a config's own memory setting replaces that default whole.
+TEST(ModelConfigTest, WideHeadXlstmPresetsDefaultToStatesAuto) {
+  for (const char* preset : {"xlstm[1:0]-1.3b", "xlstm[7:1]-1.3b"}) {
+    gyre::v1::ModelConfig c;
+    c.set_preset(preset);
+    auto s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->mlstm_recompute, "states") << preset;
+    EXPECT_EQ(s->mlstm_recompute_keep_last, -1) << preset;
+    c.mutable_xlstm()->set_mlstm_recompute_keep_last(12);  // a count alone keeps the preset's mode
+    s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->mlstm_recompute, "states");
+    EXPECT_EQ(s->mlstm_recompute_keep_last, 12);
+    c.clear_xlstm();
+    c.mutable_xlstm()->set_mlstm_recompute("none");  // every layer keeps everything
+    s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->mlstm_recompute, "none");
+    EXPECT_EQ(s->mlstm_recompute_keep_last, 0);
+    c.mutable_xlstm()->set_mlstm_recompute("glue");  // a mode alone: every layer recomputes
+    s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->mlstm_recompute, "glue");
+    EXPECT_EQ(s->mlstm_recompute_keep_last, 0);
+    c.clear_xlstm();
+    c.set_recompute_blocks(true);  // whole blocks instead: not both
+    s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_TRUE(s->recompute_blocks);
+    EXPECT_EQ(s->mlstm_recompute, "none");
+    EXPECT_EQ(s->mlstm_recompute_keep_last, 0);
+  }
+  for (const char* preset : {"xlstm[1:0]-125m", "xlstm[1:0]-760m", "xlstm-tiny"}) {  // heads < 1024
+    gyre::v1::ModelConfig c;
+    c.set_preset(preset);
+    auto s = ResolveModelConfig(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->mlstm_recompute, "none") << preset;
+    EXPECT_EQ(s->mlstm_recompute_keep_last, 0) << preset;
+  }
+}
+
 TEST(ModelConfigTest, OverridesAndHybrids) {
   gyre::v1::ModelConfig c;
   c.set_preset("mamba2-130m");

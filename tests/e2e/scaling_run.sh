@@ -5,13 +5,14 @@
 #
 #   bash tests/e2e/scaling_run.sh <gyre binary> <index dir> <out dir> [preset ...]
 #
-# Presets default to "xlstm[7:1]-1.3b mamba2-1.3b" (xLSTM with model.xlstm.mlstm_recompute "states":
-# without it the 1.3B model does not fit at 8 x 2048 per GPU; session 9 measured the 4-GPU run with
+# Presets default to "xlstm[7:1]-1.3b mamba2-1.3b" (the xLSTM 1.3B presets rebuild their chunk states
+# in the backward by default, model.xlstm.mlstm_recompute "states" with keep_last -1: without it the
+# 1.3B model does not fit at 8 x 2048 per GPU; session 9 measured the 4-GPU run with
 # recompute_blocks instead, 16% slower a step). Environment:
 #   SIZES   worker counts (default: 1 2 4 8, those <= the GPU count)
 #   STEPS   steps per size (default 200)        SEQ    context (default 2048)
-#   MLSTM_KEEP_LAST  xLSTM 1.3B: the last N mLSTM layers skip the states rebuild (default 0; one
-#           H100 at 8 x 2048 fits 6: bench/RESULTS.md session 18)
+#   MLSTM_KEEP_LAST  xLSTM 1.3B: "states" with the last N mLSTM layers skipping the rebuild (unset:
+#           the presets' own default, "states" with N = -1 = as many as fit; session 19)
 #   ROWS    sequences per GPU per step (default 8: weak scaling, global batch = ROWS x workers)
 #   MICRO   rows per forward/backward (train.micro_batch; default 4: mamba2-1.3b at 8 x 2048 in one
 #           pass peaks at 81 GB on an 80 GB H100, and with NCCL's buffers beside it the 2-worker run
@@ -67,8 +68,8 @@ say "== scaling_run $(date -u +%FT%TZ) on $cards; sizes:$SIZES; $STEPS steps; $R
 
 config_for() {  # preset workers -> config path
   local preset="$1" workers="$2" path="$runs/${1//[^a-zA-Z0-9.-]/_}-$2.textproto" memory=""
-  [[ "$preset" == xlstm*1.3b ]] &&
-    memory="xlstm { mlstm_recompute: \"states\" mlstm_recompute_keep_last: ${MLSTM_KEEP_LAST:-0} }"
+  [[ "$preset" == xlstm*1.3b && -n "${MLSTM_KEEP_LAST:-}" ]] &&
+    memory="xlstm { mlstm_recompute: \"states\" mlstm_recompute_keep_last: $MLSTM_KEEP_LAST }"
   cat > "$path" <<EOF
 name: "scale"
 seed: 1
