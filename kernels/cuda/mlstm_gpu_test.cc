@@ -494,6 +494,12 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // dC0 and the true gradient's dn0 also get the early tokens' terms and passed).
       {1, 100, 2, 128, 128, 256, true, true},
       {2, 1100, 1, 256, 512, 256, true, false},
+      // The other two shapes the deleted pass comparisons had and float64 did not (offclean18's
+      // list; lead, session 19): chunk 256 over 8200 tokens with gates ±30 (32 chunks whose second
+      // halves all take the fused off-diagonal blocks, stabilisers swinging by hundreds), and the
+      // xlstm-125m head over a whole 2048-token sequence at chunk 256 (eight full chunks).
+      {1, 8200, 1, 128, 128, 256, true, true, Gates::kExtreme},
+      {1, 2048, 2, 384, 384, 256, true, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
