@@ -15,7 +15,7 @@
 //      dz, dweight).
 //    Shapes: 4096-wide rows with 1 group (mamba2-1.3b, dz in rows of its in_proj width 8512) and
 //    with 8 groups of 512; odd row counts (a partial last block of 32 rows); 2 groups of 2056 (a
-//    partial second chunk); 5128 (three chunks a thread, the last partial).
+//    partial second chunk); the 130m width 1536; 5120 must not be covered (above 4096).
 // 2. Timings (CUDA events, median of reps, L2 flushed before each): forward and backward (+ the
 //    dweight reduce) a layer, old and new alternating, 3 rounds, at mamba2-1.3b B8 (16384 x 4096)
 //    and mamba2-130m B16 (32768 x 1536: not routed by the switch; the row kernels at 1536 are
@@ -244,7 +244,14 @@ int main(int argc, char** argv) {
   Check(alloc, 301, 1, 4096, 0, 3);
   Check(alloc, 37, 8, 512, 0, 4);
   Check(alloc, 37, 2, 2056, 4112 + 24, 5);
-  Check(alloc, 65, 1, 5128, 0, 6);
+  {  // above the row kernels' 4096 columns (mamba2-2.7b's 5120 keeps the warp kernels)
+    Problem p;
+    p.Init(alloc, 5, 5120, 1, 0, 6);
+    const bool covered = co::GatedNormRowCovers(p.Args(), false) || co::GatedNormRowCovers(p.Args(), true);
+    failures += covered;
+    std::printf("[%s] gated norm gs 5120: not covered by the row kernels (covered %d)\n", covered ? "FAIL" : "PASS",
+                covered);
+  }
   Check(alloc, 1001, 1, 1536, 3352, 7);  // the 130m width (not routed by the switch)
   if (timing) {
     Timer t;

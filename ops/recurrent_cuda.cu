@@ -2564,7 +2564,10 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf_dots(GroupNorm
 constexpr int kRowThreads = 256;
 constexpr int kRowChunkCols = 8 * kRowThreads;  // columns of one `it` (2048)
 constexpr int kRowBwdRows = 32;                 // rows of a backward CTA (its partial row)
-constexpr int kRowMaxIters = 3;                 // groups up to 6144 columns (mamba2-2.7b: 5120)
+// Groups up to 4096 columns (mamba2-370m / 780m / 1.3b: 2048 / 3072 / 4096). kIters 3 (6144,
+// mamba2-2.7b's 5120) compiled to 80 registers and 56 B of spills at (256, 3) and was never run on
+// a device: left out (2.7b keeps the warp kernels).
+constexpr int kRowMaxIters = 2;
 
 // v[n] := Σ over the CTA of each thread's v[n]; red: kN x 8 floats of shared memory that no thread
 // reads or writes between this call's barrier and its last read (callers alternate two buffers).
@@ -2647,13 +2650,13 @@ __global__ void __launch_bounds__(kRowThreads) group_norm_fwd_gated_row(GroupNor
 
 // Backward: CTA (blockIdx.x, blockIdx.y) = rows [32·blockIdx.x, +32) of group blockIdx.y; its
 // dweight partial row at pw[blockIdx.x, group's columns]. Same per-element arithmetic as
-// group_norm_bwd_vec<1> (GroupNormBwdChunkSums / GroupNormBwdChunkDx, mode 1). (256, 4) for
-// kIters <= 2: 64 registers, 32 warps a SM, and 4 x 132 = 528 CTAs hold the 512 of a mamba2-1.3b
-// B8 layer (16384 rows / 32) in one wave; ptxas spills 12 B (24 with lddz) at kIters 2 (no bound:
-// 112 registers, 16 warps). kIters 3 at (256, 3). (A variant with per-row pointers instead of
-// the (a, r, c) index helpers spilled more: 44-52 B.)
+// group_norm_bwd_vec<1> (GroupNormBwdChunkSums / GroupNormBwdChunkDx, mode 1). (256, 4): 64
+// registers, 32 warps a SM, and 4 x 132 = 528 CTAs hold the 512 of a mamba2-1.3b B8 layer (16384
+// rows / 32) in one wave; ptxas spills 12 B (24 with lddz) at kIters 2 (no bound: 112 registers,
+// 16 warps). (A variant with per-row pointers instead of the (a, r, c) index helpers spilled
+// more: 44-52 B.)
 template <int kIters, bool kLdDz>
-__global__ void __launch_bounds__(kRowThreads, kIters <= 2 ? 4 : 3) group_norm_bwd_gated_row(GroupNormArgs a, float* pw) {
+__global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(GroupNormArgs a, float* pw) {
   __shared__ float red[2][2][8];  // [row parity][s1, s2][warp]
   const int t = threadIdx.x;
   const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
@@ -2865,20 +2868,20 @@ CudaResult GatedNormSwitchError() {
   return gyre::cuda::InvalidArgument(std::string("GYRE_GATED_NORM must be warp or row (or unset), got '") +
                                      std::getenv("GYRE_GATED_NORM") + "'");
 }
-// The row kernels take `a`: gated, 16-byte accesses, groups of at most kRowMaxIters · 2048
-// columns (% 8), one CTA per (row, group) within the grid's x limit, dz packed or in rows of
-// lddz % 8 == 0.
+// The row kernels take `a`: gated, 16-byte accesses (NormVectorizable's, without its limit on
+// the _vec backward's shared column sums, which these kernels do not have), groups of at most
+// kRowMaxIters · 2048 columns (% 8), one CTA per (row, group) within the grid's x limit, dz
+// packed or in rows of lddz % 8 == 0.
 bool RowKernelsCover(const GroupNormArgs& a, bool backward) {
   if (a.mode != NormMode::kGatedInput || a.groups < 1 || a.dim % a.groups != 0 || a.rows < 0) return false;
   const int64_t gs = a.dim / a.groups;
   const bool stats = a.rstd != nullptr && (!a.layer || a.mean != nullptr);
   bool ok = stats && gs % 8 == 0 && gs <= kRowMaxIters * kRowChunkCols && a.rows * a.groups < (int64_t{1} << 31) &&
-            NormVectorizable(a, backward);
-  if (backward) {
-    const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
-    ok = ok && a.dresidual == nullptr && (!strided_dz || (a.lddz > a.dim && a.lddz % 8 == 0));
-  }
-  return ok;
+            a.ldz % 8 == 0 && Aligned(a.x, 16) && Aligned(a.z, 16) && (a.weight == nullptr || Aligned(a.weight, 32));
+  if (!backward) return ok && Aligned(a.y, 16);
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  return ok && a.dresidual == nullptr && Aligned(a.dy, 16) && Aligned(a.dx, 16) && Aligned(a.dz, 16) &&
+         (!strided_dz || (a.lddz > a.dim && a.lddz % 8 == 0));
 }
 // Where GYRE_GATED_NORM=row sends the gated norm to the row kernels: groups wider than 1536
 // columns (those went to the _vec kernels; the 130m width keeps group_norm_fwd_gated_pf<6> and
@@ -2890,8 +2893,7 @@ template <typename F>
 void ByRowIters(int64_t gs, F&& f) {
   switch ((gs + kRowChunkCols - 1) / kRowChunkCols) {
     case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 2>{}); break;  // RowKernelsCover: at most kRowMaxIters
   }
 }
 CudaResult LaunchRowForward(const GroupNormArgs& a, cudaStream_t stream) {

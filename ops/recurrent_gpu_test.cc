@@ -762,9 +762,9 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
 // Mamba-2's gated norm at the wide groups (ops/MAMBA2_NORM.md): mamba2-1.3b's one group of 4096
 // (dz in rows of its in_proj width 4096 + 4352 + 64, odd rows: a partial last block of 32 and of
 // 64 rows), 4096-wide rows in 8 groups of 512, two groups of 2056 with LayerNorm (a partial second
-// chunk a thread), one of 5128 (three chunks, the last partial). Under GYRE_GATED_NORM=row the
-// groups wider than 1536 take the CTA-per-row kernels (run this test once with it set, once
-// without); the 8 x 512 case stays on the warp kernels either way.
+// chunk a thread), one of 5128. Under GYRE_GATED_NORM=row the groups of 1537..4096 columns take
+// the CTA-per-row kernels (run this test once with it set, once without); 8 x 512 and 5128 stay on
+// the warp kernels either way.
 TEST_F(RecurrentGpuTest, Mamba2GatedNormWideGroups) {
   CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096, true, false, 8512);
   CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096);
