@@ -2543,6 +2543,186 @@ __global__ void __launch_bounds__(256, 2) group_norm_bwd_mlstm_pf_dots(GroupNorm
   GroupNormBwdMlstmPfRun<kPasses, true>(a, pw, ps, h_lo, dots);
 }
 
+// GYRE_GATED_NORM=row (opt-in; ops/MAMBA2_NORM.md): Mamba-2's gated RMSNorm (mode 1) for groups
+// wider than the 130m width's 1536 columns (mamba2-1.3b: ONE group of 4096, ssm_groups 1), which
+// otherwise take the warp-per-(row, group) _vec kernels. There, a warp walks a 4096-column row
+// with about one 16-byte chunk a lane in flight and re-reads the row in its second pass (from L2:
+// the rows of 64 warps overflow L1); the backward also keeps one row of dweight sums per warp in
+// shared memory, 8 x 16 KiB = 128 KiB a block, so one block (8 warps) fits an SM: 12 KiB of loads
+// in flight a SM, 1.4 TB/s (46% of the byte floor on an H100; the forward 1.7 TB/s, 58%).
+//
+// Here a CTA of kRowThreads threads takes a (row, group): thread t owns the 8-column chunks
+// i = 8t + 2048·it (it < kIters: a CTA's 16-byte loads of one `it` are 4 KiB contiguous), issues
+// the loads of all its chunks before using any, and keeps them in registers (the row is read
+// once). A row's sums: 32-lane butterfly (WarpSum), the 8 warps' sums through shared memory,
+// added by every thread in warp order (RowSum; fixed order, so the same bits every run, though not
+// the old kernels' bits: their per-lane order was over 16 chunks).
+// Backward: a CTA takes kRowBwdRows consecutive rows of one group; since thread t owns the same
+// columns in every row, its dweight terms accumulate in registers (8·kIters floats) over the
+// CTA's rows, in row order, and go out once as the CTA's partial row (then reduce_partials, as
+// everywhere in this file) — no shared-memory column sums, so occupancy is set by registers.
+constexpr int kRowThreads = 256;
+constexpr int kRowChunkCols = 8 * kRowThreads;  // columns of one `it` (2048)
+constexpr int kRowBwdRows = 32;                 // rows of a backward CTA (its partial row)
+// Groups up to 4096 columns (mamba2-370m / 780m / 1.3b: 2048 / 3072 / 4096). kIters 3 (6144,
+// mamba2-2.7b's 5120) compiled to 80 registers and 56 B of spills at (256, 3) and was never run on
+// a device: left out (2.7b keeps the warp kernels).
+constexpr int kRowMaxIters = 2;
+
+// v[n] := Σ over the CTA of each thread's v[n]; red: kN x 8 floats of shared memory that no thread
+// reads or writes between this call's barrier and its last read (callers alternate two buffers).
+template <int kN>
+__device__ __forceinline__ void RowSum(float (&v)[kN], float* red) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) v[n] = WarpSum(v[n]);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) red[n * 8 + wid] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kRowThreads / 32; ++w) s += red[n * 8 + w];
+    v[n] = s;
+  }
+}
+
+// Forward: CTA blockIdx.x = the (row, group) r·groups + g. Same per-element arithmetic as
+// group_norm_fwd_vec<1> (GroupNormFwdChunk).
+template <int kIters>
+__global__ void __launch_bounds__(kRowThreads) group_norm_fwd_gated_row(GroupNormArgs a) {
+  __shared__ float red[2][8];  // [mean, sum of squares][warp]
+  const int t = threadIdx.x;
+  const int64_t st = blockIdx.x, r = st / a.groups, g = st % a.groups, gs = a.dim / a.groups, c0 = g * gs;
+  uint4 xr[kIters], zr[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = 8 * t + it * kRowChunkCols;
+    if (i < gs) {
+      xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+      zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+    }
+  }
+  float v[kIters][8];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (8 * t + it * kRowChunkCols >= gs) continue;
+    float z[8];
+    Unpack8(xr[it], v[it]);
+    Unpack8(zr[it], z);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[it][k] *= Silu(z[k]);
+  }
+  float mean[1] = {0.f};
+  if (a.layer) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (8 * t + it * kRowChunkCols >= gs) continue;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) mean[0] += v[it][k];
+    }
+    RowSum<1>(mean, red[0]);
+    mean[0] /= gs;
+  }
+  float q[1] = {0.f};
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (8 * t + it * kRowChunkCols >= gs) continue;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) q[0] += (v[it][k] - mean[0]) * (v[it][k] - mean[0]);
+  }
+  RowSum<1>(q, red[1]);
+  const float rstd = rsqrtf(q[0] / gs + a.eps);
+  if (t == 0) {
+    if (a.mean) a.mean[st] = mean[0];
+    a.rstd[st] = rstd;
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = 8 * t + it * kRowChunkCols;
+    if (i >= gs) continue;
+    GroupNormFwdChunk<1>(a, r, c0 + i, v[it], mean[0], rstd, [&](float*) {}, [&](float*) {});
+  }
+}
+
+// Backward: CTA (blockIdx.x, blockIdx.y) = rows [32·blockIdx.x, +32) of group blockIdx.y; its
+// dweight partial row at pw[blockIdx.x, group's columns]. Same per-element arithmetic as
+// group_norm_bwd_vec<1> (GroupNormBwdChunkSums / GroupNormBwdChunkDx, mode 1). (256, 4): 64
+// registers, 32 warps a SM, and 4 x 132 = 528 CTAs hold the 512 of a mamba2-1.3b B8 layer (16384
+// rows / 32) in one wave; ptxas spills 12 B (24 with lddz) at kIters 2 (no bound: 112 registers,
+// 16 warps). (A variant with per-row pointers instead of the (a, r, c) index helpers spilled
+// more: 44-52 B.)
+template <int kIters, bool kLdDz>
+__global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(GroupNormArgs a, float* pw) {
+  __shared__ float red[2][2][8];  // [row parity][s1, s2][warp]
+  const int t = threadIdx.x;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c0 = g * gs;
+  const int64_t rb0 = blockIdx.x * (int64_t)kRowBwdRows, rb1 = min(rb0 + kRowBwdRows, a.rows);
+  float dw[kIters][8];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dw[it][k] = 0.f;
+  for (int64_t r = rb0; r < rb1; ++r) {
+    const int64_t st = r * a.groups + g;
+    const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
+    uint4 xr[kIters], zr[kIters], dyr[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = 8 * t + it * kRowChunkCols;
+      if (i < gs) {
+        xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+        zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+        dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
+      }
+    }
+    float s[2] = {0.f, 0.f};  // Σ dxhat, Σ dxhat·xhat
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = 8 * t + it * kRowChunkCols;
+      if (i >= gs) continue;
+      float v[8], z[8], dy[8], sc[8];
+      Unpack8(xr[it], v);
+      Unpack8(zr[it], z);
+      Unpack8(dyr[it], dy);
+      Scale8(a, c0 + i, sc);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float xhat = (v[k] * Silu(z[k]) - mean) * rstd;
+        const float dxhat = dy[k] * sc[k];
+        s[0] += dxhat;
+        s[1] += dxhat * xhat;
+        dw[it][k] += dy[k] * xhat;
+      }
+    }
+    RowSum<2>(s, &red[(r - rb0) & 1][0][0]);
+    const float m1 = a.layer ? s[0] / gs : 0.f, s2 = s[1] / gs;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = 8 * t + it * kRowChunkCols;
+      if (i >= gs) continue;
+      float xv[8], z[8], dy[8], sc[8];
+      Unpack8(xr[it], xv);
+      Unpack8(zr[it], z);
+      Unpack8(dyr[it], dy);
+      Scale8(a, c0 + i, sc);
+      GroupNormBwdChunkDx<1, kLdDz>(a, r, c0 + i, xv, sc, dy, z, mean, rstd, m1, s2);
+    }
+  }
+  if (a.dweight == nullptr) return;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = 8 * t + it * kRowChunkCols;
+    if (i >= gs) continue;
+    float4* o = reinterpret_cast<float4*>(pw + blockIdx.x * a.dim + c0 + i);
+    o[0] = make_float4(dw[it][0], dw[it][1], dw[it][2], dw[it][3]);
+    o[1] = make_float4(dw[it][4], dw[it][5], dw[it][6], dw[it][7]);
+  }
+}
+
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
 // on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
 //   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
@@ -2675,6 +2855,72 @@ bool PfOrUnset(const char* e) { return e == nullptr || std::string_view(e) == "p
 CudaResult NormSwitchError(const char* name) {
   return gyre::cuda::InvalidArgument(std::string(name) + " must be pf (or unset), got '" + std::getenv(name) + "'");
 }
+// GYRE_GATED_NORM (read once): unset or "warp" (the default) = the warp-per-(row, group) kernels
+// for every gated norm; "row" = group_norm_{fwd,bwd}_gated_row for the groups GatedNormRowRouted
+// gives them (ops/MAMBA2_NORM.md); any other value is an error from GroupNormForward / Backward.
+enum class GatedNormSwitch { kWarp, kRow, kBad };
+GatedNormSwitch ReadGatedNormSwitch() {
+  const char* e = std::getenv("GYRE_GATED_NORM");
+  if (e == nullptr || std::string_view(e) == "warp") return GatedNormSwitch::kWarp;
+  return std::string_view(e) == "row" ? GatedNormSwitch::kRow : GatedNormSwitch::kBad;
+}
+CudaResult GatedNormSwitchError() {
+  return gyre::cuda::InvalidArgument(std::string("GYRE_GATED_NORM must be warp or row (or unset), got '") +
+                                     std::getenv("GYRE_GATED_NORM") + "'");
+}
+// The row kernels take `a`: gated, 16-byte accesses (NormVectorizable's, without its limit on
+// the _vec backward's shared column sums, which these kernels do not have), groups of at most
+// kRowMaxIters · 2048 columns (% 8), one CTA per (row, group) within the grid's x limit, dz
+// packed or in rows of lddz % 8 == 0.
+bool RowKernelsCover(const GroupNormArgs& a, bool backward) {
+  if (a.mode != NormMode::kGatedInput || a.groups < 1 || a.dim % a.groups != 0 || a.rows < 0) return false;
+  const int64_t gs = a.dim / a.groups;
+  const bool stats = a.rstd != nullptr && (!a.layer || a.mean != nullptr);
+  bool ok = stats && gs % 8 == 0 && gs <= kRowMaxIters * kRowChunkCols && a.rows * a.groups < (int64_t{1} << 31) &&
+            a.ldz % 8 == 0 && Aligned(a.x, 16) && Aligned(a.z, 16) && (a.weight == nullptr || Aligned(a.weight, 32));
+  if (!backward) return ok && Aligned(a.y, 16);
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  return ok && a.dresidual == nullptr && Aligned(a.dy, 16) && Aligned(a.dx, 16) && Aligned(a.dz, 16) &&
+         (!strided_dz || (a.lddz > a.dim && a.lddz % 8 == 0));
+}
+// Where GYRE_GATED_NORM=row sends the gated norm to the row kernels: groups wider than 1536
+// columns (those went to the _vec kernels; the 130m width keeps group_norm_fwd_gated_pf<6> and
+// group_norm_bwd_reg_lddz<6>).
+bool GatedNormRowRouted(const GroupNormArgs& a, bool backward) {
+  return RowKernelsCover(a, backward) && a.dim / a.groups > 6 * 256;
+}
+template <typename F>
+void ByRowIters(int64_t gs, F&& f) {
+  switch ((gs + kRowChunkCols - 1) / kRowChunkCols) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    default: f(std::integral_constant<int, 2>{}); break;  // RowKernelsCover: at most kRowMaxIters
+  }
+}
+CudaResult LaunchRowForward(const GroupNormArgs& a, cudaStream_t stream) {
+  const unsigned ctas = static_cast<unsigned>(a.rows * a.groups);
+  ByRowIters(a.dim / a.groups, [&](auto k) { group_norm_fwd_gated_row<decltype(k)::value><<<ctas, kRowThreads, 0, stream>>>(a); });
+  return Launched("group_norm_fwd_gated_row");
+}
+CudaResult LaunchRowBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  const int64_t chunks = (a.rows + kRowBwdRows - 1) / kRowBwdRows;
+  gyre::cuda::DeviceBuffer part;
+  float* pw = nullptr;
+  if (a.dweight != nullptr) {
+    if (CudaResult r = Scratch(scratch, chunks * a.dim, &part); !r.ok()) return r;
+    pw = part.as<float>();
+  }
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.groups));
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  ByRowIters(a.dim / a.groups, [&](auto k) {
+    constexpr int kI = decltype(k)::value;
+    if (strided_dz) group_norm_bwd_gated_row<kI, true><<<grid, kRowThreads, 0, stream>>>(a, pw);
+    else group_norm_bwd_gated_row<kI, false><<<grid, kRowThreads, 0, stream>>>(a, pw);
+  });
+  if (CudaResult r = Launched("group_norm_bwd_gated_row"); !r.ok()) return r;
+  ReduceJobs jobs;
+  if (a.dweight) jobs.Add(Job(pw, chunks, a.dim, a.dim, a.dweight, a.overwrite_dparams));
+  return LaunchReduce(jobs, stream);
+}
 }  // namespace
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
@@ -2682,7 +2928,10 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
     return gyre::cuda::InvalidArgument("GroupNormForward: dim not divisible by groups, or missing statistics");
   static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_FWD"));
   if (!switch_ok) return NormSwitchError("GYRE_NORM_FWD");
+  static const GatedNormSwitch gated = ReadGatedNormSwitch();
+  if (gated == GatedNormSwitch::kBad) return GatedNormSwitchError();
   if (a.rows == 0) return {};
+  if (gated == GatedNormSwitch::kRow && GatedNormRowRouted(a, false)) return LaunchRowForward(a, stream);
   const int64_t threads = a.rows * a.groups * 32;
   const int blocks = static_cast<int>((threads + 255) / 256);
   const bool vec = NormVectorizable(a, false);
@@ -2736,6 +2985,22 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   return GroupNormBackwardImpl(a, scratch, stream, nullptr, nullptr);
 }
 
+bool GatedNormRowCovers(const GroupNormArgs& a, bool backward) { return RowKernelsCover(a, backward); }
+
+CudaResult GatedNormRowForward(const GroupNormArgs& a, cudaStream_t stream) {
+  if (!RowKernelsCover(a, false))
+    return gyre::cuda::InvalidArgument("GatedNormRowForward: arguments outside the kernel (GatedNormRowCovers)");
+  if (a.rows == 0) return {};
+  return LaunchRowForward(a, stream);
+}
+
+CudaResult GatedNormRowBackward(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  if (!RowKernelsCover(a, true))
+    return gyre::cuda::InvalidArgument("GatedNormRowBackward: arguments outside the kernel (GatedNormRowCovers)");
+  if (a.rows == 0) return {};
+  return LaunchRowBackward(a, scratch, stream);
+}
+
 bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo) {
   return MlstmOutNormPf(a) && a.rstd != nullptr && (!a.layer || a.mean != nullptr) && Aligned(h_lo, 16);
 }
@@ -2761,6 +3026,10 @@ CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratc
   const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
   if (strided_dz && (a.mode != NormMode::kGatedInput || a.lddz < a.dim))
     return gyre::cuda::InvalidArgument("GroupNormBackward: lddz is for the gated mode, 0 or >= dim");
+  static const GatedNormSwitch gated = ReadGatedNormSwitch();
+  if (gated == GatedNormSwitch::kBad) return GatedNormSwitchError();
+  if (gated == GatedNormSwitch::kRow && dots == nullptr && GatedNormRowRouted(a, true))
+    return LaunchRowBackward(a, scratch, stream);
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
   const bool vec = NormVectorizable(a, true);

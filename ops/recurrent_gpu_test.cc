@@ -459,8 +459,12 @@ TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
 // The group norms' kernels in this process (ops/recurrent_cuda.cu: the prefetch kernels for the
 // mLSTM output norm's backward at 3 x 128 columns a group and the gated forward at 6 x 256; their
 // switches GYRE_NORM_BWD / GYRE_NORM_FWD accept only pf since the 2026-11-27 deletions), for the
-// result lines.
-std::string NormVariant() { return " [norm_bwd pf] [norm_fwd pf]"; }
+// result lines; and GYRE_GATED_NORM (unset / warp: the warp-per-row kernels; row: the CTA-per-row
+// kernels for gated groups wider than 1536 columns, ops/MAMBA2_NORM.md).
+std::string NormVariant() {
+  const char* gated = std::getenv("GYRE_GATED_NORM");
+  return std::string(" [norm_bwd pf] [norm_fwd pf] [gated_norm ") + (gated != nullptr ? gated : "warp") + "]";
+}
 
 // lddz > 0 (gated mode): dz rows of lddz (GroupNormArgs::lddz, the Mamba-2 fused in_proj
 // backward), dz the first dim columns of a NaN-poisoned [rows, lddz] whose other columns must stay NaN.
@@ -753,6 +757,48 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
   CheckNorm(NormMode::kGatedInput, false, 300, 1, 264, 280, true, false, 264 + 20);
   CheckNorm(NormMode::kGatedInput, false, 37, 2, 12, 30, false, false, 31);
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 128, 128, true, false, 324);
+}
+
+// Mamba-2's gated norm at the wide groups (ops/MAMBA2_NORM.md): mamba2-1.3b's one group of 4096
+// (dz in rows of its in_proj width 4096 + 4352 + 64, odd rows: a partial last block of 32 and of
+// 64 rows), 4096-wide rows in 8 groups of 512, two groups of 2056 with LayerNorm (a partial second
+// chunk a thread), one of 5128. Under GYRE_GATED_NORM=row the groups of 1537..4096 columns take
+// the CTA-per-row kernels (run this test once with it set, once without); 8 x 512 and 5128 stay on
+// the warp kernels either way.
+TEST_F(RecurrentGpuTest, Mamba2GatedNormWideGroups) {
+  CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096, true, false, 8512);
+  CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096);
+  CheckNorm(NormMode::kGatedInput, false, 301, 8, 512, 4096, true);
+  CheckNorm(NormMode::kGatedInput, true, 37, 2, 2056, 4112 + 8, false, false, 4112 + 24);
+  CheckNorm(NormMode::kGatedInput, false, 65, 1, 5128, 5128, true);
+}
+
+// A gated norm forward and backward (4096 wide, one group: the shape GYRE_GATED_NORM=row routes)
+// under GYRE_GATED_NORM=value: aborts through the backend's error if the value is rejected, else
+// exits 0.
+[[noreturn]] void GatedNormUnderSwitch(const char* value) {
+  setenv("GYRE_GATED_NORM", value, /*overwrite=*/1);
+  Rng rng(7);
+  const int64_t rows = 3, dim = 4096;
+  const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng)), dy = x.Clone();
+  Tensor y = Poison({rows, dim}), dx = Poison({rows, dim}), dz = Poison({rows, dim});
+  Tensor rstd = Tensor::Full({rows}, DType::kF32, 0.0, Device::kCuda);
+  Tensor w = Tensor::Full({dim}, DType::kF32, 1.0, Device::kCuda), dw = w.Clone();
+  GroupNormArgs n;
+  n.mode = NormMode::kGatedInput; n.rows = rows; n.dim = dim; n.groups = 1; n.eps = 1e-5f;
+  n.x = x.raw(); n.z = x.raw(); n.ldz = dim; n.weight = w.data<float>(); n.y = y.raw(); n.rstd = rstd.data<float>();
+  Cuda().GroupNorm(false, n);
+  n.dy = dy.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dweight = dw.data<float>();
+  Cuda().GroupNorm(true, n);
+  Cuda().Synchronize();
+  std::exit(0);
+}
+
+TEST_F(RecurrentGpuTest, GatedNormSwitchValues) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(GatedNormUnderSwitch("tile"), "GYRE_GATED_NORM must be warp or row \\(or unset\\), got 'tile'");
+  EXPECT_EXIT(GatedNormUnderSwitch("row"), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(GatedNormUnderSwitch("warp"), ::testing::ExitedWithCode(0), "");
 }
 
 // CudaBackend::ConvertRows (Mamba-2's ddt into its columns of din): a rows x cols f32 block with a
