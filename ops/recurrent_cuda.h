@@ -46,11 +46,11 @@ bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo);
 CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
                                         DeviceAllocator* scratch, cudaStream_t stream);
 // Mamba-2's gated norm (NormMode::kGatedInput) on the CTA-per-(row, group) kernels that
-// GYRE_GATED_NORM=row routes the groups wider than 1536 columns to (ops/MAMBA2_NORM.md), called
+// GYRE_GATED_NORM=row (the default) routes the groups of 1537-4096 columns to (ops/MAMBA2_NORM.md), called
 // directly (tests and benches put them beside the default in one process): the outputs of
 // GroupNormForward / GroupNormBackward up to fp32 summation order (the row sums and dweight are
 // added in another fixed order: y, dx, dz within a bf16 ulp, the same bits run to run).
-// GatedNormRowCovers: gated, 16-byte aligned, groups of <= 6144 columns (% 8), dz packed or rows
+// GatedNormRowCovers: gated, 16-byte aligned, groups of <= 4096 columns (% 8), dz packed or rows
 // of lddz % 8 == 0; the two calls return InvalidArgument for any other arguments.
 bool GatedNormRowCovers(const GroupNormArgs& a, bool backward);
 CudaResult GatedNormRowForward(const GroupNormArgs& a, cudaStream_t stream);

@@ -459,11 +459,11 @@ TEST_F(RecurrentGpuTest, MlstmQkBwdTensorCoreKernel) {
 // The group norms' kernels in this process (ops/recurrent_cuda.cu: the prefetch kernels for the
 // mLSTM output norm's backward at 3 x 128 columns a group and the gated forward at 6 x 256; their
 // switches GYRE_NORM_BWD / GYRE_NORM_FWD accept only pf since the 2026-11-27 deletions), for the
-// result lines; and GYRE_GATED_NORM (unset / warp: the warp-per-row kernels; row: the CTA-per-row
-// kernels for gated groups wider than 1536 columns, ops/MAMBA2_NORM.md).
+// result lines; and GYRE_GATED_NORM (unset / row: the CTA-per-row kernels for gated groups of
+// 1537-4096 columns, the warp-per-row kernels for the rest; warp: those for all; ops/MAMBA2_NORM.md).
 std::string NormVariant() {
   const char* gated = std::getenv("GYRE_GATED_NORM");
-  return std::string(" [norm_bwd pf] [norm_fwd pf] [gated_norm ") + (gated != nullptr ? gated : "warp") + "]";
+  return std::string(" [norm_bwd pf] [norm_fwd pf] [gated_norm ") + (gated != nullptr ? gated : "row") + "]";
 }
 
 // lddz > 0 (gated mode): dz rows of lddz (GroupNormArgs::lddz, the Mamba-2 fused in_proj
@@ -762,9 +762,9 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
 // Mamba-2's gated norm at the wide groups (ops/MAMBA2_NORM.md): mamba2-1.3b's one group of 4096
 // (dz in rows of its in_proj width 4096 + 4352 + 64, odd rows: a partial last block of 32 and of
 // 64 rows), 4096-wide rows in 8 groups of 512, two groups of 2056 with LayerNorm (a partial second
-// chunk a thread), one of 5128. Under GYRE_GATED_NORM=row the groups of 1537..4096 columns take
-// the CTA-per-row kernels (run this test once with it set, once without); 8 x 512 and 5128 stay on
-// the warp kernels either way.
+// chunk a thread), one of 5128. By default (GYRE_GATED_NORM unset = row) the groups of 1537..4096
+// columns take the CTA-per-row kernels, under GYRE_GATED_NORM=warp the warp kernels (run this test
+// both ways); 8 x 512 and 5128 stay on the warp kernels either way.
 TEST_F(RecurrentGpuTest, Mamba2GatedNormWideGroups) {
   CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096, true, false, 8512);
   CheckNorm(NormMode::kGatedInput, false, 301, 1, 4096, 4096);
