@@ -176,9 +176,9 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
 // median of timer.reps). (Session 18 compared the lean row kernel with ce_row_kernel2 here.)
 void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
             const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
-  const char* names[2] = {"ld 8 (default)", "ld 128"};
-  constexpr int kModes = 2;
-  const int64_t ld_aligns[kModes] = {8, 128};
+  const char* names[3] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
+  constexpr int kModes = 3;
+  const int64_t ld_aligns[kModes] = {8, 128, 128};
   auto args_for = [&](int mode) {
     LinearCrossEntropyArgs a;
     a.tokens = N;
@@ -195,6 +195,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
     a.ld_align = ld_aligns[mode];
+    a.plan_as_padded = mode == 2;
     return a;
   };
   struct Out {
@@ -253,7 +254,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
   // 2. The row pass alone (values change after the first pass — G over G — which costs the same;
   // each mode reads the buffer with its own row stride).
   {
-    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;
+    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
     DeviceBuffer lg;
     CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * LogitsRowStride(args_for(kModes - 1)), &lg));
     GemmArgs g1;
@@ -308,8 +309,8 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     std::sort(v.begin(), v.end());
     std::string rounds_s;
     for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-15s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", names[i],
-                v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
+    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-15s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", (long)N,
+                (long)d, (long)V, names[i], v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
   }
   std::fflush(stdout);
 }
@@ -322,12 +323,15 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
 void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
              const bf16* w, bf16* dh, float* dw, int rounds, bool candidates) {
   const int64_t chunk = std::min<int64_t>(N, 16384);
-  const int64_t lds[2] = {(V + 7) / 8 * 8, (V + 127) / 128 * 128};
-  const char* names[2] = {"ld 8 (default)", "ld 128"};
+  constexpr int kModes = 3;
+  const int64_t lds[kModes] = {(V + 7) / 8 * 8, (V + 127) / 128 * 128, (V + 127) / 128 * 128};
+  const int64_t plan_rounds[kModes] = {0, 0, 128};
+  const char* names[kModes] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
   DeviceBuffer lg;
   CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * chunk * lds[1], &lg));
   CUDA_OK_OR_DIE(FillRandomBf16(lg.as<bf16>(), chunk * lds[1], 0.f, 1e-4f, 7, nullptr));
-  auto products = [&](int64_t ld) {
+  auto products = [&](int mode) {
+    const int64_t ld = lds[mode];
     std::vector<std::pair<std::string, GemmArgs>> p;
     GemmArgs g1;
     g1.trans_b = true;
@@ -341,6 +345,7 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
     g1.c = lg.get();
     g1.ldc = ld;
     g1.c_dtype = DType::kBf16;
+    g1.plan_round = plan_rounds[mode];
     p.emplace_back("logits", g1);
     GemmArgs g2;
     g2.m = chunk;
@@ -353,6 +358,7 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
     g2.c = dh;
     g2.ldc = d;
     g2.c_dtype = DType::kBf16;
+    g2.plan_round = plan_rounds[mode];
     p.emplace_back("dh = G W", g2);
     for (float beta : {0.f, 1.f}) {
       if (beta == 1.f && N <= chunk) break;
@@ -369,6 +375,7 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
       g3.ldc = d;
       g3.c_dtype = DType::kF32;
       g3.beta = beta;
+      g3.plan_round = plan_rounds[mode];
       p.emplace_back(beta == 0.f ? "dW = G^T h (beta 0)" : "dW += G^T h (beta 1)", g3);
     }
     return p;
@@ -376,8 +383,8 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
   if (candidates) {
     setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
     setenv("GYRE_GEMM_LOG", "1", 1);
-    for (int i = 0; i < 2; ++i) {
-      for (auto& [name, g] : products(lds[i])) {
+    for (int i = 0; i < kModes; i += 2) {  // ld 8 and ld 128 + plans (ld 128 alone has ld 8's plans)
+      for (auto& [name, g] : products(i)) {
         std::fprintf(stderr, "gemm-cand-of N=%ld d=%ld V=%ld ld=%ld %s\n", (long)N, (long)d, (long)V, (long)lds[i],
                      name.c_str());
         CUDA_OK_OR_DIE(gemm->Gemm(g, nullptr));
@@ -387,10 +394,10 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
     unsetenv("GYRE_GEMM_AUTOTUNE");
     unsetenv("GYRE_GEMM_LOG");
   }
-  std::vector<std::vector<double>> ms[2];
+  std::vector<std::vector<double>> ms[kModes];
   for (int r = 0; r < rounds; ++r) {
-    for (int i = 0; i < 2; ++i) {
-      auto p = products(lds[i]);
+    for (int i = 0; i < kModes; ++i) {
+      auto p = products(i);
       ms[i].resize(p.size());
       for (size_t j = 0; j < p.size(); ++j) {
         const GemmArgs g = p[j].second;
@@ -399,8 +406,8 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
     }
   }
   const double flops = 2.0 * chunk * V * d;
-  for (int i = 0; i < 2; ++i) {
-    auto p = products(lds[i]);
+  for (int i = 0; i < kModes; ++i) {
+    auto p = products(i);
     for (size_t j = 0; j < p.size(); ++j) {
       std::vector<double> v = ms[i][j];
       std::sort(v.begin(), v.end());

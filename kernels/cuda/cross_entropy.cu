@@ -412,6 +412,9 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = LogitsRowStride(a);
   if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
+  const int64_t align = a.ld_align > 0 ? a.ld_align : EnvLdAlign();
+  // Plans as at the padded vocabulary (a vocabulary that is a multiple already keeps its plans).
+  const int64_t plan_round = a.plan_as_padded && align >= 128 && a.vocab % align != 0 ? align : 0;
   static const bool timing = EnvFlag("GYRE_LCE_TIMING");
   std::unique_ptr<PhaseTimer> phases;
   double alloc_ms = 0;
@@ -448,6 +451,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     g1.ldb = a.dim;
     g1.c = logits;
     g1.ldc = ld;
+    g1.plan_round = plan_round;
     g1.c_dtype = DType::kBf16;
     CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
     if (phases) phases->Mark(0);
@@ -466,7 +470,8 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g2.ldb = a.dim;
       g2.c = a.dh + c0 * a.dim;
       g2.ldc = a.dim;
-      g2.c_dtype = DType::kBf16;
+      g2.plan_round = plan_round;
+    g2.c_dtype = DType::kBf16;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
       if (phases) phases->Mark(2);
     }
@@ -483,7 +488,8 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g3.ldb = a.dim;
       g3.c = a.dw;
       g3.ldc = a.dim;
-      g3.c_dtype = DType::kF32;
+      g3.plan_round = plan_round;
+    g3.c_dtype = DType::kF32;
       g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
       if (phases) phases->Mark(3);

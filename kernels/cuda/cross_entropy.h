@@ -68,11 +68,15 @@ struct LinearCrossEntropyArgs {
   // ops/cuda_backend_impl.cc; the bitwise test).
   bool lean_rows = true;
   // Row stride of the logits buffer, in elements: the vocabulary rounded up to a multiple of
-  // this (8: every row 16-byte aligned, the old layout; 128: rows 256-byte aligned, so the three
-  // GEMMs see the same operand layout for any V as for a multiple of 128 — cross_entropy_notes.md,
-  // session 19). 0: from GYRE_LCE_LD_ALIGN (read once; "8" or "128", unset: 8). The GEMM shapes
-  // stay [tokens, V] / [V, d]: the padding columns are neither computed, read nor written.
+  // this (8: every row 16-byte aligned, the old layout; 128: rows 256-byte aligned) and, when 128
+  // or more and plan_as_padded, the three GEMMs take the plans cuBLASLt's heuristic gives at the
+  // vocabulary rounded up alike (GemmArgs::plan_round): any V then runs the kernels of the next
+  // multiple of 128 (cross_entropy_notes.md, session 19: at d 2048 the heuristic tiles 50288
+  // differently from 50304, 1.5x the time). 0: from GYRE_LCE_LD_ALIGN (read once; "8" or "128",
+  // unset: 8). The GEMM shapes stay [tokens, V] / [V, d]: the padding columns are neither
+  // computed, read nor written; W, dW and the checkpoint are untouched.
   int64_t ld_align = 0;
+  bool plan_as_padded = true;  // false: the padded stride alone (measurement: bench/lce_bench.cc)
 };
 
 // The logits buffer's row stride for `args` (ld_align resolved as above).

@@ -78,6 +78,14 @@ struct GemmArgs {
   // (c_in has C's dtype and ldc; it may equal c). Fuses a residual add into the product's
   // store: out = x Wᵀ + residual without a separate pass, the residual left intact.
   const void* c_in = nullptr;
+  // > 0: the plan is the one cuBLASLt's heuristic gives for m, n, k rounded up to multiples of
+  // plan_round (same operands, dtypes and leading dimensions, a leading dimension raised to the
+  // rounded row count where that is larger), run on the real shape when cublasLtMatmulAlgoCheck
+  // accepts it there (else the real shape's first choice). A fixed rule (the same algorithm in
+  // every run). Used by the LM head (kernels/cuda/cross_entropy.cu, opt-in): at d 2048 the
+  // heuristic tiles V = 50288 differently from 50304 (160x256 / 256x160 instead of 192x192 /
+  // 256x128), cross_entropy_notes.md session 19. 0: the real shape's plan (every other caller).
+  int64_t plan_round = 0;
 };
 
 class GemmContext {
