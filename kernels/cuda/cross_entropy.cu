@@ -12,6 +12,10 @@
 //                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
+// Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 8, or to 128 under
+// ld_align / GYRE_LCE_LD_ALIGN=128 with the three products planned as at V rounded up to 128,
+// GemmArgs::plan_round; cross_entropy_notes.md session 19) and the measurement-only phase timer
+// (GYRE_LCE_TIMING=1).
 #include "kernels/cuda/cross_entropy.h"
 
 #include <algorithm>

@@ -19,7 +19,8 @@
 //      three times;
 //   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32; beta 0 on the first chunk
 //      under `overwrite_dw`, the deferred gradient zeroing of ops/module.h).
-// Peak extra memory: chunk_tokens · V8 · 2 bytes (16384 x 50304: 1.65 GB).
+// Peak extra memory: chunk_tokens · ld · 2 bytes (16384 x 50304: 1.65 GB; ld is V8, or V rounded
+// up to 128 under ld_align: at most 127 columns more, 4 MB at 16384 rows).
 // A target ≥ V gives a NaN loss and NaN gradient row (loud; the host validates ids).
 //
 // Precision: bf16 logits, fp32 log-sum-exp; G is rounded to bf16 for the two backward GEMMs.

@@ -21,7 +21,8 @@
 // the training step than the heuristic's first choice), and the Llama training products with
 // longer reductions that an in-step measurement found faster on another of the top 8 take that
 // one (gemm.cu kShapePreferred, exact shapes of llama-125m and llama-1.3b at 16 / 8 x 2048
-// tokens); fixed rules, so every run picks the same algorithm. GYRE_GEMM_PICK (measurement only,
+// tokens); fixed rules, so every run picks the same algorithm. A caller may ask for the plan of
+// its shape rounded up (GemmArgs::plan_round; the LM head's vocabulary, session 19). GYRE_GEMM_PICK (measurement only,
 // gemm.cu) forces a candidate index for in-step A/B runs. GYRE_GEMM_LOG=1 prints each new plan's configuration (and, when autotuning,
 // every candidate's time) to stderr. The 32 MiB workspace comes from the DeviceAllocator once,
 // at Create.
