@@ -169,7 +169,7 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
-// The logits buffer's row stride (LinearCrossEntropyArgs::ld_align: 8, the default, against 128;
+// The logits buffer's row stride (LinearCrossEntropyArgs::ld_align: 8, the default before session 19, against 128;
 // kernels/cuda/cross_entropy_notes.md, session 19) at the model's call (chunk 16384, overwrite dW):
 // 1. bytewise outputs; 2. the row pass alone over 16384 rows of logits (G in place, and loss only),
 // modes alternating; 3. the whole call, modes alternating within each of `rounds` rounds (each a

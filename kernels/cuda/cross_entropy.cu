@@ -336,11 +336,15 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
   return {};
 }
 
-// GYRE_LCE_LD_ALIGN: the default row-stride multiple (8 unless set to 128), read once.
+// GYRE_LCE_LD_ALIGN, read once: the default row-stride multiple of the logits buffer. Unset or 128
+// (the default since session 19: rows padded to 128 columns and the products planned as at the
+// padded vocabulary, the same plans and bits at a vocabulary that is a multiple of 128); 8 the
+// previous stride (measurement only); any other value -1 (LinearCrossEntropy's error names it).
 int64_t EnvLdAlign() {
   static const int64_t align = [] {
     const char* v = std::getenv("GYRE_LCE_LD_ALIGN");
-    return v != nullptr && std::string(v) == "128" ? int64_t{128} : int64_t{8};
+    if (v == nullptr || std::string(v) == "128") return int64_t{128};
+    return std::string(v) == "8" ? int64_t{8} : int64_t{-1};
   }();
   return align;
 }
@@ -394,7 +398,7 @@ class PhaseTimer {
 }  // namespace
 
 int64_t LogitsRowStride(const LinearCrossEntropyArgs& a) {
-  const int64_t align = a.ld_align > 0 ? a.ld_align : EnvLdAlign();
+  const int64_t align = a.ld_align > 0 ? a.ld_align : std::max<int64_t>(8, EnvLdAlign());
   return CeilDiv(a.vocab, align) * align;
 }
 
@@ -413,6 +417,9 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     return InvalidArgument("LinearCrossEntropy: bad shape or missing pointer");
   }
   if (a.chunk_tokens > 0x7fffffff) return InvalidArgument("LinearCrossEntropy: chunk too large");
+  if (a.ld_align <= 0 && EnvLdAlign() < 0)
+    return InvalidArgument(std::string("GYRE_LCE_LD_ALIGN must be 8 or 128 (or unset), got '") +
+                           std::getenv("GYRE_LCE_LD_ALIGN") + "'");
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = LogitsRowStride(a);
   if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
