@@ -497,9 +497,12 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // The other two shapes the deleted pass comparisons had and float64 did not (offclean18's
       // list; lead, session 19): chunk 256 over 8200 tokens with gates ±30 (32 chunks whose second
       // halves all take the fused off-diagonal blocks, stabilisers swinging by hundreds), and the
-      // xlstm-125m head over a whole 2048-token sequence at chunk 256 (eight full chunks).
+      // xlstm-125m head over a whole 2048-token sequence at chunk 256 (eight full chunks), without
+      // d_final: with it the TFLA convention's dn0 is only d_final's dn decayed over 2048 σ-gated
+      // tokens, 0 in fp32 (rel_err 1.0 on v2 and v2-par256 alike in session 19's call V1, every
+      // other output in its band; case 38's reason).
       {1, 8200, 1, 128, 128, 256, true, true, Gates::kExtreme},
-      {1, 2048, 2, 384, 384, 256, true, true},
+      {1, 2048, 2, 384, 384, 256, true, false},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
