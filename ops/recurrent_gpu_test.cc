@@ -1399,10 +1399,10 @@ struct DhDotInNorm : ScopedSwitch<bool> {
   explicit DhDotInNorm(bool in_norm) : ScopedSwitch(MlstmDhDotInNorm, SetMlstmDhDotInNorm, in_norm) {}
 };
 
-ModelSpec WideHeadXlstm(int64_t heads) {
+ModelSpec WideHeadXlstm(int64_t heads, int64_t width = 384) {
   ModelSpec s = SmallXlstm();
   s.mlstm_heads = heads;
-  s.mlstm_inner = 384 * heads;
+  s.mlstm_inner = width * heads;
   return s;
 }
 
@@ -1450,17 +1450,20 @@ BlockRun RunMlstmBlock(const ModelSpec& spec, int64_t B, int64_t T, bool cpu, bo
 // wherever the default path is; where the default path is outside its band too (a cancelling
 // sum: B 3 T 37, 2 heads, fgate bias: 0.22 on both paths, session 16 call 2), the line says so
 // and only the first check counts.
-void CheckDhDotInNormBlock(int64_t heads, int64_t B, int64_t T) {
-  const ModelSpec s = WideHeadXlstm(heads);
-  const std::string name = "mlstm [dh_dot norm vs cell] heads " + std::to_string(heads) + "x384 B " + std::to_string(B) +
-                           " T " + std::to_string(T);
+// width: the head width; expect_norm: whether the norm path covers it (384 always; 512..1024 under
+// GYRE_MLSTM_OUT_NORM=row; elsewhere both runs take the cell's dots and must agree bitwise).
+void CheckDhDotInNormBlock(int64_t heads, int64_t B, int64_t T, int64_t width = 384, bool expect_norm = true) {
+  const ModelSpec s = WideHeadXlstm(heads, width);
+  const std::string name = "mlstm [dh_dot norm vs cell] heads " + std::to_string(heads) + "x" + std::to_string(width) +
+                           " B " + std::to_string(B) + " T " + std::to_string(T) + NormVariant();
   const BlockRun ref = RunMlstmBlock(s, B, T, /*cpu=*/true, false), cell = RunMlstmBlock(s, B, T, false, false),
                  norm = RunMlstmBlock(s, B, T, false, true);
   // (Session 16's call 2 found the two GPU paths bitwise equal in every output at these sizes,
   // before this check existed: the dots' last bits did not reach a rounding.)
-  const bool took = norm.dots_in_norm && !cell.dots_in_norm;
-  std::printf("[%s] %s: the out-norm kernel with the cell's dots ran under the switch %d, not without it %d\n",
-              took ? "PASS" : "FAIL", name.c_str(), norm.dots_in_norm, !cell.dots_in_norm);
+  const bool took = norm.dots_in_norm == expect_norm && !cell.dots_in_norm;
+  std::printf("[%s] %s: the out-norm kernel with the cell's dots ran under the switch %d (expected %d), not without "
+              "it %d\n",
+              took ? "PASS" : "FAIL", name.c_str(), norm.dots_in_norm, expect_norm, !cell.dots_in_norm);
   EXPECT_TRUE(took);
   auto one = [&](const std::string& what, const Tensor& n, const Tensor& c, const Tensor& r, double band) {
     bool finite = true;
@@ -1486,6 +1489,17 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithDhDotInNorm) {
     CheckDhDotInNormBlock(heads, 2, 100);
     CheckDhDotInNormBlock(heads, 3, 37);
   }
+}
+
+// Heads of 1024 (xlstm[1:0]-1.3b) and 768 through a whole block, dots in the norm vs the cell's vs
+// float64: under GYRE_MLSTM_OUT_NORM=row the norm path forms the dots (group_norm_bwd_mlstm_row),
+// unset it does not cover them (both runs the cell's dots). Run both ways.
+TEST_F(RecurrentGpuTest, MlstmBlockWideHeadsDhDot) {
+  const char* e = std::getenv("GYRE_MLSTM_OUT_NORM");
+  const bool row = e != nullptr && std::string_view(e) == "row";
+  CheckDhDotInNormBlock(2, 2, 100, 1024, row);
+  CheckDhDotInNormBlock(1, 3, 37, 1024, row);
+  CheckDhDotInNormBlock(2, 3, 37, 768, row);
 }
 
 // (The switch's death tests run an mLSTM block with heads of 384, which the norm path covers.)
