@@ -2743,11 +2743,13 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
 // sums its 8 products, then the butterfly, then the warps in order at the end of the CTA.
 // Statistics of the CTA's rows are loaded once into shared memory.
 constexpr int kMoRows = 32;       // rows of a CTA (its partial rows of dweight / dskip)
-constexpr int kMoStages = 2;      // the cp.async ring: rows in flight a thread = kMoStages - 1 ahead
 constexpr int kMoMaxWarps = 4;    // heads of up to 1024 columns
-template <bool kDots>
+// The cp.async ring: kStages rows, kStages - 1 ahead. 2 is what the switch routes (measured);
+// 3 (2 rows ahead: 24 KiB a CTA, 30 with the dots, then 7 CTAs an SM) only through
+// MlstmOutNormRowBackward's ring_rows, for the bench: the prepared next step (ops/XLSTM_GLUE.md).
+template <bool kDots, int kStages>
 constexpr int kMoStashBytes(int threads) {
-  return kMoStages * (kDots ? 5 : 4) * threads * 16;
+  return kStages * (kDots ? 5 : 4) * threads * 16;
 }
 
 // v[n] := Σ over the CTA's `warps` warps of each thread's v[n]; red: kN x kMoMaxWarps floats that no
@@ -2774,11 +2776,11 @@ __device__ __forceinline__ void MoRowSum(float (&v)[kN], float* red, int warps) 
 // Partial rows pw / ps [row blocks, dim] (dweight, dskip; each written only where a.dweight /
 // a.dskip is set). (128, 8): 64 registers, 32 warps a SM; an xlstm[1:0]-1.3b B4 layer's 256 x 4
 // CTAs fill 1024 of the 1056 slots (one wave).
-template <bool kDots>
+template <bool kDots, int kStages>
 __global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
     group_norm_bwd_mlstm_row(GroupNormArgs a, float* pw, float* ps, const bf16* h_lo, float* dots) {
   constexpr int kArrays = kDots ? 5 : 4;
-  extern __shared__ __align__(16) uint4 mo_stash[];  // [kMoStages][x, z, dy, x_c (, h lo)][threads]
+  extern __shared__ __align__(16) uint4 mo_stash[];  // [kStages][x, z, dy, x_c (, h lo)][threads]
   __shared__ float stats[2][kMoRows];                // mean, rstd of the CTA's rows
   __shared__ float red[2][2][kMoMaxWarps];           // [row parity][s1, s2][warp]
   __shared__ float dot_part[kDots ? kMoRows : 1][kMoMaxWarps];
@@ -2789,7 +2791,7 @@ __global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
   auto issue = [&](int i) {
     if (i < rows) {
       const int64_t r = rb0 + i, o = r * a.dim + c;
-      uint4* s = mo_stash + (i % kMoStages) * kArrays * threads + t;
+      uint4* s = mo_stash + (i % kStages) * kArrays * threads + t;
       CpAsync16(s, static_cast<const bf16*>(a.x) + o);
       CpAsync16(s + threads, static_cast<const bf16*>(a.z) + r * a.ldz + c);
       CpAsync16(s + 2 * threads, static_cast<const bf16*>(a.dy) + o);
@@ -2799,7 +2801,7 @@ __global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
     CpAsyncCommit();  // (an empty group past the last row keeps the wait count below uniform)
   };
 #pragma unroll
-  for (int i = 0; i < kMoStages - 1; ++i) issue(i);
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
   if (t < rows) {
     const int64_t st = (rb0 + t) * a.groups + g;
     stats[0][t] = a.layer ? a.mean[st] : 0.f;
@@ -2811,11 +2813,11 @@ __global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
   for (int k = 0; k < 8; ++k) dw[k] = dsk[k] = 0.f;
   __syncthreads();  // stats
   for (int i = 0; i < rows; ++i) {
-    issue(i + kMoStages - 1);
-    CpAsyncWait<kMoStages - 1>();  // row i's copies (this thread's own entries)
+    issue(i + kStages - 1);
+    CpAsyncWait<kStages - 1>();  // row i's copies (this thread's own entries)
     const int64_t r = rb0 + i;
     const float mean = stats[0][i], rstd = stats[1][i];
-    const uint4* s = mo_stash + (i % kMoStages) * kArrays * threads + t;
+    const uint4* s = mo_stash + (i % kStages) * kArrays * threads + t;
     float sums[2] = {0.f, 0.f};  // Σ dxhat, Σ dxhat·xhat
     float sc[8];
     Scale8(a, c, sc);
@@ -3120,7 +3122,7 @@ bool MlstmRowCovers(const GroupNormArgs& a, const void* h_lo) {
          Aligned(a.dz, 16) && Aligned(a.dxc, 16) && Aligned(h_lo, 16);
 }
 CudaResult LaunchMlstmRowBackward(const GroupNormArgs& a, const bf16* h_lo, float* dots, DeviceAllocator* scratch,
-                                  cudaStream_t stream) {
+                                  cudaStream_t stream, int ring_rows = 2) {
   const int64_t chunks = (a.rows + kMoRows - 1) / kMoRows;
   gyre::cuda::DeviceBuffer part;
   float *pw = nullptr, *ps = nullptr;
@@ -3132,11 +3134,19 @@ CudaResult LaunchMlstmRowBackward(const GroupNormArgs& a, const bf16* h_lo, floa
   }
   const int threads = static_cast<int>(a.dim / a.groups / 8);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.groups));
-  if (dots != nullptr) {
-    group_norm_bwd_mlstm_row<true><<<grid, threads, kMoStashBytes<true>(threads), stream>>>(a, pw, ps, h_lo, dots);
+  if (ring_rows == 3) {
+    if (dots != nullptr) {
+      group_norm_bwd_mlstm_row<true, 3><<<grid, threads, kMoStashBytes<true, 3>(threads), stream>>>(a, pw, ps, h_lo,
+                                                                                                  dots);
+    } else {
+      group_norm_bwd_mlstm_row<false, 3><<<grid, threads, kMoStashBytes<false, 3>(threads), stream>>>(a, pw, ps,
+                                                                                                    nullptr, nullptr);
+    }
+  } else if (dots != nullptr) {
+    group_norm_bwd_mlstm_row<true, 2><<<grid, threads, kMoStashBytes<true, 2>(threads), stream>>>(a, pw, ps, h_lo, dots);
   } else {
-    group_norm_bwd_mlstm_row<false><<<grid, threads, kMoStashBytes<false>(threads), stream>>>(a, pw, ps, nullptr,
-                                                                                           nullptr);
+    group_norm_bwd_mlstm_row<false, 2><<<grid, threads, kMoStashBytes<false, 2>(threads), stream>>>(a, pw, ps, nullptr,
+                                                                                                 nullptr);
   }
   if (CudaResult r = Launched("group_norm_bwd_mlstm_row"); !r.ok()) return r;
   ReduceJobs jobs;
@@ -3232,11 +3242,12 @@ bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo) {
 bool MlstmOutNormRowCovers(const GroupNormArgs& a, const void* h_lo) { return MlstmRowCovers(a, h_lo); }
 
 CudaResult MlstmOutNormRowBackward(const GroupNormArgs& a, const void* h_lo, float* dots, DeviceAllocator* scratch,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, int ring_rows) {
   if (!MlstmRowCovers(a, h_lo))
     return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: arguments outside the kernel (MlstmOutNormRowCovers)");
+  if (ring_rows != 2 && ring_rows != 3) return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: ring_rows 2 or 3");
   if (a.rows == 0) return {};
-  return LaunchMlstmRowBackward(a, static_cast<const bf16*>(h_lo), dots, scratch, stream);
+  return LaunchMlstmRowBackward(a, static_cast<const bf16*>(h_lo), dots, scratch, stream, ring_rows);
 }
 
 CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
