@@ -2742,6 +2742,9 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
 // dz and dx_c do not depend on the row sums: the same arithmetic as there). The dots: thread t
 // sums its 8 products, then the butterfly, then the warps in order at the end of the CTA.
 // Statistics of the CTA's rows are loaded once into shared memory.
+// Measured (H100, session 19, one xlstm[1:0]-1.3b B4 layer, 8192 x 4 x 1024): _vec 0.2635 ms (1.78
+// TB/s of the 14 B floor) -> 0.2097 (2.24), with the dots 0.2147 (2.50 of 16 B); in the step the
+// norm 12.70 -> 10.26 ms with the dots, the cell's backward 93.1 -> 90.1.
 constexpr int kMoRows = 32;       // rows of a CTA (its partial rows of dweight / dskip)
 constexpr int kMoMaxWarps = 4;    // heads of up to 1024 columns
 // The cp.async ring: kStages rows, kStages - 1 ahead. 2 is what the switch routes (measured);
