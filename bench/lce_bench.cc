@@ -1,5 +1,8 @@
 // Fused LM-head linear + cross-entropy (kernels/cuda/cross_entropy.h) at the 125m/130m presets'
-// shape (32768 tokens = B16 x 2048, d 768, V 50304), variants side by side in one process:
+// shape (32768 tokens = B16 x 2048, d 768, V 50304; --tokens / --dim / --vocab for others, e.g.
+// the 1.3B presets' 16384 x 2048 x 50288 / 50304), variants side by side in one process: the
+// logits row stride (ld 8 / ld 128: bits, row pass, whole call, each GEMM; --candidates logs the
+// timings of cuBLASLt's top-8 candidates per GEMM),
 // chunk size, dW overwrite on the first chunk, GEMM autotune, loss only; the GEMMs alone (fp32
 // and bf16 logits out); and the loss / gradient error of the bf16 logits against a float64
 // reference at V = 50304 with realistic logit scales. (Session 6's first call also timed fp32
@@ -18,6 +21,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "bench/gpu_timing.h"
@@ -165,14 +169,16 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
-// The lean row kernel (LinearCrossEntropyArgs::lean_rows, the default, kernels/cuda/
-// cross_entropy_notes.md) against its reference ce_row_kernel2 at the model's call (chunk 16384, overwrite dW): 1. bytewise outputs;
-// 2. the row pass alone over 16384 rows of logits (G in place, and loss only), modes alternating;
-// 3. the whole call, modes alternating within each of `rounds` rounds (each a median of timer.reps).
+// The logits buffer's row stride (LinearCrossEntropyArgs::ld_align: 8, the default before session 19, against 128;
+// kernels/cuda/cross_entropy_notes.md, session 19) at the model's call (chunk 16384, overwrite dW):
+// 1. bytewise outputs; 2. the row pass alone over 16384 rows of logits (G in place, and loss only),
+// modes alternating; 3. the whole call, modes alternating within each of `rounds` rounds (each a
+// median of timer.reps). (Session 18 compared the lean row kernel with ce_row_kernel2 here.)
 void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
             const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
-  const char* names[2] = {"staged", "lean (default)"};
-  constexpr int kModes = 2;
+  const char* names[3] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
+  constexpr int kModes = 3;
+  const int64_t ld_aligns[kModes] = {8, 128, 128};
   auto args_for = [&](int mode) {
     LinearCrossEntropyArgs a;
     a.tokens = N;
@@ -188,7 +194,8 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     a.dw = dw;
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
-    a.lean_rows = mode == 1;
+    a.ld_align = ld_aligns[mode];
+    a.plan_as_padded = mode == 2;
     return a;
   };
   struct Out {
@@ -234,7 +241,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     return double(x);
   };
   for (int i = 1; i < kModes; ++i) {
-    std::printf("bits | %s vs staged, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
+    std::printf("bits | %s vs ld 8, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
                 "dW %ld / %ld (rel %.2e) | loss %s (%.9f vs %.9f)\n",
                 names[i], (long)N, differ(outs[i].tl, outs[0].tl), (long)N, rel(outs[i].tl, outs[0].tl, f),
                 differ(outs[i].dh, outs[0].dh), (long)(N * d), rel(outs[i].dh, outs[0].dh, b16),
@@ -244,11 +251,12 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
   }
   std::fflush(stdout);
   for (Out& o : outs) o = Out();
-  // 2. The row pass alone (values change after the first pass — G over G — which costs the same).
+  // 2. The row pass alone (values change after the first pass — G over G — which costs the same;
+  // each mode reads the buffer with its own row stride).
   {
-    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;
+    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
     DeviceBuffer lg;
-    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * ld, &lg));
+    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * LogitsRowStride(args_for(kModes - 1)), &lg));
     GemmArgs g1;
     g1.trans_b = true;
     g1.m = rows;
@@ -266,8 +274,9 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
       for (int grad = 1; grad >= 0; --grad) {
         for (int i = 0; i < kModes; ++i) {
           const LinearCrossEntropyArgs a = args_for(i);
+          const int64_t ld_i = LogitsRowStride(a);
           ms[i][grad].push_back(
-              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld, rows, a, grad == 1, nullptr); }));
+              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld_i, rows, a, grad == 1, nullptr); }));
         }
       }
     }
@@ -300,8 +309,113 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     std::sort(v.begin(), v.end());
     std::string rounds_s;
     for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("ab | whole call, %-17s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", names[i],
-                v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
+    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-15s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", (long)N,
+                (long)d, (long)V, names[i], v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
+  }
+  std::fflush(stdout);
+}
+
+// The three GEMMs of the model's call (first chunk: chunk = min(N, 16384) rows, dW overwritten at
+// beta 0, later chunks beta 1) with each mode's logits row stride, alternating within `rounds`
+// rounds; with `candidates`, every one of cuBLASLt's top-8 candidates is timed and logged first
+// (GYRE_GEMM_AUTOTUNE=1 GYRE_GEMM_LOG=1: "gemm-cand" lines on stderr; the plans of the default
+// set are untouched).
+void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
+             const bf16* w, bf16* dh, float* dw, int rounds, bool candidates) {
+  const int64_t chunk = std::min<int64_t>(N, 16384);
+  constexpr int kModes = 3;
+  const int64_t lds[kModes] = {(V + 7) / 8 * 8, (V + 127) / 128 * 128, (V + 127) / 128 * 128};
+  const int64_t plan_rounds[kModes] = {0, 0, 128};
+  const char* names[kModes] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
+  DeviceBuffer lg;
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * chunk * lds[1], &lg));
+  CUDA_OK_OR_DIE(FillRandomBf16(lg.as<bf16>(), chunk * lds[1], 0.f, 1e-4f, 7, nullptr));
+  auto products = [&](int mode) {
+    const int64_t ld = lds[mode];
+    std::vector<std::pair<std::string, GemmArgs>> p;
+    GemmArgs g1;
+    g1.trans_b = true;
+    g1.m = chunk;
+    g1.n = V;
+    g1.k = d;
+    g1.a = h;
+    g1.lda = d;
+    g1.b = w;
+    g1.ldb = d;
+    g1.c = lg.get();
+    g1.ldc = ld;
+    g1.c_dtype = DType::kBf16;
+    g1.plan_round = plan_rounds[mode];
+    p.emplace_back("logits", g1);
+    GemmArgs g2;
+    g2.m = chunk;
+    g2.n = d;
+    g2.k = V;
+    g2.a = lg.get();
+    g2.lda = ld;
+    g2.b = w;
+    g2.ldb = d;
+    g2.c = dh;
+    g2.ldc = d;
+    g2.c_dtype = DType::kBf16;
+    g2.plan_round = plan_rounds[mode];
+    p.emplace_back("dh = G W", g2);
+    for (float beta : {0.f, 1.f}) {
+      if (beta == 1.f && N <= chunk) break;
+      GemmArgs g3;
+      g3.trans_a = true;
+      g3.m = V;
+      g3.n = d;
+      g3.k = chunk;
+      g3.a = lg.get();
+      g3.lda = ld;
+      g3.b = h;
+      g3.ldb = d;
+      g3.c = dw;
+      g3.ldc = d;
+      g3.c_dtype = DType::kF32;
+      g3.beta = beta;
+      g3.plan_round = plan_rounds[mode];
+      p.emplace_back(beta == 0.f ? "dW = G^T h (beta 0)" : "dW += G^T h (beta 1)", g3);
+    }
+    return p;
+  };
+  if (candidates) {
+    setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
+    setenv("GYRE_GEMM_LOG", "1", 1);
+    for (int i = 0; i < kModes; i += 2) {  // ld 8 and ld 128 + plans (ld 128 alone has ld 8's plans)
+      for (auto& [name, g] : products(i)) {
+        std::fprintf(stderr, "gemm-cand-of N=%ld d=%ld V=%ld ld=%ld %s\n", (long)N, (long)d, (long)V, (long)lds[i],
+                     name.c_str());
+        CUDA_OK_OR_DIE(gemm->Gemm(g, nullptr));
+      }
+    }
+    CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+    unsetenv("GYRE_GEMM_AUTOTUNE");
+    unsetenv("GYRE_GEMM_LOG");
+  }
+  std::vector<std::vector<double>> ms[kModes];
+  for (int r = 0; r < rounds; ++r) {
+    for (int i = 0; i < kModes; ++i) {
+      auto p = products(i);
+      ms[i].resize(p.size());
+      for (size_t j = 0; j < p.size(); ++j) {
+        const GemmArgs g = p[j].second;
+        ms[i][j].push_back(TimeMs(timer, [&]() { return gemm->Gemm(g, nullptr); }));
+      }
+    }
+  }
+  const double flops = 2.0 * chunk * V * d;
+  for (int i = 0; i < kModes; ++i) {
+    auto p = products(i);
+    for (size_t j = 0; j < p.size(); ++j) {
+      std::vector<double> v = ms[i][j];
+      std::sort(v.begin(), v.end());
+      std::printf("gemm | N=%ld d=%ld V=%ld chunk %ld | %-14s ld %5ld | %-20s | median %7.4f ms | min %7.4f | %6.1f "
+                  "TFLOP/s\n",
+                  (long)N, (long)d, (long)V, (long)chunk, names[i], (long)lds[i], p[j].first.c_str(), v[v.size() / 2],
+                  v.front(), flops / v[v.size() / 2] * 1e-9);
+    }
   }
   std::fflush(stdout);
 }
@@ -312,6 +426,7 @@ int Main(int argc, char** argv) {
   bool accuracy = true;
   int ab_rounds = 5;
   bool only_ab = false;
+  bool candidates = false;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
@@ -321,10 +436,11 @@ int Main(int argc, char** argv) {
     else if (s == "--no_accuracy") accuracy = false;
     else if (s == "--ab_rounds" && i + 1 < argc) ab_rounds = std::atoi(argv[++i]);
     else if (s == "--only_ab") only_ab = true;
+    else if (s == "--candidates") candidates = true;
     else {
       std::fprintf(stderr,
                    "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy] [--ab_rounds n] "
-                   "[--only_ab]\n");
+                   "[--only_ab] [--candidates]\n");
       return 2;
     }
   }
@@ -357,6 +473,8 @@ int Main(int argc, char** argv) {
   const double gemm_flops = 2.0 * N * V * d;
   RowsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(),
          loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds);
+  GemmsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), dh.as<bf16>(), dw.as<float>(), ab_rounds,
+          candidates);
   if (only_ab) return 0;
   struct Variant {
     const char* name;
@@ -412,7 +530,7 @@ int Main(int argc, char** argv) {
         g1.b = w.get();
         g1.ldb = d;
         g1.c = lg.get();
-        g1.ldc = V;
+        g1.ldc = (V + 7) / 8 * 8;
         g1.c_dtype = f32 ? DType::kF32 : DType::kBf16;
         const double ms = chunks * time([&]() { return gemm->Gemm(g1, nullptr); });
         std::printf("gemm | logits %s out, chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", f32 ? "fp32" : "bf16",
@@ -423,7 +541,7 @@ int Main(int argc, char** argv) {
       g2.n = d;
       g2.k = V;
       g2.a = lg.get();
-      g2.lda = V;
+      g2.lda = (V + 7) / 8 * 8;
       g2.b = w.get();
       g2.ldb = d;
       g2.c = dh.get();
@@ -439,7 +557,7 @@ int Main(int argc, char** argv) {
         g3.n = d;
         g3.k = chunk;
         g3.a = lg.get();
-        g3.lda = V;
+        g3.lda = (V + 7) / 8 * 8;
         g3.b = h.get();
         g3.ldb = d;
         g3.c = dw.get();

@@ -12,11 +12,20 @@
 //                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
+// Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 8, or to 128 under
+// ld_align / GYRE_LCE_LD_ALIGN=128 with the three products planned as at V rounded up to 128,
+// GemmArgs::plan_round; cross_entropy_notes.md session 19) and the measurement-only phase timer
+// (GYRE_LCE_TIMING=1).
 #include "kernels/cuda/cross_entropy.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -305,7 +314,8 @@ __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float lo
 // The row kernel for n rows of bf16 logits.
 CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntropyArgs& a, int64_t c0,
                       bool grad, cudaStream_t stream) {
-  const int64_t row_smem = ld * static_cast<int64_t>(sizeof(bf16));
+  // The staged row is the vocabulary rounded up to 16 bytes, whatever the buffer's stride.
+  const int64_t row_smem = CeilDiv(a.vocab, 8) * 8 * static_cast<int64_t>(sizeof(bf16));
   if (row_smem <= kRowSmemMax && a.lean_rows) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_lean, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(row_smem)));
@@ -326,7 +336,71 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
   return {};
 }
 
+// GYRE_LCE_LD_ALIGN, read once: the default row-stride multiple of the logits buffer. Unset or 128
+// (the default since session 19: rows padded to 128 columns and the products planned as at the
+// padded vocabulary, the same plans and bits at a vocabulary that is a multiple of 128); 8 the
+// previous stride (measurement only); any other value -1 (LinearCrossEntropy's error names it).
+int64_t EnvLdAlign() {
+  static const int64_t align = [] {
+    const char* v = std::getenv("GYRE_LCE_LD_ALIGN");
+    if (v == nullptr || std::string(v) == "128") return int64_t{128};
+    return std::string(v) == "8" ? int64_t{8} : int64_t{-1};
+  }();
+  return align;
+}
+
+bool EnvFlag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1';
+}
+
+int64_t PtrAlignment(const void* p) {
+  const uintptr_t v = reinterpret_cast<uintptr_t>(p);
+  int64_t a = 1;
+  while (a < 256 && v % (2 * a) == 0) a *= 2;
+  return a;
+}
+
+// GYRE_LCE_TIMING=1 (measurement only): events around each phase of each chunk, summed per
+// phase, printed after the call (which then synchronises the stream).
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(cudaStream_t stream) : stream_(stream) {}
+  ~PhaseTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  // Marks the end of the phase `phase` (and the start of the next) on the stream.
+  void Mark(int phase) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) return;
+    cudaEventRecord(e, stream_);
+    events_.push_back(e);
+    phases_.push_back(phase);
+  }
+  // Milliseconds per phase (index 0..kPhases-1), after a synchronisation.
+  static constexpr int kPhases = 4;  // logits, rows, dh, dW
+  void Sum(double (&ms)[kPhases]) {
+    for (double& m : ms) m = 0;
+    if (events_.empty()) return;
+    cudaEventSynchronize(events_.back());
+    for (size_t i = 1; i < events_.size(); ++i) {
+      float t = 0;
+      if (cudaEventElapsedTime(&t, events_[i - 1], events_[i]) == cudaSuccess && phases_[i] >= 0) ms[phases_[i]] += t;
+    }
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<cudaEvent_t> events_;
+  std::vector<int> phases_;
+};
+
 }  // namespace
+
+int64_t LogitsRowStride(const LinearCrossEntropyArgs& a) {
+  const int64_t align = a.ld_align > 0 ? a.ld_align : std::max<int64_t>(8, EnvLdAlign());
+  return CeilDiv(a.vocab, align) * align;
+}
 
 CudaResult CrossEntropyRows(bf16* logits, int64_t ld, int64_t rows, const LinearCrossEntropyArgs& a, bool grad,
                             cudaStream_t stream) {
@@ -343,8 +417,25 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     return InvalidArgument("LinearCrossEntropy: bad shape or missing pointer");
   }
   if (a.chunk_tokens > 0x7fffffff) return InvalidArgument("LinearCrossEntropy: chunk too large");
+  if (a.ld_align <= 0 && EnvLdAlign() < 0)
+    return InvalidArgument(std::string("GYRE_LCE_LD_ALIGN must be 8 or 128 (or unset), got '") +
+                           std::getenv("GYRE_LCE_LD_ALIGN") + "'");
   const bool grad = a.dh != nullptr || a.dw != nullptr;
-  const int64_t ld = CeilDiv(a.vocab, 8) * 8;
+  const int64_t ld = LogitsRowStride(a);
+  if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
+  const int64_t align = a.ld_align > 0 ? a.ld_align : EnvLdAlign();
+  // Plans as at the padded vocabulary (a vocabulary that is a multiple already keeps its plans).
+  const int64_t plan_round = a.plan_as_padded && align >= 128 && a.vocab % align != 0 ? align : 0;
+  static const bool timing = EnvFlag("GYRE_LCE_TIMING");
+  std::unique_ptr<PhaseTimer> phases;
+  double alloc_ms = 0;
+  AllocatorStats stats0;
+  if (timing) {
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    phases = std::make_unique<PhaseTimer>(stream);
+    stats0 = alloc->stats();
+  }
+  const auto host_t0 = std::chrono::steady_clock::now();
   const int64_t chunk = std::min(a.chunk_tokens, std::max<int64_t>(a.tokens, 1));
   if (a.dw != nullptr && a.overwrite_dw && a.tokens == 0) {
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dw, 0, sizeof(float) * a.vocab * a.dim, stream));
@@ -352,6 +443,10 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   DeviceBuffer logits_buf;
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(bf16) * chunk * ld, &logits_buf));
   bf16* logits = logits_buf.as<bf16>();
+  if (phases) {
+    alloc_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_t0).count();
+    phases->Mark(-1);
+  }
   for (int64_t c0 = 0; c0 < a.tokens; c0 += chunk) {
     const int64_t n = std::min(chunk, a.tokens - c0);
     const bf16* h_c = a.h + c0 * a.dim;
@@ -367,10 +462,13 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     g1.ldb = a.dim;
     g1.c = logits;
     g1.ldc = ld;
+    g1.plan_round = plan_round;
     g1.c_dtype = DType::kBf16;
     CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
+    if (phases) phases->Mark(0);
     // 2. loss and G (in place, bf16).
     CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
+    if (phases) phases->Mark(1);
     if (a.dh != nullptr) {
       // 3. dh_c [n, d] = G [n, V] · W [V, d].
       GemmArgs g2;
@@ -383,8 +481,10 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g2.ldb = a.dim;
       g2.c = a.dh + c0 * a.dim;
       g2.ldc = a.dim;
-      g2.c_dtype = DType::kBf16;
+      g2.plan_round = plan_round;
+    g2.c_dtype = DType::kBf16;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
+      if (phases) phases->Mark(2);
     }
     if (a.dw != nullptr) {
       // 4. dW [V, d] (+)= Gᵀ [V, n] · h_c [n, d]; the first chunk overwrites under overwrite_dw.
@@ -399,10 +499,24 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g3.ldb = a.dim;
       g3.c = a.dw;
       g3.ldc = a.dim;
-      g3.c_dtype = DType::kF32;
+      g3.plan_round = plan_round;
+    g3.c_dtype = DType::kF32;
       g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
+      if (phases) phases->Mark(3);
     }
+  }
+  if (phases) {
+    double ms[PhaseTimer::kPhases];
+    phases->Sum(ms);
+    const AllocatorStats stats1 = alloc->stats();
+    std::fprintf(stderr,
+                 "lce-timing N=%ld d=%ld V=%ld ld=%ld chunk=%ld | alloc %.3f ms (host), cudaMalloc +%lu, cudaFree +%lu | "
+                 "logits %.3f | rows %.3f | dh %.3f | dW %.3f ms | align h %ld w %ld dh %ld dw %ld\n",
+                 (long)a.tokens, (long)a.dim, (long)a.vocab, (long)ld, (long)chunk, alloc_ms,
+                 (unsigned long)(stats1.device_mallocs - stats0.device_mallocs),
+                 (unsigned long)(stats1.device_frees - stats0.device_frees), ms[0], ms[1], ms[2], ms[3],
+                 (long)PtrAlignment(a.h), (long)PtrAlignment(a.w), (long)PtrAlignment(a.dh), (long)PtrAlignment(a.dw));
   }
   ce_loss_sum_kernel1<<<1, 1024, 0, stream>>>(a.token_loss, a.tokens, a.loss_scale, a.loss_sum);
   CUDA_RETURN_IF_LAUNCH_ERROR("ce_loss_sum_kernel1");

@@ -9,8 +9,9 @@
 //
 // The loop runs over chunks of `chunk_tokens` token rows; per chunk, one pass:
 //   1. GEMM (cuBLASLt): logits [n, V] as bf16 (fp32 accumulation, rounded once at the store:
-//      what PyTorch autocast's LM head produces) into a bounded buffer [chunk_tokens, V8] (V8 = V
-//      rounded up to 8 so rows stay 16-byte aligned for any V, e.g. 50257 and 50277);
+//      what PyTorch autocast's LM head produces) into a bounded buffer [chunk_tokens, ld] (ld = V
+//      rounded up to 128 by default: 256-byte aligned rows, and the GEMM plans of the next multiple of
+//      128; or to 8 under ld_align 8, see LinearCrossEntropyArgs);
 //   2. one block per row: log-sum-exp (the row's max, then Σ exp(l − max)), the token loss, then
 //      G written as bf16 *in place* over the row's own logits. ce_row_kernel2 (V8 · 2 bytes <=
 //      226 KiB: every vocabulary up to ~115K; two blocks per SM at GPT-2 sizes) stages the row in
@@ -18,7 +19,8 @@
 //      three times;
 //   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32; beta 0 on the first chunk
 //      under `overwrite_dw`, the deferred gradient zeroing of ops/module.h).
-// Peak extra memory: chunk_tokens · V8 · 2 bytes (16384 x 50304: 1.65 GB).
+// Peak extra memory: chunk_tokens · ld · 2 bytes (16384 x 50304: 1.65 GB; ld is V rounded up to
+// 128: at most 127 columns more than V, 4 MB at 16384 rows).
 // A target ≥ V gives a NaN loss and NaN gradient row (loud; the host validates ids).
 //
 // Precision: bf16 logits, fp32 log-sum-exp; G is rounded to bf16 for the two backward GEMMs.
@@ -66,9 +68,25 @@ struct LinearCrossEntropyArgs {
   // default); false: ce_row_kernel2, its reference with the same bits (GYRE_LCE_ROWS=staged in
   // ops/cuda_backend_impl.cc; the bitwise test).
   bool lean_rows = true;
+  // Row stride of the logits buffer, in elements: the vocabulary rounded up to a multiple of
+  // this (8: every row 16-byte aligned, the old layout; 128: rows 256-byte aligned) and, when 128
+  // or more and plan_as_padded, the three GEMMs take the plans cuBLASLt's heuristic gives at the
+  // vocabulary rounded up alike (GemmArgs::plan_round): any V then runs the kernels of the next
+  // multiple of 128 (cross_entropy_notes.md, session 19: at d 2048 the heuristic tiles 50288
+  // differently from 50304, 1.5x the time). 0: from GYRE_LCE_LD_ALIGN (read once; "8" or "128",
+  // unset: 128 since session 19; any other value is an error). The GEMM shapes stay [tokens, V] / [V, d]: the padding columns are neither
+  // computed, read nor written; W, dW and the checkpoint are untouched.
+  int64_t ld_align = 0;
+  bool plan_as_padded = true;  // false: the padded stride alone (measurement: bench/lce_bench.cc)
 };
 
+// The logits buffer's row stride for `args` (ld_align resolved as above).
+int64_t LogitsRowStride(const LinearCrossEntropyArgs& args);
+
 // With dh and dw both null only the loss is computed (one GEMM per chunk).
+// Measurement only (GYRE_LCE_TIMING=1, read once): each call synchronises, times its phases with
+// events (the allocation on the host; per chunk logits / rows / dh / dW on the stream) and prints
+// them to stderr with ld, the operands' alignments and the allocator's cudaMalloc / cudaFree counts.
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
                               const LinearCrossEntropyArgs& args, cudaStream_t stream);
 

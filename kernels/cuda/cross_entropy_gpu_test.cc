@@ -1,6 +1,7 @@
 // Needs a GPU: fused linear + cross-entropy against a float64 reference that materialises all
 // logits, at the odd vocabularies 50257 and 50277, 50304, 60013 (and 120011, past the
-// shared-memory row kernel), several chunks with a ragged tail, ignored targets, dW accumulated
+// shared-memory row kernel), Mamba-2's 50288 at d 2048, 301 and 257, with the logits row stride
+// padded to 128 beside the default, several chunks with a ragged tail, ignored targets, dW accumulated
 // onto nonzero values or overwritten (NaN-poisoned before), and the loss-only mode.
 #include "kernels/cuda/cross_entropy.h"
 
@@ -33,7 +34,7 @@ struct LceBuffers {
       : h(alloc, c.tokens * c.dim), w(alloc, c.vocab * c.dim), dh(alloc, c.tokens * c.dim),
         dw(alloc, c.vocab * c.dim), tl(alloc, c.tokens), t(alloc, c.tokens), loss(alloc, 1) {}
   LinearCrossEntropyArgs Args(const Case& c, const std::vector<float>& dw0, float loss_scale, bool overwrite_dw,
-                              bool lean_rows) {
+                              bool lean_rows, int64_t ld_align = 8) {
     if (overwrite_dw) {
       dw.Poison();
     } else {
@@ -57,6 +58,7 @@ struct LceBuffers {
     a.chunk_tokens = c.chunk;
     a.overwrite_dw = overwrite_dw;
     a.lean_rows = lean_rows;
+    a.ld_align = ld_align;
     return a;
   }
   DeviceArray<bf16> h, w, dh;
@@ -68,8 +70,11 @@ struct LceBuffers {
 TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
   std::mt19937_64 rng(11);
   // All but the last take the shared-memory row kernel; V = 120011 (240 KB rows) the other one.
+  // V 50288 at d 2048 is the mamba2-1.3b head (session 19: the padded row stride); 301 and 257 are
+  // small odd vocabularies (ld 304 / 264, padded 384).
   for (const Case& c : {Case{300, 96, 50257, 128}, Case{130, 77, 50277, 1024}, Case{67, 256, 50304, 32},
-                        Case{37, 768, 50304, 16}, Case{41, 64, 60013, 16}, Case{23, 40, 120011, 8}}) {
+                        Case{37, 768, 50304, 16}, Case{41, 64, 60013, 16}, Case{23, 40, 120011, 8},
+                        Case{24, 2048, 50288, 16}, Case{50, 64, 301, 16}, Case{33, 128, 257, 8}}) {
     DeviceAllocator alloc;
     std::unique_ptr<GemmContext> gemm;
     CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
@@ -118,12 +123,13 @@ TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
     }
     loss *= loss_scale;
     // rows 1: ce_row_kernel2_lean (the default), 0: ce_row_kernel2 (V 50257 / 50277 / 50304 /
-    // 60013; 120011 keeps ce_row_kernel1).
-    for (const int rows_mode : {0, 1})
+    // 60013; 120011 keeps ce_row_kernel1); rows 2: the lean kernel over the logits buffer with its
+    // row stride padded to a multiple of 128 (ld_align 128).
+    for (const int rows_mode : {0, 1, 2})
     for (const bool overwrite_dw : {false, true}) {
       const std::string tag = shape + (overwrite_dw ? " dW overwrite" : " dW accumulate") +
-                              (rows_mode == 1 ? " lean" : " staged");
-      LinearCrossEntropyArgs a = b.Args(c, dw0, loss_scale, overwrite_dw, rows_mode == 1);
+                              (rows_mode == 0 ? " staged" : rows_mode == 1 ? " lean" : " lean ld128");
+      LinearCrossEntropyArgs a = b.Args(c, dw0, loss_scale, overwrite_dw, rows_mode != 0, rows_mode == 2 ? 128 : 8);
       CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
       ASSERT_TRUE(r.ok()) << r.message;
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -207,6 +213,67 @@ TEST(CrossEntropyGpuTest, LeanRowKernelEqualsDefaultBitwise) {
       EXPECT_TRUE(Report("lean vs default rows: dW differing", tag, differing(lean.dw, plain.dw), 0.0));
       EXPECT_TRUE(Report("lean vs default rows: loss differs", tag,
                          std::memcmp(&lean.loss, &plain.loss, sizeof(double)) != 0 ? 1.0 : 0.0, 0.0));
+    }
+  }
+}
+
+// The padded row stride (ld_align 128) repeats bit for bit run to run (the GEMM plans are fixed
+// per shape and stride), and equals the default where the padded stride is the default's (V a
+// multiple of 128: the same buffer layout, the same plans). Several chunks, ignored targets, the
+// last column as target, dW accumulated and overwritten.
+TEST(CrossEntropyGpuTest, PaddedStrideRepeatsBitwise) {
+  std::mt19937_64 rng(47);
+  for (const Case& c : {Case{301, 2048, 50288, 128}, Case{200, 96, 50277, 64}, Case{64, 2048, 50304, 32},
+                        Case{70, 64, 301, 16}}) {
+    DeviceAllocator alloc;
+    std::unique_ptr<GemmContext> gemm;
+    CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
+    const auto h = RandomBf16Values(rng, c.tokens * c.dim);
+    const auto w = RandomBf16Values(rng, c.vocab * c.dim, 3.f / std::sqrt(float(c.dim)));
+    const auto dw0 = RandomFloats(rng, c.vocab * c.dim, 1e-3f);
+    std::vector<float> targets(c.tokens);
+    for (int64_t r = 0; r < c.tokens; ++r) targets[r] = (r % 7 == 3) ? -1.f : static_cast<float>(rng() % c.vocab);
+    targets[1] = static_cast<float>(c.vocab - 1);
+    LceBuffers b(&alloc, c);
+    b.h.Upload(h);
+    b.w.Upload(w);
+    b.t.Upload(targets);
+    struct Out {
+      std::vector<float> tl, dh, dw;
+      double loss = 0;
+    };
+    auto run = [&](int64_t ld_align, bool overwrite_dw) {
+      const LinearCrossEntropyArgs a =
+          b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, /*lean_rows=*/true, ld_align);
+      const CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
+      EXPECT_TRUE(r.ok()) << r.message;
+      Out o;
+      o.tl = b.tl.Download();
+      o.dh = b.dh.Download();
+      o.dw = b.dw.Download();
+      o.loss = b.loss.Download()[0];
+      return o;
+    };
+    auto differing = [](const std::vector<float>& x, const std::vector<float>& y) {
+      int64_t n = 0;
+      for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(float)) != 0;
+      return static_cast<double>(n);
+    };
+    auto compare = [&](const char* what, const std::string& tag, const Out& x, const Out& y) {
+      EXPECT_TRUE(Report(std::string(what) + ": token losses differing", tag, differing(x.tl, y.tl), 0.0));
+      EXPECT_TRUE(Report(std::string(what) + ": dh differing", tag, differing(x.dh, y.dh), 0.0));
+      EXPECT_TRUE(Report(std::string(what) + ": dW differing", tag, differing(x.dw, y.dw), 0.0));
+      EXPECT_TRUE(Report(std::string(what) + ": loss differs", tag,
+                         std::memcmp(&x.loss, &y.loss, sizeof(double)) != 0 ? 1.0 : 0.0, 0.0));
+    };
+    for (const bool overwrite_dw : {false, true}) {
+      const std::string tag = "N=" + std::to_string(c.tokens) + " d=" + std::to_string(c.dim) + " V=" +
+                              std::to_string(c.vocab) + " chunk " + std::to_string(c.chunk) +
+                              (overwrite_dw ? " dW overwrite" : " dW accumulate");
+      const Out first = run(128, overwrite_dw);
+      const Out second = run(128, overwrite_dw);
+      compare("ld128 run twice", tag, first, second);
+      if (c.vocab % 128 == 0) compare("ld128 vs ld8 (same stride)", tag, first, run(8, overwrite_dw));
     }
   }
 }

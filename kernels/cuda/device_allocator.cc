@@ -2,6 +2,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "kernels/cuda/cuda_check.h"
 
 namespace gyre::cuda {
@@ -80,6 +84,11 @@ CudaResult DeviceAllocator::Allocate(size_t bytes, DeviceBuffer* out) {
     cudaError_t err = cudaMalloc(&ptr, cls);
     if (err == cudaErrorMemoryAllocation) {
       cudaGetLastError();  // clear the sticky-free error state before retrying
+      CUDA_RETURN_IF_NOT_OK(ReleaseCachedForLocked(cls));
+      err = cudaMalloc(&ptr, cls);
+    }
+    if (err == cudaErrorMemoryAllocation && !free_.empty()) {
+      cudaGetLastError();
       CUDA_RETURN_IF_NOT_OK(ReleaseCachedLocked());
       err = cudaMalloc(&ptr, cls);
     }
@@ -159,6 +168,54 @@ void DeviceAllocator::ReleasePool(uint64_t pool) {
 CudaResult DeviceAllocator::ReleaseCached() {
   std::lock_guard<std::mutex> lock(mu_);
   return ReleaseCachedLocked();
+}
+
+// Why not everything: near the card's capacity (mamba2-1.3b at 8 x 2048 peaks at 78 of 79.6 GiB)
+// one missed class used to return the whole cache to the driver, so the next step missed again in
+// every class and paid ~10 cudaFree + cudaMalloc a step (helper vocab19, session 19: 8-11 ms of
+// host time at the LM head's 1.65 GB logits buffer alone). Freeing only what the request lacks
+// keeps the other classes' blocks for their next use (PyTorch's caching allocator releases
+// cached blocks >= the request, or the largest until enough, before it releases all).
+CudaResult DeviceAllocator::ReleaseCachedForLocked(size_t cls) {
+  size_t device_free = 0, device_total = 0;
+  if (cudaMemGetInfo(&device_free, &device_total) != cudaSuccess) {
+    cudaGetLastError();
+    return ReleaseCachedLocked();
+  }
+  // The driver maps in 2 MiB pages: ask for the request rounded up, plus one page of slack.
+  constexpr size_t kPage = size_t{2} << 20;
+  const size_t want = (cls + kPage - 1) / kPage * kPage + kPage;
+  if (device_free >= want) return {};  // not a shortage of bytes: let the caller's retry decide
+  const size_t lack = want - device_free;
+  // Cached blocks by class, ascending.
+  std::vector<std::pair<size_t, void*>> cached;
+  for (auto& [c, blocks] : free_)
+    for (void* ptr : blocks) cached.emplace_back(c, ptr);
+  std::sort(cached.begin(), cached.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<std::pair<size_t, void*>> release;
+  // The smallest single block that covers the lack; else the largest ones until they do.
+  auto one = std::lower_bound(cached.begin(), cached.end(), lack,
+                              [](const std::pair<size_t, void*>& a, size_t v) { return a.first < v; });
+  if (one != cached.end()) {
+    release.push_back(*one);
+  } else {
+    size_t got = 0;
+    for (auto it = cached.rbegin(); it != cached.rend() && got < lack; ++it) {
+      release.push_back(*it);
+      got += it->first;
+    }
+  }
+  CudaResult result;
+  for (const auto& [c, ptr] : release) {
+    auto& blocks = free_[c];
+    blocks.erase(std::find(blocks.begin(), blocks.end(), ptr));
+    if (blocks.empty()) free_.erase(c);
+    const cudaError_t err = cudaFree(ptr);
+    ++stats_.device_frees;
+    stats_.bytes_cached -= c;
+    if (err != cudaSuccess && result.ok()) result = CudaError(err, "cudaFree", __FILE__, __LINE__);
+  }
+  return result;
 }
 
 CudaResult DeviceAllocator::ReleaseCachedLocked() {

@@ -5,8 +5,10 @@
 // Size classes: requests round up to 256 bytes below 4 KiB, and above that to one of 4 classes
 // per power of two (x1, x1.25, x1.5, x1.75), so no block wastes more than 25% (and on average
 // ~12%). A freed block goes back on its class's free list, untouched; Allocate pops from the
-// exact class, else calls cudaMalloc; if that fails, it returns every cached block to the driver
-// (cudaFree) and tries once more before reporting out-of-memory.
+// exact class, else calls cudaMalloc; if that fails, it returns cached blocks to the driver
+// (cudaFree) until the driver's free memory covers the request — the smallest cached block that
+// covers the lack, else the largest ones — and tries again; if that fails too, it returns every
+// cached block and tries once more before reporting out-of-memory.
 //
 // Stream semantics: blocks carry no stream. Freeing a block and handing it to the next Allocate
 // is safe when all work that touches device memory runs in order on one stream (the training
@@ -109,6 +111,9 @@ class DeviceAllocator {
   friend class DeviceBuffer;
   void Free(void* ptr, size_t requested);
   CudaResult ReleaseCachedLocked();
+  // Returns cached blocks to the driver until its free memory covers a block of `cls` bytes (see
+  // the file comment); none when it already does.
+  CudaResult ReleaseCachedForLocked(size_t cls);
 
   struct Live {
     size_t cls = 0;     // class bytes

@@ -92,6 +92,53 @@ TEST(DeviceAllocatorTest, ImpossibleRequestIsAnErrorAndAllocatorStillWorks) {
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
+// A miss on a full device returns only what the request lacks to the driver, not the whole cache:
+// the device is filled with 1 GiB blocks (then 256 / 16 / 2 MiB ones), three 1 GiB blocks and one
+// 256 MiB block go back to the cache, and a 1.5 GiB request must then free two 1 GiB blocks (the
+// largest, as no single cached block covers it) and keep the third and the 256 MiB one cached.
+// Fills the whole card: run it alone (not beside other GPU tests).
+TEST(DeviceAllocatorTest, MissOnAFullDeviceFreesOnlyWhatItLacks) {
+  DeviceAllocator alloc;
+  std::vector<DeviceBuffer> gib, rest;
+  for (;;) {
+    DeviceBuffer b;
+    if (!alloc.Allocate(size_t{1} << 30, &b).ok()) break;
+    gib.push_back(std::move(b));
+  }
+  ASSERT_GE(gib.size(), 4u) << "needs a card of >= 4 GiB";
+  for (size_t piece : {size_t{256} << 20, size_t{16} << 20, size_t{2} << 20}) {
+    for (;;) {
+      DeviceBuffer b;
+      if (!alloc.Allocate(piece, &b).ok()) break;
+      rest.push_back(std::move(b));
+    }
+  }
+  size_t device_free = 0, device_total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&device_free, &device_total), cudaSuccess);
+  std::printf("[INFO] filled: %zu x 1 GiB + %zu smaller blocks, %.1f MiB left on the device\n", gib.size(),
+              rest.size(), device_free / 1048576.0);
+  const AllocatorStats filled = alloc.stats();
+  ASSERT_EQ(filled.bytes_cached, 0u);
+  for (int i = 0; i < 3; ++i) gib.pop_back();  // three 1 GiB blocks to the cache
+  auto quarter = std::find_if(rest.begin(), rest.end(), [](const DeviceBuffer& b) { return b.bytes() == (size_t{256} << 20); });
+  ASSERT_NE(quarter, rest.end()) << "no 256 MiB block was placed";
+  rest.erase(quarter);
+  ASSERT_EQ(alloc.stats().bytes_cached, (size_t{3} << 30) + (size_t{256} << 20));
+  DeviceBuffer big;
+  CudaResult r = alloc.Allocate(size_t{3} << 29, &big);  // 1.5 GiB: a class the cache does not hold
+  ASSERT_TRUE(r.ok()) << r.message;
+  const AllocatorStats after = alloc.stats();
+  EXPECT_EQ(after.device_frees - filled.device_frees, 2u);
+  EXPECT_EQ(after.bytes_cached, (size_t{1} << 30) + (size_t{256} << 20));
+  EXPECT_EQ(cudaMemset(big.get(), 1, big.bytes()), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::printf("[%s] full device: a 1.5 GiB miss freed %llu cached blocks, %.2f GiB stay cached\n",
+              after.device_frees - filled.device_frees == 2 && after.bytes_cached == (size_t{1} << 30) + (size_t{256} << 20)
+                  ? "PASS" : "FAIL",
+              static_cast<unsigned long long>(after.device_frees - filled.device_frees),
+              after.bytes_cached / double(size_t{1} << 30));
+}
+
 TEST(DeviceAllocatorTest, MoveTransfersOwnership) {
   DeviceAllocator alloc;
   DeviceBuffer a;

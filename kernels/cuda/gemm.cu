@@ -232,7 +232,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk, g.plan_round};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -267,33 +267,57 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, a_rows, a_cols, g.ldb));
   CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, b_rows, b_cols, g.lda));
   CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&p->c, ct, g.n, g.m, g.ldc));
+  // plan_round: the layouts the heuristic is asked about (the real ones when the shape is already
+  // rounded); owned by `rounded` (the Plan type's destructor frees layouts).
+  Plan rounded;
+  cublasLtMatrixLayout_t query_a = p->a, query_b = p->b, query_c = p->c;
+  if (g.plan_round > 0 && (g.m % g.plan_round != 0 || g.n % g.plan_round != 0 || g.k % g.plan_round != 0)) {
+    const auto up = [&](int64_t x) { return static_cast<uint64_t>((x + g.plan_round - 1) / g.plan_round * g.plan_round); };
+    const uint64_t m_r = up(g.m), n_r = up(g.n), k_r = up(g.k);
+    const uint64_t qa_rows = g.trans_b ? k_r : n_r, qa_cols = g.trans_b ? n_r : k_r;
+    const uint64_t qb_rows = g.trans_a ? m_r : k_r, qb_cols = g.trans_a ? k_r : m_r;
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&rounded.a, CUDA_R_16BF, qa_rows, qa_cols,
+                                                      std::max<uint64_t>(g.ldb, qa_rows)));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&rounded.b, CUDA_R_16BF, qb_rows, qb_cols,
+                                                      std::max<uint64_t>(g.lda, qb_rows)));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&rounded.c, ct, n_r, m_r, std::max<uint64_t>(g.ldc, n_r)));
+    query_a = rounded.a;
+    query_b = rounded.b;
+    query_c = rounded.c;
+  }
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = workspace_.bytes();
   const uint32_t align_a = static_cast<uint32_t>(Alignment(g.b));
   const uint32_t align_b = static_cast<uint32_t>(Alignment(g.a));
   const uint32_t align_c = static_cast<uint32_t>(CAlignment(g));
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                              &align_a, sizeof(align_a));
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                              &align_b, sizeof(align_b));
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                              &align_c, sizeof(align_c));
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                              &align_c, sizeof(align_c));
+  // The heuristic's preference: the workspace and the operands' alignments (created, then set;
+  // the caller destroys it).
+  const auto set_preference = [&](cublasLtMatmulPreference_t pref) {
+    cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                            sizeof(ws));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                               sizeof(align_a));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                               sizeof(align_b));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
+                                               sizeof(align_c));
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
+                                               sizeof(align_c));
+    return s;
+  };
+  cublasLtMatmulPreference_t pref = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  cublasStatus_t st = set_preference(pref);
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t results[kPickCandidates] = {};
   int returned = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
-                                        p->b, p->c, p->c, pref,
+    st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, query_a,
+                                        query_b, query_c, query_c, pref,
                                         pick.index >= 0 ? kPickCandidates : autotune || !preferred.empty() ? kCandidates : 1,
                                         results,
                                         &returned);
@@ -318,6 +342,28 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
         }
       }
       if (found) break;
+    }
+  }
+  const char* round_note = "";
+  if (query_a != p->a) {
+    // The rounded shape's choice must run the real one (cuBLASLt checks tile, split-K and
+    // workspace against the real layouts); else the real shape's first choice.
+    cublasLtMatmulHeuristicResult_t check = {};
+    round_note = " (planned as rounded)";
+    if (cublasLtMatmulAlgoCheck(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c, &p->algo,
+                                &check) != CUBLAS_STATUS_SUCCESS ||
+        check.workspaceSize > ws) {
+      round_note = " (rounded plan rejected: real shape's first choice)";
+      returned = 0;
+      CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+      st = set_preference(pref);
+      if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
+                                            pref, 1, results, &returned);
+      cublasLtMatmulPreferenceDestroy(pref);
+      CUBLAS_RETURN_IF_ERROR(st);
+      if (returned == 0) return InvalidArgument("cuBLASLt has no algorithm for the real shape of a rounded plan");
+      p->algo = results[0].algo;
     }
   }
   if (pick.index >= 0) {
@@ -396,10 +442,10 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
     if (best >= 0 && (default_ms == 0 || best_ms < 0.97f * default_ms)) p->algo = results[best].algo;
   }
   if (log) {
-    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d) %s\n", (long)g.m,
+    std::fprintf(stderr, "gemm-plan m%ld n%ld k%ld ta%d tb%d c%s beta%d autotune%d: %s (of %d) %s%s\n", (long)g.m,
                  (long)g.n, (long)g.k, g.trans_a, g.trans_b, g.c_dtype == DType::kBf16 ? "bf16" : "f32", g.beta != 0.f,
                  autotune, AlgoConfig(p->algo).c_str(), returned,
-                 autotune ? "autotune" : pick.index >= 0 ? "pick" : choice);
+                 autotune ? "autotune" : pick.index >= 0 ? "pick" : choice, round_note);
   }
   *plan = p.get();
   plans_.emplace(std::move(key), std::move(p));

@@ -21,7 +21,8 @@
 // the training step than the heuristic's first choice), and the Llama training products with
 // longer reductions that an in-step measurement found faster on another of the top 8 take that
 // one (gemm.cu kShapePreferred, exact shapes of llama-125m and llama-1.3b at 16 / 8 x 2048
-// tokens); fixed rules, so every run picks the same algorithm. GYRE_GEMM_PICK (measurement only,
+// tokens); fixed rules, so every run picks the same algorithm. A caller may ask for the plan of
+// its shape rounded up (GemmArgs::plan_round; the LM head's vocabulary, session 19). GYRE_GEMM_PICK (measurement only,
 // gemm.cu) forces a candidate index for in-step A/B runs. GYRE_GEMM_LOG=1 prints each new plan's configuration (and, when autotuning,
 // every candidate's time) to stderr. The 32 MiB workspace comes from the DeviceAllocator once,
 // at Create.
@@ -78,6 +79,14 @@ struct GemmArgs {
   // (c_in has C's dtype and ldc; it may equal c). Fuses a residual add into the product's
   // store: out = x Wᵀ + residual without a separate pass, the residual left intact.
   const void* c_in = nullptr;
+  // > 0: the plan is the one cuBLASLt's heuristic gives for m, n, k rounded up to multiples of
+  // plan_round (same operands, dtypes and leading dimensions, a leading dimension raised to the
+  // rounded row count where that is larger), run on the real shape when cublasLtMatmulAlgoCheck
+  // accepts it there (else the real shape's first choice). A fixed rule (the same algorithm in
+  // every run). Used by the LM head (kernels/cuda/cross_entropy.cu, opt-in): at d 2048 the
+  // heuristic tiles V = 50288 differently from 50304 (160x256 / 256x160 instead of 192x192 /
+  // 256x128), cross_entropy_notes.md session 19. 0: the real shape's plan (every other caller).
+  int64_t plan_round = 0;
 };
 
 class GemmContext {
