@@ -2723,6 +2723,174 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
   }
 }
 
+// GYRE_MLSTM_OUT_NORM=row (opt-in, session 19; ops/XLSTM_GLUE.md "Session 19 (helper xnorm19)"):
+// the mLSTM output norm's backward (mode 2) for heads of 512..1024 columns (% 256; xlstm[1:0]-1.3b:
+// 4 heads of 1024), which otherwise take group_norm_bwd_vec<2, 32>: a warp per (row, head) that
+// re-reads its 8 KiB row in the second pass (from L2: 24 warps' rows beside 3 x 64 KiB of
+// shared-memory column sums overflow L1) and has about one chunk's 4 loads a lane in flight
+// (1.76 TB/s of the 14 B floor on an H100, 59%). With GYRE_MLSTM_DH_DOT=norm (the default) the
+// same kernel also forms the cell's dots, as group_norm_bwd_mlstm_pf_dots does at 384.
+//
+// A CTA of gs / 8 threads (4 warps at 1024) takes kMoRows consecutive rows of one head; thread t
+// owns the 8 columns 8t of the head in every row, so its dweight and dskip terms accumulate in 16
+// registers over the CTA's rows (in row order) and go out once as the CTA's partial rows (then
+// reduce_partials, as everywhere in this file): no shared-memory column sums. A row's x, z, dy,
+// x_c (and h lo) arrive by cp.async into a 2-row ring in shared memory, thread t's own entries
+// only (no barrier for the ring): row i + 1's copies fly while row i is used. A row's two sums:
+// 32-lane butterfly, the warps' sums through shared memory, added by every thread in warp order
+// (fixed order: the same bits every run, not group_norm_bwd_vec's bits for dx, dweight, dskip;
+// dz and dx_c do not depend on the row sums: the same arithmetic as there). The dots: thread t
+// sums its 8 products, then the butterfly, then the warps in order at the end of the CTA.
+// Statistics of the CTA's rows are loaded once into shared memory.
+// Measured (H100, session 19, one xlstm[1:0]-1.3b B4 layer, 8192 x 4 x 1024): _vec 0.2635 ms (1.78
+// TB/s of the 14 B floor) -> 0.2097 (2.24), with the dots 0.2147 (2.50 of 16 B); in the step the
+// norm 12.70 -> 10.26 ms with the dots, the cell's backward 93.1 -> 90.1.
+constexpr int kMoRows = 32;       // rows of a CTA (its partial rows of dweight / dskip)
+constexpr int kMoMaxWarps = 4;    // heads of up to 1024 columns
+// The cp.async ring: kStages rows, kStages - 1 ahead. 2 is what the switch routes (measured);
+// 3 (2 rows ahead: 24 KiB a CTA, 30 with the dots, then 7 CTAs an SM) only through
+// MlstmOutNormRowBackward's ring_rows, for the bench: the prepared next step (ops/XLSTM_GLUE.md).
+template <bool kDots, int kStages>
+constexpr int kMoStashBytes(int threads) {
+  return kStages * (kDots ? 5 : 4) * threads * 16;
+}
+
+// v[n] := Σ over the CTA's `warps` warps of each thread's v[n]; red: kN x kMoMaxWarps floats that no
+// thread touches between this call's barrier and its last read (callers alternate two buffers).
+template <int kN>
+__device__ __forceinline__ void MoRowSum(float (&v)[kN], float* red, int warps) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) v[n] = WarpSum(v[n]);
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) red[n * kMoMaxWarps + wid] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    float s = 0.f;
+    for (int w = 0; w < warps; ++w) s += red[n * kMoMaxWarps + w];
+    v[n] = s;
+  }
+}
+
+// CTA (blockIdx.x, blockIdx.y) = rows [32·blockIdx.x, +32) of head blockIdx.y; blockDim.x = gs / 8.
+// Partial rows pw / ps [row blocks, dim] (dweight, dskip; each written only where a.dweight /
+// a.dskip is set). (128, 8): 64 registers, 32 warps a SM; an xlstm[1:0]-1.3b B4 layer's 256 x 4
+// CTAs fill 1024 of the 1056 slots (one wave).
+template <bool kDots, int kStages>
+__global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
+    group_norm_bwd_mlstm_row(GroupNormArgs a, float* pw, float* ps, const bf16* h_lo, float* dots) {
+  constexpr int kArrays = kDots ? 5 : 4;
+  extern __shared__ __align__(16) uint4 mo_stash[];  // [kStages][x, z, dy, x_c (, h lo)][threads]
+  __shared__ float stats[2][kMoRows];                // mean, rstd of the CTA's rows
+  __shared__ float red[2][2][kMoMaxWarps];           // [row parity][s1, s2][warp]
+  __shared__ float dot_part[kDots ? kMoRows : 1][kMoMaxWarps];
+  const int t = threadIdx.x, threads = blockDim.x, warps = threads >> 5;
+  const int64_t g = blockIdx.y, gs = a.dim / a.groups, c = g * gs + 8 * t;
+  const int64_t rb0 = blockIdx.x * static_cast<int64_t>(kMoRows);
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kMoRows), a.rows - rb0));
+  auto issue = [&](int i) {
+    if (i < rows) {
+      const int64_t r = rb0 + i, o = r * a.dim + c;
+      uint4* s = mo_stash + (i % kStages) * kArrays * threads + t;
+      CpAsync16(s, static_cast<const bf16*>(a.x) + o);
+      CpAsync16(s + threads, static_cast<const bf16*>(a.z) + r * a.ldz + c);
+      CpAsync16(s + 2 * threads, static_cast<const bf16*>(a.dy) + o);
+      CpAsync16(s + 3 * threads, static_cast<const bf16*>(a.xc) + o);
+      if (kDots && h_lo != nullptr) CpAsync16(s + 4 * threads, h_lo + o);
+    }
+    CpAsyncCommit();  // (an empty group past the last row keeps the wait count below uniform)
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  if (t < rows) {
+    const int64_t st = (rb0 + t) * a.groups + g;
+    stats[0][t] = a.layer ? a.mean[st] : 0.f;
+    stats[1][t] = a.rstd[st];
+  }
+  // (The scale and skip rows are read again each row, from L1: kept in registers they spilled.)
+  float dw[8], dsk[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) dw[k] = dsk[k] = 0.f;
+  __syncthreads();  // stats
+  for (int i = 0; i < rows; ++i) {
+    issue(i + kStages - 1);
+    CpAsyncWait<kStages - 1>();  // row i's copies (this thread's own entries)
+    const int64_t r = rb0 + i;
+    const float mean = stats[0][i], rstd = stats[1][i];
+    const uint4* s = mo_stash + (i % kStages) * kArrays * threads + t;
+    float sums[2] = {0.f, 0.f};  // Σ dxhat, Σ dxhat·xhat
+    float sc[8];
+    Scale8(a, c, sc);
+    {
+      float v[8], z[8], dy[8], xc[8], dz[8], dxc[8], sk[8];
+      LoadF8(a.skip + c, sk);
+      Unpack8(s[0], v);
+      Unpack8(s[threads], z);
+      Unpack8(s[2 * threads], dy);
+      Unpack8(s[3 * threads], xc);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {  // MlstmOutBwdChunkSums' arithmetic
+        const float xhat = (v[k] - mean) * rstd;
+        const float gout = dy[k] * Silu(z[k]);
+        const float dxhat = gout * sc[k];
+        sums[0] += dxhat;
+        sums[1] += dxhat * xhat;
+        dw[k] += gout * xhat;
+        dsk[k] += gout * xc[k];
+        const float hs = xhat * sc[k] + sk[k] * xc[k];
+        dz[k] = dy[k] * hs * DSilu(z[k]);
+        dxc[k] = gout * sk[k];
+      }
+      Store8(a.dz, r * a.dim + c, dz);
+      Store8(a.dxc, r * a.dim + c, dxc);
+    }
+    MoRowSum<2>(sums, &red[i & 1][0][0], warps);
+    Scale8(a, c, sc);
+    const float m1 = a.layer ? sums[0] / gs : 0.f, s2 = sums[1] / gs;
+    float xv[8], z[8], dy[8];
+    Unpack8(s[0], xv);
+    Unpack8(s[threads], z);
+    Unpack8(s[2 * threads], dy);
+    if constexpr (kDots) {
+      float dx[8], lo[8];
+      GroupNormBwdChunkDx<2>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2, dx);
+      if (h_lo != nullptr) {
+        Unpack8(s[4 * threads], lo);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) lo[k] = 0.f;
+      }
+      float dot = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dot += __bfloat162float(__float2bfloat16_rn(dx[k])) * (xv[k] + lo[k]);
+      dot = WarpSum(dot);
+      if ((t & 31) == 0) dot_part[i][t >> 5] = dot;
+    } else {
+      GroupNormBwdChunkDx<2>(a, r, c, xv, sc, dy, z, mean, rstd, m1, s2);
+    }
+  }
+  if constexpr (kDots) {
+    __syncthreads();
+    if (t < rows) {
+      float d = 0.f;
+      for (int w = 0; w < warps; ++w) d += dot_part[t][w];
+      dots[(rb0 + t) * a.groups + g] = d;
+    }
+  }
+  const int64_t o = blockIdx.x * a.dim + c;
+  if (a.dweight != nullptr) {
+    reinterpret_cast<float4*>(pw + o)[0] = make_float4(dw[0], dw[1], dw[2], dw[3]);
+    reinterpret_cast<float4*>(pw + o)[1] = make_float4(dw[4], dw[5], dw[6], dw[7]);
+  }
+  if (a.dskip != nullptr) {
+    reinterpret_cast<float4*>(ps + o)[0] = make_float4(dsk[0], dsk[1], dsk[2], dsk[3]);
+    reinterpret_cast<float4*>(ps + o)[1] = make_float4(dsk[4], dsk[5], dsk[6], dsk[7]);
+  }
+}
+
 // kIters of the register-resident kernels for a group size, or 0 for the _vec kernels. Measured
 // on an H100 (mglue7 call 1, ms per 16 x 2048-token step, both directions on the _reg kernels):
 //   backward, gated, gs 1536 (Mamba-2 130m)       6.91 -> 6.09: the _vec rows overflow L1 (above)
@@ -2923,6 +3091,72 @@ CudaResult LaunchRowBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   if (a.dweight) jobs.Add(Job(pw, chunks, a.dim, a.dim, a.dweight, a.overwrite_dparams));
   return LaunchReduce(jobs, stream);
 }
+
+// GYRE_MLSTM_OUT_NORM (read once): unset or "warp" (the default) = the mLSTM output norm's
+// backward on the kernels it always took (group_norm_bwd_vec<2, 32> for heads wider than 384,
+// the cell forming its own dots); "row" = group_norm_bwd_mlstm_row for the heads MlstmRowCovers
+// gives it (512..1024 columns), with the cell's dots under GYRE_MLSTM_DH_DOT=norm; any other
+// value is an error from GroupNormBackward (and MlstmOutNormDotsCovers says false).
+enum class MlstmOutNormSwitch { kWarp, kRow, kBad };
+MlstmOutNormSwitch ReadMlstmOutNormSwitch() {
+  static const MlstmOutNormSwitch v = [] {
+    const char* e = std::getenv("GYRE_MLSTM_OUT_NORM");
+    if (e == nullptr || std::string_view(e) == "warp") return MlstmOutNormSwitch::kWarp;
+    return std::string_view(e) == "row" ? MlstmOutNormSwitch::kRow : MlstmOutNormSwitch::kBad;
+  }();
+  return v;
+}
+CudaResult MlstmOutNormSwitchError() {
+  return gyre::cuda::InvalidArgument(std::string("GYRE_MLSTM_OUT_NORM must be warp or row (or unset), got '") +
+                                     std::getenv("GYRE_MLSTM_OUT_NORM") + "'");
+}
+// group_norm_bwd_mlstm_row takes `a` (and h_lo, null = 0): mode 2, heads of 512..1024 columns
+// (% 256: whole warps of 8-column chunks), statistics given, 16-byte accesses (weight and skip
+// 32-byte aligned), dz packed, no dresidual.
+bool MlstmRowCovers(const GroupNormArgs& a, const void* h_lo) {
+  if (a.mode != NormMode::kMlstmOutput || a.groups < 1 || a.groups > 65535 || a.dim % a.groups != 0 || a.rows < 0)
+    return false;
+  const int64_t gs = a.dim / a.groups;
+  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
+  return gs % 256 == 0 && gs >= 512 && gs <= 32 * kMoMaxWarps * 8 && a.rstd != nullptr &&
+         (!a.layer || a.mean != nullptr) && !strided_dz && a.dresidual == nullptr && a.ldz % 8 == 0 &&
+         a.skip != nullptr && Aligned(a.skip, 32) && (a.weight == nullptr || Aligned(a.weight, 32)) &&
+         Aligned(a.x, 16) && Aligned(a.z, 16) && Aligned(a.xc, 16) && Aligned(a.dy, 16) && Aligned(a.dx, 16) &&
+         Aligned(a.dz, 16) && Aligned(a.dxc, 16) && Aligned(h_lo, 16);
+}
+CudaResult LaunchMlstmRowBackward(const GroupNormArgs& a, const bf16* h_lo, float* dots, DeviceAllocator* scratch,
+                                  cudaStream_t stream, int ring_rows = 2) {
+  const int64_t chunks = (a.rows + kMoRows - 1) / kMoRows;
+  gyre::cuda::DeviceBuffer part;
+  float *pw = nullptr, *ps = nullptr;
+  const int nparams = (a.dweight != nullptr) + (a.dskip != nullptr);
+  if (nparams > 0) {
+    if (CudaResult r = Scratch(scratch, chunks * a.dim * nparams, &part); !r.ok()) return r;
+    pw = part.as<float>();
+    ps = pw + (a.dweight != nullptr ? chunks * a.dim : 0);
+  }
+  const int threads = static_cast<int>(a.dim / a.groups / 8);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.groups));
+  if (ring_rows == 3) {
+    if (dots != nullptr) {
+      group_norm_bwd_mlstm_row<true, 3><<<grid, threads, kMoStashBytes<true, 3>(threads), stream>>>(a, pw, ps, h_lo,
+                                                                                                  dots);
+    } else {
+      group_norm_bwd_mlstm_row<false, 3><<<grid, threads, kMoStashBytes<false, 3>(threads), stream>>>(a, pw, ps,
+                                                                                                    nullptr, nullptr);
+    }
+  } else if (dots != nullptr) {
+    group_norm_bwd_mlstm_row<true, 2><<<grid, threads, kMoStashBytes<true, 2>(threads), stream>>>(a, pw, ps, h_lo, dots);
+  } else {
+    group_norm_bwd_mlstm_row<false, 2><<<grid, threads, kMoStashBytes<false, 2>(threads), stream>>>(a, pw, ps, nullptr,
+                                                                                                 nullptr);
+  }
+  if (CudaResult r = Launched("group_norm_bwd_mlstm_row"); !r.ok()) return r;
+  ReduceJobs jobs;
+  if (a.dweight) jobs.Add(Job(pw, chunks, a.dim, a.dim, a.dweight, a.overwrite_dparams));
+  if (a.dskip) jobs.Add(Job(ps, chunks, a.dim, a.dim, a.dskip, a.overwrite_dparams));
+  return LaunchReduce(jobs, stream);
+}
 }  // namespace
 
 CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
@@ -3004,7 +3238,19 @@ CudaResult GatedNormRowBackward(const GroupNormArgs& a, DeviceAllocator* scratch
 }
 
 bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo) {
+  if (ReadMlstmOutNormSwitch() == MlstmOutNormSwitch::kRow && MlstmRowCovers(a, h_lo)) return true;
   return MlstmOutNormPf(a) && a.rstd != nullptr && (!a.layer || a.mean != nullptr) && Aligned(h_lo, 16);
+}
+
+bool MlstmOutNormRowCovers(const GroupNormArgs& a, const void* h_lo) { return MlstmRowCovers(a, h_lo); }
+
+CudaResult MlstmOutNormRowBackward(const GroupNormArgs& a, const void* h_lo, float* dots, DeviceAllocator* scratch,
+                                   cudaStream_t stream, int ring_rows) {
+  if (!MlstmRowCovers(a, h_lo))
+    return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: arguments outside the kernel (MlstmOutNormRowCovers)");
+  if (ring_rows != 2 && ring_rows != 3) return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: ring_rows 2 or 3");
+  if (a.rows == 0) return {};
+  return LaunchMlstmRowBackward(a, static_cast<const bf16*>(h_lo), dots, scratch, stream, ring_rows);
 }
 
 CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
@@ -3032,6 +3278,10 @@ CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratc
   if (gated == GatedNormSwitch::kBad) return GatedNormSwitchError();
   if (gated == GatedNormSwitch::kRow && dots == nullptr && GatedNormRowRouted(a, true))
     return LaunchRowBackward(a, scratch, stream);
+  const MlstmOutNormSwitch mlstm_out = ReadMlstmOutNormSwitch();
+  if (mlstm_out == MlstmOutNormSwitch::kBad) return MlstmOutNormSwitchError();
+  if (mlstm_out == MlstmOutNormSwitch::kRow && MlstmRowCovers(a, h_lo))
+    return LaunchMlstmRowBackward(a, h_lo, dots, scratch, stream);
   float* dskip = a.mode == NormMode::kMlstmOutput ? a.dskip : nullptr;
   const bool params = a.dweight != nullptr || dskip != nullptr;
   const bool vec = NormVectorizable(a, true);
