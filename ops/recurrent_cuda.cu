@@ -2723,7 +2723,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
   }
 }
 
-// GYRE_MLSTM_OUT_NORM=row (opt-in, session 19; ops/XLSTM_GLUE.md "Session 19 (helper xnorm19)"):
+// GYRE_MLSTM_OUT_NORM=row (the default since session 19; ops/XLSTM_GLUE.md "Session 19 (helper xnorm19)"):
 // the mLSTM output norm's backward (mode 2) for heads of 512..1024 columns (% 256; xlstm[1:0]-1.3b:
 // 4 heads of 1024), which otherwise take group_norm_bwd_vec<2, 32>: a warp per (row, head) that
 // re-reads its 8 KiB row in the second pass (from L2: 24 warps' rows beside 3 x 64 KiB of
@@ -3092,17 +3092,18 @@ CudaResult LaunchRowBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
   return LaunchReduce(jobs, stream);
 }
 
-// GYRE_MLSTM_OUT_NORM (read once): unset or "warp" (the default) = the mLSTM output norm's
-// backward on the kernels it always took (group_norm_bwd_vec<2, 32> for heads wider than 384,
-// the cell forming its own dots); "row" = group_norm_bwd_mlstm_row for the heads MlstmRowCovers
-// gives it (512..1024 columns), with the cell's dots under GYRE_MLSTM_DH_DOT=norm; any other
+// GYRE_MLSTM_OUT_NORM (read once): unset or "row" (the default since session 19: xlstm[1:0]-1.3b's
+// out-norm backward 12.70 -> 10.26 ms a step with the cell's dots included, step −3.3 ms on an
+// H100) = group_norm_bwd_mlstm_row for the heads MlstmRowCovers gives it (512..1024 columns), with
+// the cell's dots under GYRE_MLSTM_DH_DOT=norm; "warp" = the kernels it took before
+// (group_norm_bwd_vec<2, 32> for heads wider than 384, the cell forming its own dots); any other
 // value is an error from GroupNormBackward (and MlstmOutNormDotsCovers says false).
 enum class MlstmOutNormSwitch { kWarp, kRow, kBad };
 MlstmOutNormSwitch ReadMlstmOutNormSwitch() {
   static const MlstmOutNormSwitch v = [] {
     const char* e = std::getenv("GYRE_MLSTM_OUT_NORM");
-    if (e == nullptr || std::string_view(e) == "warp") return MlstmOutNormSwitch::kWarp;
-    return std::string_view(e) == "row" ? MlstmOutNormSwitch::kRow : MlstmOutNormSwitch::kBad;
+    if (e == nullptr || std::string_view(e) == "row") return MlstmOutNormSwitch::kRow;
+    return std::string_view(e) == "warp" ? MlstmOutNormSwitch::kWarp : MlstmOutNormSwitch::kBad;
   }();
   return v;
 }

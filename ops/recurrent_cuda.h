@@ -41,20 +41,20 @@ CudaResult GroupNormBackward(const GroupNormArgs& a, DeviceAllocator* scratch, c
 // with x = the cell's h and h_lo its saved lo part ([rows, dim] bf16; null = 0), fp32 products and
 // sums in a fixed order (bitwise the same run to run). Every other output is GroupNormBackward's,
 // bit for bit (the same kernel body). Only for the prefetch kernel's shapes: groups of 384 columns,
-// vectorisable, dz packed (and, under GYRE_MLSTM_OUT_NORM=row, MlstmOutNormRowCovers' shapes: there
+// vectorisable, dz packed (and, unless GYRE_MLSTM_OUT_NORM=warp, MlstmOutNormRowCovers' shapes: there
 // the outputs are MlstmOutNormRowBackward's); MlstmOutNormDotsCovers says whether; otherwise
 // InvalidArgument.
 bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo);
 CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,
                                         DeviceAllocator* scratch, cudaStream_t stream);
 // The mLSTM output norm's backward (mode 2) on the CTA-per-(32 rows, head) kernel that
-// GYRE_MLSTM_OUT_NORM=row (opt-in) routes heads of 512..1024 columns to (xlstm[1:0]-1.3b: 4 x 1024;
+// GYRE_MLSTM_OUT_NORM=row (the default since session 19) routes heads of 512..1024 columns to (xlstm[1:0]-1.3b: 4 x 1024;
 // ops/XLSTM_GLUE.md "Session 19"), called directly (tests and benches put it beside the default
 // in one process). dots null: GroupNormBackward's outputs, dz and dxc the same arithmetic (expected
 // bitwise), dx / dweight / dskip up to fp32 summation order (the row sums and the column sums are
 // added in another fixed order: the same bits run to run). dots given: also
-// MlstmOutNormBackwardWithDots' dots (same formula, this kernel's fixed order). Under
-// GYRE_MLSTM_OUT_NORM=row, MlstmOutNormDotsCovers also says true for these shapes and
+// MlstmOutNormBackwardWithDots' dots (same formula, this kernel's fixed order). Unless
+// GYRE_MLSTM_OUT_NORM=warp, MlstmOutNormDotsCovers also says true for these shapes and
 // MlstmOutNormBackwardWithDots / GroupNormBackward run this kernel. MlstmOutNormRowCovers: mode 2,
 // head width % 256 in [512, 1024], statistics given, 16-byte aligned (weight, skip 32), dz packed,
 // no dresidual, h_lo 16-byte aligned or null; the call returns InvalidArgument otherwise.

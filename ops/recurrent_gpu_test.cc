@@ -466,7 +466,7 @@ std::string NormVariant() {
   const char* gated = std::getenv("GYRE_GATED_NORM");
   const char* mlstm_out = std::getenv("GYRE_MLSTM_OUT_NORM");
   return std::string(" [norm_bwd pf] [norm_fwd pf] [gated_norm ") + (gated != nullptr ? gated : "row") +
-         "] [mlstm_out_norm " + (mlstm_out != nullptr ? mlstm_out : "warp") + "]";
+         "] [mlstm_out_norm " + (mlstm_out != nullptr ? mlstm_out : "row") + "]";
 }
 
 // lddz > 0 (gated mode): dz rows of lddz (GroupNormArgs::lddz, the Mamba-2 fused in_proj
@@ -631,8 +631,8 @@ TEST_F(RecurrentGpuTest, GroupNormKernels) {
 // [INFO]; the cell's own bwd_prep sums the same terms in fp32 as well). h_lo small
 // (~2^-8 of h, as a lo part) or null (bf16 cell states). Odd rows (a half-warp without a row, a
 // partial last row block of 64), 1-4 heads, RMS / LayerNorm, overwritten parameter gradients.
-// gs: the head width (384: the prefetch kernel; 512..1024: group_norm_bwd_mlstm_row under
-// GYRE_MLSTM_OUT_NORM=row, whose plain backward is the same kernel without the dots).
+// gs: the head width (384: the prefetch kernel; 512..1024: group_norm_bwd_mlstm_row, the default
+// unless GYRE_MLSTM_OUT_NORM=warp, whose plain backward is the same kernel without the dots).
 void CheckNormDots(bool layer, int64_t rows, int64_t groups, bool overwrite, bool with_lo, int64_t gs = 384) {
   Rng rng(77);
   const int64_t dim = groups * gs;
@@ -752,9 +752,9 @@ TEST_F(RecurrentGpuTest, MlstmOutNormDotsKernel) {
 // The mLSTM output norm at heads wider than 384 (xlstm[1:0]-1.3b: 4 heads of 1024; 350m / 760m:
 // 512 / 768) against float64, through the backend (CheckNorm: forward, backward with dweight /
 // dskip accumulated or overwritten), and with the cell's dots (CheckNormDots). Run both ways:
-// GYRE_MLSTM_OUT_NORM unset (= warp: group_norm_bwd_vec<2, 32>; the dots not covered, the plain
-// backward runs) and =row (group_norm_bwd_mlstm_row, dots covered; its dots call bitwise its
-// plain call in every other output, a second call the same bits). Odd row counts: a partial last
+// GYRE_MLSTM_OUT_NORM=warp (group_norm_bwd_vec<2, 32>; the dots not covered, the plain backward
+// runs) and unset (= row since session 19: group_norm_bwd_mlstm_row, dots covered; its dots call
+// bitwise its plain call in every other output, a second call the same bits). Odd row counts: a partial last
 // CTA of 32 rows (37, 301) and of the _vec kernel's 64.
 TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
   CheckNorm(NormMode::kMlstmOutput, true, 37, 4, 1024, 4096);
@@ -763,7 +763,7 @@ TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
   CheckNorm(NormMode::kMlstmOutput, true, 33, 1, 1024, 1024, true);
   CheckNorm(NormMode::kMlstmOutput, true, 67, 2, 512, 1024);     // 2 warps a CTA
   CheckNorm(NormMode::kMlstmOutput, true, 45, 3, 768, 2304, true);  // 3 warps a CTA
-  const bool row = std::getenv("GYRE_MLSTM_OUT_NORM") != nullptr &&
+  const bool row = std::getenv("GYRE_MLSTM_OUT_NORM") == nullptr ||
                    std::string_view(std::getenv("GYRE_MLSTM_OUT_NORM")) == "row";
   if (!row) {  // the dots are not covered at these widths: the plain backward, dots untouched
     Rng rng(5);
@@ -783,7 +783,7 @@ TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
     const Tensor d = dots.ToDevice(Device::kCpu).To(DType::kF64);
     bool untouched = true;
     for (int64_t i = 0; i < d.numel(); ++i) untouched = untouched && std::isnan(d.At(i));
-    std::printf("[%s] mlstm out-norm + dots, 2 heads of 1024, GYRE_MLSTM_OUT_NORM unset: not covered (returned %d), "
+    std::printf("[%s] mlstm out-norm + dots, 2 heads of 1024, GYRE_MLSTM_OUT_NORM=warp: not covered (returned %d), "
                 "dots untouched %d\n", !ran && untouched ? "PASS" : "FAIL", ran, untouched);
     EXPECT_FALSE(ran);
     EXPECT_TRUE(untouched);
@@ -1450,8 +1450,8 @@ BlockRun RunMlstmBlock(const ModelSpec& spec, int64_t B, int64_t T, bool cpu, bo
 // wherever the default path is; where the default path is outside its band too (a cancelling
 // sum: B 3 T 37, 2 heads, fgate bias: 0.22 on both paths, session 16 call 2), the line says so
 // and only the first check counts.
-// width: the head width; expect_norm: whether the norm path covers it (384 always; 512..1024 under
-// GYRE_MLSTM_OUT_NORM=row; elsewhere both runs take the cell's dots and must agree bitwise).
+// width: the head width; expect_norm: whether the norm path covers it (384 always; 512..1024 unless
+// GYRE_MLSTM_OUT_NORM=warp; elsewhere both runs take the cell's dots and must agree bitwise).
 void CheckDhDotInNormBlock(int64_t heads, int64_t B, int64_t T, int64_t width = 384, bool expect_norm = true) {
   const ModelSpec s = WideHeadXlstm(heads, width);
   const std::string name = "mlstm [dh_dot norm vs cell] heads " + std::to_string(heads) + "x" + std::to_string(width) +
@@ -1492,11 +1492,12 @@ TEST_F(RecurrentGpuTest, MlstmBlockWithDhDotInNorm) {
 }
 
 // Heads of 1024 (xlstm[1:0]-1.3b) and 768 through a whole block, dots in the norm vs the cell's vs
-// float64: under GYRE_MLSTM_OUT_NORM=row the norm path forms the dots (group_norm_bwd_mlstm_row),
-// unset it does not cover them (both runs the cell's dots). Run both ways.
+// float64: by default (GYRE_MLSTM_OUT_NORM unset = row) the norm path forms the dots
+// (group_norm_bwd_mlstm_row); under =warp it does not cover them (both runs the cell's dots). Run
+// both ways.
 TEST_F(RecurrentGpuTest, MlstmBlockWideHeadsDhDot) {
   const char* e = std::getenv("GYRE_MLSTM_OUT_NORM");
-  const bool row = e != nullptr && std::string_view(e) == "row";
+  const bool row = e == nullptr || std::string_view(e) == "row";
   CheckDhDotInNormBlock(2, 2, 100, 1024, row);
   CheckDhDotInNormBlock(1, 3, 37, 1024, row);
   CheckDhDotInNormBlock(2, 3, 37, 768, row);
