@@ -4360,6 +4360,510 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 }
+// ---------------------------------------------------------------- fused forward (state + out)
+//
+// mlstm_fwd_fused (helper fusedfwd19, session 19; opt-in: MlstmOptions::fwd_kernel = kFused,
+// GYRE_MLSTM_FWD=fused; dk 384 = the 125m cell, chunk 128, split states): chunk 128's state_fwd
+// and fwd_out as one kernel that never reads the boundary states back. One block per (head,
+// 64-column dv tile j) owns C[:, j] for all 384 dk rows — three 128-row state tiles, each as the
+// 16-row slices of the 8 consumer warps (an m64n64 accumulator a warpgroup) — and walks the
+// chunks. Per chunk k:
+//   1. C_k and n_k into shared memory: C_k as bf16 hi / lo (SplitPack, as the state kernels) in
+//      [16 rows][64] 128-byte-swizzled boxes, one [384][64] plane each — the source of the TMA box
+//      stores into `saved` (kStates; the boxes of mlstm_state_fwd_ws_tail's halves) and the
+//      N-major B operand of Q̂ C_k below. Named barriers of the 256 consumers: one before (nobody
+//      overwrites the planes while the other warpgroup's wgmmas of chunk k − 1 read them), one after;
+//   2. output, warpgroup w = query rows 64w .. 64w + 63: over six ring stages (Q̂ and K of a
+//      64-column dk block, 32 KB) S += Q̂ Kᵀ (m64n128) and H += Q̂ C_k hi, Q̂ C_k lo (m64n64 on the
+//      planes), q̂·n_k under them: fwd_out's dk steps (OutDkStep) in its order;
+//   3. fwd_out's gating (b, ĩ, m read from global: no room in shared memory), den, H·scale·G,
+//      P hi / lo A fragments, H += P V_j (V_j in its own 16 KB, loaded under the output pass),
+//      normalisation, h / h lo straight from the registers, den (tile 0);
+//   4. the update C_{k+1} = decay·C_k + (E K)ᵀ V_j, n_{k+1} likewise over three ring stages (K's
+//      128 columns of state tile i): mlstm_state_fwd_ws_tail's half-block step (the same
+//      ldmatrix.trans A fragments, E split hi / lo, the n mma.syncs, m64n64k16 wgmmas on V).
+// Registers: a consumer has 232 (setmaxnreg); C alone is 96 a thread, and C + S (64) + H (32) +
+// fwd_out's gating / packing temporaries spilled 260 bytes and serialised the wgmmas (ptxas C7512).
+// So tile 2 of C lives in registers only during its update: at its end the warp writes C_{k+1}'s
+// rows of tile 2 as hi / lo into the planes (chunk k + 1's step 1 then skips them) and the rest,
+// lo2 = bf16(C − hi − lo), into a third 16 KB plane; the next update rebuilds C exactly as
+// (hi + lo) + lo2 (hi + lo has at most 17 significant bits and lo2 is the exact remainder of at
+// most 8: exact unless |C| < ~2^-110, where lo2 would be a bf16 subnormal).
+// Every element of C_k / n_k / C_S gets the state kernels' products in their order (the 64-column
+// form is bitwise the 128-column one: StateTailSplitMatchesFullBytewise), so `saved` is meant to
+// be the default forward's bytes; h gets fwd_out's products in its order (n64 instead of n128
+// wgmmas on the C and V columns). Without kStates (MlstmOptions::fwd_skip_states: the caller
+// rebuilds the states with MlstmChunkwiseRecomputeStates) no C_k, C_S or n_k is stored.
+// Ring: 3 slots of 32 KB, 9 stages a chunk (O_0 .. O_5, U_0 .. U_2); V_k loads once U_2 of chunk
+// k − 1 released it (issued before O_2). n_k has one buffer: an update writes tile i's rows of
+// n_{k+1} after stage U_i's wait, which implies every warp released O_{3+i} and so read n_k's rows
+// of tile i (blocks 2i, 2i + 1) in its q̂·n_k. Shared memory: ring 96 KB + V 16 KB + planes 112 KB +
+// n 1.5 KB = 226.6 KB with the alignment slack: one block an SM; 384 blocks = 2.91 waves at the
+// 125m cell. Counted, predicted and measured: kernels/cuda/mlstm_notes.md (session 19).
+struct FusedFwdMaps {
+  CUtensorMap q, k, v;  // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;  // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 16 (stores)
+};
+struct FusedFwdSmem {
+  static constexpr int kDK = 384;
+  static constexpr int kTile64 = 128 * 128;          // [128 rows][64 cols] bf16
+  static constexpr int kStage = 2 * kTile64;          // Q̂ + K block, or K's 128 columns
+  static constexpr int kRing = 3;
+  static constexpr int kOffV = kRing * kStage;        // V_j [128 t][64]
+  static constexpr int kOffStg = kOffV + kTile64;     // C_k hi [384][64], lo, then tile 2's lo2
+  static constexpr int kPlane = kDK * 128;
+  static constexpr int kOffLo2 = kOffStg + 2 * kPlane;
+  static constexpr int kOffN = kOffLo2 + 128 * 128;   // n_k [384] fp32
+  static constexpr int kOffBars = kOffN + kDK * 4;    // full[3], empty[3], vfull, vempty
+  static constexpr size_t kBytes = kOffBars + 8 * 8 + 1024;
+};
+static_assert(FusedFwdSmem::kBytes <= 227 * 1024, "mlstm_fwd_fused: one block an SM");
+
+// This warp's 16 rows × 64 columns of C (acc) as hi / lo into the planes at row `row`
+// (128-byte swizzle: 16-byte chunk ch of row r at ch ^ (r % 8)), and with lo2 (not null) the
+// remainders into that plane (same layout, row − 256).
+__device__ __forceinline__ void FusedStageRows(const float (&acc)[8][4], unsigned char* stg, int plane, int row,
+                                               unsigned char* lo2, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    uint32_t hi0, lo0, hi1, lo1;
+    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+    const int col = nt * 8 + 2 * c, ch = col / 8;
+    const int o0 = row * 128 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+    *reinterpret_cast<uint32_t*>(stg + plane + o0) = lo0;
+    *reinterpret_cast<uint32_t*>(stg + plane + o1) = lo1;
+    if (lo2 != nullptr) {
+      const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi0));
+      const float2 l0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo0));
+      const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi1));
+      const float2 l1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo1));
+      const int p0 = o0 - 256 * 128, p1 = o1 - 256 * 128;
+      *reinterpret_cast<uint32_t*>(lo2 + p0) = PackBf16(acc[nt][0] - h0.x - l0.x, acc[nt][1] - h0.y - l0.y);
+      *reinterpret_cast<uint32_t*>(lo2 + p1) = PackBf16(acc[nt][2] - h1.x - l1.x, acc[nt][3] - h1.y - l1.y);
+    }
+  }
+}
+// Tile 2's rows back from the planes: C = (hi + lo) + lo2, exactly (see mlstm_fwd_fused).
+__device__ __forceinline__ void FusedLoadRows(float (&acc)[8][4], const unsigned char* stg, int plane, int row,
+                                              const unsigned char* lo2, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = nt * 8 + 2 * c, ch = col / 8;
+    const int o0 = row * 128 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+    const int o1 = o0 + 8 * 128;
+    const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(stg + o0));
+    const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(stg + o1));
+    const float2 l0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(stg + plane + o0));
+    const float2 l1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(stg + plane + o1));
+    const float2 r0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(lo2 + o0 - 256 * 128));
+    const float2 r1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(lo2 + o1 - 256 * 128));
+    acc[nt][0] = (h0.x + l0.x) + r0.x;
+    acc[nt][1] = (h0.y + l0.y) + r0.y;
+    acc[nt][2] = (h1.x + l1.x) + r1.x;
+    acc[nt][3] = (h1.y + l1.y) + r1.y;
+  }
+}
+
+// One update stage (state tile i, rows 128i + 16w of this warp): acc = decay·acc + (E K)ᵀ V_j,
+// nacc likewise — StateFwdTailConsume<8>'s chunk step, E read from global as there.
+__device__ __forceinline__ void FusedUpdate(const Dims& d, float (&acc)[8][4], float (&nacc)[4], const unsigned char* kst,
+                                            uint64_t v_d, const float* e_tok, int len, float decay, int w, int lane) {
+  using namespace hopper;
+  constexpr int L = 128;
+  const int c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    acc[nt][0] *= decay;
+    acc[nt][1] *= decay;
+    acc[nt][2] *= decay;
+    acc[nt][3] *= decay;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) nacc[e] *= decay;
+  uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    float ew[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = 16 * kk + 2 * c + (e & 1) + 8 * (e >> 1);
+      ew[e] = t < len ? e_tok[t] : 0.f;
+    }
+    uint32_t a[4];
+    LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+    ScaleAKSplitW(ae[kk], elo[kk], a, ew);
+    Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+    Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+  }
+  if (!d.fwd_wlo) {
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+  }
+  FenceRegs(ae);
+  FenceRegs(elo);
+  FenceRegs(acc);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < L / 16; ++kk) {
+    WgmmaRS64<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+    WgmmaRS64<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(acc);
+  FenceRegs(ae);
+  FenceRegs(elo);
+}
+
+template <bool kStates>
+__global__ void __launch_bounds__(384, 1)
+    mlstm_fwd_fused(Dims d, FwdPtrs p, const __grid_constant__ FusedFwdMaps maps) {
+  using namespace hopper;
+  using SM = FusedFwdSmem;
+  constexpr int L = 128, kConsumers = 256, kRing = SM::kRing, kPerChunk = 9;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  float* nks = reinterpret_cast<float*>(sm + SM::kOffN);  // n_k
+  const uint32_t full = sa + SM::kOffBars, empty = full + 8 * kRing;
+  const uint32_t vfull = empty + 8 * kRing, vempty = vfull + 8;
+  const int j0 = blockIdx.x * 64, bh = blockIdx.y;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kRing; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInit(vfull, 1);
+    MbInit(vempty, 8);
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < d.NC; ++k) {
+        const int t0 = k * L;
+        for (int s = 0; s < kPerChunk; ++s) {
+          if (s == 2) {  // V_k: its buffer is free once U_2 of chunk k − 1 retired
+            if (k > 0) MbWait(vempty, (k - 1) & 1);
+            MbArriveExpectTx(vfull, SM::kTile64);
+            TmaTile4d(sa + SM::kOffV, &maps.v, vfull, j0, hd, t0, b);
+          }
+          const int pos = k * kPerChunk + s, slot = pos % kRing, use = pos / kRing;
+          if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+          const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+          MbArriveExpectTx(fb, SM::kStage);
+          if (s < 6) {  // output stage: Q̂ and K of dk block s
+            TmaTile4d(st, &maps.q, fb, 64 * s, hd, t0, b);
+            TmaTile4d(st + SM::kTile64, &maps.k, fb, 64 * s, hd, t0, b);
+          } else {  // update stage: K's 128 columns of state tile s − 6
+            const int a0 = 128 * (s - 6);
+            TmaTile4d(st, &maps.k, fb, a0, hd, t0, b);
+            TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, t0, b);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const bool n_block = blockIdx.x == 0;  // stores n_k, den (every block computes n)
+  unsigned char* stg = sm + SM::kOffStg;
+  unsigned char* lo2 = sm + SM::kOffLo2;
+  const uint32_t stg_a = sa + SM::kOffStg;
+  // Tiles 0 and 1 of C in registers; tile 2 in the planes (written here for C_0).
+  float acc[2][8][4];
+  {
+    float acc2[8][4];
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      float(&ai)[8][4] = i == 0 ? acc[0] : (i == 1 ? acc[1] : acc2);
+      const int row = 128 * i + 16 * w;
+      if (p.c0 != nullptr) {
+        LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row) * d.DV + j0, d.DV, ai, lane);
+        if ((lane & 3) == 0) {
+          nks[row + g] = p.n0[static_cast<int64_t>(bh) * d.DK + row + g];
+          nks[row + g + 8] = p.n0[static_cast<int64_t>(bh) * d.DK + row + g + 8];
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) ai[nt][0] = ai[nt][1] = ai[nt][2] = ai[nt][3] = 0.f;
+        if ((lane & 3) == 0) nks[row + g] = nks[row + g + 8] = 0.f;
+      }
+    }
+    FusedStageRows(acc2, stg, SM::kPlane, 256 + 16 * w, lo2, lane);
+  }
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  const uint32_t own = wg * 64 * 128;
+  const int64_t bsd = static_cast<int64_t>(bh) * d.S;
+  for (int k = 0; k < d.NC; ++k) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
+    // 1. C_k (tiles 0, 1; tile 2's rows are there since the last update) and its stores.
+    if (k > 0) NamedBarrierSync(1, kConsumers);
+    // (this warp's boxes of chunk k − 1 have been read: waited for before its tile-2 rows, step 4)
+    FusedStageRows(acc[0], stg, SM::kPlane, 16 * w, nullptr, lane);
+    FusedStageRows(acc[1], stg, SM::kPlane, 128 + 16 * w, nullptr, lane);
+    FenceProxyAsync();  // the planes are read by TMA stores and wgmmas (async proxy)
+    __syncwarp();
+    if constexpr (kStates) {
+      if (lane == 0) {
+        const int crow = (bh * (d.NC + 1) + k) * d.DK + 16 * w;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const uint32_t off = (128 * i + 16 * w) * 128;
+          TmaStore2d(&maps.c, stg_a + off, j0, crow + 128 * i);
+          TmaStore2d(&maps.c_lo, stg_a + SM::kPlane + off, j0, crow + 128 * i);
+        }
+        BulkCommit();
+      }
+      if (n_block && (lane & 3) == 0) {
+        float* sn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int row = 128 * i + 16 * w;
+          sn[row + g] = nks[row + g];
+          sn[row + g + 8] = nks[row + g + 8];
+        }
+      }
+    }
+    NamedBarrierSync(1, kConsumers);  // C_k and n_k are visible
+
+    // 2. Output pass: S = Q̂ Kᵀ, H = Q̂ C_k (hi, lo), q̂·n_k.
+    float sacc[64], hacc[32];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sacc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) hacc[i] = 0.f;
+    float qn0 = 0.f, qn1 = 0.f;
+    int dt = 0;
+    do {  // (a do-while: see FwdOutWs3 on C7515)
+      const int pos = k * kPerChunk + dt, slot = pos % kRing, phase = (pos / kRing) & 1;
+      MbWait(full + 8 * slot, phase);
+      const uint32_t st = sa + slot * SM::kStage;
+      const uint64_t q_d = SmemDescSw128(st + own, 16, 1024);
+      const uint64_t k_d = SmemDescSw128(st + SM::kTile64, 16, 1024);
+      const uint64_t c_d = SmemDescSw128(stg_a + dt * 64 * 128, 64 * 128, 1024);
+      const uint64_t clo_d = SmemDescSw128(stg_a + SM::kPlane + dt * 64 * 128, 64 * 128, 1024);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+        WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+        WgmmaSS64<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+        WgmmaSS64<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+      }
+      WgmmaCommit();
+      const unsigned char* qt = sm + slot * SM::kStage;  // q̂·n_k under the wgmma (OutDkStep's order)
+      const float* nk = nks + dt * 64 + 16 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint4 x0 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r0, 2 * c + half));
+        const uint4 x1 = *reinterpret_cast<const uint4*>(qt + Sw128ChunkOffset<L>(r1, 2 * c + half));
+        const __nv_bfloat162* y0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
+        const __nv_bfloat162* y1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 a0 = __bfloat1622float2(y0[j]), a1 = __bfloat1622float2(y1[j]);
+          const float n0 = nk[8 * half + 2 * j], n1 = nk[8 * half + 2 * j + 1];
+          qn0 = fmaf(a0.x, n0, fmaf(a0.y, n1, qn0));
+          qn1 = fmaf(a1.x, n0, fmaf(a1.y, n1, qn1));
+        }
+      }
+      WgmmaWait<0>();  // this stage's group retired: release it (eager, as fwd_out's default)
+      if (lane == 0) MbArrive(empty + 8 * slot);
+    } while (++dt < 6);
+    FenceRegs(sacc);
+    FenceRegs(hacc);
+    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
+    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
+    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
+    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+
+    // 3. Gating (OutGate's arithmetic on the gate rows in global memory), den, P V_j, h.
+    const float* bg = p.b_tok + bsd + t0;
+    const float* mg = p.m_tok + bsd + t0;
+    const float* ig = p.ig + (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+    const float b0v = r0 < len ? bg[r0] : 0.f, b1v = r1 < len ? bg[r1] : 0.f;
+    const float m0v = r0 < len ? mg[r0] : 0.f, m1v = r1 < len ? mg[r1] : 0.f;
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = nt * 8 + 2 * c + (e & 1);
+        const int r = e < 2 ? r0 : r1;
+        const float br = e < 2 ? b0v : b1v, mr = e < 2 ? m0v : m1v;
+        float pv = 0.f;
+        if (s <= r && r < len) pv = sacc[4 * nt + e] * d.scale * __expf(br - bg[s] + ig[static_cast<int64_t>(s) * d.NH] - mr);
+        sacc[4 * nt + e] = pv;
+        if (e < 2) rs0 += pv; else rs1 += pv;
+      }
+    }
+    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+    rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+    rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+    float den0, den1;
+    {  // OutInterScale on the 64-column H
+      const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
+      den0 = rs0 + G0 * d.scale * qn0;
+      den1 = rs1 + G1 * d.scale * qn1;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        hacc[4 * i + 0] *= d.scale * G0;
+        hacc[4 * i + 1] *= d.scale * G0;
+        hacc[4 * i + 2] *= d.scale * G1;
+        hacc[4 * i + 3] *= d.scale * G1;
+      }
+    }
+    {
+      uint32_t pa[8][4], palo[8][4];
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+        SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+        SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+        SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+      }
+      MbWait(vfull, k & 1);
+      const uint64_t v_d = SmemDescSw128(sa + SM::kOffV, SM::kTile64, 1024);
+      FenceRegs(hacc);  // (as OutPvNormalize: the scaled H final before the fence, C7515)
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        WgmmaRS64Pred<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4), 1);
+        WgmmaRS64Pred<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(hacc);
+      FenceRegs(pa);
+      FenceRegs(palo);
+    }
+    {
+      const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+      const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+      const int64_t tok0 = (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
+      const int64_t o0 = (tok0 + static_cast<int64_t>(r0) * d.NH) * d.DV + j0;
+      const int64_t o1 = (tok0 + static_cast<int64_t>(r1) * d.NH) * d.DV + j0;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = nt * 8 + 2 * c;
+        uint32_t hi, lo;
+        SplitPack(hacc[4 * nt + 0] * inv0, hacc[4 * nt + 1] * inv0, hi, lo);
+        if (r0 < len) {
+          *reinterpret_cast<uint32_t*>(p.h + o0 + col) = hi;
+          *reinterpret_cast<uint32_t*>(p.h_lo + o0 + col) = lo;
+        }
+        SplitPack(hacc[4 * nt + 2] * inv1, hacc[4 * nt + 3] * inv1, hi, lo);
+        if (r1 < len) {
+          *reinterpret_cast<uint32_t*>(p.h + o1 + col) = hi;
+          *reinterpret_cast<uint32_t*>(p.h_lo + o1 + col) = lo;
+        }
+      }
+      if (n_block && c == 0) {
+        if (r0 < len) p.den_tok[bsd + t0 + r0] = den0;
+        if (r1 < len) p.den_tok[bsd + t0 + r1] = den1;
+      }
+    }
+
+    // 4. Update: C_{k+1} = decay·C_k + (E K)ᵀ V_j, n_{k+1} = decay·n_k + (E K)ᵀ 1.
+    // (A compiler barrier: without it the E_t loads below were hoisted above the output pass,
+    // 32 more registers live beside C, S and H: ~200 bytes of spills.)
+    asm volatile("" ::: "memory");
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    const float* e_tok = p.e_tok + bsd + t0;
+    const uint64_t v_d = SmemDescSw128(sa + SM::kOffV, SM::kTile64, 1024);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const int pos = k * kPerChunk + 6 + i, slot = pos % kRing, phase = (pos / kRing) & 1;
+      const int row = 128 * i + 16 * w;
+      float nacc[4];
+      LoadNAcc(nacc, nks + row, lane);
+      MbWait(full + 8 * slot, phase);
+      const unsigned char* kst = sm + slot * SM::kStage;
+      if (i < 2) {
+        FusedUpdate(d, acc[i], nacc, kst, v_d, e_tok, len, decay, w, lane);
+      } else {
+        float acc2[8][4];
+        FusedLoadRows(acc2, stg, SM::kPlane, row, lo2, lane);
+        FusedUpdate(d, acc2, nacc, kst, v_d, e_tok, len, decay, w, lane);
+        if (k + 1 == d.NC) {  // C_NC's tile 2 straight from the registers
+          const int64_t last = static_cast<int64_t>(bh) * (d.NC + 1) + d.NC;
+          if constexpr (kStates) {
+            const int64_t clast = (last * d.DK + row) * d.DV + j0;
+            StoreAccSplit(p.sc + clast, p.sc_lo + clast, d.DV, acc2, lane);
+            StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row) * d.DV + j0, d.DV, acc2, lane);
+          }
+          if (p.c_out != nullptr) {
+            StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row) * d.DV + j0, d.DV, acc2, lane);
+          }
+        } else {
+          if constexpr (kStates) {
+            if (lane == 0) BulkWaitRead<0>();  // C_k's boxes have left the planes
+            __syncwarp();
+          }
+          // Every warp released O_5, so no wgmma reads C_k's tile-2 rows any more.
+          FusedStageRows(acc2, stg, SM::kPlane, row, lo2, lane);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) MbArrive(empty + 8 * slot);
+      if ((lane & 3) == 0) {  // n_{k+1}'s rows of tile i (see the header on the one buffer)
+        nks[row + g] = nacc[0];
+        nks[row + g + 8] = nacc[2];
+      }
+    }
+    __syncwarp();
+    if (lane == 0) MbArrive(vempty);  // V_j's last readers (PV and the update) are done
+  }
+  // C_NC's tiles 0, 1, n_NC, the final state (as state_fwd's end).
+  const int64_t last = static_cast<int64_t>(bh) * (d.NC + 1) + d.NC;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = 128 * i + 16 * w;
+    if constexpr (kStates) {
+      const int64_t clast = (last * d.DK + row) * d.DV + j0;
+      StoreAccSplit(p.sc + clast, p.sc_lo + clast, d.DV, acc[i], lane);
+      StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row) * d.DV + j0, d.DV, acc[i], lane);
+    }
+    if (p.c_out != nullptr) {
+      StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row) * d.DV + j0, d.DV, acc[i], lane);
+    }
+  }
+  if (n_block && (lane & 3) == 0) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const int row = 128 * i + 16 * w;
+      const float n0 = nks[row + g], n1 = nks[row + g + 8];
+      if constexpr (kStates) {
+        p.sn[last * d.DK + row + g] = n0;
+        p.sn[last * d.DK + row + g + 8] = n1;
+      }
+      if (p.c_out != nullptr) {
+        p.n_out[static_cast<int64_t>(bh) * d.DK + row + g] = n0;
+        p.n_out[static_cast<int64_t>(bh) * d.DK + row + g + 8] = n1;
+      }
+    }
+  }
+  if constexpr (kStates) {
+    if (lane == 0) BulkWait<0>();  // the planes stay valid until every box was stored
+  }
+}
+
 // ---------------------------------------------------------------- bwd_dqk, persistent grid
 //
 // mlstm_bwd_dqk_ws_persist (helper persistdqk17, session 17; opt-in: MlstmOptions::persist =
@@ -5966,6 +6470,25 @@ RingEnv RingRelease(const MlstmOptions& o) {
   return from_env;
 }
 
+// MlstmOptions::fwd_kernel resolved (kAuto: GYRE_MLSTM_FWD, read once per process: unset or
+// "default" = the default kernels, "fused" = mlstm_fwd_fused; any other value an error naming them).
+CudaResult FwdFused(const MlstmOptions& o, bool* fused) {
+  static const char* const env = std::getenv("GYRE_MLSTM_FWD");
+  *fused = false;
+  switch (o.fwd_kernel) {
+    case MlstmFwdKernel::kDefault: return {};
+    case MlstmFwdKernel::kFused: *fused = true; return {};
+    case MlstmFwdKernel::kAuto: break;
+  }
+  if (env == nullptr || std::strcmp(env, "default") == 0) return {};
+  if (std::strcmp(env, "fused") == 0) {
+    *fused = true;
+    return {};
+  }
+  return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD must be default or fused (or unset), got '") +
+                         env + "'");
+}
+
 // MlstmOptions::persist resolved for the forward: the persistent fwd_out's grid (one block per SM,
 // or persist_blocks, never more than the tiles), 0 where it does not run (off, or not the
 // chunk-128 128-column-slab kernel: LaunchForward decides that by d.wg_out). With the automatic
@@ -6156,13 +6679,42 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
   return {};
 }
 
+// Where mlstm_fwd_fused applies (MlstmFwdKernel::kFused): chunk 128, split states, dk 384 (its
+// register and shared-memory budget is laid out for three 128-row state tiles), dv in 64-column tiles.
+bool FusedFwdApplies(const Dims& d) { return d.L == 128 && d.split && d.DK == 384 && d.DV % 64 == 0; }
+
+// After the gate scan: mlstm_fwd_fused instead of state_fwd + fwd_out (FusedFwdApplies); `states`
+// false: without C_k, C_S and n_k (MlstmOptions::fwd_skip_states).
+CudaResult LaunchFusedFwd(const Dims& d, const FwdPtrs& p, bool states, cudaStream_t stream) {
+  FusedFwdMaps maps{};
+  const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &maps.q, p.q, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &maps.k, p.k, d.DK));
+  CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &maps.v, p.v, d.DV));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &maps.c, p.sc, rows, 16));
+  CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &maps.c_lo, p.sc_lo, rows, 16));
+  const size_t smem = FusedFwdSmem::kBytes;
+  const dim3 grid(d.DV / 64, d.B * d.NH);
+  if (states) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_fused<true>, smem));
+    mlstm_fwd_fused<true><<<grid, 384, smem, stream>>>(d, p, maps);
+  } else {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_fused<false>, smem));
+    mlstm_fwd_fused<false><<<grid, 384, smem, stream>>>(d, p, maps);
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_fwd_fused");
+  Hook("mlstm_fwd_fused", stream);
+  return {};
+}
+
 // `with_out` false: the gate scan and state_fwd only (MlstmChunkwiseRecomputeStates), the same
 // launches with the same arguments as the full forward's first two.
 // tail_split: StateTailSplit's choice (chunk 128's TMA state kernel only).
 // persist_blocks > 0: chunk 128's fwd_out as mlstm_fwd_out_ws3_persist on that many blocks.
 template <int L>
 CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, bool with_out = true,
-                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0) {
+                         bool tail_split = false, bool ring_eager = false, int persist_blocks = 0,
+                         int fused = 0) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
     cudaLaunchConfig_t cfg = {};
@@ -6186,6 +6738,8 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
   }
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
   Hook("mlstm_gates_fwd", stream);
+  // fused: 1 = mlstm_fwd_fused with the chunk states stored, 2 = without (the caller rebuilds them).
+  if (with_out && fused != 0) return LaunchFusedFwd(d, p, fused == 1, stream);
   {
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
@@ -6670,8 +7224,11 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
+  bool fused = false;
+  CUDA_RETURN_IF_NOT_OK(FwdFused(options, &fused));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
+  fused = fused && FusedFwdApplies(d);
   const SavedLayout l = MakeSaved(shape, options);
   FwdPtrs p = ForwardPointers(in, initial, h, static_cast<char*>(saved), l);
   p.c_out = final_state.c;
@@ -6686,7 +7243,9 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
       return LaunchForward256(d, p, stream, true, reinterpret_cast<uint4*>(base + l.p_off),
                               reinterpret_cast<float*>(base + l.rs_off), ring.eager);
     }
-    default: return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options));
+    default:
+      return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options),
+                                fused ? (options.fwd_skip_states ? 2 : 1) : 0);
   }
 }
 
