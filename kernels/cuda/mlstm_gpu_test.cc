@@ -504,11 +504,11 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       {2, 1100, 1, 256, 512, 256, true, false},
       // The 125m head at chunk 128 where the fused forward (v2-fused, helper fusedfwd19) runs: S 8200
       // (65 chunks, a short last one), B3 with a 2-token last chunk, dv 128 (two 64-column tiles),
-      // gates ±30 with an initial state.
+      // gates ±30 with an initial state (case 18's known gap: the true-gradient df̃ is [INFO]).
       {1, 8200, 1, 384, 384, 128, true, true},
       {3, 130, 2, 384, 384, 128, false, false},
       {2, 200, 1, 384, 128, 128, true, true},
-      {1, 300, 2, 384, 384, 128, true, true, Gates::kExtreme},
+      {1, 300, 2, 384, 384, 128, true, true, Gates::kExtreme, MlstmForgetGate::kSigmoid, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
