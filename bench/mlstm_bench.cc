@@ -604,6 +604,9 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 256, v2_lag},
       {"xlstm-125m-cell", s125, 128, v2_fused},
       {"xlstm-125m-cell", s125, 128, v2_fused_ns},
+      // B1 (one head-batch: 24 fused blocks, each alone on its SM): the chain of a chunk.
+      {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_persist_both},
+      {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_fused_ns},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_lag},
   };
   if (only.empty() && !once) {

@@ -4521,7 +4521,10 @@ __device__ __forceinline__ void FusedUpdate(const Dims& d, float (&acc)[8][4], f
   FenceRegs(elo);
 }
 
-template <bool kStates>
+// kProbe (measurement only, GYRE_MLSTM_FWD=fused-probe1 / fused-probe2; wrong outputs): 1 skips the
+// output pass, gating, P V and the h stores (the update chain alone), 2 skips the updates (the output
+// chain alone); the loads, ring waits and releases, barriers and C_k staging stay.
+template <bool kStates, int kProbe = 0>
 __global__ void __launch_bounds__(384, 1)
     mlstm_fwd_fused(Dims d, FwdPtrs p, const __grid_constant__ FusedFwdMaps maps) {
   using namespace hopper;
@@ -4658,12 +4661,14 @@ __global__ void __launch_bounds__(384, 1)
       const uint64_t c_d = SmemDescSw128(stg_a + dt * 64 * 128, 64 * 128, 1024);
       const uint64_t clo_d = SmemDescSw128(stg_a + SM::kPlane + dt * 64 * 128, 64 * 128, 1024);
       WgmmaFence();
+      if constexpr (kProbe != 1) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
-        WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
-        WgmmaSS64<0, 1>(hacc, q_d + ks, c_d + cs, 1);
-        WgmmaSS64<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint64_t ks = (kk * 32) >> 4, cs = (kk * 16 * 128) >> 4;
+          WgmmaSS128<0, 0>(sacc, q_d + ks, k_d + ks, 1);
+          WgmmaSS64<0, 1>(hacc, q_d + ks, c_d + cs, 1);
+          WgmmaSS64<0, 1>(hacc, q_d + ks, clo_d + cs, 1);
+        }
       }
       WgmmaCommit();
       const unsigned char* qt = sm + slot * SM::kStage;  // q̂·n_k under the wgmma (OutDkStep's order)
@@ -4693,6 +4698,9 @@ __global__ void __launch_bounds__(384, 1)
     qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
 
     // 3. Gating (OutGate's arithmetic on the gate rows in global memory), den, P V_j, h.
+    if constexpr (kProbe == 1) {
+      MbWait(vfull, k & 1);
+    } else {
     const float* bg = p.b_tok + bsd + t0;
     const float* mg = p.m_tok + bsd + t0;
     const float* ig = p.ig + (static_cast<int64_t>(b) * d.S + t0) * d.NH + hd;
@@ -4779,6 +4787,7 @@ __global__ void __launch_bounds__(384, 1)
         if (r1 < len) p.den_tok[bsd + t0 + r1] = den1;
       }
     }
+    }  // (kProbe)
 
     // 4. Update: C_{k+1} = decay·C_k + (E K)ᵀ V_j, n_{k+1} = decay·n_k + (E K)ᵀ 1.
     // (A compiler barrier: without it the E_t loads below were hoisted above the output pass,
@@ -4795,7 +4804,8 @@ __global__ void __launch_bounds__(384, 1)
       LoadNAcc(nacc, nks + row, lane);
       MbWait(full + 8 * slot, phase);
       const unsigned char* kst = sm + slot * SM::kStage;
-      if (i < 2) {
+      if (kProbe == 2) {
+      } else if (i < 2) {
         FusedUpdate(d, acc[i], nacc, kst, v_d, e_tok, len, decay, w, lane);
       } else {
         float acc2[8][4];
@@ -6472,9 +6482,10 @@ RingEnv RingRelease(const MlstmOptions& o) {
 
 // MlstmOptions::fwd_kernel resolved (kAuto: GYRE_MLSTM_FWD, read once per process: unset or
 // "default" = the default kernels, "fused" = mlstm_fwd_fused; any other value an error naming them).
-CudaResult FwdFused(const MlstmOptions& o, bool* fused) {
+CudaResult FwdFused(const MlstmOptions& o, bool* fused, int* probe) {
   static const char* const env = std::getenv("GYRE_MLSTM_FWD");
   *fused = false;
+  *probe = 0;
   switch (o.fwd_kernel) {
     case MlstmFwdKernel::kDefault: return {};
     case MlstmFwdKernel::kFused: *fused = true; return {};
@@ -6483,6 +6494,11 @@ CudaResult FwdFused(const MlstmOptions& o, bool* fused) {
   if (env == nullptr || std::strcmp(env, "default") == 0) return {};
   if (std::strcmp(env, "fused") == 0) {
     *fused = true;
+    return {};
+  }
+  if (std::strcmp(env, "fused-probe1") == 0 || std::strcmp(env, "fused-probe2") == 0) {  // (measurement only)
+    *fused = true;
+    *probe = env[12] - '0';
     return {};
   }
   return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD must be default or fused (or unset), got '") +
@@ -6680,12 +6696,15 @@ CudaResult EncodeStateBwdMaps(const Dims& d, const BwdPtrs& p, StateWsMaps* m) {
 }
 
 // Where mlstm_fwd_fused applies (MlstmFwdKernel::kFused): chunk 128, split states, dk 384 (its
-// register and shared-memory budget is laid out for three 128-row state tiles), dv in 64-column tiles.
-bool FusedFwdApplies(const Dims& d) { return d.L == 128 && d.split && d.DK == 384 && d.DV % 64 == 0; }
+// register and shared-memory budget is laid out for three 128-row state tiles), dv a multiple of 128:
+// where the default runs the warpgroup-MMA state_fwd / fwd_out whose bytes it reproduces (the kernel
+// itself takes any multiple of 64; at dv 64 / 192 the default's mma.sync fwd_out rounds h differently:
+// 1-6 h values and their den / h lo differ, call 1).
+bool FusedFwdApplies(const Dims& d) { return d.L == 128 && d.split && d.DK == 384 && d.DV % 128 == 0; }
 
 // After the gate scan: mlstm_fwd_fused instead of state_fwd + fwd_out (FusedFwdApplies); `states`
 // false: without C_k, C_S and n_k (MlstmOptions::fwd_skip_states).
-CudaResult LaunchFusedFwd(const Dims& d, const FwdPtrs& p, bool states, cudaStream_t stream) {
+CudaResult LaunchFusedFwd(const Dims& d, const FwdPtrs& p, bool states, int probe, cudaStream_t stream) {
   FusedFwdMaps maps{};
   const int64_t rows = static_cast<int64_t>(d.B) * d.NH * (d.NC + 1) * d.DK;
   CUDA_RETURN_IF_NOT_OK(EncodeTokenRows(d, &maps.q, p.q, d.DK));
@@ -6695,7 +6714,13 @@ CudaResult LaunchFusedFwd(const Dims& d, const FwdPtrs& p, bool states, cudaStre
   CUDA_RETURN_IF_NOT_OK(EncodeStateRows(d, &maps.c_lo, p.sc_lo, rows, 16));
   const size_t smem = FusedFwdSmem::kBytes;
   const dim3 grid(d.DV / 64, d.B * d.NH);
-  if (states) {
+  if (probe == 1) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_fused<false, 1>, smem));
+    mlstm_fwd_fused<false, 1><<<grid, 384, smem, stream>>>(d, p, maps);
+  } else if (probe == 2) {
+    CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_fused<false, 2>, smem));
+    mlstm_fwd_fused<false, 2><<<grid, 384, smem, stream>>>(d, p, maps);
+  } else if (states) {
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_fwd_fused<true>, smem));
     mlstm_fwd_fused<true><<<grid, 384, smem, stream>>>(d, p, maps);
   } else {
@@ -6738,8 +6763,9 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
   }
   CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_gates_fwd");
   Hook("mlstm_gates_fwd", stream);
-  // fused: 1 = mlstm_fwd_fused with the chunk states stored, 2 = without (the caller rebuilds them).
-  if (with_out && fused != 0) return LaunchFusedFwd(d, p, fused == 1, stream);
+  // fused: 1 = mlstm_fwd_fused with the chunk states stored, 2 = without (the caller rebuilds them);
+  // + 4 · probe (FwdFused's measurement-only probes, without the states).
+  if (with_out && fused != 0) return LaunchFusedFwd(d, p, fused % 2 == 1, fused / 4, stream);
   {
     auto state = [&](auto tile_tag) -> CudaResult {
       constexpr int kT = decltype(tile_tag)::value;
@@ -7225,7 +7251,8 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
   bool fused = false;
-  CUDA_RETURN_IF_NOT_OK(FwdFused(options, &fused));
+  int probe = 0;
+  CUDA_RETURN_IF_NOT_OK(FwdFused(options, &fused, &probe));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   fused = fused && FusedFwdApplies(d);
@@ -7245,7 +7272,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
     }
     default:
       return LaunchForward<128>(d, p, stream, true, tail_split, ring.eager, PersistBlocks(d, options),
-                                fused ? (options.fwd_skip_states ? 2 : 1) : 0);
+                                fused ? (probe > 0 ? 4 * probe + 2 : (options.fwd_skip_states ? 2 : 1)) : 0);
   }
 }
 

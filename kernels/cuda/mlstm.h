@@ -205,7 +205,7 @@ enum class MlstmFwdKernel {
              // kFused; any other value makes the forward return an error naming the two
   kDefault,  // the gate scan, state_fwd, fwd_out
   kFused,    // the gate scan, mlstm_fwd_fused where it applies (chunk 128, split-precision states,
-             // dk 384, dv a multiple of 64); the default kernels elsewhere
+             // dk 384, dv a multiple of 128); the default kernels elsewhere
 };
 
 // The forward and the backward of one step must get the same options: what the forward saves

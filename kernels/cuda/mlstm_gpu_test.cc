@@ -1346,7 +1346,7 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
 // runs): `saved` must again be the default forward's bytes, and h too. Outputs and `saved`
 // poisoned (0xFF) before each run. Shapes at chunk 128 with dk 384 (where the fused kernel runs):
 // the 125m cell itself (384 blocks, 2.91 waves), odd lengths and short last chunks (2 and 77
-// tokens), B > 1, dv 64 / 128 / 192 (one to three 64-column tiles), initial state + final state,
+// tokens), B > 1, dv 128 / 256 (two and four 64-column tiles), initial state + final state,
 // gates ±30 (larger ĩ / f̃ pre-activations), S 8200. The per-part counts say where bytes differ.
 TEST(MlstmGpuTest, FusedFwdMatchesDefaultBytewise) {
   if (!VariantSelected({"fused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
@@ -1361,8 +1361,8 @@ TEST(MlstmGpuTest, FusedFwdMatchesDefaultBytewise) {
   };
   int failures = 0;
   for (const Shape& sh : {Shape{16, 2048, 4, 384, false, 1.f}, Shape{2, 333, 2, 384, true, 1.f},
-                          Shape{3, 130, 2, 384, false, 1.f}, Shape{1, 300, 3, 64, true, 1.f},
-                          Shape{2, 205, 1, 128, true, 1.f}, Shape{1, 1000, 2, 192, false, 1.f},
+                          Shape{3, 130, 2, 384, false, 1.f}, Shape{1, 300, 3, 128, true, 1.f},
+                          Shape{2, 205, 1, 128, true, 1.f}, Shape{1, 1000, 2, 256, false, 1.f},
                           Shape{1, 300, 2, 384, true, 30.f}, Shape{1, 8200, 1, 384, true, 1.f}}) {
     constexpr int64_t DK = 384;
     const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * DK * sh.DV;
