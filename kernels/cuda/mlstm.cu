@@ -6498,7 +6498,7 @@ CudaResult FwdFused(const MlstmOptions& o, bool* fused, int* probe) {
   }
   if (std::strcmp(env, "fused-probe1") == 0 || std::strcmp(env, "fused-probe2") == 0) {  // (measurement only)
     *fused = true;
-    *probe = env[12] - '0';
+    *probe = env[11] - '0';  // ("fused-probe" is 11 characters)
     return {};
   }
   return InvalidArgument(std::string("mlstm forward: GYRE_MLSTM_FWD must be default or fused (or unset), got '") +
