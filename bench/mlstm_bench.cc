@@ -152,8 +152,6 @@ struct Variant {
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;  // kAuto: GYRE_MLSTM_BWD_DV (unset: wgf)
   MlstmPersist persist = MlstmPersist::kOff;          // chunk 128's fwd_out on a persistent grid
   MlstmRingRelease ring = MlstmRingRelease::kAuto;    // kAuto: GYRE_MLSTM_RING (unset: eager)
-  MlstmFwdKernel fwd_kernel = MlstmFwdKernel::kAuto;  // kAuto: GYRE_MLSTM_FWD (unset: default)
-  bool fwd_skip_states = false;                       // (the fused forward stores no C_k)
 };
 
 struct Problem {
@@ -182,8 +180,6 @@ void RunShape(const Problem& pr, int reps, bool once, cudaStream_t stream) {
   opt.bwd_dv = pr.variant.bwd_dv;
   opt.persist = pr.variant.persist;
   opt.ring = pr.variant.ring;
-  opt.fwd_kernel = pr.variant.fwd_kernel;
-  opt.fwd_skip_states = pr.variant.fwd_skip_states;
   const int64_t T = s.batch * s.seq_len * s.num_heads;
   DeviceBuffer q, k, v, h, dh, dq, dk, dv, ig, fg, dig, dfg, saved, scratch;
   CUDA_OK_OR_DIE(alloc.Allocate(T * s.dk * 2, &q));
@@ -549,16 +545,6 @@ int main(int argc, char** argv) {
   // "[v2-offfused]", "[v2-offfused-lag]", "[v2-offb-pass]", "[v2-offb-fused]" selected the separate
   // off-diagonal passes or the fused forms; the passes were deleted (helper offclean18), and v2 runs
   // what v2-offb-fused ran.
-  // The fused forward (session 19, helper fusedfwd19; GYRE_MLSTM_FWD=fused): state_fwd + fwd_out as
-  // mlstm_fwd_fused (dk 384 only), beside "[v2-persist-both]" (ops' default kernels) in one process;
-  // "-nostates": without the C_k / C_S / n_k stores (ops' GYRE_MLSTM_RECOMPUTE=states; its backward
-  // then reads unwritten states: time its forward only).
-  gyre::cuda::Variant v2_fused = v2_persist_both;
-  v2_fused.name = "v2-fused";
-  v2_fused.fwd_kernel = gyre::cuda::MlstmFwdKernel::kFused;
-  gyre::cuda::Variant v2_fused_ns = v2_fused;
-  v2_fused_ns.name = "v2-fused-nostates";
-  v2_fused_ns.fwd_skip_states = true;
   gyre::cuda::Variant v2_lag = v2;
   v2_lag.name = "v2-lag";
   v2_lag.ring = gyre::cuda::MlstmRingRelease::kLag;
@@ -602,11 +588,6 @@ int main(int argc, char** argv) {
       {"xlstm-125m-cell", s125, 128, v2_persist_both},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_both},
       {"xlstm-125m-cell", s125, 256, v2_lag},
-      {"xlstm-125m-cell", s125, 128, v2_fused},
-      {"xlstm-125m-cell", s125, 128, v2_fused_ns},
-      // B1 (one head-batch: 24 fused blocks, each alone on its SM): the chain of a chunk.
-      {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_persist_both},
-      {"xlstm-125m-b1", {1, 2048, 4, 384, 384}, 128, v2_fused_ns},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_lag},
   };
   if (only.empty() && !once) {

@@ -844,7 +844,6 @@ class Backend final : public CudaBackend {
     MlstmShapeOf(a, &shape, &options);
     const kc::MlstmDeviceInputs in = MlstmInputsOf(a);
     if (!backward) {
-      options.fwd_skip_states = a.skip_states;
       OK_OR_DIE(kc::MlstmChunkwiseForward(shape, options, in, {}, static_cast<bf16*>(a.h), a.saved, {}, stream_));
       return;
     }

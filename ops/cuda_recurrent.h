@@ -139,9 +139,6 @@ struct MlstmCellArgs {
   void* h = nullptr;
   void* saved = nullptr;
   void* tokens = nullptr;  // MlstmTokenBytes: saved's per-token part (GYRE_MLSTM_RECOMPUTE=states)
-  // Forward: the caller rebuilds saved's chunk states before the backward (GYRE_MLSTM_RECOMPUTE=states),
-  // so the fused forward (GYRE_MLSTM_FWD=fused) need not store them (kernels/cuda/mlstm.h fwd_skip_states).
-  bool skip_states = false;
   const void* dh = nullptr;
   // Backward, optional: [B, S, NH] fp32 dh·(h + h_lo) per token and head, formed by the caller
   // (kernels/cuda/mlstm.h MlstmChunkwiseBackwardWithDots); null = the cell forms them.

@@ -1109,9 +1109,7 @@ Tensor MlstmBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const bool keep = keep_for_backward_ || (keep_last > 0 && layer_ >= 0 && layer_ >= n_layers_ - keep_last);
   const MlstmRecompute chosen = config.mode != MlstmRecompute::kNone ? config.mode : configured_;
   const MlstmRecompute mode = keep ? MlstmRecompute::kNone : chosen;
-  skip_states_ = mode == MlstmRecompute::kStates;  // (the cell's forward need not store the chunk states)
   Tensor y = ForwardCudaAll(x, batch, seq);
-  skip_states_ = false;
   mode_ = mode;
   freed_bytes_ = 0;
   if (mode == MlstmRecompute::kBlock) {
@@ -1192,7 +1190,6 @@ Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
-  c.skip_states = skip_states_;
   Cuda().Mlstm(false, c);
   ProfileMark("mlstm.fwd.cell");
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);

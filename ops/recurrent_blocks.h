@@ -266,7 +266,6 @@ class MlstmBlock : public Block {
   // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock, kGlue and kStates;
   // kStates' copy of the per-token part of the cell's saved (MlstmTokenBytes).
   MlstmRecompute mode_ = MlstmRecompute::kNone;
-  bool skip_states_ = false;  // set by ForwardCuda around ForwardCudaAll when mode is kStates (MlstmCellArgs::skip_states)
   MlstmRecompute configured_ = MlstmRecompute::kNone;  // ModelSpec::mlstm_recompute
   int64_t configured_keep_last_ = 0;                    // ModelSpec::mlstm_recompute_keep_last
   Tensor x_in_, tokens_;

@@ -195,19 +195,6 @@ enum class MlstmPersist {
 // kPass / kFused, GYRE_MLSTM_OFFDIAG — lost on time and was deleted by helper offclean18; a set
 // GYRE_MLSTM_OFFDIAG other than "all" makes the forward and the backward return an error.)
 
-// Chunk 128's forward as one fused kernel (helper fusedfwd19, session 19; kernels/cuda/mlstm_notes.md):
-// mlstm_fwd_fused runs the state recurrence and the chunk outputs in one block per (head, 64-column
-// dv tile) that owns C's columns for all of dk, so the boundary states are never read back (the
-// default's fwd_out reads C_k hi + lo again: 642 MB a layer at the 125m cell). `saved` gets the
-// default forward's bytes (C_k, C_S, n_k bitwise; h the same products in the same order).
-enum class MlstmFwdKernel {
-  kAuto,     // GYRE_MLSTM_FWD (read once per process): unset or "default" = kDefault, "fused" =
-             // kFused; any other value makes the forward return an error naming the two
-  kDefault,  // the gate scan, state_fwd, fwd_out
-  kFused,    // the gate scan, mlstm_fwd_fused where it applies (chunk 128, split-precision states,
-             // dk 384, dv a multiple of 128); the default kernels elsewhere
-};
-
 // The forward and the backward of one step must get the same options: what the forward saves
 // depends on chunk_size and the effective state precision (kAuto resolves it from
 // stop_normaliser_gradient).
@@ -238,13 +225,6 @@ struct MlstmOptions {
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
-  // Chunk 128's forward kernels (see MlstmFwdKernel).
-  MlstmFwdKernel fwd_kernel = MlstmFwdKernel::kAuto;
-  // Forward only: the caller rebuilds `saved`'s chunk states with MlstmChunkwiseRecomputeStates
-  // before the backward (ops' GYRE_MLSTM_RECOMPUTE=states), so the forward need not store C_k, C_S
-  // and n_k. Only mlstm_fwd_fused (kFused) uses it (it then stores none of them); the default
-  // kernels write them anyway. h, den, h lo, the gate rows and the final state are written as ever.
-  bool fwd_skip_states = false;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input

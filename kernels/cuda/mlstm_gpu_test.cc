@@ -131,7 +131,6 @@ struct Variant {
   MlstmStateTail state_tail = MlstmStateTail::kAuto;
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
-  MlstmFwdKernel fwd_kernel = MlstmFwdKernel::kDefault;
 };
 bool UsesWgmmaBwdDv(const Variant& v) {
   // (v2-dvmma too: it differs from v2 only where the wgmma kernels apply)
@@ -176,12 +175,6 @@ constexpr Variant kVariants[] = {
     // PersistDqkMatchesDefaultBytewise. Chunk 128 only.
     {"v2-persist-dqk", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto,
      true, false, MlstmStateTail::kAuto, MlstmPersist::kDqk, 3},
-    // The fused forward (MlstmFwdKernel::kFused, GYRE_MLSTM_FWD=fused; helper fusedfwd19, session
-    // 19): mlstm_fwd_fused where it applies (chunk 128, split states, dk 384; elsewhere, e.g. under
-    // the TFLA convention's bf16 states, the default kernels run). Bytewise against the default in
-    // FusedFwdMatchesDefaultBytewise. Chunk 128 only.
-    {"v2-fused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0, MlstmBwdDvKernel::kAuto, true, false,
-     MlstmStateTail::kAuto, MlstmPersist::kOff, 0, MlstmFwdKernel::kFused},
     // (Chunk 256's off-diagonal block inside the consumers ran as v2-offfused / v1-t128-offfused and
     // v2-offall / v1-t128-offall in session 18 while the separate passes were the default; since
     // helper offclean18 deleted the passes, v2 / v1-t128 / v2-par256 run it at chunk 256.)
@@ -328,7 +321,6 @@ bool RunCase(const Case& c, std::mt19937_64& rng) {
       opt.state_tail = var.state_tail;
       opt.persist = var.persist;
       opt.persist_blocks = var.persist_blocks;
-      opt.fwd_kernel = var.fwd_kernel;
       DeviceBuffer saved_buf, scratch_buf;
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseSavedBytes(shape, opt), &saved_buf));
       CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseBackwardScratchBytes(shape, opt), &scratch_buf));
@@ -502,13 +494,6 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // dC0 and the true gradient's dn0 also get the early tokens' terms and passed).
       {1, 100, 2, 128, 128, 256, true, true},
       {2, 1100, 1, 256, 512, 256, true, false},
-      // The 125m head at chunk 128 where the fused forward (v2-fused, helper fusedfwd19) runs: S 8200
-      // (65 chunks, a short last one), B3 with a 2-token last chunk, dv 128 (two 64-column tiles),
-      // gates ±30 with an initial state (case 18's known gap: the true-gradient df̃ is [INFO]).
-      {1, 8200, 1, 384, 384, 128, true, true},
-      {3, 130, 2, 384, 384, 128, false, false},
-      {2, 200, 1, 384, 128, 128, true, true},
-      {1, 300, 2, 384, 384, 128, true, true, Gates::kExtreme, MlstmForgetGate::kSigmoid, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
@@ -1331,129 +1316,6 @@ TEST(MlstmGpuTest, StateTailSplitMatchesFullBytewise) {
                   sh.with_states ? " +init +dfinal" : "", static_cast<long long>(tiles), sms,
                   static_cast<long long>(tiles - tail), static_cast<long long>(2 * tail), tail_launches,
                   diffs.empty() ? " none" : diffs.c_str());
-      failures += ok ? 0 : 1;
-    }
-  }
-  EXPECT_EQ(failures, 0);
-}
-
-// MlstmFwdKernel::kFused (mlstm_fwd_fused: the state recurrence and the chunk outputs in one block
-// per (head, 64-column dv tile) that never reads C_k back; helper fusedfwd19, session 19) against
-// the default forward (gate scan, state_fwd, fwd_out): the same products in the same order, so
-// `saved` (C_k hi / lo, C_S, n_k, the gate rows, den, h lo), h and the final state must be the
-// same bytes. Then kFused with fwd_skip_states (no C_k, C_S, n_k stored) followed by
-// MlstmChunkwiseCopyTokens + MlstmChunkwiseRecomputeStates (what ops' GYRE_MLSTM_RECOMPUTE=states
-// runs): `saved` must again be the default forward's bytes, and h too. Outputs and `saved`
-// poisoned (0xFF) before each run. Shapes at chunk 128 with dk 384 (where the fused kernel runs):
-// the 125m cell itself (384 blocks, 2.91 waves), odd lengths and short last chunks (2 and 77
-// tokens), B > 1, dv 128 / 256 (two and four 64-column tiles), initial state + final state,
-// gates ±30 (larger ĩ / f̃ pre-activations), S 8200. The per-part counts say where bytes differ.
-TEST(MlstmGpuTest, FusedFwdMatchesDefaultBytewise) {
-  if (!VariantSelected({"fused", MlstmStatePrecision::kAuto, MlstmGateSchedule::kAuto, 0, 0})) {
-    GTEST_SKIP() << "MLSTM_TEST_VARIANTS excludes fused";
-  }
-  std::mt19937_64 rng(19019019);
-  DeviceAllocator alloc;
-  struct Shape {
-    int64_t B, S, NH, DV;
-    bool with_states;
-    float gate_scale;
-  };
-  int failures = 0;
-  for (const Shape& sh : {Shape{16, 2048, 4, 384, false, 1.f}, Shape{2, 333, 2, 384, true, 1.f},
-                          Shape{3, 130, 2, 384, false, 1.f}, Shape{1, 300, 3, 128, true, 1.f},
-                          Shape{2, 205, 1, 128, true, 1.f}, Shape{1, 1000, 2, 256, false, 1.f},
-                          Shape{1, 300, 2, 384, true, 30.f}, Shape{1, 8200, 1, 384, true, 1.f}}) {
-    constexpr int64_t DK = 384;
-    const int64_t T = sh.B * sh.S * sh.NH, BH = sh.B * sh.NH, CS = BH * DK * sh.DV;
-    MlstmShape shape{sh.B, sh.S, sh.NH, DK, sh.DV};
-    DeviceArray<bf16> gq(&alloc, T * DK), gk(&alloc, T * DK), gv(&alloc, T * sh.DV), gh(&alloc, T * sh.DV);
-    DeviceArray<float> gig(&alloc, T), gfg(&alloc, T), gc0(&alloc, CS), gn0(&alloc, BH * DK), gm0(&alloc, BH),
-        gcf(&alloc, CS), gnf(&alloc, BH * DK), gmf(&alloc, BH);
-    gq.Upload(RandomBf16Values(rng, T * DK));
-    gk.Upload(RandomBf16Values(rng, T * DK));
-    gv.Upload(RandomBf16Values(rng, T * sh.DV));
-    gig.Upload(RandomFloats(rng, T, sh.gate_scale, 0.f));
-    gfg.Upload(RandomFloats(rng, T, sh.gate_scale, 2.f));
-    gc0.Upload(RandomFloats(rng, CS, 0.5f));
-    gn0.Upload(RandomFloats(rng, BH * DK, 0.5f));
-    gm0.Upload(RandomFloats(rng, BH, 1.f));
-    MlstmDeviceInputs in{gq.get(), gk.get(), gv.get(), gig.get(), gfg.get()};
-    MlstmDeviceState<const float> init;
-    MlstmDeviceState<float> fin{gcf.get(), gnf.get(), gmf.get()};
-    if (sh.with_states) init = {gc0.get(), gn0.get(), gm0.get()};
-    MlstmOptions opt;
-    opt.chunk_size = 128;
-    opt.state_precision = MlstmStatePrecision::kSplitBf16;
-    const size_t saved_bytes = MlstmChunkwiseSavedBytes(shape, opt);
-    DeviceBuffer saved, tokens;
-    CUDA_OK_OR_DIE(alloc.Allocate(saved_bytes, &saved));
-    CUDA_OK_OR_DIE(alloc.Allocate(MlstmChunkwiseTokenBytes(shape, opt), &tokens));
-    // run 0: default; 1: fused; 2: fused without the states, then the tokens copy + recomputation.
-    constexpr int kRuns = 3;
-    std::vector<unsigned char> saved_of[kRuns];
-    std::vector<float> outs[kRuns];
-    for (int run = 0; run < kRuns; ++run) {
-      opt.fwd_kernel = run == 0 ? MlstmFwdKernel::kDefault : MlstmFwdKernel::kFused;
-      opt.fwd_skip_states = run == 2;
-      CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
-      gh.Poison();
-      for (auto* x : {&gcf, &gnf, &gmf}) x->Poison();
-      CUDA_OK_OR_DIE(MlstmChunkwiseForward(shape, opt, in, init, gh.get(), saved.get(), fin, nullptr));
-      if (run == 2) {
-        CUDA_OK_OR_DIE(MlstmChunkwiseCopyTokens(shape, opt, saved.get(), tokens.get(), nullptr));
-        CUDA_CHECK_OR_DIE(cudaMemset(saved.get(), 0xFF, saved_bytes));
-        CUDA_OK_OR_DIE(MlstmChunkwiseRecomputeStates(shape, opt, in, init, tokens.get(), saved.get(), nullptr));
-      }
-      CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
-      saved_of[run].resize(saved_bytes);
-      CUDA_CHECK_OR_DIE(cudaMemcpy(saved_of[run].data(), saved.get(), saved_bytes, cudaMemcpyDeviceToHost));
-      const auto y = gh.Download();
-      outs[run].insert(outs[run].end(), y.begin(), y.end());
-      for (const auto* x : {&gcf, &gnf, &gmf}) {
-        const auto z = x->Download();
-        outs[run].insert(outs[run].end(), z.begin(), z.end());
-      }
-    }
-    // saved's parts (kernels/cuda/mlstm.cu MakeSaved, split precision at chunk 128) for the report.
-    const auto align = [](size_t x) { return (x + 255) / 256 * 256; };
-    const size_t nc = (sh.S + 127) / 128, bh = BH;
-    const size_t c_bytes = align(bh * (nc + 1) * DK * sh.DV * 2);
-    const size_t rest = align(bh * DK * sh.DV * 4) + align(bh * (nc + 1) * DK * 4) + align(bh * (nc + 1) * 4) +
-                        3 * align(bh * sh.S * 4);  // c_last, n, m_k, b, m, den
-    const size_t part_end[] = {c_bytes, c_bytes + rest, saved_bytes};  // C hi | c_last .. den | e, decay, C lo, h lo
-    const char* part_name[] = {"C hi", "C_S n m_k b m den", "E decay C lo h lo"};
-    size_t non_finite = 0;
-    for (const float x : outs[0]) non_finite += !std::isfinite(x);  // an unwritten poison value
-    size_t h_values = static_cast<size_t>(T * sh.DV);
-    for (int run = 1; run < kRuns; ++run) {
-      size_t part_diff[3] = {0, 0, 0}, saved_diff = 0;
-      for (size_t i = 0; i < saved_bytes; ++i) {
-        const bool differ = saved_of[0][i] != saved_of[run][i];
-        saved_diff += differ;
-        part_diff[i < part_end[0] ? 0 : (i < part_end[1] ? 1 : 2)] += differ;
-      }
-      size_t h_diff = 0, state_diff = 0;
-      double h_max_rel = 0.0;
-      for (size_t i = 0; i < outs[0].size(); ++i) {
-        if (std::memcmp(&outs[0][i], &outs[run][i], sizeof(float)) == 0) continue;
-        if (i < h_values) {
-          ++h_diff;
-          const double a = outs[0][i], b = outs[run][i];
-          h_max_rel = std::max(h_max_rel, std::fabs(a - b) / std::max(1e-6, std::fabs(a)));
-        } else {
-          ++state_diff;
-        }
-      }
-      const bool ok = saved_diff == 0 && h_diff == 0 && state_diff == 0 && non_finite == 0 && !outs[0].empty();
-      std::printf("[%s] mlstm fused forward%s vs default bytewise B%lld S%lld NH%lld dk384 dv%lld L128%s%s: saved "
-                  "%zu of %zu bytes differ (%s %zu, %s %zu, %s %zu), h %zu of %zu values differ (max rel %.2e), "
-                  "final state %zu (%zu non-finite)\n",
-                  ok ? "PASS" : "FAIL", run == 2 ? " (no states) + recompute" : "", static_cast<long long>(sh.B),
-                  static_cast<long long>(sh.S), static_cast<long long>(sh.NH), static_cast<long long>(sh.DV),
-                  sh.with_states ? " +states" : "", sh.gate_scale != 1.f ? " gates x30" : "", saved_diff, saved_bytes,
-                  part_name[0], part_diff[0], part_name[1], part_diff[1], part_name[2], part_diff[2], h_diff, h_values,
-                  h_max_rel, state_diff, non_finite);
       failures += ok ? 0 : 1;
     }
   }
