@@ -73,6 +73,11 @@
 // C7515, 0.599 ms) lost to ws3 and was deleted before. mlstm_bwd_dqk_fused (helper mlstm11: one
 // block per head-chunk for all dk slabs) lost to the per-slab mlstm_bwd_dqk_ws (H100, 125m cell
 // 0.867-0.869 vs 0.759-0.762 ms) and was deleted (2026-11-27).
+// The fused forward mlstm_fwd_fused (helper fusedfwd19, session 19: state_fwd + fwd_out in one block
+// per (head, 64-column dv tile) owning C's columns for all of dk, C_k never read back; GYRE_MLSTM_FWD=
+// fused) reproduced the default's bytes but lost (H100, 125m cell forward 0.757 -> 1.28 ms, 1.12 without
+// the C_k stores: the update and output chains run in series in one block) and was deleted; the code
+// is on commit 1cc40b9, the count and the measurements in kernels/cuda/mlstm_notes.md (session 19).
 //
 // Chunk 256 (opt-in; helper mlstm256, session 15; LaunchForward256 / LaunchBackward256): the
 // chunk-128 warpgroup-MMA family on 128-token halves. The gate scans (_wide<8>) store b relative
