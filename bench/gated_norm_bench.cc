@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "bench/gpu_timing.h"
+#include "bench/norm_bench_util.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/random_fill.h"
@@ -46,6 +47,10 @@ using bf16 = __nv_bfloat16;
 using ops::GroupNormArgs;
 using ops::NormMode;
 namespace co = ops::cuda_ops;
+using norm_bench::Band;
+using norm_bench::HostBf16;
+using norm_bench::HostBytes;
+using norm_bench::HostF32;
 
 // A gated-norm problem on the device: inputs random, outputs of one run.
 struct Problem {
@@ -89,23 +94,6 @@ struct Problem {
   }
 };
 
-std::vector<double> HostBf16(const DeviceBuffer& b, int64_t n) {
-  std::vector<bf16> h(n);
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), n * 2, cudaMemcpyDeviceToHost));
-  std::vector<double> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = __bfloat162float(h[i]);
-  return out;
-}
-std::vector<double> HostF32(const DeviceBuffer& b, int64_t n) {
-  std::vector<float> h(n);
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), n * 4, cudaMemcpyDeviceToHost));
-  return std::vector<double>(h.begin(), h.end());
-}
-std::vector<unsigned char> HostBytes(const DeviceBuffer& b) {
-  std::vector<unsigned char> h(b.bytes());
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), h.size(), cudaMemcpyDeviceToHost));
-  return h;
-}
 // dz's first dim columns of each row of lddz.
 std::vector<double> HostDz(const Problem& p) {
   const int64_t ld = p.lddz > 0 ? p.lddz : p.dim;
@@ -117,33 +105,6 @@ std::vector<double> HostDz(const Problem& p) {
 }
 
 int failures = 0;
-
-// ||a - b|| / ||b|| <= tol, every element finite; ulps (0 to skip): the largest |a - b| in units
-// of the bf16 ulp at max(|a|, |b|, rms(b) / 256) (dx and dz are differences of O(1) terms: where
-// they cancel to near 0, a change of the sums in their last fp32 bits is many ulps of the result).
-void Band(const std::string& name, const std::vector<double>& got, const std::vector<double>& ref, double tol,
-          double max_ulps) {
-  double d2 = 0, r2 = 0, worst = 0;
-  bool finite = true;
-  for (size_t i = 0; i < got.size(); ++i) r2 += ref[i] * ref[i];
-  const double floor = std::sqrt(r2 / std::max<size_t>(ref.size(), 1)) / 256;
-  for (size_t i = 0; i < got.size(); ++i) {
-    finite = finite && std::isfinite(got[i]) && std::isfinite(ref[i]);
-    const double d = got[i] - ref[i];
-    d2 += d * d;
-    const double mag = std::max({std::fabs(got[i]), std::fabs(ref[i]), floor});
-    if (mag > 0) {
-      const double ulp = std::ldexp(1.0, std::ilogb(mag) - 7);  // bf16: 8 significant bits
-      worst = std::max(worst, std::fabs(d) / ulp);
-    }
-  }
-  const double rel = finite ? std::sqrt(d2 / std::max(r2, 1e-300)) : INFINITY;
-  const bool ok = finite && rel <= tol && (max_ulps == 0 || worst <= max_ulps);
-  failures += !ok;
-  std::printf("[%s] %s rel %.3e tol %.0e", ok ? "PASS" : "FAIL", name.c_str(), rel, tol);
-  if (max_ulps > 0) std::printf(", max %.0f bf16 ulp (tol %.0f)", worst, max_ulps);
-  std::printf("\n");
-}
 
 void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, int64_t lddz, uint64_t seed) {
   Problem p;
@@ -174,9 +135,9 @@ void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, int
       bwd_bits[run].insert(bwd_bits[run].end(), h.begin(), h.end());
     }
   }
-  Band(name + " dx", HostBf16(p.dx, n), dx_old, 2e-3, 2);
-  Band(name + " dz", HostDz(p), dz_old, 2e-3, 2);
-  Band(name + " dweight", HostF32(p.dw, p.dim), dw_old, 1e-4, 0);
+  failures += !Band(name + " dx", HostBf16(p.dx, n), dx_old, 2e-3, 2, false);
+  failures += !Band(name + " dz", HostDz(p), dz_old, 2e-3, 2, false);
+  failures += !Band(name + " dweight", HostF32(p.dw, p.dim), dw_old, 1e-4, 0, false);
   std::vector<unsigned char> fwd_bits[2];
   for (int run = 0; run < 2; ++run) {
     p.Poison(true);
@@ -185,8 +146,8 @@ void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, int
     const std::vector<unsigned char> h = HostBytes(p.rstd);
     fwd_bits[run].insert(fwd_bits[run].end(), h.begin(), h.end());
   }
-  Band(name + " y", HostBf16(p.y, n), y_old, 2e-3, 2);
-  Band(name + " rstd", HostF32(p.rstd, ns), rstd_old, 1e-5, 0);
+  failures += !Band(name + " y", HostBf16(p.y, n), y_old, 2e-3, 2, false);
+  failures += !Band(name + " rstd", HostF32(p.rstd, ns), rstd_old, 1e-5, 0, false);
   const bool same = fwd_bits[0] == fwd_bits[1] && bwd_bits[0] == bwd_bits[1];
   failures += !same;
   std::printf("[%s] %s: row kernels twice, the same bits (y, rstd, dx, dz with its other columns, dweight) %d\n",
@@ -223,21 +184,12 @@ int main(int argc, char** argv) {
   using namespace gyre::cuda;
   int reps = 30;
   bool timing = true;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
-    else if (std::strcmp(argv[i], "--no_timing") == 0) timing = false;
-    else {
-      std::fprintf(stderr, "usage: gated_norm_bench [--reps=N] [--no_timing]\n");
-      return 2;
-    }
-  }
+  if (!norm_bench::ParseArgs(argc, argv, "gated_norm_bench", &reps, &timing)) return 2;
   if (std::getenv("GYRE_GATED_NORM") != nullptr) {
     std::fprintf(stderr, "gated_norm_bench: unset GYRE_GATED_NORM (the old path is GroupNormForward's default)\n");
     return 2;
   }
-  cudaDeviceProp prop;
-  CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s\n", prop.name);
+  norm_bench::PrintDevice();
   DeviceAllocator alloc;
   Check(alloc, 16384, 1, 4096, 8512, 1);  // mamba2-1.3b B8: in_proj width 4096 + 4352 + 64
   Check(alloc, 301, 1, 4096, 8512, 2);

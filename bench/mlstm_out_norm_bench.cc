@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "bench/gpu_timing.h"
+#include "bench/norm_bench_util.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/random_fill.h"
@@ -49,6 +50,10 @@ using bf16 = __nv_bfloat16;
 using ops::GroupNormArgs;
 using ops::NormMode;
 namespace co = ops::cuda_ops;
+using norm_bench::Band;
+using norm_bench::HostBf16;
+using norm_bench::HostBytes;
+using norm_bench::HostF32;
 
 // An mLSTM out-norm problem on the device: inputs random, outputs of one run.
 struct Problem {
@@ -91,23 +96,6 @@ struct Problem {
   std::vector<unsigned char> BackwardBits(bool with_dots) const;
 };
 
-std::vector<double> HostBf16(const DeviceBuffer& b, int64_t n) {
-  std::vector<bf16> h(n);
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), n * 2, cudaMemcpyDeviceToHost));
-  std::vector<double> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = __bfloat162float(h[i]);
-  return out;
-}
-std::vector<double> HostF32(const DeviceBuffer& b, int64_t n) {
-  std::vector<float> h(n);
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), n * 4, cudaMemcpyDeviceToHost));
-  return std::vector<double>(h.begin(), h.end());
-}
-std::vector<unsigned char> HostBytes(const DeviceBuffer& b) {
-  std::vector<unsigned char> h(b.bytes());
-  CUDA_CHECK_OR_DIE(cudaMemcpy(h.data(), b.get(), h.size(), cudaMemcpyDeviceToHost));
-  return h;
-}
 std::vector<unsigned char> Problem::BackwardBits(bool with_dots) const {
   std::vector<unsigned char> all;
   for (const DeviceBuffer* b : {&dx, &dz, &dxc, &dw, &ds}) {
@@ -122,34 +110,6 @@ std::vector<unsigned char> Problem::BackwardBits(bool with_dots) const {
 }
 
 int failures = 0;
-
-// ||a - b|| / ||b|| <= tol, every element finite; ulps (0 to skip): the largest |a - b| in units
-// of the bf16 ulp at max(|a|, |b|, rms(b) / 256) (gated_norm_bench's Band).
-void Band(const std::string& name, const std::vector<double>& got, const std::vector<double>& ref, double tol,
-          double max_ulps) {
-  double d2 = 0, r2 = 0, worst = 0;
-  bool finite = true;
-  for (size_t i = 0; i < got.size(); ++i) r2 += ref[i] * ref[i];
-  const double floor = std::sqrt(r2 / std::max<size_t>(ref.size(), 1)) / 256;
-  size_t differ = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    finite = finite && std::isfinite(got[i]) && std::isfinite(ref[i]);
-    const double d = got[i] - ref[i];
-    differ += d != 0;
-    d2 += d * d;
-    const double mag = std::max({std::fabs(got[i]), std::fabs(ref[i]), floor});
-    if (mag > 0) {
-      const double ulp = std::ldexp(1.0, std::ilogb(mag) - 7);  // bf16: 8 significant bits
-      worst = std::max(worst, std::fabs(d) / ulp);
-    }
-  }
-  const double rel = finite ? std::sqrt(d2 / std::max(r2, 1e-300)) : INFINITY;
-  const bool ok = finite && rel <= tol && (max_ulps == 0 || worst <= max_ulps);
-  failures += !ok;
-  std::printf("[%s] %s rel %.3e tol %.0e", ok ? "PASS" : "FAIL", name.c_str(), rel, tol);
-  if (max_ulps > 0) std::printf(", max %.0f bf16 ulp (tol %.0f)", worst, max_ulps);
-  std::printf(", %zu of %zu differ%s\n", differ, got.size(), differ == 0 ? " (bitwise)" : "");
-}
 
 void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, uint64_t seed) {
   Problem p;
@@ -171,11 +131,11 @@ void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, uin
   p.PoisonBackward();
   CUDA_OK_OR_DIE(co::MlstmOutNormRowBackward(a, p.lo.get(), nullptr, &alloc, nullptr));
   const std::vector<unsigned char> plain = p.BackwardBits(false);
-  Band(name + " dx", HostBf16(p.dx, n), dx_old, 2e-3, 2);
-  Band(name + " dz", HostBf16(p.dz, n), dz_old, 2e-3, 2);
-  Band(name + " dxc", HostBf16(p.dxc, n), dxc_old, 2e-3, 2);
-  Band(name + " dweight", HostF32(p.dw, p.dim), dw_old, 1e-4, 0);
-  Band(name + " dskip", HostF32(p.ds, p.dim), ds_old, 1e-4, 0);
+  failures += !Band(name + " dx", HostBf16(p.dx, n), dx_old, 2e-3, 2, true);
+  failures += !Band(name + " dz", HostBf16(p.dz, n), dz_old, 2e-3, 2, true);
+  failures += !Band(name + " dxc", HostBf16(p.dxc, n), dxc_old, 2e-3, 2, true);
+  failures += !Band(name + " dweight", HostF32(p.dw, p.dim), dw_old, 1e-4, 0, true);
+  failures += !Band(name + " dskip", HostF32(p.ds, p.dim), ds_old, 1e-4, 0, true);
   std::vector<unsigned char> with_dots[2];
   for (int run = 0; run < 2; ++run) {
     p.PoisonBackward();
@@ -240,14 +200,7 @@ int main(int argc, char** argv) {
   using namespace gyre::cuda;
   int reps = 30;
   bool timing = true;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
-    else if (std::strcmp(argv[i], "--no_timing") == 0) timing = false;
-    else {
-      std::fprintf(stderr, "usage: mlstm_out_norm_bench [--reps=N] [--no_timing]\n");
-      return 2;
-    }
-  }
+  if (!norm_bench::ParseArgs(argc, argv, "mlstm_out_norm_bench", &reps, &timing)) return 2;
   // The old path is GroupNormBackward under GYRE_MLSTM_OUT_NORM=warp (the default was warp until
   // session 19); the switch is read once, so it is set before the first norm call.
   if (const char* e = std::getenv("GYRE_MLSTM_OUT_NORM"); e != nullptr && std::string(e) != "warp") {
@@ -255,9 +208,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   setenv("GYRE_MLSTM_OUT_NORM", "warp", /*overwrite=*/1);
-  cudaDeviceProp prop;
-  CUDA_CHECK_OR_DIE(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s\n", prop.name);
+  norm_bench::PrintDevice();
   DeviceAllocator alloc;
   Check(alloc, 8192, 4, 1024, 1);  // xlstm[1:0]-1.3b B4
   Check(alloc, 301, 4, 1024, 2);
