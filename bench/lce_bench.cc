@@ -169,6 +169,75 @@ void AccuracyCase(GemmContext* gemm, DeviceAllocator* alloc, int64_t tokens, int
   }
 }
 
+// The three GEMMs of one chunk of LinearCrossEntropy, `rows` tokens, logits (or G) of row stride
+// `ld`: logits = h W^T (out in `out`), dh = G W (bf16), dW = G^T h + beta dW (fp32).
+GemmArgs LogitsGemm(int64_t rows, int64_t d, int64_t V, const void* h, const void* w, void* logits, int64_t ld,
+                    DType out) {
+  GemmArgs g;
+  g.trans_b = true;
+  g.m = rows;
+  g.n = V;
+  g.k = d;
+  g.a = h;
+  g.lda = d;
+  g.b = w;
+  g.ldb = d;
+  g.c = logits;
+  g.ldc = ld;
+  g.c_dtype = out;
+  return g;
+}
+GemmArgs DhGemm(int64_t rows, int64_t d, int64_t V, const void* logits, int64_t ld, const void* w, void* dh) {
+  GemmArgs g;
+  g.m = rows;
+  g.n = d;
+  g.k = V;
+  g.a = logits;
+  g.lda = ld;
+  g.b = w;
+  g.ldb = d;
+  g.c = dh;
+  g.ldc = d;
+  g.c_dtype = DType::kBf16;
+  return g;
+}
+GemmArgs DwGemm(int64_t rows, int64_t d, int64_t V, const void* logits, int64_t ld, const void* h, void* dw,
+                float beta) {
+  GemmArgs g;
+  g.trans_a = true;
+  g.m = V;
+  g.n = d;
+  g.k = rows;
+  g.a = logits;
+  g.lda = ld;
+  g.b = h;
+  g.ldb = d;
+  g.c = dw;
+  g.ldc = d;
+  g.c_dtype = DType::kF32;
+  g.beta = beta;
+  return g;
+}
+
+// LinearCrossEntropy's arguments at N tokens with loss scale 1 / N (chunk and dW overwrite left
+// to the caller; dh, dw null for loss only).
+LinearCrossEntropyArgs LceArgs(int64_t N, int64_t d, int64_t V, const bf16* h, const bf16* w, const int32_t* targets,
+                               float* tl, double* loss, bf16* dh, float* dw) {
+  LinearCrossEntropyArgs a;
+  a.tokens = N;
+  a.dim = d;
+  a.vocab = V;
+  a.h = h;
+  a.w = w;
+  a.targets = targets;
+  a.loss_scale = 1.f / N;
+  a.token_loss = tl;
+  a.loss_sum = loss;
+  a.dh = dh;
+  a.dw = dw;
+  return a;
+}
+
 // The logits buffer's row stride (LinearCrossEntropyArgs::ld_align: 8, the default before session 19, against 128;
 // kernels/cuda/cross_entropy_notes.md, session 19) at the model's call (chunk 16384, overwrite dW):
 // 1. bytewise outputs; 2. the row pass alone over 16384 rows of logits (G in place, and loss only),
@@ -180,18 +249,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
   constexpr int kModes = 3;
   const int64_t ld_aligns[kModes] = {8, 128, 128};
   auto args_for = [&](int mode) {
-    LinearCrossEntropyArgs a;
-    a.tokens = N;
-    a.dim = d;
-    a.vocab = V;
-    a.h = h;
-    a.w = w;
-    a.targets = targets;
-    a.loss_scale = 1.f / N;
-    a.token_loss = tl;
-    a.loss_sum = loss;
-    a.dh = dh;
-    a.dw = dw;
+    LinearCrossEntropyArgs a = LceArgs(N, d, V, h, w, targets, tl, loss, dh, dw);
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
     a.ld_align = ld_aligns[mode];
@@ -257,18 +315,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
     DeviceBuffer lg;
     CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * LogitsRowStride(args_for(kModes - 1)), &lg));
-    GemmArgs g1;
-    g1.trans_b = true;
-    g1.m = rows;
-    g1.n = V;
-    g1.k = d;
-    g1.a = h;
-    g1.lda = d;
-    g1.b = w;
-    g1.ldb = d;
-    g1.c = lg.get();
-    g1.ldc = ld;
-    CUDA_OK_OR_DIE(gemm->Gemm(g1, nullptr));
+    CUDA_OK_OR_DIE(gemm->Gemm(LogitsGemm(rows, d, V, h, w, lg.get(), ld, DType::kBf16), nullptr));
     std::vector<double> ms[kModes][2];
     for (int r = 0; r < rounds; ++r) {
       for (int grad = 1; grad >= 0; --grad) {
@@ -333,48 +380,15 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
   auto products = [&](int mode) {
     const int64_t ld = lds[mode];
     std::vector<std::pair<std::string, GemmArgs>> p;
-    GemmArgs g1;
-    g1.trans_b = true;
-    g1.m = chunk;
-    g1.n = V;
-    g1.k = d;
-    g1.a = h;
-    g1.lda = d;
-    g1.b = w;
-    g1.ldb = d;
-    g1.c = lg.get();
-    g1.ldc = ld;
-    g1.c_dtype = DType::kBf16;
+    GemmArgs g1 = LogitsGemm(chunk, d, V, h, w, lg.get(), ld, DType::kBf16);
     g1.plan_round = plan_rounds[mode];
     p.emplace_back("logits", g1);
-    GemmArgs g2;
-    g2.m = chunk;
-    g2.n = d;
-    g2.k = V;
-    g2.a = lg.get();
-    g2.lda = ld;
-    g2.b = w;
-    g2.ldb = d;
-    g2.c = dh;
-    g2.ldc = d;
-    g2.c_dtype = DType::kBf16;
+    GemmArgs g2 = DhGemm(chunk, d, V, lg.get(), ld, w, dh);
     g2.plan_round = plan_rounds[mode];
     p.emplace_back("dh = G W", g2);
     for (float beta : {0.f, 1.f}) {
       if (beta == 1.f && N <= chunk) break;
-      GemmArgs g3;
-      g3.trans_a = true;
-      g3.m = V;
-      g3.n = d;
-      g3.k = chunk;
-      g3.a = lg.get();
-      g3.lda = ld;
-      g3.b = h;
-      g3.ldb = d;
-      g3.c = dw;
-      g3.ldc = d;
-      g3.c_dtype = DType::kF32;
-      g3.beta = beta;
+      GemmArgs g3 = DwGemm(chunk, d, V, lg.get(), ld, h, dw, beta);
       g3.plan_round = plan_rounds[mode];
       p.emplace_back(beta == 0.f ? "dW = G^T h (beta 0)" : "dW += G^T h (beta 1)", g3);
     }
@@ -493,18 +507,9 @@ int Main(int argc, char** argv) {
   for (const Variant& v : variants) {
     if (v.autotune) setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
     else unsetenv("GYRE_GEMM_AUTOTUNE");
-    LinearCrossEntropyArgs a;
-    a.tokens = N;
-    a.dim = d;
-    a.vocab = V;
-    a.h = h.as<bf16>();
-    a.w = w.as<bf16>();
-    a.targets = targets.as<int32_t>();
-    a.loss_scale = 1.f / N;
-    a.token_loss = tl.as<float>();
-    a.loss_sum = loss.as<double>();
-    a.dh = v.loss_only ? nullptr : dh.as<bf16>();
-    a.dw = v.loss_only ? nullptr : dw.as<float>();
+    LinearCrossEntropyArgs a =
+        LceArgs(N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(), loss.as<double>(),
+                v.loss_only ? nullptr : dh.as<bf16>(), v.loss_only ? nullptr : dw.as<float>());
     a.chunk_tokens = v.chunk;
     a.overwrite_dw = v.overwrite;
     const double ms = time([&]() { return LinearCrossEntropy(gemm.get(), &alloc, a, nullptr); });
@@ -520,50 +525,18 @@ int Main(int argc, char** argv) {
     for (int64_t chunk : {8192, 16384}) {
       const int64_t chunks = N / chunk;
       for (bool f32 : {true, false}) {
-        GemmArgs g1;
-        g1.trans_b = true;
-        g1.m = chunk;
-        g1.n = V;
-        g1.k = d;
-        g1.a = h.get();
-        g1.lda = d;
-        g1.b = w.get();
-        g1.ldb = d;
-        g1.c = lg.get();
-        g1.ldc = (V + 7) / 8 * 8;
-        g1.c_dtype = f32 ? DType::kF32 : DType::kBf16;
+        const GemmArgs g1 =
+            LogitsGemm(chunk, d, V, h.get(), w.get(), lg.get(), (V + 7) / 8 * 8, f32 ? DType::kF32 : DType::kBf16);
         const double ms = chunks * time([&]() { return gemm->Gemm(g1, nullptr); });
         std::printf("gemm | logits %s out, chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", f32 ? "fp32" : "bf16",
                     (long)chunk, (long)chunks, ms, gemm_flops / ms * 1e-9);
       }
-      GemmArgs g2;
-      g2.m = chunk;
-      g2.n = d;
-      g2.k = V;
-      g2.a = lg.get();
-      g2.lda = (V + 7) / 8 * 8;
-      g2.b = w.get();
-      g2.ldb = d;
-      g2.c = dh.get();
-      g2.ldc = d;
-      g2.c_dtype = DType::kBf16;
+      const GemmArgs g2 = DhGemm(chunk, d, V, lg.get(), (V + 7) / 8 * 8, w.get(), dh.get());
       double ms = chunks * time([&]() { return gemm->Gemm(g2, nullptr); });
       std::printf("gemm | dh = G W, chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", (long)chunk, (long)chunks, ms,
                   gemm_flops / ms * 1e-9);
       for (float beta : {1.f, 0.f}) {
-        GemmArgs g3;
-        g3.trans_a = true;
-        g3.m = V;
-        g3.n = d;
-        g3.k = chunk;
-        g3.a = lg.get();
-        g3.lda = (V + 7) / 8 * 8;
-        g3.b = h.get();
-        g3.ldb = d;
-        g3.c = dw.get();
-        g3.ldc = d;
-        g3.c_dtype = DType::kF32;
-        g3.beta = beta;
+        const GemmArgs g3 = DwGemm(chunk, d, V, lg.get(), (V + 7) / 8 * 8, h.get(), dw.get(), beta);
         ms = chunks * time([&]() { return gemm->Gemm(g3, nullptr); });
         std::printf("gemm | dW += G^T h (beta %.0f), chunk %ld (x%ld) | %8.3f ms | %6.1f TFLOP/s\n", beta,
                     (long)chunk, (long)chunks, ms, gemm_flops / ms * 1e-9);
