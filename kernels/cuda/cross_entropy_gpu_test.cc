@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/cuda/gpu_test_util.h"
@@ -66,6 +67,37 @@ struct LceBuffers {
   DeviceArray<int32_t> t;
   DeviceArray<double> loss;
 };
+
+// One LinearCrossEntropy call over `b` and its outputs, downloaded.
+struct LceOutputs {
+  std::vector<float> tl, dh, dw;
+  double loss = 0;
+};
+LceOutputs RunLce(GemmContext* gemm, DeviceAllocator* alloc, LceBuffers& b, const LinearCrossEntropyArgs& a) {
+  const CudaResult r = LinearCrossEntropy(gemm, alloc, a, nullptr);
+  EXPECT_TRUE(r.ok()) << r.message;
+  LceOutputs o;
+  o.tl = b.tl.Download();
+  o.dh = b.dh.Download();
+  o.dw = b.dw.Download();
+  o.loss = b.loss.Download()[0];
+  return o;
+}
+
+// Expects x's outputs bit for bit y's: reports how many token losses, dh and dW elements differ,
+// and whether the loss does ("<what>: dh differing" ...).
+void ExpectSameBits(const std::string& what, const std::string& tag, const LceOutputs& x, const LceOutputs& y) {
+  auto differing = [](const std::vector<float>& u, const std::vector<float>& v) {
+    int64_t n = 0;
+    for (size_t i = 0; i < u.size(); ++i) n += std::memcmp(&u[i], &v[i], sizeof(float)) != 0;
+    return static_cast<double>(n);
+  };
+  EXPECT_TRUE(Report(what + ": token losses differing", tag, differing(x.tl, y.tl), 0.0));
+  EXPECT_TRUE(Report(what + ": dh differing", tag, differing(x.dh, y.dh), 0.0));
+  EXPECT_TRUE(Report(what + ": dW differing", tag, differing(x.dw, y.dw), 0.0));
+  EXPECT_TRUE(Report(what + ": loss differs", tag, std::memcmp(&x.loss, &y.loss, sizeof(double)) != 0 ? 1.0 : 0.0,
+                     0.0));
+}
 
 TEST(CrossEntropyGpuTest, MatchesMaterialisedFloat64Reference) {
   std::mt19937_64 rng(11);
@@ -183,36 +215,16 @@ TEST(CrossEntropyGpuTest, LeanRowKernelEqualsDefaultBitwise) {
     b.h.Upload(h);
     b.w.Upload(w);
     b.t.Upload(targets);
-    struct Out {
-      std::vector<float> tl, dh, dw;
-      double loss = 0;
-    };
     auto run = [&](bool lean_rows, bool overwrite_dw) {
       const LinearCrossEntropyArgs a = b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, lean_rows);
-      const CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
-      EXPECT_TRUE(r.ok()) << r.message;
-      Out o;
-      o.tl = b.tl.Download();
-      o.dh = b.dh.Download();
-      o.dw = b.dw.Download();
-      o.loss = b.loss.Download()[0];
-      return o;
-    };
-    auto differing = [](const std::vector<float>& x, const std::vector<float>& y) {
-      int64_t n = 0;
-      for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(float)) != 0;
-      return static_cast<double>(n);
+      return RunLce(gemm.get(), &alloc, b, a);
     };
     for (const bool overwrite_dw : {false, true}) {
-      const Out plain = run(false, overwrite_dw);
-      const Out lean = run(true, overwrite_dw);
+      const LceOutputs plain = run(false, overwrite_dw);
+      const LceOutputs lean = run(true, overwrite_dw);
       const std::string tag = "N=" + std::to_string(c.tokens) + " V=" + std::to_string(c.vocab) + " chunk " +
                               std::to_string(c.chunk) + (overwrite_dw ? " dW overwrite" : " dW accumulate");
-      EXPECT_TRUE(Report("lean vs default rows: token losses differing", tag, differing(lean.tl, plain.tl), 0.0));
-      EXPECT_TRUE(Report("lean vs default rows: dh differing", tag, differing(lean.dh, plain.dh), 0.0));
-      EXPECT_TRUE(Report("lean vs default rows: dW differing", tag, differing(lean.dw, plain.dw), 0.0));
-      EXPECT_TRUE(Report("lean vs default rows: loss differs", tag,
-                         std::memcmp(&lean.loss, &plain.loss, sizeof(double)) != 0 ? 1.0 : 0.0, 0.0));
+      ExpectSameBits("lean vs default rows", tag, lean, plain);
     }
   }
 }
@@ -238,42 +250,19 @@ TEST(CrossEntropyGpuTest, PaddedStrideRepeatsBitwise) {
     b.h.Upload(h);
     b.w.Upload(w);
     b.t.Upload(targets);
-    struct Out {
-      std::vector<float> tl, dh, dw;
-      double loss = 0;
-    };
     auto run = [&](int64_t ld_align, bool overwrite_dw) {
       const LinearCrossEntropyArgs a =
           b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, /*lean_rows=*/true, ld_align);
-      const CudaResult r = LinearCrossEntropy(gemm.get(), &alloc, a, nullptr);
-      EXPECT_TRUE(r.ok()) << r.message;
-      Out o;
-      o.tl = b.tl.Download();
-      o.dh = b.dh.Download();
-      o.dw = b.dw.Download();
-      o.loss = b.loss.Download()[0];
-      return o;
-    };
-    auto differing = [](const std::vector<float>& x, const std::vector<float>& y) {
-      int64_t n = 0;
-      for (size_t i = 0; i < x.size(); ++i) n += std::memcmp(&x[i], &y[i], sizeof(float)) != 0;
-      return static_cast<double>(n);
-    };
-    auto compare = [&](const char* what, const std::string& tag, const Out& x, const Out& y) {
-      EXPECT_TRUE(Report(std::string(what) + ": token losses differing", tag, differing(x.tl, y.tl), 0.0));
-      EXPECT_TRUE(Report(std::string(what) + ": dh differing", tag, differing(x.dh, y.dh), 0.0));
-      EXPECT_TRUE(Report(std::string(what) + ": dW differing", tag, differing(x.dw, y.dw), 0.0));
-      EXPECT_TRUE(Report(std::string(what) + ": loss differs", tag,
-                         std::memcmp(&x.loss, &y.loss, sizeof(double)) != 0 ? 1.0 : 0.0, 0.0));
+      return RunLce(gemm.get(), &alloc, b, a);
     };
     for (const bool overwrite_dw : {false, true}) {
       const std::string tag = "N=" + std::to_string(c.tokens) + " d=" + std::to_string(c.dim) + " V=" +
                               std::to_string(c.vocab) + " chunk " + std::to_string(c.chunk) +
                               (overwrite_dw ? " dW overwrite" : " dW accumulate");
-      const Out first = run(128, overwrite_dw);
-      const Out second = run(128, overwrite_dw);
-      compare("ld128 run twice", tag, first, second);
-      if (c.vocab % 128 == 0) compare("ld128 vs ld8 (same stride)", tag, first, run(8, overwrite_dw));
+      const LceOutputs first = run(128, overwrite_dw);
+      const LceOutputs second = run(128, overwrite_dw);
+      ExpectSameBits("ld128 run twice", tag, first, second);
+      if (c.vocab % 128 == 0) ExpectSameBits("ld128 vs ld8 (same stride)", tag, first, run(8, overwrite_dw));
     }
   }
 }
