@@ -797,10 +797,28 @@ TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
   CheckNormDots(true, 33, 2, false, true, 512);
 }
 
-// GYRE_MLSTM_OUT_NORM: an mLSTM out-norm backward (2 heads of 1024) under a value: aborts through
-// the backend's error if the value is rejected, else exits 0.
-[[noreturn]] void MlstmOutNormUnderSwitch(const char* value) {
-  setenv("GYRE_MLSTM_OUT_NORM", value, /*overwrite=*/1);
+// Runs `op` (which ends synchronised) with the environment switch `env` set to `value` in this
+// process (a switch is read once a process, at its first use): a rejected value aborts inside `op`
+// through the backend's error, else exits 0.
+[[noreturn]] void RunUnderSwitchAndExit(const char* env, const char* value, const std::function<void()>& op) {
+  setenv(env, value, /*overwrite=*/1);
+  op();
+  std::exit(0);
+}
+
+// A warp-or-row switch's values through `op`: `rejected` dies with "<env> must be warp or row (or
+// unset), got '<rejected>'", row and warp exit 0. Each case in a fresh process (the "threadsafe"
+// death-test style re-executes this binary).
+void ExpectWarpOrRowSwitchValues(const char* env, const char* rejected, const std::function<void()>& op) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(RunUnderSwitchAndExit(env, rejected, op),
+               std::string(env) + " must be warp or row \\(or unset\\), got '" + rejected + "'");
+  EXPECT_EXIT(RunUnderSwitchAndExit(env, "row", op), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(RunUnderSwitchAndExit(env, "warp", op), ::testing::ExitedWithCode(0), "");
+}
+
+// An mLSTM out-norm backward (2 heads of 1024), synchronised: GYRE_MLSTM_OUT_NORM's test op.
+void MlstmOutNormBackwardOnCuda() {
   Rng rng(9);
   const int64_t rows = 3, dim = 2048;
   const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng));
@@ -815,14 +833,10 @@ TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
   n.dy = x.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
   Cuda().GroupNorm(true, n);
   Cuda().Synchronize();
-  std::exit(0);
 }
 
 TEST_F(RecurrentGpuTest, MlstmOutNormSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(MlstmOutNormUnderSwitch("tile"), "GYRE_MLSTM_OUT_NORM must be warp or row \\(or unset\\), got 'tile'");
-  EXPECT_EXIT(MlstmOutNormUnderSwitch("row"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(MlstmOutNormUnderSwitch("warp"), ::testing::ExitedWithCode(0), "");
+  ExpectWarpOrRowSwitchValues("GYRE_MLSTM_OUT_NORM", "tile", MlstmOutNormBackwardOnCuda);
 }
 
 // The gated norm's dz with a row stride (the Mamba-2 in_proj backward writes dz into the first d_inner
@@ -855,11 +869,9 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormWideGroups) {
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 5128, 5128, true);
 }
 
-// A gated norm forward and backward (4096 wide, one group: the shape GYRE_GATED_NORM=row routes)
-// under GYRE_GATED_NORM=value: aborts through the backend's error if the value is rejected, else
-// exits 0.
-[[noreturn]] void GatedNormUnderSwitch(const char* value) {
-  setenv("GYRE_GATED_NORM", value, /*overwrite=*/1);
+// A gated norm forward and backward (4096 wide, one group: the shape GYRE_GATED_NORM=row routes),
+// synchronised: GYRE_GATED_NORM's test op.
+void GatedNormForwardBackwardOnCuda() {
   Rng rng(7);
   const int64_t rows = 3, dim = 4096;
   const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng)), dy = x.Clone();
@@ -873,14 +885,10 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormWideGroups) {
   n.dy = dy.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dweight = dw.data<float>();
   Cuda().GroupNorm(true, n);
   Cuda().Synchronize();
-  std::exit(0);
 }
 
 TEST_F(RecurrentGpuTest, GatedNormSwitchValues) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(GatedNormUnderSwitch("tile"), "GYRE_GATED_NORM must be warp or row \\(or unset\\), got 'tile'");
-  EXPECT_EXIT(GatedNormUnderSwitch("row"), ::testing::ExitedWithCode(0), "");
-  EXPECT_EXIT(GatedNormUnderSwitch("warp"), ::testing::ExitedWithCode(0), "");
+  ExpectWarpOrRowSwitchValues("GYRE_GATED_NORM", "tile", GatedNormForwardBackwardOnCuda);
 }
 
 // CudaBackend::ConvertRows (Mamba-2's ddt into its columns of din): a rows x cols f32 block with a
