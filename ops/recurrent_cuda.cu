@@ -2648,6 +2648,15 @@ __global__ void __launch_bounds__(kRowThreads) group_norm_fwd_gated_row(GroupNor
   }
 }
 
+// A staged chunk of 8 columns at c as floats: x, z, dy, and the norm's scale there (Scale8).
+__device__ __forceinline__ void UnpackGatedChunk(const GroupNormArgs& a, int64_t c, const uint4& xr, const uint4& zr,
+                                                 const uint4& dyr, float* x, float* z, float* dy, float* sc) {
+  Unpack8(xr, x);
+  Unpack8(zr, z);
+  Unpack8(dyr, dy);
+  Scale8(a, c, sc);
+}
+
 // Backward: CTA (blockIdx.x, blockIdx.y) = rows [32·blockIdx.x, +32) of group blockIdx.y; its
 // dweight partial row at pw[blockIdx.x, group's columns]. Same per-element arithmetic as
 // group_norm_bwd_vec<1> (GroupNormBwdChunkSums / GroupNormBwdChunkDx, mode 1). (256, 4): 64
@@ -2685,10 +2694,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
       const int64_t i = 8 * t + it * kRowChunkCols;
       if (i >= gs) continue;
       float v[8], z[8], dy[8], sc[8];
-      Unpack8(xr[it], v);
-      Unpack8(zr[it], z);
-      Unpack8(dyr[it], dy);
-      Scale8(a, c0 + i, sc);
+      UnpackGatedChunk(a, c0 + i, xr[it], zr[it], dyr[it], v, z, dy, sc);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const float xhat = (v[k] * Silu(z[k]) - mean) * rstd;
@@ -2705,10 +2711,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
       const int64_t i = 8 * t + it * kRowChunkCols;
       if (i >= gs) continue;
       float xv[8], z[8], dy[8], sc[8];
-      Unpack8(xr[it], xv);
-      Unpack8(zr[it], z);
-      Unpack8(dyr[it], dy);
-      Scale8(a, c0 + i, sc);
+      UnpackGatedChunk(a, c0 + i, xr[it], zr[it], dyr[it], xv, z, dy, sc);
       GroupNormBwdChunkDx<1, kLdDz>(a, r, c0 + i, xv, sc, dy, z, mean, rstd, m1, s2);
     }
   }
