@@ -68,6 +68,23 @@ struct LceBuffers {
   DeviceArray<double> loss;
 };
 
+// A bitwise case's random inputs, drawn from `rng` in this order: h, W (logits of standard
+// deviation ~3), dW to accumulate onto, targets (every 7th row from 3 ignored; row 1 the last
+// column).
+struct BitwiseInputs {
+  std::vector<float> h, w, dw0, targets;
+};
+BitwiseInputs RandomBitwiseInputs(std::mt19937_64& rng, const Case& c) {
+  BitwiseInputs in;
+  in.h = RandomBf16Values(rng, c.tokens * c.dim);
+  in.w = RandomBf16Values(rng, c.vocab * c.dim, 3.f / std::sqrt(float(c.dim)));
+  in.dw0 = RandomFloats(rng, c.vocab * c.dim, 1e-3f);
+  in.targets.resize(c.tokens);
+  for (int64_t r = 0; r < c.tokens; ++r) in.targets[r] = (r % 7 == 3) ? -1.f : static_cast<float>(rng() % c.vocab);
+  in.targets[1] = static_cast<float>(c.vocab - 1);  // the last column (the tail when V % 8 != 0)
+  return in;
+}
+
 // One LinearCrossEntropy call over `b` and its outputs, downloaded.
 struct LceOutputs {
   std::vector<float> tl, dh, dw;
@@ -203,20 +220,15 @@ TEST(CrossEntropyGpuTest, LeanRowKernelEqualsDefaultBitwise) {
     DeviceAllocator alloc;
     std::unique_ptr<GemmContext> gemm;
     CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
-    const auto h = RandomBf16Values(rng, c.tokens * c.dim);
-    const auto w = RandomBf16Values(rng, c.vocab * c.dim, 3.f / std::sqrt(float(c.dim)));
-    const auto dw0 = RandomFloats(rng, c.vocab * c.dim, 1e-3f);
-    std::vector<float> targets(c.tokens);
-    for (int64_t r = 0; r < c.tokens; ++r) targets[r] = (r % 7 == 3) ? -1.f : static_cast<float>(rng() % c.vocab);
-    targets[1] = static_cast<float>(c.vocab - 1);                // the last column (the tail when V % 8 != 0)
-    targets[2] = static_cast<float>(8 * (c.vocab / 8) - 1);      // the last full 16-byte group
-    targets[4] = 0.f;
+    BitwiseInputs in = RandomBitwiseInputs(rng, c);
+    in.targets[2] = static_cast<float>(8 * (c.vocab / 8) - 1);  // the last full 16-byte group
+    in.targets[4] = 0.f;
     LceBuffers b(&alloc, c);
-    b.h.Upload(h);
-    b.w.Upload(w);
-    b.t.Upload(targets);
+    b.h.Upload(in.h);
+    b.w.Upload(in.w);
+    b.t.Upload(in.targets);
     auto run = [&](bool lean_rows, bool overwrite_dw) {
-      const LinearCrossEntropyArgs a = b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, lean_rows);
+      const LinearCrossEntropyArgs a = b.Args(c, in.dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, lean_rows);
       return RunLce(gemm.get(), &alloc, b, a);
     };
     for (const bool overwrite_dw : {false, true}) {
@@ -240,19 +252,14 @@ TEST(CrossEntropyGpuTest, PaddedStrideRepeatsBitwise) {
     DeviceAllocator alloc;
     std::unique_ptr<GemmContext> gemm;
     CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
-    const auto h = RandomBf16Values(rng, c.tokens * c.dim);
-    const auto w = RandomBf16Values(rng, c.vocab * c.dim, 3.f / std::sqrt(float(c.dim)));
-    const auto dw0 = RandomFloats(rng, c.vocab * c.dim, 1e-3f);
-    std::vector<float> targets(c.tokens);
-    for (int64_t r = 0; r < c.tokens; ++r) targets[r] = (r % 7 == 3) ? -1.f : static_cast<float>(rng() % c.vocab);
-    targets[1] = static_cast<float>(c.vocab - 1);
+    const BitwiseInputs in = RandomBitwiseInputs(rng, c);
     LceBuffers b(&alloc, c);
-    b.h.Upload(h);
-    b.w.Upload(w);
-    b.t.Upload(targets);
+    b.h.Upload(in.h);
+    b.w.Upload(in.w);
+    b.t.Upload(in.targets);
     auto run = [&](int64_t ld_align, bool overwrite_dw) {
       const LinearCrossEntropyArgs a =
-          b.Args(c, dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, /*lean_rows=*/true, ld_align);
+          b.Args(c, in.dw0, 1.f / static_cast<float>(c.tokens), overwrite_dw, /*lean_rows=*/true, ld_align);
       return RunLce(gemm.get(), &alloc, b, a);
     };
     for (const bool overwrite_dw : {false, true}) {
