@@ -749,6 +749,26 @@ TEST_F(RecurrentGpuTest, MlstmOutNormDotsKernel) {
   EXPECT_TRUE(written);
 }
 
+// An mLSTM out-norm backward on CUDA over `rows` rows of 2 heads of 1024: x (random) as every input
+// (z, x_c, dy), statistics 0 and 1, weight and skip 0, outputs poisoned.
+struct MlstmOutNormBackwardCase {
+  MlstmOutNormBackwardCase(int64_t rows, uint64_t seed) {
+    Rng rng(seed);
+    const int64_t dim = 2048;
+    x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng));
+    mean = Tensor::Full({rows * 2}, DType::kF32, 0.0, Device::kCuda);
+    rstd = Tensor::Full({rows * 2}, DType::kF32, 1.0, Device::kCuda);
+    wt = Tensor::Full({dim}, DType::kF32, 0.0, Device::kCuda);
+    n.mode = NormMode::kMlstmOutput; n.layer = true; n.rows = rows; n.dim = dim; n.groups = 2; n.weight_offset = 1.f;
+    n.x = x.raw(); n.z = x.raw(); n.ldz = dim; n.xc = x.raw(); n.skip = wt.data<float>(); n.weight = wt.data<float>();
+    n.mean = mean.data<float>(); n.rstd = rstd.data<float>();
+    dx = Poison({rows, dim}); dz = Poison({rows, dim}); dxc = Poison({rows, dim});
+    n.dy = x.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
+  }
+  Tensor x, mean, rstd, wt, dx, dz, dxc;
+  GroupNormArgs n;
+};
+
 // The mLSTM output norm at heads wider than 384 (xlstm[1:0]-1.3b: 4 heads of 1024; 350m / 760m:
 // 512 / 768) against float64, through the backend (CheckNorm: forward, backward with dweight /
 // dskip accumulated or overwritten), and with the cell's dots (CheckNormDots). Run both ways:
@@ -766,20 +786,10 @@ TEST_F(RecurrentGpuTest, MlstmOutNormWideHeads) {
   const bool row = std::getenv("GYRE_MLSTM_OUT_NORM") == nullptr ||
                    std::string_view(std::getenv("GYRE_MLSTM_OUT_NORM")) == "row";
   if (!row) {  // the dots are not covered at these widths: the plain backward, dots untouched
-    Rng rng(5);
-    const int64_t rows = 9, dim = 2048;
-    const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng));
+    const int64_t rows = 9;
+    const MlstmOutNormBackwardCase c(rows, 5);
     Tensor dots = Tensor::Full({rows, 2}, DType::kF32, NAN, Device::kCuda);
-    Tensor mean = Tensor::Full({rows * 2}, DType::kF32, 0.0, Device::kCuda),
-           rstd = Tensor::Full({rows * 2}, DType::kF32, 1.0, Device::kCuda);
-    Tensor wt = Tensor::Full({dim}, DType::kF32, 0.0, Device::kCuda);
-    GroupNormArgs n;
-    n.mode = NormMode::kMlstmOutput; n.layer = true; n.rows = rows; n.dim = dim; n.groups = 2; n.weight_offset = 1.f;
-    n.x = x.raw(); n.z = x.raw(); n.ldz = dim; n.xc = x.raw(); n.skip = wt.data<float>(); n.weight = wt.data<float>();
-    n.mean = mean.data<float>(); n.rstd = rstd.data<float>();
-    Tensor dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
-    n.dy = x.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
-    const bool ran = Cuda().MlstmOutNormBackwardWithDots(n, x.raw(), dots.data<float>());
+    const bool ran = Cuda().MlstmOutNormBackwardWithDots(c.n, c.x.raw(), dots.data<float>());
     const Tensor d = dots.ToDevice(Device::kCpu).To(DType::kF64);
     bool untouched = true;
     for (int64_t i = 0; i < d.numel(); ++i) untouched = untouched && std::isnan(d.At(i));
@@ -819,19 +829,8 @@ void ExpectWarpOrRowSwitchValues(const char* env, const char* rejected, const st
 
 // An mLSTM out-norm backward (2 heads of 1024), synchronised: GYRE_MLSTM_OUT_NORM's test op.
 void MlstmOutNormBackwardOnCuda() {
-  Rng rng(9);
-  const int64_t rows = 3, dim = 2048;
-  const Tensor x = ToCudaBf16(RandomBf16Host({rows, dim}, 1.0, &rng));
-  Tensor mean = Tensor::Full({rows * 2}, DType::kF32, 0.0, Device::kCuda),
-         rstd = Tensor::Full({rows * 2}, DType::kF32, 1.0, Device::kCuda);
-  Tensor wt = Tensor::Full({dim}, DType::kF32, 0.0, Device::kCuda);
-  GroupNormArgs n;
-  n.mode = NormMode::kMlstmOutput; n.layer = true; n.rows = rows; n.dim = dim; n.groups = 2; n.weight_offset = 1.f;
-  n.x = x.raw(); n.z = x.raw(); n.ldz = dim; n.xc = x.raw(); n.skip = wt.data<float>(); n.weight = wt.data<float>();
-  n.mean = mean.data<float>(); n.rstd = rstd.data<float>();
-  Tensor dx = Poison({rows, dim}), dz = Poison({rows, dim}), dxc = Poison({rows, dim});
-  n.dy = x.raw(); n.dx = dx.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
-  Cuda().GroupNorm(true, n);
+  const MlstmOutNormBackwardCase c(3, 9);
+  Cuda().GroupNorm(true, c.n);
   Cuda().Synchronize();
 }
 
