@@ -2590,6 +2590,22 @@ __device__ __forceinline__ void RowSum(float (&v)[kN], float* red) {
   }
 }
 
+// Row r's x and z (with kDy also dy) in the group at column c0, as raw bf16 x 8: thread t's
+// chunk it holds the 8 columns 8t + it·kRowChunkCols (those < gs).
+template <int kIters, bool kDy>
+__device__ __forceinline__ void LdGatedRowChunks(const GroupNormArgs& a, int64_t r, int64_t c0, int64_t gs, int t,
+                                                 uint4* xr, uint4* zr, uint4* dyr) {
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i = 8 * t + it * kRowChunkCols;
+    if (i < gs) {
+      xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
+      zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
+      if constexpr (kDy) dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
+    }
+  }
+}
+
 // Forward: CTA blockIdx.x = the (row, group) r·groups + g. Same per-element arithmetic as
 // group_norm_fwd_vec<1> (GroupNormFwdChunk).
 template <int kIters>
@@ -2598,14 +2614,7 @@ __global__ void __launch_bounds__(kRowThreads) group_norm_fwd_gated_row(GroupNor
   const int t = threadIdx.x;
   const int64_t st = blockIdx.x, r = st / a.groups, g = st % a.groups, gs = a.dim / a.groups, c0 = g * gs;
   uint4 xr[kIters], zr[kIters];
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int64_t i = 8 * t + it * kRowChunkCols;
-    if (i < gs) {
-      xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
-      zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
-    }
-  }
+  LdGatedRowChunks<kIters, false>(a, r, c0, gs, t, xr, zr, nullptr);
   float v[kIters][8];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -2679,15 +2688,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
     const int64_t st = r * a.groups + g;
     const float mean = a.layer ? a.mean[st] : 0.f, rstd = a.rstd[st];
     uint4 xr[kIters], zr[kIters], dyr[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t i = 8 * t + it * kRowChunkCols;
-      if (i < gs) {
-        xr[it] = LdRaw(a.x, r * a.dim + c0 + i);
-        zr[it] = LdRaw(a.z, r * a.ldz + c0 + i);
-        dyr[it] = LdRaw(a.dy, r * a.dim + c0 + i);
-      }
-    }
+    LdGatedRowChunks<kIters, true>(a, r, c0, gs, t, xr, zr, dyr);
     float s[2] = {0.f, 0.f};  // Σ dxhat, Σ dxhat·xhat
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
