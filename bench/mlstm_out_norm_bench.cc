@@ -14,13 +14,10 @@
 //      bitwise or not.
 //    - the dots call: every other output bitwise the plain call's (the same kernel body).
 //    - deterministic: the dots call twice gives the same bits (dx, dz, dxc, dweight, dskip, dots).
-//    - the 3-row ring (ring_rows 3, not routed: the prepared next step) bitwise the 2-row ring's,
-//      plain and with the dots (the same arithmetic in the same order).
 //    Shapes: 8192 x 4 x 1024 (xlstm[1:0]-1.3b B4), odd rows (37, 301: a partial last CTA), one
 //    head; 2 x 512, 3 x 768 (350m / 760m widths); 384 (125m) must not be covered.
 // 2. Timings (CUDA events, median of reps, L2 flushed before each; the dweight / dskip reduce
-//    included): backward old, new, new + dots, and the same two with the 3-row ring,
-//    alternating, 3 rounds, at xlstm[1:0]-1.3b B4
+//    included): backward old, new, new + dots, alternating, 3 rounds, at xlstm[1:0]-1.3b B4
 //    (8192 x 4096, 4 heads) — GB/s counted as 14 B an element (x, z, x_c, dy in; dx, dz, dx_c
 //    out), 16 with the dots (+ h lo); and the old forward (8 B) for reference.
 //
@@ -145,15 +142,6 @@ void Check(DeviceAllocator& alloc, int64_t rows, int64_t groups, int64_t gs, uin
   const bool same_as_plain = std::equal(plain.begin(), plain.end(), with_dots[0].begin());
   const bool repeat = with_dots[0] == with_dots[1];
   p.PoisonBackward();
-  CUDA_OK_OR_DIE(co::MlstmOutNormRowBackward(a, p.lo.get(), nullptr, &alloc, nullptr, /*ring_rows=*/3));
-  const bool ring3_plain = p.BackwardBits(false) == plain;
-  p.PoisonBackward();
-  CUDA_OK_OR_DIE(co::MlstmOutNormRowBackward(a, p.lo.get(), p.dots.as<float>(), &alloc, nullptr, /*ring_rows=*/3));
-  const bool ring3_dots = p.BackwardBits(true) == with_dots[0];
-  failures += !(ring3_plain && ring3_dots);
-  std::printf("[%s] %s: the 3-row ring bitwise the 2-row ring's, plain %d, with the dots %d\n",
-              ring3_plain && ring3_dots ? "PASS" : "FAIL", name.c_str(), ring3_plain, ring3_dots);
-  p.PoisonBackward();
   CUDA_OK_OR_DIE(co::MlstmOutNormRowBackward(a, p.lo.get(), p.dots.as<float>(), &alloc, nullptr));
   const std::vector<double> dots = HostF32(p.dots, rows * groups);
   bool finite = true;
@@ -170,21 +158,18 @@ void Time(Timer& t, DeviceAllocator& alloc, const char* preset, int64_t rows, in
   const GroupNormArgs a = p.Args();
   CUDA_OK_OR_DIE(co::GroupNormForward(a, nullptr));
   const double n = static_cast<double>(rows * groups * gs);
-  double ms[6][3];
+  double ms[4][3];
   for (int round = 0; round < 3; ++round) {
     ms[0][round] = TimeMs(t, [&] { return co::GroupNormBackward(a, &alloc, nullptr); });
     ms[1][round] = TimeMs(t, [&] { return co::MlstmOutNormRowBackward(a, p.lo.get(), nullptr, &alloc, nullptr); });
     ms[2][round] =
         TimeMs(t, [&] { return co::MlstmOutNormRowBackward(a, p.lo.get(), p.dots.as<float>(), &alloc, nullptr); });
     ms[3][round] = TimeMs(t, [&] { return co::GroupNormForward(a, nullptr); });
-    ms[4][round] = TimeMs(t, [&] { return co::MlstmOutNormRowBackward(a, p.lo.get(), nullptr, &alloc, nullptr, 3); });
-    ms[5][round] =
-        TimeMs(t, [&] { return co::MlstmOutNormRowBackward(a, p.lo.get(), p.dots.as<float>(), &alloc, nullptr, 3); });
   }
-  const char* what[6] = {"backward old (warp)     ", "backward new (row)      ", "backward new (row+dots) ",
-                         "forward  (unchanged)    ", "backward row, 3-row ring", "row+dots, 3-row ring    "};
-  const double bytes_per[6] = {14, 14, 16, 8, 14, 16};
-  for (int k = 0; k < 6; ++k) {
+  const char* what[4] = {"backward old (warp)     ", "backward new (row)      ", "backward new (row+dots) ",
+                         "forward  (unchanged)    "};
+  const double bytes_per[4] = {14, 14, 16, 8};
+  for (int k = 0; k < 4; ++k) {
     std::vector<float> v(ms[k], ms[k] + 3);
     const double med = Median(v);
     std::printf("TIME %-16s %lld x %lld x %lld %s: %.4f %.4f %.4f ms, median %.4f ms, %.2f TB/s of the %.0f B floor\n",

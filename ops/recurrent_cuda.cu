@@ -2751,9 +2751,9 @@ __global__ void __launch_bounds__(kRowThreads, 4) group_norm_bwd_gated_row(Group
 // norm 12.70 -> 10.26 ms with the dots, the cell's backward 93.1 -> 90.1.
 constexpr int kMoRows = 32;       // rows of a CTA (its partial rows of dweight / dskip)
 constexpr int kMoMaxWarps = 4;    // heads of up to 1024 columns
-// The cp.async ring: kStages rows, kStages - 1 ahead. 2 is what the switch routes (measured);
-// 3 (2 rows ahead: 24 KiB a CTA, 30 with the dots, then 7 CTAs an SM) only through
-// MlstmOutNormRowBackward's ring_rows, for the bench: the prepared next step (ops/XLSTM_GLUE.md).
+// The cp.async ring: kStages rows, kStages - 1 ahead; 2 is the one instantiated. 3 (2 rows ahead:
+// 24 KiB a CTA, 30 with the dots, then 7 CTAs an SM) was measured in the lead's session-19 call F
+// and lost (0.2221 vs 0.2090 ms plain, 0.2806 vs 0.2149 with the dots), so it was dropped.
 template <bool kDots, int kStages>
 constexpr int kMoStashBytes(int threads) {
   return kStages * (kDots ? 5 : 4) * threads * 16;
@@ -3130,7 +3130,7 @@ bool MlstmRowCovers(const GroupNormArgs& a, const void* h_lo) {
          Aligned(a.dz, 16) && Aligned(a.dxc, 16) && Aligned(h_lo, 16);
 }
 CudaResult LaunchMlstmRowBackward(const GroupNormArgs& a, const bf16* h_lo, float* dots, DeviceAllocator* scratch,
-                                  cudaStream_t stream, int ring_rows = 2) {
+                                  cudaStream_t stream) {
   const int64_t chunks = (a.rows + kMoRows - 1) / kMoRows;
   gyre::cuda::DeviceBuffer part;
   float *pw = nullptr, *ps = nullptr;
@@ -3142,15 +3142,7 @@ CudaResult LaunchMlstmRowBackward(const GroupNormArgs& a, const bf16* h_lo, floa
   }
   const int threads = static_cast<int>(a.dim / a.groups / 8);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.groups));
-  if (ring_rows == 3) {
-    if (dots != nullptr) {
-      group_norm_bwd_mlstm_row<true, 3><<<grid, threads, kMoStashBytes<true, 3>(threads), stream>>>(a, pw, ps, h_lo,
-                                                                                                  dots);
-    } else {
-      group_norm_bwd_mlstm_row<false, 3><<<grid, threads, kMoStashBytes<false, 3>(threads), stream>>>(a, pw, ps,
-                                                                                                    nullptr, nullptr);
-    }
-  } else if (dots != nullptr) {
+  if (dots != nullptr) {
     group_norm_bwd_mlstm_row<true, 2><<<grid, threads, kMoStashBytes<true, 2>(threads), stream>>>(a, pw, ps, h_lo, dots);
   } else {
     group_norm_bwd_mlstm_row<false, 2><<<grid, threads, kMoStashBytes<false, 2>(threads), stream>>>(a, pw, ps, nullptr,
@@ -3250,12 +3242,11 @@ bool MlstmOutNormDotsCovers(const GroupNormArgs& a, const void* h_lo) {
 bool MlstmOutNormRowCovers(const GroupNormArgs& a, const void* h_lo) { return MlstmRowCovers(a, h_lo); }
 
 CudaResult MlstmOutNormRowBackward(const GroupNormArgs& a, const void* h_lo, float* dots, DeviceAllocator* scratch,
-                                   cudaStream_t stream, int ring_rows) {
+                                   cudaStream_t stream) {
   if (!MlstmRowCovers(a, h_lo))
     return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: arguments outside the kernel (MlstmOutNormRowCovers)");
-  if (ring_rows != 2 && ring_rows != 3) return gyre::cuda::InvalidArgument("MlstmOutNormRowBackward: ring_rows 2 or 3");
   if (a.rows == 0) return {};
-  return LaunchMlstmRowBackward(a, static_cast<const bf16*>(h_lo), dots, scratch, stream, ring_rows);
+  return LaunchMlstmRowBackward(a, static_cast<const bf16*>(h_lo), dots, scratch, stream);
 }
 
 CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots,

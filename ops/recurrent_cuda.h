@@ -58,11 +58,9 @@ CudaResult MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo
 // MlstmOutNormBackwardWithDots / GroupNormBackward run this kernel. MlstmOutNormRowCovers: mode 2,
 // head width % 256 in [512, 1024], statistics given, 16-byte aligned (weight, skip 32), dz packed,
 // no dresidual, h_lo 16-byte aligned or null; the call returns InvalidArgument otherwise.
-// ring_rows: rows of the kernel's cp.async ring (2: what the switch routes; 3: two rows ahead, the
-// same arithmetic in the same order, for the bench only until measured).
 bool MlstmOutNormRowCovers(const GroupNormArgs& a, const void* h_lo);
 CudaResult MlstmOutNormRowBackward(const GroupNormArgs& a, const void* h_lo, float* dots, DeviceAllocator* scratch,
-                                   cudaStream_t stream, int ring_rows = 2);
+                                   cudaStream_t stream);
 // Mamba-2's gated norm (NormMode::kGatedInput) on the CTA-per-(row, group) kernels that
 // GYRE_GATED_NORM=row (the default) routes the groups of 1537-4096 columns to (ops/MAMBA2_NORM.md), called
 // directly (tests and benches put them beside the default in one process): the outputs of
