@@ -12,9 +12,9 @@
 //                       G) from global memory.
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
-// Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 8, or to 128 under
-// ld_align / GYRE_LCE_LD_ALIGN=128 with the three products planned as at V rounded up to 128,
-// GemmArgs::plan_round; cross_entropy_notes.md session 19) and the measurement-only phase timer
+// Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 128 by default, with
+// the three products planned as at V rounded up to 128, GemmArgs::plan_round; to 8 under ld_align /
+// GYRE_LCE_LD_ALIGN=8; cross_entropy_notes.md session 19) and the measurement-only phase timer
 // (GYRE_LCE_TIMING=1).
 #include "kernels/cuda/cross_entropy.h"
 
@@ -349,6 +349,10 @@ int64_t EnvLdAlign() {
   return align;
 }
 
+// The row-stride multiple for `a`: its ld_align, else GYRE_LCE_LD_ALIGN's (-1 for a bad value,
+// which LinearCrossEntropy reports).
+int64_t LdAlign(const LinearCrossEntropyArgs& a) { return a.ld_align > 0 ? a.ld_align : EnvLdAlign(); }
+
 bool EnvFlag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] == '1';
@@ -398,7 +402,7 @@ class PhaseTimer {
 }  // namespace
 
 int64_t LogitsRowStride(const LinearCrossEntropyArgs& a) {
-  const int64_t align = a.ld_align > 0 ? a.ld_align : std::max<int64_t>(8, EnvLdAlign());
+  const int64_t align = std::max<int64_t>(8, LdAlign(a));
   return CeilDiv(a.vocab, align) * align;
 }
 
@@ -417,13 +421,13 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     return InvalidArgument("LinearCrossEntropy: bad shape or missing pointer");
   }
   if (a.chunk_tokens > 0x7fffffff) return InvalidArgument("LinearCrossEntropy: chunk too large");
-  if (a.ld_align <= 0 && EnvLdAlign() < 0)
+  const int64_t align = LdAlign(a);
+  if (align < 0)
     return InvalidArgument(std::string("GYRE_LCE_LD_ALIGN must be 8 or 128 (or unset), got '") +
                            std::getenv("GYRE_LCE_LD_ALIGN") + "'");
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = LogitsRowStride(a);
   if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
-  const int64_t align = a.ld_align > 0 ? a.ld_align : EnvLdAlign();
   // Plans as at the padded vocabulary (a vocabulary that is a multiple already keeps its plans).
   const int64_t plan_round = a.plan_as_padded && align >= 128 && a.vocab % align != 0 ? align : 0;
   static const bool timing = EnvFlag("GYRE_LCE_TIMING");
@@ -435,7 +439,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     phases = std::make_unique<PhaseTimer>(stream);
     stats0 = alloc->stats();
   }
-  const auto host_t0 = std::chrono::steady_clock::now();
+  const auto host_t0 = timing ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   const int64_t chunk = std::min(a.chunk_tokens, std::max<int64_t>(a.tokens, 1));
   if (a.dw != nullptr && a.overwrite_dw && a.tokens == 0) {
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dw, 0, sizeof(float) * a.vocab * a.dim, stream));
@@ -482,7 +486,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g2.c = a.dh + c0 * a.dim;
       g2.ldc = a.dim;
       g2.plan_round = plan_round;
-    g2.c_dtype = DType::kBf16;
+      g2.c_dtype = DType::kBf16;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
       if (phases) phases->Mark(2);
     }
@@ -500,7 +504,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g3.c = a.dw;
       g3.ldc = a.dim;
       g3.plan_round = plan_round;
-    g3.c_dtype = DType::kF32;
+      g3.c_dtype = DType::kF32;
       g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
       CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
       if (phases) phases->Mark(3);
