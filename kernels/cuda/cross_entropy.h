@@ -78,6 +78,21 @@ struct LinearCrossEntropyArgs {
   // computed, read nor written; W, dW and the checkpoint are untouched.
   int64_t ld_align = 0;
   bool plan_as_padded = true;  // false: the padded stride alone (measurement: bench/lce_bench.cc)
+  // A vocabulary that is not a multiple of 128 (GPT-2's raw 50257) whose rounded plan cuBLASLt
+  // rejects on the real shape runs that product's real-shape choice, which can be a slow non-TMA
+  // kernel (V 50257 at d 2048: the logits product at ~100 TFLOP/s, 33.6 of the call's 43.9 ms).
+  // The split runs such a product as two: the vocabulary's columns [0, V128) with V128 =
+  // 128·⌊V/128⌋ (a multiple of 128: the plans of a padded vocabulary) and the V mod 128 columns
+  // after them (W's rows, the logits' columns and dW's rows offset by V128: 256-byte aligned).
+  // logits and dW split along V keep each element's k-order; dh = G W splits its reduction:
+  // the tail's product first, then the body's accumulated onto it (beta 1), one more bf16
+  // rounding of the tail's small partial sum (cross_entropy_notes.md, session 20).
+  //   kOff: never; kWhereRejected: each product whose plan_round choice cuBLASLt rejected (a
+  //   function of shape, library and card, like every plan: the same split in every run);
+  //   kAlways: every product whenever V % 128 != 0 and V > 128 (measurement);
+  //   kFromEnv: GYRE_LCE_SPLIT, read once: 0 kOff, 1 kWhereRejected, 2 kAlways; unset: kOff.
+  enum class VocabSplit { kFromEnv, kOff, kWhereRejected, kAlways };
+  VocabSplit vocab_split = VocabSplit::kFromEnv;
 };
 
 // The logits buffer's row stride for `args` (ld_align resolved as above).
