@@ -356,13 +356,14 @@ int64_t LdAlign(const LinearCrossEntropyArgs& a) { return a.ld_align > 0 ? a.ld_
 
 using VocabSplit = LinearCrossEntropyArgs::VocabSplit;
 
-// GYRE_LCE_SPLIT, read once: the default of LinearCrossEntropyArgs::vocab_split. Unset or 0 kOff,
-// 1 kWhereRejected, 2 kAlways; any other value kFromEnv (LinearCrossEntropy's error names it).
+// GYRE_LCE_SPLIT, read once: the default of LinearCrossEntropyArgs::vocab_split. Unset or 1
+// kWhereRejected (the default since session 20), 0 kOff (the old path, for A/B), 2 kAlways
+// (measurement); any other value kFromEnv (LinearCrossEntropy's error names it).
 VocabSplit EnvVocabSplit() {
   static const VocabSplit split = [] {
     const char* v = std::getenv("GYRE_LCE_SPLIT");
-    if (v == nullptr || std::string(v) == "0") return VocabSplit::kOff;
-    if (std::string(v) == "1") return VocabSplit::kWhereRejected;
+    if (v == nullptr || std::string(v) == "1") return VocabSplit::kWhereRejected;
+    if (std::string(v) == "0") return VocabSplit::kOff;
     return std::string(v) == "2" ? VocabSplit::kAlways : VocabSplit::kFromEnv;
   }();
   return split;

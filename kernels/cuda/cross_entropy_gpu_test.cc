@@ -2,7 +2,8 @@
 // logits, at the odd vocabularies 50257 and 50277, 50304, 60013 (and 120011, past the
 // shared-memory row kernel), Mamba-2's 50288 at d 2048, 301 and 257, with the logits row stride
 // padded to 128 beside the default, several chunks with a ragged tail, ignored targets, dW accumulated
-// onto nonzero values or overwritten (NaN-poisoned before), and the loss-only mode.
+// onto nonzero values or overwritten (NaN-poisoned before), and the loss-only mode; the vocabulary
+// split at V128 (session 20) at V 50257 / 50277 (d 2048), 50281, 301, 1000 and 129 in all its modes.
 #include "kernels/cuda/cross_entropy.h"
 
 #include <algorithm>
