@@ -1,9 +1,9 @@
 // Fused LM-head linear + cross-entropy (kernels/cuda/cross_entropy.h) at the 125m/130m presets'
 // shape (32768 tokens = B16 x 2048, d 768, V 50304; --tokens / --dim / --vocab for others, e.g.
 // the 1.3B presets' 16384 x 2048 x 50288 / 50304), variants side by side in one process: the
-// logits row stride (ld 8 / ld 128: bits, row pass, whole call, each GEMM; --candidates logs the
-// timings of cuBLASLt's top-8 candidates per GEMM),
-// chunk size, dW overwrite on the first chunk, GEMM autotune, loss only; the GEMMs alone (fp32
+// vocabulary split (unsplit / split where the rounded plan is rejected / split always: bits, whole
+// call; each GEMM whole, split and its tail alone; --rows the row pass; --candidates logs the
+// timings of cuBLASLt's top-8 candidates per GEMM), chunk size, dW overwrite on the first chunk, GEMM autotune, loss only; the GEMMs alone (fp32
 // and bf16 logits out); and the loss / gradient error of the bf16 logits against a float64
 // reference at V = 50304 with realistic logit scales. (Session 6's first call also timed fp32
 // logits and a two-stream overlapped schedule, since removed: bench/RESULTS.md, lce6.)
@@ -238,22 +238,27 @@ LinearCrossEntropyArgs LceArgs(int64_t N, int64_t d, int64_t V, const bf16* h, c
   return a;
 }
 
-// The logits buffer's row stride (LinearCrossEntropyArgs::ld_align: 8, the default before session 19, against 128;
-// kernels/cuda/cross_entropy_notes.md, session 19) at the model's call (chunk 16384, overwrite dW):
-// 1. bytewise outputs; 2. the row pass alone over 16384 rows of logits (G in place, and loss only),
-// modes alternating; 3. the whole call, modes alternating within each of `rounds` rounds (each a
-// median of timer.reps). (Session 18 compared the lean row kernel with ce_row_kernel2 here.)
+// The vocabulary split (LinearCrossEntropyArgs::vocab_split, kernels/cuda/cross_entropy_notes.md
+// session 20) at the model's call (chunk 16384, overwrite dW, the default padded stride and
+// rounded plans): unsplit (the default before session 20), split where the rounded plan is
+// rejected, split always. 1. bytewise outputs against unsplit; 2. with `rows`, the row pass alone
+// over 16384 rows (unchanged by the split: a check that the modes' buffers are the same);
+// 3. the whole call, modes alternating within each of `rounds` rounds (each a median of
+// timer.reps). (Session 19 compared the row strides ld 8 / ld 128 here, session 18 the row kernels.)
 void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
-            const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds) {
-  const char* names[3] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
+            const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw, int rounds,
+            bool rows_pass) {
+  using Split = LinearCrossEntropyArgs::VocabSplit;
+  const char* names[3] = {"unsplit", "split rejected", "split always"};
   constexpr int kModes = 3;
-  const int64_t ld_aligns[kModes] = {8, 128, 128};
+  const Split splits[kModes] = {Split::kOff, Split::kWhereRejected, Split::kAlways};
   auto args_for = [&](int mode) {
     LinearCrossEntropyArgs a = LceArgs(N, d, V, h, w, targets, tl, loss, dh, dw);
     a.chunk_tokens = 16384;
     a.overwrite_dw = true;
-    a.ld_align = ld_aligns[mode];
-    a.plan_as_padded = mode == 2;
+    a.ld_align = 128;
+    a.plan_as_padded = true;
+    a.vocab_split = splits[mode];
     return a;
   };
   struct Out {
@@ -299,7 +304,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     return double(x);
   };
   for (int i = 1; i < kModes; ++i) {
-    std::printf("bits | %s vs ld 8, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
+    std::printf("bits | %s vs unsplit, N=%ld chunk 16384 | token loss %ld / %ld differ (rel %.2e) | dh %ld / %ld (rel %.2e) | "
                 "dW %ld / %ld (rel %.2e) | loss %s (%.9f vs %.9f)\n",
                 names[i], (long)N, differ(outs[i].tl, outs[0].tl), (long)N, rel(outs[i].tl, outs[0].tl, f),
                 differ(outs[i].dh, outs[0].dh), (long)(N * d), rel(outs[i].dh, outs[0].dh, b16),
@@ -311,7 +316,7 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
   for (Out& o : outs) o = Out();
   // 2. The row pass alone (values change after the first pass — G over G — which costs the same;
   // each mode reads the buffer with its own row stride).
-  {
+  if (rows_pass) {
     const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
     DeviceBuffer lg;
     CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * LogitsRowStride(args_for(kModes - 1)), &lg));
@@ -356,79 +361,105 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
     std::sort(v.begin(), v.end());
     std::string rounds_s;
     for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-15s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", (long)N,
+    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-14s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", (long)N,
                 (long)d, (long)V, names[i], v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
   }
   std::fflush(stdout);
 }
 
 // The three GEMMs of the model's call (first chunk: chunk = min(N, 16384) rows, dW overwritten at
-// beta 0, later chunks beta 1) with each mode's logits row stride, alternating within `rounds`
-// rounds; with `candidates`, every one of cuBLASLt's top-8 candidates is timed and logged first
-// (GYRE_GEMM_AUTOTUNE=1 GYRE_GEMM_LOG=1: "gemm-cand" lines on stderr; the plans of the default
-// set are untouched).
+// beta 0, later chunks beta 1) on the padded stride with the rounded plans, each whole (unsplit)
+// and split at V128 = 128·⌊V/128⌋ as LinearCrossEntropy's VocabProduct splits it (logits and dW
+// along V, dh's reduction: the tail first, the body onto it), alternating within `rounds` rounds;
+// each product's line says whether its rounded plan is rejected (the product split under
+// GYRE_LCE_SPLIT=1). With `candidates`, cuBLASLt's top-8 candidates of the unsplit products are
+// timed and logged first (GYRE_GEMM_AUTOTUNE=1 GYRE_GEMM_LOG=1: "gemm-cand" lines on stderr).
 void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, const bf16* h,
              const bf16* w, bf16* dh, float* dw, int rounds, bool candidates) {
   const int64_t chunk = std::min<int64_t>(N, 16384);
-  constexpr int kModes = 3;
-  const int64_t lds[kModes] = {(V + 7) / 8 * 8, (V + 127) / 128 * 128, (V + 127) / 128 * 128};
-  const int64_t plan_rounds[kModes] = {0, 0, 128};
-  const char* names[kModes] = {"ld 8 (default)", "ld 128", "ld 128 + plans"};
+  const int64_t ld = (V + 127) / 128 * 128, body = V / 128 * 128;
+  const bool can_split = body > 0 && body < V;
   DeviceBuffer lg;
-  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * chunk * lds[1], &lg));
-  CUDA_OK_OR_DIE(FillRandomBf16(lg.as<bf16>(), chunk * lds[1], 0.f, 1e-4f, 7, nullptr));
-  auto products = [&](int mode) {
-    const int64_t ld = lds[mode];
-    std::vector<std::pair<std::string, GemmArgs>> p;
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * chunk * ld, &lg));
+  CUDA_OK_OR_DIE(FillRandomBf16(lg.as<bf16>(), chunk * ld, 0.f, 1e-4f, 7, nullptr));
+  const auto at = [](const void* p, int64_t bytes) { return static_cast<void*>(static_cast<char*>(const_cast<void*>(p)) + bytes); };
+  struct Product {
+    std::string name;
+    GemmArgs whole;
+    std::vector<GemmArgs> pieces;  // in launch order
+  };
+  std::vector<Product> products;
+  {
     GemmArgs g1 = LogitsGemm(chunk, d, V, h, w, lg.get(), ld, DType::kBf16);
-    g1.plan_round = plan_rounds[mode];
-    p.emplace_back("logits", g1);
+    g1.plan_round = 128;
+    GemmArgs head = g1, tail = g1;
+    head.n = body;
+    tail.n = V - body;
+    tail.b = at(w, body * d * 2);
+    tail.c = at(lg.get(), body * 2);
+    products.push_back({"logits", g1, {head, tail}});
     GemmArgs g2 = DhGemm(chunk, d, V, lg.get(), ld, w, dh);
-    g2.plan_round = plan_rounds[mode];
-    p.emplace_back("dh = G W", g2);
+    g2.plan_round = 128;
+    head = g2;
+    tail = g2;
+    tail.k = V - body;
+    tail.a = at(lg.get(), body * 2);
+    tail.b = at(w, body * d * 2);
+    head.k = body;
+    head.beta = 1.f;
+    products.push_back({"dh = G W", g2, {tail, head}});
     for (float beta : {0.f, 1.f}) {
       if (beta == 1.f && N <= chunk) break;
       GemmArgs g3 = DwGemm(chunk, d, V, lg.get(), ld, h, dw, beta);
-      g3.plan_round = plan_rounds[mode];
-      p.emplace_back(beta == 0.f ? "dW = G^T h (beta 0)" : "dW += G^T h (beta 1)", g3);
+      g3.plan_round = 128;
+      head = g3;
+      tail = g3;
+      head.m = body;
+      tail.m = V - body;
+      tail.a = at(lg.get(), body * 2);
+      tail.c = at(dw, body * d * 4);
+      products.push_back({beta == 0.f ? "dW = G^T h (beta 0)" : "dW += G^T h (beta 1)", g3, {head, tail}});
     }
-    return p;
-  };
+  }
   if (candidates) {
     setenv("GYRE_GEMM_AUTOTUNE", "1", 1);
     setenv("GYRE_GEMM_LOG", "1", 1);
-    for (int i = 0; i < kModes; i += 2) {  // ld 8 and ld 128 + plans (ld 128 alone has ld 8's plans)
-      for (auto& [name, g] : products(i)) {
-        std::fprintf(stderr, "gemm-cand-of N=%ld d=%ld V=%ld ld=%ld %s\n", (long)N, (long)d, (long)V, (long)lds[i],
-                     name.c_str());
-        CUDA_OK_OR_DIE(gemm->Gemm(g, nullptr));
-      }
+    for (const Product& p : products) {
+      std::fprintf(stderr, "gemm-cand-of N=%ld d=%ld V=%ld ld=%ld %s\n", (long)N, (long)d, (long)V, (long)ld,
+                   p.name.c_str());
+      CUDA_OK_OR_DIE(gemm->Gemm(p.whole, nullptr));
     }
     CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
     unsetenv("GYRE_GEMM_AUTOTUNE");
     unsetenv("GYRE_GEMM_LOG");
   }
-  std::vector<std::vector<double>> ms[kModes];
+  const int modes = can_split ? 3 : 1;  // whole, split (body + tail), the tail alone
+  std::vector<std::vector<double>> ms(products.size() * 3);
   for (int r = 0; r < rounds; ++r) {
-    for (int i = 0; i < kModes; ++i) {
-      auto p = products(i);
-      ms[i].resize(p.size());
-      for (size_t j = 0; j < p.size(); ++j) {
-        const GemmArgs g = p[j].second;
-        ms[i][j].push_back(TimeMs(timer, [&]() { return gemm->Gemm(g, nullptr); }));
+    for (size_t j = 0; j < products.size(); ++j) {
+      for (int mode = 0; mode < modes; ++mode) {
+        const Product& p = products[j];
+        ms[j * 3 + mode].push_back(TimeMs(timer, [&]() -> CudaResult {
+          if (mode == 0) return gemm->Gemm(p.whole, nullptr);
+          if (mode == 2) return gemm->Gemm(p.name == "dh = G W" ? p.pieces[0] : p.pieces[1], nullptr);
+          for (const GemmArgs& g : p.pieces) CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g, nullptr));
+          return {};
+        }));
       }
     }
   }
   const double flops = 2.0 * chunk * V * d;
-  for (int i = 0; i < kModes; ++i) {
-    auto p = products(i);
-    for (size_t j = 0; j < p.size(); ++j) {
-      std::vector<double> v = ms[i][j];
+  const char* mode_names[3] = {"unsplit", "split", "tail alone"};
+  for (size_t j = 0; j < products.size(); ++j) {
+    bool rejected = false;
+    CUDA_OK_OR_DIE(gemm->RoundedPlanRejected(products[j].whole, nullptr, &rejected));
+    for (int mode = 0; mode < modes; ++mode) {
+      std::vector<double> v = ms[j * 3 + mode];
       std::sort(v.begin(), v.end());
-      std::printf("gemm | N=%ld d=%ld V=%ld chunk %ld | %-14s ld %5ld | %-20s | median %7.4f ms | min %7.4f | %6.1f "
-                  "TFLOP/s\n",
-                  (long)N, (long)d, (long)V, (long)chunk, names[i], (long)lds[i], p[j].first.c_str(), v[v.size() / 2],
-                  v.front(), flops / v[v.size() / 2] * 1e-9);
+      std::printf("gemm | N=%ld d=%ld V=%ld chunk %ld ld %5ld | %-20s | %-10s | rounded plan %-8s | median %7.4f ms | "
+                  "min %7.4f | %6.1f TFLOP/s\n",
+                  (long)N, (long)d, (long)V, (long)chunk, (long)ld, products[j].name.c_str(), mode_names[mode],
+                  rejected ? "REJECTED" : "accepted", v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9);
     }
   }
   std::fflush(stdout);
@@ -441,6 +472,7 @@ int Main(int argc, char** argv) {
   int ab_rounds = 5;
   bool only_ab = false;
   bool candidates = false;
+  bool rows_pass = false;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
@@ -451,10 +483,11 @@ int Main(int argc, char** argv) {
     else if (s == "--ab_rounds" && i + 1 < argc) ab_rounds = std::atoi(argv[++i]);
     else if (s == "--only_ab") only_ab = true;
     else if (s == "--candidates") candidates = true;
+    else if (s == "--rows") rows_pass = true;
     else {
       std::fprintf(stderr,
                    "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy] [--ab_rounds n] "
-                   "[--only_ab] [--candidates]\n");
+                   "[--only_ab] [--candidates] [--rows]\n");
       return 2;
     }
   }
@@ -486,7 +519,7 @@ int Main(int argc, char** argv) {
   };
   const double gemm_flops = 2.0 * N * V * d;
   RowsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(),
-         loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds);
+         loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds, rows_pass);
   GemmsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), dh.as<bf16>(), dw.as<float>(), ab_rounds,
           candidates);
   if (only_ab) return 0;

@@ -14,8 +14,9 @@
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
 // Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 128 by default, with
 // the three products planned as at V rounded up to 128, GemmArgs::plan_round; to 8 under ld_align /
-// GYRE_LCE_LD_ALIGN=8; cross_entropy_notes.md session 19) and the measurement-only phase timer
-// (GYRE_LCE_TIMING=1).
+// GYRE_LCE_LD_ALIGN=8; cross_entropy_notes.md session 19), a product split at the vocabulary's last
+// multiple of 128 where its rounded plan is rejected (VocabProduct, GYRE_LCE_SPLIT; session 20)
+// and the measurement-only phase timer (GYRE_LCE_TIMING=1).
 #include "kernels/cuda/cross_entropy.h"
 
 #include <algorithm>
@@ -353,6 +354,82 @@ int64_t EnvLdAlign() {
 // which LinearCrossEntropy reports).
 int64_t LdAlign(const LinearCrossEntropyArgs& a) { return a.ld_align > 0 ? a.ld_align : EnvLdAlign(); }
 
+using VocabSplit = LinearCrossEntropyArgs::VocabSplit;
+
+// GYRE_LCE_SPLIT, read once: the default of LinearCrossEntropyArgs::vocab_split. Unset or 1
+// kWhereRejected (the default since session 20), 0 kOff (the old path, for A/B), 2 kAlways
+// (measurement); any other value kFromEnv (LinearCrossEntropy's error names it).
+VocabSplit EnvVocabSplit() {
+  static const VocabSplit split = [] {
+    const char* v = std::getenv("GYRE_LCE_SPLIT");
+    if (v == nullptr || std::string(v) == "1") return VocabSplit::kWhereRejected;
+    if (std::string(v) == "0") return VocabSplit::kOff;
+    return std::string(v) == "2" ? VocabSplit::kAlways : VocabSplit::kFromEnv;
+  }();
+  return split;
+}
+
+VocabSplit SplitMode(const LinearCrossEntropyArgs& a) {
+  return a.vocab_split != VocabSplit::kFromEnv ? a.vocab_split : EnvVocabSplit();
+}
+
+// The split boundary: the vocabulary's last multiple of 128 (cuBLASLt's TMA kernels take
+// products whose dimensions are multiples of 128; the offsets V128 · 2 bytes of a logits or G row
+// and V128 rows of W or dW keep the pieces' pointers 256-byte aligned).
+constexpr int64_t kSplitAlign = 128;
+
+// Which of a product's dimensions is the vocabulary.
+enum class VocabAxis {
+  kN,  // logits [n, V] = h Wᵀ: C's columns and W's rows
+  kK,  // dh = G W: the reduction (G's columns, W's rows)
+  kM,  // dW = Gᵀ h: C's rows and Gᵀ's rows (G's columns)
+};
+
+const void* ByteOffset(const void* p, int64_t bytes) { return static_cast<const char*>(p) + bytes; }
+
+// One of the LM head's products `g` (vocabulary `vocab` along `axis`), whole or split at V128
+// (LinearCrossEntropyArgs::vocab_split). The pieces keep g's plan_round: the body's vocabulary
+// dimension is a multiple of 128 already; the tail's (V mod 128 columns, ~0.2% of the work at
+// GPT-2's vocabulary) takes whichever plan cuBLASLt accepts.
+CudaResult VocabProduct(GemmContext* gemm, const GemmArgs& g, VocabAxis axis, int64_t vocab, VocabSplit mode,
+                        cudaStream_t stream) {
+  const int64_t body = vocab / kSplitAlign * kSplitAlign;
+  bool split = mode == VocabSplit::kAlways && body > 0 && body < vocab;
+  if (mode == VocabSplit::kWhereRejected && body > 0 && body < vocab) {
+    CUDA_RETURN_IF_NOT_OK(gemm->RoundedPlanRejected(g, stream, &split));
+  }
+  if (!split) return gemm->Gemm(g, stream);
+  constexpr int64_t kBf16Bytes = sizeof(bf16);
+  const int64_t c_bytes = g.c_dtype == DType::kBf16 ? 2 : 4;
+  GemmArgs head = g, tail = g;
+  switch (axis) {
+    case VocabAxis::kN:  // W [V, d] (trans_b): rows; C [rows, V]: columns
+      head.n = body;
+      tail.n = vocab - body;
+      tail.b = ByteOffset(g.b, body * g.ldb * kBf16Bytes);
+      tail.c = const_cast<void*>(ByteOffset(g.c, body * c_bytes));
+      break;
+    case VocabAxis::kM:  // Gᵀ (trans_a: G [k, V] stored): G's columns; dW [V, d]: rows
+      head.m = body;
+      tail.m = vocab - body;
+      tail.a = ByteOffset(g.a, body * kBf16Bytes);
+      tail.c = const_cast<void*>(ByteOffset(g.c, body * g.ldc * c_bytes));
+      break;
+    case VocabAxis::kK: {  // G [m, V]: columns; W [V, d]: rows. The tail first, the body onto it.
+      if (g.beta != 0.f || g.c_in != nullptr) return InvalidArgument("VocabProduct: a split reduction must overwrite");
+      tail.k = vocab - body;
+      tail.a = ByteOffset(g.a, body * kBf16Bytes);
+      tail.b = ByteOffset(g.b, body * g.ldb * kBf16Bytes);
+      head.k = body;
+      head.beta = 1.f;
+      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(tail, stream));
+      return gemm->Gemm(head, stream);
+    }
+  }
+  CUDA_RETURN_IF_NOT_OK(gemm->Gemm(head, stream));
+  return gemm->Gemm(tail, stream);
+}
+
 bool EnvFlag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] == '1';
@@ -425,6 +502,10 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   if (align < 0)
     return InvalidArgument(std::string("GYRE_LCE_LD_ALIGN must be 8 or 128 (or unset), got '") +
                            std::getenv("GYRE_LCE_LD_ALIGN") + "'");
+  const VocabSplit split = SplitMode(a);
+  if (split == VocabSplit::kFromEnv)
+    return InvalidArgument(std::string("GYRE_LCE_SPLIT must be 0, 1 or 2 (or unset), got '") +
+                           std::getenv("GYRE_LCE_SPLIT") + "'");
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = LogitsRowStride(a);
   if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
@@ -468,7 +549,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     g1.ldc = ld;
     g1.plan_round = plan_round;
     g1.c_dtype = DType::kBf16;
-    CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g1, stream));
+    CUDA_RETURN_IF_NOT_OK(VocabProduct(gemm, g1, VocabAxis::kN, a.vocab, split, stream));
     if (phases) phases->Mark(0);
     // 2. loss and G (in place, bf16).
     CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
@@ -487,7 +568,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g2.ldc = a.dim;
       g2.plan_round = plan_round;
       g2.c_dtype = DType::kBf16;
-      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g2, stream));
+      CUDA_RETURN_IF_NOT_OK(VocabProduct(gemm, g2, VocabAxis::kK, a.vocab, split, stream));
       if (phases) phases->Mark(2);
     }
     if (a.dw != nullptr) {
@@ -506,7 +587,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
       g3.plan_round = plan_round;
       g3.c_dtype = DType::kF32;
       g3.beta = (c0 == 0 && a.overwrite_dw) ? 0.f : 1.f;
-      CUDA_RETURN_IF_NOT_OK(gemm->Gemm(g3, stream));
+      CUDA_RETURN_IF_NOT_OK(VocabProduct(gemm, g3, VocabAxis::kM, a.vocab, split, stream));
       if (phases) phases->Mark(3);
     }
   }

@@ -19,6 +19,8 @@
 //      three times;
 //   3. GEMM dh_chunk = G W (bf16 out), 4. GEMM dW += Gᵀ h_chunk (fp32; beta 0 on the first chunk
 //      under `overwrite_dw`, the deferred gradient zeroing of ops/module.h).
+// A product whose rounded plan cuBLASLt rejects on the real shape (V 50257 / 50277 / 50281's
+// logits) runs as two, split at V128 = 128·⌊V/128⌋ (vocab_split below; session 20).
 // Peak extra memory: chunk_tokens · ld · 2 bytes (16384 x 50304: 1.65 GB; ld is V rounded up to
 // 128: at most 127 columns more than V, 4 MB at 16384 rows).
 // A target ≥ V gives a NaN loss and NaN gradient row (loud; the host validates ids).
@@ -78,6 +80,24 @@ struct LinearCrossEntropyArgs {
   // computed, read nor written; W, dW and the checkpoint are untouched.
   int64_t ld_align = 0;
   bool plan_as_padded = true;  // false: the padded stride alone (measurement: bench/lce_bench.cc)
+  // A vocabulary that is not a multiple of 128 (GPT-2's raw 50257) whose rounded plan cuBLASLt
+  // rejects on the real shape runs that product's real-shape choice, which can be a slow non-TMA
+  // kernel (V 50257 at d 2048: the logits product at ~100 TFLOP/s, 33.6 of the call's 43.9 ms).
+  // The split runs such a product as two: the vocabulary's columns [0, V128) with V128 =
+  // 128·⌊V/128⌋ (a multiple of 128: the plans of a padded vocabulary) and the V mod 128 columns
+  // after them (W's rows, the logits' columns and dW's rows offset by V128: 256-byte aligned).
+  // logits and dW split along V keep each element's k-order; dh = G W splits its reduction:
+  // the tail's product first, then the body's accumulated onto it (beta 1), one more bf16
+  // rounding of the tail's small partial sum (cross_entropy_notes.md, session 20).
+  //   kOff: never; kWhereRejected: each product whose plan_round choice cuBLASLt rejected (a
+  //   function of shape, library and card, like every plan: the same split in every run);
+  //   kAlways: every product whenever V % 128 != 0 and V > 128 (measurement);
+  //   kFromEnv: GYRE_LCE_SPLIT, read once: 0 kOff, 1 kWhereRejected, 2 kAlways; unset:
+  //   kWhereRejected (the default since session 20: V 50257 / 50277 / 50281 at d 2048 x 16384
+  //   tokens 43.5 → 15.5-15.6 ms on an H100, d 768 x 32768 at 50257 35.2 → 13.2; the same plans
+  //   and bits at 50288 / 50304 / 1000, whose plans are accepted or not rounded).
+  enum class VocabSplit { kFromEnv, kOff, kWhereRejected, kAlways };
+  VocabSplit vocab_split = VocabSplit::kFromEnv;
 };
 
 // The logits buffer's row stride for `args` (ld_align resolved as above).

@@ -2,12 +2,16 @@
 // logits, at the odd vocabularies 50257 and 50277, 50304, 60013 (and 120011, past the
 // shared-memory row kernel), Mamba-2's 50288 at d 2048, 301 and 257, with the logits row stride
 // padded to 128 beside the default, several chunks with a ragged tail, ignored targets, dW accumulated
-// onto nonzero values or overwritten (NaN-poisoned before), and the loss-only mode.
+// onto nonzero values or overwritten (NaN-poisoned before), and the loss-only mode; the vocabulary
+// split at V128 (session 20) at V 50257 / 50277 (d 2048), 50281, 301, 1000 and 129 in all its modes.
 #include "kernels/cuda/cross_entropy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -270,6 +274,143 @@ TEST(CrossEntropyGpuTest, PaddedStrideRepeatsBitwise) {
       const LceOutputs second = run(128, overwrite_dw);
       ExpectSameBits("ld128 run twice", tag, first, second);
       if (c.vocab % 128 == 0) ExpectSameBits("ld128 vs ld8 (same stride)", tag, first, run(8, overwrite_dw));
+    }
+  }
+}
+
+// The float64 reference of LinearCrossEntropy over all logits (token losses, loss, dh, and dW's
+// increment), threaded over tokens and vocabulary rows (d 2048 x V 50257 is ~0.3 GFLOP a token).
+struct Float64Reference {
+  std::vector<double> tl, dh, dw_inc;
+  double loss = 0;
+};
+Float64Reference ReferenceLce(const Case& c, const std::vector<float>& h, const std::vector<float>& w,
+                              const std::vector<int32_t>& targets, float loss_scale) {
+  const int64_t N = c.tokens, d = c.dim, V = c.vocab;
+  Float64Reference ref;
+  ref.tl.assign(N, 0.0);
+  ref.dh.assign(N * d, 0.0);
+  ref.dw_inc.assign(V * d, 0.0);
+  std::vector<double> g(N * V, 0.0);  // loss_scale · (softmax − onehot), 0 on ignored rows
+  const auto parallel_for = [](int64_t n, const std::function<void(int64_t)>& f) {
+    const int threads = static_cast<int>(std::max(1u, std::min(32u, std::thread::hardware_concurrency())));
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t]() {
+        for (int64_t i = t; i < n; i += threads) f(i);
+      });
+    for (auto& th : pool) th.join();
+  };
+  parallel_for(N, [&](int64_t t) {
+    std::vector<double> logits(V);
+    double mx = -1e300;
+    for (int64_t v = 0; v < V; ++v) {
+      double acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += double(h[t * d + k]) * w[v * d + k];
+      logits[v] = acc;
+      mx = std::max(mx, acc);
+    }
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(logits[v] - mx);
+    const double lse = mx + std::log(sum);
+    if (targets[t] < 0) return;
+    ref.tl[t] = lse - logits[targets[t]];
+    for (int64_t v = 0; v < V; ++v) {
+      const double gv = loss_scale * (std::exp(logits[v] - lse) - (v == targets[t] ? 1.0 : 0.0));
+      g[t * V + v] = gv;
+      for (int64_t k = 0; k < d; ++k) ref.dh[t * d + k] += gv * w[v * d + k];
+    }
+  });
+  parallel_for(V, [&](int64_t v) {
+    for (int64_t t = 0; t < N; ++t) {
+      const double gv = g[t * V + v];
+      for (int64_t k = 0; k < d; ++k) ref.dw_inc[v * d + k] += gv * h[t * d + k];
+    }
+  });
+  for (int64_t t = 0; t < N; ++t) ref.loss += ref.tl[t];
+  ref.loss *= loss_scale;
+  return ref;
+}
+
+// Count of values that differ bit for bit, as a double (for the split-vs-unsplit lines).
+double DifferingValues(const std::vector<float>& u, const std::vector<float>& v) {
+  int64_t n = 0;
+  for (size_t i = 0; i < u.size(); ++i) n += std::memcmp(&u[i], &v[i], sizeof(float)) != 0;
+  return static_cast<double>(n);
+}
+
+// The vocabulary split (LinearCrossEntropyArgs::vocab_split, session 20) at vocabularies that are
+// not multiples of 128: GPT-2's raw 50257 and NeoX's 50277 at d 2048 (the shape whose logits plan
+// cuBLASLt rejects at 16384 tokens), 50281, and small odd ones (301: body 256, tail 45; 1000: 896 +
+// 104; 129: 128 + 1). Targets on both sides of the boundary V128 − 1 / V128 and across the tail,
+// ignored rows, two chunks (the second ragged), dW accumulated and overwritten. Each of kOff,
+// kWhereRejected and kAlways against float64 (loss, token losses, dh, dW); kAlways and
+// kWhereRejected run twice bit for bit (dW overwritten); kAlways must build new (split) plans; the split's values
+// against the unsplit product's are printed ([INFO]: how many differ bit for bit; the contract
+// between them is the float64 bands).
+TEST(CrossEntropyGpuTest, VocabSplitMatchesFloat64AndRepeatsBitwise) {
+  using Split = LinearCrossEntropyArgs::VocabSplit;
+  std::mt19937_64 rng(59);
+  for (const Case& c : {Case{24, 2048, 50257, 16}, Case{20, 2048, 50277, 16}, Case{18, 512, 50281, 16},
+                        Case{50, 64, 301, 32}, Case{40, 96, 1000, 32}, Case{30, 64, 129, 16}}) {
+    DeviceAllocator alloc;
+    std::unique_ptr<GemmContext> gemm;
+    CUDA_OK_OR_DIE(GemmContext::Create(&alloc, &gemm));
+    const std::string shape = "N=" + std::to_string(c.tokens) + " d=" + std::to_string(c.dim) +
+                              " V=" + std::to_string(c.vocab) + " chunk=" + std::to_string(c.chunk);
+    const int64_t body = c.vocab / 128 * 128;
+    BitwiseInputs in = RandomBitwiseInputs(rng, c);
+    std::vector<int32_t> targets(in.targets.begin(), in.targets.end());
+    const int64_t boundary[] = {body - 1, body, body + (c.vocab - body) / 2, c.vocab - 2, c.vocab - 1, body + 1};
+    for (int i = 0; i < 6; ++i) {  // rows 2, 5, ..., 17: both chunks
+      targets[2 + 3 * i] = static_cast<int32_t>(std::min(boundary[i], c.vocab - 1));
+    }
+    int64_t counted = 0;
+    for (int32_t t : targets) counted += t >= 0;
+    in.targets.assign(targets.begin(), targets.end());
+    const float loss_scale = 1.f / static_cast<float>(counted);
+    LceBuffers b(&alloc, c);
+    b.h.Upload(in.h);
+    b.w.Upload(in.w);
+    b.t.Upload(in.targets);
+    const Float64Reference ref = ReferenceLce(c, in.h, in.w, targets, loss_scale);
+    for (const bool overwrite_dw : {true, false}) {
+      const std::string dw_tag = overwrite_dw ? " dW overwrite" : " dW accumulate";
+      auto run = [&](Split split) {
+        LinearCrossEntropyArgs a = b.Args(c, in.dw0, loss_scale, overwrite_dw, /*lean_rows=*/true, /*ld_align=*/128);
+        a.vocab_split = split;
+        return RunLce(gemm.get(), &alloc, b, a);
+      };
+      LceOutputs outs[3];
+      // kAlways before kWhereRejected: its pieces' plans are new when it runs first.
+      const Split splits[3] = {Split::kOff, Split::kAlways, Split::kWhereRejected};
+      const char* names[3] = {" unsplit", " split always", " split where rejected"};
+      for (int i = 0; i < 3; ++i) {
+        const size_t plans_before = gemm->cached_plans();
+        outs[i] = run(splits[i]);
+        const std::string tag = shape + dw_tag + names[i];
+        if (splits[i] == Split::kAlways && overwrite_dw) {
+          // The first kAlways call plans the pieces: new shapes, so new plans.
+          EXPECT_TRUE(Report("split always builds the pieces' plans", tag,
+                             gemm->cached_plans() > plans_before ? 0.0 : 1.0, 0.0));
+        }
+        std::vector<float> got_inc(outs[i].dw.size());
+        for (size_t j = 0; j < got_inc.size(); ++j) {
+          got_inc[j] = overwrite_dw ? outs[i].dw[j] : static_cast<float>(double(outs[i].dw[j]) - in.dw0[j]);
+        }
+        EXPECT_TRUE(Report("split: loss", tag, std::fabs(outs[i].loss - ref.loss) / std::fabs(ref.loss), 2e-3));
+        EXPECT_TRUE(Report("split: token losses", tag, RelError(outs[i].tl, ref.tl), 2e-3));
+        EXPECT_TRUE(Report("split: dh (bf16 G)", tag, RelError(outs[i].dh, ref.dh), testing::kTolBf16));
+        EXPECT_TRUE(Report("split: dW increment (bf16 G)", tag, RelError(got_inc, ref.dw_inc), testing::kTolBf16));
+        if (i > 0) {
+          if (overwrite_dw) ExpectSameBits("run twice", tag, outs[i], run(splits[i]));
+          std::printf("[INFO] %s vs unsplit %s: differing token losses %.0f / %zu, dh %.0f / %zu, dW %.0f / %zu, "
+                      "loss %s\n",
+                      names[i] + 1, (shape + dw_tag).c_str(), DifferingValues(outs[i].tl, outs[0].tl), outs[0].tl.size(),
+                      DifferingValues(outs[i].dh, outs[0].dh), outs[0].dh.size(), DifferingValues(outs[i].dw, outs[0].dw),
+                      outs[0].dw.size(), std::memcmp(&outs[i].loss, &outs[0].loss, sizeof(double)) ? "differs" : "same bits");
+        }
+      }
     }
   }
 }

@@ -196,6 +196,7 @@ struct GemmContext::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo;
+  bool round_rejected = false;  // plan_round's choice failed AlgoCheck on the real shape
   ~Plan() {
     if (desc) cublasLtMatmulDescDestroy(desc);
     if (a) cublasLtMatrixLayoutDestroy(a);
@@ -354,6 +355,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
                                 &check) != CUBLAS_STATUS_SUCCESS ||
         check.workspaceSize > ws) {
       round_note = " (rounded plan rejected: real shape's first choice)";
+      p->round_rejected = true;
       returned = 0;
       CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
       st = set_preference(pref);
@@ -475,6 +477,14 @@ CudaResult GemmContext::Gemm(const GemmArgs& g, cudaStream_t stream) {
                                         g.c_in != nullptr ? g.c_in : g.c, plan->c, g.c, plan->c,
                                         &plan->algo, workspace_.get(),
                                         workspace_.bytes(), stream));
+  return {};
+}
+
+CudaResult GemmContext::RoundedPlanRejected(const GemmArgs& g, cudaStream_t stream, bool* rejected) {
+  if (g.m <= 0 || g.n <= 0 || g.k <= 0) return InvalidArgument("gemm: empty shape");
+  Plan* plan = nullptr;
+  CUDA_RETURN_IF_NOT_OK(GetPlan(g, stream, &plan));
+  *rejected = plan->round_rejected;
   return {};
 }
 

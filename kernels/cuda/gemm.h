@@ -100,6 +100,11 @@ class GemmContext {
   GemmContext& operator=(const GemmContext&) = delete;
 
   CudaResult Gemm(const GemmArgs& args, cudaStream_t stream);
+  // Whether `args`' plan (built and cached here when new, as Gemm would) is the real shape's own
+  // first choice because the rounded shape's (GemmArgs::plan_round) failed cublasLtMatmulAlgoCheck
+  // on the real one; false without plan_round or when the shape is rounded already. The LM head
+  // splits such a product at its vocabulary's last multiple of 128 (cross_entropy.h, vocab_split).
+  CudaResult RoundedPlanRejected(const GemmArgs& args, cudaStream_t stream, bool* rejected);
   size_t cached_plans() const { return plans_.size(); }
 
  private:
