@@ -1108,14 +1108,15 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
 
 void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {
   const int64_t rows = batch * seq;
-  const int64_t ldxm = XmLd();  // 2p: x_m is the first p columns of the fused GEMM's x_m | z
+  // Fused up projection: x_m is the first p columns of the GEMM's x_m | z, rows of 2p (0 = packed).
+  const int64_t ldxm = up_fused_ ? XmLd() : 0;
   if (MlstmConvQkvFused()) {
     const Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_, ldxm);
     QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_, &conv, ldxm);
     if (marks) ProfileMark("mlstm.fwd.conv_qkv_blockdiag_gates (fused)");
     return;
   }
-  if (ldxm != p_) {
+  if (up_fused_) {
     Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_, ldxm);
     if (rows > 0) Cuda().Conv1d(false, conv);  // (the backend packs the strided x first)
   } else {
