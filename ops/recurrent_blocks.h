@@ -209,8 +209,10 @@ void SetMlstmDhDotInNorm(bool in_norm);
 // the output norm read through row strides; backward dx_m | dz written into one [rows, 2p]
 // gradient by the conv + v backward and the output norm backward, then one du GEMM over K = 2p
 // and one dW GEMM) or two ("split": x_m and z apart, two GEMMs forward, du written then
-// accumulated, dW in two row blocks). ops/XLSTM_GLUE.md "Session 20 (helper upcat20)".
-// GYRE_MLSTM_UP unset or "split" (the default until measured), "fused"; read once on first use;
+// accumulated, dW in two row blocks). ops/XLSTM_GLUE.md "Session 20 (helper upcat20)": on an H100
+// xlstm[1:0]-125m B16 step 124.3-125.3 -> 122.9-124.1 ms (the up GEMMs 16.8 -> 15.2 ms), 1.3b B4
+// neutral (311.7 / 313.4 -> 310.3 / 313.5); forward y bitwise the split path's in the block tests.
+// GYRE_MLSTM_UP unset or "split" (the default until the lead's merge), "fused"; read once on first use;
 // anything else stops the process with a message naming the accepted values. SetMlstmUpFused
 // overrides it (tests, benchmarks). Each block's forward records the setting its backward uses.
 // Not thread-safe. CUDA training only (decoding and the CPU path keep two products).
