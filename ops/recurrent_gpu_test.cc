@@ -854,6 +854,19 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 128, 128, true, false, 324);
 }
 
+// The mLSTM output norm (mode 2) writing dz in rows of lddz (GYRE_MLSTM_UP=fused: dz is the z half of
+// the [rows, 2p] gradient dx_m | dz; here the first dim columns of a NaN-poisoned [rows, lddz], the
+// rest must stay NaN), z read in rows of 2·dim as the fused forward stores it: 4 heads of 384 (the
+// prefetch kernel), 2 of 1024 (group_norm_bwd_mlstm_row unless GYRE_MLSTM_OUT_NORM=warp), 2 of 48
+// (_vec), lddz not a multiple of 8 and groups of 12 (the scalar kernel).
+TEST_F(RecurrentGpuTest, MlstmOutNormStridedDz) {
+  CheckNorm(NormMode::kMlstmOutput, true, 300, 4, 384, 2 * 1536, true, false, 2 * 1536);
+  CheckNorm(NormMode::kMlstmOutput, true, 97, 2, 1024, 2 * 2048, false, false, 2 * 2048);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 2, 48, 2 * 96, true, false, 2 * 96);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 2, 48, 2 * 96, false, false, 96 + 4);
+  CheckNorm(NormMode::kMlstmOutput, false, 37, 2, 12, 2 * 24, false, false, 2 * 24);
+}
+
 // Mamba-2's gated norm at the wide groups (ops/MAMBA2_NORM.md): mamba2-1.3b's one group of 4096
 // (dz in rows of its in_proj width 4096 + 4352 + 64, odd rows: a partial last block of 32 and of
 // 64 rows), 4096-wide rows in 8 groups of 512, two groups of 2056 with LayerNorm (a partial second
