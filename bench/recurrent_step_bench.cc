@@ -350,7 +350,7 @@ int main(int argc, char** argv) {
   // log says which path it timed: A/B runs alternate them on one binary.
   for (const char* name :
        {"GYRE_CONV_BWD", "GYRE_NORM_BWD", "GYRE_NORM_FWD", "GYRE_MAMBA_IN_BWD", "GYRE_MLSTM_CONV_QKV",
-        "GYRE_MLSTM_CONV_V_BWD", "GYRE_MLSTM_QK_BWD"}) {
+        "GYRE_MLSTM_CONV_V_BWD", "GYRE_MLSTM_QK_BWD", "GYRE_MLSTM_UP"}) {
     if (const char* v = std::getenv(name)) std::printf("variant: %s=%s\n", name, v);
   }
   std::vector<Result> results;

@@ -726,6 +726,23 @@ class Backend final : public CudaBackend {
 
   void Conv1d(bool backward, const Conv1dArgs& a) override {
     Init();
+    if (a.x_row_stride != 0 && a.x_row_stride != a.channels) {
+      // x in rows of x_row_stride (the mLSTM fused up projection's x_m | z): the conv1d kernels
+      // take packed rows, so x goes to packed scratch first (one [rows, C] copy; only where the
+      // fused mLSTM kernels, which read it in place, are off or do not cover the shape).
+      GYRE_CHECK(a.x_row_stride > a.channels, "Conv1d: x_row_stride %ld below %ld channels", (long)a.x_row_stride,
+                 (long)a.channels);
+      const int64_t rows = a.batch * a.seq;
+      kc::DeviceBuffer packed;
+      OK_OR_DIE(alloc_->Allocate(static_cast<size_t>(rows * a.channels) * 2 + 1, &packed));
+      const size_t row_bytes = static_cast<size_t>(a.channels) * 2;
+      Copy2D(packed.get(), row_bytes, a.x, static_cast<size_t>(a.x_row_stride) * 2, row_bytes, static_cast<size_t>(rows));
+      Conv1dArgs b = a;
+      b.x = packed.get();
+      b.x_row_stride = 0;
+      Conv1d(backward, b);
+      return;  // (packed goes back to the cache, stream-ordered)
+    }
     OpProfiler::Scope scope(&prof_, backward ? "Conv1d backward" : "Conv1d forward");
     kc::Conv1dShape shape;
     shape.batch = a.batch;

@@ -34,7 +34,7 @@ struct GroupNormArgs {
   // Backward.
   const void* dy = nullptr;
   void* dx = nullptr;
-  void* dz = nullptr;    // [rows, dim], rows of lddz (below) when set
+  void* dz = nullptr;    // [rows, dim], rows of lddz (below) when set (modes 1, 2)
   void* dxc = nullptr;   // [rows, dim]
   // Optional [rows, dim], kPlain only: added to dx (a residual branch's gradient: no separate add pass).
   const void* dresidual = nullptr;
@@ -42,8 +42,10 @@ struct GroupNormArgs {
   float* dskip = nullptr;
   // dweight / dskip = Σ instead of += Σ: the deferred-zero rule's first write (ops/module.h).
   bool overwrite_dparams = false;
-  // Gated mode (1) backward: dz's row stride in elements; 0 = dim (packed). (Last, in the tail
-  // padding after the bool: the kernels' by-value parameter block keeps its size and layout.)
+  // Backward, modes 1 and 2: dz's row stride in elements; 0 = dim (packed). Mode 1: Mamba-2's
+  // fused in_proj backward; mode 2: the mLSTM block's fused up projection backward (dz the last p
+  // columns of dx_m | dz). (Last, in the tail padding after the bool: the kernels' by-value
+  // parameter block keeps its size and layout.)
   int32_t lddz = 0;
 };
 
@@ -114,6 +116,11 @@ struct Conv1dArgs {
   int64_t batch = 0, seq = 0, channels = 0, width = 4;
   bool silu = false;
   const void* x = nullptr;
+  // x's row stride in elements, 0 = channels (packed); else >= channels: x is the leading columns
+  // of wider rows (the mLSTM block's fused up projection output x_m | z, GYRE_MLSTM_UP=fused). The
+  // fused mLSTM kernels (MlstmConvQkv, MlstmConvVBackward) read it in place; the plain conv1d
+  // kernels take packed rows, so CudaBackend::Conv1d copies x to packed scratch first.
+  int64_t x_row_stride = 0;
   const float* w = nullptr;
   const float* bias = nullptr;
   void* y = nullptr;

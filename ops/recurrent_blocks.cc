@@ -216,14 +216,19 @@ Conv1dArgs CausalConv1d::CudaArgs(const Tensor& x, int64_t batch, int64_t seq) c
   return a;
 }
 
-Conv1dArgs CausalConv1d::ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y) {
-  GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
+Conv1dArgs CausalConv1d::ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y,
+                                         int64_t x_row_stride) {
+  const int64_t ld = x_row_stride == 0 ? channels_ : x_row_stride;
+  GYRE_CHECK(ld >= channels_ && x.numel() == batch * seq * ld, "conv1d x %s (row stride %ld)",
+             ShapeString(x.shape()).c_str(), (long)ld);
   GYRE_CHECK(IsCuda(x) && x.dtype() == DType::kBF16, "conv1d: CUDA x must be bf16");
   x_ = x;
+  x_row_stride_ = x_row_stride;
   batch_ = batch;
   seq_ = seq;
-  *y = Tensor::EmptyLike(x);
+  *y = x_row_stride == 0 ? Tensor::EmptyLike(x) : Tensor::Empty({batch * seq, channels_}, DType::kBF16, Device::kCuda);
   Conv1dArgs a = CudaArgs(x, batch, seq);
+  a.x_row_stride = x_row_stride;
   a.y = y->raw();
   return a;
 }
@@ -231,6 +236,7 @@ Conv1dArgs CausalConv1d::ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t
 Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   GYRE_CHECK(x.numel() == batch * seq * channels_, "conv1d x %s", ShapeString(x.shape()).c_str());
   x_ = x;
+  x_row_stride_ = 0;
   batch_ = batch;
   seq_ = seq;
   if (IsCuda(x)) {
@@ -252,6 +258,7 @@ Tensor CausalConv1d::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor CausalConv1d::Backward(const Tensor& dy) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
+  GYRE_CHECK(x_row_stride_ == 0, "CausalConv1d::Backward after a strided x: BackwardInto");
   Tensor dx = Tensor::EmptyLike(x_);
   if (IsCuda(x_)) {
     BackwardInto(dy, dx.raw(), 0);
@@ -277,8 +284,10 @@ void CausalConv1d::BackwardInto(const Tensor& dy, void* dx, int64_t dx_row_strid
 
 Conv1dArgs CausalConv1d::BackwardArgsCuda(const Tensor& dy, void* dx, int64_t dx_row_stride) {
   GYRE_CHECK(x_.defined(), "CausalConv1d::Backward without Forward");
-  GYRE_CHECK(IsCuda(x_) && IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == x_.numel(), "conv1d: CUDA dy");
+  GYRE_CHECK(IsCuda(x_) && IsCuda(dy) && dy.dtype() == DType::kBF16 && dy.numel() == batch_ * seq_ * channels_,
+             "conv1d: CUDA dy");
   Conv1dArgs a = CudaArgs(x_, batch_, seq_);
+  a.x_row_stride = x_row_stride_;
   a.dy = dy.raw();
   a.dx = dx;
   a.dx_row_stride = dx_row_stride;
@@ -341,6 +350,11 @@ bool& DhDotInNorm() {
   return norm;
 }
 
+bool& UpFused() {
+  static bool fused = EnvChoice("GYRE_MLSTM_UP", {"split", "fused"}, "split") == "fused";
+  return fused;
+}
+
 }  // namespace
 
 bool MlstmDhDotInNorm() { return DhDotInNorm(); }
@@ -351,6 +365,8 @@ bool MlstmConvQkvFused() { return ConvQkvFused(); }
 void SetMlstmConvQkvFused(bool fused) { ConvQkvFused() = fused; }
 bool MlstmConvVBwdFused() { return ConvVBwdFused(); }
 void SetMlstmConvVBwdFused(bool fused) { ConvVBwdFused() = fused; }
+bool MlstmUpFused() { return UpFused(); }
+void SetMlstmUpFused(bool fused) { UpFused() = fused; }
 
 MlstmRecomputeConfig GetMlstmRecompute() { return RecomputeConfig(); }
 void SetMlstmRecompute(MlstmRecomputeConfig config) { RecomputeConfig() = config; }
@@ -1012,7 +1028,9 @@ void Mamba2Block::Rewind(BlockState* state, int64_t keep) {
 
 // ---------------------------------------------------------------- CUDA paths
 
-GroupNormArgs MlstmBlock::OutputNormArgs(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows,
+const void* MlstmBlock::ZPtr() const { return up_fused_ ? BytePtr(xm_, p_) : z_.raw(); }
+
+GroupNormArgs MlstmBlock::OutputNormArgs(const Tensor& h, const void* z, int64_t ldz, const Tensor& xc, int64_t rows,
                                           Tensor& mean, Tensor& rstd) {
   GroupNormArgs n;
   n.mode = NormMode::kMlstmOutput;
@@ -1022,7 +1040,7 @@ GroupNormArgs MlstmBlock::OutputNormArgs(const Tensor& h, const Tensor& z, const
   n.weight_offset = 1.f;
   n.x = h.raw();
   n.weight = outnorm_.weight()->value.data<float>();
-  n.z = z.raw(); n.ldz = p_;
+  n.z = z; n.ldz = ldz;
   n.skip = skip_->value.data<float>();
   n.xc = xc.raw();
   n.mean = mean.data<float>();
@@ -1030,17 +1048,17 @@ GroupNormArgs MlstmBlock::OutputNormArgs(const Tensor& h, const Tensor& z, const
   return n;
 }
 
-Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
-                                  Tensor& rstd) {
+Tensor MlstmBlock::OutputNormCuda(const Tensor& h, const void* z, int64_t ldz, const Tensor& xc, int64_t rows,
+                                  Tensor& mean, Tensor& rstd) {
   Tensor out = CudaEmpty({rows, p_});
-  GroupNormArgs n = OutputNormArgs(h, z, xc, rows, mean, rstd);
+  GroupNormArgs n = OutputNormArgs(h, z, ldz, xc, rows, mean, rstd);
   n.y = out.raw();
   Cuda().GroupNorm(false, n);
   return out;
 }
 
 void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v,
-                              Tensor& ig, Tensor& fg, const Conv1dArgs* conv) {
+                              Tensor& ig, Tensor& fg, const Conv1dArgs* conv, int64_t ldxm) {
   const int64_t p = p_;
   q = CudaEmpty({rows, p});
   k = CudaEmpty({rows, p});
@@ -1067,7 +1085,7 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
         std::tuple{&xm, &v_, &v, (BlockDiagonalLinear*)nullptr, (Tensor*)nullptr, &g, 2 * p}}) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
-    a.x = src->raw(); a.ldx = p;
+    a.x = src->raw(); a.ldx = src == &xm && ldxm != 0 ? ldxm : p;
     a.w = layer->weight()->value.data<float>();
     a.y = dst->raw(); a.ldy = p;
     a.gates = gates;
@@ -1090,15 +1108,22 @@ void MlstmBlock::QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, 
 
 void MlstmBlock::ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks) {
   const int64_t rows = batch * seq;
+  // Fused up projection: x_m is the first p columns of the GEMM's x_m | z, rows of 2p (0 = packed).
+  const int64_t ldxm = up_fused_ ? XmLd() : 0;
   if (MlstmConvQkvFused()) {
-    const Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_);
-    QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_, &conv);
+    const Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_, ldxm);
+    QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_, &conv, ldxm);
     if (marks) ProfileMark("mlstm.fwd.conv_qkv_blockdiag_gates (fused)");
     return;
   }
-  xc_ = conv_.Forward(xm_, batch, seq);
+  if (up_fused_) {
+    Conv1dArgs conv = conv_.ForwardArgsCuda(xm_, batch, seq, &xc_, ldxm);
+    if (rows > 0) Cuda().Conv1d(false, conv);  // (the backend packs the strided x first)
+  } else {
+    xc_ = conv_.Forward(xm_, batch, seq);
+  }
   if (marks) ProfileMark("mlstm.fwd.conv");
-  QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_);
+  QkvGatesCuda(xc_, xm_, rows, q_out_, k_out_, v_out_, ig_, fg_, nullptr, ldxm);
   if (marks) ProfileMark("mlstm.fwd.qkv_blockdiag_gates");
 }
 
@@ -1169,7 +1194,7 @@ Tensor MlstmBlock::RecomputeCellCuda() {
   }
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);
   rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
-  return OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
+  return OutputNormCuda(h_, ZPtr(), ZLd(), xc_, rows, mean_, rstd_);
 }
 
 Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
@@ -1178,8 +1203,15 @@ Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
   ProfileStart();
   u_ = norm_.Forward(x);
   ProfileMark("mlstm.fwd.norm");
-  xm_ = LinearRowsForward(u_, up_, 0, p);
-  z_ = LinearRowsForward(u_, up_, p, p);
+  up_fused_ = MlstmUpFused();
+  if (up_fused_) {
+    // GYRE_MLSTM_UP=fused: x_m | z = u·Wᵀ in ONE GEMM (N = 2p); xm_ holds the [rows, 2p] output
+    // (row stride 2p), z_ stays undefined (ZPtr: its columns p..2p).
+    xm_ = LinearRowsForward(u_, up_, 0, 2 * p);
+  } else {
+    xm_ = LinearRowsForward(u_, up_, 0, p);
+    z_ = LinearRowsForward(u_, up_, p, p);
+  }
   ProfileMark("mlstm.fwd.up_proj");
   ConvQkvGatesCuda(batch, seq);
   MlstmCellArgs c;
@@ -1194,7 +1226,7 @@ Tensor MlstmBlock::ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq) {
   ProfileMark("mlstm.fwd.cell");
   mean_ = CudaEmpty({rows * heads_}, DType::kF32);
   rstd_ = CudaEmpty({rows * heads_}, DType::kF32);
-  Tensor out = OutputNormCuda(h_, z_, xc_, rows, mean_, rstd_);
+  Tensor out = OutputNormCuda(h_, ZPtr(), ZLd(), xc_, rows, mean_, rstd_);
   ProfileMark("mlstm.fwd.outnorm_skip_gate");
   // y = x + down(out): the residual add rides in the GEMM's store (beta 1), no separate pass.
   Tensor y = down_.ForwardAdd(out, x.Reshape({rows, d_})).Reshape(x.shape());
@@ -1224,10 +1256,26 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
                      : down_.Backward(dy.Reshape({rows, d_}));
   out = Tensor();
   ProfileMark("mlstm.bwd.down_proj");
-  Tensor dh = CudaEmpty({rows, p}), dz = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
-  GroupNormArgs n = OutputNormArgs(h_, z_, xc_, rows, mean_, rstd_);
+  // Fused up projection: dz goes into the last p columns of dup = dx_m | dz [rows, 2p] (row stride
+  // 2p), dx_m into the first p (below), then ONE dx GEMM (K = 2p) and ONE dW GEMM; split: dz
+  // [rows, p] and dx_m [rows, p] apart, two GEMMs each.
+  const bool up_fused = up_fused_;
+  Tensor dh = CudaEmpty({rows, p}), dxc = CudaEmpty({rows, p});
+  Tensor dz, dup;
+  if (up_fused) {
+    dup = CudaEmpty({rows, 2 * p});
+  } else {
+    dz = CudaEmpty({rows, p});
+  }
+  GroupNormArgs n = OutputNormArgs(h_, ZPtr(), ZLd(), xc_, rows, mean_, rstd_);
   n.dy = dout.raw();
-  n.dx = dh.raw(); n.dz = dz.raw(); n.dxc = dxc.raw();
+  n.dx = dh.raw(); n.dxc = dxc.raw();
+  if (up_fused) {
+    n.dz = MutBytePtr(dup, p);
+    n.lddz = static_cast<int32_t>(2 * p);
+  } else {
+    n.dz = dz.raw();
+  }
   n.dweight = outnorm_.weight()->grad.data<float>();
   n.dskip = skip_->grad.data<float>();
   n.overwrite_dparams = FirstWriteOverRows(rows, {outnorm_.weight(), skip_});
@@ -1275,16 +1323,17 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   g_bias.dbf = fgate_.bias()->grad.data<float>();
   g_bias.overwrite_db = FirstWriteOverRows(rows, {igate_.bias(), fgate_.bias()});
   const int64_t bs = q_.weight()->value.dim(1);
+  // ldx: the row stride of src and dst (x_m and dx_m: 2p when the up projection is fused).
   auto qkv_backward_args = [&](const Tensor& src, BlockDiagonalLinear& layer, const Tensor& d,
-                               BlockDiagonalLinear* layer2, const Tensor* d2, Tensor& dst, const MlstmGateArgs& gates,
-                               int64_t col) {
+                               BlockDiagonalLinear* layer2, const Tensor* d2, void* dst, const MlstmGateArgs& gates,
+                               int64_t col, int64_t ldx) {
     BlockDiagArgs a;
     a.rows = rows; a.blocks = p / bs; a.block_in = bs; a.block_out = bs;
-    a.x = src.raw(); a.ldx = p;
+    a.x = src.raw(); a.ldx = ldx;
     a.w = layer.weight()->value.data<float>();
     a.ldy = p;
     a.dy = d.raw();
-    a.dx = dst.raw();
+    a.dx = dst;
     a.accumulate_dx = true;
     a.dw = layer.weight()->grad.data<float>();
     a.overwrite_dw = FirstWriteOverRows(rows, {layer.weight()});
@@ -1301,7 +1350,7 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   };
   // dx_c += dq·Wq + dk·Wk in one pass (and dWq, dWk; gate columns q at 0, k at p); then the conv
   // backward's dx_m, into which the v map adds dv·Wv (gate columns at 2p) — no separate sum.
-  const BlockDiagArgs qk = qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc, g, 0);
+  const BlockDiagArgs qk = qkv_backward_args(xc_, q_, dq, &k_, &dkk, dxc.raw(), g, 0, p);
   if (GetMlstmQkBwd() == MlstmQkBwd::kTc) {
     Cuda().BlockDiagBackwardTc(qk);
   } else {
@@ -1309,19 +1358,22 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   }
   ProfileMark("mlstm.bwd.qk_blockdiag_gates");
   if (lean) dq = dkk = Tensor();
+  // dx_m: its own [rows, p] (split), or the first p columns of dup (fused; x_m read in rows of 2p).
   Tensor dxm;
+  if (!up_fused) dxm = CudaEmpty({rows, p});
+  void* const dxm_at = up_fused ? dup.raw() : dxm.raw();
+  const int64_t ldm = XmLd();
   if (MlstmConvVBwdFused()) {
     // Fusion C (ops/XLSTM_GLUE.md): the conv backward and the v map's in one pass; dxm once.
-    dxm = CudaEmpty({rows, p});
-    const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm.raw(), 0);
-    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    const Conv1dArgs conv = conv_.BackwardArgsCuda(dxc, dxm_at, up_fused ? ldm : 0);
+    Cuda().MlstmConvVBackward(conv, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm_at, g_bias, 2 * p, ldm));
     ProfileMark("mlstm.bwd.conv_v_blockdiag_gates (fused)");
     if (lean) dxc = xc_ = Tensor();
   } else {
-    dxm = conv_.Backward(dxc);
+    conv_.BackwardInto(dxc, dxm_at, up_fused ? ldm : 0);
     ProfileMark("mlstm.bwd.conv");
     if (lean) dxc = xc_ = Tensor();
-    Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm, g_bias, 2 * p));
+    Cuda().BlockDiag(true, qkv_backward_args(xm_, v_, dv, nullptr, nullptr, dxm_at, g_bias, 2 * p, ldm));
     ProfileMark("mlstm.bwd.v_blockdiag_gates");
   }
   if (lean) dv = dig = dfg = Tensor();
@@ -1331,10 +1383,14 @@ Tensor MlstmBlock::BackwardCuda(const Tensor& dy) {
   }
   Tensor du;
   const bool up_first = FirstWriteOverRows(rows, {up_.weight()});  // rows [0, p) and [p, 2p): all of dW
-  LinearRowsBackward(u_, up_, 0, dxm, &du, false, up_first);
-  LinearRowsBackward(u_, up_, p, dz, &du, true, up_first);
+  if (up_fused) {
+    LinearRowsBackward(u_, up_, 0, dup, &du, false, up_first);  // K = 2p; dW [2p, d] in one
+  } else {
+    LinearRowsBackward(u_, up_, 0, dxm, &du, false, up_first);
+    LinearRowsBackward(u_, up_, p, dz, &du, true, up_first);
+  }
   ProfileMark("mlstm.bwd.up_proj");
-  if (lean) dxm = dz = u_ = xm_ = z_ = Tensor();
+  if (lean) dxm = dz = dup = u_ = xm_ = z_ = Tensor();
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mlstm.bwd.norm_residual");
   ReleaseActivations();

@@ -53,7 +53,9 @@ class CausalConv1d {
   void ReleaseActivations() { x_ = Tensor(); }
   // CUDA: what Forward records and allocates (y), and the kernel arguments it would launch
   // with, without launching them (a fused launch takes them: CudaBackend::MlstmConvQkv).
-  Conv1dArgs ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y);
+  // `x_row_stride` (0 = channels): x is the first `channels` columns of [batch·seq, x_row_stride]
+  // rows (the mLSTM block's fused up projection output x_m | z); y is packed either way.
+  Conv1dArgs ForwardArgsCuda(const Tensor& x, int64_t batch, int64_t seq, Tensor* y, int64_t x_row_stride = 0);
   // CUDA: BackwardInto's bookkeeping (the first-write rule of dw, dbias; x released) and its
   // kernel arguments, without the launch (CudaBackend::MlstmConvVBackward takes them).
   Conv1dArgs BackwardArgsCuda(const Tensor& dy, void* dx, int64_t dx_row_stride);
@@ -72,6 +74,7 @@ class CausalConv1d {
   Parameter* weight_;
   Parameter* bias_;
   Tensor x_;
+  int64_t x_row_stride_ = 0;  // ForwardArgsCuda's (0 = packed)
   int64_t batch_ = 0, seq_ = 0;
   // The CUDA kernel's arguments both directions share: shape, x, weight and bias.
   Conv1dArgs CudaArgs(const Tensor& x, int64_t batch, int64_t seq) const;
@@ -201,6 +204,21 @@ void SetMlstmQkBwd(MlstmQkBwd mode);
 bool MlstmDhDotInNorm();
 void SetMlstmDhDotInNorm(bool in_norm);
 
+// The mLSTM block's up projection (one parameter W_up [2p, d]) as ONE GEMM each way ("fused":
+// x_m | z = u·Wᵀ with N = 2p into one [rows, 2p] tensor whose column blocks the conv + q/k/v and
+// the output norm read through row strides; backward dx_m | dz written into one [rows, 2p]
+// gradient by the conv + v backward and the output norm backward, then one du GEMM over K = 2p
+// and one dW GEMM) or two ("split": x_m and z apart, two GEMMs forward, du written then
+// accumulated, dW in two row blocks). ops/XLSTM_GLUE.md "Session 20 (helper upcat20)": on an H100
+// xlstm[1:0]-125m B16 step 124.3-125.3 -> 122.9-124.1 ms (the up GEMMs 16.8 -> 15.2 ms), 1.3b B4
+// neutral (311.7 / 313.4 -> 310.3 / 313.5); forward y bitwise the split path's in the block tests.
+// GYRE_MLSTM_UP unset or "split" (the default until the lead's merge), "fused"; read once on first use;
+// anything else stops the process with a message naming the accepted values. SetMlstmUpFused
+// overrides it (tests, benchmarks). Each block's forward records the setting its backward uses.
+// Not thread-safe. CUDA training only (decoding and the CPU path keep two products).
+bool MlstmUpFused();
+void SetMlstmUpFused(bool fused);
+
 // Decoding states (defined here so ops/recurrent_step_cuda.cc shares them): each tensor is
 // advanced in place; the histories hold the per-position copies of a rewindable chunk.
 inline std::vector<RewindSlot> JoinSlots(std::vector<RewindSlot> a, std::vector<RewindSlot> b) {
@@ -262,7 +280,12 @@ class MlstmBlock : public Block {
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);  // ForwardCudaAll, then the mode's drops
   Tensor ForwardCudaAll(const Tensor& x, int64_t batch, int64_t seq);  // keeps everything
   Tensor BackwardCuda(const Tensor& dy);
+  // xm_: x_m [rows, p], or with up_fused_ the fused GEMM's x_m | z [rows, 2p] (z_ then undefined).
   Tensor u_, xm_, mean_, rstd_;
+  bool up_fused_ = false;  // MlstmUpFused() at the last ForwardCudaAll
+  int64_t XmLd() const { return up_fused_ ? 2 * p_ : p_; }  // row stride of x_m (and of dx_m)
+  const void* ZPtr() const;  // z [rows, p] in rows of ZLd()
+  int64_t ZLd() const { return XmLd(); }
   // MlstmRecompute (mode_ = the forward's): the block input, kept by kBlock, kGlue and kStates;
   // kStates' copy of the per-token part of the cell's saved (MlstmTokenBytes).
   MlstmRecompute mode_ = MlstmRecompute::kNone;
@@ -278,19 +301,21 @@ class MlstmBlock : public Block {
   Tensor StepCuda(const Tensor& x, int64_t chunk, struct MlstmState* st, bool rewindable);
   // out = (GroupNorm(h) + skip ⊙ x_c) ⊙ SiLU(z) for `rows` rows in one kernel (training and
   // decoding); writes the per-(row, head) statistics into mean / rstd (fp32, rows x heads).
-  Tensor OutputNormCuda(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
+  // z: [rows, p] in rows of ldz (the fused up projection's z columns: 2p).
+  Tensor OutputNormCuda(const Tensor& h, const void* z, int64_t ldz, const Tensor& xc, int64_t rows, Tensor& mean,
                         Tensor& rstd);
   // The out-norm's arguments shared by that forward and the training backward (which adds dy and
   // the gradients): h, the gate z and the skip input x_c, the statistics mean / rstd.
-  GroupNormArgs OutputNormArgs(const Tensor& h, const Tensor& z, const Tensor& xc, int64_t rows, Tensor& mean,
-                               Tensor& rstd);
+  GroupNormArgs OutputNormArgs(const Tensor& h, const void* z, int64_t ldz, const Tensor& xc, int64_t rows,
+                               Tensor& mean, Tensor& rstd);
   // q, k = blockdiag(x_c), v = blockdiag(x_m) (bf16 [rows, p]) and the gate pre-activations
   // ig, fg (fp32 [rows, heads]) in two launches, the gates fused into the maps (training and
   // decoding). Allocates the five outputs. With `conv` (the conv forward's arguments that write
   // x_c from x_m: CausalConv1d::ForwardArgsCuda), that conv runs first, and all three in one
-  // launch (CudaBackend::MlstmConvQkv).
+  // launch (CudaBackend::MlstmConvQkv). `ldxm`: x_m's row stride (0 = p; 2p under the fused up
+  // projection).
   void QkvGatesCuda(const Tensor& xc, const Tensor& xm, int64_t rows, Tensor& q, Tensor& k, Tensor& v, Tensor& ig,
-                    Tensor& fg, const Conv1dArgs* conv = nullptr);
+                    Tensor& fg, const Conv1dArgs* conv = nullptr, int64_t ldxm = 0);
   // x_c = conv(x_m) and QkvGatesCuda on the block's tensors, fused or not (MlstmConvQkvFused);
   // allocates x_c. `marks`: the profiling marks (SetRecurrentProfiling) after each part.
   void ConvQkvGatesCuda(int64_t batch, int64_t seq, bool marks = true);

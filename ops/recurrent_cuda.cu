@@ -99,6 +99,11 @@ CudaResult Launched(const char* what) { return gyre::cuda::CudaError(cudaGetLast
 
 // ---------------------------------------------------------------- group norm
 
+// dz's row stride in elements (GroupNormArgs::lddz; 0 = dim): the mLSTM block's fused up
+// projection backward (GYRE_MLSTM_UP=fused) has the output norm write dz into its columns of the
+// one [rows, 2p] gradient dxm | dz.
+__device__ inline int64_t DzLd(const GroupNormArgs& a) { return a.lddz != 0 ? static_cast<int64_t>(a.lddz) : a.dim; }
+
 template <int kMode>
 __device__ inline float NormInput(const GroupNormArgs& a, int64_t r, int64_t c) {
   float v = F(a.x, r * a.dim + c);
@@ -172,7 +177,7 @@ __global__ void group_norm_bwd(GroupNormArgs a) {
     if (kMode == 2) {
       const float zc = F(a.z, r * a.ldz + c), xcv = F(a.xc, r * a.dim + c);
       const float hs = xhat * scale + a.skip[c] * xcv;
-      St(a.dz, r * a.dim + c, F(a.dy, r * a.dim + c) * hs * DSilu(zc));
+      St(a.dz, r * DzLd(a) + c, F(a.dy, r * a.dim + c) * hs * DSilu(zc));
       St(a.dxc, r * a.dim + c, gout * a.skip[c]);
     }
   }
@@ -944,8 +949,11 @@ __global__ void __launch_bounds__(128) block_diag4_qkv_rows(BlockDiagArgs qk, Bl
 // gate sums as block_diag4_fwd_gates over the three maps' bf16 tiles (one accumulator, so the
 // partials [column blocks, 2, rows, heads] hold q + k + v; the separate path sums q + k and v in
 // two launches: same terms, another fp32 order). Heads <= 4 (8 gates).
+// xm may be the first columns of wider rows (ldxm >= channels: the block's fused up projection,
+// GYRE_MLSTM_UP=fused, writes x_m | z as one [rows, 2p] GEMM output).
 struct ConvQkvParams {
-  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xm, xc, q, k, v (= channels)
+  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xc, q, k, v (= channels)
+  int64_t ldxm = 0;                      // row stride of xm (>= channels)
   int64_t seq = 0;
   bool silu = false;
   const bf16* xm = nullptr;
@@ -1015,7 +1023,7 @@ __global__ void __launch_bounds__(256, 2) mlstm_conv_qkv_fwd(ConvQkvParams a, fl
 #pragma unroll
     for (int i = 0; i < kIn; ++i) {
       const int64_t r = rt - (K - 1) + i;
-      raw[i] = live && r >= 0 && r < r1 ? *reinterpret_cast<const uint2*>(a.xm + r * a.ld + b * 4) : make_uint2(0u, 0u);
+      raw[i] = live && r >= 0 && r < r1 ? *reinterpret_cast<const uint2*>(a.xm + r * a.ldxm + b * 4) : make_uint2(0u, 0u);
     }
     int pos = static_cast<int>(rt % a.seq);  // row rt's position in its sequence
 #pragma unroll
@@ -1329,8 +1337,12 @@ __global__ void __launch_bounds__(256, kG <= 8 ? 2 : 1) block_diag4_bwd(BlockDia
 constexpr int kCvRun = 64;    // rows per warp
 constexpr int kCvWarps = 4;   // runs per block
 constexpr int kCvAhead = 16;  // ring slots per warp (a power of 2)
+// xm and dxm may be the first columns of wider rows (ldm >= channels, the same for both: the
+// block's fused up projection, GYRE_MLSTM_UP=fused, reads x_m from and writes dx_m into the
+// [rows, 2p] tensors x_m | z and dx_m | dz).
 struct ConvVBwdParams {
-  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of xm, dxc, dv, dxm (= channels)
+  int64_t rows = 0, blocks = 0, ld = 0;  // ld: row stride of dxc, dv (= channels)
+  int64_t ldm = 0;                       // row stride of xm, dxm (>= channels)
   int seq = 0, heads = 0;
   bool silu = false;
   const bf16* xm = nullptr;
@@ -1426,13 +1438,14 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
 #pragma unroll
       for (int j = 1; j < K; ++j) {  // the K - 1 rows before s0 (zeros before the sequence start)
         const int pos = s0 - K + j;
-        if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ld + b * 4, win[j]);
+        if (pos >= 0) Load4(a.xm, (row0 + pos) * a.ldm + b * 4, win[j]);
       }
     }
     // Token i (row t = s0 + i) reads xm, dxc at t and dv, dgate at r = t - (K - 1): pointers at
     // row s0, offsets bumped per token; rows past the sequence and r < s0 copy zeros.
     const int n = s1 - s0 + K - 1, last = S_len - 1 - s0;
     const int64_t base = (row0 + s0) * a.ld + bc * 4;  // (the tensors' pointers stay kernel parameters)
+    const int64_t base_m = (row0 + s0) * a.ldm + bc * 4;  // xm, dxm
     const int gsel = min(tx, G - 1);
     const int64_t gbase = (row0 + s0) * a.heads + (gsel < a.heads ? gsel : gsel - a.heads);
     auto issue = [&](int i) {  // one commit group per token (empty past the run)
@@ -1441,7 +1454,7 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
         const int64_t to = static_cast<int64_t>(min(i, last)) * a.ld;
         const int ro = max(i - (K - 1), 0);
         const bool tok = i <= last, out = i >= K - 1;
-        CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + base + to, live && tok);
+        CpAsync8Z(&ring.in[ty][slot][0][tx], a.xm + base_m + static_cast<int64_t>(min(i, last)) * a.ldm, live && tok);
         CpAsync8Z(&ring.in[ty][slot][1][tx], a.dxc + base + to, live && tok);
         CpAsync8Z(&ring.in[ty][slot][2][tx], a.dv + base + static_cast<int64_t>(ro) * a.ld, live && out);
         CpAsync4Z(&ring.dg[ty][slot][tx], (gsel < a.heads ? a.dig : a.dfg) + gbase + static_cast<int64_t>(ro) * a.heads,
@@ -1511,7 +1524,7 @@ __global__ void __launch_bounds__(32 * kCvWarps, 3) mlstm_conv_v_bwd(ConvVBwdPar
         for (int o = 0; o < 4; ++o)
 #pragma unroll
           for (int i2 = 0; i2 < 4; ++i2) acc[o * 4 + i2] += d[o] * win[0][i2];
-        if (live) Store4(a.dxm, base + static_cast<int64_t>(i - (K - 1)) * a.ld, dx);
+        if (live) Store4(a.dxm, base_m + static_cast<int64_t>(i - (K - 1)) * a.ldm, dx);
       }
     };
 #pragma unroll
@@ -1970,7 +1983,7 @@ __device__ __forceinline__ void GroupNormBwdChunkSums(const GroupNormArgs& a, in
     }
   }
   if (kMode == 2) {
-    Store8(a.dz, r * a.dim + c, dz);
+    Store8(a.dz, r * DzLd(a) + c, dz);
     Store8(a.dxc, r * a.dim + c, dxc);
   }
 }
@@ -2429,7 +2442,7 @@ __device__ __forceinline__ void MlstmOutBwdChunkSums(const GroupNormArgs& a, int
     dz[k] = dy[k] * hs * DSilu(z[k]);
     dxc[k] = gout * sk[k];
   }
-  Store8(a.dz, r * a.dim + c, dz);
+  Store8(a.dz, r * DzLd(a) + c, dz);
   Store8(a.dxc, r * a.dim + c, dxc);
 }
 // [8 warps][2 halves][x_c, z, dy, x (, h lo)][kPasses][16 lanes] x 16 B
@@ -2848,7 +2861,7 @@ __global__ void __launch_bounds__(32 * kMoMaxWarps, 8)
         dz[k] = dy[k] * hs * DSilu(z[k]);
         dxc[k] = gout * sk[k];
       }
-      Store8(a.dz, r * a.dim + c, dz);
+      Store8(a.dz, r * DzLd(a) + c, dz);
       Store8(a.dxc, r * a.dim + c, dxc);
     }
     MoRowSum<2>(sums, &red[i & 1][0][0], warps);
@@ -2960,7 +2973,7 @@ bool NormVectorizable(const GroupNormArgs& a, bool backward) {
   if (!backward) return ok && Aligned(a.y, 16);
   ok = ok && Aligned(a.dy, 16) && Aligned(a.dx, 16) && Aligned(a.dresidual, 16) && NormBwdSmem(a) <= kMaxNormBwdSmem;
   if (a.mode != NormMode::kPlain) ok = ok && Aligned(a.dz, 16);
-  if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16);
+  if (a.mode == NormMode::kMlstmOutput) ok = ok && Aligned(a.dxc, 16) && a.lddz % 8 == 0;
   return ok;
 }
 
@@ -3117,14 +3130,15 @@ CudaResult MlstmOutNormSwitchError() {
 }
 // group_norm_bwd_mlstm_row takes `a` (and h_lo, null = 0): mode 2, heads of 512..1024 columns
 // (% 256: whole warps of 8-column chunks), statistics given, 16-byte accesses (weight and skip
-// 32-byte aligned), dz packed, no dresidual.
+// 32-byte aligned), dz packed or in rows of lddz % 8 == 0, no dresidual.
 bool MlstmRowCovers(const GroupNormArgs& a, const void* h_lo) {
   if (a.mode != NormMode::kMlstmOutput || a.groups < 1 || a.groups > 65535 || a.dim % a.groups != 0 || a.rows < 0)
     return false;
   const int64_t gs = a.dim / a.groups;
   const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
   return gs % 256 == 0 && gs >= 512 && gs <= 32 * kMoMaxWarps * 8 && a.rstd != nullptr &&
-         (!a.layer || a.mean != nullptr) && !strided_dz && a.dresidual == nullptr && a.ldz % 8 == 0 &&
+         (!a.layer || a.mean != nullptr) && (!strided_dz || (a.lddz > a.dim && a.lddz % 8 == 0)) &&
+         a.dresidual == nullptr && a.ldz % 8 == 0 &&
          a.skip != nullptr && Aligned(a.skip, 32) && (a.weight == nullptr || Aligned(a.weight, 32)) &&
          Aligned(a.x, 16) && Aligned(a.z, 16) && Aligned(a.xc, 16) && Aligned(a.dy, 16) && Aligned(a.dx, 16) &&
          Aligned(a.dz, 16) && Aligned(a.dxc, 16) && Aligned(h_lo, 16);
@@ -3206,8 +3220,8 @@ CudaResult GroupNormForward(const GroupNormArgs& a, cudaStream_t stream) {
 namespace {
 // The mLSTM output norm backward's prefetch kernel (group_norm_bwd_mlstm_pf<3>) runs for `a`.
 bool MlstmOutNormPf(const GroupNormArgs& a) {
-  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
-  return a.mode == NormMode::kMlstmOutput && !strided_dz && a.dim % a.groups == 0 && NormVectorizable(a, true) &&
+  // (dz rows of lddz: NormVectorizable asks lddz % 8 == 0 in mode 2.)
+  return a.mode == NormMode::kMlstmOutput && a.dim % a.groups == 0 && NormVectorizable(a, true) &&
          NormLanes(a, true) == 16 && a.dim / a.groups == 3 * 128;
 }
 CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratch, cudaStream_t stream,
@@ -3267,9 +3281,11 @@ CudaResult GroupNormBackwardImpl(const GroupNormArgs& a, DeviceAllocator* scratc
   static const bool switch_ok = PfOrUnset(std::getenv("GYRE_NORM_BWD"));
   if (!switch_ok) return NormSwitchError("GYRE_NORM_BWD");
   if (a.rows == 0) return {};
-  const bool strided_dz = a.lddz != 0 && a.lddz != a.dim;
-  if (strided_dz && (a.mode != NormMode::kGatedInput || a.lddz < a.dim))
-    return gyre::cuda::InvalidArgument("GroupNormBackward: lddz is for the gated mode, 0 or >= dim");
+  // dz rows of lddz: the gated mode (Mamba-2's fused in_proj backward) and the mLSTM output mode
+  // (its fused up projection backward; every mode-2 kernel indexes dz by DzLd).
+  if (a.lddz != 0 && (a.mode == NormMode::kPlain || a.lddz < a.dim))
+    return gyre::cuda::InvalidArgument("GroupNormBackward: lddz is for the gated and mLSTM output modes, 0 or >= dim");
+  const bool strided_dz = a.mode == NormMode::kGatedInput && a.lddz != 0 && a.lddz != a.dim;
   static const GatedNormSwitch gated = ReadGatedNormSwitch();
   if (gated == GatedNormSwitch::kBad) return GatedNormSwitchError();
   if (gated == GatedNormSwitch::kRow && dots == nullptr && GatedNormRowRouted(a, true))
@@ -3465,10 +3481,12 @@ bool MlstmConvQkvFusable(const Conv1dArgs& c, const BlockDiagArgs& qk, const Blo
   if (qk.gates == nullptr || v.gates == nullptr || qk.w2 == nullptr || v.w2 != nullptr) return false;
   const int64_t p = c.channels;
   const MlstmGateArgs& g = *qk.gates;
+  const int64_t ldxm = c.x_row_stride == 0 ? p : c.x_row_stride;  // xm's rows (>= p, % 4: 8-byte loads)
   const bool same = qk.rows == c.batch * c.seq && v.rows == qk.rows && qk.blocks * 4 == p && v.blocks == qk.blocks &&
-                    qk.x == c.y && v.x == c.x && qk.ldx == p && qk.ldy == p && v.ldx == p && v.ldy == p &&
-                    v.gates->wi == g.wi && v.gates->wf == g.wf && v.gates->ig == g.ig && v.gates->fg == g.fg &&
-                    v.gates->bi == nullptr && v.gates->heads == g.heads && c.dx_row_stride == 0;
+                    qk.x == c.y && v.x == c.x && qk.ldx == p && qk.ldy == p && v.ldx == ldxm && v.ldy == p &&
+                    ldxm >= p && ldxm % 4 == 0 && v.gates->wi == g.wi && v.gates->wf == g.wf &&
+                    v.gates->ig == g.ig && v.gates->fg == g.fg && v.gates->bi == nullptr &&
+                    v.gates->heads == g.heads && c.dx_row_stride == 0;
   FusedGates fg;
   return same && c.width >= 1 && c.width <= 4 && c.seq > 0 && g.heads >= 1 && g.heads <= 4 &&
          BlockDiagVectorizable(qk, false) && BlockDiagVectorizable(v, false) && MakeFusedGates(qk, false, &fg).ok() &&
@@ -3483,6 +3501,7 @@ CudaResult MlstmConvQkvForward(const Conv1dArgs& c, const BlockDiagArgs& qk, con
   if (qk.rows == 0) return {};
   ConvQkvParams k;
   k.rows = qk.rows; k.blocks = qk.blocks; k.ld = c.channels; k.seq = c.seq; k.silu = c.silu;
+  k.ldxm = c.x_row_stride == 0 ? c.channels : c.x_row_stride;
   k.xm = static_cast<const bf16*>(c.x);
   k.xc = static_cast<bf16*>(c.y);
   k.y0 = static_cast<bf16*>(qk.y);
@@ -3535,8 +3554,12 @@ bool MlstmConvVFusable(const Conv1dArgs& c, const BlockDiagArgs& v) {
   if (v.gates == nullptr || v.w2 != nullptr || v.dw == nullptr || c.dw == nullptr || c.dbias == nullptr) return false;
   const int64_t p = c.channels;
   const MlstmGateArgs& g = *v.gates;
+  // xm and dxm in rows of one stride ldm >= p (% 4: 8-byte accesses), dxc and dv packed.
+  const int64_t ldm = c.x_row_stride == 0 ? p : c.x_row_stride;
+  const int64_t lddx = c.dx_row_stride == 0 ? p : c.dx_row_stride;
   const bool same = v.rows == c.batch * c.seq && v.blocks * 4 == p && v.block_in == 4 && v.block_out == 4 &&
-                    v.x == c.x && v.dx == c.dx && v.accumulate_dx && v.ldx == p && v.ldy == p && c.dx_row_stride == 0;
+                    v.x == c.x && v.dx == c.dx && v.accumulate_dx && v.ldx == ldm && v.ldy == p && lddx == ldm &&
+                    ldm >= p && ldm % 4 == 0;
   FusedGates fg;
   return same && c.width >= 1 && c.width <= 4 && c.seq > 0 && c.seq < (int64_t{1} << 30) && g.heads >= 1 &&
          g.heads <= 4 && BlockDiagVectorizable(v, true) && MakeFusedGates(v, true, &fg).ok() &&
@@ -3561,6 +3584,7 @@ CudaResult MlstmConvVBackward(const Conv1dArgs& c, const BlockDiagArgs& v, Devic
   if (CudaResult r = Scratch(scratch, chunks * (p * K + p + nw + G * p + (db ? G : 0)), &part); !r.ok()) return r;
   ConvVBwdParams k;
   k.rows = v.rows; k.blocks = v.blocks; k.ld = p;
+  k.ldm = c.x_row_stride == 0 ? p : c.x_row_stride;
   k.seq = static_cast<int>(c.seq); k.heads = g.heads; k.silu = c.silu;
   k.xm = static_cast<const bf16*>(c.x);
   k.dxc = static_cast<const bf16*>(c.dy);

@@ -854,6 +854,19 @@ TEST_F(RecurrentGpuTest, Mamba2GatedNormStridedDz) {
   CheckNorm(NormMode::kGatedInput, false, 65, 1, 128, 128, true, false, 324);
 }
 
+// The mLSTM output norm (mode 2) writing dz in rows of lddz (GYRE_MLSTM_UP=fused: dz is the z half of
+// the [rows, 2p] gradient dx_m | dz; here the first dim columns of a NaN-poisoned [rows, lddz], the
+// rest must stay NaN), z read in rows of 2·dim as the fused forward stores it: 4 heads of 384 (the
+// prefetch kernel), 2 of 1024 (group_norm_bwd_mlstm_row unless GYRE_MLSTM_OUT_NORM=warp), 2 of 48
+// (_vec), lddz not a multiple of 8 and groups of 12 (the scalar kernel).
+TEST_F(RecurrentGpuTest, MlstmOutNormStridedDz) {
+  CheckNorm(NormMode::kMlstmOutput, true, 300, 4, 384, 2 * 1536, true, false, 2 * 1536);
+  CheckNorm(NormMode::kMlstmOutput, true, 97, 2, 1024, 2 * 2048, false, false, 2 * 2048);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 2, 48, 2 * 96, true, false, 2 * 96);
+  CheckNorm(NormMode::kMlstmOutput, true, 37, 2, 48, 2 * 96, false, false, 96 + 4);
+  CheckNorm(NormMode::kMlstmOutput, false, 37, 2, 12, 2 * 24, false, false, 2 * 24);
+}
+
 // Mamba-2's gated norm at the wide groups (ops/MAMBA2_NORM.md): mamba2-1.3b's one group of 4096
 // (dz in rows of its in_proj width 4096 + 4352 + 64, odd rows: a partial last block of 32 and of
 // 64 rows), 4096-wide rows in 8 groups of 512, two groups of 2056 with LayerNorm (a partial second
@@ -1420,6 +1433,7 @@ struct BlockRun {
   Tensor y, dx;
   std::vector<std::pair<std::string, Tensor>> grads;
   bool dots_in_norm = false;  // GPU: the backward ran the out-norm kernel that forms the cell's dots
+  std::vector<std::string> backward_ops;  // GPU: the backward's op profile labels, in order
 };
 BlockRun RunMlstmBlock(const ModelSpec& spec, int64_t B, int64_t T, bool cpu, bool dh_dot_in_norm) {
   DhDotInNorm mode(dh_dot_in_norm);
@@ -1443,7 +1457,10 @@ BlockRun RunMlstmBlock(const ModelSpec& spec, int64_t B, int64_t T, bool cpu, bo
   if (!cpu) Cuda().SetOpProfiling(true);
   out.dx = block.Backward(cpu ? dy : ToCudaBf16(dy)).ToDevice(Device::kCpu).To(DType::kF64);
   if (!cpu) {
-    for (const auto& t : Cuda().TakeOpProfile()) out.dots_in_norm |= t.label.find("+ cell dots") != std::string::npos;
+    for (const auto& t : Cuda().TakeOpProfile()) {
+      out.dots_in_norm |= t.label.find("+ cell dots") != std::string::npos;
+      out.backward_ops.push_back(t.label);
+    }
     Cuda().SetOpProfiling(false);
   }
   for (const Parameter* p : store.All()) out.grads.emplace_back(p->name, p->grad.ToDevice(Device::kCpu).To(DType::kF64));
@@ -1517,6 +1534,157 @@ TEST_F(RecurrentGpuTest, MlstmDhDotSwitchValues) {
                      {"on"});
 }
 
+// ---------------------------------------------------------------- fused up projection (GYRE_MLSTM_UP)
+
+// GYRE_MLSTM_UP=fused (ops/recurrent_blocks.h MlstmUpFused; ops/XLSTM_GLUE.md "Session 20"): x_m | z
+// from one GEMM, read in rows of 2p; dx_m | dz written into one [rows, 2p] gradient by the conv + v
+// backward and the out-norm backward, then one du and one dW GEMM.
+struct FusedUp : ScopedSwitch<bool> {
+  explicit FusedUp(bool fused) : ScopedSwitch(MlstmUpFused, SetMlstmUpFused, fused) {}
+};
+
+int64_t CountDiffering(const Tensor& a, const Tensor& b) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) n += a.At(i) != b.At(i) || std::isnan(a.At(i)) != std::isnan(b.At(i));
+  return n;
+}
+
+bool RanOp(const BlockRun& r, const std::string& label) {
+  for (const std::string& l : r.backward_ops) {
+    if (l.find(label) != std::string::npos) return true;
+  }
+  return false;
+}
+
+// One block, split vs fused vs float64 (the dots where MlstmDhDotInNorm says): the fused path
+// within CheckBlock's float64 bands (1e-2 y, 3e-2 dx, 5e-2 gradients) wherever the split path is,
+// and no farther from float64 than 1.25 x the split path's distance (+1e-6); the same out-norm
+// kernel kind (with the cell's dots or not) and the fused conv + v backward on both; and the
+// forward's y bit for bit or not (reported: the GEMM's k-order per element is the same, so y is
+// bitwise unless cuBLASLt plans N = 2p differently).
+void CheckFusedUpBlock(const ModelSpec& s, int64_t B, int64_t T) {
+  const bool dots = MlstmDhDotInNorm();
+  const std::string name = "mlstm [up fused vs split] inner " + std::to_string(s.mlstm_inner) + " heads " +
+                           std::to_string(s.mlstm_heads) + " B " + std::to_string(B) + " T " + std::to_string(T) +
+                           (dots ? " dots in norm" : " dots in cell") + NormVariant();
+  const BlockRun ref = RunMlstmBlock(s, B, T, /*cpu=*/true, dots);
+  BlockRun split, fused;
+  {
+    FusedUp up(false);
+    split = RunMlstmBlock(s, B, T, false, dots);
+  }
+  {
+    FusedUp up(true);
+    fused = RunMlstmBlock(s, B, T, false, dots);
+  }
+  const bool conv_v = MlstmConvVBwdFused();
+  const bool same_kernels = fused.dots_in_norm == split.dots_in_norm &&
+                            RanOp(fused, "Conv1d + BlockDiag v backward (fused)") == conv_v &&
+                            RanOp(split, "Conv1d + BlockDiag v backward (fused)") == conv_v;
+  std::printf("[%s] %s: cell dots in the norm kernel fused %d split %d; fused conv + v backward fused %d split %d "
+              "(switch %d)\n",
+              same_kernels ? "PASS" : "FAIL", name.c_str(), fused.dots_in_norm, split.dots_in_norm,
+              RanOp(fused, "Conv1d + BlockDiag v backward (fused)"), RanOp(split, "Conv1d + BlockDiag v backward (fused)"),
+              conv_v);
+  EXPECT_TRUE(same_kernels);
+  std::printf("[INFO] %s: y bitwise %s (%ld of %ld elements differ)\n", name.c_str(),
+              CountDiffering(fused.y, split.y) == 0 ? "EQUAL" : "DIFFERENT", (long)CountDiffering(fused.y, split.y),
+              (long)fused.y.numel());
+  auto one = [&](const std::string& what, const Tensor& f, const Tensor& sp, const Tensor& r, double band) {
+    bool finite = true;
+    for (int64_t i = 0; i < f.numel(); ++i) finite = finite && std::isfinite(f.At(i));
+    const double fr = finite ? RelativeError(f, r) : INFINITY, sr = RelativeError(sp, r);
+    const double fs = finite ? RelativeError(f, sp) : INFINITY;
+    const bool ok = (fr <= band || sr > band) && fr <= 1.25 * sr + 1e-6;
+    std::printf("[%s] %s %s: fused vs f64 %.3e, split vs f64 %.3e (fused <= 1.25 x split + 1e-6), fused vs split "
+                "%.3e%s (band %.0e)\n",
+                ok ? "PASS" : "FAIL", name.c_str(), what.c_str(), fr, sr, fs,
+                sr > band ? " [the split path is outside the band too]" : "", band);
+    EXPECT_TRUE(ok) << what;
+  };
+  one("y", fused.y, split.y, ref.y, 1e-2);
+  one("dx", fused.dx, split.dx, ref.dx, 3e-2);
+  ASSERT_EQ(fused.grads.size(), ref.grads.size());
+  for (size_t i = 0; i < fused.grads.size(); ++i) {
+    one("d" + fused.grads[i].first, fused.grads[i].second, split.grads[i].second, ref.grads[i].second, 5e-2);
+  }
+}
+
+// The out-norm kernels that write dz in rows of 2p: 384-wide heads (the prefetch kernel, with the
+// cell's dots and without), 1024 and 768 (group_norm_bwd_mlstm_row unless GYRE_MLSTM_OUT_NORM=warp;
+// _vec then), the small model's 2 x 64 (_vec 16 lanes; odd row counts at T 37).
+TEST_F(RecurrentGpuTest, MlstmBlockWithFusedUp) {
+  {
+    FusedUp up(true);
+    CheckMlstmBlockUnder("up fused");
+  }
+  for (const bool dots : {true, false}) {
+    DhDotInNorm in_norm(dots);
+    CheckFusedUpBlock(WideHeadXlstm(2), 2, 100);
+    CheckFusedUpBlock(WideHeadXlstm(4), 3, 37);
+    CheckFusedUpBlock(WideHeadXlstm(2, 1024), 2, 100);
+    CheckFusedUpBlock(WideHeadXlstm(1, 768), 3, 37);
+    CheckFusedUpBlock(SmallXlstm(), 3, 37);
+  }
+}
+
+// The non-default conv paths under the fused up projection: the plain conv1d kernels get x_m
+// packed by CudaBackend::Conv1d's copy, the block-diagonal v map reads x_m / writes dx_m in rows of
+// 2p, the conv backward writes dx_m in rows of 2p (its dx_row_stride).
+TEST_F(RecurrentGpuTest, MlstmBlockWithFusedUpAndSeparateConvs) {
+  SeparateConvQkv separate_fwd;
+  SeparateConvVBwd separate_bwd;
+  {
+    FusedUp up(true);
+    CheckMlstmBlockUnder("up fused, conv_qkv + conv_v_bwd separate");
+  }
+  CheckFusedUpBlock(WideHeadXlstm(2), 2, 100);
+  CheckFusedUpBlock(SmallXlstm(), 3, 37);
+}
+
+TEST_F(RecurrentGpuTest, MlstmUpSwitchValues) {
+  ExpectSwitchValues({"GYRE_MLSTM_UP", {"split", "fused"}, SmallXlstm(),
+                      [](const std::string& v) { return MlstmUpFused() == (v == "fused"); }},
+                     {"on", "one"});
+}
+
+// The preset widths' GEMM shapes (one block, GPU only): the forward's y split vs fused bit for
+// bit or not (reported; within 4e-3 of each other either way), dx and every gradient within 2e-2 of
+// the split path's. xlstm[1:0]-125m at B16 x 2048 (N 3072 vs 2 x 1536), xlstm[1:0]-1.3b at B4 x 2048
+// (N 8192 vs 2 x 4096): the shapes the step bench times.
+TEST_F(RecurrentGpuTest, MlstmFusedUpAtPresetShapes) {
+  for (const auto& [preset, B] : {std::pair<const char*, int64_t>{"xlstm[1:0]-125m", 16}, {"xlstm[1:0]-1.3b", 4}}) {
+    const ModelSpec s = *PresetSpec(preset);
+    const int64_t T = 2048;
+    BlockRun split, fused;
+    {
+      FusedUp up(false);
+      split = RunMlstmBlock(s, B, T, false, MlstmDhDotInNorm());
+    }
+    {
+      FusedUp up(true);
+      fused = RunMlstmBlock(s, B, T, false, MlstmDhDotInNorm());
+    }
+    const int64_t differ = CountDiffering(fused.y, split.y);
+    const double ey = RelativeError(fused.y, split.y), edx = RelativeError(fused.dx, split.dx);
+    double eg = 0.0;
+    std::string worst;
+    for (size_t i = 0; i < fused.grads.size(); ++i) {
+      const double e = RelativeError(fused.grads[i].second, split.grads[i].second);
+      if (e > eg) {
+        eg = e;
+        worst = fused.grads[i].first;
+      }
+    }
+    const bool ok = ey <= 4e-3 && edx <= 2e-2 && eg <= 2e-2;
+    std::printf("[%s] %s B %ld T %ld up fused vs split: y bitwise %s (%ld of %ld differ, rel %.3e <= 4e-3), dx rel "
+                "%.3e, worst gradient d%s rel %.3e (<= 2e-2)\n",
+                ok ? "PASS" : "FAIL", preset, (long)B, (long)T, differ == 0 ? "EQUAL" : "DIFFERENT", (long)differ,
+                (long)fused.y.numel(), ey, edx, worst.c_str(), eg);
+    EXPECT_TRUE(ok);
+  }
+}
+
 // The 7B layout's 8 mLSTM heads (the 16-gate kernels) through a whole block.
 TEST_F(RecurrentGpuTest, MlstmBlockEightHeads) {
   ModelSpec s = SmallXlstm();
@@ -1561,6 +1729,10 @@ TEST_F(RecurrentGpuTest, XlstmModelWithSeparateConvVBwd) {
 }
 TEST_F(RecurrentGpuTest, XlstmModelWithFmaQkBwd) {
   QkBwdMode mode(MlstmQkBwd::kFma);
+  CheckModel(SmallXlstm());
+}
+TEST_F(RecurrentGpuTest, XlstmModelWithFusedUp) {
+  FusedUp up(true);
   CheckModel(SmallXlstm());
 }
 TEST_F(RecurrentGpuTest, Mamba2ModelLossAndEveryGradient) { CheckModel(SmallMamba2()); }
@@ -1698,6 +1870,53 @@ TEST_F(RecurrentGpuTest, XlstmModelWithDhDotInNorm) {
 TEST_F(RecurrentGpuTest, XlstmTrainingWithDhDotInNormIsBitwiseReproducible) {
   DhDotInNorm in_norm(true);
   ExpectBitwiseReproducible(WideHeadXlstm(2), 8, 256);
+}
+
+TEST_F(RecurrentGpuTest, XlstmTrainingWithFusedUpIsBitwiseReproducible) {
+  FusedUp up(true);
+  ExpectBitwiseReproducible(SmallXlstm(), 8, 256);
+}
+
+// Three AdamW steps split vs fused: the first step's loss (the forward only) bit for bit or not
+// (reported), every loss within 1e-4 relative and every grad norm within 1e-2 (the backward's du
+// and dW round differently: K = 2p in one GEMM against p + p with a bf16 rounding between).
+void CompareFusedUpTraining(const ModelSpec& spec, int64_t B, int64_t T) {
+  TrainBits split, fused;
+  {
+    FusedUp up(false);
+    split = TrainStepsForBits(spec, B, T);
+  }
+  {
+    FusedUp up(true);
+    fused = TrainStepsForBits(spec, B, T);
+  }
+  ASSERT_EQ(split.losses.size(), 3u);
+  ASSERT_EQ(fused.losses.size(), 3u);
+  bool ok = true;
+  for (size_t i = 0; i < 3; ++i) {
+    const double dl = std::abs(fused.losses[i] - split.losses[i]) / std::abs(split.losses[i]);
+    const double dg = std::abs(fused.grad_norms[i] - split.grad_norms[i]) / std::abs(split.grad_norms[i]);
+    ok = ok && dl <= 1e-4 && dg <= 1e-2;
+    std::printf("%s step %zu up split / fused: loss %.17g / %.17g (%s, rel %.2e) grad_norm %.9g / %.9g (rel %.2e)\n",
+                spec.preset.c_str(), i, split.losses[i], fused.losses[i],
+                fused.losses[i] == split.losses[i] ? "bitwise equal" : "differs", dl, split.grad_norms[i],
+                fused.grad_norms[i], dg);
+  }
+  const BitsDiff d = CompareBits(split, fused);
+  std::printf("[%s] %s B %ld T %ld up fused vs split, 3 steps: losses within 1e-4, grad norms within 1e-2; first "
+              "loss bitwise %s; parameters differing %d/%zu, gradients %d/%zu\n",
+              ok ? "PASS" : "FAIL", spec.preset.c_str(), (long)B, (long)T,
+              fused.losses[0] == split.losses[0] ? "EQUAL" : "DIFFERENT", d.values, split.names.size(), d.grads,
+              split.names.size());
+  EXPECT_TRUE(ok);
+}
+
+TEST_F(RecurrentGpuTest, XlstmFusedUpTrainsLikeSplit) {
+  CompareFusedUpTraining(SmallXlstm(), 8, 256);
+  ModelSpec x = *PresetSpec("xlstm[1:0]-125m");
+  x.blocks = {BlockType::kMlstm, BlockType::kMlstm};
+  x.vocab_size = 1024;
+  CompareFusedUpTraining(x, 4, 1024);
 }
 
 TEST_F(RecurrentGpuTest, Mamba2TrainingIsBitwiseReproducible) { ExpectBitwiseReproducible(SmallMamba2(), 8, 256); }
@@ -1886,6 +2105,30 @@ TEST_F(RecurrentGpuTest, MlstmRecomputeTrainsBitwiseLikeTheDefault) {
 // model.xlstm.mlstm_recompute_keep_last = -1: two steps recompute every layer's states, then the
 // model keeps every layer that fits (all of this small model's, on any card) — and the three steps
 // are bit for bit the default path's.
+// The same under the fused up projection: every mode bitwise the fused default path (x_m | z kept
+// as one tensor by cell / glue / states, the forward rerun by block), and the block against
+// float64 per mode.
+TEST_F(RecurrentGpuTest, MlstmRecomputeWithFusedUpTrainsBitwiseLikeItsDefault) {
+  FusedUp up(true);
+  ExpectRecomputeBitwiseEqualsDefault(SmallXlstm(), 8, 256, RecomputeModes());
+  ModelSpec x = *PresetSpec("xlstm[7:1]-125m");
+  x.blocks = {BlockType::kMlstm, BlockType::kSlstm, BlockType::kMlstm};
+  x.vocab_size = 1024;
+  ExpectRecomputeBitwiseEqualsDefault(
+      x, 4, 1024, SelectModes({{MlstmRecompute::kCell, 0}, {MlstmRecompute::kGlue, 0}, {MlstmRecompute::kStates, 0}}));
+}
+
+TEST_F(RecurrentGpuTest, MlstmRecomputeWithFusedUpBlockMatchesFloat64) {
+  FusedUp up(true);
+  const ModelSpec s = SmallXlstm();
+  for (const MlstmRecomputeConfig& m : RecomputeModes()) {
+    if (m.keep_last > 0) continue;
+    MlstmRecomputeScope scope(m);
+    CheckBlock("mlstm up fused recompute=" + ModeLabel(m), s,
+               [&](const BuildContext& c) { return std::make_unique<MlstmBlock>(c, s, 3); }, 2, 100);
+  }
+}
+
 TEST_F(RecurrentGpuTest, MlstmRecomputeAutoKeepsWhatFitsAndTrainsBitwise) {
   const ModelSpec base_spec = SmallXlstm();
   TrainBits base;

@@ -173,7 +173,7 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
   }
   Tensor mean = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
   Tensor rstd = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
-  Tensor out = OutputNormCuda(h, z, xc, B, mean, rstd);
+  Tensor out = OutputNormCuda(h, z.raw(), p_, xc, B, mean, rstd);
   Tensor y = Add(x, down_.Forward(out).Reshape(x.shape()));
   ReleaseActivations();
   return y;
