@@ -351,7 +351,7 @@ bool& DhDotInNorm() {
 }
 
 bool& UpFused() {
-  static bool fused = EnvChoice("GYRE_MLSTM_UP", {"split", "fused"}, "split") == "fused";
+  static bool fused = EnvChoice("GYRE_MLSTM_UP", {"split", "fused"}, "fused") == "fused";
   return fused;
 }
 

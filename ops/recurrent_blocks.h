@@ -212,7 +212,7 @@ void SetMlstmDhDotInNorm(bool in_norm);
 // accumulated, dW in two row blocks). ops/XLSTM_GLUE.md "Session 20 (helper upcat20)": on an H100
 // xlstm[1:0]-125m B16 step 124.3-125.3 -> 122.9-124.1 ms (the up GEMMs 16.8 -> 15.2 ms), 1.3b B4
 // neutral (311.7 / 313.4 -> 310.3 / 313.5); forward y bitwise the split path's in the block tests.
-// GYRE_MLSTM_UP unset or "split" (the default until the lead's merge), "fused"; read once on first use;
+// GYRE_MLSTM_UP unset or "fused" (the default since session 20), "split"; read once on first use;
 // anything else stops the process with a message naming the accepted values. SetMlstmUpFused
 // overrides it (tests, benchmarks). Each block's forward records the setting its backward uses.
 // Not thread-safe. CUDA training only (decoding and the CPU path keep two products).
