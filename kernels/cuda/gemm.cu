@@ -121,6 +121,20 @@ constexpr ShapePreference kShapePreferred[] = {
     {6144, 2048, 16384, true, false, true, false, {CUBLASLT_MATMUL_TILE_128x128, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // qkv dW: -0.26 / -0.10
 };
 
+// The recurrent presets' products (helper gemmplan20, bench/RESULTS.md session 20; the method
+// above on one H100, recurrent_step_bench --profile_variants, normalised per op by the recurrent
+// cells' time as the clock proxy). GYRE_GEMM_TABLE=llama-only (measurement only, read per plan
+// build and part of the plan key, so one process can alternate) leaves these products to the
+// heuristic's first choice / the short-k rule, as before them.
+constexpr ShapePreference kRecurrentShapePreferred[] = {
+    {0, 0, 0, false, false, false, false, {0, 0, 0}},  // placeholder: never matches (m = 0)
+};
+
+bool RecurrentTableOn() {
+  const char* env = std::getenv("GYRE_GEMM_TABLE");
+  return env == nullptr || std::string(env) != "llama-only";
+}
+
 bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
   int32_t splitk = 0;
   uint32_t tile = 0, custom = 0;
@@ -139,12 +153,17 @@ bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
 }
 
 // The preferred configurations of a product, in order (empty: the heuristic's first choice).
-std::vector<PreferredConfig> PreferredFor(const GemmArgs& g) {
+bool SameProduct(const ShapePreference& p, const GemmArgs& g) {
+  return p.m == g.m && p.n == g.n && p.k == g.k && p.trans_a == g.trans_a && p.trans_b == g.trans_b &&
+         p.f32_out == (g.c_dtype == DType::kF32) && p.beta == (g.beta != 0.f) && g.epilogue == GemmEpilogue::kNone;
+}
+
+std::vector<PreferredConfig> PreferredFor(const GemmArgs& g, bool recurrent_table) {
   for (const ShapePreference& p : kShapePreferred) {
-    if (p.m == g.m && p.n == g.n && p.k == g.k && p.trans_a == g.trans_a && p.trans_b == g.trans_b &&
-        p.f32_out == (g.c_dtype == DType::kF32) && p.beta == (g.beta != 0.f) && g.epilogue == GemmEpilogue::kNone) {
-      return {p.config};
-    }
+    if (SameProduct(p, g)) return {p.config};
+  }
+  for (const ShapePreference& p : kRecurrentShapePreferred) {
+    if (recurrent_table && SameProduct(p, g)) return {p.config};
   }
   if (g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16) {
     return {std::begin(kShortKPreferred), std::end(kShortKPreferred)};
@@ -230,10 +249,12 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
   const Pick pick = autotune ? Pick{} : PickFor(g);
+  const bool recurrent_table = RecurrentTableOn();
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk, g.plan_round};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk, g.plan_round,
+                              recurrent_table};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -241,7 +262,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   }
   // Built once per plan (a cache miss), like everything below.
   const std::vector<PreferredConfig> preferred =
-      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g);
+      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g, recurrent_table);
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ct = CudaType(g.c_dtype);
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
