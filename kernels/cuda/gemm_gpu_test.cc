@@ -364,25 +364,21 @@ TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtLlamaShapes) {
 
 // The recurrent presets' entries of gemm.cu's kRecurrentShapePreferred table (helper gemmplan20):
 // every product at its exact shape (row-major A [m, k] or, transposed, [k, m]; B [k, n] or [n, k]),
-// beta 0 over a NaN-poisoned output, with the table (the entry's plan where the card lists it) and
+// bf16 output, beta 0 over a NaN-poisoned output, with the table (the entry's plan where the card lists it) and
 // with GYRE_GEMM_TABLE=llama-only (the plan before it). Each: 16 sampled rows of C against float64
 // and two runs bitwise equal. GYRE_GEMM_LOG shows "preferred" for the plan with the table on.
 TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtRecurrentShapes) {
   setenv("GYRE_GEMM_LOG", "1", 1);
   struct Case {
     int64_t m, n, k;
-    bool trans_a, trans_b, f32_out;
+    bool trans_a, trans_b;
     const char* what;
   };
   const Case cases[] = {
-      {16384, 4096, 2048, false, false, false, "mamba2-1.3b out_proj dX"},
-      {16384, 4352, 2048, false, true, false, "mamba2-1.3b in_proj fwd xBC"},
-      {16384, 4096, 2048, false, true, false, "mamba2-1.3b in_proj fwd z"},
-      {16384, 64, 2048, false, true, true, "mamba2-1.3b in_proj fwd dt"},
-      {8192, 8192, 2048, false, true, false, "xlstm-1.3b up fwd"},
-      {32768, 1792, 768, false, true, false, "mamba2-130m in_proj fwd xBC"},
-      {32768, 1536, 768, false, true, false, "mamba2-130m in_proj fwd z"},
-      {32768, 768, 3072, false, false, false, "xlstm-125m up du"},
+      {16384, 4096, 2048, false, false, "mamba2-1.3b out_proj dX"},
+      {16384, 4352, 2048, false, true, "mamba2-1.3b in_proj fwd xBC"},
+      {16384, 4096, 2048, false, true, "mamba2-1.3b in_proj fwd z"},
+      {8192, 8192, 2048, false, true, "xlstm-1.3b up fwd"},
   };
   for (const Case& c : cases) {
     const auto a = RandomBf16Values(rng_, c.m * c.k);
@@ -423,34 +419,23 @@ TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtRecurrentShapes)
       g.b = db.get();
       g.ldb = c.trans_b ? c.k : c.n;
       g.ldc = c.n;
-      g.c_dtype = c.f32_out ? DType::kF32 : DType::kBf16;
+      g.c_dtype = DType::kBf16;
       std::vector<float> runs[2];
       for (int rep = 0; rep < 2; ++rep) {
-        if (c.f32_out) {
-          DeviceArray<float> dc(&alloc_, c.m * c.n);
-          dc.Poison();
-          g.c = dc.get();
-          const CudaResult r = ctx_->Gemm(g, nullptr);
-          ASSERT_TRUE(r.ok()) << r.message;
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          runs[rep] = dc.Download();
-        } else {
-          DeviceArray<__nv_bfloat16> dc(&alloc_, c.m * c.n);
-          dc.Poison();
-          g.c = dc.get();
-          const CudaResult r = ctx_->Gemm(g, nullptr);
-          ASSERT_TRUE(r.ok()) << r.message;
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          runs[rep] = dc.Download();
-        }
+        DeviceArray<__nv_bfloat16> dc(&alloc_, c.m * c.n);
+        dc.Poison();
+        g.c = dc.get();
+        const CudaResult r = ctx_->Gemm(g, nullptr);
+        ASSERT_TRUE(r.ok()) << r.message;
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        runs[rep] = dc.Download();
       }
       EXPECT_EQ(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)), 0)
           << shape << " differs between two runs";
       std::vector<float> got;
       for (int64_t i : rows) got.insert(got.end(), runs[1].begin() + i * c.n, runs[1].begin() + (i + 1) * c.n);
       EXPECT_TRUE(Report(std::string(c.what) + (table ? " (table)" : " (llama-only)"),
-                         shape + " (16 rows)", RelError(got, ref),
-                         c.f32_out ? testing::kTolF32Accum : testing::kTolBf16));
+                         shape + " (16 rows)", RelError(got, ref), testing::kTolBf16));
     }
   }
   unsetenv("GYRE_GEMM_TABLE");
