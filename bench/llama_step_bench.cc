@@ -143,26 +143,11 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
     next_step += profile_steps;
     PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
   }
-  for (const std::string& v : profile_variants) {
-    const size_t eq = v.find('=');
-    if (eq == std::string::npos) {
-      std::fprintf(stderr, "--profile_variants wants NAME=VALUE, got %s\n", v.c_str());
-      return 1;
-    }
-    const std::string name = v.substr(0, eq);
-    setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
-    gyre::bench::StepTimes warm, prof;
-    bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 1, &warm);
-    next_step += 1;
-    Cuda().SetOpProfiling(true);
-    const int n = profile_steps > 0 ? profile_steps : 3;
-    ok = ok && gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, n, &prof);
-    Cuda().SetOpProfiling(false);
-    unsetenv(name.c_str());
-    if (!ok) return 1;
-    next_step += n;
-    std::printf("  profile variant %s:\n", v.c_str());
-    PrintProfile(Cuda().TakeOpProfile(), prof.seconds, med);
+  const auto print_profile = [&](const std::string&, std::vector<CudaBackend::OpTime> ops,
+                                  const std::vector<double>& wall) { PrintProfile(std::move(ops), wall, med); };
+  if (!gyre::bench::ProfileVariants(trainer, rng, spec->vocab_size, batch, seq, profile_variants,
+                                    profile_steps > 0 ? profile_steps : 3, &next_step, print_profile)) {
+    return 1;
   }
   // A/B variants: a few more steps with one environment setting each (read per step by the
   // backend: GYRE_GEMM_AUTOTUNE, GYRE_ATTN_BWD, ...), then back to the default; the default

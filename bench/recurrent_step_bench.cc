@@ -25,8 +25,15 @@
 // warm-up per entry first, then timed steps round-robin) and prints the median per entry, the
 // ratio to the first entry of the same batch, and the allocator's peak after each entry's
 // warm-up (the first entry's peak is its own; later ones are the running maximum).
+// --profile_variants NAME=VALUE ... prints a per-op profile under each environment setting after
+// the timed steps, one process (bench/step_timing.h ProfileVariants; "NAME=" profiles the default):
+// the in-step A/B of GYRE_GEMM_PICK candidates (kernels/cuda/gemm.cu, gemm_notes.md).
+// --variants NAME=VALUE ... times --variant_rounds rounds of --variant_steps steps per entry, the
+// default (variables unset) first, alternating on one model, and prints each entry's median and its
+// per-round medians (e.g. GYRE_GEMM_TABLE=llama-only: the plan table without the recurrent entries).
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -163,13 +170,20 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   return 0;
 }
 
+// Environment A/B settings of one run (--profile_variants, --variants).
+struct EnvVariants {
+  std::vector<std::string> profile, timed;
+  int rounds = 3, steps = 3;
+};
+
 // `auto_mode` (e.g. "states"; "" = off): the model's own setting model.xlstm.mlstm_recompute =
 // auto_mode with keep_last -1 (auto), the process-wide setting none. `explicit_mode`: a
 // --mlstm_recompute MODE[:N] was given (the process-wide setting): the preset's default is cleared.
 // Neither: the preset's own setting (the 1.3B xLSTM presets: states, auto).
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
-        std::vector<AltEntry> alternate, const std::string& auto_mode, bool explicit_mode, Result* out) {
+        std::vector<AltEntry> alternate, const std::string& auto_mode, bool explicit_mode,
+        const EnvVariants& env_variants, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -218,6 +232,35 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
     if (!ok) return 1;
     next_step += op_profile_steps;
     PrintOpProfile(Cuda().TakeOpProfile(), prof.seconds);
+  }
+  const auto print_profile = [](const std::string&, std::vector<CudaBackend::OpTime> ops,
+                                const std::vector<double>& wall) { PrintOpProfile(std::move(ops), wall); };
+  if (!gyre::bench::ProfileVariants(trainer, rng, spec->vocab_size, batch, seq, env_variants.profile,
+                                    op_profile_steps > 0 ? op_profile_steps : 2, &next_step, print_profile)) {
+    return 1;
+  }
+  if (!env_variants.timed.empty()) {
+    std::vector<std::vector<double>> vt;
+    if (!gyre::bench::AlternateVariants(trainer, rng, spec->vocab_size, batch, seq, env_variants.timed,
+                                        env_variants.rounds, env_variants.steps, &next_step, &vt)) {
+      return 1;
+    }
+    const double ref = gyre::bench::MedianOf(vt[0]);
+    for (size_t e = 0; e < vt.size(); ++e) {
+      std::string rounds;
+      for (int r = 0; r < env_variants.rounds; ++r) {
+        const auto first = vt[e].begin() + static_cast<std::ptrdiff_t>(r) * env_variants.steps;
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), "%s%.2f", r ? " / " : "",
+                      1e3 * gyre::bench::MedianOf(std::vector<double>(first, first + env_variants.steps)));
+        rounds += buf;
+      }
+      const double m = gyre::bench::MedianOf(vt[e]);
+      std::printf("VARIANT %s B%lld %s: median %.2f ms (%zu steps; rounds %s ms), ratio to default %.4f\n",
+                  preset.c_str(), (long long)batch, e == 0 ? "default" : env_variants.timed[e - 1].c_str(), 1e3 * m,
+                  vt[e].size(), rounds.c_str(), m / ref);
+    }
+    std::fflush(stdout);
   }
   // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
   // are not part of the median above).
@@ -306,6 +349,15 @@ int main(int argc, char** argv) {
   app.add_option("--op_profile_steps", op_profile_steps,
                  "extra steps with a per-op GPU-time breakdown (CUDA events, no synchronisation)")
       ->capture_default_str();
+  EnvVariants env_variants;
+  app.add_option("--profile_variants", env_variants.profile,
+                 "NAME=VALUE environment settings to profile per op after the timed steps (in-step A/B; "
+                 "NAME= profiles the default)");
+  app.add_option("--variants", env_variants.timed,
+                 "NAME=VALUE environment settings to time against the default, alternating rounds on one model");
+  app.add_option("--variant_rounds", env_variants.rounds, "rounds of --variants")->capture_default_str();
+  app.add_option("--variant_steps", env_variants.steps, "steps per entry and round of --variants")
+      ->capture_default_str();
   app.add_option("--mlstm_chunk", mlstm_chunk, "override the presets' mLSTM chunk (0: keep)")->capture_default_str();
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   std::vector<std::string> mlstm_recompute;
@@ -380,7 +432,8 @@ int main(int argc, char** argv) {
     // the others.
     const int run = Run(presets[i], batches[i], recompute[i] != 0, seq, warmup, steps, profile_steps, op_profile_steps,
                         mlstm_chunk, peak, alternate, auto_mode,
-                        !mlstm_recompute.empty() && !mlstm_recompute[i].empty() && auto_mode.empty(), &r);
+                        !mlstm_recompute.empty() && !mlstm_recompute[i].empty() && auto_mode.empty(), env_variants,
+                        &r);
     if (run == 2) continue;
     if (run != 0) {
       rc = 1;

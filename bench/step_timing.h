@@ -7,8 +7,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/cuda_backend.h"
@@ -74,6 +76,76 @@ inline bool TimeSteps(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64
     out->seconds.push_back(dt);
   }
   return true;
+}
+
+// --profile_variants NAME=VALUE ...: a per-op profile (CudaBackend::SetOpProfiling) under each
+// environment setting in turn, on one model, after the timed steps: one unprofiled step first
+// (new plans, e.g. GEMM plans of another GYRE_GEMM_PICK, are built outside the profiled steps),
+// then `profile_steps` profiled steps; the variable is unset afterwards. "NAME=" (empty value)
+// profiles the default, so default repeats can sit between the variants. Used for in-step A/B
+// of per-op settings read per call, such as GYRE_GEMM_PICK (kernels/cuda/gemm.cu), whose isolated
+// timings do not carry over to the step. `print(variant, ops, wall seconds of the profiled steps)`
+// prints each profile. *next_step: the next step number (advanced). False after printing an error.
+template <typename Print>
+bool ProfileVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_t batch, int64_t seq,
+                     const std::vector<std::string>& variants, int profile_steps, int* next_step, Print print) {
+  for (const std::string& v : variants) {
+    const size_t eq = v.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "--profile_variants wants NAME=VALUE, got %s\n", v.c_str());
+      return false;
+    }
+    const std::string name = v.substr(0, eq);
+    setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
+    StepTimes warm, prof;
+    bool ok = TimeSteps(trainer, rng, vocab, batch, seq, *next_step, 1, &warm);
+    *next_step += 1;
+    ops::Cuda().SetOpProfiling(true);
+    ok = ok && TimeSteps(trainer, rng, vocab, batch, seq, *next_step, profile_steps, &prof);
+    ops::Cuda().SetOpProfiling(false);
+    unsetenv(name.c_str());
+    if (!ok) return false;
+    *next_step += profile_steps;
+    std::printf("  profile variant %s:\n", v.c_str());
+    print(v, ops::Cuda().TakeOpProfile(), prof.seconds);
+  }
+  return true;
+}
+
+// Step-level A/B of environment settings read per call (or per plan build) on one model:
+// one warm-up step per entry (entry 0 = the default: every named variable unset; then each
+// NAME=VALUE), then `rounds` rounds of `steps` steps per entry in that order. times[entry] gets
+// every timed step, round after round. False after printing an error.
+inline bool AlternateVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_t batch, int64_t seq,
+                              const std::vector<std::string>& variants, int rounds, int steps, int* next_step,
+                              std::vector<std::vector<double>>* times) {
+  std::vector<std::pair<std::string, std::string>> settings;
+  for (const std::string& v : variants) {
+    const size_t eq = v.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "--variants wants NAME=VALUE, got %s\n", v.c_str());
+      return false;
+    }
+    settings.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+  }
+  const auto select = [&](size_t entry) {
+    for (const auto& s : settings) unsetenv(s.first.c_str());
+    if (entry > 0) setenv(settings[entry - 1].first.c_str(), settings[entry - 1].second.c_str(), 1);
+  };
+  times->assign(settings.size() + 1, {});
+  bool ok = true;
+  for (int r = -1; r < rounds && ok; ++r) {  // r = -1: the warm-up step per entry
+    for (size_t e = 0; e <= settings.size() && ok; ++e) {
+      select(e);
+      StepTimes t;
+      const int n = r < 0 ? 1 : steps;
+      ok = TimeSteps(trainer, rng, vocab, batch, seq, *next_step, n, &t);
+      *next_step += n;
+      if (ok && r >= 0) (*times)[e].insert((*times)[e].end(), t.seconds.begin(), t.seconds.end());
+    }
+  }
+  select(0);
+  return ok;
 }
 
 // Median (upper middle for an even count, as the benches always reported).

@@ -121,6 +121,33 @@ constexpr ShapePreference kShapePreferred[] = {
     {6144, 2048, 16384, true, false, true, false, {CUBLASLT_MATMUL_TILE_128x128, 3, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // qkv dW: -0.26 / -0.10
 };
 
+// The recurrent presets' products (helper gemmplan20, bench/RESULTS.md session 20): the same
+// method on one H100 80GB (recurrent_step_bench --profile_variants GYRE_GEMM_PICK=*:<i> plus the
+// short-k shapes by name, i = 0..7, 2 profiled steps each, five default profiles between them),
+// per-op ms normalised by the recurrent cells' time (Mlstm / Ssd forward + backward) as the clock
+// proxy; kept where a candidate beat the default plan by >= 1.4% of the op in that sweep AND the
+// table beat GYRE_GEMM_TABLE=llama-only again in a second call (two profiles each, alternating).
+// Normalised ms per step (48 calls), call 1 / call 2. Dropped after call 2 (no gain again):
+// mamba2-130m's in_proj forward (32768 x 1792 / 1536 x 768 NT, 256x128 instead of the short-k
+// rule's 128x160), xlstm[1:0]-125m's up du (32768 x 768 x 3072 NN, 128x256). The mamba2-1.3b dt
+// product (16384 x 64 x 2048 NT f32, 64x64 / option 3 / cluster 1x2x1: -0.25 in call 1) is untested
+// (the entry went into call 2 with the wrong cluster shape and was not found). GYRE_GEMM_TABLE=
+// llama-only (measurement only; read per plan build and part of the plan key, so one process can
+// alternate) leaves these products to the heuristic's first choice, as before them.
+constexpr ShapePreference kRecurrentShapePreferred[] = {
+    // mamba2-1.3b B8 (d 2048, d_inner 4096, 16384 tokens; heuristic: 320x128 / 192x192 / 320x128)
+    {16384, 4096, 2048, false, false, false, false, {CUBLASLT_MATMUL_TILE_128x160, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // out_proj dX: -1.92 / -1.93
+    {16384, 4352, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_128x160, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // in_proj fwd xBC: -1.74 / -1.19
+    {16384, 4096, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_128x160, 1, CUBLASLT_CLUSTER_SHAPE_2x1x1}},  // in_proj fwd z: -1.72 / -1.55
+    // xlstm[1:0]-1.3b B4 (d 2048, up N = 2p = 8192, 8192 tokens; heuristic 320x128)
+    {8192, 8192, 2048, false, true, false, false, {CUBLASLT_MATMUL_TILE_176x128, 2, CUBLASLT_CLUSTER_SHAPE_1x2x1}},  // up fwd: -0.63 / -0.86
+};
+
+bool RecurrentTableOn() {
+  const char* env = std::getenv("GYRE_GEMM_TABLE");
+  return env == nullptr || std::string(env) != "llama-only";
+}
+
 bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
   int32_t splitk = 0;
   uint32_t tile = 0, custom = 0;
@@ -139,12 +166,17 @@ bool Matches(const cublasLtMatmulAlgo_t& algo, const PreferredConfig& want) {
 }
 
 // The preferred configurations of a product, in order (empty: the heuristic's first choice).
-std::vector<PreferredConfig> PreferredFor(const GemmArgs& g) {
+bool SameProduct(const ShapePreference& p, const GemmArgs& g) {
+  return p.m == g.m && p.n == g.n && p.k == g.k && p.trans_a == g.trans_a && p.trans_b == g.trans_b &&
+         p.f32_out == (g.c_dtype == DType::kF32) && p.beta == (g.beta != 0.f) && g.epilogue == GemmEpilogue::kNone;
+}
+
+std::vector<PreferredConfig> PreferredFor(const GemmArgs& g, bool recurrent_table) {
   for (const ShapePreference& p : kShapePreferred) {
-    if (p.m == g.m && p.n == g.n && p.k == g.k && p.trans_a == g.trans_a && p.trans_b == g.trans_b &&
-        p.f32_out == (g.c_dtype == DType::kF32) && p.beta == (g.beta != 0.f) && g.epilogue == GemmEpilogue::kNone) {
-      return {p.config};
-    }
+    if (SameProduct(p, g)) return {p.config};
+  }
+  for (const ShapePreference& p : kRecurrentShapePreferred) {
+    if (recurrent_table && SameProduct(p, g)) return {p.config};
   }
   if (g.k <= kShortK && g.m * g.n >= kShortKMinOutput && g.c_dtype == DType::kBf16) {
     return {std::begin(kShortKPreferred), std::end(kShortKPreferred)};
@@ -230,10 +262,12 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   const char* log_env = std::getenv("GYRE_GEMM_LOG");
   const bool log = log_env != nullptr && log_env[0] == '1';
   const Pick pick = autotune ? Pick{} : PickFor(g);
+  const bool recurrent_table = RecurrentTableOn();
   std::vector<int64_t> key = {g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
                               static_cast<int64_t>(g.c_dtype), static_cast<int64_t>(g.epilogue),
                               g.beta != 0.f, Alignment(g.a), Alignment(g.b), CAlignment(g),
-                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk, g.plan_round};
+                              bias ? Alignment(g.bias) : 0, autotune, pick.index, pick.splitk, g.plan_round,
+                              recurrent_table};
   auto it = plans_.find(key);
   if (it != plans_.end()) {
     *plan = it->second.get();
@@ -241,7 +275,7 @@ CudaResult GemmContext::GetPlan(const GemmArgs& g, cudaStream_t stream, Plan** p
   }
   // Built once per plan (a cache miss), like everything below.
   const std::vector<PreferredConfig> preferred =
-      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g);
+      autotune || pick.index >= 0 ? std::vector<PreferredConfig>{} : PreferredFor(g, recurrent_table);
   auto p = std::make_unique<Plan>();
   const cudaDataType_t ct = CudaType(g.c_dtype);
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));

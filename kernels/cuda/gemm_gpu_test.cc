@@ -362,6 +362,86 @@ TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtLlamaShapes) {
   unsetenv("GYRE_GEMM_LOG");
 }
 
+// The recurrent presets' entries of gemm.cu's kRecurrentShapePreferred table (helper gemmplan20):
+// every product at its exact shape (row-major A [m, k] or, transposed, [k, m]; B [k, n] or [n, k]),
+// bf16 output, beta 0 over a NaN-poisoned output, with the table (the entry's plan where the card lists it) and
+// with GYRE_GEMM_TABLE=llama-only (the plan before it). Each: 16 sampled rows of C against float64
+// and two runs bitwise equal. GYRE_GEMM_LOG shows "preferred" for the plan with the table on.
+TEST_F(GemmGpuTest, PreferredPlansMatchFloat64AndRepeatBitwiseAtRecurrentShapes) {
+  setenv("GYRE_GEMM_LOG", "1", 1);
+  struct Case {
+    int64_t m, n, k;
+    bool trans_a, trans_b;
+    const char* what;
+  };
+  const Case cases[] = {
+      {16384, 4096, 2048, false, false, "mamba2-1.3b out_proj dX"},
+      {16384, 4352, 2048, false, true, "mamba2-1.3b in_proj fwd xBC"},
+      {16384, 4096, 2048, false, true, "mamba2-1.3b in_proj fwd z"},
+      {8192, 8192, 2048, false, true, "xlstm-1.3b up fwd"},
+  };
+  for (const Case& c : cases) {
+    const auto a = RandomBf16Values(rng_, c.m * c.k);
+    const auto b = RandomBf16Values(rng_, c.k * c.n, 0.05f);
+    DeviceArray<__nv_bfloat16> da(&alloc_, a.size()), db(&alloc_, b.size());
+    da.Upload(a);
+    db.Upload(b);
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < 16; ++i) rows.push_back((i * 7919 + 13) % c.m);
+    std::vector<double> ref;
+    for (int64_t i : rows) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        double acc = 0;
+        for (int64_t t = 0; t < c.k; ++t) {
+          const double av = c.trans_a ? a[t * c.m + i] : a[i * c.k + t];
+          const double bv = c.trans_b ? b[j * c.k + t] : b[t * c.n + j];
+          acc += av * bv;
+        }
+        ref.push_back(acc);
+      }
+    }
+    const std::string shape = std::to_string(c.m) + "x" + std::to_string(c.n) + "x" + std::to_string(c.k) + " " +
+                              (c.trans_a ? "T" : "N") + (c.trans_b ? "T" : "N");
+    for (const bool table : {true, false}) {
+      if (table) {
+        unsetenv("GYRE_GEMM_TABLE");
+      } else {
+        setenv("GYRE_GEMM_TABLE", "llama-only", 1);
+      }
+      GemmArgs g;
+      g.trans_a = c.trans_a;
+      g.trans_b = c.trans_b;
+      g.m = c.m;
+      g.n = c.n;
+      g.k = c.k;
+      g.a = da.get();
+      g.lda = c.trans_a ? c.m : c.k;
+      g.b = db.get();
+      g.ldb = c.trans_b ? c.k : c.n;
+      g.ldc = c.n;
+      g.c_dtype = DType::kBf16;
+      std::vector<float> runs[2];
+      for (int rep = 0; rep < 2; ++rep) {
+        DeviceArray<__nv_bfloat16> dc(&alloc_, c.m * c.n);
+        dc.Poison();
+        g.c = dc.get();
+        const CudaResult r = ctx_->Gemm(g, nullptr);
+        ASSERT_TRUE(r.ok()) << r.message;
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        runs[rep] = dc.Download();
+      }
+      EXPECT_EQ(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)), 0)
+          << shape << " differs between two runs";
+      std::vector<float> got;
+      for (int64_t i : rows) got.insert(got.end(), runs[1].begin() + i * c.n, runs[1].begin() + (i + 1) * c.n);
+      EXPECT_TRUE(Report(std::string(c.what) + (table ? " (table)" : " (llama-only)"),
+                         shape + " (16 rows)", RelError(got, ref), testing::kTolBf16));
+    }
+  }
+  unsetenv("GYRE_GEMM_TABLE");
+  unsetenv("GYRE_GEMM_LOG");
+}
+
 TEST_F(GemmGpuTest, RejectsBadArguments) {
   GemmArgs g;
   g.m = 0;
