@@ -8,10 +8,13 @@
 #include <memory>
 #include <sstream>
 
+#include "cli/run_config.h"
+#include "eval/checkpoint_model.h"
 #include "eval/test_models.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "ops/rng.h"
+#include "worker/checkpoint.h"
 
 namespace gyre::eval {
 namespace {
@@ -395,6 +398,47 @@ TEST(ExportTest, XlstmAndHybridsAreRefusedWithTheReason) {
   auto r = HfConfigJson(llama, 64);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("no LlamaForCausalLM equivalent"), std::string::npos) << r.status();
+}
+
+// What `gyre export` runs (cli/eval_command.cc RunExport): a run directory as the workers leave
+// it (config.json + a checkpoint of a Mamba-2 model with MTP heads), LoadModelFromRun, ExportHf.
+// The export must be the checkpoint's next-token model, by the transformers forward.
+TEST(ExportTest, Mamba2CheckpointOfARunDirectoryExportsLikeGyreExport) {
+  const std::string run = Tmp("export_run");
+  std::filesystem::remove_all(run);
+  std::filesystem::create_directories(run);
+  gyre::v1::RunConfig config;
+  config.set_name("export");
+  config.set_seed(3);
+  *config.mutable_model() = testing::TinyModelConfig("mamba2", 2);
+  config.mutable_data()->set_seq_len(32);
+  std::ofstream(run + "/config.json") << cli::RunConfigToJson(config);
+  auto spec = ops::ResolveModelConfig(config.model());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  std::unique_ptr<ops::LanguageModel> trained = PerturbedModel(*spec);
+  ASSERT_NE(trained, nullptr);
+  CheckpointState state;
+  state.step = 6;
+  state.config = config;
+  for (ops::Parameter* p : trained->params().All()) {
+    TensorSnapshot t{.name = "param." + p->name, .dtype = gyre::v1::DTYPE_F32};
+    for (int64_t d : p->value.shape()) t.shape.push_back(d);
+    t.bytes.assign(static_cast<const char*>(p->value.raw()), p->value.nbytes());
+    state.tensors.push_back(std::move(t));
+  }
+  ASSERT_TRUE(WriteCheckpoint(Env::Default(), run + "/checkpoints", state, /*max_file_bytes=*/1 << 20).ok());
+
+  absl::StatusOr<LoadedModel> loaded = LoadModelFromRun(Env::Default(), {.run_dir = run});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->step, 6u);
+  auto exported = ExportHf(Env::Default(), loaded->model.get(), loaded->config.data().seq_len(), run + "/hf");
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->dropped.size(), 9u);  // MTP head 2
+  auto tensors = DecodeSafetensors(ReadAll(exported->safetensors_path), exported->safetensors_path);
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  const nlohmann::json hf_config = nlohmann::json::parse(ReadAll(exported->config_path));
+  const std::vector<int32_t> ids = {3, 17, 0, 9, 22, 4, 4, 11, 1};
+  EXPECT_LT(RelativeError(trained.get(), ids, HfMamba2Reference(*tensors, hf_config).Forward(ids)), 1e-5);
 }
 
 TEST(SafetensorsTest, RoundTripAndValidation) {
