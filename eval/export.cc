@@ -55,7 +55,7 @@ std::string HfName(ops::Family family, const std::string& name) {
 }
 
 absl::Status Refuse(const ops::ModelSpec& spec, const std::string& why) {
-  return absl::FailedPreconditionError(absl::StrCat("export: ", spec.preset, ": ", why));
+  return absl::FailedPreconditionError(absl::StrCat(spec.preset, ": ", why));
 }
 
 absl::StatusOr<std::string> LlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
