@@ -1,0 +1,830 @@
+// mLSTM state recurrences on warpgroup MMA with a TMA producer (steps 2 and 5 of mlstm.cu's
+// algorithm at chunk 128 / 256 with 128×128 tiles): mlstm_state_fwd_ws / _bwd_ws and their chunk
+// 256 forms (_l256: 128-token steps, states stored at chunk boundaries only), and the
+// last-wave-split forms (_tail: MlstmOptions::state_tail, GYRE_MLSTM_STATE_TAIL). The mma.sync
+// state kernels (other chunks and tiles) are in mlstm_mma_sync.cuh. Included by mlstm.cu inside
+// its anonymous namespace; launched by LaunchForward / LaunchBackward (and *256) there.
+
+// state_fwd with a TMA producer (helper mlstm10; the default since session 8, the only kernel at
+// L 128 with 128×128 state tiles since the warpgroup cp.async kernel it replaced was deleted
+// after losing, 0.449 -> 0.383 ms at the 125m cell on an H100). The same recurrence and products (Kᵀ diag(E) as hi + lo register-A
+// fragments, V N-major in shared memory, 16 RS wgmma per chunk; n by mma.sync with the ones
+// operand), with:
+//  - 384 threads: warpgroup 0 produces (one thread issues K and V of chunk k as four TMA boxes
+//    [128 tokens][64 columns], zeros past the sequence end, onto stage k % 2's "full" mbarrier);
+//    warpgroups 1-2 consume and release the stage (one arrival per warp) once its wgmma retired;
+//  - C_k hi / lo leave by TMA stores: each consumer warp writes its 16 rows into its own
+//    swizzled 8 KB staging area and one lane issues four [16][64] boxes (bulk async-group); the
+//    area is reused one chunk later after cp.async.bulk.wait_group.read (a whole chunk of work
+//    in between) instead of the default's st.shared / ld.shared / st.global pass under a block
+//    barrier (ncu, session 6: lg_throttle 13% of the warps' cycles);
+//  - E_t read from global into registers per warp (no shared vector, no block barrier at all in
+//    the chunk loop).
+// K is swizzled (TMA), so Kᵀ's fragments come from ldmatrix.trans at swizzled addresses. Shared
+// memory: 2 stages × 64 KB + 64 KB staging (3 stages do not fit beside the staging area).
+struct StateWsMaps {
+  CUtensorMap k, v;        // 4-d (columns, heads, tokens, batch), box 64 × 1 × 128 × 1
+  CUtensorMap c, c_lo;     // 2-d (dv, rows of [BH][NC+1][dk]), box 64 × 16 (stores)
+};
+struct StateWsSmem {
+  static constexpr int kTile64 = 128 * 128;       // [128 rows][64 cols] bf16
+  static constexpr int kStage = 4 * kTile64;      // K (two column blocks), V (two)
+  static constexpr int kOffV = 2 * kTile64;
+  static constexpr int kStaging = 2 * kStage;     // 8 warps × 8 KB: hi, lo × two [16][64] boxes
+  static constexpr int kBars = kStaging + 8 * 8192;
+  // + 4 mbarriers (padded to 64 bytes) + state_bwd_ws's coef / ddc stages (2 × 2 × 128 floats).
+  static constexpr size_t kBytes = kBars + 64 + 4 * 128 * 4 + 1024;
+};
+
+// Kᵀ's A fragment (16 m = dk rows × 16 k = tokens at (m0, k0)) from a swizzled [128 t][128 dk]
+// tile (two [128][64] column blocks): LoadAT's addresses through Sw128ChunkOffset.
+__device__ __forceinline__ void LoadATSw(uint32_t (&a)[4], const unsigned char* s, int m0, int k0,
+                                         int lane) {
+  const int j = lane >> 3;
+  const int t = k0 + (lane & 7) + 8 * (j >> 1), col = m0 + 8 * (j & 1);
+  Ldsm4T(a, s + hopper::Sw128ChunkOffset<128>(t, col / 8));
+}
+// ScaleAKSplit with the four weights (tokens k0 + 2c, +1, +8, +9) given.
+__device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[4],
+                                              const uint32_t (&a)[4], const float (&w)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float w0 = i < 2 ? w[0] : w[2], w1 = i < 2 ? w[1] : w[3];
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[i]));
+    SplitPack(f.x * w0, f.y * w1, hi[i], lo[i]);
+  }
+}
+
+// kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
+// (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
+// the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
+// chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
+// the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
+template <int kSub>
+__device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < nsteps; ++k) {
+        const int slot = k & 1, use = k >> 1;
+        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+        const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+        MbArriveExpectTx(fb, SM::kStage);
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const bool n_block = blockIdx.x == 0;
+  const int row0 = a0 + 16 * w;  // this warp's first row of C / n
+  float acc[kNT][4];
+  if (p.c0 != nullptr) {
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int k = 0; k < nsteps; ++k) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 0;  // the chunk's first step: C_kc out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
+    // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
+    float ew[L / 16][4];
+    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
+        ew[kk][i] = t < len ? e_tok[t] : 0.f;
+      }
+    }
+    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
+    if (first) {
+      if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
+      __syncwarp();
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+      }
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, crow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
+        }
+        BulkCommit();
+      }
+      if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
+    }
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* kst = sm + slot * SM::kStage;
+    if (first) {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    }
+    // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
+    uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
+      if (n_block) {
+        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.fwd_wlo) {  // (unconditional lo wgmmas, see mlstm_state_fwd)
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+    }
+    FenceRegs(ae);
+    FenceRegs(elo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+      WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ae);
+    FenceRegs(elo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);  // K (ldmatrix) and V (wgmma) reads are done
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
+  }
+  if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_l256(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateFwdWs<2>(d, p, maps);
+}
+
+
+// state_bwd with a TMA producer (helper mlstm10; the default since session 8, the only kernel at
+// L 128 with 128×128 tiles since the warpgroup kernel it replaced was deleted after losing, 0.453
+// -> 0.334 ms): mlstm_state_fwd_ws's structure (StateWsSmem, StateWsMaps with q / dh for k / v and
+// dC / dC lo for the stores) on mlstm_state_bwd's recurrence: step s handles chunk k = NC − 1 − s, dC_{k+1}
+// leaves by TMA box stores before the update dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, and this
+// column block's part of dn (16-token steps kk with kk % parts == part) by mma.sync. coef and ddc
+// of each stage are written to shared memory by the producer warpgroup's 128 threads (one token
+// each), which all arrive on the stage's "full" mbarrier (count 128; thread 0's arrival carries
+// the TMA bytes): a first version kept them in registers per warp and spilled 4 bytes.
+// kSub as in StateFwdWs: 2 = chunk 256 (mlstm_state_bwd_ws_l256), reverse 128-token steps;
+// dC_{k+1} / dn_{k+1} leave and the decay applies at a chunk's first step in reverse order (its
+// second half, or its only half at a short last chunk).
+template <int kSub>
+__device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128, kNT = 16;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  // coef and ddc of the two stages ([slot][128] each), written by the producer warpgroup.
+  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
+  float* dws = cws + 2 * L;
+  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  const int part = blockIdx.x, parts = gridDim.x;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write coef / ddc
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int t = threadIdx.x;
+    const int64_t so = static_cast<int64_t>(bh) * d.S;
+    for (int s = 0; s < nsteps; ++s) {
+      const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
+      const int t0 = k * L, len = min(L, d.S - t0);
+      const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
+      const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
+      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+      cws[slot * L + t] = cf;
+      dws[slot * L + t] = dd;
+      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+      if (t == 0) {
+        MbArriveExpectTx(fb, SM::kStage);  // (release: the stores above are visible to waiters)
+        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);  // dh
+        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+      } else {
+        MbArrive(fb);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3, g = lane >> 2;
+  const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int slot) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
+  };
+  float acc[kNT][4];
+  if (p.dc_fin != nullptr) {
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (part == 0 && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int s = 0; s < nsteps; ++s) {
+    const int k = nsteps - 1 - s;
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
+    if (first) {
+      if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
+      __syncwarp();
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint32_t hi0, lo0, hi1, lo1;
+        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+        const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+      }
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) {
+        const int drow = (bh * d.NC + kc) * d.DK + row0;
+        TmaStore2d(&maps.c, stg_a, j0, drow);
+        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
+        if (d.split) {
+          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
+          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
+        }
+        BulkCommit();
+      }
+      StoreNAcc(dn_slot(kc), dnacc, lane);
+    }
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* qst = sm + slot * SM::kStage;
+    if (first) {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        acc[i][0] *= decay;
+        acc[i][1] *= decay;
+        acc[i][2] *= decay;
+        acc[i][3] *= decay;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    }
+    uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
+      if (kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.bwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+    }
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+      WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<1>(d, p, maps);
+}
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_l256(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
+  StateBwdWs<2>(d, p, maps);
+}
+
+// ------------------------------------------------ 4b/5b. state kernels with the last wave split
+// (helper state16, session 16; the default since its merge: MlstmOptions::state_tail kAuto / kSplit,
+// GYRE_MLSTM_STATE_TAIL unset or split; chunk 128 with 128×128 state tiles only.)
+//
+// The two kernels above give every (head, 128-row dk tile, 128-column dv tile) one block of 384
+// threads and 192 KB of shared memory, so one block an SM: at the 125m cell (B16 NH4 dk = dv =
+// 384) that is 3·3·64 = 576 blocks on 132 SMs, 4.36 waves, and the fifth wave runs 48 blocks while
+// 84 SMs wait. These kernels take the same tiles on a one-dimensional grid in the same order
+// (x = dv tile fastest, then the dk tile, then the head), but the tiles of the last wave
+// (tiles % #SMs of them, the host decides; only when they fit twice into one wave) run as two
+// blocks each, one per 64-column half of the dv tile: nfull full blocks first, then
+// 2·(tiles − nfull) half blocks. Blocks are dispatched in index order, so the halves fill the
+// last wave on twice as many SMs with half the products and stores each.
+//
+// A half block is the full block's loop with 8 accumulator n-tiles instead of 16 (m64n64k16
+// instead of m64n128k16 wgmmas on the same swizzled V / dH rows, one V box instead of two, two C
+// boxes instead of four). Every element of C_k / dC_k gets the same products in the same order as
+// in the full kernels, so the states are bitwise those of mlstm_state_fwd_ws / _bwd_ws (tested:
+// mlstm_gpu_test StateTailSplitMatchesFullBytewise). The K (Q̂) tile is loaded by both halves
+// (L2 hits); n (state_fwd) and this tile's dn part (state_bwd) are summed by the first half only.
+//
+// Measured (session 16, one H100, 125m cell; kernels/cuda/mlstm_notes.md): state_fwd 0.383-0.388
+// -> 0.366-0.372 ms, state_bwd 0.334 -> 0.331-0.332, the xlstm[1:0]-125m step −0.5 ms (median of
+// six rounds). A block alone on its SM (B1) runs a chunk in ~3.9 µs (half: ~2.8 µs) against ~5.3
+// µs in a full wave: the blocks are bound by their own serial chain more than by DRAM. Three
+// load stages for the half blocks (48 KB stages fit three in 192 KB) timed the same and were
+// deleted.
+struct StateTailTile {
+  int j0, a0, bh;
+  int part;    // the 128-column dv tile (state_bwd's dn part)
+  bool first;  // a full block or a tile's first half: it carries n / its dn part
+};
+__device__ __forceinline__ StateTailTile StateTailTileOf(const Dims& d, int nfull, bool half) {
+  const int tx = d.DV / 128, ty = d.DK / 128, i = static_cast<int>(blockIdx.x);
+  const int u = half ? nfull + ((i - nfull) >> 1) : i;
+  const int hs = half ? ((i - nfull) & 1) : 0;
+  StateTailTile t;
+  t.part = u % tx;
+  t.j0 = t.part * 128 + 64 * hs;
+  t.a0 = ((u / tx) % ty) * 128;
+  t.bh = u / (tx * ty);
+  t.first = hs == 0;
+  return t;
+}
+
+// state_fwd's producer (thread 0): the K tile's two column blocks and kNT / 8 column blocks of
+// V for each chunk, onto the stage's "full" mbarrier.
+template <int kNT>
+__device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMaps& maps,
+                                                  const StateTailTile& t, uint32_t sa,
+                                                  uint32_t full, uint32_t empty) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int b = t.bh / d.NH, hd = t.bh % d.NH;
+  for (int k = 0; k < d.NC; ++k) {
+    const int slot = k & 1, use = k >> 1;
+    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+    MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
+    TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
+    TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+    TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
+    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
+  }
+}
+
+// This warp's 16 rows of the state (kNT n-tiles) as hi / lo into its swizzled staging area
+// (hi: column blocks at +0, +2048; lo at +4096, +6144), then one lane stores the boxes.
+template <int kNT>
+__device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], unsigned char* stg,
+                                                  uint32_t stg_a, const StateWsMaps& maps,
+                                                  bool split, int j0, int row, int lane) {
+  using namespace hopper;
+  const int g = lane >> 2, c = lane & 3;
+  if (lane == 0) BulkWaitRead<0>();  // the previous step's boxes have been read
+  __syncwarp();
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    uint32_t hi0, lo0, hi1, lo1;
+    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+    const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+    const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+  }
+  FenceProxyAsync();
+  __syncwarp();
+  if (lane == 0) {
+    TmaStore2d(&maps.c, stg_a, j0, row);
+    if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
+    if (split) {
+      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
+      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
+    }
+    BulkCommit();
+  }
+}
+
+template <int kNT>
+__device__ __forceinline__ void StateTailMma(float (&acc)[kNT][4], const uint32_t (&a)[4],
+                                             uint64_t desc_b) {
+  using namespace hopper;
+  if constexpr (kNT == 16) {
+    WgmmaRS128<1>(acc, a, desc_b);
+  } else {
+    WgmmaRS64<1>(acc, a, desc_b);
+  }
+}
+
+// state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
+template <int kNT>
+__device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
+                                                    const StateWsMaps& maps, const StateTailTile& t,
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
+  const int j0 = t.j0, a0 = t.a0, bh = t.bh;
+  const bool n_block = t.first && t.part == 0;
+  const int row0 = a0 + 16 * w;
+  float acc[kNT][4];
+  if (p.c0 != nullptr) {
+    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int k = 0; k < d.NC; ++k) {
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    float ew[L / 16][4];
+    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tt = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
+        ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
+      }
+    }
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
+    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* kst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    uint32_t ae[L / 16][4], elo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
+      if (n_block) {
+        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.fwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
+    }
+    FenceRegs(ae);
+    FenceRegs(elo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      StateTailMma<kNT>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
+      StateTailMma<kNT>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ae);
+    FenceRegs(elo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+
+// Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves.
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_fwd_ws_tail(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  const bool half = static_cast<int>(blockIdx.x) >= nfull;
+  const StateTailTile t = StateTailTileOf(d, nfull, half);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 1);
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      if (half) {
+        StateFwdTailLoads<8>(d, maps, t, sa, full, empty);
+      } else {
+        StateFwdTailLoads<16>(d, maps, t, sa, full, empty);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if (half) {
+    StateFwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty);
+  } else {
+    StateFwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty);
+  }
+}
+
+// state_bwd consumer warpgroups (mlstm_state_bwd_ws's, chunk 128) on kNT n-tiles; coef / ddc of
+// each stage come from the producer warpgroup through shared memory, as there.
+template <int kNT>
+__device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs& p,
+                                                    const StateWsMaps& maps, const StateTailTile& t,
+                                                    unsigned char* sm, uint32_t sa, uint32_t full,
+                                                    uint32_t empty, const float* cws,
+                                                    const float* dws) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
+  const int j0 = t.j0, a0 = t.a0, bh = t.bh, part = t.part, parts = d.DV / 128;
+  const bool dn_block = t.first;  // the tile's dn part: summed and stored by its first half only
+  const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int s) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + s) * parts + part) * d.DK + row0;
+  };
+  float acc[kNT][4];
+  if (p.dc_fin != nullptr) {
+    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (dn_block && part == 0 && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int s = 0; s < d.NC; ++s) {
+    const int k = d.NC - 1 - s;
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
+    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
+    if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* qst = sm + slot * SM::kStage;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      acc[i][0] *= decay;
+      acc[i][1] *= decay;
+      acc[i][2] *= decay;
+      acc[i][3] *= decay;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
+      if (dn_block && kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    if (!d.bwd_wlo) {
+#pragma unroll
+      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
+    }
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    FenceRegs(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      StateTailMma<kNT>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
+      StateTailMma<kNT>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(acc);
+    FenceRegs(ac);
+    FenceRegs(aclo);
+    __syncwarp();
+    if (lane == 0) MbArrive(empty + 8 * slot);
+    if (++slot == 2) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+  if (dn_block) StoreNAcc(dn_slot(d.NC), dnacc, lane);
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+
+__global__ void __launch_bounds__(384, 1)
+    mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  float* cws = reinterpret_cast<float*>(sm + SM::kBars + 64);
+  float* dws = cws + 2 * L;
+  const bool half = static_cast<int>(blockIdx.x) >= nfull;
+  const StateTailTile t = StateTailTileOf(d, nfull, half);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
+      MbInit(empty + 8 * i, 8);
+    }
+    MbInitFence();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {  // thread 0 issues the tiles (after its coef / ddc), all write coef / ddc
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int tt = threadIdx.x;
+    const int b = t.bh / d.NH, hd = t.bh % d.NH;
+    const int64_t so = static_cast<int64_t>(t.bh) * d.S;
+    for (int s = 0; s < d.NC; ++s) {
+      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
+      const int t0 = k * L, len = min(L, d.S - t0);
+      const float cf = tt < len ? p.coef[so + t0 + tt] : 0.f;
+      const float dd = tt < len ? p.ddc[so + t0 + tt] : 0.f;
+      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+      cws[slot * L + tt] = cf;
+      dws[slot * L + tt] = dd;
+      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+      if (tt == 0) {
+        MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);
+        TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
+        TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
+        TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
+        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
+      } else {
+        MbArrive(fb);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if (half) {
+    StateBwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+  } else {
+    StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+  }
+}
