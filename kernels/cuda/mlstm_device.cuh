@@ -388,6 +388,37 @@ __device__ __forceinline__ void StoreNAcc(float* dst, const float (&nacc)[4], in
   dst[g + 8] = nacc[2];
 }
 
+// ---------------------------------------------------------------- the state recurrences' accumulators
+
+// The carried state at the start of a state kernel: this warp's 16 rows (from row0) and 8·NT
+// columns (from j0) of head bh's fp32 [dk][dv] init (state_fwd: c0, state_bwd: dc_fin; null:
+// zeros). (The normaliser rows stay with the callers: passing n0 along moved its parameter load
+// ahead of the branch in the mma.sync kernels' PTX.)
+template <int NT>
+__device__ __forceinline__ void LoadStateInit(float (&acc)[NT][4], const Dims& d, const float* init, int bh,
+                                              int row0, int j0, int lane) {
+  if (init != nullptr) {
+    LoadAccF32(init + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  }
+}
+
+// C ← decay·C and n ← decay·n at a chunk boundary (both recurrences).
+template <int NT>
+__device__ __forceinline__ void DecayState(float (&acc)[NT][4], float (&nacc)[4], float decay) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    acc[i][0] *= decay;
+    acc[i][1] *= decay;
+    acc[i][2] *= decay;
+    acc[i][3] *= decay;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+}
+
 // ---------------------------------------------------------------- shared by both bwd_dqk kernels
 
 // The per-token and per-column vectors of one bwd_dqk block, into shared memory: b, m, ĩ, 1/den

@@ -59,12 +59,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
   const bf16* vbase = p.v + (static_cast<int64_t>(b) * d.S * d.NH + hd) * d.DV + j0;
   const int row0 = a0 + 16 * w;  // this warp's first row of C / n
   float acc[kNT][4];
-  if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
+  LoadStateInit(acc, d, p.c0, bh, row0, j0, lane);
   float nacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
 
@@ -110,15 +105,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     if constexpr (SM::kStagedAny) prefetch(k + 2, refill);
     const bf16* vst = vs + stage * SM::kTileB;
     const bf16* kst = ks + stage * SM::kTileA;
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    DecayState(acc, nacc, decay);
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1.
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
@@ -404,6 +391,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
   };
 
+  // (Not LoadStateInit: with it the PTX computes two of the init addresses in the other order.)
   float acc[kNT][4];
   if (p.dc_fin != nullptr) {
     LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
@@ -460,15 +448,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_bwd(Dims d, BwdPtrs p) {
     if constexpr (SM::kStagedAny) prefetch(s + 2, refill);
     const bf16* hst = hs + stage * SM::kTileB;
     const bf16* qst = qs + stage * SM::kTileA;
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    DecayState(acc, dnacc, decay);
     // dC_k = decay·dC_{k+1} + (Q̂ᵀ diag(coef)) dH, dn_k = decay·dn_{k+1} + (Q̂ᵀ diag(ddc)) 1.
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {

@@ -55,6 +55,106 @@ __device__ __forceinline__ void ScaleAKSplitW(uint32_t (&hi)[4], uint32_t (&lo)[
   }
 }
 
+// C_k / dC_{k+1} out: this warp's 16 rows of the state (kNT n-tiles: 16 in a full block, 8 in a
+// tail half block) as hi / lo into its swizzled 8 KB staging area (hi: column blocks at +0, +2048;
+// lo at +4096, +6144), then one lane stores the boxes at (j0, row) (bulk async-group; the area is
+// reused once the group has been read, a step later).
+template <int kNT>
+__device__ __forceinline__ void StateStageOut(const float (&acc)[kNT][4], unsigned char* stg, uint32_t stg_a,
+                                              const StateWsMaps& maps, bool split, int j0, int row,
+                                              int lane) {
+  using namespace hopper;
+  const int g = lane >> 2, c = lane & 3;
+  if (lane == 0) BulkWaitRead<0>();  // the previous step's boxes have been read
+  __syncwarp();
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    uint32_t hi0, lo0, hi1, lo1;
+    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
+    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
+    const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
+    const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
+    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
+    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
+    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
+    *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
+  }
+  FenceProxyAsync();
+  __syncwarp();
+  if (lane == 0) {
+    TmaStore2d(&maps.c, stg_a, j0, row);
+    if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
+    if (split) {
+      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
+      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
+    }
+    BulkCommit();
+  }
+}
+
+// One m64n(8·kNT)k16 wgmma of the update: A from registers, B (V / dH) N-major in shared memory.
+template <int kNT>
+__device__ __forceinline__ void StateMma(float (&acc)[kNT][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  using namespace hopper;
+  if constexpr (kNT == 16) {
+    WgmmaRS128<1>(acc, a, desc_b);
+  } else {
+    WgmmaRS64<1>(acc, a, desc_b);
+  }
+}
+
+// E_t (or any per-token weight) of the 32 tokens this lane's A fragments need in a 128-token step
+// (w[kk][i]: token 16kk + 2c + (i & 1) + 8(i >> 1)); zero past the chunk's end.
+__device__ __forceinline__ void LoadLaneWeights(float (&w)[8][4], const float* src, int len, int c) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int t = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
+      w[kk][i] = t < len ? src[t] : 0.f;
+    }
+  }
+}
+
+// The update's products: acc += A·B and A_lo·B over a 128-token step (B at desc_b, its 16-token
+// k-steps 2 KB apart). The lo wgmmas are issued unconditionally, with A_lo zeroed when the weights'
+// lo halves are off (MlstmStateWeights; a branch around wgmma is serialised by ptxas).
+template <int kNT>
+__device__ __forceinline__ void StateUpdate(float (&acc)[kNT][4], uint32_t (&a)[8][4], uint32_t (&alo)[8][4],
+                                            bool with_lo, uint64_t desc_b) {
+  using namespace hopper;
+  if (!with_lo) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) alo[kk][0] = alo[kk][1] = alo[kk][2] = alo[kk][3] = 0u;
+  }
+  FenceRegs(a);
+  FenceRegs(alo);
+  FenceRegs(acc);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    StateMma<kNT>(acc, a[kk], desc_b + ((kk * 16 * 128) >> 4));
+    StateMma<kNT>(acc, alo[kk], desc_b + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(acc);
+  FenceRegs(a);
+  FenceRegs(alo);
+}
+
+// A consumer warp hands its stage back once its reads are done (K / Q̂ by ldmatrix, V / dH by
+// wgmma: one arrival per warp on the stage's empty barrier), then moves to the next of the two.
+__device__ __forceinline__ void StateReleaseStage(uint32_t empty, int& slot, int& phase, int lane) {
+  __syncwarp();
+  if (lane == 0) hopper::MbArrive(empty + 8 * slot);
+  if (++slot == 2) {
+    slot = 0;
+    phase ^= 1;
+  }
+}
+
 // kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
 // (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
 // the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
@@ -100,16 +200,11 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
   const bool n_block = blockIdx.x == 0;
   const int row0 = a0 + 16 * w;  // this warp's first row of C / n
   float acc[kNT][4];
-  if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
+  LoadStateInit(acc, d, p.c0, bh, row0, j0, lane);
   float nacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
   unsigned char* stg = sm + SM::kStaging + w * 8192;  // hi cols 0-63, 64-127, lo 0-63, 64-127
@@ -122,59 +217,17 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
     // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
     float ew[L / 16][4];
-    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int t = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
-        ew[kk][i] = t < len ? e_tok[t] : 0.f;
-      }
-    }
+    LoadLaneWeights(ew, p.e_tok + static_cast<int64_t>(bh) * d.S + t0, len, c);
     // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
     if (first) {
-      if (lane == 0) BulkWaitRead<0>();  // chunk k − 1's boxes have been read
-      __syncwarp();
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        uint32_t hi0, lo0, hi1, lo1;
-        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-        const int o1 = blk * 2048 + (g + 8) * 128 + ((ch ^ g) * 16) + (col % 8) * 2;  // (g+8)%8 = g
-        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-      }
-      FenceProxyAsync();
-      __syncwarp();
-      if (lane == 0) {
-        const int crow = (bh * (d.NC + 1) + kc) * d.DK + row0;
-        TmaStore2d(&maps.c, stg_a, j0, crow);
-        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, crow);
-        if (d.split) {
-          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, crow);
-          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, crow);
-        }
-        BulkCommit();
-      }
+      StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + kc) * d.DK + row0, lane);
       if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
     }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* kst = sm + slot * SM::kStage;
     if (first) {
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        acc[i][0] *= decay;
-        acc[i][1] *= decay;
-        acc[i][2] *= decay;
-        acc[i][3] *= decay;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+      DecayState(acc, nacc, decay);
     }
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
     uint32_t ae[L / 16][4], elo[L / 16][4];
@@ -189,30 +242,8 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
       }
     }
     const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    if (!d.fwd_wlo) {  // (unconditional lo wgmmas, see mlstm_state_fwd)
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
-    }
-    FenceRegs(ae);
-    FenceRegs(elo);
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      WgmmaRS128<1>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
-      WgmmaRS128<1>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(acc);
-    FenceRegs(ae);
-    FenceRegs(elo);
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);  // K (ldmatrix) and V (wgmma) reads are done
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
+    StateUpdate<kNT>(acc, ae, elo, d.fwd_wlo, v_d);
+    StateReleaseStage(empty, slot, phase, lane);  // K (ldmatrix) and V (wgmma) reads are done
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
   const int64_t clast = (last * d.DK + row0) * d.DV + j0;
@@ -302,18 +333,13 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3, g = lane >> 2;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
   const int row0 = a0 + 16 * w;
   auto dn_slot = [&](int slot) {
     return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
   };
   float acc[kNT][4];
-  if (p.dc_fin != nullptr) {
-    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
+  LoadStateInit(acc, d, p.dc_fin, bh, row0, j0, lane);
   float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (part == 0 && p.dc_fin != nullptr)
     LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
@@ -326,48 +352,14 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
     const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
     if (first) {
-      if (lane == 0) BulkWaitRead<0>();  // step s − 1's boxes have been read
-      __syncwarp();
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        uint32_t hi0, lo0, hi1, lo1;
-        SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-        SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-        const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-        const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-        const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-        *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-        *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-        *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-      }
-      FenceProxyAsync();
-      __syncwarp();
-      if (lane == 0) {
-        const int drow = (bh * d.NC + kc) * d.DK + row0;
-        TmaStore2d(&maps.c, stg_a, j0, drow);
-        TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, drow);
-        if (d.split) {
-          TmaStore2d(&maps.c_lo, stg_a + 4096, j0, drow);
-          TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, drow);
-        }
-        BulkCommit();
-      }
+      StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + kc) * d.DK + row0, lane);
       StoreNAcc(dn_slot(kc), dnacc, lane);
     }
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* qst = sm + slot * SM::kStage;
     if (first) {
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        acc[i][0] *= decay;
-        acc[i][1] *= decay;
-        acc[i][2] *= decay;
-        acc[i][3] *= decay;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+      DecayState(acc, dnacc, decay);
     }
     uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
@@ -383,30 +375,8 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
       }
     }
     const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    if (!d.bwd_wlo) {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
-    }
-    FenceRegs(ac);
-    FenceRegs(aclo);
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      WgmmaRS128<1>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
-      WgmmaRS128<1>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(acc);
-    FenceRegs(ac);
-    FenceRegs(aclo);
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
+    StateUpdate<kNT>(acc, ac, aclo, d.bwd_wlo, h_d);
+    StateReleaseStage(empty, slot, phase, lane);
   }
   StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
   if (p.dc0 != nullptr) {
@@ -490,53 +460,6 @@ __device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMa
   }
 }
 
-// This warp's 16 rows of the state (kNT n-tiles) as hi / lo into its swizzled staging area
-// (hi: column blocks at +0, +2048; lo at +4096, +6144), then one lane stores the boxes.
-template <int kNT>
-__device__ __forceinline__ void StateTailStageOut(const float (&acc)[kNT][4], unsigned char* stg,
-                                                  uint32_t stg_a, const StateWsMaps& maps,
-                                                  bool split, int j0, int row, int lane) {
-  using namespace hopper;
-  const int g = lane >> 2, c = lane & 3;
-  if (lane == 0) BulkWaitRead<0>();  // the previous step's boxes have been read
-  __syncwarp();
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-    uint32_t hi0, lo0, hi1, lo1;
-    SplitPack(acc[nt][0], acc[nt][1], hi0, lo0);
-    SplitPack(acc[nt][2], acc[nt][3], hi1, lo1);
-    const int col = nt * 8 + 2 * c, blk = col / 64, ch = (col % 64) / 8;
-    const int o0 = blk * 2048 + g * 128 + ((ch ^ g) * 16) + (col % 8) * 2;
-    const int o1 = o0 + 8 * 128;  // row g + 8: same swizzle phase
-    *reinterpret_cast<uint32_t*>(stg + o0) = hi0;
-    *reinterpret_cast<uint32_t*>(stg + o1) = hi1;
-    *reinterpret_cast<uint32_t*>(stg + 4096 + o0) = lo0;
-    *reinterpret_cast<uint32_t*>(stg + 4096 + o1) = lo1;
-  }
-  FenceProxyAsync();
-  __syncwarp();
-  if (lane == 0) {
-    TmaStore2d(&maps.c, stg_a, j0, row);
-    if (kNT == 16) TmaStore2d(&maps.c, stg_a + 2048, j0 + 64, row);
-    if (split) {
-      TmaStore2d(&maps.c_lo, stg_a + 4096, j0, row);
-      if (kNT == 16) TmaStore2d(&maps.c_lo, stg_a + 6144, j0 + 64, row);
-    }
-    BulkCommit();
-  }
-}
-
-template <int kNT>
-__device__ __forceinline__ void StateTailMma(float (&acc)[kNT][4], const uint32_t (&a)[4],
-                                             uint64_t desc_b) {
-  using namespace hopper;
-  if constexpr (kNT == 16) {
-    WgmmaRS128<1>(acc, a, desc_b);
-  } else {
-    WgmmaRS64<1>(acc, a, desc_b);
-  }
-}
-
 // state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
 template <int kNT>
 __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
@@ -551,12 +474,7 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
   const bool n_block = t.first && t.part == 0;
   const int row0 = a0 + 16 * w;
   float acc[kNT][4];
-  if (p.c0 != nullptr) {
-    LoadAccF32(p.c0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
+  LoadStateInit(acc, d, p.c0, bh, row0, j0, lane);
   float nacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
   unsigned char* stg = sm + SM::kStaging + w * 8192;
@@ -566,29 +484,13 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
     const int t0 = k * L, len = min(L, d.S - t0);
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
     float ew[L / 16][4];
-    const float* e_tok = p.e_tok + static_cast<int64_t>(bh) * d.S + t0;
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tt = 16 * kk + 2 * c + (i & 1) + 8 * (i >> 1);
-        ew[kk][i] = tt < len ? e_tok[tt] : 0.f;
-      }
-    }
-    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
+    LoadLaneWeights(ew, p.e_tok + static_cast<int64_t>(bh) * d.S + t0, len, c);
+    StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
     if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* kst = sm + slot * SM::kStage;
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) nacc[i] *= decay;
+    DecayState(acc, nacc, decay);
     uint32_t ae[L / 16][4], elo[L / 16][4];
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
@@ -601,30 +503,8 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
       }
     }
     const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    if (!d.fwd_wlo) {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) elo[kk][0] = elo[kk][1] = elo[kk][2] = elo[kk][3] = 0u;
-    }
-    FenceRegs(ae);
-    FenceRegs(elo);
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      StateTailMma<kNT>(acc, ae[kk], v_d + ((kk * 16 * 128) >> 4));
-      StateTailMma<kNT>(acc, elo[kk], v_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(acc);
-    FenceRegs(ae);
-    FenceRegs(elo);
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
+    StateUpdate<kNT>(acc, ae, elo, d.fwd_wlo, v_d);
+    StateReleaseStage(empty, slot, phase, lane);
   }
   const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
   const int64_t clast = (last * d.DK + row0) * d.DV + j0;
@@ -698,12 +578,7 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
     return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + s) * parts + part) * d.DK + row0;
   };
   float acc[kNT][4];
-  if (p.dc_fin != nullptr) {
-    LoadAccF32(p.dc_fin + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  }
+  LoadStateInit(acc, d, p.dc_fin, bh, row0, j0, lane);
   float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
   if (dn_block && part == 0 && p.dc_fin != nullptr)
     LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
@@ -713,20 +588,12 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
   for (int s = 0; s < d.NC; ++s) {
     const int k = d.NC - 1 - s;
     const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    StateTailStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
+    StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
     if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
 
     MbWait(full + 8 * slot, phase);
     const unsigned char* qst = sm + slot * SM::kStage;
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      acc[i][0] *= decay;
-      acc[i][1] *= decay;
-      acc[i][2] *= decay;
-      acc[i][3] *= decay;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dnacc[i] *= decay;
+    DecayState(acc, dnacc, decay);
     uint32_t ac[L / 16][4], aclo[L / 16][4];
 #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
@@ -741,30 +608,8 @@ __device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs
       }
     }
     const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    if (!d.bwd_wlo) {
-#pragma unroll
-      for (int kk = 0; kk < L / 16; ++kk) aclo[kk][0] = aclo[kk][1] = aclo[kk][2] = aclo[kk][3] = 0u;
-    }
-    FenceRegs(ac);
-    FenceRegs(aclo);
-    FenceRegs(acc);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      StateTailMma<kNT>(acc, ac[kk], h_d + ((kk * 16 * 128) >> 4));
-      StateTailMma<kNT>(acc, aclo[kk], h_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(acc);
-    FenceRegs(ac);
-    FenceRegs(aclo);
-    __syncwarp();
-    if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == 2) {
-      slot = 0;
-      phase ^= 1;
-    }
+    StateUpdate<kNT>(acc, ac, aclo, d.bwd_wlo, h_d);
+    StateReleaseStage(empty, slot, phase, lane);
   }
   if (dn_block) StoreNAcc(dn_slot(d.NC), dnacc, lane);
   if (p.dc0 != nullptr) {
