@@ -516,14 +516,7 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
     if (r1 < len)
       *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
   }
-  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-  if (c == 0) {
-    if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + slab] = dot0;
-    if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + slab] = dot1;
-  }
+  StoreRowDots(dot0, dot1, p.qdq, so, p.n_dk_slabs, slab, r0, r1, c, len);
 }
 
 // kSub 2 (chunk 256, always with kOff: mlstm_bwd_dqk_ws_l256_off): a block is one 128-token half
@@ -846,14 +839,7 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
       if (r1 < len)
         *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
     }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-    if (c == 0) {
-      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
+    StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, blockIdx.x, r0, r1, c, len);
   }
 }
 template <bool SPLIT>
@@ -1257,14 +1243,7 @@ __global__ void __launch_bounds__(384, 1)
       // Q and K are read (the dots above, the wgmmas before): logical slot 0 is free.
       __syncwarp();
       if (lane == 0) MbArrive(tail);
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-      dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-      dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
-      if (c == 0) {
-        if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + slab] = dot0;
-        if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + slab] = dot1;
-      }
+      StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, slab, r0, r1, c, len);
     }
   }
 }

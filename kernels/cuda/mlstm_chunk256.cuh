@@ -129,10 +129,8 @@ __global__ void __launch_bounds__(256, 1)
       if (e < 2) rs0 += pv; else rs1 += pv;
     }
   }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  rs0 = QuadSum(rs0);
+  rs1 = QuadSum(rs1);
   const int64_t bhc = static_cast<int64_t>(bh) * d.NC + kc;
   uint4* dst = pfrag + bhc * 16 * 256 + tid;
 #pragma unroll

@@ -209,6 +209,14 @@ __device__ __forceinline__ T WarpSumT(T v) {
   return v;
 }
 
+// Sum over the four lanes of a quad (lane % 4 = 0..3): they hold one accumulator row of an MMA
+// fragment (m16n8 rows g, g + 8; wgmma rows likewise), so this is a row sum.
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
 // ---------------------------------------------------------------- accumulator stores, hi + lo splits
 
 // Stores a warp's 16×(8·NT) fp32 accumulator tile (rows a, cols j) as bf16 into dst (row stride ld).
@@ -420,6 +428,21 @@ __device__ __forceinline__ void DecayState(float (&acc)[NT][4], float (&nacc)[4]
 }
 
 // ---------------------------------------------------------------- shared by both bwd_dqk kernels
+
+// The end of bwd_dqk's dQ / dK epilogue: a warp's rows r0, r1 (16w + g, + 8) have their partial
+// dots (q·dq or k·dk over this lane's columns) summed over the quad, and lane c == 0 writes them
+// into dots' column `slab` (n_slabs columns a token, head-major token so + r); rows past len are
+// padding. (`slab` keeps its caller's type, so each kernel's index arithmetic is unchanged.)
+template <typename Slab>
+__device__ __forceinline__ void StoreRowDots(float dot0, float dot1, float* dots, int64_t so, int n_slabs,
+                                             Slab slab, int r0, int r1, int c, int len) {
+  dot0 = QuadSum(dot0);
+  dot1 = QuadSum(dot1);
+  if (c == 0) {
+    if (r0 < len) dots[(so + r0) * n_slabs + slab] = dot0;
+    if (r1 < len) dots[(so + r1) * n_slabs + slab] = dot1;
+  }
+}
 
 // The per-token and per-column vectors of one bwd_dqk block, into shared memory: b, m, ĩ, 1/den
 // and dden of the chunk's L tokens (padding rows: ĩ = −∞, the rest 0); n_k and dn_{k+1} (summed

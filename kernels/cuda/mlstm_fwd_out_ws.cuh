@@ -80,10 +80,8 @@ __device__ __forceinline__ void OutGate(const Dims& d, float (&sacc)[64], const 
 __device__ __forceinline__ void OutInterScale(const Dims& d, float (&hacc)[64], float rs0, float rs1, float qn0,
                                               float qn1, float b0v, float b1v, float m0v, float m1v, float m_k,
                                               float& den0, float& den1) {
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  rs0 = QuadSum(rs0);
+  rs1 = QuadSum(rs1);
   const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
   den0 = rs0 + G0 * d.scale * qn0;
   den1 = rs1 + G1 * d.scale * qn1;
@@ -402,10 +400,8 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   WgmmaWait<0>();
   FenceRegs(sacc);
   FenceRegs(hacc);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
-  qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
-  qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+  qn0 = QuadSum(qn0);
+  qn1 = QuadSum(qn1);
 
   // Gating: P = S·scale ⊙ W (causal), row sums.
   float b0v, b1v, m0v, m1v, rs0, rs1;
@@ -676,10 +672,8 @@ __global__ void __launch_bounds__(384, 1)
     WgmmaWait<0>();
     FenceRegs(sacc);
     FenceRegs(hacc);
-    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 1);
-    qn0 += __shfl_xor_sync(0xffffffffu, qn0, 2);
-    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 1);
-    qn1 += __shfl_xor_sync(0xffffffffu, qn1, 2);
+    qn0 = QuadSum(qn0);
+    qn1 = QuadSum(qn1);
 
     // Gating: P = S·scale ⊙ W (causal), row sums.
     float b0v, b1v, m0v, m1v, rs0, rs1;

@@ -308,10 +308,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       }
     }
   }
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-  rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-  rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+  rs0 = QuadSum(rs0);
+  rs1 = QuadSum(rs1);
   const float G0 = __expf(b0v + m_k - m0v), G1 = __expf(b1v + m_k - m1v);
   const float den0 = rs0 + G0 * d.scale * qn0, den1 = rs1 + G1 * d.scale * qn1;
 #pragma unroll
@@ -831,10 +829,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       if (r1 < len)
         *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[nt][2], qacc[nt][3]);
     }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    dot0 = QuadSum(dot0);
+    dot1 = QuadSum(dot1);
     if (c == 0) {
       if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
       if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
@@ -920,10 +916,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       if (r1 < len)
         *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[nt][2], kacc[nt][3]);
     }
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
-    dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
-    dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+    dot0 = QuadSum(dot0);
+    dot1 = QuadSum(dot1);
     if (c == 0) {
       if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
       if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
