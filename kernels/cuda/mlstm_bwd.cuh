@@ -484,6 +484,27 @@ __device__ __forceinline__ void DqkPhase2(const Dims& d, float (&pacc)[64], floa
   }
 }
 
+// The rows r0, r1 of a warpgroup's dQ / dK accumulator (m64n128 wgmma layout, 16 n-tiles) as bf16
+// into dst (row stride ld; rows past len are padding), and their partial dots with the same rows
+// of the swizzled [L][128] operand tile xs (Q for dQ, K for dK) over this lane's columns added to
+// dot0, dot1 (StoreRowDots finishes them).
+template <int L>
+__device__ __forceinline__ void StoreRowsSw(const float (&acc)[64], const unsigned char* xs, bf16* dst,
+                                            int64_t ld, int r0, int r1, int c, int len, float& dot0,
+                                            float& dot1) {
+  using namespace hopper;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    const float2 x0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + Sw128Offset<L>(r0, col)));
+    const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + Sw128Offset<L>(r1, col)));
+    dot0 += x0.x * acc[4 * nt + 0] + x0.y * acc[4 * nt + 1];
+    dot1 += x1.x * acc[4 * nt + 2] + x1.y * acc[4 * nt + 3];
+    if (r0 < len) *reinterpret_cast<uint32_t*>(dst + r0 * ld + col) = PackBf16(acc[4 * nt], acc[4 * nt + 1]);
+    if (r1 < len) *reinterpret_cast<uint32_t*>(dst + r1 * ld + col) = PackBf16(acc[4 * nt + 2], acc[4 * nt + 3]);
+  }
+}
+
 // bwd_dqk's dQ after phase 2, shared by BwdDqkWs and its persistent form: dQ += dS' K (K [s][dk]
 // at k_d, N-major B in two 64-column blocks; pa from DqkPhase2), dQ's rows r0, r1 stored as bf16,
 // and their q·dq dots (the gates' backward) into p.qdq's column `slab`.
@@ -503,19 +524,8 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
   WgmmaWait<0>();
   FenceRegs(qacc);
   FenceRegs(pa);
-  bf16* dqbase = p.dq + tok0 * d.DK + a0;
   float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r0, col)));
-    const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + Sw128Offset<L>(r1, col)));
-    dot0 += q0.x * qacc[4 * nt + 0] + q0.y * qacc[4 * nt + 1];
-    dot1 += q1.x * qacc[4 * nt + 2] + q1.y * qacc[4 * nt + 3];
-    if (r0 < len) *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[4 * nt], qacc[4 * nt + 1]);
-    if (r1 < len)
-      *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[4 * nt + 2], qacc[4 * nt + 3]);
-  }
+  StoreRowsSw<L>(qacc, qs, p.dq + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
   StoreRowDots(dot0, dot1, p.qdq, so, p.n_dk_slabs, slab, r0, r1, c, len);
 }
 
@@ -825,20 +835,8 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
     if constexpr (kOff) FenceRegs(dsk);
   }
   {
-    bf16* dkbase = p.dk + tok0 * d.DK + a0;
     float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
-      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
-      dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
-      dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
-    }
+    StoreRowsSw<L>(kacc, ks, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
     StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, blockIdx.x, r0, r1, c, len);
   }
 }
@@ -1226,21 +1224,9 @@ __global__ void __launch_bounds__(384, 1)
     __syncwarp();
     if (lane == 0) MbArrive(tail + 8);
     {
-      bf16* dkbase = p.dk + tok0 * d.DK + a0;
       float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const int col = nt * 8 + 2 * c;
-        const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r0, col)));
-        const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + Sw128Offset<L>(r1, col)));
-        dot0 += k0.x * kacc[4 * nt + 0] + k0.y * kacc[4 * nt + 1];
-        dot1 += k1.x * kacc[4 * nt + 2] + k1.y * kacc[4 * nt + 3];
-        if (r0 < len)
-          *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[4 * nt], kacc[4 * nt + 1]);
-        if (r1 < len)
-          *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[4 * nt + 2], kacc[4 * nt + 3]);
-      }
-      // Q and K are read (the dots above, the wgmmas before): logical slot 0 is free.
+      StoreRowsSw<L>(kacc, ks, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
+      // Q and K are read (StoreRowsSw's dots, the wgmmas before): logical slot 0 is free.
       __syncwarp();
       if (lane == 0) MbArrive(tail);
       StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, slab, r0, r1, c, len);

@@ -625,6 +625,26 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
 
 // ---------------------------------------------------------------- 7. bwd_dqk
 
+// The rows r0, r1 of a warp's dQ / dK accumulator (m16n8 fragments, NT n-tiles) as bf16 into dst
+// (row stride ld; rows past len are padding), and their partial dots with the same rows of the
+// padded shared tile xs (row stride sx; Q for dQ, K for dK) over this lane's columns added to
+// dot0, dot1.
+template <int NT>
+__device__ __forceinline__ void StoreRowsPadded(const float (&acc)[NT][4], const bf16* xs, int sx, bf16* dst,
+                                                int64_t ld, int r0, int r1, int c, int len, float& dot0,
+                                                float& dot1) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    const float2 x0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + r0 * sx + col));
+    const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + r1 * sx + col));
+    dot0 += x0.x * acc[nt][0] + x0.y * acc[nt][1];
+    dot1 += x1.x * acc[nt][2] + x1.y * acc[nt][3];
+    if (r0 < len) *reinterpret_cast<uint32_t*>(dst + r0 * ld + col) = PackBf16(acc[nt][0], acc[nt][1]);
+    if (r1 < len) *reinterpret_cast<uint32_t*>(dst + r1 * ld + col) = PackBf16(acc[nt][2], acc[nt][3]);
+  }
+}
+
 // Two stages of 64-wide dv tiles: phase 1 (dh, v, C_k rows of the slab), phase 3 (v, dC_{k+1});
 // the q, k slabs and dS' stay for the whole block. Split precision: phase 1's C_k lo tiles live
 // in the dS' region (written only after phase 1), phase 3's dC lo tiles in the stage's dh slot.
@@ -815,20 +835,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     }
   }
   {
-    bf16* dqbase = p.dq + tok0 * d.DK + a0;
     float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kQt; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + r0 * SM::kSK + col));
-      const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qs + r1 * SM::kSK + col));
-      dot0 += q0.x * qacc[nt][0] + q0.y * qacc[nt][1];
-      dot1 += q1.x * qacc[nt][2] + q1.y * qacc[nt][3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r0 * ldqk + col) = PackBf16(qacc[nt][0], qacc[nt][1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dqbase + r1 * ldqk + col) = PackBf16(qacc[nt][2], qacc[nt][3]);
-    }
+    StoreRowsPadded(qacc, qs, SM::kSK, p.dq + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
     dot0 = QuadSum(dot0);
     dot1 = QuadSum(dot1);
     if (c == 0) {
@@ -902,20 +910,8 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     }
   }
   {
-    bf16* dkbase = p.dk + tok0 * d.DK + a0;
     float dot0 = 0.f, dot1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kQt; ++nt) {
-      const int col = nt * 8 + 2 * c;
-      const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + r0 * SM::kSK + col));
-      const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ks + r1 * SM::kSK + col));
-      dot0 += k0.x * kacc[nt][0] + k0.y * kacc[nt][1];
-      dot1 += k1.x * kacc[nt][2] + k1.y * kacc[nt][3];
-      if (r0 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r0 * ldqk + col) = PackBf16(kacc[nt][0], kacc[nt][1]);
-      if (r1 < len)
-        *reinterpret_cast<uint32_t*>(dkbase + r1 * ldqk + col) = PackBf16(kacc[nt][2], kacc[nt][3]);
-    }
+    StoreRowsPadded(kacc, ks, SM::kSK, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
     dot0 = QuadSum(dot0);
     dot1 = QuadSum(dot1);
     if (c == 0) {
