@@ -314,6 +314,29 @@ __device__ T BlockInclusiveScan(T x, Op op, T& carry, T* warp_tot) {
   return x;
 }
 
+// One thread's part of F = <dC_S, C_S> + <dn_S, n_S> (kFinal; the state gradient given at the end
+// against the saved final state) or of the initial state's <dC_0, C_0> + <dn_0, n_0>, over the
+// elements first, first + stride, ... of head bh (cd = dk·dv). Idx: the dn·n loop's index type as
+// each kernel had it. (p, not the four pointers: passing them moved their parameter loads.)
+// gates_bwd and gates_bwd_par; the cluster kernel keeps its own copy (see there).
+template <bool kFinal, typename Idx>
+__device__ __forceinline__ double StateDotPart(const Dims& d, const BwdPtrs& p, int bh, int64_t cd, Idx first,
+                                               Idx stride) {
+  double s = 0;
+  const float* x = (kFinal ? p.dc_fin : p.dc0) + bh * cd;
+  const float* y = (kFinal ? p.sc_last : p.c0) + bh * cd;
+  for (int64_t i = first; i < cd; i += stride) s += double(x[i]) * y[i];
+  if constexpr (kFinal) {
+    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
+    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
+    for (Idx i = first; i < d.DK; i += stride) s += double(xn[i]) * yn[i];
+  } else {
+    for (Idx i = first; i < d.DK; i += stride)
+      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
+  }
+  return s;
+}
+
 __global__ void __launch_bounds__(kGateThreads) mlstm_gates_bwd(Dims d, BwdPtrs p) {
   __shared__ double wd[kGateThreads / 32];
   __shared__ ArgMax wa[kGateThreads / 32];
@@ -334,24 +357,9 @@ __global__ void __launch_bounds__(kGateThreads) mlstm_gates_bwd(Dims d, BwdPtrs 
   // F = <dC_S, C_S> + <dn_S, n_S>; init = <dC_0, C_0> + <dn_0, n_0>.
   double F = 0, init_dot = 0;
   const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
-  if (p.dc_fin != nullptr) {
-    double s = 0;
-    const float* x = p.dc_fin + bh * cd;
-    const float* y = p.sc_last + bh * cd;
-    for (int64_t i = tid; i < cd; i += kGateThreads) s += double(x[i]) * y[i];
-    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
-    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
-    for (int i = tid; i < d.DK; i += kGateThreads) s += double(xn[i]) * yn[i];
-    F = block_sum(s);
-  }
+  if (p.dc_fin != nullptr) F = block_sum(StateDotPart<true, int>(d, p, bh, cd, tid, kGateThreads));
   if (p.dc0 != nullptr && p.c0 != nullptr) {
-    double s = 0;
-    const float* x = p.dc0 + bh * cd;
-    const float* y = p.c0 + bh * cd;
-    for (int64_t i = tid; i < cd; i += kGateThreads) s += double(x[i]) * y[i];
-    for (int i = tid; i < d.DK; i += kGateThreads)
-      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
-    init_dot = block_sum(s);
+    init_dot = block_sum(StateDotPart<false, int>(d, p, bh, cd, tid, kGateThreads));
   }
   const double m0 = p.c0 != nullptr ? double(p.m0[bh]) : 0.0;
   const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
@@ -478,24 +486,9 @@ __global__ void __launch_bounds__(kGateParThreads) mlstm_gates_bwd_par(Dims d, B
   };
   double F = 0, init_dot = 0;
   const int64_t cd = static_cast<int64_t>(d.DK) * d.DV;
-  if (p.dc_fin != nullptr) {
-    double s = 0;
-    const float* x = p.dc_fin + bh * cd;
-    const float* y = p.sc_last + bh * cd;
-    for (int64_t i = tid; i < cd; i += kGateParThreads) s += double(x[i]) * y[i];
-    const float* xn = p.dn_fin + static_cast<int64_t>(bh) * d.DK;
-    const float* yn = p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC) * d.DK;
-    for (int i = tid; i < d.DK; i += kGateParThreads) s += double(xn[i]) * yn[i];
-    F = block_sum(s);
-  }
+  if (p.dc_fin != nullptr) F = block_sum(StateDotPart<true, int>(d, p, bh, cd, tid, kGateParThreads));
   if (p.dc0 != nullptr && p.c0 != nullptr) {
-    double s = 0;
-    const float* x = p.dc0 + bh * cd;
-    const float* y = p.c0 + bh * cd;
-    for (int64_t i = tid; i < cd; i += kGateParThreads) s += double(x[i]) * y[i];
-    for (int i = tid; i < d.DK; i += kGateParThreads)
-      s += double(p.dn0[static_cast<int64_t>(bh) * d.DK + i]) * p.n0[static_cast<int64_t>(bh) * d.DK + i];
-    init_dot = block_sum(s);
+    init_dot = block_sum(StateDotPart<false, int>(d, p, bh, cd, tid, kGateParThreads));
   }
   const double m0 = p.c0 != nullptr ? double(p.m0[bh]) : 0.0;
   const double dm_last_extra = p.dc_fin != nullptr ? double(p.dm_fin[bh]) - F : 0.0;
@@ -714,6 +707,7 @@ __global__ void __launch_bounds__(kGateClThreads) mlstm_gates_bwd_cluster(Dims d
   const int64_t stride = static_cast<int64_t>(CL) * kGateClThreads;
   const int64_t first = static_cast<int64_t>(rank) * kGateClThreads + tid;
   double f_part = 0, init_part = 0;
+  // (Not StateDotPart: with it the PTX binds the two partial sums' registers in the other order.)
   if (p.dc_fin != nullptr) {
     double s = 0;
     const float* x = p.dc_fin + bh * cd;
