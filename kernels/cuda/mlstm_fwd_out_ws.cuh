@@ -136,6 +136,53 @@ __device__ __forceinline__ void OutDkStep(float (&sacc)[64], float (&hacc)[64], 
   }
 }
 
+// P (the gated S accumulator of a warpgroup's m64n128 wgmma, 64 floats) as the A fragments of P·V:
+// bf16 hi + lo pairs, k-step kk from accumulator n-tiles 2kk, 2kk + 1.
+__device__ __forceinline__ void PackPFragments(const float (&sacc)[64], uint32_t (&pa)[8][4],
+                                               uint32_t (&palo)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
+    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
+    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
+    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
+  }
+}
+
+// hacc += A·V (and A_lo·V when SPLIT) over 128 keys: V's [128][128] slab N-major at desc_v. The
+// caller fences what must be final before (hacc after its scaling, or the A operands).
+template <bool SPLIT>
+__device__ __forceinline__ void PvWgmma(float (&hacc)[64], uint32_t (&a)[8][4], uint32_t (&alo)[8][4],
+                                        uint64_t desc_v) {
+  using namespace hopper;
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    WgmmaRS128<1>(hacc, a[kk], desc_v + ((kk * 16 * 128) >> 4));
+    if constexpr (SPLIT) WgmmaRS128<1>(hacc, alo[kk], desc_v + ((kk * 16 * 128) >> 4));
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceRegs(hacc);
+  FenceRegs(a);
+  FenceRegs(alo);
+}
+
+// h = numerator / (max(|den|, e^{−m}) + ε) for the thread's rows r0 (den0, m0v) and r1, into the
+// [16][4] fragment layout of the epilogue's stores.
+__device__ __forceinline__ void NormalizeRows(const Dims& d, const float (&hacc)[64], float den0, float den1,
+                                              float m0v, float m1v, float (&h4)[16][4]) {
+  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
+  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    h4[nt][0] = hacc[4 * nt + 0] * inv0;
+    h4[nt][1] = hacc[4 * nt + 1] * inv0;
+    h4[nt][2] = hacc[4 * nt + 2] * inv1;
+    h4[nt][3] = hacc[4 * nt + 3] * inv1;
+  }
+}
+
 // fwd_out's last step, shared by FwdOutWs3 and its persistent form (mlstm_fwd_out_ws3_persist):
 // the gated scores sacc split into bf16 hi / lo A fragments, the wait for the V stage (ring slot
 // `slot`: mbarrier full + 8·slot, parity `phase`, tile at sa + slot·kStageBytes), hacc += S V
@@ -147,13 +194,7 @@ __device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc
                                                float m1v, float (&h4)[16][4]) {
   using namespace hopper;
   uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
+  PackPFragments(sacc, pa, palo);
   MbWait(full + 8 * slot, phase);
   const uint64_t v_d = SmemDescSw128(sa + slot * kStageBytes, kTile64, 1024);
   // The scaled hacc must be final before the fence: pure register math, so without this the
@@ -161,26 +202,8 @@ __device__ __forceinline__ void OutPvNormalize(const Dims& d, const float (&sacc
   // ptxas then serialises every wgmma of the kernel (warning C7515, which the deleted two-stage
   // kernel got: the likely reason its TMA producer gained 3% where bwd_dqk_ws gained 19%).
   FenceRegs(hacc);
-  WgmmaFence();
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-    if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-  }
-  WgmmaCommit();
-  WgmmaWait<0>();
-  FenceRegs(hacc);
-  FenceRegs(pa);
-  FenceRegs(palo);
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
+  PvWgmma<SPLIT>(hacc, pa, palo, v_d);
+  NormalizeRows(d, hacc, den0, den1, m0v, m1v, h4);
 }
 
 // OutPvNormalize of the fused off-diagonal forward (chunk 256; helper off256, session 18): for a half-1 block (`off`) the chunk's P' fragments (this thread's 16 uint4 of
@@ -196,13 +219,7 @@ __device__ __forceinline__ void OutPvOffNormalize(const Dims& d, const float (&s
                                                   float (&h4)[16][4]) {
   using namespace hopper;
   uint32_t pa[8][4], palo[8][4];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    SplitPack(sacc[8 * kk + 0], sacc[8 * kk + 1], pa[kk][0], palo[kk][0]);
-    SplitPack(sacc[8 * kk + 2], sacc[8 * kk + 3], pa[kk][1], palo[kk][1]);
-    SplitPack(sacc[8 * kk + 4], sacc[8 * kk + 5], pa[kk][2], palo[kk][2]);
-    SplitPack(sacc[8 * kk + 6], sacc[8 * kk + 7], pa[kk][3], palo[kk][3]);
-  }
+  PackPFragments(sacc, pa, palo);
   uint32_t pb[8][4], pblo[8][4];
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
@@ -223,44 +240,16 @@ __device__ __forceinline__ void OutPvOffNormalize(const Dims& d, const float (&s
   MbWait(full + 8 * slot, phase);
   const uint64_t v_d = SmemDescSw128(sa + slot * kStageBytes, kTile64, 1024);
   FenceRegs(hacc);  // (as OutPvNormalize: the scaled hacc final before the fence, C7515)
-  WgmmaFence();
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    WgmmaRS128<1>(hacc, pa[kk], v_d + ((kk * 16 * 128) >> 4));
-    if constexpr (SPLIT) WgmmaRS128<1>(hacc, palo[kk], v_d + ((kk * 16 * 128) >> 4));
-  }
-  WgmmaCommit();
-  WgmmaWait<0>();
-  FenceRegs(hacc);
-  FenceRegs(pa);
-  FenceRegs(palo);
+  PvWgmma<SPLIT>(hacc, pa, palo, v_d);
   if (off) {
     const int slot0 = slot + 1 == 3 ? 0 : slot + 1, phase0 = slot0 == 0 ? phase ^ 1 : phase;
     MbWait(full + 8 * slot0, phase0);
     const uint64_t v0_d = SmemDescSw128(sa + slot0 * kStageBytes, kTile64, 1024);
     FenceRegs(pb);
     FenceRegs(pblo);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      WgmmaRS128<1>(hacc, pb[kk], v0_d + ((kk * 16 * 128) >> 4));
-      if constexpr (SPLIT) WgmmaRS128<1>(hacc, pblo[kk], v0_d + ((kk * 16 * 128) >> 4));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(hacc);
-    FenceRegs(pb);
-    FenceRegs(pblo);
+    PvWgmma<SPLIT>(hacc, pb, pblo, v0_d);
   }
-  const float inv0 = 1.f / (fmaxf(fabsf(den0), __expf(-m0v)) + d.eps);
-  const float inv1 = 1.f / (fmaxf(fabsf(den1), __expf(-m1v)) + d.eps);
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    h4[nt][0] = hacc[4 * nt + 0] * inv0;
-    h4[nt][1] = hacc[4 * nt + 1] * inv0;
-    h4[nt][2] = hacc[4 * nt + 2] * inv1;
-    h4[nt][3] = hacc[4 * nt + 3] * inv1;
-  }
+  NormalizeRows(d, hacc, den0, den1, m0v, m1v, h4);
 }
 
 // kSub 2 (chunk 256, always with kOff: mlstm_fwd_out_ws3_l256_off[_eager]): a block is one
