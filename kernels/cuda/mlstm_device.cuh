@@ -413,6 +413,26 @@ __device__ __forceinline__ void LoadStateInit(float (&acc)[NT][4], const Dims& d
   }
 }
 
+// The end of state_fwd: this warp's rows of C_S into `saved`'s last C_k slot (hi + lo), as fp32
+// into sc_last (for gates_bwd's <dC_S, C_S>) and c_out (the final state, when wanted); with n_block
+// n_S likewise.
+template <int NT>
+__device__ __forceinline__ void StoreFinalState(const Dims& d, const FwdPtrs& p, const float (&acc)[NT][4],
+                                                const float (&nacc)[4], int bh, int row0, int j0, bool n_block,
+                                                int lane) {
+  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
+  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
+  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
+  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  if (p.c_out != nullptr) {
+    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (n_block) {
+    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
+    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
+  }
+}
+
 // C ← decay·C and n ← decay·n at a chunk boundary (both recurrences).
 template <int NT>
 __device__ __forceinline__ void DecayState(float (&acc)[NT][4], float (&nacc)[4], float decay) {

@@ -127,17 +127,7 @@ __global__ void __launch_bounds__(2 * TM) mlstm_state_fwd(Dims d, FwdPtrs p) {
     }
     __syncthreads();  // the next step stages into / refills the stage read here; es rewritten
   }
-  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (n_block) {
-    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
-    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
-  }
+  StoreFinalState(d, p, acc, nacc, bh, row0, j0, n_block, lane);
 }
 // ---------------------------------------------------------------- 3. fwd_out
 

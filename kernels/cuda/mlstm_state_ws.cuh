@@ -155,6 +155,24 @@ __device__ __forceinline__ void StateReleaseStage(uint32_t empty, int& slot, int
   }
 }
 
+// state_fwd's A operand of a 128-token step: Kᵀ diag(E) as hi + lo fragments (Kᵀ by ldmatrix.trans
+// from the swizzled K stage, this warp's 16 dk rows; E_t from LoadLaneWeights), and with n_block
+// n += (Kᵀ diag(E)) 1 by mma.sync with the ones operand.
+__device__ __forceinline__ void StateFwdAFrags(uint32_t (&ae)[8][4], uint32_t (&elo)[8][4], float (&nacc)[4],
+                                               const unsigned char* kst, const float (&ew)[8][4], int w,
+                                               bool n_block, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t a[4];
+    LoadATSw(a, kst, 16 * w, 16 * kk, lane);
+    ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
+    if (n_block) {
+      Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
+      Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
+    }
+  }
+}
+
 // kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
 // (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
 // the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
@@ -231,31 +249,12 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
     }
     // C_{k+1} = decay·C_k + (Kᵀ diag(E)) V, n_{k+1} = decay·n_k + (Kᵀ diag(E)) 1 (as the default).
     uint32_t ae[L / 16][4], elo[L / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
-      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
-      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
-      if (n_block) {
-        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
-      }
-    }
+    StateFwdAFrags(ae, elo, nacc, kst, ew, w, n_block, lane);
     const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
     StateUpdate<kNT>(acc, ae, elo, d.fwd_wlo, v_d);
     StateReleaseStage(empty, slot, phase, lane);  // K (ldmatrix) and V (wgmma) reads are done
   }
-  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (n_block) {
-    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
-    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
-  }
+  StoreFinalState(d, p, acc, nacc, bh, row0, j0, n_block, lane);
   if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
 }
 __global__ void __launch_bounds__(384, 1)
@@ -492,31 +491,12 @@ __device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs
     const unsigned char* kst = sm + slot * SM::kStage;
     DecayState(acc, nacc, decay);
     uint32_t ae[L / 16][4], elo[L / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
-      LoadATSw(a, kst, 16 * w, 16 * kk, lane);
-      ScaleAKSplitW(ae[kk], elo[kk], a, ew[kk]);
-      if (n_block) {
-        Mma(nacc, ae[kk], kOnesBf16x2, kOnesBf16x2);
-        Mma(nacc, elo[kk], kOnesBf16x2, kOnesBf16x2);
-      }
-    }
+    StateFwdAFrags(ae, elo, nacc, kst, ew, w, n_block, lane);
     const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
     StateUpdate<kNT>(acc, ae, elo, d.fwd_wlo, v_d);
     StateReleaseStage(empty, slot, phase, lane);
   }
-  const int64_t last = (static_cast<int64_t>(bh) * (d.NC + 1) + d.NC);
-  const int64_t clast = (last * d.DK + row0) * d.DV + j0;
-  StoreAccSplit(p.sc + clast, d.split ? p.sc_lo + clast : nullptr, d.DV, acc, lane);
-  StoreAccF32(p.sc_last + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  if (p.c_out != nullptr) {
-    StoreAccF32(p.c_out + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (n_block) {
-    StoreNAcc(p.sn + last * d.DK + row0, nacc, lane);
-    if (p.c_out != nullptr) StoreNAcc(p.n_out + static_cast<int64_t>(bh) * d.DK + row0, nacc, lane);
-  }
+  StoreFinalState(d, p, acc, nacc, bh, row0, j0, n_block, lane);
   if (lane == 0) BulkWait<0>();
 }
 
