@@ -291,17 +291,23 @@ __device__ __forceinline__ ArgMax ShflUp(ArgMax x, int o) {
   return {__shfl_up_sync(0xffffffffu, x.v, o), __shfl_up_sync(0xffffffffu, x.i, o)};
 }
 
+// Inclusive scan over a warp's lanes with op(earlier, later) (the block scans' first level).
+template <typename T, typename Op>
+__device__ __forceinline__ T WarpInclusiveScan(T x, Op op, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = ShflUp(x, o);
+    if (lane >= o) x = op(y, x);
+  }
+  return x;
+}
+
 // Inclusive block scan (256 threads) with an associative op; `carry` is combined in front and
 // updated to the block total. T must be trivially copyable.
 template <typename T, typename Op>
 __device__ T BlockInclusiveScan(T x, Op op, T& carry, T* warp_tot) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    T y;
-    y = ShflUp(x, o);
-    if (lane >= o) x = op(y, x);
-  }
+  x = WarpInclusiveScan(x, op, lane);
   if (lane == 31) warp_tot[w] = x;
   __syncthreads();
   T pre = carry;
@@ -441,23 +447,13 @@ constexpr int kGateItems = 8;
 template <typename T, typename Op>
 __device__ T BlockExclusiveScan(T x, Op op, T identity, T& carry, T* smem) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  T incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T y = ShflUp(incl, o);
-    if (lane >= o) incl = op(y, incl);
-  }
+  const T incl = WarpInclusiveScan(x, op, lane);
   T excl = ShflUp(incl, 1);
   if (lane == 0) excl = identity;
   if (lane == 31) smem[w] = incl;
   __syncthreads();
   if (w == 0) {
-    T t = smem[lane];  // kGateParThreads / 32 == 32 warps
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const T y = ShflUp(t, o);
-      if (lane >= o) t = op(y, t);
-    }
+    const T t = WarpInclusiveScan(smem[lane], op, lane);  // kGateParThreads / 32 == 32 warps
     smem[lane] = t;
   }
   __syncthreads();
@@ -647,12 +643,7 @@ constexpr int kGateClMax = 16;
 template <typename T, typename Op>
 __device__ T BlockExclusiveScanCl(T x, Op op, T identity, T& carry, T* smem) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  T incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T y = ShflUp(incl, o);
-    if (lane >= o) incl = op(y, incl);
-  }
+  const T incl = WarpInclusiveScan(x, op, lane);
   T excl = ShflUp(incl, 1);
   if (lane == 0) excl = identity;
   if (lane == 31) smem[w] = incl;
