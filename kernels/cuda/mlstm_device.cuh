@@ -496,6 +496,18 @@ __device__ __forceinline__ void LoadDqkVectors(const Dims& d, const BwdPtrs& p, 
   }
 }
 
+// ---------------------------------------------------------------- mbarrier rings
+
+// The next position of an mbarrier ring of kSlots stages: the slot index, and the parity to wait
+// for, which flips each time the ring wraps.
+template <int kSlots>
+__device__ __forceinline__ void AdvanceRing(int& slot, int& phase) {
+  if (++slot == kSlots) {
+    slot = 0;
+    phase ^= 1;
+  }
+}
+
 // ---------------------------------------------------------------- persistent grids (fwd_out, bwd_dqk)
 
 // 4-byte cp.async into shared memory, and an arrival on `bar` once this thread's earlier cp.asyncs

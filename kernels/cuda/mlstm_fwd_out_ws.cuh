@@ -381,10 +381,7 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
       WgmmaWait<1>();  // step dt − 1's group retired: its stage is free
       if (lane == 0) MbArrive(empty + 8 * (slot == 0 ? kRing - 1 : slot - 1));
     }
-    if (++slot == kRing) {
-      slot = 0;
-      phase ^= 1;
-    }
+    AdvanceRing<kRing>(slot, phase);
   } while (++dt < ndt);
   WgmmaWait<0>();
   FenceRegs(sacc);
@@ -653,10 +650,7 @@ __global__ void __launch_bounds__(384, 1)
           sacc, hacc, qn0, qn1, sm, sa, full, slot, phase, own, nks, dt, r0, r1, c);
       WgmmaWait<0>();  // this step's group retired: its stage is free now
       if (lane == 0) MbArrive(empty + 8 * slot);
-      if (++slot == kRing) {
-        slot = 0;
-        phase ^= 1;
-      }
+      AdvanceRing<kRing>(slot, phase);
     } while (++dt < ndt);
     WgmmaWait<0>();
     FenceRegs(sacc);
@@ -696,10 +690,7 @@ __global__ void __launch_bounds__(384, 1)
     FenceProxyAsync();
     __syncwarp();
     if (lane == 0) MbArrive(empty + 8 * slot);
-    if (++slot == kRing) {
-      slot = 0;
-      phase ^= 1;
-    }
+    AdvanceRing<kRing>(slot, phase);
     if (slab == 0 && c == 0) {
       const int64_t o = static_cast<int64_t>(bh) * d.S + t0;
       if (r0 < len) p.den_tok[o + r0] = den0;

@@ -149,10 +149,7 @@ __device__ __forceinline__ void StateUpdate(float (&acc)[kNT][4], uint32_t (&a)[
 __device__ __forceinline__ void StateReleaseStage(uint32_t empty, int& slot, int& phase, int lane) {
   __syncwarp();
   if (lane == 0) hopper::MbArrive(empty + 8 * slot);
-  if (++slot == 2) {
-    slot = 0;
-    phase ^= 1;
-  }
+  AdvanceRing<2>(slot, phase);
 }
 
 // state_fwd's A operand of a 128-token step: Kᵀ diag(E) as hi + lo fragments (Kᵀ by ldmatrix.trans
