@@ -177,6 +177,25 @@ __device__ __forceinline__ void LoadBKN(uint32_t (&b)[4], const bf16* s, int str
   Ldsm4T(b, s + (k0 + (lane & 7) + 8 * (j & 1)) * stride + n0 + 8 * (j >> 1));
 }
 
+// acc[0 .. 2·NP) += A · B for one 16-deep k-step at k0: NP 16-column pairs of B from the shared
+// tile s (row stride `stride`; stored [k][n] when kKN, LoadBKN, else [n][k], LoadBNK), one ldmatrix
+// and two MMAs each. (The causal products, which skip column pairs per warp, keep their loops.)
+template <bool kKN, int NP, int N>
+__device__ __forceinline__ void MmaTileB(float (&acc)[N][4], const uint32_t (&a)[4], const bf16* s, int stride,
+                                         int k0, int lane) {
+#pragma unroll
+  for (int np = 0; np < NP; ++np) {
+    uint32_t bb[4];
+    if constexpr (kKN) {
+      LoadBKN(bb, s, stride, 16 * np, k0, lane);
+    } else {
+      LoadBNK(bb, s, stride, 16 * np, k0, lane);
+    }
+    Mma(acc[2 * np], a, bb[0], bb[1]);
+    Mma(acc[2 * np + 1], a, bb[2], bb[3]);
+  }
+}
+
 // ROWS × COLS bf16 tile from global (row stride gstride elements) into shared (row stride
 // sstride); rows >= valid_rows are zero-filled.
 template <int ROWS, int COLS>

@@ -257,21 +257,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
       }
       // Q̂·C_hi over all column tiles, then Q̂·C_lo: the two MMAs into one accumulator are 2·DVT/8
       // MMAs apart instead of 2 (see MmaPairs; fwd_out 0.774 -> 0.762 ms at the 125m cell).
-#pragma unroll
-      for (int np = 0; np < DVT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
-        Mma(hacc[2 * np], a, bb[0], bb[1]);
-        Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<true, DVT / 16>(hacc, a, cs, SM::kSV, 16 * kk, lane);
       if constexpr (SPLIT) {
-#pragma unroll
-        for (int np = 0; np < DVT / 16; ++np) {
-          uint32_t bb[4];
-          LoadBKN(bb, cs + 64 * SM::kSV, SM::kSV, 16 * np, 16 * kk, lane);
-          Mma(hacc[2 * np], a, bb[0], bb[1]);
-          Mma(hacc[2 * np + 1], a, bb[2], bb[3]);
-        }
+        MmaTileB<true, DVT / 16>(hacc, a, cs + 64 * SM::kSV, SM::kSV, 16 * kk, lane);
       }
       Mma(qnacc, a, nlo[0], nlo[1]);
     }
@@ -551,13 +539,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
           Mma(sacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
-#pragma unroll
-      for (int np = 0; np < DVT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, cs, SM::kSV, 16 * np, 16 * kk, lane);
-        Mma(vacc[2 * np], a, bb[0], bb[1]);
-        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<true, DVT / 16>(vacc, a, cs, SM::kSV, 16 * kk, lane);
     }
     __syncthreads();
   }
@@ -596,13 +578,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
       a[1] = PackBf16(sacc[2 * kk][2], sacc[2 * kk][3]);
       a[2] = PackBf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
       a[3] = PackBf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-      for (int np = 0; np < DVT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, hs, SM::kSV, 16 * np, 16 * kk, lane);
-        Mma(vacc[2 * np], a, bb[0], bb[1]);
-        Mma(vacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<true, DVT / 16>(vacc, a, hs, SM::kSV, 16 * kk, lane);
     }
   }
   // dv leaves through shared memory in 16-byte pieces (warp w stages its rows in the dh slab's
@@ -748,21 +724,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
           Mma(pacc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
-#pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {  // C_hi, then C_lo (as in fwd_out)
-        uint32_t bb[4];
-        LoadBNK(bb, cs, SM::kS64, 16 * np, 16 * kk, lane);
-        Mma(qacc[2 * np], a, bb[0], bb[1]);
-        Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<false, DKT / 16>(qacc, a, cs, SM::kS64, 16 * kk, lane);  // C_hi, then C_lo (as in fwd_out)
       if constexpr (SPLIT) {
-#pragma unroll
-        for (int np = 0; np < DKT / 16; ++np) {
-          uint32_t bb[4];
-          LoadBNK(bb, clos, SM::kS64, 16 * np, 16 * kk, lane);
-          Mma(qacc[2 * np], a, bb[0], bb[1]);
-          Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
-        }
+        MmaTileB<false, DKT / 16>(qacc, a, clos, SM::kS64, 16 * kk, lane);
       }
     }
     __syncthreads();
@@ -815,13 +779,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
       a[1] = PackBf16(pacc[2 * kk][2], pacc[2 * kk][3]);
       a[2] = PackBf16(pacc[2 * kk + 1][0], pacc[2 * kk + 1][1]);
       a[3] = PackBf16(pacc[2 * kk + 1][2], pacc[2 * kk + 1][3]);
-#pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, ks, SM::kSK, 16 * np, 16 * kk, lane);
-        Mma(qacc[2 * np], a, bb[0], bb[1]);
-        Mma(qacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<true, DKT / 16>(qacc, a, ks, SM::kSK, 16 * kk, lane);
     }
   }
   {
@@ -853,21 +811,9 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
       LoadA(a, vs, SM::kS64, 16 * w, 16 * kk, lane);
-#pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {  // dC_hi, then dC_lo
-        uint32_t bb[4];
-        LoadBNK(bb, dcs, SM::kS64, 16 * np, 16 * kk, lane);
-        Mma(kacc[2 * np], a, bb[0], bb[1]);
-        Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<false, DKT / 16>(kacc, a, dcs, SM::kS64, 16 * kk, lane);  // dC_hi, then dC_lo
       if constexpr (SPLIT) {
-#pragma unroll
-        for (int np = 0; np < DKT / 16; ++np) {
-          uint32_t bb[4];
-          LoadBNK(bb, dclos, SM::kS64, 16 * np, 16 * kk, lane);
-          Mma(kacc[2 * np], a, bb[0], bb[1]);
-          Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
-        }
+        MmaTileB<false, DKT / 16>(kacc, a, dclos, SM::kS64, 16 * kk, lane);
       }
     }
     __syncthreads();
@@ -890,13 +836,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
     if (kk >= w) {
       uint32_t a[4];
       LoadAT(a, dss, SM::kSL, 16 * w, 16 * kk, lane);
-#pragma unroll
-      for (int np = 0; np < DKT / 16; ++np) {
-        uint32_t bb[4];
-        LoadBKN(bb, qs, SM::kSK, 16 * np, 16 * kk, lane);
-        Mma(kacc[2 * np], a, bb[0], bb[1]);
-        Mma(kacc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      MmaTileB<true, DKT / 16>(kacc, a, qs, SM::kSK, 16 * kk, lane);
     }
   }
   {
