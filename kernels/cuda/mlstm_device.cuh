@@ -517,6 +517,20 @@ __device__ __forceinline__ void LoadDqkVectors(const Dims& d, const BwdPtrs& p, 
 
 // ---------------------------------------------------------------- mbarrier rings
 
+// Thread 0 initialises a ring of kSlots full / empty mbarrier pairs (8 bytes apart; `full` expects
+// full_count arrivals, `empty` one per consumer warp: 8) and fences the inits; then the block syncs.
+template <int kSlots>
+__device__ __forceinline__ void InitRing(uint32_t full, uint32_t empty, uint32_t full_count) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kSlots; ++i) {
+      hopper::MbInit(full + 8 * i, full_count);
+      hopper::MbInit(empty + 8 * i, 8);
+    }
+    hopper::MbInitFence();
+  }
+  __syncthreads();
+}
+
 // The next position of an mbarrier ring of kSlots stages: the slot index, and the parity to wait
 // for, which flips each time the ring wraps.
 template <int kSlots>

@@ -283,14 +283,7 @@ __device__ __forceinline__ void FwdOutWs3(const Dims& d, const FwdPtrs& p, const
   const int b = bh / d.NH, hd = bh % d.NH;
   const int t0 = k * L, len = min(L, d.S - t0);
   const int ndt = d.DK / 64;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kRing; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
+  InitRing<kRing>(full, empty, 1);
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");

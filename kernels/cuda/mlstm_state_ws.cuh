@@ -188,14 +188,7 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
   const uint32_t full = sa + SM::kBars, empty = full + 16;
   const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
+  InitRing<2>(full, empty, 1);
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -293,14 +286,7 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
   const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
   const int b = bh / d.NH, hd = bh % d.NH;
   const int part = blockIdx.x, parts = gridDim.x;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
+  InitRing<2>(full, empty, 128);  // every producer thread (thread 0's with the expected bytes)
 
   if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write coef / ddc
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -509,14 +495,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t full = sa + SM::kBars, empty = full + 16;
   const bool half = static_cast<int>(blockIdx.x) >= nfull;
   const StateTailTile t = StateTailTileOf(d, nfull, half);
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 1);
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
+  InitRing<2>(full, empty, 1);
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
@@ -609,14 +588,7 @@ __global__ void __launch_bounds__(384, 1)
   float* dws = cws + 2 * L;
   const bool half = static_cast<int>(blockIdx.x) >= nfull;
   const StateTailTile t = StateTailTileOf(d, nfull, half);
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      MbInit(full + 8 * i, 128);  // every producer thread (thread 0's with the expected bytes)
-      MbInit(empty + 8 * i, 8);
-    }
-    MbInitFence();
-  }
-  __syncthreads();
+  InitRing<2>(full, empty, 128);  // every producer thread (thread 0's with the expected bytes)
   if (threadIdx.x < 128) {  // thread 0 issues the tiles (after its coef / ddc), all write coef / ddc
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int tt = threadIdx.x;
