@@ -1082,13 +1082,9 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
         }
-        if (lane == 0) reinterpret_cast<int*>(bs)[vec_floats - 2] = min(tile, ntiles);
-        MbArrive(vfull + 8 * vb);
-        CpAsyncMbArriveNoinc(vfull + 8 * vb);
+        PublishTile(reinterpret_cast<int*>(bs), vec_floats - 2, vfull + 8 * vb, tile, ntiles, lane);
         if (tile >= ntiles) break;
-        int next = 0;
-        if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
-        tile = __shfl_sync(0xffffffffu, next, 0);
+        tile = DrawNextTile(tile_counter, lane);
       }
     }
     return;

@@ -556,4 +556,20 @@ __device__ __forceinline__ void CpAsyncMbArriveNoinc(uint32_t bar) {
 // the next of them (host round robin, TakePersistCounter) and zeroes it on its stream, so launches
 // in flight at once on different streams (up to 64) do not share one.
 constexpr int kPersistCounters = 64;
+
+// Producer warp 1 of a persistent kernel, after filling a vector buffer: lane 0 publishes the tile
+// (min(tile, ntiles): ntiles tells the TMA thread and the consumers to stop) at buf[at], and every
+// lane arrives on the buffer's vfull barrier, once now and once when its cp.asyncs have landed.
+__device__ __forceinline__ void PublishTile(int* buf, int at, uint32_t vfull, int tile, int ntiles, int lane) {
+  if (lane == 0) buf[at] = min(tile, ntiles);
+  hopper::MbArrive(vfull);
+  CpAsyncMbArriveNoinc(vfull);
+}
+// The block's next tile: gridDim.x + the launch's counter (lane 0 draws, the warp shares it), so
+// the SM that finishes first takes the next tile.
+__device__ __forceinline__ int DrawNextTile(unsigned* counter, int lane) {
+  int next = 0;
+  if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(counter, 1u));
+  return __shfl_sync(0xffffffffu, next, 0);
+}
 __device__ unsigned g_persist_tiles[kPersistCounters];

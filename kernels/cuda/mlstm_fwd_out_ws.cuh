@@ -599,13 +599,9 @@ __global__ void __launch_bounds__(384, 1)
           for (int i = lane; i < d.DK; i += 32) CpAsync4Shared(bsa + 4 * (3 * L + i), nbase + i);
           if (lane == 0) CpAsync4Shared(bsa + 4 * (3 * L + d.DK), p.smk + kst);
         }
-        if (lane == 0) reinterpret_cast<int*>(nks)[d.DK + 1] = min(tile, ntiles);
-        MbArrive(vfull + 8 * vb);
-        CpAsyncMbArriveNoinc(vfull + 8 * vb);
+        PublishTile(reinterpret_cast<int*>(nks), d.DK + 1, vfull + 8 * vb, tile, ntiles, lane);
         if (tile >= ntiles) break;
-        int next = 0;
-        if (lane == 0) next = gridDim.x + static_cast<int>(atomicAdd(tile_counter, 1u));
-        tile = __shfl_sync(0xffffffffu, next, 0);
+        tile = DrawNextTile(tile_counter, lane);
       }
     }
     return;
