@@ -170,46 +170,38 @@ __device__ __forceinline__ void StateFwdAFrags(uint32_t (&ae)[8][4], uint32_t (&
   }
 }
 
-// kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
-// (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
-// the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
-// chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
-// the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
-template <int kSub>
-__device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
+// state_fwd's producer (thread 0): for each of nsteps 128-token steps the K tile's two column
+// blocks (rows a0..) and kNT / 8 column blocks of V (from j0) of head (b, hd), onto the stage's
+// "full" mbarrier.
+template <int kNT>
+__device__ __forceinline__ void StateFwdLoads(const StateWsMaps& maps, int a0, int j0, int b, int hd, int nsteps,
+                                              uint32_t sa, uint32_t full, uint32_t empty) {
   using namespace hopper;
   using SM = StateWsSmem;
-  constexpr int L = 128, kNT = 16;
-  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  const uint32_t sa = SmemAddr(sm);
-  const uint32_t full = sa + SM::kBars, empty = full + 16;
-  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
-  const int b = bh / d.NH, hd = bh % d.NH;
-  InitRing<2>(full, empty, 1);
-
-  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (threadIdx.x == 0) {
-      for (int k = 0; k < nsteps; ++k) {
-        const int slot = k & 1, use = k >> 1;
-        if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-        const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
-        MbArriveExpectTx(fb, SM::kStage);
-        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
-        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
-      }
-    }
-    return;
+  constexpr int L = 128;
+  for (int k = 0; k < nsteps; ++k) {
+    const int slot = k & 1, use = k >> 1;
+    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+    MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
+    TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);
+    TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+    TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);
+    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
   }
+}
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+// state_fwd's consumer warpgroups (both full kernels and the tail's blocks) on one tile: kNT
+// n-tiles (16: 128 columns; 8: a tail half block) from column j0, rows a0.., head bh, nsteps
+// 128-token steps of kSub per chunk (StateFwdWs). n_block: the block that also carries n.
+template <int kNT, int kSub>
+__device__ __forceinline__ void StateFwdConsume(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps, int j0,
+                                                int a0, int bh, bool n_block, int nsteps, unsigned char* sm,
+                                                uint32_t sa, uint32_t full, uint32_t empty) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
   const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
-  const bool n_block = blockIdx.x == 0;
   const int row0 = a0 + 16 * w;  // this warp's first row of C / n
   float acc[kNT][4];
   LoadStateInit(acc, d, p.c0, bh, row0, j0, lane);
@@ -226,7 +218,7 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
     // E_t of the 32 tokens this lane's A fragments need (zero past the chunk's end).
     float ew[L / 16][4];
     LoadLaneWeights(ew, p.e_tok + static_cast<int64_t>(bh) * d.S + t0, len, c);
-    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then four TMA box stores.
+    // C_k out: stage this warp's 16 rows (hi, lo) swizzled, then the TMA box stores.
     if (first) {
       StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + kc) * d.DK + row0, lane);
       if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + kc) * d.DK + row0, nacc, lane);
@@ -246,6 +238,36 @@ __device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, cons
   }
   StoreFinalState(d, p, acc, nacc, bh, row0, j0, n_block, lane);
   if (lane == 0) BulkWait<0>();  // the staging areas stay valid until every box was stored
+}
+
+// kSub: 128-token steps per chunk. 1 = chunk 128 (mlstm_state_fwd_ws); 2 = chunk 256
+// (mlstm_state_fwd_ws_l256): the loop walks 128-token steps as before, but C_k / n_k leave and
+// the decay applies only at a chunk's first step; E_t (the gate scan's, relative to the 256-token
+// chunk's end) weights both halves, so C_{k+1} = decay·C_k + Σ_{both halves} Kᵀ diag(E) V. Half
+// the C_k stores of chunk 128 (the point of chunk 256), the same loads and products.
+template <int kSub>
+__device__ __forceinline__ void StateFwdWs(const Dims& d, const FwdPtrs& p, const StateWsMaps& maps) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t sa = SmemAddr(sm);
+  const uint32_t full = sa + SM::kBars, empty = full + 16;
+  const int j0 = blockIdx.x * 128, a0 = blockIdx.y * 128, bh = blockIdx.z;
+  const int b = bh / d.NH, hd = bh % d.NH;
+  InitRing<2>(full, empty, 1);
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all loads
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) StateFwdLoads<16>(maps, a0, j0, b, hd, nsteps, sa, full, empty);
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  StateFwdConsume<16, kSub>(d, p, maps, j0, a0, bh, blockIdx.x == 0, nsteps, sm, sa, full, empty);
 }
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_fwd_ws(Dims d, FwdPtrs p, const __grid_constant__ StateWsMaps maps) {
@@ -420,68 +442,6 @@ __device__ __forceinline__ StateTailTile StateTailTileOf(const Dims& d, int nful
   return t;
 }
 
-// state_fwd's producer (thread 0): the K tile's two column blocks and kNT / 8 column blocks of
-// V for each chunk, onto the stage's "full" mbarrier.
-template <int kNT>
-__device__ __forceinline__ void StateFwdTailLoads(const Dims& d, const StateWsMaps& maps,
-                                                  const StateTailTile& t, uint32_t sa,
-                                                  uint32_t full, uint32_t empty) {
-  using namespace hopper;
-  using SM = StateWsSmem;
-  constexpr int L = 128;
-  const int b = t.bh / d.NH, hd = t.bh % d.NH;
-  for (int k = 0; k < d.NC; ++k) {
-    const int slot = k & 1, use = k >> 1;
-    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
-    MbArriveExpectTx(fb, (2 + kNT / 8) * SM::kTile64);
-    TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);
-    TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
-    TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);
-    if (kNT == 16) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
-  }
-}
-
-// state_fwd consumer warpgroups (mlstm_state_fwd_ws's, chunk 128) on kNT n-tiles.
-template <int kNT>
-__device__ __forceinline__ void StateFwdTailConsume(const Dims& d, const FwdPtrs& p,
-                                                    const StateWsMaps& maps, const StateTailTile& t,
-                                                    unsigned char* sm, uint32_t sa, uint32_t full,
-                                                    uint32_t empty) {
-  using namespace hopper;
-  using SM = StateWsSmem;
-  constexpr int L = 128;
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5, c = lane & 3;
-  const int j0 = t.j0, a0 = t.a0, bh = t.bh;
-  const bool n_block = t.first && t.part == 0;
-  const int row0 = a0 + 16 * w;
-  float acc[kNT][4];
-  LoadStateInit(acc, d, p.c0, bh, row0, j0, lane);
-  float nacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (n_block && p.c0 != nullptr) LoadNAcc(nacc, p.n0 + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + SM::kStaging + w * 8192;
-  const uint32_t stg_a = SmemAddr(stg);
-  int slot = 0, phase = 0;
-  for (int k = 0; k < d.NC; ++k) {
-    const int t0 = k * L, len = min(L, d.S - t0);
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    float ew[L / 16][4];
-    LoadLaneWeights(ew, p.e_tok + static_cast<int64_t>(bh) * d.S + t0, len, c);
-    StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * (d.NC + 1) + k) * d.DK + row0, lane);
-    if (n_block) StoreNAcc(p.sn + (static_cast<int64_t>(bh) * (d.NC + 1) + k) * d.DK + row0, nacc, lane);
-
-    MbWait(full + 8 * slot, phase);
-    const unsigned char* kst = sm + slot * SM::kStage;
-    DecayState(acc, nacc, decay);
-    uint32_t ae[L / 16][4], elo[L / 16][4];
-    StateFwdAFrags(ae, elo, nacc, kst, ew, w, n_block, lane);
-    const uint64_t v_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    StateUpdate<kNT>(acc, ae, elo, d.fwd_wlo, v_d);
-    StateReleaseStage(empty, slot, phase, lane);
-  }
-  StoreFinalState(d, p, acc, nacc, bh, row0, j0, n_block, lane);
-  if (lane == 0) BulkWait<0>();
-}
 
 // Blocks [0, nfull): full 128-column tiles; [nfull, gridDim.x): 64-column halves.
 __global__ void __launch_bounds__(384, 1)
@@ -500,18 +460,18 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (threadIdx.x == 0) {
       if (half) {
-        StateFwdTailLoads<8>(d, maps, t, sa, full, empty);
+        StateFwdLoads<8>(maps, t.a0, t.j0, t.bh / d.NH, t.bh % d.NH, d.NC, sa, full, empty);
       } else {
-        StateFwdTailLoads<16>(d, maps, t, sa, full, empty);
+        StateFwdLoads<16>(maps, t.a0, t.j0, t.bh / d.NH, t.bh % d.NH, d.NC, sa, full, empty);
       }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateFwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty);
+    StateFwdConsume<8, 1>(d, p, maps, t.j0, t.a0, t.bh, t.first && t.part == 0, d.NC, sm, sa, full, empty);
   } else {
-    StateFwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty);
+    StateFwdConsume<16, 1>(d, p, maps, t.j0, t.a0, t.bh, t.first && t.part == 0, d.NC, sm, sa, full, empty);
   }
 }
 
