@@ -279,6 +279,105 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 
+// state_bwd's producer warpgroup (128 threads, one token each): for each of nsteps reverse 128-token
+// steps the stage's coef / ddc into cws / dws, then thread 0 issues the Q̂ tile's two column blocks
+// (rows a0..) and dH's two (one for a tail half block) from column j0 of head bh = (b, hd), onto
+// the stage's "full" mbarrier; every thread arrives there (count 128; thread 0's arrival carries
+// the TMA bytes and releases the coefficient stores).
+__device__ __forceinline__ void StateBwdLoads(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps, int a0,
+                                              int j0, int bh, int b, int hd, int nsteps, bool half, uint32_t sa,
+                                              uint32_t full, uint32_t empty, float* cws, float* dws) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int t = threadIdx.x;
+  const int64_t so = static_cast<int64_t>(bh) * d.S;
+  for (int s = 0; s < nsteps; ++s) {
+    const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
+    const int t0 = k * L, len = min(L, d.S - t0);
+    const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
+    const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
+    if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
+    cws[slot * L + t] = cf;
+    dws[slot * L + t] = dd;
+    const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
+    if (t == 0) {
+      MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);  // (release: the stores above are visible)
+      TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);  // q
+      TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
+      TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);  // dh
+      if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
+    } else {
+      MbArrive(fb);
+    }
+  }
+}
+
+// state_bwd's consumer warpgroups (both full kernels and the tail's blocks) on one tile: kNT
+// n-tiles from column j0, rows a0.., head bh, nsteps reverse 128-token steps of kSub per chunk
+// (StateBwdWs); coef / ddc of each stage from the producer warpgroup through shared memory (cws,
+// dws). part of parts: this tile's dv column block, which sums the 16-token steps kk % parts ==
+// part of dn; dn_block: the block that carries that part (a tail tile's first half only).
+template <int kNT, int kSub>
+__device__ __forceinline__ void StateBwdConsume(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps, int j0,
+                                                int a0, int bh, int part, int parts, bool dn_block, int nsteps,
+                                                unsigned char* sm, uint32_t sa, uint32_t full, uint32_t empty,
+                                                const float* cws, const float* dws) {
+  using namespace hopper;
+  using SM = StateWsSmem;
+  constexpr int L = 128;
+  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
+  const int row0 = a0 + 16 * w;
+  auto dn_slot = [&](int slot) {
+    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
+  };
+  float acc[kNT][4];
+  LoadStateInit(acc, d, p.dc_fin, bh, row0, j0, lane);
+  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (dn_block && part == 0 && p.dc_fin != nullptr)
+    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
+  unsigned char* stg = sm + SM::kStaging + w * 8192;
+  const uint32_t stg_a = SmemAddr(stg);
+  int slot = 0, phase = 0;
+  for (int s = 0; s < nsteps; ++s) {
+    const int k = nsteps - 1 - s;
+    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
+    const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
+    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
+    if (first) {
+      StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + kc) * d.DK + row0, lane);
+      if (dn_block) StoreNAcc(dn_slot(kc), dnacc, lane);
+    }
+
+    MbWait(full + 8 * slot, phase);
+    const unsigned char* qst = sm + slot * SM::kStage;
+    if (first) {
+      DecayState(acc, dnacc, decay);
+    }
+    uint32_t ac[L / 16][4], aclo[L / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+      uint32_t a[4];
+      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
+      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
+      if (dn_block && kk % parts == part) {
+        uint32_t ad[4], adlo[4];
+        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
+        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
+        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
+      }
+    }
+    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
+    StateUpdate<kNT>(acc, ac, aclo, d.bwd_wlo, h_d);
+    StateReleaseStage(empty, slot, phase, lane);
+  }
+  if (dn_block) StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
+  if (p.dc0 != nullptr) {
+    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
+  }
+  if (lane == 0) BulkWait<0>();
+}
+
 // state_bwd with a TMA producer (helper mlstm10; the default since session 8, the only kernel at
 // L 128 with 128×128 tiles since the warpgroup kernel it replaced was deleted after losing, 0.453
 // -> 0.334 ms): mlstm_state_fwd_ws's structure (StateWsSmem, StateWsMaps with q / dh for k / v and
@@ -295,7 +394,7 @@ template <int kSub>
 __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, const StateWsMaps& maps) {
   using namespace hopper;
   using SM = StateWsSmem;
-  constexpr int L = 128, kNT = 16;
+  constexpr int L = 128;
   const int nsteps = kSub == 1 ? d.NC : (d.S + L - 1) / L;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* sm = reinterpret_cast<unsigned char*>(
@@ -312,81 +411,12 @@ __device__ __forceinline__ void StateBwdWs(const Dims& d, const BwdPtrs& p, cons
 
   if (threadIdx.x < 128) {  // producer warpgroup: thread 0 issues the tiles, all write coef / ddc
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int t = threadIdx.x;
-    const int64_t so = static_cast<int64_t>(bh) * d.S;
-    for (int s = 0; s < nsteps; ++s) {
-      const int k = nsteps - 1 - s, slot = s & 1, use = s >> 1;
-      const int t0 = k * L, len = min(L, d.S - t0);
-      const float cf = t < len ? p.coef[so + t0 + t] : 0.f;
-      const float dd = t < len ? p.ddc[so + t0 + t] : 0.f;
-      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-      cws[slot * L + t] = cf;
-      dws[slot * L + t] = dd;
-      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
-      if (t == 0) {
-        MbArriveExpectTx(fb, SM::kStage);  // (release: the stores above are visible to waiters)
-        TmaTile4d(st, &maps.k, fb, a0, hd, k * L, b);  // q
-        TmaTile4d(st + SM::kTile64, &maps.k, fb, a0 + 64, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV, &maps.v, fb, j0, hd, k * L, b);  // dh
-        TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, j0 + 64, hd, k * L, b);
-      } else {
-        MbArrive(fb);
-      }
-    }
+    StateBwdLoads(d, p, maps, a0, j0, bh, b, hd, nsteps, false, sa, full, empty, cws, dws);
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
-  const int row0 = a0 + 16 * w;
-  auto dn_slot = [&](int slot) {
-    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + slot) * parts + part) * d.DK + row0;
-  };
-  float acc[kNT][4];
-  LoadStateInit(acc, d, p.dc_fin, bh, row0, j0, lane);
-  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (part == 0 && p.dc_fin != nullptr)
-    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + SM::kStaging + w * 8192;
-  const uint32_t stg_a = SmemAddr(stg);
-  int slot = 0, phase = 0;
-  for (int s = 0; s < nsteps; ++s) {
-    const int k = nsteps - 1 - s;
-    const int kc = kSub == 1 ? k : k >> 1;  // chunk of this step
-    const bool first = kSub == 1 || (k & 1) == 1 || s == 0;  // dC_{kc+1} out, decay
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + kc];
-    if (first) {
-      StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + kc) * d.DK + row0, lane);
-      StoreNAcc(dn_slot(kc), dnacc, lane);
-    }
-
-    MbWait(full + 8 * slot, phase);
-    const unsigned char* qst = sm + slot * SM::kStage;
-    if (first) {
-      DecayState(acc, dnacc, decay);
-    }
-    uint32_t ac[L / 16][4], aclo[L / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
-      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
-      if (kk % parts == part) {
-        uint32_t ad[4], adlo[4];
-        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-      }
-    }
-    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    StateUpdate<kNT>(acc, ac, aclo, d.bwd_wlo, h_d);
-    StateReleaseStage(empty, slot, phase, lane);
-  }
-  StoreNAcc(dn_slot(d.NC), dnacc, lane);  // dn_0's part (bwd_dqk writes d_initial's dn0)
-  if (p.dc0 != nullptr) {
-    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (lane == 0) BulkWait<0>();
+  StateBwdConsume<16, kSub>(d, p, maps, j0, a0, bh, part, parts, true, nsteps, sm, sa, full, empty, cws, dws);
 }
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps) {
@@ -475,65 +505,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// state_bwd consumer warpgroups (mlstm_state_bwd_ws's, chunk 128) on kNT n-tiles; coef / ddc of
-// each stage come from the producer warpgroup through shared memory, as there.
-template <int kNT>
-__device__ __forceinline__ void StateBwdTailConsume(const Dims& d, const BwdPtrs& p,
-                                                    const StateWsMaps& maps, const StateTailTile& t,
-                                                    unsigned char* sm, uint32_t sa, uint32_t full,
-                                                    uint32_t empty, const float* cws,
-                                                    const float* dws) {
-  using namespace hopper;
-  using SM = StateWsSmem;
-  constexpr int L = 128;
-  const int tid = threadIdx.x - 128, lane = tid & 31, w = tid >> 5;
-  const int j0 = t.j0, a0 = t.a0, bh = t.bh, part = t.part, parts = d.DV / 128;
-  const bool dn_block = t.first;  // the tile's dn part: summed and stored by its first half only
-  const int row0 = a0 + 16 * w;
-  auto dn_slot = [&](int s) {
-    return p.dn + ((static_cast<int64_t>(bh) * (d.NC + 1) + s) * parts + part) * d.DK + row0;
-  };
-  float acc[kNT][4];
-  LoadStateInit(acc, d, p.dc_fin, bh, row0, j0, lane);
-  float dnacc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (dn_block && part == 0 && p.dc_fin != nullptr)
-    LoadNAcc(dnacc, p.dn_fin + static_cast<int64_t>(bh) * d.DK + row0, lane);
-  unsigned char* stg = sm + SM::kStaging + w * 8192;
-  const uint32_t stg_a = SmemAddr(stg);
-  int slot = 0, phase = 0;
-  for (int s = 0; s < d.NC; ++s) {
-    const int k = d.NC - 1 - s;
-    const float decay = p.decay[static_cast<int64_t>(bh) * d.NC + k];
-    StateStageOut<kNT>(acc, stg, stg_a, maps, d.split, j0, (bh * d.NC + k) * d.DK + row0, lane);
-    if (dn_block) StoreNAcc(dn_slot(k), dnacc, lane);
-
-    MbWait(full + 8 * slot, phase);
-    const unsigned char* qst = sm + slot * SM::kStage;
-    DecayState(acc, dnacc, decay);
-    uint32_t ac[L / 16][4], aclo[L / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < L / 16; ++kk) {
-      uint32_t a[4];
-      LoadATSw(a, qst, 16 * w, 16 * kk, lane);
-      ScaleAKSplit(ac[kk], aclo[kk], a, cws + slot * L, 16 * kk, lane);
-      if (dn_block && kk % parts == part) {
-        uint32_t ad[4], adlo[4];
-        ScaleAKSplit(ad, adlo, a, dws + slot * L, 16 * kk, lane);
-        Mma(dnacc, ad, kOnesBf16x2, kOnesBf16x2);
-        Mma(dnacc, adlo, kOnesBf16x2, kOnesBf16x2);
-      }
-    }
-    const uint64_t h_d = SmemDescSw128(sa + slot * SM::kStage + SM::kOffV, SM::kTile64, 1024);
-    StateUpdate<kNT>(acc, ac, aclo, d.bwd_wlo, h_d);
-    StateReleaseStage(empty, slot, phase, lane);
-  }
-  if (dn_block) StoreNAcc(dn_slot(d.NC), dnacc, lane);
-  if (p.dc0 != nullptr) {
-    StoreAccF32(p.dc0 + (static_cast<int64_t>(bh) * d.DK + row0) * d.DV + j0, d.DV, acc, lane);
-  }
-  if (lane == 0) BulkWait<0>();
-}
-
 __global__ void __launch_bounds__(384, 1)
     mlstm_state_bwd_ws_tail(Dims d, BwdPtrs p, const __grid_constant__ StateWsMaps maps, int nfull) {
   using namespace hopper;
@@ -551,34 +522,13 @@ __global__ void __launch_bounds__(384, 1)
   InitRing<2>(full, empty, 128);  // every producer thread (thread 0's with the expected bytes)
   if (threadIdx.x < 128) {  // thread 0 issues the tiles (after its coef / ddc), all write coef / ddc
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    const int tt = threadIdx.x;
-    const int b = t.bh / d.NH, hd = t.bh % d.NH;
-    const int64_t so = static_cast<int64_t>(t.bh) * d.S;
-    for (int s = 0; s < d.NC; ++s) {
-      const int k = d.NC - 1 - s, slot = s & 1, use = s >> 1;
-      const int t0 = k * L, len = min(L, d.S - t0);
-      const float cf = tt < len ? p.coef[so + t0 + tt] : 0.f;
-      const float dd = tt < len ? p.ddc[so + t0 + tt] : 0.f;
-      if (use > 0) MbWait(empty + 8 * slot, (use - 1) & 1);
-      cws[slot * L + tt] = cf;
-      dws[slot * L + tt] = dd;
-      const uint32_t st = sa + slot * SM::kStage, fb = full + 8 * slot;
-      if (tt == 0) {
-        MbArriveExpectTx(fb, (half ? 3 : 4) * SM::kTile64);
-        TmaTile4d(st, &maps.k, fb, t.a0, hd, k * L, b);  // q
-        TmaTile4d(st + SM::kTile64, &maps.k, fb, t.a0 + 64, hd, k * L, b);
-        TmaTile4d(st + SM::kOffV, &maps.v, fb, t.j0, hd, k * L, b);  // dh
-        if (!half) TmaTile4d(st + SM::kOffV + SM::kTile64, &maps.v, fb, t.j0 + 64, hd, k * L, b);
-      } else {
-        MbArrive(fb);
-      }
-    }
+    StateBwdLoads(d, p, maps, t.a0, t.j0, t.bh, t.bh / d.NH, t.bh % d.NH, d.NC, half, sa, full, empty, cws, dws);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   if (half) {
-    StateBwdTailConsume<8>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+    StateBwdConsume<8, 1>(d, p, maps, t.j0, t.a0, t.bh, t.part, d.DV / 128, t.first, d.NC, sm, sa, full, empty, cws, dws);
   } else {
-    StateBwdTailConsume<16>(d, p, maps, t, sm, sa, full, empty, cws, dws);
+    StateBwdConsume<16, 1>(d, p, maps, t.j0, t.a0, t.bh, t.part, d.DV / 128, t.first, d.NC, sm, sa, full, empty, cws, dws);
   }
 }
