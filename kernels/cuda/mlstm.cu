@@ -674,6 +674,23 @@ CudaResult FitCluster(Kernel kernel, cudaLaunchConfig_t* cfg, cudaLaunchAttribut
   return {};
 }
 
+// The gate scans' cluster launch (gates_fwd / gates_bwd with d.gate_cluster > 1): a cluster of
+// d.gate_cluster CTAs of `threads` per head, grid (cluster, B·NH); attr[0] holds the cluster size
+// (FitCluster may lower it).
+void GateClusterLaunch(const Dims& d, int threads, cudaStream_t stream, cudaLaunchConfig_t* cfg,
+                       cudaLaunchAttribute* attr) {
+  *cfg = {};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg->gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(d.B * d.NH));
+  cfg->blockDim = dim3(threads);
+  cfg->stream = stream;
+  cfg->attrs = attr;
+  cfg->numAttrs = 1;
+}
+
 // A bf16 map with 64-column × `box_rows` boxes in the 128-byte swizzle (zeros outside `dims`):
 // rank 4 = (columns, heads, tokens, batch) of a [B][S][NH][cols] tensor, rank 2 = (columns, rows).
 CudaResult EncodeSwizzledMap(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
@@ -766,17 +783,9 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
                          bool tail_split = false, bool ring_eager = false, int persist_blocks = 0) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
-    cudaLaunchConfig_t cfg = {};
+    cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
-    cfg.blockDim = dim3(32 * kGateFwdClWarps);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    GateClusterLaunch(d, 32 * kGateFwdClWarps, stream, &cfg, attr);
     CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster, &cfg, attr));
     CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster, d, p));
   } else if (d.par_gates) {
@@ -871,17 +880,9 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
 CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) {
   const int bh = d.B * d.NH;
   if (d.gate_cluster > 1) {
-    cudaLaunchConfig_t cfg = {};
+    cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
-    cfg.blockDim = dim3(kGateClThreads);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    GateClusterLaunch(d, kGateClThreads, stream, &cfg, attr);
     CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_bwd_cluster, &cfg, attr));
     CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_bwd_cluster, d, p));
   } else if (d.par_gates) {
@@ -1032,17 +1033,9 @@ CudaResult LaunchForward256(const Dims& d, const FwdPtrs& p, cudaStream_t stream
                             uint4* pfrag = nullptr, float* rs_off = nullptr, bool ring_eager = false) {
   const int bh = d.B * d.NH, halves = (d.S + 127) / 128;
   if (d.gate_cluster > 1 && d.NC <= kGateFwdClMaxChunks) {
-    cudaLaunchConfig_t cfg = {};
+    cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(d.gate_cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(static_cast<unsigned>(d.gate_cluster), static_cast<unsigned>(bh));
-    cfg.blockDim = dim3(32 * kGateFwdClWarps);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    GateClusterLaunch(d, 32 * kGateFwdClWarps, stream, &cfg, attr);
     CUDA_RETURN_IF_NOT_OK(FitCluster(mlstm_gates_fwd_cluster_wide<8>, &cfg, attr));
     CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, mlstm_gates_fwd_cluster_wide<8>, d, p));
   } else {

@@ -7,6 +7,20 @@
 // math; each of them names the kernel here whose products it reorganises. Included by mlstm.cu
 // inside its anonymous namespace, after mlstm_device.cuh.
 
+// The two-stage cp.async pipeline of fwd_out / bwd_dv / bwd_dqk: before step i, issue step i + 1's
+// loads into the other stage (load(i + 1, stage), which commits a group) and wait for step i's
+// group, or at the last step for all; then the block barrier makes the tiles visible.
+template <typename Load>
+__device__ __forceinline__ void NextStage(Load& load, int i, int n) {
+  if (i + 1 < n) {
+    load(i + 1, (i + 1) & 1);
+    CpAsyncWait<1>();
+  } else {
+    CpAsyncWait<0>();
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------- 2. state_fwd
 
 // A block of the state recurrences owns a TM (dk rows) × TN (dv columns) tile of C for one
@@ -225,13 +239,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_fwd_out(Dims d, FwdPtrs p) {
   float qnacc[4] = {0.f, 0.f, 0.f, 0.f};
   const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
-    if (dt + 1 < ndt) {
-      load_stage(dt + 1, (dt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    NextStage(load_stage, dt, ndt);
     const bf16* qs = sm + (dt & 1) * SM::kStage;
     const bf16* ks = qs + L * SM::kS64;
     const bf16* cs = qs + 2 * L * SM::kS64;
@@ -516,13 +524,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dv(Dims d, BwdPtrs p) {
   for (int i = 0; i < kHt; ++i) vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.f;
   const int ndt = d.DK / 64;
   for (int dt = 0; dt < ndt; ++dt) {
-    if (dt + 1 < ndt) {
-      load_stage(dt + 1, (dt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    NextStage(load_stage, dt, ndt);
     const bf16* ks = sm + (dt & 1) * SM::kStage;
     const bf16* qs = ks + L * SM::kS64;
     const bf16* cs = ks + 2 * L * SM::kS64;
@@ -700,13 +702,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   const int njt = d.DV / 64;
   load_p1(0, 0);
   for (int jt = 0; jt < njt; ++jt) {
-    if (jt + 1 < njt) {
-      load_p1(jt + 1, (jt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    NextStage(load_p1, jt, njt);
     const bf16* hs = sm + (jt & 1) * SM::kStage;
     const bf16* vs = hs + SM::kOffV;
     const bf16* cs = hs + SM::kOffC;
@@ -797,13 +793,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
 #pragma unroll
   for (int i = 0; i < kQt; ++i) kacc[i][0] = kacc[i][1] = kacc[i][2] = kacc[i][3] = 0.f;
   for (int jt = 0; jt < njt; ++jt) {
-    if (jt + 1 < njt) {
-      load_p3(jt + 1, (jt + 1) & 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    NextStage(load_p3, jt, njt);
     const bf16* vs = sm + (jt & 1) * SM::kStage + SM::kOffV;
     const bf16* dcs = sm + (jt & 1) * SM::kStage + SM::kOffC;
     const bf16* dclos = sm + (jt & 1) * SM::kStage;
