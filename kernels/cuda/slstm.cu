@@ -187,6 +187,50 @@ __device__ __forceinline__ float FastTanh(float x) {  // tanh.approx: max relati
   return y;
 }
 
+// One unit's sLSTM cell backward at a step (kernels/cpu/slstm.cc slstm_bwd_ref), shared by the
+// cluster and partial backward kernels (SlstmBwdKernel keeps its copy, see there): from the
+// pre-activations (i, f, z, o), the state before the step (cp, np, mp), the step's c_t, n_t, the
+// incoming gradient gh + dh_in and the carried gc, gn, gm: the pre-activation gradients d_i, d_f,
+// d_z, d_o, and g_c, g_n, fp, g_lf, from which the caller carries gc = g_c·fp, gn = g_n·fp,
+// gm = g_lf to the step before (after its stores, as before the fold). kFast: the partial
+// kernel's __expf and tanh.approx-based sigmoids (tanh stays precise: d_z uses 1 − tz², which
+// cancels near |tz| = 1).
+struct CellGrad {
+  float d_i, d_f, d_z, d_o;
+  float g_c, g_n, fp, g_lf;
+};
+template <bool kFast>
+__device__ __forceinline__ CellGrad CellBackward(const float (&pre)[4], float cp, float np, float mp, float c_t,
+                                                 float n_t, float gh, float dh_in, float gc, float gn, float gm) {
+  const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
+  const float lf = (kFast ? FastLogSigmoid(f_raw) : LogSigmoid(f_raw)) + mp;
+  const bool from_input = np == 0.f || i_raw >= lf;
+  const float m_new = from_input ? i_raw : lf;
+  const float ip = from_input ? 1.f : fminf(kFast ? __expf(i_raw - m_new) : expf(i_raw - m_new), 1.f);
+  const float fp = from_input ? fminf(kFast ? __expf(lf - m_new) : expf(lf - m_new), 1.f) : 1.f;
+  const float tz = tanhf(z_raw);
+  const float so = kFast ? FastSigmoid(o_raw) : Sigmoid(o_raw);
+  const float g_h = gh + dh_in;
+  CellGrad r;
+  r.d_o = g_h * (c_t / n_t) * so * (1.f - so);
+  r.g_c = gc + g_h * so / n_t;
+  r.g_n = gn - g_h * so * c_t / (n_t * n_t);
+  const float g_fp = r.g_c * cp + r.g_n * np;
+  const float g_ip = r.g_c * tz + r.g_n;
+  r.d_z = r.g_c * ip * (1.f - tz * tz);
+  r.d_i = g_ip * ip;
+  r.g_lf = g_fp * fp;
+  const float g_m = gm - g_ip * ip - g_fp * fp;
+  if (from_input) {
+    r.d_i += g_m;
+  } else {
+    r.g_lf += g_m;
+  }
+  r.d_f = r.g_lf * (kFast ? FastSigmoid(-f_raw) : Sigmoid(-f_raw));
+  r.fp = fp;
+  return r;
+}
+
 // ------------------------------------------------------------------ forward
 
 // NT: MMA n-tiles of 8 batch rows (batch slice 8·NT); KF: K-tiles (of 16) per warp.
@@ -485,7 +529,8 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
     if (t < 0) break;
 
     if (active) {
-      // kernels/cpu/slstm.cc slstm_bwd_ref, one unit.
+      // kernels/cpu/slstm.cc slstm_bwd_ref, one unit. (CellBackward's math; folded, this kernel's
+      // PTX binds the loop-carried registers in another order, so it keeps its copy.)
       const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
       const float lf = LogSigmoid(f_raw) + mp;
       const bool from_input = np == 0.f || i_raw >= lf;
@@ -1012,41 +1057,18 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
     if (t < 0) break;
 
     if (active) {
-      const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
-      const float lf = LogSigmoid(f_raw) + mp;
-      const bool from_input = np == 0.f || i_raw >= lf;
-      const float m_new = from_input ? i_raw : lf;
-      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
-      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
-      const float tz = tanhf(z_raw);
-      const float so = Sigmoid(o_raw);
-      const float g_h = gh + dh_in;
-      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
-      const float g_c = gc + g_h * so / n_t;
-      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
-      const float g_fp = g_c * cp + g_n * np;
-      const float g_ip = g_c * tz + g_n;
-      const float d_z = g_c * ip * (1.f - tz * tz);
-      float d_i = g_ip * ip;
-      float g_lf = g_fp * fp;
-      const float g_m = gm - g_ip * ip - g_fp * fp;
-      if (from_input) {
-        d_i += g_m;
-      } else {
-        g_lf += g_m;
-      }
-      const float d_f = g_lf * Sigmoid(-f_raw);
-      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
-                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      const CellGrad cg = CellBackward<false>(pre, cp, np, mp, c_t, n_t, gh, dh_in, gc, gn, gm);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(cg.d_i), __float2bfloat16_rn(cg.d_f),
+                                    __float2bfloat16_rn(cg.d_z), __float2bfloat16_rn(cg.d_o)};
       __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         dg[g * d] = dgs[g];
         gst[bl][g][u] = dgs[g];
       }
-      gc = g_c * fp;
-      gn = g_n * fp;
-      gm = g_lf;
+      gc = cg.g_c * cg.fp;
+      gn = cg.g_n * cg.fp;
+      gm = cg.g_lf;
       c_t = cp;
       n_t = np;
       if (t > 0) load_step(t - 1);
@@ -1239,45 +1261,22 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
 
     const int par = s & 1;
     if (active) {
-      const float i_raw = cur.pre[0], f_raw = cur.pre[1], z_raw = cur.pre[2], o_raw = cur.pre[3];
       const bool zero_prev = kLate && cur.zero_prev;
       const float cp = zero_prev ? 0.f : cur.cp, np = zero_prev ? 0.f : cur.np,
                   mp = zero_prev ? 0.f : cur.mp;
       const float dh_in = kLate ? Bf16BitsToFloat(cur.dh_bits) : cur.dh_in;
-      const float lf = FastLogSigmoid(f_raw) + mp;
-      const bool from_input = np == 0.f || i_raw >= lf;
-      const float m_new = from_input ? i_raw : lf;
-      const float ip = from_input ? 1.f : fminf(__expf(i_raw - m_new), 1.f);
-      const float fp = from_input ? fminf(__expf(lf - m_new), 1.f) : 1.f;
-      const float tz = tanhf(z_raw);  // precise: d_z uses 1 − tz², which cancels near |tz| = 1
-      const float so = FastSigmoid(o_raw);
-      const float g_h = gh + dh_in;
-      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
-      const float g_c = gc + g_h * so / n_t;
-      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
-      const float g_fp = g_c * cp + g_n * np;
-      const float g_ip = g_c * tz + g_n;
-      const float d_z = g_c * ip * (1.f - tz * tz);
-      float d_i = g_ip * ip;
-      float g_lf = g_fp * fp;
-      const float g_m = gm - g_ip * ip - g_fp * fp;
-      if (from_input) {
-        d_i += g_m;
-      } else {
-        g_lf += g_m;
-      }
-      const float d_f = g_lf * FastSigmoid(-f_raw);
-      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
-                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      const CellGrad cg = CellBackward<true>(cur.pre, cp, np, mp, c_t, n_t, gh, dh_in, gc, gn, gm);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(cg.d_i), __float2bfloat16_rn(cg.d_f),
+                                    __float2bfloat16_rn(cg.d_z), __float2bfloat16_rn(cg.d_o)};
       __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         dg[g * d] = dgs[g];
         gloc[par][bl][g * U + u] = dgs[g];
       }
-      gc = g_c * fp;
-      gn = g_n * fp;
-      gm = g_lf;
+      gc = cg.g_c * cg.fp;
+      gn = cg.g_n * cg.fp;
+      gm = cg.g_lf;
       c_t = cp;
       n_t = np;
       cur = nxt;
