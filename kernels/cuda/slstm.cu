@@ -395,6 +395,31 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmFwdKernel(FwdParams p) {
 
 // ------------------------------------------------------------------ backward
 
+// The backward's loads of one (row b, unit col) at step t: the saved pre-activations and the
+// incoming dh, and the state before the step (the saved c, n, m of step t − 1, the initial state
+// at t = 0, or zeros). sd: floats of one saved row (kSavedRows · d).
+__device__ __forceinline__ void LoadBwdStep(const BwdParams& p, int b, int col, int S, int d, int64_t sd, int t,
+                                            float (&pre)[4], float& dh_in, float& cp, float& np, float& mp) {
+  const int64_t row = static_cast<int64_t>(b) * S + t;
+  const float* sv = p.saved + row * sd + col;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
+  dh_in = __bfloat162float(p.dh[row * d + col]);
+  if (t > 0) {
+    cp = sv[-sd + 4 * d];
+    np = sv[-sd + 5 * d];
+    mp = sv[-sd + 6 * d];
+  } else if (p.c0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    cp = p.c0[i];
+    np = p.n0[i];
+    mp = p.m0[i];
+  } else {
+    cp = np = mp = 0.f;
+  }
+}
+
+
 // KB: K-tiles (of 16 over the 4·dh gate rows) per warp.
 template <int NT, int KB>
 __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
@@ -443,23 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
   float cp = 0.f, np = 0.f, mp = 0.f;  // c, n, m at t − 1 (or the initial state)
   // The values step t needs beyond c_t, n_t.
   auto load_step = [&](int t) {
-    const int64_t row = static_cast<int64_t>(b) * S + t;
-    const float* sv = p.saved + row * sd + col;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
-    dh_in = __bfloat162float(p.dh[row * d + col]);
-    if (t > 0) {
-      cp = sv[-sd + 4 * d];
-      np = sv[-sd + 5 * d];
-      mp = sv[-sd + 6 * d];
-    } else if (p.c0 != nullptr) {
-      const int64_t i = static_cast<int64_t>(b) * d + col;
-      cp = p.c0[i];
-      np = p.n0[i];
-      mp = p.m0[i];
-    } else {
-      cp = np = mp = 0.f;
-    }
+    LoadBwdStep(p, b, col, S, d, sd, t, pre, dh_in, cp, np, mp);
   };
   if (active) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
@@ -977,23 +986,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
   float cp = 0.f, np = 0.f, mp = 0.f;
   auto load_step = [&](int t) {
-    const int64_t row = static_cast<int64_t>(b) * S + t;
-    const float* sv = p.saved + row * sd + col;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
-    dh_in = __bfloat162float(p.dh[row * d + col]);
-    if (t > 0) {
-      cp = sv[-sd + 4 * d];
-      np = sv[-sd + 5 * d];
-      mp = sv[-sd + 6 * d];
-    } else if (p.c0 != nullptr) {
-      const int64_t i = static_cast<int64_t>(b) * d + col;
-      cp = p.c0[i];
-      np = p.n0[i];
-      mp = p.m0[i];
-    } else {
-      cp = np = mp = 0.f;
-    }
+    LoadBwdStep(p, b, col, S, d, sd, t, pre, dh_in, cp, np, mp);
   };
   if (active) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
