@@ -670,6 +670,24 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
+
+// The start of a cluster kernel's step exchange: thread 0 (when `use`) initialises the two
+// exchange mbarriers and arms the first two receiving steps (of the steps up to `last`) with
+// step_bytes each, mbar[first] first; then the block and the cluster sync, so every CTA of the
+// cluster is running (and its mbarriers exist) before any DSMEM store.
+__device__ __forceinline__ void InitExchange(uint64_t (&mbar)[2], bool use, int last, unsigned step_bytes,
+                                             int first) {
+  if (use && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (last >= 1) MbarArm(&mbar[first], step_bytes);
+    if (last >= 2) MbarArm(&mbar[first ^ 1], step_bytes);
+  }
+  __syncthreads();
+  ClusterSync();
+}
+
 // 16 bytes (`v`) to the same-offset address of `dst_local` in CTA `rank`, counted onto that
 // CTA's mbarrier at the offset of `bar_local`.
 __device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
@@ -793,16 +811,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     hbuf[0][row][k] = __float2bfloat16_rn(v);
   }
   const unsigned step_bytes = 16u * static_cast<unsigned>(dh);  // 8 rows × dh bf16
-  if (kAsync && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);  // h_0, read at t = 1
-    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);  // h_1, read at t = 2
-  }
-  __syncthreads();
-  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM
-                  // store
+  InitExchange(mbar, kAsync, S - 1, step_bytes, 1);  // h_0 into mbar[1] (read at t = 1), h_1 into [0]
 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
@@ -1006,15 +1015,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   const int t_end = need_dh0 ? -1 : 0;
   const int s_last = S - 1 - t_end;                             // last loop iteration
   const unsigned step_bytes = 64u * static_cast<unsigned>(dh);  // 8 rows × 4·dh bf16
-  if (kAsync && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);  // dG of iteration 0, read at iteration 1
-    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, kAsync, s_last, step_bytes, 0);  // dG of iteration 0 into mbar[0], read at 1
 
   for (int t = S - 1; t >= t_end; --t) {
     const int s = S - 1 - t;  // steps done so far
@@ -1225,15 +1226,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
   const int t_end = need_dh0 ? -1 : 0;
   const int s_last = S - 1 - t_end;
   const unsigned step_bytes = 32u * static_cast<unsigned>(dh);  // C senders × U units × 8 rows fp32
-  if (threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);
-    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, true, s_last, step_bytes, 0);
 
   for (int t = S - 1; t >= t_end; --t) {
     const int s = S - 1 - t;
@@ -1350,15 +1343,7 @@ __global__ void __launch_bounds__(512, 1) SlstmExchangeProbeKernel(int steps, in
   const int chunks_per_dest = bytes_per_dest / 16;
   const unsigned step_bytes = cluster_size * static_cast<unsigned>(bytes_per_dest);
   const int S = steps;
-  if (!kBarrier && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);
-    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, !kBarrier, S - 1, step_bytes, 1);
   uint4 v = make_uint4(threadIdx.x, rank, 0u, 0u);
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
