@@ -526,7 +526,7 @@ __device__ __forceinline__ void DqkDqStore(const Dims& d, const BwdPtrs& p, floa
   FenceRegs(pa);
   float dot0 = 0.f, dot1 = 0.f;
   StoreRowsSw<L>(qacc, qs, p.dq + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
-  StoreRowDots(dot0, dot1, p.qdq, so, p.n_dk_slabs, slab, r0, r1, c, len);
+  StoreRowDots<true>(p, dot0, dot1, so, slab, r0, r1, c, len);
 }
 
 // kSub 2 (chunk 256, always with kOff: mlstm_bwd_dqk_ws_l256_off): a block is one 128-token half
@@ -837,7 +837,7 @@ __device__ __forceinline__ void BwdDqkWs(const Dims& d, const BwdPtrs& p, const 
   {
     float dot0 = 0.f, dot1 = 0.f;
     StoreRowsSw<L>(kacc, ks, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
-    StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, blockIdx.x, r0, r1, c, len);
+    StoreRowDots<false>(p, dot0, dot1, so, blockIdx.x, r0, r1, c, len);
   }
 }
 template <bool SPLIT>
@@ -1225,7 +1225,7 @@ __global__ void __launch_bounds__(384, 1)
       // Q and K are read (StoreRowsSw's dots, the wgmmas before): logical slot 0 is free.
       __syncwarp();
       if (lane == 0) MbArrive(tail);
-      StoreRowDots(dot0, dot1, p.kdk, so, p.n_dk_slabs, slab, r0, r1, c, len);
+      StoreRowDots<false>(p, dot0, dot1, so, slab, r0, r1, c, len);
     }
   }
 }

@@ -469,17 +469,18 @@ __device__ __forceinline__ void DecayState(float (&acc)[NT][4], float (&nacc)[4]
 // ---------------------------------------------------------------- shared by both bwd_dqk kernels
 
 // The end of bwd_dqk's dQ / dK epilogue: a warp's rows r0, r1 (16w + g, + 8) have their partial
-// dots (q·dq or k·dk over this lane's columns) summed over the quad, and lane c == 0 writes them
-// into dots' column `slab` (n_slabs columns a token, head-major token so + r); rows past len are
-// padding. (`slab` keeps its caller's type, so each kernel's index arithmetic is unchanged.)
-template <typename Slab>
-__device__ __forceinline__ void StoreRowDots(float dot0, float dot1, float* dots, int64_t so, int n_slabs,
-                                             Slab slab, int r0, int r1, int c, int len) {
+// dots (q·dq when kQ, into p.qdq, else k·dk into p.kdk; over this lane's columns) summed over the
+// quad, and lane c == 0 writes them into column `slab` (p.n_dk_slabs columns a token, head-major
+// token so + r); rows past len are padding. (p by reference, so the pointer loads stay where the
+// stores are; `slab` keeps its caller's type, so each kernel's index arithmetic is unchanged.)
+template <bool kQ, typename Slab>
+__device__ __forceinline__ void StoreRowDots(const BwdPtrs& p, float dot0, float dot1, int64_t so, Slab slab, int r0,
+                                             int r1, int c, int len) {
   dot0 = QuadSum(dot0);
   dot1 = QuadSum(dot1);
   if (c == 0) {
-    if (r0 < len) dots[(so + r0) * n_slabs + slab] = dot0;
-    if (r1 < len) dots[(so + r1) * n_slabs + slab] = dot1;
+    if (r0 < len) (kQ ? p.qdq : p.kdk)[(so + r0) * p.n_dk_slabs + slab] = dot0;
+    if (r1 < len) (kQ ? p.qdq : p.kdk)[(so + r1) * p.n_dk_slabs + slab] = dot1;
   }
 }
 

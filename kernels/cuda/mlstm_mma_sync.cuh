@@ -781,12 +781,7 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   {
     float dot0 = 0.f, dot1 = 0.f;
     StoreRowsPadded(qacc, qs, SM::kSK, p.dq + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
-    dot0 = QuadSum(dot0);
-    dot1 = QuadSum(dot1);
-    if (c == 0) {
-      if (r0 < len) p.qdq[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.qdq[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
+    StoreRowDots<true>(p, dot0, dot1, so, blockIdx.x, r0, r1, c, len);
   }
   // Phase 3: dK = diag(E)(V dC_{k+1}ᵀ + dn_{k+1}) + dS'ᵀ Q  (rows s of this warp).
   float kacc[kQt][4];
@@ -832,11 +827,6 @@ __global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   {
     float dot0 = 0.f, dot1 = 0.f;
     StoreRowsPadded(kacc, ks, SM::kSK, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
-    dot0 = QuadSum(dot0);
-    dot1 = QuadSum(dot1);
-    if (c == 0) {
-      if (r0 < len) p.kdk[(so + r0) * p.n_dk_slabs + blockIdx.x] = dot0;
-      if (r1 < len) p.kdk[(so + r1) * p.n_dk_slabs + blockIdx.x] = dot1;
-    }
+    StoreRowDots<false>(p, dot0, dot1, so, blockIdx.x, r0, r1, c, len);
   }
 }
