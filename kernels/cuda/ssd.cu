@@ -1281,6 +1281,35 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// A kStages-deep cp.async ring over n steps, one barrier a step, for loops of the form
+//   RingPrologue<kStages>(n, issue);
+//   for (int step = 0; step < n; ++step) { const int buf = step % kStages; RingStep<kStages>(step, n, issue); ... }
+// issue(step, buf) loads step `step` into ring slot buf and commits its group. A group is
+// committed for every step even past n (empty), so that wait_group<kStages − 2> always means
+// "step `step` has landed"; the barrier then also retires slot (step − 1) % kStages, which
+// receives step + kStages − 1.
+template <int kStages, class Issue>
+__device__ __forceinline__ void RingPrologue(int n, Issue&& issue) {
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < n) {
+      issue(i, i);
+    } else {
+      CpAsyncCommit();
+    }
+  }
+}
+template <int kStages, class Issue>
+__device__ __forceinline__ void RingStep(int step, int n, Issue&& issue) {
+  CpAsyncWait<kStages - 2>();
+  __syncthreads();
+  if (step + kStages - 1 < n) {
+    issue(step + kStages - 1, (step + kStages - 1) % kStages);
+  } else {
+    CpAsyncCommit();
+  }
+}
+
 // `rows` rows × width bf16 (width % 8 == 0) through cp.async; rows >= valid zero-filled.
 __device__ __forceinline__ void CpRows(bf16* dst, int ld, const bf16* src, int64_t stride,
                                        int rows, int valid, int width) {
@@ -2225,23 +2254,10 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   // wait_group<kDcbStages−2> always means "head hh has landed"; the barrier then also retires the
   // buffer of head hh−1, which receives head hh+kDcbStages−1, and publishes head hh−1's column
   // sums (flushed right after; colbuf of head hh−1 is rewritten only after the next barrier).
-#pragma unroll
-  for (int i = 0; i < kDcbStages - 1; ++i) {
-    if (i < nh) {
-      issue(i, i);
-    } else {
-      CpAsyncCommit();
-    }
-  }
+  RingPrologue<kDcbStages>(nh, issue);
   for (int hh = 0; hh < nh; ++hh) {
     const int buf = hh % kDcbStages;
-    CpAsyncWait<kDcbStages - 2>();
-    __syncthreads();
-    if (hh + kDcbStages - 1 < nh) {
-      issue(hh + kDcbStages - 1, (hh + kDcbStages - 1) % kDcbStages);
-    } else {
-      CpAsyncCommit();
-    }
+    RingStep<kDcbStages>(hh, nh, issue);
     if (hh > 0) flush(hh - 1);
     float s2[8][4];
     ZeroAcc(s2);
@@ -2546,23 +2562,10 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
     LoadRowsAsync(Cown, 72, Cm + BcRow(d, b, c0 + o0) + static_cast<int64_t>(g) * d.N + n0,
                   bc_stride, ov, 64);
   }
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < nsteps) {
-      issue(i, i);
-    } else {
-      CpAsyncCommit();
-    }
-  }
+  RingPrologue<kStages>(nsteps, issue);
   for (int step = 0; step < nsteps; ++step) {
     const int buf = step % kStages;
-    CpAsyncWait<kStages - 2>();
-    __syncthreads();
-    if (step + kStages - 1 < nsteps) {
-      issue(step + kStages - 1, (step + kStages - 1) % kStages);
-    } else {
-      CpAsyncCommit();
-    }
+    RingStep<kStages>(step, nsteps, issue);
     if (step < n1) {
       // A fragments of the dCB tile (dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] =
       // dCBᵀ[s, l], the transposed copy) from the stage's second half.
@@ -2656,6 +2659,67 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
   });
 }
 
+// Steps of the fused chunk-state scan shared by ssd_chunk_state_scan (below) and its compile-time
+// form ssd_state_scan_ct (ssd_state_ct.cuh), which repeats its recurrence exactly.
+
+// Tile k of the scan: chunk c, 64-token tile tt of it; `tiles` tiles a chunk, `last_tiles` in the
+// last (only it can be partial). The forward takes the chunks in order, the backward from the last.
+template <bool kBwd>
+__device__ __forceinline__ void StateScanTile(const Dims& d, int tiles, int last_tiles, int k, int& c,
+                                              int& tt) {
+  if (!kBwd) {
+    c = k / tiles;
+    tt = k % tiles;
+  } else if (k < last_tiles) {
+    c = d.NC - 1;
+    tt = k;
+  } else {
+    c = d.NC - 2 - (k - last_tiles) / tiles;
+    tt = (k - last_tiles) % tiles;
+  }
+}
+
+// This thread's part of <G_{c+1}, H_c> (backward): G in the accumulator (pw × nw tile), H_c's
+// tile hc (fp32, row stride N) read in the accumulator layout straight from global memory, the
+// products in ForEachPair order (fmaf), then the warp's sum.
+template <int MAXI>
+__device__ __forceinline__ float StateDotWarpSum(MmaPtx::Tile (&acc)[MAXI], const float* hc,
+                                                 const Dims& d, int pw, int nw, int lane, int warp) {
+  float prod = 0.f;
+  MmaPtx::ForEachPairAt(acc, pw, nw, lane, warp, [&](float x, float y, int row, int col) {
+    const float2 hv = *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
+    prod = fmaf(x, hv.x, prod);
+    prod = fmaf(y, hv.y, prod);
+  });
+  return WarpSum(prod);
+}
+
+// The state accumulator times a chunk's decay e^{Acs_last}.
+__device__ __forceinline__ void StateScanDecay(MmaPtx::Tile (&acc)[2], float decay) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+}
+
+// Row r's 8 columns from cidx of the U tile (ld ldu), scaled in place: by e^{Acs_r} (backward,
+// dy) or e^{acs_last − Acs_r} dt_r (forward, x). Rows past the sequence end have zero-filled U,
+// Acs and dt: a finite factor (Acs <= 0).
+template <bool kBwd>
+__device__ __forceinline__ void StateScanScaleU(bf16* Us, int ldu, int r, int cidx, const float* ab,
+                                                const float* db, float acs_last) {
+  float f[8];
+  LoadBf16<8>(Us + r * ldu + cidx, f);
+  const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] *= sc;
+  StoreBf16<8>(Us + r * ldu + cidx, f);
+}
+
 // The chunk states and the state pass in one kernel (no S_c / dS_c round trip through memory,
 // no ssd_state_pass(_bwd) launch): one block per (state tile, head, batch row) walks all chunks in
 // order (the backward in reverse) with the next token tile's U, V, Acs and dt in flight
@@ -2714,15 +2778,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     if (kOneChunk) {
       c = one_c;
       tt = k;
-    } else if (!kBwd) {
-      c = k / tiles;
-      tt = k % tiles;
-    } else if (k < last_tiles) {
-      c = d.NC - 1;
-      tt = k;
     } else {
-      c = d.NC - 2 - (k - last_tiles) / tiles;
-      tt = (k - last_tiles) % tiles;
+      StateScanTile<kBwd>(d, tiles, last_tiles, k, c, tt);
     }
   };
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
@@ -2778,16 +2835,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
         if (g_bf != nullptr) {
           StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
-        // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
-        float prod = 0.f;
-        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
-        MmaPtx::ForEachPair(acc, pw, nw, [&](float x, float y, int row, int col) {
-          const float2 hv =
-              *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
-          prod = fmaf(x, hv.x, prod);
-          prod = fmaf(y, hv.y, prod);
-        });
-        prod = WarpSum(prod);
+        const float prod =
+            StateDotWarpSum(acc, StatePtr(d, saved, b, h, c) + pn0, d, pw, nw, lane, warp);
         if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
         pending_c = c;
       }
@@ -2796,15 +2845,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
       if (c_next >= 0 && c_next < d.NC) {
         acs_last_next = acs[static_cast<int64_t>(c_next) * d.Q + d.Q - 1];
       }
-      const float decay = expf(acs_last);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+      StateScanDecay(acc, expf(acs_last));
     }
     __syncthreads();  // buffer buf^1 (tile k−1, scaled) is no longer read; red[] published
     if (kBwd && !kOneChunk && pending_c >= 0) {
@@ -2827,14 +2868,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     const float* ab = acs_b + buf * kTile;
     const float* db = dt_b + buf * kTile;
     for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
-      const int r = i / vpr, cidx = (i % vpr) * 8;
-      float f[8];
-      LoadBf16<8>(Us + r * ldu + cidx, f);
-      // Rows past the sequence end: zero-filled U and Acs (and dt): a finite factor (Acs <= 0).
-      const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] *= sc;
-      StoreBf16<8>(Us + r * ldu + cidx, f);
+      StateScanScaleU<kBwd>(Us, ldu, i / vpr, (i % vpr) * 8, ab, db, acs_last);
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile);
