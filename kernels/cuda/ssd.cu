@@ -1448,17 +1448,26 @@ void CarveBmmCb(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (d.N + 8));
 }
 
+// Tile pair `pair` of a chunk's lower triangle (l-tile lt >= s-tile st), in the order
+// (0, 0), (1, 0), (1, 1), (2, 0), ...: the pairs = tiles·(tiles + 1)/2 blocks of the C Bᵀ and
+// dCB kernels.
+__device__ __forceinline__ void TilePairOf(int pair, int& lt, int& st) {
+  int pi = pair;
+  lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  st = pi;
+}
+
 __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, const bf16* Cm,
                                                        float* saved) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
-  int pr = blockIdx.x % pairs, lt = 0;
-  while (pr > lt) {
-    pr -= lt + 1;
-    ++lt;
-  }
-  const int st = pr;
+  int lt, st;
+  TilePairOf(blockIdx.x % pairs, lt, st);
   const int tl0 = c * d.Q + lt * kTile, ts0 = c * d.Q + st * kTile;
   if (tl0 >= d.S) return;
   const int ldn = d.N + 8;
@@ -2151,6 +2160,43 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
   cv.template take<float>(2 * kWarps);                         // pair sums, per warp, 2 heads
 }
 
+// Head h's small arrays of tile pair (l0, s0) of the chunk from c0 into slot buf (ssd_bwd_dcb_reg,
+// ssd_bwd_dcb_wg; threads 0..63, row r each, through cp.async): Acs_l, Acs_s (padded tokens carry
+// the last value) and dt_s (dt_g: row b's dt; zero past the sv valid rows).
+__device__ __forceinline__ void DcbIssueSmall(float* al, float* as, float* ds, int buf,
+                                              const Dims& d, const float* saved, const float* dt_g,
+                                              int b, int h, int c0, int l0, int s0, int sv) {
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    const float* acs_h = AcsPtr(d, saved, b, h) + c0;
+    CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
+    CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
+    CpAsync4(ds + buf * kTile + r,
+             dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
+  }
+}
+
+// Head h's ∂Acs partials of tile pair `pair` (ssd_bwd_dcb_reg, ssd_bwd_dcb_wg), after the barrier
+// that follows its compute step: threads 0..63 one column sum each (warps 0..kWarps−1 of colbuf
+// half pb, in order) into the s side of its dacs_pair row (pair_out: this (b, c)'s rows), thread 64
+// the pair sum (pairbuf half pb, double) into dpair.
+__device__ __forceinline__ void DcbFlushHead(const float* colbuf, const float* pairbuf, int pb,
+                                             float* pair_out, double* dpair, const Dims& d, int b,
+                                             int c, int h, int pairs, int pair) {
+  if (threadIdx.x < kTile) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
+    pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile + threadIdx.x] =
+        v;
+  } else if (threadIdx.x == kTile) {
+    double v = 0.0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
+    dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
+  }
+}
+
 // grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile). Per head h of
 // group g, in registers: v[l, s] = dt_s e^{Acs_l − Acs_s} (dy_l·x_s) (l ≥ s), heads
 // double-buffered through cp.async. Two results from the same v:
@@ -2175,12 +2221,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   // This block's heads: nh of the group's, from h_first (a head split fills the machine: at
   // B8 S2048 G1 the 640 unsplit blocks are 1.2 waves of 4 per SM).
   const int nh = d.hpg / split, h_first = g * d.hpg + part * nh;
-  int pi = pair, lt = 0;
-  while (pi > lt) {
-    pi -= lt + 1;
-    ++lt;
-  }
-  const int st = pi;
+  int lt, st;
+  TilePairOf(pair, lt, st);
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
@@ -2206,14 +2248,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
                   dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv, d.P);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
                   x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P, d.ldx, sv, d.P);
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      const float* acs_h = AcsPtr(d, saved, b, h) + c0;
-      CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
-      CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
-      CpAsync4(ds + buf * kTile + r,
-               dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
-    }
+    DcbIssueSmall(al, as, ds, buf, d, saved, dt_g, b, h, c0, l0, s0, sv);
     CpAsyncCommit();
   };
 
@@ -2234,18 +2269,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   float* pair_out = dacs_pair + ((static_cast<int64_t>(b) * d.H) * d.NC + c) * pairs * 2 * kTile;
   auto flush = [&](int hh) {
     const int h = h_first + hh, pb = hh & 1;
-    if (threadIdx.x < kTile) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
-      pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile +
-               threadIdx.x] = v;
-    } else if (threadIdx.x == kTile) {
-      double v = 0.0;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
-      dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
-    }
+    DcbFlushHead(colbuf, pairbuf, pb, pair_out, dpair, d, b, c, h, pairs, pair);
   };
 
   float acc[8][4];
@@ -2382,6 +2406,8 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   __shared__ bf16 tile[kTile][kTile + 2];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  // (TilePairOf's loop written out: through the helper the block index loads are ordered
+  // differently in the PTX.)
   int pi = blockIdx.x % pairs, lt = 0;
   while (pi > lt) {
     pi -= lt + 1;
