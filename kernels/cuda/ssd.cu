@@ -271,6 +271,14 @@ __device__ __forceinline__ float Sigmoid(float x) {
   return e / (1.f + e);
 }
 
+// ∂raw dt of one token from its total ∂dt (total) and raw dt (raw_dt + bias): the softplus's
+// derivative, zero where the clamp [dt_min, dt_max] held dt.
+__device__ __forceinline__ float DdtRaw(const Dims& d, float total, float raw) {
+  const float sp = Softplus(raw);
+  const bool passes = sp >= d.dt_min && sp <= d.dt_max;
+  return passes ? total * Sigmoid(raw) : 0.f;
+}
+
 // ------------------------------------------------------------------ block-level tensor-core GEMM
 //
 // The block's warps tile an m×n output (m, n multiples of 32) into 32×32 warp tiles, warp w
@@ -1064,10 +1072,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
     const float dda = dacs[t];
     const float total = ddtx[t] + A * dda;
-    const float raw = dt_raw[idx] + bias;
-    const float sp = Softplus(raw);
-    const bool passes = sp >= d.dt_min && sp <= d.dt_max;
-    const float draw = passes ? total * Sigmoid(raw) : 0.f;
+    const float draw = DdtRaw(d, total, dt_raw[idx] + bias);
     ddt[idx] = draw;
     db_acc += draw;
   }
@@ -2117,10 +2122,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
       const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
       const float dda = dacs[t];
       const float total = dot_v[k] + A * dda;
-      const float raw = raw_v[k] + bias;
-      const float sp = Softplus(raw);
-      const bool passes = sp >= d.dt_min && sp <= d.dt_max;
-      const float draw = passes ? total * Sigmoid(raw) : 0.f;
+      const float draw = DdtRaw(d, total, raw_v[k] + bias);
       ddt[idx] = draw;
       db_acc += draw;
     }
