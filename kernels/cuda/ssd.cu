@@ -430,6 +430,17 @@ struct MmaPtx {
   }
 };
 
+// C (m × n fp32, row stride ldc) = A·B (AT / BT: A or B transposed, as MM::Mma) through a fresh
+// accumulator of MAXI tiles: the one-shot product of the v2 kernels, stored for element-wise use.
+template <class MM, bool AT, bool BT, int MAXI>
+__device__ __forceinline__ void MmaStore(float* c, int64_t ldc, const bf16* a, int lda,
+                                         const bf16* b, int ldb, int m, int n, int k) {
+  typename MM::Tile t[MAXI];
+  MM::Zero(t);
+  MM::template Mma<AT, BT, MAXI>(t, a, lda, b, ldb, m, n, k);
+  MM::Store(t, c, ldc, m, n);
+}
+
 // ------------------------------------------------------------------ tile loads (global → shared)
 
 // 64 rows × width bf16 (width % 8 == 0) from src (row stride `stride` elements) into dst (row
@@ -733,10 +744,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
     }
     CpAsyncWaitAll();
     __syncthreads();
-    typename MM::Tile sacc[1];
-    MM::Zero(sacc);
-    MM::template Mma<false, true, 1>(sacc, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
-    MM::Store(sacc, Ms, 68, kTile, kTile);
+    MmaStore<MM, false, true, 1>(Ms, 68, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
     __syncthreads();
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int r = i / kTile, s = i % kTile;
@@ -910,10 +918,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
     CpAsyncWaitAll();
     __syncthreads();
-    typename MM::Tile a1[2];
-    MM::Zero(a1);
-    MM::template Mma<false, true, 2>(a1, Cl, ldn, Hc, ldn, kTile, d.P, d.N);
-    MM::Store(a1, DX, ldx, kTile, d.P);
+    MmaStore<MM, false, true, 2>(DX, ldx, Cl, ldn, Hc, ldn, kTile, d.P, d.N);
     __syncthreads();
     float s = 0.f;
     for (int p = half * hp; p < (half + 1) * hp; ++p)
@@ -1195,10 +1200,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
       LoadRowsAsync(Oth, ldp, oth_src + oth0 * oth_ld, oth_ld, othv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
-      typename MM::Tile t1[1];
-      MM::Zero(t1);
-      MM::template Mma<false, true, 1>(t1, Own, ldp, Oth, ldp, kTile, kTile, d.P);
-      MM::Store(t1, Ms, 68, kTile, kTile);
+      MmaStore<MM, false, true, 1>(Ms, 68, Own, ldp, Oth, ldp, kTile, kTile, d.P);
       __syncthreads();
       for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
         const int r = i / kTile, q = i % kTile;
