@@ -160,6 +160,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/ssd_device.cuh"
 #include "kernels/cuda/ssd_fwd_wgmma.h"  // session 13: forward scan and dB/dC at P64 on wgmma
 #include "kernels/cuda/vec_util.cuh"
 
@@ -1282,11 +1283,7 @@ __global__ void ssd_param_reduce(Dims d, const double* part, const float* a_log,
 // Fragment coordinates (lane = 4·gq + tq): accumulator element e of n8 tile j sits at row
 // gq + 8·(e / 2) of the warp's 16 rows, column 8·j + 2·tq + (e % 2).
 
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
+// (CpAsyncCommit, CpAsyncWait<kPending>: ssd_device.cuh.)
 
 // A kStages-deep cp.async ring over n steps, one barrier a step, for loops of the form
 //   RingPrologue<kStages>(n, issue);
@@ -1648,15 +1645,7 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
           s[j][2 + c2] *= cf * rf1;
         }
     } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-          const float al = e < 2 ? al0 : al1;
-          const float v = s[j][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
-          s[j][e] = col <= row ? v : 0.f;
-        }
+      ScaleDiagCausal(s, tq, r0, al0, al1, as, ds);
     }
     unsigned fa[4][4];
     AccToA(s, fa);
