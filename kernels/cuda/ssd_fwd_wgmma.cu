@@ -70,6 +70,17 @@ __device__ __forceinline__ void LoadTileASw(uint32_t (&fa)[4][4], uint32_t tile)
   }
 }
 
+// acc += A·B over K = 64, issued and committed (not waited for): A from the registers fa (four
+// k16 steps), B the N-major 64×64 tile that follows the A tile at a_tile in its ring slot.
+__device__ __forceinline__ void WgmmaRsAccumulate(float (&acc)[32], const uint32_t (&fa)[4][4],
+                                                  uint32_t a_tile) {
+  const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
+  WgmmaFence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
+  WgmmaCommit();
+}
+
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -258,11 +269,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
         }
         AccToFrag(s, fa);
       }
-      const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
-      WgmmaCommit();
+      WgmmaRsAccumulate(acc, fa, a_tile);
       ++k;
       ++st;
     } while (st <= lt);
@@ -408,11 +415,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
     uint32_t fa[4][4];
     WgmmaWait<0>();  // the previous step's wgmma (its A registers, its slot)
     LoadTileASw(fa, a_tile);
-    const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
-    WgmmaCommit();
+    WgmmaRsAccumulate(acc, fa, a_tile);
     ++step;
   } while (step < n1);
   if constexpr (kInter) {
