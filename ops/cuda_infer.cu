@@ -406,7 +406,8 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kSplitTh
       if (qg != nullptr) Bf16x8ToFloat(*reinterpret_cast<const uint4*>(qg + 8 * c), qg8);
     }
     float mx, sum, unused_inv;
-    SplitKeyRange<false>(a, scores, partial, scratch, kn, kg, v, qn8, qg8, j0, n, T, kvd, D, scale, G, c, slots, slot, active, mx, sum, unused_inv);
+    SplitKeyRange<false>(a, scores, partial, scratch, kn, kg, v, qn8, qg8, j0, n, T, kvd, D, scale, G, c, slots, slot,
+                         active, mx, sum, unused_inv);
     __syncthreads();
     for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) rank_out[d] = SlotSum(partial, slots, D, d);
     if (threadIdx.x == 0) {

@@ -1287,7 +1287,11 @@ __global__ void ssd_param_reduce(Dims d, const double* part, const float* a_log,
 
 // A kStages-deep cp.async ring over n steps, one barrier a step, for loops of the form
 //   RingPrologue<kStages>(n, issue);
-//   for (int step = 0; step < n; ++step) { const int buf = step % kStages; RingStep<kStages>(step, n, issue); ... }
+//   for (int step = 0; step < n; ++step) {
+//     const int buf = step % kStages;
+//     RingStep<kStages>(step, n, issue);
+//     ...  // slot buf holds step `step`
+//   }
 // issue(step, buf) loads step `step` into ring slot buf and commits its group. A group is
 // committed for every step even past n (empty), so that wait_group<kStages − 2> always means
 // "step `step` has landed"; the barrier then also retires slot (step − 1) % kStages, which
@@ -2684,8 +2688,8 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
 // Tile k of the scan: chunk c, 64-token tile tt of it; `tiles` tiles a chunk, `last_tiles` in the
 // last (only it can be partial). The forward takes the chunks in order, the backward from the last.
 template <bool kBwd>
-__device__ __forceinline__ void StateScanTile(const Dims& d, int tiles, int last_tiles, int k, int& c,
-                                              int& tt) {
+__device__ __forceinline__ void StateScanTile(const Dims& d, int tiles, int last_tiles, int k,
+                                              int& c, int& tt) {
   if (!kBwd) {
     c = k / tiles;
     tt = k % tiles;
@@ -2703,7 +2707,8 @@ __device__ __forceinline__ void StateScanTile(const Dims& d, int tiles, int last
 // products in ForEachPair order (fmaf), then the warp's sum.
 template <int MAXI>
 __device__ __forceinline__ float StateDotWarpSum(MmaPtx::Tile (&acc)[MAXI], const float* hc,
-                                                 const Dims& d, int pw, int nw, int lane, int warp) {
+                                                 const Dims& d, int pw, int nw, int lane,
+                                                 int warp) {
   float prod = 0.f;
   MmaPtx::ForEachPairAt(acc, pw, nw, lane, warp, [&](float x, float y, int row, int col) {
     const float2 hv = *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
