@@ -3258,6 +3258,25 @@ CudaResult LaunchStateCt1(const Dims& d, const bf16* u, const bf16* v, const flo
   return {};
 }
 
+// Launches ssd_chunk_state_scan<kBwd, kOneChunk> (arguments as the kernel's; the slice is
+// StateSlice(d)): grid (ntn, H, B) for the fused scan, (NC·ntn, H, B) for the per-chunk states.
+// `what` names the launch in an error ("launch ssd_chunk_state_scan<...>").
+template <bool kBwd, bool kOneChunk>
+CudaResult LaunchStateScan(const Dims& d, const bf16* u, const bf16* v, const float* start,
+                           float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
+                           cudaStream_t stream, const char* what) {
+  const int slice = StateSlice(d);
+  const size_t smem = StateScanSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<kBwd, kOneChunk>, smem));
+  const int ntn = (d.N + slice - 1) / slice;
+  ssd_chunk_state_scan<kBwd, kOneChunk>
+      <<<dim3(kOneChunk ? d.NC * ntn : ntn, d.H, d.B), kThreads, smem, stream>>>(
+          d, slice, d.P, u, v, start, saved, end_state, dsg, g_bf, ddecay);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return CudaError(err, what, __FILE__, __LINE__);
+  return {};
+}
+
 template <int kP>
 CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
                          cudaStream_t stream) {
@@ -3294,21 +3313,13 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
     CUDA_RETURN_IF_NOT_OK(LaunchStateCt1<false>(d, a.x, a.b, a.initial_state, saved,
                                                 a.final_state, nullptr, nullptr, nullptr, stream));
   } else if (plan.state && UseFusedStatePass(d)) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
-    ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
-                                             a.final_state, nullptr, nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<false, false>(
+        d, a.x, a.b, a.initial_state, saved, a.final_state, nullptr, nullptr, nullptr, stream,
+        "launch ssd_chunk_state_scan")));
   } else if (plan.state) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
-    ssd_chunk_state_scan<false, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<false, true>(
+        d, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr, stream,
+        "launch ssd_chunk_state_scan<one chunk>")));
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
@@ -3424,25 +3435,15 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                                                plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                                sc.ddecay, crit));
   } else if (fused) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
-    ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  crit>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
-                                          const_cast<float*>(saved), a.d_initial_state,
-                                          plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
-                                          sc.ddecay);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<true, false>(
+        d, a.dy, a.c, a.d_final_state, const_cast<float*>(saved), a.d_initial_state,
+        plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf, sc.ddecay, crit,
+        "launch ssd_chunk_state_scan<bwd>")));
   } else if (plan.state) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
-    ssd_chunk_state_scan<true, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
-            d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
-            nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<true, true>(
+        d, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg, nullptr, nullptr, crit,
+        "launch ssd_chunk_state_scan<bwd, one chunk>")));
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));
