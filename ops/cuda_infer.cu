@@ -446,6 +446,12 @@ bool SplitDecodeFits(const DecodeArgs& a) {
          aligned(a.k_grouped) && aligned(a.v) && (a.batch == 1 || a.cache_batch_stride % 8 == 0);
 }
 
+// Blocks of a grid-stride launch over `total` elements: enough for one element a thread, at most
+// max_blocks (the threads then stride over the rest).
+unsigned GridStrideBlocks(int64_t total, int threads, int64_t max_blocks) {
+  return static_cast<unsigned>(std::min<int64_t>((total + threads - 1) / threads, max_blocks));
+}
+
 // G of the split and cluster decode kernels: the lanes covering one key row (8 features a lane),
 // the smallest power of two >= head_dim / 8.
 int SplitGroupLanes(int64_t head_dim) {
@@ -699,8 +705,7 @@ CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
   const int64_t total = a.rows * a.heads * (a.rotary_dim / 2);
   if (total == 0) return {};
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
-  rope_partial_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  rope_partial_kernel<<<GridStrideBlocks(total, threads, 65535), threads, 0, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_partial_kernel");
   return {};
 }
@@ -716,8 +721,7 @@ CudaResult RopeAppend(const RopeAppendArgs& a, cudaStream_t stream) {
   const int64_t rows = a.batch * a.queries, per_head = a.head_dim - a.rotary_dim / 2;
   const int64_t total = rows * ((a.heads + a.kv_heads) * per_head + kvd);
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
-  rope_append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  rope_append_kernel<<<GridStrideBlocks(total, threads, 1024), threads, 0, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_append_kernel");
   return {};
 }
@@ -776,8 +780,7 @@ CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int6
   const int64_t total = batch * cols;
   if (total == 0) return {};
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
-  append_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+  append_rows_kernel<<<GridStrideBlocks(total, threads, 1024), threads, 0, stream>>>(
       static_cast<bf16*>(dst), dst_batch_stride, static_cast<const bf16*>(src), batch, cols, position_dev);
   CUDA_RETURN_IF_LAUNCH_ERROR("append_rows_kernel");
   return {};
