@@ -198,6 +198,92 @@ int ConvertKind(DType src, DType dst) {
   return kind;
 }
 
+// The argument fields that an op's forward and backward share, filled from the backend's own
+// argument struct (one place per op for the mapping).
+
+// GatedForward / GatedBackward: the activation, shape and the g, u inputs.
+kc::GatedArgs GatedArgsOf(int act, int64_t rows, int64_t cols, const void* g, const void* u, int64_t ld_in,
+                          int64_t ld_out) {
+  kc::GatedArgs a;
+  a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
+  a.rows = rows;
+  a.cols = cols;
+  a.g = static_cast<const bf16*>(g);
+  a.u = static_cast<const bf16*>(u);
+  a.ld_in = ld_in;
+  a.ld_out = ld_out;
+  return a;
+}
+
+// A q or k/v row stride: the given one, or heads · head_dim (packed heads) where it is 0.
+int64_t RowStrideOr(int64_t row_stride, int64_t heads, int64_t head_dim) {
+  return row_stride > 0 ? row_stride : heads * head_dim;
+}
+
+// kc::AttentionForwardArgs / AttentionBackwardArgs: shape, q, k, v, their row strides and lse.
+template <class FlashArgs>
+void SetFlashInputs(const CudaAttention& a, FlashArgs* f) {
+  f->shape.batch = a.batch;
+  f->shape.seq = a.seq;
+  f->shape.heads = a.heads;
+  f->shape.kv_heads = a.kv_heads;
+  f->shape.head_dim = a.head_dim;
+  f->q = static_cast<const bf16*>(a.q);
+  f->k = static_cast<const bf16*>(a.k);
+  f->v = static_cast<const bf16*>(a.v);
+  f->q_row_stride = a.q_row_stride;
+  f->kv_row_stride = a.kv_row_stride;
+  f->lse = a.lse;
+}
+
+// kc::Conv1dForwardArgs / Conv1dBackwardArgs: shape, options, x, w and bias.
+template <class Conv1dKernelArgs>
+void SetConv1dInputs(const Conv1dArgs& a, Conv1dKernelArgs* f) {
+  f->shape.batch = a.batch;
+  f->shape.seq_len = a.seq;
+  f->shape.channels = a.channels;
+  f->shape.width = a.width;
+  f->options.silu = a.silu;
+  f->x = static_cast<const bf16*>(a.x);
+  f->w = a.w;
+  f->bias = a.bias;
+}
+
+// The SSD cell's shape and options (kc::SsdShape, kc::SsdOptions).
+struct SsdForm {
+  kc::SsdShape shape;
+  kc::SsdOptions options;
+};
+SsdForm SsdFormOf(const SsdCellArgs& a) {
+  SsdForm f;
+  f.shape.batch = a.batch;
+  f.shape.seq_len = a.seq;
+  f.shape.num_heads = a.heads;
+  f.shape.head_dim = a.head_dim;
+  f.shape.num_groups = a.groups;
+  f.shape.state_dim = a.state;
+  f.options.chunk_size = a.chunk;
+  return f;
+}
+
+// kc::SsdForwardArgs / SsdBackwardArgs: shape, options, the inputs, saved and the row strides.
+template <class SsdKernelArgs>
+void SetSsdInputs(const SsdCellArgs& a, SsdKernelArgs* f) {
+  const SsdForm form = SsdFormOf(a);
+  f->shape = form.shape;
+  f->options = form.options;
+  f->x = static_cast<const bf16*>(a.x);
+  f->dt = a.dt;
+  f->a_log = a.a_log;
+  f->dt_bias = a.dt_bias;
+  f->b = static_cast<const bf16*>(a.b);
+  f->c = static_cast<const bf16*>(a.c);
+  f->d = a.d;
+  f->saved = a.saved;
+  f->x_row_stride = a.x_row_stride;
+  f->bc_row_stride = a.bc_row_stride;
+}
+
 class Backend final : public CudaBackend {
  public:
   std::shared_ptr<void> Allocate(size_t bytes) override {
@@ -512,15 +598,8 @@ class Backend final : public CudaBackend {
                     int64_t ld_out) override {
     Init();
     OpProfiler::Scope scope(&prof_, "GatedForward");
-    kc::GatedArgs a;
-    a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
-    a.rows = rows;
-    a.cols = cols;
-    a.g = static_cast<const bf16*>(g);
-    a.u = static_cast<const bf16*>(u);
-    a.ld_in = ld_in;
+    kc::GatedArgs a = GatedArgsOf(act, rows, cols, g, u, ld_in, ld_out);
     a.h = static_cast<bf16*>(h);
-    a.ld_out = ld_out;
     OK_OR_DIE(kc::GatedForward(a, stream_));
   }
 
@@ -528,17 +607,10 @@ class Backend final : public CudaBackend {
                      const void* dh, int64_t ld_out, void* dg, void* du) override {
     Init();
     OpProfiler::Scope scope(&prof_, "GatedBackward");
-    kc::GatedArgs a;
-    a.act = act == 0 ? kc::ActKind::kSilu : kc::ActKind::kGelu;
-    a.rows = rows;
-    a.cols = cols;
-    a.g = static_cast<const bf16*>(g);
-    a.u = static_cast<const bf16*>(u);
-    a.ld_in = ld_in;
+    kc::GatedArgs a = GatedArgsOf(act, rows, cols, g, u, ld_in, ld_out);
     a.dh = static_cast<const bf16*>(dh);
     a.dg = static_cast<bf16*>(dg);
     a.du = static_cast<bf16*>(du);
-    a.ld_out = ld_out;
     OK_OR_DIE(kc::GatedBackward(a, stream_));
   }
 
@@ -563,36 +635,20 @@ class Backend final : public CudaBackend {
     return !plain_attention_ && (a.head_dim == 64 || a.head_dim == 128);
   }
 
-  static kc::AttentionShape Shape(const CudaAttention& a) {
-    kc::AttentionShape s;
-    s.batch = a.batch;
-    s.seq = a.seq;
-    s.heads = a.heads;
-    s.kv_heads = a.kv_heads;
-    s.head_dim = a.head_dim;
-    return s;
-  }
-
   void AttentionForward(const CudaAttention& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, "AttentionForward");
     if (!UseFlash(a)) {
       if (a.rope_theta > 0) {
         Rope(false, const_cast<void*>(a.q), a.batch * a.seq, a.seq, a.heads, a.head_dim,
-             a.q_row_stride > 0 ? a.q_row_stride : a.heads * a.head_dim, a.rope_theta);
+             RowStrideOr(a.q_row_stride, a.heads, a.head_dim), a.rope_theta);
       }
       OK_OR_DIE(cuda_ops::PlainAttentionForward(Plain(a), stream_));
       return;
     }
     kc::AttentionForwardArgs f;
-    f.shape = Shape(a);
-    f.q = static_cast<const bf16*>(a.q);
-    f.k = static_cast<const bf16*>(a.k);
-    f.v = static_cast<const bf16*>(a.v);
-    f.q_row_stride = a.q_row_stride;
-    f.kv_row_stride = a.kv_row_stride;
+    SetFlashInputs(a, &f);
     f.out = static_cast<bf16*>(a.out);
-    f.lse = a.lse;
     if (a.rope_theta > 0) {
       f.rope = &RopeTableFor(a.seq, a.head_dim, a.rope_theta);
       f.q_rotated = static_cast<bf16*>(const_cast<void*>(a.q));  // in place (see CudaAttention)
@@ -607,23 +663,17 @@ class Backend final : public CudaBackend {
       OK_OR_DIE(cuda_ops::PlainAttentionBackward(Plain(a), alloc_, stream_));
       if (a.rope_theta > 0) {
         const int64_t rows = a.batch * a.seq;
-        Rope(true, a.dq, rows, a.seq, a.heads, a.head_dim,
-             a.q_row_stride > 0 ? a.q_row_stride : a.heads * a.head_dim, a.rope_theta);
-        Rope(true, a.dk, rows, a.seq, a.kv_heads, a.head_dim,
-             a.kv_row_stride > 0 ? a.kv_row_stride : a.kv_heads * a.head_dim, a.rope_theta);
+        Rope(true, a.dq, rows, a.seq, a.heads, a.head_dim, RowStrideOr(a.q_row_stride, a.heads, a.head_dim),
+             a.rope_theta);
+        Rope(true, a.dk, rows, a.seq, a.kv_heads, a.head_dim, RowStrideOr(a.kv_row_stride, a.kv_heads, a.head_dim),
+             a.rope_theta);
       }
       return;
     }
     kc::AttentionBackwardArgs b;
-    b.shape = Shape(a);
-    b.q = static_cast<const bf16*>(a.q);
-    b.k = static_cast<const bf16*>(a.k);
-    b.v = static_cast<const bf16*>(a.v);
-    b.q_row_stride = a.q_row_stride;
-    b.kv_row_stride = a.kv_row_stride;
+    SetFlashInputs(a, &b);
     b.out = static_cast<const bf16*>(a.out);
     b.dout = static_cast<const bf16*>(a.dout);
-    b.lse = a.lse;
     b.dq = static_cast<bf16*>(a.dq);
     b.dk = static_cast<bf16*>(a.dk);
     b.dv = static_cast<bf16*>(a.dv);
@@ -744,30 +794,15 @@ class Backend final : public CudaBackend {
       return;  // (packed goes back to the cache, stream-ordered)
     }
     OpProfiler::Scope scope(&prof_, backward ? "Conv1d backward" : "Conv1d forward");
-    kc::Conv1dShape shape;
-    shape.batch = a.batch;
-    shape.seq_len = a.seq;
-    shape.channels = a.channels;
-    shape.width = a.width;
-    kc::Conv1dOptions options;
-    options.silu = a.silu;
     if (!backward) {
       kc::Conv1dForwardArgs f;
-      f.shape = shape;
-      f.options = options;
-      f.x = static_cast<const bf16*>(a.x);
-      f.w = a.w;
-      f.bias = a.bias;
+      SetConv1dInputs(a, &f);
       f.y = static_cast<bf16*>(a.y);
       OK_OR_DIE(kc::Conv1dForward(f, stream_));
       return;
     }
     kc::Conv1dBackwardArgs b;
-    b.shape = shape;
-    b.options = options;
-    b.x = static_cast<const bf16*>(a.x);
-    b.w = a.w;
-    b.bias = a.bias;
+    SetConv1dInputs(a, &b);
     b.dy = static_cast<const bf16*>(a.dy);
     b.dx = static_cast<bf16*>(a.dx);
     b.dx_row_stride = a.dx_row_stride;
@@ -811,15 +846,21 @@ class Backend final : public CudaBackend {
     return true;
   }
 
-  static void MlstmShapeOf(const MlstmCellArgs& a, kc::MlstmShape* shape, kc::MlstmOptions* options) {
-    shape->batch = a.batch;
-    shape->seq_len = a.seq;
-    shape->num_heads = a.heads;
-    shape->dk = a.dk;
-    shape->dv = a.dv;
-    options->chunk_size = a.chunk;
-    options->forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
-    options->eps = a.eps;
+  // The mLSTM cell's shape and options (kc::MlstmShape, kc::MlstmOptions).
+  struct MlstmForm {
+    kc::MlstmShape shape;
+    kc::MlstmOptions options;
+  };
+  static MlstmForm MlstmFormOf(const MlstmCellArgs& a) {
+    MlstmForm f;
+    f.shape.batch = a.batch;
+    f.shape.seq_len = a.seq;
+    f.shape.num_heads = a.heads;
+    f.shape.dk = a.dk;
+    f.shape.dv = a.dv;
+    f.options.chunk_size = a.chunk;
+    f.options.forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
+    f.options.eps = a.eps;
     // GYRE_MLSTM_PERSIST unset or both: chunk 128's fwd_out and bwd_dqk on persistent grids
     // (kernels/cuda/mlstm.h, MlstmPersist; helpers persist17 and persistdqk17, the default since
     // session 17's merges: the same bytes, the xlstm[1:0]-125m step -1.9 and -1.2 ms); fwd_out /
@@ -832,13 +873,12 @@ class Backend final : public CudaBackend {
       if (v == "both") return kc::MlstmPersist::kBoth;
       return kc::MlstmPersist::kOff;
     }();
-    options->persist = persist;
+    f.options.persist = persist;
+    return f;
   }
 
   size_t MlstmSavedBytes(const MlstmCellArgs& a) override {
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     OK_OR_DIE(kc::MlstmCheck(shape, options));
     return kc::MlstmChunkwiseSavedBytes(shape, options);
   }
@@ -856,9 +896,7 @@ class Backend final : public CudaBackend {
   void Mlstm(bool backward, const MlstmCellArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, backward ? "Mlstm backward" : "Mlstm forward");
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     const kc::MlstmDeviceInputs in = MlstmInputsOf(a);
     if (!backward) {
       OK_OR_DIE(kc::MlstmChunkwiseForward(shape, options, in, {}, static_cast<bf16*>(a.h), a.saved, {}, stream_));
@@ -883,34 +921,26 @@ class Backend final : public CudaBackend {
   }
 
   const void* MlstmSavedHLo(const MlstmCellArgs& a) override {
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     return kc::MlstmChunkwiseSavedHLo(shape, options, a.saved);
   }
 
   size_t MlstmTokenBytes(const MlstmCellArgs& a) override {
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     OK_OR_DIE(kc::MlstmCheck(shape, options));
     return kc::MlstmChunkwiseTokenBytes(shape, options);
   }
 
   void MlstmKeepTokens(const MlstmCellArgs& a) override {
     Init();
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     OK_OR_DIE(kc::MlstmChunkwiseCopyTokens(shape, options, a.saved, a.tokens, stream_));
   }
 
   void MlstmRecomputeStates(const MlstmCellArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, "Mlstm recompute states");
-    kc::MlstmShape shape;
-    kc::MlstmOptions options;
-    MlstmShapeOf(a, &shape, &options);
+    const auto [shape, options] = MlstmFormOf(a);
     const kc::MlstmDeviceInputs in = MlstmInputsOf(a);
     OK_OR_DIE(kc::MlstmChunkwiseRecomputeStates(shape, options, in, {}, a.tokens, a.saved, stream_));
   }
@@ -953,20 +983,8 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(kc::SlstmBackward(b, gemm_.get(), alloc_, stream_));
   }
 
-  static void SsdShapeOf(const SsdCellArgs& a, kc::SsdShape* shape, kc::SsdOptions* options) {
-    shape->batch = a.batch;
-    shape->seq_len = a.seq;
-    shape->num_heads = a.heads;
-    shape->head_dim = a.head_dim;
-    shape->num_groups = a.groups;
-    shape->state_dim = a.state;
-    options->chunk_size = a.chunk;
-  }
-
   size_t SsdSavedBytes(const SsdCellArgs& a) override {
-    kc::SsdShape shape;
-    kc::SsdOptions options;
-    SsdShapeOf(a, &shape, &options);
+    const auto [shape, options] = SsdFormOf(a);
     OK_OR_DIE(kc::SsdCheck(shape, options));
     return static_cast<size_t>(kc::SsdSavedBytes(shape, options));
   }
@@ -974,38 +992,15 @@ class Backend final : public CudaBackend {
   void Ssd(bool backward, const SsdCellArgs& a) override {
     Init();
     OpProfiler::Scope scope(&prof_, backward ? "Ssd backward" : "Ssd forward");
-    kc::SsdShape shape;
-    kc::SsdOptions options;
-    SsdShapeOf(a, &shape, &options);
     if (!backward) {
       kc::SsdForwardArgs f;
-      f.shape = shape;
-      f.options = options;
-      f.x = static_cast<const bf16*>(a.x);
-      f.dt = a.dt;
-      f.a_log = a.a_log;
-      f.dt_bias = a.dt_bias;
-      f.b = static_cast<const bf16*>(a.b);
-      f.c = static_cast<const bf16*>(a.c);
-      f.d = a.d;
+      SetSsdInputs(a, &f);
       f.y = static_cast<bf16*>(a.y);
-      f.saved = a.saved;
-      f.x_row_stride = a.x_row_stride;
-      f.bc_row_stride = a.bc_row_stride;
       OK_OR_DIE(kc::SsdForward(f, stream_));
       return;
     }
     kc::SsdBackwardArgs b;
-    b.shape = shape;
-    b.options = options;
-    b.x = static_cast<const bf16*>(a.x);
-    b.dt = a.dt;
-    b.a_log = a.a_log;
-    b.dt_bias = a.dt_bias;
-    b.b = static_cast<const bf16*>(a.b);
-    b.c = static_cast<const bf16*>(a.c);
-    b.d = a.d;
-    b.saved = a.saved;
+    SetSsdInputs(a, &b);
     b.dy = static_cast<const bf16*>(a.dy);
     b.dx = static_cast<bf16*>(a.dx);
     b.ddt = a.ddt;
@@ -1014,8 +1009,6 @@ class Backend final : public CudaBackend {
     b.da_log = a.da_log;
     b.ddt_bias = a.ddt_bias;
     b.dd = a.dd;
-    b.x_row_stride = a.x_row_stride;
-    b.bc_row_stride = a.bc_row_stride;
     OK_OR_DIE(kc::SsdBackward(b, alloc_, stream_));
   }
 

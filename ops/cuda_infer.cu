@@ -115,6 +115,9 @@ __global__ void rope_append_kernel(RopeAppendArgs a) {
 
 constexpr int kDecodeThreads = 128;
 
+// The max (is_max) or sum of v over a block of kWarps warps: each warp's xor butterfly, then the
+// warp results in warp order from scratch[kWarps] (the same order for every block size's caller).
+template <int kWarps>
 __device__ float BlockReduce(float v, bool is_max, float* scratch) {
   for (int o = 16; o > 0; o >>= 1) {
     const float w = __shfl_xor_sync(0xffffffffu, v, o);
@@ -125,7 +128,29 @@ __device__ float BlockReduce(float v, bool is_max, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   float r = scratch[0];
-  for (int w = 1; w < kDecodeThreads / 32; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+  for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+  return r;
+}
+
+// The (query, head) row of a decode attention block (item = blockIdx.x, or blockIdx.x / ranks in
+// the cluster kernel): query row qi = j_query · batch + b, head h of KV head hk, and T, the keys it
+// sees (0 .. length − queries + j_query). Under a decode graph the length comes from device memory
+// (the grid does not depend on it; the shared memory was sized for the cache's capacity), so one
+// graph serves every length.
+struct DecodeRow {
+  int64_t qi, h, b, hk, D, T, kvd;
+};
+__device__ __forceinline__ DecodeRow DecodeRowOf(const DecodeArgs& a, int64_t item) {
+  DecodeRow r;
+  r.qi = item / a.heads;
+  r.h = item % a.heads;
+  r.b = r.qi % a.batch;
+  const int64_t j_query = r.qi / a.batch;
+  r.hk = r.h / (a.heads / a.kv_heads);
+  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
+  r.D = a.head_dim;
+  r.T = length - (a.queries - 1 - j_query);
+  r.kvd = a.kv_heads * r.D;
   return r;
 }
 
@@ -133,13 +158,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   extern __shared__ float scores[];
   __shared__ float scratch[kDecodeThreads / 32];
   // Query row qi = j * batch + b (chunk position j of sequence b) sees keys 0 .. length - queries + j.
-  const int64_t qi = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int64_t b = qi % a.batch, j_query = qi / a.batch;
-  const int64_t hk = h / (a.heads / a.kv_heads);
-  // Under a decode graph the length comes from device memory (the grid does not depend on it;
-  // the shared memory was sized for the cache's capacity), so one graph serves every length.
-  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
-  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  const DecodeRow row = DecodeRowOf(a, blockIdx.x);
+  const int64_t qi = row.qi, h = row.h, b = row.b, hk = row.hk, D = row.D, T = row.T, kvd = row.kvd;
   const float scale = rsqrtf(static_cast<float>(D));
   const bf16* qn = static_cast<const bf16*>(a.q) + (qi * a.heads + h) * D;
   const bf16* qg = a.q_grouped ? static_cast<const bf16*>(a.q_grouped) + (qi * a.heads + h) * D : nullptr;
@@ -160,14 +180,14 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(Decode
   __syncthreads();
   float mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < T; j += kDecodeThreads) mx = fmaxf(mx, scores[j]);
-  mx = BlockReduce(mx, true, scratch);
+  mx = BlockReduce<kDecodeThreads / 32>(mx, true, scratch);
   float sum = 0.f;
   for (int64_t j = threadIdx.x; j < T; j += kDecodeThreads) {
     const float p = __expf(scores[j] - mx);
     scores[j] = p;
     sum += p;
   }
-  sum = BlockReduce(sum, false, scratch);
+  sum = BlockReduce<kDecodeThreads / 32>(sum, false, scratch);
   __syncthreads();
   const float inv = 1.f / sum;
   bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
@@ -199,20 +219,6 @@ constexpr int kSplitUnroll = 4;
 // slots · D = (8 · 32 / G) · D <= 8 · 32 · 8 floats, since G >= D / 8.
 constexpr int kSplitPartials = kSplitWarps * 32 * 8;
 
-__device__ float SplitBlockReduce(float v, bool is_max, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, w) : v + w;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = scratch[0];
-  for (int w = 1; w < kSplitWarps; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
-  return r;
-}
-
 __device__ __forceinline__ void Bf16x8ToFloat(const uint4& u, float* f) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
@@ -221,6 +227,13 @@ __device__ __forceinline__ void Bf16x8ToFloat(const uint4& u, float* f) {
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
+}
+
+// Feature d of the slots' partial rows added in slot order.
+__device__ __forceinline__ float SlotSum(const float* partial, int slots, int64_t D, int64_t d) {
+  float s = 0.f;
+  for (int sl = 0; sl < slots; ++sl) s += partial[sl * D + d];
+  return s;
 }
 
 // The split decode attention's work on the keys [j0, j0 + n) of a row of T keys — the split
@@ -263,14 +276,14 @@ __device__ __forceinline__ void SplitKeyRange(const DecodeArgs& a, float* scores
   __syncthreads();
   mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) mx = fmaxf(mx, scores[j]);
-  mx = SplitBlockReduce(mx, true, scratch);
+  mx = BlockReduce<kSplitWarps>(mx, true, scratch);
   sum = 0.f;
   for (int64_t j = threadIdx.x; j < n; j += kSplitThreads) {
     const float p = __expf(scores[j] - mx);
     scores[j] = p;
     sum += p;
   }
-  sum = SplitBlockReduce(sum, false, scratch);
+  sum = BlockReduce<kSplitWarps>(sum, false, scratch);
   __syncthreads();
   if constexpr (kInv) inv = 1.f / sum;
   float acc[8] = {};
@@ -306,11 +319,8 @@ __global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(D
   extern __shared__ float scores[];
   __shared__ float partial[kSplitPartials];
   __shared__ float scratch[kSplitWarps];
-  const int64_t qi = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int64_t b = qi % a.batch, j_query = qi / a.batch;
-  const int64_t hk = h / (a.heads / a.kv_heads);
-  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
-  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  const DecodeRow row = DecodeRowOf(a, blockIdx.x);
+  const int64_t qi = row.qi, h = row.h, b = row.b, hk = row.hk, D = row.D, T = row.T, kvd = row.kvd;
   const float scale = rsqrtf(static_cast<float>(D));
   const int G = group_lanes, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int c = lane % G, per_warp = 32 / G, slots = kSplitWarps * per_warp;
@@ -334,9 +344,7 @@ __global__ void __launch_bounds__(kSplitThreads) attention_decode_split_kernel(D
   __syncthreads();
   bf16* out = static_cast<bf16*>(a.out) + (qi * a.heads + h) * D;
   for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
-    float s = 0.f;
-    for (int sl = 0; sl < slots; ++sl) s += partial[sl * D + d];
-    out[d] = __float2bfloat16(s * inv);
+    out[d] = __float2bfloat16(SlotSum(partial, slots, D, d) * inv);
   }
 }
 
@@ -373,12 +381,8 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kSplitTh
   __shared__ float rank_out[256];  // o_r: the rank's unnormalised output row (D <= 256)
   __shared__ float rank_stats[2];  // m_r, l_r
   const int rank = static_cast<int>(cluster.block_rank());
-  const int64_t item = blockIdx.x / kClusterRanks;
-  const int64_t qi = item / a.heads, h = item % a.heads;
-  const int64_t b = qi % a.batch, j_query = qi / a.batch;
-  const int64_t hk = h / (a.heads / a.kv_heads);
-  const int64_t length = a.position_dev != nullptr ? static_cast<int64_t>(*a.position_dev) + a.queries : a.length;
-  const int64_t D = a.head_dim, T = length - (a.queries - 1 - j_query), kvd = a.kv_heads * D;
+  const DecodeRow row = DecodeRowOf(a, blockIdx.x / kClusterRanks);
+  const int64_t qi = row.qi, h = row.h, b = row.b, hk = row.hk, D = row.D, T = row.T, kvd = row.kvd;
   const int ranks = ClusterRanksFor(T);
   const int64_t per = (T + ranks - 1) / ranks;
   const int64_t j0 = rank < ranks ? (rank * per < T ? rank * per : T) : T;
@@ -405,11 +409,7 @@ __global__ void __cluster_dims__(kClusterRanks, 1, 1) __launch_bounds__(kSplitTh
     SplitKeyRange<false>(a, scores, partial, scratch, kn, kg, v, qn8, qg8, j0, n, T, kvd, D, scale, G, c, slots, slot,
                          active, mx, sum, unused_inv);
     __syncthreads();
-    for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) {
-      float s = 0.f;
-      for (int sl = 0; sl < slots; ++sl) s += partial[sl * D + d];
-      rank_out[d] = s;
-    }
+    for (int64_t d = threadIdx.x; d < D; d += kSplitThreads) rank_out[d] = SlotSum(partial, slots, D, d);
     if (threadIdx.x == 0) {
       rank_stats[0] = mx;
       rank_stats[1] = sum;
@@ -444,6 +444,20 @@ bool SplitDecodeFits(const DecodeArgs& a) {
   const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return a.head_dim % 8 == 0 && a.head_dim <= 256 && aligned(a.q) && aligned(a.q_grouped) && aligned(a.k) &&
          aligned(a.k_grouped) && aligned(a.v) && (a.batch == 1 || a.cache_batch_stride % 8 == 0);
+}
+
+// Blocks of a grid-stride launch over `total` elements: enough for one element a thread, at most
+// max_blocks (the threads then stride over the rest).
+unsigned GridStrideBlocks(int64_t total, int threads, int64_t max_blocks) {
+  return static_cast<unsigned>(std::min<int64_t>((total + threads - 1) / threads, max_blocks));
+}
+
+// G of the split and cluster decode kernels: the lanes covering one key row (8 features a lane),
+// the smallest power of two >= head_dim / 8.
+int SplitGroupLanes(int64_t head_dim) {
+  int group_lanes = 1;
+  while (group_lanes * 8 < head_dim) group_lanes *= 2;
+  return group_lanes;
 }
 
 // The KV-cache append of a decode graph: B rows of `cols` bf16 to cache row *position_dev (a
@@ -580,23 +594,17 @@ __device__ __forceinline__ void GemmRowsWarpDot(float (&acc)[MR], const bf16* w,
     for (int o = 16; o > 0; o >>= 1) acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(0xffffffffu, acc[r], o));
 }
 
+// The MR rows of A a GemmRows block reads; rows past m (MR pads m up) re-read row m - 1.
 template <int MR>
-__global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRowsArgs a, bool vec) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(kGemmRowsWarps) + warp;
-  if (j >= a.n) return;
-  const bf16* w = static_cast<const bf16*>(a.b) + j * a.ldb;
-  // Rows past m (MR pads m up) re-read row m - 1 and are not stored: no branch in the loop body,
-  // so every row's loads of a group are in flight together (a branch per row serialised them:
-  // 0.3-0.5 ms more per speculative round at k = 4-5 in the first call).
-  const bf16* xr[MR];
+__device__ __forceinline__ void GemmRowsInputRows(const GemmRowsArgs& a, const bf16* (&xr)[MR]) {
 #pragma unroll
   for (int r = 0; r < MR; ++r) xr[r] = static_cast<const bf16*>(a.a) + (r < a.m ? r : a.m - 1) * a.lda;
-  float acc[MR];
-#pragma unroll
-  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
-  GemmRowsWarpDot<MR, 32>(acc, w, xr, a.k, vec, lane);
-  if (lane != 0) return;
+}
+
+// Column j of C's first min(MR, m) rows from the column's dot products acc: C = alpha · acc +
+// beta · C_in (C_in = c_in or C itself), each step rounded as written (__fmul_rn, __fadd_rn).
+template <int MR>
+__device__ __forceinline__ void GemmRowsStore(const GemmRowsArgs& a, const float (&acc)[MR], int64_t j) {
   const void* cin = a.c_in != nullptr ? a.c_in : a.c;
 #pragma unroll
   for (int r = 0; r < MR; ++r) {
@@ -613,6 +621,25 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRows
       static_cast<bf16*>(a.c)[o] = __float2bfloat16(v);
     }
   }
+}
+
+template <int MR>
+__global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_kernel(GemmRowsArgs a, bool vec) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(kGemmRowsWarps) + warp;
+  if (j >= a.n) return;
+  const bf16* w = static_cast<const bf16*>(a.b) + j * a.ldb;
+  // Rows past m (MR pads m up) re-read row m - 1 and are not stored: no branch in the loop body,
+  // so every row's loads of a group are in flight together (a branch per row serialised them:
+  // 0.3-0.5 ms more per speculative round at k = 4-5 in the first call).
+  const bf16* xr[MR];
+  GemmRowsInputRows<MR>(a, xr);
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+  GemmRowsWarpDot<MR, 32>(acc, w, xr, a.k, vec, lane);
+  if (lane != 0) return;
+  GemmRowsStore<MR>(a, acc, j);
 }
 
 
@@ -640,8 +667,7 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(Ge
   if (live) {
     const bf16* w = static_cast<const bf16*>(a.b) + j * a.ldb;
     const bf16* xr[MR];
-#pragma unroll
-    for (int r = 0; r < MR; ++r) xr[r] = static_cast<const bf16*>(a.a) + (r < a.m ? r : a.m - 1) * a.lda;
+    GemmRowsInputRows<MR>(a, xr);
     GemmRowsWarpDot<MR, 32 * S>(acc, w, xr, a.k, vec, part * 32 + lane);
     if (lane == 0) {
 #pragma unroll
@@ -657,22 +683,7 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(Ge
     for (int s = 1; s < S; ++s) sum = __fadd_rn(sum, partial[warp + s][r]);
     acc[r] = sum;
   }
-  const void* cin = a.c_in != nullptr ? a.c_in : a.c;
-#pragma unroll
-  for (int r = 0; r < MR; ++r) {
-    if (r >= a.m) break;
-    float v = __fmul_rn(a.alpha, acc[r]);
-    const int64_t o = r * a.ldc + j;
-    if (a.beta != 0.f) {
-      const float old = a.c_f32 ? static_cast<const float*>(cin)[o] : __bfloat162float(static_cast<const bf16*>(cin)[o]);
-      v = __fadd_rn(v, __fmul_rn(a.beta, old));
-    }
-    if (a.c_f32) {
-      static_cast<float*>(a.c)[o] = v;
-    } else {
-      static_cast<bf16*>(a.c)[o] = __float2bfloat16(v);
-    }
-  }
+  GemmRowsStore<MR>(a, acc, j);
 }
 
 }  // namespace
@@ -694,8 +705,7 @@ CudaResult RopePartial(const RopePartialArgs& a, cudaStream_t stream) {
   const int64_t total = a.rows * a.heads * (a.rotary_dim / 2);
   if (total == 0) return {};
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
-  rope_partial_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  rope_partial_kernel<<<GridStrideBlocks(total, threads, 65535), threads, 0, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_partial_kernel");
   return {};
 }
@@ -711,8 +721,7 @@ CudaResult RopeAppend(const RopeAppendArgs& a, cudaStream_t stream) {
   const int64_t rows = a.batch * a.queries, per_head = a.head_dim - a.rotary_dim / 2;
   const int64_t total = rows * ((a.heads + a.kv_heads) * per_head + kvd);
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
-  rope_append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  rope_append_kernel<<<GridStrideBlocks(total, threads, 1024), threads, 0, stream>>>(a);
   CUDA_RETURN_IF_LAUNCH_ERROR("rope_append_kernel");
   return {};
 }
@@ -730,8 +739,7 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
     // One cluster of 8 blocks a (query, head); the scores of a rank's range: at most
     // max(128, ceil(length / 8)) keys (see ClusterRanksFor). An eager launch whose rows all have
     // <= 128 keys takes the split kernel below: the same bits (one working rank, w_0 = 1).
-    int group_lanes = 1;
-    while (group_lanes * 8 < a.head_dim) group_lanes *= 2;
+    const int group_lanes = SplitGroupLanes(a.head_dim);
     const int64_t rank_keys = std::max<int64_t>(kClusterMinKeys, (a.length + kClusterRanks - 1) / kClusterRanks);
     const size_t cluster_smem = static_cast<size_t>(rank_keys) * sizeof(float);
     if (cluster_smem + sizeof(float) * (kSplitPartials + kSplitWarps + 256 + 2) > 48 * 1024) {
@@ -744,9 +752,7 @@ CudaResult AttentionDecode(const DecodeArgs& a, cudaStream_t stream) {
     return {};
   }
   if (a.split && SplitDecodeFits(a)) {
-    // G: the lanes covering one key row (8 features a lane).
-    int group_lanes = 1;
-    while (group_lanes * 8 < a.head_dim) group_lanes *= 2;
+    const int group_lanes = SplitGroupLanes(a.head_dim);
     if (smem + sizeof(float) * (kSplitPartials + kSplitWarps) > 48 * 1024) {
       CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attention_decode_split_kernel,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem)));
@@ -774,8 +780,7 @@ CudaResult AppendRows(void* dst, int64_t dst_batch_stride, const void* src, int6
   const int64_t total = batch * cols;
   if (total == 0) return {};
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 1024);
-  append_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+  append_rows_kernel<<<GridStrideBlocks(total, threads, 1024), threads, 0, stream>>>(
       static_cast<bf16*>(dst), dst_batch_stride, static_cast<const bf16*>(src), batch, cols, position_dev);
   CUDA_RETURN_IF_LAUNCH_ERROR("append_rows_kernel");
   return {};

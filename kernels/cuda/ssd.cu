@@ -160,6 +160,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/ssd_device.cuh"
 #include "kernels/cuda/ssd_fwd_wgmma.h"  // session 13: forward scan and dB/dC at P64 on wgmma
 #include "kernels/cuda/vec_util.cuh"
 
@@ -269,6 +270,14 @@ __device__ __forceinline__ float Sigmoid(float x) {
   if (x >= 0.f) return 1.f / (1.f + expf(-x));
   const float e = expf(x);
   return e / (1.f + e);
+}
+
+// ∂raw dt of one token from its total ∂dt (total) and raw dt (raw_dt + bias): the softplus's
+// derivative, zero where the clamp [dt_min, dt_max] held dt.
+__device__ __forceinline__ float DdtRaw(const Dims& d, float total, float raw) {
+  const float sp = Softplus(raw);
+  const bool passes = sp >= d.dt_min && sp <= d.dt_max;
+  return passes ? total * Sigmoid(raw) : 0.f;
 }
 
 // ------------------------------------------------------------------ block-level tensor-core GEMM
@@ -421,6 +430,17 @@ struct MmaPtx {
     });
   }
 };
+
+// C (m × n fp32, row stride ldc) = A·B (AT / BT: A or B transposed, as MM::Mma) through a fresh
+// accumulator of MAXI tiles: the one-shot product of the v2 kernels, stored for element-wise use.
+template <class MM, bool AT, bool BT, int MAXI>
+__device__ __forceinline__ void MmaStore(float* c, int64_t ldc, const bf16* a, int lda,
+                                         const bf16* b, int ldb, int m, int n, int k) {
+  typename MM::Tile t[MAXI];
+  MM::Zero(t);
+  MM::template Mma<AT, BT, MAXI>(t, a, lda, b, ldb, m, n, k);
+  MM::Store(t, c, ldc, m, n);
+}
 
 // ------------------------------------------------------------------ tile loads (global → shared)
 
@@ -725,10 +745,7 @@ __global__ void __launch_bounds__(kThreads, 3) ssd_chunk_scan_fwd(Dims d, const 
     }
     CpAsyncWaitAll();
     __syncthreads();
-    typename MM::Tile sacc[1];
-    MM::Zero(sacc);
-    MM::template Mma<false, true, 1>(sacc, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
-    MM::Store(sacc, Ms, 68, kTile, kTile);
+    MmaStore<MM, false, true, 1>(Ms, 68, Cl, ldn, Bs, ldn, kTile, kTile, d.N);
     __syncthreads();
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int r = i / kTile, s = i % kTile;
@@ -902,10 +919,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     LoadRowsAsync(dYl, ldp, dyb + tl0 * y_stride, y_stride, lv, d.P);
     CpAsyncWaitAll();
     __syncthreads();
-    typename MM::Tile a1[2];
-    MM::Zero(a1);
-    MM::template Mma<false, true, 2>(a1, Cl, ldn, Hc, ldn, kTile, d.P, d.N);
-    MM::Store(a1, DX, ldx, kTile, d.P);
+    MmaStore<MM, false, true, 2>(DX, ldx, Cl, ldn, Hc, ldn, kTile, d.P, d.N);
     __syncthreads();
     float s = 0.f;
     for (int p = half * hp; p < (half + 1) * hp; ++p)
@@ -1064,10 +1078,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dx(
     const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
     const float dda = dacs[t];
     const float total = ddtx[t] + A * dda;
-    const float raw = dt_raw[idx] + bias;
-    const float sp = Softplus(raw);
-    const bool passes = sp >= d.dt_min && sp <= d.dt_max;
-    const float draw = passes ? total * Sigmoid(raw) : 0.f;
+    const float draw = DdtRaw(d, total, dt_raw[idx] + bias);
     ddt[idx] = draw;
     db_acc += draw;
   }
@@ -1190,10 +1201,7 @@ __global__ void __launch_bounds__(kThreads, 2) ssd_chunk_scan_bwd_dbc(
       LoadRowsAsync(Oth, ldp, oth_src + oth0 * oth_ld, oth_ld, othv, d.P);
       CpAsyncWaitAll();
       __syncthreads();
-      typename MM::Tile t1[1];
-      MM::Zero(t1);
-      MM::template Mma<false, true, 1>(t1, Own, ldp, Oth, ldp, kTile, kTile, d.P);
-      MM::Store(t1, Ms, 68, kTile, kTile);
+      MmaStore<MM, false, true, 1>(Ms, 68, Own, ldp, Oth, ldp, kTile, kTile, d.P);
       __syncthreads();
       for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
         const int r = i / kTile, q = i % kTile;
@@ -1275,10 +1283,39 @@ __global__ void ssd_param_reduce(Dims d, const double* part, const float* a_log,
 // Fragment coordinates (lane = 4·gq + tq): accumulator element e of n8 tile j sits at row
 // gq + 8·(e / 2) of the warp's 16 rows, column 8·j + 2·tq + (e % 2).
 
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+// (CpAsyncCommit, CpAsyncWait<kPending>: ssd_device.cuh.)
+
+// A kStages-deep cp.async ring over n steps, one barrier a step, for loops of the form
+//   RingPrologue<kStages>(n, issue);
+//   for (int step = 0; step < n; ++step) {
+//     const int buf = step % kStages;
+//     RingStep<kStages>(step, n, issue);
+//     ...  // slot buf holds step `step`
+//   }
+// issue(step, buf) loads step `step` into ring slot buf and commits its group. A group is
+// committed for every step even past n (empty), so that wait_group<kStages − 2> always means
+// "step `step` has landed"; the barrier then also retires slot (step − 1) % kStages, which
+// receives step + kStages − 1.
+template <int kStages, class Issue>
+__device__ __forceinline__ void RingPrologue(int n, Issue&& issue) {
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < n) {
+      issue(i, i);
+    } else {
+      CpAsyncCommit();
+    }
+  }
+}
+template <int kStages, class Issue>
+__device__ __forceinline__ void RingStep(int step, int n, Issue&& issue) {
+  CpAsyncWait<kStages - 2>();
+  __syncthreads();
+  if (step + kStages - 1 < n) {
+    issue(step + kStages - 1, (step + kStages - 1) % kStages);
+  } else {
+    CpAsyncCommit();
+  }
 }
 
 // `rows` rows × width bf16 (width % 8 == 0) through cp.async; rows >= valid zero-filled.
@@ -1419,17 +1456,26 @@ void CarveBmmCb(Carver& cv, const Dims& d) {
   cv.template take<bf16>(2 * kTile * (d.N + 8));
 }
 
+// Tile pair `pair` of a chunk's lower triangle (l-tile lt >= s-tile st), in the order
+// (0, 0), (1, 0), (1, 1), (2, 0), ...: the pairs = tiles·(tiles + 1)/2 blocks of the C Bᵀ and
+// dCB kernels.
+__device__ __forceinline__ void TilePairOf(int pair, int& lt, int& st) {
+  int pi = pair;
+  lt = 0;
+  while (pi > lt) {
+    pi -= lt + 1;
+    ++lt;
+  }
+  st = pi;
+}
+
 __global__ void __launch_bounds__(kThreads) ssd_bmm_cb(Dims d, const bf16* Bm, const bf16* Cm,
                                                        float* saved) {
   extern __shared__ __align__(128) char smem[];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
-  int pr = blockIdx.x % pairs, lt = 0;
-  while (pr > lt) {
-    pr -= lt + 1;
-    ++lt;
-  }
-  const int st = pr;
+  int lt, st;
+  TilePairOf(blockIdx.x % pairs, lt, st);
   const int tl0 = c * d.Q + lt * kTile, ts0 = c * d.Q + st * kTile;
   if (tl0 >= d.S) return;
   const int ldn = d.N + 8;
@@ -1603,15 +1649,7 @@ __global__ void __launch_bounds__(kThreads, kP <= 64 ? 4 : 2) ssd_chunk_scan_fwd
           s[j][2 + c2] *= cf * rf1;
         }
     } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-          const float al = e < 2 ? al0 : al1;
-          const float v = s[j][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
-          s[j][e] = col <= row ? v : 0.f;
-        }
+      ScaleDiagCausal(s, tq, r0, al0, al1, as, ds);
     }
     unsigned fa[4][4];
     AccToA(s, fa);
@@ -2079,10 +2117,7 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dacs_finish(
       const int64_t idx = (static_cast<int64_t>(b) * d.S + c0 + t) * d.H + h;
       const float dda = dacs[t];
       const float total = dot_v[k] + A * dda;
-      const float raw = raw_v[k] + bias;
-      const float sp = Softplus(raw);
-      const bool passes = sp >= d.dt_min && sp <= d.dt_max;
-      const float draw = passes ? total * Sigmoid(raw) : 0.f;
+      const float draw = DdtRaw(d, total, raw_v[k] + bias);
       ddt[idx] = draw;
       db_acc += draw;
     }
@@ -2122,6 +2157,43 @@ void CarveDcbReg(Carver& cv, const Dims& d) {
   cv.template take<float>(2 * kWarps);                         // pair sums, per warp, 2 heads
 }
 
+// Head h's small arrays of tile pair (l0, s0) of the chunk from c0 into slot buf (ssd_bwd_dcb_reg,
+// ssd_bwd_dcb_wg; threads 0..63, row r each, through cp.async): Acs_l, Acs_s (padded tokens carry
+// the last value) and dt_s (dt_g: row b's dt; zero past the sv valid rows).
+__device__ __forceinline__ void DcbIssueSmall(float* al, float* as, float* ds, int buf,
+                                              const Dims& d, const float* saved, const float* dt_g,
+                                              int b, int h, int c0, int l0, int s0, int sv) {
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    const float* acs_h = AcsPtr(d, saved, b, h) + c0;
+    CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
+    CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
+    CpAsync4(ds + buf * kTile + r,
+             dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
+  }
+}
+
+// Head h's ∂Acs partials of tile pair `pair` (ssd_bwd_dcb_reg, ssd_bwd_dcb_wg), after the barrier
+// that follows its compute step: threads 0..63 one column sum each (warps 0..kWarps−1 of colbuf
+// half pb, in order) into the s side of its dacs_pair row (pair_out: this (b, c)'s rows), thread 64
+// the pair sum (pairbuf half pb, double) into dpair.
+__device__ __forceinline__ void DcbFlushHead(const float* colbuf, const float* pairbuf, int pb,
+                                             float* pair_out, double* dpair, const Dims& d, int b,
+                                             int c, int h, int pairs, int pair) {
+  if (threadIdx.x < kTile) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
+    pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile + threadIdx.x] =
+        v;
+  } else if (threadIdx.x == kTile) {
+    double v = 0.0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
+    dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
+  }
+}
+
 // grid (NC·pairs, G, B), pairs = (Q/64)(Q/64+1)/2 tile pairs (l-tile ≥ s-tile). Per head h of
 // group g, in registers: v[l, s] = dt_s e^{Acs_l − Acs_s} (dy_l·x_s) (l ≥ s), heads
 // double-buffered through cp.async. Two results from the same v:
@@ -2146,12 +2218,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   // This block's heads: nh of the group's, from h_first (a head split fills the machine: at
   // B8 S2048 G1 the 640 unsplit blocks are 1.2 waves of 4 per SM).
   const int nh = d.hpg / split, h_first = g * d.hpg + part * nh;
-  int pi = pair, lt = 0;
-  while (pi > lt) {
-    pi -= lt + 1;
-    ++lt;
-  }
-  const int st = pi;
+  int lt, st;
+  TilePairOf(pair, lt, st);
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
@@ -2177,14 +2245,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
                   dy + YRow(d, b, c0 + l0) + static_cast<int64_t>(h) * d.P, d.ldy, lv, d.P);
     LoadRowsAsync(X0 + buf * kTile * ldp, ldp,
                   x + XRow(d, b, c0 + s0) + static_cast<int64_t>(h) * d.P, d.ldx, sv, d.P);
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      const float* acs_h = AcsPtr(d, saved, b, h) + c0;
-      CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
-      CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
-      CpAsync4(ds + buf * kTile + r,
-               dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
-    }
+    DcbIssueSmall(al, as, ds, buf, d, saved, dt_g, b, h, c0, l0, s0, sv);
     CpAsyncCommit();
   };
 
@@ -2205,18 +2266,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   float* pair_out = dacs_pair + ((static_cast<int64_t>(b) * d.H) * d.NC + c) * pairs * 2 * kTile;
   auto flush = [&](int hh) {
     const int h = h_first + hh, pb = hh & 1;
-    if (threadIdx.x < kTile) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
-      pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile +
-               threadIdx.x] = v;
-    } else if (threadIdx.x == kTile) {
-      double v = 0.0;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
-      dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
-    }
+    DcbFlushHead(colbuf, pairbuf, pb, pair_out, dpair, d, b, c, h, pairs, pair);
   };
 
   float acc[8][4];
@@ -2225,23 +2275,10 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_reg(Dims d, const bf1
   // wait_group<kDcbStages−2> always means "head hh has landed"; the barrier then also retires the
   // buffer of head hh−1, which receives head hh+kDcbStages−1, and publishes head hh−1's column
   // sums (flushed right after; colbuf of head hh−1 is rewritten only after the next barrier).
-#pragma unroll
-  for (int i = 0; i < kDcbStages - 1; ++i) {
-    if (i < nh) {
-      issue(i, i);
-    } else {
-      CpAsyncCommit();
-    }
-  }
+  RingPrologue<kDcbStages>(nh, issue);
   for (int hh = 0; hh < nh; ++hh) {
     const int buf = hh % kDcbStages;
-    CpAsyncWait<kDcbStages - 2>();
-    __syncthreads();
-    if (hh + kDcbStages - 1 < nh) {
-      issue(hh + kDcbStages - 1, (hh + kDcbStages - 1) % kDcbStages);
-    } else {
-      CpAsyncCommit();
-    }
+    RingStep<kDcbStages>(hh, nh, issue);
     if (hh > 0) flush(hh - 1);
     float s2[8][4];
     ZeroAcc(s2);
@@ -2366,6 +2403,8 @@ __global__ void __launch_bounds__(kThreads) ssd_bwd_dcb_sum(Dims d, const float*
   __shared__ bf16 tile[kTile][kTile + 2];
   const int tiles = d.Q / kTile, pairs = tiles * (tiles + 1) / 2;
   const int c = blockIdx.x / pairs, g = blockIdx.y, b = blockIdx.z;
+  // (TilePairOf's loop written out: through the helper the block index loads are ordered
+  // differently in the PTX.)
   int pi = blockIdx.x % pairs, lt = 0;
   while (pi > lt) {
     pi -= lt + 1;
@@ -2546,23 +2585,10 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dbc_smem(
     LoadRowsAsync(Cown, 72, Cm + BcRow(d, b, c0 + o0) + static_cast<int64_t>(g) * d.N + n0,
                   bc_stride, ov, 64);
   }
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < nsteps) {
-      issue(i, i);
-    } else {
-      CpAsyncCommit();
-    }
-  }
+  RingPrologue<kStages>(nsteps, issue);
   for (int step = 0; step < nsteps; ++step) {
     const int buf = step % kStages;
-    CpAsyncWait<kStages - 2>();
-    __syncthreads();
-    if (step + kStages - 1 < nsteps) {
-      issue(step + kStages - 1, (step + kStages - 1) % kStages);
-    } else {
-      CpAsyncCommit();
-    }
+    RingStep<kStages>(step, nsteps, issue);
     if (step < n1) {
       // A fragments of the dCB tile (dC: A(l, s) = dCB[l, s]; dB: A(s, l) = dCB[l, s] =
       // dCBᵀ[s, l], the transposed copy) from the stage's second half.
@@ -2656,6 +2682,68 @@ __device__ __forceinline__ void StoreTileBf16(const MmaPtx::Tile (&acc)[MAXI], b
   });
 }
 
+// Steps of the fused chunk-state scan shared by ssd_chunk_state_scan (below) and its compile-time
+// form ssd_state_scan_ct (ssd_state_ct.cuh), which repeats its recurrence exactly.
+
+// Tile k of the scan: chunk c, 64-token tile tt of it; `tiles` tiles a chunk, `last_tiles` in the
+// last (only it can be partial). The forward takes the chunks in order, the backward from the last.
+template <bool kBwd>
+__device__ __forceinline__ void StateScanTile(const Dims& d, int tiles, int last_tiles, int k,
+                                              int& c, int& tt) {
+  if (!kBwd) {
+    c = k / tiles;
+    tt = k % tiles;
+  } else if (k < last_tiles) {
+    c = d.NC - 1;
+    tt = k;
+  } else {
+    c = d.NC - 2 - (k - last_tiles) / tiles;
+    tt = (k - last_tiles) % tiles;
+  }
+}
+
+// This thread's part of <G_{c+1}, H_c> (backward): G in the accumulator (pw × nw tile), H_c's
+// tile hc (fp32, row stride N) read in the accumulator layout straight from global memory, the
+// products in ForEachPair order (fmaf), then the warp's sum.
+template <int MAXI>
+__device__ __forceinline__ float StateDotWarpSum(MmaPtx::Tile (&acc)[MAXI], const float* hc,
+                                                 const Dims& d, int pw, int nw, int lane,
+                                                 int warp) {
+  float prod = 0.f;
+  MmaPtx::ForEachPairAt(acc, pw, nw, lane, warp, [&](float x, float y, int row, int col) {
+    const float2 hv = *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
+    prod = fmaf(x, hv.x, prod);
+    prod = fmaf(y, hv.y, prod);
+  });
+  return WarpSum(prod);
+}
+
+// The state accumulator times a chunk's decay e^{Acs_last}.
+__device__ __forceinline__ void StateScanDecay(MmaPtx::Tile (&acc)[2], float decay) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+}
+
+// Row r's 8 columns from cidx of the U tile (ld ldu), scaled in place: by e^{Acs_r} (backward,
+// dy) or e^{acs_last − Acs_r} dt_r (forward, x). Rows past the sequence end have zero-filled U,
+// Acs and dt: a finite factor (Acs <= 0).
+template <bool kBwd>
+__device__ __forceinline__ void StateScanScaleU(bf16* Us, int ldu, int r, int cidx, const float* ab,
+                                                const float* db, float acs_last) {
+  float f[8];
+  LoadBf16<8>(Us + r * ldu + cidx, f);
+  const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] *= sc;
+  StoreBf16<8>(Us + r * ldu + cidx, f);
+}
+
 // The chunk states and the state pass in one kernel (no S_c / dS_c round trip through memory,
 // no ssd_state_pass(_bwd) launch): one block per (state tile, head, batch row) walks all chunks in
 // order (the backward in reverse) with the next token tile's U, V, Acs and dt in flight
@@ -2714,15 +2802,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     if (kOneChunk) {
       c = one_c;
       tt = k;
-    } else if (!kBwd) {
-      c = k / tiles;
-      tt = k % tiles;
-    } else if (k < last_tiles) {
-      c = d.NC - 1;
-      tt = k;
     } else {
-      c = d.NC - 2 - (k - last_tiles) / tiles;
-      tt = (k - last_tiles) % tiles;
+      StateScanTile<kBwd>(d, tiles, last_tiles, k, c, tt);
     }
   };
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
@@ -2778,16 +2859,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
         if (g_bf != nullptr) {
           StoreTileBf16(acc, g_bf + (bh * d.NC + c) * d.PN + pn0, d.N, pw, nw);
         }
-        // <G_{c+1}, H_c>: H_c in the accumulator layout, straight from global memory.
-        float prod = 0.f;
-        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
-        MmaPtx::ForEachPair(acc, pw, nw, [&](float x, float y, int row, int col) {
-          const float2 hv =
-              *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
-          prod = fmaf(x, hv.x, prod);
-          prod = fmaf(y, hv.y, prod);
-        });
-        prod = WarpSum(prod);
+        const float prod =
+            StateDotWarpSum(acc, StatePtr(d, saved, b, h, c) + pn0, d, pw, nw, lane, warp);
         if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
         pending_c = c;
       }
@@ -2796,15 +2869,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
       if (c_next >= 0 && c_next < d.NC) {
         acs_last_next = acs[static_cast<int64_t>(c_next) * d.Q + d.Q - 1];
       }
-      const float decay = expf(acs_last);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+      StateScanDecay(acc, expf(acs_last));
     }
     __syncthreads();  // buffer buf^1 (tile k−1, scaled) is no longer read; red[] published
     if (kBwd && !kOneChunk && pending_c >= 0) {
@@ -2827,14 +2892,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_chunk_state_scan(
     const float* ab = acs_b + buf * kTile;
     const float* db = dt_b + buf * kTile;
     for (int i = threadIdx.x; i < kTile * vpr; i += kThreads) {
-      const int r = i / vpr, cidx = (i % vpr) * 8;
-      float f[8];
-      LoadBf16<8>(Us + r * ldu + cidx, f);
-      // Rows past the sequence end: zero-filled U and Acs (and dt): a finite factor (Acs <= 0).
-      const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] *= sc;
-      StoreBf16<8>(Us + r * ldu + cidx, f);
+      StateScanScaleU<kBwd>(Us, ldu, i / vpr, (i % vpr) * 8, ab, db, acs_last);
     }
     __syncthreads();
     MmaPtx::Mma<true, false, 2>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile);
@@ -3200,6 +3258,25 @@ CudaResult LaunchStateCt1(const Dims& d, const bf16* u, const bf16* v, const flo
   return {};
 }
 
+// Launches ssd_chunk_state_scan<kBwd, kOneChunk> (arguments as the kernel's; the slice is
+// StateSlice(d)): grid (ntn, H, B) for the fused scan, (NC·ntn, H, B) for the per-chunk states.
+// `what` names the launch in an error ("launch ssd_chunk_state_scan<...>").
+template <bool kBwd, bool kOneChunk>
+CudaResult LaunchStateScan(const Dims& d, const bf16* u, const bf16* v, const float* start,
+                           float* saved, float* end_state, float* dsg, bf16* g_bf, float* ddecay,
+                           cudaStream_t stream, const char* what) {
+  const int slice = StateSlice(d);
+  const size_t smem = StateScanSmem(d);
+  CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<kBwd, kOneChunk>, smem));
+  const int ntn = (d.N + slice - 1) / slice;
+  ssd_chunk_state_scan<kBwd, kOneChunk>
+      <<<dim3(kOneChunk ? d.NC * ntn : ntn, d.H, d.B), kThreads, smem, stream>>>(
+          d, slice, d.P, u, v, start, saved, end_state, dsg, g_bf, ddecay);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return CudaError(err, what, __FILE__, __LINE__);
+  return {};
+}
+
 template <int kP>
 CudaResult LaunchScanFwd(const SsdForwardArgs& a, const Dims& d, const float* saved,
                          cudaStream_t stream) {
@@ -3236,21 +3313,13 @@ CudaResult ForwardKernels(const SsdForwardArgs& a, const Dims& d, float* saved,
     CUDA_RETURN_IF_NOT_OK(LaunchStateCt1<false>(d, a.x, a.b, a.initial_state, saved,
                                                 a.final_state, nullptr, nullptr, nullptr, stream));
   } else if (plan.state && UseFusedStatePass(d)) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false>, smem));
-    ssd_chunk_state_scan<false><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                   stream>>>(d, slice, d.P, a.x, a.b, a.initial_state, saved,
-                                             a.final_state, nullptr, nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<false, false>(
+        d, a.x, a.b, a.initial_state, saved, a.final_state, nullptr, nullptr, nullptr, stream,
+        "launch ssd_chunk_state_scan")));
   } else if (plan.state) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<false, true>, smem));
-    ssd_chunk_state_scan<false, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, stream>>>(
-            d, slice, d.P, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<one chunk>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<false, true>(
+        d, a.x, a.b, nullptr, saved, nullptr, nullptr, nullptr, nullptr, stream,
+        "launch ssd_chunk_state_scan<one chunk>")));
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, false>, st_smem));
@@ -3366,25 +3435,15 @@ CudaResult BackwardKernels(const SsdBackwardArgs& a, const Dims& d, const RegPla
                                                plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
                                                sc.ddecay, crit));
   } else if (fused) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true>, smem));
     // fp32 G only where a v2 kernel reads it (the v3 ones read the bf16 copy).
-    ssd_chunk_state_scan<true><<<dim3((d.N + slice - 1) / slice, d.H, d.B), kThreads, smem,
-                                  crit>>>(d, slice, d.P, a.dy, a.c, a.d_final_state,
-                                          const_cast<float*>(saved), a.d_initial_state,
-                                          plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf,
-                                          sc.ddecay);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<true, false>(
+        d, a.dy, a.c, a.d_final_state, const_cast<float*>(saved), a.d_initial_state,
+        plan.dx && plan.dbc ? nullptr : sc.dsg, sc.g_bf, sc.ddecay, crit,
+        "launch ssd_chunk_state_scan<bwd>")));
   } else if (plan.state) {
-    const int slice = StateSlice(d);
-    const size_t smem = StateScanSmem(d);
-    CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state_scan<true, true>, smem));
-    ssd_chunk_state_scan<true, true>
-        <<<dim3(d.NC * ((d.N + slice - 1) / slice), d.H, d.B), kThreads, smem, crit>>>(
-            d, slice, d.P, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg,
-            nullptr, nullptr);
-    CUDA_RETURN_IF_LAUNCH_ERROR("ssd_chunk_state_scan<bwd, one chunk>");
+    CUDA_RETURN_IF_NOT_OK((LaunchStateScan<true, true>(
+        d, a.dy, a.c, nullptr, const_cast<float*>(saved), nullptr, sc.dsg, nullptr, nullptr, crit,
+        "launch ssd_chunk_state_scan<bwd, one chunk>")));
   } else {
     const size_t st_smem = ChunkStateSmem(d);
     CUDA_RETURN_IF_NOT_OK(SetSmem(ssd_chunk_state<MM, true>, st_smem));

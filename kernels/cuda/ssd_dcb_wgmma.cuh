@@ -88,12 +88,9 @@ __device__ __forceinline__ void DcbFold(const Dims& d, int split, bf16* dcb_bf, 
   const int bx = static_cast<int>(DcbCtaid(0));
   const int part = bx % split, cp = bx / split;
   const int c = cp / pairs, g = static_cast<int>(DcbCtaid(1)), b = static_cast<int>(DcbCtaid(2));
-  int pi = cp % pairs, lt = 0;
-  while (pi > lt) {
-    pi -= lt + 1;
-    ++lt;
-  }
-  const int l0 = lt * kTile, s0 = pi * kTile;
+  int lt, st;
+  TilePairOf(cp % pairs, lt, st);
+  const int l0 = lt * kTile, s0 = st * kTile;
   const int R = kTile / split, rb = part * R;
   const int64_t n = static_cast<int64_t>(d.B) * d.NC * d.G * d.Q * d.Q;
   const int64_t base = ((static_cast<int64_t>(b) * d.NC + c) * d.G + g) * d.Q * d.Q;
@@ -143,12 +140,8 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   const int c = cp / pairs, g = blockIdx.y, b = blockIdx.z;
   const int pair = cp % pairs;
   const int nh = d.hpg / split, h_first = g * d.hpg + part * nh;
-  int pi = pair, lt = 0;
-  while (pi > lt) {
-    pi -= lt + 1;
-    ++lt;
-  }
-  const int st = pi;
+  int lt, st;
+  TilePairOf(pair, lt, st);
   const int c0 = c * d.Q;
   const int len = min(d.Q, d.S - c0);
   const int nT = (len + kTile - 1) / kTile;
@@ -176,14 +169,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   };
   auto issue_small = [&](int hh, int buf) {
     const int h = h_first + hh;
-    if (threadIdx.x < kTile) {
-      const int r = threadIdx.x;
-      const float* acs_h = AcsPtr(d, saved, b, h) + c0;
-      CpAsync4(al + buf * kTile + r, acs_h + l0 + r, true);
-      CpAsync4(as + buf * kTile + r, acs_h + s0 + r, true);
-      CpAsync4(ds + buf * kTile + r,
-               dt_g + static_cast<int64_t>(c0 + s0 + min(r, sv - 1)) * d.H + h, r < sv);
-    }
+    DcbIssueSmall(al, as, ds, buf, d, saved, dt_g, b, h, c0, l0, s0, sv);
   };
   // Off-diagonal tiles: head hh's column factors dt_s·e^{Acs_l0 − Acs_s} (the expression the
   // reg kernel forms per element in each thread, so the same values), one column per thread 0..63.
@@ -212,18 +198,7 @@ __global__ void __launch_bounds__(kThreads, 4) ssd_bwd_dcb_wg(Dims d, const bf16
   float* pair_out = dacs_pair + ((static_cast<int64_t>(b) * d.H) * d.NC + c) * pairs * 2 * kTile;
   auto flush = [&](int hh) {
     const int h = h_first + hh, pb = hh & 1;
-    if (threadIdx.x < kTile) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += colbuf[(pb * kWarps + w) * kTile + threadIdx.x];
-      pair_out[(static_cast<int64_t>(h) * d.NC * pairs + pair) * 2 * kTile + kTile +
-               threadIdx.x] = v;
-    } else if (threadIdx.x == kTile) {
-      double v = 0.0;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += pairbuf[pb * kWarps + w];
-      dpair[((static_cast<int64_t>(b) * d.NC + c) * d.H + h) * pairs + pair] = v;
-    }
+    DcbFlushHead(colbuf, pairbuf, pb, pair_out, dpair, d, b, c, h, pairs, pair);
   };
 
   float acc[8][4];

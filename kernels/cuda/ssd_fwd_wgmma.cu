@@ -37,6 +37,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/hopper_mma.cuh"
+#include "kernels/cuda/ssd_device.cuh"
 
 namespace gyre::cuda {
 namespace {
@@ -49,11 +50,7 @@ constexpr int kTileRows = 64;
 constexpr uint32_t kTileBytes = 64 * 128;        // 64 rows × 64 bf16, swizzled
 constexpr uint32_t kSlotBytes = 2 * kTileBytes;  // A tile + B tile
 
-__device__ __forceinline__ void CpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void CpWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
+// (CpAsyncCommit, CpAsyncWait<kPending>: ssd_device.cuh.)
 __device__ __forceinline__ void Cp4(uint32_t dst, const float* src, bool ok) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(ok ? 4 : 0));
@@ -71,6 +68,17 @@ __device__ __forceinline__ void LoadTileASw(uint32_t (&fa)[4][4], uint32_t tile)
                  : "=r"(fa[k][0]), "=r"(fa[k][1]), "=r"(fa[k][2]), "=r"(fa[k][3])
                  : "r"(addr));
   }
+}
+
+// acc += A·B over K = 64, issued and committed (not waited for): A from the registers fa (four
+// k16 steps), B the N-major 64×64 tile that follows the A tile at a_tile in its ring slot.
+__device__ __forceinline__ void WgmmaRsAccumulate(float (&acc)[32], const uint32_t (&fa)[4][4],
+                                                  uint32_t a_tile) {
+  const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
+  WgmmaFence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
+  WgmmaCommit();
 }
 
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
@@ -162,7 +170,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
         CpAsyncTile64Sw128(b_dst, xb + ts0 * d.ldx, d.ldx, min(kTileRows, d.S - ts0));
       }
     }
-    CpCommit();
+    CpAsyncCommit();
   };
 
   // Prologue: the chunk's Acs (padded tokens carry the last value) and dt (0 past the end),
@@ -177,7 +185,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
   // Item k's data visible to the block, the slot of item k − 2 (whose wgmma was retired in
   // item k − 1, before its A registers were written) refilled with item k + kLook.
   auto begin = [&](int k) {
-    CpWait<kLook - 1>();
+    CpAsyncWait<kLook - 1>();
     FenceProxyAsync();
     __syncthreads();
     issue(k + kLook);
@@ -244,15 +252,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
             s[jj][3] *= cf.y * rf1;
           }
         } else {
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = 8 * jj + 2 * tq + (e & 1), row = r0 + 8 * (e >> 1);
-              const float al = e < 2 ? al0 : al1;
-              const float v = s[jj][e] * ds[col] * __expf(fminf(al - as[col], 0.f));
-              s[jj][e] = col <= row ? v : 0.f;
-            }
+          ScaleDiagCausal(s, tq, r0, al0, al1, as, ds);
         }
         WgmmaWait<0>();  // the previous item's wgmma: its A registers and slot are free
         if (st == 0) {
@@ -269,11 +269,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_chunk_scan_fwd_wg(SsdScanFw
         }
         AccToFrag(s, fa);
       }
-      const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
-      WgmmaFence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
-      WgmmaCommit();
+      WgmmaRsAccumulate(acc, fa, a_tile);
       ++k;
       ++st;
     } while (st <= lt);
@@ -383,7 +379,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
         }
       }
     }
-    CpCommit();
+    CpAsyncCommit();
   };
 
   // The own rows' C slice (kInter), as bf16 pairs in this thread's accumulator layout.
@@ -411,7 +407,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
   int step = 0;
   // dCB steps (n1 >= 1 always: the own tile itself).
   do {
-    CpWait<kLook - 1>();
+    CpAsyncWait<kLook - 1>();
     FenceProxyAsync();
     __syncthreads();
     issue(step + kLook);
@@ -419,11 +415,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
     uint32_t fa[4][4];
     WgmmaWait<0>();  // the previous step's wgmma (its A registers, its slot)
     LoadTileASw(fa, a_tile);
-    const uint64_t db = SmemDescSw128(a_tile + kTileBytes, kTileBytes, 1024);
-    WgmmaFence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) WgmmaRS64Pred<1>(acc, fa[ks], db + 128 * ks, 1);
-    WgmmaCommit();
+    WgmmaRsAccumulate(acc, fa, a_tile);
     ++step;
   } while (step < n1);
   if constexpr (kInter) {
@@ -435,7 +427,7 @@ __global__ void __launch_bounds__(kWgThreads, 4) ssd_bwd_dbc_wg(SsdDbcWgArgs d) 
   // Head steps (hpg >= 1: a do-while, so that no path skips the loop with the dCB steps' wgmma
   // still in flight; a zero-trip path drew ptxas C7515 in the mLSTM kernels).
   do {
-    CpWait<kLook - 1>();
+    CpAsyncWait<kLook - 1>();
     FenceProxyAsync();
     __syncthreads();
     issue(step + kLook);

@@ -14,7 +14,8 @@
 // ssdr13)" and "(helper cssdr13)"); session 14 removed their code paths from this template.
 // Each head's outputs are bitwise those of ssd_chunk_state_scan: the same fragments in the same
 // k order per element (MmaPtx::MmaAt), the same scale expression, the same <G, H_c> partial order
-// (warp sums, then warps 0..3).
+// (warp sums, then warps 0..3). The steps that are the same code in both kernels are shared
+// helpers of ssd.cu (StateScanTile, StateDotWarpSum, StateScanDecay, StateScanScaleU).
 
 constexpr int kStateCtP = 64, kStateCtSlice = 128, kStateCtStages = 2;
 
@@ -75,23 +76,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int tiles = d.Q / kTile;
   const int last_tiles = (d.S - (d.NC - 1) * d.Q + kTile - 1) / kTile;
   const int total = (d.NC - 1) * tiles + last_tiles;
-  auto locate = [&](int k, int& c, int& tt) {
-    if (!kBwd) {
-      c = k / tiles;
-      tt = k % tiles;
-    } else if (k < last_tiles) {
-      c = d.NC - 1;
-      tt = k;
-    } else {
-      c = d.NC - 2 - (k - last_tiles) / tiles;
-      tt = (k - last_tiles) % tiles;
-    }
-  };
   const int64_t bh = static_cast<int64_t>(b) * d.H + h;
   // Tile k into slot s: V (B or C), U (x or dy), and the tile's Acs / dt.
   auto issue = [&](int k, int s) {
     int c, tt;
-    locate(k, c, tt);
+    StateScanTile<kBwd>(d, tiles, last_tiles, k, c, tt);
     const int t0 = c * d.Q + tt * kTile, valid = min(kTile, d.S - t0);
     LoadRowsAsyncCt<kSlice>(V0 + s * kTile * ldv, ldv,
                             v + BcRow(d, b, t0) + static_cast<int64_t>(g) * d.N + n0, d.ldbc,
@@ -126,13 +115,13 @@ __global__ void __launch_bounds__(kThreads, 4)
     MmaPtx::Zero(acc);
   }
   int c_first, tt_first;
-  locate(0, c_first, tt_first);
+  StateScanTile<kBwd>(d, tiles, last_tiles, 0, c_first, tt_first);
   float acs_last = 0.f, acs_last_next = acs[static_cast<int64_t>(c_first) * d.Q + d.Q - 1];
   int pending_c = -1;
   for (int k = 0; k < total; ++k) {
     const int buf = k % kStages;
     int c, tt;
-    locate(k, c, tt);
+    StateScanTile<kBwd>(d, tiles, last_tiles, k, c, tt);
     if (tt == 0) {
       if (!kBwd) {
         float* hs = StatePtr(d, saved, b, h, c) + pn0;
@@ -157,15 +146,8 @@ __global__ void __launch_bounds__(kThreads, 4)
                 __floats2bfloat162_rn(x, y);
           });
         }
-        float prod = 0.f;
-        const float* hc = StatePtr(d, saved, b, h, c) + pn0;
-        MmaPtx::ForEachPairAt(acc, pw, nw, lane, warp, [&](float x, float y, int row, int col) {
-          const float2 hv =
-              *reinterpret_cast<const float2*>(hc + static_cast<int64_t>(row) * d.N + col);
-          prod = fmaf(x, hv.x, prod);
-          prod = fmaf(y, hv.y, prod);
-        });
-        prod = WarpSum(prod);
+        const float prod =
+            StateDotWarpSum(acc, StatePtr(d, saved, b, h, c) + pn0, d, pw, nw, lane, warp);
         if (lane == 0) red[(c & 1) * kWarps + warp] = prod;
         pending_c = c;
       }
@@ -174,15 +156,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (c_next >= 0 && c_next < d.NC) {
         acs_last_next = acs[static_cast<int64_t>(c_next) * d.Q + d.Q - 1];
       }
-      const float decay = expf(acs_last);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i].c[mi][ni][e] *= decay;
+      StateScanDecay(acc, expf(acs_last));
     }
     __syncthreads();  // slot (k − 1) % kStages is no longer read; red[] published
     if (kBwd && pending_c >= 0) {
@@ -201,19 +175,11 @@ __global__ void __launch_bounds__(kThreads, 4)
     bf16* Us = U0 + buf * kTile * ldu;  // the U tile, scaled in place
     const float* ab = acs_b + buf * kTile;
     const float* db = dt_b + buf * kTile;
-    auto scale_vector = [&](int r, int cidx) {
-      float f[8];
-      LoadBf16<8>(Us + r * ldu + cidx, f);
-      const float sc = kBwd ? expf(ab[r]) : expf(acs_last - ab[r]) * db[r];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] *= sc;
-      StoreBf16<8>(Us + r * ldu + cidx, f);
-    };
     constexpr int kVpr = kP / 8;
 #pragma unroll
     for (int m = 0; m < kTile * kVpr / kThreads; ++m) {
       const int i = lt + m * kThreads;
-      scale_vector(i / kVpr, (i % kVpr) * 8);
+      StateScanScaleU<kBwd>(Us, ldu, i / kVpr, (i % kVpr) * 8, ab, db, acs_last);
     }
     __syncthreads();  // the scaled tile is complete
     MmaPtx::MmaAt<true, false>(acc, Us, ldu, V0 + buf * kTile * ldv, ldv, pw, nw, kTile, lane,
