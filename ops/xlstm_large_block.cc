@@ -1,0 +1,202 @@
+#include "ops/xlstm_large_block.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "kernels/cpu/mlstm.h"
+#include "ops/elementwise.h"
+#include "ops/parallel.h"
+
+namespace gyre::ops {
+namespace {
+
+// xLSTM init helpers ([xl] components/init.py; transformers' small_init_method / wang_init_method).
+double SmallInitStd(int64_t dim) { return std::sqrt(2.0 / (5.0 * static_cast<double>(dim))); }
+double WangInitStd(int64_t dim, int64_t blocks) {
+  return 2.0 / (static_cast<double>(blocks) * std::sqrt(static_cast<double>(dim)));
+}
+
+NormOptions RmsNorm(double eps) { return {NormOptions::kRms, 1, eps, false, 0.0, true}; }
+NormOptions HeadLayerNorm(int64_t heads, double eps) { return {NormOptions::kLayer, heads, eps, false, 0.0, true}; }
+
+// Contiguous batch slices, one per pool thread (kernels/cpu/mlstm.h: a call on batch rows
+// [b0, b1) is the call with shape.batch = b1 - b0 and every batch-major pointer advanced).
+std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(batch, NumThreads()));
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t i = 0; i < n; ++i) slices.push_back({batch * i / n, batch * (i + 1) / n});
+  return slices;
+}
+
+// The [mk] / xlstm_large backend: sigmoid forget gate in log space, ε = 1e-6, true gradient.
+cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGate::kSigmoid, 1e-6}; }
+
+}  // namespace
+
+XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
+    : d_(s.d_model), heads_(s.xl_heads), qk_dim_(s.xl_qk_dim), v_dim_(s.xl_v_dim), chunk_(s.mlstm_chunk),
+      gate_cap_(s.gate_soft_cap),
+      norm_mlstm_(ctx.Sub("norm_mlstm"), s.d_model, RmsNorm(s.norm_eps)),
+      q_(ctx.Sub("mlstm.q"), s.d_model, s.xl_qk_dim, false),
+      k_(ctx.Sub("mlstm.k"), s.d_model, s.xl_qk_dim, false),
+      v_(ctx.Sub("mlstm.v"), s.d_model, s.xl_v_dim, false),
+      ogate_(ctx.Sub("mlstm.ogate_preact"), s.d_model, s.xl_v_dim, false),
+      igate_(ctx.Sub("mlstm.igate_preact"), s.d_model, s.xl_heads, true),
+      fgate_(ctx.Sub("mlstm.fgate_preact"), s.d_model, s.xl_heads, true),
+      multihead_norm_(ctx.Sub("mlstm.multihead_norm"), s.xl_v_dim, HeadLayerNorm(s.xl_heads, s.norm_eps)),
+      out_proj_(ctx.Sub("mlstm.out_proj"), s.xl_v_dim, s.d_model, false),
+      norm_ffn_(ctx.Sub("norm_ffn"), s.d_model, RmsNorm(s.norm_eps)),
+      ffn_(ctx.Sub("ffn"), s.d_model, s.ffn_dim, Activation::kSilu) {
+  GYRE_CHECK(heads_ > 0 && qk_dim_ % heads_ == 0 && v_dim_ % heads_ == 0, "xLSTM Large: %ld heads for qk %ld, v %ld",
+             (long)heads_, (long)qk_dim_, (long)v_dim_);
+  GYRE_CHECK(cpu::mlstm_check({1, 1, heads_, qk_dim_ / heads_, v_dim_ / heads_}, CellOptions(chunk_)).ok(),
+             "xLSTM Large: mLSTM shape");
+  GYRE_CHECK(gate_cap_ >= 0, "xLSTM Large: gate soft cap %g", gate_cap_);
+  Rng* rng = ctx.rng;
+  for (Linear* l : {&q_, &k_, &v_, &ogate_, &ffn_.gate(), &ffn_.up()})
+    InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
+  InitNormal(&out_proj_.weight()->value, WangInitStd(d_, n_layers), rng);
+  InitNormal(&ffn_.down().weight()->value, WangInitStd(s.ffn_dim, n_layers), rng);
+  InitConstant(&igate_.weight()->value, 0.0);
+  InitConstant(&igate_.bias()->value, -10.0);
+  InitConstant(&fgate_.weight()->value, 0.0);
+  if (ctx.materialized()) {
+    for (int64_t h = 0; h < heads_; ++h)
+      fgate_.bias()->value.Set(h, heads_ == 1 ? 3.0 : 3.0 + 3.0 * h / (heads_ - 1));  // linspace(3, 6)
+  }
+}
+
+Tensor XlstmLargeBlock::CapGate(const Tensor& raw) const {
+  return gate_cap_ > 0 ? SoftCap(raw, gate_cap_) : raw.Clone();
+}
+
+Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA path yet (ops/model.cc refuses such models on CUDA)");
+  batch_ = batch;
+  seq_ = seq;
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  Tensor u = norm_mlstm_.Forward(x);
+  q_out_ = q_.Forward(u);
+  k_out_ = k_.Forward(u);
+  v_out_ = v_.Forward(u);
+  o_pre_ = ogate_.Forward(u);
+  ig_raw_ = igate_.Forward(u);
+  fg_raw_ = fgate_.Forward(u);
+  ig_ = CapGate(ig_raw_);
+  fg_ = CapGate(fg_raw_);
+  h_ = Tensor::EmptyLike(v_out_);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  saved_ = Tensor::Empty({cpu::mlstm_chunkwise_saved_size({batch, seq, heads_, dk, dv}, options)}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq, heads_, dk, dv}, options);
+    const int64_t qk_row = seq * qk_dim_, v_row = seq * v_dim_, g_row = seq * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * v_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_fwd_ref<T>({b1 - b0, seq, heads_, dk, dv}, options, in, {}, h_.data<T>() + b0 * v_row,
+                                      saved_.data<T>() + b0 * saved_row, {});
+    });
+  });
+  hn_ = multihead_norm_.Forward(h_);
+  so_ = Activate(Activation::kSigmoid, o_pre_);
+  Tensor x1 = Add(x, out_proj_.Forward(Mul(hn_, so_)));
+  return Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+}
+
+Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
+  GYRE_CHECK(h_.defined(), "XlstmLargeBlock::Backward without Forward");
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  // y = x1 + FFN(RMSNorm(x1)): the residual path plus the FFN's.
+  Tensor dx1 = Add(dy, norm_ffn_.Backward(ffn_.Backward(dy)));
+  // x1 = x + W_out(hn ⊙ σ(o)).
+  Tensor dgated = out_proj_.Backward(dx1);
+  Tensor dhn = Mul(dgated, so_);
+  Tensor dopre = ActivateBackward(Activation::kSigmoid, o_pre_, Mul(dgated, hn_));
+  Tensor dh = multihead_norm_.Backward(dhn);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  Tensor dq = Tensor::EmptyLike(q_out_), dk_t = Tensor::EmptyLike(k_out_), dv_t = Tensor::EmptyLike(v_out_);
+  Tensor dig = Tensor::EmptyLike(ig_), dfg = Tensor::EmptyLike(fg_);
+  DispatchFloat(dy.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq_, heads_, dk, dv}, options);
+    const int64_t qk_row = seq_ * qk_dim_, v_row = seq_ * v_dim_, g_row = seq_ * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * v_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::MlstmGrads<T> g{dq.data<T>() + b0 * qk_row, dk_t.data<T>() + b0 * qk_row, dv_t.data<T>() + b0 * v_row,
+                           dig.data<T>() + b0 * g_row, dfg.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_bwd_ref<T>({b1 - b0, seq_, heads_, dk, dv}, options, in, {}, h_.data<T>() + b0 * v_row,
+                                      saved_.data<T>() + b0 * saved_row, dh.data<T>() + b0 * v_row, {}, g, {});
+    });
+  });
+  if (gate_cap_ > 0) {
+    dig = SoftCapBackward(ig_raw_, dig, gate_cap_);
+    dfg = SoftCapBackward(fg_raw_, dfg, gate_cap_);
+  }
+  // Every projection reads u = RMSNorm(x): their input gradients add up.
+  Tensor du = q_.Backward(dq);
+  AddInPlace(&du, k_.Backward(dk_t));
+  AddInPlace(&du, v_.Backward(dv_t));
+  AddInPlace(&du, ogate_.Backward(dopre));
+  AddInPlace(&du, igate_.Backward(dig));
+  AddInPlace(&du, fgate_.Backward(dfg));
+  Tensor dx = Add(dx1, norm_mlstm_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void XlstmLargeBlock::ReleaseActivations() {
+  q_out_ = k_out_ = v_out_ = o_pre_ = ig_raw_ = fg_raw_ = ig_ = fg_ = h_ = saved_ = hn_ = so_ = Tensor();
+  norm_mlstm_.ReleaseActivations();
+  for (Linear* l : {&q_, &k_, &v_, &ogate_, &igate_, &fgate_, &out_proj_}) l->ReleaseActivations();
+  multihead_norm_.ReleaseActivations();
+  norm_ffn_.ReleaseActivations();
+  ffn_.ReleaseActivations();
+}
+
+std::unique_ptr<BlockState> XlstmLargeBlock::NewState(int64_t batch) const {
+  const DType dt = out_proj_.weight()->value.dtype();
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  auto st = std::make_unique<XlstmLargeState>();
+  st->c = Tensor::Zeros({batch, heads_, dk, dv}, dt);
+  st->n = Tensor::Zeros({batch, heads_, dk}, dt);
+  st->m = Tensor::Zeros({batch, heads_}, dt);
+  return st;
+}
+
+Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
+  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA decoding yet");
+  auto* st = static_cast<XlstmLargeState*>(state);
+  st->cell_history.Clear();
+  const int64_t B = x.rows() / chunk, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  // Row-wise parts once over all chunk·B rows; the cell position by position (the step recurrence).
+  Tensor u = norm_mlstm_.Forward(x);
+  Tensor q = q_.Forward(u), k = k_.Forward(u), v = v_.Forward(u), o = ogate_.Forward(u);
+  Tensor ig = CapGate(igate_.Forward(u)), fg = CapGate(fgate_.Forward(u));
+  Tensor h = Tensor::EmptyLike(v);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    for (int64_t j = 0; j < chunk; ++j) {
+      const int64_t rq = j * B * qk_dim_, rv = j * B * v_dim_, g = j * B * heads_;
+      cpu::mlstm_step_fwd_ref<T>({B, 1, heads_, dk, dv}, options, q.data<T>() + rq, k.data<T>() + rq, v.data<T>() + rv,
+                                 ig.data<T>() + g, fg.data<T>() + g, {st->c.data<T>(), st->n.data<T>(), st->m.data<T>()},
+                                 h.data<T>() + rv);
+      if (rewindable && j + 1 < chunk) st->cell_history.Record({&st->c, &st->n, &st->m});
+    }
+  });
+  Tensor x1 = Add(x, out_proj_.Forward(Mul(multihead_norm_.Forward(h), Activate(Activation::kSigmoid, o))));
+  Tensor y = Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+  ReleaseActivations();
+  return y;
+}
+
+void XlstmLargeBlock::Rewind(BlockState* state, int64_t keep) {
+  auto* st = static_cast<XlstmLargeState*>(state);
+  st->cell_history.Restore(keep, {&st->c, &st->n, &st->m});
+}
+
+}  // namespace gyre::ops

@@ -1,0 +1,79 @@
+// xLSTM Large / 7B block (MODELS.md §1.5; [xl] xlstm_large/model.py mLSTMBlock, transformers'
+// models/xlstm xLSTMBlock), all-mLSTM and post-up-projection:
+//
+//   u  = RMSNorm(x)                                   (weight only, init 1, eps 1e-6)
+//   q, k = W_q u, W_k u  (d -> qk_dim = d/2)   v, o = W_v u, W_o u  (d -> v_dim = d), no biases
+//   ĩ, f̃ = cap · tanh(Linear(u -> NH, bias) / cap)   (gate soft cap, cap = 15)
+//   h̃  = mLSTM(q, k, v, ĩ, f̃)                        (kernels/cpu/mlstm.h chunkwise; dk = qk_dim/NH,
+//                                                      dv = v_dim/NH: 7B has dk 256, dv 512)
+//   x1 = x + W_out( LN_head(h̃) ⊙ σ(o) )               (per-head LayerNorm, weight only, eps 1e-6)
+//   y  = x1 + SwiGLU(RMSNorm(x1))                      (hidden 64·ceil(2.667d/64), no biases)
+//
+// Differences from the v1 MlstmBlock (ops/recurrent_blocks.h): no conv, no learnable skip, no
+// up-projection around the cell, q/k/v/o and the gates read the normed block input directly,
+// the gates are soft-capped, the norms store their scale directly (init 1, not 1 + w), and the
+// block carries its own SwiGLU FFN. The LM head's logit cap (30) is ModelSpec::logit_soft_cap.
+//
+// Init (transformers' xLSTMPreTrainedModel._init_weights; [xl] xlstm_large has none): "small"
+// N(0, sqrt(2/(5d))) for q, k, v, o and the FFN's gate / up; "wang" N(0, 2/(L·sqrt(d))) for
+// out_proj and N(0, 2/(L·sqrt(ffn))) for the FFN's down projection; gate weights 0, input-gate
+// bias -10, forget-gate bias linspace(3, 6) over heads; norm scales 1. (transformers matches
+// "gate" in the module name, which in its "single" weight mode also zeroes ogate_preact and the
+// FFN's proj_up_gate; we keep "small" for those two, as a freshly trained model would want them
+// non-degenerate; see ops/XLSTM_LARGE.md.)
+//
+// Backward: explicit (no tape); the gradient contract of ops/module.h; every writer is a Linear,
+// Norm or GatedMlp, which follow the deferred-zero rule. The cell's backward is the true gradient
+// (kernels/cpu/mlstm.h). CPU only for now: CUDA models with this block are refused at creation
+// (ops/model.cc CheckCudaSupport).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "ops/block.h"
+#include "ops/layers.h"
+#include "ops/model_config.h"
+
+namespace gyre::ops {
+
+// Decoding state: the cell's (C, n, m) per sequence and head ([B, NH, dk, dv], [B, NH, dk],
+// [B, NH]); no conv window.
+struct XlstmLargeState : BlockState {
+  Tensor c, n, m;
+  StateHistory cell_history;
+  std::vector<const Tensor*> StepTensors() const override { return {&c, &n, &m}; }
+  std::vector<RewindSlot> TakeRewindSlots() override { return cell_history.Take({&c, &n, &m}); }
+};
+
+class XlstmLargeBlock : public Block {
+ public:
+  XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n_layers);
+  Tensor Forward(const Tensor& x, int64_t batch, int64_t seq) override;
+  Tensor Backward(const Tensor& dy) override;
+  void ReleaseActivations() override;
+  std::unique_ptr<BlockState> NewState(int64_t batch) const override;
+  Tensor StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) override;
+  void Rewind(BlockState* state, int64_t keep) override;
+  bool FollowsDeferredZero() const override { return true; }
+
+ private:
+  int64_t d_, heads_, qk_dim_, v_dim_, chunk_;
+  double gate_cap_;
+  Norm norm_mlstm_;
+  Linear q_, k_, v_, ogate_, igate_, fgate_;
+  Norm multihead_norm_;
+  Linear out_proj_;
+  Norm norm_ffn_;
+  GatedMlp ffn_;
+  int64_t batch_ = 0, seq_ = 0;
+  // Saved by Forward: q, k, v (the cell's inputs), o (pre-activation), the raw gate
+  // pre-activations and their capped values, the cell output h and its saved chunk states, the
+  // normed h and σ(o).
+  Tensor q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
+  // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
+  Tensor CapGate(const Tensor& raw) const;
+};
+
+}  // namespace gyre::ops
