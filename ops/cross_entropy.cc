@@ -156,8 +156,6 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
   if (IsCuda(h)) {
     // bf16 h and W (the head's compute copy), fp32 dW; the kernel bounds its logits buffer itself.
     GYRE_CHECK(h.dtype() == DType::kBF16, "CUDA cross entropy needs bf16 h and W");
-    GYRE_CHECK(options.logit_soft_cap == 0.0, "CUDA cross entropy: logit soft cap %g has no CUDA kernel yet",
-               options.logit_soft_cap);
     CrossEntropyResult result;
     for (int32_t t : targets) result.tokens += t >= 0 ? 1 : 0;
     if (dh != nullptr) *dh = Tensor::Empty(h.shape(), DType::kBF16, Device::kCuda);
@@ -169,7 +167,8 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
     }
     result.loss = Cuda().LinearCrossEntropy(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0), targets.data(), loss_scale,
                                             dh != nullptr ? dh->raw() : nullptr,
-                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite);
+                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite,
+                                            static_cast<float>(options.logit_soft_cap));
     return result;
   }
   return DispatchFloat(h.dtype(), [&]<typename T>() {

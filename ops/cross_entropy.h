@@ -12,8 +12,9 @@
 // Targets < 0 are ignored (no loss, no gradient).
 // With logit_soft_cap = c > 0 the logits are l = c · tanh(h·W_v / c) (xLSTM Large's output cap,
 // MODELS.md §1.5) and the gradient carries the cap's slope: G = scale · (softmax(l) − onehot) ⊙
-// sech²(h·W_v / c). Pass 2 then always recomputes the raw logits (the slope needs them). CPU only
-// for now: a CUDA call with a cap stops with a message (the CUDA LM head has no cap yet).
+// sech²(h·W_v / c). Pass 2 then always recomputes the raw logits (the slope needs them). On CUDA
+// the cap rides in the fused kernel's row pass (kernels/cuda/cross_entropy.h logit_soft_cap);
+// LmHeadLogits with a cap is CPU only (CUDA logits of a capped model: not yet).
 #pragma once
 
 #include <cstdint>

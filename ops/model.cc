@@ -18,11 +18,9 @@ namespace {
 // checked before anything is allocated so a bad configuration fails with the field's name.
 absl::Status CheckCudaSupport(const ModelSpec& spec) {
   bool attention = false, mlstm = false, slstm = false, mamba = false;
+  bool xlstm_large = false;
   for (BlockType b : spec.blocks) {
-    if (b == BlockType::kXlstmLarge)
-      return absl::UnimplementedError(
-          "no CUDA kernel yet for the xLSTM Large block (model.blocks xlstm_large, presets xlstm-7b / "
-          "xlstm-large-tiny): it trains on the CPU only (ops/xlstm_large_block.h)");
+    xlstm_large |= b == BlockType::kXlstmLarge;
     attention |= b == BlockType::kAttention;
     mlstm |= b == BlockType::kMlstm;
     slstm |= b == BlockType::kSlstm;
@@ -65,9 +63,20 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
       return unsupported(absl::StrCat("SSD chunk ", spec.ssm_chunk, " (CUDA: multiple of 64, <= 256)"));
     if (spec.ssm_conv < 1 || spec.ssm_conv > 4) return unsupported(absl::StrCat("ssm_conv ", spec.ssm_conv, " (CUDA: 1..4)"));
   }
-  if (spec.logit_soft_cap != 0.0)
-    return unsupported(absl::StrCat("the LM head's logit soft cap ", spec.logit_soft_cap,
-                                    " (model.xlstm_large.logit_soft_cap; CUDA cross entropy has no cap)"));
+  if (xlstm_large) {
+    // The chunkwise cell (kernels/cuda/mlstm.h), the gates' [rows, 2·NH] bf16 gradient as a GEMM
+    // operand (rows of 16 bytes), the gate weights' adjacency in the flat store (NH·d % 8).
+    const int64_t dk = spec.xl_qk_dim / spec.xl_heads, dv = spec.xl_v_dim / spec.xl_heads;
+    if (dk % 64 != 0 || dv % 64 != 0)
+      return unsupported(absl::StrCat("xLSTM Large head dims dk ", dk, ", dv ", dv, " (CUDA: multiples of 64)"));
+    if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128 &&
+        spec.mlstm_chunk != 256)
+      return unsupported(absl::StrCat("xLSTM Large chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64, 128 or 256)"));
+    if (spec.mlstm_chunk == 256 && (dk % 128 != 0 || dv % 128 != 0))
+      return unsupported(absl::StrCat("xLSTM Large chunk 256 with dk ", dk, ", dv ", dv, " (CUDA: multiples of 128)"));
+    if (spec.xl_heads % 4 != 0)
+      return unsupported(absl::StrCat("xLSTM Large with ", spec.xl_heads, " heads (CUDA: a multiple of 4)"));
+  }
   return absl::OkStatus();
 }
 

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "kernels/cpu/mlstm.h"
+#include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
 #include "ops/parallel.h"
 
@@ -37,13 +38,16 @@ cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGa
 XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
     : d_(s.d_model), heads_(s.xl_heads), qk_dim_(s.xl_qk_dim), v_dim_(s.xl_v_dim), chunk_(s.mlstm_chunk),
       gate_cap_(s.gate_soft_cap),
+      store_(ctx.store),
       norm_mlstm_(ctx.Sub("norm_mlstm"), s.d_model, RmsNorm(s.norm_eps)),
       q_(ctx.Sub("mlstm.q"), s.d_model, s.xl_qk_dim, false),
       k_(ctx.Sub("mlstm.k"), s.d_model, s.xl_qk_dim, false),
       v_(ctx.Sub("mlstm.v"), s.d_model, s.xl_v_dim, false),
       ogate_(ctx.Sub("mlstm.ogate_preact"), s.d_model, s.xl_v_dim, false),
-      igate_(ctx.Sub("mlstm.igate_preact"), s.d_model, s.xl_heads, true),
-      fgate_(ctx.Sub("mlstm.fgate_preact"), s.d_model, s.xl_heads, true),
+      wi_(ctx.store->Create(ctx.Name("mlstm.igate_preact.weight"), {s.xl_heads, s.d_model}, ParamKind::kWeight)),
+      wf_(ctx.store->Create(ctx.Name("mlstm.fgate_preact.weight"), {s.xl_heads, s.d_model}, ParamKind::kWeight)),
+      bi_(ctx.store->Create(ctx.Name("mlstm.igate_preact.bias"), {s.xl_heads}, ParamKind::kBias)),
+      bf_(ctx.store->Create(ctx.Name("mlstm.fgate_preact.bias"), {s.xl_heads}, ParamKind::kBias)),
       multihead_norm_(ctx.Sub("mlstm.multihead_norm"), s.xl_v_dim, HeadLayerNorm(s.xl_heads, s.norm_eps)),
       out_proj_(ctx.Sub("mlstm.out_proj"), s.xl_v_dim, s.d_model, false),
       norm_ffn_(ctx.Sub("norm_ffn"), s.d_model, RmsNorm(s.norm_eps)),
@@ -58,13 +62,35 @@ XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, in
     InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
   InitNormal(&out_proj_.weight()->value, WangInitStd(d_, n_layers), rng);
   InitNormal(&ffn_.down().weight()->value, WangInitStd(s.ffn_dim, n_layers), rng);
-  InitConstant(&igate_.weight()->value, 0.0);
-  InitConstant(&igate_.bias()->value, -10.0);
-  InitConstant(&fgate_.weight()->value, 0.0);
+  InitConstant(&wi_->value, 0.0);
+  InitConstant(&bi_->value, -10.0);
+  InitConstant(&wf_->value, 0.0);
   if (ctx.materialized()) {
     for (int64_t h = 0; h < heads_; ++h)
-      fgate_.bias()->value.Set(h, heads_ == 1 ? 3.0 : 3.0 + 3.0 * h / (heads_ - 1));  // linspace(3, 6)
+      bf_->value.Set(h, heads_ == 1 ? 3.0 : 3.0 + 3.0 * h / (heads_ - 1));  // linspace(3, 6)
   }
+}
+
+Tensor XlstmLargeBlock::GateForward(const Tensor& u, Parameter* w, Parameter* b) const {
+  Tensor y = LinearForward(u, w->value);
+  DispatchFloat(y.dtype(), [&]<typename T>() {
+    T* p = y.data<T>();
+    const T* bias = b->value.data<T>();
+    for (int64_t r = 0; r < y.rows(); ++r)
+      for (int64_t c = 0; c < heads_; ++c) p[r * heads_ + c] += bias[c];
+  });
+  return y;
+}
+
+Tensor XlstmLargeBlock::GateBackward(const Tensor& u, Parameter* w, Parameter* b, const Tensor& dpre) const {
+  ZeroGradIfStale(b);
+  DispatchFloat(dpre.dtype(), [&]<typename T>() {
+    const T* d = dpre.data<T>();
+    T* gb = b->grad.data<T>();
+    for (int64_t r = 0; r < dpre.rows(); ++r)
+      for (int64_t c = 0; c < heads_; ++c) gb[c] += d[r * heads_ + c];
+  });
+  return LinearBackward(u, w->value, dpre, &w->grad, FirstGradWrite(w));
 }
 
 Tensor XlstmLargeBlock::CapGate(const Tensor& raw) const {
@@ -72,17 +98,17 @@ Tensor XlstmLargeBlock::CapGate(const Tensor& raw) const {
 }
 
 Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
-  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA path yet (ops/model.cc refuses such models on CUDA)");
   batch_ = batch;
   seq_ = seq;
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
-  Tensor u = norm_mlstm_.Forward(x);
-  q_out_ = q_.Forward(u);
-  k_out_ = k_.Forward(u);
-  v_out_ = v_.Forward(u);
-  o_pre_ = ogate_.Forward(u);
-  ig_raw_ = igate_.Forward(u);
-  fg_raw_ = fgate_.Forward(u);
+  u_ = norm_mlstm_.Forward(x);
+  q_out_ = q_.Forward(u_);
+  k_out_ = k_.Forward(u_);
+  v_out_ = v_.Forward(u_);
+  o_pre_ = ogate_.Forward(u_);
+  ig_raw_ = GateForward(u_, wi_, bi_);
+  fg_raw_ = GateForward(u_, wf_, bf_);
   ig_ = CapGate(ig_raw_);
   fg_ = CapGate(fg_raw_);
   h_ = Tensor::EmptyLike(v_out_);
@@ -108,6 +134,7 @@ Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
 
 Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
   GYRE_CHECK(h_.defined(), "XlstmLargeBlock::Backward without Forward");
+  if (IsCuda(dy)) return BackwardCuda(dy);
   const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   // y = x1 + FFN(RMSNorm(x1)): the residual path plus the FFN's.
   Tensor dx1 = Add(dy, norm_ffn_.Backward(ffn_.Backward(dy)));
@@ -142,17 +169,17 @@ Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
   AddInPlace(&du, k_.Backward(dk_t));
   AddInPlace(&du, v_.Backward(dv_t));
   AddInPlace(&du, ogate_.Backward(dopre));
-  AddInPlace(&du, igate_.Backward(dig));
-  AddInPlace(&du, fgate_.Backward(dfg));
+  AddInPlace(&du, GateBackward(u_, wi_, bi_, dig));
+  AddInPlace(&du, GateBackward(u_, wf_, bf_, dfg));
   Tensor dx = Add(dx1, norm_mlstm_.Backward(du));
   ReleaseActivations();
   return dx;
 }
 
 void XlstmLargeBlock::ReleaseActivations() {
-  q_out_ = k_out_ = v_out_ = o_pre_ = ig_raw_ = fg_raw_ = ig_ = fg_ = h_ = saved_ = hn_ = so_ = Tensor();
+  u_ = q_out_ = k_out_ = v_out_ = o_pre_ = ig_raw_ = fg_raw_ = ig_ = fg_ = h_ = saved_ = hn_ = so_ = pre_ = Tensor();
   norm_mlstm_.ReleaseActivations();
-  for (Linear* l : {&q_, &k_, &v_, &ogate_, &igate_, &fgate_, &out_proj_}) l->ReleaseActivations();
+  for (Linear* l : {&q_, &k_, &v_, &ogate_, &out_proj_}) l->ReleaseActivations();
   multihead_norm_.ReleaseActivations();
   norm_ffn_.ReleaseActivations();
   ffn_.ReleaseActivations();
@@ -169,14 +196,15 @@ std::unique_ptr<BlockState> XlstmLargeBlock::NewState(int64_t batch) const {
 }
 
 Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
-  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA decoding yet");
+  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA decoding yet (StepChunk runs on the CPU only; "
+                         "training and evaluation run on CUDA)");
   auto* st = static_cast<XlstmLargeState*>(state);
   st->cell_history.Clear();
   const int64_t B = x.rows() / chunk, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   // Row-wise parts once over all chunk·B rows; the cell position by position (the step recurrence).
   Tensor u = norm_mlstm_.Forward(x);
   Tensor q = q_.Forward(u), k = k_.Forward(u), v = v_.Forward(u), o = ogate_.Forward(u);
-  Tensor ig = CapGate(igate_.Forward(u)), fg = CapGate(fgate_.Forward(u));
+  Tensor ig = CapGate(GateForward(u, wi_, bi_)), fg = CapGate(GateForward(u, wf_, bf_));
   Tensor h = Tensor::EmptyLike(v);
   const cpu::MlstmOptions options = CellOptions(chunk_);
   DispatchFloat(x.dtype(), [&]<typename T>() {
@@ -192,6 +220,124 @@ Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* st
   Tensor y = Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
   ReleaseActivations();
   return y;
+}
+
+// ---------------------------------------------------------------- CUDA
+
+namespace {
+
+Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
+Tensor CudaBytes(size_t bytes) {
+  return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
+}
+
+// Row-major C [m, n] = op(A) op(B) (+ beta C) on the backend's cuBLASLt; A, B bf16.
+void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
+        void* c, int64_t ldc, bool c_f32, float beta) {
+  if (m == 0 || n == 0) return;
+  CudaGemm g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m; g.n = n; g.k = k;
+  g.a = a; g.lda = lda;
+  g.b = b; g.ldb = ldb;
+  g.c = c; g.ldc = ldc;
+  g.c_f32 = c_f32;
+  g.beta = beta;
+  Cuda().Gemm(g);
+}
+
+}  // namespace
+
+void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
+  GYRE_CHECK(store_->AdjacentSpan({wi_, wf_}, compute, grad),
+             "xLSTM Large: the input and forget gate weights are not adjacent in the flat CUDA store");
+}
+
+Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  u_ = norm_mlstm_.Forward(x);
+  q_out_ = q_.Forward(u_);
+  k_out_ = k_.Forward(u_);
+  v_out_ = v_.Forward(u_);
+  o_pre_ = ogate_.Forward(u_);
+  // Both gates in one fp32 GEMM, then bias + cap (pre_ keeps the raw pre-activations).
+  Tensor w_if, dw_if;
+  GateSpan(&w_if, &dw_if);
+  pre_ = CudaEmpty({rows, 2 * heads_}, DType::kF32);
+  Mm(false, true, rows, 2 * heads_, d_, u_.raw(), d_, w_if.raw(), d_, pre_.raw(), 2 * heads_, true, 0.f);
+  ig_ = CudaEmpty({rows, heads_}, DType::kF32);
+  fg_ = CudaEmpty({rows, heads_}, DType::kF32);
+  XlstmLargeGateArgs g;
+  g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
+  g.pre = pre_.data<float>(); g.bi = bi_->value.data<float>(); g.bf = bf_->value.data<float>();
+  g.ig = ig_.data<float>(); g.fg = fg_.data<float>();
+  Cuda().XlstmLargeGates(false, g);
+  MlstmCellArgs c;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.sigmoid_forget = true;
+  c.eps = 1e-6;
+  saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
+  h_ = CudaEmpty({rows, v_dim_});
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  Cuda().Mlstm(false, c);
+  hn_ = multihead_norm_.Forward(h_);
+  Tensor gated = CudaEmpty({rows, v_dim_});
+  XlstmLargeOutGateArgs og;
+  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw(); og.y = gated.raw();
+  Cuda().XlstmLargeOutGate(false, og);
+  Tensor x1 = out_proj_.ForwardAdd(gated, x);  // x + out_proj(gated): the add in the GEMM's store
+  return ffn_.ForwardAdd(norm_ffn_.Forward(x1), x1);
+}
+
+Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
+  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
+  Tensor dgated = out_proj_.Backward(dx1);
+  Tensor dhn = CudaEmpty({rows, v_dim_}), dopre = CudaEmpty({rows, v_dim_});
+  XlstmLargeOutGateArgs og;
+  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw();
+  og.dy = dgated.raw(); og.dhn = dhn.raw(); og.d_o = dopre.raw();
+  Cuda().XlstmLargeOutGate(true, og);
+  Tensor dh = multihead_norm_.Backward(dhn);
+  Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
+  Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
+  MlstmCellArgs c;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.sigmoid_forget = true;
+  c.eps = 1e-6;
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  c.dh = dh.raw();
+  c.dq = dq.raw(); c.dk_out = dk_t.raw(); c.dv_out = dv_t.raw();
+  c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
+  Cuda().Mlstm(true, c);
+  // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
+  // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
+  Tensor dpre = CudaEmpty({rows, 2 * heads_});
+  XlstmLargeGateArgs g;
+  g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
+  g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
+  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.overwrite_db = FirstGradWrite({bi_, bf_});
+  Cuda().XlstmLargeGates(true, g);
+  Tensor du = q_.Backward(dq);
+  AddInPlace(&du, k_.Backward(dk_t));
+  AddInPlace(&du, v_.Backward(dv_t));
+  AddInPlace(&du, ogate_.Backward(dopre));
+  Tensor w_if, dw_if;
+  GateSpan(&w_if, &dw_if);
+  Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
+  const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
+  if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+  Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
+     overwrite_dw ? 0.f : 1.f);
+  Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
+  ReleaseActivations();
+  return dx;
 }
 
 void XlstmLargeBlock::Rewind(BlockState* state, int64_t keep) {

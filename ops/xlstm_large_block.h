@@ -22,10 +22,18 @@
 // FFN's proj_up_gate; we keep "small" for those two, as a freshly trained model would want them
 // non-degenerate; see ops/XLSTM_LARGE.md.)
 //
-// Backward: explicit (no tape); the gradient contract of ops/module.h; every writer is a Linear,
-// Norm or GatedMlp, which follow the deferred-zero rule. The cell's backward is the true gradient
-// (kernels/cpu/mlstm.h). CPU only for now: CUDA models with this block are refused at creation
-// (ops/model.cc CheckCudaSupport).
+// Backward: explicit (no tape); the gradient contract of ops/module.h; every writer follows the
+// deferred-zero rule (Linear, Norm, GatedMlp; the gates' GEMM and bias kernel overwrite on the
+// step's first write). The cell's backward is the true gradient (kernels/cpu/mlstm.h; on CUDA
+// kernels/cuda/mlstm.h's).
+//
+// CUDA (bf16 activations, fp32 gates / masters / gradients; ops/xlstm_large_cuda.h): the norms,
+// q/k/v/o, out_proj (residual add in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs
+// them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
+// to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
+// slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
+// mLSTM cell with dk != dv; the per-head LayerNorm (GroupNorm kernel) and an elementwise kernel
+// for hn ⊙ σ(o). CUDA decoding (StepChunk) is not there yet: it stops with a message.
 #pragma once
 
 #include <cstdint>
@@ -61,8 +69,15 @@ class XlstmLargeBlock : public Block {
  private:
   int64_t d_, heads_, qk_dim_, v_dim_, chunk_;
   double gate_cap_;
+  const ParamStore* store_;
   Norm norm_mlstm_;
-  Linear q_, k_, v_, ogate_, igate_, fgate_;
+  Linear q_, k_, v_, ogate_;
+  // The gates' Linear(d -> NH, bias) each, as four parameters created weights first (wi, wf,
+  // bi, bf) so the two weights are one [2·NH, d] matrix in the flat CUDA store.
+  Parameter* wi_;
+  Parameter* wf_;
+  Parameter* bi_;
+  Parameter* bf_;
   Norm multihead_norm_;
   Linear out_proj_;
   Norm norm_ffn_;
@@ -71,9 +86,17 @@ class XlstmLargeBlock : public Block {
   // Saved by Forward: q, k, v (the cell's inputs), o (pre-activation), the raw gate
   // pre-activations and their capped values, the cell output h and its saved chunk states, the
   // normed h and σ(o).
-  Tensor q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
+  Tensor u_, q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
+  Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
   Tensor CapGate(const Tensor& raw) const;
+  // CPU: raw pre-activation u·wᵀ + b of one gate; its backward (dW, db accumulated, du returned).
+  Tensor GateForward(const Tensor& u, Parameter* w, Parameter* b) const;
+  Tensor GateBackward(const Tensor& u, Parameter* w, Parameter* b, const Tensor& dpre) const;
+  Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
+  Tensor BackwardCuda(const Tensor& dy);
+  // The two gate weights as one [2·NH, d] matrix: its bf16 compute copy and its fp32 gradient.
+  void GateSpan(Tensor* compute, Tensor* grad) const;
 };
 
 }  // namespace gyre::ops
