@@ -120,6 +120,10 @@ const std::map<std::string, Preset>& Presets() {
       // xLSTM Large / 7B (MODELS.md §1.5, §8: 6,865,424,896 parameters): NX-AI xlstm-jax 7B config
       // and transformers' xLSTMConfig defaults (d 4096, 32 blocks, 8 heads, vocab 50304).
       {"xlstm-7b", {"xLSTM 7B (MODELS.md §1.5: xlstm-jax config, HF xLSTMConfig)", [](ModelSpec* s) { XlstmLarge(s, 4096, 32, 8, 50304); }}},
+      // Not a published model: the 7B's head dims (dk 256, dv 512) at d 2048 with 24 blocks (1.42B
+      // parameters, the xLSTM 1.3B class), for recurrent_step_bench and the GPU tests.
+      {"xlstm-large-bench", {"benchmark shape (7B head dims at d 2048, 24 blocks; not a published model)",
+                             [](ModelSpec* s) { XlstmLarge(s, 2048, 24, 4, 50304); }}},
       // Mamba-2: HF Hub config.json of state-spaces/mamba2-* (MODELS.md §4.3 table); vocab 50288.
       {"mamba2-130m", {"state-spaces/mamba2-130m config.json", [](ModelSpec* s) { Mamba2(s, 768, 24, 128, 64, 256, 50288); }}},
       {"mamba2-370m", {"state-spaces/mamba2-370m config.json", [](ModelSpec* s) { Mamba2(s, 1024, 48, 128, 64, 256, 50288); }}},

@@ -457,6 +457,7 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
       {"mamba2-attention-2.7b", 2697590880},  // MODELS.md §8: 58 SSD + 6 attention layers
       // xLSTM Large (MODELS.md §8: 201,666,576 per block, 32 blocks, untied 2Vd, final RMSNorm d).
       {"xlstm-7b", 6865424896},
+      {"xlstm-large-bench", 1420839104},  // the same formula at d 2048, 24 blocks, NH 4, f 5504
   };
   for (const auto& [preset, count] : expected) {
     auto spec = PresetSpec(preset);
