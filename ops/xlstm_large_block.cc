@@ -30,10 +30,24 @@ std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
   return slices;
 }
 
+bool g_record_gate_terms = false;
+std::vector<Mamba2GradTerms>& GateTerms() {
+  static auto* terms = new std::vector<Mamba2GradTerms>();
+  return *terms;
+}
+
 // The [mk] / xlstm_large backend: sigmoid forget gate in log space, ε = 1e-6, true gradient.
 cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGate::kSigmoid, 1e-6}; }
 
 }  // namespace
+
+void SetXlstmLargeGateTermRecording(bool on) { g_record_gate_terms = on; }
+
+std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms() {
+  std::vector<Mamba2GradTerms> out;
+  out.swap(GateTerms());
+  return out;
+}
 
 XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
     : d_(s.d_model), heads_(s.xl_heads), qk_dim_(s.xl_qk_dim), v_dim_(s.xl_v_dim), chunk_(s.mlstm_chunk),
@@ -163,6 +177,13 @@ Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
   if (gate_cap_ > 0) {
     dig = SoftCapBackward(ig_raw_, dig, gate_cap_);
     dfg = SoftCapBackward(fg_raw_, dfg, gate_cap_);
+  }
+  if (g_record_gate_terms) {
+    for (auto [b, d] : {std::pair<Parameter*, const Tensor*>{bi_, &dig}, {bf_, &dfg}}) {
+      Mamba2GradTerms t{b->name, batch_, seq_, heads_, {}};
+      for (int64_t i = 0; i < d->numel(); ++i) t.terms.push_back(d->At(i));
+      GateTerms().push_back(std::move(t));
+    }
   }
   // Every projection reads u = RMSNorm(x): their input gradients add up.
   Tensor du = q_.Backward(dq);

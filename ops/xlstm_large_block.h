@@ -43,8 +43,21 @@
 #include "ops/block.h"
 #include "ops/layers.h"
 #include "ops/model_config.h"
+#include "ops/recurrent_blocks.h"  // Mamba2GradTerms, SumAbsTerms, CheckSumOfTerms
 
 namespace gyre::ops {
+
+// Float64 reference checks only (the rule of ops/DT_BIAS_CHECK.md). The gate-bias gradients are
+// sums over tokens of the per-token gate gradients; the input gate's nearly cancels: adding one
+// constant to every ĩ of a head scales C and n alike and leaves h unchanged but for the
+// max(|n·q̂|, e^{−m}) branch and ε, so its true gradient is a tiny remainder of large terms (the
+// GPU test measured rel_err 0.26 at terms that bf16 rounds correctly). While on, every CPU
+// backward of an XlstmLargeBlock appends its per-token d pre-activation (after the cap's slope)
+// for "<block>.mlstm.igate_preact.bias" and "<block>.mlstm.fgate_preact.bias" ([batch, seq, NH]);
+// SumAbsTerms / CheckSumOfTerms (ops/recurrent_blocks.h) take the records. Off by default (no
+// cost); not thread-safe.
+void SetXlstmLargeGateTermRecording(bool on);
+std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms();
 
 // Decoding state: the cell's (C, n, m) per sequence and head ([B, NH, dk, dv], [B, NH, dk],
 // [B, NH]); no conv window.
