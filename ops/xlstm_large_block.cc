@@ -7,7 +7,6 @@
 #include "kernels/cpu/mlstm.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
-#include "ops/env_switch.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -346,29 +345,21 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
   Cuda().XlstmLargeGates(true, g);
-  // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below). GYRE_XLSTM_LARGE_DU (read at each
-  // backward, so recurrent_step_bench --variants can alternate it): "axpy" (default) each Linear's
-  // own backward and three bf16 additions; "gemm" the dx GEMMs accumulate into du (beta 1), no
-  // additions (opt-in until measured; ops/XLSTM_LARGE.md).
-  Tensor du;
-  if (EnvChoice("GYRE_XLSTM_LARGE_DU", {"axpy", "gemm"}, "axpy") == "gemm") {
-    du = CudaEmpty({rows, d_});
-    const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
-    bool first = true;
-    for (const auto& [l, g] : maps) {
-      const int64_t n = l->out();
-      Parameter* w = l->weight();
-      Mm(false, false, rows, d_, n, g->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
-      first = false;
-      const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
-      if (rows == 0) ZeroGradIfStale(w);
-      Mm(true, false, n, d_, rows, g->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
-    }
-  } else {
-    du = q_.Backward(dq);
-    AddInPlace(&du, k_.Backward(dk_t));
-    AddInPlace(&du, v_.Backward(dv_t));
-    AddInPlace(&du, ogate_.Backward(dopre));
+  // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
+  // others accumulated in their GEMMs' stores (beta 1), no separate additions. Measured against
+  // four Linear backwards + three bf16 Axpy (session 20, ops/XLSTM_LARGE.md): xlstm-large-bench B4
+  // step 163.5 -> 161.0 ms on an H100; the Axpy path was deleted.
+  Tensor du = CudaEmpty({rows, d_});
+  const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
+  bool first = true;
+  for (const auto& [map, dy_map] : maps) {
+    const int64_t n = map->out();
+    Parameter* w = map->weight();
+    Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
+    first = false;
+    const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
+    if (rows == 0) ZeroGradIfStale(w);
+    Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
   }
   Tensor w_if, dw_if;
   GateSpan(&w_if, &dw_if);

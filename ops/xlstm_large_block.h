@@ -28,8 +28,8 @@
 // kernels/cuda/mlstm.h's).
 //
 // CUDA (bf16 activations, fp32 gates / masters / gradients; ops/xlstm_large_cuda.h): the norms,
-// q/k/v/o, out_proj (residual add in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs
-// them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
+// q/k/v/o (their backward's dx products accumulating into one du, beta 1), out_proj (residual add
+// in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
 // to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
 // slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
 // mLSTM cell with dk != dv; the per-head LayerNorm (GroupNorm kernel) and an elementwise kernel
