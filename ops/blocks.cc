@@ -3,6 +3,7 @@
 #include "ops/llama_block.h"
 #include "ops/model.h"
 #include "ops/recurrent_blocks.h"
+#include "ops/xlstm_large_block.h"
 
 namespace gyre::ops {
 
@@ -18,6 +19,8 @@ absl::StatusOr<std::unique_ptr<Block>> MakeBlock(BlockType type, const BuildCont
       return std::unique_ptr<Block>(new SlstmBlock(ctx, spec, layer, n_layers));
     case BlockType::kMamba2:
       return std::unique_ptr<Block>(new Mamba2Block(ctx, spec, n_layers));
+    case BlockType::kXlstmLarge:
+      return std::unique_ptr<Block>(new XlstmLargeBlock(ctx, spec, n_layers));
   }
   return absl::InternalError(absl::StrCat("unknown block type at layer ", layer));
 }

@@ -6,7 +6,9 @@
 #include <vector>
 
 #include "ops/cuda_backend.h"
+#include "ops/elementwise.h"
 #include "ops/gemm.h"
+#include "ops/layers.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -32,6 +34,7 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
   std::vector<double> m(rb), s(rb), target_logit(rb);
   CrossEntropyResult result;
   const bool backward = dh != nullptr || dw != nullptr;
+  const double cap = opt.logit_soft_cap;
   if (dh != nullptr) *dh = Tensor::Zeros(h.shape(), h.dtype());
   if (dw != nullptr && opt.overwrite_dw) dw->SetZero();  // in place: dw may be a view
   for (int64_t r0 = 0; r0 < N; r0 += rb) {
@@ -44,7 +47,9 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
       const int64_t cols = std::min(vc, V - v0);
       Gemm<T>(false, true, rows, cols, d, T(1), hp + r0 * d, d, wp + v0 * d, d, T(0), logits.data(), cols);
       ParallelFor(rows, [&](int64_t r) {
-        const T* l = logits.data() + r * cols;
+        T* l = logits.data() + r * cols;
+        if (cap > 0)
+          for (int64_t c = 0; c < cols; ++c) l[c] = static_cast<T>(SoftCapValue(l[c], cap));
         double cmax = -std::numeric_limits<double>::infinity();
         for (int64_t c = 0; c < cols; ++c) cmax = std::max(cmax, static_cast<double>(l[c]));
         const double new_m = std::max(m[r], cmax);
@@ -65,8 +70,9 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
     // Pass 2: recompute logits, G = scale * (softmax - onehot), accumulate dh and dW.
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
       const int64_t cols = std::min(vc, V - v0);
-      // With a single vocabulary chunk the buffer still holds pass 1's logits.
-      if (vc < V) {
+      // With a single vocabulary chunk the buffer still holds pass 1's logits (capped ones: the
+      // cap's slope needs the raw logits, so those are recomputed).
+      if (vc < V || cap > 0) {
         Gemm<T>(false, true, rows, cols, d, T(1), hp + r0 * d, d, wp + v0 * d, d, T(0), logits.data(), cols);
       }
       ParallelFor(rows, [&](int64_t r) {
@@ -78,8 +84,10 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
         }
         const double lse = m[r] + std::log(s[r]);
         for (int64_t c = 0; c < cols; ++c) {
-          double g = std::exp(static_cast<double>(l[c]) - lse);
+          const double raw = static_cast<double>(l[c]);
+          double g = std::exp((cap > 0 ? SoftCapValue(raw, cap) : raw) - lse);
           if (v0 + c == t) g -= 1.0;
+          if (cap > 0) g *= SoftCapSlope(raw, cap);
           l[c] = static_cast<T>(loss_scale * g);
         }
       });
@@ -98,10 +106,18 @@ CrossEntropyResult FusedCpu(const Tensor& h, const Tensor& w, std::span<const in
 
 template <typename T>
 CrossEntropyResult NaiveCpu(const Tensor& h, const Tensor& w, std::span<const int32_t> targets,
-                            double loss_scale, Tensor* dh, Tensor* dw) {
+                            double loss_scale, Tensor* dh, Tensor* dw, double cap) {
   const int64_t N = h.rows(), d = h.cols(), V = w.dim(0);
   std::vector<T> logits(static_cast<size_t>(N * V));
   Gemm<T>(false, true, N, V, d, T(1), h.data<T>(), d, w.data<T>(), d, T(0), logits.data(), V);
+  std::vector<T> slope;  // the cap's d l / d raw, per logit
+  if (cap > 0) {
+    slope.resize(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+      slope[i] = static_cast<T>(SoftCapSlope(logits[i], cap));
+      logits[i] = static_cast<T>(SoftCapValue(logits[i], cap));
+    }
+  }
   CrossEntropyResult result;
   for (int64_t r = 0; r < N; ++r) {
     T* l = logits.data() + r * V;
@@ -117,7 +133,10 @@ CrossEntropyResult NaiveCpu(const Tensor& h, const Tensor& w, std::span<const in
     const double lse = mx + std::log(sum);
     result.loss += loss_scale * (lse - l[t]);
     result.tokens++;
-    for (int64_t c = 0; c < V; ++c) l[c] = static_cast<T>(loss_scale * (std::exp(l[c] - lse) - (c == t ? 1.0 : 0.0)));
+    for (int64_t c = 0; c < V; ++c) {
+      const double g = loss_scale * (std::exp(l[c] - lse) - (c == t ? 1.0 : 0.0));
+      l[c] = static_cast<T>(cap > 0 ? g * slope[r * V + c] : g);
+    }
   }
   if (dh != nullptr) {
     *dh = Tensor::Empty(h.shape(), h.dtype());
@@ -148,7 +167,8 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
     }
     result.loss = Cuda().LinearCrossEntropy(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0), targets.data(), loss_scale,
                                             dh != nullptr ? dh->raw() : nullptr,
-                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite);
+                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite,
+                                            static_cast<float>(options.logit_soft_cap));
     return result;
   }
   return DispatchFloat(h.dtype(), [&]<typename T>() {
@@ -158,10 +178,19 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
 
 CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
-                                           Tensor* dh, Tensor* dw) {
+                                           Tensor* dh, Tensor* dw, double logit_soft_cap) {
   CheckArgs(h, w, targets);
   CheckCpu(h, "naive_lm_head_cross_entropy");
-  return DispatchFloat(h.dtype(), [&]<typename T>() { return NaiveCpu<T>(h, w, targets, loss_scale, dh, dw); });
+  GYRE_CHECK(logit_soft_cap >= 0, "logit soft cap %g", logit_soft_cap);
+  return DispatchFloat(h.dtype(),
+                       [&]<typename T>() { return NaiveCpu<T>(h, w, targets, loss_scale, dh, dw, logit_soft_cap); });
+}
+
+Tensor LmHeadLogits(const Tensor& h, const Tensor& w, double logit_soft_cap) {
+  Tensor logits = LinearForward(h, w);
+  if (logit_soft_cap == 0.0) return logits;
+  GYRE_CHECK(!IsCuda(logits), "LM head: logit soft cap %g has no CUDA kernel yet", logit_soft_cap);
+  return SoftCap(logits, logit_soft_cap);
 }
 
 }  // namespace gyre::ops

@@ -10,6 +10,11 @@
 // (skipped when the whole vocabulary fits one chunk).
 // loss_scale is 1 / (token count of the global batch) under DESIGN.md §4's scaling contract.
 // Targets < 0 are ignored (no loss, no gradient).
+// With logit_soft_cap = c > 0 the logits are l = c · tanh(h·W_v / c) (xLSTM Large's output cap,
+// MODELS.md §1.5) and the gradient carries the cap's slope: G = scale · (softmax(l) − onehot) ⊙
+// sech²(h·W_v / c). Pass 2 then always recomputes the raw logits (the slope needs them). On CUDA
+// the cap rides in the fused kernel's row pass (kernels/cuda/cross_entropy.h logit_soft_cap);
+// LmHeadLogits with a cap is CPU only (CUDA logits of a capped model: not yet).
 #pragma once
 
 #include <cstdint>
@@ -25,6 +30,9 @@ struct CrossEntropyOptions {
   // *dw is overwritten instead of accumulated (its old contents are never read): the first
   // write of a stale gradient under the deferred-zero rule (ops/module.h FirstGradWrite).
   bool overwrite_dw = false;
+  // c > 0: logits c · tanh(logit / c) (see the top of this file); 0: off (every model but xLSTM
+  // Large). LanguageModel sets it from ModelSpec::logit_soft_cap on each call.
+  double logit_soft_cap = 0.0;
 };
 
 struct CrossEntropyResult {
@@ -42,6 +50,10 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
 // Reference: materialises all logits. Same contract. For tests.
 CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
-                                           Tensor* dh, Tensor* dw);
+                                           Tensor* dh, Tensor* dw, double logit_soft_cap = 0.0);
+
+// Logits [N, V] = h Wᵀ, soft-capped when logit_soft_cap > 0 (inference: Logits, decoding). CUDA
+// logits without a cap only.
+Tensor LmHeadLogits(const Tensor& h, const Tensor& w, double logit_soft_cap);
 
 }  // namespace gyre::ops

@@ -159,13 +159,19 @@ class CudaBackend {
 
   // Fused LM head + cross-entropy (kernels/cuda/cross_entropy.h): returns loss_scale · Σ loss;
   // dh (bf16, overwritten) and dw (fp32, accumulated; overwritten with `overwrite_dw`) may be null.
+  // logit_soft_cap > 0: the loss over c · tanh(logits / c) (xLSTM Large; 0 = off, the kernels
+  // of every other model, LinearCrossEntropyArgs::logit_soft_cap).
   virtual double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                                     const int32_t* host_targets, double loss_scale, void* dh, float* dw,
-                                    bool overwrite_dw) = 0;
+                                    bool overwrite_dw, float logit_soft_cap = 0.f) = 0;
 
   // Recurrent blocks (ops/cuda_recurrent.h): glue kernels of ops/recurrent_cuda.h and the cells
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.
   virtual void GroupNorm(bool backward, const GroupNormArgs& a) = 0;
+  // xLSTM Large glue (ops/xlstm_large_cuda.h): the soft-capped gates with their bias, and the
+  // output gate hn ⊙ σ(o); `backward` selects the backward of the same arguments.
+  virtual void XlstmLargeGates(bool backward, const XlstmLargeGateArgs& a) = 0;
+  virtual void XlstmLargeOutGate(bool backward, const XlstmLargeOutGateArgs& a) = 0;
   // The mLSTM output norm's backward (a.mode kMlstmOutput) that also writes the cell's dots
   // [rows, groups] fp32 = Σ_group bf16(dh)·(h + h_lo) (ops/recurrent_cuda.h
   // MlstmOutNormBackwardWithDots; h_lo: MlstmSavedHLo, null = 0). Returns whether it did; where

@@ -35,6 +35,7 @@
 #include "ops/cuda_ops.h"
 #include "ops/env_switch.h"
 #include "ops/recurrent_cuda.h"
+#include "ops/xlstm_large_cuda.h"
 #include "ops/tensor.h"
 
 namespace gyre::ops {
@@ -684,7 +685,7 @@ class Backend final : public CudaBackend {
 
   double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                             const int32_t* host_targets, double loss_scale, void* dh, float* dw,
-                            bool overwrite_dw) override {
+                            bool overwrite_dw, float logit_soft_cap) override {
     Init();
     OpProfiler::Scope scope(&prof_, "LinearCrossEntropy");
     kc::DeviceBuffer targets, token_loss, loss_sum;
@@ -714,6 +715,7 @@ class Backend final : public CudaBackend {
     // row kernel with fewer instructions a logit; "staged" its reference, the same bits.
     static const bool lean_rows = EnvChoice("GYRE_LCE_ROWS", {"lean", "staged"}, "lean") == "lean";
     a.lean_rows = lean_rows;
+    a.logit_soft_cap = logit_soft_cap;
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -730,6 +732,18 @@ class Backend final : public CudaBackend {
         {"GroupNorm backward (plain)", "GroupNorm backward (gated)", "GroupNorm backward (mLSTM out)"}};
     OpProfiler::Scope scope(&prof_, kLabels[backward ? 1 : 0][static_cast<int>(a.mode)]);
     OK_OR_DIE(backward ? cuda_ops::GroupNormBackward(a, alloc_, stream_) : cuda_ops::GroupNormForward(a, stream_));
+  }
+
+  void XlstmLargeGates(bool backward, const XlstmLargeGateArgs& a) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, backward ? "XlstmLarge gates backward" : "XlstmLarge gates forward");
+    OK_OR_DIE(backward ? cuda_ops::XlstmLargeGatesBackward(a, stream_) : cuda_ops::XlstmLargeGatesForward(a, stream_));
+  }
+
+  void XlstmLargeOutGate(bool backward, const XlstmLargeOutGateArgs& a) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, backward ? "XlstmLarge out gate backward" : "XlstmLarge out gate forward");
+    OK_OR_DIE(backward ? cuda_ops::XlstmLargeOutGateBackward(a, stream_) : cuda_ops::XlstmLargeOutGateForward(a, stream_));
   }
 
   bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) override {

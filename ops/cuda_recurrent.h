@@ -196,4 +196,39 @@ struct SsdCellArgs {
   int64_t x_row_stride = 0, bc_row_stride = 0;
 };
 
+// xLSTM Large glue (ops/xlstm_large_cuda.h; the block: ops/xlstm_large_block.h).
+// Gates: `pre` [rows, 2·heads] fp32 is the gate GEMM's output u·[W_i; W_f]ᵀ without bias (columns
+// [0, heads) the input gate, [heads, 2·heads) the forget gate).
+//   forward:  pre += (bi | bf) in place (pre becomes the raw pre-activations, kept for the
+//             backward); ig, fg [rows, heads] fp32 = cap·tanh(pre / cap) (cap 0: pre itself).
+//   backward: dpre [rows, 2·heads] bf16 = (dig | dfg) · sech²(pre / cap) (the two GEMMs' operand);
+//             dbi, dbf fp32 += Σ_rows of the fp32 products, in a fixed order (= with overwrite_db).
+struct XlstmLargeGateArgs {
+  int64_t rows = 0, heads = 0;
+  float cap = 15.f;
+  float* pre = nullptr;
+  const float* bi = nullptr;
+  const float* bf = nullptr;
+  float* ig = nullptr;
+  float* fg = nullptr;
+  const float* dig = nullptr;
+  const float* dfg = nullptr;
+  void* dpre = nullptr;
+  float* dbi = nullptr;
+  float* dbf = nullptr;
+  bool overwrite_db = false;
+};
+
+// Output gate over n bf16 elements: y = hn ⊙ σ(o); backward dhn = dy ⊙ σ(o),
+// d_o = dy ⊙ hn ⊙ σ(o)(1 − σ(o)) (both bf16, overwritten).
+struct XlstmLargeOutGateArgs {
+  int64_t n = 0;
+  const void* hn = nullptr;
+  const void* o = nullptr;
+  void* y = nullptr;
+  const void* dy = nullptr;
+  void* dhn = nullptr;
+  void* d_o = nullptr;
+};
+
 }  // namespace gyre::ops

@@ -127,6 +127,39 @@ Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy) {
   return out;
 }
 
+double SoftCapValue(double x, double cap) { return cap * std::tanh(x / cap); }
+
+double SoftCapSlope(double x, double cap) {
+  const double a = std::fabs(x / cap);
+  if (a > 350.0) return 0.0;  // e^{2a} overflows; sech² < 1e-300
+  const double e = std::exp(-a);  // sech² = 4 e^{-2a} / (1 + e^{-2a})², no cancellation
+  return 4.0 * e * e / ((1.0 + e * e) * (1.0 + e * e));
+}
+
+Tensor SoftCap(const Tensor& x, double cap) {
+  CheckCpu(x, "soft_cap");
+  GYRE_CHECK(cap > 0, "soft cap %g must be positive", cap);
+  Tensor out = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* in = x.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < x.numel(); ++i) o[i] = static_cast<T>(SoftCapValue(in[i], cap));
+  });
+  return out;
+}
+
+Tensor SoftCapBackward(const Tensor& x, const Tensor& dy, double cap) {
+  CheckSame(x, dy, "soft_cap_backward");
+  Tensor out = Tensor::EmptyLike(x);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const T* in = x.data<T>();
+    const T* g = dy.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < x.numel(); ++i) o[i] = static_cast<T>(g[i] * SoftCapSlope(in[i], cap));
+  });
+  return out;
+}
+
 Tensor SliceColumns(const Tensor& x, int64_t begin, int64_t end) {
   const int64_t rows = x.rows(), cols = x.cols(), w = end - begin;
   GYRE_CHECK(0 <= begin && begin <= end && end <= cols, "columns [%ld, %ld) of %ld", (long)begin, (long)end, (long)cols);

@@ -20,6 +20,16 @@ Tensor Activate(Activation act, const Tensor& x);
 // dx = dy * act'(x)
 Tensor ActivateBackward(Activation act, const Tensor& x, const Tensor& dy);
 
+// Soft cap (Gemma 2; xLSTM Large's gates and logits, MODELS.md §1.5): y = cap · tanh(x / cap),
+// which is x near 0 and saturates at ±cap. SoftCapBackward takes the forward INPUT x (not y):
+// dx = dy · sech²(x / cap), formed as 4 / (e^{x/cap} + e^{−x/cap})² so it stays accurate where
+// the cap saturates (1 − (y/cap)² would cancel there). CPU only.
+Tensor SoftCap(const Tensor& x, double cap);
+Tensor SoftCapBackward(const Tensor& x, const Tensor& dy, double cap);
+// The scalar forms both use (also the CPU cross entropy's capped logits).
+double SoftCapValue(double x, double cap);
+double SoftCapSlope(double x, double cap);  // d SoftCapValue / dx = sech²(x / cap)
+
 // Columns [begin, end) of x viewed as [rows, cols] (a copy, shape [..., end - begin]).
 Tensor SliceColumns(const Tensor& x, int64_t begin, int64_t end);
 // Concatenates along the last dimension (equal rows, equal dtype).

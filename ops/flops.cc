@@ -22,6 +22,15 @@ double MixerForwardPerToken(const ModelSpec& s, int64_t seq) {
         fwd += static_cast<double>(s.mlstm_heads) * (L * (d + d) + 4 * d * d);
         break;
       }
+      case BlockType::kXlstmLarge: {
+        // Chunkwise mLSTM with dk != dv per head (MODELS.md §1.5): the intra-chunk products
+        // (q·k over dk, weights·v over dv) and the state products (q·C, kᵀv: 2 dk·dv each, x2 FLOPs).
+        const double dk = static_cast<double>(s.xl_qk_dim / s.xl_heads);
+        const double dv = static_cast<double>(s.xl_v_dim / s.xl_heads);
+        const double L = static_cast<double>(s.mlstm_chunk);
+        fwd += static_cast<double>(s.xl_heads) * (L * (dk + dv) + 4 * dk * dv);
+        break;
+      }
       case BlockType::kMamba2: {
         const double H = static_cast<double>(s.ssm_expand * s.d_model / s.ssm_head_dim);
         const double P = static_cast<double>(s.ssm_head_dim), N = static_cast<double>(s.ssm_state);

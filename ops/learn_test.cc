@@ -100,7 +100,8 @@ TEST_P(LearnTest, HeldOutLossFallsWellBelowUnigramEntropy) {
 INSTANTIATE_TEST_SUITE_P(Presets, LearnTest,
                          ::testing::Values(LearnCase{"llama-tiny", 300, 3e-3, 2.55},
                                            LearnCase{"xlstm-tiny", 300, 3e-3, 2.55},
-                                           LearnCase{"mamba2-tiny", 300, 3e-3, 2.55}),
+                                           LearnCase{"mamba2-tiny", 300, 3e-3, 2.55},
+                                           LearnCase{"xlstm-large-tiny", 300, 3e-3, 2.55}),
                          [](const auto& info) {
                            std::string n = info.param.preset;
                            for (char& ch : n) if (ch == '-') ch = '_';

@@ -18,7 +18,9 @@ namespace {
 // checked before anything is allocated so a bad configuration fails with the field's name.
 absl::Status CheckCudaSupport(const ModelSpec& spec) {
   bool attention = false, mlstm = false, slstm = false, mamba = false;
+  bool xlstm_large = false;
   for (BlockType b : spec.blocks) {
+    xlstm_large |= b == BlockType::kXlstmLarge;
     attention |= b == BlockType::kAttention;
     mlstm |= b == BlockType::kMlstm;
     slstm |= b == BlockType::kSlstm;
@@ -60,6 +62,20 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
     if (spec.ssm_chunk % 64 != 0 || spec.ssm_chunk > 256)
       return unsupported(absl::StrCat("SSD chunk ", spec.ssm_chunk, " (CUDA: multiple of 64, <= 256)"));
     if (spec.ssm_conv < 1 || spec.ssm_conv > 4) return unsupported(absl::StrCat("ssm_conv ", spec.ssm_conv, " (CUDA: 1..4)"));
+  }
+  if (xlstm_large) {
+    // The chunkwise cell (kernels/cuda/mlstm.h), the gates' [rows, 2·NH] bf16 gradient as a GEMM
+    // operand (rows of 16 bytes), the gate weights' adjacency in the flat store (NH·d % 8).
+    const int64_t dk = spec.xl_qk_dim / spec.xl_heads, dv = spec.xl_v_dim / spec.xl_heads;
+    if (dk % 64 != 0 || dv % 64 != 0)
+      return unsupported(absl::StrCat("xLSTM Large head dims dk ", dk, ", dv ", dv, " (CUDA: multiples of 64)"));
+    if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128 &&
+        spec.mlstm_chunk != 256)
+      return unsupported(absl::StrCat("xLSTM Large chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64, 128 or 256)"));
+    if (spec.mlstm_chunk == 256 && (dk % 128 != 0 || dv % 128 != 0))
+      return unsupported(absl::StrCat("xLSTM Large chunk 256 with dk ", dk, ", dv ", dv, " (CUDA: multiples of 128)"));
+    if (spec.xl_heads % 4 != 0)
+      return unsupported(absl::StrCat("xLSTM Large with ", spec.xl_heads, " heads (CUDA: a multiple of 4)"));
   }
   return absl::OkStatus();
 }
@@ -103,7 +119,8 @@ absl::Status LanguageModel::Build(uint64_t seed) {
   embedding_ = std::make_unique<Embedding>(root.Sub("embedding"), V, d);
   // Embedding init: N(0, 0.02) (mamba_ssm, Transformer++); xLSTM "small" N(0, sqrt(2/(5d))).
   const double small = std::sqrt(2.0 / (5.0 * d));
-  const double emb_std = spec_.family == Family::kXlstm ? small : 0.02;
+  const bool xlstm_init = spec_.family == Family::kXlstm || spec_.family == Family::kXlstmLarge;
+  const double emb_std = xlstm_init ? small : 0.02;
   InitNormal(&embedding_->weight()->value, emb_std, root.rng);
 
   const int64_t n_layers = spec_.n_layers();
@@ -134,6 +151,8 @@ absl::Status LanguageModel::Build(uint64_t seed) {
   NormOptions final_norm;
   if (spec_.family == Family::kXlstm) {
     final_norm = {NormOptions::kLayer, 1, spec_.norm_eps, false, 1.0, true};  // xLSTM LN: 1 + w
+  } else if (spec_.family == Family::kXlstmLarge) {
+    final_norm = {NormOptions::kRms, 1, spec_.norm_eps, false, 0.0, true};  // out_norm: RMSNorm, scale init 1
   } else {
     final_norm = {NormOptions::kRms, 1, spec_.norm_eps};
   }
@@ -143,7 +162,7 @@ absl::Status LanguageModel::Build(uint64_t seed) {
   deferred.insert(deferred.end(), final_norm_params_.begin(), final_norm_params_.end());
   if (!spec_.tie_embeddings) {
     head_weight_ = store_->Create("lm_head.weight", {V, d}, ParamKind::kWeight);
-    InitNormal(&head_weight_->value, spec_.family == Family::kXlstm ? small : 0.02, root.rng);
+    InitNormal(&head_weight_->value, xlstm_init ? small : 0.02, root.rng);
     deferred.push_back(head_weight_);
   }
   store_->AllowDeferredZero(deferred);
@@ -210,6 +229,7 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     Tensor dhn;
     if (k == 0) ready("", {});
     CrossEntropyOptions ce_options = ce_options_;
+    ce_options.logit_soft_cap = spec_.logit_soft_cap;
     Tensor& head_grad = HeadGrad(&ce_options.overwrite_dw);
     CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
                                                     targets, loss_scale / n, ce_options, &dhn, &head_grad);
@@ -280,7 +300,7 @@ LossResult LanguageModel::ForwardBackwardAllHeads(std::span<const int32_t> token
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     Tensor dhn;
     CrossEntropyResult ce = NaiveLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
-                                                    targets, loss_scale / n, &dhn, &HeadGrad());
+                                                    targets, loss_scale / n, &dhn, &HeadGrad(), spec_.logit_soft_cap);
     result.head_losses.push_back(ce.loss * n);
     result.loss += ce.loss;
     if (k == 0) result.tokens = ce.tokens;
@@ -298,12 +318,14 @@ LossResult LanguageModel::ForwardBackwardAllHeads(std::span<const int32_t> token
 LossResult LanguageModel::Evaluate(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale) {
   const int n = static_cast<int>(heads_.size());
   LossResult result;
+  CrossEntropyOptions ce_options = ce_options_;
+  ce_options.logit_soft_cap = spec_.logit_soft_cap;
   Tensor z = TrunkForward(tokens, batch, seq);
   for (int k = 0; k < n; ++k) {
     Tensor hn = final_norm_->Forward(heads_[k]->Forward(z, batch, seq));
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
-                                                    targets, loss_scale, ce_options_, nullptr, nullptr);
+                                                    targets, loss_scale, ce_options, nullptr, nullptr);
     result.head_losses.push_back(ce.loss);
     result.loss += ce.loss / n;
     if (k == 0) result.tokens = ce.tokens;
@@ -318,7 +340,7 @@ Tensor LanguageModel::Logits(std::span<const int32_t> inputs, int64_t batch, int
     for (int64_t t = 0; t < seq; ++t) tokens[b * (seq + 1) + t] = inputs[b * seq + t];
   Tensor z = TrunkForward(tokens, batch, seq);
   Tensor hn = final_norm_->Forward(heads_[0]->Forward(z, batch, seq));
-  Tensor logits = LinearForward(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight());
+  Tensor logits = LmHeadLogits(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(), spec_.logit_soft_cap);
   ReleaseAll();
   return logits;
 }
@@ -379,7 +401,8 @@ std::vector<Tensor> LanguageModel::DecodeEmbedded(Tensor z, int64_t chunk, Decod
     all = Tensor::Empty({with_logits * out_rows, spec_.d_model}, hn[0].dtype(), hn[0].device());
     for (int64_t k = 0; k < with_logits; ++k) all.Rows(k * out_rows, (k + 1) * out_rows).CopyFrom(hn[k]);
   }
-  Tensor logits = LinearForward(all.Reshape({with_logits * out_rows, spec_.d_model}), HeadWeight());
+  Tensor logits =
+      LmHeadLogits(all.Reshape({with_logits * out_rows, spec_.d_model}), HeadWeight(), spec_.logit_soft_cap);
   std::vector<Tensor> out;
   for (int64_t k = 0; k < with_logits; ++k) out.push_back(logits.Rows(k * out_rows, (k + 1) * out_rows));
   state->position += chunk;
@@ -397,7 +420,7 @@ std::vector<Tensor> LanguageModel::DraftLogits(const DecodeState& state, int64_t
   Tensor all = Tensor::Empty({n * B, spec_.d_model}, h0.dtype(), h0.device());
   for (int64_t k = 0; k < n; ++k)
     all.Rows(k * B, (k + 1) * B).CopyFrom(state.draft_hidden[k].Rows(position * B, (position + 1) * B));
-  Tensor logits = LinearForward(all, HeadWeight());
+  Tensor logits = LmHeadLogits(all, HeadWeight(), spec_.logit_soft_cap);
   std::vector<Tensor> out;
   for (int64_t k = 0; k < n; ++k) out.push_back(logits.Rows(k * B, (k + 1) * B));
   return out;

@@ -85,6 +85,25 @@ void Mamba2(ModelSpec* s, int64_t d, int64_t layers, int64_t state, int64_t head
   s->ffn_dim = RoundUp64(8.0 * d / 3.0);
 }
 
+// xLSTM Large (MODELS.md §1.5): all blocks kXlstmLarge; q, k d/2, v d; SwiGLU 64·ceil(2.667d/64);
+// RMSNorms eps 1e-6; gate cap 15, logit cap 30; untied head.
+void XlstmLarge(ModelSpec* s, int64_t d, int64_t layers, int64_t heads, int64_t vocab) {
+  s->family = Family::kXlstmLarge;
+  s->d_model = d;
+  s->blocks.assign(layers, BlockType::kXlstmLarge);
+  s->xl_heads = heads;
+  s->xl_qk_dim = d / 2;
+  s->xl_v_dim = d;
+  s->xl_ffn_factor = 2.667;
+  s->ffn_dim = RoundUp64(s->xl_ffn_factor * d);
+  s->gate_soft_cap = 15.0;
+  s->logit_soft_cap = 30.0;
+  s->norm_eps = 1e-6;
+  s->mlstm_chunk = 64;  // [mk] backend default chunk
+  s->vocab_size = vocab;
+  s->tie_embeddings = false;
+}
+
 const std::vector<int64_t> kSlstm350 = {3, 5, 7, 40, 42, 44};
 
 const std::map<std::string, Preset>& Presets() {
@@ -98,6 +117,13 @@ const std::map<std::string, Preset>& Presets() {
       {"xlstm[1:0]-350m", {"xLSTM paper Table 7 (350M, mLSTM only)", [](ModelSpec* s) { Xlstm(s, 1024, 48, {}, 50304); }}},
       {"xlstm[1:0]-760m", {"xLSTM paper Table 7 (760M, mLSTM only)", [](ModelSpec* s) { Xlstm(s, 1536, 48, {}, 50304); }}},
       {"xlstm[1:0]-1.3b", {"xLSTM paper Table 7 (1.3B, mLSTM only)", [](ModelSpec* s) { Xlstm(s, 2048, 48, {}, 50304); }}},
+      // xLSTM Large / 7B (MODELS.md §1.5, §8: 6,865,424,896 parameters): NX-AI xlstm-jax 7B config
+      // and transformers' xLSTMConfig defaults (d 4096, 32 blocks, 8 heads, vocab 50304).
+      {"xlstm-7b", {"xLSTM 7B (MODELS.md §1.5: xlstm-jax config, HF xLSTMConfig)", [](ModelSpec* s) { XlstmLarge(s, 4096, 32, 8, 50304); }}},
+      // Not a published model: the 7B's head dims (dk 256, dv 512) at d 2048 with 24 blocks (1.42B
+      // parameters, the xLSTM 1.3B class), for recurrent_step_bench and the GPU tests.
+      {"xlstm-large-bench", {"benchmark shape (7B head dims at d 2048, 24 blocks; not a published model)",
+                             [](ModelSpec* s) { XlstmLarge(s, 2048, 24, 4, 50304); }}},
       // Mamba-2: HF Hub config.json of state-spaces/mamba2-* (MODELS.md §4.3 table); vocab 50288.
       {"mamba2-130m", {"state-spaces/mamba2-130m config.json", [](ModelSpec* s) { Mamba2(s, 768, 24, 128, 64, 256, 50288); }}},
       {"mamba2-370m", {"state-spaces/mamba2-370m config.json", [](ModelSpec* s) { Mamba2(s, 1024, 48, 128, 64, 256, 50288); }}},
@@ -141,6 +167,10 @@ const std::map<std::string, Preset>& Presets() {
          Xlstm(s, 64, 4, {1}, 256);
          s->mlstm_chunk = 16;
        }}},
+      {"xlstm-large-tiny", {"tiny test model (xLSTM Large blocks: 4 heads, dk 8, dv 16)", [](ModelSpec* s) {
+         XlstmLarge(s, 64, 4, 4, 256);
+         s->mlstm_chunk = 16;
+       }}},
       {"mamba2-tiny", {"tiny test model", [](ModelSpec* s) {
          Mamba2(s, 64, 4, 16, 16, 16, 256);
          s->attn_heads = 4;
@@ -175,6 +205,7 @@ absl::StatusOr<BlockType> FromProto(BlockKind kind, int index) {
     case gyre::v1::BLOCK_KIND_SLSTM: return BlockType::kSlstm;
     case gyre::v1::BLOCK_KIND_MAMBA2: return BlockType::kMamba2;
     case gyre::v1::BLOCK_KIND_ATTENTION: return BlockType::kAttention;
+    case gyre::v1::BLOCK_KIND_XLSTM_LARGE: return BlockType::kXlstmLarge;
     default: return Invalid(absl::StrCat("blocks[", index, "]"), "unspecified or unknown block kind");
   }
 }
@@ -187,6 +218,7 @@ const char* BlockTypeName(BlockType type) {
     case BlockType::kSlstm: return "slstm";
     case BlockType::kMamba2: return "mamba2";
     case BlockType::kAttention: return "attention";
+    case BlockType::kXlstmLarge: return "xlstm_large";
   }
   return "?";
 }
@@ -224,15 +256,23 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
       s.mlstm_inner = RoundUp64(2.0 * s.d_model);
       s.slstm_ffn = RoundUp64(1.3 * s.d_model);
     }
-    if (s.family != Family::kXlstm) s.ffn_dim = RoundUp64(8.0 * s.d_model / 3.0);
+    if (s.family == Family::kXlstmLarge) {
+      s.ffn_dim = RoundUp64(s.xl_ffn_factor * s.d_model);
+      s.xl_qk_dim = s.d_model / 2;
+      s.xl_v_dim = s.d_model;
+    } else if (s.family != Family::kXlstm) {
+      s.ffn_dim = RoundUp64(8.0 * s.d_model / 3.0);
+    }
     if (s.family == Family::kMamba2 && s.attn_head_dim > 0) {
       s.attn_heads = std::max<int64_t>(1, s.d_model / s.attn_head_dim);
       s.attn_kv_heads = s.attn_heads;
     }
   }
   if (c.n_layers() != 0) {
-    const BlockType base = s.family == Family::kXlstm ? BlockType::kMlstm
-                           : s.family == Family::kMamba2 ? BlockType::kMamba2 : BlockType::kAttention;
+    const BlockType base = s.family == Family::kXlstm        ? BlockType::kMlstm
+                           : s.family == Family::kMamba2     ? BlockType::kMamba2
+                           : s.family == Family::kXlstmLarge ? BlockType::kXlstmLarge
+                                                             : BlockType::kAttention;
     if (static_cast<int64_t>(c.n_layers()) != s.n_layers()) s.blocks.assign(c.n_layers(), base);
   }
   if (c.vocab_size() != 0) {
@@ -308,6 +348,27 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
   // true, so only the sigmoid gate is reachable from a config (see the report: the field should be
   // `optional` or inverted). The exponential gate stays available to code through ModelSpec.
 
+  const auto& xl = c.xlstm_large();
+  if (xl.num_heads() != 0) s.xl_heads = xl.num_heads();
+  if (xl.qk_dim_factor() != 0) {
+    if (!(xl.qk_dim_factor() > 0)) return Invalid("xlstm_large.qk_dim_factor", absl::StrCat(xl.qk_dim_factor(), " must be positive"));
+    s.xl_qk_dim = static_cast<int64_t>(std::llround(xl.qk_dim_factor() * s.d_model));
+  }
+  if (xl.ffn_proj_factor() != 0) {
+    if (!(xl.ffn_proj_factor() > 0)) return Invalid("xlstm_large.ffn_proj_factor", absl::StrCat(xl.ffn_proj_factor(), " must be positive"));
+    s.xl_ffn_factor = xl.ffn_proj_factor();
+    s.ffn_dim = RoundUp64(s.xl_ffn_factor * s.d_model);
+  }
+  if (xl.gate_soft_cap() != 0) {
+    if (!(xl.gate_soft_cap() > 0)) return Invalid("xlstm_large.gate_soft_cap", absl::StrCat(xl.gate_soft_cap(), " must be positive (0 = the preset's)"));
+    s.gate_soft_cap = xl.gate_soft_cap();
+  }
+  if (xl.logit_soft_cap() != 0) {
+    if (!(xl.logit_soft_cap() > 0)) return Invalid("xlstm_large.logit_soft_cap", absl::StrCat(xl.logit_soft_cap(), " must be positive (0 = the preset's)"));
+    s.logit_soft_cap = xl.logit_soft_cap();
+  }
+  if (xl.chunk_size() != 0) s.mlstm_chunk = xl.chunk_size();
+
   const auto& m = c.mamba2();
   if (m.d_state() != 0) s.ssm_state = m.d_state();
   if (m.d_conv() != 0) s.ssm_conv = m.d_conv();
@@ -352,6 +413,16 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
     if (s.qkv_block_size <= 0 || s.mlstm_inner % s.qkv_block_size != 0)
       return Invalid("xlstm.qkv_block_size", absl::StrCat(s.qkv_block_size, " does not divide the inner width ", s.mlstm_inner));
     if (s.mlstm_chunk <= 0) return Invalid("xlstm.chunk_size", "must be positive");
+  }
+  if (uses(BlockType::kXlstmLarge)) {
+    if (s.xl_v_dim == 0) s.xl_v_dim = s.d_model;  // blocks placed into another family's model
+    if (s.xl_qk_dim == 0) s.xl_qk_dim = s.d_model / 2;
+    if (s.xl_heads <= 0 || s.xl_v_dim % s.xl_heads != 0)
+      return Invalid("xlstm_large.num_heads", absl::StrCat(s.xl_heads, " does not divide the value width ", s.xl_v_dim));
+    if (s.xl_qk_dim <= 0 || s.xl_qk_dim % s.xl_heads != 0)
+      return Invalid("xlstm_large.qk_dim_factor", absl::StrCat("q/k width ", s.xl_qk_dim, " is not a positive multiple of num_heads ", s.xl_heads));
+    if (s.ffn_dim <= 0) return Invalid("xlstm_large.ffn_proj_factor", "gives an empty FFN");
+    if (s.mlstm_chunk <= 0) return Invalid("xlstm_large.chunk_size", "must be positive");
   }
   if (uses(BlockType::kMlstm) || uses(BlockType::kSlstm)) {
     if (s.conv_kernel <= 0) return Invalid("xlstm.conv_kernel", "must be positive");

@@ -13,10 +13,10 @@
 
 namespace gyre::ops {
 
-enum class BlockType { kMlstm, kSlstm, kMamba2, kAttention };
+enum class BlockType { kMlstm, kSlstm, kMamba2, kAttention, kXlstmLarge };
 const char* BlockTypeName(BlockType type);
 
-enum class Family { kLlama, kXlstm, kMamba2 };
+enum class Family { kLlama, kXlstm, kMamba2, kXlstmLarge };
 
 struct ModelSpec {
   std::string preset;
@@ -41,6 +41,19 @@ struct ModelSpec {
   std::string mlstm_recompute = "none";  // XlstmConfig.mlstm_recompute: none, states, glue, cell
   int64_t mlstm_recompute_keep_last = 0;  // XlstmConfig.mlstm_recompute_keep_last (-1: auto)
   bool mlstm_sigmoid_forget = true;
+
+  // xLSTM Large / 7B blocks (MODELS.md §1.5; ops/xlstm_large_block.h). The chunk length is
+  // mlstm_chunk, the SwiGLU hidden size ffn_dim (64 * ceil(xl_ffn_factor * d / 64)), the norms'
+  // eps norm_eps (1e-6 for this family).
+  int64_t xl_heads = 8;
+  int64_t xl_qk_dim = 0;            // q, k width (all heads): d / 2 for the published models
+  int64_t xl_v_dim = 0;             // v, o, h width: d
+  double xl_ffn_factor = 2.667;     // MODELS.md §1.5 (the xlstm repo writes 2.6667: same widths)
+  double gate_soft_cap = 15.0;      // ĩ, f̃ = cap · tanh(pre / cap); 0 = off
+
+  // The LM head's logits cap · tanh(l / cap) (xLSTM Large: 30); 0 = off, the default of every
+  // other family. Applied in the loss (ops/cross_entropy.h) and in Logits / decoding.
+  double logit_soft_cap = 0.0;
 
   // Mamba-2 (MODELS.md §4.3).
   int64_t ssm_state = 128;

@@ -41,6 +41,11 @@ ModelSpec SmallSpec(const std::string& preset) {
     c.mutable_attention()->set_ffn_dim(12);
     if (preset != "mamba2-tiny") c.add_attention_at(0);
   }
+  if (preset == "xlstm-large-tiny") {
+    c.set_n_layers(2);
+    c.mutable_xlstm_large()->set_num_heads(2);   // q/k 4 wide (dk 2), v 8 wide (dv 4)
+    c.mutable_xlstm_large()->set_chunk_size(2);  // several chunks, the last one short
+  }
   if (preset == "llama-tiny") {
     c.set_n_layers(2);
     c.mutable_attention()->set_num_heads(4);
@@ -420,7 +425,8 @@ TEST(DecodeTest, LlamaWithMtpHeadsAndSelfExtend) {
   ExpectDecodeMatchesFullForward(spec);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"),
+INSTANTIATE_TEST_SUITE_P(Families, RecurrentModelTest, ::testing::Values("xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny",
+                                                               "xlstm-large-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n) if (ch == '-') ch = '_';
@@ -449,6 +455,9 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
       {"mamba2-1.3b", 1343757312},  // 1343.8M
       {"mamba2-2.7b", 2702599680},  // 2702.6M
       {"mamba2-attention-2.7b", 2697590880},  // MODELS.md §8: 58 SSD + 6 attention layers
+      // xLSTM Large (MODELS.md §8: 201,666,576 per block, 32 blocks, untied 2Vd, final RMSNorm d).
+      {"xlstm-7b", 6865424896},
+      {"xlstm-large-bench", 1420839104},  // the same formula at d 2048, 24 blocks, NH 4, f 5504
   };
   for (const auto& [preset, count] : expected) {
     auto spec = PresetSpec(preset);
@@ -460,7 +469,8 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
 }
 
 TEST(ParameterCountTest, MetaCountEqualsAllocatedCount) {
-  for (const std::string preset : {"llama-tiny", "xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny"}) {
+  for (const std::string preset :
+       {"llama-tiny", "xlstm-tiny", "mamba2-tiny", "hybrid-tiny", "mamba2-attention-tiny", "xlstm-large-tiny"}) {
     auto spec = PresetSpec(preset);
     ASSERT_TRUE(spec.ok());
     auto model = LanguageModel::Create(*spec, DType::kF32, Device::kCpu, 0);
@@ -521,6 +531,56 @@ TEST(ModelConfigTest, RejectsBadFieldsByName) {
   c.mutable_xlstm()->set_mlstm_recompute_keep_last(1);
   c.mutable_xlstm()->set_mlstm_recompute("none");  // keep_last says which layers skip a recomputation
   expect_error(c, "model.xlstm.mlstm_recompute_keep_last");
+  c.clear_xlstm();
+  c.set_preset("xlstm-large-tiny");
+  c.mutable_xlstm_large()->set_num_heads(3);  // does not divide v = 64
+  expect_error(c, "model.xlstm_large.num_heads");
+  c.mutable_xlstm_large()->set_num_heads(0);
+  c.mutable_xlstm_large()->set_qk_dim_factor(0.3);  // q/k width 19: not a multiple of 4 heads
+  expect_error(c, "model.xlstm_large.qk_dim_factor");
+  c.mutable_xlstm_large()->set_qk_dim_factor(-0.5);
+  expect_error(c, "model.xlstm_large.qk_dim_factor");
+  c.mutable_xlstm_large()->set_qk_dim_factor(0);
+  c.mutable_xlstm_large()->set_gate_soft_cap(-15);
+  expect_error(c, "model.xlstm_large.gate_soft_cap");
+  c.mutable_xlstm_large()->set_gate_soft_cap(0);
+  c.mutable_xlstm_large()->set_logit_soft_cap(-1);
+  expect_error(c, "model.xlstm_large.logit_soft_cap");
+  c.mutable_xlstm_large()->set_logit_soft_cap(0);
+  c.mutable_xlstm_large()->set_ffn_proj_factor(-2);
+  expect_error(c, "model.xlstm_large.ffn_proj_factor");
+}
+
+// The xLSTM Large presets: the 7B's published shape (MODELS.md §1.5), the caps, overrides.
+TEST(ModelConfigTest, XlstmLargePresets) {
+  auto s = PresetSpec("xlstm-7b");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->family, Family::kXlstmLarge);
+  EXPECT_EQ(s->n_layers(), 32);
+  EXPECT_EQ(s->d_model, 4096);
+  EXPECT_EQ(s->xl_heads, 8);
+  EXPECT_EQ(s->xl_qk_dim / s->xl_heads, 256);  // dk
+  EXPECT_EQ(s->xl_v_dim / s->xl_heads, 512);   // dv
+  EXPECT_EQ(s->ffn_dim, 10944);
+  EXPECT_EQ(s->vocab_size, 50304);
+  EXPECT_EQ(s->gate_soft_cap, 15.0);
+  EXPECT_EQ(s->logit_soft_cap, 30.0);
+  EXPECT_EQ(s->norm_eps, 1e-6);
+  EXPECT_FALSE(s->tie_embeddings);
+  // The other families keep the logits uncapped.
+  for (const char* other : {"llama-tiny", "xlstm-tiny", "mamba2-tiny"}) EXPECT_EQ(PresetSpec(other)->logit_soft_cap, 0.0);
+  gyre::v1::ModelConfig c;
+  c.set_preset("xlstm-large-tiny");
+  c.set_d_model(128);
+  c.set_n_layers(3);
+  c.mutable_xlstm_large()->set_logit_soft_cap(50);
+  auto o = ResolveModelConfig(c);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->xl_qk_dim, 64);
+  EXPECT_EQ(o->xl_v_dim, 128);
+  EXPECT_EQ(o->ffn_dim, 384);  // 64 * ceil(2.667 * 128 / 64)
+  EXPECT_EQ(o->logit_soft_cap, 50.0);
+  EXPECT_EQ(o->blocks, std::vector<BlockType>(3, BlockType::kXlstmLarge));
 }
 
 // The presets with mLSTM heads of 1024 (the 1.3B xLSTMs) default to rebuilding the chunk states

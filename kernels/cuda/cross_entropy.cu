@@ -10,6 +10,8 @@
 //                       the bitwise test's other side: lean_rows = false, GYRE_LCE_ROWS=staged).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
+//   ce_row_kernel_capped ce_row_kernel1's three passes over soft-capped logits (opt-in:
+//                       LinearCrossEntropyArgs::logit_soft_cap > 0; xLSTM Large).
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
 // Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 128 by default, with
@@ -297,6 +299,45 @@ ce_row_kernel1(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
   for (int64_t j = tid; j < vocab; j += kRowThreads1) row[j] = __float2bfloat16_rn(grad(__bfloat162float(row[j]), j));
 }
 
+// Soft-capped logits (LinearCrossEntropyArgs::logit_soft_cap = c > 0): l = c · tanh(z / c) of
+// the GEMM's bf16 z, in fp32; max, Σ exp(l − max) and the token loss over l as ce_row_kernel1
+// does over z; G = loss_scale · (softmax(l) − onehot) · sech²(z / c) written over z in place.
+// sech² is 4e/(1 + e)² with e = exp(−2|z/c|): no cancellation where the cap saturates (the
+// gradient there is tiny, not 1 − tanh² rounded to 0). Reads the row three times from global
+// memory (no staging): the opt-in path is correct first; its speed is measured, not assumed.
+__device__ __forceinline__ float SoftCapped(float z, float cap, float inv_cap) { return cap * tanhf(z * inv_cap); }
+__device__ __forceinline__ float SoftCapSlope(float z, float inv_cap) {
+  const float e = expf(-2.f * fabsf(z * inv_cap));
+  return 4.f * e / ((1.f + e) * (1.f + e));
+}
+
+__global__ void __launch_bounds__(kRowThreads1)
+ce_row_kernel_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+                     float* token_loss, bool write_grad, float cap) {
+  const int64_t r = blockIdx.x;
+  bf16* row = logits + r * ld;
+  const int tid = threadIdx.x;
+  const float inv_cap = 1.f / cap;
+  float m = -INFINITY;
+  for (int64_t j = tid; j < vocab; j += kRowThreads1) m = fmaxf(m, SoftCapped(__bfloat162float(row[j]), cap, inv_cap));
+  const float row_max = BlockReduce<kRowThreads1>(m, MaxOp{});
+  float s = 0.f;
+  for (int64_t j = tid; j < vocab; j += kRowThreads1)
+    s += expf(SoftCapped(__bfloat162float(row[j]), cap, inv_cap) - row_max);
+  const int32_t target = targets[r];
+  // Read before the next barrier: the target's owner overwrites it with G right after.
+  const float target_logit =
+      tid == 0 && target >= 0 && target < vocab ? SoftCapped(__bfloat162float(row[target]), cap, inv_cap) : 0.f;
+  const float lse = row_max + logf(BlockReduce<kRowThreads1>(s, SumOp{}));
+  if (tid == 0) token_loss[r] = TokenLoss(lse, target, vocab, target_logit);
+  if (!write_grad) return;
+  const GradElement grad(lse, loss_scale, target, vocab);
+  for (int64_t j = tid; j < vocab; j += kRowThreads1) {
+    const float z = __bfloat162float(row[j]);
+    row[j] = __float2bfloat16_rn(grad(SoftCapped(z, cap, inv_cap), j) * SoftCapSlope(z, inv_cap));
+  }
+}
+
 __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float loss_scale,
                                     double* loss_sum) {
   __shared__ double part[1024 / 32];
@@ -317,7 +358,11 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
                       bool grad, cudaStream_t stream) {
   // The staged row is the vocabulary rounded up to 16 bytes, whatever the buffer's stride.
   const int64_t row_smem = CeilDiv(a.vocab, 8) * 8 * static_cast<int64_t>(sizeof(bf16));
-  if (row_smem <= kRowSmemMax && a.lean_rows) {
+  if (a.logit_soft_cap > 0.f) {
+    ce_row_kernel_capped<<<static_cast<unsigned>(n), kRowThreads1, 0, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel_capped");
+  } else if (row_smem <= kRowSmemMax && a.lean_rows) {
     CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_lean, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(row_smem)));
     ce_row_kernel2_lean<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
@@ -498,6 +543,8 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     return InvalidArgument("LinearCrossEntropy: bad shape or missing pointer");
   }
   if (a.chunk_tokens > 0x7fffffff) return InvalidArgument("LinearCrossEntropy: chunk too large");
+  if (!(a.logit_soft_cap >= 0.f) || std::isinf(a.logit_soft_cap))
+    return InvalidArgument("LinearCrossEntropy: logit_soft_cap must be finite and >= 0 (0 = off)");
   const int64_t align = LdAlign(a);
   if (align < 0)
     return InvalidArgument(std::string("GYRE_LCE_LD_ALIGN must be 8 or 128 (or unset), got '") +

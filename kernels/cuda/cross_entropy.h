@@ -98,6 +98,12 @@ struct LinearCrossEntropyArgs {
   //   and bits at 50288 / 50304 / 1000, whose plans are accepted or not rounded).
   enum class VocabSplit { kFromEnv, kOff, kWhereRejected, kAlways };
   VocabSplit vocab_split = VocabSplit::kFromEnv;
+  // c > 0 (opt-in; xLSTM Large's c = 30, MODELS.md §1.5): the loss uses the soft-capped logits
+  // l = c · tanh(z / c) of the GEMM's z, and G = loss_scale · (softmax(l) − onehot) ⊙ sech²(z / c)
+  // feeds the two backward GEMMs. The row pass is then ce_row_kernel_capped (one block per row,
+  // the row read from global memory three times, like ce_row_kernel1); 0 (the default) launches
+  // exactly the kernels above (their PTX unchanged: tools/ptx/diff_rev.sh).
+  float logit_soft_cap = 0.f;
 };
 
 // The logits buffer's row stride for `args` (ld_align resolved as above).

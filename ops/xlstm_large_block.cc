@@ -1,0 +1,381 @@
+#include "ops/xlstm_large_block.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "kernels/cpu/mlstm.h"
+#include "ops/cuda_backend.h"
+#include "ops/elementwise.h"
+#include "ops/parallel.h"
+
+namespace gyre::ops {
+namespace {
+
+// xLSTM init helpers ([xl] components/init.py; transformers' small_init_method / wang_init_method).
+double SmallInitStd(int64_t dim) { return std::sqrt(2.0 / (5.0 * static_cast<double>(dim))); }
+double WangInitStd(int64_t dim, int64_t blocks) {
+  return 2.0 / (static_cast<double>(blocks) * std::sqrt(static_cast<double>(dim)));
+}
+
+NormOptions RmsNorm(double eps) { return {NormOptions::kRms, 1, eps, false, 0.0, true}; }
+NormOptions HeadLayerNorm(int64_t heads, double eps) { return {NormOptions::kLayer, heads, eps, false, 0.0, true}; }
+
+// Contiguous batch slices, one per pool thread (kernels/cpu/mlstm.h: a call on batch rows
+// [b0, b1) is the call with shape.batch = b1 - b0 and every batch-major pointer advanced).
+std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(batch, NumThreads()));
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t i = 0; i < n; ++i) slices.push_back({batch * i / n, batch * (i + 1) / n});
+  return slices;
+}
+
+bool g_record_gate_terms = false;
+std::vector<Mamba2GradTerms>& GateTerms() {
+  static auto* terms = new std::vector<Mamba2GradTerms>();
+  return *terms;
+}
+
+// The [mk] / xlstm_large backend: sigmoid forget gate in log space, ε = 1e-6, true gradient.
+cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGate::kSigmoid, 1e-6}; }
+
+}  // namespace
+
+void SetXlstmLargeGateTermRecording(bool on) { g_record_gate_terms = on; }
+
+std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms() {
+  std::vector<Mamba2GradTerms> out;
+  out.swap(GateTerms());
+  return out;
+}
+
+XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
+    : d_(s.d_model), heads_(s.xl_heads), qk_dim_(s.xl_qk_dim), v_dim_(s.xl_v_dim), chunk_(s.mlstm_chunk),
+      gate_cap_(s.gate_soft_cap),
+      store_(ctx.store),
+      norm_mlstm_(ctx.Sub("norm_mlstm"), s.d_model, RmsNorm(s.norm_eps)),
+      q_(ctx.Sub("mlstm.q"), s.d_model, s.xl_qk_dim, false),
+      k_(ctx.Sub("mlstm.k"), s.d_model, s.xl_qk_dim, false),
+      v_(ctx.Sub("mlstm.v"), s.d_model, s.xl_v_dim, false),
+      ogate_(ctx.Sub("mlstm.ogate_preact"), s.d_model, s.xl_v_dim, false),
+      wi_(ctx.store->Create(ctx.Name("mlstm.igate_preact.weight"), {s.xl_heads, s.d_model}, ParamKind::kWeight)),
+      wf_(ctx.store->Create(ctx.Name("mlstm.fgate_preact.weight"), {s.xl_heads, s.d_model}, ParamKind::kWeight)),
+      bi_(ctx.store->Create(ctx.Name("mlstm.igate_preact.bias"), {s.xl_heads}, ParamKind::kBias)),
+      bf_(ctx.store->Create(ctx.Name("mlstm.fgate_preact.bias"), {s.xl_heads}, ParamKind::kBias)),
+      multihead_norm_(ctx.Sub("mlstm.multihead_norm"), s.xl_v_dim, HeadLayerNorm(s.xl_heads, s.norm_eps)),
+      out_proj_(ctx.Sub("mlstm.out_proj"), s.xl_v_dim, s.d_model, false),
+      norm_ffn_(ctx.Sub("norm_ffn"), s.d_model, RmsNorm(s.norm_eps)),
+      ffn_(ctx.Sub("ffn"), s.d_model, s.ffn_dim, Activation::kSilu) {
+  GYRE_CHECK(heads_ > 0 && qk_dim_ % heads_ == 0 && v_dim_ % heads_ == 0, "xLSTM Large: %ld heads for qk %ld, v %ld",
+             (long)heads_, (long)qk_dim_, (long)v_dim_);
+  GYRE_CHECK(cpu::mlstm_check({1, 1, heads_, qk_dim_ / heads_, v_dim_ / heads_}, CellOptions(chunk_)).ok(),
+             "xLSTM Large: mLSTM shape");
+  GYRE_CHECK(gate_cap_ >= 0, "xLSTM Large: gate soft cap %g", gate_cap_);
+  Rng* rng = ctx.rng;
+  for (Linear* l : {&q_, &k_, &v_, &ogate_, &ffn_.gate(), &ffn_.up()})
+    InitNormal(&l->weight()->value, SmallInitStd(d_), rng);
+  InitNormal(&out_proj_.weight()->value, WangInitStd(d_, n_layers), rng);
+  InitNormal(&ffn_.down().weight()->value, WangInitStd(s.ffn_dim, n_layers), rng);
+  InitConstant(&wi_->value, 0.0);
+  InitConstant(&bi_->value, -10.0);
+  InitConstant(&wf_->value, 0.0);
+  if (ctx.materialized()) {
+    for (int64_t h = 0; h < heads_; ++h)
+      bf_->value.Set(h, heads_ == 1 ? 3.0 : 3.0 + 3.0 * h / (heads_ - 1));  // linspace(3, 6)
+  }
+}
+
+Tensor XlstmLargeBlock::GateForward(const Tensor& u, Parameter* w, Parameter* b) const {
+  Tensor y = LinearForward(u, w->value);
+  DispatchFloat(y.dtype(), [&]<typename T>() {
+    T* p = y.data<T>();
+    const T* bias = b->value.data<T>();
+    for (int64_t r = 0; r < y.rows(); ++r)
+      for (int64_t c = 0; c < heads_; ++c) p[r * heads_ + c] += bias[c];
+  });
+  return y;
+}
+
+Tensor XlstmLargeBlock::GateBackward(const Tensor& u, Parameter* w, Parameter* b, const Tensor& dpre) const {
+  ZeroGradIfStale(b);
+  DispatchFloat(dpre.dtype(), [&]<typename T>() {
+    const T* d = dpre.data<T>();
+    T* gb = b->grad.data<T>();
+    for (int64_t r = 0; r < dpre.rows(); ++r)
+      for (int64_t c = 0; c < heads_; ++c) gb[c] += d[r * heads_ + c];
+  });
+  return LinearBackward(u, w->value, dpre, &w->grad, FirstGradWrite(w));
+}
+
+Tensor XlstmLargeBlock::CapGate(const Tensor& raw) const {
+  return gate_cap_ > 0 ? SoftCap(raw, gate_cap_) : raw.Clone();
+}
+
+Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
+  batch_ = batch;
+  seq_ = seq;
+  if (IsCuda(x)) return ForwardCuda(x, batch, seq);
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  u_ = norm_mlstm_.Forward(x);
+  q_out_ = q_.Forward(u_);
+  k_out_ = k_.Forward(u_);
+  v_out_ = v_.Forward(u_);
+  o_pre_ = ogate_.Forward(u_);
+  ig_raw_ = GateForward(u_, wi_, bi_);
+  fg_raw_ = GateForward(u_, wf_, bf_);
+  ig_ = CapGate(ig_raw_);
+  fg_ = CapGate(fg_raw_);
+  h_ = Tensor::EmptyLike(v_out_);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  saved_ = Tensor::Empty({cpu::mlstm_chunkwise_saved_size({batch, seq, heads_, dk, dv}, options)}, x.dtype());
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq, heads_, dk, dv}, options);
+    const int64_t qk_row = seq * qk_dim_, v_row = seq * v_dim_, g_row = seq * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * v_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_fwd_ref<T>({b1 - b0, seq, heads_, dk, dv}, options, in, {}, h_.data<T>() + b0 * v_row,
+                                      saved_.data<T>() + b0 * saved_row, {});
+    });
+  });
+  hn_ = multihead_norm_.Forward(h_);
+  so_ = Activate(Activation::kSigmoid, o_pre_);
+  Tensor x1 = Add(x, out_proj_.Forward(Mul(hn_, so_)));
+  return Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+}
+
+Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
+  GYRE_CHECK(h_.defined(), "XlstmLargeBlock::Backward without Forward");
+  if (IsCuda(dy)) return BackwardCuda(dy);
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  // y = x1 + FFN(RMSNorm(x1)): the residual path plus the FFN's.
+  Tensor dx1 = Add(dy, norm_ffn_.Backward(ffn_.Backward(dy)));
+  // x1 = x + W_out(hn ⊙ σ(o)).
+  Tensor dgated = out_proj_.Backward(dx1);
+  Tensor dhn = Mul(dgated, so_);
+  Tensor dopre = ActivateBackward(Activation::kSigmoid, o_pre_, Mul(dgated, hn_));
+  Tensor dh = multihead_norm_.Backward(dhn);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  Tensor dq = Tensor::EmptyLike(q_out_), dk_t = Tensor::EmptyLike(k_out_), dv_t = Tensor::EmptyLike(v_out_);
+  Tensor dig = Tensor::EmptyLike(ig_), dfg = Tensor::EmptyLike(fg_);
+  DispatchFloat(dy.dtype(), [&]<typename T>() {
+    const auto slices = BatchSlices(batch_);
+    const int64_t saved_row = cpu::mlstm_chunkwise_saved_size({1, seq_, heads_, dk, dv}, options);
+    const int64_t qk_row = seq_ * qk_dim_, v_row = seq_ * v_dim_, g_row = seq_ * heads_;
+    ParallelFor(static_cast<int64_t>(slices.size()), [&](int64_t i) {
+      const auto [b0, b1] = slices[i];
+      cpu::MlstmInputs<T> in{q_out_.data<T>() + b0 * qk_row, k_out_.data<T>() + b0 * qk_row,
+                             v_out_.data<T>() + b0 * v_row, ig_.data<T>() + b0 * g_row, fg_.data<T>() + b0 * g_row};
+      cpu::MlstmGrads<T> g{dq.data<T>() + b0 * qk_row, dk_t.data<T>() + b0 * qk_row, dv_t.data<T>() + b0 * v_row,
+                           dig.data<T>() + b0 * g_row, dfg.data<T>() + b0 * g_row};
+      cpu::mlstm_chunkwise_bwd_ref<T>({b1 - b0, seq_, heads_, dk, dv}, options, in, {}, h_.data<T>() + b0 * v_row,
+                                      saved_.data<T>() + b0 * saved_row, dh.data<T>() + b0 * v_row, {}, g, {});
+    });
+  });
+  if (gate_cap_ > 0) {
+    dig = SoftCapBackward(ig_raw_, dig, gate_cap_);
+    dfg = SoftCapBackward(fg_raw_, dfg, gate_cap_);
+  }
+  if (g_record_gate_terms) {
+    for (auto [b, d] : {std::pair<Parameter*, const Tensor*>{bi_, &dig}, {bf_, &dfg}}) {
+      Mamba2GradTerms t{b->name, batch_, seq_, heads_, {}};
+      for (int64_t i = 0; i < d->numel(); ++i) t.terms.push_back(d->At(i));
+      GateTerms().push_back(std::move(t));
+    }
+  }
+  // Every projection reads u = RMSNorm(x): their input gradients add up.
+  Tensor du = q_.Backward(dq);
+  AddInPlace(&du, k_.Backward(dk_t));
+  AddInPlace(&du, v_.Backward(dv_t));
+  AddInPlace(&du, ogate_.Backward(dopre));
+  AddInPlace(&du, GateBackward(u_, wi_, bi_, dig));
+  AddInPlace(&du, GateBackward(u_, wf_, bf_, dfg));
+  Tensor dx = Add(dx1, norm_mlstm_.Backward(du));
+  ReleaseActivations();
+  return dx;
+}
+
+void XlstmLargeBlock::ReleaseActivations() {
+  u_ = q_out_ = k_out_ = v_out_ = o_pre_ = ig_raw_ = fg_raw_ = ig_ = fg_ = h_ = saved_ = hn_ = so_ = pre_ = Tensor();
+  norm_mlstm_.ReleaseActivations();
+  for (Linear* l : {&q_, &k_, &v_, &ogate_, &out_proj_}) l->ReleaseActivations();
+  multihead_norm_.ReleaseActivations();
+  norm_ffn_.ReleaseActivations();
+  ffn_.ReleaseActivations();
+}
+
+std::unique_ptr<BlockState> XlstmLargeBlock::NewState(int64_t batch) const {
+  const DType dt = out_proj_.weight()->value.dtype();
+  const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  auto st = std::make_unique<XlstmLargeState>();
+  st->c = Tensor::Zeros({batch, heads_, dk, dv}, dt);
+  st->n = Tensor::Zeros({batch, heads_, dk}, dt);
+  st->m = Tensor::Zeros({batch, heads_}, dt);
+  return st;
+}
+
+Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
+  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA decoding yet (StepChunk runs on the CPU only; "
+                         "training and evaluation run on CUDA)");
+  auto* st = static_cast<XlstmLargeState*>(state);
+  st->cell_history.Clear();
+  const int64_t B = x.rows() / chunk, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  // Row-wise parts once over all chunk·B rows; the cell position by position (the step recurrence).
+  Tensor u = norm_mlstm_.Forward(x);
+  Tensor q = q_.Forward(u), k = k_.Forward(u), v = v_.Forward(u), o = ogate_.Forward(u);
+  Tensor ig = CapGate(GateForward(u, wi_, bi_)), fg = CapGate(GateForward(u, wf_, bf_));
+  Tensor h = Tensor::EmptyLike(v);
+  const cpu::MlstmOptions options = CellOptions(chunk_);
+  DispatchFloat(x.dtype(), [&]<typename T>() {
+    for (int64_t j = 0; j < chunk; ++j) {
+      const int64_t rq = j * B * qk_dim_, rv = j * B * v_dim_, g = j * B * heads_;
+      cpu::mlstm_step_fwd_ref<T>({B, 1, heads_, dk, dv}, options, q.data<T>() + rq, k.data<T>() + rq, v.data<T>() + rv,
+                                 ig.data<T>() + g, fg.data<T>() + g, {st->c.data<T>(), st->n.data<T>(), st->m.data<T>()},
+                                 h.data<T>() + rv);
+      if (rewindable && j + 1 < chunk) st->cell_history.Record({&st->c, &st->n, &st->m});
+    }
+  });
+  Tensor x1 = Add(x, out_proj_.Forward(Mul(multihead_norm_.Forward(h), Activate(Activation::kSigmoid, o))));
+  Tensor y = Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+  ReleaseActivations();
+  return y;
+}
+
+// ---------------------------------------------------------------- CUDA
+
+namespace {
+
+Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
+Tensor CudaBytes(size_t bytes) {
+  return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
+}
+
+// Row-major C [m, n] = op(A) op(B) (+ beta C) on the backend's cuBLASLt; A, B bf16.
+void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
+        void* c, int64_t ldc, bool c_f32, float beta) {
+  if (m == 0 || n == 0) return;
+  CudaGemm g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m; g.n = n; g.k = k;
+  g.a = a; g.lda = lda;
+  g.b = b; g.ldb = ldb;
+  g.c = c; g.ldc = ldc;
+  g.c_f32 = c_f32;
+  g.beta = beta;
+  Cuda().Gemm(g);
+}
+
+}  // namespace
+
+void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
+  GYRE_CHECK(store_->AdjacentSpan({wi_, wf_}, compute, grad),
+             "xLSTM Large: the input and forget gate weights are not adjacent in the flat CUDA store");
+}
+
+Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
+  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  u_ = norm_mlstm_.Forward(x);
+  q_out_ = q_.Forward(u_);
+  k_out_ = k_.Forward(u_);
+  v_out_ = v_.Forward(u_);
+  o_pre_ = ogate_.Forward(u_);
+  // Both gates in one fp32 GEMM, then bias + cap (pre_ keeps the raw pre-activations).
+  Tensor w_if, dw_if;
+  GateSpan(&w_if, &dw_if);
+  pre_ = CudaEmpty({rows, 2 * heads_}, DType::kF32);
+  Mm(false, true, rows, 2 * heads_, d_, u_.raw(), d_, w_if.raw(), d_, pre_.raw(), 2 * heads_, true, 0.f);
+  ig_ = CudaEmpty({rows, heads_}, DType::kF32);
+  fg_ = CudaEmpty({rows, heads_}, DType::kF32);
+  XlstmLargeGateArgs g;
+  g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
+  g.pre = pre_.data<float>(); g.bi = bi_->value.data<float>(); g.bf = bf_->value.data<float>();
+  g.ig = ig_.data<float>(); g.fg = fg_.data<float>();
+  Cuda().XlstmLargeGates(false, g);
+  MlstmCellArgs c;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.sigmoid_forget = true;
+  c.eps = 1e-6;
+  saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
+  h_ = CudaEmpty({rows, v_dim_});
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  Cuda().Mlstm(false, c);
+  hn_ = multihead_norm_.Forward(h_);
+  Tensor gated = CudaEmpty({rows, v_dim_});
+  XlstmLargeOutGateArgs og;
+  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw(); og.y = gated.raw();
+  Cuda().XlstmLargeOutGate(false, og);
+  Tensor x1 = out_proj_.ForwardAdd(gated, x);  // x + out_proj(gated): the add in the GEMM's store
+  return ffn_.ForwardAdd(norm_ffn_.Forward(x1), x1);
+}
+
+Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
+  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
+  Tensor dgated = out_proj_.Backward(dx1);
+  Tensor dhn = CudaEmpty({rows, v_dim_}), dopre = CudaEmpty({rows, v_dim_});
+  XlstmLargeOutGateArgs og;
+  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw();
+  og.dy = dgated.raw(); og.dhn = dhn.raw(); og.d_o = dopre.raw();
+  Cuda().XlstmLargeOutGate(true, og);
+  Tensor dh = multihead_norm_.Backward(dhn);
+  Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
+  Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
+  MlstmCellArgs c;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.sigmoid_forget = true;
+  c.eps = 1e-6;
+  c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
+  c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
+  c.h = h_.raw(); c.saved = saved_.raw();
+  c.dh = dh.raw();
+  c.dq = dq.raw(); c.dk_out = dk_t.raw(); c.dv_out = dv_t.raw();
+  c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
+  Cuda().Mlstm(true, c);
+  // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
+  // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
+  Tensor dpre = CudaEmpty({rows, 2 * heads_});
+  XlstmLargeGateArgs g;
+  g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
+  g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
+  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.overwrite_db = FirstGradWrite({bi_, bf_});
+  Cuda().XlstmLargeGates(true, g);
+  // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
+  // others accumulated in their GEMMs' stores (beta 1), no separate additions. Measured against
+  // four Linear backwards + three bf16 Axpy (session 20, ops/XLSTM_LARGE.md): xlstm-large-bench B4
+  // step 163.5 -> 161.0 ms on an H100; the Axpy path was deleted.
+  Tensor du = CudaEmpty({rows, d_});
+  const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
+  bool first = true;
+  for (const auto& [map, dy_map] : maps) {
+    const int64_t n = map->out();
+    Parameter* w = map->weight();
+    Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
+    first = false;
+    const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
+    if (rows == 0) ZeroGradIfStale(w);
+    Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
+  }
+  Tensor w_if, dw_if;
+  GateSpan(&w_if, &dw_if);
+  Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
+  const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
+  if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+  Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
+     overwrite_dw ? 0.f : 1.f);
+  Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
+  ReleaseActivations();
+  return dx;
+}
+
+void XlstmLargeBlock::Rewind(BlockState* state, int64_t keep) {
+  auto* st = static_cast<XlstmLargeState*>(state);
+  st->cell_history.Restore(keep, {&st->c, &st->n, &st->m});
+}
+
+}  // namespace gyre::ops
