@@ -4,7 +4,7 @@
 //   passkey     passkey retrieval accuracy per prompt length and depth (--self_extend G,W)
 //   generate    prompt -> text: greedy / sampled, or MTP self-speculative (--speculative)
 //   spectrum    LM-head singular values, effective / stable rank, W-error(r), anisotropy
-// and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama only).
+// and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama, Mamba-2).
 // Everything runs on the CPU (fp32). Errors name the file, flag or config field at fault.
 #include <algorithm>
 #include <cstdio>
@@ -456,10 +456,12 @@ int RunEval(int argc, char** argv) {
 namespace gyre::cli {
 
 // `gyre export --run_dir runs/<name> [--step N] [--config PATH] --out DIR`: the checkpoint as
-// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM (eval/export.h;
-// Llama models only).
+// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM or Mamba2ForCausalLM
+// (eval/export.h; xLSTM, hybrids and Mamba-2 with n_groups > 1 are refused with the reason).
 int RunExport(int argc, char** argv) {
-  CLI::App app("export a run's checkpoint as safetensors + config.json (transformers LlamaForCausalLM)", argv[0]);
+  CLI::App app("export a run's checkpoint as safetensors + config.json for transformers: LlamaForCausalLM "
+               "(Llama) or Mamba2ForCausalLM (Mamba-2, n_groups 1); xLSTM and hybrids are refused",
+               argv[0]);
   std::string run_dir, config_path, out_dir;
   int64_t step = -1;
   app.add_option("--run_dir", run_dir, "run directory runs/<name>")->required();
@@ -475,13 +477,13 @@ int RunExport(int argc, char** argv) {
       eval::LoadModelFromRun(Env::Default(), {.run_dir = run_dir, .step = step, .config_path = config_path});
   if (!run.ok()) return Fail("export", run.status());
   const int64_t positions = run->config.data().seq_len() > 0 ? run->config.data().seq_len() : 2048;
-  auto result = eval::ExportHfLlama(Env::Default(), run->model.get(), positions, out_dir);
+  auto result = eval::ExportHf(Env::Default(), run->model.get(), positions, out_dir);
   if (!result.ok()) return Fail("export", result.status());
   std::printf("exported step %lu (%s): %ld tensors -> %s, %s\n", static_cast<unsigned long>(run->step),
               run->checkpoint_dir.c_str(), static_cast<long>(result->tensors), result->safetensors_path.c_str(),
               result->config_path.c_str());
   if (!result->dropped.empty()) {
-    std::printf("left out %zu parameters of MTP heads 2..%ld (no place in LlamaForCausalLM)\n", result->dropped.size(),
+    std::printf("left out %zu parameters of MTP heads 2..%ld (no place in the transformers class)\n", result->dropped.size(),
                 static_cast<long>(run->spec.mtp_heads));
   }
   return 0;

@@ -17,9 +17,9 @@ int64_t DTypeBytes(const std::string& dtype) {
   return it == kSizes.end() ? -1 : it->second;
 }
 
-// The HF name of one of our parameter names, or "" when it has no place in LlamaForCausalLM.
-std::string HfName(const std::string& name) {
-  static const std::vector<std::pair<std::string, std::string>> kInBlock = {
+// The transformers name of one of our parameters, or "" when the family's map has no place for it.
+std::string HfName(ops::Family family, const std::string& name) {
+  static const std::vector<std::pair<std::string, std::string>> kLlamaBlock = {
       {"attn_norm.weight", "input_layernorm.weight"},
       {"attn.q_proj.weight", "self_attn.q_proj.weight"},
       {"attn.k_proj.weight", "self_attn.k_proj.weight"},
@@ -29,16 +29,114 @@ std::string HfName(const std::string& name) {
       {"mlp.gate_proj.weight", "mlp.gate_proj.weight"},
       {"mlp.up_proj.weight", "mlp.up_proj.weight"},
       {"mlp.down_proj.weight", "mlp.down_proj.weight"}};
-  if (name == "embedding.weight") return "model.embed_tokens.weight";
-  if (name == "final_norm.weight") return "model.norm.weight";
+  static const std::vector<std::pair<std::string, std::string>> kMamba2Block = {
+      {"norm.weight", "norm.weight"},
+      {"in_proj.weight", "mixer.in_proj.weight"},
+      {"conv1d.weight", "mixer.conv1d.weight"},
+      {"conv1d.bias", "mixer.conv1d.bias"},
+      {"A_log", "mixer.A_log"},
+      {"dt_bias", "mixer.dt_bias"},
+      {"D", "mixer.D"},
+      {"gated_norm.weight", "mixer.norm.weight"},
+      {"out_proj.weight", "mixer.out_proj.weight"}};
+  const bool mamba2 = family == ops::Family::kMamba2;
+  if (family != ops::Family::kLlama && !mamba2) return "";
+  const std::string base = mamba2 ? "backbone." : "model.";
+  if (name == "embedding.weight") return base + (mamba2 ? "embeddings.weight" : "embed_tokens.weight");
+  if (name == "final_norm.weight") return base + (mamba2 ? "norm_f.weight" : "norm.weight");
   if (name == "lm_head.weight") return "lm_head.weight";
   if (!absl::StartsWith(name, "blocks.")) return "";
   const size_t dot = name.find('.', 7);
   if (dot == std::string::npos) return "";
   const std::string layer = name.substr(7, dot - 7), rest = name.substr(dot + 1);
-  for (const auto& [ours, hf] : kInBlock)
-    if (rest == ours) return absl::StrCat("model.layers.", layer, ".", hf);
+  for (const auto& [ours, hf] : mamba2 ? kMamba2Block : kLlamaBlock)
+    if (rest == ours) return absl::StrCat(base, "layers.", layer, ".", hf);
   return "";
+}
+
+absl::Status Refuse(const ops::ModelSpec& spec, const std::string& why) {
+  return absl::FailedPreconditionError(absl::StrCat(spec.preset, ": ", why));
+}
+
+absl::StatusOr<std::string> LlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
+  for (ops::BlockType b : spec.blocks) {
+    if (b != ops::BlockType::kAttention) {
+      return Refuse(spec, absl::StrCat("a Llama model with a ", ops::BlockTypeName(b),
+                                       " block; only all-attention Llama models are exportable"));
+    }
+  }
+  if (!spec.attn_mlp || spec.attn_qkv_conv != 0 || (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim)) {
+    return Refuse(spec, "attention without MLP, qkv conv or partial rotary has no LlamaForCausalLM equivalent");
+  }
+  nlohmann::ordered_json c;
+  c["architectures"] = {"LlamaForCausalLM"};
+  c["model_type"] = "llama";
+  c["vocab_size"] = spec.vocab_size;
+  c["hidden_size"] = spec.d_model;
+  c["intermediate_size"] = spec.ffn_dim;
+  c["num_hidden_layers"] = spec.n_layers();
+  c["num_attention_heads"] = spec.attn_heads;
+  c["num_key_value_heads"] = spec.attn_kv_heads;
+  c["head_dim"] = spec.attn_head_dim;
+  c["hidden_act"] = "silu";
+  c["max_position_embeddings"] = max_positions;
+  c["rms_norm_eps"] = spec.norm_eps;
+  c["rope_theta"] = spec.rope_theta;
+  c["attention_bias"] = false;
+  c["mlp_bias"] = false;
+  c["tie_word_embeddings"] = spec.tie_embeddings;
+  c["torch_dtype"] = "float32";
+  return c.dump(2) + "\n";
+}
+
+// Mamba2Config fields that Mamba2ForCausalLM's forward reads, plus the dt initialisation range
+// (init only; ours, ops/recurrent_blocks.cc). Left at transformers' defaults on purpose:
+// time_step_limit (0, inf) = no dt clamp, as ours (JSON cannot spell inf), and the token ids.
+absl::StatusOr<std::string> Mamba2ConfigJson(const ops::ModelSpec& spec) {
+  for (ops::BlockType b : spec.blocks) {
+    if (b != ops::BlockType::kMamba2) {
+      return Refuse(spec, absl::StrCat("a hybrid with a ", ops::BlockTypeName(b),
+                                       " layer; transformers' Mamba2ForCausalLM has Mamba-2 mixer layers only"));
+    }
+  }
+  if (spec.ssm_groups != 1) {
+    return Refuse(spec, absl::StrCat("n_groups = ", spec.ssm_groups, " > 1: transformers' Mamba2 gated RMSNorm "
+                                     "(MambaRMSNormGated) normalises over all expand*d_model features, ours per group "
+                                     "of expand*d_model / n_groups (as mamba_ssm's RMSNormGated with group_size); "
+                                     "the exported model would compute something else"));
+  }
+  // Our Mamba-2 blocks' norms use eps 1e-5 (ops/recurrent_blocks.cc), the final norm spec.norm_eps;
+  // transformers has one layer_norm_epsilon for all three.
+  if (spec.norm_eps != 1e-5) {
+    return Refuse(spec, absl::StrCat("norm_eps ", spec.norm_eps, " differs from the blocks' fixed 1e-5; "
+                                     "Mamba2Config has one layer_norm_epsilon"));
+  }
+  const int64_t inner = spec.ssm_expand * spec.d_model;
+  nlohmann::ordered_json c;
+  c["architectures"] = {"Mamba2ForCausalLM"};
+  c["model_type"] = "mamba2";
+  c["vocab_size"] = spec.vocab_size;
+  c["hidden_size"] = spec.d_model;
+  c["num_hidden_layers"] = spec.n_layers();
+  c["expand"] = spec.ssm_expand;
+  c["num_heads"] = inner / spec.ssm_head_dim;
+  c["head_dim"] = spec.ssm_head_dim;
+  c["state_size"] = spec.ssm_state;
+  c["n_groups"] = spec.ssm_groups;
+  c["conv_kernel"] = spec.ssm_conv;
+  c["chunk_size"] = spec.ssm_chunk;
+  c["layer_norm_epsilon"] = spec.norm_eps;
+  c["rms_norm"] = true;
+  c["residual_in_fp32"] = true;
+  c["use_bias"] = false;
+  c["use_conv_bias"] = true;
+  c["hidden_act"] = "silu";
+  c["time_step_min"] = 1e-3;
+  c["time_step_max"] = 0.1;
+  c["time_step_floor"] = 1e-4;
+  c["tie_word_embeddings"] = spec.tie_embeddings;
+  c["torch_dtype"] = "float32";
+  return c.dump(2) + "\n";
 }
 
 }  // namespace
@@ -113,51 +211,28 @@ absl::StatusOr<std::map<std::string, SafetensorsTensor>> DecodeSafetensors(const
   return out;
 }
 
-absl::StatusOr<std::string> HfLlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
-  if (spec.family != ops::Family::kLlama) {
-    return absl::FailedPreconditionError(absl::StrCat("export supports Llama models only; ", spec.preset,
-                                                      " is a Mamba-2 / xLSTM model (transformers' layouts for those are not mapped)"));
+absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
+  switch (spec.family) {
+    case ops::Family::kLlama:
+      return LlamaConfigJson(spec, max_positions);
+    case ops::Family::kMamba2:
+      return Mamba2ConfigJson(spec);
+    case ops::Family::kXlstm:
+      break;
   }
-  for (ops::BlockType b : spec.blocks) {
-    if (b != ops::BlockType::kAttention) {
-      return absl::FailedPreconditionError(absl::StrCat("export: ", spec.preset, " has a ", ops::BlockTypeName(b),
-                                                        " block; only all-attention Llama models are exportable"));
-    }
-  }
-  if (!spec.attn_mlp || spec.attn_qkv_conv != 0 || (spec.attn_rotary_dim != 0 && spec.attn_rotary_dim != spec.attn_head_dim)) {
-    return absl::FailedPreconditionError("export: attention without MLP, qkv conv or partial rotary has no LlamaForCausalLM equivalent");
-  }
-  nlohmann::ordered_json c;
-  c["architectures"] = {"LlamaForCausalLM"};
-  c["model_type"] = "llama";
-  c["vocab_size"] = spec.vocab_size;
-  c["hidden_size"] = spec.d_model;
-  c["intermediate_size"] = spec.ffn_dim;
-  c["num_hidden_layers"] = spec.n_layers();
-  c["num_attention_heads"] = spec.attn_heads;
-  c["num_key_value_heads"] = spec.attn_kv_heads;
-  c["head_dim"] = spec.attn_head_dim;
-  c["hidden_act"] = "silu";
-  c["max_position_embeddings"] = max_positions;
-  c["rms_norm_eps"] = spec.norm_eps;
-  c["rope_theta"] = spec.rope_theta;
-  c["attention_bias"] = false;
-  c["mlp_bias"] = false;
-  c["tie_word_embeddings"] = spec.tie_embeddings;
-  c["torch_dtype"] = "float32";
-  return c.dump(2) + "\n";
+  return Refuse(spec, "transformers' xLSTM (xLSTMForCausalLM) is the xLSTM Large/7B layout (MODELS.md §1.5: "
+                      "post-up-projection mLSTM, no conv, no learnable skip, SwiGLU FFN, soft-capped gates), "
+                      "not our NeurIPS xLSTM blocks; Llama and Mamba-2 models are exportable");
 }
 
-absl::StatusOr<ExportResult> ExportHfLlama(Env* env, ops::LanguageModel* model, int64_t max_positions,
-                                           const std::string& out_dir) {
-  ASSIGN_OR_RETURN(std::string config, HfLlamaConfigJson(model->spec(), max_positions));
-  ExportResult result;
+absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
+                                                                   std::vector<std::string>* dropped) {
   std::map<std::string, SafetensorsTensor> tensors;
   for (ops::Parameter* p : model->params().All()) {
-    const std::string hf = HfName(p->name);
+    const std::string hf = HfName(model->spec().family, p->name);
     if (hf.empty()) {
       if (absl::StartsWith(p->name, "mtp_heads.")) {
-        result.dropped.push_back(p->name);
+        dropped->push_back(p->name);
         continue;
       }
       return absl::InternalError(absl::StrCat("export: no transformers name for parameter ", p->name));
@@ -165,9 +240,19 @@ absl::StatusOr<ExportResult> ExportHfLlama(Env* env, ops::LanguageModel* model, 
     const ops::Tensor host = p->value.device() == ops::Device::kCpu ? p->value : p->value.ToDevice(ops::Device::kCpu);
     const ops::Tensor f32 = host.dtype() == ops::DType::kF32 ? host : host.To(ops::DType::kF32);
     SafetensorsTensor t{.dtype = "F32", .shape = f32.shape()};
+    // nn.Conv1d(groups = channels) keeps a singleton in-channel axis: [C, K] -> [C, 1, K].
+    if (absl::EndsWith(hf, ".mixer.conv1d.weight")) t.shape = {t.shape[0], 1, t.shape[1]};
     t.bytes.assign(static_cast<const char*>(f32.raw()), f32.nbytes());
     tensors[hf] = std::move(t);
   }
+  return tensors;
+}
+
+absl::StatusOr<ExportResult> ExportHf(Env* env, ops::LanguageModel* model, int64_t max_positions,
+                                      const std::string& out_dir) {
+  ASSIGN_OR_RETURN(std::string config, HfConfigJson(model->spec(), max_positions));
+  ExportResult result;
+  ASSIGN_OR_RETURN(auto tensors, HfTensors(model, &result.dropped));
   result.tensors = static_cast<int64_t>(tensors.size());
   RETURN_IF_ERROR(env->CreateDirs(out_dir));
   result.safetensors_path = out_dir + "/model.safetensors";

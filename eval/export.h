@@ -1,18 +1,32 @@
-// Export of a Llama checkpoint to the Hugging Face layout: `model.safetensors` + `config.json`
-// (LlamaForCausalLM), so transformers' `AutoModelForCausalLM.from_pretrained(dir)` loads it.
+// Export of a checkpoint to the Hugging Face layout: `model.safetensors` + `config.json`, so
+// transformers' `AutoModelForCausalLM.from_pretrained(dir)` loads it as LlamaForCausalLM or
+// Mamba2ForCausalLM (the spec's family picks). Checked in transformers itself: tools/hf_check/.
 //
-// Scope: Llama-family specs whose blocks are all plain Llama blocks (RMSNorm, GQA attention with
-// full rotate-half RoPE — the same pairing as transformers' Llama —, SwiGLU MLP, no biases).
-// Mamba-2 / xLSTM / hybrids, partial rotary or qkv-conv attention are refused with the reason:
-// transformers' Mamba2 and xLSTM layouts are not mapped (yet). With MTP heads, the exported model
-// is the next-token model (trunk + head 1, which is named like the ordinary last layer); the
-// extra heads have no place in LlamaForCausalLM and are left out (reported in `dropped`).
+// Exportable: (a) Llama specs whose blocks are all plain Llama blocks (RMSNorm, GQA attention with
+// full rotate-half RoPE, the pairing of transformers' Llama, SwiGLU MLP, no biases); (b) Mamba-2
+// specs whose blocks are all Mamba-2 blocks with n_groups = 1 (every state-spaces/mamba2 preset).
+// Refused with the reason (FailedPrecondition):
+//   - xLSTM: transformers' xLSTM is the xLSTM Large/7B layout (MODELS.md §1.5: post-up-projection
+//     mLSTM, no conv, no learnable skip, SwiGLU FFN, soft-capped gates), not our NeurIPS block;
+//   - hybrids (Mamba-2 with attention layers): Mamba2ForCausalLM has Mamba-2 mixers only;
+//   - Mamba-2 with n_groups > 1: transformers' gated RMSNorm (MambaRMSNormGated) normalises over
+//     all expand*d_model features, ours per group of expand*d_model / n_groups (as mamba_ssm's
+//     RMSNormGated(group_size = d_inner / ngroups)); B and C would map, the norm would not;
+//   - Llama with partial rotary, qkv conv or no MLP (the hybrids' attention mixer).
+// With MTP heads, the exported model is the next-token model (trunk + head 1, which is named like
+// the ordinary last layer); heads 2..n have no place in either class and are left out (`dropped`).
 //
-// Name map: embedding.weight -> model.embed_tokens.weight; blocks.i.attn_norm -> model.layers.i.
-// input_layernorm; blocks.i.attn.{q,k,v,o}_proj -> model.layers.i.self_attn.*; blocks.i.mlp_norm
-// -> model.layers.i.post_attention_layernorm; blocks.i.mlp.{gate,up,down}_proj -> model.layers.i.
-// mlp.*; final_norm -> model.norm; lm_head -> lm_head (absent when tied). Linear weights are
-// [out, in] on both sides; tensors are written as F32.
+// Name maps (linear weights [out, in] on both sides; tensors written as F32):
+//   Llama: embedding.weight -> model.embed_tokens.weight; blocks.i.attn_norm -> model.layers.i.
+//     input_layernorm; blocks.i.attn.{q,k,v,o}_proj -> model.layers.i.self_attn.*; blocks.i.
+//     mlp_norm -> model.layers.i.post_attention_layernorm; blocks.i.mlp.{gate,up,down}_proj ->
+//     model.layers.i.mlp.*; final_norm -> model.norm; lm_head -> lm_head (absent when tied).
+//   Mamba-2: embedding.weight -> backbone.embeddings.weight; blocks.i.norm -> backbone.layers.i.
+//     norm; blocks.i.{in_proj, out_proj, A_log, dt_bias, D, conv1d.bias} -> backbone.layers.i.
+//     mixer.* (in_proj rows [z | x | B | C | dt] in both); blocks.i.conv1d.weight [C, K] ->
+//     mixer.conv1d.weight [C, 1, K] (nn.Conv1d depthwise, same bytes, same tap order: y_t =
+//     b + sum_j w_j x_{t-(K-1)+j}); blocks.i.gated_norm -> mixer.norm (y * SiLU(z), then RMSNorm,
+//     in both); final_norm -> backbone.norm_f; lm_head -> lm_head (absent when tied).
 //
 // safetensors format (huggingface/safetensors README): u64 little-endian header size N, N bytes
 // of UTF-8 JSON {name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {...}}
@@ -54,11 +68,18 @@ struct ExportResult {
 };
 
 // The transformers config.json of a spec (FailedPrecondition naming the reason when the spec is
-// not exportable). `max_positions`: max_position_embeddings (the training seq_len).
-absl::StatusOr<std::string> HfLlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions);
+// not exportable). `max_positions`: Llama's max_position_embeddings (the training seq_len);
+// Mamba2Config has no such field.
+absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions);
+
+// The model's parameters under their transformers names (F32, transformers' shapes); MTP heads
+// 2..n go to `dropped`. Checks names only, not exportability (HfConfigJson does): InternalError
+// for a parameter without a name in the family's map (an xLSTM block).
+absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
+                                                                   std::vector<std::string>* dropped);
 
 // Writes <out_dir>/model.safetensors and <out_dir>/config.json (atomically, through `env`).
-absl::StatusOr<ExportResult> ExportHfLlama(Env* env, ops::LanguageModel* model, int64_t max_positions,
-                                           const std::string& out_dir);
+absl::StatusOr<ExportResult> ExportHf(Env* env, ops::LanguageModel* model, int64_t max_positions,
+                                      const std::string& out_dir);
 
 }  // namespace gyre::eval

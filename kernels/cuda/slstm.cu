@@ -187,6 +187,50 @@ __device__ __forceinline__ float FastTanh(float x) {  // tanh.approx: max relati
   return y;
 }
 
+// One unit's sLSTM cell backward at a step (kernels/cpu/slstm.cc slstm_bwd_ref), shared by the
+// cluster and partial backward kernels (SlstmBwdKernel keeps its copy, see there): from the
+// pre-activations (i, f, z, o), the state before the step (cp, np, mp), the step's c_t, n_t, the
+// incoming gradient gh + dh_in and the carried gc, gn, gm: the pre-activation gradients d_i, d_f,
+// d_z, d_o, and g_c, g_n, fp, g_lf, from which the caller carries gc = g_c·fp, gn = g_n·fp,
+// gm = g_lf to the step before (after its stores, as before the fold). kFast: the partial
+// kernel's __expf and tanh.approx-based sigmoids (tanh stays precise: d_z uses 1 − tz², which
+// cancels near |tz| = 1).
+struct CellGrad {
+  float d_i, d_f, d_z, d_o;
+  float g_c, g_n, fp, g_lf;
+};
+template <bool kFast>
+__device__ __forceinline__ CellGrad CellBackward(const float (&pre)[4], float cp, float np, float mp, float c_t,
+                                                 float n_t, float gh, float dh_in, float gc, float gn, float gm) {
+  const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
+  const float lf = (kFast ? FastLogSigmoid(f_raw) : LogSigmoid(f_raw)) + mp;
+  const bool from_input = np == 0.f || i_raw >= lf;
+  const float m_new = from_input ? i_raw : lf;
+  const float ip = from_input ? 1.f : fminf(kFast ? __expf(i_raw - m_new) : expf(i_raw - m_new), 1.f);
+  const float fp = from_input ? fminf(kFast ? __expf(lf - m_new) : expf(lf - m_new), 1.f) : 1.f;
+  const float tz = tanhf(z_raw);
+  const float so = kFast ? FastSigmoid(o_raw) : Sigmoid(o_raw);
+  const float g_h = gh + dh_in;
+  CellGrad r;
+  r.d_o = g_h * (c_t / n_t) * so * (1.f - so);
+  r.g_c = gc + g_h * so / n_t;
+  r.g_n = gn - g_h * so * c_t / (n_t * n_t);
+  const float g_fp = r.g_c * cp + r.g_n * np;
+  const float g_ip = r.g_c * tz + r.g_n;
+  r.d_z = r.g_c * ip * (1.f - tz * tz);
+  r.d_i = g_ip * ip;
+  r.g_lf = g_fp * fp;
+  const float g_m = gm - g_ip * ip - g_fp * fp;
+  if (from_input) {
+    r.d_i += g_m;
+  } else {
+    r.g_lf += g_m;
+  }
+  r.d_f = r.g_lf * (kFast ? FastSigmoid(-f_raw) : Sigmoid(-f_raw));
+  r.fp = fp;
+  return r;
+}
+
 // ------------------------------------------------------------------ forward
 
 // NT: MMA n-tiles of 8 batch rows (batch slice 8·NT); KF: K-tiles (of 16) per warp.
@@ -351,6 +395,31 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmFwdKernel(FwdParams p) {
 
 // ------------------------------------------------------------------ backward
 
+// The backward's loads of one (row b, unit col) at step t: the saved pre-activations and the
+// incoming dh, and the state before the step (the saved c, n, m of step t − 1, the initial state
+// at t = 0, or zeros). sd: floats of one saved row (kSavedRows · d).
+__device__ __forceinline__ void LoadBwdStep(const BwdParams& p, int b, int col, int S, int d, int64_t sd, int t,
+                                            float (&pre)[4], float& dh_in, float& cp, float& np, float& mp) {
+  const int64_t row = static_cast<int64_t>(b) * S + t;
+  const float* sv = p.saved + row * sd + col;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
+  dh_in = __bfloat162float(p.dh[row * d + col]);
+  if (t > 0) {
+    cp = sv[-sd + 4 * d];
+    np = sv[-sd + 5 * d];
+    mp = sv[-sd + 6 * d];
+  } else if (p.c0 != nullptr) {
+    const int64_t i = static_cast<int64_t>(b) * d + col;
+    cp = p.c0[i];
+    np = p.n0[i];
+    mp = p.m0[i];
+  } else {
+    cp = np = mp = 0.f;
+  }
+}
+
+
 // KB: K-tiles (of 16 over the 4·dh gate rows) per warp.
 template <int NT, int KB>
 __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
@@ -399,23 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
   float cp = 0.f, np = 0.f, mp = 0.f;  // c, n, m at t − 1 (or the initial state)
   // The values step t needs beyond c_t, n_t.
   auto load_step = [&](int t) {
-    const int64_t row = static_cast<int64_t>(b) * S + t;
-    const float* sv = p.saved + row * sd + col;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
-    dh_in = __bfloat162float(p.dh[row * d + col]);
-    if (t > 0) {
-      cp = sv[-sd + 4 * d];
-      np = sv[-sd + 5 * d];
-      mp = sv[-sd + 6 * d];
-    } else if (p.c0 != nullptr) {
-      const int64_t i = static_cast<int64_t>(b) * d + col;
-      cp = p.c0[i];
-      np = p.n0[i];
-      mp = p.m0[i];
-    } else {
-      cp = np = mp = 0.f;
-    }
+    LoadBwdStep(p, b, col, S, d, sd, t, pre, dh_in, cp, np, mp);
   };
   if (active) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
@@ -485,7 +538,8 @@ __global__ void __launch_bounds__(kThreads, 1) SlstmBwdKernel(BwdParams p) {
     if (t < 0) break;
 
     if (active) {
-      // kernels/cpu/slstm.cc slstm_bwd_ref, one unit.
+      // kernels/cpu/slstm.cc slstm_bwd_ref, one unit. (CellBackward's math; folded, this kernel's
+      // PTX binds the loop-carried registers in another order, so it keeps its copy.)
       const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
       const float lf = LogSigmoid(f_raw) + mp;
       const bool from_input = np == 0.f || i_raw >= lf;
@@ -616,6 +670,24 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
+
+// The start of a cluster kernel's step exchange: thread 0 (when `use`) initialises the two
+// exchange mbarriers and arms the first two receiving steps (of the steps up to `last`) with
+// step_bytes each, mbar[first] first; then the block and the cluster sync, so every CTA of the
+// cluster is running (and its mbarriers exist) before any DSMEM store.
+__device__ __forceinline__ void InitExchange(uint64_t (&mbar)[2], bool use, int last, unsigned step_bytes,
+                                             int first) {
+  if (use && threadIdx.x == 0) {
+    MbarInit(&mbar[0], 1);
+    MbarInit(&mbar[1], 1);
+    MbarInitFence();
+    if (last >= 1) MbarArm(&mbar[first], step_bytes);
+    if (last >= 2) MbarArm(&mbar[first ^ 1], step_bytes);
+  }
+  __syncthreads();
+  ClusterSync();
+}
+
 // 16 bytes (`v`) to the same-offset address of `dst_local` in CTA `rank`, counted onto that
 // CTA's mbarrier at the offset of `bar_local`.
 __device__ __forceinline__ void StoreAsync16(const void* dst_local, const uint64_t* bar_local,
@@ -739,16 +811,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmFwdClusterKernel(FwdParams p) 
     hbuf[0][row][k] = __float2bfloat16_rn(v);
   }
   const unsigned step_bytes = 16u * static_cast<unsigned>(dh);  // 8 rows × dh bf16
-  if (kAsync && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);  // h_0, read at t = 1
-    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);  // h_1, read at t = 2
-  }
-  __syncthreads();
-  ClusterSync();  // every CTA of the cluster is running (and its mbarriers exist) before any DSMEM
-                  // store
+  InitExchange(mbar, kAsync, S - 1, step_bytes, 1);  // h_0 into mbar[1] (read at t = 1), h_1 into [0]
 
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;
@@ -932,23 +995,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   float pre[4] = {0.f, 0.f, 0.f, 0.f}, dh_in = 0.f;
   float cp = 0.f, np = 0.f, mp = 0.f;
   auto load_step = [&](int t) {
-    const int64_t row = static_cast<int64_t>(b) * S + t;
-    const float* sv = p.saved + row * sd + col;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) pre[g] = sv[g * d];
-    dh_in = __bfloat162float(p.dh[row * d + col]);
-    if (t > 0) {
-      cp = sv[-sd + 4 * d];
-      np = sv[-sd + 5 * d];
-      mp = sv[-sd + 6 * d];
-    } else if (p.c0 != nullptr) {
-      const int64_t i = static_cast<int64_t>(b) * d + col;
-      cp = p.c0[i];
-      np = p.n0[i];
-      mp = p.m0[i];
-    } else {
-      cp = np = mp = 0.f;
-    }
+    LoadBwdStep(p, b, col, S, d, sd, t, pre, dh_in, cp, np, mp);
   };
   if (active) {
     const int64_t i = static_cast<int64_t>(b) * d + col;
@@ -968,15 +1015,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
   const int t_end = need_dh0 ? -1 : 0;
   const int s_last = S - 1 - t_end;                             // last loop iteration
   const unsigned step_bytes = 64u * static_cast<unsigned>(dh);  // 8 rows × 4·dh bf16
-  if (kAsync && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);  // dG of iteration 0, read at iteration 1
-    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, kAsync, s_last, step_bytes, 0);  // dG of iteration 0 into mbar[0], read at 1
 
   for (int t = S - 1; t >= t_end; --t) {
     const int s = S - 1 - t;  // steps done so far
@@ -1012,41 +1051,18 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdClusterKernel(BwdParams p) 
     if (t < 0) break;
 
     if (active) {
-      const float i_raw = pre[0], f_raw = pre[1], z_raw = pre[2], o_raw = pre[3];
-      const float lf = LogSigmoid(f_raw) + mp;
-      const bool from_input = np == 0.f || i_raw >= lf;
-      const float m_new = from_input ? i_raw : lf;
-      const float ip = from_input ? 1.f : fminf(expf(i_raw - m_new), 1.f);
-      const float fp = from_input ? fminf(expf(lf - m_new), 1.f) : 1.f;
-      const float tz = tanhf(z_raw);
-      const float so = Sigmoid(o_raw);
-      const float g_h = gh + dh_in;
-      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
-      const float g_c = gc + g_h * so / n_t;
-      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
-      const float g_fp = g_c * cp + g_n * np;
-      const float g_ip = g_c * tz + g_n;
-      const float d_z = g_c * ip * (1.f - tz * tz);
-      float d_i = g_ip * ip;
-      float g_lf = g_fp * fp;
-      const float g_m = gm - g_ip * ip - g_fp * fp;
-      if (from_input) {
-        d_i += g_m;
-      } else {
-        g_lf += g_m;
-      }
-      const float d_f = g_lf * Sigmoid(-f_raw);
-      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
-                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      const CellGrad cg = CellBackward<false>(pre, cp, np, mp, c_t, n_t, gh, dh_in, gc, gn, gm);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(cg.d_i), __float2bfloat16_rn(cg.d_f),
+                                    __float2bfloat16_rn(cg.d_z), __float2bfloat16_rn(cg.d_o)};
       __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         dg[g * d] = dgs[g];
         gst[bl][g][u] = dgs[g];
       }
-      gc = g_c * fp;
-      gn = g_n * fp;
-      gm = g_lf;
+      gc = cg.g_c * cg.fp;
+      gn = cg.g_n * cg.fp;
+      gm = cg.g_lf;
       c_t = cp;
       n_t = np;
       if (t > 0) load_step(t - 1);
@@ -1210,15 +1226,7 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
   const int t_end = need_dh0 ? -1 : 0;
   const int s_last = S - 1 - t_end;
   const unsigned step_bytes = 32u * static_cast<unsigned>(dh);  // C senders × U units × 8 rows fp32
-  if (threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (s_last >= 1) MbarArm(&mbar[0], step_bytes);
-    if (s_last >= 2) MbarArm(&mbar[1], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, true, s_last, step_bytes, 0);
 
   for (int t = S - 1; t >= t_end; --t) {
     const int s = S - 1 - t;
@@ -1239,45 +1247,22 @@ __global__ void __launch_bounds__(U * 16, 1) SlstmBwdPartialKernel(BwdParams p) 
 
     const int par = s & 1;
     if (active) {
-      const float i_raw = cur.pre[0], f_raw = cur.pre[1], z_raw = cur.pre[2], o_raw = cur.pre[3];
       const bool zero_prev = kLate && cur.zero_prev;
       const float cp = zero_prev ? 0.f : cur.cp, np = zero_prev ? 0.f : cur.np,
                   mp = zero_prev ? 0.f : cur.mp;
       const float dh_in = kLate ? Bf16BitsToFloat(cur.dh_bits) : cur.dh_in;
-      const float lf = FastLogSigmoid(f_raw) + mp;
-      const bool from_input = np == 0.f || i_raw >= lf;
-      const float m_new = from_input ? i_raw : lf;
-      const float ip = from_input ? 1.f : fminf(__expf(i_raw - m_new), 1.f);
-      const float fp = from_input ? fminf(__expf(lf - m_new), 1.f) : 1.f;
-      const float tz = tanhf(z_raw);  // precise: d_z uses 1 − tz², which cancels near |tz| = 1
-      const float so = FastSigmoid(o_raw);
-      const float g_h = gh + dh_in;
-      const float d_o = g_h * (c_t / n_t) * so * (1.f - so);
-      const float g_c = gc + g_h * so / n_t;
-      const float g_n = gn - g_h * so * c_t / (n_t * n_t);
-      const float g_fp = g_c * cp + g_n * np;
-      const float g_ip = g_c * tz + g_n;
-      const float d_z = g_c * ip * (1.f - tz * tz);
-      float d_i = g_ip * ip;
-      float g_lf = g_fp * fp;
-      const float g_m = gm - g_ip * ip - g_fp * fp;
-      if (from_input) {
-        d_i += g_m;
-      } else {
-        g_lf += g_m;
-      }
-      const float d_f = g_lf * FastSigmoid(-f_raw);
-      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(d_i), __float2bfloat16_rn(d_f),
-                                    __float2bfloat16_rn(d_z), __float2bfloat16_rn(d_o)};
+      const CellGrad cg = CellBackward<true>(cur.pre, cp, np, mp, c_t, n_t, gh, dh_in, gc, gn, gm);
+      const __nv_bfloat16 dgs[4] = {__float2bfloat16_rn(cg.d_i), __float2bfloat16_rn(cg.d_f),
+                                    __float2bfloat16_rn(cg.d_z), __float2bfloat16_rn(cg.d_o)};
       __nv_bfloat16* dg = p.d_gx + (static_cast<int64_t>(b) * S + t) * 4 * d + col;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         dg[g * d] = dgs[g];
         gloc[par][bl][g * U + u] = dgs[g];
       }
-      gc = g_c * fp;
-      gn = g_n * fp;
-      gm = g_lf;
+      gc = cg.g_c * cg.fp;
+      gn = cg.g_n * cg.fp;
+      gm = cg.g_lf;
       c_t = cp;
       n_t = np;
       cur = nxt;
@@ -1358,15 +1343,7 @@ __global__ void __launch_bounds__(512, 1) SlstmExchangeProbeKernel(int steps, in
   const int chunks_per_dest = bytes_per_dest / 16;
   const unsigned step_bytes = cluster_size * static_cast<unsigned>(bytes_per_dest);
   const int S = steps;
-  if (!kBarrier && threadIdx.x == 0) {
-    MbarInit(&mbar[0], 1);
-    MbarInit(&mbar[1], 1);
-    MbarInitFence();
-    if (S - 1 >= 1) MbarArm(&mbar[1], step_bytes);
-    if (S - 1 >= 2) MbarArm(&mbar[0], step_bytes);
-  }
-  __syncthreads();
-  ClusterSync();
+  InitExchange(mbar, !kBarrier, S - 1, step_bytes, 1);
   uint4 v = make_uint4(threadIdx.x, rank, 0u, 0u);
   for (int t = 0; t < S; ++t) {
     const int par = t & 1;

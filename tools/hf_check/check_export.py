@@ -1,0 +1,124 @@
+"""Loads `gyre export` directories in transformers itself and compares its logits with ours.
+
+Each directory holds model.safetensors + config.json (eval/export.h) and gyre_logits.json (our
+logits of a few token sequences, written by make_exports.cc from ops::LanguageModel::Logits).
+For each directory: AutoModelForCausalLM.from_pretrained(dir, dtype=float32) on the CPU (no TF32,
+no fused kernels: for Mamba-2 this is transformers' torch_forward, the chunked SSD), with the
+loading report (missing / unexpected / mismatched keys must all be empty), then the logits of
+every saved sequence against ours: max |ours - theirs| / max |theirs|. For Mamba-2 a negative
+control (z and x rows of one in_proj swapped) must fail the same comparison.
+
+Tolerance (fp32 against fp32, different summation orders, a few layers): 1e-4 relative. A wrong
+name, shape, gate order, B/C grouping or conv tap order moves logits by O(1) relative. The same
+forward again after model.double() shows how much of the gap is our fp32 rounding (transformers'
+Mamba-2 torch_forward casts x, B, C and the gated norm to float32 even then).
+
+usage: python3 check_export.py DIR [DIR ...]     (exit status 1 if any check fails)
+"""
+import copy
+import inspect
+import json
+import os
+import sys
+import time
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+TOLERANCE = 1e-4
+
+
+def load(path):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, output_loading_info=True)
+
+
+def relative_error(ours, theirs):
+    return (ours - theirs).abs().max().item() / theirs.abs().max().item()
+
+
+def check(path):
+    rows = []
+    saved = json.load(open(os.path.join(path, "gyre_logits.json")))
+    config = json.load(open(os.path.join(path, "config.json")))
+    model, info = load(path)
+    model.eval()
+    # A tied head has no lm_head.weight in the file; transformers ties it to the embedding.
+    allowed = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    problems = {k: [x for x in v if x not in allowed] for k, v in info.items() if v}
+    problems = {k: v for k, v in problems.items() if v}
+    print(f"== {saved['case']}: {type(model).__name__} ({config['architectures'][0]}), {saved['model']}")
+    print(f"   trained {saved['train_steps']} steps, loss {saved['first_loss']:.4f} -> {saved['last_loss']:.4f}")
+    print(f"   loading report: {info}")
+    if config["model_type"] == "mamba2":
+        module = sys.modules[type(model).__module__]
+        fast = getattr(module, "is_fast_path_available", None)
+        norm_src = inspect.getsource(module.MambaRMSNormGated.forward)
+        print(f"   mamba2 fast path available: {fast}; MambaRMSNormGated groups its norm: {'group' in norm_src}")
+    try:  # transformers' Mamba-2 torch_forward casts parts to float32 even then: "fp64" is mostly fp64
+        double = copy.deepcopy(model).double().eval()
+    except Exception as e:
+        print(f"   no float64 copy: {type(e).__name__}: {e}")
+        double = None
+    for seq in saved["sequences"]:
+        ids = torch.tensor([seq["ids"]], dtype=torch.long)
+        ours = torch.tensor(seq["logits"], dtype=torch.float64)
+        with torch.no_grad():
+            theirs = model(input_ids=ids, use_cache=False).logits[0].to(torch.float64)
+            try:
+                theirs64 = double(input_ids=ids, use_cache=False).logits[0].to(torch.float64)
+            except Exception as e:
+                print(f"   float64 forward failed: {type(e).__name__}: {e}")
+                theirs64 = torch.full_like(theirs, float("nan"))
+        if ours.shape != theirs.shape:
+            print(f"   T={len(seq['ids'])}: shape {tuple(ours.shape)} (ours) vs {tuple(theirs.shape)} -> FAIL")
+            rows.append((saved["case"], len(seq["ids"]), float("nan"), float("nan"), float("nan"), False))
+            continue
+        err, err64 = relative_error(ours, theirs), relative_error(ours, theirs64)
+        abs_err = (ours - theirs).abs().max().item()
+        argmax = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        ok = err <= TOLERANCE and not problems
+        print(f"   T={len(seq['ids']):3d}: max abs {abs_err:.3e}, rel {err:.3e} (vs transformers .double(): {err64:.3e}), "
+              f"argmax agree {argmax:.3f} -> {'PASS' if ok else 'FAIL'}")
+        rows.append((saved["case"], len(seq["ids"]), abs_err, err, err64, ok))
+    if config["model_type"] == "mamba2":
+        # Negative control: the same check on a copy whose layer-0 in_proj has its z and x row blocks
+        # swapped (a wrong [z | x | B | C | dt] order) must miss by far more than the tolerance.
+        bad = copy.deepcopy(model)
+        inner = config["expand"] * config["hidden_size"]
+        with torch.no_grad():
+            w = bad.backbone.layers[0].mixer.in_proj.weight
+            w[: 2 * inner] = torch.cat([w[inner : 2 * inner].clone(), w[:inner].clone()])
+            seq = saved["sequences"][0]
+            theirs = bad(input_ids=torch.tensor([seq["ids"]]), use_cache=False).logits[0].to(torch.float64)
+        err = relative_error(torch.tensor(seq["logits"], dtype=torch.float64), theirs)
+        print(f"   negative control (z/x swapped in layer 0): rel {err:.3e} -> {'detected' if err > TOLERANCE else 'MISSED'}")
+        rows.append((saved["case"] + " control", len(seq["ids"]), float("nan"), err, float("nan"), err > TOLERANCE))
+    return rows
+
+
+def main():
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, tolerance {TOLERANCE:g} relative (fp32)")
+    start = time.time()
+    rows = []
+    for path in sys.argv[1:]:
+        try:
+            rows += check(path)
+        except Exception as e:  # report and go on to the next export
+            print(f"== {path}: ERROR {type(e).__name__}: {e}")
+            rows.append((os.path.basename(path), 0, float("nan"), float("nan"), float("nan"), False))
+    print(f"\n{time.time() - start:.1f} s")
+    print(f"{'case':<28} {'T':>3} {'max abs':>10} {'rel fp32':>10} {'rel f64':>10}  result")
+    for case, t, a, r, r64, ok in rows:
+        print(f"{case:<28} {t:>3} {a:>10.3e} {r:>10.3e} {r64:>10.3e}  {'PASS' if ok else 'FAIL'}")
+    passed = sum(ok for *_, ok in rows)
+    print(f"{passed}/{len(rows)} PASS")
+    return 0 if rows and passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
