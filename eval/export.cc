@@ -43,9 +43,9 @@ std::string HfName(ops::Family family, const std::string& name) {
   // xLSTM Large (transformers' "single" weight mode); our FFN is the GatedMlp shared with Llama.
   static const std::vector<std::pair<std::string, std::string>> kXlstmLargeBlock = {
       {"norm_mlstm.weight", "norm_mlstm.weight"},
-      {"mlstm.q.weight", "mlstm_layer.query.weight"},
-      {"mlstm.k.weight", "mlstm_layer.key.weight"},
-      {"mlstm.v.weight", "mlstm_layer.value.weight"},
+      {"mlstm.q.weight", "mlstm_layer.q.weight"},
+      {"mlstm.k.weight", "mlstm_layer.k.weight"},
+      {"mlstm.v.weight", "mlstm_layer.v.weight"},
       {"mlstm.ogate_preact.weight", "mlstm_layer.ogate_preact.weight"},
       {"mlstm.igate_preact.weight", "mlstm_layer.igate_preact.weight"},
       {"mlstm.igate_preact.bias", "mlstm_layer.igate_preact.bias"},

@@ -33,7 +33,8 @@
 //     in both); final_norm -> backbone.norm_f; lm_head -> lm_head (absent when tied).
 //   xLSTM Large ("single" weight mode): embedding.weight -> backbone.embeddings.weight;
 //     blocks.i.norm_mlstm -> backbone.blocks.i.norm_mlstm; blocks.i.mlstm.{q, k, v} ->
-//     backbone.blocks.i.mlstm_layer.{query, key, value}; blocks.i.mlstm.{ogate_preact,
+//     backbone.blocks.i.mlstm_layer.{q, k, v} (5.17; older 5.x
+//     source spelled them query/key/value); blocks.i.mlstm.{ogate_preact,
 //     igate_preact (weight, bias), fgate_preact (weight, bias), multihead_norm, out_proj} ->
 //     backbone.blocks.i.mlstm_layer.* (same names); blocks.i.norm_ffn -> backbone.blocks.i.norm_ffn;
 //     blocks.i.ffn.{gate_proj, up_proj, down_proj} -> backbone.blocks.i.ffn.{proj_up_gate, proj_up,

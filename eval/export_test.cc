@@ -250,7 +250,7 @@ class HfMamba2Reference {
 // transformers' xLSTMForCausalLM forward (modeling_xlstm.py, the native PyTorch backend, "single"
 // weight mode), written from the exported files alone in float64: it knows nothing about ops/.
 // Per block: x += out_proj( sigmoid(ogate_preact(u)) * MultiHeadLayerNorm(mLSTM(q, k, v, ĩ, f̃)) ),
-// u = RMSNorm(x) (x * rsqrt(mean x² + norm_eps) * weight); q, k, v = query/key/value(u) split into
+// u = RMSNorm(x) (x * rsqrt(mean x² + norm_eps) * weight); q, k, v = mlstm_layer.q/k/v(u) split into
 // num_heads contiguous slices; ĩ, f̃ = soft_cap(igate/fgate_preact(u) incl. bias, gate_soft_cap);
 // then x += proj_down( SiLU(proj_up_gate(u')) * proj_up(u') ), u' = RMSNorm(x). After the blocks
 // out_norm, lm_head, soft_cap(logits, output_logit_soft_cap). The cell runs as transformers'
@@ -284,9 +284,9 @@ class HfXlstmLargeReference {
       const std::string p = "backbone.blocks." + std::to_string(l) + ".";
       const std::string m = p + "mlstm_layer.";
       std::vector<double> u = Norm(h, F64(w_, p + "norm_mlstm.weight"), d, 1, false, norm_eps);
-      std::vector<double> q = Linear(u, F64(w_, m + "query.weight"), T, d, qk);
-      std::vector<double> k = Linear(u, F64(w_, m + "key.weight"), T, d, qk);
-      std::vector<double> v = Linear(u, F64(w_, m + "value.weight"), T, d, vd);
+      std::vector<double> q = Linear(u, F64(w_, m + "q.weight"), T, d, qk);
+      std::vector<double> k = Linear(u, F64(w_, m + "k.weight"), T, d, qk);
+      std::vector<double> v = Linear(u, F64(w_, m + "v.weight"), T, d, vd);
       std::vector<double> o = Linear(u, F64(w_, m + "ogate_preact.weight"), T, d, vd);
       std::vector<double> ig = Gate(u, m + "igate_preact", T, d, H, gate_cap);
       std::vector<double> fg = Gate(u, m + "fgate_preact", T, d, H, gate_cap);
@@ -441,7 +441,7 @@ void ExpectExportMatchesReference(const ops::ModelSpec& spec, const std::string&
     const int64_t d = spec.d_model;
     EXPECT_EQ(static_cast<int64_t>(d * static_cast<double>(config["qk_dim_factor"])), spec.xl_qk_dim);
     EXPECT_EQ(static_cast<int64_t>(d * static_cast<double>(config["v_dim_factor"])), spec.xl_v_dim);
-    EXPECT_EQ((*tensors)["backbone.blocks.0.mlstm_layer.query.weight"].shape,
+    EXPECT_EQ((*tensors)["backbone.blocks.0.mlstm_layer.q.weight"].shape,
               (std::vector<int64_t>{spec.xl_qk_dim, d}));
     EXPECT_EQ((*tensors)["backbone.blocks.0.ffn.proj_down.weight"].shape, (std::vector<int64_t>{d, spec.ffn_dim}));
     EXPECT_EQ((*tensors)["backbone.blocks.0.mlstm_layer.igate_preact.bias"].shape,
@@ -563,7 +563,7 @@ TEST(ExportTest, XlstmLargeWrongMapsAreDetected) {
   std::swap(gates[m + "igate_preact.weight"], gates[m + "fgate_preact.weight"]);
   std::swap(gates[m + "igate_preact.bias"], gates[m + "fgate_preact.bias"]);
   const double if_swapped = RelativeError(model.get(), ids, HfXlstmLargeReference(gates, config).Forward(ids));
-  const double qk_swapped = swapped(m + "query.weight", m + "key.weight");
+  const double qk_swapped = swapped(m + "q.weight", m + "k.weight");
   const double cap_order =
       RelativeError(model.get(), ids, HfXlstmLargeReference(*tensors, config, /*cap_gates_after_bias=*/false).Forward(ids));
   nlohmann::json uncapped = config;
