@@ -501,7 +501,7 @@ TEST(ExportTest, Mamba2MtpModelExportsTheNextTokenModel) {
 
 // A small xLSTM Large (MODELS.md §1.5 layout): d 16, 2 blocks, 2 heads (dk 4, dv 8), FFN 64,
 // chunk 4 (so lengths 7 and 13 run several chunks and a remainder in ours), vocabulary 23.
-ops::ModelSpec XlstmLargeSpec(int64_t mtp_heads, double gate_cap = 0, double logit_cap = 0) {
+gyre::v1::ModelConfig XlstmLargeConfig(int64_t mtp_heads, double gate_cap = 0, double logit_cap = 0) {
   gyre::v1::ModelConfig c;
   c.set_preset("xlstm-large-tiny");
   c.set_d_model(16);
@@ -513,7 +513,11 @@ ops::ModelSpec XlstmLargeSpec(int64_t mtp_heads, double gate_cap = 0, double log
   c.mutable_xlstm_large()->set_chunk_size(4);
   c.mutable_xlstm_large()->set_gate_soft_cap(gate_cap);
   c.mutable_xlstm_large()->set_logit_soft_cap(logit_cap);
-  auto spec = ops::ResolveModelConfig(c);
+  return c;
+}
+
+ops::ModelSpec XlstmLargeSpec(int64_t mtp_heads, double gate_cap = 0, double logit_cap = 0) {
+  auto spec = ops::ResolveModelConfig(XlstmLargeConfig(mtp_heads, gate_cap, logit_cap));
   EXPECT_TRUE(spec.ok()) << spec.status();
   return spec.ok() ? *spec : ops::ModelSpec{};
 }
@@ -704,16 +708,17 @@ TEST(ExportTest, XlstmAndHybridsAreRefusedWithTheReason) {
 }
 
 // What `gyre export` runs (cli/eval_command.cc RunExport): a run directory as the workers leave
-// it (config.json + a checkpoint of a Mamba-2 model with MTP heads), LoadModelFromRun, ExportHf.
-// The export must be the checkpoint's next-token model, by the transformers forward.
-TEST(ExportTest, Mamba2CheckpointOfARunDirectoryExportsLikeGyreExport) {
-  const std::string run = Tmp("export_run");
+// it (config.json + a checkpoint of a model with MTP heads), LoadModelFromRun, ExportHf. The
+// export must be the checkpoint's next-token model, by the transformers forward.
+void ExpectRunDirectoryExportsLikeGyreExport(const gyre::v1::ModelConfig& model_config, const std::string& name,
+                                             size_t dropped) {
+  const std::string run = Tmp(name);
   std::filesystem::remove_all(run);
   std::filesystem::create_directories(run);
   gyre::v1::RunConfig config;
   config.set_name("export");
   config.set_seed(3);
-  *config.mutable_model() = testing::TinyModelConfig("mamba2", 2);
+  *config.mutable_model() = model_config;
   config.mutable_data()->set_seq_len(32);
   std::ofstream(run + "/config.json") << cli::RunConfigToJson(config);
   auto spec = ops::ResolveModelConfig(config.model());
@@ -736,12 +741,23 @@ TEST(ExportTest, Mamba2CheckpointOfARunDirectoryExportsLikeGyreExport) {
   EXPECT_EQ(loaded->step, 6u);
   auto exported = ExportHf(Env::Default(), loaded->model.get(), loaded->config.data().seq_len(), run + "/hf");
   ASSERT_TRUE(exported.ok()) << exported.status();
-  EXPECT_EQ(exported->dropped.size(), 9u);  // MTP head 2
+  EXPECT_EQ(exported->dropped.size(), dropped);  // MTP head 2
   auto tensors = DecodeSafetensors(ReadAll(exported->safetensors_path), exported->safetensors_path);
   ASSERT_TRUE(tensors.ok()) << tensors.status();
   const nlohmann::json hf_config = nlohmann::json::parse(ReadAll(exported->config_path));
   const std::vector<int32_t> ids = {3, 17, 0, 9, 22, 4, 4, 11, 1};
-  EXPECT_LT(RelativeError(trained.get(), ids, HfMamba2Reference(*tensors, hf_config).Forward(ids)), 1e-5);
+  const std::vector<double> want = spec->family == ops::Family::kMamba2
+                                       ? HfMamba2Reference(*tensors, hf_config).Forward(ids)
+                                       : HfXlstmLargeReference(*tensors, hf_config).Forward(ids);
+  EXPECT_LT(RelativeError(trained.get(), ids, want), 1e-5);
+}
+
+TEST(ExportTest, Mamba2CheckpointOfARunDirectoryExportsLikeGyreExport) {
+  ExpectRunDirectoryExportsLikeGyreExport(testing::TinyModelConfig("mamba2", 2), "export_run", 9);
+}
+
+TEST(ExportTest, XlstmLargeCheckpointOfARunDirectoryExportsLikeGyreExport) {
+  ExpectRunDirectoryExportsLikeGyreExport(XlstmLargeConfig(2), "export_run_xlarge", 15);
 }
 
 TEST(SafetensorsTest, RoundTripAndValidation) {
