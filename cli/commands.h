@@ -37,7 +37,7 @@ inline std::span<const Command> AllCommands() {
       {"coordinator", "run the coordinator of one run (gRPC control + worker service)",
        RunCoordinator},
       {"eval", "evaluate a run's checkpoint: perplexity, passkey, generate, spectrum", RunEval},
-      {"export", "a run's checkpoint -> safetensors + config.json for transformers (Llama, Mamba-2)", RunExport},
+      {"export", "a run's checkpoint -> safetensors + config.json for transformers (Llama, Mamba-2, xLSTM Large)", RunExport},
   };
   return kCommands;
 }

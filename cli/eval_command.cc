@@ -4,7 +4,8 @@
 //   passkey     passkey retrieval accuracy per prompt length and depth (--self_extend G,W)
 //   generate    prompt -> text: greedy / sampled, or MTP self-speculative (--speculative)
 //   spectrum    LM-head singular values, effective / stable rank, W-error(r), anisotropy
-// and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama, Mamba-2).
+// and `gyre export` (checkpoint -> transformers safetensors + config.json; Llama, Mamba-2,
+// xLSTM Large).
 // Everything runs on the CPU (fp32). Errors name the file, flag or config field at fault.
 #include <algorithm>
 #include <cstdio>
@@ -456,11 +457,13 @@ int RunEval(int argc, char** argv) {
 namespace gyre::cli {
 
 // `gyre export --run_dir runs/<name> [--step N] [--config PATH] --out DIR`: the checkpoint as
-// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM or Mamba2ForCausalLM
-// (eval/export.h; xLSTM, hybrids and Mamba-2 with n_groups > 1 are refused with the reason).
+// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM, Mamba2ForCausalLM or
+// xLSTMForCausalLM (eval/export.h; the NeurIPS xLSTM, hybrids and Mamba-2 with n_groups > 1 are
+// refused with the reason).
 int RunExport(int argc, char** argv) {
   CLI::App app("export a run's checkpoint as safetensors + config.json for transformers: LlamaForCausalLM "
-               "(Llama) or Mamba2ForCausalLM (Mamba-2, n_groups 1); xLSTM and hybrids are refused",
+               "(Llama), Mamba2ForCausalLM (Mamba-2, n_groups 1) or xLSTMForCausalLM (xLSTM Large: xlstm-7b, "
+               "xlstm-large-*); the NeurIPS xLSTM and hybrids are refused",
                argv[0]);
   std::string run_dir, config_path, out_dir;
   int64_t step = -1;

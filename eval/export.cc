@@ -1,5 +1,6 @@
 #include "eval/export.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -39,6 +40,35 @@ std::string HfName(ops::Family family, const std::string& name) {
       {"D", "mixer.D"},
       {"gated_norm.weight", "mixer.norm.weight"},
       {"out_proj.weight", "mixer.out_proj.weight"}};
+  // xLSTM Large (transformers' "single" weight mode); our FFN is the GatedMlp shared with Llama.
+  static const std::vector<std::pair<std::string, std::string>> kXlstmLargeBlock = {
+      {"norm_mlstm.weight", "norm_mlstm.weight"},
+      {"mlstm.q.weight", "mlstm_layer.q.weight"},
+      {"mlstm.k.weight", "mlstm_layer.k.weight"},
+      {"mlstm.v.weight", "mlstm_layer.v.weight"},
+      {"mlstm.ogate_preact.weight", "mlstm_layer.ogate_preact.weight"},
+      {"mlstm.igate_preact.weight", "mlstm_layer.igate_preact.weight"},
+      {"mlstm.igate_preact.bias", "mlstm_layer.igate_preact.bias"},
+      {"mlstm.fgate_preact.weight", "mlstm_layer.fgate_preact.weight"},
+      {"mlstm.fgate_preact.bias", "mlstm_layer.fgate_preact.bias"},
+      {"mlstm.multihead_norm.weight", "mlstm_layer.multihead_norm.weight"},
+      {"mlstm.out_proj.weight", "mlstm_layer.out_proj.weight"},
+      {"norm_ffn.weight", "norm_ffn.weight"},
+      {"ffn.gate_proj.weight", "ffn.proj_up_gate.weight"},
+      {"ffn.up_proj.weight", "ffn.proj_up.weight"},
+      {"ffn.down_proj.weight", "ffn.proj_down.weight"}};
+  if (family == ops::Family::kXlstmLarge) {
+    if (name == "embedding.weight") return "backbone.embeddings.weight";
+    if (name == "final_norm.weight") return "backbone.out_norm.weight";
+    if (name == "lm_head.weight") return "lm_head.weight";
+    if (!absl::StartsWith(name, "blocks.")) return "";
+    const size_t dot = name.find('.', 7);
+    if (dot == std::string::npos) return "";
+    const std::string layer = name.substr(7, dot - 7), rest = name.substr(dot + 1);
+    for (const auto& [ours, hf] : kXlstmLargeBlock)
+      if (rest == ours) return absl::StrCat("backbone.blocks.", layer, ".", hf);
+    return "";
+  }
   const bool mamba2 = family == ops::Family::kMamba2;
   if (family != ops::Family::kLlama && !mamba2) return "";
   const std::string base = mamba2 ? "backbone." : "model.";
@@ -139,6 +169,86 @@ absl::StatusOr<std::string> Mamba2ConfigJson(const ops::ModelSpec& spec) {
   return c.dump(2) + "\n";
 }
 
+// transformers' xLSTMLayer sizes its q/k and v projections as int(hidden_size * factor) and its
+// FFN as round_up(hidden_size * ffn_proj_factor, 64) (configuration_xlstm.py
+// round_up_to_next_multiple_of, floor division on a float); the factors below are chosen so that
+// those double-precision expressions give back our widths exactly (JSON keeps a double exactly).
+int64_t PyIntOf(double x) { return static_cast<int64_t>(x); }  // int() truncates toward zero
+int64_t PyRoundUp(double x, int64_t multiple) {
+  return static_cast<int64_t>(std::floor((x + multiple - 1) / multiple) * multiple);
+}
+// A factor f with int(d * f) == width, or 0 when none is found next to width / d.
+double TruncatingFactor(int64_t width, int64_t d) {
+  double f = static_cast<double>(width) / static_cast<double>(d);
+  for (int i = 0; i < 4 && PyIntOf(d * f) != width; ++i) f = std::nextafter(f, 1e300);
+  return PyIntOf(d * f) == width ? f : 0.0;
+}
+
+// xLSTMConfig fields that xLSTMForCausalLM's native (PyTorch) forward reads. The cell's ε is 1e-6
+// in ours (kernels/cpu/mlstm.h via the block's CellOptions) and in the config; norm_eps is used by
+// both RMSNorms, the per-head LayerNorm and out_norm, as ours uses spec.norm_eps for all four.
+// mode "inference": chunkwise over the largest multiple of chunk_size, the recurrent sequence
+// kernel for the remainder, the step kernel for T = 1 (all three native PyTorch).
+// tie_word_embeddings is always false and lm_head.weight always written (a copy of the embedding
+// for a tied spec): xLSTMForCausalLM declares no tied weights, so a missing lm_head would be left
+// at its random initialisation rather than tied.
+absl::StatusOr<std::string> XlstmLargeConfigJson(const ops::ModelSpec& spec) {
+  for (ops::BlockType b : spec.blocks) {
+    if (b != ops::BlockType::kXlstmLarge) {
+      return Refuse(spec, absl::StrCat("an xLSTM Large model with a ", ops::BlockTypeName(b),
+                                       " block; transformers' xLSTMForCausalLM has xLSTM Large blocks only"));
+    }
+  }
+  if (!(spec.gate_soft_cap > 0) || !(spec.logit_soft_cap > 0)) {
+    return Refuse(spec, absl::StrCat("gate_soft_cap ", spec.gate_soft_cap, ", logit_soft_cap ", spec.logit_soft_cap,
+                                     ": a cap that is off (0) has no xLSTMConfig spelling (the fields are floats)"));
+  }
+  const int64_t d = spec.d_model;
+  const double qk_factor = TruncatingFactor(spec.xl_qk_dim, d), v_factor = TruncatingFactor(spec.xl_v_dim, d);
+  if (qk_factor == 0 || v_factor == 0) {
+    return Refuse(spec, absl::StrCat("q/k width ", spec.xl_qk_dim, " or v width ", spec.xl_v_dim,
+                                     " is not int(d_model * factor) for any double factor"));
+  }
+  double ffn_factor = spec.xl_ffn_factor;
+  if (PyRoundUp(d * ffn_factor, 64) != spec.ffn_dim) ffn_factor = static_cast<double>(spec.ffn_dim) / d;
+  if (PyRoundUp(d * ffn_factor, 64) != spec.ffn_dim) {
+    return Refuse(spec, absl::StrCat("FFN width ", spec.ffn_dim, " is not a multiple of 64; xLSTMFeedForward "
+                                     "rounds its width up to ffn_round_up_to_multiple_of 64"));
+  }
+  nlohmann::ordered_json c;
+  c["architectures"] = {"xLSTMForCausalLM"};
+  c["model_type"] = "xlstm";
+  c["vocab_size"] = spec.vocab_size;
+  c["hidden_size"] = d;
+  c["embedding_dim"] = d;
+  c["num_hidden_layers"] = spec.n_layers();
+  c["num_blocks"] = spec.n_layers();
+  c["num_heads"] = spec.xl_heads;
+  c["use_bias"] = false;
+  c["norm_reduction_force_float32"] = true;
+  c["add_out_norm"] = true;
+  c["norm_eps"] = spec.norm_eps;
+  c["qk_dim_factor"] = qk_factor;
+  c["v_dim_factor"] = v_factor;
+  c["chunkwise_kernel"] = "chunkwise--native_autograd";
+  c["sequence_kernel"] = "native_sequence__native";
+  c["step_kernel"] = "native";
+  c["mode"] = "inference";
+  c["chunk_size"] = spec.mlstm_chunk;
+  c["return_last_states"] = true;
+  c["autocast_kernel_dtype"] = "float32";
+  c["eps"] = 1e-6;
+  c["inference_state_dtype"] = "float32";
+  c["ffn_proj_factor"] = ffn_factor;
+  c["ffn_round_up_to_multiple_of"] = 64;
+  c["gate_soft_cap"] = spec.gate_soft_cap;
+  c["output_logit_soft_cap"] = spec.logit_soft_cap;
+  c["weight_mode"] = "single";
+  c["tie_word_embeddings"] = false;
+  c["torch_dtype"] = "float32";
+  return c.dump(2) + "\n";
+}
+
 }  // namespace
 
 std::string EncodeSafetensors(const std::map<std::string, SafetensorsTensor>& tensors,
@@ -217,12 +327,15 @@ absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max
       return LlamaConfigJson(spec, max_positions);
     case ops::Family::kMamba2:
       return Mamba2ConfigJson(spec);
+    case ops::Family::kXlstmLarge:
+      return XlstmLargeConfigJson(spec);
     case ops::Family::kXlstm:
       break;
   }
   return Refuse(spec, "transformers' xLSTM (xLSTMForCausalLM) is the xLSTM Large/7B layout (MODELS.md §1.5: "
                       "post-up-projection mLSTM, no conv, no learnable skip, SwiGLU FFN, soft-capped gates), "
-                      "not our NeurIPS xLSTM blocks; Llama and Mamba-2 models are exportable");
+                      "not our NeurIPS xLSTM blocks; Llama, Mamba-2 and xLSTM Large (xlstm-7b, "
+                      "xlstm-large-*) models are exportable");
 }
 
 absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
@@ -244,6 +357,12 @@ absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::Language
     if (absl::EndsWith(hf, ".mixer.conv1d.weight")) t.shape = {t.shape[0], 1, t.shape[1]};
     t.bytes.assign(static_cast<const char*>(f32.raw()), f32.nbytes());
     tensors[hf] = std::move(t);
+  }
+  // xLSTMForCausalLM always has its own lm_head (XlstmLargeConfigJson): a tied spec exports a copy.
+  if (model->spec().family == ops::Family::kXlstmLarge && model->spec().tie_embeddings) {
+    auto emb = tensors.find("backbone.embeddings.weight");
+    if (emb == tensors.end()) return absl::InternalError("export: tied xLSTM Large model without an embedding");
+    tensors["lm_head.weight"] = emb->second;
   }
   return tensors;
 }

@@ -1,13 +1,17 @@
 // Export of a checkpoint to the Hugging Face layout: `model.safetensors` + `config.json`, so
-// transformers' `AutoModelForCausalLM.from_pretrained(dir)` loads it as LlamaForCausalLM or
-// Mamba2ForCausalLM (the spec's family picks). Checked in transformers itself: tools/hf_check/.
+// transformers' `AutoModelForCausalLM.from_pretrained(dir)` loads it as LlamaForCausalLM,
+// Mamba2ForCausalLM or xLSTMForCausalLM (the spec's family picks). Checked in transformers
+// itself: tools/hf_check/.
 //
 // Exportable: (a) Llama specs whose blocks are all plain Llama blocks (RMSNorm, GQA attention with
 // full rotate-half RoPE, the pairing of transformers' Llama, SwiGLU MLP, no biases); (b) Mamba-2
-// specs whose blocks are all Mamba-2 blocks with n_groups = 1 (every state-spaces/mamba2 preset).
+// specs whose blocks are all Mamba-2 blocks with n_groups = 1 (every state-spaces/mamba2 preset);
+// (c) xLSTM Large specs (Family::kXlstmLarge: xlstm-7b, xlstm-large-*; MODELS.md §1.5) with both
+// soft caps on and an FFN width that is a multiple of 64.
 // Refused with the reason (FailedPrecondition):
-//   - xLSTM: transformers' xLSTM is the xLSTM Large/7B layout (MODELS.md §1.5: post-up-projection
-//     mLSTM, no conv, no learnable skip, SwiGLU FFN, soft-capped gates), not our NeurIPS block;
+//   - the NeurIPS xLSTM (Family::kXlstm): transformers' xLSTM is the xLSTM Large/7B layout
+//     (post-up-projection mLSTM, no conv, no learnable skip, SwiGLU FFN, soft-capped gates);
+//   - xLSTM Large with a cap off (0): xLSTMConfig's caps are floats, "off" has no spelling;
 //   - hybrids (Mamba-2 with attention layers): Mamba2ForCausalLM has Mamba-2 mixers only;
 //   - Mamba-2 with n_groups > 1: transformers' gated RMSNorm (MambaRMSNormGated) normalises over
 //     all expand*d_model features, ours per group of expand*d_model / n_groups (as mamba_ssm's
@@ -27,6 +31,20 @@
 //     mixer.conv1d.weight [C, 1, K] (nn.Conv1d depthwise, same bytes, same tap order: y_t =
 //     b + sum_j w_j x_{t-(K-1)+j}); blocks.i.gated_norm -> mixer.norm (y * SiLU(z), then RMSNorm,
 //     in both); final_norm -> backbone.norm_f; lm_head -> lm_head (absent when tied).
+//   xLSTM Large ("single" weight mode): embedding.weight -> backbone.embeddings.weight;
+//     blocks.i.norm_mlstm -> backbone.blocks.i.norm_mlstm; blocks.i.mlstm.{q, k, v} ->
+//     backbone.blocks.i.mlstm_layer.{q, k, v} (5.17; older 5.x
+//     source spelled them query/key/value); blocks.i.mlstm.{ogate_preact,
+//     igate_preact (weight, bias), fgate_preact (weight, bias), multihead_norm, out_proj} ->
+//     backbone.blocks.i.mlstm_layer.* (same names); blocks.i.norm_ffn -> backbone.blocks.i.norm_ffn;
+//     blocks.i.ffn.{gate_proj, up_proj, down_proj} -> backbone.blocks.i.ffn.{proj_up_gate, proj_up,
+//     proj_down}; final_norm -> backbone.out_norm; lm_head -> lm_head (always written: a tied spec
+//     gets a copy of the embedding, tie_word_embeddings false). Heads are contiguous slices of the
+//     feature axis on both sides (q/k/v [.., NH, dk|dv], the per-head norm's weight [NH*dv]).
+//     Not in the config: transformers' xLSTMCache sizes its states from qk_dim / v_dim rounded up
+//     to multiples of 64, so with qk_dim or v_dim not a multiple of 64 (xlstm-large-tiny: qk 32)
+//     a forward with use_cache=True (the default; generate) fails on the state shape; use_cache=
+//     False is exact. xlstm-7b (qk 2048, v 4096) is unaffected.
 //
 // safetensors format (huggingface/safetensors README): u64 little-endian header size N, N bytes
 // of UTF-8 JSON {name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {...}}

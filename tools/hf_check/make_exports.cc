@@ -7,7 +7,7 @@
 // The logits come from ops::LanguageModel::Logits on the trained model, never from a reference;
 // the Python side compares transformers' forward on the exported files with them.
 //
-//   bazel run //tools/hf_check:make_exports -- --out /work/main/.gpu-export20/exports
+//   bazel run //tools/hf_check:make_exports -- --out /work/main/.gpu-xexport20/exports
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -27,6 +27,7 @@ namespace {
 struct Case {
   std::string name, preset;
   bool untie = false;
+  int64_t d_model = 0;  // 0: the preset's
 };
 
 // A random sparse Markov chain over the vocabulary (4 successors per token): learnable, so a few
@@ -45,10 +46,16 @@ std::vector<int32_t> MarkovBatch(const std::vector<int32_t>& next, int64_t vocab
 int Run(const std::string& out_dir, int64_t steps) {
   const std::vector<Case> cases = {{"llama-tiny", "llama-tiny"},
                                    {"mamba2-tiny", "mamba2-tiny"},
-                                   {"mamba2-tiny-untied", "mamba2-tiny", /*untie=*/true}};
+                                   {"mamba2-tiny-untied", "mamba2-tiny", /*untie=*/true},
+                                   // xLSTM Large: the preset (d 64, 4 heads, qk 32: transformers'
+                                   // xLSTMCache rounds qk to 64, so only use_cache=False fits) and
+                                   // d 128 (qk 64, v 128: the cache's shapes fit too). Chunk 16.
+                                   {"xlstm-large-tiny", "xlstm-large-tiny"},
+                                   {"xlstm-large-d128", "xlstm-large-tiny", /*untie=*/false, /*d_model=*/128}};
   for (const Case& c : cases) {
     gyre::v1::ModelConfig config;
     config.set_preset(c.preset);
+    if (c.d_model != 0) config.set_d_model(c.d_model);
     auto spec = ops::ResolveModelConfig(config);
     if (!spec.ok()) return std::fprintf(stderr, "%s: %s\n", c.name.c_str(), std::string(spec.status().message()).c_str()), 1;
     if (c.untie) spec->tie_embeddings = false;
@@ -87,7 +94,9 @@ int Run(const std::string& out_dir, int64_t steps) {
     out["first_loss"] = first_loss;
     out["last_loss"] = last_loss;
     out["sequences"] = nlohmann::json::array();
-    // Lengths 37 (two 16-token SSD chunks and a remainder), 16 (exactly one chunk), 1.
+    // Lengths 37 (two 16-token SSD / mLSTM chunks and a remainder: transformers' xLSTM runs its
+    // chunkwise kernel, then its recurrent sequence kernel), 16 (exactly one chunk), 1 (xLSTM:
+    // the step kernel).
     for (int64_t length : {37, 16, 1}) {
       const std::vector<int32_t> ids = ops::RandomTokens(length, V, 500 + length);
       ops::Tensor logits = (*model)->Logits(ids, 1, length);
