@@ -24,7 +24,7 @@ TESTS=(//tools:gpu_probe //kernels/cuda:device_info_gpu_test //worker:nccl_colle
 XZ_TESTS=(//kernels/cuda:ops_parity_gpu_test //kernels/cuda:ssd_gpu_test
   //kernels/cuda:slstm_gpu_test //kernels/cuda:mlstm_gpu_test //ops:llama_gpu_test
   //ops:recurrent_gpu_test //ops:decode_gpu_test //kernels/cuda:ssm_step_gpu_test
-  //worker:replica_gpu_test)
+  //worker:replica_gpu_test //ops:xlstm_large_gpu_test)
 # Benchmarks (timings; anchors run beside them from bench/*anchor*.py).
 BENCHES=(//bench:cuda_dense_bench //bench:attention_bench //bench:ssd_bench //bench:conv1d_bench
   //bench:slstm_bench //bench:mlstm_bench)
