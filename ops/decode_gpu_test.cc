@@ -431,9 +431,10 @@ TEST_F(DecodeGpuTest, SelfExtendLogitsOnALongPrompt) {
 }
 
 // 32 decode steps on both devices; every head's logits compared at every step.
-void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int64_t se_window) {
+void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int64_t se_window,
+                 StoreTweak tweak = nullptr, double cpu_tol = 3e-2) {
   spec.mtp_heads = 2;
-  Pair m = MakePair(spec, 8);
+  Pair m = MakePair(spec, 8, 1.0, tweak);
   ASSERT_TRUE(m.gpu && m.cpu);
   if (se_group > 0) {
     m.gpu->SetSelfExtend(se_group, se_window);
@@ -462,9 +463,13 @@ void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int6
       for (int64_t v = 0; v < V; ++v) rows.Set(b * V + v, full_gpu.At((b * T + t) * V + v));
     worst_full = std::max(worst_full, RelativeError(lg[0].ToDevice(Device::kCpu).To(DType::kF64), rows));
   }
-  const bool ok = finite && worst <= 3e-2 && worst_full <= 3e-2;
-  std::printf("[%s] %s decode 32 steps B3 2 heads: worst step rel_err vs CPU decode %.3e, GPU decode vs GPU "
-              "full forward %.3e tol 3e-2\n", ok ? "PASS" : "FAIL", name.c_str(), worst, worst_full);
+  const bool ok = finite && worst <= cpu_tol && worst_full <= 3e-2;
+  // For scale (not a criterion): the GPU full forward (the training path) against the CPU's
+  // float64 full forward over all B·T rows.
+  const double full_vs_cpu = RelativeError(full_gpu, m.cpu->Logits(inputs, B, T));
+  std::printf("[%s] %s decode 32 steps B3 2 heads: worst step rel_err vs CPU decode %.3e tol %.0e, GPU decode vs "
+              "GPU full forward %.3e tol 3e-2 (GPU full forward vs CPU f64 full forward %.3e)\n", ok ? "PASS" : "FAIL",
+              name.c_str(), worst, cpu_tol, worst_full, full_vs_cpu);
   EXPECT_TRUE(ok);
 }
 
@@ -514,8 +519,8 @@ ModelSpec SmallXlstmLarge() {
 
 // After Randomise: gate weights N(0, 0.03) (the model's init has 0: every token's gates equal),
 // input-gate biases N(0, 1), forget-gate biases 4 + N(0, 1) (varying, well-conditioned gates, as
-// xlstm_large_gpu_test), and the LM head N(0, 1.25²): logits of std ~28 (1.25 · sqrt(512) at the
-// final norm's unit RMS), so most rows have logits past the cap of 30 where 30·tanh(l/30) bends them.
+// xlstm_large_gpu_test), and the LM head N(0, 1.25²): logits up to ~±35 before the cap (the CPU's
+// capped logits reach 25.5 = 30·tanh(35/30) in the full-forward test), where 30·tanh(l/30) bends them.
 void XlstmLargeTweak(ParamStore& gpu) {
   Rng rng(4242);
   for (Parameter* p : gpu.All()) {
@@ -536,12 +541,14 @@ void XlstmLargeTweak(ParamStore& gpu) {
   RoundMastersToBf16(gpu);
 }
 
+// The step-vs-CPU band is 5e-2 here, not 3e-2: the block's bf16 forward is itself further from
+// float64 than the other families' (the GPU full forward, the training path, vs the CPU: 1.74e-2
+// over all rows, against 5.4e-3 for the v1 xLSTM), so the decode steps' worst single row measured
+// 3.6e-2 against the CPU (session 20), while they stay within 3e-2 (9.0e-3 measured) of that full
+// forward: the check of the decode path itself (ops/XLSTM_LARGE.md, session 20).
 TEST_F(DecodeGpuTest, XlstmLargeDecodeStepsMatchTheCpu) {
-  // CheckDecode's pair without the tweak (the model's own gate init, zero gate weights): steps
-  // and the full forward through the capped head.
-  CheckDecode("xlstm-large", SmallXlstmLarge(), 0, 0);
+  CheckDecode("xlstm-large", SmallXlstmLarge(), 0, 0, XlstmLargeTweak, 5e-2);
 }
-
 
 TEST_F(DecodeGpuTest, Mamba2DecodeStepsMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
