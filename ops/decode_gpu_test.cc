@@ -34,7 +34,11 @@
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
-//             for Llama, xLSTM, Mamba-2 and the mixer hybrid.
+//             for Llama, xLSTM, Mamba-2 and the mixer hybrid;
+//   xLSTM Large (session 20): steps, chunks and rewinds vs the CPU (steps at 5e-2: the block's
+//             bf16 full forward is itself 1.7e-2 from float64) and vs the full CUDA forward over a
+//             prompt in uneven chunks (3e-2); Rewind leaves every state bit of decoding only the
+//             kept tokens; speculative == greedy bitwise; the Generate tests include it.
 // Bands: METHOD.md's bf16 ones (activations rounded to bf16 at every layer boundary; fp32
 // accumulation): 1e-2 for a layer output, 3e-2 for logits after several layers, 5e-2 for
 // gradients (as recurrent_gpu_test).
