@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "ops/cuda_backend.h"
+#include "ops/cuda_infer.h"
 #include "ops/elementwise.h"
 #include "ops/gemm.h"
 #include "ops/layers.h"
@@ -189,8 +190,11 @@ CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
 Tensor LmHeadLogits(const Tensor& h, const Tensor& w, double logit_soft_cap) {
   Tensor logits = LinearForward(h, w);
   if (logit_soft_cap == 0.0) return logits;
-  GYRE_CHECK(!IsCuda(logits), "LM head: logit soft cap %g has no CUDA kernel yet", logit_soft_cap);
-  return SoftCap(logits, logit_soft_cap);
+  if (!IsCuda(logits)) return SoftCap(logits, logit_soft_cap);
+  // CUDA (bf16 logits): capped in place by one elementwise launch, fp32 math, one rounding.
+  GYRE_CHECK(logits.dtype() == DType::kBF16, "LM head: CUDA logits of dtype %s", DTypeName(logits.dtype()));
+  CudaInfer().SoftCap(logits.raw(), logits.numel(), static_cast<float>(logit_soft_cap));
+  return logits;
 }
 
 }  // namespace gyre::ops

@@ -52,8 +52,9 @@ CrossEntropyResult NaiveLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
                                            std::span<const int32_t> targets, double loss_scale,
                                            Tensor* dh, Tensor* dw, double logit_soft_cap = 0.0);
 
-// Logits [N, V] = h Wᵀ, soft-capped when logit_soft_cap > 0 (inference: Logits, decoding). CUDA
-// logits without a cap only.
+// Logits [N, V] = h Wᵀ, soft-capped when logit_soft_cap > 0 (inference: Logits, decoding). CUDA:
+// bf16 logits, the cap applied in place by CudaInference::SoftCap (fp32 math, one rounding), so
+// greedy and speculative decoding argmax the capped logits.
 Tensor LmHeadLogits(const Tensor& h, const Tensor& w, double logit_soft_cap);
 
 }  // namespace gyre::ops

@@ -688,6 +688,28 @@ __global__ void __launch_bounds__(kGemmRowsWarps * 32) gemm_rows_split_kernel(Ge
 
 }  // namespace
 
+namespace {
+
+// One thread a logit; tanhf (not the fast-math intrinsic) so the cap matches the CPU's tanh to
+// fp32 rounding before the one bf16 rounding.
+__global__ void soft_cap_rows_kernel(bf16* x, int64_t n, float cap) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  x[i] = __float2bfloat16_rn(cap * tanhf(__bfloat162float(x[i]) / cap));
+}
+
+}  // namespace
+
+CudaResult SoftCapRows(void* x, int64_t n, float cap, cudaStream_t stream) {
+  if (n < 0 || !(cap > 0.f) || (n > 0 && x == nullptr)) return InvalidArgument("soft_cap_rows: bad arguments");
+  if (n == 0) return {};
+  const int threads = 256;
+  soft_cap_rows_kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(static_cast<bf16*>(x),
+                                                                                                   n, cap);
+  CUDA_RETURN_IF_LAUNCH_ERROR("soft_cap_rows_kernel");
+  return {};
+}
+
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream) {
   if (x == nullptr || out == nullptr || rows < 0 || cols <= 0 || ld < cols) return InvalidArgument("argmax_rows: bad arguments");
   if (rows == 0) return {};

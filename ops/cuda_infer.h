@@ -173,6 +173,9 @@ class CudaInference {
   virtual void SsdStep(const CudaSsdStepArgs& a) = 0;
   virtual void SlstmStep(const CudaSlstmStepArgs& a) = 0;
   virtual void MlstmStep(const CudaMlstmStepArgs& a) = 0;
+  // x [n] (bf16, device) = cap · tanh(x / cap) in place, fp32 math (ops/cuda_infer_kernels.h
+  // SoftCapRows): the LM head's logit soft cap on CUDA logits (ops/cross_entropy.h LmHeadLogits).
+  virtual void SoftCap(void* x, int64_t n, float cap) = 0;
   // out[r] (device int32) = argmax of bf16 row r of x [rows, ld] over its first `cols` (lowest
   // index on ties).
   virtual void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) = 0;

@@ -125,6 +125,11 @@ class CudaInferenceImpl final : public CudaInference {
     OkOrDie(cuda_infer::DraftRows(a, Stream()), "draft rows");
   }
 
+  void SoftCap(void* x, int64_t n, float cap) override {
+    Timed timed("infer SoftCap (logits)");
+    OkOrDie(cuda_infer::SoftCapRows(x, n, cap, Stream()), "soft cap rows");
+  }
+
   void ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out) override {
     Timed timed("infer ArgmaxRows");
     OkOrDie(cuda_infer::ArgmaxRows(x, rows, cols, ld, out, Stream()), "argmax rows");

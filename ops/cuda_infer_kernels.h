@@ -114,6 +114,13 @@ CudaResult RopeAppend(const RopeAppendArgs& a, cudaStream_t stream);
 // block per row; greedy decoding reads back `rows` ids instead of the logits.
 CudaResult ArgmaxRows(const void* x, int64_t rows, int64_t cols, int64_t ld, int32_t* out, cudaStream_t stream);
 
+// SoftCapRows: x[i] = bf16(cap · tanh(x[i] / cap)) in place over n bf16 values, the math in fp32
+// (ops/elementwise.h SoftCap's formula). The LM head's logit soft cap on decoding's logits (xLSTM
+// Large, cap 30; ops/cross_entropy.h LmHeadLogits): elementwise, so a row's capped bits depend
+// only on its own uncapped bits and row-invariant logits stay row-invariant. Bound by 4 bytes a
+// logit (50304 logits a row: ~0.2 MB, one launch, a few µs).
+CudaResult SoftCapRows(void* x, int64_t n, float cap, cudaStream_t stream);
+
 // CopySpans: for each of `n` spans {dst, src, bytes} (the array in device memory), dst[0, bytes) =
 //   src[0, bytes). A speculative decode graph's commit (ops/decode_graph.h SpeculativeGraph):
 //   after a round that kept `keep` of its k positions, every state tensor of every block takes

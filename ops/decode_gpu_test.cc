@@ -34,7 +34,11 @@
 //   chunk:    DecodeChunk (multi-token step; the recurrent cells step all k positions in one
 //             launch) in chunks of every k in 1..5 at batch 3 and 1 vs the CPU's float64 steps,
 //             and Rewind to every keep of chunks of 2..5 vs a fresh CPU run over the kept prefix,
-//             for Llama, xLSTM, Mamba-2 and the mixer hybrid.
+//             for Llama, xLSTM, Mamba-2 and the mixer hybrid;
+//   xLSTM Large (session 20): steps, chunks and rewinds vs the CPU (steps at 5e-2: the block's
+//             bf16 full forward is itself 1.7e-2 from float64) and vs the full CUDA forward over a
+//             prompt in uneven chunks (3e-2); Rewind leaves every state bit of decoding only the
+//             kept tokens; speculative == greedy bitwise; the Generate tests include it.
 // Bands: METHOD.md's bf16 ones (activations rounded to bf16 at every layer boundary; fp32
 // accumulation): 1e-2 for a layer output, 3e-2 for logits after several layers, 5e-2 for
 // gradients (as recurrent_gpu_test).
@@ -372,7 +376,9 @@ void SharpenAttention(ParamStore& gpu, double factor) {
   RoundMastersToBf16(gpu);
 }
 
-Pair MakePair(const ModelSpec& spec, uint64_t seed, double sharpen = 1.0) {
+using StoreTweak = void (*)(ParamStore&);
+
+Pair MakePair(const ModelSpec& spec, uint64_t seed, double sharpen = 1.0, StoreTweak tweak = nullptr) {
   Pair p;
   auto gpu = LanguageModel::Create(spec, DType::kF32, Device::kCuda, seed);
   EXPECT_TRUE(gpu.ok()) << gpu.status();
@@ -383,6 +389,7 @@ Pair MakePair(const ModelSpec& spec, uint64_t seed, double sharpen = 1.0) {
   p.cpu = std::move(*cpu);
   Randomise(p.gpu->params(), seed + 100);
   if (sharpen != 1.0) SharpenAttention(p.gpu->params(), sharpen);
+  if (tweak != nullptr) tweak(p.gpu->params());
   EXPECT_TRUE(p.cpu->params().LoadState(AsF64State(p.gpu->params())).ok());
   return p;
 }
@@ -428,9 +435,10 @@ TEST_F(DecodeGpuTest, SelfExtendLogitsOnALongPrompt) {
 }
 
 // 32 decode steps on both devices; every head's logits compared at every step.
-void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int64_t se_window) {
+void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int64_t se_window,
+                 StoreTweak tweak = nullptr, double cpu_tol = 3e-2) {
   spec.mtp_heads = 2;
-  Pair m = MakePair(spec, 8);
+  Pair m = MakePair(spec, 8, 1.0, tweak);
   ASSERT_TRUE(m.gpu && m.cpu);
   if (se_group > 0) {
     m.gpu->SetSelfExtend(se_group, se_window);
@@ -459,9 +467,13 @@ void CheckDecode(const std::string& name, ModelSpec spec, int64_t se_group, int6
       for (int64_t v = 0; v < V; ++v) rows.Set(b * V + v, full_gpu.At((b * T + t) * V + v));
     worst_full = std::max(worst_full, RelativeError(lg[0].ToDevice(Device::kCpu).To(DType::kF64), rows));
   }
-  const bool ok = finite && worst <= 3e-2 && worst_full <= 3e-2;
-  std::printf("[%s] %s decode 32 steps B3 2 heads: worst step rel_err vs CPU decode %.3e, GPU decode vs GPU "
-              "full forward %.3e tol 3e-2\n", ok ? "PASS" : "FAIL", name.c_str(), worst, worst_full);
+  const bool ok = finite && worst <= cpu_tol && worst_full <= 3e-2;
+  // For scale (not a criterion): the GPU full forward (the training path) against the CPU's
+  // float64 full forward over all B·T rows.
+  const double full_vs_cpu = RelativeError(full_gpu, m.cpu->Logits(inputs, B, T));
+  std::printf("[%s] %s decode 32 steps B3 2 heads: worst step rel_err vs CPU decode %.3e tol %.0e, GPU decode vs "
+              "GPU full forward %.3e tol 3e-2 (GPU full forward vs CPU f64 full forward %.3e)\n", ok ? "PASS" : "FAIL",
+              name.c_str(), worst, cpu_tol, worst_full, full_vs_cpu);
   EXPECT_TRUE(ok);
 }
 
@@ -491,6 +503,57 @@ ModelSpec SmallXlstm() {
 
 TEST_F(DecodeGpuTest, XlstmDecodeStepsMatchTheCpu) { CheckDecode("xlstm mLSTM+sLSTM", SmallXlstm(), 0, 0); }
 
+// xLSTM Large blocks (ops/xlstm_large_block.h) with dk 64 != dv 128 (CUDA takes head dims that are
+// multiples of 64 and NH a multiple of 4), gate cap 15 and logit cap 30 as the presets.
+ModelSpec SmallXlstmLarge() {
+  ModelSpec s = *PresetSpec("xlstm-large-tiny");
+  s.preset = "xlstm-large-decode-gpu-test";
+  s.d_model = 512;
+  s.xl_heads = 4;
+  s.xl_qk_dim = 256;  // dk 64
+  s.xl_v_dim = 512;   // dv 128
+  s.ffn_dim = 1408;   // 64 * ceil(2.667 * 512 / 64)
+  s.mlstm_chunk = 64;
+  s.gate_soft_cap = 15.0;
+  s.logit_soft_cap = 30.0;
+  s.blocks.assign(3, BlockType::kXlstmLarge);
+  s.vocab_size = 512;
+  return s;
+}
+
+// After Randomise: gate weights N(0, 0.03) (the model's init has 0: every token's gates equal),
+// input-gate biases N(0, 1), forget-gate biases 4 + N(0, 1) (varying, well-conditioned gates, as
+// xlstm_large_gpu_test), and the LM head N(0, 1.25²): logits up to ~±35 before the cap (the CPU's
+// capped logits reach 25.5 = 30·tanh(35/30) in the full-forward test), where 30·tanh(l/30) bends them.
+void XlstmLargeTweak(ParamStore& gpu) {
+  Rng rng(4242);
+  for (Parameter* p : gpu.All()) {
+    const bool gate = p->name.find("igate_preact") != std::string::npos || p->name.find("fgate_preact") != std::string::npos;
+    const bool head = p->name == "lm_head.weight";
+    if (!gate && !head) continue;
+    Tensor v = RandomBf16Host(p->value.shape(), 1.0, &rng);
+    for (int64_t i = 0; i < v.numel(); ++i) {
+      double x = v.At(i);
+      if (head) x *= 1.25;
+      else if (p->kind == ParamKind::kWeight) x *= 0.03;
+      else if (p->name.find("fgate") != std::string::npos) x += 4.0;
+      v.Set(i, x);
+    }
+    p->value.CopyFrom(v.To(DType::kF32).ToDevice(Device::kCuda));
+  }
+  gpu.SyncCompute();
+  RoundMastersToBf16(gpu);
+}
+
+// The step-vs-CPU band is 5e-2 here, not 3e-2: the block's bf16 forward is itself further from
+// float64 than the other families' (the GPU full forward, the training path, vs the CPU: 1.74e-2
+// over all rows, against 5.4e-3 for the v1 xLSTM), so the decode steps' worst single row measured
+// 3.6e-2 against the CPU (session 20), while they stay within 3e-2 (9.0e-3 measured) of that full
+// forward: the check of the decode path itself (ops/XLSTM_LARGE.md, session 20).
+TEST_F(DecodeGpuTest, XlstmLargeDecodeStepsMatchTheCpu) {
+  CheckDecode("xlstm-large", SmallXlstmLarge(), 0, 0, XlstmLargeTweak, 5e-2);
+}
+
 TEST_F(DecodeGpuTest, Mamba2DecodeStepsMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
   s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
@@ -516,9 +579,9 @@ std::vector<int32_t> Columns(const std::vector<int32_t>& seqs, int64_t B, int64_
 // Rewind(keep) for every keep in 1..k, 3 more steps, against a fresh CPU run over prefix + kept +
 // the same 3 tokens. Band 3e-2 (bf16, as CheckDecode).
 void CheckDecodeChunk(const std::string& name, ModelSpec spec, int64_t B = 3, int64_t se_group = 0,
-                      int64_t se_window = 0) {
+                      int64_t se_window = 0, StoreTweak tweak = nullptr) {
   spec.mtp_heads = 3;
-  Pair m = MakePair(spec, 8);
+  Pair m = MakePair(spec, 8, 1.0, tweak);
   ASSERT_TRUE(m.gpu && m.cpu);
   if (se_group > 0) {
     m.gpu->SetSelfExtend(se_group, se_window);
@@ -590,6 +653,12 @@ TEST_F(DecodeGpuTest, XlstmDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("
 TEST_F(DecodeGpuTest, XlstmBatch1DecodeChunkAndRewindMatchTheCpu) {
   CheckDecodeChunk("xlstm mLSTM+sLSTM", SmallXlstm(), 1);
 }
+TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkAndRewindMatchTheCpu) {
+  CheckDecodeChunk("xlstm-large", SmallXlstmLarge(), 3, 0, 0, XlstmLargeTweak);
+}
+TEST_F(DecodeGpuTest, XlstmLargeBatch1DecodeChunkAndRewindMatchTheCpu) {
+  CheckDecodeChunk("xlstm-large", SmallXlstmLarge(), 1, 0, 0, XlstmLargeTweak);
+}
 TEST_F(DecodeGpuTest, Mamba2DecodeChunkAndRewindMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
   s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
@@ -601,6 +670,109 @@ TEST_F(DecodeGpuTest, Mamba2Batch1DecodeChunkAndRewindMatchTheCpu) {
   CheckDecodeChunk("mamba2", s, 1);
 }
 TEST_F(DecodeGpuTest, MixerHybridDecodeChunkAndRewindMatchTheCpu) { CheckDecodeChunk("mamba2+mixer", SmallMixerHybrid()); }
+
+// The full CUDA forward (chunkwise cell, chunk 64: positions 0..63 and a partial chunk 64..99)
+// against DecodeChunk over the same prompt in uneven chunks (3, 7, 1, 5, 16, 12, 40, 16: every
+// chunk size class: one token, the GemmRows rows <= 16, cuBLASLt past 16 rows at B 2), both
+// against the CPU's float64 full forward; logits capped (the tweak puts most rows past the cap).
+TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkEqualsTheFullForward) {
+  ModelSpec spec = SmallXlstmLarge();
+  spec.mtp_heads = 2;
+  Pair m = MakePair(spec, 8, 1.0, XlstmLargeTweak);
+  ASSERT_TRUE(m.gpu && m.cpu);
+  const int64_t B = 2, T = 100, V = spec.vocab_size;
+  const auto seqs = RandomTokens(B * T, V, 31);
+  const Tensor full_gpu = m.gpu->Logits(seqs, B, T).ToDevice(Device::kCpu).To(DType::kF64);  // [B*T, V] b-major
+  const Tensor full_cpu = m.cpu->Logits(seqs, B, T);
+  auto sg = m.gpu->NewDecodeState(B);
+  Tensor chunked = Tensor::Empty({B * T, V}, DType::kF64);  // b-major, as the full forward
+  int64_t t = 0, i = 0;
+  for (int64_t chunk : {3, 7, 1, 5, 16, 12, 40, 16}) {
+    LanguageModel::DecodeOptions o;
+    o.rewindable = (i++ % 2) == 1;
+    const Tensor g = m.gpu->DecodeChunk(Columns(seqs, B, T, t, chunk), chunk, sg.get(), o)[0].ToDevice(Device::kCpu);
+    for (int64_t j = 0; j < chunk; ++j)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t v = 0; v < V; ++v) chunked.Set(((b * T) + t + j) * V + v, g.At((j * B + b) * V + v));
+    t += chunk;
+  }
+  ASSERT_EQ(t, T);
+  double max_abs = 0;
+  int64_t past = 0;
+  for (int64_t e = 0; e < full_cpu.numel(); ++e) {
+    max_abs = std::max(max_abs, std::fabs(full_cpu.At(e)));
+    past += std::fabs(full_cpu.At(e)) > 24.0;  // 30·tanh(l/30) > 24 <=> |l| > 33
+  }
+  const double chunk_full = RelativeError(chunked, full_gpu), full_ref = RelativeError(full_gpu, full_cpu),
+               chunk_ref = RelativeError(chunked, full_cpu);
+  bool finite = true;
+  for (int64_t e = 0; e < chunked.numel(); ++e) finite = finite && std::isfinite(chunked.At(e));
+  const bool ok = finite && chunk_full <= 3e-2 && full_ref <= 3e-2 && chunk_ref <= 3e-2 && max_abs <= 30.0 && past > 0;
+  std::printf("[%s] xlstm-large B2 T100 DecodeChunk (3,7,1,5,16,12,40,16) vs full CUDA forward rel_err %.3e, full "
+              "CUDA vs CPU f64 %.3e, chunks vs CPU f64 %.3e tol 3e-2; CPU capped logits max |l| %.3f (<= 30), %ld of "
+              "%ld past 24 (uncapped past 33)\n",
+              ok ? "PASS" : "FAIL", chunk_full, full_ref, chunk_ref, max_abs, (long)past, (long)full_cpu.numel());
+  EXPECT_TRUE(ok);
+}
+
+// Rewind after a rejected draft restores the state exactly: after a prefix of 5 and a
+// rewindable chunk of 5, Rewind(keep) leaves every state tensor of every block (trunk and MTP
+// heads: C, n, m) with the bits of a state that decoded only the prefix and the kept `keep`
+// tokens (a chunk of `keep`), for every keep in 1..5; one more step then gives both the same
+// logits bitwise. B 1 (speculative decoding's batch) and B 3.
+TEST_F(DecodeGpuTest, XlstmLargeRewindRestoresTheStateExactly) {
+  ModelSpec spec = SmallXlstmLarge();
+  spec.mtp_heads = 3;
+  auto made = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 8);
+  ASSERT_TRUE(made.ok()) << made.status();
+  LanguageModel* m = made->get();
+  Randomise(m->params(), 108);
+  XlstmLargeTweak(m->params());
+  const int64_t V = spec.vocab_size, prefix = 5, k = 5;
+  int64_t tensors = 0, differing = 0, logit_rows_differing = 0;
+  for (int64_t B : {1, 3}) {
+    const auto seqs = RandomTokens(B * (prefix + k + 1), V, 51);
+    const int64_t T = prefix + k + 1;
+    for (int64_t keep = 1; keep <= k; ++keep) {
+      auto a = m->NewDecodeState(B), b = m->NewDecodeState(B);
+      m->DecodeChunk(Columns(seqs, B, T, 0, prefix), prefix, a.get(), {});
+      m->DecodeChunk(Columns(seqs, B, T, 0, prefix), prefix, b.get(), {});
+      LanguageModel::DecodeOptions o;
+      o.rewindable = true;
+      m->DecodeChunk(Columns(seqs, B, T, prefix, k), k, a.get(), o);
+      ASSERT_TRUE(m->Rewind(a.get(), keep).ok());
+      m->DecodeChunk(Columns(seqs, B, T, prefix, keep), keep, b.get(), {});
+      std::vector<BlockState*> sa, sb;
+      for (size_t i = 0; i < a->trunk.size(); ++i) { sa.push_back(a->trunk[i].get()); sb.push_back(b->trunk[i].get()); }
+      for (size_t i = 0; i < a->heads.size(); ++i) { sa.push_back(a->heads[i].get()); sb.push_back(b->heads[i].get()); }
+      for (size_t i = 0; i < sa.size(); ++i) {
+        const auto ta = sa[i]->StepTensors(), tb = sb[i]->StepTensors();
+        ASSERT_EQ(ta.size(), tb.size());
+        for (size_t j = 0; j < ta.size(); ++j) {
+          ++tensors;
+          const Tensor x = ta[j]->ToDevice(Device::kCpu), y = tb[j]->ToDevice(Device::kCpu);
+          bool same = x.numel() == y.numel();
+          for (int64_t e = 0; same && e < x.numel(); ++e) same = x.At(e) == y.At(e);
+          differing += !same;
+        }
+      }
+      const auto next = Columns(seqs, B, T, T - 1, 1);
+      const Tensor la = m->DecodeStep(next, a.get())[0].ToDevice(Device::kCpu);
+      const Tensor lb = m->DecodeStep(next, b.get())[0].ToDevice(Device::kCpu);
+      for (int64_t r = 0; r < B; ++r) {
+        bool same = true;
+        for (int64_t v = 0; v < V; ++v) same = same && la.At(r * V + v) == lb.At(r * V + v);
+        logit_rows_differing += !same;
+      }
+    }
+  }
+  std::printf("[%s] xlstm-large Rewind(keep 1..5) of a chunk of 5 (B1, B3) vs decoding only the kept tokens: %ld "
+              "state tensors (C, n, m of 5 blocks), %ld differ in any bit; next step's logits rows differing %ld\n",
+              differing == 0 && logit_rows_differing == 0 ? "PASS" : "FAIL", (long)tensors, (long)differing,
+              (long)logit_rows_differing);
+  EXPECT_EQ(differing, 0);
+  EXPECT_EQ(logit_rows_differing, 0);
+}
 
 // ---------------------------------------------------------------- speculative = greedy, bitwise
 
@@ -680,6 +852,7 @@ TEST_F(DecodeGpuTest, SpeculativeChunkBitwiseEqualsGreedySteps) {
   partial.attn_rotary_dim = 32;
   CheckChunkBitwiseEqualsSteps("llama partial-rotary 32/64", partial, true);
   CheckChunkBitwiseEqualsSteps("xlstm mLSTM+sLSTM", SmallXlstm(), true);
+  CheckChunkBitwiseEqualsSteps("xlstm-large", SmallXlstmLarge(), true);
   ModelSpec mamba = SmallMixerHybrid();
   mamba.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
   CheckChunkBitwiseEqualsSteps("mamba2", mamba, true);
@@ -1460,7 +1633,8 @@ std::vector<GenerateCase> GenerateCases() {
   std::vector<GenerateCase> cases = {{"xlstm mLSTM+sLSTM", SmallXlstm()},
                                      {"mamba2", SmallMamba2()},
                                      {"llama", SmallLlama()},
-                                     {"mamba2+mixer", SmallMixerHybrid()}};
+                                     {"mamba2+mixer", SmallMixerHybrid()},
+                                     {"xlstm-large", SmallXlstmLarge()}};
   for (const char* preset : {"xlstm[1:0]-125m", "mamba2-130m", "llama-125m"}) cases.push_back({preset, *PresetSpec(preset)});
   return cases;
 }

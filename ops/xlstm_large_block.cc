@@ -217,10 +217,9 @@ std::unique_ptr<BlockState> XlstmLargeBlock::NewState(int64_t batch) const {
 }
 
 Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* state, bool rewindable) {
-  GYRE_CHECK(!IsCuda(x), "xLSTM Large block: no CUDA decoding yet (StepChunk runs on the CPU only; "
-                         "training and evaluation run on CUDA)");
   auto* st = static_cast<XlstmLargeState*>(state);
   st->cell_history.Clear();
+  if (IsCuda(x)) return StepCuda(x, chunk, st, rewindable);  // ops/xlstm_large_step_cuda.cc
   const int64_t B = x.rows() / chunk, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   // Row-wise parts once over all chunk·B rows; the cell position by position (the step recurrence).
   Tensor u = norm_mlstm_.Forward(x);

@@ -33,7 +33,9 @@
 // to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
 // slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
 // mLSTM cell with dk != dv; the per-head LayerNorm (GroupNorm kernel) and an elementwise kernel
-// for hn ⊙ σ(o). CUDA decoding (StepChunk) is not there yet: it stops with a message.
+// for hn ⊙ σ(o). CUDA decoding (StepChunk, ops/xlstm_large_step_cuda.cc): the same layers at the
+// chunk's rows with the mLSTM step kernel (one launch for all k positions, per-position state
+// history for Rewind), as the v1 MlstmBlock decodes.
 #pragma once
 
 #include <cstdint>
@@ -108,6 +110,7 @@ class XlstmLargeBlock : public Block {
   Tensor GateBackward(const Tensor& u, Parameter* w, Parameter* b, const Tensor& dpre) const;
   Tensor ForwardCuda(const Tensor& x, int64_t batch, int64_t seq);
   Tensor BackwardCuda(const Tensor& dy);
+  Tensor StepCuda(const Tensor& x, int64_t chunk, XlstmLargeState* st, bool rewindable);
   // The two gate weights as one [2·NH, d] matrix: its bf16 compute copy and its fp32 gradient.
   void GateSpan(Tensor* compute, Tensor* grad) const;
 };
