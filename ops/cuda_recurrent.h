@@ -231,4 +231,32 @@ struct XlstmLargeOutGateArgs {
   void* d_o = nullptr;
 };
 
+// The per-head LayerNorm (weight only) and the output gate in one pass each way (session 20,
+// helper xlperf20; opt-in GYRE_XLSTM_LARGE_NORM_GATE=fused, ops/XLSTM_LARGE.md):
+//   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
+//   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
+//             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
+//             64-row tile partial sums in `partial`, then summed over tiles in order).
+// h, o, y, dy, dh, d_o [rows, dim] bf16; dim = heads · dv with dv a multiple of 8, at most 1024.
+struct XlstmLargeNormGateArgs {
+  int64_t rows = 0, dim = 0, heads = 0;
+  float eps = 1e-6f;
+  const void* h = nullptr;
+  const void* o = nullptr;
+  const float* weight = nullptr;  // [dim] fp32 master
+  void* y = nullptr;
+  float* mean = nullptr;  // [rows, heads]
+  float* rstd = nullptr;  // [rows, heads]
+  const void* dy = nullptr;
+  void* dh = nullptr;
+  void* d_o = nullptr;
+  float* dweight = nullptr;
+  float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
+  bool overwrite_dweight = false;
+};
+inline constexpr int64_t kXlstmLargeNormGateTileRows = 64;
+inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim) {
+  return (rows + kXlstmLargeNormGateTileRows - 1) / kXlstmLargeNormGateTileRows * dim;
+}
+
 }  // namespace gyre::ops

@@ -47,6 +47,8 @@
 
 namespace gyre::ops {
 
+struct XlstmLargeNormGateArgs;  // ops/cuda_recurrent.h
+
 // Float64 reference checks only (the rule of ops/DT_BIAS_CHECK.md). The gate-bias gradients are
 // sums over tokens of the per-token gate gradients; the input gate's nearly cancels: adding one
 // constant to every ĩ of a head scales C and n alike and leaves h unchanged but for the
@@ -101,6 +103,11 @@ class XlstmLargeBlock : public Block {
   // normed h and σ(o).
   Tensor u_, q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
   Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
+  // CUDA, GYRE_XLSTM_LARGE_NORM_GATE=fused (opt-in, chosen at each Forward for its Backward): the
+  // per-head LayerNorm and σ(o) in one kernel each way; its statistics [rows, NH] fp32.
+  bool norm_gate_fused_ = false;
+  double norm_eps_;
+  Tensor norm_mean_, norm_rstd_;
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
   Tensor CapGate(const Tensor& raw) const;
   // CPU: raw pre-activation u·wᵀ + b of one gate; its backward (dW, db accumulated, du returned).
@@ -110,6 +117,8 @@ class XlstmLargeBlock : public Block {
   Tensor BackwardCuda(const Tensor& dy);
   // The two gate weights as one [2·NH, d] matrix: its bf16 compute copy and its fp32 gradient.
   void GateSpan(Tensor* compute, Tensor* grad) const;
+  // The fused norm + out gate kernels' shape, inputs and statistics (h_, o_pre_ set).
+  XlstmLargeNormGateArgs NormGateArgs();
 };
 
 }  // namespace gyre::ops

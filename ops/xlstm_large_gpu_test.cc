@@ -24,7 +24,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -103,8 +105,15 @@ void RandomizeGatesAndNorms(ParamStore& store, Rng* rng) {
   RoundMastersToBf16(store);
 }
 
+// GYRE_XLSTM_LARGE_NORM_GATE for one test's scope (the block reads it at each Forward).
+class ScopedNormGate {
+ public:
+  explicit ScopedNormGate(const char* value) { setenv("GYRE_XLSTM_LARGE_NORM_GATE", value, 1); }
+  ~ScopedNormGate() { unsetenv("GYRE_XLSTM_LARGE_NORM_GATE"); }
+};
+
 // One block on a CUDA store and on a float64 CPU store holding the same bf16-rounded weights.
-TEST_F(XlstmLargeGpuTest, Block) {
+void CheckBlock(const std::string& label) {
   const ModelSpec spec = SmallXlstmLarge();
   ParamStore gpu_store(DType::kF32, Device::kCpu), cpu_store(DType::kF64, Device::kCpu);
   Rng r1(7), r2(7);
@@ -123,9 +132,17 @@ TEST_F(XlstmLargeGpuTest, Block) {
   const std::vector<Mamba2GradTerms> terms = TakeXlstmLargeGateTerms();
   const Tensor y = gpu.Forward(ToCudaBf16(x), B, T);
   const Tensor dx = gpu.Backward(ToCudaBf16(dy));
-  EXPECT_TRUE(Check("xlstm_large y", y, y_ref, 1e-2));
-  EXPECT_TRUE(Check("xlstm_large dx", dx, dx_ref, 3e-2));
-  EXPECT_TRUE(CheckGradsWithTerms(gpu_store, cpu_store, "xlstm_large", 5e-2, terms));
+  EXPECT_TRUE(Check(label + " y", y, y_ref, 1e-2));
+  EXPECT_TRUE(Check(label + " dx", dx, dx_ref, 3e-2));
+  EXPECT_TRUE(CheckGradsWithTerms(gpu_store, cpu_store, label, 5e-2, terms));
+}
+
+TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large"); }
+
+// The same with the per-head LayerNorm and σ(o) in one kernel each way (opt-in).
+TEST_F(XlstmLargeGpuTest, BlockFusedNormGate) {
+  ScopedNormGate fused("fused");
+  CheckBlock("xlstm_large[norm_gate=fused]");
 }
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
@@ -223,6 +240,89 @@ TEST_F(XlstmLargeGpuTest, OutGateKernel) {
   EXPECT_TRUE(Check("out gate do", d_o, do_ref, 4e-3));
 }
 
+// The fused norm + out gate kernels alone vs float64: y = LN_head(h)·w ⊙ σ(o) and its backward
+// (dh, d_o, dweight accumulated onto 1 and overwritten). Rows not a multiple of the 64-row tile;
+// dv 512 (two full 256-column chunks, the bench shape), 200 (a partial chunk: lanes idle) and
+// 1024 (four chunks, the largest taken). Inputs h with a per-row offset (the mean matters), o
+// of std 3 (σ from ~0 to ~1), weights 1 + N(0, 0.3).
+TEST_F(XlstmLargeGpuTest, NormGateKernel) {
+  Rng rng(11);
+  for (const auto [rows, heads, dv] : {std::tuple<int64_t, int64_t, int64_t>{1000, 4, 512}, {333, 3, 200},
+                                       {130, 2, 1024}}) {
+    const int64_t dim = heads * dv;
+    const double eps = 1e-6;
+    Tensor h = RandomBf16Host({rows, dim}, 1.0, &rng);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < dim; ++c)
+        h.Set(r * dim + c, Bf16ToFloat(FloatToBf16(static_cast<float>(h.At(r * dim + c) + 0.5 * (r % 7) - 1.0))));
+    const Tensor o = RandomBf16Host({rows, dim}, 3.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng);
+    Tensor w = Tensor::Empty({dim}, DType::kF64);
+    for (int64_t c = 0; c < dim; ++c) w.Set(c, static_cast<float>(1.0 + 0.3 * rng.Normal()));
+    Tensor y_ref = Tensor::Empty({rows, dim}, DType::kF64), dh_ref = y_ref.Clone(), do_ref = y_ref.Clone();
+    Tensor dw_ref = Tensor::Zeros({dim}, DType::kF64);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < heads; ++g) {
+        const int64_t c0 = r * dim + g * dv;
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < dv; ++i) mean += h.At(c0 + i);
+        mean /= dv;
+        for (int64_t i = 0; i < dv; ++i) var += (h.At(c0 + i) - mean) * (h.At(c0 + i) - mean);
+        const double rstd = 1.0 / std::sqrt(var / dv + eps);
+        double m1 = 0, m2 = 0;
+        for (int64_t i = 0; i < dv; ++i) {
+          const double xh = (h.At(c0 + i) - mean) * rstd, s = 1.0 / (1.0 + std::exp(-o.At(c0 + i)));
+          const double wc = w.At(g * dv + i), dn = dy.At(c0 + i) * s;
+          y_ref.Set(c0 + i, xh * wc * s);
+          do_ref.Set(c0 + i, dy.At(c0 + i) * xh * wc * s * (1 - s));
+          dw_ref.Set(g * dv + i, dw_ref.At(g * dv + i) + dn * xh);
+          m1 += dn * wc;
+          m2 += dn * wc * xh;
+        }
+        m1 /= dv;
+        m2 /= dv;
+        for (int64_t i = 0; i < dv; ++i) {
+          const double xh = (h.At(c0 + i) - mean) * rstd, s = 1.0 / (1.0 + std::exp(-o.At(c0 + i)));
+          dh_ref.Set(c0 + i, rstd * (dy.At(c0 + i) * s * w.At(g * dv + i) - m1 - xh * m2));
+        }
+      }
+    }
+    const Tensor h_d = ToCudaBf16(h), o_d = ToCudaBf16(o), dy_d = ToCudaBf16(dy);
+    const Tensor w_d = w.To(DType::kF32).ToDevice(Device::kCuda);
+    Tensor y = ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)), dh = y.Clone(), d_o = y.Clone();
+    Tensor mean = Tensor::Full({rows, heads}, DType::kF32, NAN).ToDevice(Device::kCuda), rstd = mean.Clone();
+    Tensor dw = Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda);
+    Tensor partial =
+        Tensor::Full({XlstmLargeNormGatePartialFloats(rows, dim)}, DType::kF32, NAN).ToDevice(Device::kCuda);
+    XlstmLargeNormGateArgs a;
+    a.rows = rows; a.dim = dim; a.heads = heads; a.eps = static_cast<float>(eps);
+    a.h = h_d.raw(); a.o = o_d.raw(); a.weight = w_d.data<float>(); a.y = y.raw();
+    a.mean = mean.data<float>(); a.rstd = rstd.data<float>();
+    Cuda().XlstmLargeNormGate(false, a);
+    a.dy = dy_d.raw(); a.dh = dh.raw(); a.d_o = d_o.raw(); a.dweight = dw.data<float>();
+    a.partial = partial.data<float>();
+    a.overwrite_dweight = false;  // accumulate onto 1
+    Cuda().XlstmLargeNormGate(true, a);
+    const std::string label = "norm+gate dv " + std::to_string(dv);
+    EXPECT_TRUE(Check(label + " y", y, y_ref, 4e-3));
+    EXPECT_TRUE(Check(label + " dh", dh, dh_ref, 1e-2));
+    EXPECT_TRUE(Check(label + " do", d_o, do_ref, 4e-3));
+    Tensor dw_acc = dw_ref.Clone();
+    for (int64_t c = 0; c < dim; ++c) dw_acc.Set(c, dw_ref.At(c) + 1.0);
+    EXPECT_TRUE(Check(label + " dweight (+=)", dw, dw_acc, 1e-4));
+    a.overwrite_dweight = true;  // a stale gradient: overwritten, never read
+    Cuda().XlstmLargeNormGate(true, a);
+    EXPECT_TRUE(Check(label + " dweight (=)", dw, dw_ref, 1e-4));
+    // The same inputs give the same bits (fixed-order sums): run it again and compare.
+    Tensor dw_again = dw.ToDevice(Device::kCpu);
+    Cuda().XlstmLargeNormGate(true, a);
+    const Tensor dw_third = dw.ToDevice(Device::kCpu);
+    bool same = true;
+    for (int64_t c = 0; c < dim; ++c) same &= dw_again.At(c) == dw_third.At(c);
+    std::printf("[%s] %s dweight bitwise the same on a rerun\n", same ? "PASS" : "FAIL", label.c_str());
+    EXPECT_TRUE(same);
+  }
+}
+
 // The capped fused loss: bf16 h, W on the device vs float64 on the CPU, logits up to ~±60.
 TEST_F(XlstmLargeGpuTest, CappedLinearCrossEntropy) {
   Rng rng(5);
@@ -246,7 +346,7 @@ TEST_F(XlstmLargeGpuTest, CappedLinearCrossEntropy) {
   }
 }
 
-TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) {
+void CheckModel() {
   const ModelSpec spec = SmallXlstmLarge();
   const int64_t B = 2, T = 100;
   auto gpu = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 3);
@@ -272,7 +372,19 @@ TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) {
   EXPECT_TRUE(CheckGradsWithTerms((*gpu)->params(), (*cpu)->params(), spec.preset, 5e-2, terms));
 }
 
+TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) { CheckModel(); }
+
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
+
+TEST_F(XlstmLargeGpuTest, ModelFusedNormGate) {
+  ScopedNormGate fused("fused");
+  CheckModel();
+}
+
+TEST_F(XlstmLargeGpuTest, DeferredZeroFusedNormGate) {
+  ScopedNormGate fused("fused");
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[norm_gate=fused]"));
+}
 
 // Shapes the CUDA kernels do not take are refused at creation with the reason.
 TEST_F(XlstmLargeGpuTest, TinyPresetIsRefusedOnCuda) {
