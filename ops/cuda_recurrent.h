@@ -217,6 +217,9 @@ struct XlstmLargeGateArgs {
   float* dbi = nullptr;
   float* dbf = nullptr;
   bool overwrite_db = false;
+  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward
+  // (GYRE_XLSTM_LARGE_NORM_GATE=fused_gates) writes dpre as the last 2·heads columns of [d_o | dpre].
+  int64_t ldpre = 0;
 };
 
 // Output gate over n bf16 elements: y = hn ⊙ σ(o); backward dhn = dy ⊙ σ(o),
@@ -253,6 +256,7 @@ struct XlstmLargeNormGateArgs {
   float* dweight = nullptr;
   float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
   bool overwrite_dweight = false;
+  int64_t ld_do = 0;  // d_o's row stride in elements (a multiple of 8); 0 = dim
 };
 inline constexpr int64_t kXlstmLargeNormGateTileRows = 64;
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim) {

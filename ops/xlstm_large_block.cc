@@ -278,6 +278,12 @@ void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
              "xLSTM Large: the input and forget gate weights are not adjacent in the flat CUDA store");
 }
 
+void XlstmLargeBlock::OgateSpan(Tensor* compute, Tensor* grad) const {
+  GYRE_CHECK(store_->AdjacentSpan({ogate_.weight(), wi_, wf_}, compute, grad),
+             "xLSTM Large: the out-gate and gate weights are not adjacent in the flat CUDA store "
+             "(GYRE_XLSTM_LARGE_NORM_GATE=fused_gates needs them as one matrix)");
+}
+
 XlstmLargeNormGateArgs XlstmLargeBlock::NormGateArgs() {
   XlstmLargeNormGateArgs n;
   n.rows = h_.rows(); n.dim = v_dim_; n.heads = heads_;
@@ -322,7 +328,9 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
   // (default) the GroupNorm kernel then the elementwise gate; "fused" one kernel each way
   // (opt-in until measured; ops/XLSTM_LARGE.md, session 20).
   Tensor gated = CudaEmpty({rows, v_dim_});
-  norm_gate_fused_ = EnvChoice("GYRE_XLSTM_LARGE_NORM_GATE", {"split", "fused"}, "split") == "fused";
+  const std::string norm_gate = EnvChoice("GYRE_XLSTM_LARGE_NORM_GATE", {"split", "fused", "fused_gates"}, "split");
+  norm_gate_fused_ = norm_gate != "split";
+  fold_gates_ = norm_gate == "fused_gates";
   if (norm_gate_fused_) {
     norm_mean_ = CudaEmpty({rows, heads_}, DType::kF32);
     norm_rstd_ = CudaEmpty({rows, heads_}, DType::kF32);
@@ -343,7 +351,9 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
-  Tensor dopre = CudaEmpty({rows, v_dim_}), dh;
+  // fold_gates_: d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH] buffer.
+  const int64_t ld_do = fold_gates_ ? v_dim_ + 2 * heads_ : v_dim_;
+  Tensor dopre = CudaEmpty({rows, ld_do}), dh;
   if (norm_gate_fused_) {
     Parameter* w = multihead_norm_.weight();
     dh = CudaEmpty({rows, v_dim_});
@@ -353,6 +363,7 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();
     n.overwrite_dweight = rows > 0 && FirstGradWrite(w);
+    n.ld_do = ld_do;
     if (rows == 0) ZeroGradIfStale(w);
     Cuda().XlstmLargeNormGate(true, n);
   } else {
@@ -378,11 +389,13 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   Cuda().Mlstm(true, c);
   // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
   // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
-  Tensor dpre = CudaEmpty({rows, 2 * heads_});
+  Tensor dpre = fold_gates_ ? Tensor() : CudaEmpty({rows, 2 * heads_});
   XlstmLargeGateArgs g;
   g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
   g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.dpre = fold_gates_ ? static_cast<void*>(static_cast<char*>(dopre.raw()) + v_dim_ * 2) : dpre.raw();
+  g.ldpre = fold_gates_ ? ld_do : 0;
+  g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
   Cuda().XlstmLargeGates(true, g);
   // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
@@ -393,14 +406,33 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
   bool first = true;
   for (const auto& [map, dy_map] : maps) {
-    const int64_t n = map->out();
     Parameter* w = map->weight();
+    if (fold_gates_ && map == &ogate_) {
+      // du += [d_o | dpre]·[W_o; W_i; W_f], d[W_o; W_i; W_f] (+)= [d_o | dpre]ᵀ u: K and M of
+      // v_dim + 2·NH, the gate rows riding along (ops/XLSTM_LARGE.md, session 20).
+      Tensor w_ogates, dw_ogates;
+      OgateSpan(&w_ogates, &dw_ogates);
+      Mm(false, false, rows, d_, ld_do, dopre.raw(), ld_do, w_ogates.raw(), d_, du.raw(), d_, false, 1.f);
+      const bool overwrite = rows > 0 ? FirstGradWrite({w, wi_, wf_}) : false;
+      if (rows == 0) { ZeroGradIfStale(w); ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+      Mm(true, false, ld_do, d_, rows, dopre.raw(), ld_do, u_.raw(), d_, dw_ogates.raw(), d_, true,
+         overwrite ? 0.f : 1.f);
+      continue;
+    }
+    const int64_t n = map->out();
     Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
     first = false;
     const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
     if (rows == 0) ZeroGradIfStale(w);
     Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
   }
+  Tensor dx = fold_gates_ ? norm_mlstm_.BackwardAdd(du, dx1) : BackwardSkinnyGates(rows, dpre, du, dx1);
+  ReleaseActivations();
+  return dx;
+}
+
+// The gates' own backward GEMMs (N or M = 2·NH): du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
+Tensor XlstmLargeBlock::BackwardSkinnyGates(int64_t rows, const Tensor& dpre, Tensor& du, const Tensor& dx1) {
   Tensor w_if, dw_if;
   GateSpan(&w_if, &dw_if);
   Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
@@ -408,9 +440,7 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
   Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
      overwrite_dw ? 0.f : 1.f);
-  Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
-  ReleaseActivations();
-  return dx;
+  return norm_mlstm_.BackwardAdd(du, dx1);
 }
 
 void XlstmLargeBlock::Rewind(BlockState* state, int64_t keep) {

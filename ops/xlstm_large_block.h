@@ -105,7 +105,9 @@ class XlstmLargeBlock : public Block {
   Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
   // CUDA, GYRE_XLSTM_LARGE_NORM_GATE=fused (opt-in, chosen at each Forward for its Backward): the
   // per-head LayerNorm and σ(o) in one kernel each way; its statistics [rows, NH] fp32.
-  bool norm_gate_fused_ = false;
+  // fused_gates: also [d_o | dpre] as one buffer, so the o map's backward GEMMs take the gate
+  // rows ([W_o; W_i; W_f] one span): no skinny gate GEMMs in the backward.
+  bool norm_gate_fused_ = false, fold_gates_ = false;
   double norm_eps_;
   Tensor norm_mean_, norm_rstd_;
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
@@ -119,6 +121,10 @@ class XlstmLargeBlock : public Block {
   void GateSpan(Tensor* compute, Tensor* grad) const;
   // The fused norm + out gate kernels' shape, inputs and statistics (h_, o_pre_ set).
   XlstmLargeNormGateArgs NormGateArgs();
+  // [W_o; W_i; W_f] as one [v_dim + 2·NH, d] matrix (compute copy, fp32 gradient).
+  void OgateSpan(Tensor* compute, Tensor* grad) const;
+  // The default backward's tail: the skinny gate GEMMs, then norm_mlstm's backward (+ dx1).
+  Tensor BackwardSkinnyGates(int64_t rows, const Tensor& dpre, Tensor& du, const Tensor& dx1);
 };
 
 }  // namespace gyre::ops

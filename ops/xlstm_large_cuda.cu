@@ -35,7 +35,7 @@ constexpr int kBwdThreads = 256;
 
 __global__ void __launch_bounds__(kBwdThreads)
 xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* dig, const float* dfg, bf16* dpre,
-             float* dbi, float* dbf, bool overwrite) {
+             int64_t ldpre, float* dbi, float* dbf, bool overwrite) {
   const int c = blockIdx.x;  // gate column
   const int cols = 2 * heads;
   const bool input = c < heads;
@@ -44,7 +44,7 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
   float sum = 0.f;
   for (int64_t r = threadIdx.x; r < rows; r += kBwdThreads) {
     const float d = dgate[r * heads + h] * CapSlope(pre[r * cols + c], cap);
-    dpre[r * cols + c] = __float2bfloat16_rn(d);
+    dpre[r * ldpre + c] = __float2bfloat16_rn(d);
     sum += d;
   }
   __shared__ float part[kBwdThreads];
@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
   const int head = blockIdx.y;
   const int64_t dv = a.dim / a.heads;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kNormGateTileRows;
+  const int64_t ld_do = a.ld_do != 0 ? a.ld_do : a.dim;
   float w[kChunks][8], dw[kChunks][8];
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
         dw[k][e] += dn * xh;
         d_o[e] = dy[e] * xh * w[k][e] * s * (1.f - s);
       }
-      StoreBf16x8(a.d_o, base + c, d_o);
+      StoreBf16x8(a.d_o, r * ld_do + head * dv + c, d_o);
     }
     s1 = WarpSum(s1) / dv;
     s2 = WarpSum(s2) / dv;
@@ -272,8 +273,8 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
       a.dpre == nullptr || a.dbi == nullptr || a.dbf == nullptr)
     return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: bad shape or missing pointer");
   xl_gates_bwd<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
-      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.dbi, a.dbf,
-      a.overwrite_db);
+      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre),
+      a.ldpre != 0 ? a.ldpre : 2 * a.heads, a.dbi, a.dbf, a.overwrite_db);
   CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bwd");
   return {};
 }
@@ -323,7 +324,7 @@ CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStrea
   const int chunks = NormGateChunks(a);
   if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.mean == nullptr ||
       a.rstd == nullptr || a.dy == nullptr || a.dh == nullptr || a.d_o == nullptr || a.dweight == nullptr ||
-      a.partial == nullptr)
+      a.partial == nullptr || a.ld_do % 8 != 0 || (a.ld_do != 0 && a.ld_do < a.dim))
     return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024) or "
                                        "missing pointer");
   if (a.rows == 0) return {};

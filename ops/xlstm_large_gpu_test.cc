@@ -386,6 +386,23 @@ TEST_F(XlstmLargeGpuTest, DeferredZeroFusedNormGate) {
   EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[norm_gate=fused]"));
 }
 
+// fused_gates: also the gate rows folded into the o map's backward GEMMs ([d_o | dpre] one buffer,
+// [W_o; W_i; W_f] one span).
+TEST_F(XlstmLargeGpuTest, BlockFusedGates) {
+  ScopedNormGate fused("fused_gates");
+  CheckBlock("xlstm_large[norm_gate=fused_gates]");
+}
+
+TEST_F(XlstmLargeGpuTest, ModelFusedGates) {
+  ScopedNormGate fused("fused_gates");
+  CheckModel();
+}
+
+TEST_F(XlstmLargeGpuTest, DeferredZeroFusedGates) {
+  ScopedNormGate fused("fused_gates");
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[norm_gate=fused_gates]"));
+}
+
 // Shapes the CUDA kernels do not take are refused at creation with the reason.
 TEST_F(XlstmLargeGpuTest, TinyPresetIsRefusedOnCuda) {
   auto m = LanguageModel::Create(*PresetSpec("xlstm-large-tiny"), DType::kF32, Device::kCuda, 1);
