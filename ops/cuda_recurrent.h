@@ -217,25 +217,10 @@ struct XlstmLargeGateArgs {
   float* dbi = nullptr;
   float* dbf = nullptr;
   bool overwrite_db = false;
-  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward
-  // (GYRE_XLSTM_LARGE_NORM_GATE=fused_gates) writes dpre as the last 2·heads columns of [d_o | dpre].
-  int64_t ldpre = 0;
-};
-
-// Output gate over n bf16 elements: y = hn ⊙ σ(o); backward dhn = dy ⊙ σ(o),
-// d_o = dy ⊙ hn ⊙ σ(o)(1 − σ(o)) (both bf16, overwritten).
-struct XlstmLargeOutGateArgs {
-  int64_t n = 0;
-  const void* hn = nullptr;
-  const void* o = nullptr;
-  void* y = nullptr;
-  const void* dy = nullptr;
-  void* dhn = nullptr;
-  void* d_o = nullptr;
 };
 
 // The per-head LayerNorm (weight only) and the output gate in one pass each way (session 20,
-// helper xlperf20; opt-in GYRE_XLSTM_LARGE_NORM_GATE=fused, ops/XLSTM_LARGE.md):
+// helper xlperf20, ops/XLSTM_LARGE.md; it replaced the GroupNorm kernel + an elementwise gate):
 //   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
 //   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
 //             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
@@ -256,7 +241,6 @@ struct XlstmLargeNormGateArgs {
   float* dweight = nullptr;
   float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
   bool overwrite_dweight = false;
-  int64_t ld_do = 0;  // d_o's row stride in elements (a multiple of 8); 0 = dim
 };
 inline constexpr int64_t kXlstmLargeNormGateTileRows = 64;
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim) {

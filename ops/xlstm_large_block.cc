@@ -7,7 +7,6 @@
 #include "kernels/cpu/mlstm.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
-#include "ops/env_switch.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -278,12 +277,6 @@ void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
              "xLSTM Large: the input and forget gate weights are not adjacent in the flat CUDA store");
 }
 
-void XlstmLargeBlock::OgateSpan(Tensor* compute, Tensor* grad) const {
-  GYRE_CHECK(store_->AdjacentSpan({ogate_.weight(), wi_, wf_}, compute, grad),
-             "xLSTM Large: the out-gate and gate weights are not adjacent in the flat CUDA store "
-             "(GYRE_XLSTM_LARGE_NORM_GATE=fused_gates needs them as one matrix)");
-}
-
 XlstmLargeNormGateArgs XlstmLargeBlock::NormGateArgs() {
   XlstmLargeNormGateArgs n;
   n.rows = h_.rows(); n.dim = v_dim_; n.heads = heads_;
@@ -323,26 +316,16 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
   Cuda().Mlstm(false, c);
-  // y = LN_head(h)·w ⊙ σ(o). GYRE_XLSTM_LARGE_NORM_GATE (read at each Forward, so that
-  // recurrent_step_bench --variants can alternate it; the Backward follows its Forward): "split"
-  // (default) the GroupNorm kernel then the elementwise gate; "fused" one kernel each way
-  // (opt-in until measured; ops/XLSTM_LARGE.md, session 20).
+  // y = LN_head(h)·w ⊙ σ(o) in one kernel (the per-head LayerNorm's weight read from multihead_norm_;
+  // its statistics kept). Measured against the GroupNorm kernel + an elementwise gate kernel
+  // (session 20, ops/XLSTM_LARGE.md): xlstm-large-bench B4 step 160.3 -> 157.0 ms on an H100, 3 of
+  // 3 rounds; that path was deleted.
   Tensor gated = CudaEmpty({rows, v_dim_});
-  const std::string norm_gate = EnvChoice("GYRE_XLSTM_LARGE_NORM_GATE", {"split", "fused", "fused_gates"}, "split");
-  norm_gate_fused_ = norm_gate != "split";
-  fold_gates_ = norm_gate == "fused_gates";
-  if (norm_gate_fused_) {
-    norm_mean_ = CudaEmpty({rows, heads_}, DType::kF32);
-    norm_rstd_ = CudaEmpty({rows, heads_}, DType::kF32);
-    XlstmLargeNormGateArgs n = NormGateArgs();
-    n.y = gated.raw();
-    Cuda().XlstmLargeNormGate(false, n);
-  } else {
-    hn_ = multihead_norm_.Forward(h_);
-    XlstmLargeOutGateArgs og;
-    og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw(); og.y = gated.raw();
-    Cuda().XlstmLargeOutGate(false, og);
-  }
+  norm_mean_ = CudaEmpty({rows, heads_}, DType::kF32);
+  norm_rstd_ = CudaEmpty({rows, heads_}, DType::kF32);
+  XlstmLargeNormGateArgs n = NormGateArgs();
+  n.y = gated.raw();
+  Cuda().XlstmLargeNormGate(false, n);
   Tensor x1 = out_proj_.ForwardAdd(gated, x);  // x + out_proj(gated): the add in the GEMM's store
   return ffn_.ForwardAdd(norm_ffn_.Forward(x1), x1);
 }
@@ -351,28 +334,19 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
-  // fold_gates_: d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH] buffer.
-  const int64_t ld_do = fold_gates_ ? v_dim_ + 2 * heads_ : v_dim_;
-  Tensor dopre = CudaEmpty({rows, ld_do}), dh;
-  if (norm_gate_fused_) {
+  // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
+  // fixed-order column pass of dweight's tile sums).
+  Tensor dopre = CudaEmpty({rows, v_dim_}), dh = CudaEmpty({rows, v_dim_});
+  {
     Parameter* w = multihead_norm_.weight();
-    dh = CudaEmpty({rows, v_dim_});
     Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_)}, DType::kF32);
     XlstmLargeNormGateArgs n = NormGateArgs();
     n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();
     n.overwrite_dweight = rows > 0 && FirstGradWrite(w);
-    n.ld_do = ld_do;
     if (rows == 0) ZeroGradIfStale(w);
     Cuda().XlstmLargeNormGate(true, n);
-  } else {
-    Tensor dhn = CudaEmpty({rows, v_dim_});
-    XlstmLargeOutGateArgs og;
-    og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw();
-    og.dy = dgated.raw(); og.dhn = dhn.raw(); og.d_o = dopre.raw();
-    Cuda().XlstmLargeOutGate(true, og);
-    dh = multihead_norm_.Backward(dhn);
   }
   Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
@@ -389,13 +363,11 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   Cuda().Mlstm(true, c);
   // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
   // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
-  Tensor dpre = fold_gates_ ? Tensor() : CudaEmpty({rows, 2 * heads_});
+  Tensor dpre = CudaEmpty({rows, 2 * heads_});
   XlstmLargeGateArgs g;
   g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
   g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dpre = fold_gates_ ? static_cast<void*>(static_cast<char*>(dopre.raw()) + v_dim_ * 2) : dpre.raw();
-  g.ldpre = fold_gates_ ? ld_do : 0;
-  g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
   Cuda().XlstmLargeGates(true, g);
   // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
@@ -406,33 +378,14 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
   bool first = true;
   for (const auto& [map, dy_map] : maps) {
-    Parameter* w = map->weight();
-    if (fold_gates_ && map == &ogate_) {
-      // du += [d_o | dpre]·[W_o; W_i; W_f], d[W_o; W_i; W_f] (+)= [d_o | dpre]ᵀ u: K and M of
-      // v_dim + 2·NH, the gate rows riding along (ops/XLSTM_LARGE.md, session 20).
-      Tensor w_ogates, dw_ogates;
-      OgateSpan(&w_ogates, &dw_ogates);
-      Mm(false, false, rows, d_, ld_do, dopre.raw(), ld_do, w_ogates.raw(), d_, du.raw(), d_, false, 1.f);
-      const bool overwrite = rows > 0 ? FirstGradWrite({w, wi_, wf_}) : false;
-      if (rows == 0) { ZeroGradIfStale(w); ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
-      Mm(true, false, ld_do, d_, rows, dopre.raw(), ld_do, u_.raw(), d_, dw_ogates.raw(), d_, true,
-         overwrite ? 0.f : 1.f);
-      continue;
-    }
     const int64_t n = map->out();
+    Parameter* w = map->weight();
     Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
     first = false;
     const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
     if (rows == 0) ZeroGradIfStale(w);
     Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
   }
-  Tensor dx = fold_gates_ ? norm_mlstm_.BackwardAdd(du, dx1) : BackwardSkinnyGates(rows, dpre, du, dx1);
-  ReleaseActivations();
-  return dx;
-}
-
-// The gates' own backward GEMMs (N or M = 2·NH): du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
-Tensor XlstmLargeBlock::BackwardSkinnyGates(int64_t rows, const Tensor& dpre, Tensor& du, const Tensor& dx1) {
   Tensor w_if, dw_if;
   GateSpan(&w_if, &dw_if);
   Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
@@ -440,7 +393,9 @@ Tensor XlstmLargeBlock::BackwardSkinnyGates(int64_t rows, const Tensor& dpre, Te
   if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
   Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
      overwrite_dw ? 0.f : 1.f);
-  return norm_mlstm_.BackwardAdd(du, dx1);
+  Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
+  ReleaseActivations();
+  return dx;
 }
 
 void XlstmLargeBlock::Rewind(BlockState* state, int64_t keep) {

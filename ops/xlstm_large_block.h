@@ -32,8 +32,8 @@
 // in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
 // to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
 // slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
-// mLSTM cell with dk != dv; the per-head LayerNorm (GroupNorm kernel) and an elementwise kernel
-// for hn ⊙ σ(o). CUDA decoding (StepChunk) is not there yet: it stops with a message.
+// mLSTM cell with dk != dv; the per-head LayerNorm and σ(o) as one kernel each way
+// (LN(h)·w ⊙ σ(o), ops/xlstm_large_cuda.h xl_norm_gate_*). CUDA decoding (StepChunk) is not there yet: it stops with a message.
 #pragma once
 
 #include <cstdint>
@@ -103,11 +103,8 @@ class XlstmLargeBlock : public Block {
   // normed h and σ(o).
   Tensor u_, q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
   Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
-  // CUDA, GYRE_XLSTM_LARGE_NORM_GATE=fused (opt-in, chosen at each Forward for its Backward): the
-  // per-head LayerNorm and σ(o) in one kernel each way; its statistics [rows, NH] fp32.
-  // fused_gates: also [d_o | dpre] as one buffer, so the o map's backward GEMMs take the gate
-  // rows ([W_o; W_i; W_f] one span): no skinny gate GEMMs in the backward.
-  bool norm_gate_fused_ = false, fold_gates_ = false;
+  // CUDA: the per-head LayerNorm and σ(o) are one kernel each way (XlstmLargeNormGate; hn_ and
+  // so_ are the CPU path's); the norm's statistics [rows, NH] fp32.
   double norm_eps_;
   Tensor norm_mean_, norm_rstd_;
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
@@ -121,10 +118,6 @@ class XlstmLargeBlock : public Block {
   void GateSpan(Tensor* compute, Tensor* grad) const;
   // The fused norm + out gate kernels' shape, inputs and statistics (h_, o_pre_ set).
   XlstmLargeNormGateArgs NormGateArgs();
-  // [W_o; W_i; W_f] as one [v_dim + 2·NH, d] matrix (compute copy, fp32 gradient).
-  void OgateSpan(Tensor* compute, Tensor* grad) const;
-  // The default backward's tail: the skinny gate GEMMs, then norm_mlstm's backward (+ dx1).
-  Tensor BackwardSkinnyGates(int64_t rows, const Tensor& dpre, Tensor& du, const Tensor& dx1);
 };
 
 }  // namespace gyre::ops

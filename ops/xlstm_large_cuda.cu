@@ -35,7 +35,7 @@ constexpr int kBwdThreads = 256;
 
 __global__ void __launch_bounds__(kBwdThreads)
 xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* dig, const float* dfg, bf16* dpre,
-             int64_t ldpre, float* dbi, float* dbf, bool overwrite) {
+             float* dbi, float* dbf, bool overwrite) {
   const int c = blockIdx.x;  // gate column
   const int cols = 2 * heads;
   const bool input = c < heads;
@@ -44,7 +44,7 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
   float sum = 0.f;
   for (int64_t r = threadIdx.x; r < rows; r += kBwdThreads) {
     const float d = dgate[r * heads + h] * CapSlope(pre[r * cols + c], cap);
-    dpre[r * ldpre + c] = __float2bfloat16_rn(d);
+    dpre[r * cols + c] = __float2bfloat16_rn(d);
     sum += d;
   }
   __shared__ float part[kBwdThreads];
@@ -58,22 +58,6 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
     float* db = input ? dbi + h : dbf + h;
     *db = overwrite ? part[0] : *db + part[0];
   }
-}
-
-__global__ void xl_out_gate_fwd(int64_t n, const bf16* hn, const bf16* o, bf16* y) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float s = 1.f / (1.f + expf(-__bfloat162float(o[i])));
-  y[i] = __float2bfloat16_rn(__bfloat162float(hn[i]) * s);
-}
-
-__global__ void xl_out_gate_bwd(int64_t n, const bf16* hn, const bf16* o, const bf16* dy, bf16* dhn, bf16* d_o) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float s = 1.f / (1.f + expf(-__bfloat162float(o[i])));
-  const float g = __bfloat162float(dy[i]);
-  dhn[i] = __float2bfloat16_rn(g * s);
-  d_o[i] = __float2bfloat16_rn(g * __bfloat162float(hn[i]) * s * (1.f - s));
 }
 
 // ---------------------------------------------------------------- norm + out gate (fused)
@@ -173,7 +157,6 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
   const int head = blockIdx.y;
   const int64_t dv = a.dim / a.heads;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kNormGateTileRows;
-  const int64_t ld_do = a.ld_do != 0 ? a.ld_do : a.dim;
   float w[kChunks][8], dw[kChunks][8];
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
@@ -205,7 +188,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
         dw[k][e] += dn * xh;
         d_o[e] = dy[e] * xh * w[k][e] * s * (1.f - s);
       }
-      StoreBf16x8(a.d_o, r * ld_do + head * dv + c, d_o);
+      StoreBf16x8(a.d_o, base + c, d_o);
     }
     s1 = WarpSum(s1) / dv;
     s2 = WarpSum(s2) / dv;
@@ -273,31 +256,9 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
       a.dpre == nullptr || a.dbi == nullptr || a.dbf == nullptr)
     return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: bad shape or missing pointer");
   xl_gates_bwd<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
-      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre),
-      a.ldpre != 0 ? a.ldpre : 2 * a.heads, a.dbi, a.dbf, a.overwrite_db);
+      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.dbi, a.dbf,
+      a.overwrite_db);
   CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bwd");
-  return {};
-}
-
-CudaResult XlstmLargeOutGateForward(const XlstmLargeOutGateArgs& a, cudaStream_t stream) {
-  if (a.n < 0 || (a.n > 0 && (a.hn == nullptr || a.o == nullptr || a.y == nullptr)))
-    return gyre::cuda::InvalidArgument("XlstmLargeOutGateForward: bad shape or missing pointer");
-  if (a.n == 0) return {};
-  xl_out_gate_fwd<<<Blocks(a.n, 256), 256, 0, stream>>>(a.n, static_cast<const bf16*>(a.hn),
-                                                        static_cast<const bf16*>(a.o), static_cast<bf16*>(a.y));
-  CUDA_RETURN_IF_LAUNCH_ERROR("xl_out_gate_fwd");
-  return {};
-}
-
-CudaResult XlstmLargeOutGateBackward(const XlstmLargeOutGateArgs& a, cudaStream_t stream) {
-  if (a.n < 0 || (a.n > 0 && (a.hn == nullptr || a.o == nullptr || a.dy == nullptr || a.dhn == nullptr ||
-                              a.d_o == nullptr)))
-    return gyre::cuda::InvalidArgument("XlstmLargeOutGateBackward: bad shape or missing pointer");
-  if (a.n == 0) return {};
-  xl_out_gate_bwd<<<Blocks(a.n, 256), 256, 0, stream>>>(
-      a.n, static_cast<const bf16*>(a.hn), static_cast<const bf16*>(a.o), static_cast<const bf16*>(a.dy),
-      static_cast<bf16*>(a.dhn), static_cast<bf16*>(a.d_o));
-  CUDA_RETURN_IF_LAUNCH_ERROR("xl_out_gate_bwd");
   return {};
 }
 
@@ -324,7 +285,7 @@ CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStrea
   const int chunks = NormGateChunks(a);
   if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.mean == nullptr ||
       a.rstd == nullptr || a.dy == nullptr || a.dh == nullptr || a.d_o == nullptr || a.dweight == nullptr ||
-      a.partial == nullptr || a.ld_do % 8 != 0 || (a.ld_do != 0 && a.ld_do < a.dim))
+      a.partial == nullptr)
     return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024) or "
                                        "missing pointer");
   if (a.rows == 0) return {};
