@@ -224,7 +224,7 @@ struct XlstmLargeGateArgs {
 //   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
 //   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
 //             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
-//             64-row tile partial sums in `partial`, then summed over tiles in order).
+//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order).
 // h, o, y, dy, dh, d_o [rows, dim] bf16; dim = heads · dv with dv a multiple of 8, at most 1024.
 struct XlstmLargeNormGateArgs {
   int64_t rows = 0, dim = 0, heads = 0;
@@ -241,10 +241,11 @@ struct XlstmLargeNormGateArgs {
   float* dweight = nullptr;
   float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
   bool overwrite_dweight = false;
+  // Backward rows per block (a multiple of 8, the block's warps): 64 = rows / 64 · heads blocks.
+  int32_t tile_rows = 64;
 };
-inline constexpr int64_t kXlstmLargeNormGateTileRows = 64;
-inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim) {
-  return (rows + kXlstmLargeNormGateTileRows - 1) / kXlstmLargeNormGateTileRows * dim;
+inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
+  return (rows + tile_rows - 1) / tile_rows * dim;
 }
 
 }  // namespace gyre::ops

@@ -70,7 +70,6 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
 // (10 bytes an element) and nothing else but the [rows, heads] statistics and dweight's partials.
 
 constexpr int kNormGateWarps = 8;  // warps (rows) per block
-constexpr int kNormGateTileRows = static_cast<int>(kXlstmLargeNormGateTileRows);  // backward rows per block
 
 __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -156,7 +155,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int head = blockIdx.y;
   const int64_t dv = a.dim / a.heads;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kNormGateTileRows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * a.tile_rows;
   float w[kChunks][8], dw[kChunks][8];
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
@@ -165,7 +164,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
     for (int e = 0; e < 8; ++e) dw[k][e] = 0.f;
     if (c < dv) LoadF32x8(a.weight + head * dv + c, w[k]);
   }
-  for (int64_t r = r0 + warp; r < min(r0 + kNormGateTileRows, a.rows); r += kNormGateWarps) {
+  for (int64_t r = r0 + warp; r < min(r0 + a.tile_rows, a.rows); r += kNormGateWarps) {
     const int64_t base = r * a.dim + head * dv;
     const float mean = a.mean[r * a.heads + head], rstd = a.rstd[r * a.heads + head];
     float xhat[kChunks][8], g[kChunks][8];
@@ -285,11 +284,11 @@ CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStrea
   const int chunks = NormGateChunks(a);
   if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.mean == nullptr ||
       a.rstd == nullptr || a.dy == nullptr || a.dh == nullptr || a.d_o == nullptr || a.dweight == nullptr ||
-      a.partial == nullptr)
-    return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024) or "
-                                       "missing pointer");
+      a.partial == nullptr || a.tile_rows < kNormGateWarps || a.tile_rows % kNormGateWarps != 0)
+    return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024; "
+                                       "tile_rows a multiple of 8) or missing pointer");
   if (a.rows == 0) return {};
-  const int64_t tiles = (a.rows + kNormGateTileRows - 1) / kNormGateTileRows;
+  const int64_t tiles = (a.rows + a.tile_rows - 1) / a.tile_rows;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(a.heads));
   const unsigned threads = 32 * kNormGateWarps;
   switch (chunks) {

@@ -24,6 +24,7 @@
 // with the sign of near-zero q·k (a forget gate of σ(−15)).
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -131,6 +132,14 @@ void CheckBlock(const std::string& label) {
 }
 
 TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large"); }
+
+// The same block with the norm + gate backward at 16-row tiles (GYRE_XLSTM_LARGE_NORM_GATE_TILE,
+// read at each Backward).
+TEST_F(XlstmLargeGpuTest, BlockNormGateTile16) {
+  setenv("GYRE_XLSTM_LARGE_NORM_GATE_TILE", "16", 1);
+  CheckBlock("xlstm_large[tile 16]");
+  unsetenv("GYRE_XLSTM_LARGE_NORM_GATE_TILE");
+}
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
 // the linear middle), 3 heads' worth of columns, bias gradients accumulated and overwritten.
@@ -256,34 +265,41 @@ TEST_F(XlstmLargeGpuTest, NormGateKernel) {
     Tensor mean = Tensor::Full({rows, heads}, DType::kF32, NAN).ToDevice(Device::kCuda), rstd = mean.Clone();
     Tensor dw = Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda);
     Tensor partial =
-        Tensor::Full({XlstmLargeNormGatePartialFloats(rows, dim)}, DType::kF32, NAN).ToDevice(Device::kCuda);
+        Tensor::Full({XlstmLargeNormGatePartialFloats(rows, dim, 8)}, DType::kF32, NAN).ToDevice(Device::kCuda);
     XlstmLargeNormGateArgs a;
     a.rows = rows; a.dim = dim; a.heads = heads; a.eps = static_cast<float>(eps);
     a.h = h_d.raw(); a.o = o_d.raw(); a.weight = w_d.data<float>(); a.y = y.raw();
     a.mean = mean.data<float>(); a.rstd = rstd.data<float>();
     Cuda().XlstmLargeNormGate(false, a);
-    a.dy = dy_d.raw(); a.dh = dh.raw(); a.d_o = d_o.raw(); a.dweight = dw.data<float>();
-    a.partial = partial.data<float>();
-    a.overwrite_dweight = false;  // accumulate onto 1
-    Cuda().XlstmLargeNormGate(true, a);
-    const std::string label = "norm+gate dv " + std::to_string(dv);
-    EXPECT_TRUE(Check(label + " y", y, y_ref, 4e-3));
-    EXPECT_TRUE(Check(label + " dh", dh, dh_ref, 1e-2));
-    EXPECT_TRUE(Check(label + " do", d_o, do_ref, 4e-3));
-    Tensor dw_acc = dw_ref.Clone();
-    for (int64_t c = 0; c < dim; ++c) dw_acc.Set(c, dw_ref.At(c) + 1.0);
-    EXPECT_TRUE(Check(label + " dweight (+=)", dw, dw_acc, 1e-4));
-    a.overwrite_dweight = true;  // a stale gradient: overwritten, never read
-    Cuda().XlstmLargeNormGate(true, a);
-    EXPECT_TRUE(Check(label + " dweight (=)", dw, dw_ref, 1e-4));
-    // The same inputs give the same bits (fixed-order sums): run it again and compare.
-    Tensor dw_again = dw.ToDevice(Device::kCpu);
-    Cuda().XlstmLargeNormGate(true, a);
-    const Tensor dw_third = dw.ToDevice(Device::kCpu);
-    bool same = true;
-    for (int64_t c = 0; c < dim; ++c) same &= dw_again.At(c) == dw_third.At(c);
-    std::printf("[%s] %s dweight bitwise the same on a rerun\n", same ? "PASS" : "FAIL", label.c_str());
-    EXPECT_TRUE(same);
+    EXPECT_TRUE(Check("norm+gate dv " + std::to_string(dv) + " y", y, y_ref, 4e-3));
+    // Every backward tile height (GYRE_XLSTM_LARGE_NORM_GATE_TILE's values), outputs poisoned again.
+    for (const int tile : {64, 32, 16}) {
+      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile);
+      dh.CopyFrom(ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)));
+      d_o.CopyFrom(dh);
+      dw.CopyFrom(Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda));
+      a.dy = dy_d.raw(); a.dh = dh.raw(); a.d_o = d_o.raw(); a.dweight = dw.data<float>();
+      a.partial = partial.data<float>();
+      a.tile_rows = tile;
+      a.overwrite_dweight = false;  // accumulate onto 1
+      Cuda().XlstmLargeNormGate(true, a);
+      EXPECT_TRUE(Check(label + " dh", dh, dh_ref, 1e-2));
+      EXPECT_TRUE(Check(label + " do", d_o, do_ref, 4e-3));
+      Tensor dw_acc = dw_ref.Clone();
+      for (int64_t c = 0; c < dim; ++c) dw_acc.Set(c, dw_ref.At(c) + 1.0);
+      EXPECT_TRUE(Check(label + " dweight (+=)", dw, dw_acc, 1e-4));
+      a.overwrite_dweight = true;  // a stale gradient: overwritten, never read
+      Cuda().XlstmLargeNormGate(true, a);
+      EXPECT_TRUE(Check(label + " dweight (=)", dw, dw_ref, 1e-4));
+      // The same inputs give the same bits (fixed-order sums): run it again and compare.
+      Tensor dw_again = dw.ToDevice(Device::kCpu);
+      Cuda().XlstmLargeNormGate(true, a);
+      const Tensor dw_third = dw.ToDevice(Device::kCpu);
+      bool same = true;
+      for (int64_t c = 0; c < dim; ++c) same &= dw_again.At(c) == dw_third.At(c);
+      std::printf("[%s] %s dweight bitwise the same on a rerun\n", same ? "PASS" : "FAIL", label.c_str());
+      EXPECT_TRUE(same);
+    }
   }
 }
 
