@@ -241,7 +241,8 @@ struct XlstmLargeNormGateArgs {
   float* dweight = nullptr;
   float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
   bool overwrite_dweight = false;
-  // Backward rows per block (a multiple of 8, the block's warps): 64 = rows / 64 · heads blocks.
+  // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
+  // measured slower, ops/XLSTM_LARGE.md session 20).
   int32_t tile_rows = 64;
 };
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {

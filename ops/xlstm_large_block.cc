@@ -2,13 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <utility>
 
 #include "kernels/cpu/mlstm.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
-#include "ops/env_switch.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -341,15 +339,11 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   Tensor dopre = CudaEmpty({rows, v_dim_}), dh = CudaEmpty({rows, v_dim_});
   {
     Parameter* w = multihead_norm_.weight();
-    // GYRE_XLSTM_LARGE_NORM_GATE_TILE (opt-in, read at each Backward so recurrent_step_bench
-    // --variants can alternate it): the backward's rows per block, 64 (default: rows / 64 · NH
-    // blocks, 512 at B4 x 2048, under half the H100's warp slots), 32 or 16 (more blocks, more
-    // dweight partials). "" is the default too (the bench's "NAME=" profile entry).
-    const std::string tile = EnvChoice("GYRE_XLSTM_LARGE_NORM_GATE_TILE", {"", "16", "32", "64"}, "64");
-    const int tile_rows = tile.empty() ? 64 : std::stoi(tile);
-    Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, tile_rows)}, DType::kF32);
+    // 64-row tiles (XlstmLargeNormGateArgs::tile_rows' default): 32 and 16 measured slower (session
+    // 20, ops/XLSTM_LARGE.md: the serial column pass over more tiles costs more than the blocks gain).
+    Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, 64)}, DType::kF32);
     XlstmLargeNormGateArgs n = NormGateArgs();
-    n.tile_rows = tile_rows;
+    n.tile_rows = 64;
     n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();

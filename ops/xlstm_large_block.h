@@ -84,6 +84,7 @@ class XlstmLargeBlock : public Block {
  private:
   int64_t d_, heads_, qk_dim_, v_dim_, chunk_;
   double gate_cap_;
+  double norm_eps_;  // the per-head LayerNorm's ε (its CUDA kernel is the block's own)
   const ParamStore* store_;
   Norm norm_mlstm_;
   Linear q_, k_, v_, ogate_;
@@ -105,7 +106,6 @@ class XlstmLargeBlock : public Block {
   Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
   // CUDA: the per-head LayerNorm and σ(o) are one kernel each way (XlstmLargeNormGate; hn_ and
   // so_ are the CPU path's); the norm's statistics [rows, NH] fp32.
-  double norm_eps_;
   Tensor norm_mean_, norm_rstd_;
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
   Tensor CapGate(const Tensor& raw) const;
