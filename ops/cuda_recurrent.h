@@ -239,7 +239,7 @@ struct XlstmLargeNormGateArgs {
   void* dh = nullptr;
   void* d_o = nullptr;
   float* dweight = nullptr;
-  float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim) floats
+  float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim, tile_rows) floats
   bool overwrite_dweight = false;
   // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
   // measured slower, ops/XLSTM_LARGE.md session 20).

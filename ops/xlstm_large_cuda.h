@@ -13,14 +13,15 @@
 //                 (the repository's determinism rule, ops/recurrent_cuda.h). 2·heads blocks is a
 //                 small grid (16 at the 7B), but the data are rows · 16 floats: it reads 4 MB at
 //                 32K tokens, ~20 µs even at a tenth of the card's bandwidth.
-//   xl_norm_gate_fwd / _bwd  the per-head LayerNorm and the out gate in one pass each way: one warp per (row, head) holds the head's dv
-//                 values in registers (8 bf16 per lane and 256-column chunk, dv <= 1024), so h, o
-//                 (and dy) are read once and y (dh, d_o) written once: 3 / 5 bf16 passes instead
-//                 of 3 + 3 / 3 + 5 (ops/XLSTM_LARGE.md, session 20). The backward's dweight is
-//                 per-tile partial sums (64 rows x one head per block, the 8 warps added in order
-//                 in shared memory) then a column pass over the tiles in order: no atomics, the
-//                 same bits every run. (It replaced the GroupNorm kernel + an elementwise gate
-//                 kernel xl_out_gate_fwd / _bwd: 6.9 -> 3.4 ms a step at xlstm-large-bench B4.)
+//   xl_norm_gate_fwd / _bwd  the per-head LayerNorm and the out gate in one pass each way: one
+//                 warp per (row, head) holds the head's dv values in registers (8 bf16 a lane per
+//                 256-column chunk, dv <= 1024), so h, o (and dy) are read once and y (dh, d_o)
+//                 written once: 3 / 5 bf16 passes instead of 3 + 3 / 3 + 5 (ops/XLSTM_LARGE.md,
+//                 session 20). The backward's dweight is per-tile partial sums (64 rows x one head
+//                 per block, the 8 warps added in order in shared memory), then a column pass over
+//                 the tiles in order: no atomics, the same bits every run. (It replaced the
+//                 GroupNorm kernel + an elementwise gate kernel, xl_out_gate_fwd / _bwd: 6.9 ->
+//                 3.4 ms a step at xlstm-large-bench B4.)
 #pragma once
 
 #include <cuda_runtime.h>
