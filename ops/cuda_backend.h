@@ -169,9 +169,10 @@ class CudaBackend {
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.
   virtual void GroupNorm(bool backward, const GroupNormArgs& a) = 0;
   // xLSTM Large glue (ops/xlstm_large_cuda.h): the soft-capped gates with their bias, and the
-  // output gate hn ⊙ σ(o); `backward` selects the backward of the same arguments.
+  // per-head LayerNorm with the output gate LN(h)·w ⊙ σ(o) in one kernel each way
+  // (XlstmLargeNormGateArgs); `backward` selects the backward of the same arguments.
   virtual void XlstmLargeGates(bool backward, const XlstmLargeGateArgs& a) = 0;
-  virtual void XlstmLargeOutGate(bool backward, const XlstmLargeOutGateArgs& a) = 0;
+  virtual void XlstmLargeNormGate(bool backward, const XlstmLargeNormGateArgs& a) = 0;
   // The mLSTM output norm's backward (a.mode kMlstmOutput) that also writes the cell's dots
   // [rows, groups] fp32 = Σ_group bf16(dh)·(h + h_lo) (ops/recurrent_cuda.h
   // MlstmOutNormBackwardWithDots; h_lo: MlstmSavedHLo, null = 0). Returns whether it did; where

@@ -740,10 +740,10 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(backward ? cuda_ops::XlstmLargeGatesBackward(a, stream_) : cuda_ops::XlstmLargeGatesForward(a, stream_));
   }
 
-  void XlstmLargeOutGate(bool backward, const XlstmLargeOutGateArgs& a) override {
+  void XlstmLargeNormGate(bool backward, const XlstmLargeNormGateArgs& a) override {
     Init();
-    OpProfiler::Scope scope(&prof_, backward ? "XlstmLarge out gate backward" : "XlstmLarge out gate forward");
-    OK_OR_DIE(backward ? cuda_ops::XlstmLargeOutGateBackward(a, stream_) : cuda_ops::XlstmLargeOutGateForward(a, stream_));
+    OpProfiler::Scope scope(&prof_, backward ? "XlstmLarge norm + out gate backward" : "XlstmLarge norm + out gate forward");
+    OK_OR_DIE(backward ? cuda_ops::XlstmLargeNormGateBackward(a, stream_) : cuda_ops::XlstmLargeNormGateForward(a, stream_));
   }
 
   bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) override {

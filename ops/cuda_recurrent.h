@@ -219,16 +219,34 @@ struct XlstmLargeGateArgs {
   bool overwrite_db = false;
 };
 
-// Output gate over n bf16 elements: y = hn ⊙ σ(o); backward dhn = dy ⊙ σ(o),
-// d_o = dy ⊙ hn ⊙ σ(o)(1 − σ(o)) (both bf16, overwritten).
-struct XlstmLargeOutGateArgs {
-  int64_t n = 0;
-  const void* hn = nullptr;
+// The per-head LayerNorm (weight only) and the output gate in one pass each way (session 20,
+// helper xlperf20, ops/XLSTM_LARGE.md; it replaced the GroupNorm kernel + an elementwise gate):
+//   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
+//   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
+//             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
+//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order).
+// h, o, y, dy, dh, d_o [rows, dim] bf16; dim = heads · dv with dv a multiple of 8, at most 1024.
+struct XlstmLargeNormGateArgs {
+  int64_t rows = 0, dim = 0, heads = 0;
+  float eps = 1e-6f;
+  const void* h = nullptr;
   const void* o = nullptr;
+  const float* weight = nullptr;  // [dim] fp32 master
   void* y = nullptr;
+  float* mean = nullptr;  // [rows, heads]
+  float* rstd = nullptr;  // [rows, heads]
   const void* dy = nullptr;
-  void* dhn = nullptr;
+  void* dh = nullptr;
   void* d_o = nullptr;
+  float* dweight = nullptr;
+  float* partial = nullptr;  // backward scratch: XlstmLargeNormGatePartialFloats(rows, dim, tile_rows) floats
+  bool overwrite_dweight = false;
+  // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
+  // measured slower, ops/XLSTM_LARGE.md session 20).
+  int32_t tile_rows = 64;
 };
+inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
+  return (rows + tile_rows - 1) / tile_rows * dim;
+}
 
 }  // namespace gyre::ops

@@ -52,6 +52,7 @@ std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms() {
 XlstmLargeBlock::XlstmLargeBlock(const BuildContext& ctx, const ModelSpec& s, int64_t n_layers)
     : d_(s.d_model), heads_(s.xl_heads), qk_dim_(s.xl_qk_dim), v_dim_(s.xl_v_dim), chunk_(s.mlstm_chunk),
       gate_cap_(s.gate_soft_cap),
+      norm_eps_(s.norm_eps),
       store_(ctx.store),
       norm_mlstm_(ctx.Sub("norm_mlstm"), s.d_model, RmsNorm(s.norm_eps)),
       q_(ctx.Sub("mlstm.q"), s.d_model, s.xl_qk_dim, false),
@@ -199,6 +200,7 @@ Tensor XlstmLargeBlock::Backward(const Tensor& dy) {
 
 void XlstmLargeBlock::ReleaseActivations() {
   u_ = q_out_ = k_out_ = v_out_ = o_pre_ = ig_raw_ = fg_raw_ = ig_ = fg_ = h_ = saved_ = hn_ = so_ = pre_ = Tensor();
+  norm_mean_ = norm_rstd_ = Tensor();
   norm_mlstm_.ReleaseActivations();
   for (Linear* l : {&q_, &k_, &v_, &ogate_, &out_proj_}) l->ReleaseActivations();
   multihead_norm_.ReleaseActivations();
@@ -274,6 +276,16 @@ void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
              "xLSTM Large: the input and forget gate weights are not adjacent in the flat CUDA store");
 }
 
+XlstmLargeNormGateArgs XlstmLargeBlock::NormGateArgs() {
+  XlstmLargeNormGateArgs n;
+  n.rows = h_.rows(); n.dim = v_dim_; n.heads = heads_;
+  n.eps = static_cast<float>(norm_eps_);
+  n.h = h_.raw(); n.o = o_pre_.raw();
+  n.weight = multihead_norm_.weight()->value.data<float>();  // as Norm's grouped CUDA path: the fp32 master
+  n.mean = norm_mean_.data<float>(); n.rstd = norm_rstd_.data<float>();
+  return n;
+}
+
 Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   u_ = norm_mlstm_.Forward(x);
@@ -303,11 +315,16 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
   Cuda().Mlstm(false, c);
-  hn_ = multihead_norm_.Forward(h_);
+  // y = LN_head(h)·w ⊙ σ(o) in one kernel (the per-head LayerNorm's weight read from multihead_norm_;
+  // its statistics kept). Measured against the GroupNorm kernel + an elementwise gate kernel
+  // (session 20, ops/XLSTM_LARGE.md): xlstm-large-bench B4 step 160.3 -> 157.0 ms on an H100, 3 of
+  // 3 rounds; that path was deleted.
   Tensor gated = CudaEmpty({rows, v_dim_});
-  XlstmLargeOutGateArgs og;
-  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw(); og.y = gated.raw();
-  Cuda().XlstmLargeOutGate(false, og);
+  norm_mean_ = CudaEmpty({rows, heads_}, DType::kF32);
+  norm_rstd_ = CudaEmpty({rows, heads_}, DType::kF32);
+  XlstmLargeNormGateArgs n = NormGateArgs();
+  n.y = gated.raw();
+  Cuda().XlstmLargeNormGate(false, n);
   Tensor x1 = out_proj_.ForwardAdd(gated, x);  // x + out_proj(gated): the add in the GEMM's store
   return ffn_.ForwardAdd(norm_ffn_.Forward(x1), x1);
 }
@@ -316,12 +333,23 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
-  Tensor dhn = CudaEmpty({rows, v_dim_}), dopre = CudaEmpty({rows, v_dim_});
-  XlstmLargeOutGateArgs og;
-  og.n = rows * v_dim_; og.hn = hn_.raw(); og.o = o_pre_.raw();
-  og.dy = dgated.raw(); og.dhn = dhn.raw(); og.d_o = dopre.raw();
-  Cuda().XlstmLargeOutGate(true, og);
-  Tensor dh = multihead_norm_.Backward(dhn);
+  // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
+  // fixed-order column pass of dweight's tile sums).
+  Tensor dopre = CudaEmpty({rows, v_dim_}), dh = CudaEmpty({rows, v_dim_});
+  {
+    Parameter* w = multihead_norm_.weight();
+    // 64-row tiles (XlstmLargeNormGateArgs::tile_rows' default): 32 and 16 measured slower (session
+    // 20, ops/XLSTM_LARGE.md: the serial column pass over more tiles costs more than the blocks gain).
+    Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, 64)}, DType::kF32);
+    XlstmLargeNormGateArgs n = NormGateArgs();
+    n.tile_rows = 64;
+    n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
+    n.dweight = w->grad.data<float>();
+    n.partial = partial.data<float>();
+    n.overwrite_dweight = rows > 0 && FirstGradWrite(w);
+    if (rows == 0) ZeroGradIfStale(w);
+    Cuda().XlstmLargeNormGate(true, n);
+  }
   Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;

@@ -32,10 +32,11 @@
 // in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
 // to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
 // slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
-// mLSTM cell with dk != dv; the per-head LayerNorm (GroupNorm kernel) and an elementwise kernel
-// for hn ⊙ σ(o). CUDA decoding (StepChunk, ops/xlstm_large_step_cuda.cc): the same layers at the
-// chunk's rows with the mLSTM step kernel (one launch for all k positions, per-position state
-// history for Rewind), as the v1 MlstmBlock decodes.
+// mLSTM cell with dk != dv; the per-head LayerNorm and σ(o) as one kernel each way
+// (LN(h)·w ⊙ σ(o), ops/xlstm_large_cuda.h xl_norm_gate_*). CUDA decoding (StepChunk,
+// ops/xlstm_large_step_cuda.cc): the same layers at the chunk's rows with the mLSTM step kernel
+// (one launch for all k positions, per-position state history for Rewind), as the v1 MlstmBlock
+// decodes.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +49,8 @@
 #include "ops/recurrent_blocks.h"  // Mamba2GradTerms, SumAbsTerms, CheckSumOfTerms
 
 namespace gyre::ops {
+
+struct XlstmLargeNormGateArgs;  // ops/cuda_recurrent.h
 
 // Float64 reference checks only (the rule of ops/DT_BIAS_CHECK.md). The gate-bias gradients are
 // sums over tokens of the per-token gate gradients; the input gate's nearly cancels: adding one
@@ -84,6 +87,7 @@ class XlstmLargeBlock : public Block {
  private:
   int64_t d_, heads_, qk_dim_, v_dim_, chunk_;
   double gate_cap_;
+  double norm_eps_;  // the per-head LayerNorm's ε (its CUDA kernel is the block's own)
   const ParamStore* store_;
   Norm norm_mlstm_;
   Linear q_, k_, v_, ogate_;
@@ -103,6 +107,9 @@ class XlstmLargeBlock : public Block {
   // normed h and σ(o).
   Tensor u_, q_out_, k_out_, v_out_, o_pre_, ig_raw_, fg_raw_, ig_, fg_, h_, saved_, hn_, so_;
   Tensor pre_;  // CUDA: the raw gate pre-activations [rows, 2·NH] fp32
+  // CUDA: the per-head LayerNorm and σ(o) are one kernel each way (XlstmLargeNormGate; hn_ and
+  // so_ are the CPU path's); the norm's statistics [rows, NH] fp32.
+  Tensor norm_mean_, norm_rstd_;
   // ĩ, f̃ from the raw pre-activations (the cap, or a copy when the cap is off).
   Tensor CapGate(const Tensor& raw) const;
   // CPU: raw pre-activation u·wᵀ + b of one gate; its backward (dW, db accumulated, du returned).
@@ -113,6 +120,8 @@ class XlstmLargeBlock : public Block {
   Tensor StepCuda(const Tensor& x, int64_t chunk, XlstmLargeState* st, bool rewindable);
   // The two gate weights as one [2·NH, d] matrix: its bf16 compute copy and its fp32 gradient.
   void GateSpan(Tensor* compute, Tensor* grad) const;
+  // The fused norm + out gate kernels' shape, inputs and statistics (h_, o_pre_ set).
+  XlstmLargeNormGateArgs NormGateArgs();
 };
 
 }  // namespace gyre::ops

@@ -60,23 +60,181 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
   }
 }
 
-__global__ void xl_out_gate_fwd(int64_t n, const bf16* hn, const bf16* o, bf16* y) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float s = 1.f / (1.f + expf(-__bfloat162float(o[i])));
-  y[i] = __float2bfloat16_rn(__bfloat162float(hn[i]) * s);
+// ---------------------------------------------------------------- norm + out gate (fused)
+//
+// One warp per (row, head). Lane `lane` owns columns k·256 + 8·lane .. +8 of the head for
+// k < kChunks = ceil(dv / 256), held in registers: the head's values are loaded from memory once
+// (16-byte loads of 8 bf16), the two warp sums (mean, then Σ(x − mean)², the two-pass form of the
+// plain GroupNorm kernel) run on registers, and the outputs are written once. Memory-bound:
+// forward reads h, o and writes y (6 bytes an element); backward reads h, o, dy and writes dh, d_o
+// (10 bytes an element) and nothing else but the [rows, heads] statistics and dweight's partials.
+
+constexpr int kNormGateWarps = 8;  // warps (rows) per block
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ void LoadBf16x8(const void* base, int64_t i, float* v) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(base) + i);
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(p[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void StoreBf16x8(void* base, int64_t i, const float* v) {
+  uint4 raw;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) p[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+  *reinterpret_cast<uint4*>(static_cast<bf16*>(base) + i) = raw;
+}
+__device__ __forceinline__ void LoadF32x8(const float* p, float* v) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+template <int kChunks>
+__global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_fwd(XlstmLargeNormGateArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kNormGateWarps + (threadIdx.x >> 5);
+  const int head = blockIdx.y;
+  if (r >= a.rows) return;
+  const int64_t dv = a.dim / a.heads, base = r * a.dim + head * dv;
+  float x[kChunks][8];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t c = k * 256 + lane * 8;
+    if (c < dv) {
+      LoadBf16x8(a.h, base + c, x[k]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s += x[k][e];
+    }
+  }
+  const float mean = WarpSum(s) / dv;
+  float q = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    if (k * 256 + lane * 8 < dv) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q += (x[k][e] - mean) * (x[k][e] - mean);
+    }
+  }
+  const float rstd = rsqrtf(WarpSum(q) / dv + a.eps);
+  if (lane == 0) {
+    a.mean[r * a.heads + head] = mean;
+    a.rstd[r * a.heads + head] = rstd;
+  }
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t c = k * 256 + lane * 8;
+    if (c >= dv) continue;
+    float o[8], w[8], y[8];
+    LoadBf16x8(a.o, base + c, o);
+    LoadF32x8(a.weight + head * dv + c, w);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = (x[k][e] - mean) * rstd * w[e] * Sigmoid(o[e]);
+    StoreBf16x8(a.y, base + c, y);
+  }
 }
 
-__global__ void xl_out_gate_bwd(int64_t n, const bf16* hn, const bf16* o, const bf16* dy, bf16* dhn, bf16* d_o) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float s = 1.f / (1.f + expf(-__bfloat162float(o[i])));
-  const float g = __bfloat162float(dy[i]);
-  dhn[i] = __float2bfloat16_rn(g * s);
-  d_o[i] = __float2bfloat16_rn(g * __bfloat162float(hn[i]) * s * (1.f - s));
+// Block (tile, head): 8 warps over the tile's 64 rows (warp w: rows w, w + 8, ...). Per row, with
+// xhat = (h − mean)·rstd, s = σ(o), dn = dy·s, g = dn·w:
+//   dh = rstd·(g − mean(g) − xhat·mean(g·xhat)),  d_o = dy·(xhat·w)·s(1 − s);
+// each lane accumulates Σ dn·xhat for its columns over its rows; the block adds its 8 warps in
+// order into partial[tile, head·dv + c].
+template <int kChunks>
+__global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLargeNormGateArgs a) {
+  __shared__ float warp_dw[kNormGateWarps][kChunks * 256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int head = blockIdx.y;
+  const int64_t dv = a.dim / a.heads;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * a.tile_rows;
+  float w[kChunks][8], dw[kChunks][8];
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t c = k * 256 + lane * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dw[k][e] = 0.f;
+    if (c < dv) LoadF32x8(a.weight + head * dv + c, w[k]);
+  }
+  for (int64_t r = r0 + warp; r < min(r0 + a.tile_rows, a.rows); r += kNormGateWarps) {
+    const int64_t base = r * a.dim + head * dv;
+    const float mean = a.mean[r * a.heads + head], rstd = a.rstd[r * a.heads + head];
+    float xhat[kChunks][8], g[kChunks][8];
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t c = k * 256 + lane * 8;
+      if (c >= dv) continue;
+      float x[8], o[8], dy[8], d_o[8];
+      LoadBf16x8(a.h, base + c, x);
+      LoadBf16x8(a.o, base + c, o);
+      LoadBf16x8(a.dy, base + c, dy);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float xh = (x[e] - mean) * rstd, s = Sigmoid(o[e]), dn = dy[e] * s;
+        xhat[k][e] = xh;
+        g[k][e] = dn * w[k][e];
+        s1 += g[k][e];
+        s2 += g[k][e] * xh;
+        dw[k][e] += dn * xh;
+        d_o[e] = dy[e] * xh * w[k][e] * s * (1.f - s);
+      }
+      StoreBf16x8(a.d_o, base + c, d_o);
+    }
+    s1 = WarpSum(s1) / dv;
+    s2 = WarpSum(s2) / dv;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t c = k * 256 + lane * 8;
+      if (c >= dv) continue;
+      float dh[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dh[e] = rstd * (g[k][e] - s1 - xhat[k][e] * s2);
+      StoreBf16x8(a.dh, base + c, dh);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t c = k * 256 + lane * 8;
+    if (c >= dv) continue;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) warp_dw[warp][c + e] = dw[k][e];
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
+    float t = 0.f;
+#pragma unroll
+    for (int v = 0; v < kNormGateWarps; ++v) t += warp_dw[v][c];  // fixed order
+    a.partial[blockIdx.x * a.dim + head * dv + c] = t;
+  }
+}
+
+// dweight[c] (+)= Σ over tiles in order of partial[tile, c].
+__global__ void xl_norm_gate_dweight(XlstmLargeNormGateArgs a, int64_t tiles) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.dim) return;
+  float t = 0.f;
+  for (int64_t i = 0; i < tiles; ++i) t += a.partial[i * a.dim + c];
+  a.dweight[c] = a.overwrite_dweight ? t : a.dweight[c] + t;
 }
 
 unsigned Blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+// ceil(dv / 256) for a shape the fused kernels take, else 0.
+int NormGateChunks(const XlstmLargeNormGateArgs& a) {
+  if (a.heads <= 0 || a.dim <= 0 || a.dim % a.heads != 0) return 0;
+  const int64_t dv = a.dim / a.heads;
+  if (dv % 8 != 0 || dv > 1024) return 0;
+  return static_cast<int>((dv + 255) / 256);
+}
 
 }  // namespace
 
@@ -103,25 +261,45 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
   return {};
 }
 
-CudaResult XlstmLargeOutGateForward(const XlstmLargeOutGateArgs& a, cudaStream_t stream) {
-  if (a.n < 0 || (a.n > 0 && (a.hn == nullptr || a.o == nullptr || a.y == nullptr)))
-    return gyre::cuda::InvalidArgument("XlstmLargeOutGateForward: bad shape or missing pointer");
-  if (a.n == 0) return {};
-  xl_out_gate_fwd<<<Blocks(a.n, 256), 256, 0, stream>>>(a.n, static_cast<const bf16*>(a.hn),
-                                                        static_cast<const bf16*>(a.o), static_cast<bf16*>(a.y));
-  CUDA_RETURN_IF_LAUNCH_ERROR("xl_out_gate_fwd");
+CudaResult XlstmLargeNormGateForward(const XlstmLargeNormGateArgs& a, cudaStream_t stream) {
+  const int chunks = NormGateChunks(a);
+  if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.y == nullptr ||
+      a.mean == nullptr || a.rstd == nullptr)
+    return gyre::cuda::InvalidArgument("XlstmLargeNormGateForward: bad shape (dv a multiple of 8, <= 1024) or "
+                                       "missing pointer");
+  if (a.rows == 0) return {};
+  const dim3 grid(Blocks(a.rows, kNormGateWarps), static_cast<unsigned>(a.heads));
+  const unsigned threads = 32 * kNormGateWarps;
+  switch (chunks) {
+    case 1: xl_norm_gate_fwd<1><<<grid, threads, 0, stream>>>(a); break;
+    case 2: xl_norm_gate_fwd<2><<<grid, threads, 0, stream>>>(a); break;
+    case 3: xl_norm_gate_fwd<3><<<grid, threads, 0, stream>>>(a); break;
+    default: xl_norm_gate_fwd<4><<<grid, threads, 0, stream>>>(a); break;
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("xl_norm_gate_fwd");
   return {};
 }
 
-CudaResult XlstmLargeOutGateBackward(const XlstmLargeOutGateArgs& a, cudaStream_t stream) {
-  if (a.n < 0 || (a.n > 0 && (a.hn == nullptr || a.o == nullptr || a.dy == nullptr || a.dhn == nullptr ||
-                              a.d_o == nullptr)))
-    return gyre::cuda::InvalidArgument("XlstmLargeOutGateBackward: bad shape or missing pointer");
-  if (a.n == 0) return {};
-  xl_out_gate_bwd<<<Blocks(a.n, 256), 256, 0, stream>>>(
-      a.n, static_cast<const bf16*>(a.hn), static_cast<const bf16*>(a.o), static_cast<const bf16*>(a.dy),
-      static_cast<bf16*>(a.dhn), static_cast<bf16*>(a.d_o));
-  CUDA_RETURN_IF_LAUNCH_ERROR("xl_out_gate_bwd");
+CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStream_t stream) {
+  const int chunks = NormGateChunks(a);
+  if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.mean == nullptr ||
+      a.rstd == nullptr || a.dy == nullptr || a.dh == nullptr || a.d_o == nullptr || a.dweight == nullptr ||
+      a.partial == nullptr || a.tile_rows < kNormGateWarps || a.tile_rows % kNormGateWarps != 0)
+    return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024; "
+                                       "tile_rows a multiple of 8) or missing pointer");
+  if (a.rows == 0) return {};
+  const int64_t tiles = (a.rows + a.tile_rows - 1) / a.tile_rows;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(a.heads));
+  const unsigned threads = 32 * kNormGateWarps;
+  switch (chunks) {
+    case 1: xl_norm_gate_bwd<1><<<grid, threads, 0, stream>>>(a); break;
+    case 2: xl_norm_gate_bwd<2><<<grid, threads, 0, stream>>>(a); break;
+    case 3: xl_norm_gate_bwd<3><<<grid, threads, 0, stream>>>(a); break;
+    default: xl_norm_gate_bwd<4><<<grid, threads, 0, stream>>>(a); break;
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR("xl_norm_gate_bwd");
+  xl_norm_gate_dweight<<<Blocks(a.dim, 256), 256, 0, stream>>>(a, tiles);
+  CUDA_RETURN_IF_LAUNCH_ERROR("xl_norm_gate_dweight");
   return {};
 }
 

@@ -1,5 +1,5 @@
 // CUDA glue of the xLSTM Large block (ops/xlstm_large_block.h; arguments and semantics in
-// ops/cuda_recurrent.h XlstmLargeGateArgs / XlstmLargeOutGateArgs). Everything else of the block
+// ops/cuda_recurrent.h XlstmLargeGateArgs / XlstmLargeNormGateArgs). Everything else of the block
 // on CUDA is existing ops: cuBLASLt GEMMs, the RMS / per-head Layer norms, the chunkwise mLSTM
 // cell (dk != dv), the SwiGLU MLP and the fused LM-head loss with its opt-in logit cap.
 //
@@ -13,9 +13,15 @@
 //                 (the repository's determinism rule, ops/recurrent_cuda.h). 2·heads blocks is a
 //                 small grid (16 at the 7B), but the data are rows · 16 floats: it reads 4 MB at
 //                 32K tokens, ~20 µs even at a tenth of the card's bandwidth.
-//   xl_out_gate_fwd / _bwd  elementwise over [rows, d] bf16: y = hn ⊙ σ(o); dhn = dy ⊙ σ(o),
-//                 d_o = dy ⊙ hn ⊙ σ(o)(1 − σ(o)) in fp32, rounded once. Memory-bound
-//                 (3 / 5 bf16 passes); not fused into the norm yet (a candidate once measured).
+//   xl_norm_gate_fwd / _bwd  the per-head LayerNorm and the out gate in one pass each way: one
+//                 warp per (row, head) holds the head's dv values in registers (8 bf16 a lane per
+//                 256-column chunk, dv <= 1024), so h, o (and dy) are read once and y (dh, d_o)
+//                 written once: 3 / 5 bf16 passes instead of 3 + 3 / 3 + 5 (ops/XLSTM_LARGE.md,
+//                 session 20). The backward's dweight is per-tile partial sums (64 rows x one head
+//                 per block, the 8 warps added in order in shared memory), then a column pass over
+//                 the tiles in order: no atomics, the same bits every run. (It replaced the
+//                 GroupNorm kernel + an elementwise gate kernel, xl_out_gate_fwd / _bwd: 6.9 ->
+//                 3.4 ms a step at xlstm-large-bench B4.)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,7 +35,7 @@ using gyre::cuda::CudaResult;
 
 CudaResult XlstmLargeGatesForward(const XlstmLargeGateArgs& a, cudaStream_t stream);
 CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t stream);
-CudaResult XlstmLargeOutGateForward(const XlstmLargeOutGateArgs& a, cudaStream_t stream);
-CudaResult XlstmLargeOutGateBackward(const XlstmLargeOutGateArgs& a, cudaStream_t stream);
+CudaResult XlstmLargeNormGateForward(const XlstmLargeNormGateArgs& a, cudaStream_t stream);
+CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStream_t stream);
 
 }  // namespace gyre::ops::cuda_ops

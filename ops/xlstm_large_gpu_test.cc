@@ -5,7 +5,8 @@
 //   block: d 512, 4 heads (dk 64 != dv 128), T 100 over chunk 64 (a partial chunk), gates from
 //          random biases and weights of std 0.03 (pre-activations varying ~±0.7 over tokens);
 //   gates: the cap kernels alone on pre-activations up to ±60 (past the cap of 15) vs float64;
-//   out gate: hn ⊙ σ(o) and its backward vs float64;
+//   norm + out gate: the per-head LayerNorm with σ(o) (one kernel each way) and its backward,
+//          dweight accumulated / overwritten and bitwise repeatable, vs float64;
 //   loss:  the fused LM-head cross entropy with logit cap 30 at logits up to ~±60 (where the cap
 //          bends them) vs the float64 CPU loss; the uncapped call still matches too;
 //   model: 3 xLSTM Large blocks + capped head at the model's own init (where training starts),
@@ -25,6 +26,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -104,7 +106,7 @@ void RandomizeGatesAndNorms(ParamStore& store, Rng* rng) {
 }
 
 // One block on a CUDA store and on a float64 CPU store holding the same bf16-rounded weights.
-TEST_F(XlstmLargeGpuTest, Block) {
+void CheckBlock(const std::string& label) {
   const ModelSpec spec = SmallXlstmLarge();
   ParamStore gpu_store(DType::kF32, Device::kCpu), cpu_store(DType::kF64, Device::kCpu);
   Rng r1(7), r2(7);
@@ -123,10 +125,12 @@ TEST_F(XlstmLargeGpuTest, Block) {
   const std::vector<Mamba2GradTerms> terms = TakeXlstmLargeGateTerms();
   const Tensor y = gpu.Forward(ToCudaBf16(x), B, T);
   const Tensor dx = gpu.Backward(ToCudaBf16(dy));
-  EXPECT_TRUE(Check("xlstm_large y", y, y_ref, 1e-2));
-  EXPECT_TRUE(Check("xlstm_large dx", dx, dx_ref, 3e-2));
-  EXPECT_TRUE(CheckGradsWithTerms(gpu_store, cpu_store, "xlstm_large", 5e-2, terms));
+  EXPECT_TRUE(Check(label + " y", y, y_ref, 1e-2));
+  EXPECT_TRUE(Check(label + " dx", dx, dx_ref, 3e-2));
+  EXPECT_TRUE(CheckGradsWithTerms(gpu_store, cpu_store, label, 5e-2, terms));
 }
+
+TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large"); }
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
 // the linear middle), 3 heads' worth of columns, bias gradients accumulated and overwritten.
@@ -200,27 +204,95 @@ TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
   EXPECT_TRUE(Check("gates dbias (=)", db_got, db_ref, 1e-5));
 }
 
-TEST_F(XlstmLargeGpuTest, OutGateKernel) {
-  Rng rng(10);
-  const int64_t n = 100003;  // not a multiple of the block
-  const Tensor hn = RandomBf16Host({n}, 1.0, &rng), o = RandomBf16Host({n}, 3.0, &rng), dy = RandomBf16Host({n}, 1.0, &rng);
-  Tensor y_ref = Tensor::Empty({n}, DType::kF64), dhn_ref = y_ref.Clone(), do_ref = y_ref.Clone();
-  for (int64_t i = 0; i < n; ++i) {
-    const double s = 1.0 / (1.0 + std::exp(-o.At(i)));
-    y_ref.Set(i, hn.At(i) * s);
-    dhn_ref.Set(i, dy.At(i) * s);
-    do_ref.Set(i, dy.At(i) * hn.At(i) * s * (1 - s));
+// The fused norm + out gate kernels alone vs float64: y = LN_head(h)·w ⊙ σ(o) and its backward
+// (dh, d_o, dweight accumulated onto 1 and overwritten). Rows not a multiple of the 64-row tile;
+// dv 512 (two full 256-column chunks, the bench shape), 200 (a partial chunk: lanes idle) and
+// 1024 (four chunks, the largest taken). Inputs h with a per-row offset (the mean matters), o
+// of std 3 (σ from ~0 to ~1), weights 1 + N(0, 0.3).
+TEST_F(XlstmLargeGpuTest, NormGateKernel) {
+  Rng rng(11);
+  for (const auto& [rows, heads, dv] : {std::tuple<int64_t, int64_t, int64_t>{1000, 4, 512}, {333, 3, 200},
+                                       {130, 2, 1024}}) {
+    const int64_t dim = heads * dv;
+    const double eps = 1e-6;
+    Tensor h = RandomBf16Host({rows, dim}, 1.0, &rng);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < dim; ++c)
+        h.Set(r * dim + c, Bf16ToFloat(FloatToBf16(static_cast<float>(h.At(r * dim + c) + 0.5 * (r % 7) - 1.0))));
+    const Tensor o = RandomBf16Host({rows, dim}, 3.0, &rng), dy = RandomBf16Host({rows, dim}, 1.0, &rng);
+    Tensor w = Tensor::Empty({dim}, DType::kF64);
+    for (int64_t c = 0; c < dim; ++c) w.Set(c, static_cast<float>(1.0 + 0.3 * rng.Normal()));
+    Tensor y_ref = Tensor::Empty({rows, dim}, DType::kF64), dh_ref = y_ref.Clone(), do_ref = y_ref.Clone();
+    Tensor dw_ref = Tensor::Zeros({dim}, DType::kF64);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < heads; ++g) {
+        const int64_t c0 = r * dim + g * dv;
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < dv; ++i) mean += h.At(c0 + i);
+        mean /= dv;
+        for (int64_t i = 0; i < dv; ++i) var += (h.At(c0 + i) - mean) * (h.At(c0 + i) - mean);
+        const double rstd = 1.0 / std::sqrt(var / dv + eps);
+        double m1 = 0, m2 = 0;
+        for (int64_t i = 0; i < dv; ++i) {
+          const double xh = (h.At(c0 + i) - mean) * rstd, s = 1.0 / (1.0 + std::exp(-o.At(c0 + i)));
+          const double wc = w.At(g * dv + i), dn = dy.At(c0 + i) * s;
+          y_ref.Set(c0 + i, xh * wc * s);
+          do_ref.Set(c0 + i, dy.At(c0 + i) * xh * wc * s * (1 - s));
+          dw_ref.Set(g * dv + i, dw_ref.At(g * dv + i) + dn * xh);
+          m1 += dn * wc;
+          m2 += dn * wc * xh;
+        }
+        m1 /= dv;
+        m2 /= dv;
+        for (int64_t i = 0; i < dv; ++i) {
+          const double xh = (h.At(c0 + i) - mean) * rstd, s = 1.0 / (1.0 + std::exp(-o.At(c0 + i)));
+          dh_ref.Set(c0 + i, rstd * (dy.At(c0 + i) * s * w.At(g * dv + i) - m1 - xh * m2));
+        }
+      }
+    }
+    const Tensor h_d = ToCudaBf16(h), o_d = ToCudaBf16(o), dy_d = ToCudaBf16(dy);
+    const Tensor w_d = w.To(DType::kF32).ToDevice(Device::kCuda);
+    Tensor y = ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)), dh = y.Clone(), d_o = y.Clone();
+    Tensor mean = Tensor::Full({rows, heads}, DType::kF32, NAN).ToDevice(Device::kCuda), rstd = mean.Clone();
+    Tensor dw = Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda);
+    Tensor partial =
+        Tensor::Full({XlstmLargeNormGatePartialFloats(rows, dim, 8)}, DType::kF32, NAN).ToDevice(Device::kCuda);
+    XlstmLargeNormGateArgs a;
+    a.rows = rows; a.dim = dim; a.heads = heads; a.eps = static_cast<float>(eps);
+    a.h = h_d.raw(); a.o = o_d.raw(); a.weight = w_d.data<float>(); a.y = y.raw();
+    a.mean = mean.data<float>(); a.rstd = rstd.data<float>();
+    Cuda().XlstmLargeNormGate(false, a);
+    EXPECT_TRUE(Check("norm+gate dv " + std::to_string(dv) + " y", y, y_ref, 4e-3));
+    // Backward tile heights 64 (the block's), 32 and 16 (XlstmLargeNormGateArgs::tile_rows), the
+    // outputs poisoned again each time.
+    for (const int tile : {64, 32, 16}) {
+      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile);
+      dh.CopyFrom(ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)));
+      d_o.CopyFrom(dh);
+      dw.CopyFrom(Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda));
+      a.dy = dy_d.raw(); a.dh = dh.raw(); a.d_o = d_o.raw(); a.dweight = dw.data<float>();
+      a.partial = partial.data<float>();
+      a.tile_rows = tile;
+      a.overwrite_dweight = false;  // accumulate onto 1
+      Cuda().XlstmLargeNormGate(true, a);
+      EXPECT_TRUE(Check(label + " dh", dh, dh_ref, 1e-2));
+      EXPECT_TRUE(Check(label + " do", d_o, do_ref, 4e-3));
+      Tensor dw_acc = dw_ref.Clone();
+      for (int64_t c = 0; c < dim; ++c) dw_acc.Set(c, dw_ref.At(c) + 1.0);
+      EXPECT_TRUE(Check(label + " dweight (+=)", dw, dw_acc, 1e-4));
+      a.overwrite_dweight = true;  // a stale gradient: overwritten, never read
+      Cuda().XlstmLargeNormGate(true, a);
+      EXPECT_TRUE(Check(label + " dweight (=)", dw, dw_ref, 1e-4));
+      // The same inputs give the same bits (fixed-order sums): run it again and compare.
+      Tensor dw_again = dw.ToDevice(Device::kCpu);
+      Cuda().XlstmLargeNormGate(true, a);
+      const Tensor dw_third = dw.ToDevice(Device::kCpu);
+      bool same = true;
+      for (int64_t c = 0; c < dim; ++c) same &= dw_again.At(c) == dw_third.At(c);
+      std::printf("[%s] %s dweight bitwise the same on a rerun\n", same ? "PASS" : "FAIL", label.c_str());
+      EXPECT_TRUE(same);
+    }
   }
-  const Tensor hn_d = ToCudaBf16(hn), o_d = ToCudaBf16(o), dy_d = ToCudaBf16(dy);
-  Tensor y = ToCudaBf16(Tensor::Full({n}, DType::kF64, NAN)), dhn = y.Clone(), d_o = y.Clone();
-  XlstmLargeOutGateArgs a;
-  a.n = n; a.hn = hn_d.raw(); a.o = o_d.raw(); a.y = y.raw();
-  Cuda().XlstmLargeOutGate(false, a);
-  a.dy = dy_d.raw(); a.dhn = dhn.raw(); a.d_o = d_o.raw();
-  Cuda().XlstmLargeOutGate(true, a);
-  EXPECT_TRUE(Check("out gate y", y, y_ref, 4e-3));
-  EXPECT_TRUE(Check("out gate dhn", dhn, dhn_ref, 4e-3));
-  EXPECT_TRUE(Check("out gate do", d_o, do_ref, 4e-3));
 }
 
 // The capped fused loss: bf16 h, W on the device vs float64 on the CPU, logits up to ~±60.
@@ -246,7 +318,7 @@ TEST_F(XlstmLargeGpuTest, CappedLinearCrossEntropy) {
   }
 }
 
-TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) {
+void CheckModel() {
   const ModelSpec spec = SmallXlstmLarge();
   const int64_t B = 2, T = 100;
   auto gpu = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 3);
@@ -271,6 +343,8 @@ TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) {
   EXPECT_EQ(lg.tokens, lc.tokens);
   EXPECT_TRUE(CheckGradsWithTerms((*gpu)->params(), (*cpu)->params(), spec.preset, 5e-2, terms));
 }
+
+TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) { CheckModel(); }
 
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
 

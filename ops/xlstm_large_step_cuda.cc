@@ -7,7 +7,7 @@
 //   fp32 product, then the block's gate kernel (bias + soft cap, ops/xlstm_large_cuda.h); the
 //   cell over all k positions in ONE launch (the chunk kernel at k = 1 too when row-invariant
 //   decoding is on, so a chunk of k positions rounds every position as k one-token steps do);
-//   the per-head LayerNorm, hn ⊙ σ(o) (the block's out-gate kernel), out_proj with the residual
+//   LN_head(h)·w ⊙ σ(o) (the training forward's fused kernel), out_proj with the residual
 //   in its GEMM's store, the SwiGLU FFN with its residual likewise.
 // States stay fp32 on the device (the CPU-made zero states of NewState move there on the first
 // step, exact). A rewindable chunk has the kernel write the state after positions 0..k-2 into one
@@ -94,11 +94,18 @@ Tensor XlstmLargeBlock::StepCuda(const Tensor& x, int64_t chunk, XlstmLargeState
                               hm.Slice(j * m->numel(), m->shape())});
     }
   }
-  Tensor hnorm = multihead_norm_.Forward(h);
+  // LN_head(h)·w ⊙ σ(o) by the training forward's kernel (xl_norm_gate_fwd), so a decoded position
+  // rounds as the full forward's does; its statistics go to scratch.
   Tensor gated = Tensor::Empty({rows, v_dim_}, DType::kBF16, Device::kCuda);
-  XlstmLargeOutGateArgs og;
-  og.n = rows * v_dim_; og.hn = hnorm.raw(); og.o = o.raw(); og.y = gated.raw();
-  Cuda().XlstmLargeOutGate(false, og);
+  Tensor mean = Tensor::Empty({rows, heads_}, DType::kF32, Device::kCuda);
+  Tensor rstd = Tensor::Empty({rows, heads_}, DType::kF32, Device::kCuda);
+  XlstmLargeNormGateArgs ng;
+  ng.rows = rows; ng.dim = v_dim_; ng.heads = heads_;
+  ng.eps = static_cast<float>(norm_eps_);
+  ng.h = h.raw(); ng.o = o.raw();
+  ng.weight = multihead_norm_.weight()->value.data<float>();
+  ng.y = gated.raw(); ng.mean = mean.data<float>(); ng.rstd = rstd.data<float>();
+  Cuda().XlstmLargeNormGate(false, ng);
   Tensor x1 = out_proj_.ForwardAdd(gated, x);
   Tensor y = ffn_.ForwardAdd(norm_ffn_.Forward(x1), x1);
   ReleaseActivations();
