@@ -15,6 +15,7 @@
 #include "kernels/cpu/mlstm.h"
 #include "kernels/cpu/slstm.h"
 #include "kernels/cpu/ssd.h"
+#include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
 #include "ops/env_switch.h"
@@ -67,29 +68,7 @@ std::vector<std::pair<int64_t, int64_t>> BatchSlices(int64_t batch) {
 }
 
 // ---------------------------------------------------------------- CUDA helpers
-
-const void* BytePtr(const Tensor& t, int64_t elements) {
-  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
-}
-void* MutBytePtr(const Tensor& t, int64_t elements) {
-  return static_cast<char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
-}
-
-// Row-major C [m, n] (ldc) = op(A) op(B) (+ beta C) on the backend's cuBLASLt; A, B bf16.
-void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
-        void* c, int64_t ldc, bool c_f32, float beta) {
-  if (m == 0 || n == 0) return;
-  CudaGemm g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m; g.n = n; g.k = k;
-  g.a = a; g.lda = lda;
-  g.b = b; g.ldb = ldb;
-  g.c = c; g.ldc = ldc;
-  g.c_f32 = c_f32;
-  g.beta = beta;
-  Cuda().Gemm(g);
-}
+// (CudaEmpty, CudaBytes, BytePtr, MutBytePtr, Mm: ops/block_cuda_util.h)
 
 // y [rows, n] = x [rows, in] · W[r0 : r0 + n, :]ᵀ for the Linear's weight W [out, in] (bf16
 // compute copy); f32 output when asked.
@@ -150,11 +129,6 @@ void ZeroStaleGradsTogether(std::initializer_list<Parameter*> params) {
   for (Parameter* p : params) p->grad_stale = false;
 }
 
-Tensor CudaBytes(size_t bytes) {
-  return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
-}
-
-Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
 
 // ---------------------------------------------------------------- phase profiling (benchmarks)
 

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "kernels/cpu/mlstm.h"
+#include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
 #include "ops/parallel.h"
@@ -245,31 +246,7 @@ Tensor XlstmLargeBlock::StepChunk(const Tensor& x, int64_t chunk, BlockState* st
 }
 
 // ---------------------------------------------------------------- CUDA
-
-namespace {
-
-Tensor CudaEmpty(Shape shape, DType dtype = DType::kBF16) { return Tensor::Empty(std::move(shape), dtype, Device::kCuda); }
-Tensor CudaBytes(size_t bytes) {
-  return Tensor::Empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32, Device::kCuda);
-}
-
-// Row-major C [m, n] = op(A) op(B) (+ beta C) on the backend's cuBLASLt; A, B bf16.
-void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
-        void* c, int64_t ldc, bool c_f32, float beta) {
-  if (m == 0 || n == 0) return;
-  CudaGemm g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m; g.n = n; g.k = k;
-  g.a = a; g.lda = lda;
-  g.b = b; g.ldb = ldb;
-  g.c = c; g.ldc = ldc;
-  g.c_f32 = c_f32;
-  g.beta = beta;
-  Cuda().Gemm(g);
-}
-
-}  // namespace
+// (CudaEmpty, CudaBytes, Mm: ops/block_cuda_util.h)
 
 void XlstmLargeBlock::GateSpan(Tensor* compute, Tensor* grad) const {
   GYRE_CHECK(store_->AdjacentSpan({wi_, wf_}, compute, grad),
