@@ -434,6 +434,9 @@ int main(int argc, char** argv) {
                         mlstm_chunk, peak, alternate, auto_mode,
                         !mlstm_recompute.empty() && !mlstm_recompute[i].empty() && auto_mode.empty(), env_variants,
                         &r);
+    // The next preset starts from an empty cache: the caching allocator would otherwise keep this
+    // model's blocks and the next model would run slower (session 20: 136 vs 122 ms).
+    Cuda().ReleaseCachedMemory();
     if (run == 2) continue;
     if (run != 0) {
       rc = 1;

@@ -288,6 +288,11 @@ class CudaBackend {
     uint64_t free_bytes = 0, total_bytes = 0;
   };
   virtual DeviceMemory DeviceMemoryNow() = 0;
+  // Returns every cached (free) block to the driver. For a process that runs one model after another
+  // (the step benchmarks): the earlier model's blocks would otherwise stay cached in its size classes
+  // and crowd the next model's, whose misses then release and re-take blocks every step
+  // (bench/RESULTS.md, session 20: xlstm[1:0]-125m 136 ms after xlstm-large-bench, 122 ms alone).
+  virtual void ReleaseCachedMemory() = 0;
 };
 
 // The registered backend, or null in a binary built without //ops:cuda_backend.

@@ -1061,6 +1061,11 @@ class Backend final : public CudaBackend {
     return {a.bytes_in_use, a.bytes_cached, a.peak_bytes_in_use};
   }
 
+  void ReleaseCachedMemory() override {
+    Init();
+    OK_OR_DIE(alloc_->ReleaseCached());
+  }
+
   DeviceMemory DeviceMemoryNow() override {
     Init();
     size_t free_bytes = 0, total_bytes = 0;
