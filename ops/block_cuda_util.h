@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "ops/block.h"
+#include "ops/cuda_infer.h"
 #include "ops/tensor.h"
 
 namespace gyre::ops {
@@ -21,5 +23,21 @@ void* MutBytePtr(const Tensor& t, int64_t elements);
 // fp32 (`c_f32`). Nothing happens for an empty output.
 void Mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb,
         void* c, int64_t ldc, bool c_f32, float beta);
+
+// A decode state's tensor on the device: the CPU-made (zero) states of NewState move there as fp32
+// on the first step, exact.
+void StateOnDevice(Tensor* t);
+
+// The mLSTM cell over a decode chunk's `chunk` positions in one launch (kernels/cuda/ssm_step.h),
+// shared by MlstmBlock::StepCuda and XlstmLargeBlock::StepCuda. `s` carries the shape and the
+// q, k, v, gate and h pointers; the states c, n, m are stepped here. Row-invariant decoding
+// (cuda_infer.h) steps one token with the chunk kernel as well, so a position's arithmetic is the
+// same at k = 1 and k > 1; n and m after a chunk-kernel step go to fresh tensors (the kernel's
+// blocks of a head all read the old ones), taken by handle — or copied back under decode-graph
+// capture, whose replays need fixed addresses. A rewindable chunk has the kernel write the state
+// after positions 0..k-2 into one buffer per tensor whose views `history` adopts (Rewind then swaps
+// handles: no copy, no launch). No launch for an empty batch.
+void StepMlstmCells(CudaMlstmStepArgs s, int64_t chunk, bool rewindable, Tensor* c, Tensor* n, Tensor* m,
+                    StateHistory* history);
 
 }  // namespace gyre::ops

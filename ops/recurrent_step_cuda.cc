@@ -10,20 +10,13 @@
 // buffer whose views the StateHistory adopts, so Rewind swaps handles (no copy, no launch).
 // The sLSTM chunk loops over its positions inside one launch as well (one block per sequence and
 // head: the recurrent matmul needs the whole head's h of the previous position).
+#include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/recurrent_blocks.h"
 
 namespace gyre::ops {
 namespace {
-
-void OnDevice(Tensor* t) {
-  if (!IsCuda(*t)) *t = t->To(DType::kF32).ToDevice(Device::kCuda);
-}
-
-const void* Bytes(const Tensor& t, int64_t elements) {
-  return static_cast<const char*>(t.raw()) + elements * static_cast<int64_t>(DTypeSize(t.dtype()));
-}
 
 // y [rows, n] = x [rows, k] · W[r0 : r0 + n, :]ᵀ (W the bf16 compute copy [*, k]); y bf16 or f32.
 Tensor RowsGemm(const Tensor& x, const Parameter& w, int64_t r0, int64_t n, bool f32) {
@@ -33,7 +26,7 @@ Tensor RowsGemm(const Tensor& x, const Parameter& w, int64_t r0, int64_t n, bool
   g.trans_b = true;
   g.m = rows; g.n = n; g.k = k;
   g.a = x.raw(); g.lda = k;
-  g.b = Bytes(w.compute, r0 * k); g.ldb = k;
+  g.b = BytePtr(w.compute, r0 * k); g.ldb = k;
   g.c = y.raw(); g.ldc = n; g.c_f32 = f32;
   Cuda().Gemm(g);
   return y;
@@ -45,7 +38,7 @@ Tensor CausalConv1d::StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state
   if (history != nullptr) history->Clear();
   GYRE_CHECK(x.dtype() == DType::kBF16 && x.cols() == channels_ && chunk > 0 && x.rows() % chunk == 0,
              "conv1d chunk step: CUDA x %s, chunk %ld", ShapeString(x.shape()).c_str(), (long)chunk);
-  OnDevice(state);
+  StateOnDevice(state);
   const int64_t B = x.rows() / chunk;
   GYRE_CHECK(state->numel() == B * (width_ - 1) * channels_, "conv1d chunk step: state %s",
              ShapeString(state->shape()).c_str());
@@ -73,7 +66,7 @@ Tensor CausalConv1d::StepChunkCuda(const Tensor& x, int64_t chunk, Tensor* state
 Tensor Mamba2Block::StepCuda(const Tensor& x, int64_t chunk, Mamba2State* st, bool rewindable) {
   const int64_t rows = x.rows(), B = rows / chunk, gn = groups_ * state_, cx = di_ + 2 * gn;
   Tensor* ssm = &st->ssm;
-  OnDevice(ssm);
+  StateOnDevice(ssm);
   Tensor u = norm_.Forward(x);
   Tensor z = RowsGemm(u, *in_proj_.weight(), 0, di_, false);
   Tensor xbc_in = RowsGemm(u, *in_proj_.weight(), di_, cx, false);
@@ -85,7 +78,7 @@ Tensor Mamba2Block::StepCuda(const Tensor& x, int64_t chunk, Mamba2State* st, bo
   if (rewindable && chunk > 1) hist = Tensor::Empty({(chunk - 1) * ssm->numel()}, DType::kF32, Device::kCuda);
   CudaSsdStepArgs s;
   s.batch = B; s.heads = heads_; s.head_dim = head_dim_; s.groups = groups_; s.state_dim = state_;
-  s.x = xbc.raw(); s.b = Bytes(xbc, di_); s.c = Bytes(xbc, di_ + gn);
+  s.x = xbc.raw(); s.b = BytePtr(xbc, di_); s.c = BytePtr(xbc, di_ + gn);
   s.ld_xbc = cx;
   s.dt = dt.data<float>();
   s.a_log = a_log_->value.data<float>(); s.dt_bias = dt_bias_->value.data<float>(); s.d = d_skip_->value.data<float>();
@@ -118,7 +111,7 @@ Tensor Mamba2Block::StepCuda(const Tensor& x, int64_t chunk, Mamba2State* st, bo
 Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool rewindable) {
   const int64_t B = x.rows(), p = p_, dk = p_ / heads_, per = B / chunk;
   Tensor *c = &st->c, *n = &st->n, *m = &st->m;
-  for (Tensor* t : {c, n, m}) OnDevice(t);
+  for (Tensor* t : {c, n, m}) StateOnDevice(t);
   Tensor u = norm_.Forward(x);
   Tensor xm = RowsGemm(u, *up_.weight(), 0, p, false);
   Tensor z = RowsGemm(u, *up_.weight(), p, p, false);
@@ -127,50 +120,12 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
   QkvGatesCuda(xc, xm, B, q, k, v, ig, fg);
   Tensor h = Tensor::Empty({B, p}, DType::kBF16, Device::kCuda);
   // All `chunk` positions in one launch (k = 1: the cluster step kernel).
-  Tensor hc, hn, hm;
-  if (rewindable && chunk > 1) {
-    hc = Tensor::Empty({(chunk - 1) * c->numel()}, DType::kF32, Device::kCuda);
-    hn = Tensor::Empty({(chunk - 1) * n->numel()}, DType::kF32, Device::kCuda);
-    hm = Tensor::Empty({(chunk - 1) * m->numel()}, DType::kF32, Device::kCuda);
-  }
   CudaMlstmStepArgs s;
   s.batch = per; s.heads = heads_; s.dk = dk; s.dv = dk; s.sigmoid_forget = sigmoid_forget_;
   s.q = q.raw(); s.k = k.raw(); s.v = v.raw();
   s.ig = ig.data<float>(); s.fg = fg.data<float>();
-  s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
   s.h = h.raw();
-  s.positions = chunk;
-  // n and m after a chunk go to fresh tensors (the kernel's blocks of a head all read the old
-  // ones); the state then takes them by handle.
-  // Row-invariant decoding (cuda_infer.h) steps one token with the chunk kernel as well, so a
-  // position's arithmetic is the same at k = 1 and k > 1.
-  const bool chunk_kernel = chunk > 1 || RowInvariantDecode();
-  Tensor n_out, m_out;
-  if (chunk_kernel) {
-    n_out = Tensor::Empty(n->shape(), DType::kF32, Device::kCuda);
-    m_out = Tensor::Empty(m->shape(), DType::kF32, Device::kCuda);
-    s.n_out = n_out.data<float>();
-    s.m_out = m_out.data<float>();
-  }
-  if (hc.defined()) {
-    s.c_history = hc.data<float>(); s.n_history = hn.data<float>(); s.m_history = hm.data<float>();
-  }
-  CudaInfer().MlstmStep(s);
-  if (chunk_kernel && Cuda().Capturing()) {
-    // A decode graph (ops/decode_graph.h) replays fixed addresses: the state must stay where it
-    // is, so n and m are copied back (two device copies) instead of taking the new handles.
-    n->CopyFrom(n_out);
-    m->CopyFrom(m_out);
-  } else if (chunk_kernel) {
-    *n = n_out;
-    *m = m_out;
-  }
-  if (hc.defined()) {
-    for (int64_t j = 0; j + 1 < chunk; ++j) {
-      st->cell_history.Adopt({hc.Slice(j * c->numel(), c->shape()), hn.Slice(j * n->numel(), n->shape()),
-                              hm.Slice(j * m->numel(), m->shape())});
-    }
-  }
+  StepMlstmCells(s, chunk, rewindable, c, n, m, &st->cell_history);
   Tensor mean = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
   Tensor rstd = Tensor::Empty({B * heads_}, DType::kF32, Device::kCuda);
   Tensor out = OutputNormCuda(h, z.raw(), p_, xc, B, mean, rstd);
@@ -182,7 +137,7 @@ Tensor MlstmBlock::StepCuda(const Tensor& x, int64_t chunk, MlstmState* st, bool
 Tensor SlstmBlock::StepCuda(const Tensor& x, int64_t chunk, SlstmState* st, bool rewindable) {
   const int64_t B = x.rows(), d = d_, dh = d_ / heads_, per = B / chunk;
   Tensor *h = &st->h, *c = &st->c, *n = &st->n, *m = &st->m;
-  for (Tensor* t : {h, c, n, m}) OnDevice(t);
+  for (Tensor* t : {h, c, n, m}) StateOnDevice(t);
   Tensor u = norm_.Forward(x);
   Tensor xc = conv_.StepChunk(u, chunk, &st->conv, rewindable ? &st->conv_history : nullptr);
   // The four gate projections per (gate, head) into [B, 4, d], as ForwardCuda.
@@ -194,9 +149,9 @@ Tensor SlstmBlock::StepCuda(const Tensor& x, int64_t chunk, SlstmState* st, bool
       CudaGemm g;
       g.trans_b = true;
       g.m = B; g.n = dh; g.k = dh;
-      g.a = Bytes(src, hd * dh); g.lda = d;
-      g.b = Bytes(w[k]->weight()->compute, hd * dh * dh); g.ldb = dh;
-      g.c = const_cast<void*>(Bytes(gx, k * d + hd * dh)); g.ldc = 4 * d;
+      g.a = BytePtr(src, hd * dh); g.lda = d;
+      g.b = BytePtr(w[k]->weight()->compute, hd * dh * dh); g.ldb = dh;
+      g.c = MutBytePtr(gx, k * d + hd * dh); g.ldc = 4 * d;
       Cuda().Gemm(g);
     }
   }

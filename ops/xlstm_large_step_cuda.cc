@@ -14,6 +14,7 @@
 // buffer per tensor whose views the StateHistory adopts, so Rewind swaps handles (no copy, no
 // launch). Under decode-graph capture, n and m are copied back into their captured addresses
 // instead of taking the kernel's fresh outputs by handle (as the v1 block).
+#include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
 #include "ops/cuda_recurrent.h"
@@ -27,9 +28,7 @@ Tensor XlstmLargeBlock::StepCuda(const Tensor& x, int64_t chunk, XlstmLargeState
              "xLSTM Large CUDA step: x %s, chunk %ld", ShapeString(x.shape()).c_str(), (long)chunk);
   const int64_t B = rows / chunk;
   Tensor *c = &st->c, *n = &st->n, *m = &st->m;
-  for (Tensor* t : {c, n, m}) {
-    if (!IsCuda(*t)) *t = t->To(DType::kF32).ToDevice(Device::kCuda);
-  }
+  for (Tensor* t : {c, n, m}) StateOnDevice(t);
   Tensor u = norm_mlstm_.Forward(x);
   Tensor q = q_.Forward(u), k = k_.Forward(u), v = v_.Forward(u), o = ogate_.Forward(u);
   // Both gates' raw pre-activations in one fp32 product over the adjacent [W_i; W_f], then bias + cap.
@@ -54,46 +53,12 @@ Tensor XlstmLargeBlock::StepCuda(const Tensor& x, int64_t chunk, XlstmLargeState
   Cuda().XlstmLargeGates(false, ga);
   // The cell: all `chunk` positions in one launch.
   Tensor h = Tensor::Empty({rows, v_dim_}, DType::kBF16, Device::kCuda);
-  Tensor hc, hn, hm;
-  if (rewindable && chunk > 1) {
-    hc = Tensor::Empty({(chunk - 1) * c->numel()}, DType::kF32, Device::kCuda);
-    hn = Tensor::Empty({(chunk - 1) * n->numel()}, DType::kF32, Device::kCuda);
-    hm = Tensor::Empty({(chunk - 1) * m->numel()}, DType::kF32, Device::kCuda);
-  }
   CudaMlstmStepArgs s;
   s.batch = B; s.heads = heads_; s.dk = dk; s.dv = dv; s.sigmoid_forget = true; s.eps = 1e-6;
   s.q = q.raw(); s.k = k.raw(); s.v = v.raw();
   s.ig = ig.data<float>(); s.fg = fg.data<float>();
-  s.c = c->data<float>(); s.n = n->data<float>(); s.m = m->data<float>();
   s.h = h.raw();
-  s.positions = chunk;
-  // Row-invariant decoding steps one token with the chunk kernel as well (the v1 block's rule), so
-  // a position's arithmetic is the same at k = 1 and k > 1.
-  const bool chunk_kernel = chunk > 1 || RowInvariantDecode();
-  Tensor n_out, m_out;
-  if (chunk_kernel) {
-    n_out = Tensor::Empty(n->shape(), DType::kF32, Device::kCuda);
-    m_out = Tensor::Empty(m->shape(), DType::kF32, Device::kCuda);
-    s.n_out = n_out.data<float>();
-    s.m_out = m_out.data<float>();
-  }
-  if (hc.defined()) {
-    s.c_history = hc.data<float>(); s.n_history = hn.data<float>(); s.m_history = hm.data<float>();
-  }
-  if (B > 0) CudaInfer().MlstmStep(s);
-  if (chunk_kernel && Cuda().Capturing()) {
-    n->CopyFrom(n_out);
-    m->CopyFrom(m_out);
-  } else if (chunk_kernel) {
-    *n = n_out;
-    *m = m_out;
-  }
-  if (hc.defined()) {
-    for (int64_t j = 0; j + 1 < chunk; ++j) {
-      st->cell_history.Adopt({hc.Slice(j * c->numel(), c->shape()), hn.Slice(j * n->numel(), n->shape()),
-                              hm.Slice(j * m->numel(), m->shape())});
-    }
-  }
+  StepMlstmCells(s, chunk, rewindable, c, n, m, &st->cell_history);
   // LN_head(h)·w ⊙ σ(o) by the training forward's kernel (xl_norm_gate_fwd), so a decoded position
   // rounds as the full forward's does; its statistics go to scratch.
   Tensor gated = Tensor::Empty({rows, v_dim_}, DType::kBF16, Device::kCuda);
