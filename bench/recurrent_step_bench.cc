@@ -28,8 +28,9 @@
 // --profile_variants NAME=VALUE ... prints a per-op profile under each environment setting after
 // the timed steps, one process (bench/step_timing.h ProfileVariants; "NAME=" profiles the default):
 // the in-step A/B of GYRE_GEMM_PICK candidates (kernels/cuda/gemm.cu, gemm_notes.md).
-// --variants NAME=VALUE ... times --variant_rounds rounds of --variant_steps steps per entry, the
-// default (variables unset) first, alternating on one model, and prints each entry's median and its
+// --variants NAME=VALUE ... times --variant_rounds rounds of --variant_steps steps per entry (the
+// default = variables unset, then each setting), alternating on one model, round r starting at
+// entry r mod n (printed; bench/step_timing_order.h), and prints each entry's median and its
 // per-round medians (e.g. GYRE_GEMM_TABLE=llama-only: the plan table without the recurrent entries).
 #include <algorithm>
 #include <chrono>

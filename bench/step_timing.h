@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/step_timing_order.h"
 #include "ops/cuda_backend.h"
 #include "ops/rng.h"
 #include "ops/train_step.h"
@@ -114,12 +115,16 @@ bool ProfileVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_
 
 // Step-level A/B of environment settings read per call (or per plan build) on one model:
 // one warm-up step per entry (entry 0 = the default: every named variable unset; then each
-// NAME=VALUE), then `rounds` rounds of `steps` steps per entry in that order. times[entry] gets
-// every timed step, round after round. False after printing an error.
+// NAME=VALUE, in that order), then `rounds` rounds of `steps` steps per entry, round r starting at
+// entry r mod n (bench/step_timing_order.h RoundOrder: with rounds a multiple of n every entry is
+// first equally often; a default-first order favoured the later entries by ~1 ms, helper
+// xlperf20). Prints each round's order. times[entry] gets every timed step, round after round.
+// False after printing an error.
 inline bool AlternateVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_t batch, int64_t seq,
                               const std::vector<std::string>& variants, int rounds, int steps, int* next_step,
                               std::vector<std::vector<double>>* times) {
   std::vector<std::pair<std::string, std::string>> settings;
+  std::vector<std::string> names = {"default"};
   for (const std::string& v : variants) {
     const size_t eq = v.find('=');
     if (eq == std::string::npos) {
@@ -127,15 +132,23 @@ inline bool AlternateVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t voca
       return false;
     }
     settings.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+    names.push_back(v);
   }
   const auto select = [&](size_t entry) {
     for (const auto& s : settings) unsetenv(s.first.c_str());
     if (entry > 0) setenv(settings[entry - 1].first.c_str(), settings[entry - 1].second.c_str(), 1);
   };
   times->assign(settings.size() + 1, {});
+  if (rounds % static_cast<int>(names.size()) != 0) {
+    std::printf("  (--variant_rounds %d is not a multiple of the %zu entries: some start a round more often)\n", rounds,
+                names.size());
+  }
   bool ok = true;
-  for (int r = -1; r < rounds && ok; ++r) {  // r = -1: the warm-up step per entry
-    for (size_t e = 0; e <= settings.size() && ok; ++e) {
+  for (int r = -1; r < rounds && ok; ++r) {  // r = -1: the warm-up step per entry, default first
+    const std::vector<size_t> order = RoundOrder(r < 0 ? 0 : r, names.size());
+    if (r >= 0) std::printf("  variant %s\n", DescribeRoundOrder(r, order, names).c_str());
+    for (size_t e : order) {
+      if (!ok) break;
       select(e);
       StepTimes t;
       const int n = r < 0 ? 1 : steps;
@@ -144,6 +157,7 @@ inline bool AlternateVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t voca
       if (ok && r >= 0) (*times)[e].insert((*times)[e].end(), t.seconds.begin(), t.seconds.end());
     }
   }
+  std::fflush(stdout);
   select(0);
   return ok;
 }

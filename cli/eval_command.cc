@@ -456,35 +456,42 @@ int RunEval(int argc, char** argv) {
 
 namespace gyre::cli {
 
-// `gyre export --run_dir runs/<name> [--step N] [--config PATH] --out DIR`: the checkpoint as
-// DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM, Mamba2ForCausalLM or
-// xLSTMForCausalLM (eval/export.h; the NeurIPS xLSTM, hybrids and Mamba-2 with n_groups > 1 are
-// refused with the reason).
+// `gyre export --run_dir runs/<name> [--step N] [--config PATH] [--dtype f32|bf16|f16] --out DIR`:
+// the checkpoint as DIR/model.safetensors + DIR/config.json for transformers' LlamaForCausalLM,
+// Mamba2ForCausalLM or xLSTMForCausalLM (eval/export.h; the NeurIPS xLSTM, hybrids and Mamba-2
+// with n_groups > 1 are refused with the reason). --dtype: the tensors' element type (default f32;
+// bf16 / f16 round the fp32 masters to nearest even, as published checkpoints are stored).
 int RunExport(int argc, char** argv) {
   CLI::App app("export a run's checkpoint as safetensors + config.json for transformers: LlamaForCausalLM "
                "(Llama), Mamba2ForCausalLM (Mamba-2, n_groups 1) or xLSTMForCausalLM (xLSTM Large: xlstm-7b, "
                "xlstm-large-*); the NeurIPS xLSTM and hybrids are refused",
                argv[0]);
-  std::string run_dir, config_path, out_dir;
+  std::string run_dir, config_path, out_dir, dtype_name = "f32";
   int64_t step = -1;
   app.add_option("--run_dir", run_dir, "run directory runs/<name>")->required();
   app.add_option("--step", step, "checkpoint step (default: the newest valid one)");
   app.add_option("--config", config_path, "resolved run config (default: <run_dir>/config.json)");
   app.add_option("--out", out_dir, "output directory")->required();
+  app.add_option("--dtype", dtype_name,
+                 "element type of model.safetensors: f32, bf16 or f16 (round to nearest even from the fp32 masters)")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Checked before the checkpoint is read: a typo costs no load.
+  const absl::StatusOr<eval::ExportDType> dtype = eval::ParseExportDType("--dtype", dtype_name);
+  if (!dtype.ok()) return Fail("export", dtype.status());
   absl::StatusOr<eval::LoadedModel> run =
       eval::LoadModelFromRun(Env::Default(), {.run_dir = run_dir, .step = step, .config_path = config_path});
   if (!run.ok()) return Fail("export", run.status());
   const int64_t positions = run->config.data().seq_len() > 0 ? run->config.data().seq_len() : 2048;
-  auto result = eval::ExportHf(Env::Default(), run->model.get(), positions, out_dir);
+  auto result = eval::ExportHf(Env::Default(), run->model.get(), positions, out_dir, {.dtype = *dtype});
   if (!result.ok()) return Fail("export", result.status());
-  std::printf("exported step %lu (%s): %ld tensors -> %s, %s\n", static_cast<unsigned long>(run->step),
-              run->checkpoint_dir.c_str(), static_cast<long>(result->tensors), result->safetensors_path.c_str(),
-              result->config_path.c_str());
+  std::printf("exported step %lu (%s): %ld %s tensors -> %s, %s\n", static_cast<unsigned long>(run->step),
+              run->checkpoint_dir.c_str(), static_cast<long>(result->tensors), eval::SafetensorsDType(*dtype),
+              result->safetensors_path.c_str(), result->config_path.c_str());
   if (!result->dropped.empty()) {
     std::printf("left out %zu parameters of MTP heads 2..%ld (no place in the transformers class)\n", result->dropped.size(),
                 static_cast<long>(run->spec.mtp_heads));

@@ -1,12 +1,17 @@
 #include "eval/export.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <string_view>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "ops/tensor.h"
 
 namespace gyre::eval {
 namespace {
@@ -88,7 +93,7 @@ absl::Status Refuse(const ops::ModelSpec& spec, const std::string& why) {
   return absl::FailedPreconditionError(absl::StrCat(spec.preset, ": ", why));
 }
 
-absl::StatusOr<std::string> LlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
+absl::StatusOr<std::string> LlamaConfigJson(const ops::ModelSpec& spec, int64_t max_positions, ExportDType dtype) {
   for (ops::BlockType b : spec.blocks) {
     if (b != ops::BlockType::kAttention) {
       return Refuse(spec, absl::StrCat("a Llama model with a ", ops::BlockTypeName(b),
@@ -115,14 +120,14 @@ absl::StatusOr<std::string> LlamaConfigJson(const ops::ModelSpec& spec, int64_t 
   c["attention_bias"] = false;
   c["mlp_bias"] = false;
   c["tie_word_embeddings"] = spec.tie_embeddings;
-  c["torch_dtype"] = "float32";
+  c["torch_dtype"] = TorchDType(dtype);
   return c.dump(2) + "\n";
 }
 
 // Mamba2Config fields that Mamba2ForCausalLM's forward reads, plus the dt initialisation range
 // (init only; ours, ops/recurrent_blocks.cc). Left at transformers' defaults on purpose:
 // time_step_limit (0, inf) = no dt clamp, as ours (JSON cannot spell inf), and the token ids.
-absl::StatusOr<std::string> Mamba2ConfigJson(const ops::ModelSpec& spec) {
+absl::StatusOr<std::string> Mamba2ConfigJson(const ops::ModelSpec& spec, ExportDType dtype) {
   for (ops::BlockType b : spec.blocks) {
     if (b != ops::BlockType::kMamba2) {
       return Refuse(spec, absl::StrCat("a hybrid with a ", ops::BlockTypeName(b),
@@ -165,7 +170,7 @@ absl::StatusOr<std::string> Mamba2ConfigJson(const ops::ModelSpec& spec) {
   c["time_step_max"] = 0.1;
   c["time_step_floor"] = 1e-4;
   c["tie_word_embeddings"] = spec.tie_embeddings;
-  c["torch_dtype"] = "float32";
+  c["torch_dtype"] = TorchDType(dtype);
   return c.dump(2) + "\n";
 }
 
@@ -192,7 +197,7 @@ double TruncatingFactor(int64_t width, int64_t d) {
 // tie_word_embeddings is always false and lm_head.weight always written (a copy of the embedding
 // for a tied spec): xLSTMForCausalLM declares no tied weights, so a missing lm_head would be left
 // at its random initialisation rather than tied.
-absl::StatusOr<std::string> XlstmLargeConfigJson(const ops::ModelSpec& spec) {
+absl::StatusOr<std::string> XlstmLargeConfigJson(const ops::ModelSpec& spec, ExportDType dtype) {
   for (ops::BlockType b : spec.blocks) {
     if (b != ops::BlockType::kXlstmLarge) {
       return Refuse(spec, absl::StrCat("an xLSTM Large model with a ", ops::BlockTypeName(b),
@@ -245,20 +250,26 @@ absl::StatusOr<std::string> XlstmLargeConfigJson(const ops::ModelSpec& spec) {
   c["output_logit_soft_cap"] = spec.logit_soft_cap;
   c["weight_mode"] = "single";
   c["tie_word_embeddings"] = false;
-  c["torch_dtype"] = "float32";
+  c["torch_dtype"] = TorchDType(dtype);
   return c.dump(2) + "\n";
 }
 
-}  // namespace
+// One header entry: what EncodeSafetensors and the streaming ExportHf both describe.
+struct HeaderEntry {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  uint64_t bytes = 0;
+};
 
-std::string EncodeSafetensors(const std::map<std::string, SafetensorsTensor>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
+// The 8-byte little-endian size + the JSON header (padded with spaces to a multiple of 8) of
+// tensors laid out in `entries` order.
+std::string SafetensorsHeader(const std::vector<HeaderEntry>& entries, const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header;
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
-    header[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+  for (const HeaderEntry& e : entries) {
+    header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.bytes}}};
+    offset += e.bytes;
   }
   std::string json = header.dump();
   while (json.size() % 8 != 0) json.push_back(' ');
@@ -266,6 +277,88 @@ std::string EncodeSafetensors(const std::map<std::string, SafetensorsTensor>& te
   const uint64_t n = json.size();
   for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
   out += json;
+  return out;
+}
+
+uint64_t ElementBytes(ExportDType dtype) { return dtype == ExportDType::kF32 ? 4 : 2; }
+
+// One exported tensor: its transformers name and shape, and the parameter whose values it holds.
+struct PlannedTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  const ops::Parameter* source = nullptr;
+};
+
+// The exported tensors in file (name) order; MTP heads 2..n go to `dropped`.
+absl::StatusOr<std::vector<PlannedTensor>> PlanHfTensors(ops::LanguageModel* model, std::vector<std::string>* dropped) {
+  std::map<std::string, PlannedTensor> planned;
+  for (ops::Parameter* p : model->params().All()) {
+    const std::string hf = HfName(model->spec().family, p->name);
+    if (hf.empty()) {
+      if (absl::StartsWith(p->name, "mtp_heads.")) {
+        dropped->push_back(p->name);
+        continue;
+      }
+      return absl::InternalError(absl::StrCat("export: no transformers name for parameter ", p->name));
+    }
+    PlannedTensor t{.name = hf, .shape = p->value.shape(), .source = p};
+    // nn.Conv1d(groups = channels) keeps a singleton in-channel axis: [C, K] -> [C, 1, K].
+    if (absl::EndsWith(hf, ".mixer.conv1d.weight")) t.shape = {t.shape[0], 1, t.shape[1]};
+    planned[hf] = std::move(t);
+  }
+  // xLSTMForCausalLM always has its own lm_head (XlstmLargeConfigJson): a tied spec exports a copy.
+  if (model->spec().family == ops::Family::kXlstmLarge && model->spec().tie_embeddings) {
+    auto emb = planned.find("backbone.embeddings.weight");
+    if (emb == planned.end()) return absl::InternalError("export: tied xLSTM Large model without an embedding");
+    PlannedTensor head = emb->second;
+    head.name = "lm_head.weight";
+    planned["lm_head.weight"] = std::move(head);
+  }
+  std::vector<PlannedTensor> plan;
+  for (auto& [name, t] : planned) plan.push_back(std::move(t));
+  return plan;
+}
+
+// Hands `p`'s values, converted to `dtype`, to `sink` in pieces of at most kPieceElements
+// elements (f32 masters on the CPU: straight from the tensor, one piece). A parameter that is not
+// an f32 CPU tensor is copied to one first (this tensor only). FailedPrecondition, naming the
+// parameter (its transformers name `hf`), for a finite value that the rounding turns into inf.
+absl::Status StreamConverted(const ops::Parameter& p, const std::string& hf, ExportDType dtype,
+                             const std::function<absl::Status(std::string_view)>& sink) {
+  constexpr int64_t kPieceElements = int64_t{1} << 16;
+  const ops::Tensor host = p.value.device() == ops::Device::kCpu ? p.value : p.value.ToDevice(ops::Device::kCpu);
+  const ops::Tensor f32 = host.dtype() == ops::DType::kF32 ? host : host.To(ops::DType::kF32);
+  const float* x = static_cast<const float*>(f32.raw());
+  const int64_t n = f32.numel();
+  if (dtype == ExportDType::kF32) return sink(std::string_view(reinterpret_cast<const char*>(x), n * sizeof(float)));
+  std::vector<uint16_t> piece(std::min(n, kPieceElements));
+  for (int64_t begin = 0; begin < n; begin += kPieceElements) {
+    const int64_t count = std::min(kPieceElements, n - begin);
+    for (int64_t i = 0; i < count; ++i) {
+      const float v = x[begin + i];
+      const uint16_t bits = dtype == ExportDType::kBF16 ? ops::FloatToBf16(v) : FloatToF16(v);
+      const bool inf = dtype == ExportDType::kBF16 ? (bits & 0x7fffu) == 0x7f80u : (bits & 0x7fffu) == 0x7c00u;
+      if (inf && std::isfinite(v)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--dtype ", ExportDTypeName(dtype), ": ", hf, " (", p.name, ") element ", begin + i, " = ", v,
+            " is beyond ", ExportDTypeName(dtype), "'s largest finite value (",
+            dtype == ExportDType::kBF16 ? "3.3895e38" : "65504", ") and would become inf; export as ",
+            dtype == ExportDType::kF16 ? "bf16 or f32" : "f32"));
+      }
+      piece[i] = bits;  // little-endian host (x86-64, aarch64): the file's byte order
+    }
+    RETURN_IF_ERROR(sink(std::string_view(reinterpret_cast<const char*>(piece.data()), count * sizeof(uint16_t))));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string EncodeSafetensors(const std::map<std::string, SafetensorsTensor>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<HeaderEntry> entries;
+  for (const auto& [name, t] : tensors) entries.push_back({name, t.dtype, t.shape, t.bytes.size()});
+  std::string out = SafetensorsHeader(entries, metadata);
   for (const auto& [name, t] : tensors) out += t.bytes;
   return out;
 }
@@ -321,14 +414,14 @@ absl::StatusOr<std::map<std::string, SafetensorsTensor>> DecodeSafetensors(const
   return out;
 }
 
-absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions) {
+absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions, ExportDType dtype) {
   switch (spec.family) {
     case ops::Family::kLlama:
-      return LlamaConfigJson(spec, max_positions);
+      return LlamaConfigJson(spec, max_positions, dtype);
     case ops::Family::kMamba2:
-      return Mamba2ConfigJson(spec);
+      return Mamba2ConfigJson(spec, dtype);
     case ops::Family::kXlstmLarge:
-      return XlstmLargeConfigJson(spec);
+      return XlstmLargeConfigJson(spec, dtype);
     case ops::Family::kXlstm:
       break;
   }
@@ -338,45 +431,116 @@ absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max
                       "xlstm-large-*) models are exportable");
 }
 
-absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
-                                                                   std::vector<std::string>* dropped) {
-  std::map<std::string, SafetensorsTensor> tensors;
-  for (ops::Parameter* p : model->params().All()) {
-    const std::string hf = HfName(model->spec().family, p->name);
-    if (hf.empty()) {
-      if (absl::StartsWith(p->name, "mtp_heads.")) {
-        dropped->push_back(p->name);
-        continue;
-      }
-      return absl::InternalError(absl::StrCat("export: no transformers name for parameter ", p->name));
-    }
-    const ops::Tensor host = p->value.device() == ops::Device::kCpu ? p->value : p->value.ToDevice(ops::Device::kCpu);
-    const ops::Tensor f32 = host.dtype() == ops::DType::kF32 ? host : host.To(ops::DType::kF32);
-    SafetensorsTensor t{.dtype = "F32", .shape = f32.shape()};
-    // nn.Conv1d(groups = channels) keeps a singleton in-channel axis: [C, K] -> [C, 1, K].
-    if (absl::EndsWith(hf, ".mixer.conv1d.weight")) t.shape = {t.shape[0], 1, t.shape[1]};
-    t.bytes.assign(static_cast<const char*>(f32.raw()), f32.nbytes());
-    tensors[hf] = std::move(t);
+absl::StatusOr<ExportDType> ParseExportDType(const std::string& flag, const std::string& text) {
+  for (ExportDType d : {ExportDType::kF32, ExportDType::kBF16, ExportDType::kF16})
+    if (text == ExportDTypeName(d)) return d;
+  return absl::InvalidArgumentError(
+      absl::StrCat(flag, " \"", text, "\": expected f32, bf16 or f16 (the element type of model.safetensors)"));
+}
+
+const char* ExportDTypeName(ExportDType dtype) {
+  switch (dtype) {
+    case ExportDType::kBF16: return "bf16";
+    case ExportDType::kF16: return "f16";
+    case ExportDType::kF32: break;
   }
-  // xLSTMForCausalLM always has its own lm_head (XlstmLargeConfigJson): a tied spec exports a copy.
-  if (model->spec().family == ops::Family::kXlstmLarge && model->spec().tie_embeddings) {
-    auto emb = tensors.find("backbone.embeddings.weight");
-    if (emb == tensors.end()) return absl::InternalError("export: tied xLSTM Large model without an embedding");
-    tensors["lm_head.weight"] = emb->second;
+  return "f32";
+}
+
+const char* SafetensorsDType(ExportDType dtype) {
+  switch (dtype) {
+    case ExportDType::kBF16: return "BF16";
+    case ExportDType::kF16: return "F16";
+    case ExportDType::kF32: break;
+  }
+  return "F32";
+}
+
+const char* TorchDType(ExportDType dtype) {
+  switch (dtype) {
+    case ExportDType::kBF16: return "bfloat16";
+    case ExportDType::kF16: return "float16";
+    case ExportDType::kF32: break;
+  }
+  return "float32";
+}
+
+// binary16: 1 sign, 5 exponent (bias 15), 10 mantissa bits; normal from 2^-14, subnormal steps of
+// 2^-24, largest finite 65504. Each branch rounds the dropped f32 bits to nearest, ties to even.
+uint16_t FloatToF16(float value) {
+  uint32_t u;
+  std::memcpy(&u, &value, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((abs >> 13) & 0x3ffu);  // quiet NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (65504 + half a step, odd: ties up): inf
+  if (abs < 0x38800000u) {                        // below 2^-14: an f16 subnormal or zero
+    if (abs <= 0x33000000u) return sign;          // <= 2^-25 (2^-25 is the tie with 2^-24: even 0)
+    // value = significand * 2^(exp - 150); in steps of 2^-24 that is significand >> (126 - exp).
+    const uint32_t significand = (abs & 0x7fffffu) | 0x800000u;  // f32 subnormals went to 0 above
+    const int shift = 126 - static_cast<int>(abs >> 23);         // 14 .. 24
+    uint32_t q = significand >> shift;
+    const uint32_t rest = significand & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into 0x400: 2^-14, normal
+    return sign | static_cast<uint16_t>(q);
+  }
+  uint32_t h = (abs >> 13) - (112u << 10);  // rebias 127 -> 15, top 10 mantissa bits
+  const uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // carry may step the exponent (< inf here)
+  return sign | static_cast<uint16_t>(h);
+}
+
+absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
+                                                                   std::vector<std::string>* dropped,
+                                                                   ExportDType dtype) {
+  ASSIGN_OR_RETURN(std::vector<PlannedTensor> plan, PlanHfTensors(model, dropped));
+  std::map<std::string, SafetensorsTensor> tensors;
+  for (const PlannedTensor& p : plan) {
+    SafetensorsTensor t{.dtype = SafetensorsDType(dtype), .shape = p.shape};
+    t.bytes.reserve(p.source->value.numel() * ElementBytes(dtype));
+    RETURN_IF_ERROR(StreamConverted(*p.source, p.name, dtype, [&](std::string_view piece) {
+      t.bytes.append(piece);
+      return absl::OkStatus();
+    }));
+    tensors[p.name] = std::move(t);
   }
   return tensors;
 }
 
 absl::StatusOr<ExportResult> ExportHf(Env* env, ops::LanguageModel* model, int64_t max_positions,
-                                      const std::string& out_dir) {
-  ASSIGN_OR_RETURN(std::string config, HfConfigJson(model->spec(), max_positions));
+                                      const std::string& out_dir, const ExportOptions& options) {
+  ASSIGN_OR_RETURN(std::string config, HfConfigJson(model->spec(), max_positions, options.dtype));
   ExportResult result;
-  ASSIGN_OR_RETURN(auto tensors, HfTensors(model, &result.dropped));
-  result.tensors = static_cast<int64_t>(tensors.size());
+  ASSIGN_OR_RETURN(std::vector<PlannedTensor> plan, PlanHfTensors(model, &result.dropped));
+  result.tensors = static_cast<int64_t>(plan.size());
   RETURN_IF_ERROR(env->CreateDirs(out_dir));
   result.safetensors_path = out_dir + "/model.safetensors";
   result.config_path = out_dir + "/config.json";
-  RETURN_IF_ERROR(WriteFileAtomically(env, result.safetensors_path, EncodeSafetensors(tensors, {{"format", "pt"}})));
+  // The header first (offsets from shapes alone), then each tensor converted piece by piece: the
+  // bytes of the file never exist in memory together (the file comment's "Memory").
+  std::vector<HeaderEntry> entries;
+  for (const PlannedTensor& p : plan) {
+    entries.push_back({p.name, SafetensorsDType(options.dtype), p.shape,
+                       static_cast<uint64_t>(p.source->value.numel()) * ElementBytes(options.dtype)});
+  }
+  const std::string tmp = result.safetensors_path + ".tmp";
+  absl::Status written = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, env->NewWritableFile(tmp));
+    absl::Status st = file->Append(SafetensorsHeader(entries, {{"format", "pt"}}));
+    for (size_t i = 0; i < plan.size() && st.ok(); ++i) {
+      st = StreamConverted(*plan[i].source, plan[i].name, options.dtype,
+                           [&](std::string_view piece) { return file->Append(piece); });
+    }
+    if (st.ok()) st = file->Sync();
+    const absl::Status closed = file->Close();
+    return st.ok() ? closed : st;
+  }();
+  if (!written.ok()) {
+    if (env->Exists(tmp)) env->RemoveFile(tmp).IgnoreError();
+    return written;
+  }
+  RETURN_IF_ERROR(env->Rename(tmp, result.safetensors_path));
+  RETURN_IF_ERROR(env->SyncDir(out_dir));
   RETURN_IF_ERROR(WriteFileAtomically(env, result.config_path, config));
   return result;
 }

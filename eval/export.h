@@ -20,7 +20,8 @@
 // With MTP heads, the exported model is the next-token model (trunk + head 1, which is named like
 // the ordinary last layer); heads 2..n have no place in either class and are left out (`dropped`).
 //
-// Name maps (linear weights [out, in] on both sides; tensors written as F32):
+// Name maps (linear weights [out, in] on both sides; tensors written as F32, or BF16 / F16 with
+// ExportOptions::dtype, below):
 //   Llama: embedding.weight -> model.embed_tokens.weight; blocks.i.attn_norm -> model.layers.i.
 //     input_layernorm; blocks.i.attn.{q,k,v,o}_proj -> model.layers.i.self_attn.*; blocks.i.
 //     mlp_norm -> model.layers.i.post_attention_layernorm; blocks.i.mlp.{gate,up,down}_proj ->
@@ -46,6 +47,20 @@
 //     a forward with use_cache=True (the default; generate) fails on the state shape; use_cache=
 //     False is exact. xlstm-7b (qk 2048, v 4096) is unaffected.
 //
+// dtype (`gyre export --dtype f32|bf16|f16`, default f32: the files of earlier sessions, byte for
+// byte): bf16 / f16 convert the fp32 masters with round-to-nearest-even (bf16: ops::FloatToBf16,
+// the conversion the CUDA path's weight casts are checked against; f16: FloatToF16 below, IEEE
+// binary16 with subnormals), NaN stays a (quiet) NaN and ±inf stays ±inf; a finite master whose
+// rounding overflows (|x| >= 65520 for f16, >= 3.3961e38 for bf16) is refused, naming the
+// parameter, instead of becoming inf. The safetensors dtype tag is "F32" / "BF16" / "F16" and
+// config.json's torch_dtype "float32" / "bfloat16" / "float16" (published xLSTM-7B, Mamba-2 and
+// Llama checkpoints are bf16: 13.7 GB for xlstm-7b instead of 27).
+// Memory: ExportHf streams: it writes the header (computed from shapes alone), then each tensor
+// converted in pieces of 64K elements straight into the file; beside the model it holds one
+// piece (f32 masters on the CPU: none; a parameter on the GPU: one host copy of that tensor).
+// (Until session 21 it built every tensor's bytes in a map, then the whole file in one string:
+// two full copies of the model.) HfTensors / EncodeSafetensors build in memory, for tests.
+//
 // safetensors format (huggingface/safetensors README): u64 little-endian header size N, N bytes
 // of UTF-8 JSON {name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {...}}
 // (padded with spaces to a multiple of 8), then the byte buffer; offsets are relative to it.
@@ -70,6 +85,20 @@ struct SafetensorsTensor {
   std::string bytes;
 };
 
+// The element type of an export (see the file comment).
+enum class ExportDType { kF32, kBF16, kF16 };
+struct ExportOptions {
+  ExportDType dtype = ExportDType::kF32;
+};
+// "f32" / "bf16" / "f16" (the `--dtype` values); InvalidArgument naming `flag` otherwise.
+absl::StatusOr<ExportDType> ParseExportDType(const std::string& flag, const std::string& text);
+const char* ExportDTypeName(ExportDType dtype);    // "f32", "bf16", "f16"
+const char* SafetensorsDType(ExportDType dtype);   // "F32", "BF16", "F16"
+const char* TorchDType(ExportDType dtype);         // "float32", "bfloat16", "float16"
+// IEEE binary16 bits of `value`, round to nearest even (subnormals kept; overflow gives ±inf; NaN
+// a quiet NaN of the same sign). The project had no f16 conversion; bf16 is ops::FloatToBf16.
+uint16_t FloatToF16(float value);
+
 // Serialises tensors (ordered by name) into the safetensors byte layout.
 std::string EncodeSafetensors(const std::map<std::string, SafetensorsTensor>& tensors,
                               const std::map<std::string, std::string>& metadata);
@@ -88,16 +117,22 @@ struct ExportResult {
 // The transformers config.json of a spec (FailedPrecondition naming the reason when the spec is
 // not exportable). `max_positions`: Llama's max_position_embeddings (the training seq_len);
 // Mamba2Config has no such field.
-absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions);
+// `dtype`: config.json's torch_dtype.
+absl::StatusOr<std::string> HfConfigJson(const ops::ModelSpec& spec, int64_t max_positions,
+                                         ExportDType dtype = ExportDType::kF32);
 
-// The model's parameters under their transformers names (F32, transformers' shapes); MTP heads
-// 2..n go to `dropped`. Checks names only, not exportability (HfConfigJson does): InternalError
-// for a parameter without a name in the family's map (an xLSTM block).
+// The model's parameters under their transformers names (transformers' shapes, converted to
+// `dtype`), in memory; MTP heads 2..n go to `dropped`. Checks names only, not exportability
+// (HfConfigJson does): InternalError for a parameter without a name in the family's map (an xLSTM
+// block); FailedPrecondition for a finite value that overflows `dtype`.
 absl::StatusOr<std::map<std::string, SafetensorsTensor>> HfTensors(ops::LanguageModel* model,
-                                                                   std::vector<std::string>* dropped);
+                                                                   std::vector<std::string>* dropped,
+                                                                   ExportDType dtype = ExportDType::kF32);
 
-// Writes <out_dir>/model.safetensors and <out_dir>/config.json (atomically, through `env`).
+// Writes <out_dir>/model.safetensors (streamed: the file comment's "Memory") and
+// <out_dir>/config.json, each atomically (temp file, sync, rename) through `env`. On an error
+// nothing is left under either name (the temp file is removed).
 absl::StatusOr<ExportResult> ExportHf(Env* env, ops::LanguageModel* model, int64_t max_positions,
-                                      const std::string& out_dir);
+                                      const std::string& out_dir, const ExportOptions& options = {});
 
 }  // namespace gyre::eval

@@ -1,13 +1,16 @@
 #include "eval/export.h"
 
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
 
+#include "base/mem_env.h"
 #include "cli/run_config.h"
 #include "eval/checkpoint_model.h"
 #include "eval/test_models.h"
@@ -758,6 +761,326 @@ TEST(ExportTest, Mamba2CheckpointOfARunDirectoryExportsLikeGyreExport) {
 
 TEST(ExportTest, XlstmLargeCheckpointOfARunDirectoryExportsLikeGyreExport) {
   ExpectRunDirectoryExportsLikeGyreExport(XlstmLargeConfig(2), "export_run_xlarge", 15);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// --dtype bf16 / f16. The check of a rounding is independent of the code under test: the exported
+// bits are decoded to double by the formats' definitions, and must be the representable value
+// nearest to the fp32 master, the even one (last bit 0) on a tie, with NaN -> NaN and ±inf -> ±inf.
+
+// Value of 16-bit `bits` in `dtype`; magnitude 0x7f80 (bf16) / 0x7c00 (f16) is +-2^128 / +-2^16
+// there: the "next value" past the largest finite one, which is what rounding compares against.
+double Decode16(uint16_t bits, ExportDType dtype) {
+  const double sign = (bits & 0x8000u) ? -1.0 : 1.0;
+  const uint32_t mag = bits & 0x7fffu;
+  if (dtype == ExportDType::kBF16) {
+    const int e = static_cast<int>(mag >> 7), m = static_cast<int>(mag & 0x7f);
+    if (e == 0) return sign * std::ldexp(m, -133);          // subnormal: m * 2^-126 / 128
+    return sign * std::ldexp(128 + m, e - 127 - 7);         // includes e = 255, m = 0: 2^128
+  }
+  const int e = static_cast<int>(mag >> 10), m = static_cast<int>(mag & 0x3ff);
+  if (e == 0) return sign * std::ldexp(m, -24);
+  return sign * std::ldexp(1024 + m, e - 15 - 10);           // includes e = 31, m = 0: 2^16
+}
+
+bool IsNan16(uint16_t bits, ExportDType dtype) {
+  return dtype == ExportDType::kBF16 ? (bits & 0x7fffu) > 0x7f80u : (bits & 0x7fffu) > 0x7c00u;
+}
+bool IsInf16(uint16_t bits, ExportDType dtype) {
+  return (bits & 0x7fffu) == (dtype == ExportDType::kBF16 ? 0x7f80u : 0x7c00u);
+}
+
+// "" when `bits` is x rounded to nearest even in `dtype`, else what is wrong. Finite x must not
+// overflow (the export refuses those; RoundingOverflowIsRefused checks it).
+std::string CheckRounded(float x, uint16_t bits, ExportDType dtype) {
+  char buf[160];
+  if (std::isnan(x)) {
+    if (IsNan16(bits, dtype)) return "";
+    std::snprintf(buf, sizeof(buf), "NaN -> 0x%04x", bits);
+    return buf;
+  }
+  if (std::isinf(x)) {
+    if (IsInf16(bits, dtype) && ((bits & 0x8000u) != 0) == (x < 0)) return "";
+    std::snprintf(buf, sizeof(buf), "%g -> 0x%04x", x, bits);
+    return buf;
+  }
+  if (IsNan16(bits, dtype) || IsInf16(bits, dtype)) {
+    std::snprintf(buf, sizeof(buf), "finite %.9g -> non-finite 0x%04x", x, bits);
+    return buf;
+  }
+  const double v = x, d = Decode16(bits, dtype);
+  const uint32_t mag = bits & 0x7fffu;
+  const double s = (bits & 0x8000u) ? -1.0 : 1.0;
+  // Neighbours of d on the number line (magnitude - 1 and + 1; below magnitude 0: -smallest).
+  const double up = s * std::abs(Decode16(static_cast<uint16_t>(mag + 1), dtype));
+  const double down = mag == 0 ? -s * Decode16(1, dtype) : s * Decode16(static_cast<uint16_t>(mag - 1), dtype);
+  const double err = std::abs(v - d), e_up = std::abs(v - up), e_down = std::abs(v - down);
+  const bool nearest = err <= e_up && err <= e_down;
+  const bool tie = err == e_up || err == e_down;
+  const bool sign_ok = v == 0 || d == 0 || (v < 0) == (d < 0);
+  if (nearest && sign_ok && (!tie || (bits & 1u) == 0 || err == 0)) {
+    // A zero keeps the master's sign (what torch's .to(bfloat16 / float16) does).
+    if (d != 0 || std::signbit(v) == ((bits & 0x8000u) != 0)) return "";
+  }
+  std::snprintf(buf, sizeof(buf), "%.9g -> 0x%04x = %.9g (neighbours %.9g, %.9g)", v, bits, d, down, up);
+  return buf;
+}
+
+float FloatOfBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Values that test the rounding's corners, for both formats: zeros, NaN, infinities, f32
+// subnormals, f16 subnormals and the subnormal/normal border, 2^-25 (the tie with f16's 0), exact
+// ties and values one f32 step either side of a tie in both formats, f16's largest finite value
+// and the largest float that still rounds to it.
+std::vector<float> CornerValues() {
+  std::vector<float> v = {0.0f, -0.0f, std::nanf(""), -std::nanf(""), INFINITY, -INFINITY,
+                          1e-40f, -1e-40f, FLT_MIN, FLT_TRUE_MIN, 3e-8f, -3e-8f, 1e-5f, 6.1e-5f,
+                          std::ldexp(1.0f, -25), std::ldexp(1.5f, -25), std::ldexp(1.5f, -24), std::ldexp(2.5f, -24),
+                          std::ldexp(1.0f, -14), std::ldexp(1023.5f / 1024, -14), 65504.0f,
+                          std::nextafter(65520.0f, 0.0f), -std::nextafter(65520.0f, 0.0f), 1.0f, -2.75f, 3.14159265f};
+  for (uint32_t hi : {0x3f80u, 0x3f81u, 0xc123u, 0x4000u, 0x0001u}) {   // bf16 ties: low 16 bits 0x8000
+    const uint32_t tie = (hi << 16) | 0x8000u;
+    for (uint32_t u : {tie - 1, tie, tie + 1}) v.push_back(FloatOfBits(u));
+  }
+  // f16 ties (low 13 bits 0x1000) below even and odd f16 values, large, and negative.
+  for (uint32_t base : {0x3f800000u, 0x3f802000u, 0x46ffe000u, 0xbc002000u}) {
+    const uint32_t tie = (base & ~0x1fffu) | 0x1000u;
+    for (uint32_t u : {tie - 1, tie, tie + 1}) v.push_back(FloatOfBits(u));
+  }
+  return v;
+}
+
+TEST(ExportDTypeTest, ParseNamesTheFlagOnABadValue) {
+  EXPECT_EQ(*ParseExportDType("--dtype", "f32"), ExportDType::kF32);
+  EXPECT_EQ(*ParseExportDType("--dtype", "bf16"), ExportDType::kBF16);
+  EXPECT_EQ(*ParseExportDType("--dtype", "f16"), ExportDType::kF16);
+  for (const char* bad : {"fp8", "BF16", "float16", ""}) {
+    auto r = ParseExportDType("--dtype", bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("--dtype \"" + std::string(bad) + "\""), std::string::npos) << r.status();
+    EXPECT_NE(r.status().message().find("f32, bf16 or f16"), std::string::npos) << r.status();
+  }
+}
+
+// Every f16 and bf16 tie (the midpoints between neighbouring values, both signs) and one f32
+// step either side of it, plus 2^20 random floats over all exponents: the conversions the
+// export uses (FloatToF16, ops::FloatToBf16) against CheckRounded.
+TEST(ExportDTypeTest, ConversionsRoundToNearestEvenEverywhere) {
+  for (ExportDType dtype : {ExportDType::kBF16, ExportDType::kF16}) {
+    const auto convert = [&](float x) { return dtype == ExportDType::kBF16 ? ops::FloatToBf16(x) : FloatToF16(x); };
+    const uint32_t finite_end = dtype == ExportDType::kBF16 ? 0x7f7fu : 0x7bffu;  // largest finite magnitude
+    int64_t checked = 0, failed = 0;
+    for (uint32_t mag = 0; mag < finite_end; ++mag) {
+      const double mid = (Decode16(static_cast<uint16_t>(mag), dtype) + Decode16(static_cast<uint16_t>(mag + 1), dtype)) / 2;
+      const float m = static_cast<float>(mid);
+      if (static_cast<double>(m) != mid) continue;  // the midpoint is no float (bf16 subnormals below f32's)
+      for (float x : {std::nextafter(m, 0.0f), m, std::nextafter(m, INFINITY)}) {
+        for (float sx : {x, -x}) {
+          const std::string bad = CheckRounded(sx, convert(sx), dtype);
+          ++checked;
+          if (!bad.empty() && ++failed <= 5) ADD_FAILURE() << ExportDTypeName(dtype) << ": " << bad;
+        }
+      }
+    }
+    ops::Rng rng(21);
+    for (int i = 0; i < (1 << 20); ++i) {
+      const float x = FloatOfBits(static_cast<uint32_t>(rng.Below(uint64_t{1} << 32)));
+      const uint16_t bits = convert(x);
+      if (std::isfinite(x) && IsInf16(bits, dtype)) continue;  // overflow: refused by the export
+      const std::string bad = CheckRounded(x, bits, dtype);
+      ++checked;
+      if (!bad.empty() && ++failed <= 10) ADD_FAILURE() << ExportDTypeName(dtype) << ": " << bad;
+    }
+    for (float x : CornerValues()) {
+      const std::string bad = CheckRounded(x, convert(x), dtype);
+      ++checked;
+      if (!bad.empty() && ++failed <= 15) ADD_FAILURE() << ExportDTypeName(dtype) << ": " << bad;
+    }
+    std::printf("%s: %lld conversions checked, %lld wrong\n", ExportDTypeName(dtype), (long long)checked,
+                (long long)failed);
+    EXPECT_EQ(failed, 0);
+  }
+  // The overflow border: 65519.996 -> 65504, 65520 -> inf (the tie rounds to the even "65536").
+  EXPECT_EQ(FloatToF16(std::nextafter(65520.0f, 0.0f)), 0x7bffu);
+  EXPECT_EQ(FloatToF16(65520.0f), 0x7c00u);
+  EXPECT_EQ(FloatToF16(-65520.0f), 0xfc00u);
+  EXPECT_EQ(ops::FloatToBf16(FLT_MAX), 0x7f80u);
+}
+
+// An Env that records the size of every Append (over the in-memory Env): the export must reach
+// the file in pieces, never as one buffer of the whole file.
+class AppendSizeEnv final : public Env {
+ public:
+  explicit AppendSizeEnv(Env* base) : base_(base) {}
+  std::vector<size_t> appends;
+
+  absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override {
+    auto f = base_->NewWritableFile(path);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<WritableFile>(new Recording(std::move(*f), &appends));
+  }
+  absl::StatusOr<std::string> ReadFile(const std::string& p) override { return base_->ReadFile(p); }
+  absl::StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& p) override {
+    return base_->NewRandomAccessFile(p);
+  }
+  absl::StatusOr<std::unique_ptr<ReadOnlyRegion>> MapFile(const std::string& p) override { return base_->MapFile(p); }
+  absl::Status Rename(const std::string& a, const std::string& b) override { return base_->Rename(a, b); }
+  absl::Status SyncDir(const std::string& d) override { return base_->SyncDir(d); }
+  absl::Status CreateDirs(const std::string& d) override { return base_->CreateDirs(d); }
+  absl::Status RemoveFile(const std::string& p) override { return base_->RemoveFile(p); }
+  absl::Status RemoveAll(const std::string& p) override { return base_->RemoveAll(p); }
+  absl::StatusOr<std::vector<std::string>> ListDir(const std::string& d) override { return base_->ListDir(d); }
+  bool Exists(const std::string& p) override { return base_->Exists(p); }
+  absl::StatusOr<uint64_t> FileSize(const std::string& p) override { return base_->FileSize(p); }
+
+ private:
+  class Recording final : public WritableFile {
+   public:
+    Recording(std::unique_ptr<WritableFile> f, std::vector<size_t>* sizes) : f_(std::move(f)), sizes_(sizes) {}
+    absl::Status Append(std::string_view data) override {
+      sizes_->push_back(data.size());
+      return f_->Append(data);
+    }
+    absl::Status Sync() override { return f_->Sync(); }
+    absl::Status Close() override { return f_->Close(); }
+
+   private:
+    std::unique_ptr<WritableFile> f_;
+    std::vector<size_t>* sizes_;
+  };
+  Env* base_;
+};
+
+// A Llama and a Mamba-2 model (vocab 70000: the embedding, 1.1M elements, spans several 64K
+// pieces) with CornerValues written into the embedding, a norm and a projection, exported as f32,
+// bf16 and f16 through ExportHf: the header's dtype tags, the shapes and config.json's
+// torch_dtype; every exported value against its fp32 master (CheckRounded); the streamed file
+// byte-identical to the in-memory EncodeSafetensors(HfTensors(dtype)); f32 bit-identical to the
+// masters (the default is the earlier export, byte for byte); the file written in pieces.
+TEST(ExportTest, Bf16AndF16ExportsHoldTheRoundedMasters) {
+  for (const std::string family : {"llama", "mamba2"}) {
+    ops::ModelSpec spec = testing::TinySpec(family, 1, /*vocab=*/70000);
+    std::unique_ptr<ops::LanguageModel> model = PerturbedModel(spec);
+    ASSERT_NE(model, nullptr);
+    const std::vector<float> corners = CornerValues();
+    int64_t planted = 0;
+    for (ops::Parameter* p : model->params().All()) {
+      if (p->name != "embedding.weight" && p->name != "final_norm.weight" && p->name != "blocks.0.attn.q_proj.weight" &&
+          p->name != "blocks.0.in_proj.weight") {
+        continue;
+      }
+      float* x = static_cast<float*>(p->value.raw());
+      for (size_t i = 0; i < corners.size() && static_cast<int64_t>(i) < p->value.numel(); ++i) {
+        x[i * 7 % p->value.numel()] = corners[i];
+        ++planted;
+      }
+    }
+    ASSERT_GE(planted, 2 * static_cast<int64_t>(corners.size()));
+    std::vector<std::string> dropped;
+    auto masters = HfTensors(model.get(), &dropped);  // F32: the masters under their transformers names
+    ASSERT_TRUE(masters.ok()) << masters.status();
+    for (ExportDType dtype : {ExportDType::kF32, ExportDType::kBF16, ExportDType::kF16}) {
+      SCOPED_TRACE(family + " " + ExportDTypeName(dtype));
+      std::unique_ptr<Env> mem = NewMemEnv();
+      AppendSizeEnv env(mem.get());
+      auto exported = ExportHf(&env, model.get(), 64, "/export", {.dtype = dtype});
+      ASSERT_TRUE(exported.ok()) << exported.status();
+      const std::string file = *mem->ReadFile(exported->safetensors_path);
+      EXPECT_FALSE(mem->Exists(exported->safetensors_path + ".tmp"));
+      std::vector<std::string> dropped_again;
+      auto in_memory = HfTensors(model.get(), &dropped_again, dtype);
+      ASSERT_TRUE(in_memory.ok()) << in_memory.status();
+      EXPECT_TRUE(file == EncodeSafetensors(*in_memory, {{"format", "pt"}})) << "streamed file differs from the in-memory encoding";
+      auto tensors = DecodeSafetensors(file, "model.safetensors");
+      ASSERT_TRUE(tensors.ok()) << tensors.status();
+      ASSERT_EQ(tensors->size(), masters->size());
+      const nlohmann::json config = nlohmann::json::parse(*mem->ReadFile(exported->config_path));
+      EXPECT_EQ(config["torch_dtype"], TorchDType(dtype));
+      int64_t elements = 0, wrong = 0, nan = 0, inf = 0, subnormal16 = 0, ties = 0;
+      for (const auto& [name, t] : *tensors) {
+        const SafetensorsTensor& master = masters->at(name);
+        EXPECT_EQ(t.dtype, SafetensorsDType(dtype)) << name;
+        EXPECT_EQ(t.shape, master.shape) << name;
+        const int64_t n = static_cast<int64_t>(master.bytes.size() / 4);
+        elements += n;
+        if (dtype == ExportDType::kF32) {
+          EXPECT_TRUE(t.bytes == master.bytes) << name;
+          continue;
+        }
+        ASSERT_EQ(static_cast<int64_t>(t.bytes.size()), 2 * n) << name;
+        for (int64_t i = 0; i < n; ++i) {
+          float x;
+          uint16_t bits;
+          std::memcpy(&x, master.bytes.data() + 4 * i, 4);
+          std::memcpy(&bits, t.bytes.data() + 2 * i, 2);
+          const std::string bad = CheckRounded(x, bits, dtype);
+          if (!bad.empty() && ++wrong <= 5) ADD_FAILURE() << name << "[" << i << "]: " << bad;
+          nan += std::isnan(x);
+          inf += std::isinf(x);
+          uint32_t u;
+          std::memcpy(&u, &x, 4);
+          const uint16_t exp_bits = dtype == ExportDType::kBF16 ? (bits & 0x7f80u) : (bits & 0x7c00u);
+          subnormal16 += exp_bits == 0 && (bits & 0x7fffu) != 0;
+          ties += dtype == ExportDType::kBF16 ? (u & 0xffffu) == 0x8000u : (u & 0x1fffu) == 0x1000u && std::abs(x) >= 6.1e-5f;
+        }
+      }
+      EXPECT_EQ(wrong, 0);
+      if (dtype != ExportDType::kF32) {
+        EXPECT_GE(nan, 6);        // 2 NaN planted in each of 3 tensors
+        EXPECT_GE(inf, 6);
+        EXPECT_GE(subnormal16, 3);
+        EXPECT_GE(ties, 3);
+      }
+      uint64_t header = 0;
+      std::memcpy(&header, file.data(), 8);
+      EXPECT_EQ(file.size(), 8 + header + elements * (dtype == ExportDType::kF32 ? 4 : 2));
+      const size_t largest = *std::max_element(env.appends.begin(), env.appends.end());
+      size_t largest_tensor = 0;
+      for (const auto& [name, t] : *masters) largest_tensor = std::max(largest_tensor, t.bytes.size());
+      // Pieces: bf16 / f16 at most 64K elements (128 KiB); f32 one tensor at most (the embedding).
+      EXPECT_LE(largest, std::max<size_t>(8 + header, dtype == ExportDType::kF32 ? largest_tensor : 128 * 1024));
+      if (dtype != ExportDType::kF32) EXPECT_GE(env.appends.size(), file.size() / (128 * 1024));
+      std::printf("%s %s: %lld elements (%lld NaN, %lld inf, %lld subnormal in the format, %lld ties), %zu bytes in %zu "
+                  "appends (largest %zu), %lld wrong\n",
+                  family.c_str(), ExportDTypeName(dtype), (long long)elements, (long long)nan, (long long)inf,
+                  (long long)subnormal16, (long long)ties, file.size(), env.appends.size(), largest, (long long)wrong);
+    }
+  }
+}
+
+// A finite master that the rounding would turn into inf is refused, naming the parameter, and
+// nothing is left in the output directory; bf16 holds what f16 cannot.
+TEST(ExportTest, RoundingOverflowIsRefused) {
+  std::unique_ptr<ops::LanguageModel> model = PerturbedModel(testing::TinySpec("llama", 1));
+  ASSERT_NE(model, nullptr);
+  ops::Parameter* q = nullptr;
+  for (ops::Parameter* p : model->params().All())
+    if (p->name == "blocks.0.attn.q_proj.weight") q = p;
+  ASSERT_NE(q, nullptr);
+  static_cast<float*>(q->value.raw())[5] = 70000.0f;
+  std::unique_ptr<Env> mem = NewMemEnv();
+  auto f16 = ExportHf(mem.get(), model.get(), 64, "/out", {.dtype = ExportDType::kF16});
+  ASSERT_FALSE(f16.ok());
+  EXPECT_EQ(f16.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string msg(f16.status().message());
+  for (const char* want : {"--dtype f16", "model.layers.0.self_attn.q_proj.weight", "element 5", "70000", "65504", "bf16 or f32"})
+    EXPECT_NE(msg.find(want), std::string::npos) << want << " not in: " << msg;
+  EXPECT_FALSE(mem->Exists("/out/model.safetensors"));
+  EXPECT_FALSE(mem->Exists("/out/model.safetensors.tmp"));
+  EXPECT_FALSE(mem->Exists("/out/config.json"));
+  auto bf16 = ExportHf(mem.get(), model.get(), 64, "/out", {.dtype = ExportDType::kBF16});
+  EXPECT_TRUE(bf16.ok()) << bf16.status();
+  static_cast<float*>(q->value.raw())[5] = FLT_MAX;  // rounds to bf16 inf
+  auto big = ExportHf(mem.get(), model.get(), 64, "/out2", {.dtype = ExportDType::kBF16});
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("--dtype bf16"), std::string::npos) << big.status();
+  EXPECT_FALSE(mem->Exists("/out2/model.safetensors"));
 }
 
 TEST(SafetensorsTest, RoundTripAndValidation) {

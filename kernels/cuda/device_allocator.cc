@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -47,7 +48,7 @@ DeviceAllocator::~DeviceAllocator() {
   live_.clear();
   for (auto& [id, lists] : pools_)
     for (auto& [cls, blocks] : lists)
-      for (void* ptr : blocks) cudaFree(ptr);
+      for (const FreeBlock& b : blocks) cudaFree(b.ptr);
   pools_.clear();
   ReleaseCachedLocked();
 }
@@ -55,7 +56,7 @@ DeviceAllocator::~DeviceAllocator() {
 void* DeviceAllocator::Pop(FreeLists& lists, size_t cls) {
   auto it = lists.find(cls);
   if (it == lists.end() || it->second.empty()) return nullptr;
-  void* ptr = it->second.back();
+  void* ptr = it->second.back().ptr;  // the most recently freed block of the class
   it->second.pop_back();
   return ptr;
 }
@@ -122,10 +123,10 @@ void DeviceAllocator::Free(void* ptr, size_t requested) {
   stats_.bytes_in_use -= cls;
   stats_.bytes_requested -= requested;
   if (pool != 0) {
-    pools_[pool][cls].push_back(ptr);
+    pools_[pool][cls].push_back({ptr, ++free_tick_});
     stats_.bytes_pooled += cls;
   } else {
-    free_[cls].push_back(ptr);
+    free_[cls].push_back({ptr, ++free_tick_});
     stats_.bytes_cached += cls;
   }
 }
@@ -155,7 +156,8 @@ void DeviceAllocator::ReleasePool(uint64_t pool) {
   auto it = pools_.find(pool);
   if (it != pools_.end()) {
     for (auto& [cls, blocks] : it->second) {
-      for (void* ptr : blocks) free_[cls].push_back(ptr);
+      // Used by the graph until now: stamped as freed now (the lists stay in tick order).
+      for (const FreeBlock& b : blocks) free_[cls].push_back({b.ptr, ++free_tick_});
       stats_.bytes_pooled -= cls * blocks.size();
       stats_.bytes_cached += cls * blocks.size();
     }
@@ -174,8 +176,18 @@ CudaResult DeviceAllocator::ReleaseCached() {
 // one missed class used to return the whole cache to the driver, so the next step missed again in
 // every class and paid ~10 cudaFree + cudaMalloc a step (helper vocab19, session 19: 8-11 ms of
 // host time at the LM head's 1.65 GB logits buffer alone). Freeing only what the request lacks
-// keeps the other classes' blocks for their next use (PyTorch's caching allocator releases
-// cached blocks >= the request, or the largest until enough, before it releases all).
+// keeps the other classes' blocks for their next use.
+// Why least recently freed first (helper tidy21, session 21; it replaced "the smallest single
+// block that covers the lack, else the largest ones", PyTorch's release_available_cached_blocks
+// rule): in a step loop every block of the working set is popped and freed again once a step, so
+// its tick is at most a step old; a block that has sat on its list longer is not in the working
+// set (a previous model's, an eval phase's, a shape that is gone) and freeing it costs no later
+// cudaMalloc. The size rule ignored that and could return a block the very next allocation
+// wanted (the single cached block of the right size is often the step's own). Sizes count only
+// as "enough yet?". Cost: one sort of the cached blocks, O(n log n), on the miss path only (the
+// step loop never gets here once warm). Blocks under the driver's 2 MiB page may share a page
+// with live allocations, so their bytes may not come back; then the caller's retry fails and it
+// releases everything, as before.
 CudaResult DeviceAllocator::ReleaseCachedForLocked(size_t cls) {
   size_t device_free = 0, device_total = 0;
   if (cudaMemGetInfo(&device_free, &device_total) != cudaSuccess) {
@@ -187,33 +199,35 @@ CudaResult DeviceAllocator::ReleaseCachedForLocked(size_t cls) {
   const size_t want = (cls + kPage - 1) / kPage * kPage + kPage;
   if (device_free >= want) return {};  // not a shortage of bytes: let the caller's retry decide
   const size_t lack = want - device_free;
-  // Cached blocks by class, ascending.
-  std::vector<std::pair<size_t, void*>> cached;
-  for (auto& [c, blocks] : free_)
-    for (void* ptr : blocks) cached.emplace_back(c, ptr);
-  std::sort(cached.begin(), cached.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<std::pair<size_t, void*>> release;
-  // The smallest single block that covers the lack; else the largest ones until they do.
-  auto one = std::lower_bound(cached.begin(), cached.end(), lack,
-                              [](const std::pair<size_t, void*>& a, size_t v) { return a.first < v; });
-  if (one != cached.end()) {
-    release.push_back(*one);
-  } else {
-    size_t got = 0;
-    for (auto it = cached.rbegin(); it != cached.rend() && got < lack; ++it) {
-      release.push_back(*it);
-      got += it->first;
-    }
-  }
+  struct Cached {
+    uint64_t freed_at;
+    size_t cls;
+    void* ptr;
+  };
+  std::vector<Cached> cached;
+  for (const auto& [c, blocks] : free_)
+    for (const FreeBlock& b : blocks) cached.push_back({b.freed_at, c, b.ptr});
+  std::sort(cached.begin(), cached.end(), [](const Cached& a, const Cached& b) { return a.freed_at < b.freed_at; });
+  // The oldest prefix that covers the lack (all of them when none does: the caller retries).
+  size_t got = 0, count = 0;
+  while (count < cached.size() && got < lack) got += cached[count++].cls;
+  if (count == 0) return {};
+  // Ticks are unique and each class's list is in tick order, so a class's released blocks are the
+  // ones at or below the newest released tick: drop a prefix per class (O(n) in all).
+  const uint64_t newest_released = cached[count - 1].freed_at;
   CudaResult result;
-  for (const auto& [c, ptr] : release) {
-    auto& blocks = free_[c];
-    blocks.erase(std::find(blocks.begin(), blocks.end(), ptr));
-    if (blocks.empty()) free_.erase(c);
-    const cudaError_t err = cudaFree(ptr);
+  for (size_t i = 0; i < count; ++i) {
+    const cudaError_t err = cudaFree(cached[i].ptr);
     ++stats_.device_frees;
-    stats_.bytes_cached -= c;
+    stats_.bytes_cached -= cached[i].cls;
     if (err != cudaSuccess && result.ok()) result = CudaError(err, "cudaFree", __FILE__, __LINE__);
+  }
+  for (auto it = free_.begin(); it != free_.end();) {
+    auto& blocks = it->second;
+    const auto keep = std::find_if(blocks.begin(), blocks.end(),
+                                   [&](const FreeBlock& b) { return b.freed_at > newest_released; });
+    blocks.erase(blocks.begin(), keep);
+    it = blocks.empty() ? free_.erase(it) : std::next(it);
   }
   return result;
 }
@@ -221,8 +235,8 @@ CudaResult DeviceAllocator::ReleaseCachedForLocked(size_t cls) {
 CudaResult DeviceAllocator::ReleaseCachedLocked() {
   CudaResult result;
   for (auto& [cls, blocks] : free_) {
-    for (void* ptr : blocks) {
-      const cudaError_t err = cudaFree(ptr);
+    for (const FreeBlock& b : blocks) {
+      const cudaError_t err = cudaFree(b.ptr);
       ++stats_.device_frees;
       stats_.bytes_cached -= cls;
       if (err != cudaSuccess && result.ok()) result = CudaError(err, "cudaFree", __FILE__, __LINE__);

@@ -5,10 +5,11 @@
 // Size classes: requests round up to 256 bytes below 4 KiB, and above that to one of 4 classes
 // per power of two (x1, x1.25, x1.5, x1.75), so no block wastes more than 25% (and on average
 // ~12%). A freed block goes back on its class's free list, untouched; Allocate pops from the
-// exact class, else calls cudaMalloc; if that fails, it returns cached blocks to the driver
-// (cudaFree) until the driver's free memory covers the request — the smallest cached block that
-// covers the lack, else the largest ones — and tries again; if that fails too, it returns every
-// cached block and tries once more before reporting out-of-memory.
+// exact class (the block freed last: LIFO), else calls cudaMalloc; if that fails, it returns
+// cached blocks to the driver (cudaFree) until the driver's free memory covers the request — the
+// blocks that have sat on the free lists longest first (least recently used: each free stamps
+// its block with a tick) — and tries again; if that fails too, it returns every cached block and
+// tries once more before reporting out-of-memory.
 //
 // Stream semantics: blocks carry no stream. Freeing a block and handing it to the next Allocate
 // is safe when all work that touches device memory runs in order on one stream (the training
@@ -111,15 +112,19 @@ class DeviceAllocator {
   friend class DeviceBuffer;
   void Free(void* ptr, size_t requested);
   CudaResult ReleaseCachedLocked();
-  // Returns cached blocks to the driver until its free memory covers a block of `cls` bytes (see
-  // the file comment); none when it already does.
+  // Returns cached blocks to the driver, least recently freed first, until its free memory covers
+  // a block of `cls` bytes (see the file comment); none when it already does.
   CudaResult ReleaseCachedForLocked(size_t cls);
 
   struct Live {
     size_t cls = 0;     // class bytes
     uint64_t pool = 0;  // owning graph pool, 0: ordinary
   };
-  using FreeLists = std::unordered_map<size_t, std::vector<void*>>;  // class bytes -> free blocks
+  struct FreeBlock {
+    void* ptr = nullptr;
+    uint64_t freed_at = 0;  // free_tick_ when it went on the list (ascending along each list)
+  };
+  using FreeLists = std::unordered_map<size_t, std::vector<FreeBlock>>;  // class bytes -> free blocks
   static void* Pop(FreeLists& lists, size_t cls);
 
   mutable std::mutex mu_;
@@ -127,6 +132,7 @@ class DeviceAllocator {
   std::unordered_map<void*, Live> live_;     // blocks in use
   std::unordered_map<uint64_t, FreeLists> pools_;  // live graph pools' free blocks
   uint64_t capturing_ = 0, next_pool_ = 1;
+  uint64_t free_tick_ = 0;  // counts frees onto the lists: the LRU order of ReleaseCachedForLocked
   AllocatorStats stats_;
 };
 

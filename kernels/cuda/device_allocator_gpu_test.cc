@@ -93,9 +93,9 @@ TEST(DeviceAllocatorTest, ImpossibleRequestIsAnErrorAndAllocatorStillWorks) {
 }
 
 // A miss on a full device returns only what the request lacks to the driver, not the whole cache:
-// the device is filled with 1 GiB blocks (then 256 / 16 / 2 MiB ones), three 1 GiB blocks and one
-// 256 MiB block go back to the cache, and a 1.5 GiB request must then free two 1 GiB blocks (the
-// largest, as no single cached block covers it) and keep the third and the 256 MiB one cached.
+// the device is filled with 1 GiB blocks (then 256 / 16 / 2 MiB ones), three 1 GiB blocks and then
+// one 256 MiB block go back to the cache, and a 1.5 GiB request must then free two 1 GiB blocks
+// (the two freed first) and keep the third and the 256 MiB one cached.
 // Fills the whole card: run it alone (not beside other GPU tests).
 TEST(DeviceAllocatorTest, MissOnAFullDeviceFreesOnlyWhatItLacks) {
   DeviceAllocator alloc;
@@ -137,6 +137,65 @@ TEST(DeviceAllocatorTest, MissOnAFullDeviceFreesOnlyWhatItLacks) {
                   ? "PASS" : "FAIL",
               static_cast<unsigned long long>(after.device_frees - filled.device_frees),
               after.bytes_cached / double(size_t{1} << 30));
+}
+
+// The blocks a pressure release returns are the ones unused longest, whatever their size. The
+// device is filled with a 2 GiB block B, then 1 GiB blocks (then 256 / 16 / 2 MiB ones); B goes to
+// the cache first, then two 1 GiB blocks A1, A2; B is taken again and freed again (the working
+// set's pattern: used every step), so the cache holds A1, A2 (idle longest) and B (just used). A
+// 1.5 GiB miss must free A1 and A2 and keep B: the next 2 GiB request is B again, no cudaMalloc.
+// The old rule (the smallest single cached block that covers the lack) freed B instead: one
+// cudaFree, and the next 2 GiB request had to cudaMalloc (after freeing A1 and A2 as well).
+// Fills the whole card: run it alone (not beside other GPU tests).
+TEST(DeviceAllocatorTest, PressureReleaseFreesTheLeastRecentlyUsedBlocks) {
+  DeviceAllocator alloc;
+  constexpr size_t kGiB = size_t{1} << 30;
+  DeviceBuffer b2;
+  ASSERT_TRUE(alloc.Allocate(2 * kGiB, &b2).ok());
+  void* const b2_ptr = b2.get();
+  std::vector<DeviceBuffer> gib, rest;
+  for (;;) {
+    DeviceBuffer b;
+    if (!alloc.Allocate(kGiB, &b).ok()) break;
+    gib.push_back(std::move(b));
+  }
+  ASSERT_GE(gib.size(), 3u) << "needs a card of >= 6 GiB";
+  for (size_t piece : {size_t{256} << 20, size_t{16} << 20, size_t{2} << 20}) {
+    for (;;) {
+      DeviceBuffer b;
+      if (!alloc.Allocate(piece, &b).ok()) break;
+      rest.push_back(std::move(b));
+    }
+  }
+  ASSERT_EQ(alloc.stats().bytes_cached, 0u);
+  b2.reset();                              // B: freed first
+  gib.pop_back();                          // A1
+  gib.pop_back();                          // A2
+  const uint64_t mallocs = alloc.stats().device_mallocs;
+  ASSERT_TRUE(alloc.Allocate(2 * kGiB, &b2).ok());  // B used again ...
+  ASSERT_EQ(b2.get(), b2_ptr);
+  b2.reset();                              // ... and freed last: the most recently used block
+  ASSERT_EQ(alloc.stats().bytes_cached, 4 * kGiB);
+  const AllocatorStats before = alloc.stats();
+  DeviceBuffer big;
+  CudaResult r = alloc.Allocate(size_t{3} << 29, &big);  // 1.5 GiB: a class the cache does not hold
+  ASSERT_TRUE(r.ok()) << r.message;
+  const AllocatorStats after = alloc.stats();
+  const uint64_t freed = after.device_frees - before.device_frees;
+  EXPECT_EQ(freed, 2u) << "A1 and A2 (2 GiB, idle longest) cover the 1.5 GiB lack";
+  EXPECT_EQ(after.bytes_cached, 2 * kGiB);
+  DeviceBuffer again;
+  ASSERT_TRUE(alloc.Allocate(2 * kGiB, &again).ok());
+  const bool b2_kept = again.get() == b2_ptr;
+  EXPECT_TRUE(b2_kept) << "the most recently used block was returned to the driver";
+  EXPECT_EQ(alloc.stats().device_mallocs, mallocs + 1) << "only the 1.5 GiB miss may cudaMalloc";
+  EXPECT_EQ(cudaMemset(big.get(), 1, big.bytes()), cudaSuccess);
+  EXPECT_EQ(cudaMemset(again.get(), 2, again.bytes()), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::printf("[%s] LRU release: a 1.5 GiB miss freed %llu blocks (want 2: the idle 1 GiB ones); the 2 GiB block "
+              "used last %s\n",
+              freed == 2 && b2_kept ? "PASS" : "FAIL", static_cast<unsigned long long>(freed),
+              b2_kept ? "stayed cached" : "was freed");
 }
 
 TEST(DeviceAllocatorTest, MoveTransfersOwnership) {

@@ -16,6 +16,11 @@ forms are checked (use_cache=False). A third, informational forward uses the def
 (use_cache=True: xLSTMCache, whose state shapes are qk_dim / v_dim rounded up to 64). Negative
 controls: layer 0's input and forget gates swapped, and the logit soft cap switched off.
 
+bf16 / f16 exports (`gyre export --dtype`; gyre_logits.json "dtype"): our logits are those of the
+masters rounded to that type, so the fp32 comparison above holds them to the same tolerance; in
+addition every tensor's safetensors dtype tag must be the config's torch_dtype, and a load with
+dtype="auto" must give parameters of that torch dtype (transformers reads our torch_dtype).
+
 Tolerance (fp32 against fp32, different summation orders, a few layers): 1e-4 relative. A wrong
 name, shape, gate order, B/C grouping or conv tap order moves logits by O(1) relative. The same
 forward again after model.double() shows how much of the gap is our fp32 rounding (transformers'
@@ -37,11 +42,11 @@ from transformers import AutoModelForCausalLM
 TOLERANCE = 1e-4
 
 
-def load(path, **overrides):
+def load(path, dtype_arg=torch.float32, **overrides):
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **overrides)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_arg, output_loading_info=True, **overrides)
     except TypeError:  # transformers < 4.56 spells it torch_dtype
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, output_loading_info=True, **overrides)
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype_arg, output_loading_info=True, **overrides)
 
 
 def compare(label, model, double, saved, problems, rows, use_cache=False):
@@ -144,6 +149,26 @@ def check_xlstm(path, saved, config, model, problems, rows):
     control("logit cap off", uncapped, saved, rows)
 
 
+def check_dtype(path, saved, config, rows):
+    """A bf16 / f16 export: header tags, and the dtype transformers picks with dtype="auto"."""
+    want = config.get("torch_dtype", "float32")
+    tag = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[want]
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    tags = sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"})
+    try:  # the embedding's dtype counts (a class may keep a few modules in fp32: printed, not counted)
+        auto, _ = load(path, dtype_arg="auto")
+        got = str(auto.get_input_embeddings().weight.dtype)
+        every = sorted({str(p.dtype) for p in auto.parameters()})
+    except Exception as e:
+        got, every = f"load raised {type(e).__name__}: {str(e)[:200]}", []
+    ok = tags == [tag] and got == f"torch.{want}"
+    print(f"   dtype {saved.get('dtype')}: safetensors tags {tags} (want {tag}); dtype='auto' load: embedding {got} "
+          f"(want torch.{want}), all parameters {every} -> {'PASS' if ok else 'FAIL'}")
+    rows.append((saved["case"] + " dtype", 0, float("nan"), float("nan"), float("nan"), ok))
+
+
 def relative_error(ours, theirs):
     return (ours - theirs).abs().max().item() / theirs.abs().max().item()
 
@@ -161,6 +186,8 @@ def check(path):
     print(f"== {saved['case']}: {type(model).__name__} ({config['architectures'][0]}), {saved['model']}")
     print(f"   trained {saved['train_steps']} steps, loss {saved['first_loss']:.4f} -> {saved['last_loss']:.4f}")
     print(f"   loading report: {info}")
+    if config.get("torch_dtype", "float32") != "float32":
+        check_dtype(path, saved, config, rows)
     if config["model_type"] == "xlstm":
         check_xlstm(path, saved, config, model, problems, rows)
         return rows

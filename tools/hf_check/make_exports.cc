@@ -6,8 +6,13 @@
 //    "sequences": [{"ids": [T], "logits": [T][V]}]}
 // The logits come from ops::LanguageModel::Logits on the trained model, never from a reference;
 // the Python side compares transformers' forward on the exported files with them.
+// The *-bf16 / *-f16 cases export with --dtype bf16 / f16 (eval::ExportOptions): their masters are
+// rounded to that type first (round to nearest even, what the export does), so our logits are
+// those of the exported weights exactly and transformers, computing in fp32 on the upcast file,
+// must match as closely as for f32; "dtype" in gyre_logits.json says which.
 //
 //   bazel run //tools/hf_check:make_exports -- --out /work/main/.gpu-xexport20/exports
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -19,6 +24,7 @@
 #include "nlohmann/json.hpp"
 #include "ops/model.h"
 #include "ops/rng.h"
+#include "ops/tensor.h"
 #include "ops/train_step.h"
 
 namespace gyre {
@@ -28,7 +34,27 @@ struct Case {
   std::string name, preset;
   bool untie = false;
   int64_t d_model = 0;  // 0: the preset's
+  eval::ExportDType dtype = eval::ExportDType::kF32;
 };
+
+// The value of IEEE binary16 bits (finite; the masters of a trained model are).
+float F16Value(uint16_t bits) {
+  const int e = (bits >> 10) & 31, m = bits & 1023;
+  const float v = e == 0 ? std::ldexp(static_cast<float>(m), -24) : std::ldexp(static_cast<float>(1024 + m), e - 25);
+  return (bits & 0x8000) ? -v : v;
+}
+
+// Rounds every master to `dtype` in place (what the export writes), so the logits below are the
+// exported model's.
+void RoundMasters(ops::LanguageModel* model, eval::ExportDType dtype) {
+  if (dtype == eval::ExportDType::kF32) return;
+  for (ops::Parameter* p : model->params().All()) {
+    for (int64_t i = 0; i < p->value.numel(); ++i) {
+      const float x = static_cast<float>(p->value.At(i));
+      p->value.Set(i, dtype == eval::ExportDType::kBF16 ? ops::Bf16ToFloat(ops::FloatToBf16(x)) : F16Value(eval::FloatToF16(x)));
+    }
+  }
+}
 
 // A random sparse Markov chain over the vocabulary (4 successors per token): learnable, so a few
 // steps move every parameter away from its initialisation in a data-shaped way.
@@ -51,7 +77,11 @@ int Run(const std::string& out_dir, int64_t steps) {
                                    // xLSTMCache rounds qk to 64, so only use_cache=False fits) and
                                    // d 128 (qk 64, v 128: the cache's shapes fit too). Chunk 16.
                                    {"xlstm-large-tiny", "xlstm-large-tiny"},
-                                   {"xlstm-large-d128", "xlstm-large-tiny", /*untie=*/false, /*d_model=*/128}};
+                                   {"xlstm-large-d128", "xlstm-large-tiny", /*untie=*/false, /*d_model=*/128},
+                                   // gyre export --dtype bf16 / f16 (session 21).
+                                   {"llama-tiny-bf16", "llama-tiny", false, 0, eval::ExportDType::kBF16},
+                                   {"mamba2-tiny-f16", "mamba2-tiny", false, 0, eval::ExportDType::kF16},
+                                   {"xlstm-large-d128-bf16", "xlstm-large-tiny", false, 128, eval::ExportDType::kBF16}};
   for (const Case& c : cases) {
     gyre::v1::ModelConfig config;
     config.set_preset(c.preset);
@@ -84,12 +114,14 @@ int Run(const std::string& out_dir, int64_t steps) {
     }
 
     const std::string dir = out_dir + "/" + c.name;
-    auto exported = eval::ExportHf(Env::Default(), model->get(), seq, dir);
+    RoundMasters(model->get(), c.dtype);
+    auto exported = eval::ExportHf(Env::Default(), model->get(), seq, dir, {.dtype = c.dtype});
     if (!exported.ok()) return std::fprintf(stderr, "%s: %s\n", c.name.c_str(), std::string(exported.status().message()).c_str()), 1;
 
     nlohmann::ordered_json out;
     out["case"] = c.name;
     out["model"] = ops::DescribeSpec(*spec);
+    out["dtype"] = eval::TorchDType(c.dtype);
     out["train_steps"] = steps;
     out["first_loss"] = first_loss;
     out["last_loss"] = last_loss;
