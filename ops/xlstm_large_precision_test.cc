@@ -5,6 +5,7 @@
 // run once exactly and then with the CUDA path's roundings emulated one boundary at a time
 // (SetXlstmLargeBf16Emulation: the tensors the CUDA path stores in bf16, the gates in fp32), and
 // all together. Every row prints the capped logits' relative error against the exact run.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -131,7 +132,7 @@ const Stage kStages[] = {
 };
 
 // Prints one line per stage and returns {all-stages error, Σ single-stage errors²}.
-std::pair<double, double> Attribute(const std::string& label, Stack& s, int64_t batch, int64_t seq) {
+std::pair<double, double> Attribute(const std::string& label, Stack& s, int64_t batch, int64_t seq, bool gate_weights) {
   Rng rng(9);
   // Embedding rows: the model's "small" init N(0, 2/(5d)), bf16 numbers.
   Tensor x = Tensor::Empty({batch, seq, s.spec.d_model}, DType::kF64);
@@ -149,7 +150,8 @@ std::pair<double, double> Attribute(const std::string& label, Stack& s, int64_t 
     if (st.bits & kXlBf16All)
       for (int b = 0; b < 3; ++b) std::printf("  block %d only %.3e", b, RelativeError(s.Logits(x, batch, seq, st.bits, b), exact));
     std::printf("\n");
-    EXPECT_GT(err, 0.0) << st.name;  // the emulation rounds something
+    // The emulation rounds something (the gates' u matters only with gate weights).
+    if (st.bits != kXlBf16UGates || gate_weights) EXPECT_GT(err, 0.0) << st.name;
   }
   const double all = RelativeError(s.Logits(x, batch, seq, kXlBf16All | kFinalNorm | kLogits | kCapped), exact);
   std::printf("  %-24s rel_err %.3e (root of the sum of squares of the rows: %.3e)\n", "all", all, std::sqrt(sum_sq));
@@ -162,8 +164,11 @@ TEST(XlstmLargePrecisionTest, Bf16RoundingPerStage) {
                                                         {"Randomise only", false, false},
                                                         {"the model's own init", false, true}}) {
     Stack s(tweak, model_init);
-    const auto [all, sum_sq] = Attribute(label, s, 2, 100);
-    EXPECT_GT(all, 0.0);
+    const auto [all, sum_sq] = Attribute(label, s, 2, 100, tweak);
+    // The roundings' effects add about as independent errors do (measured 1.01-1.23x the root of
+    // the sum of squares): no hidden interaction between stages.
+    EXPECT_GT(all, 0.8 * std::sqrt(sum_sq));
+    EXPECT_LT(all, 1.5 * std::sqrt(sum_sq));
   }
 }
 
@@ -259,6 +264,7 @@ double InputGain(const std::string& family, bool xl_tweak, bool model_init) {
 }
 
 TEST(XlstmLargePrecisionTest, InputGainPerFamily) {
+  double large_min = INFINITY, others_max = 0;
   for (const auto& [family, tweak, init] : std::vector<std::tuple<std::string, bool, bool>>{
            {"llama", false, false}, {"mamba2", false, false}, {"xlstm", false, false}, {"xlstm", false, true},
            {"xlstm-large", true, false}, {"xlstm-large", false, false}, {"xlstm-large", false, true}}) {
@@ -266,7 +272,13 @@ TEST(XlstmLargePrecisionTest, InputGainPerFamily) {
     std::printf("%-12s %-22s logits rel change / input rel change %.2f\n", family.c_str(),
                 tweak ? "Randomise + tweak" : init ? "model init" : "Randomise", gain);
     EXPECT_GT(gain, 0.0);
+    (family == "xlstm-large" ? large_min : others_max) =
+        family == "xlstm-large" ? std::min(large_min, gain) : std::max(others_max, gain);
   }
+  // The finding (ops/XLSTM_LARGE.md, session 21): the xLSTM Large model amplifies a relative input
+  // perturbation at least twice as much as any of the other families' test models.
+  std::printf("xlstm-large smallest gain %.2f, other families' largest %.2f\n", large_min, others_max);
+  EXPECT_GT(large_min, 2.0 * others_max);
 }
 
 // ---------------------------------------------------------------- where a block amplifies
@@ -412,30 +424,46 @@ TEST(XlstmLargePrecisionTest, WhereTheBlockAmplifies) {
   }
 }
 
-TEST(XlstmLargePrecisionTest, TmpChain) {
+// Block 0's output rounded to bf16 (what the CUDA path stores), carried through blocks 1 and 2
+// exactly: the carried error grows more per block than a fresh rounding of the same block's input
+// does (the errors a block leaves lie along what the next blocks amplify); and the probe chain's
+// logits equal the emulation's (Stack::Logits with kXlBf16Y in block 0 only).
+TEST(XlstmLargePrecisionTest, CarriedErrorsGrowFasterThanFreshOnes) {
   Stack s(true, false);
   const int64_t B = 2, T = 100, d = s.spec.d_model;
   Rng rng(9);
   Tensor x = Tensor::Empty({B * T, d}, DType::kF64);
   const double emb = std::sqrt(2.0 / (5.0 * d));
   for (int64_t i = 0; i < x.numel(); ++i) x.Set(i, Bf16(emb * rng.Normal()));
-  Probe p0 = ProbeBlock(s.store, "blocks.0", s.spec, x, B, T);
-  Tensor y0 = p0.y, y0r = p0.y.Clone();
-  RoundToBf16(&y0r);
-  Tensor a = y0, b = y0r;
+  const Tensor y0 = ProbeBlock(s.store, "blocks.0", s.spec, x, B, T).y;
+  Tensor a = y0, b = y0.Clone();
+  RoundToBf16(&b);
+  double err = RelativeError(b, a);
+  std::printf("block 0's y rounded: rel change %.3e\n", err);
   for (int blk = 1; blk < 3; ++blk) {
-    a = ProbeBlock(s.store, "blocks." + std::to_string(blk), s.spec, a, B, T).y;
-    b = ProbeBlock(s.store, "blocks." + std::to_string(blk), s.spec, b, B, T).y;
-    std::printf("after block %d: %.3e\n", blk, RelativeError(b, a));
+    const std::string name = "blocks." + std::to_string(blk);
+    Tensor fresh = a.Clone();
+    RoundToBf16(&fresh);
+    const Probe exact = ProbeBlock(s.store, name, s.spec, a, B, T);
+    const double fresh_gain =
+        RelativeError(ProbeBlock(s.store, name, s.spec, fresh, B, T).y, exact.y) / RelativeError(fresh, a);
+    b = ProbeBlock(s.store, name, s.spec, b, B, T).y;
+    a = exact.y;
+    const double carried = RelativeError(b, a);
+    std::printf("after block %d: carried %.3e (x%.2f); a fresh rounding of its input grows x%.2f\n", blk, carried,
+                carried / err, fresh_gain);
+    if (blk == 2) EXPECT_GT(carried / err, fresh_gain) << name;  // at block 1 the carried error is a fresh one
+    err = carried;
   }
-  Tensor la = s.Logits(x.Reshape({B, T, d}), B, T, 0);
-  Tensor lb = s.Logits(x.Reshape({B, T, d}), B, T, kXlBf16Y, 0);
-  std::printf("emulated y0-rounding logits %.3e\n", RelativeError(lb, la));
+  const Tensor exact = s.Logits(x.Reshape({B, T, d}), B, T, 0);
+  const Tensor emulated = s.Logits(x.Reshape({B, T, d}), B, T, kXlBf16Y, 0);
   auto head = [&](const Tensor& y) {
-    Tensor hn = Rms(y, s.store.Find("final_norm.weight")->value, 1e-6);
-    return SoftCap(LinearForward(hn, s.head->value), 30.0);
+    return SoftCap(LinearForward(Rms(y, s.store.Find("final_norm.weight")->value, 1e-6), s.head->value), 30.0);
   };
-  std::printf("probe chain logits %.3e; final hidden %.3e; probe vs stack logits %.3e\n", RelativeError(head(b), head(a)), RelativeError(b, a), RelativeError(head(a), la));
+  std::printf("logits: rel change %.3e\n", RelativeError(head(b), head(a)));
+  EXPECT_LT(RelativeError(head(a), exact), 1e-12);
+  EXPECT_LT(RelativeError(head(b), emulated), 1e-12);
 }
+
 }  // namespace
 }  // namespace gyre::ops
