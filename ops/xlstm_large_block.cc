@@ -9,6 +9,7 @@
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
 #include "ops/parallel.h"
+#include "ops/rng.h"
 
 namespace gyre::ops {
 namespace {
@@ -38,12 +39,18 @@ std::vector<Mamba2GradTerms>& GateTerms() {
 }
 
 uint32_t g_bf16_stages = 0;
+double g_bf16_jitter = 0.0;
+Rng& JitterRng() {
+  static auto* rng = new Rng(1);
+  return *rng;
+}
 
 // The precision experiment's rounding (SetXlstmLargeBf16Emulation): t's values as bf16 (or fp32).
 void EmulateStage(Tensor* t, uint32_t stage) {
   if ((g_bf16_stages & stage) == 0) return;
   for (int64_t i = 0; i < t->numel(); ++i) {
-    const float f = static_cast<float>(t->At(i));
+    const double jitter = g_bf16_jitter > 0 ? 1.0 + g_bf16_jitter * JitterRng().Normal() : 1.0;
+    const float f = static_cast<float>(t->At(i) * jitter);
     t->Set(i, stage == kXlBf16GatesF32 ? f : Bf16ToFloat(FloatToBf16(f)));
   }
 }
@@ -54,7 +61,11 @@ cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGa
 }  // namespace
 
 void SetXlstmLargeGateTermRecording(bool on) { g_record_gate_terms = on; }
-void SetXlstmLargeBf16Emulation(uint32_t stages) { g_bf16_stages = stages; }
+void SetXlstmLargeBf16Emulation(uint32_t stages, double jitter, uint64_t jitter_seed) {
+  g_bf16_stages = stages;
+  g_bf16_jitter = jitter;
+  JitterRng() = Rng(jitter_seed);
+}
 
 std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms() {
   std::vector<Mamba2GradTerms> out;

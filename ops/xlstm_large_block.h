@@ -86,7 +86,10 @@ enum XlstmLargeBf16Stage : uint32_t {
   kXlBf16UGates = 1u << 12,      // RMSNorm(x) as the gates' product reads it (on CUDA the same bf16 u)
   kXlBf16All = (1u << 13) - 1,
 };
-void SetXlstmLargeBf16Emulation(uint32_t stages);
+// `jitter` > 0: each value is first multiplied by (1 + jitter·N(0, 1)) (a fixed stream from
+// `jitter_seed`), the size of the fp32 accumulation's own error, to see how far such a difference
+// moves the rounded results (session 21: it decorrelates them within a few stages).
+void SetXlstmLargeBf16Emulation(uint32_t stages, double jitter = 0.0, uint64_t jitter_seed = 1);
 
 // Decoding state: the cell's (C, n, m) per sequence and head ([B, NH, dk, dv], [B, NH, dk],
 // [B, NH]); no conv window.
