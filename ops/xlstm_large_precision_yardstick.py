@@ -35,8 +35,9 @@ def set_xlstm_weights(model, mode, seed=8):
     unknown = []
     for name, p in model.named_parameters():
         n = lambda: torch.randn(p.shape, generator=g, dtype=torch.float64)
-        if name.endswith(("query.weight", "key.weight", "value.weight", "ogate_preact.weight",
-                          "proj_up_gate.weight", "proj_up.weight")) or "embedding" in name:
+        # q / k / v are "query" / "key" / "value" in transformers 4.5x and "q" / "k" / "v" in 5.x.
+        if name.endswith(("query.weight", "key.weight", "value.weight", ".q.weight", ".k.weight", ".v.weight",
+                          "ogate_preact.weight", "proj_up_gate.weight", "proj_up.weight")) or "embedding" in name:
             w = small * n()
         elif name.endswith("out_proj.weight"):
             w = 2 / (L * math.sqrt(D)) * n()
@@ -61,7 +62,7 @@ def set_xlstm_weights(model, mode, seed=8):
             continue
         with torch.no_grad():
             p.copy_(bf16_values(w).to(p.dtype))
-    if unknown:
+    if unknown:  # left at transformers' init and NOT bf16 numbers: the bf16 rows then include their rounding
         print("  (parameters left at their init: %s)" % ", ".join(unknown))
 
 
