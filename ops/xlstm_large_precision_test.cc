@@ -5,6 +5,11 @@
 // run once exactly and then with the CUDA path's roundings emulated one boundary at a time
 // (SetXlstmLargeBf16Emulation: the tensors the CUDA path stores in bf16, the gates in fp32), and
 // all together. Every row prints the capped logits' relative error against the exact run.
+// Also: InputGainPerFamily (how much each family's test model amplifies a relative input
+// perturbation), WhereTheBlockAmplifies (every intermediate of each block, written out from its
+// parameters and checked against XlstmLargeBlock::Forward), CarriedErrorsGrowFasterThanFreshOnes,
+// and RoundingsDecorrelateWithinAFewStages (a 1e-7 jitter before every rounding: how near a GPU can
+// come to the emulation at all; xlstm_large_gpu_test ForwardMatchesTheBf16Emulation uses it).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
