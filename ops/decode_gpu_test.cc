@@ -549,7 +549,11 @@ void XlstmLargeTweak(ParamStore& gpu) {
 // float64 than the other families' (the GPU full forward, the training path, vs the CPU: 1.74e-2
 // over all rows, against 5.4e-3 for the v1 xLSTM), so the decode steps' worst single row measured
 // 3.6e-2 against the CPU (session 20), while they stay within 3e-2 (9.0e-3 measured) of that full
-// forward: the check of the decode path itself (ops/XLSTM_LARGE.md, session 20).
+// forward: the check of the decode path itself (ops/XLSTM_LARGE.md, session 20). Why (session 21,
+// ops/XLSTM_LARGE.md "precision"): no defect; a float64 emulation of exactly the CUDA path's bf16
+// roundings lands as far from float64 (2.1e-2), and this model amplifies relative perturbations
+// 3.3-6.2x (the other families' test models 0.7-1.5x); transformers' own bf16 xLSTM Large forward
+// at this shape is 1.6-2.9e-2 from float64, its Llama 2.6-5.1e-3.
 TEST_F(DecodeGpuTest, XlstmLargeDecodeStepsMatchTheCpu) {
   CheckDecode("xlstm-large", SmallXlstmLarge(), 0, 0, XlstmLargeTweak, 5e-2);
 }

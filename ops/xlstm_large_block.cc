@@ -9,6 +9,7 @@
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
 #include "ops/parallel.h"
+#include "ops/rng.h"
 
 namespace gyre::ops {
 namespace {
@@ -37,12 +38,34 @@ std::vector<Mamba2GradTerms>& GateTerms() {
   return *terms;
 }
 
+uint32_t g_bf16_stages = 0;
+double g_bf16_jitter = 0.0;
+Rng& JitterRng() {
+  static auto* rng = new Rng(1);
+  return *rng;
+}
+
+// The precision experiment's rounding (SetXlstmLargeBf16Emulation): t's values as bf16 (or fp32).
+void EmulateStage(Tensor* t, uint32_t stage) {
+  if ((g_bf16_stages & stage) == 0) return;
+  for (int64_t i = 0; i < t->numel(); ++i) {
+    const double jitter = g_bf16_jitter > 0 ? 1.0 + g_bf16_jitter * JitterRng().Normal() : 1.0;
+    const float f = static_cast<float>(t->At(i) * jitter);
+    t->Set(i, stage == kXlBf16GatesF32 ? f : Bf16ToFloat(FloatToBf16(f)));
+  }
+}
+
 // The [mk] / xlstm_large backend: sigmoid forget gate in log space, ε = 1e-6, true gradient.
 cpu::MlstmOptions CellOptions(int64_t chunk) { return {chunk, cpu::MlstmForgetGate::kSigmoid, 1e-6}; }
 
 }  // namespace
 
 void SetXlstmLargeGateTermRecording(bool on) { g_record_gate_terms = on; }
+void SetXlstmLargeBf16Emulation(uint32_t stages, double jitter, uint64_t jitter_seed) {
+  g_bf16_stages = stages;
+  g_bf16_jitter = jitter;
+  JitterRng() = Rng(jitter_seed);
+}
 
 std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms() {
   std::vector<Mamba2GradTerms> out;
@@ -119,14 +142,26 @@ Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
   if (IsCuda(x)) return ForwardCuda(x, batch, seq);
   const int64_t dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
   u_ = norm_mlstm_.Forward(x);
+  Tensor u_gates = u_;
+  if (g_bf16_stages != 0) {
+    u_gates = u_.Clone();
+    EmulateStage(&u_gates, kXlBf16UGates);
+    EmulateStage(&u_, kXlBf16U);
+  }
   q_out_ = q_.Forward(u_);
   k_out_ = k_.Forward(u_);
   v_out_ = v_.Forward(u_);
   o_pre_ = ogate_.Forward(u_);
-  ig_raw_ = GateForward(u_, wi_, bi_);
-  fg_raw_ = GateForward(u_, wf_, bf_);
+  ig_raw_ = GateForward(u_gates, wi_, bi_);
+  fg_raw_ = GateForward(u_gates, wf_, bf_);
   ig_ = CapGate(ig_raw_);
   fg_ = CapGate(fg_raw_);
+  EmulateStage(&q_out_, kXlBf16QK);
+  EmulateStage(&k_out_, kXlBf16QK);
+  EmulateStage(&v_out_, kXlBf16V);
+  EmulateStage(&o_pre_, kXlBf16O);
+  EmulateStage(&ig_, kXlBf16GatesF32);
+  EmulateStage(&fg_, kXlBf16GatesF32);
   h_ = Tensor::EmptyLike(v_out_);
   const cpu::MlstmOptions options = CellOptions(chunk_);
   saved_ = Tensor::Empty({cpu::mlstm_chunkwise_saved_size({batch, seq, heads_, dk, dv}, options)}, x.dtype());
@@ -142,10 +177,36 @@ Tensor XlstmLargeBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
                                       saved_.data<T>() + b0 * saved_row, {});
     });
   });
+  if (g_bf16_stages == 0) {
+    hn_ = multihead_norm_.Forward(h_);
+    so_ = Activate(Activation::kSigmoid, o_pre_);
+    Tensor x1 = Add(x, out_proj_.Forward(Mul(hn_, so_)));
+    return Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+  }
+  // The precision experiment: the same layers, each CUDA rounding where its bit is set.
+  EmulateStage(&h_, kXlBf16H);
   hn_ = multihead_norm_.Forward(h_);
   so_ = Activate(Activation::kSigmoid, o_pre_);
-  Tensor x1 = Add(x, out_proj_.Forward(Mul(hn_, so_)));
-  return Add(x1, ffn_.Forward(norm_ffn_.Forward(x1)));
+  Tensor gated = Mul(hn_, so_);
+  EmulateStage(&gated, kXlBf16Gated);
+  Tensor x1 = Add(x, out_proj_.Forward(gated));
+  EmulateStage(&x1, kXlBf16X1);
+  Tensor un = norm_ffn_.Forward(x1);
+  EmulateStage(&un, kXlBf16FfnIn);
+  Tensor f;
+  if ((g_bf16_stages & (kXlBf16FfnGateUp | kXlBf16FfnHidden)) == 0) {
+    f = ffn_.Forward(un);
+  } else {
+    Tensor g = LinearForward(un, ffn_.gate().weight()->value), up = LinearForward(un, ffn_.up().weight()->value);
+    EmulateStage(&g, kXlBf16FfnGateUp);
+    EmulateStage(&up, kXlBf16FfnGateUp);
+    Tensor hidden = Mul(Activate(Activation::kSilu, g), up);
+    EmulateStage(&hidden, kXlBf16FfnHidden);
+    f = LinearForward(hidden, ffn_.down().weight()->value);
+  }
+  Tensor y = Add(x1, f);
+  EmulateStage(&y, kXlBf16Y);
+  return y;
 }
 
 Tensor XlstmLargeBlock::Backward(const Tensor& dy) {

@@ -64,6 +64,33 @@ struct XlstmLargeNormGateArgs;  // ops/cuda_recurrent.h
 void SetXlstmLargeGateTermRecording(bool on);
 std::vector<Mamba2GradTerms> TakeXlstmLargeGateTerms();
 
+// Float64 precision experiments only (ops/xlstm_large_precision_test.cc; ops/XLSTM_LARGE.md
+// "Session 21 (helper xlprec): precision"). While non-zero, every CPU Forward of an XlstmLargeBlock
+// rounds the tensors named by the set bits to the precision the CUDA path stores them in (bf16;
+// the gates fp32), so the float64 model emulates one CUDA rounding at a time. With any bit of the
+// FFN's inside set (kXlBf16FfnGateUp, kXlBf16FfnHidden) the FFN runs unsaved (forward only).
+// Off by default (no cost); not thread-safe.
+enum XlstmLargeBf16Stage : uint32_t {
+  kXlBf16U = 1u << 0,            // RMSNorm(x) as q, k, v, o read it
+  kXlBf16QK = 1u << 1,           // q, k GEMM outputs
+  kXlBf16V = 1u << 2,            // v GEMM output
+  kXlBf16O = 1u << 3,            // o pre-activation GEMM output
+  kXlBf16GatesF32 = 1u << 4,     // ĩ, f̃ (fp32 on CUDA)
+  kXlBf16H = 1u << 5,            // the cell's output h
+  kXlBf16Gated = 1u << 6,        // LN_head(h)·w ⊙ σ(o) (one rounding: the fused kernel)
+  kXlBf16X1 = 1u << 7,           // x + out_proj(...) (one rounding: the add in the GEMM's store)
+  kXlBf16FfnIn = 1u << 8,        // RMSNorm(x1)
+  kXlBf16FfnGateUp = 1u << 9,    // the FFN's gate and up GEMM outputs
+  kXlBf16FfnHidden = 1u << 10,   // SiLU(gate) ⊙ up
+  kXlBf16Y = 1u << 11,           // x1 + FFN(...) (one rounding)
+  kXlBf16UGates = 1u << 12,      // RMSNorm(x) as the gates' product reads it (on CUDA the same bf16 u)
+  kXlBf16All = (1u << 13) - 1,
+};
+// `jitter` > 0: each value is first multiplied by (1 + jitter·N(0, 1)) (a fixed stream from
+// `jitter_seed`), the size of the fp32 accumulation's own error, to see how far such a difference
+// moves the rounded results (session 21: it decorrelates them within a few stages).
+void SetXlstmLargeBf16Emulation(uint32_t stages, double jitter = 0.0, uint64_t jitter_seed = 1);
+
 // Decoding state: the cell's (C, n, m) per sequence and head ([B, NH, dk, dv], [B, NH, dk],
 // [B, NH]); no conv window.
 struct XlstmLargeState : BlockState {
