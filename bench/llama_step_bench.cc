@@ -13,8 +13,9 @@
 // the gradient norm, so the stream is drained); warm-up steps first; median of the rest
 // (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
 // (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
-// --variants NAME=VALUE ... times a few steps under each environment setting (e.g.
-// GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) next to the default. --profile_variants NAME=VALUE ...
+// --variants NAME=VALUE ... times --variant_rounds rounds of --variant_steps steps under each
+// environment setting (e.g. GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) and the default, each round
+// starting at another entry (as recurrent_step_bench). --profile_variants NAME=VALUE ...
 // prints a per-op profile under each environment setting (one unprofiled step first, so new GEMM
 // plans are built outside the timed steps): in-step A/B of per-op settings such as GYRE_GEMM_PICK
 // (kernels/cuda/gemm.cu), whose isolated timings did not carry over to the step.
@@ -114,8 +115,7 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
 }
 
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
-        const std::vector<std::string>& variants, const std::vector<std::string>& profile_variants,
-        double peak_tflops, Result* out) {
+        const gyre::bench::EnvVariants& env_variants, double peak_tflops, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -145,34 +145,13 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
   }
   const auto print_profile = [&](const std::string&, std::vector<CudaBackend::OpTime> ops,
                                   const std::vector<double>& wall) { PrintProfile(std::move(ops), wall, med); };
-  if (!gyre::bench::ProfileVariants(trainer, rng, spec->vocab_size, batch, seq, profile_variants,
+  if (!gyre::bench::ProfileVariants(trainer, rng, spec->vocab_size, batch, seq, env_variants.profile,
                                     profile_steps > 0 ? profile_steps : 3, &next_step, print_profile)) {
     return 1;
   }
-  // A/B variants: a few more steps with one environment setting each (read per step by the
-  // backend: GYRE_GEMM_AUTOTUNE, GYRE_ATTN_BWD, ...), then back to the default; the default
-  // is timed again right after so the comparison is between neighbouring steps.
-  for (const std::string& v : variants) {
-    const size_t eq = v.find('=');
-    if (eq == std::string::npos) {
-      std::fprintf(stderr, "--variants wants NAME=VALUE, got %s\n", v.c_str());
-      return 1;
-    }
-    const std::string name = v.substr(0, eq);
-    double med_variant = 0, med_default = 0;
-    for (int pass = 0; pass < 2; ++pass) {
-      if (pass == 0) setenv(name.c_str(), v.substr(eq + 1).c_str(), 1);
-      gyre::bench::StepTimes sweep;
-      const bool ok = gyre::bench::TimeSteps(trainer, rng, spec->vocab_size, batch, seq, next_step, 7, &sweep);
-      unsetenv(name.c_str());
-      if (!ok) return 1;
-      next_step += 7;
-      (pass == 0 ? med_variant : med_default) =
-          gyre::bench::MedianOf(std::vector<double>(sweep.seconds.begin() + 2, sweep.seconds.end()));
-    }
-    std::printf("  variant %s: step median %.2f ms vs default %.2f ms right after (5 steps each)\n", v.c_str(),
-                1e3 * med_variant, 1e3 * med_default);
-  }
+  // A/B variants: alternating rounds on this model (bench/step_timing.h AlternateVariants: each
+  // round starts at another entry, so no entry always runs first or right after another).
+  if (!gyre::bench::TimeVariants(trainer, rng, spec->vocab_size, batch, seq, preset, env_variants, &next_step)) return 1;
   const double tokens_step = static_cast<double>(batch * seq);
   // 6N + attention (+ head): ops/flops.h, the formula the workers' MFU uses too.
   const absl::StatusOr<TrainingFlops> per_token = CountTrainingFlops(*spec, seq);
@@ -212,7 +191,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {16, 8};
   int64_t seq = 2048;
   int warmup = 3, steps = 10, profile_steps = 0;
-  std::vector<std::string> variants, profile_variants;
+  gyre::bench::EnvVariants env_variants;
   double peak = 989.0;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -221,8 +200,12 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--profile_steps", profile_steps, "extra steps with a per-op GPU-time breakdown")
       ->capture_default_str();
-  app.add_option("--variants", variants, "NAME=VALUE environment settings to time after the main run (A/B)");
-  app.add_option("--profile_variants", profile_variants,
+  app.add_option("--variants", env_variants.timed,
+                 "NAME=VALUE environment settings to time against the default, alternating rounds on one model");
+  app.add_option("--variant_rounds", env_variants.rounds, "rounds of --variants")->capture_default_str();
+  app.add_option("--variant_steps", env_variants.steps, "steps per entry and round of --variants")
+      ->capture_default_str();
+  app.add_option("--profile_variants", env_variants.profile,
                  "NAME=VALUE environment settings to profile per op after the main run (in-step A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -239,7 +222,7 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, variants, profile_variants, peak, &r) != 0) return 1;
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, env_variants, peak, &r) != 0) return 1;
     Cuda().ReleaseCachedMemory();  // the next preset starts from an empty cache (recurrent_step_bench)
     results.push_back(r);
   }

@@ -171,12 +171,6 @@ int RunAlternating(Trainer& trainer, Rng& rng, const ModelSpec& spec, int64_t se
   return 0;
 }
 
-// Environment A/B settings of one run (--profile_variants, --variants).
-struct EnvVariants {
-  std::vector<std::string> profile, timed;
-  int rounds = 3, steps = 3;
-};
-
 // `auto_mode` (e.g. "states"; "" = off): the model's own setting model.xlstm.mlstm_recompute =
 // auto_mode with keep_last -1 (auto), the process-wide setting none. `explicit_mode`: a
 // --mlstm_recompute MODE[:N] was given (the process-wide setting): the preset's default is cleared.
@@ -184,7 +178,7 @@ struct EnvVariants {
 int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, int warmup, int steps,
         int profile_steps, int op_profile_steps, int64_t mlstm_chunk, double peak_tflops,
         std::vector<AltEntry> alternate, const std::string& auto_mode, bool explicit_mode,
-        const EnvVariants& env_variants, Result* out) {
+        const gyre::bench::EnvVariants& env_variants, Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
@@ -240,28 +234,8 @@ int Run(const std::string& preset, int64_t batch, bool recompute, int64_t seq, i
                                     op_profile_steps > 0 ? op_profile_steps : 2, &next_step, print_profile)) {
     return 1;
   }
-  if (!env_variants.timed.empty()) {
-    std::vector<std::vector<double>> vt;
-    if (!gyre::bench::AlternateVariants(trainer, rng, spec->vocab_size, batch, seq, env_variants.timed,
-                                        env_variants.rounds, env_variants.steps, &next_step, &vt)) {
-      return 1;
-    }
-    const double ref = gyre::bench::MedianOf(vt[0]);
-    for (size_t e = 0; e < vt.size(); ++e) {
-      std::string rounds;
-      for (int r = 0; r < env_variants.rounds; ++r) {
-        const auto first = vt[e].begin() + static_cast<std::ptrdiff_t>(r) * env_variants.steps;
-        char buf[32];
-        std::snprintf(buf, sizeof(buf), "%s%.2f", r ? " / " : "",
-                      1e3 * gyre::bench::MedianOf(std::vector<double>(first, first + env_variants.steps)));
-        rounds += buf;
-      }
-      const double m = gyre::bench::MedianOf(vt[e]);
-      std::printf("VARIANT %s B%lld %s: median %.2f ms (%zu steps; rounds %s ms), ratio to default %.4f\n",
-                  preset.c_str(), (long long)batch, e == 0 ? "default" : env_variants.timed[e - 1].c_str(), 1e3 * m,
-                  vt[e].size(), rounds.c_str(), m / ref);
-    }
-    std::fflush(stdout);
+  if (!gyre::bench::TimeVariants(trainer, rng, spec->vocab_size, batch, seq, preset, env_variants, &next_step)) {
+    return 1;
   }
   // Phase breakdown of the recurrent blocks (each phase synchronised: these steps are slower and
   // are not part of the median above).
@@ -350,7 +324,7 @@ int main(int argc, char** argv) {
   app.add_option("--op_profile_steps", op_profile_steps,
                  "extra steps with a per-op GPU-time breakdown (CUDA events, no synchronisation)")
       ->capture_default_str();
-  EnvVariants env_variants;
+  gyre::bench::EnvVariants env_variants;
   app.add_option("--profile_variants", env_variants.profile,
                  "NAME=VALUE environment settings to profile per op after the timed steps (in-step A/B; "
                  "NAME= profiles the default)");

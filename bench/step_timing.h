@@ -169,6 +169,40 @@ inline double MedianOf(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// Environment A/B settings of one bench run (--profile_variants, --variants, --variant_rounds,
+// --variant_steps; both step benches take the same flags).
+struct EnvVariants {
+  std::vector<std::string> profile, timed;
+  int rounds = 3, steps = 3;
+};
+
+// --variants: AlternateVariants over env.timed, then one line per entry ("VARIANT <preset> B<batch>
+// <entry>: median, each round's median, ratio to the default"). True when there is nothing to time.
+inline bool TimeVariants(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64_t batch, int64_t seq,
+                         const std::string& preset, const EnvVariants& env, int* next_step) {
+  if (env.timed.empty()) return true;
+  std::vector<std::vector<double>> vt;
+  if (!AlternateVariants(trainer, rng, vocab, batch, seq, env.timed, env.rounds, env.steps, next_step, &vt)) {
+    return false;
+  }
+  const double ref = MedianOf(vt[0]);
+  for (size_t e = 0; e < vt.size(); ++e) {
+    std::string rounds;
+    for (int r = 0; r < env.rounds; ++r) {
+      const auto first = vt[e].begin() + static_cast<std::ptrdiff_t>(r) * env.steps;
+      char buf[32];
+      std::snprintf(buf, sizeof(buf), "%s%.2f", r ? " / " : "", 1e3 * MedianOf(std::vector<double>(first, first + env.steps)));
+      rounds += buf;
+    }
+    const double m = MedianOf(vt[e]);
+    std::printf("VARIANT %s B%lld %s: median %.2f ms (%zu steps; rounds %s ms), ratio to default %.4f\n", preset.c_str(),
+                (long long)batch, e == 0 ? "default" : env.timed[e - 1].c_str(), 1e3 * m, vt[e].size(), rounds.c_str(),
+                m / ref);
+  }
+  std::fflush(stdout);
+  return true;
+}
+
 // The per-op table of a --profile run: `ops` (CudaBackend::OpTime: label, calls, seconds, flops)
 // summed over `steps` steps, sorted by time here; `busy` is their total seconds.
 template <typename OpTime>
