@@ -138,6 +138,7 @@ struct MlstmCellArgs {
   int64_t batch = 0, seq = 0, heads = 0, dk = 0, dv = 0, chunk = 64;
   bool sigmoid_forget = true;
   double eps = 1e-6;
+  double qk_scale = 0;  // 0 = 1/sqrt(dk); see kernels/cuda/mlstm.h MlstmOptions::qk_scale
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -248,5 +249,16 @@ struct XlstmLargeNormGateArgs {
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows * dim;
 }
+
+// Per-head width change of a [rows, heads, width] bf16 tensor (the xLSTM Large block at a dk the
+// cell does not take, e.g. 96: q, k padded to 128 for the cell, dq, dk cut back; ops/XLSTM_LARGE.md):
+//   dst[r, h, j] = j < src_width ? src[r, h, j] : 0   for j < dst_width.
+// Padding (dst_width > src_width) writes the zero columns; cutting (dst_width < src_width) drops
+// src's columns past dst_width. Widths multiples of 8 (16-byte vectors), pointers 16-byte aligned.
+struct XlstmLargeHeadWidthArgs {
+  int64_t rows = 0, heads = 0, src_width = 0, dst_width = 0;
+  const void* src = nullptr;
+  void* dst = nullptr;
+};
 
 }  // namespace gyre::ops

@@ -124,6 +124,13 @@ const std::map<std::string, Preset>& Presets() {
       // parameters, the xLSTM 1.3B class), for recurrent_step_bench and the GPU tests.
       {"xlstm-large-bench", {"benchmark shape (7B head dims at d 2048, 24 blocks; not a published model)",
                              [](ModelSpec* s) { XlstmLarge(s, 2048, 24, 4, 50304); }}},
+      // PERFORMANCE.md's "xlstm-125m (12 blocks, mLSTM only)" row (transformers xLSTM, 73,568 tok/s at
+      // B16): xLSTMConfig(hidden_size=768, num_blocks=12, num_heads=4, vocab_size=50304, chunk_size=64),
+      // every other field at xLSTMConfig's defaults (qk 0.5, v 1.0, FFN 2.667 -> 2112, caps 15 / 30,
+      // eps 1e-6, untied): dk 96, dv 192, 164,073,312 parameters (ops/XLSTM_LARGE.md).
+      {"xlstm-large-125m", {"PERFORMANCE.md xlstm-125m row: transformers xLSTMConfig(hidden_size=768, num_blocks=12, "
+                            "num_heads=4, vocab_size=50304, chunk_size=64), other fields default",
+                            [](ModelSpec* s) { XlstmLarge(s, 768, 12, 4, 50304); }}},
       // Mamba-2: HF Hub config.json of state-spaces/mamba2-* (MODELS.md §4.3 table); vocab 50288.
       {"mamba2-130m", {"state-spaces/mamba2-130m config.json", [](ModelSpec* s) { Mamba2(s, 768, 24, 128, 64, 256, 50288); }}},
       {"mamba2-370m", {"state-spaces/mamba2-370m config.json", [](ModelSpec* s) { Mamba2(s, 1024, 48, 128, 64, 256, 50288); }}},

@@ -263,11 +263,38 @@ XlstmLargeNormGateArgs XlstmLargeBlock::NormGateArgs() {
   return n;
 }
 
+namespace {
+
+// The cell's head width: dk rounded up to 64 (kernels/cuda/mlstm.h takes multiples of 64). Where
+// it differs from dk (the 125m's 96), q and k are zero-padded per head and the cell scales q·kᵀ by
+// 1/sqrt(dk), not 1/sqrt(dk_cell): the zero columns add nothing to q·kᵀ, to C = Σ k vᵀ or to n, so
+// h is the unpadded cell's; the padded columns' dq, dk are dropped (ops/XLSTM_LARGE.md, "dk 96").
+int64_t CellDk(int64_t dk) { return (dk + 63) / 64 * 64; }
+
+// [rows, heads·from] -> [rows, heads·to] bf16, per head: the first min(from, to) columns copied,
+// the rest zero (XlstmLargeHeadWidthArgs).
+Tensor HeadWidth(const Tensor& t, int64_t heads, int64_t from, int64_t to) {
+  Tensor out = CudaEmpty({t.rows(), heads * to});
+  XlstmLargeHeadWidthArgs a;
+  a.rows = t.rows(); a.heads = heads; a.src_width = from; a.dst_width = to;
+  a.src = t.raw(); a.dst = out.raw();
+  Cuda().XlstmLargeHeadWidth(a);
+  return out;
+}
+
+}  // namespace
+
 Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
-  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
+  GYRE_CHECK(dk % 8 == 0, "xLSTM Large on CUDA: dk %ld is not a multiple of 8 (the q / k head padding moves 16-byte "
+             "vectors)", (long)dk);
   u_ = norm_mlstm_.Forward(x);
   q_out_ = q_.Forward(u_);
   k_out_ = k_.Forward(u_);
+  if (dk_cell != dk) {  // the cell's inputs, kept for the backward in the padded layout
+    q_out_ = HeadWidth(q_out_, heads_, dk, dk_cell);
+    k_out_ = HeadWidth(k_out_, heads_, dk, dk_cell);
+  }
   v_out_ = v_.Forward(u_);
   o_pre_ = ogate_.Forward(u_);
   // Both gates in one fp32 GEMM, then bias + cap (pre_ keeps the raw pre-activations).
@@ -283,9 +310,10 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
   g.ig = ig_.data<float>(); g.fg = fg_.data<float>();
   Cuda().XlstmLargeGates(false, g);
   MlstmCellArgs c;
-  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk_cell; c.dv = dv; c.chunk = chunk_;
   c.sigmoid_forget = true;
   c.eps = 1e-6;
+  if (dk_cell != dk) c.qk_scale = 1.0 / std::sqrt(static_cast<double>(dk));
   saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
   h_ = CudaEmpty({rows, v_dim_});
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
@@ -307,7 +335,7 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
 }
 
 Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
-  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
   // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
@@ -327,12 +355,14 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     if (rows == 0) ZeroGradIfStale(w);
     Cuda().XlstmLargeNormGate(true, n);
   }
-  Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
+  Tensor dq = CudaEmpty({rows, heads_ * dk_cell}), dk_t = CudaEmpty({rows, heads_ * dk_cell});
+  Tensor dv_t = CudaEmpty({rows, v_dim_});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;
-  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk_cell; c.dv = dv; c.chunk = chunk_;
   c.sigmoid_forget = true;
   c.eps = 1e-6;
+  if (dk_cell != dk) c.qk_scale = 1.0 / std::sqrt(static_cast<double>(dk));
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
@@ -340,6 +370,10 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   c.dq = dq.raw(); c.dk_out = dk_t.raw(); c.dv_out = dv_t.raw();
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
+  if (dk_cell != dk) {  // the padded columns' gradients dropped
+    dq = HeadWidth(dq, heads_, dk_cell, dk);
+    dk_t = HeadWidth(dk_t, heads_, dk_cell, dk);
+  }
   // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
   // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
   Tensor dpre = CudaEmpty({rows, 2 * heads_});

@@ -236,7 +236,32 @@ int NormGateChunks(const XlstmLargeNormGateArgs& a) {
   return static_cast<int>((dv + 255) / 256);
 }
 
+// ---------------------------------------------------------------- per-head width (pad / cut)
+
+__global__ void xl_head_width(int64_t vectors, int src_vecs, int dst_vecs, const uint4* src, uint4* dst) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= vectors) return;
+  const int64_t row_head = i / dst_vecs;
+  const int j = static_cast<int>(i % dst_vecs);
+  dst[i] = j < src_vecs ? src[row_head * src_vecs + j] : make_uint4(0u, 0u, 0u, 0u);
+}
+
 }  // namespace
+
+CudaResult XlstmLargeHeadWidth(const XlstmLargeHeadWidthArgs& a, cudaStream_t stream) {
+  if (a.rows < 0 || a.heads <= 0 || a.src_width <= 0 || a.dst_width <= 0 || a.src_width % 8 != 0 ||
+      a.dst_width % 8 != 0 || a.src == nullptr || a.dst == nullptr ||
+      reinterpret_cast<uintptr_t>(a.src) % 16 != 0 || reinterpret_cast<uintptr_t>(a.dst) % 16 != 0)
+    return gyre::cuda::InvalidArgument("XlstmLargeHeadWidth: widths must be positive multiples of 8 and the "
+                                       "pointers 16-byte aligned");
+  const int64_t vectors = a.rows * a.heads * (a.dst_width / 8);
+  if (vectors == 0) return {};
+  xl_head_width<<<Blocks(vectors, 256), 256, 0, stream>>>(vectors, static_cast<int>(a.src_width / 8),
+                                                          static_cast<int>(a.dst_width / 8),
+                                                          static_cast<const uint4*>(a.src), static_cast<uint4*>(a.dst));
+  CUDA_RETURN_IF_LAUNCH_ERROR("xl_head_width");
+  return {};
+}
 
 CudaResult XlstmLargeGatesForward(const XlstmLargeGateArgs& a, cudaStream_t stream) {
   if (a.rows < 0 || a.heads <= 0 || a.cap < 0.f || a.pre == nullptr || a.bi == nullptr || a.bf == nullptr ||
