@@ -129,11 +129,11 @@ def mlstm_native_chunkwise(q, k, v, i, f, chunk, eps=1e-6, return_last_states=Fa
     L = chunk
     assert S % L == 0
     NC = S // L
-    q = q.float().view(B, NH, NC, L, DK) * DK ** -0.5
-    k = k.float().view(B, NH, NC, L, DK)
-    v = v.float().view(B, NH, NC, L, DV)
-    lf = F.logsigmoid(f.float()).view(B, NH, NC, L)
-    i = i.float().view(B, NH, NC, L)
+    q = q.float().reshape(B, NH, NC, L, DK) * DK ** -0.5  # reshape: transformers passes transposed views
+    k = k.float().reshape(B, NH, NC, L, DK)
+    v = v.float().reshape(B, NH, NC, L, DV)
+    lf = F.logsigmoid(f.float()).reshape(B, NH, NC, L)
+    i = i.float().reshape(B, NH, NC, L)
     b = lf.cumsum(-1)                                   # within-chunk log decay
     C = torch.zeros(B, NH, DK, DV, device=q.device)
     n = torch.zeros(B, NH, DK, device=q.device)

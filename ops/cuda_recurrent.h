@@ -245,6 +245,11 @@ struct XlstmLargeNormGateArgs {
   // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
   // measured slower, ops/XLSTM_LARGE.md session 20).
   int32_t tile_rows = 64;
+  // dweight's pass over the tiles' partial sums: false = one thread per column adding the tiles
+  // one after another (latency-bound: ~0.13 µs a tile, session 20); true = one block per 32
+  // columns, warp w adding tiles w, w + 8, ... in order, then the 8 warp sums in order (fixed
+  // order too, different bits). Opt-in: GYRE_XLSTM_LARGE_DWEIGHT=warps (ops/XLSTM_LARGE.md).
+  bool dweight_by_warps = false;
 };
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows * dim;

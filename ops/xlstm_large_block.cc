@@ -8,6 +8,7 @@
 #include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
+#include "ops/env_switch.h"
 #include "ops/parallel.h"
 
 namespace gyre::ops {
@@ -348,6 +349,8 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, 64)}, DType::kF32);
     XlstmLargeNormGateArgs n = NormGateArgs();
     n.tile_rows = 64;
+    // Read at every backward so recurrent_step_bench --variants can alternate it ("" = the default).
+    n.dweight_by_warps = EnvChoice("GYRE_XLSTM_LARGE_DWEIGHT", {"", "serial", "warps"}, "serial") == "warps";
     n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();

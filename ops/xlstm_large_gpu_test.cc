@@ -27,9 +27,11 @@
 // with the sign of near-zero q·k (a forget gate of σ(−15)).
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -151,6 +153,13 @@ TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large", SmallXlstmLarge(), 
 TEST_F(XlstmLargeGpuTest, Block125mShapeDk96) {
   for (const int64_t chunk : {64, 128}) CheckBlock("xlstm_large 125m dk96 chunk" + std::to_string(chunk),
                                                    Xlstm125mBlocks(chunk), 2, 333);
+}
+
+// The block under GYRE_XLSTM_LARGE_DWEIGHT=warps (the opt-in column pass of the norm's dweight).
+TEST_F(XlstmLargeGpuTest, Block125mShapeDweightByWarps) {
+  setenv("GYRE_XLSTM_LARGE_DWEIGHT", "warps", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 dweight by warps", Xlstm125mBlocks(64), 2, 333);
+  unsetenv("GYRE_XLSTM_LARGE_DWEIGHT");
 }
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
@@ -286,8 +295,12 @@ TEST_F(XlstmLargeGpuTest, NormGateKernel) {
     EXPECT_TRUE(Check("norm+gate dv " + std::to_string(dv) + " y", y, y_ref, 4e-3));
     // Backward tile heights 64 (the block's), 32 and 16 (XlstmLargeNormGateArgs::tile_rows), the
     // outputs poisoned again each time.
-    for (const int tile : {64, 32, 16}) {
-      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile);
+    // dweight's tile pass serial and split over warps (XlstmLargeNormGateArgs::dweight_by_warps).
+    for (const auto& [tile, by_warps] : {std::pair<int, bool>{64, false}, {32, false}, {16, false}, {64, true},
+                                         {16, true}}) {
+      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile) +
+                                (by_warps ? " dweight by warps" : "");
+      a.dweight_by_warps = by_warps;
       dh.CopyFrom(ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)));
       d_o.CopyFrom(dh);
       dw.CopyFrom(Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda));
