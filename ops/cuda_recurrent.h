@@ -218,7 +218,17 @@ struct XlstmLargeGateArgs {
   float* dbi = nullptr;
   float* dbf = nullptr;
   bool overwrite_db = false;
+  // Backward, optional: XlstmLargeGatePartialFloats(rows, heads) fp32 of scratch. Null: one block
+  // per gate column walks all rows (2·heads blocks: latency-bound at 32K rows, 1.5 ms a step at
+  // the 125m); set: one block per 256 rows writes dpre and its per-column partial sums, then one
+  // block per column adds the partials in tile order (fixed order, different bits). Opt-in:
+  // GYRE_XLSTM_LARGE_GATES_BWD=tiles (ops/XLSTM_LARGE.md, session 21).
+  float* partial = nullptr;
 };
+constexpr int64_t kXlstmLargeGateTileRows = 256;
+inline int64_t XlstmLargeGatePartialFloats(int64_t rows, int64_t heads) {
+  return (rows + kXlstmLargeGateTileRows - 1) / kXlstmLargeGateTileRows * 2 * heads;
+}
 
 // The per-head LayerNorm (weight only) and the output gate in one pass each way (session 20,
 // helper xlperf20, ops/XLSTM_LARGE.md; it replaced the GroupNorm kernel + an elementwise gate):

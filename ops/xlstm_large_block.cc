@@ -385,6 +385,11 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
   g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
+  Tensor gate_partial;
+  if (EnvChoice("GYRE_XLSTM_LARGE_GATES_BWD", {"", "serial", "tiles"}, "serial") == "tiles") {
+    gate_partial = CudaEmpty({std::max<int64_t>(1, XlstmLargeGatePartialFloats(rows, heads_))}, DType::kF32);
+    g.partial = gate_partial.data<float>();
+  }
   Cuda().XlstmLargeGates(true, g);
   // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
   // others accumulated in their GEMMs' stores (beta 1), no separate additions. Measured against

@@ -60,6 +60,58 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
   }
 }
 
+// The tiled form (XlstmLargeGateArgs::partial set): block = 256 rows (kXlstmLargeGateTileRows), a
+// thread per row; per gate column the 8 warps reduce by shuffles (a fixed xor pattern) and thread c
+// adds the 8 warp sums in order into partial[tile, c]. Then xl_gates_bias_sum: a block per column,
+// thread t adding tiles t, t + 256, ... in order, then a fixed tree. dpre has the serial kernel's bits.
+constexpr int kGateTileThreads = static_cast<int>(kXlstmLargeGateTileRows);
+constexpr int kMaxGateCols = 64;  // 2·heads; the 7B has 16
+
+__global__ void __launch_bounds__(kGateTileThreads)
+xl_gates_bwd_tiles(int64_t rows, int heads, float cap, const float* pre, const float* dig, const float* dfg,
+                   bf16* dpre, float* partial) {
+  __shared__ float warp_sums[kGateTileThreads / 32][kMaxGateCols];
+  const int cols = 2 * heads, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGateTileThreads + threadIdx.x;
+  for (int c = 0; c < cols; ++c) {
+    const bool input = c < heads;
+    const int h = input ? c : c - heads;
+    float d = 0.f;
+    if (r < rows) {
+      d = (input ? dig : dfg)[r * heads + h] * CapSlope(pre[r * cols + c], cap);
+      dpre[r * cols + c] = __float2bfloat16_rn(d);
+    }
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    if (lane == 0) warp_sums[warp][c] = d;
+  }
+  __syncthreads();
+  if (threadIdx.x < cols) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGateTileThreads / 32; ++w) t += warp_sums[w][threadIdx.x];  // fixed order
+    partial[blockIdx.x * cols + threadIdx.x] = t;
+  }
+}
+
+__global__ void __launch_bounds__(kBwdThreads)
+xl_gates_bias_sum(int heads, int64_t tiles, const float* partial, float* dbi, float* dbf, bool overwrite) {
+  const int c = blockIdx.x, cols = 2 * heads;
+  float sum = 0.f;
+  for (int64_t i = threadIdx.x; i < tiles; i += kBwdThreads) sum += partial[i * cols + c];
+  __shared__ float part[kBwdThreads];
+  part[threadIdx.x] = sum;
+  __syncthreads();
+  for (int s = kBwdThreads / 2; s > 0; s >>= 1) {  // fixed tree order: deterministic
+    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const bool input = c < heads;
+    float* db = input ? dbi + c : dbf + (c - heads);
+    *db = overwrite ? part[0] : *db + part[0];
+  }
+}
+
 // ---------------------------------------------------------------- norm + out gate (fused)
 //
 // One warp per (row, head). Lane `lane` owns columns k·256 + 8·lane .. +8 of the head for
@@ -300,6 +352,19 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
   if (a.rows < 0 || a.heads <= 0 || a.cap < 0.f || a.pre == nullptr || a.dig == nullptr || a.dfg == nullptr ||
       a.dpre == nullptr || a.dbi == nullptr || a.dbf == nullptr)
     return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: bad shape or missing pointer");
+  if (a.partial != nullptr) {
+    if (2 * a.heads > kMaxGateCols) return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: more than 32 heads");
+    const int64_t tiles = (a.rows + kXlstmLargeGateTileRows - 1) / kXlstmLargeGateTileRows;
+    if (tiles > 0) {
+      xl_gates_bwd_tiles<<<static_cast<unsigned>(tiles), kGateTileThreads, 0, stream>>>(
+          a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.partial);
+      CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bwd_tiles");
+    }
+    xl_gates_bias_sum<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
+        static_cast<int>(a.heads), tiles, a.partial, a.dbi, a.dbf, a.overwrite_db);
+    CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bias_sum");
+    return {};
+  }
   xl_gates_bwd<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
       a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.dbi, a.dbf,
       a.overwrite_db);

@@ -5,8 +5,10 @@
 //   block: d 512, 4 heads (dk 64 != dv 128), T 100 over chunk 64 (a partial chunk), gates from
 //          random biases and weights of std 0.03 (pre-activations varying ~±0.7 over tokens);
 //          also the xlstm-large-125m block shape (d 768, dk 96 padded to 128 for the cell, dv 192,
-//          FFN 2112) at B2 x 333, chunks 64 and 128, and a 2-block model of that shape;
+//          FFN 2048) at B2 x 333, chunks 64 and 128, and a 2-block model of that shape;
 //   head width: the q / k padding kernel (96 -> 128 zero columns) and its cut back, bitwise;
+//   opt-in paths: the gate backward tiled (GYRE_XLSTM_LARGE_GATES_BWD=tiles) and the norm dweight
+//          pass split over warps (GYRE_XLSTM_LARGE_DWEIGHT=warps), in the kernel tests and the block;
 //   gates: the cap kernels alone on pre-activations up to ±60 (past the cap of 15) vs float64;
 //   norm + out gate: the per-head LayerNorm with σ(o) (one kernel each way) and its backward,
 //          dweight accumulated / overwritten and bitwise repeatable, vs float64;
@@ -69,7 +71,7 @@ ModelSpec SmallXlstmLarge() {
 }
 
 // The block shape of the xlstm-large-125m preset (PERFORMANCE.md's transformers xlstm-125m): d 768,
-// 4 heads, dk 96 (the cell runs at 128, q / k zero-padded per head) != dv 192, FFN 2112; two
+// 4 heads, dk 96 (the cell runs at 128, q / k zero-padded per head) != dv 192, FFN 2048; two
 // blocks and a small vocabulary for the model check.
 ModelSpec Xlstm125mBlocks(int64_t chunk) {
   ModelSpec s = *PresetSpec("xlstm-large-125m");
@@ -155,11 +157,17 @@ TEST_F(XlstmLargeGpuTest, Block125mShapeDk96) {
                                                    Xlstm125mBlocks(chunk), 2, 333);
 }
 
-// The block under GYRE_XLSTM_LARGE_DWEIGHT=warps (the opt-in column pass of the norm's dweight).
+// The block under GYRE_XLSTM_LARGE_DWEIGHT=warps (the opt-in column pass of the norm's dweight) and
+// GYRE_XLSTM_LARGE_GATES_BWD=tiles (the opt-in tiled gate backward).
 TEST_F(XlstmLargeGpuTest, Block125mShapeDweightByWarps) {
   setenv("GYRE_XLSTM_LARGE_DWEIGHT", "warps", 1);
   CheckBlock("xlstm_large 125m dk96 chunk64 dweight by warps", Xlstm125mBlocks(64), 2, 333);
   unsetenv("GYRE_XLSTM_LARGE_DWEIGHT");
+}
+TEST_F(XlstmLargeGpuTest, Block125mShapeGatesBackwardTiled) {
+  setenv("GYRE_XLSTM_LARGE_GATES_BWD", "tiles", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 gates bwd tiled", Xlstm125mBlocks(64), 2, 333);
+  unsetenv("GYRE_XLSTM_LARGE_GATES_BWD");
 }
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
@@ -208,30 +216,38 @@ TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
   Cuda().XlstmLargeGates(false, a);
   EXPECT_TRUE(Check("gates ig", ig, ig_ref, 1e-6));
   EXPECT_TRUE(Check("gates fg", fg, fg_ref, 1e-6));
-  Tensor dpre = ToCudaBf16(Tensor::Full({rows, cols}, DType::kF64, NAN));
-  Tensor dbi = Tensor::Full({heads}, DType::kF32, 1.0).ToDevice(Device::kCuda), dbf = dbi.Clone();
-  a.dig = dig_d.data<float>(); a.dfg = dfg_d.data<float>(); a.dpre = dpre.raw();
-  a.dbi = dbi.data<float>(); a.dbf = dbf.data<float>();
-  a.overwrite_db = false;  // accumulate onto 1
-  Cuda().XlstmLargeGates(true, a);
-  EXPECT_TRUE(Check("gates dpre (bf16)", dpre, dpre_ref, 4e-3));
-  Tensor db_acc = Tensor::Empty({cols}, DType::kF64);
-  for (int64_t c = 0; c < cols; ++c) db_acc.Set(c, db_ref.At(c) + 1.0);
-  Tensor db_got = Tensor::Empty({cols}, DType::kF64);
-  const Tensor dbi_h = dbi.ToDevice(Device::kCpu), dbf_h = dbf.ToDevice(Device::kCpu);
-  for (int64_t h = 0; h < heads; ++h) {
-    db_got.Set(h, dbi_h.At(h));
-    db_got.Set(heads + h, dbf_h.At(h));
+  // The backward serial (one block per column) and tiled (XlstmLargeGateArgs::partial: 256-row
+  // tiles, 1000 rows = 3 full tiles and a partial one), outputs poisoned each time.
+  Tensor partial =
+      Tensor::Full({XlstmLargeGatePartialFloats(rows, heads)}, DType::kF32, NAN).ToDevice(Device::kCuda);
+  for (const bool tiled : {false, true}) {
+    const std::string form = tiled ? " tiled" : "";
+    a.partial = tiled ? partial.data<float>() : nullptr;
+    Tensor dpre = ToCudaBf16(Tensor::Full({rows, cols}, DType::kF64, NAN));
+    Tensor dbi = Tensor::Full({heads}, DType::kF32, 1.0).ToDevice(Device::kCuda), dbf = dbi.Clone();
+    a.dig = dig_d.data<float>(); a.dfg = dfg_d.data<float>(); a.dpre = dpre.raw();
+    a.dbi = dbi.data<float>(); a.dbf = dbf.data<float>();
+    a.overwrite_db = false;  // accumulate onto 1
+    Cuda().XlstmLargeGates(true, a);
+    EXPECT_TRUE(Check("gates" + form + " dpre (bf16)", dpre, dpre_ref, 4e-3));
+    Tensor db_acc = Tensor::Empty({cols}, DType::kF64);
+    for (int64_t c = 0; c < cols; ++c) db_acc.Set(c, db_ref.At(c) + 1.0);
+    Tensor db_got = Tensor::Empty({cols}, DType::kF64);
+    const Tensor dbi_h = dbi.ToDevice(Device::kCpu), dbf_h = dbf.ToDevice(Device::kCpu);
+    for (int64_t h = 0; h < heads; ++h) {
+      db_got.Set(h, dbi_h.At(h));
+      db_got.Set(heads + h, dbf_h.At(h));
+    }
+    EXPECT_TRUE(Check("gates" + form + " dbias (+=)", db_got, db_acc, 1e-5));
+    a.overwrite_db = true;  // a stale gradient: overwritten, never read
+    Cuda().XlstmLargeGates(true, a);
+    const Tensor dbi_o = dbi.ToDevice(Device::kCpu), dbf_o = dbf.ToDevice(Device::kCpu);
+    for (int64_t h = 0; h < heads; ++h) {
+      db_got.Set(h, dbi_o.At(h));
+      db_got.Set(heads + h, dbf_o.At(h));
+    }
+    EXPECT_TRUE(Check("gates" + form + " dbias (=)", db_got, db_ref, 1e-5));
   }
-  EXPECT_TRUE(Check("gates dbias (+=)", db_got, db_acc, 1e-5));
-  a.overwrite_db = true;  // a stale gradient: overwritten, never read
-  Cuda().XlstmLargeGates(true, a);
-  const Tensor dbi_o = dbi.ToDevice(Device::kCpu), dbf_o = dbf.ToDevice(Device::kCpu);
-  for (int64_t h = 0; h < heads; ++h) {
-    db_got.Set(h, dbi_o.At(h));
-    db_got.Set(heads + h, dbf_o.At(h));
-  }
-  EXPECT_TRUE(Check("gates dbias (=)", db_got, db_ref, 1e-5));
 }
 
 // The fused norm + out gate kernels alone vs float64: y = LN_head(h)·w ⊙ σ(o) and its backward
