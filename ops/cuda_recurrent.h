@@ -224,6 +224,9 @@ struct XlstmLargeGateArgs {
   // block per column adds the partials in tile order (fixed order, different bits). Opt-in:
   // GYRE_XLSTM_LARGE_GATES_BWD=tiles (ops/XLSTM_LARGE.md, session 21).
   float* partial = nullptr;
+  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward
+  // (GYRE_XLSTM_LARGE_FOLD_GATES=on) writes dpre as the last 2·heads columns of [d_o | dpre].
+  int64_t ldpre = 0;
 };
 constexpr int64_t kXlstmLargeGateTileRows = 256;
 inline int64_t XlstmLargeGatePartialFloats(int64_t rows, int64_t heads) {
@@ -260,6 +263,7 @@ struct XlstmLargeNormGateArgs {
   // columns, warp w adding tiles w, w + 8, ... in order, then the 8 warp sums in order (fixed
   // order too, different bits). Opt-in: GYRE_XLSTM_LARGE_DWEIGHT=warps (ops/XLSTM_LARGE.md).
   bool dweight_by_warps = false;
+  int64_t ld_do = 0;  // d_o's row stride in elements (a multiple of 8, >= dim); 0 = dim
 };
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows * dim;

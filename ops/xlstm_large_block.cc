@@ -339,9 +339,16 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
+  // GYRE_XLSTM_LARGE_FOLD_GATES=on (opt-in, read at every backward so recurrent_step_bench
+  // --variants can alternate it): d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH]
+  // buffer, so the o map's two backward GEMMs carry the gate rows ([W_o; W_i; W_f] one span) and
+  // the two skinny gate GEMMs go (xlperf20's fused_gates, session 20: a loss at d 2048, where the
+  // o GEMMs were 2.3-2.6 ms; here they are ~0.08 ms and the skinny ones 0.085 ms a layer).
+  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "off") == "on";
+  const int64_t ld_do = fold_gates ? v_dim_ + 2 * heads_ : v_dim_;
   // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
   // fixed-order column pass of dweight's tile sums).
-  Tensor dopre = CudaEmpty({rows, v_dim_}), dh = CudaEmpty({rows, v_dim_});
+  Tensor dopre = CudaEmpty({rows, ld_do}), dh = CudaEmpty({rows, v_dim_});
   {
     Parameter* w = multihead_norm_.weight();
     // 64-row tiles (XlstmLargeNormGateArgs::tile_rows' default): 32 and 16 measured slower (session
@@ -351,7 +358,7 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     n.tile_rows = 64;
     // Read at every backward so recurrent_step_bench --variants can alternate it ("" = the default).
     n.dweight_by_warps = EnvChoice("GYRE_XLSTM_LARGE_DWEIGHT", {"", "serial", "warps"}, "serial") == "warps";
-    n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
+    n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw(); n.ld_do = ld_do;
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();
     n.overwrite_dweight = rows > 0 && FirstGradWrite(w);
@@ -379,11 +386,13 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   }
   // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
   // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
-  Tensor dpre = CudaEmpty({rows, 2 * heads_});
+  Tensor dpre = fold_gates ? Tensor() : CudaEmpty({rows, 2 * heads_});
   XlstmLargeGateArgs g;
   g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
   g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.dpre = fold_gates ? static_cast<void*>(static_cast<char*>(dopre.raw()) + v_dim_ * 2) : dpre.raw();
+  g.ldpre = fold_gates ? ld_do : 0;
+  g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
   Tensor gate_partial;
   if (EnvChoice("GYRE_XLSTM_LARGE_GATES_BWD", {"", "serial", "tiles"}, "serial") == "tiles") {
@@ -399,21 +408,39 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
   bool first = true;
   for (const auto& [map, dy_map] : maps) {
-    const int64_t n = map->out();
     Parameter* w = map->weight();
+    if (fold_gates && map == &ogate_) {
+      // du += [d_o | dpre]·[W_o; W_i; W_f], d[W_o; W_i; W_f] (+)= [d_o | dpre]ᵀ u: K and M of
+      // v_dim + 2·NH, the gate rows riding along.
+      Tensor w_ogates, dw_ogates;
+      GYRE_CHECK(store_->AdjacentSpan({w, wi_, wf_}, &w_ogates, &dw_ogates),
+                 "xLSTM Large: the out-gate and gate weights are not adjacent in the flat CUDA store "
+                 "(GYRE_XLSTM_LARGE_FOLD_GATES=on needs them as one matrix)");
+      Mm(false, false, rows, d_, ld_do, dopre.raw(), ld_do, w_ogates.raw(), d_, du.raw(), d_, false,
+         first ? 0.f : 1.f);
+      first = false;
+      const bool overwrite = rows > 0 ? FirstGradWrite({w, wi_, wf_}) : false;
+      if (rows == 0) { ZeroGradIfStale(w); ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+      Mm(true, false, ld_do, d_, rows, dopre.raw(), ld_do, u_.raw(), d_, dw_ogates.raw(), d_, true,
+         overwrite ? 0.f : 1.f);
+      continue;
+    }
+    const int64_t n = map->out();
     Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
     first = false;
     const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
     if (rows == 0) ZeroGradIfStale(w);
     Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
   }
-  Tensor w_if, dw_if;
-  GateSpan(&w_if, &dw_if);
-  Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
-  const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
-  if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
-  Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
-     overwrite_dw ? 0.f : 1.f);
+  if (!fold_gates) {
+    Tensor w_if, dw_if;
+    GateSpan(&w_if, &dw_if);
+    Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
+    const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
+    if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+    Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
+       overwrite_dw ? 0.f : 1.f);
+  }
   Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
   ReleaseActivations();
   return dx;

@@ -35,7 +35,7 @@ constexpr int kBwdThreads = 256;
 
 __global__ void __launch_bounds__(kBwdThreads)
 xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* dig, const float* dfg, bf16* dpre,
-             float* dbi, float* dbf, bool overwrite) {
+             int64_t ldpre, float* dbi, float* dbf, bool overwrite) {
   const int c = blockIdx.x;  // gate column
   const int cols = 2 * heads;
   const bool input = c < heads;
@@ -44,7 +44,7 @@ xl_gates_bwd(int64_t rows, int heads, float cap, const float* pre, const float* 
   float sum = 0.f;
   for (int64_t r = threadIdx.x; r < rows; r += kBwdThreads) {
     const float d = dgate[r * heads + h] * CapSlope(pre[r * cols + c], cap);
-    dpre[r * cols + c] = __float2bfloat16_rn(d);
+    dpre[r * ldpre + c] = __float2bfloat16_rn(d);
     sum += d;
   }
   __shared__ float part[kBwdThreads];
@@ -69,7 +69,7 @@ constexpr int kMaxGateCols = 64;  // 2·heads; the 7B has 16
 
 __global__ void __launch_bounds__(kGateTileThreads)
 xl_gates_bwd_tiles(int64_t rows, int heads, float cap, const float* pre, const float* dig, const float* dfg,
-                   bf16* dpre, float* partial) {
+                   bf16* dpre, int64_t ldpre, float* partial) {
   __shared__ float warp_sums[kGateTileThreads / 32][kMaxGateCols];
   const int cols = 2 * heads, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGateTileThreads + threadIdx.x;
@@ -79,7 +79,7 @@ xl_gates_bwd_tiles(int64_t rows, int heads, float cap, const float* pre, const f
     float d = 0.f;
     if (r < rows) {
       d = (input ? dig : dfg)[r * heads + h] * CapSlope(pre[r * cols + c], cap);
-      dpre[r * cols + c] = __float2bfloat16_rn(d);
+      dpre[r * ldpre + c] = __float2bfloat16_rn(d);
     }
     for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
     if (lane == 0) warp_sums[warp][c] = d;
@@ -208,6 +208,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
   const int head = blockIdx.y;
   const int64_t dv = a.dim / a.heads;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * a.tile_rows;
+  const int64_t ld_do = a.ld_do != 0 ? a.ld_do : a.dim;
   float w[kChunks][8], dw[kChunks][8];
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(32 * kNormGateWarps) xl_norm_gate_bwd(XlstmLar
         dw[k][e] += dn * xh;
         d_o[e] = dy[e] * xh * w[k][e] * s * (1.f - s);
       }
-      StoreBf16x8(a.d_o, base + c, d_o);
+      StoreBf16x8(a.d_o, r * ld_do + head * dv + c, d_o);
     }
     s1 = WarpSum(s1) / dv;
     s2 = WarpSum(s2) / dv;
@@ -352,12 +353,14 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
   if (a.rows < 0 || a.heads <= 0 || a.cap < 0.f || a.pre == nullptr || a.dig == nullptr || a.dfg == nullptr ||
       a.dpre == nullptr || a.dbi == nullptr || a.dbf == nullptr)
     return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: bad shape or missing pointer");
+  const int64_t ldpre = a.ldpre != 0 ? a.ldpre : 2 * a.heads;
+  if (ldpre < 2 * a.heads) return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: ldpre < 2·heads");
   if (a.partial != nullptr) {
     if (2 * a.heads > kMaxGateCols) return gyre::cuda::InvalidArgument("XlstmLargeGatesBackward: more than 32 heads");
     const int64_t tiles = (a.rows + kXlstmLargeGateTileRows - 1) / kXlstmLargeGateTileRows;
     if (tiles > 0) {
       xl_gates_bwd_tiles<<<static_cast<unsigned>(tiles), kGateTileThreads, 0, stream>>>(
-          a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.partial);
+          a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), ldpre, a.partial);
       CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bwd_tiles");
     }
     xl_gates_bias_sum<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
@@ -366,8 +369,8 @@ CudaResult XlstmLargeGatesBackward(const XlstmLargeGateArgs& a, cudaStream_t str
     return {};
   }
   xl_gates_bwd<<<static_cast<unsigned>(2 * a.heads), kBwdThreads, 0, stream>>>(
-      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), a.dbi, a.dbf,
-      a.overwrite_db);
+      a.rows, static_cast<int>(a.heads), a.cap, a.pre, a.dig, a.dfg, static_cast<bf16*>(a.dpre), ldpre, a.dbi,
+      a.dbf, a.overwrite_db);
   CUDA_RETURN_IF_LAUNCH_ERROR("xl_gates_bwd");
   return {};
 }
@@ -395,9 +398,10 @@ CudaResult XlstmLargeNormGateBackward(const XlstmLargeNormGateArgs& a, cudaStrea
   const int chunks = NormGateChunks(a);
   if (a.rows < 0 || chunks == 0 || a.h == nullptr || a.o == nullptr || a.weight == nullptr || a.mean == nullptr ||
       a.rstd == nullptr || a.dy == nullptr || a.dh == nullptr || a.d_o == nullptr || a.dweight == nullptr ||
-      a.partial == nullptr || a.tile_rows < kNormGateWarps || a.tile_rows % kNormGateWarps != 0)
+      a.partial == nullptr || a.tile_rows < kNormGateWarps || a.tile_rows % kNormGateWarps != 0 ||
+      a.ld_do % 8 != 0 || (a.ld_do != 0 && a.ld_do < a.dim))
     return gyre::cuda::InvalidArgument("XlstmLargeNormGateBackward: bad shape (dv a multiple of 8, <= 1024; "
-                                       "tile_rows a multiple of 8) or missing pointer");
+                                       "tile_rows a multiple of 8; ld_do 0 or a multiple of 8 >= dim) or missing pointer");
   if (a.rows == 0) return {};
   const int64_t tiles = (a.rows + a.tile_rows - 1) / a.tile_rows;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(a.heads));

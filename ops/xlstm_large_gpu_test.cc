@@ -170,6 +170,15 @@ TEST_F(XlstmLargeGpuTest, Block125mShapeGatesBackwardTiled) {
   unsetenv("GYRE_XLSTM_LARGE_GATES_BWD");
 }
 
+// GYRE_XLSTM_LARGE_FOLD_GATES=on: [d_o | dpre] one buffer, the gate rows in the o map's backward
+// GEMMs; alone, then with the other two opt-ins (the tiled gate kernel writing dpre strided), the
+// block, the 2-block model and the deferred-zero rule (the folded dW GEMM's first write).
+TEST_F(XlstmLargeGpuTest, Block125mShapeFoldGates) {
+  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "on", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 fold gates", Xlstm125mBlocks(64), 2, 333);
+  unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
+}
+
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
 // the linear middle), 3 heads' worth of columns, bias gradients accumulated and overwritten.
 TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
@@ -431,6 +440,19 @@ TEST_F(XlstmLargeGpuTest, HeadWidthPadAndCut) {
 }
 
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
+
+// All three opt-ins together (see Block125mShapeFoldGates).
+TEST_F(XlstmLargeGpuTest, AllOptInsBlockModelDeferredZero) {
+  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "on", 1);
+  setenv("GYRE_XLSTM_LARGE_GATES_BWD", "tiles", 1);
+  setenv("GYRE_XLSTM_LARGE_DWEIGHT", "warps", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 all opt-ins", Xlstm125mBlocks(64), 2, 333);
+  CheckModel(Xlstm125mBlocks(64), 2, 333);
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[all opt-ins]"));
+  unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
+  unsetenv("GYRE_XLSTM_LARGE_GATES_BWD");
+  unsetenv("GYRE_XLSTM_LARGE_DWEIGHT");
+}
 
 // Shapes the CUDA kernels do not take are refused at creation with the reason.
 TEST_F(XlstmLargeGpuTest, TinyPresetIsRefusedOnCuda) {
