@@ -218,14 +218,14 @@ struct XlstmLargeGateArgs {
   float* dbi = nullptr;
   float* dbf = nullptr;
   bool overwrite_db = false;
-  // Backward, optional: XlstmLargeGatePartialFloats(rows, heads) fp32 of scratch. Null: one block
-  // per gate column walks all rows (2·heads blocks: latency-bound at 32K rows, 1.5 ms a step at
-  // the 125m); set: one block per 256 rows writes dpre and its per-column partial sums, then one
-  // block per column adds the partials in tile order (fixed order, different bits). Opt-in:
-  // GYRE_XLSTM_LARGE_GATES_BWD=tiles (ops/XLSTM_LARGE.md, session 21).
+  // Backward scratch: XlstmLargeGatePartialFloats(rows, heads) fp32. One block per 256 rows writes
+  // dpre and its per-column partial sums, then one block per column adds the partials in tile
+  // order (fixed order: the same bits every run). It replaced one block per gate column walking
+  // all rows (2·heads blocks, latency-bound: 1.46 -> 0.14 ms a step at the 125m, ops/XLSTM_LARGE.md
+  // session 21).
   float* partial = nullptr;
-  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward
-  // (GYRE_XLSTM_LARGE_FOLD_GATES=on) writes dpre as the last 2·heads columns of [d_o | dpre].
+  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward (the block's default,
+  // GYRE_XLSTM_LARGE_FOLD_GATES) writes dpre as the last 2·heads columns of [d_o | dpre].
   int64_t ldpre = 0;
 };
 constexpr int64_t kXlstmLargeGateTileRows = 256;
@@ -238,7 +238,8 @@ inline int64_t XlstmLargeGatePartialFloats(int64_t rows, int64_t heads) {
 //   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
 //   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
 //             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
-//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order).
+//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order by
+//             one block per 32 columns, warp w adding tiles w, w + 8, ..., then the 8 warp sums).
 // h, o, y, dy, dh, d_o [rows, dim] bf16; dim = heads · dv with dv a multiple of 8, at most 1024.
 struct XlstmLargeNormGateArgs {
   int64_t rows = 0, dim = 0, heads = 0;
@@ -258,11 +259,6 @@ struct XlstmLargeNormGateArgs {
   // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
   // measured slower, ops/XLSTM_LARGE.md session 20).
   int32_t tile_rows = 64;
-  // dweight's pass over the tiles' partial sums: false = one thread per column adding the tiles
-  // one after another (latency-bound: ~0.13 µs a tile, session 20); true = one block per 32
-  // columns, warp w adding tiles w, w + 8, ... in order, then the 8 warp sums in order (fixed
-  // order too, different bits). Opt-in: GYRE_XLSTM_LARGE_DWEIGHT=warps (ops/XLSTM_LARGE.md).
-  bool dweight_by_warps = false;
   int64_t ld_do = 0;  // d_o's row stride in elements (a multiple of 8, >= dim); 0 = dim
 };
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {

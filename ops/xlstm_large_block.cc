@@ -339,12 +339,14 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
-  // GYRE_XLSTM_LARGE_FOLD_GATES=on (opt-in, read at every backward so recurrent_step_bench
-  // --variants can alternate it): d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH]
-  // buffer, so the o map's two backward GEMMs carry the gate rows ([W_o; W_i; W_f] one span) and
-  // the two skinny gate GEMMs go (xlperf20's fused_gates, session 20: a loss at d 2048, where the
-  // o GEMMs were 2.3-2.6 ms; here they are ~0.08 ms and the skinny ones 0.085 ms a layer).
-  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "off") == "on";
+  // The gates folded into the o map (default since session 21; GYRE_XLSTM_LARGE_FOLD_GATES=off, read
+  // at every backward so recurrent_step_bench --variants can alternate it, keeps the two skinny gate
+  // GEMMs): d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH] buffer, so the o map's
+  // two backward GEMMs carry the gate rows ([W_o; W_i; W_f] one span). Measured at the 125m: −0.93
+  // ms a step by the kernel rows, 3 of 3 rounds (ops/XLSTM_LARGE.md); at d 2048 (xlperf20's
+  // fused_gates, session 20) it timed +0.05 ms, 1 of 3, while its kernel rows said −0.6 ms: the
+  // switch stays until the lead's call measures xlstm-large-bench with this code.
+  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "on") != "off";
   const int64_t ld_do = fold_gates ? v_dim_ + 2 * heads_ : v_dim_;
   // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
   // fixed-order column pass of dweight's tile sums).
@@ -356,8 +358,6 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, 64)}, DType::kF32);
     XlstmLargeNormGateArgs n = NormGateArgs();
     n.tile_rows = 64;
-    // Read at every backward so recurrent_step_bench --variants can alternate it ("" = the default).
-    n.dweight_by_warps = EnvChoice("GYRE_XLSTM_LARGE_DWEIGHT", {"", "serial", "warps"}, "serial") == "warps";
     n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw(); n.ld_do = ld_do;
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();
@@ -394,11 +394,8 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   g.ldpre = fold_gates ? ld_do : 0;
   g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
-  Tensor gate_partial;
-  if (EnvChoice("GYRE_XLSTM_LARGE_GATES_BWD", {"", "serial", "tiles"}, "serial") == "tiles") {
-    gate_partial = CudaEmpty({std::max<int64_t>(1, XlstmLargeGatePartialFloats(rows, heads_))}, DType::kF32);
-    g.partial = gate_partial.data<float>();
-  }
+  Tensor gate_partial = CudaEmpty({std::max<int64_t>(1, XlstmLargeGatePartialFloats(rows, heads_))}, DType::kF32);
+  g.partial = gate_partial.data<float>();
   Cuda().XlstmLargeGates(true, g);
   // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
   // others accumulated in their GEMMs' stores (beta 1), no separate additions. Measured against

@@ -7,8 +7,7 @@
 //          also the xlstm-large-125m block shape (d 768, dk 96 padded to 128 for the cell, dv 192,
 //          FFN 2048) at B2 x 333, chunks 64 and 128, and a 2-block model of that shape;
 //   head width: the q / k padding kernel (96 -> 128 zero columns) and its cut back, bitwise;
-//   opt-in paths: the gate backward tiled (GYRE_XLSTM_LARGE_GATES_BWD=tiles) and the norm dweight
-//          pass split over warps (GYRE_XLSTM_LARGE_DWEIGHT=warps), in the kernel tests and the block;
+//   gates not folded (GYRE_XLSTM_LARGE_FOLD_GATES=off, the non-default path): block, model, deferred zero;
 //   gates: the cap kernels alone on pre-activations up to ±60 (past the cap of 15) vs float64;
 //   norm + out gate: the per-head LayerNorm with σ(o) (one kernel each way) and its backward,
 //          dweight accumulated / overwritten and bitwise repeatable, vs float64;
@@ -33,7 +32,6 @@
 #include <memory>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -157,28 +155,6 @@ TEST_F(XlstmLargeGpuTest, Block125mShapeDk96) {
                                                    Xlstm125mBlocks(chunk), 2, 333);
 }
 
-// The block under GYRE_XLSTM_LARGE_DWEIGHT=warps (the opt-in column pass of the norm's dweight) and
-// GYRE_XLSTM_LARGE_GATES_BWD=tiles (the opt-in tiled gate backward).
-TEST_F(XlstmLargeGpuTest, Block125mShapeDweightByWarps) {
-  setenv("GYRE_XLSTM_LARGE_DWEIGHT", "warps", 1);
-  CheckBlock("xlstm_large 125m dk96 chunk64 dweight by warps", Xlstm125mBlocks(64), 2, 333);
-  unsetenv("GYRE_XLSTM_LARGE_DWEIGHT");
-}
-TEST_F(XlstmLargeGpuTest, Block125mShapeGatesBackwardTiled) {
-  setenv("GYRE_XLSTM_LARGE_GATES_BWD", "tiles", 1);
-  CheckBlock("xlstm_large 125m dk96 chunk64 gates bwd tiled", Xlstm125mBlocks(64), 2, 333);
-  unsetenv("GYRE_XLSTM_LARGE_GATES_BWD");
-}
-
-// GYRE_XLSTM_LARGE_FOLD_GATES=on: [d_o | dpre] one buffer, the gate rows in the o map's backward
-// GEMMs; alone, then with the other two opt-ins (the tiled gate kernel writing dpre strided), the
-// block, the 2-block model and the deferred-zero rule (the folded dW GEMM's first write).
-TEST_F(XlstmLargeGpuTest, Block125mShapeFoldGates) {
-  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "on", 1);
-  CheckBlock("xlstm_large 125m dk96 chunk64 fold gates", Xlstm125mBlocks(64), 2, 333);
-  unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
-}
-
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
 // the linear middle), 3 heads' worth of columns, bias gradients accumulated and overwritten.
 TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
@@ -225,38 +201,34 @@ TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
   Cuda().XlstmLargeGates(false, a);
   EXPECT_TRUE(Check("gates ig", ig, ig_ref, 1e-6));
   EXPECT_TRUE(Check("gates fg", fg, fg_ref, 1e-6));
-  // The backward serial (one block per column) and tiled (XlstmLargeGateArgs::partial: 256-row
-  // tiles, 1000 rows = 3 full tiles and a partial one), outputs poisoned each time.
+  // The backward over 256-row tiles (1000 rows = 3 full tiles and a partial one).
   Tensor partial =
       Tensor::Full({XlstmLargeGatePartialFloats(rows, heads)}, DType::kF32, NAN).ToDevice(Device::kCuda);
-  for (const bool tiled : {false, true}) {
-    const std::string form = tiled ? " tiled" : "";
-    a.partial = tiled ? partial.data<float>() : nullptr;
-    Tensor dpre = ToCudaBf16(Tensor::Full({rows, cols}, DType::kF64, NAN));
-    Tensor dbi = Tensor::Full({heads}, DType::kF32, 1.0).ToDevice(Device::kCuda), dbf = dbi.Clone();
-    a.dig = dig_d.data<float>(); a.dfg = dfg_d.data<float>(); a.dpre = dpre.raw();
-    a.dbi = dbi.data<float>(); a.dbf = dbf.data<float>();
-    a.overwrite_db = false;  // accumulate onto 1
-    Cuda().XlstmLargeGates(true, a);
-    EXPECT_TRUE(Check("gates" + form + " dpre (bf16)", dpre, dpre_ref, 4e-3));
-    Tensor db_acc = Tensor::Empty({cols}, DType::kF64);
-    for (int64_t c = 0; c < cols; ++c) db_acc.Set(c, db_ref.At(c) + 1.0);
-    Tensor db_got = Tensor::Empty({cols}, DType::kF64);
-    const Tensor dbi_h = dbi.ToDevice(Device::kCpu), dbf_h = dbf.ToDevice(Device::kCpu);
-    for (int64_t h = 0; h < heads; ++h) {
-      db_got.Set(h, dbi_h.At(h));
-      db_got.Set(heads + h, dbf_h.At(h));
-    }
-    EXPECT_TRUE(Check("gates" + form + " dbias (+=)", db_got, db_acc, 1e-5));
-    a.overwrite_db = true;  // a stale gradient: overwritten, never read
-    Cuda().XlstmLargeGates(true, a);
-    const Tensor dbi_o = dbi.ToDevice(Device::kCpu), dbf_o = dbf.ToDevice(Device::kCpu);
-    for (int64_t h = 0; h < heads; ++h) {
-      db_got.Set(h, dbi_o.At(h));
-      db_got.Set(heads + h, dbf_o.At(h));
-    }
-    EXPECT_TRUE(Check("gates" + form + " dbias (=)", db_got, db_ref, 1e-5));
+  a.partial = partial.data<float>();
+  Tensor dpre = ToCudaBf16(Tensor::Full({rows, cols}, DType::kF64, NAN));
+  Tensor dbi = Tensor::Full({heads}, DType::kF32, 1.0).ToDevice(Device::kCuda), dbf = dbi.Clone();
+  a.dig = dig_d.data<float>(); a.dfg = dfg_d.data<float>(); a.dpre = dpre.raw();
+  a.dbi = dbi.data<float>(); a.dbf = dbf.data<float>();
+  a.overwrite_db = false;  // accumulate onto 1
+  Cuda().XlstmLargeGates(true, a);
+  EXPECT_TRUE(Check("gates dpre (bf16)", dpre, dpre_ref, 4e-3));
+  Tensor db_acc = Tensor::Empty({cols}, DType::kF64);
+  for (int64_t c = 0; c < cols; ++c) db_acc.Set(c, db_ref.At(c) + 1.0);
+  Tensor db_got = Tensor::Empty({cols}, DType::kF64);
+  const Tensor dbi_h = dbi.ToDevice(Device::kCpu), dbf_h = dbf.ToDevice(Device::kCpu);
+  for (int64_t h = 0; h < heads; ++h) {
+    db_got.Set(h, dbi_h.At(h));
+    db_got.Set(heads + h, dbf_h.At(h));
   }
+  EXPECT_TRUE(Check("gates dbias (+=)", db_got, db_acc, 1e-5));
+  a.overwrite_db = true;  // a stale gradient: overwritten, never read
+  Cuda().XlstmLargeGates(true, a);
+  const Tensor dbi_o = dbi.ToDevice(Device::kCpu), dbf_o = dbf.ToDevice(Device::kCpu);
+  for (int64_t h = 0; h < heads; ++h) {
+    db_got.Set(h, dbi_o.At(h));
+    db_got.Set(heads + h, dbf_o.At(h));
+  }
+  EXPECT_TRUE(Check("gates dbias (=)", db_got, db_ref, 1e-5));
 }
 
 // The fused norm + out gate kernels alone vs float64: y = LN_head(h)·w ⊙ σ(o) and its backward
@@ -320,12 +292,8 @@ TEST_F(XlstmLargeGpuTest, NormGateKernel) {
     EXPECT_TRUE(Check("norm+gate dv " + std::to_string(dv) + " y", y, y_ref, 4e-3));
     // Backward tile heights 64 (the block's), 32 and 16 (XlstmLargeNormGateArgs::tile_rows), the
     // outputs poisoned again each time.
-    // dweight's tile pass serial and split over warps (XlstmLargeNormGateArgs::dweight_by_warps).
-    for (const auto& [tile, by_warps] : {std::pair<int, bool>{64, false}, {32, false}, {16, false}, {64, true},
-                                         {16, true}}) {
-      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile) +
-                                (by_warps ? " dweight by warps" : "");
-      a.dweight_by_warps = by_warps;
+    for (const int tile : {64, 32, 16}) {
+      const std::string label = "norm+gate dv " + std::to_string(dv) + " tile " + std::to_string(tile);
       dh.CopyFrom(ToCudaBf16(Tensor::Full({rows, dim}, DType::kF64, NAN)));
       d_o.CopyFrom(dh);
       dw.CopyFrom(Tensor::Full({dim}, DType::kF32, 1.0).ToDevice(Device::kCuda));
@@ -441,17 +409,14 @@ TEST_F(XlstmLargeGpuTest, HeadWidthPadAndCut) {
 
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
 
-// All three opt-ins together (see Block125mShapeFoldGates).
-TEST_F(XlstmLargeGpuTest, AllOptInsBlockModelDeferredZero) {
-  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "on", 1);
-  setenv("GYRE_XLSTM_LARGE_GATES_BWD", "tiles", 1);
-  setenv("GYRE_XLSTM_LARGE_DWEIGHT", "warps", 1);
-  CheckBlock("xlstm_large 125m dk96 chunk64 all opt-ins", Xlstm125mBlocks(64), 2, 333);
+// GYRE_XLSTM_LARGE_FOLD_GATES=off: the two skinny gate GEMMs instead of the gate rows in the o map's
+// backward GEMMs (the default since session 21); block, model and the deferred-zero rule.
+TEST_F(XlstmLargeGpuTest, FoldGatesOffBlockModelDeferredZero) {
+  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "off", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 gates not folded", Xlstm125mBlocks(64), 2, 333);
   CheckModel(Xlstm125mBlocks(64), 2, 333);
-  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[all opt-ins]"));
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[gates not folded]"));
   unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
-  unsetenv("GYRE_XLSTM_LARGE_GATES_BWD");
-  unsetenv("GYRE_XLSTM_LARGE_DWEIGHT");
 }
 
 // Shapes the CUDA kernels do not take are refused at creation with the reason.
